@@ -1,0 +1,167 @@
+"""The WorldVLA chunk attention rule as compact per-token metadata (spec section 3).
+
+Rule of the release (`generate_att_mask_3`): causal attention, except that every
+token of an action block that starts after the document's last image end may not
+attend to any earlier action block. Two int32 vectors encode it exactly:
+
+    kv_block[j]  = ordinal of the action block holding token j, NO_BLOCK if none
+    q_limit[i]   = ordinal of i's block if that block starts after the last EOI, else -1
+
+    may_attend(i, j) = j <= i  and  doc(i) == doc(j)  and  not kv_block[j] < q_limit[i]
+
+Block ordinals grow along the sequence, so "kv_block[j] < q_limit[i]" is exactly
+"j lies in an earlier action block". Kernels compare two integers per (i, j) pair,
+and a tile is fully masked when max(kv_block) < min(q_limit) over the tile, fully
+visible (apart from causality) when min(kv_block) >= max(q_limit).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tokens.layout import VocabLayout
+
+NO_BLOCK = 1 << 30
+
+
+@dataclass
+class ChunkMaskMeta:
+    """Per-token metadata for `worldvla.ops.masked_attention`.
+
+    Padded batch: tensors are [B, L], `cu_seqlens` is None.
+    Packed batch: tensors are [T], `cu_seqlens` int32 [n_docs + 1] marks the documents.
+    """
+    kv_block: torch.Tensor       # int32
+    q_limit: torch.Tensor        # int32
+    position_ids: torch.Tensor   # int64, restarting at 0 in each document
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def to(self, device) -> "ChunkMaskMeta":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return ChunkMaskMeta(mv(self.kv_block), mv(self.q_limit), mv(self.position_ids), mv(self.cu_seqlens), self.max_seqlen)
+
+    def doc_ids(self) -> torch.Tensor:
+        """Document index of every token ([T] packed, [B, L] zeros padded)."""
+        if not self.packed:
+            return torch.zeros_like(self.kv_block)
+        T = self.kv_block.shape[-1]
+        starts = torch.zeros(T, dtype=torch.int32, device=self.kv_block.device)
+        starts[self.cu_seqlens[1:-1].long()] = 1
+        return torch.cumsum(starts, 0, dtype=torch.int32)
+
+    def dense_mask(self) -> torch.Tensor:
+        """Dense bool mask, True = may attend: [B, L, L] padded or [T, T] packed."""
+        kv, ql = self.kv_block, self.q_limit
+        L = kv.shape[-1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=kv.device).tril()
+        allowed = causal & ~(kv.unsqueeze(-2) < ql.unsqueeze(-1))
+        if self.packed:
+            doc = self.doc_ids()
+            allowed &= doc.unsqueeze(-1) == doc.unsqueeze(-2)
+        return allowed
+
+
+@dataclass
+class DecodeMeta:
+    """Metadata for `worldvla.ops.decode_attention`: Q query rows per sequence against
+    a cache whose slot s holds the token at position s.
+
+    q_pos [B, Q] int32, q_limit [B, Q] int32, kv_block [B, S] int32, kv_len [B] int32.
+    Key s is visible to query i iff s <= q_pos[i], s < kv_len and not kv_block[s] < q_limit[i].
+    """
+    q_pos: torch.Tensor
+    q_limit: torch.Tensor
+    kv_block: torch.Tensor
+    kv_len: torch.Tensor
+
+    def dense_mask(self) -> torch.Tensor:
+        """[B, Q, S] bool, True = may attend."""
+        S = self.kv_block.shape[-1]
+        s = torch.arange(S, device=self.kv_block.device)
+        ok = s.view(1, 1, S) <= self.q_pos.unsqueeze(-1)
+        ok &= s.view(1, 1, S) < self.kv_len.view(-1, 1, 1)
+        ok &= ~(self.kv_block.unsqueeze(1) < self.q_limit.unsqueeze(-1))
+        return ok
+
+
+def _block_metadata(ids: torch.Tensor, doc: torch.Tensor, layout: VocabLayout):
+    """ids, doc: [N] (one flat stream; documents never straddle rows) -> kv_block, q_limit."""
+    N = ids.numel()
+    is_boa = ids == layout.boa
+    is_eoa = ids == layout.eoa
+    n_boa = torch.cumsum(is_boa, 0)
+    n_eoa_before = torch.cumsum(is_eoa, 0) - is_eoa.long()
+    # Inside a block: an opened BOA not yet closed by an EOA before this token. An
+    # unterminated trailing block (during generation) runs to the end.
+    in_block = (n_boa > 0) & (n_boa > n_eoa_before)
+    ordinal = (n_boa - 1).to(torch.int32)
+    kv_block = torch.where(in_block, ordinal, torch.full_like(ordinal, NO_BLOCK))
+
+    pos = torch.arange(N, device=ids.device)
+    n_docs = int(doc.max()) + 1 if N else 0
+    last_eoi = torch.full((n_docs,), -1, dtype=torch.long, device=ids.device)
+    eoi_pos = torch.where(ids == layout.eoi, pos, torch.full_like(pos, -1))
+    last_eoi = last_eoi.scatter_reduce(0, doc.long(), eoi_pos, reduce="amax", include_self=True)
+    # Start of the block holding each token: position of the latest BOA at or before it.
+    boa_pos = torch.where(is_boa, pos, torch.full_like(pos, -1))
+    block_start = torch.cummax(boa_pos, 0).values
+    restricted = in_block & (block_start > last_eoi[doc.long()])
+    q_limit = torch.where(restricted, ordinal, torch.full_like(ordinal, -1))
+    return kv_block, q_limit
+
+
+def chunk_mask_meta(input_ids: torch.Tensor, layout: VocabLayout, cu_seqlens: torch.Tensor | None = None) -> ChunkMaskMeta:
+    """Metadata of the chunk rule for `input_ids` [L], [B, L] (padded) or [T] with `cu_seqlens` (packed)."""
+    if input_ids.dtype.is_floating_point:
+        raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    ids = input_ids.long()
+    if cu_seqlens is not None:
+        if ids.dim() != 1:
+            raise ValueError(f"packed input_ids must be 1-D [T] with cu_seqlens, got shape {tuple(ids.shape)}")
+        cu = cu_seqlens.to(device=ids.device, dtype=torch.int64)
+        if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != ids.numel() or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to T={ids.numel()}, got {cu.tolist()[:8]}...")
+        lens = cu[1:] - cu[:-1]
+        doc = torch.repeat_interleave(torch.arange(lens.numel(), device=ids.device), lens)
+        kv_block, q_limit = _block_metadata(ids, doc, layout)
+        pos = torch.arange(ids.numel(), device=ids.device) - cu[:-1][doc]
+        return ChunkMaskMeta(kv_block, q_limit, pos, cu.to(torch.int32), int(lens.max()) if lens.numel() else 0)
+
+    squeeze = ids.dim() == 1
+    ids2 = ids.unsqueeze(0) if squeeze else ids
+    if ids2.dim() != 2:
+        raise ValueError(f"input_ids must be [L] or [B, L], got shape {tuple(ids.shape)}")
+    B, L = ids2.shape
+    # One flat stream with a document per row: ordinals stay increasing, doc ids separate rows.
+    doc = torch.arange(B, device=ids.device).repeat_interleave(L)
+    kv_block, q_limit = _block_metadata(ids2.flatten(), doc, layout)
+    kv_block, q_limit = kv_block.view(B, L), q_limit.view(B, L)
+    pos = torch.arange(L, device=ids.device).expand(B, L).contiguous()
+    if squeeze:
+        kv_block, q_limit, pos = kv_block[0], q_limit[0], pos[0]
+    return ChunkMaskMeta(kv_block.contiguous(), q_limit.contiguous(), pos, None, L)
+
+
+def causal_meta(shape, device=None, cu_seqlens: torch.Tensor | None = None) -> ChunkMaskMeta:
+    """Metadata of plain causal attention (no action blocks)."""
+    kv = torch.full(shape, NO_BLOCK, dtype=torch.int32, device=device)
+    ql = torch.full(shape, -1, dtype=torch.int32, device=device)
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        lens = cu[1:] - cu[:-1]
+        doc = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens)
+        pos = torch.arange(shape[-1], device=device) - cu[:-1][doc]
+        return ChunkMaskMeta(kv, ql, pos, cu.to(torch.int32), int(lens.max()))
+    pos = torch.arange(shape[-1], device=device).expand(*shape).contiguous()
+    return ChunkMaskMeta(kv, ql, pos, None, shape[-1])
+
+
+def chunk_attention_mask(input_ids: torch.Tensor, layout: VocabLayout) -> torch.Tensor:
+    """Dense bool [L, L] (or [B, L, L]) of the chunk rule, True = may attend."""
+    return chunk_mask_meta(input_ids, layout).dense_mask()

@@ -1,0 +1,13 @@
+"""`worldvla.ops`: every op the model and the engine use, one entry point each.
+
+`backend="auto" | "torch" | "triton" | "native"`; see `dispatch.py`.
+"""
+from . import dispatch
+from .attention import decode_attention, decode_attention_ref, masked_attention, masked_attention_ref
+from .cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from .sampling import constrained_sample, constrained_sample_ref
+from .vq import vq_gather, vq_gather_ref, vq_quantize, vq_quantize_ref
+
+__all__ = ["masked_attention", "masked_attention_ref", "decode_attention", "decode_attention_ref",
+           "vq_quantize", "vq_quantize_ref", "vq_gather", "vq_gather_ref", "linear_cross_entropy",
+           "linear_cross_entropy_ref", "constrained_sample", "constrained_sample_ref", "dispatch"]

@@ -1,0 +1,103 @@
+"""Chunk-masked attention: the PyTorch reference and the public entry points.
+
+Layouts: q, k, v are [B, L, H, Dh] (padded batch, meta tensors [B, L]) or
+[T, H, Dh] (packed, meta.cu_seqlens set). K/V may have fewer heads (GQA).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..mask import ChunkMaskMeta, DecodeMeta
+from . import dispatch
+
+
+def _check_qkv(q, k, v):
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(f"q, k, v must all be [B, L, H, Dh] or [T, H, Dh]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[:-2] != k.shape[:-2]:
+        raise ValueError(f"k and v must match and share q's tokens and head dim; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-2] % k.shape[-2]:
+        raise ValueError(f"kv heads ({k.shape[-2]}) must divide q heads ({q.shape[-2]})")
+
+
+def _expand_kv(x, n_heads):
+    rep = n_heads // x.shape[-2]
+    return x if rep == 1 else x.repeat_interleave(rep, dim=-2)
+
+
+def masked_attention_ref(q, k, v, meta: ChunkMaskMeta, softmax_scale=None, upcast=True):
+    """Dense-mask softmax attention. With `upcast` it computes in fp32 (fp64 inputs stay fp64)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    dtype = q.dtype
+    if upcast and dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    k, v = _expand_kv(k, q.shape[-2]), _expand_kv(v, q.shape[-2])
+    mask = meta.dense_mask()
+    if q.dim() == 3:  # packed: one [T, T] problem
+        q, k, v, mask = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask.unsqueeze(0)
+    s = torch.einsum("blhd,bmhd->bhlm", q, k) * scale
+    s = s.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no visible key (padding) gives zeros
+    o = torch.einsum("bhlm,bmhd->blhd", p.to(v.dtype), v)
+    if meta.packed:
+        o = o.squeeze(0)
+    return o.to(dtype)
+
+
+def decode_attention_ref(q, k_cache, v_cache, meta: DecodeMeta, softmax_scale=None, upcast=True):
+    """q [B, Q, H, Dh] against caches [B, S, Hkv, Dh] under `meta.dense_mask()`."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    dtype = q.dtype
+    if upcast and dtype in (torch.float16, torch.bfloat16):
+        q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
+    k, v = _expand_kv(k_cache, q.shape[-2]), _expand_kv(v_cache, q.shape[-2])
+    s = torch.einsum("bqhd,bshd->bhqs", q, k) * scale
+    s = s.masked_fill(~meta.dense_mask().unsqueeze(1), float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhqs,bshd->bqhd", p.to(v.dtype), v).to(dtype)
+
+
+def masked_attention(q, k, v, meta: ChunkMaskMeta, softmax_scale=None, backend: str = "auto"):
+    """Attention under the WorldVLA chunk rule (causal, same document, no earlier action blocks
+    for actions after the last image). Differentiable on every backend."""
+    _check_qkv(q, k, v)
+    if meta.kv_block.shape != q.shape[:-2]:
+        raise ValueError(f"meta covers tokens {tuple(meta.kv_block.shape)} but q has {tuple(q.shape[:-2])}")
+    return dispatch.call("masked_attention", backend, q.device.type, q, k, v, meta, softmax_scale)
+
+
+def decode_attention(q, k_cache, v_cache, meta: DecodeMeta, softmax_scale=None, backend: str = "auto"):
+    """A few query rows per sequence against a KV cache (decode; parallel chunk decoding)."""
+    if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"decode_attention wants q [B, Q, H, Dh] and caches [B, S, Hkv, Dh]; got "
+                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if q.shape[0] != k_cache.shape[0] or q.shape[-1] != k_cache.shape[-1] or q.shape[2] % k_cache.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(k_cache.shape)} disagree on batch, head dim or heads")
+    return dispatch.call("decode_attention", backend, q.device.type, q, k_cache, v_cache, meta, softmax_scale)
+
+
+def masked_attention_sdpa(q, k, v, meta: ChunkMaskMeta, softmax_scale=None):
+    """The "torch" backend: SDPA with the dense boolean mask (what the release does)."""
+    k, v = _expand_kv(k, q.shape[-2]), _expand_kv(v, q.shape[-2])
+    mask = meta.dense_mask()
+    packed = q.dim() == 3
+    if packed:
+        q, k, v, mask = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask.unsqueeze(0)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask.unsqueeze(1), scale=softmax_scale)
+    o = o.transpose(1, 2)
+    return o.squeeze(0) if packed else o
+
+
+def decode_attention_sdpa(q, k_cache, v_cache, meta: DecodeMeta, softmax_scale=None):
+    k, v = _expand_kv(k_cache, q.shape[-2]), _expand_kv(v_cache, q.shape[-2])
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=meta.dense_mask().unsqueeze(1), scale=softmax_scale)
+    return o.transpose(1, 2)
+
+
+dispatch.register("masked_attention", "torch", masked_attention_sdpa)
+dispatch.register("decode_attention", "torch", decode_attention_sdpa)

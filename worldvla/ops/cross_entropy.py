@@ -1,0 +1,43 @@
+"""Weighted cross-entropy + z-loss straight from hidden states (spec section 2.5).
+
+    loss = sum_i w[y_i] CE_i / sum_i w[y_i]  +  z_weight * mean_i logsumexp_i^2
+
+over positions with a label (!= ignore_index). Hidden states and labels come
+already shifted: hidden[i] predicts targets[i].
+"""
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+
+
+def linear_cross_entropy_ref(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100):
+    """Materializes fp32 logits for the labelled rows only. Returns (loss, z_mean)."""
+    valid = targets != ignore_index
+    h = hidden[valid]
+    y = targets[valid]
+    if y.numel() == 0:
+        zero = hidden.sum() * 0.0
+        return zero.float(), zero.float().detach()
+    logits = (h @ weight.t()).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    ce = lse - logits.gather(1, y.unsqueeze(1)).squeeze(1)
+    if class_weight is not None:
+        w = class_weight.to(ce.dtype)[y]
+        ce_mean = (w * ce).sum() / w.sum()
+    else:
+        ce_mean = ce.mean()
+    z = (lse * lse).mean()
+    return ce_mean + z_weight * z, z.detach()
+
+
+def linear_cross_entropy(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100, backend="auto"):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"linear_cross_entropy wants hidden [N, H], weight [V, H], targets [N]; got "
+                         f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
+    return dispatch.call("linear_cross_entropy", backend, hidden.device.type, hidden, weight, targets,
+                         class_weight, z_weight, ignore_index)
+
+
+dispatch.register("linear_cross_entropy", "torch", linear_cross_entropy_ref)

@@ -1,0 +1,68 @@
+"""The single dispatch point: every op names its implementations per backend.
+
+A backend registers `(op, fn, supports)`; `supports(*args, **kwargs)` says whether
+it can take those inputs (device, dtype, head dim, ...). `backend="auto"` walks the
+op's preference order for the inputs' device and takes the first that supports them;
+"torch" (the reference) supports everything and closes every list.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+BACKENDS = ("torch", "triton", "native")
+# Fastest first, per device type.
+AUTO_ORDER = {"cuda": ("native", "triton", "torch"), "cpu": ("torch",)}
+
+_IMPLS: dict[str, dict[str, tuple[Callable, Callable]]] = {}
+_loaded = False
+
+
+def register(op: str, backend: str, fn: Callable, supports: Callable | None = None) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _IMPLS.setdefault(op, {})[backend] = (fn, supports or (lambda *a, **k: True))
+
+
+def _load_backends() -> None:
+    """Import the optional backends once; each registers what it has."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in ("worldvla.ops.triton_backend", "worldvla.ops.native_backend"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            pass
+
+
+def available(op: str) -> list[str]:
+    _load_backends()
+    return sorted(_IMPLS.get(op, {}))
+
+
+def resolve(op: str, backend: str, device_type: str, *args, **kwargs) -> Callable:
+    _load_backends()
+    impls = _IMPLS.get(op)
+    if not impls:
+        raise KeyError(f"no implementation registered for op {op!r}")
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device_type, ("torch",)):
+            if name in impls and impls[name][1](*args, **kwargs):
+                return impls[name][0]
+        return impls["torch"][0]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend not in impls:
+        hint = {"triton": "pip install triton", "native": "build the extension (pip install .)"}.get(backend, "")
+        raise RuntimeError(f"op {op!r} has no {backend!r} implementation available here. {hint}".strip())
+    fn, supports = impls[backend]
+    if not supports(*args, **kwargs):
+        raise ValueError(f"the {backend!r} backend of {op!r} does not support these inputs "
+                         f"(device, dtype or shape); use backend='torch' or 'auto'")
+    return fn
+
+
+def call(op: str, backend: str, device_type: str, *args, **kwargs):
+    return resolve(op, backend, device_type, *args, **kwargs)(*args, **kwargs)

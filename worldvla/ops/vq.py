@@ -1,0 +1,38 @@
+"""VQ nearest-code search and codebook gather: references and entry points."""
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+
+
+def vq_quantize_ref(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """argmin_c ||z_n - e_c||^2 for z [N, C], codebook [K, C] -> int64 [N].
+    Computed as ||e||^2 - 2 z.e (||z||^2 is constant per row), in fp32 or wider."""
+    zf = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    ef = codebook.to(zf.dtype)
+    d = (ef * ef).sum(1).unsqueeze(0) - 2.0 * zf @ ef.t()
+    return d.argmin(dim=1)
+
+
+def vq_gather_ref(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """indices [B, h, w] -> embeddings [B, C, h, w] (the decoder's input layout)."""
+    return codebook[indices.long()].permute(0, 3, 1, 2).contiguous()
+
+
+def vq_quantize(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
+        raise ValueError(f"vq_quantize wants z [N, C] and codebook [K, C]; got {tuple(z.shape)}, {tuple(codebook.shape)}")
+    return dispatch.call("vq_quantize", backend, z.device.type, z, codebook)
+
+
+def vq_gather(indices: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    if indices.dim() != 3 or codebook.dim() != 2:
+        raise ValueError(f"vq_gather wants indices [B, h, w] and codebook [K, C]; got {tuple(indices.shape)}, {tuple(codebook.shape)}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= codebook.shape[0]):
+        raise ValueError(f"codes must lie in [0, {codebook.shape[0]})")
+    return dispatch.call("vq_gather", backend, indices.device.type, indices, codebook)
+
+
+dispatch.register("vq_quantize", "torch", vq_quantize_ref)
+dispatch.register("vq_gather", "torch", vq_gather_ref)

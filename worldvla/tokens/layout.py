@@ -1,0 +1,163 @@
+"""Where every kind of token lives in the shared vocabulary.
+
+`VocabLayout.chameleon()` reproduces the release's ids (65,536-token Chameleon
+vocabulary, actions on reserved tokens); `VocabLayout.compact()` keeps the same
+structure in a small vocabulary for models trained from scratch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+_LETTER_TO_DIGIT = {c: str(i) for i, c in enumerate("ABCDEFGHIJ")}
+_IMG_NAME = re.compile(r"^IMGIMG([A-J]+)[A-Z]$")
+
+
+def _code_from_bpe_name(name: str) -> int | None:
+    """The release's `bpe2img`: strip 'IMGIMG' and the final char, letters A-J are digits."""
+    m = _IMG_NAME.match(name)
+    if m is None:
+        return None
+    return int("".join(_LETTER_TO_DIGIT[c] for c in m.group(1)))
+
+
+@dataclass(frozen=True)
+class VocabLayout:
+    vocab_size: int
+    bos: int
+    pad: int
+    boi: int
+    eoi: int
+    sep: int
+    newline: int
+    res_base: int          # resolution token for n grids of `res_grid` px is res_base + n
+    n_res: int
+    boa: int
+    eoa: int
+    bin_base: int          # first action-bin token; bins are bin_base .. bin_base + n_bins - 1
+    n_bins: int
+    image_code_ids: tuple  # image_code_ids[c] = token id of VQ code c
+    text_base: int = -1    # byte-level text: byte b is text_base + b (compact layouts only)
+    res_grid: int = 32
+    patch: int = 16        # VQ downsampling factor
+    name: str = "custom"
+    _code_lookup: dict = field(default=None, compare=False, repr=False)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def chameleon(cls, tokenizer_json: str | os.PathLike | None = None) -> "VocabLayout":
+        """The release's ids (spec section 1).
+
+        Image codes are mapped through the BPE token names of `text_tokenizer.json`
+        when it is given; without it the 8192 codes take ids 4..8195 in code order.
+        """
+        codes = list(range(4, 4 + 8192))
+        if tokenizer_json is not None:
+            codes = _image_ids_from_tokenizer_json(tokenizer_json, 8192)
+        return cls(
+            vocab_size=65536, bos=0, pad=0, boi=8197, eoi=8196, sep=8710, newline=8803,
+            res_base=8804, n_res=64, boa=10004, eoa=15004, bin_base=10006, n_bins=256,
+            image_code_ids=tuple(codes), name="chameleon",
+        )
+
+    @classmethod
+    def compact(cls, n_image_codes: int = 512, n_bins: int = 256, n_res: int = 32) -> "VocabLayout":
+        """Same structure in a small vocabulary: specials, image codes, resolution
+        tokens, action bins, then 256 byte-level text tokens."""
+        if n_image_codes < 1 or n_bins < 2:
+            raise ValueError(f"compact layout needs n_image_codes >= 1 and n_bins >= 2, got {n_image_codes}, {n_bins}")
+        bos, pad = 0, 1
+        img0 = 4
+        eoi = img0 + n_image_codes
+        boi, sep, newline, boa, eoa = eoi + 1, eoi + 2, eoi + 3, eoi + 4, eoi + 5
+        res_base = eoa + 1
+        bin_base = res_base + n_res + 1
+        text_base = bin_base + n_bins
+        vocab = text_base + 256
+        return cls(
+            vocab_size=vocab, bos=bos, pad=pad, boi=boi, eoi=eoi, sep=sep, newline=newline,
+            res_base=res_base, n_res=n_res, boa=boa, eoa=eoa, bin_base=bin_base, n_bins=n_bins,
+            image_code_ids=tuple(range(img0, img0 + n_image_codes)), text_base=text_base,
+            name=f"compact-{n_image_codes}-{n_bins}",
+        )
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def n_image_codes(self) -> int:
+        return len(self.image_code_ids)
+
+    @property
+    def image_id_range(self) -> tuple[int, int]:
+        """[lo, hi) spanning every image-code id (constrained sampling range)."""
+        return min(self.image_code_ids), max(self.image_code_ids) + 1
+
+    @property
+    def bin_range(self) -> tuple[int, int]:
+        return self.bin_base, self.bin_base + self.n_bins
+
+    def res_token(self, n_grids: int) -> int:
+        if not 0 <= n_grids <= self.n_res:
+            raise ValueError(f"resolution of {n_grids} grids is outside this layout's 0..{self.n_res}")
+        return self.res_base + n_grids
+
+    def code_to_id(self, codes: torch.Tensor) -> torch.Tensor:
+        table = torch.tensor(self.image_code_ids, dtype=torch.long, device=codes.device)
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= len(table)):
+            raise ValueError(f"image codes must lie in [0, {len(table)}), got range [{int(codes.min())}, {int(codes.max())}]")
+        return table[codes.long()]
+
+    def id_to_code(self, ids: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.image_id_range
+        inv = torch.full((hi - lo,), -1, dtype=torch.long)
+        inv[torch.tensor(self.image_code_ids) - lo] = torch.arange(self.n_image_codes)
+        ids = ids.long()
+        bad = (ids < lo) | (ids >= hi)
+        if bool(bad.any()):
+            raise ValueError(f"{int(bad.sum())} token ids are not image codes (expected ids in [{lo}, {hi}))")
+        codes = inv.to(ids.device)[ids - lo]
+        if bool((codes < 0).any()):
+            raise ValueError("token ids inside the image range that are not image codes")
+        return codes
+
+    def image_code_weight_mask(self) -> torch.Tensor:
+        """Bool [vocab]: True on exactly the image-code ids (the loss weights alpha there)."""
+        m = torch.zeros(self.vocab_size, dtype=torch.bool)
+        m[list(self.image_code_ids)] = True
+        return m
+
+    def check_ids(self, ids: torch.Tensor) -> None:
+        if ids.dtype.is_floating_point:
+            raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise ValueError(
+                f"token ids out of range: [{int(ids.min())}, {int(ids.max())}] but the vocabulary has "
+                f"{self.vocab_size} entries (layout '{self.name}')")
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("_")}
+        d["image_code_ids"] = list(self.image_code_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VocabLayout":
+        d = dict(d)
+        d["image_code_ids"] = tuple(d["image_code_ids"])
+        return cls(**d)
+
+
+def _image_ids_from_tokenizer_json(path, n_codes: int) -> list[int]:
+    with open(path, encoding="utf-8") as f:
+        vocab = json.load(f)["model"]["vocab"]
+    ids = [-1] * n_codes
+    for name, tok in vocab.items():
+        code = _code_from_bpe_name(name)
+        if code is not None and code < n_codes:
+            ids[code] = int(tok)
+    missing = [c for c, t in enumerate(ids) if t < 0]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} of {n_codes} image codes have no IMGIMG token (first: {missing[:5]})")
+    return ids
