@@ -1,0 +1,1 @@
+"""Triton kernels of worldvla (importable as worldvla.kernels once installed)."""

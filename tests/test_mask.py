@@ -1,0 +1,160 @@
+"""The chunk rule against the spec's worked example and a literal loop re-implementation."""
+import numpy as np
+import pytest
+import torch
+
+from worldvla import VocabLayout, chunk_attention_mask, chunk_mask_meta
+from worldvla.mask import DecodeMeta, causal_meta
+
+CH = VocabLayout.chameleon()
+
+# Spec 3.2: 1 image with 2 codes, chunk of 2 actions with 2 dims.
+SPEC_EXAMPLE = """
+1...............
+11..............
+111.............
+1111............
+11111...........
+111111..........
+1111111.........
+11111111........
+111111111.......
+1111111111......
+11111111111.....
+1111111....1....
+1111111....11...
+1111111....111..
+1111111....1111.
+1111111111111111
+"""
+
+
+def _example_ids(L):
+    return torch.tensor([L.bos, 20000, L.boi, 4, 5, L.eoi, L.sep, L.boa, L.bin_base, L.bin_base + 1, L.eoa,
+                         L.boa, L.bin_base + 2, L.bin_base + 3, L.eoa, L.sep])
+
+
+def loop_mask(ids, L):
+    """Literal re-implementation of the release's rule with Python loops (spec 3.1)."""
+    ids = list(ids)
+    n = len(ids)
+    m = np.tril(np.ones((n, n), dtype=bool))
+    eois = [i for i, t in enumerate(ids) if t == L.eoi]
+    last_img_end = eois[-1] if eois else -1
+    blocks, start = [], None
+    for i, t in enumerate(ids):
+        if t == L.boa and start is None:
+            start = i
+        elif t == L.eoa and start is not None:
+            blocks.append((start, i))
+            start = None
+    if start is not None:
+        blocks.append((start, n - 1))
+    for s, e in blocks:
+        if s <= last_img_end:
+            continue
+        for ps, pe in blocks:
+            if pe < s:
+                m[s:e + 1, ps:pe + 1] = False
+    return m
+
+
+def random_sequence(L, gen, n_images, n_actions, dim, trailing_open=False, world=False):
+    ids = [L.bos] + [L.text_base + int(x) for x in torch.randint(0, 256, (5,), generator=gen)]
+    img = lambda: [L.boi, L.res_base + 1, L.res_base + 1] + [L.image_code_ids[0]] * 2 + [L.newline, L.eoi]
+    act = lambda: [L.boa] + [L.bin_base + int(x) for x in torch.randint(0, L.n_bins, (dim,), generator=gen)] + [L.eoa]
+    if world:
+        ids += img() + act() + [L.sep] + img() + [L.sep]
+        return ids
+    for _ in range(n_images):
+        ids += img()
+    ids += [L.sep]
+    for _ in range(n_actions):
+        ids += act()
+    if trailing_open:
+        ids += [L.boa, L.bin_base]
+    else:
+        ids += [L.sep]
+    return ids
+
+
+def test_spec_worked_example():
+    expected = np.array([[c == "1" for c in row] for row in SPEC_EXAMPLE.split()])
+    got = chunk_attention_mask(_example_ids(CH), CH).numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("n_images,n_actions,dim,open_", [(2, 5, 7, False), (1, 1, 3, False), (0, 3, 2, False),
+                                                           (2, 4, 7, True), (1, 10, 1, False)])
+def test_matches_loop_reference(n_images, n_actions, dim, open_):
+    L = VocabLayout.compact()
+    gen = torch.Generator().manual_seed(n_images * 100 + n_actions)
+    ids = torch.tensor(random_sequence(L, gen, n_images, n_actions, dim, open_))
+    np.testing.assert_array_equal(chunk_attention_mask(ids, L).numpy(), loop_mask(ids.tolist(), L))
+
+
+def test_world_sample_is_causal():
+    L = VocabLayout.compact()
+    ids = torch.tensor(random_sequence(L, torch.Generator().manual_seed(0), 1, 1, 4, world=True))
+    m = chunk_attention_mask(ids, L)
+    assert torch.equal(m, torch.ones_like(m).tril())
+
+
+def test_actions_before_last_image_unrestricted():
+    # An action block before an image (history actions) keeps plain causal attention itself.
+    L = VocabLayout.compact()
+    gen = torch.Generator().manual_seed(3)
+    ids = random_sequence(L, gen, 1, 0, 0)[:-1]  # drop sep
+    act = [L.boa, L.bin_base, L.eoa]
+    ids = ids + act + act + [L.boi, L.res_base, L.res_base, L.newline, L.eoi] + act + act + [L.sep]
+    ids = torch.tensor(ids)
+    np.testing.assert_array_equal(chunk_attention_mask(ids, L).numpy(), loop_mask(ids.tolist(), L))
+
+
+def test_batched_and_packed_agree_with_single():
+    L = VocabLayout.compact()
+    gen = torch.Generator().manual_seed(7)
+    seqs = [random_sequence(L, gen, 2, 3, 4), random_sequence(L, gen, 1, 2, 2), random_sequence(L, gen, 1, 1, 3, world=True)]
+    # packed
+    flat = torch.tensor(sum(seqs, []))
+    lens = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+    meta = chunk_mask_meta(flat, L, cu_seqlens=lens)
+    dense = meta.dense_mask()
+    for i, s in enumerate(seqs):
+        a, b = int(lens[i]), int(lens[i + 1])
+        np.testing.assert_array_equal(dense[a:b, a:b].numpy(), loop_mask(s, L))
+        assert not dense[a:b, :a].any() and not dense[a:b, b:].any()
+        assert torch.equal(meta.position_ids[a:b], torch.arange(b - a))
+    # padded batch (right padding with 0)
+    Lmax = max(map(len, seqs))
+    batch = torch.tensor([s + [L.bos] * (Lmax - len(s)) for s in seqs])
+    bm = chunk_mask_meta(batch, L).dense_mask()
+    for i, s in enumerate(seqs):
+        n = len(s)
+        np.testing.assert_array_equal(bm[i, :n, :n].numpy(), loop_mask(s, L))
+
+
+def test_causal_meta_is_causal():
+    m = causal_meta((9,)).dense_mask()
+    assert torch.equal(m, torch.ones(9, 9, dtype=torch.bool).tril())
+
+
+def test_decode_meta_matches_full_mask_rows():
+    # Decoding one token at a time with a slot-indexed cache sees exactly the full mask's last row.
+    L = VocabLayout.compact()
+    ids = torch.tensor(random_sequence(L, torch.Generator().manual_seed(5), 2, 3, 4, trailing_open=True))
+    full = chunk_mask_meta(ids, L)
+    n = len(ids)
+    dm = DecodeMeta(q_pos=torch.tensor([[n - 1]], dtype=torch.int32), q_limit=full.q_limit[-1:].view(1, 1),
+                    kv_block=torch.cat([full.kv_block, torch.full((4,), 1 << 30, dtype=torch.int32)]).view(1, -1),
+                    kv_len=torch.tensor([n], dtype=torch.int32))
+    assert torch.equal(dm.dense_mask()[0, 0, :n], full.dense_mask()[-1])
+    assert not dm.dense_mask()[0, 0, n:].any()
+
+
+def test_bad_inputs():
+    L = VocabLayout.compact()
+    with pytest.raises(TypeError):
+        chunk_mask_meta(torch.zeros(4), L)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        chunk_mask_meta(torch.zeros(6, dtype=torch.long), L, cu_seqlens=torch.tensor([0, 4]))

@@ -1,0 +1,163 @@
+"""The reference transformer against transformers' Chameleon, checkpoints, and the loss."""
+import json
+
+import pytest
+import torch
+
+from worldvla import VocabLayout, chunk_mask_meta
+from worldvla.mask import causal_meta
+from worldvla.model import ModelConfig, WorldVLA, loss_class_weights
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_tiny(tmp_path, swin_norm=False, seed=0, shared_qk_affine=False):
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vm = {"<image>": 90, **{f"IMGIMG{'ABCDEFGHIJ'[i]}Z": 4 + i for i in range(8)}}
+    cfg = ChameleonConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          swin_norm=swin_norm, rope_theta=10000.0, vocabulary_map=vm,
+                          vq_config=dict(embed_dim=32, num_embeddings=8, base_channels=32, channel_multiplier=[1, 1],
+                                         num_res_blocks=1, latent_channels=32))
+    m = ChameleonForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # non-trivial norm affines, distinct per head
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    m.save_pretrained(tmp_path / "hf")
+    return m, tmp_path / "hf"
+
+
+@pytest.mark.parametrize("swin_norm", [False, True])
+def test_logits_match_transformers_chameleon(tmp_path, swin_norm):
+    hf, path = _hf_tiny(tmp_path, swin_norm)
+    ours = WorldVLA.from_pretrained(path)
+    assert ours.config.swin_norm == swin_norm and ours.config.num_key_value_heads == 2
+    ids = torch.randint(12, 160, (2, 37))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits.float()
+        got = ours(ids, meta=causal_meta(tuple(ids.shape)))
+    # transformers' Chameleon sets image-code logits to the dtype minimum; the release does not.
+    cols = torch.ones(160, dtype=torch.bool)
+    cols[4:12] = False
+    rel = (got[..., cols] - ref[..., cols]).norm() / ref[..., cols].norm()
+    assert rel <= 1e-5, rel
+
+
+def test_release_folder_variants(tmp_path):
+    """4.x config (rope_theta), .bin weights, vqmodel keys ignored, sharded safetensors."""
+    hf, path = _hf_tiny(tmp_path)
+    ours = WorldVLA.from_pretrained(path)
+    ids = torch.randint(12, 160, (1, 21))
+    want = ours(ids)
+    cfg = json.loads((path / "config.json").read_text())
+    theta = cfg.pop("rope_parameters")["rope_theta"]
+    cfg["rope_theta"] = theta
+    alt = tmp_path / "v4"
+    alt.mkdir()
+    (alt / "config.json").write_text(json.dumps(cfg))
+    sd = dict(hf.state_dict())
+    sd["model.vqmodel.quantize.embedding.weight"] = torch.randn(8, 32)
+    torch.save(sd, alt / "pytorch_model.bin")
+    assert torch.equal(WorldVLA.from_pretrained(alt)(ids), want)
+    ours.save_pretrained(tmp_path / "sharded", shard_size_gb=20e3 / 2**30)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert torch.equal(WorldVLA.from_pretrained(tmp_path / "sharded")(ids), want)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        WorldVLA.from_pretrained(tmp_path)
+    m = WorldVLA(ModelConfig.tiny()).init_weights()
+    m.save_pretrained(tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg["hidden_size"] = 128
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        WorldVLA.from_pretrained(tmp_path / "ck")
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        WorldVLA.from_pretrained(tmp_path / "ck")
+
+
+def test_roundtrip_keeps_layout(tmp_path):
+    m = WorldVLA(ModelConfig.tiny()).init_weights()
+    m.save_pretrained(tmp_path / "ck")
+    m2 = WorldVLA.from_pretrained(tmp_path / "ck")
+    assert m2.layout == m.layout
+    ids = torch.randint(0, m.config.vocab_size, (1, 30))
+    assert torch.equal(m(ids), m2(ids))
+
+
+def test_bad_token_ids():
+    m = WorldVLA(ModelConfig.tiny())
+    with pytest.raises(ValueError, match="out of range"):
+        m(torch.tensor([[0, m.config.vocab_size]]))
+    with pytest.raises(TypeError):
+        m(torch.zeros(1, 3))
+
+
+def _action_batch(m, gen, n=3):
+    from worldvla import ActionTokenizer, SequenceBuilder
+    from worldvla.tokens import ByteTextTokenizer
+
+    L = m.layout
+    sb = SequenceBuilder(L, ByteTextTokenizer(L), ActionTokenizer(L, [-1] * 3, [1] * 3))
+    samples = []
+    for i in range(n):
+        codes = [torch.randint(0, L.n_image_codes, (2, 2), generator=gen) for _ in range(2)]
+        if i % 2:
+            samples.append(sb.world_sample(codes[0], torch.rand(3, generator=gen) * 2 - 1, codes[1]))
+        else:
+            samples.append(sb.action_sample("go", codes, torch.rand(4, 3, generator=gen) * 2 - 1))
+    return samples
+
+
+def test_packed_equals_padded_and_single():
+    gen = torch.Generator().manual_seed(1)
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=gen).eval()
+    samples = _action_batch(m, gen)
+    ids = torch.cat([s.input_ids for s in samples])
+    cu = torch.tensor([0] + [len(s.input_ids) for s in samples]).cumsum(0)
+    packed = m(ids, cu_seqlens=cu)
+    for i, s in enumerate(samples):
+        single = m(s.input_ids)
+        torch.testing.assert_close(packed[cu[i]:cu[i + 1]], single, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_mask_changes_action_logits_only_after_first_block():
+    gen = torch.Generator().manual_seed(2)
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=gen).eval()
+    s = _action_batch(m, gen, 1)[0]
+    masked = m(s.input_ids)
+    causal = m(s.input_ids, meta=causal_meta(tuple(s.input_ids.shape)))
+    first_boa = int((s.input_ids == m.layout.boa).nonzero()[1])  # second block
+    torch.testing.assert_close(masked[:first_boa], causal[:first_boa])
+    assert (masked[first_boa:-1] - causal[first_boa:-1]).abs().max() > 1e-4
+
+
+def test_loss_matches_release_formula():
+    gen = torch.Generator().manual_seed(3)
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=gen)
+    samples = _action_batch(m, gen, 2)
+    Lmax = max(len(s.input_ids) for s in samples)
+    ids = torch.stack([torch.cat([s.input_ids, torch.zeros(Lmax - len(s.input_ids), dtype=torch.long)]) for s in samples])
+    lab = torch.stack([torch.cat([s.labels, torch.full((Lmax - len(s.labels),), -100)]) for s in samples])
+    loss, z = m.loss(ids, lab)
+    # release: CrossEntropyLoss(weight=w) over shifted fp32 logits + 1e-5 * mean(lse^2)
+    logits = m(ids)[:, :-1].reshape(-1, m.config.vocab_size)
+    y = lab[:, 1:].reshape(-1)
+    w = loss_class_weights(m.layout, 0.04)
+    ce = torch.nn.functional.cross_entropy(logits, y, weight=w, ignore_index=-100)
+    lse = torch.logsumexp(logits[y != -100], -1)
+    torch.testing.assert_close(loss, ce + 1e-5 * (lse ** 2).mean(), rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert m.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_class_weights_cover_exactly_image_codes():
+    L = VocabLayout.chameleon()
+    w = loss_class_weights(L, 0.04)
+    assert (w[4:8196] == 0.04).all() and w[3] == 1 and w[8196] == 1 and w[10006] == 1

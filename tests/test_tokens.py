@@ -1,0 +1,147 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from worldvla import ActionTokenizer, SequenceBuilder, VocabLayout
+from worldvla.tokens import (LIBERO_MAX, LIBERO_MIN, ByteTextTokenizer, ChameleonTextTokenizer,
+                             codes_from_image_tokens, image_tokens)
+
+CH = VocabLayout.chameleon()
+
+
+def test_chameleon_ids():
+    assert (CH.bos, CH.boi, CH.eoi, CH.newline, CH.sep, CH.boa, CH.eoa) == (0, 8197, 8196, 8803, 8710, 10004, 15004)
+    assert CH.bin_range == (10006, 10262)
+    assert CH.res_token(8) == 8812 and CH.res_token(16) == 8820
+    assert CH.vocab_size == 65536 and CH.n_image_codes == 8192
+
+
+def _bpe_name(code):
+    return "IMGIMG" + "".join("ABCDEFGHIJ"[int(c)] for c in str(code)) + "Z"
+
+
+def test_image_ids_from_tokenizer_json(tmp_path):
+    # A tokenizer whose image tokens are NOT in code order: the mapping must follow the names.
+    perm = torch.randperm(8192, generator=torch.Generator().manual_seed(0)).tolist()
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({_bpe_name(code): 4 + slot for slot, code in enumerate(perm)})
+    p = tmp_path / "text_tokenizer.json"
+    p.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    lay = VocabLayout.chameleon(p)
+    for slot in (0, 17, 8191):
+        assert lay.image_code_ids[perm[slot]] == 4 + slot
+    codes = torch.tensor([[perm[3], perm[5]]])
+    assert lay.code_to_id(codes).tolist() == [[7, 9]]
+    assert torch.equal(lay.id_to_code(lay.code_to_id(codes)), codes)
+
+
+def spec_digitize(a):
+    """Spec section 1, written out with numpy exactly as the release does."""
+    mn, mx = np.array(LIBERO_MIN), np.array(LIBERO_MAX)
+    norm = np.clip(2 * (a - mn) / (mx - mn + 1e-8) - 1, -1, 1)
+    return np.digitize(norm, np.linspace(-1, 1, 256)) + 10004 + 1
+
+
+def spec_decode(tok):
+    bins = np.linspace(-1, 1, 256)
+    centers = (bins[:-1] + bins[1:]) / 2
+    v = centers[np.clip(tok - 10004 - 1 - 1, 0, 254)]
+    mn, mx = np.array(LIBERO_MIN), np.array(LIBERO_MAX)
+    return (v + 1) / 2 * (mx - mn + 1e-8) + mn
+
+
+def test_action_tokenizer_matches_spec():
+    at = ActionTokenizer(CH)
+    rng = np.random.default_rng(0)
+    a = rng.uniform(-1.2, 1.2, size=(50, 7))
+    a[0] = LIBERO_MIN
+    a[1] = np.array(LIBERO_MAX) + 0.5  # clipped to norm == 1.0 -> the 256th bin (the +1e-8 keeps the bound itself below it)
+    ids = at.encode(a).numpy()
+    assert ids.shape == (50, 9) and (ids[:, 0] == 10004).all() and (ids[:, -1] == 15004).all()
+    np.testing.assert_array_equal(ids[:, 1:-1], spec_digitize(a))
+    assert ids[1, 1:-1].tolist() == [10261] * 7 and ids[0, 1:-1].tolist() == [10006] * 7
+    np.testing.assert_allclose(at.decode(ids), spec_decode(ids[:, 1:-1]), rtol=0, atol=0)
+    # round trip error is at most half a bin (inside the bounds)
+    inside = np.clip(a, LIBERO_MIN, LIBERO_MAX)
+    half_bin = (np.array(LIBERO_MAX) - np.array(LIBERO_MIN)) / 255
+    assert (np.abs(at.decode(at.encode(inside)) - inside) <= half_bin + 1e-9).all()
+
+
+def test_action_tokenizer_any_dim_and_errors():
+    at = ActionTokenizer(VocabLayout.compact(), low=[-2, -1, 0], high=[2, 1, 5])
+    assert at.encode(np.zeros((4, 3)) + 0.3).shape == (4, 5)
+    with pytest.raises(ValueError, match="action dimension 3"):
+        at.encode(np.zeros((2, 7)))
+    with pytest.raises(ValueError, match="NaN"):
+        at.encode(np.array([0.0, np.nan, 1.0]))
+    with pytest.raises(ValueError, match="inf"):
+        at.encode(np.array([0.0, np.inf, 1.0]))
+    with pytest.raises(ValueError):
+        ActionTokenizer(VocabLayout.compact(), low=[0, 0], high=[1, 0])
+
+
+def test_image_tokens_256px_layout():
+    codes = torch.randint(0, 8192, (16, 16))
+    toks = image_tokens(codes, CH)
+    assert toks.numel() == 276
+    assert toks[:3].tolist() == [8197, 8812, 8812] and toks[-1] == 8196
+    assert (toks[3:-1].view(16, 17)[:, -1] == 8803).all()
+    assert torch.equal(codes_from_image_tokens(toks, CH), codes)
+    assert image_tokens(torch.randint(0, 8192, (32, 32)), CH).numel() == 1060
+
+
+def test_image_side_must_be_whole_grids():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        image_tokens(torch.zeros(3, 4, dtype=torch.long), CH)
+
+
+def test_out_of_range_codes_and_ids():
+    with pytest.raises(ValueError, match="image codes"):
+        CH.code_to_id(torch.tensor([8192]))
+    with pytest.raises(ValueError, match="out of range"):
+        CH.check_ids(torch.tensor([70000]))
+
+
+def test_action_sample_template_and_labels():
+    L = VocabLayout.compact(n_image_codes=64)
+    text = ByteTextTokenizer(L)
+    sb = SequenceBuilder(L, text, ActionTokenizer(L, [-1] * 4, [1] * 4))
+    codes = [torch.randint(0, 64, (2, 2)) for _ in range(2)]
+    acts = torch.rand(5, 4) * 2 - 1
+    s = sb.action_sample("open the drawer", codes, acts)
+    prompt = sb.action_prompt("open the drawer", codes)
+    n_prompt = len(prompt)
+    assert s.input_ids[0] == L.bos
+    assert text.decode(s.input_ids[1:n_prompt]).startswith("What action should the robot take to open the drawer?")
+    assert s.input_ids[n_prompt - 1] == L.sep and s.input_ids[-1] == L.sep
+    assert (s.labels[:n_prompt] == -100).all()
+    assert torch.equal(s.labels[n_prompt:], s.input_ids[n_prompt:])
+    assert len(s.input_ids) - n_prompt == 5 * 6 + 1
+    # two images, each 1 + 2 + 2*(2+1) + 1 tokens
+    assert int((s.input_ids == L.boi).sum()) == 2
+
+
+def test_world_sample_template_and_labels():
+    L = VocabLayout.compact(n_image_codes=64)
+    sb = SequenceBuilder(L, ByteTextTokenizer(L), ActionTokenizer(L, [-1] * 4, [1] * 4))
+    c0, c1 = torch.randint(0, 64, (2, 2)), torch.randint(0, 64, (2, 2))
+    s = sb.world_sample(c0, np.array([0.1, -0.2, 0.3, 1.0]), c1)
+    n_prompt = int((s.labels == -100).sum())
+    answer = s.input_ids[n_prompt:]
+    assert torch.equal(answer[:-1], image_tokens(c1, L)) and answer[-1] == L.sep
+    assert s.input_ids[n_prompt - 1] == L.sep and s.input_ids[n_prompt - 2] == L.eoa
+
+
+def test_chameleon_text_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 3, "hello": 100, "robot": 101}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    p = tmp_path / "t.json"
+    tok.save(str(p))
+    t = ChameleonTextTokenizer(p)
+    assert t.encode("hello robot") == [100, 101]
+    with pytest.raises(FileNotFoundError):
+        ChameleonTextTokenizer(tmp_path / "missing.json")

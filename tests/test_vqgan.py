@@ -1,0 +1,304 @@
+"""The VQGAN tokenizer: shapes, errors, parity with transformers' Chameleon encoder, file formats, training."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from worldvla.vqgan import VQGAN, VQGANConfig, postprocess, preprocess
+
+TINY = dict(ch=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1, z_channels=64, embed_dim=32, n_embed=96,
+            resolution=64)
+
+
+def _randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Weights far from the default init: norms not 1, biases not 0, so every term counts."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+
+
+def _model(gen, **over) -> VQGAN:
+    m = VQGAN(VQGANConfig(**{**TINY, **over}))
+    _randomize(m, gen)
+    return m.eval()
+
+
+def _pixels(gen, b, h, w):
+    return torch.rand(b, 3, h, w, generator=gen) * 2 - 1
+
+
+# ---------------------------------------------------------------------- config and shapes
+def test_config_presets():
+    c = VQGANConfig.chameleon()
+    assert (c.ch, c.ch_mult, c.num_res_blocks, c.z_channels, c.n_embed, c.embed_dim) == \
+        (128, (1, 1, 2, 2, 4), 2, 256, 8192, 256)
+    assert c.downsample == 16 and VQGANConfig.small().downsample == 16
+    assert VQGANConfig.from_dict(c.to_dict()) == c
+    assert VQGANConfig.from_taming(c.to_taming()) == c
+    with pytest.raises(ValueError, match="multiple of 32"):
+        VQGANConfig(ch=48, ch_mult=(1, 1))
+    with pytest.raises(ValueError, match="double_z"):
+        VQGANConfig(double_z=True)
+    with pytest.raises(ValueError, match="unknown VQGANConfig fields"):
+        VQGANConfig.from_dict({**c.to_dict(), "tanh_out": True})
+
+
+@pytest.mark.parametrize("h,w", [(32, 48), (64, 16)])
+def test_encode_decode_shapes(rng, h, w):
+    m = _model(rng)
+    x = _pixels(rng, 2, h, w)
+    codes = m.encode(x)
+    assert codes.shape == (2, h // 16, w // 16) and codes.dtype == torch.int64
+    assert int(codes.min()) >= 0 and int(codes.max()) < m.config.n_embed
+    y = m.decode(codes)
+    assert y.shape == (2, 3, h, w) and y.dtype == torch.float32
+    assert float(y.abs().max()) <= 1.0
+    rec, loss, codes2 = m(x)
+    assert rec.shape == (2, 3, h, w) and loss.dim() == 0 and torch.equal(codes2, codes)
+    # decode = clamp(decoder(post_quant_conv(codebook[codes])))
+    z_q = m.codebook[codes].permute(0, 3, 1, 2)
+    torch.testing.assert_close(y, m.decode_latents(z_q).clamp(-1, 1))
+
+
+def test_codes_are_nearest_entries(rng):
+    m = _model(rng)
+    x = _pixels(rng, 1, 48, 32)
+    z = m.encode_latents(x).detach().double()
+    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    d = torch.cdist(flat, m.codebook.detach().double())
+    codes = m.encode(x).flatten()
+    best = d.min(1).values
+    chosen = d.gather(1, codes[:, None]).squeeze(1)
+    assert torch.all(chosen <= best * (1 + 1e-6) + 1e-9)
+
+
+def test_decoder_architecture():
+    cfg = VQGANConfig.chameleon()
+    with torch.device("meta"):
+        m = VQGAN(cfg)
+    dec, enc = m.decoder, m.encoder
+    assert len(dec.up) == len(cfg.ch_mult) == 5
+    assert all(len(level.block) == cfg.num_res_blocks + 1 == 3 for level in dec.up)
+    assert all(len(level.block) == cfg.num_res_blocks == 2 for level in enc.down)
+    assert [hasattr(level, "upsample") for level in dec.up] == [False, True, True, True, True]
+    assert [hasattr(level, "downsample") for level in enc.down] == [True, True, True, True, False]
+    assert [level.block[-1].conv2.out_channels for level in dec.up] == [128, 128, 256, 256, 512]
+    sd = m.state_dict()
+    assert sd["decoder.conv_in.weight"].shape == (512, 256, 3, 3)
+    assert sd["decoder.conv_out.weight"].shape == (3, 128, 3, 3)
+    assert sd["decoder.up.4.block.0.conv1.weight"].shape == (512, 512, 3, 3)
+    assert sd["decoder.up.3.block.0.nin_shortcut.weight"].shape == (256, 512, 1, 1)
+    assert sd["post_quant_conv.weight"].shape == (256, 256, 1, 1)
+    assert sd["quantize.embedding.weight"].shape == (8192, 256)
+    n_res = sum(1 for k in sd if k.startswith("decoder.up.") and k.endswith(".conv1.weight"))
+    n_up = sum(1 for k in sd if k.startswith("decoder.up.") and k.endswith("upsample.conv.weight"))
+    assert (n_res, n_up) == (15, 4)
+    # the decoder really doubles the side 4 times (tiny config, actual run)
+    tiny = VQGAN(VQGANConfig(**TINY))
+    assert tiny.decode_latents(torch.randn(1, TINY["embed_dim"], 3, 2)).shape == (1, 3, 48, 32)
+
+
+# ---------------------------------------------------------------------- input errors
+def test_input_errors(rng):
+    m = _model(rng)
+    with pytest.raises(ValueError, match=r"40x32.*downsampling factor 16"):
+        m.encode(_pixels(rng, 1, 40, 32))
+    with pytest.raises(ValueError, match=r"32x24.*factor 16"):
+        m.encode(_pixels(rng, 1, 32, 24))
+    with pytest.raises(ValueError, match="3 channels"):
+        m.encode(torch.rand(1, 4, 32, 32, generator=rng))
+    with pytest.raises(ValueError, match="3 channels"):
+        m.encode(torch.rand(1, 32, 32, 3, generator=rng))
+    with pytest.raises(TypeError, match="floating point"):
+        m.encode(torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8, generator=rng))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        m.encode(torch.rand(1, 3, 32, 32, generator=rng) * 255)
+    with pytest.raises(TypeError, match="integer"):
+        m.decode(torch.rand(1, 2, 2, generator=rng))
+    with pytest.raises(ValueError, match=r"\[B, h, w\]"):
+        m.decode(torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="codes must lie in"):
+        m.decode(torch.full((1, 2, 2), m.config.n_embed, dtype=torch.long))
+
+
+def test_preprocess_postprocess(rng):
+    from PIL import Image
+
+    img = torch.randint(0, 256, (32, 48, 3), dtype=torch.uint8, generator=rng).numpy()
+    x = preprocess(img)
+    assert x.shape == (1, 3, 32, 48) and x.dtype == torch.float32
+    torch.testing.assert_close(x[0, 1], torch.from_numpy(img[..., 1]).float() / 255 * 2 - 1)
+    assert np.array_equal(postprocess(x)[0], img)
+    assert np.array_equal(postprocess(x[0]), img)
+    assert np.array_equal(preprocess(Image.fromarray(img)).numpy(), x.numpy())
+    batch = np.stack([img, img[::-1]])
+    assert preprocess(batch).shape == (2, 3, 32, 48)
+    # transparency is composited onto white
+    rgba = np.concatenate([img, np.zeros((32, 48, 1), np.uint8)], axis=-1)
+    assert float(preprocess(Image.fromarray(rgba, "RGBA")).min()) == 1.0
+    with pytest.raises(TypeError, match="uint8"):
+        preprocess(img.astype(np.float32))
+    with pytest.raises(ValueError, match="RGB"):
+        preprocess(rgba)
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        postprocess(torch.rand(32, 32, 3))
+
+
+# ---------------------------------------------------------------------- parity with transformers
+@pytest.mark.parametrize("attn_res", [(), (32,)])
+def test_encoder_matches_transformers(rng, attn_res):
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.ChameleonVQVAEConfig(
+        embed_dim=TINY["embed_dim"], num_embeddings=TINY["n_embed"], latent_channels=TINY["z_channels"],
+        base_channels=TINY["ch"], channel_multiplier=list(TINY["ch_mult"]), num_res_blocks=2,
+        resolution=TINY["resolution"], attn_resolutions=list(attn_res) or None)
+    hf = transformers.ChameleonVQVAE(hf_cfg).eval()
+    _randomize(hf, rng)
+    ours = VQGAN(VQGANConfig(**{**TINY, "num_res_blocks": 2, "attn_resolutions": attn_res})).eval()
+    result = ours.load_state_dict(hf.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert result.missing_keys and all(k.startswith("decoder.") for k in result.missing_keys)
+
+    x = _pixels(rng, 2, 64, 48)
+    with torch.no_grad():
+        out = hf.encode(x)
+        ref_h = out.last_hidden_state
+        ref_z = hf.quant_conv(ref_h)
+        h = ours.encoder(x)
+        z = ours.encode_latents(x)
+    for got, ref in ((h, ref_h), (z, ref_z)):
+        rel = float((got - ref).norm() / ref.norm())
+        assert rel <= 1e-5, rel
+    codes = ours.encode(x)
+    ref_codes = out.image_tokens.view(codes.shape)
+    if not torch.equal(codes, ref_codes):
+        # only exact ties (in float64) may differ
+        flat = ref_z.double().permute(0, 2, 3, 1).reshape(-1, ref_z.shape[1])
+        d = torch.cdist(flat, ours.codebook.detach().double())
+        a, b = codes.flatten(), ref_codes.flatten()
+        gap = (d.gather(1, a[:, None]) - d.gather(1, b[:, None])).abs()
+        assert float(gap.max()) <= 1e-5 * float(d.min(1).values.max())
+
+
+# ---------------------------------------------------------------------- file formats
+def _write_release(folder, model: VQGAN, state_dict: dict):
+    cfg = model.config
+    doc = {"model": {"base_learning_rate": 4.5e-06, "target": "taming.models.vqgan.VQModel",
+                     "params": {"embed_dim": cfg.embed_dim, "n_embed": cfg.n_embed,
+                                "ddconfig": {"double_z": False, "z_channels": cfg.z_channels,
+                                             "resolution": cfg.resolution, "in_channels": 3, "out_ch": 3,
+                                             "ch": cfg.ch, "ch_mult": list(cfg.ch_mult),
+                                             "num_res_blocks": cfg.num_res_blocks, "attn_resolutions": [],
+                                             "dropout": 0.0},
+                                "lossconfig": {"target": "taming.modules.losses.vqperceptual.DummyLoss"}}}}
+    with open(folder / "vqgan.yaml", "w") as fh:
+        yaml.safe_dump(doc, fh)
+    torch.save({"state_dict": state_dict, "global_step": 7}, folder / "vqgan.ckpt")
+    return folder / "vqgan.yaml", folder / "vqgan.ckpt"
+
+
+def _same_weights(a: VQGAN, b: VQGAN):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_release_round_trip(rng, tmp_path):
+    m = _model(rng)
+    sd = dict(m.state_dict())
+    sd["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4, generator=rng)
+    sd["loss.logvar"] = torch.randn((), generator=rng)
+    y, c = _write_release(tmp_path, m, sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loss.* must be dropped silently
+        loaded = VQGAN.from_release(y, c)
+    assert loaded.config == m.config and not loaded.training
+    _same_weights(m, loaded)
+    x = _pixels(rng, 1, 32, 32)
+    assert torch.equal(m.encode(x), loaded.encode(x))
+
+    out = tmp_path / "again"
+    loaded.save_release(out)
+    again = VQGAN.from_release(out / "vqgan.yaml", out / "vqgan.ckpt")
+    _same_weights(m, again)
+
+
+def test_pretrained_round_trip(rng, tmp_path):
+    m = _model(rng)
+    m.save_pretrained(tmp_path)
+    loaded = VQGAN.from_pretrained(tmp_path)
+    assert loaded.config == m.config
+    _same_weights(m, loaded)
+    codes = m.encode(_pixels(rng, 1, 16, 32))
+    torch.testing.assert_close(loaded.decode(codes), m.decode(codes), rtol=0, atol=0)
+    m.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert VQGAN.from_pretrained(tmp_path / "bf16").codebook.dtype == torch.bfloat16
+
+
+def test_load_errors(rng, tmp_path):
+    m = _model(rng)
+    sd = dict(m.state_dict())
+    del sd["decoder.up.2.block.1.conv2.weight"]
+    del sd["quantize.embedding.weight"]
+    y, c = _write_release(tmp_path, m, sd)
+    with pytest.raises(ValueError, match=r"2 missing keys.*decoder\.up\.2\.block\.1\.conv2\.weight"):
+        VQGAN.from_release(y, c)
+
+    sd = dict(m.state_dict())
+    sd["encoder.conv_out.weight"] = torch.randn(32, 64, 3, 3, generator=rng)
+    y, c = _write_release(tmp_path, m, sd)
+    with pytest.raises(ValueError, match=r"shape mismatch.*encoder\.conv_out\.weight: checkpoint \(32, 64, 3, 3\) "
+                                         r"vs model \(64, 64, 3, 3\)"):
+        VQGAN.from_release(y, c)
+
+    sd = dict(m.state_dict())
+    sd["decoder.extra.weight"] = torch.randn(3, generator=rng)
+    y, c = _write_release(tmp_path, m, sd)
+    with pytest.warns(UserWarning, match="decoder.extra.weight"):
+        VQGAN.from_release(y, c)
+
+    (tmp_path / "bad.yaml").write_text("model:\n  target: x\n")
+    with pytest.raises(ValueError, match="ddconfig"):
+        VQGAN.from_release(tmp_path / "bad.yaml", c)
+
+    class Opaque:  # a pickled object the safe loader refuses
+        pass
+    torch.save({"state_dict": m.state_dict(), "callbacks": Opaque()}, tmp_path / "opaque.ckpt")
+    with pytest.raises(RuntimeError, match="trust_checkpoint=True"):
+        VQGAN.from_release(y, tmp_path / "opaque.ckpt")
+    _same_weights(m, VQGAN.from_release(y, tmp_path / "opaque.ckpt", trust_checkpoint=True))
+
+
+# ---------------------------------------------------------------------- training
+def test_training_reduces_reconstruction_loss():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1234)
+    m = VQGAN(VQGANConfig(**TINY)).train()
+    # smooth images: low-frequency random patterns a tiny model can learn to reconstruct
+    coarse = torch.rand(4, 3, 4, 4, generator=gen) * 2 - 1
+    x = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
+    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        rec, vq_loss, _ = m(x)
+        rec_loss = (rec - x).pow(2).mean()
+        (rec_loss + vq_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(rec_loss))
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-5:]) < 0.3 * losses[0], losses
+    # gradients reach the encoder (straight-through) and the codebook (codebook loss)
+    rec, vq_loss, _ = m(x)
+    ((rec - x).pow(2).mean() + vq_loss).backward()
+    assert m.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert m.codebook.grad.abs().sum() > 0

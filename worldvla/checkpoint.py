@@ -1,0 +1,161 @@
+"""Checkpoints in the release's Hugging Face format.
+
+A model folder holds `config.json` (transformers' Chameleon fields; 4.x `rope_theta` or 5.x
+`rope_parameters`) and weights as `model.safetensors`, sharded safetensors with
+`model.safetensors.index.json`, or `pytorch_model*.bin`. Parameter names are transformers'
+Chameleon names; the `vqmodel.*` entries of the release's checkpoints are ignored.
+Every file is written to a temporary name and renamed into place, so a crash never
+leaves a half-written checkpoint behind a valid name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .model import ModelConfig, WorldVLA
+
+_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "swin_norm")
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+    kw = {k: d[k] for k in _CONFIG_KEYS if k in d and d[k] is not None}
+    kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", 32))
+    theta = d.get("rope_theta")
+    if theta is None and isinstance(d.get("rope_parameters"), dict):
+        theta = d["rope_parameters"].get("rope_theta")
+        if d["rope_parameters"].get("rope_type", "default") != "default":
+            raise ValueError(f"unsupported RoPE scaling {d['rope_parameters']}; WorldVLA uses plain RoPE")
+    if d.get("rope_scaling"):
+        raise ValueError(f"unsupported rope_scaling {d['rope_scaling']}; WorldVLA uses plain RoPE")
+    if theta is not None:
+        kw["rope_theta"] = float(theta)
+    kw["layout"] = d.get("worldvla_layout")
+    return ModelConfig(**kw)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    d = {k: getattr(cfg, k) for k in _CONFIG_KEYS}
+    d.update(model_type="chameleon", architectures=["ChameleonXLLMXForConditionalGeneration"],
+             rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+             hidden_act="silu", attention_bias=False, tie_word_embeddings=False, torch_dtype="bfloat16",
+             bos_token_id=0, pad_token_id=1, eos_token_id=8710 if cfg.vocab_size == 65536 else 2)
+    if cfg.layout is not None:
+        d["worldvla_layout"] = cfg.layout
+    return d
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _load_state_dict(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = []
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index_name).is_file():
+            weight_map = json.loads((folder / index_name).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (folder / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{folder}: shards listed in {index_name} are missing: {missing}")
+            break
+    if not files:
+        files = [f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no weights found (expected model.safetensors, sharded safetensors with "
+                                f"model.safetensors.index.json, or pytorch_model*.bin)")
+    sd = {}
+    for f in files:
+        if f.endswith(".safetensors"):
+            sd.update(load_file(str(folder / f)))
+        else:
+            sd.update(torch.load(folder / f, map_location="cpu", weights_only=True))
+    return sd
+
+
+def load_model(path, device=None, dtype=None) -> WorldVLA:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: config.json is missing (expected a Hugging Face model folder)")
+    cfg = config_from_hf(json.loads((folder / "config.json").read_text()))
+    sd = {k: v for k, v in _load_state_dict(folder).items()
+          if not k.startswith(("model.vqmodel.", "vqmodel."))}
+    with torch.device("meta"):
+        model = WorldVLA(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    bad = [(k, tuple(sd[k].shape), tuple(s)) for k, s in expected.items() if k in sd and sd[k].shape != s]
+    if missing or unexpected or bad:
+        lines = []
+        if missing:
+            lines.append(f"missing {len(missing)} tensors, e.g. {missing[:4]}")
+        if unexpected:
+            lines.append(f"unexpected {len(unexpected)} tensors, e.g. {unexpected[:4]}")
+        if bad:
+            lines.append("shape mismatches (name, file, config): " + "; ".join(map(str, bad[:4])))
+        raise ValueError(f"checkpoint {folder} does not match its config.json: " + " | ".join(lines))
+    model.load_state_dict(sd, assign=True)
+    model = model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model
+    return model.eval()
+
+
+def save_model(model: WorldVLA, path, shard_size_gb: float = 5.0) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    limit = int(shard_size_gb * (1 << 30))
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if cur and size + nbytes > limit:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += nbytes
+    shards.append(cur)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic_write(folder / "model.safetensors", lambda p: save_file(shards[0], p, metadata=meta))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_write(folder / name, lambda p, s=shard: save_file(s, p, metadata=meta))
+            weight_map.update({k: name for k in shard})
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())}, "weight_map": weight_map}
+        _atomic_write(folder / "model.safetensors.index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+    cfg = config_to_hf(model.config)
+    _atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+
+
+def load_release_tokenizer(folder):
+    """The release's tokenizer folder: vqgan.yaml, vqgan.ckpt, text_tokenizer.json ->
+    (VocabLayout, text tokenizer, VQGAN)."""
+    from .tokens import ChameleonTextTokenizer, VocabLayout
+    from .vqgan import VQGAN
+
+    folder = Path(folder)
+    need = ["vqgan.yaml", "vqgan.ckpt", "text_tokenizer.json"]
+    missing = [n for n in need if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: tokenizer files missing: {missing} (expected {need})")
+    layout = VocabLayout.chameleon(folder / "text_tokenizer.json")
+    return layout, ChameleonTextTokenizer(folder / "text_tokenizer.json"), VQGAN.from_release(folder / "vqgan.yaml", folder / "vqgan.ckpt")

@@ -1,0 +1,324 @@
+"""The WorldVLA transformer: the Chameleon decoder, read top to bottom.
+
+Pre-norm RMSNorm blocks (or the post-norm `swin_norm` variant of Chameleon-30B),
+LayerNorm on q and k over the head dimension with per-head affine parameters
+[heads, head_dim] before rotate-half RoPE, SwiGLU MLP, untied lm_head, no biases.
+Parameter names are transformers' Chameleon names, so release checkpoints load as is.
+Attention goes through `worldvla.ops` (chunk rule for prefill/training, KV cache for decode).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import ops
+from .mask import ChunkMaskMeta, DecodeMeta, causal_meta, chunk_mask_meta
+from .tokens.layout import VocabLayout
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 65536
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    swin_norm: bool = False
+    dropout: float = 0.0
+    layout: dict | None = field(default=None, repr=False)  # VocabLayout.to_dict(); None = chameleon for 65536
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def chameleon_7b(cls, **kw) -> "ModelConfig":
+        return cls(**kw)
+
+    @classmethod
+    def small(cls, layout: VocabLayout | None = None, **kw) -> "ModelConfig":
+        """~10M parameters over a compact vocabulary: trains on a laptop CPU."""
+        layout = layout or VocabLayout.compact()
+        base = dict(vocab_size=layout.vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, layout=layout.to_dict())
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def tiny(cls, layout: VocabLayout | None = None, **kw) -> "ModelConfig":
+        layout = layout or VocabLayout.compact(n_image_codes=64)
+        base = dict(vocab_size=layout.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, layout=layout.to_dict())
+        base.update(kw)
+        return cls(**base)
+
+    def vocab_layout(self) -> VocabLayout | None:
+        if self.layout is not None:
+            return VocabLayout.from_dict(self.layout)
+        return VocabLayout.chameleon() if self.vocab_size == 65536 else None
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads {self.num_key_value_heads} must divide num_attention_heads {self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class HeadLayerNorm(nn.Module):
+    """LayerNorm over head_dim with a separate affine (gamma, beta) per head: [heads, head_dim]."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(heads, head_dim))
+
+    def forward(self, x):  # [..., heads, head_dim]
+        return F.layer_norm(x, x.shape[-1:], None, None, eps=1e-5) * self.weight + self.bias
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float().unsqueeze(-1) * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype).unsqueeze(-2), emb.sin().to(dtype).unsqueeze(-2)  # [..., L, 1, Dh]
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Static cache: slot s of every layer holds the key/value of the token at position s."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """pos [B, Q] slots; k, v [B, Q, Hkv, Dh]."""
+        b = torch.arange(pos.shape[0], device=pos.device).unsqueeze(1).expand_as(pos)
+        self.k[layer][b, pos] = k.to(self.k.dtype)
+        self.v[layer][b, pos] = v.to(self.v.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, Hkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, H * Dh, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, Hkv * Dh, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, Hkv * Dh, bias=False)
+        self.o_proj = nn.Linear(H * Dh, cfg.hidden_size, bias=False)
+        self.q_norm = HeadLayerNorm(H, Dh)
+        self.k_norm = HeadLayerNorm(Hkv, Dh)
+
+    def forward(self, x, cos, sin, ctx: "ForwardContext", layer: int):
+        B, L, _ = x.shape
+        cfg = self.cfg
+        q = self.q_norm(self.q_proj(x).view(B, L, cfg.num_attention_heads, cfg.head_dim))
+        k = self.k_norm(self.k_proj(x).view(B, L, cfg.num_key_value_heads, cfg.head_dim))
+        v = self.v_proj(x).view(B, L, cfg.num_key_value_heads, cfg.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx.cache is None:
+            if ctx.meta.packed:  # [1, T, ...] -> [T, ...]
+                o = ops.masked_attention(q[0], k[0], v[0], ctx.meta, backend=ctx.backend).unsqueeze(0)
+            else:
+                o = ops.masked_attention(q, k, v, ctx.meta, backend=ctx.backend)
+        else:
+            ctx.cache.write(layer, ctx.position_ids, k, v)
+            o = ops.decode_attention(q, ctx.cache.k[layer], ctx.cache.v[layer], ctx.decode_meta, backend=ctx.backend)
+        return self.o_proj(o.reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.swin_norm = cfg.swin_norm
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, ctx, layer):
+        if self.swin_norm:  # post-norm (Chameleon-30B)
+            x = x + self.dropout(self.input_layernorm(self.self_attn(x, cos, sin, ctx, layer)))
+            return x + self.dropout(self.post_attention_layernorm(self.mlp(x)))
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, ctx, layer))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+@dataclass
+class ForwardContext:
+    meta: ChunkMaskMeta | None = None
+    cache: KVCache | None = None
+    position_ids: torch.Tensor | None = None
+    decode_meta: DecodeMeta | None = None
+    backend: str = "auto"
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def loss_class_weights(layout: VocabLayout, alpha: float = 0.04) -> torch.Tensor:
+    """Per-target-class CE weights: alpha on exactly the image-code ids, 1 elsewhere.
+
+    The release writes `w[3:8195] = alpha`, which covers ids 3..8194: it down-weights
+    `<unk>` (3) and misses the last image code (8195). Here the weight sits on the
+    image-code ids themselves."""
+    w = torch.ones(layout.vocab_size)
+    w[layout.image_code_weight_mask()] = alpha
+    return w
+
+
+class WorldVLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.layout = cfg.vocab_layout()
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.attn_backend = "auto"
+
+    # ------------------------------------------------------------------ core
+    def _meta_for(self, input_ids, meta, cu_seqlens):
+        if meta is not None:
+            return meta
+        if self.layout is not None:
+            return chunk_mask_meta(input_ids, self.layout, cu_seqlens)
+        return causal_meta(tuple(input_ids.shape), input_ids.device, cu_seqlens)
+
+    def hidden_states(self, input_ids, meta: ChunkMaskMeta | None = None, cu_seqlens=None, *,
+                      cache: KVCache | None = None, position_ids=None, decode_meta: DecodeMeta | None = None):
+        """Final-norm hidden states.
+
+        Without a cache: input_ids [B, L] (or [T] with cu_seqlens / packed meta) under the chunk rule.
+        With a cache: input_ids [B, Q] written at slots `position_ids` [B, Q], attending under `decode_meta`.
+        """
+        cfg = self.config
+        if input_ids.dtype.is_floating_point:
+            raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+            raise ValueError(f"token ids out of range [{int(input_ids.min())}, {int(input_ids.max())}] for a "
+                             f"vocabulary of {cfg.vocab_size}")
+        if cache is None:
+            meta = self._meta_for(input_ids, meta, cu_seqlens)
+            packed = meta.packed
+            ids = input_ids.view(1, -1) if packed else (input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids)
+            if not packed and meta.kv_block.dim() == 1:  # one unbatched sequence
+                meta = ChunkMaskMeta(meta.kv_block[None], meta.q_limit[None], meta.position_ids[None], None, meta.max_seqlen)
+            pos = meta.position_ids.view(ids.shape)
+            if int(pos.max()) >= cfg.max_position_embeddings:
+                raise ValueError(f"sequence of {int(pos.max()) + 1} positions exceeds max_position_embeddings "
+                                 f"{cfg.max_position_embeddings}")
+            ctx = ForwardContext(meta=meta, backend=self.attn_backend)
+        else:
+            if decode_meta is None or position_ids is None:
+                raise ValueError("a cached forward needs position_ids and decode_meta")
+            ids, pos = input_ids, position_ids
+            ctx = ForwardContext(cache=cache, position_ids=position_ids, decode_meta=decode_meta, backend=self.attn_backend)
+        x = self.model.embed_tokens(ids)
+        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, cos, sin, ctx, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, ctx, i)
+        x = self.model.norm(x)
+        if cache is None and (meta.packed or input_ids.dim() == 1):
+            x = x[0]
+        return x
+
+    def forward(self, input_ids, meta: ChunkMaskMeta | None = None, cu_seqlens=None, **cache_kw):
+        """Logits (fp32, every position) as the release computes them."""
+        return self.lm_head(self.hidden_states(input_ids, meta, cu_seqlens, **cache_kw)).float()
+
+    def loss(self, input_ids, labels, meta: ChunkMaskMeta | None = None, cu_seqlens=None, *,
+             image_weight: float = 0.04, z_weight: float = 1e-5, class_weight=None, backend: str = "auto"):
+        """Weighted CE + z-loss (spec 2.5) on the positions with a label; logits of position i predict label i+1.
+        Returns (loss, z_mean). For packed input, documents are contiguous and each starts with BOS, so the shift
+        across a document boundary lands on the next document's BOS, whose label is -100."""
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+        h = self.hidden_states(input_ids, meta, cu_seqlens)
+        h, y = h[..., :-1, :].reshape(-1, h.shape[-1]), labels[..., 1:].reshape(-1)
+        keep = y != -100
+        if class_weight is None and self.layout is not None:
+            class_weight = loss_class_weights(self.layout, image_weight).to(h.device)
+        return ops.linear_cross_entropy(h[keep], self.lm_head.weight, y[keep], class_weight, z_weight, backend=backend)
+
+    # ------------------------------------------------------------------ io
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None) -> "WorldVLA":
+        from .checkpoint import load_model
+
+        return load_model(path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path, shard_size_gb: float = 5.0) -> None:
+        from .checkpoint import save_model
+
+        save_model(self, path, shard_size_gb=shard_size_gb)
+
+    def init_weights(self, std: float = 0.02, generator=None):
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and "norm" not in name:
+                nn.init.normal_(p, std=std, generator=generator)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
+        for layer in self.model.layers:  # scaled residual projections
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                nn.init.normal_(lin.weight, std=std / math.sqrt(2 * self.config.num_hidden_layers), generator=generator)
+        return self

@@ -1,0 +1,275 @@
+"""Meta-World as an embedded simulator: 4-D actions in, upright RGB frames out.
+
+A thin layer over `gym.make("Meta-World/MT1", ...)` (metaworld 3.x, gymnasium 1.x,
+mujoco 3.x) that adds what a world-model pipeline needs and Meta-World does not
+give directly: a language instruction per task, seeded object layouts, fast small
+frames, and the scripted expert for each task.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+# MuJoCo picks its OpenGL backend when it is first imported; headless Linux needs
+# EGL (Mesa renders it on CPU when there is no GPU).
+if sys.platform.startswith("linux"):
+    os.environ.setdefault("MUJOCO_GL", "egl")
+
+# Task name -> the instruction given to the model. All 50 Meta-World v3 tasks have
+# a scripted expert in `metaworld.policies.ENV_POLICY_MAP`.
+TASKS: dict[str, str] = {
+    "assembly-v3": "put the ring onto the peg",
+    "basketball-v3": "dunk the basketball into the basket",
+    "bin-picking-v3": "pick the cube from one bin and place it in the other bin",
+    "box-close-v3": "grasp the lid and close the box",
+    "button-press-topdown-v3": "press the button from the top",
+    "button-press-topdown-wall-v3": "press the button from the top behind the wall",
+    "button-press-v3": "press the button",
+    "button-press-wall-v3": "press the button behind the wall",
+    "coffee-button-v3": "push the button on the coffee machine",
+    "coffee-pull-v3": "pull the mug away from the coffee machine",
+    "coffee-push-v3": "push the mug under the coffee machine",
+    "dial-turn-v3": "rotate the dial",
+    "disassemble-v3": "pick the ring off the peg",
+    "door-close-v3": "close the door",
+    "door-lock-v3": "lock the door by rotating the lock",
+    "door-open-v3": "open the door",
+    "door-unlock-v3": "unlock the door by rotating the lock",
+    "drawer-close-v3": "push the drawer closed",
+    "drawer-open-v3": "open the drawer",
+    "faucet-close-v3": "turn the faucet handle to close it",
+    "faucet-open-v3": "turn the faucet handle to open it",
+    "hammer-v3": "hammer the nail into the wall",
+    "hand-insert-v3": "insert the gripper into the hole",
+    "handle-press-side-v3": "press the handle down from the side",
+    "handle-press-v3": "press the handle down",
+    "handle-pull-side-v3": "pull the handle up from the side",
+    "handle-pull-v3": "pull the handle up",
+    "lever-pull-v3": "pull the lever up",
+    "peg-insert-side-v3": "insert the peg into the hole from the side",
+    "peg-unplug-side-v3": "unplug the peg from the side",
+    "pick-out-of-hole-v3": "pick the peg out of the hole",
+    "pick-place-v3": "pick up the puck and place it at the goal",
+    "pick-place-wall-v3": "pick up the puck and place it at the goal behind the wall",
+    "plate-slide-back-side-v3": "slide the plate back into the cabinet from the side",
+    "plate-slide-back-v3": "slide the plate back into the cabinet",
+    "plate-slide-side-v3": "slide the plate into the cabinet from the side",
+    "plate-slide-v3": "slide the plate into the cabinet",
+    "push-back-v3": "push the puck back to the goal",
+    "push-v3": "push the puck to the goal",
+    "push-wall-v3": "push the puck to the goal around the wall",
+    "reach-v3": "reach the goal position",
+    "reach-wall-v3": "reach the goal position over the wall",
+    "shelf-place-v3": "pick up the puck and place it on the shelf",
+    "soccer-v3": "kick the soccer ball into the goal",
+    "stick-pull-v3": "grasp the stick and pull the box with it",
+    "stick-push-v3": "grasp the stick and push the box with it",
+    "sweep-into-v3": "sweep the puck into the hole",
+    "sweep-v3": "sweep the puck off the table",
+    "window-close-v3": "push the window closed",
+    "window-open-v3": "push the window open",
+}
+
+ACTION_DIM = 4  # xyz end-effector delta + gripper effort, each in [-1, 1]
+# Meta-World's own limit is 500 steps; the scripted experts finish the tasks they
+# solve well before 200 (see `expert_success`), and shorter episodes mean smaller demos.
+DEFAULT_MAX_STEPS = 200
+CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
+# The `corner` camera is declared with its up axis pointing at the floor
+# (xyaxes="-1 1 0 -0.2 -0.2 -1"), so its frames come out rotated by 180 degrees.
+# Rotating back (not just flipping rows, which would mirror the scene) gives the
+# view a physical camera at that spot would see.
+_ROTATE_180 = frozenset({"corner"})
+
+_INSTALL_HINT = 'Meta-World is not installed; install the simulator extra with: pip install "worldvla[sim]"'
+
+
+def _require_metaworld():
+    try:
+        import gymnasium
+        import metaworld  # noqa: F401  (registers the Meta-World/* env ids)
+        import mujoco
+    except ImportError as e:
+        raise ImportError(f"{_INSTALL_HINT} ({e})") from e
+    return gymnasium, metaworld, mujoco
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        known = ", ".join(sorted(TASKS))
+        raise ValueError(f"unknown Meta-World task {task!r}; known tasks: {known}")
+
+
+def expert_policy(task: str):
+    """The scripted expert for `task`: an object with `get_action(state) -> action [4]`
+    (`state` is `MetaWorldEnv.state`, the 39-D observation with the goal visible)."""
+    _check_task(task)
+    _require_metaworld()
+    from metaworld.policies import ENV_POLICY_MAP
+
+    return ENV_POLICY_MAP[task]()
+
+
+def _make_gym_env(task: str, seed: int, image_size: int, camera: str):
+    gym, metaworld, _ = _require_metaworld()
+    # MT1 builds one env just to sample `num_goals` fixed layouts (one reset per goal).
+    # Layouts here are drawn per reset seed instead, so one goal is enough; `num_goals`
+    # is stored in a module global by Meta-World, so put it back for other callers.
+    saved_goals = getattr(metaworld, "_N_GOALS", None)
+    try:
+        env = gym.make(
+            "Meta-World/MT1",
+            env_name=task,
+            seed=seed,
+            num_goals=1,
+            render_mode="rgb_array",
+            width=image_size,
+            height=image_size,
+            camera_name=camera,
+            disable_env_checker=True,
+        )
+    finally:
+        if saved_goals is not None:
+            metaworld._N_GOALS = saved_goals
+    return env
+
+
+class MetaWorldEnv:
+    """One Meta-World task with seeded layouts and small RGB frames.
+
+    reset(seed) -> frame uint8 [H, W, 3]
+    step(action [4]) -> (frame, reward, success, done)
+
+    `done` is true once the task succeeds (when `terminate_on_success`) or after
+    `max_steps` steps. `state` is the low-dimensional observation the scripted
+    expert reads. Each `reset(seed)` draws the object and goal positions from the
+    task's own random reset space with a generator seeded by `seed`, so a seed
+    names one layout for good; Meta-World's MT1 would instead cycle through a
+    fixed set of 50 layouts.
+
+    Rendering: shadows, reflections, skybox and multisampling are off by default
+    (about 5 ms a 64x64 frame through Mesa on CPU instead of 50-70 ms);
+    `antialias=True` turns 4x multisampling back on (~3x slower at 64x64).
+    """
+
+    def __init__(
+        self,
+        task: str,
+        seed: int = 0,
+        image_size: int = 64,
+        camera: str = "corner",
+        max_steps: int = DEFAULT_MAX_STEPS,
+        terminate_on_success: bool = True,
+        antialias: bool = False,
+    ):
+        _check_task(task)
+        if not isinstance(image_size, (int, np.integer)) or image_size < 8:
+            raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
+        if camera not in CAMERAS:
+            raise ValueError(f"unknown camera {camera!r}; Meta-World cameras: {', '.join(CAMERAS)}")
+        if not 1 <= max_steps <= 500:
+            raise ValueError(f"max_steps must be in [1, 500] (Meta-World's own episode limit), got {max_steps}")
+        self.task = task
+        self.instruction = TASKS[task]
+        self.image_size = int(image_size)
+        self.camera = camera
+        self.max_steps = int(max_steps)
+        self.terminate_on_success = terminate_on_success
+        self.seed = int(seed)
+        self._gym, _, self._mujoco = _require_metaworld()
+
+        self._env = _make_gym_env(task, self.seed, self.image_size, camera)
+        self._raw = self._env.unwrapped
+        if not antialias:
+            self._raw.model.vis.quality.offsamples = 0  # read when the GL context is made
+        # The first reset lets Meta-World's task wrapper install the MT1 task data
+        # (goal made observable, task kwargs); after that the wrapper must stop
+        # swapping tasks so our own seeded layouts stick.
+        self._env.reset()
+        self._task_wrapper().toggle_sample_tasks_on_reset(False)
+        self._viewer = self._raw.mujoco_renderer._get_viewer("rgb_array")
+        flags = self._viewer.scn.flags
+        rnd = self._mujoco.mjtRndFlag
+        for flag in (rnd.mjRND_SHADOW, rnd.mjRND_REFLECTION, rnd.mjRND_SKYBOX):
+            flags[flag] = 0
+        self._state: np.ndarray | None = None
+        self.t = 0
+        self.success = False
+
+    def _task_wrapper(self):
+        env = self._env
+        while not hasattr(env, "toggle_sample_tasks_on_reset"):
+            if not hasattr(env, "env"):
+                raise RuntimeError("Meta-World's task-selection wrapper was not found; unsupported metaworld version")
+            env = env.env
+        return env
+
+    @property
+    def action_dim(self) -> int:
+        return ACTION_DIM
+
+    @property
+    def state(self) -> np.ndarray:
+        """The 39-D observation (hand, gripper, objects, previous frame, goal) the expert reads."""
+        if self._state is None:
+            raise RuntimeError("call reset() before reading the state")
+        return self._state
+
+    def render(self) -> np.ndarray:
+        frame = self._raw.render()
+        if self.camera in _ROTATE_180:
+            frame = frame[::-1, ::-1]
+        return np.ascontiguousarray(frame)
+
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        """Start an episode; `seed` fixes the layout (default: the env's seed)."""
+        seed = self.seed if seed is None else int(seed)
+        raw = self._raw
+        # Meta-World's reset ignores its seed argument; seeding the env's generator
+        # and letting reset_model draw (with its own rejection of bad layouts) keeps
+        # the layout a pure function of the seed.
+        raw.seed(seed)
+        raw._freeze_rand_vec = False
+        raw.seeded_rand_vec = True
+        state, _ = self._env.reset()
+        self._state = np.asarray(state, dtype=np.float64)
+        self.t = 0
+        self.success = False
+        return self.render()
+
+    def step(self, action) -> tuple[np.ndarray, float, bool, bool]:
+        if self._state is None:
+            raise RuntimeError("call reset() before step()")
+        if self.t >= self.max_steps:
+            raise RuntimeError(f"episode is over ({self.max_steps} steps); call reset()")
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        if a.shape != (ACTION_DIM,):
+            raise ValueError(f"Meta-World actions are {ACTION_DIM}-D (dx, dy, dz, gripper), got shape {np.shape(action)}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"action contains NaN or inf: {a}")
+        a = np.clip(a, -1.0, 1.0)
+        state, reward, _, _, info = self._env.step(a)
+        self._state = np.asarray(state, dtype=np.float64)
+        self.t += 1
+        self.success = self.success or bool(info["success"])
+        done = (self.success and self.terminate_on_success) or self.t >= self.max_steps
+        return self.render(), float(reward), bool(info["success"]), done
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def make_env(task: str, seed: int = 0, image_size: int = 64, camera: str = "corner", **kwargs) -> MetaWorldEnv:
+    """A `MetaWorldEnv` for `task` (see TASKS), frames `image_size` square from `camera`."""
+    return MetaWorldEnv(task, seed=seed, image_size=image_size, camera=camera, **kwargs)
