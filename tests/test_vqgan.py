@@ -205,6 +205,10 @@ def _write_release(folder, model: VQGAN, state_dict: dict):
     return folder / "vqgan.yaml", folder / "vqgan.ckpt"
 
 
+class Opaque:
+    """A pickled object that the safe loader refuses (checkpoints often carry trainer state)."""
+
+
 def _same_weights(a: VQGAN, b: VQGAN):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -270,8 +274,6 @@ def test_load_errors(rng, tmp_path):
     with pytest.raises(ValueError, match="ddconfig"):
         VQGAN.from_release(tmp_path / "bad.yaml", c)
 
-    class Opaque:  # a pickled object the safe loader refuses
-        pass
     torch.save({"state_dict": m.state_dict(), "callbacks": Opaque()}, tmp_path / "opaque.ckpt")
     with pytest.raises(RuntimeError, match="trust_checkpoint=True"):
         VQGAN.from_release(y, tmp_path / "opaque.ckpt")

@@ -353,8 +353,11 @@ class VQGAN(nn.Module):
         """Quantized latents [B, embed_dim, h, w] -> unclamped pixels [B, 3, h*f, w*f]."""
         return self.decoder(self.post_quant_conv(z_q))
 
+    @torch.no_grad()
     def decode(self, codes: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        """codes [B, h, w] (integer) -> pixels [B, 3, h*16, w*16] clamped to [-1, 1]."""
+        """codes [B, h, w] (integer) -> pixels [B, 3, h*16, w*16] clamped to [-1, 1].
+
+        Runs without autograd, like `encode`; `decode_latents` is the differentiable path."""
         if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex() \
                 or codes.dtype == torch.bool:
             raise TypeError(f"codes must be an integer tensor [B, h, w], got "
@@ -514,7 +517,7 @@ def preprocess(image) -> torch.Tensor:
     if image.ndim not in (3, 4) or image.shape[-1] != 3:
         raise ValueError(f"preprocess wants an RGB array [H, W, 3] or [N, H, W, 3] (channels last), got shape "
                          f"{image.shape}; convert grayscale / RGBA first (PIL: img.convert('RGB'))")
-    x = torch.from_numpy(np.ascontiguousarray(image)).float()
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).float()
     if x.dim() == 3:
         x = x[None]
     return (x / 255.0 * 2.0 - 1.0).permute(0, 3, 1, 2).contiguous()

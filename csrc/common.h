@@ -1,0 +1,117 @@
+// Shared by the C++ CPU paths, the CUDA kernels and the bindings: parameter
+// blocks (raw pointers, sizes, element strides) and the dtype codes the Python
+// side passes. Nothing here depends on libtorch or on the CUDA headers.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace worldvla {
+
+// Element types, as numbered by worldvla/ops/native_backend.py (_DTYPE_CODE).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kInt32 = 4, kInt64 = 5 };
+
+inline int dtype_size(int code) {
+  switch (code) {
+    case kFloat32: case kInt32: return 4;
+    case kFloat16: case kBFloat16: return 2;
+    case kFloat64: case kInt64: return 8;
+  }
+  throw std::invalid_argument("unknown dtype code " + std::to_string(code));
+}
+
+// "no action block": kv_block of a token outside every block (worldvla.mask.NO_BLOCK).
+constexpr int32_t kNoBlock = 1 << 30;
+
+// Chunk-masked prefill attention. Tokens of sequence `s`, position `i` live at
+//   x + s * x_sb + (start_s + i) * x_st + head * x_sh      (last dim contiguous)
+// where start_s = cu_seqlens[s] for a packed batch (x_sb == 0) and 0 for a
+// padded one. The metadata tensors are indexed the same way with meta_sb.
+struct AttnFwdParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;
+  const int32_t* kv_block = nullptr;
+  const int32_t* q_limit = nullptr;
+  const int32_t* cu_seqlens = nullptr;  // [n_seq + 1] when packed, else null
+  int64_t n_seq = 0;       // batch size (padded) or number of documents (packed)
+  int64_t seq_len = 0;     // L (padded); unused when packed
+  int64_t max_seqlen = 0;  // upper bound on any sequence length (grid size)
+  int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int64_t q_sb = 0, q_st = 0, q_sh = 0;
+  int64_t k_sb = 0, k_st = 0, k_sh = 0;
+  int64_t v_sb = 0, v_st = 0, v_sh = 0;
+  int64_t o_sb = 0, o_st = 0, o_sh = 0;
+  int64_t meta_sb = 0;
+  float scale = 1.f;
+  int dtype = kFloat32;
+};
+
+// Decode attention: q [B, Q, H, D] against caches [B, S, Hkv, D].
+// Key s is visible to query i of sequence b iff
+//   s <= q_pos[b, i]  and  s < kv_len[b]  and  not kv_block[b, s] < q_limit[b, i].
+struct DecodeParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;
+  const int32_t* q_pos = nullptr;    // [B, Q] contiguous
+  const int32_t* q_limit = nullptr;  // [B, Q] contiguous
+  const int32_t* kv_block = nullptr; // [B, kvb_sb] rows, first S entries used
+  const int32_t* kv_len = nullptr;   // [B]
+  int64_t batch = 0, n_q = 0, cache_len = 0;
+  int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int64_t q_sb = 0, q_st = 0, q_sh = 0;
+  int64_t k_sb = 0, k_st = 0, k_sh = 0;
+  int64_t v_sb = 0, v_st = 0, v_sh = 0;
+  int64_t o_sb = 0, o_st = 0, o_sh = 0;
+  int64_t kvb_sb = 0;
+  float scale = 1.f;
+  int dtype = kFloat32;
+  // CUDA split-KV workspace (allocated by the caller):
+  //   o_part [B, n_splits, Q, H, D] fp32, lse_part [B, n_splits, Q, H] fp32.
+  float* o_part = nullptr;
+  float* lse_part = nullptr;
+  int64_t n_splits = 1;
+  int64_t split_size = 0;  // keys per split, a multiple of the kernel's key tile
+};
+
+// ---- CPU paths (csrc/cpu/*.cpp); float32 tensors ----
+void masked_attention_fwd_cpu(const AttnFwdParams& p);
+void decode_attention_cpu(const DecodeParams& p);
+// z [N, C], codebook [K, C] (row strides z_s, cb_s) -> out int64 [N]
+void vq_quantize_cpu(const float* z, int64_t z_s, const float* codebook, int64_t cb_s,
+                     int64_t N, int64_t K, int64_t C, int64_t* out);
+// indices [B, h*w] (int32 or int64) -> out [B, C, h*w]; elements copied bitwise
+void vq_gather_cpu(const void* indices, int index_dtype, const void* codebook, int64_t cb_s,
+                   int elem_size, int64_t B, int64_t HW, int64_t K, int64_t C, void* out);
+// logits[n, v - lo] = hidden[n] . weight[v] for v in [lo, hi); float32
+void range_logits_cpu(const float* hidden, int64_t h_s, const float* weight, int64_t w_s,
+                      int64_t N, int64_t H, int64_t lo, int64_t hi, float* logits);
+// ids[n] = lo + argmax over [lo, hi) (first maximum wins)
+void range_argmax_cpu(const float* hidden, int64_t h_s, const float* weight, int64_t w_s,
+                      int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t* ids);
+
+#ifdef WORLDVLA_WITH_CUDA
+// ---- CUDA launchers (csrc/cuda/*.cu); `stream` is a cudaStream_t ----
+// Each launches asynchronously and throws std::runtime_error if the launch failed.
+void masked_attention_fwd_cuda(const AttnFwdParams& p, void* stream);
+void decode_attention_cuda(const DecodeParams& p, void* stream);
+void vq_quantize_cuda(const void* z, int64_t z_s, const void* codebook, int64_t cb_s, int dtype,
+                      int64_t N, int64_t K, int64_t C, int64_t* out, void* stream);
+void vq_gather_cuda(const void* indices, int index_dtype, const void* codebook, int64_t cb_s,
+                    int elem_size, int64_t B, int64_t HW, int64_t K, int64_t C, void* out, void* stream);
+// workspace: uint64 [N], zeroed by the caller
+void range_argmax_cuda(const void* hidden, int64_t h_s, const void* weight, int64_t w_s, int dtype,
+                       int64_t N, int64_t H, int64_t lo, int64_t hi, unsigned long long* workspace,
+                       int64_t* ids, void* stream);
+void range_logits_cuda(const void* hidden, int64_t h_s, const void* weight, int64_t w_s, int dtype,
+                       int64_t N, int64_t H, int64_t lo, int64_t hi, float* logits, void* stream);
+// Makes `device` current for the calling thread (torch and this module each link
+// their own CUDA runtime; the driver context is shared).
+void set_device_cuda(int device);
+#endif
+
+}  // namespace worldvla

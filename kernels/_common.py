@@ -1,0 +1,72 @@
+"""Pieces shared by the Triton kernels: interpreter detection, launch checks, small helpers."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton reads TRITON_INTERPRET when a @triton.jit function is defined, so the kernels
+# of this package run in the interpreter exactly when it was set at import time.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Larger than any action-block ordinal: the value of kv_block outside action blocks
+# (worldvla.mask.NO_BLOCK) and the neutral element of min-reductions over q_limit.
+BIG = 1 << 30
+
+
+def device_ok(*tensors: torch.Tensor) -> bool:
+    """CUDA tensors, or CPU tensors when the kernels run in Triton's interpreter."""
+    ts = [t for t in tensors if t is not None]
+    if all(t.is_cuda for t in ts):
+        return True
+    return INTERPRET and os.environ.get("TRITON_INTERPRET") == "1" and all(t.device.type == "cpu" for t in ts)
+
+
+def check_device(name: str, *tensors: torch.Tensor) -> None:
+    if not device_ok(*tensors):
+        devs = sorted({str(t.device) for t in tensors if t is not None})
+        raise ValueError(f"{name}: the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
+                         f"set before import); got tensors on {devs}. Move them to one CUDA device or use backend='torch'.")
+    devs = {t.device for t in tensors if t is not None}
+    if len(devs) > 1:
+        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devs))}")
+
+
+def check_dtype(name: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: the Triton kernels take float16, bfloat16 or float32 tensors, got {t.dtype}; "
+                            f"cast the inputs or use backend='torch'")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use full-precision dots (torch's fp32 matmul does not use TF32 by default)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def head_block(d: int) -> int:
+    """Head dims are padded to the next power of two (at least 16, tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@triton.jit
+def load_f32(ptrs, mask, UPCAST: tl.constexpr):
+    """Load, casting to fp32 when UPCAST (always under the interpreter: its bf16 arithmetic is wrong)."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+def store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Buffer dtype a kernel writes for a result of `dtype`: the interpreter's fp32 -> bf16
+    conversion is not round-to-nearest, so there bf16 results are written in fp32 and cast by torch."""
+    return torch.float32 if INTERPRET and dtype == torch.bfloat16 else dtype

@@ -1,0 +1,442 @@
+"""Chunk-masked FlashAttention (forward and backward) in Triton.
+
+The mask is the WorldVLA chunk rule carried by two int32 vectors (worldvla.mask):
+
+    may_attend(i, j) = j <= i  and  same document  and  not kv_block[j] < q_limit[i]
+
+Layouts: padded q, k, v [B, L, H, Dh] with meta tensors [B, L], or packed [T, H, Dh]
+with meta tensors [T] and meta.cu_seqlens marking the documents. K/V may have fewer
+heads than Q (GQA). One program owns a tile of one document's rows for one head, so the
+same-document condition is the program's row/column range.
+
+Tiles fall in three classes, decided from a handful of integers before any dot product:
+  skipped       beyond the diagonal (loop bounds), or max(kv_block) < min(q_limit):
+                every key lies in an earlier action block than every query's block;
+  mask-free     all keys at or before the first query and min(kv_block) >= max(q_limit);
+  partial       the rule is evaluated per element.
+The forward keeps the log-sum-exp (base 2, in units of scale*log2(e)) for the backward,
+which is the FA2 scheme: delta = rowsum(dO * O), one kernel over key tiles for dK/dV
+(looping over the query heads of its KV group, so no atomics) and one over query tiles for dQ.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (BIG, INTERPRET, check_device, check_dtype, dot_precision, head_block,
+                      last_dim_contiguous, load_f32, store_dtype)
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _doc_range(CU, z, L, PACKED: tl.constexpr):
+    """(first token of document z in the flattened meta/lse index, its length)."""
+    if PACKED:
+        start = tl.load(CU + z)
+        seqlen = tl.load(CU + z + 1) - start
+    else:
+        start = z * L
+        seqlen = L
+    return start, seqlen
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, KVB, QL, CU,
+                s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+                L, n_tok, n_heads, group, scale_log2,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PACKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    z = pid_zh // n_heads
+    h = pid_zh % n_heads
+    hk = h // group
+    start, seqlen = _doc_range(CU, z, L, PACKED)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen:
+        return
+    # Padded layouts address batch z by its batch stride; packed ones by the document start.
+    if PACKED:
+        tok0 = start.to(tl.int64)
+        zb = 0
+    else:
+        tok0 = 0
+        zb = z.to(tl.int64)
+    q_base = Q + zb * s_qb + tok0 * s_qt + h * s_qh
+    k_base = K + zb * s_kb + tok0 * s_kt + hk * s_kh
+    v_base = V + zb * s_vb + tok0 * s_vt + hk * s_vh
+    o_base = O + zb * s_ob + tok0 * s_ot + h * s_oh
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < seqlen
+    d_valid = offs_d < HEAD_DIM
+    q = load_f32(q_base + offs_m[:, None] * s_qt + offs_d[None, :], m_valid[:, None] & d_valid[None, :], UPCAST)
+    ql = tl.load(QL + start + offs_m, mask=m_valid, other=-1)
+    ql_max = tl.max(ql, 0)
+    ql_min = tl.min(tl.where(m_valid, ql, BIG), 0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a fully masked row gives alpha = 1, p = 0
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = tl.minimum(seqlen, m0 + BLOCK_M)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < seqlen
+        kvb = tl.load(KVB + start + offs_n, mask=n_valid, other=BIG)
+        kvb_max = tl.max(tl.where(n_valid, kvb, -1), 0)
+        if kvb_max >= ql_min:  # else: every key is in an earlier action block than every query's block
+            kv_mask = n_valid[:, None] & d_valid[None, :]
+            k = load_f32(k_base + offs_n[:, None] * s_kt + offs_d[None, :], kv_mask, UPCAST)
+            v = load_f32(v_base + offs_n[:, None] * s_vt + offs_d[None, :], kv_mask, UPCAST)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+            partial = (n0 + BLOCK_N - 1 > m0) | (n0 + BLOCK_N > seqlen) | (tl.min(kvb, 0) < ql_max)
+            if partial:
+                allowed = (offs_n[None, :] <= offs_m[:, None]) & n_valid[None, :] & (kvb[None, :] >= ql[:, None])
+                s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    tl.store(o_base + offs_m[:, None] * s_ot + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_valid[:, None] & d_valid[None, :])
+    # A row that sees no key gets lse = +inf so that the backward's exp2(s - lse) is 0.
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))
+    tl.store(LSE + h.to(tl.int64) * n_tok + start + offs_m, lse, mask=m_valid)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, CU, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, L, n_tok, n_heads,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PACKED: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    z = pid_zh // n_heads
+    h = pid_zh % n_heads
+    start, seqlen = _doc_range(CU, z, L, PACKED)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen:
+        return
+    if PACKED:
+        tok0 = start.to(tl.int64)
+        zb = 0
+    else:
+        tok0 = 0
+        zb = z.to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = load_f32(O + zb * s_ob + tok0 * s_ot + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :], mask, True)
+    do = load_f32(DO + zb * s_db + tok0 * s_dt + h * s_dh + offs_m[:, None] * s_dt + offs_d[None, :], mask, True)
+    tl.store(DELTA + h.to(tl.int64) * n_tok + start + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KVB, QL, CU,
+                     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
+                     s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh,
+                     L, n_tok, n_kv_heads, group, scale, scale_log2,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PACKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    z = pid_zh // n_kv_heads
+    hk = pid_zh % n_kv_heads
+    start, seqlen = _doc_range(CU, z, L, PACKED)
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen:
+        return
+    if PACKED:
+        tok0 = start.to(tl.int64)
+        zb = 0
+    else:
+        tok0 = 0
+        zb = z.to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < seqlen
+    d_valid = offs_d < HEAD_DIM
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    k = load_f32(K + zb * s_kb + tok0 * s_kt + hk * s_kh + offs_n[:, None] * s_kt + offs_d[None, :], kv_mask, UPCAST)
+    v = load_f32(V + zb * s_vb + tok0 * s_vt + hk * s_vh + offs_n[:, None] * s_vt + offs_d[None, :], kv_mask, UPCAST)
+    kvb = tl.load(KVB + start + offs_n, mask=n_valid, other=BIG)
+    kvb_max = tl.max(tl.where(n_valid, kvb, -1), 0)
+    kvb_min = tl.min(kvb, 0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    m_lo = (n0 // BLOCK_M) * BLOCK_M
+    for g in range(0, group):
+        h = hk * group + g
+        q_base = Q + zb * s_qb + tok0 * s_qt + h * s_qh
+        do_base = DO + zb * s_db + tok0 * s_dt + h * s_dh
+        row_base = h.to(tl.int64) * n_tok + start
+        for m0 in range(m_lo, seqlen, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_valid = offs_m < seqlen
+            ql = tl.load(QL + start + offs_m, mask=m_valid, other=-1)
+            if kvb_max >= tl.min(tl.where(m_valid, ql, BIG), 0):
+                q_mask = m_valid[:, None] & d_valid[None, :]
+                q = load_f32(q_base + offs_m[:, None] * s_qt + offs_d[None, :], q_mask, UPCAST)
+                do = load_f32(do_base + offs_m[:, None] * s_dt + offs_d[None, :], q_mask, UPCAST)
+                # Rows past the document end: lse = +inf and delta = 0 make their p and ds vanish.
+                lse = tl.load(LSE + row_base + offs_m, mask=m_valid, other=float("inf"))
+                delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
+                s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
+                p_t = tl.exp2(s_t - lse[None, :])
+                partial = (n0 + BLOCK_N - 1 > m0) | (n0 + BLOCK_N > seqlen) | (kvb_min < tl.max(ql, 0))
+                if partial:
+                    allowed = (offs_n[:, None] <= offs_m[None, :]) & n_valid[:, None] & (kvb[:, None] >= ql[None, :])
+                    p_t = tl.where(allowed, p_t, 0.0)
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    dk = dk * scale
+    tl.store(DK + zb * s_dkb + tok0 * s_dkt + hk * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + zb * s_dvb + tok0 * s_dvt + hk * s_dvh + offs_n[:, None] * s_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KVB, QL, CU,
+                   s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh, s_dqb, s_dqt, s_dqh,
+                   L, n_tok, n_heads, group, scale, scale_log2,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PACKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    z = pid_zh // n_heads
+    h = pid_zh % n_heads
+    hk = h // group
+    start, seqlen = _doc_range(CU, z, L, PACKED)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen:
+        return
+    if PACKED:
+        tok0 = start.to(tl.int64)
+        zb = 0
+    else:
+        tok0 = 0
+        zb = z.to(tl.int64)
+    k_base = K + zb * s_kb + tok0 * s_kt + hk * s_kh
+    v_base = V + zb * s_vb + tok0 * s_vt + hk * s_vh
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < seqlen
+    d_valid = offs_d < HEAD_DIM
+    q_mask = m_valid[:, None] & d_valid[None, :]
+    q = load_f32(Q + zb * s_qb + tok0 * s_qt + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :], q_mask, UPCAST)
+    do = load_f32(DO + zb * s_db + tok0 * s_dt + h * s_dh + offs_m[:, None] * s_dt + offs_d[None, :], q_mask, UPCAST)
+    row_base = h.to(tl.int64) * n_tok + start
+    lse = tl.load(LSE + row_base + offs_m, mask=m_valid, other=float("inf"))
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
+    ql = tl.load(QL + start + offs_m, mask=m_valid, other=-1)
+    ql_max = tl.max(ql, 0)
+    ql_min = tl.min(tl.where(m_valid, ql, BIG), 0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = tl.minimum(seqlen, m0 + BLOCK_M)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < seqlen
+        kvb = tl.load(KVB + start + offs_n, mask=n_valid, other=BIG)
+        if tl.max(tl.where(n_valid, kvb, -1), 0) >= ql_min:
+            kv_mask = n_valid[:, None] & d_valid[None, :]
+            k = load_f32(k_base + offs_n[:, None] * s_kt + offs_d[None, :], kv_mask, UPCAST)
+            v = load_f32(v_base + offs_n[:, None] * s_vt + offs_d[None, :], kv_mask, UPCAST)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+            p = tl.exp2(s - lse[:, None])
+            partial = (n0 + BLOCK_N - 1 > m0) | (n0 + BLOCK_N > seqlen) | (tl.min(kvb, 0) < ql_max)
+            if partial:
+                allowed = (offs_n[None, :] <= offs_m[:, None]) & n_valid[None, :] & (kvb[None, :] >= ql[:, None])
+                p = tl.where(allowed, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    dq = dq * scale
+    tl.store(DQ + zb * s_dqb + tok0 * s_dqt + h * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# --------------------------------------------------------------------------- launch helpers
+def _strides(x: torch.Tensor, packed: bool):
+    """(batch, token, head) strides; packed tensors have no batch stride."""
+    return (0, x.stride(0), x.stride(1)) if packed else (x.stride(0), x.stride(1), x.stride(2))
+
+
+class _Problem:
+    """Shapes, metadata and launch constants shared by the forward and the backward."""
+
+    def __init__(self, q, k, v, meta, softmax_scale, block_m, block_n):
+        if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+            raise ValueError(f"q, k, v must all be [B, L, H, Dh] or [T, H, Dh]; got {tuple(q.shape)}, "
+                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[:-2] != k.shape[:-2]:
+            raise ValueError(f"k and v must match and share q's tokens and head dim; got {tuple(q.shape)}, "
+                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        if q.shape[-2] % k.shape[-2]:
+            raise ValueError(f"kv heads ({k.shape[-2]}) must divide q heads ({q.shape[-2]})")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        check_dtype("masked_attention", q)
+        check_device("masked_attention", q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens)
+        self.packed = q.dim() == 3
+        if self.packed != meta.packed:
+            raise ValueError("packed q/k/v [T, H, Dh] need meta.cu_seqlens, padded [B, L, H, Dh] need meta without it; "
+                             "build the metadata with chunk_mask_meta(..., cu_seqlens=...) accordingly")
+        if tuple(meta.kv_block.shape) != tuple(q.shape[:-2]) or tuple(meta.q_limit.shape) != tuple(q.shape[:-2]):
+            raise ValueError(f"meta covers tokens {tuple(meta.kv_block.shape)} but q has {tuple(q.shape[:-2])}")
+        self.head_dim = q.shape[-1]
+        if self.head_dim > 256:
+            raise ValueError(f"head dim {self.head_dim} is larger than the Triton kernel's 256")
+        self.n_heads, self.n_kv_heads = q.shape[-2], k.shape[-2]
+        self.kv_block = meta.kv_block.to(torch.int32).contiguous()
+        self.q_limit = meta.q_limit.to(torch.int32).contiguous()
+        if self.packed:
+            self.cu = meta.cu_seqlens.to(torch.int32).contiguous()
+            self.n_docs = self.cu.numel() - 1
+            self.n_tok = q.shape[0]
+            self.L = 0
+            self.max_seqlen = int(meta.max_seqlen)
+            if self.max_seqlen <= 0 or not self.cu.is_cuda:
+                lens = self.cu[1:] - self.cu[:-1]
+                true_max = int(lens.max()) if lens.numel() else 0
+                if self.max_seqlen > 0 and self.max_seqlen < true_max:
+                    raise ValueError(f"meta.max_seqlen={self.max_seqlen} is smaller than the longest document "
+                                     f"({true_max}); rebuild the metadata")
+                self.max_seqlen = max(self.max_seqlen, true_max)
+        else:
+            self.cu = self.kv_block  # unused placeholder pointer
+            self.n_docs, self.L = q.shape[0], q.shape[1]
+            self.n_tok = self.n_docs * self.L
+            self.max_seqlen = self.L
+        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.block_d = head_block(self.head_dim)
+        self.dot_prec = dot_precision(q.dtype)
+        self.upcast = INTERPRET
+        if INTERPRET:
+            # The interpreter's cost grows with the number of programs and block ops: few, wide tiles.
+            self.fwd_cfg = dict(BLOCK_M=block_m or 64, BLOCK_N=block_n or 64)
+            self.bwd_cfg = dict(BLOCK_M=block_m or 64, BLOCK_N=block_n or 64)
+            self.warps = {}
+        else:
+            big_d = self.block_d > 64
+            self.fwd_cfg = dict(BLOCK_M=block_m or 128, BLOCK_N=block_n or 64)
+            self.bwd_cfg = dict(BLOCK_M=block_m or 64, BLOCK_N=block_n or 64)
+            self.warps = dict(num_warps=8 if big_d else 4, num_stages=2 if self.block_d > 128 else 3)
+        for cfg in (self.fwd_cfg, self.bwd_cfg):
+            for name, b in cfg.items():
+                if b < 16 or b & (b - 1):
+                    raise ValueError(f"{name}={b} must be a power of two >= 16")
+
+    def consts(self):
+        return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, PACKED=self.packed)
+
+
+def attention_forward(q, k, v, meta, softmax_scale=None, block_m=None, block_n=None):
+    """Returns (out like q, lse [H, n_tok] fp32 natural-log log-sum-exp, problem)."""
+    pb = _Problem(q, k, v, meta, softmax_scale, block_m, block_n)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    out = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
+    lse2 = torch.empty((pb.n_heads, pb.n_tok), dtype=torch.float32, device=q.device)
+    if pb.n_tok and pb.max_seqlen:
+        bm = pb.fwd_cfg["BLOCK_M"]
+        grid = (triton.cdiv(pb.max_seqlen, bm), pb.n_docs * pb.n_heads)
+        _fwd_kernel[grid](q, k, v, out, lse2, pb.kv_block, pb.q_limit, pb.cu,
+                          *_strides(q, pb.packed), *_strides(k, pb.packed), *_strides(v, pb.packed),
+                          *_strides(out, pb.packed),
+                          pb.L, pb.n_tok, pb.n_heads, pb.n_heads // pb.n_kv_heads, pb.scale * LOG2E,
+                          **pb.consts(), **pb.fwd_cfg, UPCAST=pb.upcast, DOT_PREC=pb.dot_prec, **pb.warps)
+    return out.to(q.dtype), lse2, pb
+
+
+def attention_backward(do, q, k, v, out, lse2, pb: _Problem):
+    do = last_dim_contiguous(do)
+    dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
+    dk = torch.empty(k.shape, dtype=store_dtype(k.dtype), device=q.device)
+    dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)
+    if not (pb.n_tok and pb.max_seqlen):
+        return dq.zero_().to(q.dtype), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
+    bm, bn = pb.bwd_cfg["BLOCK_M"], pb.bwd_cfg["BLOCK_N"]
+    group = pb.n_heads // pb.n_kv_heads
+    delta = torch.empty_like(lse2)
+    _bwd_delta_kernel[(triton.cdiv(pb.max_seqlen, bm), pb.n_docs * pb.n_heads)](
+        out, do, delta, pb.cu, *_strides(out, pb.packed), *_strides(do, pb.packed), pb.L, pb.n_tok, pb.n_heads,
+        HEAD_DIM=pb.head_dim, BLOCK_D=pb.block_d, BLOCK_M=bm, PACKED=pb.packed)
+    common = dict(**pb.consts(), **pb.bwd_cfg, UPCAST=pb.upcast, DOT_PREC=pb.dot_prec, **pb.warps)
+    _bwd_dkdv_kernel[(triton.cdiv(pb.max_seqlen, bn), pb.n_docs * pb.n_kv_heads)](
+        q, k, v, do, lse2, delta, dk, dv, pb.kv_block, pb.q_limit, pb.cu,
+        *_strides(q, pb.packed), *_strides(k, pb.packed), *_strides(v, pb.packed), *_strides(do, pb.packed),
+        *_strides(dk, pb.packed), *_strides(dv, pb.packed),
+        pb.L, pb.n_tok, pb.n_kv_heads, group, pb.scale, pb.scale * LOG2E, **common)
+    _bwd_dq_kernel[(triton.cdiv(pb.max_seqlen, bm), pb.n_docs * pb.n_heads)](
+        q, k, v, do, lse2, delta, dq, pb.kv_block, pb.q_limit, pb.cu,
+        *_strides(q, pb.packed), *_strides(k, pb.packed), *_strides(v, pb.packed), *_strides(do, pb.packed),
+        *_strides(dq, pb.packed),
+        pb.L, pb.n_tok, pb.n_heads, group, pb.scale, pb.scale * LOG2E, **common)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class ChunkAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, meta, softmax_scale, block_m, block_n):
+        out, lse2, pb = attention_forward(q, k, v, meta, softmax_scale, block_m, block_n)
+        ctx.save_for_backward(q, k, v, out, lse2)
+        ctx.pb = pb
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse2 = ctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, out, lse2, ctx.pb)
+        return dq, dk, dv, None, None, None, None
+
+
+def chunk_attention(q, k, v, meta, softmax_scale=None, block_m=None, block_n=None):
+    """Chunk-masked attention (differentiable). Same contract as worldvla.ops.masked_attention."""
+    return ChunkAttention.apply(q, k, v, meta, softmax_scale, block_m, block_n)
+
+
+def chunk_attention_with_lse(q, k, v, meta, softmax_scale=None, block_m=None, block_n=None):
+    """Forward only: (out, lse) with lse [B, L, H] (padded) or [T, H] (packed), natural log, +inf for empty rows."""
+    out, lse2, pb = attention_forward(q, k, v, meta, softmax_scale, block_m, block_n)
+    lse = (lse2 * LN2).t()
+    return out, (lse if pb.packed else lse.reshape(pb.n_docs, pb.L, pb.n_heads))
+
+
+def tile_classes(meta, block_m: int, block_n: int) -> dict:
+    """How many (query tile, key tile) pairs of the forward fall in each class (for tests and tuning)."""
+    kvb, ql = meta.kv_block.long().cpu(), meta.q_limit.long().cpu()
+    if meta.packed:
+        cu = meta.cu_seqlens.long().cpu().tolist()
+        docs = [(kvb[a:b], ql[a:b]) for a, b in zip(cu[:-1], cu[1:])]
+    else:
+        docs = list(zip(kvb.reshape(-1, kvb.shape[-1]), ql.reshape(-1, ql.shape[-1])))
+    counts = {"skipped_causal": 0, "skipped_block": 0, "mask_free": 0, "partial": 0}
+    for kv, q in docs:
+        n = kv.numel()
+        for m0 in range(0, n, block_m):
+            qt = q[m0:m0 + block_m]
+            for n0 in range(0, n, block_n):
+                kt = kv[n0:n0 + block_n]
+                if n0 >= min(n, m0 + block_m):
+                    counts["skipped_causal"] += 1
+                elif int(kt.max()) < int(qt.min()):
+                    counts["skipped_block"] += 1
+                elif n0 + block_n - 1 <= m0 and n0 + block_n <= n and int(kt.min()) >= int(qt.max()):
+                    counts["mask_free"] += 1
+                else:
+                    counts["partial"] += 1
+    return counts

@@ -1,0 +1,52 @@
+"""`worldvla` command line. Each subcommand lives in its own module, which provides
+`add_arguments(parser)` and `run(args)`; modules are imported only when needed."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "collect": ("worldvla.data.collect", "collect Meta-World demonstrations with scripted experts into HDF5"),
+    "pretokenize": ("worldvla.data.store", "tokenize HDF5 demonstrations into a sharded token store"),
+    "train-vq": ("worldvla.train.vq", "train the VQGAN image tokenizer on demonstration frames"),
+    "train": ("worldvla.train.trainer", "train WorldVLA (single process or torchrun + FSDP2)"),
+    "eval": ("worldvla.eval.metaworld", "closed-loop success rates and world-model metrics on Meta-World"),
+    "eval-libero": ("worldvla.eval.libero", "LIBERO evaluation following the release's protocol"),
+    "demo": ("worldvla.demo", "the whole chain on Meta-World: collect, train, evaluate (CPU, ~15 min)"),
+    "serve": ("worldvla.serve", "serve a policy to robots over WebSocket + msgpack"),
+    "bench": ("worldvla.bench", "run benchmarks and write benchmarks/results/*.json"),
+}
+
+
+def build_parser(load_all: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="worldvla", description="WorldVLA: an autoregressive action world model.")
+    parser.add_argument("--version", action="version", version=f"worldvla {importlib.import_module('worldvla').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if load_all:
+            try:
+                importlib.import_module(module).add_arguments(p)
+            except ImportError as e:
+                p.set_defaults(_unavailable=str(e))
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if getattr(args, "_unavailable", None):
+        print(f"worldvla {args.command}: unavailable here: {args._unavailable}", file=sys.stderr)
+        return 2
+    rc = importlib.import_module(args._module).run(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Demonstrations in the LIBERO / robomimic HDF5 layout.
+
+    data                      attrs: instruction, num_demos, total, upright, [problem_info (LIBERO)]
+      demo_0                  attrs: instruction, success, num_samples
+        obs/<camera>_rgb      uint8 [T, H, W, 3]
+        actions               float32 [T, D]
+        dones                 uint8 [T]   (1 on the last step)
+      demo_1 ...
+
+Frame t is what the camera saw before action t was taken. LIBERO files keep the
+instruction only in `data.attrs["problem_info"]` (JSON, key "language_instruction")
+and robomimic files name cameras `<camera>_image`; both are read as well.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+
+
+class DemoFormatError(ValueError):
+    """An HDF5 file that does not follow the LIBERO / robomimic demo layout."""
+
+
+@dataclass
+class Demo:
+    frames: np.ndarray  # uint8 [T, H, W, 3], upright
+    actions: np.ndarray  # float32 [T, D]
+    instruction: str
+    success: bool = True
+    name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError as e:
+        raise ImportError("reading and writing demonstrations needs h5py: pip install h5py") from e
+    return h5py
+
+
+def _as_str(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray) and value.shape == ():
+        return _as_str(value.item())
+    return str(value)
+
+
+def _check_demo(i: int, frames, actions) -> tuple[np.ndarray, np.ndarray]:
+    frames = np.asarray(frames)
+    actions = np.asarray(actions)
+    if frames.dtype != np.uint8:
+        raise ValueError(f"demo {i}: frames must be uint8 [T, H, W, 3], got dtype {frames.dtype}; "
+                         "convert with np.clip(x, 0, 255).astype(np.uint8)")
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"demo {i}: frames must have shape [T, H, W, 3], got {frames.shape}")
+    if actions.ndim != 2:
+        raise ValueError(f"demo {i}: actions must have shape [T, D], got {actions.shape}")
+    if len(frames) != len(actions) or len(actions) == 0:
+        raise ValueError(f"demo {i}: need one frame per action and at least one step, "
+                         f"got {len(frames)} frames and {len(actions)} actions")
+    if not np.all(np.isfinite(actions)):
+        raise ValueError(f"demo {i}: actions contain NaN or inf")
+    return frames, actions.astype(np.float32, copy=False)
+
+
+def _unpack(i: int, demo) -> tuple[np.ndarray, np.ndarray, str | None, bool]:
+    if isinstance(demo, Demo):
+        return demo.frames, demo.actions, demo.instruction or None, bool(demo.success)
+    if isinstance(demo, Mapping):
+        missing = {"frames", "actions"} - set(demo)
+        if missing:
+            raise ValueError(f"demo {i}: a mapping demo needs keys 'frames' and 'actions', missing {sorted(missing)}")
+        return demo["frames"], demo["actions"], demo.get("instruction"), bool(demo.get("success", True))
+    raise TypeError(f"demo {i}: expected a Demo or a mapping with 'frames' and 'actions', got {type(demo).__name__}")
+
+
+def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentview",
+                compression: str | None = "gzip", attrs: Mapping | None = None) -> Path:
+    """Write `demos` (Demo objects or mappings with frames/actions[/success/instruction])
+    to `path` atomically: the file appears complete or not at all.
+
+    `instruction` goes into `data.attrs` and into every demo that has none of its own.
+    `attrs` adds extra attributes on the `data` group (for example the collection settings).
+    """
+    h5py = _h5py()
+    if not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
+    if not camera or "/" in camera:
+        raise ValueError(f"camera must be a plain name like 'agentview', got {camera!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    total = 0
+    try:
+        with h5py.File(tmp, "w") as f:
+            data = f.create_group("data")
+            n = 0
+            for i, demo in enumerate(demos):
+                frames, actions, demo_instruction, success = _unpack(i, demo)
+                frames, actions = _check_demo(i, frames, actions)
+                g = data.create_group(f"demo_{i}")
+                t, h, w, _ = frames.shape
+                g.create_dataset(f"obs/{camera}_rgb", data=frames, chunks=(min(t, 16), h, w, 3),
+                                 compression=compression)
+                g.create_dataset("actions", data=actions)
+                dones = np.zeros(t, dtype=np.uint8)
+                dones[-1] = 1
+                g.create_dataset("dones", data=dones)
+                g.attrs["instruction"] = demo_instruction if demo_instruction is not None else instruction
+                g.attrs["success"] = success
+                g.attrs["num_samples"] = t
+                total += t
+                n = i + 1
+            data.attrs["instruction"] = instruction
+            data.attrs["num_demos"] = n
+            data.attrs["total"] = total
+            data.attrs["camera"] = camera
+            data.attrs["upright"] = True
+            for k, v in (attrs or {}).items():
+                data.attrs[k] = v
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _demo_names(data) -> list[str]:
+    names = [k for k in data.keys() if re.fullmatch(r"demo_\d+", k)]
+    return sorted(names, key=lambda k: int(k.split("_")[1]))
+
+
+def _open_data(f, path):
+    if "data" not in f:
+        raise DemoFormatError(f"{path}: no 'data' group, so this is not a LIBERO/robomimic demo file "
+                              f"(top-level keys: {sorted(f.keys())})")
+    return f["data"]
+
+
+def _file_instruction(data) -> str:
+    if "instruction" in data.attrs:
+        return _as_str(data.attrs["instruction"])
+    if "problem_info" in data.attrs:
+        try:
+            info = json.loads(_as_str(data.attrs["problem_info"]))
+        except json.JSONDecodeError as e:
+            raise DemoFormatError(f"data.attrs['problem_info'] is not valid JSON: {e}") from e
+        lang = info.get("language_instruction", "")
+        return " ".join(lang) if isinstance(lang, (list, tuple)) else _as_str(lang)
+    return ""
+
+
+def _frame_key(obs, camera: str | None, where: str) -> str:
+    keys = list(obs.keys())
+    if camera is not None:
+        for key in (f"{camera}_rgb", f"{camera}_image", camera):
+            if key in obs:
+                return key
+        raise DemoFormatError(f"{where}: no frames for camera {camera!r}; obs keys: {sorted(keys)}")
+    for key in ("agentview_rgb", "agentview_image"):
+        if key in obs:
+            return key
+    cams = sorted(k for k in keys if k.endswith(("_rgb", "_image")))
+    if not cams:
+        raise DemoFormatError(f"{where}: no camera frames (keys ending in _rgb or _image); obs keys: {sorted(keys)}")
+    return cams[0]
+
+
+def _read_one(data, name: str, camera: str | None, default_instruction: str, rotate: bool, path) -> Demo:
+    g = data[name]
+    where = f"{path}:data/{name}"
+    if "obs" not in g:
+        raise DemoFormatError(f"{where}: missing the 'obs' group (keys: {sorted(g.keys())})")
+    if "actions" not in g:
+        raise DemoFormatError(f"{where}: missing the 'actions' dataset (keys: {sorted(g.keys())})")
+    frames = np.asarray(g["obs"][_frame_key(g["obs"], camera, where)][()])
+    actions = np.asarray(g["actions"][()], dtype=np.float32)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise DemoFormatError(f"{where}: frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    if len(frames) != len(actions):
+        raise DemoFormatError(f"{where}: {len(frames)} frames but {len(actions)} actions")
+    if rotate:
+        frames = np.ascontiguousarray(frames[:, ::-1, ::-1])
+    instruction = _as_str(g.attrs["instruction"]) if "instruction" in g.attrs else default_instruction
+    if "success" in g.attrs:
+        success = bool(g.attrs["success"])
+    elif "dones" in g:  # LIBERO keeps only successful replays, their last done flag set
+        success = bool(np.asarray(g["dones"][()])[-1])
+    else:
+        success = True
+    return Demo(frames=frames, actions=actions, instruction=instruction, success=success, name=name)
+
+
+def _should_rotate(data, rotate_180: bool | None) -> bool:
+    if rotate_180 is not None:
+        return bool(rotate_180)
+    # LIBERO renders its agentview camera upside down and stores it that way; the
+    # WorldVLA release rotates every frame by 180 degrees before use. Files this
+    # module writes are marked upright.
+    return "problem_info" in data.attrs and not bool(data.attrs.get("upright", False))
+
+
+def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None) -> Iterator[Demo]:
+    """Yield the demos of `path` one at a time (only one demo's frames in memory).
+
+    camera: which `obs/<camera>_rgb` (or `_image`) to read; None picks agentview or the first camera.
+    rotate_180: None rotates raw LIBERO files upright and leaves other files alone.
+    """
+    h5py = _h5py()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no demo file at {path}")
+    with h5py.File(path, "r") as f:
+        data = _open_data(f, path)
+        instruction = _file_instruction(data)
+        rotate = _should_rotate(data, rotate_180)
+        for name in _demo_names(data):
+            yield _read_one(data, name, camera, instruction, rotate, path)
+
+
+def read_demos(path, camera: str | None = None, rotate_180: bool | None = None) -> list[Demo]:
+    """All demos of `path` as a list (see `iter_demos`)."""
+    return list(iter_demos(path, camera=camera, rotate_180=rotate_180))
+
+
+def demo_file_info(path) -> dict:
+    """Cheap summary of a demo file without reading frames: number of demos, steps,
+    instruction and the `data` attributes. Raises like `read_demos` on a bad layout."""
+    h5py = _h5py()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no demo file at {path}")
+    with h5py.File(path, "r") as f:
+        data = _open_data(f, path)
+        names = _demo_names(data)
+        steps = [int(data[n]["actions"].shape[0]) if "actions" in data[n] else 0 for n in names]
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in data.attrs.items()}
+        return {"num_demos": len(names), "steps": steps, "instruction": _file_instruction(data), "attrs": attrs}
