@@ -246,7 +246,9 @@ class WorldVLA(nn.Module):
         cfg = self.config
         if input_ids.dtype.is_floating_point:
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+        # The cached (decode) path skips the range check: it would synchronize the host on every step and
+        # break CUDA-graph capture; the engine validates prompts once before prefill.
+        if cache is None and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
             raise ValueError(f"token ids out of range [{int(input_ids.min())}, {int(input_ids.max())}] for a "
                              f"vocabulary of {cfg.vocab_size}")
         if cache is None:

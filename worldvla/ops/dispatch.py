@@ -42,6 +42,13 @@ def available(op: str) -> list[str]:
     return sorted(_IMPLS.get(op, {}))
 
 
+def supports(op: str, backend: str, *args, **kwargs) -> bool:
+    """Whether `backend` has `op` and accepts these inputs."""
+    _load_backends()
+    impl = _IMPLS.get(op, {}).get(backend)
+    return impl is not None and bool(impl[1](*args, **kwargs))
+
+
 def resolve(op: str, backend: str, device_type: str, *args, **kwargs) -> Callable:
     _load_backends()
     impls = _IMPLS.get(op)

@@ -1,0 +1,1 @@
+"""worldvla benchmarks (shipped as `worldvla.benchmarks`; run with `worldvla bench`)."""

@@ -1,0 +1,59 @@
+"""Fused linear cross-entropy vs the naive path (fp32 logits for every labelled row, then weighted CE +
+z-loss): time and peak memory of forward + backward."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from worldvla import ops
+from worldvla.ops.cross_entropy import linear_cross_entropy_ref
+
+from .common import peak_memory, print_table, time_fn, write_results
+
+
+def run(quick=False, device=None, out_dir="benchmarks/results"):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    # (labelled tokens, hidden, vocab): 7B head over the full 65,536 vocabulary; a small config on CPU.
+    cases = [(8192, 4096, 65536), (16384, 4096, 65536)] if on_gpu else [(512 if not quick else 128, 256, 8192)]
+    rows = []
+    for N, Hd, V in cases:
+        h = (torch.randn(N, Hd, device=device, dtype=dtype) * 0.5).requires_grad_()
+        w = (torch.randn(V, Hd, device=device, dtype=dtype) * 0.02).requires_grad_()
+        y = torch.randint(0, V, (N,), device=device)
+        cw = torch.ones(V, device=device)
+        cw[4:8196] = 0.04
+        impls = {"naive": lambda: linear_cross_entropy_ref(h, w, y, cw, 1e-5)}
+        for b in ops.dispatch.available("linear_cross_entropy"):
+            if b != "torch" and ops.dispatch.supports("linear_cross_entropy", b, h, w, y, cw, 1e-5, -100):
+                impls[f"worldvla-{b}"] = lambda b=b: ops.linear_cross_entropy(h, w, y, cw, 1e-5, backend=b)
+        base_t = base_m = None
+        for name, fn in impls.items():
+            def step():
+                loss, _ = fn()
+                torch.autograd.grad(loss, (h, w))
+            t = time_fn(step, device=device, warmup=1 if quick else 3, repeats=3 if quick else 20)
+            mem = peak_memory(step, device)
+            if name == "naive":
+                base_t, base_m = t["median_ms"], mem
+            rows.append({"N": N, "hidden": Hd, "vocab": V, "impl": name, **t, "peak_bytes": mem,
+                         "time_vs_naive": t["median_ms"] / base_t,
+                         "memory_vs_naive": (mem / base_m) if (mem and base_m) else None})
+    print_table(rows, ["N", "hidden", "vocab", "impl", "median_ms", "time_vs_naive", "peak_bytes", "memory_vs_naive"])
+    return write_results("linear_cross_entropy", rows, device, out_dir, extra={"dtype": str(dtype)},
+                         plot=("N", "median_ms", "impl"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device")
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args(argv)
+    run(a.quick, a.device, a.out)
+
+
+if __name__ == "__main__":
+    main()

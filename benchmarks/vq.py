@@ -1,0 +1,60 @@
+"""VQ nearest-code search: worldvla backends vs torch.cdist + argmin (the usual PyTorch path).
+
+Work: N*K*C multiply-adds for the distances; bytes: z (N*C) + codebook (K*C) read once, N int64 written.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from worldvla import ops
+
+from .common import print_table, time_fn, write_results
+
+
+def cdist_argmin(z, codebook):
+    return torch.cdist(z.float(), codebook.float()).argmin(dim=1)
+
+
+def run(quick=False, device=None, out_dir="benchmarks/results"):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    # 256 px frames -> 16x16 codes; a batch of frames; the release's 8192 x 256 codebook.
+    cases = [(2 * 256, 8192, 256), (64 * 256, 8192, 256), (16 * 1024, 8192, 256)] if on_gpu else \
+        [(256, 8192 if not quick else 2048, 256)]
+    rows = []
+    for N, K, C in cases:
+        z = torch.randn(N, C, device=device)
+        cb = torch.randn(K, C, device=device)
+        impls = {"cdist+argmin": cdist_argmin}
+        for b in ops.dispatch.available("vq_quantize"):
+            if ops.dispatch.supports("vq_quantize", b, z, cb):
+                impls[f"worldvla-{b}"] = lambda z, cb, b=b: ops.vq_quantize(z, cb, backend=b)
+        ref = cdist_argmin(z, cb)
+        base = None
+        for name, fn in impls.items():
+            agree = float((fn(z, cb) == ref).float().mean())
+            t = time_fn(lambda: fn(z, cb), device=device, warmup=2 if quick else 5, repeats=5 if quick else 50)
+            if name == "cdist+argmin":
+                base = t["median_ms"]
+            rows.append({"N": N, "K": K, "C": C, "impl": name, **t, "argmin_agreement": agree,
+                         "tflops": 2 * N * K * C / (t["median_ms"] * 1e-3) / 1e12})
+        for r in rows:
+            if r["N"] == N and r["K"] == K:
+                r["speedup_vs_cdist"] = base / r["median_ms"]
+    print_table(rows, ["N", "K", "C", "impl", "median_ms", "tflops", "speedup_vs_cdist", "argmin_agreement"])
+    return write_results("vq_quantize", rows, device, out_dir, plot=("N", "speedup_vs_cdist", "impl"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device")
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args(argv)
+    run(a.quick, a.device, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+// VQ nearest-code search (fused distance + argmin) and codebook gather.
+//
+// vq_quantize: a CTA owns 64 rows of z and sweeps the whole codebook in 64-code
+// tiles; each thread accumulates a 4x4 block of dot products (and the norms of
+// its 4 codes) over C in fp32, keeps its best code per row, and the 16 threads
+// sharing a row reduce with the lower index winning ties. The [N, K] distance
+// matrix never exists.
+#include <cfloat>
+
+#include "cuda_common.cuh"
+
+namespace worldvla {
+namespace {
+
+constexpr int kVqBM = 64, kVqBN = 64, kVqBK = 16, kVqThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kVqThreads)
+    vq_quantize_kernel(const T* __restrict__ z, int64_t z_s, const T* __restrict__ cb, int64_t cb_s, int N,
+                       int K, int C, int64_t* __restrict__ out) {
+  __shared__ float zs[kVqBK][kVqBM + 4];
+  __shared__ float es[kVqBK][kVqBN + 4];
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int m0 = blockIdx.x * kVqBM;
+
+  float best[4];
+  int arg[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    best[i] = FLT_MAX;
+    arg[i] = 0;
+  }
+
+  for (int n0 = 0; n0 < K; n0 += kVqBN) {
+    float acc[4][4], en[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      en[j] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i][j] = 0.f;
+    }
+    for (int k0 = 0; k0 < C; k0 += kVqBK) {
+#pragma unroll
+      for (int e = tid; e < kVqBM * kVqBK; e += kVqThreads) {
+        const int row = e / kVqBK, col = e % kVqBK, gm = m0 + row, gc = n0 + row, gk = k0 + col;
+        zs[col][row] = (gm < N && gk < C) ? to_float<T>(z[gm * z_s + gk]) : 0.f;
+        es[col][row] = (gc < K && gk < C) ? to_float<T>(cb[gc * cb_s + gk]) : 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kVqBK; ++kk) {
+        float a[4], bv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = zs[kk][ty * 4 + i];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          bv[j] = es[kk][tx + 16 * j];
+          en[j] = fmaf(bv[j], bv[j], en[j]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], bv[j], acc[i][j]);
+      }
+      __syncthreads();
+    }
+    // Codes are visited in increasing order per thread, so a strict '<' keeps the first minimum.
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int code = n0 + tx + 16 * j;
+      if (code >= K) continue;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float d = en[j] - 2.f * acc[i][j];
+        if (d < best[i]) {
+          best[i] = d;
+          arg[i] = code;
+        }
+      }
+    }
+  }
+
+  // The 16 threads of one ty are 16 consecutive lanes of a warp.
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float b = best[i];
+    int a = arg[i];
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, b, o);
+      const int oa = __shfl_xor_sync(0xffffffffu, a, o);
+      if (ob < b || (ob == b && oa < a)) {
+        b = ob;
+        a = oa;
+      }
+    }
+    const int row = m0 + ty * 4 + i;
+    if (tx == 0 && row < N) out[row] = a;
+  }
+}
+
+template <typename E, typename I>
+__global__ void vq_gather_kernel(const I* __restrict__ idx, const E* __restrict__ cb, int64_t cb_s, int64_t B,
+                                 int64_t HW, int64_t K, int64_t C, E* __restrict__ out) {
+  // One thread per output element, consecutive threads along h*w: coalesced writes,
+  // codebook reads hit the cache (the codebook is small).
+  const int64_t total = B * C * HW;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t x = e % HW, c = (e / HW) % C, b = e / (HW * C);
+    const int64_t code = static_cast<int64_t>(idx[b * HW + x]);
+    out[e] = (code >= 0 && code < K) ? cb[code * cb_s + c] : E(0);
+  }
+}
+
+template <typename E>
+void launch_gather(const void* idx, int index_dtype, const void* cb, int64_t cb_s, int64_t B, int64_t HW,
+                   int64_t K, int64_t C, void* out, cudaStream_t s) {
+  const int64_t total = B * C * HW;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 65535));
+  if (index_dtype == kInt64)
+    vq_gather_kernel<E, int64_t><<<blocks, 256, 0, s>>>(static_cast<const int64_t*>(idx), static_cast<const E*>(cb),
+                                                        cb_s, B, HW, K, C, static_cast<E*>(out));
+  else if (index_dtype == kInt32)
+    vq_gather_kernel<E, int32_t><<<blocks, 256, 0, s>>>(static_cast<const int32_t*>(idx), static_cast<const E*>(cb),
+                                                        cb_s, B, HW, K, C, static_cast<E*>(out));
+  else
+    throw std::invalid_argument("vq_gather (CUDA): indices must be int32 or int64");
+}
+
+}  // namespace
+
+void vq_quantize_cuda(const void* z, int64_t z_s, const void* codebook, int64_t cb_s, int dtype, int64_t N,
+                      int64_t K, int64_t C, int64_t* out, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (N == 0) return;
+  const unsigned blocks = static_cast<unsigned>((N + kVqBM - 1) / kVqBM);
+  const int n = static_cast<int>(N), k = static_cast<int>(K), c = static_cast<int>(C);
+  switch (dtype) {
+    case kFloat32:
+      vq_quantize_kernel<float><<<blocks, kVqThreads, 0, s>>>(static_cast<const float*>(z), z_s,
+                                                              static_cast<const float*>(codebook), cb_s, n, k, c, out);
+      break;
+    case kFloat16:
+      vq_quantize_kernel<__half><<<blocks, kVqThreads, 0, s>>>(static_cast<const __half*>(z), z_s,
+                                                               static_cast<const __half*>(codebook), cb_s, n, k, c, out);
+      break;
+    case kBFloat16:
+      vq_quantize_kernel<__nv_bfloat16><<<blocks, kVqThreads, 0, s>>>(
+          static_cast<const __nv_bfloat16*>(z), z_s, static_cast<const __nv_bfloat16*>(codebook), cb_s, n, k, c, out);
+      break;
+    default:
+      throw std::invalid_argument("vq_quantize (CUDA): needs float32, float16 or bfloat16");
+  }
+  check_launch("vq_quantize");
+}
+
+void vq_gather_cuda(const void* indices, int index_dtype, const void* codebook, int64_t cb_s, int elem_size,
+                    int64_t B, int64_t HW, int64_t K, int64_t C, void* out, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (B * HW * C == 0) return;
+  switch (elem_size) {
+    case 2: launch_gather<uint16_t>(indices, index_dtype, codebook, cb_s, B, HW, K, C, out, s); break;
+    case 4: launch_gather<uint32_t>(indices, index_dtype, codebook, cb_s, B, HW, K, C, out, s); break;
+    case 8: launch_gather<uint64_t>(indices, index_dtype, codebook, cb_s, B, HW, K, C, out, s); break;
+    default: throw std::invalid_argument("vq_gather (CUDA): element size must be 2, 4 or 8 bytes");
+  }
+  check_launch("vq_gather");
+}
+
+}  // namespace worldvla

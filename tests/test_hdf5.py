@@ -1,0 +1,161 @@
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from worldvla.data import Demo, DemoFormatError, iter_demos, read_demos, write_demos
+from worldvla.data.hdf5 import demo_file_info
+
+
+@pytest.fixture
+def np_rng():
+    return np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+
+
+def random_demo(rng, t, h, w, d, **kw):
+    return Demo(frames=rng.integers(0, 256, size=(t, h, w, 3), dtype=np.uint8),
+                actions=rng.uniform(-1, 1, size=(t, d)).astype(np.float32), **kw)
+
+
+def test_round_trip(tmp_path, np_rng):
+    # 12 demos so that demo_10 / demo_11 must sort after demo_2 (numeric, not string order).
+    shapes = [(1 + int(np_rng.integers(0, 9)), 13, 11) for _ in range(12)]
+    demos = [random_demo(np_rng, t, h, w, 7, instruction="", success=bool(i % 3)) for i, (t, h, w) in enumerate(shapes)]
+    demos[4].instruction = "a different instruction"
+    path = write_demos(tmp_path / "sub" / "demos.hdf5", demos, "open the top drawer", camera="wrist")
+    back = read_demos(path)
+    assert len(back) == len(demos)
+    for i, (a, b) in enumerate(zip(demos, back)):
+        assert b.name == f"demo_{i}"
+        assert b.frames.dtype == np.uint8 and b.frames.shape == a.frames.shape
+        np.testing.assert_array_equal(b.frames, a.frames)
+        assert b.actions.dtype == np.float32
+        np.testing.assert_array_equal(b.actions, a.actions)
+        assert b.success == a.success
+        assert b.instruction == ("a different instruction" if i == 4 else "open the top drawer")
+    info = demo_file_info(path)
+    assert info["num_demos"] == 12 and info["steps"] == [s[0] for s in shapes]
+    assert info["instruction"] == "open the top drawer"
+    assert info["attrs"]["total"] == sum(s[0] for s in shapes)
+    # Nothing left behind by the atomic write.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["demos.hdf5"]
+
+
+def test_mapping_demos_and_camera_choice(tmp_path, np_rng):
+    d = random_demo(np_rng, 5, 9, 7, 4, instruction="")
+    path = write_demos(tmp_path / "m.hdf5", [{"frames": d.frames, "actions": d.actions.astype(np.float64)}],
+                       "push", camera="agentview")
+    (b,) = read_demos(path, camera="agentview")
+    np.testing.assert_array_equal(b.frames, d.frames)
+    assert b.success is True and b.instruction == "push"
+    with pytest.raises(DemoFormatError, match="eye_in_hand"):
+        read_demos(path, camera="eye_in_hand")
+
+
+def test_iter_demos_is_lazy(tmp_path, np_rng):
+    demos = [random_demo(np_rng, 3, 8, 8, 2, instruction="x") for _ in range(3)]
+    path = write_demos(tmp_path / "lazy.hdf5", demos, "x")
+    it = iter_demos(path)
+    first = next(it)
+    np.testing.assert_array_equal(first.frames, demos[0].frames)
+    assert [d.name for d in it] == ["demo_1", "demo_2"]
+
+
+def test_failed_write_keeps_old_file(tmp_path, np_rng):
+    path = tmp_path / "d.hdf5"
+    good = [random_demo(np_rng, 4, 6, 6, 3, instruction="")]
+    write_demos(path, good, "first")
+    bad = good + [Demo(frames=np_rng.random((4, 6, 6, 3)), actions=np.zeros((4, 3)), instruction="")]
+    with pytest.raises(ValueError, match="uint8"):
+        write_demos(path, bad, "second")
+    assert read_demos(path)[0].instruction == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.hdf5"]
+
+
+@pytest.mark.parametrize("frames_shape, actions_shape, match", [
+    ((4, 6, 6, 3), (5, 3), "one frame per action"),
+    ((4, 6, 6), (4, 3), r"\[T, H, W, 3\]"),
+    ((4, 6, 6, 3), (4,), r"\[T, D\]"),
+])
+def test_write_rejects_bad_shapes(tmp_path, frames_shape, actions_shape, match):
+    demo = {"frames": np.ones(frames_shape, np.uint8), "actions": np.ones(actions_shape)}
+    with pytest.raises(ValueError, match=match):
+        write_demos(tmp_path / "x.hdf5", [demo], "x")
+    with pytest.raises(ValueError, match="NaN"):
+        write_demos(tmp_path / "x.hdf5", [{"frames": np.ones((2, 4, 4, 3), np.uint8),
+                                            "actions": np.array([[0.0], [np.nan]])}], "x")
+    assert not any(tmp_path.iterdir())
+
+
+def write_libero_like(path, rng, n=2, key="agentview_rgb", instruction="put the bowl on the plate"):
+    """A file laid out like LIBERO's released HDF5 (instruction only inside problem_info)."""
+    raw = []
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["problem_info"] = json.dumps({"problem_name": "libero_tabletop_manipulation",
+                                                 "domain_name": "robosuite", "language_instruction": instruction})
+        data.attrs["env_name"] = "Libero_Tabletop_Manipulation"
+        for i in range(n):
+            t = 3 + i
+            frames = rng.integers(0, 256, size=(t, 10, 12, 3), dtype=np.uint8)
+            g = data.create_group(f"demo_{i}")
+            g.create_dataset(f"obs/{key}", data=frames)
+            g.create_dataset("obs/eye_in_hand_rgb", data=rng.integers(0, 256, size=(t, 10, 12, 3), dtype=np.uint8))
+            g.create_dataset("obs/joint_states", data=rng.random((t, 7)))
+            g.create_dataset("actions", data=rng.uniform(-1, 1, (t, 7)))
+            dones = np.zeros(t, np.uint8)
+            dones[-1] = 1
+            g.create_dataset("dones", data=dones)
+            raw.append(frames)
+    return raw
+
+
+def test_libero_problem_info_instruction(tmp_path, np_rng):
+    path = tmp_path / "libero.hdf5"
+    raw = write_libero_like(path, np_rng)
+    demos = read_demos(path)
+    assert [d.instruction for d in demos] == ["put the bowl on the plate"] * 2
+    assert all(d.success for d in demos)
+    assert demos[1].actions.shape == (4, 7) and demos[1].actions.dtype == np.float32
+    # LIBERO stores agentview upside down; read_demos turns raw LIBERO files upright.
+    np.testing.assert_array_equal(demos[0].frames, raw[0][:, ::-1, ::-1])
+    np.testing.assert_array_equal(read_demos(path, rotate_180=False)[0].frames, raw[0])
+    assert demo_file_info(path)["instruction"] == "put the bowl on the plate"
+
+
+def test_robomimic_image_key(tmp_path, np_rng):
+    path = tmp_path / "robomimic.hdf5"
+    raw = write_libero_like(path, np_rng, n=1, key="agentview_image")
+    (d,) = read_demos(path, rotate_180=False)
+    np.testing.assert_array_equal(d.frames, raw[0])
+    (w,) = read_demos(path, camera="eye_in_hand", rotate_180=False)
+    assert not np.array_equal(w.frames, raw[0])
+
+
+def test_missing_groups_are_named(tmp_path, np_rng):
+    path = tmp_path / "bad.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_group("episodes")
+    with pytest.raises(DemoFormatError, match="no 'data' group"):
+        read_demos(path)
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data/demo_0/obs/agentview_rgb", data=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(DemoFormatError, match="demo_0.*'actions'"):
+        read_demos(path)
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data/demo_0/actions", data=np_rng.random((2, 7)))
+    with pytest.raises(DemoFormatError, match="demo_0.*'obs'"):
+        read_demos(path)
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data/demo_0/actions", data=np_rng.random((2, 7)))
+        f.create_dataset("data/demo_0/obs/joint_states", data=np_rng.random((2, 7)))
+    with pytest.raises(DemoFormatError, match="no camera frames.*joint_states"):
+        read_demos(path)
+
+    with pytest.raises(FileNotFoundError):
+        read_demos(tmp_path / "nope.hdf5")

@@ -1,0 +1,276 @@
+"""Triton chunk-masked attention (forward, backward) against a float64 reference.
+
+On machines without CUDA the kernels run in Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), so shapes stay small and tiles wide.
+"""
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from worldvla import VocabLayout, causal_meta, chunk_mask_meta  # noqa: E402
+from worldvla.mask import ChunkMaskMeta  # noqa: E402
+from worldvla.ops import masked_attention, masked_attention_ref  # noqa: E402
+from worldvla.tokens import image_tokens  # noqa: E402
+
+from worldvla.kernels import attention as K  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+LAYOUT = VocabLayout.compact()
+IMG = 3 + 4 * 5 + 1  # tokens of a 4x4-code image
+DIMS = 7
+
+
+# --------------------------------------------------------------------------- realistic sequences
+def _image(g, h=4, w=4):
+    return image_tokens(torch.randint(0, LAYOUT.n_image_codes, (h, w), generator=g), LAYOUT)
+
+
+def _block(g, dims=DIMS):
+    bins = LAYOUT.bin_base + torch.randint(0, LAYOUT.n_bins, (dims,), generator=g)
+    return torch.cat([torch.tensor([LAYOUT.boa]), bins, torch.tensor([LAYOUT.eoa])])
+
+
+def _text(g, n):
+    return LAYOUT.text_base + torch.randint(0, 256, (n,), generator=g)
+
+
+def action_sample(g, length, n_images=2, chunk=5):
+    """BOS, text, history images, SEP, `chunk` action blocks, SEP, padded with text to `length`."""
+    fixed = 1 + n_images * IMG + 1 + chunk * (DIMS + 2) + 1
+    assert length >= fixed, (length, fixed)
+    parts = [torch.tensor([LAYOUT.bos]), _text(g, length - fixed)] + [_image(g) for _ in range(n_images)]
+    parts += [torch.tensor([LAYOUT.sep])] + [_block(g) for _ in range(chunk)] + [torch.tensor([LAYOUT.sep])]
+    return torch.cat(parts)
+
+
+def world_sample(g, length):
+    """BOS, text, image, one action block, SEP, next image, SEP: plain causal under the chunk rule."""
+    fixed = 1 + IMG + DIMS + 2 + 1 + IMG + 1
+    parts = [torch.tensor([LAYOUT.bos]), _text(g, length - fixed), _image(g), _block(g),
+             torch.tensor([LAYOUT.sep]), _image(g), torch.tensor([LAYOUT.sep])]
+    return torch.cat(parts)
+
+
+def meta_to(meta, device):
+    return meta.to(device)
+
+
+def qkv(g, shape_q, n_kv_heads, dtype, scale=1.0):
+    *lead, H, D = shape_q
+    q = torch.randn(*lead, H, D, generator=g) * scale
+    k = torch.randn(*lead, n_kv_heads, D, generator=g) * scale
+    v = torch.randn(*lead, n_kv_heads, D, generator=g)
+    return [t.to(DEV, dtype) for t in (q, k, v)]
+
+
+def assert_close_rule(out, ref64, same_precision, name="", floor=0.0):
+    """Kernel error vs float64 must be at most 2x the error of plain PyTorch at the kernel's precision."""
+    err = (out.double() - ref64).abs().max().item()
+    base = (same_precision.double() - ref64).abs().max().item()
+    assert not torch.isnan(out).any(), f"{name}: NaN in output"
+    assert err <= 2 * base + floor, f"{name}: error {err:.3g} > 2 x torch's {base:.3g} (+{floor:g})"
+
+
+def torch_same_precision(q, k, v, meta):
+    """Plain PyTorch at the kernel's precision: fp32 math for fp32, native low-precision math otherwise."""
+    return masked_attention_ref(q, k, v, meta, upcast=False)
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every float buffer made with torch.empty starts as NaN, so unwritten outputs show up."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    yield
+
+
+# --------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forward_padded_gqa(rng, dtype, poison_empty):
+    ids = torch.stack([action_sample(rng, 113, chunk=5), world_sample(rng, 113)])
+    meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+    q, k, v = qkv(rng, (2, 113, 4, 64), 2, dtype)
+    out = K.chunk_attention(q, k, v, meta)
+    ref = masked_attention_ref(q.double(), k.double(), v.double(), meta)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close_rule(out, ref, torch_same_precision(q, k, v, meta), f"fwd {dtype}",
+                      floor=1e-6 if dtype == torch.float32 else 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_packed_with_lse(rng, dtype, poison_empty):
+    # Documents of 113, 1 and 89 tokens (203 in all); the first has a chunk of one action.
+    docs = [action_sample(rng, 113, chunk=1), torch.tensor([LAYOUT.bos]), action_sample(rng, 89, n_images=1, chunk=4)]
+    ids = torch.cat(docs)
+    cu = torch.tensor([0, 113, 114, 203], dtype=torch.int32)
+    meta = chunk_mask_meta(ids, LAYOUT, cu_seqlens=cu).to(DEV)
+    assert meta.max_seqlen == 113
+    q, k, v = qkv(rng, (203, 2, 128), 1, dtype)
+    out, lse = K.chunk_attention_with_lse(q, k, v, meta)
+    ref = masked_attention_ref(q.double(), k.double(), v.double(), meta)
+    assert_close_rule(out, ref, torch_same_precision(q, k, v, meta), "packed",
+                      floor=1e-6 if dtype == torch.float32 else 0.0)
+    # log-sum-exp of the visible scores
+    qd, kd = q.double(), k.double().repeat_interleave(2, dim=1)
+    s = torch.einsum("thd,shd->hts", qd, kd) / math.sqrt(128)
+    s = s.masked_fill(~meta.dense_mask().unsqueeze(0), float("-inf"))
+    lse_ref = torch.logsumexp(s, -1).t()
+    assert lse.shape == (203, 2)
+    assert (lse.double() - lse_ref).abs().max().item() < 1e-4
+    # the one-token document sees only itself
+    torch.testing.assert_close(out[113].float(), v[113].float().expand(2, 128), rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("head_dim", [40, 96])
+def test_forward_padded_head_dims(rng, head_dim, poison_empty):
+    ids = action_sample(rng, 97, chunk=3).unsqueeze(0)
+    meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+    q, k, v = qkv(rng, (1, 97, 2, head_dim), 2, torch.float16)
+    out = K.chunk_attention(q, k, v, meta, softmax_scale=0.3)
+    ref = masked_attention_ref(q.double(), k.double(), v.double(), meta, softmax_scale=0.3)
+    assert_close_rule(out, ref, masked_attention_ref(q, k, v, meta, softmax_scale=0.3, upcast=False), "head dim")
+
+
+def test_world_sample_is_causal(rng):
+    """A chunk mask that equals plain causal reproduces the causal result exactly."""
+    ids = world_sample(rng, 131).unsqueeze(0)
+    meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+    assert bool((meta.dense_mask() == torch.ones(131, 131, dtype=torch.bool, device=DEV).tril()).all())
+    q, k, v = qkv(rng, (1, 131, 2, 64), 2, torch.float32)
+    out = K.chunk_attention(q, k, v, meta)
+    out_causal = K.chunk_attention(q, k, v, causal_meta((1, 131), device=DEV))
+    assert torch.equal(out, out_causal)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.double().transpose(1, 2), k.double().transpose(1, 2), v.double().transpose(1, 2), is_causal=True)
+    assert (out.double() - sdpa.transpose(1, 2)).abs().max().item() < 1e-5
+
+
+def test_tile_classes_all_exercised(rng, poison_empty):
+    """16-wide tiles over a long chunk: skipped, mask-free and partial tiles all occur, forward and backward."""
+    ids = action_sample(rng, 203, n_images=2, chunk=10).unsqueeze(0)
+    meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+    classes = K.tile_classes(meta, 16, 16)
+    assert all(classes[c] > 0 for c in ("skipped_block", "mask_free", "partial")), classes
+    q, k, v = qkv(rng, (1, 203, 1, 32), 1, torch.float32)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out = K.chunk_attention(qs, ks, vs, meta, block_m=16, block_n=16)
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    ref = masked_attention_ref(qd, kd, vd, meta)
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    do = torch.randn(out.shape, generator=rng).to(DEV)
+    out.backward(do)
+    ref.backward(do.double())
+    for got, want in ((qs, qd), (ks, kd), (vs, vd)):
+        assert (got.grad.double() - want.grad).abs().max().item() < 2e-5
+
+
+def test_rows_without_visible_keys(rng, poison_empty):
+    """Arbitrary metadata may hide every key from a row: output and gradients are zero there, never NaN."""
+    B, L = 1, 70
+    kvb = torch.randint(0, 4, (B, L), generator=rng, dtype=torch.int32)
+    ql = torch.randint(-1, 5, (B, L), generator=rng, dtype=torch.int32)
+    meta = ChunkMaskMeta(kvb, ql, torch.arange(L).expand(B, L), None, L).to(DEV)
+    empty_rows = ~meta.dense_mask()[0].any(-1)
+    assert empty_rows.any() and not empty_rows.all()
+    q, k, v = qkv(rng, (B, L, 2, 64), 2, torch.float32)
+    q.requires_grad_()
+    out = K.chunk_attention(q, k, v, meta)
+    ref = masked_attention_ref(q.double(), k.double(), v.double(), meta)
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    assert torch.all(out[0, empty_rows] == 0)
+    out.sum().backward()
+    assert not torch.isnan(q.grad).any() and torch.all(q.grad[0, empty_rows] == 0)
+
+
+# --------------------------------------------------------------------------- backward
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_padded_gqa(rng, dtype, poison_empty):
+    ids = torch.stack([action_sample(rng, 113, chunk=1), action_sample(rng, 113, n_images=1, chunk=6)])
+    meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+    q, k, v = qkv(rng, (2, 113, 4, 64), 2, dtype)
+    do = torch.randn(q.shape, generator=rng).to(DEV, dtype)
+
+    def grads(fn, *xs):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        fn(*xs).backward(do.to(xs[0].dtype))
+        return [x.grad for x in xs]
+
+    got = grads(lambda *x: K.chunk_attention(*x, meta), q, k, v)
+    ref = grads(lambda *x: masked_attention_ref(*x, meta), q.double(), k.double(), v.double())
+    same = grads(lambda *x: masked_attention_ref(*x, meta, upcast=False), q, k, v)
+    for name, g, r, s in zip("qkv", got, ref, same):
+        assert g.dtype == dtype
+        assert_close_rule(g, r, s, f"d{name}", floor=1e-6 if dtype == torch.float32 else 0.0)
+
+
+def test_backward_packed(rng, poison_empty):
+    docs = [world_sample(rng, 77), action_sample(rng, 91, chunk=2), torch.tensor([LAYOUT.bos])]
+    cu = torch.tensor([0, 77, 168, 169], dtype=torch.int32)
+    meta = chunk_mask_meta(torch.cat(docs), LAYOUT, cu_seqlens=cu).to(DEV)
+    q, k, v = qkv(rng, (169, 4, 64), 1, torch.float32)
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    xd = [t.double().requires_grad_() for t in (q, k, v)]
+    do = torch.randn(q.shape, generator=rng).to(DEV)
+    K.chunk_attention(*xs, meta).backward(do)
+    masked_attention_ref(*xd, meta).backward(do.double())
+    for g, r in zip(xs, xd):
+        assert (g.grad.double() - r.grad).abs().max().item() < 1e-5
+
+
+# --------------------------------------------------------------------------- dispatch and inputs
+def test_dispatch_triton_backend(rng):
+    ids = action_sample(rng, 64, n_images=1, chunk=2).unsqueeze(0)
+    meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+    # q, k, v as views into one fused projection: non-contiguous strides
+    qkv_t = torch.randn(1, 64, 3, 2, 64, generator=rng).to(DEV)
+    q, k, v = qkv_t.unbind(2)
+    out = masked_attention(q, k, v, meta, backend="triton")
+    ref = masked_attention_ref(q.double(), k.double(), v.double(), meta)
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="does not support"):
+        masked_attention(q.double(), k.double(), v.double(), meta, backend="triton")
+
+
+def test_bad_inputs_raise(rng):
+    meta = causal_meta((1, 20), device=DEV)
+    q = torch.randn(1, 20, 3, 64, device=DEV)
+    k = torch.randn(1, 20, 2, 64, device=DEV)
+    with pytest.raises(ValueError, match="must divide"):
+        K.chunk_attention(q, k, k, meta)
+    with pytest.raises(ValueError, match="meta covers"):
+        K.chunk_attention(q, q, q, causal_meta((1, 21), device=DEV))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        K.chunk_attention(q[0], q[0], q[0], causal_meta((20,), device=DEV))
+
+
+# --------------------------------------------------------------------------- GPU sizes
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_long_sequences(dtype):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([action_sample(g, 1023, chunk=10), world_sample(g, 1023)])
+    meta = chunk_mask_meta(ids, LAYOUT).to("cuda")
+    q, k, v = qkv(g, (2, 1023, 8, 128), 2, dtype)
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = K.chunk_attention(*xs, meta)
+    do = torch.randn_like(out)
+    out.backward(do)
+    xd = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = masked_attention_ref(*xd, meta)
+    ref.backward(do.double())
+    xsame = [t.clone().requires_grad_() for t in (q, k, v)]
+    same = masked_attention_ref(*xsame, meta, upcast=False)
+    same.backward(do)
+    assert_close_rule(out, ref, same, "gpu fwd")
+    for name, a, b, c in zip("qkv", xs, xd, xsame):
+        assert_close_rule(a.grad, b.grad, c.grad, f"gpu d{name}")

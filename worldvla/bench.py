@@ -1,0 +1,45 @@
+"""`worldvla bench [--quick] [NAMES]`: run benchmarks and write benchmarks/results/<name>-<device>.json + PNG."""
+from __future__ import annotations
+
+import importlib
+import time
+
+BENCHMARKS = {
+    "attention": "chunk-masked attention vs SDPA (dense mask), FlexAttention, SDPA causal",
+    "vq": "VQ nearest-code search vs torch.cdist + argmin",
+    "cross_entropy": "fused linear cross-entropy vs the naive path (time, peak memory)",
+    "sampling": "constrained sampling vs full-vocabulary softmax",
+    "e2e": "action-chunk and world-model frame latency vs the release-style baseline",
+    "train": "training tokens/s, MFU and peak memory vs the reference-style path",
+}
+
+
+def add_arguments(p):
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="benchmarks to run (default: all): " + ", ".join(f"{k} ({v})" for k, v in BENCHMARKS.items()))
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (CPU smoke run)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results and plots")
+
+
+def run(args) -> int:
+    names = args.names or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+        return 2
+    failed = []
+    for name in names:
+        print(f"\n== {name}: {BENCHMARKS[name]}")
+        t0 = time.time()
+        try:
+            mod = importlib.import_module(f"worldvla.benchmarks.{name}")
+        except ImportError:
+            mod = importlib.import_module(f"benchmarks.{name}")  # running from a source checkout
+        try:
+            path = mod.run(quick=args.quick, device=args.device, out_dir=args.out)
+            print(f"-> {path} ({time.time() - t0:.1f} s)")
+        except Exception as e:  # noqa: BLE001 - one failing benchmark must not hide the others
+            print(f"!! {name} failed: {type(e).__name__}: {e}")
+            failed.append(name)
+    return 1 if failed else 0

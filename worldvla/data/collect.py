@@ -1,0 +1,329 @@
+"""Collect scripted-expert demonstrations from Meta-World into HDF5 files.
+
+One file per task (`<out_dir>/<task>.hdf5`, layout in `worldvla.data.hdf5`), holding
+only successful episodes. Episodes run in worker processes, one (task, episode)
+job at a time; a failed episode is retried with a fresh layout seed up to
+`max_attempts` times. Every seed derives from (seed, task, episode, attempt), so a
+rerun reproduces the same files. Tasks whose file already holds the requested
+episodes with the same settings are skipped, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import time
+import warnings
+import zlib
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+
+from .hdf5 import demo_file_info, write_demos
+
+# Meta-World's MT10 set.
+DEFAULT_TASKS = (
+    "reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3",
+    "drawer-close-v3", "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3",
+)
+CAMERA_KEY = "agentview"  # the HDF5 key the frames are stored under, whichever sim camera rendered them
+
+
+def episode_seed(seed: int, task: str, episode: int, attempt: int) -> int:
+    """The layout/noise seed of one attempt at one episode; stable across runs and machines."""
+    ss = np.random.SeedSequence([seed & 0xFFFFFFFF, zlib.crc32(task.encode()), episode, attempt])
+    return int(ss.generate_state(1)[0] & 0x7FFFFFFF)
+
+
+# One env per (task, settings) per process: building one costs ~0.3-2 s, an episode ~0.5 s.
+_ENVS: dict = {}
+
+
+def _get_env(task: str, image_size: int, camera: str, max_steps: int):
+    from ..sim.metaworld_env import make_env
+
+    key = (task, image_size, camera, max_steps)
+    if key not in _ENVS:
+        _ENVS[key] = make_env(task, seed=0, image_size=image_size, camera=camera, max_steps=max_steps)
+    return _ENVS[key]
+
+
+def _close_envs() -> None:
+    while _ENVS:
+        _, env = _ENVS.popitem()
+        env.close()
+
+
+def run_episode(job: dict) -> dict:
+    """Roll out the scripted expert (plus optional Gaussian action noise) for one job."""
+    from ..sim.metaworld_env import expert_policy
+
+    t_setup = time.perf_counter()
+    env = _get_env(job["task"], job["image_size"], job["camera"], job["max_steps"])
+    policy = expert_policy(job["task"])
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(job["seed"])
+    frame = env.reset(seed=job["seed"])
+    frames, actions = [], []
+    done = False
+    with warnings.catch_warnings():
+        # The experts warn that their gains saturate; the env clips, and so do we.
+        warnings.simplefilter("ignore", UserWarning)
+        while not done:
+            action = np.asarray(policy.get_action(env.state), dtype=np.float64)
+            if job["noise"] > 0:
+                action = action + rng.normal(0.0, job["noise"], size=action.shape)
+            action = np.clip(action, -1.0, 1.0)
+            frames.append(frame)
+            actions.append(action)
+            frame, _, _, done = env.step(action)
+    return {
+        **job,
+        "frames": np.stack(frames),
+        "actions": np.stack(actions).astype(np.float32),
+        "success": env.success,
+        "steps": len(actions),
+        "seconds": time.perf_counter() - t0,  # the rollout alone
+        "setup_seconds": t0 - t_setup,  # building the env (once per task and process)
+    }
+
+
+def _worker_run(job: dict) -> dict:
+    try:
+        return run_episode(job)
+    except Exception as e:  # noqa: BLE001  (reported in the parent with the job that failed)
+        return {**job, "error": f"{type(e).__name__}: {e}"}
+
+
+def _parse_tasks(tasks) -> list[str]:
+    from ..sim.metaworld_env import TASKS
+
+    if isinstance(tasks, str):
+        tasks = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+    tasks = list(dict.fromkeys(tasks))
+    if not tasks:
+        raise ValueError("no tasks given; pass task names like 'reach-v3,push-v3' or 'all'")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown Meta-World task(s) {unknown}; known tasks: {', '.join(sorted(TASKS))}")
+    return tasks
+
+
+def _settings(image_size, seed, camera, max_steps, noise) -> dict:
+    return {"image_size": int(image_size), "seed": int(seed), "sim_camera": camera,
+            "max_steps": int(max_steps), "action_noise": float(noise)}
+
+
+def _is_complete(path: Path, n_episodes: int, settings: dict) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        info = demo_file_info(path)
+    except Exception:  # noqa: BLE001  (an unreadable file is simply collected again)
+        return False
+    if info["num_demos"] < n_episodes:
+        return False
+    attrs = info["attrs"]
+    return all(k in attrs and attrs[k] == v for k, v in settings.items())
+
+
+def _mp_context():
+    # Workers must not inherit an OpenGL context or threads from the parent: no fork.
+    method = "forkserver" if sys.platform.startswith("linux") else "spawn"
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["worldvla.data.collect", "worldvla.sim.metaworld_env"])
+    return ctx
+
+
+def collect(
+    tasks,
+    n_episodes: int,
+    out_dir,
+    image_size: int = 64,
+    seed: int = 0,
+    workers: int = 1,
+    camera: str = "corner",
+    max_steps: int = 200,
+    action_noise: float = 0.0,
+    max_attempts: int = 5,
+    progress: bool = True,
+) -> dict:
+    """Collect `n_episodes` successful expert episodes for each task into `out_dir/<task>.hdf5`.
+
+    tasks: names (see `worldvla.sim.TASKS`), a comma-separated string, or "all".
+    workers: processes (1 runs in this process). action_noise: std of Gaussian noise
+    added to every expert action (before clipping to [-1, 1]) for more varied demos.
+    max_attempts: tries per episode, each on a new layout, before giving up on it.
+    Returns a summary: per task the file, episodes kept, attempts, expert success
+    rate, mean steps and seconds per episode; plus totals.
+    """
+    from ..sim.metaworld_env import TASKS, _require_metaworld
+
+    _require_metaworld()
+    tasks = _parse_tasks(tasks)
+    if n_episodes < 1:
+        raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    if action_noise < 0:
+        raise ValueError(f"action_noise must be >= 0, got {action_noise}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = _settings(image_size, seed, camera, max_steps, action_noise)
+
+    t_start = time.perf_counter()
+    summary: dict = {"out_dir": str(out_dir), "tasks": {}, **settings}
+    todo = []
+    for task in tasks:
+        path = out_dir / f"{task}.hdf5"
+        if _is_complete(path, n_episodes, settings):
+            summary["tasks"][task] = {"path": str(path), "skipped": True, "episodes": demo_file_info(path)["num_demos"]}
+        else:
+            todo.append(task)
+
+    base = {"image_size": int(image_size), "camera": camera, "max_steps": int(max_steps), "noise": float(action_noise)}
+
+    def make_job(task, episode, attempt):
+        return {**base, "task": task, "episode": episode, "attempt": attempt,
+                "seed": episode_seed(seed, task, episode, attempt)}
+
+    pending = [make_job(t, e, 0) for t in todo for e in range(n_episodes)]
+    kept: dict[str, dict[int, dict]] = {t: {} for t in todo}
+    stats = {t: {"attempts": 0, "successes": 0, "steps": [], "seconds": []} for t in todo}
+    unresolved = {t: n_episodes for t in todo}
+    errors: list[str] = []
+
+    def finish_task(task):
+        eps = [kept[task][e] for e in sorted(kept[task])]
+        path = out_dir / f"{task}.hdf5"
+        if eps:  # no file at all rather than an empty one
+            demos = [{"frames": r["frames"], "actions": r["actions"], "success": True} for r in eps]
+            write_demos(path, demos, TASKS[task], camera=CAMERA_KEY,
+                        attrs={**settings, "task": task, "episode_seeds": [r["seed"] for r in eps]})
+        s = stats[task]
+        summary["tasks"][task] = {
+            "path": str(path) if eps else None, "skipped": False, "episodes": len(eps), "attempts": s["attempts"],
+            "expert_success_rate": s["successes"] / max(s["attempts"], 1),
+            "mean_steps": float(np.mean(s["steps"])) if s["steps"] else 0.0,
+            "seconds_per_episode": float(np.mean(s["seconds"])) if s["seconds"] else 0.0,
+        }
+        kept[task].clear()  # free the frames
+
+    def handle(result) -> list[dict]:
+        task, episode = result["task"], result["episode"]
+        if "error" in result:
+            errors.append(f"{task} episode {episode} attempt {result['attempt']}: {result['error']}")
+            ok = False
+        else:
+            s = stats[task]
+            s["attempts"] += 1
+            s["seconds"].append(result["seconds"])
+            ok = bool(result["success"])
+            if ok:
+                s["successes"] += 1
+                s["steps"].append(result["steps"])
+                kept[task][episode] = result
+        retry = []
+        if not ok and result["attempt"] + 1 < max_attempts:
+            retry.append(make_job(task, episode, result["attempt"] + 1))
+        else:
+            unresolved[task] -= 1
+            if unresolved[task] == 0:
+                finish_task(task)
+        if bar is not None:
+            bar.update(1 if (ok or not retry) else 0)
+            bar.set_postfix(failed=sum(s["attempts"] - s["successes"] for s in stats.values()) + len(errors))
+        return retry
+
+    bar = None
+    if progress and pending:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pending), desc="collect", unit="ep")
+    try:
+        if workers == 1 or not pending:
+            try:
+                while pending:
+                    pending.extend(handle(_worker_run(pending.pop(0))))
+            finally:
+                _close_envs()
+        else:
+            # A crashed worker breaks the executor (BrokenProcessPool) instead of
+            # leaving a job hanging, as multiprocessing.Pool would.
+            with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=_mp_context()) as ex:
+                in_flight = {ex.submit(_worker_run, job) for job in pending}
+                pending = []
+                while in_flight:
+                    finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        in_flight |= {ex.submit(_worker_run, job) for job in handle(fut.result())}
+    finally:
+        if bar is not None:
+            bar.close()
+
+    n_new = sum(1 for v in summary["tasks"].values() if not v["skipped"])
+    all_eps = [x for t in todo for x in stats[t]["seconds"]]
+    summary.update({
+        "seconds": time.perf_counter() - t_start,
+        "tasks_collected": n_new,
+        "tasks_skipped": len(tasks) - n_new,
+        "episodes_run": len(all_eps),
+        "seconds_per_episode": float(np.mean(all_eps)) if all_eps else 0.0,
+        "incomplete": [t for t in todo if summary["tasks"][t]["episodes"] < n_episodes],
+        "errors": errors,
+    })
+    summary["tasks"] = {t: summary["tasks"][t] for t in tasks}
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of `worldvla collect`."""
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                        help="comma-separated Meta-World tasks, or 'all' (default: the MT10 set)")
+    parser.add_argument("--episodes", type=int, default=50, help="successful episodes per task")
+    parser.add_argument("--out", required=True, help="output folder, one <task>.hdf5 per task")
+    parser.add_argument("--image-size", type=int, default=64, help="square frame size in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 1)),
+                        help="worker processes (1 = run in this process)")
+    parser.add_argument("--camera", default="corner", help="Meta-World camera")
+    parser.add_argument("--max-steps", type=int, default=200, help="episode step limit")
+    parser.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise on expert actions")
+    parser.add_argument("--max-attempts", type=int, default=5, help="tries per episode before giving up")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = collect(
+        args.tasks, args.episodes, args.out, image_size=args.image_size, seed=args.seed,
+        workers=args.workers, camera=args.camera, max_steps=args.max_steps, action_noise=args.noise,
+        max_attempts=args.max_attempts, progress=not args.no_progress,
+    )
+    for task, s in summary["tasks"].items():
+        if s["skipped"]:
+            print(f"{task:30s} skipped ({s['episodes']} episodes already in {s['path']})")
+        else:
+            print(f"{task:30s} {s['episodes']:4d} episodes  expert success {s['expert_success_rate']:.0%}  "
+                  f"{s['mean_steps']:.0f} steps  {s['seconds_per_episode']:.2f} s/episode")
+    print(f"{summary['episodes_run']} episodes in {summary['seconds']:.1f} s "
+          f"({summary['seconds_per_episode']:.2f} s/episode per worker) -> {summary['out_dir']}")
+    for e in summary["errors"]:
+        print(f"error: {e}", file=sys.stderr)
+    if summary["incomplete"]:
+        print(f"fewer episodes than asked for: {summary['incomplete']}; rerun to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="worldvla collect", description=__doc__.splitlines()[0]))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""LIBERO evaluation following the release's protocol (spec section 6).
+
+Per suite and task: `episodes` episodes (50 in the paper) starting from the suite's
+fixed initial states, `env.seed(0)`; each episode
+
+1. runs `max_steps + 10` env steps at most (spatial 220, object 280, goal 300, libero_10 520),
+2. spends the first 10 steps on the dummy action [0, 0, 0, 0, 0, 0, -1] so objects settle,
+3. reads `obs["agentview_image"][::-1, ::-1]` (LIBERO renders upside down; no resize),
+4. when the action queue is empty asks the policy for a chunk from the previous env
+   step's frame and the current frame (the current one only on the first query),
+5. executes the whole chunk open-loop, one action per step, de-normalized with the
+   fixed LIBERO bounds, gripper value passed through unchanged,
+6. counts success when the env reports `done`; any exception ends the episode as a failure.
+
+LIBERO itself (with robosuite and its assets) is an optional dependency; the harness
+takes any suite object with the small interface of `LiberoSuite`, which is how the
+tests drive it with a stand-in environment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from .rollout import ChunkQuery
+
+MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
+SETTLE_STEPS = 10
+DUMMY_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+ACTION_DIM = 7
+_INSTALL_HINT = (
+    "LIBERO is not installed. `worldvla eval-libero` needs LIBERO and robosuite with their scene assets: "
+    "git clone https://github.com/Lifelong-Robot-Learning/LIBERO && pip install -e LIBERO "
+    "(it pulls robosuite; the PyPI package lacks the assets). Then rerun this command."
+)
+
+
+class LiberoSuite:
+    """One LIBERO benchmark suite: tasks, their fixed initial states and environments."""
+
+    def __init__(self, name: str, resolution: int = 256):
+        if name not in MAX_STEPS:
+            raise ValueError(f"unknown LIBERO suite {name!r}; choose one of {', '.join(MAX_STEPS)}")
+        try:
+            from libero.libero import benchmark, get_libero_path
+            from libero.libero.envs import OffScreenRenderEnv
+        except ImportError as e:
+            raise ImportError(f"{_INSTALL_HINT} ({e})") from e
+        self.name = name
+        self.resolution = int(resolution)
+        self._suite = benchmark.get_benchmark_dict()[name]()
+        self._bddl_root = get_libero_path("bddl_files")
+        self._env_cls = OffScreenRenderEnv
+        self.max_steps = MAX_STEPS[name]
+
+    @property
+    def n_tasks(self) -> int:
+        return self._suite.n_tasks
+
+    def instruction(self, task_id: int) -> str:
+        return self._suite.get_task(task_id).language
+
+    def init_states(self, task_id: int):
+        return self._suite.get_task_init_states(task_id)
+
+    def make_env(self, task_id: int):
+        task = self._suite.get_task(task_id)
+        bddl = os.path.join(self._bddl_root, task.problem_folder, task.bddl_file)
+        env = self._env_cls(bddl_file_name=bddl, camera_heights=self.resolution, camera_widths=self.resolution)
+        env.seed(0)
+        return env
+
+
+def upright(obs) -> np.ndarray:
+    """The release's view of LIBERO's agent camera: rotated by 180 degrees."""
+    return np.ascontiguousarray(np.asarray(obs["agentview_image"])[::-1, ::-1])
+
+
+def run_episode(env, policy, query: ChunkQuery, instruction: str, init_state, max_steps: int,
+                settle_steps: int = SETTLE_STEPS, record: bool = False) -> dict:
+    """One episode of the release's loop; returns success, steps, queries, error and (if
+    `record`) the upright frames the policy saw."""
+    policy.reset(instruction)
+    env.reset()
+    obs = env.set_init_state(init_state)
+    queue: list[np.ndarray] = []
+    history: list[np.ndarray] = []
+    frames: list[np.ndarray] = []
+    t, queries, success, error = 0, 0, False, None
+    try:
+        while t < max_steps + settle_steps:
+            if t < settle_steps:
+                obs, _, done, _ = env.step(list(DUMMY_ACTION))
+                t += 1
+                continue
+            img = upright(obs)
+            if record:
+                frames.append(img)
+            if not queue:
+                previous = history[-1] if history else None
+                chunk = query(img, previous)
+                if chunk.shape[-1] != ACTION_DIM:
+                    raise ValueError(f"the policy returned {chunk.shape[-1]}-D actions; LIBERO needs {ACTION_DIM}")
+                queue.extend(chunk)
+                queries += 1
+            action = queue.pop(0)
+            obs, _, done, _ = env.step(np.asarray(action, dtype=np.float64).tolist())
+            history.append(img)
+            if done:
+                success = True
+                break
+            t += 1
+    except Exception as e:  # noqa: BLE001  (the release ends the episode as a failure)
+        error = f"{type(e).__name__}: {e}"
+    return {"success": success, "steps": t, "queries": queries, "error": error, "frames": frames}
+
+
+def check_bounds(policy, allow_mismatch: bool = False) -> None:
+    """The release de-normalizes with fixed LIBERO bounds; a policy trained with other
+    bounds would execute wrongly scaled actions."""
+    from ..tokens.actions import LIBERO_MAX, LIBERO_MIN
+
+    meta = policy.metadata() if hasattr(policy, "metadata") else {}
+    low, high = meta.get("action_low"), meta.get("action_high")
+    if getattr(policy, "action_dim", ACTION_DIM) != ACTION_DIM:
+        raise ValueError(f"this policy emits {policy.action_dim}-D actions; LIBERO policies emit {ACTION_DIM}-D "
+                         "[dx, dy, dz, drx, dry, drz, gripper]. Evaluate a policy trained on LIBERO data.")
+    if low is None or high is None or allow_mismatch:
+        return
+    if not (np.allclose(low, LIBERO_MIN, atol=1e-6) and np.allclose(high, LIBERO_MAX, atol=1e-6)):
+        raise ValueError(f"the policy de-normalizes with bounds low={low} high={high}, not the release's fixed "
+                         f"LIBERO bounds low={list(LIBERO_MIN)} high={list(LIBERO_MAX)}; retrain with the LIBERO "
+                         "bounds or pass --allow-bounds-mismatch")
+
+
+def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, save_videos: bool = False,
+                   allow_bounds_mismatch: bool = False, progress: bool = True) -> dict:
+    """Success rates of `policy` on `suite` (a `LiberoSuite` or an object with its interface)."""
+    check_bounds(policy, allow_bounds_mismatch)
+    task_ids = list(range(suite.n_tasks)) if tasks is None else [int(t) for t in tasks]
+    bad = [t for t in task_ids if not 0 <= t < suite.n_tasks]
+    if bad:
+        raise ValueError(f"task ids {bad} are outside this suite's 0..{suite.n_tasks - 1}")
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    query = ChunkQuery(policy)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(task_ids) * episodes, desc=f"eval {getattr(suite, 'name', 'libero')}", unit="ep")
+    results = {"suite": getattr(suite, "name", "custom"), "episodes_per_task": episodes, "tasks": {}}
+    t_start = time.perf_counter()
+    total_ok = total = 0
+    try:
+        for task_id in task_ids:
+            instruction = suite.instruction(task_id)
+            init_states = suite.init_states(task_id)
+            if len(init_states) < episodes:
+                raise ValueError(f"task {task_id} has {len(init_states)} initial states, fewer than {episodes} episodes")
+            env = suite.make_env(task_id)
+            ok, errors, steps = 0, [], []
+            try:
+                for ep in range(episodes):
+                    r = run_episode(env, policy, query, instruction, init_states[ep], suite.max_steps,
+                                    record=save_videos and out_dir is not None)
+                    ok += r["success"]
+                    steps.append(r["steps"])
+                    if r["error"]:
+                        errors.append(f"episode {ep}: {r['error']}")
+                    if r["frames"]:
+                        import imageio.v2 as imageio
+
+                        tag = "success" if r["success"] else "failure"
+                        imageio.mimsave(out_dir / f"task{task_id:02d}_ep{ep:03d}_{tag}.gif", r["frames"], duration=0.05)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(task=task_id, sr=f"{ok / (ep + 1):.0%}")
+            finally:
+                if hasattr(env, "close"):
+                    env.close()
+            results["tasks"][str(task_id)] = {"instruction": instruction, "successes": ok, "episodes": episodes,
+                                              "success_rate": ok / episodes, "mean_steps": float(np.mean(steps)),
+                                              "errors": errors}
+            total_ok += ok
+            total += episodes
+    finally:
+        if bar is not None:
+            bar.close()
+    results["success_rate"] = total_ok / max(total, 1)
+    results["latency"] = query.latency_summary()
+    results["seconds"] = time.perf_counter() - t_start
+    if out_dir is not None:
+        (out_dir / "libero_results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--policy", required=True, help="policy folder (worldvla.inference.save_policy format)")
+    parser.add_argument("--suite", default="libero_spatial", choices=sorted(MAX_STEPS),
+                        help="LIBERO suite; step limits spatial 220, object 280, goal 300, libero_10 520")
+    parser.add_argument("--tasks", default=None, help="comma-separated task ids (default: all 10)")
+    parser.add_argument("--episodes", type=int, default=50, help="episodes per task (the paper: 50)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="camera size in pixels (default: the policy's image size; the release: 256 or 512)")
+    parser.add_argument("--out", default=None, help="folder for libero_results.json (and --save-videos GIFs)")
+    parser.add_argument("--save-videos", action="store_true", help="one GIF per episode in --out")
+    parser.add_argument("--device", default=None, help="torch device of the policy (default: cuda if available)")
+    parser.add_argument("--allow-bounds-mismatch", action="store_true",
+                        help="evaluate a policy whose action bounds differ from the fixed LIBERO bounds")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import libero  # noqa: F401
+    except ImportError:
+        print(f"worldvla eval-libero: {_INSTALL_HINT}", file=sys.stderr)
+        return 2
+    from ..inference import WorldVLAPolicy
+
+    policy = WorldVLAPolicy.from_pretrained(args.policy, device=args.device)
+    suite = LiberoSuite(args.suite, resolution=args.resolution or policy.image_size)
+    tasks = None if args.tasks is None else [int(t) for t in args.tasks.split(",") if t.strip()]
+    try:
+        res = evaluate_suite(policy, suite, episodes=args.episodes, tasks=tasks, out_dir=args.out,
+                             save_videos=args.save_videos, allow_bounds_mismatch=args.allow_bounds_mismatch,
+                             progress=not args.no_progress)
+    except ValueError as e:
+        print(f"worldvla eval-libero: {e}", file=sys.stderr)
+        traceback.print_exc(limit=0)
+        return 2
+    for tid, r in res["tasks"].items():
+        print(f"task {tid:>2}  {r['success_rate']:6.1%}  {r['instruction']}")
+    print(f"{res['suite']}: {res['success_rate']:.1%} over {len(res['tasks'])} tasks x {args.episodes} episodes")
+    return 0
+
+
+__all__ = ["MAX_STEPS", "SETTLE_STEPS", "DUMMY_ACTION", "LiberoSuite", "run_episode", "evaluate_suite", "upright"]

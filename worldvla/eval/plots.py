@@ -1,0 +1,117 @@
+"""Figures and image artifacts of an evaluation: success-rate bars, PSNR/SSIM over
+the imagined horizon, real-vs-imagined frame grids and GIFs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def success_bars(rates: dict[str, dict[str, float]], path, title: str = "Meta-World closed-loop success") -> Path:
+    """rates: variant -> {task: success rate in [0, 1]}; one group of bars per task
+    (plus the mean over tasks)."""
+    plt = _pyplot()
+    variants = list(rates)
+    tasks = sorted({t for r in rates.values() for t in r})
+    groups = tasks + (["mean"] if len(tasks) > 1 else [])
+    width = 0.8 / max(len(variants), 1)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(groups) * max(1, len(variants)) ** 0.5 + 2), 3.4))
+    x = np.arange(len(groups))
+    for i, v in enumerate(variants):
+        vals = [rates[v].get(t, np.nan) for t in tasks]
+        if len(tasks) > 1:
+            vals.append(float(np.nanmean(vals)))
+        bars = ax.bar(x + (i - (len(variants) - 1) / 2) * width, np.asarray(vals) * 100, width, label=v)
+        for b, val in zip(bars, vals):
+            if np.isfinite(val):
+                ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 1, f"{val * 100:.0f}", ha="center",
+                        va="bottom", fontsize=7)
+    ax.set_xticks(x, [g.replace("-v3", "") for g in groups], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("success rate (%)")
+    ax.set_ylim(0, 110)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def horizon_curves(curves: dict[str, dict[str, list[float]]], path, title: str = "imagined rollouts vs simulator") -> Path:
+    """curves: label -> {"psnr": [per step], "ssim": [per step]}; two panels over the horizon."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for label, c in curves.items():
+        for ax, key in zip(axes, ("psnr", "ssim")):
+            vals = np.asarray(c.get(key, []), dtype=np.float64)
+            if vals.size:
+                ax.plot(np.arange(1, vals.size + 1), vals, marker="o", ms=3, label=label)
+    axes[0].set_ylabel("PSNR (dB)")
+    axes[1].set_ylabel("SSIM")
+    for ax in axes:
+        ax.set_xlabel("imagined step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def frame_grid(rows: list[np.ndarray], path, labels: list[str] | None = None, pad: int = 2) -> Path:
+    """Save rows of frames (each uint8 [T, H, W, 3], equal shapes) as one PNG, rows on top of each other."""
+    from PIL import Image, ImageDraw
+
+    rows = [np.asarray(r) for r in rows]
+    if not rows or any(r.shape != rows[0].shape for r in rows) or rows[0].ndim != 4:
+        raise ValueError(f"frame_grid wants rows of equal shape [T, H, W, 3], got {[r.shape for r in rows]}")
+    T, H, W, _ = rows[0].shape
+    label_w = 0 if not labels else 8 + 6 * max(len(s) for s in labels)
+    canvas = np.full((len(rows) * (H + pad) + pad, label_w + T * (W + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, r in enumerate(rows):
+        for t in range(T):
+            y, x = pad + i * (H + pad), label_w + pad + t * (W + pad)
+            canvas[y:y + H, x:x + W] = r[t]
+    img = Image.fromarray(canvas)
+    if labels:
+        draw = ImageDraw.Draw(img)
+        for i, s in enumerate(labels):
+            draw.text((2, pad + i * (H + pad) + H // 2 - 5), s, fill=(0, 0, 0))
+    path = Path(path)
+    img.save(path)
+    return path
+
+
+def save_gif(frames, path, fps: int = 20) -> Path:
+    """frames: uint8 [T, H, W, 3] (or a list of such frames)."""
+    import imageio.v2 as imageio
+
+    frames = [np.asarray(f, dtype=np.uint8) for f in frames]
+    if not frames:
+        raise ValueError("save_gif needs at least one frame")
+    path = Path(path)
+    imageio.mimsave(path, frames, duration=1.0 / fps, loop=0)
+    return path
+
+
+def side_by_side(a: np.ndarray, b: np.ndarray, pad: int = 2) -> np.ndarray:
+    """Two frame sequences [T, H, W, 3] next to each other (white gap) -> [T, H, 2W + pad, 3]."""
+    a, b = np.asarray(a), np.asarray(b)
+    T = min(len(a), len(b))
+    gap = np.full((T, a.shape[1], pad, 3), 255, dtype=np.uint8)
+    return np.concatenate([a[:T], gap, b[:T]], axis=2)
+
+
+__all__ = ["success_bars", "horizon_curves", "frame_grid", "save_gif", "side_by_side"]
