@@ -1,9 +1,186 @@
 // The one pybind11 binding file of worldvla._C. Ops take raw pointers, shapes,
 // strides and a stream handle, so the module does not link libtorch and one
 // build serves every supported torch version.
+//
+// Every op takes `device` first: -1 runs the C++ CPU path (float32 only), a
+// CUDA device index runs the CUDA kernel asynchronously on `stream` (a
+// cudaStream_t as an integer). worldvla/ops/native_backend.py validates dtypes,
+// devices, shapes, strides and alignment before calling in; the checks here
+// only guard against calls that bypass it.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+
+#include "common.h"
 
 namespace py = pybind11;
+using namespace worldvla;
+
+namespace {
+
+using Strides = std::array<int64_t, 3>;
+
+template <typename T>
+T* ptr(int64_t p) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(p));
+}
+
+bool on_cpu(int device, int dtype, const char* op) {
+  if (device < 0) {
+    if (dtype != kFloat32)
+      throw std::invalid_argument(std::string(op) + ": the CPU path takes float32 tensors");
+    return true;
+  }
+#ifdef WORLDVLA_WITH_CUDA
+  set_device_cuda(device);
+  return false;
+#else
+  throw std::runtime_error(std::string(op) + ": worldvla._C was built without CUDA");
+#endif
+}
+
+void masked_attention_fwd(int device, int64_t stream, int dtype, int64_t q, int64_t k, int64_t v, int64_t o,
+                          int64_t kv_block, int64_t q_limit, int64_t cu_seqlens, int64_t n_seq, int64_t seq_len,
+                          int64_t max_seqlen, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, Strides qs,
+                          Strides ks, Strides vs, Strides os, int64_t meta_sb, double scale) {
+  if (n_kv_heads <= 0 || n_heads % n_kv_heads)
+    throw std::invalid_argument("masked_attention: n_kv_heads must divide n_heads");
+  AttnFwdParams p;
+  p.q = ptr<const void>(q);
+  p.k = ptr<const void>(k);
+  p.v = ptr<const void>(v);
+  p.o = ptr<void>(o);
+  p.kv_block = ptr<const int32_t>(kv_block);
+  p.q_limit = ptr<const int32_t>(q_limit);
+  p.cu_seqlens = ptr<const int32_t>(cu_seqlens);
+  p.n_seq = n_seq;
+  p.seq_len = seq_len;
+  p.max_seqlen = max_seqlen;
+  p.n_heads = n_heads;
+  p.n_kv_heads = n_kv_heads;
+  p.head_dim = head_dim;
+  p.q_sb = qs[0]; p.q_st = qs[1]; p.q_sh = qs[2];
+  p.k_sb = ks[0]; p.k_st = ks[1]; p.k_sh = ks[2];
+  p.v_sb = vs[0]; p.v_st = vs[1]; p.v_sh = vs[2];
+  p.o_sb = os[0]; p.o_st = os[1]; p.o_sh = os[2];
+  p.meta_sb = meta_sb;
+  p.scale = static_cast<float>(scale);
+  p.dtype = dtype;
+  if (on_cpu(device, dtype, "masked_attention")) {
+    py::gil_scoped_release nogil;
+    masked_attention_fwd_cpu(p);
+    return;
+  }
+#ifdef WORLDVLA_WITH_CUDA
+  masked_attention_fwd_cuda(p, ptr<void>(stream));
+#endif
+}
+
+void decode_attention(int device, int64_t stream, int dtype, int64_t q, int64_t k, int64_t v, int64_t o,
+                      int64_t q_pos, int64_t q_limit, int64_t kv_block, int64_t kv_len, int64_t batch, int64_t n_q,
+                      int64_t cache_len, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, Strides qs,
+                      Strides ks, Strides vs, Strides os, int64_t kvb_sb, double scale, int64_t o_part,
+                      int64_t lse_part, int64_t n_splits, int64_t split_size) {
+  if (n_kv_heads <= 0 || n_heads % n_kv_heads)
+    throw std::invalid_argument("decode_attention: n_kv_heads must divide n_heads");
+  DecodeParams p;
+  p.q = ptr<const void>(q);
+  p.k = ptr<const void>(k);
+  p.v = ptr<const void>(v);
+  p.o = ptr<void>(o);
+  p.q_pos = ptr<const int32_t>(q_pos);
+  p.q_limit = ptr<const int32_t>(q_limit);
+  p.kv_block = ptr<const int32_t>(kv_block);
+  p.kv_len = ptr<const int32_t>(kv_len);
+  p.batch = batch;
+  p.n_q = n_q;
+  p.cache_len = cache_len;
+  p.n_heads = n_heads;
+  p.n_kv_heads = n_kv_heads;
+  p.head_dim = head_dim;
+  p.q_sb = qs[0]; p.q_st = qs[1]; p.q_sh = qs[2];
+  p.k_sb = ks[0]; p.k_st = ks[1]; p.k_sh = ks[2];
+  p.v_sb = vs[0]; p.v_st = vs[1]; p.v_sh = vs[2];
+  p.o_sb = os[0]; p.o_st = os[1]; p.o_sh = os[2];
+  p.kvb_sb = kvb_sb;
+  p.scale = static_cast<float>(scale);
+  p.dtype = dtype;
+  p.o_part = ptr<float>(o_part);
+  p.lse_part = ptr<float>(lse_part);
+  p.n_splits = n_splits;
+  p.split_size = split_size;
+  if (on_cpu(device, dtype, "decode_attention")) {
+    py::gil_scoped_release nogil;
+    decode_attention_cpu(p);
+    return;
+  }
+#ifdef WORLDVLA_WITH_CUDA
+  decode_attention_cuda(p, ptr<void>(stream));
+#endif
+}
+
+void vq_quantize(int device, int64_t stream, int dtype, int64_t z, int64_t z_s, int64_t codebook, int64_t cb_s,
+                 int64_t N, int64_t K, int64_t C, int64_t out) {
+  if (on_cpu(device, dtype, "vq_quantize")) {
+    py::gil_scoped_release nogil;
+    vq_quantize_cpu(ptr<const float>(z), z_s, ptr<const float>(codebook), cb_s, N, K, C, ptr<int64_t>(out));
+    return;
+  }
+#ifdef WORLDVLA_WITH_CUDA
+  vq_quantize_cuda(ptr<const void>(z), z_s, ptr<const void>(codebook), cb_s, dtype, N, K, C, ptr<int64_t>(out),
+                   ptr<void>(stream));
+#endif
+}
+
+void vq_gather(int device, int64_t stream, int64_t indices, int index_dtype, int64_t codebook, int64_t cb_s,
+               int elem_size, int64_t B, int64_t HW, int64_t K, int64_t C, int64_t out) {
+  // Bitwise copy: any element type of the right size works on either device.
+  if (device < 0) {
+    py::gil_scoped_release nogil;
+    vq_gather_cpu(ptr<const void>(indices), index_dtype, ptr<const void>(codebook), cb_s, elem_size, B, HW, K, C,
+                  ptr<void>(out));
+    return;
+  }
+#ifdef WORLDVLA_WITH_CUDA
+  set_device_cuda(device);
+  vq_gather_cuda(ptr<const void>(indices), index_dtype, ptr<const void>(codebook), cb_s, elem_size, B, HW, K, C,
+                 ptr<void>(out), ptr<void>(stream));
+#else
+  throw std::runtime_error("vq_gather: worldvla._C was built without CUDA");
+#endif
+}
+
+void range_argmax(int device, int64_t stream, int dtype, int64_t hidden, int64_t h_s, int64_t weight, int64_t w_s,
+                  int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t workspace, int64_t ids) {
+  if (hi <= lo) throw std::invalid_argument("constrained_argmax: empty vocabulary range");
+  if (on_cpu(device, dtype, "constrained_argmax")) {
+    py::gil_scoped_release nogil;
+    range_argmax_cpu(ptr<const float>(hidden), h_s, ptr<const float>(weight), w_s, N, H, lo, hi, ptr<int64_t>(ids));
+    return;
+  }
+#ifdef WORLDVLA_WITH_CUDA
+  range_argmax_cuda(ptr<const void>(hidden), h_s, ptr<const void>(weight), w_s, dtype, N, H, lo, hi,
+                    ptr<unsigned long long>(workspace), ptr<int64_t>(ids), ptr<void>(stream));
+#endif
+}
+
+void range_logits(int device, int64_t stream, int dtype, int64_t hidden, int64_t h_s, int64_t weight, int64_t w_s,
+                  int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t logits) {
+  if (hi <= lo) throw std::invalid_argument("range_logits: empty vocabulary range");
+  if (on_cpu(device, dtype, "range_logits")) {
+    py::gil_scoped_release nogil;
+    range_logits_cpu(ptr<const float>(hidden), h_s, ptr<const float>(weight), w_s, N, H, lo, hi, ptr<float>(logits));
+    return;
+  }
+#ifdef WORLDVLA_WITH_CUDA
+  range_logits_cuda(ptr<const void>(hidden), h_s, ptr<const void>(weight), w_s, dtype, N, H, lo, hi,
+                    ptr<float>(logits), ptr<void>(stream));
+#endif
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "worldvla native kernels (C++ CPU paths, CUDA when built with it)";
@@ -12,4 +189,14 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.attr("NO_BLOCK") = kNoBlock;
+  m.def("masked_attention_fwd", &masked_attention_fwd,
+        "Chunk-masked prefill attention: q/k/v/o pointers, metadata pointers, sizes, (batch, token, head) "
+        "element strides of q, k, v, o, metadata batch stride, softmax scale.");
+  m.def("decode_attention", &decode_attention,
+        "Decode attention against a KV cache under DecodeMeta; CUDA uses the caller's split-KV workspace.");
+  m.def("vq_quantize", &vq_quantize, "Nearest codebook entry per row of z (int64 out).");
+  m.def("vq_gather", &vq_gather, "Codebook rows for indices [B, h*w] into out [B, C, h*w].");
+  m.def("range_argmax", &range_argmax, "Greedy token over the vocabulary range [lo, hi) (int64 out).");
+  m.def("range_logits", &range_logits, "float32 logits [N, hi - lo] of the vocabulary range [lo, hi).");
 }

@@ -61,7 +61,7 @@ def test_expert_succeeds_within_limit(reach_env):
     reach_env.reset(seed=fresh_seed())
     done = False
     while not done:
-        _, _, success, done = reach_env.step(np.clip(policy.get_action(reach_env.state), -1, 1))
+        _, _, success, done = reach_env.step(policy(reach_env.state))
     assert reach_env.success and success, f"expert failed within {reach_env.max_steps} steps"
     assert reach_env.t < reach_env.max_steps
     with pytest.raises(RuntimeError, match="reset"):

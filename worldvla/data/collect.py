@@ -13,7 +13,6 @@ import argparse
 import multiprocessing as mp
 import sys
 import time
-import warnings
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -67,17 +66,13 @@ def run_episode(job: dict) -> dict:
     frame = env.reset(seed=job["seed"])
     frames, actions = [], []
     done = False
-    with warnings.catch_warnings():
-        # The experts warn that their gains saturate; the env clips, and so do we.
-        warnings.simplefilter("ignore", UserWarning)
-        while not done:
-            action = np.asarray(policy.get_action(env.state), dtype=np.float64)
-            if job["noise"] > 0:
-                action = action + rng.normal(0.0, job["noise"], size=action.shape)
-            action = np.clip(action, -1.0, 1.0)
-            frames.append(frame)
-            actions.append(action)
-            frame, _, _, done = env.step(action)
+    while not done:
+        action = policy(env.state)
+        if job["noise"] > 0:
+            action = np.clip(action + rng.normal(0.0, job["noise"], size=action.shape), -1.0, 1.0)
+        frames.append(frame)
+        actions.append(action)
+        frame, _, _, done = env.step(action)
     return {
         **job,
         "frames": np.stack(frames),

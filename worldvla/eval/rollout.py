@@ -38,7 +38,7 @@ class ChunkQuery:
             out = self.policy.act(images)
         self.latencies.append(time.perf_counter() - t0)
         out = np.asarray(out, dtype=np.float64)
-        want = images.ndim + (0 if images.ndim == 4 else -1)  # [N,K,D] for a batch, [K,D] for one image
+        want = 3 if images.ndim == 4 else 2  # [N, K, D] for a batch, [K, D] for one image
         if out.ndim != want:
             raise ValueError(f"policy.act returned shape {out.shape}; expected "
                              f"{'[N, K, D]' if images.ndim == 4 else '[K, D]'} for images of shape {images.shape}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -103,14 +104,34 @@ def _check_task(task: str) -> None:
         raise ValueError(f"unknown Meta-World task {task!r}; known tasks: {known}")
 
 
-def expert_policy(task: str):
-    """The scripted expert for `task`: an object with `get_action(state) -> action [4]`
-    (`state` is `MetaWorldEnv.state`, the 39-D observation with the goal visible)."""
-    _check_task(task)
-    _require_metaworld()
-    from metaworld.policies import ENV_POLICY_MAP
+class ExpertPolicy:
+    """Meta-World's scripted expert for one task: `policy(state) -> action [4]` in [-1, 1].
 
-    return ENV_POLICY_MAP[task]()
+    `state` is `MetaWorldEnv.state`. The experts are proportional controllers whose
+    raw output can leave [-1, 1] (they warn about it on every call); the env clips
+    anyway, so the action is clipped here and the warning silenced.
+    """
+
+    def __init__(self, task: str):
+        _check_task(task)
+        _require_metaworld()
+        from metaworld.policies import ENV_POLICY_MAP
+
+        self.task = task
+        self._policy = ENV_POLICY_MAP[task]()
+
+    def __call__(self, state) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Constant", category=UserWarning)
+            action = self._policy.get_action(np.asarray(state, dtype=np.float64))
+        return np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
+
+    get_action = __call__
+
+
+def expert_policy(task: str) -> ExpertPolicy:
+    """The scripted expert of `task` (from `metaworld.policies.ENV_POLICY_MAP`)."""
+    return ExpertPolicy(task)
 
 
 def _make_gym_env(task: str, seed: int, image_size: int, camera: str):

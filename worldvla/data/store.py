@@ -1,0 +1,536 @@
+"""HDF5 demonstrations -> a sharded, memory-mapped token store (spec section 2).
+
+Every frame is encoded by the VQGAN once (in batches); the codes then feed both
+kinds of training sample:
+
+    action  BOS, prompt, I_{j-1}, I_j, SEP | [BOA bins EOA] x K, SEP     (j + K <= T; one image at j = 0)
+    world   BOS, prompt, I_j, [BOA bins EOA], SEP | I_{j+1}, SEP         (j < T - 1)
+
+Layout on disk:
+
+    <store>/manifest.json        settings, vocabulary layout, action bounds, shards with sha256 of each file
+    <store>/vqgan/               the VQGAN that encoded the frames (VQGAN.save_pretrained)
+    <store>/shard_00000/tokens.npy   int32 [N]      every sample's ids, back to back
+                        labels.npy   int32 [N]      -100 where there is no loss
+                        offsets.npy  int64 [n + 1]  sample i is tokens[offsets[i]:offsets[i + 1]]
+                        kinds.npy    uint8 [n]      0 = action, 1 = world
+                        index.npy    int32 [n, 2]   (demo ordinal in its file, step j)
+
+A shard is one input file (or a fixed group of its demos). Shards are written into a
+temporary folder and renamed into place, and the manifest is rewritten atomically after
+each one, so an interrupted build resumes where it stopped: shards whose files match
+their recorded checksums are skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..tokens import IGNORE, ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
+from ..tokens.actions import LIBERO_MAX, LIBERO_MIN
+
+FORMAT = "worldvla-token-store"
+VERSION = 1
+KINDS = ("action", "world")
+_KIND_CODE = {k: i for i, k in enumerate(KINDS)}
+_ARRAYS = ("tokens", "labels", "offsets", "kinds", "index")
+MANIFEST = "manifest.json"
+
+
+# ---------------------------------------------------------------------- small utilities
+def sha256_file(path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _state_dict_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def find_demo_files(inputs) -> list[Path]:
+    """Files and folders (searched recursively for *.hdf5 / *.h5) -> sorted list of files."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    files = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += [q for q in p.rglob("*") if q.suffix in (".hdf5", ".h5") and q.is_file()]
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"demo input {p} does not exist (give HDF5 files or folders that hold them)")
+    files = sorted({f.resolve() for f in files})
+    if not files:
+        raise FileNotFoundError(f"no HDF5 demo files (*.hdf5, *.h5) found in {list(map(str, inputs))}")
+    return files
+
+
+def _scan_actions(files) -> np.ndarray:
+    """Every action of every demo, without reading frames (for data-derived bounds)."""
+    import h5py
+
+    out = []
+    for path in files:
+        with h5py.File(path, "r") as f:
+            data = f["data"]
+            for name in data:
+                if name.startswith("demo_") and "actions" in data[name]:
+                    out.append(np.asarray(data[name]["actions"][()], dtype=np.float64))
+    if not out:
+        raise ValueError(f"no actions found in {len(files)} demo files")
+    return np.concatenate(out, axis=0)
+
+
+def action_bounds(mode: str, files, action_dim: int) -> tuple[list[float], list[float]]:
+    """`libero`: the release's fixed 7-D bounds; `unit`: [-1, 1] per dimension (Meta-World);
+    `data`: per-dimension min/max over the demos; `auto`: libero for 7-D actions, unit when
+    every action lies in [-1, 1], data otherwise."""
+    if mode == "libero" or (mode == "auto" and action_dim == 7):
+        if action_dim != 7:
+            raise ValueError(f"the LIBERO bounds are 7-D but the demos have {action_dim}-D actions; "
+                             f"use --action-bounds unit or data")
+        return list(LIBERO_MIN), list(LIBERO_MAX)
+    if mode in ("auto", "data"):
+        acts = _scan_actions(files)
+        lo, hi = acts.min(0), acts.max(0)
+        if mode == "auto" and lo.min() >= -1.0 and hi.max() <= 1.0:
+            return [-1.0] * action_dim, [1.0] * action_dim
+        flat = hi - lo < 1e-6  # a constant dimension still needs a non-empty range
+        lo, hi = np.where(flat, lo - 1.0, lo), np.where(flat, hi + 1.0, hi)
+        return lo.tolist(), hi.tolist()
+    if mode == "unit":
+        return [-1.0] * action_dim, [1.0] * action_dim
+    raise ValueError(f"unknown action bounds {mode!r}; choose auto, libero, unit or data")
+
+
+# ---------------------------------------------------------------------- building
+@dataclass
+class StoreSettings:
+    chunk_size: int = 5
+    history: int = 2
+    action: bool = True
+    world: bool = True
+    demos_per_shard: int = 0       # 0 = one shard per input file
+    only_success: bool = True
+    camera: str | None = None
+
+    def check(self):
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk size K must be >= 1, got {self.chunk_size}")
+        if self.history not in (1, 2):
+            raise ValueError(f"history must be 1 or 2 frames (the release uses 2), got {self.history}")
+        if not (self.action or self.world):
+            raise ValueError("nothing to build: both action and world samples are switched off")
+        if self.demos_per_shard < 0:
+            raise ValueError(f"demos_per_shard must be >= 0 (0 = one shard per file), got {self.demos_per_shard}")
+
+
+def _encode_frames(vqgan, frames: np.ndarray, batch: int, device) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> codes [T, h, w] int32, in batches of `batch` frames."""
+    from ..vqgan import preprocess
+
+    out = []
+    for s in range(0, len(frames), batch):
+        px = preprocess(frames[s:s + batch]).to(device=device)
+        out.append(vqgan.encode(px).to(torch.int32).cpu())
+    return torch.cat(out).numpy()
+
+
+def demo_samples(builder: SequenceBuilder, codes: np.ndarray, actions: np.ndarray, instruction: str,
+                 settings: StoreSettings):
+    """Yield (sample, j) for one demo from its frame codes [T, h, w] and actions [T, D]."""
+    T = len(actions)
+    codes_t = torch.from_numpy(codes).long()
+    K = settings.chunk_size
+    if settings.action:
+        for j in range(0, T - K + 1):
+            hist = [codes_t[i] for i in range(max(0, j - settings.history + 1), j + 1)]
+            yield builder.action_sample(instruction, hist, actions[j:j + K]), j
+    if settings.world:
+        for j in range(T - 1):
+            yield builder.world_sample(codes_t[j], actions[j], codes_t[j + 1]), j
+
+
+def _write_shard(folder: Path, samples) -> dict:
+    """samples: list of (Sample, demo ordinal, j). Written to a temp folder, renamed into place."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    lengths = np.array([s.input_ids.numel() for s, _, _ in samples], dtype=np.int64)
+    offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if samples:
+        tokens = torch.cat([s.input_ids for s, _, _ in samples]).numpy().astype(np.int32)
+        labels = torch.cat([s.labels for s, _, _ in samples]).numpy().astype(np.int32)
+    else:
+        tokens = labels = np.zeros(0, dtype=np.int32)
+    arrays = {
+        "tokens": tokens, "labels": labels, "offsets": offsets,
+        "kinds": np.array([_KIND_CODE[s.kind] for s, _, _ in samples], dtype=np.uint8),
+        "index": np.array([[d, j] for _, d, j in samples], dtype=np.int32).reshape(-1, 2),
+    }
+    files = {}
+    for name, arr in arrays.items():
+        p = tmp / f"{name}.npy"
+        np.save(p, arr)
+        files[p.name] = sha256_file(p)
+    with open(tmp / "done", "w"):
+        pass
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    kinds = arrays["kinds"]
+    return {"n_samples": len(samples), "n_tokens": int(offsets[-1]), "files": files,
+            "n_action": int((kinds == 0).sum()), "n_world": int((kinds == 1).sum()),
+            "n_label_tokens": int((labels != IGNORE).sum())}
+
+
+def verify_shard(root: Path, entry: dict) -> bool:
+    folder = root / entry["name"]
+    try:
+        return all(sha256_file(folder / f) == h for f, h in entry["files"].items())
+    except FileNotFoundError:
+        return False
+
+
+def _plan_shards(files, settings: StoreSettings):
+    from .hdf5 import demo_file_info
+
+    plan = []
+    for fi, path in enumerate(files):
+        n = demo_file_info(path)["num_demos"]
+        per = settings.demos_per_shard or max(n, 1)
+        for a in range(0, max(n, 1), per):
+            plan.append({"name": f"shard_{len(plan):05d}", "file": fi, "demos": [a, min(a + per, n)]})
+    return plan
+
+
+def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, tokenizer_json=None,
+                chunk_size: int = 5, history: int = 2, action: bool = True, world: bool = True,
+                bounds: str = "auto", demos_per_shard: int = 0, only_success: bool = True, camera=None,
+                encode_batch: int = 32, device=None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Pretokenize HDF5 demos into a token store at `out` (resumable; see the module doc).
+
+    vqgan: a `worldvla.vqgan.VQGAN` or a folder written by `VQGAN.save_pretrained`.
+    layout: a VocabLayout, "chameleon" (needs `tokenizer_json`), or None / "compact" for a compact
+    vocabulary sized to the VQGAN's codebook.
+    """
+    from tqdm.auto import tqdm
+
+    from ..vqgan import VQGAN
+    from .hdf5 import iter_demos
+
+    settings = StoreSettings(chunk_size, history, action, world, demos_per_shard, only_success, camera)
+    settings.check()
+    files = find_demo_files(inputs)
+    out = Path(out)
+    device = torch.device(device or "cpu")
+    if not isinstance(vqgan, VQGAN):
+        vqgan = VQGAN.from_pretrained(vqgan)
+    vqgan = vqgan.to(device).eval()
+    n_codes = vqgan.config.n_embed
+    if layout is None or layout == "compact":
+        layout = VocabLayout.compact(n_image_codes=n_codes)
+    elif layout == "chameleon":
+        layout = VocabLayout.chameleon(tokenizer_json)
+    elif not isinstance(layout, VocabLayout):
+        raise ValueError(f"layout must be a VocabLayout, 'compact' or 'chameleon', got {layout!r}")
+    if layout.n_image_codes < n_codes:
+        raise ValueError(f"the VQGAN has {n_codes} codes but layout '{layout.name}' only {layout.n_image_codes} "
+                         f"image ids; use VocabLayout.compact(n_image_codes={n_codes})")
+    builder_text = text_tokenizer_for(layout, tokenizer_json)
+
+    first = next(iter_demos(files[0], camera=camera), None)
+    if first is None:
+        raise ValueError(f"{files[0]} holds no demos")
+    action_dim = first.actions.shape[1]
+    image_hw = list(first.frames.shape[1:3])
+    low, high = action_bounds(bounds, files, action_dim)
+    act_tok = ActionTokenizer(layout, low, high)
+    builder = SequenceBuilder(layout, builder_text, act_tok)
+
+    vq_digest = _state_dict_digest(vqgan)
+    settings_d = dict(settings.__dict__)
+    inputs_d = [{"path": str(f), "size": f.stat().st_size} for f in files]
+    fingerprint = hashlib.sha256(json.dumps(
+        {"version": VERSION, "settings": settings_d, "layout": layout.to_dict(), "low": low, "high": high,
+         "vqgan": vq_digest, "inputs": [(Path(d["path"]).name, d["size"]) for d in inputs_d]},
+        sort_keys=True).encode()).hexdigest()
+
+    out.mkdir(parents=True, exist_ok=True)
+    mpath = out / MANIFEST
+    done: dict[str, dict] = {}
+    if mpath.is_file():
+        old = json.loads(mpath.read_text())
+        if old.get("fingerprint") != fingerprint:
+            if not overwrite:
+                raise FileExistsError(
+                    f"{out} holds a token store built with other settings, inputs or VQGAN; pass overwrite=True "
+                    f"(--overwrite) to rebuild it, or choose another output folder")
+        else:
+            done = {e["name"]: e for e in old.get("shards", [])}
+    if not (out / "vqgan" / "config.json").is_file() or overwrite:
+        vqgan.save_pretrained(out / "vqgan")
+
+    plan = _plan_shards(files, settings)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "complete": False,
+        "layout": layout.to_dict(), "kinds": list(KINDS),
+        "action": {"low": low, "high": high, "dim": action_dim, "chunk_size": chunk_size,
+                   "history": history, "bounds": bounds},
+        "image_size": image_hw, "code_grid": [image_hw[0] // vqgan.downsample, image_hw[1] // vqgan.downsample],
+        "settings": settings_d, "vqgan": "vqgan", "vqgan_sha256": vq_digest, "inputs": inputs_d,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "shards": [],
+    }
+    todo = []
+    for entry in plan:
+        old = done.get(entry["name"])
+        if old is not None and old["file"] == entry["file"] and old["demos"] == entry["demos"] \
+                and verify_shard(out, old):
+            manifest["shards"].append(old)
+        else:
+            todo.append(entry)
+    _atomic_json(mpath, manifest)
+
+    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="pretokenize", unit="shard",
+               disable=not progress)
+    n_frames = 0
+    by_file: dict[int, list[dict]] = {}
+    for entry in todo:
+        by_file.setdefault(entry["file"], []).append(entry)
+    for fi, entries in by_file.items():
+        wanted = {d: e for e in entries for d in range(*e["demos"])}
+        pending = {e["name"]: [] for e in entries}
+        remaining = {e["name"]: e["demos"][1] - e["demos"][0] for e in entries}
+        for d, demo in enumerate(iter_demos(files[fi], camera=camera)):
+            entry = wanted.get(d)
+            if entry is None:
+                continue
+            if list(demo.frames.shape[1:3]) != image_hw:
+                raise ValueError(f"{files[fi]}:{demo.name} has {demo.frames.shape[1]}x{demo.frames.shape[2]} frames "
+                                 f"but the store uses {image_hw[0]}x{image_hw[1]}; resize all demos to one size")
+            if demo.actions.shape[1] != action_dim:
+                raise ValueError(f"{files[fi]}:{demo.name} has {demo.actions.shape[1]}-D actions, the store "
+                                 f"{action_dim}-D")
+            if demo.success or not only_success:
+                codes = _encode_frames(vqgan, demo.frames, encode_batch, device)
+                n_frames += len(codes)
+                pending[entry["name"]] += [(s, d, j) for s, j in
+                                           demo_samples(builder, codes, demo.actions, demo.instruction, settings)]
+            remaining[entry["name"]] -= 1
+            if remaining[entry["name"]] == 0:
+                info = _write_shard(out / entry["name"], pending.pop(entry["name"]))
+                manifest["shards"].append({**entry, **info})
+                manifest["shards"].sort(key=lambda e: e["name"])
+                _atomic_json(mpath, manifest)
+                bar.update(1)
+                bar.set_postfix(frames=n_frames)
+        for name in list(pending):  # a file with no demos still gets its (empty) shard
+            entry = next(e for e in entries if e["name"] == name)
+            manifest["shards"].append({**entry, **_write_shard(out / name, pending.pop(name))})
+            bar.update(1)
+    bar.close()
+    manifest["shards"].sort(key=lambda e: e["name"])
+    for key in ("n_samples", "n_tokens", "n_action", "n_world", "n_label_tokens"):
+        manifest[key] = sum(e[key] for e in manifest["shards"])
+    if manifest["n_samples"] == 0:
+        raise ValueError(f"no samples were built from {len(files)} files: demos may all be failures "
+                         f"(pass only_success=False) or shorter than the chunk size {chunk_size}")
+    manifest["complete"] = True
+    _atomic_json(mpath, manifest)
+    return out
+
+
+# ---------------------------------------------------------------------- reading
+class TokenStore(torch.utils.data.Dataset):
+    """Read side of the store: `store[i] -> (ids int64 [L], labels int64 [L], kind)`.
+
+    kinds: keep only these sample kinds (e.g. ("action",) for the action-only ablation).
+    verify: check every shard's sha256 on open.
+    Arrays are memory-mapped lazily, so the object is cheap to pickle into data-loader workers.
+    """
+
+    def __init__(self, path, kinds=None, verify: bool = False):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not mpath.is_file():
+            raise FileNotFoundError(f"{self.path} is not a token store (no {MANIFEST}); build one with "
+                                    f"`worldvla pretokenize`")
+        self.manifest = json.loads(mpath.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{mpath} is not a {FORMAT} manifest")
+        if not self.manifest.get("complete"):
+            raise ValueError(f"the token store at {self.path} is incomplete (its build was interrupted); "
+                             f"rerun `worldvla pretokenize` with the same arguments to finish it")
+        kinds = tuple(KINDS if kinds is None else ((kinds,) if isinstance(kinds, str) else kinds))
+        bad = [k for k in kinds if k not in KINDS]
+        if bad or not kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
+        self.kinds = kinds
+        self.shards = self.manifest["shards"]
+        if verify:
+            broken = [e["name"] for e in self.shards if not verify_shard(self.path, e)]
+            if broken:
+                raise ValueError(f"checksum mismatch in shards {broken} of {self.path}; rebuild them by rerunning "
+                                 f"`worldvla pretokenize` with the same arguments")
+        self._arrays: dict[int, dict[str, np.ndarray]] = {}
+        shard_ids, local, lengths, kind_codes = [], [], [], []
+        keep = np.array([k in kinds for k in KINDS])
+        for si, e in enumerate(self.shards):
+            if e["n_samples"] == 0:
+                continue
+            a = self._shard(si)
+            sel = np.nonzero(keep[a["kinds"]])[0]
+            shard_ids.append(np.full(len(sel), si, dtype=np.int32))
+            local.append(sel.astype(np.int64))
+            lengths.append(np.diff(a["offsets"])[sel])
+            kind_codes.append(a["kinds"][sel])
+        cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+        self._shard_of = cat(shard_ids, np.int32)
+        self._local = cat(local, np.int64)
+        self.lengths = cat(lengths, np.int64)
+        self.kind_codes = cat(kind_codes, np.uint8)
+        self._arrays.clear()
+
+    def _shard(self, si: int) -> dict:
+        a = self._arrays.get(si)
+        if a is None:
+            folder = self.path / self.shards[si]["name"]
+            a = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in _ARRAYS}
+            self._arrays[si] = a
+        return a
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_arrays"] = {}
+        return d
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int):
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range for a store of {n} samples")
+        i = i % n
+        a = self._shard(int(self._shard_of[i]))
+        k = int(self._local[i])
+        s, e = int(a["offsets"][k]), int(a["offsets"][k + 1])
+        ids = torch.from_numpy(np.asarray(a["tokens"][s:e], dtype=np.int64))
+        labels = torch.from_numpy(np.asarray(a["labels"][s:e], dtype=np.int64))
+        return ids, labels, KINDS[int(a["kinds"][k])]
+
+    # -------------------------------------------------------------- metadata
+    @property
+    def layout(self) -> VocabLayout:
+        return VocabLayout.from_dict(self.manifest["layout"])
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.manifest["action"]["chunk_size"])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.manifest["image_size"])
+
+    @property
+    def vqgan_path(self) -> Path:
+        return self.path / self.manifest["vqgan"]
+
+    def action_tokenizer(self) -> ActionTokenizer:
+        a = self.manifest["action"]
+        return ActionTokenizer(self.layout, a["low"], a["high"])
+
+    def kind_counts(self) -> dict:
+        return {k: int((self.kind_codes == i).sum()) for i, k in enumerate(KINDS) if k in self.kinds}
+
+
+def pack(samples, max_tokens: int, pad_id: int | None = None):
+    """Concatenate samples into one packed sequence for `model.loss(ids, labels, cu_seqlens=cu)`.
+
+    samples: (ids, labels[, kind]) tuples. Returns (input_ids [T] int64, labels [T] int64,
+    cu_seqlens int32 [n_docs + 1]). With `pad_id` the sequence is padded to exactly `max_tokens`
+    with one extra document of `pad_id` tokens carrying no labels (fixed shapes for compiled code).
+    """
+    if not samples:
+        raise ValueError("pack needs at least one sample")
+    ids = [torch.as_tensor(s[0], dtype=torch.long).flatten() for s in samples]
+    labels = [torch.as_tensor(s[1], dtype=torch.long).flatten() for s in samples]
+    lens = [x.numel() for x in ids]
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        if x.numel() != y.numel() or x.numel() == 0:
+            raise ValueError(f"sample {i}: ids ({x.numel()}) and labels ({y.numel()}) must have the same, "
+                             f"non-zero length")
+    total = sum(lens)
+    if total > max_tokens:
+        raise ValueError(f"{len(samples)} samples hold {total} tokens, more than max_tokens={max_tokens}; "
+                         f"raise the token budget or pack fewer samples (longest sample: {max(lens)})")
+    if pad_id is not None and total < max_tokens:
+        ids.append(torch.full((max_tokens - total,), pad_id, dtype=torch.long))
+        labels.append(torch.full((max_tokens - total,), IGNORE, dtype=torch.long))
+        lens.append(max_tokens - total)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens), 0)
+    return torch.cat(ids), torch.cat(labels), cu
+
+
+# ---------------------------------------------------------------------- command line
+def add_arguments(p) -> None:
+    p.add_argument("inputs", nargs="+", help="HDF5 demo files or folders holding them")
+    p.add_argument("--out", required=True, help="output folder of the token store")
+    p.add_argument("--vqgan", required=True, help="VQGAN folder (VQGAN.save_pretrained / worldvla train-vq)")
+    p.add_argument("--layout", choices=("compact", "chameleon"), default="compact",
+                   help="vocabulary: compact (sized to the VQGAN, byte text) or the release's chameleon ids")
+    p.add_argument("--tokenizer-json", default=None, help="the release's text_tokenizer.json (chameleon layout)")
+    p.add_argument("--chunk-size", "-K", type=int, default=5, help="actions per action-model sample (K)")
+    p.add_argument("--history", type=int, default=2, choices=(1, 2), help="history frames per action sample")
+    p.add_argument("--no-world", action="store_true", help="action samples only (the action-only ablation)")
+    p.add_argument("--no-action", action="store_true", help="world-model samples only")
+    p.add_argument("--action-bounds", default="auto", choices=("auto", "libero", "unit", "data"),
+                   help="min/max used to normalize actions before binning")
+    p.add_argument("--demos-per-shard", type=int, default=0, help="demos per shard (0 = one shard per file)")
+    p.add_argument("--include-failed", action="store_true", help="also tokenize demos not marked successful")
+    p.add_argument("--camera", default=None, help="camera name (obs/<camera>_rgb); default: agentview or first")
+    p.add_argument("--encode-batch", type=int, default=32, help="frames per VQGAN call")
+    p.add_argument("--device", default=None, help="device for the VQGAN (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild a store made with other settings")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    out = build_store(args.inputs, args.out, args.vqgan, layout=args.layout, tokenizer_json=args.tokenizer_json,
+                      chunk_size=args.chunk_size, history=args.history, action=not args.no_action,
+                      world=not args.no_world, bounds=args.action_bounds, demos_per_shard=args.demos_per_shard,
+                      only_success=not args.include_failed, camera=args.camera, encode_batch=args.encode_batch,
+                      device=args.device, overwrite=args.overwrite, progress=not args.no_progress)
+    m = json.loads((out / MANIFEST).read_text())
+    print(f"token store {out}: {m['n_samples']} samples ({m['n_action']} action, {m['n_world']} world), "
+          f"{m['n_tokens']} tokens in {len(m['shards'])} shards")
+    return 0
+
+
+__all__ = ["build_store", "TokenStore", "pack", "find_demo_files", "action_bounds", "demo_samples",
+           "StoreSettings", "verify_shard", "add_arguments", "run"]

@@ -1,0 +1,175 @@
+"""Action-chunk decoding: K actions of D bins, each `[BOA, bin_1..bin_D, EOA]`, then the separator.
+
+Under the chunk rule (spec 3) a block that starts after the last image sees only the
+prompt and its own tokens. Block k therefore depends on nothing but the prompt and its
+RoPE offset P + k(D+2), and all K blocks can be decoded side by side as K query rows
+sharing the prompt's cache:
+
+    step 0:  the K forced BOAs at positions P + k(D+2)        -> bin 1 of every block
+    step d:  the K bins d at positions P + k(D+2) + d          -> bin d+1 of every block
+
+That is D forward passes after the prefill instead of K(D+2). The slots of block k
+(written or not yet) carry block k's ordinal in `kv_block` and block k's queries carry
+it as `q_limit`, so the rule hides every other block from them; slots ahead of a query
+are hidden by causality. Bins are the greedy choice over the bin ids only; BOA, EOA and
+the closing separator are forced. The sequential mode feeds one token at a time under
+the same constraints and is the reference the parallel mode must reproduce exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..mask import NO_BLOCK
+from ..tokens.layout import VocabLayout
+from .engine import InferenceEngine
+
+MODES = ("parallel", "sequential")
+
+
+def _as_prompts(input_ids) -> tuple[list[torch.Tensor], bool]:
+    """-> (list of 1-D prompts, whether the caller passed one unbatched prompt)."""
+    if isinstance(input_ids, (list, tuple)):
+        if not input_ids:
+            raise ValueError("got an empty list of prompts")
+        prompts = [torch.as_tensor(p) for p in input_ids]
+        if any(p.dim() != 1 for p in prompts):
+            raise ValueError("a list of prompts must hold 1-D id tensors (lengths may differ)")
+        return prompts, False
+    t = torch.as_tensor(input_ids)
+    if t.dim() == 1:
+        return [t], True
+    if t.dim() == 2:
+        return list(t.unbind(0)), False
+    raise ValueError(f"input_ids must be [P], [B, P] or a list of 1-D prompts, got shape {tuple(t.shape)}")
+
+
+def chunk_length(n_actions: int, action_dim: int) -> int:
+    """Tokens of a chunk including the closing separator."""
+    return n_actions * (action_dim + 2) + 1
+
+
+def _check(prompts, layout: VocabLayout, n_actions: int, action_dim: int, mode: str):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if n_actions < 1 or action_dim < 1:
+        raise ValueError(f"n_actions and action_dim must be >= 1, got {n_actions} and {action_dim}")
+    for b, p in enumerate(prompts):
+        if p.dtype.is_floating_point:
+            raise TypeError(f"prompt {b} holds {p.dtype} values; token ids must be integers")
+        if p.numel() == 0 or int(p[-1]) != layout.sep:
+            raise ValueError(f"prompt {b} must end with the separator id {layout.sep} (the human turn's end); "
+                             f"build it with SequenceBuilder.action_prompt")
+
+
+def make_engine(model, prompts, n_actions: int, action_dim: int, layout: VocabLayout, backend: str = "auto",
+                cuda_graphs: bool | None = None) -> InferenceEngine:
+    max_len = max(int(p.numel()) for p in prompts) + chunk_length(n_actions, action_dim)
+    return InferenceEngine(model, len(prompts), max_len, layout=layout, backend=backend, cuda_graphs=cuda_graphs)
+
+
+def sampling_backend(backend: str) -> str:
+    """`backend` for constrained sampling when it implements it, else "auto"."""
+    return backend if backend in ops.dispatch.available("constrained_sample") else "auto"
+
+
+def _prepare(engine: InferenceEngine, prompts, skip, n_actions, action_dim):
+    """Prefill and set the chunk region's block ordinals. Returns (P [B] long, base [B] int32) on device."""
+    layout, dev = engine.layout, engine.device
+    B, T = len(prompts), action_dim + 2
+    if engine.batch_size != B:
+        raise ValueError(f"the engine holds {engine.batch_size} sequences but got {B} prompts")
+    lens = [int(p.numel()) for p in prompts]
+    need = max(lens) + chunk_length(n_actions, action_dim)
+    if need > engine.max_len:
+        raise ValueError(f"prompt + chunk need {need} cache slots but the engine has {engine.max_len}")
+    engine.prefill(prompts, skip)
+    P = torch.tensor(lens, dtype=torch.long, device=dev)
+    # Ordinal of the first generated block = number of blocks already in the prompt.
+    base = torch.tensor([int((p == layout.boa).sum()) for p in prompts], dtype=torch.int32, device=dev)
+    slots = P.view(B, 1) + torch.arange(n_actions * T, device=dev).view(1, -1)
+    ordinal = base.view(B, 1) + (torch.arange(n_actions * T, device=dev) // T).to(torch.int32).view(1, -1)
+    engine.kv_block.scatter_(1, slots, ordinal)
+    engine.kv_block.scatter_(1, P.view(B, 1) + n_actions * T, torch.full((B, 1), NO_BLOCK, dtype=torch.int32, device=dev))
+    engine.set_kv_len((P + n_actions * T + 1).to(torch.int32))
+    return P, base
+
+
+def _decode_parallel(engine, P, base, n_actions, action_dim, backend):
+    layout, dev = engine.layout, engine.device
+    B, K, D, T = engine.batch_size, n_actions, action_dim, action_dim + 2
+    lo, hi = layout.bin_range
+    W = engine.model.lm_head.weight
+    buf = engine.buffers(K)
+    buf.ids.fill_(layout.boa)
+    buf.set_positions(P.view(B, 1) + T * torch.arange(K, device=dev).view(1, K))
+    buf.q_limit.copy_(base.view(B, 1) + torch.arange(K, dtype=torch.int32, device=dev).view(1, K))
+    bins = torch.empty(B, K, D, dtype=torch.long, device=dev)
+    for d in range(D):
+        h = engine.run(buf)
+        tok = ops.constrained_sample(h.reshape(B * K, -1), W, lo, hi, backend=backend).view(B, K)
+        bins[:, :, d] = tok
+        if d + 1 < D:
+            buf.ids.copy_(tok)
+            buf.advance(1)
+    return bins
+
+
+def _decode_sequential(engine, P, base, n_actions, action_dim, backend):
+    layout, dev = engine.layout, engine.device
+    B, K, D, T = engine.batch_size, n_actions, action_dim, action_dim + 2
+    lo, hi = layout.bin_range
+    W = engine.model.lm_head.weight
+    n = K * T
+    t = torch.arange(n)
+    is_bin = ((t % T) != 0) & ((t % T) != T - 1)
+    q_limits = (base.view(B, 1) + (torch.arange(n, device=dev) // T).to(torch.int32).view(1, n)).contiguous()
+    out = torch.empty(B, n, dtype=torch.long, device=dev)
+    out[:, 0] = layout.boa
+    buf = engine.buffers(1)
+    buf.set_positions(P.view(B, 1))
+    # Feeding token i predicts token i + 1; the pass that would feed the last EOA is skipped
+    # because the separator after it is forced.
+    for i in range(n - 1):
+        buf.ids.copy_(out[:, i:i + 1])
+        buf.q_limit.copy_(q_limits[:, i:i + 1])
+        h = engine.run(buf)
+        j = i + 1
+        if is_bin[j]:
+            out[:, j] = ops.constrained_sample(h[:, 0], W, lo, hi, backend=backend)
+        else:
+            out[:, j] = layout.boa if j % T == 0 else layout.eoa
+        buf.advance(1)
+    return out.view(B, K, T)[:, :, 1:-1]
+
+
+@torch.no_grad()
+def generate_action_chunk(model, input_ids, layout: VocabLayout | None, n_actions: int, action_dim: int,
+                          mode: str = "parallel", backend: str = "auto", *, engine: InferenceEngine | None = None,
+                          skip=None) -> torch.Tensor:
+    """Decode K = `n_actions` actions of `action_dim` bins after each prompt.
+
+    input_ids: one prompt [P], a batch [B, P], or a list of 1-D prompts of different lengths;
+    every prompt ends with the separator. Returns [K, D+2] for one prompt, else [B, K, D+2]
+    ([BOA, bins..., EOA] per action; the closing separator is implied), on the CPU.
+    `engine`: reuse a preallocated engine (its batch size must match); `skip[b]`: leading
+    tokens of prompt b whose keys/values the engine already holds (see `restore_prefix`).
+    `backend` picks the attention and sampling implementations ("auto" = fastest available).
+    """
+    layout = layout or model.layout
+    if layout is None:
+        raise ValueError("pass the model's VocabLayout (layout=)")
+    prompts, single = _as_prompts(input_ids)
+    _check(prompts, layout, n_actions, action_dim, mode)
+    if engine is None:
+        engine = make_engine(model, prompts, n_actions, action_dim, layout, backend)
+    P, base = _prepare(engine, prompts, skip, n_actions, action_dim)
+    decode = _decode_parallel if mode == "parallel" else _decode_sequential
+    bins = decode(engine, P, base, n_actions, action_dim, sampling_backend(backend))
+    B = len(prompts)
+    ids = torch.cat([torch.full((B, n_actions, 1), layout.boa, dtype=torch.long, device=bins.device), bins,
+                     torch.full((B, n_actions, 1), layout.eoa, dtype=torch.long, device=bins.device)], dim=-1).cpu()
+    return ids[0] if single else ids
+
+
+__all__ = ["generate_action_chunk", "chunk_length", "make_engine", "MODES"]

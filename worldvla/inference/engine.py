@@ -1,0 +1,243 @@
+"""A static-cache inference engine: one prefill, then decode steps of a few query rows.
+
+The KV cache is preallocated once ([layers, B, S, Hkv, Dh]); slot s of row b holds the
+token at absolute position s of that row's sequence. What a query may see is described
+by the `DecodeMeta` buffers the engine owns:
+
+    kv_block [B, S]  action-block ordinal of the token in each slot (NO_BLOCK if none)
+    kv_len   [B]     slots below kv_len are valid
+    q_pos, q_limit [B, Q]  per query row of a step of Q rows
+
+These are static tensors updated in place, so a decode step has fixed addresses and on
+CUDA it is captured once per query count Q in a CUDA graph and replayed afterwards.
+Prefill (long, variable length) always runs eagerly.
+
+Rows may have different prompt lengths. A prefill right-pads the shorter rows; the pad
+tokens write junk into slots past the row's prompt, which is harmless: every later query
+sees only slots <= its own position that belong to the prompt or to its own block, and
+each of those is written (by the step that feeds that token) before any query sees it.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..mask import NO_BLOCK, DecodeMeta, chunk_mask_meta
+from ..model import ForwardContext, KVCache, rope_cos_sin
+from ..tokens.layout import VocabLayout
+
+
+@dataclass
+class StepBuffers:
+    """Static inputs and output of a decode step with Q query rows per sequence."""
+    ids: torch.Tensor      # [B, Q] int64
+    pos: torch.Tensor      # [B, Q] int64 (cache slots = RoPE positions)
+    q_pos: torch.Tensor    # [B, Q] int32
+    q_limit: torch.Tensor  # [B, Q] int32
+    meta: DecodeMeta
+    out: torch.Tensor | None = None  # [B, Q, H] hidden states of the last run
+    graph: "torch.cuda.CUDAGraph | None" = None
+
+    def set_positions(self, pos: torch.Tensor) -> None:
+        self.pos.copy_(pos)
+        self.q_pos.copy_(pos)
+
+    def advance(self, n: int = 1) -> None:
+        """Move every query row n positions on (the next token of each sequence)."""
+        self.pos.add_(n)
+        self.q_pos.add_(n)
+
+
+@dataclass
+class PrefixSnapshot:
+    """Cached keys/values of the first `n_slots` slots of every row (a constant prompt prefix)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    lengths: list[int]
+
+    @property
+    def n_slots(self) -> int:
+        return self.k.shape[2]
+
+
+class InferenceEngine:
+    """Prefill + decode on a preallocated cache for `batch_size` sequences of up to `max_len` tokens.
+
+    `cuda_graphs`: None = on for CUDA models, off otherwise. `backend`: attention backend
+    ("auto" = the model's `attn_backend`).
+    """
+
+    def __init__(self, model, batch_size: int, max_len: int, *, layout: VocabLayout | None = None,
+                 cuda_graphs: bool | None = None, backend: str = "auto"):
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
+        cfg = model.config
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"a cache of {max_len} slots exceeds the model's max_position_embeddings "
+                             f"{cfg.max_position_embeddings}; shorten the prompt or raise max_position_embeddings")
+        p = next(model.parameters())
+        self.model = model
+        self.layout = layout or model.layout
+        if self.layout is None:
+            raise ValueError("the model has no vocabulary layout; pass layout= (a VocabLayout)")
+        self.device, self.dtype = p.device, p.dtype
+        self.batch_size, self.max_len = batch_size, max_len
+        self.backend = model.attn_backend if backend == "auto" else backend
+        self.cache = KVCache(cfg, batch_size, max_len, device=self.device, dtype=self.dtype)
+        self.kv_block = torch.full((batch_size, max_len), NO_BLOCK, dtype=torch.int32, device=self.device)
+        self.kv_len = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs a model on a CUDA device; use cuda_graphs=None or False on CPU")
+        self.cuda_graphs = bool(cuda_graphs)
+        self._steps: dict[int, StepBuffers] = {}
+        self._pool = None
+
+    # ------------------------------------------------------------------ forward
+    def _forward_direct(self, ids, pos, meta: DecodeMeta) -> torch.Tensor:
+        """The model's cached forward without host-side id checks (capturable in a CUDA graph).
+
+        Equals `model.hidden_states(ids, cache=..., position_ids=pos, decode_meta=meta)`;
+        tests/test_inference.py checks that it does."""
+        m, cfg = self.model, self.model.config
+        x = m.model.embed_tokens(ids)
+        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
+        ctx = ForwardContext(cache=self.cache, position_ids=pos, decode_meta=meta, backend=self.backend)
+        for i, layer in enumerate(m.model.layers):
+            x = layer(x, cos, sin, ctx, i)
+        return m.model.norm(x)
+
+    def _forward(self, ids, pos, meta: DecodeMeta) -> torch.Tensor:
+        if self.device.type == "cuda":  # avoid the per-call host syncs of the id range check
+            return self._forward_direct(ids, pos, meta)
+        saved = self.model.attn_backend
+        self.model.attn_backend = self.backend
+        try:
+            return self.model.hidden_states(ids, cache=self.cache, position_ids=pos, decode_meta=meta)
+        finally:
+            self.model.attn_backend = saved
+
+    # ------------------------------------------------------------------ prefill
+    @torch.no_grad()
+    def prefill(self, prompts, skip=None, *, return_all: bool = False) -> torch.Tensor:
+        """Write `prompts` (one 1-D id tensor per row, lengths may differ) into the cache.
+
+        `skip[b]` leading tokens of row b are already cached (a restored prefix) and are not
+        recomputed. The chunk-rule metadata of the whole prompt fills `kv_block`; slots past
+        the prompt get NO_BLOCK. Returns the final hidden state of each row's last token
+        [B, H] (or every computed row [B, Lq, H] padded, with `return_all`).
+        """
+        B = self.batch_size
+        if len(prompts) != B:
+            raise ValueError(f"this engine holds {B} sequences but got {len(prompts)} prompts")
+        skip = [0] * B if skip is None else [int(s) for s in skip]
+        prompts = [torch.as_tensor(p).long().flatten().cpu() for p in prompts]
+        lens = [int(p.numel()) for p in prompts]
+        for b, (L, s) in enumerate(zip(lens, skip)):
+            if not 0 <= s < L:
+                raise ValueError(f"row {b}: {s} cached prefix tokens for a prompt of {L} tokens; a prompt must "
+                                 f"have at least one token past its cached prefix")
+            self.layout.check_ids(prompts[b])
+        Lq = max(L - s for L, s in zip(lens, skip))
+        if max(s + Lq for s in skip) > self.max_len:
+            raise ValueError(f"prompts of up to {max(lens)} tokens do not fit a cache of {self.max_len} slots; "
+                             f"build the engine with a larger max_len")
+        ids = torch.full((B, Lq), self.layout.pad, dtype=torch.long)
+        q_limit = torch.full((B, Lq), -1, dtype=torch.int32)
+        kv_block = torch.full((B, self.max_len), NO_BLOCK, dtype=torch.int32)
+        for b, (p, L, s) in enumerate(zip(prompts, lens, skip)):
+            meta = chunk_mask_meta(p, self.layout)
+            ids[b, :L - s] = p[s:]
+            q_limit[b, :L - s] = meta.q_limit[s:]
+            kv_block[b, :L] = meta.kv_block
+        pos = torch.tensor(skip).view(B, 1) + torch.arange(Lq).view(1, Lq)
+        dev = self.device
+        self.kv_block.copy_(kv_block)
+        self.kv_len.copy_(torch.tensor(lens, dtype=torch.int32))
+        ids, pos = ids.to(dev), pos.to(dev)
+        meta = DecodeMeta(pos.to(torch.int32), q_limit.to(dev), self.kv_block, self.kv_len)
+        h = self._forward(ids, pos, meta)
+        if return_all:
+            return h
+        last = torch.tensor([L - s - 1 for L, s in zip(lens, skip)], device=dev)
+        return h[torch.arange(B, device=dev), last]
+
+    # ------------------------------------------------------------------ decode steps
+    def buffers(self, n_queries: int) -> StepBuffers:
+        """The static buffers of a step with `n_queries` rows per sequence (created on first use)."""
+        buf = self._steps.get(n_queries)
+        if buf is None:
+            B, dev = self.batch_size, self.device
+            pos = torch.zeros(B, n_queries, dtype=torch.long, device=dev)
+            q_pos = torch.zeros(B, n_queries, dtype=torch.int32, device=dev)
+            q_limit = torch.full((B, n_queries), -1, dtype=torch.int32, device=dev)
+            ids = torch.full((B, n_queries), self.layout.pad, dtype=torch.long, device=dev)
+            buf = StepBuffers(ids, pos, q_pos, q_limit, DecodeMeta(q_pos, q_limit, self.kv_block, self.kv_len))
+            self._steps[n_queries] = buf
+        return buf
+
+    @torch.no_grad()
+    def run(self, buf: StepBuffers) -> torch.Tensor:
+        """One decode step on the buffers' current contents -> hidden [B, Q, H].
+
+        The returned tensor is the step's static output on CUDA-graph engines: it is
+        overwritten by the next run with the same Q, so consume (or copy) it first.
+        The caller guarantees that every position in `buf.pos` lies below `max_len`.
+        """
+        if not self.cuda_graphs:
+            buf.out = self._forward(buf.ids, buf.pos, buf.meta)
+            return buf.out
+        if buf.graph is None:
+            try:
+                self._capture(buf)
+            except Exception as err:  # a backend that syncs or allocates on the host cannot be captured
+                warnings.warn(f"CUDA graph capture of the decode step failed ({type(err).__name__}: {err}); "
+                              f"running eagerly instead", RuntimeWarning, stacklevel=2)
+                self.cuda_graphs = False
+                torch.cuda.synchronize(self.device)
+                buf.out = self._forward(buf.ids, buf.pos, buf.meta)
+                return buf.out
+        buf.graph.replay()
+        return buf.out
+
+    def _capture(self, buf: StepBuffers) -> None:
+        """Capture the step on the buffers' current (real) inputs. The warm-up runs write the
+        same keys/values the step itself writes, so capturing mid-generation is harmless."""
+        torch.cuda.synchronize(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward_direct(buf.ids, buf.pos, buf.meta)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._forward_direct(buf.ids, buf.pos, buf.meta)
+        buf.graph, buf.out = graph, out
+
+    # ------------------------------------------------------------------ metadata helpers
+    def set_kv_len(self, lengths) -> None:
+        self.kv_len.copy_(torch.as_tensor(lengths, dtype=torch.int32))
+
+    # ------------------------------------------------------------------ prefix cache
+    @torch.no_grad()
+    def snapshot_prefix(self, lengths) -> PrefixSnapshot:
+        """Copy the keys/values of the first max(lengths) slots of every row."""
+        n = max(int(x) for x in lengths)
+        return PrefixSnapshot(self.cache.k[:, :, :n].clone(), self.cache.v[:, :, :n].clone(), [int(x) for x in lengths])
+
+    @torch.no_grad()
+    def restore_prefix(self, snap: PrefixSnapshot) -> None:
+        if snap.k.shape[1] != self.batch_size:
+            raise ValueError(f"a prefix snapshot of {snap.k.shape[1]} rows does not fit an engine of {self.batch_size}")
+        n = snap.n_slots
+        self.cache.k[:, :, :n].copy_(snap.k)
+        self.cache.v[:, :, :n].copy_(snap.v)
+
+
+__all__ = ["InferenceEngine", "StepBuffers", "PrefixSnapshot"]

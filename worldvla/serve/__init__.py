@@ -1,0 +1,90 @@
+"""Serve a policy to robots: WebSocket + msgpack, batched across robots.
+
+    worldvla serve --checkpoint runs/policy --port 8000
+
+Protocol (msgpack maps in binary frames; arrays as {"__ndarray__": bytes, "dtype": str,
+"shape": list}, see `worldvla.serve.protocol`). Every request may carry an "id"
+(int or str), echoed in its reply; each connection gets its replies in request order.
+
+  {"type": "reset", "episode": id, "instruction": str}     -> {"ok": true, "episode": id}
+  {"type": "act", "episode": id, "image": uint8 [H, W, 3],
+   "previous_image": uint8 [H, W, 3] (optional)}            -> {"ok": true, "episode": id,
+                                                                "actions": float32 [K, D],
+                                                                "timing": {preprocess_ms, queue_ms,
+                                                                           policy_ms, batch_size, server_ms}}
+  {"type": "metadata"}                                       -> {"ok": true, "action_dim", "chunk_size",
+                                                                "image_size": [H, W], "policy": {...},
+                                                                "server": {limits}}
+  anything refused                                           -> {"ok": false, "error": "what and how to fix"}
+
+Frames of any size are resized to the model's image size (bilinear, no crop; send
+frames with the model's aspect ratio). `previous_image` is the frame of the previous
+env step, which the release's two-frame prompt conditions on; without it the frame of
+the episode's previous `act` is used. `GET /healthz` answers 200 with JSON while
+serving and 503 while shutting down. SIGTERM/SIGINT: stop taking work, answer queued
+and running requests, close connections with code 1001, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .client import PolicyClient, PolicyServerError, health
+from .protocol import ProtocolError, packb, unpackb
+from .server import PolicyServer
+
+__all__ = ["PolicyServer", "PolicyClient", "PolicyServerError", "ProtocolError", "health", "packb", "unpackb",
+           "add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="policy folder written by worldvla.inference.policy.save_policy")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to bind (default 127.0.0.1; 0.0.0.0 to accept robots on the network)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one)")
+    parser.add_argument("--device", default=None, help="torch device for the model (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                        help="model dtype (default: the policy's choice for the device)")
+    parser.add_argument("--max-batch", type=int, default=8, help="most act requests in one policy call")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+                        help="how long an idle server waits for more requests before running a batch")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="act requests that may wait; more are refused with 'server busy'")
+    parser.add_argument("--max-payload-mb", type=float, default=16.0, help="largest request accepted, in MiB")
+    parser.add_argument("--timeout-s", type=float, default=60.0,
+                        help="per-request limit, from arrival to reply, in seconds")
+    parser.add_argument("--max-episodes", type=int, default=1024,
+                        help="episodes kept; the least recently used is dropped beyond this")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up policy call before serving")
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        from ..inference.policy import WorldVLAPolicy
+    except ImportError as e:
+        print(f"worldvla serve: cannot import WorldVLAPolicy ({e})", file=sys.stderr)
+        return 2
+    dtype = None
+    if args.dtype is not None:
+        import torch
+
+        dtype = getattr(torch, _DTYPES[args.dtype])
+    policy = WorldVLAPolicy.from_pretrained(args.checkpoint, device=args.device, dtype=dtype)
+    server = PolicyServer(policy, args.host, args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                          max_queue=args.max_queue, max_payload_mb=args.max_payload_mb,
+                          request_timeout_s=args.timeout_s, max_episodes=args.max_episodes)
+    if not args.no_warmup:
+        server.warmup()
+
+    def ready(s: PolicyServer) -> None:
+        print(f"worldvla serve: listening on {s.url} (health: http://{s.url[5:]}/healthz)", flush=True)
+
+    return server.serve_forever(on_ready=ready)

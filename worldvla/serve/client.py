@@ -1,0 +1,162 @@
+"""`PolicyClient`: the robot side of the policy server (synchronous, one episode at a time).
+
+    with PolicyClient("ws://gpu-box:8000") as policy:
+        policy.reset("put the red block in the drawer")
+        while not done:
+            chunk = policy.act(frame)               # float32 [K, D]
+            print(policy.last_timing)               # server-side milliseconds
+            for action in chunk: frame, done = robot.step(action)
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import numpy as np
+
+from .protocol import check_image, packb, unpackb
+
+
+class PolicyServerError(RuntimeError):
+    """The server refused a request (its message is the exception's), or closed the connection."""
+
+
+def _connect(url: str, open_timeout: float, max_size: int):
+    from websockets.sync.client import connect
+
+    kwargs = dict(open_timeout=open_timeout, max_size=max_size, compression=None, close_timeout=5)
+    if "proxy" in inspect.signature(connect).parameters:
+        kwargs["proxy"] = None  # robots talk to the server directly, whatever the environment's proxy says
+    return connect(url, **kwargs)
+
+
+class PolicyClient:
+    """Connects to a `worldvla serve` server.
+
+    `reset(instruction)` starts an episode (a fresh id unless one is given); `act(image)`
+    returns the action chunk [K, D] float32 for an RGB uint8 [H, W, 3] frame of any size
+    (the server resizes it) and stores the server's timing in `last_timing`. Pass
+    `previous_image`, the frame of the previous env step, to condition on it as the
+    release does; by default the server uses the frame of this episode's previous `act`.
+    A refused request raises `PolicyServerError` with the server's message; no reply
+    within `timeout` seconds raises `TimeoutError`.
+    """
+
+    def __init__(self, url: str = "ws://127.0.0.1:8000", *, timeout: float = 60.0, connect_timeout: float = 10.0,
+                 max_reply_mb: float = 64.0):
+        if not url.startswith(("ws://", "wss://")):
+            raise ValueError(f"server url must start with ws:// or wss://, got {url!r}")
+        self.url = url
+        self.timeout = float(timeout)
+        self.episode = None
+        self.last_timing: dict | None = None
+        self._next_id = 0
+        try:
+            self._ws = _connect(url, connect_timeout, int(max_reply_mb * 2**20))
+        except OSError as e:
+            raise ConnectionError(f"cannot connect to the policy server at {url}: {e}; is `worldvla serve` "
+                                  "running there?") from e
+
+    # -------------------------------------------------------------- requests
+    def request(self, message: dict) -> dict:
+        """Send one request map and return the server's reply map; raises `PolicyServerError` if refused."""
+        from websockets.exceptions import ConnectionClosed
+
+        self._next_id += 1
+        rid = self._next_id
+        data = packb({**message, "id": rid})
+        deadline = time.monotonic() + self.timeout
+        try:
+            self._ws.send(data)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no reply from {self.url} within {self.timeout:g} s")
+                try:
+                    raw = self._ws.recv(timeout=remaining)
+                except TimeoutError:
+                    raise TimeoutError(f"no reply from {self.url} within {self.timeout:g} s") from None
+                reply = unpackb(raw)
+                if not isinstance(reply, dict):
+                    raise PolicyServerError(f"server sent a reply that is not a map: {type(reply).__name__}")
+                if reply.get("id", rid) == rid:  # older ids: late replies to requests that timed out here
+                    break
+        except ConnectionClosed as e:
+            raise self._closed(e) from None
+        if not reply.get("ok", False):
+            raise PolicyServerError(str(reply.get("error", "request refused without a message")))
+        return reply
+
+    def _closed(self, e) -> PolicyServerError:
+        close = getattr(e, "rcvd", None)
+        code = getattr(close, "code", None)
+        reason = getattr(close, "reason", "") or ""
+        if code == 1009:
+            return PolicyServerError(f"the server closed the connection: message too big ({reason or 'code 1009'});"
+                                     " the request exceeds its payload limit (metadata()['server']"
+                                     "['max_payload_mb']): send smaller frames")
+        if code == 1001:
+            return PolicyServerError("the server is shutting down (connection closed with code 1001)")
+        return PolicyServerError(f"connection to {self.url} closed (code {code}{', ' + reason if reason else ''})")
+
+    def metadata(self) -> dict:
+        """Model and server description: action_dim, chunk_size, image_size [H, W], policy, server limits."""
+        reply = self.request({"type": "metadata"})
+        reply.pop("id", None)
+        reply.pop("ok", None)
+        return reply
+
+    def reset(self, instruction: str, episode=None):
+        """Start an episode with a task instruction; returns its id."""
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ValueError("reset() needs the task instruction as a non-empty string")
+        episode = uuid.uuid4().hex if episode is None else episode
+        self.request({"type": "reset", "episode": episode, "instruction": instruction})
+        self.episode = episode
+        return episode
+
+    def act(self, image: np.ndarray, previous_image: np.ndarray | None = None) -> np.ndarray:
+        """Action chunk [K, D] float32 for one RGB uint8 frame [H, W, 3]."""
+        if self.episode is None:
+            raise RuntimeError("call reset(instruction) before act()")
+        message = {"type": "act", "episode": self.episode, "image": check_image(np.asarray(image), "image")}
+        if previous_image is not None:
+            message["previous_image"] = check_image(np.asarray(previous_image), "previous_image")
+        reply = self.request(message)
+        self.last_timing = reply.get("timing")
+        actions = reply.get("actions")
+        if not isinstance(actions, np.ndarray) or actions.ndim != 2:
+            raise PolicyServerError(f"server reply has no [K, D] 'actions' array: {type(actions).__name__}")
+        return actions
+
+    def health(self) -> dict:
+        """GET /healthz on the same host and port."""
+        return health(self.url, timeout=self.timeout)
+
+    # -------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        self._ws.close()
+
+    def __enter__(self) -> "PolicyClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def health(url: str, timeout: float = 10.0) -> dict:
+    """The server's /healthz JSON (HTTP status 200 while serving, 503 while shutting down)."""
+    http = "http" + url[2:] if url.startswith("ws") else url
+    http = http.rstrip("/")
+    if not http.endswith("/healthz"):
+        http += "/healthz"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(http, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())

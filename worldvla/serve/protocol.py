@@ -1,0 +1,147 @@
+"""Wire format of the policy server: msgpack maps in binary WebSocket frames.
+
+NumPy arrays travel as maps ``{"__ndarray__": <raw bytes, C order>, "dtype": <numpy
+dtype string such as "|u1" or "<f4">, "shape": [d0, d1, ...]}``. Only plain numeric
+dtypes (bool, signed/unsigned integers, floats up to 8 bytes) are accepted, so a
+message can never make the receiver build Python objects. NumPy scalars are sent as
+plain numbers, tuples as lists.
+
+Everything here is shared by the server and `PolicyClient`; nothing imports torch.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+NDARRAY_KEY = "__ndarray__"
+_ALLOWED_KINDS = "biuf"  # bool, int, uint, float
+_MAX_NDIM = 8
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be decoded or does not have the expected fields."""
+
+
+def _encode_default(obj):
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in _ALLOWED_KINDS:
+            raise TypeError(f"cannot send an array of dtype {obj.dtype}: only bool, integer and float arrays travel")
+        arr = np.ascontiguousarray(obj)
+        return {NDARRAY_KEY: arr.tobytes(), "dtype": arr.dtype.str, "shape": list(arr.shape)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # a torch tensor, without importing torch
+        return _encode_default(obj.detach().cpu().numpy())
+    raise TypeError(f"cannot encode an object of type {type(obj).__name__} in a message")
+
+
+def _decode_ndarray(d: dict) -> np.ndarray:
+    data, dtype, shape = d.get(NDARRAY_KEY), d.get("dtype"), d.get("shape")
+    if not isinstance(data, (bytes, bytearray)):
+        raise ProtocolError(f"array field {NDARRAY_KEY!r} must be binary (msgpack bin), got {type(data).__name__}")
+    if not isinstance(dtype, str):
+        raise ProtocolError("array needs a 'dtype' string such as '|u1' or '<f4'")
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"array dtype {dtype!r} is not a NumPy dtype string (use e.g. '|u1' or '<f4')") from None
+    if dt.kind not in _ALLOWED_KINDS or dt.itemsize > 8 or dt.fields is not None or dt.subdtype is not None:
+        raise ProtocolError(f"array dtype {dtype!r} is not allowed: only bool, integer and float dtypes")
+    if (not isinstance(shape, (list, tuple)) or len(shape) > _MAX_NDIM
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        raise ProtocolError(f"array 'shape' must be a list of at most {_MAX_NDIM} non-negative integers, got {shape!r}")
+    n = 1
+    for s in shape:
+        n *= s
+    if n * dt.itemsize != len(data):
+        raise ProtocolError(f"array of shape {list(shape)} and dtype {dt.str} needs {n * dt.itemsize} bytes, "
+                            f"got {len(data)}")
+    arr = np.frombuffer(data, dtype=dt).reshape(shape)
+    if not dt.isnative:
+        arr = arr.astype(dt.newbyteorder("="))
+    return arr
+
+
+def _object_hook(d: dict):
+    if NDARRAY_KEY in d:
+        return _decode_ndarray(d)
+    return d
+
+
+def packb(obj) -> bytes:
+    """Encode a message (maps, lists, numbers, strings, bytes, NumPy arrays)."""
+    return msgpack.packb(obj, default=_encode_default, use_bin_type=True)
+
+
+def unpackb(data: bytes):
+    """Decode a message; raises `ProtocolError` with the reason for anything malformed."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError("text frames are not accepted: send msgpack-encoded binary frames")
+    try:
+        return msgpack.unpackb(data, raw=False, object_hook=_object_hook, strict_map_key=True)
+    except ProtocolError:
+        raise
+    except Exception as e:  # msgpack raises several unrelated types for garbage input
+        raise ProtocolError(f"message is not valid msgpack ({type(e).__name__}: {e})") from None
+
+
+def check_image(value, field: str = "image", max_side: int = 8192) -> np.ndarray:
+    """An RGB camera frame: uint8 [H, W, 3]."""
+    if not isinstance(value, np.ndarray):
+        raise ProtocolError(f"{field!r} must be an ndarray (uint8 [H, W, 3]), got {type(value).__name__}")
+    if value.dtype != np.uint8:
+        raise ProtocolError(f"{field!r} must have dtype uint8, got {value.dtype}; send RGB frames as uint8 0..255")
+    if value.ndim != 3 or value.shape[2] != 3:
+        raise ProtocolError(f"{field!r} must have shape [H, W, 3] (RGB), got {list(value.shape)}")
+    h, w = value.shape[:2]
+    if not (1 <= h <= max_side and 1 <= w <= max_side):
+        raise ProtocolError(f"{field!r} sides must be between 1 and {max_side} pixels, got {h}x{w}")
+    return value
+
+
+def fit_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Resize a camera frame to the model's input size.
+
+    Frames already at the model's size pass through untouched. Others are resized to
+    exactly (H, W) with PIL's bilinear filter (antialiased when shrinking), without
+    cropping: a frame of a different aspect ratio is stretched, so robots should send
+    frames with the aspect ratio the model was trained on (square for WorldVLA).
+    """
+    h, w = size_hw
+    if image.shape[0] == h and image.shape[1] == w:
+        return image
+    from PIL import Image
+
+    out = Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def image_size_hw(value) -> tuple[int, int]:
+    """`image_size` as (H, W) from an int or a pair."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
+        return int(value), int(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, np.integer)) and v > 0
+                                                                     for v in value):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"image_size must be a positive int or an (H, W) pair, got {value!r}")
+
+
+def to_plain(obj, _depth: int = 0):
+    """Make an arbitrary metadata value msgpack-safe (numbers, strings, lists, maps)."""
+    if _depth > 16:
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist() if obj.size <= 4096 else f"<array {obj.dtype} {list(obj.shape)}>"
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v, _depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_plain(v, _depth + 1) for v in obj]
+    if hasattr(obj, "tolist"):
+        return to_plain(obj.tolist(), _depth + 1)
+    return str(obj)

@@ -1,0 +1,552 @@
+"""The policy server: many robots, one policy, batched calls.
+
+Each connection reads requests one at a time and answers each in order. `act`
+requests from all connections go into one bounded queue; a single batching task
+takes the first waiting request, collects more for at most `max_wait_ms` (or until
+`max_batch`), and runs them as one `policy.act` call on a dedicated worker thread, so
+the event loop keeps answering health checks, metadata and bad requests while the
+model computes. Requests that arrive during a call wait for the next one, which is
+where most batching happens under load.
+
+What the server needs from a policy (duck-typed; `WorldVLAPolicy` is one):
+  * `reset(instructions: list[str])` and `act(images: uint8 [N, H, W, 3]) -> [N, K, D]`;
+  * `image_size` (int or (H, W)), `chunk_size`, `action_dim` as attributes or in
+    `metadata()`, which should return a plain dict describing the model.
+
+Per-episode history. The server keeps one slot per episode: its instruction and the
+last frame it was sent (the "previous image" of the release's two-frame prompt).
+  * If `act` takes a `history` argument (frames of the previous step, same shape as
+    `images`, or None on an episode's first query), the server passes each episode's
+    previous frame explicitly, so any mix of episodes can share a batch. A request may
+    carry `previous_image` (the frame of the previous env step, which is what the
+    release conditions on); otherwise the frame of the episode's previous `act`
+    request is used.
+  * Otherwise the policy holds history in its own batch slots: the server calls
+    `policy.reset` whenever the set of episodes in a batch changes, which restarts
+    those episodes' history (counted in `stats["history_resets"]`). One robot, or
+    robots stepping in lockstep, keep their history.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .protocol import PROTOCOL_VERSION, ProtocolError, check_image, fit_image, image_size_hw, packb, to_plain, unpackb
+
+log = logging.getLogger("worldvla.serve")
+
+_MAX_INSTRUCTION_CHARS = 4096
+_MAX_EPISODE_ID_CHARS = 256
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _error(message: str) -> dict:
+    return {"ok": False, "error": message}
+
+
+class _Episode:
+    __slots__ = ("key", "instruction", "previous", "steps", "pending")
+
+    def __init__(self, key, instruction: str):
+        self.key = key
+        self.instruction = instruction
+        self.previous: np.ndarray | None = None  # last frame sent, at the model's size
+        self.steps = 0
+        self.pending = False
+
+
+class _ActRequest:
+    __slots__ = ("episode", "image", "previous", "future", "t_recv", "t_ready", "t_start")
+
+    def __init__(self, episode, image, previous, future, t_recv, t_ready):
+        self.episode, self.image, self.previous, self.future = episode, image, previous, future
+        self.t_recv, self.t_ready, self.t_start = t_recv, t_ready, None
+
+
+class PolicyServer:
+    """Serve `policy` over WebSocket + msgpack (protocol in `worldvla.serve`).
+
+    Use `serve_forever()` (blocking, stops cleanly on SIGTERM/SIGINT), `await start()`
+    / `await shutdown()` inside an event loop, or `with PolicyServer(...) as server:`
+    to run it on a background thread (tests, notebooks); `server.url` is then live.
+
+    `port=0` picks a free port. `max_payload_mb` bounds a request: larger requests up
+    to twice the limit get an error reply; beyond that the connection is closed with
+    code 1009 (message too big) before the message is read into memory.
+    """
+
+    def __init__(self, policy, host: str = "127.0.0.1", port: int = 0, *, max_batch: int = 8,
+                 max_wait_ms: float = 5.0, max_queue: int = 64, max_payload_mb: float = 16.0,
+                 request_timeout_s: float = 60.0, max_episodes: int = 1024, drain_timeout_s: float | None = None):
+        for name, value, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
+                                ("max_episodes", max_episodes, 1)):
+            if not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+        for name, value in (("max_wait_ms", max_wait_ms), ("max_payload_mb", max_payload_mb),
+                            ("request_timeout_s", request_timeout_s)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if max_payload_mb <= 0 or request_timeout_s <= 0:
+            raise ValueError("max_payload_mb and request_timeout_s must be > 0")
+        for method in ("reset", "act"):
+            if not callable(getattr(policy, method, None)):
+                raise TypeError(f"policy {type(policy).__name__} has no {method}() method; the server needs "
+                                "reset(instructions: list[str]) and act(images [N,H,W,3] uint8) -> [N,K,D]")
+        self.policy = policy
+        self.host, self.port = host, port
+        self.max_batch, self.max_wait_ms, self.max_queue = max_batch, float(max_wait_ms), max_queue
+        self.max_payload_bytes = int(max_payload_mb * 2**20)
+        self.request_timeout_s = float(request_timeout_s)
+        self.max_episodes = max_episodes
+        self.drain_timeout_s = float(drain_timeout_s) if drain_timeout_s is not None else self.request_timeout_s + 5.0
+
+        meta = policy.metadata() if callable(getattr(policy, "metadata", None)) else {}
+        self.policy_metadata = to_plain(meta if isinstance(meta, dict) else {"metadata": meta})
+
+        def attr(name):
+            value = getattr(policy, name, None)
+            return value if value is not None else self.policy_metadata.get(name)
+
+        if attr("image_size") is None:
+            raise ValueError("the policy declares no image_size (attribute or metadata()['image_size']): "
+                             "the server needs it to resize camera frames")
+        self.image_hw = image_size_hw(attr("image_size"))
+        self.chunk_size, self.action_dim = attr("chunk_size"), attr("action_dim")
+        self.explicit_history = _accepts(policy.act, "history")
+        self.history_frames = int(self.policy_metadata.get("history", 2) or 1)
+
+        self.stats = {"act_requests": 0, "act_ok": 0, "errors": 0, "batches": 0, "policy_calls": 0,
+                      "batched_requests": 0, "max_batch_seen": 0, "busy_rejections": 0, "timeouts": 0,
+                      "policy_failures": 0, "history_resets": 0, "resets": 0, "evicted_episodes": 0}
+        self._episodes: OrderedDict = OrderedDict()
+        self._layout: list | None = None  # episodes bound to the policy's slots (policies without `history`)
+        self._last_reset: tuple | None = None
+        self._busy = 0
+        self._connections = 0
+        self._running_batch = False
+        self._draining = False
+        self._closed = False
+        self._started_at = None
+        self._ws = None
+        self._loop = None
+        self._queue = None
+        self._stop_event = None
+        self._batcher = None
+        self._executor = None
+        self._thread = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind and start serving (inside a running event loop)."""
+        from websockets.asyncio.server import serve
+
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(self.max_queue)
+        self._stop_event = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="worldvla-policy")
+        self._ws = await serve(self._handler, self.host, self.port, process_request=self._process_request,
+                               max_size=2 * self.max_payload_bytes + 65536, compression=None, close_timeout=5,
+                               server_header=None)
+        self.port = self._ws.sockets[0].getsockname()[1]
+        self._batcher = asyncio.create_task(self._batch_loop())
+        self._started_at = time.monotonic()
+        log.info("serving %s on %s (max_batch=%d, max_wait_ms=%g, history=%s)", type(self.policy).__name__,
+                 self.url, self.max_batch, self.max_wait_ms,
+                 "explicit" if self.explicit_history else "policy slots")
+
+    def request_stop(self) -> None:
+        """Ask a running server to shut down (thread-safe, signal-safe)."""
+        if self._loop is not None and self._stop_event is not None:
+            self._loop.call_soon_threadsafe(self._stop_event.set)
+
+    async def wait_stopped(self) -> None:
+        await self._stop_event.wait()
+
+    async def shutdown(self) -> None:
+        """Refuse new work, finish queued and running requests, send their replies, close."""
+        if self._closed:
+            return
+        self._closed = True
+        self._draining = True
+        deadline = time.monotonic() + self.drain_timeout_s
+        while (self._busy > 0 or self._running_batch or not self._queue.empty()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if self._busy > 0:
+            log.warning("shutting down with %d requests unanswered after %.1f s", self._busy, self.drain_timeout_s)
+        self._ws.close()  # close frames with 1001 (going away) to every client
+        await self._ws.wait_closed()
+        self._batcher.cancel()
+        await asyncio.gather(self._batcher, return_exceptions=True)
+        await self._loop.run_in_executor(None, self._executor.shutdown)
+        log.info("server stopped: %s", json.dumps(self.stats))
+
+    def serve_forever(self, install_signal_handlers: bool = True, on_ready=None) -> int:
+        """Serve until SIGTERM/SIGINT (or `request_stop()`), then shut down cleanly. Returns 0."""
+
+        async def main():
+            await self.start()
+            if install_signal_handlers:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    self._loop.add_signal_handler(sig, self._stop_event.set)
+            if on_ready is not None:
+                on_ready(self)
+            await self._stop_event.wait()
+            await self.shutdown()
+
+        asyncio.run(main())
+        return 0
+
+    def start_background(self, timeout: float = 30.0) -> "PolicyServer":
+        """Run the server on its own thread and event loop; returns once it accepts connections."""
+        if self._thread is not None:
+            raise RuntimeError("server already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def main():
+            loop = asyncio.new_event_loop()
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as e:  # surfaced to the caller below
+                failure.append(e)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_until_complete(self._stop_event.wait())
+                loop.run_until_complete(self.shutdown())
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=main, name="worldvla-serve", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout):
+            raise TimeoutError(f"server did not start within {timeout} s")
+        if failure:
+            self._thread.join()
+            raise failure[0]
+        return self
+
+    def stop_background(self, timeout: float | None = None) -> None:
+        if self._thread is None:
+            return
+        self.request_stop()
+        self._thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self) -> "PolicyServer":
+        return self.start_background()
+
+    def __exit__(self, *exc) -> None:
+        self.stop_background()
+
+    def warmup(self) -> None:
+        """One policy call with a random frame before serving (first-call compilation, allocation)."""
+        h, w = self.image_hw
+        image = np.random.default_rng().integers(0, 256, (1, h, w, 3), dtype=np.uint8)
+        self.policy.reset(["warm up"])
+        if self.explicit_history and self.history_frames > 1:
+            self.policy.act(image, history=image.copy())
+        else:
+            self.policy.act(image)
+        self._layout, self._last_reset = None, None
+
+    # ------------------------------------------------------------------ HTTP + WebSocket
+    def health(self) -> dict:
+        return {"status": "draining" if self._draining else "ok", "protocol": PROTOCOL_VERSION,
+                "uptime_s": round(time.monotonic() - self._started_at, 3) if self._started_at else 0.0,
+                "connections": self._connections, "episodes": len(self._episodes),
+                "queued": self._queue.qsize() if self._queue is not None else 0, "stats": dict(self.stats)}
+
+    def _process_request(self, connection, request):
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            body = self.health()
+            response = connection.respond(503 if self._draining else 200, json.dumps(body) + "\n")
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = "application/json"
+            return response
+        return None  # a WebSocket handshake (websockets answers 426 to anything else)
+
+    async def _handler(self, ws) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        self._connections += 1
+        try:
+            async for message in ws:
+                t_recv = time.perf_counter()
+                self._busy += 1
+                try:
+                    reply = await self._handle_message(message, t_recv)
+                    if not reply.get("ok"):
+                        self.stats["errors"] += 1
+                    await ws.send(packb(reply))
+                finally:
+                    self._busy -= 1
+        except ConnectionClosed:
+            pass
+        finally:
+            self._connections -= 1
+
+    async def _handle_message(self, message, t_recv: float) -> dict:
+        if isinstance(message, str):
+            return _error("text frames are not accepted: send msgpack-encoded requests in binary frames")
+        if len(message) > self.max_payload_bytes:
+            return _error(f"payload of {len(message) / 2**20:.2f} MiB exceeds the server's limit of "
+                          f"{self.max_payload_bytes / 2**20:.2f} MiB (--max-payload-mb); send smaller frames")
+        request_id = None
+        try:
+            msg = unpackb(message)
+            if not isinstance(msg, dict):
+                raise ProtocolError(f"a request must be a msgpack map with a 'type' field, got {type(msg).__name__}")
+            request_id = msg.get("id")
+            kind = msg.get("type")
+            if kind == "act":
+                reply = await self._act(msg, t_recv)
+            elif kind == "reset":
+                reply = self._reset(msg)
+            elif kind == "metadata":
+                reply = self.metadata()
+            elif kind is None:
+                raise ProtocolError("request has no 'type' field; expected 'reset', 'act' or 'metadata'")
+            else:
+                raise ProtocolError(f"unknown request type {kind!r}; expected 'reset', 'act' or 'metadata'")
+        except ProtocolError as e:
+            reply = _error(str(e))
+        except Exception as e:  # a bug must not take the connection down
+            log.exception("internal error while handling a request")
+            reply = _error(f"internal server error: {type(e).__name__}: {e}")
+        if isinstance(request_id, (int, str)) and not isinstance(request_id, bool):
+            reply["id"] = request_id
+        return reply
+
+    # ------------------------------------------------------------------ requests
+    def metadata(self) -> dict:
+        return {"ok": True, "protocol": PROTOCOL_VERSION, "action_dim": to_plain(self.action_dim),
+                "chunk_size": to_plain(self.chunk_size), "image_size": list(self.image_hw),
+                "accepts_previous_image": self.explicit_history, "policy": self.policy_metadata,
+                "server": {"max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms,
+                           "max_queue": self.max_queue, "max_payload_mb": self.max_payload_bytes / 2**20,
+                           "request_timeout_s": self.request_timeout_s, "max_episodes": self.max_episodes,
+                           "resize": "bilinear to image_size, no crop"}}
+
+    @staticmethod
+    def _episode_key(msg: dict):
+        if "episode" not in msg:
+            raise ProtocolError(f"{msg.get('type')!r} request needs an 'episode' field (a string or integer id)")
+        key = msg["episode"]
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise ProtocolError(f"'episode' must be a string or an integer, got {type(key).__name__}")
+        if isinstance(key, str) and not (1 <= len(key) <= _MAX_EPISODE_ID_CHARS):
+            raise ProtocolError(f"'episode' strings must have 1 to {_MAX_EPISODE_ID_CHARS} characters")
+        return key
+
+    def _reset(self, msg: dict) -> dict:
+        key = self._episode_key(msg)
+        instruction = msg.get("instruction")
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ProtocolError("'reset' needs a non-empty 'instruction' string (the task in words)")
+        if len(instruction) > _MAX_INSTRUCTION_CHARS:
+            raise ProtocolError(f"'instruction' is longer than {_MAX_INSTRUCTION_CHARS} characters")
+        if self._draining:
+            return _error("server is shutting down; connect to another server")
+        # A new object, so a request still running for the old episode cannot touch the new one.
+        self._episodes[key] = _Episode(key, instruction)
+        self._episodes.move_to_end(key)
+        self.stats["resets"] += 1
+        while len(self._episodes) > self.max_episodes:
+            old_key = next(iter(self._episodes))
+            del self._episodes[old_key]
+            self.stats["evicted_episodes"] += 1
+            log.info("episode %r evicted (more than %d episodes)", old_key, self.max_episodes)
+        return {"ok": True, "episode": key}
+
+    async def _act(self, msg: dict, t_recv: float) -> dict:
+        key = self._episode_key(msg)
+        self.stats["act_requests"] += 1
+        episode = self._episodes.get(key)
+        if episode is None:
+            raise ProtocolError(f"unknown episode {key!r}: send {{'type': 'reset', 'episode': ..., "
+                                "'instruction': ...}} first (episodes are also dropped when the server holds more "
+                                f"than {self.max_episodes})")
+        if "image" not in msg:
+            raise ProtocolError("'act' needs an 'image' field: uint8 ndarray [H, W, 3]")
+        image = check_image(msg["image"], "image")
+        previous = msg.get("previous_image")
+        if previous is not None:
+            if not self.explicit_history:
+                raise ProtocolError("this policy does not take explicit history frames (its act() has no "
+                                    "'history' argument); omit 'previous_image'")
+            previous = check_image(previous, "previous_image")
+        if self._draining:
+            return _error("server is shutting down; connect to another server")
+        if episode.pending:
+            return _error(f"episode {key!r} already has an 'act' request in flight; wait for its reply")
+
+        if image.shape[:2] != self.image_hw or (previous is not None and previous.shape[:2] != self.image_hw):
+            image, previous = await asyncio.to_thread(self._resize_pair, image, previous)
+        t_ready = time.perf_counter()
+        request = _ActRequest(episode, image, previous, self._loop.create_future(), t_recv, t_ready)
+        try:
+            self._queue.put_nowait(request)
+        except asyncio.QueueFull:
+            self.stats["busy_rejections"] += 1
+            return _error(f"server busy: {self.max_queue} requests already queued (--max-queue); retry shortly")
+        episode.pending = True
+        self._episodes.move_to_end(key)
+        try:
+            remaining = self.request_timeout_s - (time.perf_counter() - t_recv)
+            outcome = await asyncio.wait_for(asyncio.shield(request.future), max(remaining, 0.0))
+        except asyncio.TimeoutError:
+            if not request.future.done():
+                request.future.cancel()  # the batcher skips it unless it is already running
+            self.stats["timeouts"] += 1
+            return _error(f"request timed out after {self.request_timeout_s:g} s (server overloaded or policy too "
+                          "slow); retry or raise --timeout-s")
+        finally:
+            episode.pending = False
+        if outcome[0] != "ok":
+            return _error(outcome[1])
+        actions, timing = outcome[1], outcome[2]
+        timing["server_ms"] = round((time.perf_counter() - t_recv) * 1e3, 3)
+        self.stats["act_ok"] += 1
+        return {"ok": True, "episode": key, "actions": actions, "timing": timing}
+
+    def _resize_pair(self, image, previous):
+        return fit_image(image, self.image_hw), (None if previous is None else fit_image(previous, self.image_hw))
+
+    # ------------------------------------------------------------------ batching
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        max_wait = self.max_wait_ms / 1e3
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + max_wait
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            batch = [r for r in batch if not r.future.done()]  # timed out while queued
+            if batch:
+                self._running_batch = True
+                try:
+                    await self._run_batch(batch)
+                finally:
+                    self._running_batch = False
+
+    async def _run_batch(self, batch: list) -> None:
+        t_start = time.perf_counter()
+        for r in batch:
+            r.t_start = t_start
+        try:
+            actions, calls = await self._loop.run_in_executor(self._executor, self._call_policy, batch)
+        except Exception as e:
+            log.exception("policy call failed for a batch of %d", len(batch))
+            self.stats["policy_failures"] += 1
+            message = f"policy failed: {type(e).__name__}: {e}"
+            for r in batch:
+                if not r.future.done():
+                    r.future.set_result(("error", message))
+            return
+        t_end = time.perf_counter()
+        self.stats["batches"] += 1
+        self.stats["policy_calls"] += calls
+        self.stats["batched_requests"] += len(batch)
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
+        for r, a in zip(batch, actions):
+            r.episode.previous = r.image
+            r.episode.steps += 1
+            timing = {"preprocess_ms": round((r.t_ready - r.t_recv) * 1e3, 3),
+                      "queue_ms": round((t_start - r.t_ready) * 1e3, 3),
+                      "policy_ms": round((t_end - t_start) * 1e3, 3), "batch_size": len(batch)}
+            if not r.future.done():
+                r.future.set_result(("ok", a, timing))
+
+    # Runs on the worker thread: the only place the policy is called while serving.
+    def _call_policy(self, batch: list) -> tuple[list, int]:
+        if self.explicit_history:
+            return self._call_with_history(batch)
+        return self._call_with_slots(batch)
+
+    def _call_with_history(self, batch: list) -> tuple[list, int]:
+        out: list = [None] * len(batch)
+        use_history = self.history_frames > 1
+        prev = [(r.previous if r.previous is not None else r.episode.previous) if use_history else None
+                for r in batch]
+        first = [i for i, p in enumerate(prev) if p is None]
+        later = [i for i, p in enumerate(prev) if p is not None]
+        calls = 0
+        for idx, history in ((first, False), (later, True)):
+            if not idx:
+                continue
+            instructions = tuple(batch[i].episode.instruction for i in idx)
+            # Fresh episodes always get a reset, in case the policy also keeps frames of its own.
+            if not history or instructions != self._last_reset:
+                self.policy.reset(list(instructions))
+                self._last_reset = instructions
+            images = np.stack([batch[i].image for i in idx])
+            hist = np.stack([prev[i] for i in idx]) if history else None
+            result = self._check_actions(self.policy.act(images, history=hist), len(idx))
+            calls += 1
+            for j, i in enumerate(idx):
+                out[i] = result[j]
+        return out, calls
+
+    def _call_with_slots(self, batch: list) -> tuple[list, int]:
+        episodes = [r.episode for r in batch]
+        layout = self._layout
+        if layout is not None and len(layout) == len(episodes) and {id(e) for e in layout} == {id(e) for e in episodes}:
+            position = {id(e): j for j, e in enumerate(layout)}
+            order = sorted(range(len(batch)), key=lambda i: position[id(episodes[i])])
+        else:
+            order = list(range(len(batch)))
+            self.stats["history_resets"] += sum(1 for e in episodes if e.steps > 0)
+            self.policy.reset([episodes[i].instruction for i in order])
+            self._layout = [episodes[i] for i in order]
+        images = np.stack([batch[i].image for i in order])
+        result = self._check_actions(self.policy.act(images), len(batch))
+        out: list = [None] * len(batch)
+        for j, i in enumerate(order):
+            out[i] = result[j]
+        return out, 1
+
+    def _check_actions(self, result, n: int) -> np.ndarray:
+        if hasattr(result, "detach"):
+            result = result.detach().float().cpu().numpy()
+        result = np.asarray(result, dtype=np.float32)
+        if result.ndim == 2 and n == 1:
+            result = result[None]
+        if result.ndim != 3 or result.shape[0] != n:
+            raise RuntimeError(f"policy.act returned shape {list(result.shape)} for {n} images; expected [N, K, D]")
+        return np.ascontiguousarray(result)

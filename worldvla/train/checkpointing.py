@@ -1,0 +1,144 @@
+"""Training checkpoints that resume exactly, single-process or under FSDP2.
+
+    <run>/checkpoints/step_00000100/model.pt        full model state dict (gathered on rank 0)
+                                    optim.pt        full optimizer state dict, keyed by parameter name
+                                    state.json      step, data position, schedule, run settings
+                                    rng_rank{r}.pt  every rank's Python / NumPy / torch (/ CUDA) RNG states
+    <run>/checkpoints/latest        name of the newest complete checkpoint
+
+A checkpoint is written into a hidden temporary folder and renamed into place, and `latest`
+is replaced atomically afterwards, so a crash at any moment leaves the previous checkpoint
+usable. Full (unsharded) state dicts make a checkpoint loadable at any world size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from . import distributed as dist_utils
+
+LATEST = "latest"
+
+
+def _options(for_load: bool) -> StateDictOptions:
+    if not dist_utils.is_distributed():
+        return StateDictOptions(full_state_dict=True)
+    if for_load:
+        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model) -> dict:
+    """Full state dict on rank 0 (empty on the other ranks). Collective under FSDP."""
+    sd = get_model_state_dict(model, options=_options(False))
+    return {k: v.detach().cpu() for k, v in sd.items()} if dist_utils.is_main() else {}
+
+
+def capture_rng() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last: int = 0) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder."""
+    root = Path(run_dir) / "checkpoints"
+    name = f"step_{step:08d}"
+    final, tmp = root / name, root / f".tmp-{name}"
+    if dist_utils.is_main():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist_utils.barrier()
+    msd = get_model_state_dict(model, options=_options(False))
+    osd = get_optimizer_state_dict(model, optimizer, options=_options(False))
+    torch.save(capture_rng(), tmp / f"rng_rank{dist_utils.rank()}.pt")
+    if dist_utils.is_main():
+        torch.save({k: v.detach().cpu() for k, v in msd.items()}, tmp / "model.pt")
+        torch.save(_to_cpu(osd), tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step,
+                                                     "world_size": dist_utils.world_size()}, indent=1))
+    dist_utils.barrier()
+    if dist_utils.is_main():
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_text_atomic(root / LATEST, name)
+        if keep_last > 0:
+            done = sorted(p for p in root.glob("step_*") if p.is_dir())
+            for old in done[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist_utils.barrier()
+    return final
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / LATEST
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if (path / "state.json").is_file():
+            return path
+    done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True) -> dict:
+    """Load a checkpoint folder (or a run folder: its latest checkpoint) into model / optimizer,
+    restore this rank's RNG states, and return state.json. Collective under FSDP."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {path} (expected {path}/checkpoints/step_*/state.json "
+                                    f"or a checkpoint folder)")
+        path = found
+    state = json.loads((path / "state.json").read_text())
+    main = dist_utils.is_main()
+    msd = torch.load(path / "model.pt", map_location="cpu", weights_only=True) if main else {}
+    set_model_state_dict(model, msd, options=_options(True))
+    if optimizer is not None:
+        osd = torch.load(path / "optim.pt", map_location="cpu", weights_only=True) if main else {}
+        set_optimizer_state_dict(model, optimizer, osd, options=_options(True))
+    rng_file = path / f"rng_rank{dist_utils.rank()}.pt"
+    if restore_rng_state:
+        if rng_file.is_file():
+            restore_rng(torch.load(rng_file, weights_only=False))
+        elif main:
+            print(f"warning: {rng_file.name} missing (resumed at another world size); RNG states start fresh")
+    state["path"] = str(path)
+    return state

@@ -1,0 +1,100 @@
+"""Process-group plumbing for `torchrun` + FSDP2, and no-ops in a single process.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `init()` reads them
+(or takes an explicit init_method, as the tests do) and picks NCCL on GPUs, Gloo on CPUs.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def init(device: str | None = None, init_method: str | None = None, rank_: int | None = None,
+         world: int | None = None, timeout_s: float = 1800.0) -> torch.device:
+    """Join the process group when launched by torchrun (or given init_method/rank/world) and
+    return this process's device. A plain `python` launch stays single-process."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    want = init_method is not None or env_world > 1
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if want and not is_distributed():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kw = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if init_method is not None:
+            kw.update(init_method=init_method, rank=rank_, world_size=world)
+        dist.init_process_group(**kw)
+    if dev.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank()))
+        dev = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (identity in one process); returns t."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard_model(model, mixed_precision: torch.dtype | None = None, reshard_after_forward: bool = True):
+    """FSDP2: shard every decoder layer, then the root (embeddings, final norm, lm_head).
+
+    `model.loss` is registered as an FSDP forward method so calling it (rather than
+    `model(...)`) still gathers the root's parameters."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    kw = {"reshard_after_forward": reshard_after_forward}
+    if mixed_precision is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    register_fsdp_forward_method(model, "loss")
+    return model
+
+
+def is_fsdp(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
