@@ -15,7 +15,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Larger than any action-block ordinal: the value of kv_block outside action blocks
 # (worldvla.mask.NO_BLOCK) and the neutral element of min-reductions over q_limit.
-BIG = 1 << 30
+BIG = tl.constexpr(1 << 30)
 
 
 def device_ok(*tensors: torch.Tensor) -> bool:

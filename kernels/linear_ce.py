@@ -2,8 +2,9 @@
 
     loss = sum_i w[y_i] CE_i / sum_i w[y_i]  +  z_weight * mean_i lse_i^2     (labelled rows only)
 
-The [N, V] logits are never held for all rows: labelled rows are processed in chunks.
-For each chunk, logits = h_c @ W^T (one matmul), then one Triton program per row makes
+The [N, V] logits are never held for all rows: labelled rows are processed in chunks
+(of at most ~256 MiB of fp32-sized logits). For each chunk, logits = h_c @ W^T (one
+matmul), then one Triton program per row (per 32 rows in the interpreter) makes
 an online max/sum-exp pass over the vocabulary, writes CE_i and lse_i, and, when a
 gradient is wanted, overwrites the chunk's logits in place with dloss/dlogits:
 
@@ -23,45 +24,49 @@ from ._common import INTERPRET, check_device, check_dtype, store_dtype
 
 
 @triton.jit
-def _ce_rows_kernel(LOGITS, s_row, TARGETS, ROW_W, CE, LSE, V, row0, inv_wsum, z_coef,
-                    HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    r = tl.program_id(0)
-    base = LOGITS + r.to(tl.int64) * s_row
-    y = tl.load(TARGETS + row0 + r)
+def _ce_rows_kernel(LOGITS, s_row, TARGETS, ROW_W, CE, LSE, n_rows, V, row0, inv_wsum, z_coef,
+                    HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    r_valid = rows < n_rows
+    base = LOGITS + rows.to(tl.int64)[:, None] * s_row
+    y = tl.load(TARGETS + row0 + rows, mask=r_valid, other=0)
     offs = tl.arange(0, BLOCK_V)
-    m = -1.0e30
-    l = 0.0
+    m = tl.full([ROWS], -1.0e30, tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        x = tl.load(base + v0 + offs, mask=v0 + offs < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        cols = v0 + offs
+        x = tl.load(base + cols[None, :], mask=r_valid[:, None] & (cols < V)[None, :], other=float("-inf"))
+        x = x.to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
         m = m_new
-    lse = m + tl.log(l)
-    x_y = tl.load(base + y).to(tl.float32)
-    tl.store(CE + row0 + r, lse - x_y)
-    tl.store(LSE + row0 + r, lse)
+    lse = m + tl.log(tl.where(r_valid, l, 1.0))
+    x_y = tl.load(LOGITS + rows.to(tl.int64) * s_row + y, mask=r_valid, other=0.0).to(tl.float32)
+    tl.store(CE + row0 + rows, lse - x_y, mask=r_valid)
+    tl.store(LSE + row0 + rows, lse, mask=r_valid)
     if WRITE_GRAD:
         if HAS_WEIGHT:
-            a = tl.load(ROW_W + row0 + r) * inv_wsum
+            a = tl.load(ROW_W + row0 + rows, mask=r_valid, other=0.0) * inv_wsum
         else:
-            a = inv_wsum
+            a = tl.full([ROWS], 1.0, tl.float32) * inv_wsum
         c = a + z_coef * lse
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
-            x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            g = c * tl.exp(x - lse) - tl.where(cols == y, a, 0.0)
-            tl.store(base + cols, g.to(LOGITS.dtype.element_ty), mask=cols < V)
+            mask = r_valid[:, None] & (cols < V)[None, :]
+            x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            g = c[:, None] * tl.exp(x - lse[:, None]) - tl.where(cols[None, :] == y[:, None], a[:, None], 0.0)
+            tl.store(base + cols[None, :], g.to(LOGITS.dtype.element_ty), mask=mask)
 
 
-def _chunk_rows(n: int, vocab: int, hidden: int, chunk_size: int | None) -> int:
+def _chunk_rows(n: int, vocab: int, elem_bytes: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
-    # About as many chunks as V / H: each chunk's logits then cost about as much memory as the
-    # hidden states themselves (the heuristic of Liger's fused linear cross-entropy).
-    n_chunks = triton.cdiv(vocab, hidden)
-    return max(1, triton.next_power_of_2(triton.cdiv(n, n_chunks)))
+    # Chunks of at most ~256 MiB of logits, balanced so the last one is not a sliver.
+    rows = max(1, min(n, (256 << 20) // (vocab * elem_bytes)))
+    n_chunks = triton.cdiv(n, rows)
+    return triton.cdiv(n, n_chunks)
 
 
 def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100,
@@ -105,16 +110,18 @@ def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5,
     grad_w = None
     if need_grad_weight:
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    # One row per program on GPUs; the interpreter pays per program, so there a program takes 32 rows.
+    rows_per_prog = 32 if INTERPRET else 1
     block_v = min(triton.next_power_of_2(V), 1024 if INTERPRET else 4096)
-    step = _chunk_rows(n, V, Hd, chunk_size)
+    step = _chunk_rows(n, V, 4, chunk_size)
     for r0 in range(0, n, step):
         h_c = h[r0:r0 + step]
         logits = h_c @ weight.t()  # [rows, V] in the input dtype; overwritten by its gradient
         if store_dtype(logits.dtype) != logits.dtype:
             logits = logits.float()
-        _ce_rows_kernel[(h_c.shape[0],)](
-            logits, logits.stride(0), y32, row_w, ce, lse, V, r0, inv_wsum_f, 2.0 * z_weight / n,
-            HAS_WEIGHT=class_weight is not None, WRITE_GRAD=write_grad, BLOCK_V=block_v,
+        _ce_rows_kernel[(triton.cdiv(h_c.shape[0], rows_per_prog),)](
+            logits, logits.stride(0), y32, row_w, ce, lse, h_c.shape[0], V, r0, inv_wsum_f, 2.0 * z_weight / n,
+            HAS_WEIGHT=class_weight is not None, WRITE_GRAD=write_grad, ROWS=rows_per_prog, BLOCK_V=block_v,
             **({} if INTERPRET else dict(num_warps=8)))
         dlogits = logits.to(weight.dtype)
         if need_grad_hidden:

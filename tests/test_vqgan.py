@@ -60,12 +60,13 @@ def test_encode_decode_shapes(rng, h, w):
     assert int(codes.min()) >= 0 and int(codes.max()) < m.config.n_embed
     y = m.decode(codes)
     assert y.shape == (2, 3, h, w) and y.dtype == torch.float32
-    assert float(y.abs().max()) <= 1.0
+    assert float(y.abs().max()) <= 1.0 and not y.requires_grad
     rec, loss, codes2 = m(x)
     assert rec.shape == (2, 3, h, w) and loss.dim() == 0 and torch.equal(codes2, codes)
     # decode = clamp(decoder(post_quant_conv(codebook[codes])))
-    z_q = m.codebook[codes].permute(0, 3, 1, 2)
-    torch.testing.assert_close(y, m.decode_latents(z_q).clamp(-1, 1))
+    with torch.no_grad():
+        z_q = m.codebook[codes].permute(0, 3, 1, 2).contiguous()
+        torch.testing.assert_close(y, m.decode_latents(z_q).clamp(-1, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_codes_are_nearest_entries(rng):
@@ -282,13 +283,24 @@ def test_load_errors(rng, tmp_path):
 
 # ---------------------------------------------------------------------- training
 def test_training_reduces_reconstruction_loss():
+    # Many tiny ops: with other torch processes on the machine, a second OpenMP thread mostly
+    # waits at barriers (seen: 100x slower), so this test runs single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train_tiny()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_tiny():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1234)
     m = VQGAN(VQGANConfig(**TINY)).train()
     # smooth images: low-frequency random patterns a tiny model can learn to reconstruct
     coarse = torch.rand(4, 3, 4, 4, generator=gen) * 2 - 1
     x = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
-    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     losses = []
     for _ in range(40):
         rec, vq_loss, _ = m(x)
@@ -296,9 +308,11 @@ def test_training_reduces_reconstruction_loss():
         (rec_loss + vq_loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(rec_loss))
+        losses.append(float(rec_loss.detach()))
     assert all(math.isfinite(v) for v in losses)
-    assert np.mean(losses[-5:]) < 0.3 * losses[0], losses
+    final = np.mean(losses[-5:])
+    # halves the loss, and beats the best constant image (whose error is the pixel variance)
+    assert final < 0.6 * losses[0] and final < 0.95 * float(x.var()), (float(x.var()), losses)
     # gradients reach the encoder (straight-through) and the codebook (codebook loss)
     rec, vq_loss, _ = m(x)
     ((rec - x).pow(2).mean() + vq_loss).backward()

@@ -142,8 +142,8 @@ void vq_quantize_cuda(const void* z, int64_t z_s, const void* codebook, int64_t 
                                                               static_cast<const float*>(codebook), cb_s, n, k, c, out);
       break;
     case kFloat16:
-      vq_quantize_kernel<__half><<<blocks, kVqThreads, 0, s>>>(static_cast<const __half*>(z), z_s,
-                                                               static_cast<const __half*>(codebook), cb_s, n, k, c, out);
+      vq_quantize_kernel<__half><<<blocks, kVqThreads, 0, s>>>(
+          static_cast<const __half*>(z), z_s, static_cast<const __half*>(codebook), cb_s, n, k, c, out);
       break;
     case kBFloat16:
       vq_quantize_kernel<__nv_bfloat16><<<blocks, kVqThreads, 0, s>>>(

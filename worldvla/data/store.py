@@ -10,6 +10,7 @@ Layout on disk:
 
     <store>/manifest.json        settings, vocabulary layout, action bounds, shards with sha256 of each file
     <store>/vqgan/               the VQGAN that encoded the frames (VQGAN.save_pretrained)
+    <store>/text_tokenizer.json  the release's text tokenizer (chameleon vocabulary only)
     <store>/shard_00000/tokens.npy   int32 [N]      every sample's ids, back to back
                         labels.npy   int32 [N]      -100 where there is no loss
                         offsets.npy  int64 [n + 1]  sample i is tokens[offsets[i]:offsets[i + 1]]
@@ -43,6 +44,7 @@ KINDS = ("action", "world")
 _KIND_CODE = {k: i for i, k in enumerate(KINDS)}
 _ARRAYS = ("tokens", "labels", "offsets", "kinds", "index")
 MANIFEST = "manifest.json"
+TEXT_TOKENIZER = "text_tokenizer.json"
 
 
 # ---------------------------------------------------------------------- small utilities
@@ -294,6 +296,8 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
             done = {e["name"]: e for e in old.get("shards", [])}
     if not (out / "vqgan" / "config.json").is_file() or overwrite:
         vqgan.save_pretrained(out / "vqgan")
+    if tokenizer_json is not None and Path(tokenizer_json).resolve() != (out / TEXT_TOKENIZER).resolve():
+        shutil.copyfile(tokenizer_json, out / TEXT_TOKENIZER)
 
     plan = _plan_shards(files, settings)
     manifest = {
@@ -459,6 +463,12 @@ class TokenStore(torch.utils.data.Dataset):
     @property
     def vqgan_path(self) -> Path:
         return self.path / self.manifest["vqgan"]
+
+    @property
+    def text_tokenizer_path(self) -> Path | None:
+        """The release's text_tokenizer.json, copied in when the store uses the chameleon vocabulary."""
+        p = self.path / TEXT_TOKENIZER
+        return p if p.is_file() else None
 
     def action_tokenizer(self) -> ActionTokenizer:
         a = self.manifest["action"]

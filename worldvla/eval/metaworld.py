@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .metrics import psnr, ssim
 from .rollout import ChunkQuery
@@ -160,3 +161,295 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
     result.latency = query.latency_summary()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+
+# ---------------------------------------------------------------------- world model
+def expert_rollouts(task: str, episodes: int, *, seed: int = 0, image_size: int = 64, max_steps: int = 200,
+                    env_factory=None) -> list[dict]:
+    """Scripted-expert episodes on evaluation seeds: frames [T+1, H, W, 3] and actions [T, 4]."""
+    import warnings
+
+    from ..sim.metaworld_env import expert_policy
+
+    factory = env_factory or _default_env_factory
+    env = factory(task, image_size, max_steps)
+    expert = expert_policy(task)
+    out = []
+    try:
+        for s in eval_seeds(task, episodes, seed + 1):  # other layouts than the closed-loop episodes
+            frames, actions = [env.reset(seed=s)], []
+            done = False
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                while not done:
+                    a = np.clip(np.asarray(expert.get_action(env.state), dtype=np.float64), -1.0, 1.0)
+                    frame, _, _, done = env.step(a)
+                    frames.append(frame)
+                    actions.append(a)
+            out.append({"seed": s, "frames": np.stack(frames), "actions": np.stack(actions), "success": env.success})
+    finally:
+        env.close()
+    return out
+
+
+def _scores(pred: np.ndarray, real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return psnr(pred, real).numpy(), ssim(pred, real).numpy()
+
+
+def _mean_finite(v) -> float | None:
+    v = np.asarray(v, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else None
+
+
+def world_model_metrics(policy, rollouts: list[dict], horizon: int = 8, one_step_points: int = 8) -> dict:
+    """PSNR / SSIM of next-frame predictions and of imagined multi-step rollouts against
+    the simulator, with the copy-last-frame and VQGAN-reconstruction references.
+
+    `policy` provides `model`, `vqgan`, `action_tokenizer` and `text_tokenizer` (a
+    `WorldVLAPolicy`). Returns the metrics and, under "examples", frames for the figures."""
+    from ..inference.frames import generate_frames
+    from ..vqgan import postprocess, preprocess
+
+    model, vqgan = policy.model, policy.vqgan
+    kw = dict(layout=getattr(policy, "layout", None) or model.layout, action_tokenizer=policy.action_tokenizer,
+              text_tokenizer=policy.text_tokenizer)
+    usable = [r for r in rollouts if len(r["actions"]) >= 1]
+    if not usable:
+        raise ValueError("world-model metrics need at least one rollout with one action")
+
+    # One step: real frame t + expert action t -> frame t+1, at evenly spaced t.
+    imgs, acts, targets = [], [], []
+    for r in usable:
+        T = len(r["actions"])
+        for t in np.unique(np.linspace(0, T - 1, min(one_step_points, T)).astype(int)):
+            imgs.append(r["frames"][t])
+            acts.append(r["actions"][t])
+            targets.append(r["frames"][t + 1])
+    imgs, acts, targets = np.stack(imgs), np.stack(acts), np.stack(targets)
+    t0 = time.perf_counter()
+    pred = generate_frames(model, vqgan, imgs, acts[:, None], **kw).frames[:, 0]
+    one_step_s = (time.perf_counter() - t0) / len(imgs)
+    with torch.no_grad():
+        dev = vqgan.codebook.device
+        recon = postprocess(vqgan.decode(vqgan.encode(preprocess(targets).to(dev))))
+    p_m, s_m = _scores(pred, targets)
+    p_c, s_c = _scores(imgs, targets)
+    p_r, s_r = _scores(recon, targets)
+    one_step = {"n": int(len(imgs)), "psnr": _mean_finite(p_m), "ssim": float(s_m.mean()),
+                "copy_last_psnr": _mean_finite(p_c), "copy_last_ssim": float(s_c.mean()),
+                "vqgan_recon_psnr": _mean_finite(p_r), "vqgan_recon_ssim": float(s_r.mean()),
+                "seconds_per_frame": one_step_s}
+
+    # Multi-step: from each rollout's first frame, imagine `H` steps under the expert's actions.
+    H = max(1, min(horizon, min(len(r["actions"]) for r in usable)))
+    first = np.stack([r["frames"][0] for r in usable])
+    seq = np.stack([r["actions"][:H] for r in usable])
+    real = np.stack([r["frames"][1:H + 1] for r in usable])            # [N, H, ...]
+    t0 = time.perf_counter()
+    imagined = generate_frames(model, vqgan, first, seq, **kw).frames  # [N, H, ...]
+    multi_s = time.perf_counter() - t0
+    per_step_p, per_step_s, copy_p, copy_s = [], [], [], []
+    for k in range(H):
+        p, s = _scores(imagined[:, k], real[:, k])
+        pc, sc = _scores(first, real[:, k])
+        per_step_p.append(_mean_finite(p))
+        per_step_s.append(float(s.mean()))
+        copy_p.append(_mean_finite(pc))
+        copy_s.append(float(sc.mean()))
+    multi = {"horizon": H, "rollouts": len(usable), "psnr_per_step": per_step_p, "ssim_per_step": per_step_s,
+             "copy_first_psnr_per_step": copy_p, "copy_first_ssim_per_step": copy_s,
+             "psnr": _mean_finite(per_step_p), "ssim": float(np.mean(per_step_s)), "seconds": multi_s}
+    return {"one_step": one_step, "multi_step": multi,
+            "examples": {"real": np.concatenate([first[:1], real[0]]), "imagined": np.concatenate([first[:1], imagined[0]])}}
+
+
+# ---------------------------------------------------------------------- the whole evaluation
+def load_policy(path, device=None):
+    from ..inference import WorldVLAPolicy
+
+    return WorldVLAPolicy.from_pretrained(path, device=device)
+
+
+def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_steps: int = 200, n_envs: int = 4,
+             random_baseline: bool = True, wm_episodes: int = 2, wm_horizon: int = 8, progress: bool = True,
+             variant_names: list[str] | None = None, device=None, gifs: bool = True) -> dict:
+    """Evaluate one or more policies (folders or loaded objects) on `tasks`; write artifacts to
+    `out_dir` and return the metrics (also written to `out_dir/metrics.json`)."""
+    from tqdm.auto import tqdm
+
+    from . import plots
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = list(tasks)
+    policies = list(policies)
+    names = list(variant_names or [])
+    for i in range(len(names), len(policies)):
+        p = policies[i]
+        names.append(Path(p).name if isinstance(p, (str, Path)) else f"policy{i}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must differ, got {names}; pass variant_names")
+    loaded = [load_policy(p, device) if isinstance(p, (str, Path)) else p for p in policies]
+    metrics: dict = {"tasks": tasks, "episodes": episodes, "max_steps": max_steps, "seed": seed, "variants": {}}
+    n_runs = len(tasks) * episodes * (len(loaded) + int(random_baseline))
+    bar = tqdm(total=n_runs, desc="evaluate", unit="ep", disable=not progress, dynamic_ncols=True)
+    rates: dict[str, dict[str, float]] = {}
+    try:
+        for name, pol in zip(names, loaded):
+            meta = pol.metadata() if hasattr(pol, "metadata") else {}
+            v = {"policy": str(policies[names.index(name)]) if isinstance(policies[names.index(name)], (str, Path))
+                 else name, "chunk_size": getattr(pol, "chunk_size", None), "metadata": _jsonable(meta), "tasks": {}}
+            for task in tasks:
+                r = closed_loop(pol, task, episodes, seed=seed, max_steps=max_steps, n_envs=n_envs, progress=bar)
+                v["tasks"][task] = r.to_dict()
+                if gifs and r.frames is not None:
+                    tag = "success" if r.successes[0] else "failure"
+                    plots.save_gif(r.frames, out_dir / f"{name}_{task}_{tag}.gif")
+            v["success_rate"] = float(np.mean([v["tasks"][t]["success_rate"] for t in tasks]))
+            lat = [v["tasks"][t]["latency"].get("mean_s") for t in tasks]
+            lat = [x for x in lat if x is not None]
+            v["latency_mean_s"] = float(np.mean(lat)) if lat else None
+            metrics["variants"][name] = v
+            rates[name] = {t: v["tasks"][t]["success_rate"] for t in tasks}
+        if random_baseline:
+            k = getattr(loaded[0], "chunk_size", 5) if loaded else 5
+            rnd = RandomPolicy(chunk_size=k, seed=seed)
+            v = {"policy": "uniform random actions", "chunk_size": k, "tasks": {}}
+            for task in tasks:
+                r = closed_loop(rnd, task, episodes, seed=seed, max_steps=max_steps, n_envs=n_envs, progress=bar,
+                                record=False)
+                v["tasks"][task] = r.to_dict()
+            v["success_rate"] = float(np.mean([v["tasks"][t]["success_rate"] for t in tasks]))
+            metrics["random"] = v
+            rates["random"] = {t: v["tasks"][t]["success_rate"] for t in tasks}
+    finally:
+        bar.close()
+
+    # World model, for the first policy (the others share the metric code; run `evaluate` per policy).
+    if wm_episodes > 0 and loaded and hasattr(loaded[0], "model"):
+        wm: dict = {}
+        curves = {}
+        grid_rows, grid_labels = [], []
+        for task in tqdm(tasks, desc="world model", unit="task", disable=not progress):
+            rolls = expert_rollouts(task, wm_episodes, seed=seed, image_size=loaded[0].image_size, max_steps=max_steps)
+            res = world_model_metrics(loaded[0], rolls, horizon=wm_horizon)
+            ex = res.pop("examples")
+            wm[task] = res
+            curves[task.replace("-v3", "")] = {"psnr": res["multi_step"]["psnr_per_step"],
+                                               "ssim": res["multi_step"]["ssim_per_step"]}
+            grid_rows += [ex["real"], ex["imagined"]]
+            grid_labels += [f"{task.replace('-v3', '')} real", "imagined"]
+            if gifs:
+                plots.save_gif(plots.side_by_side(ex["real"], ex["imagined"]), out_dir / f"world_model_{task}.gif", fps=4)
+        plots.frame_grid(grid_rows, out_dir / "world_model_grid.png", labels=grid_labels)
+        plots.horizon_curves(curves, out_dir / "world_model.png")
+        wm["mean"] = {
+            "one_step_psnr": _mean_finite([wm[t]["one_step"]["psnr"] for t in tasks]),
+            "one_step_ssim": float(np.mean([wm[t]["one_step"]["ssim"] for t in tasks])),
+            "copy_last_psnr": _mean_finite([wm[t]["one_step"]["copy_last_psnr"] for t in tasks]),
+            "copy_last_ssim": float(np.mean([wm[t]["one_step"]["copy_last_ssim"] for t in tasks])),
+            "vqgan_recon_psnr": _mean_finite([wm[t]["one_step"]["vqgan_recon_psnr"] for t in tasks]),
+            "vqgan_recon_ssim": float(np.mean([wm[t]["one_step"]["vqgan_recon_ssim"] for t in tasks])),
+            "multi_step_psnr": _mean_finite([wm[t]["multi_step"]["psnr"] for t in tasks]),
+            "multi_step_ssim": float(np.mean([wm[t]["multi_step"]["ssim"] for t in tasks])),
+        }
+        metrics["world_model"] = wm
+    if rates:
+        plots.success_bars(rates, out_dir / "success.png")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default))
+    return metrics
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=_json_default))
+
+
+def format_results(metrics: dict) -> str:
+    """A plain-text table of success rates (per variant and random) and world-model scores."""
+    tasks = metrics["tasks"]
+    cols = list(metrics.get("variants", {})) + (["random"] if "random" in metrics else [])
+
+    def rate(col, task):
+        v = metrics["random"] if col == "random" else metrics["variants"][col]
+        t = v["tasks"][task]
+        return f"{t['success_rate']:.0%} ({t['successes']}/{t['episodes']})"
+
+    w0 = max([len("task")] + [len(t) for t in tasks] + [len("mean")])
+    widths = [max(len(c), 12) for c in cols]
+    lines = ["closed-loop success (Meta-World, held-out layouts)",
+             "  ".join([f"{'task':<{w0}}"] + [f"{c:>{w}}" for c, w in zip(cols, widths)])]
+    for t in tasks:
+        lines.append("  ".join([f"{t:<{w0}}"] + [f"{rate(c, t):>{w}}" for c, w in zip(cols, widths)]))
+    means = [(metrics["random"] if c == "random" else metrics["variants"][c])["success_rate"] for c in cols]
+    lines.append("  ".join([f"{'mean':<{w0}}"] + [f"{m:>{w}.0%}" for m, w in zip(means, widths)]))
+    for c in metrics.get("variants", {}):
+        lat = metrics["variants"][c].get("latency_mean_s")
+        if lat is not None:
+            lines.append(f"{c}: {lat * 1000:.0f} ms per action-chunk query (CPU)")
+    wm = metrics.get("world_model")
+    if wm:
+        m = wm["mean"]
+        f = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+        lines.append("world model (held-out expert rollouts)        PSNR dB    SSIM")
+        lines.append(f"  next frame, predicted                       {f(m['one_step_psnr']):>7}  {m['one_step_ssim']:.3f}")
+        lines.append(f"  next frame = current frame (reference)      {f(m['copy_last_psnr']):>7}  {m['copy_last_ssim']:.3f}")
+        lines.append(f"  VQGAN reconstruction (upper bound)          {f(m['vqgan_recon_psnr']):>7}  {m['vqgan_recon_ssim']:.3f}")
+        h = wm[tasks[0]]["multi_step"]["horizon"]
+        lines.append(f"  imagined {h}-step rollout, mean over steps   {f(m['multi_step_psnr']):>7}  {m['multi_step_ssim']:.3f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--policy", nargs="+", required=True,
+                        help="policy folder(s) (worldvla.inference.save_policy format); several = variants compared")
+    parser.add_argument("--names", default=None, help="comma-separated variant names (default: folder names)")
+    parser.add_argument("--tasks", required=True, help="comma-separated Meta-World tasks, e.g. drawer-open-v3,door-open-v3")
+    parser.add_argument("--episodes", type=int, default=10, help="closed-loop episodes per task (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="output folder: metrics.json, success.png, world_model*.png, GIFs")
+    parser.add_argument("--max-steps", type=int, default=200, help="episode step limit (default: %(default)s)")
+    parser.add_argument("--envs", type=int, default=4, help="envs run in lockstep with batched queries (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="evaluation seed (layouts are derived from it)")
+    parser.add_argument("--no-random", action="store_true", help="skip the random-policy (chance) baseline")
+    parser.add_argument("--wm-episodes", type=int, default=2,
+                        help="held-out expert rollouts per task for the world-model metrics (0 = skip)")
+    parser.add_argument("--wm-horizon", type=int, default=8, help="imagined steps per rollout (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="torch device (default: the policy's default)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    if names is not None and len(names) != len(args.policy):
+        print(f"worldvla eval: --names has {len(names)} names for {len(args.policy)} policies", file=sys.stderr)
+        return 2
+    for p in args.policy:
+        if not (Path(p) / "policy.json").is_file():
+            print(f"worldvla eval: {p} is not a policy folder (no policy.json); train one with `worldvla train` "
+                  f"or `worldvla demo`", file=sys.stderr)
+            return 2
+    metrics = evaluate(args.policy, tasks, args.episodes, args.out, seed=args.seed, max_steps=args.max_steps,
+                       n_envs=args.envs, random_baseline=not args.no_random, wm_episodes=args.wm_episodes,
+                       wm_horizon=args.wm_horizon, progress=not args.no_progress, variant_names=names,
+                       device=args.device)
+    print(format_results(metrics))
+    print(f"-> {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+__all__ = ["closed_loop", "RandomPolicy", "eval_seeds", "expert_rollouts", "world_model_metrics", "evaluate",
+           "format_results", "TaskResult", "add_arguments", "run"]

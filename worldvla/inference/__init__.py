@@ -1,5 +1,10 @@
-"""Fast inference: static-cache engine, parallel action-chunk decoding, world-model rollouts, the policy."""
+"""Fast inference: a static-cache engine (CUDA graphs on GPU), parallel action-chunk decoding,
+world-model frame rollouts, the closed-loop policy, and the release's decoder as a baseline."""
+from .baseline import baseline_generate_action_chunk
 from .chunk import generate_action_chunk
 from .engine import InferenceEngine
+from .frames import FrameRollout, generate_frame_codes, generate_frames
+from .policy import WorldVLAPolicy, save_policy
 
-__all__ = ["generate_action_chunk", "InferenceEngine"]
+__all__ = ["generate_action_chunk", "generate_frames", "generate_frame_codes", "FrameRollout", "WorldVLAPolicy",
+           "save_policy", "InferenceEngine", "baseline_generate_action_chunk"]

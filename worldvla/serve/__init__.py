@@ -55,9 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-payload-mb", type=float, default=16.0, help="largest request accepted, in MiB")
     parser.add_argument("--timeout-s", type=float, default=60.0,
                         help="per-request limit, from arrival to reply, in seconds")
-    parser.add_argument("--max-episodes", type=int, default=1024,
-                        help="episodes kept; the least recently used is dropped beyond this")
-    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up policy call before serving")
+    parser.add_argument("--max-episodes", type=int, default=256,
+                        help="episodes kept (each holds its last frame); the least recently used is dropped beyond")
+    parser.add_argument("--no-pad-batches", action="store_true",
+                        help="call the policy with the exact batch size instead of padding to a power of two")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up policy calls before serving")
 
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -80,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     policy = WorldVLAPolicy.from_pretrained(args.checkpoint, device=args.device, dtype=dtype)
     server = PolicyServer(policy, args.host, args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                           max_queue=args.max_queue, max_payload_mb=args.max_payload_mb,
-                          request_timeout_s=args.timeout_s, max_episodes=args.max_episodes)
+                          request_timeout_s=args.timeout_s, max_episodes=args.max_episodes,
+                          pad_batches=not args.no_pad_batches)
     if not args.no_warmup:
         server.warmup()
 

@@ -29,8 +29,11 @@ def _connect(url: str, open_timeout: float, max_size: int):
     from websockets.sync.client import connect
 
     kwargs = dict(open_timeout=open_timeout, max_size=max_size, compression=None, close_timeout=5)
-    if "proxy" in inspect.signature(connect).parameters:
+    params = inspect.signature(connect).parameters
+    if "proxy" in params:
         kwargs["proxy"] = None  # robots talk to the server directly, whatever the environment's proxy says
+    if "legacy" in params:
+        kwargs["legacy"] = True  # a plain connection object, closed by PolicyClient.close()
     return connect(url, **kwargs)
 
 

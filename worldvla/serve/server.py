@@ -6,7 +6,8 @@ takes the first waiting request, collects more for at most `max_wait_ms` (or unt
 `max_batch`), and runs them as one `policy.act` call on a dedicated worker thread, so
 the event loop keeps answering health checks, metadata and bad requests while the
 model computes. Requests that arrive during a call wait for the next one, which is
-where most batching happens under load.
+where most batching happens under load. The server never waits when every open
+connection already has a request in the batch (a lone robot pays no batching delay).
 
 What the server needs from a policy (duck-typed; `WorldVLAPolicy` is one):
   * `reset(instructions: list[str])` and `act(images: uint8 [N, H, W, 3]) -> [N, K, D]`;
@@ -93,7 +94,8 @@ class PolicyServer:
 
     def __init__(self, policy, host: str = "127.0.0.1", port: int = 0, *, max_batch: int = 8,
                  max_wait_ms: float = 5.0, max_queue: int = 64, max_payload_mb: float = 16.0,
-                 request_timeout_s: float = 60.0, max_episodes: int = 1024, drain_timeout_s: float | None = None):
+                 request_timeout_s: float = 60.0, max_episodes: int = 256, drain_timeout_s: float | None = None,
+                 pad_batches: bool = True):
         for name, value, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
                                 ("max_episodes", max_episodes, 1)):
             if not isinstance(value, int) or value < lo:
@@ -130,10 +132,16 @@ class PolicyServer:
         self.chunk_size, self.action_dim = attr("chunk_size"), attr("action_dim")
         self.explicit_history = _accepts(policy.act, "history")
         self.history_frames = int(self.policy_metadata.get("history", 2) or 1)
+        # Batch sizes the policy sees: powers of two up to max_batch, and max_batch. A policy
+        # that builds state per batch size (static KV caches, CUDA graphs) then keeps a few
+        # warm instead of rebuilding for every size; the padding rows repeat the last request.
+        # Only with explicit history: padding rows would occupy slots of a slot-keeping policy.
+        self.pad_batches = bool(pad_batches) and self.explicit_history
+        self.batch_sizes = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | {max_batch})
 
         self.stats = {"act_requests": 0, "act_ok": 0, "errors": 0, "batches": 0, "policy_calls": 0,
                       "batched_requests": 0, "max_batch_seen": 0, "busy_rejections": 0, "timeouts": 0,
-                      "policy_failures": 0, "history_resets": 0, "resets": 0, "evicted_episodes": 0}
+                      "policy_failures": 0, "history_resets": 0, "resets": 0, "evicted_episodes": 0, "padded_rows": 0}
         self._episodes: OrderedDict = OrderedDict()
         self._layout: list | None = None  # episodes bound to the policy's slots (policies without `history`)
         self._last_reset: tuple | None = None
@@ -263,14 +271,19 @@ class PolicyServer:
         self.stop_background()
 
     def warmup(self) -> None:
-        """One policy call with a random frame before serving (first-call compilation, allocation)."""
+        """Policy calls with random frames before serving (compilation, allocation, CUDA graphs):
+        every padded batch size, with and without a history frame."""
         h, w = self.image_hw
-        image = np.random.default_rng().integers(0, 256, (1, h, w, 3), dtype=np.uint8)
-        self.policy.reset(["warm up"])
-        if self.explicit_history and self.history_frames > 1:
-            self.policy.act(image, history=image.copy())
-        else:
-            self.policy.act(image)
+        rng = np.random.default_rng()
+        for n in self.batch_sizes if self.pad_batches else [1]:
+            images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+            self.policy.reset(["warm up"] * n)
+            if self.explicit_history:
+                self.policy.act(images, history=None)
+                if self.history_frames > 1:
+                    self.policy.act(images, history=images[::-1].copy())
+            else:
+                self.policy.act(images)
         self._layout, self._last_reset = None, None
 
     # ------------------------------------------------------------------ HTTP + WebSocket
@@ -350,6 +363,7 @@ class PolicyServer:
                 "server": {"max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms,
                            "max_queue": self.max_queue, "max_payload_mb": self.max_payload_bytes / 2**20,
                            "request_timeout_s": self.request_timeout_s, "max_episodes": self.max_episodes,
+                           "policy_batch_sizes": self.batch_sizes if self.pad_batches else None,
                            "resize": "bilinear to image_size, no crop"}}
 
     @staticmethod
@@ -450,8 +464,10 @@ class PolicyServer:
                     continue
                 except asyncio.QueueEmpty:
                     pass
+                # A connection has at most one request in flight: once every open connection
+                # has one queued, nothing else can join this batch, so waiting only adds latency.
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or len(batch) >= self._connections:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
@@ -510,14 +526,19 @@ class PolicyServer:
         for idx, history in ((first, False), (later, True)):
             if not idx:
                 continue
-            instructions = tuple(batch[i].episode.instruction for i in idx)
+            rows = list(idx)
+            if self.pad_batches:
+                size = next(b for b in self.batch_sizes if b >= len(rows))
+                self.stats["padded_rows"] += size - len(rows)
+                rows += [rows[-1]] * (size - len(rows))
+            instructions = tuple(batch[i].episode.instruction for i in rows)
             # Fresh episodes always get a reset, in case the policy also keeps frames of its own.
             if not history or instructions != self._last_reset:
                 self.policy.reset(list(instructions))
                 self._last_reset = instructions
-            images = np.stack([batch[i].image for i in idx])
-            hist = np.stack([prev[i] for i in idx]) if history else None
-            result = self._check_actions(self.policy.act(images, history=hist), len(idx))
+            images = np.stack([batch[i].image for i in rows])
+            hist = np.stack([prev[i] for i in rows]) if history else None
+            result = self._check_actions(self.policy.act(images, history=hist), len(rows))
             calls += 1
             for j, i in enumerate(idx):
                 out[i] = result[j]

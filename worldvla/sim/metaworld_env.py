@@ -82,7 +82,8 @@ CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper"
 # The `corner` camera is declared with its up axis pointing at the floor
 # (xyaxes="-1 1 0 -0.2 -0.2 -1"), so its frames come out rotated by 180 degrees.
 # Rotating back (not just flipping rows, which would mirror the scene) gives the
-# view a physical camera at that spot would see.
+# view a physical camera at that spot would see. The other cameras are returned as
+# Meta-World defines them (corner2-4 are tilted by their euler angles).
 _ROTATE_180 = frozenset({"corner"})
 
 _INSTALL_HINT = 'Meta-World is not installed; install the simulator extra with: pip install "worldvla[sim]"'
@@ -200,7 +201,7 @@ class MetaWorldEnv:
         self.max_steps = int(max_steps)
         self.terminate_on_success = terminate_on_success
         self.seed = int(seed)
-        self._gym, _, self._mujoco = _require_metaworld()
+        _, _, self._mujoco = _require_metaworld()
 
         self._env = _make_gym_env(task, self.seed, self.image_size, camera)
         self._raw = self._env.unwrapped
@@ -240,6 +241,12 @@ class MetaWorldEnv:
         return self._state
 
     def render(self) -> np.ndarray:
+        if self._env is None:
+            raise RuntimeError("this env is closed")
+        # Each env owns an OpenGL context, and gymnasium only makes it current when
+        # the context is created: after another env in this process was created or
+        # closed, rendering would go to the wrong (or no) context and come out black.
+        self._viewer.make_context_current()
         frame = self._raw.render()
         if self.camera in _ROTATE_180:
             frame = frame[::-1, ::-1]
@@ -280,9 +287,24 @@ class MetaWorldEnv:
         return self.render(), float(reward), bool(info["success"]), done
 
     def close(self) -> None:
-        if self._env is not None:
-            self._env.close()
-            self._env = None
+        """Free the simulator and its OpenGL context (also done when the env is collected)."""
+        env, self._env = getattr(self, "_env", None), None
+        if env is None:
+            return
+        viewer, self._viewer = getattr(self, "_viewer", None), None
+        # Free MuJoCo's GL objects inside our own context. Left to the garbage
+        # collector, they are deleted in whatever context is current then, which
+        # can be another env's, whose framebuffers share the same object ids.
+        if viewer is not None:
+            try:
+                viewer.make_context_current()
+                viewer.con.free()
+            except Exception:  # noqa: BLE001  (already torn down: nothing left to protect)
+                pass
+        env.close()
+
+    def __del__(self):
+        self.close()
 
     def __enter__(self):
         return self

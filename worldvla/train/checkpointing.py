@@ -44,15 +44,22 @@ def full_model_state(model) -> dict:
 
 
 def capture_rng() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and plain numbers (loadable with torch.load(weights_only=True))."""
+    pv, pstate, pgauss = random.getstate()
+    nname, nkeys, npos, nhas, ncached = np.random.get_state()
+    state = {"python": {"version": pv, "state": torch.tensor(pstate, dtype=torch.int64), "gauss": pgauss},
+             "numpy": {"name": nname, "keys": torch.from_numpy(nkeys.astype(np.int64)), "pos": int(npos),
+                       "has_gauss": int(nhas), "cached": float(ncached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    p, n = state["python"], state["numpy"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -137,7 +144,7 @@ def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True)
     rng_file = path / f"rng_rank{dist_utils.rank()}.pt"
     if restore_rng_state:
         if rng_file.is_file():
-            restore_rng(torch.load(rng_file, weights_only=False))
+            restore_rng(torch.load(rng_file, weights_only=True))
         elif main:
             print(f"warning: {rng_file.name} missing (resumed at another world size); RNG states start fresh")
     state["path"] = str(path)

@@ -1,0 +1,196 @@
+"""Decode attention against a KV cache with split-KV (flash-decoding), in Triton.
+
+q [B, Q, H, Dh] (Q = 1 for plain decode, Q = K rows for parallel chunk decoding) against
+caches [B, S, Hkv, Dh] under a DecodeMeta (worldvla.mask):
+
+    key s visible to query i  iff  s <= q_pos[i]  and  s < kv_len  and  not kv_block[s] < q_limit[i]
+
+Decode has few query rows, so one program takes all rows that share a KV head (the Q rows
+times the H/Hkv query heads of the group: each cache tile is read once per group) and a
+slice of the cache; a second kernel merges the slices through their log-sum-exps. Tiles
+are skipped, mask-free or partial by the same integer tests as the prefill kernel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (BIG, INTERPRET, check_device, check_dtype, dot_precision, head_block,
+                      last_dim_contiguous, load_f32, store_dtype)
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _rows(pid_r, n_rows, group, BLOCK_R: tl.constexpr):
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    return rows, rows < n_rows, rows // group, rows % group
+
+
+@triton.jit
+def _split_kernel(Q, K, V, O, OP, LSEP, QPOS, QLIM, KVB, KVLEN,
+                  s_qb, s_qq, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_oq, s_oh,
+                  n_q, S, n_kv_heads, group, split_len, n_splits, scale_log2,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SINGLE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // n_kv_heads
+    hk = pid_bh % n_kv_heads
+    n_rows = n_q * group
+    rows, r_valid, qi, g = _rows(pid_r, n_rows, group, BLOCK_R)
+    h = hk * group + g
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    b64 = b.to(tl.int64)
+    q = load_f32(Q + b64 * s_qb + qi[:, None] * s_qq + h[:, None] * s_qh + offs_d[None, :],
+                 r_valid[:, None] & d_valid[None, :], UPCAST)
+    qpos = tl.load(QPOS + b * n_q + qi, mask=r_valid, other=-1)
+    qlim = tl.load(QLIM + b * n_q + qi, mask=r_valid, other=-1)
+    qpos_min = tl.min(tl.where(r_valid, qpos, BIG), 0)
+    qlim_min = tl.min(tl.where(r_valid, qlim, BIG), 0)
+    qlim_max = tl.max(qlim, 0)
+    kv_len = tl.minimum(tl.load(KVLEN + b), S)
+
+    lo = pid_s * split_len
+    hi = tl.minimum(tl.minimum(lo + split_len, kv_len), tl.max(qpos, 0) + 1)
+    k_base = K + b64 * s_kb + hk * s_kh
+    v_base = V + b64 * s_vb + hk * s_vh
+    m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < hi
+        kvb = tl.load(KVB + b64 * S + offs_n, mask=n_valid, other=BIG)
+        if tl.max(tl.where(n_valid, kvb, -1), 0) >= qlim_min:
+            kv_mask = n_valid[:, None] & d_valid[None, :]
+            k = load_f32(k_base + offs_n[:, None] * s_ks + offs_d[None, :], kv_mask, UPCAST)
+            v = load_f32(v_base + offs_n[:, None] * s_vs + offs_d[None, :], kv_mask, UPCAST)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+            partial = (n0 + BLOCK_N - 1 > qpos_min) | (n0 + BLOCK_N > hi) | (tl.min(kvb, 0) < qlim_max)
+            if partial:
+                allowed = (offs_n[None, :] <= qpos[:, None]) & n_valid[None, :] & (kvb[None, :] >= qlim[:, None])
+                s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    if SINGLE:
+        tl.store(O + b64 * s_ob + qi[:, None] * s_oq + h[:, None] * s_oh + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=r_valid[:, None] & d_valid[None, :])
+    else:
+        # Partials [B * Hkv, n_splits, rows, BLOCK_D]; an empty slice has lse = -1e30 (weight 0 when merged).
+        part = (pid_bh.to(tl.int64) * n_splits + pid_s) * n_rows + rows
+        tl.store(OP + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=r_valid[:, None])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), -1.0e30)
+        tl.store(LSEP + part, lse, mask=r_valid)
+
+
+@triton.jit
+def _combine_kernel(O, OP, LSEP, s_ob, s_oq, s_oh, n_q, n_kv_heads, group, n_splits,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_kv_heads
+    hk = pid_bh % n_kv_heads
+    n_rows = n_q * group
+    rows, r_valid, qi, g = _rows(pid_r, n_rows, group, BLOCK_R)
+    h = hk * group + g
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_R], -1.0e30, tl.float32)
+    w_sum = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for sp in range(0, n_splits):
+        part = (pid_bh.to(tl.int64) * n_splits + sp) * n_rows + rows
+        lse = tl.load(LSEP + part, mask=r_valid, other=-1.0e30)
+        o = tl.load(OP + part[:, None] * BLOCK_D + offs_d[None, :], mask=r_valid[:, None], other=0.0)
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        w_sum = w_sum * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m = m_new
+    # Rows with no visible key anywhere: every slice holds zeros, so the merge gives zeros.
+    out = acc / w_sum[:, None]
+    tl.store(O + b.to(tl.int64) * s_ob + qi[:, None] * s_oq + h[:, None] * s_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=r_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+def _default_splits(n_tiles: int, n_programs: int, device: torch.device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return min(n_tiles, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_tiles, triton.cdiv(2 * sms, n_programs)))
+
+
+def decode_attention(q, k_cache, v_cache, meta, softmax_scale=None, num_splits=None, block_n=None):
+    """Same contract as worldvla.ops.decode_attention. `num_splits` slices the cache (default:
+    enough programs for two waves on the GPU; depends on shapes only, so it is CUDA-graph safe)."""
+    if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"decode_attention wants q [B, Q, H, Dh] and caches [B, S, Hkv, Dh]; got "
+                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    B, n_q, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[0] != B or k_cache.shape[3] != D or H % Hkv:
+        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(k_cache.shape)} disagree on batch, head dim or heads")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError(f"q and the caches must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    check_dtype("decode_attention", q)
+    check_device("decode_attention", q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len)
+    if D > 256:
+        raise ValueError(f"head dim {D} is larger than the Triton kernel's 256")
+    if tuple(meta.q_pos.shape) != (B, n_q) or tuple(meta.q_limit.shape) != (B, n_q):
+        raise ValueError(f"meta.q_pos / q_limit must be [B={B}, Q={n_q}], got {tuple(meta.q_pos.shape)}, "
+                         f"{tuple(meta.q_limit.shape)}")
+    if tuple(meta.kv_block.shape) != (B, S) or tuple(meta.kv_len.shape) != (B,):
+        raise ValueError(f"meta.kv_block must be [B={B}, S={S}] and kv_len [B], got {tuple(meta.kv_block.shape)}, "
+                         f"{tuple(meta.kv_len.shape)}")
+    q, k_cache, v_cache = last_dim_contiguous(q), last_dim_contiguous(k_cache), last_dim_contiguous(v_cache)
+    qpos, qlim = meta.q_pos.to(torch.int32).contiguous(), meta.q_limit.to(torch.int32).contiguous()
+    kvb, kvlen = meta.kv_block.to(torch.int32).contiguous(), meta.kv_len.to(torch.int32).contiguous()
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+
+    group = H // Hkv
+    n_rows = n_q * group
+    block_r = max(16, min(64, triton.next_power_of_2(n_rows)))
+    block_n = block_n or (128 if INTERPRET else 64)
+    block_d = head_block(D)
+    n_row_tiles = triton.cdiv(n_rows, block_r)
+    n_tiles = max(1, triton.cdiv(S, block_n))
+    if num_splits is None:
+        num_splits = _default_splits(n_tiles, B * Hkv * n_row_tiles, q.device)
+    num_splits = max(1, min(int(num_splits), n_tiles))
+    split_len = triton.cdiv(n_tiles, num_splits) * block_n
+    num_splits = max(1, triton.cdiv(S, split_len))
+
+    out = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
+    if out.numel() == 0:
+        return out.to(q.dtype)
+    single = num_splits == 1
+    if single:
+        o_part = lse_part = out  # unused
+    else:
+        o_part = torch.empty((B * Hkv, num_splits, n_rows, block_d), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((B * Hkv, num_splits, n_rows), dtype=torch.float32, device=q.device)
+    warps = {} if INTERPRET else dict(num_warps=4, num_stages=2)
+    _split_kernel[(num_splits, n_row_tiles, B * Hkv)](
+        q, k_cache, v_cache, out, o_part, lse_part, qpos, qlim, kvb, kvlen,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        n_q, S, Hkv, group, split_len, num_splits, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n, SINGLE=single,
+        UPCAST=INTERPRET, DOT_PREC=dot_precision(q.dtype), **warps)
+    if not single:
+        _combine_kernel[(n_row_tiles, B * Hkv)](
+            out, o_part, lse_part, out.stride(0), out.stride(1), out.stride(2), n_q, Hkv, group, num_splits,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=block_r)
+    return out.to(q.dtype)

@@ -1,0 +1,108 @@
+"""Constrained decoding in Triton: only the logits of the vocabulary range [lo, hi) are computed.
+
+Greedy: a fused matvec + argmax. Each program computes the logits of a tile of the range
+for a tile of rows (fp32 accumulation) and keeps only their (max, first argmax); a tiny
+torch reduction over the tiles picks the winner (ties go to the lowest id, as torch.argmax).
+Sampling: the same kernel writes the range's fp32 logits, then temperature, top-k, softmax
+and the multinomial draw are torch's (as in the reference).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, check_device, check_dtype, dot_precision, load_f32
+
+
+@triton.jit
+def _range_logits_kernel(HID, W, LOGITS, TMAX, TARG, N, Hd, lo, n_range, n_tiles, s_hn, s_wv, s_ln,
+                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                         WRITE_LOGITS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_v = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_valid = rows < N
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # offsets inside the range
+    c_valid = cols < n_range
+    offs_h = tl.arange(0, BLOCK_H)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for h0 in range(0, Hd, BLOCK_H):
+        hh = h0 + offs_h
+        h_valid = hh < Hd
+        x = load_f32(HID + rows.to(tl.int64)[:, None] * s_hn + hh[None, :], r_valid[:, None] & h_valid[None, :], UPCAST)
+        w = load_f32(W + (lo + cols).to(tl.int64)[:, None] * s_wv + hh[None, :], c_valid[:, None] & h_valid[None, :],
+                     UPCAST)
+        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PREC)
+    if WRITE_LOGITS:
+        tl.store(LOGITS + rows.to(tl.int64)[:, None] * s_ln + cols[None, :], acc,
+                 mask=r_valid[:, None] & c_valid[None, :])
+    else:
+        acc = tl.where(c_valid[None, :], acc, float("-inf"))
+        tmax = tl.max(acc, 1)
+        targ = tl.min(tl.where(acc == tmax[:, None], cols[None, :], 2147483647), 1)
+        tl.store(TMAX + rows * n_tiles + pid_v, tmax, mask=r_valid)
+        tl.store(TARG + rows * n_tiles + pid_v, targ, mask=r_valid)
+
+
+def _launch(hidden, weight, lo, hi, write_logits):
+    N, Hd = hidden.shape
+    n_range = hi - lo
+    if INTERPRET:
+        bn, bv, bh, warps = 16, 128, min(128, max(16, triton.next_power_of_2(Hd))), {}
+    else:
+        bn, bv, bh = 16, 64, 128
+        warps = dict(num_warps=4, num_stages=3)
+    n_tiles = triton.cdiv(n_range, bv)
+    dev = hidden.device
+    if write_logits:
+        logits = torch.empty((N, n_range), dtype=torch.float32, device=dev)
+        tmax = targ = logits  # unused
+    else:
+        logits = None
+        tmax = torch.empty((N, n_tiles), dtype=torch.float32, device=dev)
+        targ = torch.empty((N, n_tiles), dtype=torch.int32, device=dev)
+    _range_logits_kernel[(n_tiles, triton.cdiv(N, bn))](
+        hidden, weight, logits if write_logits else tmax, tmax, targ, N, Hd, lo, n_range, n_tiles,
+        hidden.stride(0), weight.stride(0), logits.stride(0) if write_logits else 0,
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, WRITE_LOGITS=write_logits, UPCAST=INTERPRET,
+        DOT_PREC=dot_precision(hidden.dtype), **warps)
+    return logits if write_logits else (tmax, targ)
+
+
+def range_logits(hidden, weight, lo, hi):
+    """fp32 logits [N, hi - lo] of the vocabulary range [lo, hi)."""
+    hidden, weight = _check(hidden, weight, lo, hi)
+    return _launch(hidden, weight, lo, hi, True)
+
+
+def _check(hidden, weight, lo, hi):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"constrained_sample wants hidden [N, H] and weight [V, H]; got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}")
+    if not 0 <= lo < hi <= weight.shape[0]:
+        raise ValueError(f"vocabulary range [{lo}, {hi}) is empty or outside [0, {weight.shape[0]})")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    check_dtype("constrained_sample", hidden)
+    check_device("constrained_sample", hidden, weight)
+    hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    return hidden, weight
+
+
+def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
+    """Same contract as worldvla.ops.constrained_sample: token ids [N] in [lo, hi)."""
+    hidden, weight = _check(hidden, weight, lo, hi)
+    if hidden.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=hidden.device)
+    if temperature <= 0.0:
+        tmax, targ = _launch(hidden, weight, lo, hi, False)
+        best_tile = tmax.argmax(dim=1, keepdim=True)  # first tile holding the maximum
+        return targ.gather(1, best_tile).squeeze(1).long() + lo
+    logits = _launch(hidden, weight, lo, hi, True) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1) + lo

@@ -1,0 +1,116 @@
+"""VQ nearest-code search and codebook gather in Triton.
+
+`vq_quantize`: argmin_c ||z_n - e_c||^2 = argmin_c (||e_c||^2 - 2 z_n . e_c) without the
+[N, K] distance matrix: a program owns a tile of rows, walks the codebook in tiles,
+accumulates the dot products over the channel dimension and keeps a running (min, argmin).
+Ties go to the lowest code index, as torch.argmin does.
+
+`vq_gather`: codes [B, h, w] -> embeddings [B, C, h, w], written straight into the
+decoder's channel-first layout.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, check_device, check_dtype, dot_precision, load_f32, store_dtype
+
+
+@triton.jit
+def _argmin_kernel(Z, E, ENORM, OUT, N, K, C, s_zn, s_ek,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                   UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_valid = rows < N
+    offs_c = tl.arange(0, BLOCK_C)
+    best = tl.full([BLOCK_N], float("inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_N], tl.int32)
+    z_rows = Z + rows.to(tl.int64)[:, None] * s_zn
+    for k0 in range(0, K, BLOCK_K):
+        codes = k0 + tl.arange(0, BLOCK_K)
+        k_valid = codes < K
+        dots = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + offs_c
+            c_valid = cols < C
+            z = load_f32(z_rows + cols[None, :], r_valid[:, None] & c_valid[None, :], UPCAST)
+            e = load_f32(E + codes.to(tl.int64)[:, None] * s_ek + cols[None, :], k_valid[:, None] & c_valid[None, :],
+                         UPCAST)
+            dots += tl.dot(z, tl.trans(e), input_precision=DOT_PREC)
+        e_norm = tl.load(ENORM + codes, mask=k_valid, other=float("inf"))
+        d = e_norm[None, :] - 2.0 * dots
+        tile_min = tl.min(d, 1)
+        # first code reaching the tile's minimum
+        tile_arg = tl.min(tl.where(d == tile_min[:, None], codes[None, :], 2147483647), 1)
+        better = tile_min < best
+        best_idx = tl.where(better, tile_arg, best_idx)
+        best = tl.where(better, tile_min, best)
+    tl.store(OUT + rows, best_idx.to(tl.int64), mask=r_valid)
+
+
+@triton.jit
+def _gather_kernel(IDX, E, OUT, HW, C, s_ek, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_valid = p < HW
+    mask = p_valid[:, None] & (c < C)[None, :]
+    idx = tl.load(IDX + b * HW + p, mask=p_valid, other=0).to(tl.int64)
+    vals = tl.load(E + idx[:, None] * s_ek + c[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        vals = vals.to(tl.float32)
+    tl.store(OUT + b * C * HW + c[None, :].to(tl.int64) * HW + p[:, None], vals.to(OUT.dtype.element_ty), mask=mask)
+
+
+def vq_quantize(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """z [N, C], codebook [K, C] -> int64 [N] nearest-code indices (fp32 distances)."""
+    if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
+        raise ValueError(f"vq_quantize wants z [N, C] and codebook [K, C]; got {tuple(z.shape)}, {tuple(codebook.shape)}")
+    check_dtype("vq_quantize", z, codebook)
+    check_device("vq_quantize", z, codebook)
+    N, C = z.shape
+    K = codebook.shape[0]
+    if K == 0:
+        raise ValueError("vq_quantize: the codebook is empty")
+    # tl.dot wants one dtype: mixed inputs meet in the wider one (fp16 x bf16 -> fp32). fp16/bf16
+    # products are exact in the fp32 accumulator, so this matches the reference's fp32 distances.
+    common = torch.promote_types(z.dtype, codebook.dtype)
+    z = z.to(common)
+    z = z if z.stride(1) == 1 else z.contiguous()
+    e = codebook.to(common)
+    e = e if e.stride(1) == 1 else e.contiguous()
+    e_norm = e.float().pow(2).sum(1)
+    out = torch.empty(N, dtype=torch.int64, device=z.device)
+    if N == 0:
+        return out
+    if INTERPRET:
+        cfg = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_C=min(128, max(16, triton.next_power_of_2(C))))
+    else:
+        cfg = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_C=min(64, max(16, triton.next_power_of_2(C))), num_warps=8, num_stages=3)
+    _argmin_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        z, e, e_norm, out, N, K, C, z.stride(0), e.stride(0), **cfg,
+        UPCAST=INTERPRET, DOT_PREC=dot_precision(z.dtype))
+    return out
+
+
+def vq_gather(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """indices [B, h, w] -> embeddings [B, C, h, w] in the codebook's dtype."""
+    if indices.dim() != 3 or codebook.dim() != 2:
+        raise ValueError(f"vq_gather wants indices [B, h, w] and codebook [K, C]; got {tuple(indices.shape)}, "
+                         f"{tuple(codebook.shape)}")
+    if indices.dtype.is_floating_point:
+        raise TypeError(f"vq_gather: indices must be integers, got {indices.dtype}")
+    check_device("vq_gather", indices, codebook)
+    B, h, w = indices.shape
+    K, C = codebook.shape
+    idx = indices.contiguous()
+    e = codebook if codebook.stride(1) == 1 else codebook.contiguous()
+    out = torch.empty((B, C, h, w), dtype=store_dtype(codebook.dtype), device=codebook.device)
+    if out.numel():
+        BP, BC = (64, 64) if INTERPRET else (64, 32)
+        _gather_kernel[(triton.cdiv(h * w, BP), triton.cdiv(C, BC), B)](
+            idx, e, out, h * w, C, e.stride(0), BLOCK_P=BP, BLOCK_C=BC, UPCAST=INTERPRET)
+    return out.to(codebook.dtype)

@@ -1,0 +1,164 @@
+"""PSNR / SSIM on known cases and the Meta-World closed-loop harness on a stand-in env."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from worldvla.eval import metrics
+from worldvla.eval.metaworld import RandomPolicy, closed_loop, eval_seeds
+
+
+def _ssim_reference(x: np.ndarray, y: np.ndarray, L: float) -> float:
+    """Direct float64 SSIM: explicit 11x11 Gaussian window at every valid position."""
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5 ** 2))
+    w = np.outer(g, g)
+    w /= w.sum()
+    c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+    vals = []
+    for c in range(x.shape[0]):
+        for i in range(x.shape[1] - 10):
+            for j in range(x.shape[2] - 10):
+                a, b = x[c, i:i + 11, j:j + 11], y[c, i:i + 11, j:j + 11]
+                ma, mb = (w * a).sum(), (w * b).sum()
+                va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
+                cov = (w * (a - ma) * (b - mb)).sum()
+                vals.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+    return float(np.mean(vals))
+
+
+def test_psnr_known_cases():
+    rng = np.random.default_rng()
+    a = rng.integers(0, 256, size=(2, 13, 17, 3), dtype=np.uint8)
+    assert torch.isinf(metrics.psnr(a, a)).all()
+    # A constant offset of d levels everywhere: MSE = d^2 exactly.
+    b = a.astype(np.int32)
+    d = int(rng.integers(1, 20))
+    b = np.where(b + d <= 255, b + d, b - d).astype(np.uint8)
+    want = 10 * math.log10(255 ** 2 / d ** 2)
+    np.testing.assert_allclose(metrics.psnr(a, b).numpy(), want, rtol=1e-12)
+    # Float images in [0, 1] (channels first) use data range 1.
+    x = torch.rand(3, 3, 9, 11, dtype=torch.float64)
+    y = (x + 0.1).clamp(max=1.0)
+    mse = ((x - y) ** 2).flatten(1).mean(1)
+    np.testing.assert_allclose(metrics.psnr(x, y).numpy(), (10 * torch.log10(1 / mse)).numpy(), rtol=1e-12)
+
+
+def test_ssim_known_cases():
+    rng = np.random.default_rng()
+    a = rng.integers(0, 256, size=(19, 23, 3), dtype=np.uint8)
+    np.testing.assert_allclose(metrics.ssim(a, a).numpy(), 1.0, atol=1e-12)
+    # Two constant images: variances vanish, SSIM = (2ab + C1) / (a^2 + b^2 + C1).
+    va, vb = rng.integers(0, 256, size=2)
+    c1 = (0.01 * 255) ** 2
+    want = (2.0 * va * vb + c1) / (va ** 2 + vb ** 2 + c1)
+    sa = np.full((16, 16, 3), va, np.uint8)
+    sb = np.full((16, 16, 3), vb, np.uint8)
+    np.testing.assert_allclose(metrics.ssim(sa, sb).numpy(), want, rtol=1e-10)
+    # Negated contrast around the mean drives SSIM below zero.
+    x = torch.rand(1, 1, 24, 24, dtype=torch.float64)
+    assert metrics.ssim(x, 1.0 - x).item() < 0
+    # Symmetric, and noise lowers it monotonically.
+    y = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    z = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    assert metrics.ssim(x, y).item() == pytest.approx(metrics.ssim(y, x).item(), abs=1e-12)
+    assert 1.0 > metrics.ssim(x, y).item() > metrics.ssim(x, z).item()
+
+
+def test_ssim_matches_direct_reference():
+    rng = np.random.default_rng()
+    x = rng.integers(0, 256, size=(15, 18, 3), dtype=np.uint8)
+    y = np.clip(x.astype(np.int32) + rng.integers(-40, 40, size=x.shape), 0, 255).astype(np.uint8)
+    ref = _ssim_reference(np.moveaxis(x, -1, 0).astype(np.float64), np.moveaxis(y, -1, 0).astype(np.float64), 255.0)
+    assert metrics.ssim(x, y).item() == pytest.approx(ref, abs=1e-10)
+    m = metrics.ssim(x, y, return_map=True)
+    assert m.shape == (1, 3, 5, 8)
+
+
+def test_metric_input_errors():
+    a = np.zeros((8, 8, 3), np.uint8) + 7
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.psnr(a, a[:4])
+    with pytest.raises(TypeError, match="uint8"):
+        metrics.ssim(a.astype(np.int16), a.astype(np.int16))
+    s = metrics.summarize([1.0, 3.0, float("inf")])
+    assert s["mean"] == 2.0 and s["n_inf"] == 1 and s["n"] == 3
+
+
+class FakeMetaWorldEnv:
+    """Goal reached when the summed x-actions exceed a threshold; frames carry the step."""
+
+    instances: list = []
+
+    def __init__(self, task, image_size, max_steps):
+        self.task, self.image_size, self.max_steps = task, image_size, max_steps
+        self.instruction = f"solve {task}"
+        self.rng = np.random.default_rng()
+        self.closed = False
+        self.seeds = []
+        FakeMetaWorldEnv.instances.append(self)
+
+    def _frame(self):
+        f = self.rng.integers(0, 256, size=(self.image_size, self.image_size, 3), dtype=np.uint8)
+        f[0, 0, 0] = self.t % 256
+        return f
+
+    def reset(self, seed):
+        self.seeds.append(seed)
+        self.t, self.pos, self.success = 0, 0.0, False
+        self.goal = 1.0 + (seed % 3)
+        return self._frame()
+
+    def step(self, action):
+        assert action.shape == (4,) and np.all(np.abs(action) <= 1)
+        self.t += 1
+        self.pos += float(action[0])
+        self.success = self.success or self.pos >= self.goal
+        return self._frame(), 0.0, self.success, self.success or self.t >= self.max_steps
+
+    def close(self):
+        self.closed = True
+
+
+class PushRight:
+    """Moves +x in batched chunks; checks the history it is given."""
+
+    chunk_size, action_dim, image_size = 3, 4, 8
+
+    def __init__(self):
+        self.seen = []
+
+    def reset(self, instruction):
+        self.instruction = instruction
+
+    def act(self, image, history=None):
+        assert image.ndim == 4
+        if history is not None:
+            assert history.shape == image.shape
+            # The previous frame is exactly one env step older than the current one.
+            assert np.all((image[:, 0, 0, 0].astype(int) - history[:, 0, 0, 0]) % 256 == 1)
+        self.seen.append(len(image))
+        out = np.zeros((len(image), self.chunk_size, 4))
+        out[..., 0] = 0.5
+        return out
+
+
+def test_closed_loop_on_stand_in_env():
+    FakeMetaWorldEnv.instances = []
+    pol = PushRight()
+    r = closed_loop(pol, "fake-v3", episodes=5, n_envs=2, max_steps=30, env_factory=FakeMetaWorldEnv)
+    assert r.success_rate == 1.0 and len(r.successes) == 5
+    assert r.seeds == eval_seeds("fake-v3", 5) and len(set(r.seeds)) == 5
+    # goal g in {1, 2, 3} needs 2g steps at 0.5 per step.
+    assert r.steps == [2 * (1 + s % 3) for s in r.seeds]
+    assert len(FakeMetaWorldEnv.instances) == 2 and all(e.closed for e in FakeMetaWorldEnv.instances)
+    assert max(pol.seen) == 2 and r.latency["queries"] == len(pol.seen)
+    assert r.frames is not None and r.frames.shape[1:] == (8, 8, 3) and len(r.frames) == r.steps[0] + 1
+
+    rnd = closed_loop(RandomPolicy(chunk_size=4, seed=1), "fake-v3", episodes=3, n_envs=3, max_steps=6,
+                      env_factory=FakeMetaWorldEnv, record=False)
+    assert len(rnd.successes) == 3 and all(s <= 6 for s in rnd.steps) and rnd.frames is None
+    d = rnd.to_dict()
+    assert d["episodes"] == 3 and 0.0 <= d["success_rate"] <= 1.0

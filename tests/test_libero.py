@@ -1,0 +1,179 @@
+"""The LIBERO harness (spec section 6) driven by a stand-in environment with LIBERO's
+observation / step interface."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worldvla.eval import libero
+from worldvla.tokens.actions import LIBERO_MAX, LIBERO_MIN
+
+
+class FakeLiberoEnv:
+    """Frames encode the step count, so the test can tell which frame the policy saw;
+    `done` after `succeed_at` steps (or never)."""
+
+    def __init__(self, size=8, succeed_at=None, fail_at=None, rng=None):
+        self.size, self.succeed_at, self.fail_at = size, succeed_at, fail_at
+        self.rng = rng or np.random.default_rng()
+        self.actions: list[list[float]] = []
+        self.t = 0
+        self.closed = False
+        self.init_state = None
+
+    def _obs(self):
+        img = self.rng.integers(0, 256, size=(self.size, self.size + 3, 3), dtype=np.uint8)
+        img[0, 0, 0] = self.t  # step stamp in the raw (upside-down) frame's first pixel
+        self.raw_frames.append(img.copy())
+        return {"agentview_image": img, "robot0_eef_pos": np.zeros(3)}
+
+    def reset(self):
+        self.t = 0
+        self.actions = []
+        self.raw_frames = []
+        return self._obs()
+
+    def set_init_state(self, state):
+        self.init_state = state
+        return self._obs()
+
+    def step(self, action):
+        assert isinstance(action, list) and len(action) == 7
+        self.actions.append(action)
+        self.t += 1
+        if self.fail_at is not None and self.t == self.fail_at:
+            raise RuntimeError("simulated physics failure")
+        done = self.succeed_at is not None and self.t >= self.succeed_at
+        return self._obs(), float(done), done, {}
+
+    def close(self):
+        self.closed = True
+
+
+class RecordingPolicy:
+    """Returns distinct, known chunks and records the frames it was shown."""
+
+    def __init__(self, k=3, rng=None):
+        self.k = k
+        self.action_dim = 7
+        self.image_size = 8
+        self.calls: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.chunks: list[np.ndarray] = []
+        self.instructions = []
+        self.rng = rng or np.random.default_rng()
+
+    def reset(self, instruction):
+        self.instructions.append(instruction)
+
+    def act(self, image, history=None):
+        self.calls.append((image.copy(), None if history is None else history.copy()))
+        chunk = self.rng.uniform(-0.9, 0.9, size=(self.k, 7))
+        self.chunks.append(chunk)
+        return chunk
+
+    def metadata(self):
+        return {"action_low": list(LIBERO_MIN), "action_high": list(LIBERO_MAX)}
+
+
+class FakeSuite:
+    name = "fake_suite"
+
+    def __init__(self, envs, max_steps):
+        self.envs, self.max_steps = envs, max_steps
+
+    @property
+    def n_tasks(self):
+        return len(self.envs)
+
+    def instruction(self, task_id):
+        return f"do task {task_id}"
+
+    def init_states(self, task_id):
+        return [f"state{task_id}-{i}" for i in range(5)]
+
+    def make_env(self, task_id):
+        return self.envs[task_id]
+
+
+def test_episode_settles_rotates_and_runs_chunks_in_order():
+    rng = np.random.default_rng()
+    k, max_steps = 3, 7
+    env = FakeLiberoEnv(rng=rng)
+    pol = RecordingPolicy(k=k, rng=rng)
+    query = libero.ChunkQuery(pol)
+    r = libero.run_episode(env, pol, query, "put the bowl on the plate", "s0", max_steps=max_steps)
+    assert env.init_state == "s0" and pol.instructions == ["put the bowl on the plate"]
+    assert r["success"] is False and r["error"] is None
+    # 10 settle steps with the dummy action, then exactly max_steps policy actions.
+    assert len(env.actions) == libero.SETTLE_STEPS + max_steps
+    assert all(a == list(libero.DUMMY_ACTION) for a in env.actions[:libero.SETTLE_STEPS])
+    # Chunks executed open-loop, in order: queries at policy steps 0, 3, 6.
+    executed = np.asarray(env.actions[libero.SETTLE_STEPS:])
+    expected = np.concatenate(pol.chunks)[:max_steps]
+    np.testing.assert_array_equal(executed, expected)
+    assert len(pol.calls) == -(-max_steps // k) == r["queries"]
+    # Frames: rotated by 180 degrees; history = the previous env step's frame (none at first).
+    raw = env.raw_frames  # [reset, init, settle obs 1..10, policy obs ...]
+    for q, (img, hist) in enumerate(pol.calls):
+        t = libero.SETTLE_STEPS + q * k  # env step count when the frame was observed
+        np.testing.assert_array_equal(img, raw[1 + t][::-1, ::-1])
+        assert img.flags["C_CONTIGUOUS"]
+        if q == 0:
+            assert hist is None
+        else:
+            np.testing.assert_array_equal(hist, raw[1 + t - 1][::-1, ::-1])
+
+
+def test_success_is_done_and_exception_is_failure():
+    rng = np.random.default_rng()
+    env = FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 4)
+    pol = RecordingPolicy(k=2, rng=rng)
+    r = libero.run_episode(env, pol, libero.ChunkQuery(pol), "x", None, max_steps=50)
+    assert r["success"] and len(env.actions) == libero.SETTLE_STEPS + 4
+
+    env = FakeLiberoEnv(rng=rng, fail_at=libero.SETTLE_STEPS + 2)
+    r = libero.run_episode(env, pol, libero.ChunkQuery(pol), "x", None, max_steps=50)
+    assert not r["success"] and "simulated physics failure" in r["error"]
+
+
+def test_evaluate_suite_counts_and_uses_init_states(tmp_path):
+    rng = np.random.default_rng()
+    envs = [FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 3), FakeLiberoEnv(rng=rng)]
+    suite = FakeSuite(envs, max_steps=5)
+    pol = RecordingPolicy(k=2, rng=rng)
+    res = libero.evaluate_suite(pol, suite, episodes=3, out_dir=tmp_path, progress=False)
+    assert res["tasks"]["0"]["success_rate"] == 1.0 and res["tasks"]["1"]["success_rate"] == 0.0
+    assert res["success_rate"] == pytest.approx(0.5)
+    assert envs[1].init_state == "state1-2" and all(e.closed for e in envs)
+    assert (tmp_path / "libero_results.json").is_file()
+    assert res["latency"]["queries"] > 0
+
+
+def test_bounds_and_suite_checks():
+    pol = RecordingPolicy()
+    pol.metadata = lambda: {"action_low": [-1.0] * 7, "action_high": [1.0] * 7}
+    with pytest.raises(ValueError, match="fixed LIBERO bounds"):
+        libero.check_bounds(pol)
+    libero.check_bounds(pol, allow_mismatch=True)
+    pol.action_dim = 4
+    with pytest.raises(ValueError, match="7-D"):
+        libero.check_bounds(pol)
+    with pytest.raises(ValueError, match="unknown LIBERO suite"):
+        libero.LiberoSuite("libero_90")
+    assert libero.MAX_STEPS == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
+
+
+def test_missing_libero_names_what_to_install(capsys):
+    pytest.importorskip("argparse")
+    try:
+        import libero as _  # noqa: F401
+        pytest.skip("LIBERO is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="LIBERO"):
+        libero.LiberoSuite("libero_goal")
+    import argparse
+
+    args = libero.add_arguments(argparse.ArgumentParser()).parse_args(["--policy", "nowhere"])
+    assert libero.run(args) == 2
+    assert "pip install" in capsys.readouterr().err

@@ -1,0 +1,428 @@
+"""Native (C++/CUDA) chunk-masked attention, prefill and decode, against a float64 reference.
+
+CPU tests run the C++ paths; tests marked gpu run the CUDA kernels. Tolerance rule:
+the kernel's max error vs float64 is at most 2x the error of plain PyTorch at the
+kernel's precision (fp32 tests add an absolute floor of 1e-7, below fp32 rounding
+of these O(1) outputs, for cases where both errors are a few ulps).
+"""
+import itertools
+
+import pytest
+import torch
+
+_C = pytest.importorskip("worldvla._C")
+
+from worldvla import VocabLayout, causal_meta, chunk_mask_meta  # noqa: E402
+from worldvla.mask import NO_BLOCK, ChunkMaskMeta, DecodeMeta  # noqa: E402
+from worldvla.ops import (decode_attention, decode_attention_ref, dispatch, masked_attention,  # noqa: E402
+                          masked_attention_ref)
+from worldvla.ops import native_backend as nb  # noqa: E402
+from worldvla.tokens import ActionTokenizer, ByteTextTokenizer, SequenceBuilder  # noqa: E402
+
+LAYOUT = VocabLayout.compact()
+BUILDER = SequenceBuilder(LAYOUT, ByteTextTokenizer(LAYOUT), ActionTokenizer(LAYOUT))
+FP32_FLOOR = 1e-7
+
+
+# --------------------------------------------------------------------------- sequences
+def _codes(g, side=2):
+    return torch.randint(0, LAYOUT.n_image_codes, (side, side), generator=g)
+
+
+def _instruction(g, n):
+    return "".join(chr(97 + int(c)) for c in torch.randint(0, 26, (n,), generator=g))
+
+
+def action_ids(g, length, chunk=4):
+    """An action-model sample (two history images, `chunk` actions) of exactly `length` tokens."""
+    actions = torch.rand(chunk, 7, generator=g) * 1.6 - 0.8
+    base = BUILDER.action_sample("", [_codes(g), _codes(g)], actions).input_ids.numel()
+    assert length >= base, (length, base)
+    return BUILDER.action_sample(_instruction(g, length - base), [_codes(g), _codes(g)], actions).input_ids
+
+
+def world_ids(g, length):
+    """A world-model sample: its action block precedes the last image, so the rule is plain causal."""
+    action = torch.rand(7, generator=g) * 1.6 - 0.8
+    base = BUILDER.world_sample(_codes(g), action, _codes(g)).input_ids.numel()
+    ids = BUILDER.world_sample(_codes(g), action, _codes(g)).input_ids
+    text = LAYOUT.text_base + torch.randint(0, 256, (length - base,), generator=g)
+    return torch.cat([ids[:1], text, ids[1:]])
+
+
+def qkv(g, lead, H, Hkv, D, dtype=torch.float32, device="cpu"):
+    q = torch.randn(*lead, H, D, generator=g)
+    k = torch.randn(*lead, Hkv, D, generator=g)
+    v = torch.randn(*lead, Hkv, D, generator=g)
+    return [t.to(device, dtype) for t in (q, k, v)]
+
+
+def assert_close_rule(out, ref64, same_precision, name="", floor=0.0):
+    err = (out.double() - ref64).abs().max().item()
+    base = (same_precision.double() - ref64).abs().max().item()
+    assert not torch.isnan(out).any(), f"{name}: NaN in output"
+    assert err <= 2 * base + floor, f"{name}: error {err:.3g} > 2 x torch's {base:.3g} (+{floor:g})"
+
+
+def check_prefill(q, k, v, meta, name, scale=None):
+    out = nb.masked_attention(q, k, v, meta, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref = masked_attention_ref(q.double().cpu(), k.double().cpu(), v.double().cpu(), meta.to("cpu"), scale)
+    if q.dim() == 3 and not meta.packed:
+        ref = ref.squeeze(0)  # the reference keeps a batch dim for one unpacked [T] sequence
+    same = masked_attention_ref(q, k, v, meta, scale, upcast=False)
+    if same.dim() == 4 and q.dim() == 3:
+        same = same.squeeze(0)
+    floor = FP32_FLOOR if q.dtype == torch.float32 else 0.0
+    assert_close_rule(out.cpu(), ref, same.cpu(), name, floor)
+    return out
+
+
+# --------------------------------------------------------------------------- CPU prefill
+def test_native_backend_is_registered():
+    for op in ("masked_attention", "decode_attention", "vq_quantize", "vq_gather", "constrained_sample"):
+        assert "native" in dispatch.available(op), op
+
+
+def test_chunk_metadata_actually_masks(rng):
+    meta = chunk_mask_meta(action_ids(rng, 113), LAYOUT)
+    dense = meta.dense_mask()
+    causal = torch.ones_like(dense).tril()
+    assert (causal & ~dense).sum() > 50  # the rule hides earlier action blocks here
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [32, 64])
+def test_prefill_padded_cpu(rng, dtype, D):
+    ids = torch.stack([action_ids(rng, 113), torch.cat([action_ids(rng, 100), torch.full((13,), LAYOUT.pad)])])
+    meta = chunk_mask_meta(ids, LAYOUT)
+    q, k, v = qkv(rng, (2, 113), 4, 2, D, dtype)  # GQA 4:2
+    check_prefill(q, k, v, meta, f"padded {dtype} D={D}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_packed_cpu(rng, dtype):
+    # documents of 1, 99 and 103 tokens: T = 203
+    docs = [torch.tensor([LAYOUT.bos]), action_ids(rng, 99), action_ids(rng, 103, chunk=3)]
+    ids = torch.cat(docs)
+    cu = torch.tensor([0, 1, 100, 203], dtype=torch.int32)
+    meta = chunk_mask_meta(ids, LAYOUT, cu_seqlens=cu)
+    assert meta.max_seqlen == 103
+    q, k, v = qkv(rng, (203,), 3, 1, 48, dtype)  # MQA, odd head dim
+    check_prefill(q, k, v, meta, f"packed {dtype}")
+
+
+def test_prefill_single_unpacked_sequence_cpu(rng):
+    ids = action_ids(rng, 113)
+    meta = chunk_mask_meta(ids, LAYOUT)  # [T] metadata without cu_seqlens
+    q, k, v = qkv(rng, (113,), 2, 2, 16)
+    check_prefill(q, k, v, meta, "single [T]", scale=0.3)
+
+
+def test_prefill_length_one_documents_cpu(rng):
+    cu = torch.tensor([0, 1, 2, 3, 7], dtype=torch.int32)
+    meta = causal_meta((7,), cu_seqlens=cu)
+    q, k, v = qkv(rng, (7,), 2, 1, 8)
+    out = check_prefill(q, k, v, meta, "length-1 docs")
+    # a one-token document attends only to itself: its output is its own value row
+    torch.testing.assert_close(out[:3], v[:3].expand(3, 2, 8), rtol=0, atol=1e-6)
+
+
+def test_prefill_skips_hidden_tiles_cpu(rng):
+    """Hand-made metadata with 80-token action blocks after the image: whole key tiles of
+    earlier blocks are hidden from whole query blocks (the skip path), the rest masked per pair."""
+    L = 300
+    kv = torch.full((L,), NO_BLOCK, dtype=torch.int32)
+    ql = torch.full((L,), -1, dtype=torch.int32)
+    for b, s in enumerate(range(40, 280, 80)):
+        kv[s:s + 80] = b
+        ql[s:s + 80] = b
+    meta = ChunkMaskMeta(kv.view(1, L), ql.view(1, L), torch.arange(L).view(1, L), None, L)
+    q, k, v = qkv(rng, (1, L), 2, 1, 24)
+    check_prefill(q, k, v, meta, "long blocks")
+
+
+def test_plain_causal_equivalence_cpu(rng):
+    """A world-model sample is plain causal under the chunk rule: the chunk metadata must give
+    bit-identical output to causal metadata, and match SDPA's is_causal."""
+    ids = world_ids(rng, 203)
+    chunk = chunk_mask_meta(ids.view(1, -1), LAYOUT)
+    assert not bool((chunk.dense_mask() != torch.ones(203, 203, dtype=torch.bool).tril()).any())
+    q, k, v = qkv(rng, (1, 203), 4, 4, 32)
+    a = nb.masked_attention(q, k, v, chunk)
+    b = nb.masked_attention(q, k, v, causal_meta((1, 203)))
+    assert torch.equal(a, b)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                            v.transpose(1, 2), is_causal=True).transpose(1, 2)
+    ref = masked_attention_ref(q.double(), k.double(), v.double(), chunk)
+    assert_close_rule(a, ref, sdpa, "causal vs sdpa", FP32_FLOOR)
+
+
+def test_prefill_strided_inputs_cpu(rng):
+    """q, k, v as views of one fused projection [B, L, H + 2 Hkv, D] (not contiguous)."""
+    B, L, H, Hkv, D = 2, 97, 4, 2, 16
+    qkv_ = torch.randn(B, L, H + 2 * Hkv, D, generator=rng)
+    q, k, v = qkv_.split([H, Hkv, Hkv], dim=2)
+    assert not q.is_contiguous()
+    meta = chunk_mask_meta(torch.stack([action_ids(rng, L, chunk=2), action_ids(rng, L, chunk=3)]), LAYOUT)
+    check_prefill(q, k, v, meta, "strided")
+
+
+def test_dispatch_native_backend_cpu(rng):
+    meta = chunk_mask_meta(action_ids(rng, 113).view(1, -1), LAYOUT)
+    q, k, v = qkv(rng, (1, 113), 2, 2, 32)
+    out = masked_attention(q, k, v, meta, backend="native")
+    torch.testing.assert_close(out, masked_attention(q, k, v, meta, backend="torch"), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- CPU decode
+def decode_meta_from(meta: ChunkMaskMeta, rows, kv_len):
+    """DecodeMeta of the query rows `rows` of a [1, L] prefill, against a cache of its L tokens."""
+    rows = torch.as_tensor(rows)
+    return DecodeMeta(rows.view(1, -1).int(), meta.q_limit[:, rows].contiguous(), meta.kv_block.contiguous(),
+                      torch.tensor([kv_len], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_matches_prefill_rows_cpu(rng, dtype):
+    """Decode with a KV cache == the same rows of the full prefill (chunk rule included)."""
+    L = 203
+    meta = chunk_mask_meta(action_ids(rng, L, chunk=6).view(1, -1), LAYOUT)
+    q, k, v = qkv(rng, (1, L), 4, 2, 32, dtype)
+    full = nb.masked_attention(q, k, v, meta)
+    rows = [L - 30, L - 21, L - 12, L - 1]  # rows inside different action blocks
+    dm = decode_meta_from(meta, rows, L)
+    out = nb.decode_attention(q[:, rows], k, v, dm)
+    ref = decode_attention_ref(q[:, rows].double(), k.double(), v.double(), dm)
+    same = decode_attention_ref(q[:, rows], k, v, dm, upcast=False)
+    assert_close_rule(out, ref, same, f"decode {dtype}", FP32_FLOOR if dtype == torch.float32 else 0.0)
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), full[:, rows].float(), rtol=0, atol=atol)
+
+
+def test_decode_random_meta_cpu(rng):
+    B, Q, H, Hkv, D, S = 3, 5, 6, 2, 40, 77
+    q = torch.randn(B, Q, H, D, generator=rng)
+    k = torch.randn(B, S, Hkv, D, generator=rng)
+    v = torch.randn(B, S, Hkv, D, generator=rng)
+    kv_len = torch.tensor([77, 40, 1], dtype=torch.int32)
+    q_pos = torch.randint(0, S, (B, Q), generator=rng).int()  # past kv_len too: kv_len must bound
+    kv_block = torch.where(torch.rand(B, S, generator=rng) < 0.5, torch.randint(0, 4, (B, S), generator=rng),
+                           torch.full((B, S), NO_BLOCK)).int()
+    q_limit = torch.randint(-1, 4, (B, Q), generator=rng).int()
+    kv_block[:, 0] = NO_BLOCK  # every row sees at least slot 0
+    dm = DecodeMeta(q_pos, q_limit, kv_block, kv_len)
+    out = nb.decode_attention(q, k, v, dm)
+    ref = decode_attention_ref(q.double(), k.double(), v.double(), dm)
+    same = decode_attention_ref(q, k, v, dm, upcast=False)
+    assert_close_rule(out, ref, same, "decode random", FP32_FLOOR)
+    out2 = decode_attention(q, k, v, dm, backend="native")
+    assert torch.equal(out, out2)
+
+
+def test_decode_strided_cache_cpu(rng):
+    """A static cache larger than the filled part, viewed through a slice."""
+    big_k = torch.randn(2, 100, 3, 16, generator=rng)
+    big_v = torch.randn(2, 100, 3, 16, generator=rng)
+    k, v = big_k[:, :64], big_v[:, :64]
+    q = torch.randn(2, 1, 3, 16, generator=rng)
+    dm = DecodeMeta(torch.tensor([[63], [20]], dtype=torch.int32), torch.full((2, 1), -1, dtype=torch.int32),
+                    torch.full((2, 64), NO_BLOCK, dtype=torch.int32), torch.tensor([64, 21], dtype=torch.int32))
+    out = nb.decode_attention(q, k, v, dm)
+    ref = decode_attention_ref(q.double(), k.double(), v.double(), dm)
+    same = decode_attention_ref(q, k, v, dm)
+    assert_close_rule(out, ref, same, "decode strided", FP32_FLOOR)
+
+
+# --------------------------------------------------------------------------- bad arguments
+def test_bad_arguments_raise_clearly(rng):
+    meta = causal_meta((1, 16))
+    q, k, v = qkv(rng, (1, 16), 2, 1, 8)
+    with pytest.raises(TypeError, match="float32, bf16 or fp16"):
+        nb.masked_attention(q.double(), k.double(), v.double(), meta)
+    with pytest.raises(TypeError, match="share one dtype"):
+        nb.masked_attention(q, k.half(), v, meta)
+    with pytest.raises(TypeError, match="int32"):
+        nb.masked_attention(q, k, v, ChunkMaskMeta(meta.kv_block.long(), meta.q_limit, meta.position_ids))
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        nb.masked_attention(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, meta)
+    with pytest.raises(ValueError, match="metadata covers tokens"):
+        nb.masked_attention(q, k, v, causal_meta((1, 15)))
+    with pytest.raises(ValueError, match="must divide"):
+        nb.masked_attention(*qkv(rng, (1, 16), 3, 2, 8), meta)
+    with pytest.raises(ValueError, match=r"\[B, L, H, D\]"):
+        nb.masked_attention(q[0, :, 0], k[0, :, 0], v[0, :, 0], meta)
+    bad_cu = causal_meta((16,), cu_seqlens=torch.tensor([0, 9, 16], dtype=torch.int32))
+    bad_cu.cu_seqlens = torch.tensor([0, 9, 15], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens must rise"):
+        nb.masked_attention(q[0], k[0], v[0], bad_cu)
+    dm = DecodeMeta(torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                    torch.zeros(1, 16, dtype=torch.int32), torch.tensor([16], dtype=torch.int32))
+    with pytest.raises(ValueError, match="kv_block must have shape"):
+        nb.decode_attention(q[:, :1], k, v, DecodeMeta(dm.q_pos, dm.q_limit, dm.kv_block[:, :8], dm.kv_len))
+    with pytest.raises(TypeError, match="int32"):
+        nb.decode_attention(q[:, :1], k, v, DecodeMeta(dm.q_pos.long(), dm.q_limit, dm.kv_block, dm.kv_len))
+    # dispatch: the native backend declines what it cannot run, "auto" never picks it then
+    with pytest.raises(ValueError, match="does not support"):
+        masked_attention(q.double(), k.double(), v.double(), meta, backend="native")
+
+
+def test_native_declines_autograd(rng):
+    meta = causal_meta((1, 16))
+    q, k, v = qkv(rng, (1, 16), 2, 1, 8)
+    q.requires_grad_(True)
+    assert not nb._attention_supports(q, k, v, meta)
+    with torch.no_grad():
+        assert nb._attention_supports(q, k, v, meta)
+
+
+# --------------------------------------------------------------------------- torch.compile
+def test_custom_op_under_torch_compile_cpu(rng):
+    torch._dynamo.reset()
+    meta = chunk_mask_meta(action_ids(rng, 113).view(1, -1), LAYOUT)
+    q, k, v = qkv(rng, (1, 113), 2, 1, 16)
+
+    def f(q, k, v, kv_block, q_limit):
+        return nb.masked_attention_op(q * 2.0, k, v, kv_block, q_limit, None, 113, 0.25) + 1.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v, meta.kv_block, meta.q_limit)
+    torch.testing.assert_close(out, f(q, k, v, meta.kv_block, meta.q_limit), rtol=0, atol=0)
+    torch.library.opcheck(nb.masked_attention_op, (q, k, v, meta.kv_block, meta.q_limit, None, 113, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# --------------------------------------------------------------------------- GPU
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefill_padded_cuda(rng, dtype, D):
+    ids = torch.stack([action_ids(rng, 203, chunk=8), torch.cat([action_ids(rng, 150), torch.full((53,), LAYOUT.pad)])])
+    meta = chunk_mask_meta(ids, LAYOUT).to("cuda")
+    q, k, v = qkv(rng, (2, 203), 8, 2, D, dtype, "cuda")
+    check_prefill(q, k, v, meta, f"cuda padded {dtype} D={D}")
+
+
+@gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefill_packed_cuda(rng, D):
+    docs = [torch.tensor([LAYOUT.bos]), action_ids(rng, 333, chunk=20), world_ids(rng, 150), action_ids(rng, 113)]
+    lens = [d.numel() for d in docs]
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
+    meta = chunk_mask_meta(torch.cat(docs), LAYOUT, cu_seqlens=cu).to("cuda")
+    q, k, v = qkv(rng, (sum(lens),), 4, 4, D, torch.bfloat16, "cuda")
+    check_prefill(q, k, v, meta, f"cuda packed D={D}")
+
+
+@gpu
+def test_prefill_long_blocks_and_strides_cuda(rng):
+    L, H, Hkv, D = 700, 4, 2, 128
+    kv = torch.full((L,), NO_BLOCK, dtype=torch.int32)
+    ql = torch.full((L,), -1, dtype=torch.int32)
+    for b, s in enumerate(range(50, 690, 128)):
+        kv[s:s + 128] = b
+        ql[s:s + 128] = b
+    meta = ChunkMaskMeta(kv.view(1, L), ql.view(1, L), torch.arange(L).view(1, L), None, L).to("cuda")
+    fused = torch.randn(1, L, H + 2 * Hkv, D, generator=rng).to("cuda", torch.bfloat16)
+    q, k, v = fused.split([H, Hkv, Hkv], dim=2)
+    check_prefill(q, k, v, meta, "cuda long blocks strided")
+
+
+@gpu
+def test_plain_causal_equivalence_cuda(rng):
+    ids = world_ids(rng, 203).view(1, -1)
+    q, k, v = qkv(rng, (1, 203), 4, 4, 64, torch.bfloat16, "cuda")
+    a = nb.masked_attention(q, k, v, chunk_mask_meta(ids, LAYOUT).to("cuda"))
+    b = nb.masked_attention(q, k, v, causal_meta((1, 203), device="cuda"))
+    assert torch.equal(a, b)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("n_splits", [None, 1, 7])
+def test_decode_cuda(rng, dtype, D, n_splits):
+    B, Q, H, Hkv, S = 3, 5, 8, 2, 1000
+    q = torch.randn(B, Q, H, D, generator=rng).to("cuda", dtype)
+    k = torch.randn(B, S, Hkv, D, generator=rng).to("cuda", dtype)
+    v = torch.randn(B, S, Hkv, D, generator=rng).to("cuda", dtype)
+    kv_len = torch.tensor([1000, 517, 1], dtype=torch.int32)
+    q_pos = torch.minimum(torch.randint(0, S, (B, Q), generator=rng), (kv_len - 1).view(B, 1)).int()
+    kv_block = torch.where(torch.rand(B, S, generator=rng) < 0.5, torch.randint(0, 4, (B, S), generator=rng),
+                           torch.full((B, S), NO_BLOCK)).int()
+    kv_block[torch.arange(B).view(B, 1), q_pos.long()] = NO_BLOCK
+    q_limit = torch.randint(-1, 4, (B, Q), generator=rng).int()
+    dm = DecodeMeta(q_pos.cuda(), q_limit.cuda(), kv_block.cuda(), kv_len.cuda())
+    out = nb.decode_attention(q, k, v, dm, n_splits=n_splits)
+    dmc = DecodeMeta(q_pos, q_limit, kv_block, kv_len)
+    ref = decode_attention_ref(q.double().cpu(), k.double().cpu(), v.double().cpu(), dmc)
+    same = decode_attention_ref(q, k, v, dm, upcast=False)
+    assert_close_rule(out.cpu(), ref, same.cpu(), f"cuda decode {dtype} D={D} splits={n_splits}")
+
+
+@gpu
+def test_decode_matches_prefill_rows_cuda(rng):
+    L = 640
+    meta = chunk_mask_meta(action_ids(rng, L, chunk=25).view(1, -1), LAYOUT)
+    q, k, v = qkv(rng, (1, L), 8, 8, 128, torch.bfloat16, "cuda")
+    full = nb.masked_attention(q, k, v, meta.to("cuda"))
+    rows = list(range(L - 9 * 8, L, 9))
+    dm = decode_meta_from(meta, rows, L)
+    dm = DecodeMeta(*(t.cuda() for t in (dm.q_pos, dm.q_limit, dm.kv_block, dm.kv_len)))
+    out = nb.decode_attention(q[:, rows], k, v, dm)
+    torch.testing.assert_close(out.float(), full[:, rows].float(), rtol=0, atol=2e-2)
+
+
+@gpu
+def test_decode_cuda_graph_replay(rng):
+    """Captured once, replayed while kv_len and q_pos change on the device."""
+    B, H, D, S = 2, 8, 128, 512
+    q = torch.randn(B, 1, H, D, generator=rng).to("cuda", torch.bfloat16)
+    k = torch.randn(B, S, H, D, generator=rng).to("cuda", torch.bfloat16)
+    v = torch.randn(B, S, H, D, generator=rng).to("cuda", torch.bfloat16)
+    dm = DecodeMeta(torch.zeros(B, 1, dtype=torch.int32, device="cuda"),
+                    torch.full((B, 1), -1, dtype=torch.int32, device="cuda"),
+                    torch.full((B, S), NO_BLOCK, dtype=torch.int32, device="cuda"),
+                    torch.ones(B, dtype=torch.int32, device="cuda"))
+    nb.decode_attention(q, k, v, dm)  # warm-up outside capture (module loading)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = nb.decode_attention(q, k, v, dm)
+    for n in (1, 100, 333, 512):
+        dm.kv_len.fill_(n)
+        dm.q_pos.fill_(n - 1)
+        graph.replay()
+        ref = decode_attention_ref(q.float(), k.float(), v.float(), dm)
+        torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2)
+
+
+@gpu
+def test_custom_ops_under_torch_compile_cuda(rng):
+    torch._dynamo.reset()
+    meta = chunk_mask_meta(action_ids(rng, 203).view(1, -1), LAYOUT).to("cuda")
+    q, k, v = qkv(rng, (1, 203), 4, 4, 64, torch.bfloat16, "cuda")
+
+    @torch.compile(fullgraph=True)
+    def f(q, k, v):
+        return nb.masked_attention(q, k, v, meta)
+
+    torch.testing.assert_close(f(q, k, v), nb.masked_attention(q, k, v, meta), rtol=0, atol=0)
+
+
+@gpu
+def test_bad_arguments_cuda(rng):
+    meta = causal_meta((1, 16), device="cuda")
+    q, k, v = qkv(rng, (1, 16), 2, 1, 64, torch.bfloat16, "cuda")
+    with pytest.raises(TypeError, match="bf16 or fp16"):
+        nb.masked_attention(q.float(), k.float(), v.float(), meta)
+    with pytest.raises(ValueError, match="head dims"):
+        nb.masked_attention(*qkv(rng, (1, 16), 2, 1, 96, torch.bfloat16, "cuda"), meta)
+    with pytest.raises(ValueError, match="16-byte"):
+        big = torch.randn(1, 16, 2, 65, device="cuda", dtype=torch.bfloat16)
+        nb.masked_attention(big[..., 1:], k, v, meta)
+    with pytest.raises(ValueError, match="is on"):
+        nb.masked_attention(q, k, v, causal_meta((1, 16)))

@@ -1,0 +1,136 @@
+"""Native constrained decoding: range logits and greedy argmax over [lo, hi).
+
+Greedy picks are judged by logit, not index: the chosen token's float64 logit may
+trail the true maximum by at most 2x what torch's argmax at the same precision
+gives up (the reference rounds logits to the input dtype, so bf16 ties are common).
+"""
+import pytest
+import torch
+
+_C = pytest.importorskip("worldvla._C")
+
+from worldvla import VocabLayout  # noqa: E402
+from worldvla.ops import constrained_sample, constrained_sample_ref  # noqa: E402
+from worldvla.ops import native_backend as nb  # noqa: E402
+
+LAYOUT = VocabLayout.compact()
+
+
+def assert_greedy(ids, hidden, weight, lo, hi, torch_ids, name=""):
+    logits = hidden.double().cpu() @ weight[lo:hi].double().cpu().t()
+    best = logits.max(1).values
+    rows = torch.arange(hidden.shape[0])
+    ids, torch_ids = ids.cpu(), torch_ids.cpu()
+    assert ids.dtype == torch.int64 and bool(((ids >= lo) & (ids < hi)).all()), f"{name}: ids outside range"
+    gap = (best - logits[rows, ids - lo]).max().item()
+    torch_gap = (best - logits[rows, torch_ids - lo]).max().item()
+    assert gap <= 2 * torch_gap + 1e-6 * best.abs().max().item(), f"{name}: gap {gap:.3g} vs torch {torch_gap:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_bins_cpu(rng, dtype):
+    lo, hi = LAYOUT.bin_range
+    hidden = torch.randn(13, 96, generator=rng).to(dtype)
+    weight = (torch.randn(LAYOUT.vocab_size, 96, generator=rng) * 0.1).to(dtype)
+    ids = nb.range_argmax_op(hidden, weight, lo, hi)
+    assert_greedy(ids, hidden, weight, lo, hi, constrained_sample_ref(hidden, weight, lo, hi), f"cpu {dtype}")
+    assert torch.equal(constrained_sample(hidden, weight, lo, hi, backend="native"), ids)
+
+
+def test_greedy_ties_pick_first_cpu(rng):
+    hidden = torch.randn(3, 32, generator=rng)
+    weight = torch.randn(50, 32, generator=rng)
+    weight[30] = weight[10] = hidden[0] * 3.0  # the same (largest) logit twice for row 0
+    ids = nb.range_argmax_op(hidden, weight, 5, 41)
+    assert int(ids[0]) == 10
+    assert torch.equal(ids, constrained_sample_ref(hidden, weight, 5, 41))
+
+
+def test_range_logits_cpu(rng):
+    lo, hi = LAYOUT.image_id_range
+    hidden = torch.randn(5, 64, generator=rng)
+    weight = torch.randn(LAYOUT.vocab_size, 64, generator=rng)
+    out = nb.range_logits_op(hidden, weight, lo, hi)
+    ref = hidden.double() @ weight[lo:hi].double().t()
+    same = hidden @ weight[lo:hi].t()
+    err, base = (out.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+    assert out.shape == (5, hi - lo) and out.dtype == torch.float32
+    assert err <= 2 * base + 1e-6, (err, base)
+
+
+def test_top_k_sampling_cpu(rng):
+    lo, hi = LAYOUT.bin_range
+    hidden = torch.randn(4, 48, generator=rng)
+    weight = torch.randn(LAYOUT.vocab_size, 48, generator=rng)
+    logits = hidden @ weight[lo:hi].t()
+    top = torch.topk(logits, 5, dim=-1).indices + lo
+    g = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        ids = constrained_sample(hidden, weight, lo, hi, temperature=0.8, top_k=5, generator=g, backend="native")
+        assert bool((ids.view(-1, 1) == top).any(1).all())
+    ids1 = constrained_sample(hidden, weight, lo, hi, temperature=1.0, top_k=1, generator=g, backend="native")
+    assert torch.equal(ids1, logits.argmax(-1) + lo)
+
+
+def test_sampling_bad_arguments(rng):
+    hidden, weight = torch.randn(2, 8, generator=rng), torch.randn(20, 8, generator=rng)
+    with pytest.raises(ValueError, match="vocabulary range"):
+        nb.range_argmax_op(hidden, weight, 5, 5)
+    with pytest.raises(ValueError, match="vocabulary range"):
+        nb.range_argmax_op(hidden, weight, 0, 21)
+    with pytest.raises(ValueError, match=r"hidden \[N, H\]"):
+        nb.range_argmax_op(hidden[:, :4], weight, 0, 4)
+    with pytest.raises(TypeError, match="share one dtype"):
+        nb.range_argmax_op(hidden.bfloat16(), weight, 0, 4)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        nb.range_logits_op(torch.randn(8, 2, generator=rng).t(), weight, 0, 4)
+
+
+def test_range_argmax_under_torch_compile_cpu(rng):
+    torch._dynamo.reset()
+    hidden, weight = torch.randn(3, 16, generator=rng), torch.randn(40, 16, generator=rng)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def pick(h, w):
+        return nb.range_argmax_op(h * 0.5, w, 10, 30)
+
+    assert torch.equal(pick(hidden, weight), (hidden @ weight[10:30].t()).argmax(-1) + 10)
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("N", [1, 7])
+def test_greedy_cuda(rng, dtype, N):
+    V, H = 9000, 4096
+    hidden = torch.randn(N, H, generator=rng).to("cuda", dtype)
+    weight = (torch.randn(V, H, generator=rng) * 0.02).to("cuda", dtype)
+    for lo, hi in ((4, 8196), (100, 356), (8999, 9000)):
+        ids = nb.range_argmax_op(hidden, weight, lo, hi)
+        assert_greedy(ids, hidden, weight, lo, hi, constrained_sample_ref(hidden, weight, lo, hi), f"cuda {dtype}")
+
+
+@pytest.mark.gpu
+def test_range_logits_cuda(rng):
+    hidden = torch.randn(5, 4096, generator=rng).to("cuda", torch.bfloat16)
+    weight = (torch.randn(1000, 4096, generator=rng) * 0.02).to("cuda", torch.bfloat16)
+    out = nb.range_logits_op(hidden, weight, 100, 713)
+    ref = hidden.double() @ weight[100:713].double().t()
+    same = (hidden @ weight[100:713].t()).float()
+    err, base = (out.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+    assert err <= 2 * base, (err, base)
+
+
+@pytest.mark.gpu
+def test_greedy_cuda_graph(rng):
+    hidden = torch.randn(2, 1024, generator=rng).to("cuda", torch.bfloat16)
+    weight = torch.randn(600, 1024, generator=rng).to("cuda", torch.bfloat16)
+    nb.range_argmax_op(hidden, weight, 10, 500)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ids = nb.range_argmax_op(hidden, weight, 10, 500)
+    for _ in range(3):
+        hidden.copy_(torch.randn(2, 1024, generator=rng).to("cuda", torch.bfloat16))
+        graph.replay()
+        assert_greedy(ids, hidden, weight, 10, 500, constrained_sample_ref(hidden, weight, 10, 500), "graph")

@@ -1,0 +1,128 @@
+"""Native VQ nearest-code search and codebook gather against the references.
+
+Nearest-code search is judged by distance, not index: the chosen code's float64
+distance may exceed the true minimum by at most 2x what torch's argmin at the same
+precision gives up (ties and near-ties may legitimately pick a different index).
+"""
+import pytest
+import torch
+
+_C = pytest.importorskip("worldvla._C")
+
+from worldvla.ops import dispatch, vq_gather, vq_gather_ref, vq_quantize, vq_quantize_ref  # noqa: E402
+from worldvla.ops import native_backend as nb  # noqa: E402
+
+
+def dist64(z, codebook):
+    z, e = z.double().cpu(), codebook.double().cpu()
+    return (z * z).sum(1, keepdim=True) + (e * e).sum(1) - 2.0 * z @ e.t()
+
+
+def assert_nearest(idx, z, codebook, torch_idx, name=""):
+    d = dist64(z, codebook)
+    best = d.min(1).values
+    rows = torch.arange(z.shape[0])
+    gap = (d[rows, idx.cpu()] - best).max().item()
+    torch_gap = (d[rows, torch_idx.cpu()] - best).max().item()
+    assert idx.dtype == torch.int64 and idx.shape == (z.shape[0],)
+    assert gap <= 2 * torch_gap + 1e-9 * best.abs().max().item(), f"{name}: gap {gap:.3g} vs torch {torch_gap:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_vq_quantize_cpu(rng, dtype):
+    z = torch.randn(203, 24, generator=rng).to(dtype)
+    cb = torch.randn(113, 24, generator=rng).to(dtype)
+    idx = nb.vq_quantize_op(z, cb)
+    assert_nearest(idx, z, cb, vq_quantize_ref(z, cb), f"cpu {dtype}")
+
+
+def test_vq_quantize_exact_codes_and_ties_cpu(rng):
+    """Rows equal to codebook entries pick them; duplicated entries resolve to the first, as torch.argmin."""
+    cb = torch.randn(37, 16, generator=rng)
+    cb[20] = cb[3]
+    pick = torch.randint(0, 37, (113,), generator=rng)
+    idx = nb.vq_quantize_op(cb[pick].contiguous(), cb)
+    expected = torch.where(pick == 20, torch.full_like(pick, 3), pick)
+    assert torch.equal(idx, expected)
+    assert torch.equal(idx, vq_quantize_ref(cb[pick], cb))
+
+
+def test_vq_quantize_strided_rows_cpu(rng):
+    big = torch.randn(50, 40, generator=rng)
+    z = big[:, 5:21]  # row stride 40, last dim contiguous
+    cb = torch.randn(29, 16, generator=rng)
+    assert_nearest(nb.vq_quantize_op(z, cb), z, cb, vq_quantize_ref(z, cb), "strided")
+    assert torch.equal(vq_quantize(z, cb, backend="native"), nb.vq_quantize_op(z, cb))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_vq_gather_cpu(rng, dtype, index_dtype):
+    cb = torch.randn(113, 12, generator=rng).to(dtype)
+    idx = torch.randint(0, 113, (3, 5, 7), generator=rng).to(index_dtype)
+    out = nb.vq_gather_op(idx, cb)
+    assert out.shape == (3, 12, 5, 7) and out.dtype == dtype
+    assert torch.equal(out, vq_gather_ref(idx, cb))
+    assert torch.equal(vq_gather(idx, cb, backend="native"), out)
+
+
+def test_vq_bad_arguments(rng):
+    z, cb = torch.randn(8, 4, generator=rng), torch.randn(5, 4, generator=rng)
+    with pytest.raises(ValueError, match=r"z \[N, C\]"):
+        nb.vq_quantize_op(z, cb[:, :3])
+    with pytest.raises(TypeError, match="share one dtype"):
+        nb.vq_quantize_op(z, cb.double())
+    with pytest.raises(TypeError, match="float32"):
+        nb.vq_quantize_op(z.double(), cb.double())
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        nb.vq_quantize_op(torch.randn(4, 8, generator=rng).t(), cb.repeat(1, 2).contiguous()[:, :4].contiguous())
+    with pytest.raises(TypeError, match="int32 or int64"):
+        nb.vq_gather_op(torch.zeros(1, 2, 2), cb)
+    with pytest.raises(ValueError, match="contiguous"):
+        nb.vq_gather_op(torch.zeros(1, 4, 4, dtype=torch.long).transpose(1, 2), cb)
+    with pytest.raises(ValueError, match=r"indices \[B, h, w\]"):
+        nb.vq_gather_op(torch.zeros(4, 4, dtype=torch.long), cb)
+    assert "native" in dispatch.available("vq_quantize")
+
+
+def test_vq_under_torch_compile_cpu(rng):
+    torch._dynamo.reset()
+    z, cb = torch.randn(31, 8, generator=rng), torch.randn(17, 8, generator=rng)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def roundtrip(z, cb):
+        codes = nb.vq_quantize_op(z, cb)
+        return nb.vq_gather_op(codes.view(1, 31, 1), cb)
+
+    out = roundtrip(z, cb)
+    assert torch.equal(out, vq_gather_ref(vq_quantize_ref(z, cb).view(1, 31, 1), cb))
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_vq_quantize_cuda(rng, dtype):
+    z = torch.randn(1037, 256, generator=rng).to("cuda", dtype)
+    cb = torch.randn(8192, 256, generator=rng).to("cuda", dtype)
+    idx = nb.vq_quantize_op(z, cb)
+    assert_nearest(idx, z, cb, vq_quantize_ref(z, cb), f"cuda {dtype}")
+
+
+@pytest.mark.gpu
+def test_vq_quantize_odd_sizes_cuda(rng):
+    z = torch.randn(113, 23, generator=rng).cuda()
+    cb = torch.randn(203, 23, generator=rng).cuda()
+    assert_nearest(nb.vq_quantize_op(z, cb), z, cb, vq_quantize_ref(z, cb), "cuda odd")
+    cb[100] = cb[7]
+    pick = torch.randint(0, 203, (113,), generator=rng).cuda()
+    idx = nb.vq_quantize_op(cb[pick].contiguous(), cb)
+    assert torch.equal(idx, torch.where(pick == 100, torch.full_like(pick, 7), pick))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_vq_gather_cuda(rng, dtype, index_dtype):
+    cb = torch.randn(8192, 256, generator=rng).to("cuda", dtype)
+    idx = torch.randint(0, 8192, (3, 16, 17), generator=rng).to("cuda", index_dtype)
+    assert torch.equal(nb.vq_gather_op(idx, cb), vq_gather_ref(idx, cb))

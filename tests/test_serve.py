@@ -1,0 +1,552 @@
+"""Policy server: protocol, batching across robots, per-episode history, refusal of bad
+requests without disturbing other robots, limits, and clean shutdown on SIGTERM.
+
+All traffic stays on 127.0.0.1 with ports picked by the OS."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from worldvla.serve import PolicyClient, PolicyServer, PolicyServerError, ProtocolError, health, packb, unpackb
+from worldvla.serve.protocol import fit_image
+
+K, D = 3, 5
+
+
+def _mean(frames: np.ndarray) -> np.ndarray:
+    return frames.reshape(len(frames), -1).astype(np.float64).mean(1)
+
+
+class HistoryPolicy:
+    """Stand-in for WorldVLAPolicy with explicit history. Each action row encodes what
+    the policy saw: [current frame mean, previous frame mean (-1 if none),
+    len(instruction), row index, batch size]."""
+
+    def __init__(self, image_size=24, delay_s=0.0, fail_on=None):
+        self.image_size, self.chunk_size, self.action_dim = image_size, K, D
+        self.delay_s, self.fail_on = delay_s, fail_on
+        self.instructions: list[str] = []
+        self.calls: list[int] = []
+        self.lock = threading.Lock()
+
+    def metadata(self):
+        return {"name": "history-fake", "history": 2, "action_low": np.full(D, -1.0)}
+
+    def reset(self, instructions):
+        self.instructions = list(instructions)
+
+    def act(self, images, history=None):
+        n = len(images)
+        assert images.dtype == np.uint8 and images.shape == (n, self.image_size, self.image_size, 3)
+        assert len(self.instructions) == n
+        assert history is None or history.shape == images.shape
+        with self.lock:
+            self.calls.append(n)
+        if self.fail_on is not None and self.fail_on in self.instructions:
+            raise RuntimeError("boom")
+        time.sleep(self.delay_s)
+        out = np.empty((n, K, D), np.float32)
+        out[:, :, 0] = _mean(images)[:, None]
+        out[:, :, 1] = -1.0 if history is None else _mean(history)[:, None]
+        out[:, :, 2] = np.array([len(s) for s in self.instructions])[:, None]
+        out[:, :, 3] = np.arange(K)[None]
+        out[:, :, 4] = n
+        return out
+
+
+class SlotPolicy:
+    """A policy that keeps history in its own batch slots (act has no `history`)."""
+
+    def __init__(self, image_size=16):
+        self.image_size, self.chunk_size, self.action_dim = image_size, K, D
+        self.previous: list = []
+
+    def metadata(self):
+        return {"name": "slot-fake"}
+
+    def reset(self, instructions):
+        self.instructions = list(instructions)
+        self.previous = [None] * len(instructions)
+
+    def act(self, images):
+        assert len(images) == len(self.previous)
+        out = np.zeros((len(images), K, D), np.float32)
+        out[:, :, 0] = _mean(images)[:, None]
+        out[:, :, 1] = [-1.0 if p is None else p.astype(np.float64).mean() for p in self.previous]
+        self.previous = list(images)
+        return out
+
+
+def _frame(rng, h=24, w=24):
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def np_rng():
+    return np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+
+
+# ---------------------------------------------------------------- protocol
+def test_codec_round_trip_and_rejects_bad_arrays(np_rng):
+    arrays = [np_rng.integers(0, 256, (7, 13, 3), dtype=np.uint8), np_rng.standard_normal((5, 3)).astype(np.float32),
+              np_rng.standard_normal(11), np_rng.integers(-9, 9, (2, 1, 3), dtype=np.int64), np.zeros((0, 4)),
+              np_rng.standard_normal((3, 4)).astype(np.float16)[:, ::2]]
+    msg = {"type": "x", "arrays": arrays, "scalar": np.float32(1.5), "nested": {"a": [np.int64(3)]}}
+    back = unpackb(packb(msg))
+    for a, b in zip(arrays, back["arrays"]):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    assert back["scalar"] == 1.5 and back["nested"] == {"a": [3]}
+    big_endian = unpackb(packb({"__ndarray__": np.arange(3, dtype=">i4").tobytes(), "dtype": ">i4", "shape": [3]}))
+    assert big_endian.dtype.isnative and big_endian.tolist() == [0, 1, 2]
+
+    bad = [({"__ndarray__": b"\0" * 8, "dtype": "|O", "shape": [1]}, "not allowed"),
+           ({"__ndarray__": b"\0" * 7, "dtype": "<f4", "shape": [2]}, "needs 8 bytes"),
+           ({"__ndarray__": b"\0" * 4, "dtype": "nonsense", "shape": [1]}, "not a NumPy dtype"),
+           ({"__ndarray__": "text", "dtype": "<f4", "shape": [1]}, "must be binary"),
+           ({"__ndarray__": b"\0" * 4, "dtype": "<f4", "shape": [-1]}, "non-negative"),
+           ({"__ndarray__": b"\0" * 4, "dtype": "<f4", "shape": "4"}, "shape"),
+           ({"__ndarray__": b"\0" * 8, "dtype": "i4,i4", "shape": [1]}, "not allowed")]
+    for payload, fragment in bad:
+        with pytest.raises(ProtocolError, match=fragment):
+            unpackb(packb(payload))
+    for garbage in (np_rng.bytes(64), b"\xc1", b"\x92\x01"):
+        with pytest.raises(ProtocolError, match="not valid msgpack"):
+            unpackb(garbage)
+    with pytest.raises(ProtocolError, match="text frames"):
+        unpackb("{}")
+
+
+# ---------------------------------------------------------------- round trip
+def test_round_trip_history_resize_health(np_rng):
+    policy = HistoryPolicy()
+    with PolicyServer(policy, max_wait_ms=1.0) as server, PolicyClient(server.url, timeout=10) as client:
+        meta = client.metadata()
+        assert meta["action_dim"] == D and meta["chunk_size"] == K and meta["image_size"] == [24, 24]
+        assert meta["accepts_previous_image"] is True and meta["policy"]["name"] == "history-fake"
+        assert meta["policy"]["action_low"] == [-1.0] * D
+
+        instruction = "open the top drawer"
+        episode = client.reset(instruction)
+        assert client.episode == episode
+        f1, f2, f3, f4 = (_frame(np_rng) for _ in range(4))
+        a1 = client.act(f1)
+        assert a1.dtype == np.float32 and a1.shape == (K, D)
+        np.testing.assert_allclose(a1[:, 0], f1.mean(), rtol=1e-6)
+        assert np.all(a1[:, 1] == -1) and np.all(a1[:, 2] == len(instruction)) and a1[:, 3].tolist() == [0, 1, 2]
+        assert set(client.last_timing) >= {"queue_ms", "policy_ms", "batch_size", "server_ms", "preprocess_ms"}
+        assert client.last_timing["server_ms"] >= client.last_timing["policy_ms"] >= 0
+
+        a2 = client.act(f2)  # history: the previous request's frame
+        np.testing.assert_allclose(a2[:, 1], f1.mean(), rtol=1e-6)
+        a3 = client.act(f3, previous_image=f4)  # history: the frame sent explicitly
+        np.testing.assert_allclose(a3[:, [0, 1]], np.broadcast_to([f3.mean(), f4.mean()], (K, 2)), rtol=1e-6)
+
+        odd = _frame(np_rng, 37, 53)  # resized to 24x24 (bilinear) before the policy sees it
+        a4 = client.act(odd)
+        np.testing.assert_allclose(a4[:, 0], fit_image(odd, (24, 24)).mean(), rtol=1e-6)
+        np.testing.assert_allclose(a4[:, 1], f3.mean(), rtol=1e-6)
+
+        client.reset("close it")  # a new episode starts without history
+        a5 = client.act(f1)
+        assert np.all(a5[:, 1] == -1) and np.all(a5[:, 2] == len("close it"))
+
+        h = health(server.url)
+        assert h["status"] == "ok" and h["stats"]["act_ok"] == 5 and h["connections"] == 1
+
+
+def test_least_recently_used_episode_is_dropped(np_rng):
+    with PolicyServer(HistoryPolicy(), max_episodes=2) as server, PolicyClient(server.url, timeout=10) as client:
+        first = client.reset("one")
+        client.act(_frame(np_rng))
+        client.reset("two")
+        client.reset("three")
+        client.episode = first
+        with pytest.raises(PolicyServerError, match="unknown episode"):
+            client.act(_frame(np_rng))
+        assert server.stats["evicted_episodes"] == 1 and health(server.url)["episodes"] == 2
+
+
+def test_slot_policy_keeps_history_while_batch_set_is_stable(np_rng):
+    with PolicyServer(SlotPolicy(), max_wait_ms=0) as server, PolicyClient(server.url, timeout=10) as client:
+        assert client.metadata()["accepts_previous_image"] is False
+        client.reset("push the button")
+        f1, f2 = _frame(np_rng, 16, 16), _frame(np_rng, 16, 16)
+        assert np.all(client.act(f1)[:, 1] == -1)
+        np.testing.assert_allclose(client.act(f2)[:, 1], f1.mean(), rtol=1e-6)
+        with pytest.raises(PolicyServerError, match="previous_image"):
+            client.act(f1, previous_image=f2)
+        assert server.stats["history_resets"] == 0
+        # another episode in between changes the policy's slots: history restarts, and is counted
+        with PolicyClient(server.url, timeout=10) as other:
+            other.reset("another robot")
+            assert np.all(other.act(f1)[:, 1] == -1)
+        assert np.all(client.act(f1)[:, 1] == -1)
+        assert server.stats["history_resets"] == 1
+
+
+# ---------------------------------------------------------------- batching
+def test_concurrent_robots_are_batched_and_kept_apart(np_rng):
+    policy = HistoryPolicy(delay_s=0.05)
+    n_clients, steps = 6, 5
+    frames = np_rng.integers(0, 256, (n_clients, steps, 24, 24, 3), dtype=np.uint8)
+    failures: list = []
+    barrier = threading.Barrier(n_clients)
+
+    def robot(i, url):
+        try:
+            with PolicyClient(url, timeout=20) as c:
+                c.reset("task " + "x" * i)
+                barrier.wait()
+                for t in range(steps):
+                    a = c.act(frames[i, t])
+                    assert np.allclose(a[:, 0], frames[i, t].mean(), rtol=1e-6)
+                    expected_prev = -1 if t == 0 else frames[i, t - 1].mean()
+                    assert np.allclose(a[:, 1], expected_prev, rtol=1e-6), (i, t)
+                    assert np.all(a[:, 2] == len("task ") + i)
+        except BaseException as e:  # reported below
+            failures.append((i, repr(e)))
+
+    with PolicyServer(policy, max_batch=8, max_wait_ms=50.0) as server:
+        threads = [threading.Thread(target=robot, args=(i, server.url)) for i in range(n_clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        stats = dict(server.stats)
+    assert not failures, failures
+    assert stats["act_ok"] == n_clients * steps
+    assert stats["policy_calls"] < n_clients * steps / 2, stats
+    assert stats["max_batch_seen"] > 1 and set(policy.calls) <= {1, 2, 4, 8}  # padded to powers of two
+
+
+# ---------------------------------------------------------------- bad requests
+def _raw(url):
+    from websockets.sync.client import connect
+
+    return connect(url, compression=None, proxy=None, max_size=None)
+
+
+def _ask(ws, payload):
+    ws.send(payload)
+    return unpackb(ws.recv(timeout=10))
+
+
+def test_malformed_requests_get_errors_and_do_not_disturb_others(np_rng):
+    policy = HistoryPolicy(delay_s=0.002)
+    stop = threading.Event()
+    good: dict = {"ok": 0, "errors": []}
+
+    def steady_robot(url):
+        try:
+            with PolicyClient(url, timeout=10) as c:
+                c.reset("stack the cubes")
+                prev = None
+                while not stop.is_set() or good["ok"] < 5:
+                    f = _frame(np_rng)
+                    a = c.act(f)
+                    assert np.allclose(a[:, 0], f.mean(), rtol=1e-6)
+                    assert np.allclose(a[:, 1], -1 if prev is None else prev.mean(), rtol=1e-6)
+                    prev = f
+                    good["ok"] += 1
+        except BaseException as e:
+            good["errors"].append(repr(e))
+
+    img = _frame(np_rng)
+    arr = lambda a: {"__ndarray__": a.tobytes(), "dtype": a.dtype.str, "shape": list(a.shape)}  # noqa: E731
+    cases = [
+        (np_rng.bytes(97), "not valid msgpack"),
+        (b"\xc1\xc1\xc1", "not valid msgpack"),
+        ("hello, is this json?", "text frames"),
+        (packb([1, 2, 3]), "msgpack map"),
+        (packb({"episode": "e1"}), "no 'type' field"),
+        (packb({"type": "fly"}), "unknown request type"),
+        (packb({"type": "act", "image": img}), "needs an 'episode'"),
+        (packb({"type": "act", "episode": "nobody", "image": img}), "unknown episode"),
+        (packb({"type": "act", "episode": "e1"}), "needs an 'image'"),
+        (packb({"type": "act", "episode": "e1", "image": img.astype(np.float32)}), "dtype uint8"),
+        (packb({"type": "act", "episode": "e1", "image": img[:, :, 0]}), r"shape \[H, W, 3\]"),
+        (packb({"type": "act", "episode": "e1", "image": np.concatenate([img, img[:, :, :1]], 2)}), "RGB"),
+        (packb({"type": "act", "episode": "e1", "image": "pixels"}), "must be an ndarray"),
+        (packb({"type": "act", "episode": "e1", "image": {**arr(img), "shape": [24, 24, 4]}}), "needs 2304 bytes"),
+        (packb({"type": "act", "episode": "e1", "image": {**arr(img), "dtype": "|O"}}), "not allowed"),
+        (packb({"type": "act", "episode": "e1", "image": np.zeros((0, 5, 3), np.uint8)}), "between 1 and"),
+        (packb({"type": "act", "episode": "e1", "image": img, "previous_image": img.astype(np.int16)}),
+         "'previous_image' must have dtype uint8"),
+        (packb({"type": "act", "episode": True, "image": img}), "string or an integer"),
+        (packb({"type": "reset", "episode": "e2"}), "non-empty 'instruction'"),
+        (packb({"type": "reset", "episode": "e2", "instruction": "   "}), "non-empty 'instruction'"),
+        (packb({"type": "reset", "episode": [1], "instruction": "x"}), "string or an integer"),
+        (packb({"type": "reset", "instruction": "x"}), "needs an 'episode'"),
+        (packb({"type": "metadata", "pad": b"\0" * (2**20 + 1000)}), "exceeds the server's limit"),
+    ]
+    with PolicyServer(policy, max_payload_mb=1.0, max_wait_ms=1.0) as server:
+        robot = threading.Thread(target=steady_robot, args=(server.url,))
+        robot.start()
+        with _raw(server.url) as ws:
+            assert _ask(ws, packb({"type": "reset", "episode": "e1", "instruction": "wipe", "id": 7})) == \
+                {"ok": True, "episode": "e1", "id": 7}
+            for payload, fragment in cases:
+                reply = _ask(ws, payload)
+                assert reply["ok"] is False, (fragment, reply)
+                assert re.search(fragment, reply["error"]), (fragment, reply["error"])
+            reply = _ask(ws, packb({"type": "act", "episode": "e1", "image": img, "id": "last"}))
+            assert reply["ok"] and reply["id"] == "last" and reply["actions"].shape == (K, D)
+        stop.set()
+        robot.join(20)
+        assert health(server.url)["status"] == "ok"
+    assert not good["errors"], good["errors"]
+    assert good["ok"] >= 5
+
+
+def test_oversized_payload_closes_only_that_connection(np_rng):
+    with PolicyServer(HistoryPolicy(), max_payload_mb=0.25) as server, \
+            PolicyClient(server.url, timeout=10) as other, PolicyClient(server.url, timeout=10) as greedy:
+        other.reset("fold the towel")
+        greedy.reset("fold the towel")
+        assert greedy.metadata()["server"]["max_payload_mb"] == 0.25
+        big = _frame(np_rng, 200, 200)  # 117 KiB fits
+        assert greedy.act(big).shape == (K, D)
+        with pytest.raises(PolicyServerError, match="exceeds the server's limit"):
+            greedy.act(_frame(np_rng, 400, 300))  # 352 KiB: refused, connection kept
+        assert greedy.act(big).shape == (K, D)
+        with pytest.raises(PolicyServerError, match="message too big"):
+            greedy.act(_frame(np_rng, 800, 600))  # 1.4 MiB: beyond 2x the limit, connection closed
+        f = _frame(np_rng)
+        np.testing.assert_allclose(other.act(f)[:, 0], f.mean(), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- limits and failures
+def _wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def test_busy_queue_same_episode_and_policy_failure(np_rng):
+    policy = HistoryPolicy(delay_s=0.3, fail_on="explode")
+    with PolicyServer(policy, max_batch=1, max_queue=1, max_wait_ms=0, request_timeout_s=20) as server:
+        clients = [PolicyClient(server.url, timeout=20) for _ in range(5)]
+        for c in clients:
+            c.reset("hold still")
+        replies: list = [None] * len(clients)
+
+        def call(i):
+            try:
+                replies[i] = clients[i].act(_frame(np_rng))
+            except PolicyServerError as e:
+                replies[i] = str(e)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(clients))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        busy = [r for r in replies if isinstance(r, str) and "server busy" in r]
+        ok = [r for r in replies if isinstance(r, np.ndarray)]
+        assert busy and ok and len(busy) + len(ok) == len(clients), replies
+        assert server.stats["busy_rejections"] == len(busy)
+
+        # one request in flight per episode: another connection acting for the same episode is refused
+        other = PolicyClient(server.url, timeout=20)
+        other.episode = clients[0].episode
+        n_calls = len(policy.calls)
+        t = threading.Thread(target=call, args=(0,))
+        t.start()
+        _wait_for(lambda: len(policy.calls) > n_calls)
+        with pytest.raises(PolicyServerError, match="already has an 'act' request in flight"):
+            other.act(_frame(np_rng))
+        t.join(20)
+        assert isinstance(replies[0], np.ndarray)
+
+        clients[1].reset("explode")
+        with pytest.raises(PolicyServerError, match="policy failed: RuntimeError: boom"):
+            clients[1].act(_frame(np_rng))
+        assert clients[2].act(_frame(np_rng)).shape == (K, D)  # the server carries on
+        for c in [*clients, other]:
+            c.close()
+        assert server.stats["policy_failures"] == 1
+
+
+def test_request_timeout(np_rng):
+    policy = HistoryPolicy(delay_s=0.6)
+    with PolicyServer(policy, request_timeout_s=0.2) as server, PolicyClient(server.url, timeout=20) as client:
+        client.reset("slowly")
+        with pytest.raises(PolicyServerError, match="timed out after 0.2 s"):
+            client.act(_frame(np_rng))
+        policy.delay_s = 0.0
+        _wait_for(lambda: not server._running_batch)
+        f = _frame(np_rng)
+        np.testing.assert_allclose(client.act(f)[:, 0], f.mean(), rtol=1e-6)
+        assert server.stats["timeouts"] == 1
+
+
+def test_server_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="max_batch"):
+        PolicyServer(HistoryPolicy(), max_batch=0)
+    with pytest.raises(TypeError, match="act"):
+        PolicyServer(object())
+
+    no_size = SlotPolicy()
+    no_size.image_size = None
+    with pytest.raises(ValueError, match="image_size"):
+        PolicyServer(no_size)
+    no_size.image_size = (16, 0)
+    with pytest.raises(ValueError, match="image_size"):
+        PolicyServer(no_size)
+    with pytest.raises(ValueError, match="ws://"):
+        PolicyClient("http://127.0.0.1:1")
+    with pytest.raises(ConnectionError, match="cannot connect"):
+        PolicyClient("ws://127.0.0.1:1", connect_timeout=2)
+
+
+def test_cli_arguments():
+    import argparse
+
+    from worldvla import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", "ckpt", "--port", "0", "--max-batch", "4", "--max-wait-ms", "2.5",
+                              "--max-queue", "9", "--max-payload-mb", "3", "--dtype", "bf16"])
+    assert (args.checkpoint, args.port, args.max_batch, args.max_wait_ms, args.max_queue, args.max_payload_mb) == \
+        ("ckpt", 0, 4, 2.5, 9, 3.0)
+    assert args.host == "127.0.0.1" and args.dtype == "bf16"
+
+
+# ---------------------------------------------------------------- shutdown
+_CHILD = textwrap.dedent("""
+    import sys, time, logging; logging.basicConfig(level=logging.INFO, format="%(relativeCreated)d %(message)s")
+    import numpy as np
+    from worldvla.serve import PolicyServer
+
+    class Slow:
+        image_size, chunk_size, action_dim = 8, 2, 3
+        def metadata(self): return {}
+        def reset(self, instructions): self.n = len(instructions)
+        def act(self, images, history=None):
+            print("acting", flush=True)
+            time.sleep(0.6)
+            return np.full((len(images), 2, 3), 7.0, np.float32)
+
+    PolicyServer(Slow(), port=0).serve_forever(on_ready=lambda s: print(s.port, flush=True))
+    print("exited cleanly", flush=True)
+""")
+
+
+def test_sigterm_and_sigint_finish_in_flight_request_and_exit_cleanly(np_rng):
+    """Two servers in subprocesses (started together to share the start-up time)."""
+    signals = (signal.SIGTERM, signal.SIGINT)
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in signals]
+    try:
+        for proc, sig in zip(procs, signals):
+            port = int(proc.stdout.readline())
+            with PolicyClient(f"ws://127.0.0.1:{port}", timeout=10) as client:
+                client.reset("wave")
+                result: dict = {}
+
+                def act():
+                    try:
+                        result["actions"] = client.act(_frame(np_rng, 8, 8))
+                    except BaseException as e:
+                        result["error"] = repr(e)
+
+                t = threading.Thread(target=act)
+                t.start()
+                assert proc.stdout.readline().strip() == "acting"  # the request is inside the policy
+                proc.send_signal(sig)
+                t.join(10)
+                assert "error" not in result, (sig, result)
+                assert np.all(result["actions"] == 7.0)
+                with pytest.raises(PolicyServerError):  # the server is gone or going
+                    client.act(_frame(np_rng, 8, 8))
+        for proc, sig in zip(procs, signals):
+            assert proc.wait(10) == 0, sig
+            assert "exited cleanly" in proc.stdout.read()
+            assert "server stopped" in proc.stderr.read()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+# ---------------------------------------------------------------- the real policy
+def _tiny_policy_folder(path):
+    import dataclasses
+
+    import torch
+
+    policy_mod = pytest.importorskip("worldvla.inference.policy",
+                                     reason="worldvla.inference.policy (WorldVLAPolicy, save_policy) not available")
+    if not hasattr(policy_mod, "save_policy"):
+        pytest.skip("worldvla.inference.policy has no save_policy; cannot build a tiny checkpoint")
+    from worldvla.model import ModelConfig, WorldVLA
+    from worldvla.tokens import ActionTokenizer, VocabLayout
+    from worldvla.vqgan import VQGAN, VQGANConfig
+
+    layout = VocabLayout.compact(n_image_codes=64)
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    model = WorldVLA(ModelConfig.tiny(layout))
+    model.init_weights(0.02, torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little")))
+    vqgan = VQGAN(dataclasses.replace(VQGANConfig.small(), n_embed=64))
+    policy_mod.save_policy(path, model, vqgan, ActionTokenizer(layout), chunk_size=3, image_size=32, history=2)
+    return policy_mod.WorldVLAPolicy
+
+
+def test_real_policy_on_tiny_random_checkpoint(tmp_path, np_rng):
+    WorldVLAPolicy = _tiny_policy_folder(tmp_path / "policy")
+    served = WorldVLAPolicy.from_pretrained(tmp_path / "policy", device="cpu")
+    reference = WorldVLAPolicy.from_pretrained(tmp_path / "policy", device="cpu")
+    low, high = np.array(reference.metadata()["action_low"]), np.array(reference.metadata()["action_high"])
+    with PolicyServer(served, max_wait_ms=20.0) as server:
+        with PolicyClient(server.url, timeout=60) as client:
+            meta = client.metadata()
+            assert (meta["action_dim"], meta["chunk_size"], meta["image_size"]) == (7, 3, [32, 32])
+            assert meta["accepts_previous_image"] and meta["policy"]["model"]["num_hidden_layers"] == 2
+
+            # one robot: the served chunks are the in-process ones for the same frames and history
+            instruction = "put the bowl on the plate"
+            f1, f2, f3 = _frame(np_rng, 32, 32), _frame(np_rng, 48, 40), _frame(np_rng, 32, 32)
+            client.reset(instruction)
+            reference.reset([instruction])
+            a1 = client.act(f1)
+            np.testing.assert_array_equal(a1, reference.act(f1[None], history=None)[0])
+            a2 = client.act(f2)  # camera-sized: resized by the server
+            np.testing.assert_array_equal(a2, reference.act(fit_image(f2, (32, 32))[None], history=f1[None])[0])
+            a3 = client.act(f3, previous_image=f1)
+            np.testing.assert_array_equal(a3, reference.act(f3[None], history=f1[None])[0])
+            assert a1.shape == (3, 7) and np.all((a1 >= low - 1e-6) & (a1 <= high + 1e-6))
+
+        # several robots at once share policy calls; each gets a valid chunk
+        results, errors = [], []
+        barrier = threading.Barrier(3)
+
+        def robot(i):
+            try:
+                with PolicyClient(server.url, timeout=60) as c:
+                    c.reset(f"task number {i}")
+                    barrier.wait(30)
+                    for _ in range(3):
+                        results.append(c.act(_frame(np_rng, 32, 32)))
+            except BaseException as e:
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=robot, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert len(results) == 9 and all(r.shape == (3, 7) and np.isfinite(r).all() for r in results)
+        assert server.stats["batches"] < server.stats["act_ok"]

@@ -1,0 +1,232 @@
+"""The pretokenized token store: sample contents against SequenceBuilder, one VQGAN pass per frame,
+resumable atomic builds with checksums, kind filtering and packing."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from worldvla.data import store as st
+from worldvla.data.hdf5 import write_demos
+from worldvla.model import ModelConfig, WorldVLA
+from worldvla.tokens import ActionTokenizer, ByteTextTokenizer, SequenceBuilder, VocabLayout
+from worldvla.vqgan import VQGAN, VQGANConfig, preprocess
+
+K = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_vqgan(seed=0):
+    torch.manual_seed(seed)
+    return VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32,
+                             n_embed=64)).eval()
+
+
+def random_demos(rng, lengths, size=32, success=None):
+    return [{"frames": rng.integers(0, 256, (T, size, size, 3), dtype=np.uint8),
+             "actions": rng.uniform(-1, 1, (T, 4)).astype(np.float32),
+             "success": True if success is None else success[i]} for i, T in enumerate(lengths)]
+
+
+class CountingVQGAN(VQGAN):
+    """Counts frames and calls that go through encode."""
+    frames = 0
+    calls = 0
+
+    def encode(self, pixels, backend="auto"):
+        type(self).frames += pixels.shape[0]
+        type(self).calls += 1
+        return super().encode(pixels, backend)
+
+
+def counting(vq):
+    c = CountingVQGAN(vq.config)
+    c.load_state_dict(vq.state_dict())
+    CountingVQGAN.frames = CountingVQGAN.calls = 0
+    return c.eval()
+
+
+@pytest.fixture
+def demo_dir(tmp_path):
+    rng = np.random.default_rng(7)
+    demos = random_demos(rng, (7, 5, 2, 6), success=[True, True, True, False])
+    write_demos(tmp_path / "demos" / "a.hdf5", demos[:3], "push the red block")
+    write_demos(tmp_path / "demos" / "sub" / "b.h5", demos[3:], "open the drawer")
+    return tmp_path / "demos", demos
+
+
+def test_samples_match_sequence_builder(demo_dir, tmp_path):
+    folder, demos = demo_dir
+    vq = tiny_vqgan()
+    out = st.build_store(folder, tmp_path / "s", vq, chunk_size=K, demos_per_shard=2, progress=False)
+    store = st.TokenStore(out, verify=True)
+    layout = store.layout
+    assert layout == VocabLayout.compact(n_image_codes=64)
+    # Expected samples of the successful demos (the failed demo of b.h5 is skipped), frame by frame.
+    builder = SequenceBuilder(layout, ByteTextTokenizer(layout), ActionTokenizer(layout, [-1.0] * 4, [1.0] * 4))
+    expected = []
+    for d in demos[:3]:
+        codes = [vq.encode(preprocess(f))[0] for f in d["frames"]]
+        T = len(d["actions"])
+        for j in range(T - K + 1):
+            expected.append(builder.action_sample("push the red block", codes[max(0, j - 1):j + 1],
+                                                  d["actions"][j:j + K]))
+        for j in range(T - 1):
+            expected.append(builder.world_sample(codes[j], d["actions"][j], codes[j + 1]))
+    assert len(store) == len(expected) == (5 + 6) + (3 + 4) + (0 + 1)
+    got = sorted((tuple(store[i][0].tolist()), tuple(store[i][1].tolist()), store[i][2]) for i in range(len(store)))
+    want = sorted((tuple(s.input_ids.tolist()), tuple(s.labels.tolist()), s.kind) for s in expected)
+    assert got == want
+    # History: one image at j = 0, two afterwards; the loss covers only the answer.
+    boi = [int((store[i][0] == layout.boi).sum()) for i in range(len(store)) if store[i][2] == "action"]
+    assert sorted(set(boi)) == [1, 2] and boi.count(1) == 2
+    for i in range(len(store)):
+        ids, labels, kind = store[i]
+        assert ids.dtype == labels.dtype == torch.int64 and ids.shape == labels.shape
+        lab = labels != -100
+        first = int(lab.nonzero()[0])
+        assert not lab[:first].any() and lab[first:].all() and torch.equal(labels[lab], ids[lab])
+        assert int(ids[first - 1]) == layout.sep
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["n_action"] == 8 and m["n_world"] == 11 and len(m["shards"]) == 3
+    assert m["action"]["low"] == [-1.0] * 4 and m["action"]["chunk_size"] == K
+    assert store.kind_counts() == {"action": 8, "world": 11}
+    assert all(len(e["files"]) == 5 and all(len(h) == 64 for h in e["files"].values()) for e in m["shards"])
+    assert np.array_equal(store.lengths, [len(store[i][0]) for i in range(len(store))])
+    torch.testing.assert_close(VQGAN.from_pretrained(store.vqgan_path).codebook, vq.codebook)
+
+
+def test_each_frame_encoded_once_in_batches(demo_dir, tmp_path):
+    folder, demos = demo_dir
+    vq = counting(tiny_vqgan())
+    st.build_store(folder, tmp_path / "s", vq, chunk_size=K, encode_batch=4, only_success=False, progress=False)
+    lengths = [len(d["actions"]) for d in demos]
+    assert CountingVQGAN.frames == sum(lengths)
+    assert CountingVQGAN.calls == sum(-(-T // 4) for T in lengths)
+    store = st.TokenStore(tmp_path / "s")
+    assert len(store) == sum(max(0, T - K + 1) + T - 1 for T in lengths)
+
+
+def test_interrupted_build_resumes_and_skips_verified_shards(demo_dir, tmp_path, monkeypatch):
+    folder, _ = demo_dir
+    out = tmp_path / "s"
+    real = st._write_shard
+    calls = []
+
+    def crash_on_second(path, samples):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real(path, samples)
+
+    monkeypatch.setattr(st, "_write_shard", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        st.build_store(folder, out, tiny_vqgan(), chunk_size=K, demos_per_shard=2, progress=False)
+    monkeypatch.setattr(st, "_write_shard", real)
+    m = json.loads((out / "manifest.json").read_text())
+    assert not m["complete"] and [e["name"] for e in m["shards"]] == ["shard_00000"]
+    with pytest.raises(ValueError, match="incomplete"):
+        st.TokenStore(out)
+    # The resumed build encodes only the demos of the unfinished shards (a.hdf5 demo 2, b.h5 demo 0).
+    vq = counting(tiny_vqgan())
+    st.build_store(folder, out, vq, chunk_size=K, demos_per_shard=2, progress=False)
+    assert CountingVQGAN.frames == 2  # demo 2 of a.hdf5; b.h5's only demo failed and is not encoded
+    whole = st.build_store(folder, tmp_path / "ref", tiny_vqgan(), chunk_size=K, demos_per_shard=2, progress=False)
+    a, b = st.TokenStore(out, verify=True), st.TokenStore(whole)
+    assert len(a) == len(b) and all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
+    # A corrupted shard fails verification and is rebuilt on the next run; intact ones are skipped.
+    tok = out / "shard_00000" / "tokens.npy"
+    arr = np.load(tok)
+    arr[5] += 1
+    np.save(tok, arr)
+    with pytest.raises(ValueError, match="checksum"):
+        st.TokenStore(out, verify=True)
+    vq = counting(tiny_vqgan())
+    st.build_store(folder, out, vq, chunk_size=K, demos_per_shard=2, progress=False)
+    assert CountingVQGAN.frames == 7 + 5  # the two demos of shard 0 only
+    st.TokenStore(out, verify=True)
+
+
+def test_changed_settings_need_overwrite_and_world_switch(demo_dir, tmp_path):
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        st.build_store(folder, out, tiny_vqgan(), chunk_size=2, progress=False)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        st.build_store(folder, out, tiny_vqgan(seed=1), chunk_size=K, progress=False)
+    st.build_store(folder, out, tiny_vqgan(), chunk_size=2, world=False, overwrite=True, progress=False)
+    store = st.TokenStore(out)
+    assert store.kind_counts() == {"action": 6 + 4 + 1, "world": 0} and store.chunk_size == 2
+    with pytest.raises(ValueError, match="kinds"):
+        st.TokenStore(out, kinds=("actions",))
+
+
+def test_kind_filter_and_pack(demo_dir, tmp_path):
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    full, act, world = st.TokenStore(out), st.TokenStore(out, kinds="action"), st.TokenStore(out, kinds=["world"])
+    assert len(act) + len(world) == len(full)
+    assert {act[i][2] for i in range(len(act))} == {"action"} and {world[i][2] for i in range(len(world))} == {"world"}
+    samples = [full[0], full[len(full) - 1], full[3]]
+    lens = [len(s[0]) for s in samples]
+    ids, labels, cu = st.pack(samples, sum(lens))
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, lens[0], lens[0] + lens[1], sum(lens)]
+    assert torch.equal(ids, torch.cat([s[0] for s in samples])) and torch.equal(labels, torch.cat([s[1] for s in samples]))
+    pid, plab, pcu = st.pack(samples, sum(lens) + 9, pad_id=1)
+    assert pid.numel() == sum(lens) + 9 and pcu[-1] == pid.numel() and (plab[-9:] == -100).all()
+    with pytest.raises(ValueError, match="max_tokens"):
+        st.pack(samples, sum(lens) - 1)
+    # Packed documents do not see each other: logits equal those of each sample alone.
+    torch.manual_seed(0)
+    model = WorldVLA(ModelConfig.tiny(full.layout)).init_weights(0.05, torch.Generator().manual_seed(1)).eval()
+    with torch.no_grad():
+        packed = model(ids, cu_seqlens=cu)
+        for s, a, b in zip(samples, cu[:-1].tolist(), cu[1:].tolist()):
+            torch.testing.assert_close(packed[a:b], model(s[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_bounds_and_bad_inputs(tmp_path):
+    rng = np.random.default_rng(3)
+    d = random_demos(rng, (5,))
+    d[0]["actions"][0, 2] = 1.7
+    write_demos(tmp_path / "x" / "a.hdf5", d, "reach")
+    files = st.find_demo_files(tmp_path / "x")
+    low, high = st.action_bounds("auto", files, 4)
+    assert high[2] == pytest.approx(1.7) and low[2] == pytest.approx(float(d[0]["actions"][:, 2].min()))
+    assert st.action_bounds("unit", files, 4) == ([-1.0] * 4, [1.0] * 4)
+    with pytest.raises(ValueError, match="7-D"):
+        st.action_bounds("libero", files, 4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no HDF5"):
+        st.find_demo_files(tmp_path / "empty")
+    write_demos(tmp_path / "y" / "a.hdf5", random_demos(rng, (4,)), "reach")
+    write_demos(tmp_path / "y" / "b.hdf5", random_demos(rng, (4,), size=64), "reach")
+    with pytest.raises(ValueError, match="one size"):
+        st.build_store(tmp_path / "y", tmp_path / "sy", tiny_vqgan(), progress=False)
+    with pytest.raises(ValueError, match="chunk size"):
+        st.build_store(tmp_path / "x", tmp_path / "sz", tiny_vqgan(), chunk_size=0, progress=False)
+    with pytest.raises(ValueError, match="no samples"):
+        st.build_store(tmp_path / "x", tmp_path / "sw", tiny_vqgan(), chunk_size=9, world=False, progress=False)
+    with pytest.raises(FileNotFoundError, match="not a token store"):
+        st.TokenStore(tmp_path / "x")
+
+
+def test_cli(demo_dir, tmp_path):
+    folder, _ = demo_dir
+    vq_dir = tmp_path / "vq"
+    tiny_vqgan().save_pretrained(vq_dir)
+    p = argparse.ArgumentParser()
+    st.add_arguments(p)
+    args = p.parse_args([str(folder), "--out", str(tmp_path / "s"), "--vqgan", str(vq_dir), "-K", "2",
+                         "--no-world", "--include-failed", "--no-progress"])
+    assert st.run(args) == 0
+    store = st.TokenStore(tmp_path / "s")
+    assert store.kind_counts() == {"action": 6 + 4 + 1 + 5, "world": 0}

@@ -1,0 +1,145 @@
+"""Triton split-KV decode attention against the float64 references.
+
+Decode with a KV cache must equal recomputing the full sequence: the rows of the chunk-masked
+attention over the whole sequence at the queried positions.
+"""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from worldvla import VocabLayout, chunk_mask_meta  # noqa: E402
+from worldvla.mask import NO_BLOCK, DecodeMeta  # noqa: E402
+from worldvla.ops import decode_attention, decode_attention_ref, masked_attention_ref  # noqa: E402
+from worldvla.tokens import image_tokens  # noqa: E402
+
+from worldvla.kernels import decode_attention as K  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+LAYOUT = VocabLayout.compact()
+DIMS = 7
+
+
+def action_sequence(g, n_text, chunk):
+    img = image_tokens(torch.randint(0, LAYOUT.n_image_codes, (4, 4), generator=g), LAYOUT)
+    blocks = [torch.cat([torch.tensor([LAYOUT.boa]), LAYOUT.bin_base + torch.randint(0, 256, (DIMS,), generator=g),
+                         torch.tensor([LAYOUT.eoa])]) for _ in range(chunk)]
+    return torch.cat([torch.tensor([LAYOUT.bos]), LAYOUT.text_base + torch.randint(0, 256, (n_text,), generator=g),
+                      img, img.clone(), torch.tensor([LAYOUT.sep])] + blocks + [torch.tensor([LAYOUT.sep])])
+
+
+def caches_from_sequences(g, seqs, S, H, Hkv, D, dtype, poison=True):
+    """Full q/k/v per sequence and caches [B, S, Hkv, D] whose slots past each length hold NaN."""
+    B = len(seqs)
+    lens = [s.numel() for s in seqs]
+    qs = [torch.randn(n, H, D, generator=g) for n in lens]
+    ks = [torch.randn(n, Hkv, D, generator=g) for n in lens]
+    vs = [torch.randn(n, Hkv, D, generator=g) for n in lens]
+    fill = float("nan") if poison else 0.0
+    k_cache = torch.full((B, S, Hkv, D), fill)
+    v_cache = torch.full((B, S, Hkv, D), fill)
+    kv_block = torch.full((B, S), NO_BLOCK, dtype=torch.int32)
+    for b, (ids, k, v) in enumerate(zip(seqs, ks, vs)):
+        n = ids.numel()
+        k_cache[b, :n], v_cache[b, :n] = k, v
+        kv_block[b, :n] = chunk_mask_meta(ids, LAYOUT).kv_block
+    cast = lambda t: t.to(DEV, dtype)
+    return [cast(t) for t in qs], [cast(t) for t in ks], [cast(t) for t in vs], cast(k_cache), cast(v_cache), \
+        kv_block.to(DEV), torch.tensor(lens, dtype=torch.int32, device=DEV)
+
+
+def full_rows_fp64(ids, q, k, v, positions):
+    meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+    out = masked_attention_ref(q.double().unsqueeze(0), k.double().unsqueeze(0), v.double().unsqueeze(0),
+                               chunk_mask_meta(ids.unsqueeze(0), LAYOUT).to(DEV))[0]
+    return out[positions], meta
+
+
+@pytest.mark.parametrize("num_splits,rows", [(1, "mixed"), (3, "mixed"), (2, "late"), (2, "last_block")])
+def test_decode_equals_full_recompute(rng, num_splits, rows):
+    """Query rows at different positions against caches of 150 and 97 tokens: "mixed" = the last block's
+    BOA, the first block's BOA and the last token; "late" = the last token and the last block's BOA
+    (rows with different block limits over the same key tiles); "last_block" = the last block's BOA alone (its
+    earlier blocks are hidden, so whole key tiles are skipped)."""
+    seqs = [action_sequence(rng, 9, chunk=10), action_sequence(rng, 19, chunk=3)]
+    assert [s.numel() for s in seqs] == [150, 97]
+    S, H, Hkv, D = 203, 4, 2, 64
+    qs, ks, vs, kc, vc, kvb, kvlen = caches_from_sequences(rng, seqs, S, H, Hkv, D, torch.float32)
+    pos = []
+    for ids in seqs:
+        boa = (ids == LAYOUT.boa).nonzero().squeeze(1)
+        last = torch.tensor(ids.numel() - 1)
+        pos.append(torch.stack({"mixed": [boa[-1], boa[0], last], "late": [last, boa[-1]], "last_block": [boa[-1]]}[rows]))
+    n_q = pos[0].numel()
+    q = torch.stack([qq[p] for qq, p in zip(qs, pos)])  # [B, 3, H, D]
+    q_limit = torch.stack([chunk_mask_meta(ids, LAYOUT).q_limit[p] for ids, p in zip(seqs, pos)]).to(DEV)
+    meta = DecodeMeta(torch.stack(pos).to(DEV, torch.int32), q_limit.to(torch.int32), kvb, kvlen)
+    out = K.decode_attention(q, kc, vc, meta, num_splits=num_splits, block_n=32)
+    assert out.shape == (2, n_q, H, D) and not torch.isnan(out).any()
+    for b, ids in enumerate(seqs):
+        want, _ = full_rows_fp64(ids, qs[b], ks[b], vs[b], pos[b].to(DEV))
+        assert (out[b].double() - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_low_precision_rule(rng, dtype):
+    seqs = [action_sequence(rng, 30, chunk=5), action_sequence(rng, 71, chunk=1)]
+    S, H, Hkv, D = 160, 8, 2, 128
+    qs, ks, vs, kc, vc, kvb, kvlen = caches_from_sequences(rng, seqs, S, H, Hkv, D, dtype, poison=False)
+    q = torch.randn(2, 1, H, D, generator=rng).to(DEV, dtype)
+    pos = (kvlen - 1).view(2, 1)
+    meta = DecodeMeta(pos, torch.full((2, 1), -1, dtype=torch.int32, device=DEV), kvb, kvlen)
+    out = decode_attention(q, kc, vc, meta, backend="triton")
+    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
+    same = decode_attention_ref(q, kc, vc, meta, upcast=False)
+    err = (out.double() - ref).abs().max().item()
+    base = (same.double() - ref).abs().max().item()
+    assert err <= 2 * base, (err, base)
+
+
+def test_decode_rows_without_keys_and_random_meta(rng):
+    """Arbitrary metadata (rows hiding every key, kv_len 0) gives the reference's zeros, never NaN."""
+    B, n_q, S, H, D = 3, 5, 90, 2, 64
+    q = torch.randn(B, n_q, H, D, generator=rng).to(DEV)
+    kc = torch.randn(B, S, H, D, generator=rng).to(DEV)
+    vc = torch.randn(B, S, H, D, generator=rng).to(DEV)
+    meta = DecodeMeta(torch.randint(0, S, (B, n_q), generator=rng, dtype=torch.int32).to(DEV),
+                      torch.randint(-1, 6, (B, n_q), generator=rng, dtype=torch.int32).to(DEV),
+                      torch.randint(0, 5, (B, S), generator=rng, dtype=torch.int32).to(DEV),
+                      torch.tensor([S, 41, 0], dtype=torch.int32, device=DEV))
+    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
+    for splits in (1, 2):
+        out = K.decode_attention(q, kc, vc, meta, num_splits=splits, block_n=32)
+        assert not torch.isnan(out).any()
+        assert (out.double() - ref).abs().max().item() < 1e-5
+    assert torch.all(out[2] == 0)
+
+
+def test_decode_bad_inputs(rng):
+    q = torch.randn(1, 1, 4, 64, device=DEV)
+    with pytest.raises(ValueError, match="disagree"):
+        K.decode_attention(q, torch.randn(1, 10, 3, 64, device=DEV), torch.randn(1, 10, 3, 64, device=DEV), None)
+    kc = torch.randn(1, 10, 2, 64, device=DEV)
+    i32 = dict(dtype=torch.int32, device=DEV)
+    bad = DecodeMeta(torch.zeros(1, 2, **i32), torch.zeros(1, 2, **i32), torch.zeros(1, 10, **i32), torch.ones(1, **i32))
+    with pytest.raises(ValueError, match="q_pos"):
+        K.decode_attention(q, kc, kc, bad)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_long_cache():
+    g = torch.Generator().manual_seed(0)
+    B, n_q, S, H, Hkv, D = 4, 10, 4096, 32, 8, 128
+    q = torch.randn(B, n_q, H, D, generator=g).cuda().bfloat16()
+    kc = torch.randn(B, S, Hkv, D, generator=g).cuda().bfloat16()
+    vc = torch.randn(B, S, Hkv, D, generator=g).cuda().bfloat16()
+    kv_len = torch.tensor([4096, 3001, 700, 1], dtype=torch.int32).cuda()
+    kvb = torch.full((B, S), NO_BLOCK, dtype=torch.int32)
+    kvb[:, 600:690] = torch.arange(10).repeat_interleave(9)
+    meta = DecodeMeta((kv_len - 1).view(B, 1).expand(B, n_q).contiguous(),
+                      torch.arange(n_q, dtype=torch.int32).expand(B, n_q).contiguous().cuda(),
+                      kvb.cuda(), kv_len)
+    out = K.decode_attention(q, kc, vc, meta)
+    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
+    same = decode_attention_ref(q, kc, vc, meta, upcast=False)
+    assert (out.double() - ref).abs().max() <= 2 * (same.double() - ref).abs().max()

@@ -1,0 +1,179 @@
+"""Triton fused linear cross-entropy (class weights + z-loss) against a float64 reference."""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from worldvla import VocabLayout  # noqa: E402
+from worldvla.ops import linear_cross_entropy, linear_cross_entropy_ref  # noqa: E402
+
+from worldvla.kernels import linear_ce as K  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+LAYOUT = VocabLayout.compact()  # 1067 tokens: an odd vocabulary size
+
+
+def image_code_weights(alpha=0.04):
+    w = torch.ones(LAYOUT.vocab_size)
+    w[LAYOUT.image_code_weight_mask()] = alpha
+    return w
+
+
+def ref64(hidden, weight, targets, class_weight, z_weight, ignore_index=-100):
+    """The formula of linear_cross_entropy_ref, entirely in float64 (that reference computes in fp32)."""
+    valid = targets != ignore_index
+    logits = hidden.double()[valid] @ weight.double().t()
+    y = targets[valid]
+    lse = torch.logsumexp(logits, -1)
+    ce = lse - logits.gather(1, y.unsqueeze(1)).squeeze(1)
+    if class_weight is None:
+        ce_mean = ce.mean()
+    else:
+        w = class_weight.to(torch.float32).double()[y]
+        ce_mean = (w * ce).sum() / w.sum()
+    z = (lse * lse).mean()
+    return ce_mean + z_weight * z, z.detach()
+
+
+def inputs(g, n, hidden, dtype, frac_ignored=0.4):
+    h = torch.randn(n, hidden, generator=g)
+    w = torch.randn(LAYOUT.vocab_size, hidden, generator=g) * 0.2
+    # Targets like a mix of action and world samples: bins, image codes, specials; many ignored rows.
+    pools = torch.cat([torch.arange(*LAYOUT.bin_range), torch.tensor(LAYOUT.image_code_ids),
+                       torch.tensor([LAYOUT.boa, LAYOUT.eoa, LAYOUT.eoi, LAYOUT.boi, LAYOUT.sep, LAYOUT.newline])])
+    y = pools[torch.randint(0, pools.numel(), (n,), generator=g)]
+    y[torch.rand(n, generator=g) < frac_ignored] = -100
+    return h.to(DEV, dtype), w.to(DEV, dtype), y.to(DEV)
+
+
+def run(fn, h, w, y, cw, zw, grad_scale=1.0):
+    hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss, z = fn(hh, ww, y, cw, zw)
+    (loss * grad_scale).backward()
+    return loss.detach(), z, hh.grad, ww.grad
+
+
+def check_rule(got, ref, same, name, floor=0.0):
+    err = (got.double() - ref).abs().max().item()
+    base = (same.double() - ref).abs().max().item()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    assert err <= 2 * base + floor, f"{name}: error {err:.3g} > 2 x torch's {base:.3g} (+{floor:g})"
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_matches_fp64(rng, dtype, weighted, poison_empty):
+    h, w, y = inputs(rng, 151, 96, dtype)
+    cw = image_code_weights().to(DEV) if weighted else None
+    zw = 1e-3  # larger than the release's 1e-5 so that the z-loss term is visible in the gradients
+    got = run(lambda *a: K.linear_cross_entropy(*a, chunk_size=37), h, w, y, cw, zw)  # 3 chunks of labelled rows
+    ref = run(ref64, h, w, y, cw, zw)
+    same = run(linear_cross_entropy_ref, h, w, y, cw, zw)
+    floor = 1e-6 if dtype == torch.float32 else 0.0
+    for i, name in enumerate(["loss", "z_mean", "grad_hidden", "grad_weight"]):
+        check_rule(got[i], ref[i], same[i], f"{name} {dtype}", floor=floor)
+    assert got[2].dtype == dtype and got[3].dtype == dtype
+    # ignored rows get no gradient
+    assert torch.all(got[2][y == -100] == 0)
+
+
+def test_default_chunking_and_grad_scale(rng):
+    h, w, y = inputs(rng, 203, 64, torch.float32, frac_ignored=0.7)
+    cw = image_code_weights(0.0400390625).to(DEV)
+    got = run(linear_cross_entropy, h, w, y, cw, 1e-5, grad_scale=3.5)
+    ref = run(ref64, h, w, y, cw, 1e-5, grad_scale=3.5)
+    assert abs(got[0].item() - ref[0].item()) < 1e-5 * max(1.0, abs(ref[0].item()))
+    assert (got[2].double() - ref[2]).abs().max().item() < 1e-6
+    assert (got[3].double() - ref[3]).abs().max().item() < 1e-6
+
+
+def test_dispatch_and_partial_grads(rng):
+    h, w, y = inputs(rng, 64, 32, torch.float32)
+    loss, z = linear_cross_entropy(h, w, y, None, 1e-4, backend="triton")
+    lr, zr = ref64(h, w, y, None, 1e-4)
+    assert abs(loss.item() - lr.item()) < 1e-5 and abs(z.item() - zr.item()) < 1e-3 and not z.requires_grad
+    # frozen hidden states (only the head trains) and the converse
+    wr = w.clone().requires_grad_()
+    K.linear_cross_entropy(h, wr, y, None, 1e-4)[0].backward()
+    wd = w.double().requires_grad_()
+    ref64(h, wd, y, None, 1e-4)[0].backward()
+    assert (wr.grad.double() - wd.grad).abs().max().item() < 1e-6
+    hr = h.clone().requires_grad_()
+    K.linear_cross_entropy(hr, w, y, None, 1e-4)[0].backward()
+    hd = h.double().requires_grad_()
+    ref64(hd, w, y, None, 1e-4)[0].backward()
+    assert (hr.grad.double() - hd.grad).abs().max().item() < 1e-6
+
+
+def test_no_labelled_rows(rng):
+    h, w, _ = inputs(rng, 9, 32, torch.float32)
+    y = torch.full((9,), -100, device=DEV)
+    hh = h.clone().requires_grad_()
+    loss, z = K.linear_cross_entropy(hh, w, y)
+    ref_loss, ref_z = linear_cross_entropy_ref(h, w, y)
+    assert loss.item() == ref_loss.item() == 0.0 and z.item() == 0.0
+    loss.backward()
+    assert hh.grad is None or torch.all(hh.grad == 0)
+
+
+def test_bad_inputs_raise(rng):
+    h, w, y = inputs(rng, 16, 32, torch.float32)
+    bad = y.clone()
+    bad[0] = LAYOUT.vocab_size
+    with pytest.raises(ValueError, match="targets must be"):
+        K.linear_cross_entropy(h, w, bad)
+    with pytest.raises(ValueError, match="class_weight"):
+        K.linear_cross_entropy(h, w, y, torch.ones(7, device=DEV))
+    with pytest.raises(TypeError, match="share a dtype"):
+        K.linear_cross_entropy(h, w.half(), y)
+
+
+def test_short_training_run_tracks_reference(rng):
+    """A few SGD steps of a tiny head with the fused loss follow the reference's loss curve."""
+    h0, w0, y = inputs(rng, 96, 48, torch.float32, frac_ignored=0.3)
+    cw = image_code_weights().to(DEV)
+    curves = []
+    for fn in (K.linear_cross_entropy, linear_cross_entropy_ref):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        opt = torch.optim.SGD([h, w], lr=2.0)
+        losses = []
+        for _ in range(6):
+            opt.zero_grad()
+            loss, _ = fn(h, w, y, cw, 1e-4)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves.append(losses)
+    assert curves[0][-1] < curves[0][0] * 0.8
+    for a, b in zip(*curves):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(b))
+
+
+@pytest.mark.gpu
+def test_gpu_large_vocab():
+    g = torch.Generator().manual_seed(0)
+    n, hid, vocab = 4096, 1024, 65536
+    h = torch.randn(n, hid, generator=g).cuda().bfloat16()
+    w = (torch.randn(vocab, hid, generator=g) * 0.05).cuda().bfloat16()
+    y = torch.randint(0, vocab, (n,), generator=g).cuda()
+    y[torch.rand(n, generator=g).cuda() < 0.5] = -100
+    cw = torch.ones(vocab, device="cuda")
+    cw[3:8195] = 0.04
+    got = run(K.linear_cross_entropy, h, w, y, cw, 1e-5)
+    ref = run(ref64, h, w, y, cw, 1e-5)
+    same = run(linear_cross_entropy_ref, h, w, y, cw, 1e-5)
+    for i, name in enumerate(["loss", "z_mean", "grad_hidden", "grad_weight"]):
+        check_rule(got[i], ref[i], same[i], name)

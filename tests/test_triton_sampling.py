@@ -1,0 +1,115 @@
+"""Triton constrained decoding: range logits, greedy argmax, temperature / top-k sampling."""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from worldvla import VocabLayout  # noqa: E402
+from worldvla.ops import constrained_sample, constrained_sample_ref  # noqa: E402
+
+from worldvla.kernels import sampling as K  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+LAYOUT = VocabLayout.compact()
+
+
+def head(g, n, hidden, dtype):
+    h = torch.randn(n, hidden, generator=g)
+    w = torch.randn(LAYOUT.vocab_size, hidden, generator=g) * 0.3
+    return h.to(DEV, dtype), w.to(DEV, dtype)
+
+
+def logits64(h, w, lo, hi):
+    return h.double() @ w[lo:hi].double().t()
+
+
+RANGES = {"bins": LAYOUT.bin_range, "image": LAYOUT.image_id_range, "one": (LAYOUT.eoa, LAYOUT.eoa + 1),
+          "odd": (37, 300)}
+
+
+@pytest.mark.parametrize("name", list(RANGES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy(rng, name, dtype):
+    lo, hi = RANGES[name]
+    h, w = head(rng, 7, 96, dtype)
+    got = constrained_sample(h, w, lo, hi, backend="triton")
+    assert got.dtype == torch.int64 and bool(((got >= lo) & (got < hi)).all())
+    l64 = logits64(h, w, lo, hi)
+    # The chosen logit is the maximum up to twice the torch reference's own shortfall (+ fp32 rounding).
+    gap = lambda ids: (l64.max(1).values - l64.gather(1, (ids - lo).view(-1, 1)).squeeze(1)).max().item()
+    floor = 8 * torch.finfo(torch.float32).eps * l64.abs().max().item()
+    assert gap(got) <= 2 * gap(constrained_sample_ref(h, w, lo, hi)) + floor
+    if dtype == torch.float32:
+        assert torch.equal(got, l64.argmax(1) + lo)
+
+
+def test_greedy_single_row_ties(rng):
+    h, w = head(rng, 1, 64, torch.float32)
+    lo, hi = LAYOUT.bin_range
+    w[lo + 70] *= 3.0  # clearly the best row for h below
+    w[lo + 200] = w[lo + 70]  # an exact tie across logit tiles: the lower id wins, as torch.argmax
+    h = w[lo + 70:lo + 71] * 10.0
+    assert K.constrained_sample(h, w, lo, hi).item() == lo + 70
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_range_logits_rule(rng, dtype):
+    h, w = head(rng, 19, 200, dtype)
+    lo, hi = 5, 1000
+    got = K.range_logits(h, w, lo, hi)
+    ref = logits64(h, w, lo, hi)
+    same = (h @ w[lo:hi].t()).float()  # what the reference computes
+    err = (got.double() - ref).abs().max().item()
+    base = (same.double() - ref).abs().max().item()
+    assert got.shape == (19, hi - lo) and got.dtype == torch.float32
+    assert err <= 2 * base + 1e-5, (err, base)
+
+
+def test_top_k_and_temperature(rng):
+    h, w = head(rng, 40, 64, torch.float32)
+    lo, hi = LAYOUT.bin_range
+    l64 = logits64(h, w, lo, hi)
+    top5 = l64.topk(5, dim=1).indices + lo
+    got = K.constrained_sample(h, w, lo, hi, temperature=0.7, top_k=5)
+    assert bool((got.view(-1, 1) == top5).any(1).all())
+    # top-1 sampling is greedy
+    assert torch.equal(K.constrained_sample(h, w, lo, hi, temperature=1.3, top_k=1), l64.argmax(1) + lo)
+
+
+def test_sampling_distribution(rng):
+    """512 copies of one row over a 16-token range: empirical frequencies follow softmax(logits / T)."""
+    _, w = head(rng, 1, 32, torch.float32)
+    h = (torch.randn(1, 32, generator=rng) * 0.5).to(DEV).expand(512, 32)
+    lo, hi = 100, 116
+    gen = torch.Generator(device=DEV).manual_seed(1234)
+    got = K.constrained_sample(h, w, lo, hi, temperature=0.8, generator=gen)
+    probs = torch.softmax(logits64(h[:1], w, lo, hi)[0] / 0.8, 0)
+    freq = torch.bincount(got - lo, minlength=16).double() / 512
+    assert (freq - probs).abs().max().item() < 0.08
+    # the same generator state gives the reference's draws
+    gen1 = torch.Generator(device=DEV).manual_seed(99)
+    gen2 = torch.Generator(device=DEV).manual_seed(99)
+    a = K.constrained_sample(h[:64], w, lo, hi, temperature=0.8, generator=gen1)
+    b = constrained_sample_ref(h[:64], w, lo, hi, temperature=0.8, generator=gen2)
+    assert (a == b).float().mean().item() > 0.95
+
+
+def test_bad_inputs(rng):
+    h, w = head(rng, 2, 32, torch.float32)
+    with pytest.raises(ValueError, match="vocabulary range"):
+        K.constrained_sample(h, w, 10, 10)
+    with pytest.raises(TypeError, match="share a dtype"):
+        K.constrained_sample(h.half(), w, 0, 10)
+
+
+@pytest.mark.gpu
+def test_gpu_chameleon_head():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 4096, generator=g).cuda().bfloat16()
+    w = (torch.randn(65536, 4096, generator=g) * 0.02).cuda().bfloat16()
+    for lo, hi in ((10006, 10262), (4, 8196)):
+        got = K.constrained_sample(h, w, lo, hi)
+        l64 = logits64(h, w, lo, hi)
+        ref = constrained_sample_ref(h, w, lo, hi)
+        gap = lambda ids: (l64.max(1).values - l64.gather(1, (ids - lo).view(-1, 1)).squeeze(1)).max().item()
+        assert gap(got) <= 2 * gap(ref) + 1e-4

@@ -1,0 +1,342 @@
+"""`worldvla demo`: the whole WorldVLA chain on Meta-World, sized for a 2-core CPU.
+
+    collect     scripted-expert demonstrations, in parallel worker processes  -> <out>/demos/
+    train-vq    a small VQGAN image tokenizer on the demo frames              -> <out>/vqgan/
+    pretokenize frames -> codes, action-model + world-model samples           -> <out>/store/
+    train       a small WorldVLA on both sample kinds (chunk-masked)          -> <out>/train/, <out>/policy/
+    evaluate    closed-loop success vs a random policy, world-model PSNR/SSIM -> <out>/eval/, <out>/metrics.json
+
+Each stage records a completion marker (<out>/stages/<stage>.json) holding a key of its
+settings and of every stage before it; a second run skips stages whose marker matches
+and whose outputs are still there, and redoes a stage (and everything after it) when its
+settings changed. The trained policy in <out>/policy loads with
+`WorldVLAPolicy.from_pretrained` and serves with `worldvla serve --checkpoint <out>/policy`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+DEFAULT_TASKS = ("button-press-topdown-v3", "drawer-open-v3", "door-open-v3")
+
+
+@dataclass
+class DemoConfig:
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    episodes: int = 20            # expert demonstrations per task
+    image_size: int = 64
+    seed: int = 0
+    workers: int = 2
+    collect_max_steps: int = 200
+    # VQGAN
+    vq_steps: int = 600
+    vq_batch: int = 32
+    vq_lr: float = 4e-4
+    # WorldVLA
+    chunk_size: int = 5
+    model: str = "small"
+    train_steps: int = 600
+    batch_tokens: int = 4096
+    lr: float = 1e-3
+    world: bool = True            # joint action + world training (False: action-only ablation)
+    # evaluation
+    eval_episodes: int = 10
+    eval_max_steps: int = 150
+    eval_envs: int = 5
+    wm_episodes: int = 2          # held-out expert rollouts per task for the world-model metrics
+    wm_horizon: int = 8           # imagined steps per rollout
+    fast: bool = False
+
+    @classmethod
+    def fast_preset(cls, **kw) -> "DemoConfig":
+        """Tiny everything: checks the plumbing in about a minute, learns nothing."""
+        base = dict(tasks=("reach-v3",), episodes=2, vq_steps=4, vq_batch=8, model="tiny", train_steps=3,
+                    batch_tokens=2048, eval_episodes=1, eval_max_steps=12, eval_envs=1, wm_episodes=1,
+                    wm_horizon=2, collect_max_steps=200, fast=True)
+        base.update(kw)
+        return cls(**base)
+
+    def check(self) -> None:
+        from .sim.metaworld_env import TASKS
+
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"unknown or no Meta-World tasks {unknown}; pick from: {', '.join(sorted(TASKS))}")
+        if self.image_size % 32 or self.image_size < 32:
+            raise ValueError(f"--image-size must be a multiple of 32 (the resolution tokens count 32-px grids), "
+                             f"got {self.image_size}; use 64 or 128")
+        for name in ("episodes", "vq_steps", "train_steps", "eval_episodes", "chunk_size", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+# Settings each stage depends on (the stage reruns when one of them, or an earlier stage, changes).
+STAGE_KEYS = {
+    "collect": ("tasks", "episodes", "image_size", "seed", "collect_max_steps"),
+    "train-vq": ("vq_steps", "vq_batch", "vq_lr"),
+    "pretokenize": ("chunk_size", "world"),
+    "train": ("model", "train_steps", "batch_tokens", "lr"),
+    "evaluate": ("eval_episodes", "eval_max_steps", "wm_episodes", "wm_horizon"),
+}
+STAGES = tuple(STAGE_KEYS)
+
+
+def stage_keys(cfg: DemoConfig) -> dict[str, str]:
+    keys, upstream = {}, ""
+    for stage, names in STAGE_KEYS.items():
+        blob = json.dumps({"up": upstream, **{n: getattr(cfg, n) for n in names}}, sort_keys=True, default=list)
+        upstream = keys[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return keys
+
+
+class Stages:
+    """Completion markers under <out>/stages/."""
+
+    def __init__(self, out: Path, cfg: DemoConfig):
+        self.dir = out / "stages"
+        self.keys = stage_keys(cfg)
+        self.timings: dict[str, dict] = {}
+
+    def _path(self, stage: str) -> Path:
+        return self.dir / f"{stage}.json"
+
+    def done(self, stage: str) -> bool:
+        p = self._path(stage)
+        if not p.is_file():
+            return False
+        try:
+            return json.loads(p.read_text()).get("key") == self.keys[stage]
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    def mark(self, stage: str, seconds: float, info: dict | None = None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        p = self._path(stage)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": self.keys[stage], "seconds": seconds, "finished": time.time(),
+                                   "info": info or {}}, indent=1, default=str))
+        os.replace(tmp, p)
+
+    def recorded_seconds(self, stage: str) -> float | None:
+        try:
+            return float(json.loads(self._path(stage).read_text())["seconds"])
+        except (OSError, KeyError, ValueError, json.JSONDecodeError):
+            return None
+
+    def invalidate_from(self, stage: str) -> None:
+        for s in STAGES[STAGES.index(stage):]:
+            self._path(s).unlink(missing_ok=True)
+
+
+def _say(msg: str) -> None:
+    print(f"[worldvla demo] {msg}", flush=True)
+
+
+def _cli_args(module, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=module.__name__)
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------- stages
+def stage_collect(cfg: DemoConfig, out: Path, progress: bool) -> dict:
+    from .data.collect import collect
+
+    summary = collect(list(cfg.tasks), cfg.episodes, out / "demos", image_size=cfg.image_size, seed=cfg.seed,
+                      workers=min(cfg.workers, len(cfg.tasks) * cfg.episodes), max_steps=cfg.collect_max_steps,
+                      progress=progress)
+    if summary["incomplete"]:
+        raise RuntimeError(f"the scripted experts failed too often on {summary['incomplete']} "
+                           f"(errors: {summary['errors'][:3]}); rerun, or choose other --tasks")
+    return {t: {k: v for k, v in s.items() if k != "path"} for t, s in summary["tasks"].items()}
+
+
+def stage_train_vq(cfg: DemoConfig, out: Path, progress: bool) -> dict:
+    from .train import vq as train_vq
+
+    argv = [str(out / "demos"), "--out", str(out / "vqgan"), "--steps", str(cfg.vq_steps),
+            "--batch", str(cfg.vq_batch), "--lr", str(cfg.vq_lr), "--seed", str(cfg.seed)]
+    if cfg.fast:
+        argv += ["--config", "small"]
+    if not progress:
+        argv.append("--no-progress")
+    shutil.rmtree(out / "vqgan", ignore_errors=True)
+    rc = train_vq.run(_cli_args(train_vq, argv))
+    if rc:
+        raise RuntimeError(f"train-vq failed with exit code {rc}")
+    return {}
+
+
+def stage_pretokenize(cfg: DemoConfig, out: Path, progress: bool) -> dict:
+    from .data.store import MANIFEST, build_store
+
+    store = build_store(out / "demos", out / "store", out / "vqgan", chunk_size=cfg.chunk_size, history=2,
+                        action=True, world=cfg.world, bounds="unit", overwrite=True, progress=progress)
+    m = json.loads((store / MANIFEST).read_text())
+    return {k: m[k] for k in ("n_samples", "n_action", "n_world", "n_tokens")}
+
+
+def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool) -> dict:
+    from .train import trainer
+
+    run_dir = out / "train"
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    argv = ["--store", str(out / "store"), "--out", str(run_dir), "--config", cfg.model,
+            "--steps", str(cfg.train_steps), "--batch-tokens", str(cfg.batch_tokens), "--lr", str(cfg.lr),
+            "--warmup", "0.05", "--seed", str(cfg.seed), "--device", "cpu", "--log-every", "5",
+            "--save-every", str(max(cfg.train_steps // 3, 50)), "--keep-last", "1", "--resume"]
+    if not progress:
+        argv.append("--no-progress")
+    summary = trainer.train(_cli_args(trainer, argv))
+    if not summary.get("export"):
+        raise RuntimeError(f"training finished without exporting a policy (summary: {summary})")
+    exported = Path(summary["export"])
+    policy = out / "policy"
+    shutil.rmtree(policy, ignore_errors=True)
+    shutil.copytree(exported, policy)
+    losses = summary.get("losses") or []
+    return {"final_loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None}
+
+
+def stage_evaluate(cfg: DemoConfig, out: Path, progress: bool) -> dict:
+    from .eval.metaworld import evaluate
+
+    return evaluate([out / "policy"], list(cfg.tasks), cfg.eval_episodes, out / "eval", seed=cfg.seed,
+                    max_steps=cfg.eval_max_steps, n_envs=cfg.eval_envs, random_baseline=True,
+                    wm_episodes=cfg.wm_episodes, wm_horizon=cfg.wm_horizon, progress=progress,
+                    variant_names=["WorldVLA"])
+
+
+# ---------------------------------------------------------------------- driver
+def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -> dict:
+    cfg.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    stages = Stages(out, cfg)
+    if force:
+        stages.invalidate_from(STAGES[0])
+    outputs_ok = {
+        "collect": lambda: all((out / "demos" / f"{t}.hdf5").is_file() for t in cfg.tasks),
+        "train-vq": lambda: (out / "vqgan" / "config.json").is_file(),
+        "pretokenize": lambda: (out / "store" / "manifest.json").is_file()
+        and json.loads((out / "store" / "manifest.json").read_text()).get("complete", False),
+        "train": lambda: (out / "policy" / "policy.json").is_file(),
+        "evaluate": lambda: (out / "eval" / "metrics.json").is_file(),
+    }
+    results: dict = {"config": asdict(cfg), "stages": {}}
+    t_total = time.perf_counter()
+    rerun = False  # once a stage reruns, every later stage does too
+    for stage in STAGES:
+        if not rerun and stages.done(stage) and outputs_ok[stage]():
+            secs = stages.recorded_seconds(stage)
+            results["stages"][stage] = {"cached": True, "seconds": 0.0, "original_seconds": secs}
+            _say(f"{stage}: cached ({secs:.0f} s when it ran)" if secs is not None else f"{stage}: cached")
+            continue
+        rerun = True
+        started = out / "stages" / f"{stage}.started"
+        resume = stage == "train" and started.is_file() and started.read_text() == stages.keys[stage]
+        stages.invalidate_from(stage)
+        started.parent.mkdir(parents=True, exist_ok=True)
+        started.write_text(stages.keys[stage])
+        _say(f"{stage} ...")
+        t0 = time.perf_counter()
+        if stage == "collect":
+            info = stage_collect(cfg, out, progress)
+        elif stage == "train-vq":
+            info = stage_train_vq(cfg, out, progress)
+        elif stage == "pretokenize":
+            info = stage_pretokenize(cfg, out, progress)
+        elif stage == "train":
+            info = stage_train(cfg, out, progress, resume)
+        else:
+            info = stage_evaluate(cfg, out, progress)
+        secs = time.perf_counter() - t0
+        stages.mark(stage, secs, info if stage != "evaluate" else {})
+        started.unlink(missing_ok=True)
+        results["stages"][stage] = {"cached": False, "seconds": secs}
+        _say(f"{stage}: done in {secs:.1f} s")
+    results["total_seconds"] = time.perf_counter() - t_total
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    results["eval"] = metrics
+    results["policy"] = str(out / "policy")
+    (out / "metrics.json").write_text(json.dumps(results, indent=1, default=str))
+    return results
+
+
+def print_table(results: dict) -> None:
+    from .eval.metaworld import format_results
+
+    print(format_results(results["eval"]))
+    st = results["stages"]
+    parts = [f"{s} " + ("cached" if v["cached"] else f"{v['seconds']:.0f} s") for s, v in st.items()]
+    print(f"stages: {', '.join(parts)}; total {results['total_seconds']:.0f} s")
+    print(f"policy: {results['policy']}  (worldvla serve --checkpoint {results['policy']})")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = DemoConfig()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__
+    parser.add_argument("--tasks", default=None,
+                        help=f"comma-separated Meta-World tasks (default: {','.join(DEFAULT_TASKS)})")
+    parser.add_argument("--out", default="./worldvla_demo", help="output folder; stages cached there (default: %(default)s)")
+    parser.add_argument("--episodes", type=int, default=None,
+                        help=f"expert demonstrations per task (default: {d.episodes})")
+    parser.add_argument("--eval-episodes", type=int, default=None,
+                        help=f"closed-loop evaluation episodes per task (default: {d.eval_episodes})")
+    parser.add_argument("--image-size", type=int, default=None, help=f"frame size, 64 or 128 (default: {d.image_size})")
+    parser.add_argument("--chunk-size", type=int, default=None, help=f"actions per chunk K (default: {d.chunk_size})")
+    parser.add_argument("--train-steps", type=int, default=None, help=f"WorldVLA optimizer steps (default: {d.train_steps})")
+    parser.add_argument("--vq-steps", type=int, default=None, help=f"VQGAN optimizer steps (default: {d.vq_steps})")
+    parser.add_argument("--model", default=None, choices=("tiny", "small"), help=f"model size (default: {d.model})")
+    parser.add_argument("--lr", type=float, default=None, help=f"WorldVLA peak learning rate (default: {d.lr})")
+    parser.add_argument("--action-only", action="store_true",
+                        help="train without world-model samples (the paper's action-model ablation)")
+    parser.add_argument("--workers", type=int, default=None, help="collection worker processes (default: 2)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--fast", action="store_true",
+                        help="tiny sizes (1 task, 2 demos, a few steps): checks the pipeline in ~1 minute")
+    parser.add_argument("--force", action="store_true", help="ignore cached stages and redo everything")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    cfg = DemoConfig.fast_preset() if args.fast else DemoConfig()
+    over = {"tasks": tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else None,
+            "episodes": args.episodes, "eval_episodes": args.eval_episodes, "image_size": args.image_size,
+            "chunk_size": args.chunk_size, "train_steps": args.train_steps, "vq_steps": args.vq_steps,
+            "model": args.model, "lr": args.lr, "workers": args.workers, "seed": args.seed}
+    cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
+    if args.action_only:
+        cfg = replace(cfg, world=False)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    try:
+        results = run_demo(cfg, args.out, progress=not args.no_progress, force=args.force)
+    except (ValueError, ImportError) as e:
+        print(f"worldvla demo: {e}", file=sys.stderr)
+        return 2
+    print_table(results)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="worldvla demo"))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

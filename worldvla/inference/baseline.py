@@ -1,0 +1,159 @@
+"""The release's action generation, kept as a baseline for benchmarks and tests (spec 3.3, 5.3).
+
+What it reproduces (`generate_dis_ma` inside Hugging Face `generate`):
+* batch size 1, greedy argmax over the **full vocabulary**, fp32 logits;
+* at prefill, logits for **every** prompt position (only the last one is used);
+* a **growing** KV cache: each layer's keys/values are concatenated with the new token's
+  at every step, like transformers' DynamicCache (no preallocation, no CUDA graphs);
+* at every step the **dense L x L chunk mask is rebuilt from all ids so far**
+  (`worldvla.chunk_attention_mask`) and only its last row is used as the attention mask,
+  applied through SDPA with a dense boolean mask (the "torch" attention backend);
+  at prefill that last row is broadcast over the causal mask, as the release does;
+* generation stops at the separator (the release's `eos_token_id`) or after
+  `max_new_tokens`; every `BOA ... EOA` block in the output is an action.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from ..mask import DecodeMeta, chunk_attention_mask
+from ..tokens.layout import VocabLayout
+
+
+class GrowingKVCache:
+    """Per-layer key/value tensors [B, L, Hkv, Dh] that grow by concatenation."""
+
+    def __init__(self, n_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    def __len__(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[1]
+
+    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # Tokens always arrive in order here, so position == current length.
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = k, v
+        else:
+            self.k[layer] = torch.cat([self.k[layer], k], dim=1)
+            self.v[layer] = torch.cat([self.v[layer], v], dim=1)
+
+
+@dataclass
+class DenseRowMeta(DecodeMeta):
+    """Decode metadata carrying an explicit dense mask [B, Q, S] (True = may attend)."""
+    mask: torch.Tensor | None = None
+
+    def dense_mask(self) -> torch.Tensor:
+        return self.mask
+
+
+class BaselineOutput(NamedTuple):
+    tokens: torch.Tensor   # [n_new] every generated id (separator included if reached)
+    actions: torch.Tensor  # [n_blocks, D+2] the well-formed BOA..EOA blocks, in order
+
+
+def parse_action_blocks(tokens: torch.Tensor, layout: VocabLayout, action_dim: int) -> torch.Tensor:
+    """Every `[BOA, D tokens, EOA]` run in `tokens` -> [n, D+2]. Other tokens are skipped
+    (the release would decode a malformed block's ids anyway, or raise on an EOA without BOA)."""
+    t = tokens.tolist()
+    blocks, i, T = [], 0, action_dim + 2
+    while i + T <= len(t):
+        if t[i] == layout.boa and t[i + T - 1] == layout.eoa:
+            blocks.append(t[i:i + T])
+            i += T
+        else:
+            i += 1
+    return torch.tensor(blocks, dtype=torch.long).view(-1, T)
+
+
+def _step(model, ids_so_far, new_ids, cache, layout):
+    """Hidden states of `new_ids` [1, Q] appended after the cached tokens, with the mask row
+    of the full sequence so far (rebuilt from scratch, as the release does)."""
+    L, Q = ids_so_far.shape[-1], new_ids.shape[-1]
+    row = chunk_attention_mask(ids_so_far[0], layout)[-1:]                    # [1, L]
+    causal = torch.ones(Q, L, dtype=torch.bool, device=row.device).tril(L - Q)
+    mask = (causal & row).unsqueeze(0)                                        # [1, Q, L]
+    pos = torch.arange(L - Q, L, device=new_ids.device).view(1, Q)
+    z = torch.zeros(1, L, dtype=torch.int32, device=new_ids.device)
+    meta = DenseRowMeta(pos.to(torch.int32), z[:, :Q], z, z[:, 0], mask=mask)
+    return model.hidden_states(new_ids, cache=cache, position_ids=pos, decode_meta=meta)
+
+
+@torch.no_grad()
+def baseline_generate_action_chunk(model, input_ids, layout: VocabLayout | None, n_actions: int, action_dim: int,
+                                   max_new_tokens: int | None = None,
+                                   logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                                   ) -> BaselineOutput:
+    """The release's greedy decoding of one prompt [P] (or [1, P]).
+
+    `max_new_tokens` defaults to a well-formed chunk's length K(D+2)+1 (the release caps at
+    300 and stops at the separator). `logits_processor(ids_so_far [L], logits [V]) -> logits`
+    is applied before the argmax, like a transformers LogitsProcessor (the release passes none).
+    """
+    layout = layout or model.layout
+    ids = torch.as_tensor(input_ids).long()
+    if ids.dim() == 2:
+        if ids.shape[0] != 1:
+            raise ValueError(f"the release's decoder runs batch size 1 only, got {ids.shape[0]} prompts")
+        ids = ids[0]
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise ValueError(f"input_ids must be one prompt [P] or [1, P], got shape {tuple(ids.shape)}")
+    layout.check_ids(ids)
+    if max_new_tokens is None:
+        max_new_tokens = n_actions * (action_dim + 2) + 1
+    dev = model.lm_head.weight.device
+    ids = ids.to(dev)
+    cache = GrowingKVCache(model.config.num_hidden_layers)
+    saved = model.attn_backend
+    model.attn_backend = "torch"  # SDPA with the dense mask row, as the release
+    try:
+        h = _step(model, ids.view(1, -1), ids.view(1, -1), cache, layout)
+        logits = model.lm_head(h).float()[0]                                 # every prompt position
+        out = []
+        seq = ids
+        for _ in range(max_new_tokens):
+            last = logits[-1]
+            if logits_processor is not None:
+                last = logits_processor(seq, last)
+            tok = int(last.argmax())
+            out.append(tok)
+            if tok == layout.sep:
+                break
+            seq = torch.cat([seq, torch.tensor([tok], device=dev)])
+            h = _step(model, seq.view(1, -1), seq[-1:].view(1, 1), cache, layout)
+            logits = model.lm_head(h).float()[0]
+    finally:
+        model.attn_backend = saved
+    tokens = torch.tensor(out, dtype=torch.long)
+    return BaselineOutput(tokens, parse_action_blocks(tokens, layout, action_dim))
+
+
+def chunk_structure_processor(layout: VocabLayout, prompt_len: int, n_actions: int, action_dim: int):
+    """A logits processor that forces the chunk structure: bins restricted to the bin ids,
+    BOA / EOA / separator forced by position. With it the baseline must produce exactly the
+    tokens of the constrained sequential decoder (used by the tests)."""
+    T = action_dim + 2
+    lo, hi = layout.bin_range
+
+    def process(seq: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        j = seq.numel() - prompt_len  # index of the token being chosen within the chunk
+        out = torch.full_like(logits, float("-inf"))
+        if j >= n_actions * T:
+            out[layout.sep] = 0.0
+        elif j % T == 0:
+            out[layout.boa] = 0.0
+        elif j % T == T - 1:
+            out[layout.eoa] = 0.0
+        else:
+            out[lo:hi] = logits[lo:hi]
+        return out
+
+    return process
+
+
+__all__ = ["baseline_generate_action_chunk", "BaselineOutput", "GrowingKVCache", "parse_action_blocks",
+           "chunk_structure_processor"]

@@ -1,0 +1,172 @@
+"""World-model generation: the next frame's tokens from (frame, action) (spec 2.3).
+
+The answer of a world-model prompt is one image: `BOI, res(h), res(w), h rows of
+(w codes, newline), EOI`. Everything but the codes is determined by the grid size, so it
+is forced, and forced tokens ride in the forward pass of the token before them: the
+header goes with the prompt's prefill, and a row's newline with the row's last code
+(a 2-row step). A frame of h x w codes costs h*w - 1 decode steps. Codes are chosen among
+the image-code ids only, greedily or by top-k / temperature sampling.
+
+Classifier-free guidance (optional): the unconditional branch is the same prompt without
+the action block (`BOS, text, image, SEP`), decoded in the same batch, and the code
+logits are `u + s (c - u)`. Dropping the action (not the whole context, as Lumina's
+image CFG does) makes the guidance push toward what the action changes; without the
+current frame the prediction would not be a prediction of the next frame at all.
+
+Multi-step rollouts feed each predicted frame's codes (not re-encoded pixels) back as the
+next input, so the VQGAN encodes the first frame once and decodes each frame once.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ..tokens.sequence import WORLD_PROMPT, SequenceBuilder, image_tokens
+from .engine import InferenceEngine
+
+
+class FrameRollout(NamedTuple):
+    codes: torch.Tensor   # [T, h, w] (or [N, T, h, w]) int64 VQ codes of the predicted frames
+    frames: np.ndarray    # [T, H, W, 3] (or [N, T, H, W, 3]) uint8 decoded pixels
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, generator=None):
+    """logits [N, C] -> indices [N]: argmax when temperature <= 0, else top-k / temperature sampling."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _unconditional_prompt(builder: SequenceBuilder, codes: torch.Tensor) -> torch.Tensor:
+    lay = builder.layout
+    text = torch.as_tensor(builder.text.encode(WORLD_PROMPT), dtype=torch.long)
+    return torch.cat([torch.tensor([lay.bos]), text, image_tokens(codes, lay), torch.tensor([lay.sep])])
+
+
+@torch.no_grad()
+def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceBuilder, *, temperature: float = 0.0,
+                         top_k: int | None = None, cfg_scale: float | None = None, generator=None,
+                         backend: str = "auto", engine: InferenceEngine | None = None) -> torch.Tensor:
+    """One world-model step for a batch: codes [N, h, w] + actions [N, D] (continuous) -> next codes [N, h, w]."""
+    lay = builder.layout
+    if codes.dim() != 3:
+        raise ValueError(f"codes must be [N, h, w], got shape {tuple(codes.shape)}")
+    N, h, w = codes.shape
+    actions = np.asarray(actions, dtype=np.float64).reshape(N, -1)
+    header = image_tokens(codes[0].cpu(), lay)[:3]  # BOI, res(h), res(w): same grid for the next frame
+    prompts = [torch.cat([builder.world_prompt(codes[i].cpu(), actions[i]), header]) for i in range(N)]
+    guided = cfg_scale is not None and cfg_scale != 1.0
+    if guided:
+        prompts += [torch.cat([_unconditional_prompt(builder, codes[i].cpu()), header]) for i in range(N)]
+    rows = len(prompts)
+    n_new = h * (w + 1)
+    if engine is None:
+        engine = InferenceEngine(model, rows, max(p.numel() for p in prompts) + n_new, layout=lay, backend=backend)
+    elif engine.batch_size != rows:
+        raise ValueError(f"the engine holds {engine.batch_size} rows but this step needs {rows}")
+    dev = engine.device
+    lo, hi = lay.image_id_range
+    W = model.lm_head.weight[lo:hi]
+    valid = torch.zeros(hi - lo, dtype=torch.bool, device=dev)
+    valid[torch.tensor(lay.image_code_ids, device=dev) - lo] = True
+    all_valid = bool(valid.all())
+    code_of = torch.full((hi - lo,), -1, dtype=torch.long, device=dev)
+    code_of[torch.tensor(lay.image_code_ids, device=dev) - lo] = torch.arange(lay.n_image_codes, device=dev)
+
+    def choose(hid):  # hid [rows, H] -> token ids [N]
+        logits = (hid @ W.t()).float()
+        if guided:
+            cond, unc = logits[:N], logits[N:]
+            logits = unc + cfg_scale * (cond - unc)
+        if not all_valid:
+            logits = logits.masked_fill(~valid, float("-inf"))
+        return sample_logits(logits, temperature, top_k, generator) + lo
+
+    P = torch.tensor([p.numel() for p in prompts], dtype=torch.long, device=dev)
+    h_last = engine.prefill(prompts)
+    engine.set_kv_len((P + n_new).to(torch.int32))  # generated slots carry NO_BLOCK from the prefill
+    out = torch.empty(N, h * w, dtype=torch.long, device=dev)
+    out[:, 0] = choose(h_last)
+    nxt = P.clone()  # position of the next token to feed, per row
+    one, two = engine.buffers(1), engine.buffers(2)
+    for buf in (one, two):
+        buf.q_limit.fill_(-1)
+    two.ids[:, 1] = lay.newline
+    offsets = torch.arange(2, device=dev).view(1, 2)
+    for i in range(1, h * w):
+        tok = out[:, i - 1].repeat(2) if guided else out[:, i - 1]
+        if i % w == 0:  # the previous code closes a row: feed it with the row's newline
+            two.ids[:, 0] = tok
+            two.set_positions(nxt.view(-1, 1) + offsets)
+            hid = engine.run(two)[:, 1]
+            nxt += 2
+        else:
+            one.ids[:, 0] = tok
+            one.set_positions(nxt.view(-1, 1))
+            hid = engine.run(one)[:, 0]
+            nxt += 1
+        out[:, i] = choose(hid)
+    return code_of[out - lo].view(N, h, w)
+
+
+def _to_batch_images(image) -> tuple[np.ndarray, bool]:
+    a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if a.dtype != np.uint8 or a.ndim not in (3, 4) or a.shape[-1] != 3:
+        raise ValueError(f"image must be uint8 [H, W, 3] or [N, H, W, 3], got {a.dtype} {a.shape}")
+    return (a[None], True) if a.ndim == 3 else (a, False)
+
+
+@torch.no_grad()
+def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokenizer, text_tokenizer,
+                    temperature: float = 0.0, top_k: int | None = None, cfg_scale: float | None = None,
+                    generator=None, backend: str = "auto") -> FrameRollout:
+    """Roll the world model out from `image` over a sequence of actions.
+
+    image: uint8 [H, W, 3] (or a batch [N, H, W, 3]); actions: [T, D] continuous (or [D] for one
+    step; [N, T, D] with a batch). Each predicted frame's codes are the next step's input.
+    Returns codes [T, h, w] and decoded frames uint8 [T, H, W, 3] (with a leading N for a batch).
+    """
+    from ..vqgan import postprocess, preprocess
+
+    layout = layout or model.layout
+    builder = SequenceBuilder(layout, text_tokenizer, action_tokenizer)
+    imgs, single = _to_batch_images(image)
+    N = imgs.shape[0]
+    acts = np.asarray(actions, dtype=np.float64)
+    D = action_tokenizer.action_dim
+    if single and acts.ndim in (1, 2):
+        acts = acts.reshape(1, -1, D) if acts.shape[-1] == D else acts
+    elif acts.ndim == 2 and not single:
+        acts = acts[:, None]
+    if acts.ndim != 3 or acts.shape[0] != N or acts.shape[-1] != D:
+        raise ValueError(f"actions must be [T, {D}] (or [{D}]) for one image, [N, T, {D}] for N images; got "
+                         f"{np.asarray(actions).shape} for {N} image(s)")
+    vq_dev = vqgan.codebook.device
+    codes = vqgan.encode(preprocess(imgs).to(vq_dev, vqgan.codebook.dtype))
+    if codes.max() >= layout.n_image_codes:
+        raise ValueError(f"the VQGAN has more codes than the layout's {layout.n_image_codes} image ids")
+    # Every step's prompt has the same length (same grid, same action size): one engine serves all.
+    guided = cfg_scale is not None and cfg_scale != 1.0
+    h, w = codes.shape[-2:]
+    prompt_len = builder.world_prompt(codes[0].cpu(), acts[0, 0]).numel() + 3
+    engine = InferenceEngine(model, N * (2 if guided else 1), prompt_len + h * (w + 1), layout=layout, backend=backend)
+    steps = []
+    for t in range(acts.shape[1]):
+        codes = generate_frame_codes(model, codes, acts[:, t], builder, temperature=temperature, top_k=top_k,
+                                     cfg_scale=cfg_scale, generator=generator, backend=backend, engine=engine)
+        steps.append(codes)
+    all_codes = torch.stack(steps, dim=1)                       # [N, T, h, w]
+    pixels = vqgan.decode(all_codes.reshape(-1, h, w).to(vq_dev))
+    frames = postprocess(pixels).reshape(N, all_codes.shape[1], *pixels.shape[-2:], 3)
+    all_codes = all_codes.cpu()
+    return FrameRollout(all_codes[0], frames[0]) if single else FrameRollout(all_codes, frames)
+
+
+__all__ = ["generate_frames", "generate_frame_codes", "FrameRollout", "sample_logits"]

@@ -1,0 +1,327 @@
+"""`WorldVLAPolicy`: frames in, continuous action chunks out (spec section 6).
+
+Per query the prompt is `BOS, "What action should the robot take to {instruction}?",
+images..., SEP` with the release's "2h_1a_img_only" history: the frame of the previous
+env step and the current frame (only the current one on an episode's first query).
+
+The previous frame comes, in order of precedence, from
+* `act(images, history=previous)`: the caller passes it (None = first query), or
+* the policy's own record: every frame given to `act` or `observe` is remembered, so a
+  caller that calls `observe(frame)` for each executed step's frame that did not go to
+  `act` gets the release's behaviour. `step(frame)` does this bookkeeping itself: it
+  returns one action per call, querying a new chunk when the previous one is used up.
+
+Caches: the VQ codes of recent frames (keyed by content, so the previous frame's codes
+are reused whenever it was already encoded, e.g. as the current frame of the last query),
+with all missing frames encoded in one VQGAN call; and the keys/values of the constant
+prefix (BOS + instruction text), prefilled once per episode and engine and copied into
+the cache at every query, so each query prefills only the images and the separator.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..tokens import ActionTokenizer, SequenceBuilder, text_tokenizer_for
+from ..tokens.sequence import ACTION_PROMPT, image_tokens
+from .chunk import MODES, chunk_length, generate_action_chunk
+from .engine import InferenceEngine
+
+POLICY_FILE = "policy.json"
+FORMAT_VERSION = 1
+_AUTO = object()
+
+
+def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_size: int, image_size: int,
+                history: int = 2, extra: dict | None = None, text_tokenizer_json=None) -> None:
+    """Write a policy folder: `model/`, `vqgan/`, `policy.json` (and `text_tokenizer.json` for the
+    Chameleon vocabulary: `text_tokenizer_json` is its path or a ChameleonTextTokenizer). The folder appears complete or not at all: everything is written into a
+    temporary sibling folder that is then renamed into place (replacing an older policy)."""
+    path = Path(path)
+    if chunk_size < 1 or image_size < 1 or history < 1:
+        raise ValueError(f"chunk_size, image_size and history must be >= 1, got {chunk_size}, {image_size}, {history}")
+    if model.layout is not None and model.layout.text_base < 0 and text_tokenizer_json is None:
+        raise ValueError("a model on the Chameleon vocabulary needs its text_tokenizer.json (text_tokenizer_json=)")
+    down, grid = vqgan.downsample, (model.layout.res_grid if model.layout is not None else 32)
+    if image_size % down or image_size % grid:
+        raise ValueError(f"image_size {image_size} must be a multiple of the VQGAN factor {down} and of the "
+                         f"{grid}-px resolution grid")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp / "model")
+        vqgan.save_pretrained(tmp / "vqgan")
+        if hasattr(text_tokenizer_json, "tok"):  # a ChameleonTextTokenizer
+            text_tokenizer_json.tok.save(str(tmp / "text_tokenizer.json"))
+        elif text_tokenizer_json is not None:
+            shutil.copyfile(text_tokenizer_json, tmp / "text_tokenizer.json")
+        info = {"format_version": FORMAT_VERSION, "action_low": action_tokenizer.low.tolist(),
+                "action_high": action_tokenizer.high.tolist(), "chunk_size": int(chunk_size),
+                "action_dim": int(action_tokenizer.action_dim), "image_size": int(image_size),
+                "history": int(history), "extra": extra or {}}
+        (tmp / POLICY_FILE).write_text(json.dumps(info, indent=2))
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old / "policy")
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _digest(frame: np.ndarray) -> tuple:
+    return frame.shape, hashlib.blake2b(np.ascontiguousarray(frame).data, digest_size=16).digest()
+
+
+class WorldVLAPolicy:
+    """Action chunks from camera frames for one or several environments.
+
+    `act(image [H, W, 3])` -> [K, D]; `act(images [N, H, W, 3])` -> [N, K, D] (float32,
+    de-normalized with the action tokenizer's bounds). Frames of another size are resized
+    to `image_size`. `mode`: "parallel" (default) or "sequential" chunk decoding.
+    """
+
+    def __init__(self, model, vqgan, action_tokenizer: ActionTokenizer, *, chunk_size: int, image_size: int,
+                 history: int = 2, text_tokenizer=None, mode: str = "parallel", extra: dict | None = None,
+                 code_cache_size: int = 64):
+        if model.layout is None:
+            raise ValueError("the model has no vocabulary layout (ModelConfig.layout); a policy needs one")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if history < 1:
+            raise ValueError(f"history must be >= 1 (the current frame), got {history}")
+        self.model, self.vqgan = model.eval(), vqgan.eval()
+        self.layout = model.layout
+        self.action_tokenizer = action_tokenizer
+        self.text_tokenizer = text_tokenizer or text_tokenizer_for(self.layout)
+        self.builder = SequenceBuilder(self.layout, self.text_tokenizer, action_tokenizer)
+        self.chunk_size, self.image_size, self.history = int(chunk_size), int(image_size), int(history)
+        self.action_dim = action_tokenizer.action_dim
+        self.mode, self.extra = mode, dict(extra or {})
+        down = vqgan.downsample
+        if self.image_size % down or (self.image_size // down) % (self.layout.res_grid // self.layout.patch):
+            raise ValueError(f"image_size {self.image_size} must be a multiple of {self.layout.res_grid} px "
+                             f"(VQGAN factor {down}, resolution grids of {self.layout.res_grid} px)")
+        self.grid = self.image_size // down
+        self.device = next(model.parameters()).device
+        self._codes: OrderedDict = OrderedDict()
+        self._code_cache_size = code_cache_size
+        self._engines: OrderedDict = OrderedDict()   # batch size -> InferenceEngine
+        self._instructions: list[str] | None = None
+        self._broadcast = True
+        self._prefixes: dict = {}                     # batch size -> PrefixSnapshot for this episode
+        self._last: np.ndarray | None = None          # most recent frame(s) seen, [N, H, W, 3]
+        self._queue: list = []
+
+    # ------------------------------------------------------------------ loading / saving
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, **kw) -> "WorldVLAPolicy":
+        from ..model import WorldVLA
+        from ..tokens import ChameleonTextTokenizer
+        from ..vqgan import VQGAN
+
+        path = Path(path)
+        if not (path / POLICY_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a policy folder: {POLICY_FILE} is missing (write one with "
+                                    f"worldvla.inference.save_policy)")
+        info = json.loads((path / POLICY_FILE).read_text())
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = WorldVLA.from_pretrained(path / "model", device=device, dtype=dtype)
+        vqgan = VQGAN.from_pretrained(path / "vqgan", map_location=device)
+        if model.layout is None:
+            raise ValueError(f"{path / 'model'}: config.json has no worldvla_layout and is not the Chameleon vocabulary")
+        text = None
+        if (path / "text_tokenizer.json").is_file():
+            text = ChameleonTextTokenizer(path / "text_tokenizer.json")
+        at = ActionTokenizer(model.layout, info["action_low"], info["action_high"])
+        if at.action_dim != info.get("action_dim", at.action_dim):
+            raise ValueError(f"{path / POLICY_FILE}: action_dim {info['action_dim']} disagrees with the "
+                             f"{at.action_dim} bounds")
+        return cls(model, vqgan, at, chunk_size=info["chunk_size"], image_size=info["image_size"],
+                   history=info.get("history", 2), text_tokenizer=text, extra=info.get("extra"), **kw)
+
+    def save(self, path) -> None:
+        text = self.text_tokenizer if hasattr(self.text_tokenizer, "tok") else None
+        save_policy(path, self.model, self.vqgan, self.action_tokenizer, self.chunk_size, self.image_size,
+                    self.history, self.extra, text_tokenizer_json=text)
+
+    def metadata(self) -> dict:
+        cfg = self.model.config
+        return {
+            "image_size": self.image_size, "chunk_size": self.chunk_size, "action_dim": self.action_dim,
+            "history": self.history, "mode": self.mode,
+            "action_low": self.action_tokenizer.low.tolist(), "action_high": self.action_tokenizer.high.tolist(),
+            "layout": self.layout.name, "vocab_size": cfg.vocab_size,
+            "model": {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+                      "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+                      "num_key_value_heads": cfg.num_key_value_heads, "parameters": self.model.num_parameters(),
+                      "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")},
+            "vqgan": {"downsample": self.vqgan.downsample, "codebook_size": self.vqgan.config.n_embed},
+            "device": str(self.device), "extra": self.extra,
+        }
+
+    # ------------------------------------------------------------------ episode state
+    def reset(self, instruction) -> None:
+        """Start an episode: one instruction for every environment, or a list with one per environment."""
+        if isinstance(instruction, str):
+            self._instructions = [instruction]
+            self._broadcast = True
+        else:
+            self._instructions = [str(s) for s in instruction]
+            if not self._instructions:
+                raise ValueError("reset got an empty list of instructions")
+            self._broadcast = False
+        self._prefixes.clear()
+        self._last, self._queue = None, []
+
+    def observe(self, image) -> None:
+        """Record the frame(s) of an executed env step that was not given to `act`."""
+        self._require_reset()
+        self._last, _ = self._frames(image)
+
+    def step(self, image) -> np.ndarray:
+        """One action per call ([D], or [N, D] for a batch), querying a chunk when the last one is used up."""
+        self._require_reset()
+        if not self._queue:
+            chunk = self.act(image)
+            self._queue = list(np.moveaxis(chunk, -2, 0))  # K entries of [D] or [N, D]
+        else:
+            self.observe(image)
+        return self._queue.pop(0)
+
+    def act(self, image, history=_AUTO) -> np.ndarray:
+        """Action chunk(s) for the current frame(s): [K, D] for [H, W, 3], [N, K, D] for [N, H, W, 3].
+
+        `history`: the previous env step's frame(s) (same layout as `image`), or None on the first
+        query of an episode; omitted, the policy uses the last frame it was given (act/observe)."""
+        self._require_reset()
+        frames, single = self._frames(image)
+        N = frames.shape[0]
+        instructions = self._instructions * N if self._broadcast else self._instructions
+        if len(instructions) != N:
+            raise ValueError(f"reset() got {len(self._instructions)} instructions but act() got {N} frames; "
+                             f"pass one frame per environment (or reset with a single instruction)")
+        if history is _AUTO:
+            prev = self._last
+            if prev is not None and prev.shape[0] != N:
+                raise ValueError(f"the recorded previous frames are for {prev.shape[0]} environments but act() got "
+                                 f"{N}; pass history= explicitly when querying a subset of the environments")
+        elif history is None:
+            prev = None
+        else:
+            prev, _ = self._frames(history)
+            if prev.shape[0] != N:
+                raise ValueError(f"history holds {prev.shape[0]} frames for {N} current frames")
+        use_prev = prev is not None and self.history >= 2
+        codes = self._encode(list(prev) + list(frames) if use_prev else list(frames))
+        cur = codes[-N:]
+        hist = [[codes[i], cur[i]] if use_prev else [cur[i]] for i in range(N)]
+        ids = self._query(instructions, hist)
+        self._last = frames
+        actions = self.action_tokenizer.decode(ids.numpy()).astype(np.float32)  # [N, K, D]
+        return actions[0] if single else actions
+
+    def __call__(self, image, history=_AUTO) -> np.ndarray:
+        return self.act(image, history)
+
+    # ------------------------------------------------------------------ internals
+    def _require_reset(self):
+        if self._instructions is None:
+            raise RuntimeError("call policy.reset(instruction) before act/observe/step")
+
+    def _frames(self, image) -> tuple[np.ndarray, bool]:
+        a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        if a.ndim not in (3, 4) or a.shape[-1] != 3:
+            raise ValueError(f"frames must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}")
+        if a.dtype != np.uint8:
+            raise TypeError(f"frames must be uint8 in [0, 255], got {a.dtype}; convert with (x * 255).astype(np.uint8)")
+        single = a.ndim == 3
+        a = a[None] if single else a
+        if a.shape[1:3] != (self.image_size, self.image_size):
+            a = np.stack([_resize(f, self.image_size) for f in a])
+        return a, single
+
+    @torch.no_grad()
+    def _encode(self, frames: list[np.ndarray]) -> list[torch.Tensor]:
+        """VQ codes [h, w] per frame; frames not in the cache are encoded in one VQGAN call."""
+        from ..vqgan import preprocess
+
+        keys = [_digest(f) for f in frames]
+        todo = {}
+        for k, f in zip(keys, frames):
+            if k not in self._codes and k not in todo:
+                todo[k] = f
+        if todo:
+            v = self.vqgan
+            pix = preprocess(np.stack(list(todo.values()))).to(v.codebook.device, v.codebook.dtype)
+            new = v.encode(pix).cpu()
+            if int(new.max()) >= self.layout.n_image_codes:
+                raise ValueError(f"the VQGAN emits codes up to {int(new.max())} but the layout has only "
+                                 f"{self.layout.n_image_codes} image ids")
+            for k, c in zip(todo, new):
+                self._codes[k] = c
+        out = []
+        for k in keys:
+            self._codes.move_to_end(k)
+            out.append(self._codes[k])
+        while len(self._codes) > self._code_cache_size:
+            self._codes.popitem(last=False)
+        return out
+
+    def _engine(self, N: int, max_len: int):
+        eng = self._engines.get(N)
+        if eng is None or eng.max_len < max_len:
+            eng = InferenceEngine(self.model, N, max_len, layout=self.layout)
+            self._engines[N] = eng
+            self._prefixes.pop(N, None)
+            while len(self._engines) > 4:
+                old, _ = self._engines.popitem(last=False)
+                self._prefixes.pop(old, None)
+        self._engines.move_to_end(N)
+        return eng
+
+    def _query(self, instructions: list[str], hist: list[list[torch.Tensor]]) -> torch.Tensor:
+        lay, K, D = self.layout, self.chunk_size, self.action_dim
+        N = len(instructions)
+        prompts, prefix_lens = [], []
+        for ins, h in zip(instructions, hist):
+            prefix = torch.tensor([lay.bos] + list(self.text_tokenizer.encode(ACTION_PROMPT.format(instruction=ins))))
+            prompt = self.builder.action_prompt(ins, h)
+            if not torch.equal(prompt[:prefix.numel()], prefix):
+                raise RuntimeError("the action prompt no longer starts with BOS + instruction text; the prefix "
+                                   "cache of WorldVLAPolicy must follow SequenceBuilder.action_prompt")
+            prefix_lens.append(prefix.numel())
+            prompts.append(prompt)
+        # Size the cache for the longest prompt this episode can produce (full history).
+        img_len = image_tokens(torch.zeros(self.grid, self.grid, dtype=torch.long), lay).numel()
+        max_len = max(prefix_lens) + self.history * img_len + 1 + chunk_length(K, D)
+        max_len = max(max_len, max(p.numel() for p in prompts) + chunk_length(K, D))
+        eng = self._engine(N, max_len)
+        snap = self._prefixes.get(N)
+        if snap is None or snap.lengths != prefix_lens:
+            eng.prefill([p[:n] for p, n in zip(prompts, prefix_lens)])
+            snap = eng.snapshot_prefix(prefix_lens)
+            self._prefixes[N] = snap
+        else:
+            eng.restore_prefix(snap)
+        return generate_action_chunk(self.model, prompts, lay, K, D, mode=self.mode, engine=eng, skip=prefix_lens)
+
+
+def _resize(frame: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(frame).resize((size, size), Image.BILINEAR))
+
+
+__all__ = ["WorldVLAPolicy", "save_policy", "POLICY_FILE"]

@@ -1,0 +1,525 @@
+"""The "native" backend: the C++/CUDA kernels of `worldvla._C` as torch custom ops.
+
+`worldvla._C` does not link libtorch: its functions take raw pointers, sizes,
+element strides, dtype codes and a CUDA stream handle. This module checks every
+argument (dtype, device, shape, stride, alignment) before a launch and raises a
+clear exception, allocates outputs and workspaces with torch, and wraps each op
+in `torch.library.custom_op("worldvla::...")` with a fake implementation, so the
+ops trace under `torch.compile` and can be captured in CUDA graphs (no host sync,
+no allocation inside the launch path).
+
+Forward only: the native attention is an inference path. CUDA tensors run the
+CUDA kernels when the extension was built with CUDA (`worldvla._C.with_cuda`);
+CPU tensors run the C++ CPU paths (float32; bf16/fp16 inputs are computed in
+float32 and the result cast back).
+
+Importing this module without the extension raises ImportError, which dispatch
+takes as "backend not available".
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from worldvla import _C  # ImportError here = no native backend
+
+from ..mask import ChunkMaskMeta, DecodeMeta
+from . import dispatch
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
+               torch.int32: 4, torch.int64: 5}
+_CUDA_ATTN_DTYPES = (torch.bfloat16, torch.float16)
+_CUDA_HEAD_DIMS = (64, 128)
+_CPU_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CUDA_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DECODE_TILE = 64  # keys per tile of the CUDA decode kernel; split sizes are multiples of it
+_MAX_GRID_YZ = 65535
+
+
+# ------------------------------------------------------------------ argument checks
+def _fail(op: str, msg: str, exc=ValueError):
+    raise exc(f"{op} (native): {msg}")
+
+
+def _device_index(op: str, t: Tensor) -> int:
+    """-1 for CPU, the CUDA index for CUDA; anything else is an error."""
+    if t.device.type == "cpu":
+        return -1
+    if t.device.type == "cuda":
+        if not _C.with_cuda:
+            _fail(op, "worldvla._C was built without CUDA; rebuild with nvcc on PATH "
+                      "(WORLDVLA_CUDA=ON pip install .) or use backend='triton'/'torch'", RuntimeError)
+        return t.device.index if t.device.index is not None else torch.cuda.current_device()
+    _fail(op, f"tensors on {t.device.type} are not supported; use CPU or CUDA tensors")
+
+
+def _same_device(op: str, **named):
+    items = [(n, t) for n, t in named.items() if t is not None]
+    dev = items[0][1].device
+    for n, t in items[1:]:
+        if t.device != dev:
+            _fail(op, f"{n} is on {t.device} but {items[0][0]} is on {dev}; move them to one device")
+
+
+def _int32(op: str, **named):
+    for n, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != torch.int32:
+            _fail(op, f"{n} must be int32, got {t.dtype} (build it with worldvla.mask or call .int())", TypeError)
+
+
+def _contiguous(op: str, **named):
+    for n, t in named.items():
+        if t is not None and not t.is_contiguous():
+            _fail(op, f"{n} must be contiguous (call .contiguous()), got strides {t.stride()}")
+
+
+def _last_dim_unit(op: str, **named):
+    for n, t in named.items():
+        if t.numel() and t.stride(-1) != 1:
+            _fail(op, f"{n} must have a contiguous last dimension (stride 1), got strides {t.stride()}; "
+                      "call .contiguous()")
+
+
+def _aligned16(op: str, **named):
+    """CUDA kernels read rows with 16-byte vector loads: every row start must be 16-byte aligned."""
+    for n, t in named.items():
+        vec = 16 // t.element_size()
+        bad = [s for s in t.stride()[:-1] if s % vec] if t.numel() else []
+        if bad or t.storage_offset() % vec:
+            _fail(op, f"{n} rows must start on 16-byte boundaries (strides and offset multiples of {vec} "
+                      f"elements), got strides {t.stride()} and offset {t.storage_offset()}; call .contiguous()")
+
+
+def _pointers_aligned16(op: str, **named):
+    for n, t in named.items():
+        if t.numel() and t.data_ptr() % 16:
+            _fail(op, f"{n}'s data pointer is not 16-byte aligned; call .contiguous() on a fresh tensor")
+
+
+def _stream(dev: int) -> int:
+    return 0 if dev < 0 else torch.cuda.current_stream(dev).cuda_stream
+
+
+def _as_float32(*tensors):
+    return [t if t.dtype == torch.float32 else t.float() for t in tensors]
+
+
+# ------------------------------------------------------------------ masked attention (prefill)
+def _check_attention(q, k, v, kv_block, q_limit, cu_seqlens):
+    op = "masked_attention"
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+        _fail(op, f"q, k, v must all be [B, L, H, D] or packed [T, H, D]; got {tuple(q.shape)}, "
+                  f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+        _fail(op, f"k and v must have equal shapes sharing q's tokens and head dim; got q {tuple(q.shape)}, "
+                  f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
+        _fail(op, f"kv heads ({k.shape[-2]}) must divide q heads ({q.shape[-2]})")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        _fail(op, f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
+    if kv_block.shape != q.shape[:-2] or q_limit.shape != q.shape[:-2]:
+        _fail(op, f"metadata covers tokens {tuple(kv_block.shape)} / {tuple(q_limit.shape)} but q has "
+                  f"{tuple(q.shape[:-2])}")
+    if cu_seqlens is not None:
+        if q.dim() != 3:
+            _fail(op, "cu_seqlens is for the packed layout [T, H, D]; padded batches [B, L, H, D] take none")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            _fail(op, f"cu_seqlens must be 1-D with n_docs + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    _same_device(op, q=q, k=k, v=v, kv_block=kv_block, q_limit=q_limit, cu_seqlens=cu_seqlens)
+    _int32(op, kv_block=kv_block, q_limit=q_limit, cu_seqlens=cu_seqlens)
+    _contiguous(op, kv_block=kv_block, q_limit=q_limit, cu_seqlens=cu_seqlens)
+    _last_dim_unit(op, q=q, k=k, v=v)
+    if q.is_cuda:
+        if q.dtype not in _CUDA_ATTN_DTYPES:
+            _fail(op, f"CUDA needs bf16 or fp16 q/k/v, got {q.dtype}; cast them or use backend='triton'", TypeError)
+        if q.shape[-1] not in _CUDA_HEAD_DIMS:
+            _fail(op, f"CUDA supports head dims {_CUDA_HEAD_DIMS}, got {q.shape[-1]}; use backend='triton'")
+        _aligned16(op, q=q, k=k, v=v)
+        n_seq = q.shape[0] if q.dim() == 4 else cu_seqlens.numel() - 1 if cu_seqlens is not None else 1
+        if n_seq > _MAX_GRID_YZ or q.shape[-2] > _MAX_GRID_YZ:
+            _fail(op, f"at most {_MAX_GRID_YZ} sequences and heads per launch, got {n_seq} and {q.shape[-2]}")
+    elif q.dtype not in _CPU_FLOAT_DTYPES:
+        _fail(op, f"the CPU path takes float32, bf16 or fp16, got {q.dtype}", TypeError)
+
+
+def _check_cu_seqlens_values(cu_seqlens: Tensor, T: int, max_seqlen: int):
+    """CPU only: reading the values of a CUDA tensor would synchronize."""
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+        _fail("masked_attention", f"cu_seqlens must rise from 0 to T={T}, got {cu[:8]}...")
+    if max(b - a for a, b in zip(cu, cu[1:])) > max_seqlen:
+        _fail("masked_attention", f"max_seqlen={max_seqlen} is shorter than the longest document")
+
+
+@torch.library.custom_op("worldvla::masked_attention", mutates_args=())
+def masked_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_block: Tensor, q_limit: Tensor,
+                        cu_seqlens: Optional[Tensor], max_seqlen: int, softmax_scale: float) -> Tensor:
+    """Chunk-masked attention forward. q [B, L, H, D] (meta [B, L]) or packed [T, H, D] (meta [T],
+    cu_seqlens int32 [n_docs + 1]; without cu_seqlens one sequence). Returns a contiguous tensor like q."""
+    _check_attention(q, k, v, kv_block, q_limit, cu_seqlens)
+    dev = _device_index("masked_attention", q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.numel() == 0:
+        return out
+    # Packed with cu_seqlens: documents found through cu_seqlens. Padded, or [T, H, D]
+    # without cu_seqlens (one sequence): sequence s starts at s * (batch stride).
+    packed = cu_seqlens is not None
+    if packed and max_seqlen <= 0:
+        max_seqlen = q.shape[0]  # a safe bound: CTAs past a document's end exit at once
+    if dev < 0:
+        if packed:
+            _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+        qc, kc, vc = _as_float32(q, k, v)
+        oc = out if out.dtype == torch.float32 else torch.empty(q.shape, dtype=torch.float32)
+    else:
+        _pointers_aligned16("masked_attention", q=q, k=k, v=v)
+        qc, kc, vc, oc = q, k, v, out
+
+    def strides(t):  # (sequence, token, head) in elements
+        return (0, t.stride(0), t.stride(1)) if t.dim() == 3 else (t.stride(0), t.stride(1), t.stride(2))
+
+    if packed:
+        n_seq, seq_len, meta_sb = cu_seqlens.numel() - 1, 0, 0
+    elif q.dim() == 3:
+        n_seq, seq_len, meta_sb, max_seqlen = 1, q.shape[0], 0, q.shape[0]
+    else:
+        n_seq, seq_len, meta_sb, max_seqlen = q.shape[0], q.shape[1], q.shape[1], q.shape[1]
+    _C.masked_attention_fwd(
+        dev, _stream(dev), _DTYPE_CODE[qc.dtype], qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), oc.data_ptr(),
+        kv_block.data_ptr(), q_limit.data_ptr(), cu_seqlens.data_ptr() if packed else 0,
+        n_seq, seq_len, max_seqlen, q.shape[-2], k.shape[-2], q.shape[-1],
+        strides(qc), strides(kc), strides(vc), strides(oc), meta_sb, float(softmax_scale))
+    if oc is not out:
+        out.copy_(oc)
+    return out
+
+
+@masked_attention_op.register_fake
+def _(q, k, v, kv_block, q_limit, cu_seqlens, max_seqlen, softmax_scale):
+    _check_attention(q, k, v, kv_block, q_limit, cu_seqlens)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, meta: ChunkMaskMeta,
+                     softmax_scale: float | None = None) -> Tensor:
+    """Forward of `worldvla.ops.masked_attention` on the native kernels (no autograd)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return masked_attention_op(q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens, int(meta.max_seqlen),
+                               float(scale))
+
+
+# ------------------------------------------------------------------ decode attention
+def _check_decode(q, k, v, q_pos, q_limit, kv_block, kv_len):
+    op = "decode_attention"
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        _fail(op, f"q must be [B, Q, H, D] and k_cache, v_cache equal [B, S, Hkv, D]; got {tuple(q.shape)}, "
+                  f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, Q, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D or Hkv == 0 or H % Hkv:
+        _fail(op, f"q {tuple(q.shape)} and cache {tuple(k.shape)} disagree on batch, head dim or heads "
+                  "(kv heads must divide q heads)")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        _fail(op, f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
+    for n, t, shape in (("q_pos", q_pos, (B, Q)), ("q_limit", q_limit, (B, Q)), ("kv_block", kv_block, (B, S)),
+                        ("kv_len", kv_len, (B,))):
+        if tuple(t.shape) != shape:
+            _fail(op, f"meta.{n} must have shape {shape}, got {tuple(t.shape)}")
+    _same_device(op, q=q, k_cache=k, v_cache=v, q_pos=q_pos, q_limit=q_limit, kv_block=kv_block, kv_len=kv_len)
+    _int32(op, q_pos=q_pos, q_limit=q_limit, kv_block=kv_block, kv_len=kv_len)
+    _contiguous(op, q_pos=q_pos, q_limit=q_limit, kv_len=kv_len)
+    _last_dim_unit(op, q=q, k_cache=k, v_cache=v, kv_block=kv_block)
+    if q.is_cuda:
+        if q.dtype not in _CUDA_ATTN_DTYPES:
+            _fail(op, f"CUDA needs bf16 or fp16 q and caches, got {q.dtype}", TypeError)
+        if D not in _CUDA_HEAD_DIMS:
+            _fail(op, f"CUDA supports head dims {_CUDA_HEAD_DIMS}, got {D}")
+        _aligned16(op, q=q, k_cache=k, v_cache=v)
+        if B > _MAX_GRID_YZ:
+            _fail(op, f"at most {_MAX_GRID_YZ} sequences per launch, got {B}")
+    elif q.dtype not in _CPU_FLOAT_DTYPES:
+        _fail(op, f"the CPU path takes float32, bf16 or fp16, got {q.dtype}", TypeError)
+
+
+def decode_splits(q: Tensor, k_cache: Tensor, n_splits: int | None = None) -> tuple[int, int]:
+    """(n_splits, split_size) of the CUDA split-KV decode, from shapes only (fixed across a
+    captured graph's replays). Enough splits to give every SM about two CTAs."""
+    B, Q, H, _ = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    max_splits = max(1, -(-S // _DECODE_TILE))
+    if n_splits is None:
+        rowgroups = -(-(Q * (H // Hkv)) // 16)
+        ctas = max(1, B * Hkv * rowgroups)
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        n_splits = -(-2 * sms // ctas)
+    n_splits = min(max(1, int(n_splits)), max_splits)
+    split_size = -(-max(S, 1) // n_splits)
+    split_size = -(-split_size // _DECODE_TILE) * _DECODE_TILE
+    return max(1, -(-S // split_size)), split_size
+
+
+@torch.library.custom_op("worldvla::decode_attention", mutates_args=())
+def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_pos: Tensor, q_limit: Tensor,
+                        kv_block: Tensor, kv_len: Tensor, softmax_scale: float, n_splits: int) -> Tensor:
+    """q [B, Q, H, D] against caches [B, S, Hkv, D] under DecodeMeta's rule. On CUDA the split-KV
+    partials live in torch-allocated workspaces (from the graph pool under capture)."""
+    _check_decode(q, k_cache, v_cache, q_pos, q_limit, kv_block, kv_len)
+    dev = _device_index("decode_attention", q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.numel() == 0:
+        return out
+    B, Q, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if dev < 0:
+        qc, kc, vc = _as_float32(q, k_cache, v_cache)
+        oc = out if out.dtype == torch.float32 else torch.empty(q.shape, dtype=torch.float32)
+        o_part = lse_part = None
+        splits, split_size = 1, max(S, 1)
+    else:
+        _pointers_aligned16("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
+        qc, kc, vc, oc = q, k_cache, v_cache, out
+        splits, split_size = decode_splits(q, k_cache, n_splits if n_splits > 0 else None)
+        o_part = torch.empty((B, splits, Q, H, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((B, splits, Q, H), dtype=torch.float32, device=q.device)
+    st = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+    _C.decode_attention(
+        dev, _stream(dev), _DTYPE_CODE[qc.dtype], qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), oc.data_ptr(),
+        q_pos.data_ptr(), q_limit.data_ptr(), kv_block.data_ptr(), kv_len.data_ptr(), B, Q, S, H, Hkv, D,
+        st(qc), st(kc), st(vc), st(oc), kv_block.stride(0), float(softmax_scale),
+        0 if o_part is None else o_part.data_ptr(), 0 if lse_part is None else lse_part.data_ptr(),
+        splits, split_size)
+    if oc is not out:
+        out.copy_(oc)
+    return out
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, q_pos, q_limit, kv_block, kv_len, softmax_scale, n_splits):
+    _check_decode(q, k_cache, v_cache, q_pos, q_limit, kv_block, kv_len)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: DecodeMeta,
+                     softmax_scale: float | None = None, n_splits: int | None = None) -> Tensor:
+    """`worldvla.ops.decode_attention` on the native kernels. `n_splits` overrides the CUDA
+    split-KV heuristic (useful when the cache is much longer than the filled part)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return decode_attention_op(q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len,
+                               float(scale), int(n_splits or 0))
+
+
+# ------------------------------------------------------------------ VQ
+def _check_vq_quantize(z, codebook):
+    op = "vq_quantize"
+    if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
+        _fail(op, f"wants z [N, C] and codebook [K, C]; got {tuple(z.shape)}, {tuple(codebook.shape)}")
+    if codebook.shape[0] == 0:
+        _fail(op, "the codebook is empty")
+    if z.dtype != codebook.dtype:
+        _fail(op, f"z and codebook must share one dtype, got {z.dtype} and {codebook.dtype}", TypeError)
+    _same_device(op, z=z, codebook=codebook)
+    _last_dim_unit(op, z=z, codebook=codebook)
+    allowed = _CUDA_FLOAT_DTYPES if z.is_cuda else _CPU_FLOAT_DTYPES
+    if z.dtype not in allowed:
+        _fail(op, f"takes {', '.join(map(str, allowed))}, got {z.dtype}", TypeError)
+
+
+@torch.library.custom_op("worldvla::vq_quantize", mutates_args=())
+def vq_quantize_op(z: Tensor, codebook: Tensor) -> Tensor:
+    """argmin_k ||z_n - e_k||^2 for z [N, C], codebook [K, C] -> int64 [N] (first minimum on ties)."""
+    _check_vq_quantize(z, codebook)
+    dev = _device_index("vq_quantize", z)
+    out = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
+    if z.shape[0] == 0:
+        return out
+    if dev < 0:
+        z, codebook = _as_float32(z, codebook)
+    N, C = z.shape
+    _C.vq_quantize(dev, _stream(dev), _DTYPE_CODE[z.dtype], z.data_ptr(), z.stride(0), codebook.data_ptr(),
+                   codebook.stride(0), N, codebook.shape[0], C, out.data_ptr())
+    return out
+
+
+@vq_quantize_op.register_fake
+def _(z, codebook):
+    _check_vq_quantize(z, codebook)
+    return torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
+
+
+def _check_vq_gather(indices, codebook):
+    op = "vq_gather"
+    if indices.dim() != 3 or codebook.dim() != 2:
+        _fail(op, f"wants indices [B, h, w] and codebook [K, C]; got {tuple(indices.shape)}, {tuple(codebook.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        _fail(op, f"indices must be int32 or int64, got {indices.dtype}", TypeError)
+    if codebook.element_size() not in (2, 4, 8):
+        _fail(op, f"codebook elements must be 2, 4 or 8 bytes, got {codebook.dtype}", TypeError)
+    _same_device(op, indices=indices, codebook=codebook)
+    _contiguous(op, indices=indices)
+    _last_dim_unit(op, codebook=codebook)
+
+
+@torch.library.custom_op("worldvla::vq_gather", mutates_args=())
+def vq_gather_op(indices: Tensor, codebook: Tensor) -> Tensor:
+    """indices [B, h, w] -> codebook rows as [B, C, h, w]. Codes outside [0, K) give zeros
+    (the entry point `worldvla.ops.vq_gather` rejects them first)."""
+    _check_vq_gather(indices, codebook)
+    dev = _device_index("vq_gather", indices)
+    B, h, w = indices.shape
+    K, C = codebook.shape
+    out = torch.empty((B, C, h, w), dtype=codebook.dtype, device=codebook.device)
+    if out.numel() == 0:
+        return out
+    _C.vq_gather(dev, _stream(dev), indices.data_ptr(), _DTYPE_CODE[indices.dtype], codebook.data_ptr(),
+                 codebook.stride(0), codebook.element_size(), B, h * w, K, C, out.data_ptr())
+    return out
+
+
+@vq_gather_op.register_fake
+def _(indices, codebook):
+    _check_vq_gather(indices, codebook)
+    B, h, w = indices.shape
+    return torch.empty((B, codebook.shape[1], h, w), dtype=codebook.dtype, device=codebook.device)
+
+
+# ------------------------------------------------------------------ constrained decoding
+def _check_range(hidden, weight, lo, hi, op="constrained_sample"):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        _fail(op, f"wants hidden [N, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    if not 0 <= lo < hi <= weight.shape[0]:
+        _fail(op, f"vocabulary range [{lo}, {hi}) is empty or outside [0, {weight.shape[0]})")
+    if hidden.dtype != weight.dtype:
+        _fail(op, f"hidden and weight must share one dtype, got {hidden.dtype} and {weight.dtype}", TypeError)
+    _same_device(op, hidden=hidden, weight=weight)
+    _last_dim_unit(op, hidden=hidden, weight=weight)
+    if hidden.is_cuda:
+        if hidden.dtype not in _CUDA_FLOAT_DTYPES:
+            _fail(op, f"CUDA takes float32, bf16 or fp16, got {hidden.dtype}", TypeError)
+        _aligned16(op, hidden=hidden, weight=weight)
+        if hidden.shape[1] % (16 // hidden.element_size()):
+            _fail(op, f"CUDA needs the hidden size to be a multiple of {16 // hidden.element_size()}, "
+                      f"got {hidden.shape[1]}")
+    elif hidden.dtype not in _CPU_FLOAT_DTYPES:
+        _fail(op, f"the CPU path takes float32, bf16 or fp16, got {hidden.dtype}", TypeError)
+
+
+def _range_launch(fn_name: str, hidden, weight, lo, hi, out, workspace=None):
+    dev = _device_index(fn_name, hidden)
+    if dev < 0:
+        # Only the range's rows are converted (if at all), not the whole lm_head.
+        w = weight[lo:hi]
+        hidden, w = _as_float32(hidden, w)
+        w = w if w.stride(-1) == 1 else w.contiguous()
+        lo_c, hi_c = 0, hi - lo
+    else:
+        _pointers_aligned16(fn_name, hidden=hidden, weight=weight)
+        w, lo_c, hi_c = weight, lo, hi
+    args = (dev, _stream(dev), _DTYPE_CODE[hidden.dtype], hidden.data_ptr(), hidden.stride(0), w.data_ptr(),
+            w.stride(0), hidden.shape[0], hidden.shape[1], lo_c, hi_c)
+    if fn_name == "range_argmax":
+        _C.range_argmax(*args, 0 if workspace is None else workspace.data_ptr(), out.data_ptr())
+        if lo_c != lo:
+            out.add_(lo - lo_c)  # the CPU path saw only the range's rows
+    else:
+        _C.range_logits(*args, out.data_ptr())
+
+
+@torch.library.custom_op("worldvla::range_argmax", mutates_args=())
+def range_argmax_op(hidden: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
+    """Greedy token in [lo, hi) per row: lo + argmax_v hidden . weight[v] (fp32 accumulation)."""
+    _check_range(hidden, weight, lo, hi, "range_argmax")
+    out = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
+    if hidden.shape[0] == 0:
+        return out
+    ws = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device) if hidden.is_cuda else None
+    _range_launch("range_argmax", hidden, weight, lo, hi, out, ws)
+    return out
+
+
+@range_argmax_op.register_fake
+def _(hidden, weight, lo, hi):
+    _check_range(hidden, weight, lo, hi, "range_argmax")
+    return torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
+
+
+@torch.library.custom_op("worldvla::range_logits", mutates_args=())
+def range_logits_op(hidden: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
+    """float32 logits [N, hi - lo] of the vocabulary range only."""
+    _check_range(hidden, weight, lo, hi, "range_logits")
+    out = torch.empty((hidden.shape[0], hi - lo), dtype=torch.float32, device=hidden.device)
+    if hidden.shape[0] == 0:
+        return out
+    _range_launch("range_logits", hidden, weight, lo, hi, out)
+    return out
+
+
+@range_logits_op.register_fake
+def _(hidden, weight, lo, hi):
+    _check_range(hidden, weight, lo, hi, "range_logits")
+    return torch.empty((hidden.shape[0], hi - lo), dtype=torch.float32, device=hidden.device)
+
+
+def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
+    """`worldvla.ops.constrained_sample` with the range logits computed natively: greedy is one
+    fused kernel; sampling draws from the native fp32 logits exactly as the reference does."""
+    if temperature <= 0.0:
+        return range_argmax_op(hidden, weight, int(lo), int(hi))
+    logits = range_logits_op(hidden, weight, int(lo), int(hi)) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1) + lo
+
+
+# ------------------------------------------------------------------ dispatch registration
+def _device_ok(t: Tensor) -> bool:
+    return t.device.type == "cpu" or (t.device.type == "cuda" and bool(_C.with_cuda))
+
+
+def _no_grad_needed(*tensors) -> bool:
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _passes(check, *args) -> bool:
+    try:
+        check(*args)
+    except (ValueError, TypeError, RuntimeError):
+        return False
+    return True
+
+
+def _attention_supports(q, k, v, meta, softmax_scale=None):
+    return (_device_ok(q) and _no_grad_needed(q, k, v)
+            and _passes(_check_attention, q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens))
+
+
+def _decode_supports(q, k_cache, v_cache, meta, softmax_scale=None):
+    return (_device_ok(q) and _no_grad_needed(q, k_cache, v_cache)
+            and _passes(_check_decode, q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len))
+
+
+def _vq_quantize_supports(z, codebook):
+    return _device_ok(z) and _passes(_check_vq_quantize, z, codebook)
+
+
+def _vq_gather_supports(indices, codebook):
+    return _device_ok(indices) and _no_grad_needed(codebook) and _passes(_check_vq_gather, indices, codebook)
+
+
+def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
+    return (_device_ok(hidden) and _no_grad_needed(hidden, weight)
+            and _passes(_check_range, hidden, weight, lo, hi))
+
+
+dispatch.register("masked_attention", "native", masked_attention, _attention_supports)
+dispatch.register("decode_attention", "native", decode_attention, _decode_supports)
+dispatch.register("vq_quantize", "native", lambda z, codebook: vq_quantize_op(z, codebook), _vq_quantize_supports)
+dispatch.register("vq_gather", "native", lambda indices, codebook: vq_gather_op(indices, codebook),
+                  _vq_gather_supports)
+dispatch.register("constrained_sample", "native", constrained_sample, _sample_supports)

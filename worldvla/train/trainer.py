@@ -1,0 +1,447 @@
+"""The WorldVLA trainer (spec section 7), one process or `torchrun` + FSDP2.
+
+    worldvla train --store STORE --out RUN --config small --steps 2000 --batch-tokens 8192
+    torchrun --nproc_per_node 4 -m worldvla.cli train --store STORE --out RUN --config chameleon_7b \
+        --init CHAMELEON_DIR --batch-tokens 32768 --micro-tokens 8192 --grad-checkpointing
+
+Data: the token store's samples are shuffled per epoch by (seed, epoch) and cut greedily into
+global batches of at most `--batch-tokens` tokens. A global batch depends on neither the world
+size nor the micro-batch size: it is split across ranks and micro-steps into packed sequences
+(per-document masks through cu_seqlens) of at most `--micro-tokens` tokens.
+
+Loss: the release's weighted CE over the whole global batch plus the z-loss (spec 2.5),
+
+    L = sum_i w(y_i) CE_i / sum_i w(y_i)  +  z_weight * mean_i lse_i^2     (i over labelled tokens),
+
+which is not a mean of per-micro-batch means. Each micro-batch's `model.loss` is therefore
+rescaled by its share of the batch's label weight W and count N (and its z weight by the ratio
+of the two shares), so that gradients and the logged loss are exactly those of one pass over
+the global batch, whatever the world size or the number of micro-steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed as dist_utils
+from .checkpointing import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
+
+CONFIGS = ("tiny", "small", "chameleon_7b")
+
+
+# ---------------------------------------------------------------------- schedule
+class WarmupCosine:
+    """Linear warm-up to `lr` over `warmup` steps, then cosine decay to `min_lr` at `total`
+    steps, or constant (the release: warm-up 0.01 epoch, then constant 5e-6)."""
+
+    def __init__(self, optimizer, lr: float, total: int, warmup: int = 0, min_lr: float = 0.0,
+                 kind: str = "cosine"):
+        if kind not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {kind!r}")
+        if total < 1 or warmup < 0:
+            raise ValueError(f"need total >= 1 and warmup >= 0 steps, got total={total}, warmup={warmup}")
+        self.optimizer, self.lr, self.total, self.warmup = optimizer, lr, total, warmup
+        self.min_lr, self.kind, self.step_count = min_lr, kind, 0
+        self._apply()
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.kind == "constant":
+            return self.lr
+        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * t))
+
+    def _apply(self):
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(self.step_count)
+
+    def step(self):
+        self.step_count += 1
+        self._apply()
+
+    def get_last_lr(self) -> float:
+        return self.lr_at(self.step_count)
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("lr", "total", "warmup", "min_lr", "kind", "step_count")}
+
+    def load_state_dict(self, d: dict):
+        for k, v in d.items():
+            setattr(self, k, v)
+        self._apply()
+
+
+# ---------------------------------------------------------------------- data order
+def epoch_batches(lengths: np.ndarray, batch_tokens: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Shuffle by (seed, epoch), then cut greedily into batches of at most `batch_tokens` tokens."""
+    lengths = np.asarray(lengths)
+    too_long = np.nonzero(lengths > batch_tokens)[0]
+    if len(too_long):
+        raise ValueError(f"{len(too_long)} samples are longer than --batch-tokens {batch_tokens} "
+                         f"(longest {int(lengths.max())}); raise --batch-tokens")
+    perm = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    batches, cur, tok = [], [], 0
+    for i in perm.tolist():
+        n = int(lengths[i])
+        if tok + n > batch_tokens:
+            batches.append(np.array(cur, dtype=np.int64))
+            cur, tok = [], 0
+        cur.append(i)
+        tok += n
+    if cur:
+        batches.append(np.array(cur, dtype=np.int64))
+    return batches
+
+
+def split_batch(batch: np.ndarray, lengths: np.ndarray, world: int, micro_tokens: int) -> list[list[list[int]]]:
+    """Assign a global batch to [micro_step][rank] bins of at most `micro_tokens` tokens, using
+    the fewest micro-steps that fit (largest sample first into the emptiest bin that fits).
+    Every rank gets the same number of micro-steps; a bin may be empty. Deterministic."""
+    lens = {int(i): int(lengths[i]) for i in batch}
+    if max(lens.values()) > micro_tokens:
+        raise ValueError(f"a sample of {max(lens.values())} tokens exceeds --micro-tokens {micro_tokens}")
+    order = sorted(lens, key=lambda i: (-lens[i], i))
+    steps = max(1, math.ceil(sum(lens.values()) / (world * micro_tokens)))
+    while True:
+        load = [0] * (steps * world)
+        bins: list[list[int]] = [[] for _ in load]
+        ok = True
+        for i in order:
+            fits = [b for b in range(len(load)) if load[b] + lens[i] <= micro_tokens]
+            if not fits:
+                ok = False
+                break
+            b = min(fits, key=lambda b: (load[b], b))
+            load[b] += lens[i]
+            bins[b].append(i)
+        if ok:
+            pos = {int(i): k for k, i in enumerate(batch)}
+            return [[sorted(bins[m * world + r], key=pos.__getitem__) for r in range(world)] for m in range(steps)]
+        steps += 1
+
+
+# ---------------------------------------------------------------------- model
+def build_model_config(name: str, layout, dropout: float = 0.0, max_positions: int | None = None):
+    from ..model import ModelConfig
+
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model config {name!r}; choose one of {CONFIGS}")
+    kw = {"dropout": dropout}
+    if max_positions:
+        kw["max_position_embeddings"] = max_positions
+    if name == "chameleon_7b":
+        if layout.vocab_size != 65536:
+            raise ValueError(f"config chameleon_7b needs a store built with --layout chameleon (65536 ids); this "
+                             f"store's vocabulary has {layout.vocab_size}. Use --config small or tiny")
+        return ModelConfig.chameleon_7b(layout=layout.to_dict(), **kw)
+    return getattr(ModelConfig, name)(layout, **kw)
+
+
+def _precision(args, device) -> torch.dtype | None:
+    p = args.precision
+    if p == "auto":
+        p = "bf16" if device.type == "cuda" else "fp32"
+    if p not in ("bf16", "fp32"):
+        raise ValueError(f"--precision must be auto, bf16 or fp32, got {p!r}")
+    return torch.bfloat16 if p == "bf16" else None
+
+
+def _build_model(args, layout, device, fsdp: bool):
+    """Every rank builds the same full model (seeded init or --init weights), then shards it."""
+    from ..model import WorldVLA
+
+    torch.manual_seed(args.seed)
+    if args.init:
+        model = WorldVLA.from_pretrained(args.init, device="cpu", dtype=torch.float32)
+        if model.config.vocab_size != layout.vocab_size:
+            raise ValueError(f"--init model has {model.config.vocab_size} vocabulary entries, the store's layout "
+                             f"{layout.vocab_size}")
+        model.config.layout = layout.to_dict()
+        model.layout = layout
+        if args.dropout:
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = args.dropout
+    else:
+        cfg = build_model_config(args.config, layout, args.dropout, args.max_positions)
+        model = WorldVLA(cfg).init_weights(args.init_std, torch.Generator().manual_seed(args.seed))
+    model.attn_backend = args.attn_backend
+    model.gradient_checkpointing = bool(args.grad_checkpointing)
+    if not fsdp:  # fully_shard moves each rank's shards to the device itself
+        model.to(device)
+    return model.train()
+
+
+# ---------------------------------------------------------------------- the loop
+def _micro_batches(store, bins_of_rank: list[list[int]], micro_tokens: int, pad_id: int, bos: int):
+    from ..data.store import pack
+
+    out = []
+    for idx in bins_of_rank:
+        if idx:
+            out.append(pack([store[i] for i in idx], micro_tokens))
+        else:  # an empty bin still runs forward/backward so that every rank joins the collectives
+            out.append((torch.tensor([bos, pad_id]), torch.full((2,), -100), torch.tensor([0, 2], dtype=torch.int32)))
+    return out
+
+
+def _label_stats(labels: torch.Tensor, class_weight: torch.Tensor) -> tuple[float, float]:
+    y = labels[1:]
+    y = y[y != -100]
+    return float(class_weight[y].double().sum()), float(y.numel())
+
+
+def train(args) -> dict:
+    """Run training as described by `args` (the `worldvla train` namespace). Returns a summary."""
+    from tqdm.auto import tqdm
+
+    from ..data.store import TokenStore
+    from ..model import loss_class_weights
+
+    device = dist_utils.init(args.device)
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    main = rank == 0
+    out = Path(args.out)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
+    store = TokenStore(args.store, kinds=kinds)
+    if len(store) == 0:
+        raise ValueError(f"the store {args.store} holds no samples of kinds {store.kinds}")
+    layout = store.layout
+    micro_tokens = args.micro_tokens or args.batch_tokens
+    if micro_tokens > args.batch_tokens:
+        raise ValueError(f"--micro-tokens {micro_tokens} cannot exceed --batch-tokens {args.batch_tokens}")
+
+    amp_dtype = _precision(args, device)
+    fsdp = world > 1
+    model = _build_model(args, layout, device, fsdp)
+    if fsdp:
+        dist_utils.shard_model(model, mixed_precision=amp_dtype if device.type == "cuda" else None)
+    # FSDP on GPU computes in bf16 through its mixed-precision policy; otherwise autocast does.
+    autocast = (torch.autocast(device.type, dtype=amp_dtype)
+                if amp_dtype is not None and not (fsdp and device.type == "cuda") else nullcontext())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+                            weight_decay=args.weight_decay, foreach=device.type == "cuda" or None)
+
+    # Total steps: --steps, or whole epochs of the store.
+    if args.steps:
+        total = args.steps
+    else:
+        total = sum(len(epoch_batches(store.lengths, args.batch_tokens, args.seed, e)) for e in range(args.epochs))
+    warmup = int(args.warmup * total) if args.warmup < 1 else int(args.warmup)
+    min_lr = args.lr * 0.1 if args.min_lr is None else args.min_lr
+    sched = WarmupCosine(opt, args.lr, total, warmup, min_lr, args.schedule)
+
+    step, epoch, pos, tokens_seen = 0, 0, 0, 0
+    if args.resume:
+        ck = latest_checkpoint(out)
+        if ck is not None:
+            st = load_checkpoint(ck, model, opt)
+            step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["batch_in_epoch"], st["tokens_seen"]
+            sched.load_state_dict(st["scheduler"])
+            if main:
+                print(f"resumed from {ck} at step {step} (epoch {epoch}, batch {pos})")
+        elif main:
+            print(f"--resume: no checkpoint under {out}, starting fresh")
+    log_path = out / "metrics.jsonl"
+    if main:
+        _trim_log(log_path, step)
+        (out / "train_args.json").write_text(json.dumps(vars(args), indent=1, default=str))
+
+    class_weight = loss_class_weights(layout, args.alpha)
+    cw_device = class_weight.to(device)
+    plan = epoch_batches(store.lengths, args.batch_tokens, args.seed, epoch)
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not main or args.no_progress,
+               dynamic_ncols=True)
+    losses: list[float] = []
+    t_last, tok_last = time.perf_counter(), 0
+    log_f = open(log_path, "a") if main else None
+    try:
+        while step < total:
+            if pos >= len(plan):
+                epoch, pos = epoch + 1, 0
+                plan = epoch_batches(store.lengths, args.batch_tokens, args.seed, epoch)
+            batch = plan[pos]
+            bins = split_batch(batch, store.lengths, world, micro_tokens)
+            micro = _micro_batches(store, [b[rank] for b in bins], micro_tokens, layout.pad, layout.bos)
+            stats = torch.tensor([sum(_label_stats(lab, class_weight)[k] for _, lab, _ in micro) for k in (0, 1)],
+                                 dtype=torch.float64)
+            W, N = dist_utils.all_reduce_sum(stats.to(device)).tolist()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            z_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for m, (ids, labels, cu) in enumerate(micro):
+                w_m, n_m = _label_stats(labels, class_weight)
+                share_w, share_n = (w_m / W, n_m / N) if W > 0 else (0.0, 0.0)
+                z_eff = args.z_weight * share_n / share_w if share_w > 0 else 0.0
+                if fsdp:
+                    model.set_requires_gradient_sync(m == len(micro) - 1)
+                ids, labels, cu = ids.to(device), labels.to(device), cu.to(device)
+                with autocast:
+                    loss, z = model.loss(ids, labels, cu_seqlens=cu, class_weight=cw_device, z_weight=z_eff,
+                                         backend=args.loss_backend)
+                (loss * (share_w * world)).backward()
+                loss_sum += loss.detach().double() * share_w
+                z_sum += z.detach().double() * share_n
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0
+                                                       else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step, pos = step + 1, pos + 1
+            n_tok = int(store.lengths[batch].sum())
+            tokens_seen += n_tok
+            tok_last += n_tok
+            red = dist_utils.all_reduce_sum(torch.stack([loss_sum, z_sum]))
+            loss_v, z_v = red.tolist()
+            losses.append(loss_v)
+            if main and (step % args.log_every == 0 or step == total):
+                now = time.perf_counter()
+                tok_s = tok_last / max(now - t_last, 1e-9)
+                rec = {"step": step, "epoch": epoch, "loss": loss_v, "z": z_v, "lr": sched.lr_at(step - 1),
+                       "grad_norm": float(grad_norm), "tokens": tokens_seen, "tokens_per_s": tok_s,
+                       "samples": len(batch), "time": time.time()}
+                log_f.write(json.dumps(rec) + "\n")
+                log_f.flush()
+                bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{rec['lr']:.2e}")
+                t_last, tok_last = now, 0
+            bar.update(1)
+            if args.save_every and step % args.save_every == 0 and step < total:
+                _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args)
+            if args.stop_after and step >= args.stop_after:
+                break
+        ckpt = _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args)
+        export = None
+        if step >= total and not args.no_export:
+            export = _export(model, store, out, args)
+    finally:
+        bar.close()
+        if log_f:
+            log_f.close()
+    summary = {"step": step, "losses": losses, "checkpoint": str(ckpt), "export": export}
+    return summary
+
+
+def _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args):
+    state = {"epoch": epoch, "batch_in_epoch": pos, "tokens_seen": tokens_seen, "scheduler": sched.state_dict(),
+             "model_config": model.config.to_dict(), "args": {k: v for k, v in vars(args).items()
+                                                                if isinstance(v, (int, float, str, bool, type(None)))}}
+    return save_checkpoint(out, step, model, opt, state, keep_last=args.keep_last)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """After a resume, drop log lines of steps past the checkpoint (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def _export(model, store, out: Path, args):
+    """Rank 0 writes `<out>/policy` (save_policy) or, without the inference package, `<out>/model`."""
+    from ..model import WorldVLA
+
+    sd = full_model_state(model)
+    path = None
+    if dist_utils.is_main():
+        plain = WorldVLA(model.config)
+        plain.load_state_dict(sd)
+        plain.eval()
+        try:
+            from ..inference.policy import save_policy
+        except ImportError:
+            save_policy = None
+        h, w = store.image_size
+        if save_policy is not None and h == w:
+            from ..vqgan import VQGAN
+
+            path = out / "policy"
+            kw = {}
+            if store.text_tokenizer_path is not None:
+                kw["text_tokenizer_json"] = store.text_tokenizer_path
+            save_policy(path, plain, VQGAN.from_pretrained(store.vqgan_path), store.action_tokenizer(),
+                        store.chunk_size, h, history=int(store.manifest["action"].get("history", 2)),
+                        extra={"store": str(Path(args.store).resolve()), "config": args.config}, **kw)
+        else:
+            path = out / "model"
+            plain.save_pretrained(path)
+    dist_utils.barrier()
+    return str(path) if path else None
+
+
+# ---------------------------------------------------------------------- command line
+def add_arguments(p) -> None:
+    p.add_argument("--store", required=True, help="token store folder (worldvla pretokenize)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, exported policy")
+    p.add_argument("--config", default="small", choices=CONFIGS, help="model size")
+    p.add_argument("--init", default=None, help="start from this model folder (e.g. converted Chameleon-7B)")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: --epochs whole epochs)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per global batch (all ranks)")
+    p.add_argument("--micro-tokens", type=int, default=0,
+                   help="tokens per packed micro-batch per rank (0 = --batch-tokens); gradient accumulation")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr / 10)")
+    p.add_argument("--warmup", type=float, default=0.01, help="warm-up steps, or a fraction of the run if < 1")
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.95)
+    p.add_argument("--eps", type=float, default=1e-8)
+    p.add_argument("--grad-clip", type=float, default=4.0, help="max gradient norm (0 = off)")
+    p.add_argument("--alpha", type=float, default=0.04, help="loss weight of image-code targets")
+    p.add_argument("--z-weight", type=float, default=1e-5, help="z-loss weight")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--init-std", type=float, default=0.02)
+    p.add_argument("--max-positions", type=int, default=0, help="override max_position_embeddings")
+    p.add_argument("--kinds", default="", help="sample kinds to train on, e.g. 'action' (default: all in the store)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto = bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder layers in backward")
+    p.add_argument("--attn-backend", default="auto", choices=("auto", "torch", "triton", "native"))
+    p.add_argument("--loss-backend", default="auto", choices=("auto", "torch", "triton", "native"))
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0 = only at the end)")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (0 = all)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this step")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--no-export", action="store_true", help="skip the final policy / model export")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="worldvla train")
+    add_arguments(p)
+    return p
+
+
+def run(args) -> int:
+    try:
+        s = train(args)
+        main = dist_utils.is_main()
+    finally:
+        dist_utils.shutdown()
+    if main and s["losses"]:
+        print(f"step {s['step']}: loss {s['losses'][-1]:.4f}; checkpoint {s['checkpoint']}"
+              + (f"; exported {s['export']}" if s["export"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(build_parser().parse_args()))

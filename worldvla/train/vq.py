@@ -1,0 +1,268 @@
+"""VQGAN trainer: the image tokenizer on demonstration frames.
+
+    worldvla train-vq demos/ --out runs/vq --config small --steps 3000 --batch-size 32
+
+Loss = l1 * |x - x_hat| + l2 * (x - x_hat)^2 + ||sg[z] - e||^2 + beta * ||z - sg[e]||^2
+(no perceptual or adversarial term). Small codebooks tend to collapse onto a few entries, so
+codes whose running usage falls below `--restart-threshold` are re-seeded every
+`--restart-every` steps with encoder outputs drawn from the current batch (their Adam moments
+are reset). Checkpoints, exact resume, progress bar and the JSONL log work as in the WorldVLA
+trainer; the result is exported to `<out>/vqgan` (VQGAN.save_pretrained), the folder that
+`worldvla pretokenize --vqgan` takes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+def load_frames(inputs, stride: int = 1, max_frames: int = 0, camera=None) -> np.ndarray:
+    """Every `stride`-th frame of every demo in the HDF5 inputs -> uint8 [N, H, W, 3]."""
+    from ..data.hdf5 import iter_demos
+    from ..data.store import find_demo_files
+
+    if stride < 1:
+        raise ValueError(f"frame stride must be >= 1, got {stride}")
+    chunks, n, shape = [], 0, None
+    for path in find_demo_files(inputs):
+        for demo in iter_demos(path, camera=camera):
+            f = demo.frames[::stride]
+            if shape is None:
+                shape = f.shape[1:]
+            elif f.shape[1:] != shape:
+                raise ValueError(f"{path}:{demo.name} has frames of shape {f.shape[1:]}, earlier demos {shape}; "
+                                 f"train the VQGAN on one image size")
+            chunks.append(f)
+            n += len(f)
+            if max_frames and n >= max_frames:
+                break
+        if max_frames and n >= max_frames:
+            break
+    if not chunks:
+        raise ValueError(f"no frames found in {inputs}")
+    frames = np.concatenate(chunks)
+    return frames[:max_frames] if max_frames else frames
+
+
+class CodeUsage:
+    """Exponential moving average of how often each code is picked (fraction of a batch's picks)."""
+
+    def __init__(self, n_codes: int, decay: float = 0.99):
+        self.ema = torch.full((n_codes,), 1.0 / n_codes, dtype=torch.float64)
+        self.decay = decay
+
+    def update(self, codes: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(codes.flatten().cpu(), minlength=len(self.ema)).double()
+        frac = counts / counts.sum()
+        self.ema.mul_(self.decay).add_(frac, alpha=1.0 - self.decay)
+        return frac
+
+    def dead(self, threshold: float) -> torch.Tensor:
+        """Codes used less than `threshold` times the uniform rate."""
+        return torch.nonzero(self.ema < threshold / len(self.ema)).flatten()
+
+
+@torch.no_grad()
+def restart_dead_codes(model, optimizer, usage: CodeUsage, latents: torch.Tensor, threshold: float,
+                       generator: torch.Generator) -> int:
+    """Re-seed dead codes with randomly chosen encoder outputs of this batch; returns how many."""
+    dead = usage.dead(threshold)
+    if dead.numel() == 0:
+        return 0
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=generator)
+    weight = model.quantize.embedding.weight
+    dev = dead.to(weight.device)
+    weight[dev] = flat[pick.to(flat.device)].to(weight.dtype)
+    state = optimizer.state.get(weight, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key][dev] = 0
+    usage.ema[dead] = 1.0 / len(usage.ema)
+    return int(dead.numel())
+
+
+def _epoch_order(n: int, batch: int, seed: int, epoch: int) -> np.ndarray:
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[: (n // batch) * batch].reshape(-1, batch)
+
+
+def _build(args):
+    from ..vqgan import VQGAN, VQGANConfig
+
+    torch.manual_seed(args.seed)
+    if args.init:
+        return VQGAN.from_pretrained(args.init).float().train()
+    cfg = VQGANConfig.chameleon() if args.config == "chameleon" else VQGANConfig.small()
+    if args.n_embed:
+        cfg.n_embed = args.n_embed
+    return VQGAN(cfg).train()
+
+
+def train_vq(args) -> dict:
+    from tqdm.auto import tqdm
+
+    from ..vqgan import preprocess
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = load_frames(args.inputs, args.frame_stride, args.max_frames, args.camera)
+    if len(frames) < args.batch_size:
+        raise ValueError(f"only {len(frames)} frames for a batch of {args.batch_size}; lower --batch-size")
+    model = _build(args).to(device)
+    f = model.downsample
+    if frames.shape[1] % f or frames.shape[2] % f:
+        raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]}, not a multiple of the VQGAN factor {f}")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                            weight_decay=args.weight_decay)
+    steps_per_epoch = len(frames) // args.batch_size
+    total = args.steps or args.epochs * steps_per_epoch
+    usage = CodeUsage(model.config.n_embed, args.usage_decay)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+
+    step, epoch, pos = 0, 0, 0
+    if args.resume and latest_checkpoint(out) is not None:
+        st = load_checkpoint(out, model, opt)
+        step, epoch, pos = st["step"], st["epoch"], st["batch_in_epoch"]
+        usage.ema = torch.tensor(st["usage"], dtype=torch.float64)
+        gen.set_state(torch.tensor(st["restart_rng"], dtype=torch.uint8))
+        print(f"resumed from {st['path']} at step {step}")
+    log_path = out / "metrics.jsonl"
+    if log_path.is_file():
+        keep = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        log_path.write_text("".join(ln + "\n" for ln in keep))
+
+    latents = {}
+    hook = model.quant_conv.register_forward_hook(lambda m, i, o: latents.__setitem__("z", o.detach()))
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
+           or (args.precision == "auto" and device.type == "cuda") else nullcontext())
+    order = _epoch_order(len(frames), args.batch_size, args.seed, epoch)
+    bar = tqdm(total=total, initial=step, desc="train-vq", unit="step", disable=args.no_progress, dynamic_ncols=True)
+    losses, t0 = [], time.perf_counter()
+
+    def lr_at(s):
+        warm = args.warmup
+        if s < warm:
+            return args.lr * (s + 1) / warm
+        t = min(1.0, (s - warm) / max(1, total - warm))
+        return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))
+
+    try:
+        with open(log_path, "a") as log:
+            while step < total:
+                if pos >= len(order):
+                    epoch, pos = epoch + 1, 0
+                    order = _epoch_order(len(frames), args.batch_size, args.seed, epoch)
+                px = preprocess(frames[order[pos]]).to(device)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step)
+                with amp:
+                    recon, vq_loss, codes = model(px, beta=args.beta)
+                recon = recon.float()
+                l1, l2 = (recon - px).abs().mean(), F.mse_loss(recon, px)
+                loss = args.l1 * l1 + args.l2 * l2 + vq_loss.float()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0
+                                                    else float("inf"))
+                opt.step()
+                frac = usage.update(codes)
+                step, pos = step + 1, pos + 1
+                restarted = 0
+                if args.restart_every and step % args.restart_every == 0:
+                    restarted = restart_dead_codes(model, opt, usage, latents["z"], args.restart_threshold, gen)
+                used = frac > 0
+                p = frac[used]
+                loss, l1, l2, vq_loss = loss.detach(), l1.detach(), l2.detach(), vq_loss.detach()
+                rec = {"step": step, "epoch": epoch, "loss": float(loss), "l1": float(l1), "l2": float(l2),
+                       "vq": float(vq_loss), "psnr": float(10 * torch.log10(4.0 / l2.clamp_min(1e-10))),
+                       "perplexity": float(torch.exp(-(p * p.log()).sum())), "codes_used": int(used.sum()),
+                       "restarted": restarted, "grad_norm": float(gn), "lr": lr_at(step - 1),
+                       "frames_per_s": args.batch_size * step / max(time.perf_counter() - t0, 1e-9), "time": time.time()}
+                losses.append(rec["loss"])
+                if step % args.log_every == 0 or step == total:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.1f}", codes=rec["codes_used"])
+                bar.update(1)
+                if (args.save_every and step % args.save_every == 0) or step == total or step == args.stop_after:
+                    save_checkpoint(out, step, model, opt,
+                                    {"epoch": epoch, "batch_in_epoch": pos, "usage": usage.ema.tolist(),
+                                     "restart_rng": gen.get_state().tolist(), "config": model.config.to_dict()},
+                                    keep_last=args.keep_last)
+                if args.stop_after and step >= args.stop_after:
+                    break
+    finally:
+        hook.remove()
+        bar.close()
+    export = None
+    if step >= total:
+        model.eval().save_pretrained(out / "vqgan")
+        export = str(out / "vqgan")
+    return {"step": step, "losses": losses, "export": export}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("inputs", nargs="+", help="HDF5 demo files or folders")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, vqgan/)")
+    p.add_argument("--config", default="small", choices=("small", "chameleon"))
+    p.add_argument("--init", default=None, help="start from a VQGAN folder (VQGAN.save_pretrained)")
+    p.add_argument("--n-embed", type=int, default=0, help="codebook size override")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: --epochs)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--min-lr", type=float, default=2e-5)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--beta1", type=float, default=0.5)
+    p.add_argument("--beta2", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--l1", type=float, default=1.0, help="weight of the L1 reconstruction term")
+    p.add_argument("--l2", type=float, default=1.0, help="weight of the L2 reconstruction term")
+    p.add_argument("--beta", type=float, default=0.25, help="commitment weight")
+    p.add_argument("--restart-every", type=int, default=50, help="dead-code restart period in steps (0 = off)")
+    p.add_argument("--restart-threshold", type=float, default=0.03,
+                   help="a code is dead below this fraction of the uniform usage rate")
+    p.add_argument("--usage-decay", type=float, default=0.99)
+    p.add_argument("--frame-stride", type=int, default=1, help="use every n-th frame")
+    p.add_argument("--max-frames", type=int, default=0)
+    p.add_argument("--camera", default=None)
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--stop-after", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="worldvla train-vq")
+    add_arguments(p)
+    return p
+
+
+def run(args) -> int:
+    s = train_vq(args)
+    if s["losses"]:
+        print(f"step {s['step']}: loss {s['losses'][-1]:.4f}" + (f"; exported {s['export']}" if s["export"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(build_parser().parse_args()))
