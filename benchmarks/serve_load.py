@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -435,6 +436,7 @@ def _main(args, out_dir: str) -> Path:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
     path = write_results("serve_load", rows, device=spec["device"], out_dir=out_dir, extra=extra)
     print(f"-> {path}")
     return path

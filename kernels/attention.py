@@ -6,23 +6,28 @@ The mask is the WorldVLA chunk rule carried by two int32 vectors (worldvla.mask)
 
 Layouts: padded q, k, v [B, L, H, Dh] with meta tensors [B, L], or packed [T, H, Dh]
 with meta tensors [T] and meta.cu_seqlens marking the documents. K/V may have fewer
-heads than Q (GQA). One program owns a tile of one document's rows for one head, so the
+heads than Q (GQA). A program owns a tile of one document's rows for one head, so the
 same-document condition is the program's row/column range.
 
-Tiles fall in three classes, decided from a handful of integers before any dot product:
-  skipped       beyond the diagonal (loop bounds), or max(kv_block) < min(q_limit):
-                every key lies in an earlier action block than every query's block;
-  mask-free     all keys at or before the first query and min(kv_block) >= max(q_limit);
-  partial       the rule is evaluated per element.
-The forward keeps the log-sum-exp (base 2, in units of scale*log2(e)) for the backward,
-which is the FA2 scheme: delta = rowsum(dO * O), one kernel over key tiles for dK/dV
-(looping over the query heads of its KV group, so no atomics) and one over query tiles for dQ.
+Tiles fall in three classes, decided from a few integers per tile (`tile_plan`):
+  skipped    beyond the diagonal, or max(kv_block) < min(q_limit): every key lies in an
+             earlier action block than every query's block;
+  mask-free  all keys at or before the first query and min(kv_block) >= max(q_limit);
+  partial    the rule is evaluated per element.
+The plan lists, per query tile, its mask-free and its partial key tiles (and per key tile
+its query tiles, for dK/dV). Kernels loop over those lists, so skipped tiles cost nothing
+and every loop body loads unconditionally (which the GPU pipeliner needs to prefetch).
+
+The forward keeps the log-sum-exp (base 2, in units of scale*log2(e)) for the backward, the
+FA2 scheme: delta = rowsum(dO * O), one kernel over key tiles for dK/dV (looping over the
+query heads of its KV group, so no atomics) and one over query tiles for dQ.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -33,23 +38,133 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
+# --------------------------------------------------------------------------- tile plan
+class TilePlan:
+    """Index lists of the non-skipped tiles for block sizes (block_m, block_n).
+
+    q-major (forward, dQ):  full_q / part_q [docs, n_qt, n_kt] key-tile ids, first cnt valid
+    k-major (dK/dV):        full_k / part_k [docs, n_kt, n_qt] query-tile ids
+    """
+
+    def __init__(self, full: torch.Tensor, part: torch.Tensor):
+        self.full, self.part = full, part  # bool [docs, n_qt, n_kt]
+        self.full_q, self.full_q_cnt = self._lists(full)
+        self.part_q, self.part_q_cnt = self._lists(part)
+        self._k = None
+
+    @staticmethod
+    def _lists(mask):
+        cnt = mask.sum(-1, dtype=torch.int32).contiguous()
+        # stable sort of "not in class" puts the class's tile ids first, in ascending order
+        idx = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
+        return idx, cnt
+
+    def k_major(self):
+        if self._k is None:
+            self._k = (*self._lists(self.full.transpose(1, 2)), *self._lists(self.part.transpose(1, 2)))
+        return self._k
+
+    def counts(self) -> dict:
+        n_full, n_part = int(self.full.sum()), int(self.part.sum())
+        return {"mask_free": n_full, "partial": n_part}
+
+
+def _tile_stats(x, valid, n_tiles, block, fill_max, fill_min):
+    """Per-tile (max, min) of x [docs, Lp] over valid positions."""
+    x = x[:, :n_tiles * block]
+    v = valid[:, :n_tiles * block]
+    mx = torch.where(v, x, torch.full_like(x, fill_max)).view(x.shape[0], n_tiles, block).amax(-1)
+    mn = torch.where(v, x, torch.full_like(x, fill_min)).view(x.shape[0], n_tiles, block).amin(-1)
+    return mx, mn
+
+
+def build_tile_plan(kv_block, q_limit, cu_seqlens, max_seqlen: int, block_m: int, block_n: int) -> TilePlan:
+    """Classify every (query tile, key tile) pair of every document; all on the metadata's device."""
+    dev = kv_block.device
+    n_qt, n_kt = triton.cdiv(max_seqlen, block_m), triton.cdiv(max_seqlen, block_n)
+    Lp = max(n_qt * block_m, n_kt * block_n)
+    t = torch.arange(Lp, device=dev)
+    if cu_seqlens is not None:
+        cu = cu_seqlens.long()
+        lens = cu[1:] - cu[:-1]
+        valid = t[None, :] < lens[:, None]
+        pos = torch.where(valid, cu[:-1, None] + t[None, :], torch.zeros_like(t)[None, :])
+        kvb, ql = kv_block.long()[pos], q_limit.long()[pos]
+    else:
+        B, L = kv_block.shape
+        lens = torch.full((B,), L, device=dev, dtype=torch.long)
+        valid = (t < L)[None, :].expand(B, Lp)
+        kvb, ql = F.pad(kv_block.long(), (0, Lp - L)), F.pad(q_limit.long(), (0, Lp - L))
+    kv_max, kv_min = _tile_stats(kvb, valid, n_kt, block_n, -1, BIG.value)
+    ql_max, ql_min = _tile_stats(ql, valid, n_qt, block_m, -1, BIG.value)
+    m0 = (torch.arange(n_qt, device=dev) * block_m)[None, :, None]
+    n0 = (torch.arange(n_kt, device=dev) * block_n)[None, None, :]
+    lens3 = lens[:, None, None]
+    live = (n0 < torch.minimum(lens3, m0 + block_m)) & (m0 < lens3)
+    live &= kv_max[:, None, :] >= ql_min[:, :, None]
+    full = live & (n0 + block_n - 1 <= m0) & (n0 + block_n <= lens3) & (kv_min[:, None, :] >= ql_max[:, :, None])
+    return TilePlan(full, live & ~full)
+
+
+def _plan(meta, kv_block, q_limit, cu, max_seqlen, block_m, block_n) -> TilePlan:
+    """Plans are cached on the metadata object: every layer of a forward shares one. The key holds
+    the tensors' version counters, so in-place edits of the metadata rebuild the plan."""
+    key = (block_m, block_n, max_seqlen, tuple(kv_block.shape),
+           *[(x.data_ptr(), x._version) for x in (meta.kv_block, meta.q_limit)],
+           None if meta.cu_seqlens is None else (meta.cu_seqlens.data_ptr(), meta.cu_seqlens._version))
+    cache = meta.__dict__.setdefault("_triton_tile_plans", {})
+    plan = cache.get(key)
+    if plan is None:
+        if len(cache) > 8:
+            cache.clear()
+        plan = cache[key] = build_tile_plan(kv_block, q_limit, None if cu is None else cu, max_seqlen,
+                                            block_m, block_n)
+    return plan
+
+
 # --------------------------------------------------------------------------- kernels
 @triton.jit
 def _doc_range(CU, z, L, PACKED: tl.constexpr):
-    """(first token of document z in the flattened meta/lse index, its length)."""
+    """(first token of document z in the flattened meta/lse index, its length,
+    batch index for batch strides, token offset for token strides)."""
     if PACKED:
         start = tl.load(CU + z)
         seqlen = tl.load(CU + z + 1) - start
+        zb = z.to(tl.int64) * 0
+        tok0 = start.to(tl.int64)
     else:
         start = z * L
         seqlen = L
-    return start, seqlen
+        zb = z.to(tl.int64)
+        tok0 = zb * 0
+    return start, seqlen, zb, tok0
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, KVB, QL, CU,
+def _fwd_tile(q, ql, offs_m, m_i, l_i, acc, k_base, v_base, s_kt, s_vt, KVB, start, seqlen, n0, offs_d, d_valid,
+              scale_log2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < seqlen
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    k = load_f32(k_base + offs_n[:, None] * s_kt + offs_d[None, :], kv_mask, UPCAST)
+    v = load_f32(v_base + offs_n[:, None] * s_vt + offs_d[None, :], kv_mask, UPCAST)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+    if MASKED:
+        kvb = tl.load(KVB + start + offs_n, mask=n_valid, other=BIG)
+        allowed = (offs_n[None, :] <= offs_m[:, None]) & n_valid[None, :] & (kvb[None, :] >= ql[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, KVB, QL, CU, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-                L, n_tok, n_heads, group, scale_log2,
+                L, n_tok, n_heads, group, n_qt, n_kt, scale_log2,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PACKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -57,17 +172,11 @@ def _fwd_kernel(Q, K, V, O, LSE, KVB, QL, CU,
     z = pid_zh // n_heads
     h = pid_zh % n_heads
     hk = h // group
-    start, seqlen = _doc_range(CU, z, L, PACKED)
+    start, seqlen, zb, tok0 = _doc_range(CU, z, L, PACKED)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:
         return
     # Padded layouts address batch z by its batch stride; packed ones by the document start.
-    if PACKED:
-        tok0 = start.to(tl.int64)
-        zb = 0
-    else:
-        tok0 = 0
-        zb = z.to(tl.int64)
     q_base = Q + zb * s_qb + tok0 * s_qt + h * s_qh
     k_base = K + zb * s_kb + tok0 * s_kt + hk * s_kh
     v_base = V + zb * s_vb + tok0 * s_vt + hk * s_vh
@@ -79,33 +188,21 @@ def _fwd_kernel(Q, K, V, O, LSE, KVB, QL, CU,
     d_valid = offs_d < HEAD_DIM
     q = load_f32(q_base + offs_m[:, None] * s_qt + offs_d[None, :], m_valid[:, None] & d_valid[None, :], UPCAST)
     ql = tl.load(QL + start + offs_m, mask=m_valid, other=-1)
-    ql_max = tl.max(ql, 0)
-    ql_min = tl.min(tl.where(m_valid, ql, BIG), 0)
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a fully masked row gives alpha = 1, p = 0
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = tl.minimum(seqlen, m0 + BLOCK_M)
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < seqlen
-        kvb = tl.load(KVB + start + offs_n, mask=n_valid, other=BIG)
-        kvb_max = tl.max(tl.where(n_valid, kvb, -1), 0)
-        if kvb_max >= ql_min:  # else: every key is in an earlier action block than every query's block
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = load_f32(k_base + offs_n[:, None] * s_kt + offs_d[None, :], kv_mask, UPCAST)
-            v = load_f32(v_base + offs_n[:, None] * s_vt + offs_d[None, :], kv_mask, UPCAST)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-            partial = (n0 + BLOCK_N - 1 > m0) | (n0 + BLOCK_N > seqlen) | (tl.min(kvb, 0) < ql_max)
-            if partial:
-                allowed = (offs_n[None, :] <= offs_m[:, None]) & n_valid[None, :] & (kvb[None, :] >= ql[:, None])
-                s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+    tile = z * n_qt + pid_m
+    n_full = tl.load(FULL_CNT + tile)
+    for t in range(0, n_full):
+        n0 = tl.load(FULL_IDX + tile * n_kt + t) * BLOCK_N
+        m_i, l_i, acc = _fwd_tile(q, ql, offs_m, m_i, l_i, acc, k_base, v_base, s_kt, s_vt, KVB, start, seqlen,
+                                  n0, offs_d, d_valid, scale_log2, BLOCK_N, False, UPCAST, DOT_PREC)
+    n_part = tl.load(PART_CNT + tile)
+    for t in range(0, n_part):
+        n0 = tl.load(PART_IDX + tile * n_kt + t) * BLOCK_N
+        m_i, l_i, acc = _fwd_tile(q, ql, offs_m, m_i, l_i, acc, k_base, v_base, s_kt, s_vt, KVB, start, seqlen,
+                                  n0, offs_d, d_valid, scale_log2, BLOCK_N, True, UPCAST, DOT_PREC)
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -123,16 +220,10 @@ def _bwd_delta_kernel(O, DO, DELTA, CU, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, L, n
     pid_zh = tl.program_id(1)
     z = pid_zh // n_heads
     h = pid_zh % n_heads
-    start, seqlen = _doc_range(CU, z, L, PACKED)
+    start, seqlen, zb, tok0 = _doc_range(CU, z, L, PACKED)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:
         return
-    if PACKED:
-        tok0 = start.to(tl.int64)
-        zb = 0
-    else:
-        tok0 = 0
-        zb = z.to(tl.int64)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -142,26 +233,44 @@ def _bwd_delta_kernel(O, DO, DELTA, CU, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, L, n
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KVB, QL, CU,
+def _dkdv_tile(k, v, kvb, offs_n, n_valid, dk, dv, q_base, do_base, s_qt, s_dt, LSE, DELTA, QL, row_base, start,
+               seqlen, m0, offs_d, d_valid, scale_log2, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < seqlen
+    q_mask = m_valid[:, None] & d_valid[None, :]
+    q = load_f32(q_base + offs_m[:, None] * s_qt + offs_d[None, :], q_mask, UPCAST)
+    do = load_f32(do_base + offs_m[:, None] * s_dt + offs_d[None, :], q_mask, UPCAST)
+    # Rows past the document end: lse = +inf and delta = 0 make their p and ds vanish.
+    lse = tl.load(LSE + row_base + offs_m, mask=m_valid, other=float("inf"))
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
+    p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2 - lse[None, :])  # [N, M]
+    if MASKED:
+        ql = tl.load(QL + start + offs_m, mask=m_valid, other=-1)
+        allowed = (offs_n[:, None] <= offs_m[None, :]) & n_valid[:, None] & (kvb[:, None] > ql[None, :])
+        p_t = tl.where(allowed, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KVB, QL, CU, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
                      s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
                      s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh,
-                     L, n_tok, n_kv_heads, group, scale, scale_log2,
+                     L, n_tok, n_kv_heads, group, n_qt, n_kt, scale, scale_log2,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PACKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_zh = tl.program_id(1)
     z = pid_zh // n_kv_heads
     hk = pid_zh % n_kv_heads
-    start, seqlen = _doc_range(CU, z, L, PACKED)
+    start, seqlen, zb, tok0 = _doc_range(CU, z, L, PACKED)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen:
         return
-    if PACKED:
-        tok0 = start.to(tl.int64)
-        zb = 0
-    else:
-        tok0 = 0
-        zb = z.to(tl.int64)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < seqlen
@@ -170,38 +279,27 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KVB, QL, CU,
     k = load_f32(K + zb * s_kb + tok0 * s_kt + hk * s_kh + offs_n[:, None] * s_kt + offs_d[None, :], kv_mask, UPCAST)
     v = load_f32(V + zb * s_vb + tok0 * s_vt + hk * s_vh + offs_n[:, None] * s_vt + offs_d[None, :], kv_mask, UPCAST)
     kvb = tl.load(KVB + start + offs_n, mask=n_valid, other=BIG)
-    kvb_max = tl.max(tl.where(n_valid, kvb, -1), 0)
-    kvb_min = tl.min(kvb, 0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    m_lo = (n0 // BLOCK_M) * BLOCK_M
+    tile = z * n_kt + pid_n
+    n_full = tl.load(FULL_CNT + tile)
+    n_part = tl.load(PART_CNT + tile)
     for g in range(0, group):
         h = hk * group + g
         q_base = Q + zb * s_qb + tok0 * s_qt + h * s_qh
         do_base = DO + zb * s_db + tok0 * s_dt + h * s_dh
         row_base = h.to(tl.int64) * n_tok + start
-        for m0 in range(m_lo, seqlen, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_valid = offs_m < seqlen
-            ql = tl.load(QL + start + offs_m, mask=m_valid, other=-1)
-            if kvb_max >= tl.min(tl.where(m_valid, ql, BIG), 0):
-                q_mask = m_valid[:, None] & d_valid[None, :]
-                q = load_f32(q_base + offs_m[:, None] * s_qt + offs_d[None, :], q_mask, UPCAST)
-                do = load_f32(do_base + offs_m[:, None] * s_dt + offs_d[None, :], q_mask, UPCAST)
-                # Rows past the document end: lse = +inf and delta = 0 make their p and ds vanish.
-                lse = tl.load(LSE + row_base + offs_m, mask=m_valid, other=float("inf"))
-                delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
-                s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
-                p_t = tl.exp2(s_t - lse[None, :])
-                partial = (n0 + BLOCK_N - 1 > m0) | (n0 + BLOCK_N > seqlen) | (kvb_min < tl.max(ql, 0))
-                if partial:
-                    allowed = (offs_n[:, None] <= offs_m[None, :]) & n_valid[:, None] & (kvb[:, None] >= ql[None, :])
-                    p_t = tl.where(allowed, p_t, 0.0)
-                dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        for t in range(0, n_full):
+            m0 = tl.load(FULL_IDX + tile * n_qt + t) * BLOCK_M
+            dk, dv = _dkdv_tile(k, v, kvb, offs_n, n_valid, dk, dv, q_base, do_base, s_qt, s_dt, LSE, DELTA, QL,
+                                row_base, start, seqlen, m0, offs_d, d_valid, scale_log2, BLOCK_M, False, UPCAST,
+                                DOT_PREC)
+        for t in range(0, n_part):
+            m0 = tl.load(PART_IDX + tile * n_qt + t) * BLOCK_M
+            dk, dv = _dkdv_tile(k, v, kvb, offs_n, n_valid, dk, dv, q_base, do_base, s_qt, s_dt, LSE, DELTA, QL,
+                                row_base, start, seqlen, m0, offs_d, d_valid, scale_log2, BLOCK_M, True, UPCAST,
+                                DOT_PREC)
     dk = dk * scale
     tl.store(DK + zb * s_dkb + tok0 * s_dkt + hk * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -210,9 +308,28 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KVB, QL, CU,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KVB, QL, CU,
+def _dq_tile(q, do, lse, delta, ql, offs_m, dq, k_base, v_base, s_kt, s_vt, KVB, start, seqlen, n0, offs_d, d_valid,
+             scale_log2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < seqlen
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    k = load_f32(k_base + offs_n[:, None] * s_kt + offs_d[None, :], kv_mask, UPCAST)
+    v = load_f32(v_base + offs_n[:, None] * s_vt + offs_d[None, :], kv_mask, UPCAST)
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2 - lse[:, None])
+    if MASKED:
+        kvb = tl.load(KVB + start + offs_n, mask=n_valid, other=BIG)
+        allowed = (offs_n[None, :] <= offs_m[:, None]) & n_valid[None, :] & (kvb[None, :] >= ql[:, None])
+        p = tl.where(allowed, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KVB, QL, CU, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
                    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh, s_dqb, s_dqt, s_dqh,
-                   L, n_tok, n_heads, group, scale, scale_log2,
+                   L, n_tok, n_heads, group, n_qt, n_kt, scale, scale_log2,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    PACKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -220,16 +337,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KVB, QL, CU,
     z = pid_zh // n_heads
     h = pid_zh % n_heads
     hk = h // group
-    start, seqlen = _doc_range(CU, z, L, PACKED)
+    start, seqlen, zb, tok0 = _doc_range(CU, z, L, PACKED)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:
         return
-    if PACKED:
-        tok0 = start.to(tl.int64)
-        zb = 0
-    else:
-        tok0 = 0
-        zb = z.to(tl.int64)
     k_base = K + zb * s_kb + tok0 * s_kt + hk * s_kh
     v_base = V + zb * s_vb + tok0 * s_vt + hk * s_vh
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -243,28 +354,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KVB, QL, CU,
     lse = tl.load(LSE + row_base + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
     ql = tl.load(QL + start + offs_m, mask=m_valid, other=-1)
-    ql_max = tl.max(ql, 0)
-    ql_min = tl.min(tl.where(m_valid, ql, BIG), 0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = tl.minimum(seqlen, m0 + BLOCK_M)
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < seqlen
-        kvb = tl.load(KVB + start + offs_n, mask=n_valid, other=BIG)
-        if tl.max(tl.where(n_valid, kvb, -1), 0) >= ql_min:
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = load_f32(k_base + offs_n[:, None] * s_kt + offs_d[None, :], kv_mask, UPCAST)
-            v = load_f32(v_base + offs_n[:, None] * s_vt + offs_d[None, :], kv_mask, UPCAST)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-            p = tl.exp2(s - lse[:, None])
-            partial = (n0 + BLOCK_N - 1 > m0) | (n0 + BLOCK_N > seqlen) | (tl.min(kvb, 0) < ql_max)
-            if partial:
-                allowed = (offs_n[None, :] <= offs_m[:, None]) & n_valid[None, :] & (kvb[None, :] >= ql[:, None])
-                p = tl.where(allowed, p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    tile = z * n_qt + pid_m
+    n_full = tl.load(FULL_CNT + tile)
+    for t in range(0, n_full):
+        n0 = tl.load(FULL_IDX + tile * n_kt + t) * BLOCK_N
+        dq = _dq_tile(q, do, lse, delta, ql, offs_m, dq, k_base, v_base, s_kt, s_vt, KVB, start, seqlen, n0, offs_d,
+                      d_valid, scale_log2, BLOCK_N, False, UPCAST, DOT_PREC)
+    n_part = tl.load(PART_CNT + tile)
+    for t in range(0, n_part):
+        n0 = tl.load(PART_IDX + tile * n_kt + t) * BLOCK_N
+        dq = _dq_tile(q, do, lse, delta, ql, offs_m, dq, k_base, v_base, s_kt, s_vt, KVB, start, seqlen, n0, offs_d,
+                      d_valid, scale_log2, BLOCK_N, True, UPCAST, DOT_PREC)
     dq = dq * scale
     tl.store(DQ + zb * s_dqb + tok0 * s_dqt + h * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -301,6 +403,7 @@ class _Problem:
         self.head_dim = q.shape[-1]
         if self.head_dim > 256:
             raise ValueError(f"head dim {self.head_dim} is larger than the Triton kernel's 256")
+        self.meta = meta
         self.n_heads, self.n_kv_heads = q.shape[-2], k.shape[-2]
         self.kv_block = meta.kv_block.to(torch.int32).contiguous()
         self.q_limit = meta.q_limit.to(torch.int32).contiguous()
@@ -318,7 +421,7 @@ class _Problem:
                                      f"({true_max}); rebuild the metadata")
                 self.max_seqlen = max(self.max_seqlen, true_max)
         else:
-            self.cu = self.kv_block  # unused placeholder pointer
+            self.cu = None
             self.n_docs, self.L = q.shape[0], q.shape[1]
             self.n_tok = self.n_docs * self.L
             self.max_seqlen = self.L
@@ -328,37 +431,45 @@ class _Problem:
         self.upcast = INTERPRET
         if INTERPRET:
             # The interpreter's cost grows with the number of programs and block ops: few, wide tiles.
-            self.fwd_cfg = dict(BLOCK_M=block_m or 64, BLOCK_N=block_n or 64)
-            self.bwd_cfg = dict(BLOCK_M=block_m or 64, BLOCK_N=block_n or 64)
+            self.fwd_blocks = (block_m or 64, block_n or 64)
+            self.bwd_blocks = (block_m or 64, block_n or 64)
             self.warps = {}
         else:
-            big_d = self.block_d > 64
-            self.fwd_cfg = dict(BLOCK_M=block_m or 128, BLOCK_N=block_n or 64)
-            self.bwd_cfg = dict(BLOCK_M=block_m or 64, BLOCK_N=block_n or 64)
-            self.warps = dict(num_warps=8 if big_d else 4, num_stages=2 if self.block_d > 128 else 3)
-        for cfg in (self.fwd_cfg, self.bwd_cfg):
-            for name, b in cfg.items():
-                if b < 16 or b & (b - 1):
-                    raise ValueError(f"{name}={b} must be a power of two >= 16")
+            self.fwd_blocks = (block_m or 128, block_n or 64)
+            self.bwd_blocks = (block_m or 64, block_n or 64)
+            self.warps = dict(num_warps=8 if self.block_d > 64 else 4, num_stages=2 if self.block_d > 128 else 3)
+        for b in (*self.fwd_blocks, *self.bwd_blocks):
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"block sizes must be powers of two >= 16, got {b}")
 
-    def consts(self):
-        return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, PACKED=self.packed)
+    def plan(self, blocks) -> TilePlan:
+        return _plan(self.meta, self.kv_block, self.q_limit, self.cu, self.max_seqlen, *blocks)
+
+    @property
+    def cu_ptr(self):
+        return self.cu if self.cu is not None else self.kv_block  # unused when padded
+
+    def consts(self, blocks):
+        return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BLOCK_M=blocks[0], BLOCK_N=blocks[1],
+                    PACKED=self.packed, UPCAST=self.upcast, DOT_PREC=self.dot_prec, **self.warps)
 
 
 def attention_forward(q, k, v, meta, softmax_scale=None, block_m=None, block_n=None):
-    """Returns (out like q, lse [H, n_tok] fp32 natural-log log-sum-exp, problem)."""
+    """Returns (out like q, lse2 [H, n_tok] fp32 base-2 log-sum-exp of scale*log2(e)*scores, problem)."""
     pb = _Problem(q, k, v, meta, softmax_scale, block_m, block_n)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     out = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
     lse2 = torch.empty((pb.n_heads, pb.n_tok), dtype=torch.float32, device=q.device)
     if pb.n_tok and pb.max_seqlen:
-        bm = pb.fwd_cfg["BLOCK_M"]
-        grid = (triton.cdiv(pb.max_seqlen, bm), pb.n_docs * pb.n_heads)
-        _fwd_kernel[grid](q, k, v, out, lse2, pb.kv_block, pb.q_limit, pb.cu,
-                          *_strides(q, pb.packed), *_strides(k, pb.packed), *_strides(v, pb.packed),
-                          *_strides(out, pb.packed),
-                          pb.L, pb.n_tok, pb.n_heads, pb.n_heads // pb.n_kv_heads, pb.scale * LOG2E,
-                          **pb.consts(), **pb.fwd_cfg, UPCAST=pb.upcast, DOT_PREC=pb.dot_prec, **pb.warps)
+        bm, bn = pb.fwd_blocks
+        plan = pb.plan(pb.fwd_blocks)
+        n_qt, n_kt = plan.full.shape[1], plan.full.shape[2]
+        _fwd_kernel[(n_qt, pb.n_docs * pb.n_heads)](
+            q, k, v, out, lse2, pb.kv_block, pb.q_limit, pb.cu_ptr,
+            plan.full_q, plan.full_q_cnt, plan.part_q, plan.part_q_cnt,
+            *_strides(q, pb.packed), *_strides(k, pb.packed), *_strides(v, pb.packed), *_strides(out, pb.packed),
+            pb.L, pb.n_tok, pb.n_heads, pb.n_heads // pb.n_kv_heads, n_qt, n_kt, pb.scale * LOG2E,
+            **pb.consts(pb.fwd_blocks))
     return out.to(q.dtype), lse2, pb
 
 
@@ -369,23 +480,26 @@ def attention_backward(do, q, k, v, out, lse2, pb: _Problem):
     dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)
     if not (pb.n_tok and pb.max_seqlen):
         return dq.zero_().to(q.dtype), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
-    bm, bn = pb.bwd_cfg["BLOCK_M"], pb.bwd_cfg["BLOCK_N"]
+    bm, bn = pb.bwd_blocks
     group = pb.n_heads // pb.n_kv_heads
+    plan = pb.plan(pb.bwd_blocks)
+    n_qt, n_kt = plan.full.shape[1], plan.full.shape[2]
     delta = torch.empty_like(lse2)
-    _bwd_delta_kernel[(triton.cdiv(pb.max_seqlen, bm), pb.n_docs * pb.n_heads)](
-        out, do, delta, pb.cu, *_strides(out, pb.packed), *_strides(do, pb.packed), pb.L, pb.n_tok, pb.n_heads,
+    _bwd_delta_kernel[(n_qt, pb.n_docs * pb.n_heads)](
+        out, do, delta, pb.cu_ptr, *_strides(out, pb.packed), *_strides(do, pb.packed), pb.L, pb.n_tok, pb.n_heads,
         HEAD_DIM=pb.head_dim, BLOCK_D=pb.block_d, BLOCK_M=bm, PACKED=pb.packed)
-    common = dict(**pb.consts(), **pb.bwd_cfg, UPCAST=pb.upcast, DOT_PREC=pb.dot_prec, **pb.warps)
-    _bwd_dkdv_kernel[(triton.cdiv(pb.max_seqlen, bn), pb.n_docs * pb.n_kv_heads)](
-        q, k, v, do, lse2, delta, dk, dv, pb.kv_block, pb.q_limit, pb.cu,
+    full_k, full_k_cnt, part_k, part_k_cnt = plan.k_major()
+    _bwd_dkdv_kernel[(n_kt, pb.n_docs * pb.n_kv_heads)](
+        q, k, v, do, lse2, delta, dk, dv, pb.kv_block, pb.q_limit, pb.cu_ptr, full_k, full_k_cnt, part_k, part_k_cnt,
         *_strides(q, pb.packed), *_strides(k, pb.packed), *_strides(v, pb.packed), *_strides(do, pb.packed),
         *_strides(dk, pb.packed), *_strides(dv, pb.packed),
-        pb.L, pb.n_tok, pb.n_kv_heads, group, pb.scale, pb.scale * LOG2E, **common)
-    _bwd_dq_kernel[(triton.cdiv(pb.max_seqlen, bm), pb.n_docs * pb.n_heads)](
-        q, k, v, do, lse2, delta, dq, pb.kv_block, pb.q_limit, pb.cu,
+        pb.L, pb.n_tok, pb.n_kv_heads, group, n_qt, n_kt, pb.scale, pb.scale * LOG2E, **pb.consts(pb.bwd_blocks))
+    _bwd_dq_kernel[(n_qt, pb.n_docs * pb.n_heads)](
+        q, k, v, do, lse2, delta, dq, pb.kv_block, pb.q_limit, pb.cu_ptr,
+        plan.full_q, plan.full_q_cnt, plan.part_q, plan.part_q_cnt,
         *_strides(q, pb.packed), *_strides(k, pb.packed), *_strides(v, pb.packed), *_strides(do, pb.packed),
         *_strides(dq, pb.packed),
-        pb.L, pb.n_tok, pb.n_heads, group, pb.scale, pb.scale * LOG2E, **common)
+        pb.L, pb.n_tok, pb.n_heads, group, n_qt, n_kt, pb.scale, pb.scale * LOG2E, **pb.consts(pb.bwd_blocks))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -416,27 +530,11 @@ def chunk_attention_with_lse(q, k, v, meta, softmax_scale=None, block_m=None, bl
     return out, (lse if pb.packed else lse.reshape(pb.n_docs, pb.L, pb.n_heads))
 
 
-def tile_classes(meta, block_m: int, block_n: int) -> dict:
-    """How many (query tile, key tile) pairs of the forward fall in each class (for tests and tuning)."""
-    kvb, ql = meta.kv_block.long().cpu(), meta.q_limit.long().cpu()
-    if meta.packed:
-        cu = meta.cu_seqlens.long().cpu().tolist()
-        docs = [(kvb[a:b], ql[a:b]) for a, b in zip(cu[:-1], cu[1:])]
-    else:
-        docs = list(zip(kvb.reshape(-1, kvb.shape[-1]), ql.reshape(-1, ql.shape[-1])))
-    counts = {"skipped_causal": 0, "skipped_block": 0, "mask_free": 0, "partial": 0}
-    for kv, q in docs:
-        n = kv.numel()
-        for m0 in range(0, n, block_m):
-            qt = q[m0:m0 + block_m]
-            for n0 in range(0, n, block_n):
-                kt = kv[n0:n0 + block_n]
-                if n0 >= min(n, m0 + block_m):
-                    counts["skipped_causal"] += 1
-                elif int(kt.max()) < int(qt.min()):
-                    counts["skipped_block"] += 1
-                elif n0 + block_n - 1 <= m0 and n0 + block_n <= n and int(kt.min()) >= int(qt.max()):
-                    counts["mask_free"] += 1
-                else:
-                    counts["partial"] += 1
-    return counts
+def tile_plan(meta, block_m: int, block_n: int) -> TilePlan:
+    """The tile classification the kernels use for `meta` (tests, tuning)."""
+    kvb, ql = meta.kv_block.to(torch.int32), meta.q_limit.to(torch.int32)
+    if meta.cu_seqlens is None:
+        kvb, ql = kvb.reshape(-1, kvb.shape[-1]), ql.reshape(-1, ql.shape[-1])
+        return build_tile_plan(kvb, ql, None, kvb.shape[-1], block_m, block_n)
+    cu = meta.cu_seqlens.to(torch.int32)
+    return build_tile_plan(kvb, ql, cu, int((cu[1:] - cu[:-1]).max()), block_m, block_n)

@@ -155,12 +155,37 @@ def test_world_sample_is_causal(rng):
     assert (out.double() - sdpa.transpose(1, 2)).abs().max().item() < 1e-5
 
 
+def loop_tile_classes(meta, block_m, block_n):
+    """Literal per-tile classification with Python loops: 's' skipped, 'f' mask-free, 'p' partial."""
+    dense = meta.dense_mask().cpu()
+    kvb, ql = meta.kv_block.cpu(), meta.q_limit.cpu()
+    n = dense.shape[-1]
+    out = {}
+    for m0 in range(0, n, block_m):
+        for n0 in range(0, n, block_n):
+            rows, cols = range(m0, min(n, m0 + block_m)), range(n0, min(n, n0 + block_n))
+            if n0 > rows[-1] or max(kvb[j] for j in cols) < min(ql[i] for i in rows):
+                out[m0 // block_m, n0 // block_n] = "s"
+            elif n0 + block_n - 1 <= m0 and n0 + block_n <= n and min(kvb[j] for j in cols) >= max(ql[i] for i in rows):
+                assert bool(dense[m0:m0 + block_m, n0:n0 + block_n].all())  # mask-free really is fully visible
+                out[m0 // block_m, n0 // block_n] = "f"
+            else:
+                out[m0 // block_m, n0 // block_n] = "p"
+    return out
+
+
 def test_tile_classes_all_exercised(rng, poison_empty):
-    """16-wide tiles over a long chunk: skipped, mask-free and partial tiles all occur, forward and backward."""
-    ids = action_sample(rng, 203, n_images=2, chunk=10).unsqueeze(0)
-    meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
-    classes = K.tile_classes(meta, 16, 16)
-    assert all(classes[c] > 0 for c in ("skipped_block", "mask_free", "partial")), classes
+    """16-wide tiles over a long chunk: skipped, mask-free and partial tiles all occur (classified as a
+    literal loop does), and forward and backward stay exact."""
+    ids = action_sample(rng, 203, n_images=2, chunk=10)
+    meta = chunk_mask_meta(ids.unsqueeze(0), LAYOUT).to(DEV)
+    plan = K.tile_plan(meta, 16, 16)
+    want = loop_tile_classes(chunk_mask_meta(ids, LAYOUT), 16, 16)
+    got = {key: "f" if bool(plan.full[0][key]) else "p" if bool(plan.part[0][key]) else "s" for key in want}
+    assert got == want
+    classes = set(want.values())
+    skipped_block = [key for key, c in want.items() if c == "s" and key[1] <= key[0]]
+    assert classes == {"s", "f", "p"} and skipped_block, "the sequence must exercise every tile class"
     q, k, v = qkv(rng, (1, 203, 1, 32), 1, torch.float32)
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     out = K.chunk_attention(qs, ks, vs, meta, block_m=16, block_n=16)
@@ -170,8 +195,20 @@ def test_tile_classes_all_exercised(rng, poison_empty):
     do = torch.randn(out.shape, generator=rng).to(DEV)
     out.backward(do)
     ref.backward(do.double())
-    for got, want in ((qs, qd), (ks, kd), (vs, vd)):
-        assert (got.grad.double() - want.grad).abs().max().item() < 2e-5
+    for got_t, want_t in ((qs, qd), (ks, kd), (vs, vd)):
+        assert (got_t.grad.double() - want_t.grad).abs().max().item() < 2e-5
+
+
+def test_tile_plan_follows_in_place_meta_edits(rng):
+    """Plans are cached on the metadata; editing it in place must not reuse a stale plan."""
+    ids = action_sample(rng, 100, n_images=1, chunk=6).unsqueeze(0)
+    meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+    q, k, v = qkv(rng, (1, 100, 1, 64), 1, torch.float32)
+    K.chunk_attention(q, k, v, meta, block_m=16, block_n=16)
+    meta.q_limit.fill_(-1)  # now plain causal
+    out = K.chunk_attention(q, k, v, meta, block_m=16, block_n=16)
+    ref = masked_attention_ref(q.double(), k.double(), v.double(), causal_meta((1, 100), device=DEV))
+    assert (out.double() - ref).abs().max().item() < 1e-5
 
 
 def test_rows_without_visible_keys(rng, poison_empty):

@@ -1,0 +1,204 @@
+"""WorldVLAPolicy: folder format, history semantics, caches, batching, resizing, errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from worldvla import ActionTokenizer, SequenceBuilder, VocabLayout
+from worldvla.inference import WorldVLAPolicy, generate_action_chunk, save_policy
+from worldvla.model import ModelConfig, WorldVLA
+from worldvla.tokens import ByteTextTokenizer
+from worldvla.vqgan import VQGAN, VQGANConfig, preprocess
+
+LAYOUT = VocabLayout.compact(n_image_codes=64)
+LOW, HIGH = [-1.0, -2.0, 0.0, -1.0], [1.0, 2.0, 1.0, 1.0]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _parts(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = WorldVLA(ModelConfig.tiny(LAYOUT)).init_weights(0.5, generator=g).eval()
+    torch.manual_seed(seed)
+    cfg = VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32, n_embed=64)
+    return model, VQGAN(cfg).eval(), ActionTokenizer(LAYOUT, LOW, HIGH)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pol") / "policy"
+    model, vq, at = _parts()
+    save_policy(path, model, vq, at, chunk_size=3, image_size=64, history=2, extra={"task": "demo"})
+    return path
+
+
+def _frames(rng, n=None, size=64):
+    shape = (size, size, 3) if n is None else (n, size, size, 3)
+    return torch.randint(0, 256, shape, generator=rng, dtype=torch.uint8).numpy()
+
+
+def _expected(policy, instruction, frames):
+    """The chunk from scratch: encode the frames, build the release prompt, decode, de-normalize."""
+    codes = [policy.vqgan.encode(preprocess(f))[0] for f in frames]
+    b = SequenceBuilder(LAYOUT, ByteTextTokenizer(LAYOUT), policy.action_tokenizer)
+    ids = generate_action_chunk(policy.model, b.action_prompt(instruction, codes), LAYOUT, policy.chunk_size,
+                                policy.action_dim, mode="sequential")
+    return policy.action_tokenizer.decode(ids.numpy()).astype(np.float32)
+
+
+def test_folder_format_and_metadata(policy_dir):
+    info = json.loads((policy_dir / "policy.json").read_text())
+    assert info["action_low"] == LOW and info["action_high"] == HIGH
+    assert (info["chunk_size"], info["action_dim"], info["image_size"], info["history"]) == (3, 4, 64, 2)
+    assert info["extra"] == {"task": "demo"}
+    assert (policy_dir / "model" / "config.json").is_file() and (policy_dir / "vqgan" / "config.json").is_file()
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    assert (pol.chunk_size, pol.action_dim, pol.image_size) == (3, 4, 64)
+    meta = pol.metadata()
+    assert meta["image_size"] == 64 and meta["chunk_size"] == 3 and meta["action_dim"] == 4
+    assert meta["model"]["num_hidden_layers"] == 2 and meta["model"]["parameters"] == pol.model.num_parameters()
+    json.dumps(meta)  # serializable (the server sends it)
+
+
+def test_save_is_atomic_and_replaces(tmp_path):
+    model, vq, at = _parts(1)
+    path = tmp_path / "p"
+    save_policy(path, model, vq, at, 2, 64)
+    save_policy(path, model, vq, at, 5, 64)  # overwrite an existing policy
+    assert json.loads((path / "policy.json").read_text())["chunk_size"] == 5
+    assert sorted(os.listdir(tmp_path)) == ["p"]  # no temporary folders left behind
+
+    class Boom(Exception):
+        pass
+
+    def broken_save(_):
+        raise Boom()
+
+    vq.save_pretrained = broken_save
+    with pytest.raises(Boom):
+        save_policy(path, model, vq, at, 7, 64)
+    assert json.loads((path / "policy.json").read_text())["chunk_size"] == 5  # the old policy survives
+    assert sorted(os.listdir(tmp_path)) == ["p"]
+    with pytest.raises(ValueError, match="multiple"):
+        save_policy(tmp_path / "q", model, _parts()[1], at, 2, 48)
+    with pytest.raises(FileNotFoundError, match="policy.json"):
+        WorldVLAPolicy.from_pretrained(tmp_path)
+
+
+def test_history_semantics(policy_dir, rng):
+    """First query: current frame only; later: the last frame given to act/observe, or explicit history."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    f0, f1, f2, f3 = _frames(rng), _frames(rng), _frames(rng), _frames(rng)
+    pol.reset("open the drawer")
+    a0 = pol.act(f0)
+    assert a0.shape == (3, 4) and a0.dtype == np.float32
+    assert np.array_equal(a0, _expected(pol, "open the drawer", [f0]))
+    assert np.array_equal(pol.act(f1), _expected(pol, "open the drawer", [f0, f1]))
+    pol.observe(f2)
+    assert np.array_equal(pol.act(f3), _expected(pol, "open the drawer", [f2, f3]))
+    assert np.array_equal(pol.act(f1, history=f0), _expected(pol, "open the drawer", [f0, f1]))
+    assert np.array_equal(pol.act(f1, history=None), _expected(pol, "open the drawer", [f1]))
+    lo, hi = np.array(LOW), np.array(HIGH)
+    assert ((a0 >= lo - 1e-6) & (a0 <= hi + 1e-6)).all()
+    pol.reset("open the drawer")  # a new episode forgets the frames
+    assert np.array_equal(pol.act(f3), _expected(pol, "open the drawer", [f3]))
+
+
+def test_step_runs_chunks_open_loop(policy_dir, rng):
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    frames = [_frames(rng) for _ in range(5)]
+    pol.reset("push the button")
+    got = [pol.step(f) for f in frames]
+    chunk0 = _expected(pol, "push the button", [frames[0]])
+    chunk1 = _expected(pol, "push the button", [frames[2], frames[3]])  # previous env step's frame + current
+    assert np.array_equal(np.stack(got[:3]), chunk0)
+    assert np.array_equal(np.stack(got[3:]), chunk1[:2])
+
+
+def test_batched_envs_equal_single(policy_dir, rng):
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    instr = ["open the drawer", "pick up the red cup now", "push"]
+    prev, cur = _frames(rng, 3), _frames(rng, 3)
+    pol.reset(instr)
+    first = pol.act(prev)
+    out = pol.act(cur)
+    assert first.shape == out.shape == (3, 3, 4)
+    for i in range(3):
+        assert np.array_equal(first[i], _expected(pol, instr[i], [prev[i]]))
+        assert np.array_equal(out[i], _expected(pol, instr[i], [prev[i], cur[i]]))
+    with pytest.raises(ValueError, match="3 instructions"):
+        pol.act(cur[:2])
+    # One instruction broadcast over any number of environments (a subset of envs with explicit history).
+    pol.reset("push")
+    sub = pol.act(cur[:2], history=prev[:2])
+    assert np.array_equal(sub[1], _expected(pol, "push", [prev[1], cur[1]]))
+    with pytest.raises(ValueError, match="history="):
+        pol.act(cur)  # the recorded frames are for 2 environments
+
+
+def test_vq_codes_are_cached(policy_dir, rng):
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    encoded = []
+    real = pol.vqgan.encode
+
+    def counting(pix, *a, **k):
+        encoded.append(pix.shape[0])
+        return real(pix, *a, **k)
+
+    pol.vqgan.encode = counting
+    pol.reset("open the drawer")
+    f = [_frames(rng) for _ in range(4)]
+    pol.act(f[0])
+    pol.act(f[1])               # previous = f0, already encoded
+    pol.observe(f[2])
+    pol.act(f[3])               # f2 and f3 are new: one call with both
+    assert encoded == [1, 1, 2]
+
+
+def test_prefix_cache_reused_across_queries(policy_dir, rng):
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset(["open the drawer", "push"])
+    pol.act(_frames(rng, 2))
+    snap = pol._prefixes[2]
+    eng = pol._engines[2]
+    eng.cache.k.normal_()       # poison the cache: the next query must restore the prefix itself
+    prev, cur = _frames(rng, 2), _frames(rng, 2)
+    out = pol.act(cur, history=prev)
+    assert pol._prefixes[2] is snap
+    assert np.array_equal(out[0], _expected(pol, "open the drawer", [prev[0], cur[0]]))
+
+
+def test_resize_and_errors(policy_dir, rng):
+    from PIL import Image
+
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    with pytest.raises(RuntimeError, match="reset"):
+        pol.act(_frames(rng))
+    pol.reset("open the drawer")
+    big = _frames(rng, size=80)
+    small = np.asarray(Image.fromarray(big).resize((64, 64), Image.BILINEAR))
+    assert np.array_equal(pol.act(big, history=None), _expected(pol, "open the drawer", [small]))
+    with pytest.raises(TypeError, match="uint8"):
+        pol.act(big.astype(np.float32))
+    with pytest.raises(ValueError, match="RGB"):
+        pol.act(big[..., :2])
+    with pytest.raises(ValueError, match="mode"):
+        WorldVLAPolicy(pol.model, pol.vqgan, pol.action_tokenizer, chunk_size=2, image_size=64, mode="beam")
+
+
+def test_parallel_policy_equals_sequential(policy_dir, rng):
+    par = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    seq = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu", mode="sequential")
+    frames = [_frames(rng, 2) for _ in range(3)]
+    for p in (par, seq):
+        p.reset(["a", "bb"])
+    for f in frames:
+        assert np.array_equal(par.act(f), seq.act(f))
