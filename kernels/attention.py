@@ -247,7 +247,7 @@ def _dkdv_tile(k, v, kvb, offs_n, n_valid, dk, dv, q_base, do_base, s_qt, s_dt, 
     p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2 - lse[None, :])  # [N, M]
     if MASKED:
         ql = tl.load(QL + start + offs_m, mask=m_valid, other=-1)
-        allowed = (offs_n[:, None] <= offs_m[None, :]) & n_valid[:, None] & (kvb[:, None] > ql[None, :])
+        allowed = (offs_n[:, None] <= offs_m[None, :]) & n_valid[:, None] & (kvb[:, None] >= ql[None, :])
         p_t = tl.where(allowed, p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)

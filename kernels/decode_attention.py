@@ -7,8 +7,9 @@ caches [B, S, Hkv, Dh] under a DecodeMeta (worldvla.mask):
 
 Decode has few query rows, so one program takes all rows that share a KV head (the Q rows
 times the H/Hkv query heads of the group: each cache tile is read once per group) and a
-slice of the cache; a second kernel merges the slices through their log-sum-exps. Tiles
-are skipped, mask-free or partial by the same integer tests as the prefill kernel.
+slice of the cache; a second kernel merges the slices through their log-sum-exps. Decode
+is memory-bound: every tile of a slice up to the last visible key is loaded unconditionally
+(so loads pipeline) and masked elementwise; keys past max(q_pos) and kv_len are never read.
 """
 from __future__ import annotations
 
@@ -51,9 +52,6 @@ def _split_kernel(Q, K, V, O, OP, LSEP, QPOS, QLIM, KVB, KVLEN,
                  r_valid[:, None] & d_valid[None, :], UPCAST)
     qpos = tl.load(QPOS + b * n_q + qi, mask=r_valid, other=-1)
     qlim = tl.load(QLIM + b * n_q + qi, mask=r_valid, other=-1)
-    qpos_min = tl.min(tl.where(r_valid, qpos, BIG), 0)
-    qlim_min = tl.min(tl.where(r_valid, qlim, BIG), 0)
-    qlim_max = tl.max(qlim, 0)
     kv_len = tl.minimum(tl.load(KVLEN + b), S)
 
     lo = pid_s * split_len
@@ -66,22 +64,19 @@ def _split_kernel(Q, K, V, O, OP, LSEP, QPOS, QLIM, KVB, KVLEN,
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = load_f32(k_base + offs_n[:, None] * s_ks + offs_d[None, :], kv_mask, UPCAST)
+        v = load_f32(v_base + offs_n[:, None] * s_vs + offs_d[None, :], kv_mask, UPCAST)
         kvb = tl.load(KVB + b64 * S + offs_n, mask=n_valid, other=BIG)
-        if tl.max(tl.where(n_valid, kvb, -1), 0) >= qlim_min:
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = load_f32(k_base + offs_n[:, None] * s_ks + offs_d[None, :], kv_mask, UPCAST)
-            v = load_f32(v_base + offs_n[:, None] * s_vs + offs_d[None, :], kv_mask, UPCAST)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-            partial = (n0 + BLOCK_N - 1 > qpos_min) | (n0 + BLOCK_N > hi) | (tl.min(kvb, 0) < qlim_max)
-            if partial:
-                allowed = (offs_n[None, :] <= qpos[:, None]) & n_valid[None, :] & (kvb[None, :] >= qlim[:, None])
-                s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        allowed = (offs_n[None, :] <= qpos[:, None]) & n_valid[None, :] & (kvb[None, :] >= qlim[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     if SINGLE:

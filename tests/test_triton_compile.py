@@ -28,7 +28,7 @@ def _specs():
     def attn(dt, d, bd, packed, warps):
         prec = "ieee" if dt == "fp32" else "tf32"
         ptr = dict(Q=dt, K=dt, V=dt, O=dt, DO=dt, DQ=dt, DK=dt, DV=dt, LSE="fp32", DELTA="fp32",
-                   KVB="i32", QL="i32", CU="i32")
+                   KVB="i32", QL="i32", CU="i32", FULL_IDX="i32", FULL_CNT="i32", PART_IDX="i32", PART_CNT="i32")
         base = dict(HEAD_DIM=d, BLOCK_D=bd, PACKED=packed)
         opts = dict(num_warps=warps, num_stages=3)
         return [

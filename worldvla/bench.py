@@ -11,6 +11,7 @@ BENCHMARKS = {
     "sampling": "constrained sampling vs full-vocabulary softmax",
     "e2e": "action-chunk and world-model frame latency vs the release-style baseline",
     "train": "training tokens/s, MFU and peak memory vs the reference-style path",
+    "serve_load": "policy server under concurrent load: p50/p99 latency, overhead over in-process act",
 }
 
 
