@@ -107,18 +107,18 @@ def build_tile_plan(kv_block, q_limit, cu_seqlens, max_seqlen: int, block_m: int
 
 
 def _plan(meta, kv_block, q_limit, cu, max_seqlen, block_m, block_n) -> TilePlan:
-    """Plans are cached on the metadata object: every layer of a forward shares one. The key holds
-    the tensors' version counters, so in-place edits of the metadata rebuild the plan."""
-    key = (block_m, block_n, max_seqlen, tuple(kv_block.shape),
-           *[(x.data_ptr(), x._version) for x in (meta.kv_block, meta.q_limit)],
-           None if meta.cu_seqlens is None else (meta.cu_seqlens.data_ptr(), meta.cu_seqlens._version))
+    """Plans are cached on the metadata object, so every layer of a forward shares one. An entry
+    is reused only for the very same tensors (held by the entry) at the same version counters,
+    so in-place edits or replaced tensors rebuild the plan."""
+    sources = (meta.kv_block, meta.q_limit, meta.cu_seqlens)
+    versions = tuple(None if x is None else x._version for x in sources)
     cache = meta.__dict__.setdefault("_triton_tile_plans", {})
-    plan = cache.get(key)
-    if plan is None:
-        if len(cache) > 8:
-            cache.clear()
-        plan = cache[key] = build_tile_plan(kv_block, q_limit, None if cu is None else cu, max_seqlen,
-                                            block_m, block_n)
+    key = (block_m, block_n, max_seqlen)
+    hit = cache.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], sources)) and hit[1] == versions:
+        return hit[2]
+    plan = build_tile_plan(kv_block, q_limit, cu, max_seqlen, block_m, block_n)
+    cache[key] = (sources, versions, plan)
     return plan
 
 

@@ -12,7 +12,8 @@ gradient is wanted, overwrites the chunk's logits in place with dloss/dlogits:
 
 (both normalizers are known before the first chunk). grad_hidden and grad_weight then
 come from two matmuls per chunk, so the forward already holds the gradients and the
-backward only scales them by the incoming gradient.
+backward only scales them by the incoming gradient. grad_weight is summed over chunks in
+fp32 ([V, H] fp32: 1 GiB for Chameleon-7B's head), far less than [N, V] fp32 logits.
 """
 from __future__ import annotations
 
@@ -123,6 +124,8 @@ def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5,
             logits, logits.stride(0), y32, row_w, ce, lse, h_c.shape[0], V, r0, inv_wsum_f, 2.0 * z_weight / n,
             HAS_WEIGHT=class_weight is not None, WRITE_GRAD=write_grad, ROWS=rows_per_prog, BLOCK_V=block_v,
             **({} if INTERPRET else dict(num_warps=8)))
+        if not write_grad:
+            continue
         dlogits = logits.to(weight.dtype)
         if need_grad_hidden:
             grad_h[rows[r0:r0 + step]] = dlogits @ weight

@@ -167,12 +167,13 @@ def test_prefix_cache_reused_across_queries(policy_dir, rng):
     pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
     pol.reset(["open the drawer", "push"])
     pol.act(_frames(rng, 2))
-    snap = pol._prefixes[2]
+    snap = pol._prefixes[("open the drawer", "push")]
+    pol.reset(["open the drawer", "push"])  # a new episode with the same instructions keeps the prefix
     eng = pol._engines[2]
     eng.cache.k.normal_()       # poison the cache: the next query must restore the prefix itself
     prev, cur = _frames(rng, 2), _frames(rng, 2)
     out = pol.act(cur, history=prev)
-    assert pol._prefixes[2] is snap
+    assert pol._prefixes[("open the drawer", "push")] is snap
     assert np.array_equal(out[0], _expected(pol, "open the drawer", [prev[0], cur[0]]))
 
 

@@ -179,7 +179,8 @@ def test_kind_filter_and_pack(demo_dir, tmp_path):
     lens = [len(s[0]) for s in samples]
     ids, labels, cu = st.pack(samples, sum(lens))
     assert cu.dtype == torch.int32 and cu.tolist() == [0, lens[0], lens[0] + lens[1], sum(lens)]
-    assert torch.equal(ids, torch.cat([s[0] for s in samples])) and torch.equal(labels, torch.cat([s[1] for s in samples]))
+    assert torch.equal(ids, torch.cat([s[0] for s in samples]))
+    assert torch.equal(labels, torch.cat([s[1] for s in samples]))
     pid, plab, pcu = st.pack(samples, sum(lens) + 9, pad_id=1)
     assert pid.numel() == sum(lens) + 9 and pcu[-1] == pid.numel() and (plab[-9:] == -100).all()
     with pytest.raises(ValueError, match="max_tokens"):

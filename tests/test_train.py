@@ -121,9 +121,10 @@ def test_logged_loss_is_the_global_batch_loss(store_dir, tmp_path):
 
 
 def test_micro_batching_does_not_change_training(store_dir, tmp_path):
+    """One packed sequence per step == 5 accumulated micro-batches with activation checkpointing."""
     one = trainer.train(args_for(store_dir, tmp_path / "one", "--steps", 3, "--batch-tokens", 600, "--no-export"))
     acc = trainer.train(args_for(store_dir, tmp_path / "acc", "--steps", 3, "--batch-tokens", 600,
-                                 "--micro-tokens", 140, "--no-export"))
+                                 "--micro-tokens", 140, "--grad-checkpointing", "--no-export"))
     np.testing.assert_allclose(acc["losses"], one["losses"], rtol=2e-5)
     w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "acc")
     for k in w1:

@@ -16,7 +16,8 @@ def _fused_backends(device):
     for be in ("triton", "native"):
         if be not in dispatch.available("linear_cross_entropy"):
             continue
-        h, w, y = torch.randn(5, 8, device=device), torch.randn(11, 8, device=device), torch.randint(0, 11, (5,), device=device)
+        h, w = torch.randn(5, 8, device=device), torch.randn(11, 8, device=device)
+        y = torch.randint(0, 11, (5,), device=device)
         try:
             dispatch.resolve("linear_cross_entropy", be, device, h, w, y, None, 1e-5, -100)
         except (ValueError, RuntimeError):

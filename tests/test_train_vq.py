@@ -44,7 +44,8 @@ def data(tmp_path_factory):
 def args_for(data, out, *extra):
     return vqt.build_parser().parse_args(
         [str(data / "d.hdf5"), "--out", str(out), "--init", str(data / "init"), "--batch-size", "4", "--lr", "2e-3",
-         "--warmup", "2", "--min-lr", "2e-4", "--save-every", "0", "--no-progress", "--restart-every", "2", "--device", "cpu",
+         "--warmup", "2", "--min-lr", "2e-4", "--save-every", "0", "--no-progress", "--restart-every", "2",
+         "--device", "cpu",
          *map(str, extra)])
 
 
@@ -61,7 +62,8 @@ def test_vq_training_learns_and_exports(data, tmp_path):
 
 
 def test_vq_resume_is_exact(data, tmp_path):
-    common = ["--steps", 7, "--restart-threshold", 0.5, "--usage-decay", 0.5]   # 16 frames / 4: crosses an epoch; restarts happen
+    # 16 frames in batches of 4: crosses an epoch boundary; fast usage decay so that restarts happen.
+    common = ["--steps", 7, "--restart-threshold", 0.5, "--usage-decay", 0.5]
     straight = vqt.train_vq(args_for(data, tmp_path / "a", *common))
     part = vqt.train_vq(args_for(data, tmp_path / "b", *common, "--stop-after", 3))
     rest = vqt.train_vq(args_for(data, tmp_path / "b", *common, "--resume"))

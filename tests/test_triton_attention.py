@@ -54,10 +54,6 @@ def world_sample(g, length):
     return torch.cat(parts)
 
 
-def meta_to(meta, device):
-    return meta.to(device)
-
-
 def qkv(g, shape_q, n_kv_heads, dtype, scale=1.0):
     *lead, H, D = shape_q
     q = torch.randn(*lead, H, D, generator=g) * scale

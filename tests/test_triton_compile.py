@@ -64,31 +64,36 @@ def _specs():
     return specs
 
 
-def compile_all():
+def _compile_one(i):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", 90, 32)
-    failures = []
-    for kernel, ptrs, consts, opts in _specs():
-        names = list(inspect.signature(kernel.fn).parameters)
-        sig = {}
-        for n in names:
-            if n in consts:
-                sig[n] = "constexpr"
-            elif n in ptrs:
-                sig[n] = "*" + ptrs[n]
-            else:
-                sig[n] = "fp32" if n in FLOAT_SCALARS else "i32"
-        label = f"{kernel.fn.__name__} {consts}"
-        try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target,
-                                      options=opts)
-            if compiled.metadata.shared > H100_SMEM:
-                failures.append(f"{label}: {compiled.metadata.shared} bytes of shared memory")
-        except Exception as exc:  # report every kernel, not just the first
-            failures.append(f"{label}: {type(exc).__name__}: {str(exc)[-600:]}")
+    kernel, ptrs, consts, opts = _specs()[i]
+    sig = {}
+    for n in inspect.signature(kernel.fn).parameters:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in ptrs:
+            sig[n] = "*" + ptrs[n]
+        else:
+            sig[n] = "fp32" if n in FLOAT_SCALARS else "i32"
+    label = f"{kernel.fn.__name__} {consts}"
+    try:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32), options=opts)
+    except Exception as exc:  # report every kernel, not just the first
+        return f"{label}: {type(exc).__name__}: {str(exc)[-600:]}"
+    if compiled.metadata.shared > H100_SMEM:
+        return f"{label}: {compiled.metadata.shared} bytes of shared memory"
+    return None
+
+
+def compile_all():
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        failures = [f for f in pool.map(_compile_one, range(len(_specs()))) if f]
     if failures:
         print("\n\n".join(failures))
         sys.exit(1)

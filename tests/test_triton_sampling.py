@@ -13,6 +13,20 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 LAYOUT = VocabLayout.compact()
 
 
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every float buffer made with torch.empty starts as NaN, so unwritten outputs show up."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
 def head(g, n, hidden, dtype):
     h = torch.randn(n, hidden, generator=g)
     w = torch.randn(LAYOUT.vocab_size, hidden, generator=g) * 0.3
@@ -29,7 +43,7 @@ RANGES = {"bins": LAYOUT.bin_range, "image": LAYOUT.image_id_range, "one": (LAYO
 
 @pytest.mark.parametrize("name", list(RANGES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy(rng, name, dtype):
+def test_greedy(rng, name, dtype, poison_empty):
     lo, hi = RANGES[name]
     h, w = head(rng, 7, 96, dtype)
     got = constrained_sample(h, w, lo, hi, backend="triton")
@@ -53,7 +67,7 @@ def test_greedy_single_row_ties(rng):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_range_logits_rule(rng, dtype):
+def test_range_logits_rule(rng, dtype, poison_empty):
     h, w = head(rng, 19, 200, dtype)
     lo, hi = 5, 1000
     got = K.range_logits(h, w, lo, hi)
@@ -65,7 +79,7 @@ def test_range_logits_rule(rng, dtype):
     assert err <= 2 * base + 1e-5, (err, base)
 
 
-def test_top_k_and_temperature(rng):
+def test_top_k_and_temperature(rng, poison_empty):
     h, w = head(rng, 40, 64, torch.float32)
     lo, hi = LAYOUT.bin_range
     l64 = logits64(h, w, lo, hi)

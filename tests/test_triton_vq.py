@@ -11,6 +11,20 @@ from worldvla.kernels import vq as K  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every float buffer made with torch.empty starts as NaN, so unwritten outputs show up."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
 def distances64(z, codebook):
     z, e = z.double(), codebook.double()
     return (e * e).sum(1)[None, :] - 2.0 * z @ e.t()
@@ -36,7 +50,7 @@ def test_quantize_near_codes_exact(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantize_random_latents(rng, dtype):
+def test_quantize_random_latents(rng, dtype, poison_empty):
     """Random latents (near-ties possible): the chosen code is as near as fp32 arithmetic can tell.
 
     Tolerance: the chosen code's exact distance exceeds the nearest one's by at most twice what
@@ -69,7 +83,7 @@ def test_quantize_mixed_dtypes_and_strides(rng):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gather_exact(rng, dtype):
+def test_gather_exact(rng, dtype, poison_empty):
     codebook = torch.randn(300, 40, generator=rng).to(DEV, dtype)
     idx = torch.randint(0, 300, (2, 5, 7), generator=rng).to(DEV)
     got = vq_gather(idx, codebook, backend="triton")

@@ -19,13 +19,15 @@ COMMANDS = {
 }
 
 
-def build_parser(load_all: bool = True) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand's module is imported (`only`), so one module's
+    missing optional dependency never breaks another command."""
     parser = argparse.ArgumentParser(prog="worldvla", description="WorldVLA: an autoregressive action world model.")
     parser.add_argument("--version", action="version", version=f"worldvla {importlib.import_module('worldvla').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if load_all:
+        if only in (None, name):
             try:
                 importlib.import_module(module).add_arguments(p)
             except ImportError as e:
@@ -36,7 +38,8 @@ def build_parser(load_all: bool = True) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(chosen if chosen in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -92,7 +92,7 @@ void prefill_item(const AttnFwdParams& p, const WorkItem& it, Scratch& w) {
 
   int32_t ql_min = INT_MAX, ql_max = INT_MIN;
   for (int64_t r = 0; r < rows4; ++r) {
-    for (int64_t d = 0; d < D; ++d) w.qs[r * D + d] = r < rows ? qb[r * p.q_st + d] * p.scale : 0.f;
+    for (int64_t d = 0; d < D; ++d) w.qs[r * D + d] = r < rows ? qb[r * p.q_st + d] : 0.f;
     w.row_max[r] = kNegInf;
     w.row_sum[r] = 0.f;
     if (r < rows) {
@@ -135,6 +135,7 @@ void prefill_item(const AttnFwdParams& p, const WorkItem& it, Scratch& w) {
         continue;
       }
       const int64_t i = it.m0 + r;
+      for (int64_t c = 0; c < cols; ++c) sr[c] *= p.scale;  // after the dot, as torch's reference
       if (need_mask) {
         for (int64_t c = 0; c < cols; ++c) {
           const int64_t j = n0 + c;

@@ -265,9 +265,9 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                          f"image ids; use VocabLayout.compact(n_image_codes={n_codes})")
     builder_text = text_tokenizer_for(layout, tokenizer_json)
 
-    first = next(iter_demos(files[0], camera=camera), None)
+    first = next((d for f in files for d in iter_demos(f, camera=camera)), None)
     if first is None:
-        raise ValueError(f"{files[0]} holds no demos")
+        raise ValueError(f"none of the {len(files)} demo files holds a demo")
     action_dim = first.actions.shape[1]
     image_hw = list(first.frames.shape[1:3])
     low, high = action_bounds(bounds, files, action_dim)

@@ -90,7 +90,8 @@ def _prepare(engine: InferenceEngine, prompts, skip, n_actions, action_dim):
     slots = P.view(B, 1) + torch.arange(n_actions * T, device=dev).view(1, -1)
     ordinal = base.view(B, 1) + (torch.arange(n_actions * T, device=dev) // T).to(torch.int32).view(1, -1)
     engine.kv_block.scatter_(1, slots, ordinal)
-    engine.kv_block.scatter_(1, P.view(B, 1) + n_actions * T, torch.full((B, 1), NO_BLOCK, dtype=torch.int32, device=dev))
+    sep_slot = P.view(B, 1) + n_actions * T
+    engine.kv_block.scatter_(1, sep_slot, torch.full((B, 1), NO_BLOCK, dtype=torch.int32, device=dev))
     engine.set_kv_len((P + n_actions * T + 1).to(torch.int32))
     return P, base
 
@@ -117,7 +118,7 @@ def _decode_parallel(engine, P, base, n_actions, action_dim, backend):
 
 def _decode_sequential(engine, P, base, n_actions, action_dim, backend):
     layout, dev = engine.layout, engine.device
-    B, K, D, T = engine.batch_size, n_actions, action_dim, action_dim + 2
+    B, K, T = engine.batch_size, n_actions, action_dim + 2
     lo, hi = layout.bin_range
     W = engine.model.lm_head.weight
     n = K * T

@@ -14,8 +14,9 @@ The previous frame comes, in order of precedence, from
 Caches: the VQ codes of recent frames (keyed by content, so the previous frame's codes
 are reused whenever it was already encoded, e.g. as the current frame of the last query),
 with all missing frames encoded in one VQGAN call; and the keys/values of the constant
-prefix (BOS + instruction text), prefilled once per episode and engine and copied into
-the cache at every query, so each query prefills only the images and the separator.
+prefix (BOS + instruction text), prefilled once per set of instructions (kept across
+episodes, a few sets at a time) and copied into the cache at every query, so each query
+prefills only the images and the separator.
 """
 from __future__ import annotations
 
@@ -43,8 +44,10 @@ _AUTO = object()
 def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_size: int, image_size: int,
                 history: int = 2, extra: dict | None = None, text_tokenizer_json=None) -> None:
     """Write a policy folder: `model/`, `vqgan/`, `policy.json` (and `text_tokenizer.json` for the
-    Chameleon vocabulary: `text_tokenizer_json` is its path or a ChameleonTextTokenizer). The folder appears complete or not at all: everything is written into a
-    temporary sibling folder that is then renamed into place (replacing an older policy)."""
+    Chameleon vocabulary: `text_tokenizer_json` is its path or a ChameleonTextTokenizer).
+
+    The folder appears complete or not at all: everything is written into a temporary sibling
+    folder that is then renamed into place (replacing an older policy)."""
     path = Path(path)
     if chunk_size < 1 or image_size < 1 or history < 1:
         raise ValueError(f"chunk_size, image_size and history must be >= 1, got {chunk_size}, {image_size}, {history}")
@@ -120,7 +123,7 @@ class WorldVLAPolicy:
         self._engines: OrderedDict = OrderedDict()   # batch size -> InferenceEngine
         self._instructions: list[str] | None = None
         self._broadcast = True
-        self._prefixes: dict = {}                     # batch size -> PrefixSnapshot for this episode
+        self._prefixes: OrderedDict = OrderedDict()   # instructions of a batch -> PrefixSnapshot
         self._last: np.ndarray | None = None          # most recent frame(s) seen, [N, H, W, 3]
         self._queue: list = []
 
@@ -140,7 +143,8 @@ class WorldVLAPolicy:
         model = WorldVLA.from_pretrained(path / "model", device=device, dtype=dtype)
         vqgan = VQGAN.from_pretrained(path / "vqgan", map_location=device)
         if model.layout is None:
-            raise ValueError(f"{path / 'model'}: config.json has no worldvla_layout and is not the Chameleon vocabulary")
+            raise ValueError(f"{path / 'model'}: config.json has no worldvla_layout and is not the Chameleon "
+                             f"vocabulary")
         text = None
         if (path / "text_tokenizer.json").is_file():
             text = ChameleonTextTokenizer(path / "text_tokenizer.json")
@@ -182,7 +186,6 @@ class WorldVLAPolicy:
             if not self._instructions:
                 raise ValueError("reset got an empty list of instructions")
             self._broadcast = False
-        self._prefixes.clear()
         self._last, self._queue = None, []
 
     def observe(self, image) -> None:
@@ -284,10 +287,8 @@ class WorldVLAPolicy:
         if eng is None or eng.max_len < max_len:
             eng = InferenceEngine(self.model, N, max_len, layout=self.layout)
             self._engines[N] = eng
-            self._prefixes.pop(N, None)
             while len(self._engines) > 4:
-                old, _ = self._engines.popitem(last=False)
-                self._prefixes.pop(old, None)
+                self._engines.popitem(last=False)
         self._engines.move_to_end(N)
         return eng
 
@@ -308,12 +309,16 @@ class WorldVLAPolicy:
         max_len = max(prefix_lens) + self.history * img_len + 1 + chunk_length(K, D)
         max_len = max(max_len, max(p.numel() for p in prompts) + chunk_length(K, D))
         eng = self._engine(N, max_len)
-        snap = self._prefixes.get(N)
-        if snap is None or snap.lengths != prefix_lens:
+        key = tuple(instructions)
+        snap = self._prefixes.get(key)
+        if snap is None:
             eng.prefill([p[:n] for p, n in zip(prompts, prefix_lens)])
             snap = eng.snapshot_prefix(prefix_lens)
-            self._prefixes[N] = snap
+            self._prefixes[key] = snap
+            while len(self._prefixes) > 8:
+                self._prefixes.popitem(last=False)
         else:
+            self._prefixes.move_to_end(key)
             eng.restore_prefix(snap)
         return generate_action_chunk(self.model, prompts, lay, K, D, mode=self.mode, engine=eng, skip=prefix_lens)
 

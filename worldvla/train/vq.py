@@ -150,7 +150,7 @@ def train_vq(args) -> dict:
            or (args.precision == "auto" and device.type == "cuda") else nullcontext())
     order = _epoch_order(len(frames), args.batch_size, args.seed, epoch)
     bar = tqdm(total=total, initial=step, desc="train-vq", unit="step", disable=args.no_progress, dynamic_ncols=True)
-    losses, t0 = [], time.perf_counter()
+    losses, t0, start = [], time.perf_counter(), step
 
     def lr_at(s):
         warm = args.warmup
@@ -190,7 +190,8 @@ def train_vq(args) -> dict:
                        "vq": float(vq_loss), "psnr": float(10 * torch.log10(4.0 / l2.clamp_min(1e-10))),
                        "perplexity": float(torch.exp(-(p * p.log()).sum())), "codes_used": int(used.sum()),
                        "restarted": restarted, "grad_norm": float(gn), "lr": lr_at(step - 1),
-                       "frames_per_s": args.batch_size * step / max(time.perf_counter() - t0, 1e-9), "time": time.time()}
+                       "frames_per_s": args.batch_size * (step - start) / max(time.perf_counter() - t0, 1e-9),
+                       "time": time.time()}
                 losses.append(rec["loss"])
                 if step % args.log_every == 0 or step == total:
                     log.write(json.dumps(rec) + "\n")
