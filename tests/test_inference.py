@@ -79,7 +79,7 @@ def test_direct_forward_equals_model_cached_path(rng):
     eng.kv_block[0, prompt.numel():prompt.numel() + 3] = 0
     eng.set_kv_len([prompt.numel() + 3])
     with torch.no_grad():
-        a = eng._forward_direct(buf.ids, buf.pos, buf.meta)
+        a = eng._forward(buf.ids, buf.pos, buf.meta)
         b = model.hidden_states(buf.ids, cache=eng.cache, position_ids=buf.pos, decode_meta=buf.meta)
     assert torch.equal(a, b)
 

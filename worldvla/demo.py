@@ -1,7 +1,7 @@
 """`worldvla demo`: the whole WorldVLA chain on Meta-World, sized for a 2-core CPU.
 
     collect     scripted-expert demonstrations, in parallel worker processes  -> <out>/demos/
-    train-vq    a small VQGAN image tokenizer on the demo frames              -> <out>/vqgan/
+    train-vq    a small VQGAN image tokenizer on the demo frames              -> <out>/vq/vqgan/
     pretokenize frames -> codes, action-model + world-model samples           -> <out>/store/
     train       a small WorldVLA on both sample kinds (chunk-masked)          -> <out>/train/, <out>/policy/
     evaluate    closed-loop success vs a random policy, world-model PSNR/SSIM -> <out>/eval/, <out>/metrics.json
@@ -161,23 +161,31 @@ def stage_collect(cfg: DemoConfig, out: Path, progress: bool) -> dict:
 def stage_train_vq(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     from .train import vq as train_vq
 
-    argv = [str(out / "demos"), "--out", str(out / "vqgan"), "--steps", str(cfg.vq_steps),
-            "--batch", str(cfg.vq_batch), "--lr", str(cfg.vq_lr), "--seed", str(cfg.seed)]
-    if cfg.fast:
-        argv += ["--config", "small"]
+    run_dir = out / "vq"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    argv = [str(out / "demos"), "--out", str(run_dir), "--config", "small", "--steps", str(cfg.vq_steps),
+            "--batch-size", str(cfg.vq_batch), "--lr", str(cfg.vq_lr), "--min-lr", str(cfg.vq_lr / 10),
+            "--warmup", str(max(1, min(100, cfg.vq_steps // 10))), "--seed", str(cfg.seed), "--device", "cpu",
+            "--save-every", "0", "--keep-last", "1", "--log-every", "10"]
     if not progress:
         argv.append("--no-progress")
-    shutil.rmtree(out / "vqgan", ignore_errors=True)
-    rc = train_vq.run(_cli_args(train_vq, argv))
-    if rc:
-        raise RuntimeError(f"train-vq failed with exit code {rc}")
-    return {}
+    summary = train_vq.train_vq(_cli_args(train_vq, argv))
+    if not summary.get("export"):
+        raise RuntimeError(f"train-vq finished without exporting a VQGAN (summary: {summary})")
+    last = {}
+    log = run_dir / "metrics.jsonl"
+    if log.is_file():
+        lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+        if lines:
+            rec = json.loads(lines[-1])
+            last = {k: rec.get(k) for k in ("psnr", "codes_used", "perplexity", "loss")}
+    return last
 
 
 def stage_pretokenize(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     from .data.store import MANIFEST, build_store
 
-    store = build_store(out / "demos", out / "store", out / "vqgan", chunk_size=cfg.chunk_size, history=2,
+    store = build_store(out / "demos", out / "store", out / "vq" / "vqgan", chunk_size=cfg.chunk_size, history=2,
                         action=True, world=cfg.world, bounds="unit", overwrite=True, progress=progress)
     m = json.loads((store / MANIFEST).read_text())
     return {k: m[k] for k in ("n_samples", "n_action", "n_world", "n_tokens")}
@@ -226,7 +234,7 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
         stages.invalidate_from(STAGES[0])
     outputs_ok = {
         "collect": lambda: all((out / "demos" / f"{t}.hdf5").is_file() for t in cfg.tasks),
-        "train-vq": lambda: (out / "vqgan" / "config.json").is_file(),
+        "train-vq": lambda: (out / "vq" / "vqgan" / "config.json").is_file(),
         "pretokenize": lambda: (out / "store" / "manifest.json").is_file()
         and json.loads((out / "store" / "manifest.json").read_text()).get("complete", False),
         "train": lambda: (out / "policy" / "policy.json").is_file(),

@@ -237,12 +237,16 @@ class WorldVLA(nn.Module):
         return causal_meta(tuple(input_ids.shape), input_ids.device, cu_seqlens)
 
     def hidden_states(self, input_ids, meta: ChunkMaskMeta | None = None, cu_seqlens=None, *,
-                      cache: KVCache | None = None, position_ids=None, decode_meta: DecodeMeta | None = None):
+                      cache: KVCache | None = None, position_ids=None, decode_meta: DecodeMeta | None = None,
+                      backend: str | None = None):
         """Final-norm hidden states.
 
         Without a cache: input_ids [B, L] (or [T] with cu_seqlens / packed meta) under the chunk rule.
-        With a cache: input_ids [B, Q] written at slots `position_ids` [B, Q], attending under `decode_meta`.
+        With a cache: input_ids [B, Q] written at slots `position_ids` [B, Q], attending under `decode_meta`;
+        this path makes no host synchronization, so it can be captured in a CUDA graph.
+        `backend` picks the attention backend (default: `self.attn_backend`).
         """
+        backend = backend or self.attn_backend
         cfg = self.config
         if input_ids.dtype.is_floating_point:
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
@@ -261,12 +265,12 @@ class WorldVLA(nn.Module):
             if int(pos.max()) >= cfg.max_position_embeddings:
                 raise ValueError(f"sequence of {int(pos.max()) + 1} positions exceeds max_position_embeddings "
                                  f"{cfg.max_position_embeddings}")
-            ctx = ForwardContext(meta=meta, backend=self.attn_backend)
+            ctx = ForwardContext(meta=meta, backend=backend)
         else:
             if decode_meta is None or position_ids is None:
                 raise ValueError("a cached forward needs position_ids and decode_meta")
             ids, pos = input_ids, position_ids
-            ctx = ForwardContext(cache=cache, position_ids=position_ids, decode_meta=decode_meta, backend=self.attn_backend)
+            ctx = ForwardContext(cache=cache, position_ids=position_ids, decode_meta=decode_meta, backend=backend)
         x = self.model.embed_tokens(ids)
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):

@@ -28,7 +28,8 @@ struct WorkItem {
 };
 
 struct Scratch {
-  std::vector<float> qs, kt, vt, sc, acc, row_max, row_sum;
+  std::vector<float> qs, kt, vt, sc, acc, row_max;
+  std::vector<double> row_sum;  // softmax denominators: a long sequential sum, kept in double
   std::vector<int32_t> ql;
   Scratch(int64_t D, int64_t Dp)
       : qs(kQB * D), kt(D * kKB), vt(kKB * Dp), sc(kQB * kKB), acc(kQB * Dp), row_max(kQB), row_sum(kQB),
@@ -60,9 +61,7 @@ inline void pv_tile(const float* __restrict p, const float* __restrict vt, float
                     int64_t cols, int64_t Dp) {
   for (int64_t r0 = 0; r0 < rows; r0 += 4)
     for (int64_t d0 = 0; d0 < Dp; d0 += 16) {
-      float a[4][16];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 16; ++j) a[i][j] = acc[(r0 + i) * Dp + d0 + j];
+      float a[4][16] = {};  // the tile's own sum, added at the end: shorter rounding chains
       for (int64_t c = 0; c < cols; ++c) {
         const float* vc = vt + c * Dp + d0;
         for (int i = 0; i < 4; ++i) {
@@ -71,7 +70,7 @@ inline void pv_tile(const float* __restrict p, const float* __restrict vt, float
         }
       }
       for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 16; ++j) acc[(r0 + i) * Dp + d0 + j] = a[i][j];
+        for (int j = 0; j < 16; ++j) acc[(r0 + i) * Dp + d0 + j] += a[i][j];
     }
 }
 
@@ -94,7 +93,7 @@ void prefill_item(const AttnFwdParams& p, const WorkItem& it, Scratch& w) {
   for (int64_t r = 0; r < rows4; ++r) {
     for (int64_t d = 0; d < D; ++d) w.qs[r * D + d] = r < rows ? qb[r * p.q_st + d] : 0.f;
     w.row_max[r] = kNegInf;
-    w.row_sum[r] = 0.f;
+    w.row_sum[r] = 0.0;
     if (r < rows) {
       w.ql[r] = qlim[it.m0 + r];
       ql_min = std::min(ql_min, w.ql[r]);
@@ -149,7 +148,7 @@ void prefill_item(const AttnFwdParams& p, const WorkItem& it, Scratch& w) {
         continue;
       }
       const float alpha = std::exp(w.row_max[r] - mx);
-      float sum = 0.f;
+      double sum = 0.0;
       for (int64_t c = 0; c < cols; ++c) {
         sr[c] = std::exp(sr[c] - mx);
         sum += sr[c];
@@ -165,7 +164,7 @@ void prefill_item(const AttnFwdParams& p, const WorkItem& it, Scratch& w) {
   float* ob = o + it.seq * p.o_sb + (it.start + it.m0) * p.o_st + it.head * p.o_sh;
   for (int64_t r = 0; r < rows; ++r) {
     // A row that sees no key (possible only with hand-made metadata) gives zeros.
-    const float inv = w.row_sum[r] > 0.f ? 1.f / w.row_sum[r] : 0.f;
+    const float inv = w.row_sum[r] > 0.0 ? static_cast<float>(1.0 / w.row_sum[r]) : 0.f;
     for (int64_t d = 0; d < D; ++d) ob[r * p.o_st + d] = w.acc[r * Dp + d] * inv;
   }
 }
@@ -200,7 +199,7 @@ void decode_item(const DecodeParams& p, const DecodeItem& it, std::vector<float>
   for (int64_t r = 0; r < n_rows; ++r) {
     const int64_t hk = it.hk0 + r / per_head, g = (r % per_head) / Q, i = r % Q;
     const float* qr = q + it.b * p.q_sb + i * p.q_st + (hk * G + g) * p.q_sh;
-    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = qr[d] * p.scale;
+    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = qr[d];
   }
 
   for (int64_t s = 0; s < end; ++s) {
@@ -208,7 +207,7 @@ void decode_item(const DecodeParams& p, const DecodeItem& it, std::vector<float>
     for (int64_t r = 0; r < n_rows; ++r) {
       const int64_t hk = it.hk0 + r / per_head, i = r % Q;
       const bool visible = s <= qpos[i] && !(kvb[s] < qlim[i]);
-      sc[r * end + s] = visible ? dot_f32(&qs[r * D], kbase + hk * p.k_sh, D) : kNegInf;
+      sc[r * end + s] = visible ? dot_f32(&qs[r * D], kbase + hk * p.k_sh, D) * p.scale : kNegInf;
     }
   }
   std::vector<float> inv(n_rows);
@@ -216,12 +215,12 @@ void decode_item(const DecodeParams& p, const DecodeItem& it, std::vector<float>
     float* sr = &sc[r * end];
     float mx = kNegInf;
     for (int64_t s = 0; s < end; ++s) mx = std::max(mx, sr[s]);
-    float sum = 0.f;
+    double sum = 0.0;
     for (int64_t s = 0; s < end; ++s) {
       sr[s] = mx == kNegInf ? 0.f : std::exp(sr[s] - mx);
       sum += sr[s];
     }
-    inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+    inv[r] = sum > 0.0 ? static_cast<float>(1.0 / sum) : 0.f;
   }
   for (int64_t s = 0; s < end; ++s) {
     const float* vbase = v + it.b * p.v_sb + s * p.v_st;

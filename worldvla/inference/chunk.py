@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..mask import NO_BLOCK
 from ..tokens.layout import VocabLayout
 from .engine import InferenceEngine
 
@@ -89,9 +88,7 @@ def _prepare(engine: InferenceEngine, prompts, skip, n_actions, action_dim):
     base = torch.tensor([int((p == layout.boa).sum()) for p in prompts], dtype=torch.int32, device=dev)
     slots = P.view(B, 1) + torch.arange(n_actions * T, device=dev).view(1, -1)
     ordinal = base.view(B, 1) + (torch.arange(n_actions * T, device=dev) // T).to(torch.int32).view(1, -1)
-    engine.kv_block.scatter_(1, slots, ordinal)
-    sep_slot = P.view(B, 1) + n_actions * T
-    engine.kv_block.scatter_(1, sep_slot, torch.full((B, 1), NO_BLOCK, dtype=torch.int32, device=dev))
+    engine.kv_block.scatter_(1, slots, ordinal)  # the prefill set every later slot (the separator's) to NO_BLOCK
     engine.set_kv_len((P + n_actions * T + 1).to(torch.int32))
     return P, base
 

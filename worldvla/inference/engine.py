@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..mask import NO_BLOCK, DecodeMeta, chunk_mask_meta
-from ..model import ForwardContext, KVCache, rope_cos_sin
+from ..model import KVCache
 from ..tokens.layout import VocabLayout
 
 
@@ -97,28 +97,9 @@ class InferenceEngine:
         self._pool = None
 
     # ------------------------------------------------------------------ forward
-    def _forward_direct(self, ids, pos, meta: DecodeMeta) -> torch.Tensor:
-        """The model's cached forward without host-side id checks (capturable in a CUDA graph).
-
-        Equals `model.hidden_states(ids, cache=..., position_ids=pos, decode_meta=meta)`;
-        tests/test_inference.py checks that it does."""
-        m, cfg = self.model, self.model.config
-        x = m.model.embed_tokens(ids)
-        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
-        ctx = ForwardContext(cache=self.cache, position_ids=pos, decode_meta=meta, backend=self.backend)
-        for i, layer in enumerate(m.model.layers):
-            x = layer(x, cos, sin, ctx, i)
-        return m.model.norm(x)
-
     def _forward(self, ids, pos, meta: DecodeMeta) -> torch.Tensor:
-        if self.device.type == "cuda":  # avoid the per-call host syncs of the id range check
-            return self._forward_direct(ids, pos, meta)
-        saved = self.model.attn_backend
-        self.model.attn_backend = self.backend
-        try:
-            return self.model.hidden_states(ids, cache=self.cache, position_ids=pos, decode_meta=meta)
-        finally:
-            self.model.attn_backend = saved
+        """The model's cached forward: no host synchronization, so capturable in a CUDA graph."""
+        return self.model.hidden_states(ids, cache=self.cache, position_ids=pos, decode_meta=meta, backend=self.backend)
 
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
@@ -211,13 +192,13 @@ class InferenceEngine:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward_direct(buf.ids, buf.pos, buf.meta)
+                self._forward(buf.ids, buf.pos, buf.meta)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._forward_direct(buf.ids, buf.pos, buf.meta)
+            out = self._forward(buf.ids, buf.pos, buf.meta)
         buf.graph, buf.out = graph, out
 
     # ------------------------------------------------------------------ metadata helpers

@@ -49,8 +49,9 @@ def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_siz
     The folder appears complete or not at all: everything is written into a temporary sibling
     folder that is then renamed into place (replacing an older policy)."""
     path = Path(path)
-    if chunk_size < 1 or image_size < 1 or history < 1:
-        raise ValueError(f"chunk_size, image_size and history must be >= 1, got {chunk_size}, {image_size}, {history}")
+    if chunk_size < 1 or image_size < 1 or history not in (1, 2):
+        raise ValueError(f"chunk_size and image_size must be >= 1 and history 1 or 2, got {chunk_size}, "
+                         f"{image_size}, {history}")
     if model.layout is not None and model.layout.text_base < 0 and text_tokenizer_json is None:
         raise ValueError("a model on the Chameleon vocabulary needs its text_tokenizer.json (text_tokenizer_json=)")
     down, grid = vqgan.downsample, (model.layout.res_grid if model.layout is not None else 32)
@@ -102,8 +103,9 @@ class WorldVLAPolicy:
             raise ValueError("the model has no vocabulary layout (ModelConfig.layout); a policy needs one")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if history < 1:
-            raise ValueError(f"history must be >= 1 (the current frame), got {history}")
+        if history not in (1, 2):
+            raise ValueError(f"history must be 1 (current frame) or 2 (previous + current frame, the release), "
+                             f"got {history}")
         self.model, self.vqgan = model.eval(), vqgan.eval()
         self.layout = model.layout
         self.action_tokenizer = action_tokenizer
@@ -140,6 +142,8 @@ class WorldVLAPolicy:
                                     f"worldvla.inference.save_policy)")
         info = json.loads((path / POLICY_FILE).read_text())
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.replace("bf16", "bfloat16").replace("fp16", "float16"))
         model = WorldVLA.from_pretrained(path / "model", device=device, dtype=dtype)
         vqgan = VQGAN.from_pretrained(path / "vqgan", map_location=device)
         if model.layout is None:
@@ -191,7 +195,8 @@ class WorldVLAPolicy:
     def observe(self, image) -> None:
         """Record the frame(s) of an executed env step that was not given to `act`."""
         self._require_reset()
-        self._last, _ = self._frames(image)
+        frames, _ = self._frames(image)
+        self._last = frames.copy()  # the caller may reuse its frame buffer
 
     def step(self, image) -> np.ndarray:
         """One action per call ([D], or [N, D] for a batch), querying a chunk when the last one is used up."""
@@ -231,7 +236,7 @@ class WorldVLAPolicy:
         cur = codes[-N:]
         hist = [[codes[i], cur[i]] if use_prev else [cur[i]] for i in range(N)]
         ids = self._query(instructions, hist)
-        self._last = frames
+        self._last = frames.copy()
         actions = self.action_tokenizer.decode(ids.numpy()).astype(np.float32)  # [N, K, D]
         return actions[0] if single else actions
 

@@ -1,0 +1,66 @@
+"""`worldvla demo --fast`: the whole chain at toy sizes, its artifacts, and its stage cache."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytest.importorskip("metaworld")
+pytest.importorskip("mujoco")
+
+
+def test_fast_demo_runs_and_reuses_its_caches(tmp_path, capsys):
+    from worldvla import demo
+    from worldvla.inference import WorldVLAPolicy
+
+    out = tmp_path / "demo"
+    argv = ["--fast", "--out", str(out), "--no-progress"]
+    t0 = time.perf_counter()
+    assert demo.main(argv) == 0
+    first = time.perf_counter() - t0
+    printed = capsys.readouterr().out
+    assert "closed-loop success" in printed and "random" in printed
+
+    for rel in ("metrics.json", "policy/policy.json", "policy/model", "policy/vqgan", "eval/metrics.json",
+                "eval/success.png", "eval/world_model.png", "eval/world_model_grid.png", "demos/reach-v3.hdf5",
+                "store/manifest.json"):
+        assert (out / rel).exists(), rel
+    assert list((out / "eval").glob("*.gif"))
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["stages"]) == {"collect", "train-vq", "pretokenize", "train", "evaluate"}
+    assert not any(s["cached"] for s in m["stages"].values())
+    ev = m["eval"]
+    assert 0.0 <= ev["variants"]["WorldVLA"]["success_rate"] <= 1.0 and "random" in ev
+    wm = ev["world_model"]["reach-v3"]
+    assert wm["one_step"]["n"] >= 1 and 0.0 < wm["one_step"]["psnr"] < 100 and -1 <= wm["one_step"]["ssim"] <= 1
+
+    policy = WorldVLAPolicy.from_pretrained(out / "policy", device="cpu")
+    assert policy.chunk_size == m["config"]["chunk_size"] and policy.action_dim == 4
+
+    # Second run: every stage is cached and the metrics are reproduced from the cache.
+    t0 = time.perf_counter()
+    assert demo.main(argv) == 0
+    second = time.perf_counter() - t0
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert all(s["cached"] for s in m2["stages"].values())
+    assert m2["eval"]["variants"] == ev["variants"]
+    assert second < first / 2
+
+    # A changed training setting reruns training and evaluation only; a broken marker reruns its stage.
+    assert demo.main(argv + ["--train-steps", "2"]) == 0
+    m3 = json.loads((out / "metrics.json").read_text())
+    assert [s for s, v in m3["stages"].items() if not v["cached"]] == ["train", "evaluate"]
+    (out / "store" / "manifest.json").unlink()
+    assert demo.main(argv + ["--train-steps", "2"]) == 0
+    m4 = json.loads((out / "metrics.json").read_text())
+    assert [s for s, v in m4["stages"].items() if not v["cached"]] == ["pretokenize", "train", "evaluate"]
+
+
+def test_demo_rejects_bad_settings(capsys):
+    from worldvla import demo
+
+    assert demo.main(["--fast", "--tasks", "no-such-task-v3", "--out", "/nonexistent/x"]) == 2
+    assert "unknown" in capsys.readouterr().err
+    assert demo.main(["--fast", "--image-size", "48", "--out", "/nonexistent/x"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
