@@ -7,15 +7,13 @@ FLOPs count only visible (query, key) pairs: 4*H*Dh per pair forward, 2.5x that 
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 from worldvla import VocabLayout, chunk_mask_meta, ops
 from worldvla.mask import causal_meta
 
-from .common import print_table, time_fn, write_results
+from .common import main_for, print_table, time_fn, write_results
 
 LAYOUT = VocabLayout.chameleon()
 
@@ -141,12 +139,7 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device")
-    p.add_argument("--out", default="benchmarks/results")
-    a = p.parse_args(argv)
-    run(a.quick, a.device, a.out)
+    return main_for(run, __doc__, argv)
 
 
 if __name__ == "__main__":

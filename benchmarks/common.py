@@ -142,3 +142,15 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def main_for(run, description: str, argv=None):
+    """The `python -m benchmarks.<name>` entry point every benchmark shares."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results and plots")
+    a = p.parse_args(argv)
+    return run(a.quick, a.device, a.out)

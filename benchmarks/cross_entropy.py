@@ -2,14 +2,12 @@
 z-loss): time and peak memory of forward + backward."""
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from worldvla import ops
 from worldvla.ops.cross_entropy import linear_cross_entropy_ref
 
-from .common import peak_memory, print_table, time_fn, write_results
+from .common import main_for, peak_memory, print_table, time_fn, write_results
 
 
 def run(quick=False, device=None, out_dir="benchmarks/results"):
@@ -47,12 +45,7 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device")
-    p.add_argument("--out", default="benchmarks/results")
-    a = p.parse_args(argv)
-    run(a.quick, a.device, a.out)
+    return main_for(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,13 @@ Reports tokens/s (real tokens, padding excluded), MFU (6 * params * tokens / tim
 and peak memory."""
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 from worldvla.model import ModelConfig, WorldVLA, loss_class_weights
 
 from .attention import LAYOUT, action_document
-from .common import peak_memory, print_table, time_fn, write_results
+from .common import main_for, peak_memory, print_table, time_fn, write_results
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 
@@ -91,12 +89,7 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device")
-    p.add_argument("--out", default="benchmarks/results")
-    a = p.parse_args(argv)
-    run(a.quick, a.device, a.out)
+    return main_for(run, __doc__, argv)
 
 
 if __name__ == "__main__":

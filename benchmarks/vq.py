@@ -4,13 +4,11 @@ Work: N*K*C multiply-adds for the distances; bytes: z (N*C) + codebook (K*C) rea
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from worldvla import ops
 
-from .common import print_table, time_fn, write_results
+from .common import main_for, print_table, time_fn, write_results
 
 
 def cdist_argmin(z, codebook):
@@ -48,12 +46,7 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device")
-    p.add_argument("--out", default="benchmarks/results")
-    a = p.parse_args(argv)
-    run(a.quick, a.device, a.out)
+    return main_for(run, __doc__, argv)
 
 
 if __name__ == "__main__":

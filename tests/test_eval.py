@@ -162,3 +162,41 @@ def test_closed_loop_on_stand_in_env():
     assert len(rnd.successes) == 3 and all(s <= 6 for s in rnd.steps) and rnd.frames is None
     d = rnd.to_dict()
     assert d["episodes"] == 3 and 0.0 <= d["success_rate"] <= 1.0
+
+
+def _tiny_policy(chunk_size):
+    from worldvla.inference.policy import WorldVLAPolicy
+    from worldvla.model import ModelConfig, WorldVLA
+    from worldvla.tokens import ActionTokenizer, VocabLayout
+    from worldvla.vqgan import VQGAN, VQGANConfig
+
+    vq = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32, n_embed=64))
+    lay = VocabLayout.compact(n_image_codes=64)
+    model = WorldVLA(ModelConfig.tiny(lay)).init_weights(0.5, torch.Generator().manual_seed(int(torch.randint(0, 1000, ()))))
+    return WorldVLAPolicy(model, vq, ActionTokenizer(lay, [-1.0] * 4, [1.0] * 4), chunk_size=chunk_size,
+                          image_size=32, mode="sequential")
+
+
+def test_causal_chunk_decoding_ablation():
+    from worldvla.eval.ablations import CausalChunkPolicy
+
+    rng = np.random.default_rng()
+    img = rng.integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    prev = rng.integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    # One action per chunk: there is no earlier block to hide, so both decoders agree exactly.
+    pol = _tiny_policy(1)
+    causal = CausalChunkPolicy.from_policy(pol)
+    for p in (pol, causal):
+        p.reset("open the drawer")
+    np.testing.assert_array_equal(pol.act(img, history=prev), causal.act(img, history=prev))
+    # Longer chunks: the first action is still identical; the rest see earlier actions only
+    # without the mask, and with large random weights they (almost surely) change somewhere.
+    pol = _tiny_policy(6)
+    causal = CausalChunkPolicy.from_policy(pol)
+    for p in (pol, causal):
+        p.reset("open the drawer")
+    a, b = pol.act(img, history=prev), causal.act(img, history=prev)
+    assert a.shape == b.shape == (2, 6, 4)
+    np.testing.assert_array_equal(a[:, 0], b[:, 0])
+    assert not np.array_equal(a, b)
+    assert causal.metadata()["mode"].startswith("causal")

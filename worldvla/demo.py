@@ -57,7 +57,7 @@ class DemoConfig:
     @classmethod
     def fast_preset(cls, **kw) -> "DemoConfig":
         """Tiny everything: checks the plumbing in about a minute, learns nothing."""
-        base = dict(tasks=("reach-v3",), episodes=2, vq_steps=4, vq_batch=8, model="tiny", train_steps=3,
+        base = dict(tasks=("reach-v3",), episodes=2, workers=1, vq_steps=2, vq_batch=4, model="tiny", train_steps=3,
                     batch_tokens=2048, eval_episodes=1, eval_max_steps=12, eval_envs=1, wm_episodes=1,
                     wm_horizon=2, collect_max_steps=200, fast=True)
         base.update(kw)
@@ -133,6 +133,14 @@ class Stages:
     def invalidate_from(self, stage: str) -> None:
         for s in STAGES[STAGES.index(stage):]:
             self._path(s).unlink(missing_ok=True)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (collection workers)."""
+    import resource
+
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 
 
 def _say(msg: str) -> None:
@@ -256,7 +264,7 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
         started.parent.mkdir(parents=True, exist_ok=True)
         started.write_text(stages.keys[stage])
         _say(f"{stage} ...")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         if stage == "collect":
             info = stage_collect(cfg, out, progress)
         elif stage == "train-vq":
@@ -267,11 +275,12 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
             info = stage_train(cfg, out, progress, resume)
         else:
             info = stage_evaluate(cfg, out, progress)
-        secs = time.perf_counter() - t0
+        secs, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
         stages.mark(stage, secs, info if stage != "evaluate" else {})
         started.unlink(missing_ok=True)
-        results["stages"][stage] = {"cached": False, "seconds": secs}
-        _say(f"{stage}: done in {secs:.1f} s")
+        results["stages"][stage] = {"cached": False, "seconds": secs, "cpu_seconds": cpu, "info": info
+                                    if stage != "evaluate" else {}}
+        _say(f"{stage}: done in {secs:.1f} s ({cpu:.0f} CPU-s)")
     results["total_seconds"] = time.perf_counter() - t_total
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     results["eval"] = metrics

@@ -4,24 +4,31 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/cpu_common.h"
 
 namespace worldvla {
+
+namespace {
+
+WORLDVLA_MULTIVERSION
+void logits_rows(const float* hidden, int64_t h_s, const float* weight, int64_t w_s, int64_t N, int64_t H,
+                 int64_t lo, int64_t v0, int64_t v1, int64_t R, float* logits) {
+  for (int64_t v = v0; v < v1; ++v) {
+    const float* w = weight + (lo + v) * w_s;
+    for (int64_t n = 0; n < N; ++n) logits[n * R + v] = dot_f32(hidden + n * h_s, w, H);
+  }
+}
+
+}  // namespace
 
 void range_logits_cpu(const float* hidden, int64_t h_s, const float* weight, int64_t w_s,
                       int64_t N, int64_t H, int64_t lo, int64_t hi, float* logits) {
   const int64_t R = hi - lo;
+  constexpr int64_t kChunk = 64;
   // Parallel over vocabulary rows: N is small (a few decode rows), R is large.
 #pragma omp parallel for schedule(static)
-  for (int64_t v = 0; v < R; ++v) {
-    const float* w = weight + (lo + v) * w_s;
-    for (int64_t n = 0; n < N; ++n) {
-      const float* x = hidden + n * h_s;
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < H; ++d) s += x[d] * w[d];
-      logits[n * R + v] = s;
-    }
-  }
+  for (int64_t v0 = 0; v0 < R; v0 += kChunk)
+    logits_rows(hidden, h_s, weight, w_s, N, H, lo, v0, std::min(R, v0 + kChunk), R, logits);
 }
 
 void range_argmax_cpu(const float* hidden, int64_t h_s, const float* weight, int64_t w_s,

@@ -5,52 +5,64 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/cpu_common.h"
 
 namespace worldvla {
+
+namespace {
+
+constexpr int64_t kRows = 4;  // z rows per step: each code row is read once for 4 rows
+
+WORLDVLA_MULTIVERSION
+void code_norms(const float* codebook, int64_t cb_s, int64_t k0, int64_t k1, int64_t C, float* enorm) {
+  for (int64_t c = k0; c < k1; ++c) enorm[c] = dot_f32(codebook + c * cb_s, codebook + c * cb_s, C);
+}
+
+WORLDVLA_MULTIVERSION
+void nearest_rows(const float* z, int64_t z_s, const float* codebook, int64_t cb_s, const float* enorm, int64_t n0,
+                  int64_t rows, int64_t K, int64_t C, int64_t* out) {
+  const float* zr[kRows];
+  for (int64_t r = 0; r < kRows; ++r) zr[r] = z + (n0 + (r < rows ? r : 0)) * z_s;
+  float best[kRows];
+  int64_t arg[kRows];
+  for (int64_t r = 0; r < kRows; ++r) {
+    best[r] = std::numeric_limits<float>::infinity();
+    arg[r] = 0;
+  }
+  for (int64_t c = 0; c < K; ++c) {
+    const float* e = codebook + c * cb_s;
+    float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+    for (int64_t d = 0; d < C; ++d) {
+      d0 += zr[0][d] * e[d];
+      d1 += zr[1][d] * e[d];
+      d2 += zr[2][d] * e[d];
+      d3 += zr[3][d] * e[d];
+    }
+    const float dist[kRows] = {enorm[c] - 2.f * d0, enorm[c] - 2.f * d1, enorm[c] - 2.f * d2, enorm[c] - 2.f * d3};
+    for (int64_t r = 0; r < kRows; ++r)
+      if (dist[r] < best[r]) {  // strict: the first minimum wins, as torch.argmin
+        best[r] = dist[r];
+        arg[r] = c;
+      }
+  }
+  for (int64_t r = 0; r < rows; ++r) out[n0 + r] = arg[r];
+}
+
+}  // namespace
 
 void vq_quantize_cpu(const float* z, int64_t z_s, const float* codebook, int64_t cb_s,
                      int64_t N, int64_t K, int64_t C, int64_t* out) {
   // ||z - e||^2 = ||z||^2 + ||e||^2 - 2 z.e ; ||z||^2 is the same for every code.
   std::vector<float> enorm(K);
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < K; ++c) {
-    const float* e = codebook + c * cb_s;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < C; ++d) s += e[d] * e[d];
-    enorm[c] = s;
-  }
-  constexpr int64_t R = 4;  // rows per step: each code row is read once for R rows
-#pragma omp parallel for schedule(static)
-  for (int64_t n0 = 0; n0 < N; n0 += R) {
-    const int64_t rows = std::min(R, N - n0);
-    const float* zr[R];
-    for (int64_t r = 0; r < R; ++r) zr[r] = z + (n0 + (r < rows ? r : 0)) * z_s;
-    float best[R];
-    int64_t arg[R];
-    for (int64_t r = 0; r < R; ++r) {
-      best[r] = std::numeric_limits<float>::infinity();
-      arg[r] = 0;
-    }
-    for (int64_t c = 0; c < K; ++c) {
-      const float* e = codebook + c * cb_s;
-      float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-      for (int64_t d = 0; d < C; ++d) {
-        d0 += zr[0][d] * e[d];
-        d1 += zr[1][d] * e[d];
-        d2 += zr[2][d] * e[d];
-        d3 += zr[3][d] * e[d];
-      }
-      const float dist[R] = {enorm[c] - 2.f * d0, enorm[c] - 2.f * d1, enorm[c] - 2.f * d2,
-                             enorm[c] - 2.f * d3};
-      for (int64_t r = 0; r < R; ++r)
-        if (dist[r] < best[r]) {  // strict: the first minimum wins, as torch.argmin
-          best[r] = dist[r];
-          arg[r] = c;
-        }
-    }
-    for (int64_t r = 0; r < rows; ++r) out[n0 + r] = arg[r];
+  constexpr int64_t kChunk = 256;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t k0 = 0; k0 < K; k0 += kChunk) code_norms(codebook, cb_s, k0, std::min(K, k0 + kChunk), C, enorm.data());
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t n0 = 0; n0 < N; n0 += kRows)
+      nearest_rows(z, z_s, codebook, cb_s, enorm.data(), n0, std::min(kRows, N - n0), K, C, out);
   }
 }
 

@@ -274,9 +274,13 @@ def load_policy(path, device=None):
 
 def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_steps: int = 200, n_envs: int = 4,
              random_baseline: bool = True, wm_episodes: int = 2, wm_horizon: int = 8, progress: bool = True,
-             variant_names: list[str] | None = None, device=None, gifs: bool = True) -> dict:
+             variant_names: list[str] | None = None, device=None, gifs: bool = True,
+             causal_variant: bool = False) -> dict:
     """Evaluate one or more policies (folders or loaded objects) on `tasks`; write artifacts to
-    `out_dir` and return the metrics (also written to `out_dir/metrics.json`)."""
+    `out_dir` and return the metrics (also written to `out_dir/metrics.json`).
+
+    `causal_variant`: also evaluate every policy with its chunks decoded without the chunk
+    mask (plain causal attention, `worldvla.eval.ablations.CausalChunkPolicy`)."""
     from tqdm.auto import tqdm
 
     from . import plots
@@ -292,6 +296,14 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must differ, got {names}; pass variant_names")
     loaded = [load_policy(p, device) if isinstance(p, (str, Path)) else p for p in policies]
+    if causal_variant:
+        from .ablations import CausalChunkPolicy
+
+        for i in range(len(loaded)):
+            if hasattr(loaded[i], "builder"):
+                loaded.append(CausalChunkPolicy.from_policy(loaded[i]))
+                policies.append(policies[i])
+                names.append(f"{names[i]} (no chunk mask)")
     metrics: dict = {"tasks": tasks, "episodes": episodes, "max_steps": max_steps, "seed": seed, "variants": {}}
     n_runs = len(tasks) * episodes * (len(loaded) + int(random_baseline))
     bar = tqdm(total=n_runs, desc="evaluate", unit="ep", disable=not progress, dynamic_ncols=True)
@@ -299,8 +311,8 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     try:
         for name, pol in zip(names, loaded):
             meta = pol.metadata() if hasattr(pol, "metadata") else {}
-            v = {"policy": str(policies[names.index(name)]) if isinstance(policies[names.index(name)], (str, Path))
-                 else name, "chunk_size": getattr(pol, "chunk_size", None), "metadata": _jsonable(meta), "tasks": {}}
+            src = policies[names.index(name)]
+            v = {"policy": str(src) if isinstance(src, (str, Path)) else name, "chunk_size": getattr(pol, "chunk_size", None), "metadata": _jsonable(meta), "tasks": {}}
             for task in tasks:
                 r = closed_loop(pol, task, episodes, seed=seed, max_steps=max_steps, n_envs=n_envs, progress=bar)
                 v["tasks"][task] = r.to_dict()
@@ -426,6 +438,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--wm-episodes", type=int, default=2,
                         help="held-out expert rollouts per task for the world-model metrics (0 = skip)")
     parser.add_argument("--wm-horizon", type=int, default=8, help="imagined steps per rollout (default: %(default)s)")
+    parser.add_argument("--no-chunk-mask-variant", action="store_true",
+                        help="also evaluate each policy decoding its chunks with plain causal attention "
+                             "(the chunk-mask ablation at inference)")
     parser.add_argument("--device", default=None, help="torch device (default: the policy's default)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -445,7 +460,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate(args.policy, tasks, args.episodes, args.out, seed=args.seed, max_steps=args.max_steps,
                        n_envs=args.envs, random_baseline=not args.no_random, wm_episodes=args.wm_episodes,
                        wm_horizon=args.wm_horizon, progress=not args.no_progress, variant_names=names,
-                       device=args.device)
+                       device=args.device, causal_variant=args.no_chunk_mask_variant)
     print(format_results(metrics))
     print(f"-> {Path(args.out) / 'metrics.json'}")
     return 0

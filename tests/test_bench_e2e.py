@@ -1,0 +1,60 @@
+"""Smoke run of the end-to-end latency benchmark on a tiny grid (CPU, small config, chameleon ids)."""
+import json
+
+import pytest
+import torch
+
+from worldvla.benchmarks import e2e
+
+D = e2e.ACTION_DIM
+
+
+def test_quick_run_writes_rows_and_parallel_matches_sequential(tmp_path):
+    grid = 2
+    path = e2e.run(quick=True, device="cpu", out_dir=tmp_path, grid=grid, chunks=(3, 5))
+    doc = json.loads(path.read_text())
+    assert doc["benchmark"] == "e2e"
+    assert doc["device"].startswith("cpu") and doc["torch"] and doc["python"] and doc["date"] and doc["worldvla"]
+    assert path.with_suffix(".png").is_file()
+    rows = doc["rows"]
+    chunk_rows = [r for r in rows if r["task"] == "action_chunk"]
+    assert {(r["chunk"], r["impl"]) for r in chunk_rows} == {(k, m) for k in (3, 5)
+                                                             for m in ("parallel", "sequential", "baseline")}
+    for r in rows:
+        assert r["config"] == "small" and r["grid"] == grid and r["px"] == 16 * grid
+        assert r["median_ms"] > 0 and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert r["weight_floor_ms"] is None  # no HBM bandwidth on CPU
+    # Prompt: BOS, 20 text ids, two images of 3 + grid*(grid+1) + 1 tokens, SEP.
+    assert all(r["prompt_tokens"] == 22 + 2 * (4 + grid * (grid + 1)) for r in chunk_rows)
+    for r in chunk_rows:
+        K, T = r["chunk"], D + 2
+        expected = {"parallel": 1 + D, "sequential": K * T, "baseline": 1 + K * T}[r["impl"]]
+        assert r["forward_passes"] == expected, r
+        if r["impl"] == "baseline":
+            assert r["speedup_vs_baseline"] == pytest.approx(1.0)
+        else:
+            assert r["tokens_equal"] is True
+    assert doc["tokens_equal"] is True
+    frame = {r["impl"]: r for r in rows if r["task"] == "frame"}
+    assert set(frame) == {"package", "baseline"}
+    assert frame["package"]["forward_passes"] == grid * grid          # prefill + h*w - 1 steps
+    assert frame["baseline"]["forward_passes"] == grid * (grid + 1)   # one pass per code and newline
+    # Targets are for 7B on a GPU: recorded, not judged, on CPU.
+    assert set(doc["targets"]) == set(e2e.TARGETS)
+    assert all(t["measured"] is None and t["met"] is None for t in doc["targets"].values())
+    floor = doc["weight_streaming_floor"]
+    assert floor["hbm_bandwidth_GBps"] is None and floor["param_bytes"]["chameleon_7b"] > 13e9
+
+
+def test_bad_grid_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="even number of codes"):
+        e2e.run(quick=True, device="cpu", out_dir=tmp_path, grid=3)
+
+
+def test_action_prompt_layout():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    p = e2e.action_prompt(16, g)
+    L = e2e.LAYOUT
+    assert p[0] == L.bos and p[-1] == L.sep and int((p == L.sep).sum()) == 1
+    assert int((p == L.boi).sum()) == 2 and int((p == L.newline).sum()) == 32
+    assert p.numel() == 22 + 2 * (4 + 16 * 17)  # 574 tokens: the release's ~620-token document less its chunk
