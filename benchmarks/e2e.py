@@ -25,6 +25,7 @@ import contextlib
 import numpy as np
 import torch
 
+import worldvla
 from worldvla import ActionTokenizer, SequenceBuilder, VocabLayout
 from worldvla.inference import baseline_generate_action_chunk, generate_action_chunk, generate_frame_codes
 from worldvla.inference.chunk import make_engine
@@ -275,7 +276,7 @@ def _run(quick, device, out_dir, grid, chunks, frame):
     pairs = [r["tokens_equal"] for r in rows if "tokens_equal" in r]
     extra = {
         "dtype": str(dtype), "quick": quick, "batch_size": 1,
-        "worldvla": __import__("worldvla").__version__,
+        "worldvla": worldvla.__version__,
         "tokens_equal": all(pairs) if pairs else None,
         "targets": check_targets(rows, on_gpu),
         "weight_streaming_floor": {
