@@ -57,7 +57,7 @@ class DemoConfig:
     @classmethod
     def fast_preset(cls, **kw) -> "DemoConfig":
         """Tiny everything: checks the plumbing in about a minute, learns nothing."""
-        base = dict(tasks=("reach-v3",), episodes=2, workers=1, vq_steps=2, vq_batch=4, model="tiny", train_steps=3,
+        base = dict(tasks=("reach-v3",), episodes=2, vq_steps=2, vq_batch=4, model="tiny", train_steps=3,
                     batch_tokens=2048, eval_episodes=1, eval_max_steps=12, eval_envs=1, wm_episodes=1,
                     wm_horizon=2, collect_max_steps=200, fast=True)
         base.update(kw)
@@ -232,8 +232,18 @@ def stage_evaluate(cfg: DemoConfig, out: Path, progress: bool) -> dict:
 
 
 # ---------------------------------------------------------------------- driver
+def load_kernels_first() -> None:
+    """Import the optional kernel backends (Triton) before anything renders with MuJoCo:
+    Triton's LLVM clashes with the LLVM of Mesa's software renderer when it is loaded
+    second, and the process crashes."""
+    from .ops import dispatch
+
+    dispatch.available("masked_attention")
+
+
 def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -> dict:
     cfg.check()
+    load_kernels_first()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=1))

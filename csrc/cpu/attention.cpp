@@ -17,7 +17,9 @@
 #include "cpu/cpu_common.h"
 
 // v8f values passed between force-inlined helpers: the by-value vector ABI note does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace worldvla {
 namespace {

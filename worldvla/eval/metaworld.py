@@ -283,8 +283,11 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     mask (plain causal attention, `worldvla.eval.ablations.CausalChunkPolicy`)."""
     from tqdm.auto import tqdm
 
+    from ..ops import dispatch
     from . import plots
 
+    # Triton must be loaded before MuJoCo's software renderer (their LLVMs clash otherwise).
+    dispatch.available("masked_attention")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = list(tasks)

@@ -8,6 +8,10 @@ from .cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from .sampling import constrained_sample, constrained_sample_ref
 from .vq import vq_gather, vq_gather_ref, vq_quantize, vq_quantize_ref
 
+# Load the optional backends now rather than on the first call: a first call inside a
+# torch.compile trace could not import them.
+dispatch._load_backends()
+
 __all__ = ["masked_attention", "masked_attention_ref", "decode_attention", "decode_attention_ref",
            "vq_quantize", "vq_quantize_ref", "vq_gather", "vq_gather_ref", "linear_cross_entropy",
            "linear_cross_entropy_ref", "constrained_sample", "constrained_sample_ref", "dispatch"]

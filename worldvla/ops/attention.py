@@ -36,13 +36,14 @@ def masked_attention_ref(q, k, v, meta: ChunkMaskMeta, softmax_scale=None, upcas
         q, k, v = q.float(), k.float(), v.float()
     k, v = _expand_kv(k, q.shape[-2]), _expand_kv(v, q.shape[-2])
     mask = meta.dense_mask()
-    if q.dim() == 3:  # packed: one [T, T] problem
+    q3 = q.dim() == 3
+    if q3:  # packed (or one unbatched sequence): a single [T, T] problem
         q, k, v, mask = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask.unsqueeze(0)
     s = torch.einsum("blhd,bmhd->bhlm", q, k) * scale
     s = s.masked_fill(~mask.unsqueeze(1), float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no visible key (padding) gives zeros
     o = torch.einsum("bhlm,bmhd->blhd", p.to(v.dtype), v)
-    if meta.packed:
+    if q3:
         o = o.squeeze(0)
     return o.to(dtype)
 
