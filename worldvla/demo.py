@@ -30,22 +30,24 @@ DEFAULT_TASKS = ("button-press-topdown-v3", "drawer-open-v3", "door-open-v3")
 @dataclass
 class DemoConfig:
     tasks: tuple[str, ...] = DEFAULT_TASKS
-    episodes: int = 20            # expert demonstrations per task
+    episodes: int = 15            # expert demonstrations per task
     image_size: int = 64
     seed: int = 0
     workers: int = 2
     collect_max_steps: int = 200
     # VQGAN
-    vq_steps: int = 600
-    vq_batch: int = 32
-    vq_lr: float = 4e-4
+    vq_steps: int = 300
+    vq_batch: int = 16
+    vq_lr: float = 1e-3
+    vq_codes: int = 256           # codebook size (image-code ids in the vocabulary)
     # WorldVLA
     chunk_size: int = 5
     model: str = "small"
-    train_steps: int = 600
-    batch_tokens: int = 4096
+    train_steps: int = 250
+    batch_tokens: int = 2048
     lr: float = 1e-3
-    world: bool = True            # joint action + world training (False: action-only ablation)
+    world: bool = True            # joint action + world training (False: action samples only)
+    ablations: bool = False       # also train an action-only model and decode without the chunk mask
     # evaluation
     eval_episodes: int = 10
     eval_max_steps: int = 150
@@ -80,12 +82,17 @@ class DemoConfig:
 # Settings each stage depends on (the stage reruns when one of them, or an earlier stage, changes).
 STAGE_KEYS = {
     "collect": ("tasks", "episodes", "image_size", "seed", "collect_max_steps"),
-    "train-vq": ("vq_steps", "vq_batch", "vq_lr"),
-    "pretokenize": ("chunk_size", "world"),
-    "train": ("model", "train_steps", "batch_tokens", "lr"),
-    "evaluate": ("eval_episodes", "eval_max_steps", "wm_episodes", "wm_horizon"),
+    "train-vq": ("vq_steps", "vq_batch", "vq_lr", "vq_codes"),
+    "pretokenize": ("chunk_size",),
+    "train": ("model", "train_steps", "batch_tokens", "lr", "world"),
+    "train-action-only": ("ablations",),
+    "evaluate": ("eval_episodes", "eval_max_steps", "wm_episodes", "wm_horizon", "eval_envs"),
 }
 STAGES = tuple(STAGE_KEYS)
+
+
+def stages_for(cfg: DemoConfig) -> tuple[str, ...]:
+    return tuple(s for s in STAGES if s != "train-action-only" or cfg.ablations)
 
 
 def stage_keys(cfg: DemoConfig) -> dict[str, str]:
@@ -174,7 +181,10 @@ def stage_train_vq(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     argv = [str(out / "demos"), "--out", str(run_dir), "--config", "small", "--steps", str(cfg.vq_steps),
             "--batch-size", str(cfg.vq_batch), "--lr", str(cfg.vq_lr), "--min-lr", str(cfg.vq_lr / 10),
             "--warmup", str(max(1, min(100, cfg.vq_steps // 10))), "--seed", str(cfg.seed), "--device", "cpu",
-            "--save-every", "0", "--keep-last", "1", "--log-every", "10"]
+            "--save-every", "0", "--keep-last", "1", "--log-every", "10", "--n-embed", str(cfg.vq_codes),
+            # A short run never lets the default usage average (decay 0.99) call a code dead:
+            # a faster average and frequent restarts keep the small codebook in use.
+            "--usage-decay", "0.9", "--restart-every", "20"]
     if not progress:
         argv.append("--no-progress")
     summary = train_vq.train_vq(_cli_args(train_vq, argv))
@@ -194,41 +204,49 @@ def stage_pretokenize(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     from .data.store import MANIFEST, build_store
 
     store = build_store(out / "demos", out / "store", out / "vq" / "vqgan", chunk_size=cfg.chunk_size, history=2,
-                        action=True, world=cfg.world, bounds="unit", overwrite=True, progress=progress)
+                        action=True, world=True, bounds="unit", overwrite=True, progress=progress)
     m = json.loads((store / MANIFEST).read_text())
     return {k: m[k] for k in ("n_samples", "n_action", "n_world", "n_tokens")}
 
 
-def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool) -> dict:
+def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool, action_only: bool = False,
+                run_name: str = "train", policy_name: str = "policy") -> dict:
     from .train import trainer
 
-    run_dir = out / "train"
+    run_dir = out / run_name
     if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)
     argv = ["--store", str(out / "store"), "--out", str(run_dir), "--config", cfg.model,
             "--steps", str(cfg.train_steps), "--batch-tokens", str(cfg.batch_tokens), "--lr", str(cfg.lr),
             "--warmup", "0.05", "--seed", str(cfg.seed), "--device", "cpu", "--log-every", "5",
             "--save-every", str(max(cfg.train_steps // 3, 50)), "--keep-last", "1", "--resume"]
+    if action_only:
+        argv += ["--kinds", "action"]
     if not progress:
         argv.append("--no-progress")
     summary = trainer.train(_cli_args(trainer, argv))
     if not summary.get("export"):
         raise RuntimeError(f"training finished without exporting a policy (summary: {summary})")
-    exported = Path(summary["export"])
-    policy = out / "policy"
+    policy = out / policy_name
     shutil.rmtree(policy, ignore_errors=True)
-    shutil.copytree(exported, policy)
+    shutil.copytree(Path(summary["export"]), policy)
     losses = summary.get("losses") or []
-    return {"final_loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None}
+    return {"final_loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None,
+            "action_only": action_only}
 
 
 def stage_evaluate(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     from .eval.metaworld import evaluate
 
-    return evaluate([out / "policy"], list(cfg.tasks), cfg.eval_episodes, out / "eval", seed=cfg.seed,
+    main = "WorldVLA" if cfg.world else "WorldVLA (action-only)"
+    policies, names = [out / "policy"], [main]
+    if cfg.ablations:
+        policies.append(out / "policy_action_only")
+        names.append("action-only")
+    return evaluate(policies, list(cfg.tasks), cfg.eval_episodes, out / "eval", seed=cfg.seed,
                     max_steps=cfg.eval_max_steps, n_envs=cfg.eval_envs, random_baseline=True,
                     wm_episodes=cfg.wm_episodes, wm_horizon=cfg.wm_horizon, progress=progress,
-                    variant_names=["WorldVLA"])
+                    variant_names=names, causal_variant=cfg.ablations)
 
 
 # ---------------------------------------------------------------------- driver
@@ -250,18 +268,20 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
     stages = Stages(out, cfg)
     if force:
         stages.invalidate_from(STAGES[0])
+    active = stages_for(cfg)
     outputs_ok = {
         "collect": lambda: all((out / "demos" / f"{t}.hdf5").is_file() for t in cfg.tasks),
         "train-vq": lambda: (out / "vq" / "vqgan" / "config.json").is_file(),
         "pretokenize": lambda: (out / "store" / "manifest.json").is_file()
         and json.loads((out / "store" / "manifest.json").read_text()).get("complete", False),
         "train": lambda: (out / "policy" / "policy.json").is_file(),
+        "train-action-only": lambda: (out / "policy_action_only" / "policy.json").is_file(),
         "evaluate": lambda: (out / "eval" / "metrics.json").is_file(),
     }
     results: dict = {"config": asdict(cfg), "stages": {}}
     t_total = time.perf_counter()
     rerun = False  # once a stage reruns, every later stage does too
-    for stage in STAGES:
+    for stage in active:
         if not rerun and stages.done(stage) and outputs_ok[stage]():
             secs = stages.recorded_seconds(stage)
             results["stages"][stage] = {"cached": True, "seconds": 0.0, "original_seconds": secs}
@@ -269,7 +289,8 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
             continue
         rerun = True
         started = out / "stages" / f"{stage}.started"
-        resume = stage == "train" and started.is_file() and started.read_text() == stages.keys[stage]
+        resume = (stage in ("train", "train-action-only") and started.is_file()
+                  and started.read_text() == stages.keys[stage])
         stages.invalidate_from(stage)
         started.parent.mkdir(parents=True, exist_ok=True)
         started.write_text(stages.keys[stage])
@@ -282,7 +303,10 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
         elif stage == "pretokenize":
             info = stage_pretokenize(cfg, out, progress)
         elif stage == "train":
-            info = stage_train(cfg, out, progress, resume)
+            info = stage_train(cfg, out, progress, resume, action_only=not cfg.world)
+        elif stage == "train-action-only":
+            info = stage_train(cfg, out, progress, resume, action_only=True, run_name="train_action_only",
+                               policy_name="policy_action_only")
         else:
             info = stage_evaluate(cfg, out, progress)
         secs, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
@@ -327,7 +351,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, choices=("tiny", "small"), help=f"model size (default: {d.model})")
     parser.add_argument("--lr", type=float, default=None, help=f"WorldVLA peak learning rate (default: {d.lr})")
     parser.add_argument("--action-only", action="store_true",
-                        help="train without world-model samples (the paper's action-model ablation)")
+                        help="train the policy on action samples only (no world-model samples)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also train an action-only model (same steps and token budget) and evaluate "
+                             "chunks decoded without the chunk mask; about doubles training and evaluation time")
     parser.add_argument("--workers", type=int, default=None, help="collection worker processes (default: 2)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--fast", action="store_true",
@@ -346,6 +373,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
     if args.action_only:
         cfg = replace(cfg, world=False)
+    if args.ablations:
+        cfg = replace(cfg, ablations=True)
     return cfg
 
 

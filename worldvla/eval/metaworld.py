@@ -321,11 +321,12 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
                 v["tasks"][task] = r.to_dict()
                 if gifs and r.frames is not None:
                     tag = "success" if r.successes[0] else "failure"
-                    plots.save_gif(r.frames, out_dir / f"{name}_{task}_{tag}.gif")
+                    plots.save_gif(r.frames, out_dir / f"{_slug(name)}_{task}_{tag}.gif")
             v["success_rate"] = float(np.mean([v["tasks"][t]["success_rate"] for t in tasks]))
-            lat = [v["tasks"][t]["latency"].get("mean_s") for t in tasks]
-            lat = [x for x in lat if x is not None]
-            v["latency_mean_s"] = float(np.mean(lat)) if lat else None
+            for key in ("mean_s", "median_s"):
+                lat = [v["tasks"][t]["latency"].get(key) for t in tasks]
+                lat = [x for x in lat if x is not None]
+                v[f"latency_{key}"] = float(np.mean(lat)) if lat else None
             metrics["variants"][name] = v
             rates[name] = {t: v["tasks"][t]["success_rate"] for t in tasks}
         if random_baseline:
@@ -377,6 +378,10 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     return metrics
 
 
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_") or "policy"
+
+
 def _json_default(o):
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -410,9 +415,9 @@ def format_results(metrics: dict) -> str:
     means = [(metrics["random"] if c == "random" else metrics["variants"][c])["success_rate"] for c in cols]
     lines.append("  ".join([f"{'mean':<{w0}}"] + [f"{m:>{w}.0%}" for m, w in zip(means, widths)]))
     for c in metrics.get("variants", {}):
-        lat = metrics["variants"][c].get("latency_mean_s")
+        lat = metrics["variants"][c].get("latency_median_s")
         if lat is not None:
-            lines.append(f"{c}: {lat * 1000:.0f} ms per action-chunk query (CPU)")
+            lines.append(f"{c}: {lat * 1000:.0f} ms per action-chunk query (median; batched over the envs)")
     wm = metrics.get("world_model")
     if wm:
         m = wm["mean"]
