@@ -100,9 +100,6 @@ def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, gene
         tmax, targ = _launch(hidden, weight, lo, hi, False)
         best_tile = tmax.argmax(dim=1, keepdim=True)  # first tile holding the maximum
         return targ.gather(1, best_tile).squeeze(1).long() + lo
-    logits = _launch(hidden, weight, lo, hi, True) / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1) + lo
+    from worldvla.ops.sampling import sample_logits  # here, not at import: worldvla.ops loads this module
+
+    return sample_logits(_launch(hidden, weight, lo, hi, True), temperature, top_k, generator) + lo

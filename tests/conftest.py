@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import pytest
 import torch
@@ -26,5 +27,22 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def rng():
     """A fresh generator per test, seeded from the test's name for reproducibility."""
-    g = torch.Generator().manual_seed(abs(hash(os.environ.get("PYTEST_CURRENT_TEST", ""))) % (2**31))
+    # crc32, not hash(): str hashes change with every interpreter (PYTHONHASHSEED), so a failure
+    # seen once could not be reproduced.
+    g = torch.Generator().manual_seed(zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode()))
     return g
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every float buffer made with torch.empty starts as NaN, so unwritten kernel outputs show up."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    yield

@@ -114,7 +114,9 @@ def test_actions_before_last_image_unrestricted():
 def test_batched_and_packed_agree_with_single():
     L = VocabLayout.compact()
     gen = torch.Generator().manual_seed(7)
-    seqs = [random_sequence(L, gen, 2, 3, 4), random_sequence(L, gen, 1, 2, 2), random_sequence(L, gen, 1, 1, 3, world=True)]
+    # The first document ends inside an open action block: it must not leak into the next ones.
+    seqs = [random_sequence(L, gen, 1, 2, 3, trailing_open=True), random_sequence(L, gen, 2, 3, 4),
+            random_sequence(L, gen, 1, 2, 2), random_sequence(L, gen, 1, 1, 3, world=True)]
     # packed
     flat = torch.tensor(sum(seqs, []))
     lens = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)

@@ -75,21 +75,6 @@ def torch_same_precision(q, k, v, meta):
     return masked_attention_ref(q, k, v, meta, upcast=False)
 
 
-@pytest.fixture
-def poison_empty(monkeypatch):
-    """Every float buffer made with torch.empty starts as NaN, so unwritten outputs show up."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-    yield
-
-
 # --------------------------------------------------------------------------- forward
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_forward_padded_gqa(rng, dtype, poison_empty):

@@ -20,20 +20,6 @@ LAYOUT = VocabLayout.compact()
 DIMS = 7
 
 
-@pytest.fixture
-def poison_empty(monkeypatch):
-    """Every float buffer made with torch.empty starts as NaN, so unwritten outputs show up."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 def action_sequence(g, n_text, chunk):
     img = image_tokens(torch.randint(0, LAYOUT.n_image_codes, (4, 4), generator=g), LAYOUT)
     blocks = [torch.cat([torch.tensor([LAYOUT.boa]), LAYOUT.bin_base + torch.randint(0, 256, (DIMS,), generator=g),

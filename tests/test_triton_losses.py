@@ -60,19 +60,6 @@ def check_rule(got, ref, same, name, floor=0.0):
     assert err <= 2 * base + floor, f"{name}: error {err:.3g} > 2 x torch's {base:.3g} (+{floor:g})"
 
 
-@pytest.fixture
-def poison_empty(monkeypatch):
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_matches_fp64(rng, dtype, weighted, poison_empty):

@@ -13,20 +13,6 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 LAYOUT = VocabLayout.compact()
 
 
-@pytest.fixture
-def poison_empty(monkeypatch):
-    """Every float buffer made with torch.empty starts as NaN, so unwritten outputs show up."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 def head(g, n, hidden, dtype):
     h = torch.randn(n, hidden, generator=g)
     w = torch.randn(LAYOUT.vocab_size, hidden, generator=g) * 0.3
@@ -76,7 +62,7 @@ def test_range_logits_rule(rng, dtype, poison_empty):
     err = (got.double() - ref).abs().max().item()
     base = (same.double() - ref).abs().max().item()
     assert got.shape == (19, hi - lo) and got.dtype == torch.float32
-    assert err <= 2 * base + 1e-5, (err, base)
+    assert err <= 2 * base + 1e-6, (err, base)  # fp32 floor: both errors are ~5e-6 here
 
 
 def test_top_k_and_temperature(rng, poison_empty):
@@ -114,6 +100,9 @@ def test_bad_inputs(rng):
         K.constrained_sample(h, w, 10, 10)
     with pytest.raises(TypeError, match="share a dtype"):
         K.constrained_sample(h.half(), w, 0, 10)
+    for fn in (K.constrained_sample, constrained_sample_ref):
+        with pytest.raises(ValueError, match="top_k must be >= 1"):
+            fn(h, w, 0, 10, temperature=1.0, top_k=0)
 
 
 @pytest.mark.gpu

@@ -11,20 +11,6 @@ from worldvla.kernels import vq as K  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def poison_empty(monkeypatch):
-    """Every float buffer made with torch.empty starts as NaN, so unwritten outputs show up."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 def distances64(z, codebook):
     z, e = z.double(), codebook.double()
     return (e * e).sum(1)[None, :] - 2.0 * z @ e.t()

@@ -97,13 +97,19 @@ def _block_metadata(ids: torch.Tensor, doc: torch.Tensor, layout: VocabLayout):
     is_eoa = ids == layout.eoa
     n_boa = torch.cumsum(is_boa, 0)
     n_eoa_before = torch.cumsum(is_eoa, 0) - is_eoa.long()
-    # Inside a block: an opened BOA not yet closed by an EOA before this token. An
-    # unterminated trailing block (during generation) runs to the end.
-    in_block = (n_boa > 0) & (n_boa > n_eoa_before)
+    pos = torch.arange(N, device=ids.device)
+    # Open-block count per document: an unterminated block at the end of one document (or
+    # row) must not leak into the next, so counts restart at each document's first token.
+    doc_first = torch.ones(N, dtype=torch.bool, device=ids.device)
+    doc_first[1:] = doc[1:] != doc[:-1]
+    first = torch.cummax(torch.where(doc_first, pos, torch.zeros_like(pos)), 0).values
+    open_before = (n_boa - is_boa.long() - n_eoa_before)[first]
+    # Inside a block: an opened BOA (of this document) not yet closed by an EOA before this
+    # token. An unterminated trailing block (during generation) runs to the document's end.
+    in_block = (n_boa - n_eoa_before) > open_before
     ordinal = (n_boa - 1).to(torch.int32)
     kv_block = torch.where(in_block, ordinal, torch.full_like(ordinal, NO_BLOCK))
 
-    pos = torch.arange(N, device=ids.device)
     n_docs = int(doc.max()) + 1 if N else 0
     last_eoi = torch.full((n_docs,), -1, dtype=torch.long, device=ids.device)
     eoi_pos = torch.where(ids == layout.eoi, pos, torch.full_like(pos, -1))

@@ -252,9 +252,10 @@ class WorldVLA(nn.Module):
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
         # The cached (decode) path skips the range check: it would synchronize the host on every step and
         # break CUDA-graph capture; the engine validates prompts once before prefill.
-        if cache is None and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
-            raise ValueError(f"token ids out of range [{int(input_ids.min())}, {int(input_ids.max())}] for a "
-                             f"vocabulary of {cfg.vocab_size}")
+        if cache is None and input_ids.numel():
+            lo, hi = (int(x) for x in torch.stack(torch.aminmax(input_ids)).tolist())  # one host sync, not two
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"token ids out of range [{lo}, {hi}] for a vocabulary of {cfg.vocab_size}")
         if cache is None:
             meta = self._meta_for(input_ids, meta, cu_seqlens)
             packed = meta.packed
@@ -296,10 +297,11 @@ class WorldVLA(nn.Module):
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
         h = self.hidden_states(input_ids, meta, cu_seqlens)
         h, y = h[..., :-1, :].reshape(-1, h.shape[-1]), labels[..., 1:].reshape(-1)
-        keep = y != -100
         if class_weight is None and self.layout is not None:
             class_weight = loss_class_weights(self.layout, image_weight).to(h.device)
-        return ops.linear_cross_entropy(h[keep], self.lm_head.weight, y[keep], class_weight, z_weight, backend=backend)
+        # Every backend skips the -100 rows itself: no boolean gather (a host sync and an [N, H] copy) here.
+        return ops.linear_cross_entropy(h, self.lm_head.weight, y, class_weight, z_weight, ignore_index=-100,
+                                        backend=backend)
 
     # ------------------------------------------------------------------ io
     def num_parameters(self) -> int:

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..ops.sampling import sample_logits
 from ..tokens.sequence import WORLD_PROMPT, SequenceBuilder, image_tokens
 from .engine import InferenceEngine
 
@@ -30,18 +31,6 @@ from .engine import InferenceEngine
 class FrameRollout(NamedTuple):
     codes: torch.Tensor   # [T, h, w] (or [N, T, h, w]) int64 VQ codes of the predicted frames
     frames: np.ndarray    # [T, H, W, 3] (or [N, T, H, W, 3]) uint8 decoded pixels
-
-
-def sample_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, generator=None):
-    """logits [N, C] -> indices [N]: argmax when temperature <= 0, else top-k / temperature sampling."""
-    if temperature <= 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def _unconditional_prompt(builder: SequenceBuilder, codes: torch.Tensor) -> torch.Tensor:

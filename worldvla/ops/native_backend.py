@@ -28,6 +28,7 @@ from worldvla import _C  # ImportError here = no native backend
 
 from ..mask import ChunkMaskMeta, DecodeMeta
 from . import dispatch
+from .sampling import sample_logits
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
                torch.int32: 4, torch.int64: 5}
@@ -469,12 +470,7 @@ def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, gene
     fused kernel; sampling draws from the native fp32 logits exactly as the reference does."""
     if temperature <= 0.0:
         return range_argmax_op(hidden, weight, int(lo), int(hi))
-    logits = range_logits_op(hidden, weight, int(lo), int(hi)) / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1) + lo
+    return sample_logits(range_logits_op(hidden, weight, int(lo), int(hi)), temperature, top_k, generator) + lo
 
 
 # ------------------------------------------------------------------ dispatch registration

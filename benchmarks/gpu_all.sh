@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build the extension there, run the GPU tests, compute-sanitizer
+# On a machine with an NVIDIA GPU: build the extension, run the GPU tests, compute-sanitizer
 # (memcheck + racecheck) over the native and Triton GPU tests, then every benchmark.
 # Results land in $OUT (or benchmarks/results) with device, versions and date inside each JSON.
-#   bash benchmarks/gpu_session.sh [--quick]
+#   bash benchmarks/gpu_all.sh [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-benchmarks/results}"
 mkdir -p "$OUT_DIR"
-LOG="$OUT_DIR/gpu_session.log"
+LOG="$OUT_DIR/gpu_all.log"
 exec > >(tee "$LOG") 2>&1
 
 echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
