@@ -24,13 +24,13 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-DEFAULT_TASKS = ("button-press-topdown-v3", "drawer-open-v3", "door-open-v3")
+DEFAULT_TASKS = ("button-press-topdown-v3", "drawer-open-v3", "window-open-v3")
 
 
 @dataclass
 class DemoConfig:
     tasks: tuple[str, ...] = DEFAULT_TASKS
-    episodes: int = 15            # expert demonstrations per task
+    episodes: int = 30            # expert demonstrations per task
     image_size: int = 64
     seed: int = 0
     workers: int = 2
@@ -43,8 +43,9 @@ class DemoConfig:
     # WorldVLA
     chunk_size: int = 5
     model: str = "small"
-    train_steps: int = 250
+    train_steps: int = 900
     batch_tokens: int = 2048
+    micro_tokens: int = 512       # packed micro-batches: same gradients, far less masked-attention waste
     lr: float = 1e-3
     world: bool = True            # joint action + world training (False: action samples only)
     ablations: bool = False       # also train an action-only model and decode without the chunk mask
@@ -84,7 +85,7 @@ STAGE_KEYS = {
     "collect": ("tasks", "episodes", "image_size", "seed", "collect_max_steps"),
     "train-vq": ("vq_steps", "vq_batch", "vq_lr", "vq_codes"),
     "pretokenize": ("chunk_size",),
-    "train": ("model", "train_steps", "batch_tokens", "lr", "world"),
+    "train": ("model", "train_steps", "batch_tokens", "micro_tokens", "lr", "world"),
     "train-action-only": ("ablations",),
     "evaluate": ("eval_episodes", "eval_max_steps", "wm_episodes", "wm_horizon", "eval_envs"),
 }
@@ -109,7 +110,6 @@ class Stages:
     def __init__(self, out: Path, cfg: DemoConfig):
         self.dir = out / "stages"
         self.keys = stage_keys(cfg)
-        self.timings: dict[str, dict] = {}
 
     def _path(self, stage: str) -> Path:
         return self.dir / f"{stage}.json"
@@ -217,7 +217,8 @@ def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool, action
     if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)
     argv = ["--store", str(out / "store"), "--out", str(run_dir), "--config", cfg.model,
-            "--steps", str(cfg.train_steps), "--batch-tokens", str(cfg.batch_tokens), "--lr", str(cfg.lr),
+            "--steps", str(cfg.train_steps), "--batch-tokens", str(cfg.batch_tokens),
+            "--micro-tokens", str(min(cfg.micro_tokens, cfg.batch_tokens)), "--lr", str(cfg.lr),
             "--warmup", "0.05", "--seed", str(cfg.seed), "--device", "cpu", "--log-every", "5",
             "--save-every", str(max(cfg.train_steps // 3, 50)), "--keep-last", "1", "--resume"]
     if action_only:
@@ -227,9 +228,13 @@ def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool, action
     summary = trainer.train(_cli_args(trainer, argv))
     if not summary.get("export"):
         raise RuntimeError(f"training finished without exporting a policy (summary: {summary})")
+    exported = Path(summary["export"])
+    if not (exported / "policy.json").is_file():
+        raise RuntimeError(f"training exported {exported} without a policy.json: worldvla.inference.policy could "
+                           "not be imported by the trainer; check `python -c 'import worldvla.inference.policy'`")
     policy = out / policy_name
     shutil.rmtree(policy, ignore_errors=True)
-    shutil.copytree(Path(summary["export"]), policy)
+    shutil.copytree(exported, policy)
     losses = summary.get("losses") or []
     return {"final_loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None,
             "action_only": action_only}
