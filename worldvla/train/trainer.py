@@ -352,7 +352,7 @@ def _trim_log(path: Path, step: int) -> None:
 
 
 def _export(model, store, out: Path, args):
-    """Rank 0 writes `<out>/policy` (save_policy) or, without the inference package, `<out>/model`."""
+    """Rank 0 writes `<out>/policy` (save_policy), or `<out>/model` for non-square frames."""
     from ..model import WorldVLA
 
     sd = full_model_state(model)
@@ -361,12 +361,12 @@ def _export(model, store, out: Path, args):
         plain = WorldVLA(model.config)
         plain.load_state_dict(sd)
         plain.eval()
-        try:
-            from ..inference.policy import save_policy
-        except ImportError:
-            save_policy = None
+        # The inference package is part of worldvla: an import failure is a bug and must not
+        # silently change what gets exported.
+        from ..inference.policy import save_policy
+
         h, w = store.image_size
-        if save_policy is not None and h == w:
+        if h == w:
             from ..vqgan import VQGAN
 
             path = out / "policy"
@@ -378,6 +378,8 @@ def _export(model, store, out: Path, args):
                         extra={"store": str(Path(args.store).resolve()), "config": args.config}, **kw)
         else:
             path = out / "model"
+            print(f"worldvla train: frames are {h}x{w}, not square; WorldVLAPolicy needs square frames, "
+                  f"so only the model is exported to {path}")
             plain.save_pretrained(path)
     dist_utils.barrier()
     return str(path) if path else None
