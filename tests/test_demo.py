@@ -56,6 +56,17 @@ def test_fast_demo_runs_and_reuses_its_caches(tmp_path, capsys):
     m4 = json.loads((out / "metrics.json").read_text())
     assert [s for s, v in m4["stages"].items() if not v["cached"]] == ["pretokenize", "train", "evaluate"]
 
+    # --ablations adds the action-only and the no-chunk-mask trainings; earlier stages stay cached.
+    assert demo.main(argv + ["--train-steps", "2", "--ablations"]) == 0
+    m5 = json.loads((out / "metrics.json").read_text())
+    assert [s for s, v in m5["stages"].items() if not v["cached"]] == ["train-action-only", "train-causal",
+                                                                       "evaluate"]
+    assert m5["stages"]["train-causal"]["info"]["attention"] == "causal"
+    assert set(m5["eval"]["variants"]) == {"WorldVLA", "action-only", "trained without chunk mask",
+                                           "WorldVLA (no chunk mask)", "action-only (no chunk mask)"}
+    causal = WorldVLAPolicy.from_pretrained(out / "policy_causal", device="cpu")
+    assert causal.model.config.attention == "causal" and causal.mode == "causal"
+
 
 def test_demo_rejects_bad_settings(capsys):
     from worldvla import demo

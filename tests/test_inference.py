@@ -7,7 +7,7 @@ import torch
 from worldvla import ActionTokenizer, SequenceBuilder, VocabLayout, chunk_mask_meta
 from worldvla.inference import InferenceEngine, baseline_generate_action_chunk, generate_action_chunk
 from worldvla.inference.baseline import GrowingKVCache, chunk_structure_processor, parse_action_blocks
-from worldvla.mask import DecodeMeta
+from worldvla.mask import DecodeMeta, causal_meta
 from worldvla.model import ModelConfig, WorldVLA
 from worldvla.tokens import ByteTextTokenizer
 
@@ -49,9 +49,9 @@ def _prompt(rng, n_images, grid=(4, 4), layout=LAYOUT):
 
 
 @torch.no_grad()
-def _full_recompute_chunk(model, prompt, K, D, layout=LAYOUT):
+def _full_recompute_chunk(model, prompt, K, D, layout=LAYOUT, causal=False):
     """Independent reference: constrained greedy decoding, recomputing the whole sequence with
-    model.forward (chunk mask built from the ids) for every token."""
+    model.forward (the model's own mask built from the ids, or plain causal) for every token."""
     T, (lo, hi) = D + 2, layout.bin_range
     seq = prompt.clone()
     for j in range(K * T):
@@ -60,7 +60,8 @@ def _full_recompute_chunk(model, prompt, K, D, layout=LAYOUT):
         elif j % T == T - 1:
             tok = layout.eoa
         else:
-            tok = int(model(seq)[-1, lo:hi].argmax()) + lo
+            meta = causal_meta(tuple(seq.shape), seq.device) if causal else None
+            tok = int(model(seq, meta)[-1, lo:hi].argmax()) + lo
         seq = torch.cat([seq, torch.tensor([tok])])
     return seq[prompt.numel():].view(K, T)
 
@@ -204,6 +205,32 @@ def test_prompt_with_earlier_action_blocks(rng):
     want = _full_recompute_chunk(model, prompt, 2, 3)
     for mode in ("parallel", "sequential"):
         assert torch.equal(generate_action_chunk(model, prompt, LAYOUT, 2, 3, mode=mode), want)
+
+
+def test_causal_mode(rng):
+    """mode="causal" is greedy decoding under plain causal attention: for a chunk-trained model
+    it equals a full causal recompute (the inference-only ablation) and differs from the chunk
+    decoders; a model configured with attention="causal" masks nothing in forward, decodes
+    only in this mode, and equals its own full recompute."""
+    chunk_model = _model(11)
+    causal_model = WorldVLA(ModelConfig.tiny(LAYOUT, attention="causal"))
+    causal_model.load_state_dict(chunk_model.state_dict())
+    causal_model.eval()
+    differs = False
+    for n_img, K, D in ((1, 3, 4), (2, 4, 3)):
+        prompt = _prompt(rng, n_img)
+        want = _full_recompute_chunk(chunk_model, prompt, K, D, causal=True)
+        got = generate_action_chunk(chunk_model, prompt, LAYOUT, K, D, mode="causal")
+        assert torch.equal(got, want)
+        assert torch.equal(generate_action_chunk(causal_model, prompt, LAYOUT, K, D, mode="causal"), want)
+        assert torch.equal(_full_recompute_chunk(causal_model, prompt, K, D), want)
+        assert torch.equal(got[0], generate_action_chunk(chunk_model, prompt, LAYOUT, K, D)[0])  # block 0 sees no block
+        differs |= not torch.equal(got, generate_action_chunk(chunk_model, prompt, LAYOUT, K, D))
+    assert differs  # the mask matters somewhere, or the test would not tell the modes apart
+    with pytest.raises(ValueError, match="causal"):
+        generate_action_chunk(causal_model, prompt, LAYOUT, K, D, mode="parallel")
+    with pytest.raises(ValueError, match="attention"):
+        WorldVLA(ModelConfig.tiny(LAYOUT, attention="sliding"))
 
 
 def test_chunk_input_errors(rng):

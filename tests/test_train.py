@@ -171,6 +171,25 @@ def test_cli_run_exports_and_action_only(store_dir, tmp_path):
         trainer.train(args_for(store_dir, tmp_path / "bad", "--steps", 1, "--kinds", "actions"))
 
 
+def test_causal_attention_ablation_trains_and_exports_a_causal_policy(store_dir, tmp_path):
+    """--attention causal trains under plain causal attention (different losses from the chunk mask
+    on the same data and init) and exports a policy that decodes its chunks causally."""
+    common = ("--steps", 2, "--batch-tokens", 300, "--kinds", "action")
+    chunk = trainer.train(args_for(store_dir, tmp_path / "chunk", *common, "--no-export"))
+    causal = trainer.train(args_for(store_dir, tmp_path / "causal", *common, "--attention", "causal"))
+    assert chunk["losses"][0] != causal["losses"][0]  # chunk of 3 actions: the masks differ
+    exported = Path(causal["export"])
+    if exported.name == "policy":
+        from worldvla.inference import WorldVLAPolicy
+
+        pol = WorldVLAPolicy.from_pretrained(exported)
+        assert pol.model.config.attention == "causal" and pol.mode == "causal"
+        with pytest.raises(ValueError, match="causal"):
+            WorldVLAPolicy.from_pretrained(exported, mode="parallel")
+    else:
+        assert WorldVLA.from_pretrained(exported).config.attention == "causal"
+
+
 def test_bad_arguments_fail_clearly(store_dir, tmp_path):
     with pytest.raises(ValueError, match="micro-tokens"):
         trainer.train(args_for(store_dir, tmp_path / "x", "--steps", 1, "--batch-tokens", 200,

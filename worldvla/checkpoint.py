@@ -35,6 +35,7 @@ def config_from_hf(d: dict) -> ModelConfig:
     if theta is not None:
         kw["rope_theta"] = float(theta)
     kw["layout"] = d.get("worldvla_layout")
+    kw["attention"] = d.get("worldvla_attention", "chunk")
     return ModelConfig(**kw)
 
 
@@ -46,6 +47,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
              bos_token_id=0, pad_token_id=1, eos_token_id=8710 if cfg.vocab_size == 65536 else 2)
     if cfg.layout is not None:
         d["worldvla_layout"] = cfg.layout
+    d["worldvla_attention"] = cfg.attention
     return d
 
 

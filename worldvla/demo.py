@@ -48,7 +48,7 @@ class DemoConfig:
     micro_tokens: int = 512       # packed micro-batches: same gradients, far less masked-attention waste
     lr: float = 1e-3
     world: bool = True            # joint action + world training (False: action samples only)
-    ablations: bool = False       # also train an action-only model and decode without the chunk mask
+    ablations: bool = False       # also train action-only and no-chunk-mask models, decode without the mask
     # evaluation
     eval_episodes: int = 10
     eval_max_steps: int = 150
@@ -87,13 +87,15 @@ STAGE_KEYS = {
     "pretokenize": ("chunk_size",),
     "train": ("model", "train_steps", "batch_tokens", "micro_tokens", "lr", "world"),
     "train-action-only": ("ablations",),
+    "train-causal": ("ablations",),
     "evaluate": ("eval_episodes", "eval_max_steps", "wm_episodes", "wm_horizon", "eval_envs"),
 }
 STAGES = tuple(STAGE_KEYS)
+ABLATION_STAGES = ("train-action-only", "train-causal")
 
 
 def stages_for(cfg: DemoConfig) -> tuple[str, ...]:
-    return tuple(s for s in STAGES if s != "train-action-only" or cfg.ablations)
+    return tuple(s for s in STAGES if s not in ABLATION_STAGES or cfg.ablations)
 
 
 def stage_keys(cfg: DemoConfig) -> dict[str, str]:
@@ -210,7 +212,7 @@ def stage_pretokenize(cfg: DemoConfig, out: Path, progress: bool) -> dict:
 
 
 def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool, action_only: bool = False,
-                run_name: str = "train", policy_name: str = "policy") -> dict:
+                run_name: str = "train", policy_name: str = "policy", attention: str = "chunk") -> dict:
     from .train import trainer
 
     run_dir = out / run_name
@@ -220,7 +222,8 @@ def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool, action
             "--steps", str(cfg.train_steps), "--batch-tokens", str(cfg.batch_tokens),
             "--micro-tokens", str(min(cfg.micro_tokens, cfg.batch_tokens)), "--lr", str(cfg.lr),
             "--warmup", "0.05", "--seed", str(cfg.seed), "--device", "cpu", "--log-every", "5",
-            "--save-every", str(max(cfg.train_steps // 3, 50)), "--keep-last", "1", "--resume"]
+            "--save-every", str(max(cfg.train_steps // 3, 50)), "--keep-last", "1", "--resume",
+            "--attention", attention]
     if action_only:
         argv += ["--kinds", "action"]
     if not progress:
@@ -237,7 +240,7 @@ def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool, action
     shutil.copytree(exported, policy)
     losses = summary.get("losses") or []
     return {"final_loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None,
-            "action_only": action_only}
+            "action_only": action_only, "attention": attention}
 
 
 def stage_evaluate(cfg: DemoConfig, out: Path, progress: bool) -> dict:
@@ -246,8 +249,8 @@ def stage_evaluate(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     main = "WorldVLA" if cfg.world else "WorldVLA (action-only)"
     policies, names = [out / "policy"], [main]
     if cfg.ablations:
-        policies.append(out / "policy_action_only")
-        names.append("action-only")
+        policies += [out / "policy_action_only", out / "policy_causal"]
+        names += ["action-only", "trained without chunk mask"]
     return evaluate(policies, list(cfg.tasks), cfg.eval_episodes, out / "eval", seed=cfg.seed,
                     max_steps=cfg.eval_max_steps, n_envs=cfg.eval_envs, random_baseline=True,
                     wm_episodes=cfg.wm_episodes, wm_horizon=cfg.wm_horizon, progress=progress,
@@ -281,6 +284,7 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
         and json.loads((out / "store" / "manifest.json").read_text()).get("complete", False),
         "train": lambda: (out / "policy" / "policy.json").is_file(),
         "train-action-only": lambda: (out / "policy_action_only" / "policy.json").is_file(),
+        "train-causal": lambda: (out / "policy_causal" / "policy.json").is_file(),
         "evaluate": lambda: (out / "eval" / "metrics.json").is_file(),
     }
     results: dict = {"config": asdict(cfg), "stages": {}}
@@ -294,7 +298,7 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
             continue
         rerun = True
         started = out / "stages" / f"{stage}.started"
-        resume = (stage in ("train", "train-action-only") and started.is_file()
+        resume = (stage in ("train", *ABLATION_STAGES) and started.is_file()
                   and started.read_text() == stages.keys[stage])
         stages.invalidate_from(stage)
         started.parent.mkdir(parents=True, exist_ok=True)
@@ -312,6 +316,9 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
         elif stage == "train-action-only":
             info = stage_train(cfg, out, progress, resume, action_only=True, run_name="train_action_only",
                                policy_name="policy_action_only")
+        elif stage == "train-causal":
+            info = stage_train(cfg, out, progress, resume, action_only=not cfg.world, run_name="train_causal",
+                               policy_name="policy_causal", attention="causal")
         else:
             info = stage_evaluate(cfg, out, progress)
         secs, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
@@ -349,7 +356,7 @@ evaluate ~1.5 min; about 12 minutes in all.
 examples:
   worldvla demo                                  # the default run into ./worldvla_demo
   worldvla demo --fast --out /tmp/smoke          # plumbing check, about a minute
-  worldvla demo --ablations                      # + action-only model, + decoding without the chunk mask
+  worldvla demo --ablations                      # + action-only and no-chunk-mask models (the paper's ablations)
   worldvla eval --policy worldvla_demo/policy --tasks drawer-open-v3 --episodes 50 --out eval50
   worldvla serve --checkpoint worldvla_demo/policy
 """
@@ -376,8 +383,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--action-only", action="store_true",
                         help="train the policy on action samples only (no world-model samples)")
     parser.add_argument("--ablations", action="store_true",
-                        help="also train an action-only model (same steps and token budget) and evaluate "
-                             "chunks decoded without the chunk mask; about doubles training and evaluation time")
+                        help="the paper's ablations: also train an action-only model and a model without the "
+                             "chunk mask (plain causal attention in training and decoding), both with the same "
+                             "steps and token budget, and evaluate chunk-mask models decoded without the mask; "
+                             "about triples training time and evaluation time")
     parser.add_argument("--workers", type=int, default=None, help="collection worker processes (default: 2)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--fast", action="store_true",

@@ -21,6 +21,9 @@ from .mask import ChunkMaskMeta, DecodeMeta, causal_meta, chunk_mask_meta
 from .tokens.layout import VocabLayout
 
 
+ATTENTION_MODES = ("chunk", "causal")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 65536
@@ -34,6 +37,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     swin_norm: bool = False
     dropout: float = 0.0
+    attention: str = "chunk"  # "chunk": the release's chunk mask (spec 3); "causal": plain causal (the ablation)
     layout: dict | None = field(default=None, repr=False)  # VocabLayout.to_dict(); None = chameleon for 65536
 
     @property
@@ -73,6 +77,8 @@ class ModelConfig:
             raise ValueError(f"num_key_value_heads {self.num_key_value_heads} must divide num_attention_heads {self.num_attention_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +212,21 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+@torch.no_grad()
+def _fill(p: torch.Tensor, init) -> None:
+    """Apply the in-place initializer `init` to `p`; a DTensor is initialized whole on the CPU
+    (where a CPU generator can draw it) and gets its local shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):
+        full = torch.empty(p.shape, dtype=torch.float32)
+        init(full)
+        local = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+        p.to_local().copy_(local)
+    else:
+        init(p)
+
+
 def loss_class_weights(layout: VocabLayout, alpha: float = 0.04) -> torch.Tensor:
     """Per-target-class CE weights: alpha on exactly the image-code ids, 1 elsewhere.
 
@@ -232,7 +253,7 @@ class WorldVLA(nn.Module):
     def _meta_for(self, input_ids, meta, cu_seqlens):
         if meta is not None:
             return meta
-        if self.layout is not None:
+        if self.layout is not None and self.config.attention == "chunk":
             return chunk_mask_meta(input_ids, self.layout, cu_seqlens)
         return causal_meta(tuple(input_ids.shape), input_ids.device, cu_seqlens)
 
@@ -319,14 +340,20 @@ class WorldVLA(nn.Module):
         save_model(self, path, shard_size_gb=shard_size_gb)
 
     def init_weights(self, std: float = 0.02, generator=None):
+        """Normal(0, std) matrices, ones for norm weights, zeros for biases; the residual output
+        projections get std / sqrt(2 * layers). Works on plain parameters and on FSDP2-sharded
+        ones (DTensor, e.g. after `to_empty` of a meta-device model): each sharded parameter is
+        drawn whole on the CPU, one at a time, and its local shard copied in, so a sharded model
+        gets exactly the weights a single process would draw from the same generator."""
         for name, p in self.named_parameters():
             if p.dim() == 2 and "norm" not in name:
-                nn.init.normal_(p, std=std, generator=generator)
+                _fill(p, lambda t: nn.init.normal_(t, std=std, generator=generator))
             elif name.endswith("bias"):
-                nn.init.zeros_(p)
+                _fill(p, nn.init.zeros_)
             else:
-                nn.init.ones_(p)
+                _fill(p, nn.init.ones_)
         for layer in self.model.layers:  # scaled residual projections
             for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                nn.init.normal_(lin.weight, std=std / math.sqrt(2 * self.config.num_hidden_layers), generator=generator)
+                s = std / math.sqrt(2 * self.config.num_hidden_layers)
+                _fill(lin.weight, lambda t: nn.init.normal_(t, std=s, generator=generator))
         return self

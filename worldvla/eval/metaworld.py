@@ -279,8 +279,9 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     """Evaluate one or more policies (folders or loaded objects) on `tasks`; write artifacts to
     `out_dir` and return the metrics (also written to `out_dir/metrics.json`).
 
-    `causal_variant`: also evaluate every policy with its chunks decoded without the chunk
-    mask (plain causal attention, `worldvla.eval.ablations.CausalChunkPolicy`)."""
+    `causal_variant`: also evaluate every chunk-mask policy with its chunks decoded without
+    the mask (plain causal attention, `worldvla.eval.ablations.CausalChunkPolicy`): the
+    inference-only ablation. A policy trained with `--attention causal` decodes causally by itself."""
     from tqdm.auto import tqdm
 
     from ..ops import dispatch
@@ -303,7 +304,7 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         from .ablations import CausalChunkPolicy
 
         for i in range(len(loaded)):
-            if hasattr(loaded[i], "builder"):
+            if hasattr(loaded[i], "builder") and loaded[i].model.config.attention == "chunk":
                 loaded.append(CausalChunkPolicy.from_policy(loaded[i]))
                 policies.append(policies[i])
                 names.append(f"{names[i]} (no chunk mask)")

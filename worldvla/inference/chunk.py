@@ -14,6 +14,11 @@ it as `q_limit`, so the rule hides every other block from them; slots ahead of a
 are hidden by causality. Bins are the greedy choice over the bin ids only; BOA, EOA and
 the closing separator are forced. The sequential mode feeds one token at a time under
 the same constraints and is the reference the parallel mode must reproduce exactly.
+
+The "causal" mode decodes one token at a time with nothing hidden: every action sees
+the actions generated before it. It is how a model trained without the chunk mask
+(`ModelConfig.attention == "causal"`, the paper's ablation) must be decoded, and applied
+to a chunk-trained model it is the inference-only ablation.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from .. import ops
 from ..tokens.layout import VocabLayout
 from .engine import InferenceEngine
 
-MODES = ("parallel", "sequential")
+MODES = ("parallel", "sequential", "causal")
 
 
 def _as_prompts(input_ids) -> tuple[list[torch.Tensor], bool]:
@@ -113,7 +118,7 @@ def _decode_parallel(engine, P, base, n_actions, action_dim, backend):
     return bins
 
 
-def _decode_sequential(engine, P, base, n_actions, action_dim, backend):
+def _decode_sequential(engine, P, base, n_actions, action_dim, backend, chunk_rule: bool = True):
     layout, dev = engine.layout, engine.device
     B, K, T = engine.batch_size, n_actions, action_dim + 2
     lo, hi = layout.bin_range
@@ -121,7 +126,10 @@ def _decode_sequential(engine, P, base, n_actions, action_dim, backend):
     n = K * T
     t = torch.arange(n)
     is_bin = ((t % T) != 0) & ((t % T) != T - 1)
-    q_limits = (base.view(B, 1) + (torch.arange(n, device=dev) // T).to(torch.int32).view(1, n)).contiguous()
+    if chunk_rule:  # token i of the chunk belongs to block base + i // T and hides the blocks before it
+        q_limits = (base.view(B, 1) + (torch.arange(n, device=dev) // T).to(torch.int32).view(1, n)).contiguous()
+    else:  # plain causal: no query restricted
+        q_limits = torch.full((B, n), -1, dtype=torch.int32, device=dev)
     out = torch.empty(B, n, dtype=torch.long, device=dev)
     out[:, 0] = layout.boa
     buf = engine.buffers(1)
@@ -147,6 +155,9 @@ def generate_action_chunk(model, input_ids, layout: VocabLayout | None, n_action
                           skip=None) -> torch.Tensor:
     """Decode K = `n_actions` actions of `action_dim` bins after each prompt.
 
+    mode: "parallel" (all K actions per forward pass), "sequential" (one token at a time, the
+    reference), both under the chunk mask; or "causal" (one token at a time, nothing hidden).
+
     input_ids: one prompt [P], a batch [B, P], or a list of 1-D prompts of different lengths;
     every prompt ends with the separator. Returns [K, D+2] for one prompt, else [B, K, D+2]
     ([BOA, bins..., EOA] per action; the closing separator is implied), on the CPU.
@@ -162,8 +173,14 @@ def generate_action_chunk(model, input_ids, layout: VocabLayout | None, n_action
     if engine is None:
         engine = make_engine(model, prompts, n_actions, action_dim, layout, backend)
     P, base = _prepare(engine, prompts, skip, n_actions, action_dim)
-    decode = _decode_parallel if mode == "parallel" else _decode_sequential
-    bins = decode(engine, P, base, n_actions, action_dim, sampling_backend(backend))
+    if mode != "causal" and model.config.attention == "causal":
+        raise ValueError("this model was trained with plain causal attention (config.attention='causal'); "
+                         "decode its chunks with mode='causal'")
+    if mode == "parallel":
+        bins = _decode_parallel(engine, P, base, n_actions, action_dim, sampling_backend(backend))
+    else:
+        bins = _decode_sequential(engine, P, base, n_actions, action_dim, sampling_backend(backend),
+                                  chunk_rule=mode == "sequential")
     B = len(prompts)
     ids = torch.cat([torch.full((B, n_actions, 1), layout.boa, dtype=torch.long, device=bins.device), bins,
                      torch.full((B, n_actions, 1), layout.eoa, dtype=torch.long, device=bins.device)], dim=-1).cpu()

@@ -107,8 +107,8 @@ class InferenceEngine:
         """Write `prompts` (one 1-D id tensor per row, lengths may differ) into the cache.
 
         `skip[b]` leading tokens of row b are already cached (a restored prefix) and are not
-        recomputed. The chunk-rule metadata of the whole prompt fills `kv_block`; slots past
-        the prompt get NO_BLOCK. Returns the final hidden state of each row's last token
+        recomputed. The chunk-rule metadata of the whole prompt fills `kv_block` (for a model
+        trained with plain causal attention, nothing is hidden); slots past the prompt get NO_BLOCK. Returns the final hidden state of each row's last token
         [B, H] (or every computed row [B, Lq, H] padded, with `return_all`).
         """
         B = self.batch_size
@@ -129,11 +129,13 @@ class InferenceEngine:
         ids = torch.full((B, Lq), self.layout.pad, dtype=torch.long)
         q_limit = torch.full((B, Lq), -1, dtype=torch.int32)
         kv_block = torch.full((B, self.max_len), NO_BLOCK, dtype=torch.int32)
+        chunk_rule = self.model.config.attention == "chunk"  # a causal model keeps q_limit -1: nothing hidden
         for b, (p, L, s) in enumerate(zip(prompts, lens, skip)):
-            meta = chunk_mask_meta(p, self.layout)
             ids[b, :L - s] = p[s:]
-            q_limit[b, :L - s] = meta.q_limit[s:]
-            kv_block[b, :L] = meta.kv_block
+            if chunk_rule:
+                meta = chunk_mask_meta(p, self.layout)
+                q_limit[b, :L - s] = meta.q_limit[s:]
+                kv_block[b, :L] = meta.kv_block
         pos = torch.tensor(skip).view(B, 1) + torch.arange(Lq).view(1, Lq)
         dev = self.device
         self.kv_block.copy_(kv_block)

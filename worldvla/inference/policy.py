@@ -93,16 +93,23 @@ class WorldVLAPolicy:
 
     `act(image [H, W, 3])` -> [K, D]; `act(images [N, H, W, 3])` -> [N, K, D] (float32,
     de-normalized with the action tokenizer's bounds). Frames of another size are resized
-    to `image_size`. `mode`: "parallel" (default) or "sequential" chunk decoding.
+    to `image_size`. `mode`: chunk decoding, "parallel" or "sequential" under the chunk mask,
+    or "causal" (nothing hidden); the default is "parallel", or "causal" for a model trained
+    with plain causal attention (`config.attention == "causal"`), which allows nothing else.
     """
 
     def __init__(self, model, vqgan, action_tokenizer: ActionTokenizer, *, chunk_size: int, image_size: int,
-                 history: int = 2, text_tokenizer=None, mode: str = "parallel", extra: dict | None = None,
+                 history: int = 2, text_tokenizer=None, mode: str | None = None, extra: dict | None = None,
                  code_cache_size: int = 64):
         if model.layout is None:
             raise ValueError("the model has no vocabulary layout (ModelConfig.layout); a policy needs one")
+        causal_model = model.config.attention == "causal"
+        mode = mode or ("causal" if causal_model else "parallel")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if causal_model and mode != "causal":
+            raise ValueError(f"this model was trained with plain causal attention; its chunks decode with "
+                             f"mode='causal', not {mode!r}")
         if history not in (1, 2):
             raise ValueError(f"history must be 1 (current frame) or 2 (previous + current frame, the release), "
                              f"got {history}")

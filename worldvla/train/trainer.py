@@ -131,12 +131,13 @@ def split_batch(batch: np.ndarray, lengths: np.ndarray, world: int, micro_tokens
 
 
 # ---------------------------------------------------------------------- model
-def build_model_config(name: str, layout, dropout: float = 0.0, max_positions: int | None = None):
+def build_model_config(name: str, layout, dropout: float = 0.0, max_positions: int | None = None,
+                       attention: str = "chunk"):
     from ..model import ModelConfig
 
     if name not in CONFIGS:
         raise ValueError(f"unknown model config {name!r}; choose one of {CONFIGS}")
-    kw = {"dropout": dropout}
+    kw = {"dropout": dropout, "attention": attention}
     if max_positions:
         kw["max_position_embeddings"] = max_positions
     if name == "chameleon_7b":
@@ -156,11 +157,15 @@ def _precision(args, device) -> torch.dtype | None:
     return torch.bfloat16 if p == "bf16" else None
 
 
-def _build_model(args, layout, device, fsdp: bool):
-    """Every rank builds the same full model (seeded init or --init weights), then shards it."""
+def _build_model(args, layout, device, fsdp: bool, mixed_precision: torch.dtype | None = None):
+    """The same model on every rank: seeded init or --init weights; sharded (FSDP2) when `fsdp`.
+
+    A sharded model without --init is built on the meta device, sharded, and only then
+    allocated and initialized shard by shard, so no rank ever holds the full fp32 model."""
     from ..model import WorldVLA
 
     torch.manual_seed(args.seed)
+    attention = getattr(args, "attention", "chunk")
     if args.init:
         model = WorldVLA.from_pretrained(args.init, device="cpu", dtype=torch.float32)
         if model.config.vocab_size != layout.vocab_size:
@@ -168,13 +173,24 @@ def _build_model(args, layout, device, fsdp: bool):
                              f"{layout.vocab_size}")
         model.config.layout = layout.to_dict()
         model.layout = layout
+        model.config.attention = attention
         if args.dropout:
             for m in model.modules():
                 if isinstance(m, torch.nn.Dropout):
                     m.p = args.dropout
+        if fsdp:
+            dist_utils.shard_model(model, mixed_precision=mixed_precision)
     else:
-        cfg = build_model_config(args.config, layout, args.dropout, args.max_positions)
-        model = WorldVLA(cfg).init_weights(args.init_std, torch.Generator().manual_seed(args.seed))
+        cfg = build_model_config(args.config, layout, args.dropout, args.max_positions, attention)
+        gen = torch.Generator().manual_seed(args.seed)
+        if fsdp:
+            with torch.device("meta"):
+                model = WorldVLA(cfg)
+            dist_utils.shard_model(model, mixed_precision=mixed_precision)
+            model.to_empty(device=device)
+            model.init_weights(args.init_std, gen)
+        else:
+            model = WorldVLA(cfg).init_weights(args.init_std, gen)
     model.attn_backend = args.attn_backend
     model.gradient_checkpointing = bool(args.grad_checkpointing)
     if not fsdp:  # fully_shard moves each rank's shards to the device itself
@@ -225,9 +241,7 @@ def train(args) -> dict:
 
     amp_dtype = _precision(args, device)
     fsdp = world > 1
-    model = _build_model(args, layout, device, fsdp)
-    if fsdp:
-        dist_utils.shard_model(model, mixed_precision=amp_dtype if device.type == "cuda" else None)
+    model = _build_model(args, layout, device, fsdp, mixed_precision=amp_dtype if device.type == "cuda" else None)
     # FSDP on GPU computes in bf16 through its mixed-precision policy; otherwise autocast does.
     autocast = (torch.autocast(device.type, dtype=amp_dtype)
                 if amp_dtype is not None and not (fsdp and device.type == "cuda") else nullcontext())
@@ -411,6 +425,10 @@ def add_arguments(p) -> None:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--init-std", type=float, default=0.02)
     p.add_argument("--max-positions", type=int, default=0, help="override max_position_embeddings")
+    p.add_argument("--attention", default="chunk", choices=("chunk", "causal"),
+                   help="chunk: the release's chunk mask (an action does not see the earlier actions of its "
+                        "chunk); causal: plain causal attention, the paper's ablation (the policy then decodes "
+                        "its chunks causally)")
     p.add_argument("--kinds", default="", help="sample kinds to train on, e.g. 'action' (default: all in the store)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto = bf16 autocast on GPU, fp32 on CPU")
