@@ -160,3 +160,35 @@ def test_bad_inputs():
         chunk_mask_meta(torch.zeros(4), L)
     with pytest.raises(ValueError, match="cu_seqlens"):
         chunk_mask_meta(torch.zeros(6, dtype=torch.long), L, cu_seqlens=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        causal_meta((6,), cu_seqlens=torch.tensor([0, 4, 3, 6]))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        causal_meta((6,), cu_seqlens=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match=r"\(T,\)"):
+        causal_meta((2, 3), cu_seqlens=torch.tensor([0, 3, 6]))
+    packed = causal_meta((6,), cu_seqlens=torch.tensor([0, 2, 6]))
+    assert packed.position_ids.tolist() == [0, 1, 0, 1, 2, 3] and packed.max_seqlen == 4
+
+
+def test_malformed_action_blocks_are_rejected():
+    L = VocabLayout.compact()
+    gen = torch.Generator().manual_seed(3)
+    good = random_sequence(L, gen, 1, 2, 3)
+    chunk_mask_meta(torch.tensor(good), L)
+    eoa_first = good.index(L.boa)
+    unopened = good[:eoa_first] + [L.eoa] + good[eoa_first:]           # EOA before any BOA
+    nested = good[:eoa_first + 2] + [L.boa] + good[eoa_first + 2:]     # BOA inside an open block
+    for bad, what in ((unopened, "EOA"), (nested, "BOA")):
+        with pytest.raises(ValueError, match=f"malformed action blocks.*{what}"):
+            chunk_mask_meta(torch.tensor(bad), L)
+    # A document ending inside an open block does not make the next document's blocks malformed,
+    # in a packed stream or across the rows of a padded batch.
+    open_tail = random_sequence(L, gen, 1, 2, 3, trailing_open=True)
+    packed = torch.tensor(open_tail + good)
+    meta = chunk_mask_meta(packed, L, cu_seqlens=torch.tensor([0, len(open_tail), len(packed)], dtype=torch.int32))
+    assert torch.equal(meta.dense_mask()[len(open_tail):, len(open_tail):],
+                       chunk_mask_meta(torch.tensor(good), L).dense_mask())
+    n = max(len(open_tail), len(good))
+    rows = torch.full((2, n), L.pad)
+    rows[0, :len(open_tail)], rows[1, :len(good)] = torch.tensor(open_tail), torch.tensor(good)
+    chunk_mask_meta(rows, L)

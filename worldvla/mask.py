@@ -104,6 +104,14 @@ def _block_metadata(ids: torch.Tensor, doc: torch.Tensor, layout: VocabLayout):
     doc_first[1:] = doc[1:] != doc[:-1]
     first = torch.cummax(torch.where(doc_first, pos, torch.zeros_like(pos)), 0).values
     open_before = (n_boa - is_boa.long() - n_eoa_before)[first]
+    # Blocks neither nest nor close unopened: the open count of a document stays 0 or 1.
+    depth = n_boa - torch.cumsum(is_eoa, 0) - open_before
+    bad = (depth < 0) | (depth > 1)
+    if N and bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        what = "an EOA that closes no open action block" if depth[i] < 0 else "a BOA inside an open action block"
+        raise ValueError(f"malformed action blocks: token {i} (of the flattened input) is {what}; every action "
+                         f"block is BOA, bins..., EOA (build sequences with SequenceBuilder)")
     # Inside a block: an opened BOA (of this document) not yet closed by an EOA before this
     # token. An unterminated trailing block (during generation) runs to the document's end.
     in_block = (n_boa - n_eoa_before) > open_before
@@ -122,6 +130,18 @@ def _block_metadata(ids: torch.Tensor, doc: torch.Tensor, layout: VocabLayout):
     return kv_block, q_limit
 
 
+def _checked_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
+    """cu_seqlens as int64 on `device`, after checking it rises from 0 to `total` (one host sync)."""
+    if cu_seqlens.dtype.is_floating_point:
+        raise TypeError(f"cu_seqlens must hold integers, got {cu_seqlens.dtype}")
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    if (cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total
+            or bool((cu[1:] < cu[:-1]).any())):
+        raise ValueError(f"cu_seqlens must rise from 0 to T={total} (document boundaries of the packed tokens), "
+                         f"got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}")
+    return cu
+
+
 def chunk_mask_meta(input_ids: torch.Tensor, layout: VocabLayout, cu_seqlens: torch.Tensor | None = None) -> ChunkMaskMeta:
     """Metadata of the chunk rule for `input_ids` [L], [B, L] (padded) or [T] with `cu_seqlens` (packed)."""
     if input_ids.dtype.is_floating_point:
@@ -130,9 +150,7 @@ def chunk_mask_meta(input_ids: torch.Tensor, layout: VocabLayout, cu_seqlens: to
     if cu_seqlens is not None:
         if ids.dim() != 1:
             raise ValueError(f"packed input_ids must be 1-D [T] with cu_seqlens, got shape {tuple(ids.shape)}")
-        cu = cu_seqlens.to(device=ids.device, dtype=torch.int64)
-        if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != ids.numel() or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"cu_seqlens must rise from 0 to T={ids.numel()}, got {cu.tolist()[:8]}...")
+        cu = _checked_cu_seqlens(cu_seqlens, ids.numel(), ids.device)
         lens = cu[1:] - cu[:-1]
         doc = torch.repeat_interleave(torch.arange(lens.numel(), device=ids.device), lens)
         kv_block, q_limit = _block_metadata(ids, doc, layout)
@@ -159,7 +177,9 @@ def causal_meta(shape, device=None, cu_seqlens: torch.Tensor | None = None) -> C
     kv = torch.full(shape, NO_BLOCK, dtype=torch.int32, device=device)
     ql = torch.full(shape, -1, dtype=torch.int32, device=device)
     if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        if len(shape) != 1:
+            raise ValueError(f"packed causal metadata takes shape (T,) with cu_seqlens, got {tuple(shape)}")
+        cu = _checked_cu_seqlens(cu_seqlens, shape[0], device)
         lens = cu[1:] - cu[:-1]
         doc = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens)
         pos = torch.arange(shape[-1], device=device) - cu[:-1][doc]
