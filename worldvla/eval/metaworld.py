@@ -229,17 +229,25 @@ def world_model_metrics(policy, rollouts: list[dict], horizon: int = 8, one_step
             targets.append(r["frames"][t + 1])
     imgs, acts, targets = np.stack(imgs), np.stack(acts), np.stack(targets)
     t0 = time.perf_counter()
-    pred = generate_frames(model, vqgan, imgs, acts[:, None], **kw).frames[:, 0]
+    out = generate_frames(model, vqgan, imgs, acts[:, None], **kw)
+    pred, pred_codes = out.frames[:, 0], out.codes[:, 0].cpu()
     one_step_s = (time.perf_counter() - t0) / len(imgs)
     with torch.no_grad():
         dev = vqgan.codebook.device
-        recon = postprocess(vqgan.decode(vqgan.encode(preprocess(targets).to(dev))))
+        target_codes = vqgan.encode(preprocess(targets).to(dev, vqgan.codebook.dtype))
+        current_codes = vqgan.encode(preprocess(imgs).to(dev, vqgan.codebook.dtype)).cpu()
+        recon = postprocess(vqgan.decode(target_codes))
+        target_codes = target_codes.cpu()
     p_m, s_m = _scores(pred, targets)
     p_c, s_c = _scores(imgs, targets)
     p_r, s_r = _scores(recon, targets)
+    # In the tokenizer's own space, free of its reconstruction ceiling: the share of the next
+    # frame's VQ codes predicted exactly, against keeping the current frame's codes.
     one_step = {"n": int(len(imgs)), "psnr": _mean_finite(p_m), "ssim": float(s_m.mean()),
                 "copy_last_psnr": _mean_finite(p_c), "copy_last_ssim": float(s_c.mean()),
                 "vqgan_recon_psnr": _mean_finite(p_r), "vqgan_recon_ssim": float(s_r.mean()),
+                "code_accuracy": float((pred_codes == target_codes).double().mean()),
+                "copy_last_code_accuracy": float((current_codes == target_codes).double().mean()),
                 "seconds_per_frame": one_step_s}
 
     # Multi-step: from each rollout's first frame, imagine `H` steps under the expert's actions.
@@ -368,6 +376,8 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
             "copy_last_psnr": _mean_finite([wm[t]["one_step"]["copy_last_psnr"] for t in tasks]),
             "copy_last_ssim": float(np.mean([wm[t]["one_step"]["copy_last_ssim"] for t in tasks])),
             "vqgan_recon_psnr": _mean_finite([wm[t]["one_step"]["vqgan_recon_psnr"] for t in tasks]),
+            "code_accuracy": float(np.mean([wm[t]["one_step"]["code_accuracy"] for t in tasks])),
+            "copy_last_code_accuracy": float(np.mean([wm[t]["one_step"]["copy_last_code_accuracy"] for t in tasks])),
             "vqgan_recon_ssim": float(np.mean([wm[t]["one_step"]["vqgan_recon_ssim"] for t in tasks])),
             "multi_step_psnr": _mean_finite([wm[t]["multi_step"]["psnr"] for t in tasks]),
             "multi_step_ssim": float(np.mean([wm[t]["multi_step"]["ssim"] for t in tasks])),
@@ -429,6 +439,9 @@ def format_results(metrics: dict) -> str:
         lines.append(f"  VQGAN reconstruction (upper bound)          {f(m['vqgan_recon_psnr']):>7}  {m['vqgan_recon_ssim']:.3f}")
         h = wm[tasks[0]]["multi_step"]["horizon"]
         lines.append(f"  imagined {h}-step rollout, mean over steps   {f(m['multi_step_psnr']):>7}  {m['multi_step_ssim']:.3f}")
+        if m.get("code_accuracy") is not None:
+            lines.append(f"  next-frame VQ codes predicted exactly: {m['code_accuracy']:.1%} "
+                         f"(current frame's codes kept: {m['copy_last_code_accuracy']:.1%})")
     return "\n".join(lines)
 
 
