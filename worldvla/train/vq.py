@@ -1,6 +1,7 @@
 """VQGAN trainer: the image tokenizer on demonstration frames.
 
     worldvla train-vq demos/ --out runs/vq --config small --steps 3000 --batch-size 32
+    torchrun --nproc_per_node 4 -m worldvla.train.vq demos/ --out runs/vq --batch-size 64
 
 Loss = l1 * |x - x_hat| + l2 * (x - x_hat)^2 + ||sg[z] - e||^2 + beta * ||z - sg[e]||^2
 (no perceptual or adversarial term). Small codebooks tend to collapse onto a few entries, so
@@ -9,6 +10,11 @@ codes whose running usage falls below `--restart-threshold` are re-seeded every
 are reset). Checkpoints, exact resume, progress bar and the JSONL log work as in the WorldVLA
 trainer; the result is exported to `<out>/vqgan` (VQGAN.save_pretrained), the folder that
 `worldvla pretokenize --vqgan` takes.
+
+Under torchrun the run is data-parallel (DDP): each rank encodes its contiguous slice of the
+global batch, gradients are averaged, code-usage counts are summed over ranks, and dead codes
+are re-seeded from the gathered latents of the whole batch with a generator every rank holds,
+so the replicas stay identical and the run follows the single-process one.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed as dist_utils
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -63,7 +70,9 @@ class CodeUsage:
         self.decay = decay
 
     def update(self, codes: torch.Tensor) -> torch.Tensor:
-        counts = torch.bincount(codes.flatten().cpu(), minlength=len(self.ema)).double()
+        """Fold in this step's picks (summed over ranks); returns the step's usage fractions."""
+        counts = torch.bincount(codes.flatten(), minlength=len(self.ema)).double()
+        counts = dist_utils.all_reduce_sum(counts).cpu()
         frac = counts / counts.sum()
         self.ema.mul_(self.decay).add_(frac, alpha=1.0 - self.decay)
         return frac
@@ -110,26 +119,47 @@ def _build(args):
     return VQGAN(cfg).train()
 
 
+def _gather_batch(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's slice of a batch in rank order (the whole batch in one process)."""
+    if not dist_utils.is_distributed():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist_utils.world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def train_vq(args) -> dict:
     from tqdm.auto import tqdm
 
     from ..vqgan import preprocess
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = dist_utils.init(args.device)
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    main = rank == 0
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over {world} ranks")
+    local = args.batch_size // world
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist_utils.barrier()
     frames = load_frames(args.inputs, args.frame_stride, args.max_frames, args.camera)
     if len(frames) < args.batch_size:
         raise ValueError(f"only {len(frames)} frames for a batch of {args.batch_size}; lower --batch-size")
-    model = _build(args).to(device)
-    f = model.downsample
+    vq = _build(args).to(device)
+    f = vq.downsample
     if frames.shape[1] % f or frames.shape[2] % f:
         raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]}, not a multiple of the VQGAN factor {f}")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+    model = vq
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(vq, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(vq.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                             weight_decay=args.weight_decay)
     steps_per_epoch = len(frames) // args.batch_size
     total = args.steps or args.epochs * steps_per_epoch
-    usage = CodeUsage(model.config.n_embed, args.usage_decay)
+    usage = CodeUsage(vq.config.n_embed, args.usage_decay)
     gen = torch.Generator().manual_seed(args.seed + 1)
 
     step, epoch, pos = 0, 0, 0
@@ -138,18 +168,20 @@ def train_vq(args) -> dict:
         step, epoch, pos = st["step"], st["epoch"], st["batch_in_epoch"]
         usage.ema = torch.tensor(st["usage"], dtype=torch.float64)
         gen.set_state(torch.tensor(st["restart_rng"], dtype=torch.uint8))
-        print(f"resumed from {st['path']} at step {step}")
+        if main:
+            print(f"resumed from {st['path']} at step {step}")
     log_path = out / "metrics.jsonl"
-    if log_path.is_file():
+    if main and log_path.is_file():
         keep = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
         log_path.write_text("".join(ln + "\n" for ln in keep))
 
     latents = {}
-    hook = model.quant_conv.register_forward_hook(lambda m, i, o: latents.__setitem__("z", o.detach()))
+    hook = vq.quant_conv.register_forward_hook(lambda m, i, o: latents.__setitem__("z", o.detach()))
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
            or (args.precision == "auto" and device.type == "cuda") else nullcontext())
     order = _epoch_order(len(frames), args.batch_size, args.seed, epoch)
-    bar = tqdm(total=total, initial=step, desc="train-vq", unit="step", disable=args.no_progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train-vq", unit="step", disable=args.no_progress or not main,
+               dynamic_ncols=True)
     losses, t0, start = [], time.perf_counter(), step
 
     def lr_at(s):
@@ -159,58 +191,64 @@ def train_vq(args) -> dict:
         t = min(1.0, (s - warm) / max(1, total - warm))
         return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))
 
+    log = open(log_path, "a") if main else None
     try:
-        with open(log_path, "a") as log:
-            while step < total:
-                if pos >= len(order):
-                    epoch, pos = epoch + 1, 0
-                    order = _epoch_order(len(frames), args.batch_size, args.seed, epoch)
-                px = preprocess(frames[order[pos]]).to(device)
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step)
-                with amp:
-                    recon, vq_loss, codes = model(px, beta=args.beta)
-                recon = recon.float()
-                l1, l2 = (recon - px).abs().mean(), F.mse_loss(recon, px)
-                loss = args.l1 * l1 + args.l2 * l2 + vq_loss.float()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0
-                                                    else float("inf"))
-                opt.step()
-                frac = usage.update(codes)
-                step, pos = step + 1, pos + 1
-                restarted = 0
-                if args.restart_every and step % args.restart_every == 0:
-                    restarted = restart_dead_codes(model, opt, usage, latents["z"], args.restart_threshold, gen)
-                used = frac > 0
-                p = frac[used]
-                loss, l1, l2, vq_loss = loss.detach(), l1.detach(), l2.detach(), vq_loss.detach()
-                rec = {"step": step, "epoch": epoch, "loss": float(loss), "l1": float(l1), "l2": float(l2),
-                       "vq": float(vq_loss), "psnr": float(10 * torch.log10(4.0 / l2.clamp_min(1e-10))),
-                       "perplexity": float(torch.exp(-(p * p.log()).sum())), "codes_used": int(used.sum()),
-                       "restarted": restarted, "grad_norm": float(gn), "lr": lr_at(step - 1),
-                       "frames_per_s": args.batch_size * (step - start) / max(time.perf_counter() - t0, 1e-9),
-                       "time": time.time()}
-                losses.append(rec["loss"])
-                if step % args.log_every == 0 or step == total:
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.1f}", codes=rec["codes_used"])
-                bar.update(1)
-                if (args.save_every and step % args.save_every == 0) or step == total or step == args.stop_after:
-                    save_checkpoint(out, step, model, opt,
-                                    {"epoch": epoch, "batch_in_epoch": pos, "usage": usage.ema.tolist(),
-                                     "restart_rng": gen.get_state().tolist(), "config": model.config.to_dict()},
-                                    keep_last=args.keep_last)
-                if args.stop_after and step >= args.stop_after:
-                    break
+        while step < total:
+            if pos >= len(order):
+                epoch, pos = epoch + 1, 0
+                order = _epoch_order(len(frames), args.batch_size, args.seed, epoch)
+            px = preprocess(frames[order[pos][rank * local:(rank + 1) * local]]).to(device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            with amp:
+                recon, vq_loss, codes = model(px, beta=args.beta)
+            recon = recon.float()
+            l1, l2 = (recon - px).abs().mean(), F.mse_loss(recon, px)
+            loss = args.l1 * l1 + args.l2 * l2 + vq_loss.float()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # DDP averages the gradients of the equal slices: the global batch's mean
+            gn = torch.nn.utils.clip_grad_norm_(vq.parameters(), args.grad_clip if args.grad_clip > 0
+                                                else float("inf"))
+            opt.step()
+            frac = usage.update(codes)
+            step, pos = step + 1, pos + 1
+            restarted = 0
+            if args.restart_every and step % args.restart_every == 0:
+                restarted = restart_dead_codes(vq, opt, usage, _gather_batch(latents["z"]),
+                                               args.restart_threshold, gen)
+            used = frac > 0
+            p = frac[used]
+            parts = torch.stack([loss.detach(), l1.detach(), l2.detach(), vq_loss.detach().float()]).double()
+            loss_v, l1_v, l2_v, vq_v = (dist_utils.all_reduce_sum(parts) / world).tolist()
+            rec = {"step": step, "epoch": epoch, "loss": loss_v, "l1": l1_v, "l2": l2_v, "vq": vq_v,
+                   "psnr": float(10 * math.log10(4.0 / max(l2_v, 1e-10))),
+                   "perplexity": float(torch.exp(-(p * p.log()).sum())), "codes_used": int(used.sum()),
+                   "restarted": restarted, "grad_norm": float(gn), "lr": lr_at(step - 1),
+                   "frames_per_s": args.batch_size * (step - start) / max(time.perf_counter() - t0, 1e-9),
+                   "time": time.time()}
+            losses.append(rec["loss"])
+            if main and (step % args.log_every == 0 or step == total):
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.1f}", codes=rec["codes_used"])
+            bar.update(1)
+            if (args.save_every and step % args.save_every == 0) or step == total or step == args.stop_after:
+                save_checkpoint(out, step, model, opt,
+                                {"epoch": epoch, "batch_in_epoch": pos, "usage": usage.ema.tolist(),
+                                 "restart_rng": gen.get_state().tolist(), "config": vq.config.to_dict()},
+                                keep_last=args.keep_last)
+            if args.stop_after and step >= args.stop_after:
+                break
     finally:
         hook.remove()
         bar.close()
+        if log:
+            log.close()
     export = None
     if step >= total:
-        model.eval().save_pretrained(out / "vqgan")
+        if main:
+            vq.eval().save_pretrained(out / "vqgan")
+        dist_utils.barrier()
         export = str(out / "vqgan")
     return {"step": step, "losses": losses, "export": export}
 
@@ -259,8 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    s = train_vq(args)
-    if s["losses"]:
+    try:
+        s = train_vq(args)
+        main = dist_utils.is_main()
+    finally:
+        dist_utils.shutdown()
+    if main and s["losses"]:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}" + (f"; exported {s['export']}" if s["export"] else ""))
     return 0
 
