@@ -2,18 +2,25 @@
 
     loss = sum_i w[y_i] CE_i / sum_i w[y_i]  +  z_weight * mean_i lse_i^2     (labelled rows only)
 
-The [N, V] logits are never held for all rows: labelled rows are processed in chunks
-(of at most ~256 MiB of fp32-sized logits). For each chunk, logits = h_c @ W^T (one
-matmul), then one Triton program per row (per 32 rows in the interpreter) makes
-an online max/sum-exp pass over the vocabulary, writes CE_i and lse_i, and, when a
-gradient is wanted, overwrites the chunk's logits in place with dloss/dlogits:
+The [N, V] logits are never held for all rows: rows are processed in chunks (of at most
+~256 MiB of fp32-sized logits). For each chunk, logits = h_c @ W^T (one matmul), then one
+Triton program per row (per 32 rows in the interpreter) makes an online max/sum-exp pass
+over the vocabulary, writes CE_i and lse_i, and, when a gradient is wanted, overwrites the
+chunk's logits in place with dloss/dlogits:
 
     dlogits_ij = (a_i + z_i) softmax_ij - a_i [j == y_i],   a_i = w[y_i] / sum w,  z_i = 2 z_weight lse_i / n
 
-(both normalizers are known before the first chunk). grad_hidden and grad_weight then
-come from two matmuls per chunk, so the forward already holds the gradients and the
-backward only scales them by the incoming gradient. grad_weight is summed over chunks in
-fp32 ([V, H] fp32: 1 GiB for Chameleon-7B's head), far less than [N, V] fp32 logits.
+grad_hidden and grad_weight then come from two matmuls per chunk, so the forward already
+holds the gradients and the backward only scales them by the incoming gradient. grad_weight
+is summed over chunks in fp32 ([V, H] fp32: 1 GiB for Chameleon-7B's head), far less than
+[N, V] fp32 logits.
+
+No host synchronization: every row is processed, and ignored rows (target == ignore_index)
+have their hidden state zeroed and carry zero weight, so they add nothing to the loss or the
+gradients. The normalizers (sum of weights, number of labelled rows) stay on the device, in
+per-row weights the kernel reads. Shapes and launches depend on N and V only, so the
+forward is capturable in a CUDA graph. A labelled target outside [0, V) makes the loss NaN
+(raising would need the targets on the host; CPU inputs, and `check_targets=True`, raise).
 """
 from __future__ import annotations
 
@@ -25,12 +32,15 @@ from ._common import INTERPRET, check_device, check_dtype, store_dtype
 
 
 @triton.jit
-def _ce_rows_kernel(LOGITS, s_row, TARGETS, ROW_W, CE, LSE, n_rows, V, row0, inv_wsum, z_coef,
+def _ce_rows_kernel(LOGITS, s_row, TARGETS, ROW_W, CE, LSE, n_rows, V, row0, n_total, z_coef,
                     HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """ROW_W is fp32 [2, n_total]: the CE weight a_i (row 0, read when HAS_WEIGHT; otherwise
+    a_i equals row 1) and the z-loss weight (row 1: 1/n on labelled rows, 0 on ignored ones)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     r_valid = rows < n_rows
     base = LOGITS + rows.to(tl.int64)[:, None] * s_row
     y = tl.load(TARGETS + row0 + rows, mask=r_valid, other=0)
+    y_ok = (y >= 0) & (y < V)
     offs = tl.arange(0, BLOCK_V)
     m = tl.full([ROWS], -1.0e30, tl.float32)
     l = tl.zeros([ROWS], tl.float32)
@@ -42,15 +52,17 @@ def _ce_rows_kernel(LOGITS, s_row, TARGETS, ROW_W, CE, LSE, n_rows, V, row0, inv
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
         m = m_new
     lse = m + tl.log(tl.where(r_valid, l, 1.0))
-    x_y = tl.load(LOGITS + rows.to(tl.int64) * s_row + y, mask=r_valid, other=0.0).to(tl.float32)
+    # A target outside [0, V) is never read: its CE is NaN, which makes the loss NaN.
+    x_y = tl.load(LOGITS + rows.to(tl.int64) * s_row + y, mask=r_valid & y_ok, other=float("nan")).to(tl.float32)
     tl.store(CE + row0 + rows, lse - x_y, mask=r_valid)
     tl.store(LSE + row0 + rows, lse, mask=r_valid)
     if WRITE_GRAD:
+        zw = tl.load(ROW_W + n_total + row0 + rows, mask=r_valid, other=0.0)
         if HAS_WEIGHT:
-            a = tl.load(ROW_W + row0 + rows, mask=r_valid, other=0.0) * inv_wsum
+            a = tl.load(ROW_W + row0 + rows, mask=r_valid, other=0.0)
         else:
-            a = tl.full([ROWS], 1.0, tl.float32) * inv_wsum
-        c = a + z_coef * lse
+            a = zw
+        c = a + z_coef * zw * lse
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
             mask = r_valid[:, None] & (cols < V)[None, :]
@@ -60,84 +72,90 @@ def _ce_rows_kernel(LOGITS, s_row, TARGETS, ROW_W, CE, LSE, n_rows, V, row0, inv
 
 
 def _chunk_rows(n: int, vocab: int, elem_bytes: int, chunk_size: int | None) -> int:
+    """Rows per chunk: `chunk_size` if given, else chunks of at most ~256 MiB of logits,
+    balanced so the last one is not a sliver. Depends on shapes only."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
-    # Chunks of at most ~256 MiB of logits, balanced so the last one is not a sliver.
     rows = max(1, min(n, (256 << 20) // (vocab * elem_bytes)))
     n_chunks = triton.cdiv(n, rows)
-    return triton.cdiv(n, n_chunks)
+    return max(1, triton.cdiv(n, n_chunks))
 
 
-def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100,
-                      need_grad_hidden=False, need_grad_weight=False, chunk_size=None):
-    """Returns (loss, z_mean, grad_hidden or None, grad_weight or None); gradients for d loss = 1."""
+def check_inputs(hidden, weight, targets, class_weight=None):
+    """Shape, dtype and device checks (no tensor values are read)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy wants hidden [N, H], weight [V, H], targets [N]; got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if targets.dtype.is_floating_point:
+        raise TypeError(f"targets must be integer class ids, got {targets.dtype}")
     check_dtype("linear_cross_entropy", hidden)
     check_device("linear_cross_entropy", hidden, weight, targets, class_weight)
-    V, Hd = weight.shape
+    V = weight.shape[0]
+    if class_weight is not None and (class_weight.dim() != 1 or class_weight.numel() != V):
+        raise ValueError(f"class_weight must be [V={V}], got {tuple(class_weight.shape)}")
+
+
+def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100,
+                      need_grad_hidden=False, need_grad_weight=False, chunk_size=None, check_targets=None):
+    """Returns (loss, z_mean, grad_hidden or None, grad_weight or None); gradients for d loss = 1.
+
+    `check_targets`: raise ValueError on a labelled target outside [0, V). None checks CPU
+    inputs only (reading CUDA targets on the host would synchronize); elsewhere such a target
+    makes the loss NaN."""
+    check_inputs(hidden, weight, targets, class_weight)
+    V, N = weight.shape[0], hidden.shape[0]
+    dev = hidden.device
     valid = targets != ignore_index
-    rows = valid.nonzero().squeeze(1)
-    n = rows.numel()
-    if n == 0:
-        zero = hidden.sum() * 0.0
-        return zero.float(), zero.float().detach(), None, None
-    y = targets[rows]
-    if bool(((y < 0) | (y >= V)).any()):
-        raise ValueError(f"targets must be {ignore_index} (ignored) or lie in [0, {V}); got values outside")
-    h = hidden[rows]
+    if check_targets or (check_targets is None and targets.device.type == "cpu"):
+        if bool((valid & ((targets < 0) | (targets >= V))).any()):
+            raise ValueError(f"targets must be {ignore_index} (ignored) or lie in [0, {V}); got values outside")
+    y = torch.where(valid, targets, torch.zeros_like(targets))
     y32 = y.to(torch.int32).contiguous()
+    # Per-row weights, normalizers kept on the device: row 0 the CE weight, row 1 the z-loss weight.
+    n_valid = valid.sum(dtype=torch.float32)
+    row_w = torch.zeros((2, N), dtype=torch.float32, device=dev)
+    row_w[1] = valid.float() / n_valid.clamp(min=1.0)
     if class_weight is not None:
-        if class_weight.dim() != 1 or class_weight.numel() != V:
-            raise ValueError(f"class_weight must be [V={V}], got {tuple(class_weight.shape)}")
-        row_w = class_weight.to(torch.float32)[y]
-        wsum = row_w.sum()
-        inv_wsum = 1.0 / wsum
+        # clamped: an out-of-range target must not index out of bounds (the kernel makes its CE NaN)
+        w = torch.where(valid, class_weight.to(torch.float32)[y.clamp(0, V - 1)], torch.zeros((), device=dev))
+        row_w[0] = torch.where(valid, w / w.sum(), torch.zeros((), device=dev))
     else:
-        row_w = y32  # unused placeholder pointer
-        wsum = torch.tensor(float(n), device=hidden.device)
-        inv_wsum = 1.0 / n
-    # The kernel takes the normalizer as a scalar argument: one host sync for class weights.
-    inv_wsum_f = float(inv_wsum)
+        row_w[0] = row_w[1]
     write_grad = need_grad_hidden or need_grad_weight
-    ce = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    grad_h = torch.zeros_like(hidden) if need_grad_hidden else None
-    grad_w = None
-    if need_grad_weight:
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    ce = torch.empty(N, dtype=torch.float32, device=dev)
+    lse = torch.empty(N, dtype=torch.float32, device=dev)
+    grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_grad_hidden else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_grad_weight else None
     # One row per program on GPUs; the interpreter pays per program, so there a program takes 32 rows.
     rows_per_prog = 32 if INTERPRET else 1
     block_v = min(triton.next_power_of_2(V), 1024 if INTERPRET else 4096)
-    step = _chunk_rows(n, V, 4, chunk_size)
-    for r0 in range(0, n, step):
-        h_c = h[r0:r0 + step]
+    step = _chunk_rows(N, V, 4, chunk_size)
+    zero = torch.zeros((), dtype=hidden.dtype, device=dev)
+    for r0 in range(0, N, step):
+        # Ignored rows are zeroed: finite logits, and nothing reaches the gradients.
+        h_c = torch.where(valid[r0:r0 + step, None], hidden[r0:r0 + step], zero)
         logits = h_c @ weight.t()  # [rows, V] in the input dtype; overwritten by its gradient
         if store_dtype(logits.dtype) != logits.dtype:
             logits = logits.float()
         _ce_rows_kernel[(triton.cdiv(h_c.shape[0], rows_per_prog),)](
-            logits, logits.stride(0), y32, row_w, ce, lse, h_c.shape[0], V, r0, inv_wsum_f, 2.0 * z_weight / n,
+            logits, logits.stride(0), y32, row_w, ce, lse, h_c.shape[0], V, r0, N, 2.0 * z_weight,
             HAS_WEIGHT=class_weight is not None, WRITE_GRAD=write_grad, ROWS=rows_per_prog, BLOCK_V=block_v,
             **({} if INTERPRET else dict(num_warps=8)))
         if not write_grad:
             continue
         dlogits = logits.to(weight.dtype)
         if need_grad_hidden:
-            grad_h[rows[r0:r0 + step]] = dlogits @ weight
+            torch.matmul(dlogits, weight, out=grad_h[r0:r0 + step])
         if need_grad_weight:
             # Each chunk's product is rounded once to the input dtype, the sum over chunks is kept in fp32.
             grad_w += dlogits.t() @ h_c
-    if class_weight is not None:
-        ce_mean = (row_w * ce).sum() / wsum
-    else:
-        ce_mean = ce.mean()
-    z = (lse * lse).mean()
-    loss = ce_mean + z_weight * z
+    # Ignored rows have finite ce and lse (their logits are 0) and zero weight.
+    z = (row_w[1] * lse * lse).sum()
+    loss = (row_w[0] * ce).sum() + z_weight * z
     if grad_w is not None:
         grad_w = grad_w.to(weight.dtype)
     return loss, z.detach(), grad_h, grad_w
@@ -145,10 +163,11 @@ def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5,
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, class_weight, z_weight, ignore_index, chunk_size):
+    def forward(ctx, hidden, weight, targets, class_weight, z_weight, ignore_index, chunk_size, check_targets):
         loss, z, gh, gw = linear_ce_forward(hidden, weight, targets, class_weight, z_weight, ignore_index,
                                             need_grad_hidden=ctx.needs_input_grad[0],
-                                            need_grad_weight=ctx.needs_input_grad[1], chunk_size=chunk_size)
+                                            need_grad_weight=ctx.needs_input_grad[1], chunk_size=chunk_size,
+                                            check_targets=check_targets)
         ctx.save_for_backward(gh, gw)
         ctx.mark_non_differentiable(z)
         return loss, z
@@ -160,13 +179,17 @@ class LinearCrossEntropy(torch.autograd.Function):
             gh = gh * grad_loss.to(gh.dtype)
         if gw is not None:
             gw = gw * grad_loss.to(gw.dtype)
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100, chunk_size=None):
-    """Same contract as worldvla.ops.linear_cross_entropy: returns (loss, z_mean)."""
+def linear_cross_entropy(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100, chunk_size=None,
+                         check_targets=True):
+    """Same contract as worldvla.ops.linear_cross_entropy: returns (loss, z_mean). With
+    `check_targets` an out-of-range target raises, which reads CUDA targets on the host (one
+    sync); pass False (or use the registered op) for a sync-free call."""
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         loss, z, _, _ = linear_ce_forward(hidden, weight, targets, class_weight, z_weight, ignore_index,
-                                          chunk_size=chunk_size)
+                                          chunk_size=chunk_size, check_targets=check_targets)
         return loss, z
-    return LinearCrossEntropy.apply(hidden, weight, targets, class_weight, z_weight, ignore_index, chunk_size)
+    return LinearCrossEntropy.apply(hidden, weight, targets, class_weight, z_weight, ignore_index, chunk_size,
+                                    check_targets)

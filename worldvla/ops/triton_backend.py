@@ -1,12 +1,29 @@
-"""The "triton" backend: registers the Triton kernels of `worldvla.kernels` with dispatch.
+"""The "triton" backend: the Triton kernels of `worldvla.kernels` as torch custom ops.
 
-Importing this module without Triton raises ImportError, which dispatch takes as
-"backend not available". Each op declares what it supports: CUDA tensors, or CPU
-tensors when Triton runs in its interpreter (TRITON_INTERPRET=1 set before import).
+Each op is a `torch.library.custom_op("worldvla_triton::...")` with a fake (meta)
+implementation, so `torch.compile` traces through it without a graph break, and takes the
+metadata objects of `worldvla.mask` as their tensors and ints. Attention and the fused
+linear cross-entropy are differentiable through `register_autograd`: the attention backward
+is its own op fed with the forward's log-sum-exp; the cross-entropy forward already computes
+the gradients, which the backward scales. The op implementations read no tensor values on
+the host for CUDA inputs, so they can be captured in CUDA graphs.
+
+Sampling with temperature > 0 draws from the op's logits outside any op: a torch.Generator
+cannot be an operator argument.
+
+Importing this module without Triton raises ImportError, which dispatch takes as "backend
+not available". Each op declares what it supports: CUDA tensors, or CPU tensors when Triton
+runs in its interpreter (TRITON_INTERPRET=1 set before import).
 """
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
+from typing import Optional
+
+import torch
 import triton  # noqa: F401  (ImportError here = no triton backend)
+from torch import Tensor
 
 from worldvla.kernels import attention as _attention
 from worldvla.kernels import decode_attention as _decode
@@ -15,9 +32,255 @@ from worldvla.kernels import sampling as _sampling
 from worldvla.kernels import vq as _vq
 from worldvla.kernels._common import FLOAT_DTYPES, device_ok
 
+from ..mask import ChunkMaskMeta, DecodeMeta
 from . import dispatch
+from .sampling import sample_logits
 
 
+def _scale(q: Tensor, softmax_scale) -> float:
+    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+# ------------------------------------------------------------------ masked attention (prefill)
+# Tile plans are cached per metadata tensors (as on a ChunkMaskMeta), so every layer of a
+# forward and its backward share one. An entry holds its tensors, so the ids in its key
+# cannot be reused while it lives; the plan cache checks versions against in-place edits.
+_META_CACHE: OrderedDict = OrderedDict()
+_META_CACHE_SIZE = 8
+
+
+def _chunk_meta(kv_block: Tensor, q_limit: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int) -> ChunkMaskMeta:
+    key = (id(kv_block), id(q_limit), id(cu_seqlens), max_seqlen)
+    meta = _META_CACHE.get(key)
+    if meta is None or any(a is not b for a, b in zip((meta.kv_block, meta.q_limit, meta.cu_seqlens),
+                                                       (kv_block, q_limit, cu_seqlens))):
+        meta = ChunkMaskMeta(kv_block, q_limit, None, cu_seqlens, max_seqlen)
+        _META_CACHE[key] = meta
+        if len(_META_CACHE) > _META_CACHE_SIZE:
+            _META_CACHE.popitem(last=False)
+    _META_CACHE.move_to_end(key)
+    return meta
+
+
+def _n_tokens(q: Tensor):
+    return q.shape[0] if q.dim() == 3 else q.shape[0] * q.shape[1]
+
+
+def _check_attention_shapes(q, k, v, kv_block, q_limit, cu_seqlens):
+    """The shape rules of the kernels, for the fake implementation (the kernels check them too)."""
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or k.shape != v.shape or q.shape[:-2] != k.shape[:-2] \
+            or q.shape[-1] != k.shape[-1] or q.shape[-2] % k.shape[-2]:
+        raise ValueError(f"masked_attention wants q [B, L, H, Dh] or [T, H, Dh] and equal k, v with kv heads "
+                         f"dividing H; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if kv_block.shape != q.shape[:-2] or q_limit.shape != q.shape[:-2]:
+        raise ValueError(f"meta covers tokens {tuple(kv_block.shape)} but q has {tuple(q.shape[:-2])}")
+    if (cu_seqlens is not None) != (q.dim() == 3):
+        raise ValueError("packed q/k/v [T, H, Dh] need cu_seqlens, padded [B, L, H, Dh] take none")
+
+
+@torch.library.custom_op("worldvla_triton::masked_attention", mutates_args=())
+def masked_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_block: Tensor, q_limit: Tensor,
+                        cu_seqlens: Optional[Tensor], max_seqlen: int, softmax_scale: float) -> tuple[Tensor, Tensor]:
+    """Chunk-masked attention forward: (out like q, lse2 fp32 [H, tokens]), lse2 the base-2
+    log-sum-exp the backward reuses. Layouts as `worldvla.ops.masked_attention`."""
+    meta = _chunk_meta(kv_block, q_limit, cu_seqlens, max_seqlen)
+    out, lse2, _ = _attention.attention_forward(q, k, v, meta, softmax_scale)
+    return out, lse2
+
+
+@masked_attention_op.register_fake
+def _(q, k, v, kv_block, q_limit, cu_seqlens, max_seqlen, softmax_scale):
+    _check_attention_shapes(q, k, v, kv_block, q_limit, cu_seqlens)
+    return q.new_empty(q.shape), q.new_empty((q.shape[-2], _n_tokens(q)), dtype=torch.float32)
+
+
+@torch.library.custom_op("worldvla_triton::masked_attention_backward", mutates_args=())
+def masked_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor,
+                                 kv_block: Tensor, q_limit: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int,
+                                 softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of chunk-masked attention from the forward's output and lse2."""
+    meta = _chunk_meta(kv_block, q_limit, cu_seqlens, max_seqlen)
+    pb = _attention._Problem(q, k, v, meta, softmax_scale, None, None)
+    return _attention.attention_backward(grad_out, q, k, v, out, lse2, pb)
+
+
+@masked_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse2, kv_block, q_limit, cu_seqlens, max_seqlen, softmax_scale):
+    _check_attention_shapes(q, k, v, kv_block, q_limit, cu_seqlens)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, kv_block, q_limit, cu_seqlens, max_seqlen, softmax_scale = inputs
+    out, lse2 = output
+    ctx.mark_non_differentiable(lse2)
+    ctx.save_for_backward(q, k, v, out, lse2, kv_block, q_limit, cu_seqlens)
+    ctx.max_seqlen, ctx.softmax_scale = max_seqlen, softmax_scale
+
+
+def _attention_backward(ctx, grad_out, grad_lse2):
+    q, k, v, out, lse2, kv_block, q_limit, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = masked_attention_backward_op(grad_out, q, k, v, out, lse2, kv_block, q_limit, cu_seqlens,
+                                              ctx.max_seqlen, ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+masked_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def masked_attention(q, k, v, meta: ChunkMaskMeta, softmax_scale=None):
+    """`worldvla.ops.masked_attention` on the Triton kernels (differentiable)."""
+    out, _ = masked_attention_op(q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens, int(meta.max_seqlen),
+                                 _scale(q, softmax_scale))
+    return out
+
+
+# ------------------------------------------------------------------ decode attention
+@torch.library.custom_op("worldvla_triton::decode_attention", mutates_args=())
+def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_pos: Tensor, q_limit: Tensor,
+                        kv_block: Tensor, kv_len: Tensor, softmax_scale: float, num_splits: int) -> Tensor:
+    """q [B, Q, H, D] against caches [B, S, Hkv, D] under DecodeMeta's rule; num_splits 0 = default."""
+    meta = DecodeMeta(q_pos, q_limit, kv_block, kv_len)
+    return _decode.decode_attention(q, k_cache, v_cache, meta, softmax_scale, num_splits or None)
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, q_pos, q_limit, kv_block, kv_len, softmax_scale, num_splits):
+    if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != q.shape[0] \
+            or k_cache.shape[3] != q.shape[3] or q.shape[2] % k_cache.shape[2]:
+        raise ValueError(f"decode_attention wants q [B, Q, H, Dh] and caches [B, S, Hkv, Dh]; got "
+                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    return q.new_empty(q.shape)
+
+
+def decode_attention(q, k_cache, v_cache, meta: DecodeMeta, softmax_scale=None, num_splits=None):
+    """`worldvla.ops.decode_attention` on the Triton kernels (forward only)."""
+    return decode_attention_op(q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len,
+                               _scale(q, softmax_scale), int(num_splits or 0))
+
+
+# ------------------------------------------------------------------ fused linear cross-entropy
+@torch.library.custom_op("worldvla_triton::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(hidden: Tensor, weight: Tensor, targets: Tensor, class_weight: Optional[Tensor],
+                            z_weight: float, ignore_index: int, need_grad_hidden: bool, need_grad_weight: bool,
+                            chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, z_mean, grad_hidden, grad_weight) with the gradients for d loss = 1; a gradient
+    not asked for is an empty tensor. chunk_size 0 = automatic. Sync-free on CUDA."""
+    loss, z, gh, gw = _linear_ce.linear_ce_forward(hidden, weight, targets, class_weight, z_weight, ignore_index,
+                                                   need_grad_hidden, need_grad_weight, chunk_size or None)
+    return (loss, z, hidden.new_empty(0) if gh is None else gh, weight.new_empty(0) if gw is None else gw)
+
+
+@linear_cross_entropy_op.register_fake
+def _(hidden, weight, targets, class_weight, z_weight, ignore_index, need_grad_hidden, need_grad_weight, chunk_size):
+    _linear_ce.check_inputs(hidden, weight, targets, class_weight)
+    scalar = hidden.new_empty((), dtype=torch.float32)
+    return (scalar, scalar.new_empty(()), hidden.new_empty(hidden.shape if need_grad_hidden else (0,)),
+            weight.new_empty(weight.shape if need_grad_weight else (0,)))
+
+
+def _linear_ce_setup_context(ctx, inputs, output):
+    _, z, gh, gw = output
+    ctx.mark_non_differentiable(z, gh, gw)
+    ctx.need_grad = inputs[6:8]
+    ctx.save_for_backward(gh, gw)
+
+
+def _linear_ce_backward(ctx, grad_loss, grad_z, grad_gh, grad_gw):
+    gh, gw = ctx.saved_tensors
+    dh = gh * grad_loss.to(gh.dtype) if ctx.need_grad[0] else None
+    dw = gw * grad_loss.to(gw.dtype) if ctx.need_grad[1] else None
+    return dh, dw, None, None, None, None, None, None, None
+
+
+linear_cross_entropy_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup_context)
+
+
+def linear_cross_entropy(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100, chunk_size=None):
+    """`worldvla.ops.linear_cross_entropy` on the Triton kernels: (loss, z_mean), differentiable
+    in hidden and weight. Gradients are computed in the forward only for inputs that need them."""
+    grad = torch.is_grad_enabled()
+    loss, z, _, _ = linear_cross_entropy_op(hidden, weight, targets, class_weight, float(z_weight), int(ignore_index),
+                                            grad and hidden.requires_grad, grad and weight.requires_grad,
+                                            int(chunk_size or 0))
+    return loss, z
+
+
+# ------------------------------------------------------------------ VQ
+@torch.library.custom_op("worldvla_triton::vq_quantize", mutates_args=())
+def vq_quantize_op(z: Tensor, codebook: Tensor) -> Tensor:
+    """argmin_k ||z_n - e_k||^2 for z [N, C], codebook [K, C] -> int64 [N]."""
+    return _vq.vq_quantize(z, codebook)
+
+
+@vq_quantize_op.register_fake
+def _(z, codebook):
+    return z.new_empty(z.shape[0], dtype=torch.int64)
+
+
+@torch.library.custom_op("worldvla_triton::vq_gather", mutates_args=())
+def vq_gather_op(indices: Tensor, codebook: Tensor) -> Tensor:
+    """indices [B, h, w] -> codebook rows as [B, C, h, w]."""
+    return _vq.vq_gather(indices, codebook)
+
+
+@vq_gather_op.register_fake
+def _(indices, codebook):
+    B, h, w = indices.shape
+    return codebook.new_empty((B, codebook.shape[1], h, w))
+
+
+def _vq_gather_setup_context(ctx, inputs, output):
+    indices, codebook = inputs
+    ctx.save_for_backward(indices)
+    ctx.n_codes = codebook.shape[0]
+
+
+def _vq_gather_backward(ctx, grad_out):
+    (indices,) = ctx.saved_tensors
+    C = grad_out.shape[1]
+    rows = grad_out.permute(0, 2, 3, 1).reshape(-1, C)
+    grad = rows.new_zeros((ctx.n_codes, C)).index_add_(0, indices.reshape(-1).long(), rows)
+    return None, grad
+
+
+vq_gather_op.register_autograd(_vq_gather_backward, setup_context=_vq_gather_setup_context)
+
+
+# ------------------------------------------------------------------ constrained decoding
+@torch.library.custom_op("worldvla_triton::range_argmax", mutates_args=())
+def range_argmax_op(hidden: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
+    """Greedy token in [lo, hi) per row: lo + argmax_v hidden . weight[v] (fp32 accumulation)."""
+    return _sampling.constrained_sample(hidden, weight, lo, hi)
+
+
+@range_argmax_op.register_fake
+def _(hidden, weight, lo, hi):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.int64)
+
+
+@torch.library.custom_op("worldvla_triton::range_logits", mutates_args=())
+def range_logits_op(hidden: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
+    """fp32 logits [N, hi - lo] of the vocabulary range [lo, hi) only."""
+    if hidden.shape[0] == 0:
+        return hidden.new_empty((0, hi - lo), dtype=torch.float32)
+    return _sampling.range_logits(hidden, weight, lo, hi)
+
+
+@range_logits_op.register_fake
+def _(hidden, weight, lo, hi):
+    return hidden.new_empty((hidden.shape[0], hi - lo), dtype=torch.float32)
+
+
+def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
+    """`worldvla.ops.constrained_sample` on the Triton kernels: greedy is one op; sampling draws
+    from the op's fp32 logits with torch (the generator stays outside the op)."""
+    if temperature <= 0.0:
+        return range_argmax_op(hidden, weight, int(lo), int(hi))
+    return sample_logits(range_logits_op(hidden, weight, int(lo), int(hi)), temperature, top_k, generator) + lo
+
+
+# ------------------------------------------------------------------ dispatch registration
 def _float_ok(*tensors) -> bool:
     return all(t.dtype in FLOAT_DTYPES for t in tensors) and len({t.dtype for t in tensors}) == 1
 
@@ -27,17 +290,9 @@ def _attention_supports(q, k, v, meta, softmax_scale=None):
             and q.shape[-1] <= 256)
 
 
-def _masked_attention(q, k, v, meta, softmax_scale=None):
-    return _attention.chunk_attention(q, k, v, meta, softmax_scale)
-
-
 def _decode_supports(q, k_cache, v_cache, meta, softmax_scale=None):
     return (device_ok(q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len)
             and _float_ok(q, k_cache, v_cache) and q.shape[-1] <= 256)
-
-
-def _decode_attention(q, k_cache, v_cache, meta, softmax_scale=None):
-    return _decode.decode_attention(q, k_cache, v_cache, meta, softmax_scale)
 
 
 def _linear_ce_supports(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100):
@@ -56,9 +311,10 @@ def _vq_gather_supports(indices, codebook):
     return device_ok(indices, codebook) and not indices.dtype.is_floating_point
 
 
-dispatch.register("masked_attention", "triton", _masked_attention, _attention_supports)
-dispatch.register("decode_attention", "triton", _decode_attention, _decode_supports)
-dispatch.register("linear_cross_entropy", "triton", _linear_ce.linear_cross_entropy, _linear_ce_supports)
-dispatch.register("vq_quantize", "triton", _vq.vq_quantize, _vq_quantize_supports)
-dispatch.register("vq_gather", "triton", _vq.vq_gather, _vq_gather_supports)
-dispatch.register("constrained_sample", "triton", _sampling.constrained_sample, _sample_supports)
+dispatch.register("masked_attention", "triton", masked_attention, _attention_supports)
+dispatch.register("decode_attention", "triton", decode_attention, _decode_supports)
+dispatch.register("linear_cross_entropy", "triton", linear_cross_entropy, _linear_ce_supports)
+dispatch.register("vq_quantize", "triton", lambda z, codebook: vq_quantize_op(z, codebook), _vq_quantize_supports)
+dispatch.register("vq_gather", "triton", lambda indices, codebook: vq_gather_op(indices, codebook),
+                  _vq_gather_supports)
+dispatch.register("constrained_sample", "triton", constrained_sample, _sample_supports)
