@@ -155,6 +155,17 @@ def test_loss_matches_release_formula():
     torch.testing.assert_close(loss, ce + 1e-5 * (lse ** 2).mean(), rtol=1e-5, atol=1e-6)
     loss.backward()
     assert m.lm_head.weight.grad.abs().sum() > 0
+    # Only the labelled rows, selected on the host: the same loss and gradients.
+    grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+    rows = (y != -100).nonzero().squeeze(1)
+    assert 0 < rows.numel() < y.numel()
+    loss_rows, z_rows = m.loss(ids, lab, label_rows=rows)
+    torch.testing.assert_close(loss_rows, loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(z_rows, z, rtol=1e-6, atol=1e-7)
+    loss_rows.backward()
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, grads[k], rtol=1e-5, atol=1e-7)
 
 
 def test_class_weights_cover_exactly_image_codes():

@@ -310,17 +310,25 @@ class WorldVLA(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, meta, cu_seqlens, **cache_kw)).float()
 
     def loss(self, input_ids, labels, meta: ChunkMaskMeta | None = None, cu_seqlens=None, *,
-             image_weight: float = 0.04, z_weight: float = 1e-5, class_weight=None, backend: str = "auto"):
+             image_weight: float = 0.04, z_weight: float = 1e-5, class_weight=None, backend: str = "auto",
+             label_rows: torch.Tensor | None = None):
         """Weighted CE + z-loss (spec 2.5) on the positions with a label; logits of position i predict label i+1.
         Returns (loss, z_mean). For packed input, documents are contiguous and each starts with BOS, so the shift
-        across a document boundary lands on the next document's BOS, whose label is -100."""
+        across a document boundary lands on the next document's BOS, whose label is -100.
+
+        `label_rows`: indices into the flattened shifted positions whose label is set (`labels[..., 1:]
+        .reshape(-1) != -100`), found by the caller while the labels are still on the host; then only those
+        rows reach the head (action samples label a few percent of their tokens). Without it every row does,
+        and the loss skips the ignored ones itself; neither way synchronizes the device."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
         h = self.hidden_states(input_ids, meta, cu_seqlens)
         h, y = h[..., :-1, :].reshape(-1, h.shape[-1]), labels[..., 1:].reshape(-1)
+        if label_rows is not None:
+            label_rows = label_rows.to(h.device, non_blocking=True)
+            h, y = h.index_select(0, label_rows), y.index_select(0, label_rows)
         if class_weight is None and self.layout is not None:
             class_weight = loss_class_weights(self.layout, image_weight).to(h.device)
-        # Every backend skips the -100 rows itself: no boolean gather (a host sync and an [N, H] copy) here.
         return ops.linear_cross_entropy(h, self.lm_head.weight, y, class_weight, z_weight, ignore_index=-100,
                                         backend=backend)
 

@@ -300,10 +300,11 @@ def train(args) -> dict:
                 z_eff = args.z_weight * share_n / share_w if share_w > 0 else 0.0
                 if fsdp:
                     model.set_requires_gradient_sync(m == len(micro) - 1)
+                rows = (labels[1:] != -100).nonzero().squeeze(1)  # on the host: only labelled rows reach the head
                 ids, labels, cu = ids.to(device), labels.to(device), cu.to(device)
                 with autocast:
                     loss, z = model.loss(ids, labels, cu_seqlens=cu, class_weight=cw_device, z_weight=z_eff,
-                                         backend=args.loss_backend)
+                                         backend=args.loss_backend, label_rows=rows)
                 (loss * (share_w * world)).backward()
                 loss_sum += loss.detach().double() * share_w
                 z_sum += z.detach().double() * share_n
