@@ -1,9 +1,14 @@
 """Chunk-masked attention: worldvla backends vs SDPA (dense mask), FlexAttention (same rule as a
-mask_mod) and SDPA's causal path, forward and forward+backward.
+mask_mod) and SDPA's causal path, forward and forward+backward; and decode attention (a few query
+rows against a KV cache) vs SDPA with the dense mask and SDPA over the whole cache without one.
 
 Documents are the release's action-model samples (about 620 tokens at 256 px, 2,200 at 512 px:
-BOS, text, two images, a chunk of actions), packed into one batch of `tokens` tokens.
-FLOPs count only visible (query, key) pairs: 4*H*Dh per pair forward, 2.5x that backward.
+BOS, text, two images, a chunk of actions), packed into one batch of `tokens` tokens. Decode
+cases cache one whole document per sequence and query the chunk's rows of one parallel decoding
+step (K=5 rows) or the chunk's last token (one row, sequential decoding).
+FLOPs count only visible (query, key) pairs: 4*H*Dh per pair forward, 2.5x that backward. Decode
+rows also give the cache's bytes over the time (K and V read once). Inputs rotate (common.Rotation),
+so small cases, decode above all, are not timed out of L2.
 """
 from __future__ import annotations
 
@@ -11,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from worldvla import VocabLayout, chunk_mask_meta, ops
-from worldvla.mask import causal_meta
+from worldvla.mask import DecodeMeta, causal_meta
 
-from .common import main_for, print_table, time_fn, write_results
+from .common import Rotation, main_for, print_table, time_fn, timed_backends, write_results
 
 LAYOUT = VocabLayout.chameleon()
 
@@ -79,14 +84,33 @@ def sdpa_causal(q, k, v):
     return o[0].transpose(0, 1)
 
 
-def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def decode_meta(px: int, n_queries: int, batch: int, gen=None) -> DecodeMeta:
+    """A cache holding one whole action document (prompt and a chunk of 5 actions) per sequence.
+    K > 1 queries: parallel decoding's step 3 (token 3 of actions 0..K-1); one query: the chunk's
+    last token (sequential decoding's longest read)."""
+    ids = torch.tensor(action_document(px, chunk=5, gen=gen))
+    meta = chunk_mask_meta(ids, LAYOUT)
+    if n_queries == 1:
+        rows = torch.tensor([ids.numel() - 2])
+    else:
+        rows = (ids == LAYOUT.boa).nonzero().flatten()[:n_queries] + 3
+    S = ids.numel()
+    rep = lambda t: t.reshape(1, -1).expand(batch, -1).contiguous().to(torch.int32)  # noqa: E731
+    kv_len = torch.full((batch,), S, dtype=torch.int32)
+    return DecodeMeta(rep(rows), rep(meta.q_limit[rows]), rep(meta.kv_block), kv_len)
+
+
+def sdpa_nomask(q, k, v):
+    """SDPA of the decode rows over the whole cache, no mask (a speed floor)."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _timing(quick: bool, on_gpu: bool, many: int) -> dict:
+    return {"warmup": 2 if quick else 5, "repeats": 5 if quick else many, "gpu_time": on_gpu}
+
+
+def run_prefill(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
     on_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    H, Dh = (32, 128) if on_gpu else (4, 64)
-    cases = [("256px", 256, 16384, False), ("512px", 512, 16384, False), ("causal", 256, 16384, True)] if on_gpu \
-        else [("256px", 256, 1300 if not quick else 650, False), ("causal", 256, 1300 if not quick else 650, True)]
-    gen = torch.Generator().manual_seed(0)
     rows = []
     for name, px, tokens, causal in cases:
         ids, meta = packed_batch(px, tokens, gen, causal)
@@ -94,48 +118,120 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
         T = ids.numel()
         pairs = visible_pairs(meta.to("cpu"))
         fwd_flops = 4 * pairs * H * Dh
-        q, k, v = (torch.randn(T, H, Dh, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        do = torch.randn(T, H, Dh, device=device, dtype=dtype)
-        impls = {f"worldvla-{b}": (lambda q, k, v, b=b: ops.masked_attention(q, k, v, meta, backend=b))
-                 for b in ops.dispatch.available("masked_attention")
-                 if b != "torch" and ops.dispatch.supports("masked_attention", b, q, k, v, meta)}
+
+        def make(i, T=T):
+            q, k, v = (torch.randn(T, H, Dh, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            return q, k, v, torch.randn(T, H, Dh, device=device, dtype=dtype)
+
+        rot = Rotation(make, device)
+        q, k, v, _ = rot.sets[0]
+        backends = {f"worldvla-{b}": b for b in timed_backends("masked_attention") if b != "torch"}
+        impls = {impl: (lambda q, k, v, b=b: ops.masked_attention(q, k, v, meta, backend=b))
+                 for impl, b in backends.items()}
         impls["sdpa-dense-mask"] = lambda q, k, v: ops.masked_attention(q, k, v, meta, backend="torch")
         try:
             impls["flex"] = flex_fn(meta, device)
         except Exception as e:  # noqa: BLE001 - report, do not hide
             print(f"flex attention unavailable: {e}")
         impls["sdpa-causal(floor)"] = sdpa_causal
-        base = {}
         for impl, fn in impls.items():
             for mode in ("fwd", "fwd+bwd"):
                 if mode == "fwd+bwd" and not on_gpu and impl == "flex":
                     continue  # FlexAttention has no CPU backward
-                try:
-                    if mode == "fwd":
-                        qd, kd, vd = q.detach(), k.detach(), v.detach()
-                        call = lambda: fn(qd, kd, vd)
-                        ctx = torch.no_grad
-                    else:
-                        call = lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do)
-                        ctx = torch.enable_grad
+                ctx = torch.no_grad if mode == "fwd" else torch.enable_grad
+                if impl in backends:
                     with ctx():
-                        t = time_fn(call, device=device, warmup=2 if quick else 5, repeats=5 if quick else 30)
+                        args = (q.detach(), k.detach(), v.detach()) if mode == "fwd" else (q, k, v)
+                        if not ops.dispatch.supports("masked_attention", backends[impl], *args, meta):
+                            continue  # e.g. the native kernels are forward only
+                if mode == "fwd":
+                    call = lambda q, k, v, do, fn=fn: fn(q.detach(), k.detach(), v.detach())
+                else:
+                    call = lambda q, k, v, do, fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+                try:
+                    with ctx():
+                        t = time_fn(call, device=device, rotation=rot, **_timing(quick, on_gpu, 30))
                 except Exception as e:  # noqa: BLE001
                     rows.append({"case": name, "impl": impl, "mode": mode, "error": str(e)[:200]})
                     continue
                 flops = fwd_flops * (1 if mode == "fwd" else 3.5)
-                row = {"case": name, "tokens": T, "impl": impl, "mode": mode, **t,
-                       "tflops": flops / (t["median_ms"] * 1e-3) / 1e12, "visible_pairs": pairs}
-                rows.append(row)
-                base[(impl, mode)] = t["median_ms"]
-        for r in rows:
-            if r["case"] == name and "median_ms" in r:
-                for ref in ("flex", "sdpa-dense-mask", "sdpa-causal(floor)"):
-                    if (ref, r["mode"]) in base:
-                        r[f"speedup_vs_{ref}"] = base[(ref, r["mode"])] / r["median_ms"]
-    print_table(rows, ["case", "tokens", "impl", "mode", "median_ms", "tflops", "speedup_vs_flex", "speedup_vs_sdpa-dense-mask"])
-    return write_results("attention", rows, device, out_dir, extra={"heads": H, "head_dim": Dh, "dtype": str(dtype)},
-                         plot=("case", "tflops", "impl"))
+                rows.append({"case": name, "tokens": T, "impl": impl, "mode": mode, **t,
+                             "tflops": flops / (t["median_ms"] * 1e-3) / 1e12, "visible_pairs": pairs})
+    return rows
+
+
+def run_decode(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
+    on_gpu = device.type == "cuda"
+    rows = []
+    for name, px, n_queries, batch in cases:
+        meta = decode_meta(px, n_queries, batch, gen)
+        pairs = int(meta.dense_mask().sum())
+        meta = DecodeMeta(*(t.to(device) for t in (meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len)))
+        S = meta.kv_block.shape[1]
+        cache_bytes = 2 * batch * S * H * Dh * torch.finfo(dtype).bits // 8
+
+        def make(i, S=S):
+            return (torch.randn(batch, n_queries, H, Dh, device=device, dtype=dtype),
+                    torch.randn(batch, S, H, Dh, device=device, dtype=dtype),
+                    torch.randn(batch, S, H, Dh, device=device, dtype=dtype))
+
+        rot = Rotation(make, device)
+        q, k, v = rot.sets[0]
+        impls = {f"worldvla-{b}": (lambda q, k, v, b=b: ops.decode_attention(q, k, v, meta, backend=b))
+                 for b in timed_backends("decode_attention")
+                 if b != "torch" and ops.dispatch.supports("decode_attention", b, q, k, v, meta)}
+        impls["sdpa-dense-mask"] = lambda q, k, v: ops.decode_attention(q, k, v, meta, backend="torch")
+        impls["sdpa-nomask(floor)"] = sdpa_nomask
+        for impl, fn in impls.items():
+            try:
+                with torch.no_grad():
+                    t = time_fn(fn, device=device, rotation=rot, **_timing(quick, on_gpu, 100))
+            except Exception as e:  # noqa: BLE001
+                rows.append({"case": name, "impl": impl, "mode": "decode", "error": str(e)[:200]})
+                continue
+            sec = t["median_ms"] * 1e-3
+            rows.append({"case": name, "tokens": S, "queries": n_queries, "batch": batch, "impl": impl,
+                         "mode": "decode", **t, "tflops": 4 * pairs * H * Dh / sec / 1e12,
+                         "cache_gbps": cache_bytes / sec / 1e9, "visible_pairs": pairs})
+    return rows
+
+
+def add_speedups(rows, refs=("flex", "sdpa-dense-mask", "sdpa-causal(floor)", "sdpa-nomask(floor)")):
+    """speedup_vs_<ref> = ref's median / the row's median, within one case and mode."""
+    base = {(r["case"], r["impl"], r["mode"]): r["median_ms"] for r in rows if "median_ms" in r}
+    for r in rows:
+        if "median_ms" in r:
+            for ref in refs:
+                if (r["case"], ref, r["mode"]) in base:
+                    r[f"speedup_vs_{ref}"] = base[(r["case"], ref, r["mode"])] / r["median_ms"]
+
+
+def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    H, Dh = (32, 128) if on_gpu else (4, 64)
+    cases = [("256px", 256, 16384, False), ("512px", 512, 16384, False), ("causal", 256, 16384, True)] if on_gpu \
+        else [("256px", 256, 1300 if not quick else 650, False), ("causal", 256, 1300 if not quick else 650, True)]
+    # (name, image px, query rows per sequence, sequences): batch 1 is the robot's step.
+    decode_cases = [("decode 256px K5", 256, 5, 1), ("decode 256px step", 256, 1, 1),
+                    ("decode 512px K5", 512, 5, 1), ("decode 256px K5 B8", 256, 5, 8)] if on_gpu \
+        else [("decode 256px K5", 256, 5, 1)] + ([] if quick else [("decode 256px step", 256, 1, 1)])
+    gen = torch.Generator().manual_seed(0)
+    extra = {"heads": H, "head_dim": Dh, "dtype": str(dtype)}
+    rows = []
+    # The JSON is rewritten after every case, so a run cut short keeps what it measured.
+    for case in cases:
+        rows += run_prefill([case], H, Dh, dtype, device, quick, gen)
+        add_speedups(rows)
+        write_results("attention", rows, device, out_dir, extra=extra)
+    for case in decode_cases:
+        rows += run_decode([case], H, Dh, dtype, device, quick, gen)
+        add_speedups(rows)
+        write_results("attention", rows, device, out_dir, extra=extra)
+    print_table(rows, ["case", "tokens", "impl", "mode", "median_ms", "tflops", "cache_gbps", "rotated_sets",
+                       "speedup_vs_flex", "speedup_vs_sdpa-dense-mask"])
+    return write_results("attention", rows, device, out_dir, extra=extra, plot=("case", "tflops", "impl"))
 
 
 def main(argv=None):

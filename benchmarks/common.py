@@ -1,20 +1,33 @@
 """Timing and reporting shared by every benchmark.
 
-Rules: warm-up first; on CUDA, CUDA-event medians over many repeats (inputs larger than L2 are
-rotated between repeats by the callers); on CPU, perf_counter medians; both sides of every ratio are
-timed in the same process; FLOP counts exclude masked-out work.
+Rules: warm-up first; on CUDA, CUDA-event medians over many repeats; on CPU, perf_counter medians;
+both sides of every ratio are timed in the same process, on the same inputs; FLOP counts exclude
+masked-out work.
+
+On CUDA a call whose inputs fit in L2 would find them there on every repeat and time the cache, not
+memory: kernel benchmarks pass a `Rotation`, several independent input sets that together exceed a
+few times L2, and `time_fn` hands the timed function the next set on every call (warm-up included).
+Kernel benchmarks also time with `gpu_time`: the CUDA events then measure the device's work, not the
+host's launch overhead, which would otherwise dominate microsecond kernels such as decode attention.
 """
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+ROTATION_FACTOR = 3          # input sets together cover this many times L2
+ROTATION_BUDGET = 4 << 30    # at most this many bytes of rotated inputs (and a quarter of free memory)
+ROTATION_MAX_SETS = 512
+SPIN_CYCLES = 2_000_000      # about 1 ms at Hopper clocks: time for the host to queue a call behind it
 
 
 def device_name(device: str | torch.device = "cpu") -> str:
@@ -27,7 +40,8 @@ def device_name(device: str | torch.device = "cpu") -> str:
 def environment(device="cpu") -> dict:
     env = {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads()}
+           "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
+           "l2_cache_bytes": l2_cache_bytes(device)}
     try:
         import triton
 
@@ -43,35 +57,153 @@ def environment(device="cpu") -> dict:
     return env
 
 
-def time_fn(fn, *, warmup: int = 3, repeats: int = 20, device="cpu", setup=None) -> dict:
-    """Median / p10 / p90 milliseconds of `fn()`; `setup()` (untimed) runs before each call."""
+def timed_backends(op: str) -> list[str]:
+    """The backends of `op` worth timing: every registered one, less Triton while it runs in its
+    CPU interpreter (TRITON_INTERPRET=1, as under the test suite), whose times say nothing."""
+    from worldvla import ops
+
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return [b for b in ops.dispatch.available(op) if not (b == "triton" and interpreted)]
+
+
+def l2_cache_bytes(device="cpu") -> int | None:
+    """The GPU's L2 size in bytes; None off CUDA."""
     device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    size = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    return int(size) if size else 50 << 20  # older torch: assume an H100-sized L2
+
+
+def input_bytes(inputs) -> int:
+    """Bytes of the distinct tensor storages in a (nested) tuple / list / dict of inputs."""
+    seen, total = set(), 0
+
+    def walk(x):
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            key = (x.device, x.untyped_storage().data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += x.untyped_storage().nbytes()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(inputs)
+    return total
+
+
+def rotation_count(bytes_per_set: int, device="cpu", *, new_bytes: int | None = None,
+                   factor: float = ROTATION_FACTOR, budget_bytes: int | None = None,
+                   max_sets: int = ROTATION_MAX_SETS) -> int:
+    """How many input sets of `bytes_per_set` (what one call reads) together cover `factor` x L2.
+
+    1 off CUDA. Capped by `budget_bytes // new_bytes`, `new_bytes` being what each extra set
+    allocates (default `bytes_per_set`); the default budget is the smaller of `ROTATION_BUDGET`
+    and a quarter of the free device memory.
+    """
+    device = torch.device(device)
+    l2 = l2_cache_bytes(device)
+    if l2 is None:
+        return 1
+    want = math.ceil(factor * l2 / max(1, bytes_per_set))
+    if budget_bytes is None:
+        budget_bytes = min(ROTATION_BUDGET, torch.cuda.mem_get_info(device)[0] // 4)
+    fit = budget_bytes // max(1, new_bytes if new_bytes is not None else bytes_per_set)
+    return int(max(1, min(want, fit, max_sets)))
+
+
+class Rotation:
+    """Independent input sets, built up front, handed out in turn (one per timed call).
+
+    `make_inputs(i)` returns the inputs of set i as a tuple; the timed function is called as
+    `fn(*inputs)`. The number of sets comes from `rotation_count` unless `n` is given; the
+    sets are sized by what one call reads (`bytes_per_set`, default: every tensor of a set).
+    Share one Rotation between the implementations compared, so both sides see the same sets.
+    """
+
+    def __init__(self, make_inputs: Callable[[int], tuple], device="cpu", *, n: int | None = None,
+                 bytes_per_set: int | None = None, **count_kwargs):
+        self.device = torch.device(device)
+        first = tuple(make_inputs(0))
+        self.bytes_per_set = int(bytes_per_set if bytes_per_set is not None else input_bytes(first))
+        if n is None:
+            n = rotation_count(self.bytes_per_set, self.device, new_bytes=input_bytes(first), **count_kwargs)
+        if n < 1:
+            raise ValueError(f"a rotation needs at least one input set, got n={n}")
+        self.sets = [first] + [tuple(make_inputs(i)) for i in range(1, n)]
+        self.l2_bytes = l2_cache_bytes(self.device)
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.sets)
+
+    def next(self) -> tuple:
+        """The next set, cycling."""
+        inputs = self.sets[self._next]
+        self._next = (self._next + 1) % len(self.sets)
+        return inputs
+
+    def info(self) -> dict:
+        """What a result row records about the rotation."""
+        return {"rotated_sets": len(self.sets), "set_bytes": self.bytes_per_set, "l2_bytes": self.l2_bytes}
+
+
+def time_fn(fn, *, warmup: int = 3, repeats: int = 20, device="cpu", setup=None,
+            rotation: Rotation | None = None, gpu_time: bool = False) -> dict:
+    """Median / p10 / p90 milliseconds of `fn()`, or of `fn(*rotation.next())` with a rotation.
+
+    `setup()` (untimed) runs before each call. `gpu_time` (CUDA): a spin kernel queued before the
+    start event holds the stream while the host launches `fn`, so the events time the device work
+    alone, not Python's launch overhead (for kernels; end-to-end latencies leave it off).
+    """
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    spin = on_gpu and gpu_time and hasattr(torch.cuda, "_sleep")
+
+    def args():
+        return rotation.next() if rotation is not None else ()
+
     for _ in range(warmup):
+        a = args()
         if setup:
             setup()
-        fn()
+        fn(*a)
     times = []
-    if device.type == "cuda":
+    if on_gpu:
         torch.cuda.synchronize(device)
         for _ in range(repeats):
+            a = args()
             if setup:
                 setup()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if spin:
+                torch.cuda._sleep(SPIN_CYCLES)
             start.record()
-            fn()
+            fn(*a)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
     else:
         for _ in range(repeats):
+            a = args()
             if setup:
                 setup()
             t0 = time.perf_counter()
-            fn()
+            fn(*a)
             times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
-    return {"median_ms": statistics.median(times), "p10_ms": q(0.1), "p90_ms": q(0.9), "repeats": repeats}
+    out = {"median_ms": statistics.median(times), "p10_ms": q(0.1), "p90_ms": q(0.9), "repeats": repeats}
+    if rotation is not None:
+        out.update(rotation.info())
+    if on_gpu:
+        out["timed"] = "device" if spin else "wall"
+    return out
 
 
 def peak_memory(fn, device="cpu") -> int | None:

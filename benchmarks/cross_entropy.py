@@ -1,5 +1,7 @@
 """Fused linear cross-entropy vs the naive path (fp32 logits for every labelled row, then weighted CE +
-z-loss): time and peak memory of forward + backward."""
+z-loss): time and peak memory of forward + backward. Inputs rotate (common.Rotation) like every
+kernel benchmark; at the GPU sizes one set already exceeds L2, so it is one set there.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,7 +9,7 @@ import torch
 from worldvla import ops
 from worldvla.ops.cross_entropy import linear_cross_entropy_ref
 
-from .common import main_for, peak_memory, print_table, time_fn, write_results
+from .common import Rotation, main_for, peak_memory, print_table, time_fn, timed_backends, write_results
 
 
 def run(quick=False, device=None, out_dir="benchmarks/results"):
@@ -18,28 +20,34 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
     cases = [(8192, 4096, 65536), (16384, 4096, 65536)] if on_gpu else [(512 if not quick else 128, 256, 8192)]
     rows = []
     for N, Hd, V in cases:
-        h = (torch.randn(N, Hd, device=device, dtype=dtype) * 0.5).requires_grad_()
-        w = (torch.randn(V, Hd, device=device, dtype=dtype) * 0.02).requires_grad_()
-        y = torch.randint(0, V, (N,), device=device)
+        def make(i, N=N, Hd=Hd, V=V):
+            h = (torch.randn(N, Hd, device=device, dtype=dtype) * 0.5).requires_grad_()
+            w = (torch.randn(V, Hd, device=device, dtype=dtype) * 0.02).requires_grad_()
+            return h, w, torch.randint(0, V, (N,), device=device)
+
+        rot = Rotation(make, device)
+        h, w, y = rot.sets[0]
         cw = torch.ones(V, device=device)
         cw[4:8196] = 0.04
-        impls = {"naive": lambda: linear_cross_entropy_ref(h, w, y, cw, 1e-5)}
-        for b in ops.dispatch.available("linear_cross_entropy"):
+        impls = {"naive": lambda h, w, y: linear_cross_entropy_ref(h, w, y, cw, 1e-5)}
+        for b in timed_backends("linear_cross_entropy"):
             if b != "torch" and ops.dispatch.supports("linear_cross_entropy", b, h, w, y, cw, 1e-5, -100):
-                impls[f"worldvla-{b}"] = lambda b=b: ops.linear_cross_entropy(h, w, y, cw, 1e-5, backend=b)
+                impls[f"worldvla-{b}"] = lambda h, w, y, b=b: ops.linear_cross_entropy(h, w, y, cw, 1e-5, backend=b)
         base_t = base_m = None
         for name, fn in impls.items():
-            def step():
-                loss, _ = fn()
+            def step(h, w, y, fn=fn):
+                loss, _ = fn(h, w, y)
                 torch.autograd.grad(loss, (h, w))
-            t = time_fn(step, device=device, warmup=1 if quick else 3, repeats=3 if quick else 20)
-            mem = peak_memory(step, device)
+            t = time_fn(step, device=device, rotation=rot, warmup=1 if quick else 3, repeats=3 if quick else 20,
+                        gpu_time=on_gpu)
+            mem = peak_memory(lambda: step(*rot.next()), device)
             if name == "naive":
                 base_t, base_m = t["median_ms"], mem
             rows.append({"N": N, "hidden": Hd, "vocab": V, "impl": name, **t, "peak_bytes": mem,
                          "time_vs_naive": t["median_ms"] / base_t,
                          "memory_vs_naive": (mem / base_m) if (mem and base_m) else None})
-    print_table(rows, ["N", "hidden", "vocab", "impl", "median_ms", "time_vs_naive", "peak_bytes", "memory_vs_naive"])
+    print_table(rows, ["N", "hidden", "vocab", "impl", "median_ms", "time_vs_naive", "peak_bytes", "memory_vs_naive",
+                       "rotated_sets"])
     return write_results("linear_cross_entropy", rows, device, out_dir, extra={"dtype": str(dtype)},
                          plot=("N", "median_ms", "impl"))
 

@@ -268,6 +268,8 @@ def _run(quick, device, out_dir, grid, chunks, frame):
             del model
             if on_gpu:
                 torch.cuda.empty_cache()
+            # What is measured so far, in case the run is cut short; rewritten whole below.
+            write_results("e2e", rows, device, out_dir, extra={"dtype": str(dtype), "quick": quick, "partial": True})
     pbytes = {name: param_bytes(name, torch.bfloat16 if name == "chameleon_7b" else dtype)
               for name in ("chameleon_7b", *configs)}
     for r in rows:
@@ -311,8 +313,9 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--grid", type=int, help="codes per image side (px = 16 x grid); default 4 quick, else 16 and 32")
     p.add_argument("--threads", type=int, help="CPU intra-op threads (default: 1 with --quick, else torch's)")
+    p.add_argument("--chunks", type=int, nargs="+", help="actions per chunk (default: 5 10)")
     a = p.parse_args(argv)
-    print(run(a.quick, a.device, a.out, grid=a.grid, threads=a.threads))
+    print(run(a.quick, a.device, a.out, grid=a.grid, chunks=tuple(a.chunks) if a.chunks else None, threads=a.threads))
 
 
 if __name__ == "__main__":

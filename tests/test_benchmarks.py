@@ -1,14 +1,20 @@
-"""CPU-sized benchmark cases under pytest-benchmark, plus a smoke run of the benchmark harness."""
+"""CPU-sized benchmark cases under pytest-benchmark, a smoke run of the benchmark harness, and the
+input rotation that keeps GPU timings out of L2."""
+import importlib.util
 import json
+import math
 
 import pytest
 import torch
 
 from worldvla import chunk_mask_meta, ops
+from worldvla.benchmarks import common
 
-pytest.importorskip("pytest_benchmark")
+needs_pytest_benchmark = pytest.mark.skipif(importlib.util.find_spec("pytest_benchmark") is None,
+                                            reason="needs pytest-benchmark")
 
 
+@needs_pytest_benchmark
 def test_bench_chunk_mask_meta(benchmark):
     from worldvla.benchmarks.attention import LAYOUT, packed_batch
 
@@ -18,6 +24,7 @@ def test_bench_chunk_mask_meta(benchmark):
     assert torch.equal(out.kv_block, meta.kv_block)
 
 
+@needs_pytest_benchmark
 def test_bench_masked_attention_torch(benchmark):
     from worldvla.benchmarks.attention import packed_batch
 
@@ -34,5 +41,122 @@ def test_harness_writes_results(tmp_path):
     path = vq.run(quick=True, device="cpu", out_dir=tmp_path)
     doc = json.loads(path.read_text())
     assert doc["device"].startswith("cpu") and doc["torch"] and doc["date"]
+    assert "l2_cache_bytes" in doc and doc["l2_cache_bytes"] is None
     assert all(r["argmin_agreement"] == 1.0 for r in doc["rows"])
+    assert all(r["rotated_sets"] == 1 and r["l2_bytes"] is None for r in doc["rows"])  # CPU: one set
     assert path.with_suffix(".png").is_file()
+
+
+# ------------------------------------------------------------------ input rotation
+@pytest.fixture
+def fake_l2(monkeypatch):
+    """Pretend the device has an L2 of `size` bytes (CPU tensors, so the count logic runs here)."""
+    def set_size(size):
+        monkeypatch.setattr(common, "l2_cache_bytes", lambda device="cpu": size)
+        return size
+    return set_size
+
+
+def test_rotation_is_one_set_on_cpu():
+    rot = common.Rotation(lambda i: (torch.randn(4, 4),), "cpu")
+    assert len(rot) == 1 and rot.info()["l2_bytes"] is None
+    assert common.rotation_count(1, "cpu") == 1
+
+
+def test_rotation_count_covers_l2_within_the_budget(fake_l2):
+    l2 = fake_l2(1 << 20)
+    n = common.rotation_count(100_000, "cpu", budget_bytes=1 << 40)
+    assert n == math.ceil(3 * l2 / 100_000) and (n - 1) * 100_000 < 3 * l2 <= n * 100_000
+    assert common.rotation_count(100_000, "cpu", budget_bytes=450_000) == 4           # the memory cap
+    assert common.rotation_count(100_000, "cpu", new_bytes=10_000, budget_bytes=450_000) == n
+    assert common.rotation_count(100, "cpu", budget_bytes=1 << 40, max_sets=7) == 7
+    assert common.rotation_count(10 * l2, "cpu", budget_bytes=1 << 40) == 1           # one set already exceeds L2
+
+
+def test_rotation_sets_are_distinct_fresh_and_timed_in_turn(fake_l2):
+    l2 = fake_l2(8 << 10)
+    calls = []
+    rot = common.Rotation(lambda i: (torch.randn(16, 32), torch.randn(32)), "cpu", budget_bytes=1 << 30)
+    set_bytes = (16 * 32 + 32) * 4
+    assert rot.bytes_per_set == set_bytes == common.input_bytes(rot.sets[0])
+    n = len(rot)
+    assert n == math.ceil(3 * l2 / set_bytes) and n * set_bytes >= 3 * l2
+    ptrs = {t.data_ptr() for s in rot.sets for t in s}
+    assert len(ptrs) == 2 * n                                          # no set shares memory with another
+    for a, b in zip(rot.sets, rot.sets[1:]):
+        assert not torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])  # independent draws
+    assert all(bool((t != 0).any()) for s in rot.sets for t in s)
+    warmup, repeats = 3, 2 * n
+    out = common.time_fn(lambda x, y: calls.append((x, y)), rotation=rot, warmup=warmup, repeats=repeats)
+    assert len(calls) == warmup + repeats
+    for i, (x, y) in enumerate(calls):                                 # each set in turn, wrapping around
+        assert x is rot.sets[i % n][0] and y is rot.sets[i % n][1]
+    assert out["rotated_sets"] == n and out["l2_bytes"] == l2 and out["set_bytes"] == set_bytes
+    assert out["repeats"] == repeats and out["p10_ms"] <= out["median_ms"] <= out["p90_ms"]
+
+
+def test_rotation_respects_budget_and_explicit_count(fake_l2):
+    fake_l2(1 << 20)
+    rot = common.Rotation(lambda i: (torch.randn(64),), "cpu", budget_bytes=5 * 256)
+    assert len(rot) == 5
+    made = []
+    rot = common.Rotation(lambda i: made.append(i) or (torch.full((3,), float(i + 1)),), "cpu", n=4, bytes_per_set=7)
+    assert made == [0, 1, 2, 3] and len(rot) == 4 and rot.info()["set_bytes"] == 7
+    assert [float(rot.next()[0][0]) for _ in range(6)] == [1, 2, 3, 4, 1, 2]
+    with pytest.raises(ValueError, match="at least one"):
+        common.Rotation(lambda i: (torch.randn(2),), "cpu", n=0)
+
+
+def test_input_bytes_counts_shared_storage_once():
+    base = torch.randn(10, 8)
+    assert common.input_bytes((base, base[2:5], {"a": [base.t()]})) == base.numel() * 4
+    assert common.input_bytes((torch.randn(3), torch.zeros(2, dtype=torch.int64), 1.5, None)) == 3 * 4 + 2 * 8
+
+
+def test_sampling_lm_head_windows_put_each_range_in_distinct_memory():
+    from worldvla.benchmarks.sampling import lm_head_windows
+
+    V, R, Hd, n, lo = 40, 8, 4, 5, 16
+    heads = lm_head_windows(V, Hd, R, n, "cpu", torch.float32)
+    assert len(heads) == n and all(w.shape == (V, Hd) and w.is_contiguous() for w in heads)
+    assert all(bool((w != 0).all()) for w in heads)
+    starts = [w[lo:lo + R].data_ptr() for w in heads]
+    assert all(b - a == R * Hd * 4 for a, b in zip(starts, starts[1:]))  # adjacent, never overlapping
+    assert common.input_bytes(tuple(heads)) == (V + (n - 1) * R) * Hd * 4
+
+
+def test_decode_case_rows_are_the_prefill_masks_rows():
+    from worldvla.benchmarks.attention import LAYOUT, action_document, decode_meta
+
+    for n_queries, batch in ((5, 2), (1, 1)):
+        meta = decode_meta(64, n_queries, batch, torch.Generator().manual_seed(3))
+        ids = torch.tensor(action_document(64, chunk=5, gen=torch.Generator().manual_seed(3)))
+        full = chunk_mask_meta(ids, LAYOUT).dense_mask()
+        rows = meta.q_pos[0].long()
+        assert meta.kv_block.shape == (batch, ids.numel()) and meta.q_pos.shape == (batch, n_queries)
+        assert torch.equal(meta.dense_mask(), full[rows].expand(batch, -1, -1))
+        if n_queries > 1:  # parallel step 3: a bin of each action
+            assert all(int(ids[r]) in range(*LAYOUT.bin_range) for r in rows.tolist())
+        else:  # sequential: the chunk's last token
+            assert int(ids[rows[0]]) == LAYOUT.eoa
+
+
+# ------------------------------------------------------------------ sanitizer driver
+def test_sanitize_driver_passes_on_cpu(capsys):
+    from worldvla.benchmarks import sanitize
+
+    assert sanitize.run("native", "cpu") == 0
+    out = capsys.readouterr().out
+    assert "all passed" in out and "FAIL" not in out
+    assert out.count("\nok    ") == len(sanitize.CHECKS) - len(sanitize.NEEDS_GRAD)
+
+
+def test_sanitize_driver_reports_a_wrong_kernel(monkeypatch, capsys):
+    from worldvla.benchmarks import sanitize
+
+    real = sanitize.ops.vq_gather
+    monkeypatch.setattr(sanitize.ops, "vq_gather", lambda idx, cb, backend: real(idx, cb, backend=backend).roll(1, 1))
+    monkeypatch.setattr(sanitize.ops, "vq_quantize", lambda z, cb, backend: torch.zeros(z.shape[0], dtype=torch.long))
+    assert sanitize.run("native", "cpu", only="vq_") == 1
+    out = capsys.readouterr().out
+    assert "FAIL  vq_gather" in out and "FAIL  vq_quantize" in out and "2 failed" in out
