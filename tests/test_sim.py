@@ -175,3 +175,49 @@ def test_collect_rejects_bad_arguments(tmp_path):
         collect(["reach-v3", "fly-v3"], 1, tmp_path)
     with pytest.raises(ValueError, match="n_episodes"):
         collect(["reach-v3"], 0, tmp_path)
+
+
+def test_blind_random_baseline_and_shared_envs_change_no_episode():
+    """The random baseline skips rendering and evaluation shares envs across variants; neither may
+    change an episode: the same actions on the same seeds give the same outcomes as rendering
+    policies on fresh envs."""
+    from worldvla.eval.metaworld import RandomPolicy, closed_loop
+    from worldvla.sim import make_env
+
+    class LookingRandom(RandomPolicy):
+        needs_images = True
+
+        def act(self, image, history=None):
+            assert np.asarray(image).std() > 0  # real frames arrive
+            return super().act(image, history)
+
+    kw = dict(seed=3, max_steps=40, record=False)
+    fresh = closed_loop(LookingRandom(seed=5), "reach-v3", 4, n_envs=2, **kw)
+    envs = [make_env("reach-v3", max_steps=40) for _ in range(2)]
+    try:
+        closed_loop(RandomPolicy(seed=9), "reach-v3", 4, envs=envs, **kw)  # the envs have been used before
+        shared = closed_loop(RandomPolicy(seed=5), "reach-v3", 4, envs=envs, **kw)
+    finally:
+        for e in envs:
+            e.close()
+    assert shared.successes == fresh.successes and shared.steps == fresh.steps
+    assert shared.seeds == fresh.seeds
+    # The physics itself: a used env, not rendering, follows a fresh rendering env step for step.
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, size=(30, 4))
+    used, new = make_env("reach-v3", max_steps=40), make_env("reach-v3", max_steps=40)
+    try:
+        used.reset(seed=1)
+        for a in actions[:20]:
+            used.step(a[::-1].copy())
+        assert used.reset(seed=7, render=False) is None
+        new.reset(seed=7)
+        for a in actions:
+            frame, r_used, _, _ = used.step(a, render=False)
+            assert frame is None
+            _, r_new, _, _ = new.step(a)
+            np.testing.assert_array_equal(used.state, new.state)
+            assert r_used == r_new
+    finally:
+        used.close()
+        new.close()

@@ -37,14 +37,14 @@ class DemoConfig:
     collect_max_steps: int = 200
     # VQGAN
     vq_steps: int = 300
-    vq_batch: int = 16
+    vq_batch: int = 12
     vq_lr: float = 1e-3
     vq_codes: int = 256           # codebook size (image-code ids in the vocabulary)
     # WorldVLA
     chunk_size: int = 5
     model: str = "small"
     train_steps: int = 900
-    batch_tokens: int = 2048
+    batch_tokens: int = 1536
     micro_tokens: int = 512       # packed micro-batches: same gradients, far less masked-attention waste
     lr: float = 1e-3
     world: bool = True            # joint action + world training (False: action samples only)

@@ -42,7 +42,10 @@ def eval_seeds(task: str, episodes: int, seed: int = 0) -> list[int]:
 
 
 class RandomPolicy:
-    """Chance level: uniform random actions in [low, high], in chunks like a trained policy."""
+    """Chance level: uniform random actions in [low, high], in chunks like a trained policy.
+    It does not look at the frames (`needs_images = False`), so evaluation skips rendering."""
+
+    needs_images = False
 
     def __init__(self, chunk_size: int = 5, action_dim: int = 4, seed: int = 0, low: float = -1.0, high: float = 1.0):
         self.chunk_size, self.action_dim = int(chunk_size), int(action_dim)
@@ -91,12 +94,15 @@ def _default_env_factory(task: str, image_size: int, max_steps: int):
 
 def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: int | None = None,
                 max_steps: int = 200, n_envs: int = 4, record: bool = True, env_factory=None,
-                instruction: str | None = None, progress=None) -> TaskResult:
+                instruction: str | None = None, progress=None, envs: list | None = None) -> TaskResult:
     """Success of `policy` on `episodes` seeded episodes of `task`, `n_envs` envs at a time.
 
     `env_factory(task, image_size, max_steps)` builds an env with `reset(seed) -> frame`,
     `step(action) -> (frame, reward, success, done)`, `.success` and `.instruction`;
-    the default is `worldvla.sim.make_env`. `progress` is an optional tqdm bar to advance.
+    the default is `worldvla.sim.make_env`. `envs`: already built envs of `task` to use (and
+    leave open) instead; each episode's layout comes from its seed alone. A policy with
+    `needs_images = False` gets blank frames, and envs with `can_skip_render` skip rendering.
+    `progress` is an optional tqdm bar to advance.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -105,8 +111,14 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
     image_size = int(image_size or getattr(policy, "image_size", 64))
     factory = env_factory or _default_env_factory
     seeds = eval_seeds(task, episodes, seed)
-    n = min(n_envs, episodes)
-    envs = [factory(task, image_size, max_steps) for _ in range(n)]
+    own_envs = envs is None
+    if own_envs:
+        envs = [factory(task, image_size, max_steps) for _ in range(min(n_envs, episodes))]
+    n = min(len(envs), episodes)
+    blind = (not getattr(policy, "needs_images", True) and not record
+             and all(getattr(e, "can_skip_render", False) for e in envs))
+    kw = {"render": False} if blind else {}
+    blank = np.zeros((image_size, image_size, 3), dtype=np.uint8)
     instruction = instruction or getattr(envs[0], "instruction", task)
     query = ChunkQuery(policy)
     result = TaskResult(task, seeds, [], [])
@@ -115,7 +127,9 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
         for g in range(0, episodes, n):
             group = seeds[g:g + n]
             m = len(group)
-            frames = [envs[i].reset(seed=s) for i, s in enumerate(group)]
+            frames = [envs[i].reset(seed=s, **kw) for i, s in enumerate(group)]
+            if blind:
+                frames = [blank] * m
             policy.reset(instruction)
             queues: list[list[np.ndarray]] = [[] for _ in range(m)]
             prev: list[np.ndarray | None] = [None] * m
@@ -139,7 +153,8 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
                     if done[i]:
                         continue
                     a = queues[i].pop(0)
-                    frame, _, _, d = envs[i].step(np.clip(a, -1.0, 1.0))
+                    frame, _, _, d = envs[i].step(np.clip(a, -1.0, 1.0), **kw)
+                    frame = blank if blind else frame
                     prev[i], frames[i] = frames[i], frame
                     steps[i] += 1
                     done[i] = bool(d)
@@ -155,7 +170,7 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
             if progress is not None:
                 progress.set_postfix(task=task.replace("-v3", ""), sr=f"{result.success_rate:.0%}")
     finally:
-        for env in envs:
+        for env in envs if own_envs else ():
             if hasattr(env, "close"):
                 env.close()
     result.latency = query.latency_summary()
@@ -320,13 +335,25 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     n_runs = len(tasks) * episodes * (len(loaded) + int(random_baseline))
     bar = tqdm(total=n_runs, desc="evaluate", unit="ep", disable=not progress, dynamic_ncols=True)
     rates: dict[str, dict[str, float]] = {}
+    # Every variant (and the random baseline) runs on one set of envs per task: building an env
+    # costs about as much as a hundred steps, and each episode's layout comes from its seed alone.
+    pool: dict[tuple, list] = {}
+
+    def envs_for(task: str, pol) -> list:
+        size = getattr(pol, "image_size", None) or (getattr(loaded[0], "image_size", None) if loaded else None)
+        key = (task, int(size or 64))
+        if key not in pool:
+            pool[key] = [_default_env_factory(task, key[1], max_steps) for _ in range(min(n_envs, episodes))]
+        return pool[key]
+
     try:
         for name, pol in zip(names, loaded):
             meta = pol.metadata() if hasattr(pol, "metadata") else {}
             src = policies[names.index(name)]
             v = {"policy": str(src) if isinstance(src, (str, Path)) else name, "chunk_size": getattr(pol, "chunk_size", None), "metadata": _jsonable(meta), "tasks": {}}
             for task in tasks:
-                r = closed_loop(pol, task, episodes, seed=seed, max_steps=max_steps, n_envs=n_envs, progress=bar)
+                r = closed_loop(pol, task, episodes, seed=seed, max_steps=max_steps, progress=bar,
+                                envs=envs_for(task, pol))
                 v["tasks"][task] = r.to_dict()
                 if gifs and r.frames is not None:
                     tag = "success" if r.successes[0] else "failure"
@@ -343,14 +370,16 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
             rnd = RandomPolicy(chunk_size=k, seed=seed)
             v = {"policy": "uniform random actions", "chunk_size": k, "tasks": {}}
             for task in tasks:
-                r = closed_loop(rnd, task, episodes, seed=seed, max_steps=max_steps, n_envs=n_envs, progress=bar,
-                                record=False)
+                r = closed_loop(rnd, task, episodes, seed=seed, max_steps=max_steps, progress=bar, record=False,
+                                envs=envs_for(task, loaded[0] if loaded else rnd))
                 v["tasks"][task] = r.to_dict()
             v["success_rate"] = float(np.mean([v["tasks"][t]["success_rate"] for t in tasks]))
             metrics["random"] = v
             rates["random"] = {t: v["tasks"][t]["success_rate"] for t in tasks}
     finally:
         bar.close()
+        for env in (e for envs in pool.values() for e in envs):
+            env.close()
 
     # World model, for the first policy (the others share the metric code; run `evaluate` per policy).
     if wm_episodes > 0 and loaded and hasattr(loaded[0], "model"):

@@ -252,8 +252,11 @@ class MetaWorldEnv:
             frame = frame[::-1, ::-1]
         return np.ascontiguousarray(frame)
 
-    def reset(self, seed: int | None = None) -> np.ndarray:
-        """Start an episode; `seed` fixes the layout (default: the env's seed)."""
+    can_skip_render = True  # reset/step take render=False (closed_loop's blind policies)
+
+    def reset(self, seed: int | None = None, render: bool = True) -> np.ndarray | None:
+        """Start an episode; `seed` fixes the layout (default: the env's seed). `render=False`
+        returns no frame (for policies that do not look, such as the random baseline)."""
         seed = self.seed if seed is None else int(seed)
         raw = self._raw
         # Meta-World's reset ignores its seed argument; seeding the env's generator
@@ -266,9 +269,9 @@ class MetaWorldEnv:
         self._state = np.asarray(state, dtype=np.float64)
         self.t = 0
         self.success = False
-        return self.render()
+        return self.render() if render else None
 
-    def step(self, action) -> tuple[np.ndarray, float, bool, bool]:
+    def step(self, action, render: bool = True) -> tuple[np.ndarray | None, float, bool, bool]:
         if self._state is None:
             raise RuntimeError("call reset() before step()")
         if self.t >= self.max_steps:
@@ -284,7 +287,7 @@ class MetaWorldEnv:
         self.t += 1
         self.success = self.success or bool(info["success"])
         done = (self.success and self.terminate_on_success) or self.t >= self.max_steps
-        return self.render(), float(reward), bool(info["success"]), done
+        return (self.render() if render else None), float(reward), bool(info["success"]), done
 
     def close(self) -> None:
         """Free the simulator and its OpenGL context (also done when the env is collected)."""
