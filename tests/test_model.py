@@ -172,3 +172,18 @@ def test_class_weights_cover_exactly_image_codes():
     L = VocabLayout.chameleon()
     w = loss_class_weights(L, 0.04)
     assert (w[4:8196] == 0.04).all() and w[3] == 1 and w[8196] == 1 and w[10006] == 1
+
+
+def test_position_limit_counts_the_longest_document():
+    """Positions restart in every packed document: the limit applies to the longest one, read
+    from the metadata on the host; a padded row longer than the limit is refused."""
+    m = WorldVLA(ModelConfig.tiny(max_position_embeddings=16)).init_weights(generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(10, 60, (30,))
+    ids[0] = ids[16] = m.layout.bos
+    m(ids, cu_seqlens=torch.tensor([0, 16, 30], dtype=torch.int32))  # documents of 16 and 14 tokens: fine
+    with pytest.raises(ValueError, match="17 positions exceeds max_position_embeddings 16"):
+        m(ids, cu_seqlens=torch.tensor([0, 17, 30], dtype=torch.int32))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        m(ids[None, :17])
+    meta = m.attention_meta(ids, torch.tensor([0, 16, 30], dtype=torch.int32))
+    assert meta.max_seqlen == 16 and torch.equal(m(ids, meta), m(ids, cu_seqlens=meta.cu_seqlens))

@@ -250,6 +250,12 @@ class WorldVLA(nn.Module):
         self.attn_backend = "auto"
 
     # ------------------------------------------------------------------ core
+    def attention_meta(self, input_ids, cu_seqlens=None) -> ChunkMaskMeta:
+        """The attention metadata this model uses for `input_ids` (chunk rule, or causal for
+        `attention="causal"` or a model without a layout). Built on the ids' device: callers
+        holding the ids on the host can build it there and move it, with no device sync."""
+        return self._meta_for(input_ids, None, cu_seqlens)
+
     def _meta_for(self, input_ids, meta, cu_seqlens):
         if meta is not None:
             return meta
@@ -284,8 +290,10 @@ class WorldVLA(nn.Module):
             if not packed and meta.kv_block.dim() == 1:  # one unbatched sequence
                 meta = ChunkMaskMeta(meta.kv_block[None], meta.q_limit[None], meta.position_ids[None], None, meta.max_seqlen)
             pos = meta.position_ids.view(ids.shape)
-            if int(pos.max()) >= cfg.max_position_embeddings:
-                raise ValueError(f"sequence of {int(pos.max()) + 1} positions exceeds max_position_embeddings "
+            # The metadata's longest document, a host int (read the positions only if it was not set).
+            longest = meta.max_seqlen if meta.max_seqlen > 0 else int(pos.max()) + 1
+            if longest > cfg.max_position_embeddings:
+                raise ValueError(f"sequence of {longest} positions exceeds max_position_embeddings "
                                  f"{cfg.max_position_embeddings}")
             ctx = ForwardContext(meta=meta, backend=backend)
         else:

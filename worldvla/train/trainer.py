@@ -300,10 +300,13 @@ def train(args) -> dict:
                 z_eff = args.z_weight * share_n / share_w if share_w > 0 else 0.0
                 if fsdp:
                     model.set_requires_gradient_sync(m == len(micro) - 1)
-                rows = (labels[1:] != -100).nonzero().squeeze(1)  # on the host: only labelled rows reach the head
-                ids, labels, cu = ids.to(device), labels.to(device), cu.to(device)
+                # Built on the host, where the batch still is: the mask metadata and the labelled rows
+                # (only those reach the head) cost the device no synchronization.
+                rows = (labels[1:] != -100).nonzero().squeeze(1)
+                meta = model.attention_meta(ids, cu).to(device)
+                ids, labels = ids.to(device), labels.to(device)
                 with autocast:
-                    loss, z = model.loss(ids, labels, cu_seqlens=cu, class_weight=cw_device, z_weight=z_eff,
+                    loss, z = model.loss(ids, labels, meta, class_weight=cw_device, z_weight=z_eff,
                                          backend=args.loss_backend, label_rows=rows)
                 (loss * (share_w * world)).backward()
                 loss_sum += loss.detach().double() * share_w
