@@ -50,10 +50,9 @@ class ChunkMaskMeta:
         """Document index of every token ([T] packed, [B, L] zeros padded)."""
         if not self.packed:
             return torch.zeros_like(self.kv_block)
-        T = self.kv_block.shape[-1]
-        starts = torch.zeros(T, dtype=torch.int32, device=self.kv_block.device)
-        starts[self.cu_seqlens[1:-1].long()] = 1
-        return torch.cumsum(starts, 0, dtype=torch.int32)
+        tokens = torch.arange(self.kv_block.shape[-1], device=self.kv_block.device, dtype=self.cu_seqlens.dtype)
+        # right=True: a token at a boundary starts the next document; empty documents are skipped
+        return torch.searchsorted(self.cu_seqlens[1:].contiguous(), tokens, right=True).to(torch.int32)
 
     def dense_mask(self) -> torch.Tensor:
         """Dense bool mask, True = may attend: [B, L, L] padded or [T, T] packed."""

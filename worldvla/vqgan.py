@@ -296,6 +296,13 @@ class VectorQuantizer(nn.Module):
 
 
 # ---------------------------------------------------------------------- the tokenizer
+def _inference_layout(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last activations for inference on CPU: oneDNN's convolutions run 1.3-1.4x
+    faster on them here (64-px frames, 2-core AVX2: encode 9.1 -> 6.6 ms, decode 19.7 -> 13.5 ms
+    a frame). Training keeps NCHW, whose convolution backward is faster on CPU."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
 class VQGAN(nn.Module):
     def __init__(self, config: VQGANConfig | None = None):
         super().__init__()
@@ -347,7 +354,7 @@ class VQGAN(nn.Module):
         if float(lo) < -1.001 or float(hi) > 1.001:
             raise ValueError(f"pixels must lie in [-1, 1], got values in [{float(lo):.3g}, {float(hi):.3g}]; "
                              f"map uint8 images with worldvla.vqgan.preprocess() (x / 255 * 2 - 1)")
-        return self.quantize(self.encode_latents(pixels), backend=backend)
+        return self.quantize(self.encode_latents(_inference_layout(pixels)), backend=backend)
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantized latents [B, embed_dim, h, w] -> unclamped pixels [B, 3, h*f, w*f]."""
@@ -366,7 +373,7 @@ class VQGAN(nn.Module):
             raise ValueError(f"codes must have shape [B, h, w], got {tuple(codes.shape)}; "
                              f"add a batch dimension with codes[None] for a single image")
         z_q = vq_gather(codes.to(self.codebook.device), self.codebook, backend=backend)
-        return self.decode_latents(z_q).clamp(-1.0, 1.0)
+        return self.decode_latents(_inference_layout(z_q)).clamp(-1.0, 1.0).contiguous()
 
     # ------------------------------------------------------------------ training
     def forward(self, pixels: torch.Tensor, beta: float = COMMITMENT_BETA):

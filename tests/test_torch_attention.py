@@ -1,0 +1,102 @@
+"""The "torch" backend of masked_attention (SDPA) against the float64 reference, on both of its
+paths: one dense [T, T] mask, and a packed batch run as a padded batch of its documents."""
+import pytest
+import torch
+
+from worldvla import VocabLayout, chunk_mask_meta
+from worldvla.mask import causal_meta
+from worldvla.ops import masked_attention, masked_attention_ref
+from worldvla.ops.attention import _documents_padded
+
+from test_mask import loop_mask, random_sequence
+
+LAYOUT = VocabLayout.compact()
+
+
+def _packed(gen, docs):
+    ids = torch.tensor(sum(docs, []))
+    cu = torch.tensor([0] + [len(d) for d in docs]).cumsum(0).to(torch.int32)
+    return ids, chunk_mask_meta(ids, LAYOUT, cu_seqlens=cu)
+
+
+def _docs_with_empty(gen):
+    """Documents with an empty one (a repeated cu_seqlens entry) in the middle."""
+    docs = _docs(gen)
+    return docs[:2] + [[]] + docs[2:]
+
+
+def _docs(gen):
+    # A one-token document, a chunk of one action, a trailing open block, a world sample.
+    return [random_sequence(LAYOUT, gen, 2, 5, 7), [LAYOUT.bos], random_sequence(LAYOUT, gen, 1, 1, 7),
+            random_sequence(LAYOUT, gen, 1, 3, 4, trailing_open=True), random_sequence(LAYOUT, gen, 1, 1, 7, world=True),
+            random_sequence(LAYOUT, gen, 2, 4, 7)] + [random_sequence(LAYOUT, gen, 2, 5, 7) for _ in range(4)]
+
+
+def _dense(meta):
+    """The same metadata without max_seqlen: the torch backend then takes its dense path."""
+    return type(meta)(meta.kv_block, meta.q_limit, meta.position_ids, meta.cu_seqlens, 0)
+
+
+def test_documents_padded_masks_are_each_documents_rule():
+    gen = torch.Generator().manual_seed(3)
+    docs = _docs_with_empty(gen)
+    ids, meta = _packed(gen, docs)
+    src, dst, mask = _documents_padded(meta)
+    T = ids.numel()
+    assert src.shape == (len(docs), meta.max_seqlen) and mask.shape == (len(docs), meta.max_seqlen, meta.max_seqlen)
+    assert torch.equal(src.flatten()[dst], torch.arange(T))  # every token lands in its slot and back
+    for d, doc in enumerate(docs):
+        n = len(doc)
+        assert torch.equal(mask[d, :n, :n], torch.from_numpy(loop_mask(doc, LAYOUT)))
+        assert not mask[d, :n, n:].any()              # real rows never see padding
+        assert bool(mask[d, n:, 0].all())             # pad rows see one key: no empty softmax row
+        assert bool((src[d, n:] == T).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_packed_documents_path_matches_reference(dtype, kv_heads):
+    gen = torch.Generator().manual_seed(11)
+    ids, meta = _packed(gen, _docs_with_empty(gen))
+    T = ids.numel()
+    assert 2 * (meta.cu_seqlens.numel() - 1) * meta.max_seqlen ** 2 <= T ** 2  # takes the per-document path
+    q = torch.randn(T, 4, 64, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(T, kv_heads, 64, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(T, kv_heads, 64, generator=gen).to(dtype).requires_grad_()
+    g = torch.randn(T, 4, 64, generator=gen).to(dtype)
+
+    out = masked_attention(q, k, v, meta, backend="torch")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = masked_attention_ref(q64, k64, v64, meta)
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    # Plain PyTorch at the inputs' precision (the Triton tests' baseline). In bf16 the largest
+    # single-element error is one rounding step of the largest gradient entry whichever way
+    # SDPA blocks its sums, so bf16 compares relative L2 errors; fp32 compares max errors.
+    qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+    same = masked_attention_ref(qs, ks, vs, meta, upcast=False)
+    sq, sk, sv = torch.autograd.grad(same, (qs, ks, vs), g)
+    if dtype == torch.float32:
+        error = lambda a, r: (a.double() - r).abs().max().item()
+    else:
+        error = lambda a, r: ((a.double() - r).norm() / r.norm()).item()
+    for name, a, r, s in (("out", out, ref, same), ("dq", dq, rq, sq), ("dk", dk, rk, sk), ("dv", dv, rv, sv)):
+        assert a.dtype == dtype and not torch.isnan(a).any(), name
+        err, base = error(a, r), error(s, r)
+        assert err <= 2 * base + (1e-6 if dtype == torch.float32 else 0.0), f"{name}: {err:.3g} > 2 x {base:.3g}"
+
+
+def test_one_document_and_dense_path_agree():
+    """A single document (and a batch that does not pay to split) take the dense path; both
+    paths give the same numbers on the same packed batch."""
+    gen = torch.Generator().manual_seed(5)
+    ids, meta = _packed(gen, _docs(gen))
+    T = ids.numel()
+    q, k, v = (torch.randn(T, 2, 64, generator=gen, dtype=torch.float64) for _ in range(3))
+    split = masked_attention(q, k, v, meta, backend="torch")
+    dense = masked_attention(q, k, v, _dense(meta), backend="torch")
+    torch.testing.assert_close(split, dense, rtol=1e-12, atol=1e-12)
+    one = causal_meta((T,), cu_seqlens=torch.tensor([0, T]))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                           is_causal=True).transpose(0, 1)
+    torch.testing.assert_close(masked_attention(q, k, v, one, backend="torch"), ref, rtol=1e-12, atol=1e-12)
