@@ -221,3 +221,40 @@ def test_blind_random_baseline_and_shared_envs_change_no_episode():
     finally:
         used.close()
         new.close()
+
+
+@needs_sim
+def test_envs_in_worker_processes_match_envs_in_this_process():
+    """Envs stepped in worker processes give the frames, rewards and successes of the same envs
+    stepped here, also when their steps are started together (step_async) and across resets;
+    closed_loop gives the same episodes with either; a worker's error reaches the caller."""
+    from worldvla.eval.metaworld import RandomPolicy, closed_loop
+    from worldvla.sim.workers import EnvWorkers
+
+    rng = np.random.default_rng(1)
+    actions = rng.uniform(-1, 1, size=(3, 12, 4))
+    local = [make_env("reach-v3", max_steps=40) for _ in range(3)]
+    with EnvWorkers("reach-v3", 3, image_size=64, max_steps=40, workers=2) as pool:
+        remote = pool.envs
+        assert remote[0].instruction == local[0].instruction
+        for seed in (4, 11):
+            for e_l, e_r, s in zip(local, remote, (seed, seed + 1, seed + 2)):
+                np.testing.assert_array_equal(e_r.reset(seed=s), e_l.reset(seed=s))
+            for t in range(actions.shape[1]):
+                for e_r, a in zip(remote, actions[:, t]):
+                    e_r.step_async(a)
+                for e_l, e_r, a in zip(local, remote, actions[:, t]):
+                    f_r, r_r, s_r, d_r = e_r.step_wait()
+                    f_l, r_l, s_l, d_l = e_l.step(a)
+                    np.testing.assert_array_equal(f_r, f_l)
+                    assert (r_r, s_r, d_r, e_r.success) == (r_l, s_l, d_l, e_l.success)
+        with pytest.raises(RuntimeError, match="4-D"):
+            remote[1].step(np.zeros(3))
+        kw = dict(seed=2, max_steps=40, record=False)
+        here = closed_loop(RandomPolicy(seed=5), "reach-v3", 4, envs=local[:2], **kw)
+        there = closed_loop(RandomPolicy(seed=5), "reach-v3", 4, envs=remote[:2], **kw)
+        assert (there.successes, there.steps) == (here.successes, here.steps)
+    for e in local:
+        e.close()
+    with pytest.raises(ValueError, match="unknown"):
+        EnvWorkers("no-such-task-v3", 2)

@@ -254,7 +254,7 @@ def stage_evaluate(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     return evaluate(policies, list(cfg.tasks), cfg.eval_episodes, out / "eval", seed=cfg.seed,
                     max_steps=cfg.eval_max_steps, n_envs=cfg.eval_envs, random_baseline=True,
                     wm_episodes=cfg.wm_episodes, wm_horizon=cfg.wm_horizon, progress=progress,
-                    variant_names=names, causal_variant=cfg.ablations)
+                    variant_names=names, causal_variant=cfg.ablations, env_workers=cfg.workers)
 
 
 # ---------------------------------------------------------------------- driver

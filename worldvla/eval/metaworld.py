@@ -149,11 +149,16 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
                         if len(c) == 0:
                             raise ValueError("the policy returned an empty action chunk")
                         queues[i].extend(np.asarray(c, dtype=np.float64))
-                for i in range(m):
-                    if done[i]:
-                        continue
-                    a = queues[i].pop(0)
-                    frame, _, _, d = envs[i].step(np.clip(a, -1.0, 1.0), **kw)
+                # Envs in worker processes (`step_async`) all start their step before the first wait.
+                live = [i for i in range(m) if not done[i]]
+                for i in live:
+                    if hasattr(envs[i], "step_async"):
+                        envs[i].step_async(np.clip(queues[i].pop(0), -1.0, 1.0), **kw)
+                for i in live:
+                    if hasattr(envs[i], "step_async"):
+                        frame, _, _, d = envs[i].step_wait()
+                    else:
+                        frame, _, _, d = envs[i].step(np.clip(queues[i].pop(0), -1.0, 1.0), **kw)
                     frame = blank if blind else frame
                     prev[i], frames[i] = frames[i], frame
                     steps[i] += 1
@@ -298,13 +303,15 @@ def load_policy(path, device=None):
 def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_steps: int = 200, n_envs: int = 4,
              random_baseline: bool = True, wm_episodes: int = 2, wm_horizon: int = 8, progress: bool = True,
              variant_names: list[str] | None = None, device=None, gifs: bool = True,
-             causal_variant: bool = False) -> dict:
+             causal_variant: bool = False, env_workers: int = 2) -> dict:
     """Evaluate one or more policies (folders or loaded objects) on `tasks`; write artifacts to
     `out_dir` and return the metrics (also written to `out_dir/metrics.json`).
 
     `causal_variant`: also evaluate every chunk-mask policy with its chunks decoded without
     the mask (plain causal attention, `worldvla.eval.ablations.CausalChunkPolicy`): the
-    inference-only ablation. A policy trained with `--attention causal` decodes causally by itself."""
+    inference-only ablation. A policy trained with `--attention causal` decodes causally by itself.
+    `env_workers`: processes the envs of a task are spread over (`worldvla.sim.workers`;
+    1 = step them in this process)."""
     from tqdm.auto import tqdm
 
     from ..ops import dispatch
@@ -338,12 +345,20 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     # Every variant (and the random baseline) runs on one set of envs per task: building an env
     # costs about as much as a hundred steps, and each episode's layout comes from its seed alone.
     pool: dict[tuple, list] = {}
+    worker_pools = []
 
     def envs_for(task: str, pol) -> list:
         size = getattr(pol, "image_size", None) or (getattr(loaded[0], "image_size", None) if loaded else None)
         key = (task, int(size or 64))
         if key not in pool:
-            pool[key] = [_default_env_factory(task, key[1], max_steps) for _ in range(min(n_envs, episodes))]
+            n = min(n_envs, episodes)
+            if env_workers > 1 and n > 1:
+                from ..sim.workers import EnvWorkers
+
+                worker_pools.append(EnvWorkers(task, n, key[1], max_steps, workers=env_workers))
+                pool[key] = worker_pools[-1].envs
+            else:
+                pool[key] = [_default_env_factory(task, key[1], max_steps) for _ in range(n)]
         return pool[key]
 
     try:
@@ -380,6 +395,8 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         bar.close()
         for env in (e for envs in pool.values() for e in envs):
             env.close()
+        for workers in worker_pools:
+            workers.close()
 
     # World model, for the first policy (the others share the metric code; run `evaluate` per policy).
     if wm_episodes > 0 and loaded and hasattr(loaded[0], "model"):
@@ -484,6 +501,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder: metrics.json, success.png, world_model*.png, GIFs")
     parser.add_argument("--max-steps", type=int, default=200, help="episode step limit (default: %(default)s)")
     parser.add_argument("--envs", type=int, default=4, help="envs run in lockstep with batched queries (default: %(default)s)")
+    parser.add_argument("--env-workers", type=int, default=2,
+                        help="processes the envs step in, side by side (1 = in this process; default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="evaluation seed (layouts are derived from it)")
     parser.add_argument("--no-random", action="store_true", help="skip the random-policy (chance) baseline")
     parser.add_argument("--wm-episodes", type=int, default=2,
@@ -511,7 +530,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate(args.policy, tasks, args.episodes, args.out, seed=args.seed, max_steps=args.max_steps,
                        n_envs=args.envs, random_baseline=not args.no_random, wm_episodes=args.wm_episodes,
                        wm_horizon=args.wm_horizon, progress=not args.no_progress, variant_names=names,
-                       device=args.device, causal_variant=args.no_chunk_mask_variant)
+                       device=args.device, causal_variant=args.no_chunk_mask_variant, env_workers=args.env_workers)
     print(format_results(metrics))
     print(f"-> {Path(args.out) / 'metrics.json'}")
     return 0

@@ -1,0 +1,167 @@
+"""Meta-World envs that live in worker processes and step side by side.
+
+MuJoCo's software renderer draws a 64-px frame in about 13 ms on one core, and a closed-loop
+evaluation steps its envs one after the other: half of a 2-core machine idles. `EnvWorkers`
+spreads `n_envs` envs of one task over `workers` processes; each env is reached through an
+`RemoteEnv` handle with the `MetaWorldEnv` interface (`reset`, `step`, `success`,
+`instruction`, `can_skip_render`) plus `step_async` / `step_wait`, so that a caller can
+start every env's step before it waits for the first. An env's frames, rewards and
+successes are those of the same env in the calling process: same seed, same physics.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+import traceback
+from collections import deque
+
+import numpy as np
+
+
+def _mp_context():
+    # Workers must not inherit an OpenGL context or threads from the parent: no fork.
+    method = "forkserver" if sys.platform.startswith("linux") else "spawn"
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["worldvla.sim.metaworld_env"])
+    return ctx
+
+
+def _serve(conn, task: str, n_envs: int, image_size: int, max_steps: int, kwargs: dict) -> None:
+    """Worker loop: build `n_envs` envs, then answer (command, env index, args) messages."""
+    from .metaworld_env import make_env
+
+    envs = []
+    try:
+        envs = [make_env(task, seed=0, image_size=image_size, max_steps=max_steps, **kwargs) for _ in range(n_envs)]
+        conn.send(("ok", envs[0].instruction if envs else None))
+        while True:
+            cmd, i, args = conn.recv()
+            if cmd == "close":
+                break
+            try:
+                env = envs[i]
+                if cmd == "reset":
+                    frame = env.reset(**args)
+                    conn.send(("ok", (frame, env.success)))
+                elif cmd == "step":
+                    frame, reward, success, done = env.step(*args[:1], **args[1])
+                    conn.send(("ok", (frame, reward, success, done, env.success)))
+                else:
+                    conn.send(("error", f"unknown command {cmd!r}"))
+            except Exception:  # noqa: BLE001  (reported to the caller, who raises it)
+                conn.send(("error", traceback.format_exc()))
+    except Exception:  # noqa: BLE001
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except (BrokenPipeError, OSError):
+            pass
+    finally:
+        for env in envs:
+            env.close()
+        conn.close()
+
+
+class _Worker:
+    def __init__(self, ctx, task, n_envs, image_size, max_steps, kwargs):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, task, n_envs, image_size, max_steps, kwargs), daemon=True)
+        self.proc.start()
+        child.close()
+        self.pending: deque[int] = deque()  # env indices whose replies are still to be read, in order
+
+    def send(self, cmd: str, i: int, args) -> None:
+        self.conn.send((cmd, i, args))
+        self.pending.append(i)
+
+    def recv(self, i: int):
+        if not self.pending or self.pending[0] != i:
+            raise RuntimeError(f"env {i}: replies are read in the order the commands were sent "
+                               f"(next pending: {list(self.pending)[:1]})")
+        self.pending.popleft()
+        return self.reply()
+
+    def reply(self):
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"env worker process {self.proc.pid} died (exit code {self.proc.exitcode})") from None
+        if status != "ok":
+            raise RuntimeError(f"env worker process {self.proc.pid} failed:\n{value}")
+        return value
+
+
+class RemoteEnv:
+    """Handle on one env of an `EnvWorkers` pool, with the `MetaWorldEnv` interface."""
+
+    can_skip_render = True
+
+    def __init__(self, worker: _Worker, index: int, task: str, instruction: str):
+        self._worker, self._index = worker, index
+        self.task, self.instruction = task, instruction
+        self.success = False
+
+    def reset(self, seed: int | None = None, render: bool = True):
+        self._worker.send("reset", self._index, {"seed": seed, "render": render})
+        frame, self.success = self._worker.recv(self._index)
+        return frame
+
+    def step_async(self, action, render: bool = True) -> None:
+        self._worker.send("step", self._index, (np.asarray(action, dtype=np.float64), {"render": render}))
+
+    def step_wait(self):
+        frame, reward, success, done, self.success = self._worker.recv(self._index)
+        return frame, reward, success, done
+
+    def step(self, action, render: bool = True):
+        self.step_async(action, render)
+        return self.step_wait()
+
+    def close(self) -> None:
+        """The pool owns the worker processes: `EnvWorkers.close` ends them."""
+
+
+class EnvWorkers:
+    """`n_envs` envs of `task` spread round-robin over `workers` processes (`.envs`)."""
+
+    def __init__(self, task: str, n_envs: int, image_size: int = 64, max_steps: int = 150, workers: int = 2,
+                 **env_kwargs):
+        from .metaworld_env import _check_task
+
+        _check_task(task)
+        if n_envs < 1 or workers < 1:
+            raise ValueError(f"need n_envs >= 1 and workers >= 1, got n_envs={n_envs}, workers={workers}")
+        workers = min(workers, n_envs)
+        ctx = _mp_context()
+        share = [len(range(w, n_envs, workers)) for w in range(workers)]
+        self._workers = [_Worker(ctx, task, share[w], image_size, max_steps, env_kwargs) for w in range(workers)]
+        try:
+            instruction = [w.reply() for w in self._workers][0]  # every worker has built its envs
+        except BaseException:
+            self.close()
+            raise
+        # env j lives on worker j % workers, as that worker's env j // workers
+        self.envs = [RemoteEnv(self._workers[j % workers], j // workers, task, instruction) for j in range(n_envs)]
+
+    def close(self) -> None:
+        for w in getattr(self, "_workers", []):
+            if w.proc.is_alive():
+                try:
+                    w.conn.send(("close", -1, None))
+                except (BrokenPipeError, OSError):
+                    pass
+        for w in getattr(self, "_workers", []):
+            w.proc.join(timeout=10)
+            if w.proc.is_alive():
+                w.proc.kill()
+            w.conn.close()
+        self._workers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
