@@ -43,9 +43,9 @@ class DemoConfig:
     # WorldVLA
     chunk_size: int = 5
     model: str = "small"
-    train_steps: int = 900
+    train_steps: int = 1000
     batch_tokens: int = 1536
-    micro_tokens: int = 512       # packed micro-batches: same gradients, far less masked-attention waste
+    micro_tokens: int = 1536      # one packed micro-batch a step (attention runs per document)
     lr: float = 1e-3
     world: bool = True            # joint action + world training (False: action samples only)
     ablations: bool = False       # also train action-only and no-chunk-mask models, decode without the mask
@@ -387,7 +387,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "chunk mask (plain causal attention in training and decoding), both with the same "
                              "steps and token budget, and evaluate chunk-mask models decoded without the mask; "
                              "about triples training time and evaluation time")
-    parser.add_argument("--workers", type=int, default=None, help="collection worker processes (default: 2)")
+    parser.add_argument("--workers", type=int, default=None, help="collection and evaluation worker processes (default: 2)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--fast", action="store_true",
                         help="tiny sizes (1 task, 2 demos, a few steps): checks the pipeline in ~1 minute")
