@@ -43,7 +43,7 @@ class DemoConfig:
     # WorldVLA
     chunk_size: int = 5
     model: str = "small"
-    train_steps: int = 1000
+    train_steps: int = 900
     batch_tokens: int = 1536
     micro_tokens: int = 1536      # one packed micro-batch a step (attention runs per document)
     lr: float = 1e-3
@@ -350,8 +350,8 @@ defaults: 3 tasks x 30 expert demos at 64x64 px, a 256-code VQGAN (300 steps of 
 `small` WorldVLA (3.7M parameters, 900 steps of 1,536 tokens, chunks of K=5), 10 evaluation
 episodes per task on held-out layouts (150 steps max) next to a uniform-random policy on the
 same layouts, world-model PSNR/SSIM and VQ-code accuracy on 2 held-out expert rollouts per task
-(8 imagined steps). Measured on a 2-core AVX2 CPU: collect 71 s, train-vq 194 s, pretokenize
-55 s, train 547 s, evaluate 129 s; 16.6 minutes in all. A second run reuses every stage.
+(8 imagined steps). Measured on a 2-core AVX2 CPU: collect 67 s, train-vq 189 s, pretokenize
+45 s, train 435 s, evaluate 110 s; 14.1 minutes in all. A second run reuses every stage.
 
 examples:
   worldvla demo                                  # the default run into ./worldvla_demo
