@@ -350,8 +350,8 @@ defaults: 3 tasks x 30 expert demos at 64x64 px, a 256-code VQGAN (300 steps of 
 `small` WorldVLA (3.7M parameters, 900 steps of 1,536 tokens, chunks of K=5), 10 evaluation
 episodes per task on held-out layouts (150 steps max) next to a uniform-random policy on the
 same layouts, world-model PSNR/SSIM and VQ-code accuracy on 2 held-out expert rollouts per task
-(8 imagined steps). Measured on a 2-core AVX2 CPU: collect 67 s, train-vq 189 s, pretokenize
-45 s, train 435 s, evaluate 110 s; 14.1 minutes in all. A second run reuses every stage.
+(8 imagined steps). Measured on a 2-core AVX2 CPU: collect 68 s, train-vq 186 s, pretokenize
+38 s, train 466 s, evaluate 119 s; 14 min 45 s in all. A second run reuses every stage.
 
 examples:
   worldvla demo                                  # the default run into ./worldvla_demo
