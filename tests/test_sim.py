@@ -229,6 +229,7 @@ def test_envs_in_worker_processes_match_envs_in_this_process():
     stepped here, also when their steps are started together (step_async) and across resets;
     closed_loop gives the same episodes with either; a worker's error reaches the caller."""
     from worldvla.eval.metaworld import RandomPolicy, closed_loop
+    from worldvla.sim.metaworld_env import expert_episode
     from worldvla.sim.workers import EnvWorkers
 
     rng = np.random.default_rng(1)
@@ -254,6 +255,15 @@ def test_envs_in_worker_processes_match_envs_in_this_process():
         here = closed_loop(RandomPolicy(seed=5), "reach-v3", 4, envs=local[:2], **kw)
         there = closed_loop(RandomPolicy(seed=5), "reach-v3", 4, envs=remote[:2], **kw)
         assert (there.successes, there.steps) == (here.successes, here.steps)
+        # Scripted-expert episodes (the world-model metrics' rollouts) run side by side in the workers.
+        remote[0].expert_async(21)
+        remote[1].expert_async(22)
+        got = [remote[0].expert_wait(), remote[1].expert_wait()]
+        for g, s in zip(got, (21, 22)):
+            want = expert_episode(local[2], s)
+            np.testing.assert_array_equal(g["frames"], want["frames"])
+            np.testing.assert_array_equal(g["actions"], want["actions"])
+            assert g["success"] == want["success"] and len(g["actions"]) > 1
     for e in local:
         e.close()
     with pytest.raises(ValueError, match="unknown"):

@@ -61,7 +61,7 @@ class DemoConfig:
     def fast_preset(cls, **kw) -> "DemoConfig":
         """Tiny everything: checks the plumbing in about a minute, learns nothing."""
         base = dict(tasks=("reach-v3",), episodes=2, vq_steps=2, vq_batch=4, model="tiny", train_steps=3,
-                    batch_tokens=2048, eval_episodes=1, eval_max_steps=12, eval_envs=1, wm_episodes=1,
+                    batch_tokens=2048, eval_episodes=2, eval_max_steps=12, eval_envs=2, wm_episodes=1,
                     wm_horizon=2, collect_max_steps=200, fast=True)
         base.update(kw)
         return cls(**base)

@@ -186,31 +186,27 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
 
 # ---------------------------------------------------------------------- world model
 def expert_rollouts(task: str, episodes: int, *, seed: int = 0, image_size: int = 64, max_steps: int = 200,
-                    env_factory=None) -> list[dict]:
-    """Scripted-expert episodes on evaluation seeds: frames [T+1, H, W, 3] and actions [T, 4]."""
-    import warnings
+                    env_factory=None, envs: list | None = None) -> list[dict]:
+    """Scripted-expert episodes on evaluation seeds: frames [T+1, H, W, 3] and actions [T, 4].
 
-    from ..sim.metaworld_env import expert_policy
+    `envs`: envs of `task` in worker processes (`worldvla.sim.workers`) to run the episodes on,
+    side by side; otherwise one env is built here. Either way an episode depends on its seed alone."""
+    from ..sim.metaworld_env import expert_episode
 
-    factory = env_factory or _default_env_factory
-    env = factory(task, image_size, max_steps)
-    expert = expert_policy(task)
-    out = []
+    seeds = eval_seeds(task, episodes, seed + 1)  # other layouts than the closed-loop episodes
+    if envs and all(hasattr(e, "expert_async") for e in envs):
+        out = []
+        for g in range(0, len(seeds), len(envs)):
+            group = list(zip(envs, seeds[g:g + len(envs)]))
+            for env, s in group:
+                env.expert_async(s)
+            out += [env.expert_wait() for env, _ in group]
+        return out
+    env = (env_factory or _default_env_factory)(task, image_size, max_steps)
     try:
-        for s in eval_seeds(task, episodes, seed + 1):  # other layouts than the closed-loop episodes
-            frames, actions = [env.reset(seed=s)], []
-            done = False
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                while not done:
-                    a = np.clip(np.asarray(expert.get_action(env.state), dtype=np.float64), -1.0, 1.0)
-                    frame, _, _, done = env.step(a)
-                    frames.append(frame)
-                    actions.append(a)
-            out.append({"seed": s, "frames": np.stack(frames), "actions": np.stack(actions), "success": env.success})
+        return [expert_episode(env, s) for s in seeds]
     finally:
         env.close()
-    return out
 
 
 def _scores(pred: np.ndarray, real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -347,6 +343,14 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     pool: dict[tuple, list] = {}
     worker_pools = []
 
+    def close_envs() -> None:
+        for env in (e for envs in pool.values() for e in envs):
+            env.close()
+        for workers in worker_pools:
+            workers.close()
+        pool.clear()
+        worker_pools.clear()
+
     def envs_for(task: str, pol) -> list:
         size = getattr(pol, "image_size", None) or (getattr(loaded[0], "image_size", None) if loaded else None)
         key = (task, int(size or 64))
@@ -391,21 +395,24 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
             v["success_rate"] = float(np.mean([v["tasks"][t]["success_rate"] for t in tasks]))
             metrics["random"] = v
             rates["random"] = {t: v["tasks"][t]["success_rate"] for t in tasks}
+        # Expert rollouts for the world-model metrics, on the same envs while they are up.
+        rollouts = {}
+        if wm_episodes > 0 and loaded and hasattr(loaded[0], "model"):
+            size = int(loaded[0].image_size)
+            for task in tasks:
+                rollouts[task] = expert_rollouts(task, wm_episodes, seed=seed, image_size=size, max_steps=max_steps,
+                                                 envs=pool.get((task, size)))
     finally:
         bar.close()
-        for env in (e for envs in pool.values() for e in envs):
-            env.close()
-        for workers in worker_pools:
-            workers.close()
+        close_envs()
 
     # World model, for the first policy (the others share the metric code; run `evaluate` per policy).
-    if wm_episodes > 0 and loaded and hasattr(loaded[0], "model"):
+    if rollouts:
         wm: dict = {}
         curves = {}
         grid_rows, grid_labels = [], []
         for task in tqdm(tasks, desc="world model", unit="task", disable=not progress):
-            rolls = expert_rollouts(task, wm_episodes, seed=seed, image_size=loaded[0].image_size, max_steps=max_steps)
-            res = world_model_metrics(loaded[0], rolls, horizon=wm_horizon)
+            res = world_model_metrics(loaded[0], rollouts[task], horizon=wm_horizon)
             ex = res.pop("examples")
             wm[task] = res
             curves[task.replace("-v3", "")] = {"psnr": res["multi_step"]["psnr_per_step"],

@@ -316,6 +316,21 @@ class MetaWorldEnv:
         self.close()
 
 
+def expert_episode(env: MetaWorldEnv, seed: int) -> dict:
+    """One scripted-expert episode of `env` from layout `seed`, until success or the step limit:
+    {"seed", "frames" uint8 [T+1, H, W, 3], "actions" [T, 4], "success"}."""
+    expert = expert_policy(env.task)
+    frames, actions, done = [env.reset(seed=seed)], [], False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        while not done:
+            a = np.clip(np.asarray(expert.get_action(env.state), dtype=np.float64), -1.0, 1.0)
+            frame, _, _, done = env.step(a)
+            frames.append(frame)
+            actions.append(a)
+    return {"seed": int(seed), "frames": np.stack(frames), "actions": np.stack(actions), "success": env.success}
+
+
 def make_env(task: str, seed: int = 0, image_size: int = 64, camera: str = "corner", **kwargs) -> MetaWorldEnv:
     """A `MetaWorldEnv` for `task` (see TASKS), frames `image_size` square from `camera`."""
     return MetaWorldEnv(task, seed=seed, image_size=image_size, camera=camera, **kwargs)

@@ -29,7 +29,7 @@ def _mp_context():
 
 def _serve(conn, task: str, n_envs: int, image_size: int, max_steps: int, kwargs: dict) -> None:
     """Worker loop: build `n_envs` envs, then answer (command, env index, args) messages."""
-    from .metaworld_env import make_env
+    from .metaworld_env import expert_episode, make_env
 
     envs = []
     try:
@@ -47,6 +47,8 @@ def _serve(conn, task: str, n_envs: int, image_size: int, max_steps: int, kwargs
                 elif cmd == "step":
                     frame, reward, success, done = env.step(*args[:1], **args[1])
                     conn.send(("ok", (frame, reward, success, done, env.success)))
+                elif cmd == "expert":
+                    conn.send(("ok", expert_episode(env, **args)))
                 else:
                     conn.send(("error", f"unknown command {cmd!r}"))
             except Exception:  # noqa: BLE001  (reported to the caller, who raises it)
@@ -116,6 +118,15 @@ class RemoteEnv:
     def step(self, action, render: bool = True):
         self.step_async(action, render)
         return self.step_wait()
+
+    def expert_async(self, seed: int) -> None:
+        """Start a scripted-expert episode from layout `seed` (see `expert_episode`)."""
+        self._worker.send("expert", self._index, {"seed": seed})
+
+    def expert_wait(self) -> dict:
+        out = self._worker.recv(self._index)
+        self.success = out["success"]
+        return out
 
     def close(self) -> None:
         """The pool owns the worker processes: `EnvWorkers.close` ends them."""
