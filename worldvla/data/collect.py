@@ -124,12 +124,9 @@ def _is_complete(path: Path, n_episodes: int, settings: dict) -> bool:
 
 
 def _mp_context():
-    # Workers must not inherit an OpenGL context or threads from the parent: no fork.
-    method = "forkserver" if sys.platform.startswith("linux") else "spawn"
-    ctx = mp.get_context(method)
-    if method == "forkserver":
-        ctx.set_forkserver_preload(["worldvla.data.collect", "worldvla.sim.metaworld_env"])
-    return ctx
+    from ..sim.workers import mp_context
+
+    return mp_context(("worldvla.data.collect", "worldvla.sim.metaworld_env"))
 
 
 def collect(

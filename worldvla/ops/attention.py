@@ -95,7 +95,8 @@ def _documents_padded(meta: ChunkMaskMeta):
     dst = doc * Lmax + torch.arange(T, device=dev) - cu[:-1][doc]
     kv = torch.cat([meta.kv_block, meta.kv_block.new_full((1,), NO_BLOCK)])[src]
     ql = torch.cat([meta.q_limit, meta.q_limit.new_full((1,), -1)])[src]
-    mask = torch.ones(Lmax, Lmax, dtype=torch.bool, device=dev).tril() & ~(kv.unsqueeze(1) < ql.unsqueeze(2))
+    # Each document is one row of a padded batch: the rule's own dense mask, less the padding keys.
+    mask = ChunkMaskMeta(kv, ql, t.expand(len(src), Lmax), None, Lmax).dense_mask()
     mask &= valid.unsqueeze(1)
     mask |= ~valid.unsqueeze(2) & (t == 0)
     return src, dst, mask

@@ -18,12 +18,14 @@ from collections import deque
 import numpy as np
 
 
-def _mp_context():
-    # Workers must not inherit an OpenGL context or threads from the parent: no fork.
+def mp_context(preload=("worldvla.sim.metaworld_env",)):
+    """The multiprocessing context of simulator workers (collection, evaluation). They must not
+    inherit an OpenGL context or threads from the parent: forkserver (spawn off Linux), with
+    `preload` imported once in the server."""
     method = "forkserver" if sys.platform.startswith("linux") else "spawn"
     ctx = mp.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(["worldvla.sim.metaworld_env"])
+        ctx.set_forkserver_preload(list(preload))
     return ctx
 
 
@@ -143,7 +145,7 @@ class EnvWorkers:
         if n_envs < 1 or workers < 1:
             raise ValueError(f"need n_envs >= 1 and workers >= 1, got n_envs={n_envs}, workers={workers}")
         workers = min(workers, n_envs)
-        ctx = _mp_context()
+        ctx = mp_context()
         share = [len(range(w, n_envs, workers)) for w in range(workers)]
         self._workers = [_Worker(ctx, task, share[w], image_size, max_steps, env_kwargs) for w in range(workers)]
         try:
