@@ -223,3 +223,60 @@ def test_world_model_code_accuracy_against_copy_last():
                            text_tokenizer=pol.text_tokenizer).codes[:, 0]
     assert m["code_accuracy"] == pytest.approx(float((pred == target).double().mean()))
     assert 0.0 <= m["code_accuracy"] <= 1.0
+
+
+def test_evaluate_saves_each_closed_loop_and_resumes(tmp_path, monkeypatch):
+    """A crash mid-evaluation keeps the finished closed loops (metrics.json marked incomplete);
+    a rerun reuses them and runs only the missing ones; new policy files invalidate them."""
+    import json
+
+    from worldvla.eval import metaworld as mw
+    from worldvla.inference import save_policy
+
+    pol = _tiny_policy(chunk_size=2)
+    folder = tmp_path / "policy"
+    save_policy(folder, pol.model, pol.vqgan, pol.action_tokenizer, chunk_size=2, image_size=32)
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    real_closed_loop = mw.closed_loop
+    calls = []
+
+    def counting(policy, task, *a, **k):
+        calls.append((type(policy).__name__, task))
+        if crash_on is not None and calls[-1] == crash_on:
+            raise RuntimeError("simulated crash")
+        return real_closed_loop(policy, task, *a, **k)
+
+    monkeypatch.setattr(mw, "closed_loop", counting)
+    kw = dict(tasks=["fake-a-v3", "fake-b-v3"], episodes=2, max_steps=4, n_envs=2, wm_episodes=0, gifs=False,
+              progress=False, env_workers=1, variant_names=["tiny"])
+    out = tmp_path / "eval"
+
+    crash_on = ("RandomPolicy", "fake-b-v3")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        mw.evaluate([folder], out_dir=out, **kw)
+    partial = json.loads((out / "metrics.json").read_text())
+    assert partial["complete"] is False
+    assert set(partial["variants"]["tiny"]["tasks"]) == {"fake-a-v3", "fake-b-v3"}
+    assert set(partial["random"]["tasks"]) == {"fake-a-v3"}
+    assert len(calls) == 4
+
+    crash_on, calls[:] = None, []
+    full = mw.evaluate([folder], out_dir=out, **kw)
+    assert calls == [("RandomPolicy", "fake-b-v3")]  # only the unfinished closed loop ran
+    assert full["complete"] is True and json.loads((out / "metrics.json").read_text())["complete"] is True
+    for task in kw["tasks"]:
+        got, before = full["variants"]["tiny"]["tasks"][task], partial["variants"]["tiny"]["tasks"][task]
+        assert got["reused"] and got["episode_success"] == before["episode_success"] and got["seeds"] == before["seeds"]
+    assert full["random"]["tasks"]["fake-a-v3"]["reused"] and "reused" not in full["random"]["tasks"]["fake-b-v3"]
+
+    # Other settings, or rewritten policy files, run again; resume=False ignores saved runs.
+    calls[:] = []
+    mw.evaluate([folder], out_dir=out, **{**kw, "episodes": 3})
+    assert len(calls) == 4
+    calls[:] = []
+    save_policy(folder, pol.model, pol.vqgan, pol.action_tokenizer, chunk_size=2, image_size=32)
+    mw.evaluate([folder], out_dir=out, **{**kw, "episodes": 3})
+    assert [c for c in calls if c[0] != "RandomPolicy"] == [("WorldVLAPolicy", "fake-a-v3"), ("WorldVLAPolicy", "fake-b-v3")]
+    calls[:] = []
+    mw.evaluate([folder], out_dir=out, resume=False, **{**kw, "episodes": 3})
+    assert len(calls) == 4

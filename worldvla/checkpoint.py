@@ -64,6 +64,11 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_text_atomic(path, text: str) -> None:
+    """Write a text file that appears complete or not at all (a crash leaves the old one)."""
+    _atomic_write(Path(path), lambda p: Path(p).write_text(text))
+
+
 def _load_state_dict(folder: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 DEFAULT_TASKS = ("button-press-topdown-v3", "drawer-open-v3", "window-open-v3")
@@ -126,12 +125,12 @@ class Stages:
             return False
 
     def mark(self, stage: str, seconds: float, info: dict | None = None) -> None:
+        from .checkpoint import write_text_atomic
+
         self.dir.mkdir(parents=True, exist_ok=True)
         p = self._path(stage)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": self.keys[stage], "seconds": seconds, "finished": time.time(),
-                                   "info": info or {}}, indent=1, default=str))
-        os.replace(tmp, p)
+        write_text_atomic(p, json.dumps({"key": self.keys[stage], "seconds": seconds, "finished": time.time(),
+                                         "info": info or {}}, indent=1, default=str))
 
     def recorded_seconds(self, stage: str) -> float | None:
         try:
@@ -285,7 +284,8 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
         "train": lambda: (out / "policy" / "policy.json").is_file(),
         "train-action-only": lambda: (out / "policy_action_only" / "policy.json").is_file(),
         "train-causal": lambda: (out / "policy_causal" / "policy.json").is_file(),
-        "evaluate": lambda: (out / "eval" / "metrics.json").is_file(),
+        "evaluate": lambda: (out / "eval" / "metrics.json").is_file()
+        and json.loads((out / "eval" / "metrics.json").read_text()).get("complete", False),
     }
     results: dict = {"config": asdict(cfg), "stages": {}}
     t_total = time.perf_counter()

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import write_text_atomic
 from ..tokens import IGNORE, ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
 from ..tokens.actions import LIBERO_MAX, LIBERO_MIN
 
@@ -57,9 +58,7 @@ def sha256_file(path, bufsize: int = 1 << 20) -> str:
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def _state_dict_digest(module: torch.nn.Module) -> str:

@@ -14,10 +14,16 @@ copying the last real frame, and the VQGAN's own reconstruction of the target.
 
 `worldvla eval --policy DIR [DIR ...] --tasks ... --episodes N --out DIR` writes
 metrics.json, success.png, world_model.png, a real-vs-imagined PNG grid and a GIF per task.
+
+Nothing finished is lost: each (variant, task) closed loop is saved under `<out>/runs/` as it
+ends, keyed by the policy folder's files and the evaluation settings, and metrics.json is
+rewritten after each one (`"complete": false` until the end). A rerun with the same key
+reuses those results (episodes depend on their seeds alone) and runs only what is missing.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -28,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import write_text_atomic
 from .metrics import psnr, ssim
 from .rollout import ChunkQuery
 
@@ -296,10 +303,48 @@ def load_policy(path, device=None):
     return WorldVLAPolicy.from_pretrained(path, device=device)
 
 
+def _policy_fingerprint(src) -> str | None:
+    """Identity of a policy folder: every file's name, size and modification time (a retrained
+    or replaced policy gets a new one). None for a policy given as an object."""
+    if not isinstance(src, (str, Path)):
+        return None
+    root = Path(src)
+    h = hashlib.sha256()
+    for f in sorted(q for q in root.rglob("*") if q.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(root).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+class _SavedRuns:
+    """Finished closed loops under `<out>/runs/<variant>__<task>.json`, each with the key it was run under."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.dir = out_dir / "runs"
+        self.enabled = enabled
+
+    def _path(self, name: str, task: str) -> Path:
+        return self.dir / f"{_slug(name)}__{task}.json"
+
+    def get(self, name: str, task: str, key: str | None) -> dict | None:
+        p = self._path(name, task)
+        if not (self.enabled and key and p.is_file()):
+            return None
+        try:
+            saved = json.loads(p.read_text())
+        except (OSError, ValueError):
+            return None
+        return saved["result"] if saved.get("key") == key else None
+
+    def put(self, name: str, task: str, key: str | None, result: dict) -> None:
+        if key:
+            write_text_atomic(self._path(name, task), json.dumps({"key": key, "result": result}, default=_json_default))
+
+
 def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_steps: int = 200, n_envs: int = 4,
              random_baseline: bool = True, wm_episodes: int = 2, wm_horizon: int = 8, progress: bool = True,
              variant_names: list[str] | None = None, device=None, gifs: bool = True,
-             causal_variant: bool = False, env_workers: int = 2) -> dict:
+             causal_variant: bool = False, env_workers: int = 2, resume: bool = True) -> dict:
     """Evaluate one or more policies (folders or loaded objects) on `tasks`; write artifacts to
     `out_dir` and return the metrics (also written to `out_dir/metrics.json`).
 
@@ -307,7 +352,8 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     the mask (plain causal attention, `worldvla.eval.ablations.CausalChunkPolicy`): the
     inference-only ablation. A policy trained with `--attention causal` decodes causally by itself.
     `env_workers`: processes the envs of a task are spread over (`worldvla.sim.workers`;
-    1 = step them in this process)."""
+    1 = step them in this process). `resume`: reuse the closed loops saved under `out_dir/runs/`
+    by an earlier call with the same policy files and settings (see the module's docstring)."""
     from tqdm.auto import tqdm
 
     from ..ops import dispatch
@@ -334,7 +380,38 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
                 loaded.append(CausalChunkPolicy.from_policy(loaded[i]))
                 policies.append(policies[i])
                 names.append(f"{names[i]} (no chunk mask)")
-    metrics: dict = {"tasks": tasks, "episodes": episodes, "max_steps": max_steps, "seed": seed, "variants": {}}
+    metrics: dict = {"tasks": tasks, "episodes": episodes, "max_steps": max_steps, "seed": seed,
+                     "complete": False, "variants": {}}
+    saved = _SavedRuns(out_dir, resume)
+    settings = {"episodes": episodes, "max_steps": max_steps, "seed": seed}
+
+    def run_key(name: str, src, pol, task: str) -> str | None:
+        fp = "random" if isinstance(pol, RandomPolicy) else _policy_fingerprint(src)
+        if fp is None:
+            return None
+        blob = json.dumps({"name": name, "kind": type(pol).__name__, "policy": fp, "task": task,
+                           "chunk_size": getattr(pol, "chunk_size", None), **settings}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def run_task(name: str, src, pol, task: str, record: bool) -> dict:
+        """One closed loop, or the saved result of the same one; saved and written out as it ends."""
+        key = run_key(name, src, pol, task)
+        res = saved.get(name, task, key)
+        if res is not None:
+            bar.update(episodes)
+            return {**res, "reused": True}
+        r = closed_loop(pol, task, episodes, seed=seed, max_steps=max_steps, progress=bar, record=record,
+                        envs=envs_for(task, pol))
+        res = r.to_dict()
+        if gifs and r.frames is not None:
+            tag = "success" if r.successes[0] else "failure"
+            plots.save_gif(r.frames, out_dir / f"{_slug(name)}_{task}_{tag}.gif")
+        saved.put(name, task, key, res)
+        return res
+
+    def write_metrics() -> None:
+        write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1, default=_json_default))
+
     n_runs = len(tasks) * episodes * (len(loaded) + int(random_baseline))
     bar = tqdm(total=n_runs, desc="evaluate", unit="ep", disable=not progress, dynamic_ncols=True)
     rates: dict[str, dict[str, float]] = {}
@@ -370,30 +447,25 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
             meta = pol.metadata() if hasattr(pol, "metadata") else {}
             src = policies[names.index(name)]
             v = {"policy": str(src) if isinstance(src, (str, Path)) else name, "chunk_size": getattr(pol, "chunk_size", None), "metadata": _jsonable(meta), "tasks": {}}
+            metrics["variants"][name] = v
             for task in tasks:
-                r = closed_loop(pol, task, episodes, seed=seed, max_steps=max_steps, progress=bar,
-                                envs=envs_for(task, pol))
-                v["tasks"][task] = r.to_dict()
-                if gifs and r.frames is not None:
-                    tag = "success" if r.successes[0] else "failure"
-                    plots.save_gif(r.frames, out_dir / f"{_slug(name)}_{task}_{tag}.gif")
+                v["tasks"][task] = run_task(name, src, pol, task, record=True)
+                write_metrics()
             v["success_rate"] = float(np.mean([v["tasks"][t]["success_rate"] for t in tasks]))
             for key in ("mean_s", "median_s"):
                 lat = [v["tasks"][t]["latency"].get(key) for t in tasks]
                 lat = [x for x in lat if x is not None]
                 v[f"latency_{key}"] = float(np.mean(lat)) if lat else None
-            metrics["variants"][name] = v
             rates[name] = {t: v["tasks"][t]["success_rate"] for t in tasks}
         if random_baseline:
             k = getattr(loaded[0], "chunk_size", 5) if loaded else 5
             rnd = RandomPolicy(chunk_size=k, seed=seed)
             v = {"policy": "uniform random actions", "chunk_size": k, "tasks": {}}
-            for task in tasks:
-                r = closed_loop(rnd, task, episodes, seed=seed, max_steps=max_steps, progress=bar, record=False,
-                                envs=envs_for(task, loaded[0] if loaded else rnd))
-                v["tasks"][task] = r.to_dict()
-            v["success_rate"] = float(np.mean([v["tasks"][t]["success_rate"] for t in tasks]))
             metrics["random"] = v
+            for task in tasks:
+                v["tasks"][task] = run_task("(random baseline)", None, rnd, task, record=False)
+                write_metrics()
+            v["success_rate"] = float(np.mean([v["tasks"][t]["success_rate"] for t in tasks]))
             rates["random"] = {t: v["tasks"][t]["success_rate"] for t in tasks}
         # Expert rollouts for the world-model metrics, on the same envs while they are up.
         rollouts = {}
@@ -438,7 +510,8 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         metrics["world_model"] = wm
     if rates:
         plots.success_bars(rates, out_dir / "success.png")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default))
+    metrics["complete"] = True
+    write_metrics()
     return metrics
 
 
@@ -519,6 +592,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="also evaluate each policy decoding its chunks with plain causal attention "
                              "(the chunk-mask ablation at inference)")
     parser.add_argument("--device", default=None, help="torch device (default: the policy's default)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="rerun every closed loop, even those saved under OUT/runs/ by an earlier run with the "
+                             "same policy files and settings")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -537,7 +613,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate(args.policy, tasks, args.episodes, args.out, seed=args.seed, max_steps=args.max_steps,
                        n_envs=args.envs, random_baseline=not args.no_random, wm_episodes=args.wm_episodes,
                        wm_horizon=args.wm_horizon, progress=not args.no_progress, variant_names=names,
-                       device=args.device, causal_variant=args.no_chunk_mask_variant, env_workers=args.env_workers)
+                       device=args.device, causal_variant=args.no_chunk_mask_variant, env_workers=args.env_workers,
+                       resume=not args.no_resume)
     print(format_results(metrics))
     print(f"-> {Path(args.out) / 'metrics.json'}")
     return 0

@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from ..checkpoint import write_text_atomic
 from . import distributed as dist_utils
 
 LATEST = "latest"
@@ -65,12 +66,6 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last: int = 0) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
     root = Path(run_dir) / "checkpoints"
@@ -94,7 +89,7 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_text_atomic(root / LATEST, name)
+        write_text_atomic(root / LATEST, name)
         if keep_last > 0:
             done = sorted(p for p in root.glob("step_*") if p.is_dir())
             for old in done[:-keep_last]:

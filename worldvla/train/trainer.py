@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import write_text_atomic
 from . import distributed as dist_utils
 from .checkpointing import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -364,9 +364,7 @@ def _trim_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 def _export(model, store, out: Path, args):
