@@ -14,15 +14,6 @@ from worldvla.tokens import ByteTextTokenizer
 LAYOUT = VocabLayout.compact(n_image_codes=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: intra-op threads only add synchronization (which is very slow on a
-    busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _model(seed, cfg=None, std=0.5):
     g = torch.Generator().manual_seed(seed)

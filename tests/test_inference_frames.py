@@ -15,13 +15,6 @@ from worldvla.vqgan import VQGAN, VQGANConfig, postprocess
 LAYOUT = VocabLayout.compact(n_image_codes=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _model(seed, layout=LAYOUT):
     g = torch.Generator().manual_seed(seed)

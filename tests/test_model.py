@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from worldvla import VocabLayout, chunk_mask_meta
+from worldvla import VocabLayout
 from worldvla.mask import causal_meta
 from worldvla.model import ModelConfig, WorldVLA, loss_class_weights
 

@@ -16,13 +16,6 @@ LAYOUT = VocabLayout.compact(n_image_codes=64)
 LOW, HIGH = [-1.0, -2.0, 0.0, -1.0], [1.0, 2.0, 1.0, 1.0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _parts(seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -16,13 +16,6 @@ from worldvla.vqgan import VQGAN, VQGANConfig, preprocess
 K = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_vqgan(seed=0):
     torch.manual_seed(seed)

@@ -14,14 +14,6 @@ from worldvla.train import trainer
 from worldvla.train.checkpointing import latest_checkpoint, load_checkpoint
 from worldvla.vqgan import VQGAN, VQGANConfig
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two intra-op threads on a busy two-core machine spin against each other; one is faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_store(root: Path, seed: int = 0, lengths=(8, 6, 7)) -> Path:
     rng = np.random.default_rng(seed)

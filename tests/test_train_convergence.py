@@ -26,13 +26,6 @@ def _fused_backends(device):
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("backend,device", [("triton", "cpu"), ("native", "cpu"),
                                             pytest.param("triton", "cuda", marks=pytest.mark.gpu),

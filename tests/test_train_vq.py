@@ -12,13 +12,6 @@ from worldvla.train.checkpointing import latest_checkpoint
 from worldvla.vqgan import VQGAN, VQGANConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -16,7 +16,6 @@ from worldvla import ops  # noqa: E402
 from worldvla.mask import NO_BLOCK, DecodeMeta  # noqa: E402
 from worldvla.tokens import image_tokens  # noqa: E402
 
-from worldvla.kernels import attention as KA  # noqa: E402
 from worldvla.kernels import linear_ce as KL  # noqa: E402
 from worldvla.ops import triton_backend as TB  # noqa: E402
 
