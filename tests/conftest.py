@@ -3,6 +3,7 @@ import zlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Triton reads TRITON_INTERPRET when a @triton.jit function is defined: set it
 # before any kernel module is imported, so that CPU-only machines run the kernels
@@ -46,3 +47,41 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", nan_empty)
     yield
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fails on any aten op that reads tensor values on the host or has a data-dependent shape, and on
+    `Tensor.tolist` / `Tensor.numpy` (on CPU tensors they read memory without dispatching an op)."""
+    FORBIDDEN = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique",
+                 "repeat_interleave", "_assert_async")
+    METHODS = ("tolist", "numpy")
+
+    def __enter__(self):
+        self._saved = {n: torch.Tensor.__dict__.get(n) for n in self.METHODS}
+        for n in self.METHODS:
+            def forbidden(*args, _name=n, **kwargs):
+                raise AssertionError(f"host read: Tensor.{_name}")
+            setattr(torch.Tensor, n, forbidden)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for n, f in self._saved.items():
+            if f is None:
+                delattr(torch.Tensor, n)
+            else:
+                setattr(torch.Tensor, n, f)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if any(name.startswith(f) for f in self.FORBIDDEN):
+            raise AssertionError(f"host read or data-dependent shape: {func}")
+        if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            raise AssertionError(f"boolean-mask indexing: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def no_host_reads():
+    """The `NoHostReads` mode: `with no_host_reads(): ...` fails on any host read."""
+    return NoHostReads

@@ -9,7 +9,6 @@ import torch
 triton = pytest.importorskip("triton")
 
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from worldvla import VocabLayout, chunk_mask_meta  # noqa: E402
 from worldvla import ops  # noqa: E402
@@ -223,23 +222,9 @@ def test_compiled_head_only_gradient(rng):
 
 
 # --------------------------------------------------------------------------- no host synchronization
-class NoHostReads(TorchDispatchMode):
-    """Fails on any aten op that reads tensor values on the host or has a data-dependent shape."""
-    FORBIDDEN = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique",
-                 "repeat_interleave", "_assert_async")
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if any(name.startswith(f) for f in self.FORBIDDEN):
-            raise AssertionError(f"host read or data-dependent shape: {func}")
-        if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
-            raise AssertionError(f"boolean-mask indexing: {func}")
-        return func(*args, **(kwargs or {}))
-
-
-def test_linear_ce_has_no_host_sync(rng):
+def test_linear_ce_has_no_host_sync(rng, no_host_reads):
     h, w, y, cw = ce_inputs(rng, n=50)
-    with NoHostReads():
+    with no_host_reads():
         loss, z, gh, gw = KL.linear_ce_forward(h, w, y, cw, 1e-3, need_grad_hidden=True, need_grad_weight=True,
                                                chunk_size=16, check_targets=False)
     hd, wd = h.double().requires_grad_(), w.double().requires_grad_()
@@ -249,14 +234,14 @@ def test_linear_ce_has_no_host_sync(rng):
     assert (gh.double() - hd.grad).abs().max().item() < 1e-6
     assert (gw.double() - wd.grad).abs().max().item() < 1e-6
     # the guard does catch the row selection that the loss used to do
-    with pytest.raises(AssertionError, match="host read|boolean-mask"), NoHostReads():
+    with pytest.raises(AssertionError, match="host read|boolean-mask"), no_host_reads():
         h[y != -100]
 
 
-def test_attention_and_decode_have_no_host_sync(rng):
+def test_attention_and_decode_have_no_host_sync(rng, no_host_reads):
     q, k, v, meta = attention_inputs(rng)
     (dq_, kc, vc), dm = decode_inputs(rng)
-    with NoHostReads():
+    with no_host_reads():
         out, lse2 = TB.masked_attention_op(q, k, v, meta.kv_block, meta.q_limit, None, meta.max_seqlen, 0.3)
         TB.masked_attention_backward_op(torch.ones_like(out), q, k, v, out, lse2, meta.kv_block, meta.q_limit, None,
                                         meta.max_seqlen, 0.3)

@@ -265,13 +265,15 @@ class WorldVLA(nn.Module):
 
     def hidden_states(self, input_ids, meta: ChunkMaskMeta | None = None, cu_seqlens=None, *,
                       cache: KVCache | None = None, position_ids=None, decode_meta: DecodeMeta | None = None,
-                      backend: str | None = None):
+                      backend: str | None = None, check_ids: bool = True):
         """Final-norm hidden states.
 
         Without a cache: input_ids [B, L] (or [T] with cu_seqlens / packed meta) under the chunk rule.
         With a cache: input_ids [B, Q] written at slots `position_ids` [B, Q], attending under `decode_meta`;
         this path makes no host synchronization, so it can be captured in a CUDA graph.
         `backend` picks the attention backend (default: `self.attn_backend`).
+        `check_ids=False` skips the ids' range check (one host read of the device) for callers that
+        checked the ids before moving them to the device (the trainer).
         """
         backend = backend or self.attn_backend
         cfg = self.config
@@ -279,7 +281,7 @@ class WorldVLA(nn.Module):
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
         # The cached (decode) path skips the range check: it would synchronize the host on every step and
         # break CUDA-graph capture; the engine validates prompts once before prefill.
-        if cache is None and input_ids.numel():
+        if cache is None and check_ids and input_ids.numel():
             lo, hi = (int(x) for x in torch.stack(torch.aminmax(input_ids)).tolist())  # one host sync, not two
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"token ids out of range [{lo}, {hi}] for a vocabulary of {cfg.vocab_size}")
@@ -319,7 +321,7 @@ class WorldVLA(nn.Module):
 
     def loss(self, input_ids, labels, meta: ChunkMaskMeta | None = None, cu_seqlens=None, *,
              image_weight: float = 0.04, z_weight: float = 1e-5, class_weight=None, backend: str = "auto",
-             label_rows: torch.Tensor | None = None):
+             label_rows: torch.Tensor | None = None, check_ids: bool = True):
         """Weighted CE + z-loss (spec 2.5) on the positions with a label; logits of position i predict label i+1.
         Returns (loss, z_mean). For packed input, documents are contiguous and each starts with BOS, so the shift
         across a document boundary lands on the next document's BOS, whose label is -100.
@@ -327,10 +329,11 @@ class WorldVLA(nn.Module):
         `label_rows`: indices into the flattened shifted positions whose label is set (`labels[..., 1:]
         .reshape(-1) != -100`), found by the caller while the labels are still on the host; then only those
         rows reach the head (action samples label a few percent of their tokens). Without it every row does,
-        and the loss skips the ignored ones itself; neither way synchronizes the device."""
+        and the loss skips the ignored ones itself; neither way synchronizes the device. `check_ids`: see
+        `hidden_states`."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
-        h = self.hidden_states(input_ids, meta, cu_seqlens)
+        h = self.hidden_states(input_ids, meta, cu_seqlens, check_ids=check_ids)
         h, y = h[..., :-1, :].reshape(-1, h.shape[-1]), labels[..., 1:].reshape(-1)
         if label_rows is not None:
             label_rows = label_rows.to(h.device, non_blocking=True)

@@ -211,6 +211,13 @@ def _micro_batches(store, bins_of_rank: list[list[int]], micro_tokens: int, pad_
     return out
 
 
+def _check_token_range(ids: torch.Tensor, vocab_size: int) -> None:
+    lo, hi = (int(x) for x in ids.aminmax())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids out of range [{lo}, {hi}] for a vocabulary of {vocab_size}: the store does "
+                         f"not match the model's layout (rebuild it with `worldvla pretokenize`)")
+
+
 def _label_stats(labels: torch.Tensor, class_weight: torch.Tensor) -> tuple[float, float]:
     y = labels[1:]
     y = y[y != -100]
@@ -302,12 +309,14 @@ def train(args) -> dict:
                     model.set_requires_gradient_sync(m == len(micro) - 1)
                 # Built on the host, where the batch still is: the mask metadata and the labelled rows
                 # (only those reach the head) cost the device no synchronization.
+                # So is the ids' range check, which the model would otherwise make on the device.
                 rows = (labels[1:] != -100).nonzero().squeeze(1)
+                _check_token_range(ids, layout.vocab_size)
                 meta = model.attention_meta(ids, cu).to(device)
                 ids, labels = ids.to(device), labels.to(device)
                 with autocast:
                     loss, z = model.loss(ids, labels, meta, class_weight=cw_device, z_weight=z_eff,
-                                         backend=args.loss_backend, label_rows=rows)
+                                         backend=args.loss_backend, label_rows=rows, check_ids=False)
                 (loss * (share_w * world)).backward()
                 loss_sum += loss.detach().double() * share_w
                 z_sum += z.detach().double() * share_n
