@@ -27,6 +27,23 @@ T* ptr(int64_t p) {
   return reinterpret_cast<T*>(static_cast<uintptr_t>(p));
 }
 
+// The tensors' device is current for one call; the caller's device is current again afterwards.
+struct DeviceScope {
+  int prev = -1;
+  explicit DeviceScope(int device) {
+#ifdef WORLDVLA_WITH_CUDA
+    if (device >= 0) prev = set_device_cuda(device);
+#endif
+  }
+  ~DeviceScope() {
+#ifdef WORLDVLA_WITH_CUDA
+    restore_device_cuda(prev);
+#endif
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+};
+
 bool on_cpu(int device, int dtype, const char* op) {
   if (device < 0) {
     if (dtype != kFloat32)
@@ -34,7 +51,6 @@ bool on_cpu(int device, int dtype, const char* op) {
     return true;
   }
 #ifdef WORLDVLA_WITH_CUDA
-  set_device_cuda(device);
   return false;
 #else
   throw std::runtime_error(std::string(op) + ": worldvla._C was built without CUDA");
@@ -68,6 +84,7 @@ void masked_attention_fwd(int device, int64_t stream, int dtype, int64_t q, int6
   p.meta_sb = meta_sb;
   p.scale = static_cast<float>(scale);
   p.dtype = dtype;
+  DeviceScope scope(device);
   if (on_cpu(device, dtype, "masked_attention")) {
     py::gil_scoped_release nogil;
     masked_attention_fwd_cpu(p);
@@ -111,6 +128,7 @@ void decode_attention(int device, int64_t stream, int dtype, int64_t q, int64_t 
   p.lse_part = ptr<float>(lse_part);
   p.n_splits = n_splits;
   p.split_size = split_size;
+  DeviceScope scope(device);
   if (on_cpu(device, dtype, "decode_attention")) {
     py::gil_scoped_release nogil;
     decode_attention_cpu(p);
@@ -123,6 +141,7 @@ void decode_attention(int device, int64_t stream, int dtype, int64_t q, int64_t 
 
 void vq_quantize(int device, int64_t stream, int dtype, int64_t z, int64_t z_s, int64_t codebook, int64_t cb_s,
                  int64_t N, int64_t K, int64_t C, int64_t out) {
+  DeviceScope scope(device);
   if (on_cpu(device, dtype, "vq_quantize")) {
     py::gil_scoped_release nogil;
     vq_quantize_cpu(ptr<const float>(z), z_s, ptr<const float>(codebook), cb_s, N, K, C, ptr<int64_t>(out));
@@ -144,7 +163,7 @@ void vq_gather(int device, int64_t stream, int64_t indices, int index_dtype, int
     return;
   }
 #ifdef WORLDVLA_WITH_CUDA
-  set_device_cuda(device);
+  DeviceScope scope(device);
   vq_gather_cuda(ptr<const void>(indices), index_dtype, ptr<const void>(codebook), cb_s, elem_size, B, HW, K, C,
                  ptr<void>(out), ptr<void>(stream));
 #else
@@ -155,6 +174,7 @@ void vq_gather(int device, int64_t stream, int64_t indices, int index_dtype, int
 void range_argmax(int device, int64_t stream, int dtype, int64_t hidden, int64_t h_s, int64_t weight, int64_t w_s,
                   int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t workspace, int64_t ids) {
   if (hi <= lo) throw std::invalid_argument("constrained_argmax: empty vocabulary range");
+  DeviceScope scope(device);
   if (on_cpu(device, dtype, "constrained_argmax")) {
     py::gil_scoped_release nogil;
     range_argmax_cpu(ptr<const float>(hidden), h_s, ptr<const float>(weight), w_s, N, H, lo, hi, ptr<int64_t>(ids));
@@ -169,6 +189,7 @@ void range_argmax(int device, int64_t stream, int dtype, int64_t hidden, int64_t
 void range_logits(int device, int64_t stream, int dtype, int64_t hidden, int64_t h_s, int64_t weight, int64_t w_s,
                   int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t logits) {
   if (hi <= lo) throw std::invalid_argument("range_logits: empty vocabulary range");
+  DeviceScope scope(device);
   if (on_cpu(device, dtype, "range_logits")) {
     py::gil_scoped_release nogil;
     range_logits_cpu(ptr<const float>(hidden), h_s, ptr<const float>(weight), w_s, N, H, lo, hi, ptr<float>(logits));

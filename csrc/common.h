@@ -109,9 +109,11 @@ void range_argmax_cuda(const void* hidden, int64_t h_s, const void* weight, int6
                        int64_t* ids, void* stream);
 void range_logits_cuda(const void* hidden, int64_t h_s, const void* weight, int64_t w_s, int dtype,
                        int64_t N, int64_t H, int64_t lo, int64_t hi, float* logits, void* stream);
-// Makes `device` current for the calling thread (torch and this module each link
-// their own CUDA runtime; the driver context is shared).
-void set_device_cuda(int device);
+// Makes `device` current for the calling thread and returns the device current before
+// (torch and this module each link their own CUDA runtime; the driver context is shared,
+// so a device left current here would be torch's current device too).
+int set_device_cuda(int device);
+void restore_device_cuda(int device) noexcept;
 #endif
 
 }  // namespace worldvla

@@ -437,7 +437,10 @@ class _Problem:
         else:
             self.fwd_blocks = (block_m or 128, block_n or 64)
             self.bwd_blocks = (block_m or 64, block_n or 64)
-            self.warps = dict(num_warps=8 if self.block_d > 64 else 4, num_stages=2 if self.block_d > 128 else 3)
+            # Shared memory on sm_90 (227 KB a block): fp32 tiles are twice as wide, so fp32 at D 128
+            # takes two stages like 16-bit at D 256 (three would fill all but 2 KB of it).
+            row_bytes = self.block_d * q.element_size()
+            self.warps = dict(num_warps=8 if self.block_d > 64 else 4, num_stages=2 if row_bytes > 256 else 3)
         for b in (*self.fwd_blocks, *self.bwd_blocks):
             if b < 16 or b & (b - 1):
                 raise ValueError(f"block sizes must be powers of two >= 16, got {b}")

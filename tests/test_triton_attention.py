@@ -259,6 +259,22 @@ def test_dispatch_triton_backend(rng):
         masked_attention(q.double(), k.double(), v.double(), meta, backend="triton")
 
 
+def test_auto_leaves_the_triton_kernels_where_they_cannot_launch(rng):
+    """fp32 tiles above head dim 128 overflow an sm_90 block's shared memory, and sequences x heads
+    beyond 65535 overflow the grid: "auto" then takes another backend instead of failing at launch."""
+    from worldvla.ops import dispatch
+
+    ids = action_sample(rng, 64, n_images=1, chunk=2).unsqueeze(0)
+    meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+    for dtype, d, ok in ((torch.float32, 128, True), (torch.float32, 160, False), (torch.bfloat16, 160, True)):
+        q = torch.randn(1, 64, 2, d, generator=rng).to(DEV, dtype)
+        assert dispatch.supports("masked_attention", "triton", q, q, q, meta) is ok, (dtype, d)
+    many = causal_meta((32768,), cu_seqlens=torch.arange(0, 32769, 2, dtype=torch.int32), device=DEV)
+    q = torch.randn(32768, 4, 16, generator=rng).to(DEV)
+    assert dispatch.supports("masked_attention", "triton", q, q, q, many) is False  # 16384 documents x 4 heads
+    assert dispatch.supports("masked_attention", "triton", q[:, :3], q[:, :3], q[:, :3], many) is True
+
+
 def test_bad_inputs_raise(rng):
     meta = causal_meta((1, 20), device=DEV)
     q = torch.randn(1, 20, 3, 64, device=DEV)

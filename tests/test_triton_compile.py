@@ -26,12 +26,12 @@ def _specs():
     from worldvla.kernels import sampling as S
     from worldvla.kernels import vq as V
 
-    def attn(dt, d, bd, packed, warps):
+    def attn(dt, d, bd, packed, warps, stages=3):
         prec = "ieee" if dt == "fp32" else "tf32"
         ptr = dict(Q=dt, K=dt, V=dt, O=dt, DO=dt, DQ=dt, DK=dt, DV=dt, LSE="fp32", DELTA="fp32",
                    KVB="i32", QL="i32", CU="i32", FULL_IDX="i32", FULL_CNT="i32", PART_IDX="i32", PART_CNT="i32")
         base = dict(HEAD_DIM=d, BLOCK_D=bd, PACKED=packed)
-        opts = dict(num_warps=warps, num_stages=3)
+        opts = dict(num_warps=warps, num_stages=stages)
         return [
             (A._fwd_kernel, ptr, dict(base, BLOCK_M=128, BLOCK_N=64, UPCAST=False, DOT_PREC=prec), opts),
             (A._bwd_delta_kernel, ptr, dict(base, BLOCK_M=64), dict(num_warps=4)),
@@ -43,6 +43,7 @@ def _specs():
                    KVB="i32", KVLEN="i32")
     dec = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, UPCAST=False, DOT_PREC="tf32")
     specs = attn("bf16", 128, 128, True, 8) + attn("fp32", 64, 64, False, 4) + attn("fp16", 96, 128, False, 8)[:1]
+    specs += attn("fp32", 128, 128, False, 8, stages=2)[:1]  # the widest fp32 tiles the backend launches
     specs += [
         (D._split_kernel, dec_ptr, dict(dec, BLOCK_R=16, SINGLE=True), dict(num_warps=4, num_stages=2)),
         (D._split_kernel, dec_ptr, dict(dec, BLOCK_R=64, SINGLE=False), dict(num_warps=4, num_stages=2)),

@@ -374,13 +374,19 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-void set_device_cuda(int device) {
+int set_device_cuda(int device) {
   int cur = -1;
   cudaError_t err = cudaGetDevice(&cur);
   if (err != cudaSuccess || cur != device) err = cudaSetDevice(device);
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("worldvla: cannot use CUDA device ") + std::to_string(device) + ": " +
                              cudaGetErrorString(err));
+  return cur;
+}
+
+void restore_device_cuda(int device) noexcept {
+  int cur = -1;
+  if (device >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != device) cudaSetDevice(device);
 }
 
 void masked_attention_fwd_cuda(const AttnFwdParams& p, void* stream) {
@@ -399,6 +405,8 @@ void decode_attention_cuda(const DecodeParams& p, void* stream) {
   if (p.batch == 0 || p.n_q == 0 || p.n_heads == 0) return;
   if (p.split_size <= 0 || p.split_size % kDecTile || p.n_splits < 1)
     throw std::invalid_argument("decode_attention (CUDA): split_size must be a positive multiple of 64");
+  if (p.n_splits * p.split_size < p.cache_len)
+    throw std::invalid_argument("decode_attention (CUDA): n_splits * split_size must cover the cache length");
   if (p.dtype == kBFloat16 && p.head_dim == 64) launch_decode<__nv_bfloat16, 64>(p, s);
   else if (p.dtype == kBFloat16 && p.head_dim == 128) launch_decode<__nv_bfloat16, 128>(p, s);
   else if (p.dtype == kFloat16 && p.head_dim == 64) launch_decode<__half, 64>(p, s);

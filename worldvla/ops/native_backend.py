@@ -38,6 +38,7 @@ _CPU_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CUDA_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DECODE_TILE = 64  # keys per tile of the CUDA decode kernel; split sizes are multiples of it
 _MAX_GRID_YZ = 65535
+_DECODE_ROWS_PER_CTA = 16  # kDecRows in csrc/cuda/attention.cu
 
 
 # ------------------------------------------------------------------ argument checks
@@ -172,6 +173,9 @@ def masked_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_block: Tensor, q_lim
     packed = cu_seqlens is not None
     if packed and max_seqlen <= 0:
         max_seqlen = q.shape[0]  # a safe bound: CTAs past a document's end exit at once
+    # On CUDA, max_seqlen sizes the grid and is not checked against cu_seqlens (that would read
+    # the device): rows of a document longer than it would stay unwritten. `chunk_mask_meta` and
+    # `causal_meta` always set it right; hand-built metadata must too (or pass 0).
     if dev < 0:
         if packed:
             _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
@@ -243,6 +247,10 @@ def _check_decode(q, k, v, q_pos, q_limit, kv_block, kv_len):
         _aligned16(op, q=q, k_cache=k, v_cache=v)
         if B > _MAX_GRID_YZ:
             _fail(op, f"at most {_MAX_GRID_YZ} sequences per launch, got {B}")
+        row_groups = Hkv * -(-(Q * (H // Hkv)) // _DECODE_ROWS_PER_CTA)
+        if row_groups > _MAX_GRID_YZ:
+            _fail(op, f"{Q} queries x {H} heads need {row_groups} row groups per sequence, at most {_MAX_GRID_YZ} "
+                      f"per launch; split the queries into several calls")
     elif q.dtype not in _CPU_FLOAT_DTYPES:
         _fail(op, f"the CPU path takes float32, bf16 or fp16, got {q.dtype}", TypeError)
 

@@ -285,9 +285,16 @@ def _float_ok(*tensors) -> bool:
     return all(t.dtype in FLOAT_DTYPES for t in tensors) and len({t.dtype for t in tensors}) == 1
 
 
+# fp32 tiles above head dim 128 overflow an sm_90 block's shared memory; grid axis 1 (sequences x heads)
+# is limited to 65535.
+_MAX_HEAD_DIM = {torch.float32: 128}
+_MAX_GRID_Y = 65535
+
+
 def _attention_supports(q, k, v, meta, softmax_scale=None):
+    n_seq = meta.cu_seqlens.numel() - 1 if meta.cu_seqlens is not None else (q.shape[0] if q.dim() == 4 else 1)
     return (device_ok(q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens) and _float_ok(q, k, v)
-            and q.shape[-1] <= 256)
+            and q.shape[-1] <= _MAX_HEAD_DIM.get(q.dtype, 256) and n_seq * q.shape[-2] <= _MAX_GRID_Y)
 
 
 def _decode_supports(q, k_cache, v_cache, meta, softmax_scale=None):
