@@ -134,3 +134,17 @@ def test_greedy_cuda_graph(rng):
         hidden.copy_(torch.randn(2, 1024, generator=rng).to("cuda", torch.bfloat16))
         graph.replay()
         assert_greedy(ids, hidden, weight, 10, 500, constrained_sample_ref(hidden, weight, 10, 500), "graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_native_op_on_another_device_keeps_the_current_one(rng):
+    """The extension makes the tensors' device current for a call; torch's current device (the same
+    driver context) must be the caller's again afterwards."""
+    torch.cuda.set_device(0)
+    hidden = torch.randn(3, 64, generator=rng).to("cuda:1", torch.bfloat16)
+    weight = torch.randn(300, 64, generator=rng).to("cuda:1", torch.bfloat16)
+    ids = nb.range_argmax_op(hidden, weight, 10, 290)
+    assert torch.cuda.current_device() == 0
+    assert ids.device == torch.device("cuda:1")
+    assert_greedy(ids, hidden, weight, 10, 290, constrained_sample_ref(hidden, weight, 10, 290), "cuda:1")

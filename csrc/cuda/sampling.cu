@@ -45,7 +45,7 @@ template <>
 struct Vec<__nv_bfloat16> : Vec16<__nv_bfloat16> {};
 
 __device__ __forceinline__ unsigned long long argmax_key(float x, int v) {
-  x += 0.0f;  // -0 -> +0: the two zeros tie, and the lower id wins as in torch.argmax
+  x += 0.0f;  // -0 -> +0, so the two zeros tie (the lower id wins) as in torch.argmax
   uint32_t u = __float_as_uint(x);
   u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // monotone in x
   return (static_cast<unsigned long long>(u) << 32) | static_cast<unsigned long long>(0xffffffffu - v);
