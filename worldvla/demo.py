@@ -9,7 +9,9 @@
 Each stage records a completion marker (<out>/stages/<stage>.json) holding a key of its
 settings and of every stage before it; a second run skips stages whose marker matches
 and whose outputs are still there, and redoes a stage (and everything after it) when its
-settings changed. The trained policy in <out>/policy loads with
+settings changed. An interrupted run loses little: collection and tokenization resume file by
+file, the trainings (VQGAN and WorldVLA) from their last checkpoint (a third of the way each),
+and the evaluation keeps each finished closed loop. The trained policy in <out>/policy loads with
 `WorldVLAPolicy.from_pretrained` and serves with `worldvla serve --checkpoint <out>/policy`.
 """
 from __future__ import annotations
@@ -174,15 +176,17 @@ def stage_collect(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     return {t: {k: v for k, v in s.items() if k != "path"} for t, s in summary["tasks"].items()}
 
 
-def stage_train_vq(cfg: DemoConfig, out: Path, progress: bool) -> dict:
+def stage_train_vq(cfg: DemoConfig, out: Path, progress: bool, resume: bool) -> dict:
     from .train import vq as train_vq
 
     run_dir = out / "vq"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
     argv = [str(out / "demos"), "--out", str(run_dir), "--config", "small", "--steps", str(cfg.vq_steps),
             "--batch-size", str(cfg.vq_batch), "--lr", str(cfg.vq_lr), "--min-lr", str(cfg.vq_lr / 10),
             "--warmup", str(max(1, min(100, cfg.vq_steps // 10))), "--seed", str(cfg.seed), "--device", "cpu",
-            "--save-every", "0", "--keep-last", "1", "--log-every", "10", "--n-embed", str(cfg.vq_codes),
+            "--save-every", str(max(cfg.vq_steps // 3, 50)), "--keep-last", "1", "--resume", "--log-every", "10",
+            "--n-embed", str(cfg.vq_codes),
             # A short run never lets the default usage average (decay 0.99) call a code dead:
             # a faster average and frequent restarts keep the small codebook in use.
             "--usage-decay", "0.9", "--restart-every", "20"]
@@ -298,7 +302,7 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
             continue
         rerun = True
         started = out / "stages" / f"{stage}.started"
-        resume = (stage in ("train", *ABLATION_STAGES) and started.is_file()
+        resume = (stage in ("train-vq", "train", *ABLATION_STAGES) and started.is_file()
                   and started.read_text() == stages.keys[stage])
         stages.invalidate_from(stage)
         started.parent.mkdir(parents=True, exist_ok=True)
@@ -308,7 +312,7 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
         if stage == "collect":
             info = stage_collect(cfg, out, progress)
         elif stage == "train-vq":
-            info = stage_train_vq(cfg, out, progress)
+            info = stage_train_vq(cfg, out, progress, resume)
         elif stage == "pretokenize":
             info = stage_pretokenize(cfg, out, progress)
         elif stage == "train":
