@@ -274,6 +274,9 @@ def test_evaluate_saves_each_closed_loop_and_resumes(tmp_path, monkeypatch):
     mw.evaluate([folder], out_dir=out, **{**kw, "episodes": 3})
     assert len(calls) == 4
     calls[:] = []
+    mw.evaluate([folder], out_dir=out, **{**kw, "episodes": 3, "n_envs": 1})  # other batches: rerun
+    assert len(calls) == 4
+    calls[:] = []
     save_policy(folder, pol.model, pol.vqgan, pol.action_tokenizer, chunk_size=2, image_size=32)
     mw.evaluate([folder], out_dir=out, **{**kw, "episodes": 3})
     assert [c for c in calls if c[0] != "RandomPolicy"] == [("WorldVLAPolicy", "fake-a-v3"), ("WorldVLAPolicy", "fake-b-v3")]

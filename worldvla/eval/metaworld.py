@@ -383,13 +383,17 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     metrics: dict = {"tasks": tasks, "episodes": episodes, "max_steps": max_steps, "seed": seed,
                      "complete": False, "variants": {}}
     saved = _SavedRuns(out_dir, resume)
-    settings = {"episodes": episodes, "max_steps": max_steps, "seed": seed}
+    # Envs per batch too: a batch's composition can move the last bits of a batched query.
+    settings = {"episodes": episodes, "max_steps": max_steps, "seed": seed, "n_envs": min(n_envs, episodes)}
 
     def run_key(name: str, src, pol, task: str) -> str | None:
+        """What a closed loop's result depends on: the policy's files and how it was loaded (device,
+        dtype: its metadata), the task and the settings. None when it cannot be known."""
         fp = "random" if isinstance(pol, RandomPolicy) else _policy_fingerprint(src)
         if fp is None:
             return None
-        blob = json.dumps({"name": name, "kind": type(pol).__name__, "policy": fp, "task": task,
+        meta = _jsonable(pol.metadata()) if hasattr(pol, "metadata") else None
+        blob = json.dumps({"name": name, "kind": type(pol).__name__, "policy": fp, "metadata": meta, "task": task,
                            "chunk_size": getattr(pol, "chunk_size", None), **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
