@@ -160,3 +160,23 @@ def test_sanitize_driver_reports_a_wrong_kernel(monkeypatch, capsys):
     assert sanitize.run("native", "cpu", only="vq_") == 1
     out = capsys.readouterr().out
     assert "FAIL  vq_gather" in out and "FAIL  vq_quantize" in out and "2 failed" in out
+
+
+def test_gpu_script_parses_and_names_existing_files():
+    """benchmarks/gpu_all.sh runs once, unattended, on a GPU machine: it must parse, name only test
+    files and modules that exist, and bring back few files (JSONs, its log, one archive)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "gpu_all.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    named = set(re.findall(r"tests/test_[a-z0-9_]+\.py", text))
+    assert named and all((root / f).is_file() for f in named), sorted(f for f in named if not (root / f).is_file())
+    for glob in re.findall(r"tests/test_[a-z0-9_]*\*\.py", text):
+        assert list(root.glob(glob)), glob
+    for module in re.findall(r"-m (benchmarks\.[a-z0-9_]+)", text):
+        assert (root / (module.replace(".", "/") + ".py")).is_file(), module
+    assert 'tar czf "$OUT/logs.tgz"' in text and 'cp "$RESULTS"/*.json "$OUT"/' in text
