@@ -89,7 +89,12 @@ class _Worker:
         try:
             status, value = self.conn.recv()
         except EOFError:
-            raise RuntimeError(f"env worker process {self.proc.pid} died (exit code {self.proc.exitcode})") from None
+            self.proc.join(timeout=1.0)
+            raise RuntimeError(
+                f"env worker process {self.proc.pid} died (exit code {self.proc.exitcode}). Its traceback is above. "
+                "Workers start by importing the main module: a script that evaluates at its top level needs "
+                "`if __name__ == \"__main__\":` around that code (or use one process: env_workers=1, "
+                "--env-workers 1)") from None
         if status != "ok":
             raise RuntimeError(f"env worker process {self.proc.pid} failed:\n{value}")
         return value
