@@ -164,6 +164,20 @@ def test_closed_loop_on_stand_in_env():
     assert d["episodes"] == 3 and 0.0 <= d["success_rate"] <= 1.0
 
 
+def test_closed_loop_receding_horizon():
+    """execute=N runs N actions of each chunk, then queries again: same episodes for a policy whose
+    chunks repeat one action, one query per step for N=1."""
+    full = closed_loop(PushRight(), "fake-v3", episodes=4, n_envs=2, max_steps=30, env_factory=FakeMetaWorldEnv)
+    pol = PushRight()
+    one = closed_loop(pol, "fake-v3", episodes=4, n_envs=2, max_steps=30, env_factory=FakeMetaWorldEnv, execute=1)
+    assert one.steps == full.steps and one.successes == full.successes
+    groups = [one.steps[0:2], one.steps[2:4]]
+    assert one.latency["queries"] == sum(max(g) for g in groups)
+    assert full.latency["queries"] == sum(-(-max(g) // PushRight.chunk_size) for g in groups)
+    with pytest.raises(ValueError, match="execute"):
+        closed_loop(PushRight(), "fake-v3", episodes=1, env_factory=FakeMetaWorldEnv, execute=0)
+
+
 def _tiny_policy(chunk_size):
     from worldvla.inference.policy import WorldVLAPolicy
     from worldvla.model import ModelConfig, WorldVLA

@@ -101,7 +101,8 @@ def _default_env_factory(task: str, image_size: int, max_steps: int):
 
 def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: int | None = None,
                 max_steps: int = 200, n_envs: int = 4, record: bool = True, env_factory=None,
-                instruction: str | None = None, progress=None, envs: list | None = None) -> TaskResult:
+                instruction: str | None = None, progress=None, envs: list | None = None,
+                execute: int | None = None) -> TaskResult:
     """Success of `policy` on `episodes` seeded episodes of `task`, `n_envs` envs at a time.
 
     `env_factory(task, image_size, max_steps)` builds an env with `reset(seed) -> frame`,
@@ -109,12 +110,15 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
     the default is `worldvla.sim.make_env`. `envs`: already built envs of `task` to use (and
     leave open) instead; each episode's layout comes from its seed alone. A policy with
     `needs_images = False` gets blank frames, and envs with `can_skip_render` skip rendering.
-    `progress` is an optional tqdm bar to advance.
+    `progress` is an optional tqdm bar to advance. `execute`: run only the first `execute` actions
+    of each chunk before querying again (receding horizon; default: the whole chunk, as the release).
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if n_envs < 1:
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
+    if execute is not None and execute < 1:
+        raise ValueError(f"execute must be >= 1 actions of a chunk (or None for all), got {execute}")
     image_size = int(image_size or getattr(policy, "image_size", 64))
     factory = env_factory or _default_env_factory
     seeds = eval_seeds(task, episodes, seed)
@@ -155,7 +159,7 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
                     for i, c in zip(sub, chunks):
                         if len(c) == 0:
                             raise ValueError("the policy returned an empty action chunk")
-                        queues[i].extend(np.asarray(c, dtype=np.float64))
+                        queues[i].extend(np.asarray(c[:execute], dtype=np.float64))
                 # Envs in worker processes (`step_async`) all start their step before the first wait.
                 live = [i for i in range(m) if not done[i]]
                 for i in live:
@@ -344,7 +348,8 @@ class _SavedRuns:
 def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_steps: int = 200, n_envs: int = 4,
              random_baseline: bool = True, wm_episodes: int = 2, wm_horizon: int = 8, progress: bool = True,
              variant_names: list[str] | None = None, device=None, gifs: bool = True,
-             causal_variant: bool = False, env_workers: int = 2, resume: bool = True) -> dict:
+             causal_variant: bool = False, env_workers: int = 2, resume: bool = True,
+             execute: int | None = None) -> dict:
     """Evaluate one or more policies (folders or loaded objects) on `tasks`; write artifacts to
     `out_dir` and return the metrics (also written to `out_dir/metrics.json`).
 
@@ -353,7 +358,8 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     inference-only ablation. A policy trained with `--attention causal` decodes causally by itself.
     `env_workers`: processes the envs of a task are spread over (`worldvla.sim.workers`;
     1 = step them in this process). `resume`: reuse the closed loops saved under `out_dir/runs/`
-    by an earlier call with the same policy files and settings (see the module's docstring)."""
+    by an earlier call with the same policy files and settings (see the module's docstring).
+    `execute`: actions of each chunk run before the next query (default all; see `closed_loop`)."""
     from tqdm.auto import tqdm
 
     from ..ops import dispatch
@@ -381,10 +387,11 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
                 policies.append(policies[i])
                 names.append(f"{names[i]} (no chunk mask)")
     metrics: dict = {"tasks": tasks, "episodes": episodes, "max_steps": max_steps, "seed": seed,
-                     "complete": False, "variants": {}}
+                     "execute": execute, "complete": False, "variants": {}}
     saved = _SavedRuns(out_dir, resume)
     # Envs per batch too: a batch's composition can move the last bits of a batched query.
-    settings = {"episodes": episodes, "max_steps": max_steps, "seed": seed, "n_envs": min(n_envs, episodes)}
+    settings = {"episodes": episodes, "max_steps": max_steps, "seed": seed, "n_envs": min(n_envs, episodes),
+                "execute": execute}
 
     def run_key(name: str, src, pol, task: str) -> str | None:
         """What a closed loop's result depends on: the policy's files and how it was loaded (device,
@@ -405,7 +412,7 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
             bar.update(episodes)
             return {**res, "reused": True}
         r = closed_loop(pol, task, episodes, seed=seed, max_steps=max_steps, progress=bar, record=record,
-                        envs=envs_for(task, pol))
+                        envs=envs_for(task, pol), execute=execute)
         res = r.to_dict()
         if gifs and r.frames is not None:
             tag = "success" if r.successes[0] else "failure"
@@ -596,6 +603,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="also evaluate each policy decoding its chunks with plain causal attention "
                              "(the chunk-mask ablation at inference)")
     parser.add_argument("--device", default=None, help="torch device (default: the policy's default)")
+    parser.add_argument("--execute", type=int, default=None, metavar="N",
+                        help="run only the first N actions of each predicted chunk before asking again (receding "
+                             "horizon; default: the whole chunk, as the release). Random baseline included")
     parser.add_argument("--no-resume", action="store_true",
                         help="rerun every closed loop, even those saved under OUT/runs/ by an earlier run with the "
                              "same policy files and settings")
@@ -618,7 +628,7 @@ def run(args: argparse.Namespace) -> int:
                        n_envs=args.envs, random_baseline=not args.no_random, wm_episodes=args.wm_episodes,
                        wm_horizon=args.wm_horizon, progress=not args.no_progress, variant_names=names,
                        device=args.device, causal_variant=args.no_chunk_mask_variant, env_workers=args.env_workers,
-                       resume=not args.no_resume)
+                       resume=not args.no_resume, execute=args.execute)
     print(format_results(metrics))
     print(f"-> {Path(args.out) / 'metrics.json'}")
     return 0
