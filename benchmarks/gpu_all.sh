@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short session on a machine with an NVIDIA GPU (sized for about 8 minutes on an H200 with 16
+# One short run on a machine with an NVIDIA GPU (sized for about 8 minutes on an H200 with 16
 # cores). Three phases, most valuable first:
 #   1. build the CUDA extension;
 #   2. correctness, in parallel (none of it is timed): the Triton and native GPU tests in three
