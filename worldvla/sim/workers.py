@@ -91,8 +91,8 @@ class _Worker:
         except EOFError:
             self.proc.join(timeout=1.0)
             raise RuntimeError(
-                f"env worker process {self.proc.pid} died (exit code {self.proc.exitcode}). Its traceback is above. "
-                "Workers start by importing the main module: a script that evaluates at its top level needs "
+                f"env worker process {self.proc.pid} died (exit code {self.proc.exitcode}); a traceback it printed "
+                "is above. Workers start by importing the main module: a script that evaluates at its top level needs "
                 "`if __name__ == \"__main__\":` around that code (or use one process: env_workers=1, "
                 "--env-workers 1)") from None
         if status != "ok":

@@ -132,10 +132,12 @@ class VocabLayout:
     def check_ids(self, ids: torch.Tensor) -> None:
         if ids.dtype.is_floating_point:
             raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(
-                f"token ids out of range: [{int(ids.min())}, {int(ids.max())}] but the vocabulary has "
-                f"{self.vocab_size} entries (layout '{self.name}')")
+        if not ids.numel():
+            return
+        lo, hi = (int(x) for x in torch.stack(torch.aminmax(ids)).tolist())  # one read of the values
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"token ids out of range: [{lo}, {hi}] but the vocabulary has {self.vocab_size} "
+                             f"entries (layout '{self.name}')")
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("_")}

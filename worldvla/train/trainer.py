@@ -211,13 +211,6 @@ def _micro_batches(store, bins_of_rank: list[list[int]], micro_tokens: int, pad_
     return out
 
 
-def _check_token_range(ids: torch.Tensor, vocab_size: int) -> None:
-    lo, hi = (int(x) for x in ids.aminmax())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"token ids out of range [{lo}, {hi}] for a vocabulary of {vocab_size}: the store does "
-                         f"not match the model's layout (rebuild it with `worldvla pretokenize`)")
-
-
 def _label_stats(labels: torch.Tensor, class_weight: torch.Tensor) -> tuple[float, float]:
     y = labels[1:]
     y = y[y != -100]
@@ -311,7 +304,7 @@ def train(args) -> dict:
                 # (only those reach the head) cost the device no synchronization.
                 # So is the ids' range check, which the model would otherwise make on the device.
                 rows = (labels[1:] != -100).nonzero().squeeze(1)
-                _check_token_range(ids, layout.vocab_size)
+                layout.check_ids(ids)
                 meta = model.attention_meta(ids, cu).to(device)
                 ids, labels = ids.to(device), labels.to(device)
                 with autocast:
