@@ -220,6 +220,34 @@ def test_decode_random_meta_cpu(rng):
     assert torch.equal(out, out2)
 
 
+@pytest.mark.parametrize("D", [13, 20, 64])
+def test_decode_odd_shapes_cpu(rng, D):
+    """Head dims off the kernel's 8- and 16-float blocks, three q heads per kv head, a cache that
+    ends inside a key group, a row with no key (q_pos -1), an empty sequence (kv_len 0) and NaN
+    in every slot past kv_len (never read)."""
+    B, Q, H, Hkv, S = 3, 3, 6, 2, 301
+    q = torch.randn(B, Q, H, D, generator=rng)
+    k = torch.randn(B, S, Hkv, D, generator=rng)
+    v = torch.randn(B, S, Hkv, D, generator=rng)
+    kv_len = torch.tensor([293, 0, 137], dtype=torch.int32)
+    for b, n in enumerate(kv_len.tolist()):
+        k[b, n:] = float("nan")
+        v[b, n:] = float("nan")
+    q_pos = torch.stack([torch.tensor([292, 250, -1]), torch.tensor([5, 0, 3]), torch.tensor([136, 130, 99])]).int()
+    kv_block = torch.where(torch.rand(B, S, generator=rng) < 0.3, torch.randint(0, 4, (B, S), generator=rng),
+                           torch.full((B, S), NO_BLOCK)).int()
+    q_limit = torch.randint(-1, 4, (B, Q), generator=rng).int()
+    kv_block[:, 0] = NO_BLOCK
+    dm = DecodeMeta(q_pos, q_limit, kv_block, kv_len)
+    out = nb.decode_attention(q, k, v, dm)
+    assert not torch.isnan(out).any()
+    assert torch.equal(out[0, 2], torch.zeros(H, D)) and torch.equal(out[1], torch.zeros(Q, H, D))
+    finite = lambda t: torch.nan_to_num(t, nan=0.0)  # noqa: E731  (the reference reads every slot)
+    ref = decode_attention_ref(q.double(), finite(k).double(), finite(v).double(), dm)
+    same = decode_attention_ref(q, finite(k), finite(v), dm)
+    assert_close_rule(out, ref, same, f"decode odd D={D}", FP32_FLOOR)
+
+
 def test_decode_strided_cache_cpu(rng):
     """A static cache larger than the filled part, viewed through a slice."""
     big_k = torch.randn(2, 100, 3, 16, generator=rng)

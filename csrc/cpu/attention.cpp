@@ -16,31 +16,13 @@
 #include "common.h"
 #include "cpu/cpu_common.h"
 
-// v8f values passed between force-inlined helpers: the by-value vector ABI note does not apply.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
 namespace worldvla {
 namespace {
 
 constexpr int64_t kQB = 32;  // query rows per work item (a multiple of 4)
 constexpr int64_t kKB = 64;  // keys per tile (a multiple of 16)
+constexpr int64_t kDecodeKB = 16;  // keys per P V tile of decode (its V copy stays in L2)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// 8 floats; the x86-64-v3 clone keeps these in ymm registers, the baseline in pairs of xmm.
-// Everything below is force-inlined into the multiversioned callers, so each clone gets
-// its own code.
-typedef float v8f __attribute__((vector_size(32)));
-#define WORLDVLA_INLINE inline __attribute__((always_inline))
-
-WORLDVLA_INLINE v8f load8(const float* p) {
-  v8f v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-WORLDVLA_INLINE void store8(float* p, const v8f& v) { __builtin_memcpy(p, &v, sizeof(v)); }
-WORLDVLA_INLINE v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -80,18 +62,32 @@ WORLDVLA_INLINE void score_tile(const float* __restrict qs, const float* __restr
     }
 }
 
-// acc[r][:Dp] += sum_{c < cols} p[r][c] v[c * ldv + :] for rows r < rows (multiple of 4), Dp a multiple of 16.
-// The tile's sum is formed on its own and then added: shorter rounding chains than accumulating in place.
-WORLDVLA_INLINE void pv_tile(const float* __restrict p, const float* __restrict v, int64_t ldv, float* __restrict acc,
-                    int64_t rows, int64_t cols, int64_t Dp) {
-  for (int64_t r0 = 0; r0 < rows; r0 += 4)
+// acc[r][:Dp] += sum_{c < cols} p[r * ldp + c] v[c * ldv + :] for rows r < rows, Dp a multiple of 16:
+// 4 x 16 register blocks, then single rows for the last rows % 4. The tile's sum is formed on its own
+// and then added: shorter rounding chains than accumulating in place.
+WORLDVLA_INLINE void pv_tile(const float* __restrict p, int64_t ldp, const float* __restrict v, int64_t ldv,
+                             float* __restrict acc, int64_t rows, int64_t cols, int64_t Dp) {
+  const int64_t rows4 = rows / 4 * 4;
+  for (int64_t r = rows4; r < rows; ++r)
+    for (int64_t d0 = 0; d0 < Dp; d0 += 16) {
+      v8f a = {}, b = {};
+      const float* pr = p + r * ldp;
+      for (int64_t c = 0; c < cols; ++c) {
+        const v8f x = splat8(pr[c]);
+        a += x * load8(v + c * ldv + d0);
+        b += x * load8(v + c * ldv + d0 + 8);
+      }
+      float* o = acc + r * Dp + d0;
+      store8(o, load8(o) + a); store8(o + 8, load8(o + 8) + b);
+    }
+  for (int64_t r0 = 0; r0 < rows4; r0 += 4)
     for (int64_t d0 = 0; d0 < Dp; d0 += 16) {
       v8f a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
-      const float* p0 = p + r0 * kKB;
+      const float* p0 = p + r0 * ldp;
       for (int64_t c = 0; c < cols; ++c) {
         const v8f v0 = load8(v + c * ldv + d0), v1 = load8(v + c * ldv + d0 + 8);
-        const v8f x0 = splat8(p0[c]), x1 = splat8(p0[kKB + c]), x2 = splat8(p0[2 * kKB + c]),
-                  x3 = splat8(p0[3 * kKB + c]);
+        const v8f x0 = splat8(p0[c]), x1 = splat8(p0[ldp + c]), x2 = splat8(p0[2 * ldp + c]),
+                  x3 = splat8(p0[3 * ldp + c]);
         a0 += x0 * v0; b0 += x0 * v1;
         a1 += x1 * v0; b1 += x1 * v1;
         a2 += x2 * v0; b2 += x2 * v1;
@@ -185,7 +181,7 @@ void prefill_item(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, S
         for (int64_t d = 0; d < Dp; ++d) w.acc[r * Dp + d] *= alpha;
     }
     if (v_direct) {
-      pv_tile(w.sc.data(), vb + n0 * p.v_st, p.v_st, w.acc.data(), rows4, cols, Dp);
+      pv_tile(w.sc.data(), kKB, vb + n0 * p.v_st, p.v_st, w.acc.data(), rows4, cols, Dp);
     } else {
       for (int64_t c = 0; c < cols; ++c) {
         const float* vr = vb + (n0 + c) * p.v_st;
@@ -193,7 +189,7 @@ void prefill_item(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, S
         for (int64_t d = 0; d < D; ++d) vd[d] = vr[d];
         for (int64_t d = D; d < Dp; ++d) vd[d] = 0.f;
       }
-      pv_tile(w.sc.data(), w.vt.data(), Dp, w.acc.data(), rows4, cols, Dp);
+      pv_tile(w.sc.data(), kKB, w.vt.data(), Dp, w.acc.data(), rows4, cols, Dp);
     }
   }
 
@@ -209,67 +205,134 @@ struct DecodeItem {
   int64_t b, hk0, hk1;
 };
 
-// All query rows of kv heads [hk0, hk1) of one sequence. Keys are visited in
-// order with the heads inner, so a thread streams contiguous [heads, D] blocks
-// of the cache instead of one head's rows at a head-count stride.
+struct DecodeScratch {
+  std::vector<float> qs, sc, acc, vt;
+  std::vector<double> row_sum;
+};
+
+// All query rows of kv heads [hk0, hk1) of one sequence; the R = G * Q rows that share a kv
+// head are one group. Keys are visited in order with the heads inner, so a thread streams
+// contiguous [heads, D] blocks of the cache.
+//   scores:  eight keys at a time, eight vector accumulators per row, one transposing
+//            reduction (sum8x8) for the eight sums; the next eight keys are prefetched;
+//   softmax: whole rows (a row's scores are at most the cache length);
+//   P V:     the prefill's register-blocked tile over kDecodeKB keys.
+// Slots at or past kv_len are never read (they may hold anything). Hidden slots before it
+// are read and weighted by 0, so they must hold finite values (the engine's cache starts
+// zeroed), as for the Triton kernel.
 WORLDVLA_MULTIVERSION
-void decode_item(const DecodeParams& p, const DecodeItem& it, std::vector<float>& sc, std::vector<float>& qs,
-                 std::vector<float>& acc) {
+void decode_item(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) {
   const float* q = static_cast<const float*>(p.q);
-  const float* k = static_cast<const float*>(p.k);
-  const float* v = static_cast<const float*>(p.v);
+  const float* k = static_cast<const float*>(p.k) + it.b * p.k_sb;
+  const float* v = static_cast<const float*>(p.v) + it.b * p.v_sb;
   float* o = static_cast<float*>(p.o);
   const int64_t Q = p.n_q, D = p.head_dim, S = p.cache_len, G = p.n_heads / p.n_kv_heads;
-  const int64_t per_head = G * Q, n_rows = (it.hk1 - it.hk0) * per_head;
+  const int64_t D8 = D / 8 * 8, Dp = round_up(D, 16), R = G * Q;
+  const int64_t n_kv = it.hk1 - it.hk0, n_rows = n_kv * R;
   const int64_t kv_len = std::min<int64_t>(std::max<int64_t>(p.kv_len[it.b], 0), S);
   const int32_t* kvb = p.kv_block + it.b * p.kvb_sb;
   const int32_t* qpos = p.q_pos + it.b * Q;
   const int32_t* qlim = p.q_limit + it.b * Q;
 
-  // Row r = (hk - hk0) * G * Q + g * Q + i  <->  head hk * G + g, query i.
+  // Keys [0, end) are the union of what the rows can see.
   int64_t end = 0;
   for (int64_t i = 0; i < Q; ++i) end = std::max<int64_t>(end, std::min<int64_t>(kv_len, int64_t(qpos[i]) + 1));
-  sc.resize(std::max<int64_t>(n_rows * end, 1));
-  qs.resize(n_rows * D);
-  acc.assign(n_rows * D, 0.f);
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const int64_t hk = it.hk0 + r / per_head, g = (r % per_head) / Q, i = r % Q;
-    const float* qr = q + it.b * p.q_sb + i * p.q_st + (hk * G + g) * p.q_sh;
-    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = qr[d];
+  const int64_t ldp = round_up(std::max<int64_t>(end, 1), 8);
+  w.sc.resize(n_rows * ldp);
+  w.qs.assign(n_rows * D, 0.f);
+  w.acc.assign(n_rows * Dp, 0.f);
+  w.row_sum.assign(n_rows, 0.0);
+  // Row (hh * R + g * Q + i) holds query i of head (hk0 + hh) * G + g.
+  for (int64_t hh = 0; hh < n_kv; ++hh)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t i = 0; i < Q; ++i) {
+        const float* qr = q + it.b * p.q_sb + i * p.q_st + ((it.hk0 + hh) * G + g) * p.q_sh;
+        std::copy(qr, qr + D, &w.qs[(hh * R + g * Q + i) * D]);
+      }
+
+  // Scores, eight keys at a time (the last group repeats the last key; masked below).
+  for (int64_t s0 = 0; s0 < end; s0 += 8) {
+    const float* kr[8];
+    const float* kn[8];  // the next group's rows, prefetched a head at a time
+    for (int64_t j = 0; j < 8; ++j) {
+      kr[j] = k + std::min(s0 + j, end - 1) * p.k_st + it.hk0 * p.k_sh;
+      kn[j] = k + std::min(s0 + 8 + j, end - 1) * p.k_st + it.hk0 * p.k_sh;
+    }
+    for (int64_t hh = 0; hh < n_kv; ++hh) {
+      const int64_t koff = hh * p.k_sh;
+      for (int j = 0; j < 8; ++j)
+        for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(kn[j] + koff + d);
+      for (int64_t r = 0; r < R; ++r) {
+        const float* qr = &w.qs[(hh * R + r) * D];
+        v8f a[8] = {};
+        for (int64_t d = 0; d < D8; d += 8) {
+          const v8f x = load8(qr + d);
+          for (int j = 0; j < 8; ++j) a[j] += x * load8(kr[j] + koff + d);
+        }
+        v8f sums = sum8x8(a);
+        for (int64_t d = D8; d < D; ++d)
+          for (int j = 0; j < 8; ++j) sums[j] += qr[d] * kr[j][koff + d];
+        store8(&w.sc[(hh * R + r) * ldp + s0], sums * splat8(p.scale));  // scaled after the dot, as torch
+      }
+    }
   }
 
-  for (int64_t s = 0; s < end; ++s) {
-    const float* kbase = k + it.b * p.k_sb + s * p.k_st;
-    for (int64_t r = 0; r < n_rows; ++r) {
-      const int64_t hk = it.hk0 + r / per_head, i = r % Q;
-      const bool visible = s <= qpos[i] && !(kvb[s] < qlim[i]);
-      sc[r * end + s] = visible ? dot_f32(&qs[r * D], kbase + hk * p.k_sh, D) * p.scale : kNegInf;
+  // Mask and softmax, one row at a time; keys past a row's last visible one get weight 0.
+  for (int64_t hh = 0; hh < n_kv; ++hh)
+    for (int64_t r = 0; r < R; ++r) {
+      float* sr = &w.sc[(hh * R + r) * ldp];
+      if (end == 0) {
+        std::fill(sr, sr + ldp, 0.f);
+        continue;
+      }
+      const int64_t i = r % Q;
+      const int64_t lim = std::min<int64_t>(end, int64_t(qpos[i]) + 1);  // causal and cache length
+      const int32_t ql = qlim[i];
+      float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+      for (int64_t s = 0; s < lim; ++s) {
+        sr[s] = kvb[s] < ql ? kNegInf : sr[s];
+        mx = std::max(mx, sr[s]);
+      }
+      if (mx == kNegInf) mx = 0.f;  // nothing visible: every weight is exp(-inf) = 0
+      std::fill(sr + lim, sr + ldp, kNegInf);
+      for (int64_t s = 0; s < ldp; s += 8) store8(sr + s, exp8_nonpos(load8(sr + s) - splat8(mx)));
+      double sum = 0.0;  // a long sum: double, in vector lanes
+#pragma omp simd reduction(+ : sum)
+      for (int64_t s = 0; s < lim; ++s) sum += sr[s];
+      w.row_sum[hh * R + r] = sum;
     }
-  }
-  std::vector<float> inv(n_rows);
-  for (int64_t r = 0; r < n_rows; ++r) {
-    float* sr = &sc[r * end];
-    float mx = kNegInf;
-    for (int64_t s = 0; s < end; ++s) mx = std::max(mx, sr[s]);
-    if (mx == kNegInf) mx = 0.f;  // nothing visible: every weight is exp(-inf) = 0
-    for (int64_t s = 0; s < end; ++s) sr[s] = exp_nonpos(sr[s] - mx);
-    double sum = 0.0;
-    for (int64_t s = 0; s < end; ++s) sum += sr[s];
-    inv[r] = sum > 0.0 ? static_cast<float>(1.0 / sum) : 0.f;
-  }
-  for (int64_t s = 0; s < end; ++s) {
-    const float* vbase = v + it.b * p.v_sb + s * p.v_st;
-    for (int64_t r = 0; r < n_rows; ++r) {
-      const float pr = sc[r * end + s];
-      if (pr == 0.f) continue;  // hidden slot: also keeps garbage in unused cache slots out
-      axpy_f32(&acc[r * D], vbase + (it.hk0 + r / per_head) * p.v_sh, pr, D);
+
+  // P V, kDecodeKB keys at a time. The tile's V rows of all the item's heads are first copied in
+  // cache order ([key][head][D], contiguous) into [head][key][Dp], and the next tile's rows are
+  // prefetched meanwhile: reading one head's rows in place jumps a whole cache row (heads x D
+  // floats) per key, a new page every few keys, which the hardware prefetcher does not follow.
+  w.vt.resize(n_kv * kDecodeKB * Dp);
+  for (int64_t s0 = 0; s0 < end; s0 += kDecodeKB) {
+    const int64_t cols = std::min(kDecodeKB, end - s0);
+    const int64_t next = std::min(kDecodeKB, end - s0 - kDecodeKB);  // rows of the next tile
+    for (int64_t c = 0; c < cols; ++c) {
+      const float* vr = v + (s0 + c) * p.v_st + it.hk0 * p.v_sh;
+      if (c < next)  // fetched while this tile's P V runs
+        for (int64_t x = 0; x < (n_kv - 1) * p.v_sh + D; x += 16) __builtin_prefetch(vr + kDecodeKB * p.v_st + x);
+      for (int64_t hh = 0; hh < n_kv; ++hh) {
+        float* dst = &w.vt[(hh * kDecodeKB + c) * Dp];
+        std::copy(vr + hh * p.v_sh, vr + hh * p.v_sh + D, dst);
+        std::fill(dst + D, dst + Dp, 0.f);
+      }
     }
+    for (int64_t hh = 0; hh < n_kv; ++hh)
+      pv_tile(&w.sc[hh * R * ldp + s0], ldp, &w.vt[hh * kDecodeKB * Dp], Dp, &w.acc[hh * R * Dp], R, cols, Dp);
   }
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const int64_t hk = it.hk0 + r / per_head, g = (r % per_head) / Q, i = r % Q;
-    float* orow = o + it.b * p.o_sb + i * p.o_st + (hk * G + g) * p.o_sh;
-    for (int64_t d = 0; d < D; ++d) orow[d] = acc[r * D + d] * inv[r];
-  }
+
+  for (int64_t hh = 0; hh < n_kv; ++hh)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t i = 0; i < Q; ++i) {
+        const int64_t r = hh * R + g * Q + i;
+        const float inv = w.row_sum[r] > 0.0 ? static_cast<float>(1.0 / w.row_sum[r]) : 0.f;
+        float* orow = o + it.b * p.o_sb + i * p.o_st + ((it.hk0 + hh) * G + g) * p.o_sh;
+        for (int64_t d = 0; d < D; ++d) orow[d] = w.acc[r * Dp + d] * inv;
+      }
 }
 
 }  // namespace
@@ -327,9 +390,9 @@ void decode_attention_cpu(const DecodeParams& p) {
       work.push_back({b, hk, std::min(hk + per_chunk, p.n_kv_heads)});
 #pragma omp parallel
   {
-    std::vector<float> sc, qs, acc;
+    DecodeScratch w;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < (int64_t)work.size(); ++i) decode_item(p, work[i], sc, qs, acc);
+    for (int64_t i = 0; i < (int64_t)work.size(); ++i) decode_item(p, work[i], w);
   }
 }
 
