@@ -58,6 +58,23 @@ def test_range_logits_cpu(rng):
     assert err <= 2 * base + 1e-6, (err, base)
 
 
+@pytest.mark.parametrize("N,H", [(1, 13), (4, 96), (7, 260), (9, 8)])
+def test_range_logits_odd_shapes_cpu(rng, N, H):
+    """Rows left over from the kernel's 4-row blocks, hidden sizes off its 8-float steps, an odd
+    range starting at an odd row (vocabulary rows left over from its 2-row blocks)."""
+    lo, hi = 3, 3 + 131
+    hidden = torch.randn(N, H, generator=rng)
+    weight = torch.randn(200, H, generator=rng)
+    out = nb.range_logits_op(hidden, weight, lo, hi)
+    ref = hidden.double() @ weight[lo:hi].double().t()
+    same = hidden @ weight[lo:hi].t()
+    err, base = (out.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+    assert out.shape == (N, hi - lo)
+    assert err <= 2 * base + 1e-6, (err, base)
+    ids = nb.range_argmax_op(hidden, weight, lo, hi)
+    assert_greedy(ids, hidden, weight, lo, hi, constrained_sample_ref(hidden, weight, lo, hi), f"N={N} H={H}")
+
+
 def test_top_k_sampling_cpu(rng):
     lo, hi = LAYOUT.bin_range
     hidden = torch.randn(4, 48, generator=rng)

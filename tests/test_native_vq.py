@@ -47,6 +47,21 @@ def test_vq_quantize_exact_codes_and_ties_cpu(rng):
     assert torch.equal(idx, vq_quantize_ref(cb[pick], cb))
 
 
+def test_vq_quantize_ties_across_code_tiles_cpu(rng):
+    """A codebook longer than the kernel's code tile (128), an odd count and a width off its 8-float
+    steps: duplicates in different tiles (7 and 250) and across a tile edge (127 and 128) still
+    resolve to the first; rows left over from its 4- and 32-row blocks."""
+    cb = torch.randn(301, 20, generator=rng)
+    cb[250], cb[128] = cb[7], cb[127]
+    pick = torch.randint(0, 301, (70,), generator=rng)
+    pick[:4] = torch.tensor([250, 128, 300, 7])
+    idx = nb.vq_quantize_op(cb[pick].contiguous(), cb)
+    expected = torch.where(pick == 250, 7, torch.where(pick == 128, 127, pick))
+    assert torch.equal(idx, expected)
+    z = torch.randn(70, 20, generator=rng)
+    assert_nearest(nb.vq_quantize_op(z, cb), z, cb, vq_quantize_ref(z, cb), "301 codes")
+
+
 def test_vq_quantize_strided_rows_cpu(rng):
     big = torch.randn(50, 40, generator=rng)
     z = big[:, 5:21]  # row stride 40, last dim contiguous

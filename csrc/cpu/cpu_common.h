@@ -71,6 +71,29 @@ WORLDVLA_INLINE float dot_f32(const float* __restrict a, const float* __restrict
   return s;
 }
 
+// Dot products of 4 rows x[i] with 2 rows wa, wb (length n): lane 2 * i + j of the result is
+// x[i] . (j ? wb : wa). Eight vector accumulators; each 8-float step loads 6 vectors for 8 FMAs
+// (a plain dot loads 2 for 1), and one transposing reduction gives the eight sums.
+WORLDVLA_INLINE v8f dot_4x2(const float* const* x, const float* wa, const float* wb, int64_t n) {
+  const int64_t n8 = n / 8 * 8;
+  v8f a[8] = {};
+  for (int64_t d = 0; d < n8; d += 8) {
+    const v8f ya = load8(wa + d), yb = load8(wb + d);
+    for (int i = 0; i < 4; ++i) {
+      const v8f xi = load8(x[i] + d);
+      a[2 * i] += xi * ya;
+      a[2 * i + 1] += xi * yb;
+    }
+  }
+  v8f sums = sum8x8(a);
+  for (int64_t d = n8; d < n; ++d)
+    for (int i = 0; i < 4; ++i) {
+      sums[2 * i] += x[i][d] * wa[d];
+      sums[2 * i + 1] += x[i][d] * wb[d];
+    }
+  return sums;
+}
+
 // exp(x) for x <= 0 (softmax weights), written so that loops over it vectorize:
 // exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln(2) / 2, and e^r from a
 // degree-6 polynomial (Cephes' expf coefficients, about 1 ulp). -inf and

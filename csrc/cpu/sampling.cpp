@@ -10,13 +10,27 @@ namespace worldvla {
 
 namespace {
 
+// Logits of vocabulary rows [v0, v1) for all N hidden rows: blocks of 4 hidden rows x 2 vocabulary
+// rows (dot_4x2), plain dots for the rows left over.
 WORLDVLA_MULTIVERSION
 void logits_rows(const float* hidden, int64_t h_s, const float* weight, int64_t w_s, int64_t N, int64_t H,
                  int64_t lo, int64_t v0, int64_t v1, int64_t R, float* logits) {
-  for (int64_t v = v0; v < v1; ++v) {
-    const float* w = weight + (lo + v) * w_s;
-    for (int64_t n = 0; n < N; ++n) logits[n * R + v] = dot_f32(hidden + n * h_s, w, H);
+  const int64_t N4 = N / 4 * 4, v2 = v0 + (v1 - v0) / 2 * 2;
+  for (int64_t n0 = 0; n0 < N4; n0 += 4) {
+    const float* h[4] = {hidden + n0 * h_s, hidden + (n0 + 1) * h_s, hidden + (n0 + 2) * h_s, hidden + (n0 + 3) * h_s};
+    for (int64_t v = v0; v < v2; v += 2) {
+      const float* wa = weight + (lo + v) * w_s;
+      const v8f sums = dot_4x2(h, wa, wa + w_s, H);
+      for (int i = 0; i < 4; ++i) {
+        logits[(n0 + i) * R + v] = sums[2 * i];
+        logits[(n0 + i) * R + v + 1] = sums[2 * i + 1];
+      }
+    }
+    for (int64_t v = v2; v < v1; ++v)
+      for (int i = 0; i < 4; ++i) logits[(n0 + i) * R + v] = dot_f32(h[i], weight + (lo + v) * w_s, H);
   }
+  for (int64_t n = N4; n < N; ++n)
+    for (int64_t v = v0; v < v1; ++v) logits[n * R + v] = dot_f32(hidden + n * h_s, weight + (lo + v) * w_s, H);
 }
 
 }  // namespace

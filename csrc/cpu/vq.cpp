@@ -11,42 +11,57 @@ namespace worldvla {
 
 namespace {
 
-constexpr int64_t kRows = 4;  // z rows per step: each code row is read once for 4 rows
+constexpr int64_t kRows = 4;        // z rows per micro-kernel step (dot_4x2)
+constexpr int64_t kRowBlock = 32;   // z rows per work item
+constexpr int64_t kCodeTile = 128;  // codes per pass over the item's rows (128 x C floats stay in L2)
 
 WORLDVLA_MULTIVERSION
 void code_norms(const float* codebook, int64_t cb_s, int64_t k0, int64_t k1, int64_t C, float* enorm) {
   for (int64_t c = k0; c < k1; ++c) enorm[c] = dot_f32(codebook + c * cb_s, codebook + c * cb_s, C);
 }
 
+// Nearest code of z rows [n0, n1): the codebook is walked a tile at a time, each tile against
+// every row of the item, so a code row is fetched from memory once per item instead of once per
+// 4 rows. Codes are visited in order and compared strictly: the first minimum wins, as torch.argmin.
 WORLDVLA_MULTIVERSION
 void nearest_rows(const float* z, int64_t z_s, const float* codebook, int64_t cb_s, const float* enorm, int64_t n0,
-                  int64_t rows, int64_t K, int64_t C, int64_t* out) {
-  const float* zr[kRows];
-  for (int64_t r = 0; r < kRows; ++r) zr[r] = z + (n0 + (r < rows ? r : 0)) * z_s;
-  float best[kRows];
-  int64_t arg[kRows];
-  for (int64_t r = 0; r < kRows; ++r) {
+                  int64_t n1, int64_t K, int64_t C, int64_t* out) {
+  float best[kRowBlock];
+  int64_t arg[kRowBlock];
+  for (int64_t r = 0; r < kRowBlock; ++r) {
     best[r] = std::numeric_limits<float>::infinity();
     arg[r] = 0;
   }
-  for (int64_t c = 0; c < K; ++c) {
-    const float* e = codebook + c * cb_s;
-    float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-    for (int64_t d = 0; d < C; ++d) {
-      d0 += zr[0][d] * e[d];
-      d1 += zr[1][d] * e[d];
-      d2 += zr[2][d] * e[d];
-      d3 += zr[3][d] * e[d];
-    }
-    const float dist[kRows] = {enorm[c] - 2.f * d0, enorm[c] - 2.f * d1, enorm[c] - 2.f * d2, enorm[c] - 2.f * d3};
-    for (int64_t r = 0; r < kRows; ++r)
-      if (dist[r] < best[r]) {  // strict: the first minimum wins, as torch.argmin
-        best[r] = dist[r];
-        arg[r] = c;
+  for (int64_t k0 = 0; k0 < K; k0 += kCodeTile) {
+    const int64_t k1 = std::min(K, k0 + kCodeTile), k2 = k0 + (k1 - k0) / 2 * 2;
+    for (int64_t m = n0; m < n1; m += kRows) {
+      const float* zr[kRows];
+      for (int64_t r = 0; r < kRows; ++r) zr[r] = z + std::min(m + r, n1 - 1) * z_s;  // repeats the last row
+      float* b = best + (m - n0);
+      int64_t* a = arg + (m - n0);
+      for (int64_t c = k0; c < k2; c += 2) {
+        const float* e = codebook + c * cb_s;
+        const v8f dots = dot_4x2(zr, e, e + cb_s, C);
+        for (int64_t r = 0; r < kRows; ++r)
+          for (int64_t j = 0; j < 2; ++j) {
+            const float dist = enorm[c + j] - 2.f * dots[2 * r + j];
+            if (dist < b[r]) {
+              b[r] = dist;
+              a[r] = c + j;
+            }
+          }
       }
+      if (k2 < k1)
+        for (int64_t r = 0; r < kRows; ++r) {
+          const float dist = enorm[k2] - 2.f * dot_f32(zr[r], codebook + k2 * cb_s, C);
+          if (dist < b[r]) {
+            b[r] = dist;
+            a[r] = k2;
+          }
+        }
+    }
   }
-  for (int64_t r = 0; r < rows; ++r) out[n0 + r] = arg[r];
+  for (int64_t n = n0; n < n1; ++n) out[n] = arg[n - n0];
 }
 
 }  // namespace
@@ -60,9 +75,9 @@ void vq_quantize_cpu(const float* z, int64_t z_s, const float* codebook, int64_t
   {
 #pragma omp for schedule(static)
     for (int64_t k0 = 0; k0 < K; k0 += kChunk) code_norms(codebook, cb_s, k0, std::min(K, k0 + kChunk), C, enorm.data());
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t n0 = 0; n0 < N; n0 += kRows)
-      nearest_rows(z, z_s, codebook, cb_s, enorm.data(), n0, std::min(kRows, N - n0), K, C, out);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t n0 = 0; n0 < N; n0 += kRowBlock)
+      nearest_rows(z, z_s, codebook, cb_s, enorm.data(), n0, std::min(N, n0 + kRowBlock), K, C, out);
   }
 }
 

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from worldvla import _C  # ImportError here = no native backend
 
@@ -111,6 +112,15 @@ def _as_float32(*tensors):
     return [t if t.dtype == torch.float32 else t.float() for t in tensors]
 
 
+def _direct(*tensors) -> bool:
+    """Whether a call may run the op's implementation directly. Going through a Python custom op's
+    dispatcher costs tens of microseconds a call, as much as a small kernel; eager calls on plain
+    tensors skip it. torch.compile, make_fx/export tracing, tensor subclasses (fake, functional)
+    and inputs that need gradients (the op then raises its own error) still go through the op."""
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and all(type(t) is Tensor for t in tensors) and _no_grad_needed(*tensors))
+
+
 # ------------------------------------------------------------------ masked attention (prefill)
 def _check_attention(q, k, v, kv_block, q_limit, cu_seqlens):
     op = "masked_attention"
@@ -158,8 +168,7 @@ def _check_cu_seqlens_values(cu_seqlens: Tensor, T: int, max_seqlen: int):
         _fail("masked_attention", f"max_seqlen={max_seqlen} is shorter than the longest document")
 
 
-@torch.library.custom_op("worldvla::masked_attention", mutates_args=())
-def masked_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_block: Tensor, q_limit: Tensor,
+def _masked_attention_impl(q: Tensor, k: Tensor, v: Tensor, kv_block: Tensor, q_limit: Tensor,
                         cu_seqlens: Optional[Tensor], max_seqlen: int, softmax_scale: float) -> Tensor:
     """Chunk-masked attention forward. q [B, L, H, D] (meta [B, L]) or packed [T, H, D] (meta [T],
     cu_seqlens int32 [n_docs + 1]; without cu_seqlens one sequence). Returns a contiguous tensor like q."""
@@ -204,6 +213,9 @@ def masked_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_block: Tensor, q_lim
     return out
 
 
+masked_attention_op = torch.library.custom_op("worldvla::masked_attention", _masked_attention_impl, mutates_args=())
+
+
 @masked_attention_op.register_fake
 def _(q, k, v, kv_block, q_limit, cu_seqlens, max_seqlen, softmax_scale):
     _check_attention(q, k, v, kv_block, q_limit, cu_seqlens)
@@ -214,8 +226,8 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, meta: ChunkMaskMeta,
                      softmax_scale: float | None = None) -> Tensor:
     """Forward of `worldvla.ops.masked_attention` on the native kernels (no autograd)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return masked_attention_op(q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens, int(meta.max_seqlen),
-                               float(scale))
+    fn = _masked_attention_impl if _direct(q, k, v) else masked_attention_op
+    return fn(q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens, int(meta.max_seqlen), float(scale))
 
 
 # ------------------------------------------------------------------ decode attention
@@ -272,8 +284,7 @@ def decode_splits(q: Tensor, k_cache: Tensor, n_splits: int | None = None) -> tu
     return max(1, -(-S // split_size)), split_size
 
 
-@torch.library.custom_op("worldvla::decode_attention", mutates_args=())
-def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_pos: Tensor, q_limit: Tensor,
+def _decode_attention_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_pos: Tensor, q_limit: Tensor,
                         kv_block: Tensor, kv_len: Tensor, softmax_scale: float, n_splits: int) -> Tensor:
     """q [B, Q, H, D] against caches [B, S, Hkv, D] under DecodeMeta's rule. On CUDA the split-KV
     partials live in torch-allocated workspaces (from the graph pool under capture)."""
@@ -307,6 +318,9 @@ def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_pos: Tens
     return out
 
 
+decode_attention_op = torch.library.custom_op("worldvla::decode_attention", _decode_attention_impl, mutates_args=())
+
+
 @decode_attention_op.register_fake
 def _(q, k_cache, v_cache, q_pos, q_limit, kv_block, kv_len, softmax_scale, n_splits):
     _check_decode(q, k_cache, v_cache, q_pos, q_limit, kv_block, kv_len)
@@ -318,8 +332,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: DecodeMe
     """`worldvla.ops.decode_attention` on the native kernels. `n_splits` overrides the CUDA
     split-KV heuristic (useful when the cache is much longer than the filled part)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return decode_attention_op(q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len,
-                               float(scale), int(n_splits or 0))
+    fn = _decode_attention_impl if _direct(q, k_cache, v_cache) else decode_attention_op
+    return fn(q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len, float(scale),
+              int(n_splits or 0))
 
 
 # ------------------------------------------------------------------ VQ
@@ -338,8 +353,7 @@ def _check_vq_quantize(z, codebook):
         _fail(op, f"takes {', '.join(map(str, allowed))}, got {z.dtype}", TypeError)
 
 
-@torch.library.custom_op("worldvla::vq_quantize", mutates_args=())
-def vq_quantize_op(z: Tensor, codebook: Tensor) -> Tensor:
+def _vq_quantize_impl(z: Tensor, codebook: Tensor) -> Tensor:
     """argmin_k ||z_n - e_k||^2 for z [N, C], codebook [K, C] -> int64 [N] (first minimum on ties)."""
     _check_vq_quantize(z, codebook)
     dev = _device_index("vq_quantize", z)
@@ -352,6 +366,9 @@ def vq_quantize_op(z: Tensor, codebook: Tensor) -> Tensor:
     _C.vq_quantize(dev, _stream(dev), _DTYPE_CODE[z.dtype], z.data_ptr(), z.stride(0), codebook.data_ptr(),
                    codebook.stride(0), N, codebook.shape[0], C, out.data_ptr())
     return out
+
+
+vq_quantize_op = torch.library.custom_op("worldvla::vq_quantize", _vq_quantize_impl, mutates_args=())
 
 
 @vq_quantize_op.register_fake
@@ -373,8 +390,7 @@ def _check_vq_gather(indices, codebook):
     _last_dim_unit(op, codebook=codebook)
 
 
-@torch.library.custom_op("worldvla::vq_gather", mutates_args=())
-def vq_gather_op(indices: Tensor, codebook: Tensor) -> Tensor:
+def _vq_gather_impl(indices: Tensor, codebook: Tensor) -> Tensor:
     """indices [B, h, w] -> codebook rows as [B, C, h, w]. Codes outside [0, K) give zeros
     (the entry point `worldvla.ops.vq_gather` rejects them first)."""
     _check_vq_gather(indices, codebook)
@@ -387,6 +403,9 @@ def vq_gather_op(indices: Tensor, codebook: Tensor) -> Tensor:
     _C.vq_gather(dev, _stream(dev), indices.data_ptr(), _DTYPE_CODE[indices.dtype], codebook.data_ptr(),
                  codebook.stride(0), codebook.element_size(), B, h * w, K, C, out.data_ptr())
     return out
+
+
+vq_gather_op = torch.library.custom_op("worldvla::vq_gather", _vq_gather_impl, mutates_args=())
 
 
 @vq_gather_op.register_fake
@@ -419,12 +438,13 @@ def _check_range(hidden, weight, lo, hi, op="constrained_sample"):
 
 def _range_launch(fn_name: str, hidden, weight, lo, hi, out, workspace=None):
     dev = _device_index(fn_name, hidden)
-    if dev < 0:
-        # Only the range's rows are converted (if at all), not the whole lm_head.
-        w = weight[lo:hi]
-        hidden, w = _as_float32(hidden, w)
-        w = w if w.stride(-1) == 1 else w.contiguous()
+    if dev < 0 and weight.dtype != torch.float32:
+        # Only the range's rows are converted, not the whole lm_head.
+        hidden, w = _as_float32(hidden, weight[lo:hi])
         lo_c, hi_c = 0, hi - lo
+    elif dev < 0:
+        hidden, = _as_float32(hidden)
+        w, lo_c, hi_c = weight, lo, hi
     else:
         _pointers_aligned16(fn_name, hidden=hidden, weight=weight)
         w, lo_c, hi_c = weight, lo, hi
@@ -438,8 +458,7 @@ def _range_launch(fn_name: str, hidden, weight, lo, hi, out, workspace=None):
         _C.range_logits(*args, out.data_ptr())
 
 
-@torch.library.custom_op("worldvla::range_argmax", mutates_args=())
-def range_argmax_op(hidden: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
+def _range_argmax_impl(hidden: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
     """Greedy token in [lo, hi) per row: lo + argmax_v hidden . weight[v] (fp32 accumulation)."""
     _check_range(hidden, weight, lo, hi, "range_argmax")
     out = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
@@ -450,14 +469,16 @@ def range_argmax_op(hidden: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
     return out
 
 
+range_argmax_op = torch.library.custom_op("worldvla::range_argmax", _range_argmax_impl, mutates_args=())
+
+
 @range_argmax_op.register_fake
 def _(hidden, weight, lo, hi):
     _check_range(hidden, weight, lo, hi, "range_argmax")
     return torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
 
 
-@torch.library.custom_op("worldvla::range_logits", mutates_args=())
-def range_logits_op(hidden: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
+def _range_logits_impl(hidden: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
     """float32 logits [N, hi - lo] of the vocabulary range only."""
     _check_range(hidden, weight, lo, hi, "range_logits")
     out = torch.empty((hidden.shape[0], hi - lo), dtype=torch.float32, device=hidden.device)
@@ -465,6 +486,9 @@ def range_logits_op(hidden: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
         return out
     _range_launch("range_logits", hidden, weight, lo, hi, out)
     return out
+
+
+range_logits_op = torch.library.custom_op("worldvla::range_logits", _range_logits_impl, mutates_args=())
 
 
 @range_logits_op.register_fake
@@ -476,9 +500,21 @@ def _(hidden, weight, lo, hi):
 def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
     """`worldvla.ops.constrained_sample` with the range logits computed natively: greedy is one
     fused kernel; sampling draws from the native fp32 logits exactly as the reference does."""
+    direct = _direct(hidden, weight)
     if temperature <= 0.0:
-        return range_argmax_op(hidden, weight, int(lo), int(hi))
-    return sample_logits(range_logits_op(hidden, weight, int(lo), int(hi)), temperature, top_k, generator) + lo
+        return (_range_argmax_impl if direct else range_argmax_op)(hidden, weight, int(lo), int(hi))
+    logits = (_range_logits_impl if direct else range_logits_op)(hidden, weight, int(lo), int(hi))
+    return sample_logits(logits, temperature, top_k, generator) + lo
+
+
+def vq_quantize(z: Tensor, codebook: Tensor) -> Tensor:
+    """`worldvla.ops.vq_quantize` on the native kernels."""
+    return (_vq_quantize_impl if _direct(z, codebook) else vq_quantize_op)(z, codebook)
+
+
+def vq_gather(indices: Tensor, codebook: Tensor) -> Tensor:
+    """`worldvla.ops.vq_gather` on the native kernels."""
+    return (_vq_gather_impl if _direct(indices, codebook) else vq_gather_op)(indices, codebook)
 
 
 # ------------------------------------------------------------------ dispatch registration
@@ -523,7 +559,6 @@ def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, genera
 
 dispatch.register("masked_attention", "native", masked_attention, _attention_supports)
 dispatch.register("decode_attention", "native", decode_attention, _decode_supports)
-dispatch.register("vq_quantize", "native", lambda z, codebook: vq_quantize_op(z, codebook), _vq_quantize_supports)
-dispatch.register("vq_gather", "native", lambda indices, codebook: vq_gather_op(indices, codebook),
-                  _vq_gather_supports)
+dispatch.register("vq_quantize", "native", vq_quantize, _vq_quantize_supports)
+dispatch.register("vq_gather", "native", vq_gather, _vq_gather_supports)
 dispatch.register("constrained_sample", "native", constrained_sample, _sample_supports)
