@@ -11,9 +11,18 @@ import importlib
 from typing import Callable
 
 BACKENDS = ("torch", "triton", "native")
-# Fastest first, per device type.
-# Triton leads on CUDA until the native CUDA kernels have passed their GPU tests on hardware.
-AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("torch",)}
+# Fastest first, per device type, or per (op, device type) where an op differs from its device's rule.
+# Triton leads on CUDA until the native CUDA kernels have passed their GPU tests on hardware. On CPU
+# the C++ paths lead where they were measured faster than torch (`python benchmarks/cpu_ops.py`):
+# decode attention, constrained sampling, VQ search and gather; torch's prefill attention is faster.
+AUTO_ORDER = {
+    "cuda": ("triton", "native", "torch"),
+    "cpu": ("torch",),
+    ("decode_attention", "cpu"): ("native", "torch"),
+    ("constrained_sample", "cpu"): ("native", "torch"),
+    ("vq_quantize", "cpu"): ("native", "torch"),
+    ("vq_gather", "cpu"): ("native", "torch"),
+}
 
 _IMPLS: dict[str, dict[str, tuple[Callable, Callable]]] = {}
 _loaded = False
@@ -56,7 +65,7 @@ def resolve(op: str, backend: str, device_type: str, *args, **kwargs) -> Callabl
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
     if backend == "auto":
-        for name in AUTO_ORDER.get(device_type, ("torch",)):
+        for name in AUTO_ORDER.get((op, device_type)) or AUTO_ORDER.get(device_type, ("torch",)):
             if name in impls and impls[name][1](*args, **kwargs):
                 return impls[name][0]
         return impls["torch"][0]
