@@ -57,6 +57,23 @@ def fake_l2(monkeypatch):
     return set_size
 
 
+def test_cpu_ops_compares_both_sides_of_every_case(tmp_path):
+    pytest.importorskip("worldvla._C")
+    from worldvla.benchmarks import cpu_ops
+
+    doc = json.loads(cpu_ops.run(quick=True, out_dir=tmp_path).read_text())
+    cases = {(r["op"], r["case"]) for r in doc["rows"]}
+    assert {op for op, _ in cases} == {"decode_attention", "constrained_sample", "vq_quantize", "vq_gather"}
+    for op, case in cases:
+        impls = {r["impl"]: r for r in doc["rows"] if (r["op"], r["case"]) == (op, case)}
+        assert set(impls) == {"worldvla-torch", "worldvla-native"}, (op, case)
+        assert all(r["median_ms"] > 0 for r in impls.values())
+        assert impls["worldvla-torch"]["speedup_vs_torch"] == 1.0
+    assert list(tmp_path.glob("cpu_ops-*.png"))
+    with pytest.raises(ValueError, match="--device cpu"):
+        cpu_ops.run(quick=True, device="cuda", out_dir=tmp_path)
+
+
 def test_rotation_is_one_set_on_cpu():
     rot = common.Rotation(lambda i: (torch.randn(4, 4),), "cpu")
     assert len(rot) == 1 and rot.info()["l2_bytes"] is None

@@ -320,6 +320,33 @@ def test_custom_op_under_torch_compile_cpu(rng):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_public_wrappers_trace_the_custom_ops_cpu(rng):
+    """Eager calls of the public wrappers run the implementations directly (no dispatcher); under
+    torch.compile and under fake tensors they must still go through the custom ops."""
+    torch._dynamo.reset()
+    q = torch.randn(1, 2, 2, 16, generator=rng)
+    k, v = torch.randn(1, 40, 2, 16, generator=rng), torch.randn(1, 40, 2, 16, generator=rng)
+    dm = DecodeMeta(torch.tensor([[39, 30]], dtype=torch.int32), torch.full((1, 2), -1, dtype=torch.int32),
+                    torch.full((1, 40), NO_BLOCK, dtype=torch.int32), torch.tensor([40], dtype=torch.int32))
+    h, w = torch.randn(3, 16, generator=rng), torch.randn(50, 16, generator=rng)
+
+    def f(q, k, v, h, w):
+        codes = h[:, :4].long().abs().view(3, 2, 2)
+        return (nb.decode_attention(q * 2.0, k, v, dm), nb.constrained_sample(h, w, 10, 40), nb.vq_quantize(h, w),
+                nb.vq_gather(codes, w))
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(q, k, v, h, w), f(q, k, v, h, w)):
+        assert torch.equal(got, want)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fh, fw = (mode.from_tensor(t) for t in (q, k, v, h, w))
+        fdm = DecodeMeta(*(mode.from_tensor(t) for t in (dm.q_pos, dm.q_limit, dm.kv_block, dm.kv_len)))
+        assert nb.decode_attention(fq, fk, fv, fdm).shape == q.shape
+        assert nb.constrained_sample(fh, fw, 10, 40).shape == (3,)
+        assert nb.vq_quantize(fh, fw).shape == (3,)
+
+
 # --------------------------------------------------------------------------- GPU
 gpu = pytest.mark.gpu
 

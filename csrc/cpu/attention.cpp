@@ -151,12 +151,8 @@ void prefill_item(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, S
     const bool need_mask = (n0 + cols - 1 > it.m0) || (kv_min < ql_max);
 
     score_tile(w.qs.data(), kt + n0, ldk, w.sc.data(), rows4, D);
-    for (int64_t r = 0; r < rows4; ++r) {
+    for (int64_t r = 0; r < rows; ++r) {  // padding rows (up to rows4) are never read
       float* sr = &w.sc[r * kKB];
-      if (r >= rows) {  // padding rows: zero weights, nothing accumulated
-        std::fill(sr, sr + kKB, 0.f);
-        continue;
-      }
       const int64_t i = it.m0 + r;
       for (int64_t c = 0; c < cols; ++c) sr[c] *= p.scale;  // after the dot, as torch's reference
       if (need_mask) {
@@ -165,23 +161,32 @@ void prefill_item(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, S
           if (j > i || kvb[j] < w.ql[r]) sr[c] = kNegInf;
         }
       }
+      std::fill(sr + cols, sr + kKB, kNegInf);  // past the sequence: K^T's zero columns
+      v8f m8 = load8(sr);
+      for (int64_t c = 8; c < kKB; c += 8) {
+        const v8f x = load8(sr + c);
+        m8 = x > m8 ? x : m8;
+      }
       float mx = w.row_max[r];
-      for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, sr[c]);
+      for (int l = 0; l < 8; ++l) mx = std::max(mx, m8[l]);
       if (mx == kNegInf) {  // nothing visible yet in this row
         std::fill(sr, sr + kKB, 0.f);
         continue;
       }
       const float alpha = std::exp(w.row_max[r] - mx);
-      for (int64_t c = 0; c < cols; ++c) sr[c] = exp_nonpos(sr[c] - mx);
-      double sum = 0.0;
-      for (int64_t c = 0; c < cols; ++c) sum += sr[c];
-      w.row_sum[r] = w.row_sum[r] * alpha + sum;
+      v8f s8 = {};
+      for (int64_t c = 0; c < kKB; c += 8) {
+        const v8f e = exp8_nonpos(load8(sr + c) - splat8(mx));
+        store8(sr + c, e);
+        s8 += e;
+      }
+      w.row_sum[r] = w.row_sum[r] * alpha + hsum8(s8);  // the running sum across tiles in double
       w.row_max[r] = mx;
       if (alpha != 1.f)
         for (int64_t d = 0; d < Dp; ++d) w.acc[r * Dp + d] *= alpha;
     }
     if (v_direct) {
-      pv_tile(w.sc.data(), kKB, vb + n0 * p.v_st, p.v_st, w.acc.data(), rows4, cols, Dp);
+      pv_tile(w.sc.data(), kKB, vb + n0 * p.v_st, p.v_st, w.acc.data(), rows, cols, Dp);
     } else {
       for (int64_t c = 0; c < cols; ++c) {
         const float* vr = vb + (n0 + c) * p.v_st;
@@ -189,7 +194,7 @@ void prefill_item(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, S
         for (int64_t d = 0; d < D; ++d) vd[d] = vr[d];
         for (int64_t d = D; d < Dp; ++d) vd[d] = 0.f;
       }
-      pv_tile(w.sc.data(), kKB, w.vt.data(), Dp, w.acc.data(), rows4, cols, Dp);
+      pv_tile(w.sc.data(), kKB, w.vt.data(), Dp, w.acc.data(), rows, cols, Dp);
     }
   }
 

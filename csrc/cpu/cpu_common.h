@@ -94,35 +94,13 @@ WORLDVLA_INLINE v8f dot_4x2(const float* const* x, const float* wa, const float*
   return sums;
 }
 
-// exp(x) for x <= 0 (softmax weights), written so that loops over it vectorize:
-// exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln(2) / 2, and e^r from a
-// degree-6 polynomial (Cephes' expf coefficients, about 1 ulp). -inf and
-// anything below -87 give 0.
-WORLDVLA_INLINE float exp_nonpos(float x) {
-  const bool tiny = !(x > -87.0f);  // also true for -inf and NaN
-  x = tiny ? -87.0f : x;
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return tiny ? 0.0f : y * scale;
-}
-
-// exp_nonpos on eight lanes. The same reduction and polynomial, with n = round-to-nearest(x / ln 2)
-// from the 1.5 * 2^23 trick (floor on vectors is not in the baseline instruction set); GCC does not
-// vectorize the scalar version's loops by itself.
-WORLDVLA_INLINE v8f exp8_nonpos(v8f x) {
-  const v8i keep = x > splat8(-87.0f);  // false for -inf and NaN
-  x = keep ? x : splat8(-87.0f);
+// exp(x) on eight lanes for x <= 0 (softmax weights): exp(x) = 2^n * e^r with n = round(x / ln 2)
+// (the 1.5 * 2^23 rounding trick: no vector floor in the baseline instruction set), |r| <= ln(2) / 2,
+// and e^r from a degree-6 polynomial (Cephes' expf coefficients, about 1 ulp). -inf and anything
+// below -87 give 0. Written on vectors because GCC leaves a scalar version of this loop scalar.
+WORLDVLA_INLINE v8f exp8_nonpos(const v8f& x_in) {
+  const v8i keep = x_in > splat8(-87.0f);  // false for -inf and NaN
+  const v8f x = keep ? x_in : splat8(-87.0f);
   const v8f magic = splat8(12582912.0f);
   const v8f n = (x * splat8(1.44269504088896341f) + magic) - magic;
   v8f r = x - n * splat8(0.693359375f);
@@ -138,11 +116,6 @@ WORLDVLA_INLINE v8f exp8_nonpos(v8f x) {
   v8f scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   return keep ? y * scale : splat8(0.0f);
-}
-
-WORLDVLA_INLINE void axpy_f32(float* __restrict y, const float* __restrict x, float a, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
 }  // namespace worldvla

@@ -1,0 +1,107 @@
+"""The C++ CPU paths against torch on the CPU: decode attention, constrained sampling, VQ search and
+gather. These measurements decide `worldvla.ops.dispatch.AUTO_ORDER` on CPU.
+
+Both sides run through `worldvla.ops` (dispatch, checks and allocation included: what a caller pays),
+interleaved call by call (A, B, A, B, ...) so that drift in the machine's speed hits both alike, on one
+shared rotation of fresh random inputs. The C++ paths use OpenMP over torch's thread count.
+
+Decode attention reads K and V once: bytes = 2 * S * Hkv * Dh * 4 (fp32), the floor at the machine's
+stream bandwidth. Sampling and VQ are matmul-shaped: FLOPs = 2 * N * range * H and 2 * N * K * C.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from worldvla import ops
+
+from .attention import decode_meta
+from .common import Rotation, main_for, print_table, write_results
+
+BACKENDS = ("torch", "native")
+
+
+def interleaved(fns: dict, rotation: Rotation, warmup: int, repeats: int) -> dict:
+    """Median ms per backend, calls interleaved; each round hands the same inputs to every side."""
+    for _ in range(warmup):
+        args = rotation.next()
+        for fn in fns.values():
+            fn(*args)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        args = rotation.next()
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(*args)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _rows(op, case, medians, work: dict) -> list[dict]:
+    rows = []
+    for name, ms in medians.items():
+        row = {"op": op, "case": case, "impl": f"worldvla-{name}", "median_ms": ms,
+               "speedup_vs_torch": medians["torch"] / ms}
+        if "bytes" in work:
+            row["GBps"] = work["bytes"] / (ms * 1e-3) / 1e9
+        if "flops" in work:
+            row["GFLOPs"] = work["flops"] / (ms * 1e-3) / 1e9
+        rows.append(row)
+    return rows
+
+
+def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"cpu_ops measures the C++ CPU paths; run it with --device cpu (got {device})")
+    if "native" not in ops.dispatch.available("decode_attention"):
+        raise RuntimeError("the native backend is not built here (pip install .)")
+    gen = torch.Generator().manual_seed(0)
+    warmup, repeats = (3, 20) if quick else (10, 200)
+    rows = []
+
+    heads = [(4, 64), (32, 64)] if quick else [(4, 64), (32, 64), (32, 128)]
+    for H, D in heads:
+        for K in (5, 1):
+            meta = decode_meta(256, K, 1, gen)
+            S = meta.kv_block.shape[1]
+            rot = Rotation(lambda i: (torch.randn(1, K, H, D, generator=gen), torch.randn(1, S, H, D, generator=gen),
+                                      torch.randn(1, S, H, D, generator=gen)))
+            fns = {b: (lambda q, k, v, b=b: ops.decode_attention(q, k, v, meta, backend=b)) for b in BACKENDS}
+            med = interleaved(fns, rot, warmup, repeats)
+            rows += _rows("decode_attention", f"H{H} Dh{D} K{K} cache{S}", med, {"bytes": 2 * S * H * D * 4})
+
+    for N, Hd, R in ([(1, 1024, 256), (5, 1024, 256)] if quick else
+                     [(1, 1024, 256), (5, 1024, 256), (5, 256, 256), (35, 4096, 256)]):
+        V = 8192
+        rot = Rotation(lambda i: (torch.randn(N, Hd, generator=gen), torch.randn(V, Hd, generator=gen) * 0.05))
+        fns = {b: (lambda h, w, b=b: ops.constrained_sample(h, w, V - R, V, backend=b)) for b in BACKENDS}
+        med = interleaved(fns, rot, warmup, repeats)
+        rows += _rows("constrained_sample", f"greedy N{N} H{Hd} range{R}", med, {"flops": 2 * N * R * Hd})
+
+    for N, K, C in ([(16, 512, 64), (256, 2048, 256)] if quick else
+                    [(16, 512, 64), (256, 2048, 256), (256, 8192, 256), (1024, 8192, 256)]):
+        rot = Rotation(lambda i: (torch.randn(N, C, generator=gen), torch.randn(K, C, generator=gen)))
+        fns = {b: (lambda z, cb, b=b: ops.vq_quantize(z, cb, backend=b)) for b in BACKENDS}
+        med = interleaved(fns, rot, warmup, max(10, repeats // (4 if N * K > 1e6 else 1)))
+        rows += _rows("vq_quantize", f"N{N} K{K} C{C}", med, {"flops": 2 * N * K * C})
+
+    for B, h, K, C in [(1, 16, 8192, 256), (8, 4, 512, 64)]:
+        rot = Rotation(lambda i: (torch.randint(0, K, (B, h, h), generator=gen), torch.randn(K, C, generator=gen)))
+        fns = {b: (lambda idx, cb, b=b: ops.vq_gather(idx, cb, backend=b)) for b in BACKENDS}
+        med = interleaved(fns, rot, warmup, repeats)
+        rows += _rows("vq_gather", f"B{B} {h}x{h} K{K} C{C}", med, {"bytes": B * h * h * C * 4 * 2})
+
+    print_table(rows, ["op", "case", "impl", "median_ms", "speedup_vs_torch", "GBps", "GFLOPs"])
+    extra = {"threads": torch.get_num_threads(), "quick": quick, "method": "interleaved A/B calls through "
+             "worldvla.ops, medians; inputs from one rotation of fresh random sets shared by both sides"}
+    return write_results("cpu_ops", rows, "cpu", out_dir, extra=extra, plot=("case", "speedup_vs_torch", "impl"))
+
+
+def main(argv=None):
+    return main_for(run, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()
