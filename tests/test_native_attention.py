@@ -263,6 +263,16 @@ def test_decode_strided_cache_cpu(rng):
 
 
 # --------------------------------------------------------------------------- bad arguments
+def test_explicit_backend_says_why_it_declines(rng):
+    meta = causal_meta((1, 16))
+    q, k, v = qkv(rng, (1, 16), 2, 1, 8)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        masked_attention(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, meta, backend="native")
+    with pytest.raises(ValueError, match="forward-only"):
+        masked_attention(q.clone().requires_grad_(), k, v, meta, backend="native")
+    assert "forward-only" in nb._attention_supports(q.clone().requires_grad_(), k, v, meta).reason
+
+
 def test_bad_arguments_raise_clearly(rng):
     meta = causal_meta((1, 16))
     q, k, v = qkv(rng, (1, 16), 2, 1, 8)

@@ -24,6 +24,23 @@ AUTO_ORDER = {
     ("vq_gather", "cpu"): ("native", "torch"),
 }
 
+
+
+class Unsupported:
+    """A `supports` answer that is false and says why; an explicit backend's error quotes it."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"Unsupported({self.reason!r})"
+
+
 _IMPLS: dict[str, dict[str, tuple[Callable, Callable]]] = {}
 _loaded = False
 
@@ -75,9 +92,11 @@ def resolve(op: str, backend: str, device_type: str, *args, **kwargs) -> Callabl
         hint = {"triton": "pip install triton", "native": "build the extension (pip install .)"}.get(backend, "")
         raise RuntimeError(f"op {op!r} has no {backend!r} implementation available here. {hint}".strip())
     fn, supports = impls[backend]
-    if not supports(*args, **kwargs):
-        raise ValueError(f"the {backend!r} backend of {op!r} does not support these inputs "
-                         f"(device, dtype or shape); use backend='torch' or 'auto'")
+    ok = supports(*args, **kwargs)
+    if not ok:
+        why = ok.reason if isinstance(ok, Unsupported) else "device, dtype or shape"
+        raise ValueError(f"the {backend!r} backend of {op!r} does not support these inputs ({why}); "
+                         f"use backend='torch' or 'auto'")
     return fn
 
 

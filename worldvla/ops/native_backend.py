@@ -112,13 +112,16 @@ def _as_float32(*tensors):
     return [t if t.dtype == torch.float32 else t.float() for t in tensors]
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def _direct(*tensors) -> bool:
     """Whether a call may run the op's implementation directly. Going through a Python custom op's
     dispatcher costs tens of microseconds a call, as much as a small kernel; eager calls on plain
     tensors skip it. torch.compile, make_fx/export tracing, tensor subclasses (fake, functional)
     and inputs that need gradients (the op then raises its own error) still go through the op."""
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and all(type(t) is Tensor for t in tensors) and _no_grad_needed(*tensors))
+            and all(type(t) in _PLAIN for t in tensors) and _no_grad_needed(*tensors))
 
 
 # ------------------------------------------------------------------ masked attention (prefill)
@@ -518,43 +521,63 @@ def vq_gather(indices: Tensor, codebook: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------ dispatch registration
-def _device_ok(t: Tensor) -> bool:
-    return t.device.type == "cpu" or (t.device.type == "cuda" and bool(_C.with_cuda))
+def _device_ok(t: Tensor):
+    if t.device.type == "cpu" or (t.device.type == "cuda" and bool(_C.with_cuda)):
+        return True
+    if t.device.type == "cuda":
+        return dispatch.Unsupported("worldvla._C was built without CUDA (rebuild with nvcc on PATH)")
+    return dispatch.Unsupported(f"tensors on {t.device.type}; the native kernels take CPU or CUDA tensors")
 
 
 def _no_grad_needed(*tensors) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def _passes(check, *args) -> bool:
+def _no_grad(*tensors):
+    return True if _no_grad_needed(*tensors) else dispatch.Unsupported(
+        "inputs need gradients and the native kernels are forward-only; use torch.no_grad() or another backend")
+
+
+def _passes(check, *args):
     try:
         check(*args)
-    except (ValueError, TypeError, RuntimeError):
-        return False
+    except (ValueError, TypeError, RuntimeError) as err:
+        return dispatch.Unsupported(str(err))
+    return True
+
+
+def _all(*answers):
+    """The first false answer (keeping its reason), else True; answers are thunks, tried in order."""
+    for answer in answers:
+        ok = answer()
+        if not ok:
+            return ok
     return True
 
 
 def _attention_supports(q, k, v, meta, softmax_scale=None):
-    return (_device_ok(q) and _no_grad_needed(q, k, v)
-            and _passes(_check_attention, q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens))
+    return _all(lambda: _device_ok(q), lambda: _no_grad(q, k, v),
+                lambda: _passes(_check_attention, q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens))
 
 
 def _decode_supports(q, k_cache, v_cache, meta, softmax_scale=None):
-    return (_device_ok(q) and _no_grad_needed(q, k_cache, v_cache)
-            and _passes(_check_decode, q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len))
+    return _all(lambda: _device_ok(q), lambda: _no_grad(q, k_cache, v_cache),
+                lambda: _passes(_check_decode, q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block,
+                                meta.kv_len))
 
 
 def _vq_quantize_supports(z, codebook):
-    return _device_ok(z) and _passes(_check_vq_quantize, z, codebook)
+    return _all(lambda: _device_ok(z), lambda: _passes(_check_vq_quantize, z, codebook))
 
 
 def _vq_gather_supports(indices, codebook):
-    return _device_ok(indices) and _no_grad_needed(codebook) and _passes(_check_vq_gather, indices, codebook)
+    return _all(lambda: _device_ok(indices), lambda: _no_grad(codebook),
+                lambda: _passes(_check_vq_gather, indices, codebook))
 
 
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
-    return (_device_ok(hidden) and _no_grad_needed(hidden, weight)
-            and _passes(_check_range, hidden, weight, lo, hi))
+    return _all(lambda: _device_ok(hidden), lambda: _no_grad(hidden, weight),
+                lambda: _passes(_check_range, hidden, weight, lo, hi))
 
 
 dispatch.register("masked_attention", "native", masked_attention, _attention_supports)
