@@ -101,12 +101,12 @@ WORLDVLA_INLINE void pv_tile(const float* __restrict p, int64_t ldp, const float
     }
 }
 
-// K^T of every (sequence, kv head): [D][len + kKB] with zero columns after the
-// sequence, so every key tile is a plain strided block of the micro-kernel.
+// K^T of every (sequence, kv head), tile by tile: [ceil(len / kKB)][D][kKB], zero columns after
+// the sequence. A key tile is one contiguous block (D x 256 bytes) that the micro-kernel walks
+// row by row; a [D][len] layout made every row of the walk a jump of the whole sequence length.
 struct KeysT {
   std::vector<float> data;
   std::vector<int64_t> offset;  // per (sequence, kv head)
-  std::vector<int64_t> ld;      // per sequence
 };
 
 WORLDVLA_MULTIVERSION
@@ -120,11 +120,8 @@ void prefill_item(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, S
   const float* qb = q + it.seq * p.q_sb + (it.start + it.m0) * p.q_st + it.head * p.q_sh;
   const float* vb = v + it.seq * p.v_sb + it.start * p.v_st + hk * p.v_sh;
   const float* kt = kT.data.data() + kT.offset[it.seq * p.n_kv_heads + hk];
-  const int64_t ldk = kT.ld[it.seq];
   const int32_t* kvb = p.kv_block + it.seq * p.meta_sb + it.start;
   const int32_t* qlim = p.q_limit + it.seq * p.meta_sb + it.start;
-  // V rows are read in place when they hold whole 16-float groups, else copied padded.
-  const bool v_direct = D == Dp;
 
   int32_t ql_min = INT_MAX, ql_max = INT_MIN;
   for (int64_t r = 0; r < rows4; ++r) {
@@ -150,7 +147,7 @@ void prefill_item(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, S
     if (kv_max < ql_min) continue;  // the chunk rule hides this whole tile
     const bool need_mask = (n0 + cols - 1 > it.m0) || (kv_min < ql_max);
 
-    score_tile(w.qs.data(), kt + n0, ldk, w.sc.data(), rows4, D);
+    score_tile(w.qs.data(), kt + n0 * D, kKB, w.sc.data(), rows4, D);  // tile n0 / kKB
     for (int64_t r = 0; r < rows; ++r) {  // padding rows (up to rows4) are never read
       float* sr = &w.sc[r * kKB];
       const int64_t i = it.m0 + r;
@@ -185,17 +182,14 @@ void prefill_item(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, S
       if (alpha != 1.f)
         for (int64_t d = 0; d < Dp; ++d) w.acc[r * Dp + d] *= alpha;
     }
-    if (v_direct) {
-      pv_tile(w.sc.data(), kKB, vb + n0 * p.v_st, p.v_st, w.acc.data(), rows, cols, Dp);
-    } else {
-      for (int64_t c = 0; c < cols; ++c) {
-        const float* vr = vb + (n0 + c) * p.v_st;
-        float* vd = &w.vt[c * Dp];
-        for (int64_t d = 0; d < D; ++d) vd[d] = vr[d];
-        for (int64_t d = D; d < Dp; ++d) vd[d] = 0.f;
-      }
-      pv_tile(w.sc.data(), kKB, w.vt.data(), Dp, w.acc.data(), rows, cols, Dp);
+    // The tile's V rows are copied to one contiguous block first: read in place, each of the
+    // micro-kernel's passes would jump a whole token (heads x D floats) per key.
+    for (int64_t c = 0; c < cols; ++c) {
+      const float* vr = vb + (n0 + c) * p.v_st;
+      std::copy(vr, vr + D, &w.vt[c * Dp]);
+      std::fill(&w.vt[c * Dp + D], &w.vt[(c + 1) * Dp], 0.f);
     }
+    pv_tile(w.sc.data(), kKB, w.vt.data(), Dp, w.acc.data(), rows, cols, Dp);
   }
 
   float* ob = o + it.seq * p.o_sb + (it.start + it.m0) * p.o_st + it.head * p.o_sh;
@@ -350,15 +344,15 @@ void masked_attention_fwd_cpu(const AttnFwdParams& p) {
   std::vector<WorkItem> work;
   KeysT kT;
   kT.offset.resize(p.n_seq * Hkv);
-  kT.ld.resize(p.n_seq);
+  std::vector<int64_t> lens(p.n_seq);
   int64_t total = 0;
   for (int64_t s = 0; s < p.n_seq; ++s) {
     const int64_t start = p.cu_seqlens ? p.cu_seqlens[s] : 0;
     const int64_t len = p.cu_seqlens ? p.cu_seqlens[s + 1] - start : p.seq_len;
     for (int64_t h = 0; h < p.n_heads; ++h)
       for (int64_t m0 = 0; m0 < len; m0 += kQB) work.push_back({s, h, start, len, m0});
-    kT.ld[s] = len + kKB;
-    for (int64_t hk = 0; hk < Hkv; ++hk, total += D * kT.ld[s]) kT.offset[s * Hkv + hk] = total;
+    lens[s] = len;
+    for (int64_t hk = 0; hk < Hkv; ++hk, total += D * round_up(len, kKB)) kT.offset[s * Hkv + hk] = total;
   }
   kT.data.resize(total);
   // Longest items (most keys) first.
@@ -367,13 +361,16 @@ void masked_attention_fwd_cpu(const AttnFwdParams& p) {
   {
 #pragma omp for schedule(static)
     for (int64_t sh = 0; sh < p.n_seq * Hkv; ++sh) {
-      const int64_t s = sh / Hkv, hk = sh % Hkv, ld = kT.ld[s], len = ld - kKB;
+      const int64_t s = sh / Hkv, hk = sh % Hkv, len = lens[s];
       const int64_t start = p.cu_seqlens ? p.cu_seqlens[s] : 0;
       const float* kb = k + s * p.k_sb + start * p.k_st + hk * p.k_sh;
       float* dst = kT.data.data() + kT.offset[sh];
-      for (int64_t j = 0; j < len; ++j)
-        for (int64_t d = 0; d < D; ++d) dst[d * ld + j] = kb[j * p.k_st + d];
-      for (int64_t d = 0; d < D; ++d) std::fill(dst + d * ld + len, dst + (d + 1) * ld, 0.f);
+      for (int64_t j0 = 0; j0 < len; j0 += kKB, dst += D * kKB) {
+        const int64_t cols = std::min(kKB, len - j0);
+        for (int64_t c = 0; c < cols; ++c)
+          for (int64_t d = 0; d < D; ++d) dst[d * kKB + c] = kb[(j0 + c) * p.k_st + d];
+        for (int64_t d = 0; d < D; ++d) std::fill(dst + d * kKB + cols, dst + (d + 1) * kKB, 0.f);
+      }
     }
     Scratch w(D, round_up(D, 16));
 #pragma omp for schedule(dynamic, 1)
