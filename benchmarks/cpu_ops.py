@@ -1,11 +1,11 @@
-"""The C++ CPU paths against torch on the CPU: decode attention, constrained sampling, VQ search and
-gather. These measurements decide `worldvla.ops.dispatch.AUTO_ORDER` on CPU.
+"""The C++ CPU paths against torch on the CPU: prefill and decode attention, constrained sampling, VQ
+search and gather. These measurements decide `worldvla.ops.dispatch.AUTO_ORDER` on CPU.
 
 Both sides run through `worldvla.ops` (dispatch, checks and allocation included: what a caller pays),
 interleaved call by call (A, B, A, B, ...) so that drift in the machine's speed hits both alike, on one
 shared rotation of fresh random inputs. The C++ paths use OpenMP over torch's thread count.
 
-Decode attention reads K and V once: bytes = 2 * S * Hkv * Dh * 4 (fp32), the floor at the machine's
+Prefill FLOPs count visible pairs only (4 * H * Dh per pair). Decode attention reads K and V once: bytes = 2 * S * Hkv * Dh * 4 (fp32), the floor at the machine's
 stream bandwidth. Sampling and VQ are matmul-shaped: FLOPs = 2 * N * range * H and 2 * N * K * C.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from worldvla import ops
 
-from .attention import decode_meta
+from .attention import decode_meta, packed_batch, visible_pairs
 from .common import Rotation, main_for, print_table, write_results
 
 BACKENDS = ("torch", "native")
@@ -61,6 +61,15 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
     warmup, repeats = (3, 20) if quick else (10, 200)
     rows = []
 
+    for H, D, T in ([(4, 64, 650)] if quick else [(4, 64, 650), (4, 64, 1300), (32, 128, 650)]):
+        _, meta = packed_batch(256, T, gen)  # 620-token action documents, packed
+        T = meta.kv_block.shape[0]
+        rot = Rotation(lambda i: tuple(torch.randn(T, H, D, generator=gen) for _ in range(3)))
+        fns = {b: (lambda q, k, v, b=b: ops.masked_attention(q, k, v, meta, backend=b)) for b in BACKENDS}
+        med = interleaved(fns, rot, 2, 5 if quick else 20)
+        rows += _rows("masked_attention", f"prefill H{H} Dh{D} {T} tokens", med,
+                      {"flops": 4 * H * D * visible_pairs(meta)})
+
     heads = [(4, 64), (32, 64)] if quick else [(4, 64), (32, 64), (32, 128)]
     for H, D in heads:
         for K in (5, 1):
@@ -70,7 +79,7 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
                                       torch.randn(1, S, H, D, generator=gen)))
             fns = {b: (lambda q, k, v, b=b: ops.decode_attention(q, k, v, meta, backend=b)) for b in BACKENDS}
             med = interleaved(fns, rot, warmup, repeats)
-            rows += _rows("decode_attention", f"H{H} Dh{D} K{K} cache{S}", med, {"bytes": 2 * S * H * D * 4})
+            rows += _rows("decode_attention", f"decode H{H} Dh{D} K{K} cache{S}", med, {"bytes": 2 * S * H * D * 4})
 
     for N, Hd, R in ([(1, 1024, 256), (5, 1024, 256)] if quick else
                      [(1, 1024, 256), (5, 1024, 256), (5, 256, 256), (35, 4096, 256)]):
