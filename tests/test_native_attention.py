@@ -200,6 +200,19 @@ def test_decode_matches_prefill_rows_cpu(rng, dtype):
     torch.testing.assert_close(out.float(), full[:, rows].float(), rtol=0, atol=atol)
 
 
+def test_decode_many_rows_is_the_prefill_cpu(rng):
+    """The engine's prefill runs every prompt row through decode attention: 203 query rows (blocks of
+    32 plus a remainder) against the cache must give the prefill kernel's rows."""
+    L = 203
+    meta = chunk_mask_meta(action_ids(rng, L, chunk=6).view(1, -1), LAYOUT)
+    q, k, v = qkv(rng, (1, L), 4, 2, 64)
+    dm = decode_meta_from(meta, list(range(L)), L)
+    out = nb.decode_attention(q, k, v, dm)
+    ref = decode_attention_ref(q.double(), k.double(), v.double(), dm)
+    assert_close_rule(out, ref, decode_attention_ref(q, k, v, dm, upcast=False), "decode 203 rows", FP32_FLOOR)
+    torch.testing.assert_close(out, nb.masked_attention(q, k, v, meta), rtol=0, atol=1e-5)
+
+
 def test_decode_random_meta_cpu(rng):
     B, Q, H, Hkv, D, S = 3, 5, 6, 2, 40, 77
     q = torch.randn(B, Q, H, D, generator=rng)
@@ -223,7 +236,7 @@ def test_decode_random_meta_cpu(rng):
 @pytest.mark.parametrize("D", [13, 20, 64])
 def test_decode_odd_shapes_cpu(rng, D):
     """Head dims off the kernel's 8- and 16-float blocks, three q heads per kv head, a cache that
-    ends inside a key group, a row with no key (q_pos -1), an empty sequence (kv_len 0) and NaN
+    ends inside a key group, a row with no key (q_pos < 0), an empty sequence (kv_len 0) and NaN
     in every slot past kv_len (never read)."""
     B, Q, H, Hkv, S = 3, 3, 6, 2, 301
     q = torch.randn(B, Q, H, D, generator=rng)
@@ -233,7 +246,7 @@ def test_decode_odd_shapes_cpu(rng, D):
     for b, n in enumerate(kv_len.tolist()):
         k[b, n:] = float("nan")
         v[b, n:] = float("nan")
-    q_pos = torch.stack([torch.tensor([292, 250, -1]), torch.tensor([5, 0, 3]), torch.tensor([136, 130, 99])]).int()
+    q_pos = torch.stack([torch.tensor([292, 250, -5]), torch.tensor([5, 0, 3]), torch.tensor([136, 130, 99])]).int()
     kv_block = torch.where(torch.rand(B, S, generator=rng) < 0.3, torch.randint(0, 4, (B, S), generator=rng),
                            torch.full((B, S), NO_BLOCK)).int()
     q_limit = torch.randint(-1, 4, (B, Q), generator=rng).int()

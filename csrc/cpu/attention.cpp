@@ -201,7 +201,7 @@ void prefill_item(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, S
 }
 
 struct DecodeItem {
-  int64_t b, hk0, hk1;
+  int64_t b, hk0, hk1, i0, i1;  // sequence, kv heads [hk0, hk1), query rows [i0, i1)
 };
 
 struct DecodeScratch {
@@ -209,8 +209,8 @@ struct DecodeScratch {
   std::vector<double> row_sum;
 };
 
-// All query rows of kv heads [hk0, hk1) of one sequence; the R = G * Q rows that share a kv
-// head are one group. Keys are visited in order with the heads inner, so a thread streams
+// Query rows [i0, i1) of kv heads [hk0, hk1) of one sequence; the R = G * Q rows (Q = i1 - i0)
+// that share a kv head are one group. Keys are visited in order with the heads inner, so a thread streams
 // contiguous [heads, D] blocks of the cache.
 //   scores:  eight keys at a time, eight vector accumulators per row, one transposing
 //            reduction (sum8x8) for the eight sums; the next eight keys are prefetched;
@@ -225,13 +225,13 @@ void decode_item(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) 
   const float* k = static_cast<const float*>(p.k) + it.b * p.k_sb;
   const float* v = static_cast<const float*>(p.v) + it.b * p.v_sb;
   float* o = static_cast<float*>(p.o);
-  const int64_t Q = p.n_q, D = p.head_dim, S = p.cache_len, G = p.n_heads / p.n_kv_heads;
+  const int64_t Q = it.i1 - it.i0, D = p.head_dim, S = p.cache_len, G = p.n_heads / p.n_kv_heads;
   const int64_t D8 = D / 8 * 8, Dp = round_up(D, 16), R = G * Q;
   const int64_t n_kv = it.hk1 - it.hk0, n_rows = n_kv * R;
   const int64_t kv_len = std::min<int64_t>(std::max<int64_t>(p.kv_len[it.b], 0), S);
   const int32_t* kvb = p.kv_block + it.b * p.kvb_sb;
-  const int32_t* qpos = p.q_pos + it.b * Q;
-  const int32_t* qlim = p.q_limit + it.b * Q;
+  const int32_t* qpos = p.q_pos + it.b * p.n_q + it.i0;
+  const int32_t* qlim = p.q_limit + it.b * p.n_q + it.i0;
 
   // Keys [0, end) are the union of what the rows can see.
   int64_t end = 0;
@@ -245,7 +245,7 @@ void decode_item(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) 
   for (int64_t hh = 0; hh < n_kv; ++hh)
     for (int64_t g = 0; g < G; ++g)
       for (int64_t i = 0; i < Q; ++i) {
-        const float* qr = q + it.b * p.q_sb + i * p.q_st + ((it.hk0 + hh) * G + g) * p.q_sh;
+        const float* qr = q + it.b * p.q_sb + (it.i0 + i) * p.q_st + ((it.hk0 + hh) * G + g) * p.q_sh;
         std::copy(qr, qr + D, &w.qs[(hh * R + g * Q + i) * D]);
       }
 
@@ -285,7 +285,7 @@ void decode_item(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) 
         continue;
       }
       const int64_t i = r % Q;
-      const int64_t lim = std::min<int64_t>(end, int64_t(qpos[i]) + 1);  // causal and cache length
+      const int64_t lim = std::clamp<int64_t>(int64_t(qpos[i]) + 1, 0, end);  // causal and cache length
       const int32_t ql = qlim[i];
       float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
@@ -329,7 +329,7 @@ void decode_item(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) 
       for (int64_t i = 0; i < Q; ++i) {
         const int64_t r = hh * R + g * Q + i;
         const float inv = w.row_sum[r] > 0.0 ? static_cast<float>(1.0 / w.row_sum[r]) : 0.f;
-        float* orow = o + it.b * p.o_sb + i * p.o_st + ((it.hk0 + hh) * G + g) * p.o_sh;
+        float* orow = o + it.b * p.o_sb + (it.i0 + i) * p.o_st + ((it.hk0 + hh) * G + g) * p.o_sh;
         for (int64_t d = 0; d < D; ++d) orow[d] = w.acc[r * Dp + d] * inv;
       }
 }
@@ -383,13 +383,16 @@ void decode_attention_cpu(const DecodeParams& p) {
 #ifdef _OPENMP
   n_threads = omp_get_max_threads();
 #endif
-  // Enough head chunks per sequence to keep every thread busy (two items each).
-  const int64_t chunks = std::min<int64_t>(p.n_kv_heads, std::max<int64_t>(1, (2 * n_threads + p.batch - 1) / p.batch));
+  // Many query rows (a prefill through the cache) go in blocks of kQB, each with only the keys its
+  // rows can see; then enough head chunks per block to keep every thread busy (two items each).
+  const int64_t q_blocks = (p.n_q + kQB - 1) / kQB, per_seq = p.batch * q_blocks;
+  const int64_t chunks = std::min<int64_t>(p.n_kv_heads, std::max<int64_t>(1, (2 * n_threads + per_seq - 1) / per_seq));
   const int64_t per_chunk = (p.n_kv_heads + chunks - 1) / chunks;
   std::vector<DecodeItem> work;
-  for (int64_t b = 0; b < p.batch; ++b)
-    for (int64_t hk = 0; hk < p.n_kv_heads; hk += per_chunk)
-      work.push_back({b, hk, std::min(hk + per_chunk, p.n_kv_heads)});
+  for (int64_t qb = q_blocks - 1; qb >= 0; --qb)  // later rows usually see more keys: they go first
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t hk = 0; hk < p.n_kv_heads; hk += per_chunk)
+        work.push_back({b, hk, std::min(hk + per_chunk, p.n_kv_heads), qb * kQB, std::min((qb + 1) * kQB, p.n_q)});
 #pragma omp parallel
   {
     DecodeScratch w;
