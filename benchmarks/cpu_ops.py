@@ -105,7 +105,30 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
     print_table(rows, ["op", "case", "impl", "median_ms", "speedup_vs_torch", "GBps", "GFLOPs"])
     extra = {"threads": torch.get_num_threads(), "quick": quick, "method": "interleaved A/B calls through "
              "worldvla.ops, medians; inputs from one rotation of fresh random sets shared by both sides"}
-    return write_results("cpu_ops", rows, "cpu", out_dir, extra=extra, plot=("case", "speedup_vs_torch", "impl"))
+    path = write_results("cpu_ops", rows, "cpu", out_dir, extra=extra)
+    plot_speedups(rows, path.with_suffix(".png"))
+    return path
+
+
+def plot_speedups(rows, path):
+    """One horizontal bar per case: the C++ path's speed-up over torch, a line at 1 (parity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    native = [r for r in rows if r["impl"] == "worldvla-native"]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(native) + 1.2))
+    ys = range(len(native))[::-1]  # first case on top
+    colors = ["tab:green" if r["speedup_vs_torch"] >= 1 else "tab:red" for r in native]
+    ax.barh(list(ys), [r["speedup_vs_torch"] for r in native], color=colors)
+    ax.set_yticks(list(ys), [f"{r['op']}: {r['case']}" for r in native], fontsize=8)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xlabel("C++ path speed-up over torch (x; right of the line = faster)")
+    ax.set_title(f"worldvla C++ CPU paths vs torch ({torch.get_num_threads()} threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
