@@ -273,6 +273,11 @@ def test_auto_leaves_the_triton_kernels_where_they_cannot_launch(rng):
     q = torch.randn(32768, 4, 16, generator=rng).to(DEV)
     assert dispatch.supports("masked_attention", "triton", q, q, q, many) is False  # 16384 documents x 4 heads
     assert dispatch.supports("masked_attention", "triton", q[:, :3], q[:, :3], q[:, :3], many) is True
+    with pytest.raises(ValueError, match="split the batch"):  # an explicit backend says why it declines
+        dispatch.call("masked_attention", "triton", q.device.type, q, q, q, many)
+    q = torch.randn(1, 64, 2, 160, generator=rng).to(DEV)
+    with pytest.raises(ValueError, match="head dim 160 > 128"):
+        dispatch.call("masked_attention", "triton", q.device.type, q, q, q, meta)
 
 
 def test_bad_inputs_raise(rng):

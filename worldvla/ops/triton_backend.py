@@ -281,8 +281,20 @@ def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, gene
 
 
 # ------------------------------------------------------------------ dispatch registration
-def _float_ok(*tensors) -> bool:
-    return all(t.dtype in FLOAT_DTYPES for t in tensors) and len({t.dtype for t in tensors}) == 1
+# Each `supports` answers True or a dispatch.Unsupported saying why (an explicit backend's error quotes it).
+def _device(*tensors):
+    if device_ok(*tensors):
+        return True
+    devs = sorted({str(t.device) for t in tensors if t is not None})
+    return dispatch.Unsupported(f"the Triton kernels need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1 "
+                                f"set before import); got tensors on {devs}")
+
+
+def _float(*tensors):
+    dtypes = {t.dtype for t in tensors}
+    if all(d in FLOAT_DTYPES for d in dtypes) and len(dtypes) == 1:
+        return True
+    return dispatch.Unsupported(f"wants one dtype among float16, bfloat16, float32; got {sorted(map(str, dtypes))}")
 
 
 # fp32 tiles above head dim 128 overflow an sm_90 block's shared memory; grid axis 1 (sequences x heads)
@@ -291,31 +303,47 @@ _MAX_HEAD_DIM = {torch.float32: 128}
 _MAX_GRID_Y = 65535
 
 
+def _first_false(*answers):
+    for answer in answers:
+        if not answer:
+            return answer
+    return True
+
+
 def _attention_supports(q, k, v, meta, softmax_scale=None):
     n_seq = meta.cu_seqlens.numel() - 1 if meta.cu_seqlens is not None else (q.shape[0] if q.dim() == 4 else 1)
-    return (device_ok(q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens) and _float_ok(q, k, v)
-            and q.shape[-1] <= _MAX_HEAD_DIM.get(q.dtype, 256) and n_seq * q.shape[-2] <= _MAX_GRID_Y)
+    max_dh = _MAX_HEAD_DIM.get(q.dtype, 256)
+    return _first_false(
+        _device(q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens), _float(q, k, v),
+        q.shape[-1] <= max_dh or dispatch.Unsupported(f"head dim {q.shape[-1]} > {max_dh} for {q.dtype} "
+                                                      "(the tiles would not fit shared memory)"),
+        n_seq * q.shape[-2] <= _MAX_GRID_Y or dispatch.Unsupported(
+            f"{n_seq} sequences x {q.shape[-2]} heads > {_MAX_GRID_Y} (a grid axis); split the batch"))
 
 
 def _decode_supports(q, k_cache, v_cache, meta, softmax_scale=None):
-    return (device_ok(q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len)
-            and _float_ok(q, k_cache, v_cache) and q.shape[-1] <= 256)
+    return _first_false(
+        _device(q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len),
+        _float(q, k_cache, v_cache),
+        q.shape[-1] <= 256 or dispatch.Unsupported(f"head dim {q.shape[-1]} > 256"))
 
 
 def _linear_ce_supports(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100):
-    return device_ok(hidden, weight, targets, class_weight) and _float_ok(hidden, weight)
+    return _first_false(_device(hidden, weight, targets, class_weight), _float(hidden, weight))
 
 
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
-    return device_ok(hidden, weight) and _float_ok(hidden, weight)
+    return _first_false(_device(hidden, weight), _float(hidden, weight))
 
 
 def _vq_quantize_supports(z, codebook):
-    return device_ok(z, codebook) and all(t.dtype in FLOAT_DTYPES for t in (z, codebook))
+    return _first_false(_device(z, codebook), all(t.dtype in FLOAT_DTYPES for t in (z, codebook)) or
+                        dispatch.Unsupported(f"wants float16, bfloat16 or float32; got {z.dtype}, {codebook.dtype}"))
 
 
 def _vq_gather_supports(indices, codebook):
-    return device_ok(indices, codebook) and not indices.dtype.is_floating_point
+    return _first_false(_device(indices, codebook), not indices.dtype.is_floating_point or
+                        dispatch.Unsupported(f"indices must be integers, got {indices.dtype}"))
 
 
 dispatch.register("masked_attention", "triton", masked_attention, _attention_supports)
