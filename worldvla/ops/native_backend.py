@@ -119,7 +119,7 @@ def _direct(*tensors) -> bool:
     """Whether a call may run the op's implementation directly. Going through a Python custom op's
     dispatcher costs tens of microseconds a call, as much as a small kernel; eager calls on plain
     tensors skip it. torch.compile, make_fx/export tracing, tensor subclasses (fake, functional)
-    and inputs that need gradients (the op then raises its own error) still go through the op."""
+    and inputs that need gradients still go through the op (which raises when a backward reaches it)."""
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
             and all(type(t) in _PLAIN for t in tensors) and _no_grad_needed(*tensors))
 
@@ -172,7 +172,7 @@ def _check_cu_seqlens_values(cu_seqlens: Tensor, T: int, max_seqlen: int):
 
 
 def _masked_attention_impl(q: Tensor, k: Tensor, v: Tensor, kv_block: Tensor, q_limit: Tensor,
-                        cu_seqlens: Optional[Tensor], max_seqlen: int, softmax_scale: float) -> Tensor:
+                           cu_seqlens: Optional[Tensor], max_seqlen: int, softmax_scale: float) -> Tensor:
     """Chunk-masked attention forward. q [B, L, H, D] (meta [B, L]) or packed [T, H, D] (meta [T],
     cu_seqlens int32 [n_docs + 1]; without cu_seqlens one sequence). Returns a contiguous tensor like q."""
     _check_attention(q, k, v, kv_block, q_limit, cu_seqlens)
@@ -288,7 +288,7 @@ def decode_splits(q: Tensor, k_cache: Tensor, n_splits: int | None = None) -> tu
 
 
 def _decode_attention_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_pos: Tensor, q_limit: Tensor,
-                        kv_block: Tensor, kv_len: Tensor, softmax_scale: float, n_splits: int) -> Tensor:
+                           kv_block: Tensor, kv_len: Tensor, softmax_scale: float, n_splits: int) -> Tensor:
     """q [B, Q, H, D] against caches [B, S, Hkv, D] under DecodeMeta's rule. On CUDA the split-KV
     partials live in torch-allocated workspaces (from the graph pool under capture)."""
     _check_decode(q, k_cache, v_cache, q_pos, q_limit, kv_block, kv_len)
