@@ -2,11 +2,13 @@
 search and gather. These measurements decide `worldvla.ops.dispatch.AUTO_ORDER` on CPU.
 
 Both sides run through `worldvla.ops` (dispatch, checks and allocation included: what a caller pays),
-interleaved call by call (A, B, A, B, ...) so that drift in the machine's speed hits both alike, on one
-shared rotation of fresh random inputs. The C++ paths use OpenMP over torch's thread count.
+interleaved call by call (A, B, A, B, ...) so that drift in the machine's speed hits both alike, on the
+same random inputs (one `Rotation` shared by both sides; one set on CPU). The C++ paths use OpenMP over
+torch's thread count.
 
-Prefill FLOPs count visible pairs only (4 * H * Dh per pair). Decode attention reads K and V once: bytes = 2 * S * Hkv * Dh * 4 (fp32), the floor at the machine's
-stream bandwidth. Sampling and VQ are matmul-shaped: FLOPs = 2 * N * range * H and 2 * N * K * C.
+Prefill FLOPs count visible pairs only (4 * H * Dh per pair). Decode attention reads K and V once:
+bytes = 2 * S * Hkv * Dh * 4 (fp32), the floor at the machine's stream bandwidth. Sampling and VQ are
+matmul-shaped: FLOPs = 2 * N * range * H and 2 * N * K * C.
 """
 from __future__ import annotations
 

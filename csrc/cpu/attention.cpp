@@ -210,8 +210,8 @@ struct DecodeScratch {
 };
 
 // Query rows [i0, i1) of kv heads [hk0, hk1) of one sequence; the R = G * Q rows (Q = i1 - i0)
-// that share a kv head are one group. Keys are visited in order with the heads inner, so a thread streams
-// contiguous [heads, D] blocks of the cache.
+// that share a kv head are one group. Keys are visited in order with the heads inner, so a
+// thread streams contiguous [heads, D] blocks of the cache.
 //   scores:  eight keys at a time, eight vector accumulators per row, one transposing
 //            reduction (sum8x8) for the eight sums; the next eight keys are prefetched;
 //   softmax: whole rows (a row's scores are at most the cache length);
@@ -238,9 +238,9 @@ void decode_item(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) 
   for (int64_t i = 0; i < Q; ++i) end = std::max<int64_t>(end, std::min<int64_t>(kv_len, int64_t(qpos[i]) + 1));
   const int64_t ldp = round_up(std::max<int64_t>(end, 1), 8);
   w.sc.resize(n_rows * ldp);
-  w.qs.assign(n_rows * D, 0.f);
+  w.qs.resize(n_rows * D);  // every row is copied in below
   w.acc.assign(n_rows * Dp, 0.f);
-  w.row_sum.assign(n_rows, 0.0);
+  w.row_sum.resize(n_rows);  // every row is written by the softmax
   // Row (hh * R + g * Q + i) holds query i of head (hk0 + hh) * G + g.
   for (int64_t hh = 0; hh < n_kv; ++hh)
     for (int64_t g = 0; g < G; ++g)

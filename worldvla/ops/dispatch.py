@@ -13,7 +13,7 @@ from typing import Callable
 BACKENDS = ("torch", "triton", "native")
 # Fastest first, per device type, or per (op, device type) where an op differs from its device's rule.
 # Triton leads on CUDA until the native CUDA kernels have passed their GPU tests on hardware. On CPU
-# the C++ paths lead where they were measured faster than torch (`python benchmarks/cpu_ops.py`):
+# the C++ paths lead where they were measured faster than torch (`worldvla bench cpu_ops`):
 # decode attention, constrained sampling, VQ search and gather; torch's prefill attention is faster.
 AUTO_ORDER = {
     "cuda": ("triton", "native", "torch"),
@@ -23,7 +23,6 @@ AUTO_ORDER = {
     ("vq_quantize", "cpu"): ("native", "torch"),
     ("vq_gather", "cpu"): ("native", "torch"),
 }
-
 
 
 class Unsupported:
@@ -39,6 +38,16 @@ class Unsupported:
 
     def __repr__(self) -> str:
         return f"Unsupported({self.reason!r})"
+
+
+def first_false(*answers):
+    """The first false answer of a `supports` chain (an Unsupported keeps its reason), else True.
+    An answer may be a zero-argument callable, evaluated only if every answer before it passed."""
+    for answer in answers:
+        ok = answer() if callable(answer) else answer
+        if not ok:
+            return ok
+    return True
 
 
 _IMPLS: dict[str, dict[str, tuple[Callable, Callable]]] = {}

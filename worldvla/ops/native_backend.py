@@ -521,12 +521,8 @@ def vq_gather(indices: Tensor, codebook: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------ dispatch registration
-def _device_ok(t: Tensor):
-    if t.device.type == "cpu" or (t.device.type == "cuda" and bool(_C.with_cuda)):
-        return True
-    if t.device.type == "cuda":
-        return dispatch.Unsupported("worldvla._C was built without CUDA (rebuild with nvcc on PATH)")
-    return dispatch.Unsupported(f"tensors on {t.device.type}; the native kernels take CPU or CUDA tensors")
+def _device_ok(op: str, t: Tensor):
+    return _passes(_device_index, op, t)
 
 
 def _no_grad_needed(*tensors) -> bool:
@@ -546,38 +542,30 @@ def _passes(check, *args):
     return True
 
 
-def _all(*answers):
-    """The first false answer (keeping its reason), else True; answers are thunks, tried in order."""
-    for answer in answers:
-        ok = answer()
-        if not ok:
-            return ok
-    return True
-
-
 def _attention_supports(q, k, v, meta, softmax_scale=None):
-    return _all(lambda: _device_ok(q), lambda: _no_grad(q, k, v),
-                lambda: _passes(_check_attention, q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens))
+    return dispatch.first_false(
+        lambda: _device_ok("masked_attention", q), lambda: _no_grad(q, k, v),
+        lambda: _passes(_check_attention, q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens))
 
 
 def _decode_supports(q, k_cache, v_cache, meta, softmax_scale=None):
-    return _all(lambda: _device_ok(q), lambda: _no_grad(q, k_cache, v_cache),
-                lambda: _passes(_check_decode, q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block,
-                                meta.kv_len))
+    return dispatch.first_false(
+        lambda: _device_ok("decode_attention", q), lambda: _no_grad(q, k_cache, v_cache),
+        lambda: _passes(_check_decode, q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len))
 
 
 def _vq_quantize_supports(z, codebook):
-    return _all(lambda: _device_ok(z), lambda: _passes(_check_vq_quantize, z, codebook))
+    return dispatch.first_false(lambda: _device_ok("vq_quantize", z), lambda: _passes(_check_vq_quantize, z, codebook))
 
 
 def _vq_gather_supports(indices, codebook):
-    return _all(lambda: _device_ok(indices), lambda: _no_grad(codebook),
-                lambda: _passes(_check_vq_gather, indices, codebook))
+    return dispatch.first_false(lambda: _device_ok("vq_gather", indices), lambda: _no_grad(codebook),
+                                lambda: _passes(_check_vq_gather, indices, codebook))
 
 
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
-    return _all(lambda: _device_ok(hidden), lambda: _no_grad(hidden, weight),
-                lambda: _passes(_check_range, hidden, weight, lo, hi))
+    return dispatch.first_false(lambda: _device_ok("constrained_sample", hidden), lambda: _no_grad(hidden, weight),
+                                lambda: _passes(_check_range, hidden, weight, lo, hi))
 
 
 dispatch.register("masked_attention", "native", masked_attention, _attention_supports)

@@ -30,7 +30,7 @@ from worldvla.kernels import decode_attention as _decode
 from worldvla.kernels import linear_ce as _linear_ce
 from worldvla.kernels import sampling as _sampling
 from worldvla.kernels import vq as _vq
-from worldvla.kernels._common import FLOAT_DTYPES, device_ok
+from worldvla.kernels._common import FLOAT_DTYPES, check_device
 
 from ..mask import ChunkMaskMeta, DecodeMeta
 from . import dispatch
@@ -283,11 +283,11 @@ def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, gene
 # ------------------------------------------------------------------ dispatch registration
 # Each `supports` answers True or a dispatch.Unsupported saying why (an explicit backend's error quotes it).
 def _device(*tensors):
-    if device_ok(*tensors):
-        return True
-    devs = sorted({str(t.device) for t in tensors if t is not None})
-    return dispatch.Unsupported(f"the Triton kernels need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1 "
-                                f"set before import); got tensors on {devs}")
+    try:
+        check_device("triton", *tensors)
+    except ValueError as err:
+        return dispatch.Unsupported(str(err))
+    return True
 
 
 def _float(*tensors):
@@ -303,17 +303,10 @@ _MAX_HEAD_DIM = {torch.float32: 128}
 _MAX_GRID_Y = 65535
 
 
-def _first_false(*answers):
-    for answer in answers:
-        if not answer:
-            return answer
-    return True
-
-
 def _attention_supports(q, k, v, meta, softmax_scale=None):
     n_seq = meta.cu_seqlens.numel() - 1 if meta.cu_seqlens is not None else (q.shape[0] if q.dim() == 4 else 1)
     max_dh = _MAX_HEAD_DIM.get(q.dtype, 256)
-    return _first_false(
+    return dispatch.first_false(
         _device(q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens), _float(q, k, v),
         q.shape[-1] <= max_dh or dispatch.Unsupported(f"head dim {q.shape[-1]} > {max_dh} for {q.dtype} "
                                                       "(the tiles would not fit shared memory)"),
@@ -322,27 +315,27 @@ def _attention_supports(q, k, v, meta, softmax_scale=None):
 
 
 def _decode_supports(q, k_cache, v_cache, meta, softmax_scale=None):
-    return _first_false(
+    return dispatch.first_false(
         _device(q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len),
         _float(q, k_cache, v_cache),
         q.shape[-1] <= 256 or dispatch.Unsupported(f"head dim {q.shape[-1]} > 256"))
 
 
 def _linear_ce_supports(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100):
-    return _first_false(_device(hidden, weight, targets, class_weight), _float(hidden, weight))
+    return dispatch.first_false(_device(hidden, weight, targets, class_weight), _float(hidden, weight))
 
 
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
-    return _first_false(_device(hidden, weight), _float(hidden, weight))
+    return dispatch.first_false(_device(hidden, weight), _float(hidden, weight))
 
 
 def _vq_quantize_supports(z, codebook):
-    return _first_false(_device(z, codebook), all(t.dtype in FLOAT_DTYPES for t in (z, codebook)) or
+    return dispatch.first_false(_device(z, codebook), all(t.dtype in FLOAT_DTYPES for t in (z, codebook)) or
                         dispatch.Unsupported(f"wants float16, bfloat16 or float32; got {z.dtype}, {codebook.dtype}"))
 
 
 def _vq_gather_supports(indices, codebook):
-    return _first_false(_device(indices, codebook), not indices.dtype.is_floating_point or
+    return dispatch.first_false(_device(indices, codebook), not indices.dtype.is_floating_point or
                         dispatch.Unsupported(f"indices must be integers, got {indices.dtype}"))
 
 
