@@ -358,7 +358,7 @@ template <typename T, int D>
 void launch_prefill(const AttnFwdParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.max_seqlen + kBM - 1) / kBM), static_cast<unsigned>(p.n_heads),
                   static_cast<unsigned>(p.n_seq));
-  masked_attention_fwd_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
+  launch(masked_attention_fwd_kernel<T, D>, grid, kThreads, stream, p);
 }
 
 template <typename T, int D>
@@ -367,9 +367,9 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream) {
   const int n_rg = static_cast<int>((p.n_q * G + kDecRows - 1) / kDecRows);
   const dim3 grid(static_cast<unsigned>(p.n_splits), static_cast<unsigned>(p.n_kv_heads * n_rg),
                   static_cast<unsigned>(p.batch));
-  decode_split_kernel<T, D><<<grid, kThreads, 0, stream>>>(p, n_rg);
+  launch(decode_split_kernel<T, D>, grid, kThreads, stream, p, n_rg);
   check_launch("decode_attention (split)");
-  decode_combine_kernel<T, D><<<static_cast<unsigned>(p.batch * p.n_q * p.n_heads), D, 0, stream>>>(p);
+  launch(decode_combine_kernel<T, D>, static_cast<unsigned>(p.batch * p.n_q * p.n_heads), D, stream, p);
 }
 
 }  // namespace

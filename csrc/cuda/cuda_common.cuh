@@ -1,18 +1,38 @@
 // Small device helpers shared by the CUDA kernels: element conversion, packed
-// 16-bit pairs, the m16n8k16 tensor-core MMA, warp reductions, launch checks.
+// 16-bit pairs, the m16n8k16 tensor-core MMA, warp reductions, launches.
+//
+// With WORLDVLA_SIMT defined the kernels compile with a host compiler against the
+// CUDA execution-model emulator of tests/simt (the CPU tests of the CUDA kernels);
+// only the two inline-assembly helpers and `launch` differ.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#ifdef WORLDVLA_SIMT
+#include "simt.h"
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "common.h"
 
 namespace worldvla {
+
+// kernel<<<grid, block, 0, stream>>>(args...)
+template <typename... Params, typename... Args>
+inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args&&... args) {
+#ifdef WORLDVLA_SIMT
+  (void)stream;
+  simt::run_grid(grid, block, [&] { kernel(args...); });
+#else
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+#endif
+}
 
 inline void check_launch(const char* what) {
   cudaError_t err = cudaGetLastError();
@@ -82,26 +102,38 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                          uint32_t b1) {
+#ifdef WORLDVLA_SIMT
+  simt::warp_mma_16816(true, d, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                   uint32_t b1) {
+#ifdef WORLDVLA_SIMT
+  simt::warp_mma_16816(false, d, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {
+#ifdef WORLDVLA_SIMT
+  return exp2f(x);
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 
 __device__ __forceinline__ float warp_max(float x) {

@@ -124,19 +124,16 @@ void launch_range(const void* hidden, int64_t h_s, const void* weight, int64_t w
   const int threads = kWarpsPerCta * 32;
   switch (dtype) {
     case kFloat32:
-      range_dot_kernel<float, kArgmax><<<blocks, threads, 0, s>>>(static_cast<const float*>(hidden), h_s,
-                                                                  static_cast<const float*>(weight), w_s, N, H, lo, R,
-                                                                  logits, best);
+      launch(range_dot_kernel<float, kArgmax>, blocks, threads, s, static_cast<const float*>(hidden), h_s,
+          static_cast<const float*>(weight), w_s, N, H, lo, R, logits, best);
       break;
     case kFloat16:
-      range_dot_kernel<__half, kArgmax><<<blocks, threads, 0, s>>>(static_cast<const __half*>(hidden), h_s,
-                                                                   static_cast<const __half*>(weight), w_s, N, H, lo,
-                                                                   R, logits, best);
+      launch(range_dot_kernel<__half, kArgmax>, blocks, threads, s, static_cast<const __half*>(hidden), h_s,
+          static_cast<const __half*>(weight), w_s, N, H, lo, R, logits, best);
       break;
     case kBFloat16:
-      range_dot_kernel<__nv_bfloat16, kArgmax><<<blocks, threads, 0, s>>>(
-          static_cast<const __nv_bfloat16*>(hidden), h_s, static_cast<const __nv_bfloat16*>(weight), w_s, N, H, lo, R,
-          logits, best);
+      launch(range_dot_kernel<__nv_bfloat16, kArgmax>, blocks, threads, s, static_cast<const __nv_bfloat16*>(hidden),
+          h_s, static_cast<const __nv_bfloat16*>(weight), w_s, N, H, lo, R, logits, best);
       break;
     default:
       throw std::invalid_argument("constrained sampling (CUDA): needs float32, float16 or bfloat16");
@@ -150,12 +147,12 @@ void range_argmax_cuda(const void* hidden, int64_t h_s, const void* weight, int6
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (N == 0) return;
   const int n = static_cast<int>(N);
-  argmax_zero_kernel<<<(n + 127) / 128, 128, 0, s>>>(workspace, n);
+  launch(argmax_zero_kernel, (n + 127) / 128, 128, s, workspace, n);
   check_launch("constrained_argmax (init)");
   launch_range<true>(hidden, h_s, weight, w_s, dtype, n, static_cast<int>(H), static_cast<int>(lo),
                      static_cast<int>(hi - lo), nullptr, workspace, s);
   check_launch("constrained_argmax");
-  argmax_finish_kernel<<<(n + 127) / 128, 128, 0, s>>>(workspace, n, lo, ids);
+  launch(argmax_finish_kernel, (n + 127) / 128, 128, s, workspace, n, lo, ids);
   check_launch("constrained_argmax (finish)");
 }
 

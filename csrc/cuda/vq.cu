@@ -119,11 +119,11 @@ void launch_gather(const void* idx, int index_dtype, const void* cb, int64_t cb_
   const int64_t total = B * C * HW;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 65535));
   if (index_dtype == kInt64)
-    vq_gather_kernel<E, int64_t><<<blocks, 256, 0, s>>>(static_cast<const int64_t*>(idx), static_cast<const E*>(cb),
-                                                        cb_s, B, HW, K, C, static_cast<E*>(out));
+    launch(vq_gather_kernel<E, int64_t>, blocks, 256, s, static_cast<const int64_t*>(idx), static_cast<const E*>(cb),
+        cb_s, B, HW, K, C, static_cast<E*>(out));
   else if (index_dtype == kInt32)
-    vq_gather_kernel<E, int32_t><<<blocks, 256, 0, s>>>(static_cast<const int32_t*>(idx), static_cast<const E*>(cb),
-                                                        cb_s, B, HW, K, C, static_cast<E*>(out));
+    launch(vq_gather_kernel<E, int32_t>, blocks, 256, s, static_cast<const int32_t*>(idx), static_cast<const E*>(cb),
+        cb_s, B, HW, K, C, static_cast<E*>(out));
   else
     throw std::invalid_argument("vq_gather (CUDA): indices must be int32 or int64");
 }
@@ -138,16 +138,16 @@ void vq_quantize_cuda(const void* z, int64_t z_s, const void* codebook, int64_t 
   const int n = static_cast<int>(N), k = static_cast<int>(K), c = static_cast<int>(C);
   switch (dtype) {
     case kFloat32:
-      vq_quantize_kernel<float><<<blocks, kVqThreads, 0, s>>>(static_cast<const float*>(z), z_s,
-                                                              static_cast<const float*>(codebook), cb_s, n, k, c, out);
+      launch(vq_quantize_kernel<float>, blocks, kVqThreads, s, static_cast<const float*>(z), z_s,
+          static_cast<const float*>(codebook), cb_s, n, k, c, out);
       break;
     case kFloat16:
-      vq_quantize_kernel<__half><<<blocks, kVqThreads, 0, s>>>(
-          static_cast<const __half*>(z), z_s, static_cast<const __half*>(codebook), cb_s, n, k, c, out);
+      launch(vq_quantize_kernel<__half>, blocks, kVqThreads, s, static_cast<const __half*>(z), z_s,
+          static_cast<const __half*>(codebook), cb_s, n, k, c, out);
       break;
     case kBFloat16:
-      vq_quantize_kernel<__nv_bfloat16><<<blocks, kVqThreads, 0, s>>>(
-          static_cast<const __nv_bfloat16*>(z), z_s, static_cast<const __nv_bfloat16*>(codebook), cb_s, n, k, c, out);
+      launch(vq_quantize_kernel<__nv_bfloat16>, blocks, kVqThreads, s, static_cast<const __nv_bfloat16*>(z), z_s,
+          static_cast<const __nv_bfloat16*>(codebook), cb_s, n, k, c, out);
       break;
     default:
       throw std::invalid_argument("vq_quantize (CUDA): needs float32, float16 or bfloat16");

@@ -467,7 +467,8 @@ def _range_argmax_impl(hidden: Tensor, weight: Tensor, lo: int, hi: int) -> Tens
     out = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     if hidden.shape[0] == 0:
         return out
-    ws = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device) if hidden.is_cuda else None
+    on_cuda = _device_index("range_argmax", hidden) >= 0
+    ws = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device) if on_cuda else None
     _range_launch("range_argmax", hidden, weight, lo, hi, out, ws)
     return out
 

@@ -1,0 +1,117 @@
+// A host emulation of the CUDA execution model, enough to run the kernels of csrc/cuda on a
+// CPU: the CUDA tests of tests/test_simt_cuda.py build them with a host compiler against this
+// header (csrc/cuda/cuda_common.cuh includes it when WORLDVLA_SIMT is defined).
+//
+// Every thread of a block is a fiber with its own stack; blocks of a grid run one after
+// another. A fiber runs until it reaches a synchronization point:
+//   __syncthreads(), __syncthreads_and/or     every live thread of the block
+//   __shfl_sync, __shfl_xor_sync, mma.sync     all 32 lanes of the warp (full mask only)
+// and the point completes when every participant has arrived. Threads are resumed in a
+// shuffled order each round, so code that reads another thread's shared-memory writes
+// without a barrier between them sees stale values. The emulator raises (instead of
+// hanging as a GPU would) when a barrier can never complete: lanes of one warp waiting at
+// different points, a warp operation with exited lanes, a block barrier some threads skip.
+//
+// Not emulated: timing, memory ordering beyond the barriers, bank conflicts, out-of-bounds
+// detection (the tests surround inputs with NaN instead), dynamic shared memory, streams.
+#pragma once
+
+#include <vector_functions.h>
+#include <vector_types.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+
+// Shared memory: one copy per kernel instantiation, shared by the fibers of the running block.
+#undef __shared__
+#define __shared__ static thread_local
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+
+// The CUDA headers declare the runtime API (cudaStream_t, cudaGetLastError, ...); simt.cpp
+// defines the few functions the launchers call, for one emulated device 0.
+
+namespace simt {
+
+extern thread_local uint3 thread_idx, block_idx;
+extern thread_local dim3 block_dim, grid_dim;
+
+// Runs `body` (one call of the kernel) once per thread of every block of `grid`.
+void run_grid(dim3 grid, dim3 block, const std::function<void()>& body);
+
+enum BarrierKind : int { kSync = 0, kAnd = 1, kOr = 2 };
+int block_barrier(BarrierKind kind, int pred);
+uint64_t warp_shuffle(uint32_t mask, uint64_t bits, int lane_arg, bool is_xor, int width);
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 on the warp's fragments.
+void warp_mma_16816(bool bf16, float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <typename T>
+T shuffle(uint32_t mask, T value, int lane_arg, bool is_xor, int width) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of a register-sized value");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits = warp_shuffle(mask, bits, lane_arg, is_xor, width);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
+}  // namespace simt
+
+#define threadIdx ::simt::thread_idx
+#define blockIdx ::simt::block_idx
+#define blockDim ::simt::block_dim
+#define gridDim ::simt::grid_dim
+
+inline void __syncthreads() { simt::block_barrier(simt::kSync, 0); }
+inline int __syncthreads_and(int pred) { return simt::block_barrier(simt::kAnd, pred != 0); }
+inline int __syncthreads_or(int pred) { return simt::block_barrier(simt::kOr, pred != 0); }
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T value, int src_lane, int width = 32) {
+  return simt::shuffle(mask, value, src_lane, false, width);
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+  return simt::shuffle(mask, value, lane_mask, true, width);
+}
+
+// Fibers of one block never run at the same time, so atomics are plain read-modify-writes.
+template <typename T>
+inline T atomicMin(T* address, T value) {
+  const T old = *address;
+  *address = value < old ? value : old;
+  return old;
+}
+template <typename T>
+inline T atomicMax(T* address, T value) {
+  const T old = *address;
+  *address = value > old ? value : old;
+  return old;
+}
+
+inline uint32_t __float_as_uint(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+inline float __uint_as_float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+inline float __log2f(float x) { return std::log2(x); }
+
+// Device code calls min/max unqualified on mixed integer types.
+template <typename A, typename B>
+inline typename std::common_type<A, B>::type min(A a, B b) {
+  return b < a ? b : a;
+}
+template <typename A, typename B>
+inline typename std::common_type<A, B>::type max(A a, B b) {
+  return a < b ? b : a;
+}

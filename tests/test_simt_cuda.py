@@ -1,0 +1,207 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU by the SIMT emulator of tests/simt.
+
+Machines without a GPU cannot run the CUDA kernels, so the extension is built a second time
+with the kernels compiled by the host compiler against an emulation of the CUDA execution
+model (every thread a fiber; __syncthreads, warp shuffles and mma.sync m16n8k16 completed
+when all participants arrive; threads resumed in a shuffled order). The kernels, the binding
+file and worldvla/ops/native_backend.py are the real ones: only the device index and stream
+the backend passes in are those of an emulated device 0 whose memory is the host's.
+
+Same tolerance rule as the GPU tests (the kernel's error against float64 at most twice the
+error of PyTorch at the kernel's precision); outputs and workspaces start as NaN, and inputs
+are padded with NaN where the kernels must not read.
+"""
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("worldvla._C")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from simt import build as simt_build  # noqa: E402
+from test_native_attention import (FP32_FLOOR, LAYOUT, action_ids, assert_close_rule, check_prefill,  # noqa: E402
+                                   decode_meta_from, qkv, world_ids)
+from test_native_sampling import assert_greedy  # noqa: E402
+from test_native_vq import assert_nearest  # noqa: E402
+
+from worldvla import causal_meta, chunk_mask_meta  # noqa: E402
+from worldvla.mask import NO_BLOCK, ChunkMaskMeta, DecodeMeta  # noqa: E402
+from worldvla.ops import constrained_sample_ref, decode_attention_ref, vq_gather_ref, vq_quantize_ref  # noqa: E402
+from worldvla.ops import native_backend as nb  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def simt_module():
+    try:
+        return simt_build.load(simt_build.build())
+    except simt_build.Unavailable as err:
+        pytest.skip(f"SIMT emulator not available: {err}")
+
+
+@pytest.fixture
+def emulated(simt_module, monkeypatch, poison_empty):
+    """native_backend on the emulated CUDA device: CPU tensors take the CUDA code path."""
+    assert simt_module.with_cuda
+    monkeypatch.setattr(nb, "_C", simt_module)
+    monkeypatch.setattr(nb, "_device_index", lambda op, t: 0)
+    monkeypatch.setattr(nb, "_stream", lambda dev: 0)
+    return simt_module
+
+
+def nan_padded(t: torch.Tensor, pad: int = 8) -> torch.Tensor:
+    """`t` as a view whose rows are followed by `pad` NaN columns (16-byte aligned rows)."""
+    big = torch.full((*t.shape[:-1], t.shape[-1] + pad), float("nan"), dtype=t.dtype)
+    big[..., : t.shape[-1]] = t
+    return big[..., : t.shape[-1]]
+
+
+# --------------------------------------------------------------------------- prefill
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefill_padded(emulated, rng, dtype, D):
+    ids = torch.stack([action_ids(rng, 113, chunk=5), torch.cat([action_ids(rng, 100), torch.full((13,), LAYOUT.pad)])])
+    meta = chunk_mask_meta(ids, LAYOUT)
+    q, k, v = qkv(rng, (2, 113), 4, 2, D, dtype)  # GQA 4:2
+    check_prefill(q, k, v, meta, f"simt padded {dtype} D={D}")
+
+
+def test_prefill_packed_with_length_one_documents(emulated, rng):
+    docs = [torch.tensor([LAYOUT.bos]), action_ids(rng, 99), torch.tensor([LAYOUT.bos]), action_ids(rng, 90, chunk=3)]
+    lens = [d.numel() for d in docs]
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
+    meta = chunk_mask_meta(torch.cat(docs), LAYOUT, cu_seqlens=cu)
+    q, k, v = qkv(rng, (sum(lens),), 2, 1, 64, torch.bfloat16)  # MQA
+    out = check_prefill(q, k, v, meta, "simt packed")
+    # a one-token document attends only to itself: its output is its own value row
+    for row in (0, 100):
+        torch.testing.assert_close(out[row], v[row].expand(2, 64), rtol=0, atol=0)
+
+
+def test_prefill_skipped_tiles_and_nan_padded_rows(emulated, rng):
+    """80-token action blocks after the image: whole 64-key tiles hidden from whole query tiles
+    (skipped without a load), the rest masked per pair; q, k, v are strided views whose rows
+    are followed by NaN, which no read may touch."""
+    L, D = 300, 64
+    kv = torch.full((L,), NO_BLOCK, dtype=torch.int32)
+    ql = torch.full((L,), -1, dtype=torch.int32)
+    for b, s in enumerate(range(40, 280, 80)):
+        kv[s:s + 80] = b
+        ql[s:s + 80] = b
+    meta = ChunkMaskMeta(kv.view(1, L), ql.view(1, L), torch.arange(L).view(1, L), None, L)
+    q, k, v = (nan_padded(t) for t in qkv(rng, (1, L), 2, 1, D, torch.bfloat16))
+    assert q.stride(2) == D + 8
+    check_prefill(q, k, v, meta, "simt long blocks")
+
+
+def test_prefill_chunk_rule_that_hides_nothing_is_causal(emulated, rng):
+    ids = world_ids(rng, 150).view(1, -1)
+    q, k, v = qkv(rng, (1, 150), 2, 2, 64, torch.bfloat16)
+    a = nb.masked_attention(q, k, v, chunk_mask_meta(ids, LAYOUT))
+    b = nb.masked_attention(q, k, v, causal_meta((1, 150)))
+    assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- decode
+def _decode_case(rng, dtype, D, B=3, Q=5, H=8, Hkv=2, S=300):
+    q = torch.randn(B, Q, H, D, generator=rng).to(dtype)
+    k = torch.randn(B, S, Hkv, D, generator=rng).to(dtype)
+    v = torch.randn(B, S, Hkv, D, generator=rng).to(dtype)
+    kv_len = torch.tensor([S, 157, 1][:B], dtype=torch.int32)
+    q_pos = torch.minimum(torch.randint(0, S, (B, Q), generator=rng), (kv_len - 1).view(B, 1)).int()
+    kv_block = torch.where(torch.rand(B, S, generator=rng) < 0.5, torch.randint(0, 4, (B, S), generator=rng),
+                           torch.full((B, S), NO_BLOCK)).int()
+    kv_block[torch.arange(B).view(B, 1), q_pos.long()] = NO_BLOCK  # every row sees its own slot
+    q_limit = torch.randint(-1, 4, (B, Q), generator=rng).int()
+    for b, n in enumerate(kv_len.tolist()):  # slots at or past kv_len are never read
+        k[b, n:] = float("nan")
+        v[b, n:] = float("nan")
+    return q, k, v, DecodeMeta(q_pos, q_limit, kv_block, kv_len)
+
+
+@pytest.mark.parametrize("dtype,D,n_splits", [(torch.bfloat16, 64, 3), (torch.float16, 64, 1),
+                                              (torch.bfloat16, 128, 5), (torch.float16, 128, 2)])
+def test_decode_split_kv(emulated, rng, dtype, D, n_splits):
+    q, k, v, dm = _decode_case(rng, dtype, D)
+    splits, _ = nb.decode_splits(q, k, n_splits)
+    assert splits == n_splits
+    out = nb.decode_attention(q, k, v, dm, n_splits=n_splits)
+    finite = lambda t: torch.nan_to_num(t, nan=0.0)  # noqa: E731  (the reference reads every slot)
+    ref = decode_attention_ref(q.double(), finite(k).double(), finite(v).double(), dm)
+    same = decode_attention_ref(q, finite(k), finite(v), dm, upcast=False)
+    assert_close_rule(out, ref, same, f"simt decode {dtype} D={D} splits={n_splits}")
+
+
+def test_decode_rows_equal_the_prefill(emulated, rng):
+    """The two CUDA kernels agree: decode of rows inside different action blocks == those rows of the prefill."""
+    L = 203
+    meta = chunk_mask_meta(action_ids(rng, L, chunk=6).view(1, -1), LAYOUT)
+    q, k, v = qkv(rng, (1, L), 4, 2, 64, torch.bfloat16)
+    full = nb.masked_attention(q, k, v, meta)
+    rows = [L - 30, L - 21, L - 12, L - 1]
+    out = nb.decode_attention(q[:, rows], k, v, decode_meta_from(meta, rows, L), n_splits=2)
+    torch.testing.assert_close(out.float(), full[:, rows].float(), rtol=0, atol=2e-2)
+
+
+def test_decode_rows_without_keys_and_empty_sequences(emulated, rng):
+    q, k, v, dm = _decode_case(rng, torch.bfloat16, 64, B=2, Q=3, H=2, Hkv=1, S=130)
+    dm.q_pos[0, 2] = -4  # a row that sees no key
+    dm.kv_len[1] = 0     # a sequence with an empty cache
+    k[1], v[1] = float("nan"), float("nan")
+    out = nb.decode_attention(q, k, v, dm, n_splits=2)
+    assert torch.equal(out[0, 2].float(), torch.zeros(2, 64)) and torch.equal(out[1].float(), torch.zeros(3, 2, 64))
+    finite = lambda t: torch.nan_to_num(t, nan=0.0)  # noqa: E731
+    ref = decode_attention_ref(q.double(), finite(k).double(), finite(v).double(), dm)
+    assert_close_rule(out, ref, decode_attention_ref(q, finite(k), finite(v), dm, upcast=False), "simt empty rows")
+
+
+# --------------------------------------------------------------------------- VQ
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_vq_quantize(emulated, rng, dtype):
+    z = torch.randn(150, 40, generator=rng).to(dtype)  # row and code tiles of 64, a 16-wide K tail
+    cb = torch.randn(203, 40, generator=rng).to(dtype)
+    assert_nearest(nb.vq_quantize_op(z, cb), z, cb, vq_quantize_ref(z, cb), f"simt {dtype}")
+
+
+def test_vq_quantize_exact_codes_and_ties(emulated, rng):
+    cb = torch.randn(203, 24, generator=rng)
+    cb[130] = cb[7]  # a duplicate in another code tile: the first index wins, as torch.argmin
+    pick = torch.randint(0, 203, (77,), generator=rng)
+    idx = nb.vq_quantize_op(cb[pick].contiguous(), cb)
+    assert torch.equal(idx, torch.where(pick == 130, torch.full_like(pick, 7), pick))
+
+
+@pytest.mark.parametrize("dtype,index_dtype", [(torch.bfloat16, torch.int64), (torch.float32, torch.int32)])
+def test_vq_gather(emulated, rng, dtype, index_dtype):
+    cb = torch.randn(300, 24, generator=rng).to(dtype)
+    idx = torch.randint(0, 300, (2, 5, 7), generator=rng).to(index_dtype)
+    assert torch.equal(nb.vq_gather_op(idx, cb), vq_gather_ref(idx, cb))
+
+
+# --------------------------------------------------------------------------- constrained decoding
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_range_argmax(emulated, rng, dtype):
+    hidden = torch.randn(7, 96, generator=rng).to(dtype)  # 4 hidden rows per pass + a tail of 3
+    weight = (torch.randn(400, 96, generator=rng) * 0.1).to(dtype)
+    for lo, hi in ((3, 400), (100, 131), (399, 400)):
+        ids = nb.range_argmax_op(hidden, weight, lo, hi)
+        assert_greedy(ids, hidden, weight, lo, hi, constrained_sample_ref(hidden, weight, lo, hi), f"simt {dtype}")
+
+
+def test_range_argmax_ties_pick_the_first(emulated, rng):
+    hidden = torch.randn(3, 32, generator=rng)
+    weight = torch.randn(90, 32, generator=rng)
+    weight[70] = weight[12] = hidden[0] * 3.0  # the largest logit of row 0, twice, in different warps
+    assert int(nb.range_argmax_op(hidden, weight, 5, 90)[0]) == 12
+
+
+def test_range_logits(emulated, rng):
+    hidden = torch.randn(5, 64, generator=rng).to(torch.bfloat16)
+    weight = torch.randn(300, 64, generator=rng).to(torch.bfloat16)
+    out = nb.range_logits_op(hidden, weight, 17, 250)
+    ref = hidden.double() @ weight[17:250].double().t()
+    same = (hidden @ weight[17:250].t()).float()
+    err, base = (out.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+    assert out.shape == (5, 233) and err <= 2 * base, (err, base)
