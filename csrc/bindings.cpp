@@ -140,7 +140,7 @@ void decode_attention(int device, int64_t stream, int dtype, int64_t q, int64_t 
 }
 
 void vq_quantize(int device, int64_t stream, int dtype, int64_t z, int64_t z_s, int64_t codebook, int64_t cb_s,
-                 int64_t N, int64_t K, int64_t C, int64_t out) {
+                 int64_t N, int64_t K, int64_t C, int64_t out, int64_t code_split) {
   DeviceScope scope(device);
   if (on_cpu(device, dtype, "vq_quantize")) {
     py::gil_scoped_release nogil;
@@ -148,8 +148,8 @@ void vq_quantize(int device, int64_t stream, int dtype, int64_t z, int64_t z_s, 
     return;
   }
 #ifdef WORLDVLA_WITH_CUDA
-  vq_quantize_cuda(ptr<const void>(z), z_s, ptr<const void>(codebook), cb_s, dtype, N, K, C, ptr<int64_t>(out),
-                   ptr<void>(stream));
+  vq_quantize_cuda(ptr<const void>(z), z_s, ptr<const void>(codebook), cb_s, dtype, N, K, C, code_split,
+                   ptr<int64_t>(out), ptr<void>(stream));
 #endif
 }
 
@@ -216,7 +216,8 @@ PYBIND11_MODULE(_C, m) {
         "element strides of q, k, v, o, metadata batch stride, softmax scale.");
   m.def("decode_attention", &decode_attention,
         "Decode attention against a KV cache under DecodeMeta; CUDA uses the caller's split-KV workspace.");
-  m.def("vq_quantize", &vq_quantize, "Nearest codebook entry per row of z (int64 out).");
+  m.def("vq_quantize", &vq_quantize,
+        "Nearest codebook entry per row of z (int64 out); CUDA splits the codebook in code_split codes per CTA.");
   m.def("vq_gather", &vq_gather, "Codebook rows for indices [B, h*w] into out [B, C, h*w].");
   m.def("range_argmax", &range_argmax, "Greedy token over the vocabulary range [lo, hi) (int64 out).");
   m.def("range_logits", &range_logits, "float32 logits [N, hi - lo] of the vocabulary range [lo, hi).");

@@ -99,8 +99,9 @@ void range_argmax_cpu(const float* hidden, int64_t h_s, const float* weight, int
 // Each launches asynchronously and throws std::runtime_error if the launch failed.
 void masked_attention_fwd_cuda(const AttnFwdParams& p, void* stream);
 void decode_attention_cuda(const DecodeParams& p, void* stream);
+// code_split: codes per CTA, a positive multiple of 64 (the grid has ceil(K / code_split) CTAs per 64 rows)
 void vq_quantize_cuda(const void* z, int64_t z_s, const void* codebook, int64_t cb_s, int dtype,
-                      int64_t N, int64_t K, int64_t C, int64_t* out, void* stream);
+                      int64_t N, int64_t K, int64_t C, int64_t code_split, int64_t* out, void* stream);
 void vq_gather_cuda(const void* indices, int index_dtype, const void* codebook, int64_t cb_s,
                     int elem_size, int64_t B, int64_t HW, int64_t K, int64_t C, void* out, void* stream);
 // workspace: uint64 [N], zeroed by the caller

@@ -1,10 +1,13 @@
 // VQ nearest-code search (fused distance + argmin) and codebook gather.
 //
-// vq_quantize: a CTA owns 64 rows of z and sweeps the whole codebook in 64-code
-// tiles; each thread accumulates a 4x4 block of dot products (and the norms of
-// its 4 codes) over C in fp32, keeps its best code per row, and the 16 threads
-// sharing a row reduce with the lower index winning ties. The [N, K] distance
-// matrix never exists.
+// vq_quantize: a CTA owns 64 rows of z and one split of the codebook (a multiple
+// of 64 codes; the caller picks the split so that a few frames' rows still fill
+// the GPU), swept in 64-code tiles; each thread accumulates a 4x4 block of dot
+// products (and the norms of its 4 codes) over C in fp32, keeps its best code per
+// row, and the 16 threads sharing a row reduce with the lower index winning ties.
+// The CTAs of one row tile merge through a 64-bit atomicMin on (order-preserving
+// distance bits, code), so the smallest distance wins and, among equal ones, the
+// lowest code, as in torch.argmin. The [N, K] distance matrix never exists.
 #include <cfloat>
 
 #include "cuda_common.cuh"
@@ -14,14 +17,33 @@ namespace {
 
 constexpr int kVqBM = 64, kVqBN = 64, kVqBK = 16, kVqThreads = 256;
 
+// (distance, code) as one 64-bit key whose unsigned order is the distance's, then the code's.
+__device__ __forceinline__ unsigned long long nearest_key(float d, int code) {
+  uint32_t u = __float_as_uint(d + 0.0f);            // -0 -> +0
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);    // monotone in d
+  return (static_cast<unsigned long long>(u) << 32) | static_cast<uint32_t>(code);
+}
+
+__global__ void fill_u64_kernel(unsigned long long* p, int n, unsigned long long value) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) p[i] = value;
+}
+
+// In place: the key's code (its low 32 bits) as an int64 index.
+__global__ void key_to_code_kernel(int64_t* p, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) p[i] = static_cast<int64_t>(static_cast<unsigned long long>(p[i]) & 0xffffffffull);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kVqThreads)
     vq_quantize_kernel(const T* __restrict__ z, int64_t z_s, const T* __restrict__ cb, int64_t cb_s, int N,
-                       int K, int C, int64_t* __restrict__ out) {
+                       int K, int C, int split, unsigned long long* __restrict__ keys) {
   __shared__ float zs[kVqBK][kVqBM + 4];
   __shared__ float es[kVqBK][kVqBN + 4];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int m0 = blockIdx.x * kVqBM;
+  const int c_begin = blockIdx.y * split, c_end = min(K, c_begin + split);
 
   float best[4];
   int arg[4];
@@ -31,7 +53,7 @@ __global__ void __launch_bounds__(kVqThreads)
     arg[i] = 0;
   }
 
-  for (int n0 = 0; n0 < K; n0 += kVqBN) {
+  for (int n0 = c_begin; n0 < c_end; n0 += kVqBN) {
     float acc[4][4], en[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -44,7 +66,7 @@ __global__ void __launch_bounds__(kVqThreads)
       for (int e = tid; e < kVqBM * kVqBK; e += kVqThreads) {
         const int row = e / kVqBK, col = e % kVqBK, gm = m0 + row, gc = n0 + row, gk = k0 + col;
         zs[col][row] = (gm < N && gk < C) ? to_float<T>(z[gm * z_s + gk]) : 0.f;
-        es[col][row] = (gc < K && gk < C) ? to_float<T>(cb[gc * cb_s + gk]) : 0.f;
+        es[col][row] = (gc < c_end && gk < C) ? to_float<T>(cb[gc * cb_s + gk]) : 0.f;
       }
       __syncthreads();
 #pragma unroll
@@ -68,7 +90,7 @@ __global__ void __launch_bounds__(kVqThreads)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int code = n0 + tx + 16 * j;
-      if (code >= K) continue;
+      if (code >= c_end) continue;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const float d = en[j] - 2.f * acc[i][j];
@@ -95,7 +117,7 @@ __global__ void __launch_bounds__(kVqThreads)
       }
     }
     const int row = m0 + ty * 4 + i;
-    if (tx == 0 && row < N) out[row] = a;
+    if (tx == 0 && row < N) atomicMin(&keys[row], nearest_key(b, a));
   }
 }
 
@@ -131,28 +153,39 @@ void launch_gather(const void* idx, int index_dtype, const void* cb, int64_t cb_
 }  // namespace
 
 void vq_quantize_cuda(const void* z, int64_t z_s, const void* codebook, int64_t cb_s, int dtype, int64_t N,
-                      int64_t K, int64_t C, int64_t* out, void* stream) {
+                      int64_t K, int64_t C, int64_t code_split, int64_t* out, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (N == 0) return;
-  const unsigned blocks = static_cast<unsigned>((N + kVqBM - 1) / kVqBM);
+  if (code_split <= 0 || code_split % kVqBN)
+    throw std::invalid_argument("vq_quantize (CUDA): code_split must be a positive multiple of 64");
+  const dim3 grid(static_cast<unsigned>((N + kVqBM - 1) / kVqBM),
+                  static_cast<unsigned>((K + code_split - 1) / code_split));
   const int n = static_cast<int>(N), k = static_cast<int>(K), c = static_cast<int>(C);
+  const int split = static_cast<int>(code_split);
+  // `out` holds the merge keys until the last kernel turns them into codes.
+  unsigned long long* keys = reinterpret_cast<unsigned long long*>(out);
+  const unsigned fill_blocks = static_cast<unsigned>((N + 255) / 256);
+  launch(fill_u64_kernel, fill_blocks, 256, s, keys, n, ~0ull);
+  check_launch("vq_quantize (init)");
   switch (dtype) {
     case kFloat32:
-      launch(vq_quantize_kernel<float>, blocks, kVqThreads, s, static_cast<const float*>(z), z_s,
-          static_cast<const float*>(codebook), cb_s, n, k, c, out);
+      launch(vq_quantize_kernel<float>, grid, kVqThreads, s, static_cast<const float*>(z), z_s,
+          static_cast<const float*>(codebook), cb_s, n, k, c, split, keys);
       break;
     case kFloat16:
-      launch(vq_quantize_kernel<__half>, blocks, kVqThreads, s, static_cast<const __half*>(z), z_s,
-          static_cast<const __half*>(codebook), cb_s, n, k, c, out);
+      launch(vq_quantize_kernel<__half>, grid, kVqThreads, s, static_cast<const __half*>(z), z_s,
+          static_cast<const __half*>(codebook), cb_s, n, k, c, split, keys);
       break;
     case kBFloat16:
-      launch(vq_quantize_kernel<__nv_bfloat16>, blocks, kVqThreads, s, static_cast<const __nv_bfloat16*>(z), z_s,
-          static_cast<const __nv_bfloat16*>(codebook), cb_s, n, k, c, out);
+      launch(vq_quantize_kernel<__nv_bfloat16>, grid, kVqThreads, s, static_cast<const __nv_bfloat16*>(z), z_s,
+          static_cast<const __nv_bfloat16*>(codebook), cb_s, n, k, c, split, keys);
       break;
     default:
       throw std::invalid_argument("vq_quantize (CUDA): needs float32, float16 or bfloat16");
   }
   check_launch("vq_quantize");
+  launch(key_to_code_kernel, fill_blocks, 256, s, out, n);
+  check_launch("vq_quantize (finish)");
 }
 
 void vq_gather_cuda(const void* indices, int index_dtype, const void* codebook, int64_t cb_s, int elem_size,

@@ -40,6 +40,7 @@ _CUDA_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DECODE_TILE = 64  # keys per tile of the CUDA decode kernel; split sizes are multiples of it
 _MAX_GRID_YZ = 65535
 _DECODE_ROWS_PER_CTA = 16  # kDecRows in csrc/cuda/attention.cu
+_VQ_TILE = 64  # rows per CTA and codes per tile of the CUDA nearest-code search (kVqBM, kVqBN in csrc/cuda/vq.cu)
 
 
 # ------------------------------------------------------------------ argument checks
@@ -356,8 +357,23 @@ def _check_vq_quantize(z, codebook):
         _fail(op, f"takes {', '.join(map(str, allowed))}, got {z.dtype}", TypeError)
 
 
-def _vq_quantize_impl(z: Tensor, codebook: Tensor) -> Tensor:
-    """argmin_k ||z_n - e_k||^2 for z [N, C], codebook [K, C] -> int64 [N] (first minimum on ties)."""
+def vq_code_split(z: Tensor, codebook: Tensor, code_splits: int | None = None) -> tuple[int, int]:
+    """(code_splits, codes per split) of the CUDA nearest-code search, from shapes only: a CTA takes
+    64 rows and one split of the codebook, with enough splits to give every SM about two CTAs
+    (a few frames' rows alone would leave most SMs idle)."""
+    N, K = z.shape[0], codebook.shape[0]
+    max_splits = min(-(-K // _VQ_TILE), _MAX_GRID_YZ)
+    if code_splits is None:
+        sms = torch.cuda.get_device_properties(z.device).multi_processor_count if z.is_cuda else 1
+        code_splits = -(-2 * sms // max(1, -(-N // _VQ_TILE)))
+    code_splits = min(max(1, int(code_splits)), max_splits)
+    split = -(-(-(-K // code_splits)) // _VQ_TILE) * _VQ_TILE
+    return -(-K // split), split
+
+
+def _vq_quantize_impl(z: Tensor, codebook: Tensor, code_splits: int = 0) -> Tensor:
+    """argmin_k ||z_n - e_k||^2 for z [N, C], codebook [K, C] -> int64 [N] (first minimum on ties).
+    `code_splits` > 0 overrides the CUDA split heuristic (`vq_code_split`)."""
     _check_vq_quantize(z, codebook)
     dev = _device_index("vq_quantize", z)
     out = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
@@ -365,9 +381,12 @@ def _vq_quantize_impl(z: Tensor, codebook: Tensor) -> Tensor:
         return out
     if dev < 0:
         z, codebook = _as_float32(z, codebook)
+        split = 0
+    else:
+        split = vq_code_split(z, codebook, code_splits if code_splits > 0 else None)[1]
     N, C = z.shape
     _C.vq_quantize(dev, _stream(dev), _DTYPE_CODE[z.dtype], z.data_ptr(), z.stride(0), codebook.data_ptr(),
-                   codebook.stride(0), N, codebook.shape[0], C, out.data_ptr())
+                   codebook.stride(0), N, codebook.shape[0], C, out.data_ptr(), split)
     return out
 
 
@@ -375,7 +394,7 @@ vq_quantize_op = torch.library.custom_op("worldvla::vq_quantize", _vq_quantize_i
 
 
 @vq_quantize_op.register_fake
-def _(z, codebook):
+def _(z, codebook, code_splits=0):
     _check_vq_quantize(z, codebook)
     return torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
 
@@ -511,9 +530,10 @@ def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, gene
     return sample_logits(logits, temperature, top_k, generator) + lo
 
 
-def vq_quantize(z: Tensor, codebook: Tensor) -> Tensor:
-    """`worldvla.ops.vq_quantize` on the native kernels."""
-    return (_vq_quantize_impl if _direct(z, codebook) else vq_quantize_op)(z, codebook)
+def vq_quantize(z: Tensor, codebook: Tensor, code_splits: int | None = None) -> Tensor:
+    """`worldvla.ops.vq_quantize` on the native kernels. `code_splits` overrides the CUDA split of
+    the codebook over CTAs (`vq_code_split`)."""
+    return (_vq_quantize_impl if _direct(z, codebook) else vq_quantize_op)(z, codebook, int(code_splits or 0))
 
 
 def vq_gather(indices: Tensor, codebook: Tensor) -> Tensor:
