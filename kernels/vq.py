@@ -1,9 +1,11 @@
 """VQ nearest-code search and codebook gather in Triton.
 
 `vq_quantize`: argmin_c ||z_n - e_c||^2 = argmin_c (||e_c||^2 - 2 z_n . e_c) without the
-[N, K] distance matrix: a program owns a tile of rows, walks the codebook in tiles,
-accumulates the dot products over the channel dimension and keeps a running (min, argmin).
-Ties go to the lowest code index, as torch.argmin does.
+[N, K] distance matrix: a program owns a tile of rows and one split of the codebook, walks
+it in tiles, accumulates the dot products over the channel dimension and keeps a running
+(min, argmin). The programs of a row tile merge through an int64 atomic_min on (order-
+preserving distance bits, code); ties go to the lowest code index, as torch.argmin does.
+Splitting the codebook keeps the GPU busy when a few frames give only a few row tiles.
 
 `vq_gather`: codes [B, h, w] -> embeddings [B, C, h, w], written straight into the
 decoder's channel-first layout.
@@ -18,18 +20,21 @@ from ._common import INTERPRET, check_device, check_dtype, dot_precision, load_f
 
 
 @triton.jit
-def _argmin_kernel(Z, E, ENORM, OUT, N, K, C, s_zn, s_ek,
+def _argmin_kernel(Z, E, ENORM, OUT, N, K, C, s_zn, s_ek, SPLIT,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
                    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """OUT: int64 merge keys [N], preset to the int64 maximum; SPLIT codes per program."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_valid = rows < N
+    k_begin = tl.program_id(1) * SPLIT
+    k_end = tl.minimum(K, k_begin + SPLIT)
     offs_c = tl.arange(0, BLOCK_C)
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_N], tl.int32)
     z_rows = Z + rows.to(tl.int64)[:, None] * s_zn
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
-        k_valid = codes < K
+        k_valid = codes < k_end
         dots = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + offs_c
@@ -46,7 +51,12 @@ def _argmin_kernel(Z, E, ENORM, OUT, N, K, C, s_zn, s_ek,
         better = tile_min < best
         best_idx = tl.where(better, tile_arg, best_idx)
         best = tl.where(better, tile_min, best)
-    tl.store(OUT + rows, best_idx.to(tl.int64), mask=r_valid)
+    # float bits -> an int32 with the same order (negative floats: magnitude bits flipped),
+    # then (order, code) as one int64: the smallest distance wins, then the lowest code.
+    bits = (best + 0.0).to(tl.int32, bitcast=True)  # -0 -> +0
+    order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = (order.to(tl.int64) << 32) | best_idx.to(tl.int64)
+    tl.atomic_min(OUT + rows, key, mask=r_valid)
 
 
 @triton.jit
@@ -65,8 +75,17 @@ def _gather_kernel(IDX, E, OUT, HW, C, s_ek, BLOCK_P: tl.constexpr, BLOCK_C: tl.
     tl.store(OUT + b * C * HW + c[None, :].to(tl.int64) * HW + p[:, None], vals.to(OUT.dtype.element_ty), mask=mask)
 
 
-def vq_quantize(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """z [N, C], codebook [K, C] -> int64 [N] nearest-code indices (fp32 distances)."""
+def code_splits(N: int, K: int, block_n: int, block_k: int, device: torch.device) -> tuple[int, int]:
+    """(programs per row tile, codes per program): about two programs per SM in all."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    splits = max(1, min(triton.cdiv(2 * sms, triton.cdiv(N, block_n)), triton.cdiv(K, block_k), 65535))
+    split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
+    return triton.cdiv(K, split), split
+
+
+def vq_quantize(z: torch.Tensor, codebook: torch.Tensor, n_splits: int | None = None) -> torch.Tensor:
+    """z [N, C], codebook [K, C] -> int64 [N] nearest-code indices (fp32 distances). `n_splits`
+    overrides how many programs share a row tile's codebook (default: `code_splits`)."""
     if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
         raise ValueError(f"vq_quantize wants z [N, C] and codebook [K, C]; got {tuple(z.shape)}, {tuple(codebook.shape)}")
     check_dtype("vq_quantize", z, codebook)
@@ -83,17 +102,22 @@ def vq_quantize(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     e = codebook.to(common)
     e = e if e.stride(1) == 1 else e.contiguous()
     e_norm = e.float().pow(2).sum(1)
-    out = torch.empty(N, dtype=torch.int64, device=z.device)
+    out = torch.full((N,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=z.device)
     if N == 0:
         return out
     if INTERPRET:
         cfg = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_C=min(128, max(16, triton.next_power_of_2(C))))
     else:
         cfg = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_C=min(64, max(16, triton.next_power_of_2(C))), num_warps=8, num_stages=3)
-    _argmin_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-        z, e, e_norm, out, N, K, C, z.stride(0), e.stride(0), **cfg,
+    splits, split = code_splits(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], z.device)
+    if n_splits is not None:
+        splits = max(1, min(int(n_splits), triton.cdiv(K, cfg["BLOCK_K"])))
+        split = triton.cdiv(triton.cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        splits = triton.cdiv(K, split)
+    _argmin_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), splits)](
+        z, e, e_norm, out, N, K, C, z.stride(0), e.stride(0), split, **cfg,
         UPCAST=INTERPRET, DOT_PREC=dot_precision(z.dtype))
-    return out
+    return out.bitwise_and_(0xFFFFFFFF)  # the key's low half: the code
 
 
 def vq_gather(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

@@ -51,13 +51,27 @@ def test_quantize_random_latents(rng, dtype, poison_empty):
     assert (got == d64.argmin(1)).float().mean().item() > 0.97
 
 
-def test_quantize_ties_pick_lowest_index(rng):
+@pytest.mark.parametrize("n_splits", [1, 3])
+def test_quantize_ties_pick_lowest_index(rng, n_splits):
     codebook = torch.randn(260, 32, generator=rng)
-    codebook[250] = codebook[3]  # duplicate in another code tile
+    codebook[250] = codebook[3]  # duplicate in another code tile (and, with 3 splits, another program)
     codebook[5] = codebook[131]
     z = torch.stack([codebook[3], codebook[131], codebook[250]]) + 1e-3 * torch.randn(3, 32, generator=rng)
-    got = K.vq_quantize(z.to(DEV), codebook.to(DEV)).cpu()
+    got = K.vq_quantize(z.to(DEV), codebook.to(DEV), n_splits=n_splits).cpu()
     assert got.tolist() == [3, 5, 3]
+
+
+def test_quantize_codebook_split_over_programs(rng):
+    """Row tiles x codebook splits: every split count gives the reference's codes (latents near
+    their codes, so no near-ties), including a last split shorter than one code tile."""
+    codebook = torch.randn(300, 24, generator=rng)
+    truth = torch.randint(0, 300, (70,), generator=rng)
+    z = (codebook[truth] + 0.01 * torch.randn(70, 24, generator=rng)).to(DEV)
+    codebook = codebook.to(DEV)
+    splits, split = K.code_splits(70, 300, 64, 128, z.device)
+    assert split % 128 == 0 and splits * split >= 300
+    for n in (1, 2, 3):
+        assert torch.equal(K.vq_quantize(z, codebook, n_splits=n).cpu(), truth)
 
 
 def test_quantize_mixed_dtypes_and_strides(rng):

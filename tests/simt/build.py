@@ -49,8 +49,9 @@ def _sources() -> tuple[list[Path], list[Path]]:
 def build(verbose: bool = False) -> Path:
     """Compile (or reuse) the emulated module; returns the path of the shared library."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        raise Unavailable("no C++ compiler (g++) on PATH")
+    objcopy = shutil.which("objcopy")
+    if not cxx or not objcopy:
+        raise Unavailable("no C++ compiler (g++) or objcopy (binutils) on PATH")
     try:
         import pybind11
     except ImportError as err:
@@ -61,7 +62,7 @@ def build(verbose: bool = False) -> Path:
     flags = ["-std=c++17", "-O2", "-fPIC", "-fopenmp", "-w", "-DWORLDVLA_WITH_CUDA=1", "-DWORLDVLA_SIMT=1",
              f"-I{ROOT / 'csrc'}", f"-I{HERE}", f"-I{inc}", f"-I{pybind11.get_include()}",
              f"-I{sysconfig.get_paths()['include']}"]
-    digest = hashlib.sha256(" ".join([cxx, *flags]).encode())
+    digest = hashlib.sha256(" ".join([cxx, *flags, "objcopy .bss=simt_shared"]).encode())
     for f in [*cuda, *cpp, *headers]:
         digest.update(f.name.encode() + f.read_bytes())
     out_dir = ROOT / "build" / "simt" / digest.hexdigest()[:16]
@@ -79,6 +80,11 @@ def build(verbose: bool = False) -> Path:
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode:
             raise RuntimeError(f"compiling {src.relative_to(ROOT)} for the SIMT emulator failed:\n{run.stderr[-4000:]}")
+        if src.suffix == ".cu":  # its __shared__ arrays (its only zero-initialized statics) -> "simt_shared"
+            run = subprocess.run([objcopy, "--rename-section", ".bss=simt_shared", str(obj)], capture_output=True,
+                                 text=True)
+            if run.returncode:
+                raise RuntimeError(f"objcopy on {obj.name} failed:\n{run.stderr[-2000:]}")
         return obj
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:

@@ -61,6 +61,15 @@ struct Block {
 
 thread_local Block* g_block = nullptr;
 
+// Bounds of the shared-memory section (defined by the linker; absent if no kernel has any).
+extern "C" char __start_simt_shared[] __attribute__((weak));
+extern "C" char __stop_simt_shared[] __attribute__((weak));
+
+void poison_shared_memory() {
+  if (__start_simt_shared && __stop_simt_shared > __start_simt_shared)
+    std::memset(__start_simt_shared, 0xff, static_cast<size_t>(__stop_simt_shared - __start_simt_shared));
+}
+
 void fiber_main() {
   (*g_block->body)();
   g_block->t[g_block->cur].state = kDone;  // returns to the scheduler through uc_link
@@ -228,6 +237,7 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
       for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
           block_idx = make_uint3(bx, by, bz);
+          poison_shared_memory();
           blk.t.assign(n, Thread());
           for (int i = 0; i < n; ++i) {
             getcontext(&blk.ctx[i]);

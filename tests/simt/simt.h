@@ -25,9 +25,13 @@
 #include <functional>
 #include <type_traits>
 
-// Shared memory: one copy per kernel instantiation, shared by the fibers of the running block.
+// Shared memory: one static copy per kernel instantiation, shared by the fibers of the running
+// block. The kernel files' zero-initialized statics are exactly these arrays; build.py moves
+// them into one section, "simt_shared", which the scheduler fills with 0xff bytes (NaN as a
+// float or a 16-bit float, -1 as an integer) before every block, so that reads of unwritten
+// shared memory show. Launches run one at a time (the binding holds the GIL on the CUDA path).
 #undef __shared__
-#define __shared__ static thread_local
+#define __shared__ static
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
