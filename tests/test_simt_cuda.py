@@ -209,3 +209,26 @@ def test_range_logits(emulated, rng):
     same = (hidden @ weight[17:250].t()).float()
     err, base = (out.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
     assert out.shape == (5, 233) and err <= 2 * base, (err, base)
+
+
+# --------------------------------------------------------------------------- shapes off the tiles
+def test_decode_many_row_groups(emulated, rng):
+    """Three q heads per kv head and 7 queries: 21 rows per kv head, two row groups of 16 (the
+    second partial), a cache length that is not a multiple of the 64-key tile."""
+    q, k, v, dm = _decode_case(rng, torch.float16, 64, B=2, Q=7, H=6, Hkv=2, S=201)
+    out = nb.decode_attention(q, k, v, dm, n_splits=2)
+    finite = lambda t: torch.nan_to_num(t, nan=0.0)  # noqa: E731
+    ref = decode_attention_ref(q.double(), finite(k).double(), finite(v).double(), dm)
+    assert_close_rule(out, ref, decode_attention_ref(q, finite(k), finite(v), dm, upcast=False), "simt row groups")
+
+
+def test_prefill_packed_grid_past_the_documents(emulated, rng):
+    """Packed documents with max_seqlen unset (0): the grid is sized by the whole batch and CTAs
+    past a document's end must exit without writing; documents end inside row tiles."""
+    docs = [action_ids(rng, 130, chunk=5), torch.tensor([LAYOUT.bos] * 2), world_ids(rng, 150)]
+    lens = [d.numel() for d in docs]
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
+    meta = chunk_mask_meta(torch.cat(docs), LAYOUT, cu_seqlens=cu)
+    meta = ChunkMaskMeta(meta.kv_block, meta.q_limit, meta.position_ids, meta.cu_seqlens, 0)
+    q, k, v = qkv(rng, (sum(lens),), 2, 2, 128, torch.bfloat16)
+    check_prefill(q, k, v, meta, "simt packed, grid past the documents")
