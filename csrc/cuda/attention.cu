@@ -2,7 +2,8 @@
 //
 // Prefill: one CTA of 4 warps per (64 query rows, head, sequence); each warp owns
 // 16 rows and runs Q K^T and P V on tensor cores (mma.sync m16n8k16, fp32
-// accumulation) with an online softmax over 64-key tiles. A key tile the chunk
+// accumulation; K and V fragments loaded with ldmatrix, V's transposed) with an
+// online softmax over 64-key tiles. A key tile the chunk
 // rule hides from every row of the CTA (max kv_block < min q_limit) is skipped
 // without being loaded; a tile below the diagonal that the rule cannot touch
 // (min kv_block >= max q_limit) skips the per-pair test.
@@ -28,8 +29,8 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
   constexpr int KS = D / 16;  // k-steps of Q K^T over the head dim
   constexpr int NT = kBN / 8; // 8-key column tiles of S
   constexpr int DT = D / 8;   // 8-wide column tiles of O
-  // Row stride of the K/V tiles in 16-bit elements: rows stay 16-byte aligned and
-  // a quad-strided fragment read touches 32 different banks.
+  // Row stride of the K/V tiles in 16-bit elements: rows stay 16-byte aligned, and the
+  // 8 rows of 16 bytes an ldmatrix phase reads fall in 8 different 16-byte bank groups.
   constexpr int LD = D + 8;
   __shared__ __align__(16) uint16_t k_s[kBN * LD];
   __shared__ __align__(16) uint16_t v_s[kBN * LD];
@@ -108,13 +109,17 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
     float s[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    // K's B fragments of two 8-key column tiles per ldmatrix: matrices (keys nt*8.., d ks*16..),
+    // (same keys, d +8), (keys (nt+1)*8.., d ks*16..), (same keys, d +8).
+    const int mat = lane >> 3, mrow = lane & 7;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const uint16_t* kr = &k_s[(nt * 8 + g) * LD + ks * 16 + 2 * t4];
-        mma_16816<T>(s[nt], qa[ks], *reinterpret_cast<const uint32_t*>(kr),
-                     *reinterpret_cast<const uint32_t*>(kr + 8));
+      for (int nt = 0; nt < NT; nt += 2) {
+        uint32_t b[4];
+        ldmatrix_x4<false>(b, &k_s[((nt + (mat >> 1)) * 8 + mrow) * LD + ks * 16 + (mat & 1) * 8]);
+        mma_16816<T>(s[nt], qa[ks], b[0], b[1]);
+        mma_16816<T>(s[nt + 1], qa[ks], b[2], b[3]);
       }
     }
 
@@ -159,18 +164,21 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
       o[dt][3] *= alpha[1];
     }
 
-    // P V: the S accumulators of key tiles 2kk and 2kk+1 are exactly the A
-    // fragment of a 16x16 P block; V's B fragment pairs two keys of one column.
+    // P V: the S accumulators of key tiles 2kk and 2kk+1 are exactly the A fragment of a
+    // 16x16 P block. V's B fragments (two keys of one column per register) come from
+    // transposing ldmatrix loads of the row-major V tile: matrices (keys kk*16.., d dt*8..),
+    // (keys +8, same d), (keys kk*16.., d (dt+1)*8..), (keys +8, same d).
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      const uint16_t* vk = &v_s[(kk * 16 + 2 * t4) * LD + g];
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const uint16_t* vp = vk + dt * 8;
-        mma_16816<T>(o[dt], a, pack_u16(vp[0], vp[LD]), pack_u16(vp[8 * LD], vp[9 * LD]));
+      for (int dt = 0; dt < DT; dt += 2) {
+        uint32_t b[4];
+        ldmatrix_x4<true>(b, &v_s[(kk * 16 + (mat & 1) * 8 + mrow) * LD + (dt + (mat >> 1)) * 8]);
+        mma_16816<T>(o[dt], a, b[0], b[1]);
+        mma_16816<T>(o[dt + 1], a, b[2], b[3]);
       }
     }
     __syncthreads();

@@ -74,11 +74,6 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Two 16-bit values (low, high) -> one register.
-__device__ __forceinline__ uint32_t pack_u16(uint16_t lo, uint16_t hi) {
-  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-}
-
 template <typename T>
 __device__ __forceinline__ float2 unpack2(uint32_t u);
 template <>
@@ -123,6 +118,25 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Four 8x8 matrices of 16-bit values from shared memory (ldmatrix .x4): lanes 8j..8j+7 pass
+// the addresses of matrix j's rows (16-byte aligned); register j of lane 4g+q receives row g,
+// columns 2q..2q+1 of matrix j, or with `trans` rows 2q..2q+1 of column g: exactly an mma
+// A-fragment register (plain) or B-fragment register of a row-major [k][n] tile (trans).
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#ifdef WORLDVLA_SIMT
+  simt::warp_ldmatrix_x4(r, row, kTrans);
+#else
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  if (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 #endif
 }
 

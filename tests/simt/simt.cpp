@@ -24,7 +24,7 @@ constexpr size_t kStackBytes = 128 * 1024;
 constexpr int kWarp = 32;
 
 enum State : int { kReady, kAtBlock, kAtWarp, kDone };
-enum WarpOp : int { kShfl = 1, kShflXor = 2, kMmaBf16 = 3, kMmaF16 = 4 };
+enum WarpOp : int { kShfl = 1, kShflXor = 2, kMmaBf16 = 3, kMmaF16 = 4, kLdsm = 5, kLdsmTrans = 6 };
 
 const char* state_name(const State s) {
   switch (s) {
@@ -47,6 +47,7 @@ struct Thread {
   uint64_t bits = 0;
   uint32_t a[4] = {}, b[2] = {};
   float c[4] = {};
+  const uint16_t* row = nullptr;  // ldmatrix
 };
 
 struct Block {
@@ -137,6 +138,27 @@ void complete_mma(Thread* lanes, bool bf16) {
   }
 }
 
+// ldmatrix .x4: lanes 8j..8j+7 give the rows of 8x8 matrix j (16-byte aligned); register j of
+// lane l receives row l/4, columns 2(l%4) and 2(l%4)+1 of matrix j, or with .trans rows
+// 2(l%4) and 2(l%4)+1 of column l/4 (PTX ISA, "Warp-level matrix load instruction: ldmatrix").
+void complete_ldmatrix(Thread* lanes, bool trans, const std::string& where) {
+  uint16_t m[4][8][8];
+  for (int j = 0; j < 4; ++j)
+    for (int i = 0; i < 8; ++i) {
+      const uint16_t* row = lanes[8 * j + i].row;
+      if (reinterpret_cast<uintptr_t>(row) % 16) fail(where + "an ldmatrix row address is not 16-byte aligned");
+      std::memcpy(m[j][i], row, 16);
+    }
+  for (int lane = 0; lane < kWarp; ++lane) {
+    const int g = lane >> 2, q = lane & 3;
+    for (int j = 0; j < 4; ++j) {
+      const uint16_t lo = trans ? m[j][2 * q][g] : m[j][g][2 * q];
+      const uint16_t hi = trans ? m[j][2 * q + 1][g] : m[j][g][2 * q + 1];
+      lanes[lane].a[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+  }
+}
+
 // Completes warp `w`'s pending operation if all its lanes have reached it; false if they have not.
 bool try_complete_warp(Block& blk, int w) {
   const int first = w * kWarp, size = std::min(kWarp, blk.n - first);
@@ -167,6 +189,8 @@ bool try_complete_warp(Block& blk, int w) {
       if (op == kShflXor && (src & ~(width - 1)) != base) src = i;  // outside the segment: own value
       lanes[i].bits = in[src & (kWarp - 1)];
     }
+  } else if (op == kLdsm || op == kLdsmTrans) {
+    complete_ldmatrix(lanes, op == kLdsmTrans, where.str());
   } else {
     complete_mma(lanes, op == kMmaBf16);
   }
@@ -306,6 +330,17 @@ void warp_mma_16816(bool bf16, float (&d)[4], const uint32_t (&a)[4], uint32_t b
   yield();
   const Thread& done = g_block->t[g_block->cur];
   for (int i = 0; i < 4; ++i) d[i] = done.c[i];
+}
+
+void warp_ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  Thread& th = g_block->t[g_block->cur];
+  th.op = trans ? kLdsmTrans : kLdsm;
+  th.mask = 0xffffffffu;
+  th.row = static_cast<const uint16_t*>(row);
+  th.state = kAtWarp;
+  yield();
+  const Thread& done = g_block->t[g_block->cur];
+  for (int i = 0; i < 4; ++i) r[i] = done.a[i];
 }
 
 }  // namespace simt

@@ -52,6 +52,8 @@ int block_barrier(BarrierKind kind, int pred);
 uint64_t warp_shuffle(uint32_t mask, uint64_t bits, int lane_arg, bool is_xor, int width);
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 on the warp's fragments.
 void warp_mma_16816(bool bf16, float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: `row` is this lane's row address.
+void warp_ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans);
 
 template <typename T>
 T shuffle(uint32_t mask, T value, int lane_arg, bool is_xor, int width) {
