@@ -3,7 +3,8 @@
 // Prefill: one CTA of 4 warps per (64 query rows, head, sequence); each warp owns
 // 16 rows and runs Q K^T and P V on tensor cores (mma.sync m16n8k16, fp32
 // accumulation; K and V fragments loaded with ldmatrix, V's transposed) with an
-// online softmax over 64-key tiles. A key tile the chunk
+// online softmax over 64-key tiles. K and V tiles arrive by cp.async, pipelined:
+// a tile's V loads during its Q K^T, the next visible tile's K during its P V. A key tile the chunk
 // rule hides from every row of the CTA (max kv_block < min q_limit) is skipped
 // without being loaded; a tile below the diagonal that the rule cannot touch
 // (min kv_block >= max q_limit) skips the per-pair test.
@@ -34,7 +35,7 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
   constexpr int LD = D + 8;
   __shared__ __align__(16) uint16_t k_s[kBN * LD];
   __shared__ __align__(16) uint16_t v_s[kBN * LD];
-  __shared__ int32_t kvb_s[kBN];
+  __shared__ int32_t kvb_s[2][kBN];  // kv_block of the current and of the next visible tile
   __shared__ int32_t ql_min_s, ql_max_s;
 
   const int seq = blockIdx.z, head = blockIdx.y, m0 = blockIdx.x * kBM;
@@ -85,27 +86,39 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
   const float sl2 = p.scale * kLog2e;
   const int n_end = min(len, m0 + kBM);  // causal: no key after the CTA's last row
 
-  for (int n0 = 0; n0 < n_end; n0 += kBN) {
-    const bool kin = tid < kBN && n0 + tid < n_end;
-    const int32_t my_kvb = kin ? kvb_g[n0 + tid] : kNoBlock;
-    if (tid < kBN) kvb_s[tid] = my_kvb;
-    if (__syncthreads_and(!kin || my_kvb < ql_min)) continue;  // tile hidden from every row
-    const bool any_chunk = __syncthreads_or(kin && my_kvb < ql_max);
-    const bool need_mask = any_chunk || (n0 + kBN - 1 > m0);
-
-    constexpr int CPR = D / 8;  // 16-byte chunks per row
+  // The first key tile at or after `from` that some row of the CTA may see (n_end if none): its
+  // kv_block values go to kvb_s[buf]; `need_mask` tells whether the per-pair test is needed.
+  // Every call that looks at a tile passes block barriers.
+  auto next_visible = [&](int from, int buf, bool& need_mask) {
+    for (int n0 = from; n0 < n_end; n0 += kBN) {
+      const bool kin = tid < kBN && n0 + tid < n_end;
+      const int32_t my_kvb = kin ? kvb_g[n0 + tid] : kNoBlock;
+      if (tid < kBN) kvb_s[buf][tid] = my_kvb;
+      if (__syncthreads_and(!kin || my_kvb < ql_min)) continue;  // tile hidden from every row
+      need_mask = __syncthreads_or(kin && my_kvb < ql_max) || (n0 + kBN - 1 > m0);
+      return n0;
+    }
+    return n_end;
+  };
+  // One 64-key tile of K or V into shared memory with cp.async (rows past the sequence zero-filled).
+  constexpr int CPR = D / 8;  // 16-byte chunks per row
+  auto load_tile = [&](uint16_t* dst, const T* src, int64_t row_stride, int n0) {
     for (int c = tid; c < kBN * CPR; c += kThreads) {
       const int row = c / CPR, col = (c % CPR) * 8, j = n0 + row;
-      uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = make_uint4(0u, 0u, 0u, 0u);
-      if (j < len) {
-        kv = *reinterpret_cast<const uint4*>(kb + j * p.k_st + col);
-        vv = *reinterpret_cast<const uint4*>(vb + j * p.v_st + col);
-      }
-      *reinterpret_cast<uint4*>(&k_s[row * LD + col]) = kv;
-      *reinterpret_cast<uint4*>(&v_s[row * LD + col]) = vv;
+      cp_async_16(&dst[row * LD + col], src + static_cast<int64_t>(j < len ? j : 0) * row_stride + col, j < len);
     }
-    __syncthreads();
+    cp_async_commit();
+  };
 
+  // Software pipeline over the visible tiles: V of a tile loads while Q K^T and the softmax
+  // run, K of the next visible tile while P V runs; one K and one V buffer suffice.
+  bool need_mask = false;
+  int n0 = next_visible(0, 0, need_mask);
+  if (n0 < n_end) load_tile(k_s, kb, p.k_st, n0);
+  for (int buf = 0; n0 < n_end; buf ^= 1) {
+    load_tile(v_s, vb, p.v_st, n0);  // v_s is free: the last P V ended with a barrier
+    cp_async_wait<1>();              // this thread's K copies have landed ...
+    __syncthreads();                 // ... and every thread's
     float s[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
@@ -132,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
         if (need_mask) {
           const int r = e < 2 ? r0 : r1;
           const int jj = nt * 8 + 2 * t4 + (e & 1);
-          if (n0 + jj > r || kvb_s[jj] < (e < 2 ? ql0 : ql1)) x = -INFINITY;
+          if (n0 + jj > r || kvb_s[buf][jj] < (e < 2 ? ql0 : ql1)) x = -INFINITY;
         }
         s[nt][e] = x;
         mx[e >> 1] = fmaxf(mx[e >> 1], x);
@@ -164,6 +177,18 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
       o[dt][3] *= alpha[1];
     }
 
+    // The next visible tile: its probe's barriers also end every warp's reads of k_s, so its K
+    // can load into k_s while P V runs; then wait for this tile's V.
+    bool next_mask = false;
+    const int n1 = next_visible(n0 + kBN, buf ^ 1, next_mask);
+    if (n1 < n_end) {
+      load_tile(k_s, kb, p.k_st, n1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
     // P V: the S accumulators of key tiles 2kk and 2kk+1 are exactly the A fragment of a
     // 16x16 P block. V's B fragments (two keys of one column per register) come from
     // transposing ldmatrix loads of the row-major V tile: matrices (keys kk*16.., d dt*8..),
@@ -181,7 +206,9 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
         mma_16816<T>(o[dt + 1], a, b[2], b[3]);
       }
     }
-    __syncthreads();
+    __syncthreads();  // every warp is done with v_s
+    n0 = n1;
+    need_mask = next_mask;
   }
 
   float inv[2];

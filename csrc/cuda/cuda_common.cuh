@@ -140,6 +140,34 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 #endif
 }
 
+// 16 bytes global -> shared without passing through registers (cp.async.cg, sm_80+); with
+// `valid` false the 16 bytes are zero-filled and `gmem` is not read. Copies are grouped by
+// cp_async_commit(); cp_async_wait<N>() returns once all but the N newest groups of this
+// thread have landed (a barrier then makes them visible to the other threads).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+#ifdef WORLDVLA_SIMT
+  simt::cp_async(smem, gmem, 16, valid ? 16 : 0);
+#else
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(valid ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef WORLDVLA_SIMT
+  simt::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef WORLDVLA_SIMT
+  simt::cp_async_wait(N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {
 #ifdef WORLDVLA_SIMT
   return exp2f(x);

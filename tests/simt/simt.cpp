@@ -36,8 +36,24 @@ const char* state_name(const State s) {
   return "?";
 }
 
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes;  // src_bytes < bytes: the rest is zero-filled
+};
+
+void land(std::vector<AsyncCopy>& copies) {
+  for (const AsyncCopy& c : copies) {
+    if (c.src_bytes) std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
+    std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
+  }
+  copies.clear();
+}
+
 struct Thread {
   State state = kReady;
+  std::vector<AsyncCopy> open_group;                // cp.async copies not committed yet
+  std::vector<std::vector<AsyncCopy>> groups;       // committed, oldest first
   // block barrier
   BarrierKind kind = kSync;
   int pred = 0, result = 0;
@@ -73,7 +89,10 @@ void poison_shared_memory() {
 
 void fiber_main() {
   (*g_block->body)();
-  g_block->t[g_block->cur].state = kDone;  // returns to the scheduler through uc_link
+  Thread& th = g_block->t[g_block->cur];
+  for (auto& group : th.groups) land(group);  // copies still in flight land before the block ends
+  land(th.open_group);
+  th.state = kDone;  // returns to the scheduler through uc_link
 }
 
 void yield() { swapcontext(&g_block->ctx[g_block->cur], &g_block->sched); }
@@ -252,7 +271,8 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
   blk.ctx.resize(n);
   for (int i = 0; i < n; ++i) blk.stacks.emplace_back(new char[kStackBytes]);
   std::mt19937 rng(seed_from_env());
-  std::vector<int> order(n);
+  std::vector<int> order(n), warps((n + kWarp - 1) / kWarp);
+  for (size_t w = 0; w < warps.size(); ++w) warps[w] = static_cast<int>(w);
   grid_dim = grid;
   block_dim = block;
   g_block = &blk;
@@ -271,20 +291,28 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
             makecontext(&blk.ctx[i], fiber_main, 0);
             order[i] = i;
           }
+          // Warps in a random order, each run as far as it goes (through its warp operations, up to
+          // a block barrier or its end) before the next starts: between block barriers one warp
+          // runs far ahead of the others, as it may on a GPU.
           for (;;) {
-            std::shuffle(order.begin(), order.end(), rng);
-            for (const int i : order) {
-              if (blk.t[i].state != kReady) continue;
-              blk.cur = i;
-              thread_idx = make_uint3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
-              swapcontext(&blk.sched, &blk.ctx[i]);
+            std::shuffle(warps.begin(), warps.end(), rng);
+            for (const int w : warps) {
+              do {
+                const int first = w * kWarp, last = std::min(n, first + kWarp);
+                std::shuffle(order.begin() + first, order.begin() + last, rng);
+                for (int k = first; k < last; ++k) {
+                  const int i = order[k];
+                  if (blk.t[i].state != kReady) continue;
+                  blk.cur = i;
+                  thread_idx = make_uint3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+                  swapcontext(&blk.sched, &blk.ctx[i]);
+                }
+              } while (try_complete_warp(blk, w));
             }
-            bool all_done = true, progressed = false;
+            bool all_done = true;
             for (const Thread& th : blk.t) all_done &= th.state == kDone;
             if (all_done) break;
-            for (int w = 0; w * kWarp < n; ++w) progressed |= try_complete_warp(blk, w);
-            if (!progressed) progressed = try_complete_block(blk);
-            if (!progressed) deadlock(blk);
+            if (!try_complete_block(blk)) deadlock(blk);
           }
         }
   } catch (...) {
@@ -330,6 +358,26 @@ void warp_mma_16816(bool bf16, float (&d)[4], const uint32_t (&a)[4], uint32_t b
   yield();
   const Thread& done = g_block->t[g_block->cur];
   for (int i = 0; i < 4; ++i) d[i] = done.c[i];
+}
+
+void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % bytes || (src_bytes && reinterpret_cast<uintptr_t>(src) % bytes))
+    fail("a cp.async address is not aligned to the copy size");
+  g_block->t[g_block->cur].open_group.push_back({dst, src, bytes, src_bytes});
+}
+
+void cp_async_commit() {
+  Thread& th = g_block->t[g_block->cur];
+  th.groups.push_back(std::move(th.open_group));
+  th.open_group.clear();
+}
+
+void cp_async_wait(int pending_groups) {
+  Thread& th = g_block->t[g_block->cur];
+  while (static_cast<int>(th.groups.size()) > pending_groups) {
+    land(th.groups.front());
+    th.groups.erase(th.groups.begin());
+  }
 }
 
 void warp_ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {

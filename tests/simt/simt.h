@@ -12,6 +12,10 @@
 // hanging as a GPU would) when a barrier can never complete: lanes of one warp waiting at
 // different points, a warp operation with exited lanes, a block barrier some threads skip.
 //
+// cp.async copies land at the cp.async.wait_group that covers them, the latest moment the
+// hardware may complete them, so a read of their destination before the wait (and the barrier
+// after it) sees the old contents.
+//
 // Not emulated: timing, memory ordering beyond the barriers, bank conflicts, out-of-bounds
 // detection (the tests surround inputs with NaN instead), dynamic shared memory, streams.
 #pragma once
@@ -54,6 +58,11 @@ uint64_t warp_shuffle(uint32_t mask, uint64_t bits, int lane_arg, bool is_xor, i
 void warp_mma_16816(bool bf16, float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 // ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: `row` is this lane's row address.
 void warp_ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans);
+// cp.async: a copy lands only when a wait_group lets it (the latest moment the hardware may
+// complete it), so shared memory read before the wait holds what it held before the copy.
+void cp_async(void* dst, const void* src, int bytes, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int pending_groups);
 
 template <typename T>
 T shuffle(uint32_t mask, T value, int lane_arg, bool is_xor, int width) {
