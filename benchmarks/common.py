@@ -206,8 +206,29 @@ def time_fn(fn, *, warmup: int = 3, repeats: int = 20, device="cpu", setup=None,
     return out
 
 
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
 def peak_memory(fn, device="cpu") -> int | None:
+    """Peak memory `fn` adds: CUDA's allocator peak over what was allocated before; on CPU (Linux)
+    the growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over
+    the resident set before. The CPU figure sees large tensors (mmap'd by the allocator) fully, and
+    may miss small ones served from memory the process already holds. None where neither applies."""
     device = torch.device(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident set
+            base = _proc_status_bytes("VmRSS")
+            fn()
+            return max(0, _proc_status_bytes("VmHWM") - base)
+        except OSError:
+            return None
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)

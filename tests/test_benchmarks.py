@@ -3,6 +3,7 @@ input rotation that keeps GPU timings out of L2."""
 import importlib.util
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -198,3 +199,14 @@ def test_gpu_script_parses_and_names_existing_files():
     for module in re.findall(r"-m (benchmarks\.[a-z0-9_]+)", text):
         assert (root / (module.replace(".", "/") + ".py")).is_file(), module
     assert 'tar czf "$OUT/logs.tgz"' in text and 'cp "$RESULTS"/*.json "$OUT"/' in text
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_cpu_peak_memory_sees_a_large_temporary():
+    """A 64 MB temporary freed before the call returns still counts; nothing allocated counts ~0."""
+    big = common.peak_memory(lambda: float(torch.ones(16 << 20).sum()), "cpu")
+    none = common.peak_memory(lambda: None, "cpu")
+    if big is None:
+        pytest.skip("this kernel does not let the process reset its peak resident set")
+    assert 60 << 20 <= big <= 100 << 20, big
+    assert none < 8 << 20, none

@@ -128,16 +128,22 @@ def test_prefill_length_one_documents_cpu(rng):
     torch.testing.assert_close(out[:3], v[:3].expand(3, 2, 8), rtol=0, atol=1e-6)
 
 
+def long_blocks_meta(L, first, end, block):
+    """Hand-made [1, L] metadata: action blocks of `block` tokens starting at first, first + block, ...
+    below `end` (an image and text before them, a tail after), each hidden from the later ones."""
+    kv = torch.full((L,), NO_BLOCK, dtype=torch.int32)
+    ql = torch.full((L,), -1, dtype=torch.int32)
+    for b, s in enumerate(range(first, end, block)):
+        kv[s:s + block] = b
+        ql[s:s + block] = b
+    return ChunkMaskMeta(kv.view(1, L), ql.view(1, L), torch.arange(L).view(1, L), None, L)
+
+
 def test_prefill_skips_hidden_tiles_cpu(rng):
     """Hand-made metadata with 80-token action blocks after the image: whole key tiles of
     earlier blocks are hidden from whole query blocks (the skip path), the rest masked per pair."""
     L = 300
-    kv = torch.full((L,), NO_BLOCK, dtype=torch.int32)
-    ql = torch.full((L,), -1, dtype=torch.int32)
-    for b, s in enumerate(range(40, 280, 80)):
-        kv[s:s + 80] = b
-        ql[s:s + 80] = b
-    meta = ChunkMaskMeta(kv.view(1, L), ql.view(1, L), torch.arange(L).view(1, L), None, L)
+    meta = long_blocks_meta(L, 40, 280, 80)
     q, k, v = qkv(rng, (1, L), 2, 1, 24)
     check_prefill(q, k, v, meta, "long blocks")
 
@@ -398,12 +404,7 @@ def test_prefill_packed_cuda(rng, D):
 @gpu
 def test_prefill_long_blocks_and_strides_cuda(rng):
     L, H, Hkv, D = 700, 4, 2, 128
-    kv = torch.full((L,), NO_BLOCK, dtype=torch.int32)
-    ql = torch.full((L,), -1, dtype=torch.int32)
-    for b, s in enumerate(range(50, 690, 128)):
-        kv[s:s + 128] = b
-        ql[s:s + 128] = b
-    meta = ChunkMaskMeta(kv.view(1, L), ql.view(1, L), torch.arange(L).view(1, L), None, L).to("cuda")
+    meta = long_blocks_meta(L, 50, 690, 128).to("cuda")
     fused = torch.randn(1, L, H + 2 * Hkv, D, generator=rng).to("cuda", torch.bfloat16)
     q, k, v = fused.split([H, Hkv, Hkv], dim=2)
     check_prefill(q, k, v, meta, "cuda long blocks strided")

@@ -22,8 +22,8 @@ pytest.importorskip("worldvla._C")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from simt import build as simt_build  # noqa: E402
-from test_native_attention import (FP32_FLOOR, LAYOUT, action_ids, assert_close_rule, check_prefill,  # noqa: E402
-                                   decode_meta_from, qkv, world_ids)
+from test_native_attention import (LAYOUT, action_ids, assert_close_rule, check_prefill, decode_meta_from,  # noqa: E402
+                                   long_blocks_meta, qkv, world_ids)
 from test_native_sampling import assert_greedy  # noqa: E402
 from test_native_vq import assert_nearest  # noqa: E402
 
@@ -85,12 +85,7 @@ def test_prefill_skipped_tiles_and_nan_padded_rows(emulated, rng):
     (skipped without a load), the rest masked per pair; q, k, v are strided views whose rows
     are followed by NaN, which no read may touch."""
     L, D = 300, 64
-    kv = torch.full((L,), NO_BLOCK, dtype=torch.int32)
-    ql = torch.full((L,), -1, dtype=torch.int32)
-    for b, s in enumerate(range(40, 280, 80)):
-        kv[s:s + 80] = b
-        ql[s:s + 80] = b
-    meta = ChunkMaskMeta(kv.view(1, L), ql.view(1, L), torch.arange(L).view(1, L), None, L)
+    meta = long_blocks_meta(L, 40, 280, 80)
     q, k, v = (nan_padded(t) for t in qkv(rng, (1, L), 2, 1, D, torch.bfloat16))
     assert q.stride(2) == D + 8
     check_prefill(q, k, v, meta, "simt long blocks")
