@@ -5,7 +5,9 @@ The answer of a world-model prompt is one image: `BOI, res(h), res(w), h rows of
 is forced, and forced tokens ride in the forward pass of the token before them: the
 header goes with the prompt's prefill, and a row's newline with the row's last code
 (a 2-row step). A frame of h x w codes costs h*w - 1 decode steps. Codes are chosen among
-the image-code ids only, greedily or by top-k / temperature sampling.
+the image-code ids only, greedily or by top-k / temperature sampling; when those ids form one
+range and there is no guidance, through the fused constrained sampler (`ops.constrained_sample`:
+the range's logits only, greedy without materializing them).
 
 Classifier-free guidance (optional): the unconditional branch is the same prompt without
 the action block (`BOS, text, image, SEP`), decoded in the same batch, and the code
@@ -23,8 +25,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .. import ops
 from ..ops.sampling import sample_logits
 from ..tokens.sequence import WORLD_PROMPT, SequenceBuilder, image_tokens
+from .chunk import sampling_backend
 from .engine import InferenceEngine
 
 
@@ -69,7 +73,13 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     code_of = torch.full((hi - lo,), -1, dtype=torch.long, device=dev)
     code_of[torch.tensor(lay.image_code_ids, device=dev) - lo] = torch.arange(lay.n_image_codes, device=dev)
 
+    fused = not guided and all_valid  # the code ids are one range: the fused constrained sampler
+    sampler = sampling_backend(backend)
+
     def choose(hid):  # hid [rows, H] -> token ids [N]
+        if fused:
+            return ops.constrained_sample(hid, model.lm_head.weight, lo, hi, temperature, top_k, generator,
+                                          backend=sampler)
         logits = (hid @ W.t()).float()
         if guided:
             cond, unc = logits[:N], logits[N:]
