@@ -229,7 +229,10 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
 }
 
 // ---------------------------------------------------------------------------- decode
-constexpr int kDecRows = 16;  // rows (query x grouped head) per CTA, 4 per warp
+// Rows (query x grouped head) per CTA, 4 per warp, dealt round-robin: row w + 4 i goes to warp w,
+// so a CTA with few rows (5 queries of one head: a parallel action chunk) spreads them over its
+// warps instead of queueing them on the first one.
+constexpr int kDecRows = 16;
 constexpr int kDecTile = 64;  // keys per tile; split sizes are multiples of it
 
 template <typename T, int D>
@@ -273,7 +276,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   float m_run[4], l_run[4], acc[4][2 * DP];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int r = rg * kDecRows + warp * 4 + i;
+    const int r = rg * kDecRows + warp + 4 * i;
     my_valid[i] = r < R;
     my_pos[i] = my_valid[i] ? p.q_pos[b * Q + r / G] : -1;
     my_lim[i] = my_valid[i] ? p.q_limit[b * Q + r / G] : INT_MAX;
@@ -317,7 +320,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       if (!my_valid[i]) continue;  // uniform over the warp
-      const float2* qr = reinterpret_cast<const float2*>(&q_s[(warp * 4 + i) * D]);
+      const float2* qr = reinterpret_cast<const float2*>(&q_s[(warp + 4 * i) * D]);
       float sa = 0.f, sb = 0.f;
 #pragma unroll 8
       for (int w = 0; w < D / 2; ++w) {
@@ -357,7 +360,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   for (int i = 0; i < 4; ++i) {
     if (!my_valid[i]) continue;
     const float l = warp_sum(l_run[i]);
-    const int r = rg * kDecRows + warp * 4 + i, qi = r / G, h = hk * G + r % G;
+    const int r = rg * kDecRows + warp + 4 * i, qi = r / G, h = hk * G + r % G;
     const int64_t row = ((static_cast<int64_t>(b) * p.n_splits + split) * Q + qi) * H + h;
     const float inv = l > 0.f ? 1.f / l : 0.f;
     float* op = p.o_part + row * D;
