@@ -129,6 +129,17 @@ def test_decode_split_kv(emulated, rng, dtype, D, n_splits):
     assert_close_rule(out, ref, same, f"simt decode {dtype} D={D} splits={n_splits}")
 
 
+@pytest.mark.parametrize("Q", [1, 5])
+def test_decode_without_grouped_heads(emulated, rng, Q):
+    """Chameleon-7B's shape (as many kv heads as q heads): 1 row (ordinary decoding) or 5 rows (a
+    parallel chunk) of the CTA's 16; empty splits past a short cache."""
+    q, k, v, dm = _decode_case(rng, torch.bfloat16, 128, B=3, Q=Q, H=3, Hkv=3, S=260)
+    out = nb.decode_attention(q, k, v, dm, n_splits=4)
+    finite = lambda t: torch.nan_to_num(t, nan=0.0)  # noqa: E731
+    ref = decode_attention_ref(q.double(), finite(k).double(), finite(v).double(), dm)
+    assert_close_rule(out, ref, decode_attention_ref(q, finite(k), finite(v), dm, upcast=False), f"simt Q={Q}")
+
+
 def test_decode_rows_equal_the_prefill(emulated, rng):
     """The two CUDA kernels agree: decode of rows inside different action blocks == those rows of the prefill."""
     L = 203

@@ -10,9 +10,11 @@
 // (min kv_block >= max q_limit) skips the per-pair test.
 //
 // Decode: split-KV. CTAs of (key split, kv head x row group, batch) each run
-// up to 16 rows (query x grouped q head) against one split of the cache and
-// write a normalized partial output and its log-sum-exp; a combine kernel merges
-// the splits. The number of splits depends on shapes only, so a captured CUDA
+// up to 16 rows (query x grouped q head: one m16 tensor-core tile) against one
+// split of the cache, the four warps taking 16 keys each of every 64-key tile
+// (K and V by cp.async, pipelined as in the prefill) and merging their softmax
+// states at the end; each CTA writes a normalized partial output and its
+// log-sum-exp, and a combine kernel merges the splits. The number of splits depends on shapes only, so a captured CUDA
 // graph stays valid while kv_len and q_pos change on the device.
 #include <climits>
 
@@ -229,147 +231,219 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
 }
 
 // ---------------------------------------------------------------------------- decode
-// Rows (query x grouped head) per CTA, 4 per warp, dealt round-robin: row w + 4 i goes to warp w,
-// so a CTA with few rows (5 queries of one head: a parallel action chunk) spreads them over its
-// warps instead of queueing them on the first one.
-constexpr int kDecRows = 16;
+// A CTA takes up to 16 rows (query x grouped head) of one kv head: one m16 tile of the tensor
+// cores. Its four warps share each 64-key tile, 16 keys a warp, each with its own online
+// softmax over the keys it sees; the four partial states merge at the end.
+constexpr int kDecRows = 16;  // rows per CTA
 constexpr int kDecTile = 64;  // keys per tile; split sizes are multiples of it
+constexpr int kDecWarpKeys = kDecTile / (kThreads / 32);  // 16 keys of each tile per warp
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeParams p, int n_rowgroups) {
-  constexpr int LDK = D + 2;  // odd number of 32-bit words per row: lane-per-row reads are conflict-free
-  constexpr int DP = D / 64;  // 32-bit column pairs per lane
-  __shared__ __align__(16) uint16_t k_s[kDecTile * LDK];
-  __shared__ __align__(16) uint16_t v_s[kDecTile * LDK];
-  __shared__ __align__(16) float q_s[kDecRows * D];
-  __shared__ int32_t kvb_s[kDecTile];
+  constexpr int KS = D / 16, DT = D / 8, LD = D + 8;  // LD as in the prefill (ldmatrix, cp.async)
+  // K and V tiles, reused after the key loop for the four warps' partial outputs [4][16][D] fp32.
+  __shared__ __align__(16) uint16_t kv_s[2 * kDecTile * LD];
+  __shared__ int32_t kvb_s[2][kDecTile];
+  __shared__ float part_m[4][kDecRows], part_l[4][kDecRows];
+  static_assert(4 * kDecRows * D * sizeof(float) <= sizeof(uint16_t) * 2 * kDecTile * LD, "partials fit in kv_s");
+  uint16_t* const k_s = kv_s;
+  uint16_t* const v_s = kv_s + kDecTile * LD;
 
   const int split = blockIdx.x, b = blockIdx.z;
   const int hk = blockIdx.y / n_rowgroups, rg = blockIdx.y % n_rowgroups;
   const int G = static_cast<int>(p.n_heads / p.n_kv_heads);
   const int Q = static_cast<int>(p.n_q), H = static_cast<int>(p.n_heads);
   const int R = Q * G;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int S = static_cast<int>(p.cache_len);
   const int kv_len = min(max(p.kv_len[b], 0), S);
   const float sl2 = p.scale * kLog2e;
 
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb;
-  for (int idx = tid; idx < kDecRows * D; idx += kThreads) {
-    const int r = rg * kDecRows + idx / D, d = idx % D;
-    float x = 0.f;
-    if (r < R) x = to_float<T>(qg[(r / G) * p.q_st + (hk * G + r % G) * p.q_sh + d]) * sl2;
-    q_s[idx] = x;
+  // Rows r0 = g and r1 = g + 8 of the row group: query r / G, q head hk * G + r % G.
+  const int r0 = rg * kDecRows + g, r1 = r0 + 8;
+  const bool v0 = r0 < R, v1 = r1 < R;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + hk * G * p.q_sh;
+  const T* q0 = qg + (r0 / G) * p.q_st + (r0 % G) * p.q_sh;
+  const T* q1 = qg + (r1 / G) * p.q_st + (r1 % G) * p.q_sh;
+  uint32_t qa[KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int c = ks * 16 + 2 * t4;
+    qa[ks][0] = v0 ? *reinterpret_cast<const uint32_t*>(q0 + c) : 0u;
+    qa[ks][1] = v1 ? *reinterpret_cast<const uint32_t*>(q1 + c) : 0u;
+    qa[ks][2] = v0 ? *reinterpret_cast<const uint32_t*>(q0 + c + 8) : 0u;
+    qa[ks][3] = v1 ? *reinterpret_cast<const uint32_t*>(q1 + c + 8) : 0u;
   }
+  const int pos0 = v0 ? p.q_pos[b * Q + r0 / G] : -1, pos1 = v1 ? p.q_pos[b * Q + r1 / G] : -1;
+  const int32_t lim0 = v0 ? p.q_limit[b * Q + r0 / G] : INT_MAX, lim1 = v1 ? p.q_limit[b * Q + r1 / G] : INT_MAX;
   int max_pos = -1;
   int32_t ql_min = INT_MAX;
-  for (int rr = 0; rr < kDecRows; ++rr) {
+  for (int rr = 0; rr < kDecRows; ++rr) {  // over the CTA's rows: uniform
     const int r = rg * kDecRows + rr;
     if (r < R) {
       max_pos = max(max_pos, p.q_pos[b * Q + r / G]);
       ql_min = min(ql_min, p.q_limit[b * Q + r / G]);
     }
   }
-  int my_pos[4];
-  int32_t my_lim[4];
-  bool my_valid[4];
-  float m_run[4], l_run[4], acc[4][2 * DP];
+
+  float o[DT][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int r = rg * kDecRows + warp + 4 * i;
-    my_valid[i] = r < R;
-    my_pos[i] = my_valid[i] ? p.q_pos[b * Q + r / G] : -1;
-    my_lim[i] = my_valid[i] ? p.q_limit[b * Q + r / G] : INT_MAX;
-    m_run[i] = -INFINITY;
-    l_run[i] = 0.f;
-#pragma unroll
-    for (int e = 0; e < 2 * DP; ++e) acc[i][e] = 0.f;
-  }
+  for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};
+  float l_run[2] = {0.f, 0.f};  // this thread's share of the row sums over its warp's keys
 
   const int s_begin = split * static_cast<int>(p.split_size);
   const int s_end = min(min(s_begin + static_cast<int>(p.split_size), kv_len), max_pos + 1);
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
   const int32_t* kvb_g = p.kv_block + b * p.kvb_sb;
-  __syncthreads();  // q_s ready
 
-  for (int s0 = s_begin; s0 < s_end; s0 += kDecTile) {
-    const bool kin = tid < kDecTile && s0 + tid < s_end;
-    const int32_t my_kvb = kin ? kvb_g[s0 + tid] : kNoBlock;
-    if (tid < kDecTile) kvb_s[tid] = my_kvb;
-    if (__syncthreads_and(!kin || my_kvb < ql_min)) continue;  // tile hidden from every row
-
-    constexpr int CPR = D / 8;
+  // The first tile at or after `from` that some row may see (s_end if none); its kv_block values
+  // go to kvb_s[buf]. Every call that looks at a tile passes block barriers.
+  auto next_visible = [&](int from, int buf) {
+    for (int s0 = from; s0 < s_end; s0 += kDecTile) {
+      const bool kin = tid < kDecTile && s0 + tid < s_end;
+      const int32_t my_kvb = kin ? kvb_g[s0 + tid] : kNoBlock;
+      if (tid < kDecTile) kvb_s[buf][tid] = my_kvb;
+      if (__syncthreads_and(!kin || my_kvb < ql_min)) continue;  // tile hidden from every row
+      return s0;
+    }
+    return s_end;
+  };
+  // One tile of K or V by cp.async; slots at or past s_end are zero-filled and never read.
+  constexpr int CPR = D / 8;
+  auto load_tile = [&](uint16_t* dst, const T* src, int64_t row_stride, int s0) {
     for (int c = tid; c < kDecTile * CPR; c += kThreads) {
       const int row = c / CPR, col = (c % CPR) * 8, j = s0 + row;
-      uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = make_uint4(0u, 0u, 0u, 0u);
-      if (j < s_end) {
-        kv = *reinterpret_cast<const uint4*>(kg + j * p.k_st + col);
-        vv = *reinterpret_cast<const uint4*>(vg + j * p.v_st + col);
+      cp_async_16(&dst[row * LD + col], src + static_cast<int64_t>(j < s_end ? j : 0) * row_stride + col,
+                  j < s_end);
+    }
+    cp_async_commit();
+  };
+
+  // Pipelined as the prefill: a tile's V loads during its Q K^T, the next tile's K during its P V.
+  const int mat = lane >> 3, mrow = lane & 7, wk = warp * kDecWarpKeys;  // this warp's keys in a tile
+  int s0 = next_visible(s_begin, 0);
+  if (s0 < s_end) load_tile(k_s, kg, p.k_st, s0);
+  for (int buf = 0; s0 < s_end; buf ^= 1) {
+    load_tile(v_s, vg, p.v_st, s0);
+    cp_async_wait<1>();
+    __syncthreads();
+
+    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // S of this warp's two 8-key tiles
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t kf[4];
+      ldmatrix_x4<false>(kf, &k_s[(wk + (mat >> 1) * 8 + mrow) * LD + ks * 16 + (mat & 1) * 8]);
+      mma_16816<T>(sc[0], qa[ks], kf[0], kf[1]);
+      mma_16816<T>(sc[1], qa[ks], kf[2], kf[3]);
+    }
+    float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int jj = wk + nt * 8 + 2 * t4 + (e & 1), j = s0 + jj;
+        const bool see = j < s_end && (e < 2 ? j <= pos0 && kvb_s[buf][jj] >= lim0 : j <= pos1 && kvb_s[buf][jj] >= lim1);
+        const float x = see ? sc[nt][e] * sl2 : -INFINITY;
+        sc[nt][e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
-      uint32_t* kd = reinterpret_cast<uint32_t*>(&k_s[row * LDK + col]);
-      uint32_t* vd = reinterpret_cast<uint32_t*>(&v_s[row * LDK + col]);
-      kd[0] = kv.x; kd[1] = kv.y; kd[2] = kv.z; kd[3] = kv.w;
-      vd[0] = vv.x; vd[1] = vv.y; vd[2] = vv.z; vd[3] = vv.w;
+    }
+    float alpha[2], base[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      base[i] = mx[i] == -INFINITY ? 0.f : mx[i];  // a row with nothing visible yet stays at 0
+      alpha[i] = fast_exp2(m_run[i] - base[i]);
+      m_run[i] = mx[i];
+      l_run[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sc[nt][e] = fast_exp2(sc[nt][e] - base[e >> 1]);
+        l_run[e >> 1] += sc[nt][e];
+      }
+    }
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      o[dt][0] *= alpha[0];
+      o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1];
+      o[dt][3] *= alpha[1];
+    }
+
+    const int s1 = next_visible(s0 + kDecTile, buf ^ 1);  // its barriers end every warp's reads of k_s
+    if (s1 < s_end) {
+      load_tile(k_s, kg, p.k_st, s1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
     __syncthreads();
 
-    const uint32_t* ka = reinterpret_cast<const uint32_t*>(&k_s[lane * LDK]);
-    const uint32_t* kb2 = reinterpret_cast<const uint32_t*>(&k_s[(lane + 32) * LDK]);
-    const int ja = s0 + lane, jb = s0 + lane + 32;
+    // P V over this warp's 16 keys: P's two 8-key S tiles are the A fragment of one k-step.
+    const uint32_t a[4] = {pack2<T>(sc[0][0], sc[0][1]), pack2<T>(sc[0][2], sc[0][3]),
+                           pack2<T>(sc[1][0], sc[1][1]), pack2<T>(sc[1][2], sc[1][3])};
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (!my_valid[i]) continue;  // uniform over the warp
-      const float2* qr = reinterpret_cast<const float2*>(&q_s[(warp + 4 * i) * D]);
-      float sa = 0.f, sb = 0.f;
-#pragma unroll 8
-      for (int w = 0; w < D / 2; ++w) {
-        const float2 qv = qr[w];
-        const float2 xa = unpack2<T>(ka[w]), xb = unpack2<T>(kb2[w]);
-        sa = fmaf(qv.x, xa.x, fmaf(qv.y, xa.y, sa));
-        sb = fmaf(qv.x, xb.x, fmaf(qv.y, xb.y, sb));
-      }
-      if (ja >= s_end || ja > my_pos[i] || kvb_s[lane] < my_lim[i]) sa = -INFINITY;
-      if (jb >= s_end || jb > my_pos[i] || kvb_s[lane + 32] < my_lim[i]) sb = -INFINITY;
-      const float mx = fmaxf(warp_max(fmaxf(sa, sb)), m_run[i]);
-      const float base = mx == -INFINITY ? 0.f : mx;
-      const float alpha = fast_exp2(m_run[i] - base);
-      m_run[i] = mx;
-      const float pa = fast_exp2(sa - base), pb = fast_exp2(sb - base);
-      l_run[i] = l_run[i] * alpha + pa + pb;
-#pragma unroll
-      for (int e = 0; e < 2 * DP; ++e) acc[i][e] *= alpha;
-#pragma unroll 4
-      for (int kk = 0; kk < 64; ++kk) {
-        const float pk = __shfl_sync(0xffffffffu, kk < 32 ? pa : pb, kk & 31);
-        if (pk == 0.f) continue;  // same on every lane; keeps garbage in hidden slots out of the sum
-        const uint32_t* vr = reinterpret_cast<const uint32_t*>(&v_s[kk * LDK]);
-#pragma unroll
-        for (int dp = 0; dp < DP; ++dp) {
-          const float2 x = unpack2<T>(vr[lane + 32 * dp]);
-          acc[i][2 * dp] = fmaf(pk, x.x, acc[i][2 * dp]);
-          acc[i][2 * dp + 1] = fmaf(pk, x.y, acc[i][2 * dp + 1]);
-        }
-      }
+    for (int dt = 0; dt < DT; dt += 2) {
+      uint32_t vf[4];
+      ldmatrix_x4<true>(vf, &v_s[(wk + (mat & 1) * 8 + mrow) * LD + (dt + (mat >> 1)) * 8]);
+      mma_16816<T>(o[dt], a, vf[0], vf[1]);
+      mma_16816<T>(o[dt + 1], a, vf[2], vf[3]);
     }
-    __syncthreads();
+    __syncthreads();  // every warp is done with v_s
+    s0 = s1;
   }
 
-  // Every CTA writes its rows, empty splits included (lse = -inf, o = 0).
+  // Merge the four warps' states per row: m = max m_w, l = sum l_w 2^(m_w - m), o likewise.
+  float* part_o = reinterpret_cast<float*>(kv_s);  // [4][16][D]; the key loop ended with a barrier
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if (!my_valid[i]) continue;
-    const float l = warp_sum(l_run[i]);
-    const int r = rg * kDecRows + warp + 4 * i, qi = r / G, h = hk * G + r % G;
-    const int64_t row = ((static_cast<int64_t>(b) * p.n_splits + split) * Q + qi) * H + h;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    float* op = p.o_part + row * D;
+  for (int i = 0; i < 2; ++i) {
+    float l = l_run[i];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    l_run[i] = l;
+  }
+  if (t4 == 0) {
+    part_m[warp][g] = m_run[0];
+    part_m[warp][g + 8] = m_run[1];
+    part_l[warp][g] = l_run[0];
+    part_l[warp][g + 8] = l_run[1];
+  }
 #pragma unroll
-    for (int dp = 0; dp < DP; ++dp) {
-      op[2 * (lane + 32 * dp)] = acc[i][2 * dp] * inv;
-      op[2 * (lane + 32 * dp) + 1] = acc[i][2 * dp + 1] * inv;
+  for (int dt = 0; dt < DT; ++dt) {
+    const int c = dt * 8 + 2 * t4;
+    float* w0 = part_o + (warp * kDecRows + g) * D + c;
+    float* w1 = part_o + (warp * kDecRows + g + 8) * D + c;
+    w0[0] = o[dt][0];
+    w0[1] = o[dt][1];
+    w1[0] = o[dt][2];
+    w1[1] = o[dt][3];
+  }
+  __syncthreads();
+  for (int idx = tid; idx < kDecRows * D; idx += kThreads) {
+    const int rr = idx / D, d = idx % D, r = rg * kDecRows + rr;
+    if (r >= R) continue;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) m = fmaxf(m, part_m[w][rr]);
+    float l = 0.f, acc = 0.f;
+    if (m != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const float f = fast_exp2(part_m[w][rr] - m);  // 0 for a warp that saw nothing
+        l += part_l[w][rr] * f;
+        acc += part_o[(w * kDecRows + rr) * D + d] * f;
+      }
     }
-    if (lane == 0) p.lse_part[row] = l > 0.f ? m_run[i] + __log2f(l) : -INFINITY;
+    const int qi = r / G, h = hk * G + r % G;
+    const int64_t row = ((static_cast<int64_t>(b) * p.n_splits + split) * Q + qi) * H + h;
+    p.o_part[row * D + d] = l > 0.f ? acc / l : 0.f;  // every CTA writes its rows, empty splits included
+    if (d == 0) p.lse_part[row] = l > 0.f ? m + __log2f(l) : -INFINITY;
   }
 }
 
