@@ -3,7 +3,7 @@
 //
 // With WORLDVLA_SIMT defined the kernels compile with a host compiler against the
 // CUDA execution-model emulator of tests/simt (the CPU tests of the CUDA kernels);
-// only the two inline-assembly helpers and `launch` differ.
+// only the inline-assembly helpers (mma, ldmatrix, cp.async, ex2) and `launch` differ.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -164,7 +164,7 @@ __device__ __forceinline__ void cp_async_wait() {
 #ifdef WORLDVLA_SIMT
   simt::cp_async_wait(N);
 #else
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");  // shared memory changed under us
 #endif
 }
 
