@@ -2,8 +2,10 @@
 
 Machines without a GPU cannot run the CUDA kernels, so the extension is built a second time
 with the kernels compiled by the host compiler against an emulation of the CUDA execution
-model (every thread a fiber; __syncthreads, warp shuffles and mma.sync m16n8k16 completed
-when all participants arrive; threads resumed in a shuffled order). The kernels, the binding
+model (every thread a fiber; __syncthreads, warp shuffles, ldmatrix and mma.sync completed
+when all participants arrive; cp.async copies landing at the wait that covers them; warps
+run ahead of each other in a random order; shared memory NaN at every block's start; see
+tests/simt/simt.h). The kernels, the binding
 file and worldvla/ops/native_backend.py are the real ones: only the device index and stream
 the backend passes in are those of an emulated device 0 whose memory is the host's.
 
