@@ -240,3 +240,17 @@ def test_prefill_packed_grid_past_the_documents(emulated, rng):
     meta = ChunkMaskMeta(meta.kv_block, meta.q_limit, meta.position_ids, meta.cu_seqlens, 0)
     q, k, v = qkv(rng, (sum(lens),), 2, 2, 128, torch.bfloat16)
     check_prefill(q, k, v, meta, "simt packed, grid past the documents")
+
+
+@pytest.mark.parametrize("seed", ["1", "2"])
+def test_kernels_under_other_schedules(emulated, rng, monkeypatch, seed):
+    """The emulator's thread and warp order comes from WORLDVLA_SIMT_SEED: other orders, same results."""
+    monkeypatch.setenv("WORLDVLA_SIMT_SEED", seed)
+    meta = chunk_mask_meta(action_ids(rng, 140, chunk=5).view(1, -1), LAYOUT)
+    q, k, v = qkv(rng, (1, 140), 2, 1, 64, torch.float16)
+    check_prefill(q, k, v, meta, f"simt prefill, schedule {seed}")
+    q, k, v, dm = _decode_case(rng, torch.bfloat16, 64, B=2, Q=5, H=4, Hkv=2, S=200)
+    out = nb.decode_attention(q, k, v, dm, n_splits=3)
+    finite = lambda t: torch.nan_to_num(t, nan=0.0)  # noqa: E731
+    ref = decode_attention_ref(q.double(), finite(k).double(), finite(v).double(), dm)
+    assert_close_rule(out, ref, decode_attention_ref(q, finite(k), finite(v), dm, upcast=False), f"schedule {seed}")

@@ -6,9 +6,10 @@
 // another. A fiber runs until it reaches a synchronization point:
 //   __syncthreads(), __syncthreads_and/or     every live thread of the block
 //   __shfl_sync, __shfl_xor_sync, mma.sync     all 32 lanes of the warp (full mask only)
-// and the point completes when every participant has arrived. Threads are resumed in a
-// shuffled order each round, so code that reads another thread's shared-memory writes
-// without a barrier between them sees stale values. The emulator raises (instead of
+// and the point completes when every participant has arrived. Warps run in a random order,
+// each as far as it can before the next starts, and the lanes of a warp in a shuffled order
+// (seeded by WORLDVLA_SIMT_SEED, default 12345), so code that reads another thread's
+// shared-memory writes without a barrier between them sees stale values. The emulator raises (instead of
 // hanging as a GPU would) when a barrier can never complete: lanes of one warp waiting at
 // different points, a warp operation with exited lanes, a block barrier some threads skip.
 //
