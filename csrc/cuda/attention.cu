@@ -27,6 +27,45 @@ constexpr int kBM = 64;        // query rows per prefill CTA (16 per warp)
 constexpr int kBN = 64;        // keys per prefill tile
 constexpr int kThreads = 128;  // 4 warps
 
+// One online-softmax step over a tile of mma accumulators. `s` holds this thread's scores of its
+// two rows (elements 0-1: row g, 2-3: row g + 8) in log2 units, -inf where hidden; the quad of
+// lanes sharing a row reduces the row max. On return `s` holds exp2(s - new max), the running max
+// and this thread's share of the row sums are updated, and the output accumulators rescaled.
+template <int NT, int DT>
+__device__ __forceinline__ void online_softmax_step(float (&s)[NT][4], float (&m_run)[2], float (&l_run)[2],
+                                                    float (&o)[DT][4]) {
+  float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+  float alpha[2], base[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    base[i] = mx[i] == -INFINITY ? 0.f : mx[i];  // a row with nothing visible yet stays at 0
+    alpha[i] = fast_exp2(m_run[i] - base[i]);
+    m_run[i] = mx[i];
+    l_run[i] *= alpha[i];
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[nt][e] = fast_exp2(s[nt][e] - base[e >> 1]);
+      l_run[e >> 1] += s[nt][e];
+    }
+  }
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) {
+    o[dt][0] *= alpha[0];
+    o[dt][1] *= alpha[0];
+    o[dt][2] *= alpha[1];
+    o[dt][3] *= alpha[1];
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const AttnFwdParams p) {
   constexpr int KS = D / 16;  // k-steps of Q K^T over the head dim
@@ -138,7 +177,6 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
       }
     }
 
-    float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -150,34 +188,9 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
           if (n0 + jj > r || kvb_s[buf][jj] < (e < 2 ? ql0 : ql1)) x = -INFINITY;
         }
         s[nt][e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
     }
-    float alpha[2], base[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      base[i] = mx[i] == -INFINITY ? 0.f : mx[i];  // a row with nothing visible yet stays at 0
-      alpha[i] = fast_exp2(m_run[i] - base[i]);
-      m_run[i] = mx[i];
-      l_run[i] *= alpha[i];
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = fast_exp2(s[nt][e] - base[e >> 1]);
-        l_run[e >> 1] += s[nt][e];
-      }
-    }
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      o[dt][0] *= alpha[0];
-      o[dt][1] *= alpha[0];
-      o[dt][2] *= alpha[1];
-      o[dt][3] *= alpha[1];
-    }
+    online_softmax_step(s, m_run, l_run, o);
 
     // The next visible tile: its probe's barriers also end every warp's reads of k_s, so its K
     // can load into k_s while P V runs; then wait for this tile's V.
@@ -338,43 +351,17 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
       mma_16816<T>(sc[0], qa[ks], kf[0], kf[1]);
       mma_16816<T>(sc[1], qa[ks], kf[2], kf[3]);
     }
-    float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int jj = wk + nt * 8 + 2 * t4 + (e & 1), j = s0 + jj;
-        const bool see = j < s_end && (e < 2 ? j <= pos0 && kvb_s[buf][jj] >= lim0 : j <= pos1 && kvb_s[buf][jj] >= lim1);
-        const float x = see ? sc[nt][e] * sl2 : -INFINITY;
-        sc[nt][e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        const bool see = j < s_end && (e < 2 ? j <= pos0 && kvb_s[buf][jj] >= lim0
+                                             : j <= pos1 && kvb_s[buf][jj] >= lim1);
+        sc[nt][e] = see ? sc[nt][e] * sl2 : -INFINITY;
       }
     }
-    float alpha[2], base[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      base[i] = mx[i] == -INFINITY ? 0.f : mx[i];  // a row with nothing visible yet stays at 0
-      alpha[i] = fast_exp2(m_run[i] - base[i]);
-      m_run[i] = mx[i];
-      l_run[i] *= alpha[i];
-    }
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sc[nt][e] = fast_exp2(sc[nt][e] - base[e >> 1]);
-        l_run[e >> 1] += sc[nt][e];
-      }
-    }
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      o[dt][0] *= alpha[0];
-      o[dt][1] *= alpha[0];
-      o[dt][2] *= alpha[1];
-      o[dt][3] *= alpha[1];
-    }
+    online_softmax_step(sc, m_run, l_run, o);
 
     const int s1 = next_visible(s0 + kDecTile, buf ^ 1);  // its barriers end every warp's reads of k_s
     if (s1 < s_end) {
