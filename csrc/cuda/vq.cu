@@ -1,13 +1,16 @@
 // VQ nearest-code search (fused distance + argmin) and codebook gather.
 //
-// vq_quantize: a CTA owns 64 rows of z and one split of the codebook (a multiple
-// of 64 codes; the caller picks the split so that a few frames' rows still fill
-// the GPU), swept in 64-code tiles; each thread accumulates a 4x4 block of dot
-// products (and the norms of its 4 codes) over C in fp32, keeps its best code per
-// row, and the 16 threads sharing a row reduce with the lower index winning ties.
-// The CTAs of one row tile merge through a 64-bit atomicMin on (order-preserving
-// distance bits, code), so the smallest distance wins and, among equal ones, the
-// lowest code, as in torch.argmin. The [N, K] distance matrix never exists.
+// vq_quantize: a CTA owns 128 rows of z and one split of the codebook (a multiple
+// of 128 codes; the caller picks the split so that a few frames' rows still fill
+// the GPU), swept in 128-code tiles. Its 256 threads each accumulate an 8x8 block
+// of dot products (rows ty*4.. and 64+ty*4.., codes tx*4.. and 64+tx*4.., read from
+// shared memory as float4) over C in fp32, with the norms of their 8 codes; the
+// next 8 channels of z and of the codebook are fetched into registers while the
+// current ones are used. Each thread keeps its best code per row, and the 16
+// threads sharing a row reduce with the lower index winning ties. The CTAs of one
+// row tile merge through a 64-bit atomicMin on (order-preserving distance bits,
+// code), so the smallest distance wins and, among equal ones, the lowest code, as
+// in torch.argmin. The [N, K] distance matrix never exists.
 #include <cfloat>
 
 #include "cuda_common.cuh"
@@ -15,7 +18,8 @@
 namespace worldvla {
 namespace {
 
-constexpr int kVqBM = 64, kVqBN = 64, kVqBK = 16, kVqThreads = 256;
+constexpr int kVqBM = 128, kVqBN = 128, kVqBK = 8, kVqThreads = 256;
+constexpr int kVqLoads = kVqBM * kVqBK / kVqThreads;  // elements of z (and of the codebook) a thread stages per step
 
 // (distance, code) as one 64-bit key whose unsigned order is the distance's, then the code's.
 __device__ __forceinline__ unsigned long long nearest_key(float d, int code) {
@@ -36,63 +40,85 @@ __global__ void key_to_code_kernel(int64_t* p, int n) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kVqThreads)
+__global__ void __launch_bounds__(kVqThreads)  // about 170 registers: one CTA per SM, 8 warps
     vq_quantize_kernel(const T* __restrict__ z, int64_t z_s, const T* __restrict__ cb, int64_t cb_s, int N,
                        int K, int C, int split, unsigned long long* __restrict__ keys) {
-  __shared__ float zs[kVqBK][kVqBM + 4];
-  __shared__ float es[kVqBK][kVqBN + 4];
+  static_assert(kVqBM == kVqBN && kVqBM * kVqBK == kVqLoads * kVqThreads, "square tiles, whole loads");
+  __shared__ __align__(16) float zs[kVqBK][kVqBM + 4];
+  __shared__ __align__(16) float es[kVqBK][kVqBN + 4];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int m0 = blockIdx.x * kVqBM;
   const int c_begin = blockIdx.y * split, c_end = min(K, c_begin + split);
+  // This thread's rows and codes within a tile: 4 + 4, half a tile apart.
+  const int rl[2] = {ty * 4, 64 + ty * 4}, cl[2] = {tx * 4, 64 + tx * 4};
 
-  float best[4];
-  int arg[4];
+  float best[8];
+  int arg[8];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 8; ++i) {
     best[i] = FLT_MAX;
     arg[i] = 0;
   }
 
-  for (int n0 = c_begin; n0 < c_end; n0 += kVqBN) {
-    float acc[4][4], en[4];
+  // Staging: element e = tid + kVqThreads * l of a [128 x 8] tile is (row e / 8, channel e % 8).
+  float zr[kVqLoads], er[kVqLoads];
+  auto fetch = [&](int n0, int k0) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int l = 0; l < kVqLoads; ++l) {
+      const int e = tid + kVqThreads * l, row = e / kVqBK, gk = k0 + e % kVqBK;
+      const int gm = m0 + row, gc = n0 + row;
+      zr[l] = (gm < N && gk < C) ? to_float<T>(z[gm * z_s + gk]) : 0.f;
+      er[l] = (gc < c_end && gk < C) ? to_float<T>(cb[gc * cb_s + gk]) : 0.f;
+    }
+  };
+  auto stage = [&]() {
+#pragma unroll
+    for (int l = 0; l < kVqLoads; ++l) {
+      const int e = tid + kVqThreads * l;
+      zs[e % kVqBK][e / kVqBK] = zr[l];
+      es[e % kVqBK][e / kVqBK] = er[l];
+    }
+  };
+
+  for (int n0 = c_begin; n0 < c_end; n0 += kVqBN) {
+    float acc[8][8], en[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
       en[j] = 0.f;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i][j] = 0.f;
+      for (int i = 0; i < 8; ++i) acc[i][j] = 0.f;
     }
+    fetch(n0, 0);
     for (int k0 = 0; k0 < C; k0 += kVqBK) {
-#pragma unroll
-      for (int e = tid; e < kVqBM * kVqBK; e += kVqThreads) {
-        const int row = e / kVqBK, col = e % kVqBK, gm = m0 + row, gc = n0 + row, gk = k0 + col;
-        zs[col][row] = (gm < N && gk < C) ? to_float<T>(z[gm * z_s + gk]) : 0.f;
-        es[col][row] = (gc < c_end && gk < C) ? to_float<T>(cb[gc * cb_s + gk]) : 0.f;
-      }
+      stage();
       __syncthreads();
+      if (k0 + kVqBK < C) fetch(n0, k0 + kVqBK);  // the next channels load while these are used
 #pragma unroll
       for (int kk = 0; kk < kVqBK; ++kk) {
-        float a[4], bv[4];
+        float a[8], bv[8];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = zs[kk][ty * 4 + i];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          bv[j] = es[kk][tx + 16 * j];
-          en[j] = fmaf(bv[j], bv[j], en[j]);
+        for (int h = 0; h < 2; ++h) {
+          const float4 av = *reinterpret_cast<const float4*>(&zs[kk][rl[h]]);
+          const float4 ev = *reinterpret_cast<const float4*>(&es[kk][cl[h]]);
+          a[4 * h] = av.x; a[4 * h + 1] = av.y; a[4 * h + 2] = av.z; a[4 * h + 3] = av.w;
+          bv[4 * h] = ev.x; bv[4 * h + 1] = ev.y; bv[4 * h + 2] = ev.z; bv[4 * h + 3] = ev.w;
         }
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 8; ++j) en[j] = fmaf(bv[j], bv[j], en[j]);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], bv[j], acc[i][j]);
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], bv[j], acc[i][j]);
       }
       __syncthreads();
     }
     // Codes are visited in increasing order per thread, so a strict '<' keeps the first minimum.
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int code = n0 + tx + 16 * j;
+    for (int j = 0; j < 8; ++j) {
+      const int code = n0 + cl[j >> 2] + (j & 3);
       if (code >= c_end) continue;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < 8; ++i) {
         const float d = en[j] - 2.f * acc[i][j];
         if (d < best[i]) {
           best[i] = d;
@@ -104,7 +130,7 @@ __global__ void __launch_bounds__(kVqThreads)
 
   // The 16 threads of one ty are 16 consecutive lanes of a warp.
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 8; ++i) {
     float b = best[i];
     int a = arg[i];
 #pragma unroll
@@ -116,7 +142,7 @@ __global__ void __launch_bounds__(kVqThreads)
         a = oa;
       }
     }
-    const int row = m0 + ty * 4 + i;
+    const int row = m0 + rl[i >> 2] + (i & 3);
     if (tx == 0 && row < N) atomicMin(&keys[row], nearest_key(b, a));
   }
 }
@@ -157,7 +183,7 @@ void vq_quantize_cuda(const void* z, int64_t z_s, const void* codebook, int64_t 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (N == 0) return;
   if (code_split <= 0 || code_split % kVqBN)
-    throw std::invalid_argument("vq_quantize (CUDA): code_split must be a positive multiple of 64");
+    throw std::invalid_argument("vq_quantize (CUDA): code_split must be a positive multiple of 128");
   const dim3 grid(static_cast<unsigned>((N + kVqBM - 1) / kVqBM),
                   static_cast<unsigned>((K + code_split - 1) / code_split));
   const int n = static_cast<int>(N), k = static_cast<int>(K), c = static_cast<int>(C);

@@ -40,7 +40,7 @@ _CUDA_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DECODE_TILE = 64  # keys per tile of the CUDA decode kernel; split sizes are multiples of it
 _MAX_GRID_YZ = 65535
 _DECODE_ROWS_PER_CTA = 16  # kDecRows in csrc/cuda/attention.cu
-_VQ_TILE = 64  # rows per CTA and codes per tile of the CUDA nearest-code search (kVqBM, kVqBN in csrc/cuda/vq.cu)
+_VQ_TILE = 128  # rows per CTA and codes per tile of the CUDA nearest-code search (kVqBM, kVqBN in csrc/cuda/vq.cu)
 
 
 # ------------------------------------------------------------------ argument checks
@@ -359,7 +359,7 @@ def _check_vq_quantize(z, codebook):
 
 def vq_code_split(z: Tensor, codebook: Tensor, code_splits: int | None = None) -> tuple[int, int]:
     """(code_splits, codes per split) of the CUDA nearest-code search, from shapes only: a CTA takes
-    64 rows and one split of the codebook, with enough splits to give every SM about two CTAs
+    128 rows and one split of the codebook, with enough splits to give every SM about two CTAs
     (a few frames' rows alone would leave most SMs idle)."""
     N, K = z.shape[0], codebook.shape[0]
     max_splits = min(-(-K // _VQ_TILE), _MAX_GRID_YZ)
