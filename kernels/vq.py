@@ -75,10 +75,14 @@ def _gather_kernel(IDX, E, OUT, HW, C, s_ek, BLOCK_P: tl.constexpr, BLOCK_C: tl.
     tl.store(OUT + b * C * HW + c[None, :].to(tl.int64) * HW + p[:, None], vals.to(OUT.dtype.element_ty), mask=mask)
 
 
-def code_splits(N: int, K: int, block_n: int, block_k: int, device: torch.device) -> tuple[int, int]:
-    """(programs per row tile, codes per program): about two programs per SM in all."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    splits = max(1, min(triton.cdiv(2 * sms, triton.cdiv(N, block_n)), triton.cdiv(K, block_k), 65535))
+def code_splits(N: int, K: int, block_n: int, block_k: int, device: torch.device,
+                n_splits: int | None = None) -> tuple[int, int]:
+    """(programs per row tile, codes per program): `n_splits` if given, else about two programs
+    per SM in all."""
+    if n_splits is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        n_splits = triton.cdiv(2 * sms, triton.cdiv(N, block_n))
+    splits = max(1, min(int(n_splits), triton.cdiv(K, block_k), 65535))
     split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
     return triton.cdiv(K, split), split
 
@@ -109,11 +113,7 @@ def vq_quantize(z: torch.Tensor, codebook: torch.Tensor, n_splits: int | None = 
         cfg = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_C=min(128, max(16, triton.next_power_of_2(C))))
     else:
         cfg = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_C=min(64, max(16, triton.next_power_of_2(C))), num_warps=8, num_stages=3)
-    splits, split = code_splits(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], z.device)
-    if n_splits is not None:
-        splits = max(1, min(int(n_splits), triton.cdiv(K, cfg["BLOCK_K"])))
-        split = triton.cdiv(triton.cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        splits = triton.cdiv(K, split)
+    splits, split = code_splits(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], z.device, n_splits)
     _argmin_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), splits)](
         z, e, e_norm, out, N, K, C, z.stride(0), e.stride(0), split, **cfg,
         UPCAST=INTERPRET, DOT_PREC=dot_precision(z.dtype))

@@ -4,18 +4,19 @@
 // 16 rows and runs Q K^T and P V on tensor cores (mma.sync m16n8k16, fp32
 // accumulation; K and V fragments loaded with ldmatrix, V's transposed) with an
 // online softmax over 64-key tiles. K and V tiles arrive by cp.async, pipelined:
-// a tile's V loads during its Q K^T, the next visible tile's K during its P V. A key tile the chunk
-// rule hides from every row of the CTA (max kv_block < min q_limit) is skipped
-// without being loaded; a tile below the diagonal that the rule cannot touch
-// (min kv_block >= max q_limit) skips the per-pair test.
+// a tile's V loads during its Q K^T, the next visible tile's K during its P V.
+// A key tile the chunk rule hides from every row of the CTA (max kv_block < min
+// q_limit) is skipped without being loaded; a tile below the diagonal that the
+// rule cannot touch (min kv_block >= max q_limit) skips the per-pair test.
 //
 // Decode: split-KV. CTAs of (key split, kv head x row group, batch) each run
 // up to 16 rows (query x grouped q head: one m16 tensor-core tile) against one
 // split of the cache, the four warps taking 16 keys each of every 64-key tile
 // (K and V by cp.async, pipelined as in the prefill) and merging their softmax
 // states at the end; each CTA writes a normalized partial output and its
-// log-sum-exp, and a combine kernel merges the splits. The number of splits depends on shapes only, so a captured CUDA
-// graph stays valid while kv_len and q_pos change on the device.
+// log-sum-exp, and a combine kernel merges the splits. The number of splits
+// depends on shapes only, so a captured CUDA graph stays valid while kv_len and
+// q_pos change on the device.
 #include <climits>
 
 #include "cuda_common.cuh"
@@ -26,6 +27,20 @@ namespace {
 constexpr int kBM = 64;        // query rows per prefill CTA (16 per warp)
 constexpr int kBN = 64;        // keys per prefill tile
 constexpr int kThreads = 128;  // 4 warps
+
+// One tile of ROWS rows of K or V (rows `first`.. of `src`, `row_stride` elements apart) into
+// shared memory rows of `LD` elements by cp.async, as one commit group; rows at or past
+// `end` are zero-filled and not read.
+template <int ROWS, int D, int LD, typename T>
+__device__ __forceinline__ void load_tile_async(uint16_t* dst, const T* src, int64_t row_stride, int first,
+                                                int end) {
+  constexpr int CPR = D / 8;  // 16-byte chunks per row
+  for (int c = threadIdx.x; c < ROWS * CPR; c += kThreads) {
+    const int row = c / CPR, col = (c % CPR) * 8, j = first + row;
+    cp_async_16(&dst[row * LD + col], src + static_cast<int64_t>(j < end ? j : 0) * row_stride + col, j < end);
+  }
+  cp_async_commit();
+}
 
 // One online-softmax step over a tile of mma accumulators. `s` holds this thread's scores of its
 // two rows (elements 0-1: row g, 2-3: row g + 8) in log2 units, -inf where hidden; the quad of
@@ -141,14 +156,9 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
     }
     return n_end;
   };
-  // One 64-key tile of K or V into shared memory with cp.async (rows past the sequence zero-filled).
-  constexpr int CPR = D / 8;  // 16-byte chunks per row
+  // K or V rows past the sequence are zero-filled.
   auto load_tile = [&](uint16_t* dst, const T* src, int64_t row_stride, int n0) {
-    for (int c = tid; c < kBN * CPR; c += kThreads) {
-      const int row = c / CPR, col = (c % CPR) * 8, j = n0 + row;
-      cp_async_16(&dst[row * LD + col], src + static_cast<int64_t>(j < len ? j : 0) * row_stride + col, j < len);
-    }
-    cp_async_commit();
+    load_tile_async<kBN, D, LD>(dst, src, row_stride, n0, len);
   };
 
   // Software pipeline over the visible tiles: V of a tile loads while Q K^T and the softmax
@@ -323,15 +333,9 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     }
     return s_end;
   };
-  // One tile of K or V by cp.async; slots at or past s_end are zero-filled and never read.
-  constexpr int CPR = D / 8;
+  // Slots at or past s_end (past kv_len, or another split's) are zero-filled and never read.
   auto load_tile = [&](uint16_t* dst, const T* src, int64_t row_stride, int s0) {
-    for (int c = tid; c < kDecTile * CPR; c += kThreads) {
-      const int row = c / CPR, col = (c % CPR) * 8, j = s0 + row;
-      cp_async_16(&dst[row * LD + col], src + static_cast<int64_t>(j < s_end ? j : 0) * row_stride + col,
-                  j < s_end);
-    }
-    cp_async_commit();
+    load_tile_async<kDecTile, D, LD>(dst, src, row_stride, s0, s_end);
   };
 
   // Pipelined as the prefill: a tile's V loads during its Q K^T, the next tile's K during its P V.

@@ -271,21 +271,26 @@ def _check_decode(q, k, v, q_pos, q_limit, kv_block, kv_len):
         _fail(op, f"the CPU path takes float32, bf16 or fp16, got {q.dtype}", TypeError)
 
 
+def _split(length: int, tile: int, ctas: int, device: torch.device, n_splits: int | None,
+           max_splits: int = 1 << 31) -> tuple[int, int]:
+    """(splits, items per split) of `length` items over CTAs, splits in whole `tile`s, from shapes
+    only: `n_splits` if given, else enough that the `ctas` CTAs of one split become about two per SM."""
+    max_splits = max(1, min(-(-length // tile), max_splits))
+    if n_splits is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        n_splits = -(-2 * sms // max(1, ctas))
+    n_splits = min(max(1, int(n_splits)), max_splits)
+    size = -(-(-(-max(length, 1) // n_splits)) // tile) * tile
+    return max(1, -(-length // size)), size
+
+
 def decode_splits(q: Tensor, k_cache: Tensor, n_splits: int | None = None) -> tuple[int, int]:
     """(n_splits, split_size) of the CUDA split-KV decode, from shapes only (fixed across a
     captured graph's replays). Enough splits to give every SM about two CTAs."""
     B, Q, H, _ = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    max_splits = max(1, -(-S // _DECODE_TILE))
-    if n_splits is None:
-        rowgroups = -(-(Q * (H // Hkv)) // 16)
-        ctas = max(1, B * Hkv * rowgroups)
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        n_splits = -(-2 * sms // ctas)
-    n_splits = min(max(1, int(n_splits)), max_splits)
-    split_size = -(-max(S, 1) // n_splits)
-    split_size = -(-split_size // _DECODE_TILE) * _DECODE_TILE
-    return max(1, -(-S // split_size)), split_size
+    rowgroups = -(-(Q * (H // Hkv)) // _DECODE_ROWS_PER_CTA)
+    return _split(S, _DECODE_TILE, B * Hkv * rowgroups, q.device, n_splits)
 
 
 def _decode_attention_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_pos: Tensor, q_limit: Tensor,
@@ -361,14 +366,7 @@ def vq_code_split(z: Tensor, codebook: Tensor, code_splits: int | None = None) -
     """(code_splits, codes per split) of the CUDA nearest-code search, from shapes only: a CTA takes
     128 rows and one split of the codebook, with enough splits to give every SM about two CTAs
     (a few frames' rows alone would leave most SMs idle)."""
-    N, K = z.shape[0], codebook.shape[0]
-    max_splits = min(-(-K // _VQ_TILE), _MAX_GRID_YZ)
-    if code_splits is None:
-        sms = torch.cuda.get_device_properties(z.device).multi_processor_count if z.is_cuda else 1
-        code_splits = -(-2 * sms // max(1, -(-N // _VQ_TILE)))
-    code_splits = min(max(1, int(code_splits)), max_splits)
-    split = -(-(-(-K // code_splits)) // _VQ_TILE) * _VQ_TILE
-    return -(-K // split), split
+    return _split(codebook.shape[0], _VQ_TILE, -(-z.shape[0] // _VQ_TILE), z.device, code_splits, _MAX_GRID_YZ)
 
 
 def _vq_quantize_impl(z: Tensor, codebook: Tensor, code_splits: int = 0) -> Tensor:
