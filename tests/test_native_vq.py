@@ -28,6 +28,28 @@ def assert_nearest(idx, z, codebook, torch_idx, name=""):
     assert gap <= 2 * torch_gap + 1e-9 * best.abs().max().item(), f"{name}: gap {gap:.3g} vs torch {torch_gap:.3g}"
 
 
+def near_ties(rng, n: int, K: int, C: int):
+    """z [n, C], codebook [K, C] and the nearest codes, with row r between a pair of codes 0.1
+    apart (30% or 70% of the way from a to b): their squared distances differ by about 0.004,
+    far above fp32's rounding (1e-5 here) and far below what bf16 factors resolve (about 0.03)."""
+    cb = torch.randn(K, C, generator=rng)
+    perm = torch.randperm(K, generator=rng)[: 2 * n].view(n, 2)
+    a, b = perm[:, 0], perm[:, 1]
+    delta = torch.randn(n, C, generator=rng)
+    cb[b] = cb[a] + 0.1 * delta / delta.norm(dim=1, keepdim=True)
+    near_b = torch.rand(n, generator=rng) < 0.5
+    f = torch.where(near_b, 0.7, 0.3).unsqueeze(1)
+    z = cb[a] + f * (cb[b] - cb[a])
+    expected = torch.where(near_b, b, a)
+    assert torch.equal(dist64(z, cb).argmin(1), expected) and torch.equal(vq_quantize_ref(z, cb), expected)
+    return z, cb, expected
+
+
+def test_vq_quantize_near_ties_cpu(rng):
+    z, cb, expected = near_ties(rng, 64, 301, 48)
+    assert torch.equal(nb.vq_quantize_op(z, cb), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_vq_quantize_cpu(rng, dtype):
     z = torch.randn(203, 24, generator=rng).to(dtype)
@@ -132,6 +154,15 @@ def test_vq_quantize_odd_sizes_cuda(rng):
     pick = torch.randint(0, 203, (113,), generator=rng).cuda()
     idx = nb.vq_quantize_op(cb[pick].contiguous(), cb)
     assert torch.equal(idx, torch.where(pick == 100, torch.full_like(pick, 7), pick))
+
+
+@pytest.mark.gpu
+def test_vq_quantize_near_ties_cuda(rng):
+    """fp32 codes that bf16 tensor-core products cannot tell apart: the exact recomputation decides."""
+    z, cb, expected = near_ties(rng, 1000, 8192, 256)
+    assert torch.equal(nb.vq_quantize_op(z.cuda(), cb.cuda()).cpu(), expected)
+    z[5] = float("nan")  # a row with no finite distance reads code 0, as torch.argmin gives
+    assert nb.vq_quantize_op(z.cuda(), cb.cuda())[5].item() == 0
 
 
 @pytest.mark.gpu

@@ -27,7 +27,7 @@ from simt import build as simt_build  # noqa: E402
 from test_native_attention import (LAYOUT, action_ids, assert_close_rule, check_prefill, decode_meta_from,  # noqa: E402
                                    long_blocks_meta, qkv, world_ids)
 from test_native_sampling import assert_greedy  # noqa: E402
-from test_native_vq import assert_nearest  # noqa: E402
+from test_native_vq import assert_nearest, near_ties  # noqa: E402
 
 from worldvla import causal_meta, chunk_mask_meta  # noqa: E402
 from worldvla.mask import NO_BLOCK, ChunkMaskMeta, DecodeMeta  # noqa: E402
@@ -173,6 +173,18 @@ def test_vq_quantize(emulated, rng, dtype, code_splits):
     assert nb.vq_code_split(z, cb, code_splits)[0] == code_splits
     idx = nb.vq_quantize(z, cb, code_splits=code_splits)
     assert_nearest(idx, z, cb, vq_quantize_ref(z, cb), f"simt {dtype} {code_splits} splits")
+
+
+@pytest.mark.parametrize("code_splits", [1, 3])
+def test_vq_quantize_near_ties(emulated, rng, code_splits):
+    """fp32 inputs: the tensor cores see bf16 roundings that cannot separate these codes; the
+    bound + certify passes must still return the fp32 answer. Rows of NaN read code 0."""
+    z, cb, expected = near_ties(rng, 40, 300, 48)
+    z[3] = float("nan")
+    expected[3] = 0
+    assert torch.equal(nb.vq_quantize(z, cb, code_splits=code_splits), expected)
+    zb, cbb = z.bfloat16(), cb.bfloat16()
+    assert nb.vq_quantize(zb, cbb, code_splits=code_splits)[3].item() == 0
 
 
 @pytest.mark.parametrize("code_splits", [1, 3])

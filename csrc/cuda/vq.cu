@@ -1,16 +1,29 @@
 // VQ nearest-code search (fused distance + argmin) and codebook gather.
 //
-// vq_quantize: a CTA owns 128 rows of z and one split of the codebook (a multiple
-// of 128 codes; the caller picks the split so that a few frames' rows still fill
-// the GPU), swept in 128-code tiles. Its 256 threads each accumulate an 8x8 block
-// of dot products (rows ty*4.. and 64+ty*4.., codes tx*4.. and 64+tx*4.., read from
-// shared memory as float4) over C in fp32, with the norms of their 8 codes; the
-// next 8 channels of z and of the codebook are fetched into registers while the
-// current ones are used. Each thread keeps its best code per row, and the 16
-// threads sharing a row reduce with the lower index winning ties. The CTAs of one
-// row tile merge through a 64-bit atomicMin on (order-preserving distance bits,
-// code), so the smallest distance wins and, among equal ones, the lowest code, as
-// in torch.argmin. The [N, K] distance matrix never exists.
+// vq_quantize: argmin_c ||e_c||^2 - 2 z.e_c on the tensor cores. A CTA owns 128 rows of z and
+// one split of the codebook (a multiple of 128 codes; the caller picks the split so that a few
+// frames' rows still fill the GPU), swept in 128-code tiles. Per 32 channels its 256 threads
+// stage the z and code tiles into shared memory (coalesced loads of the next 32 channels into
+// registers while the current ones are multiplied) and each of the 8 warps computes a 32-row x
+// 64-code block with mma.sync m16n8k16, fragments by ldmatrix. The code norms (and, where
+// needed, the row norms) are fp32 sums of the staged values. The CTAs of a row tile merge
+// through a 64-bit atomicMin on (order-preserving distance bits, code): the smallest distance
+// wins and, among equal ones, the lowest code, as in torch.argmin. The [N, K] distance matrix
+// never exists.
+//
+// fp16 / bf16 inputs: one pass; their products are exact in the fp32 accumulator.
+//
+// fp32 inputs: the tensor cores see bf16 roundings, so a distance d~ is only known to within
+//   E = rel * |z| |e| + 2^-22 |e|^2,   rel = 1.25 (2^-6 + C 2^-21)
+// (bf16 rounding of both factors, at most 2^-7 |z||e| on the dot product, plus fp32 accumulation
+// on either side, with a quarter of margin). Two passes make the answer the fp32 one:
+//   1. bound:   every row's key starts at min_c (d~ + E), an upper bound on its true minimum;
+//   2. certify: every code with d~ - E <= the row's current key (it only decreases) may be the
+//               minimum, and only those are recomputed exactly (fp32 FMAs, one warp per code)
+//               and merged by the same atomicMin; the upper bound's code field is 0xffffffff,
+//               so the exact minimum replaces it even at an equal distance.
+// For random codebooks a row has a handful of such candidates among thousands of codes.
+
 #include <cfloat>
 
 #include "cuda_common.cuh"
@@ -18,14 +31,35 @@
 namespace worldvla {
 namespace {
 
-constexpr int kVqBM = 128, kVqBN = 128, kVqBK = 8, kVqThreads = 256;
+constexpr int kVqBM = 128, kVqBN = 128, kVqBK = 32, kVqThreads = 256;
+constexpr int kVqLD = kVqBK + 8;  // 80-byte rows: the 8 rows an ldmatrix reads sit in distinct banks
 constexpr int kVqLoads = kVqBM * kVqBK / kVqThreads;  // elements of z (and of the codebook) a thread stages per step
+constexpr unsigned kFull = 0xffffffffu;
+
+// What the tensor cores multiply: 16-bit inputs as they are, fp32 rounded to bf16 (its range).
+template <typename T>
+struct VqMma {
+  using type = T;
+};
+template <>
+struct VqMma<float> {
+  using type = __nv_bfloat16;
+};
+
+enum VqPass : int { kVqDirect = 0, kVqBound = 1, kVqCertify = 2 };
+
+__device__ __forceinline__ uint32_t ordered_bits(float d) {
+  const uint32_t u = __float_as_uint(d + 0.0f);  // -0 -> +0
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // monotone in d
+}
+
+__device__ __forceinline__ float from_ordered_bits(uint32_t u) {
+  return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
 
 // (distance, code) as one 64-bit key whose unsigned order is the distance's, then the code's.
-__device__ __forceinline__ unsigned long long nearest_key(float d, int code) {
-  uint32_t u = __float_as_uint(d + 0.0f);            // -0 -> +0
-  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);    // monotone in d
-  return (static_cast<unsigned long long>(u) << 32) | static_cast<uint32_t>(code);
+__device__ __forceinline__ unsigned long long nearest_key(float d, uint32_t code) {
+  return (static_cast<unsigned long long>(ordered_bits(d)) << 32) | code;
 }
 
 __global__ void fill_u64_kernel(unsigned long long* p, int n, unsigned long long value) {
@@ -33,117 +67,205 @@ __global__ void fill_u64_kernel(unsigned long long* p, int n, unsigned long long
   if (i < n) p[i] = value;
 }
 
-// In place: the key's code (its low 32 bits) as an int64 index.
-__global__ void key_to_code_kernel(int64_t* p, int n) {
+// In place: the key's code (its low 32 bits) as an int64 index. A row whose distances are all
+// NaN (non-finite inputs) never gets a code; it reads 0, as a strict '<' search would leave it.
+__global__ void key_to_code_kernel(int64_t* p, int n, int k) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) p[i] = static_cast<int64_t>(static_cast<unsigned long long>(p[i]) & 0xffffffffull);
+  if (i >= n) return;
+  const int64_t code = static_cast<int64_t>(static_cast<unsigned long long>(p[i]) & 0xffffffffull);
+  p[i] = code < k ? code : 0;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kVqThreads)  // about 170 registers: one CTA per SM, 8 warps
+template <typename T, int kPass>
+__global__ void __launch_bounds__(kVqThreads)  // one CTA per SM, 8 warps
     vq_quantize_kernel(const T* __restrict__ z, int64_t z_s, const T* __restrict__ cb, int64_t cb_s, int N,
-                       int K, int C, int split, unsigned long long* __restrict__ keys) {
-  static_assert(kVqBM == kVqBN && kVqBM * kVqBK == kVqLoads * kVqThreads, "square tiles, whole loads");
-  __shared__ __align__(16) float zs[kVqBK][kVqBM + 4];
-  __shared__ __align__(16) float es[kVqBK][kVqBN + 4];
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+                       int K, int C, int split, unsigned long long* keys) {
+  using M = typename VqMma<T>::type;
+  constexpr bool kNorms = kPass != kVqDirect;  // the certified passes need |z| and |e| for the error bound
+  __shared__ __align__(16) M zs[kVqBM * kVqLD];
+  __shared__ __align__(16) M es[kVqBN * kVqLD];
+  __shared__ float en_s[kVqBN], cn_s[kVqBN], zn_s[kVqBM];  // |e|^2, |e|, |z|
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3, mat = lane >> 3, mrow = lane & 7;
+  const int wm = (warp & 3) * 32, wn = (warp >> 2) * 64;  // this warp's rows and codes within a tile
   const int m0 = blockIdx.x * kVqBM;
   const int c_begin = blockIdx.y * split, c_end = min(K, c_begin + split);
-  // This thread's rows and codes within a tile: 4 + 4, half a tile apart.
-  const int rl[2] = {ty * 4, 64 + ty * 4}, cl[2] = {tx * 4, 64 + tx * 4};
+  const float rel = 1.25f * (0x1p-6f + static_cast<float>(C) * 0x1p-21f);
 
-  float best[8];
-  int arg[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    best[i] = FLT_MAX;
-    arg[i] = 0;
-  }
-
-  // Staging: element e = tid + kVqThreads * l of a [128 x 8] tile is (row e / 8, channel e % 8).
-  float zr[kVqLoads], er[kVqLoads];
+  // Staging: element e = tid + kVqThreads * l of a [128 x 32] tile is (row e / 32, channel e % 32):
+  // a warp reads 32 consecutive channels of one row. Lane = channel, so a row's sum of squares is
+  // a per-lane partial over the channel steps, reduced across the warp once per tile.
+  float zr[kVqLoads], er[kVqLoads], zsq[kNorms ? kVqLoads : 1], esq[kVqLoads];
   auto fetch = [&](int n0, int k0) {
+    const int gk = k0 + lane;
 #pragma unroll
     for (int l = 0; l < kVqLoads; ++l) {
-      const int e = tid + kVqThreads * l, row = e / kVqBK, gk = k0 + e % kVqBK;
-      const int gm = m0 + row, gc = n0 + row;
+      const int row = warp + 8 * l, gm = m0 + row, gc = n0 + row;
       zr[l] = (gm < N && gk < C) ? to_float<T>(z[gm * z_s + gk]) : 0.f;
       er[l] = (gc < c_end && gk < C) ? to_float<T>(cb[gc * cb_s + gk]) : 0.f;
     }
   };
-  auto stage = [&]() {
+
+  // Per thread: rows wm + mt*16 + g + 8h (i = 2mt + h), codes wn + nt*8 + 2t + e.
+  float best[4], bound[4];
+  uint32_t arg[4];
 #pragma unroll
-    for (int l = 0; l < kVqLoads; ++l) {
-      const int e = tid + kVqThreads * l;
-      zs[e % kVqBK][e / kVqBK] = zr[l];
-      es[e % kVqBK][e / kVqBK] = er[l];
-    }
-  };
+  for (int i = 0; i < 4; ++i) {
+    best[i] = FLT_MAX;
+    arg[i] = 0;
+    bound[i] = 0.f;
+  }
 
   for (int n0 = c_begin; n0 < c_end; n0 += kVqBN) {
-    float acc[8][8], en[8];
+    const bool first = n0 == c_begin;
+    float acc[2][8][4];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      en[j] = 0.f;
+    for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i][j] = 0.f;
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.f;
+#pragma unroll
+    for (int l = 0; l < kVqLoads; ++l) {
+      esq[l] = 0.f;
+      if constexpr (kNorms) zsq[l] = 0.f;
     }
+
     fetch(n0, 0);
     for (int k0 = 0; k0 < C; k0 += kVqBK) {
-      stage();
+#pragma unroll
+      for (int l = 0; l < kVqLoads; ++l) {
+        const int row = warp + 8 * l;
+        zs[row * kVqLD + lane] = from_float<M>(zr[l]);
+        es[row * kVqLD + lane] = from_float<M>(er[l]);
+        esq[l] = fmaf(er[l], er[l], esq[l]);
+        if constexpr (kNorms) {
+          if (first) zsq[l] = fmaf(zr[l], zr[l], zsq[l]);
+        }
+      }
       __syncthreads();
       if (k0 + kVqBK < C) fetch(n0, k0 + kVqBK);  // the next channels load while these are used
 #pragma unroll
-      for (int kk = 0; kk < kVqBK; ++kk) {
-        float a[8], bv[8];
+      for (int ks = 0; ks < kVqBK / 16; ++ks) {
+        uint32_t a[2][4];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float4 av = *reinterpret_cast<const float4*>(&zs[kk][rl[h]]);
-          const float4 ev = *reinterpret_cast<const float4*>(&es[kk][cl[h]]);
-          a[4 * h] = av.x; a[4 * h + 1] = av.y; a[4 * h + 2] = av.z; a[4 * h + 3] = av.w;
-          bv[4 * h] = ev.x; bv[4 * h + 1] = ev.y; bv[4 * h + 2] = ev.z; bv[4 * h + 3] = ev.w;
+        for (int mt = 0; mt < 2; ++mt)
+          ldmatrix_x4<false>(a[mt], &zs[(wm + mt * 16 + (lane & 15)) * kVqLD + ks * 16 + (lane >> 4) * 8]);
+#pragma unroll
+        for (int nt = 0; nt < 8; nt += 2) {
+          uint32_t b[4];
+          ldmatrix_x4<false>(b, &es[(wn + (nt + (mat >> 1)) * 8 + mrow) * kVqLD + ks * 16 + (mat & 1) * 8]);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            mma_16816<M>(acc[mt][nt], a[mt], b[0], b[1]);
+            mma_16816<M>(acc[mt][nt + 1], a[mt], b[2], b[3]);
+          }
         }
-#pragma unroll
-        for (int j = 0; j < 8; ++j) en[j] = fmaf(bv[j], bv[j], en[j]);
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], bv[j], acc[i][j]);
       }
       __syncthreads();
     }
-    // Codes are visited in increasing order per thread, so a strict '<' keeps the first minimum.
+    // Norms of this tile's codes (and, on the first tile, of the rows) for the epilogue.
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int code = n0 + cl[j >> 2] + (j & 3);
-      if (code >= c_end) continue;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float d = en[j] - 2.f * acc[i][j];
-        if (d < best[i]) {
-          best[i] = d;
-          arg[i] = code;
+    for (int l = 0; l < kVqLoads; ++l) {
+      const float e2 = warp_sum(esq[l]);
+      if (lane == 0) {
+        en_s[warp + 8 * l] = e2;
+        cn_s[warp + 8 * l] = sqrtf(e2);
+      }
+      if constexpr (kNorms) {
+        if (first) {
+          const float z2 = warp_sum(zsq[l]);
+          if (lane == 0) zn_s[warp + 8 * l] = sqrtf(z2);
         }
       }
     }
-  }
+    __syncthreads();
 
-  // The 16 threads of one ty are 16 consecutive lanes of a warp.
+    // Element (i, nt, e) of this thread: row wm + (i/2)*16 + g + 8(i%2), code wn + nt*8 + 2t + e.
+    auto row_of = [&](int i) { return wm + (i >> 1) * 16 + g + 8 * (i & 1); };
+    auto code_of = [&](int nt, int e) { return wn + nt * 8 + 2 * t + e; };
+    auto dist = [&](int i, int nt, int e) { return en_s[code_of(nt, e)] - 2.f * acc[i >> 1][nt][2 * (i & 1) + e]; };
+    auto err = [&](int i, int nt, int e) {
+      const int cl = code_of(nt, e);
+      return rel * zn_s[row_of(i)] * cn_s[cl] + 0x1p-22f * en_s[cl];
+    };
+    if constexpr (kPass == kVqCertify) {
+      // Every row's current key bounds its minimum from above (other CTAs lower it as they go).
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    float b = best[i];
-    int a = arg[i];
-#pragma unroll
-    for (int o = 8; o > 0; o >>= 1) {
-      const float ob = __shfl_xor_sync(0xffffffffu, b, o);
-      const int oa = __shfl_xor_sync(0xffffffffu, a, o);
-      if (ob < b || (ob == b && oa < a)) {
-        b = ob;
-        a = oa;
+      for (int i = 0; i < 4; ++i) {
+        const int row = m0 + row_of(i);
+        const auto key = *reinterpret_cast<volatile const unsigned long long*>(&keys[row < N ? row : 0]);
+        bound[i] = row < N ? from_ordered_bits(static_cast<uint32_t>(key >> 32)) : -FLT_MAX;
       }
+      // This thread's candidates as a bit mask over its 64 elements (bit 16i + 2nt + e).
+      uint64_t cand = 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (n0 + code_of(nt, e) < c_end && dist(i, nt, e) - err(i, nt, e) <= bound[i])
+              cand |= 1ull << (16 * i + 2 * nt + e);
+      // Candidates are rare: for most warps one vote skips the tile. Otherwise the warp takes
+      // them one at a time and recomputes each distance exactly, all lanes along the channels.
+      while (__any_sync(kFull, cand != 0)) {
+        const int j = cand ? __ffsll(static_cast<long long>(cand)) - 1 : 0;
+        unsigned pending = __ballot_sync(kFull, cand != 0);
+        cand &= cand - 1;
+        while (pending) {
+          const int src = __ffs(pending) - 1;
+          pending &= pending - 1;
+          const int js = __shfl_sync(kFull, j, src), gs = src >> 2, ts = src & 3;
+          const int r = m0 + wm + (js >> 5) * 16 + gs + 8 * ((js >> 4) & 1);  // row_of(js / 16) of lane src
+          const int cl = wn + ((js >> 1) & 7) * 8 + 2 * ts + (js & 1);       // code_of(nt, e) of lane src
+          float dot = 0.f;
+          for (int k = lane; k < C; k += 32)
+            dot = fmaf(to_float<T>(z[r * z_s + k]), to_float<T>(cb[(n0 + cl) * cb_s + k]), dot);
+          dot = warp_sum(dot);
+          if (lane == 0) atomicMin(&keys[r], nearest_key(en_s[cl] - 2.f * dot, static_cast<uint32_t>(n0 + cl)));
+        }
+      }
+    } else {
+      // Codes are visited in increasing order per thread, so a strict '<' keeps the first minimum.
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int code = n0 + code_of(nt, e);
+            if (code >= c_end) continue;
+            const float d = dist(i, nt, e);
+            if constexpr (kPass == kVqBound) {
+              best[i] = fminf(best[i], d + err(i, nt, e));
+            } else if (d < best[i]) {
+              best[i] = d;
+              arg[i] = static_cast<uint32_t>(code);
+            }
+          }
     }
-    const int row = m0 + rl[i >> 2] + (i & 3);
-    if (tx == 0 && row < N) atomicMin(&keys[row], nearest_key(b, a));
+    __syncthreads();  // en_s, cn_s are rewritten by the next tile
+  }
+  if constexpr (kPass != kVqCertify) {
+    // The 4 threads sharing a row (t = 0..3) are 4 consecutive lanes.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float b = best[i];
+      uint32_t a = arg[i];
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1) {
+        const float ob = __shfl_xor_sync(kFull, b, o);
+        const uint32_t oa = __shfl_xor_sync(kFull, a, o);
+        if (ob < b || (ob == b && oa < a)) {
+          b = ob;
+          a = oa;
+        }
+      }
+      const int row = m0 + wm + (i >> 1) * 16 + g + 8 * (i & 1);  // row_of(i)
+      // The bound pass leaves the code field at its maximum: any exact (distance, code) at or below it wins.
+      if (t == 0 && row < N) atomicMin(&keys[row], nearest_key(b, kPass == kVqBound ? 0xffffffffu : a));
+    }
   }
 }
 
@@ -194,23 +316,27 @@ void vq_quantize_cuda(const void* z, int64_t z_s, const void* codebook, int64_t 
   launch(fill_u64_kernel, fill_blocks, 256, s, keys, n, ~0ull);
   check_launch("vq_quantize (init)");
   switch (dtype) {
-    case kFloat32:
-      launch(vq_quantize_kernel<float>, grid, kVqThreads, s, static_cast<const float*>(z), z_s,
+    case kFloat32:  // an upper bound per row, then the exact distances of the codes that may beat it
+      launch(vq_quantize_kernel<float, kVqBound>, grid, kVqThreads, s, static_cast<const float*>(z), z_s,
+          static_cast<const float*>(codebook), cb_s, n, k, c, split, keys);
+      check_launch("vq_quantize (bound)");
+      launch(vq_quantize_kernel<float, kVqCertify>, grid, kVqThreads, s, static_cast<const float*>(z), z_s,
           static_cast<const float*>(codebook), cb_s, n, k, c, split, keys);
       break;
     case kFloat16:
-      launch(vq_quantize_kernel<__half>, grid, kVqThreads, s, static_cast<const __half*>(z), z_s,
+      launch(vq_quantize_kernel<__half, kVqDirect>, grid, kVqThreads, s, static_cast<const __half*>(z), z_s,
           static_cast<const __half*>(codebook), cb_s, n, k, c, split, keys);
       break;
     case kBFloat16:
-      launch(vq_quantize_kernel<__nv_bfloat16>, grid, kVqThreads, s, static_cast<const __nv_bfloat16*>(z), z_s,
-          static_cast<const __nv_bfloat16*>(codebook), cb_s, n, k, c, split, keys);
+      launch(vq_quantize_kernel<__nv_bfloat16, kVqDirect>, grid, kVqThreads, s,
+          static_cast<const __nv_bfloat16*>(z), z_s, static_cast<const __nv_bfloat16*>(codebook), cb_s, n, k, c,
+          split, keys);
       break;
     default:
       throw std::invalid_argument("vq_quantize (CUDA): needs float32, float16 or bfloat16");
   }
   check_launch("vq_quantize");
-  launch(key_to_code_kernel, fill_blocks, 256, s, out, n);
+  launch(key_to_code_kernel, fill_blocks, 256, s, out, n, k);
   check_launch("vq_quantize (finish)");
 }
 

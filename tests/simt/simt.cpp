@@ -24,7 +24,7 @@ constexpr size_t kStackBytes = 128 * 1024;
 constexpr int kWarp = 32;
 
 enum State : int { kReady, kAtBlock, kAtWarp, kDone };
-enum WarpOp : int { kShfl = 1, kShflXor = 2, kMmaBf16 = 3, kMmaF16 = 4, kLdsm = 5, kLdsmTrans = 6 };
+enum WarpOp : int { kShfl = 1, kShflXor = 2, kMmaBf16 = 3, kMmaF16 = 4, kLdsm = 5, kLdsmTrans = 6, kBallot = 7 };
 
 const char* state_name(const State s) {
   switch (s) {
@@ -208,6 +208,10 @@ bool try_complete_warp(Block& blk, int w) {
       if (op == kShflXor && (src & ~(width - 1)) != base) src = i;  // outside the segment: own value
       lanes[i].bits = in[src & (kWarp - 1)];
     }
+  } else if (op == kBallot) {
+    uint64_t votes = 0;
+    for (int i = 0; i < kWarp; ++i) votes |= static_cast<uint64_t>(lanes[i].bits != 0) << i;
+    for (int i = 0; i < kWarp; ++i) lanes[i].bits = votes;
   } else if (op == kLdsm || op == kLdsmTrans) {
     complete_ldmatrix(lanes, op == kLdsmTrans, where.str());
   } else {
@@ -342,6 +346,16 @@ uint64_t warp_shuffle(uint32_t mask, uint64_t bits, int lane_arg, bool is_xor, i
   th.state = kAtWarp;
   yield();
   return g_block->t[g_block->cur].bits;
+}
+
+uint32_t warp_ballot(uint32_t mask, int pred) {
+  Thread& th = g_block->t[g_block->cur];
+  th.op = kBallot;
+  th.mask = mask;
+  th.bits = pred != 0;
+  th.state = kAtWarp;
+  yield();
+  return static_cast<uint32_t>(g_block->t[g_block->cur].bits);
 }
 
 void warp_mma_16816(bool bf16, float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {

@@ -5,7 +5,8 @@
 // Every thread of a block is a fiber with its own stack; blocks of a grid run one after
 // another. A fiber runs until it reaches a synchronization point:
 //   __syncthreads(), __syncthreads_and/or     every live thread of the block
-//   __shfl_sync, __shfl_xor_sync, mma.sync     all 32 lanes of the warp (full mask only)
+//   __shfl_sync, __shfl_xor_sync, __ballot_sync/__any_sync/__all_sync, mma.sync, ldmatrix
+//                                              all 32 lanes of the warp (full mask only)
 // and the point completes when every participant has arrived. Warps run in a random order,
 // each as far as it can before the next starts, and the lanes of a warp in a shuffled order
 // (seeded by WORLDVLA_SIMT_SEED, default 12345), so code that reads another thread's
@@ -55,6 +56,8 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body);
 enum BarrierKind : int { kSync = 0, kAnd = 1, kOr = 2 };
 int block_barrier(BarrierKind kind, int pred);
 uint64_t warp_shuffle(uint32_t mask, uint64_t bits, int lane_arg, bool is_xor, int width);
+// __ballot_sync: bit i of the result is lane i's predicate.
+uint32_t warp_ballot(uint32_t mask, int pred);
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 on the warp's fragments.
 void warp_mma_16816(bool bf16, float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 // ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: `row` is this lane's row address.
@@ -95,6 +98,12 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
   return simt::shuffle(mask, value, lane_mask, true, width);
 }
+inline unsigned __ballot_sync(unsigned mask, int pred) { return simt::warp_ballot(mask, pred); }
+inline int __any_sync(unsigned mask, int pred) { return simt::warp_ballot(mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) { return simt::warp_ballot(mask, pred) == 0xffffffffu; }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
 // Fibers of one block never run at the same time, so atomics are plain read-modify-writes.
 template <typename T>
