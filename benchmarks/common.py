@@ -34,7 +34,20 @@ def device_name(device: str | torch.device = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device).replace(" ", "-")
-    return f"cpu-{os.cpu_count()}core"
+    # The vector width torch's CPU kernels use decides which side of a C++-vs-torch ratio wins.
+    from worldvla.ops.dispatch import cpu_capability
+
+    return f"cpu-{os.cpu_count()}core-{cpu_capability().lower()}"
+
+
+def cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def environment(device="cpu") -> dict:
@@ -42,6 +55,10 @@ def environment(device="cpu") -> dict:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
            "l2_cache_bytes": l2_cache_bytes(device)}
+    if torch.device(device).type == "cpu":
+        from worldvla.ops.dispatch import cpu_capability
+
+        env.update(cpu_model=cpu_model(), cpu_capability=cpu_capability())
     try:
         import triton
 

@@ -505,3 +505,14 @@ def test_bad_arguments_cuda(rng):
         nb.masked_attention(big[..., 1:], k, v, meta)
     with pytest.raises(ValueError, match="is on"):
         nb.masked_attention(q, k, v, causal_meta((1, 16)))
+
+
+def test_cpu_auto_order_follows_the_measured_vector_width():
+    """C++ CPU paths lead only where they were measured faster: most ops on AVX2 machines, only the
+    gather on AVX-512 ones, none where nothing was measured."""
+    avx2, avx512, other = (dispatch._auto_order(c) for c in ("AVX2", "AVX512", "DEFAULT"))
+    assert avx2[("decode_attention", "cpu")][0] == "native" and avx2[("vq_quantize", "cpu")][0] == "native"
+    assert ("masked_attention", "cpu") not in avx2 and avx2["cpu"] == ("torch",)
+    assert ("decode_attention", "cpu") not in avx512 and avx512[("vq_gather", "cpu")][0] == "native"
+    assert not any(isinstance(k, tuple) for k in other) and other["cuda"][0] == "triton"
+    assert dispatch.AUTO_ORDER == dispatch._auto_order(dispatch.cpu_capability())

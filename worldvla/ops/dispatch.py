@@ -11,18 +11,38 @@ import importlib
 from typing import Callable
 
 BACKENDS = ("torch", "triton", "native")
-# Fastest first, per device type, or per (op, device type) where an op differs from its device's rule.
-# Triton leads on CUDA until the native CUDA kernels have passed their GPU tests on hardware. On CPU
-# the C++ paths lead where they were measured faster than torch (`worldvla bench cpu_ops`):
-# decode attention, constrained sampling, VQ search and gather; torch's prefill attention is faster.
-AUTO_ORDER = {
-    "cuda": ("triton", "native", "torch"),
-    "cpu": ("torch",),
-    ("decode_attention", "cpu"): ("native", "torch"),
-    ("constrained_sample", "cpu"): ("native", "torch"),
-    ("vq_quantize", "cpu"): ("native", "torch"),
-    ("vq_gather", "cpu"): ("native", "torch"),
+
+# On CPU the C++ paths lead only where `worldvla bench cpu_ops` measured them faster than torch,
+# which depends on the vector width torch's own kernels get (torch.backends.cpu.get_cpu_capability()):
+# - AVX2 (2-core AMD EPYC): C++ faster for decode attention (1.3-1.7x), constrained sampling (up to
+#   1.8x), VQ search (1.2-1.5x) and gather (1.2x); torch faster for prefill attention at head dim 128.
+# - AVX512 (2-core Intel Xeon with AMX): torch's 16-wide oneDNN / MKL kernels beat the 8-wide C++ ones
+#   for decode attention (0.63-0.97x), constrained sampling (0.60-0.81x), VQ search at a 256 px frame's
+#   256 rows (0.72-0.76x; the C++ one wins at 1,024 rows, 1.27x) and prefill (0.51-0.95x); only the
+#   gather stays faster in C++ (1.08-1.41x).
+# Anything else (other architectures, no AVX2) was not measured: torch.
+CPU_NATIVE_FIRST = {
+    "AVX2": ("decode_attention", "constrained_sample", "vq_quantize", "vq_gather"),
+    "AVX512": ("vq_gather",),
 }
+
+
+def cpu_capability() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _auto_order(capability: str) -> dict:
+    """Fastest first, per device type, or per (op, device type) where an op differs from its device's
+    rule. Triton leads on CUDA until the native CUDA kernels have passed their GPU tests on hardware."""
+    order = {"cuda": ("triton", "native", "torch"), "cpu": ("torch",)}
+    for op in CPU_NATIVE_FIRST.get(capability, ()):
+        order[(op, "cpu")] = ("native", "torch")
+    return order
+
+
+AUTO_ORDER = _auto_order(cpu_capability())
 
 
 class Unsupported:
