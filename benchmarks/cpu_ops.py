@@ -9,6 +9,9 @@ torch's thread count.
 Prefill FLOPs count visible pairs only (4 * H * Dh per pair). Decode attention reads K and V once:
 bytes = 2 * S * Hkv * Dh * 4 (fp32), the floor at the machine's stream bandwidth. Sampling and VQ are
 matmul-shaped: FLOPs = 2 * N * range * H and 2 * N * K * C.
+
+On AVX-512 machines the C++ kernels run 16 floats per vector; `native-w8` is the same kernels forced
+to 8 (what AVX2 machines run), timed in the same rounds.
 """
 from __future__ import annotations
 
@@ -23,6 +26,23 @@ from .attention import decode_meta, packed_batch, visible_pairs
 from .common import Rotation, main_for, print_table, write_results
 
 BACKENDS = ("torch", "native")
+
+
+def _sides(call) -> dict:
+    """{name: fn(*args)} for torch and the C++ path (and its 8-wide variant where the CPU runs 16)."""
+    from worldvla import _C
+
+    fns = {b: (lambda *a, b=b: call(b, *a)) for b in BACKENDS}
+    if _C.cpu_vector_width() == 16:
+        def narrow(*a):
+            _C.set_cpu_vector_width(8)
+            try:
+                return call("native", *a)
+            finally:
+                _C.set_cpu_vector_width(16)
+
+        fns["native-w8"] = narrow
+    return fns
 
 
 def interleaved(fns: dict, rotation: Rotation, warmup: int, repeats: int) -> dict:
@@ -67,7 +87,7 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
         _, meta = packed_batch(256, T, gen)  # 620-token action documents, packed
         T = meta.kv_block.shape[0]
         rot = Rotation(lambda i: tuple(torch.randn(T, H, D, generator=gen) for _ in range(3)))
-        fns = {b: (lambda q, k, v, b=b: ops.masked_attention(q, k, v, meta, backend=b)) for b in BACKENDS}
+        fns = _sides(lambda b, q, k, v: ops.masked_attention(q, k, v, meta, backend=b))
         med = interleaved(fns, rot, 2, 5 if quick else 20)
         rows += _rows("masked_attention", f"prefill H{H} Dh{D} {T} tokens", med,
                       {"flops": 4 * H * D * visible_pairs(meta)})
@@ -79,7 +99,7 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
             S = meta.kv_block.shape[1]
             rot = Rotation(lambda i: (torch.randn(1, K, H, D, generator=gen), torch.randn(1, S, H, D, generator=gen),
                                       torch.randn(1, S, H, D, generator=gen)))
-            fns = {b: (lambda q, k, v, b=b: ops.decode_attention(q, k, v, meta, backend=b)) for b in BACKENDS}
+            fns = _sides(lambda b, q, k, v: ops.decode_attention(q, k, v, meta, backend=b))
             med = interleaved(fns, rot, warmup, repeats)
             rows += _rows("decode_attention", f"decode H{H} Dh{D} K{K} cache{S}", med, {"bytes": 2 * S * H * D * 4})
 
@@ -87,25 +107,27 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
                      [(1, 1024, 256), (5, 1024, 256), (5, 256, 256), (35, 4096, 256)]):
         V = 8192
         rot = Rotation(lambda i: (torch.randn(N, Hd, generator=gen), torch.randn(V, Hd, generator=gen) * 0.05))
-        fns = {b: (lambda h, w, b=b: ops.constrained_sample(h, w, V - R, V, backend=b)) for b in BACKENDS}
+        fns = _sides(lambda b, h, w: ops.constrained_sample(h, w, V - R, V, backend=b))
         med = interleaved(fns, rot, warmup, repeats)
         rows += _rows("constrained_sample", f"greedy N{N} H{Hd} range{R}", med, {"flops": 2 * N * R * Hd})
 
     for N, K, C in ([(16, 512, 64), (256, 2048, 256)] if quick else
                     [(16, 512, 64), (256, 2048, 256), (256, 8192, 256), (1024, 8192, 256)]):
         rot = Rotation(lambda i: (torch.randn(N, C, generator=gen), torch.randn(K, C, generator=gen)))
-        fns = {b: (lambda z, cb, b=b: ops.vq_quantize(z, cb, backend=b)) for b in BACKENDS}
+        fns = _sides(lambda b, z, cb: ops.vq_quantize(z, cb, backend=b))
         med = interleaved(fns, rot, warmup, max(10, repeats // (4 if N * K > 1e6 else 1)))
         rows += _rows("vq_quantize", f"N{N} K{K} C{C}", med, {"flops": 2 * N * K * C})
 
     for B, h, K, C in [(1, 16, 8192, 256), (8, 4, 512, 64)]:
         rot = Rotation(lambda i: (torch.randint(0, K, (B, h, h), generator=gen), torch.randn(K, C, generator=gen)))
-        fns = {b: (lambda idx, cb, b=b: ops.vq_gather(idx, cb, backend=b)) for b in BACKENDS}
+        fns = _sides(lambda b, idx, cb: ops.vq_gather(idx, cb, backend=b))
         med = interleaved(fns, rot, warmup, repeats)
         rows += _rows("vq_gather", f"B{B} {h}x{h} K{K} C{C}", med, {"bytes": B * h * h * C * 4 * 2})
 
     print_table(rows, ["op", "case", "impl", "median_ms", "speedup_vs_torch", "GBps", "GFLOPs"])
-    extra = {"threads": torch.get_num_threads(), "quick": quick, "method": "interleaved A/B calls through "
+    from worldvla import _C
+
+    extra = {"threads": torch.get_num_threads(), "quick": quick, "cpu_vector_width": _C.cpu_vector_width(), "method": "interleaved A/B calls through "
              "worldvla.ops, medians; inputs from one rotation of fresh random sets shared by both sides"}
     path = write_results("cpu_ops", rows, "cpu", out_dir, extra=extra)
     plot_speedups(rows, path.with_suffix(".png"))
@@ -125,6 +147,11 @@ def plot_speedups(rows, path):
     colors = ["tab:green" if r["speedup_vs_torch"] >= 1 else "tab:red" for r in native]
     ax.barh(list(ys), [r["speedup_vs_torch"] for r in native], color=colors)
     ax.set_yticks(list(ys), [f"{r['op']}: {r['case']}" for r in native], fontsize=8)
+    w8 = {(r["op"], r["case"]): r["speedup_vs_torch"] for r in rows if r["impl"] == "worldvla-native-w8"}
+    if w8:
+        ax.scatter([w8[(r["op"], r["case"])] for r in native], list(ys), marker="x", color="black", zorder=3,
+                   label="the same kernels at 8 floats per vector (AVX2 width)")
+        ax.legend(fontsize=8, loc="lower right")
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_xlabel("C++ path speed-up over torch (x; right of the line = faster)")
     ax.set_title(f"worldvla C++ CPU paths vs torch ({torch.get_num_threads()} threads)")

@@ -221,4 +221,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("vq_gather", &vq_gather, "Codebook rows for indices [B, h*w] into out [B, C, h*w].");
   m.def("range_argmax", &range_argmax, "Greedy token over the vocabulary range [lo, hi) (int64 out).");
   m.def("range_logits", &range_logits, "float32 logits [N, hi - lo] of the vocabulary range [lo, hi).");
+  m.def("cpu_vector_width", &cpu_vector_width,
+        "Floats per vector of the C++ CPU kernels: 16 on AVX-512 (x86-64-v4) machines, else 8.");
+  m.def("set_cpu_vector_width", &set_cpu_vector_width,
+        "Run the C++ CPU kernels at 8 or 16 floats per vector (16 needs AVX-512), e.g. to compare the two.");
 }

@@ -79,6 +79,8 @@ struct DecodeParams {
 };
 
 // ---- CPU paths (csrc/cpu/*.cpp); float32 tensors ----
+int cpu_vector_width();  // 16 on AVX-512 machines, else 8 (csrc/cpu/isa.cpp)
+void set_cpu_vector_width(int width);
 void masked_attention_fwd_cpu(const AttnFwdParams& p);
 void decode_attention_cpu(const DecodeParams& p);
 // z [N, C], codebook [K, C] (row strides z_s, cb_s) -> out int64 [N]

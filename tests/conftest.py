@@ -34,6 +34,20 @@ def rng():
     return g
 
 
+@pytest.fixture(params=[8, 16], ids=["w8", "w16"])
+def cpu_width(request):
+    """Runs a test with the C++ CPU kernels at 8 and at 16 floats per vector (16 only on AVX-512
+    machines; elsewhere that case skips), then restores the machine's default."""
+    C = pytest.importorskip("worldvla._C")
+    default = C.cpu_vector_width()
+    try:
+        C.set_cpu_vector_width(request.param)
+    except ValueError:
+        pytest.skip("this CPU has no 16-wide (AVX-512) path")
+    yield request.param
+    C.set_cpu_vector_width(default)
+
+
 @pytest.fixture
 def poison_empty(monkeypatch):
     """Every float buffer made with torch.empty starts as NaN, so unwritten kernel outputs show up."""

@@ -91,6 +91,7 @@ def test_chunk_metadata_actually_masks(rng):
     assert (causal & ~dense).sum() > 50  # the rule hides earlier action blocks here
 
 
+@pytest.mark.usefixtures("cpu_width")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [32, 64])
 def test_prefill_padded_cpu(rng, dtype, D):
@@ -100,6 +101,7 @@ def test_prefill_padded_cpu(rng, dtype, D):
     check_prefill(q, k, v, meta, f"padded {dtype} D={D}")
 
 
+@pytest.mark.usefixtures("cpu_width")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_packed_cpu(rng, dtype):
     # documents of 1, 99 and 103 tokens: T = 203
@@ -119,6 +121,7 @@ def test_prefill_single_unpacked_sequence_cpu(rng):
     check_prefill(q, k, v, meta, "single [T]", scale=0.3)
 
 
+@pytest.mark.usefixtures("cpu_width")
 def test_prefill_length_one_documents_cpu(rng):
     cu = torch.tensor([0, 1, 2, 3, 7], dtype=torch.int32)
     meta = causal_meta((7,), cu_seqlens=cu)
@@ -148,6 +151,7 @@ def test_prefill_skips_hidden_tiles_cpu(rng):
     check_prefill(q, k, v, meta, "long blocks")
 
 
+@pytest.mark.usefixtures("cpu_width")
 def test_plain_causal_equivalence_cpu(rng):
     """A world-model sample is plain causal under the chunk rule: the chunk metadata must give
     bit-identical output to causal metadata, and match SDPA's is_causal."""
@@ -164,6 +168,7 @@ def test_plain_causal_equivalence_cpu(rng):
     assert_close_rule(a, ref, sdpa, "causal vs sdpa", FP32_FLOOR)
 
 
+@pytest.mark.usefixtures("cpu_width")
 def test_prefill_strided_inputs_cpu(rng):
     """q, k, v as views of one fused projection [B, L, H + 2 Hkv, D] (not contiguous)."""
     B, L, H, Hkv, D = 2, 97, 4, 2, 16
@@ -508,11 +513,11 @@ def test_bad_arguments_cuda(rng):
 
 
 def test_cpu_auto_order_follows_the_measured_vector_width():
-    """C++ CPU paths lead only where they were measured faster: most ops on AVX2 machines, only the
-    gather on AVX-512 ones, none where nothing was measured."""
+    """C++ CPU paths lead only where they were measured faster: the prefill only on AVX-512 machines,
+    constrained sampling only on AVX2 ones, nothing where nothing was measured."""
     avx2, avx512, other = (dispatch._auto_order(c) for c in ("AVX2", "AVX512", "DEFAULT"))
     assert avx2[("decode_attention", "cpu")][0] == "native" and avx2[("vq_quantize", "cpu")][0] == "native"
     assert ("masked_attention", "cpu") not in avx2 and avx2["cpu"] == ("torch",)
-    assert ("decode_attention", "cpu") not in avx512 and avx512[("vq_gather", "cpu")][0] == "native"
+    assert avx512[("masked_attention", "cpu")][0] == "native" and ("constrained_sample", "cpu") not in avx512
     assert not any(isinstance(k, tuple) for k in other) and other["cuda"][0] == "triton"
     assert dispatch.AUTO_ORDER == dispatch._auto_order(dispatch.cpu_capability())

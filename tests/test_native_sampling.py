@@ -27,6 +27,7 @@ def assert_greedy(ids, hidden, weight, lo, hi, torch_ids, name=""):
     assert gap <= 2 * torch_gap + 1e-6 * best.abs().max().item(), f"{name}: gap {gap:.3g} vs torch {torch_gap:.3g}"
 
 
+@pytest.mark.usefixtures("cpu_width")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_greedy_bins_cpu(rng, dtype):
     lo, hi = LAYOUT.bin_range
@@ -58,6 +59,7 @@ def test_range_logits_cpu(rng):
     assert err <= 2 * base + 1e-6, (err, base)
 
 
+@pytest.mark.usefixtures("cpu_width")
 @pytest.mark.parametrize("N,H", [(1, 13), (4, 96), (7, 260), (9, 8)])
 def test_range_logits_odd_shapes_cpu(rng, N, H):
     """Rows left over from the kernel's 4-row blocks, hidden sizes off its 8-float steps, an odd

@@ -45,11 +45,13 @@ def near_ties(rng, n: int, K: int, C: int):
     return z, cb, expected
 
 
+@pytest.mark.usefixtures("cpu_width")
 def test_vq_quantize_near_ties_cpu(rng):
     z, cb, expected = near_ties(rng, 64, 301, 48)
     assert torch.equal(nb.vq_quantize_op(z, cb), expected)
 
 
+@pytest.mark.usefixtures("cpu_width")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_vq_quantize_cpu(rng, dtype):
     z = torch.randn(203, 24, generator=rng).to(dtype)
@@ -69,6 +71,7 @@ def test_vq_quantize_exact_codes_and_ties_cpu(rng):
     assert torch.equal(idx, vq_quantize_ref(cb[pick], cb))
 
 
+@pytest.mark.usefixtures("cpu_width")
 def test_vq_quantize_ties_across_code_tiles_cpu(rng):
     """A codebook longer than the kernel's code tile (128), an odd count and a width off its 8-float
     steps: duplicates in different tiles (7 and 250) and across a tile edge (127 and 128) still
@@ -84,6 +87,7 @@ def test_vq_quantize_ties_across_code_tiles_cpu(rng):
     assert_nearest(nb.vq_quantize_op(z, cb), z, cb, vq_quantize_ref(z, cb), "301 codes")
 
 
+@pytest.mark.usefixtures("cpu_width")
 def test_vq_quantize_strided_rows_cpu(rng):
     big = torch.randn(50, 40, generator=rng)
     z = big[:, 5:21]  # row stride 40, last dim contiguous

@@ -6,10 +6,19 @@
 // Hot loops are compiled twice on x86-64, for AVX2+FMA (x86-64-v3) and for the
 // baseline, and the loader picks one per machine: wheels stay portable while a
 // modern CPU gets 8-wide FMA. Elsewhere the attribute is empty.
+//
+// The kernels are templates on the vector width W (floats per vector). W = 8 goes through those
+// clones; on AVX-512 machines (x86-64-v4) a W = 16 instantiation compiled for it runs instead,
+// 16 lanes per zmm register, with register blocks sized for its 32 registers. The choice is made
+// once per process (`cpu_vector_width`); tests and benchmarks can force W = 8 to compare.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__APPLE__)
 #define WORLDVLA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define WORLDVLA_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define WORLDVLA_WITH_AVX512 1
 #else
 #define WORLDVLA_MULTIVERSION
+#define WORLDVLA_AVX512
+#define WORLDVLA_WITH_AVX512 0
 #endif
 
 // v8f values passed between force-inlined helpers: the by-value vector ABI note does not apply.
@@ -32,7 +41,7 @@ WORLDVLA_INLINE v8f load8(const float* p) {
   return v;
 }
 WORLDVLA_INLINE void store8(float* p, const v8f& v) { __builtin_memcpy(p, &v, sizeof(v)); }
-WORLDVLA_INLINE v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+WORLDVLA_INLINE v8f splat8(float x) { return v8f{} + x; }  // a broadcast: see splatv
 
 // Pairwise sums within 128-bit halves, as vhaddps: {a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7}.
 WORLDVLA_INLINE v8f hadd8(const v8f& a, const v8f& b) {
@@ -48,6 +57,37 @@ WORLDVLA_INLINE v8f sum8x8(const v8f* a) {
   return __builtin_shuffle(u0, u1, lo) + __builtin_shuffle(u0, u1, hi);
 }
 
+// Width-generic vectors for the templated kernels: vec<8> is v8f, vec<16> one zmm register.
+template <int W>
+struct VecOf {
+  typedef float type __attribute__((vector_size(4 * W)));
+};
+template <int W>
+using vec = typename VecOf<W>::type;
+
+template <int W>
+WORLDVLA_INLINE vec<W> loadv(const float* p) {
+  vec<W> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <int W>
+WORLDVLA_INLINE void storev(float* p, const vec<W>& v) { __builtin_memcpy(p, &v, sizeof(v)); }
+// A broadcast. Written as 0 + x (which only turns -0 into +0): inside the target-specific
+// kernels GCC builds `{x, x, ...}` or a lane-by-lane fill one insert at a time (vinsertps
+// chains, masked broadcasts), which made the old 8-wide prefill almost 2x slower.
+template <int W>
+WORLDVLA_INLINE vec<W> splatv(float x) { return vec<W>{} + x; }
+
+// A vector's lanes summed down to 8 (lane l + lane l + 8 for W = 16).
+WORLDVLA_INLINE v8f fold8(const vec<8>& a) { return a; }
+WORLDVLA_INLINE v8f fold8(const vec<16>& a) {
+  v8f lo, hi;
+  __builtin_memcpy(&lo, &a, sizeof(lo));
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&a) + sizeof(lo), sizeof(hi));
+  return lo + hi;
+}
+
 WORLDVLA_INLINE float hsum8(const v8f& a) {
   float s = 0.f;
   for (int i = 0; i < 8; ++i) s += a[i];
@@ -56,37 +96,41 @@ WORLDVLA_INLINE float hsum8(const v8f& a) {
 
 // Contiguous dot product with four independent vector accumulators, so that the FMA
 // latency is hidden (one accumulator would wait on itself at every step).
+template <int W = 8>
 WORLDVLA_INLINE float dot_f32(const float* __restrict a, const float* __restrict b, int64_t n) {
-  v8f s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  vec<W> s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    s0 += load8(a + i) * load8(b + i);
-    s1 += load8(a + i + 8) * load8(b + i + 8);
-    s2 += load8(a + i + 16) * load8(b + i + 16);
-    s3 += load8(a + i + 24) * load8(b + i + 24);
+  for (; i + 4 * W <= n; i += 4 * W) {
+    s0 += loadv<W>(a + i) * loadv<W>(b + i);
+    s1 += loadv<W>(a + i + W) * loadv<W>(b + i + W);
+    s2 += loadv<W>(a + i + 2 * W) * loadv<W>(b + i + 2 * W);
+    s3 += loadv<W>(a + i + 3 * W) * loadv<W>(b + i + 3 * W);
   }
-  for (; i + 8 <= n; i += 8) s0 += load8(a + i) * load8(b + i);
-  float s = hsum8((s0 + s1) + (s2 + s3));
+  for (; i + W <= n; i += W) s0 += loadv<W>(a + i) * loadv<W>(b + i);
+  float s = hsum8(fold8((s0 + s1) + (s2 + s3)));
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
 // Dot products of 4 rows x[i] with 2 rows wa, wb (length n): lane 2 * i + j of the result is
-// x[i] . (j ? wb : wa). Eight vector accumulators; each 8-float step loads 6 vectors for 8 FMAs
+// x[i] . (j ? wb : wa). Eight vector accumulators; each W-float step loads 6 vectors for 8 FMAs
 // (a plain dot loads 2 for 1), and one transposing reduction gives the eight sums.
+template <int W = 8>
 WORLDVLA_INLINE v8f dot_4x2(const float* const* x, const float* wa, const float* wb, int64_t n) {
-  const int64_t n8 = n / 8 * 8;
-  v8f a[8] = {};
-  for (int64_t d = 0; d < n8; d += 8) {
-    const v8f ya = load8(wa + d), yb = load8(wb + d);
+  const int64_t nw = n / W * W;
+  vec<W> a[8] = {};
+  for (int64_t d = 0; d < nw; d += W) {
+    const vec<W> ya = loadv<W>(wa + d), yb = loadv<W>(wb + d);
     for (int i = 0; i < 4; ++i) {
-      const v8f xi = load8(x[i] + d);
+      const vec<W> xi = loadv<W>(x[i] + d);
       a[2 * i] += xi * ya;
       a[2 * i + 1] += xi * yb;
     }
   }
-  v8f sums = sum8x8(a);
-  for (int64_t d = n8; d < n; ++d)
+  v8f f[8];
+  for (int i = 0; i < 8; ++i) f[i] = fold8(a[i]);
+  v8f sums = sum8x8(f);
+  for (int64_t d = nw; d < n; ++d)
     for (int i = 0; i < 4; ++i) {
       sums[2 * i] += x[i][d] * wa[d];
       sums[2 * i + 1] += x[i][d] * wb[d];

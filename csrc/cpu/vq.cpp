@@ -15,17 +15,18 @@ constexpr int64_t kRows = 4;        // z rows per micro-kernel step (dot_4x2)
 constexpr int64_t kRowBlock = 32;   // z rows per work item
 constexpr int64_t kCodeTile = 128;  // codes per pass over the item's rows (128 x C floats stay in L2)
 
-WORLDVLA_MULTIVERSION
-void code_norms(const float* codebook, int64_t cb_s, int64_t k0, int64_t k1, int64_t C, float* enorm) {
-  for (int64_t c = k0; c < k1; ++c) enorm[c] = dot_f32(codebook + c * cb_s, codebook + c * cb_s, C);
+template <int W>
+WORLDVLA_INLINE void code_norms(const float* codebook, int64_t cb_s, int64_t k0, int64_t k1, int64_t C,
+                                float* enorm) {
+  for (int64_t c = k0; c < k1; ++c) enorm[c] = dot_f32<W>(codebook + c * cb_s, codebook + c * cb_s, C);
 }
 
 // Nearest code of z rows [n0, n1): the codebook is walked a tile at a time, each tile against
 // every row of the item, so a code row is fetched from memory once per item instead of once per
 // 4 rows. Codes are visited in order and compared strictly: the first minimum wins, as torch.argmin.
-WORLDVLA_MULTIVERSION
-void nearest_rows(const float* z, int64_t z_s, const float* codebook, int64_t cb_s, const float* enorm, int64_t n0,
-                  int64_t n1, int64_t K, int64_t C, int64_t* out) {
+template <int W>
+WORLDVLA_INLINE void nearest_rows(const float* z, int64_t z_s, const float* codebook, int64_t cb_s,
+                                  const float* enorm, int64_t n0, int64_t n1, int64_t K, int64_t C, int64_t* out) {
   float best[kRowBlock];
   int64_t arg[kRowBlock];
   for (int64_t r = 0; r < kRowBlock; ++r) {
@@ -41,7 +42,7 @@ void nearest_rows(const float* z, int64_t z_s, const float* codebook, int64_t cb
       int64_t* a = arg + (m - n0);
       for (int64_t c = k0; c < k2; c += 2) {
         const float* e = codebook + c * cb_s;
-        const v8f dots = dot_4x2(zr, e, e + cb_s, C);
+        const v8f dots = dot_4x2<W>(zr, e, e + cb_s, C);
         for (int64_t r = 0; r < kRows; ++r)
           for (int64_t j = 0; j < 2; ++j) {
             const float dist = enorm[c + j] - 2.f * dots[2 * r + j];
@@ -53,7 +54,7 @@ void nearest_rows(const float* z, int64_t z_s, const float* codebook, int64_t cb
       }
       if (k2 < k1)
         for (int64_t r = 0; r < kRows; ++r) {
-          const float dist = enorm[k2] - 2.f * dot_f32(zr[r], codebook + k2 * cb_s, C);
+          const float dist = enorm[k2] - 2.f * dot_f32<W>(zr[r], codebook + k2 * cb_s, C);
           if (dist < b[r]) {
             b[r] = dist;
             a[r] = k2;
@@ -64,20 +65,40 @@ void nearest_rows(const float* z, int64_t z_s, const float* codebook, int64_t cb
   for (int64_t n = n0; n < n1; ++n) out[n] = arg[n - n0];
 }
 
+// The kernels at each vector width: W = 8 in the AVX2 / baseline clones, W = 16 for AVX-512.
+WORLDVLA_MULTIVERSION void code_norms_w8(const float* cb, int64_t cb_s, int64_t k0, int64_t k1, int64_t C, float* en) {
+  code_norms<8>(cb, cb_s, k0, k1, C, en);
+}
+WORLDVLA_AVX512 void code_norms_w16(const float* cb, int64_t cb_s, int64_t k0, int64_t k1, int64_t C, float* en) {
+  code_norms<16>(cb, cb_s, k0, k1, C, en);
+}
+WORLDVLA_MULTIVERSION void nearest_rows_w8(const float* z, int64_t z_s, const float* cb, int64_t cb_s,
+                                           const float* en, int64_t n0, int64_t n1, int64_t K, int64_t C,
+                                           int64_t* out) {
+  nearest_rows<8>(z, z_s, cb, cb_s, en, n0, n1, K, C, out);
+}
+WORLDVLA_AVX512 void nearest_rows_w16(const float* z, int64_t z_s, const float* cb, int64_t cb_s,
+                                      const float* en, int64_t n0, int64_t n1, int64_t K, int64_t C, int64_t* out) {
+  nearest_rows<16>(z, z_s, cb, cb_s, en, n0, n1, K, C, out);
+}
+
 }  // namespace
 
 void vq_quantize_cpu(const float* z, int64_t z_s, const float* codebook, int64_t cb_s,
                      int64_t N, int64_t K, int64_t C, int64_t* out) {
+  const bool w16 = cpu_vector_width() == 16;
+  const auto norms = w16 ? code_norms_w16 : code_norms_w8;
+  const auto nearest = w16 ? nearest_rows_w16 : nearest_rows_w8;
   // ||z - e||^2 = ||z||^2 + ||e||^2 - 2 z.e ; ||z||^2 is the same for every code.
   std::vector<float> enorm(K);
   constexpr int64_t kChunk = 256;
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
-    for (int64_t k0 = 0; k0 < K; k0 += kChunk) code_norms(codebook, cb_s, k0, std::min(K, k0 + kChunk), C, enorm.data());
+    for (int64_t k0 = 0; k0 < K; k0 += kChunk) norms(codebook, cb_s, k0, std::min(K, k0 + kChunk), C, enorm.data());
 #pragma omp for schedule(dynamic, 1)
     for (int64_t n0 = 0; n0 < N; n0 += kRowBlock)
-      nearest_rows(z, z_s, codebook, cb_s, enorm.data(), n0, std::min(N, n0 + kRowBlock), K, C, out);
+      nearest(z, z_s, codebook, cb_s, enorm.data(), n0, std::min(N, n0 + kRowBlock), K, C, out);
   }
 }
 

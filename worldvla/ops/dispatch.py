@@ -13,17 +13,16 @@ from typing import Callable
 BACKENDS = ("torch", "triton", "native")
 
 # On CPU the C++ paths lead only where `worldvla bench cpu_ops` measured them faster than torch,
-# which depends on the vector width torch's own kernels get (torch.backends.cpu.get_cpu_capability()):
-# - AVX2 (2-core AMD EPYC): C++ faster for decode attention (1.3-1.7x), constrained sampling (up to
+# which depends on the vector width (torch.backends.cpu.get_cpu_capability()):
+# - AVX2 (2-core AMD EPYC): C++ faster for decode attention (1.2-1.7x), constrained sampling (up to
 #   1.8x), VQ search (1.2-1.5x) and gather (1.2x); torch faster for prefill attention at head dim 128.
-# - AVX512 (2-core Intel Xeon with AMX): torch's 16-wide oneDNN / MKL kernels beat the 8-wide C++ ones
-#   for decode attention (0.63-0.97x), constrained sampling (0.60-0.81x), VQ search at a 256 px frame's
-#   256 rows (0.72-0.76x; the C++ one wins at 1,024 rows, 1.27x) and prefill (0.51-0.95x); only the
-#   gather stays faster in C++ (1.08-1.41x).
+# - AVX512 (2-core Intel Xeon; the C++ kernels 16 wide): C++ faster or even for prefill attention
+#   (1.0-2.1x), decode attention (1.1-1.3x at head dim 64; 0.9-1.1x at 128), VQ search (1.0-1.8x) and
+#   gather (1.1-1.4x); torch's MKL faster for constrained sampling (0.75-0.9x).
 # Anything else (other architectures, no AVX2) was not measured: torch.
 CPU_NATIVE_FIRST = {
     "AVX2": ("decode_attention", "constrained_sample", "vq_quantize", "vq_gather"),
-    "AVX512": ("vq_gather",),
+    "AVX512": ("masked_attention", "decode_attention", "vq_quantize", "vq_gather"),
 }
 
 
