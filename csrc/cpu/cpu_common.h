@@ -8,9 +8,9 @@
 // modern CPU gets 8-wide FMA. Elsewhere the attribute is empty.
 //
 // The kernels are templates on the vector width W (floats per vector). W = 8 goes through those
-// clones; on AVX-512 machines (x86-64-v4) a W = 16 instantiation compiled for it runs instead,
-// 16 lanes per zmm register, with register blocks sized for its 32 registers. The choice is made
-// once per process (`cpu_vector_width`); tests and benchmarks can force W = 8 to compare.
+// clones; on AVX-512 machines (x86-64-v4) a W = 16 instantiation compiled for it runs instead:
+// the same register blocks, each vector a zmm register of 16 floats. The choice is made once per
+// process (`cpu_vector_width`); tests and benchmarks can force W = 8 to compare.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__APPLE__)
 #define WORLDVLA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #define WORLDVLA_AVX512 __attribute__((target("arch=x86-64-v4")))
