@@ -59,6 +59,11 @@ def environment(device="cpu") -> dict:
         from worldvla.ops.dispatch import cpu_capability
 
         env.update(cpu_model=cpu_model(), cpu_capability=cpu_capability())
+        # Settings that cap the instruction sets torch, MKL and oneDNN use (to stand in for an older CPU).
+        limits = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+                  if os.environ.get(k)}
+        if limits:
+            env["isa_limits"] = limits
     try:
         import triton
 

@@ -15,13 +15,17 @@ BACKENDS = ("torch", "triton", "native")
 # On CPU the C++ paths lead only where `worldvla bench cpu_ops` measured them faster than torch,
 # which depends on the vector width (torch.backends.cpu.get_cpu_capability()):
 # - AVX2 (2-core AMD EPYC): C++ faster for decode attention (1.2-1.7x), constrained sampling (up to
-#   1.8x), VQ search (1.2-1.5x) and gather (1.2x); torch faster for prefill attention at head dim 128.
+#   1.8x), VQ search (1.2-1.5x) and gather (1.2x), and for prefill attention at head dim 64 (1.4-2.2x)
+#   though not at 128 (0.74x); that run predates the broadcast fix in cpu_common.h, which made the
+#   8-wide prefill 1.5-1.8x faster. On the Xeon below with torch, MKL and oneDNN held to AVX2
+#   (cpu_ops-cpu-2core-avx512-limited-to-avx2.json) the 8-wide prefill is 1.2x torch at head dim 128
+#   and 1.6-2.2x at 64, so AVX2 machines take the C++ prefill too.
 # - AVX512 (2-core Intel Xeon; the C++ kernels 16 wide): C++ faster or even for prefill attention
 #   (1.0-2.1x), decode attention (1.1-1.3x at head dim 64; 0.9-1.1x at 128), VQ search (1.0-1.8x) and
 #   gather (1.1-1.4x); torch's MKL faster for constrained sampling (0.75-0.9x).
 # Anything else (other architectures, no AVX2) was not measured: torch.
 CPU_NATIVE_FIRST = {
-    "AVX2": ("decode_attention", "constrained_sample", "vq_quantize", "vq_gather"),
+    "AVX2": ("masked_attention", "decode_attention", "constrained_sample", "vq_quantize", "vq_gather"),
     "AVX512": ("masked_attention", "decode_attention", "vq_quantize", "vq_gather"),
 }
 
