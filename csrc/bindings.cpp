@@ -207,8 +207,11 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "worldvla native kernels (C++ CPU paths, CUDA when built with it)";
 #ifdef WORLDVLA_WITH_CUDA
   m.attr("with_cuda") = true;
+  // CMake's architecture list, comma-separated: "90a-real", "80;86" -> "80,86", ...
+  m.attr("cuda_archs") = WORLDVLA_CUDA_ARCHS;
 #else
   m.attr("with_cuda") = false;
+  m.attr("cuda_archs") = "";
 #endif
   m.attr("NO_BLOCK") = kNoBlock;
   m.def("masked_attention_fwd", &masked_attention_fwd,

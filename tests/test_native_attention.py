@@ -521,3 +521,31 @@ def test_cpu_auto_order_follows_the_measured_vector_width():
     assert avx512[("masked_attention", "cpu")][0] == "native" and ("constrained_sample", "cpu") not in avx512
     assert not any(isinstance(k, tuple) for k in other) and other["cuda"][0] == "triton"
     assert dispatch.AUTO_ORDER == dispatch._auto_order(dispatch.cpu_capability())
+
+
+@pytest.mark.parametrize("arch,cap,runs", [
+    ("90a-real", (9, 0), True), ("90a-real", (10, 0), False), ("90a-real", (8, 9), False),
+    ("80", (8, 7), True), ("80", (9, 0), True), ("80-real", (9, 0), False), ("80-real", (8, 6), True),
+    ("86-real", (8, 0), False), ("86-virtual", (12, 0), True), ("87-real", (8, 7), True), ("all", (9, 0), None),
+])
+def test_cuda_arch_coverage(arch, cap, runs):
+    """Which GPUs a build's CUDA code runs on: SASS within its major version, sm_90a only on sm_90,
+    PTX on anything newer; entries that do not name an architecture cannot tell."""
+    assert nb.arch_runs_on(arch, *cap) is runs
+
+
+def test_native_names_a_gpu_it_was_not_built_for(monkeypatch):
+    monkeypatch.setattr(nb._C, "cuda_archs", "90a-real", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (8, 7))
+    nb._arch_problem.cache_clear()
+    try:
+        msg = nb._arch_problem(0)
+        assert "sm_87" in msg and "90a-real" in msg and "DCMAKE_CUDA_ARCHITECTURES=87" in msg
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (7, 5))
+        nb._arch_problem.cache_clear()
+        assert "sm_80 or newer" in nb._arch_problem(0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
+        nb._arch_problem.cache_clear()
+        assert nb._arch_problem(0) is None
+    finally:
+        nb._arch_problem.cache_clear()

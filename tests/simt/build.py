@@ -60,6 +60,7 @@ def build(verbose: bool = False) -> Path:
     cuda, cpp = _sources()
     headers = sorted((ROOT / "csrc").rglob("*.h")) + sorted((ROOT / "csrc").rglob("*.cuh")) + [HERE / "simt.h"]
     flags = ["-std=c++17", "-O2", "-fPIC", "-fopenmp", "-w", "-DWORLDVLA_WITH_CUDA=1", "-DWORLDVLA_SIMT=1",
+             "-DWORLDVLA_CUDA_ARCHS=\"simt\"",
              f"-I{ROOT / 'csrc'}", f"-I{HERE}", f"-I{inc}", f"-I{pybind11.get_include()}",
              f"-I{sysconfig.get_paths()['include']}"]
     digest = hashlib.sha256(" ".join([cxx, *flags, "objcopy .bss=simt_shared"]).encode())

@@ -18,7 +18,9 @@ takes as "backend not available".
 """
 from __future__ import annotations
 
+import functools
 import math
+import re
 from typing import Optional
 
 import torch
@@ -48,6 +50,38 @@ def _fail(op: str, msg: str, exc=ValueError):
     raise exc(f"{op} (native): {msg}")
 
 
+def arch_runs_on(arch: str, major: int, minor: int) -> bool | None:
+    """Whether code built for one entry of CMake's architecture list ("90a-real", "80", "86-virtual",
+    ...) runs on a GPU of compute capability major.minor; None for entries that do not say ("all",
+    "native"). Real (SASS) code runs on its own major version at the same or a higher minor, an
+    arch-specific "a" build only on its exact GPU; virtual (PTX) code on that capability or any newer."""
+    m = re.fullmatch(r"(\d+)(a?)(?:-(real|virtual))?", arch.strip())
+    if m is None:
+        return None
+    num, specific, kind = int(m.group(1)), m.group(2) == "a", m.group(3)
+    want, have = (num // 10, num % 10), (major, minor)
+    real = (have == want) if specific else (have[0] == want[0] and have[1] >= want[1])
+    virtual = (have == want) if specific else have >= want
+    return {"real": real, "virtual": virtual}.get(kind, real or virtual)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_problem(dev: int) -> str | None:
+    """Why this build's CUDA kernels cannot run on GPU `dev`, or None if they can (or cannot tell)."""
+    major, minor = torch.cuda.get_device_capability(dev)
+    archs = [a for a in _C.cuda_archs.split(",") if a]
+    answers = [arch_runs_on(a, major, minor) for a in archs]
+    if not archs or any(a is None or a for a in answers):
+        return None
+    if major < 8:
+        return (f"the CUDA kernels need sm_80 or newer (bf16 mma.sync, cp.async); this GPU is sm_{major}{minor}: "
+                f"use backend='triton' or 'torch'")
+    return (f"worldvla._C holds CUDA kernels for {', '.join(archs)}, none of which runs on this GPU "
+            f"(sm_{major}{minor}); rebuild on it (pip install . picks the GPUs nvidia-smi reports) or with "
+            f"CMAKE_ARGS=\"-DCMAKE_CUDA_ARCHITECTURES={major}{minor}\" WORLDVLA_CUDA=ON pip install ., "
+            f"or use backend='triton'/'torch'")
+
+
 def _device_index(op: str, t: Tensor) -> int:
     """-1 for CPU, the CUDA index for CUDA; anything else is an error."""
     if t.device.type == "cpu":
@@ -56,7 +90,11 @@ def _device_index(op: str, t: Tensor) -> int:
         if not _C.with_cuda:
             _fail(op, "worldvla._C was built without CUDA; rebuild with nvcc on PATH "
                       "(WORLDVLA_CUDA=ON pip install .) or use backend='triton'/'torch'", RuntimeError)
-        return t.device.index if t.device.index is not None else torch.cuda.current_device()
+        dev = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        problem = _arch_problem(dev)
+        if problem:
+            _fail(op, problem, RuntimeError)
+        return dev
     _fail(op, f"tensors on {t.device.type} are not supported; use CPU or CUDA tensors")
 
 
