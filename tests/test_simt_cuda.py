@@ -167,12 +167,23 @@ def test_decode_rows_without_keys_and_empty_sequences(emulated, rng):
 
 # --------------------------------------------------------------------------- VQ
 @pytest.mark.parametrize("dtype,code_splits", [(torch.float32, 1), (torch.bfloat16, 2), (torch.float16, 5)])
-def test_vq_quantize(emulated, rng, dtype, code_splits):
-    z = torch.randn(150, 44, generator=rng).to(dtype)  # row and code tiles of 128, a channel tail of 4
-    cb = torch.randn(520, 44, generator=rng).to(dtype)
+@pytest.mark.parametrize("C", [44, 72])  # a tail of 12 channels, one value per load; 16-byte loads
+def test_vq_quantize(emulated, rng, dtype, code_splits, C):
+    z = torch.randn(150, C, generator=rng).to(dtype)  # row and code tiles of 128, a channel tail
+    cb = torch.randn(520, C, generator=rng).to(dtype)
     assert nb.vq_code_split(z, cb, code_splits)[0] == code_splits
     idx = nb.vq_quantize(z, cb, code_splits=code_splits)
     assert_nearest(idx, z, cb, vq_quantize_ref(z, cb), f"simt {dtype} {code_splits} splits")
+
+
+@pytest.mark.parametrize("dtype,offset", [(torch.float32, 1), (torch.bfloat16, 4), (torch.bfloat16, 8)])
+def test_vq_quantize_row_alignment(emulated, rng, dtype, offset):
+    """Rows that start off a 16-byte boundary take the one-value-per-load staging, aligned ones the
+    16-byte loads; both give the reference's codes."""
+    big = torch.randn(150, 64 + 16, generator=rng).to(dtype)
+    z = big[:, offset:offset + 64]  # row stride 80 values; the first row starts `offset` values in
+    cb = torch.randn(300, 64, generator=rng).to(dtype)
+    assert_nearest(nb.vq_quantize(z, cb, code_splits=2), z, cb, vq_quantize_ref(z, cb), f"offset {offset}")
 
 
 @pytest.mark.parametrize("code_splits", [1, 3])

@@ -3,9 +3,10 @@
 // vq_quantize: argmin_c ||e_c||^2 - 2 z.e_c on the tensor cores. A CTA owns 128 rows of z and
 // one split of the codebook (a multiple of 128 codes; the caller picks the split so that a few
 // frames' rows still fill the GPU), swept in 128-code tiles. Per 32 channels its 256 threads
-// stage the z and code tiles into shared memory (coalesced loads of the next 32 channels into
-// registers while the current ones are multiplied) and each of the 8 warps computes a 32-row x
-// 64-code block with mma.sync m16n8k16, fragments by ldmatrix. The code norms (and, where
+// stage the z and code tiles into shared memory, 8 channels of a row per thread and chunk (one
+// 16-byte load and one 16-byte store where rows are 16-byte aligned; the next 32 channels load
+// into registers while the current ones are multiplied), and each of the 8 warps computes a
+// 32-row x 64-code block with mma.sync m16n8k16, fragments by ldmatrix. The code norms (and, where
 // needed, the row norms) are fp32 sums of the staged values. The CTAs of a row tile merge
 // through a 64-bit atomicMin on (order-preserving distance bits, code): the smallest distance
 // wins and, among equal ones, the lowest code, as in torch.argmin. The [N, K] distance matrix
@@ -33,7 +34,7 @@ namespace {
 
 constexpr int kVqBM = 128, kVqBN = 128, kVqBK = 32, kVqThreads = 256;
 constexpr int kVqLD = kVqBK + 8;  // 80-byte rows: the 8 rows an ldmatrix reads sit in distinct banks
-constexpr int kVqLoads = kVqBM * kVqBK / kVqThreads;  // elements of z (and of the codebook) a thread stages per step
+constexpr int kVqChunks = kVqBM * kVqBK / 8 / kVqThreads;  // 8-channel chunks of z (and of codes) a thread stages
 constexpr unsigned kFull = 0xffffffffu;
 
 // What the tensor cores multiply: 16-bit inputs as they are, fp32 rounded to bf16 (its range).
@@ -76,8 +77,81 @@ __global__ void key_to_code_kernel(int64_t* p, int n, int k) {
   p[i] = code < k ? code : 0;
 }
 
-template <typename T, int kPass>
-__global__ void __launch_bounds__(kVqThreads)  // one CTA per SM, 8 warps
+// Eight consecutive channels of one row on their way to shared memory: 16-bit inputs as loaded,
+// fp32 as loaded and rounded to bf16 at the store.
+template <typename T>
+struct Chunk8 {
+  uint4 v;
+};
+template <>
+struct Chunk8<float> {
+  float4 lo, hi;
+};
+
+// Channels k..k+7 of `row` (zeros past C or for a row that does not exist). kVec: 16-byte aligned
+// rows and C a multiple of 8, so a chunk is one 16-byte load (two for fp32); else one load a value.
+template <typename T, bool kVec>
+__device__ __forceinline__ void load_chunk(Chunk8<T>& c, const T* row, int k, int C, bool valid) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (kVec) {
+      const bool in = valid && k < C;
+      c.lo = in ? *reinterpret_cast<const float4*>(row + k) : make_float4(0.f, 0.f, 0.f, 0.f);
+      c.hi = in ? *reinterpret_cast<const float4*>(row + k + 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+    } else {
+      float x[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) x[i] = (valid && k + i < C) ? row[k + i] : 0.f;
+      c.lo = make_float4(x[0], x[1], x[2], x[3]);
+      c.hi = make_float4(x[4], x[5], x[6], x[7]);
+    }
+  } else {
+    if (kVec) {
+      c.v = (valid && k < C) ? *reinterpret_cast<const uint4*>(row + k) : make_uint4(0u, 0u, 0u, 0u);
+    } else {
+      const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
+      uint32_t w[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t a = (valid && k + 2 * i < C) ? bits[k + 2 * i] : 0u;
+        const uint32_t b = (valid && k + 2 * i + 1 < C) ? bits[k + 2 * i + 1] : 0u;
+        w[i] = a | (b << 16);
+      }
+      c.v = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float chunk_sumsq(const Chunk8<T>& c) {
+  float s = 0.f;
+  if constexpr (std::is_same<T, float>::value) {
+    s = fmaf(c.lo.x, c.lo.x, s); s = fmaf(c.lo.y, c.lo.y, s); s = fmaf(c.lo.z, c.lo.z, s); s = fmaf(c.lo.w, c.lo.w, s);
+    s = fmaf(c.hi.x, c.hi.x, s); s = fmaf(c.hi.y, c.hi.y, s); s = fmaf(c.hi.z, c.hi.z, s); s = fmaf(c.hi.w, c.hi.w, s);
+  } else {
+    const uint32_t w[4] = {c.v.x, c.v.y, c.v.z, c.v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = unpack2<T>(w[i]);
+      s = fmaf(f.x, f.x, s);
+      s = fmaf(f.y, f.y, s);
+    }
+  }
+  return s;
+}
+
+// One 16-byte shared store of a chunk as the tensor cores' type M.
+template <typename M, typename T>
+__device__ __forceinline__ void store_chunk(M* dst, const Chunk8<T>& c) {
+  if constexpr (std::is_same<T, float>::value) {
+    *reinterpret_cast<uint4*>(dst) = make_uint4(pack2<M>(c.lo.x, c.lo.y), pack2<M>(c.lo.z, c.lo.w),
+                                                pack2<M>(c.hi.x, c.hi.y), pack2<M>(c.hi.z, c.hi.w));
+  } else {
+    *reinterpret_cast<uint4*>(dst) = c.v;
+  }
+}
+
+template <typename T, int kPass, bool kVec>
+__global__ void __launch_bounds__(kVqThreads, kVec ? 2 : 1)  // vectorized: two CTAs (16 warps) per SM
     vq_quantize_kernel(const T* __restrict__ z, int64_t z_s, const T* __restrict__ cb, int64_t cb_s, int N,
                        int K, int C, int split, unsigned long long* keys) {
   using M = typename VqMma<T>::type;
@@ -92,17 +166,18 @@ __global__ void __launch_bounds__(kVqThreads)  // one CTA per SM, 8 warps
   const int c_begin = blockIdx.y * split, c_end = min(K, c_begin + split);
   const float rel = 1.25f * (0x1p-6f + static_cast<float>(C) * 0x1p-21f);
 
-  // Staging: element e = tid + kVqThreads * l of a [128 x 32] tile is (row e / 32, channel e % 32):
-  // a warp reads 32 consecutive channels of one row. Lane = channel, so a row's sum of squares is
-  // a per-lane partial over the channel steps, reduced across the warp once per tile.
-  float zr[kVqLoads], er[kVqLoads], zsq[kNorms ? kVqLoads : 1], esq[kVqLoads];
+  // Staging: chunk q = tid + 256 l (l = 0, 1) of a [128 x 32] tile is row q / 4, channels 8 (q % 4)
+  // .. + 8, so the 4 threads of a row are 4 consecutive lanes and a row's sum of squares is a per-thread
+  // partial over the channel steps, reduced across those lanes once per tile.
+  const int srow = tid >> 2, scol = (tid & 3) * 8;  // rows srow and srow + 64
+  Chunk8<T> zc[kVqChunks], ec[kVqChunks];
+  float zsq[kVqChunks], esq[kVqChunks];
   auto fetch = [&](int n0, int k0) {
-    const int gk = k0 + lane;
 #pragma unroll
-    for (int l = 0; l < kVqLoads; ++l) {
-      const int row = warp + 8 * l, gm = m0 + row, gc = n0 + row;
-      zr[l] = (gm < N && gk < C) ? to_float<T>(z[gm * z_s + gk]) : 0.f;
-      er[l] = (gc < c_end && gk < C) ? to_float<T>(cb[gc * cb_s + gk]) : 0.f;
+    for (int l = 0; l < kVqChunks; ++l) {
+      const int gm = m0 + srow + 64 * l, gc = n0 + srow + 64 * l;
+      load_chunk<T, kVec>(zc[l], z + static_cast<int64_t>(min(gm, N - 1)) * z_s, k0 + scol, C, gm < N);
+      load_chunk<T, kVec>(ec[l], cb + static_cast<int64_t>(min(gc, K - 1)) * cb_s, k0 + scol, C, gc < c_end);
     }
   };
 
@@ -126,21 +201,18 @@ __global__ void __launch_bounds__(kVqThreads)  // one CTA per SM, 8 warps
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.f;
 #pragma unroll
-    for (int l = 0; l < kVqLoads; ++l) {
-      esq[l] = 0.f;
-      if constexpr (kNorms) zsq[l] = 0.f;
-    }
+    for (int l = 0; l < kVqChunks; ++l) esq[l] = zsq[l] = 0.f;
 
     fetch(n0, 0);
     for (int k0 = 0; k0 < C; k0 += kVqBK) {
 #pragma unroll
-      for (int l = 0; l < kVqLoads; ++l) {
-        const int row = warp + 8 * l;
-        zs[row * kVqLD + lane] = from_float<M>(zr[l]);
-        es[row * kVqLD + lane] = from_float<M>(er[l]);
-        esq[l] = fmaf(er[l], er[l], esq[l]);
+      for (int l = 0; l < kVqChunks; ++l) {
+        const int row = srow + 64 * l;
+        store_chunk<M>(&zs[row * kVqLD + scol], zc[l]);
+        store_chunk<M>(&es[row * kVqLD + scol], ec[l]);
+        esq[l] += chunk_sumsq(ec[l]);
         if constexpr (kNorms) {
-          if (first) zsq[l] = fmaf(zr[l], zr[l], zsq[l]);
+          if (first) zsq[l] += chunk_sumsq(zc[l]);
         }
       }
       __syncthreads();
@@ -166,17 +238,17 @@ __global__ void __launch_bounds__(kVqThreads)  // one CTA per SM, 8 warps
     }
     // Norms of this tile's codes (and, on the first tile, of the rows) for the epilogue.
 #pragma unroll
-    for (int l = 0; l < kVqLoads; ++l) {
-      const float e2 = warp_sum(esq[l]);
-      if (lane == 0) {
-        en_s[warp + 8 * l] = e2;
-        cn_s[warp + 8 * l] = sqrtf(e2);
+    for (int l = 0; l < kVqChunks; ++l) {
+      float e2 = esq[l], z2 = zsq[l];
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1) {
+        e2 += __shfl_xor_sync(kFull, e2, o);
+        if (kNorms) z2 += __shfl_xor_sync(kFull, z2, o);
       }
-      if constexpr (kNorms) {
-        if (first) {
-          const float z2 = warp_sum(zsq[l]);
-          if (lane == 0) zn_s[warp + 8 * l] = sqrtf(z2);
-        }
+      if ((tid & 3) == 0) {
+        en_s[srow + 64 * l] = e2;
+        cn_s[srow + 64 * l] = sqrtf(e2);
+        if (kNorms && first) zn_s[srow + 64 * l] = sqrtf(z2);
       }
     }
     __syncthreads();
@@ -298,6 +370,29 @@ void launch_gather(const void* idx, int index_dtype, const void* cb, int64_t cb_
     throw std::invalid_argument("vq_gather (CUDA): indices must be int32 or int64");
 }
 
+struct VqArgs {
+  const void* z;
+  int64_t z_s;
+  const void* cb;
+  int64_t cb_s;
+  int n, k, c, split;
+  unsigned long long* keys;
+  dim3 grid;
+  cudaStream_t stream;
+};
+
+template <typename T, int kPass>
+void vq_pass(const VqArgs& a, bool vec) {
+  const T* z = static_cast<const T*>(a.z);
+  const T* cb = static_cast<const T*>(a.cb);
+  if (vec)
+    launch(vq_quantize_kernel<T, kPass, true>, a.grid, kVqThreads, a.stream, z, a.z_s, cb, a.cb_s, a.n, a.k, a.c,
+        a.split, a.keys);
+  else
+    launch(vq_quantize_kernel<T, kPass, false>, a.grid, kVqThreads, a.stream, z, a.z_s, cb, a.cb_s, a.n, a.k, a.c,
+        a.split, a.keys);
+}
+
 }  // namespace
 
 void vq_quantize_cuda(const void* z, int64_t z_s, const void* codebook, int64_t cb_s, int dtype, int64_t N,
@@ -315,22 +410,23 @@ void vq_quantize_cuda(const void* z, int64_t z_s, const void* codebook, int64_t 
   const unsigned fill_blocks = static_cast<unsigned>((N + 255) / 256);
   launch(fill_u64_kernel, fill_blocks, 256, s, keys, n, ~0ull);
   check_launch("vq_quantize (init)");
+  // 16-byte loads where every row allows them (the release's z and codebook always do).
+  const size_t esize = dtype == kFloat32 ? 4 : 2;
+  const bool vec = c % 8 == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(codebook) % 16 == 0 && (z_s * esize) % 16 == 0 &&
+                   (cb_s * esize) % 16 == 0;
+  const VqArgs a{z, z_s, codebook, cb_s, n, k, c, split, keys, grid, s};
   switch (dtype) {
     case kFloat32:  // an upper bound per row, then the exact distances of the codes that may beat it
-      launch(vq_quantize_kernel<float, kVqBound>, grid, kVqThreads, s, static_cast<const float*>(z), z_s,
-          static_cast<const float*>(codebook), cb_s, n, k, c, split, keys);
+      vq_pass<float, kVqBound>(a, vec);
       check_launch("vq_quantize (bound)");
-      launch(vq_quantize_kernel<float, kVqCertify>, grid, kVqThreads, s, static_cast<const float*>(z), z_s,
-          static_cast<const float*>(codebook), cb_s, n, k, c, split, keys);
+      vq_pass<float, kVqCertify>(a, vec);
       break;
     case kFloat16:
-      launch(vq_quantize_kernel<__half, kVqDirect>, grid, kVqThreads, s, static_cast<const __half*>(z), z_s,
-          static_cast<const __half*>(codebook), cb_s, n, k, c, split, keys);
+      vq_pass<__half, kVqDirect>(a, vec);
       break;
     case kBFloat16:
-      launch(vq_quantize_kernel<__nv_bfloat16, kVqDirect>, grid, kVqThreads, s,
-          static_cast<const __nv_bfloat16*>(z), z_s, static_cast<const __nv_bfloat16*>(codebook), cb_s, n, k, c,
-          split, keys);
+      vq_pass<__nv_bfloat16, kVqDirect>(a, vec);
       break;
     default:
       throw std::invalid_argument("vq_quantize (CUDA): needs float32, float16 or bfloat16");
