@@ -198,6 +198,15 @@ def test_vq_quantize_near_ties(emulated, rng, code_splits):
     assert nb.vq_quantize(zb, cbb, code_splits=code_splits)[3].item() == 0
 
 
+def test_vq_quantize_release_width(emulated, rng):
+    """The release's 256 channels (the error bound grows with C) and codebook scale: fp32 near-ties
+    still give the fp32 answer, bf16 the reference's distances."""
+    z, cb, expected = near_ties(rng, 64, 640, 256)
+    assert torch.equal(nb.vq_quantize(z, cb, code_splits=2), expected)
+    zb, cbb = z.bfloat16(), cb.bfloat16()
+    assert_nearest(nb.vq_quantize(zb, cbb, code_splits=2), zb, cbb, vq_quantize_ref(zb, cbb), "bf16 C256")
+
+
 @pytest.mark.parametrize("code_splits", [1, 3])
 def test_vq_quantize_exact_codes_and_ties(emulated, rng, code_splits):
     cb = torch.randn(300, 24, generator=rng)
