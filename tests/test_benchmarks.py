@@ -211,3 +211,25 @@ def test_cpu_peak_memory_sees_a_large_temporary():
         pytest.skip("this kernel does not let the process reset its peak resident set")
     assert 60 << 20 <= big <= 100 << 20, big
     assert none < 8 << 20, none
+
+
+def test_sass_report_of_the_vq_kernels(tmp_path):
+    """The static report compiles a CUDA file and reads ptxas and the SASS back. For the VQ search it
+    also guards what its staging rewrite bought: the aligned kernels keep two CTAs per SM without
+    spilling, and their hot loop stays near 6 instructions per tensor-core MMA (the one-value-per-load
+    staging it replaced took about 20)."""
+    from worldvla.benchmarks import sass
+
+    if sass.find_tool("nvcc") is None or sass.find_tool("cuobjdump") is None:
+        pytest.skip("needs nvcc and cuobjdump")
+    path = sass.run(out_dir=tmp_path, files=[sass.ROOT / "csrc" / "cuda" / "vq.cu"])
+    doc = json.loads(path.read_text())
+    assert doc["arch"] == "sm_90a" and doc["nvcc"]
+    vq = {r["kernel"]: r for r in doc["rows"] if "vq_quantize_kernel" in r["kernel"]}
+    aligned = [r for k, r in vq.items() if k.endswith("true>")]
+    assert len(vq) == 8 and len(aligned) == 4
+    for r in aligned:
+        assert r["registers"] <= 128 and r["spill_store_bytes"] == 0 and r["stack_bytes"] == 0, r
+        assert r["hot_loop_hmma"] == 32 and r["hot_loop_ldsm"] == 12 and r["instructions_per_hmma"] < 8, r
+    plain = [r for r in doc["rows"] if "gather" in r["kernel"] or "fill" in r["kernel"]]
+    assert plain and all(r["hmma"] == 0 and "hot_loop_hmma" not in r for r in plain)
