@@ -26,6 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 OPCODES = ("HMMA", "LDSM", "LDGSTS", "LDG", "STG", "LDS", "STS", "SHFL", "MUFU", "BAR", "ATOM", "RED", "LDL", "STL")
 
 
+class Unavailable(RuntimeError):
+    """The CUDA tools are not installed here: `worldvla bench` reports the report as skipped."""
+
+
 def find_tool(name: str) -> str | None:
     """`name` on PATH, beside nvcc, under /usr/local/cuda, or in Triton's bundled CUDA tools."""
     hits = [shutil.which(name)]
@@ -108,7 +112,7 @@ def parse_sass(dump: str) -> dict[str, dict]:
 def report(files: list[Path], arch: str = "sm_90a") -> list[dict]:
     nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
     if nvcc is None or cuobjdump is None:
-        raise RuntimeError("the static report needs nvcc and cuobjdump (the CUDA toolkit, or Triton's bundled "
+        raise Unavailable("the static report needs nvcc and cuobjdump (the CUDA toolkit, or Triton's bundled "
                            f"cuobjdump); found nvcc={nvcc}, cuobjdump={cuobjdump}")
     num = arch.removeprefix("sm_")
     rows = []

@@ -233,3 +233,16 @@ def test_sass_report_of_the_vq_kernels(tmp_path):
         assert r["hot_loop_hmma"] == 32 and r["hot_loop_ldsm"] == 12 and r["instructions_per_hmma"] < 8, r
     plain = [r for r in doc["rows"] if "gather" in r["kernel"] or "fill" in r["kernel"]]
     assert plain and all(r["hmma"] == 0 and "hot_loop_hmma" not in r for r in plain)
+
+
+def test_bench_reports_missing_cuda_tools_as_skipped(monkeypatch, tmp_path, capsys):
+    import argparse
+
+    from worldvla import bench
+    from worldvla.benchmarks import sass
+
+    monkeypatch.setattr(sass, "find_tool", lambda name: None)
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert bench.run(p.parse_args(["sass", "--out", str(tmp_path)])) == 0
+    assert "sass skipped: the static report needs nvcc and cuobjdump" in capsys.readouterr().out

@@ -39,9 +39,12 @@ def run(args) -> int:
             mod = importlib.import_module(f"worldvla.benchmarks.{name}")
         except ImportError:
             mod = importlib.import_module(f"benchmarks.{name}")  # running from a source checkout
+        unavailable = getattr(mod, "Unavailable", ())  # a benchmark's "cannot run here", not a failure
         try:
             path = mod.run(quick=args.quick, device=args.device, out_dir=args.out)
             print(f"-> {path} ({time.time() - t0:.1f} s)")
+        except unavailable as e:
+            print(f"-- {name} skipped: {e}")
         except Exception as e:  # noqa: BLE001 - one failing benchmark must not hide the others
             print(f"!! {name} failed: {type(e).__name__}: {e}")
             failed.append(name)
