@@ -246,3 +246,16 @@ def test_bench_reports_missing_cuda_tools_as_skipped(monkeypatch, tmp_path, caps
     bench.add_arguments(p)
     assert bench.run(p.parse_args(["sass", "--out", str(tmp_path)])) == 0
     assert "sass skipped: the static report needs nvcc and cuobjdump" in capsys.readouterr().out
+
+
+def test_info_reports_the_auto_order_and_the_build(capsys):
+    from worldvla import cli
+    from worldvla.ops import dispatch
+
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info["ops"]) == set(dispatch.registered_ops()) >= {"masked_attention", "vq_quantize"}
+    for op, o in info["ops"].items():
+        assert o["auto_order"]["cpu"][-1] == "torch" and set(o["auto_order"]["cpu"]) <= set(o["installed"])
+    assert info["cpu"]["torch_capability"] == dispatch.cpu_capability()
+    assert cli.main(["info"]) == 0 and "auto order on CPU" in capsys.readouterr().out

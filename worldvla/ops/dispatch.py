@@ -96,6 +96,11 @@ def _load_backends() -> None:
             pass
 
 
+def registered_ops() -> list[str]:
+    _load_backends()
+    return sorted(_IMPLS)
+
+
 def available(op: str) -> list[str]:
     _load_backends()
     return sorted(_IMPLS.get(op, {}))
