@@ -12,7 +12,7 @@ BENCHMARKS = {
     "e2e": "action-chunk and world-model frame latency vs the release-style baseline",
     "train": "training tokens/s, MFU and peak memory vs the reference-style path",
     "serve_load": "policy server under concurrent load: p50/p99 latency, overhead over in-process act",
-    "cpu_ops": "C++ CPU paths vs torch on the CPU (decode attention, sampling, VQ): the CPU auto order",
+    "cpu_ops": "C++ CPU paths vs torch on the CPU (prefill and decode attention, sampling, VQ): the CPU auto order",
     "sass": "static report of the CUDA kernels (registers, spills, hot-loop SASS); needs nvcc, not a GPU",
 }
 
