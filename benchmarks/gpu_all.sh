@@ -110,6 +110,8 @@ if (( BUILD_RC != 0 )); then  # without the CUDA kernels the Triton half can sti
     echo "build: CPU-only extension; the native CUDA kernels are missing"'
   show build-cpu-only 5
 fi
+stage info 30 "$PY" -m worldvla.cli info  # what the build holds, the GPU, the auto order per op
+show info 14
 
 # ---------------------------------------------------------------- 2. correctness (parallel)
 WINDOW_END=$(( $(date +%s) + CHECK_WINDOW_S ))
