@@ -11,7 +11,8 @@ bytes = 2 * S * Hkv * Dh * 4 (fp32), the floor at the machine's stream bandwidth
 matmul-shaped: FLOPs = 2 * N * range * H and 2 * N * K * C.
 
 On AVX-512 machines the C++ kernels run 16 floats per vector; `native-w8` is the same kernels forced
-to 8 (what AVX2 machines run), timed in the same rounds.
+to 8 (what AVX2 machines run), timed in the same rounds (not for decode, which is 8 wide everywhere,
+nor for the gather, which has no vector kernel).
 """
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ from .common import Rotation, main_for, print_table, write_results
 BACKENDS = ("torch", "native")
 
 
-def _sides(call) -> dict:
-    """{name: fn(*args)} for torch and the C++ path (and its 8-wide variant where the CPU runs 16)."""
+def _sides(call, widths: bool = True) -> dict:
+    """{name: fn(*args)} for torch and the C++ path, and the C++ path at 8 wide where the CPU runs 16
+    (`widths`: only for ops whose kernels follow the width; decode and the gather do not)."""
     from worldvla import _C
 
     fns = {b: (lambda *a, b=b: call(b, *a)) for b in BACKENDS}
-    if _C.cpu_vector_width() == 16:
+    if widths and _C.cpu_vector_width() == 16:
         def narrow(*a):
             _C.set_cpu_vector_width(8)
             try:
@@ -99,7 +101,7 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
             S = meta.kv_block.shape[1]
             rot = Rotation(lambda i: (torch.randn(1, K, H, D, generator=gen), torch.randn(1, S, H, D, generator=gen),
                                       torch.randn(1, S, H, D, generator=gen)))
-            fns = _sides(lambda b, q, k, v: ops.decode_attention(q, k, v, meta, backend=b))
+            fns = _sides(lambda b, q, k, v: ops.decode_attention(q, k, v, meta, backend=b), widths=False)
             med = interleaved(fns, rot, warmup, repeats)
             rows += _rows("decode_attention", f"decode H{H} Dh{D} K{K} cache{S}", med, {"bytes": 2 * S * H * D * 4})
 
@@ -120,15 +122,16 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
 
     for B, h, K, C in [(1, 16, 8192, 256), (8, 4, 512, 64)]:
         rot = Rotation(lambda i: (torch.randint(0, K, (B, h, h), generator=gen), torch.randn(K, C, generator=gen)))
-        fns = _sides(lambda b, idx, cb: ops.vq_gather(idx, cb, backend=b))
+        fns = _sides(lambda b, idx, cb: ops.vq_gather(idx, cb, backend=b), widths=False)
         med = interleaved(fns, rot, warmup, repeats)
         rows += _rows("vq_gather", f"B{B} {h}x{h} K{K} C{C}", med, {"bytes": B * h * h * C * 4 * 2})
 
     print_table(rows, ["op", "case", "impl", "median_ms", "speedup_vs_torch", "GBps", "GFLOPs"])
     from worldvla import _C
 
-    extra = {"threads": torch.get_num_threads(), "quick": quick, "cpu_vector_width": _C.cpu_vector_width(), "method": "interleaved A/B calls through "
-             "worldvla.ops, medians; inputs from one rotation of fresh random sets shared by both sides"}
+    extra = {"threads": torch.get_num_threads(), "quick": quick, "cpu_vector_width": _C.cpu_vector_width(),
+             "method": "interleaved A/B calls through worldvla.ops, medians; inputs from one rotation of fresh "
+                       "random sets shared by both sides"}
     path = write_results("cpu_ops", rows, "cpu", out_dir, extra=extra)
     plot_speedups(rows, path.with_suffix(".png"))
     return path
@@ -148,8 +151,9 @@ def plot_speedups(rows, path):
     ax.barh(list(ys), [r["speedup_vs_torch"] for r in native], color=colors)
     ax.set_yticks(list(ys), [f"{r['op']}: {r['case']}" for r in native], fontsize=8)
     w8 = {(r["op"], r["case"]): r["speedup_vs_torch"] for r in rows if r["impl"] == "worldvla-native-w8"}
-    if w8:
-        ax.scatter([w8[(r["op"], r["case"])] for r in native], list(ys), marker="x", color="black", zorder=3,
+    marks = [(w8[(r["op"], r["case"])], y) for r, y in zip(native, ys) if (r["op"], r["case"]) in w8]
+    if marks:
+        ax.scatter(*zip(*marks), marker="x", color="black", zorder=3,
                    label="the same kernels at 8 floats per vector (AVX2 width)")
         ax.legend(fontsize=8, loc="lower right")
     ax.axvline(1.0, color="black", linewidth=1)

@@ -10,6 +10,7 @@ namespace {
 
 int widest() {
 #if WORLDVLA_WITH_AVX512
+  __builtin_cpu_init();  // this runs from a static initializer: make sure the CPU model is read first
   return __builtin_cpu_supports("x86-64-v4") ? 16 : 8;
 #else
   return 8;

@@ -20,9 +20,10 @@ BACKENDS = ("torch", "triton", "native")
 #   8-wide prefill 1.5-1.8x faster. On the Xeon below with torch, MKL and oneDNN held to AVX2
 #   (cpu_ops-cpu-2core-avx512-limited-to-avx2.json) the 8-wide prefill is 1.2x torch at head dim 128
 #   and 1.6-2.2x at 64, so AVX2 machines take the C++ prefill too.
-# - AVX512 (2-core Intel Xeon; the C++ kernels 16 wide): C++ faster or even for prefill attention
-#   (1.0-2.1x), decode attention (1.1-1.3x at head dim 64; 0.9-1.1x at 128), VQ search (1.0-1.8x) and
-#   gather (1.1-1.4x); torch's MKL faster for constrained sampling (0.75-0.9x).
+# - AVX512 (2-core Intel Xeon; the C++ kernels 16 wide, decode 8): C++ faster or even for prefill
+#   attention (1.06-2.0x), VQ search (1.0-1.8x) and gather (1.1-1.4x); decode attention about even
+#   (0.88-1.34x over three runs, ahead more often than behind); torch's MKL faster for constrained
+#   sampling (0.74-0.92x).
 # Anything else (other architectures, no AVX2) was not measured: torch.
 CPU_NATIVE_FIRST = {
     "AVX2": ("masked_attention", "decode_attention", "constrained_sample", "vq_quantize", "vq_gather"),
