@@ -537,15 +537,15 @@ def test_cuda_arch_coverage(arch, cap, runs):
 def test_native_names_a_gpu_it_was_not_built_for(monkeypatch):
     monkeypatch.setattr(nb._C, "cuda_archs", "90a-real", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (8, 7))
-    nb._arch_problem.cache_clear()
+    nb.arch_problem.cache_clear()
     try:
-        msg = nb._arch_problem(0)
+        msg = nb.arch_problem(0)
         assert "sm_87" in msg and "90a-real" in msg and "DCMAKE_CUDA_ARCHITECTURES=87" in msg
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (7, 5))
-        nb._arch_problem.cache_clear()
-        assert "sm_80 or newer" in nb._arch_problem(0)
+        nb.arch_problem.cache_clear()
+        assert "sm_80 or newer" in nb.arch_problem(0)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
-        nb._arch_problem.cache_clear()
-        assert nb._arch_problem(0) is None
+        nb.arch_problem.cache_clear()
+        assert nb.arch_problem(0) is None
     finally:
-        nb._arch_problem.cache_clear()
+        nb.arch_problem.cache_clear()

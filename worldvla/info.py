@@ -35,7 +35,7 @@ def collect() -> dict:
             major, minor = torch.cuda.get_device_capability(dev)
             gpu = {"index": dev, "name": torch.cuda.get_device_name(dev), "capability": f"{major}.{minor}"}
             if nb is not None and info["native"].get("with_cuda"):
-                gpu["native_kernels"] = nb._arch_problem(dev) or "built for it"
+                gpu["native_kernels"] = nb.arch_problem(dev) or "built for it"
             gpus.append(gpu)
     info["gpus"] = gpus
     ops = {}

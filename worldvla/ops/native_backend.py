@@ -66,7 +66,7 @@ def arch_runs_on(arch: str, major: int, minor: int) -> bool | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _arch_problem(dev: int) -> str | None:
+def arch_problem(dev: int) -> str | None:
     """Why this build's CUDA kernels cannot run on GPU `dev`, or None if they can (or cannot tell)."""
     major, minor = torch.cuda.get_device_capability(dev)
     archs = [a for a in _C.cuda_archs.split(",") if a]
@@ -91,7 +91,7 @@ def _device_index(op: str, t: Tensor) -> int:
             _fail(op, "worldvla._C was built without CUDA; rebuild with nvcc on PATH "
                       "(WORLDVLA_CUDA=ON pip install .) or use backend='triton'/'torch'", RuntimeError)
         dev = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        problem = _arch_problem(dev)
+        problem = arch_problem(dev)
         if problem:
             _fail(op, problem, RuntimeError)
         return dev
