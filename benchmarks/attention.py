@@ -8,7 +8,8 @@ cases cache one whole document per sequence and query the chunk's rows of one pa
 step (K=5 rows) or the chunk's last token (one row, sequential decoding).
 FLOPs count only visible (query, key) pairs: 4*H*Dh per pair forward, 2.5x that backward. Decode
 rows also give the cache's bytes over the time (K and V read once). Inputs rotate (common.Rotation),
-so small cases, decode above all, are not timed out of L2.
+so small cases, decode above all, are not timed out of L2. On sm_90 GPUs the native prefill is also
+timed with each of its matrix engines forced (worldvla-native-mma, worldvla-native-wgmma).
 """
 from __future__ import annotations
 
@@ -120,6 +121,24 @@ def _timing(quick: bool, on_gpu: bool, many: int) -> dict:
     return {"warmup": 2 if quick else 5, "repeats": 5 if quick else many, "gpu_time": on_gpu}
 
 
+def _prefill_engines(device) -> list[str]:
+    """The CUDA prefill engines to time side by side ("mma", "wgmma" on sm_90), else []."""
+    if device.type != "cuda" or "native" not in timed_backends("masked_attention"):
+        return []
+    from worldvla.ops import native_backend
+    return native_backend.prefill_engines(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _with_engine(engine: str, fn):
+    """fn() with the native prefill forced to `engine` (two host calls of about a microsecond)."""
+    from worldvla.ops import native_backend
+    native_backend._C.set_cuda_prefill_engine(engine)
+    try:
+        return fn()
+    finally:
+        native_backend._C.set_cuda_prefill_engine("auto")
+
+
 def run_prefill(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
     on_gpu = device.type == "cuda"
     rows = []
@@ -139,6 +158,13 @@ def run_prefill(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
         backends = {f"worldvla-{b}": b for b in timed_backends("masked_attention")}
         impls = {impl: (lambda q, k, v, b=b: ops.masked_attention(q, k, v, meta, backend=b))
                  for impl, b in backends.items()}
+        engines = _prefill_engines(device)
+        if len(engines) > 1:  # sm_90: the native prefill's two matrix engines, forced per call
+            for engine in engines:
+                backends[f"worldvla-native-{engine}"] = "native"
+                impls[f"worldvla-native-{engine}"] = (
+                    lambda q, k, v, e=engine: _with_engine(e, lambda: ops.masked_attention(q, k, v, meta,
+                                                                                              backend="native")))
         impls["sdpa-dense-mask"] = sdpa_dense_mask(meta)
         impls["sdpa-causal(floor)"] = sdpa_causal
         try:  # last: it compiles (forward and backward) for every case, the slowest part of a short run

@@ -2,8 +2,9 @@
 
 For each kernel of csrc/cuda (compiled here with nvcc for one architecture, sm_90a by default):
 registers, shared memory, stack and spills from `ptxas -v`, and from the SASS (`cuobjdump --dump-sass`)
-the instruction mix and the innermost loop that issues tensor-core MMAs (`HMMA`): its length in
-instructions and how many of them are MMAs. Counts are static: every path through the loop body is
+the instruction mix and the innermost loop that issues tensor-core MMAs (`HMMA` from mma.sync, one
+warp's 16x8x16; `HGMMA` from wgmma, a warpgroup's 64xNx16): its length in instructions and how many
+of them are MMAs. Counts are static: every path through the loop body is
 counted once, so a loop with a masked and a mask-free branch shows both. A rising instruction count
 per MMA in a kernel's hot loop is the first sign of an issue-bound kernel, before any GPU timing.
 
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OPCODES = ("HMMA", "LDSM", "LDGSTS", "LDG", "STG", "LDS", "STS", "SHFL", "MUFU", "BAR", "ATOM", "RED", "LDL", "STL")
+OPCODES = ("HMMA", "HGMMA", "LDSM", "LDGSTS", "LDG", "STG", "LDS", "STS", "SHFL", "MUFU", "BAR", "ATOM", "RED", "LDL", "STL")
 
 
 class Unavailable(RuntimeError):
@@ -82,7 +83,7 @@ def parse_ptxas(log: str) -> dict[str, dict]:
 
 
 def parse_sass(dump: str) -> dict[str, dict]:
-    """Per mangled kernel: opcode counts, and the innermost loop that holds HMMAs."""
+    """Per mangled kernel: opcode counts, and the innermost loop that holds tensor-core MMAs."""
     kernels = {}
     for block in dump.split("Function : ")[1:]:
         name = block.splitlines()[0].strip()
@@ -98,13 +99,17 @@ def parse_sass(dump: str) -> dict[str, dict]:
             m = re.search(r"\bBRA (0x[0-9a-f]+)", text)
             if m and int(m.group(1), 16) < addr:  # a backward branch closes a loop
                 body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
-                if count(body, "HMMA"):
+                if count(body, "HMMA") or count(body, "HGMMA"):
                     loops.append(body)
         if loops:
             body = min(loops, key=len)
-            row.update(hot_loop_instructions=len(body), hot_loop_hmma=count(body, "HMMA"),
-                       hot_loop_ldsm=count(body, "LDSM"), hot_loop_global_loads=count(body, "LDG") + count(body, "LDGSTS"),
-                       instructions_per_hmma=round(len(body) / count(body, "HMMA"), 2))
+            hmma, hgmma = count(body, "HMMA"), count(body, "HGMMA")
+            row.update(hot_loop_instructions=len(body), hot_loop_hmma=hmma, hot_loop_hgmma=hgmma,
+                       hot_loop_ldsm=count(body, "LDSM"), hot_loop_global_loads=count(body, "LDG") + count(body, "LDGSTS"))
+            if hmma:
+                row["instructions_per_hmma"] = round(len(body) / hmma, 2)
+            if hgmma:
+                row["instructions_per_hgmma"] = round(len(body) / hgmma, 2)
         kernels[name] = row
     return kernels
 
@@ -120,7 +125,7 @@ def report(files: list[Path], arch: str = "sm_90a") -> list[dict]:
         for src in files:
             obj = Path(tmp) / (src.stem + ".o")
             cmd = [nvcc, "-std=c++17", "-O3", f"-gencode=arch=compute_{num},code={arch}", f"-I{ROOT / 'csrc'}",
-                   "-Xptxas", "-v", "-c", str(src), "-o", str(obj)]
+                   "-DWORLDVLA_WITH_CUDA=1", f'-DWORLDVLA_CUDA_ARCHS="{num}-real"', "-Xptxas", "-v", "-c", str(src), "-o", str(obj)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"nvcc failed on {src.name}:\n{done.stderr[-2000:]}")
@@ -144,8 +149,8 @@ def nvcc_version() -> str | None:
 
 def print_rows(rows: list[dict]) -> None:
     cols = [("kernel", 58), ("registers", 5), ("smem_bytes", 7), ("spill_store_bytes", 6), ("hot_loop_instructions", 6),
-            ("hot_loop_hmma", 5), ("instructions_per_hmma", 6)]
-    heads = ["kernel", "regs", "smem", "spill", "loop", "HMMA", "/HMMA"]
+            ("hot_loop_hmma", 5), ("instructions_per_hmma", 6), ("hot_loop_hgmma", 5), ("instructions_per_hgmma", 6)]
+    heads = ["kernel", "regs", "smem", "spill", "loop", "HMMA", "/HMMA", "HGMMA", "/HGMMA"]
     print("  ".join(h.ljust(w) for h, (_, w) in zip(heads, cols)))
     for r in rows:
         cells = []

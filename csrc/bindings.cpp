@@ -224,6 +224,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("vq_gather", &vq_gather, "Codebook rows for indices [B, h*w] into out [B, C, h*w].");
   m.def("range_argmax", &range_argmax, "Greedy token over the vocabulary range [lo, hi) (int64 out).");
   m.def("range_logits", &range_logits, "float32 logits [N, hi - lo] of the vocabulary range [lo, hi).");
+#ifdef WORLDVLA_WITH_CUDA
+  m.def("cuda_prefill_engine", &cuda_prefill_engine,
+        "The CUDA prefill attention's matrix engine: 'auto' (wgmma on sm_90 GPUs with an sm_90a build, else "
+        "mma.sync), 'mma' or 'wgmma'.");
+  m.def("set_cuda_prefill_engine", &set_cuda_prefill_engine, py::arg("name"),
+        "Force the CUDA prefill attention's matrix engine ('mma' or 'wgmma'), or 'auto'; e.g. to compare them.");
+#endif
   m.def("cpu_vector_width", &cpu_vector_width,
         "Floats per vector of the C++ CPU kernels: 16 on AVX-512 (x86-64-v4) machines, else 8.");
   m.def("set_cpu_vector_width", &set_cpu_vector_width,

@@ -236,6 +236,26 @@ def test_sass_report_of_the_vq_kernels(tmp_path):
     assert plain and all(r["hmma"] == 0 and "hot_loop_hmma" not in r for r in plain)
 
 
+def test_sass_report_of_the_prefill_engines(tmp_path):
+    """The sm_90a prefill kernels: the wgmma instantiations issue their Q K^T and P V as HGMMA (D/16
+    k-steps of 64x64x16, four of 64xDx16 per key tile) with no HMMA left, the mma.sync ones only HMMA;
+    none spills."""
+    from worldvla.benchmarks import sass
+
+    if sass.find_tool("nvcc") is None or sass.find_tool("cuobjdump") is None:
+        pytest.skip("needs nvcc and cuobjdump")
+    doc = json.loads(sass.run(out_dir=tmp_path, files=[sass.ROOT / "csrc" / "cuda" / "attention.cu"]).read_text())
+    fwd = {r["kernel"]: r for r in doc["rows"] if "masked_attention_fwd_kernel" in r["kernel"]}
+    assert len(fwd) == 8
+    for name, r in fwd.items():
+        assert r["spill_store_bytes"] == 0 and r["stack_bytes"] == 0, r
+        D = 128 if ", 128," in name else 64
+        if name.endswith("true>"):
+            assert r["hot_loop_hgmma"] == D // 16 + 4 and r["hot_loop_hmma"] == 0, r
+        else:
+            assert r["hot_loop_hmma"] == D and r["hot_loop_hgmma"] == 0, r  # (D/16)(64/8) + 4(D/8)
+
+
 def test_bench_reports_missing_cuda_tools_as_skipped(monkeypatch, tmp_path, capsys):
     import argparse
 

@@ -385,10 +385,22 @@ def test_public_wrappers_trace_the_custom_ops_cpu(rng):
 gpu = pytest.mark.gpu
 
 
+@pytest.fixture(params=["mma", "wgmma"])
+def cuda_engine(request):
+    """The CUDA prefill's two matrix engines; wgmma only where the GPU and the build have sm_90a."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if request.param not in nb.prefill_engines(torch.cuda.current_device()):
+        pytest.skip(f"the {request.param} prefill engine needs an sm_90 GPU and an sm_90a build")
+    nb._C.set_cuda_prefill_engine(request.param)
+    yield request.param
+    nb._C.set_cuda_prefill_engine("auto")
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
-def test_prefill_padded_cuda(rng, dtype, D):
+def test_prefill_padded_cuda(cuda_engine, rng, dtype, D):
     ids = torch.stack([action_ids(rng, 203, chunk=8), torch.cat([action_ids(rng, 150), torch.full((53,), LAYOUT.pad)])])
     meta = chunk_mask_meta(ids, LAYOUT).to("cuda")
     q, k, v = qkv(rng, (2, 203), 8, 2, D, dtype, "cuda")
@@ -397,7 +409,7 @@ def test_prefill_padded_cuda(rng, dtype, D):
 
 @gpu
 @pytest.mark.parametrize("D", [64, 128])
-def test_prefill_packed_cuda(rng, D):
+def test_prefill_packed_cuda(cuda_engine, rng, D):
     docs = [torch.tensor([LAYOUT.bos]), action_ids(rng, 333, chunk=20), world_ids(rng, 150), action_ids(rng, 113)]
     lens = [d.numel() for d in docs]
     cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
@@ -407,7 +419,7 @@ def test_prefill_packed_cuda(rng, D):
 
 
 @gpu
-def test_prefill_long_blocks_and_strides_cuda(rng):
+def test_prefill_long_blocks_and_strides_cuda(cuda_engine, rng):
     L, H, Hkv, D = 700, 4, 2, 128
     meta = long_blocks_meta(L, 50, 690, 128).to("cuda")
     fused = torch.randn(1, L, H + 2 * Hkv, D, generator=rng).to("cuda", torch.bfloat16)
@@ -416,7 +428,7 @@ def test_prefill_long_blocks_and_strides_cuda(rng):
 
 
 @gpu
-def test_plain_causal_equivalence_cuda(rng):
+def test_plain_causal_equivalence_cuda(cuda_engine, rng):
     ids = world_ids(rng, 203).view(1, -1)
     q, k, v = qkv(rng, (1, 203), 4, 4, 64, torch.bfloat16, "cuda")
     a = nb.masked_attention(q, k, v, chunk_mask_meta(ids, LAYOUT).to("cuda"))

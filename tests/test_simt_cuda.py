@@ -3,7 +3,8 @@
 Machines without a GPU cannot run the CUDA kernels, so the extension is built a second time
 with the kernels compiled by the host compiler against an emulation of the CUDA execution
 model (every thread a fiber; __syncthreads, warp shuffles, ldmatrix and mma.sync completed
-when all participants arrive; cp.async copies landing at the wait that covers them; warps
+when all participants arrive, wgmma when its warpgroup waits for it; cp.async copies landing at
+the wait that covers them; warps
 run ahead of each other in a random order; shared memory NaN at every block's start; see
 tests/simt/simt.h). The kernels, the binding
 file and worldvla/ops/native_backend.py are the real ones: only the device index and stream
@@ -53,6 +54,14 @@ def emulated(simt_module, monkeypatch, poison_empty):
     return simt_module
 
 
+@pytest.fixture(params=["mma", "wgmma"])
+def engine(request, emulated):
+    """The prefill's two matrix engines: mma.sync (every GPU) and wgmma (sm_90a; the emulator runs both)."""
+    emulated.set_cuda_prefill_engine(request.param)
+    yield request.param
+    emulated.set_cuda_prefill_engine("auto")
+
+
 def nan_padded(t: torch.Tensor, pad: int = 8) -> torch.Tensor:
     """`t` as a view whose rows are followed by `pad` NaN columns (16-byte aligned rows)."""
     big = torch.full((*t.shape[:-1], t.shape[-1] + pad), float("nan"), dtype=t.dtype)
@@ -63,14 +72,14 @@ def nan_padded(t: torch.Tensor, pad: int = 8) -> torch.Tensor:
 # --------------------------------------------------------------------------- prefill
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
-def test_prefill_padded(emulated, rng, dtype, D):
+def test_prefill_padded(emulated, engine, rng, dtype, D):
     ids = torch.stack([action_ids(rng, 113, chunk=5), torch.cat([action_ids(rng, 100), torch.full((13,), LAYOUT.pad)])])
     meta = chunk_mask_meta(ids, LAYOUT)
     q, k, v = qkv(rng, (2, 113), 4, 2, D, dtype)  # GQA 4:2
     check_prefill(q, k, v, meta, f"simt padded {dtype} D={D}")
 
 
-def test_prefill_packed_with_length_one_documents(emulated, rng):
+def test_prefill_packed_with_length_one_documents(emulated, engine, rng):
     docs = [torch.tensor([LAYOUT.bos]), action_ids(rng, 99), torch.tensor([LAYOUT.bos]), action_ids(rng, 90, chunk=3)]
     lens = [d.numel() for d in docs]
     cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
@@ -82,7 +91,7 @@ def test_prefill_packed_with_length_one_documents(emulated, rng):
         torch.testing.assert_close(out[row], v[row].expand(2, 64), rtol=0, atol=0)
 
 
-def test_prefill_skipped_tiles_and_nan_padded_rows(emulated, rng):
+def test_prefill_skipped_tiles_and_nan_padded_rows(emulated, engine, rng):
     """80-token action blocks after the image: whole 64-key tiles hidden from whole query tiles
     (skipped without a load), the rest masked per pair; q, k, v are strided views whose rows
     are followed by NaN, which no read may touch."""
@@ -93,12 +102,34 @@ def test_prefill_skipped_tiles_and_nan_padded_rows(emulated, rng):
     check_prefill(q, k, v, meta, "simt long blocks")
 
 
-def test_prefill_chunk_rule_that_hides_nothing_is_causal(emulated, rng):
+def test_prefill_chunk_rule_that_hides_nothing_is_causal(emulated, engine, rng):
     ids = world_ids(rng, 150).view(1, -1)
     q, k, v = qkv(rng, (1, 150), 2, 2, 64, torch.bfloat16)
     a = nb.masked_attention(q, k, v, chunk_mask_meta(ids, LAYOUT))
     b = nb.masked_attention(q, k, v, causal_meta((1, 150)))
     assert torch.equal(a, b)
+
+
+def test_prefill_engines_agree_bitwise(emulated, rng):
+    """Both engines round after every 16-wide k step (one fp32 rounding per mma.sync, per wgmma
+    k-step in the emulator), so on the emulated device they give the same bits; on a GPU the
+    tensor cores' internal order may differ and only the tolerance rule holds."""
+    meta = chunk_mask_meta(action_ids(rng, 171, chunk=5).view(1, -1), LAYOUT)
+    q, k, v = qkv(rng, (1, 171), 4, 2, 128, torch.bfloat16)
+    out = {}
+    for engine in ("mma", "wgmma"):
+        emulated.set_cuda_prefill_engine(engine)
+        out[engine] = nb.masked_attention(q, k, v, meta)
+    emulated.set_cuda_prefill_engine("auto")
+    assert torch.isfinite(out["mma"]).all()
+    assert torch.equal(out["mma"], out["wgmma"])
+
+
+def test_prefill_engine_setting(emulated):
+    assert emulated.cuda_prefill_engine() == "auto"
+    with pytest.raises(ValueError, match="expected 'auto', 'mma' or 'wgmma'"):
+        emulated.set_cuda_prefill_engine("tensor-cores")
+    assert emulated.cuda_prefill_engine() == "auto"
 
 
 # --------------------------------------------------------------------------- decode
@@ -262,7 +293,7 @@ def test_decode_many_row_groups(emulated, rng):
     assert_close_rule(out, ref, decode_attention_ref(q, finite(k), finite(v), dm, upcast=False), "simt row groups")
 
 
-def test_prefill_packed_grid_past_the_documents(emulated, rng):
+def test_prefill_packed_grid_past_the_documents(emulated, engine, rng):
     """Packed documents with max_seqlen unset (0): the grid is sized by the whole batch and CTAs
     past a document's end must exit without writing; documents end inside row tiles."""
     docs = [action_ids(rng, 130, chunk=5), torch.tensor([LAYOUT.bos] * 2), world_ids(rng, 150)]
@@ -275,7 +306,7 @@ def test_prefill_packed_grid_past_the_documents(emulated, rng):
 
 
 @pytest.mark.parametrize("seed", ["1", "2"])
-def test_kernels_under_other_schedules(emulated, rng, monkeypatch, seed):
+def test_kernels_under_other_schedules(emulated, engine, rng, monkeypatch, seed):
     """The emulator's thread and warp order comes from WORLDVLA_SIMT_SEED: other orders, same results."""
     monkeypatch.setenv("WORLDVLA_SIMT_SEED", seed)
     meta = chunk_mask_meta(action_ids(rng, 140, chunk=5).view(1, -1), LAYOUT)

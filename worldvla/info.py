@@ -36,6 +36,8 @@ def collect() -> dict:
             gpu = {"index": dev, "name": torch.cuda.get_device_name(dev), "capability": f"{major}.{minor}"}
             if nb is not None and info["native"].get("with_cuda"):
                 gpu["native_kernels"] = nb.arch_problem(dev) or "built for it"
+                if not nb.arch_problem(dev):
+                    gpu["prefill_engines"] = nb.prefill_engines(dev)
             gpus.append(gpu)
     info["gpus"] = gpus
     ops = {}
@@ -68,6 +70,8 @@ def run(args) -> int:
         print(f"native extension: C++ CPU paths {native['cpu_vector_width']} floats per vector; {cuda}")
     for gpu in info["gpus"]:
         note = f": native kernels {gpu['native_kernels']}" if "native_kernels" in gpu else ""
+        if gpu.get("prefill_engines"):
+            note += f", prefill on {' and '.join(gpu['prefill_engines'])} (auto: {gpu['prefill_engines'][-1]})"
         print(f"GPU {gpu['index']}: {gpu['name']} (sm {gpu['capability']}){note}")
     if not info["gpus"]:
         print("GPU: none visible to torch")

@@ -1,9 +1,12 @@
 // Chunk-masked attention on the GPU.
 //
 // Prefill: one CTA of 4 warps per (64 query rows, head, sequence); each warp owns
-// 16 rows and runs Q K^T and P V on tensor cores (mma.sync m16n8k16, fp32
-// accumulation; K and V fragments loaded with ldmatrix, V's transposed) with an
-// online softmax over 64-key tiles. K and V tiles arrive by cp.async, pipelined:
+// 16 rows and runs Q K^T and P V on tensor cores with fp32 accumulation and an
+// online softmax over 64-key tiles. Two matrix engines share the kernel: mma.sync
+// m16n8k16 per warp (sm_80 and newer; K and V fragments loaded with ldmatrix, V's
+// transposed), and on Hopper (sm_90a) wgmma m64nNk16 over the warpgroup (Q and P
+// from registers, K and V read by the tensor cores from shared memory in the
+// no-swizzle core-matrix layout; see wgmma.cuh). K and V tiles arrive by cp.async, pipelined:
 // a tile's V loads during its Q K^T, the next visible tile's K during its P V.
 // A key tile the chunk rule hides from every row of the CTA (max kv_block < min
 // q_limit) is skipped without being loaded; a tile below the diagonal that the
@@ -19,7 +22,11 @@
 // q_pos change on the device.
 #include <climits>
 
+#include <atomic>
+#include <cstring>
+
 #include "cuda_common.cuh"
+#include "wgmma.cuh"
 
 namespace worldvla {
 namespace {
@@ -38,6 +45,20 @@ __device__ __forceinline__ void load_tile_async(uint16_t* dst, const T* src, int
   for (int c = threadIdx.x; c < ROWS * CPR; c += kThreads) {
     const int row = c / CPR, col = (c % CPR) * 8, j = first + row;
     cp_async_16(&dst[row * LD + col], src + static_cast<int64_t>(j < end ? j : 0) * row_stride + col, j < end);
+  }
+  cp_async_commit();
+}
+
+// The same tile in the wgmma layout: 8x8 core matrices (8 rows of 16 bytes, 128 contiguous
+// bytes), those of rows 8i..8i+7 side by side: element (r, c) at ((r/8)*(D/8) + c/8)*64 + (r%8)*8 + c%8.
+// Copy i (16 bytes) is exactly element 8i's chunk, so eight consecutive threads fill one core matrix.
+template <int ROWS, int D, typename T>
+__device__ __forceinline__ void load_tile_core_async(uint16_t* dst, const T* src, int64_t row_stride, int first,
+                                                     int end) {
+  constexpr int CPR = D / 8;
+  for (int c = threadIdx.x; c < ROWS * CPR; c += kThreads) {
+    const int r8 = c & 7, chunk = (c >> 3) % CPR, row = (c >> 3) / CPR * 8 + r8, j = first + row;
+    cp_async_16(&dst[c * 8], src + static_cast<int64_t>(j < end ? j : 0) * row_stride + chunk * 8, j < end);
   }
   cp_async_commit();
 }
@@ -81,16 +102,23 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[NT][4], float (&m
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kWg>
 __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const AttnFwdParams p) {
+#ifndef WORLDVLA_HAS_WGMMA
+  if constexpr (kWg) {  // built for an architecture without wgmma: never launched there
+    __trap();
+    return;
+  }
+#endif
   constexpr int KS = D / 16;  // k-steps of Q K^T over the head dim
   constexpr int NT = kBN / 8; // 8-key column tiles of S
   constexpr int DT = D / 8;   // 8-wide column tiles of O
-  // Row stride of the K/V tiles in 16-bit elements: rows stay 16-byte aligned, and the
-  // 8 rows of 16 bytes an ldmatrix phase reads fall in 8 different 16-byte bank groups.
-  constexpr int LD = D + 8;
-  __shared__ __align__(16) uint16_t k_s[kBN * LD];
-  __shared__ __align__(16) uint16_t v_s[kBN * LD];
+  // mma.sync: row stride of the K/V tiles in 16-bit elements: rows stay 16-byte aligned, and
+  // the 8 rows of 16 bytes an ldmatrix phase reads fall in 8 different 16-byte bank groups.
+  // wgmma: core matrices, no padding (load_tile_core_async).
+  constexpr int LD = kWg ? D : D + 8;
+  __shared__ __align__(128) uint16_t k_s[kBN * LD];
+  __shared__ __align__(128) uint16_t v_s[kBN * LD];
   __shared__ int32_t kvb_s[2][kBN];  // kv_block of the current and of the next visible tile
   __shared__ int32_t ql_min_s, ql_max_s;
 
@@ -158,7 +186,8 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
   };
   // K or V rows past the sequence are zero-filled.
   auto load_tile = [&](uint16_t* dst, const T* src, int64_t row_stride, int n0) {
-    load_tile_async<kBN, D, LD>(dst, src, row_stride, n0, len);
+    if constexpr (kWg) load_tile_core_async<kBN, D>(dst, src, row_stride, n0, len);
+    else load_tile_async<kBN, D, LD>(dst, src, row_stride, n0, len);
   };
 
   // Software pipeline over the visible tiles: V of a tile loads while Q K^T and the softmax
@@ -169,21 +198,34 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
   for (int buf = 0; n0 < n_end; buf ^= 1) {
     load_tile(v_s, vb, p.v_st, n0);  // v_s is free: the last P V ended with a barrier
     cp_async_wait<1>();              // this thread's K copies have landed ...
+    if constexpr (kWg) fence_proxy_async();  // ... visible to the tensor cores' reads ...
     __syncthreads();                 // ... and every thread's
     float s[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    // K's B fragments of two 8-key column tiles per ldmatrix: matrices (keys nt*8.., d ks*16..),
-    // (same keys, d +8), (keys (nt+1)*8.., d ks*16..), (same keys, d +8).
     const int mat = lane >> 3, mrow = lane & 7;
+    if constexpr (kWg) {
+      // S = Q K^T: B = K^T is K-major (each key's head-dim values contiguous): step ks starts at
+      // core-matrix column 2ks; LBO = the next 8 head-dim values (128 B), SBO = the next 8 keys.
+      wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
+      for (int ks = 0; ks < KS; ++ks)
+        wgmma_rs<T, kBN, 0>(s, qa[ks], wgmma_desc(&k_s[ks * 2 * 64], 128, D * 16), ks > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(s);
+    } else {
 #pragma unroll
-      for (int nt = 0; nt < NT; nt += 2) {
-        uint32_t b[4];
-        ldmatrix_x4<false>(b, &k_s[((nt + (mat >> 1)) * 8 + mrow) * LD + ks * 16 + (mat & 1) * 8]);
-        mma_16816<T>(s[nt], qa[ks], b[0], b[1]);
-        mma_16816<T>(s[nt + 1], qa[ks], b[2], b[3]);
+      for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      // K's B fragments of two 8-key column tiles per ldmatrix: matrices (keys nt*8.., d ks*16..),
+      // (same keys, d +8), (keys (nt+1)*8.., d ks*16..), (same keys, d +8).
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt += 2) {
+          uint32_t b[4];
+          ldmatrix_x4<false>(b, &k_s[((nt + (mat >> 1)) * 8 + mrow) * LD + ks * 16 + (mat & 1) * 8]);
+          mma_16816<T>(s[nt], qa[ks], b[0], b[1]);
+          mma_16816<T>(s[nt + 1], qa[ks], b[2], b[3]);
+        }
       }
     }
 
@@ -212,23 +254,42 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
     } else {
       cp_async_wait<0>();
     }
+    if constexpr (kWg) fence_proxy_async();
     __syncthreads();
 
     // P V: the S accumulators of key tiles 2kk and 2kk+1 are exactly the A fragment of a
-    // 16x16 P block. V's B fragments (two keys of one column per register) come from
-    // transposing ldmatrix loads of the row-major V tile: matrices (keys kk*16.., d dt*8..),
-    // (keys +8, same d), (keys kk*16.., d (dt+1)*8..), (keys +8, same d).
+    // 16x16 P block.
+    uint32_t pa[kBN / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+    if constexpr (kWg) {
+      // B = V is MN-major (each key's head-dim values contiguous, N = head dim): step kk starts
+      // at core-matrix row group 2kk; LBO = the next 8 keys, SBO = the next 8 head-dim values.
+      wgmma_fence();
 #pragma unroll
-      for (int dt = 0; dt < DT; dt += 2) {
-        uint32_t b[4];
-        ldmatrix_x4<true>(b, &v_s[(kk * 16 + (mat & 1) * 8 + mrow) * LD + (dt + (mat >> 1)) * 8]);
-        mma_16816<T>(o[dt], a, b[0], b[1]);
-        mma_16816<T>(o[dt + 1], a, b[2], b[3]);
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_rs<T, D, 1>(o, pa[kk], wgmma_desc(&v_s[kk * 2 * DT * 64], DT * 128, 128), true);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(o);
+    } else {
+      // V's B fragments (two keys of one column per register) come from transposing ldmatrix
+      // loads of the row-major V tile: matrices (keys kk*16.., d dt*8..), (keys +8, same d),
+      // (keys kk*16.., d (dt+1)*8..), (keys +8, same d).
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+#pragma unroll
+        for (int dt = 0; dt < DT; dt += 2) {
+          uint32_t b[4];
+          ldmatrix_x4<true>(b, &v_s[(kk * 16 + (mat & 1) * 8 + mrow) * LD + (dt + (mat >> 1)) * 8]);
+          mma_16816<T>(o[dt], pa[kk], b[0], b[1]);
+          mma_16816<T>(o[dt + 1], pa[kk], b[2], b[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with v_s
@@ -457,11 +518,51 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
   op[d] = from_float<T>(wsum > 0.f ? acc / wsum : 0.f);
 }
 
+// The prefill's matrix engine: kAuto takes wgmma on sm_90 devices when the build holds sm_90a
+// code, mma.sync elsewhere; the other two force one (set_cuda_prefill_engine, for comparisons).
+// Non-zero values: the SIMT test build turns a .cu file's zero-initialized globals (.bss) into
+// emulated shared memory.
+enum PrefillEngine : int { kEngineAuto = 1, kEngineMma = 2, kEngineWgmma = 3 };
+std::atomic<int> g_prefill_engine{kEngineAuto};
+
+// Whether the current device runs the wgmma kernels: compute capability 9.0 and sm_90a in the build.
+bool device_has_wgmma() {
+#ifdef WORLDVLA_SIMT
+  return false;  // the emulated device runs either engine; "auto" keeps mma.sync there
+#else
+  static std::atomic<int> cached[64];  // per device: 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return false;
+  if (dev < 64 && cached[dev].load(std::memory_order_relaxed)) return cached[dev].load() == 2;
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  const bool yes = major == 9 && minor == 0 && std::strstr(WORLDVLA_CUDA_ARCHS, "90a") != nullptr;
+  if (dev < 64) cached[dev].store(yes ? 2 : 1);
+  return yes;
+#endif
+}
+
+bool use_wgmma() {
+  const int engine = g_prefill_engine.load(std::memory_order_relaxed);
+  if (engine == kEngineMma) return false;
+  const bool has = device_has_wgmma();
+#ifdef WORLDVLA_SIMT
+  if (engine == kEngineWgmma) return true;
+#endif
+  if (engine == kEngineWgmma && !has)
+    throw std::invalid_argument(
+        "masked_attention (CUDA): the wgmma prefill engine needs an sm_90 GPU (H100/H200) and a build with "
+        "sm_90a; set_cuda_prefill_engine('auto') picks what this device runs");
+  return has;
+}
+
 template <typename T, int D>
 void launch_prefill(const AttnFwdParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.max_seqlen + kBM - 1) / kBM), static_cast<unsigned>(p.n_heads),
                   static_cast<unsigned>(p.n_seq));
-  launch(masked_attention_fwd_kernel<T, D>, grid, kThreads, stream, p);
+  if (use_wgmma()) launch(masked_attention_fwd_kernel<T, D, true>, grid, kThreads, stream, p);
+  else launch(masked_attention_fwd_kernel<T, D, false>, grid, kThreads, stream, p);
 }
 
 template <typename T, int D>
@@ -501,6 +602,21 @@ void masked_attention_fwd_cuda(const AttnFwdParams& p, void* stream) {
   else if (p.dtype == kFloat16 && p.head_dim == 128) launch_prefill<__half, 128>(p, s);
   else throw std::invalid_argument("masked_attention (CUDA): needs bf16/fp16 and head_dim 64 or 128");
   check_launch("masked_attention");
+}
+
+std::string cuda_prefill_engine() {
+  switch (g_prefill_engine.load()) {
+    case kEngineMma: return "mma";
+    case kEngineWgmma: return "wgmma";
+    default: return "auto";
+  }
+}
+
+void set_cuda_prefill_engine(const std::string& name) {
+  if (name == "auto") g_prefill_engine = kEngineAuto;
+  else if (name == "mma") g_prefill_engine = kEngineMma;
+  else if (name == "wgmma") g_prefill_engine = kEngineWgmma;
+  else throw std::invalid_argument("set_cuda_prefill_engine: expected 'auto', 'mma' or 'wgmma', got '" + name + "'");
 }
 
 void decode_attention_cuda(const DecodeParams& p, void* stream) {

@@ -23,7 +23,7 @@ namespace {
 constexpr size_t kStackBytes = 128 * 1024;
 constexpr int kWarp = 32;
 
-enum State : int { kReady, kAtBlock, kAtWarp, kDone };
+enum State : int { kReady, kAtBlock, kAtWarp, kAtGroup, kDone };
 enum WarpOp : int { kShfl = 1, kShflXor = 2, kMmaBf16 = 3, kMmaF16 = 4, kLdsm = 5, kLdsmTrans = 6, kBallot = 7 };
 
 const char* state_name(const State s) {
@@ -31,6 +31,7 @@ const char* state_name(const State s) {
     case kReady: return "running";
     case kAtBlock: return "at a block barrier";
     case kAtWarp: return "at a warp operation";
+    case kAtGroup: return "at a warpgroup operation";
     case kDone: return "exited";
   }
   return "?";
@@ -42,18 +43,63 @@ struct AsyncCopy {
   int bytes, src_bytes;  // src_bytes < bytes: the rest is zero-filled
 };
 
-void land(std::vector<AsyncCopy>& copies) {
+// Bounds of the shared-memory section (defined by the linker; absent if no kernel has any).
+extern "C" char __start_simt_shared[] __attribute__((weak));
+extern "C" char __stop_simt_shared[] __attribute__((weak));
+
+size_t shared_bytes() {
+  return __start_simt_shared && __stop_simt_shared > __start_simt_shared
+             ? static_cast<size_t>(__stop_simt_shared - __start_simt_shared)
+             : 0;
+}
+bool in_shared(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  return shared_bytes() && c >= __start_simt_shared && c + bytes <= __stop_simt_shared;
+}
+
+// One flag per shared-memory byte: written by a landed cp.async whose thread has not issued
+// fence.proxy.async since (wgmma may not read it yet).
+thread_local std::vector<uint8_t> g_unfenced;
+
+void land(std::vector<AsyncCopy>& copies, std::vector<std::pair<char*, int>>* unfenced) {
   for (const AsyncCopy& c : copies) {
     if (c.src_bytes) std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
     std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
+    if (unfenced && in_shared(c.dst, static_cast<size_t>(c.bytes))) {
+      char* dst = static_cast<char*>(c.dst);
+      std::memset(&g_unfenced[static_cast<size_t>(dst - __start_simt_shared)], 1, static_cast<size_t>(c.bytes));
+      unfenced->emplace_back(dst, c.bytes);
+    }
   }
   copies.clear();
 }
+
+constexpr int kGroup = 128;  // threads of a warpgroup
+
+// A thread's operands of a wgmma.mma_async, and the warpgroup's operation (run at the wait that
+// covers it): shape and flags as the first thread gave them, every thread's accumulators and A.
+struct WgArgs {
+  bool bf16 = true, scale_d = true, trans_b = false;
+  int n = 0;
+  uint64_t desc = 0;
+  float* d = nullptr;
+  uint32_t a[4] = {};
+};
+struct WgMma {
+  WgArgs shape;
+  float* d[kGroup] = {};
+  uint32_t a[kGroup][4] = {};
+};
 
 struct Thread {
   State state = kReady;
   std::vector<AsyncCopy> open_group;                // cp.async copies not committed yet
   std::vector<std::vector<AsyncCopy>> groups;       // committed, oldest first
+  std::vector<std::pair<char*, int>> unfenced;      // landed cp.async bytes not proxy-fenced yet
+  // warpgroup operations (op: kWgMma, kWgCommit, kWgWait); wg_fenced: a wgmma.fence since the last wait
+  bool wg_fenced = false;
+  WgArgs wg;  // this thread's part of a pending wgmma.mma_async
+  int wg_pending = 0;
   // block barrier
   BarrierKind kind = kSync;
   int pred = 0, result = 0;
@@ -69,29 +115,29 @@ struct Thread {
 struct Block {
   int n = 0;
   std::vector<Thread> t;
+  // per warpgroup: wgmma operations issued and not committed, and committed groups (oldest first)
+  std::vector<std::vector<WgMma>> wg_open;
+  std::vector<std::vector<std::vector<WgMma>>> wg_groups;
   std::vector<ucontext_t> ctx;
   std::vector<std::unique_ptr<char[]>> stacks;
   ucontext_t sched;
   int cur = -1;
+  std::string error;  // set by a fiber that found an error (raised by the scheduler)
   const std::function<void()>* body = nullptr;
 };
 
 thread_local Block* g_block = nullptr;
 
-// Bounds of the shared-memory section (defined by the linker; absent if no kernel has any).
-extern "C" char __start_simt_shared[] __attribute__((weak));
-extern "C" char __stop_simt_shared[] __attribute__((weak));
-
 void poison_shared_memory() {
-  if (__start_simt_shared && __stop_simt_shared > __start_simt_shared)
-    std::memset(__start_simt_shared, 0xff, static_cast<size_t>(__stop_simt_shared - __start_simt_shared));
+  if (shared_bytes()) std::memset(__start_simt_shared, 0xff, shared_bytes());
+  g_unfenced.assign(shared_bytes(), 0);
 }
 
 void fiber_main() {
   (*g_block->body)();
   Thread& th = g_block->t[g_block->cur];
-  for (auto& group : th.groups) land(group);  // copies still in flight land before the block ends
-  land(th.open_group);
+  for (auto& group : th.groups) land(group, nullptr);  // copies still in flight land before the block ends
+  land(th.open_group, nullptr);
   th.state = kDone;  // returns to the scheduler through uc_link
 }
 
@@ -101,6 +147,14 @@ void yield() { swapcontext(&g_block->ctx[g_block->cur], &g_block->sched); }
   std::ostringstream msg;
   msg << "simt: block (" << block_idx.x << ", " << block_idx.y << ", " << block_idx.z << "): " << what;
   throw std::runtime_error(msg.str());
+}
+
+// An error found inside a fiber: an exception cannot unwind out of a fiber's stack, so the
+// fiber hands the message to the scheduler, which raises it, and is never resumed.
+[[noreturn]] void fail_in_fiber(const std::string& what) {
+  g_block->error = what;
+  yield();
+  std::abort();
 }
 
 float half_bits_to_float(uint16_t h, bool bf16) {
@@ -176,6 +230,105 @@ void complete_ldmatrix(Thread* lanes, bool trans, const std::string& where) {
       lanes[lane].a[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
     }
   }
+}
+
+// The wgmma.mma_async fragments (PTX ISA, "Register Fragments" and "Shared Memory Matrix Layout"
+// of the asynchronous warpgroup-level matrix instructions), for thread i = 32 w + 4 g + q of
+// the warpgroup: A 64x16 in registers, warp w holding rows 16w.. as an mma.m16n8k16 A fragment;
+// D 64xN, d[4j..4j+3] = (16w+g, 8j+2q), (16w+g, 8j+2q+1), (16w+g+8, 8j+2q), (16w+g+8, 8j+2q+1).
+// B 16xN in shared memory, no swizzle: 8x8 core matrices of 16 bytes a row, element (k, n) at
+//   K-major  (trans_b 0): start + (n%8)*16 + (n/8)*SBO + (k%8)*2  + (k/8)*LBO
+//   MN-major (trans_b 1): start + (n%8)*2  + (n/8)*SBO + (k%8)*16 + (k/8)*LBO
+// with start, LBO and SBO the descriptor's bits 0-13, 16-29 and 32-45, each times 16 bytes.
+// Also raised: a descriptor with the swizzle bits set.
+void run_wgmma(const WgMma& op) {
+  const WgArgs& sh = op.shape;
+  if (sh.desc >> 62) fail("wgmma: only the no-swizzle shared-memory layout is emulated");
+  // The emulated shared memory holds every kernel's arrays, past a GPU's 18-bit window: the
+  // descriptor carries address bits 18-19 in its (otherwise zero) bits 14-15 (wgmma_desc).
+  const size_t start = (sh.desc & 0xffffu) << 4, lbo = ((sh.desc >> 16) & 0x3fffu) << 4,
+               sbo = ((sh.desc >> 32) & 0x3fffu) << 4;
+  const int N = sh.n;
+  std::vector<float> B(static_cast<size_t>(16 * N));
+  for (int k = 0; k < 16; ++k)
+    for (int n = 0; n < N; ++n) {
+      const size_t off = sh.trans_b ? start + (n % 8) * 2 + (n / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo
+                                    : start + (n % 8) * 16 + (n / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo;
+      if (off + 2 > shared_bytes()) fail("wgmma: the B descriptor reaches past shared memory");
+      if (g_unfenced[off] || g_unfenced[off + 1])
+        fail("wgmma reads shared memory written by cp.async without a fence.proxy.async by the writing thread");
+      uint16_t h;
+      std::memcpy(&h, __start_simt_shared + off, 2);
+      B[static_cast<size_t>(k * N + n)] = half_bits_to_float(h, sh.bf16);
+    }
+  float A[64][16];
+  for (int i = 0; i < kGroup; ++i) {
+    const int w = i / kWarp, g = (i % kWarp) >> 2, q = i & 3;
+    const int arow[4] = {g, g + 8, g, g + 8}, acol[4] = {2 * q, 2 * q, 2 * q + 8, 2 * q + 8};
+    for (int r = 0; r < 4; ++r) {
+      A[16 * w + arow[r]][acol[r]] = half_bits_to_float(static_cast<uint16_t>(op.a[i][r] & 0xffffu), sh.bf16);
+      A[16 * w + arow[r]][acol[r] + 1] = half_bits_to_float(static_cast<uint16_t>(op.a[i][r] >> 16), sh.bf16);
+    }
+  }
+  for (int i = 0; i < kGroup; ++i) {
+    const int w = i / kWarp, g = (i % kWarp) >> 2, q = i & 3;
+    for (int j = 0; j < N / 8; ++j)
+      for (int e = 0; e < 4; ++e) {
+        const int row = 16 * w + g + (e >> 1) * 8, col = 8 * j + 2 * q + (e & 1);
+        float& d = op.d[i][4 * j + e];
+        double s = sh.scale_d ? d : 0.0;  // products of 16-bit values are exact; one rounding at the end
+        for (int k = 0; k < 16; ++k) s += static_cast<double>(A[row][k]) * B[static_cast<size_t>(k * N + col)];
+        d = static_cast<float>(s);
+      }
+  }
+}
+
+enum WgOp : int { kWgMma = 1, kWgCommit = 2, kWgWait = 3 };
+
+// Completes warpgroup `wg`'s pending operation if all its threads have reached it.
+bool try_complete_group(Block& blk, int wg) {
+  const int first = wg * kGroup, size = std::min(kGroup, blk.n - first);
+  Thread* th = &blk.t[first];
+  int waiting = 0, done = 0;
+  for (int i = 0; i < size; ++i) {
+    waiting += th[i].state == kAtGroup;
+    done += th[i].state == kDone;
+  }
+  if (waiting == 0 || waiting + done < size) return false;
+  std::ostringstream where;
+  where << "warpgroup " << wg << ": ";
+  if (done) fail(where.str() + std::to_string(done) + " threads exited while the others wait at a wgmma operation");
+  if (size != kGroup) fail(where.str() + "a wgmma operation in a block whose size is not a multiple of 128");
+  const int op = th[0].op;
+  for (int i = 0; i < kGroup; ++i)
+    if (th[i].op != op) fail(where.str() + "threads wait at different wgmma operations (divergent code)");
+  if (op == kWgMma) {
+    WgMma m;
+    m.shape = th[0].wg;
+    for (int i = 0; i < kGroup; ++i) {
+      const WgArgs& x = th[i].wg;
+      const WgArgs& s = m.shape;
+      if (!th[i].wg_fenced) fail(where.str() + "wgmma.mma_async without a wgmma.fence since the last wgmma.wait_group");
+      if (x.desc != s.desc || x.n != s.n || x.bf16 != s.bf16 || x.scale_d != s.scale_d || x.trans_b != s.trans_b)
+        fail(where.str() + "the threads of a wgmma.mma_async disagree on its descriptor, shape or flags");
+      m.d[i] = x.d;
+      std::memcpy(m.a[i], x.a, sizeof(m.a[i]));
+    }
+    blk.wg_open[wg].push_back(m);
+  } else if (op == kWgCommit) {
+    blk.wg_groups[wg].push_back(std::move(blk.wg_open[wg]));
+    blk.wg_open[wg].clear();
+  } else {
+    if (!blk.wg_open[wg].empty()) fail(where.str() + "wgmma.wait_group with wgmma.mma_async not committed");
+    auto& groups = blk.wg_groups[wg];
+    while (static_cast<int>(groups.size()) > th[0].wg_pending) {
+      for (const WgMma& m : groups.front()) run_wgmma(m);
+      groups.erase(groups.begin());
+    }
+    for (int i = 0; i < kGroup; ++i) th[i].wg_fenced = false;
+  }
+  for (int i = 0; i < kGroup; ++i) th[i].state = kReady;
+  return true;
 }
 
 // Completes warp `w`'s pending operation if all its lanes have reached it; false if they have not.
@@ -287,6 +440,8 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
           block_idx = make_uint3(bx, by, bz);
           poison_shared_memory();
           blk.t.assign(n, Thread());
+          blk.wg_open.assign((n + kGroup - 1) / kGroup, {});
+          blk.wg_groups.assign((n + kGroup - 1) / kGroup, {});
           for (int i = 0; i < n; ++i) {
             getcontext(&blk.ctx[i]);
             blk.ctx[i].uc_stack.ss_sp = blk.stacks[i].get();
@@ -310,13 +465,20 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
                   blk.cur = i;
                   thread_idx = make_uint3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
                   swapcontext(&blk.sched, &blk.ctx[i]);
+                  if (!blk.error.empty()) fail(blk.error);
                 }
               } while (try_complete_warp(blk, w));
             }
-            bool all_done = true;
+            bool all_done = true, group_done = false;
             for (const Thread& th : blk.t) all_done &= th.state == kDone;
-            if (all_done) break;
-            if (!try_complete_block(blk)) deadlock(blk);
+            if (all_done) {
+              for (size_t wg = 0; wg < blk.wg_groups.size(); ++wg)
+                if (!blk.wg_groups[wg].empty() || !blk.wg_open[wg].empty())
+                  fail("the block ended with wgmma operations not waited for");
+              break;
+            }
+            for (size_t wg = 0; wg < blk.wg_groups.size(); ++wg) group_done |= try_complete_group(blk, static_cast<int>(wg));
+            if (!group_done && !try_complete_block(blk)) deadlock(blk);
           }
         }
   } catch (...) {
@@ -376,7 +538,7 @@ void warp_mma_16816(bool bf16, float (&d)[4], const uint32_t (&a)[4], uint32_t b
 
 void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
   if (reinterpret_cast<uintptr_t>(dst) % bytes || (src_bytes && reinterpret_cast<uintptr_t>(src) % bytes))
-    fail("a cp.async address is not aligned to the copy size");
+    fail_in_fiber("a cp.async address is not aligned to the copy size");
   g_block->t[g_block->cur].open_group.push_back({dst, src, bytes, src_bytes});
 }
 
@@ -389,9 +551,54 @@ void cp_async_commit() {
 void cp_async_wait(int pending_groups) {
   Thread& th = g_block->t[g_block->cur];
   while (static_cast<int>(th.groups.size()) > pending_groups) {
-    land(th.groups.front());
+    land(th.groups.front(), &th.unfenced);
     th.groups.erase(th.groups.begin());
   }
+}
+
+uint32_t shared_address(const void* p) {
+  if (!in_shared(p, 1)) fail_in_fiber("a shared-memory address of an object outside __shared__ memory");
+  const size_t off = static_cast<size_t>(static_cast<const char*>(p) - __start_simt_shared);
+  if (off >= (1u << 20)) fail_in_fiber("emulated shared memory past 1 MB (the descriptors' 20 address bits)");
+  return static_cast<uint32_t>(off);
+}
+
+void fence_proxy_async() {
+  Thread& th = g_block->t[g_block->cur];
+  for (const auto& r : th.unfenced)
+    std::memset(&g_unfenced[static_cast<size_t>(r.first - __start_simt_shared)], 0, static_cast<size_t>(r.second));
+  th.unfenced.clear();
+}
+
+void wgmma_fence() { g_block->t[g_block->cur].wg_fenced = true; }
+
+void wgmma_mma_rs(bool bf16, int n, float* d, const uint32_t (&a)[4], uint64_t desc_b, bool scale_d, bool trans_b) {
+  Thread& th = g_block->t[g_block->cur];
+  th.op = kWgMma;
+  th.wg.bf16 = bf16;
+  th.wg.n = n;
+  th.wg.desc = desc_b;
+  th.wg.scale_d = scale_d;
+  th.wg.trans_b = trans_b;
+  th.wg.d = d;
+  std::memcpy(th.wg.a, a, sizeof(th.wg.a));
+  th.state = kAtGroup;
+  yield();
+}
+
+void wgmma_commit() {
+  Thread& th = g_block->t[g_block->cur];
+  th.op = kWgCommit;
+  th.state = kAtGroup;
+  yield();
+}
+
+void wgmma_wait(int pending_groups) {
+  Thread& th = g_block->t[g_block->cur];
+  th.op = kWgWait;
+  th.wg_pending = pending_groups;
+  th.state = kAtGroup;
+  yield();
 }
 
 void warp_ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {

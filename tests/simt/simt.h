@@ -7,6 +7,7 @@
 //   __syncthreads(), __syncthreads_and/or     every live thread of the block
 //   __shfl_sync, __shfl_xor_sync, __ballot_sync/__any_sync/__all_sync, mma.sync, ldmatrix
 //                                              all 32 lanes of the warp (full mask only)
+//   wgmma.mma_async, .commit_group, .wait_group   all 128 threads of the warpgroup
 // and the point completes when every participant has arrived. Warps run in a random order,
 // each as far as it can before the next starts, and the lanes of a warp in a shuffled order
 // (seeded by WORLDVLA_SIMT_SEED, default 12345), so code that reads another thread's
@@ -17,6 +18,13 @@
 // cp.async copies land at the cp.async.wait_group that covers them, the latest moment the
 // hardware may complete them, so a read of their destination before the wait (and the barrier
 // after it) sees the old contents.
+//
+// wgmma (sm_90a) runs at the wgmma.wait_group that covers it, reading its shared-memory operand
+// through the matrix descriptor then (no-swizzle layouts only) and writing the accumulators of
+// all 128 threads. It raises on a wgmma.mma_async with no wgmma.fence since the thread's last
+// wait, on a wait with uncommitted operations, on a block that ends with operations pending, and
+// on an operand byte a cp.async wrote that its thread has not ordered for the tensor cores with
+// fence.proxy.async.
 //
 // Not emulated: timing, memory ordering beyond the barriers, bank conflicts, out-of-bounds
 // detection (the tests surround inputs with NaN instead), dynamic shared memory, streams.
@@ -67,6 +75,16 @@ void warp_ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans);
 void cp_async(void* dst, const void* src, int bytes, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending_groups);
+// The 18-bit shared-window address of a __shared__ object (as __cvta_generic_to_shared), and
+// fence.proxy.async.shared::cta (this thread's landed cp.async bytes become readable by wgmma).
+uint32_t shared_address(const void* p);
+void fence_proxy_async();
+// wgmma.fence / .mma_async (A from registers, B by descriptor; f32 accumulators, m64nNk16) /
+// .commit_group / .wait_group on this thread's warpgroup.
+void wgmma_fence();
+void wgmma_mma_rs(bool bf16, int n, float* d, const uint32_t (&a)[4], uint64_t desc_b, bool scale_d, bool trans_b);
+void wgmma_commit();
+void wgmma_wait(int pending_groups);
 
 template <typename T>
 T shuffle(uint32_t mask, T value, int lane_arg, bool is_xor, int width) {

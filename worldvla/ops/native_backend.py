@@ -82,6 +82,17 @@ def arch_problem(dev: int) -> str | None:
             f"or use backend='triton'/'torch'")
 
 
+def prefill_engines(dev: int) -> list[str]:
+    """The CUDA prefill attention's matrix engines GPU `dev` runs with this build: "mma" (mma.sync,
+    sm_80 and newer) and, on sm_90 GPUs with an sm_90a build, "wgmma" (what "auto" picks there).
+    Force one with worldvla._C.set_cuda_prefill_engine(name), e.g. to compare the two."""
+    if not _C.with_cuda:
+        return []
+    wgmma = torch.cuda.get_device_capability(dev) == (9, 0) and any(
+        a.strip().startswith("90a") for a in _C.cuda_archs.split(","))
+    return ["mma", "wgmma"] if wgmma else ["mma"]
+
+
 def _device_index(op: str, t: Tensor) -> int:
     """-1 for CPU, the CUDA index for CUDA; anything else is an error."""
     if t.device.type == "cpu":
