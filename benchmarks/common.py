@@ -34,10 +34,12 @@ def device_name(device: str | torch.device = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device).replace(" ", "-")
-    # The vector width torch's CPU kernels use decides which side of a C++-vs-torch ratio wins.
-    from worldvla.ops.dispatch import cpu_capability
+    # The vector width torch's CPU kernels use, and the vendor (MKL's code paths differ), decide
+    # which side of a C++-vs-torch ratio wins.
+    from worldvla.ops.dispatch import cpu_capability, cpu_vendor
 
-    return f"cpu-{os.cpu_count()}core-{cpu_capability().lower()}"
+    vendor = cpu_vendor()
+    return f"cpu-{os.cpu_count()}core-{cpu_capability().lower()}" + (f"-{vendor}" if vendor else "")
 
 
 def cpu_model() -> str | None:
@@ -56,9 +58,9 @@ def environment(device="cpu") -> dict:
            "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
            "l2_cache_bytes": l2_cache_bytes(device)}
     if torch.device(device).type == "cpu":
-        from worldvla.ops.dispatch import cpu_capability
+        from worldvla.ops.dispatch import cpu_capability, cpu_vendor
 
-        env.update(cpu_model=cpu_model(), cpu_capability=cpu_capability())
+        env.update(cpu_model=cpu_model(), cpu_capability=cpu_capability(), cpu_vendor=cpu_vendor())
         # Settings that cap the instruction sets torch, MKL and oneDNN use (to stand in for an older CPU).
         limits = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
                   if os.environ.get(k)}

@@ -525,14 +525,18 @@ def test_bad_arguments_cuda(rng):
 
 
 def test_cpu_auto_order_follows_the_measured_vector_width():
-    """C++ CPU paths lead only where they were measured faster: constrained sampling only on AVX2
-    machines, nothing where nothing was measured."""
-    avx2, avx512, other = (dispatch._auto_order(c) for c in ("AVX2", "AVX512", "DEFAULT"))
+    """C++ CPU paths lead only where they were measured faster: constrained sampling on AVX2 machines
+    and AMD AVX-512 ones but not Intel AVX-512 ones (MKL), nothing where nothing was measured."""
+    avx2, intel512, amd512, other = (dispatch._auto_order(c, v) for c, v in
+                                     [("AVX2", "amd"), ("AVX512", "intel"), ("AVX512", "amd"), ("DEFAULT", None)])
     assert avx2[("decode_attention", "cpu")][0] == "native" and avx2[("vq_quantize", "cpu")][0] == "native"
     assert avx2[("masked_attention", "cpu")][0] == "native" and avx2["cpu"] == ("torch",)
-    assert avx512[("masked_attention", "cpu")][0] == "native" and ("constrained_sample", "cpu") not in avx512
+    assert dispatch._auto_order("AVX2", "intel") == avx2 == dispatch._auto_order("AVX2", None)
+    assert intel512[("masked_attention", "cpu")][0] == "native" and ("constrained_sample", "cpu") not in intel512
+    assert dispatch._auto_order("AVX512", None) == intel512
+    assert amd512[("constrained_sample", "cpu")][0] == "native" and amd512[("vq_gather", "cpu")][0] == "native"
     assert not any(isinstance(k, tuple) for k in other) and other["cuda"][0] == "triton"
-    assert dispatch.AUTO_ORDER == dispatch._auto_order(dispatch.cpu_capability())
+    assert dispatch.AUTO_ORDER == dispatch._auto_order(dispatch.cpu_capability(), dispatch.cpu_vendor())
 
 
 @pytest.mark.parametrize("arch,cap,runs", [

@@ -19,7 +19,8 @@ def collect() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    info["cpu"] = {"threads": torch.get_num_threads(), "torch_capability": dispatch.cpu_capability()}
+    info["cpu"] = {"threads": torch.get_num_threads(), "torch_capability": dispatch.cpu_capability(),
+                   "vendor": dispatch.cpu_vendor()}
     try:
         from worldvla import _C
         from worldvla.ops import native_backend as nb
@@ -62,7 +63,8 @@ def run(args) -> int:
     native = info["native"]
     print(f"worldvla {info['worldvla']}  python {info['python']}  torch {info['torch']}  "
           f"triton {info['triton'] or 'not installed'}")
-    print(f"CPU: {info['cpu']['threads']} threads, torch kernels at {info['cpu']['torch_capability']}")
+    print(f"CPU: {info['cpu']['vendor'] or 'vendor unknown'}, {info['cpu']['threads']} threads, "
+          f"torch kernels at {info['cpu']['torch_capability']}")
     if "missing" in native:
         print(f"native extension: not importable ({native['missing']}); every op runs in torch or Triton")
     else:

@@ -13,21 +13,26 @@ from typing import Callable
 BACKENDS = ("torch", "triton", "native")
 
 # On CPU the C++ paths lead only where `worldvla bench cpu_ops` measured them faster than torch,
-# which depends on the vector width (torch.backends.cpu.get_cpu_capability()):
+# which depends on the vector width (torch.backends.cpu.get_cpu_capability()) and on the vendor
+# (torch's matmuls go through MKL, whose AMD code paths are slower than its Intel ones):
 # - AVX2 (2-core AMD EPYC): C++ faster for decode attention (1.2-1.7x), constrained sampling (up to
 #   1.8x), VQ search (1.2-1.5x) and gather (1.2x), and for prefill attention at head dim 64 (1.4-2.2x)
 #   though not at 128 (0.74x); that run predates the broadcast fix in cpu_common.h, which made the
-#   8-wide prefill 1.5-1.8x faster. On the Xeon below with torch, MKL and oneDNN held to AVX2
-#   (cpu_ops-cpu-2core-avx512-limited-to-avx2.json) the 8-wide prefill is 1.2x torch at head dim 128
-#   and 1.6-2.2x at 64, so AVX2 machines take the C++ prefill too.
-# - AVX512 (2-core Intel Xeon; the C++ kernels 16 wide, decode 8): C++ faster or even for prefill
+#   8-wide prefill 1.5-1.8x faster. On the Intel Xeon below with torch, MKL and oneDNN held to AVX2
+#   (cpu_ops-cpu-2core-avx512-intel-limited-to-avx2.json) the 8-wide prefill is 1.2x torch at head
+#   dim 128 and 1.6-2.2x at 64, so AVX2 machines take the C++ prefill too.
+# - AVX512 on Intel (2-core Xeon; the C++ kernels 16 wide, decode 8): C++ faster or even for prefill
 #   attention (1.06-2.0x), VQ search (1.0-1.8x) and gather (1.1-1.4x); decode attention about even
 #   (0.88-1.34x over three runs, ahead more often than behind); torch's MKL faster for constrained
 #   sampling (0.74-0.92x).
+# - AVX512 on AMD (2-core EPYC with AVX-512): C++ faster for every op in two runs: prefill
+#   1.3-3.0x, decode 1.2-1.4x, constrained sampling 1.1-2.1x, VQ search 1.3-2.2x, gather 0.98-1.2x.
 # Anything else (other architectures, no AVX2) was not measured: torch.
+_ALL_CPU_OPS = ("masked_attention", "decode_attention", "constrained_sample", "vq_quantize", "vq_gather")
 CPU_NATIVE_FIRST = {
-    "AVX2": ("masked_attention", "decode_attention", "constrained_sample", "vq_quantize", "vq_gather"),
+    "AVX2": _ALL_CPU_OPS,
     "AVX512": ("masked_attention", "decode_attention", "vq_quantize", "vq_gather"),
+    ("AVX512", "amd"): _ALL_CPU_OPS,
 }
 
 
@@ -37,16 +42,29 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def _auto_order(capability: str) -> dict:
+def cpu_vendor() -> str | None:
+    """"intel", "amd", or None where the CPU's vendor cannot be read (/proc/cpuinfo, x86 Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    vendor = line.split(":", 1)[1].strip()
+                    return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, vendor.lower() or None)
+    except OSError:
+        pass
+    return None
+
+
+def _auto_order(capability: str, vendor: str | None = None) -> dict:
     """Fastest first, per device type, or per (op, device type) where an op differs from its device's
     rule. Triton leads on CUDA until the native CUDA kernels have passed their GPU tests on hardware."""
     order = {"cuda": ("triton", "native", "torch"), "cpu": ("torch",)}
-    for op in CPU_NATIVE_FIRST.get(capability, ()):
+    for op in CPU_NATIVE_FIRST.get((capability, vendor), CPU_NATIVE_FIRST.get(capability, ())):
         order[(op, "cpu")] = ("native", "torch")
     return order
 
 
-AUTO_ORDER = _auto_order(cpu_capability())
+AUTO_ORDER = _auto_order(cpu_capability(), cpu_vendor())
 
 
 class Unsupported:
