@@ -226,8 +226,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("range_logits", &range_logits, "float32 logits [N, hi - lo] of the vocabulary range [lo, hi).");
 #ifdef WORLDVLA_WITH_CUDA
   m.def("cuda_prefill_engine", &cuda_prefill_engine,
-        "The CUDA prefill attention's matrix engine: 'auto' (wgmma on sm_90 GPUs with an sm_90a build, else "
-        "mma.sync), 'mma' or 'wgmma'.");
+        "The CUDA prefill attention's matrix engine: 'auto' (mma.sync on every GPU until the wgmma engine has "
+        "passed the GPU tests on hardware), 'mma' or 'wgmma' (sm_90 GPUs with an sm_90a build).");
   m.def("set_cuda_prefill_engine", &set_cuda_prefill_engine, py::arg("name"),
         "Force the CUDA prefill attention's matrix engine ('mma' or 'wgmma'), or 'auto'; e.g. to compare them.");
 #endif

@@ -117,8 +117,8 @@ void range_logits_cuda(const void* hidden, int64_t h_s, const void* weight, int6
 // so a device left current here would be torch's current device too).
 int set_device_cuda(int device);
 void restore_device_cuda(int device) noexcept;
-// The prefill attention's matrix engine on the GPU: "auto" (wgmma on sm_90 when the build has
-// sm_90a, else mma.sync), "mma" or "wgmma" (forced, e.g. to compare the two in one process).
+// The prefill attention's matrix engine on the GPU: "auto" (mma.sync everywhere until the wgmma
+// engine has passed the GPU tests on hardware), "mma" or "wgmma" (sm_90 with an sm_90a build).
 std::string cuda_prefill_engine();
 void set_cuda_prefill_engine(const std::string& name);
 #endif

@@ -518,8 +518,9 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
   op[d] = from_float<T>(wsum > 0.f ? acc / wsum : 0.f);
 }
 
-// The prefill's matrix engine: kAuto takes wgmma on sm_90 devices when the build holds sm_90a
-// code, mma.sync elsewhere; the other two force one (set_cuda_prefill_engine, for comparisons).
+// The prefill's matrix engine: kAuto runs mma.sync on every GPU until the wgmma engine has passed
+// the GPU tests on an H100/H200 (benchmarks/gpu_all.sh tests and times both); kEngineWgmma needs an
+// sm_90 device and sm_90a code in the build (set_cuda_prefill_engine).
 // Non-zero values: the SIMT test build turns a .cu file's zero-initialized globals (.bss) into
 // emulated shared memory.
 enum PrefillEngine : int { kEngineAuto = 1, kEngineMma = 2, kEngineWgmma = 3 };
@@ -528,7 +529,7 @@ std::atomic<int> g_prefill_engine{kEngineAuto};
 // Whether the current device runs the wgmma kernels: compute capability 9.0 and sm_90a in the build.
 bool device_has_wgmma() {
 #ifdef WORLDVLA_SIMT
-  return false;  // the emulated device runs either engine; "auto" keeps mma.sync there
+  return true;  // the emulator runs either engine
 #else
   static std::atomic<int> cached[64];  // per device: 0 unknown, 1 no, 2 yes
   int dev = 0;
@@ -544,17 +545,12 @@ bool device_has_wgmma() {
 }
 
 bool use_wgmma() {
-  const int engine = g_prefill_engine.load(std::memory_order_relaxed);
-  if (engine == kEngineMma) return false;
-  const bool has = device_has_wgmma();
-#ifdef WORLDVLA_SIMT
-  if (engine == kEngineWgmma) return true;
-#endif
-  if (engine == kEngineWgmma && !has)
+  if (g_prefill_engine.load(std::memory_order_relaxed) != kEngineWgmma) return false;
+  if (!device_has_wgmma())
     throw std::invalid_argument(
         "masked_attention (CUDA): the wgmma prefill engine needs an sm_90 GPU (H100/H200) and a build with "
-        "sm_90a; set_cuda_prefill_engine('auto') picks what this device runs");
-  return has;
+        "sm_90a; set_cuda_prefill_engine('auto') runs mma.sync, which every supported GPU has");
+  return true;
 }
 
 template <typename T, int D>

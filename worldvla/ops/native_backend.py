@@ -84,7 +84,8 @@ def arch_problem(dev: int) -> str | None:
 
 def prefill_engines(dev: int) -> list[str]:
     """The CUDA prefill attention's matrix engines GPU `dev` runs with this build: "mma" (mma.sync,
-    sm_80 and newer) and, on sm_90 GPUs with an sm_90a build, "wgmma" (what "auto" picks there).
+    sm_80 and newer; what "auto" runs until the wgmma engine has passed the GPU tests on hardware) and,
+    on sm_90 GPUs with an sm_90a build, "wgmma".
     Force one with worldvla._C.set_cuda_prefill_engine(name), e.g. to compare the two."""
     if not _C.with_cuda:
         return []
