@@ -160,9 +160,26 @@ def check_linear_ce(backend, dev, g):
     return all(ok for ok, _ in results), "; ".join(f"{n} {m}" for n, (_, m) in zip(("loss", "dh", "dw"), results))
 
 
+def with_wgmma(check):
+    """`check` with the native CUDA prefill on its wgmma engine (sm_90 GPUs with an sm_90a build)."""
+    def run(backend, dev, g):
+        from worldvla.ops import native_backend as nb
+
+        if "wgmma" not in nb.prefill_engines(dev.index if dev.index is not None else torch.cuda.current_device()):
+            return None, "no wgmma engine on this GPU or build"
+        nb._C.set_cuda_prefill_engine("wgmma")
+        try:
+            return check(backend, dev, g)
+        finally:
+            nb._C.set_cuda_prefill_engine("auto")
+    return run
+
+
 CHECKS = {
     "masked_attention packed bf16 D=64 GQA": ("masked_attention", check_prefill_packed),
     "masked_attention padded fp16 D=128": ("masked_attention", check_prefill_padded),
+    "masked_attention packed bf16 D=64 GQA, wgmma": ("masked_attention", with_wgmma(check_prefill_packed)),
+    "masked_attention padded fp16 D=128, wgmma": ("masked_attention", with_wgmma(check_prefill_padded)),
     "masked_attention backward bf16": ("masked_attention", check_prefill_backward),
     "decode_attention bf16 D=128 GQA": ("decode_attention", check_decode),
     "decode_attention 3 splits": ("decode_attention", lambda b, d, g: check_decode(b, d, g, n_splits=3)),
@@ -172,7 +189,9 @@ CHECKS = {
     "constrained_sample sampled bf16": ("constrained_sample", lambda b, d, g: check_sample(b, d, g, sampled=True)),
     "linear_cross_entropy bf16": ("linear_cross_entropy", check_linear_ce),
 }
-NATIVE_ONLY = {"decode_attention 3 splits"}
+NATIVE_ONLY = {"decode_attention 3 splits", "masked_attention packed bf16 D=64 GQA, wgmma",
+               "masked_attention padded fp16 D=128, wgmma"}
+CUDA_ONLY = {"masked_attention packed bf16 D=64 GQA, wgmma", "masked_attention padded fp16 D=128, wgmma"}
 NEEDS_GRAD = {"masked_attention backward bf16", "linear_cross_entropy bf16"}  # the native kernels are forward only
 
 
@@ -188,11 +207,17 @@ def run(backend: str = "native", device: str | None = None, only: str | None = N
                 or (name in NEEDS_GRAD and backend == "native"):
             print(f"skip  {name}: not on the {backend} backend", flush=True)
             continue
+        if name in CUDA_ONLY and dev.type != "cuda":
+            print(f"skip  {name}: CUDA only", flush=True)
+            continue
         g = torch.Generator().manual_seed(len(name))
         try:
             ok, msg = check(backend, dev, g)
         except Exception as e:  # noqa: BLE001 - one failing op must not hide the others
             ok, msg = False, f"{type(e).__name__}: {e}"
+        if ok is None:
+            print(f"skip  {name}: {msg}", flush=True)
+            continue
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'}  {name}: {msg}", flush=True)
     if dev.type == "cuda":
