@@ -63,19 +63,20 @@ __device__ __forceinline__ void load_tile_core_async(uint16_t* dst, const T* src
   cp_async_commit();
 }
 
-// One online-softmax step over a tile of mma accumulators. `s` holds this thread's scores of its
-// two rows (elements 0-1: row g, 2-3: row g + 8) in log2 units, -inf where hidden; the quad of
-// lanes sharing a row reduces the row max. On return `s` holds exp2(s - new max), the running max
-// and this thread's share of the row sums are updated, and the output accumulators rescaled.
-template <int NT, int DT>
-__device__ __forceinline__ void online_softmax_step(float (&s)[NT][4], float (&m_run)[2], float (&l_run)[2],
-                                                    float (&o)[DT][4]) {
+// The score half of an online-softmax step over a tile of mma accumulators. `s` holds this
+// thread's scores of its two rows (elements 0-1: row g, 2-3: row g + 8) in log2 units, -inf where
+// hidden; the quad of lanes sharing a row reduces the row max. On return `s` holds
+// exp2(s - new max), the running max and this thread's share of the row sums are updated, and
+// `alpha` holds the factor the output accumulators still need (rescale_rows).
+template <int NT>
+__device__ __forceinline__ void softmax_scores(float (&s)[NT][4], float (&m_run)[2], float (&l_run)[2],
+                                               float (&alpha)[2]) {
   float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
-  float alpha[2], base[2];
+  float base[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
@@ -93,12 +94,38 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[NT][4], float (&m
       l_run[e >> 1] += s[nt][e];
     }
   }
+}
+
+template <int DT>
+__device__ __forceinline__ void rescale_rows(float (&o)[DT][4], const float (&alpha)[2]) {
 #pragma unroll
   for (int dt = 0; dt < DT; ++dt) {
     o[dt][0] *= alpha[0];
     o[dt][1] *= alpha[0];
     o[dt][2] *= alpha[1];
     o[dt][3] *= alpha[1];
+  }
+}
+
+// A whole online-softmax step: the scores, then the output accumulators rescaled.
+template <int NT, int DT>
+__device__ __forceinline__ void online_softmax_step(float (&s)[NT][4], float (&m_run)[2], float (&l_run)[2],
+                                                    float (&o)[DT][4]) {
+  float alpha[2];
+  softmax_scores(s, m_run, l_run, alpha);
+  rescale_rows(o, alpha);
+}
+
+// Both engines' P: the S accumulators of key tiles 2kk and 2kk+1 are exactly the A fragment of
+// a 16x16 P block (mma.sync m16n8k16, and a warp's part of wgmma's m64n*k16).
+template <typename T, int NT>
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[NT / 2][4], const float (&s)[NT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+    pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+    pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
   }
 }
 
@@ -113,12 +140,13 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
   constexpr int KS = D / 16;  // k-steps of Q K^T over the head dim
   constexpr int NT = kBN / 8; // 8-key column tiles of S
   constexpr int DT = D / 8;   // 8-wide column tiles of O
-  // mma.sync: row stride of the K/V tiles in 16-bit elements: rows stay 16-byte aligned, and
-  // the 8 rows of 16 bytes an ldmatrix phase reads fall in 8 different 16-byte bank groups.
-  // wgmma: core matrices, no padding (load_tile_core_async).
-  constexpr int LD = kWg ? D : D + 8;
-  __shared__ __align__(128) uint16_t k_s[kBN * LD];
-  __shared__ __align__(128) uint16_t v_s[kBN * LD];
+  // mma.sync: one K and one V tile, row stride LD in 16-bit elements: rows stay 16-byte aligned,
+  // and the 8 rows of 16 bytes an ldmatrix phase reads fall in 8 different 16-byte bank groups.
+  // wgmma: two K and two V tiles in the core-matrix layout (load_tile_core_async), in dynamic
+  // shared memory (64 KB at head dim 128); its static tile arrays are placeholders.
+  constexpr int LD = D + 8;
+  __shared__ __align__(16) uint16_t k_s[kWg ? 8 : kBN * LD];
+  __shared__ __align__(16) uint16_t v_s[kWg ? 8 : kBN * LD];
   __shared__ int32_t kvb_s[2][kBN];  // kv_block of the current and of the next visible tile
   __shared__ int32_t ql_min_s, ql_max_s;
 
@@ -190,29 +218,102 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
     else load_tile_async<kBN, D, LD>(dst, src, row_stride, n0, len);
   };
 
-  // Software pipeline over the visible tiles: V of a tile loads while Q K^T and the softmax
-  // run, K of the next visible tile while P V runs; one K and one V buffer suffice.
-  bool need_mask = false;
-  int n0 = next_visible(0, 0, need_mask);
-  if (n0 < n_end) load_tile(k_s, kb, p.k_st, n0);
-  for (int buf = 0; n0 < n_end; buf ^= 1) {
-    load_tile(v_s, vb, p.v_st, n0);  // v_s is free: the last P V ended with a barrier
-    cp_async_wait<1>();              // this thread's K copies have landed ...
-    if constexpr (kWg) fence_proxy_async();  // ... visible to the tensor cores' reads ...
-    __syncthreads();                 // ... and every thread's
-    float s[NT][4];
-    const int mat = lane >> 3, mrow = lane & 7;
-    if constexpr (kWg) {
-      // S = Q K^T: B = K^T is K-major (each key's head-dim values contiguous): step ks starts at
-      // core-matrix column 2ks; LBO = the next 8 head-dim values (128 B), SBO = the next 8 keys.
+  // Scores of a tile in log2 units, -inf where the pair is hidden (causal or chunk rule).
+  auto mask_scores = [&](float (&s)[NT][4], int n0, int buf, bool need_mask) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[nt][e] * sl2;
+        if (need_mask) {
+          const int r = e < 2 ? r0 : r1;
+          const int jj = nt * 8 + 2 * t4 + (e & 1);
+          if (n0 + jj > r || kvb_s[buf][jj] < (e < 2 ? ql0 : ql1)) x = -INFINITY;
+        }
+        s[nt][e] = x;
+      }
+    }
+  };
+
+  if constexpr (kWg) {
+    // wgmma engine. Tile j's Q K^T and tile j-1's P V are issued together; the softmax of tile j
+    // runs while P V still occupies the tensor cores, and the output is rescaled once P V is done.
+    // Tile j's V and tile j+1's K load during tile j (two buffers of each: a buffer is reloaded
+    // only after the wgmma that read it has been waited for, before the barrier that ends a tile).
+    // B operands: K^T is K-major (each key's head-dim values contiguous): Q K^T step ks starts at
+    // core-matrix column 2ks, LBO = the next 8 head-dim values (128 B), SBO = the next 8 keys.
+    // V is MN-major (N = head dim): P V step kk starts at core-matrix row group 2kk, LBO = the
+    // next 8 keys, SBO = the next 8 head-dim values (128 B).
+    constexpr int kTile = kBN * D;  // 16-bit elements per K or V tile
+    WORLDVLA_DYNAMIC_SHARED(dyn);
+    uint16_t* const k_buf = reinterpret_cast<uint16_t*>(dyn);  // [2][kTile]
+    uint16_t* const v_buf = k_buf + 2 * kTile;                 // [2][kTile]
+    auto issue_pv = [&](const uint32_t (&pa)[kBN / 16][4], const uint16_t* v) {
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_rs<T, D, 1>(o, pa[kk], wgmma_desc(v + kk * 2 * DT * 64, DT * 128, 128), true);
+      wgmma_commit();
+    };
+    // Every wgmma sits on a path all threads take (ptxas serializes wgmma in branches it cannot
+    // prove uniform): the first tile's P V of "the previous tile" multiplies P = 0 by a zeroed
+    // V buffer, and so does the last P V when no tile is visible.
+    uint32_t pa[kBN / 16][4];  // P of the previous tile, until its P V has been waited for
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
+    for (int c = tid; c < kTile / 8; c += kThreads)
+      *reinterpret_cast<uint4*>(v_buf + kTile + c * 8) = make_uint4(0u, 0u, 0u, 0u);
+    fence_proxy_async();  // ordinary stores read by the tensor cores
+    bool need_mask = false;
+    int n0 = next_visible(0, 0, need_mask);
+    if (n0 < n_end) load_tile(k_buf, kb, p.k_st, n0);
+    cp_async_wait<0>();
+    fence_proxy_async();  // the landed bytes visible to the tensor cores' reads
+    __syncthreads();
+    int j = 0;
+    for (; n0 < n_end; ++j) {
+      const int b = j & 1;
+      bool next_mask = false;
+      const int n1 = next_visible(n0 + kBN, b ^ 1, next_mask);
+      load_tile(v_buf + b * kTile, vb, p.v_st, n0);
+      if (n1 < n_end) load_tile(k_buf + (b ^ 1) * kTile, kb, p.k_st, n1);
+      float s[NT][4];
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks)
-        wgmma_rs<T, kBN, 0>(s, qa[ks], wgmma_desc(&k_s[ks * 2 * 64], 128, D * 16), ks > 0);
+        wgmma_rs<T, kBN, 0>(s, qa[ks], wgmma_desc(k_buf + b * kTile + ks * 2 * 64, 128, D * 16), ks > 0);
       wgmma_commit();
-      wgmma_wait<0>();
+      issue_pv(pa, v_buf + (b ^ 1) * kTile);
+      wgmma_wait<1>();  // Q K^T (the older group) done; P V may still run
       fence_operands(s);
-    } else {
+      mask_scores(s, n0, b, need_mask);
+      float alpha[2];
+      softmax_scores(s, m_run, l_run, alpha);
+      wgmma_wait<0>();
+      fence_operands(o);
+      rescale_rows(o, alpha);
+      pack_p<T>(pa, s);
+      cp_async_wait<0>();  // this tile's V and the next tile's K ...
+      fence_proxy_async();
+      __syncthreads();     // ... landed for every thread, and every wgmma of this tile done
+      n0 = n1;
+      need_mask = next_mask;
+    }
+    wgmma_fence();  // the last tile's P V
+    issue_pv(pa, v_buf + ((j - 1) & 1) * kTile);
+    wgmma_wait<0>();
+    fence_operands(o);
+  } else {
+    // mma.sync engine, software-pipelined over the visible tiles: V of a tile loads while Q K^T
+    // and the softmax run, K of the next visible tile while P V runs; one K and one V buffer.
+    const int mat = lane >> 3, mrow = lane & 7;
+    bool need_mask = false;
+    int n0 = next_visible(0, 0, need_mask);
+    if (n0 < n_end) load_tile(k_s, kb, p.k_st, n0);
+    for (int buf = 0; n0 < n_end; buf ^= 1) {
+      load_tile(v_s, vb, p.v_st, n0);  // v_s is free: the last P V ended with a barrier
+      cp_async_wait<1>();              // this thread's K copies have landed ...
+      __syncthreads();                 // ... and every thread's
+      float s[NT][4];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
       // K's B fragments of two 8-key column tiles per ldmatrix: matrices (keys nt*8.., d ks*16..),
@@ -227,60 +328,26 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
           mma_16816<T>(s[nt + 1], qa[ks], b[2], b[3]);
         }
       }
-    }
+      mask_scores(s, n0, buf, need_mask);
+      online_softmax_step(s, m_run, l_run, o);
 
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[nt][e] * sl2;
-        if (need_mask) {
-          const int r = e < 2 ? r0 : r1;
-          const int jj = nt * 8 + 2 * t4 + (e & 1);
-          if (n0 + jj > r || kvb_s[buf][jj] < (e < 2 ? ql0 : ql1)) x = -INFINITY;
-        }
-        s[nt][e] = x;
+      // The next visible tile: its probe's barriers also end every warp's reads of k_s, so its K
+      // can load into k_s while P V runs; then wait for this tile's V.
+      bool next_mask = false;
+      const int n1 = next_visible(n0 + kBN, buf ^ 1, next_mask);
+      if (n1 < n_end) {
+        load_tile(k_s, kb, p.k_st, n1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
       }
-    }
-    online_softmax_step(s, m_run, l_run, o);
+      __syncthreads();
 
-    // The next visible tile: its probe's barriers also end every warp's reads of k_s, so its K
-    // can load into k_s while P V runs; then wait for this tile's V.
-    bool next_mask = false;
-    const int n1 = next_visible(n0 + kBN, buf ^ 1, next_mask);
-    if (n1 < n_end) {
-      load_tile(k_s, kb, p.k_st, n1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    if constexpr (kWg) fence_proxy_async();
-    __syncthreads();
-
-    // P V: the S accumulators of key tiles 2kk and 2kk+1 are exactly the A fragment of a
-    // 16x16 P block.
-    uint32_t pa[kBN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-    if constexpr (kWg) {
-      // B = V is MN-major (each key's head-dim values contiguous, N = head dim): step kk starts
-      // at core-matrix row group 2kk; LBO = the next 8 keys, SBO = the next 8 head-dim values.
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-        wgmma_rs<T, D, 1>(o, pa[kk], wgmma_desc(&v_s[kk * 2 * DT * 64], DT * 128, 128), true);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(o);
-    } else {
-      // V's B fragments (two keys of one column per register) come from transposing ldmatrix
-      // loads of the row-major V tile: matrices (keys kk*16.., d dt*8..), (keys +8, same d),
-      // (keys kk*16.., d (dt+1)*8..), (keys +8, same d).
+      // P V. V's B fragments (two keys of one column per register) come from transposing
+      // ldmatrix loads of the row-major V tile: matrices (keys kk*16.., d dt*8..), (keys +8,
+      // same d), (keys kk*16.., d (dt+1)*8..), (keys +8, same d).
+      uint32_t pa[kBN / 16][4];
+      pack_p<T>(pa, s);
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
 #pragma unroll
@@ -291,10 +358,10 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
           mma_16816<T>(o[dt + 1], pa[kk], b[2], b[3]);
         }
       }
+      __syncthreads();  // every warp is done with v_s
+      n0 = n1;
+      need_mask = next_mask;
     }
-    __syncthreads();  // every warp is done with v_s
-    n0 = n1;
-    need_mask = next_mask;
   }
 
   float inv[2];
@@ -557,8 +624,10 @@ template <typename T, int D>
 void launch_prefill(const AttnFwdParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.max_seqlen + kBM - 1) / kBM), static_cast<unsigned>(p.n_heads),
                   static_cast<unsigned>(p.n_seq));
-  if (use_wgmma()) launch(masked_attention_fwd_kernel<T, D, true>, grid, kThreads, stream, p);
-  else launch(masked_attention_fwd_kernel<T, D, false>, grid, kThreads, stream, p);
+  if (use_wgmma())  // two K and two V tiles of 64 keys in dynamic shared memory
+    launch_dynamic(masked_attention_fwd_kernel<T, D, true>, grid, kThreads, 4 * kBN * D * sizeof(uint16_t), stream, p);
+  else
+    launch(masked_attention_fwd_kernel<T, D, false>, grid, kThreads, stream, p);
 }
 
 template <typename T, int D>

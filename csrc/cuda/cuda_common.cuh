@@ -34,6 +34,34 @@ inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 #endif
 }
 
+// kernel<<<grid, block, dynamic_bytes, stream>>>(args...), for kernels that declare their shared
+// memory with WORLDVLA_DYNAMIC_SHARED; above 48 KB the kernel's limit is raised first (once per
+// device and kernel: the attribute is per function, and cheap to set again).
+template <typename... Params, typename... Args>
+inline void launch_dynamic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dynamic_bytes,
+                           cudaStream_t stream, Args&&... args) {
+#ifdef WORLDVLA_SIMT
+  (void)stream;
+  simt::run_grid(grid, block, [&] { kernel(args...); }, dynamic_bytes);
+#else
+  if (dynamic_bytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(dynamic_bytes));
+    if (err != cudaSuccess)
+      throw std::runtime_error(std::string("worldvla CUDA kernel needs ") + std::to_string(dynamic_bytes) +
+                               " bytes of shared memory: " + cudaGetErrorString(err));
+  }
+  kernel<<<grid, block, dynamic_bytes, stream>>>(std::forward<Args>(args)...);
+#endif
+}
+
+// A kernel's dynamic shared memory (extern __shared__ on a GPU; the emulator's region under SIMT).
+#ifdef WORLDVLA_SIMT
+#define WORLDVLA_DYNAMIC_SHARED(name) unsigned char* const name = ::simt::dynamic_shared()
+#else
+#define WORLDVLA_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
 inline void check_launch(const char* what) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)

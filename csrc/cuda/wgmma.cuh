@@ -132,7 +132,7 @@ template <typename T, int N, int kTransB>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc, bool scale_d) {
   static_assert(N == 64 || N == 128, "wgmma_rs: N is 64 or 128");
   static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or fp16");
-  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  [[maybe_unused]] constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
 #if defined(WORLDVLA_SIMT)
   simt::wgmma_mma_rs(kBf16, N, &d[0][0], a, desc, scale_d, kTransB != 0);
 #elif defined(WORLDVLA_HAS_WGMMA)

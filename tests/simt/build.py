@@ -42,7 +42,8 @@ def cuda_include() -> Path:
 
 def _sources() -> tuple[list[Path], list[Path]]:
     cuda = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
-    cpp = [ROOT / "csrc" / "bindings.cpp", *sorted((ROOT / "csrc" / "cpu").glob("*.cpp")), HERE / "simt.cpp"]
+    cpp = [ROOT / "csrc" / "bindings.cpp", *sorted((ROOT / "csrc" / "cpu").glob("*.cpp")), HERE / "simt.cpp",
+           HERE / "shared_region.cpp"]
     return cuda, cpp
 
 
@@ -81,7 +82,7 @@ def build(verbose: bool = False) -> Path:
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode:
             raise RuntimeError(f"compiling {src.relative_to(ROOT)} for the SIMT emulator failed:\n{run.stderr[-4000:]}")
-        if src.suffix == ".cu":  # its __shared__ arrays (its only zero-initialized statics) -> "simt_shared"
+        if src.suffix == ".cu" or src.name == "shared_region.cpp":  # zero-initialized statics -> "simt_shared"
             run = subprocess.run([objcopy, "--rename-section", ".bss=simt_shared", str(obj)], capture_output=True,
                                  text=True)
             if run.returncode:

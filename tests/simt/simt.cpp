@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+extern unsigned char simt_dynamic_shared_region[];  // shared_region.cpp
+
 namespace simt {
 
 thread_local uint3 thread_idx, block_idx;
@@ -89,6 +91,8 @@ struct WgMma {
   WgArgs shape;
   float* d[kGroup] = {};
   uint32_t a[kGroup][4] = {};
+  std::vector<float> d_at_issue;  // [kGroup][n / 2]: the accumulators may not change until the wait
+  bool chained = false;           // accumulating onto an earlier in-flight wgmma: no snapshot to compare
 };
 
 struct Thread {
@@ -127,6 +131,11 @@ struct Block {
 };
 
 thread_local Block* g_block = nullptr;
+
+// Dynamic shared memory of the running block: shared_region.cpp's array, inside the emulated
+// shared memory (poisoned, fence-tracked and addressable by wgmma descriptors like the static arrays).
+constexpr size_t kDynamicCapacity = 96 * 1024;
+thread_local size_t g_dynamic_bytes = 0;
 
 void poison_shared_memory() {
   if (shared_bytes()) std::memset(__start_simt_shared, 0xff, shared_bytes());
@@ -240,7 +249,8 @@ void complete_ldmatrix(Thread* lanes, bool trans, const std::string& where) {
 //   K-major  (trans_b 0): start + (n%8)*16 + (n/8)*SBO + (k%8)*2  + (k/8)*LBO
 //   MN-major (trans_b 1): start + (n%8)*2  + (n/8)*SBO + (k%8)*16 + (k/8)*LBO
 // with start, LBO and SBO the descriptor's bits 0-13, 16-29 and 32-45, each times 16 bytes.
-// Also raised: a descriptor with the swizzle bits set.
+// Also raised: a descriptor with the swizzle bits set, and accumulators changed between the issue
+// and the wait (undefined on the hardware).
 void run_wgmma(const WgMma& op) {
   const WgArgs& sh = op.shape;
   if (sh.desc >> 62) fail("wgmma: only the no-swizzle shared-memory layout is emulated");
@@ -249,6 +259,9 @@ void run_wgmma(const WgMma& op) {
   const size_t start = (sh.desc & 0xffffu) << 4, lbo = ((sh.desc >> 16) & 0x3fffu) << 4,
                sbo = ((sh.desc >> 32) & 0x3fffu) << 4;
   const int N = sh.n;
+  for (int i = 0; i < kGroup && !op.chained; ++i)
+    if (std::memcmp(&op.d_at_issue[static_cast<size_t>(i * N / 2)], op.d[i], sizeof(float) * (N / 2)))
+      fail("wgmma accumulators written by other instructions while the wgmma was in flight");
   std::vector<float> B(static_cast<size_t>(16 * N));
   for (int k = 0; k < 16; ++k)
     for (int n = 0; n < N; ++n) {
@@ -314,6 +327,12 @@ bool try_complete_group(Block& blk, int wg) {
       m.d[i] = x.d;
       std::memcpy(m.a[i], x.a, sizeof(m.a[i]));
     }
+    for (const WgMma& q : blk.wg_open[wg]) m.chained |= q.d[0] == m.d[0];
+    for (const auto& group : blk.wg_groups[wg])
+      for (const WgMma& q : group) m.chained |= q.d[0] == m.d[0];
+    m.d_at_issue.resize(static_cast<size_t>(kGroup * m.shape.n / 2));
+    for (int i = 0; i < kGroup; ++i)
+      std::memcpy(&m.d_at_issue[static_cast<size_t>(i * m.shape.n / 2)], m.d[i], sizeof(float) * (m.shape.n / 2));
     blk.wg_open[wg].push_back(m);
   } else if (op == kWgCommit) {
     blk.wg_groups[wg].push_back(std::move(blk.wg_open[wg]));
@@ -418,8 +437,12 @@ uint32_t seed_from_env() {
 
 }  // namespace
 
-void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
+void run_grid(dim3 grid, dim3 block, const std::function<void()>& body, size_t dynamic_bytes) {
   if (g_block) throw std::runtime_error("simt: a kernel launched from inside a kernel");
+  if (dynamic_bytes > kDynamicCapacity)
+    throw std::runtime_error("simt: " + std::to_string(dynamic_bytes) + " bytes of dynamic shared memory; the emulator has " +
+                             std::to_string(kDynamicCapacity));
+  g_dynamic_bytes = dynamic_bytes;
   const int n = static_cast<int>(block.x * block.y * block.z);
   if (n <= 0 || n > 1024) throw std::runtime_error("simt: block size must be 1..1024 threads");
   Block blk;
@@ -554,6 +577,11 @@ void cp_async_wait(int pending_groups) {
     land(th.groups.front(), &th.unfenced);
     th.groups.erase(th.groups.begin());
   }
+}
+
+unsigned char* dynamic_shared() {
+  if (!g_dynamic_bytes) fail_in_fiber("dynamic shared memory used by a kernel launched without any");
+  return simt_dynamic_shared_region;
 }
 
 uint32_t shared_address(const void* p) {

@@ -22,12 +22,12 @@
 // wgmma (sm_90a) runs at the wgmma.wait_group that covers it, reading its shared-memory operand
 // through the matrix descriptor then (no-swizzle layouts only) and writing the accumulators of
 // all 128 threads. It raises on a wgmma.mma_async with no wgmma.fence since the thread's last
-// wait, on a wait with uncommitted operations, on a block that ends with operations pending, and
-// on an operand byte a cp.async wrote that its thread has not ordered for the tensor cores with
-// fence.proxy.async.
+// wait, on accumulators written by other instructions while a wgmma is in flight, on a wait with
+// uncommitted operations, on a block that ends with operations pending, and on an operand byte a
+// cp.async wrote that its thread has not ordered for the tensor cores with fence.proxy.async.
 //
 // Not emulated: timing, memory ordering beyond the barriers, bank conflicts, out-of-bounds
-// detection (the tests surround inputs with NaN instead), dynamic shared memory, streams.
+// detection (the tests surround inputs with NaN instead), streams.
 #pragma once
 
 #include <vector_functions.h>
@@ -58,8 +58,12 @@ namespace simt {
 extern thread_local uint3 thread_idx, block_idx;
 extern thread_local dim3 block_dim, grid_dim;
 
-// Runs `body` (one call of the kernel) once per thread of every block of `grid`.
-void run_grid(dim3 grid, dim3 block, const std::function<void()>& body);
+// Runs `body` (one call of the kernel) once per thread of every block of `grid`, with
+// `dynamic_bytes` of dynamic shared memory (dynamic_shared()).
+void run_grid(dim3 grid, dim3 block, const std::function<void()>& body, size_t dynamic_bytes = 0);
+// The running block's dynamic shared memory (extern __shared__ on a GPU): inside the emulated
+// shared memory, 128-byte aligned, poisoned like the rest.
+unsigned char* dynamic_shared();
 
 enum BarrierKind : int { kSync = 0, kAnd = 1, kOr = 2 };
 int block_barrier(BarrierKind kind, int pred);
