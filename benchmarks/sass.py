@@ -61,9 +61,15 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 def parse_ptxas(log: str) -> dict[str, dict]:
-    """Per mangled kernel: registers, smem, stack, spills (ptxas -v output)."""
+    """Per mangled kernel: registers, smem, stack, spills (ptxas -v output), and `wgmma_serialized`
+    where ptxas reports serializing its wgmma (C7520 and kin: a wait after every wgmma, silently
+    undoing the asynchrony)."""
     info, current = {}, None
     for line in log.splitlines():
+        m = re.search(r"wgmma\.mma_async instructions are serialized due to (.*?) in the function '(\w+)'", line)
+        if m:
+            info.setdefault(m.group(2), {})["wgmma_serialized"] = m.group(1)
+            continue
         m = re.search(r"Compiling entry function '(\w+)'", line)
         if m:
             current = info.setdefault(m.group(1), {})

@@ -238,8 +238,9 @@ def test_sass_report_of_the_vq_kernels(tmp_path):
 
 def test_sass_report_of_the_prefill_engines(tmp_path):
     """The sm_90a prefill kernels: the wgmma instantiations issue their Q K^T and P V as HGMMA (D/16
-    k-steps of 64x64x16, four of 64xDx16 per key tile) with no HMMA left, the mma.sync ones only HMMA;
-    none spills."""
+    k-steps of 64x64x16, four of 64xDx16 per key tile) with no HMMA left, and ptxas does not serialize
+    them (a wgmma in a branch it cannot prove uniform makes it wait after every one); the mma.sync
+    ones only HMMA; none spills."""
     from worldvla.benchmarks import sass
 
     if sass.find_tool("nvcc") is None or sass.find_tool("cuobjdump") is None:
@@ -248,7 +249,7 @@ def test_sass_report_of_the_prefill_engines(tmp_path):
     fwd = {r["kernel"]: r for r in doc["rows"] if "masked_attention_fwd_kernel" in r["kernel"]}
     assert len(fwd) == 8
     for name, r in fwd.items():
-        assert r["spill_store_bytes"] == 0 and r["stack_bytes"] == 0, r
+        assert r["spill_store_bytes"] == 0 and r["stack_bytes"] == 0 and "wgmma_serialized" not in r, r
         D = 128 if ", 128," in name else 64
         if name.endswith("true>"):
             assert r["hot_loop_hgmma"] == D // 16 + 4 and r["hot_loop_hmma"] == 0, r
