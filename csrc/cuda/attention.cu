@@ -624,9 +624,11 @@ template <typename T, int D>
 void launch_prefill(const AttnFwdParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.max_seqlen + kBM - 1) / kBM), static_cast<unsigned>(p.n_heads),
                   static_cast<unsigned>(p.n_seq));
-  if (use_wgmma())  // two K and two V tiles of 64 keys in dynamic shared memory
-    launch_dynamic(masked_attention_fwd_kernel<T, D, true>, grid, kThreads, 4 * kBN * D * sizeof(uint16_t), stream, p);
-  else
+  if (use_wgmma()) {  // two K and two V tiles of 64 keys in dynamic shared memory
+    constexpr size_t smem = 4 * kBN * D * sizeof(uint16_t);
+    allow_dynamic_shared<masked_attention_fwd_kernel<T, D, true>>(smem);
+    launch_dynamic(masked_attention_fwd_kernel<T, D, true>, grid, kThreads, smem, stream, p);
+  } else
     launch(masked_attention_fwd_kernel<T, D, false>, grid, kThreads, stream, p);
 }
 

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 #endif
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -34,9 +35,30 @@ inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 #endif
 }
 
+// Lets `Kernel` use `bytes` of dynamic shared memory on the current device (above 48 KB a kernel
+// must opt in). Once per device and kernel, so that after the first launch (a warm-up before any
+// CUDA-graph capture) launches make no runtime calls besides the launch itself.
+template <auto Kernel>
+inline void allow_dynamic_shared(size_t bytes) {
+#ifdef WORLDVLA_SIMT
+  (void)bytes;
+#else
+  static std::atomic<uint64_t> done{0};  // bit d: device d
+  int dev = 0;
+  if (bytes <= 48 * 1024 || cudaGetDevice(&dev) != cudaSuccess) return;
+  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
+  if (bit && (done.load(std::memory_order_relaxed) & bit)) return;
+  const cudaError_t err =
+      cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("worldvla CUDA kernel needs ") + std::to_string(bytes) +
+                             " bytes of shared memory: " + cudaGetErrorString(err));
+  done.fetch_or(bit);
+#endif
+}
+
 // kernel<<<grid, block, dynamic_bytes, stream>>>(args...), for kernels that declare their shared
-// memory with WORLDVLA_DYNAMIC_SHARED; above 48 KB the kernel's limit is raised first (once per
-// device and kernel: the attribute is per function, and cheap to set again).
+// memory with WORLDVLA_DYNAMIC_SHARED (above 48 KB, after allow_dynamic_shared).
 template <typename... Params, typename... Args>
 inline void launch_dynamic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dynamic_bytes,
                            cudaStream_t stream, Args&&... args) {
@@ -44,13 +66,6 @@ inline void launch_dynamic(void (*kernel)(Params...), dim3 grid, dim3 block, siz
   (void)stream;
   simt::run_grid(grid, block, [&] { kernel(args...); }, dynamic_bytes);
 #else
-  if (dynamic_bytes > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(dynamic_bytes));
-    if (err != cudaSuccess)
-      throw std::runtime_error(std::string("worldvla CUDA kernel needs ") + std::to_string(dynamic_bytes) +
-                               " bytes of shared memory: " + cudaGetErrorString(err));
-  }
   kernel<<<grid, block, dynamic_bytes, stream>>>(std::forward<Args>(args)...);
 #endif
 }
