@@ -160,14 +160,14 @@ def check_linear_ce(backend, dev, g):
     return all(ok for ok, _ in results), "; ".join(f"{n} {m}" for n, (_, m) in zip(("loss", "dh", "dw"), results))
 
 
-def with_wgmma(check):
-    """`check` with the native CUDA prefill on its wgmma engine (sm_90 GPUs with an sm_90a build)."""
+def with_engine(check, engine):
+    """`check` with the native CUDA prefill on one of its wgmma engines (sm_90 GPUs, sm_90a builds)."""
     def run(backend, dev, g):
         from worldvla.ops import native_backend as nb
 
-        if "wgmma" not in nb.prefill_engines(dev.index if dev.index is not None else torch.cuda.current_device()):
-            return None, "no wgmma engine on this GPU or build"
-        nb._C.set_cuda_prefill_engine("wgmma")
+        if engine not in nb.prefill_engines(dev.index if dev.index is not None else torch.cuda.current_device()):
+            return None, f"no {engine} engine on this GPU or build"
+        nb._C.set_cuda_prefill_engine(engine)
         try:
             return check(backend, dev, g)
         finally:
@@ -178,8 +178,12 @@ def with_wgmma(check):
 CHECKS = {
     "masked_attention packed bf16 D=64 GQA": ("masked_attention", check_prefill_packed),
     "masked_attention padded fp16 D=128": ("masked_attention", check_prefill_padded),
-    "masked_attention packed bf16 D=64 GQA, wgmma": ("masked_attention", with_wgmma(check_prefill_packed)),
-    "masked_attention padded fp16 D=128, wgmma": ("masked_attention", with_wgmma(check_prefill_padded)),
+    "masked_attention packed bf16 D=64 GQA, wgmma": ("masked_attention", with_engine(check_prefill_packed, "wgmma")),
+    "masked_attention padded fp16 D=128, wgmma": ("masked_attention", with_engine(check_prefill_padded, "wgmma")),
+    "masked_attention packed bf16 D=64 GQA, wgmma128": ("masked_attention",
+                                                       with_engine(check_prefill_packed, "wgmma128")),
+    "masked_attention padded fp16 D=128, wgmma128": ("masked_attention",
+                                                    with_engine(check_prefill_padded, "wgmma128")),
     "masked_attention backward bf16": ("masked_attention", check_prefill_backward),
     "decode_attention bf16 D=128 GQA": ("decode_attention", check_decode),
     "decode_attention 3 splits": ("decode_attention", lambda b, d, g: check_decode(b, d, g, n_splits=3)),
@@ -189,9 +193,8 @@ CHECKS = {
     "constrained_sample sampled bf16": ("constrained_sample", lambda b, d, g: check_sample(b, d, g, sampled=True)),
     "linear_cross_entropy bf16": ("linear_cross_entropy", check_linear_ce),
 }
-NATIVE_ONLY = {"decode_attention 3 splits", "masked_attention packed bf16 D=64 GQA, wgmma",
-               "masked_attention padded fp16 D=128, wgmma"}
-CUDA_ONLY = {"masked_attention packed bf16 D=64 GQA, wgmma", "masked_attention padded fp16 D=128, wgmma"}
+CUDA_ONLY = {name for name in CHECKS if ", wgmma" in name}  # the native CUDA prefill's wgmma engines
+NATIVE_ONLY = {"decode_attention 3 splits"} | CUDA_ONLY
 NEEDS_GRAD = {"masked_attention backward bf16", "linear_cross_entropy bf16"}  # the native kernels are forward only
 
 

@@ -226,10 +226,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("range_logits", &range_logits, "float32 logits [N, hi - lo] of the vocabulary range [lo, hi).");
 #ifdef WORLDVLA_WITH_CUDA
   m.def("cuda_prefill_engine", &cuda_prefill_engine,
-        "The CUDA prefill attention's matrix engine: 'auto' (mma.sync on every GPU until the wgmma engine has "
-        "passed the GPU tests on hardware), 'mma' or 'wgmma' (sm_90 GPUs with an sm_90a build).");
+        "The CUDA prefill attention's matrix engine: 'auto' (mma.sync on every GPU until the wgmma engines have "
+        "passed the GPU tests on hardware), 'mma', or on sm_90 GPUs with an sm_90a build 'wgmma' (64 query rows "
+        "per CTA) or 'wgmma128' (128).");
   m.def("set_cuda_prefill_engine", &set_cuda_prefill_engine, py::arg("name"),
-        "Force the CUDA prefill attention's matrix engine ('mma' or 'wgmma'), or 'auto'; e.g. to compare them.");
+        "Force the CUDA prefill attention's matrix engine ('mma', 'wgmma', 'wgmma128'), or 'auto'; e.g. to "
+        "compare them.");
 #endif
   m.def("cpu_vector_width", &cpu_vector_width,
         "Floats per vector of the C++ CPU kernels: 16 on AVX-512 (x86-64-v4) machines, else 8.");

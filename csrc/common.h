@@ -118,7 +118,8 @@ void range_logits_cuda(const void* hidden, int64_t h_s, const void* weight, int6
 int set_device_cuda(int device);
 void restore_device_cuda(int device) noexcept;
 // The prefill attention's matrix engine on the GPU: "auto" (mma.sync everywhere until the wgmma
-// engine has passed the GPU tests on hardware), "mma" or "wgmma" (sm_90 with an sm_90a build).
+// engines have passed the GPU tests on hardware), "mma", "wgmma" or "wgmma128" (sm_90 with an
+// sm_90a build; 64 or 128 query rows per CTA).
 std::string cuda_prefill_engine();
 void set_cuda_prefill_engine(const std::string& name);
 #endif

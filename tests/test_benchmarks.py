@@ -247,11 +247,11 @@ def test_sass_report_of_the_prefill_engines(tmp_path):
         pytest.skip("needs nvcc and cuobjdump")
     doc = json.loads(sass.run(out_dir=tmp_path, files=[sass.ROOT / "csrc" / "cuda" / "attention.cu"]).read_text())
     fwd = {r["kernel"]: r for r in doc["rows"] if "masked_attention_fwd_kernel" in r["kernel"]}
-    assert len(fwd) == 8
+    assert len(fwd) == 12  # {bf16, fp16} x {64, 128} x {mma.sync, wgmma 64 rows, wgmma 128 rows}
     for name, r in fwd.items():
         assert r["spill_store_bytes"] == 0 and r["stack_bytes"] == 0 and "wgmma_serialized" not in r, r
         D = 128 if ", 128," in name else 64
-        if name.endswith("true>"):
+        if not name.endswith(", 0>"):
             assert r["hot_loop_hgmma"] == D // 16 + 4 and r["hot_loop_hmma"] == 0, r
         else:
             assert r["hot_loop_hmma"] == D and r["hot_loop_hgmma"] == 0, r  # (D/16)(64/8) + 4(D/8)

@@ -385,9 +385,9 @@ def test_public_wrappers_trace_the_custom_ops_cpu(rng):
 gpu = pytest.mark.gpu
 
 
-@pytest.fixture(params=["mma", "wgmma"])
+@pytest.fixture(params=["mma", "wgmma", "wgmma128"])
 def cuda_engine(request):
-    """The CUDA prefill's two matrix engines; wgmma only where the GPU and the build have sm_90a."""
+    """The CUDA prefill's matrix engines; the wgmma ones only where the GPU and the build have sm_90a."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if request.param not in nb.prefill_engines(torch.cuda.current_device()):

@@ -54,9 +54,10 @@ def emulated(simt_module, monkeypatch, poison_empty):
     return simt_module
 
 
-@pytest.fixture(params=["mma", "wgmma"])
+@pytest.fixture(params=["mma", "wgmma", "wgmma128"])
 def engine(request, emulated):
-    """The prefill's two matrix engines: mma.sync (every GPU) and wgmma (sm_90a; the emulator runs both)."""
+    """The prefill's matrix engines: mma.sync (every GPU) and wgmma with 64 or 128 rows per CTA (sm_90a;
+    the emulator runs all three)."""
     emulated.set_cuda_prefill_engine(request.param)
     yield request.param
     emulated.set_cuda_prefill_engine("auto")
@@ -110,6 +111,20 @@ def test_prefill_chunk_rule_that_hides_nothing_is_causal(emulated, engine, rng):
     assert torch.equal(a, b)
 
 
+def test_prefill_block_limits_differ_between_warpgroups(emulated, engine, rng):
+    """Query rows 128-191 (the first warpgroup of a 128-row CTA) see everything, rows 192-255 (the
+    second) are an action block hidden from the block at keys 0-63: the CTA's limits must span both
+    warpgroups' rows, or key tile 0 (below the diagonal) would skip the per-pair test, or be skipped."""
+    L = 300
+    kv = torch.full((L,), NO_BLOCK, dtype=torch.int32)
+    ql = torch.full((L,), -1, dtype=torch.int32)
+    kv[0:64], ql[0:64] = 0, 0
+    kv[192:256], ql[192:256] = 1, 1
+    meta = ChunkMaskMeta(kv.view(1, L), ql.view(1, L), torch.arange(L).view(1, L), None, L)
+    q, k, v = qkv(rng, (1, L), 2, 1, 64, torch.bfloat16)
+    check_prefill(q, k, v, meta, f"simt {engine} block limits per warpgroup")
+
+
 def test_prefill_engines_agree_bitwise(emulated, rng):
     """Both engines round after every 16-wide k step (one fp32 rounding per mma.sync, per wgmma
     k-step in the emulator), so on the emulated device they give the same bits; on a GPU the
@@ -117,17 +132,17 @@ def test_prefill_engines_agree_bitwise(emulated, rng):
     meta = chunk_mask_meta(action_ids(rng, 171, chunk=5).view(1, -1), LAYOUT)
     q, k, v = qkv(rng, (1, 171), 4, 2, 128, torch.bfloat16)
     out = {}
-    for engine in ("mma", "wgmma"):
+    for engine in ("mma", "wgmma", "wgmma128"):
         emulated.set_cuda_prefill_engine(engine)
         out[engine] = nb.masked_attention(q, k, v, meta)
     emulated.set_cuda_prefill_engine("auto")
     assert torch.isfinite(out["mma"]).all()
-    assert torch.equal(out["mma"], out["wgmma"])
+    assert torch.equal(out["mma"], out["wgmma"]) and torch.equal(out["mma"], out["wgmma128"])
 
 
 def test_prefill_engine_setting(emulated):
     assert emulated.cuda_prefill_engine() == "auto"
-    with pytest.raises(ValueError, match="expected 'auto', 'mma' or 'wgmma'"):
+    with pytest.raises(ValueError, match="expected 'auto', 'mma', 'wgmma' or 'wgmma128'"):
         emulated.set_cuda_prefill_engine("tensor-cores")
     assert emulated.cuda_prefill_engine() == "auto"
 

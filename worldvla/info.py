@@ -73,7 +73,7 @@ def run(args) -> int:
     for gpu in info["gpus"]:
         note = f": native kernels {gpu['native_kernels']}" if "native_kernels" in gpu else ""
         if gpu.get("prefill_engines"):
-            note += f", prefill engines {' and '.join(gpu['prefill_engines'])} (auto: mma)"
+            note += f", prefill engines {', '.join(gpu['prefill_engines'])} (auto: mma)"
         print(f"GPU {gpu['index']}: {gpu['name']} (sm {gpu['capability']}){note}")
     if not info["gpus"]:
         print("GPU: none visible to torch")

@@ -38,11 +38,11 @@ constexpr int kThreads = 128;  // 4 warps
 // One tile of ROWS rows of K or V (rows `first`.. of `src`, `row_stride` elements apart) into
 // shared memory rows of `LD` elements by cp.async, as one commit group; rows at or past
 // `end` are zero-filled and not read.
-template <int ROWS, int D, int LD, typename T>
+template <int ROWS, int D, int LD, int THREADS = kThreads, typename T>
 __device__ __forceinline__ void load_tile_async(uint16_t* dst, const T* src, int64_t row_stride, int first,
                                                 int end) {
   constexpr int CPR = D / 8;  // 16-byte chunks per row
-  for (int c = threadIdx.x; c < ROWS * CPR; c += kThreads) {
+  for (int c = threadIdx.x; c < ROWS * CPR; c += THREADS) {
     const int row = c / CPR, col = (c % CPR) * 8, j = first + row;
     cp_async_16(&dst[row * LD + col], src + static_cast<int64_t>(j < end ? j : 0) * row_stride + col, j < end);
   }
@@ -52,11 +52,11 @@ __device__ __forceinline__ void load_tile_async(uint16_t* dst, const T* src, int
 // The same tile in the wgmma layout: 8x8 core matrices (8 rows of 16 bytes, 128 contiguous
 // bytes), those of rows 8i..8i+7 side by side: element (r, c) at ((r/8)*(D/8) + c/8)*64 + (r%8)*8 + c%8.
 // Copy i (16 bytes) is exactly element 8i's chunk, so eight consecutive threads fill one core matrix.
-template <int ROWS, int D, typename T>
+template <int ROWS, int D, int THREADS, typename T>
 __device__ __forceinline__ void load_tile_core_async(uint16_t* dst, const T* src, int64_t row_stride, int first,
                                                      int end) {
   constexpr int CPR = D / 8;
-  for (int c = threadIdx.x; c < ROWS * CPR; c += kThreads) {
+  for (int c = threadIdx.x; c < ROWS * CPR; c += THREADS) {
     const int r8 = c & 7, chunk = (c >> 3) % CPR, row = (c >> 3) / CPR * 8 + r8, j = first + row;
     cp_async_16(&dst[c * 8], src + static_cast<int64_t>(j < end ? j : 0) * row_stride + chunk * 8, j < end);
   }
@@ -129,8 +129,16 @@ __device__ __forceinline__ void pack_p(uint32_t (&pa)[NT / 2][4], const float (&
   }
 }
 
-template <typename T, int D, bool kWg>
-__global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const AttnFwdParams p) {
+// Prefill threads per CTA: 16 query rows a warp; the mma.sync engine and the one-warpgroup wgmma
+// engine take 64 rows, the two-warpgroup wgmma engine 128 (both warpgroups share each K/V tile).
+__host__ __device__ constexpr int prefill_rows(int warpgroups) { return warpgroups > 1 ? 64 * warpgroups : kBM; }
+
+// kWG: 0 for the mma.sync engine, else the wgmma engine with kWG warpgroups (1 or 2).
+template <typename T, int D, int kWG>
+__global__ void __launch_bounds__(2 * prefill_rows(kWG)) masked_attention_fwd_kernel(const AttnFwdParams p) {
+  constexpr bool kWg = kWG > 0;
+  constexpr int kRows = prefill_rows(kWG);  // query rows per CTA
+  constexpr int kThr = 2 * kRows;           // threads per CTA
 #ifndef WORLDVLA_HAS_WGMMA
   if constexpr (kWg) {  // built for an architecture without wgmma: never launched there
     __trap();
@@ -150,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
   __shared__ int32_t kvb_s[2][kBN];  // kv_block of the current and of the next visible tile
   __shared__ int32_t ql_min_s, ql_max_s;
 
-  const int seq = blockIdx.z, head = blockIdx.y, m0 = blockIdx.x * kBM;
+  const int seq = blockIdx.z, head = blockIdx.y, m0 = blockIdx.x * kRows;
   const int64_t start = p.cu_seqlens ? p.cu_seqlens[seq] : 0;
   const int len = static_cast<int>(p.cu_seqlens ? p.cu_seqlens[seq + 1] - start : p.seq_len);
   if (m0 >= len) return;  // uniform over the CTA
@@ -168,7 +176,7 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
     ql_max_s = INT_MIN;
   }
   __syncthreads();
-  if (tid < kBM && m0 + tid < len) {
+  if (tid < kRows && m0 + tid < len) {
     const int32_t x = ql_g[m0 + tid];
     atomicMin(&ql_min_s, x);
     atomicMax(&ql_max_s, x);
@@ -196,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_run[2] = {0.f, 0.f};  // this thread's share of the row sums
   const float sl2 = p.scale * kLog2e;
-  const int n_end = min(len, m0 + kBM);  // causal: no key after the CTA's last row
+  const int n_end = min(len, m0 + kRows);  // causal: no key after the CTA's last row
 
   // The first key tile at or after `from` that some row of the CTA may see (n_end if none): its
   // kv_block values go to kvb_s[buf]; `need_mask` tells whether the per-pair test is needed.
@@ -214,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
   };
   // K or V rows past the sequence are zero-filled.
   auto load_tile = [&](uint16_t* dst, const T* src, int64_t row_stride, int n0) {
-    if constexpr (kWg) load_tile_core_async<kBN, D>(dst, src, row_stride, n0, len);
+    if constexpr (kWg) load_tile_core_async<kBN, D, kThr>(dst, src, row_stride, n0, len);
     else load_tile_async<kBN, D, LD>(dst, src, row_stride, n0, len);
   };
 
@@ -260,7 +268,7 @@ __global__ void __launch_bounds__(kThreads) masked_attention_fwd_kernel(const At
     uint32_t pa[kBN / 16][4];  // P of the previous tile, until its P V has been waited for
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
-    for (int c = tid; c < kTile / 8; c += kThreads)
+    for (int c = tid; c < kTile / 8; c += kThr)
       *reinterpret_cast<uint4*>(v_buf + kTile + c * 8) = make_uint4(0u, 0u, 0u, 0u);
     fence_proxy_async();  // ordinary stores read by the tensor cores
     bool need_mask = false;
@@ -590,7 +598,7 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
 // sm_90 device and sm_90a code in the build (set_cuda_prefill_engine).
 // Non-zero values: the SIMT test build turns a .cu file's zero-initialized globals (.bss) into
 // emulated shared memory.
-enum PrefillEngine : int { kEngineAuto = 1, kEngineMma = 2, kEngineWgmma = 3 };
+enum PrefillEngine : int { kEngineAuto = 1, kEngineMma = 2, kEngineWgmma = 3, kEngineWgmma128 = 4 };
 std::atomic<int> g_prefill_engine{kEngineAuto};
 
 // Whether the current device runs the wgmma kernels: compute capability 9.0 and sm_90a in the build.
@@ -611,25 +619,38 @@ bool device_has_wgmma() {
 #endif
 }
 
-bool use_wgmma() {
-  if (g_prefill_engine.load(std::memory_order_relaxed) != kEngineWgmma) return false;
+// Warpgroups per CTA of the selected wgmma engine (1: 64 query rows, 2: 128), 0 for mma.sync.
+int wgmma_warpgroups() {
+  const int engine = g_prefill_engine.load(std::memory_order_relaxed);
+  if (engine != kEngineWgmma && engine != kEngineWgmma128) return 0;
   if (!device_has_wgmma())
     throw std::invalid_argument(
-        "masked_attention (CUDA): the wgmma prefill engine needs an sm_90 GPU (H100/H200) and a build with "
+        "masked_attention (CUDA): the wgmma prefill engines need an sm_90 GPU (H100/H200) and a build with "
         "sm_90a; set_cuda_prefill_engine('auto') runs mma.sync, which every supported GPU has");
-  return true;
+  return engine == kEngineWgmma128 ? 2 : 1;
+}
+
+template <typename T, int D, int kWG>
+void launch_prefill_engine(const AttnFwdParams& p, cudaStream_t stream) {
+  constexpr int rows = prefill_rows(kWG);
+  const dim3 grid(static_cast<unsigned>((p.max_seqlen + rows - 1) / rows), static_cast<unsigned>(p.n_heads),
+                  static_cast<unsigned>(p.n_seq));
+  if constexpr (kWG > 0) {  // two K and two V tiles of 64 keys in dynamic shared memory
+    constexpr size_t smem = 4 * kBN * D * sizeof(uint16_t);
+    allow_dynamic_shared<masked_attention_fwd_kernel<T, D, kWG>>(smem);
+    launch_dynamic(masked_attention_fwd_kernel<T, D, kWG>, grid, 2 * rows, smem, stream, p);
+  } else {
+    launch(masked_attention_fwd_kernel<T, D, 0>, grid, 2 * rows, stream, p);
+  }
 }
 
 template <typename T, int D>
 void launch_prefill(const AttnFwdParams& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((p.max_seqlen + kBM - 1) / kBM), static_cast<unsigned>(p.n_heads),
-                  static_cast<unsigned>(p.n_seq));
-  if (use_wgmma()) {  // two K and two V tiles of 64 keys in dynamic shared memory
-    constexpr size_t smem = 4 * kBN * D * sizeof(uint16_t);
-    allow_dynamic_shared<masked_attention_fwd_kernel<T, D, true>>(smem);
-    launch_dynamic(masked_attention_fwd_kernel<T, D, true>, grid, kThreads, smem, stream, p);
-  } else
-    launch(masked_attention_fwd_kernel<T, D, false>, grid, kThreads, stream, p);
+  switch (wgmma_warpgroups()) {
+    case 1: launch_prefill_engine<T, D, 1>(p, stream); break;
+    case 2: launch_prefill_engine<T, D, 2>(p, stream); break;
+    default: launch_prefill_engine<T, D, 0>(p, stream);
+  }
 }
 
 template <typename T, int D>
@@ -675,6 +696,7 @@ std::string cuda_prefill_engine() {
   switch (g_prefill_engine.load()) {
     case kEngineMma: return "mma";
     case kEngineWgmma: return "wgmma";
+    case kEngineWgmma128: return "wgmma128";
     default: return "auto";
   }
 }
@@ -683,7 +705,9 @@ void set_cuda_prefill_engine(const std::string& name) {
   if (name == "auto") g_prefill_engine = kEngineAuto;
   else if (name == "mma") g_prefill_engine = kEngineMma;
   else if (name == "wgmma") g_prefill_engine = kEngineWgmma;
-  else throw std::invalid_argument("set_cuda_prefill_engine: expected 'auto', 'mma' or 'wgmma', got '" + name + "'");
+  else if (name == "wgmma128") g_prefill_engine = kEngineWgmma128;
+  else throw std::invalid_argument("set_cuda_prefill_engine: expected 'auto', 'mma', 'wgmma' or 'wgmma128', got '" +
+                                   name + "'");
 }
 
 void decode_attention_cuda(const DecodeParams& p, void* stream) {

@@ -84,14 +84,15 @@ def arch_problem(dev: int) -> str | None:
 
 def prefill_engines(dev: int) -> list[str]:
     """The CUDA prefill attention's matrix engines GPU `dev` runs with this build: "mma" (mma.sync,
-    sm_80 and newer; what "auto" runs until the wgmma engine has passed the GPU tests on hardware) and,
-    on sm_90 GPUs with an sm_90a build, "wgmma".
+    sm_80 and newer; what "auto" runs until the wgmma engines have passed the GPU tests on hardware)
+    and, on sm_90 GPUs with an sm_90a build, "wgmma" (64 query rows per CTA, one warpgroup) and
+    "wgmma128" (128 rows, two warpgroups sharing each K/V tile).
     Force one with worldvla._C.set_cuda_prefill_engine(name), e.g. to compare the two."""
     if not _C.with_cuda:
         return []
     wgmma = torch.cuda.get_device_capability(dev) == (9, 0) and any(
         a.strip().startswith("90a") for a in _C.cuda_archs.split(","))
-    return ["mma", "wgmma"] if wgmma else ["mma"]
+    return ["mma", "wgmma", "wgmma128"] if wgmma else ["mma"]
 
 
 def _device_index(op: str, t: Tensor) -> int:
