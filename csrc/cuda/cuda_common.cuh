@@ -3,7 +3,8 @@
 //
 // With WORLDVLA_SIMT defined the kernels compile with a host compiler against the
 // CUDA execution-model emulator of tests/simt (the CPU tests of the CUDA kernels);
-// only the inline-assembly helpers (mma, ldmatrix, cp.async, ex2) and `launch` differ.
+// only the inline-assembly helpers (mma, ldmatrix, cp.async, ex2; wgmma in wgmma.cuh), the launch
+// helpers and the dynamic shared-memory declaration differ.
 #pragma once
 
 #include <cuda_bf16.h>

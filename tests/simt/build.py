@@ -2,7 +2,8 @@
 emulator (simt.h), as a separate module, for the CPU tests of the CUDA kernels.
 
 The module is the real binding file and the real kernel sources: only the inline-assembly
-helpers and the launch helper of csrc/cuda/cuda_common.cuh switch to the emulator. Builds are
+helpers, the launch helpers and the dynamic shared-memory declaration of csrc/cuda/cuda_common.cuh
+and csrc/cuda/wgmma.cuh switch to the emulator. Builds are
 cached under build/simt/<hash of the sources and flags>/ and reused while nothing changed.
 
     python tests/simt/build.py        # build (or find) the module and print its path
