@@ -9,7 +9,8 @@ step (K=5 rows) or the chunk's last token (one row, sequential decoding).
 FLOPs count only visible (query, key) pairs: 4*H*Dh per pair forward, 2.5x that backward. Decode
 rows also give the cache's bytes over the time (K and V read once). Inputs rotate (common.Rotation),
 so small cases, decode above all, are not timed out of L2. On sm_90 GPUs the native prefill is also
-timed with each of its matrix engines forced (worldvla-native-mma, worldvla-native-wgmma).
+timed with each of its matrix engines forced (worldvla-native-mma, -wgmma, -wgmma128; the mma row
+repeats what "auto" runs, under the same per-call engine switch as the other two).
 """
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def _timing(quick: bool, on_gpu: bool, many: int) -> dict:
 
 
 def _prefill_engines(device) -> list[str]:
-    """The CUDA prefill engines to time side by side ("mma", "wgmma" on sm_90), else []."""
+    """The CUDA prefill engines to time side by side ("mma", "wgmma", "wgmma128" on sm_90), else []."""
     if device.type != "cuda" or "native" not in timed_backends("masked_attention"):
         return []
     from worldvla.ops import native_backend
@@ -159,7 +160,7 @@ def run_prefill(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
         impls = {impl: (lambda q, k, v, b=b: ops.masked_attention(q, k, v, meta, backend=b))
                  for impl, b in backends.items()}
         engines = _prefill_engines(device)
-        if len(engines) > 1:  # sm_90: the native prefill's two matrix engines, forced per call
+        if len(engines) > 1:  # sm_90: each of the native prefill's matrix engines, forced per call
             for engine in engines:
                 backends[f"worldvla-native-{engine}"] = "native"
                 impls[f"worldvla-native-{engine}"] = (

@@ -298,16 +298,24 @@ void run_wgmma(const WgMma& op) {
 
 enum WgOp : int { kWgMma = 1, kWgCommit = 2, kWgWait = 3 };
 
+// Whether the `size` threads at `th` all wait at `at` or have exited, at least one waiting
+// (others still running or at a block barrier: false); `done` counts the exited ones.
+bool all_arrived(const Thread* th, int size, State at, int& done) {
+  int waiting = 0;
+  done = 0;
+  for (int i = 0; i < size; ++i) {
+    waiting += th[i].state == at;
+    done += th[i].state == kDone;
+  }
+  return waiting > 0 && waiting + done == size;
+}
+
 // Completes warpgroup `wg`'s pending operation if all its threads have reached it.
 bool try_complete_group(Block& blk, int wg) {
   const int first = wg * kGroup, size = std::min(kGroup, blk.n - first);
   Thread* th = &blk.t[first];
-  int waiting = 0, done = 0;
-  for (int i = 0; i < size; ++i) {
-    waiting += th[i].state == kAtGroup;
-    done += th[i].state == kDone;
-  }
-  if (waiting == 0 || waiting + done < size) return false;
+  int done = 0;
+  if (!all_arrived(th, size, kAtGroup, done)) return false;
   std::ostringstream where;
   where << "warpgroup " << wg << ": ";
   if (done) fail(where.str() + std::to_string(done) + " threads exited while the others wait at a wgmma operation");
@@ -354,12 +362,8 @@ bool try_complete_group(Block& blk, int wg) {
 bool try_complete_warp(Block& blk, int w) {
   const int first = w * kWarp, size = std::min(kWarp, blk.n - first);
   Thread* lanes = &blk.t[first];
-  int waiting = 0, done = 0;
-  for (int i = 0; i < size; ++i) {
-    waiting += lanes[i].state == kAtWarp;
-    done += lanes[i].state == kDone;
-  }
-  if (waiting == 0 || waiting + done < size) return false;  // others still running or at a block barrier
+  int done = 0;
+  if (!all_arrived(lanes, size, kAtWarp, done)) return false;
   std::ostringstream where;
   where << "warp " << w << ": ";
   if (done) fail(where.str() + std::to_string(done) + " lanes exited while the others wait at a full-mask warp operation");

@@ -25,8 +25,9 @@ BACKENDS = ("torch", "triton", "native")
 #   attention (1.06-2.0x), VQ search (1.0-1.8x) and gather (1.1-1.4x); decode attention about even
 #   (0.88-1.34x over three runs, ahead more often than behind); torch's MKL faster for constrained
 #   sampling (0.74-0.92x).
-# - AVX512 on AMD (2-core EPYC with AVX-512): C++ faster for every op in two runs: prefill
-#   1.3-3.0x, decode 1.2-1.4x, constrained sampling 1.1-2.1x, VQ search 1.3-2.2x, gather 0.98-1.2x.
+# - AVX512 on AMD (2-core EPYC with AVX-512): C++ faster for every op over three runs: prefill
+#   1.2-3.0x, decode 1.2-1.5x, constrained sampling 1.1-2.1x, VQ search 1.3-2.2x, gather 0.98-1.65x
+#   (even only for the smallest gather).
 # Anything else (other architectures, no AVX2) was not measured: torch.
 _ALL_CPU_OPS = ("masked_attention", "decode_attention", "constrained_sample", "vq_quantize", "vq_gather")
 CPU_NATIVE_FIRST = {
@@ -43,7 +44,8 @@ def cpu_capability() -> str:
 
 
 def cpu_vendor() -> str | None:
-    """"intel", "amd", or None where the CPU's vendor cannot be read (/proc/cpuinfo, x86 Linux)."""
+    """The CPU's vendor: "intel", "amd", another vendor_id in lower case, or None where /proc/cpuinfo
+    does not say (it is read on x86 Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
