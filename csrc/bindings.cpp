@@ -201,6 +201,14 @@ void range_logits(int device, int64_t stream, int dtype, int64_t hidden, int64_t
 #endif
 }
 
+void linear(int device, int64_t x, int64_t x_s, int64_t w, int64_t w_s, int64_t M, int64_t K, int64_t N, int64_t y,
+            int64_t y_s) {
+  // CPU only: on GPUs cuBLAS is the fast path for these shapes.
+  if (device >= 0) throw std::invalid_argument("linear: the native path runs on the CPU only");
+  py::gil_scoped_release nogil;
+  linear_cpu(ptr<const float>(x), x_s, ptr<const float>(w), w_s, M, K, N, ptr<float>(y), y_s);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -222,6 +230,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("vq_quantize", &vq_quantize,
         "Nearest codebook entry per row of z (int64 out); CUDA splits the codebook in code_split codes per CTA.");
   m.def("vq_gather", &vq_gather, "Codebook rows for indices [B, h*w] into out [B, C, h*w].");
+  m.def("linear", &linear,
+        "y [M, N] = x [M, K] w [N, K]^T in float32 on the CPU (pointers and row strides), tuned for few rows.");
   m.def("range_argmax", &range_argmax, "Greedy token over the vocabulary range [lo, hi) (int64 out).");
   m.def("range_logits", &range_logits, "float32 logits [N, hi - lo] of the vocabulary range [lo, hi).");
 #ifdef WORLDVLA_WITH_CUDA

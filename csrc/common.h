@@ -89,6 +89,9 @@ void vq_quantize_cpu(const float* z, int64_t z_s, const float* codebook, int64_t
 // indices [B, h*w] (int32 or int64) -> out [B, C, h*w]; elements copied bitwise
 void vq_gather_cpu(const void* indices, int index_dtype, const void* codebook, int64_t cb_s,
                    int elem_size, int64_t B, int64_t HW, int64_t K, int64_t C, void* out);
+// y[m, n] = x[m] . w[n] for m < M, n < N (row strides x_s, w_s, y_s); rows of x, w and y contiguous
+void linear_cpu(const float* x, int64_t x_s, const float* w, int64_t w_s, int64_t M, int64_t K, int64_t N,
+                float* y, int64_t y_s);
 // logits[n, v - lo] = hidden[n] . weight[v] for v in [lo, hi); float32
 void range_logits_cpu(const float* hidden, int64_t h_s, const float* weight, int64_t w_s,
                       int64_t N, int64_t H, int64_t lo, int64_t hi, float* logits);

@@ -9,6 +9,7 @@ from worldvla.inference import InferenceEngine, baseline_generate_action_chunk, 
 from worldvla.inference.baseline import GrowingKVCache, chunk_structure_processor, parse_action_blocks
 from worldvla.mask import DecodeMeta, causal_meta
 from worldvla.model import ModelConfig, WorldVLA
+from worldvla.ops import dispatch
 from worldvla.tokens import ByteTextTokenizer
 
 LAYOUT = VocabLayout.compact(n_image_codes=64)
@@ -133,7 +134,18 @@ def test_engine_rejects_bad_input(rng):
 COMBOS = list(itertools.product([1, 3, 5], [1, 4, 7]))
 
 
-def test_parallel_equals_sequential_many_prompts(rng):
+@pytest.fixture(params=["torch", "native"], ids=["linear-torch", "linear-native"])
+def step_linear(request, monkeypatch):
+    """The decode steps' projections through torch's GEMM and through the native few-row kernel,
+    whichever of the two `auto` takes on this machine."""
+    if request.param == "native":
+        pytest.importorskip("worldvla._C")
+    order = ("native", "torch") if request.param == "native" else ("torch",)
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), order)
+    return request.param
+
+
+def test_parallel_equals_sequential_many_prompts(rng, step_linear):
     """27 random prompts (1 or 2 history images), every (K, D) in {1,3,5} x {1,4,7}:
     parallel decoding (D passes of K rows) gives exactly the sequential tokens, one prompt at a
     time and as a ragged batch; the chunks are well formed and the bins lie in the bin range."""

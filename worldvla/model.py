@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -151,9 +152,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, ctx: "ForwardContext", layer: int):
         B, L, _ = x.shape
         cfg = self.cfg
-        q = self.q_norm(self.q_proj(x).view(B, L, cfg.num_attention_heads, cfg.head_dim))
-        k = self.k_norm(self.k_proj(x).view(B, L, cfg.num_key_value_heads, cfg.head_dim))
-        v = self.v_proj(x).view(B, L, cfg.num_key_value_heads, cfg.head_dim)
+        proj = ctx.project
+        q = self.q_norm(proj(self.q_proj, x).view(B, L, cfg.num_attention_heads, cfg.head_dim))
+        k = self.k_norm(proj(self.k_proj, x).view(B, L, cfg.num_key_value_heads, cfg.head_dim))
+        v = proj(self.v_proj, x).view(B, L, cfg.num_key_value_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is None:
             if ctx.meta.packed:  # [1, T, ...] -> [T, ...]
@@ -163,7 +165,7 @@ class Attention(nn.Module):
         else:
             ctx.cache.write(layer, ctx.position_ids, k, v)
             o = ops.decode_attention(q, ctx.cache.k[layer], ctx.cache.v[layer], ctx.decode_meta, backend=ctx.backend)
-        return self.o_proj(o.reshape(B, L, -1))
+        return proj(self.o_proj, o.reshape(B, L, -1))
 
 
 class MLP(nn.Module):
@@ -173,8 +175,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, ctx: "ForwardContext"):
+        proj = ctx.project
+        return proj(self.down_proj, F.silu(proj(self.gate_proj, x)) * proj(self.up_proj, x))
 
 
 class DecoderLayer(nn.Module):
@@ -190,9 +193,9 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, ctx, layer):
         if self.swin_norm:  # post-norm (Chameleon-30B)
             x = x + self.dropout(self.input_layernorm(self.self_attn(x, cos, sin, ctx, layer)))
-            return x + self.dropout(self.post_attention_layernorm(self.mlp(x)))
+            return x + self.dropout(self.post_attention_layernorm(self.mlp(x, ctx)))
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, ctx, layer))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x), ctx))
 
 
 @dataclass
@@ -202,6 +205,10 @@ class ForwardContext:
     position_ids: torch.Tensor | None = None
     decode_meta: DecodeMeta | None = None
     backend: str = "auto"
+    linear: Callable | None = None  # a kernel for the projections (ops.resolve_linear); None: the modules
+
+    def project(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return layer(x) if self.linear is None else self.linear(x, layer.weight)
 
 
 class Backbone(nn.Module):
@@ -304,6 +311,8 @@ class WorldVLA(nn.Module):
             ids, pos = input_ids, position_ids
             ctx = ForwardContext(cache=cache, position_ids=position_ids, decode_meta=decode_meta, backend=backend)
         x = self.model.embed_tokens(ids)
+        fn = ops.resolve_linear(x, self.model.layers[0].mlp.up_proj.weight, backend) if self.model.layers else None
+        ctx.linear = None if fn is ops.linear_ref else fn  # the decode steps' few rows: the native kernel
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and cache is None:

@@ -5,6 +5,7 @@
 from . import dispatch
 from .attention import decode_attention, decode_attention_ref, masked_attention, masked_attention_ref
 from .cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from .linear import linear, linear_ref, resolve_linear
 from .sampling import constrained_sample, constrained_sample_ref
 from .vq import vq_gather, vq_gather_ref, vq_quantize, vq_quantize_ref
 
@@ -13,5 +14,6 @@ from .vq import vq_gather, vq_gather_ref, vq_quantize, vq_quantize_ref
 dispatch._load_backends()
 
 __all__ = ["masked_attention", "masked_attention_ref", "decode_attention", "decode_attention_ref",
-           "vq_quantize", "vq_quantize_ref", "vq_gather", "vq_gather_ref", "linear_cross_entropy",
-           "linear_cross_entropy_ref", "constrained_sample", "constrained_sample_ref", "dispatch"]
+           "linear", "linear_ref", "resolve_linear", "vq_quantize", "vq_quantize_ref", "vq_gather", "vq_gather_ref",
+           "linear_cross_entropy", "linear_cross_entropy_ref", "constrained_sample", "constrained_sample_ref",
+           "dispatch"]

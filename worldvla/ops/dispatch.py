@@ -28,12 +28,14 @@ BACKENDS = ("torch", "triton", "native")
 # - AVX512 on AMD (2-core EPYC with AVX-512): C++ faster for every op over three runs: prefill
 #   1.2-3.0x, decode 1.2-1.5x, constrained sampling 1.1-2.1x, VQ search 1.3-2.2x, gather 0.98-1.65x
 #   (even only for the smallest gather).
+#   The few-row linear (decode steps' projections, up to ops.linear.NATIVE_MAX_ROWS rows) was
+#   measured on this machine only: 2-8x torch's MKL sgemm, which streams the weights at 4-6 GB/s here.
 # Anything else (other architectures, no AVX2) was not measured: torch.
 _ALL_CPU_OPS = ("masked_attention", "decode_attention", "constrained_sample", "vq_quantize", "vq_gather")
 CPU_NATIVE_FIRST = {
     "AVX2": _ALL_CPU_OPS,
     "AVX512": ("masked_attention", "decode_attention", "vq_quantize", "vq_gather"),
-    ("AVX512", "amd"): _ALL_CPU_OPS,
+    ("AVX512", "amd"): _ALL_CPU_OPS + ("linear",),
 }
 
 

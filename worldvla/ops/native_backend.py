@@ -579,6 +579,46 @@ def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, gene
     return sample_logits(logits, temperature, top_k, generator) + lo
 
 
+# ------------------------------------------------------------------ linear (CPU, few rows)
+def _check_linear(x, weight):
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        _fail("linear", f"wants x [..., K] and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        _fail("linear", f"the native path runs on the CPU; got {x.device} and {weight.device} "
+                        f"(on GPUs torch's cuBLAS is the fast path)")
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        _fail("linear", f"the CPU path takes float32, got {x.dtype} and {weight.dtype}", TypeError)
+    if weight.stride(1) != 1:
+        _fail("linear", f"weight rows must be contiguous (stride 1 along K), got strides {weight.stride()}")
+
+
+def _linear_impl(x: Tensor, weight: Tensor) -> Tensor:
+    """x [..., K] @ weight[N, K]^T in float32 (x's rows may be strided; each row contiguous)."""
+    _check_linear(x, weight)
+    N, K = weight.shape
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty((x2.shape[0], N), dtype=torch.float32)
+    if x2.shape[0] and N:
+        _C.linear(-1, x2.data_ptr(), x2.stride(0), weight.data_ptr(), weight.stride(0), x2.shape[0], K, N,
+                  y.data_ptr(), N)
+    return y.view(*x.shape[:-1], N)
+
+
+linear_op = torch.library.custom_op("worldvla::linear", _linear_impl, mutates_args=())
+
+
+@linear_op.register_fake
+def _(x, weight):
+    _check_linear(x, weight)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    return (_linear_impl if _direct(x, weight) else linear_op)(x, weight)
+
+
 def vq_quantize(z: Tensor, codebook: Tensor, code_splits: int | None = None) -> Tensor:
     """`worldvla.ops.vq_quantize` on the native kernels. `code_splits` overrides the CUDA split of
     the codebook over CTAs (`vq_code_split`)."""
@@ -633,6 +673,10 @@ def _vq_gather_supports(indices, codebook):
                                 lambda: _passes(_check_vq_gather, indices, codebook))
 
 
+def _linear_supports(x, weight):
+    return dispatch.first_false(lambda: _no_grad(x, weight), lambda: _passes(_check_linear, x, weight))
+
+
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
     return dispatch.first_false(lambda: _device_ok("constrained_sample", hidden), lambda: _no_grad(hidden, weight),
                                 lambda: _passes(_check_range, hidden, weight, lo, hi))
@@ -643,3 +687,4 @@ dispatch.register("decode_attention", "native", decode_attention, _decode_suppor
 dispatch.register("vq_quantize", "native", vq_quantize, _vq_quantize_supports)
 dispatch.register("vq_gather", "native", vq_gather, _vq_gather_supports)
 dispatch.register("constrained_sample", "native", constrained_sample, _sample_supports)
+dispatch.register("linear", "native", linear, _linear_supports)

@@ -1,0 +1,125 @@
+"""The native few-row linear (CPU): y = x W^T against a float64 reference.
+
+Tolerance rule: the kernel's largest error against float64 may be at most 2x that of torch's
+float32 `F.linear` on the same inputs (plus a few ulps of the largest output).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+_C = pytest.importorskip("worldvla._C")
+
+from worldvla import ops  # noqa: E402
+from worldvla.ops import dispatch  # noqa: E402
+from worldvla.ops import native_backend as nb  # noqa: E402
+from worldvla.ops.linear import NATIVE_MAX_ROWS  # noqa: E402
+
+
+def assert_close_to_f64(out, x, w, name=""):
+    ref = x.double() @ w.double().t()
+    same = F.linear(x, w).double()
+    err, base = (out.double() - ref).abs().max().item(), (same - ref).abs().max().item()
+    assert out.shape == same.shape and out.dtype == torch.float32, name
+    assert err <= 2 * base + 4e-7 * ref.abs().max().item(), f"{name}: error {err:.3g} vs torch {base:.3g}"
+
+
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 10, 13, 17])
+@pytest.mark.parametrize("K,N", [(256, 688), (113, 203), (7, 5), (203, 4), (16, 1)])
+def test_linear_matches_f64(rng, M, K, N):
+    x = torch.randn(M, K, generator=rng)
+    w = torch.randn(N, K, generator=rng) / K ** 0.5
+    assert_close_to_f64(nb.linear(x, w), x, w, f"M={M} K={K} N={N}")
+
+
+@pytest.mark.usefixtures("cpu_width")
+def test_linear_strided_rows_and_leading_dims(rng):
+    """Rows of x and of the weight may be strided (a slice of a wider tensor, lm_head rows);
+    x may carry leading dimensions [B, Q, K] as in a decode step."""
+    wide = torch.randn(3, 5, 130, generator=rng)
+    x = wide[..., 3:120]                            # [3, 5, 117], row stride 130
+    big = torch.randn(70, 125, generator=rng)
+    w = big[10:61, 4:121]                           # [51, 117], row stride 125
+    out = nb.linear(x, w)
+    assert out.shape == (3, 5, 51)
+    assert_close_to_f64(out.reshape(15, 51), x.reshape(15, 117), w)
+    xt = torch.randn(117, 6, generator=rng).t()     # columns contiguous: copied to rows first
+    assert_close_to_f64(nb.linear(xt, w), xt, w, "transposed x")
+
+
+def test_rows_do_not_depend_on_the_row_count(rng):
+    """Each output is summed in the same order whatever M is and wherever the row falls in its
+    register block, so a decode step of K rows gives each row the bits it gets alone. Parallel
+    action-chunk decoding relies on that for exact agreement with sequential decoding."""
+    x = torch.randn(13, 256, generator=rng)
+    w = torch.randn(37, 256, generator=rng)
+    together = nb.linear(x, w)
+    for m in range(13):
+        assert torch.equal(nb.linear(x[m:m + 1], w), together[m:m + 1]), m
+
+
+def test_sampling_logits_are_the_linear_kernel(rng):
+    """The constrained sampler's range logits are the same kernel over the range's lm_head rows."""
+    hidden = torch.randn(5, 96, generator=rng)
+    weight = torch.randn(300, 96, generator=rng)
+    assert torch.equal(nb.range_logits_op(hidden, weight, 40, 290), nb.linear(hidden, weight[40:290]))
+
+
+def test_linear_errors():
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="weight \\[N, K\\]"):
+        nb.linear(x, torch.randn(4, 9))
+    with pytest.raises(TypeError, match="float32"):
+        nb.linear(x.double(), w.double())
+    with pytest.raises(ValueError, match="contiguous"):
+        nb.linear(x, torch.randn(8, 4).t())
+    with pytest.raises(ValueError, match="does not support"):
+        ops.linear(x, w.requires_grad_(), backend="native")
+
+
+def test_linear_empty():
+    assert nb.linear(torch.randn(0, 8), torch.randn(4, 8)).shape == (0, 4)
+    assert nb.linear(torch.randn(3, 8), torch.randn(0, 8)).shape == (3, 0)
+
+
+def test_auto_keeps_torch_for_many_rows_and_for_training(monkeypatch):
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), ("native", "torch"))
+    w = torch.randn(16, 8)
+    assert ops.resolve_linear(torch.randn(NATIVE_MAX_ROWS, 8), w) is nb.linear
+    assert ops.resolve_linear(torch.randn(2, 9, 8), w) is ops.linear_ref  # 18 rows: torch's GEMM
+    assert ops.resolve_linear(torch.randn(1, 8), w.requires_grad_()) is ops.linear_ref
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), ("torch",))
+    assert ops.resolve_linear(torch.randn(1, 8), torch.randn(16, 8)) is ops.linear_ref
+
+
+def test_linear_traces_as_a_custom_op(rng):
+    x, w = torch.randn(3, 32, generator=rng), torch.randn(8, 32, generator=rng)
+    torch.library.opcheck(nb.linear_op, (x, w))
+
+
+def test_decode_step_with_native_projections(rng, monkeypatch):
+    """A model's cached forward (a decode step of 3 rows) takes the native kernel for its projections
+    when `auto` orders it first, and gives torch's hidden states within float32 rounding."""
+    from worldvla import VocabLayout
+    from worldvla.inference import InferenceEngine
+    from worldvla.model import ModelConfig, WorldVLA
+
+    layout = VocabLayout.compact(n_image_codes=64)
+    model = WorldVLA(ModelConfig.tiny(layout)).init_weights(0.5, generator=rng).eval()
+    prompt = torch.randint(layout.text_base, layout.vocab_size, (40,), generator=rng)
+    step_ids = torch.randint(layout.text_base, layout.vocab_size, (1, 3), generator=rng)
+    out = {}
+    for order in (("torch",), ("native", "torch")):
+        monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), order)
+        engine = InferenceEngine(model, 1, 64, layout=layout)
+        engine.prefill([prompt])
+        buf = engine.buffers(3)
+        buf.ids.copy_(step_ids)
+        buf.set_positions(torch.tensor([[40, 41, 42]]))
+        engine.set_kv_len([43])
+        calls = []
+        monkeypatch.setattr(nb._C, "linear", lambda *a, f=nb._C.linear: calls.append(a) or f(*a))
+        out[order[0]] = engine.run(buf).clone()
+        monkeypatch.undo()
+        assert (len(calls) > 0) == (order[0] == "native")
+    torch.testing.assert_close(out["native"], out["torch"], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,45 @@
+"""Projections y = x W^T of the model's linear layers.
+
+The reference is `F.linear` (torch's BLAS). The native CPU kernel serves the few rows of a decode
+step, where the product is a stream over the weights and torch's sgemm (MKL) reads them far below
+memory speed on some CPUs (benchmarks/NOTES.md, "Small-M linear on the CPU"). Prefills and training
+keep torch's blocked GEMM: `auto` takes the native kernel only up to `NATIVE_MAX_ROWS` rows.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+
+# Up to 16 rows (1..10 measured) the native kernel was 2-8x torch's on the machine that leads
+# with it; past that torch's blocked GEMM, which reuses each weight across many rows, is the path.
+NATIVE_MAX_ROWS = 16
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K], weight [N, K] -> [..., N]."""
+    return F.linear(x, weight)
+
+
+def _auto_backend(x: torch.Tensor, backend: str) -> str:
+    if backend == "auto" and x.numel() > NATIVE_MAX_ROWS * max(x.shape[-1], 1):
+        return "torch"
+    return backend
+
+
+def resolve_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> Callable:
+    """The implementation `linear(x, weight, backend)` runs for inputs like these. A forward pass
+    resolves it once and calls it for each of its projections (same dtype, device, rows)."""
+    if x.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+        raise ValueError(f"linear wants x [..., K] and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    return dispatch.resolve("linear", _auto_backend(x, backend), x.device.type, x, weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    return resolve_linear(x, weight, backend)(x, weight)
+
+
+dispatch.register("linear", "torch", linear_ref)
