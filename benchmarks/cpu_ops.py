@@ -1,5 +1,5 @@
 """The C++ CPU paths against torch on the CPU: prefill and decode attention, constrained sampling, VQ
-search and gather. These measurements decide `worldvla.ops.dispatch.AUTO_ORDER` on CPU.
+search and gather, and the few-row linear of decode steps. These measurements decide `worldvla.ops.dispatch.AUTO_ORDER` on CPU.
 
 Both sides run through `worldvla.ops` (dispatch, checks and allocation included: what a caller pays),
 interleaved call by call (A, B, A, B, ...) so that drift in the machine's speed hits both alike, on the
@@ -8,7 +8,8 @@ torch's thread count.
 
 Prefill FLOPs count visible pairs only (4 * H * Dh per pair). Decode attention reads K and V once:
 bytes = 2 * S * Hkv * Dh * 4 (fp32), the floor at the machine's stream bandwidth. Sampling and VQ are
-matmul-shaped: FLOPs = 2 * N * range * H and 2 * N * K * C.
+matmul-shaped: FLOPs = 2 * N * range * H and 2 * N * K * C. The linear is a stream over its weights at
+these row counts: bytes = N * K * 4 (the weights), the floor at memory bandwidth, with FLOPs = 2 * M * K * N.
 
 On AVX-512 machines the C++ kernels run 16 floats per vector; `native-w8` is the same kernels forced
 to 8 (what AVX2 machines run), timed in the same rounds (not for decode, which is 8 wide everywhere,
@@ -119,6 +120,16 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
         fns = _sides(lambda b, z, cb: ops.vq_quantize(z, cb, backend=b))
         med = interleaved(fns, rot, warmup, max(10, repeats // (4 if N * K > 1e6 else 1)))
         rows += _rows("vq_quantize", f"N{N} K{K} C{C}", med, {"flops": 2 * N * K * C})
+
+    # Decode-step projections: M rows (1: one token, 5 and 10: a parallel action chunk) of the small
+    # config (hidden 256, MLP 688) and of a 1B-class one (hidden 2048, MLP 5632).
+    for M, K, N in ([(1, 256, 688), (5, 256, 688)] if quick else
+                    [(1, 256, 688), (5, 256, 688), (10, 256, 688), (5, 688, 256), (1, 2048, 5632), (5, 2048, 5632),
+                     (16, 2048, 2048)]):
+        rot = Rotation(lambda i: (torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen) / K ** 0.5))
+        fns = _sides(lambda b, x, w: ops.linear(x, w, backend=b))
+        med = interleaved(fns, rot, warmup, repeats)
+        rows += _rows("linear", f"M{M} K{K} N{N}", med, {"bytes": N * K * 4, "flops": 2 * M * K * N})
 
     for B, h, K, C in [(1, 16, 8192, 256), (8, 4, 512, 64)]:
         rot = Rotation(lambda i: (torch.randint(0, K, (B, h, h), generator=gen), torch.randn(K, C, generator=gen)))

@@ -593,17 +593,21 @@ def _check_linear(x, weight):
 
 
 def _linear_impl(x: Tensor, weight: Tensor) -> Tensor:
-    """x [..., K] @ weight[N, K]^T in float32 (x's rows may be strided; each row contiguous)."""
-    _check_linear(x, weight)
+    """x [..., K] @ weight[N, K]^T in float32 (x's rows may be strided; each row contiguous).
+    Called once per projection of a decode step, so the common case is checked in one expression
+    (the kernel itself takes a few microseconds); anything else goes through the full checks."""
+    if not (x.is_cpu and weight.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and weight.stride(1) == 1):
+        _check_linear(x, weight)
     N, K = weight.shape
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
+    if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    y = torch.empty((x2.shape[0], N), dtype=torch.float32)
-    if x2.shape[0] and N:
-        _C.linear(-1, x2.data_ptr(), x2.stride(0), weight.data_ptr(), weight.stride(0), x2.shape[0], K, N,
-                  y.data_ptr(), N)
-    return y.view(*x.shape[:-1], N)
+    M = x2.shape[0]
+    y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
+    if M and N:
+        _C.linear(-1, x2.data_ptr(), x2.stride(0), weight.data_ptr(), weight.stride(0), M, K, N, y.data_ptr(), N)
+    return y
 
 
 linear_op = torch.library.custom_op("worldvla::linear", _linear_impl, mutates_args=())
