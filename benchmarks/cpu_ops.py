@@ -9,7 +9,7 @@ torch's thread count.
 Prefill FLOPs count visible pairs only (4 * H * Dh per pair). Decode attention reads K and V once:
 bytes = 2 * S * Hkv * Dh * 4 (fp32), the floor at the machine's stream bandwidth. Sampling and VQ are
 matmul-shaped: FLOPs = 2 * N * range * H and 2 * N * K * C. The linear is a stream over its weights at
-these row counts: bytes = N * K * 4 (the weights), the floor at memory bandwidth, with FLOPs = 2 * M * K * N.
+these row counts: bytes = the weights' (the floor at memory bandwidth), FLOPs = 2 * M * weights.
 
 On AVX-512 machines the C++ kernels run 16 floats per vector; `native-w8` is the same kernels forced
 to 8 (what AVX2 machines run), timed in the same rounds (not for decode, which is 8 wide everywhere,
@@ -121,15 +121,22 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
         med = interleaved(fns, rot, warmup, max(10, repeats // (4 if N * K > 1e6 else 1)))
         rows += _rows("vq_quantize", f"N{N} K{K} C{C}", med, {"flops": 2 * N * K * C})
 
-    # Decode-step projections: M rows (1: one token, 5 and 10: a parallel action chunk) of the small
-    # config (hidden 256, MLP 688) and of a 1B-class one (hidden 2048, MLP 5632).
-    for M, K, N in ([(1, 256, 688), (5, 256, 688)] if quick else
-                    [(1, 256, 688), (5, 256, 688), (10, 256, 688), (5, 688, 256), (1, 2048, 5632), (5, 2048, 5632),
-                     (16, 2048, 2048)]):
-        rot = Rotation(lambda i: (torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen) / K ** 0.5))
-        fns = _sides(lambda b, x, w: ops.linear(x, w, backend=b))
-        med = interleaved(fns, rot, warmup, repeats)
-        rows += _rows("linear", f"M{M} K{K} N{N}", med, {"bytes": N * K * 4, "flops": 2 * M * K * N})
+    # A decode step's 28 projections (q, k, v, o, gate, up, down of 4 layers; the small config: hidden
+    # 256, MLP 688) on M rows (1: one token; 5, 10: a parallel action chunk), the implementation resolved
+    # once per step as the model does. The weights cycle as in a real step (12.6 MB, past L2).
+    shapes = [(256, 256)] * 4 + [(688, 256)] * 2 + [(256, 688)]
+    weights = [torch.randn(N, K, generator=gen) / K ** 0.5 for _ in range(4) for N, K in shapes]
+    for M in ([1, 5] if quick else [1, 2, 5, 10, 16]):
+        rot = Rotation(lambda i: ({K: torch.randn(M, K, generator=gen) for K in (256, 688)},), n=4)
+
+        def step(b, xs):
+            fn = ops.resolve_linear(xs[256], weights[0], b)
+            for w in weights:
+                fn(xs[w.shape[1]], w)
+
+        med = interleaved(_sides(step), rot, warmup, max(10, repeats // 4))
+        rows += _rows("linear", f"decode-step projections M{M} (28, small config)", med,
+                      {"bytes": sum(w.numel() * 4 for w in weights), "flops": sum(2 * M * w.numel() for w in weights)})
 
     for B, h, K, C in [(1, 16, 8192, 256), (8, 4, 512, 64)]:
         rot = Rotation(lambda i: (torch.randint(0, K, (B, h, h), generator=gen), torch.randn(K, C, generator=gen)))
