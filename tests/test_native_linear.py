@@ -12,7 +12,7 @@ _C = pytest.importorskip("worldvla._C")
 from worldvla import ops  # noqa: E402
 from worldvla.ops import dispatch  # noqa: E402
 from worldvla.ops import native_backend as nb  # noqa: E402
-from worldvla.ops.linear import NATIVE_MAX_ROWS  # noqa: E402
+from worldvla.ops.projection import NATIVE_MAX_ROWS  # noqa: E402
 
 
 def assert_close_to_f64(out, x, w, name=""):
@@ -123,3 +123,29 @@ def test_decode_step_with_native_projections(rng, monkeypatch):
         monkeypatch.undo()
         assert (len(calls) > 0) == (order[0] == "native")
     torch.testing.assert_close(out["native"], out["torch"], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_takes_the_linear_only_where_measured():
+    assert dispatch._auto_order("AVX512", "amd")[("linear", "cpu")][0] == "native"
+    for cap, vendor in [("AVX2", "amd"), ("AVX512", "intel"), ("AVX512", None), ("DEFAULT", None)]:
+        assert ("linear", "cpu") not in dispatch._auto_order(cap, vendor), (cap, vendor)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_every_attention_backend_resolves_its_projections(rng, backend):
+    """The engine's `backend` names the attention backend; the projections follow `auto` (or torch's
+    with "torch"), so a backend without a linear of its own still runs a decode step."""
+    from worldvla import VocabLayout
+    from worldvla.inference import InferenceEngine
+    from worldvla.model import ModelConfig, WorldVLA
+
+    if backend not in dispatch.available("decode_attention"):
+        pytest.skip(f"no {backend} backend here")
+    layout = VocabLayout.compact(n_image_codes=64)
+    model = WorldVLA(ModelConfig.tiny(layout)).init_weights(0.5, generator=rng).eval()
+    engine = InferenceEngine(model, 1, 32, layout=layout, backend=backend)
+    engine.prefill([torch.randint(layout.text_base, layout.vocab_size, (20,), generator=rng)])
+    buf = engine.buffers(2)
+    buf.set_positions(torch.tensor([[20, 21]]))
+    engine.set_kv_len([22])
+    assert engine.run(buf).shape == (1, 2, model.config.hidden_size)

@@ -278,7 +278,8 @@ class WorldVLA(nn.Module):
         Without a cache: input_ids [B, L] (or [T] with cu_seqlens / packed meta) under the chunk rule.
         With a cache: input_ids [B, Q] written at slots `position_ids` [B, Q], attending under `decode_meta`;
         this path makes no host synchronization, so it can be captured in a CUDA graph.
-        `backend` picks the attention backend (default: `self.attn_backend`).
+        `backend` picks the attention backend (default: `self.attn_backend`); the projections take
+        `ops.linear`'s `auto` choice, or torch's with backend="torch".
         `check_ids=False` skips the ids' range check (one host read of the device) for callers that
         checked the ids before moving them to the device (the trainer).
         """
@@ -311,8 +312,10 @@ class WorldVLA(nn.Module):
             ids, pos = input_ids, position_ids
             ctx = ForwardContext(cache=cache, position_ids=position_ids, decode_meta=decode_meta, backend=backend)
         x = self.model.embed_tokens(ids)
-        fn = ops.resolve_linear(x, self.model.layers[0].mlp.up_proj.weight, backend) if self.model.layers else None
-        ctx.linear = None if fn is ops.linear_ref else fn  # the decode steps' few rows: the native kernel
+        # Projections: `auto` (the native few-row kernel for decode steps where it was measured faster)
+        # unless the reference was asked for; resolved once here for every layer.
+        lin = ops.resolve_linear(x, self.model.layers[0].mlp.up_proj.weight, "torch" if backend == "torch" else "auto")
+        ctx.linear = None if lin is ops.linear_ref else lin
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and cache is None:

@@ -5,7 +5,7 @@
 from . import dispatch
 from .attention import decode_attention, decode_attention_ref, masked_attention, masked_attention_ref
 from .cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
-from .linear import linear, linear_ref, resolve_linear
+from .projection import linear, linear_ref, resolve_linear
 from .sampling import constrained_sample, constrained_sample_ref
 from .vq import vq_gather, vq_gather_ref, vq_quantize, vq_quantize_ref
 

@@ -28,8 +28,9 @@ BACKENDS = ("torch", "triton", "native")
 # - AVX512 on AMD (2-core EPYC with AVX-512): C++ faster for every op over three runs: prefill
 #   1.2-3.0x, decode 1.2-1.5x, constrained sampling 1.1-2.1x, VQ search 1.3-2.2x, gather 0.98-1.65x
 #   (even only for the smallest gather).
-#   The few-row linear (decode steps' projections, up to ops.linear.NATIVE_MAX_ROWS rows) was
-#   measured on this machine only: 2-8x torch's MKL sgemm, which streams the weights at 4-6 GB/s here.
+#   The few-row linear (decode steps' projections, up to ops.projection.NATIVE_MAX_ROWS rows) was
+#   measured on this machine only: 4-6x torch's MKL sgemm on a step's projections, which MKL streams
+#   at 5-9 GB/s of weights there (benchmarks/NOTES.md); other CPUs keep torch's until measured.
 # Anything else (other architectures, no AVX2) was not measured: torch.
 _ALL_CPU_OPS = ("masked_attention", "decode_attention", "constrained_sample", "vq_quantize", "vq_gather")
 CPU_NATIVE_FIRST = {
