@@ -122,11 +122,12 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
         rows += _rows("vq_quantize", f"N{N} K{K} C{C}", med, {"flops": 2 * N * K * C})
 
     # A decode step's 28 projections (q, k, v, o, gate, up, down of 4 layers; the small config: hidden
-    # 256, MLP 688) on M rows (1: one token; 5, 10: a parallel action chunk), the implementation resolved
+    # 256, MLP 688) on M rows (1: one token; 5, 10: a parallel action chunk; 40, 64: the chunks of 8 robots
+    # batched by the policy server), the implementation resolved
     # once per step as the model does. The weights cycle as in a real step (12.6 MB, past L2).
     shapes = [(256, 256)] * 4 + [(688, 256)] * 2 + [(256, 688)]
     weights = [torch.randn(N, K, generator=gen) / K ** 0.5 for _ in range(4) for N, K in shapes]
-    for M in ([1, 5] if quick else [1, 2, 5, 10, 16]):
+    for M in ([1, 5] if quick else [1, 2, 5, 10, 16, 40, 64]):
         rot = Rotation(lambda i: ({K: torch.randn(M, K, generator=gen) for K in (256, 688)},), n=4)
 
         def step(b, xs):

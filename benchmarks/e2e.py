@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
+import time
 
 import numpy as np
 import torch
@@ -306,6 +308,66 @@ def _run(quick, device, out_dir, grid, chunks, frame):
     return write_results("e2e", rows, device, out_dir, extra=extra, plot=("case", "speedup_vs_baseline", "impl"))
 
 
+def compare_projections(quick: bool = False, out_dir="benchmarks/results", grid: int | None = None,
+                        repeats: int | None = None):
+    """CPU: the same engines with the decode steps' projections on torch's GEMM and on the native few-row
+    kernel (`worldvla.ops.projection`), switched call by call (A, B, A, B, ...), medians; the tokens of the
+    two must be equal. Prefills take torch's GEMM either way (more than NATIVE_MAX_ROWS rows)."""
+    from worldvla.ops import dispatch
+
+    if "native" not in dispatch.available("linear"):
+        raise RuntimeError("the native backend is not built here (pip install .)")
+    grid = grid or (4 if quick else 16)
+    repeats = repeats or (3 if quick else 10)
+    gen = torch.Generator().manual_seed(0)
+    model = build_model("small", torch.device("cpu"), torch.float32)
+    prompt = action_prompt(grid, gen)
+    calls = {}
+    for mode in ("parallel", "sequential"):
+        engine = make_engine(model, [prompt], 5, ACTION_DIM, LAYOUT)
+        calls[f"action_chunk K5 {mode}"] = (lambda mode=mode, engine=engine: generate_action_chunk(
+            model, prompt, LAYOUT, 5, ACTION_DIM, mode=mode, engine=engine), repeats)
+    builder = SequenceBuilder(LAYOUT, RandomText(gen=gen), ActionTokenizer(LAYOUT))
+    codes = torch.randint(0, LAYOUT.n_image_codes, (1, grid, grid), generator=gen)
+    action = np.random.default_rng(0).uniform(-0.3, 0.3, (1, ACTION_DIM))
+    n_frame = builder.world_prompt(codes[0], action[0]).numel() + 3 + grid * (grid + 1)
+    frame_engine = InferenceEngine(model, 1, n_frame, layout=LAYOUT)
+    calls["frame"] = (lambda: generate_frame_codes(model, codes, action, builder, engine=frame_engine),
+                      max(3, repeats // 3))
+    orders = {"torch": ("torch",), "native": ("native", "torch")}
+    saved = dispatch.AUTO_ORDER.get(("linear", "cpu"))
+    rows = []
+    try:
+        with torch.no_grad():
+            for case, (fn, n) in calls.items():
+                out, times = {}, {k: [] for k in orders}
+                for impl, order in orders.items():  # warm-up, and the tokens of each
+                    dispatch.AUTO_ORDER[("linear", "cpu")] = order
+                    out[impl] = fn()
+                for _ in range(n):
+                    for impl, order in orders.items():
+                        dispatch.AUTO_ORDER[("linear", "cpu")] = order
+                        t0 = time.perf_counter()
+                        fn()
+                        times[impl].append((time.perf_counter() - t0) * 1e3)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                for impl in orders:
+                    rows.append({"case": f"small {case} {grid * 16}px", "impl": f"projections-{impl}",
+                                 "median_ms": med[impl], "repeats": n, "speedup_vs_torch": med["torch"] / med[impl],
+                                 "tokens_equal": bool(torch.equal(out["native"], out["torch"]))})
+    finally:
+        if saved is None:
+            dispatch.AUTO_ORDER.pop(("linear", "cpu"), None)
+        else:
+            dispatch.AUTO_ORDER[("linear", "cpu")] = saved
+    print_table(rows, ["case", "impl", "median_ms", "speedup_vs_torch", "tokens_equal"])
+    extra = {"threads": torch.get_num_threads(), "quick": quick,
+             "method": "one model and engine per case; the projections' implementation switched call by call "
+                       "(interleaved), medians; prefills use torch's GEMM on both sides"}
+    return write_results("e2e_projections", rows, "cpu", out_dir, extra=extra,
+                         plot=("case", "speedup_vs_torch", "impl"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small config, 64 px-equivalent prompts, few repeats")
@@ -314,7 +376,17 @@ def main(argv=None):
     p.add_argument("--grid", type=int, help="codes per image side (px = 16 x grid); default 4 quick, else 16 and 32")
     p.add_argument("--threads", type=int, help="CPU intra-op threads (default: 1 with --quick, else torch's)")
     p.add_argument("--chunks", type=int, nargs="+", help="actions per chunk (default: 5 10)")
+    p.add_argument("--projections", action="store_true",
+                   help="CPU only: instead, a 5-action chunk (parallel, sequential) and a frame with the decode "
+                        "steps' projections on torch vs the native few-row kernel, interleaved")
     a = p.parse_args(argv)
+    if a.projections:
+        if a.device not in (None, "cpu"):
+            p.error("--projections compares CPU paths; leave --device unset or cpu")
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        print(compare_projections(a.quick, a.out, grid=a.grid))
+        return
     print(run(a.quick, a.device, a.out, grid=a.grid, chunks=tuple(a.chunks) if a.chunks else None, threads=a.threads))
 
 

@@ -24,7 +24,7 @@ def assert_close_to_f64(out, x, w, name=""):
 
 
 @pytest.mark.usefixtures("cpu_width")
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 10, 13, 17])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 10, 13, 17, 40, 67])
 @pytest.mark.parametrize("K,N", [(256, 688), (113, 203), (7, 5), (203, 4), (16, 1)])
 def test_linear_matches_f64(rng, M, K, N):
     x = torch.randn(M, K, generator=rng)
@@ -86,7 +86,8 @@ def test_auto_keeps_torch_for_many_rows_and_for_training(monkeypatch):
     monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), ("native", "torch"))
     w = torch.randn(16, 8)
     assert ops.resolve_linear(torch.randn(NATIVE_MAX_ROWS, 8), w) is nb.linear
-    assert ops.resolve_linear(torch.randn(2, 9, 8), w) is ops.linear_ref  # 18 rows: torch's GEMM
+    assert ops.resolve_linear(torch.randn(NATIVE_MAX_ROWS + 1, 8), w) is ops.linear_ref  # torch's GEMM
+    assert ops.resolve_linear(torch.randn(2, NATIVE_MAX_ROWS // 2, 8), w) is nb.linear  # rows of all dims
     assert ops.resolve_linear(torch.randn(1, 8), w.requires_grad_()) is ops.linear_ref
     monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), ("torch",))
     assert ops.resolve_linear(torch.randn(1, 8), torch.randn(16, 8)) is ops.linear_ref

@@ -29,8 +29,8 @@ BACKENDS = ("torch", "triton", "native")
 #   1.2-3.0x, decode 1.2-1.5x, constrained sampling 1.1-2.1x, VQ search 1.3-2.2x, gather 0.98-1.65x
 #   (even only for the smallest gather).
 #   The few-row linear (decode steps' projections, up to ops.projection.NATIVE_MAX_ROWS rows) was
-#   measured on this machine only: 4-6x torch's MKL sgemm on a step's projections, which MKL streams
-#   at 5-9 GB/s of weights there (benchmarks/NOTES.md); other CPUs keep torch's until measured.
+#   measured on this machine only: 4-6x torch's MKL sgemm on a step's projections at 1-5 rows, 1.3x
+#   at 64; MKL streams the weights at 5-9 GB/s there (benchmarks/NOTES.md). Other CPUs keep torch's.
 # Anything else (other architectures, no AVX2) was not measured: torch.
 _ALL_CPU_OPS = ("masked_attention", "decode_attention", "constrained_sample", "vq_quantize", "vq_gather")
 CPU_NATIVE_FIRST = {

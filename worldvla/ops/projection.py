@@ -4,6 +4,7 @@ The reference is `F.linear` (torch's BLAS). The native CPU kernel serves the few
 step, where the product is a stream over the weights and torch's sgemm (MKL) reads them far below
 memory speed on some CPUs (benchmarks/NOTES.md, "Small-M linear on the CPU"). Prefills and training
 keep torch's blocked GEMM: `auto` takes the native kernel only up to `NATIVE_MAX_ROWS` rows.
+On GPUs cuBLAS is the path (the native kernel is CPU-only).
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import torch.nn.functional as F
 
 from . import dispatch
 
-# Up to 16 rows (1..10 measured) the native kernel was 2-8x torch's on the machine that leads
-# with it; past that torch's blocked GEMM, which reuses each weight across many rows, is the path.
-NATIVE_MAX_ROWS = 16
+# A decode step's 28 projections (small config, weights cycling, benchmarks/NOTES.md) on the machine
+# that leads with the kernel: 4-6x torch's at 1-5 rows, 2.0-2.3x at 16-24, 1.7x at 32, 1.3-1.4x at 64,
+# 1.1x at 96-128 (two runs). Past 64 rows (a prefill; many robots' chunks in one batch) torch's
+# blocked GEMM, which reuses each weight across many rows, keeps it.
+NATIVE_MAX_ROWS = 64
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
