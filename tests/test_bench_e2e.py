@@ -58,3 +58,20 @@ def test_action_prompt_layout():
     assert p[0] == L.bos and p[-1] == L.sep and int((p == L.sep).sum()) == 1
     assert int((p == L.boi).sum()) == 2 and int((p == L.newline).sum()) == 32
     assert p.numel() == 22 + 2 * (4 + 16 * 17)  # 574 tokens: the release's ~620-token document less its chunk
+
+
+def test_projections_comparison_keeps_the_tokens(tmp_path):
+    """`e2e --projections`: each case timed with torch's and the native projections, the same tokens,
+    and the dispatch order as it was afterwards."""
+    pytest.importorskip("worldvla._C")
+    from worldvla.ops import dispatch
+
+    before = dict(dispatch.AUTO_ORDER)
+    doc = json.loads(e2e.compare_projections(quick=True, out_dir=tmp_path, grid=2, repeats=1).read_text())
+    assert dispatch.AUTO_ORDER == before
+    cases = {r["case"] for r in doc["rows"]}
+    assert len(cases) == 3 and all(r["tokens_equal"] for r in doc["rows"])
+    for case in cases:
+        assert {r["impl"] for r in doc["rows"] if r["case"] == case} == {"projections-torch", "projections-native"}
+    with pytest.raises(SystemExit):
+        e2e.main(["--projections", "--device", "cuda"])
