@@ -150,3 +150,8 @@ def test_every_attention_backend_resolves_its_projections(rng, backend):
     buf.set_positions(torch.tensor([[20, 21]]))
     engine.set_kv_len([22])
     assert engine.run(buf).shape == (1, 2, model.config.hidden_size)
+
+
+def test_auto_keeps_cublas_for_the_linear_on_gpus():
+    for cap, vendor in [("AVX512", "amd"), ("AVX2", None)]:
+        assert dispatch._auto_order(cap, vendor)[("linear", "cuda")] == ("torch",)
