@@ -155,3 +155,16 @@ def test_every_attention_backend_resolves_its_projections(rng, backend):
 def test_auto_keeps_cublas_for_the_linear_on_gpus():
     for cap, vendor in [("AVX512", "amd"), ("AVX2", None)]:
         assert dispatch._auto_order(cap, vendor)[("linear", "cuda")] == ("torch",)
+
+
+def test_auto_keeps_torch_for_tensor_subclasses(monkeypatch):
+    """Sharded (DTensor) or traced weights go to torch's linear, which knows how to handle them."""
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), ("native", "torch"))
+
+    class Wrapped(torch.Tensor):
+        pass
+
+    w = torch.randn(16, 8)
+    with torch.no_grad():
+        assert ops.resolve_linear(torch.randn(2, 8), w) is nb.linear
+        assert ops.resolve_linear(torch.randn(2, 8), w.as_subclass(Wrapped)) is ops.linear_ref

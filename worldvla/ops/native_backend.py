@@ -678,7 +678,9 @@ def _vq_gather_supports(indices, codebook):
 
 
 def _linear_supports(x, weight):
-    return dispatch.first_false(lambda: _no_grad(x, weight), lambda: _passes(_check_linear, x, weight))
+    plain = type(x) in _PLAIN and type(weight) in _PLAIN or dispatch.Unsupported(
+        "tensor subclasses (sharded DTensor weights, traced fake tensors) take torch's linear")
+    return dispatch.first_false(plain, lambda: _no_grad(x, weight), lambda: _passes(_check_linear, x, weight))
 
 
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
