@@ -39,7 +39,36 @@ def device_name(device: str | torch.device = "cpu") -> str:
     from worldvla.ops.dispatch import cpu_capability, cpu_vendor
 
     vendor = cpu_vendor()
-    return f"cpu-{os.cpu_count()}core-{cpu_capability().lower()}" + (f"-{vendor}" if vendor else "")
+    cap = cpu_capability().lower()
+    name = f"cpu-{os.cpu_count()}core-{{}}" + (f"-{vendor}" if vendor else "")
+    hw = _hardware_capability()
+    if isa_limits() and hw and hw != cap:
+        # torch held to a narrower instruction set (to stand in for an older CPU): name the machine and
+        # the limit, so that the result does not overwrite the real machine of that width.
+        return name.format(hw) + f"-limited-to-{cap}"
+    return name.format(cap)
+
+
+ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
+def isa_limits() -> dict:
+    """Settings that cap the instruction sets torch, MKL and oneDNN use."""
+    return {k: os.environ[k] for k in ISA_LIMIT_VARS if os.environ.get(k)}
+
+
+def _hardware_capability() -> str | None:
+    """The widest of torch's CPU capabilities the hardware has ("avx512", "avx2"), from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+                    return "avx512"
+                return "avx2" if {"avx2", "fma"} <= flags else None
+    except OSError:
+        pass
+    return None
 
 
 def cpu_model() -> str | None:
@@ -62,8 +91,7 @@ def environment(device="cpu") -> dict:
 
         env.update(cpu_model=cpu_model(), cpu_capability=cpu_capability(), cpu_vendor=cpu_vendor())
         # Settings that cap the instruction sets torch, MKL and oneDNN use (to stand in for an older CPU).
-        limits = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
-                  if os.environ.get(k)}
+        limits = isa_limits()
         if limits:
             env["isa_limits"] = limits
     try:

@@ -281,3 +281,15 @@ def test_info_reports_the_auto_order_and_the_build(capsys):
         assert o["auto_order"]["cpu"][-1] == "torch" and set(o["auto_order"]["cpu"]) <= set(o["installed"])
     assert info["cpu"]["torch_capability"] == dispatch.cpu_capability()
     assert cli.main(["info"]) == 0 and "auto order on CPU" in capsys.readouterr().out
+
+
+def test_cpu_results_under_isa_limits_do_not_take_the_real_machines_name(monkeypatch):
+    """A run with torch held to AVX2 on an AVX-512 machine stands in for an older CPU: its file is named
+    after the machine and the limit, not after a real AVX2 machine's results."""
+    monkeypatch.setattr(common, "_hardware_capability", lambda: "avx512")
+    monkeypatch.setattr("worldvla.ops.dispatch.cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr("worldvla.ops.dispatch.cpu_vendor", lambda: "amd")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert common.device_name("cpu").endswith("core-avx512-amd-limited-to-avx2")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    assert common.device_name("cpu").endswith("core-avx2-amd")

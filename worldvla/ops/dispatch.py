@@ -30,11 +30,15 @@ BACKENDS = ("torch", "triton", "native")
 #   (even only for the smallest gather).
 #   The few-row linear (decode steps' projections, up to ops.projection.NATIVE_MAX_ROWS rows) was
 #   measured on this machine only: 4-6x torch's MKL sgemm on a step's projections at 1-5 rows, 1.3x
-#   at 64; MKL streams the weights at 5-9 GB/s there (benchmarks/NOTES.md). Other CPUs keep torch's.
+#   at 64; MKL streams the weights at 5-9 GB/s there (benchmarks/NOTES.md). The same machine with torch,
+#   MKL and oneDNN held to AVX2 and the kernel 8 wide (cpu_ops-cpu-2core-avx512-amd-limited-to-avx2.json),
+#   standing in for an AMD AVX2 CPU: 2.0x at 1 row, 2.6-3.0x at 2-10, 1.2x at 64. Intel CPUs (MKL's
+#   own) and unknown vendors keep torch's linear until measured.
 # Anything else (other architectures, no AVX2) was not measured: torch.
 _ALL_CPU_OPS = ("masked_attention", "decode_attention", "constrained_sample", "vq_quantize", "vq_gather")
 CPU_NATIVE_FIRST = {
     "AVX2": _ALL_CPU_OPS,
+    ("AVX2", "amd"): _ALL_CPU_OPS + ("linear",),
     "AVX512": ("masked_attention", "decode_attention", "vq_quantize", "vq_gather"),
     ("AVX512", "amd"): _ALL_CPU_OPS + ("linear",),
 }
