@@ -41,11 +41,10 @@ def device_name(device: str | torch.device = "cpu") -> str:
     vendor = cpu_vendor()
     cap = cpu_capability().lower()
     name = f"cpu-{os.cpu_count()}core-{{}}" + (f"-{vendor}" if vendor else "")
-    hw = _hardware_capability()
-    if isa_limits() and hw and hw != cap:
-        # torch held to a narrower instruction set (to stand in for an older CPU): name the machine and
-        # the limit, so that the result does not overwrite the real machine of that width.
-        return name.format(hw) + f"-limited-to-{cap}"
+    if isa_limits():
+        # torch, MKL or oneDNN held to a narrower instruction set (to stand in for an older CPU): name the
+        # machine and the limit, so that the result never overwrites a real machine's.
+        return name.format(_hardware_capability() or cap) + f"-limited-to-{cap}"
     return name.format(cap)
 
 

@@ -1,5 +1,6 @@
 """The C++ CPU paths against torch on the CPU: prefill and decode attention, constrained sampling, VQ
-search and gather, and the few-row linear of decode steps. These measurements decide `worldvla.ops.dispatch.AUTO_ORDER` on CPU.
+search and gather, and the few-row linear of decode steps. These measurements decide
+`worldvla.ops.dispatch.AUTO_ORDER` on CPU.
 
 Both sides run through `worldvla.ops` (dispatch, checks and allocation included: what a caller pays),
 interleaved call by call (A, B, A, B, ...) so that drift in the machine's speed hits both alike, on the
@@ -123,8 +124,7 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
 
     # A decode step's 28 projections (q, k, v, o, gate, up, down of 4 layers; the small config: hidden
     # 256, MLP 688) on M rows (1: one token; 5, 10: a parallel action chunk; 40, 64: the chunks of 8 robots
-    # batched by the policy server), the implementation resolved
-    # once per step as the model does. The weights cycle as in a real step (12.6 MB, past L2).
+    # batched by the policy server), the implementation resolved once per step as the model does. The weights cycle as in a real step (12.6 MB, past L2).
     shapes = [(256, 256)] * 4 + [(688, 256)] * 2 + [(256, 688)]
     weights = [torch.randn(N, K, generator=gen) / K ** 0.5 for _ in range(4) for N, K in shapes]
     for M in ([1, 5] if quick else [1, 2, 5, 10, 16, 40, 64]):

@@ -293,3 +293,6 @@ def test_cpu_results_under_isa_limits_do_not_take_the_real_machines_name(monkeyp
     assert common.device_name("cpu").endswith("core-avx512-amd-limited-to-avx2")
     monkeypatch.delenv("ATEN_CPU_CAPABILITY")
     assert common.device_name("cpu").endswith("core-avx2-amd")
+    monkeypatch.setattr("worldvla.ops.dispatch.cpu_capability", lambda: "AVX512")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")  # only MKL held back: still not the real machine's name
+    assert common.device_name("cpu").endswith("core-avx512-amd-limited-to-avx512")

@@ -1,7 +1,7 @@
 // y = x W^T for a few rows of x (decode steps, the sampler's logits) on the CPU, float32.
 //
 // With few rows the product is a stream over the weights: every weight is used M times, so at
-// M = 1 the floor is the time to read W. MKL's small-M sgemm reads it at 4-6 GB/s on the AMD
+// M = 1 the floor is the time to read W. MKL's small-M sgemm reads it at 4-9 GB/s on the AMD
 // machines measured (benchmarks/NOTES.md); this kernel keeps the weights streaming and does the
 // arithmetic in registers. Register block: 4 weight rows x MT rows of x, one vector accumulator
 // each, the K loop W floats a step (4 + MT loads for 4 MT FMAs), then one transposing reduction for

@@ -28,9 +28,9 @@ BACKENDS = ("torch", "triton", "native")
 # - AVX512 on AMD (2-core EPYC with AVX-512): C++ faster for every op over three runs: prefill
 #   1.2-3.0x, decode 1.2-1.5x, constrained sampling 1.1-2.1x, VQ search 1.3-2.2x, gather 0.98-1.65x
 #   (even only for the smallest gather).
-#   The few-row linear (decode steps' projections, up to ops.projection.NATIVE_MAX_ROWS rows) was
-#   measured on this machine only: 4-6x torch's MKL sgemm on a step's projections at 1-5 rows, 1.3x
-#   at 64; MKL streams the weights at 5-9 GB/s there (benchmarks/NOTES.md). The same machine with torch,
+#   The few-row linear (decode steps' projections, up to ops.projection.NATIVE_MAX_ROWS rows), on this
+#   machine: a step's projections through worldvla.ops 1.6-2.6x torch's MKL sgemm up to 16 rows, 1.7x
+#   at 64 (the kernel alone 4-6x at 1-5 rows); MKL streams the weights at 5-9 GB/s there (NOTES.md). The same machine with torch,
 #   MKL and oneDNN held to AVX2 and the kernel 8 wide (cpu_ops-cpu-2core-avx512-amd-limited-to-avx2.json),
 #   standing in for an AMD AVX2 CPU: 2.0x at 1 row, 2.6-3.0x at 2-10, 1.2x at 64. Intel CPUs (MKL's
 #   own) and unknown vendors keep torch's linear until measured.

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from . import dispatch
 
 # A decode step's 28 projections (small config, weights cycling, benchmarks/NOTES.md) on the machine
-# that leads with the kernel: 4-6x torch's at 1-5 rows, 2.0-2.3x at 16-24, 1.7x at 32, 1.3-1.4x at 64,
-# 1.1x at 96-128 (two runs). Past 64 rows (a prefill; many robots' chunks in one batch) torch's
+# that leads with the kernel, called directly: 4-6x torch's at 1-5 rows, 2.0-2.3x at 16-24, 1.7x at 32,
+# 1.3-1.4x at 64, 1.1x at 96-128 (two runs); through worldvla.ops 1.6-2.6x up to 16 rows, 1.7x at 64. Past 64 rows (a prefill; many robots' chunks in one batch) torch's
 # blocked GEMM, which reuses each weight across many rows, keeps it.
 NATIVE_MAX_ROWS = 64
 
