@@ -209,6 +209,49 @@ void linear(int device, int64_t x, int64_t x_s, int64_t w, int64_t w_s, int64_t 
   linear_cpu(ptr<const float>(x), x_s, ptr<const float>(w), w_s, M, K, N, ptr<float>(y), y_s);
 }
 
+void decoder_layer(int64_t x, int64_t y, int64_t hidden, int64_t intermediate, std::array<int64_t, 13> w,
+                   int64_t cos, int64_t sin, int64_t pos, double rms_eps, double ln_eps, bool post_norm,
+                   int64_t k_cache, int64_t v_cache, int64_t q_pos, int64_t q_limit, int64_t kv_block,
+                   int64_t kv_len, int64_t batch, int64_t n_q, int64_t cache_len, int64_t n_heads,
+                   int64_t n_kv_heads, int64_t head_dim, Strides ks, Strides vs, int64_t kvb_sb, double scale) {
+  if (n_kv_heads <= 0 || n_heads % n_kv_heads || head_dim % 2)
+    throw std::invalid_argument("decoder_layer: n_kv_heads must divide n_heads and head_dim must be even");
+  DecoderLayerParams p;
+  p.x = ptr<const float>(x);
+  p.y = ptr<float>(y);
+  p.hidden = hidden;
+  p.intermediate = intermediate;
+  const float** dst[13] = {&p.ln1, &p.wq, &p.wk, &p.wv, &p.wo, &p.qn_w, &p.qn_b,
+                           &p.kn_w, &p.kn_b, &p.ln2, &p.wg, &p.wu, &p.wd};
+  for (int i = 0; i < 13; ++i) *dst[i] = ptr<const float>(w[i]);
+  p.cos = ptr<const float>(cos);
+  p.sin = ptr<const float>(sin);
+  p.pos = ptr<const int64_t>(pos);
+  p.rms_eps = static_cast<float>(rms_eps);
+  p.ln_eps = static_cast<float>(ln_eps);
+  p.post_norm = post_norm;
+  DecodeParams& a = p.attn;
+  a.k = ptr<const void>(k_cache);
+  a.v = ptr<const void>(v_cache);
+  a.q_pos = ptr<const int32_t>(q_pos);
+  a.q_limit = ptr<const int32_t>(q_limit);
+  a.kv_block = ptr<const int32_t>(kv_block);
+  a.kv_len = ptr<const int32_t>(kv_len);
+  a.batch = batch;
+  a.n_q = n_q;
+  a.cache_len = cache_len;
+  a.n_heads = n_heads;
+  a.n_kv_heads = n_kv_heads;
+  a.head_dim = head_dim;
+  a.k_sb = ks[0]; a.k_st = ks[1]; a.k_sh = ks[2];
+  a.v_sb = vs[0]; a.v_st = vs[1]; a.v_sh = vs[2];
+  a.kvb_sb = kvb_sb;
+  a.scale = static_cast<float>(scale);
+  a.split_size = cache_len;
+  py::gil_scoped_release nogil;
+  decoder_layer_cpu(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -232,6 +275,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("vq_gather", &vq_gather, "Codebook rows for indices [B, h*w] into out [B, C, h*w].");
   m.def("linear", &linear,
         "y [M, N] = x [M, K] w [N, K]^T in float32 on the CPU (pointers and row strides), tuned for few rows.");
+  m.def("decoder_layer", &decoder_layer,
+        "One decoder layer of a cached decode step on the CPU (float32): x -> y [R, D], the layer's key and "
+        "value written into its cache slots; weights (ln1, wq, wk, wv, wo, qn_w, qn_b, kn_w, kn_b, ln2, wg, "
+        "wu, wd) contiguous.");
   m.def("range_argmax", &range_argmax, "Greedy token over the vocabulary range [lo, hi) (int64 out).");
   m.def("range_logits", &range_logits, "float32 logits [N, hi - lo] of the vocabulary range [lo, hi).");
 #ifdef WORLDVLA_WITH_CUDA

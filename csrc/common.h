@@ -78,11 +78,35 @@ struct DecodeParams {
   int64_t split_size = 0;  // keys per split, a multiple of the kernel's key tile
 };
 
+// One Chameleon decoder layer of a cached decode step (csrc/cpu/decoder.cpp), float32 on the CPU:
+// y [R, D] = the layer applied to x [R, D], R = attn.batch * attn.n_q rows (row r is query r % n_q of
+// sequence r / n_q), with this layer's key and value written into the cache at slots pos[r] first.
+// Pre-norm:  h = x + Wo attn(rope(qnorm(Wq rms(x))), ...), y = h + Wd (silu(Wg rms(h)) * Wu rms(h));
+// post-norm (swin_norm): the RMSNorms move onto the two branch outputs.
+// Weights are row-major and contiguous: ln1, ln2 [D]; wq [H*Dh, D]; wk, wv [Hkv*Dh, D]; wo [D, H*Dh];
+// qn_w, qn_b [H, Dh]; kn_w, kn_b [Hkv, Dh]; wg, wu [I, D]; wd [D, I]. cos, sin [R, Dh].
+// `attn` carries the cache (k, v and their strides), the DecodeMeta pointers, the sizes and the
+// softmax scale; its q and o are set to the layer's own scratch.
+struct DecoderLayerParams {
+  const float* x = nullptr;
+  float* y = nullptr;
+  int64_t hidden = 0, intermediate = 0;
+  const float *ln1 = nullptr, *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
+  const float *qn_w = nullptr, *qn_b = nullptr, *kn_w = nullptr, *kn_b = nullptr;
+  const float *ln2 = nullptr, *wg = nullptr, *wu = nullptr, *wd = nullptr;
+  const float *cos = nullptr, *sin = nullptr;
+  const int64_t* pos = nullptr;  // [R] cache slots
+  float rms_eps = 1e-5f, ln_eps = 1e-5f;
+  bool post_norm = false;
+  DecodeParams attn;
+};
+
 // ---- CPU paths (csrc/cpu/*.cpp); float32 tensors ----
 int cpu_vector_width();  // 16 on AVX-512 machines, else 8 (csrc/cpu/isa.cpp)
 void set_cpu_vector_width(int width);
 void masked_attention_fwd_cpu(const AttnFwdParams& p);
 void decode_attention_cpu(const DecodeParams& p);
+void decoder_layer_cpu(const DecoderLayerParams& p);  // throws std::out_of_range for a slot outside the cache
 // z [N, C], codebook [K, C] (row strides z_s, cb_s) -> out int64 [N]
 void vq_quantize_cpu(const float* z, int64_t z_s, const float* codebook, int64_t cb_s,
                      int64_t N, int64_t K, int64_t C, int64_t* out);

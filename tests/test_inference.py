@@ -134,18 +134,26 @@ def test_engine_rejects_bad_input(rng):
 COMBOS = list(itertools.product([1, 3, 5], [1, 4, 7]))
 
 
-@pytest.fixture(params=["torch", "native"], ids=["linear-torch", "linear-native"])
-def step_linear(request, monkeypatch):
-    """The decode steps' projections through torch's GEMM and through the native few-row kernel,
-    whichever of the two `auto` takes on this machine."""
-    if request.param == "native":
+@pytest.fixture(params=["linear-torch", "linear-native", "layer-native"])
+def step_path(request, monkeypatch):
+    """The decode steps through the layers' modules with the projections on torch's GEMM or on the
+    native few-row kernel, and through the native decoder layer (one C++ call a layer)."""
+    if request.param != "linear-torch":
         pytest.importorskip("worldvla._C")
-    order = ("native", "torch") if request.param == "native" else ("torch",)
-    monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), order)
-    return request.param
+    fused = request.param == "layer-native"
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch") if fused else ("torch",))
+    linear = ("native", "torch") if request.param == "linear-native" else ("torch",)
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), linear)
+    calls = []
+    if request.param != "linear-torch":
+        from worldvla.ops import native_backend as nb
+        name = "decoder_layer" if fused else "linear"
+        monkeypatch.setattr(nb._C, name, lambda *a, f=getattr(nb._C, name): calls.append(1) or f(*a))
+    yield request.param
+    assert (len(calls) > 0) == (request.param != "linear-torch"), "the path under test was not taken"
 
 
-def test_parallel_equals_sequential_many_prompts(rng, step_linear):
+def test_parallel_equals_sequential_many_prompts(rng, step_path):
     """27 random prompts (1 or 2 history images), every (K, D) in {1,3,5} x {1,4,7}:
     parallel decoding (D passes of K rows) gives exactly the sequential tokens, one prompt at a
     time and as a ragged batch; the chunks are well formed and the bins lie in the bin range."""

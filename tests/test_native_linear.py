@@ -112,6 +112,7 @@ def test_decode_step_with_native_projections(rng, monkeypatch):
     out = {}
     for order in (("torch",), ("native", "torch")):
         monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), order)
+        monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("torch",))  # the layers' modules
         engine = InferenceEngine(model, 1, 64, layout=layout)
         engine.prefill([prompt])
         buf = engine.buffers(3)

@@ -104,9 +104,10 @@ class HeadLayerNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(heads, head_dim))
         self.bias = nn.Parameter(torch.zeros(heads, head_dim))
+        self.eps = 1e-5
 
     def forward(self, x):  # [..., heads, head_dim]
-        return F.layer_norm(x, x.shape[-1:], None, None, eps=1e-5) * self.weight + self.bias
+        return F.layer_norm(x, x.shape[-1:], None, None, eps=self.eps) * self.weight + self.bias
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype):
@@ -317,11 +318,16 @@ class WorldVLA(nn.Module):
         lin = ops.resolve_linear(x, self.model.layers[0].mlp.up_proj.weight, "torch" if backend == "torch" else "auto")
         ctx.linear = None if lin is ops.linear_ref else lin
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
+        # A cached step's layers: the modules, or where `auto` finds it faster (few rows on the CPU)
+        # each whole layer in one native call; resolved once here for every layer.
+        run_layer = ops.decoder_layer_ref
+        if cache is not None and backend == "auto":
+            run_layer = ops.resolve_decoder_layer(self.model.layers[0], x, ctx)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, ctx, i, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, ctx, i)
+                x = run_layer(layer, x, cos, sin, ctx, i)
         x = self.model.norm(x)
         if cache is None and (meta.packed or input_ids.dim() == 1):
             x = x[0]

@@ -37,10 +37,10 @@ BACKENDS = ("torch", "triton", "native")
 # Anything else (other architectures, no AVX2) was not measured: torch.
 _ALL_CPU_OPS = ("masked_attention", "decode_attention", "constrained_sample", "vq_quantize", "vq_gather")
 CPU_NATIVE_FIRST = {
-    "AVX2": _ALL_CPU_OPS,
-    ("AVX2", "amd"): _ALL_CPU_OPS + ("linear",),
-    "AVX512": ("masked_attention", "decode_attention", "vq_quantize", "vq_gather"),
-    ("AVX512", "amd"): _ALL_CPU_OPS + ("linear",),
+    "AVX2": _ALL_CPU_OPS + ("decoder_layer",),
+    ("AVX2", "amd"): _ALL_CPU_OPS + ("linear", "decoder_layer"),
+    "AVX512": ("masked_attention", "decode_attention", "vq_quantize", "vq_gather", "decoder_layer"),
+    ("AVX512", "amd"): _ALL_CPU_OPS + ("linear", "decoder_layer"),
 }
 
 

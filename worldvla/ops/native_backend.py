@@ -622,6 +622,130 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return (_linear_impl if _direct(x, weight) else linear_op)(x, weight)
 
 
+# ------------------------------------------------------------------ decoder layer (CPU decode steps)
+_DECODER_WEIGHTS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "q_norm.weight", "q_norm.bias",
+                    "k_norm.weight", "k_norm.bias", "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
+
+
+def _layer_weights(layer) -> tuple:
+    """The 13 parameters of a decoder layer in the order of `_C.decoder_layer`. Read from the modules'
+    dictionaries: nn.Module attribute lookups cost about 2 us each, the whole layer's about 30 us."""
+    mods = layer._modules
+    a, m = mods["self_attn"]._modules, mods["mlp"]._modules
+    qn, kn = a["q_norm"]._parameters, a["k_norm"]._parameters
+    return (mods["input_layernorm"]._parameters["weight"], a["q_proj"]._parameters["weight"],
+            a["k_proj"]._parameters["weight"], a["v_proj"]._parameters["weight"], a["o_proj"]._parameters["weight"],
+            qn["weight"], qn["bias"], kn["weight"], kn["bias"], mods["post_attention_layernorm"]._parameters["weight"],
+            m["gate_proj"]._parameters["weight"], m["up_proj"]._parameters["weight"], m["down_proj"]._parameters["weight"])
+
+
+@functools.lru_cache(maxsize=None)
+def _decoder_shapes(H: int, Hkv: int, Dh: int, D: int, I: int) -> tuple:
+    return tuple(torch.Size(s) for s in ((D,), (H * Dh, D), (Hkv * Dh, D), (Hkv * Dh, D), (D, H * Dh), (H, Dh),
+                                         (H, Dh), (Hkv, Dh), (Hkv, Dh), (D,), (I, D), (I, D), (D, I)))
+
+
+def _config_shapes(cfg) -> tuple:
+    return _decoder_shapes(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size,
+                           cfg.intermediate_size)
+
+
+def _check_decoder_layer(layer, x, cos, ctx, index):
+    """Everything `_C.decoder_layer` relies on; `cos` None skips the rotary tables (checked per call)."""
+    op = "decoder_layer"
+    cache, meta, pos = ctx.cache, ctx.decode_meta, ctx.position_ids
+    if cache is None or meta is None or pos is None:
+        _fail(op, "runs cached forwards only (a KV cache, position_ids and decode_meta)")
+    cfg = layer.self_attn.cfg
+    H, Hkv, Dh, D, I = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size,
+                        cfg.intermediate_size)
+    if x.dim() != 3 or x.shape[-1] != D:
+        _fail(op, f"wants hidden states [B, Q, {D}], got {tuple(x.shape)}")
+    B, Q = x.shape[:2]
+    w, names = _layer_weights(layer), _DECODER_WEIGHTS
+    if not _no_grad_needed(x, *w):
+        _fail(op, "the native layer is forward-only and these inputs need gradients; use torch.no_grad()")
+    for n, t, shape in zip(names, w, _config_shapes(cfg)):
+        if t.shape != shape:
+            _fail(op, f"layer {index}: {n} has shape {tuple(t.shape)}, the config says {tuple(shape)}")
+    k, v = cache.k[index], cache.v[index]
+    if k.shape != (B, k.shape[1], Hkv, Dh) or v.shape != k.shape:
+        _fail(op, f"the cache's layer {index} is {tuple(k.shape)}, expected [{B}, S, {Hkv}, {Dh}]")
+    tensors = dict(zip(names, w), x=x, k_cache=k, v_cache=v, **({} if cos is None else {"cos": cos}))
+    for n, t in (*tensors.items(), ("position_ids", pos), ("decode_meta.q_pos", meta.q_pos),
+                 ("decode_meta.kv_block", meta.kv_block), ("decode_meta.kv_len", meta.kv_len)):
+        if not t.is_cpu:
+            _fail(op, f"the native layer runs on the CPU; {n} is on {t.device}")
+    for n, t in tensors.items():
+        if t.dtype != torch.float32:
+            _fail(op, f"the CPU path takes float32; {n} is {t.dtype}", TypeError)
+    _contiguous(op, **dict(zip(names, w)), x=x, cos=cos)
+    _last_dim_unit(op, k_cache=k, v_cache=v)
+    if cos is not None and cos.numel() != B * Q * Dh:
+        _fail(op, f"rotary cos/sin must hold [B, Q, {Dh}] values, got {tuple(cos.shape)}")
+    if tuple(pos.shape) != (B, Q) or pos.dtype != torch.int64 or not pos.is_contiguous():
+        _fail(op, f"position_ids must be contiguous int64 [{B}, {Q}], got {pos.dtype} {tuple(pos.shape)}")
+    S = k.shape[1]
+    for n, t, shape in (("q_pos", meta.q_pos, (B, Q)), ("q_limit", meta.q_limit, (B, Q)),
+                        ("kv_block", meta.kv_block, (B, S)), ("kv_len", meta.kv_len, (B,))):
+        if tuple(t.shape) != shape:
+            _fail(op, f"decode_meta.{n} must have shape {shape}, got {tuple(t.shape)}")
+    _int32(op, q_pos=meta.q_pos, q_limit=meta.q_limit, kv_block=meta.kv_block, kv_len=meta.kv_len)
+    _contiguous(op, q_pos=meta.q_pos, q_limit=meta.q_limit, kv_len=meta.kv_len)
+    _last_dim_unit(op, kv_block=meta.kv_block)
+
+
+def _decoder_layer_ready(w, shapes, x, cos, sin, ctx, index) -> bool:
+    """The common case of `_check_decoder_layer` in a few expressions (a step calls the layer once per
+    layer; the full checks cost about 60 us). False sends the call through the full checks."""
+    f32, i32 = torch.float32, torch.int32
+    cache, meta, pos = ctx.cache, ctx.decode_meta, ctx.position_ids
+    if cache is None or meta is None or pos is None or x.dim() != 3:
+        return False
+    B, Q, D = x.shape
+    k, v = cache.k, cache.v
+    return (_no_grad_needed(x, *w) and all([t.dtype == f32 and t.is_cpu for t in w])
+            and [t.shape for t in w] == list(shapes)
+            and all([t.is_contiguous() for t in w]) and x.dtype == f32 and x.is_cpu and x.is_contiguous()
+            and D == shapes[0][0] and cos.dtype == f32 and sin.dtype == f32 and cos.is_contiguous()
+            and sin.is_contiguous() and cos.numel() == sin.numel() == B * Q * shapes[5][1]
+            and k.dtype == v.dtype == f32 and k.is_cpu and k.dim() == 5 and k.shape == v.shape
+            and k.shape[1] == B and k.shape[3:] == shapes[7] and k.is_contiguous() and v.is_contiguous()
+            and 0 <= index < k.shape[0] and pos.dtype == torch.int64 and pos.is_cpu and pos.is_contiguous()
+            and pos.shape == (B, Q) == meta.q_pos.shape == meta.q_limit.shape
+            and meta.q_pos.dtype == meta.q_limit.dtype == meta.kv_block.dtype == meta.kv_len.dtype == i32
+            and meta.kv_block.shape == (B, k.shape[2]) and meta.kv_len.shape == (B,) and meta.kv_block.is_cpu
+            and meta.q_pos.is_contiguous() and meta.q_limit.is_contiguous() and meta.kv_len.is_contiguous()
+            and meta.kv_block.stride(1) == 1)
+
+
+def decoder_layer(layer, x: Tensor, cos: Tensor, sin: Tensor, ctx, index: int) -> Tensor:
+    """`worldvla.ops.decoder_layer` in one C++ call: x [B, Q, D] -> the layer's output, with this
+    layer's keys and values written into `ctx.cache` at `ctx.position_ids`. Eager only (it takes a
+    module): traced forwards and inputs that need gradients keep the modules (`auto`)."""
+    mods = layer._modules
+    attn = mods["self_attn"]
+    cfg = attn.cfg
+    w, shapes = _layer_weights(layer), _config_shapes(cfg)
+    if not _decoder_layer_ready(w, shapes, x, cos, sin, ctx, index):
+        _check_decoder_layer(layer, x, cos, ctx, index)
+        if sin.shape != cos.shape or not sin.is_contiguous() or sin.dtype != torch.float32:
+            _fail("decoder_layer", f"rotary sin must match cos {tuple(cos.shape)} (float32, contiguous)")
+    B, Q, D = x.shape
+    y = torch.empty_like(x)
+    if x.numel():
+        meta, pos = ctx.decode_meta, ctx.position_ids
+        k, v = ctx.cache.k[index], ctx.cache.v[index]  # [B, S, Hkv, Dh]
+        _C.decoder_layer(
+            x.data_ptr(), y.data_ptr(), D, cfg.intermediate_size, [t.data_ptr() for t in w],
+            cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), float(mods["input_layernorm"].eps),
+            float(attn._modules["q_norm"].eps), bool(layer.swin_norm), k.data_ptr(), v.data_ptr(),
+            meta.q_pos.data_ptr(), meta.q_limit.data_ptr(), meta.kv_block.data_ptr(), meta.kv_len.data_ptr(),
+            B, Q, k.shape[1], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, k.stride()[:3],
+            v.stride()[:3], meta.kv_block.stride(0), 1.0 / math.sqrt(cfg.head_dim))
+    return y
+
+
 def vq_quantize(z: Tensor, codebook: Tensor, code_splits: int | None = None) -> Tensor:
     """`worldvla.ops.vq_quantize` on the native kernels. `code_splits` overrides the CUDA split of
     the codebook over CTAs (`vq_code_split`)."""
@@ -682,6 +806,16 @@ def _linear_supports(x, weight):
     return dispatch.first_false(plain, lambda: _no_grad(x, weight), lambda: _passes(_check_linear, x, weight))
 
 
+def _decoder_layer_supports(layer, x, ctx):
+    def eager():
+        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or type(x) not in _PLAIN:
+            return dispatch.Unsupported("traced forwards and tensor subclasses keep the layer's modules")
+        if layer.training and any(m.p > 0 for m in layer.modules() if isinstance(m, torch.nn.Dropout)):
+            return dispatch.Unsupported("dropout is active (training mode); call model.eval()")
+        return True
+    return dispatch.first_false(eager, lambda: _passes(_check_decoder_layer, layer, x, None, ctx, 0))
+
+
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
     return dispatch.first_false(lambda: _device_ok("constrained_sample", hidden), lambda: _no_grad(hidden, weight),
                                 lambda: _passes(_check_range, hidden, weight, lo, hi))
@@ -693,3 +827,4 @@ dispatch.register("vq_quantize", "native", vq_quantize, _vq_quantize_supports)
 dispatch.register("vq_gather", "native", vq_gather, _vq_gather_supports)
 dispatch.register("constrained_sample", "native", constrained_sample, _sample_supports)
 dispatch.register("linear", "native", linear, _linear_supports)
+dispatch.register("decoder_layer", "native", decoder_layer, _decoder_layer_supports)

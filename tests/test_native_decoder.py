@@ -1,0 +1,193 @@
+"""The native decoder layer of cached decode steps (CPU): one C++ call against the layer's modules.
+
+Tolerance rule: the native layer's largest error against the same layer run in float64 may be at most
+2x that of the modules in float32 (plus a few ulps of the largest output); the keys and values it
+writes into the cache obey the same rule, and no other slot changes.
+"""
+import copy
+
+import pytest
+import torch
+
+_C = pytest.importorskip("worldvla._C")
+
+from worldvla import ops  # noqa: E402
+from worldvla.mask import NO_BLOCK, DecodeMeta  # noqa: E402
+from worldvla.model import ForwardContext, KVCache, ModelConfig, WorldVLA, rope_cos_sin  # noqa: E402
+from worldvla.ops import dispatch  # noqa: E402
+from worldvla.ops import native_backend as nb  # noqa: E402
+
+
+def _model(rng, swin_norm=False, **kw):
+    base = dict(hidden_size=72, intermediate_size=100, num_attention_heads=3, num_key_value_heads=3,
+                num_hidden_layers=2)
+    base.update(kw)
+    model = WorldVLA(ModelConfig.tiny(swin_norm=swin_norm, **base)).init_weights(0.3, generator=rng).eval()
+    with torch.no_grad():  # norms away from their identity init, so that their weights and biases matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=rng))
+    return model
+
+
+def _step(rng, cfg, B, Q, S, chunk=False):
+    """Hidden states of Q new rows per sequence at random positions, a random cache and its meta."""
+    lens = torch.randint(Q, S - Q, (B,), generator=rng)
+    pos = lens.view(B, 1) + torch.arange(Q).view(1, Q)  # the new rows' slots
+    kv_block = torch.full((B, S), NO_BLOCK, dtype=torch.int32)
+    q_limit = torch.full((B, Q), -1, dtype=torch.int32)
+    if chunk:  # the chunk rule: query i sits in block i and may not see the earlier blocks' slots
+        for b in range(B):
+            blocks = torch.arange(Q, dtype=torch.int32)
+            kv_block[b, pos[b]] = blocks
+            q_limit[b] = blocks
+    meta = DecodeMeta(pos.int(), q_limit, kv_block, (lens + Q).int())
+    x = torch.randn(B, Q, cfg.hidden_size, generator=rng)
+    cache = KVCache(cfg, B, S)
+    cache.k.normal_(generator=rng)
+    cache.v.normal_(generator=rng)
+    return x, pos, meta, cache
+
+
+def _run(layer, x, pos, meta, cache, index, native, dtype=torch.float32):
+    cfg = layer.self_attn.cfg
+    if dtype != torch.float32:
+        layer, x = copy.deepcopy(layer).to(dtype), x.to(dtype)
+        cache = copy.deepcopy(cache)
+        cache.k, cache.v = cache.k.to(dtype), cache.v.to(dtype)
+    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
+    ctx = ForwardContext(cache=cache, position_ids=pos, decode_meta=meta, backend="torch")
+    with torch.no_grad():
+        y = nb.decoder_layer(layer, x, cos, sin, ctx, index) if native else layer(x, cos, sin, ctx, index)
+    return y, cache
+
+
+def _assert_rule(out, same, ref, name):
+    err, base = (out.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+    floor = 1e-6 * ref.abs().max().item()
+    assert err <= 2 * base + floor, f"{name}: error {err:.3g} > 2 x the modules' {base:.3g} (+{floor:.2g})"
+
+
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("swin_norm", [False, True], ids=["pre-norm", "post-norm"])
+@pytest.mark.parametrize("B,Q,heads,kv_heads,head_dim,chunk", [
+    (1, 1, 3, 3, 24, False), (1, 5, 3, 3, 24, True), (3, 2, 4, 2, 16, True), (2, 7, 2, 1, 36, False),
+    (1, 1, 4, 4, 64, False)])
+def test_layer_matches_f64(rng, swin_norm, B, Q, heads, kv_heads, head_dim, chunk):
+    model = _model(rng, swin_norm, hidden_size=heads * head_dim, num_attention_heads=heads,
+                   num_key_value_heads=kv_heads)
+    x, pos, meta, cache = _step(rng, model.config, B, Q, S=41, chunk=chunk)
+    for index, layer in enumerate(model.model.layers):
+        ref, ref_cache = _run(layer, x, pos, meta, cache, index, native=False, dtype=torch.float64)
+        same, same_cache = _run(layer, x, pos, meta, copy.deepcopy(cache), index, native=False)
+        out, out_cache = _run(layer, x, pos, meta, copy.deepcopy(cache), index, native=True)
+        assert out.shape == x.shape and out.dtype == torch.float32
+        _assert_rule(out, same, ref, f"layer {index} output")
+        for t in ("k", "v"):
+            got, want, ref_t = getattr(out_cache, t), getattr(same_cache, t), getattr(ref_cache, t)
+            written = torch.zeros(got.shape[:3], dtype=torch.bool)
+            written[index, torch.arange(B).view(B, 1).expand(B, Q), pos] = True
+            assert torch.equal(got[~written], getattr(cache, t)[~written]), f"{t}: a slot outside the step changed"
+            _assert_rule(got[written], want[written], ref_t[written], f"layer {index} cache {t}")
+
+
+@pytest.mark.usefixtures("cpu_width")
+def test_rows_do_not_depend_on_the_row_count(rng):
+    """A row's output is the same bits alone as among Q rows of its step (parallel chunk decoding
+    agrees exactly with sequential decoding because of it)."""
+    model = _model(rng)
+    layer = model.model.layers[1]
+    x, pos, meta, cache = _step(rng, model.config, 1, 6, S=40, chunk=True)
+    together, _ = _run(layer, x, pos, meta, copy.deepcopy(cache), 1, native=True)
+    for i in range(6):
+        one = DecodeMeta(meta.q_pos[:, i:i + 1].contiguous(), meta.q_limit[:, i:i + 1].contiguous(), meta.kv_block,
+                         meta.kv_len)
+        alone, _ = _run(layer, x[:, i:i + 1].contiguous(), pos[:, i:i + 1].contiguous(), one, copy.deepcopy(cache),
+                        1, native=True)
+        assert torch.equal(alone, together[:, i:i + 1]), i
+
+
+def test_model_steps_take_the_native_layer_under_auto(rng, monkeypatch):
+    """A cached forward of a few rows runs every layer through `_C.decoder_layer` when `auto` orders it
+    first, with the modules' hidden states within float32 rounding; a prefill through the cache (more
+    than NATIVE_MAX_ROWS rows), backend="torch" and a model in training mode keep the modules."""
+    from worldvla.inference import InferenceEngine
+
+    model = _model(rng, num_hidden_layers=3)
+    layout = model.layout
+    prompt = torch.randint(layout.text_base, layout.vocab_size, (80,), generator=rng)
+    step_ids = torch.randint(layout.text_base, layout.vocab_size, (1, 3), generator=rng)
+    calls = []
+    monkeypatch.setattr(nb._C, "decoder_layer", lambda *a, f=nb._C.decoder_layer: calls.append(1) or f(*a))
+    out = {}
+    for order in (("torch",), ("native", "torch")):
+        monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), order)
+        engine = InferenceEngine(model, 1, 96, layout=layout)
+        engine.prefill([prompt])
+        assert not calls  # 80 rows: the modules
+        buf = engine.buffers(3)
+        buf.ids.copy_(step_ids)
+        buf.set_positions(torch.tensor([[80, 81, 82]]))
+        engine.set_kv_len([83])
+        out[order[0]] = engine.run(buf).clone()
+        assert len(calls) == (3 if order[0] == "native" else 0)
+        calls.clear()
+    torch.testing.assert_close(out["native"], out["torch"], rtol=1e-5, atol=1e-5)
+    x = torch.randn(1, 3, model.config.hidden_size)
+    ctx = ForwardContext(cache=engine.cache, position_ids=buf.pos, decode_meta=buf.meta)
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        assert ops.resolve_decoder_layer(layer, x, ctx) is nb.decoder_layer
+        assert ops.resolve_decoder_layer(layer, torch.randn(1, 65, x.shape[-1]), ctx) is ops.decoder_layer_ref
+        model.train()
+        assert ops.resolve_decoder_layer(layer, x, ctx) is nb.decoder_layer  # dropout 0: nothing to drop
+        layer.dropout.p = 0.1
+        assert ops.resolve_decoder_layer(layer, x, ctx) is ops.decoder_layer_ref  # dropout active
+        model.eval()
+        assert ops.resolve_decoder_layer(layer, x, ctx) is nb.decoder_layer
+    assert ops.resolve_decoder_layer(layer, x, ctx) is ops.decoder_layer_ref  # the weights want gradients
+    with torch.no_grad():
+        model.hidden_states(step_ids, cache=engine.cache, position_ids=buf.pos, decode_meta=buf.meta, backend="torch")
+    assert not calls
+
+
+def test_errors_name_the_problem(rng):
+    model = _model(rng)
+    layer = model.model.layers[0]
+    x, pos, meta, cache = _step(rng, model.config, 1, 2, S=30)
+    cos, sin = rope_cos_sin(pos, model.config.head_dim, model.config.rope_theta, x.dtype)
+    ctx = ForwardContext(cache=cache, position_ids=pos, decode_meta=meta)
+    w = layer.mlp.up_proj.weight
+    with torch.no_grad():
+        with pytest.raises(IndexError, match="cache slot 30 of row 1 lies outside a cache of 30 slots"):
+            bad = ForwardContext(cache=cache, position_ids=torch.tensor([[29, 30]]), decode_meta=meta)
+            nb.decoder_layer(layer, x, cos, sin, bad, 0)
+        with pytest.raises(TypeError, match="float32"):
+            nb.decoder_layer(layer, x.double(), cos, sin, ctx, 0)
+        with pytest.raises(ValueError, match="cached forwards only"):
+            nb.decoder_layer(layer, x, cos, sin, ForwardContext(), 0)
+        with pytest.raises(ValueError, match="position_ids must be contiguous int64"):
+            int_pos = ForwardContext(cache=cache, position_ids=pos.int(), decode_meta=meta)
+            nb.decoder_layer(layer, x, cos, sin, int_pos, 0)
+        with pytest.raises(ValueError, match="decode_meta.kv_block must have shape"):
+            short = DecodeMeta(meta.q_pos, meta.q_limit, meta.kv_block[:, :10], meta.kv_len)
+            nb.decoder_layer(layer, x, cos, sin, ForwardContext(cache=cache, position_ids=pos, decode_meta=short), 0)
+        layer.mlp.up_proj.weight = torch.nn.Parameter(w.t().contiguous().t())  # column-major
+        with pytest.raises(ValueError, match="up_proj must be contiguous"):
+            nb.decoder_layer(layer, x, cos, sin, ctx, 0)
+        layer.mlp.up_proj.weight = torch.nn.Parameter(w[:, :-1].contiguous())
+        with pytest.raises(ValueError, match="layer 0: up_proj has shape"):
+            nb.decoder_layer(layer, x, cos, sin, ctx, 0)
+        assert not nb._decoder_layer_supports(layer, x, ctx)
+        with pytest.raises(ValueError, match="'native' backend of 'decoder_layer' does not support.*up_proj has shape"):
+            ops.resolve_decoder_layer(layer, x, ctx, backend="native")
+    layer.mlp.up_proj.weight = w
+    with pytest.raises(ValueError, match="forward-only and these inputs need gradients"):
+        nb.decoder_layer(layer, x, cos, sin, ctx, 0)
+
+
+def test_auto_order_of_the_layer():
+    for cap, vendor in [("AVX2", "amd"), ("AVX2", "intel"), ("AVX2", None), ("AVX512", "amd"), ("AVX512", "intel"),
+                        ("AVX512", None)]:
+        assert dispatch._auto_order(cap, vendor)[("decoder_layer", "cpu")][0] == "native", (cap, vendor)
+    assert ("decoder_layer", "cpu") not in dispatch._auto_order("DEFAULT", None)
