@@ -1,6 +1,6 @@
 """The C++ CPU paths against torch on the CPU: prefill and decode attention, constrained sampling, VQ
-search and gather, and the few-row linear of decode steps. These measurements decide
-`worldvla.ops.dispatch.AUTO_ORDER` on CPU.
+search and gather, the few-row linear of decode steps and whole decoder layers of decode steps. These
+measurements decide `worldvla.ops.dispatch.AUTO_ORDER` on CPU.
 
 Both sides run through `worldvla.ops` (dispatch, checks and allocation included: what a caller pays),
 interleaved call by call (A, B, A, B, ...) so that drift in the machine's speed hits both alike, on the
@@ -138,6 +138,39 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
         med = interleaved(_sides(step), rot, warmup, max(10, repeats // 4))
         rows += _rows("linear", f"decode-step projections M{M} (28, small config)", med,
                       {"bytes": sum(w.numel() * 4 for w in weights), "flops": sum(2 * M * w.numel() for w in weights)})
+
+    # A decode step's 4 decoder layers (small config, random weights) against a 574-token cache (a 256 px
+    # action prompt): the layers' modules (each op through worldvla.ops under auto) against the native
+    # layer, one C++ call each. Q rows per sequence: 1 (one token), 5 and 10 (parallel action chunks),
+    # 8 sequences x 5 (the policy server's batch of 8 robots).
+    from worldvla.mask import NO_BLOCK, DecodeMeta
+    from worldvla.model import ForwardContext, KVCache, ModelConfig, WorldVLA, rope_cos_sin
+
+    model = WorldVLA(ModelConfig.small()).init_weights(generator=gen).eval()
+    cfg, S, P = model.config, 640, 574
+    for B, Q in ([(1, 1), (1, 5)] if quick else [(1, 1), (1, 5), (1, 10), (8, 5)]):
+        cache = KVCache(cfg, B, S)
+        cache.k.normal_(generator=gen)
+        cache.v.normal_(generator=gen)
+        pos = P + torch.arange(Q).view(1, Q).expand(B, Q).contiguous()
+        meta = DecodeMeta(pos.int(), torch.full((B, Q), -1, dtype=torch.int32),
+                          torch.full((B, S), NO_BLOCK, dtype=torch.int32), torch.full((B,), P + Q, dtype=torch.int32))
+        ctx = ForwardContext(cache=cache, position_ids=pos, decode_meta=meta)
+        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
+        rot = Rotation(lambda i: (torch.randn(B, Q, cfg.hidden_size, generator=gen),), n=4)
+
+        def layers(b, x):
+            fn = ops.resolve_decoder_layer(model.model.layers[0], x, ctx, b)
+            for i, layer in enumerate(model.model.layers):
+                x = fn(layer, x, cos, sin, ctx, i)
+            return x
+
+        with torch.no_grad():
+            med = interleaved(_sides(layers), rot, warmup, max(10, repeats // 4))
+        n_w = sum(p.numel() for layer in model.model.layers for p in layer.parameters())
+        kv = 2 * cfg.num_hidden_layers * B * (P + Q) * cfg.num_key_value_heads * cfg.head_dim
+        rows += _rows("decoder_layer", f"decode step B{B} Q{Q} cache{P} (4 layers, small config)", med,
+                      {"bytes": 4 * (n_w + kv), "flops": 2 * B * Q * n_w})
 
     for B, h, K, C in [(1, 16, 8192, 256), (8, 4, 512, 64)]:
         rot = Rotation(lambda i: (torch.randint(0, K, (B, h, h), generator=gen), torch.randn(K, C, generator=gen)))

@@ -308,14 +308,22 @@ def _run(quick, device, out_dir, grid, chunks, frame):
     return write_results("e2e", rows, device, out_dir, extra=extra, plot=("case", "speedup_vs_baseline", "impl"))
 
 
-def compare_projections(quick: bool = False, out_dir="benchmarks/results", grid: int | None = None,
-                        repeats: int | None = None):
-    """CPU: the same engines with the decode steps' projections on torch's GEMM and on the native few-row
-    kernel (`worldvla.ops.projection`), switched call by call (A, B, A, B, ...), medians; the tokens of the
-    two must be equal. Prefills take torch's GEMM either way (more than NATIVE_MAX_ROWS rows)."""
+# The CPU decode paths `compare_decode_paths` switches between: (decoder_layer order, linear order).
+DECODE_PATHS = {
+    "modules-torch-linear": (("torch",), ("torch",)),     # the layers' modules, torch's sgemm
+    "modules-native-linear": (("torch",), ("native", "torch")),  # the modules, the few-row C++ linear
+    "native-layer": (("native", "torch"), ("torch",)),    # one C++ call a layer (ops.decoder_layer)
+}
+
+
+def compare_decode_paths(quick: bool = False, out_dir="benchmarks/results", grid: int | None = None,
+                         repeats: int | None = None):
+    """CPU: the same engines with the decode steps run three ways (DECODE_PATHS), switched call by call
+    (A, B, C, A, B, C, ...), medians; the tokens of all three must be equal. Prefills take the modules
+    and torch's GEMM every way (more than NATIVE_MAX_ROWS rows)."""
     from worldvla.ops import dispatch
 
-    if "native" not in dispatch.available("linear"):
+    if "native" not in dispatch.available("decoder_layer"):
         raise RuntimeError("the native backend is not built here (pip install .)")
     grid = grid or (4 if quick else 16)
     repeats = repeats or (3 if quick else 10)
@@ -334,38 +342,46 @@ def compare_projections(quick: bool = False, out_dir="benchmarks/results", grid:
     frame_engine = InferenceEngine(model, 1, n_frame, layout=LAYOUT)
     calls["frame"] = (lambda: generate_frame_codes(model, codes, action, builder, engine=frame_engine),
                       max(3, repeats // 3))
-    orders = {"torch": ("torch",), "native": ("native", "torch")}
-    saved = dispatch.AUTO_ORDER.get(("linear", "cpu"))
+    keys = [("decoder_layer", "cpu"), ("linear", "cpu")]
+    saved = {k: dispatch.AUTO_ORDER.get(k) for k in keys}
+
+    def use(path):
+        for key, order in zip(keys, DECODE_PATHS[path]):
+            dispatch.AUTO_ORDER[key] = order
+
+    base = next(iter(DECODE_PATHS))
     rows = []
     try:
         with torch.no_grad():
             for case, (fn, n) in calls.items():
-                out, times = {}, {k: [] for k in orders}
-                for impl, order in orders.items():  # warm-up, and the tokens of each
-                    dispatch.AUTO_ORDER[("linear", "cpu")] = order
-                    out[impl] = fn()
+                out, times = {}, {k: [] for k in DECODE_PATHS}
+                for path in DECODE_PATHS:  # warm-up, and the tokens of each
+                    use(path)
+                    out[path] = fn()
                 for _ in range(n):
-                    for impl, order in orders.items():
-                        dispatch.AUTO_ORDER[("linear", "cpu")] = order
+                    for path in DECODE_PATHS:
+                        use(path)
                         t0 = time.perf_counter()
                         fn()
-                        times[impl].append((time.perf_counter() - t0) * 1e3)
+                        times[path].append((time.perf_counter() - t0) * 1e3)
                 med = {k: statistics.median(v) for k, v in times.items()}
-                for impl in orders:
-                    rows.append({"case": f"small {case} {grid * 16}px", "impl": f"projections-{impl}",
-                                 "median_ms": med[impl], "repeats": n, "speedup_vs_torch": med["torch"] / med[impl],
-                                 "tokens_equal": bool(torch.equal(out["native"], out["torch"]))})
+                for path in DECODE_PATHS:
+                    rows.append({"case": f"small {case} {grid * 16}px", "impl": path, "median_ms": med[path],
+                                 "repeats": n, "speedup_vs_modules": med[base] / med[path],
+                                 "tokens_equal": bool(torch.equal(out[path], out[base]))})
     finally:
-        if saved is None:
-            dispatch.AUTO_ORDER.pop(("linear", "cpu"), None)
-        else:
-            dispatch.AUTO_ORDER[("linear", "cpu")] = saved
-    print_table(rows, ["case", "impl", "median_ms", "speedup_vs_torch", "tokens_equal"])
-    extra = {"threads": torch.get_num_threads(), "quick": quick,
-             "method": "one model and engine per case; the projections' implementation switched call by call "
-                       "(interleaved), medians; prefills use torch's GEMM on both sides"}
-    return write_results("e2e_projections", rows, "cpu", out_dir, extra=extra,
-                         plot=("case", "speedup_vs_torch", "impl"))
+        for key, order in saved.items():
+            if order is None:
+                dispatch.AUTO_ORDER.pop(key, None)
+            else:
+                dispatch.AUTO_ORDER[key] = order
+    print_table(rows, ["case", "impl", "median_ms", "speedup_vs_modules", "tokens_equal"])
+    extra = {"threads": torch.get_num_threads(), "quick": quick, "paths": {k: [list(o) for o in v]
+                                                                          for k, v in DECODE_PATHS.items()},
+             "method": "one model and engine per case; the decode steps' path switched call by call (interleaved), "
+                       "medians; prefills use the modules and torch's GEMM on every side"}
+    return write_results("e2e_decode_paths", rows, "cpu", out_dir, extra=extra,
+                         plot=("case", "speedup_vs_modules", "impl"))
 
 
 def main(argv=None):
@@ -376,16 +392,17 @@ def main(argv=None):
     p.add_argument("--grid", type=int, help="codes per image side (px = 16 x grid); default 4 quick, else 16 and 32")
     p.add_argument("--threads", type=int, help="CPU intra-op threads (default: 1 with --quick, else torch's)")
     p.add_argument("--chunks", type=int, nargs="+", help="actions per chunk (default: 5 10)")
-    p.add_argument("--projections", action="store_true",
+    p.add_argument("--decode-paths", action="store_true",
                    help="CPU only: instead, a 5-action chunk (parallel, sequential) and a frame with the decode "
-                        "steps' projections on torch vs the native few-row kernel, interleaved")
+                        "steps through the layers' modules (torch's or the native few-row linear) and through the "
+                        "native decoder layer, interleaved")
     a = p.parse_args(argv)
-    if a.projections:
+    if a.decode_paths:
         if a.device not in (None, "cpu"):
-            p.error("--projections compares CPU paths; leave --device unset or cpu")
+            p.error("--decode-paths compares CPU paths; leave --device unset or cpu")
         if a.threads:
             torch.set_num_threads(a.threads)
-        print(compare_projections(a.quick, a.out, grid=a.grid))
+        print(compare_decode_paths(a.quick, a.out, grid=a.grid))
         return
     print(run(a.quick, a.device, a.out, grid=a.grid, chunks=tuple(a.chunks) if a.chunks else None, threads=a.threads))
 

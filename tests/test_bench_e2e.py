@@ -60,18 +60,26 @@ def test_action_prompt_layout():
     assert p.numel() == 22 + 2 * (4 + 16 * 17)  # 574 tokens: the release's ~620-token document less its chunk
 
 
-def test_projections_comparison_keeps_the_tokens(tmp_path):
-    """`e2e --projections`: each case timed with torch's and the native projections, the same tokens,
-    and the dispatch order as it was afterwards."""
+def test_decode_paths_comparison_keeps_the_tokens(tmp_path, monkeypatch):
+    """`e2e --decode-paths`: each case timed through the modules (torch's and the native linear) and the
+    native decoder layer, each path really taken, the same tokens, the dispatch order as it was afterwards."""
     pytest.importorskip("worldvla._C")
     from worldvla.ops import dispatch
+    from worldvla.ops import native_backend as nb
 
+    calls = {"linear": 0, "decoder_layer": 0}
+    for name in calls:
+        def spy(*a, name=name, f=getattr(nb._C, name)):
+            calls[name] += 1
+            return f(*a)
+        monkeypatch.setattr(nb._C, name, spy)
     before = dict(dispatch.AUTO_ORDER)
-    doc = json.loads(e2e.compare_projections(quick=True, out_dir=tmp_path, grid=2, repeats=1).read_text())
+    doc = json.loads(e2e.compare_decode_paths(quick=True, out_dir=tmp_path, grid=2, repeats=1).read_text())
     assert dispatch.AUTO_ORDER == before
+    assert calls["linear"] > 0 and calls["decoder_layer"] > 0
     cases = {r["case"] for r in doc["rows"]}
     assert len(cases) == 3 and all(r["tokens_equal"] for r in doc["rows"])
     for case in cases:
-        assert {r["impl"] for r in doc["rows"] if r["case"] == case} == {"projections-torch", "projections-native"}
+        assert {r["impl"] for r in doc["rows"] if r["case"] == case} == set(e2e.DECODE_PATHS)
     with pytest.raises(SystemExit):
-        e2e.main(["--projections", "--device", "cuda"])
+        e2e.main(["--decode-paths", "--device", "cuda"])

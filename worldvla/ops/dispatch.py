@@ -32,8 +32,13 @@ BACKENDS = ("torch", "triton", "native")
 #   machine: a step's projections through worldvla.ops 1.6-2.6x torch's MKL sgemm up to 16 rows, 1.7x
 #   at 64 (the kernel alone 4-6x at 1-5 rows); MKL streams the weights at 5-9 GB/s there (NOTES.md). The same machine with torch,
 #   MKL and oneDNN held to AVX2 and the kernel 8 wide (cpu_ops-cpu-2core-avx512-amd-limited-to-avx2.json),
-#   standing in for an AMD AVX2 CPU: 2.0x at 1 row, 2.6-3.0x at 2-10, 1.2x at 64. Intel CPUs (MKL's
-#   own) and unknown vendors keep torch's linear until measured.
+#   standing in for an AMD AVX2 CPU: 2.0x at 1 row, 2.6-3.0x at 2-10, 1.2x at 64. On the Intel Xeon MKL
+#   stays ahead through worldvla.ops (0.68-1.07x), so Intel CPUs and unknown vendors keep torch's linear.
+# - The decoder layer of decode steps (ops.decoder_layer: one C++ call a layer, up to
+#   ops.projection.NATIVE_MAX_ROWS rows) on the Intel Xeon with AVX-512, a small-config step's 4 layers:
+#   2.6-3.0x the modules at 1 row, 2.4-2.75x at 5, 2.1x at 10, 1.4x at 40 (two runs); with torch held to
+#   AVX2 and the kernels 8 wide 3.0x / 2.4x / 1.9x / 1.1x. AMD CPUs take it too: it is made of the kernels
+#   that lead there (the few-row linear, decode attention), though it was not timed as a whole there.
 # Anything else (other architectures, no AVX2) was not measured: torch.
 _ALL_CPU_OPS = ("masked_attention", "decode_attention", "constrained_sample", "vq_quantize", "vq_gather")
 CPU_NATIVE_FIRST = {
