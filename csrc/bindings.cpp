@@ -95,18 +95,15 @@ void masked_attention_fwd(int device, int64_t stream, int dtype, int64_t q, int6
 #endif
 }
 
-void decode_attention(int device, int64_t stream, int dtype, int64_t q, int64_t k, int64_t v, int64_t o,
-                      int64_t q_pos, int64_t q_limit, int64_t kv_block, int64_t kv_len, int64_t batch, int64_t n_q,
-                      int64_t cache_len, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, Strides qs,
-                      Strides ks, Strides vs, Strides os, int64_t kvb_sb, double scale, int64_t o_part,
-                      int64_t lse_part, int64_t n_splits, int64_t split_size) {
+// The cache and DecodeMeta half of DecodeParams, shared by decode_attention and decoder_layer.
+DecodeParams decode_params(int64_t k, int64_t v, int64_t q_pos, int64_t q_limit, int64_t kv_block, int64_t kv_len,
+                           int64_t batch, int64_t n_q, int64_t cache_len, int64_t n_heads, int64_t n_kv_heads,
+                           int64_t head_dim, const Strides& ks, const Strides& vs, int64_t kvb_sb, double scale) {
   if (n_kv_heads <= 0 || n_heads % n_kv_heads)
-    throw std::invalid_argument("decode_attention: n_kv_heads must divide n_heads");
+    throw std::invalid_argument("decode attention: n_kv_heads must divide n_heads");
   DecodeParams p;
-  p.q = ptr<const void>(q);
   p.k = ptr<const void>(k);
   p.v = ptr<const void>(v);
-  p.o = ptr<void>(o);
   p.q_pos = ptr<const int32_t>(q_pos);
   p.q_limit = ptr<const int32_t>(q_limit);
   p.kv_block = ptr<const int32_t>(kv_block);
@@ -117,12 +114,24 @@ void decode_attention(int device, int64_t stream, int dtype, int64_t q, int64_t 
   p.n_heads = n_heads;
   p.n_kv_heads = n_kv_heads;
   p.head_dim = head_dim;
-  p.q_sb = qs[0]; p.q_st = qs[1]; p.q_sh = qs[2];
   p.k_sb = ks[0]; p.k_st = ks[1]; p.k_sh = ks[2];
   p.v_sb = vs[0]; p.v_st = vs[1]; p.v_sh = vs[2];
-  p.o_sb = os[0]; p.o_st = os[1]; p.o_sh = os[2];
   p.kvb_sb = kvb_sb;
   p.scale = static_cast<float>(scale);
+  return p;
+}
+
+void decode_attention(int device, int64_t stream, int dtype, int64_t q, int64_t k, int64_t v, int64_t o,
+                      int64_t q_pos, int64_t q_limit, int64_t kv_block, int64_t kv_len, int64_t batch, int64_t n_q,
+                      int64_t cache_len, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, Strides qs,
+                      Strides ks, Strides vs, Strides os, int64_t kvb_sb, double scale, int64_t o_part,
+                      int64_t lse_part, int64_t n_splits, int64_t split_size) {
+  DecodeParams p = decode_params(k, v, q_pos, q_limit, kv_block, kv_len, batch, n_q, cache_len, n_heads, n_kv_heads,
+                                 head_dim, ks, vs, kvb_sb, scale);
+  p.q = ptr<const void>(q);
+  p.o = ptr<void>(o);
+  p.q_sb = qs[0]; p.q_st = qs[1]; p.q_sh = qs[2];
+  p.o_sb = os[0]; p.o_st = os[1]; p.o_sh = os[2];
   p.dtype = dtype;
   p.o_part = ptr<float>(o_part);
   p.lse_part = ptr<float>(lse_part);
@@ -214,8 +223,7 @@ void decoder_layer(int64_t x, int64_t y, int64_t hidden, int64_t intermediate, s
                    int64_t k_cache, int64_t v_cache, int64_t q_pos, int64_t q_limit, int64_t kv_block,
                    int64_t kv_len, int64_t batch, int64_t n_q, int64_t cache_len, int64_t n_heads,
                    int64_t n_kv_heads, int64_t head_dim, Strides ks, Strides vs, int64_t kvb_sb, double scale) {
-  if (n_kv_heads <= 0 || n_heads % n_kv_heads || head_dim % 2)
-    throw std::invalid_argument("decoder_layer: n_kv_heads must divide n_heads and head_dim must be even");
+  if (head_dim % 2) throw std::invalid_argument("decoder_layer: head_dim must be even (rotary halves)");
   DecoderLayerParams p;
   p.x = ptr<const float>(x);
   p.y = ptr<float>(y);
@@ -230,24 +238,9 @@ void decoder_layer(int64_t x, int64_t y, int64_t hidden, int64_t intermediate, s
   p.rms_eps = static_cast<float>(rms_eps);
   p.ln_eps = static_cast<float>(ln_eps);
   p.post_norm = post_norm;
-  DecodeParams& a = p.attn;
-  a.k = ptr<const void>(k_cache);
-  a.v = ptr<const void>(v_cache);
-  a.q_pos = ptr<const int32_t>(q_pos);
-  a.q_limit = ptr<const int32_t>(q_limit);
-  a.kv_block = ptr<const int32_t>(kv_block);
-  a.kv_len = ptr<const int32_t>(kv_len);
-  a.batch = batch;
-  a.n_q = n_q;
-  a.cache_len = cache_len;
-  a.n_heads = n_heads;
-  a.n_kv_heads = n_kv_heads;
-  a.head_dim = head_dim;
-  a.k_sb = ks[0]; a.k_st = ks[1]; a.k_sh = ks[2];
-  a.v_sb = vs[0]; a.v_st = vs[1]; a.v_sh = vs[2];
-  a.kvb_sb = kvb_sb;
-  a.scale = static_cast<float>(scale);
-  a.split_size = cache_len;
+  p.attn = decode_params(k_cache, v_cache, q_pos, q_limit, kv_block, kv_len, batch, n_q, cache_len, n_heads,
+                         n_kv_heads, head_dim, ks, vs, kvb_sb, scale);
+  p.attn.split_size = cache_len;
   py::gil_scoped_release nogil;
   decoder_layer_cpu(p);
 }

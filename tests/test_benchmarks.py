@@ -65,7 +65,7 @@ def test_cpu_ops_compares_both_sides_of_every_case(tmp_path):
     doc = json.loads(cpu_ops.run(quick=True, out_dir=tmp_path).read_text())
     cases = {(r["op"], r["case"]) for r in doc["rows"]}
     assert {op for op, _ in cases} == {"masked_attention", "decode_attention", "constrained_sample", "vq_quantize",
-                                       "vq_gather", "linear"}
+                                       "vq_gather", "linear", "decoder_layer"}
     for op, case in cases:
         impls = {r["impl"]: r for r in doc["rows"] if (r["op"], r["case"]) == (op, case)}
         follows_width = op not in ("decode_attention", "vq_gather")  # decode is 8 wide everywhere

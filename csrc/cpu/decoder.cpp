@@ -48,6 +48,19 @@ void head_norm_rope(float* t, int64_t R, int64_t heads, int64_t Dh, const float*
     }
 }
 
+// A branch's input: x itself under post-norm, else its RMSNorm written into h.
+const float* branch_input(const DecoderLayerParams& p, const float* x, const float* w, int64_t R, float* h) {
+  if (p.post_norm) return x;
+  rms_norm(x, w, R, p.hidden, p.rms_eps, h);
+  return h;
+}
+
+// y = x + the branch output b (normed first under post-norm; b is overwritten then).
+void add_branch(const DecoderLayerParams& p, const float* x, float* b, const float* w, int64_t R, float* y) {
+  if (p.post_norm) rms_norm(b, w, R, p.hidden, p.rms_eps, b);  // row by row: each row read before written
+  for (int64_t i = 0; i < R * p.hidden; ++i) y[i] = x[i] + b[i];
+}
+
 }  // namespace
 
 void decoder_layer_cpu(const DecoderLayerParams& p) {
@@ -71,11 +84,7 @@ void decoder_layer_cpu(const DecoderLayerParams& p) {
   float* tmp = u + R * I;
 
   // Attention branch.
-  const float* a_in = p.x;
-  if (!p.post_norm) {
-    rms_norm(p.x, p.ln1, R, D, p.rms_eps, h);
-    a_in = h;
-  }
+  const float* a_in = branch_input(p, p.x, p.ln1, R, h);
   linear_cpu(a_in, D, p.wq, D, R, D, Nq, q, Nq);
   linear_cpu(a_in, D, p.wk, D, R, D, Nkv, k, Nkv);
   linear_cpu(a_in, D, p.wv, D, R, D, Nkv, v, Nkv);
@@ -100,21 +109,15 @@ void decoder_layer_cpu(const DecoderLayerParams& p) {
   a.dtype = kFloat32;
   decode_attention_cpu(a);
   linear_cpu(o, Nq, p.wo, Nq, R, Nq, D, h, D);
-  if (p.post_norm) rms_norm(h, p.ln1, R, D, p.rms_eps, h);  // row by row: each row is read before written
-  for (int64_t i = 0; i < R * D; ++i) p.y[i] = p.x[i] + h[i];
+  add_branch(p, p.x, h, p.ln1, R, p.y);
 
   // MLP branch.
-  const float* m_in = p.y;
-  if (!p.post_norm) {
-    rms_norm(p.y, p.ln2, R, D, p.rms_eps, h);
-    m_in = h;
-  }
+  const float* m_in = branch_input(p, p.y, p.ln2, R, h);
   linear_cpu(m_in, D, p.wg, D, R, D, I, g, I);
   linear_cpu(m_in, D, p.wu, D, R, D, I, u, I);
   for (int64_t i = 0; i < R * I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
   linear_cpu(g, I, p.wd, I, R, I, D, h, D);
-  if (p.post_norm) rms_norm(h, p.ln2, R, D, p.rms_eps, h);
-  for (int64_t i = 0; i < R * D; ++i) p.y[i] += h[i];
+  add_branch(p, p.y, h, p.ln2, R, p.y);
 }
 
 }  // namespace worldvla

@@ -72,7 +72,9 @@ def cpu_vendor() -> str | None:
 def _auto_order(capability: str, vendor: str | None = None) -> dict:
     """Fastest first, per device type, or per (op, device type) where an op differs from its device's
     rule. Triton leads on CUDA until the native CUDA kernels have passed their GPU tests on hardware."""
-    order = {"cuda": ("triton", "native", "torch"), "cpu": ("torch",), ("linear", "cuda"): ("torch",)}  # cuBLAS
+    order = {"cuda": ("triton", "native", "torch"), "cpu": ("torch",),
+             ("linear", "cuda"): ("torch",),          # cuBLAS
+             ("decoder_layer", "cuda"): ("torch",)}   # the modules (captured in the engine's CUDA graphs)
     for op in CPU_NATIVE_FIRST.get((capability, vendor), CPU_NATIVE_FIRST.get(capability, ())):
         order[(op, "cpu")] = ("native", "torch")
     return order
