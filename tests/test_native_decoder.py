@@ -164,6 +164,13 @@ def test_errors_name_the_problem(rng):
             nb.decoder_layer(layer, x, cos, sin, bad, 0)
         with pytest.raises(TypeError, match="float32"):
             nb.decoder_layer(layer, x.double(), cos, sin, ctx, 0)
+        with pytest.raises(ValueError, match="runs on the CPU; sin is on meta"):
+            nb.decoder_layer(layer, x, cos, sin.to("meta"), ctx, 0)
+        with pytest.raises(ValueError, match="rotary cos and sin must each hold"):
+            nb.decoder_layer(layer, x, cos, sin[..., :-1].contiguous(), ctx, 0)
+        with pytest.raises(ValueError, match="decode_meta.q_limit is on meta"):
+            on_meta = DecodeMeta(meta.q_pos, meta.q_limit.to("meta"), meta.kv_block, meta.kv_len)
+            nb.decoder_layer(layer, x, cos, sin, ForwardContext(cache=cache, position_ids=pos, decode_meta=on_meta), 0)
         with pytest.raises(ValueError, match="cached forwards only"):
             nb.decoder_layer(layer, x, cos, sin, ForwardContext(), 0)
         with pytest.raises(ValueError, match="position_ids must be contiguous int64"):

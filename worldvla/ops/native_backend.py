@@ -650,8 +650,9 @@ def _config_shapes(cfg) -> tuple:
                            cfg.intermediate_size)
 
 
-def _check_decoder_layer(layer, x, cos, ctx, index):
-    """Everything `_C.decoder_layer` relies on; `cos` None skips the rotary tables (checked per call)."""
+def _check_decoder_layer(layer, x, cos, sin, ctx, index):
+    """Everything `_C.decoder_layer` relies on; `cos`, `sin` None skip the rotary tables (a forward's
+    dispatch checks before they exist; every call checks them)."""
     op = "decoder_layer"
     cache, meta, pos = ctx.cache, ctx.decode_meta, ctx.position_ids
     if cache is None or meta is None or pos is None:
@@ -671,18 +672,23 @@ def _check_decoder_layer(layer, x, cos, ctx, index):
     k, v = cache.k[index], cache.v[index]
     if k.shape != (B, k.shape[1], Hkv, Dh) or v.shape != k.shape:
         _fail(op, f"the cache's layer {index} is {tuple(k.shape)}, expected [{B}, S, {Hkv}, {Dh}]")
-    tensors = dict(zip(names, w), x=x, k_cache=k, v_cache=v, **({} if cos is None else {"cos": cos}))
+    tensors = dict(zip(names, w), x=x, k_cache=k, v_cache=v, **({} if cos is None else {"cos": cos, "sin": sin}))
     for n, t in (*tensors.items(), ("position_ids", pos), ("decode_meta.q_pos", meta.q_pos),
-                 ("decode_meta.kv_block", meta.kv_block), ("decode_meta.kv_len", meta.kv_len)):
+                 ("decode_meta.q_limit", meta.q_limit), ("decode_meta.kv_block", meta.kv_block),
+                 ("decode_meta.kv_len", meta.kv_len)):
+        if type(t) not in _PLAIN:
+            _fail(op, f"{n} is a {type(t).__name__}; the native layer takes plain tensors (sharded or traced "
+                      "weights keep the modules)")
         if not t.is_cpu:
             _fail(op, f"the native layer runs on the CPU; {n} is on {t.device}")
     for n, t in tensors.items():
         if t.dtype != torch.float32:
             _fail(op, f"the CPU path takes float32; {n} is {t.dtype}", TypeError)
-    _contiguous(op, **dict(zip(names, w)), x=x, cos=cos)
+    _contiguous(op, **dict(zip(names, w)), x=x, cos=cos, sin=sin)
     _last_dim_unit(op, k_cache=k, v_cache=v)
-    if cos is not None and cos.numel() != B * Q * Dh:
-        _fail(op, f"rotary cos/sin must hold [B, Q, {Dh}] values, got {tuple(cos.shape)}")
+    if cos is not None and not cos.numel() == sin.numel() == B * Q * Dh:
+        _fail(op, f"rotary cos and sin must each hold [B, Q, {Dh}] values, got {tuple(cos.shape)} and "
+                  f"{tuple(sin.shape)}")
     if tuple(pos.shape) != (B, Q) or pos.dtype != torch.int64 or not pos.is_contiguous():
         _fail(op, f"position_ids must be contiguous int64 [{B}, {Q}], got {pos.dtype} {tuple(pos.shape)}")
     S = k.shape[1]
@@ -704,17 +710,18 @@ def _decoder_layer_ready(w, shapes, x, cos, sin, ctx, index) -> bool:
         return False
     B, Q, D = x.shape
     k, v = cache.k, cache.v
-    return (_no_grad_needed(x, *w) and all([t.dtype == f32 and t.is_cpu for t in w])
-            and [t.shape for t in w] == list(shapes)
-            and all([t.is_contiguous() for t in w]) and x.dtype == f32 and x.is_cpu and x.is_contiguous()
-            and D == shapes[0][0] and cos.dtype == f32 and sin.dtype == f32 and cos.is_contiguous()
+    return (_no_grad_needed(x, *w) and all([type(t) in _PLAIN and t.dtype == f32 and t.is_cpu for t in w])
+            and [t.shape for t in w] == list(shapes) and all([t.is_contiguous() for t in w])
+            and type(x) in _PLAIN and x.dtype == f32 and x.is_cpu and x.is_contiguous() and D == shapes[0][0]
+            and cos.dtype == sin.dtype == f32 and cos.is_cpu and sin.is_cpu and cos.is_contiguous()
             and sin.is_contiguous() and cos.numel() == sin.numel() == B * Q * shapes[5][1]
-            and k.dtype == v.dtype == f32 and k.is_cpu and k.dim() == 5 and k.shape == v.shape
+            and k.dtype == v.dtype == f32 and k.is_cpu and v.is_cpu and k.dim() == 5 and k.shape == v.shape
             and k.shape[1] == B and k.shape[3:] == shapes[7] and k.is_contiguous() and v.is_contiguous()
             and 0 <= index < k.shape[0] and pos.dtype == torch.int64 and pos.is_cpu and pos.is_contiguous()
             and pos.shape == (B, Q) == meta.q_pos.shape == meta.q_limit.shape
             and meta.q_pos.dtype == meta.q_limit.dtype == meta.kv_block.dtype == meta.kv_len.dtype == i32
             and meta.kv_block.shape == (B, k.shape[2]) and meta.kv_len.shape == (B,) and meta.kv_block.is_cpu
+            and meta.q_pos.is_cpu and meta.q_limit.is_cpu and meta.kv_len.is_cpu
             and meta.q_pos.is_contiguous() and meta.q_limit.is_contiguous() and meta.kv_len.is_contiguous()
             and meta.kv_block.stride(1) == 1)
 
@@ -728,9 +735,7 @@ def decoder_layer(layer, x: Tensor, cos: Tensor, sin: Tensor, ctx, index: int) -
     cfg = attn.cfg
     w, shapes = _layer_weights(layer), _config_shapes(cfg)
     if not _decoder_layer_ready(w, shapes, x, cos, sin, ctx, index):
-        _check_decoder_layer(layer, x, cos, ctx, index)
-        if sin.shape != cos.shape or not sin.is_contiguous() or sin.dtype != torch.float32:
-            _fail("decoder_layer", f"rotary sin must match cos {tuple(cos.shape)} (float32, contiguous)")
+        _check_decoder_layer(layer, x, cos, sin, ctx, index)
     B, Q, D = x.shape
     y = torch.empty_like(x)
     if x.numel():
@@ -808,12 +813,12 @@ def _linear_supports(x, weight):
 
 def _decoder_layer_supports(layer, x, ctx):
     def eager():
-        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or type(x) not in _PLAIN:
-            return dispatch.Unsupported("traced forwards and tensor subclasses keep the layer's modules")
+        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+            return dispatch.Unsupported("traced forwards keep the layer's modules")
         if layer.training and any(m.p > 0 for m in layer.modules() if isinstance(m, torch.nn.Dropout)):
             return dispatch.Unsupported("dropout is active (training mode); call model.eval()")
         return True
-    return dispatch.first_false(eager, lambda: _passes(_check_decoder_layer, layer, x, None, ctx, 0))
+    return dispatch.first_false(eager, lambda: _passes(_check_decoder_layer, layer, x, None, None, ctx, 0))
 
 
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
