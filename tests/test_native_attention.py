@@ -272,6 +272,54 @@ def test_decode_odd_shapes_cpu(rng, D):
     assert_close_rule(out, ref, same, f"decode odd D={D}", FP32_FLOOR)
 
 
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("Q, D", [(33, 20), (47, 64), (70, 13)])
+def test_decode_many_rows_random_meta_cpu(rng, Q, D):
+    """More than 32 query rows per sequence take the prefill's tiled kernel: random positions (some
+    before slot 0, some past kv_len), random chunk-rule blocks, GQA, an empty sequence, per-sequence
+    kv_len and NaN in every slot past it (never read)."""
+    B, H, Hkv, S = 3, 6, 2, 150
+    q = torch.randn(B, Q, H, D, generator=rng)
+    k = torch.randn(B, S, Hkv, D, generator=rng)
+    v = torch.randn(B, S, Hkv, D, generator=rng)
+    kv_len = torch.tensor([150, 97, 0], dtype=torch.int32)
+    for b, n in enumerate(kv_len.tolist()):
+        k[b, n:] = float("nan")
+        v[b, n:] = float("nan")
+    q_pos = torch.randint(-3, S + 20, (B, Q), generator=rng).int()
+    kv_block = torch.where(torch.rand(B, S, generator=rng) < 0.4, torch.randint(0, 4, (B, S), generator=rng),
+                           torch.full((B, S), NO_BLOCK)).int()
+    q_limit = torch.randint(-1, 4, (B, Q), generator=rng).int()
+    kv_block[:, 0] = NO_BLOCK
+    dm = DecodeMeta(q_pos, q_limit, kv_block, kv_len)
+    out = nb.decode_attention(q, k, v, dm)
+    assert not torch.isnan(out).any()
+    blind = ~dm.dense_mask().any(-1)  # rows that see no key give zeros
+    assert blind.any() and torch.equal(out[blind], torch.zeros_like(out[blind]))
+    finite = lambda t: torch.nan_to_num(t, nan=0.0)  # noqa: E731  (the reference reads every slot)
+    ref = decode_attention_ref(q.double(), finite(k).double(), finite(v).double(), dm)
+    same = decode_attention_ref(q, finite(k), finite(v), dm)
+    assert_close_rule(out, ref, same, f"decode {Q} rows D={D}", FP32_FLOOR)
+
+
+@pytest.mark.usefixtures("cpu_width")
+def test_decode_rows_either_side_of_the_tiled_switch_cpu(rng):
+    """32 rows (the row-by-row decode kernel) and 33 rows (the tiled kernel) of one prompt agree
+    with each other and with the float64 reference."""
+    L = 120
+    meta = chunk_mask_meta(action_ids(rng, L, chunk=6).view(1, -1), LAYOUT)
+    q, k, v = qkv(rng, (1, L), 4, 2, 64)
+    outs = []
+    for rows in (list(range(L - 32, L)), list(range(L - 33, L))):
+        dm = decode_meta_from(meta, rows, L)
+        out = nb.decode_attention(q[:, rows], k, v, dm)
+        ref = decode_attention_ref(q[:, rows].double(), k.double(), v.double(), dm)
+        same = decode_attention_ref(q[:, rows], k, v, dm, upcast=False)
+        assert_close_rule(out, ref, same, f"decode {len(rows)} rows", FP32_FLOOR)
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1][:, 1:], rtol=0, atol=1e-5)
+
+
 def test_decode_strided_cache_cpu(rng):
     """A static cache larger than the filled part, viewed through a slice."""
     big_k = torch.randn(2, 100, 3, 16, generator=rng)

@@ -22,6 +22,9 @@ namespace {
 constexpr int64_t kQB = 32;  // query rows per work item (a multiple of 4)
 constexpr int64_t kKB = 64;  // keys per tile (a multiple of 16)
 constexpr int64_t kDecodeKB = 16;  // keys per P V tile of decode (its V copy stays in L2)
+// Decode calls with more query rows per sequence than this take the prefill's tiled kernel. Below
+// it, a row's result depends only on that row and the cache (parallel chunk decoding relies on it).
+constexpr int64_t kDecodeTiledRows = 32;
 constexpr int64_t kDAlign = 32;    // head dims padded to whole P V column blocks (2 W floats) at either width
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -34,9 +37,9 @@ struct WorkItem {
 struct Scratch {
   std::vector<float> qs, vt, sc, acc, row_max;
   std::vector<double> row_sum;  // softmax denominators: a long sequential sum, kept in double
-  std::vector<int32_t> ql;
+  std::vector<int32_t> ql, pos;
   Scratch(int64_t D, int64_t Dp)
-      : qs(kQB * D), vt(kKB * Dp), sc(kQB * kKB), acc(kQB * Dp), row_max(kQB), row_sum(kQB), ql(kQB) {}
+      : qs(kQB * D), vt(kKB * Dp), sc(kQB * kKB), acc(kQB * Dp), row_max(kQB), row_sum(kQB), ql(kQB), pos(kQB) {}
 };
 
 // sc[r][c] = sum_d qs[r][d] kt[d * ldk + c] for rows r < rows (a multiple of 4), all kKB columns.
@@ -52,8 +55,8 @@ WORLDVLA_INLINE void score_tile(const float* __restrict qs, const float* __restr
       const float* q0 = qs + r0 * D;
       for (int64_t d = 0; d < D; ++d) {
         const V k0 = loadv<W>(kt + d * ldk + c0), k1 = loadv<W>(kt + d * ldk + c0 + W);
-        const V x0 = splatv<W>(q0[d]), x1 = splatv<W>(q0[D + d]), x2 = splatv<W>(q0[2 * D + d]),
-                x3 = splatv<W>(q0[3 * D + d]);
+        const V x0 = bcastv<W>(q0 + d), x1 = bcastv<W>(q0 + D + d), x2 = bcastv<W>(q0 + 2 * D + d),
+                x3 = bcastv<W>(q0 + 3 * D + d);
         a0 += x0 * k0; b0 += x0 * k1;
         a1 += x1 * k0; b1 += x1 * k1;
         a2 += x2 * k0; b2 += x2 * k1;
@@ -80,7 +83,7 @@ WORLDVLA_INLINE void pv_tile(const float* __restrict p, int64_t ldp, const float
       V a = {}, b = {};
       const float* pr = p + r * ldp;
       for (int64_t c = 0; c < cols; ++c) {
-        const V x = splatv<W>(pr[c]);
+        const V x = bcastv<W>(pr + c);
         a += x * loadv<W>(v + c * ldv + d0);
         b += x * loadv<W>(v + c * ldv + d0 + W);
       }
@@ -93,8 +96,8 @@ WORLDVLA_INLINE void pv_tile(const float* __restrict p, int64_t ldp, const float
       const float* p0 = p + r0 * ldp;
       for (int64_t c = 0; c < cols; ++c) {
         const V v0 = loadv<W>(v + c * ldv + d0), v1 = loadv<W>(v + c * ldv + d0 + W);
-        const V x0 = splatv<W>(p0[c]), x1 = splatv<W>(p0[ldp + c]), x2 = splatv<W>(p0[2 * ldp + c]),
-                x3 = splatv<W>(p0[3 * ldp + c]);
+        const V x0 = bcastv<W>(p0 + c), x1 = bcastv<W>(p0 + ldp + c), x2 = bcastv<W>(p0 + 2 * ldp + c),
+                x3 = bcastv<W>(p0 + 3 * ldp + c);
         a0 += x0 * v0; b0 += x0 * v1;
         a1 += x1 * v0; b1 += x1 * v1;
         a2 += x2 * v0; b2 += x2 * v1;
@@ -116,75 +119,101 @@ struct KeysT {
   std::vector<int64_t> offset;  // per (sequence, kv head)
 };
 
-template <int W>
-WORLDVLA_INLINE void prefill_item(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, Scratch& w) {
-  const float* q = static_cast<const float*>(p.q);
-  const float* v = static_cast<const float*>(p.v);
-  float* o = static_cast<float*>(p.o);
-  const int64_t D = p.head_dim, Dp = round_up(D, kDAlign), group = p.n_heads / p.n_kv_heads;
-  const int64_t rows = std::min(kQB, it.len - it.m0), rows4 = round_up(rows, 4);
-  const int64_t hk = it.head / group;
-  const float* qb = q + it.seq * p.q_sb + (it.start + it.m0) * p.q_st + it.head * p.q_sh;
-  const float* vb = v + it.seq * p.v_sb + it.start * p.v_st + hk * p.v_sh;
-  const float* kt = kT.data.data() + kT.offset[it.seq * p.n_kv_heads + hk];
-  const int32_t* kvb = p.kv_block + it.seq * p.meta_sb + it.start;
-  const int32_t* qlim = p.q_limit + it.seq * p.meta_sb + it.start;
+// Up to kQB query rows of one (sequence, q head) against one kv head's keys, tile by tile with an
+// online softmax: the core of the prefill and of decode with many query rows (a prefill through the
+// KV cache). Row r sees key j iff j < n_keys, j <= pos[r] and not kvb[j] < qlim[r].
+struct RowBlock {
+  const float* q;  // row r at q + r * q_st
+  int64_t q_st;
+  float* o;  // row r at o + r * o_st
+  int64_t o_st;
+  const int32_t* pos;
+  const int32_t* qlim;
+  int64_t rows;
+  const int32_t* kvb;
+  int64_t n_keys;
+  const float* kt;  // K^T tiles of the keys (KeysT)
+  const float* v;   // key j's V row at v + j * v_st
+  int64_t v_st;
+};
 
+template <int W>
+WORLDVLA_INLINE void tiled_rows(const RowBlock& rb, int64_t D, float scale, Scratch& w) {
+  using V = vec<W>;
+  using I = typename IntVecOf<W>::type;
+  I iota;
+  for (int l = 0; l < W; ++l) iota[l] = l;
+  const int64_t Dp = round_up(D, kDAlign), rows = rb.rows, rows4 = round_up(rows, 4);
   int32_t ql_min = INT_MAX, ql_max = INT_MIN;
+  int64_t pos_min = INT64_MAX, pos_max = -1;
   for (int64_t r = 0; r < rows4; ++r) {
-    for (int64_t d = 0; d < D; ++d) w.qs[r * D + d] = r < rows ? qb[r * p.q_st + d] : 0.f;
+    for (int64_t d = 0; d < D; ++d) w.qs[r * D + d] = r < rows ? rb.q[r * rb.q_st + d] : 0.f;
     w.row_max[r] = kNegInf;
     w.row_sum[r] = 0.0;
     if (r < rows) {
-      w.ql[r] = qlim[it.m0 + r];
+      w.ql[r] = rb.qlim[r];
       ql_min = std::min(ql_min, w.ql[r]);
       ql_max = std::max(ql_max, w.ql[r]);
+      pos_min = std::min<int64_t>(pos_min, rb.pos[r]);
+      pos_max = std::max<int64_t>(pos_max, rb.pos[r]);
     }
   }
   std::fill(w.acc.begin(), w.acc.begin() + rows4 * Dp, 0.f);
 
-  const int64_t n_end = it.m0 + rows;  // causal: keys up to the last row
+  const int64_t n_end = std::min(rb.n_keys, pos_max + 1);  // causal: keys up to the last row
   for (int64_t n0 = 0; n0 < n_end; n0 += kKB) {
     const int64_t cols = std::min(kKB, n_end - n0);
     int32_t kv_min = INT_MAX, kv_max = INT_MIN;
     for (int64_t c = 0; c < cols; ++c) {
-      kv_min = std::min(kv_min, kvb[n0 + c]);
-      kv_max = std::max(kv_max, kvb[n0 + c]);
+      kv_min = std::min(kv_min, rb.kvb[n0 + c]);
+      kv_max = std::max(kv_max, rb.kvb[n0 + c]);
     }
     if (kv_max < ql_min) continue;  // the chunk rule hides this whole tile
-    const bool need_mask = (n0 + cols - 1 > it.m0) || (kv_min < ql_max);
+    const bool need_mask = (n0 + cols - 1 > pos_min) || (kv_min < ql_max);
 
-    score_tile<W>(w.qs.data(), kt + n0 * D, kKB, w.sc.data(), rows4, D);  // tile n0 / kKB
+    score_tile<W>(w.qs.data(), rb.kt + n0 * D, kKB, w.sc.data(), rows4, D);  // tile n0 / kKB
     for (int64_t r = 0; r < rows; ++r) {  // padding rows (up to rows4) are never read
       float* sr = &w.sc[r * kKB];
-      const int64_t i = it.m0 + r;
-      for (int64_t c = 0; c < cols; ++c) sr[c] *= p.scale;  // after the dot, as torch's reference
-      if (need_mask) {
+      V m = splatv<W>(kNegInf);
+      if (cols == kKB) {  // a whole tile: scale, the rule and the maximum in one vector pass
+        const I pos = splati<W>(rb.pos[r]), ql = splati<W>(w.ql[r]);
+        for (int64_t c0 = 0; c0 < kKB; c0 += W) {
+          V x = loadv<W>(sr + c0) * splatv<W>(scale);  // after the dot, as torch's reference
+          if (need_mask) {
+            I kv;
+            __builtin_memcpy(&kv, rb.kvb + n0 + c0, sizeof(kv));
+            const I hide = ((iota + static_cast<int32_t>(n0 + c0)) > pos) | (kv < ql);
+            x = hide ? splatv<W>(kNegInf) : x;
+          }
+          storev<W>(sr + c0, x);
+          m = x > m ? x : m;
+        }
+      } else {  // the last, partial tile of the keys
+        const int64_t i = rb.pos[r];
         for (int64_t c = 0; c < cols; ++c) {
           const int64_t j = n0 + c;
-          if (j > i || kvb[j] < w.ql[r]) sr[c] = kNegInf;
+          sr[c] = (j > i || rb.kvb[j] < w.ql[r]) ? kNegInf : sr[c] * scale;
+        }
+        std::fill(sr + cols, sr + kKB, kNegInf);  // past the keys: K^T's zero columns
+        for (int64_t c0 = 0; c0 < kKB; c0 += W) {
+          const V x = loadv<W>(sr + c0);
+          m = x > m ? x : m;
         }
       }
-      std::fill(sr + cols, sr + kKB, kNegInf);  // past the sequence: K^T's zero columns
-      v8f m8 = load8(sr);
-      for (int64_t c = 8; c < kKB; c += 8) {
-        const v8f x = load8(sr + c);
-        m8 = x > m8 ? x : m8;
-      }
       float mx = w.row_max[r];
-      for (int l = 0; l < 8; ++l) mx = std::max(mx, m8[l]);
+      for (int l = 0; l < W; ++l) mx = std::max(mx, m[l]);
       if (mx == kNegInf) {  // nothing visible yet in this row
         std::fill(sr, sr + kKB, 0.f);
         continue;
       }
       const float alpha = std::exp(w.row_max[r] - mx);
-      v8f s8 = {};
-      for (int64_t c = 0; c < kKB; c += 8) {
-        const v8f e = exp8_nonpos(load8(sr + c) - splat8(mx));
-        store8(sr + c, e);
-        s8 += e;
+      V sv = {};
+      for (int64_t c0 = 0; c0 < kKB; c0 += W) {
+        const V e = expv_nonpos<W>(loadv<W>(sr + c0) - splatv<W>(mx));
+        storev<W>(sr + c0, e);
+        sv += e;
       }
-      w.row_sum[r] = w.row_sum[r] * alpha + hsum8(s8);  // the running sum across tiles in double
+      w.row_sum[r] = w.row_sum[r] * alpha + hsum8(fold8(sv));  // the running sum across tiles in double
       w.row_max[r] = mx;
       if (alpha != 1.f)
         for (int64_t d = 0; d < Dp; ++d) w.acc[r * Dp + d] *= alpha;
@@ -192,19 +221,49 @@ WORLDVLA_INLINE void prefill_item(const AttnFwdParams& p, const WorkItem& it, co
     // The tile's V rows are copied to one contiguous block first: read in place, each of the
     // micro-kernel's passes would jump a whole token (heads x D floats) per key.
     for (int64_t c = 0; c < cols; ++c) {
-      const float* vr = vb + (n0 + c) * p.v_st;
+      const float* vr = rb.v + (n0 + c) * rb.v_st;
       std::copy(vr, vr + D, &w.vt[c * Dp]);
       std::fill(&w.vt[c * Dp + D], &w.vt[(c + 1) * Dp], 0.f);
     }
     pv_tile<W>(w.sc.data(), kKB, w.vt.data(), Dp, w.acc.data(), rows, cols, Dp);
   }
 
-  float* ob = o + it.seq * p.o_sb + (it.start + it.m0) * p.o_st + it.head * p.o_sh;
   for (int64_t r = 0; r < rows; ++r) {
     // A row that sees no key (possible only with hand-made metadata) gives zeros.
     const float inv = w.row_sum[r] > 0.0 ? static_cast<float>(1.0 / w.row_sum[r]) : 0.f;
-    for (int64_t d = 0; d < D; ++d) ob[r * p.o_st + d] = w.acc[r * Dp + d] * inv;
+    for (int64_t d = 0; d < D; ++d) rb.o[r * rb.o_st + d] = w.acc[r * Dp + d] * inv;
   }
+}
+
+// The K^T tiles of `len` keys (key j's row at kb + j * k_st) into dst.
+inline void transpose_keys(const float* kb, int64_t k_st, int64_t len, int64_t D, float* dst) {
+  for (int64_t j0 = 0; j0 < len; j0 += kKB, dst += D * kKB) {
+    const int64_t cols = std::min(kKB, len - j0);
+    for (int64_t c = 0; c < cols; ++c)
+      for (int64_t d = 0; d < D; ++d) dst[d * kKB + c] = kb[(j0 + c) * k_st + d];
+    for (int64_t d = 0; d < D; ++d) std::fill(dst + d * kKB + cols, dst + (d + 1) * kKB, 0.f);
+  }
+}
+
+template <int W>
+WORLDVLA_INLINE void prefill_item(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, Scratch& w) {
+  const int64_t group = p.n_heads / p.n_kv_heads, hk = it.head / group;
+  const int64_t rows = std::min(kQB, it.len - it.m0);
+  for (int64_t r = 0; r < rows; ++r) w.pos[r] = static_cast<int32_t>(it.m0 + r);  // a prefill row's position is its index
+  RowBlock rb;
+  rb.q = static_cast<const float*>(p.q) + it.seq * p.q_sb + (it.start + it.m0) * p.q_st + it.head * p.q_sh;
+  rb.q_st = p.q_st;
+  rb.o = static_cast<float*>(p.o) + it.seq * p.o_sb + (it.start + it.m0) * p.o_st + it.head * p.o_sh;
+  rb.o_st = p.o_st;
+  rb.pos = w.pos.data();
+  rb.qlim = p.q_limit + it.seq * p.meta_sb + it.start + it.m0;
+  rb.rows = rows;
+  rb.kvb = p.kv_block + it.seq * p.meta_sb + it.start;
+  rb.n_keys = it.len;
+  rb.kt = kT.data.data() + kT.offset[it.seq * p.n_kv_heads + hk];
+  rb.v = static_cast<const float*>(p.v) + it.seq * p.v_sb + it.start * p.v_st + hk * p.v_sh;
+  rb.v_st = p.v_st;
+  tiled_rows<W>(rb, p.head_dim, p.scale, w);
 }
 
 struct DecodeItem {
@@ -352,6 +411,12 @@ WORLDVLA_AVX512 void prefill_item_w16(const AttnFwdParams& p, const WorkItem& it
 }
 // Decode stays 8 wide everywhere: it streams the cache, and on an AVX-512 Xeon its 16-wide build
 // measured 0.82-0.96x of the 8-wide one at head dim 128 (`worldvla bench cpu_ops`, native-w8).
+WORLDVLA_MULTIVERSION void tiled_rows_w8(const RowBlock& rb, int64_t D, float scale, Scratch& w) {
+  tiled_rows<8>(rb, D, scale, w);
+}
+WORLDVLA_AVX512 void tiled_rows_w16(const RowBlock& rb, int64_t D, float scale, Scratch& w) {
+  tiled_rows<16>(rb, D, scale, w);
+}
 WORLDVLA_MULTIVERSION void decode_item_w8(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) {
   decode_item<8>(p, it, w);
 }
@@ -386,14 +451,7 @@ void masked_attention_fwd_cpu(const AttnFwdParams& p) {
     for (int64_t sh = 0; sh < p.n_seq * Hkv; ++sh) {
       const int64_t s = sh / Hkv, hk = sh % Hkv, len = lens[s];
       const int64_t start = p.cu_seqlens ? p.cu_seqlens[s] : 0;
-      const float* kb = k + s * p.k_sb + start * p.k_st + hk * p.k_sh;
-      float* dst = kT.data.data() + kT.offset[sh];
-      for (int64_t j0 = 0; j0 < len; j0 += kKB, dst += D * kKB) {
-        const int64_t cols = std::min(kKB, len - j0);
-        for (int64_t c = 0; c < cols; ++c)
-          for (int64_t d = 0; d < D; ++d) dst[d * kKB + c] = kb[(j0 + c) * p.k_st + d];
-        for (int64_t d = 0; d < D; ++d) std::fill(dst + d * kKB + cols, dst + (d + 1) * kKB, 0.f);
-      }
+      transpose_keys(k + s * p.k_sb + start * p.k_st + hk * p.k_sh, p.k_st, len, D, kT.data.data() + kT.offset[sh]);
     }
     Scratch w(D, round_up(D, kDAlign));
 #pragma omp for schedule(dynamic, 1)
@@ -401,7 +459,59 @@ void masked_attention_fwd_cpu(const AttnFwdParams& p) {
   }
 }
 
+// Many query rows per sequence (the engine's prefill through the cache): the prefill's tiled core,
+// rows in blocks of kQB per (sequence, q head) against K^T of the keys the rows can see.
+static void decode_many_rows_cpu(const DecodeParams& p) {
+  const int64_t D = p.head_dim, Hkv = p.n_kv_heads, G = p.n_heads / Hkv;
+  std::vector<int64_t> n_keys(p.batch);
+  KeysT kT;
+  kT.offset.resize(p.batch * Hkv);
+  int64_t total = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    int64_t last = -1;
+    for (int64_t i = 0; i < p.n_q; ++i) last = std::max<int64_t>(last, p.q_pos[b * p.n_q + i]);
+    n_keys[b] = std::clamp<int64_t>(last + 1, 0, std::clamp<int64_t>(p.kv_len[b], 0, p.cache_len));
+    for (int64_t hk = 0; hk < Hkv; ++hk, total += D * round_up(n_keys[b], kKB)) kT.offset[b * Hkv + hk] = total;
+  }
+  kT.data.resize(total);
+  std::vector<WorkItem> work;  // seq = b, head = q head, m0 = first row
+  for (int64_t m0 = (p.n_q - 1) / kQB * kQB; m0 >= 0; m0 -= kQB)  // later rows usually see more keys: first
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.n_heads; ++h) work.push_back({b, h, 0, p.n_q, m0});
+  const auto item = cpu_vector_width() == 16 ? tiled_rows_w16 : tiled_rows_w8;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < p.batch * Hkv; ++bh) {
+      const int64_t b = bh / Hkv, hk = bh % Hkv;
+      transpose_keys(static_cast<const float*>(p.k) + b * p.k_sb + hk * p.k_sh, p.k_st, n_keys[b], D,
+                     kT.data.data() + kT.offset[bh]);
+    }
+    Scratch w(D, round_up(D, kDAlign));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t x = 0; x < (int64_t)work.size(); ++x) {
+      const WorkItem& it = work[x];
+      const int64_t b = it.seq, h = it.head, hk = h / G;
+      RowBlock rb;
+      rb.q = static_cast<const float*>(p.q) + b * p.q_sb + it.m0 * p.q_st + h * p.q_sh;
+      rb.q_st = p.q_st;
+      rb.o = static_cast<float*>(p.o) + b * p.o_sb + it.m0 * p.o_st + h * p.o_sh;
+      rb.o_st = p.o_st;
+      rb.pos = p.q_pos + b * p.n_q + it.m0;
+      rb.qlim = p.q_limit + b * p.n_q + it.m0;
+      rb.rows = std::min(kQB, p.n_q - it.m0);
+      rb.kvb = p.kv_block + b * p.kvb_sb;
+      rb.n_keys = n_keys[b];
+      rb.kt = kT.data.data() + kT.offset[b * Hkv + hk];
+      rb.v = static_cast<const float*>(p.v) + b * p.v_sb + hk * p.v_sh;
+      rb.v_st = p.v_st;
+      item(rb, D, p.scale, w);
+    }
+  }
+}
+
 void decode_attention_cpu(const DecodeParams& p) {
+  if (p.n_q > kDecodeTiledRows) return decode_many_rows_cpu(p);
   int n_threads = 1;
 #ifdef _OPENMP
   n_threads = omp_get_max_threads();

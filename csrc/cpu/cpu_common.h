@@ -79,6 +79,23 @@ WORLDVLA_INLINE void storev(float* p, const vec<W>& v) { __builtin_memcpy(p, &v,
 template <int W>
 WORLDVLA_INLINE vec<W> splatv(float x) { return vec<W>{} + x; }
 
+// A broadcast of *p for the micro-kernels' inner loops. At W = 16 (compiled only for AVX-512) one
+// vbroadcastss from memory, a load-port instruction: splatv's scalar add and register broadcast
+// take the shuffle port, which on AVX-512 cores is also the second FMA port, and the register
+// blocks measured at half the FMA peak with it. W = 8 keeps splatv (its clones include the
+// baseline x86-64, which has no broadcast instruction).
+template <int W>
+WORLDVLA_INLINE vec<W> bcastv(const float* p) {
+#if WORLDVLA_WITH_AVX512
+  if constexpr (W == 16) {  // inline asm: the intrinsic would not inline into these target-less templates
+    vec<W> r;
+    asm("vbroadcastss %1, %0" : "=v"(r) : "m"(*p));
+    return r;
+  }
+#endif
+  return splatv<W>(*p);
+}
+
 // A vector's lanes summed down to 8 (lane l + lane l + 8 for W = 16).
 WORLDVLA_INLINE v8f fold8(const vec<8>& a) { return a; }
 WORLDVLA_INLINE v8f fold8(const vec<16>& a) {
@@ -138,28 +155,37 @@ WORLDVLA_INLINE v8f dot_4x2(const float* const* x, const float* wa, const float*
   return sums;
 }
 
-// exp(x) on eight lanes for x <= 0 (softmax weights): exp(x) = 2^n * e^r with n = round(x / ln 2)
+// exp(x) on W lanes for x <= 0 (softmax weights): exp(x) = 2^n * e^r with n = round(x / ln 2)
 // (the 1.5 * 2^23 rounding trick: no vector floor in the baseline instruction set), |r| <= ln(2) / 2,
 // and e^r from a degree-6 polynomial (Cephes' expf coefficients, about 1 ulp). -inf and anything
 // below -87 give 0. Written on vectors because GCC leaves a scalar version of this loop scalar.
-WORLDVLA_INLINE v8f exp8_nonpos(const v8f& x_in) {
-  const v8i keep = x_in > splat8(-87.0f);  // false for -inf and NaN
-  const v8f x = keep ? x_in : splat8(-87.0f);
-  const v8f magic = splat8(12582912.0f);
-  const v8f n = (x * splat8(1.44269504088896341f) + magic) - magic;
-  v8f r = x - n * splat8(0.693359375f);
-  r = r - n * splat8(-2.12194440e-4f);
-  v8f y = splat8(1.9875691500e-4f);
-  y = y * r + splat8(1.3981999507e-3f);
-  y = y * r + splat8(8.3334519073e-3f);
-  y = y * r + splat8(4.1665795894e-2f);
-  y = y * r + splat8(1.6666665459e-1f);
-  y = y * r + splat8(5.0000001201e-1f);
-  y = y * r * r + r + splat8(1.0f);
-  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-  v8f scale;
+template <int W>
+struct IntVecOf {
+  typedef int32_t type __attribute__((vector_size(4 * W)));
+};
+template <int W>
+WORLDVLA_INLINE typename IntVecOf<W>::type splati(int32_t x) { return typename IntVecOf<W>::type{} + x; }
+template <int W>
+WORLDVLA_INLINE vec<W> expv_nonpos(const vec<W>& x_in) {
+  using I = typename IntVecOf<W>::type;
+  const I keep = x_in > splatv<W>(-87.0f);  // false for -inf and NaN
+  const vec<W> x = keep ? x_in : splatv<W>(-87.0f);
+  const vec<W> magic = splatv<W>(12582912.0f);
+  const vec<W> n = (x * splatv<W>(1.44269504088896341f) + magic) - magic;
+  vec<W> r = x - n * splatv<W>(0.693359375f);
+  r = r - n * splatv<W>(-2.12194440e-4f);
+  vec<W> y = splatv<W>(1.9875691500e-4f);
+  y = y * r + splatv<W>(1.3981999507e-3f);
+  y = y * r + splatv<W>(8.3334519073e-3f);
+  y = y * r + splatv<W>(4.1665795894e-2f);
+  y = y * r + splatv<W>(1.6666665459e-1f);
+  y = y * r + splatv<W>(5.0000001201e-1f);
+  y = y * r * r + r + splatv<W>(1.0f);
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  vec<W> scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return keep ? y * scale : splat8(0.0f);
+  return keep ? y * scale : splatv<W>(0.0f);
 }
+WORLDVLA_INLINE v8f exp8_nonpos(const v8f& x) { return expv_nonpos<8>(x); }
 
 }  // namespace worldvla
