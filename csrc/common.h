@@ -103,6 +103,7 @@ struct DecoderLayerParams {
 
 // ---- CPU paths (csrc/cpu/*.cpp); float32 tensors ----
 int cpu_vector_width();  // 16 on AVX-512 machines, else 8 (csrc/cpu/isa.cpp)
+bool cpu_has_avx2();     // AVX2 + FMA (x86-64-v3): the 8-wide kernels' AVX2 builds run (csrc/cpu/isa.cpp)
 void set_cpu_vector_width(int width);
 void masked_attention_fwd_cpu(const AttnFwdParams& p);
 void decode_attention_cpu(const DecodeParams& p);

@@ -44,7 +44,7 @@ struct Scratch {
 
 // sc[r][c] = sum_d qs[r][d] kt[d * ldk + c] for rows r < rows (a multiple of 4), all kKB columns.
 // Rank-1 updates of a 4 x 2W register block (8 accumulators): no horizontal sums, no reassociation.
-template <int W>
+template <int W, bool MB>
 WORLDVLA_INLINE void score_tile(const float* __restrict qs, const float* __restrict kt, int64_t ldk,
                                 float* __restrict sc, int64_t rows, int64_t D) {
   static_assert(kKB % (2 * W) == 0, "whole column blocks");
@@ -55,8 +55,8 @@ WORLDVLA_INLINE void score_tile(const float* __restrict qs, const float* __restr
       const float* q0 = qs + r0 * D;
       for (int64_t d = 0; d < D; ++d) {
         const V k0 = loadv<W>(kt + d * ldk + c0), k1 = loadv<W>(kt + d * ldk + c0 + W);
-        const V x0 = bcastv<W>(q0 + d), x1 = bcastv<W>(q0 + D + d), x2 = bcastv<W>(q0 + 2 * D + d),
-                x3 = bcastv<W>(q0 + 3 * D + d);
+        const V x0 = bcastv<W, MB>(q0 + d), x1 = bcastv<W, MB>(q0 + D + d), x2 = bcastv<W, MB>(q0 + 2 * D + d),
+                x3 = bcastv<W, MB>(q0 + 3 * D + d);
         a0 += x0 * k0; b0 += x0 * k1;
         a1 += x1 * k0; b1 += x1 * k1;
         a2 += x2 * k0; b2 += x2 * k1;
@@ -73,7 +73,7 @@ WORLDVLA_INLINE void score_tile(const float* __restrict qs, const float* __restr
 // acc[r][:Dp] += sum_{c < cols} p[r * ldp + c] v[c * ldv + :] for rows r < rows, Dp a multiple of 2W:
 // 4 x 2W register blocks, then single rows for the last rows % 4. The tile's sum is formed on its own
 // and then added: shorter rounding chains than accumulating in place.
-template <int W>
+template <int W, bool MB>
 WORLDVLA_INLINE void pv_tile(const float* __restrict p, int64_t ldp, const float* __restrict v, int64_t ldv,
                              float* __restrict acc, int64_t rows, int64_t cols, int64_t Dp) {
   using V = vec<W>;
@@ -83,7 +83,7 @@ WORLDVLA_INLINE void pv_tile(const float* __restrict p, int64_t ldp, const float
       V a = {}, b = {};
       const float* pr = p + r * ldp;
       for (int64_t c = 0; c < cols; ++c) {
-        const V x = bcastv<W>(pr + c);
+        const V x = bcastv<W, MB>(pr + c);
         a += x * loadv<W>(v + c * ldv + d0);
         b += x * loadv<W>(v + c * ldv + d0 + W);
       }
@@ -96,8 +96,8 @@ WORLDVLA_INLINE void pv_tile(const float* __restrict p, int64_t ldp, const float
       const float* p0 = p + r0 * ldp;
       for (int64_t c = 0; c < cols; ++c) {
         const V v0 = loadv<W>(v + c * ldv + d0), v1 = loadv<W>(v + c * ldv + d0 + W);
-        const V x0 = bcastv<W>(p0 + c), x1 = bcastv<W>(p0 + ldp + c), x2 = bcastv<W>(p0 + 2 * ldp + c),
-                x3 = bcastv<W>(p0 + 3 * ldp + c);
+        const V x0 = bcastv<W, MB>(p0 + c), x1 = bcastv<W, MB>(p0 + ldp + c), x2 = bcastv<W, MB>(p0 + 2 * ldp + c),
+                x3 = bcastv<W, MB>(p0 + 3 * ldp + c);
         a0 += x0 * v0; b0 += x0 * v1;
         a1 += x1 * v0; b1 += x1 * v1;
         a2 += x2 * v0; b2 += x2 * v1;
@@ -137,7 +137,7 @@ struct RowBlock {
   int64_t v_st;
 };
 
-template <int W>
+template <int W, bool MB>
 WORLDVLA_INLINE void tiled_rows(const RowBlock& rb, int64_t D, float scale, Scratch& w) {
   using V = vec<W>;
   using I = typename IntVecOf<W>::type;
@@ -171,7 +171,7 @@ WORLDVLA_INLINE void tiled_rows(const RowBlock& rb, int64_t D, float scale, Scra
     if (kv_max < ql_min) continue;  // the chunk rule hides this whole tile
     const bool need_mask = (n0 + cols - 1 > pos_min) || (kv_min < ql_max);
 
-    score_tile<W>(w.qs.data(), rb.kt + n0 * D, kKB, w.sc.data(), rows4, D);  // tile n0 / kKB
+    score_tile<W, MB>(w.qs.data(), rb.kt + n0 * D, kKB, w.sc.data(), rows4, D);  // tile n0 / kKB
     for (int64_t r = 0; r < rows; ++r) {  // padding rows (up to rows4) are never read
       float* sr = &w.sc[r * kKB];
       V m = splatv<W>(kNegInf);
@@ -225,7 +225,7 @@ WORLDVLA_INLINE void tiled_rows(const RowBlock& rb, int64_t D, float scale, Scra
       std::copy(vr, vr + D, &w.vt[c * Dp]);
       std::fill(&w.vt[c * Dp + D], &w.vt[(c + 1) * Dp], 0.f);
     }
-    pv_tile<W>(w.sc.data(), kKB, w.vt.data(), Dp, w.acc.data(), rows, cols, Dp);
+    pv_tile<W, MB>(w.sc.data(), kKB, w.vt.data(), Dp, w.acc.data(), rows, cols, Dp);
   }
 
   for (int64_t r = 0; r < rows; ++r) {
@@ -245,7 +245,7 @@ inline void transpose_keys(const float* kb, int64_t k_st, int64_t len, int64_t D
   }
 }
 
-template <int W>
+template <int W, bool MB>
 WORLDVLA_INLINE void prefill_item(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, Scratch& w) {
   const int64_t group = p.n_heads / p.n_kv_heads, hk = it.head / group;
   const int64_t rows = std::min(kQB, it.len - it.m0);
@@ -263,7 +263,7 @@ WORLDVLA_INLINE void prefill_item(const AttnFwdParams& p, const WorkItem& it, co
   rb.kt = kT.data.data() + kT.offset[it.seq * p.n_kv_heads + hk];
   rb.v = static_cast<const float*>(p.v) + it.seq * p.v_sb + it.start * p.v_st + hk * p.v_sh;
   rb.v_st = p.v_st;
-  tiled_rows<W>(rb, p.head_dim, p.scale, w);
+  tiled_rows<W, MB>(rb, p.head_dim, p.scale, w);
 }
 
 struct DecodeItem {
@@ -285,7 +285,7 @@ struct DecodeScratch {
 // Slots at or past kv_len are never read (they may hold anything). Hidden slots before it
 // are read and weighted by 0, so they must hold finite values (the engine's cache starts
 // zeroed), as for the Triton kernel.
-template <int W>
+template <int W, bool MB>
 WORLDVLA_INLINE void decode_item(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) {
   const float* q = static_cast<const float*>(p.q);
   const float* k = static_cast<const float*>(p.k) + it.b * p.k_sb;
@@ -389,7 +389,7 @@ WORLDVLA_INLINE void decode_item(const DecodeParams& p, const DecodeItem& it, De
       }
     }
     for (int64_t hh = 0; hh < n_kv; ++hh)
-      pv_tile<W>(&w.sc[hh * R * ldp + s0], ldp, &w.vt[hh * kDecodeKB * Dp], Dp, &w.acc[hh * R * Dp], R, cols, Dp);
+      pv_tile<W, MB>(&w.sc[hh * R * ldp + s0], ldp, &w.vt[hh * kDecodeKB * Dp], Dp, &w.acc[hh * R * Dp], R, cols, Dp);
   }
 
   for (int64_t hh = 0; hh < n_kv; ++hh)
@@ -402,23 +402,40 @@ WORLDVLA_INLINE void decode_item(const DecodeParams& p, const DecodeItem& it, De
       }
 }
 
-// Prefill items at the two vector widths: W = 8 in the AVX2 / baseline clones, W = 16 for AVX-512.
+// The kernels at the two vector widths: W = 16 for AVX-512; W = 8 for AVX2 + FMA (x86-64-v3), and
+// W = 8 in a multiversioned build (an x86-64-v3 clone and the baseline) for CPUs without AVX2.
 WORLDVLA_MULTIVERSION void prefill_item_w8(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, Scratch& w) {
-  prefill_item<8>(p, it, kT, w);
+  prefill_item<8, false>(p, it, kT, w);
+}
+WORLDVLA_AVX2 void prefill_item_avx2(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, Scratch& w) {
+  prefill_item<8, true>(p, it, kT, w);
 }
 WORLDVLA_AVX512 void prefill_item_w16(const AttnFwdParams& p, const WorkItem& it, const KeysT& kT, Scratch& w) {
-  prefill_item<16>(p, it, kT, w);
+  prefill_item<16, true>(p, it, kT, w);
+}
+WORLDVLA_MULTIVERSION void tiled_rows_w8(const RowBlock& rb, int64_t D, float scale, Scratch& w) {
+  tiled_rows<8, false>(rb, D, scale, w);
+}
+WORLDVLA_AVX2 void tiled_rows_avx2(const RowBlock& rb, int64_t D, float scale, Scratch& w) {
+  tiled_rows<8, true>(rb, D, scale, w);
+}
+WORLDVLA_AVX512 void tiled_rows_w16(const RowBlock& rb, int64_t D, float scale, Scratch& w) {
+  tiled_rows<16, true>(rb, D, scale, w);
 }
 // Decode stays 8 wide everywhere: it streams the cache, and on an AVX-512 Xeon its 16-wide build
 // measured 0.82-0.96x of the 8-wide one at head dim 128 (`worldvla bench cpu_ops`, native-w8).
-WORLDVLA_MULTIVERSION void tiled_rows_w8(const RowBlock& rb, int64_t D, float scale, Scratch& w) {
-  tiled_rows<8>(rb, D, scale, w);
-}
-WORLDVLA_AVX512 void tiled_rows_w16(const RowBlock& rb, int64_t D, float scale, Scratch& w) {
-  tiled_rows<16>(rb, D, scale, w);
-}
 WORLDVLA_MULTIVERSION void decode_item_w8(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) {
-  decode_item<8>(p, it, w);
+  decode_item<8, false>(p, it, w);
+}
+WORLDVLA_AVX2 void decode_item_avx2(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) {
+  decode_item<8, true>(p, it, w);
+}
+
+// The build for this CPU and the chosen width (cpu_vector_width).
+template <class F>
+F pick(F w8, F avx2, F w16) {
+  if (cpu_vector_width() == 16) return w16;
+  return cpu_has_avx2() ? avx2 : w8;
 }
 
 }  // namespace
@@ -442,7 +459,7 @@ void masked_attention_fwd_cpu(const AttnFwdParams& p) {
     for (int64_t hk = 0; hk < Hkv; ++hk, total += D * round_up(len, kKB)) kT.offset[s * Hkv + hk] = total;
   }
   kT.data.resize(total);
-  const auto item = cpu_vector_width() == 16 ? prefill_item_w16 : prefill_item_w8;
+  const auto item = pick(prefill_item_w8, prefill_item_avx2, prefill_item_w16);
   // Longest items (most keys) first.
   std::stable_sort(work.begin(), work.end(), [](const WorkItem& a, const WorkItem& b) { return a.m0 > b.m0; });
 #pragma omp parallel
@@ -478,7 +495,7 @@ static void decode_many_rows_cpu(const DecodeParams& p) {
   for (int64_t m0 = (p.n_q - 1) / kQB * kQB; m0 >= 0; m0 -= kQB)  // later rows usually see more keys: first
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < p.n_heads; ++h) work.push_back({b, h, 0, p.n_q, m0});
-  const auto item = cpu_vector_width() == 16 ? tiled_rows_w16 : tiled_rows_w8;
+  const auto item = pick(tiled_rows_w8, tiled_rows_avx2, tiled_rows_w16);
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
@@ -526,11 +543,12 @@ void decode_attention_cpu(const DecodeParams& p) {
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t hk = 0; hk < p.n_kv_heads; hk += per_chunk)
         work.push_back({b, hk, std::min(hk + per_chunk, p.n_kv_heads), qb * kQB, std::min((qb + 1) * kQB, p.n_q)});
+  const auto item = cpu_has_avx2() ? decode_item_avx2 : decode_item_w8;
 #pragma omp parallel
   {
     DecodeScratch w;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < (int64_t)work.size(); ++i) decode_item_w8(p, work[i], w);
+    for (int64_t i = 0; i < (int64_t)work.size(); ++i) item(p, work[i], w);
   }
 }
 

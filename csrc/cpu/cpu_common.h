@@ -14,10 +14,12 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__APPLE__)
 #define WORLDVLA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #define WORLDVLA_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define WORLDVLA_AVX2 __attribute__((target("arch=x86-64-v3")))
 #define WORLDVLA_WITH_AVX512 1
 #else
 #define WORLDVLA_MULTIVERSION
 #define WORLDVLA_AVX512
+#define WORLDVLA_AVX2
 #define WORLDVLA_WITH_AVX512 0
 #endif
 
@@ -79,15 +81,17 @@ WORLDVLA_INLINE void storev(float* p, const vec<W>& v) { __builtin_memcpy(p, &v,
 template <int W>
 WORLDVLA_INLINE vec<W> splatv(float x) { return vec<W>{} + x; }
 
-// A broadcast of *p for the micro-kernels' inner loops. At W = 16 (compiled only for AVX-512) one
-// vbroadcastss from memory, a load-port instruction: splatv's scalar add and register broadcast
-// take the shuffle port, which on AVX-512 cores is also the second FMA port, and the register
-// blocks measured at half the FMA peak with it. W = 8 keeps splatv (its clones include the
-// baseline x86-64, which has no broadcast instruction).
-template <int W>
+// A broadcast of *p for the micro-kernels' inner loops. With MB (the AVX2 and AVX-512 builds of
+// the kernels) one vbroadcastss from memory, a load-port instruction. splatv's scalar add and
+// register broadcast take an FMA port or the shuffle port (on AVX-512 cores also the second FMA
+// port): the 4 x 2W register blocks measured at about half the FMA peak with it. Inline asm,
+// because the intrinsics do not inline into these templates (no target attribute of their own),
+// and GCC turns `x - 0`-style splats of a loaded value into lane-by-lane masked broadcasts there.
+// Without MB (the baseline x86-64 clone, which may run where AVX is missing) splatv.
+template <int W, bool MB>
 WORLDVLA_INLINE vec<W> bcastv(const float* p) {
 #if WORLDVLA_WITH_AVX512
-  if constexpr (W == 16) {  // inline asm: the intrinsic would not inline into these target-less templates
+  if constexpr (MB) {
     vec<W> r;
     asm("vbroadcastss %1, %0" : "=v"(r) : "m"(*p));
     return r;

@@ -19,7 +19,20 @@ int widest() {
 
 std::atomic<int> g_width{widest()};
 
+bool avx2() {
+#if WORLDVLA_WITH_AVX512
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("x86-64-v3");
+#else
+  return false;
+#endif
+}
+
+const bool g_avx2 = avx2();
+
 }  // namespace
+
+bool cpu_has_avx2() { return g_avx2; }
 
 int cpu_vector_width() { return g_width.load(std::memory_order_relaxed); }
 
