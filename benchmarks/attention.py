@@ -86,13 +86,16 @@ def sdpa_causal(q, k, v):
     return o[0].transpose(0, 1)
 
 
-def decode_meta(px: int, n_queries: int, batch: int, gen=None) -> DecodeMeta:
+def decode_meta(px: int, n_queries: int | None, batch: int, gen=None) -> DecodeMeta:
     """A cache holding one whole action document (prompt and a chunk of 5 actions) per sequence.
     K > 1 queries: parallel decoding's step 3 (token 3 of actions 0..K-1); one query: the chunk's
-    last token (sequential decoding's longest read)."""
+    last token (sequential decoding's longest read); None: every token of the document (a prefill
+    through the cache, as the engine runs its prompts)."""
     ids = torch.tensor(action_document(px, chunk=5, gen=gen))
     meta = chunk_mask_meta(ids, LAYOUT)
-    if n_queries == 1:
+    if n_queries is None:
+        rows = torch.arange(ids.numel())
+    elif n_queries == 1:
         rows = torch.tensor([ids.numel() - 2])
     else:
         rows = (ids == LAYOUT.boa).nonzero().flatten()[:n_queries] + 3
