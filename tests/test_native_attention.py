@@ -244,6 +244,33 @@ def test_decode_random_meta_cpu(rng):
     assert torch.equal(out, out2)
 
 
+def nan_past_kv_len(rng, B, S, Hkv, D, kv_len):
+    """Random K and V caches [B, S, Hkv, D] with NaN in every slot at or past each sequence's kv_len."""
+    k = torch.randn(B, S, Hkv, D, generator=rng)
+    v = torch.randn(B, S, Hkv, D, generator=rng)
+    for b, n in enumerate(kv_len.tolist()):
+        k[b, n:] = float("nan")
+        v[b, n:] = float("nan")
+    return k, v
+
+
+def random_blocks(rng, B, S, Q, frac):
+    """q_limit [B, Q] and a kv_block [B, S] with a fraction `frac` of slots in action blocks 0..3 (slot 0
+    never): DecodeMeta's middle two fields."""
+    kv_block = torch.where(torch.rand(B, S, generator=rng) < frac, torch.randint(0, 4, (B, S), generator=rng),
+                           torch.full((B, S), NO_BLOCK)).int()
+    kv_block[:, 0] = NO_BLOCK
+    return torch.randint(-1, 4, (B, Q), generator=rng).int(), kv_block
+
+
+def check_against_finite_ref(out, q, k, v, dm, name):
+    """The 2x rule against the reference, which reads every slot: NaN slots (never read) as zeros."""
+    finite = lambda t: torch.nan_to_num(t, nan=0.0)  # noqa: E731
+    ref = decode_attention_ref(q.double(), finite(k).double(), finite(v).double(), dm)
+    same = decode_attention_ref(q, finite(k), finite(v), dm)
+    assert_close_rule(out, ref, same, name, FP32_FLOOR)
+
+
 @pytest.mark.parametrize("D", [13, 20, 64])
 def test_decode_odd_shapes_cpu(rng, D):
     """Head dims off the kernel's 8- and 16-float blocks, three q heads per kv head, a cache that
@@ -251,25 +278,14 @@ def test_decode_odd_shapes_cpu(rng, D):
     in every slot past kv_len (never read)."""
     B, Q, H, Hkv, S = 3, 3, 6, 2, 301
     q = torch.randn(B, Q, H, D, generator=rng)
-    k = torch.randn(B, S, Hkv, D, generator=rng)
-    v = torch.randn(B, S, Hkv, D, generator=rng)
     kv_len = torch.tensor([293, 0, 137], dtype=torch.int32)
-    for b, n in enumerate(kv_len.tolist()):
-        k[b, n:] = float("nan")
-        v[b, n:] = float("nan")
+    k, v = nan_past_kv_len(rng, B, S, Hkv, D, kv_len)
     q_pos = torch.stack([torch.tensor([292, 250, -5]), torch.tensor([5, 0, 3]), torch.tensor([136, 130, 99])]).int()
-    kv_block = torch.where(torch.rand(B, S, generator=rng) < 0.3, torch.randint(0, 4, (B, S), generator=rng),
-                           torch.full((B, S), NO_BLOCK)).int()
-    q_limit = torch.randint(-1, 4, (B, Q), generator=rng).int()
-    kv_block[:, 0] = NO_BLOCK
-    dm = DecodeMeta(q_pos, q_limit, kv_block, kv_len)
+    dm = DecodeMeta(q_pos, *random_blocks(rng, B, S, Q, 0.3), kv_len)
     out = nb.decode_attention(q, k, v, dm)
     assert not torch.isnan(out).any()
     assert torch.equal(out[0, 2], torch.zeros(H, D)) and torch.equal(out[1], torch.zeros(Q, H, D))
-    finite = lambda t: torch.nan_to_num(t, nan=0.0)  # noqa: E731  (the reference reads every slot)
-    ref = decode_attention_ref(q.double(), finite(k).double(), finite(v).double(), dm)
-    same = decode_attention_ref(q, finite(k), finite(v), dm)
-    assert_close_rule(out, ref, same, f"decode odd D={D}", FP32_FLOOR)
+    check_against_finite_ref(out, q, k, v, dm, f"decode odd D={D}")
 
 
 @pytest.mark.usefixtures("cpu_width")
@@ -280,26 +296,15 @@ def test_decode_many_rows_random_meta_cpu(rng, Q, D):
     kv_len and NaN in every slot past it (never read)."""
     B, H, Hkv, S = 3, 6, 2, 150
     q = torch.randn(B, Q, H, D, generator=rng)
-    k = torch.randn(B, S, Hkv, D, generator=rng)
-    v = torch.randn(B, S, Hkv, D, generator=rng)
     kv_len = torch.tensor([150, 97, 0], dtype=torch.int32)
-    for b, n in enumerate(kv_len.tolist()):
-        k[b, n:] = float("nan")
-        v[b, n:] = float("nan")
+    k, v = nan_past_kv_len(rng, B, S, Hkv, D, kv_len)
     q_pos = torch.randint(-3, S + 20, (B, Q), generator=rng).int()
-    kv_block = torch.where(torch.rand(B, S, generator=rng) < 0.4, torch.randint(0, 4, (B, S), generator=rng),
-                           torch.full((B, S), NO_BLOCK)).int()
-    q_limit = torch.randint(-1, 4, (B, Q), generator=rng).int()
-    kv_block[:, 0] = NO_BLOCK
-    dm = DecodeMeta(q_pos, q_limit, kv_block, kv_len)
+    dm = DecodeMeta(q_pos, *random_blocks(rng, B, S, Q, 0.4), kv_len)
     out = nb.decode_attention(q, k, v, dm)
     assert not torch.isnan(out).any()
     blind = ~dm.dense_mask().any(-1)  # rows that see no key give zeros
     assert blind.any() and torch.equal(out[blind], torch.zeros_like(out[blind]))
-    finite = lambda t: torch.nan_to_num(t, nan=0.0)  # noqa: E731  (the reference reads every slot)
-    ref = decode_attention_ref(q.double(), finite(k).double(), finite(v).double(), dm)
-    same = decode_attention_ref(q, finite(k), finite(v), dm)
-    assert_close_rule(out, ref, same, f"decode {Q} rows D={D}", FP32_FLOOR)
+    check_against_finite_ref(out, q, k, v, dm, f"decode {Q} rows D={D}")
 
 
 @pytest.mark.usefixtures("cpu_width")
