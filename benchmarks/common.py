@@ -88,7 +88,10 @@ def environment(device="cpu") -> dict:
     if torch.device(device).type == "cpu":
         from worldvla.ops.dispatch import cpu_capability, cpu_vendor
 
-        env.update(cpu_model=cpu_model(), cpu_capability=cpu_capability(), cpu_vendor=cpu_vendor())
+        from worldvla.inference.malloc import cpu_malloc_settings
+
+        env.update(cpu_model=cpu_model(), cpu_capability=cpu_capability(), cpu_vendor=cpu_vendor(),
+                   cpu_malloc=cpu_malloc_settings() or "glibc defaults (or the environment's)")
         # Settings that cap the instruction sets torch, MKL and oneDNN use (to stand in for an older CPU).
         limits = isa_limits()
         if limits:

@@ -32,6 +32,7 @@ from worldvla import ActionTokenizer, SequenceBuilder, VocabLayout
 from worldvla.inference import baseline_generate_action_chunk, generate_action_chunk, generate_frame_codes
 from worldvla.inference.chunk import make_engine
 from worldvla.inference.engine import InferenceEngine
+from worldvla.inference.malloc import tune_cpu_malloc
 from worldvla.model import ModelConfig, WorldVLA
 from worldvla.tokens import image_tokens
 
@@ -257,6 +258,8 @@ def _run(quick, device, out_dir, grid, chunks, frame):
     frame_grid = grid if grid is not None else (4 if quick else 16)
     chunks = tuple(chunks or (5, 10))
     configs = ["chameleon_7b", "small"] if on_gpu and not quick else ["small"]
+    if not on_gpu:
+        tune_cpu_malloc()  # as WorldVLAPolicy does on the CPU (compare_malloc measures what it changes)
     bandwidth = measure_bandwidth(device)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -308,6 +311,27 @@ def _run(quick, device, out_dir, grid, chunks, frame):
     return write_results("e2e", rows, device, out_dir, extra=extra, plot=("case", "speedup_vs_baseline", "impl"))
 
 
+def _cpu_calls(grid: int, repeats: int) -> dict:
+    """The small config's CPU calls the comparisons below time: a 5-action chunk (parallel and
+    sequential) and a world-model frame, each with its engine built once; name -> (call, repeats)."""
+    gen = torch.Generator().manual_seed(0)
+    model = build_model("small", torch.device("cpu"), torch.float32)
+    prompt = action_prompt(grid, gen)
+    calls = {}
+    for mode in ("parallel", "sequential"):
+        engine = make_engine(model, [prompt], 5, ACTION_DIM, LAYOUT)
+        calls[f"action_chunk K5 {mode}"] = (lambda mode=mode, engine=engine: generate_action_chunk(
+            model, prompt, LAYOUT, 5, ACTION_DIM, mode=mode, engine=engine), repeats)
+    builder = SequenceBuilder(LAYOUT, RandomText(gen=gen), ActionTokenizer(LAYOUT))
+    codes = torch.randint(0, LAYOUT.n_image_codes, (1, grid, grid), generator=gen)
+    action = np.random.default_rng(0).uniform(-0.3, 0.3, (1, ACTION_DIM))
+    n_frame = builder.world_prompt(codes[0], action[0]).numel() + 3 + grid * (grid + 1)
+    frame_engine = InferenceEngine(model, 1, n_frame, layout=LAYOUT)
+    calls["frame"] = (lambda: generate_frame_codes(model, codes, action, builder, engine=frame_engine),
+                      max(3, repeats // 3))
+    return calls
+
+
 # The CPU decode paths `compare_decode_paths` switches between: (decoder_layer order, linear order).
 DECODE_PATHS = {
     "modules-torch-linear": (("torch",), ("torch",)),     # the layers' modules, torch's sgemm
@@ -326,22 +350,7 @@ def compare_decode_paths(quick: bool = False, out_dir="benchmarks/results", grid
     if "native" not in dispatch.available("decoder_layer"):
         raise RuntimeError("the native backend is not built here (pip install .)")
     grid = grid or (4 if quick else 16)
-    repeats = repeats or (3 if quick else 10)
-    gen = torch.Generator().manual_seed(0)
-    model = build_model("small", torch.device("cpu"), torch.float32)
-    prompt = action_prompt(grid, gen)
-    calls = {}
-    for mode in ("parallel", "sequential"):
-        engine = make_engine(model, [prompt], 5, ACTION_DIM, LAYOUT)
-        calls[f"action_chunk K5 {mode}"] = (lambda mode=mode, engine=engine: generate_action_chunk(
-            model, prompt, LAYOUT, 5, ACTION_DIM, mode=mode, engine=engine), repeats)
-    builder = SequenceBuilder(LAYOUT, RandomText(gen=gen), ActionTokenizer(LAYOUT))
-    codes = torch.randint(0, LAYOUT.n_image_codes, (1, grid, grid), generator=gen)
-    action = np.random.default_rng(0).uniform(-0.3, 0.3, (1, ACTION_DIM))
-    n_frame = builder.world_prompt(codes[0], action[0]).numel() + 3 + grid * (grid + 1)
-    frame_engine = InferenceEngine(model, 1, n_frame, layout=LAYOUT)
-    calls["frame"] = (lambda: generate_frame_codes(model, codes, action, builder, engine=frame_engine),
-                      max(3, repeats // 3))
+    calls = _cpu_calls(grid, repeats or (3 if quick else 10))
     keys = [("decoder_layer", "cpu"), ("linear", "cpu")]
     saved = {k: dispatch.AUTO_ORDER.get(k) for k in keys}
 
@@ -384,6 +393,53 @@ def compare_decode_paths(quick: bool = False, out_dir="benchmarks/results", grid
                          plot=("case", "speedup_vs_modules", "impl"))
 
 
+def compare_malloc(quick: bool = False, out_dir="benchmarks/results", grid: int | None = None,
+                   repeats: int | None = None):
+    """CPU: the same engines and calls under glibc's default malloc thresholds, then after
+    `tune_cpu_malloc` (what `WorldVLAPolicy` does on the CPU), in one process: medians and minor
+    page faults per call; the tokens must be equal. The two sides cannot alternate (glibc's
+    adaptive defaults cannot be restored once fixed), so the defaults go first; both get the same
+    warm-up. Run it in a fresh process."""
+    import resource
+
+    from worldvla.inference.malloc import cpu_malloc_settings
+
+    if cpu_malloc_settings() is not None:
+        raise RuntimeError("tune_cpu_malloc already ran in this process; compare in a fresh one "
+                           "(python -m benchmarks.e2e --malloc)")
+    grid = grid or (4 if quick else 16)
+    calls = _cpu_calls(grid, repeats or (3 if quick else 15))
+    faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    measured = {}
+    with torch.no_grad():
+        for side in ("defaults", "tuned"):
+            if side == "tuned" and tune_cpu_malloc() is None:
+                raise RuntimeError("the C library is not glibc: tune_cpu_malloc changes nothing here")
+            for case, (fn, n) in calls.items():
+                out = [fn() for _ in range(2)][-1]  # warm-up
+                f0, times = faults(), []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                measured[case, side] = (out, statistics.median(times), (faults() - f0) / n, n)
+    rows = []
+    for case in calls:
+        ref_ms = measured[case, "defaults"][1]
+        for side in ("defaults", "tuned"):
+            out, ms, nf, n = measured[case, side]
+            rows.append({"case": f"small {case} {grid * 16}px", "impl": f"malloc-{side}", "median_ms": ms,
+                         "repeats": n, "page_faults_per_call": nf, "speedup_vs_defaults": ref_ms / ms,
+                         "tokens_equal": bool(torch.equal(out, measured[case, "defaults"][0]))})
+    print_table(rows, ["case", "impl", "median_ms", "page_faults_per_call", "speedup_vs_defaults", "tokens_equal"])
+    extra = {"threads": torch.get_num_threads(), "quick": quick, "tuned": cpu_malloc_settings(),
+             "method": "one process, one model and engine per case; glibc's default malloc thresholds first, "
+                       "then tune_cpu_malloc; medians after 2 warm-up calls per side; minor page faults from "
+                       "getrusage over the timed calls"}
+    return write_results("e2e_malloc", rows, "cpu", out_dir, extra=extra,
+                         plot=("case", "speedup_vs_defaults", "impl"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small config, 64 px-equivalent prompts, few repeats")
@@ -396,7 +452,17 @@ def main(argv=None):
                    help="CPU only: instead, a 5-action chunk (parallel, sequential) and a frame with the decode "
                         "steps through the layers' modules (torch's or the native few-row linear) and through the "
                         "native decoder layer, interleaved")
+    p.add_argument("--malloc", action="store_true",
+                   help="CPU only: instead, the same 5-action chunks and frame under glibc's default malloc "
+                        "thresholds, then tuned (tune_cpu_malloc, as WorldVLAPolicy does): latency and page faults")
     a = p.parse_args(argv)
+    if a.malloc:
+        if a.device not in (None, "cpu"):
+            p.error("--malloc compares CPU allocator settings; leave --device unset or cpu")
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        print(compare_malloc(a.quick, a.out, grid=a.grid))
+        return
     if a.decode_paths:
         if a.device not in (None, "cpu"):
             p.error("--decode-paths compares CPU paths; leave --device unset or cpu")

@@ -12,6 +12,7 @@ _LAZY = {
     "generate_action_chunk": "worldvla.inference",
     "generate_frames": "worldvla.inference",
     "WorldVLAPolicy": "worldvla.inference",
+    "tune_cpu_malloc": "worldvla.inference",
 }
 
 

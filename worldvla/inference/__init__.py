@@ -4,7 +4,9 @@ from .baseline import baseline_generate_action_chunk
 from .chunk import generate_action_chunk
 from .engine import InferenceEngine
 from .frames import FrameRollout, generate_frame_codes, generate_frames
+from .malloc import cpu_malloc_settings, tune_cpu_malloc
 from .policy import WorldVLAPolicy, save_policy
 
 __all__ = ["generate_action_chunk", "generate_frames", "generate_frame_codes", "FrameRollout", "WorldVLAPolicy",
-           "save_policy", "InferenceEngine", "baseline_generate_action_chunk"]
+           "save_policy", "InferenceEngine", "baseline_generate_action_chunk", "tune_cpu_malloc",
+           "cpu_malloc_settings"]

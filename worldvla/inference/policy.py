@@ -35,6 +35,7 @@ from ..tokens import ActionTokenizer, SequenceBuilder, text_tokenizer_for
 from ..tokens.sequence import ACTION_PROMPT, image_tokens
 from .chunk import MODES, chunk_length, generate_action_chunk
 from .engine import InferenceEngine
+from .malloc import tune_cpu_malloc
 
 POLICY_FILE = "policy.json"
 FORMAT_VERSION = 1
@@ -96,11 +97,14 @@ class WorldVLAPolicy:
     to `image_size`. `mode`: chunk decoding, "parallel" or "sequential" under the chunk mask,
     or "causal" (nothing hidden); the default is "parallel", or "causal" for a model trained
     with plain causal attention (`config.attention == "causal"`), which allows nothing else.
+    `tune_malloc`: fix glibc's malloc thresholds for the process (`tune_cpu_malloc`: CPU forwards
+    stop faulting their temporaries' pages in anew at every call); None does it when the model
+    is on the CPU.
     """
 
     def __init__(self, model, vqgan, action_tokenizer: ActionTokenizer, *, chunk_size: int, image_size: int,
                  history: int = 2, text_tokenizer=None, mode: str | None = None, extra: dict | None = None,
-                 code_cache_size: int = 64):
+                 code_cache_size: int = 64, tune_malloc: bool | None = None):
         if model.layout is None:
             raise ValueError("the model has no vocabulary layout (ModelConfig.layout); a policy needs one")
         causal_model = model.config.attention == "causal"
@@ -127,6 +131,8 @@ class WorldVLAPolicy:
                              f"(VQGAN factor {down}, resolution grids of {self.layout.res_grid} px)")
         self.grid = self.image_size // down
         self.device = next(model.parameters()).device
+        if tune_malloc or (tune_malloc is None and self.device.type == "cpu"):
+            tune_cpu_malloc()
         self._codes: OrderedDict = OrderedDict()
         self._code_cache_size = code_cache_size
         self._engines: OrderedDict = OrderedDict()   # batch size -> InferenceEngine
