@@ -218,7 +218,7 @@ void linear(int device, int64_t x, int64_t x_s, int64_t w, int64_t w_s, int64_t 
   linear_cpu(ptr<const float>(x), x_s, ptr<const float>(w), w_s, M, K, N, ptr<float>(y), y_s);
 }
 
-void decoder_layer(int64_t x, int64_t y, int64_t hidden, int64_t intermediate, std::array<int64_t, 13> w,
+DecoderLayerParams layer_params(int64_t x, int64_t y, int64_t hidden, int64_t intermediate, std::array<int64_t, 13> w,
                    int64_t cos, int64_t sin, int64_t pos, double rms_eps, double ln_eps, bool post_norm,
                    int64_t k_cache, int64_t v_cache, int64_t q_pos, int64_t q_limit, int64_t kv_block,
                    int64_t kv_len, int64_t batch, int64_t n_q, int64_t cache_len, int64_t n_heads,
@@ -241,8 +241,50 @@ void decoder_layer(int64_t x, int64_t y, int64_t hidden, int64_t intermediate, s
   p.attn = decode_params(k_cache, v_cache, q_pos, q_limit, kv_block, kv_len, batch, n_q, cache_len, n_heads,
                          n_kv_heads, head_dim, ks, vs, kvb_sb, scale);
   p.attn.split_size = cache_len;
+  return p;
+}
+
+void decoder_layer(int64_t x, int64_t y, int64_t hidden, int64_t intermediate, std::array<int64_t, 13> w,
+                   int64_t cos, int64_t sin, int64_t pos, double rms_eps, double ln_eps, bool post_norm,
+                   int64_t k_cache, int64_t v_cache, int64_t q_pos, int64_t q_limit, int64_t kv_block,
+                   int64_t kv_len, int64_t batch, int64_t n_q, int64_t cache_len, int64_t n_heads,
+                   int64_t n_kv_heads, int64_t head_dim, Strides ks, Strides vs, int64_t kvb_sb, double scale) {
+  DecoderLayerParams p = layer_params(x, y, hidden, intermediate, w, cos, sin, pos, rms_eps, ln_eps, post_norm,
+                                      k_cache, v_cache, q_pos, q_limit, kv_block, kv_len, batch, n_q, cache_len,
+                                      n_heads, n_kv_heads, head_dim, ks, vs, kvb_sb, scale);
   py::gil_scoped_release nogil;
   decoder_layer_cpu(p);
+}
+
+// The same layer's attention stage alone (the prefill route: torch projects q, k, v and o); `w` as in
+// decoder_layer, of which only the head norms (qn_w, qn_b, kn_w, kn_b) are read.
+void decoder_attention_block(int64_t q, int64_t k, int64_t v, int64_t o, std::array<int64_t, 13> w, int64_t cos,
+                             int64_t sin, int64_t pos, double ln_eps, int64_t k_cache, int64_t v_cache,
+                             int64_t q_pos, int64_t q_limit, int64_t kv_block, int64_t kv_len, int64_t batch,
+                             int64_t n_q, int64_t cache_len, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                             Strides ks, Strides vs, int64_t kvb_sb, double scale) {
+  DecoderLayerParams p = layer_params(0, 0, 0, 0, w, cos, sin, pos, 0.0, ln_eps, false, k_cache, v_cache, q_pos,
+                                      q_limit, kv_block, kv_len, batch, n_q, cache_len, n_heads, n_kv_heads,
+                                      head_dim, ks, vs, kvb_sb, scale);
+  py::gil_scoped_release nogil;
+  decoder_attention_block_cpu(p, ptr<float>(q), ptr<float>(k), ptr<const float>(v), ptr<float>(o));
+}
+
+void decoder_residual(int64_t x, int64_t b, int64_t y, int64_t R, int64_t D, int64_t w_branch, int64_t w_next,
+                      int64_t h, double eps, bool post_norm) {
+  py::gil_scoped_release nogil;
+  decoder_residual_cpu(ptr<const float>(x), ptr<float>(b), ptr<float>(y), R, D, ptr<const float>(w_branch),
+                       ptr<const float>(w_next), ptr<float>(h), static_cast<float>(eps), post_norm);
+}
+
+void rms_norm(int64_t x, int64_t w, int64_t R, int64_t D, double eps, int64_t out) {
+  py::gil_scoped_release nogil;
+  rms_norm_cpu(ptr<const float>(x), ptr<const float>(w), R, D, static_cast<float>(eps), ptr<float>(out));
+}
+
+void silu_mul(int64_t g, int64_t u, int64_t n) {
+  py::gil_scoped_release nogil;
+  silu_mul_cpu(ptr<float>(g), ptr<const float>(u), n);
 }
 
 }  // namespace
@@ -272,6 +314,13 @@ PYBIND11_MODULE(_C, m) {
         "One decoder layer of a cached decode step on the CPU (float32): x -> y [R, D], the layer's key and "
         "value written into its cache slots; weights (ln1, wq, wk, wv, wo, qn_w, qn_b, kn_w, kn_b, ln2, wg, "
         "wu, wd) contiguous.");
+  m.def("decoder_attention_block", &decoder_attention_block,
+        "decoder_layer's attention stage on projected q, k, v (CPU, float32): head norms and rotary in place on "
+        "q and k, k and v into the cache, attention into o.");
+  m.def("decoder_residual", &decoder_residual,
+        "y = x + b (b normed first under post-norm); under pre-norm with w_next, h = RMSNorm(y) (CPU, float32).");
+  m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * w over rows [R, D] (CPU, float32; the mean in double).");
+  m.def("silu_mul", &silu_mul, "g = silu(g) * u over n floats (CPU, float32).");
   m.def("range_argmax", &range_argmax, "Greedy token over the vocabulary range [lo, hi) (int64 out).");
   m.def("range_logits", &range_logits, "float32 logits [N, hi - lo] of the vocabulary range [lo, hi).");
 #ifdef WORLDVLA_WITH_CUDA

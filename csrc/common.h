@@ -108,6 +108,16 @@ void set_cpu_vector_width(int width);
 void masked_attention_fwd_cpu(const AttnFwdParams& p);
 void decode_attention_cpu(const DecodeParams& p);
 void decoder_layer_cpu(const DecoderLayerParams& p);  // throws std::out_of_range for a slot outside the cache
+// The layer's stages between its projections (prefills run torch's GEMM for those; csrc/cpu/decoder.cpp).
+// q [R, H, Dh], k, v [R, Hkv, Dh] (R = batch * n_q rows): q and k normed and rotated in place, k and v
+// written into the cache at p.pos, the attention of q written to o [R, H, Dh]; p's projection weights unused.
+void decoder_attention_block_cpu(const DecoderLayerParams& p, float* q, float* k, const float* v, float* o);
+// y = x + b (b RMS-normed with w_branch first under post-norm, in place); under pre-norm with w_next,
+// h = RMSNorm(y) with w_next. [R, D] each; y may be x, h may be b.
+void decoder_residual_cpu(const float* x, float* b, float* y, int64_t R, int64_t D, const float* w_branch,
+                          const float* w_next, float* h, float eps, bool post_norm);
+void silu_mul_cpu(float* g, const float* u, int64_t n);  // g = silu(g) * u
+void rms_norm_cpu(const float* x, const float* w, int64_t R, int64_t D, float eps, float* out);  // the model's RMSNorm
 // z [N, C], codebook [K, C] (row strides z_s, cb_s) -> out int64 [N]
 void vq_quantize_cpu(const float* z, int64_t z_s, const float* codebook, int64_t cb_s,
                      int64_t N, int64_t K, int64_t C, int64_t* out);

@@ -7,17 +7,29 @@
 // and SwiGLU run between the projections without leaving C++. Every row's result depends only on
 // that row (and the cache), never on how many rows came in: the parallel chunk decoder's exact
 // agreement with sequential decoding rests on it.
+//
+// A prefill through the cache (hundreds of rows) is the other way round: its projections are GEMMs
+// that torch's blocked sgemm runs about twice as fast as linear.cpp, and the rest is large enough
+// to cost memory traffic. Python then calls torch for the seven projections and the stages below
+// for everything between them (rms_norm, decoder_attention_block, decoder_residual, silu_mul), the same code
+// the few-row layer runs, split over threads by rows.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "common.h"
+#include "cpu/cpu_common.h"
 
 namespace worldvla {
 
 namespace {
 
 // out[r] = w * (x[r] / sqrt(mean(x[r]^2) + eps)), as the model's RMSNorm (the mean in double).
+// Row loops split over threads only for prefill-sized work (a decode step's few rows stay serial).
+constexpr int64_t kParallelRows = 64;
+
 void rms_norm(const float* x, const float* w, int64_t R, int64_t D, float eps, float* out) {
+#pragma omp parallel for schedule(static) if (R >= kParallelRows)
   for (int64_t r = 0; r < R; ++r) {
     const float* xr = x + r * D;
     double ss = 0.0;
@@ -30,9 +42,12 @@ void rms_norm(const float* x, const float* w, int64_t R, int64_t D, float eps, f
 // In place on t [R, heads, Dh]: LayerNorm over Dh with a per-head affine (w, b [heads, Dh]), then the
 // rotary embedding t * cos + rotate_half(t) * sin with cos, sin [R, Dh].
 void head_norm_rope(float* t, int64_t R, int64_t heads, int64_t Dh, const float* w, const float* b,
-                    const float* cos, const float* sin, float eps, float* tmp) {
+                    const float* cos, const float* sin, float eps) {
   const int64_t half = Dh / 2;
-  for (int64_t r = 0; r < R; ++r)
+#pragma omp parallel for schedule(static) if (R >= kParallelRows)
+  for (int64_t r = 0; r < R; ++r) {
+    std::vector<float> tmp_row(Dh);
+    float* tmp = tmp_row.data();
     for (int64_t h = 0; h < heads; ++h) {
       float* x = t + (r * heads + h) * Dh;
       double mean = 0.0, var = 0.0;
@@ -46,52 +61,70 @@ void head_norm_rope(float* t, int64_t R, int64_t heads, int64_t Dh, const float*
       for (int64_t d = 0; d < half; ++d) x[d] = tmp[d] * c[d] - tmp[d + half] * s[d];
       for (int64_t d = half; d < Dh; ++d) x[d] = tmp[d] * c[d] + tmp[d - half] * s[d];
     }
-}
-
-// A branch's input: x itself under post-norm, else its RMSNorm written into h.
-const float* branch_input(const DecoderLayerParams& p, const float* x, const float* w, int64_t R, float* h) {
-  if (p.post_norm) return x;
-  rms_norm(x, w, R, p.hidden, p.rms_eps, h);
-  return h;
-}
-
-// y = x + the branch output b (normed first under post-norm; b is overwritten then).
-void add_branch(const DecoderLayerParams& p, const float* x, float* b, const float* w, int64_t R, float* y) {
-  if (p.post_norm) rms_norm(b, w, R, p.hidden, p.rms_eps, b);  // row by row: each row read before written
-  for (int64_t i = 0; i < R * p.hidden; ++i) y[i] = x[i] + b[i];
+  }
 }
 
 }  // namespace
 
-void decoder_layer_cpu(const DecoderLayerParams& p) {
+void rms_norm_cpu(const float* x, const float* w, int64_t R, int64_t D, float eps, float* out) {
+  rms_norm(x, w, R, D, eps, out);
+}
+
+void decoder_residual_cpu(const float* x, float* b, float* y, int64_t R, int64_t D, const float* w_branch,
+                          const float* w_next, float* h, float eps, bool post_norm) {
+  if (post_norm) rms_norm(b, w_branch, R, D, eps, b);  // row by row: each row read before written
+  const int64_t n = R * D;
+#pragma omp parallel for schedule(static) if (R >= kParallelRows)
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] + b[i];
+  if (!post_norm && w_next) rms_norm(y, w_next, R, D, eps, h);
+}
+
+namespace {
+
+// silu(g) * u on 8 lanes: sigmoid from e = exp(-|g|) (never overflows): 1 / (1 + e) for g >= 0, else
+// e / (1 + e). Every element takes this same vector arithmetic (the tail through a padded vector), so
+// its result depends on its own inputs only, wherever it sits in the array.
+WORLDVLA_INLINE v8f silu_mul8(const v8f& g, const v8f& u) {
+  const v8f neg_abs = g < splat8(0.0f) ? g : -g;
+  const v8f e = exp8_nonpos(neg_abs);
+  const v8f one = splat8(1.0f);
+  const v8f sig = (g < splat8(0.0f) ? e : one) / (one + e);
+  return g * sig * u;
+}
+
+WORLDVLA_MULTIVERSION void silu_mul_range(float* g, const float* u, int64_t i0, int64_t i1) {
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) store8(g + i, silu_mul8(load8(g + i), load8(u + i)));
+  if (i < i1) {
+    float gt[8] = {}, ut[8] = {};
+    for (int64_t j = i; j < i1; ++j) gt[j - i] = g[j], ut[j - i] = u[j];
+    store8(gt, silu_mul8(load8(gt), load8(ut)));
+    for (int64_t j = i; j < i1; ++j) g[j] = gt[j - i];
+  }
+}
+
+}  // namespace
+
+void silu_mul_cpu(float* g, const float* u, int64_t n) {
+  const int64_t block = 4096;  // a multiple of 8: blocks split on vector boundaries
+  const int64_t blocks = (n + block - 1) / block;
+#pragma omp parallel for schedule(static) if (blocks >= 16)
+  for (int64_t b = 0; b < blocks; ++b) silu_mul_range(g, u, b * block, std::min(n, (b + 1) * block));
+}
+
+void decoder_attention_block_cpu(const DecoderLayerParams& p, float* q, float* k, const float* v, float* o) {
   const DecodeParams& m = p.attn;
-  const int64_t R = m.batch * m.n_q, D = p.hidden, I = p.intermediate;
-  const int64_t H = m.n_heads, Hkv = m.n_kv_heads, Dh = m.head_dim, Nq = H * Dh, Nkv = Hkv * Dh;
+  const int64_t R = m.batch * m.n_q, H = m.n_heads, Hkv = m.n_kv_heads, Dh = m.head_dim, Nq = H * Dh;
   for (int64_t r = 0; r < R; ++r)
     if (p.pos[r] < 0 || p.pos[r] >= m.cache_len)
       throw std::out_of_range("decoder_layer: cache slot " + std::to_string(p.pos[r]) + " of row " +
                               std::to_string(r) + " lies outside a cache of " + std::to_string(m.cache_len) +
                               " slots");
-  // Scratch: the normed input (later the branch outputs), q, k, v, the attention output, gate, up.
-  std::vector<float> scratch(R * (D + 2 * Nq + 2 * Nkv + 2 * I) + Dh);
-  float* h = scratch.data();
-  float* q = h + R * D;
-  float* k = q + R * Nq;
-  float* v = k + R * Nkv;
-  float* o = v + R * Nkv;
-  float* g = o + R * Nq;
-  float* u = g + R * I;
-  float* tmp = u + R * I;
-
-  // Attention branch.
-  const float* a_in = branch_input(p, p.x, p.ln1, R, h);
-  linear_cpu(a_in, D, p.wq, D, R, D, Nq, q, Nq);
-  linear_cpu(a_in, D, p.wk, D, R, D, Nkv, k, Nkv);
-  linear_cpu(a_in, D, p.wv, D, R, D, Nkv, v, Nkv);
-  head_norm_rope(q, R, H, Dh, p.qn_w, p.qn_b, p.cos, p.sin, p.ln_eps, tmp);
-  head_norm_rope(k, R, Hkv, Dh, p.kn_w, p.kn_b, p.cos, p.sin, p.ln_eps, tmp);
+  head_norm_rope(q, R, H, Dh, p.qn_w, p.qn_b, p.cos, p.sin, p.ln_eps);
+  head_norm_rope(k, R, Hkv, Dh, p.kn_w, p.kn_b, p.cos, p.sin, p.ln_eps);
   float* kc = static_cast<float*>(const_cast<void*>(m.k));
   float* vc = static_cast<float*>(const_cast<void*>(m.v));
+#pragma omp parallel for schedule(static) if (R >= kParallelRows)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t b = r / m.n_q, s = p.pos[r];
     for (int64_t hk = 0; hk < Hkv; ++hk)
@@ -108,16 +141,43 @@ void decoder_layer_cpu(const DecoderLayerParams& p) {
   a.q_sh = a.o_sh = Dh;
   a.dtype = kFloat32;
   decode_attention_cpu(a);
+}
+
+void decoder_layer_cpu(const DecoderLayerParams& p) {
+  const DecodeParams& m = p.attn;
+  const int64_t R = m.batch * m.n_q, D = p.hidden, I = p.intermediate;
+  const int64_t Nq = m.n_heads * m.head_dim, Nkv = m.n_kv_heads * m.head_dim;
+  // Scratch: the normed input (later the branch outputs), q, k, v, the attention output, gate, up.
+  std::vector<float> scratch(R * (D + 2 * Nq + 2 * Nkv + 2 * I));
+  float* h = scratch.data();
+  float* q = h + R * D;
+  float* k = q + R * Nq;
+  float* v = k + R * Nkv;
+  float* o = v + R * Nkv;
+  float* g = o + R * Nq;
+  float* u = g + R * I;
+
+  // Attention branch.
+  const float* a_in = p.x;
+  if (!p.post_norm) {
+    rms_norm(p.x, p.ln1, R, D, p.rms_eps, h);
+    a_in = h;
+  }
+  linear_cpu(a_in, D, p.wq, D, R, D, Nq, q, Nq);
+  linear_cpu(a_in, D, p.wk, D, R, D, Nkv, k, Nkv);
+  linear_cpu(a_in, D, p.wv, D, R, D, Nkv, v, Nkv);
+  decoder_attention_block_cpu(p, q, k, v, o);
   linear_cpu(o, Nq, p.wo, Nq, R, Nq, D, h, D);
-  add_branch(p, p.x, h, p.ln1, R, p.y);
+  // y = x + branch; under pre-norm h = the MLP's normed input.
+  decoder_residual_cpu(p.x, h, p.y, R, D, p.ln1, p.ln2, h, p.rms_eps, p.post_norm);
 
   // MLP branch.
-  const float* m_in = branch_input(p, p.y, p.ln2, R, h);
+  const float* m_in = p.post_norm ? p.y : h;
   linear_cpu(m_in, D, p.wg, D, R, D, I, g, I);
   linear_cpu(m_in, D, p.wu, D, R, D, I, u, I);
-  for (int64_t i = 0; i < R * I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  silu_mul_cpu(g, u, R * I);
   linear_cpu(g, I, p.wd, I, R, I, D, h, D);
-  add_branch(p, p.y, h, p.ln2, R, p.y);
+  decoder_residual_cpu(p.y, h, p.y, R, D, p.ln2, nullptr, nullptr, p.rms_eps, p.post_norm);
 }
 
 }  // namespace worldvla

@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 
 from . import dispatch
-from .projection import NATIVE_MAX_ROWS
 
 
 def decoder_layer_ref(layer, x: torch.Tensor, cos, sin, ctx, index: int) -> torch.Tensor:
@@ -25,9 +24,7 @@ def decoder_layer_ref(layer, x: torch.Tensor, cos, sin, ctx, index: int) -> torc
 def resolve_decoder_layer(layer, x: torch.Tensor, ctx, backend: str = "auto") -> Callable:
     """The implementation `decoder_layer` runs for a cached forward like this one (`ctx` carries the
     cache, the positions and the DecodeMeta). A forward resolves it once for all its layers, which
-    share their shapes and dtypes; `auto` takes the native layer only up to NATIVE_MAX_ROWS rows."""
-    if backend == "auto" and x.numel() > NATIVE_MAX_ROWS * max(x.shape[-1], 1):
-        backend = "torch"
+    share their shapes and dtypes."""
     return dispatch.resolve("decoder_layer", backend, x.device.type, layer, x, ctx)
 
 

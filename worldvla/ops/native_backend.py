@@ -24,6 +24,7 @@ import re
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -31,6 +32,7 @@ from worldvla import _C  # ImportError here = no native backend
 
 from ..mask import ChunkMaskMeta, DecodeMeta
 from . import dispatch
+from .projection import NATIVE_MAX_ROWS
 from .sampling import sample_logits
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
@@ -727,9 +729,11 @@ def _decoder_layer_ready(w, shapes, x, cos, sin, ctx, index) -> bool:
 
 
 def decoder_layer(layer, x: Tensor, cos: Tensor, sin: Tensor, ctx, index: int) -> Tensor:
-    """`worldvla.ops.decoder_layer` in one C++ call: x [B, Q, D] -> the layer's output, with this
-    layer's keys and values written into `ctx.cache` at `ctx.position_ids`. Eager only (it takes a
-    module): traced forwards and inputs that need gradients keep the modules (`auto`)."""
+    """`worldvla.ops.decoder_layer` natively: x [B, Q, D] -> the layer's output, with this layer's keys
+    and values written into `ctx.cache` at `ctx.position_ids`. Up to NATIVE_MAX_ROWS rows (decode
+    steps) in one C++ call; more (a prefill through the cache) with torch's GEMM for the seven
+    projections and the C++ stages between them. Eager only (it takes a module): traced forwards and
+    inputs that need gradients keep the modules (`auto`)."""
     mods = layer._modules
     attn = mods["self_attn"]
     cfg = attn.cfg
@@ -737,18 +741,59 @@ def decoder_layer(layer, x: Tensor, cos: Tensor, sin: Tensor, ctx, index: int) -
     if not _decoder_layer_ready(w, shapes, x, cos, sin, ctx, index):
         _check_decoder_layer(layer, x, cos, sin, ctx, index)
     B, Q, D = x.shape
+    if B * Q > NATIVE_MAX_ROWS:
+        return _decoder_layer_gemm(layer, w, x, cos, sin, ctx, index)
     y = torch.empty_like(x)
     if x.numel():
-        meta, pos = ctx.decode_meta, ctx.position_ids
-        k, v = ctx.cache.k[index], ctx.cache.v[index]  # [B, S, Hkv, Dh]
-        _C.decoder_layer(
-            x.data_ptr(), y.data_ptr(), D, cfg.intermediate_size, [t.data_ptr() for t in w],
-            cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), float(mods["input_layernorm"].eps),
-            float(attn._modules["q_norm"].eps), bool(layer.swin_norm), k.data_ptr(), v.data_ptr(),
-            meta.q_pos.data_ptr(), meta.q_limit.data_ptr(), meta.kv_block.data_ptr(), meta.kv_len.data_ptr(),
-            B, Q, k.shape[1], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, k.stride()[:3],
-            v.stride()[:3], meta.kv_block.stride(0), 1.0 / math.sqrt(cfg.head_dim))
+        _C.decoder_layer(x.data_ptr(), y.data_ptr(), D, cfg.intermediate_size, [t.data_ptr() for t in w],
+                         cos.data_ptr(), sin.data_ptr(), ctx.position_ids.data_ptr(),
+                         float(mods["input_layernorm"].eps), float(attn._modules["q_norm"].eps),
+                         bool(layer.swin_norm), *_cache_args(cfg, x, ctx, index))
     return y
+
+
+def _cache_args(cfg, x, ctx, index) -> tuple:
+    """The cache and DecodeMeta arguments `_C.decoder_layer` and `_C.decoder_attention_block` share."""
+    meta = ctx.decode_meta
+    k, v = ctx.cache.k[index], ctx.cache.v[index]  # [B, S, Hkv, Dh]
+    return (k.data_ptr(), v.data_ptr(), meta.q_pos.data_ptr(), meta.q_limit.data_ptr(), meta.kv_block.data_ptr(),
+            meta.kv_len.data_ptr(), x.shape[0], x.shape[1], k.shape[1], cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.head_dim, k.stride()[:3], v.stride()[:3], meta.kv_block.stride(0),
+            1.0 / math.sqrt(cfg.head_dim))
+
+
+def _decoder_layer_gemm(layer, w, x, cos, sin, ctx, index) -> Tensor:
+    """The checked layer over many rows: torch's sgemm (about twice linear.cpp's rate at prefill
+    sizes) for the projections, `_C` for the norms, rotary embedding, cache write, attention,
+    residuals and SwiGLU between them."""
+    ln1, wq, wk, wv, wo, _, _, _, _, ln2, wg, wu, wd = w
+    mods = layer._modules
+    attn = mods["self_attn"]
+    cfg, post = attn.cfg, bool(layer.swin_norm)
+    eps = float(mods["input_layernorm"].eps)
+    B, Q, D = x.shape
+    R = B * Q
+    x2 = x.view(R, D)
+    a_in = x2
+    if not post:
+        a_in = torch.empty_like(x2)
+        _C.rms_norm(x2.data_ptr(), ln1.data_ptr(), R, D, eps, a_in.data_ptr())
+    q, k, v = F.linear(a_in, wq), F.linear(a_in, wk), F.linear(a_in, wv)
+    o = torch.empty_like(q)
+    _C.decoder_attention_block(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), [t.data_ptr() for t in w],
+                               cos.data_ptr(), sin.data_ptr(), ctx.position_ids.data_ptr(),
+                               float(attn._modules["q_norm"].eps), *_cache_args(cfg, x, ctx, index))
+    h = F.linear(o, wo)
+    y = torch.empty_like(x2)
+    # y = x + attention branch; under pre-norm h becomes the MLP's normed input.
+    _C.decoder_residual(x2.data_ptr(), h.data_ptr(), y.data_ptr(), R, D, ln1.data_ptr(),
+                        0 if post else ln2.data_ptr(), h.data_ptr(), eps, post)
+    m_in = y if post else h
+    g, u = F.linear(m_in, wg), F.linear(m_in, wu)
+    _C.silu_mul(g.data_ptr(), u.data_ptr(), g.numel())
+    d = F.linear(g, wd)
+    _C.decoder_residual(y.data_ptr(), d.data_ptr(), y.data_ptr(), R, D, ln2.data_ptr(), 0, 0, eps, post)
+    return y.view(B, Q, D)
 
 
 def vq_quantize(z: Tensor, codebook: Tensor, code_splits: int | None = None) -> Tensor:
