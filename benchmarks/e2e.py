@@ -332,30 +332,37 @@ def _cpu_calls(grid: int, repeats: int) -> dict:
     return calls
 
 
-# The CPU decode paths `compare_decode_paths` switches between: (decoder_layer order, linear order).
+# The CPU decode paths `compare_decode_paths` switches between: (decoder_layer order, linear order,
+# ops.decoder.NATIVE_PREFILL).
 DECODE_PATHS = {
-    "modules-torch-linear": (("torch",), ("torch",)),     # the layers' modules, torch's sgemm
-    "modules-native-linear": (("torch",), ("native", "torch")),  # the modules, the few-row C++ linear
-    "native-layer": (("native", "torch"), ("torch",)),    # one C++ call a layer (ops.decoder_layer)
+    "modules-torch-linear": (("torch",), ("torch",), False),     # the layers' modules, torch's sgemm
+    "modules-native-linear": (("torch",), ("native", "torch"), False),  # the modules, the few-row C++ linear
+    "native-layer": (("native", "torch"), ("torch",), False),    # decode steps: one C++ call a layer
+    "native-layer+prefill": (("native", "torch"), ("torch",), True),  # and the prefill's GEMM route
 }
 
 
 def compare_decode_paths(quick: bool = False, out_dir="benchmarks/results", grid: int | None = None,
                          repeats: int | None = None):
-    """CPU: the same engines with the decode steps run three ways (DECODE_PATHS), switched call by call
-    (A, B, C, A, B, C, ...), medians; the tokens of all three must be equal. Prefills take the modules
-    and torch's GEMM every way (more than NATIVE_MAX_ROWS rows)."""
+    """CPU: the same engines with the cached forwards run four ways (DECODE_PATHS), switched call by
+    call (A, B, C, D, A, ...), medians; the tokens of all four must be equal. The first three keep the
+    modules and torch's GEMM for the prompt's prefill (more than NATIVE_MAX_ROWS rows) and differ in
+    the decode steps; the last also runs the prefill on the native layer's GEMM route."""
+    from worldvla.ops import decoder as decoder_op
     from worldvla.ops import dispatch
 
     if "native" not in dispatch.available("decoder_layer"):
         raise RuntimeError("the native backend is not built here (pip install .)")
+    tune_cpu_malloc()  # as WorldVLAPolicy does on the CPU
     grid = grid or (4 if quick else 16)
     calls = _cpu_calls(grid, repeats or (3 if quick else 10))
     keys = [("decoder_layer", "cpu"), ("linear", "cpu")]
     saved = {k: dispatch.AUTO_ORDER.get(k) for k in keys}
+    saved_prefill = decoder_op.NATIVE_PREFILL
 
     def use(path):
-        for key, order in zip(keys, DECODE_PATHS[path]):
+        *orders, decoder_op.NATIVE_PREFILL = DECODE_PATHS[path]
+        for key, order in zip(keys, orders):
             dispatch.AUTO_ORDER[key] = order
 
     base = next(iter(DECODE_PATHS))
@@ -379,16 +386,18 @@ def compare_decode_paths(quick: bool = False, out_dir="benchmarks/results", grid
                                  "repeats": n, "speedup_vs_modules": med[base] / med[path],
                                  "tokens_equal": bool(torch.equal(out[path], out[base]))})
     finally:
+        decoder_op.NATIVE_PREFILL = saved_prefill
         for key, order in saved.items():
             if order is None:
                 dispatch.AUTO_ORDER.pop(key, None)
             else:
                 dispatch.AUTO_ORDER[key] = order
     print_table(rows, ["case", "impl", "median_ms", "speedup_vs_modules", "tokens_equal"])
-    extra = {"threads": torch.get_num_threads(), "quick": quick, "paths": {k: [list(o) for o in v]
-                                                                          for k, v in DECODE_PATHS.items()},
-             "method": "one model and engine per case; the decode steps' path switched call by call (interleaved), "
-                       "medians; prefills use the modules and torch's GEMM on every side"}
+    extra = {"threads": torch.get_num_threads(), "quick": quick,
+             "paths": {k: {"decoder_layer": list(v[0]), "linear": list(v[1]), "native_prefill": v[2]}
+                       for k, v in DECODE_PATHS.items()},
+             "method": "one model and engine per case; the path switched call by call (interleaved), medians; "
+                       "prefills on the modules and torch's GEMM except in native-layer+prefill"}
     return write_results("e2e_decode_paths", rows, "cpu", out_dir, extra=extra,
                          plot=("case", "speedup_vs_modules", "impl"))
 

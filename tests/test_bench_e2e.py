@@ -62,21 +62,23 @@ def test_action_prompt_layout():
 
 def test_decode_paths_comparison_keeps_the_tokens(tmp_path, monkeypatch):
     """`e2e --decode-paths`: each case timed through the modules (torch's and the native linear) and the
-    native decoder layer, each path really taken, the same tokens, the dispatch order as it was afterwards."""
+    native decoder layer (decode steps, then also the prefill), each path really taken, the same tokens,
+    the dispatch order as it was afterwards."""
     pytest.importorskip("worldvla._C")
-    from worldvla.ops import dispatch
+    from worldvla.ops import decoder, dispatch
     from worldvla.ops import native_backend as nb
 
-    calls = {"linear": 0, "decoder_layer": 0}
+    calls = {"linear": 0, "decoder_layer": 0, "decoder_attention_block": 0}
     for name in calls:
         def spy(*a, name=name, f=getattr(nb._C, name)):
             calls[name] += 1
             return f(*a)
         monkeypatch.setattr(nb._C, name, spy)
     before = dict(dispatch.AUTO_ORDER)
-    doc = json.loads(e2e.compare_decode_paths(quick=True, out_dir=tmp_path, grid=2, repeats=1).read_text())
-    assert dispatch.AUTO_ORDER == before
-    assert calls["linear"] > 0 and calls["decoder_layer"] > 0
+    # grid 4: a 70-token prompt, more than NATIVE_MAX_ROWS rows, so the prefill route runs too
+    doc = json.loads(e2e.compare_decode_paths(quick=True, out_dir=tmp_path, grid=4, repeats=1).read_text())
+    assert dispatch.AUTO_ORDER == before and decoder.NATIVE_PREFILL is True
+    assert all(calls.values()), calls
     cases = {r["case"] for r in doc["rows"]}
     assert len(cases) == 3 and all(r["tokens_equal"] for r in doc["rows"])
     for case in cases:

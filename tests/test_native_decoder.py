@@ -72,11 +72,13 @@ def _assert_rule(out, same, ref, name):
 @pytest.mark.parametrize("swin_norm", [False, True], ids=["pre-norm", "post-norm"])
 @pytest.mark.parametrize("B,Q,heads,kv_heads,head_dim,chunk", [
     (1, 1, 3, 3, 24, False), (1, 5, 3, 3, 24, True), (3, 2, 4, 2, 16, True), (2, 7, 2, 1, 36, False),
-    (1, 1, 4, 4, 64, False)])
+    (1, 1, 4, 4, 64, False),
+    # more than NATIVE_MAX_ROWS rows (a prefill through the cache): torch's GEMM and the C++ stages
+    (1, 70, 3, 3, 24, True), (2, 37, 4, 2, 16, False), (3, 50, 2, 1, 36, True)])
 def test_layer_matches_f64(rng, swin_norm, B, Q, heads, kv_heads, head_dim, chunk):
     model = _model(rng, swin_norm, hidden_size=heads * head_dim, num_attention_heads=heads,
                    num_key_value_heads=kv_heads)
-    x, pos, meta, cache = _step(rng, model.config, B, Q, S=41, chunk=chunk)
+    x, pos, meta, cache = _step(rng, model.config, B, Q, S=max(41, 2 * Q + 11), chunk=chunk)
     for index, layer in enumerate(model.model.layers):
         ref, ref_cache = _run(layer, x, pos, meta, cache, index, native=False, dtype=torch.float64)
         same, same_cache = _run(layer, x, pos, meta, copy.deepcopy(cache), index, native=False)
@@ -109,22 +111,26 @@ def test_rows_do_not_depend_on_the_row_count(rng):
 
 def test_model_steps_take_the_native_layer_under_auto(rng, monkeypatch):
     """A cached forward of a few rows runs every layer through `_C.decoder_layer` when `auto` orders it
-    first, with the modules' hidden states within float32 rounding; a prefill through the cache (more
-    than NATIVE_MAX_ROWS rows), backend="torch" and a model in training mode keep the modules."""
+    first, and a prefill through the cache (more than NATIVE_MAX_ROWS rows) through torch's GEMM and
+    `_C.decoder_attention_block`, with the modules' hidden states and cache within float32 rounding;
+    backend="torch" and a model in training mode keep the modules."""
     from worldvla.inference import InferenceEngine
 
     model = _model(rng, num_hidden_layers=3)
     layout = model.layout
     prompt = torch.randint(layout.text_base, layout.vocab_size, (80,), generator=rng)
     step_ids = torch.randint(layout.text_base, layout.vocab_size, (1, 3), generator=rng)
-    calls = []
+    calls, blocks = [], []
     monkeypatch.setattr(nb._C, "decoder_layer", lambda *a, f=nb._C.decoder_layer: calls.append(1) or f(*a))
-    out = {}
+    monkeypatch.setattr(nb._C, "decoder_attention_block",
+                        lambda *a, f=nb._C.decoder_attention_block: blocks.append(1) or f(*a))
+    out, caches = {}, {}
     for order in (("torch",), ("native", "torch")):
         monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), order)
         engine = InferenceEngine(model, 1, 96, layout=layout)
         engine.prefill([prompt])
-        assert not calls  # 80 rows: the modules
+        assert not calls and len(blocks) == (3 if order[0] == "native" else 0)  # 80 rows: the GEMM route
+        caches[order[0]] = (engine.cache.k[:, :, :80].clone(), engine.cache.v[:, :, :80].clone())
         buf = engine.buffers(3)
         buf.ids.copy_(step_ids)
         buf.set_positions(torch.tensor([[80, 81, 82]]))
@@ -133,12 +139,13 @@ def test_model_steps_take_the_native_layer_under_auto(rng, monkeypatch):
         assert len(calls) == (3 if order[0] == "native" else 0)
         calls.clear()
     torch.testing.assert_close(out["native"], out["torch"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(caches["native"], caches["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     x = torch.randn(1, 3, model.config.hidden_size)
     ctx = ForwardContext(cache=engine.cache, position_ids=buf.pos, decode_meta=buf.meta)
     layer = model.model.layers[0]
     with torch.no_grad():
         assert ops.resolve_decoder_layer(layer, x, ctx) is nb.decoder_layer
-        assert ops.resolve_decoder_layer(layer, torch.randn(1, 65, x.shape[-1]), ctx) is ops.decoder_layer_ref
         model.train()
         assert ops.resolve_decoder_layer(layer, x, ctx) is nb.decoder_layer  # dropout 0: nothing to drop
         layer.dropout.p = 0.1
