@@ -460,25 +460,20 @@ def main(argv=None):
     p.add_argument("--decode-paths", action="store_true",
                    help="CPU only: instead, a 5-action chunk (parallel, sequential) and a frame with the decode "
                         "steps through the layers' modules (torch's or the native few-row linear) and through the "
-                        "native decoder layer, interleaved")
+                        "native decoder layer, with the prefill on the modules or also on the native layer, "
+                        "interleaved")
     p.add_argument("--malloc", action="store_true",
                    help="CPU only: instead, the same 5-action chunks and frame under glibc's default malloc "
                         "thresholds, then tuned (tune_cpu_malloc, as WorldVLAPolicy does): latency and page faults")
     a = p.parse_args(argv)
-    if a.malloc:
-        if a.device not in (None, "cpu"):
-            p.error("--malloc compares CPU allocator settings; leave --device unset or cpu")
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        print(compare_malloc(a.quick, a.out, grid=a.grid))
-        return
-    if a.decode_paths:
-        if a.device not in (None, "cpu"):
-            p.error("--decode-paths compares CPU paths; leave --device unset or cpu")
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        print(compare_decode_paths(a.quick, a.out, grid=a.grid))
-        return
+    for flag, compare in (("malloc", compare_malloc), ("decode_paths", compare_decode_paths)):
+        if getattr(a, flag):  # CPU comparisons instead of the latency table
+            if a.device not in (None, "cpu"):
+                p.error(f"--{flag.replace('_', '-')} compares CPU settings; leave --device unset or cpu")
+            if a.threads:
+                torch.set_num_threads(a.threads)
+            print(compare(a.quick, a.out, grid=a.grid))
+            return
     print(run(a.quick, a.device, a.out, grid=a.grid, chunks=tuple(a.chunks) if a.chunks else None, threads=a.threads))
 
 
