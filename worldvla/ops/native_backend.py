@@ -705,7 +705,8 @@ def _check_decoder_layer(layer, x, cos, sin, ctx, index):
 
 def _decoder_layer_ready(w, shapes, x, cos, sin, ctx, index) -> bool:
     """The common case of `_check_decoder_layer` in a few expressions (a step calls the layer once per
-    layer; the full checks cost about 60 us). False sends the call through the full checks."""
+    layer; the full checks cost about 60 us). False sends the call through the full checks. `cos`,
+    `sin` None skip the rotary tables, as there."""
     f32, i32 = torch.float32, torch.int32
     cache, meta, pos = ctx.cache, ctx.decode_meta, ctx.position_ids
     if cache is None or meta is None or pos is None or x.dim() != 3:
@@ -715,8 +716,8 @@ def _decoder_layer_ready(w, shapes, x, cos, sin, ctx, index) -> bool:
     return (_no_grad_needed(x, *w) and all([type(t) in _PLAIN and t.dtype == f32 and t.is_cpu for t in w])
             and [t.shape for t in w] == list(shapes) and all([t.is_contiguous() for t in w])
             and type(x) in _PLAIN and x.dtype == f32 and x.is_cpu and x.is_contiguous() and D == shapes[0][0]
-            and cos.dtype == sin.dtype == f32 and cos.is_cpu and sin.is_cpu and cos.is_contiguous()
-            and sin.is_contiguous() and cos.numel() == sin.numel() == B * Q * shapes[5][1]
+            and (cos is None or cos.dtype == sin.dtype == f32 and cos.is_cpu and sin.is_cpu and cos.is_contiguous()
+                 and sin.is_contiguous() and cos.numel() == sin.numel() == B * Q * shapes[5][1])
             and k.dtype == v.dtype == f32 and k.is_cpu and v.is_cpu and k.dim() == 5 and k.shape == v.shape
             and k.shape[1] == B and k.shape[3:] == shapes[7] and k.is_contiguous() and v.is_contiguous()
             and 0 <= index < k.shape[0] and pos.dtype == torch.int64 and pos.is_cpu and pos.is_contiguous()
@@ -755,10 +756,12 @@ def decoder_layer(layer, x: Tensor, cos: Tensor, sin: Tensor, ctx, index: int) -
 def _cache_args(cfg, x, ctx, index) -> tuple:
     """The cache and DecodeMeta arguments `_C.decoder_layer` and `_C.decoder_attention_block` share."""
     meta = ctx.decode_meta
-    k, v = ctx.cache.k[index], ctx.cache.v[index]  # [B, S, Hkv, Dh]
-    return (k.data_ptr(), v.data_ptr(), meta.q_pos.data_ptr(), meta.q_limit.data_ptr(), meta.kv_block.data_ptr(),
-            meta.kv_len.data_ptr(), x.shape[0], x.shape[1], k.shape[1], cfg.num_attention_heads,
-            cfg.num_key_value_heads, cfg.head_dim, k.stride()[:3], v.stride()[:3], meta.kv_block.stride(0),
+    k, v = ctx.cache.k, ctx.cache.v  # [layers, B, S, Hkv, Dh]: layer `index` by its offset (no views)
+    k_ptr = k.data_ptr() + index * k.stride(0) * k.element_size()
+    v_ptr = v.data_ptr() + index * v.stride(0) * v.element_size()
+    return (k_ptr, v_ptr, meta.q_pos.data_ptr(), meta.q_limit.data_ptr(), meta.kv_block.data_ptr(),
+            meta.kv_len.data_ptr(), x.shape[0], x.shape[1], k.shape[2], cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.head_dim, k.stride()[1:4], v.stride()[1:4], meta.kv_block.stride(0),
             1.0 / math.sqrt(cfg.head_dim))
 
 
@@ -863,7 +866,14 @@ def _decoder_layer_supports(layer, x, ctx):
         if layer.training and any(m.p > 0 for m in layer.modules() if isinstance(m, torch.nn.Dropout)):
             return dispatch.Unsupported("dropout is active (training mode); call model.eval()")
         return True
-    return dispatch.first_false(eager, lambda: _passes(_check_decoder_layer, layer, x, None, None, ctx, 0))
+    def checks():
+        try:  # the few expressions of the common case first (a forward resolves the layer every step)
+            if _decoder_layer_ready(_layer_weights(layer), _config_shapes(layer.self_attn.cfg), x, None, None, ctx, 0):
+                return True
+        except (KeyError, AttributeError):  # not a worldvla DecoderLayer: the full checks say what is wrong
+            pass
+        return _passes(_check_decoder_layer, layer, x, None, None, ctx, 0)
+    return dispatch.first_false(eager, checks)
 
 
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
