@@ -555,7 +555,8 @@ void decode_attention_cpu(const DecodeParams& p) {
   int64_t chunks = std::min<int64_t>(p.n_kv_heads, std::max<int64_t>(1, (2 * n_threads + per_seq - 1) / per_seq));
   // At least two kv heads per item where every thread still gets an item: one head's keys are a
   // quarter of each cache row for the small config (256 of 1,024 B), which streams worse; two heads
-  // per item ran 1.07-1.17x there on two threads, the same results (each head is computed alike).
+  // per item ran 1.07-1.17x there on two threads with K and V in cache (about even out of cache),
+  // the same results (each head is computed alike).
   if (p.n_kv_heads < 2 * chunks)
     chunks = std::max<int64_t>(std::min<int64_t>(chunks, (n_threads + per_seq - 1) / per_seq), (p.n_kv_heads + 1) / 2);
   const int64_t per_chunk = (p.n_kv_heads + chunks - 1) / chunks;
