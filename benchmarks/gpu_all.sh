@@ -19,6 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 if [[ -n "${OUT:-}" ]]; then
+  mkdir -p "$OUT" || exit 1
   WORK="${WORK:-/tmp/worldvla_gpu_all}"
   RESULTS="$WORK/results"
   MAIN_LOG="$OUT/gpu_all.log"
