@@ -81,35 +81,45 @@ void decoder_residual_cpu(const float* x, float* b, float* y, int64_t R, int64_t
 
 namespace {
 
-// silu(g) * u on 8 lanes: sigmoid from e = exp(-|g|) (never overflows): 1 / (1 + e) for g >= 0, else
+// silu(g) * u on W lanes: sigmoid from e = exp(-|g|) (never overflows): 1 / (1 + e) for g >= 0, else
 // e / (1 + e). Every element takes this same vector arithmetic (the tail through a padded vector), so
-// its result depends on its own inputs only, wherever it sits in the array.
-WORLDVLA_INLINE v8f silu_mul8(const v8f& g, const v8f& u) {
-  const v8f neg_abs = g < splat8(0.0f) ? g : -g;
-  const v8f e = exp8_nonpos(neg_abs);
-  const v8f one = splat8(1.0f);
-  const v8f sig = (g < splat8(0.0f) ? e : one) / (one + e);
+// its result depends on its own inputs only, wherever it sits in the array; and the exp polynomial is
+// the same at either width.
+template <int W>
+WORLDVLA_INLINE vec<W> silu_mul_v(const vec<W>& g, const vec<W>& u) {
+  const vec<W> zero = splatv<W>(0.0f), one = splatv<W>(1.0f);
+  const vec<W> e = expv_nonpos<W>(g < zero ? g : -g);
+  const vec<W> sig = (g < zero ? e : one) / (one + e);
   return g * sig * u;
 }
 
-WORLDVLA_MULTIVERSION void silu_mul_range(float* g, const float* u, int64_t i0, int64_t i1) {
+template <int W>
+WORLDVLA_INLINE void silu_mul_range(float* g, const float* u, int64_t i0, int64_t i1) {
   int64_t i = i0;
-  for (; i + 8 <= i1; i += 8) store8(g + i, silu_mul8(load8(g + i), load8(u + i)));
+  for (; i + W <= i1; i += W) storev<W>(g + i, silu_mul_v<W>(loadv<W>(g + i), loadv<W>(u + i)));
   if (i < i1) {
-    float gt[8] = {}, ut[8] = {};
+    float gt[W] = {}, ut[W] = {};
     for (int64_t j = i; j < i1; ++j) gt[j - i] = g[j], ut[j - i] = u[j];
-    store8(gt, silu_mul8(load8(gt), load8(ut)));
+    storev<W>(gt, silu_mul_v<W>(loadv<W>(gt), loadv<W>(ut)));
     for (int64_t j = i; j < i1; ++j) g[j] = gt[j - i];
   }
+}
+
+WORLDVLA_MULTIVERSION void silu_mul_w8(float* g, const float* u, int64_t i0, int64_t i1) {
+  silu_mul_range<8>(g, u, i0, i1);
+}
+WORLDVLA_AVX512 void silu_mul_w16(float* g, const float* u, int64_t i0, int64_t i1) {
+  silu_mul_range<16>(g, u, i0, i1);
 }
 
 }  // namespace
 
 void silu_mul_cpu(float* g, const float* u, int64_t n) {
-  const int64_t block = 4096;  // a multiple of 8: blocks split on vector boundaries
+  const auto run = cpu_vector_width() == 16 ? silu_mul_w16 : silu_mul_w8;
+  const int64_t block = 4096;  // a multiple of 16: blocks split on vector boundaries
   const int64_t blocks = (n + block - 1) / block;
 #pragma omp parallel for schedule(static) if (blocks >= 16)
-  for (int64_t b = 0; b < blocks; ++b) silu_mul_range(g, u, b * block, std::min(n, (b + 1) * block));
+  for (int64_t b = 0; b < blocks; ++b) run(g, u, b * block, std::min(n, (b + 1) * block));
 }
 
 void decoder_attention_block_cpu(const DecoderLayerParams& p, float* q, float* k, const float* v, float* o) {
