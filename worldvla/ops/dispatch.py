@@ -40,7 +40,7 @@ BACKENDS = ("torch", "triton", "native")
 #   AVX2 and the kernels 8 wide 3.0x / 2.4x / 1.9x / 1.1x. AMD CPUs take it too: it is made of the kernels
 #   that lead there (the few-row linear, decode attention), though it was not timed as a whole there.
 #   Above NATIVE_MAX_ROWS (a prefill through the cache) the layer runs torch's GEMM for its projections
-#   and its C++ stages between them: 1.08-1.09x a parallel chunk's time on the Xeon (ops.decoder.NATIVE_PREFILL).
+#   and its C++ stages between them: 1.11-1.13x a parallel chunk's time on the Xeon (ops.decoder.NATIVE_PREFILL).
 # Anything else (other architectures, no AVX2) was not measured: torch.
 _ALL_CPU_OPS = ("masked_attention", "decode_attention", "constrained_sample", "vq_quantize", "vq_gather")
 CPU_NATIVE_FIRST = {
