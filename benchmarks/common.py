@@ -272,9 +272,15 @@ def peak_memory(fn, device="cpu") -> int | None:
     """Peak memory `fn` adds: CUDA's allocator peak over what was allocated before; on CPU (Linux)
     the growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over
     the resident set before. The CPU figure sees large tensors (mmap'd by the allocator) fully, and
-    may miss small ones served from memory the process already holds. None where neither applies."""
+    may miss small ones served from memory the process already holds. None where neither applies,
+    and on the CPU once `tune_cpu_malloc` ran in this process: freed memory then stays with it and is
+    reused, so the resident set no longer shows what a call allocates."""
     device = torch.device(device)
     if device.type == "cpu":
+        from worldvla.inference.malloc import cpu_malloc_settings
+
+        if cpu_malloc_settings() is not None:
+            return None
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current resident set

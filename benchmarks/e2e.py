@@ -231,10 +231,13 @@ def param_bytes(cfg_name: str, dtype) -> int:
 
 
 def run(quick: bool = False, device=None, out_dir="benchmarks/results", *, grid: int | None = None,
-        chunks: tuple[int, ...] | None = None, frame: bool = True, threads: int | None = None):
+        chunks: tuple[int, ...] | None = None, frame: bool = True, threads: int | None = None,
+        tune_malloc: bool = False):
     """`grid`: codes per image side (px = 16 x grid); default 4 (64 px) with `quick`, else 16 and 32.
     `threads`: CPU intra-op threads while measuring (default 1 with `quick` on CPU: a small model at
-    batch 1 gains nothing from more, and loses a lot when other jobs share the cores)."""
+    batch 1 gains nothing from more, and loses a lot when other jobs share the cores).
+    `tune_malloc`: on the CPU, `tune_cpu_malloc()` first, as `WorldVLAPolicy` does (for the whole
+    process: off by default, so that later benchmarks' CPU peak-memory figures stay meaningful)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if threads is None and quick and device.type == "cpu":
         threads = 1
@@ -244,12 +247,12 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results", *, grid:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     try:
-        return _run(quick, device, out_dir, grid, chunks, frame)
+        return _run(quick, device, out_dir, grid, chunks, frame, tune_malloc)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _run(quick, device, out_dir, grid, chunks, frame):
+def _run(quick, device, out_dir, grid, chunks, frame, tune_malloc):
     on_gpu = device.type == "cuda"
     if grid is not None and (int(grid) != grid or grid < 2 or grid % 2):
         raise ValueError(f"grid must be an even number of codes per side >= 2 (px = 16 x grid), got {grid}")
@@ -258,7 +261,7 @@ def _run(quick, device, out_dir, grid, chunks, frame):
     frame_grid = grid if grid is not None else (4 if quick else 16)
     chunks = tuple(chunks or (5, 10))
     configs = ["chameleon_7b", "small"] if on_gpu and not quick else ["small"]
-    if not on_gpu:
+    if tune_malloc and not on_gpu:
         tune_cpu_malloc()  # as WorldVLAPolicy does on the CPU (compare_malloc measures what it changes)
     bandwidth = measure_bandwidth(device)
     gen = torch.Generator().manual_seed(0)
@@ -462,6 +465,8 @@ def main(argv=None):
                         "steps through the layers' modules (torch's or the native few-row linear) and through the "
                         "native decoder layer, with the prefill on the modules or also on the native layer, "
                         "interleaved")
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="CPU: tune glibc's malloc first (tune_cpu_malloc), as WorldVLAPolicy does")
     p.add_argument("--malloc", action="store_true",
                    help="CPU only: instead, the same 5-action chunks and frame under glibc's default malloc "
                         "thresholds, then tuned (tune_cpu_malloc, as WorldVLAPolicy does): latency and page faults")
@@ -474,7 +479,8 @@ def main(argv=None):
                 torch.set_num_threads(a.threads)
             print(compare(a.quick, a.out, grid=a.grid))
             return
-    print(run(a.quick, a.device, a.out, grid=a.grid, chunks=tuple(a.chunks) if a.chunks else None, threads=a.threads))
+    print(run(a.quick, a.device, a.out, grid=a.grid, chunks=tuple(a.chunks) if a.chunks else None, threads=a.threads,
+              tune_malloc=a.tune_malloc))
 
 
 if __name__ == "__main__":

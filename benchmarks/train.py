@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from worldvla.model import ModelConfig, WorldVLA, loss_class_weights
 
 from .attention import LAYOUT, action_document
-from .common import main_for, peak_memory, print_table, time_fn, write_results
+from .common import peak_memory, print_table, time_fn, write_results
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 
@@ -33,7 +33,9 @@ def _samples(n_docs, px, gen):
     return out
 
 
-def run(quick=False, device=None, out_dir="benchmarks/results"):
+def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: bool = False):
+    """`tune_malloc`: on the CPU, `tune_cpu_malloc(mmap=False)` first, as `worldvla train` does there
+    (for the whole process; the CPU peak-memory column is then None: reused heap hides it)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     gen = torch.Generator().manual_seed(0)
@@ -41,6 +43,10 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
     if on_gpu:
         configs["1b"] = one_b_config()
     n_docs = 8 if on_gpu else (2 if quick else 4)
+    if tune_malloc and not on_gpu:
+        from worldvla.inference.malloc import tune_cpu_malloc
+
+        tune_cpu_malloc(mmap=False)  # as `worldvla train` does on the CPU (peak memory then unmeasured)
     px = 256
     rows = []
     for cname, cfg in configs.items():
@@ -89,7 +95,16 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
 
 
 def main(argv=None):
-    return main_for(run, __doc__, argv)
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results and plots")
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="CPU: every block from glibc's heap, as `worldvla train` does there (peak memory unmeasured)")
+    a = p.parse_args(argv)
+    return run(a.quick, a.device, a.out, tune_malloc=a.tune_malloc)
 
 
 if __name__ == "__main__":

@@ -74,16 +74,52 @@ def test_settings_are_reported_and_changed():
         print(json.dumps([before, first, second, cpu_malloc_settings()]))
     """))
     assert out[0] is None
-    assert out[1] == {"mmap_threshold": malloc.MAX_MMAP_THRESHOLD, "trim_threshold": 1 << 30}
-    assert out[2] == out[3] == {"mmap_threshold": 1 << 20, "trim_threshold": 0}
+    assert out[1] == {"mmap_threshold": malloc.MAX_MMAP_THRESHOLD, "trim_threshold": 1 << 30, "mmap": True}
+    assert out[2] == out[3] == {"mmap_threshold": 1 << 20, "trim_threshold": 0, "mmap": True}
 
 
 @pytest.mark.parametrize("kw", [{"mmap_threshold": -1}, {"mmap_threshold": malloc.MAX_MMAP_THRESHOLD + 1},
-                                {"trim_threshold": 2**31}, {"trim_threshold": 1.5}, {"mmap_threshold": True}])
-def test_bad_thresholds_are_refused(kw):
+                                {"trim_threshold": 2**31}, {"trim_threshold": 1.5}, {"mmap_threshold": True},
+                                {"mmap": 0}])
+def test_bad_values_are_refused(kw):
     name = next(iter(kw))
-    with pytest.raises(ValueError, match=f"{name} must be an int number of bytes"):
+    with pytest.raises(ValueError, match=f"{name} must be"):
         malloc.tune_cpu_malloc(**kw)
+
+
+# Blocks above glibc's 32 MiB ceiling are mapped afresh on every allocation unless mapping is off
+# (a 65,536-entry embedding's fp32 gradient is 64 MiB).
+BIG = """
+import json, resource, sys, torch
+from worldvla.inference.malloc import tune_cpu_malloc
+torch.set_num_threads(1)
+assert tune_cpu_malloc(mmap=sys.argv[1] == "mmap") is not None
+def rounds(n):
+    for _ in range(n):
+        t = torch.empty(10 << 20).fill_(1.0)  # 40 MiB
+        del t
+rounds(2)
+windows = []
+for _ in range(3):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    rounds(4)
+    windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 4)
+print(json.dumps(min(windows)))
+"""
+
+
+@needs_glibc
+def test_mmap_off_reuses_blocks_above_the_threshold_ceiling(tmp_path):
+    script = tmp_path / "big.py"
+    script.write_text(BIG)
+    pages = (40 << 20) // 4096
+    per_round = {side: json.loads(subprocess.run([sys.executable, str(script), side], capture_output=True,
+                                                 text=True, check=True, timeout=300).stdout)
+                 for side in ("mmap", "no-mmap")}
+    # mapped afresh each round: its pages fault in again (fewer faults than pages where the kernel
+    # backs them with huge pages)
+    assert per_round["mmap"] > 0.01 * pages, per_round
+    assert per_round["no-mmap"] < per_round["mmap"] / 20 and per_round["no-mmap"] < pages / 100, per_round
 
 
 def test_policy_tunes_on_cpu_unless_told_not_to(monkeypatch):

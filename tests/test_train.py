@@ -112,6 +112,18 @@ def test_logged_loss_is_the_global_batch_loss(store_dir, tmp_path):
     assert logged["tokens"] == int(store.lengths[batch].sum())
 
 
+def test_cpu_training_tunes_malloc_unless_told_not_to(store_dir, tmp_path, monkeypatch):
+    from worldvla.inference import malloc
+
+    calls = []
+    monkeypatch.setattr(malloc, "tune_cpu_malloc", lambda **kw: calls.append(kw))
+    trainer.train(args_for(store_dir, tmp_path / "a", "--steps", 1, "--batch-tokens", 600, "--no-export"))
+    assert calls == [{"mmap": False}]
+    trainer.train(args_for(store_dir, tmp_path / "b", "--steps", 1, "--batch-tokens", 600, "--no-export",
+                           "--no-malloc-tuning"))
+    assert calls == [{"mmap": False}]
+
+
 def test_micro_batching_does_not_change_training(store_dir, tmp_path):
     """One packed sequence per step == 5 accumulated micro-batches with activation checkpointing."""
     one = trainer.train(args_for(store_dir, tmp_path / "one", "--steps", 3, "--batch-tokens", 600, "--no-export"))

@@ -225,6 +225,10 @@ def train(args) -> dict:
     from ..model import loss_class_weights
 
     device = dist_utils.init(args.device)
+    if device.type == "cpu" and not getattr(args, "no_malloc_tuning", False):
+        from ..inference.malloc import tune_cpu_malloc
+
+        tune_cpu_malloc(mmap=False)  # the 64 MiB gradients are otherwise faulted in anew every step
     rank, world = dist_utils.rank(), dist_utils.world_size()
     main = rank == 0
     out = Path(args.out)
@@ -448,6 +452,9 @@ def add_arguments(p) -> None:
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--no-export", action="store_true", help="skip the final policy / model export")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="on the CPU, leave glibc's malloc as it is (by default every block comes from the heap "
+                        "and is reused: worldvla.tune_cpu_malloc(mmap=False))")
 
 
 def build_parser() -> argparse.ArgumentParser:
