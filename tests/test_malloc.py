@@ -21,11 +21,30 @@ def _run(code: str) -> str:
     return out.stdout
 
 
+# The steady state of a script's `rounds(n)`: the fewest minor faults per round over five windows of
+# four rounds, after two rounds of warm-up.
+STEADY = """
+rounds(2)
+windows = []
+for _ in range(5):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    rounds(4)
+    windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 4)
+print(json.dumps(min(windows)))
+"""
+
+
+def _faults_per_round(tmp_path, script: str, sides) -> dict:
+    path = tmp_path / "rounds.py"
+    path.write_text(script + STEADY)
+    return {side: json.loads(subprocess.run([sys.executable, str(path), side], capture_output=True, text=True,
+                                            check=True, timeout=300).stdout) for side in sides}
+
+
 # A forward's elementwise temporaries: four ops a round, each writing a fresh 1.7 MiB tensor, in
 # one thread. glibc's own defaults adapt with the program's history (this pattern faulted 830-1,690
 # pages a round in some processes and about 10 in others), so the control fixes both thresholds at
 # glibc's starting 128 KiB: every block is a fresh mapping. Tuned, the freed blocks are reused.
-# Steady state: the fewest faults per round over five windows of eight rounds.
 ROUNDS = """
 import json, resource, sys, torch
 from worldvla.inference.malloc import tune_cpu_malloc
@@ -41,24 +60,13 @@ def rounds(n):
         b = a * a
         c = b + a
         del a, b, c
-rounds(3)
-windows = []
-for _ in range(5):
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    rounds(8)
-    windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 8)
-print(json.dumps(min(windows)))
 """
 
 
 @needs_glibc
 def test_tuned_malloc_reuses_freed_blocks(tmp_path):
-    script = tmp_path / "rounds.py"
-    script.write_text(ROUNDS)
     pages = 4 * 574 * 768 * 4 // 4096  # written per round
-    per_round = {side: json.loads(subprocess.run([sys.executable, str(script), side], capture_output=True,
-                                                 text=True, check=True, timeout=300).stdout)
-                 for side in ("128KiB", "tuned")}
+    per_round = _faults_per_round(tmp_path, ROUNDS, ("128KiB", "tuned"))
     assert per_round["128KiB"] > 0.9 * pages, per_round  # every page of every block faulted in again
     assert per_round["tuned"] < pages / 100, per_round
 
@@ -98,24 +106,13 @@ def rounds(n):
     for _ in range(n):
         t = torch.empty(10 << 20).fill_(1.0)  # 40 MiB
         del t
-rounds(2)
-windows = []
-for _ in range(3):
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    rounds(4)
-    windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 4)
-print(json.dumps(min(windows)))
 """
 
 
 @needs_glibc
 def test_mmap_off_reuses_blocks_above_the_threshold_ceiling(tmp_path):
-    script = tmp_path / "big.py"
-    script.write_text(BIG)
     pages = (40 << 20) // 4096
-    per_round = {side: json.loads(subprocess.run([sys.executable, str(script), side], capture_output=True,
-                                                 text=True, check=True, timeout=300).stdout)
-                 for side in ("mmap", "no-mmap")}
+    per_round = _faults_per_round(tmp_path, BIG, ("mmap", "no-mmap"))
     # mapped afresh each round: its pages fault in again (fewer faults than pages where the kernel
     # backs them with huge pages)
     assert per_round["mmap"] > 0.01 * pages, per_round
