@@ -357,13 +357,17 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def main_for(run, description: str, argv=None):
-    """The `python -m benchmarks.<name>` entry point every benchmark shares."""
+def main_for(run, description: str, argv=None, flags: dict[str, str] | None = None):
+    """The `python -m benchmarks.<name>` entry point every benchmark shares. `flags`: a benchmark's own
+    on/off options, "--name": help, passed to `run` as name=True/False."""
     import argparse
 
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results and plots")
+    for flag, help_text in (flags or {}).items():
+        p.add_argument(flag, action="store_true", help=help_text)
     a = p.parse_args(argv)
-    return run(a.quick, a.device, a.out)
+    extra = {f.lstrip("-").replace("-", "_"): getattr(a, f.lstrip("-").replace("-", "_")) for f in flags or {}}
+    return run(a.quick, a.device, a.out, **extra)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from worldvla.model import ModelConfig, WorldVLA, loss_class_weights
 
 from .attention import LAYOUT, action_document
-from .common import peak_memory, print_table, time_fn, write_results
+from .common import main_for, peak_memory, print_table, time_fn, write_results
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 
@@ -95,17 +95,8 @@ def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: boo
 
 
 def main(argv=None):
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--quick", action="store_true", help="small shapes and few repeats")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results and plots")
-    p.add_argument("--tune-malloc", action="store_true",
-                   help="CPU: every block from glibc's heap, as `worldvla train` does there (peak memory unmeasured)")
-    a = p.parse_args(argv)
-    return run(a.quick, a.device, a.out, tune_malloc=a.tune_malloc)
-
+    return main_for(run, __doc__, argv, flags={
+        "--tune-malloc": "CPU: every block from glibc's heap, as `worldvla train` does there (peak memory unmeasured)"})
 
 if __name__ == "__main__":
     main()

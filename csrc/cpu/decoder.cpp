@@ -44,23 +44,25 @@ void rms_norm(const float* x, const float* w, int64_t R, int64_t D, float eps, f
 void head_norm_rope(float* t, int64_t R, int64_t heads, int64_t Dh, const float* w, const float* b,
                     const float* cos, const float* sin, float eps) {
   const int64_t half = Dh / 2;
-#pragma omp parallel for schedule(static) if (R >= kParallelRows)
-  for (int64_t r = 0; r < R; ++r) {
-    std::vector<float> tmp_row(Dh);
-    float* tmp = tmp_row.data();
-    for (int64_t h = 0; h < heads; ++h) {
-      float* x = t + (r * heads + h) * Dh;
-      double mean = 0.0, var = 0.0;
-      for (int64_t d = 0; d < Dh; ++d) mean += x[d];
-      mean /= Dh;
-      for (int64_t d = 0; d < Dh; ++d) var += (x[d] - mean) * (x[d] - mean);
-      const float m = float(mean), inv = 1.f / std::sqrt(float(var / Dh) + eps);
-      for (int64_t d = 0; d < Dh; ++d) tmp[d] = (x[d] - m) * inv * w[h * Dh + d] + b[h * Dh + d];
-      const float* c = cos + r * Dh;
-      const float* s = sin + r * Dh;
-      for (int64_t d = 0; d < half; ++d) x[d] = tmp[d] * c[d] - tmp[d + half] * s[d];
-      for (int64_t d = half; d < Dh; ++d) x[d] = tmp[d] * c[d] + tmp[d - half] * s[d];
-    }
+#pragma omp parallel if (R >= kParallelRows)
+  {
+    std::vector<float> tmp_head(Dh);  // one head's normed values, per thread
+    float* tmp = tmp_head.data();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t h = 0; h < heads; ++h) {
+        float* x = t + (r * heads + h) * Dh;
+        double mean = 0.0, var = 0.0;
+        for (int64_t d = 0; d < Dh; ++d) mean += x[d];
+        mean /= Dh;
+        for (int64_t d = 0; d < Dh; ++d) var += (x[d] - mean) * (x[d] - mean);
+        const float m = float(mean), inv = 1.f / std::sqrt(float(var / Dh) + eps);
+        for (int64_t d = 0; d < Dh; ++d) tmp[d] = (x[d] - m) * inv * w[h * Dh + d] + b[h * Dh + d];
+        const float* c = cos + r * Dh;
+        const float* s = sin + r * Dh;
+        for (int64_t d = 0; d < half; ++d) x[d] = tmp[d] * c[d] - tmp[d + half] * s[d];
+        for (int64_t d = half; d < Dh; ++d) x[d] = tmp[d] * c[d] + tmp[d - half] * s[d];
+      }
   }
 }
 
