@@ -34,6 +34,7 @@ from worldvla.inference.chunk import make_engine
 from worldvla.inference.engine import InferenceEngine
 from worldvla.inference.malloc import tune_cpu_malloc
 from worldvla.model import ModelConfig, WorldVLA
+from worldvla.ops.decoder import DecodeStepPlan
 from worldvla.tokens import image_tokens
 
 from .attention import action_document
@@ -84,13 +85,22 @@ def build_model(name: str, device, dtype, seed: int = 0) -> WorldVLA:
 
 @contextlib.contextmanager
 def count_passes(model):
-    """Counts forward passes (calls of the embedding) of `model` while active: `with ... as n: ...; n[0]`."""
+    """Counts forward passes of `model` while active: `with ... as n: ...; n[0]`. Calls of the embedding,
+    and the engine's native steps (DecodeStepPlan, which read the embedding's weights directly)."""
     n = [0]
     hook = model.model.embed_tokens.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+    run_step = DecodeStepPlan.__call__
+
+    def counted(plan):
+        n[0] += 1
+        return run_step(plan)
+
+    DecodeStepPlan.__call__ = counted
     try:
         yield n
     finally:
         hook.remove()
+        DecodeStepPlan.__call__ = run_step
 
 
 def no_stop(layout: VocabLayout):
@@ -336,21 +346,23 @@ def _cpu_calls(grid: int, repeats: int) -> dict:
 
 
 # The CPU decode paths `compare_decode_paths` switches between: (decoder_layer order, linear order,
-# ops.decoder.NATIVE_PREFILL).
+# ops.decoder.NATIVE_PREFILL, ops.decoder.NATIVE_STEP).
 DECODE_PATHS = {
-    "modules-torch-linear": (("torch",), ("torch",), False),     # the layers' modules, torch's sgemm
-    "modules-native-linear": (("torch",), ("native", "torch"), False),  # the modules, the few-row C++ linear
-    "native-layer": (("native", "torch"), ("torch",), False),    # decode steps: one C++ call a layer
-    "native-layer+prefill": (("native", "torch"), ("torch",), True),  # and the prefill's GEMM route
+    "modules-torch-linear": (("torch",), ("torch",), False, False),     # the layers' modules, torch's sgemm
+    "modules-native-linear": (("torch",), ("native", "torch"), False, False),  # the modules, the few-row C++ linear
+    "native-layer": (("native", "torch"), ("torch",), False, False),    # decode steps: one C++ call a layer
+    "native-layer+prefill": (("native", "torch"), ("torch",), True, False),  # and the prefill's GEMM route
+    "native-step+prefill": (("native", "torch"), ("torch",), True, True),  # decode steps: one call a step
 }
 
 
 def compare_decode_paths(quick: bool = False, out_dir="benchmarks/results", grid: int | None = None,
                          repeats: int | None = None):
-    """CPU: the same engines with the cached forwards run four ways (DECODE_PATHS), switched call by
-    call (A, B, C, D, A, ...), medians; the tokens of all four must be equal. The first three keep the
-    modules and torch's GEMM for the prompt's prefill (more than NATIVE_MAX_ROWS rows) and differ in
-    the decode steps; the last also runs the prefill on the native layer's GEMM route."""
+    """CPU: the same engines with the cached forwards run five ways (DECODE_PATHS), switched call by
+    call (A, B, C, D, E, A, ...), medians; the tokens of all five must be equal. The first three keep
+    the modules and torch's GEMM for the prompt's prefill (more than NATIVE_MAX_ROWS rows) and differ
+    in the decode steps; the fourth also runs the prefill on the native layer's GEMM route, and the
+    last runs each decode step in one native call (the engine's DecodeStepPlan, the default)."""
     from worldvla.ops import decoder as decoder_op
     from worldvla.ops import dispatch
 
@@ -361,10 +373,10 @@ def compare_decode_paths(quick: bool = False, out_dir="benchmarks/results", grid
     calls = _cpu_calls(grid, repeats or (3 if quick else 10))
     keys = [("decoder_layer", "cpu"), ("linear", "cpu")]
     saved = {k: dispatch.AUTO_ORDER.get(k) for k in keys}
-    saved_prefill = decoder_op.NATIVE_PREFILL
+    saved_prefill, saved_step = decoder_op.NATIVE_PREFILL, decoder_op.NATIVE_STEP
 
     def use(path):
-        *orders, decoder_op.NATIVE_PREFILL = DECODE_PATHS[path]
+        *orders, decoder_op.NATIVE_PREFILL, decoder_op.NATIVE_STEP = DECODE_PATHS[path]
         for key, order in zip(keys, orders):
             dispatch.AUTO_ORDER[key] = order
 
@@ -389,7 +401,7 @@ def compare_decode_paths(quick: bool = False, out_dir="benchmarks/results", grid
                                  "repeats": n, "speedup_vs_modules": med[base] / med[path],
                                  "tokens_equal": bool(torch.equal(out[path], out[base]))})
     finally:
-        decoder_op.NATIVE_PREFILL = saved_prefill
+        decoder_op.NATIVE_PREFILL, decoder_op.NATIVE_STEP = saved_prefill, saved_step
         for key, order in saved.items():
             if order is None:
                 dispatch.AUTO_ORDER.pop(key, None)
@@ -397,10 +409,11 @@ def compare_decode_paths(quick: bool = False, out_dir="benchmarks/results", grid
                 dispatch.AUTO_ORDER[key] = order
     print_table(rows, ["case", "impl", "median_ms", "speedup_vs_modules", "tokens_equal"])
     extra = {"threads": torch.get_num_threads(), "quick": quick,
-             "paths": {k: {"decoder_layer": list(v[0]), "linear": list(v[1]), "native_prefill": v[2]}
+             "paths": {k: {"decoder_layer": list(v[0]), "linear": list(v[1]), "native_prefill": v[2],
+                           "native_step": v[3]}
                        for k, v in DECODE_PATHS.items()},
              "method": "one model and engine per case; the path switched call by call (interleaved), medians; "
-                       "prefills on the modules and torch's GEMM except in native-layer+prefill"}
+                       "prefills on the modules and torch's GEMM except in the +prefill paths"}
     return write_results("e2e_decode_paths", rows, "cpu", out_dir, extra=extra,
                          plot=("case", "speedup_vs_modules", "impl"))
 

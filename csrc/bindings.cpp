@@ -12,6 +12,7 @@
 
 #include <array>
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 
@@ -287,6 +288,45 @@ void silu_mul(int64_t g, int64_t u, int64_t n) {
   silu_mul_cpu(ptr<float>(g), ptr<const float>(u), n);
 }
 
+// A whole decode step with its addresses fixed once (the engine's static step buffers, cache and
+// weights), so that a step costs one call without arguments: the CPU's counterpart of a CUDA graph.
+// `weights[l]` as in decoder_layer, `k_caches[l]`, `v_caches[l]` layer l's [B, S, Hkv, Dh] cache;
+// the rest as in decoder_layer, shared by every layer.
+class DecodeStep {
+ public:
+  DecodeStep(int64_t ids, int64_t embed, int64_t vocab, int64_t cos_table, int64_t sin_table, int64_t table_len,
+             int64_t final_norm, double final_eps, int64_t out, const std::vector<std::array<int64_t, 13>>& weights,
+             const std::vector<int64_t>& k_caches, const std::vector<int64_t>& v_caches, int64_t hidden,
+             int64_t intermediate, int64_t pos, double rms_eps, double ln_eps, bool post_norm, int64_t q_pos,
+             int64_t q_limit, int64_t kv_block, int64_t kv_len, int64_t batch, int64_t n_q, int64_t cache_len,
+             int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, Strides ks, Strides vs, int64_t kvb_sb,
+             double scale) {
+    if (weights.empty() || weights.size() != k_caches.size() || weights.size() != v_caches.size())
+      throw std::invalid_argument("DecodeStep: one weight set and one K and V cache per layer, at least one layer");
+    p_.ids = ptr<const int64_t>(ids);
+    p_.embed = ptr<const float>(embed);
+    p_.vocab = vocab;
+    p_.cos_table = ptr<const float>(cos_table);
+    p_.sin_table = ptr<const float>(sin_table);
+    p_.table_len = table_len;
+    p_.final_norm = ptr<const float>(final_norm);
+    p_.final_eps = static_cast<float>(final_eps);
+    p_.out = ptr<float>(out);
+    for (size_t l = 0; l < weights.size(); ++l)
+      p_.layers.push_back(layer_params(0, 0, hidden, intermediate, weights[l], 0, 0, pos, rms_eps, ln_eps, post_norm,
+                                       k_caches[l], v_caches[l], q_pos, q_limit, kv_block, kv_len, batch, n_q,
+                                       cache_len, n_heads, n_kv_heads, head_dim, ks, vs, kvb_sb, scale));
+  }
+
+  void run() const {
+    py::gil_scoped_release nogil;
+    decode_step_cpu(p_);
+  }
+
+ private:
+  DecodeStepParams p_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -321,6 +361,15 @@ PYBIND11_MODULE(_C, m) {
         "y = x + b (b normed first under post-norm); under pre-norm with w_next, h = RMSNorm(y) (CPU, float32).");
   m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * w over rows [R, D] (CPU, float32; the mean in double).");
   m.def("silu_mul", &silu_mul, "g = silu(g) * u over n floats (CPU, float32).");
+  py::class_<DecodeStep>(m, "DecodeStep",
+                         "A cached decode step on the CPU (float32) with every address fixed at construction: "
+                         "token embedding, every decoder layer, final RMSNorm into `out`.")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t,
+                    const std::vector<std::array<int64_t, 13>>&, const std::vector<int64_t>&,
+                    const std::vector<int64_t>&, int64_t, int64_t, int64_t, double, double, bool, int64_t, int64_t,
+                    int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, Strides, Strides, int64_t,
+                    double>())
+      .def("run", &DecodeStep::run, "Run the step on the buffers' current contents.");
   m.def("range_argmax", &range_argmax, "Greedy token over the vocabulary range [lo, hi) (int64 out).");
   m.def("range_logits", &range_logits, "float32 logits [N, hi - lo] of the vocabulary range [lo, hi).");
 #ifdef WORLDVLA_WITH_CUDA

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace worldvla {
 
@@ -108,6 +109,22 @@ void set_cpu_vector_width(int width);
 void masked_attention_fwd_cpu(const AttnFwdParams& p);
 void decode_attention_cpu(const DecodeParams& p);
 void decoder_layer_cpu(const DecoderLayerParams& p);  // throws std::out_of_range for a slot outside the cache
+// A whole cached decode step (csrc/cpu/decoder.cpp): the token embedding, every layer in turn and the
+// final RMSNorm, for the rows of layers[0].attn (batch x n_q; every layer shares them, their positions
+// layers[0].pos and their DecodeMeta). The rotary tables hold a row per position.
+struct DecodeStepParams {
+  const int64_t* ids = nullptr;  // [R] token ids
+  const float* embed = nullptr;  // [vocab, hidden]
+  int64_t vocab = 0;
+  const float *cos_table = nullptr, *sin_table = nullptr;  // [table_len, head_dim]
+  int64_t table_len = 0;
+  const float* final_norm = nullptr;  // [hidden]
+  float final_eps = 1e-5f;
+  float* out = nullptr;                    // [R, hidden]
+  std::vector<DecoderLayerParams> layers;  // x, y, cos and sin are set by decode_step_cpu
+};
+// Throws std::out_of_range for a token id outside the vocabulary or a position outside the tables or cache.
+void decode_step_cpu(const DecodeStepParams& p);
 // The layer's stages between its projections (prefills run torch's GEMM for those; csrc/cpu/decoder.cpp).
 // q [R, H, Dh], k, v [R, Hkv, Dh] (R = batch * n_q rows): q and k normed and rotated in place, k and v
 // written into the cache at p.pos, the attention of q written to o [R, H, Dh]; p's projection weights unused.

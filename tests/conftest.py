@@ -99,3 +99,22 @@ class NoHostReads(TorchDispatchMode):
 def no_host_reads():
     """The `NoHostReads` mode: `with no_host_reads(): ...` fails on any host read."""
     return NoHostReads
+
+
+@pytest.fixture
+def native_step_runs(monkeypatch):
+    """A list that gains an entry each time a native decode step (`worldvla._C.DecodeStep`, the CPU
+    engine's one-call step) runs during the test."""
+    nb = pytest.importorskip("worldvla.ops.native_backend")
+    runs, real = [], nb._C.DecodeStep
+
+    class Counted:
+        def __init__(self, *args):
+            self.step = real(*args)
+
+        def run(self):
+            runs.append(1)
+            self.step.run()
+
+    monkeypatch.setattr(nb._C, "DecodeStep", Counted)
+    return runs

@@ -60,16 +60,16 @@ def test_action_prompt_layout():
     assert p.numel() == 22 + 2 * (4 + 16 * 17)  # 574 tokens: the release's ~620-token document less its chunk
 
 
-def test_decode_paths_comparison_keeps_the_tokens(tmp_path, monkeypatch):
-    """`e2e --decode-paths`: each case timed through the modules (torch's and the native linear) and the
-    native decoder layer (decode steps, then also the prefill), each path really taken, the same tokens,
-    the dispatch order as it was afterwards."""
+def test_decode_paths_comparison_keeps_the_tokens(tmp_path, monkeypatch, native_step_runs):
+    """`e2e --decode-paths`: each case timed through the modules (torch's and the native linear), the
+    native decoder layer (decode steps, then also the prefill) and the native step, each path really
+    taken, the same tokens, the dispatch order and switches as they were afterwards."""
     pytest.importorskip("worldvla._C")
     from worldvla.ops import decoder, dispatch
     from worldvla.ops import native_backend as nb
 
     calls = {"linear": 0, "decoder_layer": 0, "decoder_attention_block": 0}
-    for name in calls:
+    for name in ("linear", "decoder_layer", "decoder_attention_block"):
         def spy(*a, name=name, f=getattr(nb._C, name)):
             calls[name] += 1
             return f(*a)
@@ -77,8 +77,8 @@ def test_decode_paths_comparison_keeps_the_tokens(tmp_path, monkeypatch):
     before = dict(dispatch.AUTO_ORDER)
     # grid 4: a 70-token prompt, more than NATIVE_MAX_ROWS rows, so the prefill route runs too
     doc = json.loads(e2e.compare_decode_paths(quick=True, out_dir=tmp_path, grid=4, repeats=1).read_text())
-    assert dispatch.AUTO_ORDER == before and decoder.NATIVE_PREFILL is True
-    assert all(calls.values()), calls
+    assert dispatch.AUTO_ORDER == before and decoder.NATIVE_PREFILL is True and decoder.NATIVE_STEP is True
+    assert all(calls.values()) and native_step_runs, calls
     cases = {r["case"] for r in doc["rows"]}
     assert len(cases) == 3 and all(r["tokens_equal"] for r in doc["rows"])
     for case in cases:

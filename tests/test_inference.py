@@ -9,6 +9,7 @@ from worldvla.inference import InferenceEngine, baseline_generate_action_chunk, 
 from worldvla.inference.baseline import GrowingKVCache, chunk_structure_processor, parse_action_blocks
 from worldvla.mask import DecodeMeta, causal_meta
 from worldvla.model import ModelConfig, WorldVLA
+from worldvla.ops import decoder as decoder_op
 from worldvla.ops import dispatch
 from worldvla.tokens import ByteTextTokenizer
 
@@ -134,23 +135,27 @@ def test_engine_rejects_bad_input(rng):
 COMBOS = list(itertools.product([1, 3, 5], [1, 4, 7]))
 
 
-@pytest.fixture(params=["linear-torch", "linear-native", "layer-native"])
+@pytest.fixture(params=["linear-torch", "linear-native", "layer-native", "step-native"])
 def step_path(request, monkeypatch):
     """The decode steps through the layers' modules with the projections on torch's GEMM or on the
-    native few-row kernel, and through the native decoder layer (one C++ call a layer)."""
-    if request.param != "linear-torch":
+    native few-row kernel, through the native decoder layer (one C++ call a layer), and as one native
+    call a step (the engine's DecodeStepPlan, the CPU default)."""
+    path = request.param
+    if path != "linear-torch":
         pytest.importorskip("worldvla._C")
-    fused = request.param == "layer-native"
-    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch") if fused else ("torch",))
-    linear = ("native", "torch") if request.param == "linear-native" else ("torch",)
-    monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), linear)
+    native_layer = path in ("layer-native", "step-native")
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch") if native_layer else ("torch",))
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), ("native", "torch") if path == "linear-native" else ("torch",))
+    monkeypatch.setattr(decoder_op, "NATIVE_STEP", path == "step-native")
     calls = []
-    if request.param != "linear-torch":
+    if path == "step-native":
+        calls = request.getfixturevalue("native_step_runs")
+    elif path != "linear-torch":
         from worldvla.ops import native_backend as nb
-        name = "decoder_layer" if fused else "linear"
+        name = "decoder_layer" if native_layer else "linear"
         monkeypatch.setattr(nb._C, name, lambda *a, f=getattr(nb._C, name): calls.append(1) or f(*a))
-    yield request.param
-    assert (len(calls) > 0) == (request.param != "linear-torch"), "the path under test was not taken"
+    yield path
+    assert (len(calls) > 0) == (path != "linear-torch"), "the path under test was not taken"
 
 
 def test_parallel_equals_sequential_many_prompts(rng, step_path):

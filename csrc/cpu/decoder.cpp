@@ -192,4 +192,38 @@ void decoder_layer_cpu(const DecoderLayerParams& p) {
   decoder_residual_cpu(p.y, h, p.y, R, D, p.ln2, nullptr, nullptr, p.rms_eps, p.post_norm);
 }
 
+void decode_step_cpu(const DecodeStepParams& p) {
+  if (p.layers.empty()) throw std::invalid_argument("decode_step: a model needs at least one layer");
+  const DecoderLayerParams& first = p.layers.front();
+  const int64_t R = first.attn.batch * first.attn.n_q, D = first.hidden, Dh = first.attn.head_dim;
+  // Two hidden-state buffers the layers alternate between, and the rows' rotary tables.
+  std::vector<float> scratch(R * (2 * D + 2 * Dh));
+  float* x = scratch.data();
+  float* y = x + R * D;
+  float* cos = y + R * D;
+  float* sin = cos + R * Dh;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t id = p.ids[r], pos = first.pos[r];
+    if (id < 0 || id >= p.vocab)
+      throw std::out_of_range("decode_step: token id " + std::to_string(id) + " of row " + std::to_string(r) +
+                              " is outside the vocabulary of " + std::to_string(p.vocab));
+    if (pos < 0 || pos >= p.table_len)
+      throw std::out_of_range("decode_step: position " + std::to_string(pos) + " of row " + std::to_string(r) +
+                              " is outside the rotary tables' " + std::to_string(p.table_len) + " positions");
+    std::copy(p.embed + id * D, p.embed + (id + 1) * D, x + r * D);
+    std::copy(p.cos_table + pos * Dh, p.cos_table + (pos + 1) * Dh, cos + r * Dh);
+    std::copy(p.sin_table + pos * Dh, p.sin_table + (pos + 1) * Dh, sin + r * Dh);
+  }
+  for (const DecoderLayerParams& layer : p.layers) {
+    DecoderLayerParams lp = layer;
+    lp.x = x;
+    lp.y = y;
+    lp.cos = cos;
+    lp.sin = sin;
+    decoder_layer_cpu(lp);
+    std::swap(x, y);
+  }
+  rms_norm(x, p.final_norm, R, D, p.final_eps, p.out);
+}
+
 }  // namespace worldvla

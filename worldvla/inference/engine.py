@@ -9,7 +9,9 @@ by the `DecodeMeta` buffers the engine owns:
     q_pos, q_limit [B, Q]  per query row of a step of Q rows
 
 These are static tensors updated in place, so a decode step has fixed addresses and on
-CUDA it is captured once per query count Q in a CUDA graph and replayed afterwards.
+CUDA it is captured once per query count Q in a CUDA graph and replayed afterwards; on
+the CPU, where `auto` runs the layers natively, the whole step becomes one native call on
+those addresses (`ops.decoder.DecodeStepPlan`).
 Prefill (long, variable length) always runs eagerly.
 
 Rows may have different prompt lengths. A prefill right-pads the shorter rows; the pad
@@ -26,6 +28,7 @@ import torch
 
 from ..mask import NO_BLOCK, DecodeMeta, chunk_mask_meta
 from ..model import KVCache
+from ..ops.decoder import DecodeStepPlan
 from ..tokens.layout import VocabLayout
 
 
@@ -39,6 +42,7 @@ class StepBuffers:
     meta: DecodeMeta
     out: torch.Tensor | None = None  # [B, Q, H] hidden states of the last run
     graph: "torch.cuda.CUDAGraph | None" = None
+    plan: "DecodeStepPlan | None" = None  # the CPU's one-call step (ops.decoder), built on first use
 
     def set_positions(self, pos: torch.Tensor) -> None:
         self.pos.copy_(pos)
@@ -166,12 +170,14 @@ class InferenceEngine:
     def run(self, buf: StepBuffers) -> torch.Tensor:
         """One decode step on the buffers' current contents -> hidden [B, Q, H].
 
-        The returned tensor is the step's static output on CUDA-graph engines: it is
-        overwritten by the next run with the same Q, so consume (or copy) it first.
+        The returned tensor is the step's static output on CUDA-graph engines and where the
+        CPU runs the step as one native call (a DecodeStepPlan): it is overwritten by the next
+        run with the same Q, so consume (or copy) it first.
         The caller guarantees that every position in `buf.pos` lies below `max_len`.
         """
         if not self.cuda_graphs:
-            buf.out = self._forward(buf.ids, buf.pos, buf.meta)
+            plan = self._plan(buf)
+            buf.out = plan() if plan is not None else self._forward(buf.ids, buf.pos, buf.meta)
             return buf.out
         if buf.graph is None:
             try:
@@ -185,6 +191,17 @@ class InferenceEngine:
                 return buf.out
         buf.graph.replay()
         return buf.out
+
+    def _plan(self, buf: StepBuffers):
+        """The step's native plan where one runs it (the CPU; ops.decoder.DecodeStepPlan), else None.
+        Built on first use and again whenever the model's weights, the dispatch order or the training
+        mode have changed since."""
+        if self.device.type != "cpu" or self.backend != "auto":
+            return None
+        plan = buf.plan
+        if plan is None or not plan.current(self.model):
+            plan = buf.plan = DecodeStepPlan(self.model, self.cache, buf.ids, buf.pos, buf.meta)
+        return plan if plan.step is not None else None
 
     def _capture(self, buf: StepBuffers) -> None:
         """Capture the step on the buffers' current (real) inputs. The warm-up runs write the

@@ -799,6 +799,86 @@ def _decoder_layer_gemm(layer, w, x, cos, sin, ctx, index) -> Tensor:
     return y.view(B, Q, D)
 
 
+# Rows per sequence a whole-step call takes: the decode attention's row-by-row kernel (more rows per
+# sequence take its tiled kernel, a prefill's; kDecodeTiledRows in csrc/cpu/attention.cpp).
+DECODE_STEP_MAX_QUERIES = 32
+
+
+def step_weights(model) -> list:
+    """Every tensor a native decode step of `model` reads: the embedding, each layer's 13 weights and the
+    final norm's (a `worldvla.model.WorldVLA`)."""
+    backbone = model.model._modules
+    out = [backbone["embed_tokens"]._parameters["weight"]]
+    for layer in backbone["layers"]:
+        out.extend(_layer_weights(layer))
+    out.append(backbone["norm"]._parameters["weight"])
+    return out
+
+
+def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta) -> tuple:
+    """A whole cached decode step of `model` (a `worldvla.model.WorldVLA`) as one `_C.DecodeStep` call on
+    fixed buffers: ids, pos [B, Q] int64 (positions = cache slots), `meta` the step's DecodeMeta, `cache`
+    the KVCache. Returns (run, out): `run()` writes the step's final-norm hidden states into
+    out [B, Q, hidden], the cache slots at `pos` of every layer as the layers' modules would. Raises
+    ValueError / TypeError naming what does not fit (the decoder layer's own checks, for every layer).
+
+    Every row is computed the same way whatever the number of rows (the few-row layer at any batch),
+    so a parallel chunk's rows get exactly the sequential decoder's arithmetic however many
+    sequences are batched."""
+    op = "decode_step"
+    from ..model import ForwardContext, rope_cos_sin
+
+    cfg = model.config
+    if ids.dim() != 2 or ids.dtype != torch.int64 or not ids.is_contiguous() or not ids.is_cpu:
+        _fail(op, f"ids must be contiguous int64 [B, Q] on the CPU, got {ids.dtype} {tuple(ids.shape)} on {ids.device}")
+    B, Q = ids.shape
+    if not 1 <= Q <= DECODE_STEP_MAX_QUERIES:
+        _fail(op, f"takes 1 to {DECODE_STEP_MAX_QUERIES} rows per sequence (a decode step), got {Q}")
+    layers = list(model.model.layers)
+    if not layers:
+        _fail(op, "the model has no decoder layers")
+    if model.training and any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)):
+        _fail(op, "dropout is active (training mode); call model.eval()")
+    x = torch.empty(B, Q, cfg.hidden_size)  # stands in for the hidden states in the layers' checks
+    ctx = ForwardContext(cache=cache, position_ids=pos, decode_meta=meta)
+    for i, layer in enumerate(layers):
+        _check_decoder_layer(layer, x, None, None, ctx, i)
+        if bool(layer.swin_norm) != bool(layers[0].swin_norm) or any(
+                float(a.eps) != float(b.eps) for a, b in ((layer.input_layernorm, layers[0].input_layernorm),
+                                                          (layer.self_attn.q_norm, layers[0].self_attn.q_norm))):
+            _fail(op, f"layer {i} differs from layer 0 in its norm placement or epsilons; the step shares them")
+    embed, norm = model.model.embed_tokens.weight, model.model.norm.weight
+    for n, t, shape in (("embed_tokens.weight", embed, (cfg.vocab_size, cfg.hidden_size)),
+                        ("norm.weight", norm, (cfg.hidden_size,))):
+        if type(t) not in _PLAIN or not t.is_cpu or t.dtype != torch.float32 or not t.is_contiguous():
+            _fail(op, f"{n} must be a plain contiguous float32 CPU tensor, got {type(t).__name__} {t.dtype} "
+                      f"on {t.device}")
+        if tuple(t.shape) != shape:
+            _fail(op, f"{n} has shape {tuple(t.shape)}, the config says {shape}")
+    if not _no_grad_needed(embed, norm):
+        _fail(op, "the native step is forward-only and these weights need gradients; use torch.no_grad()")
+    S = cache.k.shape[2]
+    cos, sin = (t.reshape(S, cfg.head_dim).contiguous() for t in
+                rope_cos_sin(torch.arange(S), cfg.head_dim, cfg.rope_theta, torch.float32))
+    out = torch.empty(B, Q, cfg.hidden_size)
+    common = _cache_args(cfg, x, ctx, 0)[2:]  # everything after layer 0's K and V addresses
+    kv = [_cache_args(cfg, x, ctx, i)[:2] for i in range(len(layers))]
+    attn = layers[0].self_attn
+    step = _C.DecodeStep(ids.data_ptr(), embed.data_ptr(), cfg.vocab_size, cos.data_ptr(), sin.data_ptr(), S,
+                         norm.data_ptr(), float(model.model.norm.eps), out.data_ptr(),
+                         [[t.data_ptr() for t in _layer_weights(layer)] for layer in layers],
+                         [k for k, _ in kv], [v for _, v in kv], cfg.hidden_size, cfg.intermediate_size,
+                         pos.data_ptr(), float(layers[0].input_layernorm.eps), float(attn.q_norm.eps),
+                         bool(layers[0].swin_norm), *common)
+    keep = (cos, sin, ids, pos, meta, cache)  # the step reads these by address: they live as long as it does
+
+    def run(step=step, out=out, keep=keep) -> Tensor:
+        step.run()
+        return out
+
+    return run, out
+
+
 def vq_quantize(z: Tensor, codebook: Tensor, code_splits: int | None = None) -> Tensor:
     """`worldvla.ops.vq_quantize` on the native kernels. `code_splits` overrides the CUDA split of
     the codebook over CTAs (`vq_code_split`)."""
