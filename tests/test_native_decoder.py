@@ -125,7 +125,7 @@ def test_model_steps_take_the_native_layer_under_auto(rng, monkeypatch):
     prompt = torch.randint(layout.text_base, layout.vocab_size, (80,), generator=rng)
     step_ids = torch.randint(layout.text_base, layout.vocab_size, (1, 3), generator=rng)
     calls, blocks = [], []
-    monkeypatch.setattr(ops.decoder, "NATIVE_STEP", False)  # one call a layer (tests/test_native_step.py: a step)
+    monkeypatch.setattr(ops.decoder, "NATIVE_STEP", False)  # one call a layer (a whole step: below)
     monkeypatch.setattr(nb._C, "decoder_layer", lambda *a, f=nb._C.decoder_layer: calls.append(1) or f(*a))
     monkeypatch.setattr(nb._C, "decoder_attention_block",
                         lambda *a, f=nb._C.decoder_attention_block: blocks.append(1) or f(*a))
