@@ -401,3 +401,53 @@ def test_step_errors_name_the_problem(rng):
     with pytest.raises(ValueError, match="takes 1 to 32 rows per sequence"):
         nb.build_decode_step(model, engine.cache, torch.zeros(2, 40, dtype=torch.long),
                              torch.zeros(2, 40, dtype=torch.long), buf.meta)
+
+
+class _LoRA(torch.nn.Module):
+    """A low-rank adapter around a projection, as fine-tuning libraries wrap them."""
+
+    def __init__(self, base, rng):
+        super().__init__()
+        self.base = base
+        self.a = torch.nn.Parameter(torch.randn(4, base.in_features, generator=rng))
+        self.b = torch.nn.Parameter(torch.randn(base.out_features, 4, generator=rng))
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.a.t()) @ self.b.t()
+
+
+class _ScaledLinear(torch.nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.usefixtures("native_first")
+@pytest.mark.parametrize("kind", ["lora", "subclass"])
+def test_adapted_projections_keep_the_modules(rng, kind):
+    """A projection the native layer would not compute (an adapter, an nn.Linear subclass with its own
+    forward) sends the layers and the engine's steps to the modules under `auto`, with the reason, and
+    the tokens are the modules' own."""
+    model = _model(rng)
+    prompt = torch.cat([torch.tensor([LAYOUT.bos]), torch.randint(LAYOUT.text_base, LAYOUT.vocab_size, (10,),
+                                                                  generator=rng), torch.tensor([LAYOUT.sep])])
+    plain = generate_action_chunk(model, prompt, LAYOUT, 3, 4)
+    for layer in model.model.layers:
+        old = layer.mlp.up_proj
+        if kind == "lora":
+            layer.mlp.up_proj = _LoRA(old, rng)
+        else:
+            layer.mlp.up_proj = _ScaledLinear(old.in_features, old.out_features, bias=False)
+            layer.mlp.up_proj.weight = old.weight
+    adapted = generate_action_chunk(model, prompt, LAYOUT, 3, 4)
+    assert torch.equal(adapted, generate_action_chunk(model, prompt, LAYOUT, 3, 4, backend="torch"))
+    assert not torch.equal(adapted, plain)  # the adapter changes the answer, so it was computed
+    engine = _prefilled(model, 1, PROMPT_LEN + 4, rng)
+    with torch.no_grad():
+        buf = _set_step(engine, *_random_step(rng, 1, 2, chunk=False))
+        assert engine._plan(buf) is None
+    name = "_LoRA" if kind == "lora" else "_ScaledLinear"
+    assert f"up_proj is a {name}, not a plain nn.Linear" in buf.plan.reason

@@ -81,7 +81,7 @@ class DecodeStepPlan:
                                (getattr(why, "reason", None) or "another backend comes first"))
                 return
             self.step, self.out = native_backend.build_decode_step(model, cache, ids, pos, meta)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, KeyError, AttributeError) as err:  # the last two: not worldvla's modules
             self.reason = str(err)
 
     @staticmethod
@@ -89,7 +89,10 @@ class DecodeStepPlan:
         weights = ()
         if "native" in dispatch.available("decoder_layer"):
             from .native_backend import step_weights
-            weights = tuple([t.data_ptr() for t in step_weights(model)])
+            try:
+                weights = tuple([t.data_ptr() for t in step_weights(model)])
+            except (ValueError, KeyError, AttributeError):  # modules the native step does not take
+                weights = None
         order = dispatch.AUTO_ORDER.get(("decoder_layer", "cpu"))
         return NATIVE_STEP, order, model.training, weights
 

@@ -629,16 +629,27 @@ _DECODER_WEIGHTS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "
                     "k_norm.weight", "k_norm.bias", "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
 
 
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 def _layer_weights(layer) -> tuple:
     """The 13 parameters of a decoder layer in the order of `_C.decoder_layer`. Read from the modules'
-    dictionaries: nn.Module attribute lookups cost about 2 us each, the whole layer's about 30 us."""
+    dictionaries: nn.Module attribute lookups cost about 2 us each, the whole layer's about 30 us.
+    Raises ValueError when a projection is not a plain bias-free nn.Linear (an adapter such as LoRA,
+    a quantized linear, a subclass with its own forward): the native layer would not compute it."""
     mods = layer._modules
     a, m = mods["self_attn"]._modules, mods["mlp"]._modules
+    projs = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
+    if not all([type(p) is torch.nn.Linear and p._parameters.get("bias") is None for p in projs]):
+        name, proj = next((n, p) for n, p in zip(_PROJECTIONS, projs)
+                          if type(p) is not torch.nn.Linear or p._parameters.get("bias") is not None)
+        _fail("decoder_layer", f"{name} is a {type(proj).__name__}, not a plain nn.Linear without bias; adapted, "
+                               "quantized or subclassed projections keep the layer's modules")
     qn, kn = a["q_norm"]._parameters, a["k_norm"]._parameters
-    return (mods["input_layernorm"]._parameters["weight"], a["q_proj"]._parameters["weight"],
-            a["k_proj"]._parameters["weight"], a["v_proj"]._parameters["weight"], a["o_proj"]._parameters["weight"],
+    return (mods["input_layernorm"]._parameters["weight"], projs[0]._parameters["weight"],
+            projs[1]._parameters["weight"], projs[2]._parameters["weight"], projs[3]._parameters["weight"],
             qn["weight"], qn["bias"], kn["weight"], kn["bias"], mods["post_attention_layernorm"]._parameters["weight"],
-            m["gate_proj"]._parameters["weight"], m["up_proj"]._parameters["weight"], m["down_proj"]._parameters["weight"])
+            projs[4]._parameters["weight"], projs[5]._parameters["weight"], projs[6]._parameters["weight"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -659,13 +670,16 @@ def _check_decoder_layer(layer, x, cos, sin, ctx, index):
     cache, meta, pos = ctx.cache, ctx.decode_meta, ctx.position_ids
     if cache is None or meta is None or pos is None:
         _fail(op, "runs cached forwards only (a KV cache, position_ids and decode_meta)")
-    cfg = layer.self_attn.cfg
+    try:
+        cfg = layer.self_attn.cfg
+        w, names = _layer_weights(layer), _DECODER_WEIGHTS
+    except (KeyError, AttributeError) as err:
+        _fail(op, f"layer {index} is not laid out as worldvla's DecoderLayer (no {err}); it keeps its modules")
     H, Hkv, Dh, D, I = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size,
                         cfg.intermediate_size)
     if x.dim() != 3 or x.shape[-1] != D:
         _fail(op, f"wants hidden states [B, Q, {D}], got {tuple(x.shape)}")
     B, Q = x.shape[:2]
-    w, names = _layer_weights(layer), _DECODER_WEIGHTS
     if not _no_grad_needed(x, *w):
         _fail(op, "the native layer is forward-only and these inputs need gradients; use torch.no_grad()")
     for n, t, shape in zip(names, w, _config_shapes(cfg)):
@@ -950,7 +964,7 @@ def _decoder_layer_supports(layer, x, ctx):
         try:  # the few expressions of the common case first (a forward resolves the layer every step)
             if _decoder_layer_ready(_layer_weights(layer), _config_shapes(layer.self_attn.cfg), x, None, None, ctx, 0):
                 return True
-        except (KeyError, AttributeError):  # not a worldvla DecoderLayer: the full checks say what is wrong
+        except (KeyError, AttributeError, ValueError):  # not worldvla's modules: the full checks say what is wrong
             pass
         return _passes(_check_decoder_layer, layer, x, None, None, ctx, 0)
     return dispatch.first_false(eager, checks)
