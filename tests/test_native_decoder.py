@@ -444,6 +444,10 @@ def test_adapted_projections_keep_the_modules(rng, kind):
             layer.mlp.up_proj.weight = old.weight
     adapted = generate_action_chunk(model, prompt, LAYOUT, 3, 4)
     assert torch.equal(adapted, generate_action_chunk(model, prompt, LAYOUT, 3, 4, backend="torch"))
+    with pytest.MonkeyPatch.context() as m:  # the modules with the few-row linear (AMD's default) too
+        m.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("torch",))
+        m.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), ("native", "torch"))
+        assert torch.equal(adapted, generate_action_chunk(model, prompt, LAYOUT, 3, 4))
     assert not torch.equal(adapted, plain)  # the adapter changes the answer, so it was computed
     engine = _prefilled(model, 1, PROMPT_LEN + 4, rng)
     with torch.no_grad():

@@ -209,7 +209,11 @@ class ForwardContext:
     linear: Callable | None = None  # a kernel for the projections (ops.resolve_linear); None: the modules
 
     def project(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return layer(x) if self.linear is None else self.linear(x, layer.weight)
+        # Only a plain bias-free nn.Linear is its weight alone: adapters (LoRA), subclasses and biased
+        # layers run their own forward.
+        if self.linear is None or type(layer) is not nn.Linear or layer.bias is not None:
+            return layer(x)
+        return self.linear(x, layer.weight)
 
 
 class Backbone(nn.Module):
