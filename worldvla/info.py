@@ -48,6 +48,10 @@ def collect() -> dict:
                        if b in have] for dev in ("cpu", "cuda")}
         ops[op] = {"installed": have, "auto_order": order}
     info["ops"] = ops
+    from worldvla.ops import decoder
+    # How the engine runs a decode step on the CPU (a CUDA device captures it in a CUDA graph).
+    info["cpu_decode_step"] = ("one native call a step" if decoder.NATIVE_STEP and "native" in ops["decoder_layer"]
+                               ["auto_order"]["cpu"][:1] else "each layer by the decoder_layer order above")
     return info
 
 
@@ -82,4 +86,5 @@ def run(args) -> int:
         print(f"{op:21s} {', '.join(o['installed']):25s} {' > '.join(o['auto_order']['cpu']):23s} "
               f"{' > '.join(o['auto_order']['cuda'])}")
     print("(auto takes the first backend in its order that accepts the inputs: device, dtype, shape, gradients)")
+    print(f"inference engine's decode steps: {info['cpu_decode_step']} on the CPU, a CUDA graph on CUDA")
     return 0
