@@ -101,4 +101,3 @@ class DecodeStepPlan:
 
     def __call__(self) -> torch.Tensor:
         return self.step()
-
