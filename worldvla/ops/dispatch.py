@@ -41,6 +41,9 @@ BACKENDS = ("torch", "triton", "native")
 #   that lead there (the few-row linear, decode attention), though it was not timed as a whole there.
 #   Above NATIVE_MAX_ROWS (a prefill through the cache) the layer runs torch's GEMM for its projections
 #   and its C++ stages between them: 1.11-1.13x a parallel chunk's time on the Xeon (ops.decoder.NATIVE_PREFILL).
+#   Where decoder_layer leads, the inference engine runs each whole decode step (up to 32 rows per
+#   sequence, any batch) in one native call (ops.decoder.DecodeStepPlan, NATIVE_STEP): 1.8x a one-row
+#   step, a frame 1.5x on the Xeon.
 # Anything else (other architectures, no AVX2) was not measured: torch.
 _ALL_CPU_OPS = ("masked_attention", "decode_attention", "constrained_sample", "vq_quantize", "vq_gather")
 CPU_NATIVE_FIRST = {
