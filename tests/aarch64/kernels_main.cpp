@@ -1,0 +1,81 @@
+// A command-line driver of the C++ CPU kernels for tests/test_aarch64.py, built for aarch64 and run
+// under qemu-user: reads its inputs from a file, writes the outputs to another.
+//   kernels_main attention IN OUT   IN: int64 L, H, Hkv, D; float q [L, H, D], k, v [L, Hkv, D];
+//                                   int32 kv_block [L], q_limit [L]   OUT: float o [L, H, D]
+//   kernels_main linear IN OUT      IN: int64 M, K, N; float x [M, K], w [N, K]   OUT: float y [M, N]
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "common.h"
+
+using namespace worldvla;
+
+namespace {
+
+struct File {
+  FILE* f;
+  File(const char* path, const char* mode) : f(std::fopen(path, mode)) {
+    if (!f) throw std::runtime_error(std::string("cannot open ") + path);
+  }
+  ~File() { std::fclose(f); }
+  template <typename T>
+  std::vector<T> read(size_t n) {
+    std::vector<T> v(n);
+    if (std::fread(v.data(), sizeof(T), n, f) != n) throw std::runtime_error("short input file");
+    return v;
+  }
+  template <typename T>
+  void write(const std::vector<T>& v) {
+    if (std::fwrite(v.data(), sizeof(T), v.size(), f) != v.size()) throw std::runtime_error("short write");
+  }
+};
+
+void attention(File& in, File& out) {
+  const auto dims = in.read<int64_t>(4);
+  const int64_t L = dims[0], H = dims[1], Hkv = dims[2], D = dims[3];
+  const auto q = in.read<float>(L * H * D), k = in.read<float>(L * Hkv * D), v = in.read<float>(L * Hkv * D);
+  const auto kvb = in.read<int32_t>(L), qlim = in.read<int32_t>(L);
+  std::vector<float> o(L * H * D);
+  AttnFwdParams p;
+  p.q = q.data(); p.k = k.data(); p.v = v.data(); p.o = o.data();
+  p.kv_block = kvb.data(); p.q_limit = qlim.data();
+  p.n_seq = 1; p.seq_len = L; p.max_seqlen = L;
+  p.n_heads = H; p.n_kv_heads = Hkv; p.head_dim = D;
+  p.q_sb = p.o_sb = L * H * D; p.q_st = p.o_st = H * D; p.q_sh = p.o_sh = D;
+  p.k_sb = p.v_sb = L * Hkv * D; p.k_st = p.v_st = Hkv * D; p.k_sh = p.v_sh = D;
+  p.meta_sb = L;
+  p.scale = 1.f / std::sqrt(static_cast<float>(D));
+  masked_attention_fwd_cpu(p);
+  out.write(o);
+}
+
+void linear(File& in, File& out) {
+  const auto dims = in.read<int64_t>(3);
+  const int64_t M = dims[0], K = dims[1], N = dims[2];
+  const auto x = in.read<float>(M * K), w = in.read<float>(N * K);
+  std::vector<float> y(M * N);
+  linear_cpu(x.data(), K, w.data(), K, M, K, N, y.data(), N);
+  out.write(y);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 4) {
+    std::fprintf(stderr, "usage: %s attention|linear IN OUT\n", argv[0]);
+    return 2;
+  }
+  try {
+    File in(argv[2], "rb"), out(argv[3], "wb");
+    if (!std::strcmp(argv[1], "attention")) attention(in, out);
+    else if (!std::strcmp(argv[1], "linear")) linear(in, out);
+    else throw std::runtime_error(std::string("unknown kernel ") + argv[1]);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
