@@ -368,6 +368,14 @@ def test_plan_follows_the_model_and_the_dispatch(rng, monkeypatch):
             assert engine.buffers(3).plan.step is None and reason in engine.buffers(3).plan.reason
         both()  # and the native one again once the change is undone
         assert engine.buffers(3).plan.step is not None
+    final_norm = model.model.norm
+    model.model.norm = torch.nn.LayerNorm(model.config.hidden_size)  # not what the native step computes
+    both()  # the modules' step, with the LayerNorm
+    assert engine.buffers(3).plan.step is None and "not the RMSNorm" in engine.buffers(3).plan.reason
+    model.model.norm = final_norm
+    both()
+    assert engine.buffers(3).plan.step is not None
+
     with torch.no_grad():  # as engine.run calls it
         model.train()
         model.model.layers[0].dropout.p = 0.1

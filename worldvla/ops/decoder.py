@@ -61,7 +61,7 @@ class DecodeStepPlan:
 
     def __init__(self, model, cache, ids, pos, meta):
         self.key = self._key(model)
-        self.step, self.out, self.reason = None, None, None
+        self.step, self.reason = None, None
         if not NATIVE_STEP:
             self.reason = "ops.decoder.NATIVE_STEP is off"
             return
@@ -80,7 +80,7 @@ class DecodeStepPlan:
                 self.reason = ("auto does not take the native decoder layer for this step: " +
                                (getattr(why, "reason", None) or "another backend comes first"))
                 return
-            self.step, self.out = native_backend.build_decode_step(model, cache, ids, pos, meta)
+            self.step = native_backend.build_decode_step(model, cache, ids, pos, meta)
         except (ValueError, TypeError, KeyError, AttributeError) as err:  # the last two: not worldvla's modules
             self.reason = str(err)
 

@@ -829,18 +829,19 @@ def step_weights(model) -> list:
     return out
 
 
-def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta) -> tuple:
+def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta):
     """A whole cached decode step of `model` (a `worldvla.model.WorldVLA`) as one `_C.DecodeStep` call on
     fixed buffers: ids, pos [B, Q] int64 (positions = cache slots), `meta` the step's DecodeMeta, `cache`
-    the KVCache. Returns (run, out): `run()` writes the step's final-norm hidden states into
-    out [B, Q, hidden], the cache slots at `pos` of every layer as the layers' modules would. Raises
+    the KVCache. Returns `run`: `run()` writes the step's final-norm hidden states into one static
+    [B, Q, hidden] tensor and returns it, and the cache slots at `pos` of every layer as the layers'
+    modules would. Raises
     ValueError / TypeError naming what does not fit (the decoder layer's own checks, for every layer).
 
     Every row is computed the same way whatever the number of rows (the few-row layer at any batch),
     so a parallel chunk's rows get exactly the sequential decoder's arithmetic however many
     sequences are batched."""
     op = "decode_step"
-    from ..model import ForwardContext, rope_cos_sin
+    from ..model import ForwardContext, RMSNorm, rope_cos_sin
 
     cfg = model.config
     if ids.dim() != 2 or ids.dtype != torch.int64 or not ids.is_contiguous() or not ids.is_cpu:
@@ -861,6 +862,11 @@ def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta) -> tuple:
                 float(a.eps) != float(b.eps) for a, b in ((layer.input_layernorm, layers[0].input_layernorm),
                                                           (layer.self_attn.q_norm, layers[0].self_attn.q_norm))):
             _fail(op, f"layer {i} differs from layer 0 in its norm placement or epsilons; the step shares them")
+    for n, mod, kind in (("embed_tokens", model.model.embed_tokens, torch.nn.Embedding),
+                         ("norm", model.model.norm, RMSNorm)):
+        if type(mod) is not kind or getattr(mod, "max_norm", None) is not None:
+            _fail(op, f"model.{n} is a {type(mod).__name__}, not the {kind.__name__} the native step computes; "
+                      "the layers' modules keep it")
     embed, norm = model.model.embed_tokens.weight, model.model.norm.weight
     for n, t, shape in (("embed_tokens.weight", embed, (cfg.vocab_size, cfg.hidden_size)),
                         ("norm.weight", norm, (cfg.hidden_size,))):
@@ -890,7 +896,7 @@ def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta) -> tuple:
         step.run()
         return out
 
-    return run, out
+    return run
 
 
 def vq_quantize(z: Tensor, codebook: Tensor, code_splits: int | None = None) -> Tensor:
