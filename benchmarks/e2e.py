@@ -85,21 +85,27 @@ def build_model(name: str, device, dtype, seed: int = 0) -> WorldVLA:
 
 @contextlib.contextmanager
 def count_passes(model):
-    """Counts forward passes of `model` while active: `with ... as n: ...; n[0]`. Calls of the embedding,
-    and the engine's native steps (DecodeStepPlan, which read the embedding's weights directly)."""
+    """Counts forward passes of `model` while active: `with ... as n: ...; n[0]`. Calls of its
+    `hidden_states` (every prefill, module-run step and baseline pass), and the engine's native steps
+    (DecodeStepPlan, which run no module). Not a forward hook: a hooked model keeps its modules."""
     n = [0]
-    hook = model.model.embed_tokens.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+    hidden_states = model.hidden_states  # the bound method, shadowed on the instance while counting
     run_step = DecodeStepPlan.__call__
+
+    def counted_forward(*args, **kwargs):
+        n[0] += 1
+        return hidden_states(*args, **kwargs)
 
     def counted(plan):
         n[0] += 1
         return run_step(plan)
 
+    model.hidden_states = counted_forward
     DecodeStepPlan.__call__ = counted
     try:
         yield n
     finally:
-        hook.remove()
+        del model.hidden_states
         DecodeStepPlan.__call__ = run_step
 
 

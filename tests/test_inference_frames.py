@@ -73,6 +73,21 @@ def test_cfg_frame_matches_full_recompute(rng):
     assert not torch.equal(nxt, generate_frame_codes(model, codes, actions, b))
 
 
+@pytest.mark.parametrize("cfg_scale", [None, 2.0])
+def test_adapted_head_frame_matches_full_recompute(rng, cfg_scale):
+    """An lm_head with a forward hook (a logit bias) runs as a module, in the fused sampler's place and in
+    guidance's logits: the frame is model.forward's (guided) argmax, and not the plain head's."""
+    model, b = _model(0), _builder()
+    codes = torch.randint(0, 64, (1, 4, 4), generator=rng)
+    actions = torch.rand(1, 4, generator=rng).numpy() * 2 - 1
+    plain = generate_frame_codes(model, codes, actions, b, cfg_scale=cfg_scale)
+    bias = 3.0 * torch.randn(model.config.vocab_size, generator=torch.Generator().manual_seed(1))
+    model.lm_head.register_forward_hook(lambda m, args, out: out + bias)
+    nxt = generate_frame_codes(model, codes, actions, b, cfg_scale=cfg_scale)
+    _check_greedy(model, b, codes, actions, nxt, cfg_scale)
+    assert not torch.equal(nxt, plain)
+
+
 def test_permuted_image_ids(rng):
     """Image codes on permuted ids (as the Chameleon BPE mapping): sampled ids map back to codes."""
     perm = torch.randperm(64, generator=rng)

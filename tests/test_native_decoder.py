@@ -15,7 +15,7 @@ _C = pytest.importorskip("worldvla._C")
 from worldvla import ops  # noqa: E402
 from worldvla.inference import InferenceEngine, generate_action_chunk  # noqa: E402
 from worldvla.mask import NO_BLOCK, DecodeMeta  # noqa: E402
-from worldvla.model import ForwardContext, KVCache, ModelConfig, WorldVLA, rope_cos_sin  # noqa: E402
+from worldvla.model import MLP, ForwardContext, KVCache, ModelConfig, RMSNorm, WorldVLA, rope_cos_sin  # noqa: E402
 from worldvla.ops import decoder as decoder_op  # noqa: E402
 from worldvla.ops import dispatch  # noqa: E402
 from worldvla.ops import native_backend as nb  # noqa: E402
@@ -333,9 +333,10 @@ def test_parallel_equals_sequential_for_many_robots(rng, native_step_runs):
 
 @pytest.mark.usefixtures("native_first")
 def test_plan_follows_the_model_and_the_dispatch(rng, monkeypatch):
-    """The plan is rebuilt when a weight is replaced, and stands aside when `auto` would not run the
-    native layer (dispatch order, NATIVE_STEP, dropout in training mode), for bf16 models and for more
-    rows per sequence than a decode step has."""
+    """The plan is rebuilt when the model changes (a weight replaced, a module swapped, a forward hook,
+    training mode: found by `check_model`, which every prefill runs), stands aside step by step while
+    `auto` would not run the native layer (dispatch order, NATIVE_STEP) without being rebuilt, and is
+    not made for bf16 models or more rows per sequence than a decode step has."""
     model = _model(rng)
     S = PROMPT_LEN + 40
     engine = _prefilled(model, 1, S, rng)
@@ -351,38 +352,60 @@ def test_plan_follows_the_model_and_the_dispatch(rng, monkeypatch):
 
     first = both()
     plan = engine.buffers(3).plan
-    assert plan.step is not None and plan.current(model)
+    assert plan.step is not None and not engine.check_model()
     w = model.model.layers[1].mlp.down_proj.weight
     model.model.layers[1].mlp.down_proj.weight = torch.nn.Parameter(torch.randn(w.shape, generator=rng) * 0.3)
-    assert not plan.current(model)
+    assert engine.check_model() and engine.buffers(3).plan is None
     assert not torch.equal(both(), first)  # the new weight is read
-    assert engine.buffers(3).plan is not plan and engine.buffers(3).plan.step is not None
+    plan = engine.buffers(3).plan
+    assert plan.step is not None
+    with torch.no_grad():
+        w.copy_(torch.randn(w.shape, generator=rng))
+        model.model.layers[1].mlp.down_proj.weight.data = w  # the same Parameter, another address
+    with torch.no_grad():
+        engine.prefill([torch.randint(LAYOUT.text_base, LAYOUT.vocab_size, (PROMPT_LEN,), generator=rng)])
+    assert engine.buffers(3).plan is None  # the prefill found it
+    _copy_state(engine, modules)
+    both()
+    plan = engine.buffers(3).plan
 
-    changes = ((lambda m: m.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("torch",)),
-                "does not take the native decoder layer"),
-               (lambda m: m.setattr(decoder_op, "NATIVE_STEP", False), "NATIVE_STEP is off"))
-    for change, reason in changes:
+    changes = ((lambda m: m.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("torch",))),
+               (lambda m: m.setattr(decoder_op, "NATIVE_STEP", False)))
+    for change in changes:
         with monkeypatch.context() as m:
             change(m)
+            with torch.no_grad():
+                assert engine._plan(engine.buffers(3)) is None
             both()  # the modules' step
-            assert engine.buffers(3).plan.step is None and reason in engine.buffers(3).plan.reason
-        both()  # and the native one again once the change is undone
-        assert engine.buffers(3).plan.step is not None
+        both()  # and the native one again once the change is undone, on the same plan
+        assert engine.buffers(3).plan is plan and engine._plan(engine.buffers(3)) is plan
+
     final_norm = model.model.norm
     model.model.norm = torch.nn.LayerNorm(model.config.hidden_size)  # not what the native step computes
+    assert engine.check_model()
     both()  # the modules' step, with the LayerNorm
     assert engine.buffers(3).plan.step is None and "not the RMSNorm" in engine.buffers(3).plan.reason
     model.model.norm = final_norm
+    engine.check_model()
     both()
     assert engine.buffers(3).plan.step is not None
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda m, args, out: out * 1.5)
+    assert engine.check_model()
+    hooked = both()  # the modules' step, with the hook
+    assert engine.buffers(3).plan.step is None and "forward hook" in engine.buffers(3).plan.reason
+    handle.remove()
+    assert engine.check_model()
+    assert not torch.equal(both(), hooked) and engine.buffers(3).plan.step is not None
 
     with torch.no_grad():  # as engine.run calls it
         model.train()
         model.model.layers[0].dropout.p = 0.1
+        engine.check_model()
         buf = _set_step(engine, *step)
         assert engine._plan(buf) is None and "dropout" in buf.plan.reason
         model.model.layers[0].dropout.p = 0.0
         model.eval()
+        engine.check_model()
 
         long_step = _random_step(rng, 1, 33, chunk=False)
         assert engine._plan(_set_step(engine, *long_step)) is None  # a prefill's rows: the tiled attention
@@ -433,33 +456,68 @@ class _ScaledLinear(torch.nn.Linear):
         return 2 * super().forward(x)
 
 
+class _ScaledNorm(RMSNorm):
+    def forward(self, x):
+        return 1.5 * super().forward(x)
+
+
+def _steer(module, args, output):  # a forward hook, as activation steering and probing add them
+    return output + 0.5
+
+
+def _adapt(model, kind, rng):
+    """Change `model` in a way the native layer does not compute; returns a callable undoing any global
+    part and the reason the native paths must give."""
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        old = layer.mlp.up_proj
+        if kind == "lora" or kind == "lora-last-layer" and i == len(layers) - 1:
+            layer.mlp.up_proj = _LoRA(old, rng)
+        elif kind == "subclass":
+            layer.mlp.up_proj = _ScaledLinear(old.in_features, old.out_features, bias=False)
+            layer.mlp.up_proj.weight = old.weight
+        elif kind == "norm-subclass":
+            norm = layer.post_attention_layernorm
+            layer.post_attention_layernorm = _ScaledNorm(norm.weight.numel(), norm.eps)
+        elif kind == "hook" and i == 1:
+            layer.mlp.register_forward_hook(_steer)
+    if kind == "global-hook":
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, out: out + 0.5 if isinstance(m, MLP) else out)
+        return handle.remove, "a forward hook is registered"
+    reason = {"lora": "up_proj is a _LoRA, not a plain nn.Linear", "lora-last-layer": "up_proj is a _LoRA",
+              "subclass": "up_proj is a _ScaledLinear, not a plain nn.Linear",
+              "norm-subclass": "post_attention_layernorm is a _ScaledNorm, not worldvla's RMSNorm",
+              "hook": "a forward hook is registered"}[kind]
+    return (lambda: None), reason
+
+
 @pytest.mark.usefixtures("native_first")
-@pytest.mark.parametrize("kind", ["lora", "subclass"])
-def test_adapted_projections_keep_the_modules(rng, kind):
-    """A projection the native layer would not compute (an adapter, an nn.Linear subclass with its own
-    forward) sends the layers and the engine's steps to the modules under `auto`, with the reason, and
-    the tokens are the modules' own."""
+@pytest.mark.parametrize("kind", ["lora", "lora-last-layer", "subclass", "norm-subclass", "hook", "global-hook"])
+def test_adapted_layers_keep_the_modules(rng, kind):
+    """A layer the native paths would not compute as its modules do (an adapter on every layer's
+    projection or on the last layer's only, an nn.Linear or RMSNorm subclass with its own forward, a
+    forward hook on one layer's MLP or on every module) sends the layers and the engine's steps to the
+    modules under `auto`, with the reason, and the tokens are the modules' own."""
     model = _model(rng)
     prompt = torch.cat([torch.tensor([LAYOUT.bos]), torch.randint(LAYOUT.text_base, LAYOUT.vocab_size, (10,),
                                                                   generator=rng), torch.tensor([LAYOUT.sep])])
     plain = generate_action_chunk(model, prompt, LAYOUT, 3, 4)
-    for layer in model.model.layers:
-        old = layer.mlp.up_proj
-        if kind == "lora":
-            layer.mlp.up_proj = _LoRA(old, rng)
-        else:
-            layer.mlp.up_proj = _ScaledLinear(old.in_features, old.out_features, bias=False)
-            layer.mlp.up_proj.weight = old.weight
-    adapted = generate_action_chunk(model, prompt, LAYOUT, 3, 4)
-    assert torch.equal(adapted, generate_action_chunk(model, prompt, LAYOUT, 3, 4, backend="torch"))
-    with pytest.MonkeyPatch.context() as m:  # the modules with the few-row linear (AMD's default) too
-        m.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("torch",))
-        m.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), ("native", "torch"))
-        assert torch.equal(adapted, generate_action_chunk(model, prompt, LAYOUT, 3, 4))
-    assert not torch.equal(adapted, plain)  # the adapter changes the answer, so it was computed
-    engine = _prefilled(model, 1, PROMPT_LEN + 4, rng)
-    with torch.no_grad():
-        buf = _set_step(engine, *_random_step(rng, 1, 2, chunk=False))
-        assert engine._plan(buf) is None
-    name = "_LoRA" if kind == "lora" else "_ScaledLinear"
-    assert f"up_proj is a {name}, not a plain nn.Linear" in buf.plan.reason
+    undo, reason = _adapt(model, kind, rng)
+    try:
+        adapted = generate_action_chunk(model, prompt, LAYOUT, 3, 4)
+        assert torch.equal(adapted, generate_action_chunk(model, prompt, LAYOUT, 3, 4, backend="torch"))
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(decoder_op, "NATIVE_STEP", False)  # one call a layer: the forward resolves all of them
+            assert torch.equal(adapted, generate_action_chunk(model, prompt, LAYOUT, 3, 4))
+            m.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("torch",))  # the modules with the
+            m.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), ("native", "torch"))  # few-row linear (AMD's)
+            assert torch.equal(adapted, generate_action_chunk(model, prompt, LAYOUT, 3, 4))
+        assert not torch.equal(adapted, plain)  # the change changes the answer, so it was computed
+        engine = _prefilled(model, 1, PROMPT_LEN + 4, rng)
+        with torch.no_grad():
+            buf = _set_step(engine, *_random_step(rng, 1, 2, chunk=False))
+            assert engine._plan(buf) is None
+        assert reason in buf.plan.reason
+    finally:
+        undo()

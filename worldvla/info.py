@@ -50,8 +50,8 @@ def collect() -> dict:
     info["ops"] = ops
     from worldvla.ops import decoder
     # How the engine runs a decode step on the CPU (a CUDA device captures it in a CUDA graph).
-    info["cpu_decode_step"] = ("one native call a step" if decoder.NATIVE_STEP and "native" in ops["decoder_layer"]
-                               ["auto_order"]["cpu"][:1] else "each layer by the decoder_layer order above")
+    info["cpu_decode_step"] = ("one native call a step" if decoder.native_step_active()
+                               else "each layer by the decoder_layer order above")
     return info
 
 

@@ -326,7 +326,7 @@ class WorldVLA(nn.Module):
         # each whole layer in one native call; resolved once here for every layer.
         run_layer = ops.decoder_layer_ref
         if cache is not None and backend == "auto":
-            run_layer = ops.resolve_decoder_layer(self.model.layers[0], x, ctx)
+            run_layer = ops.resolve_decoder_layer(self.model.layers, x, ctx)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, ctx, i, use_reentrant=False)

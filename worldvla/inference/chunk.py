@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..ops.sampling import sample_logits
 from ..tokens.layout import VocabLayout
 from .engine import InferenceEngine
 
@@ -77,6 +78,34 @@ def sampling_backend(backend: str) -> str:
     return backend if backend in ops.dispatch.available("constrained_sample") else "auto"
 
 
+def _plain_head(head) -> bool:
+    """Whether the model's head is its weight alone: a bias-free nn.Linear that no forward hook watches."""
+    from torch.nn.modules import module as M
+    return (type(head) is torch.nn.Linear and head.bias is None and not head._forward_hooks
+            and not head._forward_pre_hooks and not M._global_forward_hooks and not M._global_forward_pre_hooks)
+
+
+def head_logits(model, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The logits of vocabulary ids [lo, hi) from final hidden states [N, H]: that slice of lm_head's
+    weight only, unless the head is more than its weight (an adapter, a subclass, a bias, a forward
+    hook), which then runs as a module over the whole vocabulary."""
+    head = model.lm_head
+    if _plain_head(head):
+        return hidden @ head.weight[lo:hi].t()
+    return head(hidden)[:, lo:hi]
+
+
+def head_sample(model, hidden: torch.Tensor, lo: int, hi: int, temperature: float = 0.0, top_k=None,
+                generator=None, backend: str = "auto") -> torch.Tensor:
+    """Token ids [N] in [lo, hi) from final hidden states [N, H] (greedy at temperature 0): the fused
+    constrained sampler on lm_head's weight, or, for a head that is more than its weight, the module's
+    logits restricted to the range (`head_logits`)."""
+    if _plain_head(model.lm_head):
+        return ops.constrained_sample(hidden, model.lm_head.weight, lo, hi, temperature, top_k, generator,
+                                      backend=backend)
+    return sample_logits(head_logits(model, hidden, lo, hi).float(), temperature, top_k, generator) + lo
+
+
 def _prepare(engine: InferenceEngine, prompts, skip, n_actions, action_dim):
     """Prefill and set the chunk region's block ordinals. Returns (P [B] long, base [B] int32) on device."""
     layout, dev = engine.layout, engine.device
@@ -102,7 +131,6 @@ def _decode_parallel(engine, P, base, n_actions, action_dim, backend):
     layout, dev = engine.layout, engine.device
     B, K, D, T = engine.batch_size, n_actions, action_dim, action_dim + 2
     lo, hi = layout.bin_range
-    W = engine.model.lm_head.weight
     buf = engine.buffers(K)
     buf.ids.fill_(layout.boa)
     buf.set_positions(P.view(B, 1) + T * torch.arange(K, device=dev).view(1, K))
@@ -110,7 +138,7 @@ def _decode_parallel(engine, P, base, n_actions, action_dim, backend):
     bins = torch.empty(B, K, D, dtype=torch.long, device=dev)
     for d in range(D):
         h = engine.run(buf)
-        tok = ops.constrained_sample(h.reshape(B * K, -1), W, lo, hi, backend=backend).view(B, K)
+        tok = head_sample(engine.model, h.reshape(B * K, -1), lo, hi, backend=backend).view(B, K)
         bins[:, :, d] = tok
         if d + 1 < D:
             buf.ids.copy_(tok)
@@ -122,7 +150,6 @@ def _decode_sequential(engine, P, base, n_actions, action_dim, backend, chunk_ru
     layout, dev = engine.layout, engine.device
     B, K, T = engine.batch_size, n_actions, action_dim + 2
     lo, hi = layout.bin_range
-    W = engine.model.lm_head.weight
     n = K * T
     t = torch.arange(n)
     is_bin = ((t % T) != 0) & ((t % T) != T - 1)
@@ -142,7 +169,7 @@ def _decode_sequential(engine, P, base, n_actions, action_dim, backend, chunk_ru
         h = engine.run(buf)
         j = i + 1
         if is_bin[j]:
-            out[:, j] = ops.constrained_sample(h[:, 0], W, lo, hi, backend=backend)
+            out[:, j] = head_sample(engine.model, h[:, 0], lo, hi, backend=backend)
         else:
             out[:, j] = layout.boa if j % T == 0 else layout.eoa
         buf.advance(1)

@@ -28,7 +28,7 @@ import torch
 
 from ..mask import NO_BLOCK, DecodeMeta, chunk_mask_meta
 from ..model import KVCache
-from ..ops.decoder import DecodeStepPlan
+from ..ops.decoder import DecodeStepPlan, native_step_active
 from ..tokens.layout import VocabLayout
 
 
@@ -66,6 +66,29 @@ class PrefixSnapshot:
         return self.k.shape[2]
 
 
+def _model_state(model) -> tuple:
+    """Everything about `model` a decode step's native plan or CUDA graph fixes when it is made: every
+    module (identity, class, training mode, forward hooks), every parameter and buffer (identity,
+    address, dtype, shape), and torch's global forward hooks. A walk of the modules' dictionaries
+    (about 0.3 ms for the 7B config's 900 modules and tensors, 40 us for the small one; a walk by
+    `named_modules` took 1.1 ms)."""
+    from torch.nn.modules import module as M
+    items = []
+    add = items.append
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        d = m.__dict__
+        hooks, pre = d["_forward_hooks"], d["_forward_pre_hooks"]
+        add((id(m), type(m), d["training"], tuple(hooks) if hooks else None, tuple(pre) if pre else None))
+        for group in (d["_parameters"], d["_buffers"]):
+            for t in group.values():
+                if t is not None:
+                    add((id(t), t.data_ptr(), t.dtype, t.shape))
+        stack.extend(d["_modules"].values())
+    return tuple(items), tuple(M._global_forward_hooks), tuple(M._global_forward_pre_hooks)
+
+
 class InferenceEngine:
     """Prefill + decode on a preallocated cache for `batch_size` sequences of up to `max_len` tokens.
 
@@ -99,6 +122,27 @@ class InferenceEngine:
         self.cuda_graphs = bool(cuda_graphs)
         self._steps: dict[int, StepBuffers] = {}
         self._pool = None
+        self._model_state = None  # what the step plans and CUDA graphs were made for (check_model)
+
+    # ------------------------------------------------------------------ the model's state
+    def check_model(self) -> bool:
+        """Drop the decode steps' native plans and CUDA graphs if the model changed since they were made
+        (they are rebuilt on first use); returns whether it had. Both hold the model's weights by
+        address and run its modules as they were: a change is a module replaced or subclassed (an
+        adapter), a weight replaced, moved or converted (`model.to(...)`), a forward hook added or
+        removed, or the training mode. Weights updated in place (`load_state_dict`, an optimizer step)
+        keep their addresses and are read as they are.
+
+        `prefill` calls it, so every generation starts on the model as it is; steps that continue a
+        prefill do not check again (about 50 us a step on a CPU): call it yourself after changing the
+        model between a prefill and the steps that follow it."""
+        state = _model_state(self.model)
+        if state == self._model_state:
+            return False
+        for buf in self._steps.values():
+            buf.plan = buf.graph = None
+        self._model_state = state
+        return True
 
     # ------------------------------------------------------------------ forward
     def _forward(self, ids, pos, meta: DecodeMeta) -> torch.Tensor:
@@ -118,6 +162,7 @@ class InferenceEngine:
         B = self.batch_size
         if len(prompts) != B:
             raise ValueError(f"this engine holds {B} sequences but got {len(prompts)} prompts")
+        self.check_model()
         skip = [0] * B if skip is None else [int(s) for s in skip]
         prompts = [torch.as_tensor(p).long().flatten().cpu() for p in prompts]
         lens = [int(p.numel()) for p in prompts]
@@ -175,6 +220,8 @@ class InferenceEngine:
         run with the same Q, so consume (or copy) it first.
         The caller guarantees that every position in `buf.pos` lies below `max_len`.
         """
+        if self._model_state is None:  # steps before any prefill
+            self.check_model()
         if not self.cuda_graphs:
             plan = self._plan(buf)
             buf.out = plan() if plan is not None else self._forward(buf.ids, buf.pos, buf.meta)
@@ -193,15 +240,13 @@ class InferenceEngine:
         return buf.out
 
     def _plan(self, buf: StepBuffers):
-        """The step's native plan where one runs it (the CPU; ops.decoder.DecodeStepPlan), else None.
-        Built on first use and again whenever the model's weights, the dispatch order or the training
-        mode have changed since."""
+        """The step's native plan where one runs it now (the CPU; ops.decoder.DecodeStepPlan), else None.
+        Built on first use, and again after `check_model` found the model changed."""
         if self.device.type != "cpu" or self.backend != "auto":
             return None
-        plan = buf.plan
-        if plan is None or not plan.current(self.model):
-            plan = buf.plan = DecodeStepPlan(self.model, self.cache, buf.ids, buf.pos, buf.meta)
-        return plan if plan.step is not None else None
+        if buf.plan is None:
+            buf.plan = DecodeStepPlan(self.model, self.cache, buf.ids, buf.pos, buf.meta)
+        return buf.plan if buf.plan.step is not None and native_step_active() else None
 
     def _capture(self, buf: StepBuffers) -> None:
         """Capture the step on the buffers' current (real) inputs. The warm-up runs write the

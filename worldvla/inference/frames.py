@@ -25,10 +25,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .. import ops
 from ..ops.sampling import sample_logits
 from ..tokens.sequence import WORLD_PROMPT, SequenceBuilder, image_tokens
-from .chunk import sampling_backend
+from .chunk import head_logits, head_sample, sampling_backend
 from .engine import InferenceEngine
 
 
@@ -66,7 +65,6 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
         raise ValueError(f"the engine holds {engine.batch_size} rows but this step needs {rows}")
     dev = engine.device
     lo, hi = lay.image_id_range
-    W = model.lm_head.weight[lo:hi]
     valid = torch.zeros(hi - lo, dtype=torch.bool, device=dev)
     valid[torch.tensor(lay.image_code_ids, device=dev) - lo] = True
     all_valid = bool(valid.all())
@@ -78,9 +76,8 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
 
     def choose(hid):  # hid [rows, H] -> token ids [N]
         if fused:
-            return ops.constrained_sample(hid, model.lm_head.weight, lo, hi, temperature, top_k, generator,
-                                          backend=sampler)
-        logits = (hid @ W.t()).float()
+            return head_sample(model, hid, lo, hi, temperature, top_k, generator, backend=sampler)
+        logits = head_logits(model, hid, lo, hi).float()
         if guided:
             cond, unc = logits[:N], logits[N:]
             logits = unc + cfg_scale * (cond - unc)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import dispatch
 from .projection import NATIVE_MAX_ROWS
@@ -26,6 +27,7 @@ from .projection import NATIVE_MAX_ROWS
 NATIVE_PREFILL = True
 # The engine runs a whole decode step (embedding, every layer, final norm) in one native call on its
 # static buffers wherever `auto` takes the native layer (DecodeStepPlan); False keeps one call a layer.
+# Read at every step.
 NATIVE_STEP = True
 
 
@@ -36,8 +38,9 @@ def decoder_layer_ref(layer, x: torch.Tensor, cos, sin, ctx, index: int) -> torc
 
 def resolve_decoder_layer(layer, x: torch.Tensor, ctx, backend: str = "auto") -> Callable:
     """The implementation `decoder_layer` runs for a cached forward like this one (`ctx` carries the
-    cache, the positions and the DecodeMeta). A forward resolves it once for all its layers, which
-    share their shapes and dtypes."""
+    cache, the positions and the DecodeMeta). `layer` is one layer, or all the layers of a forward (the
+    model's ModuleList), which then resolve once together: they share their shapes and dtypes, and a
+    native path is taken only if every one of them is made of the modules it computes."""
     if backend == "auto" and not NATIVE_PREFILL and x.numel() > NATIVE_MAX_ROWS * max(x.shape[-1], 1):
         backend = "torch"
     return dispatch.resolve("decoder_layer", backend, x.device.type, layer, x, ctx)
@@ -50,54 +53,48 @@ def decoder_layer(layer, x: torch.Tensor, cos, sin, ctx, index: int, backend: st
 dispatch.register("decoder_layer", "torch", decoder_layer_ref)
 
 
+def native_step_active() -> bool:
+    """Whether the engine's CPU decode steps run as one native call now: NATIVE_STEP is on, `auto`'s
+    order for the CPU's decoder_layer leads with the native backend, and no dispatch mode (a
+    FlopCounterMode, a tracer) is watching the ops, which a native call would not show it."""
+    if not NATIVE_STEP or _get_current_dispatch_mode() is not None:
+        return False
+    have = dispatch.available("decoder_layer")
+    order = dispatch.AUTO_ORDER.get(("decoder_layer", "cpu")) or dispatch.AUTO_ORDER.get("cpu", ("torch",))
+    return next((name for name in order if name in have), "torch") == "native"
+
+
 class DecodeStepPlan:
     """A cached decode step of `model` on fixed buffers (ids and pos [B, Q], the DecodeMeta `meta`, the
-    KVCache `cache`) in one native call, where `auto` would run the layers natively (the CPU; see
-    `native_backend.build_decode_step`). `step` is None where it cannot, with the reason in `reason`.
+    KVCache `cache`) in one native call (the CPU; see `native_backend.build_decode_step`). `step` is
+    None where the model or the step does not fit it, with the reason in `reason`; whether a step takes
+    it is decided step by step (`native_step_active`), so switching dispatch does not rebuild it.
 
-    The plan holds its weights' addresses, as a CUDA graph does: `current(model)` says whether it still
-    describes the model (the same addresses, dispatch order, NATIVE_STEP and training mode); a weight
-    replaced, moved or converted since changes an address and so the answer."""
+    The plan holds the model's weights by address, as a CUDA graph does: it describes the model as it
+    was built, and the engine that keeps it rebuilds it when the model changes (its
+    `check_model`)."""
 
     def __init__(self, model, cache, ids, pos, meta):
-        self.key = self._key(model)
         self.step, self.reason = None, None
-        if not NATIVE_STEP:
-            self.reason = "ops.decoder.NATIVE_STEP is off"
-            return
         if "native" not in dispatch.available("decoder_layer"):
             self.reason = "the native backend is not built"
             return
-        from ..model import ForwardContext
+        from ..model import ForwardContext, WorldVLA
         from . import native_backend
+        if type(model).hidden_states is not WorldVLA.hidden_states:
+            self.reason = f"{type(model).__name__} overrides hidden_states, which the native step would not run"
+            return
         x = torch.empty(*ids.shape, model.config.hidden_size, device=ids.device,
                         dtype=model.model.embed_tokens.weight.dtype)
         ctx = ForwardContext(cache=cache, position_ids=pos, decode_meta=meta)
         try:
-            layer = model.model.layers[0]
-            if resolve_decoder_layer(layer, x, ctx) is not native_backend.decoder_layer:
-                why = native_backend._decoder_layer_supports(layer, x, ctx)
-                self.reason = ("auto does not take the native decoder layer for this step: " +
-                               (getattr(why, "reason", None) or "another backend comes first"))
+            fits = native_backend._decoder_layer_supports(model.model.layers, x, ctx)
+            if not fits:
+                self.reason = "the native decoder layer does not take this step: " + fits.reason
                 return
             self.step = native_backend.build_decode_step(model, cache, ids, pos, meta)
         except (ValueError, TypeError, KeyError, AttributeError) as err:  # the last two: not worldvla's modules
             self.reason = str(err)
-
-    @staticmethod
-    def _key(model) -> tuple:
-        weights = ()
-        if "native" in dispatch.available("decoder_layer"):
-            from .native_backend import step_weights
-            try:
-                weights = tuple([t.data_ptr() for t in step_weights(model)])
-            except (ValueError, KeyError, AttributeError):  # modules the native step does not take
-                weights = None
-        order = dispatch.AUTO_ORDER.get(("decoder_layer", "cpu"))
-        return NATIVE_STEP, order, model.training, weights
-
-    def current(self, model) -> bool:
-        return self._key(model) == self.key
 
     def __call__(self) -> torch.Tensor:
         return self.step()

@@ -630,25 +630,74 @@ _DECODER_WEIGHTS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "
 
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm", "self_attn.q_norm",
+                "self_attn.k_norm", "dropout")
+_module_kinds = None
+
+
+def _kinds() -> tuple:
+    """worldvla's own module classes the native layer computes, in the order of `_LAYER_PARTS` (the
+    layer's class first). Imported on first use: worldvla.model imports worldvla.ops."""
+    global _module_kinds
+    if _module_kinds is None:
+        from ..model import MLP, Attention, DecoderLayer, HeadLayerNorm, RMSNorm
+        _module_kinds = (DecoderLayer, Attention, MLP, RMSNorm, RMSNorm, HeadLayerNorm, HeadLayerNorm,
+                         torch.nn.Dropout)
+    return _module_kinds
+
+
+def _hooked(modules) -> bool:
+    """Whether calling any of `modules` would run a forward hook (its own or torch's global ones), which
+    a native path, calling no module, would skip."""
+    from torch.nn.modules import module as M
+    return bool(M._global_forward_hooks or M._global_forward_pre_hooks
+                or any([m._forward_hooks or m._forward_pre_hooks for m in modules]))
+
+
+def _structure_problem(layer, parts, projs) -> str:
+    """Why `layer` (its parts and projections as `_layer_weights` found them) is not what the native
+    layer computes."""
+    for name, mod, kind in zip(("layer", *_LAYER_PARTS), (layer, *parts), _kinds()):
+        if type(mod) is not kind:
+            return (f"{name} is a {type(mod).__name__}, not worldvla's {kind.__name__}; subclassed or replaced "
+                    "modules keep the layer's modules")
+    for name, proj in zip(_PROJECTIONS, projs):
+        if type(proj) is not torch.nn.Linear or proj._parameters.get("bias") is not None:
+            return (f"{name} is a {type(proj).__name__}, not a plain nn.Linear without bias; adapted, quantized "
+                    "or subclassed projections keep the layer's modules")
+    if _hooked((layer, *parts, *projs)):
+        return "a forward hook is registered on the layer, one of its modules or globally; hooked layers keep their modules"
+    attn_eps = (parts[4].eps, parts[5].eps)
+    if parts[2].eps != parts[3].eps or attn_eps[0] != attn_eps[1]:
+        return (f"the layer's two RMSNorms (eps {parts[2].eps}, {parts[3].eps}) or its head norms (eps {attn_eps[0]}, "
+                f"{attn_eps[1]}) differ in epsilon; the native layer takes one of each")
+    return ""
 
 
 def _layer_weights(layer) -> tuple:
     """The 13 parameters of a decoder layer in the order of `_C.decoder_layer`. Read from the modules'
     dictionaries: nn.Module attribute lookups cost about 2 us each, the whole layer's about 30 us.
-    Raises ValueError when a projection is not a plain bias-free nn.Linear (an adapter such as LoRA,
-    a quantized linear, a subclass with its own forward): the native layer would not compute it."""
+    Raises ValueError unless the layer is made of worldvla's own modules as the native layer computes
+    them: plain bias-free nn.Linear projections (not an adapter such as LoRA, a quantized linear or a
+    subclass with its own forward), worldvla's norms with one epsilon per kind, and no forward hooks
+    (a native call runs no module, so it would skip them)."""
     mods = layer._modules
-    a, m = mods["self_attn"]._modules, mods["mlp"]._modules
+    attn, mlp = mods["self_attn"], mods["mlp"]
+    a, m = attn._modules, mlp._modules
+    parts = (attn, mlp, mods["input_layernorm"], mods["post_attention_layernorm"], a["q_norm"], a["k_norm"],
+             mods["dropout"])
     projs = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
-    if not all([type(p) is torch.nn.Linear and p._parameters.get("bias") is None for p in projs]):
-        name, proj = next((n, p) for n, p in zip(_PROJECTIONS, projs)
-                          if type(p) is not torch.nn.Linear or p._parameters.get("bias") is not None)
-        _fail("decoder_layer", f"{name} is a {type(proj).__name__}, not a plain nn.Linear without bias; adapted, "
-                               "quantized or subclassed projections keep the layer's modules")
-    qn, kn = a["q_norm"]._parameters, a["k_norm"]._parameters
-    return (mods["input_layernorm"]._parameters["weight"], projs[0]._parameters["weight"],
+    kinds = _kinds()
+    lin = torch.nn.Linear
+    if not (all([type(p) is k for p, k in zip((layer, *parts), kinds)])
+            and all([type(p) is lin and p._parameters.get("bias") is None for p in projs])
+            and not _hooked((layer, *parts, *projs))
+            and parts[2].eps == parts[3].eps and parts[4].eps == parts[5].eps):
+        _fail("decoder_layer", _structure_problem(layer, parts, projs))
+    qn, kn = parts[4]._parameters, parts[5]._parameters
+    return (parts[2]._parameters["weight"], projs[0]._parameters["weight"],
             projs[1]._parameters["weight"], projs[2]._parameters["weight"], projs[3]._parameters["weight"],
-            qn["weight"], qn["bias"], kn["weight"], kn["bias"], mods["post_attention_layernorm"]._parameters["weight"],
+            qn["weight"], qn["bias"], kn["weight"], kn["bias"], parts[3]._parameters["weight"],
             projs[4]._parameters["weight"], projs[5]._parameters["weight"], projs[6]._parameters["weight"])
 
 
@@ -867,6 +916,8 @@ def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta):
         if type(mod) is not kind or getattr(mod, "max_norm", None) is not None:
             _fail(op, f"model.{n} is a {type(mod).__name__}, not the {kind.__name__} the native step computes; "
                       "the layers' modules keep it")
+        if _hooked((mod,)):
+            _fail(op, f"a forward hook is registered on model.{n}; hooked modules keep their forward")
     embed, norm = model.model.embed_tokens.weight, model.model.norm.weight
     for n, t, shape in (("embed_tokens.weight", embed, (cfg.vocab_size, cfg.hidden_size)),
                         ("norm.weight", norm, (cfg.hidden_size,))):
@@ -960,20 +1011,36 @@ def _linear_supports(x, weight):
 
 
 def _decoder_layer_supports(layer, x, ctx):
+    """`layer`: one decoder layer, or every layer of a forward (the model's ModuleList: a forward resolves
+    the op once for all of them, so each one's modules are checked; the tensors' checks, shared, on the
+    first)."""
+    layers = (layer,) if isinstance(layer, torch.nn.Module) and not isinstance(layer, torch.nn.ModuleList) else layer
     def eager():
         if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
             return dispatch.Unsupported("traced forwards keep the layer's modules")
-        if layer.training and any(m.p > 0 for m in layer.modules() if isinstance(m, torch.nn.Dropout)):
+        return True
+    def no_dropout():  # after `modules`: a layer's one dropout is its nn.Dropout `dropout`
+        if any([lay._modules["dropout"].training and lay._modules["dropout"].p > 0 for lay in layers]):
             return dispatch.Unsupported("dropout is active (training mode); call model.eval()")
         return True
+    def modules():
+        for i, lay in enumerate(layers):
+            try:
+                _layer_weights(lay)
+            except ValueError as err:
+                return dispatch.Unsupported(f"layer {i}: {err}" if len(layers) > 1 else str(err))
+            except (KeyError, AttributeError) as err:
+                return dispatch.Unsupported(f"layer {i} is not laid out as worldvla's DecoderLayer (no {err}); "
+                                            "it keeps its modules")
+        return True
     def checks():
-        try:  # the few expressions of the common case first (a forward resolves the layer every step)
-            if _decoder_layer_ready(_layer_weights(layer), _config_shapes(layer.self_attn.cfg), x, None, None, ctx, 0):
-                return True
-        except (KeyError, AttributeError, ValueError):  # not worldvla's modules: the full checks say what is wrong
-            pass
-        return _passes(_check_decoder_layer, layer, x, None, None, ctx, 0)
-    return dispatch.first_false(eager, checks)
+        first = layers[0]
+        if _decoder_layer_ready(_layer_weights(first), _config_shapes(first.self_attn.cfg), x, None, None, ctx, 0):
+            return True  # the few expressions of the common case first (a forward resolves the op every step)
+        return _passes(_check_decoder_layer, first, x, None, None, ctx, 0)
+    if not len(layers):
+        return dispatch.Unsupported("no decoder layers")
+    return dispatch.first_false(eager, modules, no_dropout, checks)
 
 
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
