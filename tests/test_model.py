@@ -169,6 +169,46 @@ def test_loss_matches_release_formula():
 
 
 
+
+class _HeadLoRA(torch.nn.Module):
+    def __init__(self, base, gen):
+        super().__init__()
+        self.base = base
+        self.a = torch.nn.Parameter(0.1 * torch.randn(4, base.in_features, generator=gen))
+        self.b = torch.nn.Parameter(0.1 * torch.randn(base.out_features, 4, generator=gen))
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.a.t()) @ self.b.t()
+
+
+@pytest.mark.parametrize("label_rows", [False, True])
+def test_loss_of_an_adapted_head(label_rows):
+    """A LoRA-wrapped lm_head is run as a module by the loss: the release formula over its logits, and
+    gradients reach the adapter's parameters (the fused loss would read only the base weight)."""
+    gen = torch.Generator().manual_seed(4)
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=gen)
+    samples = _action_batch(m, gen, 2)
+    Lmax = max(len(s.input_ids) for s in samples)
+    ids = torch.stack([torch.cat([s.input_ids, torch.zeros(Lmax - len(s.input_ids), dtype=torch.long)]) for s in samples])
+    lab = torch.stack([torch.cat([s.labels, torch.full((Lmax - len(s.labels),), -100)]) for s in samples])
+    plain, _ = m.loss(ids, lab)
+    m.lm_head = _HeadLoRA(m.lm_head, gen)
+    y = lab[:, 1:].reshape(-1)
+    rows = (y != -100).nonzero().squeeze(1) if label_rows else None
+    loss, z = m.loss(ids, lab, label_rows=rows)
+    logits = m(ids)[:, :-1].reshape(-1, m.config.vocab_size)
+    ce = torch.nn.functional.cross_entropy(logits, y, weight=loss_class_weights(m.layout, 0.04), ignore_index=-100)
+    lse = torch.logsumexp(logits[y != -100], -1)
+    torch.testing.assert_close(loss, ce + 1e-5 * (lse ** 2).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z, (lse ** 2).mean(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(loss, plain)
+    loss.backward()
+    assert m.lm_head.a.grad.abs().sum() > 0 and m.lm_head.b.grad.abs().sum() > 0
+
 def test_training_forward_and_backward_read_nothing_on_the_host(no_host_reads):
     """The trainer's step on the device: packed ids, metadata and labelled rows built on the host,
     ids checked there (check_ids=False). With the fused loss (the GPU's "auto"; Triton's interpreter

@@ -481,6 +481,8 @@ def _adapt(model, kind, rng):
             layer.post_attention_layernorm = _ScaledNorm(norm.weight.numel(), norm.eps)
         elif kind == "hook" and i == 1:
             layer.mlp.register_forward_hook(_steer)
+        elif kind == "projection-hook" and i == 0:
+            layer.self_attn.v_proj.register_forward_hook(_steer)  # (q and k are layer-normed after)
     if kind == "global-hook":
         handle = torch.nn.modules.module.register_module_forward_hook(
             lambda m, a, out: out + 0.5 if isinstance(m, MLP) else out)
@@ -488,16 +490,17 @@ def _adapt(model, kind, rng):
     reason = {"lora": "up_proj is a _LoRA, not a plain nn.Linear", "lora-last-layer": "up_proj is a _LoRA",
               "subclass": "up_proj is a _ScaledLinear, not a plain nn.Linear",
               "norm-subclass": "post_attention_layernorm is a _ScaledNorm, not worldvla's RMSNorm",
-              "hook": "a forward hook is registered"}[kind]
+              "hook": "a forward hook is registered", "projection-hook": "a forward hook is registered"}[kind]
     return (lambda: None), reason
 
 
 @pytest.mark.usefixtures("native_first")
-@pytest.mark.parametrize("kind", ["lora", "lora-last-layer", "subclass", "norm-subclass", "hook", "global-hook"])
+@pytest.mark.parametrize("kind", ["lora", "lora-last-layer", "subclass", "norm-subclass", "hook", "projection-hook",
+                                  "global-hook"])
 def test_adapted_layers_keep_the_modules(rng, kind):
     """A layer the native paths would not compute as its modules do (an adapter on every layer's
     projection or on the last layer's only, an nn.Linear or RMSNorm subclass with its own forward, a
-    forward hook on one layer's MLP or on every module) sends the layers and the engine's steps to the
+    forward hook on one layer's MLP, on one projection or on every module) sends the layers and the engine's steps to the
     modules under `auto`, with the reason, and the tokens are the modules' own."""
     model = _model(rng)
     prompt = torch.cat([torch.tensor([LAYOUT.bos]), torch.randint(LAYOUT.text_base, LAYOUT.vocab_size, (10,),

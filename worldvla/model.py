@@ -199,6 +199,17 @@ class DecoderLayer(nn.Module):
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x), ctx))
 
 
+def plain_linear(layer: nn.Module) -> bool:
+    """Whether `layer` computes its weight alone: a bias-free nn.Linear (not an adapter such as LoRA, a
+    subclass or a quantized linear) that no forward hook watches. Only such a layer may be replaced by
+    a kernel taking its weight; any other runs as a module."""
+    return (type(layer) is nn.Linear and layer.bias is None and not layer._forward_hooks
+            and not layer._forward_pre_hooks and not _GLOBAL_HOOKS[0] and not _GLOBAL_HOOKS[1])
+
+
+_GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
+
+
 @dataclass
 class ForwardContext:
     meta: ChunkMaskMeta | None = None
@@ -209,9 +220,7 @@ class ForwardContext:
     linear: Callable | None = None  # a kernel for the projections (ops.resolve_linear); None: the modules
 
     def project(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        # Only a plain bias-free nn.Linear is its weight alone: adapters (LoRA), subclasses and biased
-        # layers run their own forward.
-        if self.linear is None or type(layer) is not nn.Linear or layer.bias is not None:
+        if self.linear is None or not plain_linear(layer):  # adapters, subclasses, hooks: the module
             return layer(x)
         return self.linear(x, layer.weight)
 
@@ -362,6 +371,9 @@ class WorldVLA(nn.Module):
             h, y = h.index_select(0, label_rows), y.index_select(0, label_rows)
         if class_weight is None and self.layout is not None:
             class_weight = loss_class_weights(self.layout, image_weight).to(h.device)
+        if not plain_linear(self.lm_head):  # an adapted or hooked head: its module on the labelled rows
+            keep = y != -100
+            return ops.logits_cross_entropy(self.lm_head(h[keep]).float(), y[keep], class_weight, z_weight)
         return ops.linear_cross_entropy(h, self.lm_head.weight, y, class_weight, z_weight, ignore_index=-100,
                                         backend=backend)
 

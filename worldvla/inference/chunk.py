@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..model import plain_linear
 from ..ops.sampling import sample_logits
 from ..tokens.layout import VocabLayout
 from .engine import InferenceEngine
@@ -78,19 +79,12 @@ def sampling_backend(backend: str) -> str:
     return backend if backend in ops.dispatch.available("constrained_sample") else "auto"
 
 
-def _plain_head(head) -> bool:
-    """Whether the model's head is its weight alone: a bias-free nn.Linear that no forward hook watches."""
-    from torch.nn.modules import module as M
-    return (type(head) is torch.nn.Linear and head.bias is None and not head._forward_hooks
-            and not head._forward_pre_hooks and not M._global_forward_hooks and not M._global_forward_pre_hooks)
-
-
 def head_logits(model, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """The logits of vocabulary ids [lo, hi) from final hidden states [N, H]: that slice of lm_head's
     weight only, unless the head is more than its weight (an adapter, a subclass, a bias, a forward
     hook), which then runs as a module over the whole vocabulary."""
     head = model.lm_head
-    if _plain_head(head):
+    if plain_linear(head):
         return hidden @ head.weight[lo:hi].t()
     return head(hidden)[:, lo:hi]
 
@@ -100,7 +94,7 @@ def head_sample(model, hidden: torch.Tensor, lo: int, hi: int, temperature: floa
     """Token ids [N] in [lo, hi) from final hidden states [N, H] (greedy at temperature 0): the fused
     constrained sampler on lm_head's weight, or, for a head that is more than its weight, the module's
     logits restricted to the range (`head_logits`)."""
-    if _plain_head(model.lm_head):
+    if plain_linear(model.lm_head):
         return ops.constrained_sample(hidden, model.lm_head.weight, lo, hi, temperature, top_k, generator,
                                       backend=backend)
     return sample_logits(head_logits(model, hidden, lo, hi).float(), temperature, top_k, generator) + lo

@@ -20,11 +20,16 @@ def linear_cross_entropy_ref(hidden, weight, targets, class_weight=None, z_weigh
     if y.numel() == 0:
         zero = hidden.sum() * 0.0
         return zero.float(), zero.float().detach()
-    logits = (h @ weight.t()).float()
+    return logits_cross_entropy((h @ weight.t()).float(), y, class_weight, z_weight)
+
+
+def logits_cross_entropy(logits, targets, class_weight=None, z_weight=1e-5):
+    """The same loss from fp32 logits [n, V] of labelled rows (targets [n], none ignored): for a head
+    that is more than its weight (an adapter), run as a module. Returns (loss, z_mean)."""
     lse = torch.logsumexp(logits, dim=-1)
-    ce = lse - logits.gather(1, y.unsqueeze(1)).squeeze(1)
+    ce = lse - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     if class_weight is not None:
-        w = class_weight.to(ce.dtype)[y]
+        w = class_weight.to(ce.dtype)[targets]
         ce_mean = (w * ce).sum() / w.sum()
     else:
         ce_mean = ce.mean()
