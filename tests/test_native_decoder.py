@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 _C = pytest.importorskip("worldvla._C")
 
@@ -379,6 +380,13 @@ def test_plan_follows_the_model_and_the_dispatch(rng, monkeypatch):
             both()  # the modules' step
         both()  # and the native one again once the change is undone, on the same plan
         assert engine.buffers(3).plan is plan and engine._plan(engine.buffers(3)) is plan
+
+    fresh = _prefilled(model, 1, S, rng)
+    with FlopCounterMode(display=False) as flops:  # a dispatch mode sees the modules' ops
+        fresh.run(_set_step(fresh, *step))
+    assert flops.get_total_flops() > 0 and fresh.buffers(3).plan is None
+    fresh.run(_set_step(fresh, *step))  # and the plan is made once the mode is gone
+    assert fresh.buffers(3).plan.step is not None
 
     final_norm = model.model.norm
     model.model.norm = torch.nn.LayerNorm(model.config.hidden_size)  # not what the native step computes

@@ -242,11 +242,11 @@ class InferenceEngine:
     def _plan(self, buf: StepBuffers):
         """The step's native plan where one runs it now (the CPU; ops.decoder.DecodeStepPlan), else None.
         Built on first use, and again after `check_model` found the model changed."""
-        if self.device.type != "cpu" or self.backend != "auto":
+        if self.device.type != "cpu" or self.backend != "auto" or not native_step_active():
             return None
-        if buf.plan is None:
+        if buf.plan is None:  # built only while active: not under a dispatch mode, which it would refuse
             buf.plan = DecodeStepPlan(self.model, self.cache, buf.ids, buf.pos, buf.meta)
-        return buf.plan if buf.plan.step is not None and native_step_active() else None
+        return buf.plan if buf.plan.step is not None else None
 
     def _capture(self, buf: StepBuffers) -> None:
         """Capture the step on the buffers' current (real) inputs. The warm-up runs write the
