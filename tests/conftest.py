@@ -34,6 +34,30 @@ def rng():
     return g
 
 
+class LoRA(torch.nn.Module):
+    """A low-rank adapter around a linear layer, as fine-tuning libraries wrap projections and heads:
+    base(x) + (x A^T) B^T, with the base's `weight` still reachable."""
+
+    def __init__(self, base, gen, rank=4, scale=1.0):
+        super().__init__()
+        self.base = base
+        self.a = torch.nn.Parameter(scale * torch.randn(rank, base.in_features, generator=gen))
+        self.b = torch.nn.Parameter(scale * torch.randn(base.out_features, rank, generator=gen))
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.a.t()) @ self.b.t()
+
+
+@pytest.fixture
+def lora():
+    """The LoRA adapter class: `lora(base_linear, generator, rank=4, scale=1.0)`."""
+    return LoRA
+
+
 @pytest.fixture(params=[8, 16], ids=["w8", "w16"])
 def cpu_width(request):
     """Runs a test with the C++ CPU kernels at 8 and at 16 floats per vector (16 only on AVX-512

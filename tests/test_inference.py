@@ -210,40 +210,23 @@ def test_chunk_matches_full_recompute(rng, cfg_name):
         assert torch.equal(generate_action_chunk(model, prompt, LAYOUT, K, D, mode="sequential"), want)
 
 
-class _HeadLoRA(torch.nn.Module):
-    """A low-rank adapter around the lm_head, as fine-tuning libraries wrap it."""
-
-    def __init__(self, base, gen):
-        super().__init__()
-        self.base = base
-        self.a = torch.nn.Parameter(torch.randn(4, base.in_features, generator=gen))
-        self.b = torch.nn.Parameter(torch.randn(base.out_features, 4, generator=gen))
-
-    @property
-    def weight(self):
-        return self.base.weight
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.a.t()) @ self.b.t()
-
-
-def _adapt_head(model, kind, gen):
+def _adapt_head(model, kind, gen, lora):
     if kind == "lora":
-        model.lm_head = _HeadLoRA(model.lm_head, gen)
+        model.lm_head = lora(model.lm_head, gen)
     else:  # a forward hook: a logit bias, as steering or calibration adds one
         bias = 3.0 * torch.randn(model.config.vocab_size, generator=gen)
         model.lm_head.register_forward_hook(lambda m, args, out: out + bias)
 
 
 @pytest.mark.parametrize("kind", ["lora", "hook"])
-def test_adapted_head_is_computed(rng, kind):
+def test_adapted_head_is_computed(rng, kind, lora):
     """A head that is more than its weight (an adapter, a forward hook) is run as a module: both decoders
     reproduce greedy decoding by full recomputation with model.forward, which calls it, and the answer
     differs from the plain head's."""
     model = _model(6)
     prompts = [_prompt(rng, 1) for _ in range(3)]
     plain = [generate_action_chunk(model, p, LAYOUT, 3, 4) for p in prompts]
-    _adapt_head(model, kind, torch.Generator().manual_seed(1))
+    _adapt_head(model, kind, torch.Generator().manual_seed(1), lora)
     changed = False
     for prompt, before in zip(prompts, plain):
         want = _full_recompute_chunk(model, prompt, 3, 4)

@@ -138,13 +138,19 @@ def test_chunk_mask_changes_action_logits_only_after_first_block():
     assert (masked[first_boa:-1] - causal[first_boa:-1]).abs().max() > 1e-4
 
 
-def test_loss_matches_release_formula():
-    gen = torch.Generator().manual_seed(3)
-    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=gen)
-    samples = _action_batch(m, gen, 2)
+def _padded_batch(m, gen, n):
+    """n action samples right-padded into ids and labels [n, L] (pad id 0, label -100)."""
+    samples = _action_batch(m, gen, n)
     Lmax = max(len(s.input_ids) for s in samples)
     ids = torch.stack([torch.cat([s.input_ids, torch.zeros(Lmax - len(s.input_ids), dtype=torch.long)]) for s in samples])
     lab = torch.stack([torch.cat([s.labels, torch.full((Lmax - len(s.labels),), -100)]) for s in samples])
+    return ids, lab
+
+
+def test_loss_matches_release_formula():
+    gen = torch.Generator().manual_seed(3)
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=gen)
+    ids, lab = _padded_batch(m, gen, 2)
     loss, z = m.loss(ids, lab)
     # release: CrossEntropyLoss(weight=w) over shifted fp32 logits + 1e-5 * mean(lse^2)
     logits = m(ids)[:, :-1].reshape(-1, m.config.vocab_size)
@@ -170,33 +176,15 @@ def test_loss_matches_release_formula():
 
 
 
-class _HeadLoRA(torch.nn.Module):
-    def __init__(self, base, gen):
-        super().__init__()
-        self.base = base
-        self.a = torch.nn.Parameter(0.1 * torch.randn(4, base.in_features, generator=gen))
-        self.b = torch.nn.Parameter(0.1 * torch.randn(base.out_features, 4, generator=gen))
-
-    @property
-    def weight(self):
-        return self.base.weight
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.a.t()) @ self.b.t()
-
-
 @pytest.mark.parametrize("label_rows", [False, True])
-def test_loss_of_an_adapted_head(label_rows):
+def test_loss_of_an_adapted_head(label_rows, lora):
     """A LoRA-wrapped lm_head is run as a module by the loss: the release formula over its logits, and
     gradients reach the adapter's parameters (the fused loss would read only the base weight)."""
     gen = torch.Generator().manual_seed(4)
     m = WorldVLA(ModelConfig.tiny()).init_weights(generator=gen)
-    samples = _action_batch(m, gen, 2)
-    Lmax = max(len(s.input_ids) for s in samples)
-    ids = torch.stack([torch.cat([s.input_ids, torch.zeros(Lmax - len(s.input_ids), dtype=torch.long)]) for s in samples])
-    lab = torch.stack([torch.cat([s.labels, torch.full((Lmax - len(s.labels),), -100)]) for s in samples])
+    ids, lab = _padded_batch(m, gen, 2)
     plain, _ = m.loss(ids, lab)
-    m.lm_head = _HeadLoRA(m.lm_head, gen)
+    m.lm_head = lora(m.lm_head, gen, scale=0.1)
     y = lab[:, 1:].reshape(-1)
     rows = (y != -100).nonzero().squeeze(1) if label_rows else None
     loss, z = m.loss(ids, lab, label_rows=rows)

@@ -442,23 +442,6 @@ def test_step_errors_name_the_problem(rng):
                              torch.zeros(2, 40, dtype=torch.long), buf.meta)
 
 
-class _LoRA(torch.nn.Module):
-    """A low-rank adapter around a projection, as fine-tuning libraries wrap them."""
-
-    def __init__(self, base, rng):
-        super().__init__()
-        self.base = base
-        self.a = torch.nn.Parameter(torch.randn(4, base.in_features, generator=rng))
-        self.b = torch.nn.Parameter(torch.randn(base.out_features, 4, generator=rng))
-
-    @property
-    def weight(self):
-        return self.base.weight
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.a.t()) @ self.b.t()
-
-
 class _ScaledLinear(torch.nn.Linear):
     def forward(self, x):
         return 2 * super().forward(x)
@@ -473,14 +456,14 @@ def _steer(module, args, output):  # a forward hook, as activation steering and 
     return output + 0.5
 
 
-def _adapt(model, kind, rng):
+def _adapt(model, kind, rng, lora):
     """Change `model` in a way the native layer does not compute; returns a callable undoing any global
     part and the reason the native paths must give."""
     layers = model.model.layers
     for i, layer in enumerate(layers):
         old = layer.mlp.up_proj
         if kind == "lora" or kind == "lora-last-layer" and i == len(layers) - 1:
-            layer.mlp.up_proj = _LoRA(old, rng)
+            layer.mlp.up_proj = lora(old, rng)
         elif kind == "subclass":
             layer.mlp.up_proj = _ScaledLinear(old.in_features, old.out_features, bias=False)
             layer.mlp.up_proj.weight = old.weight
@@ -495,7 +478,7 @@ def _adapt(model, kind, rng):
         handle = torch.nn.modules.module.register_module_forward_hook(
             lambda m, a, out: out + 0.5 if isinstance(m, MLP) else out)
         return handle.remove, "a forward hook is registered"
-    reason = {"lora": "up_proj is a _LoRA, not a plain nn.Linear", "lora-last-layer": "up_proj is a _LoRA",
+    reason = {"lora": "up_proj is a LoRA, not a plain nn.Linear", "lora-last-layer": "up_proj is a LoRA",
               "subclass": "up_proj is a _ScaledLinear, not a plain nn.Linear",
               "norm-subclass": "post_attention_layernorm is a _ScaledNorm, not worldvla's RMSNorm",
               "hook": "a forward hook is registered", "projection-hook": "a forward hook is registered"}[kind]
@@ -505,7 +488,7 @@ def _adapt(model, kind, rng):
 @pytest.mark.usefixtures("native_first")
 @pytest.mark.parametrize("kind", ["lora", "lora-last-layer", "subclass", "norm-subclass", "hook", "projection-hook",
                                   "global-hook"])
-def test_adapted_layers_keep_the_modules(rng, kind):
+def test_adapted_layers_keep_the_modules(rng, kind, lora):
     """A layer the native paths would not compute as its modules do (an adapter on every layer's
     projection or on the last layer's only, an nn.Linear or RMSNorm subclass with its own forward, a
     forward hook on one layer's MLP, on one projection or on every module) sends the layers and the engine's steps to the
@@ -514,7 +497,7 @@ def test_adapted_layers_keep_the_modules(rng, kind):
     prompt = torch.cat([torch.tensor([LAYOUT.bos]), torch.randint(LAYOUT.text_base, LAYOUT.vocab_size, (10,),
                                                                   generator=rng), torch.tensor([LAYOUT.sep])])
     plain = generate_action_chunk(model, prompt, LAYOUT, 3, 4)
-    undo, reason = _adapt(model, kind, rng)
+    undo, reason = _adapt(model, kind, rng, lora)
     try:
         adapted = generate_action_chunk(model, prompt, LAYOUT, 3, 4)
         assert torch.equal(adapted, generate_action_chunk(model, prompt, LAYOUT, 3, 4, backend="torch"))
