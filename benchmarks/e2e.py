@@ -330,11 +330,12 @@ def _run(quick, device, out_dir, grid, chunks, frame, tune_malloc):
     return write_results("e2e", rows, device, out_dir, extra=extra, plot=("case", "speedup_vs_baseline", "impl"))
 
 
-def _cpu_calls(grid: int, repeats: int) -> dict:
+def _cpu_calls(grid: int, repeats: int, model=None) -> dict:
     """The small config's CPU calls the comparisons below time: a 5-action chunk (parallel and
-    sequential) and a world-model frame, each with its engine built once; name -> (call, repeats)."""
+    sequential) and a world-model frame, each with its engine built once; name -> (call, repeats).
+    `model`: the small config's random model unless given."""
     gen = torch.Generator().manual_seed(0)
-    model = build_model("small", torch.device("cpu"), torch.float32)
+    model = model or build_model("small", torch.device("cpu"), torch.float32)
     prompt = action_prompt(grid, gen)
     calls = {}
     for mode in ("parallel", "sequential"):
@@ -471,6 +472,56 @@ def compare_malloc(quick: bool = False, out_dir="benchmarks/results", grid: int 
                          plot=("case", "speedup_vs_defaults", "impl"))
 
 
+def compare_bf16_weights(quick: bool = False, out_dir="benchmarks/results", grid: int | None = None,
+                         repeats: int | None = None):
+    """CPU: the small config with every weight rounded to bfloat16 (as a bfloat16 checkpoint loaded as
+    float32), its decode steps' native plans made with and without bfloat16 copies of the projections
+    (ops.decoder.BF16_EXACT_WEIGHTS), on separate engines called alternately; medians, and the tokens,
+    which must be equal."""
+    from worldvla.ops import decoder as decoder_op
+    from worldvla.ops import native_backend
+
+    tune_cpu_malloc()  # as WorldVLAPolicy does on the CPU
+    grid = grid or (4 if quick else 16)
+    model = build_model("small", torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    n_rep = repeats or (3 if quick else 10)
+    sides = {"float32-weights": False, "bf16-weights": True}
+    calls = {side: _cpu_calls(grid, n_rep, model) for side in sides}
+    saved, rows = decoder_op.BF16_EXACT_WEIGHTS, []
+    try:
+        with torch.no_grad():
+            out = {}
+            for side, flag in sides.items():  # the plans are made (with the flag as it is then) at the first call
+                decoder_op.BF16_EXACT_WEIGHTS = flag
+                out[side] = {case: fn() for case, (fn, _) in calls[side].items()}
+            if native_backend._bf16_projections[1] is None:
+                raise RuntimeError("the plans did not take bfloat16 copies of the rounded weights")
+            for case, (_, n) in calls["float32-weights"].items():
+                times = {side: [] for side in sides}
+                for _ in range(n):
+                    for side in sides:
+                        t0 = time.perf_counter()
+                        calls[side][case][0]()
+                        times[side].append((time.perf_counter() - t0) * 1e3)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                for side in sides:
+                    rows.append({"case": f"small {case} {grid * 16}px", "impl": side, "median_ms": med[side],
+                                 "repeats": n, "speedup_vs_float32": med["float32-weights"] / med[side],
+                                 "tokens_equal": bool(torch.equal(out[side][case], out["float32-weights"][case]))})
+    finally:
+        decoder_op.BF16_EXACT_WEIGHTS = saved
+    print_table(rows, ["case", "impl", "median_ms", "speedup_vs_float32", "tokens_equal"])
+    extra = {"threads": torch.get_num_threads(), "quick": quick,
+             "method": "the small config's weights rounded to bfloat16 and kept as float32; one engine per case "
+                       "and side, the sides' plans made with and without bfloat16 copies of the projections; "
+                       "called alternately, medians"}
+    return write_results("e2e_bf16_weights", rows, "cpu", out_dir, extra=extra,
+                         plot=("case", "speedup_vs_float32", "impl"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small config, 64 px-equivalent prompts, few repeats")
@@ -489,8 +540,12 @@ def main(argv=None):
     p.add_argument("--malloc", action="store_true",
                    help="CPU only: instead, the same 5-action chunks and frame under glibc's default malloc "
                         "thresholds, then tuned (tune_cpu_malloc, as WorldVLAPolicy does): latency and page faults")
+    p.add_argument("--bf16-weights", action="store_true",
+                   help="CPU only: instead, the same calls with the model's weights rounded to bfloat16 (a bfloat16 "
+                        "checkpoint loaded as float32), decode steps streaming float32 or bfloat16 copies")
     a = p.parse_args(argv)
-    for flag, compare in (("malloc", compare_malloc), ("decode_paths", compare_decode_paths)):
+    for flag, compare in (("malloc", compare_malloc), ("decode_paths", compare_decode_paths),
+                          ("bf16_weights", compare_bf16_weights)):
         if getattr(a, flag):  # CPU comparisons instead of the latency table
             if a.device not in (None, "cpu"):
                 p.error(f"--{flag.replace('_', '-')} compares CPU settings; leave --device unset or cpu")

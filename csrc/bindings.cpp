@@ -219,6 +219,12 @@ void linear(int device, int64_t x, int64_t x_s, int64_t w, int64_t w_s, int64_t 
   linear_cpu(ptr<const float>(x), x_s, ptr<const float>(w), w_s, M, K, N, ptr<float>(y), y_s);
 }
 
+void linear_bf16(int64_t x, int64_t x_s, int64_t w, int64_t w_s, int64_t M, int64_t K, int64_t N, int64_t y,
+                 int64_t y_s) {
+  py::gil_scoped_release nogil;
+  linear_bf16_cpu(ptr<const float>(x), x_s, ptr<const uint16_t>(w), w_s, M, K, N, ptr<float>(y), y_s);
+}
+
 DecoderLayerParams layer_params(int64_t x, int64_t y, int64_t hidden, int64_t intermediate, std::array<int64_t, 13> w,
                    int64_t cos, int64_t sin, int64_t pos, double rms_eps, double ln_eps, bool post_norm,
                    int64_t k_cache, int64_t v_cache, int64_t q_pos, int64_t q_limit, int64_t kv_block,
@@ -300,7 +306,7 @@ class DecodeStep {
              int64_t intermediate, int64_t pos, double rms_eps, double ln_eps, bool post_norm, int64_t q_pos,
              int64_t q_limit, int64_t kv_block, int64_t kv_len, int64_t batch, int64_t n_q, int64_t cache_len,
              int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, Strides ks, Strides vs, int64_t kvb_sb,
-             double scale) {
+             double scale, bool bf16_proj) {
     if (weights.empty() || weights.size() != k_caches.size() || weights.size() != v_caches.size())
       throw std::invalid_argument("DecodeStep: one weight set and one K and V cache per layer, at least one layer");
     p_.ids = ptr<const int64_t>(ids);
@@ -316,6 +322,7 @@ class DecodeStep {
       p_.layers.push_back(layer_params(0, 0, hidden, intermediate, weights[l], 0, 0, pos, rms_eps, ln_eps, post_norm,
                                        k_caches[l], v_caches[l], q_pos, q_limit, kv_block, kv_len, batch, n_q,
                                        cache_len, n_heads, n_kv_heads, head_dim, ks, vs, kvb_sb, scale));
+    for (DecoderLayerParams& layer : p_.layers) layer.bf16_proj = bf16_proj;
   }
 
   void run() const {
@@ -350,6 +357,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("vq_gather", &vq_gather, "Codebook rows for indices [B, h*w] into out [B, C, h*w].");
   m.def("linear", &linear,
         "y [M, N] = x [M, K] w [N, K]^T in float32 on the CPU (pointers and row strides), tuned for few rows.");
+  m.def("linear_bf16", &linear_bf16,
+        "linear with bfloat16 weights [N, K] (CPU): each widened exactly, bitwise linear on their float32 values.");
   m.def("decoder_layer", &decoder_layer,
         "One decoder layer of a cached decode step on the CPU (float32): x -> y [R, D], the layer's key and "
         "value written into its cache slots; weights (ln1, wq, wk, wv, wo, qn_w, qn_b, kn_w, kn_b, ln2, wg, "
@@ -363,12 +372,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("silu_mul", &silu_mul, "g = silu(g) * u over n floats (CPU, float32).");
   py::class_<DecodeStep>(m, "DecodeStep",
                          "A cached decode step on the CPU (float32) with every address fixed at construction: "
-                         "token embedding, every decoder layer, final RMSNorm into `out`.")
+                         "token embedding, every decoder layer, final RMSNorm into `out`. With bf16_proj the seven "
+                         "projections' weights are bfloat16 (their exact float32 values, at half the bytes).")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t,
                     const std::vector<std::array<int64_t, 13>>&, const std::vector<int64_t>&,
                     const std::vector<int64_t>&, int64_t, int64_t, int64_t, double, double, bool, int64_t, int64_t,
                     int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, Strides, Strides, int64_t,
-                    double>())
+                    double, bool>())
       .def("run", &DecodeStep::run, "Run the step on the buffers' current contents.");
   m.def("range_argmax", &range_argmax, "Greedy token over the vocabulary range [lo, hi) (int64 out).");
   m.def("range_logits", &range_logits, "float32 logits [N, hi - lo] of the vocabulary range [lo, hi).");

@@ -99,6 +99,9 @@ struct DecoderLayerParams {
   const int64_t* pos = nullptr;  // [R] cache slots
   float rms_eps = 1e-5f, ln_eps = 1e-5f;
   bool post_norm = false;
+  // The seven projections (wq, wk, wv, wo, wg, wu, wd) point at bfloat16 values (their bits): streamed
+  // at half the bytes, and widened exactly, so the layer's result is the float32 layer's on those values.
+  bool bf16_proj = false;
   DecodeParams attn;
 };
 
@@ -144,6 +147,10 @@ void vq_gather_cpu(const void* indices, int index_dtype, const void* codebook, i
 // y[m, n] = x[m] . w[n] for m < M, n < N (row strides x_s, w_s, y_s); rows of x, w and y contiguous
 void linear_cpu(const float* x, int64_t x_s, const float* w, int64_t w_s, int64_t M, int64_t K, int64_t N,
                 float* y, int64_t y_s);
+// The same with bfloat16 weights (their bits), each widened exactly to float32: bitwise linear_cpu's
+// result on the float32 values of those weights.
+void linear_bf16_cpu(const float* x, int64_t x_s, const uint16_t* w, int64_t w_s, int64_t M, int64_t K, int64_t N,
+                     float* y, int64_t y_s);
 // logits[n, v - lo] = hidden[n] . weight[v] for v in [lo, hi); float32
 void range_logits_cpu(const float* hidden, int64_t h_s, const float* weight, int64_t w_s,
                       int64_t N, int64_t H, int64_t lo, int64_t hi, float* logits);

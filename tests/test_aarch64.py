@@ -73,3 +73,13 @@ def test_few_row_linear_on_aarch64(driver, tmp_path, rng, M, K, N):
     x, w = torch.randn(M, K, generator=rng), torch.randn(N, K, generator=rng)
     y = _run(driver, "linear", tmp_path, np.array([M, K, N], dtype=np.int64), x.numpy(), w.numpy())
     assert_close_to_f64(torch.from_numpy(y.copy()).view(M, N), x, w, f"aarch64 linear {M}x{K}x{N}")
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 256, 688), (5, 72, 33), (7, 15, 5)])
+def test_bf16_weight_linear_on_aarch64(driver, tmp_path, rng, M, K, N):
+    """The bfloat16-weight linear's portable widening (no AVX there) gives the float32 kernel's bits."""
+    x, w = torch.randn(M, K, generator=rng), torch.randn(N, K, generator=rng).bfloat16().float()
+    y = _run(driver, "linear_bf16", tmp_path, np.array([M, K, N], dtype=np.int64), x.numpy(), w.numpy())
+    y32, y16 = torch.from_numpy(y.copy()).view(2, M, N)
+    assert torch.equal(y16, y32)
+    assert_close_to_f64(y16, x, w, f"aarch64 bf16 linear {M}x{K}x{N}")

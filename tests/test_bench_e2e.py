@@ -85,3 +85,19 @@ def test_decode_paths_comparison_keeps_the_tokens(tmp_path, monkeypatch, native_
         assert {r["impl"] for r in doc["rows"] if r["case"] == case} == set(e2e.DECODE_PATHS)
     with pytest.raises(SystemExit):
         e2e.main(["--decode-paths", "--device", "cuda"])
+
+
+def test_bf16_weights_comparison_keeps_the_tokens(tmp_path, monkeypatch):
+    """`e2e --bf16-weights`: the rounded model's steps made both ways (float32 and bfloat16 projections,
+    both really built), the same tokens, the switch as it was afterwards."""
+    nb = pytest.importorskip("worldvla.ops.native_backend")
+    from worldvla.ops import decoder, dispatch
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    made, real = [], nb._C.DecodeStep
+    monkeypatch.setattr(nb._C, "DecodeStep", lambda *args: made.append(args[-1]) or real(*args))
+    doc = json.loads(e2e.compare_bf16_weights(quick=True, out_dir=tmp_path, grid=4, repeats=1).read_text())
+    assert decoder.BF16_EXACT_WEIGHTS is True
+    assert True in made and False in made  # the last argument: bfloat16 projections
+    assert len(doc["rows"]) == 6 and all(r["tokens_equal"] for r in doc["rows"])
+    assert {r["impl"] for r in doc["rows"]} == {"float32-weights", "bf16-weights"}

@@ -425,6 +425,51 @@ def test_plan_follows_the_model_and_the_dispatch(rng, monkeypatch):
 
 
 @pytest.mark.usefixtures("native_first")
+def test_bf16_exact_weights_stream_as_bf16(rng, monkeypatch):
+    """A model whose projection weights are all bfloat16 values (a bfloat16 checkpoint loaded as float32)
+    has its steps stream bfloat16 copies of them: bitwise the float32 plan's hidden states and cache
+    writes. A weight updated in place (as load_state_dict does) is seen at the next check_model; a
+    model with any other value keeps float32."""
+    model = _model(rng, num_hidden_layers=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    S = PROMPT_LEN + 12
+    engine = _prefilled(model, 2, S, rng)
+    f32 = InferenceEngine(model, 2, S)
+    modules = InferenceEngine(model, 2, S, backend="torch")
+    step = _random_step(rng, 2, 5, chunk=True)
+
+    _copy_state(engine, f32)
+    _copy_state(engine, modules)
+    with monkeypatch.context() as m:
+        m.setattr(decoder_op, "BF16_EXACT_WEIGHTS", False)  # read when the plan is made
+        want = f32.run(_set_step(f32, *step)).clone()
+    got = engine.run(_set_step(engine, *step)).clone()
+    assert engine.buffers(5).plan.bf16_weights and not f32.buffers(5).plan.bf16_weights
+    assert torch.equal(got, want)
+    assert torch.equal(engine.cache.k, f32.cache.k) and torch.equal(engine.cache.v, f32.cache.v)
+    torch.testing.assert_close(got, modules.run(_set_step(modules, *step)), rtol=1e-5, atol=1e-5)
+
+    w = model.model.layers[2].mlp.down_proj.weight
+    with torch.no_grad():
+        w.copy_(torch.randn(w.shape, generator=rng).bfloat16().float())  # in place: the same address
+    assert engine.check_model()
+    _copy_state(f32, engine)
+    updated = engine.run(_set_step(engine, *step)).clone()
+    assert engine.buffers(5).plan.bf16_weights and not torch.equal(updated, got)
+    _copy_state(f32, modules)
+    torch.testing.assert_close(updated, modules.run(_set_step(modules, *step)), rtol=1e-5, atol=1e-5)
+
+    with torch.no_grad():
+        w.mul_(1 + 2 ** -12)  # most values no longer bfloat16s
+    assert engine.check_model()
+    _copy_state(f32, engine)
+    engine.run(_set_step(engine, *step))
+    assert engine.buffers(5).plan.step is not None and not engine.buffers(5).plan.bf16_weights
+
+
+@pytest.mark.usefixtures("native_first")
 def test_step_errors_name_the_problem(rng):
     model = _model(rng, num_hidden_layers=1)
     engine = _prefilled(model, 2, PROMPT_LEN + 4, rng)

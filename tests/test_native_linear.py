@@ -47,6 +47,23 @@ def test_linear_strided_rows_and_leading_dims(rng):
     assert_close_to_f64(nb.linear(xt, w), xt, w, "transposed x")
 
 
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("M", [1, 2, 5, 6, 7, 13])
+@pytest.mark.parametrize("K,N", [(256, 688), (113, 203), (7, 5), (40, 9), (16, 1)])
+def test_bf16_weights_give_the_float32_bits(rng, M, K, N):
+    """bfloat16 weights, widened exactly in the kernel, give bitwise the float32 kernel's result on their
+    values (odd K: the vector loop's tail; odd N: the last weight rows), strided rows included."""
+    x = torch.randn(M, K + 3, generator=rng)[:, 2:K + 2]
+    w16 = (torch.randn(N, K + 5, generator=rng) / K ** 0.5).bfloat16()[:, 1:K + 1]
+    w32 = w16.float()
+    want = torch.full((M, N), float("nan"))
+    got = torch.full((M, N), float("nan"))
+    _C.linear(-1, x.data_ptr(), x.stride(0), w32.data_ptr(), w32.stride(0), M, K, N, want.data_ptr(), N)
+    _C.linear_bf16(x.data_ptr(), x.stride(0), w16.data_ptr(), w16.stride(0), M, K, N, got.data_ptr(), N)
+    assert torch.equal(got, want)
+    assert_close_to_f64(got, x, w32, f"M={M} K={K} N={N}")
+
+
 def test_rows_do_not_depend_on_the_row_count(rng):
     """Each output is summed in the same order whatever M is and wherever the row falls in its
     register block, so a decode step of K rows gives each row the bits it gets alone. Parallel

@@ -155,6 +155,15 @@ void decoder_attention_block_cpu(const DecoderLayerParams& p, float* q, float* k
   decode_attention_cpu(a);
 }
 
+// y [R, N] = x [R, K] w^T for one of the layer's projections, float32 or bfloat16 (p.bf16_proj).
+static void project(const DecoderLayerParams& p, const float* x, const float* w, int64_t R, int64_t K, int64_t N,
+                    float* y) {
+  if (p.bf16_proj)
+    linear_bf16_cpu(x, K, reinterpret_cast<const uint16_t*>(w), K, R, K, N, y, N);
+  else
+    linear_cpu(x, K, w, K, R, K, N, y, N);
+}
+
 void decoder_layer_cpu(const DecoderLayerParams& p) {
   const DecodeParams& m = p.attn;
   const int64_t R = m.batch * m.n_q, D = p.hidden, I = p.intermediate;
@@ -175,20 +184,20 @@ void decoder_layer_cpu(const DecoderLayerParams& p) {
     rms_norm(p.x, p.ln1, R, D, p.rms_eps, h);
     a_in = h;
   }
-  linear_cpu(a_in, D, p.wq, D, R, D, Nq, q, Nq);
-  linear_cpu(a_in, D, p.wk, D, R, D, Nkv, k, Nkv);
-  linear_cpu(a_in, D, p.wv, D, R, D, Nkv, v, Nkv);
+  project(p, a_in, p.wq, R, D, Nq, q);
+  project(p, a_in, p.wk, R, D, Nkv, k);
+  project(p, a_in, p.wv, R, D, Nkv, v);
   decoder_attention_block_cpu(p, q, k, v, o);
-  linear_cpu(o, Nq, p.wo, Nq, R, Nq, D, h, D);
+  project(p, o, p.wo, R, Nq, D, h);
   // y = x + branch; under pre-norm h = the MLP's normed input.
   decoder_residual_cpu(p.x, h, p.y, R, D, p.ln1, p.ln2, h, p.rms_eps, p.post_norm);
 
   // MLP branch.
   const float* m_in = p.post_norm ? p.y : h;
-  linear_cpu(m_in, D, p.wg, D, R, D, I, g, I);
-  linear_cpu(m_in, D, p.wu, D, R, D, I, u, I);
+  project(p, m_in, p.wg, R, D, I, g);
+  project(p, m_in, p.wu, R, D, I, u);
   silu_mul_cpu(g, u, R * I);
-  linear_cpu(g, I, p.wd, I, R, I, D, h, D);
+  project(p, g, p.wd, R, I, D, h);
   decoder_residual_cpu(p.y, h, p.y, R, D, p.ln2, nullptr, nullptr, p.rms_eps, p.post_norm);
 }
 

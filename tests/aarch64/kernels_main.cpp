@@ -3,6 +3,7 @@
 //   kernels_main attention IN OUT   IN: int64 L, H, Hkv, D; float q [L, H, D], k, v [L, Hkv, D];
 //                                   int32 kv_block [L], q_limit [L]   OUT: float o [L, H, D]
 //   kernels_main linear IN OUT      IN: int64 M, K, N; float x [M, K], w [N, K]   OUT: float y [M, N]
+//   kernels_main linear_bf16 IN OUT as linear, w of bfloat16 values   OUT: y of linear_cpu, then of linear_bf16_cpu
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -61,17 +62,35 @@ void linear(File& in, File& out) {
   out.write(y);
 }
 
+// w must hold bfloat16 values: y from linear_cpu on them, then from linear_bf16_cpu on their bits.
+void linear_bf16(File& in, File& out) {
+  const auto dims = in.read<int64_t>(3);
+  const int64_t M = dims[0], K = dims[1], N = dims[2];
+  const auto x = in.read<float>(M * K), w = in.read<float>(N * K);
+  std::vector<uint16_t> w16(N * K);
+  for (int64_t i = 0; i < N * K; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &w[i], sizeof(u));
+    w16[i] = static_cast<uint16_t>(u >> 16);
+  }
+  std::vector<float> y(2 * M * N);
+  linear_cpu(x.data(), K, w.data(), K, M, K, N, y.data(), N);
+  linear_bf16_cpu(x.data(), K, w16.data(), K, M, K, N, y.data() + M * N, N);
+  out.write(y);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 4) {
-    std::fprintf(stderr, "usage: %s attention|linear IN OUT\n", argv[0]);
+    std::fprintf(stderr, "usage: %s attention|linear|linear_bf16 IN OUT\n", argv[0]);
     return 2;
   }
   try {
     File in(argv[2], "rb"), out(argv[3], "wb");
     if (!std::strcmp(argv[1], "attention")) attention(in, out);
     else if (!std::strcmp(argv[1], "linear")) linear(in, out);
+    else if (!std::strcmp(argv[1], "linear_bf16")) linear_bf16(in, out);
     else throw std::runtime_error(std::string("unknown kernel ") + argv[1]);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s\n", e.what());

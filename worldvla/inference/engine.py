@@ -69,7 +69,8 @@ class PrefixSnapshot:
 def _model_state(model) -> tuple:
     """Everything about `model` a decode step's native plan or CUDA graph fixes when it is made: every
     module (identity, class, training mode, forward hooks), every parameter and buffer (identity,
-    address, dtype, shape), and torch's global forward hooks. A walk of the modules' dictionaries
+    address, dtype, shape, version counter: in-place updates too, for a plan's bfloat16 copies), and
+    torch's global forward hooks. A walk of the modules' dictionaries
     (about 0.3 ms for the 7B config's 900 modules and tensors, 40 us for the small one; a walk by
     `named_modules` took 1.1 ms)."""
     from torch.nn.modules import module as M
@@ -84,7 +85,7 @@ def _model_state(model) -> tuple:
         for group in (d["_parameters"], d["_buffers"]):
             for t in group.values():
                 if t is not None:
-                    add((id(t), t.data_ptr(), t.dtype, t.shape))
+                    add((id(t), t.data_ptr(), t.dtype, t.shape, None if t.is_inference() else t._version))
         stack.extend(d["_modules"].values())
     return tuple(items), tuple(M._global_forward_hooks), tuple(M._global_forward_pre_hooks)
 
@@ -130,8 +131,9 @@ class InferenceEngine:
         (they are rebuilt on first use); returns whether it had. Both hold the model's weights by
         address and run its modules as they were: a change is a module replaced or subclassed (an
         adapter), a weight replaced, moved or converted (`model.to(...)`), a forward hook added or
-        removed, or the training mode. Weights updated in place (`load_state_dict`, an optimizer step)
-        keep their addresses and are read as they are.
+        removed, the training mode, or a weight updated in place (`load_state_dict`, an optimizer step:
+        a plan may hold bfloat16 copies of the projections, ops.decoder.BF16_EXACT_WEIGHTS). Changes
+        made through `.data`, which bypass the version counter, are not seen.
 
         `prefill` calls it, so every generation starts on the model as it is; steps that continue a
         prefill do not check again (about 50 us a step on a CPU): call it yourself after changing the

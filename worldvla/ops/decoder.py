@@ -29,6 +29,10 @@ NATIVE_PREFILL = True
 # static buffers wherever `auto` takes the native layer (DecodeStepPlan); False keeps one call a layer.
 # Read at every step.
 NATIVE_STEP = True
+# A step plan streams the projections' weights as bfloat16 when every one of their float32 values is a
+# bfloat16 (a bfloat16 checkpoint loaded as float32): the same results from half the bytes. Read when a
+# plan is built; False keeps float32 (benchmarks.e2e --decode-paths compares both).
+BF16_EXACT_WEIGHTS = True
 
 
 def decoder_layer_ref(layer, x: torch.Tensor, cos, sin, ctx, index: int) -> torch.Tensor:
@@ -75,7 +79,7 @@ class DecodeStepPlan:
     `check_model`)."""
 
     def __init__(self, model, cache, ids, pos, meta):
-        self.step, self.reason = None, None
+        self.step, self.reason, self.bf16_weights = None, None, False
         if "native" not in dispatch.available("decoder_layer"):
             self.reason = "the native backend is not built"
             return
@@ -92,7 +96,9 @@ class DecodeStepPlan:
             if not fits:
                 self.reason = "the native decoder layer does not take this step: " + fits.reason
                 return
-            self.step = native_backend.build_decode_step(model, cache, ids, pos, meta)
+            bf16 = native_backend.bf16_projections(model) if BF16_EXACT_WEIGHTS else None
+            self.step = native_backend.build_decode_step(model, cache, ids, pos, meta, bf16)
+            self.bf16_weights = bf16 is not None
         except (ValueError, TypeError, KeyError, AttributeError) as err:  # the last two: not worldvla's modules
             self.reason = str(err)
 

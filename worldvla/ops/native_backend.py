@@ -878,13 +878,40 @@ def step_weights(model) -> list:
     return out
 
 
-def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta):
+_PROJECTION_SLOTS = (1, 2, 3, 4, 10, 11, 12)  # the projections among a layer's 13 weights (_DECODER_WEIGHTS)
+_bf16_projections = (None, None)  # (the weights' addresses and versions, their bfloat16 copies or None)
+
+
+def _version(t: Tensor):
+    return None if t.is_inference() else t._version  # inference tensors keep no version counter
+
+
+def bf16_projections(model) -> list | None:
+    """Every layer's seven projection weights as contiguous bfloat16 copies, if every one of their values
+    is a bfloat16 (the low 16 bits of each float32 zero: a bfloat16 checkpoint loaded as float32), so
+    that widening them back is exact; else None. The last answer is kept, keyed by the weights'
+    addresses and version counters (an in-place update such as load_state_dict makes new copies)."""
+    global _bf16_projections
+    weights = [w for layer in model.model.layers for i, w in enumerate(_layer_weights(layer)) if i in _PROJECTION_SLOTS]
+    key = tuple((w.data_ptr(), _version(w)) for w in weights)
+    if _bf16_projections[0] != key:
+        with torch.no_grad():
+            exact = all(w.dtype == torch.float32 and w.is_contiguous() and not (w.view(torch.int32) & 0xFFFF).any()
+                        for w in weights)
+            copies = [w.to(torch.bfloat16) for w in weights] if exact else None
+        _bf16_projections = (key, copies)
+    return _bf16_projections[1]
+
+
+def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta, bf16_weights: list | None = None):
     """A whole cached decode step of `model` (a `worldvla.model.WorldVLA`) as one `_C.DecodeStep` call on
     fixed buffers: ids, pos [B, Q] int64 (positions = cache slots), `meta` the step's DecodeMeta, `cache`
     the KVCache. Returns `run`: `run()` writes the step's final-norm hidden states into one static
     [B, Q, hidden] tensor and returns it, and the cache slots at `pos` of every layer as the layers'
     modules would. Raises
     ValueError / TypeError naming what does not fit (the decoder layer's own checks, for every layer).
+    `bf16_weights`: `bf16_projections(model)`, to stream the projections at half the bytes (the same
+    results: their values are exactly those bfloat16s).
 
     Every row is computed the same way whatever the number of rows (the few-row layer at any batch),
     so a parallel chunk's rows get exactly the sequential decoder's arithmetic however many
@@ -935,13 +962,21 @@ def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta):
     common = _cache_args(cfg, x, ctx, 0)[2:]  # everything after layer 0's K and V addresses
     kv = [_cache_args(cfg, x, ctx, i)[:2] for i in range(len(layers))]
     attn = layers[0].self_attn
+    addresses = [[t.data_ptr() for t in _layer_weights(layer)] for layer in layers]
+    if bf16_weights is not None:
+        if len(bf16_weights) != len(_PROJECTION_SLOTS) * len(layers):
+            _fail(op, f"bf16_weights holds {len(bf16_weights)} tensors, not the {len(layers)} layers' seven projections")
+        copies = iter(bf16_weights)
+        for row in addresses:
+            for i in _PROJECTION_SLOTS:
+                row[i] = next(copies).data_ptr()
     step = _C.DecodeStep(ids.data_ptr(), embed.data_ptr(), cfg.vocab_size, cos.data_ptr(), sin.data_ptr(), S,
-                         norm.data_ptr(), float(model.model.norm.eps), out.data_ptr(),
-                         [[t.data_ptr() for t in _layer_weights(layer)] for layer in layers],
+                         norm.data_ptr(), float(model.model.norm.eps), out.data_ptr(), addresses,
                          [k for k, _ in kv], [v for _, v in kv], cfg.hidden_size, cfg.intermediate_size,
                          pos.data_ptr(), float(layers[0].input_layernorm.eps), float(attn.q_norm.eps),
-                         bool(layers[0].swin_norm), *common)
-    keep = (cos, sin, ids, pos, meta, cache)  # the step reads these by address: they live as long as it does
+                         bool(layers[0].swin_norm), *common, bf16_weights is not None)
+    # The step reads these by address: they live as long as it does.
+    keep = (cos, sin, ids, pos, meta, cache, bf16_weights)
 
     def run(step=step, out=out, keep=keep) -> Tensor:
         step.run()
