@@ -380,6 +380,10 @@ def test_plan_follows_the_model_and_the_dispatch(rng, monkeypatch):
             both()  # the modules' step
         both()  # and the native one again once the change is undone, on the same plan
         assert engine.buffers(3).plan is plan and engine._plan(engine.buffers(3)) is plan
+    with torch.no_grad():  # an in-place update: a float32 plan reads the weights where they are
+        model.model.layers[0].self_attn.o_proj.weight.mul_(1.5)
+    assert engine.check_model() and engine.buffers(3).plan is plan
+    both()
 
     fresh = _prefilled(model, 1, S, rng)
     with FlopCounterMode(display=False) as flops:  # a dispatch mode sees the modules' ops

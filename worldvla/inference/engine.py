@@ -67,14 +67,14 @@ class PrefixSnapshot:
 
 
 def _model_state(model) -> tuple:
-    """Everything about `model` a decode step's native plan or CUDA graph fixes when it is made: every
-    module (identity, class, training mode, forward hooks), every parameter and buffer (identity,
-    address, dtype, shape, version counter: in-place updates too, for a plan's bfloat16 copies), and
-    torch's global forward hooks. A walk of the modules' dictionaries
-    (about 0.3 ms for the 7B config's 900 modules and tensors, 40 us for the small one; a walk by
-    `named_modules` took 1.1 ms)."""
+    """Everything about `model` a decode step's native plan or CUDA graph fixes when it is made, and the
+    weights' version counters apart: every module (identity, class, training mode, forward hooks),
+    every parameter and buffer (identity, address, dtype, shape), torch's global forward hooks; then
+    the version counters (in-place updates, which only copies of the weights miss). A walk of the
+    modules' dictionaries (about 0.3 ms for the 7B config's 900 modules and tensors, 40 us for the
+    small one; a walk by `named_modules` took 1.1 ms)."""
     from torch.nn.modules import module as M
-    items = []
+    items, versions = [], []
     add = items.append
     stack = [model]
     while stack:
@@ -85,9 +85,10 @@ def _model_state(model) -> tuple:
         for group in (d["_parameters"], d["_buffers"]):
             for t in group.values():
                 if t is not None:
-                    add((id(t), t.data_ptr(), t.dtype, t.shape, None if t.is_inference() else t._version))
+                    add((id(t), t.data_ptr(), t.dtype, t.shape))
+                    versions.append(None if t.is_inference() else t._version)
         stack.extend(d["_modules"].values())
-    return tuple(items), tuple(M._global_forward_hooks), tuple(M._global_forward_pre_hooks)
+    return (tuple(items), tuple(M._global_forward_hooks), tuple(M._global_forward_pre_hooks)), tuple(versions)
 
 
 class InferenceEngine:
@@ -123,7 +124,7 @@ class InferenceEngine:
         self.cuda_graphs = bool(cuda_graphs)
         self._steps: dict[int, StepBuffers] = {}
         self._pool = None
-        self._model_state = None  # what the step plans and CUDA graphs were made for (check_model)
+        self._model_state = self._versions = None  # the model the steps' plans and graphs were made for
 
     # ------------------------------------------------------------------ the model's state
     def check_model(self) -> bool:
@@ -131,19 +132,25 @@ class InferenceEngine:
         (they are rebuilt on first use); returns whether it had. Both hold the model's weights by
         address and run its modules as they were: a change is a module replaced or subclassed (an
         adapter), a weight replaced, moved or converted (`model.to(...)`), a forward hook added or
-        removed, the training mode, or a weight updated in place (`load_state_dict`, an optimizer step:
-        a plan may hold bfloat16 copies of the projections, ops.decoder.BF16_EXACT_WEIGHTS). Changes
-        made through `.data`, which bypass the version counter, are not seen.
+        removed, or the training mode. Weights updated in place (`load_state_dict`, an optimizer step)
+        are read as they are, except by plans holding bfloat16 copies of the projections
+        (ops.decoder.BF16_EXACT_WEIGHTS), which are dropped then; updates through `.data`, which
+        bypass the version counters, are not seen by those.
 
         `prefill` calls it, so every generation starts on the model as it is; steps that continue a
         prefill do not check again (about 50 us a step on a CPU): call it yourself after changing the
         model between a prefill and the steps that follow it."""
-        state = _model_state(self.model)
-        if state == self._model_state:
+        structure, versions = _model_state(self.model)
+        if structure != self._model_state:
+            for buf in self._steps.values():
+                buf.plan = buf.graph = None
+        elif versions != self._versions:
+            for buf in self._steps.values():
+                if buf.plan is not None and buf.plan.bf16_weights:
+                    buf.plan = None
+        else:
             return False
-        for buf in self._steps.values():
-            buf.plan = buf.graph = None
-        self._model_state = state
+        self._model_state, self._versions = structure, versions
         return True
 
     # ------------------------------------------------------------------ forward
