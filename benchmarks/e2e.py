@@ -497,7 +497,7 @@ def compare_bf16_weights(quick: bool = False, out_dir="benchmarks/results", grid
             for side, flag in sides.items():  # the plans are made (with the flag as it is then) at the first call
                 decoder_op.BF16_EXACT_WEIGHTS = flag
                 out[side] = {case: fn() for case, (fn, _) in calls[side].items()}
-            if native_backend._bf16_projections[1] is None:
+            if native_backend.bf16_projections(model) is None:
                 raise RuntimeError("the plans did not take bfloat16 copies of the rounded weights")
             for case, (_, n) in calls["float32-weights"].items():
                 times = {side: [] for side in sides}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import weakref
 from typing import Optional
 
 import torch
@@ -879,7 +880,8 @@ def step_weights(model) -> list:
 
 
 _PROJECTION_SLOTS = (1, 2, 3, 4, 10, 11, 12)  # the projections among a layer's 13 weights (_DECODER_WEIGHTS)
-_bf16_projections = (None, None)  # (the weights' addresses and versions, their bfloat16 copies or None)
+# model -> (its projections' addresses and versions, their bfloat16 copies or None); gone with the model
+_bf16_projections = weakref.WeakKeyDictionary()
 
 
 def _version(t: Tensor):
@@ -889,18 +891,18 @@ def _version(t: Tensor):
 def bf16_projections(model) -> list | None:
     """Every layer's seven projection weights as contiguous bfloat16 copies, if every one of their values
     is a bfloat16 (the low 16 bits of each float32 zero: a bfloat16 checkpoint loaded as float32), so
-    that widening them back is exact; else None. The last answer is kept, keyed by the weights'
-    addresses and version counters (an in-place update such as load_state_dict makes new copies)."""
-    global _bf16_projections
+    that widening them back is exact; else None. The last answer is kept with the model (while it
+    lives), keyed by the weights' addresses and version counters (an in-place update such as
+    load_state_dict makes new copies)."""
     weights = [w for layer in model.model.layers for i, w in enumerate(_layer_weights(layer)) if i in _PROJECTION_SLOTS]
     key = tuple((w.data_ptr(), _version(w)) for w in weights)
-    if _bf16_projections[0] != key:
+    kept = _bf16_projections.get(model)
+    if kept is None or kept[0] != key:
         with torch.no_grad():
             exact = all(w.dtype == torch.float32 and w.is_contiguous() and not (w.view(torch.int32) & 0xFFFF).any()
                         for w in weights)
-            copies = [w.to(torch.bfloat16) for w in weights] if exact else None
-        _bf16_projections = (key, copies)
-    return _bf16_projections[1]
+            kept = _bf16_projections[model] = (key, [w.to(torch.bfloat16) for w in weights] if exact else None)
+    return kept[1]
 
 
 def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta, bf16_weights: list | None = None):
