@@ -196,6 +196,14 @@ void range_argmax(int device, int64_t stream, int dtype, int64_t hidden, int64_t
 #endif
 }
 
+void range_argmax_screened(int64_t hidden, int64_t h_s, int64_t w32, int64_t w_s, int64_t w16, int64_t colmax,
+                           int64_t N, int64_t H, int64_t R, int64_t max_candidates, int64_t ids) {
+  if (R <= 0) throw std::invalid_argument("constrained_argmax: empty vocabulary range");
+  py::gil_scoped_release nogil;
+  range_argmax_screened_cpu(ptr<const float>(hidden), h_s, ptr<const float>(w32), w_s, ptr<const uint16_t>(w16),
+                            ptr<const float>(colmax), N, H, R, max_candidates, ptr<int64_t>(ids));
+}
+
 void range_logits(int device, int64_t stream, int dtype, int64_t hidden, int64_t h_s, int64_t weight, int64_t w_s,
                   int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t logits) {
   if (hi <= lo) throw std::invalid_argument("range_logits: empty vocabulary range");
@@ -381,6 +389,8 @@ PYBIND11_MODULE(_C, m) {
                     double, bool>())
       .def("run", &DecodeStep::run, "Run the step on the buffers' current contents.");
   m.def("range_argmax", &range_argmax, "Greedy token over the vocabulary range [lo, hi) (int64 out).");
+  m.def("range_argmax_screened", &range_argmax_screened,
+        "range_argmax on the CPU screened with bfloat16 copies of the range's rows (bitwise its ids).");
   m.def("range_logits", &range_logits, "float32 logits [N, hi - lo] of the vocabulary range [lo, hi).");
 #ifdef WORLDVLA_WITH_CUDA
   m.def("cuda_prefill_engine", &cuda_prefill_engine,

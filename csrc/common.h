@@ -157,6 +157,13 @@ void range_logits_cpu(const float* hidden, int64_t h_s, const float* weight, int
 // ids[n] = lo + argmax over [lo, hi) (first maximum wins)
 void range_argmax_cpu(const float* hidden, int64_t h_s, const float* weight, int64_t w_s,
                       int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t* ids);
+// The same greedy choice over rows [0, R) of w32 (row stride w_s; ids in [0, R)), screened with w16,
+// their bfloat16 copies [R, H] contiguous, and colmax [H], each column's largest |w32|: bitwise
+// range_argmax_cpu's ids (csrc/cpu/sampling.cpp says why); a row with more than max_candidates codes
+// near its top takes the float32 logits of the whole range.
+void range_argmax_screened_cpu(const float* hidden, int64_t h_s, const float* w32, int64_t w_s, const uint16_t* w16,
+                               const float* colmax, int64_t N, int64_t H, int64_t R, int64_t max_candidates,
+                               int64_t* ids);
 
 #ifdef WORLDVLA_WITH_CUDA
 // ---- CUDA launchers (csrc/cuda/*.cu); `stream` is a cudaStream_t ----

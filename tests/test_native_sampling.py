@@ -47,6 +47,69 @@ def test_greedy_ties_pick_first_cpu(rng):
     assert torch.equal(ids, constrained_sample_ref(hidden, weight, 5, 41))
 
 
+def _unscreened(hidden, weight, lo, hi):
+    ids = torch.empty(hidden.shape[0], dtype=torch.int64)
+    _C.range_argmax(-1, 0, 0, hidden.data_ptr(), hidden.stride(0), weight.data_ptr(), weight.stride(0),
+                    hidden.shape[0], hidden.shape[1], lo, hi, 0, ids.data_ptr())
+    return ids
+
+
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("max_candidates", [64, 1, 0])
+def test_screened_greedy_is_the_float32_choice(rng, monkeypatch, max_candidates):
+    """Greedy over a frame-sized range is screened with bfloat16 copies of its rows: bitwise the ids of
+    the float32 kernel, also for exact ties (the first wins), near ties a few ulps apart, logits that
+    bfloat16 rounding reorders, and rows whose candidates overflow (the whole range in float32)."""
+    monkeypatch.setattr(nb, "SCREEN_MAX_CANDIDATES", max_candidates)
+    V, H, lo, hi = 9000, 72, 500, 500 + 8192
+    hidden = torch.randn(7, H, generator=rng)
+    weight = torch.randn(V, H, generator=rng) * 0.05
+    top = lo + 4000
+    weight[top] = hidden[0] * 0.2
+    weight[top + 7] = weight[top]                                   # an exact tie: the first wins
+    weight[top + 9] = weight[top] * (1 + 2 ** -22)                  # a few ulps above
+    weight[lo + 10] = hidden[1] * 0.2
+    weight[lo + 11] = weight[lo + 10] + 1e-7 * torch.randn(H, generator=rng)  # apart below bfloat16's resolution
+    weight[lo + 12] = hidden[2] * 0.2 + 2 ** -12                    # rounds to the same bfloat16s as ...
+    weight[lo + 13] = hidden[2] * 0.2 - 2 ** -12                    # ... this one
+    ids = nb.range_argmax_op(hidden, weight, lo, hi)
+    assert torch.equal(ids, _unscreened(hidden, weight, lo, hi))
+    assert int(ids[0]) in (top, top + 9) and int(ids[1]) in (lo + 10, lo + 11) and int(ids[2]) in (lo + 12, lo + 13)
+    for _ in range(20):  # fresh rows
+        h = torch.randn(3, H, generator=rng)
+        assert torch.equal(nb.range_argmax_op(h, weight, lo, hi), _unscreened(h, weight, lo, hi))
+
+
+def test_screened_tables_follow_the_weight(rng):
+    """The bfloat16 tables are made again after an in-place update (as load_state_dict does)."""
+    weight = torch.randn(4096, 40, generator=rng)
+    hidden = torch.randn(2, 40, generator=rng)
+    before = nb.range_argmax_op(hidden, weight, 0, 4096)
+    with torch.no_grad():
+        weight.copy_(torch.randn(4096, 40, generator=rng))
+    after = nb.range_argmax_op(hidden, weight, 0, 4096)
+    assert torch.equal(after, _unscreened(hidden, weight, 0, 4096)) and not torch.equal(after, before)
+
+
+def test_auto_screens_frame_sized_greedy_ranges(rng, monkeypatch):
+    """`auto` sends greedy choices over ranges of SCREEN_MIN_ROWS codes or more on the CPU to the native
+    (screened) sampler whatever the op's order; smaller ranges, sampling and other dtypes keep the order."""
+    from worldvla.ops import dispatch
+    from worldvla.ops import sampling
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("constrained_sample", "cpu"), ("torch",))
+    taken = []
+    monkeypatch.setattr(nb, "_range_argmax_impl", lambda *a, f=nb._range_argmax_impl: taken.append(a[3] - a[2]) or f(*a))
+    hidden = torch.randn(2, 40, generator=rng)
+    weight = torch.randn(5000, 40, generator=rng)
+    big = sampling.SCREEN_MIN_ROWS
+    assert torch.equal(constrained_sample(hidden, weight, 100, 100 + big), _unscreened(hidden, weight, 100, 100 + big))
+    constrained_sample(hidden, weight, 100, 100 + big - 1)
+    constrained_sample(hidden, weight, 100, 100 + big, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    constrained_sample(hidden.double(), weight.double(), 100, 100 + big)
+    assert taken == [big]
+
+
 def test_range_logits_cpu(rng):
     lo, hi = LAYOUT.image_id_range
     hidden = torch.randn(5, 64, generator=rng)

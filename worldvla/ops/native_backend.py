@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from worldvla import _C  # ImportError here = no native backend
@@ -34,7 +35,7 @@ from worldvla import _C  # ImportError here = no native backend
 from ..mask import ChunkMaskMeta, DecodeMeta
 from . import dispatch
 from .projection import NATIVE_MAX_ROWS
-from .sampling import sample_logits
+from .sampling import SCREEN_MIN_ROWS, sample_logits
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
                torch.int32: 4, torch.int64: 5}
@@ -532,12 +533,44 @@ def _range_launch(fn_name: str, hidden, weight, lo, hi, out, workspace=None):
         _C.range_logits(*args, out.data_ptr())
 
 
+# Greedy decoding over ranges of at least SCREEN_MIN_ROWS codes on the CPU (ops/sampling.py) screens with
+# bfloat16 copies of the range's rows (`range_argmax_screened_cpu`): the same ids from about half the
+# bytes. Rows with more than SCREEN_MAX_CANDIDATES codes within the screen's error bound of their top
+# take the whole range in float32.
+SCREEN_MAX_CANDIDATES = 64
+_screen_tables = WeakIdKeyDictionary()  # lm_head weight -> (key, bf16 rows, column maxima); gone with it
+
+
+def screen_tables(weight: Tensor, lo: int, hi: int):
+    """Rows [lo, hi) of a float32 CPU weight as contiguous bfloat16 copies, and each column's largest
+    |value| over them, for the screened greedy choice; None where a value would not round to a finite
+    bfloat16. Kept with the weight (while it lives), keyed by its address, version counter and range:
+    an in-place update (load_state_dict) makes new tables."""
+    key = (weight.data_ptr(), _version(weight), weight.stride(0), lo, hi)
+    kept = _screen_tables.get(weight)
+    if kept is None or kept[0] != key:
+        with torch.no_grad():
+            rows = weight[lo:hi]
+            w16 = rows.to(torch.bfloat16).contiguous()
+            tables = (w16, rows.abs().amax(0).contiguous()) if bool(torch.isfinite(w16).all()) else None
+        kept = _screen_tables[weight] = (key, tables)
+    return kept[1]
+
+
 def _range_argmax_impl(hidden: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
     """Greedy token in [lo, hi) per row: lo + argmax_v hidden . weight[v] (fp32 accumulation)."""
     _check_range(hidden, weight, lo, hi, "range_argmax")
     out = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     if hidden.shape[0] == 0:
         return out
+    if hidden.is_cpu and hidden.dtype == torch.float32 and hi - lo >= SCREEN_MIN_ROWS:
+        tables = screen_tables(weight, lo, hi)
+        if tables is not None:
+            w16, colmax = tables
+            _C.range_argmax_screened(hidden.data_ptr(), hidden.stride(0), weight.data_ptr() + lo * weight.stride(0) * 4,
+                                     weight.stride(0), w16.data_ptr(), colmax.data_ptr(), hidden.shape[0],
+                                     hidden.shape[1], hi - lo, SCREEN_MAX_CANDIDATES, out.data_ptr())
+            return out.add_(lo)
     on_cuda = _device_index("range_argmax", hidden) >= 0
     ws = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device) if on_cuda else None
     _range_launch("range_argmax", hidden, weight, lo, hi, out, ws)

@@ -28,11 +28,28 @@ def constrained_sample_ref(hidden, weight, lo, hi, temperature=0.0, top_k=None, 
     return sample_logits(logits, temperature, top_k, generator) + lo
 
 
+# Greedy choices over ranges of at least this many codes on the CPU (a frame's 8,192 image codes, not
+# the 256 action bins) take the native sampler under `auto` wherever it is built: it screens with
+# bfloat16 copies of the range's rows and reads about half the bytes for the same ids
+# (native_backend.range_argmax_screened), 2.1x torch's MKL for one row of 8,192 x 256 on the Xeon,
+# where `auto` otherwise keeps torch for this op (benchmarks/NOTES.md).
+SCREEN_MIN_ROWS = 2048
+
+
+def _auto_backend(hidden, weight, lo, hi, temperature, backend):
+    if (backend == "auto" and temperature <= 0.0 and hi - lo >= SCREEN_MIN_ROWS and hidden.device.type == "cpu"
+            and hidden.dtype == weight.dtype == torch.float32
+            and dispatch.supports("constrained_sample", "native", hidden, weight, lo, hi, temperature)):
+        return "native"
+    return backend
+
+
 def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None, backend="auto"):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"constrained_sample wants hidden [N, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")
     if not 0 <= lo < hi <= weight.shape[0]:
         raise ValueError(f"vocabulary range [{lo}, {hi}) is empty or outside [0, {weight.shape[0]})")
+    backend = _auto_backend(hidden, weight, lo, hi, temperature, backend)
     return dispatch.call("constrained_sample", backend, hidden.device.type, hidden, weight, lo, hi,
                          temperature, top_k, generator)
 
