@@ -24,7 +24,8 @@ BACKENDS = ("torch", "triton", "native")
 # - AVX512 on Intel (2-core Xeon; the C++ kernels 16 wide, decode 8): C++ faster or even for prefill
 #   attention (1.06-2.0x), VQ search (1.0-1.8x) and gather (1.1-1.4x); decode attention about even
 #   (0.88-1.34x over three runs, ahead more often than behind); torch's MKL faster for constrained
-#   sampling (0.74-0.92x).
+#   sampling (0.74-0.92x), except greedy over frame-sized ranges, which `auto` screens natively on
+#   every CPU (ops/sampling.py SCREEN_MIN_ROWS).
 # - AVX512 on AMD (2-core EPYC with AVX-512): C++ faster for every op over three runs: prefill
 #   1.2-3.0x, decode 1.2-1.5x, constrained sampling 1.1-2.1x, VQ search 1.3-2.2x, gather 0.98-1.65x
 #   (even only for the smallest gather).
