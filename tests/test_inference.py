@@ -385,3 +385,19 @@ def test_cuda_graph_decode_matches_eager(dtype):
     if dtype == torch.float32:
         want = torch.stack([_full_recompute_chunk(model.cpu(), p, 5, 7) for p in prompts])
         assert torch.equal(outs[0], want)
+
+
+def test_compiled_model_wrapper_decodes(rng):
+    """A model wrapped by torch.compile (an OptimizedModule, which forwards its attributes to the model)
+    decodes as the model does; the engine's model checks read through the wrapper."""
+    model = _model(7)
+    prompt = _prompt(rng, 1)
+    want = generate_action_chunk(model, prompt, LAYOUT, 3, 4)
+    wrapped = torch.compile(model)
+    assert torch.equal(generate_action_chunk(wrapped, prompt, LAYOUT, 3, 4, mode="parallel"), want)
+    assert torch.equal(generate_action_chunk(wrapped, prompt, LAYOUT, 3, 4, mode="sequential"), want)
+    engine = InferenceEngine(wrapped, 1, prompt.numel() + 8, layout=LAYOUT)
+    engine.prefill([prompt])
+    assert not engine.check_model()
+    model.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, a, out: out)
+    assert engine.check_model()  # seen through the wrapper

@@ -79,15 +79,16 @@ def _model_state(model) -> tuple:
     stack = [model]
     while stack:
         m = stack.pop()
-        d = m.__dict__
-        hooks, pre = d["_forward_hooks"], d["_forward_pre_hooks"]
-        add((id(m), type(m), d["training"], tuple(hooks) if hooks else None, tuple(pre) if pre else None))
-        for group in (d["_parameters"], d["_buffers"]):
+        d = m.__dict__  # a wrapper (torch.compile's OptimizedModule) forwards `training` to what it wraps
+        hooks, pre = d.get("_forward_hooks"), d.get("_forward_pre_hooks")
+        add((id(m), type(m), d["training"] if "training" in d else m.training, tuple(hooks) if hooks else None,
+             tuple(pre) if pre else None))
+        for group in (d.get("_parameters", {}), d.get("_buffers", {})):
             for t in group.values():
                 if t is not None:
                     add((id(t), t.data_ptr(), t.dtype, t.shape))
                     versions.append(None if t.is_inference() else t._version)
-        stack.extend(d["_modules"].values())
+        stack.extend(d.get("_modules", {}).values())
     return (tuple(items), tuple(M._global_forward_hooks), tuple(M._global_forward_pre_hooks)), tuple(versions)
 
 

@@ -85,7 +85,8 @@ class DecodeStepPlan:
             return
         from ..model import ForwardContext, WorldVLA
         from . import native_backend
-        if type(model).hidden_states is not WorldVLA.hidden_states:
+        if getattr(type(model), "hidden_states", WorldVLA.hidden_states) is not WorldVLA.hidden_states:
+            # (a wrapper such as torch.compile's forwards the attribute to the WorldVLA it wraps)
             self.reason = f"{type(model).__name__} overrides hidden_states, which the native step would not run"
             return
         x = torch.empty(*ids.shape, model.config.hidden_size, device=ids.device,
