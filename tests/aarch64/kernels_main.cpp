@@ -53,29 +53,22 @@ void attention(File& in, File& out) {
   out.write(o);
 }
 
-void linear(File& in, File& out) {
+// y = x w^T by linear_cpu; with `bf16` (w must hold bfloat16 values) then by linear_bf16_cpu on their bits.
+void linear(File& in, File& out, bool bf16) {
   const auto dims = in.read<int64_t>(3);
   const int64_t M = dims[0], K = dims[1], N = dims[2];
   const auto x = in.read<float>(M * K), w = in.read<float>(N * K);
-  std::vector<float> y(M * N);
+  std::vector<float> y((bf16 ? 2 : 1) * M * N);
   linear_cpu(x.data(), K, w.data(), K, M, K, N, y.data(), N);
-  out.write(y);
-}
-
-// w must hold bfloat16 values: y from linear_cpu on them, then from linear_bf16_cpu on their bits.
-void linear_bf16(File& in, File& out) {
-  const auto dims = in.read<int64_t>(3);
-  const int64_t M = dims[0], K = dims[1], N = dims[2];
-  const auto x = in.read<float>(M * K), w = in.read<float>(N * K);
-  std::vector<uint16_t> w16(N * K);
-  for (int64_t i = 0; i < N * K; ++i) {
-    uint32_t u;
-    std::memcpy(&u, &w[i], sizeof(u));
-    w16[i] = static_cast<uint16_t>(u >> 16);
+  if (bf16) {
+    std::vector<uint16_t> w16(N * K);
+    for (int64_t i = 0; i < N * K; ++i) {
+      uint32_t u;
+      std::memcpy(&u, &w[i], sizeof(u));
+      w16[i] = static_cast<uint16_t>(u >> 16);
+    }
+    linear_bf16_cpu(x.data(), K, w16.data(), K, M, K, N, y.data() + M * N, N);
   }
-  std::vector<float> y(2 * M * N);
-  linear_cpu(x.data(), K, w.data(), K, M, K, N, y.data(), N);
-  linear_bf16_cpu(x.data(), K, w16.data(), K, M, K, N, y.data() + M * N, N);
   out.write(y);
 }
 
@@ -89,8 +82,8 @@ int main(int argc, char** argv) {
   try {
     File in(argv[2], "rb"), out(argv[3], "wb");
     if (!std::strcmp(argv[1], "attention")) attention(in, out);
-    else if (!std::strcmp(argv[1], "linear")) linear(in, out);
-    else if (!std::strcmp(argv[1], "linear_bf16")) linear_bf16(in, out);
+    else if (!std::strcmp(argv[1], "linear")) linear(in, out, false);
+    else if (!std::strcmp(argv[1], "linear_bf16")) linear(in, out, true);
     else throw std::runtime_error(std::string("unknown kernel ") + argv[1]);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s\n", e.what());

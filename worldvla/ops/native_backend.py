@@ -567,7 +567,7 @@ def _range_argmax_impl(hidden: Tensor, weight: Tensor, lo: int, hi: int) -> Tens
         tables = screen_tables(weight, lo, hi)
         if tables is not None:
             w16, colmax = tables
-            _C.range_argmax_screened(hidden.data_ptr(), hidden.stride(0), weight.data_ptr() + lo * weight.stride(0) * 4,
+            _C.range_argmax_screened(hidden.data_ptr(), hidden.stride(0), weight.data_ptr() + lo * weight.stride(0) * weight.element_size(),
                                      weight.stride(0), w16.data_ptr(), colmax.data_ptr(), hidden.shape[0],
                                      hidden.shape[1], hi - lo, SCREEN_MAX_CANDIDATES, out.data_ptr())
             return out.add_(lo)
@@ -899,17 +899,6 @@ def _decoder_layer_gemm(layer, w, x, cos, sin, ctx, index) -> Tensor:
 # Rows per sequence a whole-step call takes: the decode attention's row-by-row kernel (more rows per
 # sequence take its tiled kernel, a prefill's; kDecodeTiledRows in csrc/cpu/attention.cpp).
 DECODE_STEP_MAX_QUERIES = 32
-
-
-def step_weights(model) -> list:
-    """Every tensor a native decode step of `model` reads: the embedding, each layer's 13 weights and the
-    final norm's (a `worldvla.model.WorldVLA`)."""
-    backbone = model.model._modules
-    out = [backbone["embed_tokens"]._parameters["weight"]]
-    for layer in backbone["layers"]:
-        out.extend(_layer_weights(layer))
-    out.append(backbone["norm"]._parameters["weight"])
-    return out
 
 
 _PROJECTION_SLOTS = (1, 2, 3, 4, 10, 11, 12)  # the projections among a layer's 13 weights (_DECODER_WEIGHTS)
