@@ -139,11 +139,12 @@ void decode_attention(int device, int64_t stream, int dtype, int64_t q, int64_t 
   p.n_splits = n_splits;
   p.split_size = split_size;
   DeviceScope scope(device);
-  if (on_cpu(device, dtype, "decode_attention")) {
+  if (device < 0) {  // q and o float32; dtype the cache's, float32 or bfloat16 (decode_attention_cpu checks)
     py::gil_scoped_release nogil;
     decode_attention_cpu(p);
     return;
   }
+  on_cpu(device, dtype, "decode_attention");
 #ifdef WORLDVLA_WITH_CUDA
   decode_attention_cuda(p, ptr<void>(stream));
 #endif
@@ -185,11 +186,13 @@ void range_argmax(int device, int64_t stream, int dtype, int64_t hidden, int64_t
                   int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t workspace, int64_t ids) {
   if (hi <= lo) throw std::invalid_argument("constrained_argmax: empty vocabulary range");
   DeviceScope scope(device);
-  if (on_cpu(device, dtype, "constrained_argmax")) {
+  if (device < 0) {  // hidden float32; dtype the weight's, float32 or bfloat16 (range_logits_cpu checks)
     py::gil_scoped_release nogil;
-    range_argmax_cpu(ptr<const float>(hidden), h_s, ptr<const float>(weight), w_s, N, H, lo, hi, ptr<int64_t>(ids));
+    range_argmax_cpu(ptr<const float>(hidden), h_s, ptr<const void>(weight), w_s, dtype, N, H, lo, hi,
+                     ptr<int64_t>(ids));
     return;
   }
+  on_cpu(device, dtype, "constrained_argmax");
 #ifdef WORLDVLA_WITH_CUDA
   range_argmax_cuda(ptr<const void>(hidden), h_s, ptr<const void>(weight), w_s, dtype, N, H, lo, hi,
                     ptr<unsigned long long>(workspace), ptr<int64_t>(ids), ptr<void>(stream));
@@ -208,11 +211,13 @@ void range_logits(int device, int64_t stream, int dtype, int64_t hidden, int64_t
                   int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t logits) {
   if (hi <= lo) throw std::invalid_argument("range_logits: empty vocabulary range");
   DeviceScope scope(device);
-  if (on_cpu(device, dtype, "range_logits")) {
+  if (device < 0) {  // as range_argmax
     py::gil_scoped_release nogil;
-    range_logits_cpu(ptr<const float>(hidden), h_s, ptr<const float>(weight), w_s, N, H, lo, hi, ptr<float>(logits));
+    range_logits_cpu(ptr<const float>(hidden), h_s, ptr<const void>(weight), w_s, dtype, N, H, lo, hi,
+                     ptr<float>(logits));
     return;
   }
+  on_cpu(device, dtype, "range_logits");
 #ifdef WORLDVLA_WITH_CUDA
   range_logits_cuda(ptr<const void>(hidden), h_s, ptr<const void>(weight), w_s, dtype, N, H, lo, hi,
                     ptr<float>(logits), ptr<void>(stream));
@@ -314,23 +319,28 @@ class DecodeStep {
              int64_t intermediate, int64_t pos, double rms_eps, double ln_eps, bool post_norm, int64_t q_pos,
              int64_t q_limit, int64_t kv_block, int64_t kv_len, int64_t batch, int64_t n_q, int64_t cache_len,
              int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, Strides ks, Strides vs, int64_t kvb_sb,
-             double scale, bool bf16_proj) {
+             double scale, bool bf16_proj, int dtype) {
     if (weights.empty() || weights.size() != k_caches.size() || weights.size() != v_caches.size())
       throw std::invalid_argument("DecodeStep: one weight set and one K and V cache per layer, at least one layer");
+    if (dtype != kFloat32 && dtype != kBFloat16)
+      throw std::invalid_argument("DecodeStep: a float32 or bfloat16 model");
+    p_.dtype = dtype;
     p_.ids = ptr<const int64_t>(ids);
-    p_.embed = ptr<const float>(embed);
+    p_.embed = ptr<const void>(embed);
     p_.vocab = vocab;
     p_.cos_table = ptr<const float>(cos_table);
     p_.sin_table = ptr<const float>(sin_table);
     p_.table_len = table_len;
     p_.final_norm = ptr<const float>(final_norm);
     p_.final_eps = static_cast<float>(final_eps);
-    p_.out = ptr<float>(out);
-    for (size_t l = 0; l < weights.size(); ++l)
+    p_.out = ptr<void>(out);
+    for (size_t l = 0; l < weights.size(); ++l) {
       p_.layers.push_back(layer_params(0, 0, hidden, intermediate, weights[l], 0, 0, pos, rms_eps, ln_eps, post_norm,
                                        k_caches[l], v_caches[l], q_pos, q_limit, kv_block, kv_len, batch, n_q,
                                        cache_len, n_heads, n_kv_heads, head_dim, ks, vs, kvb_sb, scale));
-    for (DecoderLayerParams& layer : p_.layers) layer.bf16_proj = bf16_proj;
+      p_.layers.back().bf16_proj = bf16_proj || dtype == kBFloat16;
+      p_.layers.back().attn.dtype = dtype;
+    }
   }
 
   void run() const {
@@ -379,14 +389,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * w over rows [R, D] (CPU, float32; the mean in double).");
   m.def("silu_mul", &silu_mul, "g = silu(g) * u over n floats (CPU, float32).");
   py::class_<DecodeStep>(m, "DecodeStep",
-                         "A cached decode step on the CPU (float32) with every address fixed at construction: "
-                         "token embedding, every decoder layer, final RMSNorm into `out`. With bf16_proj the seven "
-                         "projections' weights are bfloat16 (their exact float32 values, at half the bytes).")
+                         "A cached decode step on the CPU with every address fixed at construction: token "
+                         "embedding, every decoder layer, final RMSNorm into `out`. With bf16_proj the seven "
+                         "projections' weights are bfloat16 (their exact float32 values, at half the bytes). dtype: "
+                         "the model's (float32, or bfloat16: embedding, caches, projections and out bfloat16, the "
+                         "norms' weights float32 copies, every sum float32).")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t,
                     const std::vector<std::array<int64_t, 13>>&, const std::vector<int64_t>&,
                     const std::vector<int64_t>&, int64_t, int64_t, int64_t, double, double, bool, int64_t, int64_t,
                     int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, Strides, Strides, int64_t,
-                    double, bool>())
+                    double, bool, int>())
       .def("run", &DecodeStep::run, "Run the step on the buffers' current contents.");
   m.def("range_argmax", &range_argmax, "Greedy token over the vocabulary range [lo, hi) (int64 out).");
   m.def("range_argmax_screened", &range_argmax_screened,

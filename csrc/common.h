@@ -86,7 +86,8 @@ struct DecodeParams {
 // post-norm (swin_norm): the RMSNorms move onto the two branch outputs.
 // Weights are row-major and contiguous: ln1, ln2 [D]; wq [H*Dh, D]; wk, wv [Hkv*Dh, D]; wo [D, H*Dh];
 // qn_w, qn_b [H, Dh]; kn_w, kn_b [Hkv, Dh]; wg, wu [I, D]; wd [D, I]. cos, sin [R, Dh].
-// `attn` carries the cache (k, v and their strides), the DecodeMeta pointers, the sizes and the
+// `attn` carries the cache (k, v and their strides, attn.dtype its element type: float32, or bfloat16,
+// written rounded to nearest even and read widened), the DecodeMeta pointers, the sizes and the
 // softmax scale; its q and o are set to the layer's own scratch.
 struct DecoderLayerParams {
   const float* x = nullptr;
@@ -105,11 +106,12 @@ struct DecoderLayerParams {
   DecodeParams attn;
 };
 
-// ---- CPU paths (csrc/cpu/*.cpp); float32 tensors ----
+// ---- CPU paths (csrc/cpu/*.cpp); float32 tensors, unless said otherwise ----
 int cpu_vector_width();  // 16 on AVX-512 machines, else 8 (csrc/cpu/isa.cpp)
 bool cpu_has_avx2();     // AVX2 + FMA (x86-64-v3): the 8-wide kernels' AVX2 builds run (csrc/cpu/isa.cpp)
 void set_cpu_vector_width(int width);
 void masked_attention_fwd_cpu(const AttnFwdParams& p);
+// q and o float32; the cache float32, or bfloat16 (p.dtype) for up to 32 query rows per sequence.
 void decode_attention_cpu(const DecodeParams& p);
 void decoder_layer_cpu(const DecoderLayerParams& p);  // throws std::out_of_range for a slot outside the cache
 // A whole cached decode step (csrc/cpu/decoder.cpp): the token embedding, every layer in turn and the
@@ -117,13 +119,17 @@ void decoder_layer_cpu(const DecoderLayerParams& p);  // throws std::out_of_rang
 // layers[0].pos and their DecodeMeta). The rotary tables hold a row per position.
 struct DecodeStepParams {
   const int64_t* ids = nullptr;  // [R] token ids
-  const float* embed = nullptr;  // [vocab, hidden]
+  // A bfloat16 model (kBFloat16): the embedding table, `out` and every layer's cache are bfloat16 and
+  // its projections are streamed as they are (the layers' bf16_proj and attn.dtype say so); every
+  // sum is float32, and its norms' weights come as float32 copies. Else all float32.
+  int dtype = kFloat32;
+  const void* embed = nullptr;  // [vocab, hidden]
   int64_t vocab = 0;
   const float *cos_table = nullptr, *sin_table = nullptr;  // [table_len, head_dim]
   int64_t table_len = 0;
   const float* final_norm = nullptr;  // [hidden]
   float final_eps = 1e-5f;
-  float* out = nullptr;                    // [R, hidden]
+  void* out = nullptr;                     // [R, hidden]
   std::vector<DecoderLayerParams> layers;  // x, y, cos and sin are set by decode_step_cpu
 };
 // Throws std::out_of_range for a token id outside the vocabulary or a position outside the tables or cache.
@@ -151,11 +157,12 @@ void linear_cpu(const float* x, int64_t x_s, const float* w, int64_t w_s, int64_
 // result on the float32 values of those weights.
 void linear_bf16_cpu(const float* x, int64_t x_s, const uint16_t* w, int64_t w_s, int64_t M, int64_t K, int64_t N,
                      float* y, int64_t y_s);
-// logits[n, v - lo] = hidden[n] . weight[v] for v in [lo, hi); float32
-void range_logits_cpu(const float* hidden, int64_t h_s, const float* weight, int64_t w_s,
+// logits[n, v - lo] = hidden[n] . weight[v] for v in [lo, hi); float32 hidden and logits, the weight
+// float32 or bfloat16 (w_dtype; widened exactly, as linear_bf16_cpu)
+void range_logits_cpu(const float* hidden, int64_t h_s, const void* weight, int64_t w_s, int w_dtype,
                       int64_t N, int64_t H, int64_t lo, int64_t hi, float* logits);
 // ids[n] = lo + argmax over [lo, hi) (first maximum wins)
-void range_argmax_cpu(const float* hidden, int64_t h_s, const float* weight, int64_t w_s,
+void range_argmax_cpu(const float* hidden, int64_t h_s, const void* weight, int64_t w_s, int w_dtype,
                       int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t* ids);
 // The same greedy choice over rows [0, R) of w32 (row stride w_s; ids in [0, R)), screened with w16,
 // their bfloat16 copies [R, H] contiguous, and colmax [H], each column's largest |w32|: bitwise

@@ -95,9 +95,9 @@ def test_bf16_weights_comparison_keeps_the_tokens(tmp_path, monkeypatch):
 
     monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
     made, real = [], nb._C.DecodeStep
-    monkeypatch.setattr(nb._C, "DecodeStep", lambda *args: made.append(args[-1]) or real(*args))
+    monkeypatch.setattr(nb._C, "DecodeStep", lambda *args: made.append(args[-2]) or real(*args))
     doc = json.loads(e2e.compare_bf16_weights(quick=True, out_dir=tmp_path, grid=4, repeats=1).read_text())
     assert decoder.BF16_EXACT_WEIGHTS is True
-    assert True in made and False in made  # the last argument: bfloat16 projections
+    assert True in made and False in made  # the last but one argument: bfloat16 projections
     assert len(doc["rows"]) == 6 and all(r["tokens_equal"] for r in doc["rows"])
     assert {r["impl"] for r in doc["rows"]} == {"float32-weights", "bf16-weights"}

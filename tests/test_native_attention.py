@@ -289,6 +289,29 @@ def test_decode_odd_shapes_cpu(rng, D):
 
 
 @pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("Q, D", [(1, 13), (5, 64), (32, 20), (33, 20)])
+def test_decode_bf16_cache_read_as_it_is_cpu(rng, monkeypatch, Q, D):
+    """A bfloat16 cache is read by the row-by-row kernel as it is (up to 32 rows per sequence; more take a
+    float32 copy), each value widened exactly: bitwise the result on a float32 copy of q and the cache,
+    strided cache rows, NaN past kv_len and an odd head dim included."""
+    B, H, Hkv, S = 2, 6, 2, 211
+    kv_len = torch.tensor([S - 4, 97], dtype=torch.int32)
+    k, v = (t.bfloat16() for t in nan_past_kv_len(rng, B, S, Hkv, D, kv_len))
+    fused = torch.randn(B, S, 2 * Hkv + 1, D, generator=rng).bfloat16()  # rows of a cache with a stride
+    fused[:, :, :Hkv] = k
+    k = fused[:, :, :Hkv]
+    q = torch.randn(B, Q, H, D, generator=rng).bfloat16()
+    q_pos = torch.stack([torch.randint(0, int(n), (Q,), generator=rng) for n in kv_len]).int()
+    dm = DecodeMeta(q_pos, *random_blocks(rng, B, S, Q, 0.3), kv_len)
+    converted, as_float32 = [], nb._as_float32
+    monkeypatch.setattr(nb, "_as_float32", lambda *ts: converted.extend(ts) or as_float32(*ts))
+    out = nb.decode_attention(q, k, v, dm)
+    assert [t is k for t in converted] == ([False] if Q <= 32 else [False, True, False])
+    assert out.dtype == torch.bfloat16 and not torch.isnan(out).any()
+    assert torch.equal(out, nb.decode_attention(q.float(), k.float(), v.float(), dm).bfloat16())
+
+
+@pytest.mark.usefixtures("cpu_width")
 @pytest.mark.parametrize("Q, D", [(33, 20), (47, 64), (70, 13)])
 def test_decode_many_rows_random_meta_cpu(rng, Q, D):
     """More than 32 query rows per sequence take the prefill's tiled kernel: random positions (some

@@ -423,7 +423,7 @@ def test_plan_follows_the_model_and_the_dispatch(rng, monkeypatch):
         assert engine._plan(_set_step(engine, *long_step)) is None  # a prefill's rows: the tiled attention
         assert "1 to 32 rows per sequence" in engine.buffers(33).plan.reason
 
-        half = InferenceEngine(_model(rng).to(torch.bfloat16), 1, S)
+        half = InferenceEngine(_model(rng).to(torch.float16), 1, S)  # (bfloat16 models run: below)
         buf = half.buffers(1)
         assert half._plan(buf) is None and "float32" in buf.plan.reason
 
@@ -471,6 +471,72 @@ def test_bf16_exact_weights_stream_as_bf16(rng, monkeypatch):
     _copy_state(f32, engine)
     engine.run(_set_step(engine, *step))
     assert engine.buffers(5).plan.step is not None and not engine.buffers(5).plan.bf16_weights
+
+
+@pytest.mark.usefixtures("cpu_width", "native_first")
+@pytest.mark.parametrize("swin_norm", [False, True], ids=["pre-norm", "post-norm"])
+@pytest.mark.parametrize("B,Q,heads,kv_heads,head_dim,chunk", [
+    (1, 1, 3, 3, 24, False), (1, 5, 3, 3, 24, True), (3, 2, 4, 2, 16, True), (2, 7, 2, 1, 36, False)])
+def test_bf16_model_step_matches_f64(rng, swin_norm, B, Q, heads, kv_heads, head_dim, chunk):
+    """A bfloat16 model's step runs natively (bfloat16 weights and cache read as they are, float32 sums):
+    its hidden states and the keys and values it writes obey the rule against the same model in
+    float64, with the modules in bfloat16 as the measure; no other cache slot changes."""
+    model = _model(rng, swin_norm, hidden_size=heads * head_dim, num_attention_heads=heads,
+                   num_key_value_heads=kv_heads).to(torch.bfloat16)
+    S = PROMPT_LEN + Q + 3
+    native = _prefilled(model, B, S, rng)
+    same = InferenceEngine(model, B, S, backend="torch")  # the modules, bfloat16
+    ref = InferenceEngine(WorldVLA(model.config).to(torch.float64).eval(), B, S, backend="torch")
+    ref.model.load_state_dict(model.state_dict())
+    before = (native.cache.k.clone(), native.cache.v.clone())
+    for e in (same, ref):
+        _copy_state(native, e)
+    step = _random_step(rng, B, Q, chunk)
+    outs = {}
+    for name, e in (("native", native), ("same", same), ("ref", ref)):
+        buf = _set_step(e, *step)
+        outs[name] = e.run(buf).clone()
+        assert (buf.plan is not None and buf.plan.step is not None) == (name == "native"), name
+    assert native.buffers(Q).plan.copies and not native.buffers(Q).plan.bf16_weights
+    assert outs["native"].dtype == torch.bfloat16 and native.cache.k.dtype == torch.bfloat16
+    _assert_rule(outs["native"], outs["same"], outs["ref"], "hidden states")
+    assert not torch.equal(outs["native"], outs["same"])  # float32 sums: not the modules' bfloat16 arithmetic
+    written = torch.zeros(native.cache.k.shape[:3], dtype=torch.bool)
+    written[:, :, PROMPT_LEN:PROMPT_LEN + Q] = True
+    for i, t in enumerate(("k", "v")):
+        got = getattr(native.cache, t)
+        assert torch.equal(got[~written], before[i][~written]), f"{t}: a slot outside the step changed"
+        _assert_rule(got[written], getattr(same.cache, t)[written], getattr(ref.cache, t)[written], f"cache {t}")
+
+
+@pytest.mark.usefixtures("native_first")
+def test_bf16_model_decodes_natively(rng, native_step_runs):
+    """A bfloat16 model's chunks decode on the native step, parallel equal to sequential over many
+    prompts; its norms' float32 copies are made again after an in-place update (check_model)."""
+    model = _model(rng, num_hidden_layers=2).to(torch.bfloat16)
+    prompts = [torch.cat([torch.tensor([LAYOUT.bos]),
+                          torch.randint(LAYOUT.text_base, LAYOUT.text_base + 64, (8 + i % 3,), generator=rng),
+                          torch.tensor([LAYOUT.sep])]) for i in range(6)]
+    K, D = 4, 3
+    par = generate_action_chunk(model, prompts, LAYOUT, K, D, mode="parallel")
+    assert len(native_step_runs) == D
+    for b, prompt in enumerate(prompts):
+        assert torch.equal(par[b], generate_action_chunk(model, prompt, LAYOUT, K, D, mode="sequential")), b
+    assert len({tuple(p.flatten().tolist()) for p in par}) > 1  # not a constant output
+
+    S = PROMPT_LEN + 6
+    engine, fresh = _prefilled(model, 2, S, rng), InferenceEngine(model, 2, S)
+    step = _random_step(rng, 2, 3, chunk=True)
+    _copy_state(engine, fresh)
+    before = engine.run(_set_step(engine, *step)).clone()
+    norm = model.model.layers[1].post_attention_layernorm.weight
+    with torch.no_grad():
+        norm.mul_(-1.5)  # in place: the same address, a new version
+    assert engine.check_model()
+    _copy_state(fresh, engine)
+    after = engine.run(_set_step(engine, *step)).clone()
+    assert not torch.equal(after, before)
+    assert torch.equal(after, fresh.run(_set_step(fresh, *step)))
 
 
 @pytest.mark.usefixtures("native_first")

@@ -123,6 +123,23 @@ def test_range_logits_cpu(rng):
 
 
 @pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("N,H", [(1, 13), (7, 260)])
+def test_bf16_weight_read_as_it_is_cpu(rng, N, H):
+    """A bfloat16 lm_head is streamed as it is on the CPU, each value widened exactly: bitwise the logits
+    and ids of the same call on float32 copies (an odd range at an odd row, hidden sizes off the
+    kernel's vector steps)."""
+    lo, hi = 5, 5 + 301
+    hidden = torch.randn(N, H, generator=rng).bfloat16()
+    weight = torch.randn(400, H, generator=rng).bfloat16()
+    logits = nb.range_logits_op(hidden, weight, lo, hi)
+    assert torch.equal(logits, nb.range_logits_op(hidden.float(), weight.float(), lo, hi))
+    ids = nb.range_argmax_op(hidden, weight, lo, hi)
+    assert torch.equal(ids, nb.range_argmax_op(hidden.float(), weight.float(), lo, hi))
+    assert torch.equal(ids, logits.argmax(-1) + lo)
+    assert N == 1 or len(set(ids.tolist())) > 1
+
+
+@pytest.mark.usefixtures("cpu_width")
 @pytest.mark.parametrize("N,H", [(1, 13), (4, 96), (7, 260), (9, 8)])
 def test_range_logits_odd_shapes_cpu(rng, N, H):
     """Rows left over from the kernel's 4-row blocks, hidden sizes off its 8-float steps, an odd

@@ -32,10 +32,12 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // dst[0, D) = src[0, D), dst[D, Dp) = 0: one K or V row into a padded tile. Vector copies inline into
 // the kernels; std::copy of a row this short was a memmove call per key (6-13% of their time).
-WORLDVLA_INLINE void copy_row_padded(float* __restrict dst, const float* __restrict src, int64_t D, int64_t Dp) {
+// A bfloat16 row (a bfloat16 cache's) is widened on the way.
+template <bool AVX = false, typename T>
+WORLDVLA_INLINE void copy_row_padded(float* __restrict dst, const T* __restrict src, int64_t D, int64_t Dp) {
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8) store8(dst + d, load8(src + d));
-  for (; d < D; ++d) dst[d] = src[d];
+  for (; d + 8 <= D; d += 8) store8(dst + d, loadw<8, AVX>(src + d));
+  for (; d < D; ++d) dst[d] = widen(src[d]);
   for (; d < Dp; ++d) dst[d] = 0.f;
 }
 
@@ -289,12 +291,13 @@ struct DecodeScratch {
 //   P V:     the prefill's register-blocked tile over kDecodeKB keys.
 // Slots at or past kv_len are never read (they may hold anything). Hidden slots before it
 // are read and weighted by 0, so they must hold finite values (the engine's cache starts
-// zeroed), as for the Triton kernel.
-template <int W, bool MB>
+// zeroed), as for the Triton kernel. The cache holds KV = float or bfloat16 (bf16_t) values, the
+// latter widened exactly as they are read; q and o are float32 either way.
+template <int W, bool MB, typename KV>
 WORLDVLA_INLINE void decode_item(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) {
   const float* q = static_cast<const float*>(p.q);
-  const float* k = static_cast<const float*>(p.k) + it.b * p.k_sb;
-  const float* v = static_cast<const float*>(p.v) + it.b * p.v_sb;
+  const KV* k = static_cast<const KV*>(p.k) + it.b * p.k_sb;
+  const KV* v = static_cast<const KV*>(p.v) + it.b * p.v_sb;
   float* o = static_cast<float*>(p.o);
   const int64_t Q = it.i1 - it.i0, D = p.head_dim, S = p.cache_len, G = p.n_heads / p.n_kv_heads;
   const int64_t DW = D / W * W, Dp = round_up(D, kDAlign), R = G * Q;
@@ -322,8 +325,8 @@ WORLDVLA_INLINE void decode_item(const DecodeParams& p, const DecodeItem& it, De
 
   // Scores, eight keys at a time (the last group repeats the last key; masked below).
   for (int64_t s0 = 0; s0 < end; s0 += 8) {
-    const float* kr[8];
-    const float* kn[8];  // the next group's rows, prefetched a head at a time
+    const KV* kr[8];
+    const KV* kn[8];  // the next group's rows, prefetched a head at a time
     for (int64_t j = 0; j < 8; ++j) {
       kr[j] = k + std::min(s0 + j, end - 1) * p.k_st + it.hk0 * p.k_sh;
       kn[j] = k + std::min(s0 + 8 + j, end - 1) * p.k_st + it.hk0 * p.k_sh;
@@ -331,19 +334,19 @@ WORLDVLA_INLINE void decode_item(const DecodeParams& p, const DecodeItem& it, De
     for (int64_t hh = 0; hh < n_kv; ++hh) {
       const int64_t koff = hh * p.k_sh;
       for (int j = 0; j < 8; ++j)
-        for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(kn[j] + koff + d);
+        for (int64_t d = 0; d < D; d += 64 / sizeof(KV)) __builtin_prefetch(kn[j] + koff + d);
       for (int64_t r = 0; r < R; ++r) {
         const float* qr = &w.qs[(hh * R + r) * D];
         vec<W> a[8] = {};
         for (int64_t d = 0; d < DW; d += W) {
           const vec<W> x = loadv<W>(qr + d);
-          for (int j = 0; j < 8; ++j) a[j] += x * loadv<W>(kr[j] + koff + d);
+          for (int j = 0; j < 8; ++j) a[j] += x * loadw<W, MB>(kr[j] + koff + d);
         }
         v8f f[8];
         for (int j = 0; j < 8; ++j) f[j] = fold8(a[j]);
         v8f sums = sum8x8(f);
         for (int64_t d = DW; d < D; ++d)
-          for (int j = 0; j < 8; ++j) sums[j] += qr[d] * kr[j][koff + d];
+          for (int j = 0; j < 8; ++j) sums[j] += qr[d] * widen(kr[j][koff + d]);
         store8(&w.sc[(hh * R + r) * ldp + s0], sums * splat8(p.scale));  // scaled after the dot, as torch
       }
     }
@@ -397,10 +400,12 @@ WORLDVLA_INLINE void decode_item(const DecodeParams& p, const DecodeItem& it, De
     const int64_t cols = std::min(kDecodeKB, end - s0);
     const int64_t next = std::min(kDecodeKB, end - s0 - kDecodeKB);  // rows of the next tile
     for (int64_t c = 0; c < cols; ++c) {
-      const float* vr = v + (s0 + c) * p.v_st + it.hk0 * p.v_sh;
+      const KV* vr = v + (s0 + c) * p.v_st + it.hk0 * p.v_sh;
       if (c < next)  // fetched while this tile's P V runs
-        for (int64_t x = 0; x < (n_kv - 1) * p.v_sh + D; x += 16) __builtin_prefetch(vr + kDecodeKB * p.v_st + x);
-      for (int64_t hh = 0; hh < n_kv; ++hh) copy_row_padded(&w.vt[(hh * kDecodeKB + c) * Dp], vr + hh * p.v_sh, D, Dp);
+        for (int64_t x = 0; x < (n_kv - 1) * p.v_sh + D; x += 64 / sizeof(KV))
+          __builtin_prefetch(vr + kDecodeKB * p.v_st + x);
+      for (int64_t hh = 0; hh < n_kv; ++hh)
+        copy_row_padded<MB>(&w.vt[(hh * kDecodeKB + c) * Dp], vr + hh * p.v_sh, D, Dp);
     }
     for (int64_t hh = 0; hh < n_kv; ++hh)
       pv_tile<W, MB>(&w.sc[hh * R * ldp + s0], ldp, &w.vt[hh * kDecodeKB * Dp], Dp, &w.acc[hh * R * Dp], R, cols, Dp);
@@ -439,10 +444,16 @@ WORLDVLA_AVX512 void tiled_rows_w16(const RowBlock& rb, int64_t D, float scale, 
 // Decode stays 8 wide everywhere: it streams the cache, and on an AVX-512 Xeon its 16-wide build
 // measured 0.82-0.96x of the 8-wide one at head dim 128 (`worldvla bench cpu_ops`, native-w8).
 WORLDVLA_MULTIVERSION void decode_item_w8(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) {
-  decode_item<8, false>(p, it, w);
+  decode_item<8, false, float>(p, it, w);
 }
 WORLDVLA_AVX2 void decode_item_avx2(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) {
-  decode_item<8, true>(p, it, w);
+  decode_item<8, true, float>(p, it, w);
+}
+WORLDVLA_MULTIVERSION void decode_item_bf16_w8(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) {
+  decode_item<8, false, bf16_t>(p, it, w);
+}
+WORLDVLA_AVX2 void decode_item_bf16_avx2(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) {
+  decode_item<8, true, bf16_t>(p, it, w);
 }
 
 // The build for this CPU and the chosen width (cpu_vector_width).
@@ -542,7 +553,14 @@ static void decode_many_rows_cpu(const DecodeParams& p) {
 }
 
 void decode_attention_cpu(const DecodeParams& p) {
-  if (p.n_q > kDecodeTiledRows) return decode_many_rows_cpu(p);
+  if (p.dtype != kFloat32 && p.dtype != kBFloat16)
+    throw std::invalid_argument("decode_attention: the CPU path takes a float32 or bfloat16 cache");
+  if (p.n_q > kDecodeTiledRows) {
+    if (p.dtype != kFloat32)
+      throw std::invalid_argument("decode_attention: a bfloat16 cache takes at most " +
+                                  std::to_string(kDecodeTiledRows) + " query rows per sequence on the CPU");
+    return decode_many_rows_cpu(p);
+  }
   int n_threads = 1;
 #ifdef _OPENMP
   n_threads = omp_get_max_threads();
@@ -563,7 +581,9 @@ void decode_attention_cpu(const DecodeParams& p) {
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t hk = 0; hk < p.n_kv_heads; hk += per_chunk)
         work.push_back({b, hk, std::min(hk + per_chunk, p.n_kv_heads), qb * kQB, std::min((qb + 1) * kQB, p.n_q)});
-  const auto item = cpu_has_avx2() ? decode_item_avx2 : decode_item_w8;
+  const bool bf16 = p.dtype == kBFloat16;
+  const auto item = cpu_has_avx2() ? (bf16 ? decode_item_bf16_avx2 : decode_item_avx2)
+                                   : (bf16 ? decode_item_bf16_w8 : decode_item_w8);
 #pragma omp parallel
   {
     DecodeScratch w;

@@ -159,6 +159,57 @@ WORLDVLA_INLINE v8f dot_4x2(const float* const* x, const float* wa, const float*
   return sums;
 }
 
+typedef uint16_t bf16_t;  // a bfloat16's bits
+
+// W consecutive floats: loaded as they are, or bfloat16s widened exactly (a bfloat16 is the top 16 bits
+// of a float32). The kernels that read bfloat16 weights (linear.cpp) or caches (attention.cpp) use these.
+template <int W, bool AVX>
+WORLDVLA_INLINE vec<W> loadw(const float* p) {
+  return loadv<W>(p);
+}
+template <int W>
+struct Bf16Vec {  // W bfloat16 bits, and the same widened to 32 bits
+  typedef bf16_t half __attribute__((vector_size(2 * W)));
+  typedef uint32_t word __attribute__((vector_size(4 * W)));
+};
+// With AVX (the AVX2 and AVX-512 builds) one vpmovzxwd from memory: GCC's own widening of the vector
+// type goes through 128-bit halves and inserts (three shuffles a vector; the bfloat16 linear then ran
+// 1.1x the float32 one at five rows, where it should save half the bytes).
+template <int W, bool AVX>
+WORLDVLA_INLINE vec<W> loadw(const bf16_t* p) {
+  typename Bf16Vec<W>::word u;
+#if WORLDVLA_WITH_AVX512
+  if constexpr (AVX) {
+    struct Bits { bf16_t b[W]; };
+    asm("vpmovzxwd %1, %0" : "=v"(u) : "m"(*reinterpret_cast<const Bits*>(p)));
+  } else
+#endif
+  {
+    typename Bf16Vec<W>::half h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    u = __builtin_convertvector(h, typename Bf16Vec<W>::word);
+  }
+  u <<= 16;
+  vec<W> v;
+  __builtin_memcpy(&v, &u, sizeof(v));
+  return v;
+}
+WORLDVLA_INLINE float widen(float x) { return x; }
+WORLDVLA_INLINE float widen(bf16_t x) {
+  const uint32_t u = uint32_t(x) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// float32 -> bfloat16 bits, rounding to nearest even, as torch's conversion does (NaN -> 0x7fc0, as there).
+WORLDVLA_INLINE bf16_t to_bf16(float x) {
+  uint32_t u;
+  __builtin_memcpy(&u, &x, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t(0x7fc0);
+  return bf16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 // exp(x) on W lanes for x <= 0 (softmax weights): exp(x) = 2^n * e^r with n = round(x / ln 2)
 // (the 1.5 * 2^23 rounding trick: no vector floor in the baseline instruction set), |r| <= ln(2) / 2,
 // and e^r from a degree-6 polynomial (Cephes' expf coefficients, about 1 ulp). -inf and anything

@@ -13,6 +13,11 @@
 // to cost memory traffic. Python then calls torch for the seven projections and the stages below
 // for everything between them (rms_norm, decoder_attention_block, decoder_residual, silu_mul), the same code
 // the few-row layer runs, split over threads by rows.
+//
+// A whole step (decode_step_cpu) also runs bfloat16 models: the embedding, the projections (linear.cpp's
+// bfloat16 kernel) and the cache are read as they are and widened exactly, the norms take float32
+// copies of their weights, every sum is float32, and the cache and the step's output take bfloat16
+// values rounded to nearest even, as torch rounds them.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -124,6 +129,28 @@ void silu_mul_cpu(float* g, const float* u, int64_t n) {
   for (int64_t b = 0; b < blocks; ++b) run(g, u, b * block, std::min(n, (b + 1) * block));
 }
 
+namespace {
+
+float cache_value(float x, float) { return x; }
+bf16_t cache_value(float x, bf16_t) { return to_bf16(x); }
+
+// Rows' keys and values [R, Hkv, Dh] into their cache slots pos[r] (float32 or bfloat16 caches).
+template <typename T>
+void write_cache(const DecodeParams& m, const int64_t* pos, const float* k, const float* v, int64_t R, T* kc, T* vc) {
+  const int64_t Hkv = m.n_kv_heads, Dh = m.head_dim;
+#pragma omp parallel for schedule(static) if (R >= kParallelRows)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t b = r / m.n_q, s = pos[r];
+    for (int64_t hk = 0; hk < Hkv; ++hk)
+      for (int64_t d = 0; d < Dh; ++d) {
+        kc[b * m.k_sb + s * m.k_st + hk * m.k_sh + d] = cache_value(k[(r * Hkv + hk) * Dh + d], T{});
+        vc[b * m.v_sb + s * m.v_st + hk * m.v_sh + d] = cache_value(v[(r * Hkv + hk) * Dh + d], T{});
+      }
+  }
+}
+
+}  // namespace
+
 void decoder_attention_block_cpu(const DecoderLayerParams& p, float* q, float* k, const float* v, float* o) {
   const DecodeParams& m = p.attn;
   const int64_t R = m.batch * m.n_q, H = m.n_heads, Hkv = m.n_kv_heads, Dh = m.head_dim, Nq = H * Dh;
@@ -134,24 +161,18 @@ void decoder_attention_block_cpu(const DecoderLayerParams& p, float* q, float* k
                               " slots");
   head_norm_rope(q, R, H, Dh, p.qn_w, p.qn_b, p.cos, p.sin, p.ln_eps);
   head_norm_rope(k, R, Hkv, Dh, p.kn_w, p.kn_b, p.cos, p.sin, p.ln_eps);
-  float* kc = static_cast<float*>(const_cast<void*>(m.k));
-  float* vc = static_cast<float*>(const_cast<void*>(m.v));
-#pragma omp parallel for schedule(static) if (R >= kParallelRows)
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t b = r / m.n_q, s = p.pos[r];
-    for (int64_t hk = 0; hk < Hkv; ++hk)
-      for (int64_t d = 0; d < Dh; ++d) {
-        kc[b * m.k_sb + s * m.k_st + hk * m.k_sh + d] = k[(r * Hkv + hk) * Dh + d];
-        vc[b * m.v_sb + s * m.v_st + hk * m.v_sh + d] = v[(r * Hkv + hk) * Dh + d];
-      }
-  }
+  if (m.dtype == kBFloat16)  // a bfloat16 model's cache: its keys and values rounded as torch rounds them
+    write_cache(m, p.pos, k, v, R, static_cast<bf16_t*>(const_cast<void*>(m.k)),
+                static_cast<bf16_t*>(const_cast<void*>(m.v)));
+  else
+    write_cache(m, p.pos, k, v, R, static_cast<float*>(const_cast<void*>(m.k)),
+                static_cast<float*>(const_cast<void*>(m.v)));
   DecodeParams a = m;
   a.q = q;
   a.o = o;
   a.q_sb = a.o_sb = m.n_q * Nq;
   a.q_st = a.o_st = Nq;
   a.q_sh = a.o_sh = Dh;
-  a.dtype = kFloat32;
   decode_attention_cpu(a);
 }
 
@@ -219,7 +240,13 @@ void decode_step_cpu(const DecodeStepParams& p) {
     if (pos < 0 || pos >= p.table_len)
       throw std::out_of_range("decode_step: position " + std::to_string(pos) + " of row " + std::to_string(r) +
                               " is outside the rotary tables' " + std::to_string(p.table_len) + " positions");
-    std::copy(p.embed + id * D, p.embed + (id + 1) * D, x + r * D);
+    if (p.dtype == kBFloat16) {
+      const bf16_t* e = static_cast<const bf16_t*>(p.embed) + id * D;
+      for (int64_t d = 0; d < D; ++d) x[r * D + d] = widen(e[d]);
+    } else {
+      const float* e = static_cast<const float*>(p.embed) + id * D;
+      std::copy(e, e + D, x + r * D);
+    }
     std::copy(p.cos_table + pos * Dh, p.cos_table + (pos + 1) * Dh, cos + r * Dh);
     std::copy(p.sin_table + pos * Dh, p.sin_table + (pos + 1) * Dh, sin + r * Dh);
   }
@@ -232,7 +259,13 @@ void decode_step_cpu(const DecodeStepParams& p) {
     decoder_layer_cpu(lp);
     std::swap(x, y);
   }
-  rms_norm(x, p.final_norm, R, D, p.final_eps, p.out);
+  if (p.dtype == kBFloat16) {  // a bfloat16 model's hidden states: normed in float32, then rounded
+    rms_norm(x, p.final_norm, R, D, p.final_eps, y);
+    bf16_t* out = static_cast<bf16_t*>(p.out);
+    for (int64_t i = 0; i < R * D; ++i) out[i] = to_bf16(y[i]);
+  } else {
+    rms_norm(x, p.final_norm, R, D, p.final_eps, static_cast<float*>(p.out));
+  }
 }
 
 }  // namespace worldvla

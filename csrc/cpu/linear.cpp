@@ -22,48 +22,6 @@ namespace {
 
 constexpr int64_t kNR = 4;  // weight rows per register block
 
-typedef uint16_t bf16_t;  // a bfloat16's bits
-
-// W consecutive weights as floats: loaded as they are, or bfloat16 widened exactly.
-template <int W, bool AVX>
-WORLDVLA_INLINE vec<W> loadw(const float* p) {
-  return loadv<W>(p);
-}
-template <int W>
-struct Bf16Vec {  // W bfloat16 bits, and the same widened to 32 bits
-  typedef bf16_t half __attribute__((vector_size(2 * W)));
-  typedef uint32_t word __attribute__((vector_size(4 * W)));
-};
-// With AVX (the AVX2 and AVX-512 builds) one vpmovzxwd from memory: GCC's own widening of the vector
-// type goes through 128-bit halves and inserts (three shuffles a vector; the bfloat16 path then ran
-// 1.1x the float32 one at five rows, where it should save half the bytes).
-template <int W, bool AVX>
-WORLDVLA_INLINE vec<W> loadw(const bf16_t* p) {
-  typename Bf16Vec<W>::word u;
-#if WORLDVLA_WITH_AVX512
-  if constexpr (AVX) {
-    struct Bits { bf16_t b[W]; };
-    asm("vpmovzxwd %1, %0" : "=v"(u) : "m"(*reinterpret_cast<const Bits*>(p)));
-  } else
-#endif
-  {
-    typename Bf16Vec<W>::half h;
-    __builtin_memcpy(&h, p, sizeof(h));
-    u = __builtin_convertvector(h, typename Bf16Vec<W>::word);
-  }
-  u <<= 16;
-  vec<W> v;
-  __builtin_memcpy(&v, &u, sizeof(v));
-  return v;
-}
-WORLDVLA_INLINE float widen(float x) { return x; }
-WORLDVLA_INLINE float widen(bf16_t x) {
-  const uint32_t u = uint32_t(x) << 16;
-  float f;
-  __builtin_memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
 // Rows of x per group: at W = 16, 6 x 4 accumulators + 4 weight vectors + 1 x vector = 29 of the
 // 32 zmm registers; at W = 8 (16 ymm registers) 2 x 4 + 4 + 1 = 13.
 template <int W>

@@ -7,16 +7,21 @@
 
 namespace worldvla {
 
-void range_logits_cpu(const float* hidden, int64_t h_s, const float* weight, int64_t w_s,
+void range_logits_cpu(const float* hidden, int64_t h_s, const void* weight, int64_t w_s, int w_dtype,
                       int64_t N, int64_t H, int64_t lo, int64_t hi, float* logits) {
-  linear_cpu(hidden, h_s, weight + lo * w_s, w_s, N, H, hi - lo, logits, hi - lo);
+  if (w_dtype == kBFloat16)  // a bfloat16 lm_head streamed as it is: no float32 copy of the range
+    linear_bf16_cpu(hidden, h_s, static_cast<const uint16_t*>(weight) + lo * w_s, w_s, N, H, hi - lo, logits, hi - lo);
+  else if (w_dtype == kFloat32)
+    linear_cpu(hidden, h_s, static_cast<const float*>(weight) + lo * w_s, w_s, N, H, hi - lo, logits, hi - lo);
+  else
+    throw std::invalid_argument("range_logits: the CPU path takes a float32 or bfloat16 weight");
 }
 
-void range_argmax_cpu(const float* hidden, int64_t h_s, const float* weight, int64_t w_s,
+void range_argmax_cpu(const float* hidden, int64_t h_s, const void* weight, int64_t w_s, int w_dtype,
                       int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t* ids) {
   const int64_t R = hi - lo;
   std::vector<float> logits(N * R);
-  range_logits_cpu(hidden, h_s, weight, w_s, N, H, lo, hi, logits.data());
+  range_logits_cpu(hidden, h_s, weight, w_s, w_dtype, N, H, lo, hi, logits.data());
   for (int64_t n = 0; n < N; ++n) {
     const float* l = &logits[n * R];
     int64_t best = 0;

@@ -134,9 +134,10 @@ class InferenceEngine:
         address and run its modules as they were: a change is a module replaced or subclassed (an
         adapter), a weight replaced, moved or converted (`model.to(...)`), a forward hook added or
         removed, or the training mode. Weights updated in place (`load_state_dict`, an optimizer step)
-        are read as they are, except by plans holding bfloat16 copies of the projections
-        (ops.decoder.BF16_EXACT_WEIGHTS), which are dropped then; updates through `.data`, which
-        bypass the version counters, are not seen by those.
+        are read as they are, except by plans holding copies of some weights (bfloat16 copies of a
+        float32 model's projections, ops.decoder.BF16_EXACT_WEIGHTS; float32 copies of a bfloat16
+        model's norms), which are dropped then; updates through `.data`, which bypass the version
+        counters, are not seen by those.
 
         `prefill` calls it, so every generation starts on the model as it is; steps that continue a
         prefill do not check again (about 50 us a step on a CPU): call it yourself after changing the
@@ -147,7 +148,7 @@ class InferenceEngine:
                 buf.plan = buf.graph = None
         elif versions != self._versions:
             for buf in self._steps.values():
-                if buf.plan is not None and buf.plan.bf16_weights:
+                if buf.plan is not None and buf.plan.copies:
                     buf.plan = None
         else:
             return False

@@ -76,10 +76,12 @@ class DecodeStepPlan:
 
     The plan holds the model's weights by address, as a CUDA graph does: it describes the model as it
     was built, and the engine that keeps it rebuilds it when the model changes (its
-    `check_model`)."""
+    `check_model`). `copies`: whether it also holds copies of some weights (bfloat16 copies of a
+    float32 model's projections, `bf16_weights`; float32 copies of a bfloat16 model's norms), which an
+    in-place update of the weights leaves stale."""
 
     def __init__(self, model, cache, ids, pos, meta):
-        self.step, self.reason, self.bf16_weights = None, None, False
+        self.step, self.reason, self.bf16_weights, self.copies = None, None, False, False
         if "native" not in dispatch.available("decoder_layer"):
             self.reason = "the native backend is not built"
             return
@@ -93,13 +95,15 @@ class DecodeStepPlan:
                         dtype=model.model.embed_tokens.weight.dtype)
         ctx = ForwardContext(cache=cache, position_ids=pos, decode_meta=meta)
         try:
-            fits = native_backend._decoder_layer_supports(model.model.layers, x, ctx)
+            fits = native_backend._decoder_layer_supports(model.model.layers, x, ctx, step=True)
             if not fits:
                 self.reason = "the native decoder layer does not take this step: " + fits.reason
                 return
-            bf16 = native_backend.bf16_projections(model) if BF16_EXACT_WEIGHTS else None
+            bf16 = (native_backend.bf16_projections(model) if BF16_EXACT_WEIGHTS and x.dtype == torch.float32
+                    else None)
             self.step = native_backend.build_decode_step(model, cache, ids, pos, meta, bf16)
             self.bf16_weights = bf16 is not None
+            self.copies = self.bf16_weights or x.dtype == torch.bfloat16
         except (ValueError, TypeError, KeyError, AttributeError) as err:  # the last two: not worldvla's modules
             self.reason = str(err)
 

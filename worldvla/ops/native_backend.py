@@ -11,7 +11,8 @@ no allocation inside the launch path).
 Forward only: the native attention is an inference path. CUDA tensors run the
 CUDA kernels when the extension was built with CUDA (`worldvla._C.with_cuda`);
 CPU tensors run the C++ CPU paths (float32; bf16/fp16 inputs are computed in
-float32 and the result cast back).
+float32 and the result cast back; bfloat16 caches and weights are read as they are where a kernel
+widens them itself: decode attention's row-by-row kernel, the range sampler, the decode step).
 
 Importing this module without the extension raises ImportError, which dispatch
 takes as "backend not available".
@@ -263,7 +264,7 @@ def _masked_attention_impl(q: Tensor, k: Tensor, v: Tensor, kv_block: Tensor, q_
     else:
         n_seq, seq_len, meta_sb, max_seqlen = q.shape[0], q.shape[1], q.shape[1], q.shape[1]
     _C.masked_attention_fwd(
-        dev, _stream(dev), _DTYPE_CODE[qc.dtype], qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), oc.data_ptr(),
+        dev, _stream(dev), _DTYPE_CODE[kc.dtype], qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), oc.data_ptr(),
         kv_block.data_ptr(), q_limit.data_ptr(), cu_seqlens.data_ptr() if packed else 0,
         n_seq, seq_len, max_seqlen, q.shape[-2], k.shape[-2], q.shape[-1],
         strides(qc), strides(kc), strides(vc), strides(oc), meta_sb, float(softmax_scale))
@@ -360,7 +361,11 @@ def _decode_attention_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_pos: T
     B, Q, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     if dev < 0:
-        qc, kc, vc = _as_float32(q, k_cache, v_cache)
+        # A bfloat16 cache is read as it is by the row-by-row kernel (up to DECODE_STEP_MAX_QUERIES rows per
+        # sequence), widened exactly: the same result as a float32 copy, without copying the whole cache.
+        qc, = _as_float32(q)
+        bf16_cache = k_cache.dtype == torch.bfloat16 and Q <= DECODE_STEP_MAX_QUERIES
+        kc, vc = (k_cache, v_cache) if bf16_cache else _as_float32(k_cache, v_cache)
         oc = out if out.dtype == torch.float32 else torch.empty(q.shape, dtype=torch.float32)
         o_part = lse_part = None
         splits, split_size = 1, max(S, 1)
@@ -372,7 +377,7 @@ def _decode_attention_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_pos: T
         lse_part = torch.empty((B, splits, Q, H), dtype=torch.float32, device=q.device)
     st = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
     _C.decode_attention(
-        dev, _stream(dev), _DTYPE_CODE[qc.dtype], qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), oc.data_ptr(),
+        dev, _stream(dev), _DTYPE_CODE[kc.dtype], qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), oc.data_ptr(),
         q_pos.data_ptr(), q_limit.data_ptr(), kv_block.data_ptr(), kv_len.data_ptr(), B, Q, S, H, Hkv, D,
         st(qc), st(kc), st(vc), st(oc), kv_block.stride(0), float(softmax_scale),
         0 if o_part is None else o_part.data_ptr(), 0 if lse_part is None else lse_part.data_ptr(),
@@ -513,17 +518,17 @@ def _check_range(hidden, weight, lo, hi, op="constrained_sample"):
 
 def _range_launch(fn_name: str, hidden, weight, lo, hi, out, workspace=None):
     dev = _device_index(fn_name, hidden)
-    if dev < 0 and weight.dtype != torch.float32:
+    if dev < 0 and weight.dtype == torch.float16:
         # Only the range's rows are converted, not the whole lm_head.
         hidden, w = _as_float32(hidden, weight[lo:hi])
         lo_c, hi_c = 0, hi - lo
-    elif dev < 0:
+    elif dev < 0:  # float32 hidden; a float32 or bfloat16 weight read as it is (widened exactly)
         hidden, = _as_float32(hidden)
         w, lo_c, hi_c = weight, lo, hi
     else:
         _pointers_aligned16(fn_name, hidden=hidden, weight=weight)
         w, lo_c, hi_c = weight, lo, hi
-    args = (dev, _stream(dev), _DTYPE_CODE[hidden.dtype], hidden.data_ptr(), hidden.stride(0), w.data_ptr(),
+    args = (dev, _stream(dev), _DTYPE_CODE[w.dtype], hidden.data_ptr(), hidden.stride(0), w.data_ptr(),
             w.stride(0), hidden.shape[0], hidden.shape[1], lo_c, hi_c)
     if fn_name == "range_argmax":
         _C.range_argmax(*args, 0 if workspace is None else workspace.data_ptr(), out.data_ptr())
@@ -746,9 +751,10 @@ def _config_shapes(cfg) -> tuple:
                            cfg.intermediate_size)
 
 
-def _check_decoder_layer(layer, x, cos, sin, ctx, index):
+def _check_decoder_layer(layer, x, cos, sin, ctx, index, dtype=torch.float32):
     """Everything `_C.decoder_layer` relies on; `cos`, `sin` None skip the rotary tables (a forward's
-    dispatch checks before they exist; every call checks them)."""
+    dispatch checks before they exist; every call checks them). `dtype`: the one the weights, hidden
+    states and cache must have (the decode step also takes bfloat16 models)."""
     op = "decoder_layer"
     cache, meta, pos = ctx.cache, ctx.decode_meta, ctx.position_ids
     if cache is None or meta is None or pos is None:
@@ -781,8 +787,9 @@ def _check_decoder_layer(layer, x, cos, sin, ctx, index):
         if not t.is_cpu:
             _fail(op, f"the native layer runs on the CPU; {n} is on {t.device}")
     for n, t in tensors.items():
-        if t.dtype != torch.float32:
-            _fail(op, f"the CPU path takes float32; {n} is {t.dtype}", TypeError)
+        if t.dtype != dtype:  # (cos and sin come with float32 layers only)
+            what = "float32" if dtype == torch.float32 else f"one dtype, {dtype} here"
+            _fail(op, f"the CPU path takes {what}; {n} is {t.dtype}", TypeError)
     _contiguous(op, **dict(zip(names, w)), x=x, cos=cos, sin=sin)
     _last_dim_unit(op, k_cache=k, v_cache=v)
     if cos is not None and not cos.numel() == sin.numel() == B * Q * Dh:
@@ -937,6 +944,13 @@ def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta, bf16_weights
     `bf16_weights`: `bf16_projections(model)`, to stream the projections at half the bytes (the same
     results: their values are exactly those bfloat16s).
 
+    A bfloat16 model runs too: its embedding, projections and cache are read as they are and widened
+    exactly, every sum is float32 (its norms' weights as float32 copies, which the step holds), the
+    cache takes keys and values rounded to bfloat16 as torch rounds them, and `run()` returns bfloat16
+    hidden states. That is more precise than its modules' bfloat16 arithmetic, so its tokens may
+    differ from theirs where two logits are close; parallel and sequential decoding, both on the
+    step, still agree exactly.
+
     Every row is computed the same way whatever the number of rows (the few-row layer at any batch),
     so a parallel chunk's rows get exactly the sequential decoder's arithmetic however many
     sequences are batched."""
@@ -954,10 +968,15 @@ def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta, bf16_weights
         _fail(op, "the model has no decoder layers")
     if model.training and any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)):
         _fail(op, "dropout is active (training mode); call model.eval()")
-    x = torch.empty(B, Q, cfg.hidden_size)  # stands in for the hidden states in the layers' checks
+    dtype = model.model.embed_tokens.weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        _fail(op, f"runs float32 and bfloat16 models, not {dtype}", TypeError)
+    if dtype == torch.bfloat16 and bf16_weights is not None:
+        _fail(op, "bf16_weights are for float32 models; a bfloat16 model's projections are streamed as they are")
+    x = torch.empty(B, Q, cfg.hidden_size, dtype=dtype)  # stands in for the hidden states in the layers' checks
     ctx = ForwardContext(cache=cache, position_ids=pos, decode_meta=meta)
     for i, layer in enumerate(layers):
-        _check_decoder_layer(layer, x, None, None, ctx, i)
+        _check_decoder_layer(layer, x, None, None, ctx, i, dtype)
         if bool(layer.swin_norm) != bool(layers[0].swin_norm) or any(
                 float(a.eps) != float(b.eps) for a, b in ((layer.input_layernorm, layers[0].input_layernorm),
                                                           (layer.self_attn.q_norm, layers[0].self_attn.q_norm))):
@@ -972,9 +991,9 @@ def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta, bf16_weights
     embed, norm = model.model.embed_tokens.weight, model.model.norm.weight
     for n, t, shape in (("embed_tokens.weight", embed, (cfg.vocab_size, cfg.hidden_size)),
                         ("norm.weight", norm, (cfg.hidden_size,))):
-        if type(t) not in _PLAIN or not t.is_cpu or t.dtype != torch.float32 or not t.is_contiguous():
-            _fail(op, f"{n} must be a plain contiguous float32 CPU tensor, got {type(t).__name__} {t.dtype} "
-                      f"on {t.device}")
+        if type(t) not in _PLAIN or not t.is_cpu or t.dtype != dtype or not t.is_contiguous():
+            _fail(op, f"{n} must be a plain contiguous {dtype} CPU tensor (as the layers' weights), got "
+                      f"{type(t).__name__} {t.dtype} on {t.device}")
         if tuple(t.shape) != shape:
             _fail(op, f"{n} has shape {tuple(t.shape)}, the config says {shape}")
     if not _no_grad_needed(embed, norm):
@@ -982,11 +1001,15 @@ def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta, bf16_weights
     S = cache.k.shape[2]
     cos, sin = (t.reshape(S, cfg.head_dim).contiguous() for t in
                 rope_cos_sin(torch.arange(S), cfg.head_dim, cfg.rope_theta, torch.float32))
-    out = torch.empty(B, Q, cfg.hidden_size)
+    out = torch.empty(B, Q, cfg.hidden_size, dtype=dtype)
     common = _cache_args(cfg, x, ctx, 0)[2:]  # everything after layer 0's K and V addresses
     kv = [_cache_args(cfg, x, ctx, i)[:2] for i in range(len(layers))]
     attn = layers[0].self_attn
-    addresses = [[t.data_ptr() for t in _layer_weights(layer)] for layer in layers]
+    weights = [list(_layer_weights(layer)) for layer in layers]
+    if dtype == torch.bfloat16:  # the norms' weights (all but the projections) as float32 copies
+        weights = [[t if i in _PROJECTION_SLOTS else t.float() for i, t in enumerate(row)] for row in weights]
+        norm = norm.float()
+    addresses = [[t.data_ptr() for t in row] for row in weights]
     if bf16_weights is not None:
         if len(bf16_weights) != len(_PROJECTION_SLOTS) * len(layers):
             _fail(op, f"bf16_weights holds {len(bf16_weights)} tensors, not the {len(layers)} layers' seven projections")
@@ -998,9 +1021,9 @@ def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta, bf16_weights
                          norm.data_ptr(), float(model.model.norm.eps), out.data_ptr(), addresses,
                          [k for k, _ in kv], [v for _, v in kv], cfg.hidden_size, cfg.intermediate_size,
                          pos.data_ptr(), float(layers[0].input_layernorm.eps), float(attn.q_norm.eps),
-                         bool(layers[0].swin_norm), *common, bf16_weights is not None)
+                         bool(layers[0].swin_norm), *common, bf16_weights is not None, _DTYPE_CODE[dtype])
     # The step reads these by address: they live as long as it does.
-    keep = (cos, sin, ids, pos, meta, cache, bf16_weights)
+    keep = (cos, sin, ids, pos, meta, cache, bf16_weights, weights, norm)
 
     def run(step=step, out=out, keep=keep) -> Tensor:
         step.run()
@@ -1069,10 +1092,11 @@ def _linear_supports(x, weight):
     return dispatch.first_false(plain, lambda: _no_grad(x, weight), lambda: _passes(_check_linear, x, weight))
 
 
-def _decoder_layer_supports(layer, x, ctx):
+def _decoder_layer_supports(layer, x, ctx, step: bool = False):
     """`layer`: one decoder layer, or every layer of a forward (the model's ModuleList: a forward resolves
     the op once for all of them, so each one's modules are checked; the tensors' checks, shared, on the
-    first)."""
+    first). `step`: whether the whole decode step (`build_decode_step`) would take it, which also runs
+    bfloat16 models."""
     layers = (layer,) if isinstance(layer, torch.nn.Module) and not isinstance(layer, torch.nn.ModuleList) else layer
     def eager():
         if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
@@ -1094,6 +1118,8 @@ def _decoder_layer_supports(layer, x, ctx):
         return True
     def checks():
         first = layers[0]
+        if step and x.dtype == torch.bfloat16:
+            return _passes(_check_decoder_layer, first, x, None, None, ctx, 0, torch.bfloat16)
         if _decoder_layer_ready(_layer_weights(first), _config_shapes(first.self_attn.cfg), x, None, None, ctx, 0):
             return True  # the few expressions of the common case first (a forward resolves the op every step)
         return _passes(_check_decoder_layer, first, x, None, None, ctx, 0)
