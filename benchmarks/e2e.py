@@ -392,17 +392,11 @@ def compare_decode_paths(quick: bool = False, out_dir="benchmarks/results", grid
     try:
         with torch.no_grad():
             for case, (fn, n) in calls.items():
-                out, times = {}, {k: [] for k in DECODE_PATHS}
+                out = {}
                 for path in DECODE_PATHS:  # warm-up, and the tokens of each
                     use(path)
                     out[path] = fn()
-                for _ in range(n):
-                    for path in DECODE_PATHS:
-                        use(path)
-                        t0 = time.perf_counter()
-                        fn()
-                        times[path].append((time.perf_counter() - t0) * 1e3)
-                med = {k: statistics.median(v) for k, v in times.items()}
+                med = _interleaved(dict.fromkeys(DECODE_PATHS, fn), n, before=use)
                 for path in DECODE_PATHS:
                     rows.append({"case": f"small {case} {grid * 16}px", "impl": path, "median_ms": med[path],
                                  "repeats": n, "speedup_vs_modules": med[base] / med[path],
@@ -472,6 +466,70 @@ def compare_malloc(quick: bool = False, out_dir="benchmarks/results", grid: int 
                          plot=("case", "speedup_vs_defaults", "impl"))
 
 
+def _interleaved(calls: dict, n: int, before=None) -> dict:
+    """Median ms of each of `calls` (name -> call), called in turn n times (A, B, ..., A, B, ...);
+    `before(name)`, if given, runs untimed before each call."""
+    times = {name: [] for name in calls}
+    for _ in range(n):
+        for name, fn in calls.items():
+            if before is not None:
+                before(name)
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def compare_bf16_model(quick: bool = False, out_dir="benchmarks/results", grid: int | None = None,
+                       repeats: int | None = None):
+    """CPU: the small config as a bfloat16 model, its decode steps through its modules (bfloat16
+    arithmetic; ops.decoder.NATIVE_STEP off) and through the native step (the default: bfloat16 weights
+    and cache read as they are, float32 sums), and the same weights as a float32 model on its native
+    step; one engine per case and side, called in turn, medians. The bfloat16 model's two sides compute
+    differently, so their tokens may differ; the native step's parallel chunk must equal its sequential
+    one."""
+    from worldvla.ops import decoder as decoder_op
+
+    tune_cpu_malloc()  # as WorldVLAPolicy does on the CPU
+    grid = grid or (4 if quick else 16)
+    half = build_model("small", torch.device("cpu"), torch.bfloat16)
+    full = build_model("small", torch.device("cpu"), torch.float32)
+    full.load_state_dict(half.state_dict())  # the same (bfloat16) values
+    n_rep = repeats or (3 if quick else 10)
+    sides = {"bf16-modules": (half, False), "bf16-native-step": (half, True), "float32-native-step": (full, True)}
+    calls = {side: _cpu_calls(grid, n_rep, model) for side, (model, _) in sides.items()}
+    saved, rows = decoder_op.NATIVE_STEP, []
+
+    def use(side):
+        decoder_op.NATIVE_STEP = sides[side][1]
+
+    try:
+        with torch.no_grad():
+            out = {}
+            for side in sides:
+                use(side)
+                out[side] = {case: fn() for case, (fn, _) in calls[side].items()}
+            seq, par = "action_chunk K5 sequential", "action_chunk K5 parallel"
+            if not torch.equal(out["bf16-native-step"][seq], out["bf16-native-step"][par]):
+                raise RuntimeError("the bfloat16 model's parallel chunk differs from its sequential one")
+            for case, (_, n) in calls["bf16-modules"].items():
+                med = _interleaved({side: calls[side][case][0] for side in sides}, n, before=use)
+                for side in sides:
+                    rows.append({"case": f"small {case} {grid * 16}px", "impl": side, "median_ms": med[side],
+                                 "repeats": n, "speedup_vs_bf16_modules": med["bf16-modules"] / med[side],
+                                 "tokens_equal_float32": bool(torch.equal(out[side][case],
+                                                                          out["float32-native-step"][case]))})
+    finally:
+        decoder_op.NATIVE_STEP = saved
+    print_table(rows, ["case", "impl", "median_ms", "speedup_vs_bf16_modules", "tokens_equal_float32"])
+    extra = {"threads": torch.get_num_threads(), "quick": quick,
+             "method": "the small config in bfloat16 with its decode steps on its modules or on the native step, "
+                       "and its values as a float32 model; one engine per case and side, called in turn, medians; "
+                       "prefills on the modules (bfloat16 GEMMs) for the bfloat16 model"}
+    return write_results("e2e_bf16_model", rows, "cpu", out_dir, extra=extra,
+                         plot=("case", "speedup_vs_bf16_modules", "impl"))
+
+
 def compare_bf16_weights(quick: bool = False, out_dir="benchmarks/results", grid: int | None = None,
                          repeats: int | None = None):
     """CPU: the small config with every weight rounded to bfloat16 (as a bfloat16 checkpoint loaded as
@@ -500,13 +558,7 @@ def compare_bf16_weights(quick: bool = False, out_dir="benchmarks/results", grid
             if native_backend.bf16_projections(model) is None:
                 raise RuntimeError("the plans did not take bfloat16 copies of the rounded weights")
             for case, (_, n) in calls["float32-weights"].items():
-                times = {side: [] for side in sides}
-                for _ in range(n):
-                    for side in sides:
-                        t0 = time.perf_counter()
-                        calls[side][case][0]()
-                        times[side].append((time.perf_counter() - t0) * 1e3)
-                med = {k: statistics.median(v) for k, v in times.items()}
+                med = _interleaved({side: calls[side][case][0] for side in sides}, n)
                 for side in sides:
                     rows.append({"case": f"small {case} {grid * 16}px", "impl": side, "median_ms": med[side],
                                  "repeats": n, "speedup_vs_float32": med["float32-weights"] / med[side],
@@ -543,9 +595,12 @@ def main(argv=None):
     p.add_argument("--bf16-weights", action="store_true",
                    help="CPU only: instead, the same calls with the model's weights rounded to bfloat16 (a bfloat16 "
                         "checkpoint loaded as float32), decode steps streaming float32 or bfloat16 copies")
+    p.add_argument("--bf16-model", action="store_true",
+                   help="CPU only: instead, the same calls on a bfloat16 model with its decode steps through its "
+                        "modules or the native step, and on the same values as a float32 model")
     a = p.parse_args(argv)
     for flag, compare in (("malloc", compare_malloc), ("decode_paths", compare_decode_paths),
-                          ("bf16_weights", compare_bf16_weights)):
+                          ("bf16_weights", compare_bf16_weights), ("bf16_model", compare_bf16_model)):
         if getattr(a, flag):  # CPU comparisons instead of the latency table
             if a.device not in (None, "cpu"):
                 p.error(f"--{flag.replace('_', '-')} compares CPU settings; leave --device unset or cpu")

@@ -101,3 +101,20 @@ def test_bf16_weights_comparison_keeps_the_tokens(tmp_path, monkeypatch):
     assert True in made and False in made  # the last but one argument: bfloat16 projections
     assert len(doc["rows"]) == 6 and all(r["tokens_equal"] for r in doc["rows"])
     assert {r["impl"] for r in doc["rows"]} == {"float32-weights", "bf16-weights"}
+
+
+def test_bf16_model_comparison(tmp_path, monkeypatch):
+    """`e2e --bf16-model`: the bfloat16 model's steps really on the native step (a DecodeStep made for a
+    bfloat16 model) and on its modules, the float32 side's tokens its own, the switch as it was."""
+    nb = pytest.importorskip("worldvla.ops.native_backend")
+    from worldvla.ops import decoder, dispatch
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    made, real = [], nb._C.DecodeStep
+    monkeypatch.setattr(nb._C, "DecodeStep", lambda *args: made.append(args[-1]) or real(*args))
+    doc = json.loads(e2e.compare_bf16_model(quick=True, out_dir=tmp_path, grid=4, repeats=1).read_text())
+    assert decoder.NATIVE_STEP is True
+    assert 2 in made and 0 in made  # the last argument: the model's dtype code (bfloat16, float32)
+    assert len(doc["rows"]) == 9
+    assert {r["impl"] for r in doc["rows"]} == {"bf16-modules", "bf16-native-step", "float32-native-step"}
+    assert all(r["tokens_equal_float32"] for r in doc["rows"] if r["impl"] == "float32-native-step")

@@ -93,7 +93,8 @@ def test_screened_tables_follow_the_weight(rng):
 
 def test_auto_screens_frame_sized_greedy_ranges(rng, monkeypatch):
     """`auto` sends greedy choices over ranges of SCREEN_MIN_ROWS codes or more on the CPU to the native
-    (screened) sampler whatever the op's order; smaller ranges, sampling and other dtypes keep the order."""
+    (screened) sampler whatever the op's order, and a bfloat16 model's greedy choices over any range;
+    smaller float32 ranges, sampling and other dtypes keep the order."""
     from worldvla.ops import dispatch
     from worldvla.ops import sampling
 
@@ -107,7 +108,11 @@ def test_auto_screens_frame_sized_greedy_ranges(rng, monkeypatch):
     constrained_sample(hidden, weight, 100, 100 + big - 1)
     constrained_sample(hidden, weight, 100, 100 + big, temperature=1.0, generator=torch.Generator().manual_seed(0))
     constrained_sample(hidden.double(), weight.double(), 100, 100 + big)
+    constrained_sample(hidden.bfloat16(), weight.bfloat16(), 100, 100 + big, temperature=1.0)
     assert taken == [big]
+    ids = constrained_sample(hidden.bfloat16(), weight.bfloat16(), 7, 7 + 256)
+    assert taken == [big, 256]
+    assert torch.equal(ids, nb.constrained_sample(hidden.bfloat16(), weight.bfloat16(), 7, 7 + 256))
 
 
 def test_range_logits_cpu(rng):
