@@ -196,3 +196,24 @@ def test_parallel_policy_equals_sequential(policy_dir, rng):
         p.reset(["a", "bb"])
     for f in frames:
         assert np.array_equal(par.act(f), seq.act(f))
+
+
+def test_bfloat16_policy_on_the_cpu(policy_dir, rng, monkeypatch, native_step_runs):
+    """A policy loaded in bfloat16 on the CPU decodes on the native step (the engine's one-call step for
+    bfloat16 models): parallel chunks equal sequential ones, finite float32 actions within the bounds."""
+    from worldvla.ops import decoder, dispatch
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    monkeypatch.setattr(decoder, "NATIVE_STEP", True)
+    par = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu", dtype="bf16")
+    seq = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu", dtype=torch.bfloat16, mode="sequential")
+    assert next(par.model.parameters()).dtype == torch.bfloat16
+    for p in (par, seq):
+        p.reset(["a", "bb"])
+    for _ in range(2):
+        f = _frames(rng, 2)
+        a = par.act(f)
+        assert np.array_equal(a, seq.act(f))
+        assert a.dtype == np.float32 and a.shape == (2, 3, 4) and np.isfinite(a).all()
+        assert (a >= np.array(LOW) - 1e-6).all() and (a <= np.array(HIGH) + 1e-6).all()
+    assert native_step_runs
