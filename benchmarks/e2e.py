@@ -480,6 +480,20 @@ def _interleaved(calls: dict, n: int, before=None) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _side_rows(calls: dict, out: dict, grid: int, base: str, ref: str, speedup: str, equal: str,
+               before=None) -> list[dict]:
+    """Rows of a comparison of sides (`calls`: side -> `_cpu_calls`; `out`: side -> case -> the tokens of
+    its first call): each case's sides timed in turn (`_interleaved`), medians; column `speedup` against
+    side `base`, column `equal` whether the tokens equal side `ref`'s."""
+    rows = []
+    for case, (_, n) in calls[base].items():
+        med = _interleaved({side: calls[side][case][0] for side in calls}, n, before=before)
+        for side in calls:
+            rows.append({"case": f"small {case} {grid * 16}px", "impl": side, "median_ms": med[side], "repeats": n,
+                         speedup: med[base] / med[side], equal: bool(torch.equal(out[side][case], out[ref][case]))})
+    return rows
+
+
 def compare_bf16_model(quick: bool = False, out_dir="benchmarks/results", grid: int | None = None,
                        repeats: int | None = None):
     """CPU: the small config as a bfloat16 model, its decode steps through its modules (bfloat16
@@ -512,13 +526,8 @@ def compare_bf16_model(quick: bool = False, out_dir="benchmarks/results", grid: 
             seq, par = "action_chunk K5 sequential", "action_chunk K5 parallel"
             if not torch.equal(out["bf16-native-step"][seq], out["bf16-native-step"][par]):
                 raise RuntimeError("the bfloat16 model's parallel chunk differs from its sequential one")
-            for case, (_, n) in calls["bf16-modules"].items():
-                med = _interleaved({side: calls[side][case][0] for side in sides}, n, before=use)
-                for side in sides:
-                    rows.append({"case": f"small {case} {grid * 16}px", "impl": side, "median_ms": med[side],
-                                 "repeats": n, "speedup_vs_bf16_modules": med["bf16-modules"] / med[side],
-                                 "tokens_equal_float32": bool(torch.equal(out[side][case],
-                                                                          out["float32-native-step"][case]))})
+            rows = _side_rows(calls, out, grid, "bf16-modules", "float32-native-step", "speedup_vs_bf16_modules",
+                              "tokens_equal_float32", before=use)
     finally:
         decoder_op.NATIVE_STEP = saved
     print_table(rows, ["case", "impl", "median_ms", "speedup_vs_bf16_modules", "tokens_equal_float32"])
@@ -557,12 +566,8 @@ def compare_bf16_weights(quick: bool = False, out_dir="benchmarks/results", grid
                 out[side] = {case: fn() for case, (fn, _) in calls[side].items()}
             if native_backend.bf16_projections(model) is None:
                 raise RuntimeError("the plans did not take bfloat16 copies of the rounded weights")
-            for case, (_, n) in calls["float32-weights"].items():
-                med = _interleaved({side: calls[side][case][0] for side in sides}, n)
-                for side in sides:
-                    rows.append({"case": f"small {case} {grid * 16}px", "impl": side, "median_ms": med[side],
-                                 "repeats": n, "speedup_vs_float32": med["float32-weights"] / med[side],
-                                 "tokens_equal": bool(torch.equal(out[side][case], out["float32-weights"][case]))})
+            rows = _side_rows(calls, out, grid, "float32-weights", "float32-weights", "speedup_vs_float32",
+                              "tokens_equal")
     finally:
         decoder_op.BF16_EXACT_WEIGHTS = saved
     print_table(rows, ["case", "impl", "median_ms", "speedup_vs_float32", "tokens_equal"])
