@@ -539,6 +539,70 @@ def compare_bf16_model(quick: bool = False, out_dir="benchmarks/results", grid: 
                          plot=("case", "speedup_vs_bf16_modules", "impl"))
 
 
+def compare_bf16_steps(config: str = "chameleon_7b", quick: bool = False, out_dir="benchmarks/results",
+                       grid: int | None = None, repeats: int | None = None):
+    """CPU: one decode step of 1, 2 and 5 rows of a bfloat16 model after a prompt's prefill, on the native
+    step and on the modules (ops.decoder.NATIVE_STEP), called in turn, medians; with the prefill's time
+    and the rate at which each side reads the projection weights. For configs too large to decode whole
+    chunks in a benchmark's time here (the 7B model in bfloat16 needs about 15 GB of memory)."""
+    from worldvla.ops import decoder as decoder_op
+
+    tune_cpu_malloc()  # as WorldVLAPolicy does on the CPU
+    grid = grid or (4 if quick else 16)
+    n_rep = repeats or (3 if quick else 5)
+    t0 = time.perf_counter()
+    model = build_model(config, torch.device("cpu"), torch.bfloat16)
+    built_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(0)
+    prompt = action_prompt(grid, gen)
+    P = prompt.numel()
+    proj_bytes = sum(p.numel() * p.element_size() for n, p in model.model.layers.named_parameters()
+                     if n.endswith("proj.weight"))
+    saved, rows = decoder_op.NATIVE_STEP, []
+    try:
+        with torch.no_grad():
+            engine = make_engine(model, [prompt], 5, ACTION_DIM, LAYOUT)
+            t0 = time.perf_counter()
+            engine.prefill([prompt])
+            prefill_s = time.perf_counter() - t0
+            for q in (1, 2, 5):
+                buf = engine.buffers(q)
+                buf.ids.copy_(torch.randint(LAYOUT.text_base, LAYOUT.vocab_size, (1, q), generator=gen))
+                buf.set_positions(torch.arange(P, P + q).view(1, q))
+                engine.set_kv_len([P + q])  # the step rewrites the same slots each time
+                sides = {"native-step": True, "modules": False}
+
+                def use(side):
+                    decoder_op.NATIVE_STEP = sides[side]
+
+                out = {}
+                for side in sides:  # warm-up (the plan is made), and each side's hidden states
+                    use(side)
+                    out[side] = engine.run(buf).float().clone()
+                if engine.buffers(q).plan is None or engine.buffers(q).plan.step is None:
+                    raise RuntimeError("the native step did not take the bfloat16 model: "
+                                       f"{getattr(engine.buffers(q).plan, 'reason', None)}")
+                med = _interleaved(dict.fromkeys(sides, lambda: engine.run(buf)), n_rep, before=use)
+                diff = (out["native-step"] - out["modules"]).norm() / out["modules"].norm()
+                for side in sides:
+                    rows.append({"case": f"{config} bf16 step {q} row{'s' * (q > 1)}", "impl": side,
+                                 "median_ms": med[side], "repeats": n_rep,
+                                 "speedup_vs_modules": med["modules"] / med[side],
+                                 "weights_GB_per_s": proj_bytes / med[side] / 1e6,
+                                 "relative_difference": float(diff)})
+    finally:
+        decoder_op.NATIVE_STEP = saved
+    print(f"{config} in bfloat16: built in {built_s:.0f} s, the {P}-token prompt's prefill {prefill_s:.2f} s")
+    print_table(rows, ["case", "impl", "median_ms", "speedup_vs_modules", "weights_GB_per_s", "relative_difference"])
+    extra = {"threads": torch.get_num_threads(), "quick": quick, "config": config, "prompt_tokens": P,
+             "prefill_s": prefill_s, "projection_bytes": proj_bytes,
+             "method": "random bfloat16 weights; one engine, one prefill; a decode step of q rows after the prompt "
+                       "(the same slots rewritten) on the native step and on the modules, called in turn, medians; "
+                       "relative_difference: |native - modules| / |modules| of the step's hidden states"}
+    return write_results(f"e2e_bf16_steps_{config}", rows, "cpu", out_dir, extra=extra,
+                         plot=("case", "speedup_vs_modules", "impl"))
+
+
 def compare_bf16_weights(quick: bool = False, out_dir="benchmarks/results", grid: int | None = None,
                          repeats: int | None = None):
     """CPU: the small config with every weight rounded to bfloat16 (as a bfloat16 checkpoint loaded as
@@ -603,7 +667,17 @@ def main(argv=None):
     p.add_argument("--bf16-model", action="store_true",
                    help="CPU only: instead, the same calls on a bfloat16 model with its decode steps through its "
                         "modules or the native step, and on the same values as a float32 model")
+    p.add_argument("--bf16-steps", metavar="CONFIG", choices=("chameleon_7b", "small"),
+                   help="CPU only: instead, single decode steps (1, 2, 5 rows) of CONFIG in bfloat16 after a prefill, "
+                        "on the native step and on the modules (chameleon_7b: about 15 GB of memory, minutes)")
     a = p.parse_args(argv)
+    if a.bf16_steps:
+        if a.device not in (None, "cpu"):
+            p.error("--bf16-steps compares CPU settings; leave --device unset or cpu")
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        print(compare_bf16_steps(a.bf16_steps, a.quick, a.out, grid=a.grid))
+        return
     for flag, compare in (("malloc", compare_malloc), ("decode_paths", compare_decode_paths),
                           ("bf16_weights", compare_bf16_weights), ("bf16_model", compare_bf16_model)):
         if getattr(a, flag):  # CPU comparisons instead of the latency table

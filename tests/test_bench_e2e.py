@@ -118,3 +118,20 @@ def test_bf16_model_comparison(tmp_path, monkeypatch):
     assert len(doc["rows"]) == 9
     assert {r["impl"] for r in doc["rows"]} == {"bf16-modules", "bf16-native-step", "float32-native-step"}
     assert all(r["tokens_equal_float32"] for r in doc["rows"] if r["impl"] == "float32-native-step")
+
+
+def test_bf16_steps_comparison(tmp_path, monkeypatch, capsys):
+    """`e2e --bf16-steps small`: both sides time a step that really ran on its path (the native one a
+    DecodeStep made for a bfloat16 model), their hidden states close, the switch as it was."""
+    nb = pytest.importorskip("worldvla.ops.native_backend")
+    from worldvla.ops import decoder, dispatch
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    made, real = [], nb._C.DecodeStep
+    monkeypatch.setattr(nb._C, "DecodeStep", lambda *args: made.append(args[-1]) or real(*args))
+    e2e.main(["--bf16-steps", "small", "--quick", "--out", str(tmp_path)])
+    doc = json.loads(next(tmp_path.glob("e2e_bf16_steps_small-*.json")).read_text())
+    assert decoder.NATIVE_STEP is True and made == [2, 2, 2]  # one plan per step shape, each for bfloat16
+    assert [r["impl"] for r in doc["rows"]] == ["native-step", "modules"] * 3
+    assert all(0 < r["relative_difference"] < 0.05 for r in doc["rows"])
+    assert doc["prefill_s"] > 0 and "prefill" in capsys.readouterr().out
