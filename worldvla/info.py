@@ -50,7 +50,7 @@ def collect() -> dict:
     info["ops"] = ops
     from worldvla.ops import decoder
     # How the engine runs a decode step on the CPU (a CUDA device captures it in a CUDA graph).
-    info["cpu_decode_step"] = ("one native call a step" if decoder.native_step_active()
+    info["cpu_decode_step"] = ("one native call a step (float32 and bfloat16 models)" if decoder.native_step_active()
                                else "each layer by the decoder_layer order above")
     return info
 
