@@ -86,11 +86,17 @@ def build_model(name: str, device, dtype, seed: int = 0) -> WorldVLA:
 @contextlib.contextmanager
 def count_passes(model):
     """Counts forward passes of `model` while active: `with ... as n: ...; n[0]`. Calls of its
-    `hidden_states` (every prefill, module-run step and baseline pass), and the engine's native steps
-    (DecodeStepPlan, which run no module). Not a forward hook: a hooked model keeps its modules."""
+    `hidden_states` (every prefill, module-run step and baseline pass), the engine's native steps
+    (DecodeStepPlan, which run no module) and the h*w - 1 steps of a frame's native loop. Not a forward
+    hook: a hooked model keeps its modules."""
     n = [0]
     hidden_states = model.hidden_states  # the bound method, shadowed on the instance while counting
     run_step = DecodeStepPlan.__call__
+    try:
+        from worldvla.ops import native_backend
+    except ImportError:
+        native_backend = None
+    frame_loop = getattr(native_backend, "decode_frame_greedy", None)
 
     def counted_forward(*args, **kwargs):
         n[0] += 1
@@ -100,13 +106,21 @@ def count_passes(model):
         n[0] += 1
         return run_step(plan)
 
+    def counted_frame(one, two, weight, lo, hi, codes, next_pos, h, w, newline):
+        n[0] += h * w - 1
+        return frame_loop(one, two, weight, lo, hi, codes, next_pos, h, w, newline)
+
     model.hidden_states = counted_forward
     DecodeStepPlan.__call__ = counted
+    if frame_loop is not None:
+        native_backend.decode_frame_greedy = counted_frame
     try:
         yield n
     finally:
         del model.hidden_states
         DecodeStepPlan.__call__ = run_step
+        if frame_loop is not None:
+            native_backend.decode_frame_greedy = frame_loop
 
 
 def no_stop(layout: VocabLayout):

@@ -348,9 +348,35 @@ class DecodeStep {
     decode_step_cpu(p_);
   }
 
+  const DecodeStepParams& params() const { return p_; }
+
  private:
   DecodeStepParams p_;
 };
+
+void decode_frame_greedy(const DecodeStep& one, const DecodeStep& two, int64_t rows, int64_t h, int64_t w,
+                         int64_t newline, int64_t codes, int64_t next_pos, int64_t weight, int64_t w_s, int w_dtype,
+                         int64_t H, int64_t lo, int64_t hi, int64_t screen, int64_t colmax, int64_t max_candidates) {
+  if (hi <= lo) throw std::invalid_argument("decode_frame_greedy: empty vocabulary range");
+  FrameDecodeParams f;
+  f.rows = rows;
+  f.h = h;
+  f.w = w;
+  f.newline = newline;
+  f.codes = ptr<int64_t>(codes);
+  f.next_pos = ptr<int64_t>(next_pos);
+  f.head.weight = ptr<const void>(weight);
+  f.head.w_s = w_s;
+  f.head.w_dtype = w_dtype;
+  f.head.H = H;
+  f.head.lo = lo;
+  f.head.hi = hi;
+  f.head.screen = ptr<const uint16_t>(screen);
+  f.head.colmax = ptr<const float>(colmax);
+  f.head.max_candidates = max_candidates;
+  py::gil_scoped_release nogil;
+  decode_frame_greedy_cpu(one.params(), two.params(), f);
+}
 
 }  // namespace
 
@@ -400,6 +426,10 @@ PYBIND11_MODULE(_C, m) {
                     int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, Strides, Strides, int64_t,
                     double, bool, int>())
       .def("run", &DecodeStep::run, "Run the step on the buffers' current contents.");
+  m.def("decode_frame_greedy", &decode_frame_greedy,
+        "A world-model frame's greedy codes in one call on the CPU: a one-row and a two-row DecodeStep (the "
+        "engine's, on its buffers), codes [rows, h*w] (column 0 given), next positions [rows], the lm_head "
+        "range's pointers (and its bfloat16 screen for float32 weights, or 0).");
   m.def("range_argmax", &range_argmax, "Greedy token over the vocabulary range [lo, hi) (int64 out).");
   m.def("range_argmax_screened", &range_argmax_screened,
         "range_argmax on the CPU screened with bfloat16 copies of the range's rows (bitwise its ids).");

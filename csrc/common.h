@@ -134,6 +134,28 @@ struct DecodeStepParams {
 };
 // Throws std::out_of_range for a token id outside the vocabulary or a position outside the tables or cache.
 void decode_step_cpu(const DecodeStepParams& p);
+// The greedy choice over vocabulary rows [lo, hi) of an lm_head [V, H] (row stride w_s, float32 or
+// bfloat16 per w_dtype), as range_argmax_cpu; float32 weights may come with their range's bfloat16
+// screen (range_argmax_screened_cpu: screen [hi - lo, H] and colmax [H], else null).
+struct GreedyRange {
+  const void* weight = nullptr;
+  int64_t w_s = 0, H = 0, lo = 0, hi = 0, max_candidates = 0;
+  int w_dtype = kFloat32;
+  const uint16_t* screen = nullptr;
+  const float* colmax = nullptr;
+};
+// A world-model frame's greedy decode in one call (csrc/cpu/decoder.cpp): for each of rows sequences,
+// codes[r, 0] given, every next code chosen by `head` from the hidden state of the token fed before it,
+// a row's last code fed together with `newline` (the two-row step `two`, else `one`), positions from
+// next_pos[r] on (advanced). The steps' ids, positions and q_pos buffers (their bound addresses) are
+// written as the engine's Python loop writes them, so the codes are that loop's.
+struct FrameDecodeParams {
+  int64_t rows = 0, h = 0, w = 0, newline = 0;
+  int64_t* codes = nullptr;     // [rows, h * w] vocabulary ids
+  int64_t* next_pos = nullptr;  // [rows]
+  GreedyRange head;
+};
+void decode_frame_greedy_cpu(const DecodeStepParams& one, const DecodeStepParams& two, const FrameDecodeParams& f);
 // The layer's stages between its projections (prefills run torch's GEMM for those; csrc/cpu/decoder.cpp).
 // q [R, H, Dh], k, v [R, Hkv, Dh] (R = batch * n_q rows): q and k normed and rotated in place, k and v
 // written into the cache at p.pos, the attention of q written to o [R, H, Dh]; p's projection weights unused.

@@ -166,3 +166,32 @@ def test_frames_cuda_graphs_match_eager(cfg_scale):
         assert eng.cuda_graphs == graphs
     assert all(torch.equal(o, outs[0]) for o in outs)
     _check_greedy(model.cpu(), b, codes, actions, outs[0].cpu(), cfg_scale=cfg_scale)
+
+
+@pytest.mark.parametrize("dtype,n_codes", [(torch.float32, 64), (torch.float32, 2304), (torch.bfloat16, 64)],
+                         ids=["float32", "float32-screened", "bfloat16"])
+def test_native_frame_loop_is_the_python_loop(rng, monkeypatch, dtype, n_codes):
+    """On the CPU a greedy frame on native steps runs its loop in one native call: the codes of the
+    Python loop, over two sequences, a grid of 4 rows of 6 codes, twice on one engine (a rollout), float32 (plain and screened greedy choices) and bfloat16 models."""
+    nb = pytest.importorskip("worldvla.ops.native_backend")
+    from worldvla.inference import frames
+    from worldvla.ops import decoder, dispatch
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("constrained_sample", "cpu"), ("native", "torch"))
+    monkeypatch.setattr(decoder, "NATIVE_STEP", True)
+    calls, real = [], nb._C.decode_frame_greedy
+    monkeypatch.setattr(nb._C, "decode_frame_greedy", lambda *a: calls.append(1) or real(*a))
+    lay = VocabLayout.compact(n_image_codes=n_codes)
+    model, b = _model(1, lay).to(dtype), _builder(lay)
+    codes = torch.randint(0, n_codes, (2, 4, 6), generator=rng)
+    actions = torch.rand(2, 4, generator=rng).numpy() * 2 - 1
+    got = {}
+    for native in (True, False):
+        monkeypatch.setattr(frames, "NATIVE_FRAME_LOOP", native)
+        engine = InferenceEngine(model, 2, b.world_prompt(codes[0], actions[0]).numel() + 3 + 4 * 7, layout=lay)
+        first = generate_frame_codes(model, codes, actions, b, engine=engine)
+        got[native] = (first, generate_frame_codes(model, first, actions, b, engine=engine))
+        assert len(calls) == 2  # the native loop's two frames; the Python loop's add none
+    assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
+    assert len(set(got[True][0].flatten().tolist())) > 3  # not a constant output

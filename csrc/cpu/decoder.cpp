@@ -268,4 +268,52 @@ void decode_step_cpu(const DecodeStepParams& p) {
   }
 }
 
+// The greedy choice of each row of hidden [N, H] (float32) into ids (vocabulary ids).
+static void greedy(const GreedyRange& g, const float* hidden, int64_t N, int64_t* ids) {
+  if (g.screen) {
+    const float* w = static_cast<const float*>(g.weight) + g.lo * g.w_s;
+    range_argmax_screened_cpu(hidden, g.H, w, g.w_s, g.screen, g.colmax, N, g.H, g.hi - g.lo, g.max_candidates, ids);
+    for (int64_t n = 0; n < N; ++n) ids[n] += g.lo;
+  } else {
+    range_argmax_cpu(hidden, g.H, g.weight, g.w_s, g.w_dtype, N, g.H, g.lo, g.hi, ids);
+  }
+}
+
+void decode_frame_greedy_cpu(const DecodeStepParams& one, const DecodeStepParams& two, const FrameDecodeParams& f) {
+  const int64_t N = f.rows, hw = f.h * f.w, D = one.layers.front().hidden;
+  if (one.layers.front().attn.batch != N || two.layers.front().attn.batch != N || one.layers.front().attn.n_q != 1 ||
+      two.layers.front().attn.n_q != 2 || two.layers.front().hidden != D || f.head.H != D || one.dtype != two.dtype)
+    throw std::invalid_argument("decode_frame_greedy: wants a one-row and a two-row step of the same model over "
+                                "the frame's sequences");
+  std::vector<float> hidden(N * D);
+  std::vector<int64_t> ids(N);
+  for (int64_t i = 1; i < hw; ++i) {
+    const bool row_end = i % f.w == 0;  // the previous code closes a row: fed with the row's newline
+    const DecodeStepParams& s = row_end ? two : one;
+    const int64_t Q = row_end ? 2 : 1;
+    int64_t* step_ids = const_cast<int64_t*>(s.ids);
+    int64_t* pos = const_cast<int64_t*>(s.layers.front().pos);
+    int32_t* q_pos = const_cast<int32_t*>(s.layers.front().attn.q_pos);
+    for (int64_t r = 0; r < N; ++r) {
+      step_ids[r * Q] = f.codes[r * hw + i - 1];
+      if (row_end) step_ids[r * Q + 1] = f.newline;
+      for (int64_t q = 0; q < Q; ++q) {
+        pos[r * Q + q] = f.next_pos[r] + q;
+        q_pos[r * Q + q] = static_cast<int32_t>(f.next_pos[r] + q);
+      }
+    }
+    decode_step_cpu(s);
+    for (int64_t r = 0; r < N; ++r) {
+      f.next_pos[r] += Q;
+      const int64_t at = (r * Q + Q - 1) * D;  // the row's last token's hidden state
+      if (s.dtype == kBFloat16)
+        for (int64_t d = 0; d < D; ++d) hidden[r * D + d] = widen(static_cast<const bf16_t*>(s.out)[at + d]);
+      else
+        std::copy(static_cast<const float*>(s.out) + at, static_cast<const float*>(s.out) + at + D, &hidden[r * D]);
+    }
+    greedy(f.head, hidden.data(), N, ids.data());
+    for (int64_t r = 0; r < N; ++r) f.codes[r * hw + i] = ids[r];
+  }
+}
+
 }  // namespace worldvla

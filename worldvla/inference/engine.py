@@ -250,6 +250,11 @@ class InferenceEngine:
         buf.graph.replay()
         return buf.out
 
+    def step_plan(self, n_queries: int):
+        """The native plan the CPU runs steps of `n_queries` rows per sequence with now (a DecodeStepPlan
+        with a step), else None."""
+        return self._plan(self.buffers(n_queries))
+
     def _plan(self, buf: StepBuffers):
         """The step's native plan where one runs it now (the CPU; ops.decoder.DecodeStepPlan), else None.
         Built on first use, and again after `check_model` found the model changed."""

@@ -7,7 +7,8 @@ header goes with the prompt's prefill, and a row's newline with the row's last c
 (a 2-row step). A frame of h x w codes costs h*w - 1 decode steps. Codes are chosen among
 the image-code ids only, greedily or by top-k / temperature sampling; when those ids form one
 range and there is no guidance, through the fused constrained sampler (`ops.constrained_sample`:
-the range's logits only, greedy without materializing them).
+the range's logits only, greedy without materializing them). On the CPU, a greedy frame whose steps
+run as native calls runs its whole loop in one (`NATIVE_FRAME_LOOP`): the same steps and choices.
 
 Classifier-free guidance (optional): the unconditional branch is the same prompt without
 the action block (`BOS, text, image, SEP`), decoded in the same batch, and the code
@@ -25,10 +26,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..ops.sampling import sample_logits
+from ..model import plain_linear
+from ..ops.sampling import resolve_constrained_sample, sample_logits
 from ..tokens.sequence import WORLD_PROMPT, SequenceBuilder, image_tokens
 from .chunk import head_logits, head_sample, sampling_backend
 from .engine import InferenceEngine
+
+# A greedy frame on the CPU runs its decode loop in one native call where the steps are native plans and
+# the greedy choice is the native sampler's (`_native_frame_loop`); False keeps the loop in Python.
+NATIVE_FRAME_LOOP = True
 
 
 class FrameRollout(NamedTuple):
@@ -95,6 +101,11 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     for buf in (one, two):
         buf.q_limit.fill_(-1)
     two.ids[:, 1] = lay.newline
+    native = _native_frame_loop(engine, model, h_last, lo, hi, sampler) if fused and temperature <= 0.0 else None
+    if native is not None:  # the loop below in one native call: the same steps, the same choices
+        native(engine.step_plan(1).step, engine.step_plan(2).step, model.lm_head.weight, lo, hi, out, nxt, h, w,
+               lay.newline)
+        return code_of[out - lo].view(N, h, w)
     offsets = torch.arange(2, device=dev).view(1, 2)
     for i in range(1, h * w):
         tok = out[:, i - 1].repeat(2) if guided else out[:, i - 1]
@@ -110,6 +121,23 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
             nxt += 1
         out[:, i] = choose(hid)
     return code_of[out - lo].view(N, h, w)
+
+
+def _native_frame_loop(engine, model, hidden, lo, hi, backend):
+    """`ops.native_backend.decode_frame_greedy` where it computes what `generate_frame_codes`' loop would
+    (the CPU; both step shapes on the engine's native plans; a plain lm_head whose greedy choice resolves
+    to the native sampler), else None. On the CPU the loop's Python between steps (buffer writes, the
+    sampler's dispatch) costs about a third of a small model's frame."""
+    if engine.device.type != "cpu" or not plain_linear(model.lm_head) or not NATIVE_FRAME_LOOP:
+        return None
+    if engine.step_plan(1) is None or engine.step_plan(2) is None:
+        return None
+    from ..ops import native_backend
+    weight = model.lm_head.weight
+    if weight.dtype not in (torch.float32, torch.bfloat16) or \
+            resolve_constrained_sample(hidden, weight, lo, hi, 0.0, backend) is not native_backend.constrained_sample:
+        return None
+    return native_backend.decode_frame_greedy
 
 
 def _to_batch_images(image) -> tuple[np.ndarray, bool]:

@@ -1029,7 +1029,36 @@ def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta, bf16_weights
         step.run()
         return out
 
+    run.native = step  # (decode_frame_greedy runs it in its own loop)
     return run
+
+
+def decode_frame_greedy(one, two, weight: Tensor, lo: int, hi: int, codes: Tensor, next_pos: Tensor, h: int, w: int,
+                        newline: int) -> None:
+    """A world-model frame's greedy codes in one native call: `one` and `two`, the engine's one- and two-row
+    steps (`build_decode_step`'s `run`, on its buffers), fed as `generate_frame_codes` feeds them: codes
+    [rows, h * w] int64 (column 0 given, the rest written), next_pos [rows] int64 (advanced), each code
+    chosen over lm_head rows [lo, hi) of `weight` exactly as `constrained_sample`'s native greedy choice
+    chooses it (screened for float32 ranges of SCREEN_MIN_ROWS or more)."""
+    op = "decode_frame_greedy"
+    rows = codes.shape[0]
+    if codes.dtype != torch.int64 or tuple(codes.shape) != (rows, h * w) or not codes.is_contiguous() or not codes.is_cpu:
+        _fail(op, f"codes must be contiguous int64 [rows, {h * w}] on the CPU, got {codes.dtype} {tuple(codes.shape)}")
+    if next_pos.dtype != torch.int64 or tuple(next_pos.shape) != (rows,) or not next_pos.is_contiguous():
+        _fail(op, f"next_pos must be contiguous int64 [{rows}], got {next_pos.dtype} {tuple(next_pos.shape)}")
+    if weight.dtype not in (torch.float32, torch.bfloat16) or not weight.is_cpu or weight.dim() != 2 \
+            or weight.stride(1) != 1 or not 0 <= lo < hi <= weight.shape[0]:
+        _fail(op, f"wants a float32 or bfloat16 CPU lm_head weight with unit column stride and a range inside it, got "
+                  f"{weight.dtype} {tuple(weight.shape)} on {weight.device}, [{lo}, {hi})")
+    screen = colmax = None
+    if weight.dtype == torch.float32 and hi - lo >= SCREEN_MIN_ROWS:  # as _range_argmax_impl
+        tables = screen_tables(weight, lo, hi)
+        if tables is not None:
+            screen, colmax = tables
+    _C.decode_frame_greedy(one.native, two.native, rows, h, w, newline, codes.data_ptr(), next_pos.data_ptr(),
+                           weight.data_ptr(), weight.stride(0), _DTYPE_CODE[weight.dtype], weight.shape[1], lo, hi,
+                           0 if screen is None else screen.data_ptr(), 0 if colmax is None else colmax.data_ptr(),
+                           SCREEN_MAX_CANDIDATES)
 
 
 def vq_quantize(z: Tensor, codebook: Tensor, code_splits: int | None = None) -> Tensor:

@@ -48,14 +48,19 @@ def _auto_backend(hidden, weight, lo, hi, temperature, backend):
     return backend
 
 
-def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None, backend="auto"):
+def resolve_constrained_sample(hidden, weight, lo, hi, temperature=0.0, backend="auto"):
+    """The implementation `constrained_sample` runs for inputs like these."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"constrained_sample wants hidden [N, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")
     if not 0 <= lo < hi <= weight.shape[0]:
         raise ValueError(f"vocabulary range [{lo}, {hi}) is empty or outside [0, {weight.shape[0]})")
     backend = _auto_backend(hidden, weight, lo, hi, temperature, backend)
-    return dispatch.call("constrained_sample", backend, hidden.device.type, hidden, weight, lo, hi,
-                         temperature, top_k, generator)
+    return dispatch.resolve("constrained_sample", backend, hidden.device.type, hidden, weight, lo, hi, temperature)
+
+
+def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None, backend="auto"):
+    return resolve_constrained_sample(hidden, weight, lo, hi, temperature, backend)(
+        hidden, weight, lo, hi, temperature, top_k, generator)
 
 
 dispatch.register("constrained_sample", "torch", constrained_sample_ref)
