@@ -367,23 +367,26 @@ def _cpu_calls(grid: int, repeats: int, model=None) -> dict:
 
 
 # The CPU decode paths `compare_decode_paths` switches between: (decoder_layer order, linear order,
-# ops.decoder.NATIVE_PREFILL, ops.decoder.NATIVE_STEP).
+# ops.decoder.NATIVE_PREFILL, ops.decoder.NATIVE_STEP, inference.frames.NATIVE_FRAME_LOOP).
 DECODE_PATHS = {
-    "modules-torch-linear": (("torch",), ("torch",), False, False),     # the layers' modules, torch's sgemm
-    "modules-native-linear": (("torch",), ("native", "torch"), False, False),  # the modules, the few-row C++ linear
-    "native-layer": (("native", "torch"), ("torch",), False, False),    # decode steps: one C++ call a layer
-    "native-layer+prefill": (("native", "torch"), ("torch",), True, False),  # and the prefill's GEMM route
-    "native-step+prefill": (("native", "torch"), ("torch",), True, True),  # decode steps: one call a step
+    "modules-torch-linear": (("torch",), ("torch",), False, False, False),  # the layers' modules, torch's sgemm
+    "modules-native-linear": (("torch",), ("native", "torch"), False, False, False),  # the few-row C++ linear
+    "native-layer": (("native", "torch"), ("torch",), False, False, False),  # decode steps: one C++ call a layer
+    "native-layer+prefill": (("native", "torch"), ("torch",), True, False, False),  # and the prefill's GEMM route
+    "native-step+prefill": (("native", "torch"), ("torch",), True, True, False),  # decode steps: one call a step
+    "native-frame-loop": (("native", "torch"), ("torch",), True, True, True),  # a frame's loop: one call a frame
 }
 
 
 def compare_decode_paths(quick: bool = False, out_dir="benchmarks/results", grid: int | None = None,
                          repeats: int | None = None):
-    """CPU: the same engines with the cached forwards run five ways (DECODE_PATHS), switched call by
-    call (A, B, C, D, E, A, ...), medians; the tokens of all five must be equal. The first three keep
+    """CPU: the same engines with the cached forwards run six ways (DECODE_PATHS), switched call by
+    call (A, B, C, ..., A, ...), medians; the tokens of all six must be equal. The first three keep
     the modules and torch's GEMM for the prompt's prefill (more than NATIVE_MAX_ROWS rows) and differ
-    in the decode steps; the fourth also runs the prefill on the native layer's GEMM route, and the
-    last runs each decode step in one native call (the engine's DecodeStepPlan, the default)."""
+    in the decode steps; the fourth also runs the prefill on the native layer's GEMM route, the fifth
+    runs each decode step in one native call (the engine's DecodeStepPlan), and the last (the default)
+    also a frame's whole greedy loop (chunks are decoded as in the fifth)."""
+    from worldvla.inference import frames as frames_mod
     from worldvla.ops import decoder as decoder_op
     from worldvla.ops import dispatch
 
@@ -394,10 +397,10 @@ def compare_decode_paths(quick: bool = False, out_dir="benchmarks/results", grid
     calls = _cpu_calls(grid, repeats or (3 if quick else 10))
     keys = [("decoder_layer", "cpu"), ("linear", "cpu")]
     saved = {k: dispatch.AUTO_ORDER.get(k) for k in keys}
-    saved_prefill, saved_step = decoder_op.NATIVE_PREFILL, decoder_op.NATIVE_STEP
+    saved_flags = decoder_op.NATIVE_PREFILL, decoder_op.NATIVE_STEP, frames_mod.NATIVE_FRAME_LOOP
 
     def use(path):
-        *orders, decoder_op.NATIVE_PREFILL, decoder_op.NATIVE_STEP = DECODE_PATHS[path]
+        *orders, decoder_op.NATIVE_PREFILL, decoder_op.NATIVE_STEP, frames_mod.NATIVE_FRAME_LOOP = DECODE_PATHS[path]
         for key, order in zip(keys, orders):
             dispatch.AUTO_ORDER[key] = order
 
@@ -416,7 +419,7 @@ def compare_decode_paths(quick: bool = False, out_dir="benchmarks/results", grid
                                  "repeats": n, "speedup_vs_modules": med[base] / med[path],
                                  "tokens_equal": bool(torch.equal(out[path], out[base]))})
     finally:
-        decoder_op.NATIVE_PREFILL, decoder_op.NATIVE_STEP = saved_prefill, saved_step
+        decoder_op.NATIVE_PREFILL, decoder_op.NATIVE_STEP, frames_mod.NATIVE_FRAME_LOOP = saved_flags
         for key, order in saved.items():
             if order is None:
                 dispatch.AUTO_ORDER.pop(key, None)
@@ -425,7 +428,7 @@ def compare_decode_paths(quick: bool = False, out_dir="benchmarks/results", grid
     print_table(rows, ["case", "impl", "median_ms", "speedup_vs_modules", "tokens_equal"])
     extra = {"threads": torch.get_num_threads(), "quick": quick,
              "paths": {k: {"decoder_layer": list(v[0]), "linear": list(v[1]), "native_prefill": v[2],
-                           "native_step": v[3]}
+                           "native_step": v[3], "native_frame_loop": v[4]}
                        for k, v in DECODE_PATHS.items()},
              "method": "one model and engine per case; the path switched call by call (interleaved), medians; "
                        "prefills on the modules and torch's GEMM except in the +prefill paths"}
@@ -667,9 +670,9 @@ def main(argv=None):
     p.add_argument("--chunks", type=int, nargs="+", help="actions per chunk (default: 5 10)")
     p.add_argument("--decode-paths", action="store_true",
                    help="CPU only: instead, a 5-action chunk (parallel, sequential) and a frame with the decode "
-                        "steps through the layers' modules (torch's or the native few-row linear) and through the "
-                        "native decoder layer, with the prefill on the modules or also on the native layer, "
-                        "interleaved")
+                        "steps through the layers' modules (torch's or the native few-row linear), the native "
+                        "decoder layer, one native call a step or (frames) a whole loop, with the prefill on the "
+                        "modules or also on the native layer, interleaved")
     p.add_argument("--tune-malloc", action="store_true",
                    help="CPU: tune glibc's malloc first (tune_cpu_malloc), as WorldVLAPolicy does")
     p.add_argument("--malloc", action="store_true",

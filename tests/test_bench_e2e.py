@@ -62,14 +62,16 @@ def test_action_prompt_layout():
 
 def test_decode_paths_comparison_keeps_the_tokens(tmp_path, monkeypatch, native_step_runs):
     """`e2e --decode-paths`: each case timed through the modules (torch's and the native linear), the
-    native decoder layer (decode steps, then also the prefill) and the native step, each path really
-    taken, the same tokens, the dispatch order and switches as they were afterwards."""
+    native decoder layer (decode steps, then also the prefill), the native step and a frame's native
+    loop, each path really taken, the same tokens, the dispatch order and switches as they were afterwards."""
     pytest.importorskip("worldvla._C")
     from worldvla.ops import decoder, dispatch
     from worldvla.ops import native_backend as nb
 
-    calls = {"linear": 0, "decoder_layer": 0, "decoder_attention_block": 0}
-    for name in ("linear", "decoder_layer", "decoder_attention_block"):
+    from worldvla.inference import frames
+
+    calls = {"linear": 0, "decoder_layer": 0, "decoder_attention_block": 0, "decode_frame_greedy": 0}
+    for name in calls:
         def spy(*a, name=name, f=getattr(nb._C, name)):
             calls[name] += 1
             return f(*a)
@@ -78,6 +80,7 @@ def test_decode_paths_comparison_keeps_the_tokens(tmp_path, monkeypatch, native_
     # grid 4: a 70-token prompt, more than NATIVE_MAX_ROWS rows, so the prefill route runs too
     doc = json.loads(e2e.compare_decode_paths(quick=True, out_dir=tmp_path, grid=4, repeats=1).read_text())
     assert dispatch.AUTO_ORDER == before and decoder.NATIVE_PREFILL is True and decoder.NATIVE_STEP is True
+    assert frames.NATIVE_FRAME_LOOP is True
     assert all(calls.values()) and native_step_runs, calls
     cases = {r["case"] for r in doc["rows"]}
     assert len(cases) == 3 and all(r["tokens_equal"] for r in doc["rows"])
