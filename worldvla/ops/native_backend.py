@@ -264,7 +264,7 @@ def _masked_attention_impl(q: Tensor, k: Tensor, v: Tensor, kv_block: Tensor, q_
     else:
         n_seq, seq_len, meta_sb, max_seqlen = q.shape[0], q.shape[1], q.shape[1], q.shape[1]
     _C.masked_attention_fwd(
-        dev, _stream(dev), _DTYPE_CODE[kc.dtype], qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), oc.data_ptr(),
+        dev, _stream(dev), _DTYPE_CODE[qc.dtype], qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), oc.data_ptr(),
         kv_block.data_ptr(), q_limit.data_ptr(), cu_seqlens.data_ptr() if packed else 0,
         n_seq, seq_len, max_seqlen, q.shape[-2], k.shape[-2], q.shape[-1],
         strides(qc), strides(kc), strides(vc), strides(oc), meta_sb, float(softmax_scale))
