@@ -155,7 +155,10 @@ struct FrameDecodeParams {
   int64_t* next_pos = nullptr;  // [rows]
   GreedyRange head;
 };
-void decode_frame_greedy_cpu(const DecodeStepParams& one, const DecodeStepParams& two, const FrameDecodeParams& f);
+// Codes [first, last) of the frame (1 <= first; the caller walks 1 .. h*w, e.g. one at a time to stay
+// interruptible).
+void decode_frame_greedy_cpu(const DecodeStepParams& one, const DecodeStepParams& two, const FrameDecodeParams& f,
+                             int64_t first, int64_t last);
 // The layer's stages between its projections (prefills run torch's GEMM for those; csrc/cpu/decoder.cpp).
 // q [R, H, Dh], k, v [R, Hkv, Dh] (R = batch * n_q rows): q and k normed and rotated in place, k and v
 // written into the cache at p.pos, the attention of q written to o [R, H, Dh]; p's projection weights unused.

@@ -195,3 +195,42 @@ def test_native_frame_loop_is_the_python_loop(rng, monkeypatch, dtype, n_codes):
         assert len(calls) == 2  # the native loop's two frames; the Python loop's add none
     assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
     assert len(set(got[True][0].flatten().tolist())) > 3  # not a constant output
+
+
+def test_native_frame_loop_stops_on_a_signal(rng, monkeypatch):
+    """The native frame loop checks for signals between steps: a handler that raises (as Ctrl-C's does)
+    stops it mid-frame, with the codes chosen so far written and the rest untouched."""
+    import signal
+
+    nb = pytest.importorskip("worldvla.ops.native_backend")
+    from worldvla.ops import decoder, dispatch
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("constrained_sample", "cpu"), ("native", "torch"))
+    monkeypatch.setattr(decoder, "NATIVE_STEP", True)
+    seen, real = [], nb.decode_frame_greedy
+
+    class Stop(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Stop()
+
+    def armed(one, two, weight, lo, hi, codes, *rest):
+        codes[:, 1:] = -1
+        seen.append(codes)
+        signal.setitimer(signal.ITIMER_REAL, 0.003)  # a few steps into the frame
+        return real(one, two, weight, lo, hi, codes, *rest)
+
+    monkeypatch.setattr(nb, "decode_frame_greedy", armed)
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        model, b = _model(2), _builder()
+        codes = torch.randint(0, 64, (1, 20, 20), generator=rng)  # 399 steps
+        with pytest.raises(Stop):
+            generate_frame_codes(model, codes, torch.zeros(1, 4).numpy(), b)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    done = int((seen[0][0] != -1).sum())
+    assert 1 < done < 20 * 20, done

@@ -279,15 +279,19 @@ static void greedy(const GreedyRange& g, const float* hidden, int64_t N, int64_t
   }
 }
 
-void decode_frame_greedy_cpu(const DecodeStepParams& one, const DecodeStepParams& two, const FrameDecodeParams& f) {
+void decode_frame_greedy_cpu(const DecodeStepParams& one, const DecodeStepParams& two, const FrameDecodeParams& f,
+                             int64_t first, int64_t last) {
   const int64_t N = f.rows, hw = f.h * f.w, D = one.layers.front().hidden;
   if (one.layers.front().attn.batch != N || two.layers.front().attn.batch != N || one.layers.front().attn.n_q != 1 ||
       two.layers.front().attn.n_q != 2 || two.layers.front().hidden != D || f.head.H != D || one.dtype != two.dtype)
     throw std::invalid_argument("decode_frame_greedy: wants a one-row and a two-row step of the same model over "
                                 "the frame's sequences");
+  if (first < 1 || last > hw)
+    throw std::out_of_range("decode_frame_greedy: codes [" + std::to_string(first) + ", " + std::to_string(last) +
+                            ") lie outside [1, " + std::to_string(hw) + ")");
   std::vector<float> hidden(N * D);
   std::vector<int64_t> ids(N);
-  for (int64_t i = 1; i < hw; ++i) {
+  for (int64_t i = first; i < last; ++i) {
     const bool row_end = i % f.w == 0;  // the previous code closes a row: fed with the row's newline
     const DecodeStepParams& s = row_end ? two : one;
     const int64_t Q = row_end ? 2 : 1;
