@@ -18,7 +18,8 @@ from test_native_attention import FP32_FLOOR, LAYOUT, action_ids, assert_close_r
 from test_native_linear import assert_close_to_f64  # noqa: E402
 
 from worldvla import chunk_mask_meta  # noqa: E402
-from worldvla.ops import masked_attention_ref  # noqa: E402
+from worldvla.mask import NO_BLOCK, DecodeMeta  # noqa: E402
+from worldvla.ops import decode_attention_ref, masked_attention_ref  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CXX = shutil.which("aarch64-linux-gnu-g++")
@@ -38,7 +39,7 @@ def driver(tmp_path_factory):
     return exe
 
 
-def _run(driver, kernel, tmp_path, *arrays):
+def _run(driver, kernel, tmp_path, *arrays, dtype=np.float32):
     if QEMU is None:
         pytest.skip("no qemu-user to run aarch64 binaries (qemu-aarch64-static)")
     src, dst = tmp_path / f"{kernel}.in", tmp_path / f"{kernel}.out"
@@ -46,7 +47,7 @@ def _run(driver, kernel, tmp_path, *arrays):
     done = subprocess.run([QEMU, str(driver), kernel, str(src), str(dst)], capture_output=True, text=True,
                           env={"OMP_NUM_THREADS": "2"}, timeout=300)
     assert done.returncode == 0, done.stderr
-    return np.fromfile(dst, dtype=np.float32)
+    return np.fromfile(dst, dtype=dtype)
 
 
 def test_cpu_sources_compile_for_aarch64(driver):
@@ -83,3 +84,40 @@ def test_bf16_weight_linear_on_aarch64(driver, tmp_path, rng, M, K, N):
     y32, y16 = torch.from_numpy(y.copy()).view(2, M, N)
     assert torch.equal(y16, y32)
     assert_close_to_f64(y16, x, w, f"aarch64 bf16 linear {M}x{K}x{N}")
+
+
+@pytest.mark.parametrize("Q,H,Hkv,D,S", [(1, 4, 2, 64, 77), (5, 3, 3, 20, 130)])
+def test_bf16_cache_decode_on_aarch64(driver, tmp_path, rng, Q, H, Hkv, D, S):
+    """Decode attention's portable widening of a bfloat16 cache (no AVX there) gives the float32 cache's
+    result bit for bit, within the rule of the float64 reference."""
+    q = torch.randn(1, Q, H, D, generator=rng)
+    k, v = (torch.randn(1, S, Hkv, D, generator=rng).bfloat16().float() for _ in range(2))
+    kv_len = S - 3
+    q_pos = torch.randint(0, kv_len, (1, Q), generator=rng).int()
+    kv_block = torch.where(torch.rand(1, S, generator=rng) < 0.3, torch.randint(0, 4, (1, S), generator=rng),
+                           torch.full((1, S), NO_BLOCK)).int()
+    kv_block[:, 0] = NO_BLOCK
+    q_limit = torch.randint(-1, 4, (1, Q), generator=rng).int()
+    dm = DecodeMeta(q_pos, q_limit, kv_block, torch.tensor([kv_len], dtype=torch.int32))
+    o = _run(driver, "decode_bf16", tmp_path, np.array([Q, H, Hkv, D, S], dtype=np.int64), q.numpy(), k.numpy(),
+             v.numpy(), q_pos.numpy(), q_limit.numpy(), kv_block.numpy(), np.array([kv_len], dtype=np.int32))
+    o32, o16 = torch.from_numpy(o.copy()).view(2, 1, Q, H, D)
+    assert torch.equal(o16, o32)
+    ref = decode_attention_ref(q.double(), k.double(), v.double(), dm)
+    assert_close_rule(o16, ref, decode_attention_ref(q, k, v, dm, upcast=False), f"aarch64 bf16 decode Q{Q}",
+                      FP32_FLOOR)
+
+
+def test_to_bf16_rounds_as_torch(driver, tmp_path, rng):
+    """`to_bf16` (the bfloat16 caches' writes) rounds as torch does: random values, exact ties either way,
+    the largest finite floats (to infinity), infinities, signed zeros and subnormals; NaN stays NaN."""
+    ties = (torch.randint(0, 0x7F00, (64,), generator=rng).int() << 16 | 0x8000).view(torch.float32)  # finite
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 3.4028235e38, -3.4028235e38,
+                            1e-40, -1e-45, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8])
+    x = torch.cat([torch.randn(1000, generator=rng) * 10, ties, -ties, special])
+    x = torch.cat([x, torch.nextafter(x, torch.tensor(float("inf")))])
+    bits = _run(driver, "to_bf16", tmp_path, np.array([x.numel()], dtype=np.int64), x.numpy(), dtype=np.uint16)
+    want = x.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    nan = torch.isnan(x).numpy()  # any NaN (torch writes 0xffff, to_bf16 the quiet 0x7fc0)
+    assert np.array_equal(bits[~nan], want[~nan]), np.flatnonzero(bits[~nan] != want[~nan])[:10]
+    assert nan.any() and ((bits[nan] & 0x7F80) == 0x7F80).all() and (bits[nan] & 0x7F).all()

@@ -323,7 +323,9 @@ WORLDVLA_INLINE void decode_item(const DecodeParams& p, const DecodeItem& it, De
         std::copy(qr, qr + D, &w.qs[(hh * R + g * Q + i) * D]);
       }
 
-  // Scores, eight keys at a time (the last group repeats the last key; masked below).
+  // Scores, eight keys at a time (the last group repeats the last key; masked below). The head dim's
+  // tail past the vectors is an explicit fused multiply-add: left to contraction, GCC fused it for float
+  // keys but not for widened bfloat16 ones on aarch64, and the two caches' results differed there.
   for (int64_t s0 = 0; s0 < end; s0 += 8) {
     const KV* kr[8];
     const KV* kn[8];  // the next group's rows, prefetched a head at a time
@@ -346,7 +348,7 @@ WORLDVLA_INLINE void decode_item(const DecodeParams& p, const DecodeItem& it, De
         for (int j = 0; j < 8; ++j) f[j] = fold8(a[j]);
         v8f sums = sum8x8(f);
         for (int64_t d = DW; d < D; ++d)
-          for (int j = 0; j < 8; ++j) sums[j] += qr[d] * widen(kr[j][koff + d]);
+          for (int j = 0; j < 8; ++j) sums[j] = __builtin_fmaf(qr[d], widen(kr[j][koff + d]), sums[j]);
         store8(&w.sc[(hh * R + r) * ldp + s0], sums * splat8(p.scale));  // scaled after the dot, as torch
       }
     }

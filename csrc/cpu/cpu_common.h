@@ -202,7 +202,7 @@ WORLDVLA_INLINE float widen(bf16_t x) {
   return f;
 }
 
-// float32 -> bfloat16 bits, rounding to nearest even, as torch's conversion does (NaN -> 0x7fc0, as there).
+// float32 -> bfloat16 bits, rounding to nearest even as torch's conversion does; NaN -> a quiet NaN (0x7fc0).
 WORLDVLA_INLINE bf16_t to_bf16(float x) {
   uint32_t u;
   __builtin_memcpy(&u, &x, sizeof(u));

@@ -4,6 +4,10 @@
 //                                   int32 kv_block [L], q_limit [L]   OUT: float o [L, H, D]
 //   kernels_main linear IN OUT      IN: int64 M, K, N; float x [M, K], w [N, K]   OUT: float y [M, N]
 //   kernels_main linear_bf16 IN OUT as linear, w of bfloat16 values   OUT: y of linear_cpu, then of linear_bf16_cpu
+//   kernels_main decode_bf16 IN OUT IN: int64 Q, H, Hkv, D, S; float q [Q, H, D], k, v [S, Hkv, D] of bfloat16
+//                                   values; int32 q_pos [Q], q_limit [Q], kv_block [S], kv_len
+//                                   OUT: float o [Q, H, D] on the float32 cache, then on its bfloat16 bits
+//   kernels_main to_bf16 IN OUT     IN: int64 n; float x [n]   OUT: uint16 bits [n] (to_bf16)
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -11,6 +15,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/cpu_common.h"
 
 using namespace worldvla;
 
@@ -72,11 +77,57 @@ void linear(File& in, File& out, bool bf16) {
   out.write(y);
 }
 
+std::vector<uint16_t> top_bits(const std::vector<float>& x) {  // exact for bfloat16 values
+  std::vector<uint16_t> b(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    uint32_t u;
+    std::memcpy(&u, &x[i], sizeof(u));
+    b[i] = static_cast<uint16_t>(u >> 16);
+  }
+  return b;
+}
+
+// Decode attention of one sequence on a float32 cache and on the same values as a bfloat16 cache.
+void decode_bf16(File& in, File& out) {
+  const auto dims = in.read<int64_t>(5);
+  const int64_t Q = dims[0], H = dims[1], Hkv = dims[2], D = dims[3], S = dims[4];
+  const auto q = in.read<float>(Q * H * D), k = in.read<float>(S * Hkv * D), v = in.read<float>(S * Hkv * D);
+  const auto q_pos = in.read<int32_t>(Q), q_limit = in.read<int32_t>(Q), kvb = in.read<int32_t>(S);
+  const auto kv_len = in.read<int32_t>(1);
+  const auto k16 = top_bits(k), v16 = top_bits(v);
+  std::vector<float> o(2 * Q * H * D);
+  for (int half = 0; half < 2; ++half) {
+    DecodeParams p;
+    p.q = q.data();
+    p.k = half ? static_cast<const void*>(k16.data()) : k.data();
+    p.v = half ? static_cast<const void*>(v16.data()) : v.data();
+    p.o = o.data() + half * Q * H * D;
+    p.dtype = half ? kBFloat16 : kFloat32;
+    p.q_pos = q_pos.data(); p.q_limit = q_limit.data(); p.kv_block = kvb.data(); p.kv_len = kv_len.data();
+    p.batch = 1; p.n_q = Q; p.cache_len = S;
+    p.n_heads = H; p.n_kv_heads = Hkv; p.head_dim = D;
+    p.q_sb = p.o_sb = Q * H * D; p.q_st = p.o_st = H * D; p.q_sh = p.o_sh = D;
+    p.k_sb = p.v_sb = S * Hkv * D; p.k_st = p.v_st = Hkv * D; p.k_sh = p.v_sh = D;
+    p.kvb_sb = S;
+    p.scale = 1.f / std::sqrt(static_cast<float>(D));
+    decode_attention_cpu(p);
+  }
+  out.write(o);
+}
+
+void round_bf16(File& in, File& out) {
+  const int64_t n = in.read<int64_t>(1)[0];
+  const auto x = in.read<float>(n);
+  std::vector<uint16_t> b(n);
+  for (int64_t i = 0; i < n; ++i) b[i] = to_bf16(x[i]);
+  out.write(b);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 4) {
-    std::fprintf(stderr, "usage: %s attention|linear|linear_bf16 IN OUT\n", argv[0]);
+    std::fprintf(stderr, "usage: %s attention|linear|linear_bf16|decode_bf16|to_bf16 IN OUT\n", argv[0]);
     return 2;
   }
   try {
@@ -84,6 +135,8 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[1], "attention")) attention(in, out);
     else if (!std::strcmp(argv[1], "linear")) linear(in, out, false);
     else if (!std::strcmp(argv[1], "linear_bf16")) linear(in, out, true);
+    else if (!std::strcmp(argv[1], "decode_bf16")) decode_bf16(in, out);
+    else if (!std::strcmp(argv[1], "to_bf16")) round_bf16(in, out);
     else throw std::runtime_error(std::string("unknown kernel ") + argv[1]);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s\n", e.what());
