@@ -44,30 +44,45 @@ void rms_norm(const float* x, const float* w, int64_t R, int64_t D, float eps, f
   }
 }
 
-// In place on t [R, heads, Dh]: LayerNorm over Dh with a per-head affine (w, b [heads, Dh]), then the
-// rotary embedding t * cos + rotate_half(t) * sin with cos, sin [R, Dh].
+// One head's LayerNorm over its Dh values with the per-head affine (w, b [Dh]), then the rotary embedding
+// x * cos + rotate_half(x) * sin, in place on x [Dh]; tmp holds Dh floats. The mean and the variance (of
+// the centred values) are float sums over 8-lane vectors, the lanes then added in a fixed order:
+// compiled for AVX2 where the CPU has it. (The double sums of scalar loops this replaced took about
+// 1 ms of a 574-token prefill of the small config.)
+WORLDVLA_MULTIVERSION void norm_rope_head(float* x, int64_t Dh, const float* w, const float* b, const float* c,
+                                          const float* s, float eps, float* tmp) {
+  const int64_t D8 = Dh / 8 * 8, half = Dh / 2;
+  v8f acc = {};
+  for (int64_t d = 0; d < D8; d += 8) acc += load8(x + d);
+  float sum = hsum8(acc);
+  for (int64_t d = D8; d < Dh; ++d) sum += x[d];
+  const float m = sum / float(Dh);
+  const v8f m8 = splat8(m);
+  acc = v8f{};
+  for (int64_t d = 0; d < D8; d += 8) {
+    const v8f t = load8(x + d) - m8;
+    acc += t * t;
+  }
+  float var = hsum8(acc);
+  for (int64_t d = D8; d < Dh; ++d) var += (x[d] - m) * (x[d] - m);
+  const float inv = 1.f / std::sqrt(var / float(Dh) + eps);
+  for (int64_t d = 0; d < Dh; ++d) tmp[d] = (x[d] - m) * inv * w[d] + b[d];
+  for (int64_t d = 0; d < half; ++d) x[d] = tmp[d] * c[d] - tmp[d + half] * s[d];
+  for (int64_t d = half; d < Dh; ++d) x[d] = tmp[d] * c[d] + tmp[d - half] * s[d];
+}
+
+// In place on t [R, heads, Dh]: each head's LayerNorm and rotary embedding (norm_rope_head) with the
+// per-head affine w, b [heads, Dh] and the rows' cos, sin [R, Dh].
 void head_norm_rope(float* t, int64_t R, int64_t heads, int64_t Dh, const float* w, const float* b,
                     const float* cos, const float* sin, float eps) {
-  const int64_t half = Dh / 2;
 #pragma omp parallel if (R >= kParallelRows)
   {
-    std::vector<float> tmp_head(Dh);  // one head's normed values, per thread
-    float* tmp = tmp_head.data();
+    std::vector<float> tmp(Dh);  // one head's normed values, per thread
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r)
-      for (int64_t h = 0; h < heads; ++h) {
-        float* x = t + (r * heads + h) * Dh;
-        double mean = 0.0, var = 0.0;
-        for (int64_t d = 0; d < Dh; ++d) mean += x[d];
-        mean /= Dh;
-        for (int64_t d = 0; d < Dh; ++d) var += (x[d] - mean) * (x[d] - mean);
-        const float m = float(mean), inv = 1.f / std::sqrt(float(var / Dh) + eps);
-        for (int64_t d = 0; d < Dh; ++d) tmp[d] = (x[d] - m) * inv * w[h * Dh + d] + b[h * Dh + d];
-        const float* c = cos + r * Dh;
-        const float* s = sin + r * Dh;
-        for (int64_t d = 0; d < half; ++d) x[d] = tmp[d] * c[d] - tmp[d + half] * s[d];
-        for (int64_t d = half; d < Dh; ++d) x[d] = tmp[d] * c[d] + tmp[d - half] * s[d];
-      }
+      for (int64_t h = 0; h < heads; ++h)
+        norm_rope_head(t + (r * heads + h) * Dh, Dh, w + h * Dh, b + h * Dh, cos + r * Dh, sin + r * Dh, eps,
+                       tmp.data());
   }
 }
 
