@@ -225,7 +225,7 @@ def test_native_frame_loop_stops_on_a_signal(rng, monkeypatch):
     monkeypatch.setattr(nb, "decode_frame_greedy", armed)
     old = signal.signal(signal.SIGALRM, handler)
     try:
-        g = torch.Generator().manual_seed(2)  # steps of about 0.1 ms: 399 of them outlast the timer anywhere
+        g = torch.Generator().manual_seed(2)  # steps of a fraction of a millisecond: 399 outlast the timer
         model = WorldVLA(ModelConfig.tiny(LAYOUT, hidden_size=256, intermediate_size=688, num_hidden_layers=4))
         model, b = model.init_weights(0.5, generator=g).eval(), _builder()
         codes = torch.randint(0, 64, (1, 20, 20), generator=rng)  # 399 steps
