@@ -129,14 +129,17 @@ def test_range_logits_cpu(rng):
 
 @pytest.mark.usefixtures("cpu_width")
 @pytest.mark.parametrize("N,H", [(1, 13), (7, 260)])
-def test_bf16_weight_read_as_it_is_cpu(rng, N, H):
+def test_bf16_weight_read_as_it_is_cpu(rng, monkeypatch, N, H):
     """A bfloat16 lm_head is streamed as it is on the CPU, each value widened exactly: bitwise the logits
     and ids of the same call on float32 copies (an odd range at an odd row, hidden sizes off the
     kernel's vector steps)."""
     lo, hi = 5, 5 + 301
     hidden = torch.randn(N, H, generator=rng).bfloat16()
     weight = torch.randn(400, H, generator=rng).bfloat16()
+    converted, as_float32 = [], nb._as_float32
+    monkeypatch.setattr(nb, "_as_float32", lambda *ts: converted.extend(ts) or as_float32(*ts))
     logits = nb.range_logits_op(hidden, weight, lo, hi)
+    assert converted and all(t is hidden for t in converted)  # the hidden states only, never the weight's rows
     assert torch.equal(logits, nb.range_logits_op(hidden.float(), weight.float(), lo, hi))
     ids = nb.range_argmax_op(hidden, weight, lo, hi)
     assert torch.equal(ids, nb.range_argmax_op(hidden.float(), weight.float(), lo, hi))
