@@ -22,10 +22,12 @@ def _hf_tiny(tmp_path, swin_norm=False, seed=0, shared_qk_affine=False):
                           vq_config=dict(embed_dim=32, num_embeddings=8, base_channels=32, channel_multiplier=[1, 1],
                                          num_res_blocks=1, latent_channels=32))
     m = ChameleonForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # non-trivial norm affines, distinct per head
+    with torch.no_grad():  # non-trivial norm affines, distinct per head (or one row all heads share)
         for name, p in m.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+                if shared_qk_affine and ("q_norm" in name or "k_norm" in name):
+                    p.copy_(p[:1].expand_as(p))
     m.save_pretrained(tmp_path / "hf")
     return m, tmp_path / "hf"
 
@@ -65,6 +67,60 @@ def test_release_folder_variants(tmp_path):
     ours.save_pretrained(tmp_path / "sharded", shard_size_gb=20e3 / 2**30)
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert torch.equal(WorldVLA.from_pretrained(tmp_path / "sharded")(ids), want)
+
+
+def _release_layout(folder, out):
+    """A transformers-layout checkpoint rewritten as the release stores it: the q/k norms' affine
+    parameters as one [1, head_dim] row (model_parallel_size 1) that every head shares."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(folder / "model.safetensors"))
+    for k in [k for k in sd if "_norm." in k and ("q_norm" in k or "k_norm" in k)]:
+        assert torch.equal(sd[k], sd[k][:1].expand_as(sd[k])), k  # the heads share their row
+        sd[k] = sd[k][:1].clone()
+    out.mkdir()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_parallel_size=1, architectures=["ChameleonXLLMXForConditionalGeneration"])
+    (out / "config.json").write_text(json.dumps(cfg))
+
+
+def test_release_head_norm_layout(tmp_path):
+    """The release's checkpoints store q_norm / k_norm as [model_parallel_size = 1, head_dim], one row
+    repeated over the heads: they load (the logits of transformers' Chameleon with that row on every
+    head), decode on the native step as on the modules, and save back in the same layout."""
+    hf, path = _hf_tiny(tmp_path, shared_qk_affine=True)
+    _release_layout(path, tmp_path / "release")
+    ours = WorldVLA.from_pretrained(tmp_path / "release")
+    attn = ours.model.layers[1].self_attn
+    assert ours.config.model_parallel_size == 1 and attn.q_norm.weight.shape == attn.k_norm.bias.shape == (1, 16)
+    ids = torch.randint(12, 160, (2, 37))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits.float()
+        got = ours(ids, meta=causal_meta(tuple(ids.shape)))
+    cols = torch.ones(160, dtype=torch.bool)
+    cols[4:12] = False  # transformers' Chameleon sets image-code logits to the dtype minimum
+    rel = (got[..., cols] - ref[..., cols]).norm() / ref[..., cols].norm()
+    assert rel <= 1e-5, rel
+
+    ours.save_pretrained(tmp_path / "again")
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert saved["model.layers.0.self_attn.k_norm.weight"].shape == (1, 16)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["model_parallel_size"] == 1
+    again = WorldVLA.from_pretrained(tmp_path / "again")
+    assert torch.equal(again(ids), ours(ids))
+
+    # A row the heads do not share cannot be a layout the release's code reads: refused by name.
+    bad = tmp_path / "bad"
+    _release_layout(path, bad)
+    from safetensors.torch import save_file
+    sd = load_file(str(bad / "model.safetensors"))
+    for k in [k for k in sd if "q_norm" in k or "k_norm" in k]:
+        sd[k] = torch.cat([sd[k]] * 3)  # 3 rows for 4 query and 2 key/value heads
+    save_file(sd, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match="q_norm has 3 affine rows"):
+        WorldVLA.from_pretrained(bad)
 
 
 def test_checkpoint_errors(tmp_path):

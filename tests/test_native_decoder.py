@@ -511,6 +511,43 @@ def test_bf16_model_norm_copies_follow_updates(rng):
     assert torch.equal(after, fresh.run(_set_step(fresh, *step)))
 
 
+@pytest.mark.usefixtures("cpu_width", "native_first")
+@pytest.mark.parametrize("rows", [1, 2])
+def test_release_head_norm_rows_on_the_native_paths(rng, rows):
+    """The release's q/k norms (affine rows shared by consecutive heads, ModelConfig.model_parallel_size):
+    the native prefill and step read them repeated per head, within the rule against float64; the
+    step holds those repeats, so an in-place update of a shared row is seen at the next check_model."""
+    model = _model(rng, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, model_parallel_size=rows)
+    assert model.model.layers[0].self_attn.q_norm.weight.shape == (rows, 16)
+    S, B, Q = PROMPT_LEN + 8, 2, 3
+    native = _prefilled(model, B, S, rng)
+    prompts = [torch.randint(LAYOUT.text_base, LAYOUT.vocab_size, (PROMPT_LEN,), generator=rng) for _ in range(B)]
+    engines = {"native": native, "same": InferenceEngine(model, B, S, backend="torch"),
+               "ref": InferenceEngine(WorldVLA(model.config).to(torch.float64).eval(), B, S, backend="torch")}
+    engines["ref"].model.load_state_dict(model.state_dict())
+    for e in engines.values():
+        e.prefill(prompts)
+    for t in ("k", "v"):  # the prompt's keys and values
+        _assert_rule(*(getattr(engines[n].cache, t)[:, :, :PROMPT_LEN] for n in ("native", "same", "ref")),
+                     f"prefill {t}")
+    step = _random_step(rng, B, Q, chunk=True)
+    outs = {}
+    for name, e in engines.items():
+        outs[name] = e.run(_set_step(e, *step)).clone()
+    assert native.buffers(Q).plan.step is not None and native.buffers(Q).plan.copies
+    _assert_rule(outs["native"], outs["same"], outs["ref"], "hidden states")
+
+    fresh = InferenceEngine(model, B, S)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_norm.bias.add_(0.5)  # in place: the same address, a new version
+    assert native.check_model()
+    fresh.prefill(prompts)
+    _copy_state(fresh, native)
+    after = native.run(_set_step(native, *step)).clone()
+    assert not torch.equal(after, outs["native"])
+    assert torch.equal(after, fresh.run(_set_step(fresh, *step)))
+
+
 @pytest.mark.usefixtures("native_first")
 def test_step_errors_name_the_problem(rng):
     model = _model(rng, num_hidden_layers=1)

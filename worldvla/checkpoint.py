@@ -3,7 +3,12 @@
 A model folder holds `config.json` (transformers' Chameleon fields; 4.x `rope_theta` or 5.x
 `rope_parameters`) and weights as `model.safetensors`, sharded safetensors with
 `model.safetensors.index.json`, or `pytorch_model*.bin`. Parameter names are transformers'
-Chameleon names; the `vqmodel.*` entries of the release's checkpoints are ignored.
+Chameleon names; the `vqmodel.*` entries of the release's checkpoints are ignored. The q/k
+norms' affine parameters come in either layout: one row per head ([heads, head_dim],
+transformers' Chameleon) or the release's [model_parallel_size, head_dim] (one row that every
+head shares in its checkpoints); the model keeps the layout it was loaded with
+(`ModelConfig.model_parallel_size`), and saving writes it back with `model_parallel_size` in
+config.json, so the release's code loads what this package saves from its checkpoints.
 Every file is written to a temporary name and renamed into place, so a crash never
 leaves a half-written checkpoint behind a valid name.
 """
@@ -45,6 +50,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
              rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
              hidden_act="silu", attention_bias=False, tie_word_embeddings=False, torch_dtype="bfloat16",
              bos_token_id=0, pad_token_id=1, eos_token_id=8710 if cfg.vocab_size == 65536 else 2)
+    if cfg.model_parallel_size is not None:  # the release's head-norm layout (its config key)
+        d["model_parallel_size"] = cfg.model_parallel_size
     if cfg.layout is not None:
         d["worldvla_layout"] = cfg.layout
     d["worldvla_attention"] = cfg.attention
@@ -102,6 +109,14 @@ def load_model(path, device=None, dtype=None) -> WorldVLA:
     cfg = config_from_hf(json.loads((folder / "config.json").read_text()))
     sd = {k: v for k, v in _load_state_dict(folder).items()
           if not k.startswith(("model.vqmodel.", "vqmodel."))}
+    qn = sd.get("model.layers.0.self_attn.q_norm.weight")
+    if qn is not None and qn.dim() == 2 and qn.shape[0] != cfg.num_attention_heads:
+        # the release's layout: [model_parallel_size, head_dim] rows shared by the heads
+        cfg.model_parallel_size = int(qn.shape[0])
+        try:
+            cfg.validate()
+        except ValueError as err:
+            raise ValueError(f"checkpoint {folder}: its q_norm has {qn.shape[0]} affine rows: {err}") from None
     with torch.device("meta"):
         model = WorldVLA(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -1,8 +1,9 @@
 """The WorldVLA transformer: the Chameleon decoder, read top to bottom.
 
 Pre-norm RMSNorm blocks (or the post-norm `swin_norm` variant of Chameleon-30B),
-LayerNorm on q and k over the head dimension with per-head affine parameters
-[heads, head_dim] before rotate-half RoPE, SwiGLU MLP, untied lm_head, no biases.
+LayerNorm on q and k over the head dimension with affine parameters before rotate-half
+RoPE (one row per head, transformers' layout; or the release's [model_parallel_size, head_dim]
+rows, each shared by consecutive heads), SwiGLU MLP, untied lm_head, no biases.
 Parameter names are transformers' Chameleon names, so release checkpoints load as is.
 Attention goes through `worldvla.ops` (chunk rule for prefill/training, KV cache for decode).
 """
@@ -39,6 +40,9 @@ class ModelConfig:
     swin_norm: bool = False
     dropout: float = 0.0
     attention: str = "chunk"  # "chunk": the release's chunk mask (spec 3); "causal": plain causal (the ablation)
+    # The q/k norms' affine rows: None, one per head ([heads, head_dim], transformers' Chameleon); n, the
+    # release's layout ([n, head_dim], row i shared by the i-th n-th of the heads; its checkpoints have n = 1).
+    model_parallel_size: int | None = None
     layout: dict | None = field(default=None, repr=False)  # VocabLayout.to_dict(); None = chameleon for 65536
 
     @property
@@ -80,6 +84,11 @@ class ModelConfig:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        n = self.model_parallel_size
+        if n is not None and (n < 1 or self.num_attention_heads % n or self.num_key_value_heads % n):
+            raise ValueError(f"model_parallel_size {n} (the q/k norms' shared affine rows) must divide the "
+                             f"{self.num_attention_heads} query and {self.num_key_value_heads} key/value heads; "
+                             f"None gives every head its own row")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,16 +107,30 @@ class RMSNorm(nn.Module):
 
 
 class HeadLayerNorm(nn.Module):
-    """LayerNorm over head_dim with a separate affine (gamma, beta) per head: [heads, head_dim]."""
+    """LayerNorm over head_dim, then an affine (gamma, beta) of `rows` rows: one per head (rows = heads,
+    transformers' layout), or the release's fewer rows, each repeated over heads // rows consecutive heads
+    (its checkpoints hold one row that every head shares)."""
 
-    def __init__(self, heads: int, head_dim: int):
+    def __init__(self, heads: int, head_dim: int, rows: int | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(heads, head_dim))
-        self.bias = nn.Parameter(torch.zeros(heads, head_dim))
+        rows = heads if rows is None else rows
+        if rows < 1 or heads % rows:
+            raise ValueError(f"{rows} affine rows cannot be shared evenly by {heads} heads")
+        self.heads, self.rows = heads, rows
+        self.weight = nn.Parameter(torch.ones(rows, head_dim))
+        self.bias = nn.Parameter(torch.zeros(rows, head_dim))
         self.eps = 1e-5
 
+    def per_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """gamma, beta as [heads, head_dim]: the parameters themselves, or their rows repeated."""
+        if self.rows == self.heads:
+            return self.weight, self.bias
+        n = self.heads // self.rows
+        return self.weight.repeat_interleave(n, 0), self.bias.repeat_interleave(n, 0)
+
     def forward(self, x):  # [..., heads, head_dim]
-        return F.layer_norm(x, x.shape[-1:], None, None, eps=self.eps) * self.weight + self.bias
+        w, b = self.per_head()
+        return F.layer_norm(x, x.shape[-1:], None, None, eps=self.eps) * w + b
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype):
@@ -147,8 +170,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, Hkv * Dh, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, Hkv * Dh, bias=False)
         self.o_proj = nn.Linear(H * Dh, cfg.hidden_size, bias=False)
-        self.q_norm = HeadLayerNorm(H, Dh)
-        self.k_norm = HeadLayerNorm(Hkv, Dh)
+        self.q_norm = HeadLayerNorm(H, Dh, cfg.model_parallel_size)
+        self.k_norm = HeadLayerNorm(Hkv, Dh, cfg.model_parallel_size)
 
     def forward(self, x, cos, sin, ctx: "ForwardContext", layer: int):
         B, L, _ = x.shape

@@ -136,7 +136,7 @@ class InferenceEngine:
         removed, or the training mode. Weights updated in place (`load_state_dict`, an optimizer step)
         are read as they are, except by plans holding copies of some weights (bfloat16 copies of a
         float32 model's projections, ops.decoder.BF16_EXACT_WEIGHTS; float32 copies of a bfloat16
-        model's norms), which are dropped then; updates through `.data`, which bypass the version
+        model's norms; the release's shared head-norm rows repeated per head), which are dropped then; updates through `.data`, which bypass the version
         counters, are not seen by those.
 
         `prefill` calls it, so every generation starts on the model as it is; steps that continue a

@@ -77,8 +77,8 @@ class DecodeStepPlan:
     The plan holds the model's weights by address, as a CUDA graph does: it describes the model as it
     was built, and the engine that keeps it rebuilds it when the model changes (its
     `check_model`). `copies`: whether it also holds copies of some weights (bfloat16 copies of a
-    float32 model's projections, `bf16_weights`; float32 copies of a bfloat16 model's norms), which an
-    in-place update of the weights leaves stale."""
+    float32 model's projections, `bf16_weights`; float32 copies of a bfloat16 model's norms; the release's
+    shared head-norm rows repeated per head), which an in-place update of the weights leaves stale."""
 
     def __init__(self, model, cache, ids, pos, meta):
         self.step, self.reason, self.bf16_weights, self.copies = None, None, False, False
@@ -103,7 +103,7 @@ class DecodeStepPlan:
                     else None)
             self.step = native_backend.build_decode_step(model, cache, ids, pos, meta, bf16)
             self.bf16_weights = bf16 is not None
-            self.copies = self.bf16_weights or x.dtype == torch.bfloat16
+            self.copies = self.bf16_weights or x.dtype == torch.bfloat16 or native_backend.shared_head_norms(model)
         except (ValueError, TypeError, KeyError, AttributeError) as err:  # the last two: not worldvla's modules
             self.reason = str(err)
 

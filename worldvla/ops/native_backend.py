@@ -733,11 +733,21 @@ def _layer_weights(layer) -> tuple:
             and not _hooked((layer, *parts, *projs))
             and parts[2].eps == parts[3].eps and parts[4].eps == parts[5].eps):
         _fail("decoder_layer", _structure_problem(layer, parts, projs))
-    qn, kn = parts[4]._parameters, parts[5]._parameters
+    qn, kn = parts[4], parts[5]
+    # The head norms' affine rows per head: the parameters, or (the release's shared rows) their repeats.
+    qw, qb = (qn._parameters["weight"], qn._parameters["bias"]) if qn.rows == qn.heads else qn.per_head()
+    kw, kb = (kn._parameters["weight"], kn._parameters["bias"]) if kn.rows == kn.heads else kn.per_head()
     return (parts[2]._parameters["weight"], projs[0]._parameters["weight"],
             projs[1]._parameters["weight"], projs[2]._parameters["weight"], projs[3]._parameters["weight"],
-            qn["weight"], qn["bias"], kn["weight"], kn["bias"], parts[3]._parameters["weight"],
+            qw, qb, kw, kb, parts[3]._parameters["weight"],
             projs[4]._parameters["weight"], projs[5]._parameters["weight"], projs[6]._parameters["weight"])
+
+
+def shared_head_norms(model) -> bool:
+    """Whether the model's q/k norms hold the release's shared affine rows, which the native layer reads
+    repeated per head: copies, which an in-place update of the rows leaves stale."""
+    return model.config.model_parallel_size is not None and model.config.model_parallel_size != \
+        model.config.num_attention_heads
 
 
 @functools.lru_cache(maxsize=None)
