@@ -170,6 +170,29 @@ def test_prefix_cache_reused_across_queries(policy_dir, rng):
     assert np.array_equal(out[0], _expected(pol, "open the drawer", [prev[0], cur[0]]))
 
 
+def test_prefix_cache_follows_new_weights(policy_dir, rng):
+    """Weights loaded in place (same tensors, new values) make the cached instruction prefixes stale: the
+    next query is a fresh policy's on the new weights."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    frame = _frames(rng)
+    before = pol.act(frame, history=None)
+    other, _, _ = _parts(seed=1)
+    pol.model.load_state_dict(other.state_dict())
+    after = pol.act(frame, history=None)
+    fresh = WorldVLAPolicy(other, pol.vqgan, pol.action_tokenizer, chunk_size=3, image_size=64)
+    fresh.reset("open the drawer")
+    assert np.array_equal(after, fresh.act(frame, history=None)) and not np.array_equal(after, before)
+
+
+def test_instruction_longer_than_the_context_is_refused_at_reset(policy_dir):
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    limit = pol.model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"instruction is too long.*more than the model's {limit}"):
+        pol.reset(["open the drawer", "x" * limit])
+    pol.check_instruction("open the drawer")  # fits
+
+
 def test_resize_and_errors(policy_dir, rng):
     from PIL import Image
 
@@ -184,6 +207,9 @@ def test_resize_and_errors(policy_dir, rng):
         pol.act(big.astype(np.float32))
     with pytest.raises(ValueError, match="RGB"):
         pol.act(big[..., :2])
+    for empty in (big[:, :0], big[:0, :0], big[None][:0]):
+        with pytest.raises(ValueError, match="non-empty"):
+            pol.act(empty)
     with pytest.raises(ValueError, match="mode"):
         WorldVLAPolicy(pol.model, pol.vqgan, pol.action_tokenizer, chunk_size=2, image_size=64, mode="beam")
 

@@ -377,6 +377,69 @@ def test_busy_queue_same_episode_and_policy_failure(np_rng):
         assert server.stats["policy_failures"] == 1
 
 
+def test_one_robots_failure_does_not_fail_its_batch(np_rng):
+    """A batch whose policy call fails is run again request by request: only the request that fails
+    alone gets the error."""
+    policy = HistoryPolicy(delay_s=0.05, fail_on="explode")
+    with PolicyServer(policy, max_batch=4, max_wait_ms=2000, request_timeout_s=20) as server:
+        good, bad = PolicyClient(server.url, timeout=20), PolicyClient(server.url, timeout=20)
+        good.reset("hold still")
+        bad.reset("explode")
+        replies = {}
+        barrier = threading.Barrier(2)
+
+        def call(name, client):
+            barrier.wait(10)
+            try:
+                replies[name] = client.act(_frame(np_rng))
+            except PolicyServerError as e:
+                replies[name] = str(e)
+
+        threads = [threading.Thread(target=call, args=a) for a in (("good", good), ("bad", bad))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert policy.calls[0] == 2, policy.calls  # the two requests were batched
+        assert isinstance(replies["good"], np.ndarray) and replies["good"].shape == (K, D)
+        assert "policy failed: RuntimeError: boom" in replies["bad"]
+        assert server.stats["policy_failures"] == 2 and server.stats["act_ok"] == 1
+        good.close()
+        bad.close()
+
+
+def test_same_episode_from_two_connections_while_resizing(np_rng):
+    """The in-flight guard holds while a request's frame is being resized (an await): the second
+    request for the episode is refused, not batched with the first."""
+    policy = HistoryPolicy(delay_s=0.2)
+    with PolicyServer(policy, max_batch=4, max_wait_ms=300, request_timeout_s=20) as server:
+        first, second = PolicyClient(server.url, timeout=20), PolicyClient(server.url, timeout=20)
+        first.reset("hold still")
+        second.episode = first.episode
+        big = [_frame(np_rng, 1500, 1500) for _ in range(2)]  # resized on the server: tens of ms
+        replies = [None, None]
+        barrier = threading.Barrier(2)
+
+        def call(i, client):
+            barrier.wait(10)
+            try:
+                replies[i] = client.act(big[i])
+            except PolicyServerError as e:
+                replies[i] = str(e)
+
+        threads = [threading.Thread(target=call, args=(i, c)) for i, c in enumerate((first, second))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        ok = [r for r in replies if isinstance(r, np.ndarray)]
+        refused = [r for r in replies if isinstance(r, str) and "already has an 'act' request in flight" in r]
+        assert len(ok) == 1 and len(refused) == 1, replies
+        assert all(n == 1 for n in policy.calls), policy.calls
+        first.close()
+        second.close()
+
+
 def test_request_timeout(np_rng):
     policy = HistoryPolicy(delay_s=0.6)
     with PolicyServer(policy, request_timeout_s=0.2) as server, PolicyClient(server.url, timeout=20) as client:
@@ -527,6 +590,9 @@ def test_real_policy_on_tiny_random_checkpoint(tmp_path, np_rng):
             a3 = client.act(f3, previous_image=f1)
             np.testing.assert_array_equal(a3, reference.act(f3[None], history=f1[None])[0])
             assert a1.shape == (3, 7) and np.all((a1 >= low - 1e-6) & (a1 <= high + 1e-6))
+            # an instruction too long for the model's context is refused at reset, not in a batch
+            with pytest.raises(PolicyServerError, match="instruction is too long"):
+                client.reset("x" * 1200)
 
         # several robots at once share policy calls; each gets a valid chunk
         results, errors = [], []

@@ -34,7 +34,7 @@ import torch
 from ..tokens import ActionTokenizer, SequenceBuilder, text_tokenizer_for
 from ..tokens.sequence import ACTION_PROMPT, image_tokens
 from .chunk import MODES, chunk_length, generate_action_chunk
-from .engine import InferenceEngine
+from .engine import InferenceEngine, _model_state
 from .malloc import tune_cpu_malloc
 
 POLICY_FILE = "policy.json"
@@ -139,6 +139,8 @@ class WorldVLAPolicy:
         self._instructions: list[str] | None = None
         self._broadcast = True
         self._prefixes: OrderedDict = OrderedDict()   # instructions of a batch -> PrefixSnapshot
+        self._prefix_state = None                     # the model's state the snapshots were made on
+        self.max_engines = 4                          # engines kept, one per batch size (a server sets more)
         self._last: np.ndarray | None = None          # most recent frame(s) seen, [N, H, W, 3]
         self._queue: list = []
 
@@ -203,7 +205,29 @@ class WorldVLAPolicy:
             if not self._instructions:
                 raise ValueError("reset got an empty list of instructions")
             self._broadcast = False
+        for ins in dict.fromkeys(self._instructions):
+            self.check_instruction(ins)
         self._last, self._queue = None, []
+
+    def check_instruction(self, instruction: str) -> None:
+        """Raise ValueError if a query with `instruction` (its prompt with the full history and the chunk)
+        would not fit the model's context (max_position_embeddings)."""
+        n = self._prompt_capacity(self._prefix(instruction).numel())
+        limit = self.model.config.max_position_embeddings
+        if n > limit:
+            raise ValueError(f"the instruction is too long: a query with it needs {n} positions (instruction "
+                             f"{self._prefix(instruction).numel()} tokens, {self.history} frame(s) and a chunk of "
+                             f"{self.chunk_size} actions), more than the model's {limit}; shorten it")
+
+    def _prefix(self, instruction: str) -> torch.Tensor:
+        """BOS + the instruction's text: the prompt's constant prefix, cached per set of instructions."""
+        ids = self.text_tokenizer.encode(ACTION_PROMPT.format(instruction=instruction))
+        return torch.tensor([self.layout.bos] + list(ids))
+
+    def _prompt_capacity(self, prefix_len: int) -> int:
+        """Cache slots of the longest query a prefix of `prefix_len` tokens can produce (full history)."""
+        img_len = image_tokens(torch.zeros(self.grid, self.grid, dtype=torch.long), self.layout).numel()
+        return prefix_len + self.history * img_len + 1 + chunk_length(self.chunk_size, self.action_dim)
 
     def observe(self, image) -> None:
         """Record the frame(s) of an executed env step that was not given to `act`."""
@@ -269,6 +293,8 @@ class WorldVLAPolicy:
             raise TypeError(f"frames must be uint8 in [0, 255], got {a.dtype}; convert with (x * 255).astype(np.uint8)")
         single = a.ndim == 3
         a = a[None] if single else a
+        if a.shape[0] == 0 or 0 in a.shape[1:3]:
+            raise ValueError(f"frames must be non-empty, got shape {a.shape}")
         if a.shape[1:3] != (self.image_size, self.image_size):
             a = np.stack([_resize(f, self.image_size) for f in a])
         return a, single
@@ -305,7 +331,7 @@ class WorldVLAPolicy:
         if eng is None or eng.max_len < max_len:
             eng = InferenceEngine(self.model, N, max_len, layout=self.layout)
             self._engines[N] = eng
-            while len(self._engines) > 4:
+            while len(self._engines) > self.max_engines:
                 self._engines.popitem(last=False)
         self._engines.move_to_end(N)
         return eng
@@ -315,7 +341,7 @@ class WorldVLAPolicy:
         N = len(instructions)
         prompts, prefix_lens = [], []
         for ins, h in zip(instructions, hist):
-            prefix = torch.tensor([lay.bos] + list(self.text_tokenizer.encode(ACTION_PROMPT.format(instruction=ins))))
+            prefix = self._prefix(ins)
             prompt = self.builder.action_prompt(ins, h)
             if not torch.equal(prompt[:prefix.numel()], prefix):
                 raise RuntimeError("the action prompt no longer starts with BOS + instruction text; the prefix "
@@ -323,10 +349,14 @@ class WorldVLAPolicy:
             prefix_lens.append(prefix.numel())
             prompts.append(prompt)
         # Size the cache for the longest prompt this episode can produce (full history).
-        img_len = image_tokens(torch.zeros(self.grid, self.grid, dtype=torch.long), lay).numel()
-        max_len = max(prefix_lens) + self.history * img_len + 1 + chunk_length(K, D)
-        max_len = max(max_len, max(p.numel() for p in prompts) + chunk_length(K, D))
+        max_len = max(self._prompt_capacity(max(prefix_lens)), max(p.numel() for p in prompts) + chunk_length(K, D))
         eng = self._engine(N, max_len)
+        # The prefixes' keys and values are the model's as it was: dropped when it changes (new weights
+        # loaded in place, a module replaced), as the engine drops its plans.
+        state = _model_state(self.model)
+        if state != self._prefix_state:
+            self._prefixes.clear()
+            self._prefix_state = state
         key = tuple(instructions)
         snap = self._prefixes.get(key)
         if snap is None:

@@ -138,6 +138,8 @@ class PolicyServer:
         # Only with explicit history: padding rows would occupy slots of a slot-keeping policy.
         self.pad_batches = bool(pad_batches) and self.explicit_history
         self.batch_sizes = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | {max_batch})
+        if self.pad_batches and isinstance(getattr(policy, "max_engines", None), int):
+            policy.max_engines = max(policy.max_engines, len(self.batch_sizes))  # one warm engine per size
 
         self.stats = {"act_requests": 0, "act_ok": 0, "errors": 0, "batches": 0, "policy_calls": 0,
                       "batched_requests": 0, "max_batch_seen": 0, "busy_rejections": 0, "timeouts": 0,
@@ -386,6 +388,12 @@ class PolicyServer:
             raise ProtocolError(f"'instruction' is longer than {_MAX_INSTRUCTION_CHARS} characters")
         if self._draining:
             return _error("server is shutting down; connect to another server")
+        check = getattr(self.policy, "check_instruction", None)
+        if callable(check):  # refused here, not in a batch with other robots' requests
+            try:
+                check(instruction)
+            except ValueError as e:
+                raise ProtocolError(str(e)) from None
         # A new object, so a request still running for the old episode cannot touch the new one.
         self._episodes[key] = _Episode(key, instruction)
         self._episodes.move_to_end(key)
@@ -418,7 +426,13 @@ class PolicyServer:
             return _error("server is shutting down; connect to another server")
         if episode.pending:
             return _error(f"episode {key!r} already has an 'act' request in flight; wait for its reply")
+        episode.pending = True  # before the first await: a second request for the episode sees it
+        try:
+            return await self._queue_act(key, episode, image, previous, t_recv)
+        finally:
+            episode.pending = False
 
+    async def _queue_act(self, key, episode, image, previous, t_recv: float) -> dict:
         if image.shape[:2] != self.image_hw or (previous is not None and previous.shape[:2] != self.image_hw):
             image, previous = await asyncio.to_thread(self._resize_pair, image, previous)
         t_ready = time.perf_counter()
@@ -428,7 +442,6 @@ class PolicyServer:
         except asyncio.QueueFull:
             self.stats["busy_rejections"] += 1
             return _error(f"server busy: {self.max_queue} requests already queued (--max-queue); retry shortly")
-        episode.pending = True
         self._episodes.move_to_end(key)
         try:
             remaining = self.request_timeout_s - (time.perf_counter() - t_recv)
@@ -439,8 +452,6 @@ class PolicyServer:
             self.stats["timeouts"] += 1
             return _error(f"request timed out after {self.request_timeout_s:g} s (server overloaded or policy too "
                           "slow); retry or raise --timeout-s")
-        finally:
-            episode.pending = False
         if outcome[0] != "ok":
             return _error(outcome[1])
         actions, timing = outcome[1], outcome[2]
@@ -490,6 +501,11 @@ class PolicyServer:
         except Exception as e:
             log.exception("policy call failed for a batch of %d", len(batch))
             self.stats["policy_failures"] += 1
+            if len(batch) > 1:  # one robot's bad request must not fail the others': each alone again
+                for r in batch:
+                    if not r.future.done():
+                        await self._run_batch([r])
+                return
             message = f"policy failed: {type(e).__name__}: {e}"
             for r in batch:
                 if not r.future.done():
