@@ -192,3 +192,34 @@ def test_malformed_action_blocks_are_rejected():
     rows = torch.full((2, n), L.pad)
     rows[0, :len(open_tail)], rows[1, :len(good)] = torch.tensor(open_tail), torch.tensor(good)
     chunk_mask_meta(rows, L)
+
+
+def test_growing_block_meta_is_the_whole_sequence_meta():
+    """Token by token, GrowingBlockMeta gives each new token the kv_block and q_limit that chunk_mask_meta of the
+    whole sequence so far gives its last token, and refuses the token that makes the blocks malformed."""
+    from worldvla.mask import GrowingBlockMeta
+
+    L = VocabLayout.compact(n_image_codes=64)
+    tokens = [L.boa, L.eoa, L.eoi, L.boi, L.sep, L.bin_base, L.bin_base + 3, L.text_base + 2, 5]
+    g = torch.Generator().manual_seed(0)
+    pushed = refused = 0
+    for _ in range(600):
+        seq = [tokens[int(i)] for i in torch.randint(0, len(tokens), (int(torch.randint(2, 30, (1,), generator=g)),),
+                                                       generator=g)]
+        cut = int(torch.randint(1, len(seq), (1,), generator=g))
+        try:
+            chunk_mask_meta(torch.tensor(seq[:cut]), L)
+        except ValueError:
+            continue
+        grow = GrowingBlockMeta(torch.tensor(seq[:cut]), L)
+        for i in range(cut, len(seq)):
+            try:
+                want = chunk_mask_meta(torch.tensor(seq[:i + 1]), L)
+            except ValueError:
+                with pytest.raises(ValueError, match="malformed action blocks"):
+                    grow.push(seq[i])
+                refused += 1
+                break
+            assert grow.push(seq[i]) == (int(want.kv_block[-1]), int(want.q_limit[-1])), seq[:i + 1]
+            pushed += 1
+    assert pushed > 500 and refused > 50

@@ -440,6 +440,39 @@ def test_same_episode_from_two_connections_while_resizing(np_rng):
         second.close()
 
 
+class RaggedPolicy(HistoryPolicy):
+    """Chunks of as many actions as the instruction has words (WorldVLAPolicy's mode="release" returns a
+    list of [n_i, D] chunks when their lengths differ)."""
+
+    def act(self, images, history=None):
+        full = super().act(images, history)
+        return [full[i, :len(s.split())] for i, s in enumerate(self.instructions)]
+
+
+def test_chunks_of_different_lengths_in_one_batch(np_rng):
+    policy = RaggedPolicy()
+    with PolicyServer(policy, max_batch=4, max_wait_ms=2000, pad_batches=False, request_timeout_s=20) as server:
+        clients = [PolicyClient(server.url, timeout=20) for _ in range(2)]
+        clients[0].reset("one")
+        clients[1].reset("two words")
+        replies = [None, None]
+        barrier = threading.Barrier(2)
+
+        def call(i):
+            barrier.wait(10)
+            replies[i] = clients[i].act(_frame(np_rng))
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert policy.calls == [2] and server.stats["policy_failures"] == 0
+        assert [r.shape for r in replies] == [(1, D), (2, D)]
+        for c in clients:
+            c.close()
+
+
 def test_request_timeout(np_rng):
     policy = HistoryPolicy(delay_s=0.6)
     with PolicyServer(policy, request_timeout_s=0.2) as server, PolicyClient(server.url, timeout=20) as client:

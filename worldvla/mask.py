@@ -171,6 +171,45 @@ def chunk_mask_meta(input_ids: torch.Tensor, layout: VocabLayout, cu_seqlens: to
     return ChunkMaskMeta(kv_block.contiguous(), q_limit.contiguous(), pos, None, L)
 
 
+class GrowingBlockMeta:
+    """The chunk rule's metadata of one sequence that grows a token at a time (free generation, where
+    the model, not the decoder, places the action blocks): `push(tok)` returns the token's kv_block and
+    q_limit as `chunk_mask_meta` of the whole sequence so far gives them for its last token, which is
+    what the release's mask, rebuilt from all ids at every step, hides from that token. O(1) a token.
+    A malformed block (a BOA inside an open block, an EOA closing none) raises ValueError, as there."""
+
+    def __init__(self, prompt: torch.Tensor, layout: VocabLayout):
+        ids = torch.as_tensor(prompt).long().flatten()
+        chunk_mask_meta(ids, layout)  # the prompt's own blocks must be well formed
+        t = ids.tolist()
+        self.layout, self.length = layout, len(t)
+        boas = [i for i, x in enumerate(t) if x == layout.boa]
+        eoas = [i for i, x in enumerate(t) if x == layout.eoa]
+        self.n_blocks = len(boas)
+        self.open = bool(boas) and (not eoas or boas[-1] > eoas[-1])  # the prompt ends inside a block
+        self.start = boas[-1] if self.open else -1
+        self.last_eoi = max((i for i, x in enumerate(t) if x == layout.eoi), default=-1)
+
+    def push(self, tok: int) -> tuple[int, int]:
+        lay, p = self.layout, self.length
+        if tok == lay.boa:
+            if self.open:
+                raise ValueError(f"malformed action blocks: token {p} is a BOA inside an open action block")
+            self.open, self.start, self.n_blocks = True, p, self.n_blocks + 1
+        elif tok == lay.eoa and not self.open:
+            raise ValueError(f"malformed action blocks: token {p} is an EOA that closes no open action block")
+        elif tok == lay.eoi:
+            self.last_eoi = p
+        kv, ql = NO_BLOCK, -1
+        if self.open:
+            kv = self.n_blocks - 1
+            ql = kv if self.start > self.last_eoi else -1
+        if tok == lay.eoa:
+            self.open = False
+        self.length += 1
+        return kv, ql
+
+
 def causal_meta(shape, device=None, cu_seqlens: torch.Tensor | None = None) -> ChunkMaskMeta:
     """Metadata of plain causal attention (no action blocks)."""
     kv = torch.full(shape, NO_BLOCK, dtype=torch.int32, device=device)

@@ -34,6 +34,7 @@ import torch
 from ..tokens import ActionTokenizer, SequenceBuilder, text_tokenizer_for
 from ..tokens.sequence import ACTION_PROMPT, image_tokens
 from .chunk import MODES, chunk_length, generate_action_chunk
+from .release import RELEASE_MAX_NEW_TOKENS, generate_release_actions
 from .engine import InferenceEngine, _model_state
 from .malloc import tune_cpu_malloc
 
@@ -85,6 +86,9 @@ def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_siz
         raise
 
 
+POLICY_MODES = MODES + ("release",)
+
+
 def _digest(frame: np.ndarray) -> tuple:
     return frame.shape, hashlib.blake2b(np.ascontiguousarray(frame).data, digest_size=16).digest()
 
@@ -97,6 +101,11 @@ class WorldVLAPolicy:
     to `image_size`. `mode`: chunk decoding, "parallel" or "sequential" under the chunk mask,
     or "causal" (nothing hidden); the default is "parallel", or "causal" for a model trained
     with plain causal attention (`config.attention == "causal"`), which allows nothing else.
+    These three force the chunk's structure and choose each bin among the bin ids. "release"
+    decodes as the release does (inference/release.py): greedy over the whole vocabulary until
+    the separator or `max_new_tokens`, every BOA..EOA block found becoming an action, so a chunk
+    has as many actions as the model wrote ([n, D]; a batch whose chunks differ in length is a
+    list of arrays).
     `tune_malloc`: fix glibc's malloc thresholds for the process (`tune_cpu_malloc`: CPU forwards
     stop faulting their temporaries' pages in anew at every call); None does it when the model
     is on the CPU.
@@ -104,13 +113,14 @@ class WorldVLAPolicy:
 
     def __init__(self, model, vqgan, action_tokenizer: ActionTokenizer, *, chunk_size: int, image_size: int,
                  history: int = 2, text_tokenizer=None, mode: str | None = None, extra: dict | None = None,
+                 max_new_tokens: int = RELEASE_MAX_NEW_TOKENS,
                  code_cache_size: int = 64, tune_malloc: bool | None = None):
         if model.layout is None:
             raise ValueError("the model has no vocabulary layout (ModelConfig.layout); a policy needs one")
         causal_model = model.config.attention == "causal"
         mode = mode or ("causal" if causal_model else "parallel")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in POLICY_MODES:
+            raise ValueError(f"mode must be one of {POLICY_MODES}, got {mode!r}")
         if causal_model and mode != "causal":
             raise ValueError(f"this model was trained with plain causal attention; its chunks decode with "
                              f"mode='causal', not {mode!r}")
@@ -125,6 +135,9 @@ class WorldVLAPolicy:
         self.chunk_size, self.image_size, self.history = int(chunk_size), int(image_size), int(history)
         self.action_dim = action_tokenizer.action_dim
         self.mode, self.extra = mode, dict(extra or {})
+        self.max_new_tokens = int(max_new_tokens)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         down = vqgan.downsample
         if self.image_size % down or (self.image_size // down) % (self.layout.res_grid // self.layout.patch):
             raise ValueError(f"image_size {self.image_size} must be a multiple of {self.layout.res_grid} px "
@@ -227,7 +240,11 @@ class WorldVLAPolicy:
     def _prompt_capacity(self, prefix_len: int) -> int:
         """Cache slots of the longest query a prefix of `prefix_len` tokens can produce (full history)."""
         img_len = image_tokens(torch.zeros(self.grid, self.grid, dtype=torch.long), self.layout).numel()
-        return prefix_len + self.history * img_len + 1 + chunk_length(self.chunk_size, self.action_dim)
+        return prefix_len + self.history * img_len + 1 + self._new_tokens()
+
+    def _new_tokens(self) -> int:
+        """Tokens a query generates at most: a chunk, or the release's `max_new_tokens`."""
+        return self.max_new_tokens if self.mode == "release" else chunk_length(self.chunk_size, self.action_dim)
 
     def observe(self, image) -> None:
         """Record the frame(s) of an executed env step that was not given to `act`."""
@@ -240,6 +257,12 @@ class WorldVLAPolicy:
         self._require_reset()
         if not self._queue:
             chunk = self.act(image)
+            if isinstance(chunk, list):
+                raise ValueError("the environments' chunks differ in length (mode='release' decodes as many actions "
+                                 "as the model wrote); call act() and run each environment's chunk")
+            if chunk.shape[-2] == 0:
+                raise RuntimeError("the model wrote no action block (mode='release'; the release's loop fails the "
+                                   "episode here)")
             self._queue = list(np.moveaxis(chunk, -2, 0))  # K entries of [D] or [N, D]
         else:
             self.observe(image)
@@ -274,6 +297,11 @@ class WorldVLAPolicy:
         hist = [[codes[i], cur[i]] if use_prev else [cur[i]] for i in range(N)]
         ids = self._query(instructions, hist)
         self._last = frames.copy()
+        if self.mode == "release":  # as many actions as each chunk holds blocks
+            chunks = [self.action_tokenizer.decode(g.actions.numpy()).astype(np.float32) for g in ids]
+            if single:
+                return chunks[0]
+            return np.stack(chunks) if len({c.shape[0] for c in chunks}) == 1 else chunks
         actions = self.action_tokenizer.decode(ids.numpy()).astype(np.float32)  # [N, K, D]
         return actions[0] if single else actions
 
@@ -349,7 +377,7 @@ class WorldVLAPolicy:
             prefix_lens.append(prefix.numel())
             prompts.append(prompt)
         # Size the cache for the longest prompt this episode can produce (full history).
-        max_len = max(self._prompt_capacity(max(prefix_lens)), max(p.numel() for p in prompts) + chunk_length(K, D))
+        max_len = max(self._prompt_capacity(max(prefix_lens)), max(p.numel() for p in prompts) + self._new_tokens())
         eng = self._engine(N, max_len)
         # The prefixes' keys and values are the model's as it was: dropped when it changes (new weights
         # loaded in place, a module replaced), as the engine drops its plans.
@@ -368,6 +396,9 @@ class WorldVLAPolicy:
         else:
             self._prefixes.move_to_end(key)
             eng.restore_prefix(snap)
+        if self.mode == "release":
+            return generate_release_actions(self.model, prompts, lay, D, self.max_new_tokens, engine=eng,
+                                            skip=prefix_lens)
         return generate_action_chunk(self.model, prompts, lay, K, D, mode=self.mode, engine=eng, skip=prefix_lens)
 
 
@@ -377,4 +408,4 @@ def _resize(frame: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize((size, size), Image.BILINEAR))
 
 
-__all__ = ["WorldVLAPolicy", "save_policy", "POLICY_FILE"]
+__all__ = ["WorldVLAPolicy", "save_policy", "POLICY_FILE", "POLICY_MODES"]

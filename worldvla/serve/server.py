@@ -579,6 +579,9 @@ class PolicyServer:
         return out, 1
 
     def _check_actions(self, result, n: int) -> np.ndarray:
+        if isinstance(result, (list, tuple)) and len(result) == n and all(np.ndim(a) == 2 for a in result):
+            # chunks of different lengths, one per image (WorldVLAPolicy's mode="release")
+            return [np.ascontiguousarray(np.asarray(a, dtype=np.float32)) for a in result]
         if hasattr(result, "detach"):
             result = result.detach().float().cpu().numpy()
         result = np.asarray(result, dtype=np.float32)

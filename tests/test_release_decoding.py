@@ -1,0 +1,147 @@
+"""The release's free greedy action decoding on the engine (inference/release.py) against the release's
+procedure itself (the baseline: growing cache, dense mask rebuilt at every token), on random small models."""
+import numpy as np
+import pytest
+import torch
+
+from worldvla import ActionTokenizer, SequenceBuilder, VocabLayout
+from worldvla.inference import baseline_generate_action_chunk, generate_action_chunk
+from worldvla.inference.baseline import chunk_structure_processor
+from worldvla.inference.release import generate_release_actions, release_engine
+from worldvla.model import ModelConfig, WorldVLA
+from worldvla.tokens import ByteTextTokenizer
+
+LAYOUT = VocabLayout.compact(n_image_codes=64)
+D = 4
+
+
+def _model(seed):
+    g = torch.Generator().manual_seed(seed)
+    return WorldVLA(ModelConfig.tiny(LAYOUT)).init_weights(0.5, generator=g).eval()
+
+
+def _prompts(rng, n, n_images=2):
+    builder = SequenceBuilder(LAYOUT, ByteTextTokenizer(LAYOUT), ActionTokenizer(LAYOUT, [-1.0] * D, [1.0] * D))
+    return [builder.action_prompt(f"task {i}" * (1 + i), [torch.randint(0, 64, (4, 4), generator=rng)
+                                                          for _ in range(n_images)]) for i in range(n)]
+
+
+def _biased_to_blocks(model, strength=6.0, nxt=None):
+    """Make the model write action blocks by itself: its layers' outputs scaled down, so the last hidden state
+    is mostly the last token's embedding, and lm_head rows that map it to the next token of a block
+    (separator or EOA -> BOA -> D bins -> EOA), so that the fast path meets blocks without a logits processor."""
+    lo = LAYOUT.bin_range[0]
+    chain = [LAYOUT.boa, *range(lo, lo + D), LAYOUT.eoa]
+    nxt = nxt or {LAYOUT.sep: LAYOUT.boa, **{a: b for a, b in zip(chain, chain[1:])}, LAYOUT.eoa: LAYOUT.boa}
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.003)
+            layer.mlp.down_proj.weight.mul_(0.003)
+        E = model.model.embed_tokens.weight
+        for t, n in nxt.items():
+            model.lm_head.weight[n] += strength * E[t] / E[t].norm()
+    return model
+
+
+@pytest.mark.parametrize("seed,biased", [(0, False), (1, False), (2, True), (3, True)])
+def test_equals_the_release_procedure(rng, seed, biased):
+    """Batched on the engine, each prompt's tokens and blocks are the release baseline's, prompt by prompt."""
+    model = _model(seed)
+    if biased:
+        model = _biased_to_blocks(model)
+    prompts = _prompts(rng, 3)
+    got = generate_release_actions(model, prompts, LAYOUT, D, max_new_tokens=40)
+    for p, g in zip(prompts, got):
+        try:
+            want = baseline_generate_action_chunk(model, p, LAYOUT, 1, D, max_new_tokens=40)
+        except ValueError as err:  # the baseline's mask refuses malformed blocks: the fast path stopped there
+            assert "malformed" in str(err) and g.malformed
+            continue
+        assert not g.malformed and torch.equal(g.tokens, want.tokens) and torch.equal(g.actions, want.actions)
+    if biased:  # the fast path met action blocks, not only free text
+        assert sum(g.actions.shape[0] for g in got) > 0
+
+
+def test_with_the_structure_processor_equals_sequential(rng):
+    """Forced into the chunk's structure, the release's decoding gives the constrained sequential decoder's
+    tokens: the chunk rule of the blocks it writes is the one the structured decoder applies."""
+    model = _model(4)
+    for K, n_images in ((3, 1), (2, 2)):
+        p = _prompts(rng, 1, n_images)[0]
+        proc = chunk_structure_processor(LAYOUT, p.numel(), K, D)
+        got = generate_release_actions(model, p, LAYOUT, D, logits_processor=proc)[0]
+        assert torch.equal(got.tokens, baseline_generate_action_chunk(model, p, LAYOUT, K, D, logits_processor=proc).tokens)
+        assert torch.equal(got.actions, generate_action_chunk(model, p, LAYOUT, K, D, mode="sequential"))
+
+
+def test_stops_at_the_separator_and_on_its_engine(rng):
+    model = _model(5)
+    prompts = _prompts(rng, 2)
+    engine = release_engine(model, prompts, 12)
+    first = generate_release_actions(model, prompts, LAYOUT, D, 12, engine=engine)
+    again = generate_release_actions(model, prompts, LAYOUT, D, 12, engine=engine)  # the engine reused
+    assert [g.tokens.tolist() for g in first] == [g.tokens.tolist() for g in again]
+    assert all(0 < g.tokens.numel() <= 12 for g in first)
+    with torch.no_grad():  # a model whose argmax is always the separator
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 5.0
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight[LAYOUT.sep] = 0.0
+        model.lm_head.weight[LAYOUT.sep, 0] = 100.0
+    out = generate_release_actions(model, prompts, LAYOUT, D, 12)
+    assert [g.tokens.tolist() for g in out] == [[LAYOUT.sep]] * 2 and all(g.actions.shape == (0, D + 2) for g in out)
+
+
+def test_stops_at_a_malformed_block(rng):
+    """A BOA inside an open block: the chunk rule is not defined there (the baseline's mask refuses the
+    sequence); the sequence stops before it, its complete blocks kept."""
+    lo = LAYOUT.bin_range[0]
+    model = _biased_to_blocks(_model(8), nxt={LAYOUT.sep: LAYOUT.boa, LAYOUT.boa: lo, lo: LAYOUT.boa})
+    (got,) = generate_release_actions(model, _prompts(rng, 1)[0], LAYOUT, D, 20)
+    assert got.malformed and got.tokens.tolist() == [LAYOUT.boa, lo] and got.actions.shape == (0, D + 2)
+    with pytest.raises(ValueError, match="malformed"):
+        baseline_generate_action_chunk(model, _prompts(rng, 1)[0], LAYOUT, 1, D, max_new_tokens=20)
+
+
+def test_errors(rng):
+    model = _model(6)
+    prompts = _prompts(rng, 2)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        generate_release_actions(model, prompts, LAYOUT, D, 0)
+    with pytest.raises(ValueError, match="cache slots"):
+        generate_release_actions(model, prompts, LAYOUT, D, 50, engine=release_engine(model, prompts, 10))
+    causal = WorldVLA(ModelConfig.tiny(LAYOUT, attention="causal")).eval()
+    with pytest.raises(ValueError, match="plain causal"):
+        generate_release_actions(causal, prompts, LAYOUT, D)
+
+
+def test_policy_release_mode(tmp_path, rng):
+    """WorldVLAPolicy(mode="release"): each environment's actions are the blocks the release's procedure finds
+    for the policy's prompt, decoded; chunks of different lengths come back as a list."""
+    from worldvla.inference import WorldVLAPolicy
+    from worldvla.vqgan import VQGAN, VQGANConfig, preprocess
+
+    model = _biased_to_blocks(_model(7))
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32,
+                           n_embed=64)).eval()
+    at = ActionTokenizer(LAYOUT, [-1.0] * D, [1.0] * D)
+    policy = WorldVLAPolicy(model, vq, at, chunk_size=3, image_size=64, mode="release", max_new_tokens=30)
+    frames = torch.randint(0, 256, (3, 64, 64, 3), generator=rng, dtype=torch.uint8).numpy()
+    instructions = ["open the drawer", "push", "pick up the cup"]
+    policy.reset(instructions)
+    out = policy.act(frames, history=None)
+    chunks = out if isinstance(out, list) else list(out)
+    builder = SequenceBuilder(LAYOUT, ByteTextTokenizer(LAYOUT), at)
+    for ins, f, chunk in zip(instructions, frames, chunks):
+        prompt = builder.action_prompt(ins, [vq.encode(preprocess(f))[0]])
+        try:
+            want = baseline_generate_action_chunk(model, prompt, LAYOUT, 1, D, max_new_tokens=30).actions
+        except ValueError:
+            continue  # malformed: the baseline's mask refuses it
+        assert np.array_equal(chunk, at.decode(want.numpy()).astype(np.float32).reshape(-1, D))
+    assert sum(c.shape[0] for c in chunks) > 0
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        WorldVLAPolicy(model, vq, at, chunk_size=3, image_size=64, mode="release", max_new_tokens=0)

@@ -1,0 +1,119 @@
+"""The release's action decoding, on the engine: free greedy generation over the whole vocabulary.
+
+The release (spec 5.3, 6.3) does not constrain its decoder: it takes the greedy argmax over all
+65,536 ids until the separator or `max_new_tokens` (300), then decodes every BOA ... EOA block it
+finds, however many there are, each id to its clipped bin centre. `generate_action_chunk` instead
+forces the structure and picks bins among the bin ids only, which gives the same actions wherever the
+model's argmax already follows the structure (a trained model's usually does), and never anything
+else. This module reproduces the release's choices exactly but runs them on the static-cache
+engine (batched, native or CUDA-graph steps) instead of a growing cache and a dense mask rebuilt
+at every token (`baseline.baseline_generate_action_chunk`, the release's procedure as a baseline):
+the chunk rule's metadata of each new token comes from `mask.GrowingBlockMeta`, which the
+rebuilt mask's last row equals.
+
+A sequence whose generated blocks become malformed (a BOA inside an open block, an EOA closing
+none), for which the chunk rule is not defined, stops there (`Generated.malformed`).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from ..mask import NO_BLOCK, GrowingBlockMeta
+from ..tokens.layout import VocabLayout
+from .baseline import parse_action_blocks
+from .chunk import _as_prompts, head_sample, sampling_backend
+from .engine import InferenceEngine
+
+RELEASE_MAX_NEW_TOKENS = 300  # the release's cap (action_steps 25 x 12)
+
+
+class Generated(NamedTuple):
+    tokens: torch.Tensor   # [n_new] every generated id (the separator included if reached)
+    actions: torch.Tensor  # [n_blocks, D+2] the BOA..EOA blocks of D ids found in `tokens`, in order
+    malformed: bool        # generation stopped at a malformed block
+
+
+def release_engine(model, prompts, max_new_tokens: int = RELEASE_MAX_NEW_TOKENS, layout: VocabLayout | None = None,
+                   backend: str = "auto") -> InferenceEngine:
+    """An engine sized for `prompts` and `max_new_tokens` generated tokens each."""
+    max_len = max(int(torch.as_tensor(p).numel()) for p in prompts) + max_new_tokens
+    return InferenceEngine(model, len(prompts), max_len, layout=layout or model.layout, backend=backend)
+
+
+@torch.no_grad()
+def generate_release_actions(model, input_ids, layout: VocabLayout | None, action_dim: int,
+                             max_new_tokens: int = RELEASE_MAX_NEW_TOKENS, backend: str = "auto", *,
+                             engine: InferenceEngine | None = None, skip=None,
+                             logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                             ) -> list[Generated]:
+    """Greedy generation over the whole vocabulary after each prompt, as the release decodes actions:
+    until the separator (its `eos_token_id`) or `max_new_tokens`, under the chunk rule applied to the
+    blocks as the model writes them. One `Generated` per prompt (a list for a batch or one prompt).
+
+    input_ids: one prompt [P], a batch [B, P] or a list of 1-D prompts. `engine`, `skip`: as in
+    `generate_action_chunk` (the engine needs room for the longest prompt plus `max_new_tokens`).
+    `logits_processor(ids_so_far [L], logits [V]) -> logits`, applied before each argmax as in the
+    baseline, takes the slow path (full logits on the host) and is for tests and experiments."""
+    layout = layout or model.layout
+    if layout is None:
+        raise ValueError("pass the model's VocabLayout (layout=)")
+    if model.config.attention != "chunk":
+        raise ValueError("the release's decoding applies the chunk rule; this model was trained with plain causal "
+                         "attention (decode it with generate_action_chunk(mode='causal'))")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompts, _ = _as_prompts(input_ids)
+    prompts = [p.long().cpu() for p in prompts]
+    B = len(prompts)
+    engine = engine or release_engine(model, prompts, max_new_tokens, layout, backend)
+    lens = [int(p.numel()) for p in prompts]
+    if engine.batch_size != B:
+        raise ValueError(f"the engine holds {engine.batch_size} sequences but got {B} prompts")
+    if max(lens) + max_new_tokens > engine.max_len:
+        raise ValueError(f"prompts of up to {max(lens)} tokens and {max_new_tokens} new ones need "
+                         f"{max(lens) + max_new_tokens} cache slots; the engine has {engine.max_len}")
+    tracks = [GrowingBlockMeta(p, layout) for p in prompts]
+    dev, V = engine.device, model.config.vocab_size
+    h = engine.prefill(prompts, skip)
+    engine.set_kv_len([L + max_new_tokens for L in lens])  # slots ahead of a query stay hidden by causality
+    buf = engine.buffers(1)
+    buf.set_positions(torch.tensor(lens, device=dev).view(B, 1))
+    out: list[list[int]] = [[] for _ in range(B)]
+    done, malformed = [False] * B, [False] * B
+    sample = sampling_backend(backend)
+    for step in range(max_new_tokens):
+        if logits_processor is None:
+            tok = head_sample(model, h, 0, V, backend=sample).tolist()
+        else:
+            logits = model.lm_head(h).float()
+            tok = [int(logits_processor(torch.cat([prompts[b], torch.tensor(out[b], dtype=torch.long)]),
+                                        logits[b]).argmax()) for b in range(B)]
+        kv, ql = [NO_BLOCK] * B, [-1] * B  # finished rows keep stepping, unused, outside any block
+        for b, t in enumerate(tok):
+            if done[b]:
+                continue
+            try:
+                kv[b], ql[b] = tracks[b].push(t)
+            except ValueError:
+                done[b] = malformed[b] = True
+                continue
+            out[b].append(t)
+            done[b] = t == layout.sep
+        if all(done) or step + 1 == max_new_tokens:
+            break
+        p = buf.pos[:, 0]
+        engine.kv_block[torch.arange(B, device=dev), p] = torch.tensor(kv, dtype=torch.int32, device=dev)
+        buf.ids.copy_(torch.tensor([t if not d else layout.sep for t, d in zip(tok, done)], device=dev).view(B, 1))
+        buf.q_limit.copy_(torch.tensor(ql, dtype=torch.int32, device=dev).view(B, 1))
+        h = engine.run(buf)[:, 0]
+        buf.advance(1)
+    results = []
+    for b in range(B):
+        tokens = torch.tensor(out[b], dtype=torch.long)
+        results.append(Generated(tokens, parse_action_blocks(tokens, layout, action_dim), malformed[b]))
+    return results
+
+
+__all__ = ["generate_release_actions", "release_engine", "Generated", "RELEASE_MAX_NEW_TOKENS"]
