@@ -243,3 +243,37 @@ def test_bfloat16_policy_on_the_cpu(policy_dir, rng, monkeypatch, native_step_ru
         assert a.dtype == np.float32 and a.shape == (2, 3, 4) and np.isfinite(a).all()
         assert (a >= np.array(LOW) - 1e-6).all() and (a <= np.array(HIGH) + 1e-6).all()
     assert native_step_runs
+
+
+def test_chameleon_layout_follows_the_text_tokenizer(tmp_path):
+    """A release model's config carries no image-code map; the release defines it by the token names of its
+    text_tokenizer.json. The policy rebuilds the layout from the tokenizer it is given, and warns without one."""
+    import warnings
+
+    from worldvla.inference.policy import policy_layout
+    from worldvla.tokens import ChameleonTextTokenizer
+
+    perm = torch.randperm(8192, generator=torch.Generator().manual_seed(0)).tolist()
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "a": 9000}
+    vocab.update({"IMGIMG" + "".join("ABCDEFGHIJ"[int(c)] for c in str(code)) + "Z": 4 + slot
+                  for slot, code in enumerate(perm)})
+    path = tmp_path / "text_tokenizer.json"
+    path.write_text(json.dumps({"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": None,
+                                "post_processor": None, "decoder": None,
+                                "model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    assumed = VocabLayout.chameleon()
+    got = policy_layout(assumed, ChameleonTextTokenizer(path))
+    assert got.image_code_ids[perm[17]] == 4 + 17 and got.image_code_ids != assumed.image_code_ids
+    with pytest.warns(UserWarning, match="text_tokenizer.json"):
+        assert policy_layout(assumed) is assumed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert policy_layout(LAYOUT) is LAYOUT and policy_layout(got) is got
+
+    model = WorldVLA(ModelConfig.tiny(assumed, num_hidden_layers=1)).eval()  # the release's vocabulary
+    _, vq, _ = _parts()
+    pol = WorldVLAPolicy(model, vq, ActionTokenizer(assumed, LOW, HIGH), chunk_size=2, image_size=64,
+                         text_tokenizer=ChameleonTextTokenizer(path))
+    assert pol.layout.image_code_ids == got.image_code_ids
+    prompt = pol.builder.action_prompt("a", [torch.tensor([[perm[5]] * 4] * 4)])
+    assert (prompt == 4 + 5).sum() == 16  # code perm[5] is the token named for it, id 9

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .layout import VocabLayout
 
@@ -28,6 +29,7 @@ class ChameleonTextTokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"text tokenizer not found: {path} (expected the release's text_tokenizer.json)")
         self.tok = Tokenizer.from_file(str(path))
+        self.path = Path(path)  # the release's image-code map is read from the same file (VocabLayout.chameleon)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
