@@ -87,6 +87,31 @@ def poison_empty(monkeypatch):
     yield
 
 
+def poison(t):
+    """Fill `t` in place with a value no kernel should leave: NaN for floats (and complex), the most
+    negative value for signed integers (never a valid index, id or code), the largest for unsigned ones;
+    bool tensors are left as they are. Returns `t`."""
+    with torch.no_grad():  # (a buffer made with requires_grad=True too)
+        if t.dtype.is_floating_point or t.dtype.is_complex:
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            info = torch.iinfo(t.dtype)
+            t.fill_(info.min if info.min < 0 else info.max)
+    return t
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Like `poison_empty`, for every buffer a kernel's wrapper may allocate: torch.empty, torch.empty_like
+    and Tensor.new_empty results all start poisoned (`poison`: NaN for floats, a sentinel for integers),
+    so an output element a kernel never writes fails the test instead of passing on leftover bytes."""
+    real_empty, real_like, real_new = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_like(*a, **kw)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: poison(real_new(self, *a, **kw)))
+    yield poison
+
+
 class NoHostReads(TorchDispatchMode):
     """Fails on any aten op that reads tensor values on the host or has a data-dependent shape, and on
     `Tensor.tolist` / `Tensor.numpy` (on CPU tensors they read memory without dispatching an op)."""

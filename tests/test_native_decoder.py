@@ -6,6 +6,7 @@ Tolerance rule: the native layer's largest error against the same layer run in f
 writes into the cache obey the same rule, and no other slot changes.
 """
 import copy
+import inspect
 
 import pytest
 import torch
@@ -21,6 +22,27 @@ from worldvla.ops import decoder as decoder_op  # noqa: E402
 from worldvla.ops import dispatch  # noqa: E402
 from worldvla.ops import native_backend as nb  # noqa: E402
 from worldvla.tokens import VocabLayout  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def poisoned_steps(poison_outputs, monkeypatch):
+    """Every buffer the native paths allocate starts poisoned (`poison_outputs`), and a whole-step plan's
+    static output, which every run of the step overwrites, is poisoned again before each run: a step that
+    leaves a row unwritten shows NaN instead of the previous step's (or a fresh page's) values."""
+    build = nb.build_decode_step
+
+    def build_poisoned(*args, **kwargs):
+        run = build(*args, **kwargs)
+        out = inspect.signature(run).parameters["out"].default  # the step's static output
+
+        def poisoned_run():
+            poison_outputs(out)
+            return run()
+
+        poisoned_run.native = run.native
+        return poisoned_run
+
+    monkeypatch.setattr(nb, "build_decode_step", build_poisoned)
 
 
 def _model(rng, swin_norm=False, **kw):
@@ -285,6 +307,9 @@ def test_step_matches_f64(rng, swin_norm, B, Q, heads, kv_heads, head_dim, chunk
     before = (native.cache.k.clone(), native.cache.v.clone())
     for e in (same, ref):
         _copy_state(native, e)
+    with torch.no_grad():  # the slots the step must write, poisoned in the native engine's cache only
+        native.cache.k[:, :, PROMPT_LEN:PROMPT_LEN + Q] = float("nan")
+        native.cache.v[:, :, PROMPT_LEN:PROMPT_LEN + Q] = float("nan")
     step = _random_step(rng, B, Q, chunk)
     outs = {}
     for name, e in (("native", native), ("same", same), ("ref", ref)):

@@ -15,6 +15,10 @@ from worldvla.ops import native_backend as nb  # noqa: E402
 
 LAYOUT = VocabLayout.compact()
 
+# Every output buffer the native wrappers allocate starts poisoned (NaN / an integer sentinel): an
+# element a kernel never writes fails instead of passing on leftover bytes.
+pytestmark = pytest.mark.usefixtures("poison_outputs")
+
 
 def assert_greedy(ids, hidden, weight, lo, hi, torch_ids, name=""):
     logits = hidden.double().cpu() @ weight[lo:hi].double().cpu().t()
