@@ -12,6 +12,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_sessionstart(session):
+    # Triton's LLVM must load before MuJoCo's software renderer (Mesa's LLVM) or the process crashes; the demo
+    # does the same (worldvla.demo.load_kernels_first). Without it a file that renders first, run alone, crashed.
+    from worldvla.demo import load_kernels_first
+
+    load_kernels_first()
+
+
 # Tiny models run faster on one intra-op thread, and it keeps timings steady when other jobs share the cores.
 torch.set_num_threads(1)
 

@@ -297,3 +297,32 @@ def test_evaluate_saves_each_closed_loop_and_resumes(tmp_path, monkeypatch):
     calls[:] = []
     mw.evaluate([folder], out_dir=out, resume=False, **{**kw, "episodes": 3})
     assert len(calls) == 4
+
+
+def test_same_named_policy_folders_get_distinct_default_names(tmp_path):
+    """`worldvla eval --policy run1/policy run2/policy` used to fail ("pass variant_names")."""
+    from worldvla.eval.metaworld import default_variant_names, evaluate
+
+    assert default_variant_names(["run1/policy", "run2/policy"]) == ["run1", "run2"]
+    assert default_variant_names(["a/x/policy", "b/x/policy", "c/other"]) == ["a/x", "b/x", "other"]
+    assert default_variant_names([tmp_path / "p", tmp_path / "q"]) == ["p", "q"]
+    with pytest.raises(ValueError, match="variant names must differ.*--names"):
+        evaluate([PushRight(), PushRight()], ["fake-a-v3"], 1, tmp_path, variant_names=["a", "a"], progress=False)
+
+
+def test_evaluate_refuses_no_tasks_and_no_envs(tmp_path, capsys):
+    """An empty task list used to write a complete metrics.json with a mean of nan; --envs 0 an IndexError."""
+    from worldvla.cli import main
+    from worldvla.eval.metaworld import evaluate
+
+    with pytest.raises(ValueError, match="no tasks"):
+        evaluate([PushRight()], [], 1, tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="--envs"):
+        evaluate([PushRight()], ["fake-a-v3"], 1, tmp_path / "b", n_envs=0, progress=False)
+    assert not (tmp_path / "a" / "metrics.json").exists()
+    assert main(["eval", "--policy", str(tmp_path), "--tasks", "", "--out", str(tmp_path / "c")]) == 2
+    assert "--tasks '' names no task" in capsys.readouterr().err
+    for option in ("--envs", "--episodes", "--max-steps", "--wm-horizon", "--execute"):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "--policy", str(tmp_path), "--tasks", "x", "--out", str(tmp_path), option, "0"])
+        assert e.value.code == 2 and f"argument {option}: must be >= 1" in capsys.readouterr().err

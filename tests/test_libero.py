@@ -177,3 +177,60 @@ def test_missing_libero_names_what_to_install(capsys):
     args = libero.add_arguments(argparse.ArgumentParser()).parse_args(["--policy", "nowhere"])
     assert libero.run(args) == 2
     assert "pip install" in capsys.readouterr().err
+
+
+class InterruptAfter(RecordingPolicy):
+    """Stops the process (like Ctrl-C or a kill) at its `n`-th query."""
+
+    def __init__(self, n, **kw):
+        super().__init__(**kw)
+        self.n = n
+
+    def act(self, image, history=None):
+        if len(self.calls) + 1 == self.n:
+            raise KeyboardInterrupt
+        return super().act(image, history)
+
+
+def test_results_are_saved_after_every_episode_and_a_rerun_resumes(tmp_path):
+    """libero_results.json used to be written once, at the end: a crash lost every episode."""
+    import json
+
+    rng = np.random.default_rng()
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "policy.json").write_text("{}")
+    out = tmp_path / "eval"
+
+    def suite():
+        return FakeSuite([FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 3), FakeLiberoEnv(rng=rng)],
+                         max_steps=5)
+
+    # One query per episode of task 0 (succeeds within a chunk of 3): stop in its third episode.
+    with pytest.raises(KeyboardInterrupt):
+        libero.evaluate_suite(InterruptAfter(3, k=3, rng=rng), suite(), episodes=3, out_dir=out, progress=False,
+                              policy_path=folder)
+    saved = json.loads((out / "libero_results.json").read_text())
+    assert saved["complete"] is False and saved["tasks"]["0"]["episode_success"] == [True, True]
+
+    rerun = suite()
+    res = libero.evaluate_suite(RecordingPolicy(k=3, rng=rng), rerun, episodes=3, out_dir=out, progress=False,
+                                policy_path=folder)
+    assert rerun.envs[0].init_state == "state0-2"  # only the missing episode ran on task 0
+    assert res["tasks"]["0"]["episode_success"] == [True, True, True] and res["tasks"]["1"]["success_rate"] == 0.0
+    assert json.loads((out / "libero_results.json").read_text())["complete"] is True
+
+    # Everything saved: nothing runs; other policy files or resume=False run again.
+    again = suite()
+    libero.evaluate_suite(RecordingPolicy(k=3, rng=rng), again, episodes=3, out_dir=out, progress=False,
+                          policy_path=folder)
+    assert again.envs[0].init_state is None and again.envs[1].init_state is None
+    again = suite()
+    libero.evaluate_suite(RecordingPolicy(k=3, rng=rng), again, episodes=3, out_dir=out, progress=False,
+                          policy_path=folder, resume=False)
+    assert again.envs[0].init_state == "state0-2"
+    (folder / "policy.json").write_text('{"retrained": true}')
+    again = suite()
+    libero.evaluate_suite(RecordingPolicy(k=3, rng=rng), again, episodes=1, out_dir=out, progress=False,
+                          policy_path=folder)
+    assert again.envs[0].init_state == "state0-0"

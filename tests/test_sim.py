@@ -177,6 +177,49 @@ def test_collect_rejects_bad_arguments(tmp_path):
         collect(["reach-v3"], 0, tmp_path)
 
 
+@needs_sim
+def test_collect_rejects_bad_episode_settings_before_running_any(tmp_path, capsys):
+    """These used to fail every episode in the workers (with retries), then advise a rerun."""
+    from worldvla.cli import main
+
+    for kw, match in (({"camera": "bogus"}, "--camera"), ({"image_size": 0}, "--image-size"),
+                      ({"max_steps": 0}, "--max-steps"), ({"max_steps": 501}, "--max-steps")):
+        with pytest.raises(ValueError, match=match):
+            collect(["reach-v3"], 1, tmp_path, workers=1, progress=False, **kw)
+    assert list(tmp_path.iterdir()) == []
+    for option, value in (("--camera", "bogus"), ("--image-size", "0"), ("--max-steps", "0"),
+                          ("--episodes", "0"), ("--noise", "-1"), ("--workers", "0"), ("--max-attempts", "0")):
+        with pytest.raises(SystemExit) as e:
+            main(["collect", "--out", str(tmp_path), option, value])
+        assert e.value.code == 2 and f"argument {option}:" in capsys.readouterr().err
+
+
+@needs_sim
+def test_collect_cuts_a_larger_file_to_the_episodes_asked_for(tmp_path):
+    """A file with more episodes than asked for (same settings) used to be kept whole, so the data
+    used downstream did not match the request; it is now cut to its first episodes."""
+    from worldvla.data.collect import _settings
+    from worldvla.data.hdf5 import demo_file_info, write_demos
+
+    rng = np.random.default_rng(0)
+    demos = [{"frames": rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8),
+              "actions": rng.uniform(-1, 1, (3, 4)).astype(np.float32)} for _ in range(3)]
+    settings = _settings(16, 7, "corner", 200, 0.0)
+    path = write_demos(tmp_path / "reach-v3.hdf5", demos, TASKS["reach-v3"],
+                       attrs={**settings, "task": "reach-v3", "episode_seeds": [11, 12, 13]})
+    s = collect(["reach-v3"], 2, tmp_path, image_size=16, seed=7, workers=1, progress=False)
+    assert s["tasks"]["reach-v3"]["skipped"] and s["tasks"]["reach-v3"]["episodes"] == 2 and s["episodes_run"] == 0
+    kept = read_demos(path)
+    assert len(kept) == 2
+    for got, want in zip(kept, demos):
+        np.testing.assert_array_equal(got.frames, want["frames"])
+        np.testing.assert_array_equal(got.actions, want["actions"])
+    attrs = demo_file_info(path)["attrs"]
+    assert list(attrs["episode_seeds"]) == [11, 12] and attrs["task"] == "reach-v3"
+    assert all(attrs[k] == v for k, v in settings.items())  # still counts as complete
+    assert collect(["reach-v3"], 2, tmp_path, image_size=16, seed=7, workers=1, progress=False)["episodes_run"] == 0
+
+
 def test_blind_random_baseline_and_shared_envs_change_no_episode():
     """The random baseline skips rendering and evaluation shares envs across variants; neither may
     change an episode: the same actions on the same seeds give the same outcomes as rendering

@@ -204,11 +204,12 @@ def test_bounds_and_bad_inputs(tmp_path):
     write_demos(tmp_path / "y" / "a.hdf5", random_demos(rng, (4,)), "reach")
     write_demos(tmp_path / "y" / "b.hdf5", random_demos(rng, (4,), size=64), "reach")
     with pytest.raises(ValueError, match="one size"):
-        st.build_store(tmp_path / "y", tmp_path / "sy", tiny_vqgan(), progress=False)
+        st.build_store(tmp_path / "y", tmp_path / "sy", tiny_vqgan(), chunk_size=3, progress=False)
     with pytest.raises(ValueError, match="chunk size"):
         st.build_store(tmp_path / "x", tmp_path / "sz", tiny_vqgan(), chunk_size=0, progress=False)
-    with pytest.raises(ValueError, match="no samples"):
+    with pytest.raises(ValueError, match=r"-K 9 is longer than every demo \(the longest has 5 steps\)"):
         st.build_store(tmp_path / "x", tmp_path / "sw", tiny_vqgan(), chunk_size=9, world=False, progress=False)
+    assert not (tmp_path / "sw").exists()  # refused before any work
     with pytest.raises(FileNotFoundError, match="not a token store"):
         st.TokenStore(tmp_path / "x")
 
@@ -224,3 +225,65 @@ def test_cli(demo_dir, tmp_path):
     assert st.run(args) == 0
     store = st.TokenStore(tmp_path / "s")
     assert store.kind_counts() == {"action": 6 + 4 + 1 + 5, "world": 0}
+
+
+def test_no_action_samples_is_refused(tmp_path):
+    """Only a failed demo is long enough for -K: a store with world samples but no action samples
+    used to be built (and would train a policy on nothing)."""
+    rng = np.random.default_rng(5)
+    write_demos(tmp_path / "d" / "a.hdf5", random_demos(rng, (3, 8), success=[True, False]), "reach")
+    with pytest.raises(ValueError, match="no action samples.*-K 5"):
+        st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=5, progress=False)
+
+
+def test_vqgan_save_never_leaves_a_config_without_weights(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    vq = tiny_vqgan()
+    vq.save_pretrained(tmp_path / "old")
+
+    def crash(tensors, path, metadata=None):
+        open(path, "wb").write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        vq.save_pretrained(tmp_path / "new")
+    assert list((tmp_path / "new").iterdir()) == []  # no config.json, no half-written weights
+    with pytest.raises(OSError, match="disk full"):
+        vq.save_pretrained(tmp_path / "old")  # over an older VQGAN: its config is gone with it
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["model.safetensors"]
+
+
+def test_store_copies_the_vqgan_again_when_its_weights_are_missing(demo_dir, tmp_path):
+    folder, _ = demo_dir
+    vq = tiny_vqgan()
+    st.build_store(folder, tmp_path / "s", vq, chunk_size=K, progress=False)
+    (tmp_path / "s" / "vqgan" / "model.safetensors").unlink()  # a copy interrupted before the weights
+    st.build_store(folder, tmp_path / "s", vq, chunk_size=K, progress=False)
+    copy = VQGAN.from_pretrained(st.TokenStore(tmp_path / "s").vqgan_path)
+    assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), vq.state_dict().values()))
+
+
+@pytest.mark.parametrize("option,value", [("--encode-batch", "0"), ("-K", "0"), ("--demos-per-shard", "-1")])
+def test_cli_refuses_bad_counts_naming_the_option(option, value, tmp_path, capsys):
+    from worldvla.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["pretokenize", str(tmp_path), "--out", str(tmp_path / "s"), "--vqgan", str(tmp_path), option, value])
+    assert e.value.code == 2
+    assert "must be >= " in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_vqgan_folder_and_a_too_long_chunk(demo_dir, tmp_path, capsys):
+    from worldvla.cli import main
+
+    folder, _ = demo_dir
+    assert main(["pretokenize", str(folder), "--out", str(tmp_path / "s"), "--vqgan", str(tmp_path / "nothere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("worldvla pretokenize: error: the VQGAN folder") and "nothere is missing" in err
+    tiny_vqgan().save_pretrained(tmp_path / "vq")
+    args = [str(folder), "--out", str(tmp_path / "s"), "--vqgan", str(tmp_path / "vq"), "--no-progress"]
+    assert main(["pretokenize", *args, "-K", "500"]) == 2
+    err = capsys.readouterr().err
+    assert "-K 500 is longer than every demo (the longest has 7 steps)" in err and "Traceback" not in err

@@ -204,6 +204,68 @@ def test_bad_arguments_fail_clearly(store_dir, tmp_path):
         trainer.train(args_for(store_dir, tmp_path / "z", "--steps", 1, "--batch-tokens", 20))
 
 
+def test_fresh_run_refuses_a_folder_with_checkpoints_and_overwrite_starts_over(store_dir, tmp_path, capsys):
+    """A run without --resume into a folder of an earlier run is refused (it used to prune its own new
+    checkpoint and leave `latest` dangling); --overwrite deletes the old run and starts over."""
+    from worldvla.cli import main
+
+    out = tmp_path / "run"
+    common = ("--batch-tokens", 300, "--kinds", "action", "--save-every", 1, "--keep-last", 2)
+    trainer.train(args_for(store_dir, out, "--steps", 3, *common))
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        trainer.train(args_for(store_dir, out, "--steps", 1, *common, "--no-export"))
+    assert main(["train", "--store", str(store_dir), "--out", str(out), "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("worldvla train: error:") and "--resume" in err and "Traceback" not in err
+    assert latest_checkpoint(out).name == "step_00000003"  # nothing was touched
+
+    s = trainer.train(args_for(store_dir, out, "--steps", 1, *common, "--no-export", "--overwrite"))
+    assert s["step"] == 1 and latest_checkpoint(out).name == "step_00000001"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000001"]
+    assert not (out / "policy").exists() and not (out / "model").exists()  # the old run's export went too
+    assert [r["step"] for r in read_log(out)] == [1]
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    from worldvla.train.checkpointing import save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path, 900, model, opt, {}, keep_last=1)  # a later step of an abandoned run
+    for step, keep in ((3, 1), (5, 2), (7, 2)):
+        written = save_checkpoint(tmp_path, step, model, opt, {}, keep_last=keep)
+        assert written.is_dir() and latest_checkpoint(tmp_path) == written
+    # Older ones beyond --keep-last are pruned; newer ones are never touched.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == \
+        ["step_00000005", "step_00000007", "step_00000900"]
+
+
+@pytest.mark.parametrize("option,value", [("--log-every", "0"), ("--steps", "-1"), ("--epochs", "0"),
+                                          ("--batch-tokens", "0"), ("--keep-last", "-2"), ("--warmup", "-1")])
+def test_cli_refuses_bad_counts_naming_the_option(option, value, tmp_path, capsys):
+    from worldvla.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--store", str(tmp_path), "--out", str(tmp_path / "o"), option, value])
+    assert e.value.code == 2
+    assert f"argument {option}: must be >= " in capsys.readouterr().err
+
+
+def test_cli_reports_bad_inputs_in_one_line_and_other_errors_with_traceback(tmp_path, capsys, monkeypatch):
+    from worldvla.cli import main
+
+    assert main(["train", "--store", str(tmp_path / "nothere"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("worldvla train: error:") and "not a token store" in err and "Traceback" not in err
+
+    def bug(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(trainer, "run", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["train", "--store", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
 # ---------------------------------------------------------------------- FSDP2, two processes
 FSDP_COMMON = ["--steps", 4, "--batch-tokens", 600, "--micro-tokens", 140]
 

@@ -99,6 +99,32 @@ def test_bad_inputs(data, tmp_path):
         vqt.load_frames(data / "d.hdf5", stride=0)
 
 
+def test_fresh_run_refuses_old_checkpoints_and_overwrite_starts_over(data, tmp_path):
+    """A run without --resume into a folder of an earlier run used to prune its own checkpoint, so that a
+    later --resume continued (and exported) the old run; now it is refused unless --overwrite."""
+    out = tmp_path / "run"
+    vqt.train_vq(args_for(data, out, "--steps", 3, "--save-every", 1))
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        vqt.train_vq(args_for(data, out, "--steps", 1))
+    assert latest_checkpoint(out).name == "step_00000003"
+    s = vqt.train_vq(args_for(data, out, "--steps", 2, "--stop-after", 1, "--overwrite"))
+    assert s["step"] == 1 and s["export"] is None
+    assert latest_checkpoint(out).name == "step_00000001" and not (out / "vqgan").exists()
+    s = vqt.train_vq(args_for(data, out, "--steps", 2, "--resume"))
+    assert s["step"] == 2 and s["losses"] and (out / "vqgan" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("option,value", [("--batch-size", "0"), ("--log-every", "0"), ("--epochs", "0"),
+                                          ("--steps", "-5"), ("--frame-stride", "0"), ("--keep-last", "-1")])
+def test_cli_refuses_bad_counts_naming_the_option(option, value, tmp_path, capsys):
+    from worldvla.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train-vq", str(tmp_path), "--out", str(tmp_path / "o"), option, value])
+    assert e.value.code == 2
+    assert f"argument {option}: must be >= " in capsys.readouterr().err
+
+
 def _ddp_worker(rank, world, init_file, data, out, common):
     import torch.distributed as dist
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -18,6 +19,37 @@ COMMANDS = {
     "bench": ("worldvla.bench", "run benchmarks and write benchmarks/results/*.json"),
     "info": ("worldvla.info", "what this machine will run: versions, CPU width, CUDA build, auto order per op"),
 }
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option in its error)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -48,7 +80,14 @@ def main(argv=None) -> int:
     if getattr(args, "_unavailable", None):
         print(f"worldvla {args.command}: unavailable here: {args._unavailable}", file=sys.stderr)
         return 2
-    rc = importlib.import_module(args._module).run(args)
+    # Bad inputs (missing files are OSErrors) get one line; any other error keeps its traceback.
+    try:
+        rc = importlib.import_module(args._module).run(args)
+    except (ValueError, OSError) as e:
+        if os.environ.get("WORLDVLA_TRACEBACK"):
+            raise
+        print(f"worldvla {args.command}: error: {e} (WORLDVLA_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

@@ -451,25 +451,34 @@ class VQGAN(nn.Module):
         return model.eval()
 
     def save_release(self, folder: str | os.PathLike) -> None:
-        """Write `vqgan.yaml` and `vqgan.ckpt` in the release's (taming) format."""
+        """Write `vqgan.yaml` and `vqgan.ckpt` in the release's (taming) format, as `save_pretrained`
+        does: a crash never leaves a vqgan.yaml next to missing, half-written or older weights."""
+        from pathlib import Path
+
         import yaml
 
-        os.makedirs(folder, exist_ok=True)
+        from .checkpoint import _atomic_write, write_text_atomic
+
         doc = {"model": {"target": _TAMING_TARGET, "params": self.config.to_taming()}}
-        with open(os.path.join(folder, RELEASE_YAML), "w") as fh:
-            yaml.safe_dump(doc, fh, sort_keys=False)
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        torch.save({"state_dict": sd}, os.path.join(folder, RELEASE_CKPT))
+        (Path(folder) / RELEASE_YAML).unlink(missing_ok=True)
+        _atomic_write(Path(folder) / RELEASE_CKPT, lambda p: torch.save({"state_dict": sd}, p))
+        write_text_atomic(Path(folder) / RELEASE_YAML, yaml.safe_dump(doc, sort_keys=False))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write `config.json` and `model.safetensors`."""
+        """Write `model.safetensors`, then `config.json`, each under a temporary name renamed into
+        place (an older config.json is removed first): a crash never leaves a config.json next to
+        missing, half-written or older weights."""
+        from pathlib import Path
+
         from safetensors.torch import save_file
 
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as fh:
-            json.dump(self.config.to_dict(), fh, indent=2)
+        from .checkpoint import _atomic_write, write_text_atomic
+
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(sd, os.path.join(folder, "model.safetensors"))
+        (Path(folder) / "config.json").unlink(missing_ok=True)
+        _atomic_write(Path(folder) / "model.safetensors", lambda p: save_file(sd, p))
+        write_text_atomic(Path(folder) / "config.json", json.dumps(self.config.to_dict(), indent=2))
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, map_location="cpu") -> "VQGAN":

@@ -5,7 +5,10 @@ only successful episodes. Episodes run in worker processes, one (task, episode)
 job at a time; a failed episode is retried with a fresh layout seed up to
 `max_attempts` times. Every seed derives from (seed, task, episode, attempt), so a
 rerun reproduces the same files. Tasks whose file already holds the requested
-episodes with the same settings are skipped, so an interrupted run resumes.
+episodes with the same settings are skipped, so an interrupted run resumes; a file
+holding more episodes than asked for is cut to its first n (the episodes a fresh run
+of n collects, since an episode's seeds do not depend on n), so the files always hold
+what was asked for.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .hdf5 import demo_file_info, write_demos
+from ..cli import non_negative_float, positive_int
+from .hdf5 import demo_file_info, iter_demos, write_demos
 
 # Meta-World's MT10 set.
 DEFAULT_TASKS = (
@@ -123,6 +127,33 @@ def _is_complete(path: Path, n_episodes: int, settings: dict) -> bool:
     return all(k in attrs and attrs[k] == v for k, v in settings.items())
 
 
+def _keep_first(path: Path, n_episodes: int) -> None:
+    """Cut a complete file down to its first `n_episodes` episodes (atomically)."""
+    info = demo_file_info(path)
+    if info["num_demos"] <= n_episodes:
+        return
+    written_by_write_demos = ("instruction", "num_demos", "total", "camera", "upright")
+    attrs = {k: v for k, v in info["attrs"].items() if k not in written_by_write_demos}
+    if "episode_seeds" in attrs:
+        attrs["episode_seeds"] = list(attrs["episode_seeds"])[:n_episodes]
+    demos = iter_demos(path)
+    first = [next(demos) for _ in range(n_episodes)]
+    demos.close()  # closes the file before it is replaced
+    write_demos(path, first, info["instruction"], camera=CAMERA_KEY, attrs=attrs)
+
+
+def _check_episode_settings(image_size: int, camera: str, max_steps: int) -> None:
+    """The env's own checks, made before any episode runs (a bad value would fail every episode)."""
+    from ..sim.metaworld_env import CAMERAS
+
+    if image_size < 8:
+        raise ValueError(f"--image-size must be at least 8 pixels, got {image_size}")
+    if camera not in CAMERAS:
+        raise ValueError(f"unknown --camera {camera!r}; Meta-World cameras: {', '.join(CAMERAS)}")
+    if not 1 <= max_steps <= 500:
+        raise ValueError(f"--max-steps must be in [1, 500] (Meta-World's own episode limit), got {max_steps}")
+
+
 def _mp_context():
     from ..sim.workers import mp_context
 
@@ -163,6 +194,7 @@ def collect(
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     if action_noise < 0:
         raise ValueError(f"action_noise must be >= 0, got {action_noise}")
+    _check_episode_settings(image_size, camera, max_steps)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(image_size, seed, camera, max_steps, action_noise)
@@ -173,7 +205,8 @@ def collect(
     for task in tasks:
         path = out_dir / f"{task}.hdf5"
         if _is_complete(path, n_episodes, settings):
-            summary["tasks"][task] = {"path": str(path), "skipped": True, "episodes": demo_file_info(path)["num_demos"]}
+            _keep_first(path, n_episodes)
+            summary["tasks"][task] = {"path": str(path), "skipped": True, "episodes": n_episodes}
         else:
             todo.append(task)
 
@@ -274,18 +307,23 @@ def collect(
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `worldvla collect`."""
+    from ..sim.metaworld_env import CAMERAS
+
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help="comma-separated Meta-World tasks, or 'all' (default: the MT10 set)")
-    parser.add_argument("--episodes", type=int, default=50, help="successful episodes per task")
+    parser.add_argument("--episodes", type=positive_int, default=50,
+                        help="successful episodes per task. A task file from an earlier run with the same settings "
+                             "and more episodes is cut to its first N (the episodes a fresh run of N collects)")
     parser.add_argument("--out", required=True, help="output folder, one <task>.hdf5 per task")
-    parser.add_argument("--image-size", type=int, default=64, help="square frame size in pixels")
+    parser.add_argument("--image-size", type=positive_int, default=64, help="square frame size in pixels (>= 8)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 1)),
+    parser.add_argument("--workers", type=positive_int, default=max(1, (mp.cpu_count() or 1)),
                         help="worker processes (1 = run in this process)")
-    parser.add_argument("--camera", default="corner", help="Meta-World camera")
-    parser.add_argument("--max-steps", type=int, default=200, help="episode step limit")
-    parser.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise on expert actions")
-    parser.add_argument("--max-attempts", type=int, default=5, help="tries per episode before giving up")
+    parser.add_argument("--camera", default="corner", choices=CAMERAS, help="Meta-World camera (default: corner)")
+    parser.add_argument("--max-steps", type=positive_int, default=200, help="episode step limit (at most 500)")
+    parser.add_argument("--noise", type=non_negative_float, default=0.0,
+                        help="std of Gaussian noise on expert actions")
+    parser.add_argument("--max-attempts", type=positive_int, default=5, help="tries per episode before giving up")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

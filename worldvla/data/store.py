@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import write_text_atomic
+from ..cli import non_negative_int, positive_int
 from ..tokens import IGNORE, ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
 from ..tokens.actions import LIBERO_MAX, LIBERO_MIN
 
@@ -45,6 +46,7 @@ KINDS = ("action", "world")
 _KIND_CODE = {k: i for i, k in enumerate(KINDS)}
 _ARRAYS = ("tokens", "labels", "offsets", "kinds", "index")
 MANIFEST = "manifest.json"
+VQGAN_FILES = ("config.json", "model.safetensors")  # VQGAN.save_pretrained
 TEXT_TOKENIZER = "text_tokenizer.json"
 
 
@@ -217,6 +219,27 @@ def verify_shard(root: Path, entry: dict) -> bool:
         return False
 
 
+def _check_vqgan_folder(folder) -> None:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the VQGAN folder {folder} is missing; pass the vqgan/ folder that "
+                                f"`worldvla train-vq` exported (<run>/vqgan) or a VQGAN.save_pretrained folder")
+    missing = [n for n in VQGAN_FILES if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a complete VQGAN folder: {', '.join(missing)} missing (expected "
+                                f"{' and '.join(VQGAN_FILES)}, as `worldvla train-vq` exports them)")
+
+
+def _check_chunk_fits(files, chunk_size: int) -> None:
+    """Action samples need demos of at least K steps: refuse a K longer than every demo."""
+    from .hdf5 import demo_file_info
+
+    longest = max((max(demo_file_info(f)["steps"], default=0) for f in files), default=0)
+    if chunk_size > longest:
+        raise ValueError(f"--chunk-size/-K {chunk_size} is longer than every demo (the longest has {longest} steps), "
+                         f"so no action sample fits; choose -K <= {longest}")
+
+
 def _plan_shards(files, settings: StoreSettings):
     from .hdf5 import demo_file_info
 
@@ -247,9 +270,12 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     settings = StoreSettings(chunk_size, history, action, world, demos_per_shard, only_success, camera)
     settings.check()
     files = find_demo_files(inputs)
+    if action:
+        _check_chunk_fits(files, chunk_size)
     out = Path(out)
     device = torch.device(device or "cpu")
     if not isinstance(vqgan, VQGAN):
+        _check_vqgan_folder(vqgan)
         vqgan = VQGAN.from_pretrained(vqgan)
     vqgan = vqgan.to(device).eval()
     n_codes = vqgan.config.n_embed
@@ -293,7 +319,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                     f"(--overwrite) to rebuild it, or choose another output folder")
         else:
             done = {e["name"]: e for e in old.get("shards", [])}
-    if not (out / "vqgan" / "config.json").is_file() or overwrite:
+    if overwrite or not all((out / "vqgan" / n).is_file() for n in VQGAN_FILES):
         vqgan.save_pretrained(out / "vqgan")
     if tokenizer_json is not None and Path(tokenizer_json).resolve() != (out / TEXT_TOKENIZER).resolve():
         shutil.copyfile(tokenizer_json, out / TEXT_TOKENIZER)
@@ -362,6 +388,9 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     if manifest["n_samples"] == 0:
         raise ValueError(f"no samples were built from {len(files)} files: demos may all be failures "
                          f"(pass only_success=False) or shorter than the chunk size {chunk_size}")
+    if action and manifest["n_action"] == 0:
+        raise ValueError(f"no action samples were built: every demo used is shorter than --chunk-size/-K "
+                         f"{chunk_size} (failed demos are skipped unless --include-failed); lower -K")
     manifest["complete"] = True
     _atomic_json(mpath, manifest)
     return out
@@ -514,16 +543,16 @@ def add_arguments(p) -> None:
     p.add_argument("--layout", choices=("compact", "chameleon"), default="compact",
                    help="vocabulary: compact (sized to the VQGAN, byte text) or the release's chameleon ids")
     p.add_argument("--tokenizer-json", default=None, help="the release's text_tokenizer.json (chameleon layout)")
-    p.add_argument("--chunk-size", "-K", type=int, default=5, help="actions per action-model sample (K)")
+    p.add_argument("--chunk-size", "-K", type=positive_int, default=5, help="actions per action-model sample (K)")
     p.add_argument("--history", type=int, default=2, choices=(1, 2), help="history frames per action sample")
     p.add_argument("--no-world", action="store_true", help="action samples only (the action-only ablation)")
     p.add_argument("--no-action", action="store_true", help="world-model samples only")
     p.add_argument("--action-bounds", default="auto", choices=("auto", "libero", "unit", "data"),
                    help="min/max used to normalize actions before binning")
-    p.add_argument("--demos-per-shard", type=int, default=0, help="demos per shard (0 = one shard per file)")
+    p.add_argument("--demos-per-shard", type=non_negative_int, default=0, help="demos per shard (0 = one shard per file)")
     p.add_argument("--include-failed", action="store_true", help="also tokenize demos not marked successful")
     p.add_argument("--camera", default=None, help="camera name (obs/<camera>_rgb); default: agentview or first")
-    p.add_argument("--encode-batch", type=int, default=32, help="frames per VQGAN call")
+    p.add_argument("--encode-batch", type=positive_int, default=32, help="frames per VQGAN call")
     p.add_argument("--device", default=None, help="device for the VQGAN (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="rebuild a store made with other settings")
     p.add_argument("--no-progress", action="store_true")

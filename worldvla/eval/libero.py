@@ -19,15 +19,17 @@ tests drive it with a stand-in environment.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import write_text_atomic
+from ..cli import positive_int
 from .rollout import ChunkQuery
 
 MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
@@ -139,68 +141,129 @@ def check_bounds(policy, allow_mismatch: bool = False) -> None:
                          "bounds or pass --allow-bounds-mismatch")
 
 
+RESULTS = "libero_results.json"
+
+
+def _results_key(suite, policy, policy_path) -> str | None:
+    """What an episode's outcome depends on: the policy's files and metadata, the suite and its
+    camera size. None (no reuse) without a policy folder to fingerprint."""
+    from .metaworld import _jsonable, _policy_fingerprint
+
+    fp = _policy_fingerprint(policy_path) if policy_path is not None else None
+    if fp is None:
+        return None
+    meta = _jsonable(policy.metadata()) if hasattr(policy, "metadata") else None
+    blob = json.dumps({"policy": fp, "metadata": meta, "suite": getattr(suite, "name", "custom"),
+                       "resolution": getattr(suite, "resolution", None), "max_steps": suite.max_steps},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _saved_tasks(path: Path, key: str | None) -> dict:
+    """The per-task episode records of an earlier run with the same key ({} when there is none)."""
+    if key is None or not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved.get("tasks", {}) if saved.get("key") == key else {}
+
+
+def _task_summary(instruction: str, success: list, steps: list, errors: list) -> dict:
+    """One task's entry from its per-episode records (errors: None or the episode's error)."""
+    n = len(success)
+    return {"instruction": instruction, "successes": int(sum(success)), "episodes": n,
+            "success_rate": sum(success) / max(n, 1), "mean_steps": float(np.mean(steps)) if steps else 0.0,
+            "errors": [f"episode {ep}: {e}" for ep, e in enumerate(errors) if e],
+            "episode_success": [bool(x) for x in success], "episode_steps": [int(x) for x in steps],
+            "episode_errors": errors}
+
+
 def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, save_videos: bool = False,
-                   allow_bounds_mismatch: bool = False, progress: bool = True) -> dict:
-    """Success rates of `policy` on `suite` (a `LiberoSuite` or an object with its interface)."""
+                   allow_bounds_mismatch: bool = False, progress: bool = True, policy_path=None,
+                   resume: bool = True) -> dict:
+    """Success rates of `policy` on `suite` (a `LiberoSuite` or an object with its interface).
+
+    With `out_dir`, `libero_results.json` is rewritten atomically after every episode (`"complete":
+    false` until the end). With `policy_path` (the policy's folder) and `resume`, a rerun into the same
+    `out_dir` keeps the episodes saved there by a run of the same policy files, suite and camera size,
+    and runs only the missing ones: every episode starts from its task's fixed initial state."""
     check_bounds(policy, allow_bounds_mismatch)
     task_ids = list(range(suite.n_tasks)) if tasks is None else [int(t) for t in tasks]
     bad = [t for t in task_ids if not 0 <= t < suite.n_tasks]
     if bad:
         raise ValueError(f"task ids {bad} are outside this suite's 0..{suite.n_tasks - 1}")
+    if not task_ids:
+        raise ValueError("no LIBERO tasks to evaluate: --tasks names none")
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     out_dir = Path(out_dir) if out_dir is not None else None
+    key = _results_key(suite, policy, policy_path)
+    saved = {}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            saved = _saved_tasks(out_dir / RESULTS, key)
     query = ChunkQuery(policy)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(task_ids) * episodes, desc=f"eval {getattr(suite, 'name', 'libero')}", unit="ep")
-    results = {"suite": getattr(suite, "name", "custom"), "episodes_per_task": episodes, "tasks": {}}
+    results = {"suite": getattr(suite, "name", "custom"), "episodes_per_task": episodes, "key": key,
+               "complete": False, "tasks": {}}
     t_start = time.perf_counter()
-    total_ok = total = 0
+
+    def write_results() -> None:
+        if out_dir is not None:
+            write_text_atomic(out_dir / RESULTS, json.dumps(results, indent=2))
+
     try:
         for task_id in task_ids:
             instruction = suite.instruction(task_id)
+            old = saved.get(str(task_id), {})
+            success = old.get("episode_success", [])[:episodes]
+            steps = old.get("episode_steps", [])[:episodes]
+            errors = old.get("episode_errors", [])[:episodes]
+            if bar is not None:
+                bar.update(len(success))
+            results["tasks"][str(task_id)] = _task_summary(instruction, success, steps, errors)
+            if len(success) == episodes:
+                continue
             init_states = suite.init_states(task_id)
             if len(init_states) < episodes:
                 raise ValueError(f"task {task_id} has {len(init_states)} initial states, fewer than {episodes} episodes")
             env = suite.make_env(task_id)
-            ok, errors, steps = 0, [], []
             try:
-                for ep in range(episodes):
+                for ep in range(len(success), episodes):
                     r = run_episode(env, policy, query, instruction, init_states[ep], suite.max_steps,
                                     record=save_videos and out_dir is not None)
-                    ok += r["success"]
+                    success.append(r["success"])
                     steps.append(r["steps"])
-                    if r["error"]:
-                        errors.append(f"episode {ep}: {r['error']}")
+                    errors.append(r["error"])
                     if r["frames"]:
                         import imageio.v2 as imageio
 
                         tag = "success" if r["success"] else "failure"
                         imageio.mimsave(out_dir / f"task{task_id:02d}_ep{ep:03d}_{tag}.gif", r["frames"], duration=0.05)
+                    results["tasks"][str(task_id)] = _task_summary(instruction, success, steps, errors)
+                    write_results()
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(task=task_id, sr=f"{ok / (ep + 1):.0%}")
+                        bar.set_postfix(task=task_id, sr=f"{sum(success) / len(success):.0%}")
             finally:
                 if hasattr(env, "close"):
                     env.close()
-            results["tasks"][str(task_id)] = {"instruction": instruction, "successes": ok, "episodes": episodes,
-                                              "success_rate": ok / episodes, "mean_steps": float(np.mean(steps)),
-                                              "errors": errors}
-            total_ok += ok
-            total += episodes
     finally:
         if bar is not None:
             bar.close()
-    results["success_rate"] = total_ok / max(total, 1)
+    total_ok = sum(t["successes"] for t in results["tasks"].values())
+    results["success_rate"] = total_ok / (len(task_ids) * episodes)
     results["latency"] = query.latency_summary()
     results["seconds"] = time.perf_counter() - t_start
-    if out_dir is not None:
-        (out_dir / "libero_results.json").write_text(json.dumps(results, indent=2))
+    results["complete"] = True
+    write_results()
     return results
 
 
@@ -209,10 +272,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--suite", default="libero_spatial", choices=sorted(MAX_STEPS),
                         help="LIBERO suite; step limits spatial 220, object 280, goal 300, libero_10 520")
     parser.add_argument("--tasks", default=None, help="comma-separated task ids (default: all 10)")
-    parser.add_argument("--episodes", type=int, default=50, help="episodes per task (the paper: 50)")
-    parser.add_argument("--resolution", type=int, default=None,
+    parser.add_argument("--episodes", type=positive_int, default=50, help="episodes per task (the paper: 50)")
+    parser.add_argument("--resolution", type=positive_int, default=None,
                         help="camera size in pixels (default: the policy's image size; the release: 256 or 512)")
-    parser.add_argument("--out", default=None, help="folder for libero_results.json (and --save-videos GIFs)")
+    parser.add_argument("--out", default=None,
+                        help="folder for libero_results.json, rewritten after every episode (and --save-videos GIFs); "
+                             "a rerun into it keeps the episodes already run with the same policy files and suite")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="run every episode again, even those saved in OUT/libero_results.json")
     parser.add_argument("--save-videos", action="store_true", help="one GIF per episode in --out")
     parser.add_argument("--device", default=None, help="torch device of the policy (default: cuda if available)")
     parser.add_argument("--allow-bounds-mismatch", action="store_true",
@@ -229,17 +296,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from ..inference import WorldVLAPolicy
 
+    tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if tasks is not None and not all(t.isdigit() for t in tasks):
+        raise ValueError(f"--tasks takes comma-separated task ids like 0,3,7, got {args.tasks!r}")
     policy = WorldVLAPolicy.from_pretrained(args.policy, device=args.device)
     suite = LiberoSuite(args.suite, resolution=args.resolution or policy.image_size)
-    tasks = None if args.tasks is None else [int(t) for t in args.tasks.split(",") if t.strip()]
-    try:
-        res = evaluate_suite(policy, suite, episodes=args.episodes, tasks=tasks, out_dir=args.out,
-                             save_videos=args.save_videos, allow_bounds_mismatch=args.allow_bounds_mismatch,
-                             progress=not args.no_progress)
-    except ValueError as e:
-        print(f"worldvla eval-libero: {e}", file=sys.stderr)
-        traceback.print_exc(limit=0)
-        return 2
+    res = evaluate_suite(policy, suite, episodes=args.episodes, tasks=tasks, out_dir=args.out,
+                         save_videos=args.save_videos, allow_bounds_mismatch=args.allow_bounds_mismatch,
+                         progress=not args.no_progress, policy_path=args.policy, resume=not args.no_resume)
     for tid, r in res["tasks"].items():
         print(f"task {tid:>2}  {r['success_rate']:6.1%}  {r['instruction']}")
     print(f"{res['suite']}: {res['success_rate']:.1%} over {len(res['tasks'])} tasks x {args.episodes} episodes")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import write_text_atomic
+from ..cli import non_negative_int, positive_int
 from .metrics import psnr, ssim
 from .rollout import ChunkQuery
 
@@ -345,6 +346,21 @@ class _SavedRuns:
             write_text_atomic(self._path(name, task), json.dumps({"key": key, "result": result}, default=_json_default))
 
 
+def default_variant_names(policies) -> list[str]:
+    """Policy folders' names; folders of the same name are told apart by the folders above them
+    (run1/policy, run2/policy -> run1, run2). Policies given as objects are policy0, policy1, ..."""
+    paths = [Path(p).resolve() if isinstance(p, (str, Path)) else None for p in policies]
+    plain = [p.name if p is not None else f"policy{i}" for i, p in enumerate(paths)]
+    names = plain
+    deepest = max((len(p.parts) for p in paths if p is not None), default=0)
+    for depth in range(1, deepest - 1):  # parent folders, never the root
+        if len(set(names)) == len(names):
+            return names
+        names = [n if p is None or names.count(n) == 1 else "/".join(p.parts[-1 - depth:-1])
+                 for n, p in zip(names, paths)]
+    return names if len(set(names)) == len(names) else plain
+
+
 def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_steps: int = 200, n_envs: int = 4,
              random_baseline: bool = True, wm_episodes: int = 2, wm_horizon: int = 8, progress: bool = True,
              variant_names: list[str] | None = None, device=None, gifs: bool = True,
@@ -370,13 +386,18 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = list(tasks)
+    if not tasks:
+        raise ValueError("no tasks to evaluate: pass Meta-World task names (--tasks drawer-open-v3,door-open-v3)")
+    if episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    if n_envs < 1:
+        raise ValueError(f"--envs must be >= 1, got {n_envs}")
     policies = list(policies)
     names = list(variant_names or [])
-    for i in range(len(names), len(policies)):
-        p = policies[i]
-        names.append(Path(p).name if isinstance(p, (str, Path)) else f"policy{i}")
+    names += default_variant_names(policies)[len(names):]
     if len(set(names)) != len(names):
-        raise ValueError(f"variant names must differ, got {names}; pass variant_names")
+        raise ValueError(f"variant names must differ, got {names}; name the policies with --names a,b,... "
+                         f"(variant_names in Python)")
     loaded = [load_policy(p, device) if isinstance(p, (str, Path)) else p for p in policies]
     if causal_variant:
         from .ablations import CausalChunkPolicy
@@ -586,24 +607,26 @@ def format_results(metrics: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--policy", nargs="+", required=True,
                         help="policy folder(s) (worldvla.inference.save_policy format); several = variants compared")
-    parser.add_argument("--names", default=None, help="comma-separated variant names (default: folder names)")
+    parser.add_argument("--names", default=None,
+                        help="comma-separated variant names (default: the policy folders' names, or their parent "
+                             "folders' when those are the same: run1/policy run2/policy -> run1, run2)")
     parser.add_argument("--tasks", required=True, help="comma-separated Meta-World tasks, e.g. drawer-open-v3,door-open-v3")
-    parser.add_argument("--episodes", type=int, default=10, help="closed-loop episodes per task (default: %(default)s)")
+    parser.add_argument("--episodes", type=positive_int, default=10, help="closed-loop episodes per task (default: %(default)s)")
     parser.add_argument("--out", required=True, help="output folder: metrics.json, success.png, world_model*.png, GIFs")
-    parser.add_argument("--max-steps", type=int, default=200, help="episode step limit (default: %(default)s)")
-    parser.add_argument("--envs", type=int, default=4, help="envs run in lockstep with batched queries (default: %(default)s)")
-    parser.add_argument("--env-workers", type=int, default=2,
+    parser.add_argument("--max-steps", type=positive_int, default=200, help="episode step limit (default: %(default)s)")
+    parser.add_argument("--envs", type=positive_int, default=4, help="envs run in lockstep with batched queries (default: %(default)s)")
+    parser.add_argument("--env-workers", type=positive_int, default=2,
                         help="processes the envs step in, side by side (1 = in this process; default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="evaluation seed (layouts are derived from it)")
     parser.add_argument("--no-random", action="store_true", help="skip the random-policy (chance) baseline")
-    parser.add_argument("--wm-episodes", type=int, default=2,
+    parser.add_argument("--wm-episodes", type=non_negative_int, default=2,
                         help="held-out expert rollouts per task for the world-model metrics (0 = skip)")
-    parser.add_argument("--wm-horizon", type=int, default=8, help="imagined steps per rollout (default: %(default)s)")
+    parser.add_argument("--wm-horizon", type=positive_int, default=8, help="imagined steps per rollout (default: %(default)s)")
     parser.add_argument("--no-chunk-mask-variant", action="store_true",
                         help="also evaluate each policy decoding its chunks with plain causal attention "
                              "(the chunk-mask ablation at inference)")
     parser.add_argument("--device", default=None, help="torch device (default: the policy's default)")
-    parser.add_argument("--execute", type=int, default=None, metavar="N",
+    parser.add_argument("--execute", type=positive_int, default=None, metavar="N",
                         help="run only the first N actions of each predicted chunk before asking again (receding "
                              "horizon; default: the whole chunk, as the release). Random baseline included")
     parser.add_argument("--no-resume", action="store_true",
@@ -615,6 +638,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        print(f"worldvla eval: --tasks {args.tasks!r} names no task; pass Meta-World tasks, e.g. "
+              f"--tasks drawer-open-v3,door-open-v3", file=sys.stderr)
+        return 2
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     if names is not None and len(names) != len(args.policy):
         print(f"worldvla eval: --names has {len(names)} names for {len(args.policy)} policies", file=sys.stderr)
@@ -635,4 +662,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = ["closed_loop", "RandomPolicy", "eval_seeds", "expert_rollouts", "world_model_metrics", "evaluate",
-           "format_results", "TaskResult", "add_arguments", "run"]
+           "default_variant_names", "format_results", "TaskResult", "add_arguments", "run"]

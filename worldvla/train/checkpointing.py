@@ -91,11 +91,41 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last
         os.replace(tmp, final)
         write_text_atomic(root / LATEST, name)
         if keep_last > 0:
-            done = sorted(p for p in root.glob("step_*") if p.is_dir())
-            for old in done[:-keep_last]:
+            # Only checkpoints older than this one are pruned: never the one just written.
+            older = sorted((p for p in root.glob("step_*") if p.is_dir() and _step_of(p) < step), key=_step_of)
+            for old in older[:max(len(older) - (keep_last - 1), 0)]:
                 shutil.rmtree(old, ignore_errors=True)
     dist_utils.barrier()
     return final
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name[len("step_"):])
+    except ValueError:
+        return -1
+
+
+def has_checkpoints(run_dir) -> bool:
+    return any((Path(run_dir) / "checkpoints").glob("step_*"))
+
+
+def prepare_run_dir(run_dir, resume: bool, overwrite: bool, exports=()) -> None:
+    """Before a run: a fresh run (no --resume) refuses a folder that holds another run's checkpoints,
+    unless `overwrite`, which deletes them and the folders in `exports` (that run's results).
+    Collective: every rank calls it."""
+    run_dir = Path(run_dir)
+    if resume or not has_checkpoints(run_dir):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints of an earlier run. Pass --resume to continue it, "
+            f"--overwrite to delete them and start over in {run_dir}, or choose another --out")
+    dist_utils.barrier()  # every rank has looked before anything is deleted
+    if dist_utils.is_main():
+        for name in ("checkpoints", *exports):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+    dist_utils.barrier()
 
 
 def _to_cpu(obj):

@@ -33,7 +33,8 @@ import torch
 
 from ..checkpoint import write_text_atomic
 from . import distributed as dist_utils
-from .checkpointing import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..cli import non_negative_float, non_negative_int, positive_int
+from .checkpointing import full_model_state, latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 
 CONFIGS = ("tiny", "small", "chameleon_7b")
 
@@ -232,6 +233,7 @@ def train(args) -> dict:
     rank, world = dist_utils.rank(), dist_utils.world_size()
     main = rank == 0
     out = Path(args.out)
+    prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("policy", "model"))
     if main:
         out.mkdir(parents=True, exist_ok=True)
     kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
@@ -413,15 +415,15 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, exported policy")
     p.add_argument("--config", default="small", choices=CONFIGS, help="model size")
     p.add_argument("--init", default=None, help="start from this model folder (e.g. converted Chameleon-7B)")
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: --epochs whole epochs)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per global batch (all ranks)")
-    p.add_argument("--micro-tokens", type=int, default=0,
+    p.add_argument("--steps", type=non_negative_int, default=0, help="optimizer steps (0: --epochs whole epochs)")
+    p.add_argument("--epochs", type=positive_int, default=1)
+    p.add_argument("--batch-tokens", type=positive_int, default=8192, help="tokens per global batch (all ranks)")
+    p.add_argument("--micro-tokens", type=non_negative_int, default=0,
                    help="tokens per packed micro-batch per rank (0 = --batch-tokens); gradient accumulation. "
                         "On CPU the reference attention is dense over a packed sequence: ~1024 is fastest")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr / 10)")
-    p.add_argument("--warmup", type=float, default=0.01, help="warm-up steps, or a fraction of the run if < 1")
+    p.add_argument("--warmup", type=non_negative_float, default=0.01, help="warm-up steps, or a fraction of the run if < 1")
     p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--beta1", type=float, default=0.9)
@@ -432,7 +434,7 @@ def add_arguments(p) -> None:
     p.add_argument("--z-weight", type=float, default=1e-5, help="z-loss weight")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--init-std", type=float, default=0.02)
-    p.add_argument("--max-positions", type=int, default=0, help="override max_position_embeddings")
+    p.add_argument("--max-positions", type=non_negative_int, default=0, help="override max_position_embeddings")
     p.add_argument("--attention", default="chunk", choices=("chunk", "causal"),
                    help="chunk: the release's chunk mask (an action does not see the earlier actions of its "
                         "chunk); causal: plain causal attention, the paper's ablation (the policy then decodes "
@@ -445,11 +447,15 @@ def add_arguments(p) -> None:
     p.add_argument("--loss-backend", default="auto", choices=("auto", "torch", "triton", "native"))
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0 = only at the end)")
-    p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (0 = all)")
+    p.add_argument("--save-every", type=non_negative_int, default=1000,
+                   help="checkpoint every N steps (0 = only at the end)")
+    p.add_argument("--keep-last", type=non_negative_int, default=2, help="checkpoints to keep (0 = all)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this step")
-    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds an earlier run: delete its checkpoints and exported "
+                        "policy / model first (without --resume or --overwrite such a folder is refused)")
+    p.add_argument("--stop-after", type=non_negative_int, default=0, help="stop (with a checkpoint) after this step")
+    p.add_argument("--log-every", type=positive_int, default=1, help="write a metrics.jsonl line every N steps")
     p.add_argument("--no-export", action="store_true", help="skip the final policy / model export")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-malloc-tuning", action="store_true",

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cli import non_negative_int, positive_int
 from . import distributed as dist_utils
-from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 
 
 def load_frames(inputs, stride: int = 1, max_frames: int = 0, camera=None) -> np.ndarray:
@@ -140,6 +141,7 @@ def train_vq(args) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over {world} ranks")
     local = args.batch_size // world
     out = Path(args.out)
+    prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("vqgan",))
     if main:
         out.mkdir(parents=True, exist_ok=True)
     dist_utils.barrier()
@@ -258,13 +260,13 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, vqgan/)")
     p.add_argument("--config", default="small", choices=("small", "chameleon"))
     p.add_argument("--init", default=None, help="start from a VQGAN folder (VQGAN.save_pretrained)")
-    p.add_argument("--n-embed", type=int, default=0, help="codebook size override")
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: --epochs)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--n-embed", type=non_negative_int, default=0, help="codebook size override (0 = the config's)")
+    p.add_argument("--steps", type=non_negative_int, default=0, help="optimizer steps (0: --epochs)")
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="frames per step (all ranks together)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--min-lr", type=float, default=2e-5)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=non_negative_int, default=100, help="warm-up steps")
     p.add_argument("--beta1", type=float, default=0.5)
     p.add_argument("--beta2", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -272,21 +274,25 @@ def add_arguments(p) -> None:
     p.add_argument("--l1", type=float, default=1.0, help="weight of the L1 reconstruction term")
     p.add_argument("--l2", type=float, default=1.0, help="weight of the L2 reconstruction term")
     p.add_argument("--beta", type=float, default=0.25, help="commitment weight")
-    p.add_argument("--restart-every", type=int, default=50, help="dead-code restart period in steps (0 = off)")
+    p.add_argument("--restart-every", type=non_negative_int, default=50, help="dead-code restart period in steps (0 = off)")
     p.add_argument("--restart-threshold", type=float, default=0.03,
                    help="a code is dead below this fraction of the uniform usage rate")
     p.add_argument("--usage-decay", type=float, default=0.99)
-    p.add_argument("--frame-stride", type=int, default=1, help="use every n-th frame")
-    p.add_argument("--max-frames", type=int, default=0)
+    p.add_argument("--frame-stride", type=positive_int, default=1, help="use every n-th frame")
+    p.add_argument("--max-frames", type=non_negative_int, default=0, help="frames to train on at most (0 = all)")
     p.add_argument("--camera", default=None)
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--keep-last", type=int, default=2)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--stop-after", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--save-every", type=non_negative_int, default=500,
+                   help="checkpoint every N steps (0 = only at the end)")
+    p.add_argument("--keep-last", type=non_negative_int, default=2, help="checkpoints to keep (0 = all)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds an earlier run: delete its checkpoints and exported "
+                        "vqgan/ first (without --resume or --overwrite such a folder is refused)")
+    p.add_argument("--stop-after", type=non_negative_int, default=0, help="stop (with a checkpoint) after this step")
+    p.add_argument("--log-every", type=positive_int, default=1, help="write a metrics.jsonl line every N steps")
     p.add_argument("--no-progress", action="store_true")
 
 
