@@ -6,6 +6,9 @@ Action chunks (K actions of D=7 bins after a prompt of BOS, text, two history im
   sequential  `generate_action_chunk(mode="sequential")`: prefill + one token a step, constrained
   baseline    `baseline_generate_action_chunk`: the release's decoder (full-vocabulary fp32 logits at
               every prompt position, growing cache, dense mask row rebuilt from all ids each step)
+  release-engine  `generate_release_actions`: the release's choices (free greedy over the whole
+              vocabulary, no structure forced) on the engine, as many tokens; its tokens are checked
+              against the baseline's (`tokens_equal_release`)
 World-model frame (h x w codes after BOS, text, image, action, SEP and the forced image header):
   package     `generate_frame_codes`: codes only over the image ids, newlines ride with a row's last code
   baseline    the same release-style decoder generating the frame's h*(w+1) codes and newlines one
@@ -30,6 +33,7 @@ import torch
 import worldvla
 from worldvla import ActionTokenizer, SequenceBuilder, VocabLayout
 from worldvla.inference import baseline_generate_action_chunk, generate_action_chunk, generate_frame_codes
+from worldvla.inference.release import generate_release_actions, release_engine
 from worldvla.inference.chunk import make_engine
 from worldvla.inference.engine import InferenceEngine
 from worldvla.inference.malloc import tune_cpu_malloc
@@ -184,12 +188,23 @@ def bench_chunks(model, cfg_name, grid, chunks, device, quick, gen) -> list[dict
         with count_passes(model) as n:
             base_call()
         case_rows.append({**case, "impl": "baseline", "new_tokens": nb + 1, **t, "forward_passes": n[0]})
+        # The release's choices (free greedy over the whole vocabulary, blocks where the model writes them)
+        # on the engine: the same nb tokens, checked against the release's procedure itself.
+        rel_engine = release_engine(model, [prompt], nb, LAYOUT)
+        rel_call = lambda: generate_release_actions(model, prompt, LAYOUT, ACTION_DIM, nb, engine=rel_engine)[0]
+        t = time_fn(rel_call, device=device, **_timing(quick, on_gpu, slow=True))
+        with count_passes(model) as n:
+            got = rel_call()
+        want = baseline_generate_action_chunk(model, prompt, LAYOUT, K, ACTION_DIM, max_new_tokens=nb)
+        case_rows.append({**case, "impl": "release-engine", "new_tokens": int(got.tokens.numel()) + 1, **t,
+                          "forward_passes": n[0], "tokens_equal_release": bool(torch.equal(got.tokens, want.tokens))})
+        del rel_engine
         equal = bool(torch.equal(tokens["parallel"], tokens["sequential"]))
-        base_ms = case_rows[-1]["median_ms"]
+        base_ms = next(r["median_ms"] for r in case_rows if r["impl"] == "baseline")
         for r in case_rows:
             r["speedup_vs_baseline"] = base_ms / r["median_ms"]
             r["ms_per_action"] = r["median_ms"] / K
-            if r["impl"] != "baseline":
+            if r["impl"] in ("parallel", "sequential"):
                 r["tokens_equal"] = equal
         rows += case_rows
     return rows
