@@ -271,14 +271,19 @@ def _fill(p: torch.Tensor, init) -> None:
         init(p)
 
 
-def loss_class_weights(layout: VocabLayout, alpha: float = 0.04) -> torch.Tensor:
+def loss_class_weights(layout: VocabLayout, alpha: float = 0.04, release: bool = False) -> torch.Tensor:
     """Per-target-class CE weights: alpha on exactly the image-code ids, 1 elsewhere.
 
     The release writes `w[3:8195] = alpha`, which covers ids 3..8194: it down-weights
     `<unk>` (3) and misses the last image code (8195). Here the weight sits on the
-    image-code ids themselves."""
+    image-code ids themselves; `release=True` gives the release's slice instead (its ids
+    shifted down by one: [first image id - 1, last image id), the same on a compact layout)."""
     w = torch.ones(layout.vocab_size)
-    w[layout.image_code_weight_mask()] = alpha
+    if release:
+        lo, hi = min(layout.image_code_ids), max(layout.image_code_ids)
+        w[lo - 1:hi] = alpha
+    else:
+        w[layout.image_code_weight_mask()] = alpha
     return w
 
 

@@ -17,6 +17,14 @@ which is not a mean of per-micro-batch means. Each micro-batch's `model.loss` is
 rescaled by its share of the batch's label weight W and count N (and its z weight by the ratio
 of the two shares), so that gradients and the logged loss are exactly those of one pass over
 the global batch, whatever the world size or the number of micro-steps.
+
+Defaults that differ from the release's fine-tuning (spec 7), chosen for training small models
+from scratch: lr 3e-4 with a cosine decay to lr / 10 (the release: a constant 5e-6 after a 0.01
+epoch warm-up; `--lr 5e-6 --schedule constant`), dropout 0.0 (0.05: `--dropout 0.05`), the image
+weight on exactly the image-code ids (the release's slice: `--release-loss-weights`), and one
+affine row per head in the q/k norms of a model built here (a release checkpoint loaded with
+`--init` keeps its shared row; see worldvla.checkpoint). AdamW (0.9, 0.95, eps 1e-8, weight decay
+0.1), gradient clipping at 4.0 and the z-loss weight 1e-5 are the release's.
 """
 from __future__ import annotations
 
@@ -279,7 +287,7 @@ def train(args) -> dict:
         _trim_log(log_path, step)
         (out / "train_args.json").write_text(json.dumps(vars(args), indent=1, default=str))
 
-    class_weight = loss_class_weights(layout, args.alpha)
+    class_weight = loss_class_weights(layout, args.alpha, release=args.release_loss_weights)
     cw_device = class_weight.to(device)
     plan = epoch_batches(store.lengths, args.batch_tokens, args.seed, epoch)
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not main or args.no_progress,
@@ -431,6 +439,9 @@ def add_arguments(p) -> None:
     p.add_argument("--eps", type=float, default=1e-8)
     p.add_argument("--grad-clip", type=float, default=4.0, help="max gradient norm (0 = off)")
     p.add_argument("--alpha", type=float, default=0.04, help="loss weight of image-code targets")
+    p.add_argument("--release-loss-weights", action="store_true",
+                   help="put --alpha on the release's id slice (w[3:8195]: <unk> down-weighted, the last image code "
+                        "not) instead of exactly the image-code ids")
     p.add_argument("--z-weight", type=float, default=1e-5, help="z-loss weight")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--init-std", type=float, default=0.02)
