@@ -516,7 +516,14 @@ def test_cli_arguments():
                               "--max-queue", "9", "--max-payload-mb", "3", "--dtype", "bf16"])
     assert (args.checkpoint, args.port, args.max_batch, args.max_wait_ms, args.max_queue, args.max_payload_mb) == \
         ("ckpt", 0, 4, 2.5, 9, 3.0)
-    assert args.host == "127.0.0.1" and args.dtype == "bf16"
+    assert args.host == "127.0.0.1" and args.dtype == "bf16" and args.mode is None
+    assert parser.parse_args(["--checkpoint", "c", "--mode", "release"]).mode == "release"
+    for bad in (["--mode", "beam"], ["--max-batch", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--checkpoint", "c", *bad])
+    from worldvla.cli import POLICY_MODE_CHOICES
+    from worldvla.inference.policy import POLICY_MODES
+    assert POLICY_MODE_CHOICES == POLICY_MODES  # the parsers' spelled-out list is the policy's
 
 
 # ---------------------------------------------------------------- shutdown

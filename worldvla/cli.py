@@ -21,6 +21,11 @@ COMMANDS = {
 }
 
 
+# WorldVLAPolicy's decoding modes (inference.policy.POLICY_MODES), spelled out so that building a parser imports
+# no torch.
+POLICY_MODE_CHOICES = ("parallel", "sequential", "causal", "release")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (argparse names the option in its error)."""
     return _int_at_least(text, 1)

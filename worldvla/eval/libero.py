@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import write_text_atomic
-from ..cli import positive_int
+from ..cli import POLICY_MODE_CHOICES, positive_int
 from .rollout import ChunkQuery
 
 MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
@@ -284,6 +284,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="torch device of the policy (default: cuda if available)")
     parser.add_argument("--allow-bounds-mismatch", action="store_true",
                         help="evaluate a policy whose action bounds differ from the fixed LIBERO bounds")
+    parser.add_argument("--mode", default=None, choices=POLICY_MODE_CHOICES,
+                        help="chunk decoding (default: the policy's, parallel); 'release' decodes as the release's "
+                             "evaluation does (free greedy over the whole vocabulary, every action block the model "
+                             "writes executed; an episode whose query yields none fails, as there)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -299,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
     tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
     if tasks is not None and not all(t.isdigit() for t in tasks):
         raise ValueError(f"--tasks takes comma-separated task ids like 0,3,7, got {args.tasks!r}")
-    policy = WorldVLAPolicy.from_pretrained(args.policy, device=args.device)
+    policy = WorldVLAPolicy.from_pretrained(args.policy, device=args.device,
+                                            **({} if args.mode is None else {"mode": args.mode}))
     suite = LiberoSuite(args.suite, resolution=args.resolution or policy.image_size)
     res = evaluate_suite(policy, suite, episodes=args.episodes, tasks=tasks, out_dir=args.out,
                          save_videos=args.save_videos, allow_bounds_mismatch=args.allow_bounds_mismatch,

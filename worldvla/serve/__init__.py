@@ -30,6 +30,7 @@ import argparse
 import logging
 import sys
 
+from ..cli import POLICY_MODE_CHOICES, positive_int
 from .client import PolicyClient, PolicyServerError, health
 from .protocol import ProtocolError, packb, unpackb
 from .server import PolicyServer
@@ -47,15 +48,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device for the model (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
                         help="model dtype (default: the policy's choice for the device)")
-    parser.add_argument("--max-batch", type=int, default=8, help="most act requests in one policy call")
+    parser.add_argument("--mode", default=None, choices=POLICY_MODE_CHOICES,
+                        help="chunk decoding (default: the policy's, parallel): parallel / sequential under the chunk "
+                             "mask, causal, or release (the release's free greedy decoding over the whole vocabulary; "
+                             "a chunk holds as many actions as the model writes)")
+    parser.add_argument("--max-batch", type=positive_int, default=8, help="most act requests in one policy call")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="how long an idle server waits for more requests before running a batch")
-    parser.add_argument("--max-queue", type=int, default=64,
+    parser.add_argument("--max-queue", type=positive_int, default=64,
                         help="act requests that may wait; more are refused with 'server busy'")
     parser.add_argument("--max-payload-mb", type=float, default=16.0, help="largest request accepted, in MiB")
     parser.add_argument("--timeout-s", type=float, default=60.0,
                         help="per-request limit, from arrival to reply, in seconds")
-    parser.add_argument("--max-episodes", type=int, default=256,
+    parser.add_argument("--max-episodes", type=positive_int, default=256,
                         help="episodes kept (each holds its last frame); the least recently used is dropped beyond")
     parser.add_argument("--no-pad-batches", action="store_true",
                         help="call the policy with the exact batch size instead of padding to a power of two")
@@ -79,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         dtype = getattr(torch, _DTYPES[args.dtype])
-    policy = WorldVLAPolicy.from_pretrained(args.checkpoint, device=args.device, dtype=dtype)
+    kw = {} if args.mode is None else {"mode": args.mode}
+    policy = WorldVLAPolicy.from_pretrained(args.checkpoint, device=args.device, dtype=dtype, **kw)
     server = PolicyServer(policy, args.host, args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                           max_queue=args.max_queue, max_payload_mb=args.max_payload_mb,
                           request_timeout_s=args.timeout_s, max_episodes=args.max_episodes,
