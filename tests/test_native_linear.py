@@ -154,7 +154,11 @@ def test_auto_takes_the_linear_only_where_measured():
 @pytest.mark.parametrize("backend", ["torch", "native", "triton"])
 def test_every_attention_backend_resolves_its_projections(rng, backend):
     """The engine's `backend` names the attention backend; the projections follow `auto` (or torch's
-    with "torch"), so a backend without a linear of its own still runs a decode step."""
+    with "torch"), so a backend without a linear of its own still runs a decode step, and gets the
+    float64 model's hidden states within 2x the error of the backend="torch" engine in float32."""
+    import copy
+
+    from test_native_decoder import _assert_rule  # (tests/ is on sys.path)
     from worldvla import VocabLayout
     from worldvla.inference import InferenceEngine
     from worldvla.model import ModelConfig, WorldVLA
@@ -163,12 +167,21 @@ def test_every_attention_backend_resolves_its_projections(rng, backend):
         pytest.skip(f"no {backend} backend here")
     layout = VocabLayout.compact(n_image_codes=64)
     model = WorldVLA(ModelConfig.tiny(layout)).init_weights(0.5, generator=rng).eval()
-    engine = InferenceEngine(model, 1, 32, layout=layout, backend=backend)
-    engine.prefill([torch.randint(layout.text_base, layout.vocab_size, (20,), generator=rng)])
-    buf = engine.buffers(2)
-    buf.set_positions(torch.tensor([[20, 21]]))
-    engine.set_kv_len([22])
-    assert engine.run(buf).shape == (1, 2, model.config.hidden_size)
+    prompt = torch.randint(layout.text_base, layout.vocab_size, (20,), generator=rng)
+    step_ids = torch.randint(layout.text_base, layout.vocab_size, (1, 2), generator=rng)
+
+    def step(m, be):
+        engine = InferenceEngine(m, 1, 32, layout=layout, backend=be)
+        engine.prefill([prompt])
+        buf = engine.buffers(2)
+        buf.ids.copy_(step_ids)
+        buf.set_positions(torch.tensor([[20, 21]]))
+        engine.set_kv_len([22])
+        return engine.run(buf).clone()
+
+    out = step(model, backend)
+    assert out.shape == (1, 2, model.config.hidden_size) and out.dtype == torch.float32
+    _assert_rule(out, step(model, "torch"), step(copy.deepcopy(model).double(), "torch"), f"{backend} step")
 
 
 def test_auto_keeps_cublas_for_the_linear_on_gpus():
