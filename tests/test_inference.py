@@ -27,6 +27,20 @@ def _model(seed, cfg=None, std=0.5):
     return m
 
 
+@torch.no_grad()
+def always_separator(model, layout=LAYOUT):
+    """Make `model`'s greedy choice the separator after any token: its layers add nothing, every hidden state
+    is the same vector, and only the separator's lm_head row sees it."""
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    model.model.embed_tokens.weight[:, 0] = 5.0
+    model.model.norm.weight.fill_(1.0)
+    model.lm_head.weight[layout.sep] = 0.0
+    model.lm_head.weight[layout.sep, 0] = 100.0
+    return model
+
+
 def _builder(layout=LAYOUT, dim=7):
     return SequenceBuilder(layout, ByteTextTokenizer(layout), ActionTokenizer(layout, [-1.0] * dim, [1.0] * dim))
 
@@ -353,14 +367,7 @@ def test_baseline_release_behaviour(rng):
     assert out.tokens.shape == (9,) and out.actions.shape[1] == 5
     # The first token is the full-vocabulary argmax after the prompt.
     assert int(out.tokens[0]) == int(model(prompt)[-1].argmax())
-    with torch.no_grad():  # a model whose argmax is always the separator: generation stops at once
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight[:, 0] = 5.0
-        model.model.norm.weight.fill_(1.0)
-        model.lm_head.weight[LAYOUT.sep] = 0.0
-        model.lm_head.weight[LAYOUT.sep, 0] = 100.0
+    always_separator(model)  # generation stops at once
     out = baseline_generate_action_chunk(model, prompt, LAYOUT, 2, 3)
     assert out.tokens.tolist() == [LAYOUT.sep] and out.actions.shape == (0, 5)
     with pytest.raises(ValueError, match="batch size 1"):

@@ -1,5 +1,8 @@
 """The release's free greedy action decoding on the engine (inference/release.py) against the release's
 procedure itself (the baseline: growing cache, dense mask rebuilt at every token), on random small models."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,9 @@ from worldvla.inference.baseline import chunk_structure_processor
 from worldvla.inference.release import generate_release_actions, release_engine
 from worldvla.model import ModelConfig, WorldVLA
 from worldvla.tokens import ByteTextTokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_inference import always_separator  # noqa: E402
 
 LAYOUT = VocabLayout.compact(n_image_codes=64)
 D = 4
@@ -82,15 +88,7 @@ def test_stops_at_the_separator_and_on_its_engine(rng):
     again = generate_release_actions(model, prompts, LAYOUT, D, 12, engine=engine)  # the engine reused
     assert [g.tokens.tolist() for g in first] == [g.tokens.tolist() for g in again]
     assert all(0 < g.tokens.numel() <= 12 for g in first)
-    with torch.no_grad():  # a model whose argmax is always the separator
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight[:, 0] = 5.0
-        model.model.norm.weight.fill_(1.0)
-        model.lm_head.weight[LAYOUT.sep] = 0.0
-        model.lm_head.weight[LAYOUT.sep, 0] = 100.0
-    out = generate_release_actions(model, prompts, LAYOUT, D, 12)
+    out = generate_release_actions(always_separator(model, LAYOUT), prompts, LAYOUT, D, 12)
     assert [g.tokens.tolist() for g in out] == [[LAYOUT.sep]] * 2 and all(g.actions.shape == (0, D + 2) for g in out)
 
 

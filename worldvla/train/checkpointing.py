@@ -128,6 +128,22 @@ def prepare_run_dir(run_dir, resume: bool, overwrite: bool, exports=()) -> None:
     dist_utils.barrier()
 
 
+def add_run_arguments(p, save_every: int, exports: str) -> None:
+    """The options of a long run's checkpoints and logging, shared by `worldvla train` and `train-vq`;
+    `exports`: what the run writes at its end (named in --overwrite's help)."""
+    from ..cli import non_negative_int, positive_int
+
+    p.add_argument("--save-every", type=non_negative_int, default=save_every,
+                   help="checkpoint every N steps (0 = only at the end)")
+    p.add_argument("--keep-last", type=non_negative_int, default=2, help="checkpoints to keep (0 = all)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"start over in an --out that holds an earlier run: delete its checkpoints and exported "
+                        f"{exports} first (without --resume or --overwrite such a folder is refused)")
+    p.add_argument("--stop-after", type=non_negative_int, default=0, help="stop (with a checkpoint) after this step")
+    p.add_argument("--log-every", type=positive_int, default=1, help="write a metrics.jsonl line every N steps")
+
+
 def _to_cpu(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()

@@ -42,7 +42,8 @@ import torch
 from ..checkpoint import write_text_atomic
 from . import distributed as dist_utils
 from ..cli import non_negative_float, non_negative_int, positive_int
-from .checkpointing import full_model_state, latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from .checkpointing import (add_run_arguments, full_model_state, latest_checkpoint, load_checkpoint, prepare_run_dir,
+                            save_checkpoint)
 
 CONFIGS = ("tiny", "small", "chameleon_7b")
 
@@ -458,15 +459,7 @@ def add_arguments(p) -> None:
     p.add_argument("--loss-backend", default="auto", choices=("auto", "torch", "triton", "native"))
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=non_negative_int, default=1000,
-                   help="checkpoint every N steps (0 = only at the end)")
-    p.add_argument("--keep-last", type=non_negative_int, default=2, help="checkpoints to keep (0 = all)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in an --out that holds an earlier run: delete its checkpoints and exported "
-                        "policy / model first (without --resume or --overwrite such a folder is refused)")
-    p.add_argument("--stop-after", type=non_negative_int, default=0, help="stop (with a checkpoint) after this step")
-    p.add_argument("--log-every", type=positive_int, default=1, help="write a metrics.jsonl line every N steps")
+    add_run_arguments(p, save_every=1000, exports="policy / model")
     p.add_argument("--no-export", action="store_true", help="skip the final policy / model export")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-malloc-tuning", action="store_true",

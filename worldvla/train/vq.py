@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..cli import non_negative_int, positive_int
 from . import distributed as dist_utils
-from .checkpointing import latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from .checkpointing import add_run_arguments, latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 
 
 def load_frames(inputs, stride: int = 1, max_frames: int = 0, camera=None) -> np.ndarray:
@@ -284,15 +284,7 @@ def add_arguments(p) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=non_negative_int, default=500,
-                   help="checkpoint every N steps (0 = only at the end)")
-    p.add_argument("--keep-last", type=non_negative_int, default=2, help="checkpoints to keep (0 = all)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in an --out that holds an earlier run: delete its checkpoints and exported "
-                        "vqgan/ first (without --resume or --overwrite such a folder is refused)")
-    p.add_argument("--stop-after", type=non_negative_int, default=0, help="stop (with a checkpoint) after this step")
-    p.add_argument("--log-every", type=positive_int, default=1, help="write a metrics.jsonl line every N steps")
+    add_run_arguments(p, save_every=500, exports="vqgan/")
     p.add_argument("--no-progress", action="store_true")
 
 
