@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from worldvla.data import Demo, DemoFormatError, iter_demos, read_demos, write_demos
-from worldvla.data.hdf5 import demo_file_info
+from worldvla.data.hdf5 import demo_file_info, steps_without_noops
 
 
 @pytest.fixture
@@ -123,6 +123,44 @@ def test_libero_problem_info_instruction(tmp_path, np_rng):
     np.testing.assert_array_equal(demos[0].frames, raw[0][:, ::-1, ::-1])
     np.testing.assert_array_equal(read_demos(path, rotate_180=False)[0].frames, raw[0])
     assert demo_file_info(path)["instruction"] == "put the bowl on the plate"
+
+
+def test_regenerated_libero_files(tmp_path, np_rng):
+    """The files the release trains on (LIBERO's demos regenerated at 256 / 512 px, no-ops filtered) keep no
+    attributes: their frames are LIBERO's upside-down cameras and their instruction is the task's name."""
+    path = tmp_path / "put_the_bowl_on_the_plate_demo.hdf5"
+    raw = write_libero_like(path, np_rng)
+    with h5py.File(path, "a") as f:
+        for k in list(f["data"].attrs):
+            del f["data"].attrs[k]
+    demos = read_demos(path)
+    assert [d.instruction for d in demos] == ["put the bowl on the plate"] * 2
+    np.testing.assert_array_equal(demos[0].frames, raw[0][:, ::-1, ::-1])
+    np.testing.assert_array_equal(read_demos(path, rotate_180=False)[0].frames, raw[0])
+    # robomimic's camera keys are read as they are
+    other = tmp_path / "robomimic_demo.hdf5"
+    raw = write_libero_like(other, np_rng, n=1, key="agentview_image")
+    with h5py.File(other, "a") as f:
+        del f["data"].attrs["problem_info"]
+        for g in f["data"].values():
+            del g["obs/eye_in_hand_rgb"]
+    np.testing.assert_array_equal(read_demos(other)[0].frames, raw[0])
+
+
+def test_noop_steps_dropped_as_the_release_does(tmp_path, np_rng):
+    """A step is a no-op when its arm action is ~0 and its gripper command is the last kept step's; the first
+    step is judged by its arm action alone. Dropped with its frame."""
+    a = np.zeros((7, 7), np.float32)
+    a[:, -1] = [-1, -1, -1, 1, 1, 1, -1]  # gripper commands
+    a[2, :6] = 0.5                        # arm moves at step 2
+    a[5, 0] = 5e-5                        # below the threshold
+    assert steps_without_noops(a).tolist() == [2, 3, 6]  # 0: still; 1: still, same gripper; 3, 6: gripper changes
+    frames = np_rng.integers(0, 256, size=(7, 8, 8, 3), dtype=np.uint8)
+    write_demos(tmp_path / "d.hdf5", [{"frames": frames, "actions": a}], "push")
+    (d,) = read_demos(tmp_path / "d.hdf5", drop_noops=True)
+    np.testing.assert_array_equal(d.frames, frames[[2, 3, 6]])
+    np.testing.assert_array_equal(d.actions, a[[2, 3, 6]])
+    assert len(read_demos(tmp_path / "d.hdf5")[0]) == 7
 
 
 def test_robomimic_image_key(tmp_path, np_rng):

@@ -250,7 +250,7 @@ def test_chameleon_layout_follows_the_text_tokenizer(tmp_path):
     text_tokenizer.json. The policy rebuilds the layout from the tokenizer it is given, and warns without one."""
     import warnings
 
-    from worldvla.inference.policy import policy_layout
+    from worldvla.tokens.layout import with_release_image_ids
     from worldvla.tokens import ChameleonTextTokenizer
 
     perm = torch.randperm(8192, generator=torch.Generator().manual_seed(0)).tolist()
@@ -262,13 +262,13 @@ def test_chameleon_layout_follows_the_text_tokenizer(tmp_path):
                                 "post_processor": None, "decoder": None,
                                 "model": {"type": "BPE", "vocab": vocab, "merges": []}}))
     assumed = VocabLayout.chameleon()
-    got = policy_layout(assumed, ChameleonTextTokenizer(path))
+    got = with_release_image_ids(assumed, ChameleonTextTokenizer(path))
     assert got.image_code_ids[perm[17]] == 4 + 17 and got.image_code_ids != assumed.image_code_ids
     with pytest.warns(UserWarning, match="text_tokenizer.json"):
-        assert policy_layout(assumed) is assumed
+        assert with_release_image_ids(assumed) is assumed
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert policy_layout(LAYOUT) is LAYOUT and policy_layout(got) is got
+        assert with_release_image_ids(LAYOUT) is LAYOUT and with_release_image_ids(got) is got
 
     model = WorldVLA(ModelConfig.tiny(assumed, num_hidden_layers=1)).eval()  # the release's vocabulary
     _, vq, _ = _parts()

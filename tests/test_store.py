@@ -287,3 +287,23 @@ def test_cli_names_a_missing_vqgan_folder_and_a_too_long_chunk(demo_dir, tmp_pat
     assert main(["pretokenize", *args, "-K", "500"]) == 2
     err = capsys.readouterr().err
     assert "-K 500 is longer than every demo (the longest has 7 steps)" in err and "Traceback" not in err
+
+
+def test_noop_filter_and_rotation_reach_the_store(tmp_path):
+    """--drop-noops and --rotate-180 change what is tokenized (recorded in the manifest's settings)."""
+    rng = np.random.default_rng(3)
+    (demo,) = random_demos(rng, (8,))
+    demo["actions"][[0, 1, 4], :3] = 0.0  # arm still, gripper unchanged from the step before: 0, 1 and 4 are no-ops
+    demo["actions"][:, 3] = 1.0
+    write_demos(tmp_path / "d" / "a.hdf5", [demo], "push")
+    vq = tiny_vqgan()
+    plain = st.build_store(tmp_path / "d", tmp_path / "s0", vq, chunk_size=2, world=False, progress=False)
+    kept = st.build_store(tmp_path / "d", tmp_path / "s1", vq, chunk_size=2, world=False, drop_noops=True,
+                          progress=False)
+    turned = st.build_store(tmp_path / "d", tmp_path / "s2", vq, chunk_size=2, world=False, rotate_180=True,
+                            progress=False)
+    n = {p: json.loads((p / st.MANIFEST).read_text()) for p in (plain, kept, turned)}
+    assert n[plain]["n_action"] == 7 and n[kept]["n_action"] == 4  # 8 and 5 steps, K = 2
+    assert n[kept]["settings"]["drop_noops"] and n[turned]["settings"]["rotate_180"] is True
+    ids = [torch.as_tensor(st.TokenStore(p)[0][0]) for p in (plain, turned)]  # the first sample's image codes
+    assert ids[0].shape == ids[1].shape and not torch.equal(ids[0], ids[1])

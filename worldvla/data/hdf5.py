@@ -147,7 +147,7 @@ def _open_data(f, path):
     return f["data"]
 
 
-def _file_instruction(data) -> str:
+def _file_instruction(data, path) -> str:
     if "instruction" in data.attrs:
         return _as_str(data.attrs["instruction"])
     if "problem_info" in data.attrs:
@@ -157,7 +157,10 @@ def _file_instruction(data) -> str:
             raise DemoFormatError(f"data.attrs['problem_info'] is not valid JSON: {e}") from e
         lang = info.get("language_instruction", "")
         return " ".join(lang) if isinstance(lang, (list, tuple)) else _as_str(lang)
-    return ""
+    # LIBERO's regenerated files (256 / 512 px, no-ops filtered) keep no attributes: the release takes the
+    # instruction from the task's name, which names the file ("<task name>_demo.hdf5"), "_" -> " ".
+    stem = Path(path).stem
+    return (stem[:-len("_demo")] if stem.endswith("_demo") else stem).replace("_", " ").strip()
 
 
 def _frame_key(obs, camera: str | None, where: str) -> str:
@@ -204,17 +207,43 @@ def _read_one(data, name: str, camera: str | None, default_instruction: str, rot
 def _should_rotate(data, rotate_180: bool | None) -> bool:
     if rotate_180 is not None:
         return bool(rotate_180)
-    # LIBERO renders its agentview camera upside down and stores it that way; the
-    # WorldVLA release rotates every frame by 180 degrees before use. Files this
-    # module writes are marked upright.
-    return "problem_info" in data.attrs and not bool(data.attrs.get("upright", False))
+    # LIBERO renders its cameras upside down and stores them that way, in its raw files (with
+    # `problem_info`) and in the regenerated ones the release trains on (LIBERO's camera keys
+    # `<camera>_rgb`, no attributes); the WorldVLA release rotates every frame by 180 degrees before
+    # use. Files this module writes are marked upright; robomimic's `<camera>_image` files are read as they are.
+    if bool(data.attrs.get("upright", False)):
+        return False
+    if "problem_info" in data.attrs:
+        return True
+    names = _demo_names(data)
+    obs = data[names[0]].get("obs") if names else None
+    return obs is not None and any(k in obs for k in _LIBERO_CAMERAS)
 
 
-def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None) -> Iterator[Demo]:
+_LIBERO_CAMERAS = ("agentview_rgb", "eye_in_hand_rgb")
+
+
+def steps_without_noops(actions: np.ndarray, threshold: float = 1e-4) -> np.ndarray:
+    """Indices of the steps the release keeps when it regenerates LIBERO's demos: a step is a no-op
+    (dropped) when its arm action is near zero (norm of all but the last dimension < threshold) and its
+    gripper command equals the last kept step's (the first step: the arm action alone decides)."""
+    keep = []
+    for t, a in enumerate(actions):
+        still = float(np.linalg.norm(a[:-1])) < threshold
+        if still and (not keep or a[-1] == actions[keep[-1]][-1]):
+            continue
+        keep.append(t)
+    return np.asarray(keep, dtype=np.int64)
+
+
+def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None,
+               drop_noops: bool = False) -> Iterator[Demo]:
     """Yield the demos of `path` one at a time (only one demo's frames in memory).
 
     camera: which `obs/<camera>_rgb` (or `_image`) to read; None picks agentview or the first camera.
-    rotate_180: None rotates raw LIBERO files upright and leaves other files alone.
+    rotate_180: None rotates LIBERO's files (raw or regenerated) upright and leaves other files alone.
+    drop_noops: drop the steps the release's regeneration drops (`steps_without_noops`), frames with their
+    actions: for LIBERO's raw files, which hold them.
     """
     h5py = _h5py()
     path = Path(path)
@@ -222,15 +251,20 @@ def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None) 
         raise FileNotFoundError(f"no demo file at {path}")
     with h5py.File(path, "r") as f:
         data = _open_data(f, path)
-        instruction = _file_instruction(data)
+        instruction = _file_instruction(data, path)
         rotate = _should_rotate(data, rotate_180)
         for name in _demo_names(data):
-            yield _read_one(data, name, camera, instruction, rotate, path)
+            demo = _read_one(data, name, camera, instruction, rotate, path)
+            if drop_noops:
+                keep = steps_without_noops(demo.actions)
+                demo = Demo(frames=demo.frames[keep], actions=demo.actions[keep], instruction=demo.instruction,
+                            success=demo.success, name=demo.name)
+            yield demo
 
 
-def read_demos(path, camera: str | None = None, rotate_180: bool | None = None) -> list[Demo]:
+def read_demos(path, camera: str | None = None, rotate_180: bool | None = None, drop_noops: bool = False) -> list[Demo]:
     """All demos of `path` as a list (see `iter_demos`)."""
-    return list(iter_demos(path, camera=camera, rotate_180=rotate_180))
+    return list(iter_demos(path, camera=camera, rotate_180=rotate_180, drop_noops=drop_noops))
 
 
 def demo_file_info(path) -> dict:
@@ -245,4 +279,4 @@ def demo_file_info(path) -> dict:
         names = _demo_names(data)
         steps = [int(data[n]["actions"].shape[0]) if "actions" in data[n] else 0 for n in names]
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in data.attrs.items()}
-        return {"num_demos": len(names), "steps": steps, "instruction": _file_instruction(data), "attrs": attrs}
+        return {"num_demos": len(names), "steps": steps, "instruction": _file_instruction(data, path), "attrs": attrs}

@@ -138,6 +138,8 @@ class StoreSettings:
     demos_per_shard: int = 0       # 0 = one shard per input file
     only_success: bool = True
     camera: str | None = None
+    rotate_180: bool | None = None  # None: LIBERO's files rotated upright, others as they are (data.hdf5)
+    drop_noops: bool = False        # the release's no-op filter (data.hdf5.steps_without_noops)
 
     def check(self):
         if self.chunk_size < 1:
@@ -255,7 +257,8 @@ def _plan_shards(files, settings: StoreSettings):
 def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, tokenizer_json=None,
                 chunk_size: int = 5, history: int = 2, action: bool = True, world: bool = True,
                 bounds: str = "auto", demos_per_shard: int = 0, only_success: bool = True, camera=None,
-                encode_batch: int = 32, device=None, overwrite: bool = False, progress: bool = True) -> Path:
+                rotate_180: bool | None = None, drop_noops: bool = False, encode_batch: int = 32, device=None,
+                overwrite: bool = False, progress: bool = True) -> Path:
     """Pretokenize HDF5 demos into a token store at `out` (resumable; see the module doc).
 
     vqgan: a `worldvla.vqgan.VQGAN` or a folder written by `VQGAN.save_pretrained`.
@@ -267,7 +270,9 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     from ..vqgan import VQGAN
     from .hdf5 import iter_demos
 
-    settings = StoreSettings(chunk_size, history, action, world, demos_per_shard, only_success, camera)
+    settings = StoreSettings(chunk_size, history, action, world, demos_per_shard, only_success, camera, rotate_180,
+                             drop_noops)
+    read = dict(camera=camera, rotate_180=rotate_180, drop_noops=drop_noops)
     settings.check()
     files = find_demo_files(inputs)
     if action:
@@ -290,7 +295,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                          f"image ids; use VocabLayout.compact(n_image_codes={n_codes})")
     builder_text = text_tokenizer_for(layout, tokenizer_json)
 
-    first = next((d for f in files for d in iter_demos(f, camera=camera)), None)
+    first = next((d for f in files for d in iter_demos(f, **read)), None)
     if first is None:
         raise ValueError(f"none of the {len(files)} demo files holds a demo")
     action_dim = first.actions.shape[1]
@@ -354,7 +359,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
         wanted = {d: e for e in entries for d in range(*e["demos"])}
         pending = {e["name"]: [] for e in entries}
         remaining = {e["name"]: e["demos"][1] - e["demos"][0] for e in entries}
-        for d, demo in enumerate(iter_demos(files[fi], camera=camera)):
+        for d, demo in enumerate(iter_demos(files[fi], **read)):
             entry = wanted.get(d)
             if entry is None:
                 continue
@@ -552,6 +557,12 @@ def add_arguments(p) -> None:
     p.add_argument("--demos-per-shard", type=non_negative_int, default=0, help="demos per shard (0 = one shard per file)")
     p.add_argument("--include-failed", action="store_true", help="also tokenize demos not marked successful")
     p.add_argument("--camera", default=None, help="camera name (obs/<camera>_rgb); default: agentview or first")
+    p.add_argument("--rotate-180", default="auto", choices=("auto", "yes", "no"),
+                   help="rotate frames by 180 degrees (auto: LIBERO's files, raw or regenerated, which store their "
+                        "cameras upside down, as the release does; not robomimic's or this package's)")
+    p.add_argument("--drop-noops", action="store_true",
+                   help="drop the steps whose arm action is ~0 and gripper unchanged, as the release's regeneration "
+                        "of LIBERO's demos does (for LIBERO's raw files, which keep them)")
     p.add_argument("--encode-batch", type=positive_int, default=32, help="frames per VQGAN call")
     p.add_argument("--device", default=None, help="device for the VQGAN (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="rebuild a store made with other settings")
@@ -562,7 +573,9 @@ def run(args) -> int:
     out = build_store(args.inputs, args.out, args.vqgan, layout=args.layout, tokenizer_json=args.tokenizer_json,
                       chunk_size=args.chunk_size, history=args.history, action=not args.no_action,
                       world=not args.no_world, bounds=args.action_bounds, demos_per_shard=args.demos_per_shard,
-                      only_success=not args.include_failed, camera=args.camera, encode_batch=args.encode_batch,
+                      only_success=not args.include_failed, camera=args.camera,
+                      rotate_180={"auto": None, "yes": True, "no": False}[args.rotate_180],
+                      drop_noops=args.drop_noops, encode_batch=args.encode_batch,
                       device=args.device, overwrite=args.overwrite, progress=not args.no_progress)
     m = json.loads((out / MANIFEST).read_text())
     print(f"token store {out}: {m['n_samples']} samples ({m['n_action']} action, {m['n_world']} world), "

@@ -28,6 +28,7 @@ import torch
 
 from ..model import plain_linear
 from ..ops.sampling import resolve_constrained_sample, sample_logits
+from ..tokens.layout import with_release_image_ids
 from ..tokens.sequence import WORLD_PROMPT, SequenceBuilder, image_tokens
 from .chunk import head_logits, head_sample, sampling_backend
 from .engine import InferenceEngine
@@ -159,7 +160,7 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
     """
     from ..vqgan import postprocess, preprocess
 
-    layout = layout or model.layout
+    layout = with_release_image_ids(layout or model.layout, text_tokenizer)
     builder = SequenceBuilder(layout, text_tokenizer, action_tokenizer)
     imgs, single = _to_batch_images(image)
     N = imgs.shape[0]

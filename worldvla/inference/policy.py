@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from ..tokens import ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
+from ..tokens.layout import with_release_image_ids
 from ..tokens.sequence import ACTION_PROMPT, image_tokens
 from .chunk import MODES, chunk_length, generate_action_chunk
 from .release import RELEASE_MAX_NEW_TOKENS, generate_release_actions
@@ -90,25 +90,6 @@ def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_siz
 POLICY_MODES = MODES + ("release",)
 
 
-def policy_layout(layout: VocabLayout, text_tokenizer=None) -> VocabLayout:
-    """The layout a policy tokenizes with. The release's image-code ids are defined by the names of its
-    text_tokenizer.json (spec 1), which a checkpoint's config.json does not carry: a Chameleon layout that
-    only assumes code c -> id 4 + c is rebuilt from the text tokenizer's file when there is one, and
-    otherwise kept with a warning."""
-    if layout.name != "chameleon" or layout.image_code_ids != _ASSUMED_CHAMELEON_IDS:
-        return layout
-    path = getattr(text_tokenizer, "path", None)
-    if path is not None:
-        return VocabLayout.chameleon(path)
-    warnings.warn("the Chameleon layout maps image code c to id 4 + c, an assumption: the release defines the "
-                  "map by the token names of its text_tokenizer.json; pass text_tokenizer=ChameleonTextTokenizer"
-                  "(path) or layout=VocabLayout.chameleon(path)", stacklevel=3)
-    return layout
-
-
-_ASSUMED_CHAMELEON_IDS = VocabLayout.chameleon().image_code_ids
-
-
 def _digest(frame: np.ndarray) -> tuple:
     return frame.shape, hashlib.blake2b(np.ascontiguousarray(frame).data, digest_size=16).digest()
 
@@ -148,7 +129,7 @@ class WorldVLAPolicy:
             raise ValueError(f"history must be 1 (current frame) or 2 (previous + current frame, the release), "
                              f"got {history}")
         self.model, self.vqgan = model.eval(), vqgan.eval()
-        self.layout = policy_layout(layout or model.layout, text_tokenizer)
+        self.layout = with_release_image_ids(layout or model.layout, text_tokenizer)
         if self.layout.vocab_size != model.config.vocab_size:
             raise ValueError(f"the layout has {self.layout.vocab_size} ids, the model {model.config.vocab_size}")
         self.action_tokenizer = action_tokenizer

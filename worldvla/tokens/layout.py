@@ -6,6 +6,9 @@ structure in a small vocabulary for models trained from scratch.
 """
 from __future__ import annotations
 
+import functools
+import warnings
+
 import json
 import os
 import re
@@ -163,3 +166,24 @@ def _image_ids_from_tokenizer_json(path, n_codes: int) -> list[int]:
     if missing:
         raise ValueError(f"{path}: {len(missing)} of {n_codes} image codes have no IMGIMG token (first: {missing[:5]})")
     return ids
+
+
+def with_release_image_ids(layout: VocabLayout, text_tokenizer=None) -> VocabLayout:
+    """The layout to tokenize images with. The release's image-code ids are defined by the token names of
+    its text_tokenizer.json (spec 1), which a checkpoint's config.json does not carry: a Chameleon layout
+    that only assumes code c -> id 4 + c is rebuilt from the text tokenizer's file when there is one
+    (`ChameleonTextTokenizer.path`), and otherwise kept with a warning. Other layouts are returned as they are."""
+    if layout.name != "chameleon" or layout.image_code_ids != _assumed_chameleon_ids():
+        return layout
+    path = getattr(text_tokenizer, "path", None)
+    if path is not None:
+        return VocabLayout.chameleon(path)
+    warnings.warn("the Chameleon layout maps image code c to id 4 + c, an assumption: the release defines the "
+                  "map by the token names of its text_tokenizer.json; pass text_tokenizer=ChameleonTextTokenizer"
+                  "(path) or layout=VocabLayout.chameleon(path)", stacklevel=3)
+    return layout
+
+
+@functools.lru_cache(maxsize=1)
+def _assumed_chameleon_ids() -> tuple:
+    return VocabLayout.chameleon().image_code_ids
