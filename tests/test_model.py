@@ -297,3 +297,26 @@ def test_position_limit_counts_the_longest_document():
         m(ids[None, :17])
     meta = m.attention_meta(ids, torch.tensor([0, 16, 30], dtype=torch.int32))
     assert meta.max_seqlen == 16 and torch.equal(m(ids, meta), m(ids, cu_seqlens=meta.cu_seqlens))
+
+
+def test_attention_takes_one_dtype_under_autocast(monkeypatch):
+    """Under bfloat16 autocast the head norms' float32 affine and the float32 rotary tables used to leave q and k
+    in float32 beside a bfloat16 v, which the fused kernels refuse (auto then fell back to dense SDPA): the
+    attention op now gets q, k and v in one dtype."""
+    from worldvla import ops
+
+    model = WorldVLA(ModelConfig.tiny()).init_weights()
+    seen, real = [], ops.masked_attention
+
+    def spy(q, k, v, meta, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, meta, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "masked_attention", spy)
+    ids = torch.randint(0, model.config.vocab_size, (1, 30))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids)
+    assert seen and all(s == (torch.bfloat16,) * 3 for s in seen), seen
+    seen.clear()
+    model(ids)  # without autocast: float32 throughout, as before
+    assert all(s == (torch.float32,) * 3 for s in seen), seen

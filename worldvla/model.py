@@ -180,7 +180,10 @@ class Attention(nn.Module):
         q = self.q_norm(proj(self.q_proj, x).view(B, L, cfg.num_attention_heads, cfg.head_dim))
         k = self.k_norm(proj(self.k_proj, x).view(B, L, cfg.num_key_value_heads, cfg.head_dim))
         v = proj(self.v_proj, x).view(B, L, cfg.num_key_value_heads, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Under autocast the norms' float32 affine and the float32 rotary tables leave q and k in float32 while v
+        # comes out of its projection in the autocast dtype: one dtype for the attention kernels, v's (a no-op
+        # without autocast; the release trains with bfloat16 parameters, so its q and k are bfloat16 there too).
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         if ctx.cache is None:
             if ctx.meta.packed:  # [1, T, ...] -> [T, ...]
                 o = ops.masked_attention(q[0], k[0], v[0], ctx.meta, backend=ctx.backend).unsqueeze(0)
