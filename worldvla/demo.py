@@ -355,7 +355,7 @@ defaults: 3 tasks x 30 expert demos at 64x64 px, a 256-code VQGAN (300 steps of 
 episodes per task on held-out layouts (150 steps max) next to a uniform-random policy on the
 same layouts, world-model PSNR/SSIM and VQ-code accuracy on 2 held-out expert rollouts per task
 (8 imagined steps). Measured on a 2-core AVX2 CPU: collect 68 s, train-vq 186 s, pretokenize
-38 s, train 466 s, evaluate 119 s; 14 min 45 s in all. A second run reuses every stage.
+38 s, train 466 s, evaluate 119 s (14 min 37 s). A second run reuses every stage.
 
 examples:
   worldvla demo                                  # the default run into ./worldvla_demo

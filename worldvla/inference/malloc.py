@@ -15,7 +15,7 @@ calls. That is the right trade for a control loop; `WorldVLAPolicy` on the CPU a
 told not to. Blocks above glibc's 32 MiB ceiling for the mmap threshold are still mapped afresh
 each time; `mmap=False` serves them from the heap too. Training needs that: a 65,536-entry
 embedding's and lm_head's fp32 gradients are 64 MiB each, and a small-config CPU training step on
-the Chameleon vocabulary faulted about 180,000 pages in (2,400-4,000 with mmap off, 1.18-1.25x
+the Chameleon vocabulary faulted about 170,000 pages in (2,400-4,000 with mmap off, 1.18-1.25x
 faster steps); `worldvla train` on the CPU applies it. Launching under jemalloc or tcmalloc (LD_PRELOAD)
 has a similar effect.
 """
