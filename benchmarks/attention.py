@@ -1,13 +1,18 @@
-"""Chunk-masked attention: worldvla backends vs SDPA (dense mask), FlexAttention (same rule as a
-mask_mod) and SDPA's causal path, forward and forward+backward; and decode attention (a few query
-rows against a KV cache) vs SDPA with the dense mask and SDPA over the whole cache without one.
+"""Chunk-masked attention: worldvla backends vs SDPA with a dense boolean mask (over the whole packed
+batch, as the release does, and per document), FlexAttention (same rule as a mask_mod) and SDPA's
+causal path per document, forward and forward+backward; and decode attention (a few query rows
+against a KV cache) vs SDPA with the dense mask and SDPA over the whole cache without one.
 
 Documents are the release's action-model samples (about 620 tokens at 256 px, 2,200 at 512 px:
 BOS, text, two images, a chunk of actions), packed into one batch of `tokens` tokens. Decode
 cases cache one whole document per sequence and query the chunk's rows of one parallel decoding
 step (K=5 rows) or the chunk's last token (one row, sequential decoding).
-FLOPs count only visible (query, key) pairs: 4*H*Dh per pair forward, 2.5x that backward. Decode
-rows also give the cache's bytes over the time (K and V read once). Inputs rotate (common.Rotation),
+FLOPs count only visible (query, key) pairs: 4*H*Dh per pair forward, 2.5x that backward, for every
+row (the useful work; `tflops` compares rows by it). Each row also records `attended_pairs`, the
+(query, key) pairs its method computes (the dense grid of a mask, a block mask's blocks, ...; None
+where a kernel's tiling decides), and `attended_over_visible`. Masks, block masks and the per-document
+index maps are built once per case, outside the timed calls. Decode rows also give the cache's bytes
+over the time (K and V read once). Inputs rotate (common.Rotation),
 so small cases, decode above all, are not timed out of L2. On sm_90 GPUs the native prefill is also
 timed with each of its matrix engines forced (worldvla-native-mma, -wgmma, -wgmma128; the mma row
 repeats what "auto" runs, under the same per-call engine switch as the other two).
@@ -65,6 +70,9 @@ def visible_pairs(meta) -> int:
 
 
 def flex_fn(meta, device):
+    """FlexAttention under the chunk rule, its block mask built here (outside the timed call). Returns
+    (fn, attended pairs): compiled (CUDA), the pairs of the blocks it computes (None where this torch's
+    BlockMask does not say); eager (CPU), the whole [T, T] grid, which the unfused path materializes."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     kv, ql = meta.kv_block.to(device), meta.q_limit.to(device)
@@ -75,15 +83,57 @@ def flex_fn(meta, device):
 
     T = kv.numel()
     bm = create_block_mask(mask_mod, None, None, T, T, device=device)
-    fa = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
-    return lambda q, k, v: fa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                              block_mask=bm)[0].transpose(0, 1)
+    compiled = device.type == "cuda"
+    fa = torch.compile(flex_attention) if compiled else flex_attention
+    try:
+        full = bm.full_kv_num_blocks
+        blocks = int(bm.kv_num_blocks.sum()) + (int(full.sum()) if full is not None else 0)
+        attended = blocks * bm.BLOCK_SIZE[0] * bm.BLOCK_SIZE[1] if compiled else T * T
+    except (AttributeError, TypeError, IndexError):
+        attended = None
+    return (lambda q, k, v: fa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                               block_mask=bm)[0].transpose(0, 1)), attended
 
 
-def sdpa_causal(q, k, v):
-    """SDPA's flash path on one causal sequence (ignores documents and holes: a speed floor)."""
-    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True)
-    return o[0].transpose(0, 1)
+class Documents:
+    """A packed batch's documents as a padded batch [n_docs, H, Lmax, Dh] for the per-document SDPA
+    baselines; the index maps and the documents' own chunk masks [n_docs, Lmax, Lmax] are built once,
+    here. Documents all Lmax long (the action documents of a case) are views of the packed tensors;
+    otherwise `pad` copies in and `unpad` gathers out (a pad query row sees key 0 only: no empty row)."""
+
+    def __init__(self, meta):
+        from worldvla.ops.attention import _documents_padded
+
+        _, self.dst, self.mask = _documents_padded(meta)
+        self.n, self.L = self.mask.shape[:2]
+        self.views = self.n * self.L == meta.kv_block.numel()
+
+    def pad(self, x):
+        if not self.views:
+            x = x.new_zeros(self.n * self.L, *x.shape[1:]).index_copy(0, self.dst, x)
+        return x.view(self.n, self.L, *x.shape[1:]).transpose(1, 2)
+
+    def unpad(self, o):
+        n, H, L, Dh = o.shape
+        o = o.transpose(1, 2).reshape(n * L, H, Dh)
+        return o if self.views else o.index_select(0, self.dst)
+
+
+def sdpa_causal_per_document(docs: Documents):
+    """SDPA's causal path on each document of the batch (one padded call, `is_causal`): the documents
+    kept apart, the chunk rule's holes ignored (it attends every causal pair of each document)."""
+    def fn(q, k, v):
+        return docs.unpad(F.scaled_dot_product_attention(docs.pad(q), docs.pad(k), docs.pad(v), is_causal=True))
+    return fn
+
+
+def sdpa_dense_mask_per_document(docs: Documents):
+    """SDPA on each document of the batch (one padded call) under its own dense chunk mask, built once."""
+    mask = docs.mask.unsqueeze(1)
+
+    def fn(q, k, v):
+        return docs.unpad(F.scaled_dot_product_attention(docs.pad(q), docs.pad(k), docs.pad(v), attn_mask=mask))
+    return fn
 
 
 def decode_meta(px: int, n_queries: int | None, batch: int, gen=None) -> DecodeMeta:
@@ -106,13 +156,25 @@ def decode_meta(px: int, n_queries: int | None, batch: int, gen=None) -> DecodeM
 
 
 def sdpa_dense_mask(meta):
-    """The release's way: SDPA over the whole packed batch under the dense [T, T] boolean mask,
-    rebuilt at every call. (worldvla's own "torch" backend runs each document on its own.)"""
+    """The release's way: SDPA over the whole packed batch under the dense [T, T] boolean mask, built
+    once here (outside the timed call, as FlexAttention's block mask is). It attends all T^2 pairs.
+    (worldvla's own "torch" backend runs each document on its own.)"""
+    mask = meta.dense_mask()[None, None]
+
     def fn(q, k, v):
-        mask = meta.dense_mask()
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                           attn_mask=mask[None, None])
+                                           attn_mask=mask)
         return o[0].transpose(0, 1)
+    return fn
+
+
+def sdpa_decode_dense_mask(meta: DecodeMeta):
+    """SDPA of the decode rows over the whole cache under the dense [B, Q, S] mask, built once here."""
+    mask = meta.dense_mask().unsqueeze(1)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=mask).transpose(1, 2)
     return fn
 
 
@@ -152,14 +214,21 @@ def run_prefill(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
         T = ids.numel()
         pairs = visible_pairs(meta.to("cpu"))
         fwd_flops = 4 * pairs * H * Dh
+        docs = Documents(meta)
+        n, L = docs.n, docs.L
 
         def make(i, T=T):
             q, k, v = (torch.randn(T, H, Dh, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
             return q, k, v, torch.randn(T, H, Dh, device=device, dtype=dtype)
 
-        rot = Rotation(make, device)
+        rot = Rotation(make, device, quick=quick)
         q, k, v, _ = rot.sets[0]
         backends = {f"worldvla-{b}": b for b in timed_backends("masked_attention")}
+        # The pairs each method computes: the torch backend runs the documents apart when that at least
+        # halves the [T, T] grid (ops.attention.masked_attention_sdpa); the others' tiles are theirs.
+        attended = {"worldvla-torch": n * L * L if 2 * n * L * L <= T * T else T * T,
+                    "sdpa-dense-mask": T * T, "sdpa-dense-mask-per-doc": n * L * L,
+                    "sdpa-causal-per-doc": n * L * (L + 1) // 2}
         impls = {impl: (lambda q, k, v, b=b: ops.masked_attention(q, k, v, meta, backend=b))
                  for impl, b in backends.items()}
         engines = _prefill_engines(device)
@@ -170,9 +239,10 @@ def run_prefill(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
                     lambda q, k, v, e=engine: _with_engine(e, lambda: ops.masked_attention(q, k, v, meta,
                                                                                               backend="native")))
         impls["sdpa-dense-mask"] = sdpa_dense_mask(meta)
-        impls["sdpa-causal(floor)"] = sdpa_causal
+        impls["sdpa-dense-mask-per-doc"] = sdpa_dense_mask_per_document(docs)
+        impls["sdpa-causal-per-doc"] = sdpa_causal_per_document(docs)
         try:  # last: it compiles (forward and backward) for every case, the slowest part of a short run
-            impls["flex"] = flex_fn(meta, device)
+            impls["flex"], attended["flex"] = flex_fn(meta, device)
         except Exception as e:  # noqa: BLE001 - report, do not hide
             print(f"flex attention unavailable: {e}")
         for impl, fn in impls.items():
@@ -196,8 +266,10 @@ def run_prefill(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
                     rows.append({"case": name, "impl": impl, "mode": mode, "error": str(e)[:200]})
                     continue
                 flops = fwd_flops * (1 if mode == "fwd" else 3.5)
-                rows.append({"case": name, "tokens": T, "impl": impl, "mode": mode, **t,
-                             "tflops": flops / (t["median_ms"] * 1e-3) / 1e12, "visible_pairs": pairs})
+                done = attended.get(impl)
+                rows.append({"case": name, "tokens": T, "documents": n, "impl": impl, "mode": mode, **t,
+                             "tflops": flops / (t["median_ms"] * 1e-3) / 1e12, "visible_pairs": pairs,
+                             "attended_pairs": done, "attended_over_visible": done / pairs if done else None})
     return rows
 
 
@@ -216,13 +288,14 @@ def run_decode(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
                     torch.randn(batch, S, H, Dh, device=device, dtype=dtype),
                     torch.randn(batch, S, H, Dh, device=device, dtype=dtype))
 
-        rot = Rotation(make, device)
+        rot = Rotation(make, device, quick=quick)
         q, k, v = rot.sets[0]
         impls = {f"worldvla-{b}": (lambda q, k, v, b=b: ops.decode_attention(q, k, v, meta, backend=b))
                  for b in timed_backends("decode_attention")
                  if b != "torch" and ops.dispatch.supports("decode_attention", b, q, k, v, meta)}
-        impls["sdpa-dense-mask"] = lambda q, k, v: ops.decode_attention(q, k, v, meta, backend="torch")
+        impls["sdpa-dense-mask"] = sdpa_decode_dense_mask(meta)
         impls["sdpa-nomask(floor)"] = sdpa_nomask
+        grid = batch * n_queries * S  # what both SDPA rows compute
         for impl, fn in impls.items():
             try:
                 with torch.no_grad():
@@ -231,13 +304,18 @@ def run_decode(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
                 rows.append({"case": name, "impl": impl, "mode": "decode", "error": str(e)[:200]})
                 continue
             sec = t["median_ms"] * 1e-3
+            done = grid if impl.startswith("sdpa") else None
             rows.append({"case": name, "tokens": S, "queries": n_queries, "batch": batch, "impl": impl,
                          "mode": "decode", **t, "tflops": 4 * pairs * H * Dh / sec / 1e12,
-                         "cache_gbps": cache_bytes / sec / 1e9, "visible_pairs": pairs})
+                         "cache_gbps": cache_bytes / sec / 1e9, "visible_pairs": pairs,
+                         "attended_pairs": done, "attended_over_visible": done / pairs if done else None})
     return rows
 
 
-def add_speedups(rows, refs=("flex", "sdpa-dense-mask", "sdpa-causal(floor)", "sdpa-nomask(floor)")):
+BASELINES = ("flex", "sdpa-dense-mask", "sdpa-dense-mask-per-doc", "sdpa-causal-per-doc", "sdpa-nomask(floor)")
+
+
+def add_speedups(rows, refs=BASELINES):
     """speedup_vs_<ref> = ref's median / the row's median, within one case and mode."""
     base = {(r["case"], r["impl"], r["mode"]): r["median_ms"] for r in rows if "median_ms" in r}
     for r in rows:
@@ -259,21 +337,30 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
                     ("decode 512px K5", 512, 5, 1), ("decode 256px K5 B8", 256, 5, 8)] if on_gpu \
         else [("decode 256px K5", 256, 5, 1)] + ([] if quick else [("decode 256px step", 256, 1, 1)])
     gen = torch.Generator().manual_seed(0)
-    extra = {"heads": H, "head_dim": Dh, "dtype": str(dtype)}
+    extra = {"heads": H, "head_dim": Dh, "dtype": str(dtype),
+             "tflops": "useful FLOPs / time for every row: 4*H*Dh per visible (query, key) pair forward, 3.5x that "
+                       "forward+backward",
+             "attended_pairs": "(query, key) pairs the row's method computes: T^2 for sdpa-dense-mask (the whole "
+                               "packed batch), n_docs*Lmax^2 per document under a mask, n_docs*Lmax*(Lmax+1)/2 for "
+                               "sdpa-causal-per-doc, the computed 128x128 blocks for compiled flex (T^2 eager, on "
+                               "the CPU), batch*queries*cache for decode's SDPA rows; None where a kernel's tiling "
+                               "decides (worldvla native, triton)",
+             "baselines": "masks, block masks and per-document index maps built once per case, outside the timed "
+                          "calls"}
     rows = []
     # The JSON is rewritten after every case, so a run cut short keeps what it measured; the decode
     # cases (quick, no compilation) come first.
     for case in decode_cases:
         rows += run_decode([case], H, Dh, dtype, device, quick, gen)
         add_speedups(rows)
-        write_results("attention", rows, device, out_dir, extra=extra)
+        write_results("attention", rows, device, out_dir, extra=extra, quick=quick)
     for case in cases:
         rows += run_prefill([case], H, Dh, dtype, device, quick, gen)
         add_speedups(rows)
-        write_results("attention", rows, device, out_dir, extra=extra)
-    print_table(rows, ["case", "tokens", "impl", "mode", "median_ms", "tflops", "cache_gbps", "rotated_sets",
-                       "speedup_vs_flex", "speedup_vs_sdpa-dense-mask"])
-    return write_results("attention", rows, device, out_dir, extra=extra, plot=("case", "tflops", "impl"))
+        write_results("attention", rows, device, out_dir, extra=extra, quick=quick)
+    print_table(rows, ["case", "tokens", "impl", "mode", "median_ms", "tflops", "attended_over_visible", "cache_gbps",
+                       "rotated_sets", "speedup_vs_flex", "speedup_vs_sdpa-dense-mask"])
+    return write_results("attention", rows, device, out_dir, extra=extra, plot=("case", "tflops", "impl"), quick=quick)
 
 
 def main(argv=None):

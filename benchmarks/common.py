@@ -4,15 +4,28 @@ Rules: warm-up first; on CUDA, CUDA-event medians over many repeats; on CPU, per
 both sides of every ratio are timed in the same process, on the same inputs; FLOP counts exclude
 masked-out work.
 
-On CUDA a call whose inputs fit in L2 would find them there on every repeat and time the cache, not
+A call whose inputs fit in the cache would find them there on every repeat and time the cache, not
 memory: kernel benchmarks pass a `Rotation`, several independent input sets that together exceed a
-few times L2, and `time_fn` hands the timed function the next set on every call (warm-up included).
-Kernel benchmarks also time with `gpu_time`: the CUDA events then measure the device's work, not the
-host's launch overhead, which would otherwise dominate microsecond kernels such as decode attention.
+few times the GPU's L2 (on CUDA) or the CPU's last-level cache (elsewhere; 480 MiB of L3 on some
+machines), within a memory budget, and `time_fn` hands the timed function the next set on every call
+(warm-up included). Every row records whether its inputs rotated, the cache and whether the sets
+together still fit in it (`inputs_cache_hot`). Kernel benchmarks also time with `gpu_time`: the CUDA
+events then measure the device's work, not the host's launch overhead, which would otherwise dominate
+microsecond kernels such as decode attention.
+
+Peak memory (`peak_memory`): CUDA's allocator peak; on the CPU the growth of the peak resident set
+after glibc has handed every free page back to the kernel (`malloc_trim`), so that blocks served from
+memory the process already holds count as well as fresh ones (see `PEAK_MEMORY_METHOD`).
+
+`--quick` runs write `<name>-<device>-quick.json` next to the full results, never over them.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
+import functools
+import gc
 import json
 import math
 import os
@@ -24,8 +37,9 @@ from typing import Callable
 
 import torch
 
-ROTATION_FACTOR = 3          # input sets together cover this many times L2
+ROTATION_FACTOR = 3          # input sets together cover this many times the cache (GPU L2, CPU last level)
 ROTATION_BUDGET = 4 << 30    # at most this many bytes of rotated inputs (and a quarter of free memory)
+QUICK_ROTATION_BUDGET = 256 << 20  # the same for --quick runs (smoke runs: their inputs may stay cache-hot)
 ROTATION_MAX_SETS = 512
 SPIN_CYCLES = 2_000_000      # about 1 ms at Hopper clocks: time for the host to queue a call behind it
 
@@ -86,6 +100,8 @@ def environment(device="cpu") -> dict:
            "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
            "l2_cache_bytes": l2_cache_bytes(device)}
     if torch.device(device).type == "cpu":
+        llc = cpu_last_level_cache()
+        env.update(cpu_cache=llc and llc[0], cpu_cache_bytes=llc and llc[1])
         from worldvla.ops.dispatch import cpu_capability, cpu_vendor
 
         from worldvla.inference.malloc import cpu_malloc_settings
@@ -129,6 +145,68 @@ def l2_cache_bytes(device="cpu") -> int | None:
     return int(size) if size else 50 << 20  # older torch: assume an H100-sized L2
 
 
+def _cache_size_bytes(text: str) -> int:
+    """sysfs cache sizes: "491520K", "32M", "1024"."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_last_level_cache() -> tuple[str, int] | None:
+    """("L3", bytes): the highest-level data cache of the CPUs this process may run on, summed over its
+    distinct instances (sysfs `shared_cpu_list`), from /sys/devices/system/cpu/cpu*/cache; None if unreadable."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    caches = {}  # (level, shared_cpu_list) -> bytes
+    for cpu in cpus:
+        for idx in Path(f"/sys/devices/system/cpu/cpu{cpu}/cache").glob("index*"):
+            try:
+                if (idx / "type").read_text().strip() == "Instruction":
+                    continue
+                level = int((idx / "level").read_text())
+                shared = (idx / "shared_cpu_list").read_text().strip()
+                caches[level, shared] = _cache_size_bytes((idx / "size").read_text())
+            except (OSError, ValueError):
+                continue
+    if not caches:
+        return None
+    top = max(level for level, _ in caches)
+    return f"L{top}", sum(size for (level, _), size in caches.items() if level == top)
+
+
+def cache_info(device="cpu") -> tuple[str | None, int | None]:
+    """The cache a rotation must overflow: ("L2", bytes) of a CUDA device, the CPU's last-level cache
+    otherwise; (None, None) where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "L2", l2_cache_bytes(device)
+    if device.type != "cpu":
+        return None, None
+    return cpu_last_level_cache() or (None, None)
+
+
+def _available_memory(device) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0  # unknown: no rotation beyond the first set
+
+
+def rotation_budget(device="cpu", quick: bool = False) -> int:
+    """Bytes the extra input sets may take: `ROTATION_BUDGET` (`QUICK_ROTATION_BUDGET` for --quick
+    runs), and at most a quarter of the device's free memory."""
+    return min(QUICK_ROTATION_BUDGET if quick else ROTATION_BUDGET, _available_memory(device) // 4)
+
+
 def input_bytes(inputs) -> int:
     """Bytes of the distinct tensor storages in a (nested) tuple / list / dict of inputs."""
     seen, total = set(), 0
@@ -153,20 +231,21 @@ def input_bytes(inputs) -> int:
 
 def rotation_count(bytes_per_set: int, device="cpu", *, new_bytes: int | None = None,
                    factor: float = ROTATION_FACTOR, budget_bytes: int | None = None,
-                   max_sets: int = ROTATION_MAX_SETS) -> int:
-    """How many input sets of `bytes_per_set` (what one call reads) together cover `factor` x L2.
+                   max_sets: int = ROTATION_MAX_SETS, quick: bool = False) -> int:
+    """How many input sets of `bytes_per_set` (what one call reads) together cover `factor` x the
+    cache (`cache_info`: the GPU's L2, the CPU's last-level cache).
 
-    1 off CUDA. Capped by `budget_bytes // new_bytes`, `new_bytes` being what each extra set
-    allocates (default `bytes_per_set`); the default budget is the smaller of `ROTATION_BUDGET`
-    and a quarter of the free device memory.
+    1 where the cache is unknown. Capped by `budget_bytes // new_bytes`, `new_bytes` being what each
+    extra set allocates (default `bytes_per_set`); the default budget is `rotation_budget(device, quick)`.
+    Sets that do not fit the budget are not made: the rotation's `inputs_cache_hot` then says so.
     """
     device = torch.device(device)
-    l2 = l2_cache_bytes(device)
-    if l2 is None:
+    _, cache = cache_info(device)
+    if cache is None:
         return 1
-    want = math.ceil(factor * l2 / max(1, bytes_per_set))
+    want = math.ceil(factor * cache / max(1, bytes_per_set))
     if budget_bytes is None:
-        budget_bytes = min(ROTATION_BUDGET, torch.cuda.mem_get_info(device)[0] // 4)
+        budget_bytes = rotation_budget(device, quick)
     fit = budget_bytes // max(1, new_bytes if new_bytes is not None else bytes_per_set)
     return int(max(1, min(want, fit, max_sets)))
 
@@ -175,9 +254,9 @@ class Rotation:
     """Independent input sets, built up front, handed out in turn (one per timed call).
 
     `make_inputs(i)` returns the inputs of set i as a tuple; the timed function is called as
-    `fn(*inputs)`. The number of sets comes from `rotation_count` unless `n` is given; the
-    sets are sized by what one call reads (`bytes_per_set`, default: every tensor of a set).
-    Share one Rotation between the implementations compared, so both sides see the same sets.
+    `fn(*inputs)`. The number of sets comes from `rotation_count` (on every device) unless `n` is
+    given; the sets are sized by what one call reads (`bytes_per_set`, default: every tensor of a
+    set). Share one Rotation between the implementations compared, so both sides see the same sets.
     """
 
     def __init__(self, make_inputs: Callable[[int], tuple], device="cpu", *, n: int | None = None,
@@ -190,7 +269,7 @@ class Rotation:
         if n < 1:
             raise ValueError(f"a rotation needs at least one input set, got n={n}")
         self.sets = [first] + [tuple(make_inputs(i)) for i in range(1, n)]
-        self.l2_bytes = l2_cache_bytes(self.device)
+        self.cache, self.cache_bytes = cache_info(self.device)
         self._next = 0
 
     def __len__(self) -> int:
@@ -203,8 +282,12 @@ class Rotation:
         return inputs
 
     def info(self) -> dict:
-        """What a result row records about the rotation."""
-        return {"rotated_sets": len(self.sets), "set_bytes": self.bytes_per_set, "l2_bytes": self.l2_bytes}
+        """What a result row records about the rotation: the sets, the cache they must overflow and
+        whether they still fit in it together (then repeats may find a call's inputs there)."""
+        n = len(self.sets)
+        hot = None if self.cache_bytes is None else n * self.bytes_per_set <= self.cache_bytes
+        return {"rotated_sets": n, "set_bytes": self.bytes_per_set, "inputs_rotated": n > 1,
+                "cache": self.cache, "cache_bytes": self.cache_bytes, "inputs_cache_hot": hot}
 
 
 def time_fn(fn, *, warmup: int = 3, repeats: int = 20, device="cpu", setup=None,
@@ -252,9 +335,9 @@ def time_fn(fn, *, warmup: int = 3, repeats: int = 20, device="cpu", setup=None,
             times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
-    out = {"median_ms": statistics.median(times), "p10_ms": q(0.1), "p90_ms": q(0.9), "repeats": repeats}
-    if rotation is not None:
-        out.update(rotation.info())
+    out = {"median_ms": statistics.median(times), "p10_ms": q(0.1), "p90_ms": q(0.9), "repeats": repeats,
+           "warmup": warmup}
+    out.update(rotation.info() if rotation is not None else {"inputs_rotated": False})
     if on_gpu:
         out["timed"] = "device" if spin else "wall"
     return out
@@ -268,20 +351,60 @@ def _proc_status_bytes(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
+PEAK_MEMORY_METHOD = {
+    "cuda": "torch.cuda.max_memory_allocated over the call minus memory_allocated before it "
+            "(reset_peak_memory_stats first)",
+    "cpu": "growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over the "
+           "resident set before the call, after gc.collect() and glibc's malloc_trim(0) handed every free page "
+           "of every arena back to the kernel: blocks served from memory the process already held fault their "
+           "pages in again and count, like fresh mmaps",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library: freed memory it keeps cannot be handed back)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
+def peak_memory_method(device="cpu") -> str | None:
+    """How `peak_memory` measures on `device` (for a result's JSON); None where it cannot."""
+    device = torch.device(device)
+    if device.type == "cpu" and (_malloc_trim() is None or not os.path.exists("/proc/self/clear_refs")):
+        return None
+    return PEAK_MEMORY_METHOD.get(device.type)
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
 def peak_memory(fn, device="cpu") -> int | None:
-    """Peak memory `fn` adds: CUDA's allocator peak over what was allocated before; on CPU (Linux)
-    the growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over
-    the resident set before. The CPU figure sees large tensors (mmap'd by the allocator) fully, and
-    may miss small ones served from memory the process already holds. None where neither applies,
-    and on the CPU once `tune_cpu_malloc` ran in this process: freed memory then stays with it and is
-    reused, so the resident set no longer shows what a call allocates."""
+    """Peak memory `fn` adds over what was allocated before (`PEAK_MEMORY_METHOD`). On the CPU the
+    resident set only grows when a page is first touched, and glibc keeps freed blocks (all of them
+    once `tune_cpu_malloc` ran; those up to its dynamic mmap threshold, up to 32 MiB, otherwise) to
+    serve later ones without a fault: `malloc_trim(0)` first hands every free page back, so whatever
+    `fn` allocates faults in and counts, however the allocator is tuned. None where that cannot be
+    done (not Linux with glibc), and on devices other than CUDA and the CPU."""
     device = torch.device(device)
     if device.type == "cpu":
-        from worldvla.inference.malloc import cpu_malloc_settings
-
-        if cpu_malloc_settings() is not None:
+        trim = _malloc_trim()
+        if trim is None:
             return None
         try:
+            gc.collect()
+            trim(0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current resident set
             base = _proc_status_bytes("VmRSS")
@@ -299,14 +422,21 @@ def peak_memory(fn, device="cpu") -> int | None:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def result_stem(name: str, device="cpu", quick: bool = False) -> str:
+    """`<name>-<device>`, `<name>-<device>-quick` for --quick runs (which never overwrite full results)."""
+    return f"{name}-{device_name(device)}" + ("-quick" if quick else "")
+
+
 def write_results(name: str, rows: list[dict], device="cpu", out_dir: str | Path = "benchmarks/results",
-                  extra: dict | None = None, plot: tuple[str, str, str] | None = None) -> Path:
-    """Write `<out_dir>/<name>-<device>.json` (and a PNG plot of `plot=(x_key, y_key, group_key)`)."""
+                  extra: dict | None = None, plot: tuple[str, str, str] | None = None, *,
+                  quick: bool = False) -> Path:
+    """Write `<out_dir>/<name>-<device>.json`, `<name>-<device>-quick.json` for a --quick run (and a PNG
+    plot of `plot=(x_key, y_key, group_key)` beside it)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
-    stem = f"{name}-{env['device']}"
-    doc = {"benchmark": name, **env, **(extra or {}), "rows": rows}
+    stem = result_stem(name, device, quick)
+    doc = {"benchmark": name, **env, "quick": quick, **(extra or {}), "rows": rows}
     path = out_dir / f"{stem}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
@@ -363,7 +493,8 @@ def main_for(run, description: str, argv=None, flags: dict[str, str] | None = No
     import argparse
 
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true", help="small shapes and few repeats")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes and few repeats; writes <name>-<device>-quick.json")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results and plots")
     for flag, help_text in (flags or {}).items():

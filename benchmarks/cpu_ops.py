@@ -4,8 +4,9 @@ measurements decide `worldvla.ops.dispatch.AUTO_ORDER` on CPU.
 
 Both sides run through `worldvla.ops` (dispatch, checks and allocation included: what a caller pays),
 interleaved call by call (A, B, A, B, ...) so that drift in the machine's speed hits both alike, on the
-same random inputs (one `Rotation` shared by both sides; one set on CPU). The C++ paths use OpenMP over
-torch's thread count.
+same random inputs (one `Rotation` shared by both sides, its sets together past the last-level cache
+within the rotation budget; each row records the rotation). The C++ paths use OpenMP over torch's
+thread count.
 
 Prefill FLOPs count visible pairs only (4 * H * Dh per pair). Decode attention reads K and V once:
 bytes = 2 * S * Hkv * Dh * 4 (fp32), the floor at the machine's stream bandwidth. Sampling and VQ are
@@ -65,11 +66,11 @@ def interleaved(fns: dict, rotation: Rotation, warmup: int, repeats: int) -> dic
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _rows(op, case, medians, work: dict) -> list[dict]:
+def _rows(op, case, medians, work: dict, rotation: Rotation) -> list[dict]:
     rows = []
     for name, ms in medians.items():
         row = {"op": op, "case": case, "impl": f"worldvla-{name}", "median_ms": ms,
-               "speedup_vs_torch": medians["torch"] / ms}
+               "speedup_vs_torch": medians["torch"] / ms, **rotation.info()}
         if "bytes" in work:
             row["GBps"] = work["bytes"] / (ms * 1e-3) / 1e9
         if "flops" in work:
@@ -90,11 +91,11 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
     for H, D, T in ([(4, 64, 650)] if quick else [(4, 64, 650), (4, 64, 1300), (32, 128, 650)]):
         _, meta = packed_batch(256, T, gen)  # 620-token action documents, packed
         T = meta.kv_block.shape[0]
-        rot = Rotation(lambda i: tuple(torch.randn(T, H, D, generator=gen) for _ in range(3)))
+        rot = Rotation(lambda i: tuple(torch.randn(T, H, D, generator=gen) for _ in range(3)), quick=quick)
         fns = _sides(lambda b, q, k, v: ops.masked_attention(q, k, v, meta, backend=b))
         med = interleaved(fns, rot, 2, 5 if quick else 20)
         rows += _rows("masked_attention", f"prefill H{H} Dh{D} {T} tokens", med,
-                      {"flops": 4 * H * D * visible_pairs(meta)})
+                      {"flops": 4 * H * D * visible_pairs(meta)}, rot)
 
     heads = [(4, 64), (32, 64)] if quick else [(4, 64), (32, 64), (32, 128)]
     for H, D in heads:
@@ -103,27 +104,28 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
             S = meta.kv_block.shape[1]
             K = meta.q_pos.shape[1]
             rot = Rotation(lambda i: (torch.randn(1, K, H, D, generator=gen), torch.randn(1, S, H, D, generator=gen),
-                                      torch.randn(1, S, H, D, generator=gen)))
+                                      torch.randn(1, S, H, D, generator=gen)), quick=quick)
             many = K > 32  # the prefill's tiled kernel, at either vector width
             fns = _sides(lambda b, q, k, v: ops.decode_attention(q, k, v, meta, backend=b), widths=many)
             med = interleaved(fns, rot, warmup, repeats // 4 if many else repeats)
             work = ({"flops": 4 * H * D * int(meta.dense_mask().sum())} if many else {"bytes": 2 * S * H * D * 4})
-            rows += _rows("decode_attention", f"decode H{H} Dh{D} K{K} cache{S}", med, work)
+            rows += _rows("decode_attention", f"decode H{H} Dh{D} K{K} cache{S}", med, work, rot)
 
     for N, Hd, R in ([(1, 1024, 256), (5, 1024, 256)] if quick else
                      [(1, 1024, 256), (5, 1024, 256), (5, 256, 256), (35, 4096, 256)]):
         V = 8192
-        rot = Rotation(lambda i: (torch.randn(N, Hd, generator=gen), torch.randn(V, Hd, generator=gen) * 0.05))
+        rot = Rotation(lambda i: (torch.randn(N, Hd, generator=gen), torch.randn(V, Hd, generator=gen) * 0.05),
+                       quick=quick)
         fns = _sides(lambda b, h, w: ops.constrained_sample(h, w, V - R, V, backend=b))
         med = interleaved(fns, rot, warmup, repeats)
-        rows += _rows("constrained_sample", f"greedy N{N} H{Hd} range{R}", med, {"flops": 2 * N * R * Hd})
+        rows += _rows("constrained_sample", f"greedy N{N} H{Hd} range{R}", med, {"flops": 2 * N * R * Hd}, rot)
 
     for N, K, C in ([(16, 512, 64), (256, 2048, 256)] if quick else
                     [(16, 512, 64), (256, 2048, 256), (256, 8192, 256), (1024, 8192, 256)]):
-        rot = Rotation(lambda i: (torch.randn(N, C, generator=gen), torch.randn(K, C, generator=gen)))
+        rot = Rotation(lambda i: (torch.randn(N, C, generator=gen), torch.randn(K, C, generator=gen)), quick=quick)
         fns = _sides(lambda b, z, cb: ops.vq_quantize(z, cb, backend=b))
         med = interleaved(fns, rot, warmup, max(10, repeats // (4 if N * K > 1e6 else 1)))
-        rows += _rows("vq_quantize", f"N{N} K{K} C{C}", med, {"flops": 2 * N * K * C})
+        rows += _rows("vq_quantize", f"N{N} K{K} C{C}", med, {"flops": 2 * N * K * C}, rot)
 
     # A decode step's 28 projections (q, k, v, o, gate, up, down of 4 layers; the small config: hidden
     # 256, MLP 688) on M rows (1: one token; 5, 10: a parallel action chunk; 40, 64: the chunks of 8 robots
@@ -140,7 +142,8 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
 
         med = interleaved(_sides(step), rot, warmup, max(10, repeats // 4))
         rows += _rows("linear", f"decode-step projections M{M} (28, small config)", med,
-                      {"bytes": sum(w.numel() * 4 for w in weights), "flops": sum(2 * M * w.numel() for w in weights)})
+                      {"bytes": sum(w.numel() * 4 for w in weights), "flops": sum(2 * M * w.numel() for w in weights)},
+                      rot)
 
     # A decode step's 4 decoder layers (small config, random weights) against a 574-token cache (a 256 px
     # action prompt): the layers' modules (each op through worldvla.ops under auto) against the native
@@ -173,13 +176,14 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
         n_w = sum(p.numel() for layer in model.model.layers for p in layer.parameters())
         kv = 2 * cfg.num_hidden_layers * B * (P + Q) * cfg.num_key_value_heads * cfg.head_dim
         rows += _rows("decoder_layer", f"decode step B{B} Q{Q} cache{P} (4 layers, small config)", med,
-                      {"bytes": 4 * (n_w + kv), "flops": 2 * B * Q * n_w})
+                      {"bytes": 4 * (n_w + kv), "flops": 2 * B * Q * n_w}, rot)
 
     for B, h, K, C in [(1, 16, 8192, 256), (8, 4, 512, 64)]:
-        rot = Rotation(lambda i: (torch.randint(0, K, (B, h, h), generator=gen), torch.randn(K, C, generator=gen)))
+        rot = Rotation(lambda i: (torch.randint(0, K, (B, h, h), generator=gen), torch.randn(K, C, generator=gen)),
+                       quick=quick)
         fns = _sides(lambda b, idx, cb: ops.vq_gather(idx, cb, backend=b), widths=False)
         med = interleaved(fns, rot, warmup, repeats)
-        rows += _rows("vq_gather", f"B{B} {h}x{h} K{K} C{C}", med, {"bytes": B * h * h * C * 4 * 2})
+        rows += _rows("vq_gather", f"B{B} {h}x{h} K{K} C{C}", med, {"bytes": B * h * h * C * 4 * 2}, rot)
 
     print_table(rows, ["op", "case", "impl", "median_ms", "speedup_vs_torch", "GBps", "GFLOPs"])
     from worldvla import _C
@@ -187,7 +191,7 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
     extra = {"threads": torch.get_num_threads(), "quick": quick, "cpu_vector_width": _C.cpu_vector_width(),
              "method": "interleaved A/B calls through worldvla.ops, medians; inputs from one rotation of fresh "
                        "random sets shared by both sides"}
-    path = write_results("cpu_ops", rows, "cpu", out_dir, extra=extra)
+    path = write_results("cpu_ops", rows, "cpu", out_dir, extra=extra, quick=quick)
     plot_speedups(rows, path.with_suffix(".png"))
     return path
 

@@ -39,7 +39,7 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
     rows = []
     for N in (1, 5, 10):
         read = (N + R) * Hd * elt  # hidden rows + the range's weight rows
-        n = rotation_count(read, device)
+        n = rotation_count(read, device, quick=quick)
         heads = lm_head_windows(V, Hd, R, n, device, dtype)
         rot = Rotation(lambda i: (torch.randn(N, Hd, device=device, dtype=dtype), heads[i]), device, n=n,
                        bytes_per_set=read)
@@ -60,7 +60,7 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
                          "agrees_with_full": float((out == ref).float().mean())})
     print_table(rows, ["rows", "hidden", "range", "impl", "median_ms", "speedup_vs_full", "rotated_sets"])
     return write_results("constrained_sampling", rows, device, out_dir, extra={"dtype": str(dtype)},
-                         plot=("rows", "speedup_vs_full", "impl"))
+                         plot=("rows", "speedup_vs_full", "impl"), quick=quick)
 
 
 def main(argv=None):

@@ -16,7 +16,8 @@ same policy as the one timed in process here, so the numbers compare like with l
      ones not refused (must be 0);
   4. the server must still answer /healthz, then exit 0 on SIGTERM.
 Every phase is bounded by a request count and a time limit. Writes
-benchmarks/results/serve_load-<device>.json.
+benchmarks/results/serve_load-<device>.json (serve_load-<device>-quick.json with --quick) and a
+PNG beside it: each phase's latency percentiles, with the in-process floor.
 """
 from __future__ import annotations
 
@@ -249,9 +250,7 @@ def in_process_latency(policy, size, repeats, rng, batch=1) -> list[float]:
 
 def run(quick: bool = False, device: str | None = None, out_dir: str = "benchmarks/results") -> Path:
     """Entry point in the style of the other benchmarks (`worldvla bench` can register it)."""
-    args = parse_args([])
-    if quick:
-        args.clients, args.bad_clients, args.duration_s, args.requests, args.sequential = 3, 1, 5.0, 40, 30
+    args = parse_args(["--quick"] if quick else [])
     if device:
         args.device = device
     return _main(args, out_dir)
@@ -280,7 +279,13 @@ def parse_args(argv=None):
     p.add_argument("--max-payload-mb", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results")
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true",
+                   help="3 robots, 1 bad client, 5 s, 40 requests each, 30 sequential; "
+                        "writes serve_load-<device>-quick.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.clients, args.bad_clients, args.duration_s, args.requests, args.sequential = 3, 1, 5.0, 40, 30
+    return args
 
 
 def main(argv=None) -> Path:
@@ -437,9 +442,36 @@ def _main(args, out_dir: str) -> Path:
             proc.kill()
             proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
-    path = write_results("serve_load", rows, device=spec["device"], out_dir=out_dir, extra=extra)
+    path = write_results("serve_load", rows, device=spec["device"], out_dir=out_dir, extra=extra, quick=args.quick)
+    plot_latencies(rows, path.with_suffix(".png"), title=f"serve_load ({path.stem.split('-', 1)[1]})")
     print(f"-> {path}")
     return path
+
+
+def plot_latencies(rows: list[dict], path, title: str) -> None:
+    """Bars of each phase's p50 / p90 / p99 round trip, and the in-process p50 (the floor) as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = ("p50_ms", "p90_ms", "p99_ms")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(stats)
+    for i, key in enumerate(stats):
+        ax.bar([j + i * width for j in range(len(rows))], [r.get(key) or 0.0 for r in rows], width,
+               label=key.replace("_ms", ""))
+    floor = next((r["inproc_p50_ms"] for r in rows if r.get("inproc_p50_ms") is not None), None)
+    if floor is not None:
+        ax.axhline(floor, color="black", linewidth=1, linestyle="--", label="in-process act p50")
+    ax.set_xticks([j + width for j in range(len(rows))],
+                  [f"{r['phase']} ({r['clients']} robot{'s' * (r['clients'] != 1)})" for r in rows], fontsize=8)
+    ax.set_ylabel("round trip (ms)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Training throughput: the package's path (packed documents, chunk-masked attention through
-worldvla.ops, fused linear cross-entropy on labelled rows only) vs the reference-style path of the
-release (right-padded batch, dense mask, full-vocabulary fp32 logits at every position).
+worldvla.ops, fused linear cross-entropy on the labelled rows only, the mask metadata and the
+labelled rows found on the host beforehand, as `worldvla train` does) vs the reference-style path
+of the release (right-padded batch, dense mask, full-vocabulary fp32 logits at every position).
 
-Reports tokens/s (real tokens, padding excluded), MFU (6 * params * tokens / time / peak; GPU only)
-and peak memory."""
+Reports tokens/s (real tokens, padding excluded), peak memory and model FLOPs. Both sides' MFU
+divides the same useful work, the model's (`USEFUL_FLOPS`), by the side's step time and the GPU's
+peak (GPU only); `side_flops` is what the side's own method runs (`SIDE_FLOPS`)."""
 from __future__ import annotations
 
 import torch
@@ -11,15 +13,35 @@ import torch.nn.functional as F
 
 from worldvla.model import ModelConfig, WorldVLA, loss_class_weights
 
-from .attention import LAYOUT, action_document
-from .common import main_for, peak_memory, print_table, time_fn, write_results
+from .attention import LAYOUT, action_document, visible_pairs
+from .common import main_for, peak_memory, peak_memory_method, print_table, time_fn, write_results
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core FLOP/s
+
+USEFUL_FLOPS = ("useful_flops = 6 * decoder_layer_params * tokens + 6 * vocab * hidden * labelled_rows "
+                "+ 3 * 4 * visible_pairs * heads * head_dim * layers: a training step (forward, and a backward of "
+                "twice its work) of the decoder layers over the real tokens, of the lm_head over the rows that "
+                "have a label, and of attention over the (query, key) pairs the chunk rule lets see each other; "
+                "embedding lookups, norms, the loss's elementwise work and padding not counted. The same for both "
+                "sides. mfu = useful_flops / median step time / peak dense bf16 FLOP/s (GPU only)")
+SIDE_FLOPS = ("side_flops = 6 * decoder_layer_params * rows_run + 6 * vocab * hidden * head_rows "
+              "+ 3 * 4 * visible_pairs * heads * head_dim * layers: as useful_flops, with the rows the side runs "
+              "its layers on (padding included) and its head on (worldvla: the labelled rows; reference-style: "
+              "every position of the padded batch)")
 
 
 def one_b_config() -> ModelConfig:
     return ModelConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
                        num_key_value_heads=16, max_position_embeddings=4096)
+
+
+def step_flops(model: WorldVLA, layer_rows: int, head_rows: int, pairs: int) -> int:
+    """FLOPs of a training step (forward + backward, 3x the forward) with the decoder layers run on
+    `layer_rows` rows, the lm_head on `head_rows` rows, and attention over `pairs` (query, key) pairs."""
+    cfg = model.config
+    layer_params = sum(p.numel() for p in model.model.layers.parameters())
+    attention = 4 * pairs * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+    return 6 * layer_params * layer_rows + 6 * cfg.vocab_size * cfg.hidden_size * head_rows + 3 * attention
 
 
 def _samples(n_docs, px, gen):
@@ -35,7 +57,7 @@ def _samples(n_docs, px, gen):
 
 def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: bool = False):
     """`tune_malloc`: on the CPU, `tune_cpu_malloc(mmap=False)` first, as `worldvla train` does there
-    (for the whole process; the CPU peak-memory column is then None: reused heap hides it)."""
+    (for the whole process; peak memory is still measured, see `common.peak_memory`)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     gen = torch.Generator().manual_seed(0)
@@ -46,17 +68,25 @@ def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: boo
     if tune_malloc and not on_gpu:
         from worldvla.inference.malloc import tune_cpu_malloc
 
-        tune_cpu_malloc(mmap=False)  # as `worldvla train` does on the CPU (peak memory then unmeasured)
+        tune_cpu_malloc(mmap=False)  # as `worldvla train` does on the CPU
     px = 256
+    peak = next((v for k, v in PEAK_BF16.items() if on_gpu and k in torch.cuda.get_device_name(device)), None)
     rows = []
     for cname, cfg in configs.items():
         model = WorldVLA(cfg).init_weights(generator=gen).to(device)
         n_params = model.num_parameters()
         samples = _samples(n_docs, px, gen)
         tokens = sum(len(s[0]) for s in samples)
-        ids_p = torch.cat([s[0] for s in samples]).to(device)
-        lab_p = torch.cat([s[1] for s in samples]).to(device)
-        cu = torch.tensor([0] + [len(s[0]) for s in samples]).cumsum(0).to(torch.int32).to(device)
+        ids_host, lab_host = torch.cat([s[0] for s in samples]), torch.cat([s[1] for s in samples])
+        cu_host = torch.tensor([0] + [len(s[0]) for s in samples]).cumsum(0).to(torch.int32)
+        # Found on the host, untimed, as `worldvla train` does: the mask metadata, the labelled rows
+        # (only those reach the head) and the ids' range check.
+        LAYOUT.check_ids(ids_host)
+        meta_host = model.attention_meta(ids_host, cu_host)
+        label_rows = (lab_host[1:] != -100).nonzero().squeeze(1)
+        pairs = visible_pairs(meta_host)
+        meta_p, rows_p = meta_host.to(device), label_rows.to(device)
+        ids_p, lab_p = ids_host.to(device), lab_host.to(device)
         Lmax = max(len(s[0]) for s in samples)
         ids_b = torch.stack([F.pad(s[0], (0, Lmax - len(s[0])), value=0) for s in samples]).to(device)
         lab_b = torch.stack([F.pad(s[1], (0, Lmax - len(s[1])), value=-100) for s in samples]).to(device)
@@ -65,7 +95,7 @@ def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: boo
 
         def ours():
             with amp:
-                loss, _ = model.loss(ids_p, lab_p, cu_seqlens=cu)
+                loss, _ = model.loss(ids_p, lab_p, meta_p, class_weight=cw, label_rows=rows_p, check_ids=False)
             loss.backward()
 
         def reference():
@@ -79,24 +109,40 @@ def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: boo
             loss.backward()
             model.attn_backend = "auto"
 
-        for name, fn in (("worldvla", ours), ("reference-style", reference)):
+        useful = step_flops(model, tokens, label_rows.numel(), pairs)
+        padded = ids_b.numel()  # the reference runs its layers and its head on every position
+        sides = (("worldvla", ours, step_flops(model, tokens, label_rows.numel(), pairs), label_rows.numel()),
+                 ("reference-style", reference, step_flops(model, padded, padded, pairs), padded))
+        for name, fn, side_flops, head_rows in sides:
             t = time_fn(fn, device=device, warmup=1 if quick else 3, repeats=2 if quick else 10,
                         setup=lambda: model.zero_grad(set_to_none=True))
+            model.zero_grad(set_to_none=True)  # the timed repeats' gradients must not count as held memory
             mem = peak_memory(fn, device)
-            tps = tokens / (t["median_ms"] * 1e-3)
-            peak = next((v for k, v in PEAK_BF16.items() if on_gpu and k in torch.cuda.get_device_name(device)), None)
-            rows.append({"config": cname, "params": n_params, "impl": name, "tokens": tokens, **t,
-                         "tokens_per_s": tps, "mfu": (6 * n_params * tps / peak) if peak else None, "peak_bytes": mem})
+            model.zero_grad(set_to_none=True)
+            sec = t["median_ms"] * 1e-3
+            rows.append({"config": cname, "params": n_params,
+                         "decoder_layer_params": sum(p.numel() for p in model.model.layers.parameters()),
+                         "impl": name, "tokens": tokens, "labelled_rows": label_rows.numel(), "head_rows": head_rows,
+                         "visible_pairs": pairs, **t, "tokens_per_s": tokens / sec,
+                         "useful_flops": useful, "side_flops": side_flops, "useful_tflops_per_s": useful / sec / 1e12,
+                         "mfu": useful / sec / peak if peak else None, "peak_bytes": mem})
         base = rows[-1]["median_ms"]
         rows[-2]["speedup_vs_reference"] = base / rows[-2]["median_ms"]
         del model
-    print_table(rows, ["config", "params", "impl", "tokens", "median_ms", "tokens_per_s", "mfu", "peak_bytes", "speedup_vs_reference"])
-    return write_results("train", rows, device, out_dir, plot=("config", "tokens_per_s", "impl"))
+    print_table(rows, ["config", "params", "impl", "tokens", "median_ms", "tokens_per_s", "useful_tflops_per_s", "mfu",
+                       "peak_bytes", "speedup_vs_reference"])
+    extra = {"dtype": "bfloat16 autocast, float32 weights" if on_gpu else "float32", "quick": quick,
+             "tune_malloc": tune_malloc and not on_gpu, "n_docs": n_docs, "px": px,
+             "peak_flops": peak, "mfu_formula": USEFUL_FLOPS, "side_flops_formula": SIDE_FLOPS,
+             "peak_memory_method": peak_memory_method(device),
+             "peak_memory": "one step (forward + backward) from no gradients held (zero_grad(set_to_none=True))"}
+    return write_results("train", rows, device, out_dir, extra=extra, plot=("config", "tokens_per_s", "impl"),
+                         quick=quick)
 
 
 def main(argv=None):
     return main_for(run, __doc__, argv, flags={
-        "--tune-malloc": "CPU: every block from glibc's heap, as `worldvla train` does there (peak memory unmeasured)"})
+        "--tune-malloc": "CPU: every block from glibc's heap, as `worldvla train` does there"})
 
 if __name__ == "__main__":
     main()

@@ -12,8 +12,9 @@ D = e2e.ACTION_DIM
 def test_quick_run_writes_rows_and_parallel_matches_sequential(tmp_path):
     grid = 2
     path = e2e.run(quick=True, device="cpu", out_dir=tmp_path, grid=grid, chunks=(3, 5))
+    assert path.name.endswith("-quick.json")  # a quick run never overwrites the full results
     doc = json.loads(path.read_text())
-    assert doc["benchmark"] == "e2e"
+    assert doc["benchmark"] == "e2e" and doc["quick"] is True
     assert doc["device"].startswith("cpu") and doc["torch"] and doc["python"] and doc["date"] and doc["worldvla"]
     assert path.with_suffix(".png").is_file()
     rows = doc["rows"]
@@ -24,6 +25,7 @@ def test_quick_run_writes_rows_and_parallel_matches_sequential(tmp_path):
     for r in rows:
         assert r["config"] == "small" and r["grid"] == grid and r["px"] == 16 * grid
         assert r["median_ms"] > 0 and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert (r["warmup"], r["repeats"]) == (1, 3)  # every side of every ratio timed alike
         assert r["weight_floor_ms"] is None  # no HBM bandwidth on CPU
     # Prompt: BOS, 20 text ids, two images of 3 + grid*(grid+1) + 1 tokens, SEP.
     assert all(r["prompt_tokens"] == 22 + 2 * (4 + grid * (grid + 1)) for r in chunk_rows)
@@ -137,7 +139,7 @@ def test_bf16_steps_comparison(tmp_path, monkeypatch, capsys):
     made, real = [], nb._C.DecodeStep
     monkeypatch.setattr(nb._C, "DecodeStep", lambda *args: made.append(args[-1]) or real(*args))
     e2e.main(["--bf16-steps", "small", "--quick", "--out", str(tmp_path)])
-    doc = json.loads(next(tmp_path.glob("e2e_bf16_steps_small-*.json")).read_text())
+    doc = json.loads(next(tmp_path.glob("e2e_bf16_steps_small-*-quick.json")).read_text())
     assert decoder.NATIVE_STEP is True and made == [2, 2, 2]  # one plan per step shape, each for bfloat16
     assert [r["impl"] for r in doc["rows"]] == ["native-step", "modules"] * 3
     assert all(0 < r["relative_difference"] < 0.05 for r in doc["rows"])

@@ -40,12 +40,42 @@ def test_harness_writes_results(tmp_path):
     from worldvla.benchmarks import vq
 
     path = vq.run(quick=True, device="cpu", out_dir=tmp_path)
+    assert path.name == f"vq_quantize-{common.device_name('cpu')}-quick.json"  # never over a full run's file
     doc = json.loads(path.read_text())
-    assert doc["device"].startswith("cpu") and doc["torch"] and doc["date"]
+    assert doc["device"].startswith("cpu") and doc["torch"] and doc["date"] and doc["quick"] is True
     assert "l2_cache_bytes" in doc and doc["l2_cache_bytes"] is None
     assert all(r["argmin_agreement"] == 1.0 for r in doc["rows"])
-    assert all(r["rotated_sets"] == 1 and r["l2_bytes"] is None for r in doc["rows"])  # CPU: one set
+    llc = common.cpu_last_level_cache()
+    assert (doc["cpu_cache"], doc["cpu_cache_bytes"]) == (llc or (None, None))
+    for r in doc["rows"]:  # CPU inputs rotate past the last-level cache, within the quick budget
+        set_bytes = (r["N"] + r["K"]) * r["C"] * 4
+        assert r["set_bytes"] == set_bytes and r["cache_bytes"] == (llc and llc[1])
+        if llc is None:
+            assert r["rotated_sets"] == 1 and r["inputs_rotated"] is False and r["inputs_cache_hot"] is None
+            continue
+        n = common.rotation_count(set_bytes, "cpu", new_bytes=set_bytes, quick=True)
+        assert r["rotated_sets"] == n and r["inputs_rotated"] == (n > 1) and r["cache"] == llc[0]
+        assert r["inputs_cache_hot"] == (n * set_bytes <= llc[1])
     assert path.with_suffix(".png").is_file()
+
+
+def test_quick_results_take_their_own_name(tmp_path):
+    full = common.write_results("demo", [{"x": 1, "y": 2.0, "g": "a"}], "cpu", tmp_path)
+    quick = common.write_results("demo", [{"x": 1, "y": 3.0, "g": "a"}], "cpu", tmp_path, quick=True,
+                                 plot=("x", "y", "g"))
+    assert quick != full and quick.name == full.name.replace(".json", "-quick.json")
+    assert json.loads(full.read_text())["rows"][0]["y"] == 2.0 and json.loads(full.read_text())["quick"] is False
+    assert json.loads(quick.read_text())["quick"] is True and quick.with_suffix(".png").is_file()
+
+
+def test_vq_baseline_reads_fp32_copies_made_with_each_set():
+    from worldvla.benchmarks.vq import make_inputs
+
+    z, cb, z32, cb32 = make_inputs(8, 16, 4, torch.bfloat16, "cpu")(0)
+    assert z.dtype == cb.dtype == torch.bfloat16 and z32.dtype == cb32.dtype == torch.float32
+    assert torch.equal(z32, z.float()) and torch.equal(cb32, cb.float())
+    z, cb, z32, cb32 = make_inputs(8, 16, 4, torch.float32, "cpu")(0)
+    assert z32 is z and cb32 is cb  # fp32: no copies
 
 
 # ------------------------------------------------------------------ input rotation
@@ -53,7 +83,7 @@ def test_harness_writes_results(tmp_path):
 def fake_l2(monkeypatch):
     """Pretend the device has an L2 of `size` bytes (CPU tensors, so the count logic runs here)."""
     def set_size(size):
-        monkeypatch.setattr(common, "l2_cache_bytes", lambda device="cpu": size)
+        monkeypatch.setattr(common, "cache_info", lambda device="cpu": ("L2", size))
         return size
     return set_size
 
@@ -78,10 +108,32 @@ def test_cpu_ops_compares_both_sides_of_every_case(tmp_path):
         cpu_ops.run(quick=True, device="cuda", out_dir=tmp_path)
 
 
-def test_rotation_is_one_set_on_cpu():
-    rot = common.Rotation(lambda i: (torch.randn(4, 4),), "cpu")
-    assert len(rot) == 1 and rot.info()["l2_bytes"] is None
-    assert common.rotation_count(1, "cpu") == 1
+def test_cpu_rotation_covers_the_last_level_cache(monkeypatch):
+    """On the CPU the sets together cover 3x the last-level cache, within the budget (smaller for --quick);
+    a rotation the budget cuts short says its inputs stay cache-hot; an unknown cache means one set."""
+    llc = 1 << 20
+    monkeypatch.setattr(common, "cpu_last_level_cache", lambda: ("L3", llc))
+    assert common.cache_info("cpu") == ("L3", llc)
+    rot = common.Rotation(lambda i: (torch.randn(64, 64),), "cpu")  # 16 KiB sets
+    assert len(rot) == math.ceil(3 * llc / (64 * 64 * 4)) == 192
+    info = rot.info()
+    assert info == {"rotated_sets": 192, "set_bytes": 64 * 64 * 4, "inputs_rotated": True, "cache": "L3",
+                    "cache_bytes": llc, "inputs_cache_hot": False}
+    short = common.Rotation(lambda i: (torch.randn(64, 64),), "cpu", budget_bytes=10 * 64 * 64 * 4)
+    assert len(short) == 10 and short.info()["inputs_cache_hot"] is True
+    assert common.rotation_budget("cpu", quick=True) <= common.QUICK_ROTATION_BUDGET < common.ROTATION_BUDGET
+    monkeypatch.setattr(common, "cpu_last_level_cache", lambda: None)
+    one = common.Rotation(lambda i: (torch.randn(4, 4),), "cpu")
+    assert len(one) == 1 and one.info()["inputs_rotated"] is False and one.info()["inputs_cache_hot"] is None
+
+
+def test_cpu_last_level_cache_reads_sysfs():
+    assert common._cache_size_bytes("491520K\n") == 480 << 20 and common._cache_size_bytes("32M") == 32 << 20
+    if not os.path.exists("/sys/devices/system/cpu/cpu0/cache/index3/size"):
+        pytest.skip("no L3 in sysfs here")
+    level, size = common.cpu_last_level_cache()
+    assert level == "L3" and size >= common._cache_size_bytes(
+        open("/sys/devices/system/cpu/cpu0/cache/index3/size").read())
 
 
 def test_rotation_count_covers_l2_within_the_budget(fake_l2):
@@ -112,7 +164,8 @@ def test_rotation_sets_are_distinct_fresh_and_timed_in_turn(fake_l2):
     assert len(calls) == warmup + repeats
     for i, (x, y) in enumerate(calls):                                 # each set in turn, wrapping around
         assert x is rot.sets[i % n][0] and y is rot.sets[i % n][1]
-    assert out["rotated_sets"] == n and out["l2_bytes"] == l2 and out["set_bytes"] == set_bytes
+    assert out["rotated_sets"] == n and out["cache_bytes"] == l2 and out["set_bytes"] == set_bytes
+    assert out["inputs_rotated"] is True and out["inputs_cache_hot"] is False and out["warmup"] == warmup
     assert out["repeats"] == repeats and out["p10_ms"] <= out["median_ms"] <= out["p90_ms"]
 
 
@@ -203,33 +256,56 @@ def test_gpu_script_parses_and_names_existing_files():
     assert 'tar czf "$OUT/logs.tgz"' in text and 'cp "$RESULTS"/*.json "$OUT"/' in text
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
-def test_cpu_peak_memory_sees_a_large_temporary():
-    """A 64 MB temporary freed before the call returns still counts; nothing allocated counts ~0; once
-    malloc is tuned (freed memory reused) the measure says None instead of a wrong number. In a fresh
-    process: tests that build a CPU policy tune this one."""
-    import json
+def _in_fresh_process(code: str):
+    """The JSON a snippet prints last, run in a fresh process (tests that build a CPU policy tune this one)."""
     import subprocess
     import sys
 
-    code = (
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_cpu_peak_memory_sees_a_large_temporary():
+    """A 64 MB temporary freed before the call returns still counts; nothing allocated counts ~0; and
+    so it does once malloc is tuned (freed memory kept and reused), as `worldvla train` runs."""
+    big, none, tuned, after = _in_fresh_process(
         "import json, torch\n"
         "from worldvla.benchmarks import common\n"
         "from worldvla.inference import tune_cpu_malloc\n"
         "big = common.peak_memory(lambda: float(torch.ones(16 << 20).sum()), 'cpu')\n"
         "none = common.peak_memory(lambda: None, 'cpu')\n"
-        "tuned = tune_cpu_malloc() is not None\n"
+        "tuned = tune_cpu_malloc(mmap=False) is not None\n"
+        "[float(torch.ones(16 << 20).sum()) for _ in range(3)]  # heap blocks now held by the process\n"
         "after = common.peak_memory(lambda: float(torch.ones(16 << 20).sum()), 'cpu')\n"
         "print(json.dumps([big, none, tuned, after]))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    big, none, tuned, after = json.loads(out.stdout.strip().splitlines()[-1])
     if big is None:
-        pytest.skip("this kernel does not let the process reset its peak resident set")
+        pytest.skip("needs glibc's malloc_trim and a kernel that lets the process reset its peak resident set")
+    assert common.peak_memory_method("cpu") and "malloc_trim" in common.peak_memory_method("cpu")
     assert 60 << 20 <= big <= 100 << 20, big
     assert none < 8 << 20, none
     if tuned:
-        assert after is None
+        assert 60 << 20 <= after <= 100 << 20, after
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_cpu_peak_memory_counts_blocks_malloc_already_held():
+    """After warm-up glibc serves 16 MB blocks from memory it already holds (its mmap threshold has
+    risen past them), so the resident set alone would not grow: two such tensors, alive together, must
+    still count (32 MB)."""
+    two = _in_fresh_process(
+        "import json, torch\n"
+        "from worldvla.benchmarks import common\n"
+        "def two():\n"
+        "    a, b = torch.ones(4 << 20), torch.ones(4 << 20)  # 16 MB each\n"
+        "    return float(a.sum() + b.sum())\n"
+        "for _ in range(5):\n"
+        "    two()\n"
+        "print(json.dumps(common.peak_memory(two, 'cpu')))\n")
+    if two is None:
+        pytest.skip("needs glibc's malloc_trim and a kernel that lets the process reset its peak resident set")
+    assert 31 << 20 <= two <= 40 << 20, two
 
 
 def test_sass_report_of_the_vq_kernels(tmp_path):
@@ -316,3 +392,112 @@ def test_cpu_results_under_isa_limits_do_not_take_the_real_machines_name(monkeyp
     monkeypatch.setattr("worldvla.ops.dispatch.cpu_capability", lambda: "AVX512")
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")  # only MKL held back: still not the real machine's name
     assert common.device_name("cpu").endswith("core-avx512-amd-limited-to-avx512")
+
+
+# ------------------------------------------------------------------ methodology of the baselines
+def test_per_document_sdpa_baselines_match_the_rule_and_build_masks_once(monkeypatch):
+    """The per-document SDPA baselines (documents of unequal length: the copy path; equal: views) compute
+    what their rule says, gradients included; the dense masks are built once, outside the timed calls."""
+    from worldvla.benchmarks import attention as A
+    from worldvla.mask import ChunkMaskMeta, DecodeMeta, causal_meta
+
+    g = torch.Generator().manual_seed(0)
+    docs = [A.action_document(px, gen=g) for px in (64, 128, 32)]
+    ids = torch.tensor(sum(docs, []))
+    cu = torch.tensor([0] + [len(d) for d in docs]).cumsum(0).to(torch.int32)
+    cases = [(chunk_mask_meta(ids, A.LAYOUT, cu_seqlens=cu), False), (causal_meta((len(ids),), cu_seqlens=cu), False),
+             (A.packed_batch(64, 500, g)[1], True)]
+    for meta, views in cases:
+        T = meta.kv_block.numel()
+        q, k, v = (torch.randn(T, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        d = A.Documents(meta)
+        assert d.views == views and d.n == meta.cu_seqlens.numel() - 1 and d.L == meta.max_seqlen
+        fns = {"dense": A.sdpa_dense_mask(meta), "dense-doc": A.sdpa_dense_mask_per_document(d),
+               "causal-doc": A.sdpa_causal_per_document(d)}
+        want = {"dense": ops.masked_attention_ref(q, k, v, meta), "dense-doc": ops.masked_attention_ref(q, k, v, meta),
+                "causal-doc": ops.masked_attention_ref(q, k, v, causal_meta((T,), cu_seqlens=meta.cu_seqlens))}
+        built = []
+        monkeypatch.setattr(ChunkMaskMeta, "dense_mask", lambda self: built.append(1))
+        for name, fn in fns.items():
+            out = fn(q, k, v)
+            torch.testing.assert_close(out, want[name])
+            got = torch.autograd.grad(out.square().sum(), (q, k, v))
+            ref = torch.autograd.grad(want[name].square().sum(), (q, k, v))
+            for a, b in zip(got, ref):
+                torch.testing.assert_close(a, b)
+        assert not built  # no mask rebuilt inside a call
+        monkeypatch.undo()
+    meta = A.decode_meta(64, 5, 2, torch.Generator().manual_seed(1))
+    S = meta.kv_block.shape[1]
+    q, k, v = torch.randn(2, 5, 2, 16), torch.randn(2, S, 2, 16), torch.randn(2, S, 2, 16)
+    fn, want = A.sdpa_decode_dense_mask(meta), ops.decode_attention_ref(q, k, v, meta)
+    monkeypatch.setattr(DecodeMeta, "dense_mask", lambda self: 1 / 0)  # no mask rebuilt inside a call
+    torch.testing.assert_close(fn(q, k, v), want)
+
+
+def test_attention_rows_record_attended_and_visible_pairs():
+    from worldvla.benchmarks import attention as A
+
+    rows = A.run_prefill([("tiny", 32, 300, False)], 2, 16, torch.float32, torch.device("cpu"), True,
+                         torch.Generator().manual_seed(0))
+    rows = [r for r in rows if "median_ms" in r]
+    T = rows[0]["tokens"]
+    n = rows[0]["documents"]
+    L = T // n  # the tiny case's documents are all one length
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    assert {"sdpa-dense-mask", "sdpa-dense-mask-per-doc", "sdpa-causal-per-doc"} <= {i for i, _ in by}
+    assert "sdpa-causal(floor)" not in {i for i, _ in by}
+    for mode in ("fwd", "fwd+bwd"):
+        assert by["sdpa-dense-mask", mode]["attended_pairs"] == T * T
+        assert by["sdpa-dense-mask-per-doc", mode]["attended_pairs"] == n * L * L
+        assert by["sdpa-causal-per-doc", mode]["attended_pairs"] == n * L * (L + 1) // 2
+    for r in rows:
+        assert r["visible_pairs"] > 0 and "attended_pairs" in r
+        if r["attended_pairs"] is not None:
+            assert r["attended_over_visible"] == r["attended_pairs"] / r["visible_pairs"] >= 1
+    decode = A.run_decode([("d", 32, 5, 2)], 2, 16, torch.float32, torch.device("cpu"), True,
+                          torch.Generator().manual_seed(0))
+    sdpa = [r for r in decode if r["impl"].startswith("sdpa")]
+    assert len(sdpa) == 2 and all(r["attended_pairs"] == 2 * 5 * r["tokens"] > r["visible_pairs"] for r in sdpa)
+
+
+def test_naive_cross_entropy_takes_precomputed_rows():
+    from worldvla.benchmarks.cross_entropy import naive_linear_cross_entropy
+    from worldvla.ops.cross_entropy import linear_cross_entropy_ref
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(12, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 40, (12,), generator=g)
+    y[::3] = -100
+    cw = torch.rand(40, generator=g, dtype=torch.float64) + 0.5
+    rows = (y != -100).nonzero().squeeze(1)
+    got, want = naive_linear_cross_entropy(h, w, y, rows, cw)[0], linear_cross_entropy_ref(h, w, y, cw, 1e-5)[0]
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (h, w)), torch.autograd.grad(want, (h, w))):
+        torch.testing.assert_close(a, b)
+
+
+def test_train_flops_count_layers_head_rows_and_visible_pairs():
+    from worldvla.benchmarks.train import SIDE_FLOPS, USEFUL_FLOPS, step_flops
+    from worldvla.model import ModelConfig, WorldVLA
+
+    with torch.device("meta"):
+        model = WorldVLA(ModelConfig.tiny())
+    cfg = model.config
+    V, H = cfg.vocab_size, cfg.hidden_size
+    layer_params = model.num_parameters() - 2 * V * H - H  # less the embedding, the lm_head and the final norm
+    attention = 4 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+    assert step_flops(model, 100, 7, 1000) == 6 * layer_params * 100 + 6 * V * H * 7 + 3 * attention * 1000
+    assert step_flops(model, 100, 100, 1000) - step_flops(model, 100, 7, 1000) == 6 * V * H * 93
+    assert "labelled_rows" in USEFUL_FLOPS and "visible_pairs" in USEFUL_FLOPS and "head_rows" in SIDE_FLOPS
+
+
+def test_serve_load_plots_its_phases(tmp_path):
+    from worldvla.benchmarks import serve_load
+
+    rows = [{"phase": "single-robot", "clients": 1, "p50_ms": 3.0, "p90_ms": 4.0, "p99_ms": 6.0, "inproc_p50_ms": 2.0},
+            {"phase": "load", "clients": 8, "p50_ms": 9.0, "p90_ms": 12.0, "p99_ms": None, "inproc_p50_ms": 2.0}]
+    serve_load.plot_latencies(rows, tmp_path / "s.png", "serve_load (test)")
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert serve_load.parse_args(["--quick"]).clients == 3 and serve_load.parse_args([]).clients == 8

@@ -1,11 +1,15 @@
-"""`worldvla bench [--quick] [NAMES]`: run benchmarks and write benchmarks/results/<name>-<device>.json + PNG."""
+"""`worldvla bench [--quick] [NAMES]`: run benchmarks and write benchmarks/results/<name>-<device>.json + PNG.
+
+A `--quick` run (small shapes, few repeats: a smoke run) writes `<name>-<device>-quick.json` in the same
+folder, so it never overwrites the full-size results. (The static `sass` report ignores `--quick`.)"""
 from __future__ import annotations
 
 import importlib
 import time
 
 BENCHMARKS = {
-    "attention": "chunk-masked attention vs SDPA (dense mask), FlexAttention, SDPA causal",
+    "attention": "chunk-masked attention vs SDPA (dense mask: whole batch, per document), FlexAttention, "
+                 "SDPA causal per document",
     "vq": "VQ nearest-code search vs torch.cdist + argmin",
     "cross_entropy": "fused linear cross-entropy vs the naive path (time, peak memory)",
     "sampling": "constrained sampling vs full-vocabulary softmax",
@@ -20,7 +24,8 @@ BENCHMARKS = {
 def add_arguments(p):
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="benchmarks to run (default: all): " + ", ".join(f"{k} ({v})" for k, v in BENCHMARKS.items()))
-    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (CPU smoke run)")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes and few repeats (CPU smoke run); writes <name>-<device>-quick.json")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results and plots")
 
