@@ -320,3 +320,34 @@ def test_fsdp_two_processes_match_single_process_and_resume(store_dir, tmp_path)
     assert st["step"] == 4 and len(opt.state) == len(list(model.parameters()))
     for k, v in model.state_dict().items():
         assert torch.equal(v, wd[k])
+
+
+def test_fine_tuning_a_release_layout_checkpoint(store_dir, tmp_path, monkeypatch):
+    """--init from a checkpoint in the release's head-norm layout ([1, head_dim] rows every head shares) trains
+    that one row (the release's parameterization) and exports the same layout; --release-loss-weights reaches
+    the loss's class weights."""
+    from worldvla import model as model_mod
+    from worldvla.model import ModelConfig
+
+    layout = TokenStore(store_dir).manifest["layout"]
+    from worldvla.tokens import VocabLayout
+
+    init = WorldVLA(ModelConfig.tiny(VocabLayout.from_dict(layout), model_parallel_size=1)).init_weights()
+    init.save_pretrained(tmp_path / "init")
+    asked = []
+    real = model_mod.loss_class_weights
+
+    def spy(layout, alpha=0.04, release=False):
+        asked.append(release)
+        return real(layout, alpha, release)
+
+    monkeypatch.setattr(model_mod, "loss_class_weights", spy)
+    out = tmp_path / "run"
+    assert trainer.run(args_for(store_dir, out, "--steps", 2, "--batch-tokens", 300, "--init", tmp_path / "init",
+                                "--release-loss-weights")) == 0
+    assert asked == [True]
+    w = final_weights(out)
+    row = w["model.layers.0.self_attn.q_norm.weight"]
+    assert row.shape == (1, 16) and not torch.equal(row, init.model.layers[0].self_attn.q_norm.weight.detach())
+    exported = out / "policy" / "model" if (out / "policy").exists() else out / "model"
+    assert WorldVLA.from_pretrained(exported).config.model_parallel_size == 1
