@@ -75,3 +75,15 @@ def test_demo_rejects_bad_settings(capsys):
     assert "unknown" in capsys.readouterr().err
     assert demo.main(["--fast", "--image-size", "48", "--out", "/nonexistent/x"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
+
+
+def test_only_this_runs_tasks_reach_training(tmp_path):
+    """A demo folder shared with an earlier run (--fast, other --tasks) may hold other tasks' files: the VQGAN
+    and the store read this run's tasks only."""
+    from worldvla.demo import DemoConfig, demo_files
+
+    cfg = DemoConfig(tasks=("drawer-open-v3", "window-open-v3"))
+    (tmp_path / "demos").mkdir()
+    (tmp_path / "demos" / "reach-v3.hdf5").write_bytes(b"")  # an earlier run's task
+    assert demo_files(cfg, tmp_path) == [tmp_path / "demos" / "drawer-open-v3.hdf5",
+                                         tmp_path / "demos" / "window-open-v3.hdf5"]

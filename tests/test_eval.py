@@ -326,3 +326,34 @@ def test_evaluate_refuses_no_tasks_and_no_envs(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(["eval", "--policy", str(tmp_path), "--tasks", "x", "--out", str(tmp_path), option, "0"])
         assert e.value.code == 2 and f"argument {option}: must be >= 1" in capsys.readouterr().err
+
+
+def test_random_baseline_is_seeded_per_task(tmp_path, monkeypatch):
+    """A task's random actions do not depend on which tasks ran before it (or were reloaded): each task's
+    random policy has its own seed, the same whatever the task order."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    real_closed_loop = mw.closed_loop
+    seen = {}
+
+    def spy(policy, task, *a, **k):
+        if isinstance(policy, mw.RandomPolicy):
+            seen.setdefault(tuple(order), {})[task] = (policy.seed, policy.rng.bit_generator.state["state"]["state"])
+        return real_closed_loop(policy, task, *a, **k)
+
+    monkeypatch.setattr(mw, "closed_loop", spy)
+    kw = dict(episodes=1, max_steps=3, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1)
+    for order in (["fake-a-v3", "fake-b-v3"], ["fake-b-v3", "fake-a-v3"]):
+        mw.evaluate([], tasks=order, out_dir=tmp_path / "-".join(order), **kw)
+    first, second = seen.values()
+    assert first == second and first["fake-a-v3"][0] != first["fake-b-v3"][0]
+
+
+def test_psnr_means_keep_identical_frames():
+    """An identical pair (infinite PSNR) counts at the cap instead of leaving the mean; missing entries are
+    left out."""
+    from worldvla.eval.metaworld import PSNR_CAP_DB, _mean_finite
+
+    assert _mean_finite([np.inf, 20.0]) == (PSNR_CAP_DB + 20.0) / 2
+    assert _mean_finite([None, 10.0]) == 10.0 and _mean_finite([]) is None

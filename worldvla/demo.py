@@ -164,6 +164,12 @@ def _cli_args(module, argv: list[str]) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------- stages
+def demo_files(cfg: DemoConfig, out: Path) -> list[Path]:
+    """The demo files of this run's tasks: a folder shared with an earlier run (`--fast`, other --tasks) may
+    hold other tasks' files, which must not reach the VQGAN or the model."""
+    return [out / "demos" / f"{task}.hdf5" for task in cfg.tasks]
+
+
 def stage_collect(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     from .data.collect import collect
 
@@ -182,7 +188,7 @@ def stage_train_vq(cfg: DemoConfig, out: Path, progress: bool, resume: bool) -> 
     run_dir = out / "vq"
     if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)
-    argv = [str(out / "demos"), "--out", str(run_dir), "--config", "small", "--steps", str(cfg.vq_steps),
+    argv = [*map(str, demo_files(cfg, out)), "--out", str(run_dir), "--config", "small", "--steps", str(cfg.vq_steps),
             "--batch-size", str(cfg.vq_batch), "--lr", str(cfg.vq_lr), "--min-lr", str(cfg.vq_lr / 10),
             "--warmup", str(max(1, min(100, cfg.vq_steps // 10))), "--seed", str(cfg.seed), "--device", "cpu",
             "--save-every", str(max(cfg.vq_steps // 3, 50)), "--keep-last", "1", "--resume", "--log-every", "10",
@@ -208,7 +214,7 @@ def stage_train_vq(cfg: DemoConfig, out: Path, progress: bool, resume: bool) -> 
 def stage_pretokenize(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     from .data.store import MANIFEST, build_store
 
-    store = build_store(out / "demos", out / "store", out / "vq" / "vqgan", chunk_size=cfg.chunk_size, history=2,
+    store = build_store(demo_files(cfg, out), out / "store", out / "vq" / "vqgan", chunk_size=cfg.chunk_size, history=2,
                         action=True, world=True, bounds="unit", overwrite=True, progress=progress)
     m = json.loads((store / MANIFEST).read_text())
     return {k: m[k] for k in ("n_samples", "n_action", "n_world", "n_tokens")}
@@ -256,7 +262,8 @@ def stage_evaluate(cfg: DemoConfig, out: Path, progress: bool) -> dict:
         names += ["action-only", "trained without chunk mask"]
     return evaluate(policies, list(cfg.tasks), cfg.eval_episodes, out / "eval", seed=cfg.seed,
                     max_steps=cfg.eval_max_steps, n_envs=cfg.eval_envs, random_baseline=True,
-                    wm_episodes=cfg.wm_episodes, wm_horizon=cfg.wm_horizon, progress=progress,
+                    # an action-only model never saw a world-model sample: no world-model scores for it
+                    wm_episodes=cfg.wm_episodes if cfg.world else 0, wm_horizon=cfg.wm_horizon, progress=progress,
                     variant_names=names, causal_variant=cfg.ablations, env_workers=cfg.workers)
 
 
