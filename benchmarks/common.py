@@ -382,14 +382,6 @@ def peak_memory_method(device="cpu") -> str | None:
     return PEAK_MEMORY_METHOD.get(device.type)
 
 
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"no {field} in /proc/self/status")
-
-
 def peak_memory(fn, device="cpu") -> int | None:
     """Peak memory `fn` adds over what was allocated before (`PEAK_MEMORY_METHOD`). On the CPU the
     resident set only grows when a page is first touched, and glibc keeps freed blocks (all of them
