@@ -232,8 +232,8 @@ class WorldVLAPolicy:
         limit = self.model.config.max_position_embeddings
         if n > limit:
             raise ValueError(f"the instruction is too long: a query with it needs {n} positions (instruction "
-                             f"{self._prefix(instruction).numel()} tokens, {self.history} frame(s) and a chunk of "
-                             f"{self.chunk_size} actions), more than the model's {limit}; shorten it")
+                             f"{self._prefix(instruction).numel()} tokens, {self.history} frame(s) and "
+                             f"{self._new_tokens()} generated tokens), more than the model's {limit}; shorten it")
 
     def _prefix(self, instruction: str) -> torch.Tensor:
         """BOS + the instruction's text: the prompt's constant prefix, cached per set of instructions."""
