@@ -1,15 +1,39 @@
+import importlib
+import importlib.metadata
 import os
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def _import_the_kernels_distribution():
+    """The repository's `kernels/` folder (installed as `worldvla.kernels`) is importable as a top-level
+    `kernels` while the repository root is on sys.path (`python -m pytest` puts the working directory
+    there), where it would shadow the `kernels` distribution that transformers imports (its hub kernels, a
+    dependency of transformers since 5.25): import that one first, with the root off the path."""
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    root = Path(__file__).resolve().parents[1]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != root]
+    try:
+        importlib.import_module("kernels")
+    finally:
+        sys.path[:] = saved
+
 
 # Triton reads TRITON_INTERPRET when a @triton.jit function is defined: set it
 # before any kernel module is imported, so that CPU-only machines run the kernels
 # in Triton's interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+_import_the_kernels_distribution()
 
 
 def pytest_sessionstart(session):

@@ -320,3 +320,18 @@ def test_attention_takes_one_dtype_under_autocast(monkeypatch):
     seen.clear()
     model(ids)  # without autocast: float32 throughout, as before
     assert all(s == (torch.float32,) * 3 for s in seen), seen
+
+
+def test_the_kernels_distribution_is_not_shadowed():
+    """transformers (5.25 and later) imports the `kernels` distribution; the repository's own `kernels/` folder,
+    importable from the repository root, must not stand in for it (conftest imports the distribution first)."""
+    import importlib.metadata
+    from pathlib import Path
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("no `kernels` distribution installed")
+    import kernels
+
+    assert Path(__file__).resolve().parents[1] not in Path(kernels.__file__).resolve().parents
