@@ -1,6 +1,6 @@
 """Training throughput: the package's path (packed documents, chunk-masked attention through
 worldvla.ops, fused linear cross-entropy on the labelled rows only, the mask metadata and the
-labelled rows found on the host beforehand, as `worldvla train` does) vs the reference-style path
+labelled rows found on the host inside the timed step, as `worldvla train` does) vs the reference-style path
 of the release (right-padded batch, dense mask, full-vocabulary fp32 logits at every position).
 
 Reports tokens/s (real tokens, padding excluded), peak memory and model FLOPs. Both sides' MFU
@@ -79,30 +79,31 @@ def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: boo
         tokens = sum(len(s[0]) for s in samples)
         ids_host, lab_host = torch.cat([s[0] for s in samples]), torch.cat([s[1] for s in samples])
         cu_host = torch.tensor([0] + [len(s[0]) for s in samples]).cumsum(0).to(torch.int32)
-        # Found on the host, untimed, as `worldvla train` does: the mask metadata, the labelled rows
-        # (only those reach the head) and the ids' range check.
-        LAYOUT.check_ids(ids_host)
-        meta_host = model.attention_meta(ids_host, cu_host)
         label_rows = (lab_host[1:] != -100).nonzero().squeeze(1)
-        pairs = visible_pairs(meta_host)
-        meta_p, rows_p = meta_host.to(device), label_rows.to(device)
-        ids_p, lab_p = ids_host.to(device), lab_host.to(device)
+        pairs = visible_pairs(model.attention_meta(ids_host, cu_host))
         Lmax = max(len(s[0]) for s in samples)
-        ids_b = torch.stack([F.pad(s[0], (0, Lmax - len(s[0])), value=0) for s in samples]).to(device)
-        lab_b = torch.stack([F.pad(s[1], (0, Lmax - len(s[1])), value=-100) for s in samples]).to(device)
+        ids_b = torch.stack([F.pad(s[0], (0, Lmax - len(s[0])), value=0) for s in samples])
+        lab_b = torch.stack([F.pad(s[1], (0, Lmax - len(s[1])), value=-100) for s in samples])
         cw = loss_class_weights(LAYOUT).to(device)
         amp = torch.autocast("cuda", torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
 
         def ours():
+            # A step as `worldvla train` runs it, its host work timed with it: the labelled rows (only those
+            # reach the head), the ids' range check and the mask metadata found on the host, then moved.
+            rows = (lab_host[1:] != -100).nonzero().squeeze(1)
+            LAYOUT.check_ids(ids_host)
+            meta = model.attention_meta(ids_host, cu_host).to(device)
+            ids, labels = ids_host.to(device), lab_host.to(device)
             with amp:
-                loss, _ = model.loss(ids_p, lab_p, meta_p, class_weight=cw, label_rows=rows_p, check_ids=False)
+                loss, _ = model.loss(ids, labels, meta, class_weight=cw, label_rows=rows, check_ids=False)
             loss.backward()
 
         def reference():
             model.attn_backend = "torch"
             with amp:
-                logits = model(ids_b)[:, :-1].reshape(-1, cfg.vocab_size)
-                y = lab_b[:, 1:].reshape(-1)
+                # the padded batch moved to the device in the step, as ours moves its packed one
+                logits = model(ids_b.to(device))[:, :-1].reshape(-1, cfg.vocab_size)
+                y = lab_b.to(device)[:, 1:].reshape(-1)
                 ce = F.cross_entropy(logits, y, weight=cw, ignore_index=-100)
                 lse = torch.logsumexp(logits[y != -100], -1)
                 loss = ce + 1e-5 * (lse ** 2).mean()
