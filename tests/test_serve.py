@@ -411,7 +411,7 @@ def test_one_robots_failure_does_not_fail_its_batch(np_rng):
 def test_same_episode_from_two_connections_while_resizing(np_rng):
     """The in-flight guard holds while a request's frame is being resized (an await): the second
     request for the episode is refused, not batched with the first."""
-    policy = HistoryPolicy(delay_s=0.2)
+    policy = HistoryPolicy(delay_s=0.6)  # the first request stays in flight well past the second's arrival
     with PolicyServer(policy, max_batch=4, max_wait_ms=300, request_timeout_s=20) as server:
         first, second = PolicyClient(server.url, timeout=20), PolicyClient(server.url, timeout=20)
         first.reset("hold still")

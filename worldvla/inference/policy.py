@@ -228,11 +228,12 @@ class WorldVLAPolicy:
     def check_instruction(self, instruction: str) -> None:
         """Raise ValueError if a query with `instruction` (its prompt with the full history and the chunk)
         would not fit the model's context (max_position_embeddings)."""
-        n = self._prompt_capacity(self._prefix(instruction).numel())
+        prefix = self._prefix(instruction).numel()
+        n = self._prompt_capacity(prefix)
         limit = self.model.config.max_position_embeddings
         if n > limit:
             raise ValueError(f"the instruction is too long: a query with it needs {n} positions (instruction "
-                             f"{self._prefix(instruction).numel()} tokens, {self.history} frame(s) and "
+                             f"{prefix} tokens, {self.history} frame(s) and "
                              f"{self._new_tokens()} generated tokens), more than the model's {limit}; shorten it")
 
     def _prefix(self, instruction: str) -> torch.Tensor:
