@@ -101,7 +101,7 @@ def count_passes(model):
         from worldvla.ops import native_backend
     except ImportError:
         native_backend = None
-    frame_loop = getattr(native_backend, "decode_frame_greedy", None)
+    frame_loop = getattr(native_backend, "decode_frame", None)
 
     def counted_forward(*args, **kwargs):
         n[0] += 1
@@ -111,21 +111,21 @@ def count_passes(model):
         n[0] += 1
         return run_step(plan)
 
-    def counted_frame(one, two, weight, lo, hi, codes, next_pos, h, w, newline):
-        n[0] += h * w - 1
-        return frame_loop(one, two, weight, lo, hi, codes, next_pos, h, w, newline)
+    def counted_frame(one, two, weight, lo, hi, codes, next_pos, h, w, newline, first=1, last=None, **kw):
+        n[0] += (h * w if last is None else last) - first
+        return frame_loop(one, two, weight, lo, hi, codes, next_pos, h, w, newline, first, last, **kw)
 
     model.hidden_states = counted_forward
     DecodeStepPlan.__call__ = counted
     if frame_loop is not None:
-        native_backend.decode_frame_greedy = counted_frame
+        native_backend.decode_frame = counted_frame
     try:
         yield n
     finally:
         del model.hidden_states
         DecodeStepPlan.__call__ = run_step
         if frame_loop is not None:
-            native_backend.decode_frame_greedy = frame_loop
+            native_backend.decode_frame = frame_loop
 
 
 def no_stop(layout: VocabLayout):
@@ -686,6 +686,53 @@ def compare_bf16_weights(quick: bool = False, out_dir="benchmarks/results", grid
                          plot=("case", "speedup_vs_float32", "impl"), quick=quick)
 
 
+def compare_sampled_frames(quick: bool = False, out_dir="benchmarks/results", grid: int | None = None,
+                           repeats: int | None = None):
+    """CPU: a world-model frame of the small config drawn (top-k 100 at temperature 1; temperature 1 over
+    every code) and greedy, its loop in native calls (one a frame when greedy, one an image row when
+    drawn) or in Python (`inference.frames.NATIVE_FRAME_LOOP`), on one engine, the two sides called in
+    turn, medians after two warm-up calls each. Every call draws from a generator seeded alike, so the
+    two sides' codes must be equal."""
+    from worldvla.inference import frames
+
+    grid = grid or (4 if quick else 16)
+    n = repeats or (3 if quick else 7)
+    gen = torch.Generator().manual_seed(0)
+    model = build_model("small", torch.device("cpu"), torch.float32)
+    builder = SequenceBuilder(LAYOUT, RandomText(gen=gen), ActionTokenizer(LAYOUT))
+    codes = torch.randint(0, LAYOUT.n_image_codes, (1, grid, grid), generator=gen)
+    action = np.random.default_rng(0).uniform(-0.3, 0.3, (1, ACTION_DIM))
+    engine = InferenceEngine(model, 1, builder.world_prompt(codes[0], action[0]).numel() + 3 + grid * (grid + 1),
+                             layout=LAYOUT)
+    cases = {"greedy": {}, "top-k 100 T1": dict(temperature=1.0, top_k=100), "T1 all codes": dict(temperature=1.0)}
+    sides = {"native-frame-loop": True, "python-loop": False}
+    saved, rows = frames.NATIVE_FRAME_LOOP, []
+
+    def call(loop, kw):
+        frames.NATIVE_FRAME_LOOP = loop
+        return generate_frame_codes(model, codes, action, builder, engine=engine,
+                                    generator=torch.Generator().manual_seed(1), **kw)
+
+    try:
+        with torch.no_grad():
+            for case, kw in cases.items():
+                out = {side: [call(loop, kw) for _ in range(2)][-1] for side, loop in sides.items()}  # warm-up
+                med = _interleaved({side: (lambda loop=loop, kw=kw: call(loop, kw)) for side, loop in sides.items()}, n)
+                for side in sides:
+                    rows.append({"case": f"small frame {case} {grid * 16}px", "impl": side, "median_ms": med[side],
+                                 "repeats": n, "speedup_vs_python_loop": med["python-loop"] / med[side],
+                                 "tokens_equal": bool(torch.equal(out[side], out["python-loop"]))})
+    finally:
+        frames.NATIVE_FRAME_LOOP = saved
+    print_table(rows, ["case", "impl", "median_ms", "speedup_vs_python_loop", "tokens_equal"])
+    extra = {"threads": torch.get_num_threads(), "quick": quick, "grid": grid,
+             "method": "one process, one model and engine; the frame's loop in native calls or in Python, called "
+                       "in turn (A, B, A, B, ...) after two warm-up calls each, medians; each call's generator "
+                       "seeded alike (the Gumbel-max draw, its noise drawn an image row at a time)"}
+    return write_results("e2e_sampled_frames", rows, "cpu", out_dir, extra=extra,
+                         plot=("case", "speedup_vs_python_loop", "impl"), quick=quick)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
@@ -711,6 +758,9 @@ def main(argv=None):
     p.add_argument("--bf16-model", action="store_true",
                    help="CPU only: instead, the same calls on a bfloat16 model with its decode steps through its "
                         "modules or the native step, and on the same values as a float32 model")
+    p.add_argument("--sampled-frames", action="store_true",
+                   help="CPU only: instead, a frame drawn (top-k 100; temperature 1 over every code) and greedy, its "
+                        "loop in native calls or in Python, interleaved; the codes must be equal")
     p.add_argument("--bf16-steps", metavar="CONFIG", choices=("chameleon_7b", "small"),
                    help="CPU only: instead, single decode steps (1, 2, 5 rows) of CONFIG in bfloat16 after a prefill, "
                         "on the native step and on the modules (chameleon_7b: about 15 GB of memory, minutes)")
@@ -723,7 +773,8 @@ def main(argv=None):
         print(compare_bf16_steps(a.bf16_steps, a.quick, a.out, grid=a.grid))
         return
     for flag, compare in (("malloc", compare_malloc), ("decode_paths", compare_decode_paths),
-                          ("bf16_weights", compare_bf16_weights), ("bf16_model", compare_bf16_model)):
+                          ("bf16_weights", compare_bf16_weights), ("bf16_model", compare_bf16_model),
+                          ("sampled_frames", compare_sampled_frames)):
         if getattr(a, flag):  # CPU comparisons instead of the latency table
             if a.device not in (None, "cpu"):
                 p.error(f"--{flag.replace('_', '-')} compares CPU settings; leave --device unset or cpu")

@@ -207,6 +207,24 @@ void range_argmax_screened(int64_t hidden, int64_t h_s, int64_t w32, int64_t w_s
                             ptr<const float>(colmax), N, H, R, max_candidates, ptr<int64_t>(ids));
 }
 
+void range_sample(int64_t hidden, int64_t h_s, int64_t weight, int64_t w_s, int dtype, int64_t N, int64_t H,
+                  int64_t lo, int64_t hi, int64_t z, int64_t top_k, int64_t ids) {
+  if (hi <= lo) throw std::invalid_argument("range_sample: empty vocabulary range");
+  py::gil_scoped_release nogil;
+  range_sample_cpu(ptr<const float>(hidden), h_s, ptr<const void>(weight), w_s, dtype, N, H, lo, hi,
+                   ptr<const float>(z), top_k, ptr<int64_t>(ids));
+}
+
+void range_sample_screened(int64_t hidden, int64_t h_s, int64_t w32, int64_t w_s, int64_t w16, int64_t colmax,
+                           int64_t N, int64_t H, int64_t R, int64_t max_candidates, int64_t z, int64_t top_k,
+                           int64_t ids) {
+  if (R <= 0) throw std::invalid_argument("range_sample: empty vocabulary range");
+  py::gil_scoped_release nogil;
+  range_sample_screened_cpu(ptr<const float>(hidden), h_s, ptr<const float>(w32), w_s, ptr<const uint16_t>(w16),
+                            ptr<const float>(colmax), N, H, R, max_candidates, ptr<const float>(z), top_k,
+                            ptr<int64_t>(ids));
+}
+
 void range_logits(int device, int64_t stream, int dtype, int64_t hidden, int64_t h_s, int64_t weight, int64_t w_s,
                   int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t logits) {
   if (hi <= lo) throw std::invalid_argument("range_logits: empty vocabulary range");
@@ -354,10 +372,11 @@ class DecodeStep {
   DecodeStepParams p_;
 };
 
-void decode_frame_greedy(const DecodeStep& one, const DecodeStep& two, int64_t rows, int64_t h, int64_t w,
-                         int64_t newline, int64_t codes, int64_t next_pos, int64_t weight, int64_t w_s, int w_dtype,
-                         int64_t H, int64_t lo, int64_t hi, int64_t screen, int64_t colmax, int64_t max_candidates) {
-  if (hi <= lo) throw std::invalid_argument("decode_frame_greedy: empty vocabulary range");
+void decode_frame(const DecodeStep& one, const DecodeStep& two, int64_t rows, int64_t h, int64_t w, int64_t newline,
+                  int64_t codes, int64_t next_pos, int64_t weight, int64_t w_s, int w_dtype, int64_t H, int64_t lo,
+                  int64_t hi, int64_t screen, int64_t colmax, int64_t max_candidates, int64_t first, int64_t last,
+                  int64_t noise, int64_t top_k) {
+  if (hi <= lo) throw std::invalid_argument("decode_frame: empty vocabulary range");
   FrameDecodeParams f;
   f.rows = rows;
   f.h = h;
@@ -374,12 +393,14 @@ void decode_frame_greedy(const DecodeStep& one, const DecodeStep& two, int64_t r
   f.head.screen = ptr<const uint16_t>(screen);
   f.head.colmax = ptr<const float>(colmax);
   f.head.max_candidates = max_candidates;
+  f.noise = ptr<const float>(noise);
+  f.top_k = top_k;
   // A code at a time, the GIL released for each, so that Ctrl-C stops a long frame (a 7B model's takes
   // minutes on a CPU) between two steps; a step costs hundreds of microseconds, the GIL about one.
-  for (int64_t i = 1; i < h * w; ++i) {
+  for (int64_t i = first; i < last; ++i) {
     {
       py::gil_scoped_release nogil;
-      decode_frame_greedy_cpu(one.params(), two.params(), f, i, i + 1);
+      decode_frame_cpu(one.params(), two.params(), f, i, i + 1);
     }
     if (PyErr_CheckSignals() != 0) throw py::error_already_set();
   }
@@ -433,14 +454,20 @@ PYBIND11_MODULE(_C, m) {
                     int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, Strides, Strides, int64_t,
                     double, bool, int>())
       .def("run", &DecodeStep::run, "Run the step on the buffers' current contents.");
-  m.def("decode_frame_greedy", &decode_frame_greedy,
-        "A world-model frame's greedy codes in one call on the CPU: a one-row and a two-row DecodeStep (the "
-        "engine's, on its buffers), codes [rows, h*w] (column 0 given), next positions [rows], the lm_head "
-        "range's pointers (and its bfloat16 screen for float32 weights, or 0).");
+  m.def("decode_frame", &decode_frame,
+        "A world-model frame's codes [first, last) in one call on the CPU: a one-row and a two-row DecodeStep "
+        "(the engine's, on its buffers), codes [rows, h*w] (column 0 given), next positions [rows], the lm_head "
+        "range's pointers (and its bfloat16 screen for greedy float32 choices, or 0); greedy without noise, else "
+        "sample_logits' draw with the image row's scaled Gumbel noise [w, rows, hi - lo] and top_k (0: all).");
   m.def("range_argmax", &range_argmax, "Greedy token over the vocabulary range [lo, hi) (int64 out).");
   m.def("range_argmax_screened", &range_argmax_screened,
         "range_argmax on the CPU screened with bfloat16 copies of the range's rows (bitwise its ids).");
   m.def("range_logits", &range_logits, "float32 logits [N, hi - lo] of the vocabulary range [lo, hi).");
+  m.def("range_sample", &range_sample,
+        "The top-k / temperature draw over [lo, hi) on the CPU given its scaled Gumbel noise [N, hi - lo] "
+        "(sample_logits' float32 operations on range_logits' logits; int64 ids out).");
+  m.def("range_sample_screened", &range_sample_screened,
+        "range_sample over rows [0, R) screened with bfloat16 copies of the rows (bitwise its ids).");
 #ifdef WORLDVLA_WITH_CUDA
   m.def("cuda_prefill_engine", &cuda_prefill_engine,
         "The CUDA prefill attention's matrix engine: 'auto' (mma.sync on every GPU until the wgmma engines have "

@@ -144,21 +144,27 @@ struct GreedyRange {
   const uint16_t* screen = nullptr;
   const float* colmax = nullptr;
 };
-// A world-model frame's greedy decode in one call (csrc/cpu/decoder.cpp): for each of rows sequences,
-// codes[r, 0] given, every next code chosen by `head` from the hidden state of the token fed before it,
-// a row's last code fed together with `newline` (the two-row step `two`, else `one`), positions from
-// next_pos[r] on (advanced). The steps' ids, positions and q_pos buffers (their bound addresses) are
-// written as the engine's Python loop writes them, so the codes are that loop's.
+// A world-model frame's decode in one call (csrc/cpu/decoder.cpp): for each of rows sequences, codes[r, 0]
+// given, every next code chosen by `head` from the hidden state of the token fed before it, a row's last
+// code fed together with `newline` (the two-row step `two`, else `one`), positions from next_pos[r] on
+// (advanced). The steps' ids, positions and q_pos buffers (their bound addresses) are written as the
+// engine's Python loop writes them, so the codes are that loop's.
+// Greedy without `noise`. With it, a top-k / temperature draw as worldvla.ops.sampling.sample_logits
+// makes it from the range's float32 logits l (range_logits_cpu): argmax of l + z over the top_k largest
+// l (every l when top_k is 0), the first maximum winning, z the temperature-scaled Gumbel noise of the
+// code: noise + ((i % w) * rows + r) * (hi - lo) for code i of sequence r (one image row's noise).
 struct FrameDecodeParams {
   int64_t rows = 0, h = 0, w = 0, newline = 0;
   int64_t* codes = nullptr;     // [rows, h * w] vocabulary ids
   int64_t* next_pos = nullptr;  // [rows]
   GreedyRange head;
+  const float* noise = nullptr;  // [w, rows, hi - lo] float32, or null: greedy
+  int64_t top_k = 0;
 };
 // Codes [first, last) of the frame (1 <= first; the caller walks 1 .. h*w, e.g. one at a time to stay
-// interruptible).
-void decode_frame_greedy_cpu(const DecodeStepParams& one, const DecodeStepParams& two, const FrameDecodeParams& f,
-                             int64_t first, int64_t last);
+// interruptible; with noise, within one image row).
+void decode_frame_cpu(const DecodeStepParams& one, const DecodeStepParams& two, const FrameDecodeParams& f,
+                      int64_t first, int64_t last);
 // The layer's stages between its projections (prefills run torch's GEMM for those; csrc/cpu/decoder.cpp).
 // q [R, H, Dh], k, v [R, Hkv, Dh] (R = batch * n_q rows): q and k normed and rotated in place, k and v
 // written into the cache at p.pos, the attention of q written to o [R, H, Dh]; p's projection weights unused.
@@ -196,6 +202,17 @@ void range_argmax_cpu(const float* hidden, int64_t h_s, const void* weight, int6
 void range_argmax_screened_cpu(const float* hidden, int64_t h_s, const float* w32, int64_t w_s, const uint16_t* w16,
                                const float* colmax, int64_t N, int64_t H, int64_t R, int64_t max_candidates,
                                int64_t* ids);
+// The top-k / temperature draw of worldvla.ops.sampling.sample_logits given its scaled Gumbel noise z
+// [N, hi - lo] (temperature x G): ids[n] = lo + the first v maximizing l_v + z_v among the top_k largest
+// float32 logits l (range_logits_cpu's; all of them when top_k <= 0), bit for bit torch's float32
+// operations there.
+void range_sample_cpu(const float* hidden, int64_t h_s, const void* weight, int64_t w_s, int w_dtype, int64_t N,
+                      int64_t H, int64_t lo, int64_t hi, const float* z, int64_t top_k, int64_t* ids);
+// The same draw over rows [0, R) of w32 (ids in [0, R)), screened as range_argmax_screened_cpu: bitwise
+// range_sample_cpu's ids (csrc/cpu/sampling.cpp says why).
+void range_sample_screened_cpu(const float* hidden, int64_t h_s, const float* w32, int64_t w_s, const uint16_t* w16,
+                               const float* colmax, int64_t N, int64_t H, int64_t R, int64_t max_candidates,
+                               const float* z, int64_t top_k, int64_t* ids);
 
 #ifdef WORLDVLA_WITH_CUDA
 // ---- CUDA launchers (csrc/cuda/*.cu); `stream` is a cudaStream_t ----

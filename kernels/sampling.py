@@ -3,8 +3,8 @@
 Greedy: a fused matvec + argmax. Each program computes the logits of a tile of the range
 for a tile of rows (fp32 accumulation) and keeps only their (max, first argmax); a tiny
 torch reduction over the tiles picks the winner (ties go to the lowest id, as torch.argmax).
-Sampling: the same kernel writes the range's fp32 logits, then temperature, top-k, softmax
-and the multinomial draw are torch's (as in the reference).
+Sampling: the same kernel writes the range's fp32 logits, then top-k and the Gumbel-max draw
+are torch's (`worldvla.ops.sampling.sample_logits`, as in the reference).
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _check(hidden, weight, lo, hi):
     return hidden, weight
 
 
-def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
+def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None, gumbel=None):
     """Same contract as worldvla.ops.constrained_sample: token ids [N] in [lo, hi)."""
     hidden, weight = _check(hidden, weight, lo, hi)
     if hidden.shape[0] == 0:
@@ -102,4 +102,4 @@ def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, gene
         return targ.gather(1, best_tile).squeeze(1).long() + lo
     from worldvla.ops.sampling import sample_logits  # here, not at import: worldvla.ops loads this module
 
-    return sample_logits(_launch(hidden, weight, lo, hi, True), temperature, top_k, generator) + lo
+    return sample_logits(_launch(hidden, weight, lo, hi, True), temperature, top_k, generator, gumbel) + lo

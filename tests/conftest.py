@@ -185,9 +185,9 @@ def no_host_reads():
 @pytest.fixture
 def native_step_runs(monkeypatch):
     """A list that gains an entry each time a native decode step (`worldvla._C.DecodeStep`, the CPU
-    engine's one-call step) runs during the test, alone or in a frame's native loop (h*w - 1 steps)."""
+    engine's one-call step) runs during the test, alone or in a frame's native loop (a step a code)."""
     nb = pytest.importorskip("worldvla.ops.native_backend")
-    runs, real, frame_loop = [], nb._C.DecodeStep, nb._C.decode_frame_greedy
+    runs, real, frame_loop = [], nb._C.DecodeStep, nb._C.decode_frame
 
     class Counted:
         def __init__(self, *args):
@@ -197,10 +197,10 @@ def native_step_runs(monkeypatch):
             runs.append(1)
             self.step.run()
 
-    def counted_frame(one, two, rows, h, w, *rest):
-        runs.extend([1] * (h * w - 1))
+    def counted_frame(one, two, rows, h, w, *rest):  # rest[-4:-2]: the call's codes [first, last)
+        runs.extend([1] * (rest[-3] - rest[-4]))
         return frame_loop(one.step, two.step, rows, h, w, *rest)
 
     monkeypatch.setattr(nb._C, "DecodeStep", Counted)
-    monkeypatch.setattr(nb._C, "decode_frame_greedy", counted_frame)
+    monkeypatch.setattr(nb._C, "decode_frame", counted_frame)
     return runs

@@ -76,7 +76,7 @@ def test_decode_paths_comparison_keeps_the_tokens(tmp_path, monkeypatch, native_
 
     from worldvla.inference import frames
 
-    calls = {"linear": 0, "decoder_layer": 0, "decoder_attention_block": 0, "decode_frame_greedy": 0}
+    calls = {"linear": 0, "decoder_layer": 0, "decoder_attention_block": 0, "decode_frame": 0}
     for name in calls:
         def spy(*a, name=name, f=getattr(nb._C, name)):
             calls[name] += 1
@@ -144,3 +144,20 @@ def test_bf16_steps_comparison(tmp_path, monkeypatch, capsys):
     assert [r["impl"] for r in doc["rows"]] == ["native-step", "modules"] * 3
     assert all(0 < r["relative_difference"] < 0.05 for r in doc["rows"])
     assert doc["prefill_s"] > 0 and "prefill" in capsys.readouterr().out
+
+
+def test_sampled_frames_comparison(tmp_path, monkeypatch):
+    """`e2e --sampled-frames`: each case's frame with its loop in native calls (really taken: one call a
+    greedy frame, one an image row when drawn) and in Python, the same codes, the switch as it was."""
+    nb = pytest.importorskip("worldvla.ops.native_backend")
+    from worldvla.inference import frames
+    from worldvla.ops import decoder, dispatch
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    monkeypatch.setattr(decoder, "NATIVE_STEP", True)
+    calls, real = [], nb._C.decode_frame
+    monkeypatch.setattr(nb._C, "decode_frame", lambda *a: calls.append(a[-2] != 0) or real(*a))  # noise given
+    doc = json.loads(e2e.compare_sampled_frames(quick=True, out_dir=tmp_path, grid=4, repeats=1).read_text())
+    assert frames.NATIVE_FRAME_LOOP is True
+    assert calls.count(False) == 3 and calls.count(True) == 2 * 3 * 4  # greedy: 3 frames; drawn: 2 cases x 3 x 4 rows
+    assert len(doc["rows"]) == 6 and all(r["tokens_equal"] for r in doc["rows"])

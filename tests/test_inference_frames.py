@@ -168,11 +168,15 @@ def test_frames_cuda_graphs_match_eager(cfg_scale):
     _check_greedy(model.cpu(), b, codes, actions, outs[0].cpu(), cfg_scale=cfg_scale)
 
 
-@pytest.mark.parametrize("dtype,n_codes", [(torch.float32, 64), (torch.float32, 2304), (torch.bfloat16, 64)],
-                         ids=["float32", "float32-screened", "bfloat16"])
-def test_native_frame_loop_is_the_python_loop(rng, monkeypatch, dtype, n_codes):
-    """On the CPU a greedy frame on native steps runs its loop in one native call: the codes of the
-    Python loop, over two sequences, a grid of 4 rows of 6 codes, twice on one engine (a rollout), float32 (plain and screened greedy choices) and bfloat16 models."""
+@pytest.mark.parametrize("dtype,n_codes,sampling", [
+    (torch.float32, 64, None), (torch.float32, 2304, None), (torch.bfloat16, 64, None),
+    (torch.float32, 64, (1.3, None)), (torch.float32, 2304, (0.8, 5)), (torch.bfloat16, 64, (1.0, 3))],
+    ids=["float32", "float32-screened", "bfloat16", "float32-sampled", "float32-top-k", "bfloat16-top-k"])
+def test_native_frame_loop_is_the_python_loop(rng, monkeypatch, dtype, n_codes, sampling):
+    """On the CPU a frame on native steps runs its loop in native calls (one for a greedy frame, one an
+    image row for a sampled one): the codes of the Python loop, over two sequences, a grid of 4 rows of 6
+    codes, twice on one engine (a rollout), float32 (plain and screened greedy choices) and bfloat16
+    models, greedy and sampled (with and without top-k) from the same generator state."""
     nb = pytest.importorskip("worldvla.ops.native_backend")
     from worldvla.inference import frames
     from worldvla.ops import decoder, dispatch
@@ -180,21 +184,28 @@ def test_native_frame_loop_is_the_python_loop(rng, monkeypatch, dtype, n_codes):
     monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
     monkeypatch.setitem(dispatch.AUTO_ORDER, ("constrained_sample", "cpu"), ("native", "torch"))
     monkeypatch.setattr(decoder, "NATIVE_STEP", True)
-    calls, real = [], nb._C.decode_frame_greedy
-    monkeypatch.setattr(nb._C, "decode_frame_greedy", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], nb._C.decode_frame
+    monkeypatch.setattr(nb._C, "decode_frame", lambda *a: calls.append(1) or real(*a))
     lay = VocabLayout.compact(n_image_codes=n_codes)
     model, b = _model(1, lay).to(dtype), _builder(lay)
     codes = torch.randint(0, n_codes, (2, 4, 6), generator=rng)
     actions = torch.rand(2, 4, generator=rng).numpy() * 2 - 1
+    temperature, top_k = sampling or (0.0, None)
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
     got = {}
     for native in (True, False):
         monkeypatch.setattr(frames, "NATIVE_FRAME_LOOP", native)
         engine = InferenceEngine(model, 2, b.world_prompt(codes[0], actions[0]).numel() + 3 + 4 * 7, layout=lay)
-        first = generate_frame_codes(model, codes, actions, b, engine=engine)
-        got[native] = (first, generate_frame_codes(model, first, actions, b, engine=engine))
-        assert len(calls) == 2  # the native loop's two frames; the Python loop's add none
+        gen = torch.Generator().manual_seed(seed)
+        kw = dict(engine=engine, temperature=temperature, top_k=top_k, generator=gen)
+        first = generate_frame_codes(model, codes, actions, b, **kw)
+        got[native] = (first, generate_frame_codes(model, first, actions, b, **kw))
+        assert len(calls) == (8 if sampling else 2)  # the native loop's calls; the Python loop's add none
     assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
     assert len(set(got[True][0].flatten().tolist())) > 3  # not a constant output
+    if sampling:  # a draw, not the greedy codes
+        monkeypatch.setattr(frames, "NATIVE_FRAME_LOOP", True)
+        assert not torch.equal(got[True][0], generate_frame_codes(model, codes, actions, b))
 
 
 def test_native_frame_loop_stops_on_a_signal(rng, monkeypatch):
@@ -208,7 +219,7 @@ def test_native_frame_loop_stops_on_a_signal(rng, monkeypatch):
     monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
     monkeypatch.setitem(dispatch.AUTO_ORDER, ("constrained_sample", "cpu"), ("native", "torch"))
     monkeypatch.setattr(decoder, "NATIVE_STEP", True)
-    seen, real = [], nb.decode_frame_greedy
+    seen, real = [], nb.decode_frame
 
     class Stop(Exception):
         pass
@@ -216,13 +227,13 @@ def test_native_frame_loop_stops_on_a_signal(rng, monkeypatch):
     def handler(signum, frame):
         raise Stop()
 
-    def armed(one, two, weight, lo, hi, codes, *rest):
+    def armed(one, two, weight, lo, hi, codes, *rest, **kw):
         codes[:, 1:] = -1
         seen.append(codes)
         signal.setitimer(signal.ITIMER_REAL, 0.005)  # some steps into the frame
-        return real(one, two, weight, lo, hi, codes, *rest)
+        return real(one, two, weight, lo, hi, codes, *rest, **kw)
 
-    monkeypatch.setattr(nb, "decode_frame_greedy", armed)
+    monkeypatch.setattr(nb, "decode_frame", armed)
     old = signal.signal(signal.SIGALRM, handler)
     try:
         g = torch.Generator().manual_seed(2)  # steps of a fraction of a millisecond: 399 outlast the timer

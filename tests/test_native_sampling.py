@@ -12,6 +12,7 @@ _C = pytest.importorskip("worldvla._C")
 from worldvla import VocabLayout  # noqa: E402
 from worldvla.ops import constrained_sample, constrained_sample_ref  # noqa: E402
 from worldvla.ops import native_backend as nb  # noqa: E402
+from worldvla.ops.sampling import draw_gumbel, sample_logits  # noqa: E402
 
 LAYOUT = VocabLayout.compact()
 
@@ -84,6 +85,65 @@ def test_screened_greedy_is_the_float32_choice(rng, monkeypatch, max_candidates)
         assert torch.equal(nb.range_argmax_op(h, weight, lo, hi), _unscreened(h, weight, lo, hi))
 
 
+def _reference_draw(hidden, weight, lo, hi, temperature, top_k, gumbel):
+    """The reference draw on the float32 kernel's unscreened logits of the range."""
+    return sample_logits(nb._range_logits_impl(hidden, weight, lo, hi), temperature, top_k, gumbel=gumbel) + lo
+
+
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [None, 1, 5, 300])
+def test_native_draw_is_the_reference_draw(rng, dtype, top_k):
+    """A draw on the CPU is one native call: given the same noise, the reference's ids on the same
+    float32 logits (bfloat16 weights widened exactly), with and without top-k (300 >= the 256 bins);
+    from a generator, the reference's draw of its noise."""
+    lo, hi = LAYOUT.bin_range
+    hidden = torch.randn(9, 80, generator=rng).to(dtype)
+    weight = (torch.randn(LAYOUT.vocab_size, 80, generator=rng) * 0.1).to(dtype)
+    for T in (0.05, 1.0, 3.0):
+        g = draw_gumbel((9, hi - lo), rng)
+        got = constrained_sample(hidden, weight, lo, hi, T, top_k, gumbel=g, backend="native")
+        assert torch.equal(got, _reference_draw(hidden, weight, lo, hi, T, top_k, g)), T
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    got = constrained_sample(hidden, weight, lo, hi, 1.0, top_k, torch.Generator().manual_seed(seed), backend="native")
+    g = draw_gumbel((9, hi - lo), torch.Generator().manual_seed(seed))
+    assert torch.equal(got, _reference_draw(hidden, weight, lo, hi, 1.0, top_k, g))
+
+
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("max_candidates", [64, 1, 0])
+@pytest.mark.parametrize("top_k", [None, 5, 100])
+def test_screened_draw_is_the_float32_draw(rng, monkeypatch, max_candidates, top_k):
+    """A draw over a frame-sized range is screened with bfloat16 copies of its rows: bitwise the ids of
+    the draw on the float32 kernel's logits, for exact ties and near ties a few ulps apart under
+    vanishing noise (the first maximum wins), logits that bfloat16 rounding reorders, temperatures from
+    0.001 to 2, and rows whose candidates overflow (the whole range in float32)."""
+    monkeypatch.setattr(nb, "SCREEN_MAX_CANDIDATES", max_candidates)
+    V, H, lo, hi = 9000, 72, 500, 500 + 8192
+    hidden = torch.randn(7, H, generator=rng)
+    weight = torch.randn(V, H, generator=rng) * 0.05
+    top = lo + 4000
+    weight[top] = hidden[0] * 0.2
+    weight[top + 7] = weight[top]                                   # an exact tie
+    weight[top + 9] = weight[top] * (1 + 2 ** -22)                  # a few ulps above
+    weight[lo + 10] = hidden[1] * 0.2
+    weight[lo + 11] = weight[lo + 10] + 1e-7 * torch.randn(H, generator=rng)  # apart below bfloat16's resolution
+    weight[lo + 12] = hidden[2] * 0.2 + 2 ** -12                    # rounds to the same bfloat16s as ...
+    weight[lo + 13] = hidden[2] * 0.2 - 2 ** -12                    # ... this one
+    for T in (0.001, 0.05, 0.5, 2.0):
+        g = draw_gumbel((7, hi - lo), rng)
+        for noise in (g, torch.zeros_like(g)):  # zero noise: the ties decide
+            got = constrained_sample(hidden, weight, lo, hi, T, top_k, gumbel=noise, backend="native")
+            assert torch.equal(got, _reference_draw(hidden, weight, lo, hi, T, top_k, noise)), (T, noise.any())
+    zero = constrained_sample(hidden, weight, lo, hi, 1.0, top_k, gumbel=torch.zeros(7, hi - lo), backend="native")
+    assert int(zero[0]) == top + 9 and int(zero[1]) in (lo + 10, lo + 11)
+    for _ in range(10):  # fresh rows
+        h = torch.randn(3, H, generator=rng)
+        g = draw_gumbel((3, hi - lo), rng)
+        got = constrained_sample(h, weight, lo, hi, 0.7, top_k, gumbel=g, backend="native")
+        assert torch.equal(got, _reference_draw(h, weight, lo, hi, 0.7, top_k, g))
+
+
 def test_screened_tables_follow_the_weight(rng):
     """The bfloat16 tables are made again after an in-place update (as load_state_dict does)."""
     weight = torch.randn(4096, 40, generator=rng)
@@ -95,27 +155,32 @@ def test_screened_tables_follow_the_weight(rng):
     assert torch.equal(after, _unscreened(hidden, weight, 0, 4096)) and not torch.equal(after, before)
 
 
-def test_auto_screens_frame_sized_greedy_ranges(rng, monkeypatch):
-    """`auto` sends greedy choices over ranges of SCREEN_MIN_ROWS codes or more on the CPU to the native
-    (screened) sampler whatever the op's order, and a bfloat16 model's greedy choices over any range;
-    smaller float32 ranges, sampling and other dtypes keep the order."""
+def test_auto_screens_frame_sized_ranges(rng, monkeypatch):
+    """`auto` sends greedy choices and draws over ranges of SCREEN_MIN_ROWS codes or more on the CPU to
+    the native (screened) sampler whatever the op's order, and a bfloat16 model's over any range; smaller
+    float32 ranges and other dtypes keep the order."""
     from worldvla.ops import dispatch
     from worldvla.ops import sampling
 
     monkeypatch.setitem(dispatch.AUTO_ORDER, ("constrained_sample", "cpu"), ("torch",))
     taken = []
     monkeypatch.setattr(nb, "_range_argmax_impl", lambda *a, f=nb._range_argmax_impl: taken.append(a[3] - a[2]) or f(*a))
+    monkeypatch.setattr(nb, "_range_sample_cpu", lambda *a, f=nb._range_sample_cpu: taken.append(-(a[3] - a[2])) or f(*a))
     hidden = torch.randn(2, 40, generator=rng)
     weight = torch.randn(5000, 40, generator=rng)
     big = sampling.SCREEN_MIN_ROWS
     assert torch.equal(constrained_sample(hidden, weight, 100, 100 + big), _unscreened(hidden, weight, 100, 100 + big))
     constrained_sample(hidden, weight, 100, 100 + big - 1)
-    constrained_sample(hidden, weight, 100, 100 + big, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    constrained_sample(hidden, weight, 100, 100 + big - 1, temperature=1.0)
     constrained_sample(hidden.double(), weight.double(), 100, 100 + big)
-    constrained_sample(hidden.bfloat16(), weight.bfloat16(), 100, 100 + big, temperature=1.0)
+    constrained_sample(hidden.double(), weight.double(), 100, 100 + big, temperature=1.0)
     assert taken == [big]
+    g = draw_gumbel((2, big), rng)
+    drawn = constrained_sample(hidden, weight, 100, 100 + big, temperature=1.0, gumbel=g)
+    assert taken == [big, -big] and torch.equal(drawn, _reference_draw(hidden, weight, 100, 100 + big, 1.0, None, g))
     ids = constrained_sample(hidden.bfloat16(), weight.bfloat16(), 7, 7 + 256)
-    assert taken == [big, 256]
+    constrained_sample(hidden.bfloat16(), weight.bfloat16(), 7, 7 + 256, temperature=1.0)
+    assert taken == [big, -big, 256, -256]
     assert torch.equal(ids, nb.constrained_sample(hidden.bfloat16(), weight.bfloat16(), 7, 7 + 256))
 
 

@@ -294,16 +294,31 @@ static void greedy(const GreedyRange& g, const float* hidden, int64_t N, int64_t
   }
 }
 
-void decode_frame_greedy_cpu(const DecodeStepParams& one, const DecodeStepParams& two, const FrameDecodeParams& f,
-                             int64_t first, int64_t last) {
+// The draw of sample_logits from the range's logits and its scaled Gumbel noise z [N, hi - lo], as the
+// native constrained_sample makes it (screened where the greedy choice is).
+static void sample(const GreedyRange& g, const float* hidden, int64_t N, const float* z, int64_t top_k, int64_t* ids) {
+  if (g.screen) {
+    const float* w = static_cast<const float*>(g.weight) + g.lo * g.w_s;
+    range_sample_screened_cpu(hidden, g.H, w, g.w_s, g.screen, g.colmax, N, g.H, g.hi - g.lo, g.max_candidates, z,
+                              top_k, ids);
+    for (int64_t n = 0; n < N; ++n) ids[n] += g.lo;
+  } else {
+    range_sample_cpu(hidden, g.H, g.weight, g.w_s, g.w_dtype, N, g.H, g.lo, g.hi, z, top_k, ids);
+  }
+}
+
+void decode_frame_cpu(const DecodeStepParams& one, const DecodeStepParams& two, const FrameDecodeParams& f,
+                      int64_t first, int64_t last) {
   const int64_t N = f.rows, hw = f.h * f.w, D = one.layers.front().hidden;
   if (one.layers.front().attn.batch != N || two.layers.front().attn.batch != N || one.layers.front().attn.n_q != 1 ||
       two.layers.front().attn.n_q != 2 || two.layers.front().hidden != D || f.head.H != D || one.dtype != two.dtype)
-    throw std::invalid_argument("decode_frame_greedy: wants a one-row and a two-row step of the same model over "
+    throw std::invalid_argument("decode_frame: wants a one-row and a two-row step of the same model over "
                                 "the frame's sequences");
   if (first < 1 || last > hw)
-    throw std::out_of_range("decode_frame_greedy: codes [" + std::to_string(first) + ", " + std::to_string(last) +
+    throw std::out_of_range("decode_frame: codes [" + std::to_string(first) + ", " + std::to_string(last) +
                             ") lie outside [1, " + std::to_string(hw) + ")");
+  if (f.noise && first < last && (first / f.w != (last - 1) / f.w))
+    throw std::invalid_argument("decode_frame: a sampled call covers one image row (its noise's)");
   std::vector<float> hidden(N * D);
   std::vector<int64_t> ids(N);
   for (int64_t i = first; i < last; ++i) {
@@ -330,7 +345,10 @@ void decode_frame_greedy_cpu(const DecodeStepParams& one, const DecodeStepParams
       else
         std::copy(static_cast<const float*>(s.out) + at, static_cast<const float*>(s.out) + at + D, &hidden[r * D]);
     }
-    greedy(f.head, hidden.data(), N, ids.data());
+    if (f.noise)
+      sample(f.head, hidden.data(), N, f.noise + (i % f.w) * N * (f.head.hi - f.head.lo), f.top_k, ids.data());
+    else
+      greedy(f.head, hidden.data(), N, ids.data());
     for (int64_t r = 0; r < N; ++r) f.codes[r * hw + i] = ids[r];
   }
 }

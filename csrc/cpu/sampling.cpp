@@ -1,6 +1,8 @@
 // Constrained decoding on the CPU: logits of a vocabulary range [lo, hi) only,
 // straight from the final hidden state and the lm_head rows of that range.
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <vector>
 
 #include "common.h"
@@ -79,6 +81,120 @@ void range_argmax_screened_cpu(const float* hidden, int64_t h_s, const float* w3
       float e;
       linear_cpu(h, h_s, w32 + v * w_s, w_s, 1, H, 1, &e, 1);
       if (best < 0 || e > best_logit) best = v, best_logit = e;
+    }
+    ids[n] = best;
+  }
+}
+
+namespace {
+
+// The draw of one row from its exact float32 logits l [R] and noise z [R]: masked below the k-th largest
+// logit (torch.topk's value; ties at it kept), one float32 add, the first maximum.
+int64_t draw_row(const float* l, const float* z, int64_t R, int64_t top_k, std::vector<float>& scratch) {
+  float kth = -INFINITY;
+  if (top_k > 0 && top_k < R) {
+    scratch.assign(l, l + R);
+    std::nth_element(scratch.begin(), scratch.begin() + (top_k - 1), scratch.end(), std::greater<float>());
+    kth = scratch[top_k - 1];
+  }
+  int64_t best = 0;
+  float best_score = -INFINITY;
+  for (int64_t v = 0; v < R; ++v) {
+    const float score = l[v] < kth ? -INFINITY : l[v] + z[v];
+    if (v == 0 || score > best_score) best = v, best_score = score;
+  }
+  return best;
+}
+
+double screen_constant(int64_t H) {  // c of range_argmax_screened_cpu, with a little room
+  const double u = std::ldexp(1.0, -24), gamma = H * u / (1.0 - H * u);
+  return (std::ldexp(1.0, -9) + (2.0 + std::ldexp(1.0, -9)) * gamma) * (1.0 + 1e-12);
+}
+
+}  // namespace
+
+void range_sample_cpu(const float* hidden, int64_t h_s, const void* weight, int64_t w_s, int w_dtype, int64_t N,
+                      int64_t H, int64_t lo, int64_t hi, const float* z, int64_t top_k, int64_t* ids) {
+  const int64_t R = hi - lo;
+  std::vector<float> logits(N * R), scratch;
+  range_logits_cpu(hidden, h_s, weight, w_s, w_dtype, N, H, lo, hi, logits.data());
+  for (int64_t n = 0; n < N; ++n) ids[n] = lo + draw_row(&logits[n * R], z + n * R, R, top_k, scratch);
+}
+
+// The screen of range_argmax_screened_cpu, for the draw: approximate logits a_v from the bfloat16 rows,
+// within cS of the float32 logits e_v (c, S as there).
+// Without top-k the draw is the first maximum of s_v = fl(e_v + z_v). With t_v = e_v + z_v exactly and
+// u = 2^-24, s_v* >= s_v gives t_v* >= t_v - u(|t_v| + |t_v*|), and |t_v - (a_v + z_v)| <= cS, so the
+// winner has a_v* + z_v* >= a_v + z_v - 2cS - 2u(M + cS) for every v, M the largest |a_v + z_v|: every
+// code within that margin of the largest a_v + z_v (summed in double) is a candidate, and the candidates'
+// float32 logits (linear_cpu over their rows gathered: each output summed as among other rows) decide. A code
+// left out cannot be the first maximum, so the first maximum among the candidates is the draw's.
+// With top-k, the k codes of largest a_v have e_v >= kth_a - cS (kth_a: the k-th largest a_v), so the
+// k-th largest e_v is at least that, and a code with a_v < kth_a - 2cS has e_v below it: it is neither
+// kept nor able to move the k-th largest. The codes with a_v >= kth_a - 2cS (at least k) get their float32
+// logits; the k-th largest of those is the draw's threshold, and the draw runs over them as draw_row runs
+// over the whole range (the others are masked there). Too many candidates (max_candidates, plus top_k
+// with top-k) or a non-finite bound, and the row takes the float32 logits of the whole range.
+void range_sample_screened_cpu(const float* hidden, int64_t h_s, const float* w32, int64_t w_s, const uint16_t* w16,
+                               const float* colmax, int64_t N, int64_t H, int64_t R, int64_t max_candidates,
+                               const float* z, int64_t top_k, int64_t* ids) {
+  std::vector<float> approx(N * R), exact, scratch, rows;
+  linear_bf16_cpu(hidden, h_s, w16, H, N, H, R, approx.data(), R);
+  const double c = screen_constant(H), u = std::ldexp(1.0, -24) * (1.0 + 1e-6);
+  const bool keep_all = top_k <= 0 || top_k >= R;
+  std::vector<int64_t> cand;
+  std::vector<float> cand_logit;
+  for (int64_t n = 0; n < N; ++n) {
+    const float* h = hidden + n * h_s;
+    const float* a = &approx[n * R];
+    const float* zn = z + n * R;
+    double S = 0.0;
+    for (int64_t i = 0; i < H; ++i) S += std::fabs(double(h[i])) * colmax[i];
+    const int64_t limit = keep_all ? max_candidates : top_k + 4 * max_candidates;
+    cand.clear();
+    double floor;
+    if (keep_all) {
+      double top = -INFINITY, M = 0.0;
+      for (int64_t v = 0; v < R; ++v) {
+        const double t = double(a[v]) + double(zn[v]);
+        top = std::max(top, t);
+        M = std::max(M, std::fabs(t));
+      }
+      floor = top - 2.0 * c * S - 2.0 * u * (M + c * S);
+      if (std::isfinite(floor))
+        for (int64_t v = 0; v < R && int64_t(cand.size()) <= limit; ++v)
+          if (double(a[v]) + double(zn[v]) >= floor) cand.push_back(v);
+    } else {
+      scratch.assign(a, a + R);
+      std::nth_element(scratch.begin(), scratch.begin() + (top_k - 1), scratch.end(), std::greater<float>());
+      floor = double(scratch[top_k - 1]) - 2.0 * c * S;
+      if (std::isfinite(floor))
+        for (int64_t v = 0; v < R && int64_t(cand.size()) <= limit; ++v)
+          if (double(a[v]) >= floor) cand.push_back(v);
+    }
+    if (cand.empty() || int64_t(cand.size()) > limit || (!keep_all && int64_t(cand.size()) < top_k)) {
+      exact.resize(R);  // the whole range in float32
+      linear_cpu(h, h_s, w32, w_s, 1, H, R, exact.data(), R);
+      ids[n] = draw_row(exact.data(), zn, R, top_k, scratch);
+      continue;
+    }
+    const int64_t C = int64_t(cand.size());  // the candidates' rows gathered, their logits in one call
+    rows.resize(C * H);
+    for (int64_t j = 0; j < C; ++j) std::copy(w32 + cand[j] * w_s, w32 + cand[j] * w_s + H, &rows[j * H]);
+    cand_logit.resize(C);
+    linear_cpu(h, h_s, rows.data(), H, 1, H, C, cand_logit.data(), C);
+    float kth = -INFINITY;
+    if (!keep_all) {
+      scratch.assign(cand_logit.begin(), cand_logit.end());
+      std::nth_element(scratch.begin(), scratch.begin() + (top_k - 1), scratch.end(), std::greater<float>());
+      kth = scratch[top_k - 1];
+    }
+    int64_t best = -1;
+    float best_score = -INFINITY;
+    for (size_t j = 0; j < cand.size(); ++j) {  // ascending: a tie keeps the first
+      if (cand_logit[j] < kth) continue;
+      const float score = cand_logit[j] + zn[cand[j]];
+      if (best < 0 || score > best_score) best = cand[j], best_score = score;
     }
     ids[n] = best;
   }

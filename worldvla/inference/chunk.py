@@ -90,14 +90,14 @@ def head_logits(model, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 
 def head_sample(model, hidden: torch.Tensor, lo: int, hi: int, temperature: float = 0.0, top_k=None,
-                generator=None, backend: str = "auto") -> torch.Tensor:
+                generator=None, backend: str = "auto", gumbel=None) -> torch.Tensor:
     """Token ids [N] in [lo, hi) from final hidden states [N, H] (greedy at temperature 0): the fused
     constrained sampler on lm_head's weight, or, for a head that is more than its weight, the module's
-    logits restricted to the range (`head_logits`)."""
+    logits restricted to the range (`head_logits`). `gumbel`: the draw's noise [N, hi - lo] (`sample_logits`)."""
     if plain_linear(model.lm_head):
         return ops.constrained_sample(hidden, model.lm_head.weight, lo, hi, temperature, top_k, generator,
-                                      backend=backend)
-    return sample_logits(head_logits(model, hidden, lo, hi).float(), temperature, top_k, generator) + lo
+                                      backend=backend, gumbel=gumbel)
+    return sample_logits(head_logits(model, hidden, lo, hi).float(), temperature, top_k, generator, gumbel) + lo
 
 
 def _prepare(engine: InferenceEngine, prompts, skip, n_actions, action_dim):

@@ -7,8 +7,10 @@ header goes with the prompt's prefill, and a row's newline with the row's last c
 (a 2-row step). A frame of h x w codes costs h*w - 1 decode steps. Codes are chosen among
 the image-code ids only, greedily or by top-k / temperature sampling; when those ids form one
 range and there is no guidance, through the fused constrained sampler (`ops.constrained_sample`:
-the range's logits only, greedy without materializing them). On the CPU, a greedy frame whose steps
-run as native calls runs its whole loop in one (`NATIVE_FRAME_LOOP`): the same steps and choices.
+the range's logits only, greedy without materializing them). Sampling is the Gumbel-max draw of
+`sample_logits`, its noise drawn an image row at a time. On the CPU, a frame whose steps run as native
+calls runs its loop in one native call (greedy) or one an image row (sampled; `NATIVE_FRAME_LOOP`):
+the same steps and choices as the Python loop.
 
 Classifier-free guidance (optional): the unconditional branch is the same prompt without
 the action block (`BOS, text, image, SEP`), decoded in the same batch, and the code
@@ -27,14 +29,14 @@ import numpy as np
 import torch
 
 from ..model import plain_linear
-from ..ops.sampling import resolve_constrained_sample, sample_logits
+from ..ops.sampling import draw_gumbel, resolve_constrained_sample, sample_logits, scaled_gumbel
 from ..tokens.layout import with_release_image_ids
 from ..tokens.sequence import WORLD_PROMPT, SequenceBuilder, image_tokens
 from .chunk import head_logits, head_sample, sampling_backend
 from .engine import InferenceEngine
 
-# A greedy frame on the CPU runs its decode loop in one native call where the steps are native plans and
-# the greedy choice is the native sampler's (`_native_frame_loop`); False keeps the loop in Python.
+# A frame on the CPU runs its decode loop in native calls where the steps are native plans and the
+# choice is the native sampler's (`_native_frame_loop`); False keeps the loop in Python.
 NATIVE_FRAME_LOOP = True
 
 
@@ -80,32 +82,45 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
 
     fused = not guided and all_valid  # the code ids are one range: the fused constrained sampler
     sampler = sampling_backend(backend)
+    sampled = temperature > 0.0
 
-    def choose(hid):  # hid [rows, H] -> token ids [N]
+    def choose(hid, gumbel):  # hid [rows, H], gumbel [N, hi - lo] or None -> token ids [N]
         if fused:
-            return head_sample(model, hid, lo, hi, temperature, top_k, generator, backend=sampler)
+            return head_sample(model, hid, lo, hi, temperature, top_k, generator, backend=sampler, gumbel=gumbel)
         logits = head_logits(model, hid, lo, hi).float()
         if guided:
             cond, unc = logits[:N], logits[N:]
             logits = unc + cfg_scale * (cond - unc)
         if not all_valid:
             logits = logits.masked_fill(~valid, float("-inf"))
-        return sample_logits(logits, temperature, top_k, generator) + lo
+        return sample_logits(logits, temperature, top_k, generator, gumbel) + lo
+
+    # A sampled frame draws its Gumbel noise an image row at a time ([w, N, hi - lo]: code i takes row
+    # i % w), so that the Python loop and the native one consume the generator alike.
+    def row_noise():
+        return draw_gumbel((w, N, hi - lo), generator, dev) if sampled else None
 
     P = torch.tensor([p.numel() for p in prompts], dtype=torch.long, device=dev)
     h_last = engine.prefill(prompts)
     engine.set_kv_len((P + n_new).to(torch.int32))  # generated slots carry NO_BLOCK from the prefill
     out = torch.empty(N, h * w, dtype=torch.long, device=dev)
-    out[:, 0] = choose(h_last)
+    noise = row_noise()
+    out[:, 0] = choose(h_last, None if noise is None else noise[0])
     nxt = P.clone()  # position of the next token to feed, per row
     one, two = engine.buffers(1), engine.buffers(2)
     for buf in (one, two):
         buf.q_limit.fill_(-1)
     two.ids[:, 1] = lay.newline
-    native = _native_frame_loop(engine, model, h_last, lo, hi, sampler) if fused and temperature <= 0.0 else None
-    if native is not None:  # the loop below in one native call: the same steps, the same choices
-        native(engine.step_plan(1).step, engine.step_plan(2).step, model.lm_head.weight, lo, hi, out, nxt, h, w,
-               lay.newline)
+    native = _native_frame_loop(engine, model, h_last, lo, hi, temperature, sampler) if fused else None
+    if native is not None:  # the loop below in native calls: the same steps, the same choices
+        steps = engine.step_plan(1).step, engine.step_plan(2).step
+        frame = (model.lm_head.weight, lo, hi, out, nxt, h, w, lay.newline)
+        if not sampled:
+            native(*steps, *frame)
+        for row in range(h) if sampled else ():  # a call an image row, with that row's noise
+            noise = noise if row == 0 else row_noise()
+            native(*steps, *frame, first=max(row * w, 1), last=(row + 1) * w,
+                   noise=scaled_gumbel(noise, temperature).contiguous(), top_k=top_k)
         return code_of[out - lo].view(N, h, w)
     offsets = torch.arange(2, device=dev).view(1, 2)
     for i in range(1, h * w):
@@ -115,30 +130,31 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
             two.set_positions(nxt.view(-1, 1) + offsets)
             hid = engine.run(two)[:, 1]
             nxt += 2
+            noise = row_noise()
         else:
             one.ids[:, 0] = tok
             one.set_positions(nxt.view(-1, 1))
             hid = engine.run(one)[:, 0]
             nxt += 1
-        out[:, i] = choose(hid)
+        out[:, i] = choose(hid, None if noise is None else noise[i % w])
     return code_of[out - lo].view(N, h, w)
 
 
-def _native_frame_loop(engine, model, hidden, lo, hi, backend):
-    """`ops.native_backend.decode_frame_greedy` where it computes what `generate_frame_codes`' loop would
-    (the CPU; both step shapes on the engine's native plans; a plain lm_head whose greedy choice resolves
-    to the native sampler), else None. On the CPU the loop's Python between steps (buffer writes, the
-    sampler's dispatch) costs about a third of a small model's frame."""
+def _native_frame_loop(engine, model, hidden, lo, hi, temperature, backend):
+    """`ops.native_backend.decode_frame` where it computes what `generate_frame_codes`' loop would
+    (the CPU; both step shapes on the engine's native plans; a plain lm_head whose choice at this
+    temperature resolves to the native sampler), else None. On the CPU the loop's Python between steps
+    (buffer writes, the plan lookup, the sampler's dispatch) is a sizeable part of a frame."""
     if engine.device.type != "cpu" or not plain_linear(model.lm_head) or not NATIVE_FRAME_LOOP:
         return None
     if engine.step_plan(1) is None or engine.step_plan(2) is None:
         return None
     from ..ops import native_backend
     weight = model.lm_head.weight
-    if weight.dtype not in (torch.float32, torch.bfloat16) or \
-            resolve_constrained_sample(hidden, weight, lo, hi, 0.0, backend) is not native_backend.constrained_sample:
+    if weight.dtype not in (torch.float32, torch.bfloat16) or resolve_constrained_sample(
+            hidden, weight, lo, hi, temperature, backend) is not native_backend.constrained_sample:
         return None
-    return native_backend.decode_frame_greedy
+    return native_backend.decode_frame
 
 
 def _to_batch_images(image) -> tuple[np.ndarray, bool]:

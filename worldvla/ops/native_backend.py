@@ -36,7 +36,7 @@ from worldvla import _C  # ImportError here = no native backend
 from ..mask import ChunkMaskMeta, DecodeMeta
 from . import dispatch
 from .projection import NATIVE_MAX_ROWS
-from .sampling import SCREEN_MIN_ROWS, sample_logits
+from .sampling import SCREEN_MIN_ROWS, draw_gumbel, sample_logits, scaled_gumbel
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
                torch.int32: 4, torch.int64: 5}
@@ -610,14 +610,50 @@ def _(hidden, weight, lo, hi):
     return torch.empty((hidden.shape[0], hi - lo), dtype=torch.float32, device=hidden.device)
 
 
-def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
+def _range_sample_cpu(hidden: Tensor, weight: Tensor, lo: int, hi: int, temperature: float, top_k, generator,
+                      gumbel) -> Tensor:
+    """`sample_logits`' draw over [lo, hi) in one native call on the CPU, from the generator's noise as
+    sample_logits draws it (or `gumbel`): the range's float32 logits, screened with bfloat16 rows as the
+    greedy choice is for float32 ranges of SCREEN_MIN_ROWS or more (the same ids either way)."""
+    op = "constrained_sample"
+    _check_range(hidden, weight, lo, hi, op)
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        _fail(op, f"the CPU draw takes float32 or bfloat16 weights, got {weight.dtype}", TypeError)
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None for the whole range), got {top_k}")
+    N, R = hidden.shape[0], hi - lo
+    if gumbel is None:
+        gumbel = draw_gumbel((N, R), generator)
+    elif tuple(gumbel.shape) != (N, R) or gumbel.dtype != torch.float32:
+        raise ValueError(f"gumbel noise must be float32 {(N, R)} like the logits, got {gumbel.dtype} {tuple(gumbel.shape)}")
+    out = torch.empty(N, dtype=torch.int64)
+    if N == 0:
+        return out
+    z = scaled_gumbel(gumbel, temperature).contiguous()
+    h32, = _as_float32(hidden)
+    tables = screen_tables(weight, lo, hi) if weight.dtype == torch.float32 and R >= SCREEN_MIN_ROWS else None
+    if tables is not None:
+        w16, colmax = tables
+        _C.range_sample_screened(h32.data_ptr(), h32.stride(0), weight.data_ptr() + lo * weight.stride(0) * weight.element_size(),
+                                 weight.stride(0), w16.data_ptr(), colmax.data_ptr(), N, hidden.shape[1], R,
+                                 SCREEN_MAX_CANDIDATES, z.data_ptr(), top_k or 0, out.data_ptr())
+        return out.add_(lo)
+    _C.range_sample(h32.data_ptr(), h32.stride(0), weight.data_ptr(), weight.stride(0), _DTYPE_CODE[weight.dtype], N,
+                    hidden.shape[1], lo, hi, z.data_ptr(), top_k or 0, out.data_ptr())
+    return out
+
+
+def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None, gumbel=None):
     """`worldvla.ops.constrained_sample` with the range logits computed natively: greedy is one
-    fused kernel; sampling draws from the native fp32 logits exactly as the reference does."""
+    fused kernel; a draw is one native call on the CPU (`_range_sample_cpu`), elsewhere torch's draw
+    (`sample_logits`) from the native float32 logits: the same ids."""
     direct = _direct(hidden, weight)
     if temperature <= 0.0:
         return (_range_argmax_impl if direct else range_argmax_op)(hidden, weight, int(lo), int(hi))
+    if direct and hidden.is_cpu and weight.dtype != torch.float16:
+        return _range_sample_cpu(hidden, weight, int(lo), int(hi), temperature, top_k, generator, gumbel)
     logits = (_range_logits_impl if direct else range_logits_op)(hidden, weight, int(lo), int(hi))
-    return sample_logits(logits, temperature, top_k, generator) + lo
+    return sample_logits(logits, temperature, top_k, generator, gumbel) + lo
 
 
 # ------------------------------------------------------------------ linear (CPU, few rows)
@@ -1039,19 +1075,23 @@ def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta, bf16_weights
         step.run()
         return out
 
-    run.native = step  # (decode_frame_greedy runs it in its own loop)
+    run.native = step  # (decode_frame runs it in its own loop)
     return run
 
 
-def decode_frame_greedy(one, two, weight: Tensor, lo: int, hi: int, codes: Tensor, next_pos: Tensor, h: int, w: int,
-                        newline: int) -> None:
-    """A world-model frame's greedy codes in one native call: `one` and `two`, the engine's one- and two-row
-    steps (`build_decode_step`'s `run`, on its buffers), fed as `generate_frame_codes` feeds them: codes
-    [rows, h * w] int64 (column 0 given, the rest written), next_pos [rows] int64 (advanced), each code
-    chosen over lm_head rows [lo, hi) of `weight` exactly as `constrained_sample`'s native greedy choice
-    chooses it (screened for float32 ranges of SCREEN_MIN_ROWS or more)."""
-    op = "decode_frame_greedy"
-    rows = codes.shape[0]
+def decode_frame(one, two, weight: Tensor, lo: int, hi: int, codes: Tensor, next_pos: Tensor, h: int, w: int,
+                 newline: int, first: int = 1, last: int | None = None, noise: Tensor | None = None,
+                 top_k: int | None = None) -> None:
+    """A world-model frame's codes [first, last) (default: all but the given first) in one native call:
+    `one` and `two`, the engine's one- and two-row steps (`build_decode_step`'s `run`, on its buffers), fed
+    as `generate_frame_codes` feeds them: codes [rows, h * w] int64 (column 0 given, the rest written),
+    next_pos [rows] int64 (advanced). Each code is chosen over lm_head rows [lo, hi) of `weight` exactly as
+    the native `constrained_sample` chooses it (screened for float32 ranges of SCREEN_MIN_ROWS or more):
+    greedily without `noise`, else drawn as `sample_logits` draws it with `noise`, the image row's
+    temperature-scaled Gumbel noise [w, rows, hi - lo] float32 (`ops.sampling.scaled_gumbel`; code i takes
+    row i % w), and `top_k`; a sampled call then stays within one image row."""
+    op = "decode_frame"
+    rows, last = codes.shape[0], h * w if last is None else last
     if codes.dtype != torch.int64 or tuple(codes.shape) != (rows, h * w) or not codes.is_contiguous() or not codes.is_cpu:
         _fail(op, f"codes must be contiguous int64 [rows, {h * w}] on the CPU, got {codes.dtype} {tuple(codes.shape)}")
     if next_pos.dtype != torch.int64 or tuple(next_pos.shape) != (rows,) or not next_pos.is_contiguous():
@@ -1060,15 +1100,26 @@ def decode_frame_greedy(one, two, weight: Tensor, lo: int, hi: int, codes: Tenso
             or weight.stride(1) != 1 or not 0 <= lo < hi <= weight.shape[0]:
         _fail(op, f"wants a float32 or bfloat16 CPU lm_head weight with unit column stride and a range inside it, got "
                   f"{weight.dtype} {tuple(weight.shape)} on {weight.device}, [{lo}, {hi})")
+    if not 1 <= first <= last <= h * w:
+        _fail(op, f"codes [{first}, {last}) must lie within [1, {h * w}]")
     screen = colmax = None
-    if weight.dtype == torch.float32 and hi - lo >= SCREEN_MIN_ROWS:  # as _range_argmax_impl
+    if noise is not None:
+        if noise.dtype != torch.float32 or tuple(noise.shape) != (w, rows, hi - lo) or not noise.is_contiguous() \
+                or not noise.is_cpu:
+            _fail(op, f"noise must be contiguous float32 [{w}, {rows}, {hi - lo}] on the CPU, got {noise.dtype} "
+                      f"{tuple(noise.shape)}")
+        if first < last and first // w != (last - 1) // w:
+            _fail(op, f"a sampled call covers one image row of {w} codes, got codes [{first}, {last})")
+        if top_k is not None and top_k < 1:
+            _fail(op, f"top_k must be >= 1 (or None for the whole range), got {top_k}")
+    if weight.dtype == torch.float32 and hi - lo >= SCREEN_MIN_ROWS:  # as _range_argmax_impl, _range_sample_cpu
         tables = screen_tables(weight, lo, hi)
         if tables is not None:
             screen, colmax = tables
-    _C.decode_frame_greedy(one.native, two.native, rows, h, w, newline, codes.data_ptr(), next_pos.data_ptr(),
-                           weight.data_ptr(), weight.stride(0), _DTYPE_CODE[weight.dtype], weight.shape[1], lo, hi,
-                           0 if screen is None else screen.data_ptr(), 0 if colmax is None else colmax.data_ptr(),
-                           SCREEN_MAX_CANDIDATES)
+    _C.decode_frame(one.native, two.native, rows, h, w, newline, codes.data_ptr(), next_pos.data_ptr(),
+                    weight.data_ptr(), weight.stride(0), _DTYPE_CODE[weight.dtype], weight.shape[1], lo, hi,
+                    0 if screen is None else screen.data_ptr(), 0 if colmax is None else colmax.data_ptr(),
+                    SCREEN_MAX_CANDIDATES, first, last, 0 if noise is None else noise.data_ptr(), top_k or 0)
 
 
 def vq_quantize(z: Tensor, codebook: Tensor, code_splits: int | None = None) -> Tensor:

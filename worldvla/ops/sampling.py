@@ -7,40 +7,65 @@ import torch
 from . import dispatch
 
 
-def sample_logits(logits, temperature=0.0, top_k=None, generator=None):
+def draw_gumbel(shape, generator=None, device=None) -> torch.Tensor:
+    """Standard Gumbel noise, float32: -log(-log(U)) with U uniform from `generator` (torch.rand; about
+    6x cheaper than an exponential draw on the CPU). U is kept at least the smallest normal float32, so
+    every value is finite: within [-4.5, 16.7] (the 24-bit uniform's range)."""
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+    return u.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
+
+
+def scaled_gumbel(gumbel: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The noise `sample_logits` adds to the logits: temperature x standard Gumbel noise."""
+    return gumbel * temperature
+
+
+def sample_logits(logits, temperature=0.0, top_k=None, generator=None, gumbel=None):
     """logits [N, C] -> column indices [N]: argmax when temperature <= 0, else a draw from
-    softmax(logits / temperature) restricted to the top_k largest (fp32 math)."""
+    softmax(logits / temperature) restricted to the top_k largest (fp32 math).
+
+    The draw is the Gumbel-max trick: argmax(logits + temperature * G) over the kept columns, G standard
+    Gumbel noise [N, C], drawn here from `generator` unless given as `gumbel`. It is exactly a draw from
+    that softmax, costs one argmax rather than a softmax and a multinomial draw, and, given G, is a
+    deterministic choice that a fused loop can reproduce bit for bit (`generate_frame_codes`). Among
+    equal scores the first column wins, as torch.argmax."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 (or None for the whole range), got {top_k}")
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if gumbel is None:
+        gumbel = draw_gumbel(logits.shape, generator, logits.device)
+    elif tuple(gumbel.shape) != tuple(logits.shape) or gumbel.dtype != torch.float32:
+        raise ValueError(f"gumbel noise must be float32 {tuple(logits.shape)} like the logits, "
+                         f"got {gumbel.dtype} {tuple(gumbel.shape)}")
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return (logits + scaled_gumbel(gumbel, temperature)).argmax(dim=-1)
 
 
-def constrained_sample_ref(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
-    """hidden [N, H], lm_head weight [V, H] -> token ids [N] in [lo, hi). Greedy when temperature == 0."""
+def constrained_sample_ref(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None, gumbel=None):
+    """hidden [N, H], lm_head weight [V, H] -> token ids [N] in [lo, hi). Greedy when temperature == 0.
+    `gumbel`: standard Gumbel noise [N, hi - lo] to sample with instead of drawing it (`sample_logits`)."""
     logits = (hidden @ weight[lo:hi].t()).float()
-    return sample_logits(logits, temperature, top_k, generator) + lo
+    return sample_logits(logits, temperature, top_k, generator, gumbel) + lo
 
 
-# Greedy choices over ranges of at least this many codes on the CPU (a frame's 8,192 image codes, not
-# the 256 action bins) take the native sampler under `auto` wherever it is built: it screens with
-# bfloat16 copies of the range's rows and reads about half the bytes for the same ids
-# (native_backend.range_argmax_screened), 2.1x torch's MKL for one row of 8,192 x 256 on the Xeon,
-# where `auto` otherwise keeps torch for this op (benchmarks/NOTES.md). Greedy choices of bfloat16 models
-# on the CPU take it at any range: it streams the bfloat16 rows as they are with float32 sums, where
-# torch's bfloat16 product runs at about half its speed (one row of 256 x 256: 35 against 17 us; of
-# 8,192 x 256: 225 against 116 us on the Xeon) and rounds the logits to bfloat16 (more ties).
+# Choices over ranges of at least this many codes on the CPU (a frame's 8,192 image codes, not the 256
+# action bins) take the native sampler under `auto` wherever it is built, where `auto` otherwise keeps
+# torch for this op (benchmarks/NOTES.md): it screens with bfloat16 copies of the range's rows and reads
+# about half the bytes for the same ids (native_backend.range_argmax_screened, and for a draw
+# `_range_sample_cpu`): greedy 2.1x torch's MKL for one row of 8,192 x 256 on the Xeon, a draw 1.5x
+# (1.4x with top-k 100), the noise included. Choices of bfloat16 models on the CPU take it at any range:
+# it streams the bfloat16 rows as they are with float32 sums, where torch's bfloat16 product runs at
+# about half its speed (one row of 256 x 256: 35 against 17 us; of 8,192 x 256: 225 against 116 us on
+# the Xeon) and rounds the logits to bfloat16 (more ties).
 SCREEN_MIN_ROWS = 2048
 
 
 def _auto_backend(hidden, weight, lo, hi, temperature, backend):
-    if backend != "auto" or temperature > 0.0 or hidden.device.type != "cpu" or hidden.dtype != weight.dtype:
+    if backend != "auto" or hidden.device.type != "cpu" or hidden.dtype != weight.dtype:
         return backend
     if ((hidden.dtype == torch.float32 and hi - lo >= SCREEN_MIN_ROWS or hidden.dtype == torch.bfloat16)
             and dispatch.supports("constrained_sample", "native", hidden, weight, lo, hi, temperature)):
@@ -58,9 +83,12 @@ def resolve_constrained_sample(hidden, weight, lo, hi, temperature=0.0, backend=
     return dispatch.resolve("constrained_sample", backend, hidden.device.type, hidden, weight, lo, hi, temperature)
 
 
-def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None, backend="auto"):
+def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None, backend="auto",
+                       gumbel=None):
+    """Token ids [N] in [lo, hi) from final hidden states [N, H] and the lm_head weight [V, H]: greedy at
+    temperature 0, else a top-k / temperature draw (`sample_logits`; `gumbel` gives its noise)."""
     return resolve_constrained_sample(hidden, weight, lo, hi, temperature, backend)(
-        hidden, weight, lo, hi, temperature, top_k, generator)
+        hidden, weight, lo, hi, temperature, top_k, generator, gumbel)
 
 
 dispatch.register("constrained_sample", "torch", constrained_sample_ref)

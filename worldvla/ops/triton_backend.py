@@ -272,12 +272,12 @@ def _(hidden, weight, lo, hi):
     return hidden.new_empty((hidden.shape[0], hi - lo), dtype=torch.float32)
 
 
-def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
+def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None, gumbel=None):
     """`worldvla.ops.constrained_sample` on the Triton kernels: greedy is one op; sampling draws
     from the op's fp32 logits with torch (the generator stays outside the op)."""
     if temperature <= 0.0:
         return range_argmax_op(hidden, weight, int(lo), int(hi))
-    return sample_logits(range_logits_op(hidden, weight, int(lo), int(hi)), temperature, top_k, generator) + lo
+    return sample_logits(range_logits_op(hidden, weight, int(lo), int(hi)), temperature, top_k, generator, gumbel) + lo
 
 
 # ------------------------------------------------------------------ dispatch registration

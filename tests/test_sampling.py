@@ -1,0 +1,59 @@
+"""The reference draw (`worldvla.ops.sampling.sample_logits`): the Gumbel-max trick is a draw from
+softmax(logits / T) over the top-k, and given its noise a deterministic choice."""
+import math
+
+import pytest
+import torch
+
+from worldvla.ops.sampling import draw_gumbel, sample_logits, scaled_gumbel
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.7, None), (1.5, 5), (1.0, 1)])
+def test_draw_follows_the_softmax(rng, temperature, top_k):
+    """8,192 draws of one row of 12 logits: every class's frequency within 5 standard deviations of
+    softmax(logits / T) renormalized over the top-k (a sampler drawing from logits * T, or ignoring top-k,
+    misses by more), classes outside the top-k never drawn."""
+    n, C = 8192, 12
+    logits = torch.randn(1, C, generator=rng) * 1.5
+    got = sample_logits(logits.expand(n, C), temperature, top_k, torch.Generator().manual_seed(3))
+    kept = torch.topk(logits[0], top_k or C).indices
+    p = torch.zeros(C, dtype=torch.float64)
+    p[kept] = torch.softmax(logits[0, kept].double() / temperature, 0)
+    freq = torch.bincount(got, minlength=C).double() / n
+    sd = (p * (1 - p) / n).sqrt()
+    assert bool((freq[p == 0] == 0).all())
+    assert bool(((freq - p).abs() <= 5 * sd + 1e-12).all()), (freq, p)
+
+
+def test_draw_is_the_argmax_of_the_noisy_logits(rng):
+    """Given its noise, the draw is argmax(logits + T * G) over the top-k (masked below the k-th largest,
+    ties at the k-th kept), the first maximum winning; drawing the noise from a generator draws it as
+    `draw_gumbel` does."""
+    logits = torch.randn(6, 40, generator=rng)
+    logits[0, 3] = logits[0, 7] = logits[0].max() + 1  # a tie at the top: the first wins without noise
+    g = draw_gumbel((6, 40), torch.Generator().manual_seed(5))
+    for T, k in ((0.9, None), (1.3, 4), (2.0, 1)):
+        want = logits.clone()
+        if k is not None:
+            want[want < want.topk(k, dim=1).values[:, -1:]] = -math.inf
+        want = (want + scaled_gumbel(g, T)).argmax(1)
+        assert torch.equal(sample_logits(logits, T, k, gumbel=g), want)
+        assert torch.equal(sample_logits(logits, T, k, torch.Generator().manual_seed(5)), want)
+    assert int(sample_logits(logits, 1.0, 2, gumbel=torch.zeros(6, 40))[0]) == 3
+
+
+def test_gumbel_noise_is_finite_and_gumbel_distributed():
+    g = draw_gumbel((200_000,), torch.Generator().manual_seed(0))
+    assert g.dtype == torch.float32 and bool(torch.isfinite(g).all())
+    assert abs(g.mean().item() - 0.5772) < 0.01 and abs(g.var().item() - math.pi ** 2 / 6) < 0.03
+    # the extreme uniforms: 0 (clamped) and the largest below 1 stay finite
+    u = torch.tensor([0.0, 1.0 - 2.0 ** -24])
+    assert bool(torch.isfinite(u.clamp_min(torch.finfo(torch.float32).tiny).log().neg().log().neg()).all())
+
+
+def test_bad_noise_and_top_k(rng):
+    logits = torch.randn(2, 10, generator=rng)
+    with pytest.raises(ValueError, match="gumbel noise must be float32"):
+        sample_logits(logits, 1.0, gumbel=torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        sample_logits(logits, 1.0, 0)
