@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("worldvla.train.trainer", "train WorldVLA (single process or torchrun + FSDP2)"),
     "eval": ("worldvla.eval.metaworld", "closed-loop success rates and world-model metrics on Meta-World"),
     "eval-libero": ("worldvla.eval.libero", "LIBERO evaluation following the release's protocol"),
+    "imagine": ("worldvla.eval.imagine", "roll the world model out from a frame under actions: frames, scores, GIF"),
     "demo": ("worldvla.demo", "the whole chain on Meta-World: collect, train, evaluate (CPU, 5-15 min)"),
     "serve": ("worldvla.serve", "serve a policy to robots over WebSocket + msgpack"),
     "bench": ("worldvla.bench", "run benchmarks and write benchmarks/results/*.json"),

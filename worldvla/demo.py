@@ -12,7 +12,8 @@ and whose outputs are still there, and redoes a stage (and everything after it) 
 settings changed. An interrupted run loses little: collection and tokenization resume file by
 file, the trainings (VQGAN and WorldVLA) from their last checkpoint (a third of the way each),
 and the evaluation keeps each finished closed loop. The trained policy in <out>/policy loads with
-`WorldVLAPolicy.from_pretrained` and serves with `worldvla serve --checkpoint <out>/policy`.
+`WorldVLAPolicy.from_pretrained`, serves with `worldvla serve --checkpoint <out>/policy` and imagines
+with `worldvla imagine <out>/policy --demos <out>/demos/<task>.hdf5`.
 """
 from __future__ import annotations
 

@@ -167,12 +167,13 @@ def _to_batch_images(image) -> tuple[np.ndarray, bool]:
 @torch.no_grad()
 def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokenizer, text_tokenizer,
                     temperature: float = 0.0, top_k: int | None = None, cfg_scale: float | None = None,
-                    generator=None, backend: str = "auto") -> FrameRollout:
+                    generator=None, backend: str = "auto", progress: bool = False) -> FrameRollout:
     """Roll the world model out from `image` over a sequence of actions.
 
     image: uint8 [H, W, 3] (or a batch [N, H, W, 3]); actions: [T, D] continuous (or [D] for one
     step; [N, T, D] with a batch). Each predicted frame's codes are the next step's input.
     Returns codes [T, h, w] and decoded frames uint8 [T, H, W, 3] (with a leading N for a batch).
+    `progress`: a progress bar over the steps (tqdm).
     """
     from ..vqgan import postprocess, preprocess
 
@@ -199,10 +200,18 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
     prompt_len = builder.world_prompt(codes[0].cpu(), acts[0, 0]).numel() + 3
     engine = InferenceEngine(model, N * (2 if guided else 1), prompt_len + h * (w + 1), layout=layout, backend=backend)
     steps = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=acts.shape[1], desc="imagine", unit="frame", dynamic_ncols=True)
     for t in range(acts.shape[1]):
         codes = generate_frame_codes(model, codes, acts[:, t], builder, temperature=temperature, top_k=top_k,
                                      cfg_scale=cfg_scale, generator=generator, backend=backend, engine=engine)
         steps.append(codes)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
     all_codes = torch.stack(steps, dim=1)                       # [N, T, h, w]
     pixels = vqgan.decode(all_codes.reshape(-1, h, w).to(vq_dev))
     frames = postprocess(pixels).reshape(N, all_codes.shape[1], *pixels.shape[-2:], 3)

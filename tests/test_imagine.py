@@ -1,0 +1,118 @@
+"""`worldvla imagine`: world-model rollouts from a recorded episode or an image and actions."""
+import dataclasses
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from worldvla import cli
+from worldvla.data.hdf5 import read_demos, write_demos
+from worldvla.inference.frames import generate_frames
+from worldvla.inference.policy import WorldVLAPolicy, _resize, save_policy
+from worldvla.model import ModelConfig, WorldVLA
+from worldvla.tokens import ActionTokenizer, VocabLayout
+from worldvla.vqgan import VQGAN, VQGANConfig
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny random policy (32 px frames, 4-D actions) and a file of two 6-frame episodes of 48 px."""
+    root = tmp_path_factory.mktemp("imagine")
+    layout = VocabLayout.compact(n_image_codes=64)
+    model = WorldVLA(ModelConfig.tiny(layout)).init_weights(0.5, torch.Generator().manual_seed(3))
+    vqgan = VQGAN(dataclasses.replace(VQGANConfig.small(), n_embed=64))
+    save_policy(root / "policy", model, vqgan, ActionTokenizer(layout, [-1.0] * 4, [1.0] * 4), chunk_size=3,
+                image_size=32)
+    rng = np.random.default_rng(0)
+    demos = [{"frames": rng.integers(0, 256, (6, 48, 48, 3), dtype=np.uint8),
+              "actions": rng.uniform(-1, 1, (6, 4)).astype(np.float32)} for _ in range(2)]
+    write_demos(root / "demos.hdf5", demos, "push the block")
+    return root
+
+
+def _run(*argv):
+    return cli.main(["imagine", *map(str, argv), "--no-progress"])
+
+
+def test_demo_rollout_beside_the_recorded_frames(files, tmp_path):
+    """From episode 1 at frame 1: as many steps as recorded frames follow (4 of the 9 asked), the codes
+    of generate_frames on the same frame and actions, the recorded frames resized to the policy's size,
+    a score per step, and every output file."""
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--demo", 1, "--start", 1, "--steps", 9,
+                "--out", out) == 0
+    result = json.loads((out / "rollout.json").read_text())
+    arrays = np.load(out / "rollout.npz")
+    demo = read_demos(files / "demos.hdf5")[1]
+    assert result["steps"] == 4 and result["source"]["demo"] == 1
+    assert all(len(result["scores"][k]) == 4 for k in ("psnr_per_step", "ssim_per_step", "copy_first_psnr_per_step"))
+    first = _resize(demo.frames[1], 32)
+    assert np.array_equal(arrays["first"], first)
+    assert np.array_equal(arrays["recorded"], np.stack([_resize(f, 32) for f in demo.frames[2:6]]))
+    policy = WorldVLAPolicy.from_pretrained(files / "policy", device="cpu")
+    want = generate_frames(policy.model, policy.vqgan, first, demo.actions[1:5], layout=policy.layout,
+                           action_tokenizer=policy.action_tokenizer, text_tokenizer=policy.text_tokenizer)
+    assert np.array_equal(arrays["codes"][0], want.codes.numpy())
+    assert np.array_equal(arrays["imagined"][0], want.frames)
+    for name in ("rollout.png", "rollout.gif", "scores.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_drawn_futures_follow_the_seed(files, tmp_path):
+    """Three futures drawn together: the same seed draws the same ones, another seed others, and the three
+    are not all the same future."""
+    codes = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 2, "--samples", 3,
+                    "--temperature", 1.0, "--top-k", 20, "--seed", seed, "--out", tmp_path / name) == 0
+        codes[name] = np.load(tmp_path / name / "rollout.npz")["codes"]
+    assert codes["a"].shape == (3, 2, 2, 2)
+    assert np.array_equal(codes["a"], codes["b"]) and not np.array_equal(codes["a"], codes["c"])
+    assert not (np.array_equal(codes["a"][0], codes["a"][1]) and np.array_equal(codes["a"][0], codes["a"][2]))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".txt", ".npy"])
+def test_image_and_actions_files(files, tmp_path, suffix):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "frame.png")
+    acts = rng.uniform(-1, 1, (3, 4))
+    path = tmp_path / f"actions{suffix}"
+    if suffix == ".npy":
+        np.save(path, acts)
+    else:
+        np.savetxt(path, acts, delimiter="," if suffix == ".csv" else " ")
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--image", tmp_path / "frame.png", "--actions", path, "--out", out) == 0
+    result = json.loads((out / "rollout.json").read_text())
+    assert result["steps"] == 3 and "scores" not in result and not (out / "scores.png").exists()
+    assert np.allclose(result["actions"], acts)
+
+
+def test_bad_input_gets_one_line(files, tmp_path, capsys):
+    policy, demos = files / "policy", files / "demos.hdf5"
+    np.save(tmp_path / "wide.npy", np.zeros((2, 5)))
+    cases = [
+        ((policy,), "give one input"),
+        ((policy, "--demos", demos, "--image", tmp_path / "x.png"), "give one input"),
+        ((policy, "--image", tmp_path / "x.png"), "--image needs --actions"),
+        ((policy, "--demos", demos, "--samples", 2), "set --temperature above 0"),
+        ((policy, "--demos", demos, "--top-k", 5), "--top-k applies to draws"),
+        ((policy, "--demos", demos, "--demo", 2), r"holds 2 episode\(s\); --demo 2"),
+        ((policy, "--demos", demos, "--start", 5), "leaves no recorded frame"),
+        ((policy, "--demos", tmp_path / "none.hdf5"), "no demo file"),
+        ((policy, "--image", tmp_path / "none.png", "--actions", tmp_path / "wide.npy"), "no image"),
+    ]
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
+    cases.append(((policy, "--image", tmp_path / "ok.png", "--actions", tmp_path / "wide.npy"), r"must be \[T, 4\]"))
+    for argv, message in cases:
+        assert _run(*argv, "--out", tmp_path / "o") == 2, argv
+        err = capsys.readouterr().err
+        assert "error:" in err and re.search(message, err), (argv, err)
+    assert not (tmp_path / "o").exists()  # nothing written for bad input

@@ -1,0 +1,239 @@
+"""`worldvla imagine`: roll a policy's world model out from one frame under a sequence of actions, and
+look at what it imagines.
+
+From a demonstration (an HDF5 file's episode, its frame at --start and the actions recorded from there)
+the imagined frames stand beside the recorded ones, with PSNR and SSIM at every step against the
+recorded frame and against keeping the first frame (a model that has learned nothing about motion does
+no better than that). From an image and an actions file, the imagined frames stand alone. --samples
+draws several futures at once (with --temperature > 0; the draws come from --seed).
+
+Written into --out: rollout.png (rows of frames: recorded, then each imagined future), rollout.gif
+(recorded | imagined), scores.png (PSNR / SSIM over the steps, with a demonstration), rollout.json
+(the input, the settings, the scores, the time a frame) and rollout.npz (codes and frames).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..cli import non_negative_float, non_negative_int, positive_int
+
+FILES = ("rollout.png", "rollout.gif", "scores.png", "rollout.json", "rollout.npz")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = __doc__
+    p.add_argument("policy", help="policy folder (what `worldvla train` or worldvla.inference.save_policy writes)")
+    src = p.add_argument_group("input: a demonstration, or an image and actions")
+    src.add_argument("--demos", metavar="HDF5", help="demonstrations in the LIBERO / robomimic layout")
+    src.add_argument("--demo", type=non_negative_int, default=0, help="the episode's index in --demos (default 0)")
+    src.add_argument("--start", type=non_negative_int, default=0,
+                     help="the episode's frame to start from (default 0); its recorded actions follow")
+    src.add_argument("--camera", help="the camera of --demos (default: agentview, else the first)")
+    src.add_argument("--image", help="a frame to start from (PNG, JPEG: anything Pillow reads)")
+    src.add_argument("--actions", help="with --image: continuous actions [T, D] as .npy, or text (.csv with "
+                                       "commas, else whitespace), one action a line")
+    p.add_argument("--steps", type=positive_int, default=8,
+                   help="frames to imagine (default 8; at most the actions there are)")
+    p.add_argument("--samples", type=positive_int, default=1,
+                   help="futures drawn together (default 1; more than one needs --temperature > 0)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0,
+                   help="0 (default): greedy codes; above: a draw from softmax(logits / T)")
+    p.add_argument("--top-k", type=positive_int, help="draw among the k most likely codes only")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance on the action (1 or unset: none)")
+    p.add_argument("--seed", type=int, default=0, help="the draws' seed (default 0)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="the model's dtype (default: as saved)")
+    p.add_argument("--out", default="imagine", help="folder for the outputs (default ./imagine)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def load_actions(path, action_dim: int) -> np.ndarray:
+    """Actions [T, action_dim] float64 from .npy or a text file (commas for .csv, else whitespace)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no actions file at {path}")
+    if path.suffix == ".npy":
+        acts = np.load(path, allow_pickle=False)
+    else:
+        try:
+            acts = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+        except ValueError as e:
+            raise ValueError(f"{path}: not a table of numbers ({e})") from None
+    acts = np.asarray(acts, dtype=np.float64)
+    if acts.ndim == 1 and acts.size == action_dim:
+        acts = acts[None]
+    if acts.ndim != 2 or acts.shape[1] != action_dim or len(acts) == 0:
+        raise ValueError(f"{path}: actions must be [T, {action_dim}] for this policy (one action of "
+                         f"{action_dim} values a line), got shape {acts.shape}")
+    if not np.isfinite(acts).all():
+        raise ValueError(f"{path}: actions hold NaN or infinite values")
+    return acts
+
+
+def load_image(path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image at {path}")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image Pillow can read") from None
+
+
+def demo_segment(path, index: int, start: int, steps: int, camera=None):
+    """(first frame, actions [S, D], recorded next frames [S, ...], instruction) of episode `index` of
+    `path` from frame `start`, S = min(steps, the frames recorded after it)."""
+    from ..data.hdf5 import iter_demos
+
+    n = 0
+    for i, demo in enumerate(iter_demos(path, camera=camera)):
+        n = i + 1
+        if i == index:
+            break
+    else:
+        raise ValueError(f"{path} holds {n} episode(s); --demo {index} is not one of them (0..{n - 1})")
+    after = len(demo.frames) - 1 - start  # recorded frames after `start`
+    if after < 1:
+        raise ValueError(f"episode {index} of {path} has {len(demo.frames)} frames; --start {start} leaves no "
+                         f"recorded frame after it (use --start {max(0, len(demo.frames) - 2)} or less)")
+    S = min(steps, after, len(demo.actions) - start)
+    return (demo.frames[start], demo.actions[start:start + S], demo.frames[start + 1:start + 1 + S],
+            demo.instruction)
+
+
+def _fit(frames: np.ndarray, size: int) -> np.ndarray:
+    from ..inference.policy import _resize
+
+    frames = np.asarray(frames)
+    if frames.shape[-3:-1] == (size, size):
+        return frames
+    return np.stack([_resize(f, size) for f in frames.reshape(-1, *frames.shape[-3:])]).reshape(
+        *frames.shape[:-3], size, size, 3)
+
+
+def _scores(imagined: np.ndarray, real: np.ndarray, first: np.ndarray) -> dict:
+    """imagined [M, S, H, W, 3], real [S, H, W, 3], first [H, W, 3] -> per-step PSNR / SSIM lists."""
+    from .metaworld import PSNR_CAP_DB
+    from .metrics import psnr, ssim
+
+    M, S = imagined.shape[:2]
+    cap = lambda v: [min(float(x), PSNR_CAP_DB) for x in v]
+    per_sample_psnr = [cap(psnr(imagined[m], real).numpy()) for m in range(M)]
+    per_sample_ssim = [[float(x) for x in ssim(imagined[m], real).numpy()] for m in range(M)]
+    firsts = np.broadcast_to(first, real.shape)
+    return {"psnr_per_step": np.mean(per_sample_psnr, axis=0).tolist(),
+            "ssim_per_step": np.mean(per_sample_ssim, axis=0).tolist(),
+            "copy_first_psnr_per_step": cap(psnr(firsts, real).numpy()),
+            "copy_first_ssim_per_step": [float(x) for x in ssim(firsts, real).numpy()],
+            "psnr_per_sample": per_sample_psnr, "ssim_per_sample": per_sample_ssim,
+            "psnr_cap_db": PSNR_CAP_DB}
+
+
+def imagine(policy, first: np.ndarray, actions: np.ndarray, *, samples: int = 1, temperature: float = 0.0,
+            top_k=None, cfg_scale=None, seed: int = 0, progress: bool = False):
+    """`samples` futures of the policy's world model from `first` (uint8 [H, W, 3] at the policy's size)
+    under `actions` [S, D]: (FrameRollout with a leading batch of `samples`, seconds a frame)."""
+    import torch
+
+    from ..inference.frames import generate_frames
+
+    device = next(policy.model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    imgs = np.repeat(first[None], samples, axis=0)
+    acts = np.repeat(np.asarray(actions, dtype=np.float64)[None], samples, axis=0)
+    t0 = time.perf_counter()
+    out = generate_frames(policy.model, policy.vqgan, imgs, acts, layout=policy.layout,
+                          action_tokenizer=policy.action_tokenizer, text_tokenizer=policy.text_tokenizer,
+                          temperature=temperature, top_k=top_k, cfg_scale=cfg_scale, generator=gen,
+                          progress=progress)
+    return out, (time.perf_counter() - t0) / len(actions)
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    from ..checkpoint import _atomic_write
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    _atomic_write(path, write)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import write_text_atomic
+    from ..inference.policy import WorldVLAPolicy
+    from . import plots
+
+    if (args.demos is None) == (args.image is None):
+        raise ValueError("give one input: --demos FILE (a recorded episode) or --image FILE with --actions FILE")
+    if args.image is not None and args.actions is None:
+        raise ValueError("--image needs --actions FILE: the actions to imagine the frames under")
+    if args.demos is not None and args.actions is not None:
+        raise ValueError("--actions goes with --image; with --demos the episode's recorded actions are used")
+    if args.samples > 1 and args.temperature <= 0.0:
+        raise ValueError(f"--samples {args.samples} with greedy codes would draw the same future {args.samples} "
+                         f"times; set --temperature above 0 (e.g. 1.0)")
+    if args.top_k is not None and args.temperature <= 0.0:
+        raise ValueError("--top-k applies to draws; set --temperature above 0")
+    policy = WorldVLAPolicy.from_pretrained(args.policy, device=args.device, dtype=args.dtype)
+    real = None
+    if args.demos is not None:
+        first, actions, real, _ = demo_segment(args.demos, args.demo, args.start, args.steps, args.camera)
+        source = {"demos": str(args.demos), "demo": args.demo, "start": args.start, "camera": args.camera}
+    else:
+        first = load_image(args.image)
+        actions = load_actions(args.actions, policy.action_dim)[:args.steps]
+        source = {"image": str(args.image), "actions": str(args.actions)}
+    first = _fit(first, policy.image_size)
+    if actions.shape[1] != policy.action_dim:
+        raise ValueError(f"the episode's actions have {actions.shape[1]} values, the policy's {policy.action_dim}")
+    out, per_frame = imagine(policy, first, actions, samples=args.samples, temperature=args.temperature,
+                             top_k=args.top_k, cfg_scale=args.cfg_scale, seed=args.seed,
+                             progress=not args.no_progress)
+    imagined = np.concatenate([np.repeat(first[None, None], args.samples, axis=0), out.frames], axis=1)
+
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    result = {"policy": str(args.policy), "source": source, "steps": int(len(actions)), "samples": args.samples,
+              "temperature": args.temperature, "top_k": args.top_k, "cfg_scale": args.cfg_scale, "seed": args.seed,
+              "image_size": policy.image_size, "seconds_per_frame": per_frame,
+              "device": str(next(policy.model.parameters()).device), "actions": np.asarray(actions).tolist()}
+    rows = list(imagined)
+    labels = ["imagined"] if args.samples == 1 else [f"sample {m + 1}" for m in range(args.samples)]
+    arrays = {"codes": out.codes.numpy(), "imagined": out.frames, "first": first}
+    if real is not None:
+        real = _fit(real, policy.image_size)
+        result["scores"] = _scores(out.frames, real, first)
+        rows = [np.concatenate([first[None], real])] + rows
+        labels = ["recorded"] + labels
+        arrays["recorded"] = real
+        plots.horizon_curves({"imagined": {"psnr": result["scores"]["psnr_per_step"],
+                                           "ssim": result["scores"]["ssim_per_step"]},
+                              "first frame kept": {"psnr": result["scores"]["copy_first_psnr_per_step"],
+                                                   "ssim": result["scores"]["copy_first_ssim_per_step"]}},
+                             folder / "scores.png", title="imagined frames against the recorded ones")
+    plots.frame_grid(rows, folder / "rollout.png", labels=labels)
+    gif = imagined[0] if real is None else plots.side_by_side(rows[0], imagined[0])
+    plots.save_gif(gif, folder / "rollout.gif", fps=4)
+    _write_npz(folder / "rollout.npz", **arrays)
+    write_text_atomic(folder / "rollout.json", json.dumps(result, indent=1))
+
+    print(f"imagined {len(actions)} frame(s) x {args.samples} at {per_frame:.3f} s a frame "
+          f"({result['device']}); written to {folder}/")
+    if real is not None:
+        s = result["scores"]
+        print("step  PSNR imagined  PSNR first kept  SSIM imagined  SSIM first kept")
+        for k in range(len(actions)):
+            print(f"{k + 1:>4}  {s['psnr_per_step'][k]:>13.2f}  {s['copy_first_psnr_per_step'][k]:>15.2f}  "
+                  f"{s['ssim_per_step'][k]:>13.3f}  {s['copy_first_ssim_per_step'][k]:>15.3f}")
+    return 0
