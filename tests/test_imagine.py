@@ -116,3 +116,19 @@ def test_bad_input_gets_one_line(files, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "error:" in err and re.search(message, err), (argv, err)
     assert not (tmp_path / "o").exists()  # nothing written for bad input
+
+
+def test_policy_imagine_resizes_its_frames(files):
+    """`WorldVLAPolicy.imagine` takes frames of any size (resized as `act` resizes them), single or batched,
+    and needs no reset."""
+    policy = WorldVLAPolicy.from_pretrained(files / "policy", device="cpu")
+    rng = np.random.default_rng(2)
+    frames, acts = rng.integers(0, 256, (2, 48, 48, 3), dtype=np.uint8), rng.uniform(-1, 1, (2, 3, 4))
+    kw = dict(layout=policy.layout, action_tokenizer=policy.action_tokenizer, text_tokenizer=policy.text_tokenizer)
+    want = generate_frames(policy.model, policy.vqgan, np.stack([_resize(f, 32) for f in frames]), acts, **kw)
+    got = policy.imagine(frames, acts)
+    assert got.frames.shape == (2, 3, 32, 32, 3) and np.array_equal(got.codes, want.codes)
+    one = policy.imagine(frames[1], acts[1])
+    assert np.array_equal(one.codes, want.codes[1]) and np.array_equal(one.frames, want.frames[1])
+    with pytest.raises(TypeError, match="uint8"):
+        policy.imagine(frames.astype(np.float32), acts)

@@ -141,21 +141,16 @@ def _scores(imagined: np.ndarray, real: np.ndarray, first: np.ndarray) -> dict:
 
 def imagine(policy, first: np.ndarray, actions: np.ndarray, *, samples: int = 1, temperature: float = 0.0,
             top_k=None, cfg_scale=None, seed: int = 0, progress: bool = False):
-    """`samples` futures of the policy's world model from `first` (uint8 [H, W, 3] at the policy's size)
-    under `actions` [S, D]: (FrameRollout with a leading batch of `samples`, seconds a frame)."""
+    """`samples` futures of the policy's world model from `first` (uint8 [H, W, 3]) under `actions`
+    [S, D], drawn from `seed`: (FrameRollout with a leading batch of `samples`, seconds a frame)."""
     import torch
-
-    from ..inference.frames import generate_frames
 
     device = next(policy.model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    imgs = np.repeat(first[None], samples, axis=0)
-    acts = np.repeat(np.asarray(actions, dtype=np.float64)[None], samples, axis=0)
     t0 = time.perf_counter()
-    out = generate_frames(policy.model, policy.vqgan, imgs, acts, layout=policy.layout,
-                          action_tokenizer=policy.action_tokenizer, text_tokenizer=policy.text_tokenizer,
-                          temperature=temperature, top_k=top_k, cfg_scale=cfg_scale, generator=gen,
-                          progress=progress)
+    out = policy.imagine(np.repeat(first[None], samples, axis=0),
+                         np.repeat(np.asarray(actions, dtype=np.float64)[None], samples, axis=0),
+                         temperature=temperature, top_k=top_k, cfg_scale=cfg_scale, generator=gen, progress=progress)
     return out, (time.perf_counter() - t0) / len(actions)
 
 

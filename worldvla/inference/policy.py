@@ -37,6 +37,7 @@ from ..tokens.sequence import ACTION_PROMPT, image_tokens
 from .chunk import MODES, chunk_length, generate_action_chunk
 from .release import RELEASE_MAX_NEW_TOKENS, generate_release_actions
 from .engine import InferenceEngine, _model_state
+from .frames import generate_frames
 from .malloc import tune_cpu_malloc
 
 POLICY_FILE = "policy.json"
@@ -313,6 +314,19 @@ class WorldVLAPolicy:
         return self.act(image, history)
 
     # ------------------------------------------------------------------ internals
+    @torch.no_grad()
+    def imagine(self, image, actions, *, temperature: float = 0.0, top_k: int | None = None,
+                cfg_scale: float | None = None, generator=None, progress: bool = False):
+        """The world model's rollout from `image` (uint8 [H, W, 3], or [N, H, W, 3]; resized to
+        `image_size`) under continuous `actions` ([T, D], or [N, T, D]): `generate_frames` with this
+        policy's model, VQGAN, layout and tokenizers (a FrameRollout: codes and uint8 frames). Needs no
+        `reset`: the world-model prompt holds no instruction."""
+        frames, single = self._frames(image)
+        return generate_frames(self.model, self.vqgan, frames[0] if single else frames, actions, layout=self.layout,
+                               action_tokenizer=self.action_tokenizer, text_tokenizer=self.text_tokenizer,
+                               temperature=temperature, top_k=top_k, cfg_scale=cfg_scale, generator=generator,
+                               progress=progress)
+
     def _require_reset(self):
         if self._instructions is None:
             raise RuntimeError("call policy.reset(instruction) before act/observe/step")
