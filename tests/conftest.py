@@ -138,6 +138,16 @@ def poison_outputs(monkeypatch):
     and Tensor.new_empty results all start poisoned (`poison`: NaN for floats, a sentinel for integers),
     so an output element a kernel never writes fails the test instead of passing on leftover bytes."""
     real_empty, real_like, real_new = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    # torch.device(...) as a context manager recognizes constructors from a set it builds once, at its first
+    # use: built while torch.empty is the poisoning wrapper (torch.compile in a test can be that first
+    # use), it would leave the real torch.empty out for the rest of the session, and `with
+    # torch.device("meta")` would then allocate for real. Build it now, from the real functions.
+    try:
+        from torch.utils._device import _device_constructors
+    except ImportError:  # a torch without it
+        pass
+    else:
+        _device_constructors()
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_like(*a, **kw)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: poison(real_new(self, *a, **kw)))

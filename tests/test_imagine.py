@@ -47,7 +47,8 @@ def test_demo_rollout_beside_the_recorded_frames(files, tmp_path):
     arrays = np.load(out / "rollout.npz")
     demo = read_demos(files / "demos.hdf5")[1]
     assert result["steps"] == 4 and result["source"]["demo"] == 1
-    assert all(len(result["scores"][k]) == 4 for k in ("psnr_per_step", "ssim_per_step", "copy_first_psnr_per_step"))
+    assert all(len(result["scores"][k]) == 4 for k in ("psnr_per_step", "ssim_per_step", "copy_first_psnr_per_step",
+                                                       "vqgan_recon_psnr_per_step", "vqgan_recon_ssim_per_step"))
     first = _resize(demo.frames[1], 32)
     assert np.array_equal(arrays["first"], first)
     assert np.array_equal(arrays["recorded"], np.stack([_resize(f, 32) for f in demo.frames[2:6]]))
@@ -102,6 +103,8 @@ def test_bad_input_gets_one_line(files, tmp_path, capsys):
         ((policy, "--image", tmp_path / "x.png"), "--image needs --actions"),
         ((policy, "--demos", demos, "--samples", 2), "set --temperature above 0"),
         ((policy, "--demos", demos, "--top-k", 5), "--top-k applies to draws"),
+        ((policy, "--demos", demos, "--temperature", "inf"), "--temperature must be finite"),
+        ((policy, "--demos", demos, "--seed", 2 ** 64), r"--seed must be in \[0, 2\^63\)"),
         ((policy, "--demos", demos, "--demo", 2), r"holds 2 episode\(s\); --demo 2"),
         ((policy, "--demos", demos, "--start", 5), "leaves no recorded frame"),
         ((policy, "--demos", tmp_path / "none.hdf5"), "no demo file"),
@@ -132,3 +135,17 @@ def test_policy_imagine_resizes_its_frames(files):
     assert np.array_equal(one.codes, want.codes[1]) and np.array_equal(one.frames, want.frames[1])
     with pytest.raises(TypeError, match="uint8"):
         policy.imagine(frames.astype(np.float32), acts)
+
+
+def test_an_image_run_removes_a_demo_runs_score_plot(files, tmp_path):
+    """The same --out first from a demonstration (scores.png written), then from an image (no scores): the
+    old plot does not stay behind beside the new rollout."""
+    from PIL import Image
+
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 2, "--out", out) == 0
+    assert (out / "scores.png").exists()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "f.png")
+    np.save(tmp_path / "a.npy", np.zeros((2, 4)))
+    assert _run(files / "policy", "--image", tmp_path / "f.png", "--actions", tmp_path / "a.npy", "--out", out) == 0
+    assert not (out / "scores.png").exists() and "scores" not in json.loads((out / "rollout.json").read_text())

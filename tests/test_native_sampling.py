@@ -144,6 +144,37 @@ def test_screened_draw_is_the_float32_draw(rng, monkeypatch, max_candidates, top
         assert torch.equal(got, _reference_draw(h, weight, lo, hi, 0.7, top_k, g))
 
 
+def test_screen_bound_covers_bfloat16_rounding(monkeypatch):
+    """Two codes 2^-19 apart whose weights round to bfloat16 values 2^-7 apart, the lower logit's code
+    rounding up: the screen's bound must allow bfloat16's full rounding error (2^-8 of a weight, not
+    2^-9), or the screened greedy choice and the screened draw pick the wrong code."""
+    monkeypatch.setattr(nb, "SCREEN_MAX_CANDIDATES", 64)
+    R = 2048
+    weight = torch.zeros(R, 2)
+    weight[0] = torch.tensor([1 + 2 ** -8 - 2 ** -20, 2 ** -18])
+    weight[1] = torch.tensor([1 + 2 ** -8 + 2 ** -20, 0.0])
+    hidden = torch.ones(1, 2)
+    assert int(constrained_sample_ref(hidden, weight, 0, R)[0]) == 0
+    assert int(nb.range_argmax_op(hidden, weight, 0, R)[0]) == 0
+    for top_k in (None, 1, 2):
+        got = constrained_sample(hidden, weight, 0, R, 1.0, top_k, gumbel=torch.zeros(1, R), backend="native")
+        assert int(got[0]) == 0, top_k
+
+
+@pytest.mark.parametrize("top_k", [None, 2, 3, 6])
+def test_draw_takes_nan_as_torch_does(rng, top_k):
+    """NaN logits (a NaN weight row) are drawn as torch draws them: topk orders NaN above every number, the
+    threshold then masks nothing if the k largest are NaN, and argmax takes the first NaN score."""
+    hidden = torch.randn(4, 16, generator=rng)
+    weight = torch.randn(300, 16, generator=rng)
+    weight[40, 3] = weight[7, 0] = float("nan")
+    for _ in range(5):
+        g = draw_gumbel((4, 250), rng)
+        got = constrained_sample(hidden, weight, 5, 255, 1.0, top_k, gumbel=g, backend="native")
+        want = sample_logits((hidden @ weight[5:255].t()).float(), 1.0, top_k, gumbel=g) + 5
+        assert torch.equal(got, want), (top_k, got, want)
+
+
 def test_screened_tables_follow_the_weight(rng):
     """The bfloat16 tables are made again after an in-place update (as load_state_dict does)."""
     weight = torch.randn(4096, 40, generator=rng)

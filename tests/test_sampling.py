@@ -42,13 +42,26 @@ def test_draw_is_the_argmax_of_the_noisy_logits(rng):
     assert int(sample_logits(logits, 1.0, 2, gumbel=torch.zeros(6, 40))[0]) == 3
 
 
-def test_gumbel_noise_is_finite_and_gumbel_distributed():
+def test_gumbel_noise_is_finite_and_gumbel_distributed(monkeypatch):
     g = draw_gumbel((200_000,), torch.Generator().manual_seed(0))
     assert g.dtype == torch.float32 and bool(torch.isfinite(g).all())
     assert abs(g.mean().item() - 0.5772) < 0.01 and abs(g.var().item() - math.pi ** 2 / 6) < 0.03
-    # the extreme uniforms: 0 (clamped) and the largest below 1 stay finite
-    u = torch.tensor([0.0, 1.0 - 2.0 ** -24])
-    assert bool(torch.isfinite(u.clamp_min(torch.finfo(torch.float32).tiny).log().neg().log().neg()).all())
+    # the extreme uniforms torch.rand can return, 0 and the largest below 1, give finite noise
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor([0.0, 1.0 - 2.0 ** -24]))
+    g = draw_gumbel((2,))
+    assert bool(torch.isfinite(g).all()) and -4.5 < g[0] < -4.4 and 16.6 < g[1] < 16.7
+
+
+def test_top_k_holds_at_any_temperature(rng):
+    """Columns outside the top-k stay out however large the noise grows (scores that overflow to inf are
+    masked, not turned into NaN); a non-finite temperature is refused."""
+    logits = torch.randn(500, 30, generator=rng)
+    top2 = logits.topk(2, dim=1).indices
+    for T in (1e30, 1e38):
+        got = sample_logits(logits, T, 2, torch.Generator().manual_seed(1))
+        assert bool((got.view(-1, 1) == top2).any(1).all()), T
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        sample_logits(logits, math.inf, 2)
 
 
 def test_bad_noise_and_top_k(rng):

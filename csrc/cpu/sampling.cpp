@@ -33,35 +33,52 @@ void range_argmax_cpu(const float* hidden, int64_t h_s, const void* weight, int6
   }
 }
 
+namespace {
+
+// |a_v - e_v| <= screen_bound(h), a_v the logit from the bfloat16 copies b_v of the weights, e_v the one
+// the float32 kernel computes. Rounding to the nearest bfloat16 (8 significant bits) moves a weight by at
+// most 2^-8 of itself (2^-134 for a subnormal), and a float32 dot product of H terms is within
+// gamma_H sum_i |h_i x_i| (gamma_H = H u / (1 - H u), u = 2^-24) of its exact value whatever the order of
+// its sums, plus at most 2^-150 a product that underflows. With S = sum_i |h_i| colmax_i
+// (colmax_i = max_v |w_vi|) and L = sum_i |h_i|:
+// |a_v - e_v| <= (2^-8 + (2 + 2^-8) gamma_H) S + 2^-133 L + 4 H 2^-150, taken with a little room for the
+// double sums here.
+double screen_bound(const float* h, int64_t H, const float* colmax) {
+  const double u = std::ldexp(1.0, -24), gamma = H * u / (1.0 - H * u), r = std::ldexp(1.0, -8);
+  double S = 0.0, L = 0.0;
+  for (int64_t i = 0; i < H; ++i) {
+    const double x = std::fabs(double(h[i]));
+    S += x * colmax[i];
+    L += x;
+  }
+  return ((r + (2.0 + r) * gamma) * S + std::ldexp(1.0, -133) * L + 4.0 * double(H) * std::ldexp(1.0, -150)) *
+         (1.0 + 1e-9);
+}
+
+}  // namespace
+
 // Greedy with a bfloat16 screen: bitwise range_argmax_cpu's answer from about half the weight bytes
 // when few codes come close to the top.
 //
-// a_v, from the bfloat16 copies b_v, and e_v, the float32 logit range_argmax_cpu computes, differ by
-// at most c * S, S = sum_i |h_i| colmax_i (colmax_i = max_v |w_vi|): rounding to bfloat16 moves each
-// weight by at most 2^-9 of itself, and each float32 dot product of H terms is within gamma_H =
-// H u / (1 - H u) (u = 2^-24) of its exact value whatever the order of its sums, so
-// c = 2^-9 + (2 + 2^-9) gamma_H. The best code v* then has a_v* >= e_v* - cS >= e_v - cS >= a_v - 2cS
-// for every v: every code within 2cS of the largest a_v is a candidate, and the candidates' float32
-// logits, computed by the same kernel one row at a time (each output of linear_cpu is summed the same
-// way whatever rows surround it), decide, the first maximum winning as in range_argmax_cpu. More than
-// max_candidates candidates, or a non-finite bound, and the row takes the float32 logits of the whole range.
+// With B = screen_bound(h) >= |a_v - e_v| for every v, the best code v* has
+// a_v* >= e_v* - B >= e_v - B >= a_v - 2B for every v: every code within 2B of the largest a_v is a
+// candidate, and the candidates' float32 logits, computed by the same kernel one row at a time (each
+// output of linear_cpu is summed the same way whatever rows surround it), decide, the first maximum
+// winning as in range_argmax_cpu. More than max_candidates candidates, or a non-finite bound, and the row
+// takes the float32 logits of the whole range.
 void range_argmax_screened_cpu(const float* hidden, int64_t h_s, const float* w32, int64_t w_s, const uint16_t* w16,
                                const float* colmax, int64_t N, int64_t H, int64_t R, int64_t max_candidates,
                                int64_t* ids) {
   std::vector<float> approx(N * R);
   linear_bf16_cpu(hidden, h_s, w16, H, N, H, R, approx.data(), R);
-  const double u = std::ldexp(1.0, -24), gamma = H * u / (1.0 - H * u);
-  const double c = (std::ldexp(1.0, -9) + (2.0 + std::ldexp(1.0, -9)) * gamma) * (1.0 + 1e-12);
   std::vector<int64_t> cand;
   std::vector<float> exact;
   for (int64_t n = 0; n < N; ++n) {
     const float* h = hidden + n * h_s;
     const float* a = &approx[n * R];
-    double S = 0.0;
-    for (int64_t i = 0; i < H; ++i) S += std::fabs(double(h[i])) * colmax[i];
     float amax = a[0];
     for (int64_t v = 1; v < R; ++v) amax = a[v] > amax ? a[v] : amax;
-    const double floor = double(amax) - 2.0 * c * S;
+    const double floor = double(amax) - 2.0 * screen_bound(h, H, colmax);
     cand.clear();
     if (std::isfinite(floor) && std::isfinite(amax))
       for (int64_t v = 0; v < R && int64_t(cand.size()) <= max_candidates; ++v)
@@ -88,27 +105,31 @@ void range_argmax_screened_cpu(const float* hidden, int64_t h_s, const float* w3
 
 namespace {
 
-// The draw of one row from its exact float32 logits l [R] and noise z [R]: masked below the k-th largest
-// logit (torch.topk's value; ties at it kept), one float32 add, the first maximum.
+// The draw of one row from its exact float32 logits l [R] and noise z [R], as torch computes
+// (l + z).masked_fill(l < kth, -inf).argmax(): kth the k-th largest logit as torch.topk orders them (NaN
+// above every number), ties at it kept, one float32 add, the first maximum (a NaN score, as torch.argmax
+// takes it, the first NaN).
 int64_t draw_row(const float* l, const float* z, int64_t R, int64_t top_k, std::vector<float>& scratch) {
   float kth = -INFINITY;
   if (top_k > 0 && top_k < R) {
-    scratch.assign(l, l + R);
-    std::nth_element(scratch.begin(), scratch.begin() + (top_k - 1), scratch.end(), std::greater<float>());
-    kth = scratch[top_k - 1];
+    scratch.clear();
+    for (int64_t v = 0; v < R; ++v)
+      if (!std::isnan(l[v])) scratch.push_back(l[v]);
+    const int64_t nans = R - int64_t(scratch.size()), k = top_k - nans;
+    if (k > 0) {  // else the k largest are NaN: nothing compares below a NaN threshold
+      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
+      kth = scratch[k - 1];
+    } else {
+      kth = NAN;
+    }
   }
   int64_t best = 0;
   float best_score = -INFINITY;
   for (int64_t v = 0; v < R; ++v) {
     const float score = l[v] < kth ? -INFINITY : l[v] + z[v];
-    if (v == 0 || score > best_score) best = v, best_score = score;
+    if (v == 0 || score > best_score || (std::isnan(score) && !std::isnan(best_score))) best = v, best_score = score;
   }
   return best;
-}
-
-double screen_constant(int64_t H) {  // c of range_argmax_screened_cpu, with a little room
-  const double u = std::ldexp(1.0, -24), gamma = H * u / (1.0 - H * u);
-  return (std::ldexp(1.0, -9) + (2.0 + std::ldexp(1.0, -9)) * gamma) * (1.0 + 1e-12);
 }
 
 }  // namespace
@@ -122,25 +143,26 @@ void range_sample_cpu(const float* hidden, int64_t h_s, const void* weight, int6
 }
 
 // The screen of range_argmax_screened_cpu, for the draw: approximate logits a_v from the bfloat16 rows,
-// within cS of the float32 logits e_v (c, S as there).
+// |a_v - e_v| <= B = screen_bound(h) (e_v the float32 logits).
 // Without top-k the draw is the first maximum of s_v = fl(e_v + z_v). With t_v = e_v + z_v exactly and
-// u = 2^-24, s_v* >= s_v gives t_v* >= t_v - u(|t_v| + |t_v*|), and |t_v - (a_v + z_v)| <= cS, so the
-// winner has a_v* + z_v* >= a_v + z_v - 2cS - 2u(M + cS) for every v, M the largest |a_v + z_v|: every
+// u = 2^-24, s_v* >= s_v gives t_v* >= t_v - u(|t_v| + |t_v*|), and |t_v - (a_v + z_v)| <= B, so the
+// winner has a_v* + z_v* >= a_v + z_v - 2B - 2u(M + B) for every v, M the largest |a_v + z_v|: every
 // code within that margin of the largest a_v + z_v (summed in double) is a candidate, and the candidates'
-// float32 logits (linear_cpu over their rows gathered: each output summed as among other rows) decide. A code
-// left out cannot be the first maximum, so the first maximum among the candidates is the draw's.
-// With top-k, the k codes of largest a_v have e_v >= kth_a - cS (kth_a: the k-th largest a_v), so the
-// k-th largest e_v is at least that, and a code with a_v < kth_a - 2cS has e_v below it: it is neither
-// kept nor able to move the k-th largest. The codes with a_v >= kth_a - 2cS (at least k) get their float32
+// float32 logits (linear_cpu over their rows gathered: each output summed as among other rows) decide. A
+// code left out cannot be the first maximum, so the first maximum among the candidates is the draw's.
+// With top-k, the k codes of largest a_v have e_v >= kth_a - B (kth_a: the k-th largest a_v), so the
+// k-th largest e_v is at least that, and a code with a_v < kth_a - 2B has e_v below it: it is neither
+// kept nor able to move the k-th largest. The codes with a_v >= kth_a - 2B (at least k) get their float32
 // logits; the k-th largest of those is the draw's threshold, and the draw runs over them as draw_row runs
-// over the whole range (the others are masked there). Too many candidates (max_candidates, plus top_k
-// with top-k) or a non-finite bound, and the row takes the float32 logits of the whole range.
+// over the whole range (the others are masked there). Too many candidates (max_candidates, or
+// top_k + 4 max_candidates with top-k), a NaN, a non-finite bound or a non-finite winning score, and the
+// row takes the float32 logits of the whole range (draw_row).
 void range_sample_screened_cpu(const float* hidden, int64_t h_s, const float* w32, int64_t w_s, const uint16_t* w16,
                                const float* colmax, int64_t N, int64_t H, int64_t R, int64_t max_candidates,
                                const float* z, int64_t top_k, int64_t* ids) {
   std::vector<float> approx(N * R), exact, scratch, rows;
   linear_bf16_cpu(hidden, h_s, w16, H, N, H, R, approx.data(), R);
-  const double c = screen_constant(H), u = std::ldexp(1.0, -24) * (1.0 + 1e-6);
+  const double u = std::ldexp(1.0, -24) * (1.0 + 1e-6);
   const bool keep_all = top_k <= 0 || top_k >= R;
   std::vector<int64_t> cand;
   std::vector<float> cand_logit;
@@ -148,8 +170,9 @@ void range_sample_screened_cpu(const float* hidden, int64_t h_s, const float* w3
     const float* h = hidden + n * h_s;
     const float* a = &approx[n * R];
     const float* zn = z + n * R;
-    double S = 0.0;
-    for (int64_t i = 0; i < H; ++i) S += std::fabs(double(h[i])) * colmax[i];
+    const double B = screen_bound(h, H, colmax);
+    bool nan = false;
+    for (int64_t v = 0; v < R && !nan; ++v) nan = std::isnan(a[v]) || std::isnan(zn[v]);
     const int64_t limit = keep_all ? max_candidates : top_k + 4 * max_candidates;
     cand.clear();
     double floor;
@@ -160,22 +183,25 @@ void range_sample_screened_cpu(const float* hidden, int64_t h_s, const float* w3
         top = std::max(top, t);
         M = std::max(M, std::fabs(t));
       }
-      floor = top - 2.0 * c * S - 2.0 * u * (M + c * S);
-      if (std::isfinite(floor))
+      floor = top - 2.0 * B - 2.0 * u * (M + B);
+      if (std::isfinite(floor) && !nan)
         for (int64_t v = 0; v < R && int64_t(cand.size()) <= limit; ++v)
           if (double(a[v]) + double(zn[v]) >= floor) cand.push_back(v);
-    } else {
+    } else if (!nan) {
       scratch.assign(a, a + R);
       std::nth_element(scratch.begin(), scratch.begin() + (top_k - 1), scratch.end(), std::greater<float>());
-      floor = double(scratch[top_k - 1]) - 2.0 * c * S;
+      floor = double(scratch[top_k - 1]) - 2.0 * B;
       if (std::isfinite(floor))
         for (int64_t v = 0; v < R && int64_t(cand.size()) <= limit; ++v)
           if (double(a[v]) >= floor) cand.push_back(v);
     }
-    if (cand.empty() || int64_t(cand.size()) > limit || (!keep_all && int64_t(cand.size()) < top_k)) {
-      exact.resize(R);  // the whole range in float32
+    auto whole_range = [&] {  // the float32 logits of the whole range
+      exact.resize(R);
       linear_cpu(h, h_s, w32, w_s, 1, H, R, exact.data(), R);
       ids[n] = draw_row(exact.data(), zn, R, top_k, scratch);
+    };
+    if (cand.empty() || int64_t(cand.size()) > limit || (!keep_all && int64_t(cand.size()) < top_k)) {
+      whole_range();
       continue;
     }
     const int64_t C = int64_t(cand.size());  // the candidates' rows gathered, their logits in one call
@@ -196,7 +222,10 @@ void range_sample_screened_cpu(const float* hidden, int64_t h_s, const float* w3
       const float score = cand_logit[j] + zn[cand[j]];
       if (best < 0 || score > best_score) best = cand[j], best_score = score;
     }
-    ids[n] = best;
+    if (std::isfinite(best_score))
+      ids[n] = best;
+    else
+      whole_range();  // an infinite or NaN score: the bound does not hold there
   }
 }
 

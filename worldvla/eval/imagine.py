@@ -3,8 +3,9 @@ look at what it imagines.
 
 From a demonstration (an HDF5 file's episode, its frame at --start and the actions recorded from there)
 the imagined frames stand beside the recorded ones, with PSNR and SSIM at every step against the
-recorded frame and against keeping the first frame (a model that has learned nothing about motion does
-no better than that). From an image and an actions file, the imagined frames stand alone. --samples
+recorded frame, beside those of keeping the first frame (a model that has learned nothing about motion
+does no better) and of the VQGAN's reconstruction of the recorded frame (the best a world model over
+those codes can do). From an image and an actions file, the imagined frames stand alone. --samples
 draws several futures at once (with --temperature > 0; the draws come from --seed).
 
 Written into --out: rollout.png (rows of frames: recorded, then each imagined future), rollout.gif
@@ -15,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..cli import non_negative_float, non_negative_int, positive_int
-
-FILES = ("rollout.png", "rollout.gif", "scores.png", "rollout.json", "rollout.npz")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -46,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="0 (default): greedy codes; above: a draw from softmax(logits / T)")
     p.add_argument("--top-k", type=positive_int, help="draw among the k most likely codes only")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance on the action (1 or unset: none)")
-    p.add_argument("--seed", type=int, default=0, help="the draws' seed (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="the draws' seed (default 0)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="the model's dtype (default: as saved)")
     p.add_argument("--out", default="imagine", help="folder for the outputs (default ./imagine)")
@@ -101,11 +100,16 @@ def demo_segment(path, index: int, start: int, steps: int, camera=None):
         if i == index:
             break
     else:
+        if n == 0:
+            raise ValueError(f"{path} holds no episodes")
         raise ValueError(f"{path} holds {n} episode(s); --demo {index} is not one of them (0..{n - 1})")
-    after = len(demo.frames) - 1 - start  # recorded frames after `start`
-    if after < 1:
-        raise ValueError(f"episode {index} of {path} has {len(demo.frames)} frames; --start {start} leaves no "
-                         f"recorded frame after it (use --start {max(0, len(demo.frames) - 2)} or less)")
+    T = len(demo.frames)
+    if T < 2:
+        raise ValueError(f"episode {index} of {path} has {T} frame(s): nothing recorded to imagine against")
+    if T - 1 - start < 1:  # no recorded frame after `start`
+        raise ValueError(f"episode {index} of {path} has {T} frames; --start {start} leaves no recorded frame "
+                         f"after it (use --start {T - 2} or less)")
+    after = T - 1 - start
     S = min(steps, after, len(demo.actions) - start)
     return (demo.frames[start], demo.actions[start:start + S], demo.frames[start + 1:start + 1 + S],
             demo.instruction)
@@ -121,20 +125,35 @@ def _fit(frames: np.ndarray, size: int) -> np.ndarray:
         *frames.shape[:-3], size, size, 3)
 
 
-def _scores(imagined: np.ndarray, real: np.ndarray, first: np.ndarray) -> dict:
-    """imagined [M, S, H, W, 3], real [S, H, W, 3], first [H, W, 3] -> per-step PSNR / SSIM lists."""
+def _reconstruct(vqgan, frames: np.ndarray) -> np.ndarray:
+    """The VQGAN's reconstruction of frames [S, H, W, 3]: what a world model whose every code is right
+    would show."""
+    import torch
+
+    from ..vqgan import postprocess, preprocess
+
+    with torch.no_grad():
+        dev, dtype = vqgan.codebook.device, vqgan.codebook.dtype
+        return postprocess(vqgan.decode(vqgan.encode(preprocess(frames).to(dev, dtype))))
+
+
+def _scores(imagined: np.ndarray, real: np.ndarray, first: np.ndarray, recon: np.ndarray) -> dict:
+    """imagined [M, S, H, W, 3], real and recon [S, H, W, 3], first [H, W, 3] -> per-step PSNR / SSIM
+    lists of the imagined frames (mean over the M futures, and each), of the first frame kept and of the
+    VQGAN's reconstruction, each against the recorded frames."""
     from .metaworld import PSNR_CAP_DB
     from .metrics import psnr, ssim
 
-    M, S = imagined.shape[:2]
     cap = lambda v: [min(float(x), PSNR_CAP_DB) for x in v]
-    per_sample_psnr = [cap(psnr(imagined[m], real).numpy()) for m in range(M)]
-    per_sample_ssim = [[float(x) for x in ssim(imagined[m], real).numpy()] for m in range(M)]
+    per_sample_psnr = [cap(psnr(f, real).numpy()) for f in imagined]
+    per_sample_ssim = [[float(x) for x in ssim(f, real).numpy()] for f in imagined]
     firsts = np.broadcast_to(first, real.shape)
     return {"psnr_per_step": np.mean(per_sample_psnr, axis=0).tolist(),
             "ssim_per_step": np.mean(per_sample_ssim, axis=0).tolist(),
             "copy_first_psnr_per_step": cap(psnr(firsts, real).numpy()),
             "copy_first_ssim_per_step": [float(x) for x in ssim(firsts, real).numpy()],
+            "vqgan_recon_psnr_per_step": cap(psnr(recon, real).numpy()),
+            "vqgan_recon_ssim_per_step": [float(x) for x in ssim(recon, real).numpy()],
             "psnr_per_sample": per_sample_psnr, "ssim_per_sample": per_sample_ssim,
             "psnr_cap_db": PSNR_CAP_DB}
 
@@ -180,6 +199,10 @@ def run(args: argparse.Namespace) -> int:
                          f"times; set --temperature above 0 (e.g. 1.0)")
     if args.top_k is not None and args.temperature <= 0.0:
         raise ValueError("--top-k applies to draws; set --temperature above 0")
+    if not math.isfinite(args.temperature):
+        raise ValueError(f"--temperature must be finite, got {args.temperature}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
     policy = WorldVLAPolicy.from_pretrained(args.policy, device=args.device, dtype=args.dtype)
     real = None
     if args.demos is not None:
@@ -208,15 +231,17 @@ def run(args: argparse.Namespace) -> int:
     arrays = {"codes": out.codes.numpy(), "imagined": out.frames, "first": first}
     if real is not None:
         real = _fit(real, policy.image_size)
-        result["scores"] = _scores(out.frames, real, first)
+        result["scores"] = sc = _scores(out.frames, real, first, _reconstruct(policy.vqgan, real))
         rows = [np.concatenate([first[None], real])] + rows
         labels = ["recorded"] + labels
         arrays["recorded"] = real
-        plots.horizon_curves({"imagined": {"psnr": result["scores"]["psnr_per_step"],
-                                           "ssim": result["scores"]["ssim_per_step"]},
-                              "first frame kept": {"psnr": result["scores"]["copy_first_psnr_per_step"],
-                                                   "ssim": result["scores"]["copy_first_ssim_per_step"]}},
+        curves = {"imagined": ("psnr_per_step", "ssim_per_step"),
+                  "first frame kept": ("copy_first_psnr_per_step", "copy_first_ssim_per_step"),
+                  "VQGAN reconstruction": ("vqgan_recon_psnr_per_step", "vqgan_recon_ssim_per_step")}
+        plots.horizon_curves({name: {"psnr": sc[p], "ssim": sc[q]} for name, (p, q) in curves.items()},
                              folder / "scores.png", title="imagined frames against the recorded ones")
+    else:
+        (folder / "scores.png").unlink(missing_ok=True)  # an earlier run's, from a demonstration
     plots.frame_grid(rows, folder / "rollout.png", labels=labels)
     gif = imagined[0] if real is None else plots.side_by_side(rows[0], imagined[0])
     plots.save_gif(gif, folder / "rollout.gif", fps=4)
@@ -226,9 +251,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"imagined {len(actions)} frame(s) x {args.samples} at {per_frame:.3f} s a frame "
           f"({result['device']}); written to {folder}/")
     if real is not None:
-        s = result["scores"]
-        print("step  PSNR imagined  PSNR first kept  SSIM imagined  SSIM first kept")
+        print("PSNR dB / SSIM against the recorded frames (reconstruction: the VQGAN's, every code right)")
+        print("step  imagined        first kept      reconstruction")
         for k in range(len(actions)):
-            print(f"{k + 1:>4}  {s['psnr_per_step'][k]:>13.2f}  {s['copy_first_psnr_per_step'][k]:>15.2f}  "
-                  f"{s['ssim_per_step'][k]:>13.3f}  {s['copy_first_ssim_per_step'][k]:>15.3f}")
+            print(f"{k + 1:>4}  {sc['psnr_per_step'][k]:>6.2f} / {sc['ssim_per_step'][k]:.3f}  "
+                  f"{sc['copy_first_psnr_per_step'][k]:>6.2f} / {sc['copy_first_ssim_per_step'][k]:.3f}  "
+                  f"{sc['vqgan_recon_psnr_per_step'][k]:>6.2f} / {sc['vqgan_recon_ssim_per_step'][k]:.3f}")
     return 0

@@ -204,14 +204,16 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=acts.shape[1], desc="imagine", unit="frame", dynamic_ncols=True)
-    for t in range(acts.shape[1]):
-        codes = generate_frame_codes(model, codes, acts[:, t], builder, temperature=temperature, top_k=top_k,
-                                     cfg_scale=cfg_scale, generator=generator, backend=backend, engine=engine)
-        steps.append(codes)
+    try:
+        for t in range(acts.shape[1]):
+            codes = generate_frame_codes(model, codes, acts[:, t], builder, temperature=temperature, top_k=top_k,
+                                         cfg_scale=cfg_scale, generator=generator, backend=backend, engine=engine)
+            steps.append(codes)
+            if bar is not None:
+                bar.update()
+    finally:
         if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
+            bar.close()
     all_codes = torch.stack(steps, dim=1)                       # [N, T, h, w]
     pixels = vqgan.decode(all_codes.reshape(-1, h, w).to(vq_dev))
     frames = postprocess(pixels).reshape(N, all_codes.shape[1], *pixels.shape[-2:], 3)

@@ -313,7 +313,7 @@ class WorldVLAPolicy:
     def __call__(self, image, history=_AUTO) -> np.ndarray:
         return self.act(image, history)
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ world model
     @torch.no_grad()
     def imagine(self, image, actions, *, temperature: float = 0.0, top_k: int | None = None,
                 cfg_scale: float | None = None, generator=None, progress: bool = False):
@@ -327,6 +327,7 @@ class WorldVLAPolicy:
                                temperature=temperature, top_k=top_k, cfg_scale=cfg_scale, generator=generator,
                                progress=progress)
 
+    # ------------------------------------------------------------------ internals
     def _require_reset(self):
         if self._instructions is None:
             raise RuntimeError("call policy.reset(instruction) before act/observe/step")

@@ -619,6 +619,8 @@ def _range_sample_cpu(hidden: Tensor, weight: Tensor, lo: int, hi: int, temperat
     _check_range(hidden, weight, lo, hi, op)
     if weight.dtype not in (torch.float32, torch.bfloat16):
         _fail(op, f"the CPU draw takes float32 or bfloat16 weights, got {weight.dtype}", TypeError)
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 (or None for the whole range), got {top_k}")
     N, R = hidden.shape[0], hi - lo

@@ -2,6 +2,8 @@
 that range's logits from the final hidden state."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import dispatch
@@ -31,6 +33,8 @@ def sample_logits(logits, temperature=0.0, top_k=None, generator=None, gumbel=No
     equal scores the first column wins, as torch.argmax."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 (or None for the whole range), got {top_k}")
     logits = logits.float()
@@ -39,10 +43,11 @@ def sample_logits(logits, temperature=0.0, top_k=None, generator=None, gumbel=No
     elif tuple(gumbel.shape) != tuple(logits.shape) or gumbel.dtype != torch.float32:
         raise ValueError(f"gumbel noise must be float32 {tuple(logits.shape)} like the logits, "
                          f"got {gumbel.dtype} {tuple(gumbel.shape)}")
-    if top_k is not None and top_k < logits.shape[-1]:
+    scores = logits + scaled_gumbel(gumbel, temperature)
+    if top_k is not None and top_k < logits.shape[-1]:  # masked after the noise: -inf whatever it adds
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return (logits + scaled_gumbel(gumbel, temperature)).argmax(dim=-1)
+        scores = scores.masked_fill(logits < kth, float("-inf"))
+    return scores.argmax(dim=-1)
 
 
 def constrained_sample_ref(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None, gumbel=None):
