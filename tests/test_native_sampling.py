@@ -59,6 +59,25 @@ def _unscreened(hidden, weight, lo, hi):
     return ids
 
 
+def _close_calls(rng):
+    """A frame-sized range (8,192 codes of 9,000) whose rows hold the cases a bfloat16 screen must get
+    right: for hidden row 0 an exact tie at the top (rows top and top + 7: the first wins) and a row a few
+    ulps above them (top + 9), for row 1 two rows apart below bfloat16's resolution (lo + 10, lo + 11),
+    for row 2 two rows that round to the same bfloat16s (lo + 12, lo + 13). -> hidden, weight, lo, hi, top."""
+    V, H, lo, hi = 9000, 72, 500, 500 + 8192
+    hidden = torch.randn(7, H, generator=rng)
+    weight = torch.randn(V, H, generator=rng) * 0.05
+    top = lo + 4000
+    weight[top] = hidden[0] * 0.2
+    weight[top + 7] = weight[top]
+    weight[top + 9] = weight[top] * (1 + 2 ** -22)
+    weight[lo + 10] = hidden[1] * 0.2
+    weight[lo + 11] = weight[lo + 10] + 1e-7 * torch.randn(H, generator=rng)
+    weight[lo + 12] = hidden[2] * 0.2 + 2 ** -12
+    weight[lo + 13] = hidden[2] * 0.2 - 2 ** -12
+    return hidden, weight, lo, hi, top
+
+
 @pytest.mark.usefixtures("cpu_width")
 @pytest.mark.parametrize("max_candidates", [64, 1, 0])
 def test_screened_greedy_is_the_float32_choice(rng, monkeypatch, max_candidates):
@@ -66,17 +85,8 @@ def test_screened_greedy_is_the_float32_choice(rng, monkeypatch, max_candidates)
     the float32 kernel, also for exact ties (the first wins), near ties a few ulps apart, logits that
     bfloat16 rounding reorders, and rows whose candidates overflow (the whole range in float32)."""
     monkeypatch.setattr(nb, "SCREEN_MAX_CANDIDATES", max_candidates)
-    V, H, lo, hi = 9000, 72, 500, 500 + 8192
-    hidden = torch.randn(7, H, generator=rng)
-    weight = torch.randn(V, H, generator=rng) * 0.05
-    top = lo + 4000
-    weight[top] = hidden[0] * 0.2
-    weight[top + 7] = weight[top]                                   # an exact tie: the first wins
-    weight[top + 9] = weight[top] * (1 + 2 ** -22)                  # a few ulps above
-    weight[lo + 10] = hidden[1] * 0.2
-    weight[lo + 11] = weight[lo + 10] + 1e-7 * torch.randn(H, generator=rng)  # apart below bfloat16's resolution
-    weight[lo + 12] = hidden[2] * 0.2 + 2 ** -12                    # rounds to the same bfloat16s as ...
-    weight[lo + 13] = hidden[2] * 0.2 - 2 ** -12                    # ... this one
+    hidden, weight, lo, hi, top = _close_calls(rng)
+    H = hidden.shape[1]
     ids = nb.range_argmax_op(hidden, weight, lo, hi)
     assert torch.equal(ids, _unscreened(hidden, weight, lo, hi))
     assert int(ids[0]) in (top, top + 9) and int(ids[1]) in (lo + 10, lo + 11) and int(ids[2]) in (lo + 12, lo + 13)
@@ -119,17 +129,8 @@ def test_screened_draw_is_the_float32_draw(rng, monkeypatch, max_candidates, top
     vanishing noise (the first maximum wins), logits that bfloat16 rounding reorders, temperatures from
     0.001 to 2, and rows whose candidates overflow (the whole range in float32)."""
     monkeypatch.setattr(nb, "SCREEN_MAX_CANDIDATES", max_candidates)
-    V, H, lo, hi = 9000, 72, 500, 500 + 8192
-    hidden = torch.randn(7, H, generator=rng)
-    weight = torch.randn(V, H, generator=rng) * 0.05
-    top = lo + 4000
-    weight[top] = hidden[0] * 0.2
-    weight[top + 7] = weight[top]                                   # an exact tie
-    weight[top + 9] = weight[top] * (1 + 2 ** -22)                  # a few ulps above
-    weight[lo + 10] = hidden[1] * 0.2
-    weight[lo + 11] = weight[lo + 10] + 1e-7 * torch.randn(H, generator=rng)  # apart below bfloat16's resolution
-    weight[lo + 12] = hidden[2] * 0.2 + 2 ** -12                    # rounds to the same bfloat16s as ...
-    weight[lo + 13] = hidden[2] * 0.2 - 2 ** -12                    # ... this one
+    hidden, weight, lo, hi, top = _close_calls(rng)
+    H = hidden.shape[1]
     for T in (0.001, 0.05, 0.5, 2.0):
         g = draw_gumbel((7, hi - lo), rng)
         for noise in (g, torch.zeros_like(g)):  # zero noise: the ties decide
