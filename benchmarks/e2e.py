@@ -689,7 +689,7 @@ def compare_bf16_weights(quick: bool = False, out_dir="benchmarks/results", grid
 def compare_sampled_frames(quick: bool = False, out_dir="benchmarks/results", grid: int | None = None,
                            repeats: int | None = None):
     """CPU: a world-model frame of the small config drawn (top-k 100 at temperature 1; temperature 1 over
-    every code) and greedy, its loop in native calls (one a frame when greedy, one an image row when
+    every code), greedy, and greedy with classifier-free guidance (scale 3), its loop in native calls (one a frame when greedy, one an image row when
     drawn) or in Python (`inference.frames.NATIVE_FRAME_LOOP`), on one engine, the two sides called in
     turn, medians after two warm-up calls each. Every call draws from a generator seeded alike, so the
     two sides' codes must be equal."""
@@ -702,15 +702,16 @@ def compare_sampled_frames(quick: bool = False, out_dir="benchmarks/results", gr
     builder = SequenceBuilder(LAYOUT, RandomText(gen=gen), ActionTokenizer(LAYOUT))
     codes = torch.randint(0, LAYOUT.n_image_codes, (1, grid, grid), generator=gen)
     action = np.random.default_rng(0).uniform(-0.3, 0.3, (1, ACTION_DIM))
-    engine = InferenceEngine(model, 1, builder.world_prompt(codes[0], action[0]).numel() + 3 + grid * (grid + 1),
-                             layout=LAYOUT)
-    cases = {"greedy": {}, "top-k 100 T1": dict(temperature=1.0, top_k=100), "T1 all codes": dict(temperature=1.0)}
+    n_frame = builder.world_prompt(codes[0], action[0]).numel() + 3 + grid * (grid + 1)
+    engines = {rows: InferenceEngine(model, rows, n_frame, layout=LAYOUT) for rows in (1, 2)}  # 2: guided
+    cases = {"greedy": {}, "top-k 100 T1": dict(temperature=1.0, top_k=100), "T1 all codes": dict(temperature=1.0),
+             "greedy guided 3": dict(cfg_scale=3.0)}
     sides = {"native-frame-loop": True, "python-loop": False}
     saved, rows = frames.NATIVE_FRAME_LOOP, []
 
     def call(loop, kw):
         frames.NATIVE_FRAME_LOOP = loop
-        return generate_frame_codes(model, codes, action, builder, engine=engine,
+        return generate_frame_codes(model, codes, action, builder, engine=engines[2 if kw.get("cfg_scale") else 1],
                                     generator=torch.Generator().manual_seed(1), **kw)
 
     try:
@@ -759,8 +760,8 @@ def main(argv=None):
                    help="CPU only: instead, the same calls on a bfloat16 model with its decode steps through its "
                         "modules or the native step, and on the same values as a float32 model")
     p.add_argument("--sampled-frames", action="store_true",
-                   help="CPU only: instead, a frame drawn (top-k 100; temperature 1 over every code) and greedy, its "
-                        "loop in native calls or in Python, interleaved; the codes must be equal")
+                   help="CPU only: instead, a frame drawn (top-k 100; temperature 1 over every code), greedy and guided, "
+                        "its loop in native calls or in Python, interleaved; the codes must be equal")
     p.add_argument("--bf16-steps", metavar="CONFIG", choices=("chameleon_7b", "small"),
                    help="CPU only: instead, single decode steps (1, 2, 5 rows) of CONFIG in bfloat16 after a prefill, "
                         "on the native step and on the modules (chameleon_7b: about 15 GB of memory, minutes)")

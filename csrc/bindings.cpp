@@ -375,7 +375,7 @@ class DecodeStep {
 void decode_frame(const DecodeStep& one, const DecodeStep& two, int64_t rows, int64_t h, int64_t w, int64_t newline,
                   int64_t codes, int64_t next_pos, int64_t weight, int64_t w_s, int w_dtype, int64_t H, int64_t lo,
                   int64_t hi, int64_t screen, int64_t colmax, int64_t max_candidates, int64_t first, int64_t last,
-                  int64_t noise, int64_t top_k) {
+                  int64_t noise, int64_t top_k, bool guided, double cfg_scale) {
   if (hi <= lo) throw std::invalid_argument("decode_frame: empty vocabulary range");
   FrameDecodeParams f;
   f.rows = rows;
@@ -395,6 +395,8 @@ void decode_frame(const DecodeStep& one, const DecodeStep& two, int64_t rows, in
   f.head.max_candidates = max_candidates;
   f.noise = ptr<const float>(noise);
   f.top_k = top_k;
+  f.guided = guided;
+  f.cfg_scale = static_cast<float>(cfg_scale);  // torch multiplies a float32 tensor by a Python float as float32
   // A code at a time, the GIL released for each, so that Ctrl-C stops a long frame (a 7B model's takes
   // minutes on a CPU) between two steps; a step costs hundreds of microseconds, the GIL about one.
   for (int64_t i = first; i < last; ++i) {
@@ -458,7 +460,8 @@ PYBIND11_MODULE(_C, m) {
         "A world-model frame's codes [first, last) in one call on the CPU: a one-row and a two-row DecodeStep "
         "(the engine's, on its buffers), codes [rows, h*w] (column 0 given), next positions [rows], the lm_head "
         "range's pointers (and its bfloat16 screen for greedy float32 choices, or 0); greedy without noise, else "
-        "sample_logits' draw with the image row's scaled Gumbel noise [w, rows, hi - lo] and top_k (0: all).");
+        "sample_logits' draw with the image row's scaled Gumbel noise [w, rows, hi - lo] and top_k (0: all); guided: "
+        "steps of 2 x rows sequences (the unconditional branches after) and the guidance scale.");
   m.def("range_argmax", &range_argmax, "Greedy token over the vocabulary range [lo, hi) (int64 out).");
   m.def("range_argmax_screened", &range_argmax_screened,
         "range_argmax on the CPU screened with bfloat16 copies of the range's rows (bitwise its ids).");

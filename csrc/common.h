@@ -160,6 +160,11 @@ struct FrameDecodeParams {
   GreedyRange head;
   const float* noise = nullptr;  // [w, rows, hi - lo] float32, or null: greedy
   int64_t top_k = 0;
+  // Classifier-free guidance: the steps hold 2 x rows sequences, sequence rows + r the unconditional
+  // branch of r, fed r's codes; each code is chosen from u + cfg_scale * (c - u) of the float32 logits
+  // of the range (range_logits_cpu) of the two branches, as torch computes it (no fused multiply-add).
+  bool guided = false;
+  float cfg_scale = 1.f;
 };
 // Codes [first, last) of the frame (1 <= first; the caller walks 1 .. h*w, e.g. one at a time to stay
 // interruptible; with noise, within one image row).
@@ -210,6 +215,9 @@ void range_sample_cpu(const float* hidden, int64_t h_s, const void* weight, int6
                       int64_t H, int64_t lo, int64_t hi, const float* z, int64_t top_k, int64_t* ids);
 // The same draw over rows [0, R) of w32 (ids in [0, R)), screened as range_argmax_screened_cpu: bitwise
 // range_sample_cpu's ids (csrc/cpu/sampling.cpp says why).
+// Choices from logits [N, R] (float32): with z (scaled Gumbel noise [N, R]) the draw of range_sample_cpu,
+// else torch.argmax's (the first maximum; the first NaN where there is one). ids in [0, R).
+void choose_from_logits_cpu(const float* logits, const float* z, int64_t N, int64_t R, int64_t top_k, int64_t* ids);
 void range_sample_screened_cpu(const float* hidden, int64_t h_s, const float* w32, int64_t w_s, const uint16_t* w16,
                                const float* colmax, int64_t N, int64_t H, int64_t R, int64_t max_candidates,
                                const float* z, int64_t top_k, int64_t* ids);

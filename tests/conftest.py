@@ -207,8 +207,8 @@ def native_step_runs(monkeypatch):
             runs.append(1)
             self.step.run()
 
-    def counted_frame(one, two, rows, h, w, *rest):  # rest[-4:-2]: the call's codes [first, last)
-        runs.extend([1] * (rest[-3] - rest[-4]))
+    def counted_frame(one, two, rows, h, w, *rest):  # rest[-6:-4]: the call's codes [first, last)
+        runs.extend([1] * (rest[-5] - rest[-6]))
         return frame_loop(one.step, two.step, rows, h, w, *rest)
 
     monkeypatch.setattr(nb._C, "DecodeStep", Counted)

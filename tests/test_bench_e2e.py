@@ -148,7 +148,7 @@ def test_bf16_steps_comparison(tmp_path, monkeypatch, capsys):
 
 def test_sampled_frames_comparison(tmp_path, monkeypatch):
     """`e2e --sampled-frames`: each case's frame with its loop in native calls (really taken: one call a
-    greedy frame, one an image row when drawn) and in Python, the same codes, the switch as it was."""
+    greedy or guided frame, one an image row when drawn) and in Python, the same codes, the switch as it was."""
     nb = pytest.importorskip("worldvla.ops.native_backend")
     from worldvla.inference import frames
     from worldvla.ops import decoder, dispatch
@@ -156,8 +156,8 @@ def test_sampled_frames_comparison(tmp_path, monkeypatch):
     monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
     monkeypatch.setattr(decoder, "NATIVE_STEP", True)
     calls, real = [], nb._C.decode_frame
-    monkeypatch.setattr(nb._C, "decode_frame", lambda *a: calls.append(a[-2] != 0) or real(*a))  # noise given
+    monkeypatch.setattr(nb._C, "decode_frame", lambda *a: calls.append(a[-4] != 0) or real(*a))  # noise given
     doc = json.loads(e2e.compare_sampled_frames(quick=True, out_dir=tmp_path, grid=4, repeats=1).read_text())
     assert frames.NATIVE_FRAME_LOOP is True
-    assert calls.count(False) == 3 and calls.count(True) == 2 * 3 * 4  # greedy: 3 frames; drawn: 2 cases x 3 x 4 rows
-    assert len(doc["rows"]) == 6 and all(r["tokens_equal"] for r in doc["rows"])
+    assert calls.count(False) == 2 * 3 and calls.count(True) == 2 * 3 * 4  # greedy, guided: 3 frames; drawn: 3 x 4 rows
+    assert len(doc["rows"]) == 8 and all(r["tokens_equal"] for r in doc["rows"])

@@ -168,15 +168,18 @@ def test_frames_cuda_graphs_match_eager(cfg_scale):
     _check_greedy(model.cpu(), b, codes, actions, outs[0].cpu(), cfg_scale=cfg_scale)
 
 
-@pytest.mark.parametrize("dtype,n_codes,sampling", [
-    (torch.float32, 64, None), (torch.float32, 2304, None), (torch.bfloat16, 64, None),
-    (torch.float32, 64, (1.3, None)), (torch.float32, 2304, (0.8, 5)), (torch.bfloat16, 64, (1.0, 3))],
-    ids=["float32", "float32-screened", "bfloat16", "float32-sampled", "float32-top-k", "bfloat16-top-k"])
-def test_native_frame_loop_is_the_python_loop(rng, monkeypatch, dtype, n_codes, sampling):
+@pytest.mark.parametrize("dtype,n_codes,sampling,cfg_scale", [
+    (torch.float32, 64, None, None), (torch.float32, 2304, None, None), (torch.bfloat16, 64, None, None),
+    (torch.float32, 64, (1.3, None), None), (torch.float32, 2304, (0.8, 5), None), (torch.bfloat16, 64, (1.0, 3), None),
+    (torch.float32, 64, None, 2.7), (torch.float32, 2304, (0.9, 7), 1.3), (torch.bfloat16, 64, None, 3.1)],
+    ids=["float32", "float32-screened", "bfloat16", "float32-sampled", "float32-top-k", "bfloat16-top-k",
+         "float32-guided", "float32-guided-top-k", "bfloat16-guided"])
+def test_native_frame_loop_is_the_python_loop(rng, monkeypatch, dtype, n_codes, sampling, cfg_scale):
     """On the CPU a frame on native steps runs its loop in native calls (one for a greedy frame, one an
     image row for a sampled one): the codes of the Python loop, over two sequences, a grid of 4 rows of 6
     codes, twice on one engine (a rollout), float32 (plain and screened greedy choices) and bfloat16
-    models, greedy and sampled (with and without top-k) from the same generator state."""
+    models, greedy and sampled (with and without top-k) from the same generator state, unguided and with
+    classifier-free guidance."""
     nb = pytest.importorskip("worldvla.ops.native_backend")
     from worldvla.inference import frames
     from worldvla.ops import decoder, dispatch
@@ -195,15 +198,16 @@ def test_native_frame_loop_is_the_python_loop(rng, monkeypatch, dtype, n_codes, 
     got = {}
     for native in (True, False):
         monkeypatch.setattr(frames, "NATIVE_FRAME_LOOP", native)
-        engine = InferenceEngine(model, 2, b.world_prompt(codes[0], actions[0]).numel() + 3 + 4 * 7, layout=lay)
+        rows = 4 if cfg_scale else 2  # guided: the unconditional branches too
+        engine = InferenceEngine(model, rows, b.world_prompt(codes[0], actions[0]).numel() + 3 + 4 * 7, layout=lay)
         gen = torch.Generator().manual_seed(seed)
-        kw = dict(engine=engine, temperature=temperature, top_k=top_k, generator=gen)
+        kw = dict(engine=engine, temperature=temperature, top_k=top_k, generator=gen, cfg_scale=cfg_scale)
         first = generate_frame_codes(model, codes, actions, b, **kw)
         got[native] = (first, generate_frame_codes(model, first, actions, b, **kw))
         assert len(calls) == (8 if sampling else 2)  # the native loop's calls; the Python loop's add none
     assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
     assert len(set(got[True][0].flatten().tolist())) > 3  # not a constant output
-    if sampling:  # a draw, not the greedy codes
+    if sampling or cfg_scale:  # a draw, or guided codes: not the unguided greedy ones
         monkeypatch.setattr(frames, "NATIVE_FRAME_LOOP", True)
         assert not torch.equal(got[True][0], generate_frame_codes(model, codes, actions, b))
 

@@ -307,10 +307,28 @@ static void sample(const GreedyRange& g, const float* hidden, int64_t N, const f
   }
 }
 
+// The guided choices: u + s * (c - u) over the float32 logits of both branches (hidden [2N, H]: the
+// conditional rows, then the unconditional ones), each operation rounded as torch rounds it (the product
+// kept apart from the sum: no fused multiply-add), then the choice of sample_logits.
+static void guided(const GreedyRange& g, const float* hidden, int64_t N, float scale, const float* z, int64_t top_k,
+                   int64_t* ids, std::vector<float>& logits) {
+  const int64_t R = g.hi - g.lo;
+  logits.resize(2 * N * R);
+  range_logits_cpu(hidden, g.H, g.weight, g.w_s, g.w_dtype, 2 * N, g.H, g.lo, g.hi, logits.data());
+  for (int64_t i = 0; i < N * R; ++i) {
+    const float u = logits[N * R + i];
+    volatile float m = scale * (logits[i] - u);  // volatile: stored and read back, never fused into the add
+    logits[i] = u + m;
+  }
+  choose_from_logits_cpu(logits.data(), z, N, R, top_k, ids);
+  for (int64_t n = 0; n < N; ++n) ids[n] += g.lo;
+}
+
 void decode_frame_cpu(const DecodeStepParams& one, const DecodeStepParams& two, const FrameDecodeParams& f,
                       int64_t first, int64_t last) {
   const int64_t N = f.rows, hw = f.h * f.w, D = one.layers.front().hidden;
-  if (one.layers.front().attn.batch != N || two.layers.front().attn.batch != N || one.layers.front().attn.n_q != 1 ||
+  const int64_t B = f.guided ? 2 * N : N;  // the steps' sequences
+  if (one.layers.front().attn.batch != B || two.layers.front().attn.batch != B || one.layers.front().attn.n_q != 1 ||
       two.layers.front().attn.n_q != 2 || two.layers.front().hidden != D || f.head.H != D || one.dtype != two.dtype)
     throw std::invalid_argument("decode_frame: wants a one-row and a two-row step of the same model over "
                                 "the frame's sequences");
@@ -319,7 +337,7 @@ void decode_frame_cpu(const DecodeStepParams& one, const DecodeStepParams& two, 
                             ") lie outside [1, " + std::to_string(hw) + ")");
   if (f.noise && first < last && (first / f.w != (last - 1) / f.w))
     throw std::invalid_argument("decode_frame: a sampled call covers one image row (its noise's)");
-  std::vector<float> hidden(N * D);
+  std::vector<float> hidden(B * D), logits;
   std::vector<int64_t> ids(N);
   for (int64_t i = first; i < last; ++i) {
     const bool row_end = i % f.w == 0;  // the previous code closes a row: fed with the row's newline
@@ -328,8 +346,8 @@ void decode_frame_cpu(const DecodeStepParams& one, const DecodeStepParams& two, 
     int64_t* step_ids = const_cast<int64_t*>(s.ids);
     int64_t* pos = const_cast<int64_t*>(s.layers.front().pos);
     int32_t* q_pos = const_cast<int32_t*>(s.layers.front().attn.q_pos);
-    for (int64_t r = 0; r < N; ++r) {
-      step_ids[r * Q] = f.codes[r * hw + i - 1];
+    for (int64_t r = 0; r < B; ++r) {
+      step_ids[r * Q] = f.codes[(r % N) * hw + i - 1];  // an unconditional branch is fed its sequence's codes
       if (row_end) step_ids[r * Q + 1] = f.newline;
       for (int64_t q = 0; q < Q; ++q) {
         pos[r * Q + q] = f.next_pos[r] + q;
@@ -337,7 +355,7 @@ void decode_frame_cpu(const DecodeStepParams& one, const DecodeStepParams& two, 
       }
     }
     decode_step_cpu(s);
-    for (int64_t r = 0; r < N; ++r) {
+    for (int64_t r = 0; r < B; ++r) {
       f.next_pos[r] += Q;
       const int64_t at = (r * Q + Q - 1) * D;  // the row's last token's hidden state
       if (s.dtype == kBFloat16)
@@ -345,8 +363,11 @@ void decode_frame_cpu(const DecodeStepParams& one, const DecodeStepParams& two, 
       else
         std::copy(static_cast<const float*>(s.out) + at, static_cast<const float*>(s.out) + at + D, &hidden[r * D]);
     }
-    if (f.noise)
-      sample(f.head, hidden.data(), N, f.noise + (i % f.w) * N * (f.head.hi - f.head.lo), f.top_k, ids.data());
+    const float* z = f.noise ? f.noise + (i % f.w) * N * (f.head.hi - f.head.lo) : nullptr;
+    if (f.guided)
+      guided(f.head, hidden.data(), N, f.cfg_scale, z, f.top_k, ids.data(), logits);
+    else if (z)
+      sample(f.head, hidden.data(), N, z, f.top_k, ids.data());
     else
       greedy(f.head, hidden.data(), N, ids.data());
     for (int64_t r = 0; r < N; ++r) f.codes[r * hw + i] = ids[r];

@@ -134,12 +134,28 @@ int64_t draw_row(const float* l, const float* z, int64_t R, int64_t top_k, std::
 
 }  // namespace
 
+void choose_from_logits_cpu(const float* logits, const float* z, int64_t N, int64_t R, int64_t top_k, int64_t* ids) {
+  std::vector<float> scratch;
+  for (int64_t n = 0; n < N; ++n) {
+    const float* l = logits + n * R;
+    if (z) {
+      ids[n] = draw_row(l, z + n * R, R, top_k, scratch);
+      continue;
+    }
+    int64_t best = 0;
+    for (int64_t v = 1; v < R && !std::isnan(l[best]); ++v)
+      if (l[v] > l[best] || std::isnan(l[v])) best = v;
+    ids[n] = best;
+  }
+}
+
 void range_sample_cpu(const float* hidden, int64_t h_s, const void* weight, int64_t w_s, int w_dtype, int64_t N,
                       int64_t H, int64_t lo, int64_t hi, const float* z, int64_t top_k, int64_t* ids) {
   const int64_t R = hi - lo;
-  std::vector<float> logits(N * R), scratch;
+  std::vector<float> logits(N * R);
   range_logits_cpu(hidden, h_s, weight, w_s, w_dtype, N, H, lo, hi, logits.data());
-  for (int64_t n = 0; n < N; ++n) ids[n] = lo + draw_row(&logits[n * R], z + n * R, R, top_k, scratch);
+  choose_from_logits_cpu(logits.data(), z, N, R, top_k, ids);
+  for (int64_t n = 0; n < N; ++n) ids[n] += lo;
 }
 
 // The screen of range_argmax_screened_cpu, for the draw: approximate logits a_v from the bfloat16 rows,

@@ -10,7 +10,8 @@ range and there is no guidance, through the fused constrained sampler (`ops.cons
 the range's logits only, greedy without materializing them). Sampling is the Gumbel-max draw of
 `sample_logits`, its noise drawn an image row at a time. On the CPU, a frame whose steps run as native
 calls runs its loop in one native call (greedy) or one an image row (sampled; `NATIVE_FRAME_LOOP`):
-the same steps and choices as the Python loop.
+the same steps and choices as the Python loop (guided frames too: their branches' logits then come from
+the native kernel in both loops).
 
 Classifier-free guidance (optional): the unconditional branch is the same prompt without
 the action block (`BOS, text, image, SEP`), decoded in the same batch, and the code
@@ -84,10 +85,16 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     sampler = sampling_backend(backend)
     sampled = temperature > 0.0
 
+    native = None  # the native frame loop, where it computes what the loop below would (after the prefill)
+
     def choose(hid, gumbel):  # hid [rows, H], gumbel [N, hi - lo] or None -> token ids [N]
         if fused:
             return head_sample(model, hid, lo, hi, temperature, top_k, generator, backend=sampler, gumbel=gumbel)
-        logits = head_logits(model, hid, lo, hi).float()
+        if native is not None:  # guided: both branches' logits from the kernel the native loop uses
+            from ..ops.native_backend import range_logits_op
+            logits = range_logits_op(hid, model.lm_head.weight, lo, hi)
+        else:
+            logits = head_logits(model, hid, lo, hi).float()
         if guided:
             cond, unc = logits[:N], logits[N:]
             logits = unc + cfg_scale * (cond - unc)
@@ -103,6 +110,8 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     P = torch.tensor([p.numel() for p in prompts], dtype=torch.long, device=dev)
     h_last = engine.prefill(prompts)
     engine.set_kv_len((P + n_new).to(torch.int32))  # generated slots carry NO_BLOCK from the prefill
+    if all_valid:
+        native = _native_frame_loop(engine, model, h_last, lo, hi, temperature, sampler)
     out = torch.empty(N, h * w, dtype=torch.long, device=dev)
     noise = row_noise()
     out[:, 0] = choose(h_last, None if noise is None else noise[0])
@@ -111,16 +120,16 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     for buf in (one, two):
         buf.q_limit.fill_(-1)
     two.ids[:, 1] = lay.newline
-    native = _native_frame_loop(engine, model, h_last, lo, hi, temperature, sampler) if fused else None
     if native is not None:  # the loop below in native calls: the same steps, the same choices
         steps = engine.step_plan(1).step, engine.step_plan(2).step
         frame = (model.lm_head.weight, lo, hi, out, nxt, h, w, lay.newline)
+        scale = float(cfg_scale) if guided else None
         if not sampled:
-            native(*steps, *frame)
+            native(*steps, *frame, cfg_scale=scale)
         for row in range(h) if sampled else ():  # a call an image row, with that row's noise
             noise = noise if row == 0 else row_noise()
             native(*steps, *frame, first=max(row * w, 1), last=(row + 1) * w,
-                   noise=scaled_gumbel(noise, temperature).contiguous(), top_k=top_k)
+                   noise=scaled_gumbel(noise, temperature).contiguous(), top_k=top_k, cfg_scale=scale)
         return code_of[out - lo].view(N, h, w)
     offsets = torch.arange(2, device=dev).view(1, 2)
     for i in range(1, h * w):

@@ -1083,7 +1083,7 @@ def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta, bf16_weights
 
 def decode_frame(one, two, weight: Tensor, lo: int, hi: int, codes: Tensor, next_pos: Tensor, h: int, w: int,
                  newline: int, first: int = 1, last: int | None = None, noise: Tensor | None = None,
-                 top_k: int | None = None) -> None:
+                 top_k: int | None = None, cfg_scale: float | None = None) -> None:
     """A world-model frame's codes [first, last) (default: all but the given first) in one native call:
     `one` and `two`, the engine's one- and two-row steps (`build_decode_step`'s `run`, on its buffers), fed
     as `generate_frame_codes` feeds them: codes [rows, h * w] int64 (column 0 given, the rest written),
@@ -1091,13 +1091,17 @@ def decode_frame(one, two, weight: Tensor, lo: int, hi: int, codes: Tensor, next
     the native `constrained_sample` chooses it (screened for float32 ranges of SCREEN_MIN_ROWS or more):
     greedily without `noise`, else drawn as `sample_logits` draws it with `noise`, the image row's
     temperature-scaled Gumbel noise [w, rows, hi - lo] float32 (`ops.sampling.scaled_gumbel`; code i takes
-    row i % w), and `top_k`; a sampled call then stays within one image row."""
+    row i % w), and `top_k`; a sampled call then stays within one image row. With `cfg_scale`, the steps
+    hold the unconditional branches after the rows (next_pos [2 * rows]) and each code is chosen from
+    u + cfg_scale * (c - u) of the two branches' float32 logits, as `generate_frame_codes` computes them
+    on the native kernel."""
     op = "decode_frame"
     rows, last = codes.shape[0], h * w if last is None else last
+    seqs = rows * (1 if cfg_scale is None else 2)
     if codes.dtype != torch.int64 or tuple(codes.shape) != (rows, h * w) or not codes.is_contiguous() or not codes.is_cpu:
         _fail(op, f"codes must be contiguous int64 [rows, {h * w}] on the CPU, got {codes.dtype} {tuple(codes.shape)}")
-    if next_pos.dtype != torch.int64 or tuple(next_pos.shape) != (rows,) or not next_pos.is_contiguous():
-        _fail(op, f"next_pos must be contiguous int64 [{rows}], got {next_pos.dtype} {tuple(next_pos.shape)}")
+    if next_pos.dtype != torch.int64 or tuple(next_pos.shape) != (seqs,) or not next_pos.is_contiguous():
+        _fail(op, f"next_pos must be contiguous int64 [{seqs}], got {next_pos.dtype} {tuple(next_pos.shape)}")
     if weight.dtype not in (torch.float32, torch.bfloat16) or not weight.is_cpu or weight.dim() != 2 \
             or weight.stride(1) != 1 or not 0 <= lo < hi <= weight.shape[0]:
         _fail(op, f"wants a float32 or bfloat16 CPU lm_head weight with unit column stride and a range inside it, got "
@@ -1114,14 +1118,15 @@ def decode_frame(one, two, weight: Tensor, lo: int, hi: int, codes: Tensor, next
             _fail(op, f"a sampled call covers one image row of {w} codes, got codes [{first}, {last})")
         if top_k is not None and top_k < 1:
             _fail(op, f"top_k must be >= 1 (or None for the whole range), got {top_k}")
-    if weight.dtype == torch.float32 and hi - lo >= SCREEN_MIN_ROWS:  # as _range_argmax_impl, _range_sample_cpu
+    if cfg_scale is None and weight.dtype == torch.float32 and hi - lo >= SCREEN_MIN_ROWS:  # as _range_argmax_impl
         tables = screen_tables(weight, lo, hi)
         if tables is not None:
             screen, colmax = tables
     _C.decode_frame(one.native, two.native, rows, h, w, newline, codes.data_ptr(), next_pos.data_ptr(),
                     weight.data_ptr(), weight.stride(0), _DTYPE_CODE[weight.dtype], weight.shape[1], lo, hi,
                     0 if screen is None else screen.data_ptr(), 0 if colmax is None else colmax.data_ptr(),
-                    SCREEN_MAX_CANDIDATES, first, last, 0 if noise is None else noise.data_ptr(), top_k or 0)
+                    SCREEN_MAX_CANDIDATES, first, last, 0 if noise is None else noise.data_ptr(), top_k or 0,
+                    cfg_scale is not None, 1.0 if cfg_scale is None else float(cfg_scale))
 
 
 def vq_quantize(z: Tensor, codebook: Tensor, code_splits: int | None = None) -> Tensor:
