@@ -61,8 +61,9 @@ def constrained_sample_ref(hidden, weight, lo, hi, temperature=0.0, top_k=None, 
 # action bins) take the native sampler under `auto` wherever it is built, where `auto` otherwise keeps
 # torch for this op (benchmarks/NOTES.md): it screens with bfloat16 copies of the range's rows and reads
 # about half the bytes for the same ids (native_backend.range_argmax_screened, and for a draw
-# `_range_sample_cpu`): greedy 2.1x torch's MKL for one row of 8,192 x 256 on the Xeon, a draw 1.5x
-# (1.4x with top-k 100), the noise included. Choices of bfloat16 models on the CPU take it at any range:
+# `_range_sample_cpu`): greedy 2.1x torch's MKL for one row of 8,192 x 256 on the Xeon, a draw about 1.27x
+# (the noise included; two rows with top-k 100 0.84-1.08x), and a frame's loop then runs natively
+# (inference/frames.py). Choices of bfloat16 models on the CPU take it at any range:
 # it streams the bfloat16 rows as they are with float32 sums, where torch's bfloat16 product runs at
 # about half its speed (one row of 256 x 256: 35 against 17 us; of 8,192 x 256: 225 against 116 us on
 # the Xeon) and rounds the logits to bfloat16 (more ties).
