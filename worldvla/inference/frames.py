@@ -85,12 +85,12 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     sampler = sampling_backend(backend)
     sampled = temperature > 0.0
 
-    native = None  # the native frame loop, where it computes what the loop below would (after the prefill)
+    native_logits = False  # guided frames where the native loop can run: its kernel's logits in either loop
 
     def choose(hid, gumbel):  # hid [rows, H], gumbel [N, hi - lo] or None -> token ids [N]
         if fused:
             return head_sample(model, hid, lo, hi, temperature, top_k, generator, backend=sampler, gumbel=gumbel)
-        if native is not None:  # guided: both branches' logits from the kernel the native loop uses
+        if native_logits:  # guided: both branches' logits from the kernel the native loop uses
             from ..ops.native_backend import range_logits_op
             logits = range_logits_op(hid, model.lm_head.weight, lo, hi)
         else:
@@ -110,8 +110,9 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     P = torch.tensor([p.numel() for p in prompts], dtype=torch.long, device=dev)
     h_last = engine.prefill(prompts)
     engine.set_kv_len((P + n_new).to(torch.int32))  # generated slots carry NO_BLOCK from the prefill
-    if all_valid:
-        native = _native_frame_loop(engine, model, h_last, lo, hi, temperature, sampler)
+    loop = _native_frame_loop(engine, model, h_last, lo, hi, temperature, sampler) if all_valid else None
+    native_logits = loop is not None
+    native = loop if NATIVE_FRAME_LOOP else None  # the switch picks the loop, not the choices
     out = torch.empty(N, h * w, dtype=torch.long, device=dev)
     noise = row_noise()
     out[:, 0] = choose(h_last, None if noise is None else noise[0])
@@ -152,9 +153,10 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
 def _native_frame_loop(engine, model, hidden, lo, hi, temperature, backend):
     """`ops.native_backend.decode_frame` where it computes what `generate_frame_codes`' loop would
     (the CPU; both step shapes on the engine's native plans; a plain lm_head whose choice at this
-    temperature resolves to the native sampler), else None. On the CPU the loop's Python between steps
-    (buffer writes, the plan lookup, the sampler's dispatch) is a sizeable part of a frame."""
-    if engine.device.type != "cpu" or not plain_linear(model.lm_head) or not NATIVE_FRAME_LOOP:
+    temperature resolves to the native sampler), else None, whatever NATIVE_FRAME_LOOP says. On the CPU
+    the loop's Python between steps (buffer writes, the plan lookup, the sampler's dispatch) is a sizeable
+    part of a frame."""
+    if engine.device.type != "cpu" or not plain_linear(model.lm_head):
         return None
     if engine.step_plan(1) is None or engine.step_plan(2) is None:
         return None
