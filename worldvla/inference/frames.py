@@ -85,7 +85,12 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     sampler = sampling_backend(backend)
     sampled = temperature > 0.0
 
-    native_logits = False  # guided frames where the native loop can run: its kernel's logits in either loop
+    P = torch.tensor([p.numel() for p in prompts], dtype=torch.long, device=dev)
+    h_last = engine.prefill(prompts)
+    engine.set_kv_len((P + n_new).to(torch.int32))  # generated slots carry NO_BLOCK from the prefill
+    loop = _native_frame_loop(engine, model, h_last, lo, hi, temperature, sampler) if all_valid else None
+    native = loop if NATIVE_FRAME_LOOP else None  # the switch picks the loop, not the choices
+    native_logits = loop is not None  # guided frames where the native loop can run: its kernel's logits in either loop
 
     def choose(hid, gumbel):  # hid [rows, H], gumbel [N, hi - lo] or None -> token ids [N]
         if fused:
@@ -107,12 +112,6 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     def row_noise():
         return draw_gumbel((w, N, hi - lo), generator, dev) if sampled else None
 
-    P = torch.tensor([p.numel() for p in prompts], dtype=torch.long, device=dev)
-    h_last = engine.prefill(prompts)
-    engine.set_kv_len((P + n_new).to(torch.int32))  # generated slots carry NO_BLOCK from the prefill
-    loop = _native_frame_loop(engine, model, h_last, lo, hi, temperature, sampler) if all_valid else None
-    native_logits = loop is not None
-    native = loop if NATIVE_FRAME_LOOP else None  # the switch picks the loop, not the choices
     out = torch.empty(N, h * w, dtype=torch.long, device=dev)
     noise = row_noise()
     out[:, 0] = choose(h_last, None if noise is None else noise[0])
