@@ -86,6 +86,18 @@ def test_save_is_atomic_and_replaces(tmp_path):
         WorldVLAPolicy.from_pretrained(tmp_path)
 
 
+def test_a_gpu_that_is_not_there_is_refused_by_name(policy_dir, monkeypatch):
+    """Asking for CUDA where torch sees no GPU, or for a GPU index past the last, names the problem
+    (serve, eval and imagine load through here) instead of failing deep in torch."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        WorldVLAPolicy.from_pretrained(policy_dir, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"sees 2 CUDA GPU\(s\) \(cuda:0 to cuda:1\)"):
+        WorldVLAPolicy.from_pretrained(policy_dir, device="cuda:2")
+
+
 def test_history_semantics(policy_dir, rng):
     """First query: current frame only; later: the last frame given to act/observe, or explicit history."""
     pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")

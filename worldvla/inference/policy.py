@@ -174,6 +174,12 @@ class WorldVLAPolicy:
                                     f"worldvla.inference.save_policy)")
         info = json.loads((path / POLICY_FILE).read_text())
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device} was asked for, but torch sees no CUDA GPU here (a CPU build of torch, "
+                             f"or no driver); load on the CPU (device='cpu', --device cpu)")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device} was asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype.replace("bf16", "bfloat16").replace("fp16", "float16"))
         model = WorldVLA.from_pretrained(path / "model", device=device, dtype=dtype)
