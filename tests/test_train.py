@@ -204,6 +204,18 @@ def test_bad_arguments_fail_clearly(store_dir, tmp_path):
         trainer.train(args_for(store_dir, tmp_path / "z", "--steps", 1, "--batch-tokens", 20))
 
 
+def test_a_gpu_that_is_not_there_is_refused_by_name(store_dir, tmp_path, monkeypatch):
+    """--device cuda where torch sees no GPU: a one-line error naming it (it had been a ZeroDivisionError
+    from the local-rank arithmetic); both trainers start through distributed.init."""
+    from worldvla.train import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        distributed.init("cuda")
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        trainer.train(args_for(store_dir, tmp_path / "g", "--steps", 1, "--device", "cuda"))
+
+
 def test_fresh_run_refuses_a_folder_with_checkpoints_and_overwrite_starts_over(store_dir, tmp_path, capsys):
     """A run without --resume into a folder of an earlier run is refused (it used to prune its own new
     checkpoint and leave `latest` dangling); --overwrite deletes the old run and starts over."""

@@ -42,6 +42,9 @@ def init(device: str | None = None, init_method: str | None = None, rank_: int |
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for, but torch sees no CUDA GPU here (a CPU build of torch, "
+                         f"or no driver); train on the CPU with --device cpu")
     if want and not is_distributed():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kw = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
