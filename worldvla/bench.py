@@ -36,6 +36,10 @@ def run(args) -> int:
     if unknown:
         print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
         return 2
+    if args.device is not None:
+        from .devices import torch_device
+
+        torch_device(args.device)  # a GPU that is not here: one line, before any benchmark starts
     failed = []
     for name in names:
         print(f"\n== {name}: {BENCHMARKS[name]}")

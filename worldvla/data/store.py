@@ -37,6 +37,7 @@ import torch
 
 from ..checkpoint import write_text_atomic
 from ..cli import non_negative_int, positive_int
+from ..devices import torch_device
 from ..tokens import IGNORE, ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
 from ..tokens.actions import LIBERO_MAX, LIBERO_MIN
 
@@ -278,7 +279,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     if action:
         _check_chunk_fits(files, chunk_size)
     out = Path(out)
-    device = torch.device(device or "cpu")
+    device = torch_device(device, default="cpu")
     if not isinstance(vqgan, VQGAN):
         _check_vqgan_folder(vqgan)
         vqgan = VQGAN.from_pretrained(vqgan)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..devices import torch_device
 from ..tokens import ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
 from ..tokens.layout import with_release_image_ids
 from ..tokens.sequence import ACTION_PROMPT, image_tokens
@@ -173,13 +174,7 @@ class WorldVLAPolicy:
             raise FileNotFoundError(f"{path} is not a policy folder: {POLICY_FILE} is missing (write one with "
                                     f"worldvla.inference.save_policy)")
         info = json.loads((path / POLICY_FILE).read_text())
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device} was asked for, but torch sees no CUDA GPU here (a CPU build of torch, "
-                             f"or no driver); load on the CPU (device='cpu', --device cpu)")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device} was asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s) "
-                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        device = torch_device(device)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype.replace("bf16", "bfloat16").replace("fp16", "float16"))
         model = WorldVLA.from_pretrained(path / "model", device=device, dtype=dtype)

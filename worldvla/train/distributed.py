@@ -11,6 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..devices import torch_device
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -39,12 +41,7 @@ def init(device: str | None = None, init_method: str | None = None, rank_: int |
     return this process's device. A plain `python` launch stays single-process."""
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     want = init_method is not None or env_world > 1
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} was asked for, but torch sees no CUDA GPU here (a CPU build of torch, "
-                         f"or no driver); train on the CPU with --device cpu")
+    dev = torch_device(device)
     if want and not is_distributed():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kw = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))

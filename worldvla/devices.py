@@ -1,0 +1,22 @@
+"""The device a user names (`--device`, `device=`), checked against what torch sees here, so that a GPU
+that is not there is refused by name instead of failing deep inside torch."""
+from __future__ import annotations
+
+import torch
+
+
+def torch_device(device=None, *, default: str | None = None) -> torch.device:
+    """`device` (a name such as "cuda", "cuda:1", "cpu", or a torch.device) as a torch.device; None takes
+    `default`, else CUDA when torch sees a GPU and the CPU otherwise. Raises ValueError for a CUDA device
+    torch does not see."""
+    if device is None:
+        device = default or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {dev} was asked for, but torch sees no CUDA GPU here (a CPU build of torch, "
+                             f"or no driver); use the CPU (--device cpu)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {dev} was asked for, but torch sees {n} CUDA GPU(s) (cuda:0 to cuda:{n - 1})")
+    return dev
