@@ -197,7 +197,7 @@ void linear_bf16_cpu(const float* x, int64_t x_s, const uint16_t* w, int64_t w_s
 // float32 or bfloat16 (w_dtype; widened exactly, as linear_bf16_cpu)
 void range_logits_cpu(const float* hidden, int64_t h_s, const void* weight, int64_t w_s, int w_dtype,
                       int64_t N, int64_t H, int64_t lo, int64_t hi, float* logits);
-// ids[n] = lo + argmax over [lo, hi) (first maximum wins)
+// ids[n] = lo + argmax over [lo, hi) as torch.argmax takes it (the first maximum; the first NaN if any)
 void range_argmax_cpu(const float* hidden, int64_t h_s, const void* weight, int64_t w_s, int w_dtype,
                       int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t* ids);
 // The same greedy choice over rows [0, R) of w32 (row stride w_s; ids in [0, R)), screened with w16,

@@ -164,8 +164,8 @@ def test_screen_bound_covers_bfloat16_rounding(monkeypatch):
 
 @pytest.mark.parametrize("top_k", [None, 2, 3, 6])
 def test_draw_takes_nan_as_torch_does(rng, top_k):
-    """NaN logits (a NaN weight row) are drawn as torch draws them: topk orders NaN above every number, the
-    threshold then masks nothing if the k largest are NaN, and argmax takes the first NaN score."""
+    """NaN logits (a NaN weight row) are drawn and chosen greedily as torch does: topk orders NaN above every
+    number, the threshold then masks nothing if the k largest are NaN, and argmax takes the first NaN."""
     hidden = torch.randn(4, 16, generator=rng)
     weight = torch.randn(300, 16, generator=rng)
     weight[40, 3] = weight[7, 0] = float("nan")
@@ -174,6 +174,9 @@ def test_draw_takes_nan_as_torch_does(rng, top_k):
         got = constrained_sample(hidden, weight, 5, 255, 1.0, top_k, gumbel=g, backend="native")
         want = sample_logits((hidden @ weight[5:255].t()).float(), 1.0, top_k, gumbel=g) + 5
         assert torch.equal(got, want), (top_k, got, want)
+    # greedy too: the first NaN, as torch.argmax (the C++ argmax had skipped NaN logits)
+    greedy = constrained_sample(hidden, weight, 5, 255, backend="native")
+    assert torch.equal(greedy, (hidden @ weight[5:255].t()).argmax(-1) + 5) and int(greedy[0]) == 7
 
 
 def test_screened_tables_follow_the_weight(rng):

@@ -19,90 +19,6 @@ void range_logits_cpu(const float* hidden, int64_t h_s, const void* weight, int6
     throw std::invalid_argument("range_logits: the CPU path takes a float32 or bfloat16 weight");
 }
 
-void range_argmax_cpu(const float* hidden, int64_t h_s, const void* weight, int64_t w_s, int w_dtype,
-                      int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t* ids) {
-  const int64_t R = hi - lo;
-  std::vector<float> logits(N * R);
-  range_logits_cpu(hidden, h_s, weight, w_s, w_dtype, N, H, lo, hi, logits.data());
-  for (int64_t n = 0; n < N; ++n) {
-    const float* l = &logits[n * R];
-    int64_t best = 0;
-    for (int64_t v = 1; v < R; ++v)
-      if (l[v] > l[best]) best = v;  // strict: the first maximum wins, as torch.argmax
-    ids[n] = lo + best;
-  }
-}
-
-namespace {
-
-// |a_v - e_v| <= screen_bound(h), a_v the logit from the bfloat16 copies b_v of the weights, e_v the one
-// the float32 kernel computes. Rounding to the nearest bfloat16 (8 significant bits) moves a weight by at
-// most 2^-8 of itself (2^-134 for a subnormal), and a float32 dot product of H terms is within
-// gamma_H sum_i |h_i x_i| (gamma_H = H u / (1 - H u), u = 2^-24) of its exact value whatever the order of
-// its sums, plus at most 2^-150 a product that underflows. With S = sum_i |h_i| colmax_i
-// (colmax_i = max_v |w_vi|) and L = sum_i |h_i|:
-// |a_v - e_v| <= (2^-8 + (2 + 2^-8) gamma_H) S + 2^-133 L + 4 H 2^-150, taken with a little room for the
-// double sums here.
-double screen_bound(const float* h, int64_t H, const float* colmax) {
-  const double u = std::ldexp(1.0, -24), gamma = H * u / (1.0 - H * u), r = std::ldexp(1.0, -8);
-  double S = 0.0, L = 0.0;
-  for (int64_t i = 0; i < H; ++i) {
-    const double x = std::fabs(double(h[i]));
-    S += x * colmax[i];
-    L += x;
-  }
-  return ((r + (2.0 + r) * gamma) * S + std::ldexp(1.0, -133) * L + 4.0 * double(H) * std::ldexp(1.0, -150)) *
-         (1.0 + 1e-9);
-}
-
-}  // namespace
-
-// Greedy with a bfloat16 screen: bitwise range_argmax_cpu's answer from about half the weight bytes
-// when few codes come close to the top.
-//
-// With B = screen_bound(h) >= |a_v - e_v| for every v, the best code v* has
-// a_v* >= e_v* - B >= e_v - B >= a_v - 2B for every v: every code within 2B of the largest a_v is a
-// candidate, and the candidates' float32 logits, computed by the same kernel one row at a time (each
-// output of linear_cpu is summed the same way whatever rows surround it), decide, the first maximum
-// winning as in range_argmax_cpu. More than max_candidates candidates, or a non-finite bound, and the row
-// takes the float32 logits of the whole range.
-void range_argmax_screened_cpu(const float* hidden, int64_t h_s, const float* w32, int64_t w_s, const uint16_t* w16,
-                               const float* colmax, int64_t N, int64_t H, int64_t R, int64_t max_candidates,
-                               int64_t* ids) {
-  std::vector<float> approx(N * R);
-  linear_bf16_cpu(hidden, h_s, w16, H, N, H, R, approx.data(), R);
-  std::vector<int64_t> cand;
-  std::vector<float> exact;
-  for (int64_t n = 0; n < N; ++n) {
-    const float* h = hidden + n * h_s;
-    const float* a = &approx[n * R];
-    float amax = a[0];
-    for (int64_t v = 1; v < R; ++v) amax = a[v] > amax ? a[v] : amax;
-    const double floor = double(amax) - 2.0 * screen_bound(h, H, colmax);
-    cand.clear();
-    if (std::isfinite(floor) && std::isfinite(amax))
-      for (int64_t v = 0; v < R && int64_t(cand.size()) <= max_candidates; ++v)
-        if (double(a[v]) >= floor) cand.push_back(v);
-    if (cand.empty() || int64_t(cand.size()) > max_candidates) {  // the whole range in float32
-      exact.resize(R);
-      linear_cpu(h, h_s, w32, w_s, 1, H, R, exact.data(), R);
-      int64_t best = 0;
-      for (int64_t v = 1; v < R; ++v)
-        if (exact[v] > exact[best]) best = v;
-      ids[n] = best;
-      continue;
-    }
-    int64_t best = -1;
-    float best_logit = 0.f;
-    for (const int64_t v : cand) {  // ascending: a tie keeps the first
-      float e;
-      linear_cpu(h, h_s, w32 + v * w_s, w_s, 1, H, 1, &e, 1);
-      if (best < 0 || e > best_logit) best = v, best_logit = e;
-    }
-    ids[n] = best;
-  }
-}
-
 namespace {
 
 // The draw of one row from its exact float32 logits l [R] and noise z [R], as torch computes
@@ -146,6 +62,94 @@ void choose_from_logits_cpu(const float* logits, const float* z, int64_t N, int6
     for (int64_t v = 1; v < R && !std::isnan(l[best]); ++v)
       if (l[v] > l[best] || std::isnan(l[v])) best = v;
     ids[n] = best;
+  }
+}
+
+void range_argmax_cpu(const float* hidden, int64_t h_s, const void* weight, int64_t w_s, int w_dtype,
+                      int64_t N, int64_t H, int64_t lo, int64_t hi, int64_t* ids) {
+  const int64_t R = hi - lo;
+  std::vector<float> logits(N * R);
+  range_logits_cpu(hidden, h_s, weight, w_s, w_dtype, N, H, lo, hi, logits.data());
+  choose_from_logits_cpu(logits.data(), nullptr, N, R, 0, ids);  // the first maximum (or NaN), as torch.argmax
+  for (int64_t n = 0; n < N; ++n) ids[n] += lo;
+}
+
+namespace {
+
+// |a_v - e_v| <= screen_bound(h), a_v the logit from the bfloat16 copies b_v of the weights, e_v the one
+// the float32 kernel computes. Rounding to the nearest bfloat16 (8 significant bits) moves a weight by at
+// most 2^-8 of itself (2^-134 for a subnormal), and a float32 dot product of H terms is within
+// gamma_H sum_i |h_i x_i| (gamma_H = H u / (1 - H u), u = 2^-24) of its exact value whatever the order of
+// its sums, plus at most 2^-150 a product that underflows. With S = sum_i |h_i| colmax_i
+// (colmax_i = max_v |w_vi|) and L = sum_i |h_i|:
+// |a_v - e_v| <= (2^-8 + (2 + 2^-8) gamma_H) S + 2^-133 L + 4 H 2^-150, taken with a little room for the
+// double sums here.
+double screen_bound(const float* h, int64_t H, const float* colmax) {
+  const double u = std::ldexp(1.0, -24), gamma = H * u / (1.0 - H * u), r = std::ldexp(1.0, -8);
+  double S = 0.0, L = 0.0;
+  for (int64_t i = 0; i < H; ++i) {
+    const double x = std::fabs(double(h[i]));
+    S += x * colmax[i];
+    L += x;
+  }
+  return ((r + (2.0 + r) * gamma) * S + std::ldexp(1.0, -133) * L + 4.0 * double(H) * std::ldexp(1.0, -150)) *
+         (1.0 + 1e-9);
+}
+
+// The float32 logits of the candidate rows cand of w32 (row stride w_s) for hidden row h: the rows gathered
+// and one linear_cpu call, which sums each output as it does among any other rows.
+void candidate_logits(const float* h, int64_t h_s, const float* w32, int64_t w_s, int64_t H,
+                      const std::vector<int64_t>& cand, std::vector<float>& rows, std::vector<float>& out) {
+  const int64_t C = int64_t(cand.size());
+  rows.resize(C * H);
+  for (int64_t j = 0; j < C; ++j) std::copy(w32 + cand[j] * w_s, w32 + cand[j] * w_s + H, &rows[j * H]);
+  out.resize(C);
+  linear_cpu(h, h_s, rows.data(), H, 1, H, C, out.data(), C);
+}
+
+}  // namespace
+
+// Greedy with a bfloat16 screen: bitwise range_argmax_cpu's answer from about half the weight bytes
+// when few codes come close to the top.
+//
+// With B = screen_bound(h) >= |a_v - e_v| for every v, the best code v* has
+// a_v* >= e_v* - B >= e_v - B >= a_v - 2B for every v: every code within 2B of the largest a_v is a
+// candidate, and the candidates' float32 logits (candidate_logits: the same kernel, each output summed
+// the same way whatever rows surround it) decide, the first maximum winning as in range_argmax_cpu. More
+// than max_candidates candidates, a NaN or a non-finite bound, and the row takes the float32 logits of
+// the whole range.
+void range_argmax_screened_cpu(const float* hidden, int64_t h_s, const float* w32, int64_t w_s, const uint16_t* w16,
+                               const float* colmax, int64_t N, int64_t H, int64_t R, int64_t max_candidates,
+                               int64_t* ids) {
+  std::vector<float> approx(N * R);
+  linear_bf16_cpu(hidden, h_s, w16, H, N, H, R, approx.data(), R);
+  std::vector<int64_t> cand;
+  std::vector<float> exact, rows, cand_logit;
+  for (int64_t n = 0; n < N; ++n) {
+    const float* h = hidden + n * h_s;
+    const float* a = &approx[n * R];
+    float amax = a[0];
+    bool nan = std::isnan(a[0]);
+    for (int64_t v = 1; v < R; ++v) {
+      amax = a[v] > amax ? a[v] : amax;
+      nan = nan || std::isnan(a[v]);
+    }
+    const double floor = double(amax) - 2.0 * screen_bound(h, H, colmax);
+    cand.clear();
+    if (std::isfinite(floor) && std::isfinite(amax) && !nan)
+      for (int64_t v = 0; v < R && int64_t(cand.size()) <= max_candidates; ++v)
+        if (double(a[v]) >= floor) cand.push_back(v);
+    if (cand.empty() || int64_t(cand.size()) > max_candidates) {  // the whole range in float32
+      exact.resize(R);
+      linear_cpu(h, h_s, w32, w_s, 1, H, R, exact.data(), R);
+      choose_from_logits_cpu(exact.data(), nullptr, 1, R, 0, &ids[n]);
+      continue;
+    }
+    candidate_logits(h, h_s, w32, w_s, H, cand, rows, cand_logit);
+    int64_t best = 0;  // ascending: a tie keeps the first
+    for (size_t j = 1; j < cand.size(); ++j)
+      if (cand_logit[j] > cand_logit[best]) best = int64_t(j);
+    ids[n] = cand[best];
   }
 }
 
@@ -220,11 +224,7 @@ void range_sample_screened_cpu(const float* hidden, int64_t h_s, const float* w3
       whole_range();
       continue;
     }
-    const int64_t C = int64_t(cand.size());  // the candidates' rows gathered, their logits in one call
-    rows.resize(C * H);
-    for (int64_t j = 0; j < C; ++j) std::copy(w32 + cand[j] * w_s, w32 + cand[j] * w_s + H, &rows[j * H]);
-    cand_logit.resize(C);
-    linear_cpu(h, h_s, rows.data(), H, 1, H, C, cand_logit.data(), C);
+    candidate_logits(h, h_s, w32, w_s, H, cand, rows, cand_logit);
     float kth = -INFINITY;
     if (!keep_all) {
       scratch.assign(cand_logit.begin(), cand_logit.end());

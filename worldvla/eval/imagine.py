@@ -115,16 +115,6 @@ def demo_segment(path, index: int, start: int, steps: int, camera=None):
             demo.instruction)
 
 
-def _fit(frames: np.ndarray, size: int) -> np.ndarray:
-    from ..inference.policy import _resize
-
-    frames = np.asarray(frames)
-    if frames.shape[-3:-1] == (size, size):
-        return frames
-    return np.stack([_resize(f, size) for f in frames.reshape(-1, *frames.shape[-3:])]).reshape(
-        *frames.shape[:-3], size, size, 3)
-
-
 def _reconstruct(vqgan, frames: np.ndarray) -> np.ndarray:
     """The VQGAN's reconstruction of frames [S, H, W, 3]: what a world model whose every code is right
     would show."""
@@ -141,19 +131,19 @@ def _scores(imagined: np.ndarray, real: np.ndarray, first: np.ndarray, recon: np
     """imagined [M, S, H, W, 3], real and recon [S, H, W, 3], first [H, W, 3] -> per-step PSNR / SSIM
     lists of the imagined frames (mean over the M futures, and each), of the first frame kept and of the
     VQGAN's reconstruction, each against the recorded frames."""
-    from .metaworld import PSNR_CAP_DB
-    from .metrics import psnr, ssim
+    from .metaworld import PSNR_CAP_DB, _scores as psnr_ssim
 
-    cap = lambda v: [min(float(x), PSNR_CAP_DB) for x in v]
-    per_sample_psnr = [cap(psnr(f, real).numpy()) for f in imagined]
-    per_sample_ssim = [[float(x) for x in ssim(f, real).numpy()] for f in imagined]
-    firsts = np.broadcast_to(first, real.shape)
+    def scores(frames):  # per step, PSNR capped as the demo's means cap it
+        p, q = psnr_ssim(frames, real)
+        return [min(float(x), PSNR_CAP_DB) for x in p], [float(x) for x in q]
+
+    per_sample = [scores(f) for f in imagined]
+    per_sample_psnr, per_sample_ssim = [p for p, _ in per_sample], [q for _, q in per_sample]
+    (first_psnr, first_ssim), (recon_psnr, recon_ssim) = scores(np.broadcast_to(first, real.shape)), scores(recon)
     return {"psnr_per_step": np.mean(per_sample_psnr, axis=0).tolist(),
             "ssim_per_step": np.mean(per_sample_ssim, axis=0).tolist(),
-            "copy_first_psnr_per_step": cap(psnr(firsts, real).numpy()),
-            "copy_first_ssim_per_step": [float(x) for x in ssim(firsts, real).numpy()],
-            "vqgan_recon_psnr_per_step": cap(psnr(recon, real).numpy()),
-            "vqgan_recon_ssim_per_step": [float(x) for x in ssim(recon, real).numpy()],
+            "copy_first_psnr_per_step": first_psnr, "copy_first_ssim_per_step": first_ssim,
+            "vqgan_recon_psnr_per_step": recon_psnr, "vqgan_recon_ssim_per_step": recon_ssim,
             "psnr_per_sample": per_sample_psnr, "ssim_per_sample": per_sample_ssim,
             "psnr_cap_db": PSNR_CAP_DB}
 
@@ -212,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         first = load_image(args.image)
         actions = load_actions(args.actions, policy.action_dim)[:args.steps]
         source = {"image": str(args.image), "actions": str(args.actions)}
-    first = _fit(first, policy.image_size)
+    first = policy._frames(first)[0][0]  # resized as act resizes frames
     if actions.shape[1] != policy.action_dim:
         raise ValueError(f"the episode's actions have {actions.shape[1]} values, the policy's {policy.action_dim}")
     out, per_frame = imagine(policy, first, actions, samples=args.samples, temperature=args.temperature,
@@ -230,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     labels = ["imagined"] if args.samples == 1 else [f"sample {m + 1}" for m in range(args.samples)]
     arrays = {"codes": out.codes.numpy(), "imagined": out.frames, "first": first}
     if real is not None:
-        real = _fit(real, policy.image_size)
+        real = policy._frames(real)[0]
         result["scores"] = sc = _scores(out.frames, real, first, _reconstruct(policy.vqgan, real))
         rows = [np.concatenate([first[None], real])] + rows
         labels = ["recorded"] + labels
