@@ -195,13 +195,15 @@ def bench_chunks(model, cfg_name, grid, chunks, device, quick, gen) -> list[dict
         want = baseline_generate_action_chunk(model, prompt, LAYOUT, K, ACTION_DIM, max_new_tokens=nb)
         case_rows.append({**case, "impl": "release-engine", "new_tokens": int(got.tokens.numel()) + 1, **t,
                           "forward_passes": n[0], "tokens_equal_release": bool(torch.equal(got.tokens, want.tokens)),
-                          "tokens_agreement_release": agreement(got.tokens, want.tokens)})
+                          "tokens_agreement_release": agreement(got.tokens, want.tokens),
+                          # fewer tokens than the baseline's nb (a separator or a malformed block): not its work
+                          "stopped_early": int(got.tokens.numel()) < nb})
         del rel_engine, eager
         equal = bool(torch.equal(tokens["parallel"], tokens["sequential"]))
         agree = agreement(tokens["parallel"], tokens["sequential"])
         base_ms = next(r["median_ms"] for r in case_rows if r["impl"] == "baseline")
         for r in case_rows:
-            r["speedup_vs_baseline"] = base_ms / r["median_ms"]
+            r["speedup_vs_baseline"] = None if r.get("stopped_early") else base_ms / r["median_ms"]
             r["ms_per_action"] = r["median_ms"] / K
             if r["impl"] in ("parallel", "sequential"):
                 r["tokens_equal"], r["tokens_agreement"] = equal, agree

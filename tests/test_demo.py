@@ -87,3 +87,35 @@ def test_only_this_runs_tasks_reach_training(tmp_path):
     (tmp_path / "demos" / "reach-v3.hdf5").write_bytes(b"")  # an earlier run's task
     assert demo_files(cfg, tmp_path) == [tmp_path / "demos" / "drawer-open-v3.hdf5",
                                          tmp_path / "demos" / "window-open-v3.hdf5"]
+
+
+def test_the_stages_read_this_runs_files_only(tmp_path, monkeypatch):
+    """The VQGAN stage and the store stage are given `demo_files`, not the demos folder (where an earlier
+    run's reach-v3.hdf5 lies): each is stopped at its entry and its inputs checked."""
+    from worldvla import demo
+    from worldvla.data import store
+    from worldvla.train import vq as train_vq
+
+    cfg = demo.DemoConfig(tasks=("drawer-open-v3", "window-open-v3"))
+    (tmp_path / "demos").mkdir()
+    (tmp_path / "demos" / "reach-v3.hdf5").write_bytes(b"")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(name):
+        def stop(*args, **kwargs):
+            seen[name] = args[0]
+            raise Stop()
+        return stop
+
+    monkeypatch.setattr(train_vq, "train_vq", record("vq"))
+    monkeypatch.setattr(store, "build_store", record("store"))
+    with pytest.raises(Stop):
+        demo.stage_train_vq(cfg, tmp_path, False, True)
+    with pytest.raises(Stop):
+        demo.stage_pretokenize(cfg, tmp_path, False)
+    want = [tmp_path / "demos" / "drawer-open-v3.hdf5", tmp_path / "demos" / "window-open-v3.hdf5"]
+    assert seen["store"] == want
+    assert seen["vq"].inputs == [str(p) for p in want], seen["vq"]

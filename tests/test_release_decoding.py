@@ -143,3 +143,44 @@ def test_policy_release_mode(tmp_path, rng):
     assert sum(c.shape[0] for c in chunks) > 0
     with pytest.raises(ValueError, match="max_new_tokens"):
         WorldVLAPolicy(model, vq, at, chunk_size=3, image_size=64, mode="release", max_new_tokens=0)
+
+
+def test_release_chunks_of_different_or_no_length(rng, monkeypatch):
+    """mode="release" returns as many actions as blocks: a batch whose chunks differ in length is a list,
+    and `step()` and the evaluation harnesses' `ChunkQuery` refuse by name what they cannot execute in
+    order (chunks of different lengths; no block at all, where the release's loop fails the episode)."""
+    from worldvla.eval.rollout import ChunkQuery
+    from worldvla.inference import WorldVLAPolicy, policy as policy_mod
+    from worldvla.inference.release import Generated
+    from worldvla.vqgan import VQGAN, VQGANConfig
+
+    lo, _ = LAYOUT.bin_range
+    block = [LAYOUT.boa] + [lo + 3] * D + [LAYOUT.eoa]
+    blocks = {"n": [2, 0]}
+
+    def fake(model, prompts, *a, **k):
+        return [Generated(torch.tensor(block * n), torch.tensor([block] * n, dtype=torch.long).view(n, D + 2), False)
+                for n in blocks["n"][:len(prompts)]]
+
+    monkeypatch.setattr(policy_mod, "generate_release_actions", fake)
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32,
+                           n_embed=64)).eval()
+    at = ActionTokenizer(LAYOUT, [-1.0] * D, [1.0] * D)
+    policy = WorldVLAPolicy(_model(8), vq, at, chunk_size=3, image_size=64, mode="release")
+    frames = torch.randint(0, 256, (2, 64, 64, 3), generator=rng, dtype=torch.uint8).numpy()
+    policy.reset(["open the drawer", "push"])
+    out = policy.act(frames, history=None)
+    assert isinstance(out, list) and [c.shape for c in out] == [(2, D), (0, D)]
+    with pytest.raises(ValueError, match="chunks differ in length"):
+        policy.step(frames)
+    with pytest.raises(ValueError, match="chunks differ in length"):
+        ChunkQuery(policy)(frames, None)
+    blocks["n"] = [0]
+    policy.reset("push")
+    with pytest.raises(RuntimeError, match="no action block"):
+        policy.step(frames[0])
+    with pytest.raises(RuntimeError, match="no action block"):
+        ChunkQuery(policy)(frames[0], None)
+    blocks["n"] = [2]
+    assert policy.step(frames[0]).shape == (D,) and policy.step(frames[0]).shape == (D,)

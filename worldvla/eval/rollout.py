@@ -37,7 +37,9 @@ class ChunkQuery:
         else:
             out = self.policy.act(images)
         self.latencies.append(time.perf_counter() - t0)
-        out = np.asarray(out, dtype=np.float64)
+        from ..inference.policy import check_chunk
+
+        out = np.asarray(check_chunk(out), dtype=np.float64)
         want = 3 if images.ndim == 4 else 2  # [N, K, D] for a batch, [K, D] for one image
         if out.ndim != want:
             raise ValueError(f"policy.act returned shape {out.shape}; expected "

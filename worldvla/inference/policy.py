@@ -262,13 +262,7 @@ class WorldVLAPolicy:
         """One action per call ([D], or [N, D] for a batch), querying a chunk when the last one is used up."""
         self._require_reset()
         if not self._queue:
-            chunk = self.act(image)
-            if isinstance(chunk, list):
-                raise ValueError("the environments' chunks differ in length (mode='release' decodes as many actions "
-                                 "as the model wrote); call act() and run each environment's chunk")
-            if chunk.shape[-2] == 0:
-                raise RuntimeError("the model wrote no action block (mode='release'; the release's loop fails the "
-                                   "episode here)")
+            chunk = check_chunk(self.act(image))
             self._queue = list(np.moveaxis(chunk, -2, 0))  # K entries of [D] or [N, D]
         else:
             self.observe(image)
@@ -422,10 +416,24 @@ class WorldVLAPolicy:
         return generate_action_chunk(self.model, prompts, lay, K, D, mode=self.mode, engine=eng, skip=prefix_lens)
 
 
+def check_chunk(chunk):
+    """An action chunk a harness can execute in order: [K, D] or [N, K, D] with K >= 1. mode='release'
+    returns a list where the environments' chunks differ in length, and may return no action at all
+    (the model wrote no block): both are refused here, by name, for every caller (`step`, the
+    evaluation harnesses' `ChunkQuery`)."""
+    if isinstance(chunk, list):
+        raise ValueError("the environments' chunks differ in length (mode='release' decodes as many actions as the "
+                         "model wrote); call act() and run each environment's chunk, or one environment at a time")
+    if chunk.shape[-2] == 0:
+        raise RuntimeError("the model wrote no action block (mode='release'; the release's loop fails the episode "
+                           "here)")
+    return chunk
+
+
 def _resize(frame: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(frame).resize((size, size), Image.BILINEAR))
 
 
-__all__ = ["WorldVLAPolicy", "save_policy", "POLICY_FILE", "POLICY_MODES"]
+__all__ = ["WorldVLAPolicy", "save_policy", "check_chunk", "POLICY_FILE", "POLICY_MODES"]
