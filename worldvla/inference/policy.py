@@ -148,6 +148,7 @@ class WorldVLAPolicy:
             raise ValueError(f"image_size {self.image_size} must be a multiple of {self.layout.res_grid} px "
                              f"(VQGAN factor {down}, resolution grids of {self.layout.res_grid} px)")
         self.grid = self.image_size // down
+        self._image_len = image_tokens(torch.zeros(self.grid, self.grid, dtype=torch.long), self.layout).numel()
         self.device = next(model.parameters()).device
         if tune_malloc or (tune_malloc is None and self.device.type == "cpu"):
             tune_cpu_malloc()
@@ -245,8 +246,7 @@ class WorldVLAPolicy:
 
     def _prompt_capacity(self, prefix_len: int) -> int:
         """Cache slots of the longest query a prefix of `prefix_len` tokens can produce (full history)."""
-        img_len = image_tokens(torch.zeros(self.grid, self.grid, dtype=torch.long), self.layout).numel()
-        return prefix_len + self.history * img_len + 1 + self._new_tokens()
+        return prefix_len + self.history * self._image_len + 1 + self._new_tokens()
 
     def _new_tokens(self) -> int:
         """Tokens a query generates at most: a chunk, or the release's `max_new_tokens`."""
