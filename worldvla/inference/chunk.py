@@ -28,7 +28,7 @@ from .. import ops
 from ..model import plain_linear
 from ..ops.sampling import sample_logits
 from ..tokens.layout import VocabLayout
-from .engine import InferenceEngine
+from .engine import InferenceEngine, engine_for
 
 MODES = ("parallel", "sequential", "causal")
 
@@ -70,8 +70,8 @@ def _check(prompts, layout: VocabLayout, n_actions: int, action_dim: int, mode: 
 
 def make_engine(model, prompts, n_actions: int, action_dim: int, layout: VocabLayout, backend: str = "auto",
                 cuda_graphs: bool | None = None) -> InferenceEngine:
-    max_len = max(int(p.numel()) for p in prompts) + chunk_length(n_actions, action_dim)
-    return InferenceEngine(model, len(prompts), max_len, layout=layout, backend=backend, cuda_graphs=cuda_graphs)
+    return engine_for(model, prompts, chunk_length(n_actions, action_dim), layout=layout, backend=backend,
+                      cuda_graphs=cuda_graphs)
 
 
 def sampling_backend(backend: str) -> str:

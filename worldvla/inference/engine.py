@@ -301,4 +301,11 @@ class InferenceEngine:
         self.cache.v[:, :, :n].copy_(snap.v)
 
 
-__all__ = ["InferenceEngine", "StepBuffers", "PrefixSnapshot"]
+def engine_for(model, prompts, new_tokens: int, *, layout: VocabLayout | None = None, backend: str = "auto",
+               cuda_graphs: bool | None = None) -> InferenceEngine:
+    """An engine with a row per prompt and room for the longest prompt plus `new_tokens`."""
+    max_len = max(int(torch.as_tensor(p).numel()) for p in prompts) + new_tokens
+    return InferenceEngine(model, len(prompts), max_len, layout=layout, backend=backend, cuda_graphs=cuda_graphs)
+
+
+__all__ = ["InferenceEngine", "StepBuffers", "PrefixSnapshot", "engine_for"]

@@ -24,7 +24,7 @@ from ..mask import NO_BLOCK, GrowingBlockMeta
 from ..tokens.layout import VocabLayout
 from .baseline import parse_action_blocks
 from .chunk import _as_prompts, head_sample, sampling_backend
-from .engine import InferenceEngine
+from .engine import InferenceEngine, engine_for
 
 RELEASE_MAX_NEW_TOKENS = 300  # the release's cap (action_steps 25 x 12)
 
@@ -38,8 +38,7 @@ class Generated(NamedTuple):
 def release_engine(model, prompts, max_new_tokens: int = RELEASE_MAX_NEW_TOKENS, layout: VocabLayout | None = None,
                    backend: str = "auto") -> InferenceEngine:
     """An engine sized for `prompts` and `max_new_tokens` generated tokens each."""
-    max_len = max(int(torch.as_tensor(p).numel()) for p in prompts) + max_new_tokens
-    return InferenceEngine(model, len(prompts), max_len, layout=layout or model.layout, backend=backend)
+    return engine_for(model, prompts, max_new_tokens, layout=layout, backend=backend)
 
 
 @torch.no_grad()
@@ -83,6 +82,7 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
     out: list[list[int]] = [[] for _ in range(B)]
     done, malformed = [False] * B, [False] * B
     sample = sampling_backend(backend)
+    rows = torch.arange(B, device=dev)
     for step in range(max_new_tokens):
         if logits_processor is None:
             tok = head_sample(model, h, 0, V, backend=sample).tolist()
@@ -103,10 +103,12 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
             done[b] = t == layout.sep
         if all(done) or step + 1 == max_new_tokens:
             break
-        p = buf.pos[:, 0]
-        engine.kv_block[torch.arange(B, device=dev), p] = torch.tensor(kv, dtype=torch.int32, device=dev)
-        buf.ids.copy_(torch.tensor([t if not d else layout.sep for t, d in zip(tok, done)], device=dev).view(B, 1))
-        buf.q_limit.copy_(torch.tensor(ql, dtype=torch.int32, device=dev).view(B, 1))
+        # The next step's inputs go over in one host-to-device copy (after the one sync of the choice).
+        ids = [t if not d else layout.sep for t, d in zip(tok, done)]
+        kv_ids_ql = torch.tensor([kv, ids, ql], dtype=torch.long).to(dev)
+        engine.kv_block[rows, buf.pos[:, 0]] = kv_ids_ql[0].int()
+        buf.ids.copy_(kv_ids_ql[1].view(B, 1))
+        buf.q_limit.copy_(kv_ids_ql[2].view(B, 1))
         h = engine.run(buf)[:, 0]
         buf.advance(1)
     results = []
