@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from worldvla.data.store import pack
 from worldvla.model import ModelConfig, WorldVLA, loss_class_weights
+from worldvla.train.trainer import micro_batch_loss
 
 from .attention import LAYOUT, action_document, visible_pairs
 from .common import main_for, peak_memory, peak_memory_method, print_table, time_fn, write_results
@@ -77,8 +79,7 @@ def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: boo
         n_params = model.num_parameters()
         samples = _samples(n_docs, px, gen)
         tokens = sum(len(s[0]) for s in samples)
-        ids_host, lab_host = torch.cat([s[0] for s in samples]), torch.cat([s[1] for s in samples])
-        cu_host = torch.tensor([0] + [len(s[0]) for s in samples]).cumsum(0).to(torch.int32)
+        ids_host, lab_host, cu_host = pack(samples, tokens)
         label_rows = (lab_host[1:] != -100).nonzero().squeeze(1)
         pairs = visible_pairs(model.attention_meta(ids_host, cu_host))
         Lmax = max(len(s[0]) for s in samples)
@@ -88,14 +89,11 @@ def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: boo
         amp = torch.autocast("cuda", torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
 
         def ours():
-            # A step as `worldvla train` runs it, its host work timed with it: the labelled rows (only those
-            # reach the head), the ids' range check and the mask metadata found on the host, then moved.
-            rows = (lab_host[1:] != -100).nonzero().squeeze(1)
-            LAYOUT.check_ids(ids_host)
-            meta = model.attention_meta(ids_host, cu_host).to(device)
-            ids, labels = ids_host.to(device), lab_host.to(device)
-            with amp:
-                loss, _ = model.loss(ids, labels, meta, class_weight=cw, label_rows=rows, check_ids=False)
+            # A micro-step as `worldvla train` runs it, its host work (the labelled rows, the ids' range check,
+            # the mask metadata) and the moves to the device timed with it. The whole batch is one micro-batch
+            # on one rank, so the trainer's rescaling of the loss (by share_w * world) is by 1 and left out,
+            # and its z weight is model.loss's default (z_weight * share_n / share_w = 1e-5).
+            loss, _ = micro_batch_loss(model, LAYOUT, ids_host, lab_host, cu_host, device, amp, class_weight=cw)
             loss.backward()
 
         def reference():

@@ -9,7 +9,7 @@ import torch
 
 from worldvla.data.hdf5 import write_demos
 from worldvla.data.store import TokenStore, build_store, pack
-from worldvla.model import WorldVLA
+from worldvla.model import WorldVLA, loss_class_weights
 from worldvla.train import trainer
 from worldvla.train.checkpointing import latest_checkpoint, load_checkpoint
 from worldvla.vqgan import VQGAN, VQGANConfig
@@ -110,6 +110,24 @@ def test_logged_loss_is_the_global_batch_loss(store_dir, tmp_path):
     assert logged["loss"] == pytest.approx(float(loss), rel=1e-5)
     assert logged["z"] == pytest.approx(float(z), rel=1e-5)
     assert logged["tokens"] == int(store.lengths[batch].sum())
+
+
+def test_micro_batch_loss_is_the_model_loss_and_checks_the_ids(store_dir, tmp_path):
+    """The micro-step `worldvla train` and benchmarks.train run (labelled rows, mask metadata and the ids'
+    range check found on the host) gives model.loss over every row of the packed batch, and refuses ids
+    outside the layout although the model's own check is skipped."""
+    store = TokenStore(store_dir)
+    model = trainer._build_model(args_for(store_dir, tmp_path), store.layout, torch.device("cpu"), fsdp=False)
+    ids, labels, cu = pack([store[i] for i in range(len(store))], int(store.lengths.sum()))
+    cw = loss_class_weights(store.layout, 0.3)
+    got = trainer.micro_batch_loss(model, store.layout, ids, labels, cu, torch.device("cpu"), class_weight=cw,
+                                   z_weight=1e-2)
+    want = model.loss(ids, labels, cu_seqlens=cu, class_weight=cw, z_weight=1e-2)
+    torch.testing.assert_close(got, want)
+    bad = ids.clone()
+    bad[-1] = store.layout.vocab_size
+    with pytest.raises(ValueError, match="token ids out of range"):
+        trainer.micro_batch_loss(model, store.layout, bad, labels, cu, torch.device("cpu"), class_weight=cw)
 
 
 def test_cpu_training_tunes_malloc_unless_told_not_to(store_dir, tmp_path, monkeypatch):

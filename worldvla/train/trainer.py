@@ -221,6 +221,23 @@ def _micro_batches(store, bins_of_rank: list[list[int]], micro_tokens: int, pad_
     return out
 
 
+def micro_batch_loss(model, layout, ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor, device,
+                     autocast=nullcontext(), **loss_kw):
+    """`model.loss` of one packed micro-batch (`ids`, `labels`, `cu_seqlens` on the host, as `pack`
+    returns them), as a training step runs it: returns (loss, z_mean), on `device`.
+
+    The ids' range check (against `layout`), the attention metadata and the labelled rows (only those
+    reach the head) are found on the host, where the batch still is, and cost the device no
+    synchronization; then metadata, ids and labels move to `device` and the loss runs under
+    `autocast`. `loss_kw`: `model.loss`'s class_weight, z_weight, backend."""
+    rows = (labels[1:] != -100).nonzero().squeeze(1)
+    layout.check_ids(ids)
+    meta = model.attention_meta(ids, cu_seqlens).to(device)
+    ids, labels = ids.to(device), labels.to(device)
+    with autocast:
+        return model.loss(ids, labels, meta, label_rows=rows, check_ids=False, **loss_kw)
+
+
 def _label_stats(labels: torch.Tensor, class_weight: torch.Tensor) -> tuple[float, float]:
     y = labels[1:]
     y = y[y != -100]
@@ -315,16 +332,8 @@ def train(args) -> dict:
                 z_eff = args.z_weight * share_n / share_w if share_w > 0 else 0.0
                 if fsdp:
                     model.set_requires_gradient_sync(m == len(micro) - 1)
-                # Built on the host, where the batch still is: the mask metadata and the labelled rows
-                # (only those reach the head) cost the device no synchronization.
-                # So is the ids' range check, which the model would otherwise make on the device.
-                rows = (labels[1:] != -100).nonzero().squeeze(1)
-                layout.check_ids(ids)
-                meta = model.attention_meta(ids, cu).to(device)
-                ids, labels = ids.to(device), labels.to(device)
-                with autocast:
-                    loss, z = model.loss(ids, labels, meta, class_weight=cw_device, z_weight=z_eff,
-                                         backend=args.loss_backend, label_rows=rows, check_ids=False)
+                loss, z = micro_batch_loss(model, layout, ids, labels, cu, device, autocast, class_weight=cw_device,
+                                           z_weight=z_eff, backend=args.loss_backend)
                 (loss * (share_w * world)).backward()
                 loss_sum += loss.detach().double() * share_w
                 z_sum += z.detach().double() * share_n
