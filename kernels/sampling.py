@@ -2,7 +2,8 @@
 
 Greedy: a fused matvec + argmax. Each program computes the logits of a tile of the range
 for a tile of rows (fp32 accumulation) and keeps only their (max, first argmax); a tiny
-torch reduction over the tiles picks the winner (ties go to the lowest id, as torch.argmax).
+torch reduction over the tiles picks the winner (ties go to the lowest id and the first NaN
+wins, as torch.argmax).
 Sampling: the same kernel writes the range's fp32 logits, then top-k and the Gumbel-max draw
 are torch's (`worldvla.ops.sampling.sample_logits`, as in the reference).
 """
@@ -12,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, check_dtype, dot_precision, load_f32
+from ._common import BIG, INTERPRET, check_device, check_dtype, dot_precision, load_f32
 
 
 @triton.jit
@@ -38,11 +39,19 @@ def _range_logits_kernel(HID, W, LOGITS, TMAX, TARG, N, Hd, lo, n_range, n_tiles
         tl.store(LOGITS + rows.to(tl.int64)[:, None] * s_ln + cols[None, :], acc,
                  mask=r_valid[:, None] & c_valid[None, :])
     else:
-        acc = tl.where(c_valid[None, :], acc, float("-inf"))
+        # A NaN logit ranks above every number, as in torch.argmax, but tl.max skips NaN (maxnumf,
+        # compiled and interpreted). So the maximum is taken over the numbers only, and one
+        # min-reduction finds the tile's first NaN if it has one (its column as it is) or else its
+        # first maximum (column + BIG); a tile holding a NaN reports NaN, which torch's argmax over
+        # the tiles then takes first.
+        valid = c_valid[None, :]
+        nan = valid & (acc != acc)
+        acc = tl.where(valid & ~nan, acc, float("-inf"))
         tmax = tl.max(acc, 1)
-        targ = tl.min(tl.where(acc == tmax[:, None], cols[None, :], 2147483647), 1)
-        tl.store(TMAX + rows * n_tiles + pid_v, tmax, mask=r_valid)
-        tl.store(TARG + rows * n_tiles + pid_v, targ, mask=r_valid)
+        pick = tl.min(tl.where(nan, cols[None, :], tl.where(acc == tmax[:, None], cols[None, :] + BIG, 2147483647)), 1)
+        has_nan = pick < BIG
+        tl.store(TMAX + rows * n_tiles + pid_v, tl.where(has_nan, float("nan"), tmax), mask=r_valid)
+        tl.store(TARG + rows * n_tiles + pid_v, tl.where(has_nan, pick, pick - BIG), mask=r_valid)
 
 
 def _launch(hidden, weight, lo, hi, write_logits):

@@ -287,6 +287,46 @@ def test_range_argmax_ties_pick_the_first(emulated, rng):
     assert int(nb.range_argmax_op(hidden, weight, 5, 90)[0]) == 12
 
 
+def nan_of(bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The NaN with these float32 bits (for bfloat16 their top half), as a one-element tensor: a cast
+    would not keep its sign and payload (torch makes every bfloat16 NaN 0x7fc0)."""
+    if dtype == torch.float32:
+        return torch.tensor([bits]).to(torch.int32).view(torch.float32)
+    return torch.tensor([bits >> 16]).to(torch.int16).view(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_range_argmax_takes_the_first_nan(emulated, rng, dtype):
+    """A NaN logit is above every number, +inf included, and the first NaN wins, as in torch.argmax,
+    whatever its sign and payload. The key order had put a NaN with the sign bit set below -inf and
+    ranked the other NaNs by payload. NaNs of chosen bits come from single weight entries, one more
+    from inf - inf (a NaN with the sign bit set on x86); they lie in different warps and CTAs."""
+    hidden = torch.randn(6, 32, generator=rng)  # a pass of 4 hidden rows and a tail of 2
+    hidden[:, :2] = hidden[:, :2].abs() + 0.5
+    weight = torch.randn(100, 32, generator=rng) * 0.1
+    weight[[10, 60]] = 0.0
+    weight[[10, 60], 0] = float("inf")  # +inf logits
+    weight[77, 0] = 100.0  # the largest number after 60
+    weight[80, :2] = torch.tensor([float("inf"), float("-inf")])
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    chosen = {20: 0xFFC00000, 30: 0x7FC00000, 50: 0x7FFFFFFF, 70: 0xFFFFFFFF}
+    for v, bits in chosen.items():
+        weight[v, 5] = nan_of(bits, dtype)[0]
+    # the kernel's own logits keep the chosen signs: the cases below do rank NaNs of both signs
+    sign_bit = nb.range_logits_op(hidden, weight, 0, 100).view(torch.int32) < 0
+    assert sign_bit[:, list(chosen)].tolist() == [[True, False, False, True]] * 6
+    logits = hidden.float() @ weight.float().t()
+    cases = {(5, 95): 20,  # a NaN with the sign bit set first, positive ones with larger payloads after
+             (21, 95): 30,  # the first of two positive NaNs, not the larger payload
+             (51, 95): 70,  # +inf (60), then a NaN with the sign bit set and the largest payload
+             (71, 95): 80,  # a large number, then inf - inf
+             (0, 20): 10}  # +inf, no NaN
+    for (lo, hi), want in cases.items():
+        ids = nb.range_argmax_op(hidden, weight, lo, hi)
+        assert ids.tolist() == [want] * 6, (lo, hi, ids)
+        assert torch.equal(ids, logits[:, lo:hi].argmax(1) + lo)
+
+
 def test_range_logits(emulated, rng):
     hidden = torch.randn(5, 64, generator=rng).to(torch.bfloat16)
     weight = torch.randn(300, 64, generator=rng).to(torch.bfloat16)

@@ -52,6 +52,43 @@ def test_greedy_single_row_ties(rng):
     assert K.constrained_sample(h, w, lo, hi).item() == lo + 70
 
 
+def nan_of(bits, dtype):
+    """The NaN with these float32 bits (for bfloat16 their top half), as a one-element tensor: a cast
+    would not keep its sign and payload (torch makes every bfloat16 NaN 0x7fc0)."""
+    if dtype == torch.float32:
+        return torch.tensor([bits]).to(torch.int32).view(torch.float32)
+    return torch.tensor([bits >> 16]).to(torch.int16).view(torch.bfloat16)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_takes_the_first_nan(rng, dtype):
+    """A NaN logit is above every number, +inf included, and the first NaN wins, as in torch.argmax,
+    whatever its sign and payload and in whichever logit tile. The tile maximum had skipped NaN (tl.max),
+    and a range holding only NaNs gave an id outside it."""
+    hidden = torch.randn(3, 32, generator=rng)
+    hidden[:, 0] = hidden[:, 0].abs() + 0.5
+    weight = torch.randn(600, 32, generator=rng) * 0.1
+    weight[[10, 200]] = 0.0
+    weight[[10, 200], 0] = float("inf")  # +inf logits
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    for v, bits in ((150, 0xFFC00000), (170, 0x7FFFFFFF), (300, 0xFFFFFFFF), (420, 0x7FC00000)):
+        weight[v, 3] = nan_of(bits, dtype)[0]
+    hidden, weight = hidden.to(DEV), weight.to(DEV)
+    logits = hidden.float() @ weight.float().t()
+    cases = {(0, 600): 150,  # +inf in an earlier tile
+             (151, 600): 170,  # the first NaN, +inf and other NaNs after it
+             (171, 600): 300,  # +inf first, the NaN in a later tile
+             (190, 310): 300,  # +inf first, the NaN in the same tile (the interpreter's 128 columns)
+             (150, 151): 150,  # a range of one NaN
+             (301, 600): 420,
+             (0, 150): 10}  # +inf, no NaN
+    for (lo, hi), want in cases.items():
+        got = K.constrained_sample(hidden, weight, lo, hi)
+        assert got.tolist() == [want] * 3, (lo, hi, got)
+        assert torch.equal(got, logits[:, lo:hi].argmax(1) + lo)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_range_logits_rule(rng, dtype, poison_empty):
     h, w = head(rng, 19, 200, dtype)

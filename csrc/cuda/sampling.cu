@@ -5,7 +5,8 @@
 // products sharing every 16-byte load); the weight rows of the range are read
 // once per group of 4 hidden rows. The argmax packs (order-preserving logit
 // bits, inverted index) into 64 bits and uses atomicMax, so the largest logit
-// wins and ties go to the lowest id, as in torch.argmax.
+// wins and ties go to the lowest id, as in torch.argmax. As there, a NaN logit
+// (of either sign, any payload) is above every number: the first NaN wins.
 #include "cuda_common.cuh"
 
 namespace worldvla {
@@ -46,8 +47,11 @@ struct Vec<__nv_bfloat16> : Vec16<__nv_bfloat16> {};
 
 __device__ __forceinline__ unsigned long long argmax_key(float x, int v) {
   x += 0.0f;  // -0 -> +0, so the two zeros tie (the lower id wins) as in torch.argmax
-  uint32_t u = __float_as_uint(x);
-  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // monotone in x
+  const uint32_t b = __float_as_uint(x);
+  uint32_t u = (b & 0x80000000u) ? ~b : (b | 0x80000000u);  // monotone in x
+  // Every NaN takes the one key above +inf's: a NaN with the sign bit set (what x86 makes of
+  // inf - inf) would map below -inf, and NaNs would otherwise rank by payload, not by id.
+  if ((b & 0x7fffffffu) > 0x7f800000u) u = 0xffffffffu;
   return (static_cast<unsigned long long>(u) << 32) | static_cast<unsigned long long>(0xffffffffu - v);
 }
 
