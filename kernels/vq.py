@@ -4,7 +4,8 @@
 [N, K] distance matrix: a program owns a tile of rows and one split of the codebook, walks
 it in tiles, accumulates the dot products over the channel dimension and keeps a running
 (min, argmin). The programs of a row tile merge through an int64 atomic_min on (order-
-preserving distance bits, code); ties go to the lowest code index, as torch.argmin does.
+preserving distance bits, code); ties go to the lowest code index and a NaN distance (NaN or
+inf inputs) is below every number, so the first NaN wins, as torch.argmin does.
 Splitting the codebook keeps the GPU busy when a few frames give only a few row tiles.
 
 `vq_gather`: codes [B, h, w] -> embeddings [B, C, h, w], written straight into the
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, check_dtype, dot_precision, load_f32, store_dtype
+from ._common import BIG, INTERPRET, check_device, check_dtype, dot_precision, load_f32, store_dtype
 
 
 @triton.jit
@@ -45,16 +46,28 @@ def _argmin_kernel(Z, E, ENORM, OUT, N, K, C, s_zn, s_ek, SPLIT,
             dots += tl.dot(z, tl.trans(e), input_precision=DOT_PREC)
         e_norm = tl.load(ENORM + codes, mask=k_valid, other=float("inf"))
         d = e_norm[None, :] - 2.0 * dots
+        # A NaN distance is below every number, as in torch.argmin, but tl.min skips NaN (minnumf,
+        # compiled and interpreted). So the minimum is taken over the numbers only, and one
+        # min-reduction finds the tile's first NaN if it has one (its code as it is) or else its
+        # first minimum (code + BIG).
+        valid = k_valid[None, :]
+        nan = valid & (d != d)
+        d = tl.where(valid & ~nan, d, float("inf"))
         tile_min = tl.min(d, 1)
-        # first code reaching the tile's minimum
-        tile_arg = tl.min(tl.where(d == tile_min[:, None], codes[None, :], 2147483647), 1)
-        better = tile_min < best
+        first_min = tl.where(d == tile_min[:, None], codes[None, :] + BIG, 2147483647)
+        pick = tl.min(tl.where(nan, codes[None, :], first_min), 1)
+        tile_nan = pick < BIG
+        tile_arg = tl.where(tile_nan, pick, pick - BIG)
+        # A row's first NaN stays: its best turns NaN, and best == best fails from then on.
+        better = ((tile_min < best) | tile_nan) & (best == best)
         best_idx = tl.where(better, tile_arg, best_idx)
-        best = tl.where(better, tile_min, best)
+        best = tl.where(better, tl.where(tile_nan, float("nan"), tile_min), best)
     # float bits -> an int32 with the same order (negative floats: magnitude bits flipped),
-    # then (order, code) as one int64: the smallest distance wins, then the lowest code.
+    # then (order, code) as one int64: the smallest distance wins, then the lowest code. A NaN
+    # takes the lowest order of all, below -inf's.
     bits = (best + 0.0).to(tl.int32, bitcast=True)  # -0 -> +0
     order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    order = tl.where(best != best, -2147483648, order)
     key = (order.to(tl.int64) << 32) | best_idx.to(tl.int64)
     tl.atomic_min(OUT + rows, key, mask=r_valid)
 

@@ -49,6 +49,60 @@ def near_ties(rng, n: int, K: int, C: int):
     return z, cb, expected
 
 
+# Quiet NaNs by their bits: the largest positive payload, and the sign bit with the quiet bit only
+# (what x86 makes of inf - inf). A cast would not keep them: torch makes every 16-bit NaN positive.
+NAN_BITS = {torch.float32: (torch.int32, 0x7FFFFFFF, 0xFFC00000),
+            torch.bfloat16: (torch.int16, 0x7FFF, 0xFFC0),
+            torch.float16: (torch.int16, 0x7FFF, 0xFE00)}
+
+
+def nan_of(dtype: torch.dtype, negative: bool = False) -> torch.Tensor:
+    itype, positive, sign_set = NAN_BITS[dtype]
+    return torch.tensor([sign_set if negative else positive]).to(itype).view(dtype)[0]
+
+
+def nan_cases(rng, n: int, K: int, C: int, dtype: torch.dtype):
+    """(name, z, codebook, {row: code}) with NaN and inf inputs (K >= 260). The reference reads their
+    distances with torch.argmin's rule: a NaN distance is below every number, -inf included, and the
+    first NaN wins whatever its sign and payload. In every case row 1 is all NaN (code 0), row 2 has
+    +inf in channel 2 (-inf distances at the codes positive there), row 3 +inf and -inf (inf - inf:
+    NaN at the codes whose two channels share a sign); channel 0 is positive in every row."""
+    z = torch.randn(n, C, generator=rng)
+    z[:, 0] = z[:, 0].abs() + 0.5
+    z[1] = float("nan")
+    z[2, 2] = float("inf")
+    z[3, 4], z[3, 5] = float("inf"), float("-inf")
+    base = torch.randn(K, C, generator=rng)
+    z, base = z.to(dtype), base.to(dtype)
+    first_neg_inf = int((base[:, 2] > 0).nonzero()[0])
+
+    cb = base.clone()
+    cb[140, 3], cb[250, 3] = nan_of(dtype), nan_of(dtype, negative=True)
+    yield "a NaN code, then one with the sign bit set", z, cb, {0: 140, 1: 0, 2: 140}
+    cb = base.clone()
+    cb[250, 3] = nan_of(dtype, negative=True)
+    yield "a NaN code with the sign bit set after -inf", z, cb, {0: 250, 1: 0, 2: 250}
+    cb = base.clone()
+    cb[7, 0] = float("inf")  # |e|^2 - 2 z.e = inf - inf for every row
+    yield "inf in a code", z, cb, {0: 7, 1: 0, 2: 7}
+    yield "NaN and inf latents only", z, base, {1: 0, 2: first_neg_inf}
+
+
+def assert_nan_rule(got, z, cb, expected, name):
+    ref = vq_quantize_ref(z, cb)
+    assert {r: int(ref[r]) for r in expected} == expected, f"{name}: the reference changed"
+    assert torch.equal(got, ref), f"{name}: {got.tolist()} vs {ref.tolist()}"
+
+
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vq_quantize_takes_the_first_nan_cpu(rng, dtype):
+    """NaN and inf inputs give the reference's codes (the kernel had skipped NaN distances): 301 codes
+    over three code tiles and a tail, 70 rows (row blocks of 32 and 4 with leftovers)."""
+    for name, z, cb, expected in nan_cases(rng, 70, 301, 20, dtype):
+        assert_nan_rule(nb.vq_quantize_op(z, cb), z, cb, expected, name)
+
+
 @pytest.mark.usefixtures("cpu_width")
 def test_vq_quantize_near_ties_cpu(rng):
     z, cb, expected = near_ties(rng, 64, 301, 48)

@@ -28,7 +28,7 @@ from simt import build as simt_build  # noqa: E402
 from test_native_attention import (LAYOUT, action_ids, assert_close_rule, check_prefill, decode_meta_from,  # noqa: E402
                                    long_blocks_meta, qkv, world_ids)
 from test_native_sampling import assert_greedy  # noqa: E402
-from test_native_vq import assert_nearest, near_ties  # noqa: E402
+from test_native_vq import assert_nan_rule, assert_nearest, nan_cases, near_ties  # noqa: E402
 
 from worldvla import causal_meta, chunk_mask_meta  # noqa: E402
 from worldvla.mask import NO_BLOCK, ChunkMaskMeta, DecodeMeta  # noqa: E402
@@ -261,6 +261,17 @@ def test_vq_quantize_exact_codes_and_ties(emulated, rng, code_splits):
     idx = nb.vq_quantize(cb[pick].contiguous(), cb, code_splits=code_splits)
     assert torch.equal(idx, torch.where(pick == 130, torch.full_like(pick, 7), pick))
     assert torch.equal(nb.vq_quantize_op(cb[pick].contiguous(), cb), idx)  # the custom op, default split
+
+
+@pytest.mark.parametrize("dtype,code_splits", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 3),
+                                               (torch.float16, 1)])
+def test_vq_quantize_takes_the_first_nan(emulated, rng, dtype, code_splits):
+    """NaN and inf inputs give the reference's codes: a NaN distance of either sign is below every
+    number and the first NaN wins, across code tiles and splits (the kernels had skipped NaN
+    distances, and a NaN with the sign bit set would have keyed below the first NaN). fp32 takes the
+    bound and certify passes (a NaN approximation is a candidate), 16-bit inputs the direct pass."""
+    for name, z, cb, expected in nan_cases(rng, 150, 300, 24, dtype):
+        assert_nan_rule(nb.vq_quantize(z, cb, code_splits=code_splits), z, cb, expected, name)
 
 
 @pytest.mark.parametrize("dtype,index_dtype", [(torch.bfloat16, torch.int64), (torch.float32, torch.int32)])

@@ -1,5 +1,6 @@
 // VQ nearest-code search and codebook gather on the CPU.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -21,9 +22,20 @@ WORLDVLA_INLINE void code_norms(const float* codebook, int64_t cb_s, int64_t k0,
   for (int64_t c = k0; c < k1; ++c) enorm[c] = dot_f32<W>(codebook + c * cb_s, codebook + c * cb_s, C);
 }
 
+// Keeps the running (best, arg) of a row as torch.argmin does: the first minimum, and the first NaN
+// over any number (a NaN distance comes from NaN or inf inputs; returning its code lets the NaN reach
+// the decoded frame instead of hiding it). One compare per distance: !(dist >= best) holds for a
+// smaller distance and for any NaN; only then is best checked, so that once a NaN is kept it stays.
+WORLDVLA_INLINE void keep_nearest(float dist, int64_t code, float& best, int64_t& arg) {
+  if (!(dist >= best) && !std::isnan(best)) {
+    best = dist;
+    arg = code;
+  }
+}
+
 // Nearest code of z rows [n0, n1): the codebook is walked a tile at a time, each tile against
 // every row of the item, so a code row is fetched from memory once per item instead of once per
-// 4 rows. Codes are visited in order and compared strictly: the first minimum wins, as torch.argmin.
+// 4 rows. Codes are visited in order, so keep_nearest's strict '<' leaves the first minimum.
 template <int W>
 WORLDVLA_INLINE void nearest_rows(const float* z, int64_t z_s, const float* codebook, int64_t cb_s,
                                   const float* enorm, int64_t n0, int64_t n1, int64_t K, int64_t C, int64_t* out) {
@@ -44,22 +56,11 @@ WORLDVLA_INLINE void nearest_rows(const float* z, int64_t z_s, const float* code
         const float* e = codebook + c * cb_s;
         const v8f dots = dot_4x2<W>(zr, e, e + cb_s, C);
         for (int64_t r = 0; r < kRows; ++r)
-          for (int64_t j = 0; j < 2; ++j) {
-            const float dist = enorm[c + j] - 2.f * dots[2 * r + j];
-            if (dist < b[r]) {
-              b[r] = dist;
-              a[r] = c + j;
-            }
-          }
+          for (int64_t j = 0; j < 2; ++j) keep_nearest(enorm[c + j] - 2.f * dots[2 * r + j], c + j, b[r], a[r]);
       }
       if (k2 < k1)
-        for (int64_t r = 0; r < kRows; ++r) {
-          const float dist = enorm[k2] - 2.f * dot_f32<W>(zr[r], codebook + k2 * cb_s, C);
-          if (dist < b[r]) {
-            b[r] = dist;
-            a[r] = k2;
-          }
-        }
+        for (int64_t r = 0; r < kRows; ++r)
+          keep_nearest(enorm[k2] - 2.f * dot_f32<W>(zr[r], codebook + k2 * cb_s, C), k2, b[r], a[r]);
     }
   }
   for (int64_t n = n0; n < n1; ++n) out[n] = arg[n - n0];

@@ -9,8 +9,8 @@
 // 32-row x 64-code block with mma.sync m16n8k16, fragments by ldmatrix. The code norms (and, where
 // needed, the row norms) are fp32 sums of the staged values. The CTAs of a row tile merge
 // through a 64-bit atomicMin on (order-preserving distance bits, code): the smallest distance
-// wins and, among equal ones, the lowest code, as in torch.argmin. The [N, K] distance matrix
-// never exists.
+// wins and, among equal ones, the lowest code, as in torch.argmin. As there, a NaN distance (NaN or
+// inf inputs) is below every number: the first NaN wins. The [N, K] distance matrix never exists.
 //
 // fp16 / bf16 inputs: one pass; their products are exact in the fp32 accumulator.
 //
@@ -22,7 +22,8 @@
 //   2. certify: every code with d~ - E <= the row's current key (it only decreases) may be the
 //               minimum, and only those are recomputed exactly (fp32 FMAs, one warp per code)
 //               and merged by the same atomicMin; the upper bound's code field is 0xffffffff,
-//               so the exact minimum replaces it even at an equal distance.
+//               so the exact minimum replaces it even at an equal distance. A NaN d~ - E is a
+//               candidate too: the exact distance may be NaN, which beats every number.
 // For random codebooks a row has a handful of such candidates among thousands of codes.
 
 #include <cfloat>
@@ -59,8 +60,12 @@ __device__ __forceinline__ float from_ordered_bits(uint32_t u) {
 }
 
 // (distance, code) as one 64-bit key whose unsigned order is the distance's, then the code's.
+// Every NaN takes the distance field 0, below -inf's, so the first NaN wins as in torch.argmin: a
+// NaN with the sign bit set (what x86 makes of inf - inf) would map below -inf and any other NaN
+// above +inf, and NaNs would rank by payload, not by code.
 __device__ __forceinline__ unsigned long long nearest_key(float d, uint32_t code) {
-  return (static_cast<unsigned long long>(ordered_bits(d)) << 32) | code;
+  const bool nan = (__float_as_uint(d) & 0x7fffffffu) > 0x7f800000u;
+  return (static_cast<unsigned long long>(nan ? 0u : ordered_bits(d)) << 32) | code;
 }
 
 __global__ void fill_u64_kernel(unsigned long long* p, int n, unsigned long long value) {
@@ -68,8 +73,8 @@ __global__ void fill_u64_kernel(unsigned long long* p, int n, unsigned long long
   if (i < n) p[i] = value;
 }
 
-// In place: the key's code (its low 32 bits) as an int64 index. A row whose distances are all
-// NaN (non-finite inputs) never gets a code; it reads 0, as a strict '<' search would leave it.
+// In place: the key's code (its low 32 bits) as an int64 index. A row whose distances are all +inf
+// can keep the bound pass's key, which has no code; it reads 0, torch.argmin's first +inf.
 __global__ void key_to_code_kernel(int64_t* p, int n, int k) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
@@ -262,12 +267,19 @@ __global__ void __launch_bounds__(kVqThreads, kVec ? 2 : 1)  // vectorized: two 
       return rel * zn_s[row_of(i)] * cn_s[cl] + 0x1p-22f * en_s[cl];
     };
     if constexpr (kPass == kVqCertify) {
-      // Every row's current key bounds its minimum from above (other CTAs lower it as they go).
+      // Every row's current key bounds its minimum from above (other CTAs lower it as they go). A
+      // key holding a NaN gives way only to a NaN of a lower code: its bound -inf lets no number in
+      // (NaN approximations still pass the unordered test below), and a row whose NaN code lies
+      // below this tile has nothing left to find here.
+      bool live[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int row = m0 + row_of(i);
         const auto key = *reinterpret_cast<volatile const unsigned long long*>(&keys[row < N ? row : 0]);
-        bound[i] = row < N ? from_ordered_bits(static_cast<uint32_t>(key >> 32)) : -FLT_MAX;
+        const float b = from_ordered_bits(static_cast<uint32_t>(key >> 32));
+        const bool nan_key = b != b;
+        bound[i] = nan_key ? -INFINITY : b;
+        live[i] = row < N && !(nan_key && (key & 0xffffffffull) < static_cast<unsigned long long>(n0));
       }
       // This thread's candidates as a bit mask over its 64 elements (bit 16i + 2nt + e).
       uint64_t cand = 0;
@@ -277,7 +289,7 @@ __global__ void __launch_bounds__(kVqThreads, kVec ? 2 : 1)  // vectorized: two 
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e)
-            if (n0 + code_of(nt, e) < c_end && dist(i, nt, e) - err(i, nt, e) <= bound[i])
+            if (live[i] && n0 + code_of(nt, e) < c_end && !(dist(i, nt, e) - err(i, nt, e) > bound[i]))
               cand |= 1ull << (16 * i + 2 * nt + e);
       // Candidates are rare: for most warps one vote skips the tile. Otherwise the warp takes
       // them one at a time and recomputes each distance exactly, all lanes along the channels.
@@ -300,6 +312,8 @@ __global__ void __launch_bounds__(kVqThreads, kVec ? 2 : 1)  // vectorized: two 
       }
     } else {
       // Codes are visited in increasing order per thread, so a strict '<' keeps the first minimum.
+      // !(d >= best) holds for a NaN distance too, which is kept as torch.argmin keeps the first
+      // NaN; once best is NaN, best == best fails and nothing replaces it.
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -311,7 +325,7 @@ __global__ void __launch_bounds__(kVqThreads, kVec ? 2 : 1)  // vectorized: two 
             const float d = dist(i, nt, e);
             if constexpr (kPass == kVqBound) {
               best[i] = fminf(best[i], d + err(i, nt, e));
-            } else if (d < best[i]) {
+            } else if (!(d >= best[i]) && best[i] == best[i]) {
               best[i] = d;
               arg[i] = static_cast<uint32_t>(code);
             }
@@ -320,23 +334,16 @@ __global__ void __launch_bounds__(kVqThreads, kVec ? 2 : 1)  // vectorized: two 
     __syncthreads();  // en_s, cn_s are rewritten by the next tile
   }
   if constexpr (kPass != kVqCertify) {
-    // The 4 threads sharing a row (t = 0..3) are 4 consecutive lanes.
+    // The 4 threads sharing a row (t = 0..3) are 4 consecutive lanes; they merge keys, so NaN and
+    // ties order as in the atomicMin. The bound pass leaves the code field at its maximum: any exact
+    // (distance, code) at or below it wins.
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      float b = best[i];
-      uint32_t a = arg[i];
+      unsigned long long key = nearest_key(best[i], kPass == kVqBound ? 0xffffffffu : arg[i]);
 #pragma unroll
-      for (int o = 1; o < 4; o <<= 1) {
-        const float ob = __shfl_xor_sync(kFull, b, o);
-        const uint32_t oa = __shfl_xor_sync(kFull, a, o);
-        if (ob < b || (ob == b && oa < a)) {
-          b = ob;
-          a = oa;
-        }
-      }
+      for (int o = 1; o < 4; o <<= 1) key = min(key, __shfl_xor_sync(kFull, key, o));
       const int row = m0 + wm + (i >> 1) * 16 + g + 8 * (i & 1);  // row_of(i)
-      // The bound pass leaves the code field at its maximum: any exact (distance, code) at or below it wins.
-      if (t == 0 && row < N) atomicMin(&keys[row], nearest_key(b, kPass == kVqBound ? 0xffffffffu : a));
+      if (t == 0 && row < N) atomicMin(&keys[row], key);
     }
   }
 }

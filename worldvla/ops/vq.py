@@ -8,7 +8,10 @@ from . import dispatch
 
 def vq_quantize_ref(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """argmin_c ||z_n - e_c||^2 for z [N, C], codebook [K, C] -> int64 [N].
-    Computed as ||e||^2 - 2 z.e (||z||^2 is constant per row), in fp32 or wider."""
+    Computed as ||e||^2 - 2 z.e (||z||^2 is constant per row), in fp32 or wider. A NaN distance
+    (NaN inputs, or inf - inf from inf ones) is taken as torch.argmin takes it: below every
+    number, the first NaN winning. A corrupt code is then chosen and its NaN reaches the decoder,
+    not hidden behind the nearest finite code; the fast paths do the same."""
     zf = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
     ef = codebook.to(zf.dtype)
     d = (ef * ef).sum(1).unsqueeze(0) - 2.0 * zf @ ef.t()
