@@ -1,6 +1,7 @@
 """Pieces shared by the Triton kernels: interpreter detection, launch checks, small helpers."""
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -10,6 +11,30 @@ import triton.language as tl
 # Triton reads TRITON_INTERPRET when a @triton.jit function is defined, so the kernels
 # of this package run in the interpreter exactly when it was set at import time.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpreter_index_for_numpy_2_4() -> None:
+    """The interpreter of Triton 3.6 turns a scalar (a one-element array) into a Python int with
+    int(array), which NumPy 2.4 refuses for arrays of ndim > 0 ("only 0-dimensional arrays can be
+    converted to Python scalars"): every `range(..., n, ...)` over a runtime int failed. Newer Triton
+    converts the array's single element (triton-lang/triton#9171); do the same where it does not."""
+    try:
+        from triton.runtime import interpreter
+        patch_lang_tensor = interpreter._patch_lang_tensor
+        if "int(self.handle.data))" not in inspect.getsource(patch_lang_tensor):
+            return
+    except (ImportError, AttributeError, OSError, TypeError):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+if INTERPRET:
+    _interpreter_index_for_numpy_2_4()
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

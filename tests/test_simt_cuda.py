@@ -132,10 +132,12 @@ def test_prefill_engines_agree_bitwise(emulated, rng):
     meta = chunk_mask_meta(action_ids(rng, 171, chunk=5).view(1, -1), LAYOUT)
     q, k, v = qkv(rng, (1, 171), 4, 2, 128, torch.bfloat16)
     out = {}
-    for engine in ("mma", "wgmma", "wgmma128"):
-        emulated.set_cuda_prefill_engine(engine)
-        out[engine] = nb.masked_attention(q, k, v, meta)
-    emulated.set_cuda_prefill_engine("auto")
+    try:
+        for engine in ("mma", "wgmma", "wgmma128"):
+            emulated.set_cuda_prefill_engine(engine)
+            out[engine] = nb.masked_attention(q, k, v, meta)
+    finally:
+        emulated.set_cuda_prefill_engine("auto")
     assert torch.isfinite(out["mma"]).all()
     assert torch.equal(out["mma"], out["wgmma"]) and torch.equal(out["mma"], out["wgmma128"])
 

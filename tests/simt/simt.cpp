@@ -647,12 +647,16 @@ void warp_ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
 }  // namespace simt
 
 // The runtime functions the launchers call, for one emulated device 0 whose launches never fail.
+// Hidden: the module's calls bind to these even where a CUDA build of PyTorch has loaded the real
+// libcudart with RTLD_GLOBAL (its exported cudaGetDevice would otherwise interpose and, without a
+// driver, fail).
+#define SIMT_RUNTIME __attribute__((visibility("hidden")))
 extern "C" {
-cudaError_t cudaGetLastError(void) { return cudaSuccess; }
-const char* cudaGetErrorString(cudaError_t) { return "no error"; }
-cudaError_t cudaGetDevice(int* device) {
+SIMT_RUNTIME cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+SIMT_RUNTIME const char* cudaGetErrorString(cudaError_t) { return "no error"; }
+SIMT_RUNTIME cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
 }
-cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+SIMT_RUNTIME cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
 }
