@@ -39,7 +39,9 @@ if INTERPRET:
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Larger than any action-block ordinal: the value of kv_block outside action blocks
-# (worldvla.mask.NO_BLOCK) and the neutral element of min-reductions over q_limit.
+# (worldvla.mask.NO_BLOCK) and the neutral element of min-reductions over q_limit. The greedy and
+# nearest-code picks (sampling.py, vq.py) also offset indices by it: their launchers refuse ranges
+# that would reach it.
 BIG = tl.constexpr(1 << 30)
 
 

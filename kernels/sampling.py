@@ -57,6 +57,8 @@ def _range_logits_kernel(HID, W, LOGITS, TMAX, TARG, N, Hd, lo, n_range, n_tiles
 def _launch(hidden, weight, lo, hi, write_logits):
     N, Hd = hidden.shape
     n_range = hi - lo
+    if n_range + 128 > BIG.value:  # the greedy pick offsets column indices by BIG within int32
+        raise ValueError(f"a vocabulary range of {n_range} ids is too large for the Triton kernel (< 2^30)")
     if INTERPRET:
         bn, bv, bh, warps = 16, 128, min(128, max(16, triton.next_power_of_2(Hd))), {}
     else:

@@ -111,6 +111,8 @@ def vq_quantize(z: torch.Tensor, codebook: torch.Tensor, n_splits: int | None = 
     K = codebook.shape[0]
     if K == 0:
         raise ValueError("vq_quantize: the codebook is empty")
+    if K + 128 > BIG.value:  # the argmin offsets code indices by BIG within int32
+        raise ValueError(f"vq_quantize: a codebook of {K} codes is too large for the Triton kernel (< 2^30)")
     # tl.dot wants one dtype: mixed inputs meet in the wider one (fp16 x bf16 -> fp32). fp16/bf16
     # products are exact in the fp32 accumulator, so this matches the reference's fp32 distances.
     common = torch.promote_types(z.dtype, codebook.dtype)
