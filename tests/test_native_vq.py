@@ -82,6 +82,10 @@ def nan_cases(rng, n: int, K: int, C: int, dtype: torch.dtype):
     cb = base.clone()
     cb[250, 3] = nan_of(dtype, negative=True)
     yield "a NaN code with the sign bit set after -inf", z, cb, {0: 250, 1: 0, 2: 250}
+    for first, second in ((False, True), (True, False)):  # two NaN codes two code tiles apart
+        cb = base.clone()
+        cb[20, 3], cb[K - 10, 3] = nan_of(dtype, negative=first), nan_of(dtype, negative=second)
+        yield f"NaN codes 20 and {K - 10} of signs {first}, {second}", z, cb, {0: 20, 1: 0, 2: 20}
     cb = base.clone()
     cb[7, 0] = float("inf")  # |e|^2 - 2 z.e = inf - inf for every row
     yield "inf in a code", z, cb, {0: 7, 1: 0, 2: 7}

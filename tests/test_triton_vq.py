@@ -8,6 +8,8 @@ from worldvla.ops import vq_gather, vq_gather_ref, vq_quantize, vq_quantize_ref 
 
 from worldvla.kernels import vq as K  # noqa: E402
 
+from test_native_vq import assert_nan_rule, nan_cases  # noqa: E402  (the NaN cases every backend meets)
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -61,42 +63,16 @@ def test_quantize_ties_pick_lowest_index(rng, n_splits):
     assert got.tolist() == [3, 5, 3]
 
 
-def nan_of(dtype, negative=False):
-    """A quiet NaN with the largest positive payload, or with the sign bit set (what x86 makes of
-    inf - inf), as a one-element tensor: a cast would make every 16-bit NaN positive."""
-    itype, positive, sign_set = {torch.float32: (torch.int32, 0x7FFFFFFF, 0xFFC00000),
-                                 torch.bfloat16: (torch.int16, 0x7FFF, 0xFFC0)}[dtype]
-    return torch.tensor([sign_set if negative else positive]).to(itype).view(dtype)[0]
-
-
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_splits", [1, 3])
 def test_quantize_takes_the_first_nan(rng, dtype, n_splits):
     """A NaN distance is below every number, -inf included, and the first NaN wins whatever its sign
-    and payload, in whichever code tile and program, as torch.argmin. tl.min had skipped NaN. Row 1
-    is all NaN, row 2 has -inf distances (+inf in a channel), row 3 NaN ones from inf - inf."""
-    z = torch.randn(70, 32, generator=rng)
-    z[:, 0] = z[:, 0].abs() + 0.5
-    z[1] = float("nan")
-    z[2, 2] = float("inf")
-    z[3, 4], z[3, 5] = float("inf"), float("-inf")
-    base = torch.randn(300, 32, generator=rng)
-    z, base = z.to(dtype), base.to(dtype)
-    nan_code_pairs = base.clone()
-    nan_code_pairs[140, 3], nan_code_pairs[250, 3] = nan_of(dtype), nan_of(dtype, negative=True)
-    late_nan = base.clone()
-    late_nan[250, 3] = nan_of(dtype, negative=True)
-    inf_code = base.clone()
-    inf_code[7, 0] = float("inf")  # |e|^2 - 2 z.e = inf - inf for every row
-    first_neg_inf = int((base[:, 2] > 0).nonzero()[0])
-    cases = [(nan_code_pairs, {0: 140, 1: 0, 2: 140}), (late_nan, {0: 250, 1: 0, 2: 250}),
-             (inf_code, {0: 7, 1: 0, 2: 7}), (base, {1: 0, 2: first_neg_inf})]
-    for cb, expected in cases:
-        ref = vq_quantize_ref(z, cb)
-        assert {r: int(ref[r]) for r in expected} == expected
+    and payload, in whichever code tile and program, as torch.argmin (tl.min had skipped NaN): the
+    cases of test_native_vq.nan_cases."""
+    for name, z, cb, expected in nan_cases(rng, 70, 300, 32, dtype):
         got = K.vq_quantize(z.to(DEV), cb.to(DEV), n_splits=n_splits).cpu()
-        assert torch.equal(got, ref), (expected, got.tolist(), ref.tolist())
+        assert_nan_rule(got, z, cb, expected, name)
 
 
 def test_quantize_codebook_split_over_programs(rng):
