@@ -21,6 +21,14 @@ LAYOUT = VocabLayout.compact()
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
+def nan_of(bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The NaN with these float32 bits (for bfloat16 their top half), as a one-element tensor: a cast
+    would not keep its sign and payload (torch makes every bfloat16 NaN 0x7fc0)."""
+    if dtype == torch.float32:
+        return torch.tensor([bits]).to(torch.int32).view(torch.float32)
+    return torch.tensor([bits >> 16]).to(torch.int16).view(torch.bfloat16)
+
+
 def assert_greedy(ids, hidden, weight, lo, hi, torch_ids, name=""):
     logits = hidden.double().cpu() @ weight[lo:hi].double().cpu().t()
     best = logits.max(1).values

@@ -56,7 +56,7 @@ NAN_BITS = {torch.float32: (torch.int32, 0x7FFFFFFF, 0xFFC00000),
             torch.float16: (torch.int16, 0x7FFF, 0xFE00)}
 
 
-def nan_of(dtype: torch.dtype, negative: bool = False) -> torch.Tensor:
+def signed_nan(dtype: torch.dtype, negative: bool = False) -> torch.Tensor:
     itype, positive, sign_set = NAN_BITS[dtype]
     return torch.tensor([sign_set if negative else positive]).to(itype).view(dtype)[0]
 
@@ -77,14 +77,14 @@ def nan_cases(rng, n: int, K: int, C: int, dtype: torch.dtype):
     first_neg_inf = int((base[:, 2] > 0).nonzero()[0])
 
     cb = base.clone()
-    cb[140, 3], cb[250, 3] = nan_of(dtype), nan_of(dtype, negative=True)
+    cb[140, 3], cb[250, 3] = signed_nan(dtype), signed_nan(dtype, negative=True)
     yield "a NaN code, then one with the sign bit set", z, cb, {0: 140, 1: 0, 2: 140}
     cb = base.clone()
-    cb[250, 3] = nan_of(dtype, negative=True)
+    cb[250, 3] = signed_nan(dtype, negative=True)
     yield "a NaN code with the sign bit set after -inf", z, cb, {0: 250, 1: 0, 2: 250}
     for first, second in ((False, True), (True, False)):  # two NaN codes two code tiles apart
         cb = base.clone()
-        cb[20, 3], cb[K - 10, 3] = nan_of(dtype, negative=first), nan_of(dtype, negative=second)
+        cb[20, 3], cb[K - 10, 3] = signed_nan(dtype, negative=first), signed_nan(dtype, negative=second)
         yield f"NaN codes 20 and {K - 10} of signs {first}, {second}", z, cb, {0: 20, 1: 0, 2: 20}
     cb = base.clone()
     cb[7, 0] = float("inf")  # |e|^2 - 2 z.e = inf - inf for every row

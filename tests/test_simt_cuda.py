@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from simt import build as simt_build  # noqa: E402
 from test_native_attention import (LAYOUT, action_ids, assert_close_rule, check_prefill, decode_meta_from,  # noqa: E402
                                    long_blocks_meta, qkv, world_ids)
-from test_native_sampling import assert_greedy  # noqa: E402
+from test_native_sampling import assert_greedy, nan_of  # noqa: E402
 from test_native_vq import assert_nan_rule, assert_nearest, nan_cases, near_ties  # noqa: E402
 
 from worldvla import causal_meta, chunk_mask_meta  # noqa: E402
@@ -298,14 +298,6 @@ def test_range_argmax_ties_pick_the_first(emulated, rng):
     weight = torch.randn(90, 32, generator=rng)
     weight[70] = weight[12] = hidden[0] * 3.0  # the largest logit of row 0, twice, in different warps
     assert int(nb.range_argmax_op(hidden, weight, 5, 90)[0]) == 12
-
-
-def nan_of(bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """The NaN with these float32 bits (for bfloat16 their top half), as a one-element tensor: a cast
-    would not keep its sign and payload (torch makes every bfloat16 NaN 0x7fc0)."""
-    if dtype == torch.float32:
-        return torch.tensor([bits]).to(torch.int32).view(torch.float32)
-    return torch.tensor([bits >> 16]).to(torch.int16).view(torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -9,6 +9,8 @@ from worldvla.ops import constrained_sample, constrained_sample_ref  # noqa: E40
 
 from worldvla.kernels import sampling as K  # noqa: E402
 
+from test_native_sampling import nan_of  # noqa: E402  (NaNs of chosen bits)
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 LAYOUT = VocabLayout.compact()
 
@@ -50,14 +52,6 @@ def test_greedy_single_row_ties(rng):
     w[lo + 200] = w[lo + 70]  # an exact tie across logit tiles: the lower id wins, as torch.argmax
     h = w[lo + 70:lo + 71] * 10.0
     assert K.constrained_sample(h, w, lo, hi).item() == lo + 70
-
-
-def nan_of(bits, dtype):
-    """The NaN with these float32 bits (for bfloat16 their top half), as a one-element tensor: a cast
-    would not keep its sign and payload (torch makes every bfloat16 NaN 0x7fc0)."""
-    if dtype == torch.float32:
-        return torch.tensor([bits]).to(torch.int32).view(torch.float32)
-    return torch.tensor([bits >> 16]).to(torch.int16).view(torch.bfloat16)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's numpy
