@@ -548,9 +548,12 @@ _screen_tables = WeakIdKeyDictionary()  # lm_head weight -> (key, bf16 rows, col
 
 def screen_tables(weight: Tensor, lo: int, hi: int):
     """Rows [lo, hi) of a float32 CPU weight as contiguous bfloat16 copies, and each column's largest
-    |value| over them, for the screened greedy choice; None where a value would not round to a finite
+    |value| over them, for the screened greedy choice and draw; None where the screen does not apply (a
+    weight that is not float32, a range under SCREEN_MIN_ROWS) or a value would not round to a finite
     bfloat16. Kept with the weight (while it lives), keyed by its address, version counter and range:
     an in-place update (load_state_dict) makes new tables."""
+    if weight.dtype != torch.float32 or hi - lo < SCREEN_MIN_ROWS:
+        return None
     key = (weight.data_ptr(), _version(weight), weight.stride(0), lo, hi)
     kept = _screen_tables.get(weight)
     if kept is None or kept[0] != key:
@@ -568,7 +571,7 @@ def _range_argmax_impl(hidden: Tensor, weight: Tensor, lo: int, hi: int) -> Tens
     out = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     if hidden.shape[0] == 0:
         return out
-    if hidden.is_cpu and hidden.dtype == torch.float32 and hi - lo >= SCREEN_MIN_ROWS:
+    if hidden.is_cpu and hidden.dtype == torch.float32:
         tables = screen_tables(weight, lo, hi)
         if tables is not None:
             w16, colmax = tables
@@ -633,7 +636,7 @@ def _range_sample_cpu(hidden: Tensor, weight: Tensor, lo: int, hi: int, temperat
         return out
     z = scaled_gumbel(gumbel, temperature).contiguous()
     h32, = _as_float32(hidden)
-    tables = screen_tables(weight, lo, hi) if weight.dtype == torch.float32 and R >= SCREEN_MIN_ROWS else None
+    tables = screen_tables(weight, lo, hi)
     if tables is not None:
         w16, colmax = tables
         _C.range_sample_screened(h32.data_ptr(), h32.stride(0), weight.data_ptr() + lo * weight.stride(0) * weight.element_size(),
@@ -1118,10 +1121,9 @@ def decode_frame(one, two, weight: Tensor, lo: int, hi: int, codes: Tensor, next
             _fail(op, f"a sampled call covers one image row of {w} codes, got codes [{first}, {last})")
         if top_k is not None and top_k < 1:
             _fail(op, f"top_k must be >= 1 (or None for the whole range), got {top_k}")
-    if cfg_scale is None and weight.dtype == torch.float32 and hi - lo >= SCREEN_MIN_ROWS:  # as _range_argmax_impl
-        tables = screen_tables(weight, lo, hi)
-        if tables is not None:
-            screen, colmax = tables
+    tables = screen_tables(weight, lo, hi) if cfg_scale is None else None  # guided choices take float32 logits
+    if tables is not None:
+        screen, colmax = tables
     _C.decode_frame(one.native, two.native, rows, h, w, newline, codes.data_ptr(), next_pos.data_ptr(),
                     weight.data_ptr(), weight.stride(0), _DTYPE_CODE[weight.dtype], weight.shape[1], lo, hi,
                     0 if screen is None else screen.data_ptr(), 0 if colmax is None else colmax.data_ptr(),
