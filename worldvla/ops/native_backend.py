@@ -36,7 +36,7 @@ from worldvla import _C  # ImportError here = no native backend
 from ..mask import ChunkMaskMeta, DecodeMeta
 from . import dispatch
 from .projection import NATIVE_MAX_ROWS
-from .sampling import SCREEN_MIN_ROWS, draw_gumbel, sample_logits, scaled_gumbel
+from .sampling import SCREEN_MIN_ROWS, draw_noise, sample_logits, scaled_gumbel
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
                torch.int32: 4, torch.int64: 5}
@@ -622,15 +622,8 @@ def _range_sample_cpu(hidden: Tensor, weight: Tensor, lo: int, hi: int, temperat
     _check_range(hidden, weight, lo, hi, op)
     if weight.dtype not in (torch.float32, torch.bfloat16):
         _fail(op, f"the CPU draw takes float32 or bfloat16 weights, got {weight.dtype}", TypeError)
-    if not math.isfinite(temperature):
-        raise ValueError(f"temperature must be finite, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (or None for the whole range), got {top_k}")
     N, R = hidden.shape[0], hi - lo
-    if gumbel is None:
-        gumbel = draw_gumbel((N, R), generator)
-    elif tuple(gumbel.shape) != (N, R) or gumbel.dtype != torch.float32:
-        raise ValueError(f"gumbel noise must be float32 {(N, R)} like the logits, got {gumbel.dtype} {tuple(gumbel.shape)}")
+    gumbel = draw_noise((N, R), temperature, top_k, generator, gumbel)
     out = torch.empty(N, dtype=torch.int64)
     if N == 0:
         return out

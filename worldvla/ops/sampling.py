@@ -22,6 +22,21 @@ def scaled_gumbel(gumbel: torch.Tensor, temperature: float) -> torch.Tensor:
     return gumbel * temperature
 
 
+def draw_noise(shape: tuple, temperature: float, top_k, generator=None, gumbel=None, device=None) -> torch.Tensor:
+    """The Gumbel noise of a draw of `shape` at `temperature` (> 0) over the top_k: `gumbel` once
+    checked, else drawn from `generator`; a non-finite temperature or top_k < 1 is refused."""
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None for the whole range), got {top_k}")
+    if gumbel is None:
+        return draw_gumbel(shape, generator, device)
+    if tuple(gumbel.shape) != tuple(shape) or gumbel.dtype != torch.float32:
+        raise ValueError(f"gumbel noise must be float32 {tuple(shape)} like the logits, "
+                         f"got {gumbel.dtype} {tuple(gumbel.shape)}")
+    return gumbel
+
+
 def sample_logits(logits, temperature=0.0, top_k=None, generator=None, gumbel=None):
     """logits [N, C] -> column indices [N]: argmax when temperature <= 0, else a draw from
     softmax(logits / temperature) restricted to the top_k largest (fp32 math).
@@ -33,16 +48,8 @@ def sample_logits(logits, temperature=0.0, top_k=None, generator=None, gumbel=No
     equal scores the first column wins, as torch.argmax."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
-    if not math.isfinite(temperature):
-        raise ValueError(f"temperature must be finite, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (or None for the whole range), got {top_k}")
     logits = logits.float()
-    if gumbel is None:
-        gumbel = draw_gumbel(logits.shape, generator, logits.device)
-    elif tuple(gumbel.shape) != tuple(logits.shape) or gumbel.dtype != torch.float32:
-        raise ValueError(f"gumbel noise must be float32 {tuple(logits.shape)} like the logits, "
-                         f"got {gumbel.dtype} {tuple(gumbel.shape)}")
+    gumbel = draw_noise(tuple(logits.shape), temperature, top_k, generator, gumbel, logits.device)
     scores = logits + scaled_gumbel(gumbel, temperature)
     if top_k is not None and top_k < logits.shape[-1]:  # masked after the noise: -inf whatever it adds
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
