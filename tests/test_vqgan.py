@@ -153,6 +153,20 @@ def test_preprocess_postprocess(rng):
         postprocess(torch.rand(32, 32, 3))
 
 
+def test_images_in_and_out(rng):
+    """encode_images / decode_images are preprocess -> encode and decode -> postprocess, in the VQGAN's
+    own dtype (a bfloat16 VQGAN takes uint8 frames as they are)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        m = _model(rng).to(dtype)
+        frames = torch.randint(0, 256, (3, 32, 48, 3), dtype=torch.uint8, generator=rng).numpy()
+        codes = m.encode_images(frames)
+        assert torch.equal(codes, m.encode(preprocess(frames).to(dtype)))
+        assert torch.equal(m.encode_images(frames[1]), codes[1:2])  # one [H, W, 3] image
+        out = m.decode_images(codes)
+        assert out.dtype == np.uint8 and out.shape == frames.shape
+        assert np.array_equal(out, postprocess(m.decode(codes)))
+
+
 # ---------------------------------------------------------------------- parity with transformers
 @pytest.mark.parametrize("attn_res", [(), (32,)])
 def test_encoder_matches_transformers(rng, attn_res):

@@ -375,6 +375,15 @@ class VQGAN(nn.Module):
         z_q = vq_gather(codes.to(self.codebook.device), self.codebook, backend=backend)
         return self.decode_latents(_inference_layout(z_q)).clamp(-1.0, 1.0).contiguous()
 
+    def encode_images(self, images, backend: str = "auto") -> torch.Tensor:
+        """uint8 images ([H, W, 3], [N, H, W, 3] or a PIL image) -> codes [N, h, w] int64 on the VQGAN's
+        device: `preprocess`, then `encode`."""
+        return self.encode(preprocess(images).to(self.codebook.device, self.codebook.dtype), backend=backend)
+
+    def decode_images(self, codes: torch.Tensor, backend: str = "auto") -> np.ndarray:
+        """codes [B, h, w] -> uint8 images [B, H, W, 3] on the host: `decode`, then `postprocess`."""
+        return postprocess(self.decode(codes, backend=backend))
+
     # ------------------------------------------------------------------ training
     def forward(self, pixels: torch.Tensor, beta: float = COMMITMENT_BETA):
         """Training pass: (reconstruction [B, 3, H, W] unclamped, VQ loss, codes [B, h, w]).

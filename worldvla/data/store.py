@@ -153,14 +153,11 @@ class StoreSettings:
             raise ValueError(f"demos_per_shard must be >= 0 (0 = one shard per file), got {self.demos_per_shard}")
 
 
-def _encode_frames(vqgan, frames: np.ndarray, batch: int, device) -> np.ndarray:
+def _encode_frames(vqgan, frames: np.ndarray, batch: int) -> np.ndarray:
     """uint8 [T, H, W, 3] -> codes [T, h, w] int32, in batches of `batch` frames."""
-    from ..vqgan import preprocess
-
     out = []
     for s in range(0, len(frames), batch):
-        px = preprocess(frames[s:s + batch]).to(device=device)
-        out.append(vqgan.encode(px).to(torch.int32).cpu())
+        out.append(vqgan.encode_images(frames[s:s + batch]).to(torch.int32).cpu())
     return torch.cat(out).numpy()
 
 
@@ -371,7 +368,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                 raise ValueError(f"{files[fi]}:{demo.name} has {demo.actions.shape[1]}-D actions, the store "
                                  f"{action_dim}-D")
             if demo.success or not only_success:
-                codes = _encode_frames(vqgan, demo.frames, encode_batch, device)
+                codes = _encode_frames(vqgan, demo.frames, encode_batch)
                 n_frames += len(codes)
                 pending[entry["name"]] += [(s, d, j) for s, j in
                                            demo_samples(builder, codes, demo.actions, demo.instruction, settings)]

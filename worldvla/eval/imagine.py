@@ -115,18 +115,6 @@ def demo_segment(path, index: int, start: int, steps: int, camera=None):
             demo.instruction)
 
 
-def _reconstruct(vqgan, frames: np.ndarray) -> np.ndarray:
-    """The VQGAN's reconstruction of frames [S, H, W, 3]: what a world model whose every code is right
-    would show."""
-    import torch
-
-    from ..vqgan import postprocess, preprocess
-
-    with torch.no_grad():
-        dev, dtype = vqgan.codebook.device, vqgan.codebook.dtype
-        return postprocess(vqgan.decode(vqgan.encode(preprocess(frames).to(dev, dtype))))
-
-
 def _scores(imagined: np.ndarray, real: np.ndarray, first: np.ndarray, recon: np.ndarray) -> dict:
     """imagined [M, S, H, W, 3], real and recon [S, H, W, 3], first [H, W, 3] -> per-step PSNR / SSIM
     lists of the imagined frames (mean over the M futures, and each), of the first frame kept and of the
@@ -221,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     arrays = {"codes": out.codes.numpy(), "imagined": out.frames, "first": first}
     if real is not None:
         real = policy._frames(real)[0]
-        result["scores"] = sc = _scores(out.frames, real, first, _reconstruct(policy.vqgan, real))
+        result["scores"] = sc = _scores(out.frames, real, first, policy.vqgan.decode_images(policy.vqgan.encode_images(real)))
         rows = [np.concatenate([first[None], real])] + rows
         labels = ["recorded"] + labels
         arrays["recorded"] = real

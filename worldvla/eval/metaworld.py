@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..checkpoint import write_text_atomic
 from ..cli import non_negative_int, positive_int
@@ -243,8 +242,6 @@ def world_model_metrics(policy, rollouts: list[dict], horizon: int = 8, one_step
     `policy` provides `model`, `vqgan`, `action_tokenizer` and `text_tokenizer` (a
     `WorldVLAPolicy`). Returns the metrics and, under "examples", frames for the figures."""
     from ..inference.frames import generate_frames
-    from ..vqgan import postprocess, preprocess
-
     model, vqgan = policy.model, policy.vqgan
     kw = dict(layout=getattr(policy, "layout", None) or model.layout, action_tokenizer=policy.action_tokenizer,
               text_tokenizer=policy.text_tokenizer)
@@ -265,12 +262,10 @@ def world_model_metrics(policy, rollouts: list[dict], horizon: int = 8, one_step
     out = generate_frames(model, vqgan, imgs, acts[:, None], **kw)
     pred, pred_codes = out.frames[:, 0], out.codes[:, 0].cpu()
     one_step_s = (time.perf_counter() - t0) / len(imgs)
-    with torch.no_grad():
-        dev = vqgan.codebook.device
-        target_codes = vqgan.encode(preprocess(targets).to(dev, vqgan.codebook.dtype))
-        current_codes = vqgan.encode(preprocess(imgs).to(dev, vqgan.codebook.dtype)).cpu()
-        recon = postprocess(vqgan.decode(target_codes))
-        target_codes = target_codes.cpu()
+    target_codes = vqgan.encode_images(targets)
+    current_codes = vqgan.encode_images(imgs).cpu()
+    recon = vqgan.decode_images(target_codes)  # what a world model whose every code is right would show
+    target_codes = target_codes.cpu()
     p_m, s_m = _scores(pred, targets)
     p_c, s_c = _scores(imgs, targets)
     p_r, s_r = _scores(recon, targets)

@@ -185,8 +185,6 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
     Returns codes [T, h, w] and decoded frames uint8 [T, H, W, 3] (with a leading N for a batch).
     `progress`: a progress bar over the steps (tqdm).
     """
-    from ..vqgan import postprocess, preprocess
-
     layout = with_release_image_ids(layout or model.layout, text_tokenizer)
     builder = SequenceBuilder(layout, text_tokenizer, action_tokenizer)
     imgs, single = _to_batch_images(image)
@@ -200,8 +198,7 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
     if acts.ndim != 3 or acts.shape[0] != N or acts.shape[-1] != D:
         raise ValueError(f"actions must be [T, {D}] (or [{D}]) for one image, [N, T, {D}] for N images; got "
                          f"{np.asarray(actions).shape} for {N} image(s)")
-    vq_dev = vqgan.codebook.device
-    codes = vqgan.encode(preprocess(imgs).to(vq_dev, vqgan.codebook.dtype))
+    codes = vqgan.encode_images(imgs)
     if codes.max() >= layout.n_image_codes:
         raise ValueError(f"the VQGAN has more codes than the layout's {layout.n_image_codes} image ids")
     # Every step's prompt has the same length (same grid, same action size): one engine serves all.
@@ -225,8 +222,8 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
         if bar is not None:
             bar.close()
     all_codes = torch.stack(steps, dim=1)                       # [N, T, h, w]
-    pixels = vqgan.decode(all_codes.reshape(-1, h, w).to(vq_dev))
-    frames = postprocess(pixels).reshape(N, all_codes.shape[1], *pixels.shape[-2:], 3)
+    frames = vqgan.decode_images(all_codes.reshape(-1, h, w))
+    frames = frames.reshape(N, all_codes.shape[1], *frames.shape[-3:])
     all_codes = all_codes.cpu()
     return FrameRollout(all_codes[0], frames[0]) if single else FrameRollout(all_codes, frames)
 

@@ -344,17 +344,13 @@ class WorldVLAPolicy:
     @torch.no_grad()
     def _encode(self, frames: list[np.ndarray]) -> list[torch.Tensor]:
         """VQ codes [h, w] per frame; frames not in the cache are encoded in one VQGAN call."""
-        from ..vqgan import preprocess
-
         keys = [_digest(f) for f in frames]
         todo = {}
         for k, f in zip(keys, frames):
             if k not in self._codes and k not in todo:
                 todo[k] = f
         if todo:
-            v = self.vqgan
-            pix = preprocess(np.stack(list(todo.values()))).to(v.codebook.device, v.codebook.dtype)
-            new = v.encode(pix).cpu()
+            new = self.vqgan.encode_images(np.stack(list(todo.values()))).cpu()
             if int(new.max()) >= self.layout.n_image_codes:
                 raise ValueError(f"the VQGAN emits codes up to {int(new.max())} but the layout has only "
                                  f"{self.layout.n_image_codes} image ids")
