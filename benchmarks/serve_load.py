@@ -93,8 +93,7 @@ def build_policy(spec: dict):
 
     from worldvla.inference.policy import WorldVLAPolicy
 
-    dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
-    return WorldVLAPolicy.from_pretrained(spec["path"], device=spec.get("device"), dtype=dtype)
+    return WorldVLAPolicy.from_pretrained(spec["path"], device=spec.get("device"), dtype=spec.get("dtype"))
 
 
 def random_checkpoint(size: str, out_dir: str, image_size: int, chunk_size: int, seed: int = 0) -> str:

@@ -86,6 +86,18 @@ def test_save_is_atomic_and_replaces(tmp_path):
         WorldVLAPolicy.from_pretrained(tmp_path)
 
 
+def test_dtype_by_name(policy_dir):
+    """The short names of the command lines' --dtype work in the Python API too; others are refused by name."""
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("float16", torch.float16),
+                        (torch.bfloat16, torch.bfloat16)):
+        pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu", dtype=name)
+        assert next(pol.model.parameters()).dtype == dtype
+    assert next(WorldVLAPolicy.from_pretrained(policy_dir, device="cpu").model.parameters()).dtype == torch.float32
+    for bad in ("int8", "fp8", torch.int32):
+        with pytest.raises(ValueError, match="dtype must be one of float32, fp32, bfloat16"):
+            WorldVLAPolicy.from_pretrained(policy_dir, device="cpu", dtype=bad)
+
+
 def test_a_gpu_that_is_not_there_is_refused_by_name(policy_dir, monkeypatch):
     """Asking for CUDA where torch sees no GPU, or for a GPU index past the last, names the problem
     (serve, eval and imagine load through here) instead of failing deep in torch."""

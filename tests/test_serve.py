@@ -473,6 +473,71 @@ def test_chunks_of_different_lengths_in_one_batch(np_rng):
             c.close()
 
 
+def test_a_chunk_of_no_action_is_an_error_for_its_robot_only(np_rng):
+    """mode='release' may write no action block for one image: that robot gets an error (as
+    `check_chunk` refuses it in process), the other its chunk."""
+    class OneFewer(HistoryPolicy):  # a chunk of one action fewer than the instruction's words
+        def act(self, images, history=None):
+            full = super().act(images, history)
+            return [full[i, :len(s.split()) - 1] for i, s in enumerate(self.instructions)]
+
+    policy = OneFewer()
+    with PolicyServer(policy, max_batch=4, max_wait_ms=2000, pad_batches=False, request_timeout_s=20) as server:
+        clients = [PolicyClient(server.url, timeout=20) for _ in range(2)]
+        clients[0].reset("one")  # no action
+        clients[1].reset("three more words")
+        replies = [None, None]
+        barrier = threading.Barrier(2)
+
+        def call(i):
+            barrier.wait(10)
+            try:
+                replies[i] = clients[i].act(_frame(np_rng))
+            except PolicyServerError as e:
+                replies[i] = str(e)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert policy.calls == [2]
+        assert isinstance(replies[0], str) and "wrote no action block" in replies[0], replies[0]
+        assert isinstance(replies[1], np.ndarray) and replies[1].shape == (2, D)
+        for c in clients:
+            c.close()
+
+
+def test_episode_dropped_while_its_frame_is_resized(np_rng, monkeypatch):
+    """Another robot's reset evicts the episode (max_episodes=1) while the server resizes its frame: the
+    request is answered 'reset or dropped' and never reaches the policy."""
+    policy = HistoryPolicy()
+    with PolicyServer(policy, max_episodes=1, request_timeout_s=20) as server:
+        resize = server._resize_pair
+        started = threading.Event()
+
+        def slow_resize(image, previous):
+            started.set()
+            time.sleep(0.5)
+            return resize(image, previous)
+
+        monkeypatch.setattr(server, "_resize_pair", slow_resize)
+        a, b = PolicyClient(server.url, timeout=20), PolicyClient(server.url, timeout=20)
+        a.reset("first robot")
+        reply = []
+        t = threading.Thread(target=lambda: reply.append(pytest.raises(PolicyServerError, a.act,
+                                                                        _frame(np_rng, 48, 48))))
+        t.start()
+        assert started.wait(10)
+        b.reset("second robot")  # evicts a's episode
+        t.join(20)
+        assert "was reset or dropped while its image was being resized" in str(reply[0].value)
+        assert policy.calls == [] and server.stats["evicted_episodes"] == 1
+        np.testing.assert_allclose(b.act(_frame(np_rng))[:, 2], len("second robot"))  # the server still serves
+        a.close()
+        b.close()
+
+
 def test_request_timeout(np_rng):
     policy = HistoryPolicy(delay_s=0.6)
     with PolicyServer(policy, request_timeout_s=0.2) as server, PolicyClient(server.url, timeout=20) as client:
@@ -518,7 +583,7 @@ def test_cli_arguments():
         ("ckpt", 0, 4, 2.5, 9, 3.0)
     assert args.host == "127.0.0.1" and args.dtype == "bf16" and args.mode is None
     assert parser.parse_args(["--checkpoint", "c", "--mode", "release"]).mode == "release"
-    for bad in (["--mode", "beam"], ["--max-batch", "0"]):
+    for bad in (["--mode", "beam"], ["--max-batch", "0"], ["--port", "70000"], ["--port", "-1"], ["--dtype", "int8"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["--checkpoint", "c", *bad])
     from worldvla.cli import POLICY_MODE_CHOICES

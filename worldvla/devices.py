@@ -1,5 +1,6 @@
 """The device a user names (`--device`, `device=`), checked against what torch sees here, so that a GPU
-that is not there is refused by name instead of failing deep inside torch."""
+that is not there is refused by name instead of failing deep inside torch; and the model dtype a user
+names (`--dtype`, `dtype=`)."""
 from __future__ import annotations
 
 import torch
@@ -20,3 +21,18 @@ def torch_device(device=None, *, default: str | None = None) -> torch.device:
         if dev.index is not None and dev.index >= n:
             raise ValueError(f"device {dev} was asked for, but torch sees {n} CUDA GPU(s) (cuda:0 to cuda:{n - 1})")
     return dev
+
+
+# The model dtypes a user may name, short names included (the command lines' `--dtype` choices).
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def torch_dtype(dtype=None) -> torch.dtype | None:
+    """`dtype` (a name of DTYPES or a floating torch.dtype) as a torch.dtype; None stays None (a loaded
+    model keeps the dtype it was saved in). Raises ValueError for anything else."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or the torch.dtype), got {dtype!r}")

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cli import non_negative_float, non_negative_int, positive_int
+from ..devices import DTYPES
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance on the action (1 or unset: none)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="the draws' seed (default 0)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="the model's dtype (default: as saved)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="the model's dtype (default: as saved)")
     p.add_argument("--out", default="imagine", help="folder for the outputs (default ./imagine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..devices import torch_device
+from ..devices import torch_device, torch_dtype
 from ..tokens import ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
 from ..tokens.layout import with_release_image_ids
 from ..tokens.sequence import ACTION_PROMPT, image_tokens
@@ -175,9 +175,7 @@ class WorldVLAPolicy:
             raise FileNotFoundError(f"{path} is not a policy folder: {POLICY_FILE} is missing (write one with "
                                     f"worldvla.inference.save_policy)")
         info = json.loads((path / POLICY_FILE).read_text())
-        device = torch_device(device)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype.replace("bf16", "bfloat16").replace("fp16", "float16"))
+        device, dtype = torch_device(device), torch_dtype(dtype)
         model = WorldVLA.from_pretrained(path / "model", device=device, dtype=dtype)
         vqgan = VQGAN.from_pretrained(path / "vqgan", map_location=device)
         if model.layout is None:

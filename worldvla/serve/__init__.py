@@ -31,6 +31,7 @@ import logging
 import sys
 
 from ..cli import POLICY_MODE_CHOICES, positive_int
+from ..devices import DTYPES
 from .client import PolicyClient, PolicyServerError, health
 from .protocol import ProtocolError, packb, unpackb
 from .server import PolicyServer
@@ -44,14 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="policy folder written by worldvla.inference.policy.save_policy")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default 127.0.0.1; 0.0.0.0 to accept robots on the network)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one)")
+    parser.add_argument("--port", type=tcp_port, default=8000, help="TCP port (0 picks a free one)")
     parser.add_argument("--device", default=None, help="torch device for the model (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
-                        help="model dtype (default: the policy's choice for the device)")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="model dtype (default: the dtype the checkpoint was saved in)")
     parser.add_argument("--mode", default=None, choices=POLICY_MODE_CHOICES,
-                        help="chunk decoding (default: the policy's, parallel): parallel / sequential under the chunk "
-                             "mask, causal, or release (the release's free greedy decoding over the whole vocabulary; "
-                             "a chunk holds as many actions as the model writes)")
+                        help="chunk decoding (default: parallel, or causal for a model trained without the chunk "
+                             "mask): parallel / sequential under the chunk mask, causal, or release (the release's "
+                             "free greedy decoding over the whole vocabulary; a chunk holds as many actions as the "
+                             "model writes)")
     parser.add_argument("--max-batch", type=positive_int, default=8, help="most act requests in one policy call")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="how long an idle server waits for more requests before running a batch")
@@ -67,8 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up policy calls before serving")
 
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16"}
+def tcp_port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0 to 65535 (0 picks a free one), got {port}")
+    return port
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,13 +84,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"worldvla serve: cannot import WorldVLAPolicy ({e})", file=sys.stderr)
         return 2
-    dtype = None
-    if args.dtype is not None:
-        import torch
-
-        dtype = getattr(torch, _DTYPES[args.dtype])
     kw = {} if args.mode is None else {"mode": args.mode}
-    policy = WorldVLAPolicy.from_pretrained(args.checkpoint, device=args.device, dtype=dtype, **kw)
+    policy = WorldVLAPolicy.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype, **kw)
     server = PolicyServer(policy, args.host, args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                           max_queue=args.max_queue, max_payload_mb=args.max_payload_mb,
                           request_timeout_s=args.timeout_s, max_episodes=args.max_episodes,

@@ -175,9 +175,11 @@ class PolicyServer:
         self._queue = asyncio.Queue(self.max_queue)
         self._stop_event = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="worldvla-policy")
+        # max_queue: a connection's requests are answered one at a time, so a client that sends ahead is
+        # held back by TCP rather than buffered (websockets keeps 16 messages of up to max_size by default).
         self._ws = await serve(self._handler, self.host, self.port, process_request=self._process_request,
-                               max_size=2 * self.max_payload_bytes + 65536, compression=None, close_timeout=5,
-                               server_header=None)
+                               max_size=2 * self.max_payload_bytes + 65536, max_queue=2, compression=None,
+                               close_timeout=5, server_header=None)
         self.port = self._ws.sockets[0].getsockname()[1]
         self._batcher = asyncio.create_task(self._batch_loop())
         self._started_at = time.monotonic()
@@ -427,6 +429,7 @@ class PolicyServer:
         if episode.pending:
             return _error(f"episode {key!r} already has an 'act' request in flight; wait for its reply")
         episode.pending = True  # before the first await: a second request for the episode sees it
+        self._episodes.move_to_end(key)  # the most recently used from here: other robots' resets evict others first
         try:
             return await self._queue_act(key, episode, image, previous, t_recv)
         finally:
@@ -435,6 +438,9 @@ class PolicyServer:
     async def _queue_act(self, key, episode, image, previous, t_recv: float) -> dict:
         if image.shape[:2] != self.image_hw or (previous is not None and previous.shape[:2] != self.image_hw):
             image, previous = await asyncio.to_thread(self._resize_pair, image, previous)
+            if self._episodes.get(key) is not episode:  # reset or evicted by other requests meanwhile
+                return _error(f"episode {key!r} was reset or dropped while its image was being resized (more than "
+                              f"{self.max_episodes} episodes, or a reset of the same id); send 'reset' again")
         t_ready = time.perf_counter()
         request = _ActRequest(episode, image, previous, self._loop.create_future(), t_recv, t_ready)
         try:
@@ -442,7 +448,6 @@ class PolicyServer:
         except asyncio.QueueFull:
             self.stats["busy_rejections"] += 1
             return _error(f"server busy: {self.max_queue} requests already queued (--max-queue); retry shortly")
-        self._episodes.move_to_end(key)
         try:
             remaining = self.request_timeout_s - (time.perf_counter() - t_recv)
             outcome = await asyncio.wait_for(asyncio.shield(request.future), max(remaining, 0.0))
@@ -522,7 +527,12 @@ class PolicyServer:
             timing = {"preprocess_ms": round((r.t_ready - r.t_recv) * 1e3, 3),
                       "queue_ms": round((t_start - r.t_ready) * 1e3, 3),
                       "policy_ms": round((t_end - t_start) * 1e3, 3), "batch_size": len(batch)}
-            if not r.future.done():
+            if r.future.done():
+                continue
+            if len(a) == 0:  # mode='release': the model wrote no action block; `check_chunk` refuses it alike
+                r.future.set_result(("error", "the model wrote no action block (mode='release' decodes freely; the "
+                                              "release's loop fails the episode here)"))
+            else:
                 r.future.set_result(("ok", a, timing))
 
     # Runs on the worker thread: the only place the policy is called while serving.
