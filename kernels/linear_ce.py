@@ -79,7 +79,7 @@ def _chunk_rows(n: int, vocab: int, elem_bytes: int, chunk_size: int | None) -> 
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
     rows = max(1, min(n, (256 << 20) // (vocab * elem_bytes)))
-    n_chunks = triton.cdiv(n, rows)
+    n_chunks = max(1, triton.cdiv(n, rows))  # no row (a micro-batch without a label): one empty chunk
     return max(1, triton.cdiv(n, n_chunks))
 
 

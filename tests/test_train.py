@@ -298,6 +298,7 @@ def test_cli_reports_bad_inputs_in_one_line_and_other_errors_with_traceback(tmp_
 
 # ---------------------------------------------------------------------- FSDP2, two processes
 FSDP_COMMON = ["--steps", 4, "--batch-tokens", 600, "--micro-tokens", 140]
+FSDP_SMALL = ["--steps", 3, "--batch-tokens", 150]
 
 
 def _fsdp_worker(rank, world, init_file, store, out):
@@ -311,6 +312,8 @@ def _fsdp_worker(rank, world, init_file, store, out):
         first = trainer.train(args_for(store, out, *FSDP_COMMON, "--stop-after", 2, "--no-export"))
         assert first["step"] == 2
         trainer.train(args_for(store, out, *FSDP_COMMON, "--resume", "--no-export"))
+        # Batches of one or two samples: a rank's micro-batch is often empty, and still joins the reduction.
+        trainer.train(args_for(store, out + "-small", *FSDP_SMALL, "--no-export"))
     finally:
         dist.destroy_process_group()
 
@@ -342,6 +345,8 @@ def test_fsdp_two_processes_match_single_process_and_resume(store_dir, tmp_path)
         torch.testing.assert_close(wd[k], ws[k], rtol=1e-4, atol=1e-4)  # Adam: ~5% of one lr step
     state = json.loads((latest_checkpoint(tmp_path / "fsdp") / "state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 4
+    small = trainer.train(args_for(store_dir, tmp_path / "single-small", *FSDP_SMALL, "--no-export"))
+    np.testing.assert_allclose([r["loss"] for r in read_log(tmp_path / "fsdp-small")], small["losses"], rtol=2e-5)
     # A checkpoint written by two ranks loads into a single-process model and optimizer.
     a = args_for(store_dir, tmp_path / "fsdp")
     model = trainer._build_model(a, TokenStore(store_dir).layout, torch.device("cpu"), fsdp=False)

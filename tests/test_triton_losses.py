@@ -111,15 +111,21 @@ def test_dispatch_and_partial_grads(rng):
         check_rule(got, ref, same, name, floor_eps=FP32_FLOOR_EPS)
 
 
-def test_no_labelled_rows(rng):
+@pytest.mark.parametrize("rows", [9, 0])
+def test_no_labelled_rows(rng, rows):
+    """A micro-batch without a label (every target ignored, or no row: the trainer's rows of labels only)
+    gives loss 0 and zero gradients for both inputs on every path: a zero tensor, not None, for the
+    weight, as a rank with an empty micro-batch must still join FSDP's gradient reduction."""
     h, w, _ = inputs(rng, 9, 32, torch.float32)
-    y = torch.full((9,), -100, device=DEV)
-    hh = h.clone().requires_grad_()
-    loss, z = K.linear_cross_entropy(hh, w, y)
-    ref_loss, ref_z = linear_cross_entropy_ref(h, w, y)
-    assert loss.item() == ref_loss.item() == 0.0 and z.item() == 0.0
-    loss.backward()
-    assert hh.grad is None or torch.all(hh.grad == 0)
+    h = h[:rows]
+    y = torch.full((rows,), -100, device=DEV)
+    for fn in (K.linear_cross_entropy, linear_cross_entropy_ref):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, z = fn(hh, ww, y)
+        assert loss.item() == 0.0 and z.item() == 0.0
+        loss.backward()
+        assert hh.grad is None or torch.all(hh.grad == 0)
+        assert ww.grad is not None and ww.grad.shape == w.shape and torch.all(ww.grad == 0), fn
 
 
 def test_bad_inputs_raise(rng):

@@ -17,8 +17,9 @@ def linear_cross_entropy_ref(hidden, weight, targets, class_weight=None, z_weigh
     valid = targets != ignore_index
     h = hidden[valid]
     y = targets[valid]
-    if y.numel() == 0:
-        zero = hidden.sum() * 0.0
+    if y.numel() == 0:  # zero, reaching both inputs: the weight's gradient is zeros, not None (as the fused
+        # kernels give), so that a rank whose micro-batch has no label joins FSDP's gradient reduction
+        zero = (hidden.sum() + weight[:1, :1].sum()) * 0.0
         return zero.float(), zero.float().detach()
     return logits_cross_entropy((h @ weight.t()).float(), y, class_weight, z_weight)
 
