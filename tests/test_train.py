@@ -171,6 +171,51 @@ def test_resume_continues_exactly(store_dir, tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
+def test_stop_after_and_resume_save_each_step_once_and_never_overshoot(store_dir, tmp_path, monkeypatch):
+    """--stop-after at a --save-every multiple saves that step once (a second save of it replaced the
+    folder in place); a resume at or past --stop-after trains and saves nothing; a log line cut short by
+    a crash is dropped on resume; the same step saved again replaces the folder whole."""
+    saves = []
+    real = trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda out, step, *a, **k: saves.append(step) or real(out, step, *a, **k))
+    out = tmp_path / "run"
+    common = ["--steps", 6, "--batch-tokens", 300, "--save-every", 2, "--keep-last", 0, "--no-export"]
+    first = trainer.train(args_for(store_dir, out, *common, "--stop-after", 4))
+    assert first["step"] == 4 and saves == [2, 4]
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # a crash in the middle of a line
+    again = trainer.train(args_for(store_dir, out, *common, "--stop-after", 2, "--resume"))
+    assert again["step"] == 4 and again["losses"] == [] and saves == [2, 4]
+    assert again["checkpoint"] == str(out / "checkpoints" / "step_00000004")
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
+    rest = trainer.train(args_for(store_dir, out, *common, "--resume"))
+    assert rest["step"] == 6 and saves == [2, 4, 6] and [r["step"] for r in read_log(out)] == list(range(1, 7))
+
+    from worldvla.train.checkpointing import save_checkpoint
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path / "same", 5, model, opt, {"mark": 1})
+    with torch.no_grad():
+        model.weight += 1.0
+    again = save_checkpoint(tmp_path / "same", 5, model, opt, {"mark": 2})
+    assert json.loads((again / "state.json").read_text())["mark"] == 2
+    assert torch.equal(torch.load(again / "model.pt", weights_only=True)["weight"], model.weight)
+    assert sorted(p.name for p in (tmp_path / "same" / "checkpoints").iterdir()) == ["latest", "step_00000005"]
+
+
+@pytest.mark.parametrize("change", [("--lr", 1e-3), ("--steps", 8), ("--batch-tokens", 400), ("--config", "small")])
+def test_resume_refuses_other_settings_naming_them(store_dir, tmp_path, change):
+    """The schedule (restored from the checkpoint), the data order (a position in it) and the model must
+    be the run's own: another value is refused by name instead of being ignored or mixing runs."""
+    common = {"--steps": 4, "--batch-tokens": 300, "--lr": 2e-3, "--config": "tiny"}
+    flat = [x for kv in common.items() for x in kv]
+    trainer.train(args_for(store_dir, tmp_path / "r", *flat, "--stop-after", 1, "--no-export"))
+    name, value = change
+    other = [x for kv in {**common, name: value}.items() for x in kv]
+    with pytest.raises(ValueError, match=f"started with {name} {common[name]}, not {name} {value}"):
+        trainer.train(args_for(store_dir, tmp_path / "r", *other, "--resume", "--no-export"))
+
+
 def test_cli_run_exports_and_action_only(store_dir, tmp_path):
     out = tmp_path / "run"
     a = args_for(store_dir, out, "--steps", 2, "--batch-tokens", 300, "--kinds", "action")

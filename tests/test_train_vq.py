@@ -60,6 +60,10 @@ def test_vq_resume_is_exact(data, tmp_path):
     common = ["--steps", 7, "--restart-threshold", 0.5, "--usage-decay", 0.5]
     straight = vqt.train_vq(args_for(data, tmp_path / "a", *common))
     part = vqt.train_vq(args_for(data, tmp_path / "b", *common, "--stop-after", 3))
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss"')  # a line a crash cut short: dropped on resume
+    again = vqt.train_vq(args_for(data, tmp_path / "b", *common, "--stop-after", 3, "--resume"))
+    assert again["step"] == 3 and again["losses"] == []  # already there: no step past --stop-after
     rest = vqt.train_vq(args_for(data, tmp_path / "b", *common, "--resume"))
     assert part["losses"] + rest["losses"] == straight["losses"]
     log = [json.loads(ln) for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]

@@ -86,10 +86,14 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last
                                                      "world_size": dist_utils.world_size()}, indent=1))
     dist_utils.barrier()
     if dist_utils.is_main():
-        if final.exists():
-            shutil.rmtree(final)
+        old = root / f".old-{name}"
+        if final.exists():  # this step saved again: the old copy is set aside, not deleted, until the new is in
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
         os.replace(tmp, final)
         write_text_atomic(root / LATEST, name)
+        shutil.rmtree(old, ignore_errors=True)
         if keep_last > 0:
             # Only checkpoints older than this one are pruned: never the one just written.
             older = sorted((p for p in root.glob("step_*") if p.is_dir() and _step_of(p) < step), key=_step_of)
@@ -97,6 +101,35 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last
                 shutil.rmtree(old, ignore_errors=True)
     dist_utils.barrier()
     return final
+
+
+def trim_log(path: Path, step: int) -> None:
+    """After a resume: drop the log lines of steps past the checkpoint (they will be redone) and any line
+    a crash cut short, rewriting the log atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:  # a line cut short by a crash (or an empty one)
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(ln)
+    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+
+
+def check_resume_settings(saved: dict, args, names: tuple[str, ...], source) -> None:
+    """Refuse to resume with other values of the settings `names` than the run was started with (`saved`,
+    the checkpoint's record of the run's arguments; names it lacks are not compared)."""
+    changed = [n for n in names if n in saved and saved[n] != getattr(args, n, None)]
+    if changed:
+        def opts(values):
+            return " ".join(f"--{n.replace('_', '-')} {values(n)}" for n in changed)
+        raise ValueError(f"--resume: the run in {source} was started with {opts(saved.get)}, not "
+                         f"{opts(lambda n: getattr(args, n))}; its checkpoint continues the learning-rate schedule "
+                         f"and the data order only under the run's own settings. Resume with those, or start a "
+                         f"new run in another --out")
 
 
 def _step_of(path: Path) -> int:

@@ -39,13 +39,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import write_text_atomic
 from . import distributed as dist_utils
 from ..cli import non_negative_float, non_negative_int, positive_int
-from .checkpointing import (add_run_arguments, full_model_state, latest_checkpoint, load_checkpoint, prepare_run_dir,
-                            save_checkpoint)
+from .checkpointing import (add_run_arguments, check_resume_settings, full_model_state, latest_checkpoint,
+                            load_checkpoint, prepare_run_dir, save_checkpoint, trim_log)
 
 CONFIGS = ("tiny", "small", "chameleon_7b")
+# What a resumed run must share with its start: the model, the learning-rate schedule (restored from the
+# checkpoint, so new values would be ignored) and the data order (a position in it is restored).
+RESUME_SETTINGS = ("config", "init", "attention", "max_positions", "steps", "epochs", "lr", "min_lr", "warmup",
+                   "schedule", "batch_tokens", "seed", "kinds")
 
 
 # ---------------------------------------------------------------------- schedule
@@ -290,19 +293,23 @@ def train(args) -> dict:
     sched = WarmupCosine(opt, args.lr, total, warmup, min_lr, args.schedule)
 
     step, epoch, pos, tokens_seen = 0, 0, 0, 0
+    saved = None  # the step of the newest checkpoint on disk of this run
     if args.resume:
         ck = latest_checkpoint(out)
         if ck is not None:
+            check_resume_settings(json.loads((ck / "state.json").read_text()).get("args", {}), args,
+                                  RESUME_SETTINGS, out)
             st = load_checkpoint(ck, model, opt)
             step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["batch_in_epoch"], st["tokens_seen"]
             sched.load_state_dict(st["scheduler"])
+            saved = step
             if main:
                 print(f"resumed from {ck} at step {step} (epoch {epoch}, batch {pos})")
         elif main:
             print(f"--resume: no checkpoint under {out}, starting fresh")
     log_path = out / "metrics.jsonl"
     if main:
-        _trim_log(log_path, step)
+        trim_log(log_path, step)
         (out / "train_args.json").write_text(json.dumps(vars(args), indent=1, default=str))
 
     class_weight = loss_class_weights(layout, args.alpha, release=args.release_loss_weights)
@@ -314,7 +321,7 @@ def train(args) -> dict:
     t_last, tok_last = time.perf_counter(), 0
     log_f = open(log_path, "a") if main else None
     try:
-        while step < total:
+        while step < total and not (args.stop_after and step >= args.stop_after):
             if pos >= len(plan):
                 epoch, pos = epoch + 1, 0
                 plan = epoch_batches(store.lengths, args.batch_tokens, args.seed, epoch)
@@ -364,9 +371,11 @@ def train(args) -> dict:
             bar.update(1)
             if args.save_every and step % args.save_every == 0 and step < total:
                 _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args)
-            if args.stop_after and step >= args.stop_after:
-                break
-        ckpt = _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args)
+                saved = step
+        # The run's end (or --stop-after): a checkpoint of this step, unless one is on disk already (a
+        # periodic save at --stop-after, a resumed run that had ended).
+        ckpt = (_save(out, step, model, opt, sched, epoch, pos, tokens_seen, args) if step != saved
+                else Path(out) / "checkpoints" / f"step_{step:08d}")
         export = None
         if step >= total and not args.no_export:
             export = _export(model, store, out, args)
@@ -383,14 +392,6 @@ def _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args):
              "model_config": model.config.to_dict(), "args": {k: v for k, v in vars(args).items()
                                                                 if isinstance(v, (int, float, str, bool, type(None)))}}
     return save_checkpoint(out, step, model, opt, state, keep_last=args.keep_last)
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """After a resume, drop log lines of steps past the checkpoint (they will be redone)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 def _export(model, store, out: Path, args):

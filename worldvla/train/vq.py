@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from ..cli import non_negative_int, positive_int
 from . import distributed as dist_utils
-from .checkpointing import add_run_arguments, latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from .checkpointing import (add_run_arguments, latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint,
+                            trim_log)
 
 
 def load_frames(inputs, stride: int = 1, max_frames: int = 0, camera=None) -> np.ndarray:
@@ -173,9 +174,8 @@ def train_vq(args) -> dict:
         if main:
             print(f"resumed from {st['path']} at step {step}")
     log_path = out / "metrics.jsonl"
-    if main and log_path.is_file():
-        keep = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        log_path.write_text("".join(ln + "\n" for ln in keep))
+    if main:
+        trim_log(log_path, step)
 
     latents = {}
     hook = vq.quant_conv.register_forward_hook(lambda m, i, o: latents.__setitem__("z", o.detach()))
@@ -195,7 +195,7 @@ def train_vq(args) -> dict:
 
     log = open(log_path, "a") if main else None
     try:
-        while step < total:
+        while step < total and not (args.stop_after and step >= args.stop_after):
             if pos >= len(order):
                 epoch, pos = epoch + 1, 0
                 order = _epoch_order(len(frames), args.batch_size, args.seed, epoch)
@@ -239,8 +239,6 @@ def train_vq(args) -> dict:
                                 {"epoch": epoch, "batch_in_epoch": pos, "usage": usage.ema.tolist(),
                                  "restart_rng": gen.get_state().tolist(), "config": vq.config.to_dict()},
                                 keep_last=args.keep_last)
-            if args.stop_after and step >= args.stop_after:
-                break
     finally:
         hook.remove()
         bar.close()
