@@ -1,5 +1,6 @@
 """The reference transformer against transformers' Chameleon, checkpoints, and the loss."""
 import json
+import os
 
 import pytest
 import torch
@@ -145,6 +146,56 @@ def test_roundtrip_keeps_layout(tmp_path):
     assert m2.layout == m.layout
     ids = torch.randint(0, m.config.vocab_size, (1, 30))
     assert torch.equal(m(ids), m2(ids))
+
+
+def test_save_replaces_an_older_save_whole_and_keeps_the_callers_files(tmp_path):
+    """A single-file save over a sharded one: the old shard index would win at load and bring the old
+    weights back. Files the caller put in the folder (a tokenizer, a vqgan/ folder) stay."""
+    old = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    new = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(1))
+    f = tmp_path / "ck"
+    old.save_pretrained(f, shard_size_gb=1e-4)
+    assert (f / "model.safetensors.index.json").is_file()
+    (f / "text_tokenizer.json").write_text("{}")
+    (f / "vqgan").mkdir()
+    (f / "vqgan" / "config.json").write_text("{}")
+    new.save_pretrained(f)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary folder left behind
+    assert sorted(p.name for p in f.iterdir()) == ["config.json", "model.safetensors", "text_tokenizer.json", "vqgan"]
+    assert (f / "vqgan" / "config.json").read_text() == "{}"
+    umask = os.umask(0o22)
+    os.umask(umask)
+    assert f.stat().st_mode & 0o777 == 0o777 & ~umask  # the umask's mode, not a temporary folder's 0700
+    got = WorldVLA.from_pretrained(f).state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in new.state_dict().items())
+
+
+def test_failed_sharded_save_leaves_the_older_save(tmp_path, monkeypatch):
+    """A crash partway through a sharded save over an older one used to leave a folder that loaded
+    without error, a mix of old and new tensors; now the older folder stays as it was."""
+    import safetensors.torch
+
+    old = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    new = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(1))
+    f = tmp_path / "ck"
+    old.save_pretrained(f, shard_size_gb=1e-4)
+    before = {p.name: p.read_bytes() for p in f.iterdir()}
+    real, calls = safetensors.torch.save_file, []
+
+    def crash_on_third(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(f, shard_size_gb=1e-4)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert {p.name: p.read_bytes() for p in f.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    got = WorldVLA.from_pretrained(f).state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in old.state_dict().items())
 
 
 def test_bad_token_ids():

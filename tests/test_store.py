@@ -307,3 +307,52 @@ def test_noop_filter_and_rotation_reach_the_store(tmp_path):
     assert n[kept]["settings"]["drop_noops"] and n[turned]["settings"]["rotate_180"] is True
     ids = [torch.as_tensor(st.TokenStore(p)[0][0]) for p in (plain, turned)]  # the first sample's image codes
     assert ids[0].shape == ids[1].shape and not torch.equal(ids[0], ids[1])
+
+
+def _release_text_tokenizer(path):
+    """A text_tokenizer.json in the release's form: a few words, and the 8192 image-code token names."""
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "push": 9000, "open": 9001}
+    vocab.update({"IMGIMG" + "".join("ABCDEFGHIJ"[int(c)] for c in str(code)) + "Z": 4 + code
+                  for code in range(8192)})
+    path.write_text(json.dumps({"version": "1.0", "added_tokens": [], "normalizer": None,
+                                "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+                                "model": {"type": "BPE", "vocab": vocab, "merges": [], "unk_token": "<unk>"}}))
+    return path
+
+
+def test_text_tokenizer_json_only_in_a_chameleon_store(demo_dir, tmp_path):
+    """A compact store's text is byte ids: a text_tokenizer.json in its folder (left by an earlier chameleon
+    build) would reach the exported policy, which would then encode instructions with it."""
+    folder, _ = demo_dir
+    tok = _release_text_tokenizer(tmp_path / "text_tokenizer.json")
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), layout="chameleon", tokenizer_json=tok,
+                         chunk_size=K, progress=False)
+    assert st.TokenStore(out).text_tokenizer_path == out / st.TEXT_TOKENIZER
+    assert (out / st.TEXT_TOKENIZER).read_bytes() == tok.read_bytes()
+    st.build_store(folder, out, tiny_vqgan(), layout="compact", tokenizer_json=tok, chunk_size=K, overwrite=True,
+                   progress=False)
+    assert not (out / st.TEXT_TOKENIZER).exists() and st.TokenStore(out).text_tokenizer_path is None
+    # A compact store built before stale copies were removed: the reader does not offer the copy either.
+    (out / st.TEXT_TOKENIZER).write_bytes(tok.read_bytes())
+    assert st.TokenStore(out).text_tokenizer_path is None
+
+
+def test_store_replaces_a_vqgan_its_manifest_does_not_name(demo_dir, tmp_path):
+    """A folder left without its manifest keeps an older VQGAN in vqgan/: the build saves its own VQGAN
+    over it, and the reader refuses a vqgan/ folder whose weights are not the manifest's."""
+    folder, _ = demo_dir
+    old, new = tiny_vqgan(0), tiny_vqgan(1)
+    out = st.build_store(folder, tmp_path / "s", old, chunk_size=K, progress=False)
+    (out / st.MANIFEST).unlink()  # e.g. a first build interrupted after vqgan/ was saved
+    st.build_store(folder, out, new, chunk_size=K, progress=False)
+    store = st.TokenStore(out)
+    copy = VQGAN.from_pretrained(store.vqgan_path)
+    assert store.manifest["vqgan_sha256"] == st._state_dict_digest(new) == st._state_dict_digest(copy)
+    old.save_pretrained(out / "vqgan")
+    with pytest.raises(ValueError, match="holds another VQGAN .* rerun `worldvla pretokenize`"):
+        st.TokenStore(out)
+    st.build_store(folder, out, new, chunk_size=K, progress=False)  # the same arguments restore it
+    st.TokenStore(out)
+    (out / "vqgan" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks its VQGAN"):
+        st.TokenStore(out)

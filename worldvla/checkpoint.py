@@ -9,13 +9,17 @@ transformers' Chameleon) or the release's [model_parallel_size, head_dim] (one r
 head shares in its checkpoints); the model keeps the layout it was loaded with
 (`ModelConfig.model_parallel_size`), and saving writes it back with `model_parallel_size` in
 config.json, so the release's code loads what this package saves from its checkpoints.
-Every file is written to a temporary name and renamed into place, so a crash never
-leaves a half-written checkpoint behind a valid name.
+A model folder is written whole into a temporary sibling folder that then replaces the old
+one (`replace_folder`), so a crash never leaves a half-written checkpoint, or one that mixes
+an older save's weights with the new ones, behind a valid name.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -74,6 +78,67 @@ def _atomic_write(path: Path, write) -> None:
 def write_text_atomic(path, text: str) -> None:
     """Write a text file that appears complete or not at all (a crash leaves the old one)."""
     _atomic_write(Path(path), lambda p: Path(p).write_text(text))
+
+
+def _new_sibling(path: Path, tag: str) -> Path:
+    # mkdir, not mkdtemp: the folder becomes `path` itself and must get the umask's mode, not 0700
+    p = path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(6)}")
+    p.mkdir()
+    return p
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
+
+
+def _carry_over(src: Path, dst: Path) -> None:
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
+def replace_folder(path, write, keep=None) -> None:
+    """Write a folder that appears complete or not at all: `write(tmp)` fills a temporary sibling
+    folder, which is then renamed to `path`; an older folder there is removed only after that, and
+    is left as it was when `write` fails. `keep(name) -> bool` picks entries of the older folder to
+    carry over into the new one (hard links where possible) when `write` did not write them."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a folder; remove it or choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_sibling(path, "tmp")
+    try:
+        write(tmp)
+        if keep is not None and path.is_dir():
+            for entry in path.iterdir():
+                if keep(entry.name) and not os.path.lexists(tmp / entry.name):
+                    _carry_over(entry, tmp / entry.name)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(6)}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# The files a model save writes or that hold an older save's weights (any of them would be read
+# by load_model in place of the new ones); everything else in a model folder is the caller's.
+MODEL_FILES = ("config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+               "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
+
+
+def _is_model_file(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pat) for pat in MODEL_FILES)
 
 
 def _load_state_dict(folder: Path) -> dict:
@@ -138,10 +203,13 @@ def load_model(path, device=None, dtype=None) -> WorldVLA:
 
 
 def save_model(model: WorldVLA, path, shard_size_gb: float = 5.0) -> None:
+    """Write `config.json` and the weights (one file, or shards with an index past `shard_size_gb`).
+
+    The folder is replaced whole (`replace_folder`): no weights of an older save survive next to
+    the new ones (a stale shard index would win at load), and a failed save leaves the older
+    folder as it was. Other files in the folder (a tokenizer, a vqgan/ folder...) are kept."""
     from safetensors.torch import save_file
 
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     limit = int(shard_size_gb * (1 << 30))
     shards, cur, size = [], {}, 0
@@ -154,18 +222,23 @@ def save_model(model: WorldVLA, path, shard_size_gb: float = 5.0) -> None:
         size += nbytes
     shards.append(cur)
     meta = {"format": "pt"}
-    if len(shards) == 1:
-        _atomic_write(folder / "model.safetensors", lambda p: save_file(shards[0], p, metadata=meta))
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(folder / name, lambda p, s=shard: save_file(s, p, metadata=meta))
-            weight_map.update({k: name for k in shard})
-        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())}, "weight_map": weight_map}
-        _atomic_write(folder / "model.safetensors.index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
     cfg = config_to_hf(model.config)
-    _atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+
+    def write(folder: Path) -> None:
+        if len(shards) == 1:
+            save_file(shards[0], str(folder / "model.safetensors"), metadata=meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(folder / name), metadata=meta)
+                weight_map.update({k: name for k in shard})
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                     "weight_map": weight_map}
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    replace_folder(path, write, keep=lambda name: not _is_model_file(name))
 
 
 def load_release_tokenizer(folder):

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import write_text_atomic
+from ..checkpoint import _atomic_write, write_text_atomic
 from ..cli import non_negative_int, positive_int
 from ..devices import torch_device
 from ..tokens import IGNORE, ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
@@ -64,12 +64,28 @@ def _atomic_json(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1))
 
 
-def _state_dict_digest(module: torch.nn.Module) -> str:
+def _tensors_digest(names, get) -> str:
     h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
+    for k in sorted(names):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(get(k).detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _state_dict_digest(module: torch.nn.Module) -> str:
+    sd = module.state_dict()
+    return _tensors_digest(sd, sd.__getitem__)
+
+
+def _vqgan_folder_digest(folder: Path) -> str | None:
+    """`_state_dict_digest` of the VQGAN saved in `folder`, read tensor by tensor from its weights
+    file (no model is built); None when the folder lacks a file of VQGAN_FILES."""
+    from safetensors import safe_open
+
+    if not all((folder / n).is_file() for n in VQGAN_FILES):
+        return None
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return _tensors_digest(f.keys(), f.get_tensor)
 
 
 def find_demo_files(inputs) -> list[Path]:
@@ -230,6 +246,12 @@ def _check_vqgan_folder(folder) -> None:
                                 f"{' and '.join(VQGAN_FILES)}, as `worldvla train-vq` exports them)")
 
 
+def _uses_text_tokenizer_json(layout: VocabLayout) -> bool:
+    """Whether the layout's text goes through text_tokenizer.json (as text_tokenizer_for decides):
+    the chameleon vocabulary; compact layouts encode text as byte ids."""
+    return layout.text_base < 0
+
+
 def _check_chunk_fits(files, chunk_size: int) -> None:
     """Action samples need demos of at least K steps: refuse a K longer than every demo."""
     from .hdf5 import demo_file_info
@@ -322,10 +344,17 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                     f"(--overwrite) to rebuild it, or choose another output folder")
         else:
             done = {e["name"]: e for e in old.get("shards", [])}
-    if overwrite or not all((out / "vqgan" / n).is_file() for n in VQGAN_FILES):
+    # Checked against the weights themselves, not the manifest: a folder left without its manifest
+    # (an interrupted first build, a cleaned folder) may hold another VQGAN.
+    if overwrite or _vqgan_folder_digest(out / "vqgan") != vq_digest:
         vqgan.save_pretrained(out / "vqgan")
-    if tokenizer_json is not None and Path(tokenizer_json).resolve() != (out / TEXT_TOKENIZER).resolve():
-        shutil.copyfile(tokenizer_json, out / TEXT_TOKENIZER)
+    if _uses_text_tokenizer_json(layout):
+        if Path(tokenizer_json).resolve() != (out / TEXT_TOKENIZER).resolve():
+            _atomic_write(out / TEXT_TOKENIZER, lambda p: shutil.copyfile(tokenizer_json, p))
+    else:
+        # A byte-text layout: a copy left by an earlier chameleon build would make the exported
+        # policy encode instructions with a tokenizer the model never saw.
+        (out / TEXT_TOKENIZER).unlink(missing_ok=True)
 
     plan = _plan_shards(files, settings)
     manifest = {
@@ -426,6 +455,7 @@ class TokenStore(torch.utils.data.Dataset):
             raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
         self.kinds = kinds
         self.shards = self.manifest["shards"]
+        self._check_vqgan()
         if verify:
             broken = [e["name"] for e in self.shards if not verify_shard(self.path, e)]
             if broken:
@@ -449,6 +479,22 @@ class TokenStore(torch.utils.data.Dataset):
         self.lengths = cat(lengths, np.int64)
         self.kind_codes = cat(kind_codes, np.uint8)
         self._arrays.clear()
+
+    def _check_vqgan(self) -> None:
+        """The vqgan/ folder must hold the VQGAN that encoded the tokens (the policy export decodes
+        and encodes frames with it); one pass over its weights file."""
+        want = self.manifest.get("vqgan_sha256")
+        if want is None:  # a manifest without the digest: nothing to check against
+            return
+        got = _vqgan_folder_digest(self.vqgan_path)
+        if got is None:
+            raise FileNotFoundError(f"the token store at {self.path} lacks its VQGAN ({self.vqgan_path} needs "
+                                    f"{' and '.join(VQGAN_FILES)}); rerun `worldvla pretokenize` with the same "
+                                    f"arguments and VQGAN to restore it")
+        if got != want:
+            raise ValueError(f"{self.vqgan_path} holds another VQGAN than the one that encoded the token store at "
+                             f"{self.path} (its weights do not match the manifest's vqgan_sha256); rerun "
+                             f"`worldvla pretokenize` with the same arguments and VQGAN to restore it")
 
     def _shard(self, si: int) -> dict:
         a = self._arrays.get(si)
@@ -497,9 +543,11 @@ class TokenStore(torch.utils.data.Dataset):
 
     @property
     def text_tokenizer_path(self) -> Path | None:
-        """The release's text_tokenizer.json, copied in when the store uses the chameleon vocabulary."""
+        """The release's text_tokenizer.json, copied in when the store uses the chameleon vocabulary.
+        None for a byte-text layout even if a stale copy lies in the folder (a store built before
+        such copies were removed): the exported policy must encode text as training did."""
         p = self.path / TEXT_TOKENIZER
-        return p if p.is_file() else None
+        return p if _uses_text_tokenizer_json(self.layout) and p.is_file() else None
 
     def action_tokenizer(self) -> ActionTokenizer:
         a = self.manifest["action"]

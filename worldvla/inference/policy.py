@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..checkpoint import replace_folder
 from ..devices import torch_device, torch_dtype
 from ..tokens import ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
 from ..tokens.layout import with_release_image_ids
@@ -63,9 +62,8 @@ def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_siz
     if image_size % down or image_size % grid:
         raise ValueError(f"image_size {image_size} must be a multiple of the VQGAN factor {down} and of the "
                          f"{grid}-px resolution grid")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp / "model")
         vqgan.save_pretrained(tmp / "vqgan")
         if hasattr(text_tokenizer_json, "tok"):  # a ChameleonTextTokenizer
@@ -77,16 +75,8 @@ def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_siz
                 "action_dim": int(action_tokenizer.action_dim), "image_size": int(image_size),
                 "history": int(history), "extra": extra or {}}
         (tmp / POLICY_FILE).write_text(json.dumps(info, indent=2))
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-            os.replace(path, old / "policy")
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    replace_folder(path, write)
 
 
 POLICY_MODES = MODES + ("release",)
