@@ -61,6 +61,26 @@ def test_folder_format_and_metadata(policy_dir):
     json.dumps(meta)  # serializable (the server sends it)
 
 
+def test_a_byte_text_policy_takes_no_text_tokenizer(tmp_path, policy_dir):
+    """A compact-layout model encodes text as byte ids: save_policy refuses a text_tokenizer.json for it,
+    and a folder holding a stray one (an export from a store built before such copies were removed)
+    still loads with the byte tokenizer its model was trained with."""
+    import shutil
+
+    from worldvla.tokens import ByteTextTokenizer
+
+    model, vq, at = _parts()
+    stray = tmp_path / "text_tokenizer.json"
+    stray.write_text("{}")  # not even a tokenizer: it must not be read
+    with pytest.raises(ValueError, match="byte ids.*drop text_tokenizer_json="):
+        save_policy(tmp_path / "p", model, vq, at, chunk_size=3, image_size=64, text_tokenizer_json=stray)
+    folder = tmp_path / "old"
+    shutil.copytree(policy_dir, folder)
+    shutil.copyfile(stray, folder / "text_tokenizer.json")
+    pol = WorldVLAPolicy.from_pretrained(folder, device="cpu")
+    assert isinstance(pol.text_tokenizer, ByteTextTokenizer)
+
+
 def test_save_is_atomic_and_replaces(tmp_path):
     model, vq, at = _parts(1)
     path = tmp_path / "p"

@@ -58,6 +58,10 @@ def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_siz
                          f"{image_size}, {history}")
     if model.layout is not None and model.layout.text_base < 0 and text_tokenizer_json is None:
         raise ValueError("a model on the Chameleon vocabulary needs its text_tokenizer.json (text_tokenizer_json=)")
+    if model.layout is not None and model.layout.text_base >= 0 and text_tokenizer_json is not None:
+        raise ValueError(f"a model on the {model.layout.name} layout encodes text as byte ids; a text_tokenizer.json "
+                         f"in its policy folder would encode instructions as it was never trained: drop "
+                         f"text_tokenizer_json=")
     down, grid = vqgan.downsample, (model.layout.res_grid if model.layout is not None else 32)
     if image_size % down or image_size % grid:
         raise ValueError(f"image_size {image_size} must be a multiple of the VQGAN factor {down} and of the "
@@ -172,7 +176,7 @@ class WorldVLAPolicy:
             raise ValueError(f"{path / 'model'}: config.json has no worldvla_layout and is not the Chameleon "
                              f"vocabulary")
         text = None
-        if (path / "text_tokenizer.json").is_file():
+        if model.layout.text_base < 0 and (path / "text_tokenizer.json").is_file():  # byte-text layouts need none
             text = ChameleonTextTokenizer(path / "text_tokenizer.json")
         at = ActionTokenizer(model.layout, info["action_low"], info["action_high"])
         if at.action_dim != info.get("action_dim", at.action_dim):
