@@ -7,6 +7,7 @@ import torch
 from worldvla import ActionTokenizer, SequenceBuilder, VocabLayout, chunk_mask_meta
 from worldvla.inference import InferenceEngine, baseline_generate_action_chunk, generate_action_chunk
 from worldvla.inference.baseline import GrowingKVCache, chunk_structure_processor, parse_action_blocks
+from worldvla.inference.release import generate_release_actions
 from worldvla.mask import DecodeMeta, causal_meta
 from worldvla.model import ModelConfig, WorldVLA
 from worldvla.ops import decoder as decoder_op
@@ -328,6 +329,29 @@ def test_chunk_input_errors(rng):
     eng = InferenceEngine(model, 1, prompt.numel() + 5)
     with pytest.raises(ValueError, match="cache slots"):
         generate_action_chunk(model, prompt, LAYOUT, 2, 3, engine=eng)
+    with pytest.raises(TypeError, match="must be integers"):
+        generate_action_chunk(model, prompt, LAYOUT, 2.0, 3)
+    with pytest.raises(ValueError, match="pass that engine"):  # a fresh engine holds no prefix
+        generate_action_chunk(model, prompt, LAYOUT, 2, 3, skip=[3])
+    with pytest.raises(ValueError, match="pass that engine"):
+        generate_release_actions(model, prompt, LAYOUT, 3, skip=[3])
+    with pytest.raises(TypeError, match="integers"):
+        generate_release_actions(model, prompt.float(), LAYOUT, 3)
+    eng = InferenceEngine(model, 1, prompt.numel() + 3 * 5 + 1)
+    with pytest.raises(ValueError, match="skip gives cached prefixes for 2 rows; this engine holds 1"):
+        generate_action_chunk(model, prompt, LAYOUT, 3, 3, engine=eng, skip=[1, 1])
+
+
+def test_prefill_says_which_row_does_not_fit(rng):
+    """Rows are padded to the batch's longest uncached part: a long cached prefix next to a long uncached
+    prompt may not fit although each prompt does; the error says so instead of naming the longest prompt."""
+    model = _model(8)
+    long, short = _prompt(rng, 2), _prompt(rng, 1)
+    eng = InferenceEngine(model, 2, long.numel() + 4)
+    eng.prefill([long, short])  # fits
+    with pytest.raises(ValueError, match=f"row 0's cached prefix of {long.numel() - 3} tokens and the batch's "
+                                         f"longest uncached part \\({short.numel() - 1} tokens"):
+        eng.prefill([long, short], skip=[long.numel() - 3, 1])
 
 
 def test_prefix_restore_gives_same_chunk(rng):

@@ -146,6 +146,17 @@ def test_frames_bad_input(rng):
         generate_frames(model, vq, img, np.zeros((2, 5)), action_tokenizer=b.actions, text_tokenizer=b.text)
     with pytest.raises(ValueError, match=r"\[N, h, w\]"):
         generate_frame_codes(model, torch.zeros(4, 4, dtype=torch.long), np.zeros((1, 4)), b)
+    with pytest.raises(ValueError, match="T >= 1"):
+        generate_frames(model, vq, img, np.zeros((0, 4)), action_tokenizer=b.actions, text_tokenizer=b.text)
+    codes = torch.zeros(2, 4, 4, dtype=torch.long)
+    for bad in (np.zeros((4, 2)), np.zeros((1, 4)), np.zeros(8)):  # [D, N], too few, flat: never reshaped
+        with pytest.raises(ValueError, match=r"actions must be \[N, D\] = \[2, 4\]"):
+            generate_frame_codes(model, codes, bad, b)
+    with pytest.raises(ValueError, match="cfg_scale must be a finite"):
+        generate_frame_codes(model, codes, np.zeros((2, 4)), b, cfg_scale=float("nan"))
+    small = InferenceEngine(model, 2, 40)
+    with pytest.raises(ValueError, match="cache slots; the engine has 40"):
+        generate_frame_codes(model, codes, np.zeros((2, 4)), b, engine=small)
 
 
 @pytest.mark.gpu

@@ -15,10 +15,12 @@ are hidden by causality. Bins are the greedy choice over the bin ids only; BOA, 
 the closing separator are forced. The sequential mode feeds one token at a time under
 the same constraints and is the reference the parallel mode must reproduce exactly.
 
-The "causal" mode decodes one token at a time with nothing hidden: every action sees
-the actions generated before it. It is how a model trained without the chunk mask
-(`ModelConfig.attention == "causal"`, the paper's ablation) must be decoded, and applied
-to a chunk-trained model it is the inference-only ablation.
+The "causal" mode decodes one token at a time with nothing hidden from the generated
+tokens: every action sees the actions generated before it. It is how a model trained
+without the chunk mask (`ModelConfig.attention == "causal"`, the paper's ablation) must be
+decoded, and applied to a chunk-trained model it is the inference-only ablation. The prompt
+itself is prefilled as the model was trained, so for a chunk-trained model action blocks
+inside the prompt after its last image (not in the release's prompts) keep the chunk rule.
 """
 from __future__ import annotations
 
@@ -58,6 +60,8 @@ def chunk_length(n_actions: int, action_dim: int) -> int:
 def _check(prompts, layout: VocabLayout, n_actions: int, action_dim: int, mode: str):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (n_actions, action_dim)):
+        raise TypeError(f"n_actions and action_dim must be integers, got {n_actions!r} and {action_dim!r}")
     if n_actions < 1 or action_dim < 1:
         raise ValueError(f"n_actions and action_dim must be >= 1, got {n_actions} and {action_dim}")
     for b, p in enumerate(prompts):
@@ -184,7 +188,8 @@ def generate_action_chunk(model, input_ids, layout: VocabLayout | None, n_action
     ([BOA, bins..., EOA] per action; the closing separator is implied), on the CPU.
     `engine`: reuse a preallocated engine (its batch size must match); `skip[b]`: leading
     tokens of prompt b whose keys/values the engine already holds (see `restore_prefix`).
-    `backend` picks the attention and sampling implementations ("auto" = fastest available).
+    `backend` picks the attention and sampling implementations ("auto" = fastest available); a given
+    engine keeps the attention backend it was built with.
     """
     layout = layout or model.layout
     if layout is None:
@@ -192,6 +197,8 @@ def generate_action_chunk(model, input_ids, layout: VocabLayout | None, n_action
     prompts, single = _as_prompts(input_ids)
     _check(prompts, layout, n_actions, action_dim, mode)
     if engine is None:
+        if skip is not None:
+            raise ValueError("skip= names prefixes an engine already holds: pass that engine (engine=)")
         engine = make_engine(model, prompts, n_actions, action_dim, layout, backend)
     P, base = _prepare(engine, prompts, skip, n_actions, action_dim)
     if mode != "causal" and model.config.attention == "causal":

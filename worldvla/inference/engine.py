@@ -175,6 +175,8 @@ class InferenceEngine:
             raise ValueError(f"this engine holds {B} sequences but got {len(prompts)} prompts")
         self.check_model()
         skip = [0] * B if skip is None else [int(s) for s in skip]
+        if len(skip) != B:
+            raise ValueError(f"skip gives cached prefixes for {len(skip)} rows; this engine holds {B}")
         prompts = [torch.as_tensor(p).long().flatten().cpu() for p in prompts]
         lens = [int(p.numel()) for p in prompts]
         for b, (L, s) in enumerate(zip(lens, skip)):
@@ -183,9 +185,14 @@ class InferenceEngine:
                                  f"have at least one token past its cached prefix")
             self.layout.check_ids(prompts[b])
         Lq = max(L - s for L, s in zip(lens, skip))
-        if max(s + Lq for s in skip) > self.max_len:
+        if max(lens) > self.max_len:
             raise ValueError(f"prompts of up to {max(lens)} tokens do not fit a cache of {self.max_len} slots; "
                              f"build the engine with a larger max_len")
+        if max(s + Lq for s in skip) > self.max_len:  # the rows are padded to the longest uncached part
+            b = max(range(B), key=lambda b: skip[b])
+            raise ValueError(f"row {b}'s cached prefix of {skip[b]} tokens and the batch's longest uncached part "
+                             f"({Lq} tokens, to which every row is padded) need {skip[b] + Lq} cache slots; the "
+                             f"engine has {self.max_len}: build it with a larger max_len")
         ids = torch.full((B, Lq), self.layout.pad, dtype=torch.long)
         q_limit = torch.full((B, Lq), -1, dtype=torch.int32)
         kv_block = torch.full((B, self.max_len), NO_BLOCK, dtype=torch.int32)

@@ -24,6 +24,7 @@ next input, so the VQGAN encodes the first frame once and decodes each frame onc
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -61,7 +62,12 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     if codes.dim() != 3:
         raise ValueError(f"codes must be [N, h, w], got shape {tuple(codes.shape)}")
     N, h, w = codes.shape
-    actions = np.asarray(actions, dtype=np.float64).reshape(N, -1)
+    D = builder.actions.action_dim
+    actions = np.asarray(actions, dtype=np.float64)
+    if actions.shape != (N, D):
+        raise ValueError(f"actions must be [N, D] = [{N}, {D}] (one action per frame), got shape {actions.shape}")
+    if cfg_scale is not None and not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number (1.0 or None: no guidance), got {cfg_scale}")
     header = image_tokens(codes[0].cpu(), lay)[:3]  # BOI, res(h), res(w): same grid for the next frame
     prompts = [torch.cat([builder.world_prompt(codes[i].cpu(), actions[i]), header]) for i in range(N)]
     guided = cfg_scale is not None and cfg_scale != 1.0
@@ -73,6 +79,9 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
         engine = InferenceEngine(model, rows, max(p.numel() for p in prompts) + n_new, layout=lay, backend=backend)
     elif engine.batch_size != rows:
         raise ValueError(f"the engine holds {engine.batch_size} rows but this step needs {rows}")
+    elif max(p.numel() for p in prompts) + n_new > engine.max_len:
+        raise ValueError(f"a prompt of {max(p.numel() for p in prompts)} tokens and a frame of {n_new} need "
+                         f"{max(p.numel() for p in prompts) + n_new} cache slots; the engine has {engine.max_len}")
     dev = engine.device
     lo, hi = lay.image_id_range
     valid = torch.zeros(hi - lo, dtype=torch.bool, device=dev)
@@ -195,9 +204,9 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
         acts = acts.reshape(1, -1, D) if acts.shape[-1] == D else acts
     elif acts.ndim == 2 and not single:
         acts = acts[:, None]
-    if acts.ndim != 3 or acts.shape[0] != N or acts.shape[-1] != D:
-        raise ValueError(f"actions must be [T, {D}] (or [{D}]) for one image, [N, T, {D}] for N images; got "
-                         f"{np.asarray(actions).shape} for {N} image(s)")
+    if acts.ndim != 3 or acts.shape[0] != N or acts.shape[-1] != D or acts.shape[1] == 0:
+        raise ValueError(f"actions must be [T, {D}] (or [{D}]) for one image, [N, T, {D}] for N images, T >= 1; "
+                         f"got {np.asarray(actions).shape} for {N} image(s)")
     codes = vqgan.encode_images(imgs)
     if codes.max() >= layout.n_image_codes:
         raise ValueError(f"the VQGAN has more codes than the layout's {layout.n_image_codes} image ids")

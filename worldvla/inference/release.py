@@ -64,8 +64,13 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompts, _ = _as_prompts(input_ids)
+    for b, p in enumerate(prompts):
+        if p.dtype.is_floating_point:
+            raise TypeError(f"prompt {b} holds {p.dtype} values; token ids must be integers")
     prompts = [p.long().cpu() for p in prompts]
     B = len(prompts)
+    if engine is None and skip is not None:
+        raise ValueError("skip= names prefixes an engine already holds: pass that engine (engine=)")
     engine = engine or release_engine(model, prompts, max_new_tokens, layout, backend)
     lens = [int(p.numel()) for p in prompts]
     if engine.batch_size != B:
