@@ -153,6 +153,28 @@ def test_screened_draw_is_the_float32_draw(rng, monkeypatch, max_candidates, top
         assert torch.equal(got, _reference_draw(h, weight, lo, hi, 0.7, top_k, g))
 
 
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("R", [250, 2048])  # the whole range in float32; the bfloat16 screen
+@pytest.mark.parametrize("top_k", [3, 6])
+def test_top_k_keeps_ties_at_the_threshold(rng, R, top_k):
+    """Four codes tied at the 3rd largest logit (equal rows): the k-th largest is theirs for k = 3 to 6,
+    and every one of them stays drawable (torch masks only logits below it), from the whole range's
+    threshold as from the one among the screen's candidates. The noise picks the last of them."""
+    lo, H = 5, 16
+    hidden = torch.randn(2, H, generator=rng)
+    weight = torch.randn(lo + R, H, generator=rng) * 0.05
+    base = hidden[0] * 0.1
+    weight[lo + 3], weight[lo + 9] = base * 3, base * 2
+    tied = (20, 40, 41, 100)
+    for c in tied:
+        weight[lo + c] = base
+    g = torch.zeros(2, R)
+    g[0, 100] = 50.0
+    got = constrained_sample(hidden, weight, lo, lo + R, 1.0, top_k, gumbel=g, backend="native")
+    assert torch.equal(got, _reference_draw(hidden, weight, lo, lo + R, 1.0, top_k, g))
+    assert int(got[0]) == lo + 100
+
+
 def test_screen_bound_covers_bfloat16_rounding(monkeypatch):
     """Two codes 2^-19 apart whose weights round to bfloat16 values 2^-7 apart, the lower logit's code
     rounding up: the screen's bound must allow bfloat16's full rounding error (2^-8 of a weight, not

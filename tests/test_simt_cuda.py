@@ -15,6 +15,7 @@ error of PyTorch at the kernel's precision); outputs and workspaces start as NaN
 are padded with NaN where the kernels must not read.
 """
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -276,6 +277,63 @@ def test_vq_quantize_takes_the_first_nan(emulated, rng, dtype, code_splits):
         assert_nan_rule(nb.vq_quantize(z, cb, code_splits=code_splits), z, cb, expected, name)
 
 
+@pytest.mark.parametrize("dtype,code_splits", [(torch.bfloat16, 1), (torch.bfloat16, 2), (torch.float32, 2)])
+def test_vq_quantize_distance_of_flt_max(emulated, dtype, code_splits):
+    """One code at distance exactly FLT_MAX (z = 0: |e|^2, a sum of exact squares), every other at
+    +inf (|e|^2 overflows): the FLT_MAX code wins, in any tile or split; with none, code 0 (the first
+    +inf). The running minimum had started at FLT_MAX with code 0, which a distance equal to it
+    could not replace."""
+    p = 2.0 ** 52
+    at_max = torch.tensor([255 * 2.0 ** 56, 255 * p, 255 * p, 27 * p, 6 * p, 0, 0, 0])  # (2^24 - 1) 2^104
+    assert at_max.double().square().sum().item() == torch.finfo(torch.float32).max
+    z = torch.zeros(3, 8, dtype=dtype)
+    for code in (2, 150, 270, None):  # tile 0, tile 1 (split 0), split 1 of two; none
+        cb = torch.zeros(300, 8)
+        cb[:, 1] = 2.0 ** 64
+        if code is not None:
+            cb[code] = at_max
+        cb = cb.to(dtype)
+        expected = vq_quantize_ref(z, cb)
+        assert expected.tolist() == [code or 0] * 3
+        assert torch.equal(nb.vq_quantize(z, cb, code_splits=code_splits), expected), code
+
+
+def fp32_overflow_cases():
+    """(name, z [1, C], codebook): fp32 inputs whose bf16 roundings or whose |e|^2 - 2 z.e overflow in
+    one of the two computations and not in the other. The bound + certify passes had trusted the
+    approximation there; the reference's fp32 formula is what counts."""
+    t = 2.0 ** -20  # puts a value just past (or short of) a bf16 rounding midpoint
+    a, b = (1 + 26 / 128 + 1 / 256 + t) * 2.0 ** 62, (1 + 62 / 128) * 2.0 ** 63
+    yield "every approximation +inf, code 1 finite", [[a]], [[-1.5 * 2.0 ** 63], [-b]]
+    a, b = (1 + 52 / 128 + 1 / 256 + t) * 2.0 ** 63, (1 + 53 / 128 + 1 / 256 + t) * 2.0 ** 63
+    yield "approximation -inf, exact finite", [[a]], [[0.0], [b]]
+    a, b = (1 + 2 ** -8 - t) * 2.0 ** 63, (2 - 2 ** -8 - t) * 2.0 ** 63
+    yield "exact 2 z.e overflows, approximation finite", [[a, 2.0 ** 63]], [[0.0, 2.0 ** 63], [b, 0.0]]
+    # |z||e| = 1.4 2^125, bf16 roundings of both factors at their largest in opposite directions for
+    # the two codes: code 0 (the nearer) approximates to +inf, code 1's bound stays finite. Channel 2
+    # (z = 0 there) puts both distances just below FLT_MAX.
+    p, q = (1 + 2 ** -8 + t) * 2.0 ** 61, (1 + 2 ** -8 - t) * 2.0 ** 61
+    x, y = (1 + 2 ** -8 + t) * 2.0 ** 63, (1 + 2 ** -8 - t) * 2.0 ** 63
+    dist = (2 ** 24 - 0.9 * 2 ** 15) * 2.0 ** 104
+    w0 = math.sqrt(dist - x * x - y * y + 2 * (q * y - p * x))
+    w1 = math.sqrt(dist + 0.05 * 2.0 ** 119 - x * x - y * y + 2 * (p * x - q * y))
+    yield "approximation +inf, a finite bound", [[p, q, 0.0]], [[-x, y, w0], [x, -y, w1]]
+
+
+@pytest.mark.parametrize("code_splits", [1, 2])
+def test_vq_quantize_near_fp32_overflow(emulated, code_splits):
+    """fp32 codes whose approximate or exact distance overflows give the reference's code. Each case's
+    codes sit in the first code tile, then in the second (the last split) after 254 codes at +inf."""
+    for name, z, cb in fp32_overflow_cases():
+        z, cb = torch.tensor(z).repeat(3, 1), torch.tensor(cb)
+        far = torch.zeros(254, cb.shape[1])
+        far[:, 0] = -(2.0 ** 64)  # |e|^2 = inf, z.e < 0 (z is positive in channel 0): +inf, never NaN
+        for codes in (cb, torch.cat([far, cb])):
+            expected = vq_quantize_ref(z, codes)
+            assert (expected == expected[0]).all() and expected[0] >= codes.shape[0] - 2, name
+            assert torch.equal(nb.vq_quantize(z, codes, code_splits=code_splits), expected), name
+
+
 @pytest.mark.parametrize("dtype,index_dtype", [(torch.bfloat16, torch.int64), (torch.float32, torch.int32)])
 def test_vq_gather(emulated, rng, dtype, index_dtype):
     cb = torch.randn(300, 24, generator=rng).to(dtype)
@@ -330,6 +388,25 @@ def test_range_argmax_takes_the_first_nan(emulated, rng, dtype):
         ids = nb.range_argmax_op(hidden, weight, lo, hi)
         assert ids.tolist() == [want] * 6, (lo, hi, ids)
         assert torch.equal(ids, logits[:, lo:hi].argmax(1) + lo)
+
+
+@pytest.mark.parametrize("dtype,H", [(torch.bfloat16, 100), (torch.float32, 98)])
+def test_range_kernels_reject_hidden_sizes_off_their_loads(emulated, rng, dtype, H):
+    """The kernels read rows 16 bytes at a time. The wrapper's check looks at CUDA tensors only, which
+    the emulated device's are not: the launchers raise the same error themselves (the emulator had
+    crashed on a misaligned load), for misaligned rows too."""
+    hidden = torch.randn(5, H, generator=rng).to(dtype)
+    weight = torch.randn(300, H, generator=rng).to(dtype)
+    vec = 16 // hidden.element_size()
+    for op in (nb.range_argmax_op, nb.range_logits_op):
+        with pytest.raises(ValueError, match=f"hidden size to be a multiple of {vec}, got {H}"):
+            op(hidden, weight, 10, 290)
+        Hv = H // vec * vec
+        with pytest.raises(ValueError, match="16-byte boundaries"):
+            op(hidden[:, :Hv], weight[:, :Hv].contiguous(), 10, 290)  # rows H values apart
+    hidden, weight = hidden[:, :Hv].contiguous(), weight[:, :Hv].contiguous()  # a size the loads allow
+    ids = nb.range_argmax_op(hidden, weight, 10, 290)
+    assert_greedy(ids, hidden, weight, 10, 290, constrained_sample_ref(hidden, weight, 10, 290), f"simt H={Hv}")
 
 
 def test_range_logits(emulated, rng):

@@ -21,6 +21,13 @@ void range_logits_cpu(const float* hidden, int64_t h_s, const void* weight, int6
 
 namespace {
 
+// The top-k threshold: the k-th largest of `values` (1 <= k <= its size), as std::nth_element finds it
+// under std::greater (reordering `values`). That order has no place for NaN: draw_row leaves NaN out first.
+float kth_largest(std::vector<float>& values, int64_t k) {
+  std::nth_element(values.begin(), values.begin() + (k - 1), values.end(), std::greater<float>());
+  return values[k - 1];
+}
+
 // The draw of one row from its exact float32 logits l [R] and noise z [R], as torch computes
 // (l + z).masked_fill(l < kth, -inf).argmax(): kth the k-th largest logit as torch.topk orders them (NaN
 // above every number), ties at it kept, one float32 add, the first maximum (a NaN score, as torch.argmax
@@ -32,12 +39,7 @@ int64_t draw_row(const float* l, const float* z, int64_t R, int64_t top_k, std::
     for (int64_t v = 0; v < R; ++v)
       if (!std::isnan(l[v])) scratch.push_back(l[v]);
     const int64_t nans = R - int64_t(scratch.size()), k = top_k - nans;
-    if (k > 0) {  // else the k largest are NaN: nothing compares below a NaN threshold
-      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
-      kth = scratch[k - 1];
-    } else {
-      kth = NAN;
-    }
+    kth = k > 0 ? kth_largest(scratch, k) : NAN;  // else the k largest are NaN: nothing compares below NaN
   }
   int64_t best = 0;
   float best_score = -INFINITY;
@@ -209,8 +211,7 @@ void range_sample_screened_cpu(const float* hidden, int64_t h_s, const float* w3
           if (double(a[v]) + double(zn[v]) >= floor) cand.push_back(v);
     } else if (!nan) {
       scratch.assign(a, a + R);
-      std::nth_element(scratch.begin(), scratch.begin() + (top_k - 1), scratch.end(), std::greater<float>());
-      floor = double(scratch[top_k - 1]) - 2.0 * B;
+      floor = double(kth_largest(scratch, top_k)) - 2.0 * B;
       if (std::isfinite(floor))
         for (int64_t v = 0; v < R && int64_t(cand.size()) <= limit; ++v)
           if (double(a[v]) >= floor) cand.push_back(v);
@@ -228,8 +229,7 @@ void range_sample_screened_cpu(const float* hidden, int64_t h_s, const float* w3
     float kth = -INFINITY;
     if (!keep_all) {
       scratch.assign(cand_logit.begin(), cand_logit.end());
-      std::nth_element(scratch.begin(), scratch.begin() + (top_k - 1), scratch.end(), std::greater<float>());
-      kth = scratch[top_k - 1];
+      kth = kth_largest(scratch, top_k);
     }
     int64_t best = -1;
     float best_score = -INFINITY;

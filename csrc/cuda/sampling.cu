@@ -144,12 +144,30 @@ void launch_range(const void* hidden, int64_t h_s, const void* weight, int64_t w
   }
 }
 
+// The kernel reads rows with 16-byte loads. The Python wrapper checks CUDA tensors for that; the
+// launchers check again (in the wrapper's words) for callers it does not see, such as the emulator's
+// tests on host tensors, which would otherwise fault on a misaligned load or read past a row.
+void check_rows(const char* op, const void* hidden, int64_t h_s, const void* weight, int64_t w_s, int dtype,
+                int64_t H) {
+  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
+    throw std::invalid_argument(std::string(op) + " (CUDA): needs float32, float16 or bfloat16");
+  const int64_t vec = dtype == kFloat32 ? 4 : 8;  // values per 16-byte load
+  if (H % vec)
+    throw std::invalid_argument(std::string(op) + " (CUDA): needs the hidden size to be a multiple of " +
+                                std::to_string(vec) + ", got " + std::to_string(H));
+  const bool aligned = reinterpret_cast<uintptr_t>(hidden) % 16 == 0 && reinterpret_cast<uintptr_t>(weight) % 16 == 0;
+  if (h_s % vec || w_s % vec || !aligned)
+    throw std::invalid_argument(std::string(op) + " (CUDA): hidden and weight rows must start on 16-byte boundaries "
+                                "(row strides multiples of " + std::to_string(vec) + " values, aligned data pointers)");
+}
+
 }  // namespace
 
 void range_argmax_cuda(const void* hidden, int64_t h_s, const void* weight, int64_t w_s, int dtype, int64_t N,
                        int64_t H, int64_t lo, int64_t hi, unsigned long long* workspace, int64_t* ids, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (N == 0) return;
+  check_rows("constrained_argmax", hidden, h_s, weight, w_s, dtype, H);
   const int n = static_cast<int>(N);
   launch(argmax_zero_kernel, (n + 127) / 128, 128, s, workspace, n);
   check_launch("constrained_argmax (init)");
@@ -164,6 +182,7 @@ void range_logits_cuda(const void* hidden, int64_t h_s, const void* weight, int6
                        int64_t H, int64_t lo, int64_t hi, float* logits, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (N == 0) return;
+  check_rows("range_logits", hidden, h_s, weight, w_s, dtype, H);
   launch_range<false>(hidden, h_s, weight, w_s, dtype, static_cast<int>(N), static_cast<int>(H), static_cast<int>(lo),
                       static_cast<int>(hi - lo), logits, nullptr, s);
   check_launch("range_logits");

@@ -18,15 +18,18 @@
 //   E = rel * |z| |e| + 2^-22 |e|^2,   rel = 1.25 (2^-6 + C 2^-21)
 // (bf16 rounding of both factors, at most 2^-7 |z||e| on the dot product, plus fp32 accumulation
 // on either side, with a quarter of margin). Two passes make the answer the fp32 one:
-//   1. bound:   every row's key starts at min_c (d~ + E), an upper bound on its true minimum;
+//   1. bound:   every row's key starts at min_c (d~ + E), an upper bound on its true minimum
+//               (+inf where no code gives one);
 //   2. certify: every code with d~ - E <= the row's current key (it only decreases) may be the
 //               minimum, and only those are recomputed exactly (fp32 FMAs, one warp per code)
 //               and merged by the same atomicMin; the upper bound's code field is 0xffffffff,
 //               so the exact minimum replaces it even at an equal distance. A NaN d~ - E is a
 //               candidate too: the exact distance may be NaN, which beats every number.
+// E only holds while neither computation overflows. Below |z||e| = 2^126, 2 z.e stays finite in
+// both, so only the last subtraction can, and only to +inf: a d~ of +inf says nothing of the exact
+// distance. Codes at or past 2^126 (or with a NaN or inf norm), and codes with d~ = +inf, bound
+// nothing and are always candidates.
 // For random codebooks a row has a handful of such candidates among thousands of codes.
-
-#include <cfloat>
 
 #include "cuda_common.cuh"
 
@@ -191,7 +194,7 @@ __global__ void __launch_bounds__(kVqThreads, kVec ? 2 : 1)  // vectorized: two 
   uint32_t arg[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    best[i] = FLT_MAX;
+    best[i] = INFINITY;  // a code at FLT_MAX must replace it; an all-+inf row keeps code 0, as torch
     arg[i] = 0;
     bound[i] = 0.f;
   }
@@ -266,11 +269,15 @@ __global__ void __launch_bounds__(kVqThreads, kVec ? 2 : 1)  // vectorized: two 
       const int cl = code_of(nt, e);
       return rel * zn_s[row_of(i)] * cn_s[cl] + 0x1p-22f * en_s[cl];
     };
+    // Whether d~ +- E brackets the exact distance (see the top of the file): false for NaN norms too.
+    auto trusted = [&](int i, int nt, int e, float d) {
+      return d < INFINITY && zn_s[row_of(i)] * cn_s[code_of(nt, e)] < 0x1p126f;
+    };
     if constexpr (kPass == kVqCertify) {
       // Every row's current key bounds its minimum from above (other CTAs lower it as they go). A
-      // key holding a NaN gives way only to a NaN of a lower code: its bound -inf lets no number in
-      // (NaN approximations still pass the unordered test below), and a row whose NaN code lies
-      // below this tile has nothing left to find here.
+      // key holding a NaN gives way only to a NaN of a lower code: its bound -inf lets no trusted number
+      // in (NaN approximations and untrusted codes still pass the test below), and a row whose NaN code
+      // lies below this tile has nothing left to find here.
       bool live[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -289,8 +296,10 @@ __global__ void __launch_bounds__(kVqThreads, kVec ? 2 : 1)  // vectorized: two 
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e)
-            if (live[i] && n0 + code_of(nt, e) < c_end && !(dist(i, nt, e) - err(i, nt, e) > bound[i]))
-              cand |= 1ull << (16 * i + 2 * nt + e);
+            if (live[i] && n0 + code_of(nt, e) < c_end) {
+              const float d = dist(i, nt, e);
+              if (!(d - err(i, nt, e) > bound[i] && trusted(i, nt, e, d))) cand |= 1ull << (16 * i + 2 * nt + e);
+            }
       // Candidates are rare: for most warps one vote skips the tile. Otherwise the warp takes
       // them one at a time and recomputes each distance exactly, all lanes along the channels.
       while (__any_sync(kFull, cand != 0)) {
@@ -324,7 +333,7 @@ __global__ void __launch_bounds__(kVqThreads, kVec ? 2 : 1)  // vectorized: two 
             if (code >= c_end) continue;
             const float d = dist(i, nt, e);
             if constexpr (kPass == kVqBound) {
-              best[i] = fminf(best[i], d + err(i, nt, e));
+              if (trusted(i, nt, e, d)) best[i] = fminf(best[i], d + err(i, nt, e));
             } else if (!(d >= best[i]) && best[i] == best[i]) {
               best[i] = d;
               arg[i] = static_cast<uint32_t>(code);
