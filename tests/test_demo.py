@@ -119,3 +119,37 @@ def test_the_stages_read_this_runs_files_only(tmp_path, monkeypatch):
     want = [tmp_path / "demos" / "drawer-open-v3.hdf5", tmp_path / "demos" / "window-open-v3.hdf5"]
     assert seen["store"] == want
     assert seen["vq"].inputs == [str(p) for p in want], seen["vq"]
+
+
+def test_force_starts_an_interrupted_training_over(tmp_path, monkeypatch):
+    """`demo --force` used to resume train-vq and train from the checkpoints of an interrupted run (their
+    .started markers were kept)."""
+    from worldvla import demo
+
+    seen = {}
+
+    def evaluate(cfg, out, progress):
+        (out / "eval").mkdir(exist_ok=True)
+        (out / "eval" / "metrics.json").write_text(json.dumps({"complete": True}))
+        return {}
+
+    monkeypatch.setattr(demo, "load_kernels_first", lambda: None)
+    monkeypatch.setattr(demo, "stage_collect", lambda cfg, out, progress: {})
+    monkeypatch.setattr(demo, "stage_pretokenize", lambda cfg, out, progress: {})
+    monkeypatch.setattr(demo, "stage_train_vq", lambda cfg, out, progress, resume: seen.update(vq=resume) or {})
+    monkeypatch.setattr(demo, "stage_train", lambda cfg, out, progress, resume, **k: seen.update(train=resume) or {})
+    monkeypatch.setattr(demo, "stage_evaluate", evaluate)
+    cfg = demo.DemoConfig.fast_preset()
+    keys = demo.stage_keys(cfg)
+
+    def interrupted():
+        (tmp_path / "stages").mkdir(exist_ok=True)
+        for stage in ("train-vq", "train"):
+            (tmp_path / "stages" / f"{stage}.started").write_text(keys[stage])
+
+    interrupted()
+    demo.run_demo(cfg, tmp_path, progress=False, force=True)
+    assert seen == {"vq": False, "train": False}
+    interrupted()
+    demo.run_demo(cfg, tmp_path, progress=False)  # the stand-in collect writes no demos: every stage reruns
+    assert seen == {"vq": True, "train": True}  # without --force an interrupted training resumes

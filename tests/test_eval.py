@@ -357,3 +357,130 @@ def test_psnr_means_keep_identical_frames():
 
     assert _mean_finite([np.inf, 20.0]) == (PSNR_CAP_DB + 20.0) / 2
     assert _mean_finite([None, 10.0]) == 10.0 and _mean_finite([]) is None
+
+
+def test_runs_of_other_settings_do_not_overwrite_each_other(tmp_path, monkeypatch):
+    """Saved runs were filed by variant and task only: a 1-episode spot check into the same folder replaced
+    a 4-episode result, which the next 4-episode run then had to run again."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    kw = dict(max_steps=3, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1)
+    mw.evaluate([], ["fake-a-v3"], 4, tmp_path, **kw)
+    mw.evaluate([], ["fake-a-v3"], 1, tmp_path, **kw)
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 2
+    for episodes in (4, 1):
+        m = mw.evaluate([], ["fake-a-v3"], episodes, tmp_path, **kw)
+        assert m["random"]["tasks"]["fake-a-v3"]["reused"] and m["random"]["tasks"]["fake-a-v3"]["episodes"] == episodes
+
+
+def _fake_expert_rollouts(lengths):
+    """expert_rollouts stand-in: `lengths[task]` expert actions per rollout (an expert that finishes early)."""
+    rng = np.random.default_rng()
+
+    def rollouts(task, episodes, **kw):
+        T = lengths[task]
+        return [{"frames": rng.integers(0, 256, (T + 1, 32, 32, 3), dtype=np.uint8),
+                 "actions": rng.uniform(-1, 1, (T, 4))} for _ in range(episodes)]
+    return rollouts
+
+
+def test_world_model_tasks_of_different_horizons(tmp_path, monkeypatch):
+    """A task whose expert finished inside --wm-horizon imagines fewer steps: frame_grid used to refuse the
+    rows of unequal length at the very end, and the table labelled every task with the first one's horizon."""
+    from PIL import Image
+
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    monkeypatch.setattr(mw, "expert_rollouts", _fake_expert_rollouts({"fake-a-v3": 3, "fake-b-v3": 6}))
+    m = mw.evaluate([_tiny_policy(2)], ["fake-a-v3", "fake-b-v3"], 1, tmp_path, max_steps=3, n_envs=1,
+                    random_baseline=False, wm_episodes=1, wm_horizon=5, progress=False, env_workers=1, gifs=False)
+    assert m["complete"] and [m["world_model"][t]["multi_step"]["horizon"] for t in m["tasks"]] == [3, 5]
+    grid = np.asarray(Image.open(tmp_path / "world_model_grid.png"))
+    assert grid.shape[0] == 4 * (32 + 2) + 2  # real and imagined rows of both tasks
+    text = mw.format_results(m)
+    assert "imagined 3-step" not in text and "imagined steps per task: fake-a 3, fake-b 5" in text
+
+
+def test_outputs_a_run_does_not_rewrite_are_removed(tmp_path, monkeypatch):
+    """A rerun without world-model metrics left the earlier world_model*.png/gif beside its metrics, and a
+    closed loop whose first episode now fails left the earlier <variant>_<task>_success.gif."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    pol = PushRight()  # reaches its goal in 2 to 6 steps
+    pol.image_size = 32
+    monkeypatch.setattr(mw, "load_policy", lambda path, device=None: pol)
+    folder, out = tmp_path / "policy", tmp_path / "eval"
+    folder.mkdir()
+    (folder / "policy.json").write_text("{}")
+    kw = dict(n_envs=1, random_baseline=False, progress=False, env_workers=1, variant_names=["p"], wm_episodes=0)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    mw.evaluate([folder], ["fake-a-v3"], 1, out, max_steps=40, **kw)
+    assert (out / "p_fake-a-v3_success.gif").is_file()
+    for name in ("world_model.png", "world_model_grid.png", "world_model_fake-a-v3.gif", "world_model_old-v3.gif"):
+        (out / name).write_bytes(b"an earlier run's")
+    mw.evaluate([folder], ["fake-a-v3"], 1, out, max_steps=1, **kw)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "notes.txt", "p_fake-a-v3_failure.gif", "runs",
+                                                     "success.png"]
+    # A reused result keeps its own GIF and removes the other outcome's.
+    (out / "p_fake-a-v3_success.gif").write_bytes(b"an earlier run's")
+    m = mw.evaluate([folder], ["fake-a-v3"], 1, out, max_steps=1, **kw)
+    assert m["variants"]["p"]["tasks"]["fake-a-v3"]["reused"]
+    assert (out / "p_fake-a-v3_failure.gif").is_file() and not (out / "p_fake-a-v3_success.gif").exists()
+
+
+class ReleaseLike:
+    """Like WorldVLAPolicy(mode='release').act on a batch: env i's chunk holds `lengths[i]` actions (a list
+    when they differ, as the policy returns them)."""
+
+    image_size, chunk_size = 8, 3
+
+    def __init__(self, lengths):
+        self.lengths = lengths
+
+    def reset(self, instruction):
+        pass
+
+    def act(self, image, history=None):
+        c = [np.full((self.lengths[i % len(self.lengths)], 4), 0.5) for i in range(len(image))]
+        return np.stack(c) if len({x.shape for x in c}) == 1 else c
+
+
+def test_release_chunks_of_different_lengths_run_per_env_and_an_empty_one_fails_its_episode():
+    """Batched envs used to abort the whole evaluation for a mode='release' policy whose chunks differ in
+    length, and for an empty chunk, where LIBERO fails that episode."""
+    r = closed_loop(ReleaseLike([1, 3]), "fake-v3", episodes=4, n_envs=2, max_steps=30, env_factory=FakeMetaWorldEnv,
+                    record=False)
+    assert r.successes == [True] * 4 and r.steps == [2 * (1 + s % 3) for s in r.seeds]
+    r = closed_loop(ReleaseLike([2, 0]), "fake-v3", episodes=4, n_envs=2, max_steps=30, env_factory=FakeMetaWorldEnv,
+                    record=False)
+    assert r.successes == [True, False, True, False] and r.steps[1] == r.steps[3] == 0
+
+
+def test_a_wrong_number_of_chunks_is_refused_by_name():
+    """One chunk for a batch of two images used to end in `IndexError: pop from empty list`."""
+    from worldvla.eval.rollout import ChunkQuery
+
+    class OneRow(ReleaseLike):
+        def act(self, image, history=None):
+            return np.full((1, 3, 4), 0.5)
+
+    with pytest.raises(ValueError, match=r"returned 1 chunk\(s\) for 2 images"):
+        closed_loop(OneRow([3]), "fake-v3", episodes=2, n_envs=2, max_steps=10, env_factory=FakeMetaWorldEnv,
+                    record=False)
+    with pytest.raises(ValueError, match=r"returned 1 chunk\(s\) for 2 images"):
+        ChunkQuery(OneRow([3]))(np.zeros((2, 8, 8, 3), np.uint8), None)
+
+
+def test_psnr_refuses_a_float_and_a_uint8_image():
+    """A float CHW image in [0, 1] against a uint8 HWC image gave -43 dB (compared across ranges)."""
+    rng = np.random.default_rng()
+    u8 = rng.integers(0, 256, (1, 8, 8, 3), dtype=np.uint8)
+    f = np.moveaxis(u8, -1, 1).astype(np.float32) / 255
+    for a, b in ((f, u8), (u8, f), (torch.from_numpy(f), u8)):
+        with pytest.raises(TypeError, match="differ in kind.*both as uint8"):
+            metrics.psnr(a, b)
+    assert torch.isinf(metrics.psnr(torch.from_numpy(u8), u8)).all() and torch.isinf(metrics.psnr(f, f)).all()

@@ -149,3 +149,12 @@ def test_an_image_run_removes_a_demo_runs_score_plot(files, tmp_path):
     np.save(tmp_path / "a.npy", np.zeros((2, 4)))
     assert _run(files / "policy", "--image", tmp_path / "f.png", "--actions", tmp_path / "a.npy", "--out", out) == 0
     assert not (out / "scores.png").exists() and "scores" not in json.loads((out / "rollout.json").read_text())
+
+
+def test_cfg_scale_must_be_finite(files, tmp_path, capsys):
+    """`--cfg-scale nan` used to write all-zero codes and exit 0."""
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(SystemExit) as e:
+            _run(files / "policy", "--demos", files / "demos.hdf5", f"--cfg-scale={value}", "--out", tmp_path / "o")
+        assert e.value.code == 2 and "argument --cfg-scale: must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

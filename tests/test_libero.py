@@ -234,3 +234,76 @@ def test_results_are_saved_after_every_episode_and_a_rerun_resumes(tmp_path):
     libero.evaluate_suite(RecordingPolicy(k=3, rng=rng), again, episodes=1, out_dir=out, progress=False,
                           policy_path=folder)
     assert again.envs[0].init_state == "state0-0"
+
+
+def test_a_rerun_with_other_tasks_or_episodes_keeps_and_reuses_the_saved_ones(tmp_path):
+    """`--tasks 1` after a full run used to rewrite libero_results.json with task 1 only, and `--episodes 1`
+    cut the saved episodes, so a later `--episodes 3` ran them again."""
+    import json
+
+    rng = np.random.default_rng()
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "policy.json").write_text("{}")
+    out = tmp_path / "eval"
+
+    def suite():
+        return FakeSuite([FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 3), FakeLiberoEnv(rng=rng),
+                          FakeLiberoEnv(rng=rng)], max_steps=5)
+
+    def evaluate(s, **kw):
+        return libero.evaluate_suite(RecordingPolicy(k=3, rng=rng), s, out_dir=out, progress=False,
+                                     policy_path=folder, **kw)
+
+    def saved_episodes():
+        return {k: v["episodes"] for k, v in json.loads((out / "libero_results.json").read_text())["tasks"].items()}
+
+    first = evaluate(suite(), episodes=2)
+    s = suite()
+    res = evaluate(s, episodes=2, tasks=[1])
+    assert list(res["tasks"]) == ["1"] and res["tasks"]["1"]["episodes"] == 2  # only the asked task reported
+    assert s.envs[1].init_state is None  # reused
+    assert saved_episodes() == {"0": 2, "1": 2, "2": 2}
+    saved = json.loads((out / "libero_results.json").read_text())
+    assert saved["run_tasks"] == [1] and saved["tasks"]["0"] == first["tasks"]["0"]
+
+    s = suite()
+    res = evaluate(s, episodes=1)
+    assert all(t["episodes"] == 1 for t in res["tasks"].values()) and res["success_rate"] == pytest.approx(1 / 3)
+    assert all(e.init_state is None for e in s.envs) and saved_episodes() == {"0": 2, "1": 2, "2": 2}
+
+    s = suite()
+    res = evaluate(s, episodes=3, tasks=[0, 2])
+    assert s.envs[0].init_state == "state0-2" and s.envs[2].init_state == "state2-2"  # only the third episode ran
+    assert s.envs[1].init_state is None
+    assert res["tasks"]["0"]["episode_success"] == [True] * 3 and set(res["tasks"]) == {"0", "2"}
+    assert saved_episodes() == {"0": 3, "1": 2, "2": 3}
+
+    # resume=False runs the asked episodes again and still keeps the others.
+    s = suite()
+    evaluate(s, episodes=1, tasks=[0], resume=False)
+    assert s.envs[0].init_state == "state0-0" and saved_episodes() == {"0": 3, "1": 2, "2": 3}
+
+
+def test_steps_count_policy_actions_alike_on_success_and_failure():
+    """`steps` used to hold the settle steps too and to be one short on success (4 policy actions gave
+    13) while a failure counted every env step (max_steps + 10)."""
+    rng = np.random.default_rng()
+    pol = RecordingPolicy(k=2, rng=rng)
+    env = FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 4)
+    r = libero.run_episode(env, pol, libero.ChunkQuery(pol), "x", None, max_steps=50)
+    assert r["success"] and r["steps"] == 4 == len(env.actions) - libero.SETTLE_STEPS
+    env = FakeLiberoEnv(rng=rng)
+    r = libero.run_episode(env, pol, libero.ChunkQuery(pol), "x", None, max_steps=7)
+    assert not r["success"] and r["steps"] == 7 == len(env.actions) - libero.SETTLE_STEPS
+    env = FakeLiberoEnv(rng=rng, fail_at=libero.SETTLE_STEPS + 3)  # the third policy action raises
+    r = libero.run_episode(env, pol, libero.ChunkQuery(pol), "x", None, max_steps=50)
+    assert r["error"] and r["steps"] == 2
+
+
+def test_mode_help_names_the_causal_default():
+    """The help said the default was parallel; a model trained with plain causal attention decodes causally."""
+    import argparse
+
+    help_text = " ".join(libero.add_arguments(argparse.ArgumentParser()).format_help().split())
+    assert "default: parallel, or causal for a model trained without the chunk mask" in help_text

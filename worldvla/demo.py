@@ -310,7 +310,8 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
             continue
         rerun = True
         started = out / "stages" / f"{stage}.started"
-        resume = (stage in ("train-vq", "train", *ABLATION_STAGES) and started.is_file()
+        # --force redoes everything: an interrupted training starts over instead of resuming.
+        resume = (not force and stage in ("train-vq", "train", *ABLATION_STAGES) and started.is_file()
                   and started.read_text() == stages.keys[stage])
         stages.invalidate_from(stage)
         started.parent.mkdir(parents=True, exist_ok=True)

@@ -87,14 +87,15 @@ def upright(obs) -> np.ndarray:
 def run_episode(env, policy, query: ChunkQuery, instruction: str, init_state, max_steps: int,
                 settle_steps: int = SETTLE_STEPS, record: bool = False) -> dict:
     """One episode of the release's loop; returns success, steps, queries, error and (if
-    `record`) the upright frames the policy saw."""
+    `record`) the upright frames the policy saw. `steps`: the env steps taken by policy actions
+    (the settle steps left out), whether the episode succeeds, runs out or fails on an error."""
     policy.reset(instruction)
     env.reset()
     obs = env.set_init_state(init_state)
     queue: list[np.ndarray] = []
     history: list[np.ndarray] = []
     frames: list[np.ndarray] = []
-    t, queries, success, error = 0, 0, False, None
+    t, steps, queries, success, error = 0, 0, 0, False, None
     try:
         while t < max_steps + settle_steps:
             if t < settle_steps:
@@ -113,6 +114,7 @@ def run_episode(env, policy, query: ChunkQuery, instruction: str, init_state, ma
                 queries += 1
             action = queue.pop(0)
             obs, _, done, _ = env.step(np.asarray(action, dtype=np.float64).tolist())
+            steps += 1
             history.append(img)
             if done:
                 success = True
@@ -120,7 +122,7 @@ def run_episode(env, policy, query: ChunkQuery, instruction: str, init_state, ma
             t += 1
     except Exception as e:  # noqa: BLE001  (the release ends the episode as a failure)
         error = f"{type(e).__name__}: {e}"
-    return {"success": success, "steps": t, "queries": queries, "error": error, "frames": frames}
+    return {"success": success, "steps": steps, "queries": queries, "error": error, "frames": frames}
 
 
 def check_bounds(policy, allow_mismatch: bool = False) -> None:
@@ -153,9 +155,10 @@ def _results_key(suite, policy, policy_path) -> str | None:
     if fp is None:
         return None
     meta = _jsonable(policy.metadata()) if hasattr(policy, "metadata") else None
+    # "steps" names what an episode's steps count, so no earlier count of another kind is merged in.
     blob = json.dumps({"policy": fp, "metadata": meta, "suite": getattr(suite, "name", "custom"),
-                       "resolution": getattr(suite, "resolution", None), "max_steps": suite.max_steps},
-                      sort_keys=True)
+                       "resolution": getattr(suite, "resolution", None), "max_steps": suite.max_steps,
+                       "steps": "policy actions"}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -183,12 +186,16 @@ def _task_summary(instruction: str, success: list, steps: list, errors: list) ->
 def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, save_videos: bool = False,
                    allow_bounds_mismatch: bool = False, progress: bool = True, policy_path=None,
                    resume: bool = True) -> dict:
-    """Success rates of `policy` on `suite` (a `LiberoSuite` or an object with its interface).
+    """Success rates of `policy` on `suite` (a `LiberoSuite` or an object with its interface), over the
+    first `episodes` episodes of each of `tasks`. An episode's `steps` are the env steps its policy
+    actions took (the settle steps left out).
 
     With `out_dir`, `libero_results.json` is rewritten atomically after every episode (`"complete":
-    false` until the end). With `policy_path` (the policy's folder) and `resume`, a rerun into the same
-    `out_dir` keeps the episodes saved there by a run of the same policy files, suite and camera size,
-    and runs only the missing ones: every episode starts from its task's fixed initial state."""
+    false` until the end). With `policy_path` (the policy's folder) the file keeps every episode run with
+    the same policy files, suite and camera size: this run's, and earlier runs' of other tasks or beyond
+    `episodes` (its `tasks` then hold more than this run reports; `run_tasks`, `episodes_per_task` and
+    `success_rate` are this run's). With `resume`, a rerun reuses the saved episodes it asks for and runs
+    only the missing ones: every episode starts from its task's fixed initial state."""
     check_bounds(policy, allow_bounds_mismatch)
     task_ids = list(range(suite.n_tasks)) if tasks is None else [int(t) for t in tasks]
     bad = [t for t in task_ids if not 0 <= t < suite.n_tasks]
@@ -203,8 +210,8 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
     saved = {}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            saved = _saved_tasks(out_dir / RESULTS, key)
+        # Read even without `resume`: the tasks and episodes this run does not redo stay in the file.
+        saved = _saved_tasks(out_dir / RESULTS, key)
     query = ChunkQuery(policy)
     bar = None
     if progress:
@@ -213,45 +220,54 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
         bar = tqdm(total=len(task_ids) * episodes, desc=f"eval {getattr(suite, 'name', 'libero')}", unit="ep")
     results = {"suite": getattr(suite, "name", "custom"), "episodes_per_task": episodes, "key": key,
                "complete": False, "tasks": {}}
+    kept = dict(saved)  # every saved episode, with this run's merged in: what the file holds
     t_start = time.perf_counter()
 
     def write_results() -> None:
         if out_dir is not None:
-            write_text_atomic(out_dir / RESULTS, json.dumps(results, indent=2))
+            write_text_atomic(out_dir / RESULTS, json.dumps(
+                {**results, "run_tasks": task_ids, "tasks": dict(sorted(kept.items(), key=lambda kv: int(kv[0])))},
+                indent=2))
 
     try:
         for task_id in task_ids:
             instruction = suite.instruction(task_id)
             old = saved.get(str(task_id), {})
-            success = old.get("episode_success", [])[:episodes]
-            steps = old.get("episode_steps", [])[:episodes]
-            errors = old.get("episode_errors", [])[:episodes]
+            runs = [list(old.get(k, [])) for k in ("episode_success", "episode_steps", "episode_errors")]
+            n = min(len(r) for r in runs)
+            success, steps, errors = (r[:n] for r in runs)
+            start = min(n, episodes) if resume else 0  # saved episodes reused, up to what is asked
             if bar is not None:
-                bar.update(len(success))
-            results["tasks"][str(task_id)] = _task_summary(instruction, success, steps, errors)
-            if len(success) == episodes:
+                bar.update(start)
+            results["tasks"][str(task_id)] = _task_summary(instruction, success[:start], steps[:start],
+                                                           errors[:start])
+            if start == episodes:
                 continue
             init_states = suite.init_states(task_id)
             if len(init_states) < episodes:
                 raise ValueError(f"task {task_id} has {len(init_states)} initial states, fewer than {episodes} episodes")
             env = suite.make_env(task_id)
             try:
-                for ep in range(len(success), episodes):
+                for ep in range(start, episodes):
                     r = run_episode(env, policy, query, instruction, init_states[ep], suite.max_steps,
                                     record=save_videos and out_dir is not None)
-                    success.append(r["success"])
-                    steps.append(r["steps"])
-                    errors.append(r["error"])
+                    for lst, v in ((success, r["success"]), (steps, r["steps"]), (errors, r["error"])):
+                        if ep < len(lst):  # without resume: a saved episode run again
+                            lst[ep] = v
+                        else:
+                            lst.append(v)
+                    kept[str(task_id)] = _task_summary(instruction, success, steps, errors)
+                    results["tasks"][str(task_id)] = _task_summary(instruction, success[:ep + 1], steps[:ep + 1],
+                                                                   errors[:ep + 1])
                     if r["frames"]:
                         import imageio.v2 as imageio
 
                         tag = "success" if r["success"] else "failure"
                         imageio.mimsave(out_dir / f"task{task_id:02d}_ep{ep:03d}_{tag}.gif", r["frames"], duration=0.05)
-                    results["tasks"][str(task_id)] = _task_summary(instruction, success, steps, errors)
                     write_results()
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(task=task_id, sr=f"{sum(success) / len(success):.0%}")
+                        bar.set_postfix(task=task_id, sr=f"{sum(success[:ep + 1]) / (ep + 1):.0%}")
             finally:
                 if hasattr(env, "close"):
                     env.close()
@@ -277,15 +293,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="camera size in pixels (default: the policy's image size; the release: 256 or 512)")
     parser.add_argument("--out", default=None,
                         help="folder for libero_results.json, rewritten after every episode (and --save-videos GIFs); "
-                             "a rerun into it keeps the episodes already run with the same policy files and suite")
+                             "a rerun into it reuses the episodes already run with the same policy files and suite, "
+                             "and keeps those of other tasks and beyond --episodes")
     parser.add_argument("--no-resume", action="store_true",
-                        help="run every episode again, even those saved in OUT/libero_results.json")
+                        help="run the asked episodes again, even those saved in OUT/libero_results.json")
     parser.add_argument("--save-videos", action="store_true", help="one GIF per episode in --out")
     parser.add_argument("--device", default=None, help="torch device of the policy (default: cuda if available)")
     parser.add_argument("--allow-bounds-mismatch", action="store_true",
                         help="evaluate a policy whose action bounds differ from the fixed LIBERO bounds")
     parser.add_argument("--mode", default=None, choices=POLICY_MODE_CHOICES,
-                        help="chunk decoding (default: the policy's, parallel); 'release' decodes as the release's "
+                        help="chunk decoding (default: parallel, or causal for a model trained without the chunk "
+                             "mask); 'release' decodes as the release's "
                              "evaluation does (free greedy over the whole vocabulary, every action block the model "
                              "writes executed; an episode whose query yields none fails, as there)")
     parser.add_argument("--no-progress", action="store_true")

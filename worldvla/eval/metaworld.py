@@ -16,9 +16,10 @@ copying the last real frame, and the VQGAN's own reconstruction of the target.
 metrics.json, success.png, world_model.png, a real-vs-imagined PNG grid and a GIF per task.
 
 Nothing finished is lost: each (variant, task) closed loop is saved under `<out>/runs/` as it
-ends, keyed by the policy folder's files and the evaluation settings, and metrics.json is
-rewritten after each one (`"complete": false` until the end). A rerun with the same key
-reuses those results (episodes depend on their seeds alone) and runs only what is missing.
+ends, keyed by the policy folder's files and the evaluation settings (one file per key, so a
+run with other settings never overwrites it), and metrics.json is rewritten after each one
+(`"complete": false` until the end). A rerun with the same key reuses those results (episodes
+depend on their seeds alone) and runs only what is missing.
 """
 from __future__ import annotations
 
@@ -112,6 +113,8 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
     `needs_images = False` gets blank frames, and envs with `can_skip_render` skip rendering.
     `progress` is an optional tqdm bar to advance. `execute`: run only the first `execute` actions
     of each chunk before querying again (receding horizon; default: the whole chunk, as the release).
+    Each env runs its own chunk (a mode='release' policy's chunks differ in length); an env given an
+    empty chunk (the model wrote no action) fails its episode, as in the release's loop.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -144,7 +147,7 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
             policy.reset(instruction)
             queues: list[list[np.ndarray]] = [[] for _ in range(m)]
             prev: list[np.ndarray | None] = [None] * m
-            done, steps = [False] * m, [0] * m
+            done, failed, steps = [False] * m, [False] * m, [0] * m
             recording = [frames[0]] if (record and g == 0) else None
             while not all(done):
                 need = [i for i in range(m) if not done[i] and not queues[i]]
@@ -155,11 +158,11 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
                         continue
                     imgs = np.stack([frames[i] for i in sub])
                     hist = None if prev[sub[0]] is None else np.stack([prev[i] for i in sub])
-                    chunks = query(imgs, hist)
-                    for i, c in zip(sub, chunks):
-                        if len(c) == 0:
-                            raise ValueError("the policy returned an empty action chunk")
-                        queues[i].extend(np.asarray(c[:execute], dtype=np.float64))
+                    # Each env runs its own chunk: mode='release' chunks differ in length.
+                    for i, c in zip(sub, query.chunks(imgs, hist)):
+                        if len(c) == 0:  # no action to run: the episode fails, as in the release's loop
+                            done[i], failed[i] = True, True
+                        queues[i].extend(c[:execute])
                 # Envs in worker processes (`step_async`) all start their step before the first wait.
                 live = [i for i in range(m) if not done[i]]
                 for i in live:
@@ -177,7 +180,7 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
                     if recording is not None and i == 0:
                         recording.append(frame)
             for i in range(m):
-                result.successes.append(bool(envs[i].success))
+                result.successes.append(bool(envs[i].success) and not failed[i])
                 result.steps.append(steps[i])
                 if progress is not None:
                     progress.update(1)
@@ -322,28 +325,34 @@ def _policy_fingerprint(src) -> str | None:
 
 
 class _SavedRuns:
-    """Finished closed loops under `<out>/runs/<variant>__<task>.json`, each with the key it was run under."""
+    """Finished closed loops under `<out>/runs/<variant>__<task>__<key>.json`, each with the key it was run
+    under. The key is in the name so that runs of other settings (a 1-episode spot check beside a
+    50-episode run) are kept side by side instead of overwriting each other."""
 
     def __init__(self, out_dir: Path, enabled: bool):
         self.dir = out_dir / "runs"
         self.enabled = enabled
 
-    def _path(self, name: str, task: str) -> Path:
-        return self.dir / f"{_slug(name)}__{task}.json"
+    def _path(self, name: str, task: str, key: str) -> Path:
+        return self.dir / f"{_slug(name)}__{task}__{key[:16]}.json"
 
     def get(self, name: str, task: str, key: str | None) -> dict | None:
-        p = self._path(name, task)
-        if not (self.enabled and key and p.is_file()):
+        if not (self.enabled and key):
             return None
-        try:
-            saved = json.loads(p.read_text())
-        except (OSError, ValueError):
-            return None
-        return saved["result"] if saved.get("key") == key else None
+        # Runs saved before the key was in the name are still read; their key is checked all the same.
+        for p in (self._path(name, task, key), self.dir / f"{_slug(name)}__{task}.json"):
+            try:
+                saved = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if saved.get("key") == key:
+                return saved["result"]
+        return None
 
     def put(self, name: str, task: str, key: str | None, result: dict) -> None:
         if key:
-            write_text_atomic(self._path(name, task), json.dumps({"key": key, "result": result}, default=_json_default))
+            write_text_atomic(self._path(name, task, key),
+                              json.dumps({"key": key, "result": result}, default=_json_default))
 
 
 def default_variant_names(policies) -> list[str]:
@@ -429,15 +438,19 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         """One closed loop, or the saved result of the same one; saved and written out as it ends."""
         key = run_key(name, src, pol, task)
         res = saved.get(name, task, key)
+        gif = {tag: out_dir / f"{_slug(name)}_{task}_{tag}.gif" for tag in ("success", "failure")}
         if res is not None:
             bar.update(episodes)
+            # The GIF of the other outcome is an earlier run's: it would stand beside this result as current.
+            gif["failure" if res["episode_success"][0] else "success"].unlink(missing_ok=True)
             return {**res, "reused": True}
         r = closed_loop(pol, task, episodes, seed=seed, max_steps=max_steps, progress=bar, record=record,
                         envs=envs_for(task, pol), execute=execute)
         res = r.to_dict()
+        for path in gif.values():  # an earlier run's GIF, of either outcome, is not this run's
+            path.unlink(missing_ok=True)
         if gifs and r.frames is not None:
-            tag = "success" if r.successes[0] else "failure"
-            plots.save_gif(r.frames, out_dir / f"{_slug(name)}_{task}_{tag}.gif")
+            plots.save_gif(r.frames, gif["success" if r.successes[0] else "failure"])
         saved.put(name, task, key, res)
         return res
 
@@ -513,6 +526,13 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         close_envs()
 
     # World model, for the first policy (the others share the metric code; run `evaluate` per policy).
+    # An earlier run's world-model figures that this run does not rewrite (no world model now, other
+    # tasks, no GIFs) would pass for this run's: remove them first.
+    wm_files = {"world_model.png", "world_model_grid.png"} if rollouts else set()
+    wm_files |= {f"world_model_{t}.gif" for t in tasks} if rollouts and gifs else set()
+    for stale in [out_dir / "world_model.png", out_dir / "world_model_grid.png", *out_dir.glob("world_model_*.gif")]:
+        if stale.name not in wm_files and not stale.name.endswith(("_success.gif", "_failure.gif")):  # a variant's
+            stale.unlink(missing_ok=True)
     if rollouts:
         wm: dict = {}
         curves = {}
@@ -598,8 +618,16 @@ def format_results(metrics: dict) -> str:
         lines.append(f"  next frame, predicted                       {f(m['one_step_psnr']):>7}  {m['one_step_ssim']:.3f}")
         lines.append(f"  next frame = current frame (reference)      {f(m['copy_last_psnr']):>7}  {m['copy_last_ssim']:.3f}")
         lines.append(f"  VQGAN reconstruction (every code right)     {f(m['vqgan_recon_psnr']):>7}  {m['vqgan_recon_ssim']:.3f}")
-        h = wm[tasks[0]]["multi_step"]["horizon"]
-        lines.append(f"  imagined {h}-step rollout, mean over steps   {f(m['multi_step_psnr']):>7}  {m['multi_step_ssim']:.3f}")
+        # The horizon is per task: an expert that finishes early leaves its task fewer steps to imagine.
+        horizons = {t: wm[t]["multi_step"]["horizon"] for t in tasks if t in wm}
+        if len(set(horizons.values())) == 1:
+            label = f"imagined {next(iter(horizons.values()))}-step rollout, mean over steps"
+        else:
+            label = "imagined rollouts, mean over steps"
+        lines.append(f"  {label:<44}{f(m['multi_step_psnr']):>7}  {m['multi_step_ssim']:.3f}")
+        if len(set(horizons.values())) > 1:
+            lines.append("    imagined steps per task: "
+                         + ", ".join(f"{t.replace('-v3', '')} {h}" for t, h in horizons.items()))
         if m.get("code_accuracy") is not None:
             lines.append(f"  next-frame VQ codes predicted exactly: {m['code_accuracy']:.1%} "
                          f"(current frame's codes kept: {m['copy_last_code_accuracy']:.1%})")

@@ -38,7 +38,18 @@ def as_float_images(images, data_range: float | None = None) -> tuple[torch.Tens
     return x.reshape(-1, *x.shape[-3:]), rng
 
 
+def _is_uint8(images) -> bool:
+    return images.dtype == (np.uint8 if isinstance(images, np.ndarray) else torch.uint8)
+
+
 def _pair(a, b, data_range):
+    # uint8 is channels-last with L = 255, float channels-first with L = 1: a mixed pair would be compared
+    # across layouts and ranges and give a meaningless score.
+    if isinstance(a, (np.ndarray, torch.Tensor)) and isinstance(b, (np.ndarray, torch.Tensor)) \
+            and _is_uint8(a) != _is_uint8(b):
+        raise TypeError(f"the two image batches differ in kind: {a.dtype} {tuple(a.shape)} vs {b.dtype} "
+                        f"{tuple(b.shape)}; pass both as uint8 channels-last [..., H, W, 3] or both as float "
+                        f"channels-first [..., C, H, W]")
     x, rng = as_float_images(a, data_range)
     y, _ = as_float_images(b, data_range)
     if x.shape != y.shape:

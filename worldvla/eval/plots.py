@@ -71,17 +71,20 @@ def horizon_curves(curves: dict[str, dict[str, list[float]]], path, title: str =
 
 
 def frame_grid(rows: list[np.ndarray], path, labels: list[str] | None = None, pad: int = 2) -> Path:
-    """Save rows of frames (each uint8 [T, H, W, 3], equal shapes) as one PNG, rows on top of each other."""
+    """Save rows of frames (each uint8 [T, H, W, 3], frames of one size) as one PNG, rows on top of each
+    other. Rows may differ in length (a task whose expert finished early imagines fewer steps): a
+    shorter row ends in blank cells."""
     from PIL import Image, ImageDraw
 
     rows = [np.asarray(r) for r in rows]
-    if not rows or any(r.shape != rows[0].shape for r in rows) or rows[0].ndim != 4:
-        raise ValueError(f"frame_grid wants rows of equal shape [T, H, W, 3], got {[r.shape for r in rows]}")
-    T, H, W, _ = rows[0].shape
+    if not rows or any(r.ndim != 4 or r.shape[1:] != rows[0].shape[1:] for r in rows):
+        raise ValueError(f"frame_grid wants rows of frames of one size [T, H, W, 3], got {[r.shape for r in rows]}")
+    T = max(len(r) for r in rows)
+    H, W = rows[0].shape[1:3]
     label_w = 0 if not labels else 8 + 6 * max(len(s) for s in labels)
     canvas = np.full((len(rows) * (H + pad) + pad, label_w + T * (W + pad) + pad, 3), 255, dtype=np.uint8)
     for i, r in enumerate(rows):
-        for t in range(T):
+        for t in range(len(r)):
             y, x = pad + i * (H + pad), label_w + pad + t * (W + pad)
             canvas[y:y + H, x:x + W] = r[t]
     img = Image.fromarray(canvas)

@@ -21,8 +21,9 @@ class ChunkQuery:
 
     `images`: the current frames, uint8 [H, W, 3] or [N, H, W, 3]; `previous`: the
     frames of the previous env step (same shape), or None on an episode's first query
-    (the release then prompts with the current frame only). Returns [K, D] or [N, K, D].
-    A policy whose `act` has no `history` argument is given only the current frame.
+    (the release then prompts with the current frame only). Returns [K, D] or [N, K, D];
+    `chunks` returns a batch's chunks one by one, of any length. A policy whose `act` has no
+    `history` argument is given only the current frame.
     """
 
     def __init__(self, policy):
@@ -30,13 +31,23 @@ class ChunkQuery:
         self.takes_history = _accepts(policy.act, "history")
         self.latencies: list[float] = []
 
-    def __call__(self, images: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
+    def _act(self, images: np.ndarray, previous: np.ndarray | None):
         t0 = time.perf_counter()
         if self.takes_history:
             out = self.policy.act(images, history=previous)
         else:
             out = self.policy.act(images)
         self.latencies.append(time.perf_counter() - t0)
+        return out
+
+    @staticmethod
+    def _check_rows(n_chunks: int, images: np.ndarray) -> None:
+        if n_chunks != len(images):
+            raise ValueError(f"policy.act returned {n_chunks} chunk(s) for {len(images)} images; it must return one "
+                             f"chunk per image, [N, K, D] for images [N, H, W, 3]")
+
+    def __call__(self, images: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
+        out = self._act(images, previous)
         from ..inference.policy import check_chunk
 
         out = np.asarray(check_chunk(out), dtype=np.float64)
@@ -44,7 +55,26 @@ class ChunkQuery:
         if out.ndim != want:
             raise ValueError(f"policy.act returned shape {out.shape}; expected "
                              f"{'[N, K, D]' if images.ndim == 4 else '[K, D]'} for images of shape {images.shape}")
+        if images.ndim == 4:
+            self._check_rows(len(out), images)
         return out
+
+    def chunks(self, images: np.ndarray, previous: np.ndarray | None) -> list[np.ndarray]:
+        """Each image's own chunk [K_i, D] for a batch `images` [N, H, W, 3]. Unlike a call, this takes
+        chunks of different lengths and empty ones (mode='release' decodes as many actions as the model
+        wrote, possibly none): the caller runs each env's own chunk, and fails the episode of an env
+        whose chunk is empty."""
+        out = self._act(images, previous)
+        rows = list(out) if isinstance(out, (list, tuple)) else np.asarray(out)
+        if isinstance(rows, np.ndarray) and rows.ndim != 3:
+            raise ValueError(f"policy.act returned shape {rows.shape}; expected [N, K, D] for images of shape "
+                             f"{images.shape}")
+        self._check_rows(len(rows), images)
+        rows = [np.asarray(c, dtype=np.float64) for c in rows]
+        bad = [c.shape for c in rows if c.ndim != 2]
+        if bad:
+            raise ValueError(f"policy.act returned chunks of shapes {bad}; each image's chunk must be [K, D]")
+        return rows
 
     def latency_summary(self) -> dict:
         lat = np.asarray(self.latencies, dtype=np.float64)
