@@ -62,7 +62,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return d
 
 
-def _atomic_write(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
+    """Write a file that appears complete or not at all: `write(tmp)` writes a temporary sibling,
+    which then replaces `path` (a crash leaves the old file)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -77,7 +80,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def write_text_atomic(path, text: str) -> None:
     """Write a text file that appears complete or not at all (a crash leaves the old one)."""
-    _atomic_write(Path(path), lambda p: Path(p).write_text(text))
+    write_atomic(Path(path), lambda p: Path(p).write_text(text))
 
 
 def _new_sibling(path: Path, tag: str) -> Path:

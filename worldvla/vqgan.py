@@ -466,12 +466,12 @@ class VQGAN(nn.Module):
 
         import yaml
 
-        from .checkpoint import _atomic_write, write_text_atomic
+        from .checkpoint import write_atomic, write_text_atomic
 
         doc = {"model": {"target": _TAMING_TARGET, "params": self.config.to_taming()}}
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         (Path(folder) / RELEASE_YAML).unlink(missing_ok=True)
-        _atomic_write(Path(folder) / RELEASE_CKPT, lambda p: torch.save({"state_dict": sd}, p))
+        write_atomic(Path(folder) / RELEASE_CKPT, lambda p: torch.save({"state_dict": sd}, p))
         write_text_atomic(Path(folder) / RELEASE_YAML, yaml.safe_dump(doc, sort_keys=False))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -482,11 +482,11 @@ class VQGAN(nn.Module):
 
         from safetensors.torch import save_file
 
-        from .checkpoint import _atomic_write, write_text_atomic
+        from .checkpoint import write_atomic, write_text_atomic
 
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         (Path(folder) / "config.json").unlink(missing_ok=True)
-        _atomic_write(Path(folder) / "model.safetensors", lambda p: save_file(sd, p))
+        write_atomic(Path(folder) / "model.safetensors", lambda p: save_file(sd, p))
         write_text_atomic(Path(folder) / "config.json", json.dumps(self.config.to_dict(), indent=2))
 
     @classmethod

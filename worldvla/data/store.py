@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import _atomic_write, write_text_atomic
+from ..checkpoint import write_atomic, write_text_atomic
 from ..cli import non_negative_int, positive_int
 from ..devices import torch_device
 from ..tokens import IGNORE, ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
@@ -350,7 +350,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
         vqgan.save_pretrained(out / "vqgan")
     if _uses_text_tokenizer_json(layout):
         if Path(tokenizer_json).resolve() != (out / TEXT_TOKENIZER).resolve():
-            _atomic_write(out / TEXT_TOKENIZER, lambda p: shutil.copyfile(tokenizer_json, p))
+            write_atomic(out / TEXT_TOKENIZER, lambda p: shutil.copyfile(tokenizer_json, p))
     else:
         # A byte-text layout: a copy left by an earlier chameleon build would make the exported
         # policy encode instructions with a tokenizer the model never saw.

@@ -153,13 +153,13 @@ def imagine(policy, first: np.ndarray, actions: np.ndarray, *, samples: int = 1,
 
 
 def _write_npz(path: Path, **arrays) -> None:
-    from ..checkpoint import _atomic_write
+    from ..checkpoint import write_atomic
 
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
 
-    _atomic_write(path, write)
+    write_atomic(path, write)
 
 
 def run(args: argparse.Namespace) -> int:
