@@ -192,15 +192,21 @@ class InterruptAfter(RecordingPolicy):
         return super().act(image, history)
 
 
-def test_results_are_saved_after_every_episode_and_a_rerun_resumes(tmp_path):
+@pytest.fixture
+def policy_and_out(tmp_path):
+    """A policy folder (its files key the saved results) and an evaluation folder."""
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "policy.json").write_text("{}")
+    return folder, tmp_path / "eval"
+
+
+def test_results_are_saved_after_every_episode_and_a_rerun_resumes(policy_and_out):
     """libero_results.json used to be written once, at the end: a crash lost every episode."""
     import json
 
     rng = np.random.default_rng()
-    folder = tmp_path / "policy"
-    folder.mkdir()
-    (folder / "policy.json").write_text("{}")
-    out = tmp_path / "eval"
+    folder, out = policy_and_out
 
     def suite():
         return FakeSuite([FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 3), FakeLiberoEnv(rng=rng)],
@@ -236,16 +242,13 @@ def test_results_are_saved_after_every_episode_and_a_rerun_resumes(tmp_path):
     assert again.envs[0].init_state == "state0-0"
 
 
-def test_a_rerun_with_other_tasks_or_episodes_keeps_and_reuses_the_saved_ones(tmp_path):
+def test_a_rerun_with_other_tasks_or_episodes_keeps_and_reuses_the_saved_ones(policy_and_out):
     """`--tasks 1` after a full run used to rewrite libero_results.json with task 1 only, and `--episodes 1`
     cut the saved episodes, so a later `--episodes 3` ran them again."""
     import json
 
     rng = np.random.default_rng()
-    folder = tmp_path / "policy"
-    folder.mkdir()
-    (folder / "policy.json").write_text("{}")
-    out = tmp_path / "eval"
+    folder, out = policy_and_out
 
     def suite():
         return FakeSuite([FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 3), FakeLiberoEnv(rng=rng),
