@@ -228,6 +228,20 @@ def test_concurrent_robots_are_batched_and_kept_apart(np_rng):
     assert stats["max_batch_seen"] > 1 and set(policy.calls) <= {1, 2, 4, 8}  # padded to powers of two
 
 
+def test_a_lone_robot_does_not_wait_for_connections_that_never_act(np_rng):
+    """A monitor connected for metadata sends no 'act': the batcher does not wait max_wait_ms for it."""
+    policy = HistoryPolicy()
+    with PolicyServer(policy, max_wait_ms=3000.0) as server, PolicyClient(server.url, timeout=20) as monitor, \
+            PolicyClient(server.url, timeout=20) as robot:
+        assert monitor.metadata()["action_dim"] == D
+        robot.reset("alone")
+        t0 = time.perf_counter()
+        for _ in range(2):
+            robot.act(_frame(np_rng))
+        assert time.perf_counter() - t0 < 1.5, "the batcher waited for a connection that never acts"
+        assert server.health()["connections"] == 2
+
+
 # ---------------------------------------------------------------- bad requests
 def _raw(url):
     from websockets.sync.client import connect

@@ -57,6 +57,11 @@ def _accepts(fn, name: str) -> bool:
         return False
 
 
+class _Connection:
+    """What the server knows of one open connection: whether it has sent an 'act' request."""
+    acts = False
+
+
 def _error(message: str) -> dict:
     return {"ok": False, "error": message}
 
@@ -149,6 +154,7 @@ class PolicyServer:
         self._last_reset: tuple | None = None
         self._busy = 0
         self._connections = 0
+        self._acting_connections = 0  # open connections that have sent an 'act' request
         self._running_batch = False
         self._draining = False
         self._closed = False
@@ -311,12 +317,13 @@ class PolicyServer:
         from websockets.exceptions import ConnectionClosed
 
         self._connections += 1
+        conn = _Connection()
         try:
             async for message in ws:
                 t_recv = time.perf_counter()
                 self._busy += 1
                 try:
-                    reply = await self._handle_message(message, t_recv)
+                    reply = await self._handle_message(message, t_recv, conn)
                     if not reply.get("ok"):
                         self.stats["errors"] += 1
                     await ws.send(packb(reply))
@@ -326,8 +333,9 @@ class PolicyServer:
             pass
         finally:
             self._connections -= 1
+            self._acting_connections -= conn.acts
 
-    async def _handle_message(self, message, t_recv: float) -> dict:
+    async def _handle_message(self, message, t_recv: float, conn: "_Connection | None" = None) -> dict:
         if isinstance(message, str):
             return _error("text frames are not accepted: send msgpack-encoded requests in binary frames")
         if len(message) > self.max_payload_bytes:
@@ -341,6 +349,9 @@ class PolicyServer:
             request_id = msg.get("id")
             kind = msg.get("type")
             if kind == "act":
+                if conn is not None and not conn.acts:  # a robot: the batcher may wait for its requests
+                    conn.acts = True
+                    self._acting_connections += 1
                 reply = await self._act(msg, t_recv)
             elif kind == "reset":
                 reply = self._reset(msg)
@@ -480,10 +491,11 @@ class PolicyServer:
                     continue
                 except asyncio.QueueEmpty:
                     pass
-                # A connection has at most one request in flight: once every open connection
-                # has one queued, nothing else can join this batch, so waiting only adds latency.
+                # A connection has at most one request in flight: once every connection that sends
+                # 'act' requests has one queued, nothing else can join this batch, so waiting only adds
+                # latency (connections that never act, a monitor asking for metadata, are not counted).
                 remaining = deadline - loop.time()
-                if remaining <= 0 or len(batch) >= self._connections:
+                if remaining <= 0 or len(batch) >= self._acting_connections:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
