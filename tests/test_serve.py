@@ -229,7 +229,7 @@ def test_concurrent_robots_are_batched_and_kept_apart(np_rng):
 
 
 def test_a_lone_robot_does_not_wait_for_connections_that_never_act(np_rng):
-    """A monitor connected for metadata sends no 'act': the batcher does not wait max_wait_ms for it."""
+    """A monitor connected for metadata sends no 'reset' or 'act': the batcher does not wait max_wait_ms for it."""
     policy = HistoryPolicy()
     with PolicyServer(policy, max_wait_ms=3000.0) as server, PolicyClient(server.url, timeout=20) as monitor, \
             PolicyClient(server.url, timeout=20) as robot:

@@ -58,8 +58,8 @@ def _accepts(fn, name: str) -> bool:
 
 
 class _Connection:
-    """What the server knows of one open connection: whether it has sent an 'act' request."""
-    acts = False
+    """What the server knows of one open connection: whether it is a robot's (it has sent 'reset' or 'act')."""
+    robot = False
 
 
 def _error(message: str) -> dict:
@@ -154,7 +154,7 @@ class PolicyServer:
         self._last_reset: tuple | None = None
         self._busy = 0
         self._connections = 0
-        self._acting_connections = 0  # open connections that have sent an 'act' request
+        self._robot_connections = 0  # open connections that have sent a 'reset' or 'act' request
         self._running_batch = False
         self._draining = False
         self._closed = False
@@ -333,7 +333,7 @@ class PolicyServer:
             pass
         finally:
             self._connections -= 1
-            self._acting_connections -= conn.acts
+            self._robot_connections -= conn.robot
 
     async def _handle_message(self, message, t_recv: float, conn: "_Connection | None" = None) -> dict:
         if isinstance(message, str):
@@ -348,10 +348,10 @@ class PolicyServer:
                 raise ProtocolError(f"a request must be a msgpack map with a 'type' field, got {type(msg).__name__}")
             request_id = msg.get("id")
             kind = msg.get("type")
+            if kind in ("act", "reset") and conn is not None and not conn.robot:
+                conn.robot = True  # a robot: the batcher may wait for its requests
+                self._robot_connections += 1
             if kind == "act":
-                if conn is not None and not conn.acts:  # a robot: the batcher may wait for its requests
-                    conn.acts = True
-                    self._acting_connections += 1
                 reply = await self._act(msg, t_recv)
             elif kind == "reset":
                 reply = self._reset(msg)
@@ -491,11 +491,11 @@ class PolicyServer:
                     continue
                 except asyncio.QueueEmpty:
                     pass
-                # A connection has at most one request in flight: once every connection that sends
-                # 'act' requests has one queued, nothing else can join this batch, so waiting only adds
-                # latency (connections that never act, a monitor asking for metadata, are not counted).
+                # A connection has at most one request in flight: once every robot's connection (one
+                # that has sent 'reset' or 'act') has one queued, nothing else can join this batch, so
+                # waiting only adds latency (a monitor asking for metadata is not counted).
                 remaining = deadline - loop.time()
-                if remaining <= 0 or len(batch) >= self._acting_connections:
+                if remaining <= 0 or len(batch) >= self._robot_connections:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
