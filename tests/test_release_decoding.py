@@ -103,6 +103,31 @@ def test_stops_at_a_malformed_block(rng):
         baseline_generate_action_chunk(model, _prompts(rng, 1)[0], LAYOUT, 1, D, max_new_tokens=20)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["auto", "native", "torch"])
+def test_a_half_precision_choice_rounds_its_logits_as_the_release(dtype, backend):
+    """Logits 20.0 and 20.0625 (float32 sums) round to one bfloat16 value: the release takes the first of
+    the two ids, where a float32-summing kernel would take the second. (float16 rounds 2050 and 2050.5
+    alike.) The release's choice is the argmax of the head's logits in the model's dtype, on every backend."""
+    from worldvla.inference.chunk import head_sample
+    from worldvla.inference.release import release_choice
+
+    model = _model(0).to(dtype)
+    H, V = model.config.hidden_size, model.config.vocab_size
+    big = 20.0 if dtype == torch.bfloat16 else 2050.0
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[5, 0] = big
+        model.lm_head.weight[200, :2] = torch.tensor([big, 0.0625 if dtype == torch.bfloat16 else 0.5])
+    h = torch.zeros(1, H, dtype=dtype)
+    h[0, :2] = 1.0
+    with torch.no_grad():  # as generate_release_actions runs
+        logits = model.lm_head(h).float()[0]
+        assert logits[5] == logits[200] and int(logits.argmax()) == 5  # the release's computation
+        assert int(head_sample(model, h, 0, V, backend="native")) == 200  # float32 sums: no tie
+        assert int(release_choice(model, h, backend)) == 5
+
+
 def test_errors(rng):
     model = _model(6)
     prompts = _prompts(rng, 2)

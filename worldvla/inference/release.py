@@ -41,6 +41,17 @@ def release_engine(model, prompts, max_new_tokens: int = RELEASE_MAX_NEW_TOKENS,
     return engine_for(model, prompts, max_new_tokens, layout=layout, backend=backend)
 
 
+def release_choice(model, h: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """The release's greedy choice over the whole vocabulary from final hidden states [B, H]: the argmax
+    (first of equals) of the head's logits as the model's dtype rounds them. A float32 head goes through
+    the fused sampler; a bfloat16 or float16 one through torch's product in that dtype, as the release
+    computes it: the fused samplers sum in float32 without rounding, so logits that round to equals
+    (common at 8 significant bits) could pick another id than the release's first one."""
+    if model.lm_head.weight.dtype != torch.float32:
+        backend = "torch"
+    return head_sample(model, h, 0, model.config.vocab_size, backend=backend)
+
+
 @torch.no_grad()
 def generate_release_actions(model, input_ids, layout: VocabLayout | None, action_dim: int,
                              max_new_tokens: int = RELEASE_MAX_NEW_TOKENS, backend: str = "auto", *,
@@ -79,7 +90,7 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
         raise ValueError(f"prompts of up to {max(lens)} tokens and {max_new_tokens} new ones need "
                          f"{max(lens) + max_new_tokens} cache slots; the engine has {engine.max_len}")
     tracks = [GrowingBlockMeta(p, layout) for p in prompts]
-    dev, V = engine.device, model.config.vocab_size
+    dev = engine.device
     h = engine.prefill(prompts, skip)
     engine.set_kv_len([L + max_new_tokens for L in lens])  # slots ahead of a query stay hidden by causality
     buf = engine.buffers(1)
@@ -90,7 +101,7 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
     rows = torch.arange(B, device=dev)
     for step in range(max_new_tokens):
         if logits_processor is None:
-            tok = head_sample(model, h, 0, V, backend=sample).tolist()
+            tok = release_choice(model, h, sample).tolist()
         else:
             logits = model.lm_head(h).float()
             tok = [int(logits_processor(torch.cat([prompts[b], torch.tensor(out[b], dtype=torch.long)]),
