@@ -137,6 +137,10 @@ def test_preprocess_postprocess(rng):
     x = preprocess(img)
     assert x.shape == (1, 3, 32, 48) and x.dtype == torch.float32
     torch.testing.assert_close(x[0, 1], torch.from_numpy(img[..., 1]).float() / 255 * 2 - 1)
+    # every level exactly as the release maps it: numpy's float64 x / 255 * 2 - 1, then float32
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=-1)
+    release = torch.from_numpy((levels / 255.0 * 2 - 1).astype(np.float32)).permute(0, 3, 1, 2)
+    assert torch.equal(preprocess(levels), release)
     assert np.array_equal(postprocess(x)[0], img)
     assert np.array_equal(postprocess(x[0]), img)
     assert np.array_equal(preprocess(Image.fromarray(img)).numpy(), x.numpy())

@@ -542,10 +542,12 @@ def preprocess(image) -> torch.Tensor:
     if image.ndim not in (3, 4) or image.shape[-1] != 3:
         raise ValueError(f"preprocess wants an RGB array [H, W, 3] or [N, H, W, 3] (channels last), got shape "
                          f"{image.shape}; convert grayscale / RGBA first (PIL: img.convert('RGB'))")
-    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).float()
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).double()
     if x.dim() == 3:
         x = x[None]
-    return (x / 255.0 * 2.0 - 1.0).permute(0, 3, 1, 2).contiguous()
+    # In float64, then float32, as the release maps pixels (numpy's x / 255 * 2 - 1): in float32 half of the
+    # 256 levels came out one float32 step off.
+    return (x / 255.0 * 2.0 - 1.0).float().permute(0, 3, 1, 2).contiguous()
 
 
 def postprocess(pixels: torch.Tensor) -> np.ndarray:
