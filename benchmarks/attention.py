@@ -360,7 +360,8 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
         write_results("attention", rows, device, out_dir, extra=extra, quick=quick)
     print_table(rows, ["case", "tokens", "impl", "mode", "median_ms", "tflops", "attended_over_visible", "cache_gbps",
                        "rotated_sets", "speedup_vs_flex", "speedup_vs_sdpa-dense-mask"])
-    return write_results("attention", rows, device, out_dir, extra=extra, plot=("case", "tflops", "impl"), quick=quick)
+    return write_results("attention", rows, device, out_dir, extra=extra, plot=("case", "tflops", ("impl", "mode")),
+                         quick=quick)
 
 
 def main(argv=None):

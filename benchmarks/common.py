@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import warnings
 import statistics
 import time
 from pathlib import Path
@@ -420,10 +421,10 @@ def result_stem(name: str, device="cpu", quick: bool = False) -> str:
 
 
 def write_results(name: str, rows: list[dict], device="cpu", out_dir: str | Path = "benchmarks/results",
-                  extra: dict | None = None, plot: tuple[str, str, str] | None = None, *,
+                  extra: dict | None = None, plot: tuple | None = None, *,
                   quick: bool = False) -> Path:
     """Write `<out_dir>/<name>-<device>.json`, `<name>-<device>-quick.json` for a --quick run (and a PNG
-    plot of `plot=(x_key, y_key, group_key)` beside it)."""
+    plot of `plot=(x_key, y_key, group_key)` beside it; group_key may be a tuple of keys)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
@@ -444,10 +445,15 @@ def plot_rows(rows, x_key, y_key, group_key, title, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    keys = (group_key,) if isinstance(group_key, str) else tuple(group_key)  # a bar series per distinct value(s)
     groups: dict = {}
     for r in rows:
         if r.get(y_key) is not None:
-            groups.setdefault(r[group_key], []).append((str(r[x_key]), r[y_key]))
+            groups.setdefault(" ".join(str(r.get(k, "")) for k in keys), []).append((str(r[x_key]), r[y_key]))
+    for g, pts in groups.items():
+        if len({x for x, _ in pts}) < len(pts):  # two rows would share one bar: a series key is missing
+            warnings.warn(f"plot {path}: series {g!r} has several {y_key} values at one {x_key}; only the last is "
+                          f"drawn (group by more keys than {keys})")
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = sorted({x for pts in groups.values() for x, _ in pts}, key=lambda s: (len(s), s))
     width = 0.8 / max(1, len(groups))

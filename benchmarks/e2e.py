@@ -512,15 +512,17 @@ def compare_malloc(quick: bool = False, out_dir="benchmarks/results", grid: int 
 
 
 def _interleaved(calls: dict, n: int, before=None) -> dict:
-    """Median ms of each of `calls` (name -> call), called in turn n times (A, B, ..., A, B, ...);
-    `before(name)`, if given, runs untimed before each call."""
+    """Median ms of each of `calls` (name -> call), called in turn n times, the order turning every round
+    (A, B, C; B, C, A; ...) so that no side always runs after the same one (and reads what it left in the
+    cache); `before(name)`, if given, runs untimed before each call."""
+    names = list(calls)
     times = {name: [] for name in calls}
-    for _ in range(n):
-        for name, fn in calls.items():
+    for r in range(n):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             if before is not None:
                 before(name)
             t0 = time.perf_counter()
-            fn()
+            calls[name]()
             times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 

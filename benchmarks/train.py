@@ -18,7 +18,9 @@ from worldvla.train.trainer import micro_batch_loss
 from .attention import LAYOUT, action_document, visible_pairs
 from .common import main_for, peak_memory, peak_memory_method, print_table, time_fn, write_results
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core FLOP/s
+# Dense bf16 tensor-core FLOP/s by the device name's part, the first match winning: the PCIe and NVL
+# boards run lower clocks and power than the SXM ones the plain names are.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12}
 
 USEFUL_FLOPS = ("useful_flops = 6 * decoder_layer_params * tokens + 6 * vocab * hidden * labelled_rows "
                 "+ 3 * 4 * visible_pairs * heads * head_dim * layers: a training step (forward, and a backward of "
@@ -27,9 +29,11 @@ USEFUL_FLOPS = ("useful_flops = 6 * decoder_layer_params * tokens + 6 * vocab * 
                 "embedding lookups, norms, the loss's elementwise work and padding not counted. The same for both "
                 "sides. mfu = useful_flops / median step time / peak dense bf16 FLOP/s (GPU only)")
 SIDE_FLOPS = ("side_flops = 6 * decoder_layer_params * rows_run + 6 * vocab * hidden * head_rows "
-              "+ 3 * 4 * visible_pairs * heads * head_dim * layers: as useful_flops, with the rows the side runs "
-              "its layers on (padding included) and its head on (worldvla: the labelled rows; reference-style: "
-              "every position of the padded batch)")
+              "+ 3 * 4 * pairs_run * heads * head_dim * layers: as useful_flops, with the rows the side runs "
+              "its layers on (padding included), its head on (worldvla: the labelled rows; reference-style: "
+              "every position of the padded batch) and the (query, key) pairs its attention computes "
+              "(worldvla: the visible ones; reference-style: every pair of each padded sequence, B * L^2, "
+              "as SDPA with a dense mask computes them)")
 
 
 def one_b_config() -> ModelConfig:
@@ -110,8 +114,9 @@ def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: boo
 
         useful = step_flops(model, tokens, label_rows.numel(), pairs)
         padded = ids_b.numel()  # the reference runs its layers and its head on every position
+        dense_pairs = ids_b.shape[0] * Lmax * Lmax  # SDPA with a dense mask computes every pair
         sides = (("worldvla", ours, step_flops(model, tokens, label_rows.numel(), pairs), label_rows.numel()),
-                 ("reference-style", reference, step_flops(model, padded, padded, pairs), padded))
+                 ("reference-style", reference, step_flops(model, padded, padded, dense_pairs), padded))
         for name, fn, side_flops, head_rows in sides:
             t = time_fn(fn, device=device, warmup=1 if quick else 3, repeats=2 if quick else 10,
                         setup=lambda: model.zero_grad(set_to_none=True))

@@ -146,6 +146,29 @@ def test_rotation_count_covers_l2_within_the_budget(fake_l2):
     assert common.rotation_count(10 * l2, "cpu", budget_bytes=1 << 40) == 1           # one set already exceeds L2
 
 
+def test_cpu_ops_sides_take_their_own_sets_in_turning_order():
+    """No side reads the set another side has just read (its data then in the cache), and no side always
+    runs first: each call takes the next set, and the sides' order turns every round."""
+    from benchmarks import cpu_ops
+
+    class Sets:
+        n = 0
+
+        def next(self):
+            self.n += 1
+            return (self.n,)
+
+    calls = []
+    fns = {name: (lambda i, name=name: calls.append((name, i))) for name in ("torch", "native", "native-w8")}
+    med = cpu_ops.interleaved(fns, Sets(), warmup=2, repeats=6)
+    assert set(med) == set(fns) and len(calls) == 3 * 8
+    assert len({i for _, i in calls}) == len(calls)  # every call its own set
+    firsts = [calls[3 * r][0] for r in range(8)]
+    assert firsts[:3] == ["torch", "native", "native-w8"] and firsts[3:6] == firsts[:3]
+    for r in range(8):  # each round runs every side once
+        assert sorted(n for n, _ in calls[3 * r:3 * r + 3]) == sorted(fns)
+
+
 def test_rotation_sets_are_distinct_fresh_and_timed_in_turn(fake_l2):
     l2 = fake_l2(8 << 10)
     calls = []

@@ -1,22 +1,26 @@
-"""`worldvla bench [--quick] [NAMES]`: run benchmarks and write benchmarks/results/<name>-<device>.json + PNG.
+"""`worldvla bench [--quick] [NAMES]`: run benchmarks and write benchmarks/results/<result>-<device>.json + PNG.
 
-A `--quick` run (small shapes, few repeats: a smoke run) writes `<name>-<device>-quick.json` in the same
-folder, so it never overwrites the full-size results. (The static `sass` report ignores `--quick`.)"""
+Each benchmark's result file is named after what it measures (`vq` writes
+`vq_quantize-<device>.json`, `sampling` `constrained_sampling-...`, `cross_entropy`
+`linear_cross_entropy-...`, `sass` `sass-<arch>.json`; the others their own name). A `--quick` run (small
+shapes, few repeats: a smoke run, on any device) writes `<result>-<device>-quick.json` in the same folder,
+so it never overwrites the full-size results. (The static `sass` report ignores `--quick`.)"""
 from __future__ import annotations
 
 import importlib
 import time
 
 BENCHMARKS = {
-    "attention": "chunk-masked attention vs SDPA (dense mask: whole batch, per document), FlexAttention, "
-                 "SDPA causal per document",
+    "attention": "chunk-masked prefill attention (forward, forward + backward) vs SDPA (dense mask: whole batch, "
+                 "per document), FlexAttention, SDPA causal per document; decode attention (split-KV) vs SDPA",
     "vq": "VQ nearest-code search vs torch.cdist + argmin",
     "cross_entropy": "fused linear cross-entropy vs the naive path (time, peak memory)",
     "sampling": "constrained sampling vs full-vocabulary softmax",
     "e2e": "action-chunk and world-model frame latency vs the release-style baseline",
     "train": "training tokens/s, MFU and peak memory vs the reference-style path",
     "serve_load": "policy server under concurrent load: p50/p99 latency, overhead over in-process act",
-    "cpu_ops": "C++ CPU paths vs torch on the CPU (prefill and decode attention, sampling, VQ): the CPU auto order",
+    "cpu_ops": "C++ CPU paths vs torch on the CPU (prefill and decode attention, sampling, VQ search and gather, "
+               "few-row linear, whole decoder layers): the CPU auto order",
     "sass": "static report of the CUDA kernels (registers, spills, hot-loop SASS); needs nvcc, not a GPU",
 }
 
@@ -25,7 +29,8 @@ def add_arguments(p):
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="benchmarks to run (default: all): " + ", ".join(f"{k} ({v})" for k, v in BENCHMARKS.items()))
     p.add_argument("--quick", action="store_true",
-                   help="small shapes and few repeats (CPU smoke run); writes <name>-<device>-quick.json")
+                   help="small shapes and few repeats (a smoke run, on any device); writes "
+                        "<result>-<device>-quick.json")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results and plots")
 
