@@ -70,6 +70,32 @@ def test_release_folder_variants(tmp_path):
     assert torch.equal(WorldVLA.from_pretrained(tmp_path / "sharded")(ids), want)
 
 
+def test_a_saved_checkpoint_keeps_the_config_keys_the_release_reads(tmp_path):
+    """The release's code builds its model from config.json keys this package does not read
+    (vocabulary_map for the image tokens, vq_config, mask_image_logits, its architecture's name): a
+    checkpoint loaded and saved again keeps them, with the model's own shape, RoPE and rule written
+    over them; transformers' Chameleon loads the saved folder to the same logits."""
+    from transformers import ChameleonForConditionalGeneration
+
+    hf, path = _hf_tiny(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(architectures=["ChameleonXLLMXForConditionalGeneration_ck"], mask_image_logits=False,
+               z_loss_weight=1e-5, hidden_size=64)
+    (path / "config.json").write_text(json.dumps(cfg))
+    ours = WorldVLA.from_pretrained(path)
+    ours.config.attention = "causal"  # the model's own settings win over the loaded ones
+    ours.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    for key in ("vocabulary_map", "vq_config", "architectures", "mask_image_logits", "z_loss_weight"):
+        assert saved[key] == cfg[key], key
+    assert saved["worldvla_attention"] == "causal" and saved["num_key_value_heads"] == 2
+    assert "hf_extra" not in ours.config.to_dict()  # a checkpoint's record of the shape stays small
+    again = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "again").eval()
+    ids = torch.randint(12, 160, (1, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, hf(input_ids=ids).logits)
+
+
 def _release_layout(folder, out):
     """A transformers-layout checkpoint rewritten as the release stores it: the q/k norms' affine
     parameters as one [1, head_dim] row (model_parallel_size 1) that every head shares."""

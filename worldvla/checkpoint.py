@@ -8,7 +8,10 @@ norms' affine parameters come in either layout: one row per head ([heads, head_d
 transformers' Chameleon) or the release's [model_parallel_size, head_dim] (one row that every
 head shares in its checkpoints); the model keeps the layout it was loaded with
 (`ModelConfig.model_parallel_size`), and saving writes it back with `model_parallel_size` in
-config.json, so the release's code loads what this package saves from its checkpoints.
+config.json, with the loaded config.json's other keys (`ModelConfig.hf_extra`: the release's
+vocabulary_map, vq_config, architecture name...), so the release's code loads what this package
+saves from its checkpoints. (A model built here, not loaded from such a folder, has no
+vocabulary_map to write.)
 A model folder is written whole into a temporary sibling folder that then replaces the old
 one (`replace_folder`), so a crash never leaves a half-written checkpoint, or one that mixes
 an older save's weights with the new ones, behind a valid name.
@@ -29,6 +32,9 @@ from .model import ModelConfig, WorldVLA
 
 _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "swin_norm")
+# Keys the package derives from ModelConfig on save (read on load, or dropped: rope_scaling is refused).
+_DERIVED_KEYS = (*_CONFIG_KEYS, "rope_theta", "rope_parameters", "rope_scaling", "model_parallel_size",
+                 "worldvla_layout", "worldvla_attention")
 
 
 def config_from_hf(d: dict) -> ModelConfig:
@@ -45,15 +51,20 @@ def config_from_hf(d: dict) -> ModelConfig:
         kw["rope_theta"] = float(theta)
     kw["layout"] = d.get("worldvla_layout")
     kw["attention"] = d.get("worldvla_attention", "chunk")
+    kw["hf_extra"] = {k: v for k, v in d.items() if k not in _DERIVED_KEYS} or None
     return ModelConfig(**kw)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    d = {k: getattr(cfg, k) for k in _CONFIG_KEYS}
-    d.update(model_type="chameleon", architectures=["ChameleonXLLMXForConditionalGeneration"],
-             rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-             hidden_act="silu", attention_bias=False, tie_word_embeddings=False, torch_dtype="bfloat16",
-             bos_token_id=0, pad_token_id=1, eos_token_id=8710 if cfg.vocab_size == 65536 else 2)
+    """config.json of a model: the loaded checkpoint's other keys (`hf_extra`: the release's
+    vocabulary_map, vq_config, architectures, ... which its code needs to load the folder) or defaults
+    for them, then the model's own shape, RoPE, head-norm layout and chunk rule."""
+    d = dict(model_type="chameleon", architectures=["ChameleonXLLMXForConditionalGeneration"], hidden_act="silu",
+             attention_bias=False, tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=0, pad_token_id=1,
+             eos_token_id=8710 if cfg.vocab_size == 65536 else 2)
+    d.update(cfg.hf_extra or {})
+    d.update({k: getattr(cfg, k) for k in _CONFIG_KEYS})
+    d.update(rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     if cfg.model_parallel_size is not None:  # the release's head-norm layout (its config key)
         d["model_parallel_size"] = cfg.model_parallel_size
     if cfg.layout is not None:

@@ -44,6 +44,10 @@ class ModelConfig:
     # release's layout ([n, head_dim], row i shared by the i-th n-th of the heads; its checkpoints have n = 1).
     model_parallel_size: int | None = None
     layout: dict | None = field(default=None, repr=False)  # VocabLayout.to_dict(); None = chameleon for 65536
+    # The config.json keys of a loaded checkpoint that this package does not read (the release's
+    # vocabulary_map, vq_config, architectures, ...): written back on save, so that the release's code
+    # loads the folder again. Not part of `to_dict` (a checkpoint's record of the model's shape).
+    hf_extra: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def head_dim(self) -> int:
@@ -91,7 +95,9 @@ class ModelConfig:
                              f"None gives every head its own row")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("hf_extra")
+        return d
 
 
 class RMSNorm(nn.Module):
