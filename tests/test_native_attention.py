@@ -407,6 +407,11 @@ def test_bad_arguments_raise_clearly(rng):
     # dispatch: the native backend declines what it cannot run, "auto" never picks it then
     with pytest.raises(ValueError, match="does not support"):
         masked_attention(q.double(), k.double(), v.double(), meta, backend="native")
+    for backend in ("native", "torch", "auto"):  # no kv heads: refused at the entry points
+        with pytest.raises(ValueError, match=r"kv heads \(0\) must divide q heads \(2\) and be at least 1"):
+            masked_attention(q, k[:, :, :0], v[:, :, :0], meta, backend=backend)
+        with pytest.raises(ValueError, match="kv heads must be at least 1"):
+            decode_attention(q[:, :1], k[:, :, :0], v[:, :, :0], dm, backend=backend)
 
 
 def test_native_declines_autograd(rng):

@@ -228,6 +228,32 @@ def test_errors_name_the_problem(rng):
         nb.decoder_layer(layer, x, cos, sin, ctx, 0)
 
 
+def test_layer_index_outside_the_cache_is_refused(rng):
+    """The native layer finds its keys and values at the layer's offset in the cache: an index outside
+    the cache's layers (negative, which Python's indexing would count from the end, or past the last) is
+    refused before anything is read or written, for a few rows and for a prefill's (torch's GEMM between
+    the C++ stages); so is a whole step of a model with more layers than its cache."""
+    model = _model(rng)
+    layer = model.model.layers[1]
+    for Q in (3, 40):  # one C++ call; more than NATIVE_MAX_ROWS rows
+        x, pos, meta, cache = _step(rng, model.config, 2, Q, S=100)
+        cos, sin = rope_cos_sin(pos, model.config.head_dim, model.config.rope_theta, x.dtype)
+        ctx = ForwardContext(cache=cache, position_ids=pos, decode_meta=meta)
+        k, v = cache.k.clone(), cache.v.clone()
+        for index in (-1, -2, 2):
+            with torch.no_grad(), pytest.raises(ValueError, match=rf"layer index {index} must be an int in \[0, 2\)"):
+                ops.decoder_layer(layer, x, cos, sin, ctx, index, backend="native")
+        assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
+    x, pos, meta, cache = _step(rng, model.config, 2, 3, S=40)
+    cache.k, cache.v = cache.k[:1], cache.v[:1]  # one layer's cache for the model's two
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with torch.no_grad(), pytest.raises(ValueError, match="for the model's 2 layers"):
+        nb.build_decode_step(model, cache, ids, pos, meta)
+    with torch.no_grad():
+        plan = decoder_op.DecodeStepPlan(model, cache, ids, pos, meta)
+    assert plan.step is None and "for the model's 2 layers" in plan.reason
+
+
 def test_auto_order_of_the_layer():
     for cap, vendor in [("AVX2", "amd"), ("AVX2", "intel"), ("AVX2", None), ("AVX512", "amd"), ("AVX512", "intel"),
                         ("AVX512", None)]:
@@ -534,6 +560,31 @@ def test_bf16_model_norm_copies_follow_updates(rng):
     after = engine.run(_set_step(engine, *step)).clone()
     assert not torch.equal(after, before)
     assert torch.equal(after, fresh.run(_set_step(fresh, *step)))
+
+
+def test_bf16_copies_and_writes_the_version_counter_misses(rng):
+    """The bfloat16 copies of the projections follow the weights' version counters: a write through
+    `.data` is seen once `torch.autograd.graph.increment_version` marks it (as the engine's check_model
+    sees it), and inference tensors, which have none, get no copies (a step reads them where they are)."""
+    from torch.autograd.graph import increment_version
+
+    model = _model(rng)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    first = nb.bf16_projections(model)
+    w = model.model.layers[1].mlp.down_proj.weight
+    assert first is not None and torch.equal(first[-1], w.bfloat16())
+    w.data.copy_(torch.randn(w.shape, generator=rng).bfloat16().float())
+    increment_version(w)
+    assert torch.equal(nb.bf16_projections(model)[-1], w.bfloat16())
+    assert "increment_version" in nb.bf16_projections.__doc__
+    with torch.inference_mode():
+        frozen = _model(rng)
+        for p in frozen.parameters():
+            p.copy_(p.bfloat16().float())
+        assert frozen.model.layers[0].mlp.up_proj.weight.is_inference()
+        assert nb.bf16_projections(frozen) is None
 
 
 @pytest.mark.usefixtures("cpu_width", "native_first")

@@ -92,11 +92,33 @@ def test_linear_errors():
         nb.linear(x, torch.randn(8, 4).t())
     with pytest.raises(ValueError, match="does not support"):
         ops.linear(x, w.requires_grad_(), backend="native")
+    for backend in ("native", "torch", "auto"):  # a 0-d x has no K
+        with pytest.raises(ValueError, match=r"x \[\.\.\., K\] and weight \[N, K\]; got \(\), \(3, 1\)"):
+            ops.linear(torch.tensor(1.0), torch.randn(3, 1), backend=backend)
 
 
+def test_a_backend_without_the_op_says_so(monkeypatch):
+    """Asking a backend that is installed for an op it does not implement names the backends that do;
+    the install hint is for a backend that did not import."""
+    x, w = torch.randn(3, 8), torch.randn(4, 8)
+    targets = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"'linear_cross_entropy' has no 'native' implementation; it has \[") as err:
+        ops.linear_cross_entropy(x, w, targets, backend="native")
+    assert "build the extension" not in str(err.value) and "'torch'" in str(err.value)
+    monkeypatch.setitem(dispatch._IMPORT_ERRORS, "native", ImportError("No module named 'worldvla._C'"))
+    with pytest.raises(RuntimeError, match=r"the 'native' backend did not import \(No module named 'worldvla._C'\); "
+                                           r"build the extension"):
+        ops.linear_cross_entropy(x, w, targets, backend="native")
+
+
+@pytest.mark.usefixtures("poison_outputs")
 def test_linear_empty():
     assert nb.linear(torch.randn(0, 8), torch.randn(4, 8)).shape == (0, 4)
     assert nb.linear(torch.randn(3, 8), torch.randn(0, 8)).shape == (3, 0)
+    for shape in ((3, 5, 0), (4, 0), (2, 0, 0)):  # K = 0: zeros (leading dims kept, also with no rows)
+        x = torch.randn(shape)
+        assert torch.equal(nb.linear(x, torch.randn(7, 0)), torch.zeros(*shape[:-1], 7))
+        assert torch.equal(ops.linear(x, torch.randn(7, 0), backend="native"), torch.zeros(*shape[:-1], 7))
 
 
 def test_auto_keeps_torch_for_many_rows_and_for_training(monkeypatch):

@@ -220,6 +220,47 @@ def test_screened_tables_follow_the_weight(rng):
     assert torch.equal(after, _unscreened(hidden, weight, 0, 4096)) and not torch.equal(after, before)
 
 
+def test_screened_tables_and_writes_the_version_counter_misses(rng):
+    """Writes the version counter does not see leave the cached tables stale, so: an inference tensor
+    (no counter) is never screened and gets the float32 ids after an in-place update; a write through
+    `.data` is seen once `torch.autograd.graph.increment_version` marks it, as the docstring says."""
+    from torch.autograd.graph import increment_version
+
+    V, H = 4096, 64
+    with torch.inference_mode():
+        weight = torch.randn(V, H, generator=rng)
+        hidden = torch.randn(4, H, generator=rng)
+        g = draw_gumbel((4, V), rng)
+        nb.constrained_sample(hidden, weight, 0, V)
+        nb.constrained_sample(hidden, weight, 0, V, 0.5, gumbel=g)
+        weight.copy_(torch.randn(V, H, generator=rng))  # in place, no version counter to bump
+        assert nb.screen_tables(weight, 0, V) is None
+        assert torch.equal(nb.constrained_sample(hidden, weight, 0, V), _unscreened(hidden, weight, 0, V))
+        assert torch.equal(nb.constrained_sample(hidden, weight, 0, V, 0.5, gumbel=g),
+                           _reference_draw(hidden, weight, 0, V, 0.5, None, g))
+    weight, hidden = weight.clone(), hidden.clone()  # ordinary tensors: screened
+    before = nb.constrained_sample(hidden, weight, 0, V)
+    assert nb.screen_tables(weight, 0, V) is not None
+    weight.data.mul_(-1)
+    increment_version(weight)
+    after = nb.constrained_sample(hidden, weight, 0, V)
+    assert torch.equal(after, _unscreened(hidden, weight, 0, V)) and not torch.equal(after, before)
+    assert torch.equal(nb.constrained_sample(hidden, weight, 0, V, 0.5, gumbel=g),
+                       _reference_draw(hidden, weight, 0, V, 0.5, None, g))
+    assert "increment_version" in nb.screen_tables.__doc__ and "`weight.data`" in nb.screen_tables.__doc__
+
+
+@pytest.mark.parametrize("lo,hi", [(10, 300), (10, 2990)], ids=["small", "screened"])
+@pytest.mark.parametrize("backend", ["native", "auto", "torch"])
+def test_gumbel_noise_on_another_device_is_refused(rng, lo, hi, backend):
+    """The native draw reads the noise by address on the CPU: noise on another device (meta here; a
+    CUDA tensor alike) is refused by the check every backend shares, not read."""
+    hidden, weight = torch.randn(4, 32, generator=rng), torch.randn(3000, 32, generator=rng)
+    g = torch.empty(4, hi - lo, device="meta")
+    with pytest.raises(ValueError, match="gumbel noise is on meta but the logits are on cpu"):
+        constrained_sample(hidden, weight, lo, hi, 0.8, backend=backend, gumbel=g)
+
+
 def test_auto_screens_frame_sized_ranges(rng, monkeypatch):
     """`auto` sends greedy choices and draws over ranges of SCREEN_MIN_ROWS codes or more on the CPU to
     the native (screened) sampler whatever the op's order, and a bfloat16 model's over any range; smaller

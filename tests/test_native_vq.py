@@ -188,6 +188,24 @@ def test_vq_bad_arguments(rng):
     assert "native" in dispatch.available("vq_quantize")
 
 
+def test_vq_gather_shapes_fake_and_meta_tensors(rng):
+    """The entry point's range check reads the codes on the host: fake tensors (FakeTensorMode, export)
+    and meta tensors have none to read, so it is skipped for them and every backend that takes them
+    gives the output's shape; real codes are still checked."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        for backend in ("auto", "native", "torch"):
+            out = vq_gather(torch.zeros(2, 3, 4, dtype=torch.long), torch.randn(30, 8), backend=backend)
+            assert out.shape == (2, 8, 3, 4), backend
+    for backend in ("auto", "torch"):
+        out = vq_gather(torch.zeros(2, 3, 4, dtype=torch.long, device="meta"), torch.randn(30, 8, device="meta"),
+                        backend=backend)
+        assert out.shape == (2, 8, 3, 4) and out.device.type == "meta", backend
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 30\), got values in \[0, 30\]"):
+        vq_gather(torch.tensor([[[0, 30]]]), torch.randn(30, 8, generator=rng))
+
+
 def test_vq_under_torch_compile_cpu(rng):
     torch._dynamo.reset()
     z, cb = torch.randn(31, 8, generator=rng), torch.randn(17, 8, generator=rng)

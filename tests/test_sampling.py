@@ -68,5 +68,7 @@ def test_bad_noise_and_top_k(rng):
     logits = torch.randn(2, 10, generator=rng)
     with pytest.raises(ValueError, match="gumbel noise must be float32"):
         sample_logits(logits, 1.0, gumbel=torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="gumbel noise is on meta but the logits are on cpu"):
+        sample_logits(logits, 1.0, gumbel=torch.zeros(2, 10, device="meta"))
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         sample_logits(logits, 1.0, 0)

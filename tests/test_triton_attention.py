@@ -334,6 +334,24 @@ def test_auto_leaves_the_triton_kernels_where_they_cannot_launch(rng):
         dispatch.call("masked_attention", "triton", q.device.type, q, q, q, meta)
 
 
+def test_auto_leaves_the_triton_kernels_for_layouts_they_reject(rng, monkeypatch):
+    """The kernel takes packed [T, H, Dh] with cu_seqlens and padded [B, L, H, Dh] without: one unbatched
+    sequence [T, H, Dh] without cu_seqlens is declined with the reason, so "auto" with Triton first (the
+    CUDA order) takes the next backend instead of raising."""
+    from worldvla.ops import dispatch
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("masked_attention", DEV), ("triton", "torch"))
+    T = 20
+    q, k = torch.randn(T, 2, 16, generator=rng).to(DEV), torch.randn(T, 1, 16, generator=rng).to(DEV)
+    meta = causal_meta((T,), device=DEV)
+    assert dispatch.supports("masked_attention", "triton", q, k, k, meta) is False
+    with pytest.raises(ValueError, match="'triton' backend of 'masked_attention' does not support.*cu_seqlens"):
+        masked_attention(q, k, k, meta, backend="triton")
+    torch.testing.assert_close(masked_attention(q, k, k, meta), masked_attention_ref(q, k, k, meta))
+    one_doc = causal_meta((T,), cu_seqlens=torch.tensor([0, T], dtype=torch.int32), device=DEV)
+    assert dispatch.supports("masked_attention", "triton", q, k, k, one_doc) is True
+
+
 def test_bad_inputs_raise(rng):
     meta = causal_meta((1, 20), device=DEV)
     q = torch.randn(1, 20, 3, 64, device=DEV)

@@ -19,8 +19,8 @@ def _check_qkv(q, k, v):
         raise ValueError(f"q, k, v must all be [B, L, H, Dh] or [T, H, Dh]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[:-2] != k.shape[:-2]:
         raise ValueError(f"k and v must match and share q's tokens and head dim; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[-2] % k.shape[-2]:
-        raise ValueError(f"kv heads ({k.shape[-2]}) must divide q heads ({q.shape[-2]})")
+    if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
+        raise ValueError(f"kv heads ({k.shape[-2]}) must divide q heads ({q.shape[-2]}) and be at least 1")
 
 
 def _expand_kv(x, n_heads):
@@ -75,8 +75,10 @@ def decode_attention(q, k_cache, v_cache, meta: DecodeMeta, softmax_scale=None, 
     if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"decode_attention wants q [B, Q, H, Dh] and caches [B, S, Hkv, Dh]; got "
                          f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    if q.shape[0] != k_cache.shape[0] or q.shape[-1] != k_cache.shape[-1] or q.shape[2] % k_cache.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(k_cache.shape)} disagree on batch, head dim or heads")
+    if q.shape[0] != k_cache.shape[0] or q.shape[-1] != k_cache.shape[-1] or k_cache.shape[2] == 0 \
+            or q.shape[2] % k_cache.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(k_cache.shape)} disagree on batch, head dim or heads "
+                         "(kv heads must be at least 1 and divide q heads)")
     return dispatch.call("decode_attention", backend, q.device.type, q, k_cache, v_cache, meta, softmax_scale)
 
 

@@ -116,6 +116,9 @@ def first_false(*answers):
 
 _IMPLS: dict[str, dict[str, tuple[Callable, Callable]]] = {}
 _loaded = False
+_BACKEND_MODULES = {"triton": "worldvla.ops.triton_backend", "native": "worldvla.ops.native_backend"}
+_IMPORT_ERRORS: dict[str, ImportError] = {}  # backend -> why its module did not import
+_INSTALL_HINTS = {"triton": "pip install triton", "native": "build the extension (pip install .)"}
 
 
 def register(op: str, backend: str, fn: Callable, supports: Callable | None = None) -> None:
@@ -130,11 +133,11 @@ def _load_backends() -> None:
     if _loaded:
         return
     _loaded = True
-    for mod in ("worldvla.ops.triton_backend", "worldvla.ops.native_backend"):
+    for backend, mod in _BACKEND_MODULES.items():
         try:
             importlib.import_module(mod)
-        except ImportError:
-            pass
+        except ImportError as err:
+            _IMPORT_ERRORS[backend] = err
 
 
 def registered_ops() -> list[str]:
@@ -167,8 +170,11 @@ def resolve(op: str, backend: str, device_type: str, *args, **kwargs) -> Callabl
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend not in impls:
-        hint = {"triton": "pip install triton", "native": "build the extension (pip install .)"}.get(backend, "")
-        raise RuntimeError(f"op {op!r} has no {backend!r} implementation available here. {hint}".strip())
+        if backend in _IMPORT_ERRORS:  # the backend itself is missing, not just this op
+            raise RuntimeError(f"op {op!r} has no {backend!r} implementation available here: the {backend!r} "
+                               f"backend did not import ({_IMPORT_ERRORS[backend]}); {_INSTALL_HINTS[backend]}")
+        raise RuntimeError(f"op {op!r} has no {backend!r} implementation; it has {sorted(impls)}: use one of "
+                           f"those or backend='auto'")
     fn, supports = impls[backend]
     ok = supports(*args, **kwargs)
     if not ok:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import re
 import weakref
 from typing import Optional
@@ -549,12 +550,20 @@ _screen_tables = WeakIdKeyDictionary()  # lm_head weight -> (key, bf16 rows, col
 def screen_tables(weight: Tensor, lo: int, hi: int):
     """Rows [lo, hi) of a float32 CPU weight as contiguous bfloat16 copies, and each column's largest
     |value| over them, for the screened greedy choice and draw; None where the screen does not apply (a
-    weight that is not float32, a range under SCREEN_MIN_ROWS) or a value would not round to a finite
-    bfloat16. Kept with the weight (while it lives), keyed by its address, version counter and range:
-    an in-place update (load_state_dict) makes new tables."""
-    if weight.dtype != torch.float32 or hi - lo < SCREEN_MIN_ROWS:
+    weight that is not float32, a range under SCREEN_MIN_ROWS, an inference tensor: below) or a value
+    would not round to a finite bfloat16. Kept with the weight (while it lives), keyed by its address,
+    version counter and range: an in-place update through the weight (load_state_dict, an optimizer
+    step, `weight.copy_(...)` under torch.no_grad()) makes new tables.
+
+    Writes that bypass the version counter are NOT seen, and the screen would then choose from the old
+    values: through `weight.data` (`weight.data.copy_(...)`), a NumPy array or DLPack capsule sharing
+    its memory. After such a write call `torch.autograd.graph.increment_version(weight)`, which the
+    inference engine's `check_model` needs too. (Checking the values instead would read the whole range
+    every call, more than the screen saves.) Inference tensors (made under torch.inference_mode) have no
+    version counter, so their ranges are not screened: the unscreened float32 choice, the same ids."""
+    if weight.dtype != torch.float32 or hi - lo < SCREEN_MIN_ROWS or weight.is_inference():
         return None
-    key = (weight.data_ptr(), _version(weight), weight.stride(0), lo, hi)
+    key = (weight.data_ptr(), weight._version, weight.stride(0), lo, hi)
     kept = _screen_tables.get(weight)
     if kept is None or kept[0] != key:
         with torch.no_grad():
@@ -623,7 +632,7 @@ def _range_sample_cpu(hidden: Tensor, weight: Tensor, lo: int, hi: int, temperat
     if weight.dtype not in (torch.float32, torch.bfloat16):
         _fail(op, f"the CPU draw takes float32 or bfloat16 weights, got {weight.dtype}", TypeError)
     N, R = hidden.shape[0], hi - lo
-    gumbel = draw_noise((N, R), temperature, top_k, generator, gumbel)
+    gumbel = draw_noise((N, R), temperature, top_k, generator, gumbel, hidden.device)
     out = torch.empty(N, dtype=torch.int64)
     if N == 0:
         return out
@@ -674,7 +683,7 @@ def _linear_impl(x: Tensor, weight: Tensor) -> Tensor:
             and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and weight.stride(1) == 1):
         _check_linear(x, weight)
     N, K = weight.shape
-    x2 = x if x.dim() == 2 else x.reshape(-1, K)
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), K)  # (-1 is ambiguous when K is 0)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
@@ -818,6 +827,13 @@ def _check_decoder_layer(layer, x, cos, sin, ctx, index, dtype=torch.float32):
     for n, t, shape in zip(names, w, _config_shapes(cfg)):
         if t.shape != shape:
             _fail(op, f"layer {index}: {n} has shape {tuple(t.shape)}, the config says {tuple(shape)}")
+    # The kernels find layer `index` at that offset from the cache's start: a negative or too large
+    # index would read and write outside it (Python's indexing would take -1 as the last layer).
+    n_layers = min(cache.k.shape[0], cache.v.shape[0]) if cache.k.dim() == cache.v.dim() == 5 else 0
+    if not isinstance(index, numbers.Integral) or not 0 <= index < n_layers:
+        _fail(op, f"layer index {index!r} must be an int in [0, {n_layers}), the layers of the cache "
+                  f"(k {tuple(cache.k.shape)}, v {tuple(cache.v.shape)}, [layers, B, S, kv heads, head dim]); "
+                  "pass the layer's position in the model, counted from 0")
     k, v = cache.k[index], cache.v[index]
     if k.shape != (B, k.shape[1], Hkv, Dh) or v.shape != k.shape:
         _fail(op, f"the cache's layer {index} is {tuple(k.shape)}, expected [{B}, S, {Hkv}, {Dh}]")
@@ -957,18 +973,19 @@ _PROJECTION_SLOTS = (1, 2, 3, 4, 10, 11, 12)  # the projections among a layer's 
 _bf16_projections = weakref.WeakKeyDictionary()
 
 
-def _version(t: Tensor):
-    return None if t.is_inference() else t._version  # inference tensors keep no version counter
-
-
 def bf16_projections(model) -> list | None:
     """Every layer's seven projection weights as contiguous bfloat16 copies, if every one of their values
     is a bfloat16 (the low 16 bits of each float32 zero: a bfloat16 checkpoint loaded as float32), so
     that widening them back is exact; else None. The last answer is kept with the model (while it
     lives), keyed by the weights' addresses and version counters (an in-place update such as
-    load_state_dict makes new copies)."""
+    load_state_dict makes new copies). As for `screen_tables`: a write through `.data` (or NumPy, DLPack)
+    is not seen until `torch.autograd.graph.increment_version(weight)`, and inference tensors, which
+    have no version counter, get no copies (None: the step reads them where they are)."""
     weights = [w for layer in model.model.layers for i, w in enumerate(_layer_weights(layer)) if i in _PROJECTION_SLOTS]
-    key = tuple((w.data_ptr(), _version(w)) for w in weights)
+    if any([w.is_inference() for w in weights]):
+        _bf16_projections.pop(model, None)
+        return None
+    key = tuple((w.data_ptr(), w._version) for w in weights)
     kept = _bf16_projections.get(model)
     if kept is None or kept[0] != key:
         with torch.no_grad():
@@ -1010,6 +1027,9 @@ def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta, bf16_weights
     layers = list(model.model.layers)
     if not layers:
         _fail(op, "the model has no decoder layers")
+    if cache.k.dim() != 5 or cache.k.shape[0] < len(layers):
+        _fail(op, f"the cache (k {tuple(cache.k.shape)}) must hold [layers, B, S, kv heads, head dim] for the "
+                  f"model's {len(layers)} layers; make it with KVCache(model.config, ...)")
     if model.training and any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)):
         _fail(op, "dropout is active (training mode); call model.eval()")
     dtype = model.model.embed_tokens.weight.dtype

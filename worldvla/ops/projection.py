@@ -36,7 +36,7 @@ def _auto_backend(x: torch.Tensor, backend: str) -> str:
 def resolve_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> Callable:
     """The implementation `linear(x, weight, backend)` runs for inputs like these. A forward pass
     resolves it once and calls it for each of its projections (same dtype, device, rows)."""
-    if x.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"linear wants x [..., K] and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}")
     return dispatch.resolve("linear", _auto_backend(x, backend), x.device.type, x, weight)
 

@@ -24,7 +24,8 @@ def scaled_gumbel(gumbel: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def draw_noise(shape: tuple, temperature: float, top_k, generator=None, gumbel=None, device=None) -> torch.Tensor:
     """The Gumbel noise of a draw of `shape` at `temperature` (> 0) over the top_k: `gumbel` once
-    checked, else drawn from `generator`; a non-finite temperature or top_k < 1 is refused."""
+    checked (float32 of `shape` on `device`, the logits' device: a native draw reads it by address), else
+    drawn from `generator`; a non-finite temperature or top_k < 1 is refused."""
     if not math.isfinite(temperature):
         raise ValueError(f"temperature must be finite, got {temperature}")
     if top_k is not None and top_k < 1:
@@ -34,6 +35,9 @@ def draw_noise(shape: tuple, temperature: float, top_k, generator=None, gumbel=N
     if tuple(gumbel.shape) != tuple(shape) or gumbel.dtype != torch.float32:
         raise ValueError(f"gumbel noise must be float32 {tuple(shape)} like the logits, "
                          f"got {gumbel.dtype} {tuple(gumbel.shape)}")
+    if device is not None and gumbel.device != torch.device(device):
+        raise ValueError(f"gumbel noise is on {gumbel.device} but the logits are on {torch.device(device)}; "
+                         f"move it there (gumbel.to({str(torch.device(device))!r}))")
     return gumbel
 
 

@@ -303,11 +303,23 @@ _MAX_HEAD_DIM = {torch.float32: 128}
 _MAX_GRID_Y = 65535
 
 
+def _layout(q, meta):
+    """The kernel's layouts: padded [B, L, H, Dh] without cu_seqlens, packed [T, H, Dh] with them (one
+    unbatched sequence [T, H, Dh] needs cu_seqlens [0, T]), metadata covering q's tokens."""
+    if (q.dim() == 3) != meta.packed:
+        return dispatch.Unsupported("packed q/k/v [T, H, Dh] need meta.cu_seqlens, padded [B, L, H, Dh] take none; "
+                                    "one unbatched sequence runs on the Triton kernel with cu_seqlens [0, T]")
+    if meta.kv_block.shape != q.shape[:-2] or meta.q_limit.shape != q.shape[:-2]:
+        return dispatch.Unsupported(f"meta covers tokens {tuple(meta.kv_block.shape)} / {tuple(meta.q_limit.shape)} "
+                                    f"but q has {tuple(q.shape[:-2])}")
+    return True
+
+
 def _attention_supports(q, k, v, meta, softmax_scale=None):
     n_seq = meta.cu_seqlens.numel() - 1 if meta.cu_seqlens is not None else (q.shape[0] if q.dim() == 4 else 1)
     max_dh = _MAX_HEAD_DIM.get(q.dtype, 256)
     return dispatch.first_false(
-        _device(q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens), _float(q, k, v),
+        _device(q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens), _float(q, k, v), lambda: _layout(q, meta),
         q.shape[-1] <= max_dh or dispatch.Unsupported(f"head dim {q.shape[-1]} > {max_dh} for {q.dtype} "
                                                       "(the tiles would not fit shared memory)"),
         n_seq * q.shape[-2] <= _MAX_GRID_Y or dispatch.Unsupported(
