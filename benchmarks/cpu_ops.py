@@ -191,8 +191,8 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
     from worldvla import _C
 
     extra = {"threads": torch.get_num_threads(), "quick": quick, "cpu_vector_width": _C.cpu_vector_width(),
-             "method": "interleaved A/B calls through worldvla.ops, medians; inputs from one rotation of fresh "
-                       "random sets shared by both sides"}
+             "method": "interleaved calls through worldvla.ops, the sides' order turning every round, medians; "
+                       "each call the next set of one rotation of fresh random sets shared by the sides"}
     path = write_results("cpu_ops", rows, "cpu", out_dir, extra=extra, quick=quick)
     plot_speedups(rows, path.with_suffix(".png"))
     return path
