@@ -177,6 +177,9 @@ def test_missing_libero_names_what_to_install(capsys):
     args = libero.add_arguments(argparse.ArgumentParser()).parse_args(["--policy", "nowhere"])
     assert libero.run(args) == 2
     assert "pip install" in capsys.readouterr().err
+    args = libero.add_arguments(argparse.ArgumentParser()).parse_args(["--policy", "nowhere", "--save-videos"])
+    with pytest.raises(ValueError, match="--save-videos writes its GIFs into --out"):  # said before anything loads
+        libero.run(args)
 
 
 class InterruptAfter(RecordingPolicy):

@@ -663,6 +663,32 @@ def test_sigterm_and_sigint_finish_in_flight_request_and_exit_cleanly(np_rng):
                 proc.wait()
 
 
+def test_a_second_signal_exits_without_waiting(np_rng):
+    """A policy call that hangs would hold a draining server until its drain timeout: a second SIGINT
+    exits at once (code 1), as operators expect of a second Ctrl-C."""
+    child = _CHILD.replace("time.sleep(0.6)", "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        client = PolicyClient(f"ws://127.0.0.1:{port}", timeout=30)
+        client.reset("wave")
+        t = threading.Thread(target=lambda: pytest.raises(PolicyServerError, client.act, _frame(np_rng, 8, 8)),
+                             daemon=True)
+        t.start()
+        assert proc.stdout.readline().strip() == "acting"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None  # draining: the request is still being answered
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 1 and time.monotonic() - t0 < 10
+        assert "second signal while shutting down" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # ---------------------------------------------------------------- the real policy
 def _tiny_policy_folder(path):
     import dataclasses

@@ -426,6 +426,9 @@ def test_fine_tuning_a_release_layout_checkpoint(store_dir, tmp_path, monkeypatc
     assert trainer.run(args_for(store_dir, out, "--steps", 2, "--batch-tokens", 300, "--init", tmp_path / "init",
                                 "--release-loss-weights")) == 0
     assert asked == [True]
+    with pytest.raises(ValueError, match="--max-positions 999 sizes a model built from --config"):
+        trainer.train(args_for(store_dir, tmp_path / "other", "--steps", 1, "--init", tmp_path / "init",
+                               "--max-positions", 999))
     w = final_weights(out)
     row = w["model.layers.0.self_attn.q_norm.weight"]
     assert row.shape == (1, 16) and not torch.equal(row, init.model.layers[0].self_attn.q_norm.weight.detach())

@@ -311,6 +311,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.save_videos and args.out is None:  # before LIBERO loads: the GIFs would go nowhere
+        raise ValueError("--save-videos writes its GIFs into --out: give --out FOLDER")
     try:
         import libero  # noqa: F401
     except ImportError:

@@ -34,6 +34,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -219,14 +220,23 @@ class PolicyServer:
         await self._loop.run_in_executor(None, self._executor.shutdown)
         log.info("server stopped: %s", json.dumps(self.stats))
 
+    def _on_signal(self) -> None:
+        if self._stop_event.is_set():  # a second signal while draining: whoever sent it wants out now
+            log.warning("second signal while shutting down: exiting without waiting for %d request(s) in flight",
+                        self._busy)
+            os._exit(1)
+        log.info("shutting down: finishing the requests in flight (a second signal exits at once)")
+        self._stop_event.set()
+
     def serve_forever(self, install_signal_handlers: bool = True, on_ready=None) -> int:
-        """Serve until SIGTERM/SIGINT (or `request_stop()`), then shut down cleanly. Returns 0."""
+        """Serve until SIGTERM/SIGINT (or `request_stop()`), then shut down cleanly: queued and running
+        requests are answered first (up to the drain timeout). A second signal exits at once. Returns 0."""
 
         async def main():
             await self.start()
             if install_signal_handlers:
                 for sig in (signal.SIGTERM, signal.SIGINT):
-                    self._loop.add_signal_handler(sig, self._stop_event.set)
+                    self._loop.add_signal_handler(sig, self._on_signal)
             if on_ready is not None:
                 on_ready(self)
             await self._stop_event.wait()

@@ -187,6 +187,9 @@ def _build_model(args, layout, device, fsdp: bool, mixed_precision: torch.dtype 
         model.config.layout = layout.to_dict()
         model.layout = layout
         model.config.attention = attention
+        if args.max_positions and args.max_positions != model.config.max_position_embeddings:
+            raise ValueError(f"--max-positions {args.max_positions} sizes a model built from --config; the --init "
+                             f"model keeps its checkpoint's {model.config.max_position_embeddings} (drop the option)")
         if args.dropout:
             for m in model.modules():
                 if isinstance(m, torch.nn.Dropout):
