@@ -265,18 +265,18 @@ __global__ void __launch_bounds__(kVqThreads, kVec ? 2 : 1)  // vectorized: two 
     auto row_of = [&](int i) { return wm + (i >> 1) * 16 + g + 8 * (i & 1); };
     auto code_of = [&](int nt, int e) { return wn + nt * 8 + 2 * t + e; };
     auto dist = [&](int i, int nt, int e) { return en_s[code_of(nt, e)] - 2.f * acc[i >> 1][nt][2 * (i & 1) + e]; };
-    auto err = [&](int i, int nt, int e) {
+    // E, the half-width of the bracket d~ +- E around the exact distance (see the top of the file), or
+    // +inf where no bracket holds (d~ = +inf, |z||e| >= 2^126, a NaN norm): such a code then bounds
+    // nothing (d~ + E is +inf or NaN, which fminf skips) and is always a candidate (d~ - E is -inf or NaN).
+    auto err = [&](int i, int nt, int e, float d) {
       const int cl = code_of(nt, e);
-      return rel * zn_s[row_of(i)] * cn_s[cl] + 0x1p-22f * en_s[cl];
-    };
-    // Whether d~ +- E brackets the exact distance (see the top of the file): false for NaN norms too.
-    auto trusted = [&](int i, int nt, int e, float d) {
-      return d < INFINITY && zn_s[row_of(i)] * cn_s[code_of(nt, e)] < 0x1p126f;
+      const float p = zn_s[row_of(i)] * cn_s[cl];
+      return d < INFINITY && p < 0x1p126f ? rel * p + 0x1p-22f * en_s[cl] : INFINITY;
     };
     if constexpr (kPass == kVqCertify) {
       // Every row's current key bounds its minimum from above (other CTAs lower it as they go). A
-      // key holding a NaN gives way only to a NaN of a lower code: its bound -inf lets no trusted number
-      // in (NaN approximations and untrusted codes still pass the test below), and a row whose NaN code
+      // key holding a NaN gives way only to a NaN of a lower code: its bound -inf lets no bracketed number
+      // in (NaN approximations and unbracketed codes still pass the test below), and a row whose NaN code
       // lies below this tile has nothing left to find here.
       bool live[4];
 #pragma unroll
@@ -298,7 +298,7 @@ __global__ void __launch_bounds__(kVqThreads, kVec ? 2 : 1)  // vectorized: two 
           for (int e = 0; e < 2; ++e)
             if (live[i] && n0 + code_of(nt, e) < c_end) {
               const float d = dist(i, nt, e);
-              if (!(d - err(i, nt, e) > bound[i] && trusted(i, nt, e, d))) cand |= 1ull << (16 * i + 2 * nt + e);
+              if (!(d - err(i, nt, e, d) > bound[i])) cand |= 1ull << (16 * i + 2 * nt + e);
             }
       // Candidates are rare: for most warps one vote skips the tile. Otherwise the warp takes
       // them one at a time and recomputes each distance exactly, all lanes along the channels.
@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(kVqThreads, kVec ? 2 : 1)  // vectorized: two 
             if (code >= c_end) continue;
             const float d = dist(i, nt, e);
             if constexpr (kPass == kVqBound) {
-              if (trusted(i, nt, e, d)) best[i] = fminf(best[i], d + err(i, nt, e));
+              best[i] = fminf(best[i], d + err(i, nt, e, d));
             } else if (!(d >= best[i]) && best[i] == best[i]) {
               best[i] = d;
               arg[i] = static_cast<uint32_t>(code);
