@@ -257,7 +257,9 @@ class Rotation:
     `make_inputs(i)` returns the inputs of set i as a tuple; the timed function is called as
     `fn(*inputs)`. The number of sets comes from `rotation_count` (on every device) unless `n` is
     given; the sets are sized by what one call reads (`bytes_per_set`, default: every tensor of a
-    set). Share one Rotation between the implementations compared, so both sides see the same sets.
+    set). Share one Rotation between the implementations compared, so that every side draws its inputs
+    from the same sets (`time_fn` hands one side each set in turn; `cpu_ops.interleaved` hands every call
+    the next set, so that no call finds the previous call's inputs in the cache).
     """
 
     def __init__(self, make_inputs: Callable[[int], tuple], device="cpu", *, n: int | None = None,

@@ -333,6 +333,9 @@ def test_chunk_input_errors(rng):
         generate_action_chunk(model, prompt, LAYOUT, 2.0, 3)
     with pytest.raises(ValueError, match="pass that engine"):  # a fresh engine holds no prefix
         generate_action_chunk(model, prompt, LAYOUT, 2, 3, skip=[3])
+    import numpy as np  # numpy integers and a skip of nothing cached are fine without an engine
+    assert torch.equal(generate_action_chunk(model, prompt, LAYOUT, np.int64(2), 3, skip=[0]),
+                       generate_action_chunk(model, prompt, LAYOUT, 2, 3))
     with pytest.raises(ValueError, match="pass that engine"):
         generate_release_actions(model, prompt, LAYOUT, 3, skip=[3])
     with pytest.raises(TypeError, match="integers"):

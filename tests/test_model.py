@@ -194,6 +194,12 @@ def test_save_replaces_an_older_save_whole_and_keeps_the_callers_files(tmp_path)
     assert f.stat().st_mode & 0o777 == 0o777 & ~umask  # the umask's mode, not a temporary folder's 0700
     got = WorldVLA.from_pretrained(f).state_dict()
     assert all(torch.equal(v, got[k]) for k, v in new.state_dict().items())
+    # Through a link to the folder: the folder is replaced and the link kept, pointing at it.
+    (tmp_path / "link").symlink_to(f)
+    old.save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["ck", "link"]
+    got = WorldVLA.from_pretrained(f).state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in old.state_dict().items())
 
 
 def test_failed_sharded_save_leaves_the_older_save(tmp_path, monkeypatch):

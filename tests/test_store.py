@@ -350,9 +350,12 @@ def test_store_replaces_a_vqgan_its_manifest_does_not_name(demo_dir, tmp_path):
     assert store.manifest["vqgan_sha256"] == st._state_dict_digest(new) == st._state_dict_digest(copy)
     old.save_pretrained(out / "vqgan")
     with pytest.raises(ValueError, match="holds another VQGAN .* rerun `worldvla pretokenize`"):
-        st.TokenStore(out)
+        st.TokenStore(out).checked_vqgan_path()  # where the VQGAN is used (the trainer's export)
+    with pytest.raises(ValueError, match="holds another VQGAN"):
+        st.TokenStore(out, verify=True)
     st.build_store(folder, out, new, chunk_size=K, progress=False)  # the same arguments restore it
-    st.TokenStore(out)
+    assert st.TokenStore(out, verify=True).checked_vqgan_path() == out / "vqgan"
     (out / "vqgan" / "model.safetensors").unlink()
+    assert len(st.TokenStore(out)) > 0  # opening reads no VQGAN: training without an export needs none
     with pytest.raises(FileNotFoundError, match="lacks its VQGAN"):
-        st.TokenStore(out)
+        st.TokenStore(out).checked_vqgan_path()

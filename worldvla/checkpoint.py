@@ -123,6 +123,8 @@ def replace_folder(path, write, keep=None) -> None:
     is left as it was when `write` fails. `keep(name) -> bool` picks entries of the older folder to
     carry over into the new one (hard links where possible) when `write` did not write them."""
     path = Path(path)
+    if path.is_symlink():  # replace the folder the link names, and keep the link
+        path = path.resolve()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} is a file, not a folder; remove it or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)

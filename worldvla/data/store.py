@@ -433,7 +433,7 @@ class TokenStore(torch.utils.data.Dataset):
     """Read side of the store: `store[i] -> (ids int64 [L], labels int64 [L], kind)`.
 
     kinds: keep only these sample kinds (e.g. ("action",) for the action-only ablation).
-    verify: check every shard's sha256 on open.
+    verify: check every shard's sha256, and the VQGAN folder's weights, on open.
     Arrays are memory-mapped lazily, so the object is cheap to pickle into data-loader workers.
     """
 
@@ -455,8 +455,8 @@ class TokenStore(torch.utils.data.Dataset):
             raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
         self.kinds = kinds
         self.shards = self.manifest["shards"]
-        self._check_vqgan()
         if verify:
+            self.checked_vqgan_path()
             broken = [e["name"] for e in self.shards if not verify_shard(self.path, e)]
             if broken:
                 raise ValueError(f"checksum mismatch in shards {broken} of {self.path}; rebuild them by rerunning "
@@ -480,12 +480,13 @@ class TokenStore(torch.utils.data.Dataset):
         self.kind_codes = cat(kind_codes, np.uint8)
         self._arrays.clear()
 
-    def _check_vqgan(self) -> None:
-        """The vqgan/ folder must hold the VQGAN that encoded the tokens (the policy export decodes
-        and encodes frames with it); one pass over its weights file."""
+    def checked_vqgan_path(self) -> Path:
+        """`vqgan_path`, once its folder is checked to hold the VQGAN that encoded the tokens (a policy
+        exported with another would encode its frames into other codes): one pass over its weights file,
+        so it runs where the VQGAN is needed (the trainer's export) and with `verify`, not on every open."""
         want = self.manifest.get("vqgan_sha256")
         if want is None:  # a manifest without the digest: nothing to check against
-            return
+            return self.vqgan_path
         got = _vqgan_folder_digest(self.vqgan_path)
         if got is None:
             raise FileNotFoundError(f"the token store at {self.path} lacks its VQGAN ({self.vqgan_path} needs "
@@ -495,6 +496,7 @@ class TokenStore(torch.utils.data.Dataset):
             raise ValueError(f"{self.vqgan_path} holds another VQGAN than the one that encoded the token store at "
                              f"{self.path} (its weights do not match the manifest's vqgan_sha256); rerun "
                              f"`worldvla pretokenize` with the same arguments and VQGAN to restore it")
+        return self.vqgan_path
 
     def _shard(self, si: int) -> dict:
         a = self._arrays.get(si)

@@ -24,6 +24,8 @@ inside the prompt after its last image (not in the release's prompts) keep the c
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .. import ops
@@ -60,7 +62,7 @@ def chunk_length(n_actions: int, action_dim: int) -> int:
 def _check(prompts, layout: VocabLayout, n_actions: int, action_dim: int, mode: str):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (n_actions, action_dim)):
+    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (n_actions, action_dim)):
         raise TypeError(f"n_actions and action_dim must be integers, got {n_actions!r} and {action_dim!r}")
     if n_actions < 1 or action_dim < 1:
         raise ValueError(f"n_actions and action_dim must be >= 1, got {n_actions} and {action_dim}")
@@ -197,7 +199,7 @@ def generate_action_chunk(model, input_ids, layout: VocabLayout | None, n_action
     prompts, single = _as_prompts(input_ids)
     _check(prompts, layout, n_actions, action_dim, mode)
     if engine is None:
-        if skip is not None:
+        if skip is not None and any(skip):
             raise ValueError("skip= names prefixes an engine already holds: pass that engine (engine=)")
         engine = make_engine(model, prompts, n_actions, action_dim, layout, backend)
     P, base = _prepare(engine, prompts, skip, n_actions, action_dim)

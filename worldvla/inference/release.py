@@ -80,7 +80,7 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
             raise TypeError(f"prompt {b} holds {p.dtype} values; token ids must be integers")
     prompts = [p.long().cpu() for p in prompts]
     B = len(prompts)
-    if engine is None and skip is not None:
+    if engine is None and skip is not None and any(skip):
         raise ValueError("skip= names prefixes an engine already holds: pass that engine (engine=)")
     engine = engine or release_engine(model, prompts, max_new_tokens, layout, backend)
     lens = [int(p.numel()) for p in prompts]

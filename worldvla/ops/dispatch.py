@@ -21,10 +21,10 @@ BACKENDS = ("torch", "triton", "native")
 #   8-wide prefill 1.5-1.8x faster. On the Intel Xeon below with torch, MKL and oneDNN held to AVX2
 #   (cpu_ops-cpu-2core-avx512-intel-limited-to-avx2.json) the 8-wide prefill is 1.2x torch at head
 #   dim 128 and 1.6-2.2x at 64, so AVX2 machines take the C++ prefill too.
-# - AVX512 on Intel (2-core Xeon; the C++ kernels 16 wide, decode 8), with each side's call on its own
-#   input set (the runs before this one let the C++ side read inputs torch had just cached): C++ faster
-#   for prefill attention (1.4-1.9x), decode attention (1.03-1.51x) and gather (1.2-1.6x), even for the
-#   VQ search at 256-1,024 rows (1.00-1.05x; 1.5x at 16); constrained sampling about even (0.91-1.22x), so
+# - AVX512 on Intel (2-core Xeon; the C++ kernels 16 wide, decode 8), two runs with each side's call on
+#   its own input set (earlier runs let the C++ side read inputs torch had just cached): C++ faster
+#   for prefill attention (1.4-1.9x), decode attention (1.02-1.51x) and gather (1.2-1.6x), even for the
+#   VQ search at 256-1,024 rows (0.96-1.05x; 1.5x at 16); constrained sampling about even (0.91-1.22x), so
 #   torch's MKL keeps it, except greedy over frame-sized ranges, which `auto` screens natively on every
 #   CPU (ops/sampling.py SCREEN_MIN_ROWS). The AMD lines below were measured the earlier way.
 # - AVX512 on AMD (2-core EPYC with AVX-512): C++ faster for every op over three runs: prefill

@@ -77,7 +77,9 @@ def constrained_sample_ref(hidden, weight, lo, hi, temperature=0.0, top_k=None, 
 # (inference/frames.py). Choices of bfloat16 models on the CPU take it at any range:
 # it streams the bfloat16 rows as they are with float32 sums, where torch's bfloat16 product runs at
 # about half its speed (one row of 256 x 256: 35 against 17 us; of 8,192 x 256: 225 against 116 us on
-# the Xeon) and rounds the logits to bfloat16 (more ties).
+# the Xeon) and rounds the logits to bfloat16 (more ties). Release-mode decoding, which must pick what the
+# release picks from those rounded logits, takes torch's product for such models
+# (inference/release.py `release_choice`).
 SCREEN_MIN_ROWS = 2048
 
 

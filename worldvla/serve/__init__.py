@@ -22,7 +22,7 @@ frames with the model's aspect ratio). `previous_image` is the frame of the prev
 env step, which the release's two-frame prompt conditions on; without it the frame of
 the episode's previous `act` is used. `GET /healthz` answers 200 with JSON while
 serving and 503 while shutting down. SIGTERM/SIGINT: stop taking work, answer queued
-and running requests, close connections with code 1001, exit 0.
+and running requests, close connections with code 1001, exit 0; a second signal exits at once (code 1).
 """
 from __future__ import annotations
 

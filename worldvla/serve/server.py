@@ -6,8 +6,10 @@ takes the first waiting request, collects more for at most `max_wait_ms` (or unt
 `max_batch`), and runs them as one `policy.act` call on a dedicated worker thread, so
 the event loop keeps answering health checks, metadata and bad requests while the
 model computes. Requests that arrive during a call wait for the next one, which is
-where most batching happens under load. The server never waits when every open
-connection already has a request in the batch (a lone robot pays no batching delay).
+where most batching happens under load. The server never waits when every robot's
+connection (one that has sent 'reset' or 'act') already has a request in the batch: a
+lone robot pays no batching delay, whatever monitors are connected (a connection that
+resets episodes but never acts still counts as a robot's).
 
 What the server needs from a policy (duck-typed; `WorldVLAPolicy` is one):
   * `reset(instructions: list[str])` and `act(images: uint8 [N, H, W, 3]) -> [N, K, D]`;
@@ -156,6 +158,7 @@ class PolicyServer:
         self._busy = 0
         self._connections = 0
         self._robot_connections = 0  # open connections that have sent a 'reset' or 'act' request
+        self._signalled = False  # a SIGTERM/SIGINT has asked serve_forever to stop
         self._running_batch = False
         self._draining = False
         self._closed = False
@@ -221,10 +224,11 @@ class PolicyServer:
         log.info("server stopped: %s", json.dumps(self.stats))
 
     def _on_signal(self) -> None:
-        if self._stop_event.is_set():  # a second signal while draining: whoever sent it wants out now
+        if self._signalled:  # a second signal while draining: whoever sent it wants out now
             log.warning("second signal while shutting down: exiting without waiting for %d request(s) in flight",
                         self._busy)
             os._exit(1)
+        self._signalled = True
         log.info("shutting down: finishing the requests in flight (a second signal exits at once)")
         self._stop_event.set()
 

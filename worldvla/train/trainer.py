@@ -45,10 +45,11 @@ from .checkpointing import (add_run_arguments, check_resume_settings, full_model
                             load_checkpoint, prepare_run_dir, save_checkpoint, trim_log)
 
 CONFIGS = ("tiny", "small", "chameleon_7b")
-# What a resumed run must share with its start: the model, the learning-rate schedule (restored from the
-# checkpoint, so new values would be ignored) and the data order (a position in it is restored).
+# What a resumed run must share with its start: the model, the learning-rate schedule and the optimizer's
+# hyperparameters (both restored from the checkpoint, so new values would be ignored) and the data order
+# (a position in it is restored).
 RESUME_SETTINGS = ("config", "init", "attention", "max_positions", "steps", "epochs", "lr", "min_lr", "warmup",
-                   "schedule", "batch_tokens", "seed", "kinds")
+                   "schedule", "beta1", "beta2", "eps", "weight_decay", "batch_tokens", "seed", "kinds")
 
 
 # ---------------------------------------------------------------------- schedule
@@ -419,7 +420,7 @@ def _export(model, store, out: Path, args):
             kw = {}
             if store.text_tokenizer_path is not None:
                 kw["text_tokenizer_json"] = store.text_tokenizer_path
-            save_policy(path, plain, VQGAN.from_pretrained(store.vqgan_path), store.action_tokenizer(),
+            save_policy(path, plain, VQGAN.from_pretrained(store.checked_vqgan_path()), store.action_tokenizer(),
                         store.chunk_size, h, history=int(store.manifest["action"].get("history", 2)),
                         extra={"store": str(Path(args.store).resolve()), "config": args.config}, **kw)
         else:
