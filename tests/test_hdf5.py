@@ -137,6 +137,13 @@ def test_regenerated_libero_files(tmp_path, np_rng):
     assert [d.instruction for d in demos] == ["put the bowl on the plate"] * 2
     np.testing.assert_array_equal(demos[0].frames, raw[0][:, ::-1, ::-1])
     np.testing.assert_array_equal(read_demos(path, rotate_180=False)[0].frames, raw[0])
+    # LIBERO-10/90 task names start with their scene, which their instruction does not hold
+    for name, want in (("LIVING_ROOM_SCENE2_put_both_the_soup_in_the_basket_demo", "put both the soup in the basket"),
+                       ("KITCHEN_SCENE10_close_the_top_drawer_demo", "close the top drawer")):
+        scene = tmp_path / f"{name}.hdf5"
+        path.rename(scene)
+        assert read_demos(scene)[0].instruction == want
+        scene.rename(path)
     # robomimic's camera keys are read as they are
     other = tmp_path / "robomimic_demo.hdf5"
     raw = write_libero_like(other, np_rng, n=1, key="agentview_image")
@@ -145,6 +152,31 @@ def test_regenerated_libero_files(tmp_path, np_rng):
         for g in f["data"].values():
             del g["obs/eye_in_hand_rgb"]
     np.testing.assert_array_equal(read_demos(other)[0].frames, raw[0])
+
+
+def test_empty_and_all_noop_demos(tmp_path, np_rng):
+    """An empty demo is refused by name (it ended in an IndexError); a demo of no-ops only is skipped with a
+    warning under drop_noops (the store then failed on an empty list); 1-D actions are refused."""
+    path = tmp_path / "d.hdf5"
+    frames = np_rng.integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+    still = np.zeros((3, 7), np.float32)
+    still[:, -1] = -1
+    moving = np_rng.uniform(-1, 1, (3, 7)).astype(np.float32)
+    write_demos(path, [{"frames": frames, "actions": still}, {"frames": frames, "actions": moving}], "push")
+    with pytest.warns(UserWarning, match="every step is a no-op"):
+        demos = read_demos(path, drop_noops=True)
+    assert len(demos) == 1 and np.array_equal(demos[0].actions, moving)
+    with h5py.File(path, "a") as f:
+        del f["data/demo_1/actions"]
+        f["data/demo_1/actions"] = np.zeros(3, np.float32)
+    with pytest.raises(DemoFormatError, match=r"actions must be \[T, D\]"):
+        read_demos(path)
+    with h5py.File(path, "a") as f:
+        del f["data/demo_1/actions"], f["data/demo_1/obs/agentview_rgb"]
+        f["data/demo_1/actions"] = np.zeros((0, 7), np.float32)
+        f["data/demo_1/obs/agentview_rgb"] = np.zeros((0, 8, 8, 3), np.uint8)
+    with pytest.raises(DemoFormatError, match="an empty demo"):
+        read_demos(path)
 
 
 def test_noop_steps_dropped_as_the_release_does(tmp_path, np_rng):

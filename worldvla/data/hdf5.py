@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterable, Iterator, Mapping
@@ -158,9 +159,14 @@ def _file_instruction(data, path) -> str:
         lang = info.get("language_instruction", "")
         return " ".join(lang) if isinstance(lang, (list, tuple)) else _as_str(lang)
     # LIBERO's regenerated files (256 / 512 px, no-ops filtered) keep no attributes: the release takes the
-    # instruction from the task's name, which names the file ("<task name>_demo.hdf5"), "_" -> " ".
+    # instruction from the task's name, which names the file ("<task name>_demo.hdf5"), "_" -> " ". The
+    # names of LIBERO-10/90 tasks start with their scene ("LIVING_ROOM_SCENE2_put_both_..."), which their
+    # instruction (the `language` the evaluation prompts with) does not hold: cut, as LIBERO's own reader does.
     stem = Path(path).stem
-    return (stem[:-len("_demo")] if stem.endswith("_demo") else stem).replace("_", " ").strip()
+    stem = stem[:-len("_demo")] if stem.endswith("_demo") else stem
+    if stem[:1].isupper():
+        stem = re.sub(r"^.*?SCENE\d+_", "", stem, count=1)
+    return stem.replace("_", " ").strip()
 
 
 def _frame_key(obs, camera: str | None, where: str) -> str:
@@ -190,8 +196,12 @@ def _read_one(data, name: str, camera: str | None, default_instruction: str, rot
     actions = np.asarray(g["actions"][()], dtype=np.float32)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise DemoFormatError(f"{where}: frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    if actions.ndim != 2:
+        raise DemoFormatError(f"{where}: actions must be [T, D] (one row per step), got shape {actions.shape}")
     if len(frames) != len(actions):
         raise DemoFormatError(f"{where}: {len(frames)} frames but {len(actions)} actions")
+    if len(frames) == 0:
+        raise DemoFormatError(f"{where}: an empty demo (no step); drop it from the file")
     if rotate:
         frames = np.ascontiguousarray(frames[:, ::-1, ::-1])
     instruction = _as_str(g.attrs["instruction"]) if "instruction" in g.attrs else default_instruction
@@ -257,6 +267,9 @@ def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None,
             demo = _read_one(data, name, camera, instruction, rotate, path)
             if drop_noops:
                 keep = steps_without_noops(demo.actions)
+                if len(keep) == 0:  # nothing left to learn from: skipped, as an empty demo has no sample
+                    warnings.warn(f"{path}:data/{name}: every step is a no-op; the demo is skipped")
+                    continue
                 demo = Demo(frames=demo.frames[keep], actions=demo.actions[keep], instruction=demo.instruction,
                             success=demo.success, name=demo.name)
             yield demo
