@@ -280,18 +280,12 @@ def collect(
             # A crashed worker breaks the executor (BrokenProcessPool) instead of
             # leaving a job hanging, as multiprocessing.Pool would.
             with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=_mp_context()) as ex:
-                try:
-                    in_flight = {ex.submit(_worker_run, job) for job in pending}
-                    pending = []
-                    while in_flight:
-                        finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                        for fut in finished:
-                            in_flight |= {ex.submit(_worker_run, job) for job in handle(fut.result())}
-                except BaseException:
-                    # Ctrl-C or an error: drop the queued episodes instead of running every one of them
-                    # before the interrupt comes through; finished tasks are already written.
-                    ex.shutdown(wait=False, cancel_futures=True)
-                    raise
+                in_flight = {ex.submit(_worker_run, job) for job in pending}
+                pending = []
+                while in_flight:
+                    finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        in_flight |= {ex.submit(_worker_run, job) for job in handle(fut.result())}
     finally:
         if bar is not None:
             bar.close()
