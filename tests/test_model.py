@@ -202,6 +202,19 @@ def test_save_replaces_an_older_save_whole_and_keeps_the_callers_files(tmp_path)
     assert all(torch.equal(v, got[k]) for k, v in old.state_dict().items())
 
 
+def test_a_saved_folder_is_on_the_disk_before_its_name(tmp_path, monkeypatch):
+    """save_model flushes every file of the new folder and the folder itself before renaming it in, then
+    the parent folder (the rename): a power loss cannot leave the name on empty files."""
+    flushed = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    WorldVLA(ModelConfig.tiny()).save_pretrained(tmp_path / "ck", shard_size_gb=1e-4)
+    names = [os.path.basename(p) for p in flushed]
+    assert "config.json" in names and "model.safetensors.index.json" in names
+    assert sum(n.startswith("model-") for n in names) == len(list((tmp_path / "ck").glob("model-*.safetensors")))
+    assert names[-1] == tmp_path.name and names[-2].startswith(".ck.tmp-")  # the folder, then its parent
+
+
 def test_failed_sharded_save_leaves_the_older_save(tmp_path, monkeypatch):
     """A crash partway through a sharded save over an older one used to leave a folder that loaded
     without error, a mix of old and new tensors; now the older folder stays as it was."""

@@ -302,6 +302,26 @@ def test_fresh_run_refuses_a_folder_with_checkpoints_and_overwrite_starts_over(s
     assert [r["step"] for r in read_log(out)] == [1]
 
 
+def test_a_checkpoint_is_on_the_disk_before_its_name(tmp_path, monkeypatch):
+    """Every file of a checkpoint, its folder, the folder it is renamed into and the `latest` pointer are
+    flushed (fsync) before the next step names them: a power loss cannot leave a named, empty checkpoint."""
+    import os
+
+    from worldvla.train.checkpointing import save_checkpoint
+
+    flushed = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    model = torch.nn.Linear(3, 2)
+    final = save_checkpoint(tmp_path, 7, model, torch.optim.AdamW(model.parameters()), {})
+    names = [os.path.basename(p) for p in flushed]
+    for f in ("model.pt", "optim.pt", "state.json", "rng_rank0.pt", ".tmp-step_00000007", "checkpoints"):
+        assert f in names, (f, names)
+    assert names.index("state.json") < names.index(".tmp-step_00000007") < names.index("checkpoints")
+    assert any(n.startswith(".latest.") for n in names) and (final / "state.json").is_file()
+    assert latest_checkpoint(tmp_path) == final
+
+
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     from worldvla.train.checkpointing import save_checkpoint
 

@@ -73,16 +73,38 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return d
 
 
+def fsync_path(path) -> None:
+    """Flush a file's data, or a folder's entries (the names renamed into it), to the disk: a rename
+    makes a write atomic against a crash of the process; the flushes make it so against a power loss,
+    which could otherwise leave the new name on empty or partial files."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root) -> None:
+    """`fsync_path` every file and folder under `root` (files first), and `root` itself."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
+
+
 def write_atomic(path: Path, write) -> None:
     """Write a file that appears complete or not at all: `write(tmp)` writes a temporary sibling,
-    which then replaces `path` (a crash leaves the old file)."""
+    which is flushed to the disk and then replaces `path` (a crash or a power loss leaves the old file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -121,7 +143,8 @@ def replace_folder(path, write, keep=None) -> None:
     """Write a folder that appears complete or not at all: `write(tmp)` fills a temporary sibling
     folder, which is then renamed to `path`; an older folder there is removed only after that, and
     is left as it was when `write` fails. `keep(name) -> bool` picks entries of the older folder to
-    carry over into the new one (hard links where possible) when `write` did not write them."""
+    carry over into the new one (hard links where possible) when `write` did not write them. The new
+    folder is flushed to the disk before it is renamed in (`fsync_tree`)."""
     path = Path(path)
     if path.is_symlink():  # replace the folder the link names, and keep the link
         path = path.resolve()
@@ -135,11 +158,13 @@ def replace_folder(path, write, keep=None) -> None:
             for entry in path.iterdir():
                 if keep(entry.name) and not os.path.lexists(tmp / entry.name):
                     _carry_over(entry, tmp / entry.name)
+        fsync_tree(tmp)  # on the disk before its name is
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(6)}")
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync_path(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -6,9 +6,9 @@
                                     rng_rank{r}.pt  every rank's Python / NumPy / torch (/ CUDA) RNG states
     <run>/checkpoints/latest        name of the newest complete checkpoint
 
-A checkpoint is written into a hidden temporary folder and renamed into place, and `latest`
-is replaced atomically afterwards, so a crash at any moment leaves the previous checkpoint
-usable. Full (unsharded) state dicts make a checkpoint loadable at any world size.
+A checkpoint is written into a hidden temporary folder, flushed to the disk and renamed into
+place, and `latest` is replaced atomically afterwards, so a crash (or a power loss) at any moment
+leaves the previous checkpoint usable. Full (unsharded) state dicts make a checkpoint loadable at any world size.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from ..checkpoint import write_text_atomic
+from ..checkpoint import fsync_path, write_text_atomic
 from . import distributed as dist_utils
 
 LATEST = "latest"
@@ -78,12 +78,16 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last
     dist_utils.barrier()
     msd = get_model_state_dict(model, options=_options(False))
     osd = get_optimizer_state_dict(model, optimizer, options=_options(False))
-    torch.save(capture_rng(), tmp / f"rng_rank{dist_utils.rank()}.pt")
+    rng_file = tmp / f"rng_rank{dist_utils.rank()}.pt"
+    torch.save(capture_rng(), rng_file)
+    fsync_path(rng_file)
     if dist_utils.is_main():
         torch.save({k: v.detach().cpu() for k, v in msd.items()}, tmp / "model.pt")
         torch.save(_to_cpu(osd), tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step,
                                                      "world_size": dist_utils.world_size()}, indent=1))
+        for part in ("model.pt", "optim.pt", "state.json", "."):  # on the disk before the folder's name is
+            fsync_path(tmp / part)
     dist_utils.barrier()
     if dist_utils.is_main():
         old = root / f".old-{name}"
@@ -92,6 +96,7 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last
                 shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
+        fsync_path(root)
         write_text_atomic(root / LATEST, name)
         shutil.rmtree(old, ignore_errors=True)
         if keep_last > 0:
