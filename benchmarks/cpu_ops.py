@@ -6,8 +6,8 @@ Both sides run through `worldvla.ops` (dispatch, checks and allocation included:
 interleaved call by call (A, B, C; B, C, A; ...: the order turns every round) so that drift in the
 machine's speed hits every side alike, on the same kind of random inputs (one `Rotation` shared by the
 sides, each call taking its next set, so that no call reads the set the call before it left in the cache;
-the sets together past the last-level cache within the rotation budget; each row records the rotation). The C++ paths use OpenMP over torch's
-thread count.
+the sets together past the last-level cache within the rotation budget; each row records the rotation).
+The C++ paths use OpenMP over torch's thread count.
 
 Prefill FLOPs count visible pairs only (4 * H * Dh per pair). Decode attention reads K and V once:
 bytes = 2 * S * Hkv * Dh * 4 (fp32), the floor at the machine's stream bandwidth. Sampling and VQ are

@@ -177,7 +177,8 @@ def test_stop_after_and_resume_save_each_step_once_and_never_overshoot(store_dir
     a crash is dropped on resume; the same step saved again replaces the folder whole."""
     saves = []
     real = trainer.save_checkpoint
-    monkeypatch.setattr(trainer, "save_checkpoint", lambda out, step, *a, **k: saves.append(step) or real(out, step, *a, **k))
+    monkeypatch.setattr(trainer, "save_checkpoint",
+                        lambda out, step, *a, **k: saves.append(step) or real(out, step, *a, **k))
     out = tmp_path / "run"
     common = ["--steps", 6, "--batch-tokens", 300, "--save-every", 2, "--keep-last", 0, "--no-export"]
     first = trainer.train(args_for(store_dir, out, *common, "--stop-after", 4))

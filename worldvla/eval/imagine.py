@@ -25,6 +25,7 @@ import numpy as np
 from ..cli import finite_float, non_negative_float, non_negative_int, positive_int
 from ..devices import DTYPES
 
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__
@@ -210,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
     arrays = {"codes": out.codes.numpy(), "imagined": out.frames, "first": first}
     if real is not None:
         real = policy._frames(real)[0]
-        result["scores"] = sc = _scores(out.frames, real, first, policy.vqgan.decode_images(policy.vqgan.encode_images(real)))
+        recon = policy.vqgan.decode_images(policy.vqgan.encode_images(real))  # every code right: the ceiling
+        result["scores"] = sc = _scores(out.frames, real, first, recon)
         rows = [np.concatenate([first[None], real])] + rows
         labels = ["recorded"] + labels
         arrays["recorded"] = real
