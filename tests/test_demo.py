@@ -123,12 +123,14 @@ def test_the_stages_read_this_runs_files_only(tmp_path, monkeypatch):
 
 def test_force_starts_an_interrupted_training_over(tmp_path, monkeypatch):
     """`demo --force` used to resume train-vq and train from the checkpoints of an interrupted run (their
-    .started markers were kept)."""
+    .started markers were kept), and to reuse the closed loops saved for the same policy files (the same
+    files after a deterministic retraining, while the decoding code may have changed)."""
     from worldvla import demo
 
     seen = {}
 
-    def evaluate(cfg, out, progress):
+    def evaluate(cfg, out, progress, reuse):
+        seen["reuse"] = reuse
         (out / "eval").mkdir(exist_ok=True)
         (out / "eval" / "metrics.json").write_text(json.dumps({"complete": True}))
         return {}
@@ -149,7 +151,7 @@ def test_force_starts_an_interrupted_training_over(tmp_path, monkeypatch):
 
     interrupted()
     demo.run_demo(cfg, tmp_path, progress=False, force=True)
-    assert seen == {"vq": False, "train": False}
+    assert seen == {"vq": False, "train": False, "reuse": False}
     interrupted()
     demo.run_demo(cfg, tmp_path, progress=False)  # the stand-in collect writes no demos: every stage reruns
-    assert seen == {"vq": True, "train": True}  # without --force an interrupted training resumes
+    assert seen == {"vq": True, "train": True, "reuse": True}  # without --force an interrupted training resumes

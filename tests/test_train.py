@@ -206,14 +206,20 @@ def test_stop_after_and_resume_save_each_step_once_and_never_overshoot(store_dir
 
 @pytest.mark.parametrize("change", [("--lr", 1e-3), ("--steps", 8), ("--batch-tokens", 400), ("--config", "small"),
                                     ("--weight-decay", 0.0)])
-def test_resume_refuses_other_settings_naming_them(store_dir, tmp_path, change):
+def test_resume_refuses_other_settings_naming_them(store_dir, tmp_path, change, monkeypatch):
     """The schedule (restored from the checkpoint), the data order (a position in it) and the model must
-    be the run's own: another value is refused by name instead of being ignored or mixing runs."""
+    be the run's own: another value is refused by name instead of being ignored or mixing runs, and before
+    the model is built (minutes for a 7B one)."""
     common = {"--steps": 4, "--batch-tokens": 300, "--lr": 2e-3, "--config": "tiny", "--weight-decay": 0.1}
     flat = [x for kv in common.items() for x in kv]
     trainer.train(args_for(store_dir, tmp_path / "r", *flat, "--stop-after", 1, "--no-export"))
     name, value = change
     other = [x for kv in {**common, name: value}.items() for x in kv]
+
+    def no_build(*a, **k):
+        raise AssertionError("the model was built before the settings were checked")
+
+    monkeypatch.setattr(trainer, "_build_model", no_build)
     with pytest.raises(ValueError, match=f"started with {name} {common[name]}, not {name} {value}"):
         trainer.train(args_for(store_dir, tmp_path / "r", *other, "--resume", "--no-export"))
 

@@ -73,6 +73,25 @@ def test_vq_resume_is_exact(data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.parametrize("change", [("--steps", 9), ("--lr", 1e-3), ("--batch-size", 2), ("--seed", 3)])
+def test_vq_resume_refuses_other_settings(data, tmp_path, change, monkeypatch):
+    """The schedule is computed from --steps/--lr/--warmup at every step and the position in the frames'
+    order is restored: a resume with other values would follow neither run, so it is refused by name, before
+    the frames are read."""
+    common = {"--steps": 4, "--lr": 2e-3, "--batch-size": 4, "--seed": 0}
+    flat = [x for kv in common.items() for x in kv]
+    vqt.train_vq(args_for(data, tmp_path / "r", *flat, "--stop-after", 1))
+    name, value = change
+    other = [x for kv in {**common, name: value}.items() for x in kv]
+
+    def no_frames(*a, **k):
+        raise AssertionError("the frames were read before the settings were checked")
+
+    monkeypatch.setattr(vqt, "load_frames", no_frames)
+    with pytest.raises(ValueError, match=f"started with {name} {common[name]}, not {name} {value}"):
+        vqt.train_vq(args_for(data, tmp_path / "r", *other, "--resume"))
+
+
 def test_dead_code_restart_reseeds_from_latents():
     torch.manual_seed(0)
     model = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=8,

@@ -253,7 +253,9 @@ def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool, action
             "action_only": action_only, "attention": attention}
 
 
-def stage_evaluate(cfg: DemoConfig, out: Path, progress: bool) -> dict:
+def stage_evaluate(cfg: DemoConfig, out: Path, progress: bool, reuse: bool = True) -> dict:
+    """`reuse`: take the closed loops an earlier run saved for the same policy files and settings (--force
+    runs them again: the policy files can be the same while the decoding code has changed)."""
     from .eval.metaworld import evaluate
 
     main = "WorldVLA" if cfg.world else "WorldVLA (action-only)"
@@ -265,7 +267,7 @@ def stage_evaluate(cfg: DemoConfig, out: Path, progress: bool) -> dict:
                     max_steps=cfg.eval_max_steps, n_envs=cfg.eval_envs, random_baseline=True,
                     # an action-only model never saw a world-model sample: no world-model scores for it
                     wm_episodes=cfg.wm_episodes if cfg.world else 0, wm_horizon=cfg.wm_horizon, progress=progress,
-                    variant_names=names, causal_variant=cfg.ablations, env_workers=cfg.workers)
+                    variant_names=names, causal_variant=cfg.ablations, env_workers=cfg.workers, resume=reuse)
 
 
 # ---------------------------------------------------------------------- driver
@@ -333,7 +335,7 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
             info = stage_train(cfg, out, progress, resume, action_only=not cfg.world, run_name="train_causal",
                                policy_name="policy_causal", attention="causal")
         else:
-            info = stage_evaluate(cfg, out, progress)
+            info = stage_evaluate(cfg, out, progress, reuse=not force)
         secs, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
         stages.mark(stage, secs, info if stage != "evaluate" else {})
         started.unlink(missing_ok=True)

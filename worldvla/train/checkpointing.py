@@ -137,6 +137,22 @@ def check_resume_settings(saved: dict, args, names: tuple[str, ...], source) -> 
                          f"new run in another --out")
 
 
+def scalar_args(args) -> dict:
+    """The run's command-line settings that a checkpoint records (`check_resume_settings` compares them)."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def resume_point(run_dir, args, names: tuple[str, ...]) -> Path | None:
+    """Under --resume, the run's latest checkpoint, refused (before anything is built) if it was started with
+    other values of the settings `names`; None without --resume or without a checkpoint."""
+    if not args.resume:
+        return None
+    ck = latest_checkpoint(run_dir)
+    if ck is not None:
+        check_resume_settings(json.loads((ck / "state.json").read_text()).get("args", {}), args, names, run_dir)
+    return ck
+
+
 def _step_of(path: Path) -> int:
     try:
         return int(path.name[len("step_"):])

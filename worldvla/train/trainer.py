@@ -41,8 +41,8 @@ import torch
 
 from . import distributed as dist_utils
 from ..cli import non_negative_float, non_negative_int, positive_int
-from .checkpointing import (add_run_arguments, check_resume_settings, full_model_state, latest_checkpoint,
-                            load_checkpoint, prepare_run_dir, save_checkpoint, trim_log)
+from .checkpointing import (add_run_arguments, full_model_state, load_checkpoint, prepare_run_dir, resume_point,
+                            save_checkpoint, scalar_args, trim_log)
 
 CONFIGS = ("tiny", "small", "chameleon_7b")
 # What a resumed run must share with its start: the model, the learning-rate schedule and the optimizer's
@@ -267,6 +267,7 @@ def train(args) -> dict:
     main = rank == 0
     out = Path(args.out)
     prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("policy", "model"))
+    ck = resume_point(out, args, RESUME_SETTINGS)  # refused now, not after the model is built
     if main:
         out.mkdir(parents=True, exist_ok=True)
     kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
@@ -298,19 +299,15 @@ def train(args) -> dict:
 
     step, epoch, pos, tokens_seen = 0, 0, 0, 0
     saved = None  # the step of the newest checkpoint on disk of this run
-    if args.resume:
-        ck = latest_checkpoint(out)
-        if ck is not None:
-            check_resume_settings(json.loads((ck / "state.json").read_text()).get("args", {}), args,
-                                  RESUME_SETTINGS, out)
-            st = load_checkpoint(ck, model, opt)
-            step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["batch_in_epoch"], st["tokens_seen"]
-            sched.load_state_dict(st["scheduler"])
-            saved = step
-            if main:
-                print(f"resumed from {ck} at step {step} (epoch {epoch}, batch {pos})")
-        elif main:
-            print(f"--resume: no checkpoint under {out}, starting fresh")
+    if ck is not None:
+        st = load_checkpoint(ck, model, opt)
+        step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["batch_in_epoch"], st["tokens_seen"]
+        sched.load_state_dict(st["scheduler"])
+        saved = step
+        if main:
+            print(f"resumed from {ck} at step {step} (epoch {epoch}, batch {pos})")
+    elif args.resume and main:
+        print(f"--resume: no checkpoint under {out}, starting fresh")
     log_path = out / "metrics.jsonl"
     if main:
         trim_log(log_path, step)
@@ -393,8 +390,7 @@ def train(args) -> dict:
 
 def _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args):
     state = {"epoch": epoch, "batch_in_epoch": pos, "tokens_seen": tokens_seen, "scheduler": sched.state_dict(),
-             "model_config": model.config.to_dict(), "args": {k: v for k, v in vars(args).items()
-                                                                if isinstance(v, (int, float, str, bool, type(None)))}}
+             "model_config": model.config.to_dict(), "args": scalar_args(args)}
     return save_checkpoint(out, step, model, opt, state, keep_last=args.keep_last)
 
 

@@ -32,8 +32,14 @@ import torch.nn.functional as F
 
 from ..cli import non_negative_int, positive_int
 from . import distributed as dist_utils
-from .checkpointing import (add_run_arguments, latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint,
-                            trim_log)
+from .checkpointing import (add_run_arguments, load_checkpoint, prepare_run_dir, resume_point, save_checkpoint,
+                            scalar_args, trim_log)
+
+# What a resumed run must share with its start: the model, the learning-rate schedule (computed from these
+# settings at every step), the optimizer's hyperparameters (restored from the checkpoint) and the frames and
+# their order (a position in it is restored).
+RESUME_SETTINGS = ("config", "init", "n_embed", "steps", "epochs", "batch_size", "lr", "min_lr", "warmup",
+                   "beta1", "beta2", "weight_decay", "seed", "frame_stride", "max_frames", "camera")
 
 
 def load_frames(inputs, stride: int = 1, max_frames: int = 0, camera=None) -> np.ndarray:
@@ -143,6 +149,7 @@ def train_vq(args) -> dict:
     local = args.batch_size // world
     out = Path(args.out)
     prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("vqgan",))
+    ck = resume_point(out, args, RESUME_SETTINGS)  # refused now, not after the frames are read
     if main:
         out.mkdir(parents=True, exist_ok=True)
     dist_utils.barrier()
@@ -166,8 +173,8 @@ def train_vq(args) -> dict:
     gen = torch.Generator().manual_seed(args.seed + 1)
 
     step, epoch, pos = 0, 0, 0
-    if args.resume and latest_checkpoint(out) is not None:
-        st = load_checkpoint(out, model, opt)
+    if ck is not None:
+        st = load_checkpoint(ck, model, opt)
         step, epoch, pos = st["step"], st["epoch"], st["batch_in_epoch"]
         usage.ema = torch.tensor(st["usage"], dtype=torch.float64)
         gen.set_state(torch.tensor(st["restart_rng"], dtype=torch.uint8))
@@ -237,7 +244,8 @@ def train_vq(args) -> dict:
             if (args.save_every and step % args.save_every == 0) or step == total or step == args.stop_after:
                 save_checkpoint(out, step, model, opt,
                                 {"epoch": epoch, "batch_in_epoch": pos, "usage": usage.ema.tolist(),
-                                 "restart_rng": gen.get_state().tolist(), "config": vq.config.to_dict()},
+                                 "restart_rng": gen.get_state().tolist(), "config": vq.config.to_dict(),
+                                 "args": scalar_args(args)},
                                 keep_last=args.keep_last)
     finally:
         hook.remove()
