@@ -286,11 +286,12 @@ def loss_class_weights(layout: VocabLayout, alpha: float = 0.04, release: bool =
     The release writes `w[3:8195] = alpha`, which covers ids 3..8194: it down-weights
     `<unk>` (3) and misses the last image code (8195). Here the weight sits on the
     image-code ids themselves; `release=True` gives the release's slice instead (its ids
-    shifted down by one: [first image id - 1, last image id), the same on a compact layout)."""
+    shifted down by one: [first image id - 1, last image id), the same on a compact layout)
+    and its value: FSDP's bfloat16 cast of the weight tensor makes 0.04 0.0400390625."""
     w = torch.ones(layout.vocab_size)
     if release:
         lo, hi = min(layout.image_code_ids), max(layout.image_code_ids)
-        w[lo - 1:hi] = alpha
+        w[lo - 1:hi] = float(torch.tensor(alpha, dtype=torch.bfloat16))
     else:
         w[layout.image_code_weight_mask()] = alpha
     return w

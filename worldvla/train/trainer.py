@@ -452,7 +452,8 @@ def add_arguments(p) -> None:
     p.add_argument("--alpha", type=float, default=0.04, help="loss weight of image-code targets")
     p.add_argument("--release-loss-weights", action="store_true",
                    help="put --alpha on the release's id slice (w[3:8195]: <unk> down-weighted, the last image code "
-                        "not) instead of exactly the image-code ids")
+                        "not) instead of exactly the image-code ids, rounded to bfloat16 as the release's FSDP "
+                        "casts it (0.04 -> 0.0400390625)")
     p.add_argument("--z-weight", type=float, default=1e-5, help="z-loss weight")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--init-std", type=float, default=0.02)
