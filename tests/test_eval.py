@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from worldvla.eval import metrics
-from worldvla.eval.metaworld import RandomPolicy, closed_loop, eval_seeds
+from worldvla.eval.metaworld import RandomPolicy, closed_loop, eval_seeds, format_results
 
 
 def _ssim_reference(x: np.ndarray, y: np.ndarray, L: float) -> float:
@@ -458,6 +458,11 @@ def test_release_chunks_of_different_lengths_run_per_env_and_an_empty_one_fails_
     r = closed_loop(ReleaseLike([2, 0]), "fake-v3", episodes=4, n_envs=2, max_steps=30, env_factory=FakeMetaWorldEnv,
                     record=False)
     assert r.successes == [True, False, True, False] and r.steps[1] == r.steps[3] == 0
+    # Told apart from time-outs in the results and the printed table.
+    assert r.to_dict()["ended_without_action"] == 2 and r.no_action == [False, True, False, True]
+    table = format_results({"tasks": ["fake-v3"], "variants": {"v": {"tasks": {"fake-v3": r.to_dict()},
+                                                                     "success_rate": r.success_rate}}})
+    assert "v: episodes failed on a chunk without an action (the model wrote none): fake 2" in table
 
 
 def test_a_wrong_number_of_chunks_is_refused_by_name():

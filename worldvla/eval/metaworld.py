@@ -81,6 +81,7 @@ class TaskResult:
     latency: dict = field(default_factory=dict)
     frames: np.ndarray | None = None  # first episode, uint8 [T, H, W, 3]
     seconds: float = 0.0
+    no_action: list[bool] = field(default_factory=list)  # ended (failed) on a chunk without an action
 
     @property
     def success_rate(self) -> float:
@@ -91,6 +92,8 @@ class TaskResult:
         return {"success_rate": self.success_rate, "successes": int(np.sum(self.successes)),
                 "episodes": len(self.successes), "seeds": self.seeds, "episode_success": [bool(s) for s in self.successes],
                 "mean_steps_to_success": float(np.mean(steps_ok)) if steps_ok else None,
+                # episodes failed because the model wrote no action block (a mode='release' chunk)
+                "ended_without_action": int(np.sum(self.no_action)),
                 "latency": self.latency, "seconds": self.seconds}
 
 
@@ -182,6 +185,7 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
             for i in range(m):
                 result.successes.append(bool(envs[i].success) and not failed[i])
                 result.steps.append(steps[i])
+                result.no_action.append(failed[i])
                 if progress is not None:
                     progress.update(1)
             if recording is not None:
@@ -606,6 +610,10 @@ def format_results(metrics: dict) -> str:
     means = [(metrics["random"] if c == "random" else metrics["variants"][c])["success_rate"] for c in cols]
     lines.append("  ".join([f"{'mean':<{w0}}"] + [f"{m:>{w}.0%}" for m, w in zip(means, widths)]))
     for c in metrics.get("variants", {}):
+        ended = {t: metrics["variants"][c]["tasks"][t].get("ended_without_action", 0) for t in tasks}
+        if any(ended.values()):
+            lines.append(f"{c}: episodes failed on a chunk without an action (the model wrote none): "
+                         + ", ".join(f"{t.replace('-v3', '')} {n}" for t, n in ended.items() if n))
         lat = metrics["variants"][c].get("latency_median_s")
         if lat is not None:
             lines.append(f"{c}: {lat * 1000:.0f} ms per action-chunk query (each task's median, mean over tasks; "
