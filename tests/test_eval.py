@@ -297,6 +297,10 @@ def test_evaluate_saves_each_closed_loop_and_resumes(tmp_path, monkeypatch):
     calls[:] = []
     mw.evaluate([folder], out_dir=out, resume=False, **{**kw, "episodes": 3})
     assert len(calls) == 4
+    # A task named twice runs (here: is reused) once and counts once in the means.
+    twice = mw.evaluate([folder], out_dir=out, **{**kw, "episodes": 3, "tasks": ["fake-a-v3", "fake-a-v3"]})
+    assert twice["tasks"] == ["fake-a-v3"] and twice["variants"]["tiny"]["success_rate"] == \
+        twice["variants"]["tiny"]["tasks"]["fake-a-v3"]["success_rate"]
 
 
 def test_same_named_policy_folders_get_distinct_default_names(tmp_path):
@@ -489,3 +493,18 @@ def test_psnr_refuses_a_float_and_a_uint8_image():
         with pytest.raises(TypeError, match="differ in kind.*both as uint8"):
             metrics.psnr(a, b)
     assert torch.isinf(metrics.psnr(torch.from_numpy(u8), u8)).all() and torch.isinf(metrics.psnr(f, f)).all()
+
+
+def test_gifs_play_at_their_frame_rate(tmp_path):
+    """GIFs were written with their delay in seconds where imageio (2.28 and later) takes milliseconds: every
+    frame had no delay, so viewers played them at their own speed."""
+    from PIL import Image
+
+    from worldvla.eval.plots import save_gif
+
+    frames = np.random.default_rng().integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    for fps, ms in ((4, 250), (20, 50)):
+        with Image.open(save_gif(frames, tmp_path / f"{fps}.gif", fps=fps)) as im:
+            assert im.n_frames == 3 and im.info["duration"] == ms and im.info["loop"] == 0
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        save_gif(frames, tmp_path / "x.gif", fps=0)

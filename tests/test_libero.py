@@ -147,6 +147,11 @@ def test_evaluate_suite_counts_and_uses_init_states(tmp_path):
     assert envs[1].init_state == "state1-2" and all(e.closed for e in envs)
     assert (tmp_path / "libero_results.json").is_file()
     assert res["latency"]["queries"] > 0
+    # A task named twice runs once: it counted twice in the suite's rate (an always-successful task read 0.5).
+    envs = [FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 3)]
+    twice = libero.evaluate_suite(pol, FakeSuite(envs, max_steps=5), episodes=2, tasks=[0, 0],
+                                  out_dir=tmp_path / "twice", progress=False)
+    assert twice["success_rate"] == 1.0 and list(twice["tasks"]) == ["0"]
 
 
 def test_bounds_and_suite_checks():

@@ -197,7 +197,8 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
     `success_rate` are this run's). With `resume`, a rerun reuses the saved episodes it asks for and runs
     only the missing ones: every episode starts from its task's fixed initial state."""
     check_bounds(policy, allow_bounds_mismatch)
-    task_ids = list(range(suite.n_tasks)) if tasks is None else [int(t) for t in tasks]
+    # A task named twice runs once (it would count twice in the suite's rate otherwise).
+    task_ids = list(range(suite.n_tasks)) if tasks is None else list(dict.fromkeys(int(t) for t in tasks))
     bad = [t for t in task_ids if not 0 <= t < suite.n_tasks]
     if bad:
         raise ValueError(f"task ids {bad} are outside this suite's 0..{suite.n_tasks - 1}")
@@ -260,10 +261,10 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
                     results["tasks"][str(task_id)] = _task_summary(instruction, success[:ep + 1], steps[:ep + 1],
                                                                    errors[:ep + 1])
                     if r["frames"]:
-                        import imageio.v2 as imageio
-
                         tag = "success" if r["success"] else "failure"
-                        imageio.mimsave(out_dir / f"task{task_id:02d}_ep{ep:03d}_{tag}.gif", r["frames"], duration=0.05)
+                        from .plots import save_gif
+
+                        save_gif(r["frames"], out_dir / f"task{task_id:02d}_ep{ep:03d}_{tag}.gif", fps=20)
                     write_results()
                     if bar is not None:
                         bar.update(1)

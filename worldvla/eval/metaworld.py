@@ -398,7 +398,7 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     dispatch.available("masked_attention")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tasks = list(tasks)
+    tasks = list(dict.fromkeys(tasks))  # a task named twice runs once (it would count twice in the means)
     if not tasks:
         raise ValueError("no tasks to evaluate: pass Meta-World task names (--tasks drawer-open-v3,door-open-v3)")
     if episodes < 1:

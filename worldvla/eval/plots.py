@@ -97,15 +97,18 @@ def frame_grid(rows: list[np.ndarray], path, labels: list[str] | None = None, pa
     return path
 
 
-def save_gif(frames, path, fps: int = 20) -> Path:
-    """frames: uint8 [T, H, W, 3] (or a list of such frames)."""
-    import imageio.v2 as imageio
+def save_gif(frames, path, fps: float = 20) -> Path:
+    """frames: uint8 [T, H, W, 3] (or a list of such frames), played at `fps` in a loop."""
+    from PIL import Image
 
-    frames = [np.asarray(f, dtype=np.uint8) for f in frames]
+    frames = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
     if not frames:
         raise ValueError("save_gif needs at least one frame")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
     path = Path(path)
-    imageio.mimsave(path, frames, duration=1.0 / fps, loop=0)
+    # GIF stores each frame's delay in hundredths of a second; Pillow takes milliseconds.
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
     return path
 
 
