@@ -311,3 +311,17 @@ def test_envs_in_worker_processes_match_envs_in_this_process():
         e.close()
     with pytest.raises(ValueError, match="unknown"):
         EnvWorkers("no-such-task-v3", 2)
+
+
+@needs_sim
+def test_an_env_left_open_exits_without_egl_errors():
+    """An env not closed by its user was freed during the interpreter's teardown, after EGL's, and printed three
+    EGLError tracebacks at every exit."""
+    import subprocess
+
+    code = ("from worldvla.sim import make_env\n"
+            "a = make_env('reach-v3', image_size=16); a.reset(seed=1)\n"
+            "b = make_env('reach-v3', image_size=16); b.reset(seed=2); b.close()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Exception ignored" not in done.stderr and "EGLError" not in done.stderr, done.stderr

@@ -7,9 +7,11 @@ frames, and the scripted expert for each task.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -213,6 +215,7 @@ class MetaWorldEnv:
         self._env.reset()
         self._task_wrapper().toggle_sample_tasks_on_reset(False)
         self._viewer = self._raw.mujoco_renderer._get_viewer("rgb_array")
+        _close_at_exit(self)
         flags = self._viewer.scn.flags
         rnd = self._mujoco.mjtRndFlag
         for flag in (rnd.mjRND_SHADOW, rnd.mjRND_REFLECTION, rnd.mjRND_SKYBOX):
@@ -314,6 +317,23 @@ class MetaWorldEnv:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+_LIVE_ENVS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_live_envs() -> None:
+    for env in list(_LIVE_ENVS):
+        env.close()
+
+
+def _close_at_exit(env: MetaWorldEnv) -> None:
+    """Envs still open when Python exits are closed while EGL is still up: left to the interpreter's
+    final collection, their viewers are freed after EGL's teardown and print EGLError tracebacks.
+    (Registered after MuJoCo's import, so it runs before MuJoCo's own exit handlers.)"""
+    atexit.unregister(_close_live_envs)
+    atexit.register(_close_live_envs)
+    _LIVE_ENVS.add(env)
 
 
 def expert_episode(env: MetaWorldEnv, seed: int) -> dict:
