@@ -325,3 +325,30 @@ def test_an_env_left_open_exits_without_egl_errors():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Exception ignored" not in done.stderr and "EGLError" not in done.stderr, done.stderr
+
+
+@needs_sim
+def test_collect_writes_each_task_as_it_settles_and_keeps_them_on_an_interrupt(tmp_path, monkeypatch):
+    """A failed attempt was retried after every other task's first attempts, so no task's file was written until
+    near the end of the whole run, and an interrupt or crash at 90% kept nothing."""
+    from worldvla.data import collect as col
+
+    ran = []
+
+    def fake_episode(job):
+        ran.append((job["task"], job["episode"], job["attempt"]))
+        if job["task"] == "push-v3":
+            raise KeyboardInterrupt  # the user stops the run at the third task
+        rng = np.random.default_rng(job["seed"])
+        return {**job, "frames": rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8),
+                "actions": rng.uniform(-1, 1, (3, 4)).astype(np.float32),
+                "success": not (job["episode"] == 0 and job["attempt"] == 0),  # one retry each
+                "steps": 3, "seconds": 0.0, "setup_seconds": 0.0}
+
+    monkeypatch.setattr(col, "run_episode", fake_episode)
+    with pytest.raises(KeyboardInterrupt):
+        collect(["reach-v3", "drawer-open-v3", "push-v3"], 2, tmp_path, image_size=8, workers=1, progress=False)
+    assert ran[:3] == [("reach-v3", 0, 0), ("reach-v3", 0, 1), ("reach-v3", 1, 0)]  # the retry comes first
+    for task in ("reach-v3", "drawer-open-v3"):
+        assert len(read_demos(tmp_path / f"{task}.hdf5")) == 2
+    assert not (tmp_path / "push-v3.hdf5").exists()

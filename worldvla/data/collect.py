@@ -13,6 +13,7 @@ what was asked for.
 from __future__ import annotations
 
 import argparse
+import heapq
 import multiprocessing as mp
 import sys
 import time
@@ -216,7 +217,18 @@ def collect(
         return {**base, "task": task, "episode": episode, "attempt": attempt,
                 "seed": episode_seed(seed, task, episode, attempt)}
 
-    pending = [make_job(t, e, 0) for t in todo for e in range(n_episodes)]
+    # Jobs run in (task, episode, attempt) order, a retry before any later task's episode: each task's file is
+    # written as soon as its episodes are settled, so an interrupted run keeps every finished task.
+    order = {t: i for i, t in enumerate(todo)}
+    pending: list[tuple] = []
+
+    def push(job):
+        heapq.heappush(pending, (order[job["task"]], job["episode"], job["attempt"], job))
+
+    for t in todo:
+        for e in range(n_episodes):
+            push(make_job(t, e, 0))
+    n_jobs = len(pending)
     kept: dict[str, dict[int, dict]] = {t: {} for t in todo}
     stats = {t: {"attempts": 0, "successes": 0, "steps": [], "seconds": []} for t in todo}
     unresolved = {t: n_episodes for t in todo}
@@ -268,24 +280,32 @@ def collect(
     if progress and pending:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(pending), desc="collect", unit="ep")
+        bar = tqdm(total=n_jobs, desc="collect", unit="ep")
     try:
         if workers == 1 or not pending:
             try:
                 while pending:
-                    pending.extend(handle(_worker_run(pending.pop(0))))
+                    for job in handle(_worker_run(heapq.heappop(pending)[-1])):
+                        push(job)
             finally:
                 _close_envs()
         else:
-            # A crashed worker breaks the executor (BrokenProcessPool) instead of
-            # leaving a job hanging, as multiprocessing.Pool would.
-            with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=_mp_context()) as ex:
-                in_flight = {ex.submit(_worker_run, job) for job in pending}
-                pending = []
-                while in_flight:
+            # A crashed worker breaks the executor (BrokenProcessPool) instead of leaving a job hanging, as
+            # multiprocessing.Pool would. Two jobs a worker are queued at a time, so that on Ctrl-C or an
+            # error only those finish before the run stops (the executor's exit waits for its queue).
+            n = min(workers, n_jobs)
+            ex = ProcessPoolExecutor(max_workers=n, mp_context=_mp_context())
+            try:
+                in_flight: set = set()
+                while pending or in_flight:
+                    while pending and len(in_flight) < 2 * n:
+                        in_flight.add(ex.submit(_worker_run, heapq.heappop(pending)[-1]))
                     finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
                     for fut in finished:
-                        in_flight |= {ex.submit(_worker_run, job) for job in handle(fut.result())}
+                        for job in handle(fut.result()):
+                            push(job)
+            finally:
+                ex.shutdown(wait=True, cancel_futures=True)
     finally:
         if bar is not None:
             bar.close()
