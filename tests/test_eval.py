@@ -92,8 +92,8 @@ class FakeMetaWorldEnv:
 
     instances: list = []
 
-    def __init__(self, task, image_size, max_steps):
-        self.task, self.image_size, self.max_steps = task, image_size, max_steps
+    def __init__(self, task, image_size, max_steps, camera="corner"):
+        self.task, self.image_size, self.max_steps, self.camera = task, image_size, max_steps, camera
         self.instruction = f"solve {task}"
         self.rng = np.random.default_rng()
         self.closed = False
@@ -508,3 +508,38 @@ def test_gifs_play_at_their_frame_rate(tmp_path):
             assert im.n_frames == 3 and im.info["duration"] == ms and im.info["loop"] == 0
     with pytest.raises(ValueError, match="fps must be > 0"):
         save_gif(frames, tmp_path / "x.gif", fps=0)
+
+
+def test_a_policy_is_evaluated_from_the_camera_of_its_demonstrations(tmp_path, monkeypatch):
+    """`collect --camera topview` demos made a policy that was evaluated from the corner camera (frames 71 levels
+    apart on average): the camera now travels from the demo files through the store into the policy."""
+    from worldvla.data.hdf5 import write_demos
+    from worldvla.data.store import TokenStore, build_store
+    from worldvla.eval import metaworld as mw
+
+    rng = np.random.default_rng()
+    demos = [{"frames": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+              "actions": rng.uniform(-1, 1, (4, 4)).astype(np.float32)}]
+    write_demos(tmp_path / "top.hdf5", demos, "reach", attrs={"sim_camera": "topview"})
+    write_demos(tmp_path / "plain.hdf5", demos, "reach")
+    vq = _tiny_policy(2).vqgan
+    for name, want in (("top", "topview"), ("plain", None)):
+        store = build_store([tmp_path / f"{name}.hdf5"], tmp_path / f"store_{name}", vq, chunk_size=2,
+                            progress=False)
+        assert TokenStore(store).manifest["sim_camera"] == want
+
+    pol = _tiny_policy(2)
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    FakeMetaWorldEnv.instances.clear()
+    kw = dict(max_steps=3, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1, resume=False)
+    pol.extra = {"sim_camera": "topview"}
+    mw.evaluate([pol], ["fake-a-v3"], 1, tmp_path / "e1", **kw)
+    assert {e.camera for e in FakeMetaWorldEnv.instances} == {"topview"}  # the random baseline's envs too
+    FakeMetaWorldEnv.instances.clear()
+    with pytest.warns(UserWarning, match="trained on frames from the 'topview' camera and is evaluated from 'corner'"):
+        mw.evaluate([pol], ["fake-a-v3"], 1, tmp_path / "e2", camera="corner", **kw)
+    assert {e.camera for e in FakeMetaWorldEnv.instances} == {"corner"}
+    pol.extra = {}
+    assert mw.policy_camera(pol) == "corner"
+    with pytest.raises(ValueError, match="unknown camera 'top'"):
+        mw.policy_camera(pol, "top")

@@ -274,6 +274,16 @@ def _plan_shards(files, settings: StoreSettings):
     return plan
 
 
+def _sim_camera(files) -> str | None:
+    """The simulator camera the demo files were rendered from (`worldvla collect` records it; the
+    evaluation renders from it), when they all name the same one; None otherwise."""
+    from .hdf5 import demo_file_info
+
+    cams = {demo_file_info(f)["attrs"].get("sim_camera") for f in files}
+    cam = cams.pop() if len(cams) == 1 else None
+    return str(cam) if cam is not None else None
+
+
 def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, tokenizer_json=None,
                 chunk_size: int = 5, history: int = 2, action: bool = True, world: bool = True,
                 bounds: str = "auto", demos_per_shard: int = 0, only_success: bool = True, camera=None,
@@ -364,6 +374,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                    "history": history, "bounds": bounds},
         "image_size": image_hw, "code_grid": [image_hw[0] // vqgan.downsample, image_hw[1] // vqgan.downsample],
         "settings": settings_d, "vqgan": "vqgan", "vqgan_sha256": vq_digest, "inputs": inputs_d,
+        "sim_camera": _sim_camera(files),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "shards": [],
     }
     todo = []

@@ -28,6 +28,7 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,10 +98,26 @@ class TaskResult:
                 "latency": self.latency, "seconds": self.seconds}
 
 
-def _default_env_factory(task: str, image_size: int, max_steps: int):
+def _default_env_factory(task: str, image_size: int, max_steps: int, camera: str = "corner"):
     from ..sim.metaworld_env import make_env
 
-    return make_env(task, seed=0, image_size=image_size, max_steps=max_steps)
+    return make_env(task, seed=0, image_size=image_size, max_steps=max_steps, camera=camera)
+
+
+def policy_camera(policy, camera: str | None = None) -> str:
+    """The Meta-World camera to evaluate `policy` from: `camera` if given (a warning when the policy's
+    demonstrations were rendered from another), else the one they were rendered from, else 'corner'."""
+    from ..sim.metaworld_env import CAMERAS
+
+    own = (getattr(policy, "extra", None) or {}).get("sim_camera")
+    if camera is None:
+        return own or "corner"
+    if camera not in CAMERAS:
+        raise ValueError(f"unknown camera {camera!r}; Meta-World cameras: {', '.join(CAMERAS)}")
+    if own and own != camera:
+        warnings.warn(f"the policy was trained on frames from the {own!r} camera and is evaluated from {camera!r}",
+                      stacklevel=2)
+    return camera
 
 
 def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: int | None = None,
@@ -204,7 +221,7 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
 
 # ---------------------------------------------------------------------- world model
 def expert_rollouts(task: str, episodes: int, *, seed: int = 0, image_size: int = 64, max_steps: int = 200,
-                    env_factory=None, envs: list | None = None) -> list[dict]:
+                    env_factory=None, envs: list | None = None, camera: str = "corner") -> list[dict]:
     """Scripted-expert episodes on evaluation seeds: frames [T+1, H, W, 3] and actions [T, 4].
 
     `envs`: envs of `task` in worker processes (`worldvla.sim.workers`) to run the episodes on,
@@ -220,7 +237,8 @@ def expert_rollouts(task: str, episodes: int, *, seed: int = 0, image_size: int 
                 env.expert_async(s)
             out += [env.expert_wait() for env, _ in group]
         return out
-    env = (env_factory or _default_env_factory)(task, image_size, max_steps)
+    env = env_factory(task, image_size, max_steps) if env_factory else _default_env_factory(task, image_size,
+                                                                                             max_steps, camera)
     try:
         return [expert_episode(env, s) for s in seeds]
     finally:
@@ -378,7 +396,7 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
              random_baseline: bool = True, wm_episodes: int = 2, wm_horizon: int = 8, progress: bool = True,
              variant_names: list[str] | None = None, device=None, gifs: bool = True,
              causal_variant: bool = False, env_workers: int = 2, resume: bool = True,
-             execute: int | None = None) -> dict:
+             execute: int | None = None, camera: str | None = None) -> dict:
     """Evaluate one or more policies (folders or loaded objects) on `tasks`; write artifacts to
     `out_dir` and return the metrics (also written to `out_dir/metrics.json`).
 
@@ -388,7 +406,8 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     `env_workers`: processes the envs of a task are spread over (`worldvla.sim.workers`;
     1 = step them in this process). `resume`: reuse the closed loops saved under `out_dir/runs/`
     by an earlier call with the same policy files and settings (see the module's docstring).
-    `execute`: actions of each chunk run before the next query (default all; see `closed_loop`)."""
+    `execute`: actions of each chunk run before the next query (default all; see `closed_loop`).
+    `camera`: the Meta-World camera to render from (default: each policy's own, `policy_camera`)."""
     from tqdm.auto import tqdm
 
     from ..ops import dispatch
@@ -420,6 +439,10 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
                 loaded.append(CausalChunkPolicy.from_policy(loaded[i]))
                 policies.append(policies[i])
                 names.append(f"{names[i]} (no chunk mask)")
+    # Each policy is evaluated from the camera its demonstrations were rendered from (or `camera`); the
+    # random baseline shares the first policy's envs.
+    cameras = {id(p): policy_camera(p, camera) for p in loaded}
+    default_camera = cameras[id(loaded[0])] if loaded else policy_camera(None, camera)
     metrics: dict = {"tasks": tasks, "episodes": episodes, "max_steps": max_steps, "seed": seed,
                      "execute": execute, "complete": False, "variants": {}}
     saved = _SavedRuns(out_dir, resume)
@@ -435,7 +458,8 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
             return None
         meta = _jsonable(pol.metadata()) if hasattr(pol, "metadata") else None
         blob = json.dumps({"name": name, "kind": type(pol).__name__, "policy": fp, "metadata": meta, "task": task,
-                           "chunk_size": getattr(pol, "chunk_size", None), **settings}, sort_keys=True)
+                           "chunk_size": getattr(pol, "chunk_size", None),
+                           "camera": cameras.get(id(pol), default_camera), **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def run_task(name: str, src, pol, task: str, record: bool) -> dict:
@@ -479,16 +503,16 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
 
     def envs_for(task: str, pol) -> list:
         size = getattr(pol, "image_size", None) or (getattr(loaded[0], "image_size", None) if loaded else None)
-        key = (task, int(size or 64))
+        key = (task, int(size or 64), cameras.get(id(pol), default_camera))
         if key not in pool:
             n = min(n_envs, episodes)
             if env_workers > 1 and n > 1:
                 from ..sim.workers import EnvWorkers
 
-                worker_pools.append(EnvWorkers(task, n, key[1], max_steps, workers=env_workers))
+                worker_pools.append(EnvWorkers(task, n, key[1], max_steps, workers=env_workers, camera=key[2]))
                 pool[key] = worker_pools[-1].envs
             else:
-                pool[key] = [_default_env_factory(task, key[1], max_steps) for _ in range(n)]
+                pool[key] = [_default_env_factory(task, key[1], max_steps, key[2]) for _ in range(n)]
         return pool[key]
 
     try:
@@ -521,10 +545,10 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         # Expert rollouts for the world-model metrics, on the same envs while they are up.
         rollouts = {}
         if wm_episodes > 0 and loaded and hasattr(loaded[0], "model"):
-            size = int(loaded[0].image_size)
+            size, cam = int(loaded[0].image_size), cameras[id(loaded[0])]
             for task in tasks:
                 rollouts[task] = expert_rollouts(task, wm_episodes, seed=seed, image_size=size, max_steps=max_steps,
-                                                 envs=pool.get((task, size)))
+                                                 envs=pool.get((task, size, cam)), camera=cam)
     finally:
         bar.close()
         close_envs()
@@ -644,6 +668,8 @@ def format_results(metrics: dict) -> str:
 
 # ---------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from ..sim.metaworld_env import CAMERAS
+
     parser.add_argument("--policy", nargs="+", required=True,
                         help="policy folder(s) (worldvla.inference.save_policy format); several = variants compared")
     parser.add_argument("--names", default=None,
@@ -671,6 +697,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-resume", action="store_true",
                         help="rerun every closed loop, even those saved under OUT/runs/ by an earlier run with the "
                              "same policy files and settings")
+    parser.add_argument("--camera", default=None, choices=CAMERAS,
+                        help="Meta-World camera to render from (default: the one the policy's demonstrations were "
+                             "collected with, recorded at training; corner for policies without one)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -694,7 +723,7 @@ def run(args: argparse.Namespace) -> int:
                        n_envs=args.envs, random_baseline=not args.no_random, wm_episodes=args.wm_episodes,
                        wm_horizon=args.wm_horizon, progress=not args.no_progress, variant_names=names,
                        device=args.device, causal_variant=args.no_chunk_mask_variant, env_workers=args.env_workers,
-                       resume=not args.no_resume, execute=args.execute)
+                       resume=not args.no_resume, execute=args.execute, camera=args.camera)
     print(format_results(metrics))
     print(f"-> {Path(args.out) / 'metrics.json'}")
     return 0

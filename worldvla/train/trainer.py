@@ -416,9 +416,12 @@ def _export(model, store, out: Path, args):
             kw = {}
             if store.text_tokenizer_path is not None:
                 kw["text_tokenizer_json"] = store.text_tokenizer_path
+            extra = {"store": str(Path(args.store).resolve()), "config": args.config}
+            if store.manifest.get("sim_camera"):  # the evaluation renders from the camera the demos were
+                extra["sim_camera"] = store.manifest["sim_camera"]
             save_policy(path, plain, VQGAN.from_pretrained(store.checked_vqgan_path()), store.action_tokenizer(),
                         store.chunk_size, h, history=int(store.manifest["action"].get("history", 2)),
-                        extra={"store": str(Path(args.store).resolve()), "config": args.config}, **kw)
+                        extra=extra, **kw)
         else:
             path = out / "model"
             print(f"worldvla train: frames are {h}x{w}, not square; WorldVLAPolicy needs square frames, "
