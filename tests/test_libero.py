@@ -2,6 +2,8 @@
 observation / step interface."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -294,6 +296,31 @@ def test_a_rerun_with_other_tasks_or_episodes_keeps_and_reuses_the_saved_ones(po
     s = suite()
     evaluate(s, episodes=1, tasks=[0], resume=False)
     assert s.envs[0].init_state == "state0-0" and saved_episodes() == {"0": 3, "1": 2, "2": 3}
+
+
+def test_another_policy_into_the_same_folder_keeps_the_first_ones_episodes(tmp_path):
+    """libero_results.json held one policy's episodes: a run of policy B into the same --out replaced A's, and
+    A's rerun started over. Two folders with identical files written within one clock tick also shared a
+    fingerprint, so B reported A's saved episodes."""
+    import json
+
+    rng = np.random.default_rng()
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        (folder / "policy.json").write_text("{}")
+    os.utime(b / "policy.json", ns=(os.stat(a / "policy.json").st_atime_ns, os.stat(a / "policy.json").st_mtime_ns))
+
+    def run(folder):
+        s = FakeSuite([FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 3)], max_steps=5)
+        libero.evaluate_suite(RecordingPolicy(k=3, rng=rng), s, episodes=2, out_dir=tmp_path / "eval",
+                              progress=False, policy_path=folder)
+        return s.envs[0].init_state
+
+    assert run(a) == "state0-1"
+    assert run(b) == "state0-1"  # B's own episodes, not A's
+    assert run(a) is None  # A's episodes were kept: nothing runs again
+    assert json.loads((tmp_path / "eval" / "libero_results.json").read_text())["tasks"]["0"]["episodes"] == 2
 
 
 def test_steps_count_policy_actions_alike_on_success_and_failure():

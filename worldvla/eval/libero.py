@@ -162,15 +162,25 @@ def _results_key(suite, policy, policy_path) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _saved_tasks(path: Path, key: str | None) -> dict:
-    """The per-task episode records of an earlier run with the same key ({} when there is none)."""
-    if key is None or not path.is_file():
+def _archive(out_dir: Path, key: str) -> Path:
+    """Every episode run into `out_dir` under `key`: one file per key, so that another policy's (or suite's)
+    run into the same folder leaves them for a later rerun to reuse."""
+    return out_dir / "runs" / f"{key[:16]}.json"
+
+
+def _saved_tasks(out_dir: Path, key: str | None) -> dict:
+    """The per-task episode records of earlier runs with the same key ({} when there is none)."""
+    if key is None:
         return {}
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return saved.get("tasks", {}) if saved.get("key") == key else {}
+    # libero_results.json: a folder written before the per-key files
+    for path in (_archive(out_dir, key), out_dir / RESULTS):
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if saved.get("key") == key:
+            return saved.get("tasks", {})
+    return {}
 
 
 def _task_summary(instruction: str, success: list, steps: list, errors: list) -> dict:
@@ -191,8 +201,9 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
     actions took (the settle steps left out).
 
     With `out_dir`, `libero_results.json` is rewritten atomically after every episode (`"complete":
-    false` until the end). With `policy_path` (the policy's folder) the file keeps every episode run with
-    the same policy files, suite and camera size: this run's, and earlier runs' of other tasks or beyond
+    false` until the end). With `policy_path` (the policy's folder) every episode run with the same policy
+    files, suite and camera size is kept (in `out_dir/runs/<key>.json`, which another policy's run into the
+    same folder leaves in place) and the file shows them: this run's, and earlier runs' of other tasks or beyond
     `episodes` (its `tasks` then hold more than this run reports; `run_tasks`, `episodes_per_task` and
     `success_rate` are this run's). With `resume`, a rerun reuses the saved episodes it asks for and runs
     only the missing ones: every episode starts from its task's fixed initial state."""
@@ -212,7 +223,7 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         # Read even without `resume`: the tasks and episodes this run does not redo stay in the file.
-        saved = _saved_tasks(out_dir / RESULTS, key)
+        saved = _saved_tasks(out_dir, key)
     query = ChunkQuery(policy)
     bar = None
     if progress:
@@ -225,10 +236,14 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
     t_start = time.perf_counter()
 
     def write_results() -> None:
-        if out_dir is not None:
-            write_text_atomic(out_dir / RESULTS, json.dumps(
-                {**results, "run_tasks": task_ids, "tasks": dict(sorted(kept.items(), key=lambda kv: int(kv[0])))},
-                indent=2))
+        if out_dir is None:
+            return
+        tasks_kept = dict(sorted(kept.items(), key=lambda kv: int(kv[0])))
+        write_text_atomic(out_dir / RESULTS, json.dumps({**results, "run_tasks": task_ids, "tasks": tasks_kept},
+                                                        indent=2))
+        if key is not None:
+            _archive(out_dir, key).parent.mkdir(exist_ok=True)
+            write_text_atomic(_archive(out_dir, key), json.dumps({"key": key, "tasks": tasks_kept}))
 
     try:
         for task_id in task_ids:
@@ -297,7 +312,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "a rerun into it reuses the episodes already run with the same policy files and suite, "
                              "and keeps those of other tasks and beyond --episodes")
     parser.add_argument("--no-resume", action="store_true",
-                        help="run the asked episodes again, even those saved in OUT/libero_results.json")
+                        help="run the asked episodes again, even those saved in OUT by an earlier run")
     parser.add_argument("--save-videos", action="store_true", help="one GIF per episode in --out")
     parser.add_argument("--device", default=None, help="torch device of the policy (default: cuda if available)")
     parser.add_argument("--allow-bounds-mismatch", action="store_true",

@@ -334,12 +334,13 @@ def load_policy(path, device=None):
 
 
 def _policy_fingerprint(src) -> str | None:
-    """Identity of a policy folder: every file's name, size and modification time (a retrained
-    or replaced policy gets a new one). None for a policy given as an object."""
+    """Identity of a policy folder: its path and every file's name, size and modification time (a retrained
+    or replaced policy gets a new one; two folders written within one tick of the clock do not share one).
+    None for a policy given as an object."""
     if not isinstance(src, (str, Path)):
         return None
     root = Path(src)
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"{root.resolve()}\n".encode())
     for f in sorted(q for q in root.rglob("*") if q.is_file()):
         st = f.stat()
         h.update(f"{f.relative_to(root).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
