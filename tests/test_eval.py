@@ -543,3 +543,29 @@ def test_a_policy_is_evaluated_from_the_camera_of_its_demonstrations(tmp_path, m
     assert mw.policy_camera(pol) == "corner"
     with pytest.raises(ValueError, match="unknown camera 'top'"):
         mw.policy_camera(pol, "top")
+
+
+def test_success_rates_carry_their_wilson_interval(tmp_path):
+    """Ten episodes a task know a rate to about +-30 points; the results, the table and the bar plot say so."""
+    from worldvla.eval import plots
+    from worldvla.eval.metrics import success_interval
+
+    lo, hi = success_interval(4, 10)
+    assert lo == pytest.approx(0.1682, abs=1e-4) and hi == pytest.approx(0.6873, abs=1e-4)
+    assert success_interval(0, 10)[0] == 0.0 and success_interval(10, 10)[1] == 1.0
+    with pytest.raises(ValueError, match="successes must be in"):
+        success_interval(11, 10)
+    r = closed_loop(ReleaseLike([2, 0]), "fake-v3", episodes=4, n_envs=2, max_steps=30, env_factory=FakeMetaWorldEnv,
+                    record=False)
+    d = r.to_dict()
+    assert d["ci95"] == pytest.approx(list(success_interval(2, 4)))
+    v = {"tasks": {"fake-v3": d}}
+    from worldvla.eval.metaworld import _summarize_variant
+
+    _summarize_variant(v, ["fake-v3"])
+    assert v["success_ci95"] == d["ci95"]
+    table = format_results({"tasks": ["fake-v3"], "variants": {"v": v}})
+    assert "95% CI" in table and f"{d['ci95'][0]:.0%}-{d['ci95'][1]:.0%}" in table
+    out = plots.success_bars({"v": {"a": 0.4, "b": 1.0}}, tmp_path / "s.png",
+                             intervals={"v": {"a": (0.17, 0.69), "b": (0.72, 1.0), "mean": (0.5, 0.85)}})
+    assert out.stat().st_size > 0

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..checkpoint import write_text_atomic
 from ..cli import non_negative_int, positive_int
-from .metrics import psnr, ssim
+from .metrics import psnr, ssim, success_interval
 from .rollout import ChunkQuery
 
 EVAL_SEED_TAG = 0x5EED_E7A1  # keeps evaluation layouts apart from collection seeds
@@ -92,6 +92,8 @@ class TaskResult:
         steps_ok = [s for s, ok in zip(self.steps, self.successes) if ok]
         return {"success_rate": self.success_rate, "successes": int(np.sum(self.successes)),
                 "episodes": len(self.successes), "seeds": self.seeds, "episode_success": [bool(s) for s in self.successes],
+                "ci95": list(success_interval(int(np.sum(self.successes)), len(self.successes)))
+                if self.successes else None,  # Wilson interval of the success rate
                 "mean_steps_to_success": float(np.mean(steps_ok)) if steps_ok else None,
                 # episodes failed because the model wrote no action block (a mode='release' chunk)
                 "ended_without_action": int(np.sum(self.no_action)),
@@ -378,6 +380,16 @@ class _SavedRuns:
                               json.dumps({"key": key, "result": result}, default=_json_default))
 
 
+def _summarize_variant(v: dict, tasks: list[str]) -> None:
+    """A variant's mean success over tasks, with the Wilson interval of all its episodes pooled (the same
+    number of episodes per task, so the pooled rate is the mean)."""
+    v["success_rate"] = float(np.mean([v["tasks"][t]["success_rate"] for t in tasks]))
+    ok, n = (sum(v["tasks"][t][k] for t in tasks) for k in ("successes", "episodes"))
+    v["success_ci95"] = list(success_interval(ok, n))
+    for t in tasks:  # runs saved before the intervals were recorded
+        v["tasks"][t].setdefault("ci95", list(success_interval(v["tasks"][t]["successes"], v["tasks"][t]["episodes"])))
+
+
 def default_variant_names(policies) -> list[str]:
     """Policy folders' names; folders of the same name are told apart by the folders above them
     (run1/policy, run2/policy -> run1, run2). Policies given as objects are policy0, policy1, ..."""
@@ -525,7 +537,7 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
             for task in tasks:
                 v["tasks"][task] = run_task(name, src, pol, task, record=True)
                 write_metrics()
-            v["success_rate"] = float(np.mean([v["tasks"][t]["success_rate"] for t in tasks]))
+            _summarize_variant(v, tasks)
             for key in ("mean_s", "median_s"):
                 lat = [v["tasks"][t]["latency"].get(key) for t in tasks]
                 lat = [x for x in lat if x is not None]
@@ -541,7 +553,7 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
                 rnd = RandomPolicy(chunk_size=k, seed=zlib.crc32(f"random {seed} {task}".encode()))
                 v["tasks"][task] = run_task("(random baseline)", None, rnd, task, record=False)
                 write_metrics()
-            v["success_rate"] = float(np.mean([v["tasks"][t]["success_rate"] for t in tasks]))
+            _summarize_variant(v, tasks)
             rates["random"] = {t: v["tasks"][t]["success_rate"] for t in tasks}
         # Expert rollouts for the world-model metrics, on the same envs while they are up.
         rollouts = {}
@@ -592,7 +604,10 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         }
         metrics["world_model"] = wm
     if rates:
-        plots.success_bars(rates, out_dir / "success.png")
+        cols = {**metrics["variants"], **({"random": metrics["random"]} if "random" in metrics else {})}
+        plots.success_bars(rates, out_dir / "success.png",
+                           intervals={c: {**{t: cols[c]["tasks"][t]["ci95"] for t in tasks},
+                                          "mean": cols[c]["success_ci95"]} for c in rates})
     metrics["complete"] = True
     write_metrics()
     return metrics
@@ -632,8 +647,12 @@ def format_results(metrics: dict) -> str:
              "  ".join([f"{'task':<{w0}}"] + [f"{c:>{w}}" for c, w in zip(cols, widths)])]
     for t in tasks:
         lines.append("  ".join([f"{t:<{w0}}"] + [f"{rate(c, t):>{w}}" for c, w in zip(cols, widths)]))
-    means = [(metrics["random"] if c == "random" else metrics["variants"][c])["success_rate"] for c in cols]
-    lines.append("  ".join([f"{'mean':<{w0}}"] + [f"{m:>{w}.0%}" for m, w in zip(means, widths)]))
+    summaries = [metrics["random"] if c == "random" else metrics["variants"][c] for c in cols]
+    lines.append("  ".join([f"{'mean':<{w0}}"] + [f"{v['success_rate']:>{w}.0%}" for v, w in zip(summaries, widths)]))
+    cis = [v.get("success_ci95") for v in summaries]
+    if all(cis):
+        lines.append("  ".join([f"{'95% CI':<{w0}}"] + [f"{f'{lo:.0%}-{hi:.0%}':>{w}}" for (lo, hi), w in zip(cis, widths)])
+                     + "  (Wilson, all episodes pooled)")
     for c in metrics.get("variants", {}):
         ended = {t: metrics["variants"][c]["tasks"][t].get("ended_without_action", 0) for t in tasks}
         if any(ended.values()):

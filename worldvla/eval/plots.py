@@ -16,9 +16,11 @@ def _pyplot():
     return plt
 
 
-def success_bars(rates: dict[str, dict[str, float]], path, title: str = "Meta-World closed-loop success") -> Path:
+def success_bars(rates: dict[str, dict[str, float]], path, title: str = "Meta-World closed-loop success",
+                 intervals: dict[str, dict[str, tuple[float, float]]] | None = None) -> Path:
     """rates: variant -> {task: success rate in [0, 1]}; one group of bars per task
-    (plus the mean over tasks)."""
+    (plus the mean over tasks). intervals: variant -> {task or "mean": (low, high)}, drawn as error bars
+    (e.g. `worldvla.eval.metrics.success_interval`)."""
     plt = _pyplot()
     variants = list(rates)
     tasks = sorted({t for r in rates.values() for t in r})
@@ -30,13 +32,21 @@ def success_bars(rates: dict[str, dict[str, float]], path, title: str = "Meta-Wo
         vals = [rates[v].get(t, np.nan) for t in tasks]
         if len(tasks) > 1:
             vals.append(float(np.nanmean(vals)))
-        bars = ax.bar(x + (i - (len(variants) - 1) / 2) * width, np.asarray(vals) * 100, width, label=v)
-        for b, val in zip(bars, vals):
+        xs = x + (i - (len(variants) - 1) / 2) * width
+        bars = ax.bar(xs, np.asarray(vals) * 100, width, label=v)
+        tops = np.asarray(vals) * 100
+        ci = (intervals or {}).get(v)
+        if ci:
+            lohi = np.asarray([ci.get(g) or (np.nan, np.nan) for g in groups], dtype=np.float64) * 100
+            yerr = np.stack([tops - lohi[:, 0], lohi[:, 1] - tops]).clip(min=0)
+            ax.errorbar(xs, tops, yerr=yerr, fmt="none", ecolor="0.25", elinewidth=0.8, capsize=2)
+            tops = np.fmax(tops, lohi[:, 1])
+        for b, val, top in zip(bars, vals, tops):
             if np.isfinite(val):
-                ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 1, f"{val * 100:.0f}", ha="center",
+                ax.text(b.get_x() + b.get_width() / 2, top + 1, f"{val * 100:.0f}", ha="center",
                         va="bottom", fontsize=7)
     ax.set_xticks(x, [g.replace("-v3", "") for g in groups], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("success rate (%)")
+    ax.set_ylabel("success rate (%)" + ("\nbars: 95% Wilson interval" if intervals else ""), fontsize=9)
     ax.set_ylim(0, 110)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
