@@ -184,8 +184,11 @@ def test_missing_libero_names_what_to_install(capsys):
     args = libero.add_arguments(argparse.ArgumentParser()).parse_args(["--policy", "nowhere"])
     assert libero.run(args) == 2
     assert "pip install" in capsys.readouterr().err
-    args = libero.add_arguments(argparse.ArgumentParser()).parse_args(["--policy", "nowhere", "--save-videos"])
-    with pytest.raises(ValueError, match="--save-videos writes its GIFs into --out"):  # said before anything loads
+    # Results are saved by default (a run without --out kept nothing of its hours on a crash); an empty --out is
+    # refused before anything loads.
+    assert libero.add_arguments(argparse.ArgumentParser()).parse_args(["--policy", "x"]).out == "libero_eval"
+    args = libero.add_arguments(argparse.ArgumentParser()).parse_args(["--policy", "nowhere", "--out", ""])
+    with pytest.raises(ValueError, match="--out names no folder"):
         libero.run(args)
 
 

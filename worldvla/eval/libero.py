@@ -307,10 +307,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--episodes", type=positive_int, default=50, help="episodes per task (the paper: 50)")
     parser.add_argument("--resolution", type=positive_int, default=None,
                         help="camera size in pixels (default: the policy's image size; the release: 256 or 512)")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--out", default="libero_eval",
                         help="folder for libero_results.json, rewritten after every episode (and --save-videos GIFs); "
                              "a rerun into it reuses the episodes already run with the same policy files and suite, "
-                             "and keeps those of other tasks and beyond --episodes")
+                             "and keeps those of other tasks and beyond --episodes (default: ./%(default)s)")
     parser.add_argument("--no-resume", action="store_true",
                         help="run the asked episodes again, even those saved in OUT by an earlier run")
     parser.add_argument("--save-videos", action="store_true", help="one GIF per episode in --out")
@@ -327,8 +327,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.save_videos and args.out is None:  # before LIBERO loads: the GIFs would go nowhere
-        raise ValueError("--save-videos writes its GIFs into --out: give --out FOLDER")
+    if not args.out:  # before LIBERO loads: the episodes (and GIFs) would go nowhere
+        raise ValueError("--out names no folder: give --out FOLDER (the results are saved there after every episode)")
     try:
         import libero  # noqa: F401
     except ImportError:

@@ -707,9 +707,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--wm-episodes", type=non_negative_int, default=2,
                         help="held-out expert rollouts per task for the world-model metrics (0 = skip)")
     parser.add_argument("--wm-horizon", type=positive_int, default=8, help="imagined steps per rollout (default: %(default)s)")
-    parser.add_argument("--no-chunk-mask-variant", action="store_true",
-                        help="also evaluate each policy decoding its chunks with plain causal attention "
-                             "(the chunk-mask ablation at inference)")
+    parser.add_argument("--add-causal-variant", "--no-chunk-mask-variant", dest="causal_variant",
+                        action="store_true",
+                        help="also evaluate each chunk-mask policy decoding its chunks with plain causal attention, "
+                             "as an extra variant '<name> (no chunk mask)' (the chunk-mask ablation at inference)")
     parser.add_argument("--device", default=None, help="torch device (default: the policy's default)")
     parser.add_argument("--execute", type=positive_int, default=None, metavar="N",
                         help="run only the first N actions of each predicted chunk before asking again (receding "
@@ -742,7 +743,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate(args.policy, tasks, args.episodes, args.out, seed=args.seed, max_steps=args.max_steps,
                        n_envs=args.envs, random_baseline=not args.no_random, wm_episodes=args.wm_episodes,
                        wm_horizon=args.wm_horizon, progress=not args.no_progress, variant_names=names,
-                       device=args.device, causal_variant=args.no_chunk_mask_variant, env_workers=args.env_workers,
+                       device=args.device, causal_variant=args.causal_variant, env_workers=args.env_workers,
                        resume=not args.no_resume, execute=args.execute, camera=args.camera)
     print(format_results(metrics))
     print(f"-> {Path(args.out) / 'metrics.json'}")
