@@ -582,8 +582,10 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
             res = world_model_metrics(loaded[0], rollouts[task], horizon=wm_horizon)
             ex = res.pop("examples")
             wm[task] = res
-            curves[task.replace("-v3", "")] = {"psnr": res["multi_step"]["psnr_per_step"],
-                                               "ssim": res["multi_step"]["ssim_per_step"]}
+            ms = res["multi_step"]
+            curves[task.replace("-v3", "")] = {"psnr": ms["psnr_per_step"], "ssim": ms["ssim_per_step"],
+                                               "psnr_ref": ms["copy_first_psnr_per_step"],
+                                               "ssim_ref": ms["copy_first_ssim_per_step"]}
             grid_rows += [ex["real"], ex["imagined"]]
             grid_labels += [f"{task.replace('-v3', '')} real", "imagined"]
             if gifs:

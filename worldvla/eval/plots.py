@@ -58,18 +58,30 @@ def success_bars(rates: dict[str, dict[str, float]], path, title: str = "Meta-Wo
 
 
 def horizon_curves(curves: dict[str, dict[str, list[float]]], path, title: str = "imagined rollouts vs simulator") -> Path:
-    """curves: label -> {"psnr": [per step], "ssim": [per step]}; two panels over the horizon."""
+    """curves: label -> {"psnr": [per step], "ssim": [per step]}; two panels over the horizon. A curve's
+    optional "psnr_ref" / "ssim_ref" (a baseline of the same rollouts, e.g. the first frame kept) are drawn
+    dashed in its colour."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    has_ref = False
     for label, c in curves.items():
         for ax, key in zip(axes, ("psnr", "ssim")):
             vals = np.asarray(c.get(key, []), dtype=np.float64)
             if vals.size:
-                ax.plot(np.arange(1, vals.size + 1), vals, marker="o", ms=3, label=label)
+                (line,) = ax.plot(np.arange(1, vals.size + 1), vals, marker="o", ms=3, label=label)
+                ref = np.asarray(c.get(f"{key}_ref", []), dtype=np.float64)
+                if ref.size:
+                    ax.plot(np.arange(1, ref.size + 1), ref, ls="--", lw=1, color=line.get_color())
+                    has_ref = True
+    if has_ref:
+        axes[0].plot([], [], ls="--", lw=1, color="0.4", label="dashed: first frame kept")
     axes[0].set_ylabel("PSNR (dB)")
     axes[1].set_ylabel("SSIM")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.set_xlabel("imagined step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
