@@ -235,7 +235,8 @@ class InferenceEngine:
 
         The returned tensor is the step's static output on CUDA-graph engines and where the
         CPU runs the step as one native call (a DecodeStepPlan): it is overwritten by the next
-        run with the same Q, so consume (or copy) it first.
+        run with the same Q, and on CUDA-graph engines by a run with any Q (the graphs of every
+        step size share one memory pool), so consume (or copy) it before the next run.
         The caller guarantees that every position in `buf.pos` lies below `max_len`.
         """
         if self._model_state is None:  # steps before any prefill
