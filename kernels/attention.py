@@ -109,8 +109,11 @@ def build_tile_plan(kv_block, q_limit, cu_seqlens, max_seqlen: int, block_m: int
 def _plan(meta, kv_block, q_limit, cu, max_seqlen, block_m, block_n) -> TilePlan:
     """Plans are cached on the metadata object, so every layer of a forward shares one. An entry
     is reused only for the very same tensors (held by the entry) at the same version counters,
-    so in-place edits or replaced tensors rebuild the plan."""
+    so in-place edits or replaced tensors rebuild the plan. Inference tensors (made under
+    torch.inference_mode) have no version counter: their plans are built at every call."""
     sources = (meta.kv_block, meta.q_limit, meta.cu_seqlens)
+    if any(x is not None and x.is_inference() for x in sources):
+        return build_tile_plan(kv_block, q_limit, cu, max_seqlen, block_m, block_n)
     versions = tuple(None if x is None else x._version for x in sources)
     cache = meta.__dict__.setdefault("_triton_tile_plans", {})
     key = (block_m, block_n, max_seqlen)
@@ -477,7 +480,9 @@ def attention_forward(q, k, v, meta, softmax_scale=None, block_m=None, block_n=N
 
 
 def attention_backward(do, q, k, v, out, lse2, pb: _Problem):
-    do = last_dim_contiguous(do)
+    # The kernels address the head dim with unit stride: the forward made q, k, v so, and callers hand the
+    # backward the tensors they saved (the forward's inputs), which need the same copies.
+    q, k, v, out, do = (last_dim_contiguous(t) for t in (q, k, v, out, do))
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
     dk = torch.empty(k.shape, dtype=store_dtype(k.dtype), device=q.device)
     dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)

@@ -15,6 +15,17 @@ holds the gradients and the backward only scales them by the incoming gradient. 
 is summed over chunks in fp32 ([V, H] fp32: 1 GiB for Chameleon-7B's head), far less than
 [N, V] fp32 logits.
 
+Both gradients are kept in fp32 until the backward, which multiplies them by the incoming
+gradient and then rounds them once to the inputs' dtype, as autograd does: a loss scale
+(torch.amp.GradScaler's 65536, itself above fp16's largest value) is applied before the rounding
+it exists for. (That holds [N, H] + [V, H] fp32 between forward and backward, twice the
+inputs' dtype.) In fp16 the dlogits for d loss = 1 are ~1/n of a softmax: subnormals or zeros
+from a few thousand labelled rows on. The kernel then writes them times a power of two,
+`g_scale`, that brings the largest row weight into [1, 2); grad_hidden's product (a row of
+dlogits sums to at most ~4 there) takes them so, grad_weight's, where the rows add up, takes
+them scaled down by a further power of two where a bound of its entries (sum_i max_j
+|dlogits_ij| |h_ik|) would come near fp16's largest value. The scales come off in fp32, exactly.
+
 No host synchronization: every row is processed, and ignored rows (target == ignore_index)
 have their hidden state zeroed and carry zero weight, so they add nothing to the loss or the
 gradients. The normalizers (sum of weights, number of labelled rows) stay on the device, in
@@ -34,8 +45,9 @@ from ._common import INTERPRET, check_device, check_dtype, store_dtype
 @triton.jit
 def _ce_rows_kernel(LOGITS, s_row, TARGETS, ROW_W, CE, LSE, n_rows, V, row0, n_total, z_coef,
                     HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """ROW_W is fp32 [2, n_total]: the CE weight a_i (row 0, read when HAS_WEIGHT; otherwise
-    a_i equals row 1) and the z-loss weight (row 1: 1/n on labelled rows, 0 on ignored ones)."""
+    """ROW_W is fp32 [2 * n_total + 1]: the CE weight a_i (row 0, read when HAS_WEIGHT; otherwise
+    a_i equals row 1), the z-loss weight (row 1: 1/n on labelled rows, 0 on ignored ones), then the
+    gradient's scale: the gradient written is dloss/dlogits times it (a power of two)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     r_valid = rows < n_rows
     base = LOGITS + rows.to(tl.int64)[:, None] * s_row
@@ -62,7 +74,9 @@ def _ce_rows_kernel(LOGITS, s_row, TARGETS, ROW_W, CE, LSE, n_rows, V, row0, n_t
             a = tl.load(ROW_W + row0 + rows, mask=r_valid, other=0.0)
         else:
             a = zw
-        c = a + z_coef * zw * lse
+        g_scale = tl.load(ROW_W + 2 * n_total)
+        c = (a + z_coef * zw * lse) * g_scale
+        a = a * g_scale
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
             mask = r_valid[:, None] & (cols < V)[None, :]
@@ -101,7 +115,8 @@ def check_inputs(hidden, weight, targets, class_weight=None):
 
 def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100,
                       need_grad_hidden=False, need_grad_weight=False, chunk_size=None, check_targets=None):
-    """Returns (loss, z_mean, grad_hidden or None, grad_weight or None); gradients for d loss = 1.
+    """Returns (loss, z_mean, grad_hidden or None, grad_weight or None); gradients for d loss = 1, in fp32
+    (the backward scales them, then rounds them to the inputs' dtype).
 
     `check_targets`: raise ValueError on a labelled target outside [0, V). None checks CPU
     inputs only (reading CUDA targets on the host would synchronize); elsewhere such a target
@@ -117,7 +132,9 @@ def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5,
     y32 = y.to(torch.int32).contiguous()
     # Per-row weights, normalizers kept on the device: row 0 the CE weight, row 1 the z-loss weight.
     n_valid = valid.sum(dtype=torch.float32)
-    row_w = torch.zeros((2, N), dtype=torch.float32, device=dev)
+    # [2, N] row weights and, last, the gradient's scale (g_scale below): one buffer for the kernel
+    row_buf = torch.zeros(2 * N + 1, dtype=torch.float32, device=dev)
+    row_w = row_buf[:2 * N].view(2, N)
     row_w[1] = valid.float() / n_valid.clamp(min=1.0)
     if class_weight is not None:
         # clamped: an out-of-range target must not index out of bounds (the kernel makes its CE NaN)
@@ -128,8 +145,16 @@ def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5,
     write_grad = need_grad_hidden or need_grad_weight
     ce = torch.empty(N, dtype=torch.float32, device=dev)
     lse = torch.empty(N, dtype=torch.float32, device=dev)
-    grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_grad_hidden else None
+    grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=dev) if need_grad_hidden else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_grad_weight else None
+    # fp16: dlogits times a power of two that brings the largest row weight into [1, 2) (module docstring);
+    # every row's dlogits then sum to at most ~4 in magnitude. On the device: no host read.
+    scaled = write_grad and N > 0 and hidden.dtype == torch.float16
+    g_scale = row_buf[2 * N]
+    if scaled:
+        g_scale.copy_(torch.exp2(-torch.floor(torch.log2(row_w.amax().clamp(min=2.0 ** -100)))))
+    else:
+        g_scale.fill_(1.0)
     # One row per program on GPUs; the interpreter pays per program, so there a program takes 32 rows.
     rows_per_prog = 32 if INTERPRET else 1
     block_v = min(triton.next_power_of_2(V), 1024 if INTERPRET else 4096)
@@ -142,23 +167,49 @@ def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5,
         if store_dtype(logits.dtype) != logits.dtype:
             logits = logits.float()
         _ce_rows_kernel[(triton.cdiv(h_c.shape[0], rows_per_prog),)](
-            logits, logits.stride(0), y32, row_w, ce, lse, h_c.shape[0], V, r0, N, 2.0 * z_weight,
+            logits, logits.stride(0), y32, row_buf, ce, lse, h_c.shape[0], V, r0, N, 2.0 * z_weight,
             HAS_WEIGHT=class_weight is not None, WRITE_GRAD=write_grad, ROWS=rows_per_prog, BLOCK_V=block_v,
             **({} if INTERPRET else dict(num_warps=8)))
         if not write_grad:
             continue
         dlogits = logits.to(weight.dtype)
         if need_grad_hidden:
-            torch.matmul(dlogits, weight, out=grad_h[r0:r0 + step])
+            if grad_h.dtype == dlogits.dtype:
+                torch.matmul(dlogits, weight, out=grad_h[r0:r0 + step])
+            else:
+                grad_h[r0:r0 + step] = dlogits @ weight
         if need_grad_weight:
             # Each chunk's product is rounded once to the input dtype, the sum over chunks is kept in fp32.
-            grad_w += dlogits.t() @ h_c
+            if scaled:
+                down = _fp16_sum_scale(g_scale, row_w, lse, h_c, r0, z_weight, class_weight is not None)
+                dlogits.mul_(down)  # a power of two: exact but for new subnormals
+                grad_w.addcmul_(dlogits.t() @ h_c, 1.0 / down)
+            else:
+                grad_w += dlogits.t() @ h_c
     # Ignored rows have finite ce and lse (their logits are 0) and zero weight.
     z = (row_w[1] * lse * lse).sum()
     loss = (row_w[0] * ce).sum() + z_weight * z
-    if grad_w is not None:
-        grad_w = grad_w.to(weight.dtype)
+    if scaled:
+        for g in (grad_h, grad_w):
+            if g is not None:
+                g.mul_(1.0 / g_scale)
     return loss, z.detach(), grad_h, grad_w
+
+
+# Largest magnitude grad_weight's fp16 product of a chunk may reach (fp16's largest is 65504).
+_FP16_SUM_LIMIT = 2.0 ** 14
+
+
+def _fp16_sum_scale(g_scale, row_w, lse, h_c, r0, z_weight, has_weight):
+    """A power of two <= 1 (a device scalar) that keeps grad_weight's fp16 product of one chunk of scaled
+    dlogits below _FP16_SUM_LIMIT: its entries are at most sum_i rho_i |h_ik|, rho_i = g_scale (|c_i| + a_i)
+    bounding row i's |dlogits| (c_i, a_i as in the kernel)."""
+    rows = slice(r0, r0 + h_c.shape[0])
+    zw = row_w[1, rows]
+    a = row_w[0, rows] if has_weight else zw
+    rho = g_scale * ((a + 2.0 * z_weight * zw * lse[rows]).abs() + a)
+    bound = (rho @ h_c.abs().float()).amax() if h_c.shape[0] else rho.new_zeros(())
+    return torch.exp2(-torch.ceil(torch.log2(bound / _FP16_SUM_LIMIT)).clamp(min=0.0))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -169,17 +220,23 @@ class LinearCrossEntropy(torch.autograd.Function):
                                             need_grad_weight=ctx.needs_input_grad[1], chunk_size=chunk_size,
                                             check_targets=check_targets)
         ctx.save_for_backward(gh, gw)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(z)
         return loss, z
 
     @staticmethod
     def backward(ctx, grad_loss, grad_z):
         gh, gw = ctx.saved_tensors
-        if gh is not None:
-            gh = gh * grad_loss.to(gh.dtype)
-        if gw is not None:
-            gw = gw * grad_loss.to(gw.dtype)
-        return gh, gw, None, None, None, None, None, None
+        return (scale_grad(gh, grad_loss, ctx.dtypes[0]), scale_grad(gw, grad_loss, ctx.dtypes[1]),
+                None, None, None, None, None, None)
+
+
+def scale_grad(grad, grad_loss, dtype):
+    """An fp32 gradient for d loss = 1 times the incoming gradient, rounded once to `dtype` (None stays None)."""
+    if grad is None:
+        return None
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    return torch.mul(grad, grad_loss.to(torch.float32), out=out)  # computed in fp32, rounded on the store
 
 
 def linear_cross_entropy(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100, chunk_size=None,

@@ -140,8 +140,8 @@ def vq_gather(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     if indices.dim() != 3 or codebook.dim() != 2:
         raise ValueError(f"vq_gather wants indices [B, h, w] and codebook [K, C]; got {tuple(indices.shape)}, "
                          f"{tuple(codebook.shape)}")
-    if indices.dtype.is_floating_point:
-        raise TypeError(f"vq_gather: indices must be integers, got {indices.dtype}")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"vq_gather: indices must hold integer codes, got {indices.dtype}")
     check_device("vq_gather", indices, codebook)
     B, h, w = indices.shape
     K, C = codebook.shape

@@ -414,6 +414,31 @@ def test_bad_arguments_raise_clearly(rng):
             decode_attention(q[:, :1], k[:, :, :0], v[:, :, :0], dm, backend=backend)
 
 
+def test_entry_points_refuse_what_no_backend_can_run(rng):
+    """Head dim 0, and decode metadata of the wrong shape, are refused by the entry points with a message naming
+    the argument on every backend (head dim 0 was a ZeroDivisionError in the native and Triton wrappers; the
+    torch backend broadcast decode metadata of the wrong shape, or failed naming no field)."""
+    meta = causal_meta((1, 16))
+    q, k, v = qkv(rng, (1, 16), 2, 1, 8)
+    dm = DecodeMeta(torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                    torch.zeros(1, 16, dtype=torch.int32), torch.tensor([16], dtype=torch.int32))
+    for backend in ("auto", *dispatch.available("masked_attention")):
+        with pytest.raises(ValueError, match=r"head dim must be at least 1, got q \(1, 16, 2, 0\)"):
+            masked_attention(q[..., :0], k[..., :0], v[..., :0], meta, backend=backend)
+    for backend in ("auto", *dispatch.available("decode_attention")):
+        with pytest.raises(ValueError, match=r"head dim must be at least 1, got q \(1, 1, 2, 0\)"):
+            decode_attention(q[:, :1, :, :0], k[..., :0], v[..., :0], dm, backend=backend)
+        with pytest.raises(ValueError, match=r"meta.kv_block must have shape \(1, 16\), got \(1, 8\)"):
+            decode_attention(q[:, :1], k, v, DecodeMeta(dm.q_pos, dm.q_limit, dm.kv_block[:, :8], dm.kv_len),
+                             backend=backend)
+        with pytest.raises(ValueError, match=r"meta.q_pos must have shape \(1, 1\), got \(1, 2\)"):
+            decode_attention(q[:, :1], k, v, DecodeMeta(dm.q_pos.repeat(1, 2), dm.q_limit, dm.kv_block, dm.kv_len),
+                             backend=backend)
+        with pytest.raises(ValueError, match=r"meta.kv_len must have shape \(1,\), got \(1, 1\)"):
+            decode_attention(q[:, :1], k, v, DecodeMeta(dm.q_pos, dm.q_limit, dm.kv_block, dm.kv_len[:, None]),
+                             backend=backend)
+
+
 def test_native_declines_autograd(rng):
     meta = causal_meta((1, 16))
     q, k, v = qkv(rng, (1, 16), 2, 1, 8)

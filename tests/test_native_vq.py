@@ -206,6 +206,18 @@ def test_vq_gather_shapes_fake_and_meta_tensors(rng):
         vq_gather(torch.tensor([[[0, 30]]]), torch.randn(30, 8, generator=rng))
 
 
+def test_vq_gather_refuses_codes_that_are_not_integers(rng):
+    """Float and bool codes are refused at the entry point on every backend (torch truncated floats to
+    codes, Triton took bools as codes 0 and 1)."""
+    cb = torch.randn(30, 8, generator=rng)
+    for backend in ("auto", *dispatch.available("vq_gather")):
+        for dtype in (torch.float32, torch.float16, torch.bool):
+            with pytest.raises(TypeError, match=rf"vq_gather: indices must hold integer codes, got {dtype}"):
+                vq_gather(torch.ones(1, 2, 3, dtype=dtype), cb, backend=backend)
+        assert torch.equal(vq_gather(torch.ones(1, 2, 3, dtype=torch.int32), cb, backend=backend),
+                           cb[1][None, :, None, None].expand(1, 8, 2, 3))
+
+
 def test_vq_under_torch_compile_cpu(rng):
     torch._dynamo.reset()
     z, cb = torch.randn(31, 8, generator=rng), torch.randn(17, 8, generator=rng)

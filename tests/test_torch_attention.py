@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from worldvla import VocabLayout, chunk_mask_meta
-from worldvla.mask import causal_meta
-from worldvla.ops import masked_attention, masked_attention_ref
+from worldvla.mask import NO_BLOCK, ChunkMaskMeta, causal_meta
+from worldvla.ops import dispatch, masked_attention, masked_attention_ref
 from worldvla.ops.attention import _documents_padded
 
 from test_mask import loop_mask, random_sequence
@@ -100,3 +100,54 @@ def test_one_document_and_dense_path_agree():
     ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                                            is_causal=True).transpose(0, 1)
     torch.testing.assert_close(masked_attention(q, k, v, one, backend="torch"), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_every_backend_refuses_bad_cu_seqlens():
+    """Hand-built packed metadata whose cu_seqlens does not rise from 0 to T (documents that stop short of
+    the last token, or overlap), or whose max_seqlen is shorter than a document, is refused at the entry point
+    on every backend, naming the field (Triton returned unwritten rows or overlapping documents, the torch
+    backend failed with an IndexError deep inside or overlapped the documents too)."""
+    T, H, D = 10, 2, 16
+    q = torch.randn(T, H, D, generator=torch.Generator().manual_seed(0))
+    kvb, ql = torch.full((T,), NO_BLOCK, dtype=torch.int32), torch.full((T,), -1, dtype=torch.int32)
+    cases = (([0, 5], 7, r"cu_seqlens must rise from 0 to T=10, got \[0, 5\]"),
+             ([0, 7, 3, 10], 7, r"cu_seqlens must rise from 0 to T=10, got \[0, 7, 3, 10\]"),
+             ([0, 5], 0, r"cu_seqlens must rise from 0 to T=10"),  # without max_seqlen
+             ([0, 9, 10], 7, r"max_seqlen=7 is shorter than the longest document \(9 tokens\)"))
+    for cu, max_seqlen, message in cases:
+        meta = ChunkMaskMeta(kvb, ql, torch.arange(T), torch.tensor(cu, dtype=torch.int32), max_seqlen)
+        for backend in ("auto", *dispatch.available("masked_attention")):
+            with pytest.raises(ValueError, match=message):
+                masked_attention(q, q, q, meta, backend=backend)
+    # Values on a device are not read (that would synchronize), what the host ints tell still is: meta tensors
+    # stand in for CUDA ones here.
+    on_device = ChunkMaskMeta(*(t.to("meta") for t in (kvb, ql, torch.arange(T), torch.tensor([0, 5], dtype=torch.int32))), 7)
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T=10, but its 1 document\(s\) of at most "
+                                         r"max_seqlen=7 tokens cannot cover them"):
+        masked_attention(*(q.to("meta"),) * 3, on_device, backend="torch")
+    with pytest.raises(ValueError, match=r"meta.cu_seqlens must be 1-D with n_docs \+ 1 >= 2 entries"):
+        masked_attention(q, q, q, ChunkMaskMeta(kvb, ql, torch.arange(T), torch.tensor([10], dtype=torch.int32)),
+                         backend="torch")
+    with pytest.raises(TypeError, match="meta.cu_seqlens must hold integers, got torch.float32"):
+        masked_attention(q, q, q, ChunkMaskMeta(kvb, ql, torch.arange(T), torch.tensor([0.0, 10.0])), backend="torch")
+
+
+def test_cu_seqlens_are_checked_once_per_metadata(no_host_reads):
+    """The values are read on the host once per metadata (every layer of a forward, and its backward, share
+    it); an in-place edit of cu_seqlens is checked again."""
+    T = 12
+    meta = causal_meta((T,), cu_seqlens=torch.tensor([0, 5, T], dtype=torch.int32))
+    q = torch.randn(T, 2, 8, generator=torch.Generator().manual_seed(1))
+    want = masked_attention(q, q, q, meta, backend="torch")
+    with no_host_reads():
+        again = masked_attention(q, q, q, meta, backend="torch")
+    assert torch.equal(again, want)
+    meta.cu_seqlens[1] = 13
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T=12, got \[0, 13, 12\]"):
+        masked_attention(q, q, q, meta, backend="torch")
+    with torch.inference_mode():  # inference tensors have no version counter: checked at every call
+        meta = causal_meta((T,), cu_seqlens=torch.tensor([0, 5, T], dtype=torch.int32))
+        assert torch.equal(masked_attention(q, q, q, meta, backend="torch"), want)
+        meta.cu_seqlens[1] = 13
+        with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T=12, got \[0, 13, 12\]"):
+            masked_attention(q, q, q, meta, backend="torch")

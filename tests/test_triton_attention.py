@@ -236,6 +236,20 @@ def test_tile_plan_follows_in_place_meta_edits(rng):
                       floor_eps=FP32_FLOOR_EPS)
 
 
+def test_inference_mode(rng):
+    """Deployment code runs the model under torch.inference_mode: the tile-plan cache read the metadata's
+    version counter, which inference tensors lack, and the kernel raised."""
+    ids = action_sample(rng, 100, n_images=1, chunk=6).unsqueeze(0)
+    q, k, v = qkv(rng, (1, 100, 2, 64), 1, torch.float32)
+    ref = masked_attention_ref(q.double(), k.double(), v.double(), chunk_mask_meta(ids, LAYOUT))
+    with torch.inference_mode():
+        meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+        for _ in range(2):  # no plan kept across calls either
+            out = masked_attention(q.to(DEV), k.to(DEV), v.to(DEV), meta, backend="triton")
+    assert_close_rule(out, ref, torch_same_precision(q, k, v, chunk_mask_meta(ids, LAYOUT)), "inference mode",
+                      floor_eps=FP32_FLOOR_EPS)
+
+
 def test_rows_without_visible_keys(rng, poison_empty):
     """Arbitrary metadata may hide every key from a row: output and gradients are zero there, never NaN."""
     B, L = 1, 70
@@ -297,6 +311,35 @@ def test_backward_packed(rng, poison_empty):
     # autograd's backward the kernel's dQ error is up to 2.7x larger here (12 seeds), at most 1.7x FA2's in torch.
     for name, g, r, s in zip("qkv", xs, xd, fa2_backward_same_precision(q, k, v, meta, do)):
         assert_close_rule(g.grad, r.grad, s, f"d{name}", floor_eps=FP32_FLOOR_EPS)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_backward_strided_head_dim(rng, packed, poison_empty):
+    """q, k, v (and dO) whose head dim is not contiguous (views of [..., Dh, H] storage as [..., H, Dh]): the
+    forward copies them to a contiguous last dim, and so must the backward, whose kernels assume unit stride
+    there; the gradients are those of the same values stored contiguously, on both autograd paths."""
+    L, H, Hkv, D = 20, 2, 1, 16
+    meta = (causal_meta((L,), cu_seqlens=torch.tensor([0, 12, L], dtype=torch.int32)) if packed
+            else causal_meta((1, L))).to(DEV)
+    lead = (L,) if packed else (1, L)
+
+    def strided(n_heads):
+        return torch.randn(*lead, D, n_heads, generator=rng).to(DEV).transpose(-1, -2)
+
+    q, k, v, do = strided(H), strided(Hkv), strided(Hkv), strided(H)
+    assert q.stride(-1) != 1 and do.stride(-1) != 1
+
+    def grads(fn, xs, do):
+        xs = [x.detach().clone(memory_format=torch.preserve_format).requires_grad_() for x in xs]
+        fn(*xs).backward(do)
+        return [x.grad for x in xs]
+
+    for name, fn in (("ops", lambda *x: masked_attention(*x, meta, backend="triton")),
+                     ("kernels", lambda *x: K.chunk_attention(*x, meta))):
+        got = grads(fn, (q, k, v), do)
+        want = grads(fn, [x.contiguous() for x in (q, k, v)], do.contiguous())
+        for n, g, w in zip("qkv", got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, msg=f"{name}: d{n}")
 
 
 # --------------------------------------------------------------------------- dispatch and inputs

@@ -1,4 +1,6 @@
 """Triton fused linear cross-entropy (class weights + z-loss) against a float64 reference."""
+import re
+
 import pytest
 import torch
 
@@ -93,6 +95,67 @@ def test_default_chunking_and_grad_scale(rng):
                       for fn in (K.linear_cross_entropy, ref64, linear_cross_entropy_ref))  # the kernel's own chunks
     for i, name in ((0, "loss"), (2, "grad_hidden"), (3, "grad_weight")):
         check_rule(got[i], ref[i], same[i], name, floor_eps=FP32_FLOOR_EPS)
+
+
+def fp16_inputs(g, n, vocab, w_std, weighted):
+    h = torch.randn(n, 32, generator=g)
+    w = torch.randn(vocab, 32, generator=g) * w_std
+    y = torch.randint(0, vocab, (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.2] = -100
+    cw = (torch.rand(vocab, generator=g) + 0.5).to(DEV) if weighted else None
+    return h.to(DEV, torch.float16), w.to(DEV, torch.float16), y.to(DEV), cw
+
+
+@pytest.mark.parametrize("n, vocab, w_std, scale, weighted", [(151, 1067, 0.05, 65536.0, True),
+                                                              (151, 1067, 0.2, 1 / 3, True),
+                                                              (2048, 4096, 0.05, 32768.0, False)])
+def test_fp16_loss_scale(rng, n, vocab, w_std, scale, weighted):
+    """fp16 training multiplies the loss by GradScaler's scale (65536 at first) so that small gradients stay
+    representable: the backward must scale the gradients before rounding them to fp16, as torch's autograd
+    does. They were formed and rounded for d loss = 1 in the forward and multiplied in fp16 after: 65536
+    itself overflows fp16 (inf/NaN gradients), any other scale but a power of two rounded them twice, and
+    with many rows the d loss = 1 dlogits were fp16 subnormals (2048 rows: 9.7x torch's grad_hidden error)."""
+    h, w, y, cw = fp16_inputs(rng, n, vocab, w_std, weighted)
+    ref = run(ref64, h, w, y, cw, 1e-5, grad_scale=scale)
+    same = run(linear_cross_entropy_ref, h, w, y, cw, 1e-5, grad_scale=scale)
+    for fn, how in ((lambda *a: linear_cross_entropy(*a, backend="triton"), "ops"),
+                    (lambda *a: K.linear_cross_entropy(*a, chunk_size=max(1, n // 3)), "kernels")):
+        got = run(fn, h, w, y, cw, 1e-5, grad_scale=scale)
+        for i, name in ((2, "grad_hidden"), (3, "grad_weight")):
+            assert got[i].dtype == torch.float16
+            check_rule(got[i], ref[i], same[i], f"{how} {name} x {scale:g}")
+
+
+def test_fp16_grad_weight_sums_do_not_overflow(rng):
+    """fp16 dlogits are formed at a scale that brings the largest row weight near 1 (~n times their value):
+    where many rows share a target and their hidden states point one way, grad_weight's product of a chunk,
+    a sum over its rows, would pass fp16's 65504 at that scale (here ~500 x 200); it is taken at a smaller one."""
+    n = 512
+    h = (200.0 + torch.rand(n, 32, generator=rng)).to(DEV, torch.float16)
+    w = (torch.randn(64, 32, generator=rng) * 1e-3).to(DEV, torch.float16)
+    y = torch.full((n,), 3, device=DEV)
+    ref = run(ref64, h, w, y, None, 1e-5)
+    same = run(linear_cross_entropy_ref, h, w, y, None, 1e-5)
+    got = run(lambda *a: K.linear_cross_entropy(*a), h, w, y, None, 1e-5)
+    assert ref[3].abs().max() > 100  # the target's row of grad_weight, at d loss = 1
+    for i, name in ((2, "grad_hidden"), (3, "grad_weight")):
+        check_rule(got[i], ref[i], same[i], name)
+
+
+def test_every_backend_checks_class_weight_shape(rng):
+    """A class_weight that is not [V] is refused at the entry point on every backend, with the Triton
+    backend's message (the torch backend broadcast a [V, 1] one into a wrong loss and took a short one)."""
+    from worldvla.ops import dispatch
+
+    h, w = torch.randn(6, 8, generator=rng).to(DEV), torch.randn(10, 8, generator=rng).to(DEV)
+    y = torch.tensor([1, 2, 3, 4, 0, 2], device=DEV)
+    cw = torch.rand(10, generator=rng).to(DEV)
+    for backend in ("auto", *dispatch.available("linear_cross_entropy")):
+        for bad in (cw[:, None], cw[:5], cw[:1].reshape(())):
+            with pytest.raises(ValueError, match=rf"class_weight must be \[V=10\], got {re.escape(str(tuple(bad.shape)))}"):
+                linear_cross_entropy(h, w, y, bad, backend=backend)
+        loss, _ = linear_cross_entropy(h, w, y, cw, backend=backend)
+        assert abs(loss.item() - ref64(h, w, y, cw, 1e-5)[0].item()) < 1e-5
 
 
 def test_dispatch_and_partial_grads(rng):

@@ -112,6 +112,9 @@ def test_bad_inputs(rng):
         K.vq_quantize(torch.randn(4, 8, device=DEV).double(), torch.randn(10, 8, device=DEV).double())
     with pytest.raises(ValueError, match="does not support"):
         vq_quantize(torch.randn(4, 8, device=DEV).double(), torch.randn(10, 8, device=DEV).double(), backend="triton")
+    for dtype in (torch.float32, torch.bool):  # the kernel's own check (bools were taken as codes 0 and 1)
+        with pytest.raises(TypeError, match=f"indices must hold integer codes, got {dtype}"):
+            K.vq_gather(torch.ones(1, 2, 3, dtype=dtype, device=DEV), torch.randn(10, 8, device=DEV))
 
 
 @pytest.mark.gpu

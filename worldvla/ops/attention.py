@@ -21,6 +21,42 @@ def _check_qkv(q, k, v):
         raise ValueError(f"k and v must match and share q's tokens and head dim; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
         raise ValueError(f"kv heads ({k.shape[-2]}) must divide q heads ({q.shape[-2]}) and be at least 1")
+    if q.shape[-1] == 0:
+        raise ValueError(f"head dim must be at least 1, got q {tuple(q.shape)}")
+
+
+def _check_cu_seqlens(meta: ChunkMaskMeta, T: int):
+    """Packed metadata's document boundaries: 1-D integers rising from 0 to T, no document longer than
+    meta.max_seqlen (when set). The shape and the host ints are checked on every device. The values are read
+    only from CPU tensors (on CUDA that read would synchronize: the kernels trust the metadata there, which
+    chunk_mask_meta and causal_meta build checked), and once per metadata: the result is kept on it, against
+    the tensor and its version, so the other layers of a forward and the backward read nothing."""
+    cu = meta.cu_seqlens
+    if cu.dtype.is_floating_point or cu.dtype.is_complex or cu.dtype == torch.bool:
+        raise TypeError(f"meta.cu_seqlens must hold integers, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"meta.cu_seqlens must be 1-D with n_docs + 1 >= 2 entries, got shape {tuple(cu.shape)}")
+    n_docs, max_seqlen = cu.numel() - 1, int(meta.max_seqlen)
+    if cu.device.type != "cpu" or not dispatch.values_readable(cu):
+        if max_seqlen > 0 and n_docs * max_seqlen < T:  # what the host ints alone tell
+            raise ValueError(f"meta.cu_seqlens must rise from 0 to T={T}, but its {n_docs} document(s) of at most "
+                             f"max_seqlen={max_seqlen} tokens cannot cover them")
+        return
+    # Inference tensors (made under torch.inference_mode) have no version counter: checked at every call.
+    key = None if cu.is_inference() else (cu._version, T, max_seqlen)
+    seen = meta.__dict__.get("_cu_seqlens_checked")
+    if key is not None and seen is not None and seen[0] is cu and seen[1] == key:
+        return
+    values = cu.tolist()
+    if values[0] != 0 or values[-1] != T or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"meta.cu_seqlens must rise from 0 to T={T}, "
+                         f"got {values[:8]}{'...' if len(values) > 8 else ''}")
+    longest = max(b - a for a, b in zip(values, values[1:]))
+    if max_seqlen > 0 and longest > max_seqlen:
+        raise ValueError(f"meta.max_seqlen={max_seqlen} is shorter than the longest document ({longest} tokens); "
+                         f"rebuild the metadata (or set max_seqlen 0)")
+    if key is not None:
+        meta.__dict__["_cu_seqlens_checked"] = (cu, key)
 
 
 def _expand_kv(x, n_heads):
@@ -67,6 +103,8 @@ def masked_attention(q, k, v, meta: ChunkMaskMeta, softmax_scale=None, backend: 
     _check_qkv(q, k, v)
     if meta.kv_block.shape != q.shape[:-2]:
         raise ValueError(f"meta covers tokens {tuple(meta.kv_block.shape)} but q has {tuple(q.shape[:-2])}")
+    if meta.packed:
+        _check_cu_seqlens(meta, q.shape[0])
     return dispatch.call("masked_attention", backend, q.device.type, q, k, v, meta, softmax_scale)
 
 
@@ -79,6 +117,14 @@ def decode_attention(q, k_cache, v_cache, meta: DecodeMeta, softmax_scale=None, 
             or q.shape[2] % k_cache.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} and cache {tuple(k_cache.shape)} disagree on batch, head dim or heads "
                          "(kv heads must be at least 1 and divide q heads)")
+    if q.shape[-1] == 0:
+        raise ValueError(f"head dim must be at least 1, got q {tuple(q.shape)}")
+    (B, Q), S = q.shape[:2], k_cache.shape[1]
+    for name, t, shape in (("q_pos", meta.q_pos, (B, Q)), ("q_limit", meta.q_limit, (B, Q)),
+                           ("kv_block", meta.kv_block, (B, S)), ("kv_len", meta.kv_len, (B,))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"meta.{name} must have shape {shape}, got {tuple(t.shape)} (q {tuple(q.shape)}, "
+                             f"caches {tuple(k_cache.shape)})")
     return dispatch.call("decode_attention", backend, q.device.type, q, k_cache, v_cache, meta, softmax_scale)
 
 

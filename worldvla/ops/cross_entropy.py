@@ -24,9 +24,16 @@ def linear_cross_entropy_ref(hidden, weight, targets, class_weight=None, z_weigh
     return logits_cross_entropy((h @ weight.t()).float(), y, class_weight, z_weight)
 
 
+def _check_class_weight(class_weight, vocab: int):
+    """One weight per class: a [V, 1] one would broadcast against the per-row losses into a wrong loss."""
+    if class_weight is not None and (class_weight.dim() != 1 or class_weight.numel() != vocab):
+        raise ValueError(f"class_weight must be [V={vocab}], got {tuple(class_weight.shape)}")
+
+
 def logits_cross_entropy(logits, targets, class_weight=None, z_weight=1e-5):
     """The same loss from fp32 logits [n, V] of labelled rows (targets [n], none ignored): for a head
     that is more than its weight (an adapter), run as a module. Returns (loss, z_mean)."""
+    _check_class_weight(class_weight, logits.shape[-1])
     lse = torch.logsumexp(logits, dim=-1)
     ce = lse - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     if class_weight is not None:
@@ -42,6 +49,7 @@ def linear_cross_entropy(hidden, weight, targets, class_weight=None, z_weight=1e
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy wants hidden [N, H], weight [V, H], targets [N]; got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
+    _check_class_weight(class_weight, weight.shape[0])
     return dispatch.call("linear_cross_entropy", backend, hidden.device.type, hidden, weight, targets,
                          class_weight, z_weight, ignore_index)
 

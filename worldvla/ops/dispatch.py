@@ -105,6 +105,17 @@ class Unsupported:
         return f"Unsupported({self.reason!r})"
 
 
+def values_readable(t) -> bool:
+    """Whether `t`'s values can be read on the host: not while torch.compile traces, not a meta or fake
+    tensor (FakeTensorMode, export), not while a fake mode is active (its ops return fake tensors).
+    (Entry points read only CPU values, or pay one sync where they say so.)"""
+    import torch
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not (torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t)
+                or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
+
+
 def first_false(*answers):
     """The first false answer of a `supports` chain (an Unsupported keeps its reason), else True.
     An answer may be a zero-argument callable, evaluated only if every answer before it passed."""

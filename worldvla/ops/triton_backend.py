@@ -164,32 +164,37 @@ def decode_attention(q, k_cache, v_cache, meta: DecodeMeta, softmax_scale=None, 
 def linear_cross_entropy_op(hidden: Tensor, weight: Tensor, targets: Tensor, class_weight: Optional[Tensor],
                             z_weight: float, ignore_index: int, need_grad_hidden: bool, need_grad_weight: bool,
                             chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, z_mean, grad_hidden, grad_weight) with the gradients for d loss = 1; a gradient
-    not asked for is an empty tensor. chunk_size 0 = automatic. Sync-free on CUDA."""
+    """(loss, z_mean, grad_hidden, grad_weight) with the gradients for d loss = 1 in fp32 (the backward
+    scales them, then rounds them to the inputs' dtype); a gradient not asked for is an empty tensor.
+    chunk_size 0 = automatic. Sync-free on CUDA."""
     loss, z, gh, gw = _linear_ce.linear_ce_forward(hidden, weight, targets, class_weight, z_weight, ignore_index,
                                                    need_grad_hidden, need_grad_weight, chunk_size or None)
-    return (loss, z, hidden.new_empty(0) if gh is None else gh, weight.new_empty(0) if gw is None else gw)
+    empty = hidden.new_empty(0, dtype=torch.float32)
+    return loss, z, empty if gh is None else gh, empty.clone() if gw is None else gw
 
 
 @linear_cross_entropy_op.register_fake
 def _(hidden, weight, targets, class_weight, z_weight, ignore_index, need_grad_hidden, need_grad_weight, chunk_size):
     _linear_ce.check_inputs(hidden, weight, targets, class_weight)
     scalar = hidden.new_empty((), dtype=torch.float32)
-    return (scalar, scalar.new_empty(()), hidden.new_empty(hidden.shape if need_grad_hidden else (0,)),
-            weight.new_empty(weight.shape if need_grad_weight else (0,)))
+    return (scalar, scalar.new_empty(()), scalar.new_empty(hidden.shape if need_grad_hidden else (0,)),
+            scalar.new_empty(weight.shape if need_grad_weight else (0,)))
 
 
 def _linear_ce_setup_context(ctx, inputs, output):
     _, z, gh, gw = output
     ctx.mark_non_differentiable(z, gh, gw)
     ctx.need_grad = inputs[6:8]
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
     ctx.save_for_backward(gh, gw)
 
 
 def _linear_ce_backward(ctx, grad_loss, grad_z, grad_gh, grad_gw):
+    # fp32 gradients for d loss = 1, scaled before they are rounded to the inputs' dtype (a loss scale
+    # of 65536 would overflow fp16 itself)
     gh, gw = ctx.saved_tensors
-    dh = gh * grad_loss.to(gh.dtype) if ctx.need_grad[0] else None
-    dw = gw * grad_loss.to(gw.dtype) if ctx.need_grad[1] else None
+    dh = _linear_ce.scale_grad(gh, grad_loss, ctx.dtypes[0]) if ctx.need_grad[0] else None
+    dw = _linear_ce.scale_grad(gw, grad_loss, ctx.dtypes[1]) if ctx.need_grad[1] else None
     return dh, dw, None, None, None, None, None, None, None
 
 
@@ -347,8 +352,9 @@ def _vq_quantize_supports(z, codebook):
 
 
 def _vq_gather_supports(indices, codebook):
-    return dispatch.first_false(_device(indices, codebook), not indices.dtype.is_floating_point or
-                        dispatch.Unsupported(f"indices must be integers, got {indices.dtype}"))
+    integer = not (indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool)
+    return dispatch.first_false(_device(indices, codebook), integer or
+                                dispatch.Unsupported(f"indices must hold integer codes, got {indices.dtype}"))
 
 
 dispatch.register("masked_attention", "triton", masked_attention, _attention_supports)

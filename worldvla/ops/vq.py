@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from . import dispatch
 
@@ -24,13 +23,6 @@ def vq_gather_ref(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
     return codebook[indices.long()].permute(0, 3, 1, 2).contiguous()
 
 
-def _values_readable(t: torch.Tensor) -> bool:
-    """Whether `t`'s values can be read on the host: not while torch.compile traces, not a meta or fake
-    tensor (FakeTensorMode, export), not while a fake mode is active (its ops return fake tensors)."""
-    return not (torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t)
-                or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
-
-
 def vq_quantize(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
         raise ValueError(f"vq_quantize wants z [N, C] and codebook [K, C]; got {tuple(z.shape)}, {tuple(codebook.shape)}")
@@ -40,9 +32,11 @@ def vq_quantize(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") 
 def vq_gather(indices: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     if indices.dim() != 3 or codebook.dim() != 2:
         raise ValueError(f"vq_gather wants indices [B, h, w] and codebook [K, C]; got {tuple(indices.shape)}, {tuple(codebook.shape)}")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"vq_gather: indices must hold integer codes, got {indices.dtype}")
     # The range check reads the codes on the host (one sync); a compiled graph, fake and meta tensors
     # (shape propagation: no values to read) skip it.
-    if indices.numel() and _values_readable(indices):
+    if indices.numel() and dispatch.values_readable(indices):
         lo, hi = torch.stack(torch.aminmax(indices)).tolist()
         if lo < 0 or hi >= codebook.shape[0]:
             raise ValueError(f"codes must lie in [0, {codebook.shape[0]}), got values in [{lo}, {hi}]")
