@@ -21,6 +21,7 @@ def test_fast_demo_runs_and_reuses_its_caches(tmp_path, capsys):
     first = time.perf_counter() - t0
     printed = capsys.readouterr().out
     assert "closed-loop success" in printed and "random" in printed
+    assert "--resume" not in printed  # the demo's own trainings: no "--resume: no checkpoint" line
 
     for rel in ("metrics.json", "policy/policy.json", "policy/model", "policy/vqgan", "eval/metrics.json",
                 "eval/success.png", "eval/world_model.png", "eval/world_model_grid.png", "demos/reach-v3.hdf5",
@@ -155,3 +156,46 @@ def test_force_starts_an_interrupted_training_over(tmp_path, monkeypatch):
     interrupted()
     demo.run_demo(cfg, tmp_path, progress=False)  # the stand-in collect writes no demos: every stage reruns
     assert seen == {"vq": True, "train": True, "reuse": True}  # without --force an interrupted training resumes
+
+
+def test_the_trainings_resume_only_from_a_checkpoint(tmp_path, monkeypatch):
+    """The demo passed --resume to every training, so each fresh run printed "--resume: no checkpoint under
+    .../train, starting fresh" although the user passed no --resume: --resume goes only where a checkpoint is."""
+    from worldvla import demo
+    from worldvla.train import trainer
+    from worldvla.train import vq as train_vq
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(name):
+        def stop(args):
+            seen[name] = args.resume
+            raise Stop()
+        return stop
+
+    monkeypatch.setattr(trainer, "train", record("train"))
+    monkeypatch.setattr(train_vq, "train_vq", record("vq"))
+    cfg = demo.DemoConfig.fast_preset()
+    for started in (False, True):  # a fresh stage, an interrupted one that had saved no checkpoint yet
+        for name, stage in (("train", demo.stage_train), ("vq", demo.stage_train_vq)):
+            with pytest.raises(Stop):
+                stage(cfg, tmp_path, False, started)
+            assert seen[name] is False, (name, started)
+    for name, stage in (("train", demo.stage_train), ("vq", demo.stage_train_vq)):
+        (tmp_path / name / "checkpoints" / "step_00000001").mkdir(parents=True)
+        with pytest.raises(Stop):
+            stage(cfg, tmp_path, False, True)
+        assert seen[name] is True, name
+
+
+def test_a_failed_collection_does_not_advise_the_same_rerun(tmp_path, monkeypatch):
+    """The layouts derive from --seed: the same run fails the same way, so another --seed is the advice."""
+    from worldvla import demo
+    from worldvla.data import collect
+
+    monkeypatch.setattr(collect, "collect", lambda *a, **k: {"incomplete": ["reach-v3"], "errors": []})
+    with pytest.raises(RuntimeError, match="another --seed"):
+        demo.stage_collect(demo.DemoConfig.fast_preset(), tmp_path, False)

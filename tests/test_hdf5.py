@@ -229,3 +229,17 @@ def test_missing_groups_are_named(tmp_path, np_rng):
 
     with pytest.raises(FileNotFoundError):
         read_demos(tmp_path / "nope.hdf5")
+
+
+def test_a_file_that_is_not_hdf5_or_is_cut_short_is_named(tmp_path, np_rng):
+    """h5py's "file signature not found" / "truncated file" did not say which file."""
+    text = tmp_path / "notes.log"
+    text.write_text("hello\n")
+    good = write_demos(tmp_path / "d.hdf5", [random_demo(np_rng, 4, 8, 8, 7, instruction="")], "push")
+    cut = tmp_path / "cut.hdf5"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for read in (demo_file_info, read_demos):
+        with pytest.raises(DemoFormatError, match=f"{text}: not an HDF5 file"):
+            read(text)
+        with pytest.raises(OSError, match=f"{cut}: cannot read this HDF5 file, it may be damaged or cut short"):
+            read(cut)

@@ -130,6 +130,37 @@ def test_a_gpu_that_is_not_there_is_refused_by_name(policy_dir, monkeypatch):
         WorldVLAPolicy.from_pretrained(policy_dir, device="cuda:2")
 
 
+def test_damaged_policy_files_are_named(policy_dir, tmp_path):
+    """A cut-short model.safetensors was a raw SafetensorError traceback; a broken policy.json a JSON error
+    without the file's path."""
+    import shutil
+
+    broken = tmp_path / "policy"
+    shutil.copytree(policy_dir, broken)
+    weights = broken / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{weights}: the weights file cannot be read .*damaged or cut short"):
+        WorldVLAPolicy.from_pretrained(broken, device="cpu")
+    shutil.copy(policy_dir / "model" / "model.safetensors", weights)
+    config = broken / "model" / "config.json"
+    config.write_text(config.read_text()[:50])
+    with pytest.raises(ValueError, match=f"{config}: not a valid model config"):
+        WorldVLAPolicy.from_pretrained(broken, device="cpu")
+    shutil.copy(policy_dir / "model" / "config.json", config)
+
+    info = broken / "policy.json"
+    info.write_text(info.read_text()[:-20])
+    with pytest.raises(ValueError, match=f"{info}: not a valid policy file"):
+        WorldVLAPolicy.from_pretrained(broken, device="cpu")
+    info.write_text(json.dumps({"chunk_size": 3}))
+    with pytest.raises(ValueError, match=r"policy.json: keys \['action_low', 'action_high', 'image_size'\] are "
+                                         r"missing"):
+        WorldVLAPolicy.from_pretrained(broken, device="cpu")
+    info.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not an object"):
+        WorldVLAPolicy.from_pretrained(broken, device="cpu")
+
+
 def test_history_semantics(policy_dir, rng):
     """First query: current frame only; later: the last frame given to act/observe, or explicit history."""
     pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")

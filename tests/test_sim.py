@@ -25,6 +25,54 @@ def test_missing_metaworld_says_how_to_install(monkeypatch, tmp_path):
         collect(["reach-v3"], 1, tmp_path)
 
 
+def test_collect_without_metaworld_is_one_line_naming_the_install(monkeypatch, tmp_path, capsys):
+    """`worldvla collect` without Meta-World printed a traceback ending in this ImportError."""
+    from worldvla.cli import main
+
+    monkeypatch.setitem(sys.modules, "metaworld", None)
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    assert main(["collect", "--out", str(tmp_path), "--tasks", "reach-v3", "--episodes", "1", "--workers", "1",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("worldvla collect: error:")
+    assert 'pip install "worldvla[sim]"' in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_collect_refuses_a_non_finite_noise(value, capsys):
+    """`--noise inf` failed every attempt of every episode (nan: the expert's actions)."""
+    import argparse
+
+    from worldvla.data.collect import add_arguments
+
+    parser = add_arguments(argparse.ArgumentParser())
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--out", "x", "--noise", value])
+    assert e.value.code == 2 and "argument --noise:" in capsys.readouterr().err
+
+
+def test_an_incomplete_collection_suggests_what_would_change_the_outcome(monkeypatch, tmp_path, capsys):
+    """The seeds are fixed, so 'rerun to retry them' repeated the same failures: the advice is the options
+    that change the attempts."""
+    import argparse
+
+    from worldvla.data import collect as collect_mod
+
+    summary = {"tasks": {"reach-v3": {"skipped": False, "episodes": 1, "expert_success_rate": 0.2, "mean_steps": 80,
+                                      "seconds_per_episode": 0.5}},
+               "episodes_run": 5, "seconds": 2.5, "seconds_per_episode": 0.5, "out_dir": str(tmp_path), "errors": [],
+               "incomplete": ["reach-v3"]}
+    monkeypatch.setattr(collect_mod, "collect", lambda *a, **k: summary)
+    parser = collect_mod.add_arguments(argparse.ArgumentParser())
+    assert collect_mod.run(parser.parse_args(["--out", str(tmp_path), "--max-attempts", "3", "--seed", "7"])) == 1
+    err = capsys.readouterr().err
+    assert "rerun to retry" not in err and "['reach-v3']" in err
+    assert "--max-attempts above 3" in err and "--max-steps above 200" in err and "a --seed other than 7" in err
+    assert collect_mod.run(parser.parse_args(["--out", str(tmp_path), "--max-steps", "500"])) == 1
+    err = capsys.readouterr().err
+    assert "--max-steps" not in err and "--max-attempts above 5" in err  # 500 is Meta-World's own limit
+
+
 @pytest.fixture(scope="module")
 def reach_env():
     with make_env("reach-v3", seed=0, image_size=40, max_steps=120) as env:
@@ -352,3 +400,33 @@ def test_collect_writes_each_task_as_it_settles_and_keeps_them_on_an_interrupt(t
     for task in ("reach-v3", "drawer-open-v3"):
         assert len(read_demos(tmp_path / f"{task}.hdf5")) == 2
     assert not (tmp_path / "push-v3.hdf5").exists()
+
+
+@needs_sim
+def test_ctrl_c_stops_collection_workers_without_tracebacks(tmp_path):
+    """A terminal's Ctrl-C reaches every process of its group: each worker printed a KeyboardInterrupt
+    traceback, then the parent its own. Now the parent stops the pool and says how to continue (exit 130)."""
+    import signal
+    import subprocess
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLDVLA_TRACEBACK", None)
+    cmd = [sys.executable, "-m", "worldvla.cli", "collect", "--out", str(tmp_path), "--tasks", "reach-v3,push-v3",
+           "--episodes", "30", "--workers", "2", "--image-size", "16", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (tmp_path / "reach-v3.hdf5").is_file():  # the workers are busy with push-v3 now
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "worldvla collect: interrupted; run the same command again to continue" in err
+    assert len(read_demos(tmp_path / "reach-v3.hdf5")) == 30

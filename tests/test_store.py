@@ -289,6 +289,33 @@ def test_cli_names_a_missing_vqgan_folder_and_a_too_long_chunk(demo_dir, tmp_pat
     assert "-K 500 is longer than every demo (the longest has 7 steps)" in err and "Traceback" not in err
 
 
+def test_cli_names_a_file_that_is_not_hdf5(tmp_path, capsys, monkeypatch):
+    """`pretokenize somefile.log` said only h5py's "file signature not found", not which file."""
+    from worldvla.cli import main
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    log = tmp_path / "somefile.log"
+    log.write_text("not a demo file\n")
+    tiny_vqgan().save_pretrained(tmp_path / "vq")
+    assert main(["pretokenize", str(log), "--out", str(tmp_path / "s"), "--vqgan", str(tmp_path / "vq"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{log}: not an HDF5 file" in err and "Traceback" not in err
+
+
+def test_cli_refuses_an_unknown_device_in_one_line(demo_dir, tmp_path, capsys, monkeypatch):
+    """`--device gpu` was torch's RuntimeError traceback."""
+    from worldvla.cli import main
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    folder, _ = demo_dir
+    tiny_vqgan().save_pretrained(tmp_path / "vq")
+    assert main(["pretokenize", str(folder), "--out", str(tmp_path / "s"), "--vqgan", str(tmp_path / "vq"),
+                 "--device", "gpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown device 'gpu' (--device)" in err
+
+
 def test_noop_filter_and_rotation_reach_the_store(tmp_path):
     """--drop-noops and --rotate-180 change what is tokenized (recorded in the manifest's settings)."""
     rng = np.random.default_rng(3)

@@ -354,6 +354,79 @@ def test_cli_refuses_bad_counts_naming_the_option(option, value, tmp_path, capsy
     assert f"argument {option}: must be >= " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option,value", [
+    ("--alpha", "nan"), ("--z-weight", "inf"), ("--min-lr", "nan"), ("--grad-clip", "-1"), ("--grad-clip", "nan"),
+    ("--eps", "nan"), ("--init-std", "inf"), ("--lr", "nan"), ("--lr", "-0.001"), ("--beta1", "nan"),
+    ("--beta2", "inf"), ("--weight-decay", "nan"), ("--warmup", "inf"), ("--dropout", "nan"), ("--dropout", "1.5")])
+def test_cli_refuses_non_finite_and_out_of_range_floats_naming_the_option(option, value, tmp_path, capsys):
+    """`--alpha nan` trained to a loss of nan and exported it with exit 0; `--warmup inf` was an
+    OverflowError traceback; a negative --grad-clip silently meant 'off'."""
+    from worldvla.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--store", str(tmp_path), "--out", str(tmp_path / "o"), option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: " in err and value in err
+
+
+def test_resume_settings_compare_nan_equal():
+    """A run recorded with a nan setting (possible before nan was refused at parse time) resumes with it."""
+    from argparse import Namespace
+
+    from worldvla.train.checkpointing import check_resume_settings
+
+    check_resume_settings({"lr": float("nan"), "steps": 4}, Namespace(lr=float("nan"), steps=4), ("lr", "steps"), "r")
+    with pytest.raises(ValueError, match="--lr nan"):
+        check_resume_settings({"lr": float("nan")}, Namespace(lr=1e-3), ("lr",), "r")
+
+
+def test_an_unknown_device_name_is_refused_by_name(store_dir, tmp_path, capsys, monkeypatch):
+    """`--device gpu` was torch's RuntimeError traceback."""
+    from worldvla.cli import main
+
+    with pytest.raises(ValueError, match="unknown device 'gpu' \\(--device\\)"):
+        trainer.train(args_for(store_dir, tmp_path / "g", "--steps", 1, "--device", "gpu"))
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    assert main(["train", "--store", str(store_dir), "--out", str(tmp_path / "g"), "--device", "gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cpu, cuda or cuda:N" in err
+
+
+def test_resume_with_overwrite_is_refused_by_name(store_dir, tmp_path):
+    """--overwrite was silently ignored under --resume; the pair is refused before anything is touched."""
+    out = tmp_path / "run"
+    common = ("--steps", 2, "--batch-tokens", 300, "--kinds", "action", "--no-export")
+    trainer.train(args_for(store_dir, out, *common, "--stop-after", 1))
+
+    def no_init(*a, **k):
+        raise AssertionError("the run started before --resume --overwrite was refused")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer.dist_utils, "init", no_init)
+        with pytest.raises(ValueError, match="--resume.*--overwrite.*not both"):
+            trainer.train(args_for(store_dir, out, *common, "--resume", "--overwrite"))
+    assert latest_checkpoint(out).name == "step_00000001"  # nothing was touched
+
+
+def test_resume_says_when_there_is_nothing_to_resume_or_the_run_had_finished(store_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ("--steps", 2, "--batch-tokens", 300, "--kinds", "action")
+    trainer.run(args_for(store_dir, out, *common, "--resume"))  # a user's --resume into an empty folder
+    text = capsys.readouterr().out
+    assert f"--resume: no checkpoint in {out / 'checkpoints'}; a new run starts in {out}" in text
+    exported = Path(trainer.train(args_for(store_dir, out, *common, "--resume"))["export"])
+    text = capsys.readouterr().out
+    assert "at step 2 (epoch 0, batch 2): the run had already finished (2 steps)" in text and "exported again" in text
+    assert exported.is_dir()
+    assert trainer.run(args_for(store_dir, out, *common, "--resume")) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("step 2: no steps run;") and f"exported {exported} again" in last
+    trainer.train(args_for(store_dir, out, *common, "--resume", "--no-export"))
+    text = capsys.readouterr().out
+    assert "had already finished" in text and "exported again" not in text
+
+
 def test_cli_reports_bad_inputs_in_one_line_and_other_errors_with_traceback(tmp_path, capsys, monkeypatch):
     from worldvla.cli import main
 

@@ -148,6 +148,36 @@ def test_cli_refuses_bad_counts_naming_the_option(option, value, tmp_path, capsy
     assert f"argument {option}: must be >= " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option,value", [
+    ("--beta", "nan"), ("--min-lr", "nan"), ("--lr", "inf"), ("--l1", "nan"), ("--l2", "-1"),
+    ("--restart-threshold", "nan"), ("--usage-decay", "nan"), ("--usage-decay", "1.5"), ("--grad-clip", "-1"),
+    ("--weight-decay", "inf"), ("--beta1", "nan"), ("--beta2", "inf")])
+def test_cli_refuses_non_finite_and_out_of_range_floats_naming_the_option(option, value, tmp_path, capsys):
+    """`--beta nan` and `--min-lr nan` trained to a loss of nan (and exported it) with exit 0."""
+    from worldvla.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train-vq", str(tmp_path), "--out", str(tmp_path / "o"), option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: " in err and value in err
+
+
+def test_resume_with_overwrite_is_refused_and_resume_messages(data, tmp_path, capsys):
+    """--overwrite was silently ignored under --resume; a resumed run that had finished said only where it
+    resumed; a --resume with no checkpoint said nothing."""
+    out = tmp_path / "run"
+    vqt.train_vq(args_for(data, out, "--steps", 2, "--resume"))
+    assert f"--resume: no checkpoint in {out / 'checkpoints'}; a new run starts in {out}" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--resume.*--overwrite.*not both"):
+        vqt.train_vq(args_for(data, out, "--steps", 2, "--resume", "--overwrite"))
+    assert latest_checkpoint(out).name == "step_00000002"
+    assert vqt.run(args_for(data, out, "--steps", 2, "--resume")) == 0
+    text = capsys.readouterr().out
+    assert "at step 2: the run had already finished (2 steps)" in text and "exported again" in text
+    assert text.strip().splitlines()[-1] == f"step 2: no steps run; exported {out / 'vqgan'} again"
+
+
 def _ddp_worker(rank, world, init_file, data, out, common):
     import torch.distributed as dist
 

@@ -31,8 +31,9 @@ def add_arguments(p):
     p.add_argument("--quick", action="store_true",
                    help="small shapes and few repeats (a smoke run, on any device); writes "
                         "<result>-<device>-quick.json")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results and plots")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="folder for the JSON results and plots, relative to the current folder (default: %(default)s)")
 
 
 def run(args) -> int:

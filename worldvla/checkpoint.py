@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import pickle
 import secrets
 import shutil
 import tempfile
@@ -182,13 +183,40 @@ def _is_model_file(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pat) for pat in MODEL_FILES)
 
 
-def _load_state_dict(folder: Path) -> dict:
+def read_json_file(path, what: str = "JSON file") -> dict:
+    """The JSON object in `path`; a file that is not one (cut short, edited by hand) is refused naming it."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid {what} ({e}); the file is damaged or was cut short") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a valid {what} (a JSON {type(value).__name__}, not an object)")
+    return value
+
+
+def _load_weights_file(path: Path) -> dict:
+    """One weights file; a damaged one (cut short by a full disk or an interrupted copy) is refused naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: the weights file cannot be read ({type(e).__name__}: {e}); it is damaged or "
+                         f"cut short: export or copy the model again") from None
+
+
+def _load_state_dict(folder: Path) -> dict:
     files = []
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index_name).is_file():
-            weight_map = json.loads((folder / index_name).read_text())["weight_map"]
+            index = read_json_file(folder / index_name, "shard index")
+            if not isinstance(index.get("weight_map"), dict):
+                raise ValueError(f"{folder / index_name}: no 'weight_map' object; the shard index is damaged")
+            weight_map = index["weight_map"]
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (folder / f).is_file()]
             if missing:
@@ -201,10 +229,7 @@ def _load_state_dict(folder: Path) -> dict:
                                 f"model.safetensors.index.json, or pytorch_model*.bin)")
     sd = {}
     for f in files:
-        if f.endswith(".safetensors"):
-            sd.update(load_file(str(folder / f)))
-        else:
-            sd.update(torch.load(folder / f, map_location="cpu", weights_only=True))
+        sd.update(_load_weights_file(folder / f))
     return sd
 
 
@@ -212,7 +237,7 @@ def load_model(path, device=None, dtype=None) -> WorldVLA:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: config.json is missing (expected a Hugging Face model folder)")
-    cfg = config_from_hf(json.loads((folder / "config.json").read_text()))
+    cfg = config_from_hf(read_json_file(folder / "config.json", "model config"))
     sd = {k: v for k, v in _load_state_dict(folder).items()
           if not k.startswith(("model.vqmodel.", "vqmodel."))}
     qn = sd.get("model.layers.0.self_attn.q_norm.weight")

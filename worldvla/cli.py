@@ -7,6 +7,7 @@ import importlib
 import math
 import os
 import sys
+from pathlib import Path
 
 COMMANDS = {
     "collect": ("worldvla.data.collect", "collect Meta-World demonstrations with scripted experts into HDF5"),
@@ -39,13 +40,26 @@ def non_negative_int(text: str) -> int:
 
 
 def non_negative_float(text: str) -> float:
-    """argparse type: a number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:  # also refuses nan
+    """argparse type: a finite number >= 0."""
+    value = finite_float(text)
+    if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
 
 
@@ -87,22 +101,64 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# How an interrupted command continues (Ctrl-C): what it finished is kept.
+_CONTINUE = {
+    "collect": "run the same command again to continue: finished task files are kept",
+    "pretokenize": "run the same command again to continue: finished shards are kept",
+    "eval": "run the same command again to continue: finished closed loops are kept",
+    "eval-libero": "run the same command again to continue: finished episodes are kept",
+    "demo": "run the same command again to continue: finished stages are kept",
+}
+
+
+def _how_to_continue(args) -> str | None:
+    if args.command not in ("train", "train-vq"):
+        return _CONTINUE.get(args.command)
+    out = getattr(args, "out", None)
+    if out is None or not any((Path(out) / "checkpoints").glob("step_*")):
+        return "no checkpoint was written yet: run the same command again to start over"
+    if getattr(args, "resume", False):
+        return "run the same command again to continue from its last checkpoint"
+    return "add --resume to the same command to continue from its last checkpoint"
+
+
+def _missing_dependency(e: ImportError) -> bool:
+    """An ImportError that says what to install (an optional dependency or extra missing here), or a
+    module outside worldvla that is not installed. Any other (a name that worldvla's own modules do not
+    have, a worldvla module missing) is a bug or a broken install, and keeps its traceback."""
+    if "pip install" in str(e):
+        return True
+    name = getattr(e, "name", None)
+    return isinstance(e, ModuleNotFoundError) and bool(name) and name.split(".")[0] != "worldvla"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(chosen if chosen in COMMANDS else "")
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    # parse_known_args: a subcommand whose module failed to import has no options, and its reason must show
+    # whatever options were given; every other subcommand refuses unknown arguments as parse_args does.
+    args, unknown = parser.parse_known_args(argv)
     if getattr(args, "_unavailable", None):
         print(f"worldvla {args.command}: unavailable here: {args._unavailable}", file=sys.stderr)
         return 2
-    # Bad inputs (missing files are OSErrors) get one line; any other error keeps its traceback.
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    # Bad inputs (missing files are OSErrors) and a missing optional dependency get one line; any other error
+    # keeps its traceback.
     try:
         rc = importlib.import_module(args._module).run(args)
-    except (ValueError, OSError) as e:
+    except KeyboardInterrupt:
         if os.environ.get("WORLDVLA_TRACEBACK"):
+            raise
+        how = _how_to_continue(args)
+        print(f"\nworldvla {args.command}: interrupted" + (f"; {how}" if how else ""), file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError) as e:
+        if os.environ.get("WORLDVLA_TRACEBACK") or (isinstance(e, ImportError) and not _missing_dependency(e)):
             raise
         print(f"worldvla {args.command}: error: {e} (WORLDVLA_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2

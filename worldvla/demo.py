@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .cli import positive_float
+
 DEFAULT_TASKS = ("button-press-topdown-v3", "drawer-open-v3", "window-open-v3")
 
 
@@ -179,21 +181,26 @@ def stage_collect(cfg: DemoConfig, out: Path, progress: bool) -> dict:
                       progress=progress)
     if summary["incomplete"]:
         raise RuntimeError(f"the scripted experts failed too often on {summary['incomplete']} "
-                           f"(errors: {summary['errors'][:3]}); rerun, or choose other --tasks")
+                           f"(errors: {summary['errors'][:3]}); the layouts are fixed by --seed, so a rerun fails "
+                           f"the same way: choose another --seed or other --tasks")
     return {t: {k: v for k, v in s.items() if k != "path"} for t, s in summary["tasks"].items()}
 
 
 def stage_train_vq(cfg: DemoConfig, out: Path, progress: bool, resume: bool) -> dict:
     from .train import vq as train_vq
+    from .train.checkpointing import has_checkpoints
 
     run_dir = out / "vq"
     if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)
+    # --resume only where there is a checkpoint to continue: the user passed no --resume, so its "no checkpoint,
+    # a new run starts" line would only puzzle.
+    resume = resume and has_checkpoints(run_dir)
     argv = [*map(str, demo_files(cfg, out)), "--out", str(run_dir), "--config", "small", "--steps", str(cfg.vq_steps),
             "--batch-size", str(cfg.vq_batch), "--lr", str(cfg.vq_lr), "--min-lr", str(cfg.vq_lr / 10),
             "--warmup", str(max(1, min(100, cfg.vq_steps // 10))), "--seed", str(cfg.seed), "--device", "cpu",
-            "--save-every", str(max(cfg.vq_steps // 3, 50)), "--keep-last", "1", "--resume", "--log-every", "10",
-            "--n-embed", str(cfg.vq_codes),
+            "--save-every", str(max(cfg.vq_steps // 3, 50)), "--keep-last", "1", "--log-every", "10",
+            "--n-embed", str(cfg.vq_codes), *(["--resume"] if resume else []),
             # A short run never lets the default usage average (decay 0.99) call a code dead:
             # a faster average and frequent restarts keep the small codebook in use.
             "--usage-decay", "0.9", "--restart-every", "20"]
@@ -224,16 +231,18 @@ def stage_pretokenize(cfg: DemoConfig, out: Path, progress: bool) -> dict:
 def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool, action_only: bool = False,
                 run_name: str = "train", policy_name: str = "policy", attention: str = "chunk") -> dict:
     from .train import trainer
+    from .train.checkpointing import has_checkpoints
 
     run_dir = out / run_name
     if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)
+    resume = resume and has_checkpoints(run_dir)  # as in stage_train_vq
     argv = ["--store", str(out / "store"), "--out", str(run_dir), "--config", cfg.model,
             "--steps", str(cfg.train_steps), "--batch-tokens", str(cfg.batch_tokens),
             "--micro-tokens", str(min(cfg.micro_tokens, cfg.batch_tokens)), "--lr", str(cfg.lr),
             "--warmup", "0.05", "--seed", str(cfg.seed), "--device", "cpu", "--log-every", "5",
-            "--save-every", str(max(cfg.train_steps // 3, 50)), "--keep-last", "1", "--resume",
-            "--attention", attention]
+            "--save-every", str(max(cfg.train_steps // 3, 50)), "--keep-last", "1",
+            "--attention", attention, *(["--resume"] if resume else [])]
     if action_only:
         argv += ["--kinds", "action"]
     if not progress:
@@ -389,12 +398,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"expert demonstrations per task (default: {d.episodes})")
     parser.add_argument("--eval-episodes", type=int, default=None,
                         help=f"closed-loop evaluation episodes per task (default: {d.eval_episodes})")
-    parser.add_argument("--image-size", type=int, default=None, help=f"frame size, 64 or 128 (default: {d.image_size})")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help=f"square frame size in pixels: any multiple of 32, such as 64 or 128 "
+                             f"(default: {d.image_size})")
     parser.add_argument("--chunk-size", type=int, default=None, help=f"actions per chunk K (default: {d.chunk_size})")
     parser.add_argument("--train-steps", type=int, default=None, help=f"WorldVLA optimizer steps (default: {d.train_steps})")
     parser.add_argument("--vq-steps", type=int, default=None, help=f"VQGAN optimizer steps (default: {d.vq_steps})")
     parser.add_argument("--model", default=None, choices=("tiny", "small"), help=f"model size (default: {d.model})")
-    parser.add_argument("--lr", type=float, default=None, help=f"WorldVLA peak learning rate (default: {d.lr})")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help=f"WorldVLA peak learning rate (default: {d.lr})")
     parser.add_argument("--action-only", action="store_true",
                         help="train the policy on action samples only (no world-model samples)")
     parser.add_argument("--ablations", action="store_true",
@@ -403,7 +415,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "steps and token budget, and evaluate chunk-mask models decoded without the mask; "
                              "about triples training time and evaluation time")
     parser.add_argument("--workers", type=int, default=None, help="collection and evaluation worker processes (default: 2)")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help=f"seed of the layouts, the models and the "
+                        f"evaluation (default: {d.seed})")
     parser.add_argument("--fast", action="store_true",
                         help="tiny sizes (1 task, 2 demos, a few steps): checks the pipeline in ~1 minute")
     parser.add_argument("--force", action="store_true", help="ignore cached stages and redo everything")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import multiprocessing as mp
+import signal
 import sys
 import time
 import zlib
@@ -87,6 +88,12 @@ def run_episode(job: dict) -> dict:
         "seconds": time.perf_counter() - t0,  # the rollout alone
         "setup_seconds": t0 - t_setup,  # building the env (once per task and process)
     }
+
+
+def _ignore_sigint() -> None:
+    """A worker process's initializer: Ctrl-C (SIGINT to the terminal's whole process group) is the parent's
+    to handle; it stops the pool after the jobs in flight. In the workers it printed a traceback each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _worker_run(job: dict) -> dict:
@@ -294,7 +301,7 @@ def collect(
             # multiprocessing.Pool would. Two jobs a worker are queued at a time, so that on Ctrl-C or an
             # error only those finish before the run stops (the executor's exit waits for its queue).
             n = min(workers, n_jobs)
-            ex = ProcessPoolExecutor(max_workers=n, mp_context=_mp_context())
+            ex = ProcessPoolExecutor(max_workers=n, mp_context=_mp_context(), initializer=_ignore_sigint)
             try:
                 in_flight: set = set()
                 while pending or in_flight:
@@ -332,18 +339,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help="comma-separated Meta-World tasks, or 'all' (default: the MT10 set)")
     parser.add_argument("--episodes", type=positive_int, default=50,
-                        help="successful episodes per task. A task file from an earlier run with the same settings "
-                             "and more episodes is cut to its first N (the episodes a fresh run of N collects)")
+                        help="successful episodes per task (default: %(default)s). A task file from an earlier run "
+                             "with the same settings and more episodes is cut to its first N (the episodes a fresh "
+                             "run of N collects)")
     parser.add_argument("--out", required=True, help="output folder, one <task>.hdf5 per task")
-    parser.add_argument("--image-size", type=positive_int, default=64, help="square frame size in pixels (>= 8)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=positive_int, default=64,
+                        help="square frame size in pixels, >= 8 (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the layouts and the action noise: every episode's seed derives from it "
+                             "(default: %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=max(1, (mp.cpu_count() or 1)),
-                        help="worker processes (1 = run in this process)")
+                        help="worker processes (1 = run in this process; default: %(default)s, the CPU count)")
     parser.add_argument("--camera", default="corner", choices=CAMERAS, help="Meta-World camera (default: corner)")
-    parser.add_argument("--max-steps", type=positive_int, default=200, help="episode step limit (at most 500)")
+    parser.add_argument("--max-steps", type=positive_int, default=200,
+                        help="episode step limit, at most 500 (default: %(default)s)")
     parser.add_argument("--noise", type=non_negative_float, default=0.0,
-                        help="std of Gaussian noise on expert actions")
-    parser.add_argument("--max-attempts", type=positive_int, default=5, help="tries per episode before giving up")
+                        help="std of Gaussian noise on expert actions (default: %(default)s)")
+    parser.add_argument("--max-attempts", type=positive_int, default=5,
+                        help="tries per episode, each on a new layout, before giving up (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -365,7 +378,14 @@ def run(args: argparse.Namespace) -> int:
     for e in summary["errors"]:
         print(f"error: {e}", file=sys.stderr)
     if summary["incomplete"]:
-        print(f"fewer episodes than asked for: {summary['incomplete']}; rerun to retry them", file=sys.stderr)
+        # The seeds are deterministic: the same command would repeat the same failed attempts.
+        fixes = [f"--max-attempts above {args.max_attempts} (more layouts tried per episode)"]
+        if args.max_steps < 500:
+            fixes.append(f"--max-steps above {args.max_steps} (longer episodes, at most 500)")
+        fixes.append(f"a --seed other than {args.seed} (other layouts)")
+        print(f"fewer episodes than asked for: {summary['incomplete']} (every attempt at some of their episodes "
+              f"failed). The seeds are fixed, so the same command would fail the same way again; pass "
+              f"{', '.join(fixes[:-1])} or {fixes[-1]}", file=sys.stderr)
         return 1
     return 0
 

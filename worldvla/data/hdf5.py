@@ -48,6 +48,21 @@ def _h5py():
     return h5py
 
 
+def open_demo_file(path):
+    """`path` opened read-only with h5py; a file that is not HDF5 (or is cut short) is refused naming it."""
+    h5py = _h5py()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no demo file at {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        if not h5py.is_hdf5(path):
+            raise DemoFormatError(f"{path}: not an HDF5 file (h5py: {e}); give HDF5 demo files (*.hdf5, *.h5: "
+                                  f"worldvla collect, LIBERO or robomimic)") from None
+        raise OSError(f"{path}: cannot read this HDF5 file, it may be damaged or cut short (h5py: {e})") from None
+
+
 def _as_str(value) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8")
@@ -255,11 +270,8 @@ def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None,
     drop_noops: drop the steps the release's regeneration drops (`steps_without_noops`), frames with their
     actions: for LIBERO's raw files, which hold them.
     """
-    h5py = _h5py()
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no demo file at {path}")
-    with h5py.File(path, "r") as f:
+    with open_demo_file(path) as f:
         data = _open_data(f, path)
         instruction = _file_instruction(data, path)
         rotate = _should_rotate(data, rotate_180)
@@ -283,11 +295,8 @@ def read_demos(path, camera: str | None = None, rotate_180: bool | None = None, 
 def demo_file_info(path) -> dict:
     """Cheap summary of a demo file without reading frames: number of demos, steps,
     instruction and the `data` attributes. Raises like `read_demos` on a bad layout."""
-    h5py = _h5py()
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no demo file at {path}")
-    with h5py.File(path, "r") as f:
+    with open_demo_file(path) as f:
         data = _open_data(f, path)
         names = _demo_names(data)
         steps = [int(data[n]["actions"].shape[0]) if "actions" in data[n] else 0 for n in names]

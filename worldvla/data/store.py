@@ -109,12 +109,12 @@ def find_demo_files(inputs) -> list[Path]:
 
 def _scan_actions(files) -> np.ndarray:
     """Every action of every demo, without reading frames (for data-derived bounds)."""
-    import h5py
+    from .hdf5 import _open_data, open_demo_file
 
     out = []
     for path in files:
-        with h5py.File(path, "r") as f:
-            data = f["data"]
+        with open_demo_file(path) as f:
+            data = _open_data(f, path)
             for name in data:
                 if name.startswith("demo_") and "actions" in data[name]:
                     out.append(np.asarray(data[name]["actions"][()], dtype=np.float64))
@@ -605,27 +605,34 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output folder of the token store")
     p.add_argument("--vqgan", required=True, help="VQGAN folder (VQGAN.save_pretrained / worldvla train-vq)")
     p.add_argument("--layout", choices=("compact", "chameleon"), default="compact",
-                   help="vocabulary: compact (sized to the VQGAN, byte text) or the release's chameleon ids")
+                   help="vocabulary: compact (sized to the VQGAN, byte text) or the release's chameleon ids "
+                        "(default: %(default)s)")
     p.add_argument("--tokenizer-json", default=None, help="the release's text_tokenizer.json (chameleon layout)")
-    p.add_argument("--chunk-size", "-K", type=positive_int, default=5, help="actions per action-model sample (K)")
-    p.add_argument("--history", type=int, default=2, choices=(1, 2), help="history frames per action sample")
+    p.add_argument("--chunk-size", "-K", type=positive_int, default=5,
+                   help="actions per action-model sample (K; default: %(default)s)")
+    p.add_argument("--history", type=int, default=2, choices=(1, 2),
+                   help="history frames per action sample (default: %(default)s)")
     p.add_argument("--no-world", action="store_true", help="action samples only (the action-only ablation)")
     p.add_argument("--no-action", action="store_true", help="world-model samples only")
     p.add_argument("--action-bounds", default="auto", choices=("auto", "libero", "unit", "data"),
-                   help="min/max used to normalize actions before binning")
-    p.add_argument("--demos-per-shard", type=non_negative_int, default=0, help="demos per shard (0 = one shard per file)")
+                   help="min/max used to normalize actions before binning: libero (the release's 7-D bounds), unit "
+                        "([-1, 1]), data (the demos' min/max) or auto: libero for 7-D actions, unit when every "
+                        "action lies in [-1, 1], data otherwise (default: %(default)s)")
+    p.add_argument("--demos-per-shard", type=non_negative_int, default=0,
+                   help="demos per shard (default: 0, one shard per file)")
     p.add_argument("--include-failed", action="store_true", help="also tokenize demos not marked successful")
-    p.add_argument("--camera", default=None, help="camera name (obs/<camera>_rgb); default: agentview or first")
+    p.add_argument("--camera", default=None, help="camera name (obs/<camera>_rgb; default: agentview or the first)")
     p.add_argument("--rotate-180", default="auto", choices=("auto", "yes", "no"),
                    help="rotate frames by 180 degrees (auto: LIBERO's files, raw or regenerated, which store their "
-                        "cameras upside down, as the release does; not robomimic's or this package's)")
+                        "cameras upside down, as the release does; not robomimic's or this package's; default: "
+                        "%(default)s)")
     p.add_argument("--drop-noops", action="store_true",
                    help="drop the steps whose arm action is ~0 and gripper unchanged, as the release's regeneration "
                         "of LIBERO's demos does (for LIBERO's raw files, which keep them)")
-    p.add_argument("--encode-batch", type=positive_int, default=32, help="frames per VQGAN call")
-    p.add_argument("--device", default=None, help="device for the VQGAN (default cpu)")
+    p.add_argument("--encode-batch", type=positive_int, default=32, help="frames per VQGAN call (default: %(default)s)")
+    p.add_argument("--device", default=None, help="device for the VQGAN: cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--overwrite", action="store_true", help="rebuild a store made with other settings")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:

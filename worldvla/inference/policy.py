@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import replace_folder
+from ..checkpoint import read_json_file, replace_folder
 from ..devices import torch_device, torch_dtype
 from ..tokens import ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
 from ..tokens.layout import with_release_image_ids
@@ -168,7 +168,11 @@ class WorldVLAPolicy:
         if not (path / POLICY_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a policy folder: {POLICY_FILE} is missing (write one with "
                                     f"worldvla.inference.save_policy)")
-        info = json.loads((path / POLICY_FILE).read_text())
+        info = read_json_file(path / POLICY_FILE, "policy file")
+        missing = [k for k in ("action_low", "action_high", "chunk_size", "image_size") if k not in info]
+        if missing:
+            raise ValueError(f"{path / POLICY_FILE}: keys {missing} are missing; the file is damaged or was not "
+                             f"written by worldvla.inference.save_policy")
         device, dtype = torch_device(device), torch_dtype(dtype)
         model = WorldVLA.from_pretrained(path / "model", device=device, dtype=dtype)
         vqgan = VQGAN.from_pretrained(path / "vqgan", map_location=device)

@@ -30,7 +30,7 @@ import argparse
 import logging
 import sys
 
-from ..cli import POLICY_MODE_CHOICES, positive_int
+from ..cli import POLICY_MODE_CHOICES, non_negative_float, positive_float, positive_int
 from ..devices import DTYPES
 from .client import PolicyClient, PolicyServerError, health
 from .protocol import ProtocolError, packb, unpackb
@@ -45,8 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="policy folder written by worldvla.inference.policy.save_policy")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default 127.0.0.1; 0.0.0.0 to accept robots on the network)")
-    parser.add_argument("--port", type=tcp_port, default=8000, help="TCP port (0 picks a free one)")
-    parser.add_argument("--device", default=None, help="torch device for the model (default: cuda if available)")
+    parser.add_argument("--port", type=tcp_port, default=8000,
+                        help="TCP port (0 picks a free one; default: %(default)s)")
+    parser.add_argument("--device", default=None,
+                        help="torch device for the model: cuda, cuda:N or cpu (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help="model dtype (default: the dtype the checkpoint was saved in)")
     parser.add_argument("--mode", default=None, choices=POLICY_MODE_CHOICES,
@@ -54,23 +56,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "mask): parallel / sequential under the chunk mask, causal, or release (the release's "
                              "free greedy decoding over the whole vocabulary; a chunk holds as many actions as the "
                              "model writes)")
-    parser.add_argument("--max-batch", type=positive_int, default=8, help="most act requests in one policy call")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0,
-                        help="how long an idle server waits for more requests before running a batch")
+    parser.add_argument("--max-batch", type=positive_int, default=8,
+                        help="most act requests in one policy call (default: %(default)s)")
+    parser.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
+                        help="how long an idle server waits for more requests before running a batch "
+                             "(default: %(default)s)")
     parser.add_argument("--max-queue", type=positive_int, default=64,
-                        help="act requests that may wait; more are refused with 'server busy'")
-    parser.add_argument("--max-payload-mb", type=float, default=16.0, help="largest request accepted, in MiB")
-    parser.add_argument("--timeout-s", type=float, default=60.0,
-                        help="per-request limit, from arrival to reply, in seconds")
+                        help="act requests that may wait; more are refused with 'server busy' (default: %(default)s)")
+    parser.add_argument("--max-payload-mb", type=positive_float, default=16.0,
+                        help="largest request accepted, in MiB (default: %(default)s)")
+    parser.add_argument("--timeout-s", type=positive_float, default=60.0,
+                        help="per-request limit, from arrival to reply, in seconds (default: %(default)s)")
     parser.add_argument("--max-episodes", type=positive_int, default=256,
-                        help="episodes kept (each holds its last frame); the least recently used is dropped beyond")
+                        help="episodes kept (each holds its last frame); the least recently used is dropped beyond "
+                             "(default: %(default)s)")
     parser.add_argument("--no-pad-batches", action="store_true",
                         help="call the policy with the exact batch size instead of padding to a power of two")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up policy calls before serving")
 
 
 def tcp_port(text: str) -> int:
-    port = int(text)
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a TCP port is 0 to 65535 (0 picks a free one), got {port}")
     return port

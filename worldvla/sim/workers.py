@@ -11,6 +11,7 @@ successes are those of the same env in the calling process: same seed, same phys
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import sys
 import traceback
 from collections import deque
@@ -32,6 +33,10 @@ def mp_context(preload=("worldvla.sim.metaworld_env",)):
 def _serve(conn, task: str, n_envs: int, image_size: int, max_steps: int, kwargs: dict) -> None:
     """Worker loop: build `n_envs` envs, then answer (command, env index, args) messages."""
     from .metaworld_env import expert_episode, make_env
+
+    # Ctrl-C (SIGINT to the terminal's whole process group) is the parent's to handle: it closes the workers.
+    # Here it printed a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     envs = []
     try:

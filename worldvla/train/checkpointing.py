@@ -13,6 +13,7 @@ leaves the previous checkpoint usable. Full (unsharded) state dicts make a check
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -127,7 +128,7 @@ def trim_log(path: Path, step: int) -> None:
 def check_resume_settings(saved: dict, args, names: tuple[str, ...], source) -> None:
     """Refuse to resume with other values of the settings `names` than the run was started with (`saved`,
     the checkpoint's record of the run's arguments; names it lacks are not compared)."""
-    changed = [n for n in names if n in saved and saved[n] != getattr(args, n, None)]
+    changed = [n for n in names if n in saved and not _same_setting(saved[n], getattr(args, n, None))]
     if changed:
         def opts(values):
             return " ".join(f"--{n.replace('_', '-')} {values(n)}" for n in changed)
@@ -135,6 +136,13 @@ def check_resume_settings(saved: dict, args, names: tuple[str, ...], source) -> 
                          f"{opts(lambda n: getattr(args, n))}; its checkpoint continues the learning-rate schedule "
                          f"and the data order only under the run's own settings. Resume with those, or start a "
                          f"new run in another --out")
+
+
+def _same_setting(a, b) -> bool:
+    """Equal settings, nan equal to nan (a number that is not equal to itself)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
 
 
 def scalar_args(args) -> dict:
@@ -164,11 +172,19 @@ def has_checkpoints(run_dir) -> bool:
     return any((Path(run_dir) / "checkpoints").glob("step_*"))
 
 
+def check_resume_or_overwrite(resume: bool, overwrite: bool) -> None:
+    """--resume and --overwrite together are refused (the one would silently win over the other)."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite deletes it and starts over: pass one "
+                         "of them, not both")
+
+
 def prepare_run_dir(run_dir, resume: bool, overwrite: bool, exports=()) -> None:
     """Before a run: a fresh run (no --resume) refuses a folder that holds another run's checkpoints,
     unless `overwrite`, which deletes them and the folders in `exports` (that run's results).
     Collective: every rank calls it."""
     run_dir = Path(run_dir)
+    check_resume_or_overwrite(resume, overwrite)
     if resume or not has_checkpoints(run_dir):
         return
     if not overwrite:
@@ -188,14 +204,19 @@ def add_run_arguments(p, save_every: int, exports: str) -> None:
     from ..cli import non_negative_int, positive_int
 
     p.add_argument("--save-every", type=non_negative_int, default=save_every,
-                   help="checkpoint every N steps (0 = only at the end)")
-    p.add_argument("--keep-last", type=non_negative_int, default=2, help="checkpoints to keep (0 = all)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+                   help="checkpoint every N steps (0 = only at the end; default: %(default)s)")
+    p.add_argument("--keep-last", type=non_negative_int, default=2,
+                   help="checkpoints to keep (0 = all; default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (a new run starts there if it holds none)")
     p.add_argument("--overwrite", action="store_true",
                    help=f"start over in an --out that holds an earlier run: delete its checkpoints and exported "
-                        f"{exports} first (without --resume or --overwrite such a folder is refused)")
-    p.add_argument("--stop-after", type=non_negative_int, default=0, help="stop (with a checkpoint) after this step")
-    p.add_argument("--log-every", type=positive_int, default=1, help="write a metrics.jsonl line every N steps")
+                        f"{exports} first (without --resume or --overwrite such a folder is refused; not with "
+                        f"--resume)")
+    p.add_argument("--stop-after", type=non_negative_int, default=0,
+                   help="stop (with a checkpoint) after this step (default: 0, run to the end)")
+    p.add_argument("--log-every", type=positive_int, default=1,
+                   help="write a metrics.jsonl line every N steps (default: %(default)s)")
 
 
 def _to_cpu(obj):

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from ..cli import non_negative_float, non_negative_int, positive_int
-from .checkpointing import (add_run_arguments, full_model_state, load_checkpoint, prepare_run_dir, resume_point,
-                            save_checkpoint, scalar_args, trim_log)
+from ..cli import finite_float, non_negative_float, non_negative_int, positive_int, unit_float
+from .checkpointing import (add_run_arguments, check_resume_or_overwrite, full_model_state, load_checkpoint,
+                            prepare_run_dir, resume_point, save_checkpoint, scalar_args, trim_log)
 
 CONFIGS = ("tiny", "small", "chameleon_7b")
 # What a resumed run must share with its start: the model, the learning-rate schedule and the optimizer's
@@ -258,6 +258,7 @@ def train(args) -> dict:
     from ..data.store import TokenStore
     from ..model import loss_class_weights
 
+    check_resume_or_overwrite(args.resume, getattr(args, "overwrite", False))  # before anything starts
     device = dist_utils.init(args.device)
     if device.type == "cpu" and not getattr(args, "no_malloc_tuning", False):
         from ..inference.malloc import tune_cpu_malloc
@@ -305,9 +306,11 @@ def train(args) -> dict:
         sched.load_state_dict(st["scheduler"])
         saved = step
         if main:
-            print(f"resumed from {ck} at step {step} (epoch {epoch}, batch {pos})")
+            print(f"resumed from {ck} at step {step} (epoch {epoch}, batch {pos})" + (
+                f": the run had already finished ({total} steps), nothing is left to train"
+                + ("" if args.no_export else "; its final model is exported again") if step >= total else ""))
     elif args.resume and main:
-        print(f"--resume: no checkpoint under {out}, starting fresh")
+        print(f"--resume: no checkpoint in {out / 'checkpoints'}; a new run starts in {out}")
     log_path = out / "metrics.jsonl"
     if main:
         trim_log(log_path, step)
@@ -435,47 +438,60 @@ def _export(model, store, out: Path, args):
 def add_arguments(p) -> None:
     p.add_argument("--store", required=True, help="token store folder (worldvla pretokenize)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, exported policy")
-    p.add_argument("--config", default="small", choices=CONFIGS, help="model size")
+    p.add_argument("--config", default="small", choices=CONFIGS, help="model size (default: %(default)s)")
     p.add_argument("--init", default=None, help="start from this model folder (e.g. converted Chameleon-7B)")
-    p.add_argument("--steps", type=non_negative_int, default=0, help="optimizer steps (0: --epochs whole epochs)")
-    p.add_argument("--epochs", type=positive_int, default=1)
-    p.add_argument("--batch-tokens", type=positive_int, default=8192, help="tokens per global batch (all ranks)")
+    p.add_argument("--steps", type=non_negative_int, default=0,
+                   help="optimizer steps (default: 0, --epochs whole epochs)")
+    p.add_argument("--epochs", type=positive_int, default=1, help="whole epochs of the store when --steps is 0 "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-tokens", type=positive_int, default=8192,
+                   help="tokens per global batch (all ranks; default: %(default)s)")
     p.add_argument("--micro-tokens", type=non_negative_int, default=0,
-                   help="tokens per packed micro-batch per rank (0 = --batch-tokens); gradient accumulation. "
+                   help="tokens per packed micro-batch per rank (default: 0 = --batch-tokens); gradient accumulation. "
                         "On CPU the reference attention is dense over a packed sequence: ~1024 is fastest")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr / 10)")
-    p.add_argument("--warmup", type=non_negative_float, default=0.01, help="warm-up steps, or a fraction of the run if < 1")
-    p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--beta1", type=float, default=0.9)
-    p.add_argument("--beta2", type=float, default=0.95)
-    p.add_argument("--eps", type=float, default=1e-8)
-    p.add_argument("--grad-clip", type=float, default=4.0, help="max gradient norm (0 = off)")
-    p.add_argument("--alpha", type=float, default=0.04, help="loss weight of image-code targets")
+    p.add_argument("--lr", type=non_negative_float, default=3e-4, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--min-lr", type=non_negative_float, default=None, help="cosine floor (default: --lr / 10)")
+    p.add_argument("--warmup", type=non_negative_float, default=0.01,
+                   help="warm-up steps, or a fraction of the run if < 1 (default: %(default)s)")
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
+                   help="learning-rate schedule after the warm-up (default: %(default)s)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.1,
+                   help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--beta1", type=finite_float, default=0.9, help="AdamW beta1, in [0, 1) (default: %(default)s)")
+    p.add_argument("--beta2", type=finite_float, default=0.95, help="AdamW beta2, in [0, 1) (default: %(default)s)")
+    p.add_argument("--eps", type=non_negative_float, default=1e-8, help="AdamW epsilon (default: %(default)s)")
+    p.add_argument("--grad-clip", type=non_negative_float, default=4.0,
+                   help="max gradient norm (0 = off; default: %(default)s)")
+    p.add_argument("--alpha", type=non_negative_float, default=0.04,
+                   help="loss weight of image-code targets (default: %(default)s)")
     p.add_argument("--release-loss-weights", action="store_true",
                    help="put --alpha on the release's id slice (w[3:8195]: <unk> down-weighted, the last image code "
                         "not) instead of exactly the image-code ids, rounded to bfloat16 as the release's FSDP "
                         "casts it (0.04 -> 0.0400390625)")
-    p.add_argument("--z-weight", type=float, default=1e-5, help="z-loss weight")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--init-std", type=float, default=0.02)
-    p.add_argument("--max-positions", type=non_negative_int, default=0, help="override max_position_embeddings")
+    p.add_argument("--z-weight", type=non_negative_float, default=1e-5, help="z-loss weight (default: %(default)s)")
+    p.add_argument("--dropout", type=unit_float, default=0.0, help="dropout probability (default: %(default)s)")
+    p.add_argument("--init-std", type=non_negative_float, default=0.02,
+                   help="std of the initial weights of a model built here (default: %(default)s)")
+    p.add_argument("--max-positions", type=non_negative_int, default=0,
+                   help="override max_position_embeddings (default: 0, the config's)")
     p.add_argument("--attention", default="chunk", choices=("chunk", "causal"),
                    help="chunk: the release's chunk mask (an action does not see the earlier actions of its "
                         "chunk); causal: plain causal attention, the paper's ablation (the policy then decodes "
-                        "its chunks causally)")
+                        "its chunks causally; default: %(default)s)")
     p.add_argument("--kinds", default="", help="sample kinds to train on, e.g. 'action' (default: all in the store)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="auto = bf16 autocast on GPU, fp32 on CPU")
+                   help="auto = bf16 autocast on GPU, fp32 on CPU (default: %(default)s)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder layers in backward")
-    p.add_argument("--attn-backend", default="auto", choices=("auto", "torch", "triton", "native"))
-    p.add_argument("--loss-backend", default="auto", choices=("auto", "torch", "triton", "native"))
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attn-backend", default="auto", choices=("auto", "torch", "triton", "native"),
+                   help="attention kernels (default: %(default)s: the order `worldvla info` shows)")
+    p.add_argument("--loss-backend", default="auto", choices=("auto", "torch", "triton", "native"),
+                   help="cross-entropy kernels (default: %(default)s: the order `worldvla info` shows)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order "
+                   "(default: %(default)s)")
     add_run_arguments(p, save_every=1000, exports="policy / model")
     p.add_argument("--no-export", action="store_true", help="skip the final policy / model export")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="on the CPU, leave glibc's malloc as it is (by default every block comes from the heap "
                         "and is reused: worldvla.tune_cpu_malloc(mmap=False))")
@@ -496,6 +512,9 @@ def run(args) -> int:
     if main and s["losses"]:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}; checkpoint {s['checkpoint']}"
               + (f"; exported {s['export']}" if s["export"] else ""))
+    elif main:  # a resumed run with nothing left to do
+        print(f"step {s['step']}: no steps run; checkpoint {s['checkpoint']}"
+              + (f"; exported {s['export']} again" if s["export"] else ""))
     return 0
 
 

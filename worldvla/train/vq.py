@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cli import non_negative_int, positive_int
+from ..cli import finite_float, non_negative_float, non_negative_int, positive_int, unit_float
 from . import distributed as dist_utils
-from .checkpointing import (add_run_arguments, load_checkpoint, prepare_run_dir, resume_point, save_checkpoint,
-                            scalar_args, trim_log)
+from .checkpointing import (add_run_arguments, check_resume_or_overwrite, load_checkpoint, prepare_run_dir,
+                            resume_point, save_checkpoint, scalar_args, trim_log)
 
 # What a resumed run must share with its start: the model, the learning-rate schedule (computed from these
 # settings at every step), the optimizer's hyperparameters (restored from the checkpoint) and the frames and
@@ -141,6 +141,7 @@ def train_vq(args) -> dict:
 
     from ..vqgan import preprocess
 
+    check_resume_or_overwrite(args.resume, getattr(args, "overwrite", False))  # before anything starts
     device = dist_utils.init(args.device)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     main = rank == 0
@@ -179,7 +180,11 @@ def train_vq(args) -> dict:
         usage.ema = torch.tensor(st["usage"], dtype=torch.float64)
         gen.set_state(torch.tensor(st["restart_rng"], dtype=torch.uint8))
         if main:
-            print(f"resumed from {st['path']} at step {step}")
+            print(f"resumed from {st['path']} at step {step}" + (
+                f": the run had already finished ({total} steps), nothing is left to train; its VQGAN is exported "
+                f"again" if step >= total else ""))
+    elif args.resume and main:
+        print(f"--resume: no checkpoint in {out / 'checkpoints'}; a new run starts in {out}")
     log_path = out / "metrics.jsonl"
     if main:
         trim_log(log_path, step)
@@ -264,34 +269,48 @@ def train_vq(args) -> dict:
 def add_arguments(p) -> None:
     p.add_argument("inputs", nargs="+", help="HDF5 demo files or folders")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, vqgan/)")
-    p.add_argument("--config", default="small", choices=("small", "chameleon"))
+    p.add_argument("--config", default="small", choices=("small", "chameleon"),
+                   help="VQGAN architecture (default: %(default)s)")
     p.add_argument("--init", default=None, help="start from a VQGAN folder (VQGAN.save_pretrained)")
-    p.add_argument("--n-embed", type=non_negative_int, default=0, help="codebook size override (0 = the config's)")
-    p.add_argument("--steps", type=non_negative_int, default=0, help="optimizer steps (0: --epochs)")
-    p.add_argument("--epochs", type=positive_int, default=10)
-    p.add_argument("--batch-size", type=positive_int, default=16, help="frames per step (all ranks together)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--min-lr", type=float, default=2e-5)
-    p.add_argument("--warmup", type=non_negative_int, default=100, help="warm-up steps")
-    p.add_argument("--beta1", type=float, default=0.5)
-    p.add_argument("--beta2", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--l1", type=float, default=1.0, help="weight of the L1 reconstruction term")
-    p.add_argument("--l2", type=float, default=1.0, help="weight of the L2 reconstruction term")
-    p.add_argument("--beta", type=float, default=0.25, help="commitment weight")
-    p.add_argument("--restart-every", type=non_negative_int, default=50, help="dead-code restart period in steps (0 = off)")
-    p.add_argument("--restart-threshold", type=float, default=0.03,
-                   help="a code is dead below this fraction of the uniform usage rate")
-    p.add_argument("--usage-decay", type=float, default=0.99)
-    p.add_argument("--frame-stride", type=positive_int, default=1, help="use every n-th frame")
-    p.add_argument("--max-frames", type=non_negative_int, default=0, help="frames to train on at most (0 = all)")
-    p.add_argument("--camera", default=None)
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-embed", type=non_negative_int, default=0,
+                   help="codebook size override (default: 0, the config's)")
+    p.add_argument("--steps", type=non_negative_int, default=0, help="optimizer steps (default: 0, --epochs)")
+    p.add_argument("--epochs", type=positive_int, default=10,
+                   help="passes over the frames when --steps is 0 (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="frames per step (all ranks together; default: %(default)s)")
+    p.add_argument("--lr", type=non_negative_float, default=2e-4, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--min-lr", type=non_negative_float, default=2e-5,
+                   help="learning rate at the end of the cosine decay (default: %(default)s)")
+    p.add_argument("--warmup", type=non_negative_int, default=100, help="warm-up steps (default: %(default)s)")
+    p.add_argument("--beta1", type=finite_float, default=0.5, help="AdamW beta1, in [0, 1) (default: %(default)s)")
+    p.add_argument("--beta2", type=finite_float, default=0.9, help="AdamW beta2, in [0, 1) (default: %(default)s)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0,
+                   help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--grad-clip", type=non_negative_float, default=1.0,
+                   help="max gradient norm (0 = off; default: %(default)s)")
+    p.add_argument("--l1", type=non_negative_float, default=1.0,
+                   help="weight of the L1 reconstruction term (default: %(default)s)")
+    p.add_argument("--l2", type=non_negative_float, default=1.0,
+                   help="weight of the L2 reconstruction term (default: %(default)s)")
+    p.add_argument("--beta", type=non_negative_float, default=0.25, help="commitment weight (default: %(default)s)")
+    p.add_argument("--restart-every", type=non_negative_int, default=50,
+                   help="dead-code restart period in steps (0 = off; default: %(default)s)")
+    p.add_argument("--restart-threshold", type=non_negative_float, default=0.03,
+                   help="a code is dead below this fraction of the uniform usage rate (default: %(default)s)")
+    p.add_argument("--usage-decay", type=unit_float, default=0.99,
+                   help="decay of the running code-usage average, in [0, 1] (default: %(default)s)")
+    p.add_argument("--frame-stride", type=positive_int, default=1, help="use every n-th frame (default: %(default)s)")
+    p.add_argument("--max-frames", type=non_negative_int, default=0,
+                   help="frames to train on at most (default: 0, all)")
+    p.add_argument("--camera", default=None, help="camera name (obs/<camera>_rgb; default: agentview or the first)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto = bf16 autocast on GPU, fp32 on CPU (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initialization and the frame order (default: %(default)s)")
     add_run_arguments(p, save_every=500, exports="vqgan/")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,6 +327,8 @@ def run(args) -> int:
         dist_utils.shutdown()
     if main and s["losses"]:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}" + (f"; exported {s['export']}" if s["export"] else ""))
+    elif main:  # a resumed run with nothing left to do
+        print(f"step {s['step']}: no steps run" + (f"; exported {s['export']} again" if s["export"] else ""))
     return 0
 
 

@@ -1,0 +1,225 @@
+"""`worldvla` command line: how `cli.main` ends a command (Ctrl-C, a missing dependency, a subcommand that is
+unavailable here), the argparse types, the device option and the help texts."""
+import argparse
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from worldvla import cli
+from worldvla.cli import main
+
+
+# ---------------------------------------------------------------------- argparse types
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "NaN", "-1", "-1e-9"])
+def test_non_negative_float_refuses_non_finite_and_negative_numbers(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.non_negative_float(text)
+
+
+def test_float_types_accept_ordinary_numbers_and_name_the_bad_ones():
+    assert cli.non_negative_float("0") == 0.0 and cli.non_negative_float("1e-8") == 1e-8
+    assert cli.finite_float("-2.5") == -2.5
+    assert cli.positive_float("3") == 3.0 and cli.unit_float("1") == 1.0
+    for fn, text in ((cli.positive_float, "0"), (cli.unit_float, "1.5"), (cli.unit_float, "nan"),
+                     (cli.finite_float, "inf"), (cli.finite_float, "x")):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(text) if text == "x" else text):
+            fn(text)
+
+
+# ---------------------------------------------------------------------- Ctrl-C
+def _interrupt(module, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    monkeypatch.setattr(importlib.import_module(module), "run", interrupted)
+
+
+def _main_interrupted(argv, capsys) -> str:
+    try:
+        rc = main(argv)
+    except KeyboardInterrupt:  # caught here: escaping, it would stop the whole pytest session
+        pytest.fail("KeyboardInterrupt escaped worldvla.cli.main (a 20-line traceback on a terminal)")
+    assert rc == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"worldvla {argv[0]}: interrupted; " in err, err
+    return err
+
+
+@pytest.mark.parametrize("command,module,argv", [
+    ("pretokenize", "worldvla.data.store", ["d", "--out", "o", "--vqgan", "v"]),
+    ("collect", "worldvla.data.collect", ["--out", "o"]),
+    ("demo", "worldvla.demo", ["--fast"]),
+])
+def test_ctrl_c_ends_in_one_line_saying_how_to_continue(command, module, argv, monkeypatch, capsys):
+    _interrupt(module, monkeypatch)
+    assert "run the same command again to continue" in _main_interrupted([command, *argv], capsys)
+
+
+@pytest.mark.parametrize("command,module,argv", [("train", "worldvla.train.trainer", ["--store", "s"]),
+                                                 ("train-vq", "worldvla.train.vq", ["d"])])
+def test_ctrl_c_in_a_training_says_whether_resume_continues_it(command, module, argv, monkeypatch, capsys,
+                                                               tmp_path):
+    _interrupt(module, monkeypatch)
+    out = tmp_path / "run"
+    base = [command, *argv, "--out", str(out)]
+    assert "no checkpoint was written yet: run the same command again" in _main_interrupted(base, capsys)
+    (out / "checkpoints" / "step_00000002").mkdir(parents=True)
+    assert "add --resume to the same command to continue" in _main_interrupted(base, capsys)
+    assert "run the same command again to continue" in _main_interrupted([*base, "--resume"], capsys)
+
+
+def _tiny_store(root: Path) -> Path:
+    import numpy as np
+    import torch
+
+    from worldvla.data.hdf5 import write_demos
+    from worldvla.data.store import build_store
+    from worldvla.vqgan import VQGAN, VQGANConfig
+
+    rng = np.random.default_rng(0)
+    demos = [{"frames": rng.integers(0, 256, (T, 32, 32, 3), dtype=np.uint8),
+              "actions": rng.uniform(-1, 1, (T, 4)).astype(np.float32)} for T in (8, 6)]
+    write_demos(root / "demos" / "a.hdf5", demos, "push the red block")
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32,
+                           n_embed=64))
+    return build_store(root / "demos", root / "store", vq, chunk_size=3, progress=False)
+
+
+def test_a_real_sigint_during_training_exits_130_without_a_traceback(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the process group) in the middle of `worldvla train`: one line, exit 130,
+    and the checkpoint written before it resumes."""
+    store = _tiny_store(tmp_path)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLDVLA_TRACEBACK", None)
+    cmd = [sys.executable, "-m", "worldvla.cli", "train", "--store", str(store), "--out", str(out), "--config",
+           "tiny", "--steps", "100000", "--batch-tokens", "300", "--save-every", "1", "--device", "cpu",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "latest").is_file():  # training is under way
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "worldvla train: interrupted; add --resume" in err
+
+
+# ---------------------------------------------------------------------- ImportError
+def test_a_missing_dependency_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    from worldvla.train import trainer
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    errors = iter([ImportError('Meta-World is not installed; install the simulator extra with: pip install '
+                               '"worldvla[sim]"'),
+                   ModuleNotFoundError("No module named 'websockets'", name="websockets")])
+
+    def missing(args):
+        raise next(errors)
+
+    monkeypatch.setattr(trainer, "run", missing)
+    for needle in ("pip install", "No module named 'websockets'"):
+        assert main(["train", "--store", "s", "--out", "o"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("worldvla train: error:") and needle in err
+
+    def bug(args):  # a name worldvla's own module does not have: a bug, shown with its traceback
+        raise ImportError("cannot import name 'nothing' from 'worldvla.model'", name="worldvla.model")
+
+    monkeypatch.setattr(trainer, "run", bug)
+    with pytest.raises(ImportError, match="cannot import name"):
+        main(["train", "--store", "s", "--out", "o"])
+
+    def own_module_missing(args):
+        raise ModuleNotFoundError("No module named 'worldvla.gone'", name="worldvla.gone")
+
+    monkeypatch.setattr(trainer, "run", own_module_missing)
+    with pytest.raises(ModuleNotFoundError):
+        main(["train", "--store", "s", "--out", "o"])
+
+
+# ---------------------------------------------------------------------- a subcommand unavailable here
+def test_an_unavailable_subcommand_says_why_whatever_options_are_given(monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "collect", ("worldvla._no_such_module_", "collect (test stand-in)"))
+    for argv in (["collect"], ["collect", "--out", "x", "--episodes", "3"], ["collect", "pos", "--flag"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "worldvla collect: unavailable here:" in err and "_no_such_module_" in err
+    # An available command still refuses arguments it does not know, as argparse does.
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--no-such-option"])
+    assert e.value.code == 2 and "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- --device
+def test_an_unknown_device_name_is_one_clear_error():
+    from worldvla.devices import torch_device
+
+    for name in ("gpu", "cuda:x", "cuda:0 "):
+        with pytest.raises(ValueError, match=r"unknown device .*--device.*cpu, cuda or cuda:N"):
+            torch_device(name)
+    assert str(torch_device("cpu")) == "cpu"
+
+
+def test_bench_with_an_unknown_device_is_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    assert main(["bench", "vq", "--device", "gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown device 'gpu' (--device)" in err
+
+
+# ---------------------------------------------------------------------- help texts
+def _help(command: str, capsys, monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command,needles", [
+    ("serve", ["TCP port (0 picks a free one; default: 8000)", "(default: 5.0)", "(default: 60.0)"]),
+    ("bench", ["relative to the current folder (default: benchmarks/results)"]),
+    ("demo", ["any multiple of 32, such as 64 or 128 (default: 64)"]),
+    ("collect", ["(default: 50)", "(default: 5)", "episode step limit, at most 500 (default: 200)"]),
+    ("pretokenize", ["(K; default: 5)", "frames per VQGAN call (default: 32)", "(default: compact)"]),
+    ("train-vq", ["peak learning rate (default: 0.0002)", "commitment weight (default: 0.25)",
+                  "(default: 0.99)", "(0 = off; default: 1.0)"]),
+    ("train", ["peak learning rate (default: 0.0003)", "(default: 0.04)", "AdamW beta2, in [0, 1) (default: 0.95)",
+               "(0 = off; default: 4.0)", "checkpoints to keep (0 = all; default: 2)"]),
+])
+def test_help_states_the_defaults(command, needles, capsys, monkeypatch):
+    text = _help(command, capsys, monkeypatch)
+    for needle in needles:
+        assert needle in text, (command, needle)
+    assert "64 or 128 (default" not in text or "multiple of 32" in text
+
+
+def test_nan_never_parses_as_a_float_option():
+    """Every float option of train, train-vq, collect, serve and demo refuses nan and inf (a plain `float`
+    took them: `train --alpha nan` trained to a loss of nan and exported it)."""
+    for name in ("train", "train-vq", "collect", "serve", "demo"):
+        parser = argparse.ArgumentParser()
+        importlib.import_module(cli.COMMANDS[name][0]).add_arguments(parser)
+        for action in parser._actions:
+            assert action.type is not float, (name, action.option_strings)
+            if getattr(action.type, "__name__", "").endswith("_float"):
+                for text in ("nan", "inf"):
+                    with pytest.raises(argparse.ArgumentTypeError):
+                        action.type(text)
