@@ -336,3 +336,18 @@ def _train_tiny():
     ((rec - x).pow(2).mean() + vq_loss).backward()
     assert m.encoder.conv_in.weight.grad.abs().sum() > 0
     assert m.codebook.grad.abs().sum() > 0
+
+
+def test_a_damaged_vqgan_folder_is_named(tmp_path):
+    """A cut-short model.safetensors or config.json ended in a SafetensorError / JSONDecodeError naming no file."""
+    from worldvla.vqgan import VQGAN, VQGANConfig
+
+    VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=8, embed_dim=8, n_embed=16)).save_pretrained(
+        tmp_path / "vq")
+    weights = tmp_path / "vq" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"model.safetensors: the weights file cannot be read"):
+        VQGAN.from_pretrained(tmp_path / "vq")
+    (tmp_path / "vq" / "config.json").write_text('{"ch": 32,')
+    with pytest.raises(ValueError, match=r"config.json: not a valid VQGAN config"):
+        VQGAN.from_pretrained(tmp_path / "vq")

@@ -195,7 +195,7 @@ def read_json_file(path, what: str = "JSON file") -> dict:
     return value
 
 
-def _load_weights_file(path: Path) -> dict:
+def read_weights_file(path: Path) -> dict:
     """One weights file; a damaged one (cut short by a full disk or an interrupted copy) is refused naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -229,7 +229,7 @@ def _load_state_dict(folder: Path) -> dict:
                                 f"model.safetensors.index.json, or pytorch_model*.bin)")
     sd = {}
     for f in files:
-        sd.update(_load_weights_file(folder / f))
+        sd.update(read_weights_file(folder / f))
     return sd
 
 

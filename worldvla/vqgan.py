@@ -491,12 +491,13 @@ class VQGAN(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, map_location="cpu") -> "VQGAN":
-        from safetensors.torch import load_file
+        from pathlib import Path
 
-        with open(os.path.join(folder, "config.json")) as fh:
-            model = cls(VQGANConfig.from_dict(json.load(fh)))
-        path = os.path.join(folder, "model.safetensors")
-        sd = load_file(path, device=str(map_location))
+        from .checkpoint import read_weights_file, read_json_file
+
+        model = cls(VQGANConfig.from_dict(read_json_file(Path(folder) / "config.json", "VQGAN config")))
+        path = Path(folder) / "model.safetensors"
+        sd = read_weights_file(path)  # a damaged file is refused naming it
         model.load_checked(sd, source=path)
         dtypes = {v.dtype for v in sd.values()}
         if len(dtypes) == 1:
