@@ -381,6 +381,10 @@ def _strides(x: torch.Tensor, packed: bool):
     return (0, x.stride(0), x.stride(1)) if packed else (x.stride(0), x.stride(1), x.stride(2))
 
 
+# fp32 tiles above head dim 128 overflow an sm_90 block's shared memory (about 280 KB against 227 KB).
+MAX_HEAD_DIM = {torch.float32: 128}
+
+
 class _Problem:
     """Shapes, metadata and launch constants shared by the forward and the backward."""
 
@@ -404,8 +408,10 @@ class _Problem:
         if tuple(meta.kv_block.shape) != tuple(q.shape[:-2]) or tuple(meta.q_limit.shape) != tuple(q.shape[:-2]):
             raise ValueError(f"meta covers tokens {tuple(meta.kv_block.shape)} but q has {tuple(q.shape[:-2])}")
         self.head_dim = q.shape[-1]
-        if self.head_dim > 256:
-            raise ValueError(f"head dim {self.head_dim} is larger than the Triton kernel's 256")
+        limit = MAX_HEAD_DIM.get(q.dtype, 256)
+        if self.head_dim > limit:
+            raise ValueError(f"head dim {self.head_dim} is larger than the Triton kernel's {limit} in {q.dtype} "
+                             f"(its tiles would overflow a block's shared memory)")
         self.meta = meta
         self.n_heads, self.n_kv_heads = q.shape[-2], k.shape[-2]
         self.kv_block = meta.kv_block.to(torch.int32).contiguous()

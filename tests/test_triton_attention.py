@@ -405,6 +405,9 @@ def test_bad_inputs_raise(rng):
         K.chunk_attention(q, q, q, causal_meta((1, 21), device=DEV))
     with pytest.raises(ValueError, match="cu_seqlens"):
         K.chunk_attention(q[0], q[0], q[0], causal_meta((20,), device=DEV))
+    wide = torch.randn(1, 20, 1, 160, device=DEV)  # fp32 tiles of head dim 256 overflow shared memory on sm_90
+    with pytest.raises(ValueError, match="head dim 160 is larger than the Triton kernel's 128 in torch.float32"):
+        K.chunk_attention(wide, wide, wide, meta)
 
 
 # --------------------------------------------------------------------------- GPU sizes

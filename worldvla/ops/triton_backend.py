@@ -302,9 +302,7 @@ def _float(*tensors):
     return dispatch.Unsupported(f"wants one dtype among float16, bfloat16, float32; got {sorted(map(str, dtypes))}")
 
 
-# fp32 tiles above head dim 128 overflow an sm_90 block's shared memory; grid axis 1 (sequences x heads)
-# is limited to 65535.
-_MAX_HEAD_DIM = {torch.float32: 128}
+# Grid axis 1 (sequences x heads) is limited to 65535.
 _MAX_GRID_Y = 65535
 
 
@@ -322,7 +320,7 @@ def _layout(q, meta):
 
 def _attention_supports(q, k, v, meta, softmax_scale=None):
     n_seq = meta.cu_seqlens.numel() - 1 if meta.cu_seqlens is not None else (q.shape[0] if q.dim() == 4 else 1)
-    max_dh = _MAX_HEAD_DIM.get(q.dtype, 256)
+    max_dh = _attention.MAX_HEAD_DIM.get(q.dtype, 256)
     return dispatch.first_false(
         _device(q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens), _float(q, k, v), lambda: _layout(q, meta),
         q.shape[-1] <= max_dh or dispatch.Unsupported(f"head dim {q.shape[-1]} > {max_dh} for {q.dtype} "
