@@ -484,8 +484,9 @@ def add_arguments(p) -> None:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder layers in backward")
     p.add_argument("--attn-backend", default="auto", choices=("auto", "torch", "triton", "native"),
                    help="attention kernels (default: %(default)s: the order `worldvla info` shows)")
-    p.add_argument("--loss-backend", default="auto", choices=("auto", "torch", "triton", "native"),
-                   help="cross-entropy kernels (default: %(default)s: the order `worldvla info` shows)")
+    p.add_argument("--loss-backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="cross-entropy kernels (default: %(default)s: the order `worldvla info` shows; the fused "
+                        "loss has no native kernel)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order "
                    "(default: %(default)s)")
