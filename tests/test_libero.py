@@ -170,6 +170,20 @@ def test_bounds_and_suite_checks():
     assert libero.MAX_STEPS == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
 
 
+def test_too_few_initial_states_are_refused_before_the_first_episode():
+    """A task with fewer initial states than --episodes was found when its turn came, possibly hours in."""
+    rng = np.random.default_rng()
+
+    class ShortLast(FakeSuite):
+        def init_states(self, task_id):
+            return super().init_states(task_id)[:3 if task_id == 1 else 5]
+
+    envs = [FakeLiberoEnv(rng=rng), FakeLiberoEnv(rng=rng)]
+    with pytest.raises(ValueError, match="--episodes 4 needs as many initial states per task; task 1 has 3"):
+        libero.evaluate_suite(RecordingPolicy(k=2, rng=rng), ShortLast(envs, max_steps=5), episodes=4, progress=False)
+    assert envs[0].init_state is None  # no episode ran
+
+
 def test_missing_libero_names_what_to_install(capsys):
     pytest.importorskip("argparse")
     try:

@@ -217,6 +217,11 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
         raise ValueError("no LIBERO tasks to evaluate: --tasks names none")
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    # Checked before the first episode, not when the task comes up (possibly hours into the run).
+    short = {t: n for t in task_ids if (n := len(suite.init_states(t))) < episodes}
+    if short:
+        raise ValueError(f"--episodes {episodes} needs as many initial states per task; "
+                         + ", ".join(f"task {t} has {n}" for t, n in short.items()))
     out_dir = Path(out_dir) if out_dir is not None else None
     key = _results_key(suite, policy, policy_path)
     saved = {}
@@ -260,8 +265,6 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
             if start == episodes:
                 continue
             init_states = suite.init_states(task_id)
-            if len(init_states) < episodes:
-                raise ValueError(f"task {task_id} has {len(init_states)} initial states, fewer than {episodes} episodes")
             env = suite.make_env(task_id)
             try:
                 for ep in range(start, episodes):
