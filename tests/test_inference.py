@@ -373,6 +373,24 @@ def test_prefix_restore_gives_same_chunk(rng):
     assert torch.equal(got, want)
 
 
+def test_prefill_after_a_cached_prefix_keeps_the_chunk_rule_of_both_parts(rng):
+    """A prompt whose action blocks straddle the cached prefix (a causal-mode query of a chunk-trained model,
+    or a caller's own prefix cache): the uncached rows take their own rows of the rule, and the cached
+    blocks stay hidden from later blocks. Every row's hidden state equals a full prefill's."""
+    model = _model(12)
+    D = 3
+    blocks = [torch.cat([torch.tensor([LAYOUT.boa]), LAYOUT.bin_base + torch.randint(0, LAYOUT.n_bins, (D,),
+                                                                                    generator=rng),
+                         torch.tensor([LAYOUT.eoa])]) for _ in range(3)]
+    prompt = torch.cat([_prompt(rng, 1), *blocks])
+    cut = prompt.numel() - 2 * (D + 2) - 2  # inside the first block: it spans the cached and uncached parts
+    full = InferenceEngine(model, 1, prompt.numel() + 2).prefill([prompt], return_all=True)[0]
+    eng = InferenceEngine(model, 1, prompt.numel() + 2)
+    eng.prefill([prompt[:cut]])
+    rest = eng.prefill([prompt], skip=[cut], return_all=True)[0]
+    torch.testing.assert_close(rest, full[cut:], rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------- baseline
 def test_baseline_with_structure_processor_equals_sequential(rng):
     """The release's decoder (full vocabulary, dense mask row rebuilt every step, growing cache)

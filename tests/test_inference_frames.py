@@ -63,6 +63,19 @@ def test_greedy_frame_matches_full_recompute(rng, grid):
     _check_greedy(model, b, codes, actions, nxt)
 
 
+def test_the_unconditional_prompt_is_the_world_prompt_without_its_action():
+    """Guidance contrasts the prompt with and without the action; the full-recompute check builds its
+    unconditional branch with the same helper, so the prompt itself is checked here."""
+    from worldvla.inference.frames import _unconditional_prompt
+
+    b = _builder()
+    codes = torch.randint(0, 64, (4, 4))
+    action = np.array([0.3, -0.7, 0.1, 0.9])
+    full, act = b.world_prompt(codes, action), b.actions.encode(action)
+    at = next(i for i in range(full.numel() - act.numel() + 1) if torch.equal(full[i:i + act.numel()], act))
+    assert torch.equal(_unconditional_prompt(b, codes), torch.cat([full[:at], full[at + act.numel():]]))
+
+
 def test_cfg_frame_matches_full_recompute(rng):
     model, b = _model(1), _builder()
     codes = torch.randint(0, 64, (2, 4, 4), generator=rng)

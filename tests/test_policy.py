@@ -180,6 +180,18 @@ def test_history_semantics(policy_dir, rng):
     assert np.array_equal(pol.act(f3), _expected(pol, "open the drawer", [f3]))
 
 
+def test_history_is_a_copy_of_the_frame(policy_dir, rng):
+    """Camera drivers refill one buffer in place every step: the remembered history frame must be the
+    frame as it was given, not a view of the buffer."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    f0, f1 = _frames(rng), _frames(rng)
+    buf = f0.copy()
+    pol.reset("open the drawer")
+    pol.act(buf)
+    buf[...] = f1  # the driver's next frame, in place
+    assert np.array_equal(pol.act(buf), _expected(pol, "open the drawer", [f0, f1]))
+
+
 def test_step_runs_chunks_open_loop(policy_dir, rng):
     pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
     frames = [_frames(rng) for _ in range(5)]

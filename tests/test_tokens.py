@@ -92,6 +92,16 @@ def test_image_tokens_256px_layout():
     assert image_tokens(torch.randint(0, 8192, (32, 32)), CH).numel() == 1060
 
 
+def test_non_square_images_give_height_then_width():
+    """Spec 1: [BOI, res(H/32), res(W/32), H/16 rows of W/16 codes each closed by a newline, EOI]; every
+    other test used square frames, where the two sides cannot be told apart."""
+    codes = torch.randint(0, 8192, (16, 32))  # a 256 px high, 512 px wide frame
+    toks = image_tokens(codes, CH)
+    assert toks[1:3].tolist() == [CH.res_token(8), CH.res_token(16)]
+    assert toks.numel() == 1 + 2 + 16 * 33 + 1 and (toks[3:-1].view(16, 33)[:, -1] == 8803).all()
+    assert torch.equal(codes_from_image_tokens(toks, CH), codes)
+
+
 def test_image_side_must_be_whole_grids():
     with pytest.raises(ValueError, match="multiples of 32"):
         image_tokens(torch.zeros(3, 4, dtype=torch.long), CH)
