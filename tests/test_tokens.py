@@ -102,6 +102,25 @@ def test_non_square_images_give_height_then_width():
     assert torch.equal(codes_from_image_tokens(toks, CH), codes)
 
 
+@pytest.mark.parametrize("layout", [CH, VocabLayout.compact(), VocabLayout.compact(n_image_codes=64, n_bins=2, n_res=1)],
+                         ids=lambda lay: lay.name)
+def test_every_role_has_its_own_ids(layout):
+    """Image codes, resolution tokens res(0..n_res), action bins, the specials and (compact) the text bytes never
+    share an id: a shared one would make a decoded bin read as a resolution token or the reverse."""
+    roles = {"codes": set(layout.image_code_ids), "res": set(range(layout.res_base, layout.res_base + layout.n_res + 1)),
+             "bins": set(range(layout.bin_base, layout.bin_base + layout.n_bins)),
+             "specials": {layout.bos, layout.boi, layout.eoi, layout.sep, layout.newline, layout.boa, layout.eoa}}
+    if layout.name != "chameleon":
+        roles["text"] = set(range(layout.text_base, layout.vocab_size))
+        roles["specials"].add(layout.pad)
+    assert len(roles["specials"]) == (8 if "text" in roles else 7)
+    names = list(roles)
+    for i, a in enumerate(names):
+        assert max(roles[a]) < layout.vocab_size, a
+        for b in names[i + 1:]:
+            assert not roles[a] & roles[b], (a, b, sorted(roles[a] & roles[b])[:5])
+
+
 def test_image_side_must_be_whole_grids():
     with pytest.raises(ValueError, match="multiples of 32"):
         image_tokens(torch.zeros(3, 4, dtype=torch.long), CH)
