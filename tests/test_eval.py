@@ -569,3 +569,13 @@ def test_success_rates_carry_their_wilson_interval(tmp_path):
     out = plots.success_bars({"v": {"a": 0.4, "b": 1.0}}, tmp_path / "s.png",
                              intervals={"v": {"a": (0.17, 0.69), "b": (0.72, 1.0), "mean": (0.5, 0.85)}})
     assert out.stat().st_size > 0
+
+
+def test_ssim_of_small_images_uses_an_odd_window():
+    """Images smaller than the 11-tap window take the widest odd window that fits (7 taps at 8 px): an even
+    one would have no centre pixel."""
+    rng = np.random.default_rng()
+    a, b = (rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8) for _ in range(2))
+    torch.testing.assert_close(metrics.ssim(a, b), metrics.ssim(a, b, window=7), rtol=0, atol=0)
+    a, b = (rng.integers(0, 256, (2, 10, 12, 3), dtype=np.uint8) for _ in range(2))
+    torch.testing.assert_close(metrics.ssim(a, b), metrics.ssim(a, b, window=9), rtol=0, atol=0)

@@ -241,6 +241,15 @@ def test_vq_codes_are_cached(policy_dir, rng):
     pol.observe(f[2])
     pol.act(f[3])               # f2 and f3 are new: one call with both
     assert encoded == [1, 1, 2]
+    # A full cache drops its least recently used codes, not the newest: with room for 2, the frame just
+    # encoded is still there for the next query's history.
+    pol._code_cache_size = 2
+    pol.reset("open the drawer")
+    f = [_frames(rng) for _ in range(4)]
+    encoded.clear()
+    for frame in f:             # each query: the previous frame's codes cached, the new frame encoded
+        pol.act(frame)
+    assert encoded == [1, 1, 1, 1]
 
 
 def test_prefix_cache_reused_across_queries(policy_dir, rng):
