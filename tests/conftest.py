@@ -214,3 +214,32 @@ def native_step_runs(monkeypatch):
     monkeypatch.setattr(nb._C, "DecodeStep", Counted)
     monkeypatch.setattr(nb._C, "decode_frame", counted_frame)
     return runs
+
+
+@pytest.fixture
+def interrupt_cli():
+    """interrupt_cli(args, ready) -> (exit code, stderr): runs `python -m worldvla.cli *args` in its own process
+    group and, once `ready()` holds, sends SIGINT to the whole group, as a terminal's Ctrl-C does."""
+    import signal
+    import subprocess
+    import time
+
+    def run(args, ready, timeout=180):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("WORLDVLA_TRACEBACK", None)
+        proc = subprocess.Popen([sys.executable, "-m", "worldvla.cli", *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        try:
+            deadline = time.time() + timeout
+            while not ready():
+                assert proc.poll() is None and time.time() < deadline, proc.communicate()
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return proc.returncode, err
+
+    return run

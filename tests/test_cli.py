@@ -2,11 +2,6 @@
 unavailable here), the argparse types, the device option and the help texts."""
 import argparse
 import importlib
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -93,30 +88,15 @@ def _tiny_store(root: Path) -> Path:
     return build_store(root / "demos", root / "store", vq, chunk_size=3, progress=False)
 
 
-def test_a_real_sigint_during_training_exits_130_without_a_traceback(tmp_path):
+def test_a_real_sigint_during_training_exits_130_without_a_traceback(tmp_path, interrupt_cli):
     """A terminal's Ctrl-C (SIGINT to the process group) in the middle of `worldvla train`: one line, exit 130,
     and the checkpoint written before it resumes."""
     store = _tiny_store(tmp_path)
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("WORLDVLA_TRACEBACK", None)
-    cmd = [sys.executable, "-m", "worldvla.cli", "train", "--store", str(store), "--out", str(out), "--config",
-           "tiny", "--steps", "100000", "--batch-tokens", "300", "--save-every", "1", "--device", "cpu",
-           "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not (out / "checkpoints" / "latest").is_file():  # training is under way
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, err
+    rc, err = interrupt_cli(["train", "--store", store, "--out", out, "--config", "tiny", "--steps", 100000,
+                             "--batch-tokens", 300, "--save-every", 1, "--device", "cpu", "--no-progress"],
+                            ready=lambda: (out / "checkpoints" / "latest").is_file())  # training is under way
+    assert rc == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "worldvla train: interrupted; add --resume" in err
 

@@ -403,30 +403,13 @@ def test_collect_writes_each_task_as_it_settles_and_keeps_them_on_an_interrupt(t
 
 
 @needs_sim
-def test_ctrl_c_stops_collection_workers_without_tracebacks(tmp_path):
+def test_ctrl_c_stops_collection_workers_without_tracebacks(tmp_path, interrupt_cli):
     """A terminal's Ctrl-C reaches every process of its group: each worker printed a KeyboardInterrupt
     traceback, then the parent its own. Now the parent stops the pool and says how to continue (exit 130)."""
-    import signal
-    import subprocess
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("WORLDVLA_TRACEBACK", None)
-    cmd = [sys.executable, "-m", "worldvla.cli", "collect", "--out", str(tmp_path), "--tasks", "reach-v3,push-v3",
-           "--episodes", "30", "--workers", "2", "--image-size", "16", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while not (tmp_path / "reach-v3.hdf5").is_file():  # the workers are busy with push-v3 now
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, err
+    rc, err = interrupt_cli(["collect", "--out", tmp_path, "--tasks", "reach-v3,push-v3", "--episodes", 30,
+                             "--workers", 2, "--image-size", 16, "--no-progress"],
+                            ready=lambda: (tmp_path / "reach-v3.hdf5").is_file())  # the workers are on push-v3 now
+    assert rc == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert "worldvla collect: interrupted; run the same command again to continue" in err
     assert len(read_demos(tmp_path / "reach-v3.hdf5")) == 30
