@@ -68,6 +68,15 @@ def test_ctrl_c_in_a_training_says_whether_resume_continues_it(command, module, 
     (out / "checkpoints" / "step_00000002").mkdir(parents=True)
     assert "add --resume to the same command to continue" in _main_interrupted(base, capsys)
     assert "run the same command again to continue" in _main_interrupted([*base, "--resume"], capsys)
+    # --resume with --overwrite is refused: the advice swaps them
+    assert "with --resume instead of --overwrite" in _main_interrupted([*base, "--overwrite"], capsys)
+
+
+def test_ctrl_c_under_no_resume_says_to_drop_it(monkeypatch, capsys):
+    """`eval --no-resume` runs every closed loop again: rerunning the same command would not continue."""
+    _interrupt("worldvla.eval.metaworld", monkeypatch)
+    err = _main_interrupted(["eval", "--policy", "p", "--tasks", "reach-v3", "--out", "o", "--no-resume"], capsys)
+    assert "run it again without --no-resume" in err
 
 
 def _tiny_store(root: Path) -> Path:

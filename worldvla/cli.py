@@ -113,12 +113,16 @@ _CONTINUE = {
 
 def _how_to_continue(args) -> str | None:
     if args.command not in ("train", "train-vq"):
+        if getattr(args, "no_resume", False):  # the same command would run everything again
+            return "run it again without --no-resume to keep what it finished"
         return _CONTINUE.get(args.command)
     out = getattr(args, "out", None)
     if out is None or not any((Path(out) / "checkpoints").glob("step_*")):
         return "no checkpoint was written yet: run the same command again to start over"
     if getattr(args, "resume", False):
         return "run the same command again to continue from its last checkpoint"
+    if getattr(args, "overwrite", False):  # --resume with --overwrite is refused
+        return "run the same command with --resume instead of --overwrite to continue from its last checkpoint"
     return "add --resume to the same command to continue from its last checkpoint"
 
 
