@@ -71,6 +71,12 @@ def test_an_incomplete_collection_suggests_what_would_change_the_outcome(monkeyp
     assert collect_mod.run(parser.parse_args(["--out", str(tmp_path), "--max-steps", "500"])) == 1
     err = capsys.readouterr().err
     assert "--max-steps" not in err and "--max-attempts above 5" in err  # 500 is Meta-World's own limit
+    # Attempts that raised (a renderer that cannot start, say) point at their errors, not at other seeds.
+    summary["errors"] = ["reach-v3 episode 0 attempt 0: RuntimeError: EGL not available"]
+    assert collect_mod.run(parser.parse_args(["--out", str(tmp_path)])) == 1
+    err = capsys.readouterr().err
+    assert "error: reach-v3 episode 0" in err and "raised the errors above: fix their cause" in err
+    assert "--max-attempts" not in err
 
 
 @pytest.fixture(scope="module")

@@ -377,6 +377,11 @@ def run(args: argparse.Namespace) -> int:
           f"({summary['seconds_per_episode']:.2f} s/episode per worker) -> {summary['out_dir']}")
     for e in summary["errors"]:
         print(f"error: {e}", file=sys.stderr)
+    if summary["incomplete"] and summary["errors"]:  # attempts that raised: their cause, not the expert's luck
+        print(f"fewer episodes than asked for: {summary['incomplete']}; {len(summary['errors'])} attempt(s) raised "
+              f"the errors above: fix their cause, then run the same command again (finished task files are "
+              f"kept)", file=sys.stderr)
+        return 1
     if summary["incomplete"]:
         # The seeds are deterministic: the same command would repeat the same failed attempts.
         fixes = [f"--max-attempts above {args.max_attempts} (more layouts tried per episode)"]
