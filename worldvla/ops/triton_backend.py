@@ -350,9 +350,8 @@ def _vq_quantize_supports(z, codebook):
 
 
 def _vq_gather_supports(indices, codebook):
-    integer = not (indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool)
-    return dispatch.first_false(_device(indices, codebook), integer or
-                                dispatch.Unsupported(f"indices must hold integer codes, got {indices.dtype}"))
+    return dispatch.first_false(_device(indices, codebook), not indices.dtype.is_floating_point or
+                        dispatch.Unsupported(f"indices must be integers, got {indices.dtype}"))
 
 
 dispatch.register("masked_attention", "triton", masked_attention, _attention_supports)

@@ -41,8 +41,8 @@ import torch
 
 from . import distributed as dist_utils
 from ..cli import finite_float, non_negative_float, non_negative_int, positive_int, unit_float
-from .checkpointing import (add_run_arguments, check_resume_or_overwrite, full_model_state, load_checkpoint,
-                            prepare_run_dir, resume_point, save_checkpoint, scalar_args, trim_log)
+from .checkpointing import (add_run_arguments, full_model_state, load_checkpoint, prepare_run_dir, resume_point,
+                            save_checkpoint, scalar_args, trim_log)
 
 CONFIGS = ("tiny", "small", "chameleon_7b")
 # What a resumed run must share with its start: the model, the learning-rate schedule and the optimizer's
@@ -258,7 +258,6 @@ def train(args) -> dict:
     from ..data.store import TokenStore
     from ..model import loss_class_weights
 
-    check_resume_or_overwrite(args.resume, getattr(args, "overwrite", False))  # before anything starts
     device = dist_utils.init(args.device)
     if device.type == "cpu" and not getattr(args, "no_malloc_tuning", False):
         from ..inference.malloc import tune_cpu_malloc

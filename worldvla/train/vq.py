@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from ..cli import finite_float, non_negative_float, non_negative_int, positive_int, unit_float
 from . import distributed as dist_utils
-from .checkpointing import (add_run_arguments, check_resume_or_overwrite, load_checkpoint, prepare_run_dir,
-                            resume_point, save_checkpoint, scalar_args, trim_log)
+from .checkpointing import (add_run_arguments, load_checkpoint, prepare_run_dir, resume_point, save_checkpoint,
+                            scalar_args, trim_log)
 
 # What a resumed run must share with its start: the model, the learning-rate schedule (computed from these
 # settings at every step), the optimizer's hyperparameters (restored from the checkpoint) and the frames and
@@ -141,7 +141,6 @@ def train_vq(args) -> dict:
 
     from ..vqgan import preprocess
 
-    check_resume_or_overwrite(args.resume, getattr(args, "overwrite", False))  # before anything starts
     device = dist_utils.init(args.device)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     main = rank == 0
