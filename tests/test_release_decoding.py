@@ -209,3 +209,11 @@ def test_release_chunks_of_different_or_no_length(rng, monkeypatch):
         ChunkQuery(policy)(frames[0], None)
     blocks["n"] = [2]
     assert policy.step(frames[0]).shape == (D,) and policy.step(frames[0]).shape == (D,)
+    # Output that turned malformed after a good block (an EOA closing none: the release's parser raises
+    # and its loop fails the episode) gives no action, not the blocks before it.
+    good = Generated(torch.tensor(block + [LAYOUT.eoa]), torch.tensor([block]), True)
+    monkeypatch.setattr(policy_mod, "generate_release_actions", lambda *a, **k: [good])
+    policy.reset("push")
+    assert policy.act(frames[0], history=None).shape == (0, D)
+    with pytest.raises(RuntimeError, match="malformed"):
+        ChunkQuery(policy)(frames[0], None)

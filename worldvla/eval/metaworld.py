@@ -95,7 +95,7 @@ class TaskResult:
                 "ci95": list(success_interval(int(np.sum(self.successes)), len(self.successes)))
                 if self.successes else None,  # Wilson interval of the success rate
                 "mean_steps_to_success": float(np.mean(steps_ok)) if steps_ok else None,
-                # episodes failed because the model wrote no action block (a mode='release' chunk)
+                # episodes failed because the model wrote no action block, or malformed ones (a mode='release' chunk)
                 "ended_without_action": int(np.sum(self.no_action)),
                 "latency": self.latency, "seconds": self.seconds}
 

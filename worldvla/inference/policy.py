@@ -102,7 +102,9 @@ class WorldVLAPolicy:
     decodes as the release does (inference/release.py): greedy over the whole vocabulary until
     the separator or `max_new_tokens`, every BOA..EOA block found becoming an action, so a chunk
     has as many actions as the model wrote ([n, D]; a batch whose chunks differ in length is a
-    list of arrays).
+    list of arrays). Output whose blocks are malformed (an EOA closing no block, on which the
+    release's parser raises and its loop fails the episode; a BOA inside an open block) gives
+    no action, which the harnesses count as a failed episode.
     `tune_malloc`: fix glibc's malloc thresholds for the process (`tune_cpu_malloc`: CPU forwards
     stop faulting their temporaries' pages in anew at every call); None does it when the model
     is on the CPU.
@@ -293,8 +295,10 @@ class WorldVLAPolicy:
         hist = [[codes[i], cur[i]] if use_prev else [cur[i]] for i in range(N)]
         ids = self._query(instructions, hist)
         self._last = frames.copy()
-        if self.mode == "release":  # as many actions as each chunk holds blocks
-            chunks = [self.action_tokenizer.decode(g.actions.numpy()).astype(np.float32) for g in ids]
+        if self.mode == "release":  # as many actions as each chunk holds blocks; none after malformed output,
+            # where the release's parser raises (an EOA closing no block) and its loop fails the episode
+            chunks = [self.action_tokenizer.decode((g.actions[:0] if g.malformed else g.actions).numpy())
+                      .astype(np.float32) for g in ids]
             if single:
                 return chunks[0]
             return np.stack(chunks) if len({c.shape[0] for c in chunks}) == 1 else chunks
@@ -417,8 +421,8 @@ def check_chunk(chunk):
         raise ValueError("the environments' chunks differ in length (mode='release' decodes as many actions as the "
                          "model wrote); call act() and run each environment's chunk, or one environment at a time")
     if chunk.shape[-2] == 0:
-        raise RuntimeError("the model wrote no action block (mode='release'; the release's loop fails the episode "
-                           "here)")
+        raise RuntimeError("the model wrote no action block, or malformed ones (mode='release'; the release's loop "
+                           "fails the episode here)")
     return chunk
 
 

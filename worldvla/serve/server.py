@@ -555,9 +555,9 @@ class PolicyServer:
                       "policy_ms": round((t_end - t_start) * 1e3, 3), "batch_size": len(batch)}
             if r.future.done():
                 continue
-            if len(a) == 0:  # mode='release': the model wrote no action block; `check_chunk` refuses it alike
-                r.future.set_result(("error", "the model wrote no action block (mode='release' decodes freely; the "
-                                              "release's loop fails the episode here)"))
+            if len(a) == 0:  # mode='release': the model wrote no (well-formed) action block; `check_chunk` alike
+                r.future.set_result(("error", "the model wrote no action block, or malformed ones (mode='release' "
+                                              "decodes freely; the release's loop fails the episode here)"))
             else:
                 r.future.set_result(("ok", a, timing))
 
