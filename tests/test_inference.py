@@ -478,3 +478,20 @@ def test_compiled_model_wrapper_decodes(rng):
     assert not engine.check_model()
     model.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, a, out: out)
     assert engine.check_model()  # seen through the wrapper
+
+
+def test_an_engine_runs_only_the_model_it_was_built_for(rng):
+    """An engine passed with another model ran that engine's layers under the other model's head; one whose
+    model was converted (`model.to(bfloat16)`) kept float32 caches: both are refused by name."""
+    a, b = _model(0), _model(1)
+    prompt = _prompt(rng, 1)
+    eng = InferenceEngine(a, 1, prompt.numel() + 40)
+    with pytest.raises(ValueError, match="built for another model"):
+        generate_action_chunk(b, prompt, LAYOUT, 2, 7, engine=eng)
+    with pytest.raises(ValueError, match="built for another model"):
+        generate_release_actions(b, prompt, LAYOUT, 7, 10, engine=eng)
+    want = generate_action_chunk(a, prompt, LAYOUT, 2, 7)
+    assert torch.equal(generate_action_chunk(a, prompt, LAYOUT, 2, 7, engine=eng), want)
+    a.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"now torch.bfloat16 .* build a new engine after model.to"):
+        generate_action_chunk(a, prompt, LAYOUT, 2, 7, engine=eng)

@@ -170,6 +170,8 @@ def test_frames_bad_input(rng):
     small = InferenceEngine(model, 2, 40)
     with pytest.raises(ValueError, match="cache slots; the engine has 40"):
         generate_frame_codes(model, codes, np.zeros((2, 4)), b, engine=small)
+    with pytest.raises(ValueError, match="built for another model"):
+        generate_frame_codes(_model(1), codes, np.zeros((2, 4)), b, engine=small)
 
 
 @pytest.mark.gpu

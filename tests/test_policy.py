@@ -281,6 +281,28 @@ def test_prefix_cache_follows_new_weights(policy_dir, rng):
     assert np.array_equal(after, fresh.act(frame, history=None)) and not np.array_equal(after, before)
 
 
+def test_policy_follows_a_replaced_or_converted_model_and_new_vqgan_weights(policy_dir, rng):
+    """A model replaced (`policy.model = other`) ran the old model's layers on the engines kept for it;
+    `policy.model.to(bfloat16)` failed in attention on their float32 caches; VQGAN weights loaded in place
+    left the old codes of seen frames in the code cache. Each query is a fresh policy's."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    frame = _frames(rng)
+    before = pol.act(frame, history=None)
+    other, vq, _ = _parts(seed=1)
+    pol.model = other
+    swapped = pol.act(frame, history=None)
+    assert np.array_equal(swapped, _expected(pol, "open the drawer", [frame])) and not np.array_equal(swapped, before)
+    pol.vqgan.load_state_dict(vq.state_dict())
+    new_codes = pol.act(frame, history=None)
+    assert np.array_equal(new_codes, _expected(pol, "open the drawer", [frame]))
+    assert not np.array_equal(new_codes, swapped)
+    pol.model.to(torch.bfloat16)
+    fresh = WorldVLAPolicy(pol.model, pol.vqgan, pol.action_tokenizer, chunk_size=3, image_size=64)
+    fresh.reset("open the drawer")
+    assert np.array_equal(pol.act(frame, history=None), fresh.act(frame, history=None))
+
+
 def test_instruction_longer_than_the_context_is_refused_at_reset(policy_dir):
     pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
     limit = pol.model.config.max_position_embeddings

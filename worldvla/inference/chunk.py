@@ -202,6 +202,7 @@ def generate_action_chunk(model, input_ids, layout: VocabLayout | None, n_action
         if skip is not None and any(skip):
             raise ValueError("skip= names prefixes an engine already holds: pass that engine (engine=)")
         engine = make_engine(model, prompts, n_actions, action_dim, layout, backend)
+    engine.check_serves(model)
     P, base = _prepare(engine, prompts, skip, n_actions, action_dim)
     if mode != "causal" and model.config.attention == "causal":
         raise ValueError("this model was trained with plain causal attention (config.attention='causal'); "

@@ -66,6 +66,10 @@ class PrefixSnapshot:
         return self.k.shape[2]
 
 
+def _unwrapped(model):
+    return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule wraps the module it runs
+
+
 def _model_state(model) -> tuple:
     """Everything about `model` a decode step's native plan or CUDA graph fixes when it is made, and the
     weights' version counters apart: every module (identity, class, training mode, forward hooks),
@@ -128,6 +132,24 @@ class InferenceEngine:
         self._model_state = self._versions = None  # the model the steps' plans and graphs were made for
 
     # ------------------------------------------------------------------ the model's state
+    def mismatch(self, model=None) -> str | None:
+        """Why this engine cannot run `model` (default: its own), or None: another model than the one
+        it was built for (a torch.compile wrapper of that one is the same), or that model moved or
+        converted (`model.to(...)`) since the cache was allocated in the old dtype and device."""
+        if model is not None and _unwrapped(model) is not _unwrapped(self.model):
+            return "this engine was built for another model; build one for this model (or pass no engine)"
+        p = next(self.model.parameters())
+        if (p.device, p.dtype) != (self.device, self.dtype):
+            return (f"the model is now {p.dtype} on {p.device} but this engine's cache was allocated for "
+                    f"{self.dtype} on {self.device}; build a new engine after model.to(...)")
+        return None
+
+    def check_serves(self, model) -> None:
+        """Raise ValueError if this engine cannot run `model` (`mismatch`)."""
+        why = self.mismatch(model)
+        if why:
+            raise ValueError(why)
+
     def check_model(self) -> bool:
         """Drop the decode steps' native plans and CUDA graphs if the model changed since they were made
         (they are rebuilt on first use); returns whether it had. Both hold the model's weights by
@@ -141,7 +163,9 @@ class InferenceEngine:
 
         `prefill` calls it, so every generation starts on the model as it is; steps that continue a
         prefill do not check again (about 50 us a step on a CPU): call it yourself after changing the
-        model between a prefill and the steps that follow it."""
+        model between a prefill and the steps that follow it. A model moved or converted since the
+        engine was built is refused (ValueError): the cache holds the old dtype and device."""
+        self.check_serves(self.model)
         structure, versions = _model_state(self.model)
         if structure != self._model_state:
             for buf in self._steps.values():

@@ -77,6 +77,8 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     n_new = h * (w + 1)
     if engine is None:
         engine = InferenceEngine(model, rows, max(p.numel() for p in prompts) + n_new, layout=lay, backend=backend)
+    elif engine.mismatch(model):
+        raise ValueError(engine.mismatch(model))
     elif engine.batch_size != rows:
         raise ValueError(f"the engine holds {engine.batch_size} rows but this step needs {rows}")
     elif max(p.numel() for p in prompts) + n_new > engine.max_len:

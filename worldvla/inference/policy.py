@@ -148,7 +148,8 @@ class WorldVLAPolicy:
         self.device = next(model.parameters()).device
         if tune_malloc or (tune_malloc is None and self.device.type == "cpu"):
             tune_cpu_malloc()
-        self._codes: OrderedDict = OrderedDict()
+        self._codes: OrderedDict = OrderedDict()      # frame digest -> VQ codes
+        self._codes_state = None                      # the VQGAN's state the codes were made with
         self._code_cache_size = code_cache_size
         self._engines: OrderedDict = OrderedDict()   # batch size -> InferenceEngine
         self._instructions: list[str] | None = None
@@ -344,6 +345,10 @@ class WorldVLAPolicy:
     @torch.no_grad()
     def _encode(self, frames: list[np.ndarray]) -> list[torch.Tensor]:
         """VQ codes [h, w] per frame; frames not in the cache are encoded in one VQGAN call."""
+        state = _model_state(self.vqgan)  # codes of another VQGAN (replaced, or new weights) are dropped
+        if state != self._codes_state:
+            self._codes.clear()
+            self._codes_state = state
         keys = [_digest(f) for f in frames]
         todo = {}
         for k, f in zip(keys, frames):
@@ -366,7 +371,7 @@ class WorldVLAPolicy:
 
     def _engine(self, N: int, max_len: int):
         eng = self._engines.get(N)
-        if eng is None or eng.max_len < max_len:
+        if eng is None or eng.max_len < max_len or eng.mismatch(self.model):  # a new model, or moved/converted
             eng = InferenceEngine(self.model, N, max_len, layout=self.layout)
             self._engines[N] = eng
             while len(self._engines) > self.max_engines:

@@ -83,6 +83,7 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
     if engine is None and skip is not None and any(skip):
         raise ValueError("skip= names prefixes an engine already holds: pass that engine (engine=)")
     engine = engine or release_engine(model, prompts, max_new_tokens, layout, backend)
+    engine.check_serves(model)
     lens = [int(p.numel()) for p in prompts]
     if engine.batch_size != B:
         raise ValueError(f"the engine holds {engine.batch_size} sequences but got {B} prompts")
