@@ -715,3 +715,13 @@ def test_adapted_layers_keep_the_modules(rng, kind, lora):
         assert reason in buf.plan.reason
     finally:
         undo()
+
+
+@pytest.mark.usefixtures("native_first")
+def test_a_plan_refused_for_gradients_is_made_once_they_are_off(rng):
+    """A plan first asked for while gradients were on (weights that need them) was refused and kept: every
+    later step ran the modules. It is made again once gradients are off."""
+    engine = _prefilled(_model(rng), 1, PROMPT_LEN + 40, rng)
+    assert engine.step_plan(3) is None and "gradients" in engine.buffers(3).plan.reason
+    with torch.no_grad():
+        assert engine.step_plan(3) is not None

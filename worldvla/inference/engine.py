@@ -43,6 +43,7 @@ class StepBuffers:
     out: torch.Tensor | None = None  # [B, Q, H] hidden states of the last run
     graph: "torch.cuda.CUDAGraph | None" = None
     plan: "DecodeStepPlan | None" = None  # the CPU's one-call step (ops.decoder), built on first use
+    plan_grad: bool = False                # whether gradients were on when `plan` was built
 
     def set_positions(self, pos: torch.Tensor) -> None:
         self.pos.copy_(pos)
@@ -292,8 +293,11 @@ class InferenceEngine:
         Built on first use, and again after `check_model` found the model changed."""
         if self.device.type != "cpu" or self.backend != "auto" or not native_step_active():
             return None
-        if buf.plan is None:  # built only while active: not under a dispatch mode, which it would refuse
+        # Built only while active: not under a dispatch mode, which it would refuse. A plan refused while
+        # gradients were on (weights that need them) is tried again once they are off.
+        if buf.plan is None or (buf.plan.step is None and buf.plan_grad and not torch.is_grad_enabled()):
             buf.plan = DecodeStepPlan(self.model, self.cache, buf.ids, buf.pos, buf.meta)
+            buf.plan_grad = torch.is_grad_enabled()
         return buf.plan if buf.plan.step is not None else None
 
     def _capture(self, buf: StepBuffers) -> None:
