@@ -321,18 +321,22 @@ def _run(quick, device, out_dir, grid, chunks, frame, tune_malloc):
     bandwidth = measure_bandwidth(device)
     gen = torch.Generator().manual_seed(0)
     rows = []
+
+    def partial():  # what is measured so far, in case the run is cut short; rewritten whole below
+        write_results("e2e", rows, device, out_dir, extra={"dtype": str(dtype), "partial": True}, quick=quick)
+
     with torch.no_grad():
         for name in configs:
             model = build_model(name, device, dtype)
-            for g in grids:
+            for i, g in enumerate(grids):
                 rows += bench_chunks(model, name, g, chunks, device, quick, gen)
-            if frame:
-                rows += bench_frame(model, name, frame_grid, device, quick, gen)
+                partial()
+                if frame and i == 0:  # the frame (a latency target at 256 px) before the larger prompts
+                    rows += bench_frame(model, name, frame_grid, device, quick, gen)
+                    partial()
             del model
             if on_gpu:
                 torch.cuda.empty_cache()
-            # What is measured so far, in case the run is cut short; rewritten whole below.
-            write_results("e2e", rows, device, out_dir, extra={"dtype": str(dtype), "partial": True}, quick=quick)
     pbytes = {name: param_bytes(name, torch.bfloat16 if name == "chameleon_7b" else dtype)
               for name in ("chameleon_7b", *configs)}
     for r in rows:
