@@ -346,6 +346,49 @@ def time_fn(fn, *, warmup: int = 3, repeats: int = 20, device="cpu", setup=None,
     return out
 
 
+def time_interleaved(fns: dict, *, warmup: int = 2, repeats: int = 7, device="cpu", rotation: Rotation | None = None,
+                     before=None) -> dict:
+    """time_fn's statistics for each of `fns` (name -> call), the calls interleaved: one call of each
+    side a round, the order turning every round (A, B, C; B, C, A; ...), so that a machine that speeds
+    up or slows down during the run (clocks, other jobs) moves every side alike and no side always
+    runs after the same one (reading what it left in the cache). Every call takes the rotation's
+    next input set if one is given; `before(name)`, if given, runs untimed before each call. On CUDA
+    each call is timed by events around it, the device synchronized after it (wall time)."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    names = list(fns)
+    times = {name: [] for name in names}
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    for r in range(warmup + repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            a = rotation.next() if rotation is not None else ()
+            if before is not None:
+                before(name)
+            if on_gpu:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name](*a)
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                fns[name](*a)
+                ms = (time.perf_counter() - t0) * 1e3
+            if r >= warmup:
+                times[name].append(ms)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]
+        out[name] = {"median_ms": statistics.median(ts), "p10_ms": q(0.1), "p90_ms": q(0.9), "repeats": repeats,
+                     "warmup": warmup, "interleaved": True,
+                     **(rotation.info() if rotation is not None else {"inputs_rotated": False}),
+                     **({"timed": "wall"} if on_gpu else {})}
+    return out
+
+
 def _proc_status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

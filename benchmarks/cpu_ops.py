@@ -20,15 +20,13 @@ nor for the gather, which has no vector kernel).
 """
 from __future__ import annotations
 
-import statistics
-import time
 
 import torch
 
 from worldvla import ops
 
 from .attention import decode_meta, packed_batch, visible_pairs
-from .common import Rotation, main_for, print_table, write_results
+from .common import Rotation, main_for, print_table, time_interleaved, write_results
 
 BACKENDS = ("torch", "native")
 
@@ -56,16 +54,8 @@ def interleaved(fns: dict, rotation: Rotation, warmup: int, repeats: int) -> dic
     sides' order turns every round: handing one set to the sides in a fixed order let the later sides
     read what the first had just pulled into the cache (a decode case read 1.6x for the C++ path with
     torch first, 1.1x with it first)."""
-    names = list(fns)
-    times = {name: [] for name in fns}
-    for r in range(warmup + repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            args = rotation.next()
-            t0 = time.perf_counter()
-            fns[name](*args)
-            if r >= warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    stats = time_interleaved(fns, warmup=warmup, repeats=repeats, rotation=rotation)
+    return {name: st["median_ms"] for name, st in stats.items()}
 
 
 def _rows(op, case, medians, work: dict, rotation: Rotation) -> list[dict]:

@@ -14,7 +14,8 @@ World-model frame (h x w codes after BOS, text, image, action, SEP and the force
   baseline    the same release-style decoder generating the frame's h*(w+1) codes and newlines one
               token a step (baseline.py has no frame decoder of its own; see `frame_baseline`)
 
-Both sides run in the same process; every side of every ratio gets the same warm-up (2 calls, 1 with
+Both sides run in the same process, their calls interleaved (one call of each side a round, the
+order turning every round); every side of every ratio gets the same warm-up (2 calls, 1 with
 --quick) and the same repeats (7, 3 with --quick); times are medians and include the
 prefill of the whole prompt (no prefix cache). The package's engines are built once and reused,
 as `WorldVLAPolicy` does. Forward passes are counted on an eager run (CUDA-graph replays bypass
@@ -43,7 +44,7 @@ from worldvla.ops.decoder import DecodeStepPlan
 from worldvla.tokens import image_tokens
 
 from .attention import action_document
-from .common import print_table, time_fn, write_results
+from .common import print_table, time_fn, time_interleaved, write_results
 
 LAYOUT = VocabLayout.chameleon()
 ACTION_DIM = 7
@@ -157,51 +158,56 @@ def _timing(quick: bool) -> dict:
 
 
 def bench_chunks(model, cfg_name, grid, chunks, device, quick, gen) -> list[dict]:
+    """Each chunk size's four sides (parallel, sequential, the release-style baseline, release mode on the
+    engine) timed interleaved (`time_interleaved`), each engine built once beforehand."""
     prompt = action_prompt(grid, gen)
     rows = []
     for K in chunks:
         T = ACTION_DIM + 2
+        nb = K * T  # the release stops at the separator after K blocks: K(D+2) generated tokens, 1 + K(D+2) passes
         case = {"task": "action_chunk", "config": cfg_name, "px": grid * 16, "grid": grid,
                 "prompt_tokens": int(prompt.numel()), "chunk": K, "action_dim": ACTION_DIM}
-        tokens, case_rows = {}, []
-        for mode in ("parallel", "sequential"):
-            engine = make_engine(model, [prompt], K, ACTION_DIM, LAYOUT)
+        tokens = {}
+        engines = {mode: make_engine(model, [prompt], K, ACTION_DIM, LAYOUT) for mode in ("parallel", "sequential")}
+        rel_engine = release_engine(model, [prompt], nb, LAYOUT)
 
-            def call(mode=mode, engine=engine):
-                tokens[mode] = generate_action_chunk(model, prompt, LAYOUT, K, ACTION_DIM, mode=mode, engine=engine)
+        def chunk_call(mode):
+            def call():
+                tokens[mode] = generate_action_chunk(model, prompt, LAYOUT, K, ACTION_DIM, mode=mode,
+                                                     engine=engines[mode])
+            return call
 
-            t = time_fn(call, device=device, **_timing(quick))
-            eager = make_engine(model, [prompt], K, ACTION_DIM, LAYOUT, cuda_graphs=False)
-            with count_passes(model) as n:
-                generate_action_chunk(model, prompt, LAYOUT, K, ACTION_DIM, mode=mode, engine=eager)
-            del engine, eager
-            case_rows.append({**case, "impl": mode, "new_tokens": K * T + 1, **t, "forward_passes": n[0]})
-        # The release stops at the separator after K blocks: K(D+2) generated tokens, 1 + K(D+2) passes.
-        nb = K * T
         base_call = lambda: baseline_generate_action_chunk(model, prompt, LAYOUT, K, ACTION_DIM, max_new_tokens=nb,
                                                            logits_processor=no_stop(LAYOUT))
-        t = time_fn(base_call, device=device, **_timing(quick))
-        with count_passes(model) as n:
-            base_call()
-        case_rows.append({**case, "impl": "baseline", "new_tokens": nb + 1, **t, "forward_passes": n[0]})
         # The release's choices (free greedy over the whole vocabulary, blocks where the model writes them)
         # on the engine: the same nb tokens, checked against the release's procedure itself.
-        rel_engine = release_engine(model, [prompt], nb, LAYOUT)
         rel_call = lambda: generate_release_actions(model, prompt, LAYOUT, ACTION_DIM, nb, engine=rel_engine)[0]
-        t = time_fn(rel_call, device=device, **_timing(quick))
+        stats = time_interleaved({"parallel": chunk_call("parallel"), "sequential": chunk_call("sequential"),
+                                  "baseline": base_call, "release-engine": rel_call}, device=device, **_timing(quick))
+        del engines, rel_engine
+        case_rows = []
+        for mode in ("parallel", "sequential"):
+            eager = make_engine(model, [prompt], K, ACTION_DIM, LAYOUT, cuda_graphs=False)
+            with count_passes(model) as n:  # counted eagerly: graph replays bypass Python
+                generate_action_chunk(model, prompt, LAYOUT, K, ACTION_DIM, mode=mode, engine=eager)
+            case_rows.append({**case, "impl": mode, "new_tokens": K * T + 1, **stats[mode], "forward_passes": n[0]})
+        with count_passes(model) as n:
+            base_call()
+        case_rows.append({**case, "impl": "baseline", "new_tokens": nb + 1, **stats["baseline"], "forward_passes": n[0]})
         eager = InferenceEngine(model, 1, int(prompt.numel()) + nb, layout=LAYOUT, cuda_graphs=False)
-        with count_passes(model) as n:  # counted eagerly: graph replays bypass Python
+        with count_passes(model) as n:
             got = generate_release_actions(model, prompt, LAYOUT, ACTION_DIM, nb, engine=eager)[0]
         want = baseline_generate_action_chunk(model, prompt, LAYOUT, K, ACTION_DIM, max_new_tokens=nb)
-        case_rows.append({**case, "impl": "release-engine", "new_tokens": int(got.tokens.numel()) + 1, **t,
-                          "forward_passes": n[0], "tokens_equal_release": bool(torch.equal(got.tokens, want.tokens)),
+        case_rows.append({**case, "impl": "release-engine", "new_tokens": int(got.tokens.numel()) + 1,
+                          **stats["release-engine"], "forward_passes": n[0],
+                          "tokens_equal_release": bool(torch.equal(got.tokens, want.tokens)),
                           "tokens_agreement_release": agreement(got.tokens, want.tokens),
                           # fewer tokens than the baseline's nb (a separator or a malformed block): not its work
                           "stopped_early": int(got.tokens.numel()) < nb})
-        del rel_engine, eager
+        del eager
         equal = bool(torch.equal(tokens["parallel"], tokens["sequential"]))
         agree = agreement(tokens["parallel"], tokens["sequential"])
-        base_ms = next(r["median_ms"] for r in case_rows if r["impl"] == "baseline")
+        base_ms = stats["baseline"]["median_ms"]
         for r in case_rows:
             r["speedup_vs_baseline"] = None if r.get("stopped_early") else base_ms / r["median_ms"]
             r["ms_per_action"] = r["median_ms"] / K
@@ -239,17 +245,16 @@ def bench_frame(model, cfg_name, grid, device, quick, gen) -> list[dict]:
     case = {"task": "frame", "config": cfg_name, "px": grid * 16, "grid": grid, "prompt_tokens": int(prompt.numel()),
             "chunk": None, "action_dim": ACTION_DIM, "new_tokens": grid * (grid + 1)}
     engine = InferenceEngine(model, 1, max_len, layout=LAYOUT)
-    call = lambda: generate_frame_codes(model, codes, action, builder, engine=engine).cpu()
-    t = time_fn(call, device=device, **_timing(quick))
+    stats = time_interleaved({"package": lambda: generate_frame_codes(model, codes, action, builder, engine=engine).cpu(),
+                              "baseline": lambda: frame_baseline(model, prompt, grid)}, device=device, **_timing(quick))
     eager = InferenceEngine(model, 1, max_len, layout=LAYOUT, cuda_graphs=False)
     with count_passes(model) as n:
         generate_frame_codes(model, codes, action, builder, engine=eager)
     del engine, eager
-    rows = [{**case, "impl": "package", **t, "forward_passes": n[0]}]
-    t = time_fn(lambda: frame_baseline(model, prompt, grid), device=device, **_timing(quick))
+    rows = [{**case, "impl": "package", **stats["package"], "forward_passes": n[0]}]
     with count_passes(model) as n:
         frame_baseline(model, prompt, grid)
-    rows.append({**case, "impl": "baseline", **t, "forward_passes": n[0]})
+    rows.append({**case, "impl": "baseline", **stats["baseline"], "forward_passes": n[0]})
     for r in rows:
         r["speedup_vs_baseline"] = rows[-1]["median_ms"] / r["median_ms"]
         r["ms_per_token"] = r["median_ms"] / r["new_tokens"]
@@ -519,16 +524,7 @@ def _interleaved(calls: dict, n: int, before=None) -> dict:
     """Median ms of each of `calls` (name -> call), called in turn n times, the order turning every round
     (A, B, C; B, C, A; ...) so that no side always runs after the same one (and reads what it left in the
     cache); `before(name)`, if given, runs untimed before each call."""
-    names = list(calls)
-    times = {name: [] for name in calls}
-    for r in range(n):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            if before is not None:
-                before(name)
-            t0 = time.perf_counter()
-            calls[name]()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: st["median_ms"] for name, st in time_interleaved(calls, warmup=0, repeats=n, before=before).items()}
 
 
 def _side_rows(calls: dict, out: dict, grid: int, base: str, ref: str, speedup: str, equal: str,
