@@ -158,6 +158,9 @@ def test_cpu_ops_sides_take_their_own_sets_in_turning_order():
             self.n += 1
             return (self.n,)
 
+        def info(self):
+            return {"inputs_rotated": True}
+
     calls = []
     fns = {name: (lambda i, name=name: calls.append((name, i))) for name in ("torch", "native", "native-w8")}
     med = cpu_ops.interleaved(fns, Sets(), warmup=2, repeats=6)
