@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from worldvla import VocabLayout, chunk_mask_meta, ops
 from worldvla.mask import DecodeMeta, causal_meta
@@ -121,10 +122,25 @@ class Documents:
 
 def sdpa_causal_per_document(docs: Documents):
     """SDPA's causal path on each document of the batch (one padded call, `is_causal`): the documents
-    kept apart, the chunk rule's holes ignored (it attends every causal pair of each document)."""
-    def fn(q, k, v):
+    kept apart, the chunk rule's holes ignored (it attends every causal pair of each document). On
+    CUDA the flash kernel is asked for by name (the issues' "SDPA-flash" reference; left to itself
+    torch may take cuDNN's or the memory-efficient kernel); where it cannot run, torch's own choice
+    (recorded in the results' `sdpa_causal_backend`)."""
+    def call(q, k, v):
         return docs.unpad(F.scaled_dot_product_attention(docs.pad(q), docs.pad(k), docs.pad(v), is_causal=True))
+
+    def fn(q, k, v):
+        if q.is_cuda and SDPA_CAUSAL["backend"] == "flash":
+            try:
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return call(q, k, v)
+            except RuntimeError:  # no flash kernel for these inputs: torch's choice from now on
+                SDPA_CAUSAL["backend"] = "torch's choice (flash refused)"
+        return call(q, k, v)
     return fn
+
+
+SDPA_CAUSAL = {"backend": "flash"}  # what sdpa-causal-per-doc runs on CUDA
 
 
 def sdpa_dense_mask_per_document(docs: Documents):
@@ -346,7 +362,8 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
                                "the CPU), batch*queries*cache for decode's SDPA rows; None where a kernel's tiling "
                                "decides (worldvla native, triton)",
              "baselines": "masks, block masks and per-document index maps built once per case, outside the timed "
-                          "calls"}
+                          "calls",
+             "sdpa_causal_backend": SDPA_CAUSAL["backend"] if on_gpu else "torch's choice (CPU)"}
     rows = []
     # The JSON is rewritten after every case, so a run cut short keeps what it measured; the decode
     # cases (quick, no compilation) come first.
@@ -356,6 +373,8 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
         write_results("attention", rows, device, out_dir, extra=extra, quick=quick)
     for case in cases:
         rows += run_prefill([case], H, Dh, dtype, device, quick, gen)
+        if on_gpu:
+            extra["sdpa_causal_backend"] = SDPA_CAUSAL["backend"]
         add_speedups(rows)
         write_results("attention", rows, device, out_dir, extra=extra, quick=quick)
     print_table(rows, ["case", "tokens", "impl", "mode", "median_ms", "tflops", "attended_over_visible", "cache_gbps",
