@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 
 from worldvla.serve import PolicyClient, PolicyServer, PolicyServerError, ProtocolError, health, packb, unpackb
-from worldvla.serve.protocol import fit_image
+from worldvla.serve.protocol import REQUEST_LIMITS, fit_image
 
 K, D = 3, 5
 
@@ -119,7 +121,7 @@ def test_codec_round_trip_and_rejects_bad_arrays(np_rng):
         with pytest.raises(ProtocolError, match=fragment):
             unpackb(packb(payload))
     for garbage in (np_rng.bytes(64), b"\xc1", b"\x92\x01"):
-        with pytest.raises(ProtocolError, match="not valid msgpack"):
+        with pytest.raises(ProtocolError, match="not valid msgpack|the protocol's limit"):
             unpackb(garbage)
     with pytest.raises(ProtocolError, match="text frames"):
         unpackb("{}")
@@ -242,6 +244,35 @@ def test_a_lone_robot_does_not_wait_for_connections_that_never_act(np_rng):
         assert server.health()["connections"] == 2
 
 
+def test_an_episode_belongs_to_its_connection_until_it_closes(np_rng):
+    """Two robots using the same episode id are refused instead of mixing instructions and frames; a robot
+    that reconnects goes on with its episode once its old connection has closed."""
+    with PolicyServer(HistoryPolicy()) as server, PolicyClient(server.url, timeout=10) as b:
+        a = PolicyClient(server.url, timeout=10)
+        a.reset("open the drawer", episode=0)
+        fa1, fa2, fa3, fb = (_frame(np_rng) for _ in range(4))
+        a.act(fa1)
+        with pytest.raises(PolicyServerError, match="belongs to another open connection: each robot needs its own"):
+            b.reset("push the red button", episode=0)
+        b.episode = 0
+        with pytest.raises(PolicyServerError, match="belongs to another open connection"):
+            b.act(fb)
+        a2 = a.act(fa2)  # a's episode is untouched: its instruction, its previous frame
+        np.testing.assert_allclose(a2[:, [1, 2]], np.broadcast_to([fa1.mean(), len("open the drawer")], (K, 2)),
+                                   rtol=1e-6)
+
+        a.close()
+        with PolicyClient(server.url, timeout=10) as again:  # a, reconnected
+            again.episode = 0
+            a3 = again.act(fa3)
+            np.testing.assert_allclose(a3[:, [1, 2]], np.broadcast_to([fa2.mean(), len("open the drawer")], (K, 2)),
+                                       rtol=1e-6)
+            with pytest.raises(PolicyServerError, match="belongs to another open connection"):
+                b.act(fb)
+        b.reset("push the red button", episode=0)  # its owner has gone: b may start a new episode under that id
+        np.testing.assert_allclose(b.act(fb)[:, [1, 2]], np.broadcast_to([-1, len("push the red button")], (K, 2)))
+
+
 # ---------------------------------------------------------------- bad requests
 def _raw(url):
     from websockets.sync.client import connect
@@ -277,7 +308,7 @@ def test_malformed_requests_get_errors_and_do_not_disturb_others(np_rng):
     img = _frame(np_rng)
     arr = lambda a: {"__ndarray__": a.tobytes(), "dtype": a.dtype.str, "shape": list(a.shape)}  # noqa: E731
     cases = [
-        (np_rng.bytes(97), "not valid msgpack"),
+        (np_rng.bytes(97), "not valid msgpack|the protocol's limit"),
         (b"\xc1\xc1\xc1", "not valid msgpack"),
         ("hello, is this json?", "text frames"),
         (packb([1, 2, 3]), "msgpack map"),
@@ -338,6 +369,42 @@ def test_oversized_payload_closes_only_that_connection(np_rng):
         np.testing.assert_allclose(other.act(f)[:, 0], f.mean(), rtol=1e-6)
 
 
+def _nested_maps(n_bytes: int, fan: int) -> bytes:
+    """A msgpack tree of arrays of `fan` items with empty maps as leaves, about `n_bytes` long."""
+    node = b"\x80"
+    while len(node) * fan + 1 <= n_bytes:
+        node = bytes([0x90 | fan]) + node * fan
+    return node
+
+
+def test_millions_of_tiny_objects_are_refused_at_once(np_rng):
+    """A message under the payload limit made of millions of empty maps (seconds of decoding and a
+    gigabyte, with the event loop frozen) is refused as soon as its headers are read, while a
+    camera-sized request still decodes."""
+    flat = b"\xdd" + struct.pack(">I", 15 * 2**20) + b"\x80" * (15 * 2**20)  # an array of 15 Mi empty maps
+    nested = _nested_maps(8 * 2**20, 8)  # 8-item arrays nested 7 deep: 2 Mi empty maps
+    t0 = time.perf_counter()
+    for bomb in (flat, nested):
+        for limits in ({}, {"limits": REQUEST_LIMITS}):  # a client's limits for replies, the server's for requests
+            with pytest.raises(ProtocolError, match="protocol's limit"):
+                unpackb(bomb, **limits)
+    with pytest.raises(ProtocolError, match="exceeds the protocol's limits"):
+        unpackb(packb({"type": "reset", "episode": 1, "instruction": "x" * 2**17}), REQUEST_LIMITS)
+    assert time.perf_counter() - t0 < 0.5
+    image = np_rng.integers(0, 256, (2000, 2000, 3), dtype=np.uint8)
+    request = {"type": "act", "episode": "e" * 256, "image": image, "previous_image": image[::-1], "id": 3}
+    back = unpackb(packb(request), REQUEST_LIMITS)
+    assert np.array_equal(back["image"], image) and np.array_equal(back["previous_image"], image[::-1])
+
+    with PolicyServer(HistoryPolicy()) as server, _raw(server.url) as ws:
+        t0 = time.perf_counter()
+        reply = _ask(ws, flat)
+        assert time.perf_counter() - t0 < 2.0 and "exceeds the protocol's limits" in reply["error"], reply
+        assert "limit" in _ask(ws, nested)["error"]
+        assert _ask(ws, packb({"type": "metadata"}))["ok"]  # the connection carries on
+
+
+
 # ---------------------------------------------------------------- limits and failures
 def _wait_for(condition, timeout=10.0):
     deadline = time.monotonic() + timeout
@@ -346,7 +413,66 @@ def _wait_for(condition, timeout=10.0):
         time.sleep(0.005)
 
 
-def test_busy_queue_same_episode_and_policy_failure(np_rng):
+def _never_reading_client(port: int, n_metadata: int) -> socket.socket:
+    """A robot (it resets an episode) that then sends `n_metadata` metadata requests and reads none of the
+    replies: a WebSocket handshake on a socket with a tiny receive buffer, then unread frames."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += sock.recv(1)
+    assert b" 101 " in response.split(b"\r\n")[0], response
+
+    def frame(message):  # a masked binary frame, with a mask of zeros
+        payload = packb(message)
+        assert len(payload) < 126
+        return bytes([0x82, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+    sock.sendall(frame({"type": "reset", "episode": "stuck", "instruction": "never reads"}))
+    sock.sendall(frame({"type": "metadata"}) * n_metadata)
+    return sock
+
+
+class BulkyMetadataPolicy(HistoryPolicy):
+    def metadata(self):  # replies of 512 KiB: a few fill the socket buffers of a client that reads nothing
+        return {**super().metadata(), "blob": "x" * 2**19}
+
+
+def test_a_client_that_never_reads_is_cut_off(np_rng):
+    """A reply not taken within the request timeout drops its connection, which stops counting as a robot
+    (the batcher would otherwise wait for it) and frees the server's buffers."""
+    with PolicyServer(BulkyMetadataPolicy(), request_timeout_s=0.5) as server:
+        sock = _never_reading_client(server.port, 40)
+        try:
+            _wait_for(lambda: server._robot_connections == 1)
+            _wait_for(lambda: server.health()["connections"] == 0 and server._robot_connections == 0, timeout=5)
+            with PolicyClient(server.url, timeout=10) as robot:
+                robot.reset("carry on")
+                f = _frame(np_rng)
+                np.testing.assert_allclose(robot.act(f)[:, 0], f.mean(), rtol=1e-6)
+        finally:
+            sock.close()
+
+
+def test_shutdown_drops_connections_still_open_at_the_drain_timeout(np_rng):
+    """A client that reads nothing can complete neither its reply nor the closing handshake: shutdown
+    drops it at the drain timeout instead of waiting for it forever."""
+    server = PolicyServer(BulkyMetadataPolicy(), request_timeout_s=30, drain_timeout_s=0.5).start_background()
+    sock = _never_reading_client(server.port, 40)
+    try:
+        _wait_for(lambda: server._busy == 1 and server._robot_connections == 1)  # stuck sending a reply
+        thread, t0 = server._thread, time.monotonic()
+        server.stop_background(timeout=5)
+        assert not thread.is_alive() and time.monotonic() - t0 < 4
+    finally:
+        sock.close()
+        server.stop_background()
+
+
+def test_busy_queue_and_policy_failure(np_rng):
     policy = HistoryPolicy(delay_s=0.3, fail_on="explode")
     with PolicyServer(policy, max_batch=1, max_queue=1, max_wait_ms=0, request_timeout_s=20) as server:
         clients = [PolicyClient(server.url, timeout=20) for _ in range(5)]
@@ -370,23 +496,11 @@ def test_busy_queue_same_episode_and_policy_failure(np_rng):
         assert busy and ok and len(busy) + len(ok) == len(clients), replies
         assert server.stats["busy_rejections"] == len(busy)
 
-        # one request in flight per episode: another connection acting for the same episode is refused
-        other = PolicyClient(server.url, timeout=20)
-        other.episode = clients[0].episode
-        n_calls = len(policy.calls)
-        t = threading.Thread(target=call, args=(0,))
-        t.start()
-        _wait_for(lambda: len(policy.calls) > n_calls)
-        with pytest.raises(PolicyServerError, match="already has an 'act' request in flight"):
-            other.act(_frame(np_rng))
-        t.join(20)
-        assert isinstance(replies[0], np.ndarray)
-
         clients[1].reset("explode")
         with pytest.raises(PolicyServerError, match="policy failed: RuntimeError: boom"):
             clients[1].act(_frame(np_rng))
         assert clients[2].act(_frame(np_rng)).shape == (K, D)  # the server carries on
-        for c in [*clients, other]:
+        for c in clients:
             c.close()
         assert server.stats["policy_failures"] == 1
 
@@ -422,36 +536,34 @@ def test_one_robots_failure_does_not_fail_its_batch(np_rng):
         bad.close()
 
 
-def test_same_episode_from_two_connections_while_resizing(np_rng):
-    """The in-flight guard holds while a request's frame is being resized (an await): the second
-    request for the episode is refused, not batched with the first."""
-    policy = HistoryPolicy(delay_s=0.6)  # the first request stays in flight well past the second's arrival
-    with PolicyServer(policy, max_batch=4, max_wait_ms=300, request_timeout_s=20) as server:
-        first, second = PolicyClient(server.url, timeout=20), PolicyClient(server.url, timeout=20)
-        first.reset("hold still")
-        second.episode = first.episode
-        big = [_frame(np_rng, 1500, 1500) for _ in range(2)]  # resized on the server: tens of ms
-        replies = [None, None]
-        barrier = threading.Barrier(2)
+def test_a_timed_out_client_reconnects_and_its_stale_request_is_dropped(np_rng, monkeypatch):
+    """A client that times out closes its connection and reconnects on its next call, going on with its
+    episode. Its stale request, still being resized on the server, keeps the episode busy meanwhile (the
+    in-flight guard holds across the resize's await), then is dropped without reaching the policy."""
+    policy = HistoryPolicy()
+    with PolicyServer(policy, request_timeout_s=20) as server, PolicyClient(server.url, timeout=0.3) as client:
+        resize = server._resize_pair
+        release = threading.Event()
 
-        def call(i, client):
-            barrier.wait(10)
-            try:
-                replies[i] = client.act(big[i])
-            except PolicyServerError as e:
-                replies[i] = str(e)
+        def slow_resize(image, previous):
+            release.wait(10)
+            return resize(image, previous)
 
-        threads = [threading.Thread(target=call, args=(i, c)) for i, c in enumerate((first, second))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
-        ok = [r for r in replies if isinstance(r, np.ndarray)]
-        refused = [r for r in replies if isinstance(r, str) and "already has an 'act' request in flight" in r]
-        assert len(ok) == 1 and len(refused) == 1, replies
-        assert all(n == 1 for n in policy.calls), policy.calls
-        first.close()
-        second.close()
+        monkeypatch.setattr(server, "_resize_pair", slow_resize)
+        client.reset("hold still")
+        f0 = _frame(np_rng)
+        client.act(f0)
+        with pytest.raises(TimeoutError, match="within 0.3 s; the connection was closed.*next call reconnects"):
+            client.act(_frame(np_rng, 48, 48))  # held in the resize
+        with pytest.raises(PolicyServerError, match="already has an 'act' request in flight.*reconnected"):
+            client.act(_frame(np_rng))  # a new connection, which takes the episode over
+        release.set()
+        _wait_for(lambda: not server._episodes[client.episode].pending)
+        f1 = _frame(np_rng)
+        a1 = client.act(f1)
+        np.testing.assert_allclose(a1[:, [0, 1]], np.broadcast_to([f1.mean(), f0.mean()], (K, 2)), rtol=1e-6)
+        assert policy.calls == [1, 1]  # the stale request never reached the policy
+        assert server.health()["connections"] == 1 and server.stats["timeouts"] == 0
 
 
 class RaggedPolicy(HistoryPolicy):
@@ -565,6 +677,25 @@ def test_request_timeout(np_rng):
         assert server.stats["timeouts"] == 1
 
 
+def test_client_timeout_covers_sending(np_rng):
+    """With the server's event loop frozen, a frame larger than the socket buffers cannot be sent: the
+    client's timeout bounds the send, and the next call reconnects."""
+    with PolicyServer(HistoryPolicy()) as server, PolicyClient(server.url, timeout=0.5) as client:
+        client.reset("hold still")
+        f0 = _frame(np_rng)
+        client.act(f0)
+        server._loop.call_soon_threadsafe(time.sleep, 1.5)  # a frozen event loop: nothing is read
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="could not send the request .* within 0.5 s.*next call reconnects"):
+            client.act(_frame(np_rng, 2400, 2400))  # 17 MB
+        assert time.monotonic() - t0 < 1.2
+        # Once the server has read what the old connection sent (and its end), the episode is the new one's.
+        _wait_for(lambda: server.health()["connections"] == 0)
+        f1 = _frame(np_rng)
+        a1 = client.act(f1)  # on a new connection
+        np.testing.assert_allclose(a1[:, [0, 1]], np.broadcast_to([f1.mean(), f0.mean()], (K, 2)), rtol=1e-6)
+
+
 def test_server_rejects_bad_configuration():
     with pytest.raises(ValueError, match="max_batch"):
         PolicyServer(HistoryPolicy(), max_batch=0)
@@ -582,6 +713,33 @@ def test_server_rejects_bad_configuration():
         PolicyClient("http://127.0.0.1:1")
     with pytest.raises(ConnectionError, match="cannot connect"):
         PolicyClient("ws://127.0.0.1:1", connect_timeout=2)
+    with pytest.raises(ConnectionError, match="no health report from http://127.0.0.1:1/healthz"):
+        health("ws://127.0.0.1:1", timeout=2)
+
+
+def test_client_says_when_the_url_is_not_a_policy_server():
+    import http.server
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"hello")
+
+        def log_message(self, *args):
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    url = f"ws://127.0.0.1:{web.server_address[1]}"
+    try:
+        with pytest.raises(ConnectionError, match=f"{url} did not answer as a WebSocket server"):
+            PolicyClient(url, connect_timeout=5)
+        with pytest.raises(ConnectionError, match=f"no health report from http{url[2:]}/healthz: JSONDecodeError"):
+            health(url, timeout=5)
+    finally:
+        web.shutdown()
+        web.server_close()
 
 
 def test_cli_arguments():
@@ -663,30 +821,43 @@ def test_sigterm_and_sigint_finish_in_flight_request_and_exit_cleanly(np_rng):
                 proc.wait()
 
 
-def test_a_second_signal_exits_without_waiting(np_rng):
-    """A policy call that hangs would hold a draining server until its drain timeout: a second SIGINT
-    exits at once (code 1), as operators expect of a second Ctrl-C."""
-    child = _CHILD.replace("time.sleep(0.6)", "time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        port = int(proc.stdout.readline())
-        client = PolicyClient(f"ws://127.0.0.1:{port}", timeout=30)
+def test_a_hung_policy_call_does_not_hold_shutdown(np_rng):
+    """A policy call that hangs: a draining server gives up on it at the drain timeout and exits with code 1
+    without waiting for it (its worker thread would hold the interpreter), and a second SIGINT exits at
+    once, as operators expect of a second Ctrl-C. Two servers in subprocesses, started together."""
+    hung = _CHILD.replace("time.sleep(0.6)", "time.sleep(60)")
+    bounded = hung.replace("port=0)", "port=0, request_timeout_s=0.5, drain_timeout_s=1.0)")
+    procs = [subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for child in (bounded, hung)]
+
+    def hang(proc):  # a request inside the policy call
+        client = PolicyClient(f"ws://127.0.0.1:{int(proc.stdout.readline())}", timeout=30)
         client.reset("wave")
-        t = threading.Thread(target=lambda: pytest.raises(PolicyServerError, client.act, _frame(np_rng, 8, 8)),
-                             daemon=True)
-        t.start()
+        threading.Thread(target=lambda: pytest.raises(PolicyServerError, client.act, _frame(np_rng, 8, 8)),
+                         daemon=True).start()
         assert proc.stdout.readline().strip() == "acting"
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.5)
-        assert proc.poll() is None  # draining: the request is still being answered
+
+    try:
+        hang(procs[0])
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 1 and time.monotonic() - t0 < 10
-        assert "second signal while shutting down" in proc.stderr.read()
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(10) == 1 and 1.0 <= time.monotonic() - t0 < 5
+        err = procs[0].stderr.read()
+        assert "has not returned within the drain timeout (1.0 s): exiting without waiting for it" in err, err
+
+        hang(procs[1])
+        procs[1].send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert procs[1].poll() is None  # draining: the request is still being answered
+        t0 = time.monotonic()
+        procs[1].send_signal(signal.SIGINT)
+        assert procs[1].wait(10) == 1 and time.monotonic() - t0 < 10
+        assert "second signal while shutting down" in procs[1].stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 # ---------------------------------------------------------------- the real policy

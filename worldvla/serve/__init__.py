@@ -17,12 +17,15 @@ Protocol (msgpack maps in binary frames; arrays as {"__ndarray__": bytes, "dtype
                                                                 "server": {limits}}
   anything refused                                           -> {"ok": false, "error": "what and how to fix"}
 
-Frames of any size are resized to the model's image size (bilinear, no crop; send
-frames with the model's aspect ratio). `previous_image` is the frame of the previous
-env step, which the release's two-frame prompt conditions on; without it the frame of
-the episode's previous `act` is used. `GET /healthz` answers 200 with JSON while
-serving and 503 while shutting down. SIGTERM/SIGINT: stop taking work, answer queued
-and running requests, close connections with code 1001, exit 0; a second signal exits at once (code 1).
+Frames of any size up to the payload limit are resized to the model's image size
+(bilinear, no crop; send frames with the model's aspect ratio). `previous_image` is the
+frame of the previous env step, which the release's two-frame prompt conditions on;
+without it the frame of the episode's previous `act` is used. An episode belongs to the
+connection that reset it until that connection closes (each robot needs its own episode
+ids). `GET /healthz` answers 200 with JSON while serving and 503 while shutting down.
+SIGTERM/SIGINT: stop taking work, answer queued and running requests, close connections
+with code 1001 (dropping those still open at the drain timeout), exit 0; exit 1 if a
+policy call has not returned by then; a second signal exits at once (code 1).
 """
 from __future__ import annotations
 

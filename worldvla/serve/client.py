@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import time
@@ -26,6 +27,7 @@ class PolicyServerError(RuntimeError):
 
 
 def _connect(url: str, open_timeout: float, max_size: int):
+    from websockets.exceptions import InvalidHandshake
     from websockets.sync.client import connect
 
     kwargs = dict(open_timeout=open_timeout, max_size=max_size, compression=None, close_timeout=5)
@@ -34,7 +36,14 @@ def _connect(url: str, open_timeout: float, max_size: int):
         kwargs["proxy"] = None  # robots talk to the server directly, whatever the environment's proxy says
     if "legacy" in params:
         kwargs["legacy"] = True  # a plain connection object, closed by PolicyClient.close()
-    return connect(url, **kwargs)
+    try:
+        return connect(url, **kwargs)
+    except OSError as e:
+        raise ConnectionError(f"cannot connect to the policy server at {url}: {e}; is `worldvla serve` "
+                              "running there?") from e
+    except InvalidHandshake as e:  # InvalidMessage, InvalidStatus: something else listens on that port
+        raise ConnectionError(f"{url} did not answer as a WebSocket server ({type(e).__name__}: {e}); is that "
+                              "the host and port of `worldvla serve`?") from e
 
 
 class PolicyClient:
@@ -45,8 +54,9 @@ class PolicyClient:
     (the server resizes it) and stores the server's timing in `last_timing`. Pass
     `previous_image`, the frame of the previous env step, to condition on it as the
     release does; by default the server uses the frame of this episode's previous `act`.
-    A refused request raises `PolicyServerError` with the server's message; no reply
-    within `timeout` seconds raises `TimeoutError`.
+    A refused request raises `PolicyServerError` with the server's message. A request not
+    sent and answered within `timeout` seconds raises `TimeoutError` and closes the
+    connection, which drops the request on the server; the next call reconnects.
     """
 
     def __init__(self, url: str = "ws://127.0.0.1:8000", *, timeout: float = 60.0, connect_timeout: float = 10.0,
@@ -55,14 +65,12 @@ class PolicyClient:
             raise ValueError(f"server url must start with ws:// or wss://, got {url!r}")
         self.url = url
         self.timeout = float(timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.max_reply_bytes = int(max_reply_mb * 2**20)
         self.episode = None
         self.last_timing: dict | None = None
         self._next_id = 0
-        try:
-            self._ws = _connect(url, connect_timeout, int(max_reply_mb * 2**20))
-        except OSError as e:
-            raise ConnectionError(f"cannot connect to the policy server at {url}: {e}; is `worldvla serve` "
-                                  "running there?") from e
+        self._ws = _connect(url, self.connect_timeout, self.max_reply_bytes)
 
     # -------------------------------------------------------------- requests
     def request(self, message: dict) -> dict:
@@ -72,17 +80,22 @@ class PolicyClient:
         self._next_id += 1
         rid = self._next_id
         data = packb({**message, "id": rid})
+        if self._ws is None:  # closed after a timeout
+            self._ws = _connect(self.url, self.connect_timeout, self.max_reply_bytes)
         deadline = time.monotonic() + self.timeout
         try:
-            self._ws.send(data)
+            self._send(data)
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"no reply from {self.url} within {self.timeout:g} s")
                 try:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
                     raw = self._ws.recv(timeout=remaining)
                 except TimeoutError:
-                    raise TimeoutError(f"no reply from {self.url} within {self.timeout:g} s") from None
+                    self._drop()
+                    raise TimeoutError(f"no reply from {self.url} within {self.timeout:g} s; the connection was "
+                                       "closed, which drops the request on the server, and the next call "
+                                       "reconnects") from None
                 reply = unpackb(raw)
                 if not isinstance(reply, dict):
                     raise PolicyServerError(f"server sent a reply that is not a map: {type(reply).__name__}")
@@ -93,6 +106,27 @@ class PolicyClient:
         if not reply.get("ok", False):
             raise PolicyServerError(str(reply.get("error", "request refused without a message")))
         return reply
+
+    def _send(self, data: bytes) -> None:
+        """Send within `timeout`. websockets' send has no deadline, so the socket's timeout bounds it: when
+        the server reads nothing, the send fails and websockets closes the connection."""
+        from websockets.exceptions import ConnectionClosed
+
+        ws = self._ws
+        with contextlib.suppress(OSError):  # a closed socket: send raises ConnectionClosed
+            ws.socket.settimeout(self.timeout)
+        try:
+            ws.send(data)
+        except ConnectionClosed as e:
+            if not isinstance(e.__cause__, TimeoutError):
+                raise
+            self._ws = None
+            raise TimeoutError(f"could not send the request to {self.url} within {self.timeout:g} s (the server "
+                               "is not reading: overloaded or stuck); the connection was closed and the next "
+                               "call reconnects") from None
+        finally:
+            with contextlib.suppress(OSError):
+                ws.socket.settimeout(None)
 
     def _closed(self, e) -> PolicyServerError:
         close = getattr(e, "rcvd", None)
@@ -141,8 +175,16 @@ class PolicyClient:
         return health(self.url, timeout=self.timeout)
 
     # -------------------------------------------------------------- lifetime
+    def _drop(self) -> None:
+        """Close the connection after a timeout without waiting long for the server's side of the closing
+        handshake; the next request opens a new one."""
+        ws, self._ws = self._ws, None
+        ws.close_timeout = min(ws.close_timeout, 0.2)
+        ws.close()
+
     def close(self) -> None:
-        self._ws.close()
+        if self._ws is not None:
+            self._ws.close()
 
     def __enter__(self) -> "PolicyClient":
         return self
@@ -159,7 +201,11 @@ def health(url: str, timeout: float = 10.0) -> dict:
         http += "/healthz"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(http, timeout=timeout) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return json.loads(e.read())
+        try:
+            with opener.open(http, timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:  # 503 while shutting down, with the same JSON
+            return json.loads(e.read())
+    except (OSError, ValueError) as e:  # URLError, timeouts; JSONDecodeError: not a policy server
+        raise ConnectionError(f"no health report from {http}: {type(e).__name__}: {e}; is `worldvla serve` "
+                              "running there?") from e

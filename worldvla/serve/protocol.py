@@ -19,6 +19,18 @@ NDARRAY_KEY = "__ndarray__"
 _ALLOWED_KINDS = "biuf"  # bool, int, uint, float
 _MAX_NDIM = 8
 
+# Limits enforced while decoding, so that a small message made of millions of tiny objects (a 15 MiB
+# array of empty maps takes seconds and a gigabyte to decode) is refused at once. Sizes of maps, arrays,
+# strings and ext data are checked by msgpack as it reads each header; `max_containers` bounds the maps
+# and arrays of a whole message, which nesting small containers would otherwise multiply. Image bytes
+# travel as msgpack bin, bounded only by the message's size.
+# A request is a map of a few fields; an ndarray is a map of three, its shape a list of at most 8 sizes.
+REQUEST_LIMITS = {"max_map_len": 32, "max_array_len": _MAX_NDIM, "max_str_len": 64 * 1024, "max_ext_len": 0,
+                  "max_containers": 32}
+# A reply may carry the policy's metadata (nested maps, lists of up to 4096 numbers: see `to_plain`).
+REPLY_LIMITS = {"max_map_len": 4096, "max_array_len": 65536, "max_str_len": 2**20, "max_ext_len": 0,
+                "max_containers": 65536}
+
 
 class ProtocolError(ValueError):
     """A message that cannot be decoded or does not have the expected fields."""
@@ -64,25 +76,42 @@ def _decode_ndarray(d: dict) -> np.ndarray:
     return arr
 
 
-def _object_hook(d: dict):
-    if NDARRAY_KEY in d:
-        return _decode_ndarray(d)
-    return d
-
-
 def packb(obj) -> bytes:
     """Encode a message (maps, lists, numbers, strings, bytes, NumPy arrays)."""
     return msgpack.packb(obj, default=_encode_default, use_bin_type=True)
 
 
-def unpackb(data: bytes):
-    """Decode a message; raises `ProtocolError` with the reason for anything malformed."""
+def unpackb(data: bytes, limits: dict = REPLY_LIMITS):
+    """Decode a message within `limits` (the server decodes requests with `REQUEST_LIMITS`); raises
+    `ProtocolError` with the reason for anything malformed or beyond the limits."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError("text frames are not accepted: send msgpack-encoded binary frames")
+    limits = dict(limits)
+    max_containers = limits.pop("max_containers")
+    containers = 0
+
+    def count(obj):
+        nonlocal containers
+        containers += 1
+        if containers > max_containers:
+            raise ProtocolError(f"message holds more than {max_containers} maps and arrays (the protocol's "
+                                "limit): a request is a map of a few fields, with images as ndarrays")
+        return obj
+
+    def object_hook(d: dict):
+        count(d)
+        return _decode_ndarray(d) if NDARRAY_KEY in d else d
+
     try:
-        return msgpack.unpackb(data, raw=False, object_hook=_object_hook, strict_map_key=True)
+        return msgpack.unpackb(data, raw=False, object_hook=object_hook, list_hook=count, strict_map_key=True,
+                               **limits)
     except ProtocolError:
         raise
+    except ValueError as e:
+        if "exceeds max_" not in str(e):
+            raise ProtocolError(f"message is not valid msgpack (ValueError: {e})") from None
+        raise ProtocolError(f"message exceeds the protocol's limits ({e}): a request is a map of a few fields "
+                            "with short strings, with images as ndarrays of binary data") from None
     except Exception as e:  # msgpack raises several unrelated types for garbage input
         raise ProtocolError(f"message is not valid msgpack ({type(e).__name__}: {e})") from None
 

@@ -17,7 +17,10 @@ What the server needs from a policy (duck-typed; `WorldVLAPolicy` is one):
     `metadata()`, which should return a plain dict describing the model.
 
 Per-episode history. The server keeps one slot per episode: its instruction and the
-last frame it was sent (the "previous image" of the release's two-frame prompt).
+last frame it was sent (the "previous image" of the release's two-frame prompt). An
+episode belongs to the connection that reset it: another open connection using the same
+id is refused, and may take the episode over once that connection has closed (a robot
+reconnecting goes on with its episode).
   * If `act` takes a `history` argument (frames of the previous step, same shape as
     `images`, or None on an episode's first query), the server passes each episode's
     previous frame explicitly, so any mix of episodes can share a batch. A request may
@@ -38,6 +41,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -45,7 +49,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .protocol import PROTOCOL_VERSION, ProtocolError, check_image, fit_image, image_size_hw, packb, to_plain, unpackb
+from .protocol import (PROTOCOL_VERSION, REQUEST_LIMITS, ProtocolError, check_image, fit_image, image_size_hw, packb,
+                       to_plain, unpackb)
 
 log = logging.getLogger("worldvla.serve")
 
@@ -61,20 +66,43 @@ def _accepts(fn, name: str) -> bool:
 
 
 class _Connection:
-    """What the server knows of one open connection: whether it is a robot's (it has sent 'reset' or 'act')."""
+    """What the server knows of one connection: whether it is a robot's (it has sent 'reset' or 'act'), and
+    `closed`, a future done once the connection is lost (it wakes a request waiting for the policy)."""
     robot = False
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.closed = asyncio.ensure_future(ws.wait_closed())
+
+    @property
+    def open(self) -> bool:
+        from websockets.protocol import State
+
+        return self.ws.state is State.OPEN and not self.closed.done()
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once, without a closing handshake (which a client that reads nothing
+        never completes)."""
+        self.ws.transport.abort()
 
 
 def _error(message: str) -> dict:
     return {"ok": False, "error": message}
 
 
-class _Episode:
-    __slots__ = ("key", "instruction", "previous", "steps", "pending")
+async def _wait_until(condition, deadline: float) -> None:
+    """Poll `condition` until it holds or time.monotonic() reaches `deadline`."""
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
 
-    def __init__(self, key, instruction: str):
+
+class _Episode:
+    __slots__ = ("key", "instruction", "owner", "previous", "steps", "pending")
+
+    def __init__(self, key, instruction: str, owner: "_Connection | None"):
         self.key = key
         self.instruction = instruction
+        self.owner = owner  # the connection that reset it, or that took it over once its owner closed
         self.previous: np.ndarray | None = None  # last frame sent, at the model's size
         self.steps = 0
         self.pending = False
@@ -156,10 +184,12 @@ class PolicyServer:
         self._layout: list | None = None  # episodes bound to the policy's slots (policies without `history`)
         self._last_reset: tuple | None = None
         self._busy = 0
-        self._connections = 0
+        self._open: set = set()  # the _Connection of every open connection
         self._robot_connections = 0  # open connections that have sent a 'reset' or 'act' request
         self._signalled = False  # a SIGTERM/SIGINT has asked serve_forever to stop
         self._running_batch = False
+        self._policy_since = None  # time.monotonic() when the running policy call started, on the worker thread
+        self.exit_code = 0  # 1 when shutdown gave up waiting for a policy call that did not return
         self._draining = False
         self._closed = False
         self._started_at = None
@@ -206,21 +236,36 @@ class PolicyServer:
         await self._stop_event.wait()
 
     async def shutdown(self) -> None:
-        """Refuse new work, finish queued and running requests, send their replies, close."""
+        """Refuse new work, finish queued and running requests, send their replies, close. Takes at most
+        the drain timeout (plus a second): connections that have not closed by then are dropped, and a
+        policy call still running is left behind (`exit_code` 1)."""
         if self._closed:
             return
         self._closed = True
         self._draining = True
         deadline = time.monotonic() + self.drain_timeout_s
-        while (self._busy > 0 or self._running_batch or not self._queue.empty()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        await _wait_until(lambda: not (self._busy > 0 or self._running_batch or not self._queue.empty()), deadline)
         if self._busy > 0:
             log.warning("shutting down with %d requests unanswered after %.1f s", self._busy, self.drain_timeout_s)
         self._ws.close()  # close frames with 1001 (going away) to every client
-        await self._ws.wait_closed()
+        try:
+            await asyncio.wait_for(self._ws.wait_closed(), max(deadline - time.monotonic(), 1.0))
+        except asyncio.TimeoutError:  # clients that read nothing never complete the closing handshake
+            log.warning("dropping %d connection(s) still open after the drain timeout", len(self._open))
+            for conn in list(self._open):
+                conn.abort()
+            try:
+                await asyncio.wait_for(self._ws.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
         self._batcher.cancel()
         await asyncio.gather(self._batcher, return_exceptions=True)
-        await self._loop.run_in_executor(None, self._executor.shutdown)
+        await _wait_until(lambda: self._policy_since is None, deadline)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._policy_since is not None:
+            log.error("a policy call started %.1f s ago has not returned within the drain timeout (%.1f s): "
+                      "exiting without waiting for it", time.monotonic() - self._policy_since, self.drain_timeout_s)
+            self.exit_code = 1
         log.info("server stopped: %s", json.dumps(self.stats))
 
     def _on_signal(self) -> None:
@@ -234,7 +279,8 @@ class PolicyServer:
 
     def serve_forever(self, install_signal_handlers: bool = True, on_ready=None) -> int:
         """Serve until SIGTERM/SIGINT (or `request_stop()`), then shut down cleanly: queued and running
-        requests are answered first (up to the drain timeout). A second signal exits at once. Returns 0."""
+        requests are answered first (up to the drain timeout). A second signal exits at once. Returns 0;
+        exits the process with code 1 if a policy call is still running at the drain timeout."""
 
         async def main():
             await self.start()
@@ -247,6 +293,10 @@ class PolicyServer:
             await self.shutdown()
 
         asyncio.run(main())
+        if self.exit_code:  # the policy's worker thread (not a daemon) would hold the interpreter at exit
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(self.exit_code)
         return 0
 
     def start_background(self, timeout: float = 30.0) -> "PolicyServer":
@@ -314,7 +364,7 @@ class PolicyServer:
     def health(self) -> dict:
         return {"status": "draining" if self._draining else "ok", "protocol": PROTOCOL_VERSION,
                 "uptime_s": round(time.monotonic() - self._started_at, 3) if self._started_at else 0.0,
-                "connections": self._connections, "episodes": len(self._episodes),
+                "connections": len(self._open), "episodes": len(self._episodes),
                 "queued": self._queue.qsize() if self._queue is not None else 0, "stats": dict(self.stats)}
 
     def _process_request(self, connection, request):
@@ -330,8 +380,8 @@ class PolicyServer:
     async def _handler(self, ws) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        self._connections += 1
-        conn = _Connection()
+        conn = _Connection(ws)
+        self._open.add(conn)
         try:
             async for message in ws:
                 t_recv = time.perf_counter()
@@ -340,14 +390,29 @@ class PolicyServer:
                     reply = await self._handle_message(message, t_recv, conn)
                     if not reply.get("ok"):
                         self.stats["errors"] += 1
-                    await ws.send(packb(reply))
+                    if not await self._send(conn, reply):
+                        break
                 finally:
                     self._busy -= 1
         except ConnectionClosed:
             pass
         finally:
-            self._connections -= 1
+            self._open.discard(conn)
             self._robot_connections -= conn.robot
+            conn.closed.cancel()
+
+    async def _send(self, conn: _Connection, reply: dict) -> bool:
+        """Send a reply; False if the client has not taken it within the request timeout. Such a client
+        (one that sends requests and never reads the replies) is cut off: it would otherwise hold this
+        handler, and the server's shutdown, for as long as it stays connected."""
+        try:
+            await asyncio.wait_for(conn.ws.send(packb(reply)), self.request_timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            log.warning("dropping the connection from %s: it has not read its replies for %g s",
+                        conn.ws.remote_address, self.request_timeout_s)
+            conn.abort()
+            return False
 
     async def _handle_message(self, message, t_recv: float, conn: "_Connection | None" = None) -> dict:
         if isinstance(message, str):
@@ -357,7 +422,7 @@ class PolicyServer:
                           f"{self.max_payload_bytes / 2**20:.2f} MiB (--max-payload-mb); send smaller frames")
         request_id = None
         try:
-            msg = unpackb(message)
+            msg = unpackb(message, REQUEST_LIMITS)
             if not isinstance(msg, dict):
                 raise ProtocolError(f"a request must be a msgpack map with a 'type' field, got {type(msg).__name__}")
             request_id = msg.get("id")
@@ -366,9 +431,9 @@ class PolicyServer:
                 conn.robot = True  # a robot: the batcher may wait for its requests
                 self._robot_connections += 1
             if kind == "act":
-                reply = await self._act(msg, t_recv)
+                reply = await self._act(msg, t_recv, conn)
             elif kind == "reset":
-                reply = self._reset(msg)
+                reply = self._reset(msg, conn)
             elif kind == "metadata":
                 reply = self.metadata()
             elif kind is None:
@@ -406,8 +471,22 @@ class PolicyServer:
             raise ProtocolError(f"'episode' strings must have 1 to {_MAX_EPISODE_ID_CHARS} characters")
         return key
 
-    def _reset(self, msg: dict) -> dict:
+    @staticmethod
+    def _check_owner(key, episode: "_Episode | None", conn: "_Connection | None") -> None:
+        """An episode belongs to the connection that reset it: another open connection using its id is
+        refused (two robots would mix their instructions and frames). Once the owner has closed, another
+        connection may take the episode over: a robot that reconnects goes on with its episode."""
+        if episode is None or conn is None or episode.owner is conn:
+            return
+        if episode.owner is not None and episode.owner.open:
+            raise ProtocolError(f"episode {key!r} belongs to another open connection: each robot needs its own "
+                                "episode ids (PolicyClient.reset() without episode= picks a fresh one). A robot "
+                                "that reconnected gets its episode back once its old connection has closed")
+        episode.owner = conn
+
+    def _reset(self, msg: dict, conn: "_Connection | None" = None) -> dict:
         key = self._episode_key(msg)
+        self._check_owner(key, self._episodes.get(key), conn)
         instruction = msg.get("instruction")
         if not isinstance(instruction, str) or not instruction.strip():
             raise ProtocolError("'reset' needs a non-empty 'instruction' string (the task in words)")
@@ -422,7 +501,7 @@ class PolicyServer:
             except ValueError as e:
                 raise ProtocolError(str(e)) from None
         # A new object, so a request still running for the old episode cannot touch the new one.
-        self._episodes[key] = _Episode(key, instruction)
+        self._episodes[key] = _Episode(key, instruction, conn)
         self._episodes.move_to_end(key)
         self.stats["resets"] += 1
         while len(self._episodes) > self.max_episodes:
@@ -432,7 +511,7 @@ class PolicyServer:
             log.info("episode %r evicted (more than %d episodes)", old_key, self.max_episodes)
         return {"ok": True, "episode": key}
 
-    async def _act(self, msg: dict, t_recv: float) -> dict:
+    async def _act(self, msg: dict, t_recv: float, conn: "_Connection | None" = None) -> dict:
         key = self._episode_key(msg)
         self.stats["act_requests"] += 1
         episode = self._episodes.get(key)
@@ -440,6 +519,7 @@ class PolicyServer:
             raise ProtocolError(f"unknown episode {key!r}: send {{'type': 'reset', 'episode': ..., "
                                 "'instruction': ...}} first (episodes are also dropped when the server holds more "
                                 f"than {self.max_episodes})")
+        self._check_owner(key, episode, conn)
         if "image" not in msg:
             raise ProtocolError("'act' needs an 'image' field: uint8 ndarray [H, W, 3]")
         image = check_image(msg["image"], "image")
@@ -452,15 +532,16 @@ class PolicyServer:
         if self._draining:
             return _error("server is shutting down; connect to another server")
         if episode.pending:
-            return _error(f"episode {key!r} already has an 'act' request in flight; wait for its reply")
+            return _error(f"episode {key!r} already has an 'act' request in flight; wait for its reply (a robot "
+                          "that reconnected after a timeout: its previous request is still running, retry shortly)")
         episode.pending = True  # before the first await: a second request for the episode sees it
         self._episodes.move_to_end(key)  # the most recently used from here: other robots' resets evict others first
         try:
-            return await self._queue_act(key, episode, image, previous, t_recv)
+            return await self._queue_act(key, episode, image, previous, t_recv, conn)
         finally:
             episode.pending = False
 
-    async def _queue_act(self, key, episode, image, previous, t_recv: float) -> dict:
+    async def _queue_act(self, key, episode, image, previous, t_recv: float, conn: "_Connection | None") -> dict:
         if image.shape[:2] != self.image_hw or (previous is not None and previous.shape[:2] != self.image_hw):
             image, previous = await asyncio.to_thread(self._resize_pair, image, previous)
             if self._episodes.get(key) is not episode:  # reset or evicted by other requests meanwhile
@@ -473,15 +554,18 @@ class PolicyServer:
         except asyncio.QueueFull:
             self.stats["busy_rejections"] += 1
             return _error(f"server busy: {self.max_queue} requests already queued (--max-queue); retry shortly")
-        try:
-            remaining = self.request_timeout_s - (time.perf_counter() - t_recv)
-            outcome = await asyncio.wait_for(asyncio.shield(request.future), max(remaining, 0.0))
-        except asyncio.TimeoutError:
-            if not request.future.done():
-                request.future.cancel()  # the batcher skips it unless it is already running
+        remaining = self.request_timeout_s - (time.perf_counter() - t_recv)
+        # Also woken when the connection is lost: a request nobody will read is dropped from the queue.
+        await asyncio.wait({request.future} if conn is None else {request.future, conn.closed},
+                           timeout=max(remaining, 0.0), return_when=asyncio.FIRST_COMPLETED)
+        if not request.future.done():
+            request.future.cancel()  # the batcher skips it unless it is already running
+            if conn is not None and conn.closed.done():
+                return _error("connection closed")
             self.stats["timeouts"] += 1
             return _error(f"request timed out after {self.request_timeout_s:g} s (server overloaded or policy too "
                           "slow); retry or raise --timeout-s")
+        outcome = request.future.result()
         if outcome[0] != "ok":
             return _error(outcome[1])
         actions, timing = outcome[1], outcome[2]
@@ -563,9 +647,13 @@ class PolicyServer:
 
     # Runs on the worker thread: the only place the policy is called while serving.
     def _call_policy(self, batch: list) -> tuple[list, int]:
-        if self.explicit_history:
-            return self._call_with_history(batch)
-        return self._call_with_slots(batch)
+        self._policy_since = time.monotonic()
+        try:
+            if self.explicit_history:
+                return self._call_with_history(batch)
+            return self._call_with_slots(batch)
+        finally:
+            self._policy_since = None
 
     def _call_with_history(self, batch: list) -> tuple[list, int]:
         out: list = [None] * len(batch)
