@@ -243,3 +243,19 @@ def test_a_file_that_is_not_hdf5_or_is_cut_short_is_named(tmp_path, np_rng):
             read(text)
         with pytest.raises(OSError, match=f"{cut}: cannot read this HDF5 file, it may be damaged or cut short"):
             read(cut)
+
+
+def test_a_damaged_dataset_is_named_with_what_to_do(tmp_path):
+    """A corrupt compressed chunk in a demo's frames was h5py's "Can't synchronously read data (filter returned
+    failure during read)", naming neither the file nor the demo; from pretokenize and train-vq alike."""
+    rng = np.random.default_rng(0)
+    demos = [random_demo(rng, 4, 8, 8, 7, instruction="") for _ in range(2)]
+    path = write_demos(tmp_path / "d.hdf5", demos, "push")
+    with h5py.File(path) as f:
+        offset = f["data/demo_1/obs/agentview_rgb"].id.get_chunk_info(0).byte_offset
+    raw = bytearray(path.read_bytes())
+    raw[offset + 20:offset + 200] = bytes(180)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"{path}:data/demo_1/obs/agentview_rgb: cannot read this dataset, the file "
+                                         f"is damaged .*collect or copy the file again"):
+        read_demos(path)

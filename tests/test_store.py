@@ -2,6 +2,7 @@
 resumable atomic builds with checksums, kind filtering and packing."""
 import argparse
 import json
+import os
 
 import numpy as np
 import pytest
@@ -386,3 +387,90 @@ def test_store_replaces_a_vqgan_its_manifest_does_not_name(demo_dir, tmp_path):
     assert len(st.TokenStore(out)) > 0  # opening reads no VQGAN: training without an export needs none
     with pytest.raises(FileNotFoundError, match="lacks its VQGAN"):
         st.TokenStore(out).checked_vqgan_path()
+
+
+def test_data_bounds_cover_exactly_the_demos_and_steps_the_store_tokenizes(tmp_path):
+    """--action-bounds data / auto were the min/max over every demo of the files, failed ones (not tokenized
+    under only_success) and no-op steps (dropped under drop_noops) included: one failed demo with wild actions
+    widened the bounds 8x, so the trained actions used a few of the 256 bins."""
+    rng = np.random.default_rng(9)
+    demos = random_demos(rng, (6, 5, 6), success=[True, False, True])
+    demos[1]["actions"] *= 30  # a failed demo that flailed
+    demos[2]["actions"][0] = [0.0, 0.0, 0.0, 7.0]  # a first step whose arm is still: a no-op
+    write_demos(tmp_path / "d" / "a.hdf5", demos, "reach")
+    vq = tiny_vqgan()
+    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, chunk_size=2, world=False, bounds="data",
+                         drop_noops=True, progress=False)
+    kept = np.concatenate([demos[0]["actions"], demos[2]["actions"][1:]]).astype(np.float64)
+    a = json.loads((out / st.MANIFEST).read_text())["action"]
+    np.testing.assert_allclose(a["low"], kept.min(0), rtol=1e-6)
+    np.testing.assert_allclose(a["high"], kept.max(0), rtol=1e-6)
+    files = st.find_demo_files(tmp_path / "d")
+    assert st.action_bounds("auto", files, 4, drop_noops=True) == ([-1.0] * 4, [1.0] * 4)  # all it tokenizes is unit
+    assert st.action_bounds("auto", files, 4, only_success=False, drop_noops=True)[1][0] > 1.0
+    with pytest.raises(ValueError, match="no actions to derive action bounds from.*--include-failed"):
+        st.action_bounds("data", st.find_demo_files(write_demos(tmp_path / "f" / "a.hdf5", demos[1:2], "reach")), 4)
+
+
+def test_index_records_each_demos_ordinal_in_its_file_under_drop_noops(tmp_path):
+    """index.npy took a demo's ordinal from its place among the demos iter_demos yields, which skips demos of
+    no-ops only under drop_noops: every later demo was recorded as the one before it (and filed in its shard)."""
+    rng = np.random.default_rng(4)
+    demos = random_demos(rng, (4, 3, 5, 4))
+    demos[1]["actions"][:] = 0.0  # every step a no-op: skipped
+    write_demos(tmp_path / "d" / "a.hdf5", demos, "reach")
+    with pytest.warns(UserWarning, match="demo_1: every step is a no-op"):
+        out = st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=2, world=False, drop_noops=True,
+                             demos_per_shard=1, progress=False)
+    m = json.loads((out / st.MANIFEST).read_text())
+    got = {}
+    for e in m["shards"]:
+        index = np.load(out / e["name"] / "index.npy")
+        got[tuple(e["demos"])] = sorted(set(index[:, 0].tolist()))
+    assert got == {(0, 1): [0], (1, 2): [], (2, 3): [2], (3, 4): [3]}
+
+
+def test_damaged_store_files_are_named_with_what_to_do(demo_dir, tmp_path):
+    """A cut tokens.npy ("mmap length is greater than file size"), an overwritten offsets.npy (numpy's pickle
+    advice) and a cut manifest (json's "Unterminated string", which also stopped `pretokenize --overwrite`) named
+    no file."""
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    tokens, offsets, mpath = out / "shard_00000" / "tokens.npy", out / "shard_00000" / "offsets.npy", out / st.MANIFEST
+    os.truncate(tokens, tokens.stat().st_size // 2)
+    with pytest.raises(ValueError, match=f"{tokens}: cannot read this token-store array .*rerun `worldvla pretokenize"):
+        st.TokenStore(out)
+    st.build_store(folder, out, tiny_vqgan(), chunk_size=K, progress=False)  # the same arguments rebuild the shard
+    offsets.write_bytes(b"garbage" * 10)
+    with pytest.raises(ValueError, match=f"{offsets}: cannot read this token-store array"):
+        st.TokenStore(out)
+    st.build_store(folder, out, tiny_vqgan(), chunk_size=K, progress=False)
+    n = len(st.TokenStore(out))
+    text = mpath.read_text()
+    mpath.write_text(text[:len(text) // 2])
+    with pytest.raises(ValueError, match=f"{mpath}: not a valid token store manifest.*pretokenize.*--overwrite"):
+        st.TokenStore(out)
+    with pytest.raises(ValueError, match=f"{mpath}: not a valid token store manifest.*--overwrite"):
+        st.build_store(folder, out, tiny_vqgan(), chunk_size=K, progress=False)
+    st.build_store(folder, out, tiny_vqgan(), chunk_size=K, overwrite=True, progress=False)
+    assert len(st.TokenStore(out, verify=True)) == n
+
+
+def test_nan_actions_are_refused_naming_the_demo_unless_it_is_not_tokenized(tmp_path):
+    """NaN actions in a demo file ended in the action tokenizer's "actions contain NaN or inf", naming neither the
+    file nor the demo; a failed demo, which the store skips, may hold them."""
+    import h5py
+
+    rng = np.random.default_rng(2)
+    path = write_demos(tmp_path / "d" / "a.hdf5", random_demos(rng, (4, 5, 4), success=[True, True, False]), "reach")
+    with h5py.File(path, "a") as f:
+        f["data/demo_2/actions"][1, 0] = np.nan  # the failed demo
+    for bounds in ("unit", "data"):
+        st.build_store(tmp_path / "d", tmp_path / f"ok_{bounds}", tiny_vqgan(), chunk_size=2, bounds=bounds,
+                       progress=False)
+    with h5py.File(path, "a") as f:
+        f["data/demo_1/actions"][3, 2] = np.inf
+    for bounds in ("unit", "data"):
+        with pytest.raises(ValueError, match=f"{path}:data/demo_1: actions contain NaN or inf \\(first at step 3"):
+            st.build_store(tmp_path / "d", tmp_path / f"s_{bounds}", tiny_vqgan(), chunk_size=2, bounds=bounds,
+                           progress=False)

@@ -205,12 +205,14 @@ def test_stop_after_and_resume_save_each_step_once_and_never_overshoot(store_dir
 
 
 @pytest.mark.parametrize("change", [("--lr", 1e-3), ("--steps", 8), ("--batch-tokens", 400), ("--config", "small"),
-                                    ("--weight-decay", 0.0)])
+                                    ("--weight-decay", 0.0), ("--dropout", 0.1), ("--alpha", 0.5), ("--z-weight", 0.0),
+                                    ("--grad-clip", 1.0)])
 def test_resume_refuses_other_settings_naming_them(store_dir, tmp_path, change, monkeypatch):
-    """The schedule (restored from the checkpoint), the data order (a position in it) and the model must
-    be the run's own: another value is refused by name instead of being ignored or mixing runs, and before
+    """The schedule (restored from the checkpoint), the data order (a position in it), the model and the loss
+    must be the run's own: another value is refused by name instead of being ignored or mixing runs, and before
     the model is built (minutes for a 7B one)."""
-    common = {"--steps": 4, "--batch-tokens": 300, "--lr": 2e-3, "--config": "tiny", "--weight-decay": 0.1}
+    common = {"--steps": 4, "--batch-tokens": 300, "--lr": 2e-3, "--config": "tiny", "--weight-decay": 0.1,
+              "--dropout": 0.0, "--alpha": 0.04, "--z-weight": 1e-5, "--grad-clip": 4.0}
     flat = [x for kv in common.items() for x in kv]
     trainer.train(args_for(store_dir, tmp_path / "r", *flat, "--stop-after", 1, "--no-export"))
     name, value = change
@@ -222,6 +224,46 @@ def test_resume_refuses_other_settings_naming_them(store_dir, tmp_path, change, 
     monkeypatch.setattr(trainer, "_build_model", no_build)
     with pytest.raises(ValueError, match=f"started with {name} {common[name]}, not {name} {value}"):
         trainer.train(args_for(store_dir, tmp_path / "r", *other, "--resume", "--no-export"))
+
+
+def test_resume_refuses_another_store_naming_it_and_old_checkpoints_still_resume(store_dir, tmp_path, monkeypatch):
+    """A resume on another token store continued the old run's position and learning-rate schedule (its total
+    steps) on the new store's batches, silently. The store's fingerprint and the run's total are recorded with its
+    settings and compared before the model is built; a checkpoint written before they were recorded resumes."""
+    other = make_store(tmp_path / "other", seed=1, lengths=(5, 9))
+    common = ("--epochs", 2, "--batch-tokens", 300, "--no-export")
+    out = tmp_path / "run"
+    trainer.train(args_for(store_dir, out, *common, "--stop-after", 1))
+    build = trainer._build_model
+    monkeypatch.setattr(trainer, "_build_model", lambda *a, **k: pytest.fail("the model was built before the check"))
+    with pytest.raises(ValueError, match=r"started on other data \(store fingerprint .*; total steps .*Resume with "
+                                         rf"--store {store_dir}, the token store it was started on.*--overwrite"):
+        trainer.train(args_for(other, out, *common, "--resume"))
+    monkeypatch.setattr(trainer, "_build_model", build)
+    state_file = latest_checkpoint(out) / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["args"]["store_fingerprint"] == TokenStore(store_dir).manifest["fingerprint"]
+    assert state["args"]["total_steps"] == trainer.train(args_for(store_dir, tmp_path / "whole", *common))["step"]
+    for key in ("store_fingerprint", "total_steps"):  # as written before they were recorded
+        del state["args"][key]
+    state_file.write_text(json.dumps(state))
+    assert trainer.train(args_for(store_dir, out, *common, "--resume", "--stop-after", 2))["step"] == 2
+
+
+def test_a_resume_at_a_larger_world_size_warns_that_rng_states_start_fresh(tmp_path, monkeypatch, capsys):
+    """A world-size-1 checkpoint resumed by 2 ranks: rank 1 lacks its RNG file, but only rank 0 printed, and only
+    about its own file, so no warning came. Rank 0 now looks for every rank's file."""
+    from worldvla.train import checkpointing
+    from worldvla.train.checkpointing import save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    ck = save_checkpoint(tmp_path, 1, model, torch.optim.AdamW(model.parameters()), {})
+    load_checkpoint(ck, model)
+    assert "warning" not in capsys.readouterr().out
+    monkeypatch.setattr(checkpointing.dist_utils, "world_size", lambda: 2)  # as rank 0 of two
+    load_checkpoint(ck, model)
+    assert "warning: rng_rank1.pt missing (saved by 1 rank(s), resumed by 2)" in capsys.readouterr().out
+    assert checkpointing.missing_rng_files(ck, 3) == ["rng_rank1.pt", "rng_rank2.pt"]
 
 
 def test_cli_run_exports_and_action_only(store_dir, tmp_path):

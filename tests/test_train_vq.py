@@ -73,12 +73,14 @@ def test_vq_resume_is_exact(data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("change", [("--steps", 9), ("--lr", 1e-3), ("--batch-size", 2), ("--seed", 3)])
+@pytest.mark.parametrize("change", [("--steps", 9), ("--lr", 1e-3), ("--batch-size", 2), ("--seed", 3),
+                                    ("--l2", 0.5), ("--restart-every", 3)])
 def test_vq_resume_refuses_other_settings(data, tmp_path, change, monkeypatch):
     """The schedule is computed from --steps/--lr/--warmup at every step and the position in the frames'
     order is restored: a resume with other values would follow neither run, so it is refused by name, before
-    the frames are read."""
-    common = {"--steps": 4, "--lr": 2e-3, "--batch-size": 4, "--seed": 0}
+    the frames are read; so is another loss or dead-code restart setting, which the run would otherwise
+    continue under silently."""
+    common = {"--steps": 4, "--lr": 2e-3, "--batch-size": 4, "--seed": 0, "--l2": 1.0, "--restart-every": 2}
     flat = [x for kv in common.items() for x in kv]
     vqt.train_vq(args_for(data, tmp_path / "r", *flat, "--stop-after", 1))
     name, value = change
@@ -90,6 +92,29 @@ def test_vq_resume_refuses_other_settings(data, tmp_path, change, monkeypatch):
     monkeypatch.setattr(vqt, "load_frames", no_frames)
     with pytest.raises(ValueError, match=f"started with {name} {common[name]}, not {name} {value}"):
         vqt.train_vq(args_for(data, tmp_path / "r", *other, "--resume"))
+
+
+def test_vq_resume_refuses_other_demo_files_and_old_checkpoints_still_resume(data, tmp_path, monkeypatch):
+    """A resume on other demo files continued the old run's position in its frames' order and its schedule, whose
+    length (--epochs) came from the new frames, silently. The files' names and sizes are recorded with the run's
+    settings and compared before the frames are read; a checkpoint written before they were recorded resumes."""
+    import shutil
+
+    out = tmp_path / "r"
+    vqt.train_vq(args_for(data, out, "--epochs", 2, "--stop-after", 1))
+    other = args_for(data, out, "--epochs", 2, "--resume")
+    other.inputs = [str(shutil.copy(data / "d.hdf5", tmp_path / "e.hdf5"))]  # same frames, another name
+    load = vqt.load_frames
+    monkeypatch.setattr(vqt, "load_frames", lambda *a, **k: pytest.fail("the frames were read before the check"))
+    with pytest.raises(ValueError, match=r"started on other data \(demo files d\.hdf5 \(\d+ bytes\), not e\.hdf5 "
+                                         r"\(\d+ bytes\)\).*Resume with the demo files it was started on"):
+        vqt.train_vq(other)
+    monkeypatch.setattr(vqt, "load_frames", load)
+    state_file = latest_checkpoint(out) / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["args"]["demo_files"]  # as written before it was recorded
+    state_file.write_text(json.dumps(state))
+    assert vqt.train_vq(args_for(data, out, "--epochs", 2, "--stop-after", 2, "--resume"))["step"] == 2
 
 
 def test_dead_code_restart_reseeds_from_latents():

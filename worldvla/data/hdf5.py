@@ -200,6 +200,32 @@ def _frame_key(obs, camera: str | None, where: str) -> str:
     return cams[0]
 
 
+def _read_dataset(group, key: str, where: str) -> np.ndarray:
+    """`group[key]` read whole; a dataset h5py cannot decode (a damaged compressed chunk) is refused naming it."""
+    try:
+        return np.asarray(group[key][()])
+    except OSError as e:
+        raise ValueError(f"{where}/{key}: cannot read this dataset, the file is damaged (h5py: {e}); collect or copy "
+                         f"the file again, or leave it out of the inputs") from None
+
+
+def check_actions(actions: np.ndarray, where: str) -> None:
+    """Refuse actions that are not finite, naming `where` (the demo) and the first such step."""
+    bad = ~np.isfinite(actions).all(axis=1)
+    if bad.any():
+        raise DemoFormatError(f"{where}: actions contain NaN or inf (first at step {int(np.argmax(bad))} of "
+                              f"{len(actions)}); collect the demo again or remove it from the file")
+
+
+def _demo_success(g) -> bool:
+    if "success" in g.attrs:
+        return bool(g.attrs["success"])
+    if "dones" in g:  # LIBERO keeps only successful replays, their last done flag set
+        dones = np.asarray(g["dones"][()])
+        return bool(dones[-1]) if len(dones) else False
+    return True
+
+
 def _read_one(data, name: str, camera: str | None, default_instruction: str, rotate: bool, path) -> Demo:
     g = data[name]
     where = f"{path}:data/{name}"
@@ -207,8 +233,9 @@ def _read_one(data, name: str, camera: str | None, default_instruction: str, rot
         raise DemoFormatError(f"{where}: missing the 'obs' group (keys: {sorted(g.keys())})")
     if "actions" not in g:
         raise DemoFormatError(f"{where}: missing the 'actions' dataset (keys: {sorted(g.keys())})")
-    frames = np.asarray(g["obs"][_frame_key(g["obs"], camera, where)][()])
-    actions = np.asarray(g["actions"][()], dtype=np.float32)
+    key = _frame_key(g["obs"], camera, where)
+    frames = _read_dataset(g["obs"], key, f"{where}/obs")
+    actions = _read_dataset(g, "actions", where).astype(np.float32, copy=False)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise DemoFormatError(f"{where}: frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
     if actions.ndim != 2:
@@ -220,13 +247,7 @@ def _read_one(data, name: str, camera: str | None, default_instruction: str, rot
     if rotate:
         frames = np.ascontiguousarray(frames[:, ::-1, ::-1])
     instruction = _as_str(g.attrs["instruction"]) if "instruction" in g.attrs else default_instruction
-    if "success" in g.attrs:
-        success = bool(g.attrs["success"])
-    elif "dones" in g:  # LIBERO keeps only successful replays, their last done flag set
-        success = bool(np.asarray(g["dones"][()])[-1])
-    else:
-        success = True
-    return Demo(frames=frames, actions=actions, instruction=instruction, success=success, name=name)
+    return Demo(frames=frames, actions=actions, instruction=instruction, success=_demo_success(g), name=name)
 
 
 def _should_rotate(data, rotate_180: bool | None) -> bool:
@@ -287,18 +308,43 @@ def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None,
             yield demo
 
 
+def iter_demo_actions(path, only_success: bool = False, drop_noops: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, actions) of the demos of `path` that `iter_demos` yields, with the steps it keeps, without reading
+    frames; only_success: only the successful ones. Their actions that are not finite are refused naming the demo."""
+    path = Path(path)
+    with open_demo_file(path) as f:
+        data = _open_data(f, path)
+        for name in _demo_names(data):
+            g = data[name]
+            where = f"{path}:data/{name}"
+            if "actions" not in g:
+                raise DemoFormatError(f"{where}: missing the 'actions' dataset (keys: {sorted(g.keys())})")
+            if only_success and not _demo_success(g):
+                continue
+            actions = _read_dataset(g, "actions", where).astype(np.float32, copy=False)
+            if actions.ndim != 2:
+                raise DemoFormatError(f"{where}: actions must be [T, D] (one row per step), got shape {actions.shape}")
+            check_actions(actions, where)
+            if drop_noops:
+                actions = actions[steps_without_noops(actions)]
+            if len(actions):
+                yield name, actions
+
+
 def read_demos(path, camera: str | None = None, rotate_180: bool | None = None, drop_noops: bool = False) -> list[Demo]:
     """All demos of `path` as a list (see `iter_demos`)."""
     return list(iter_demos(path, camera=camera, rotate_180=rotate_180, drop_noops=drop_noops))
 
 
 def demo_file_info(path) -> dict:
-    """Cheap summary of a demo file without reading frames: number of demos, steps,
-    instruction and the `data` attributes. Raises like `read_demos` on a bad layout."""
+    """Cheap summary of a demo file without reading frames: number of demos, their names (in order: a
+    demo's ordinal in its file is its place here), steps, instruction and the `data` attributes. Raises
+    like `read_demos` on a bad layout."""
     path = Path(path)
     with open_demo_file(path) as f:
         data = _open_data(f, path)
         names = _demo_names(data)
         steps = [int(data[n]["actions"].shape[0]) if "actions" in data[n] else 0 for n in names]
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in data.attrs.items()}
-        return {"num_demos": len(names), "steps": steps, "instruction": _file_instruction(data, path), "attrs": attrs}
+        return {"num_demos": len(names), "names": names, "steps": steps, "instruction": _file_instruction(data, path),
+                "attrs": attrs}

@@ -15,7 +15,7 @@ Layout on disk:
                         labels.npy   int32 [N]      -100 where there is no loss
                         offsets.npy  int64 [n + 1]  sample i is tokens[offsets[i]:offsets[i + 1]]
                         kinds.npy    uint8 [n]      0 = action, 1 = world
-                        index.npy    int32 [n, 2]   (demo ordinal in its file, step j)
+                        index.npy    int32 [n, 2]   (demo ordinal in its file, step j among the steps kept)
 
 A shard is one input file (or a fixed group of its demos). Shards are written into a
 temporary folder and renamed into place, and the manifest is rewritten atomically after
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import write_atomic, write_text_atomic
+from ..checkpoint import read_json_file, write_atomic, write_text_atomic
 from ..cli import non_negative_int, positive_int
 from ..devices import torch_device
 from ..tokens import IGNORE, ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
@@ -107,33 +107,31 @@ def find_demo_files(inputs) -> list[Path]:
     return files
 
 
-def _scan_actions(files) -> np.ndarray:
-    """Every action of every demo, without reading frames (for data-derived bounds)."""
-    from .hdf5 import _open_data, open_demo_file
+def _scan_actions(files, only_success: bool = True, drop_noops: bool = False) -> np.ndarray:
+    """The actions of the demos the store tokenizes (the successful ones if `only_success`, without the no-op
+    steps under `drop_noops`), without reading frames (for data-derived bounds)."""
+    from .hdf5 import iter_demo_actions
 
-    out = []
-    for path in files:
-        with open_demo_file(path) as f:
-            data = _open_data(f, path)
-            for name in data:
-                if name.startswith("demo_") and "actions" in data[name]:
-                    out.append(np.asarray(data[name]["actions"][()], dtype=np.float64))
+    out = [a.astype(np.float64) for path in files for _, a in iter_demo_actions(path, only_success, drop_noops)]
     if not out:
-        raise ValueError(f"no actions found in {len(files)} demo files")
+        raise ValueError(f"no actions to derive action bounds from in {len(files)} demo files (the store skips "
+                         f"failed demos unless --include-failed, and no-op steps under --drop-noops)")
     return np.concatenate(out, axis=0)
 
 
-def action_bounds(mode: str, files, action_dim: int) -> tuple[list[float], list[float]]:
+def action_bounds(mode: str, files, action_dim: int, only_success: bool = True,
+                  drop_noops: bool = False) -> tuple[list[float], list[float]]:
     """`libero`: the release's fixed 7-D bounds; `unit`: [-1, 1] per dimension (Meta-World);
     `data`: per-dimension min/max over the demos; `auto`: libero for 7-D actions, unit when
-    every action lies in [-1, 1], data otherwise."""
+    every action lies in [-1, 1], data otherwise. `data` and `auto` look at the demos the store tokenizes:
+    the successful ones only if `only_success`, without their no-op steps under `drop_noops`."""
     if mode == "libero" or (mode == "auto" and action_dim == 7):
         if action_dim != 7:
             raise ValueError(f"the LIBERO bounds are 7-D but the demos have {action_dim}-D actions; "
                              f"use --action-bounds unit or data")
         return list(LIBERO_MIN), list(LIBERO_MAX)
     if mode in ("auto", "data"):
-        acts = _scan_actions(files)
+        acts = _scan_actions(files, only_success, drop_noops)
         lo, hi = acts.min(0), acts.max(0)
         if mode == "auto" and lo.min() >= -1.0 and hi.max() <= 1.0:
             return [-1.0] * action_dim, [1.0] * action_dim
@@ -298,7 +296,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     from tqdm.auto import tqdm
 
     from ..vqgan import VQGAN
-    from .hdf5 import iter_demos
+    from .hdf5 import check_actions, demo_file_info, iter_demos
 
     settings = StoreSettings(chunk_size, history, action, world, demos_per_shard, only_success, camera, rotate_180,
                              drop_noops)
@@ -330,7 +328,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
         raise ValueError(f"none of the {len(files)} demo files holds a demo")
     action_dim = first.actions.shape[1]
     image_hw = list(first.frames.shape[1:3])
-    low, high = action_bounds(bounds, files, action_dim)
+    low, high = action_bounds(bounds, files, action_dim, only_success, drop_noops)
     act_tok = ActionTokenizer(layout, low, high)
     builder = SequenceBuilder(layout, builder_text, act_tok)
 
@@ -346,7 +344,12 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     mpath = out / MANIFEST
     done: dict[str, dict] = {}
     if mpath.is_file():
-        old = json.loads(mpath.read_text())
+        try:
+            old = read_json_file(mpath, "token store manifest")
+        except ValueError as e:
+            if not overwrite:
+                raise ValueError(f"{e}; pass overwrite=True (--overwrite) to rebuild the store in {out}") from None
+            old = {}  # replaced whole: what it held does not matter
         if old.get("fingerprint") != fingerprint:
             if not overwrite:
                 raise FileExistsError(
@@ -397,7 +400,10 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
         wanted = {d: e for e in entries for d in range(*e["demos"])}
         pending = {e["name"]: [] for e in entries}
         remaining = {e["name"]: e["demos"][1] - e["demos"][0] for e in entries}
-        for d, demo in enumerate(iter_demos(files[fi], **read)):
+        # A demo's ordinal is its place among the file's demos, whether or not iter_demos skips some (no-ops only).
+        ordinal = {name: d for d, name in enumerate(demo_file_info(files[fi])["names"])}
+        for demo in iter_demos(files[fi], **read):
+            d = ordinal[demo.name]
             entry = wanted.get(d)
             if entry is None:
                 continue
@@ -408,6 +414,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                 raise ValueError(f"{files[fi]}:{demo.name} has {demo.actions.shape[1]}-D actions, the store "
                                  f"{action_dim}-D")
             if demo.success or not only_success:
+                check_actions(demo.actions, f"{files[fi]}:data/{demo.name}")
                 codes = _encode_frames(vqgan, demo.frames, encode_batch)
                 n_frames += len(codes)
                 pending[entry["name"]] += [(s, d, j) for s, j in
@@ -420,7 +427,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                 _atomic_json(mpath, manifest)
                 bar.update(1)
                 bar.set_postfix(frames=n_frames)
-        for name in list(pending):  # a file with no demos still gets its (empty) shard
+        for name in list(pending):  # the shards of a file with no demos, or of demos iter_demos skipped
             entry = next(e for e in entries if e["name"] == name)
             manifest["shards"].append({**entry, **_write_shard(out / name, pending.pop(name))})
             bar.update(1)
@@ -454,7 +461,11 @@ class TokenStore(torch.utils.data.Dataset):
         if not mpath.is_file():
             raise FileNotFoundError(f"{self.path} is not a token store (no {MANIFEST}); build one with "
                                     f"`worldvla pretokenize`")
-        self.manifest = json.loads(mpath.read_text())
+        try:
+            self.manifest = read_json_file(mpath, "token store manifest")
+        except ValueError as e:
+            raise ValueError(f"{e}: rebuild the store by rerunning `worldvla pretokenize` with the same arguments and "
+                             f"--overwrite") from None
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{mpath} is not a {FORMAT} manifest")
         if not self.manifest.get("complete"):
@@ -513,7 +524,13 @@ class TokenStore(torch.utils.data.Dataset):
         a = self._arrays.get(si)
         if a is None:
             folder = self.path / self.shards[si]["name"]
-            a = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in _ARRAYS}
+            a = {n: _load_array(folder / f"{n}.npy") for n in _ARRAYS}
+            n = self.shards[si]["n_samples"]
+            sizes = (len(a["offsets"]) - 1, len(a["kinds"]), len(a["index"]), n)
+            if len(set(sizes)) > 1 or not (int(a["offsets"][-1]) == len(a["tokens"]) == len(a["labels"])):
+                raise ValueError(f"the arrays of {folder} do not fit together or its manifest entry ({n} samples): "
+                                 f"the shard is damaged; rerun `worldvla pretokenize` with the same arguments to "
+                                 f"rebuild it")
             self._arrays[si] = a
         return a
 
@@ -570,6 +587,18 @@ class TokenStore(torch.utils.data.Dataset):
         return {k: int((self.kind_codes == i).sum()) for i, k in enumerate(KINDS) if k in self.kinds}
 
 
+def _load_array(path: Path) -> np.ndarray:
+    """One array of a shard, memory-mapped; a damaged file (cut short, overwritten) is refused naming it."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: the token store is damaged; rerun `worldvla pretokenize` with "
+                                f"the same arguments to rebuild its shard") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read this token-store array ({e}); the file is damaged or cut short: rerun "
+                         f"`worldvla pretokenize` with the same arguments to rebuild its shard") from None
+
+
 def pack(samples, max_tokens: int, pad_id: int | None = None):
     """Concatenate samples into one packed sequence for `model.loss(ids, labels, cu_seqlens=cu)`.
 
@@ -616,8 +645,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-action", action="store_true", help="world-model samples only")
     p.add_argument("--action-bounds", default="auto", choices=("auto", "libero", "unit", "data"),
                    help="min/max used to normalize actions before binning: libero (the release's 7-D bounds), unit "
-                        "([-1, 1]), data (the demos' min/max) or auto: libero for 7-D actions, unit when every "
-                        "action lies in [-1, 1], data otherwise (default: %(default)s)")
+                        "([-1, 1]), data (the min/max over the demos tokenized: failed ones only with "
+                        "--include-failed, no-op steps not under --drop-noops) or auto: libero for 7-D actions, unit "
+                        "when every action of those lies in [-1, 1], data otherwise (default: %(default)s)")
     p.add_argument("--demos-per-shard", type=non_negative_int, default=0,
                    help="demos per shard (default: 0, one shard per file)")
     p.add_argument("--include-failed", action="store_true", help="also tokenize demos not marked successful")

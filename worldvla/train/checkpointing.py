@@ -138,6 +138,27 @@ def check_resume_settings(saved: dict, args, names: tuple[str, ...], source) -> 
                          f"new run in another --out")
 
 
+def check_resume_data(saved: dict, data: dict, source, fix: str) -> None:
+    """Refuse to resume on other data than the run was started on. `data`: what identifies this run's data
+    ({name: value}: a token store's fingerprint, the demo files' names and sizes, the run's length in steps),
+    recorded with the run's settings in its checkpoints; `saved`: a checkpoint's record, which lacks them if it
+    was written before they were recorded (then nothing is compared). `fix`: how to resume it instead."""
+    changed = [n for n in data if n in saved and not _same_setting(saved[n], data[n])]
+    if changed:
+        what = "; ".join(f"{n.replace('_', ' ')} {_brief(saved[n])}, not {_brief(data[n])}" for n in changed)
+        raise ValueError(f"--resume: the run in {source} was started on other data ({what}); its checkpoint continues "
+                         f"the data order and the learning-rate schedule of that data only. {fix}, or start a new run "
+                         f"in another --out (or start this one over with --overwrite instead of --resume)")
+
+
+def _brief(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value[:3])) + (f" and {len(value) - 3} more" if len(value) > 3 else "")
+    if isinstance(value, str) and len(value) > 16:  # a digest
+        return value[:12] + "..."
+    return str(value)
+
+
 def _same_setting(a, b) -> bool:
     """Equal settings, nan equal to nan (a number that is not equal to itself)."""
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
@@ -150,14 +171,17 @@ def scalar_args(args) -> dict:
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
-def resume_point(run_dir, args, names: tuple[str, ...]) -> Path | None:
+def resume_point(run_dir, args, names: tuple[str, ...], data: dict | None = None, fix=None) -> Path | None:
     """Under --resume, the run's latest checkpoint, refused (before anything is built) if it was started with
-    other values of the settings `names`; None without --resume or without a checkpoint."""
+    other values of the settings `names`, or on other `data` (`check_resume_data`; `fix(saved settings)` says
+    how to resume it); None without --resume or without a checkpoint."""
     if not args.resume:
         return None
     ck = latest_checkpoint(run_dir)
     if ck is not None:
-        check_resume_settings(json.loads((ck / "state.json").read_text()).get("args", {}), args, names, run_dir)
+        saved = json.loads((ck / "state.json").read_text()).get("args", {})
+        check_resume_settings(saved, args, names, run_dir)
+        check_resume_data(saved, data or {}, run_dir, fix(saved) if fix else "Resume on the data it was started on")
     return ck
 
 
@@ -261,7 +285,16 @@ def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True)
     if restore_rng_state:
         if rng_file.is_file():
             restore_rng(torch.load(rng_file, weights_only=True))
-        elif main:
-            print(f"warning: {rng_file.name} missing (resumed at another world size); RNG states start fresh")
+        missing = missing_rng_files(path, dist_utils.world_size())
+        if missing and main:  # rank 0 looks for every rank's file: any rank may lack its own
+            print(f"warning: {', '.join(missing)} missing (saved by {state.get('world_size', '?')} rank(s), resumed "
+                  f"by {dist_utils.world_size()}); the RNG states of those ranks start fresh")
     state["path"] = str(path)
     return state
+
+
+def missing_rng_files(path, world: int) -> list[str]:
+    """The RNG files of ranks 0..world-1 that the checkpoint folder `path` lacks (it was saved at a smaller world
+    size, or they were lost): those ranks' RNG states start fresh on a resume."""
+    names = [f"rng_rank{r}.pt" for r in range(world)]
+    return [n for n in names if not (Path(path) / n).is_file()]

@@ -46,10 +46,14 @@ from .checkpointing import (add_run_arguments, full_model_state, load_checkpoint
 
 CONFIGS = ("tiny", "small", "chameleon_7b")
 # What a resumed run must share with its start: the model, the learning-rate schedule and the optimizer's
-# hyperparameters (both restored from the checkpoint, so new values would be ignored) and the data order
-# (a position in it is restored).
-RESUME_SETTINGS = ("config", "init", "attention", "max_positions", "steps", "epochs", "lr", "min_lr", "warmup",
-                   "schedule", "beta1", "beta2", "eps", "weight_decay", "batch_tokens", "seed", "kinds")
+# hyperparameters (both restored from the checkpoint, so new values would be ignored), the loss and the
+# gradient clipping (the run would otherwise continue under another objective than it started with) and the
+# data order (a position in it is restored). The token store itself is checked by its fingerprint
+# (`resume_point`'s data). --micro-tokens, the precision and the kernels may change: they do not change the
+# training's result beyond rounding.
+RESUME_SETTINGS = ("config", "init", "attention", "max_positions", "dropout", "steps", "epochs", "lr", "min_lr",
+                   "warmup", "schedule", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "alpha",
+                   "release_loss_weights", "z_weight", "batch_tokens", "seed", "kinds")
 
 
 # ---------------------------------------------------------------------- schedule
@@ -267,13 +271,21 @@ def train(args) -> dict:
     main = rank == 0
     out = Path(args.out)
     prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("policy", "model"))
-    ck = resume_point(out, args, RESUME_SETTINGS)  # refused now, not after the model is built
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
     store = TokenStore(args.store, kinds=kinds)
     if len(store) == 0:
         raise ValueError(f"the store {args.store} holds no samples of kinds {store.kinds}")
+    # Total steps: --steps, or whole epochs of the store.
+    if args.steps:
+        total = args.steps
+    else:
+        total = sum(len(epoch_batches(store.lengths, args.batch_tokens, args.seed, e)) for e in range(args.epochs))
+    # The run's data, recorded with its settings: a resume on another store is refused by name.
+    data = {"store_fingerprint": store.manifest.get("fingerprint"), "total_steps": total}
+    ck = resume_point(out, args, RESUME_SETTINGS, data,  # refused now, not after the model is built
+                      fix=lambda saved: f"Resume with --store {saved.get('store')}, the token store it was started on")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     layout = store.layout
     micro_tokens = args.micro_tokens or args.batch_tokens
     if micro_tokens > args.batch_tokens:
@@ -287,12 +299,6 @@ def train(args) -> dict:
                 if amp_dtype is not None and not (fsdp and device.type == "cuda") else nullcontext())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
                             weight_decay=args.weight_decay, foreach=device.type == "cuda" or None)
-
-    # Total steps: --steps, or whole epochs of the store.
-    if args.steps:
-        total = args.steps
-    else:
-        total = sum(len(epoch_batches(store.lengths, args.batch_tokens, args.seed, e)) for e in range(args.epochs))
     warmup = int(args.warmup * total) if args.warmup < 1 else int(args.warmup)
     min_lr = args.lr * 0.1 if args.min_lr is None else args.min_lr
     sched = WarmupCosine(opt, args.lr, total, warmup, min_lr, args.schedule)
@@ -373,11 +379,11 @@ def train(args) -> dict:
                 t_last, tok_last = now, 0
             bar.update(1)
             if args.save_every and step % args.save_every == 0 and step < total:
-                _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args)
+                _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args, data)
                 saved = step
         # The run's end (or --stop-after): a checkpoint of this step, unless one is on disk already (a
         # periodic save at --stop-after, a resumed run that had ended).
-        ckpt = (_save(out, step, model, opt, sched, epoch, pos, tokens_seen, args) if step != saved
+        ckpt = (_save(out, step, model, opt, sched, epoch, pos, tokens_seen, args, data) if step != saved
                 else Path(out) / "checkpoints" / f"step_{step:08d}")
         export = None
         if step >= total and not args.no_export:
@@ -390,9 +396,9 @@ def train(args) -> dict:
     return summary
 
 
-def _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args):
+def _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args, data):
     state = {"epoch": epoch, "batch_in_epoch": pos, "tokens_seen": tokens_seen, "scheduler": sched.state_dict(),
-             "model_config": model.config.to_dict(), "args": scalar_args(args)}
+             "model_config": model.config.to_dict(), "args": {**scalar_args(args), **data}}
     return save_checkpoint(out, step, model, opt, state, keep_last=args.keep_last)
 
 

@@ -36,10 +36,13 @@ from .checkpointing import (add_run_arguments, load_checkpoint, prepare_run_dir,
                             scalar_args, trim_log)
 
 # What a resumed run must share with its start: the model, the learning-rate schedule (computed from these
-# settings at every step), the optimizer's hyperparameters (restored from the checkpoint) and the frames and
-# their order (a position in it is restored).
+# settings at every step), the optimizer's hyperparameters (restored from the checkpoint), the loss, its
+# gradient clipping and the dead-code restarts (the run would otherwise continue under another objective than
+# it started with) and the frames and their order (a position in it is restored). The demo files themselves
+# are checked by their names and sizes (`resume_point`'s data).
 RESUME_SETTINGS = ("config", "init", "n_embed", "steps", "epochs", "batch_size", "lr", "min_lr", "warmup",
-                   "beta1", "beta2", "weight_decay", "seed", "frame_stride", "max_frames", "camera")
+                   "beta1", "beta2", "weight_decay", "grad_clip", "l1", "l2", "beta", "restart_every",
+                   "restart_threshold", "usage_decay", "seed", "frame_stride", "max_frames", "camera")
 
 
 def load_frames(inputs, stride: int = 1, max_frames: int = 0, camera=None) -> np.ndarray:
@@ -139,6 +142,7 @@ def _gather_batch(t: torch.Tensor) -> torch.Tensor:
 def train_vq(args) -> dict:
     from tqdm.auto import tqdm
 
+    from ..data.store import find_demo_files
     from ..vqgan import preprocess
 
     device = dist_utils.init(args.device)
@@ -149,11 +153,15 @@ def train_vq(args) -> dict:
     local = args.batch_size // world
     out = Path(args.out)
     prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("vqgan",))
-    ck = resume_point(out, args, RESUME_SETTINGS)  # refused now, not after the frames are read
+    files = find_demo_files(args.inputs)
+    # The run's data, recorded with its settings: a resume on other demo files is refused by name.
+    data = {"demo_files": [f"{f.name} ({f.stat().st_size} bytes)" for f in files]}
+    ck = resume_point(out, args, RESUME_SETTINGS, data,  # refused now, not after the frames are read
+                      fix=lambda saved: "Resume with the demo files it was started on")
     if main:
         out.mkdir(parents=True, exist_ok=True)
     dist_utils.barrier()
-    frames = load_frames(args.inputs, args.frame_stride, args.max_frames, args.camera)
+    frames = load_frames(files, args.frame_stride, args.max_frames, args.camera)
     if len(frames) < args.batch_size:
         raise ValueError(f"only {len(frames)} frames for a batch of {args.batch_size}; lower --batch-size")
     vq = _build(args).to(device)
@@ -249,7 +257,7 @@ def train_vq(args) -> dict:
                 save_checkpoint(out, step, model, opt,
                                 {"epoch": epoch, "batch_in_epoch": pos, "usage": usage.ema.tolist(),
                                  "restart_rng": gen.get_state().tolist(), "config": vq.config.to_dict(),
-                                 "args": scalar_args(args)},
+                                 "args": {**scalar_args(args), **data}},
                                 keep_last=args.keep_last)
     finally:
         hook.remove()
