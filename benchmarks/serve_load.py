@@ -144,7 +144,7 @@ def _summary(latencies_ms: list[float], wall_s: float) -> dict:
             "throughput_rps": len(latencies_ms) / wall_s if wall_s > 0 else None}
 
 
-def _bad_payloads(rng, size: int, limit_bytes: int):
+def _bad_payloads(rng, size: int, limit_bytes: int, episode: str):
     img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     nd = {"__ndarray__": img.tobytes(), "dtype": "|u1", "shape": [size, size, 3]}
     return [
@@ -154,11 +154,11 @@ def _bad_payloads(rng, size: int, limit_bytes: int):
         ("no-type", lambda: packb({"episode": 1})),
         ("unknown-type", lambda: packb({"type": "teleport"})),
         ("unknown-episode", lambda: packb({"type": "act", "episode": "ghost-" + rng.bytes(4).hex(), "image": img})),
-        ("float-image", lambda: packb({"type": "act", "episode": "bad", "image": img.astype(np.float32)})),
-        ("gray-image", lambda: packb({"type": "act", "episode": "bad", "image": img[:, :, 0]})),
-        ("short-bytes", lambda: packb({"type": "act", "episode": "bad", "image": {**nd, "shape": [size, size, 4]}})),
-        ("object-dtype", lambda: packb({"type": "act", "episode": "bad", "image": {**nd, "dtype": "|O"}})),
-        ("reset-no-instruction", lambda: packb({"type": "reset", "episode": "bad"})),
+        ("float-image", lambda: packb({"type": "act", "episode": episode, "image": img.astype(np.float32)})),
+        ("gray-image", lambda: packb({"type": "act", "episode": episode, "image": img[:, :, 0]})),
+        ("short-bytes", lambda: packb({"type": "act", "episode": episode, "image": {**nd, "shape": [size, size, 4]}})),
+        ("object-dtype", lambda: packb({"type": "act", "episode": episode, "image": {**nd, "dtype": "|O"}})),
+        ("reset-no-instruction", lambda: packb({"type": "reset", "episode": episode})),
         ("over-limit", lambda: packb({"type": "metadata", "pad": b"\1" * (limit_bytes + 1024)})),
         ("over-2x-limit", lambda: packb({"type": "metadata", "pad": b"\1" * (2 * limit_bytes + 200_000)})),
     ]
@@ -174,9 +174,10 @@ def _connect_raw(url):
 
 
 def _bad_client(url, rng, size, limit_bytes, stop, max_requests, record):
-    payloads = _bad_payloads(rng, size, limit_bytes)
+    episode = "bad-" + rng.bytes(4).hex()  # its own: an episode belongs to one open connection
+    payloads = _bad_payloads(rng, size, limit_bytes, episode)
     ws = _connect_raw(url)
-    ws.send(packb({"type": "reset", "episode": "bad", "instruction": "misbehave"}))
+    ws.send(packb({"type": "reset", "episode": episode, "instruction": "misbehave"}))
     ws.recv(timeout=30)
     sent = 0
     try:
