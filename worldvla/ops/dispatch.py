@@ -26,21 +26,23 @@ BACKENDS = ("torch", "triton", "native")
 #   for prefill attention (1.4-1.9x), decode attention (1.02-1.51x) and gather (1.2-1.6x), even for the
 #   VQ search at 256-1,024 rows (0.96-1.05x; 1.5x at 16); constrained sampling about even (0.91-1.22x), so
 #   torch's MKL keeps it, except greedy over frame-sized ranges, which `auto` screens natively on every
-#   CPU (ops/sampling.py SCREEN_MIN_ROWS). The AMD lines below were measured the earlier way.
-# - AVX512 on AMD (2-core EPYC with AVX-512): C++ faster for every op over three runs: prefill
-#   1.2-3.0x, decode 1.2-1.5x, constrained sampling 1.1-2.1x, VQ search 1.3-2.2x, gather 0.98-1.65x
-#   (even only for the smallest gather).
-#   The few-row linear (decode steps' projections, up to ops.projection.NATIVE_MAX_ROWS rows), on this
-#   machine: a step's projections through worldvla.ops 1.6-2.6x torch's MKL sgemm up to 16 rows, 1.7x
-#   at 64 (the kernel alone 4-6x at 1-5 rows); MKL streams the weights at 5-9 GB/s there (NOTES.md). The same machine with torch,
+#   CPU (ops/sampling.py SCREEN_MIN_ROWS). The AVX2 AMD line above was measured the earlier way.
+# - AVX512 on AMD (2-core EPYC with AVX-512), two runs in the fair order: C++ faster for every op:
+#   prefill 1.6-2.3x, decode 1.2-1.9x (one case about even: a one-row step at 32 heads of 128,
+#   0.96-0.97x), constrained sampling 1.2-2.3x, VQ search 1.1-2.6x, gather 1.2-1.45x; three earlier runs
+#   the earlier way agreed on the order.
+#   The few-row linear (decode steps' projections, up to ops.projection.NATIVE_MAX_ROWS rows), on the
+#   first such machine: a step's projections through worldvla.ops 1.6-2.6x torch's MKL sgemm up to 16
+#   rows, 1.7x at 64 (the kernel alone 4-6x at 1-5 rows), MKL streaming the weights at 5-9 GB/s there
+#   (NOTES.md); in the fair-order runs, whose MKL was faster, 1.2-2.5x up to 16 rows, 1.3-1.9x at 40-64. The same machine with torch,
 #   MKL and oneDNN held to AVX2 and the kernel 8 wide (cpu_ops-cpu-2core-avx512-amd-limited-to-avx2.json),
 #   standing in for an AMD AVX2 CPU: 2.0x at 1 row, 2.6-3.0x at 2-10, 1.2x at 64. On the Intel Xeon MKL
 #   stays ahead through worldvla.ops (0.68-1.07x), so Intel CPUs and unknown vendors keep torch's linear.
 # - The decoder layer of decode steps (ops.decoder_layer: one C++ call a layer, up to
 #   ops.projection.NATIVE_MAX_ROWS rows) on the Intel Xeon with AVX-512, a small-config step's 4 layers:
 #   2.6-3.0x the modules at 1 row, 2.4-2.75x at 5, 2.1x at 10, 1.4x at 40 (two runs); with torch held to
-#   AVX2 and the kernels 8 wide 3.0x / 2.4x / 1.9x / 1.1x. AMD CPUs take it too: it is made of the kernels
-#   that lead there (the few-row linear, decode attention), though it was not timed as a whole there.
+#   AVX2 and the kernels 8 wide 3.0x / 2.4x / 1.9x / 1.1x. On the AMD EPYC with AVX-512 3.9-4.05x at 1
+#   row, 3.85x at 5, 3.4x at 10, 1.7x at 40 (two runs).
 #   Above NATIVE_MAX_ROWS (a prefill through the cache) the layer runs torch's GEMM for its projections
 #   and its C++ stages between them: 1.11-1.13x a parallel chunk's time on the Xeon (ops.decoder.NATIVE_PREFILL).
 #   Where decoder_layer leads, the inference engine runs each whole decode step (up to 32 rows per
