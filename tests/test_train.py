@@ -528,6 +528,10 @@ def test_fsdp_two_processes_match_single_process_and_resume(store_dir, tmp_path)
         torch.testing.assert_close(wd[k], ws[k], rtol=1e-4, atol=1e-4)  # Adam: ~5% of one lr step
     state = json.loads((latest_checkpoint(tmp_path / "fsdp") / "state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 4
+    # The ranks' torch generators differ (each rank's dropout masks its own; both had been seeded alike).
+    rng = [torch.load(latest_checkpoint(tmp_path / "fsdp") / f"rng_rank{r}.pt", weights_only=True)["torch"]
+           for r in (0, 1)]
+    assert not torch.equal(rng[0], rng[1])
     small = trainer.train(args_for(store_dir, tmp_path / "single-small", *FSDP_SMALL, "--no-export"))
     np.testing.assert_allclose([r["loss"] for r in read_log(tmp_path / "fsdp-small")], small["losses"], rtol=2e-5)
     # A checkpoint written by two ranks loads into a single-process model and optimizer.

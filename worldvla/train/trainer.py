@@ -294,6 +294,9 @@ def train(args) -> dict:
     amp_dtype = _precision(args, device)
     fsdp = world > 1
     model = _build_model(args, layout, device, fsdp, mixed_precision=amp_dtype if device.type == "cuda" else None)
+    if rank:  # every rank built the same model from --seed; their dropout masks must differ (rank 0 keeps the
+        # single process's stream)
+        torch.manual_seed(int(np.random.SeedSequence([args.seed, rank]).generate_state(1)[0]))
     # FSDP on GPU computes in bf16 through its mixed-precision policy; otherwise autocast does.
     autocast = (torch.autocast(device.type, dtype=amp_dtype)
                 if amp_dtype is not None and not (fsdp and device.type == "cuda") else nullcontext())
