@@ -271,6 +271,17 @@ def test_an_episode_belongs_to_its_connection_until_it_closes(np_rng):
                 b.act(fb)
         b.reset("push the red button", episode=0)  # its owner has gone: b may start a new episode under that id
         np.testing.assert_allclose(b.act(fb)[:, [1, 2]], np.broadcast_to([-1, len("push the red button")], (K, 2)))
+        # The same client on a new connection (its token kept across reconnects) takes the episode over at once,
+        # while its old connection still looks open (a dropped network sends no close); then b is the other one.
+        b2 = PolicyClient(server.url, timeout=10)
+        b2.client_id, b2.episode = b.client_id, 0
+        fb2 = _frame(np_rng)
+        np.testing.assert_allclose(b2.act(fb2)[:, [1, 2]], np.broadcast_to([fb.mean(), len("push the red button")],
+                                                                             (K, 2)), rtol=1e-6)
+        with PolicyClient(server.url, timeout=10) as c, \
+                pytest.raises(PolicyServerError, match="belongs to another open connection"):
+            c.reset("push", episode=0)  # another client's token: refused while b2 is open
+        b2.close()
 
 
 # ---------------------------------------------------------------- bad requests
@@ -932,3 +943,18 @@ def test_real_policy_on_tiny_random_checkpoint(tmp_path, np_rng):
         assert not errors, errors
         assert len(results) == 9 and all(r.shape == (3, 7) and np.isfinite(r).all() for r in results)
         assert server.stats["batches"] < server.stats["act_ok"]
+
+
+def test_a_lost_connection_is_reopened_by_the_next_call(np_rng):
+    """A connection the server closed was used again by every later call (each raising); the next call now
+    reconnects, and one that cannot raises PolicyServerError as a lost connection does (robot loops catch
+    PolicyServerError and TimeoutError), not ConnectionError."""
+    with PolicyServer(HistoryPolicy()) as server:
+        url = server.url
+        client = PolicyClient(url, timeout=10)
+        client.reset("open the drawer")
+        client.act(_frame(np_rng))
+    with pytest.raises(PolicyServerError, match="shutting down|closed"):
+        client.act(_frame(np_rng))
+    with pytest.raises(PolicyServerError, match="reconnecting failed: cannot connect"):
+        client.act(_frame(np_rng))

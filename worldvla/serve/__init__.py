@@ -22,7 +22,9 @@ Frames of any size up to the payload limit are resized to the model's image size
 frame of the previous env step, which the release's two-frame prompt conditions on;
 without it the frame of the episode's previous `act` is used. An episode belongs to the
 connection that reset it until that connection closes (each robot needs its own episode
-ids). `GET /healthz` answers 200 with JSON while serving and 503 while shutting down.
+ids); `reset` and `act` may carry a "client" string (PolicyClient sends a token of its
+own), and a request with the episode's client token takes it over on a new connection at
+once (a robot reconnecting after a dropped network, whose old connection still looks open). `GET /healthz` answers 200 with JSON while serving and 503 while shutting down.
 SIGTERM/SIGINT: stop taking work, answer queued and running requests, close connections
 with code 1001 (dropping those still open at the drain timeout), exit 0; exit 1 if a
 policy call has not returned by then; a second signal exits at once (code 1).

@@ -54,9 +54,12 @@ class PolicyClient:
     (the server resizes it) and stores the server's timing in `last_timing`. Pass
     `previous_image`, the frame of the previous env step, to condition on it as the
     release does; by default the server uses the frame of this episode's previous `act`.
-    A refused request raises `PolicyServerError` with the server's message. A request not
-    sent and answered within `timeout` seconds raises `TimeoutError` and closes the
-    connection, which drops the request on the server; the next call reconnects.
+    A refused request raises `PolicyServerError` with the server's message, as does a lost
+    connection (the next call reconnects) or a failed reconnection. A request not sent and
+    answered within `timeout` seconds raises `TimeoutError` and closes the connection, which
+    drops the request on the server; the next call reconnects. The client sends a token of its
+    own (`client_id`) with its requests, so that after a reconnection the server gives it its
+    episode at once, even while the lost connection still looks open there.
     """
 
     def __init__(self, url: str = "ws://127.0.0.1:8000", *, timeout: float = 60.0, connect_timeout: float = 10.0,
@@ -68,6 +71,7 @@ class PolicyClient:
         self.connect_timeout = float(connect_timeout)
         self.max_reply_bytes = int(max_reply_mb * 2**20)
         self.episode = None
+        self.client_id = uuid.uuid4().hex
         self.last_timing: dict | None = None
         self._next_id = 0
         self._ws = _connect(url, self.connect_timeout, self.max_reply_bytes)
@@ -80,8 +84,11 @@ class PolicyClient:
         self._next_id += 1
         rid = self._next_id
         data = packb({**message, "id": rid})
-        if self._ws is None:  # closed after a timeout
-            self._ws = _connect(self.url, self.connect_timeout, self.max_reply_bytes)
+        if self._ws is None:  # closed after a timeout or a lost connection
+            try:
+                self._ws = _connect(self.url, self.connect_timeout, self.max_reply_bytes)
+            except ConnectionError as e:
+                raise PolicyServerError(f"the connection was lost and reconnecting failed: {e}") from e
         deadline = time.monotonic() + self.timeout
         try:
             self._send(data)
@@ -102,6 +109,7 @@ class PolicyClient:
                 if reply.get("id", rid) == rid:  # older ids: late replies to requests that timed out here
                     break
         except ConnectionClosed as e:
+            self._ws = None  # the next call reconnects
             raise self._closed(e) from None
         if not reply.get("ok", False):
             raise PolicyServerError(str(reply.get("error", "request refused without a message")))
@@ -152,7 +160,7 @@ class PolicyClient:
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("reset() needs the task instruction as a non-empty string")
         episode = uuid.uuid4().hex if episode is None else episode
-        self.request({"type": "reset", "episode": episode, "instruction": instruction})
+        self.request({"type": "reset", "episode": episode, "instruction": instruction, "client": self.client_id})
         self.episode = episode
         return episode
 
@@ -160,7 +168,8 @@ class PolicyClient:
         """Action chunk [K, D] float32 for one RGB uint8 frame [H, W, 3]."""
         if self.episode is None:
             raise RuntimeError("call reset(instruction) before act()")
-        message = {"type": "act", "episode": self.episode, "image": check_image(np.asarray(image), "image")}
+        message = {"type": "act", "episode": self.episode, "client": self.client_id,
+                   "image": check_image(np.asarray(image), "image")}
         if previous_image is not None:
             message["previous_image"] = check_image(np.asarray(previous_image), "previous_image")
         reply = self.request(message)

@@ -97,12 +97,13 @@ async def _wait_until(condition, deadline: float) -> None:
 
 
 class _Episode:
-    __slots__ = ("key", "instruction", "owner", "previous", "steps", "pending")
+    __slots__ = ("key", "instruction", "owner", "client", "previous", "steps", "pending")
 
-    def __init__(self, key, instruction: str, owner: "_Connection | None"):
+    def __init__(self, key, instruction: str, owner: "_Connection | None", client: str | None = None):
         self.key = key
         self.instruction = instruction
         self.owner = owner  # the connection that reset it, or that took it over once its owner closed
+        self.client = client  # the PolicyClient's token: the same robot on a new connection takes it over at once
         self.previous: np.ndarray | None = None  # last frame sent, at the model's size
         self.steps = 0
         self.pending = False
@@ -472,21 +473,33 @@ class PolicyServer:
         return key
 
     @staticmethod
-    def _check_owner(key, episode: "_Episode | None", conn: "_Connection | None") -> None:
+    def _client_token(msg: dict) -> str | None:
+        token = msg.get("client")
+        if token is not None and (not isinstance(token, str) or not 1 <= len(token) <= _MAX_EPISODE_ID_CHARS):
+            raise ProtocolError(f"'client' must be a string of 1 to {_MAX_EPISODE_ID_CHARS} characters")
+        return token
+
+    @staticmethod
+    def _check_owner(key, episode: "_Episode | None", conn: "_Connection | None", client: str | None) -> None:
         """An episode belongs to the connection that reset it: another open connection using its id is
-        refused (two robots would mix their instructions and frames). Once the owner has closed, another
-        connection may take the episode over: a robot that reconnects goes on with its episode."""
+        refused (two robots would mix their instructions and frames). The same client (its `client`
+        token: a PolicyClient keeps one across reconnects) takes it over at once on a new connection,
+        even while a connection lost without a close (a dropped network) still looks open; any other
+        connection may take it over once the owner has closed."""
         if episode is None or conn is None or episode.owner is conn:
             return
-        if episode.owner is not None and episode.owner.open:
+        same_client = client is not None and client == episode.client
+        if not same_client and episode.owner is not None and episode.owner.open:
             raise ProtocolError(f"episode {key!r} belongs to another open connection: each robot needs its own "
                                 "episode ids (PolicyClient.reset() without episode= picks a fresh one). A robot "
-                                "that reconnected gets its episode back once its old connection has closed")
-        episode.owner = conn
+                                "that reconnects with a new PolicyClient gets its episode back once its old "
+                                "connection has closed")
+        episode.owner, episode.client = conn, client
 
     def _reset(self, msg: dict, conn: "_Connection | None" = None) -> dict:
         key = self._episode_key(msg)
-        self._check_owner(key, self._episodes.get(key), conn)
+        client = self._client_token(msg)
+        self._check_owner(key, self._episodes.get(key), conn, client)
         instruction = msg.get("instruction")
         if not isinstance(instruction, str) or not instruction.strip():
             raise ProtocolError("'reset' needs a non-empty 'instruction' string (the task in words)")
@@ -501,7 +514,7 @@ class PolicyServer:
             except ValueError as e:
                 raise ProtocolError(str(e)) from None
         # A new object, so a request still running for the old episode cannot touch the new one.
-        self._episodes[key] = _Episode(key, instruction, conn)
+        self._episodes[key] = _Episode(key, instruction, conn, client)
         self._episodes.move_to_end(key)
         self.stats["resets"] += 1
         while len(self._episodes) > self.max_episodes:
@@ -519,7 +532,7 @@ class PolicyServer:
             raise ProtocolError(f"unknown episode {key!r}: send {{'type': 'reset', 'episode': ..., "
                                 "'instruction': ...}} first (episodes are also dropped when the server holds more "
                                 f"than {self.max_episodes})")
-        self._check_owner(key, episode, conn)
+        self._check_owner(key, episode, conn, self._client_token(msg))
         if "image" not in msg:
             raise ProtocolError("'act' needs an 'image' field: uint8 ndarray [H, W, 3]")
         image = check_image(msg["image"], "image")
