@@ -6,7 +6,7 @@
 #      pytest runs, and compute-sanitizer (memcheck, racecheck, ...) over benchmarks/sanitize.py,
 #      each sanitizer run started only while the phase's window has room;
 #   3. benchmarks, alone on the machine: attention, the other kernels (fused cross-entropy first),
-#      end-to-end latency (each benchmark's JSON rewritten as cases finish, so a stage cut short
+#      training throughput, end-to-end latency (each benchmark's JSON rewritten as cases finish, so a stage cut short
 #      by the budget keeps what it measured).
 # Every stage runs under `timeout` within the overall budget (BUDGET_S, default 540 s; give the
 # caller's own limit about a minute more) and writes its log to logs/<stage>.log as it goes; each
@@ -186,10 +186,10 @@ grep -hE "^(FAILED|ERROR) " "$LOGS"/tests-*.log | head -20
 for f in "$LOGS"/sanitize-*.log; do [[ -f "$f" ]] && show "$(basename "$f" .log)" 4; done
 
 # ---------------------------------------------------------------- 3. benchmarks (alone)
-# BENCHES: which groups, in which order (default "attention kernels e2e": the kernel targets (the
-# attention's, then the fused cross-entropy's memory and time), then the latency targets, which take
-# what is left of the budget).
-for group in ${BENCHES:-attention kernels e2e}; do
+# BENCHES: which groups, in which order (default "attention kernels train e2e": the kernel targets
+# (the attention's, then the fused cross-entropy's memory and time), training tokens/s, MFU and peak
+# memory (small and 1B-class configs), then the latency targets, which take what is left of the budget).
+for group in ${BENCHES:-attention kernels train e2e}; do
   case $group in
     attention)  # prefill and decode; its JSON is rewritten after every case
       stage bench-attention 110 "$PY" -m worldvla.cli bench attention $QUICK --out "$RESULTS"
@@ -201,7 +201,10 @@ for group in ${BENCHES:-attention kernels e2e}; do
     kernels)  # one process; each benchmark writes its JSON when it ends
       stage bench-kernels 50 "$PY" -m worldvla.cli bench cross_entropy vq sampling $QUICK --out "$RESULTS"
       show bench-kernels 20 ;;
-    *) echo "unknown benchmark group $group (attention, e2e, kernels)" ;;
+    train)  # tokens/s, MFU and peak memory against the reference-style path; JSON rewritten per config
+      stage bench-train 60 "$PY" -m worldvla.cli bench train $QUICK --out "$RESULTS"
+      show bench-train 8 ;;
+    *) echo "unknown benchmark group $group (attention, kernels, train, e2e)" ;;
   esac
 done
 

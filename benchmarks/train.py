@@ -77,6 +77,11 @@ def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: boo
         tune_cpu_malloc(mmap=False)  # as `worldvla train` does on the CPU
     px = 256
     peak = next((v for k, v in PEAK_BF16.items() if on_gpu and k in torch.cuda.get_device_name(device)), None)
+    extra = {"dtype": "bfloat16 autocast, float32 weights" if on_gpu else "float32", "quick": quick,
+             "tune_malloc": tune_malloc and not on_gpu, "n_docs": n_docs, "px": px,
+             "peak_flops": peak, "mfu_formula": USEFUL_FLOPS, "side_flops_formula": SIDE_FLOPS,
+             "peak_memory_method": peak_memory_method(device),
+             "peak_memory": "one step (forward + backward) from no gradients held (zero_grad(set_to_none=True))"}
     rows = []
     for cname, cfg in configs.items():
         model = WorldVLA(cfg).init_weights(generator=gen).to(device)
@@ -133,13 +138,12 @@ def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: boo
         base = rows[-1]["median_ms"]
         rows[-2]["speedup_vs_reference"] = base / rows[-2]["median_ms"]
         del model
+        if on_gpu:
+            torch.cuda.empty_cache()
+        # What is measured so far, in case the run is cut short; rewritten whole below.
+        write_results("train", rows, device, out_dir, extra={**extra, "partial": True}, quick=quick)
     print_table(rows, ["config", "params", "impl", "tokens", "median_ms", "tokens_per_s", "useful_tflops_per_s", "mfu",
                        "peak_bytes", "speedup_vs_reference"])
-    extra = {"dtype": "bfloat16 autocast, float32 weights" if on_gpu else "float32", "quick": quick,
-             "tune_malloc": tune_malloc and not on_gpu, "n_docs": n_docs, "px": px,
-             "peak_flops": peak, "mfu_formula": USEFUL_FLOPS, "side_flops_formula": SIDE_FLOPS,
-             "peak_memory_method": peak_memory_method(device),
-             "peak_memory": "one step (forward + backward) from no gradients held (zero_grad(set_to_none=True))"}
     return write_results("train", rows, device, out_dir, extra=extra, plot=("config", "tokens_per_s", "impl"),
                          quick=quick)
 
