@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import read_json_file, write_atomic, write_text_atomic
+from ..checkpoint import fsync_path, fsync_tree, read_json_file, write_atomic, write_text_atomic
 from ..cli import non_negative_int, positive_int
 from ..devices import torch_device
 from ..tokens import IGNORE, ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
@@ -191,7 +191,8 @@ def demo_samples(builder: SequenceBuilder, codes: np.ndarray, actions: np.ndarra
 
 
 def _write_shard(folder: Path, samples) -> dict:
-    """samples: list of (Sample, demo ordinal, j). Written to a temp folder, renamed into place."""
+    """samples: list of (Sample, demo ordinal, j). Written to a temp folder, flushed to the disk and renamed
+    into place (a power loss leaves the shard whole or absent, never renamed in with empty files)."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -216,9 +217,11 @@ def _write_shard(folder: Path, samples) -> dict:
         files[p.name] = sha256_file(p)
     with open(tmp / "done", "w"):
         pass
+    fsync_tree(tmp)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+    fsync_path(folder.parent)
     kinds = arrays["kinds"]
     return {"n_samples": len(samples), "n_tokens": int(offsets[-1]), "files": files,
             "n_action": int((kinds == 0).sum()), "n_world": int((kinds == 1).sum()),
