@@ -579,3 +579,12 @@ def test_ssim_of_small_images_uses_an_odd_window():
     torch.testing.assert_close(metrics.ssim(a, b), metrics.ssim(a, b, window=7), rtol=0, atol=0)
     a, b = (rng.integers(0, 256, (2, 10, 12, 3), dtype=np.uint8) for _ in range(2))
     torch.testing.assert_close(metrics.ssim(a, b), metrics.ssim(a, b, window=9), rtol=0, atol=0)
+
+
+def test_channels_last_float_images_are_refused():
+    """Float images are channels-first: a [N, H, W, 3] batch was read as H channels of W x 3 pixels and scored."""
+    x = torch.rand(2, 16, 16, 3)
+    for fn in (metrics.psnr, metrics.ssim):
+        with pytest.raises(ValueError, match="channels-first .* C = 1 or 3"):
+            fn(x, x)
+    assert torch.isinf(metrics.psnr(x.movedim(-1, -3), x.movedim(-1, -3))).all()

@@ -114,6 +114,11 @@ def test_bad_input_gets_one_line(files, tmp_path, capsys):
 
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
     cases.append(((policy, "--image", tmp_path / "ok.png", "--actions", tmp_path / "wide.npy"), r"must be \[T, 4\]"))
+    np.save(tmp_path / "objects.npy", np.array([[1, "a"]], dtype=object), allow_pickle=True)
+    (tmp_path / "text.npy").write_text("0.1 0.2 0.3 0.4\n")
+    for bad in ("objects.npy", "text.npy"):  # numpy's own messages named no file, one spoke of pickles
+        cases.append(((policy, "--image", tmp_path / "ok.png", "--actions", tmp_path / bad),
+                      f"{bad}: not a numeric .npy array"))
     for argv, message in cases:
         try:
             rc = _run(*argv, "--out", tmp_path / "o")
@@ -162,3 +167,19 @@ def test_cfg_scale_must_be_finite(files, tmp_path, capsys):
             _run(files / "policy", "--demos", files / "demos.hdf5", f"--cfg-scale={value}", "--out", tmp_path / "o")
         assert e.value.code == 2 and "argument --cfg-scale: must be a finite number" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_transparent_image_is_composited_onto_white(tmp_path):
+    """An RGBA --image lost its alpha channel (the colours under transparent pixels kept); the release's
+    tokenizer composites transparency onto white, as VQGAN.encode_images does."""
+    from PIL import Image
+
+    from worldvla.eval.imagine import load_image
+
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 128
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "half.png")
+    got = load_image(tmp_path / "half.png")
+    a = 128 / 255
+    want = np.round(np.array([(1 - a) * 255 + a * 200, (1 - a) * 255, (1 - a) * 255]) - 0.5).astype(np.uint8)
+    assert got.shape == (16, 16, 3) and np.all(np.abs(got.astype(int) - want) <= 1)

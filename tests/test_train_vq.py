@@ -249,3 +249,11 @@ def test_vq_two_processes_match_single_process(data, tmp_path):
     lr, d = 2e-3, torch.cat([(wd[k] - ws[k]).abs().flatten() for k in ws])
     assert float(d.mean()) < 0.01 * lr and float(d.max()) <= 2 * lr * 4
     assert VQGAN.from_pretrained(tmp_path / "ddp" / "vqgan").config.n_embed == 32
+
+
+@pytest.mark.parametrize("option", [("--n-embed", 128), ("--config", "chameleon")])
+def test_init_refuses_architecture_options(data, tmp_path, option):
+    """--init took the folder's VQGAN and silently ignored --n-embed and --config (a 128-code request
+    exported 32 codes)."""
+    with pytest.raises(ValueError, match="--init starts from that VQGAN's own architecture"):
+        vqt.train_vq(args_for(data, tmp_path / "run", "--steps", 1, *option))

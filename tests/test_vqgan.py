@@ -351,3 +351,14 @@ def test_a_damaged_vqgan_folder_is_named(tmp_path):
     (tmp_path / "vq" / "config.json").write_text('{"ch": 32,')
     with pytest.raises(ValueError, match=r"config.json: not a valid VQGAN config"):
         VQGAN.from_pretrained(tmp_path / "vq")
+
+
+def test_nan_pixels_are_refused():
+    """NaN passed the [-1, 1] range check (both comparisons false) and came back as code 0."""
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=16,
+                           n_embed=32)).eval()
+    px = torch.rand(1, 3, 32, 32) * 2 - 1
+    px[0, 1, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"pixels must lie in \[-1, 1\].*NaN"):
+        vq.encode(px)

@@ -351,8 +351,9 @@ class VQGAN(nn.Module):
         """pixels [B, 3, H, W] in [-1, 1] -> codes [B, H/16, W/16] int64."""
         pixels = self._check_pixels(pixels)
         lo, hi = torch.aminmax(pixels.detach())
-        if float(lo) < -1.001 or float(hi) > 1.001:
-            raise ValueError(f"pixels must lie in [-1, 1], got values in [{float(lo):.3g}, {float(hi):.3g}]; "
+        if not (float(lo) >= -1.001 and float(hi) <= 1.001):  # NaN fails both comparisons
+            raise ValueError(f"pixels must lie in [-1, 1], got values in [{float(lo):.3g}, {float(hi):.3g}] "
+                             f"(NaN where the bounds read nan); "
                              f"map uint8 images with worldvla.vqgan.preprocess() (x / 255 * 2 - 1)")
         return self.quantize(self.encode_latents(_inference_layout(pixels)), backend=backend)
 
@@ -506,7 +507,7 @@ class VQGAN(nn.Module):
 
 
 # ---------------------------------------------------------------------- pixels <-> tensors
-def _whiten_transparency(img):
+def whiten_transparency(img):
     """Composite an image with transparency onto white, as the release's tokenizer does."""
     from PIL import Image
 
@@ -529,7 +530,7 @@ def preprocess(image) -> torch.Tensor:
     try:
         from PIL import Image
         if isinstance(image, Image.Image):
-            image = np.asarray(_whiten_transparency(image))
+            image = np.asarray(whiten_transparency(image))
     except ImportError:
         pass
     if isinstance(image, torch.Tensor):
@@ -564,4 +565,4 @@ def postprocess(pixels: torch.Tensor) -> np.ndarray:
     return x.movedim(-3, -1).cpu().numpy()
 
 
-__all__ = ["VQGAN", "VQGANConfig", "preprocess", "postprocess", "COMMITMENT_BETA"]
+__all__ = ["VQGAN", "VQGANConfig", "preprocess", "postprocess", "whiten_transparency", "COMMITMENT_BETA"]

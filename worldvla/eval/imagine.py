@@ -61,7 +61,11 @@ def load_actions(path, action_dim: int) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"no actions file at {path}")
     if path.suffix == ".npy":
-        acts = np.load(path, allow_pickle=False)
+        try:
+            acts = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:  # object arrays, or not a .npy file at all
+            raise ValueError(f"{path}: not a numeric .npy array (np.save of a float array [T, {action_dim}]): "
+                             f"{e}") from None
     else:
         try:
             acts = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
@@ -81,12 +85,14 @@ def load_actions(path, action_dim: int) -> np.ndarray:
 def load_image(path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    from ..vqgan import whiten_transparency
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image at {path}")
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+        with Image.open(path) as img:  # transparency onto white, as the release's tokenizer takes images
+            return np.asarray(whiten_transparency(img).convert("RGB"))
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image Pillow can read") from None
 

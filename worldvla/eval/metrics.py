@@ -29,8 +29,9 @@ def as_float_images(images, data_range: float | None = None) -> tuple[torch.Tens
         x = images.to(torch.float64).movedim(-1, -3)
         rng = 255.0 if data_range is None else float(data_range)
     elif images.is_floating_point():
-        if images.dim() < 3:
-            raise ValueError(f"float images must be channels-first [..., C, H, W], got shape {tuple(images.shape)}")
+        if images.dim() < 3 or images.shape[-3] not in (1, 3):  # [H, W, 3] would read as H channels
+            raise ValueError(f"float images must be channels-first [..., C, H, W] with C = 1 or 3, got shape "
+                             f"{tuple(images.shape)}")
         x = images.to(torch.float64)
         rng = 1.0 if data_range is None else float(data_range)
     else:

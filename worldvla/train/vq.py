@@ -123,6 +123,9 @@ def _build(args):
 
     torch.manual_seed(args.seed)
     if args.init:
+        if args.n_embed or args.config != "small":
+            raise ValueError("--init starts from that VQGAN's own architecture and codebook: drop --n-embed and "
+                             "--config (or drop --init to build a new VQGAN)")
         return VQGAN.from_pretrained(args.init).float().train()
     cfg = VQGANConfig.chameleon() if args.config == "chameleon" else VQGANConfig.small()
     if args.n_embed:
@@ -278,7 +281,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, vqgan/)")
     p.add_argument("--config", default="small", choices=("small", "chameleon"),
                    help="VQGAN architecture (default: %(default)s)")
-    p.add_argument("--init", default=None, help="start from a VQGAN folder (VQGAN.save_pretrained)")
+    p.add_argument("--init", default=None, help="start from a VQGAN folder (VQGAN.save_pretrained), its "
+                                                "architecture and codebook size included (no --config, --n-embed)")
     p.add_argument("--n-embed", type=non_negative_int, default=0,
                    help="codebook size override (default: 0, the config's)")
     p.add_argument("--steps", type=non_negative_int, default=0, help="optimizer steps (default: 0, --epochs)")
