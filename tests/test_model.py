@@ -165,6 +165,29 @@ def test_checkpoint_errors(tmp_path):
         WorldVLA.from_pretrained(tmp_path / "ck")
 
 
+def test_config_and_weight_files_as_transformers_reads_them(tmp_path):
+    """config.json's dtype is the saved weights' (it said bfloat16 for a float32 model, so transformers'
+    dtype="auto" loaded it in bfloat16); a model.safetensors is read before a stale pytorch_model.bin beside
+    it (the .bin won); a non-SiLU hidden_act is refused (it was ignored: a GELU model ran as SwiGLU)."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights()
+    m.save_pretrained(tmp_path / "f32")
+    cfg = json.loads((tmp_path / "f32" / "config.json").read_text())
+    assert cfg["torch_dtype"] == cfg["dtype"] == "float32"
+    WorldVLA.from_pretrained(tmp_path / "f32", dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert cfg["torch_dtype"] == cfg["dtype"] == "bfloat16"
+
+    other = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(7))
+    torch.save(other.state_dict(), tmp_path / "f32" / "pytorch_model.bin")
+    ids = torch.randint(0, m.config.vocab_size, (1, 20))
+    assert torch.equal(WorldVLA.from_pretrained(tmp_path / "f32")(ids), m(ids))
+
+    cfg = json.loads((tmp_path / "f32" / "config.json").read_text())
+    (tmp_path / "f32" / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    with pytest.raises(ValueError, match="unsupported hidden_act 'gelu'"):
+        WorldVLA.from_pretrained(tmp_path / "f32")
+
+
 def test_roundtrip_keeps_layout(tmp_path):
     m = WorldVLA(ModelConfig.tiny()).init_weights()
     m.save_pretrained(tmp_path / "ck")

@@ -297,6 +297,12 @@ def test_load_errors(rng, tmp_path):
     with pytest.raises(RuntimeError, match="trust_checkpoint=True"):
         VQGAN.from_release(y, tmp_path / "opaque.ckpt")
     _same_weights(m, VQGAN.from_release(y, tmp_path / "opaque.ckpt", trust_checkpoint=True))
+    # A missing or damaged file is named as such (both were reported as objects refused by the safe loader).
+    with pytest.raises(FileNotFoundError, match="no VQGAN checkpoint at"):
+        VQGAN.from_release(y, tmp_path / "none.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes(c.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cut.ckpt: the checkpoint cannot be read.*damaged or cut short"):
+        VQGAN.from_release(y, tmp_path / "cut.ckpt")
 
 
 # ---------------------------------------------------------------------- training

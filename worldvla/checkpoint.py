@@ -39,6 +39,9 @@ _DERIVED_KEYS = (*_CONFIG_KEYS, "rope_theta", "rope_parameters", "rope_scaling",
 
 
 def config_from_hf(d: dict) -> ModelConfig:
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {d['hidden_act']!r}; Chameleon's MLP (and WorldVLA's) is SwiGLU "
+                         "with 'silu'")
     kw = {k: d[k] for k in _CONFIG_KEYS if k in d and d[k] is not None}
     kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", 32))
     theta = d.get("rope_theta")
@@ -222,8 +225,8 @@ def _load_state_dict(folder: Path) -> dict:
             if missing:
                 raise FileNotFoundError(f"{folder}: shards listed in {index_name} are missing: {missing}")
             break
-    if not files:
-        files = [f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()]
+    if not files:  # one file: safetensors first, as transformers takes it (a stale .bin beside it is not read)
+        files = [f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()][:1]
     if not files:
         raise FileNotFoundError(f"{folder}: no weights found (expected model.safetensors, sharded safetensors with "
                                 f"model.safetensors.index.json, or pytorch_model*.bin)")
@@ -264,6 +267,7 @@ def load_model(path, device=None, dtype=None) -> WorldVLA:
             lines.append("shape mismatches (name, file, config): " + "; ".join(map(str, bad[:4])))
         raise ValueError(f"checkpoint {folder} does not match its config.json: " + " | ".join(lines))
     model.load_state_dict(sd, assign=True)
+    del sd, qn  # the model holds the file's tensors now: a conversion below then keeps one copy, not two
     model = model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model
     return model.eval()
 
@@ -289,6 +293,9 @@ def save_model(model: WorldVLA, path, shard_size_gb: float = 5.0) -> None:
     shards.append(cur)
     meta = {"format": "pt"}
     cfg = config_to_hf(model.config)
+    # The weights' own dtype (transformers loads with dtype="auto" by default): not a default, nor the stale
+    # value of a folder loaded in another dtype.
+    cfg["torch_dtype"] = cfg["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
 
     def write(folder: Path) -> None:
         if len(shards) == 1:

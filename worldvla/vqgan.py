@@ -446,14 +446,17 @@ class VQGAN(nn.Module):
             raise ValueError(f"{yaml_path} is not a taming VQGAN config: it needs model.params.ddconfig, "
                              f"model.params.n_embed and model.params.embed_dim") from None
         model = cls(VQGANConfig.from_taming(params))
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"no VQGAN checkpoint at {ckpt_path} (the release's vqgan.ckpt)")
         try:
             ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=not trust_checkpoint)
-        except Exception as err:  # torch raises UnpicklingError or RuntimeError depending on the object
-            if trust_checkpoint:
-                raise
-            raise RuntimeError(f"{ckpt_path} holds Python objects besides tensors and was refused by the safe "
-                               f"loader ({type(err).__name__}). If you trust the file, pass "
-                               f"trust_checkpoint=True") from err
+        except Exception as err:
+            if not trust_checkpoint and "weights only load failed" in str(err).lower():
+                raise RuntimeError(f"{ckpt_path} holds Python objects besides tensors and was refused by the safe "
+                                   f"loader ({type(err).__name__}). If you trust the file, pass "
+                                   f"trust_checkpoint=True") from err
+            raise ValueError(f"{ckpt_path}: the checkpoint cannot be read ({type(err).__name__}: {err}); it is "
+                             f"damaged or cut short: copy it again") from err
         sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(sd, dict):
             raise ValueError(f"{ckpt_path} holds no state dict (expected a dict with weights under 'state_dict')")
