@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from worldvla import ops
-from worldvla.ops.cross_entropy import linear_cross_entropy_ref, logits_cross_entropy
+from worldvla.ops.cross_entropy import float32_or_wider, linear_cross_entropy_ref, logits_cross_entropy
 
 from .common import (Rotation, main_for, peak_memory, peak_memory_method, print_table, time_fn, timed_backends,
                      write_results)
@@ -23,8 +23,8 @@ Z_WEIGHT = 1e-5
 def naive_linear_cross_entropy(h, w, y, rows, class_weight, z_weight=Z_WEIGHT):
     """`linear_cross_entropy_ref` with the labelled rows given (`rows`: their indices, found beforehand):
     fp32 logits [len(rows), V], then weighted CE + z-loss. No host synchronization."""
-    return logits_cross_entropy((h.index_select(0, rows) @ w.t()).float(), y.index_select(0, rows), class_weight,
-                                z_weight)
+    return logits_cross_entropy(float32_or_wider(h.index_select(0, rows) @ w.t()), y.index_select(0, rows),
+                                class_weight, z_weight)
 
 
 def run(quick=False, device=None, out_dir="benchmarks/results"):

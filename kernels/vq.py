@@ -73,7 +73,7 @@ def _argmin_kernel(Z, E, ENORM, OUT, N, K, C, s_zn, s_ek, SPLIT,
 
 
 @triton.jit
-def _gather_kernel(IDX, E, OUT, HW, C, s_ek, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr):
+def _gather_kernel(IDX, E, OUT, HW, C, K, s_ek, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -82,7 +82,10 @@ def _gather_kernel(IDX, E, OUT, HW, C, s_ek, BLOCK_P: tl.constexpr, BLOCK_C: tl.
     p_valid = p < HW
     mask = p_valid[:, None] & (c < C)[None, :]
     idx = tl.load(IDX + b * HW + p, mask=p_valid, other=0).to(tl.int64)
-    vals = tl.load(E + idx[:, None] * s_ek + c[None, :], mask=mask, other=0.0)
+    # A code outside [0, K) reads no memory and gives zeros (as the native gather): the entry point refuses
+    # such codes, but not inside torch.compile, where it cannot read them.
+    in_range = (idx >= 0) & (idx < K)
+    vals = tl.load(E + idx[:, None] * s_ek + c[None, :], mask=mask & in_range[:, None], other=0.0)
     if UPCAST:
         vals = vals.to(tl.float32)
     tl.store(OUT + b * C * HW + c[None, :].to(tl.int64) * HW + p[:, None], vals.to(OUT.dtype.element_ty), mask=mask)
@@ -151,5 +154,5 @@ def vq_gather(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     if out.numel():
         BP, BC = (64, 64) if INTERPRET else (64, 32)
         _gather_kernel[(triton.cdiv(h * w, BP), triton.cdiv(C, BC), B)](
-            idx, e, out, h * w, C, e.stride(0), BLOCK_P=BP, BLOCK_C=BC, UPCAST=INTERPRET)
+            idx, e, out, h * w, C, e.shape[0], e.stride(0), BLOCK_P=BP, BLOCK_C=BC, UPCAST=INTERPRET)
     return out.to(codebook.dtype)

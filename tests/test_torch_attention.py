@@ -151,3 +151,21 @@ def test_cu_seqlens_are_checked_once_per_metadata(no_host_reads):
         meta.cu_seqlens[1] = 13
         with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T=12, got \[0, 13, 12\]"):
             masked_attention(q, q, q, meta, backend="torch")
+
+
+def test_metadata_on_another_device_is_refused():
+    """Metadata on the meta device went through the torch path (auto on the CPU) as uninitialized values: a
+    finite wrong output with no error. Every input must be on q's device."""
+    from worldvla.mask import DecodeMeta
+    from worldvla.ops import decode_attention
+
+    q = k = v = torch.randn(1, 6, 2, 8)
+    meta = causal_meta((1, 6))
+    on_meta = ChunkMaskMeta(meta.kv_block.to("meta"), meta.q_limit.to("meta"), meta.position_ids)
+    for backend in ("auto", "torch"):
+        with pytest.raises(ValueError, match="meta.kv_block is on meta but q is on cpu"):
+            masked_attention(q, k, v, on_meta, backend=backend)
+    dm = DecodeMeta(torch.zeros(1, 1, dtype=torch.int32, device="meta"), torch.full((1, 1), -1, dtype=torch.int32),
+                    torch.full((1, 6), NO_BLOCK, dtype=torch.int32), torch.tensor([6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="meta.q_pos is on meta but q is on cpu"):
+        decode_attention(q[:, :1], k, v, dm, backend="torch")

@@ -146,3 +146,18 @@ def test_gpu_decode_long_cache():
     ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
     same = decode_attention_ref(q, kc, vc, meta, upcast=False)
     assert (out.double() - ref).abs().max() <= 2 * (same.double() - ref).abs().max()
+
+
+def test_inputs_that_need_gradients_go_to_another_backend():
+    """The Triton decode kernel has no backward: it took inputs that need gradients (first in the CUDA auto
+    order), and a backward through it then failed; such inputs now go to a backend that has one."""
+    from worldvla.ops import triton_backend as tb
+
+    q, k = torch.randn(1, 2, 4, 16, device=DEV), torch.randn(1, 8, 2, 16, device=DEV)
+    meta = DecodeMeta(torch.tensor([[6, 7]], dtype=torch.int32, device=DEV), torch.full((1, 2), -1, dtype=torch.int32,
+                      device=DEV), torch.full((1, 8), NO_BLOCK, dtype=torch.int32, device=DEV),
+                      torch.tensor([8], dtype=torch.int32, device=DEV))
+    assert tb._decode_supports(q, k, k, meta) is True
+    assert "forward-only" in tb._decode_supports(q.requires_grad_(), k, k, meta).reason
+    with torch.no_grad():
+        assert tb._decode_supports(q, k, k, meta) is True

@@ -239,3 +239,14 @@ def test_gpu_large_vocab():
     same = run(linear_cross_entropy_ref, h, w, y, cw, 1e-5)
     for i, name in enumerate(["loss", "z_mean", "grad_hidden", "grad_weight"]):
         check_rule(got[i], ref[i], same[i], name)
+
+
+def test_reference_keeps_float64_for_gradcheck():
+    """The reference rounded float64 logits to float32, so gradcheck against it failed at any eps."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, -100, 4, 8, 0])
+    cw = torch.rand(9, generator=g, dtype=torch.float64) + 0.5
+    assert linear_cross_entropy_ref(h, w, y, cw)[0].dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda a, b: linear_cross_entropy_ref(a, b, y, cw, z_weight=0.1)[0], (h, w))

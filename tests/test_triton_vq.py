@@ -105,6 +105,17 @@ def test_gather_exact(rng, dtype, poison_empty):
     assert torch.equal(got, vq_gather_ref(idx, codebook))
 
 
+def test_gather_of_codes_out_of_range_reads_nothing(rng):
+    """The kernel behind the checked entry point (torch.compile reaches it without the host's range check):
+    codes outside [0, K) read outside the codebook (values of other memory); they give zeros, as the
+    native gather does."""
+    codebook = torch.randn(11, 40, generator=rng).to(DEV)
+    idx = torch.tensor([[[3, 11, -1, 10, 2**40]]]).to(DEV)
+    got = torch.ops.worldvla_triton.vq_gather(idx, codebook)
+    assert torch.equal(got[0, :, 0, [0, 3]], codebook[[3, 10]].t())
+    assert torch.equal(got[0, :, 0, [1, 2, 4]], torch.zeros(40, 3, device=DEV))
+
+
 def test_bad_inputs(rng):
     with pytest.raises(ValueError, match="vq_quantize wants"):
         K.vq_quantize(torch.randn(4, 8, device=DEV), torch.randn(10, 9, device=DEV))

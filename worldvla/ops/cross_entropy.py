@@ -13,7 +13,7 @@ from . import dispatch
 
 
 def linear_cross_entropy_ref(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100):
-    """Materializes fp32 logits for the labelled rows only. Returns (loss, z_mean)."""
+    """Materializes fp32 (float64 for float64 inputs) logits for the labelled rows only. Returns (loss, z_mean)."""
     valid = targets != ignore_index
     h = hidden[valid]
     y = targets[valid]
@@ -21,7 +21,12 @@ def linear_cross_entropy_ref(hidden, weight, targets, class_weight=None, z_weigh
         # kernels give), so that a rank whose micro-batch has no label joins FSDP's gradient reduction
         zero = (hidden.sum() + weight[:1, :1].sum()) * 0.0
         return zero.float(), zero.float().detach()
-    return logits_cross_entropy((h @ weight.t()).float(), y, class_weight, z_weight)
+    return logits_cross_entropy(float32_or_wider(h @ weight.t()), y, class_weight, z_weight)
+
+
+def float32_or_wider(logits: torch.Tensor) -> torch.Tensor:
+    """The loss's logits in float32, or float64 for float64 inputs (gradcheck)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def _check_class_weight(class_weight, vocab: int):

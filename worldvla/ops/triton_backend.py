@@ -333,6 +333,8 @@ def _decode_supports(q, k_cache, v_cache, meta, softmax_scale=None):
     return dispatch.first_false(
         _device(q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len),
         _float(q, k_cache, v_cache),
+        not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)))
+        or dispatch.Unsupported("inputs need gradients and the Triton decode kernel is forward-only"),
         q.shape[-1] <= 256 or dispatch.Unsupported(f"head dim {q.shape[-1]} > 256"))
 
 
