@@ -128,7 +128,9 @@ def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5,
     if check_targets or (check_targets is None and targets.device.type == "cpu"):
         if bool((valid & ((targets < 0) | (targets >= V))).any()):
             raise ValueError(f"targets must be {ignore_index} (ignored) or lie in [0, {V}); got values outside")
-    y = torch.where(valid, targets, torch.zeros_like(targets))
+    # Clamped to [-1, V] before the int32 narrowing: an int64 target out of range stays out of range (2^32 + 5
+    # would wrap to class 5 and be trained on) and so still makes the loss NaN.
+    y = torch.where(valid, targets.clamp(-1, V), torch.zeros_like(targets))
     y32 = y.to(torch.int32).contiguous()
     # Per-row weights, normalizers kept on the device: row 0 the CE weight, row 1 the z-loss weight.
     n_valid = valid.sum(dtype=torch.float32)

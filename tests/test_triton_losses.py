@@ -250,3 +250,15 @@ def test_reference_keeps_float64_for_gradcheck():
     cw = torch.rand(9, generator=g, dtype=torch.float64) + 0.5
     assert linear_cross_entropy_ref(h, w, y, cw)[0].dtype == torch.float64
     assert torch.autograd.gradcheck(lambda a, b: linear_cross_entropy_ref(a, b, y, cw, z_weight=0.1)[0], (h, w))
+
+
+def test_unchecked_targets_out_of_int32_range_make_the_loss_nan():
+    """Without the host check, a target of 2^32 + 5 was narrowed to int32 as class 5 and trained on silently;
+    like any target outside [0, V) it makes the loss NaN."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(4, 16, generator=g).to(DEV), torch.randn(32, 16, generator=g).to(DEV)
+    for bad in (2**32 + 5, -(2**32) + 5, 32):
+        y = torch.tensor([1, bad, 3, -100]).to(DEV)
+        loss = K.linear_cross_entropy(h, w, y, check_targets=False)[0]
+        assert torch.isnan(loss), bad
+    assert torch.isfinite(K.linear_cross_entropy(h, w, torch.tensor([1, 5, 3, -100]).to(DEV), check_targets=False)[0])
