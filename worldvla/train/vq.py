@@ -123,9 +123,6 @@ def _build(args):
 
     torch.manual_seed(args.seed)
     if args.init:
-        if args.n_embed or args.config != "small":
-            raise ValueError("--init starts from that VQGAN's own architecture and codebook: drop --n-embed and "
-                             "--config (or drop --init to build a new VQGAN)")
         return VQGAN.from_pretrained(args.init).float().train()
     cfg = VQGANConfig.chameleon() if args.config == "chameleon" else VQGANConfig.small()
     if args.n_embed:
@@ -155,6 +152,9 @@ def train_vq(args) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over {world} ranks")
     local = args.batch_size // world
     out = Path(args.out)
+    if args.init and (args.n_embed or args.config != "small"):  # refused before any frame is read
+        raise ValueError("--init starts from that VQGAN's own architecture and codebook: drop --n-embed and "
+                         "--config (or drop --init to build a new VQGAN)")
     prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("vqgan",))
     files = find_demo_files(args.inputs)
     # The run's data, recorded with its settings: a resume on other demo files is refused by name.
