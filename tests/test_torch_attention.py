@@ -169,3 +169,21 @@ def test_metadata_on_another_device_is_refused():
                     torch.full((1, 6), NO_BLOCK, dtype=torch.int32), torch.tensor([6], dtype=torch.int32))
     with pytest.raises(ValueError, match="meta.q_pos is on meta but q is on cpu"):
         decode_attention(q[:, :1], k, v, dm, backend="torch")
+
+
+def test_mixed_dtypes_are_refused_by_name():
+    """q in bfloat16 with k, v in float32 failed inside einsum with torch's own message on the torch path;
+    every backend now names the input and the fix."""
+    from worldvla.mask import DecodeMeta
+    from worldvla.ops import decode_attention
+
+    q, k = torch.randn(1, 6, 2, 8).bfloat16(), torch.randn(1, 6, 2, 8)
+    for backend in ("auto", "torch"):
+        with pytest.raises(TypeError, match="k is torch.float32 but q is torch.bfloat16"):
+            masked_attention(q, k, k, causal_meta((1, 6)), backend=backend)
+    dm = DecodeMeta(torch.zeros(1, 1, dtype=torch.int32), torch.full((1, 1), -1, dtype=torch.int32),
+                    torch.full((1, 6), NO_BLOCK, dtype=torch.int32), torch.tensor([6], dtype=torch.int32))
+    with pytest.raises(TypeError, match="v_cache is torch.float16 but q is torch.bfloat16"):
+        decode_attention(q[:, :1], k.bfloat16(), k.half(), dm, backend="torch")
+    with pytest.raises(TypeError, match="q must be a floating-point tensor"):
+        masked_attention(torch.ones(1, 6, 2, 8, dtype=torch.long), k.long(), k.long(), causal_meta((1, 6)))
