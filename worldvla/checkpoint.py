@@ -10,8 +10,9 @@ head shares in its checkpoints); the model keeps the layout it was loaded with
 (`ModelConfig.model_parallel_size`), and saving writes it back with `model_parallel_size` in
 config.json, with the loaded config.json's other keys (`ModelConfig.hf_extra`: the release's
 vocabulary_map, vq_config, architecture name...), so the release's code loads what this package
-saves from its checkpoints. (A model built here, not loaded from such a folder, has no
-vocabulary_map to write.)
+saves from its checkpoints. A model built here, not loaded from such a folder, has no tokenizer
+vocabulary to write back: it gets the part of Chameleon's that its layout names (`vocabulary_map`),
+without which transformers' Chameleon cannot build the model.
 A model folder is written whole into a temporary sibling folder that then replaces the old
 one (`replace_folder`), so a crash never leaves a half-written checkpoint, or one that mixes
 an older save's weights with the new ones, behind a valid name.
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .model import ModelConfig, WorldVLA
+from .tokens.layout import VocabLayout
 
 _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "swin_norm")
@@ -59,6 +61,48 @@ def config_from_hf(d: dict) -> ModelConfig:
     return ModelConfig(**kw)
 
 
+_DIGIT_LETTERS = "ABCDEFGHIJ"
+
+
+def image_token_name(code: int) -> str:
+    """Chameleon's tokenizer name of VQ code `code`: "IMGIMG", the code's decimal digits as the letters
+    A-J (0 -> A, ..., 9 -> J), then "Z" (code 407 is "IMGIMGEAHZ"). The release's `bpe2img` and
+    transformers' ChameleonImageVocabularyMapping read the code back from the name (`tokens.layout`'s
+    `_code_from_bpe_name` is the inverse)."""
+    return "IMGIMG" + "".join(_DIGIT_LETTERS[int(d)] for d in str(int(code))) + "Z"
+
+
+def vocabulary_map(layout: VocabLayout | None) -> dict:
+    """config.json's `vocabulary_map` for a model built here. A release folder carries its tokenizer's
+    whole vocabulary there (written back through `hf_extra`); transformers' Chameleon cannot build a model
+    without the key (ChameleonImageVocabularyMapping reads it), and takes from it the id of "<image>" (the
+    placeholder it replaces with an image's codes) and the ids named "IMGIMG...": the image codes, which it
+    maps VQ codes to and masks out of the generated logits.
+
+    The names are Chameleon's: every image code under its IMGIMG name (`image_token_name`) at the id the
+    layout gives it, and the special tokens of the layout under the names Chameleon's tokenizer gives them
+    (Chameleon's own code finds them by these names): "<s>" (BOS), "<racm3:break>" (begin image),
+    "<eoss>" (end image), "<reserved08706>" (the separator), "<reserved08799>" (end of an image row) and
+    "<reserved08800>" + n (n grids of resolution); "<pad>" where the layout has its own padding token. On
+    the chameleon layout these are Chameleon's own ids (8197, 8196, 8710, 8803, 8804 + n), and "<image>"
+    is its id 8711 (transformers' conversion renames "<reserved08707>"); a compact vocabulary has no id
+    to spare for "<image>" (nothing of this package uses it), so it has none there. Left out, as names
+    that only the release's text_tokenizer.json could confirm: the text tokens' and the action tokens';
+    transformers reads neither. A model without a layout gets an empty map: all that transformers needs,
+    with no name that could be wrong."""
+    if layout is None:
+        return {}
+    names = {"<s>": layout.bos, "<racm3:break>": layout.boi, "<eoss>": layout.eoi, "<reserved08706>": layout.sep,
+             "<reserved08799>": layout.newline}
+    if layout.pad != layout.bos:  # the chameleon layout pads with BOS: Chameleon's "<pad>" is no id of it
+        names["<pad>"] = layout.pad
+    names.update({f"<reserved{8800 + n:05d}>": layout.res_base + n for n in range(layout.n_res + 1)})
+    if layout.name == "chameleon" and layout.vocab_size == 65536:
+        names["<image>"] = 8711
+    names.update({image_token_name(c): int(i) for c, i in enumerate(layout.image_code_ids)})
+    return names
+
+
 def config_to_hf(cfg: ModelConfig) -> dict:
     """config.json of a model: the loaded checkpoint's other keys (`hf_extra`: the release's
     vocabulary_map, vq_config, architectures, ... which its code needs to load the folder) or defaults
@@ -67,6 +111,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
              attention_bias=False, tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=0, pad_token_id=1,
              eos_token_id=8710 if cfg.vocab_size == 65536 else 2)
     d.update(cfg.hf_extra or {})
+    if d.get("vocabulary_map") is None:  # a model built here: no tokenizer's vocabulary to write back
+        d["vocabulary_map"] = vocabulary_map(cfg.vocab_layout())
     d.update({k: getattr(cfg, k) for k in _CONFIG_KEYS})
     d.update(rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     if cfg.model_parallel_size is not None:  # the release's head-norm layout (its config key)

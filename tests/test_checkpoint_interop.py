@@ -1,0 +1,72 @@
+"""A checkpoint of a model built here (not loaded from a release folder) in transformers' Chameleon:
+the vocabulary_map its config.json needs, with Chameleon's names for the ids the layout uses."""
+import json
+
+import pytest
+import torch
+
+from worldvla.checkpoint import config_to_hf
+from worldvla.mask import causal_meta
+from worldvla.model import ModelConfig, WorldVLA
+from worldvla.tokens import VocabLayout
+from worldvla.tokens.layout import _code_from_bpe_name
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_a_model_built_here_loads_in_transformers_chameleon(tmp_path):
+    """Its config.json had no vocabulary_map, and transformers' Chameleon failed to build the model
+    ("'NoneType' object has no attribute 'get'"). Now it loads to the package's logits (fp32), and masks
+    exactly the layout's image-code ids, which it reads from the map's IMGIMG names."""
+    from transformers import ChameleonForConditionalGeneration
+
+    model = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0)).eval()
+    model.save_pretrained(tmp_path / "ck")
+    hf = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "ck").eval()
+    layout = model.layout
+    assert hf.model.vocabulary_mapping.bpe2img == {i: c for c, i in enumerate(layout.image_code_ids)}
+    ids = torch.randint(0, model.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        got = model(ids, meta=causal_meta(tuple(ids.shape)))
+    image = layout.image_code_weight_mask()
+    # transformers' Chameleon sets the image codes' logits to the dtype's minimum (its text-only generation)
+    assert bool((ref[..., image] == torch.finfo(ref.dtype).min).all())
+    torch.testing.assert_close(got[..., ~image], ref[..., ~image], rtol=1e-5, atol=1e-5)
+
+    # Loaded and saved again by the package, the map is written back as it was (hf_extra), not rebuilt.
+    first = json.loads((tmp_path / "ck" / "config.json").read_text())["vocabulary_map"]
+    WorldVLA.from_pretrained(tmp_path / "ck").save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["vocabulary_map"] == first
+
+
+def test_the_map_names_the_ids_as_chameleons_tokenizer_does(tmp_path):
+    """Image codes under their IMGIMG names at the ids the release's text_tokenizer.json gives them (here not
+    in code order), the special tokens at Chameleon's ids; no two names share an id."""
+    from worldvla.checkpoint import image_token_name
+
+    for code in (0, 9, 10, 407, 8191):
+        assert _code_from_bpe_name(image_token_name(code)) == code
+    assert image_token_name(407) == "IMGIMGEAHZ"
+    perm = torch.randperm(8192, generator=torch.Generator().manual_seed(0)).tolist()
+    names = {"IMGIMG" + "".join("ABCDEFGHIJ"[int(d)] for d in str(code)) + "Z": 4 + slot
+             for slot, code in enumerate(perm)}
+    tok = tmp_path / "text_tokenizer.json"
+    tok.write_text(json.dumps({"model": {"type": "BPE", "vocab": {"<s>": 0, **names}, "merges": []}}))
+    layout = VocabLayout.chameleon(tok)
+    cfg = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, layout=layout.to_dict())
+    vm = config_to_hf(cfg)["vocabulary_map"]
+    assert {k: v for k, v in vm.items() if k.startswith("IMGIMG")} == names
+    assert {k: vm[k] for k in ("<s>", "<racm3:break>", "<eoss>", "<reserved08706>", "<image>", "<reserved08799>",
+                               "<reserved08800>", "<reserved08808>")} == \
+        {"<s>": 0, "<racm3:break>": 8197, "<eoss>": 8196, "<reserved08706>": 8710, "<image>": 8711,
+         "<reserved08799>": 8803, "<reserved08800>": 8804, "<reserved08808>": layout.res_token(8)}
+    assert len(set(vm.values())) == len(vm)
+    # A compact vocabulary: the same names for the same roles, no "<image>" (it has no id to spare).
+    compact = VocabLayout.compact(n_image_codes=64)
+    vm = config_to_hf(ModelConfig.tiny(compact))["vocabulary_map"]
+    assert (vm["<s>"], vm["<pad>"], vm["<racm3:break>"], vm["<eoss>"]) == (compact.bos, compact.pad, compact.boi,
+                                                                            compact.eoi)
+    assert "<image>" not in vm and len(set(vm.values())) == len(vm)
+    assert config_to_hf(ModelConfig(vocab_size=300, hidden_size=64))["vocabulary_map"] == {}  # no layout
