@@ -140,6 +140,37 @@ def test_dead_code_restart_reseeds_from_latents():
     assert torch.allclose(usage.ema[3:], torch.full((13,), 1 / 16, dtype=torch.float64))
 
 
+def _restart(latents, seed=0):
+    torch.manual_seed(0)
+    model = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=8,
+                              n_embed=16))
+    opt = torch.optim.AdamW(model.parameters())
+    usage = vqt.CodeUsage(16, decay=0.0)
+    usage.update(torch.tensor([[0, 0, 1, 1, 2, 0]]))        # codes 3..15 unused
+    gen = torch.Generator().manual_seed(seed)
+    n = vqt.restart_dead_codes(model, opt, usage, latents, threshold=0.5, generator=gen)
+    return n, model.quantize.embedding.weight.detach()[3:].clone(), gen.get_state()
+
+
+def test_dead_code_restart_gives_each_dead_code_its_own_vector():
+    """The 13 dead codes were re-seeded with encoder outputs drawn with replacement: with this seed and 30
+    outputs the draw repeats (3 pairs), and the codes seeded alike stayed duplicates (the nearest-code search
+    picks one of them only). Now each takes another output while there are enough, deterministically under
+    the run's generator (a resumed run restores its state); with fewer outputs than dead codes they share."""
+    latents = torch.randn(2, 8, 3, 5, generator=torch.Generator().manual_seed(1))  # 30 outputs
+    assert len(set(torch.randint(0, 30, (13,), generator=torch.Generator().manual_seed(0)).tolist())) < 13
+    n, seeded, state = _restart(latents)
+    assert n == 13 and len(torch.unique(seeded, dim=0)) == 13
+    pool = latents.permute(0, 2, 3, 1).reshape(-1, 8)
+    assert all((pool == row).all(1).any() for row in seeded)
+    n2, seeded2, state2 = _restart(latents)
+    assert torch.equal(seeded, seeded2) and torch.equal(state, state2)
+    few = latents[:1, :, :1, :]  # 5 outputs for 13 dead codes: every one is re-seeded, some share
+    n, seeded, _ = _restart(few)
+    pool = few.permute(0, 2, 3, 1).reshape(-1, 8)
+    assert n == 13 and all((pool == row).all(1).any() for row in seeded)
+
+
 def test_bad_inputs(data, tmp_path):
     with pytest.raises(ValueError, match="batch-size"):
         vqt.train_vq(args_for(data, tmp_path / "x", "--steps", 1, "--batch-size", 64))

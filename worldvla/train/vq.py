@@ -6,10 +6,10 @@
 Loss = l1 * |x - x_hat| + l2 * (x - x_hat)^2 + ||sg[z] - e||^2 + beta * ||z - sg[e]||^2
 (no perceptual or adversarial term). Small codebooks tend to collapse onto a few entries, so
 codes whose running usage falls below `--restart-threshold` are re-seeded every
-`--restart-every` steps with encoder outputs drawn from the current batch (their Adam moments
-are reset). Checkpoints, exact resume, progress bar and the JSONL log work as in the WorldVLA
-trainer; the result is exported to `<out>/vqgan` (VQGAN.save_pretrained), the folder that
-`worldvla pretokenize --vqgan` takes.
+`--restart-every` steps with encoder outputs drawn from the current batch, a different one for
+each code while the batch has enough (their Adam moments are reset). Checkpoints, exact resume,
+progress bar and the JSONL log work as in the WorldVLA trainer; the result is exported to
+`<out>/vqgan` (VQGAN.save_pretrained), the folder that `worldvla pretokenize --vqgan` takes.
 
 Under torchrun the run is data-parallel (DDP): each rank encodes its contiguous slice of the
 global batch, gradients are averaged, code-usage counts are summed over ranks, and dead codes
@@ -96,12 +96,21 @@ class CodeUsage:
 @torch.no_grad()
 def restart_dead_codes(model, optimizer, usage: CodeUsage, latents: torch.Tensor, threshold: float,
                        generator: torch.Generator) -> int:
-    """Re-seed dead codes with randomly chosen encoder outputs of this batch; returns how many."""
+    """Re-seed dead codes with randomly chosen encoder outputs of this batch; returns how many.
+
+    Each dead code gets another encoder output while the batch has enough of them (drawn without
+    replacement): two codes seeded with the same vector stay duplicates, the nearest-code search
+    picks only one of them, and the other stays dead. With fewer outputs than dead codes some must
+    share one (drawn with replacement). Both draws come from `generator` alone (the run saves and
+    restores its state), so a resumed run re-seeds the same codes with the same vectors."""
     dead = usage.dead(threshold)
     if dead.numel() == 0:
         return 0
     flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
-    pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=generator)
+    if flat.shape[0] >= dead.numel():
+        pick = torch.randperm(flat.shape[0], generator=generator)[:dead.numel()]
+    else:
+        pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=generator)
     weight = model.quantize.embedding.weight
     dev = dead.to(weight.device)
     weight[dev] = flat[pick.to(flat.device)].to(weight.dtype)
