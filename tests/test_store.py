@@ -474,3 +474,42 @@ def test_nan_actions_are_refused_naming_the_demo_unless_it_is_not_tokenized(tmp_
         with pytest.raises(ValueError, match=f"{path}:data/demo_1: actions contain NaN or inf \\(first at step 3"):
             st.build_store(tmp_path / "d", tmp_path / f"s_{bounds}", tiny_vqgan(), chunk_size=2, bounds=bounds,
                            progress=False)
+
+
+def test_out_of_range_ids_name_the_shard_file_the_value_and_the_position(demo_dir, tmp_path):
+    """A damaged shard's token ids outside the vocabulary reached the trainer's "token ids out of range: [lo, hi]",
+    naming no file. The sample is refused where it is read, naming the shard's file, the value, its position in the
+    file and the fix; a damaged label is named too (IGNORE is not). Following the fix rebuilds the shard, even one
+    whose checksums match its damaged files."""
+    import shutil
+
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    store = st.TokenStore(out)
+    want = [store[i] for i in range(len(store))]
+    shard = out / "shard_00000"
+    offsets = np.load(shard / "offsets.npy")
+    first = 0  # the store's sample 0 is the shard's
+    vocab = store.layout.vocab_size
+    for name, value in (("tokens", vocab + 5), ("labels", -7)):
+        arr = np.load(shard / f"{name}.npy", mmap_mode="r+")
+        pos = int(offsets[1]) + 4  # sample 1's fifth token
+        arr[pos] = value
+        arr.flush()
+        del arr
+        damaged = st.TokenStore(out)
+        assert damaged[first][0].tolist() == want[first][0].tolist()  # the shard's other samples still read
+        with pytest.raises(ValueError, match=(
+                f"{shard / f'{name}.npy'}: value {value} at position {pos} \\(sample 1 of the shard, its token 4\\) "
+                f"is outside the vocabulary's ids \\[0, {vocab}\\).*the shard is damaged; rebuild it: remove {shard} "
+                f"and rerun `worldvla pretokenize` with the same arguments")):
+            damaged[first + 1]
+        # As the message says; the manifest's checksums are made to match, as for a shard written so.
+        m = json.loads((out / st.MANIFEST).read_text())
+        entry = next(e for e in m["shards"] if e["name"] == shard.name)
+        entry["files"] = {f: st.sha256_file(shard / f) for f in entry["files"]}
+        (out / st.MANIFEST).write_text(json.dumps(m))
+        shutil.rmtree(shard)
+        st.build_store(folder, out, tiny_vqgan(), chunk_size=K, progress=False)
+        again = st.TokenStore(out, verify=True)
+        assert all(torch.equal(again[i][0], w[0]) and torch.equal(again[i][1], w[1]) for i, w in enumerate(want))

@@ -480,6 +480,8 @@ class TokenStore(torch.utils.data.Dataset):
             raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
         self.kinds = kinds
         self.shards = self.manifest["shards"]
+        # The ids' bound for `_check_ids`, read once (`layout` builds a VocabLayout at every call).
+        self._vocab_size = int(self.manifest["layout"]["vocab_size"])
         if verify:
             self.checked_vqgan_path()
             broken = [e["name"] for e in self.shards if not verify_shard(self.path, e)]
@@ -550,12 +552,34 @@ class TokenStore(torch.utils.data.Dataset):
         if not -n <= i < n:
             raise IndexError(f"sample {i} out of range for a store of {n} samples")
         i = i % n
-        a = self._shard(int(self._shard_of[i]))
+        si = int(self._shard_of[i])
+        a = self._shard(si)
         k = int(self._local[i])
         s, e = int(a["offsets"][k]), int(a["offsets"][k + 1])
-        ids = torch.from_numpy(np.asarray(a["tokens"][s:e], dtype=np.int64))
-        labels = torch.from_numpy(np.asarray(a["labels"][s:e], dtype=np.int64))
-        return ids, labels, KINDS[int(a["kinds"][k])]
+        ids = np.asarray(a["tokens"][s:e], dtype=np.int64)
+        labels = np.asarray(a["labels"][s:e], dtype=np.int64)
+        self._check_ids(si, k, s, ids, labels)
+        return torch.from_numpy(ids), torch.from_numpy(labels), KINDS[int(a["kinds"][k])]
+
+    def _check_ids(self, si: int, k: int, start: int, ids: np.ndarray, labels: np.ndarray) -> None:
+        """Refuse a sample whose token ids (or labels, which may also be IGNORE) lie outside the vocabulary,
+        naming the shard file, the value and its position: a damaged shard's ids otherwise reach the trainer's
+        range check (or the embedding's index error) as a bare range, with no file to rebuild. The fix removes
+        the shard's folder: a shard written with such ids matches its checksums, and `pretokenize` with the
+        same arguments rebuilds only the shards that are missing or fail them."""
+        v = self._vocab_size
+        for name, arr in (("tokens", ids), ("labels", labels)):
+            bad = (arr < 0) | (arr >= v)
+            if name == "labels":
+                bad &= arr != IGNORE
+            if bad.any():
+                p = int(np.argmax(bad))  # the first one
+                folder = self.path / self.shards[si]["name"]
+                also = f" (or {IGNORE}, no loss)" if name == "labels" else ""
+                raise ValueError(
+                    f"{folder / f'{name}.npy'}: value {int(arr[p])} at position {start + p} (sample {k} of the shard, "
+                    f"its token {p}) is outside the vocabulary's ids [0, {v}){also}: the shard is damaged; rebuild "
+                    f"it: remove {folder} and rerun `worldvla pretokenize` with the same arguments")
 
     # -------------------------------------------------------------- metadata
     @property
