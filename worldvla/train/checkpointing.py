@@ -54,7 +54,9 @@ def capture_rng() -> dict:
                        "has_gauss": int(nhas), "cached": float(ncached)},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's own device only: every visible device's state (get_rng_state_all) could not be restored
+        # on a machine that sees fewer devices, and the other devices' generators are not this rank's.
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -64,7 +66,14 @@ def restore_rng(state: dict) -> None:
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda, dev = state["cuda"], torch.cuda.current_device()
+        if isinstance(cuda, (list, tuple)):  # saved with every visible device's state: this rank's device's
+            if dev >= len(cuda):
+                print(f"warning: the checkpoint holds CUDA RNG states for {len(cuda)} device(s), none for this "
+                      f"rank's device {dev}; its CUDA RNG state starts fresh")
+                return
+            cuda = cuda[dev]
+        torch.cuda.set_rng_state(cuda, dev)
 
 
 def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last: int = 0) -> Path:
@@ -278,6 +287,7 @@ def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True)
     main = dist_utils.is_main()
     msd = torch.load(path / "model.pt", map_location="cpu", weights_only=True) if main else {}
     set_model_state_dict(model, msd, options=_options(True))
+    del msd  # rank 0 holds the full model's fp32 weights: not while the optimizer state (twice that) loads
     if optimizer is not None:
         osd = torch.load(path / "optim.pt", map_location="cpu", weights_only=True) if main else {}
         set_optimizer_state_dict(model, optimizer, osd, options=_options(True))

@@ -42,16 +42,18 @@ def init(device: str | None = None, init_method: str | None = None, rank_: int |
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     want = init_method is not None or env_world > 1
     dev = torch_device(device)
+    if dev.type == "cuda":  # the device first, and NCCL bound to it: a first collective never guesses it
+        local = int(os.environ.get("LOCAL_RANK", rank_ if rank_ is not None else rank()))
+        dev = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
     if want and not is_distributed():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kw = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if dev.type == "cuda":
+            kw.update(device_id=dev)
         if init_method is not None:
             kw.update(init_method=init_method, rank=rank_, world_size=world)
         dist.init_process_group(**kw)
-    if dev.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank()))
-        dev = torch.device("cuda", local % torch.cuda.device_count())
-        torch.cuda.set_device(dev)
     return dev
 
 
@@ -83,11 +85,16 @@ def shard_model(model, mixed_precision: torch.dtype | None = None, reshard_after
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     kw = {"reshard_after_forward": reshard_after_forward}
+    root_kw = dict(kw)
     if mixed_precision is not None:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+        # The root's inputs stay as given: its floating inputs are the loss's fp32 class weights, which the
+        # default cast would round (0.04 -> 0.0400390625) against the trainer's fp32 normalizer.
+        root_kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32,
+                                                    cast_forward_inputs=False)
     for layer in model.model.layers:
         fully_shard(layer, **kw)
-    fully_shard(model, **kw)
+    fully_shard(model, **root_kw)
     register_fsdp_forward_method(model, "loss")
     return model
 
