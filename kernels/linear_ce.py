@@ -141,7 +141,9 @@ def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5,
     if class_weight is not None:
         # clamped: an out-of-range target must not index out of bounds (the kernel makes its CE NaN)
         w = torch.where(valid, class_weight.to(torch.float32)[y.clamp(0, V - 1)], torch.zeros((), device=dev))
-        row_w[0] = torch.where(valid, w / w.sum(), torch.zeros((), device=dev))
+        w_sum = w.sum()  # all rows weighing zero: a CE term of 0, not 0 / 0 (the z-loss still counts)
+        row_w[0] = torch.where(valid, w / torch.where(w_sum > 0, w_sum, torch.ones_like(w_sum)),
+                               torch.zeros((), device=dev))
     else:
         row_w[0] = row_w[1]
     write_grad = need_grad_hidden or need_grad_weight

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import worldvla.model
 from worldvla.data.hdf5 import write_demos
 from worldvla.data.store import TokenStore, build_store, pack
 from worldvla.model import WorldVLA, loss_class_weights
@@ -110,6 +111,37 @@ def test_logged_loss_is_the_global_batch_loss(store_dir, tmp_path):
     assert logged["loss"] == pytest.approx(float(loss), rel=1e-5)
     assert logged["z"] == pytest.approx(float(z), rel=1e-5)
     assert logged["tokens"] == int(store.lengths[batch].sum())
+
+
+def test_micro_batches_whose_labels_all_weigh_zero_add_their_z_loss_alone(store_dir, tmp_path, monkeypatch):
+    """A micro-batch whose labelled classes all weigh 0 (here every world-model label: the class weights are
+    zeroed for them) had a loss of 0 / 0 = NaN, and the step's loss and gradients were NaN. Its CE term is now
+    0, its z-loss counts with its share of the labelled rows, and the logged loss is still model.loss over the
+    whole batch."""
+    store = TokenStore(store_dir)
+    cw = torch.ones(store.layout.vocab_size)
+    for i in range(len(store)):
+        ids, lab, kind = store[i]
+        if kind == "world":
+            cw[lab[lab != -100]] = 0.0
+    monkeypatch.setattr(worldvla.model, "loss_class_weights", lambda layout, alpha, release=False: cw.clone())
+    a = args_for(store_dir, tmp_path / "run", "--steps", 2, "--batch-tokens", 600, "--micro-tokens", 140,
+                 "--z-weight", 1e-2, "--no-export", "--save-every", 2)
+    batch = trainer.epoch_batches(store.lengths, 600, seed=3, epoch=0)[0]
+    micro = trainer._micro_batches(store, [b[0] for b in trainer.split_batch(batch, store.lengths, 1, 140)], 140,
+                                   store.layout.pad, store.layout.bos)
+    stats = [trainer._label_stats(lab, cw) for _, lab, _ in micro]
+    assert any(w == 0 and n > 0 for w, n in stats) and any(w > 0 for w, n in stats)
+    model = trainer._build_model(a, store.layout, torch.device("cpu"), fsdp=False)
+    ids, labels, cu = pack([store[i] for i in batch], 600)
+    with torch.no_grad():
+        want, z = model.loss(ids, labels, cu_seqlens=cu, class_weight=cw, z_weight=1e-2)
+    trainer.train(a)
+    logged = read_log(a.out)
+    assert logged[0]["loss"] == pytest.approx(float(want), rel=1e-5)
+    assert logged[0]["z"] == pytest.approx(float(z), rel=1e-5)
+    assert all(np.isfinite(r["loss"]) for r in logged)
+    assert all(torch.isfinite(v).all() for v in final_weights(a.out).values())
 
 
 def test_micro_batch_loss_is_the_model_loss_and_checks_the_ids(store_dir, tmp_path):
@@ -576,3 +608,62 @@ def test_fine_tuning_a_release_layout_checkpoint(store_dir, tmp_path, monkeypatc
     assert row.shape == (1, 16) and not torch.equal(row, init.model.layers[0].self_attn.q_norm.weight.detach())
     exported = out / "policy" / "model" if (out / "policy").exists() else out / "model"
     assert WorldVLA.from_pretrained(exported).config.model_parallel_size == 1
+
+
+def _class_weight_dtype_worker(rank, world, init_file):
+    import torch.distributed as dist
+
+    from worldvla import ops
+    from worldvla.model import ModelConfig, WorldVLA, loss_class_weights
+    from worldvla.train import distributed as dist_utils
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+        cw = loss_class_weights(model.layout, 0.04)
+        seen, real = [], ops.linear_cross_entropy
+
+        def spy(h, w, y, class_weight=None, *a, **k):
+            seen.append(class_weight)
+            return real(h, w, y, class_weight, *a, **k)
+
+        ops.linear_cross_entropy = spy
+        dist_utils.shard_model(model, mixed_precision=torch.bfloat16)  # the GPU runs' policy, here on the CPU
+        img = torch.tensor(sorted(model.layout.image_code_ids))
+        ids = torch.cat([torch.tensor([model.layout.bos]), img[torch.randint(0, len(img), (40,))]])
+        model.loss(ids[None], ids[None], class_weight=cw)
+        assert seen and seen[-1].dtype == torch.float32, seen[-1].dtype
+        assert torch.equal(seen[-1], cw)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_mixed_precision_keeps_the_loss_class_weights_in_float32(tmp_path):
+    """Under FSDP with bf16 parameters the root cast every floating input of `model.loss` to bf16: the class
+    weights too, so the image weight 0.04 became 0.0400390625 inside the loss while the trainer normalized
+    with the fp32 0.04."""
+    _spawn(_class_weight_dtype_worker, 1, (str(tmp_path / "pg_init"),))
+
+
+def test_cuda_rng_state_is_this_devices_and_restores_on_a_machine_with_fewer_devices(monkeypatch, capsys):
+    """Checkpoints held every visible GPU's RNG state (8 on an 8-GPU node) and restored them all, which raised
+    IndexError on a machine that sees fewer GPUs. A rank now saves and restores its own device's state; the
+    older list format gives this rank's device's entry, or starts fresh when there is none."""
+    from worldvla.train.checkpointing import capture_rng, restore_rng
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([10 + device]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append((state, device)))
+
+    state = capture_rng()
+    assert torch.equal(state["cuda"], torch.tensor([11]))
+    restore_rng(state)
+    assert len(calls) == 1 and torch.equal(calls[0][0], torch.tensor([11])) and calls[0][1] == 1
+    old = dict(state, cuda=[torch.tensor([20 + d]) for d in range(8)])  # saved on an 8-GPU node
+    restore_rng(old)
+    assert torch.equal(calls[1][0], torch.tensor([21])) and calls[1][1] == 1
+    restore_rng(dict(state, cuda=[torch.tensor([30])]))  # saved with one device: none for device 1
+    assert len(calls) == 2 and "none for this rank's device 1" in capsys.readouterr().out

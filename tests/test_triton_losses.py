@@ -262,3 +262,21 @@ def test_unchecked_targets_out_of_int32_range_make_the_loss_nan():
         loss = K.linear_cross_entropy(h, w, y, check_targets=False)[0]
         assert torch.isnan(loss), bad
     assert torch.isfinite(K.linear_cross_entropy(h, w, torch.tensor([1, 5, 3, -100]).to(DEV), check_targets=False)[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_labels_that_all_weigh_zero_give_the_z_loss_alone(backend):
+    """Rows whose classes all weigh 0 made the weighted mean 0 / 0 = NaN (loss and gradients); the CE term is
+    0 and the z-loss still counts, on every backend."""
+    torch.manual_seed(5)
+    h = torch.randn(13, 16, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(37, 16, dtype=torch.float32, requires_grad=True)
+    y = torch.randint(10, 37, (13,))
+    y[3] = -100
+    cw = torch.ones(37)
+    cw[10:] = 0.0
+    loss, z = linear_cross_entropy(h, w, y, cw, z_weight=0.1, backend=backend)
+    lse = torch.logsumexp(h.detach()[y != -100].double() @ w.detach().double().t(), dim=-1)
+    torch.testing.assert_close(loss.double(), 0.1 * (lse * lse).mean(), rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all() and h.grad.abs().sum() > 0

@@ -3,7 +3,9 @@
     loss = sum_i w[y_i] CE_i / sum_i w[y_i]  +  z_weight * mean_i logsumexp_i^2
 
 over positions with a label (!= ignore_index). Hidden states and labels come
-already shifted: hidden[i] predicts targets[i].
+already shifted: hidden[i] predicts targets[i]. When the labelled positions all weigh
+zero (e.g. only image codes under an image weight of 0) the CE term is 0, not 0 / 0:
+a micro-batch of such samples adds its z-loss alone to a training step.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ def logits_cross_entropy(logits, targets, class_weight=None, z_weight=1e-5):
     ce = lse - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     if class_weight is not None:
         w = class_weight.to(ce.dtype)[targets]
-        ce_mean = (w * ce).sum() / w.sum()
+        w_sum = w.sum()  # rows that all weigh zero give a CE term of 0 (not 0 / 0), and still their z-loss
+        ce_mean = (w * ce).sum() / torch.where(w_sum > 0, w_sum, torch.ones_like(w_sum))
     else:
         ce_mean = ce.mean()
     z = (lse * lse).mean()

@@ -347,14 +347,19 @@ def train(args) -> dict:
             z_sum = torch.zeros((), dtype=torch.float64, device=device)
             for m, (ids, labels, cu) in enumerate(micro):
                 w_m, n_m = _label_stats(labels, class_weight)
-                share_w, share_n = (w_m / W, n_m / N) if W > 0 else (0.0, 0.0)
-                z_eff = args.z_weight * share_n / share_w if share_w > 0 else 0.0
+                share_w, share_n = w_m / W if W > 0 else 0.0, n_m / N if N > 0 else 0.0
+                # The micro-batch's loss is its weighted-CE mean plus z_eff times its z mean; scaled by share_w
+                # it adds its part of the global batch's CE and z_weight * share_n times its z mean. With no
+                # label weight (only classes weighing 0, e.g. image codes under --alpha 0) its CE term is 0, and
+                # its z-loss alone is scaled by share_n.
+                z_eff = args.z_weight * share_n / share_w if share_w > 0 else args.z_weight
+                scale = share_w if share_w > 0 else share_n
                 if fsdp:
                     model.set_requires_gradient_sync(m == len(micro) - 1)
                 loss, z = micro_batch_loss(model, layout, ids, labels, cu, device, autocast, class_weight=cw_device,
                                            z_weight=z_eff, backend=args.loss_backend)
-                (loss * (share_w * world)).backward()
-                loss_sum += loss.detach().double() * share_w
+                (loss * (scale * world)).backward()
+                loss_sum += loss.detach().double() * scale
                 z_sum += z.detach().double() * share_n
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0
                                                        else float("inf"))
