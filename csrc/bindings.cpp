@@ -416,6 +416,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = true;
   // CMake's architecture list, comma-separated: "90a-real", "80;86" -> "80,86", ...
   m.attr("cuda_archs") = WORLDVLA_CUDA_ARCHS;
+  m.attr("cuda_runtime_version") = cuda_runtime_version();
+  m.def("cuda_driver_version", &cuda_driver_version,
+        "The newest CUDA version the installed driver supports (13000 for 13.0); 0 if it cannot tell.");
 #else
   m.attr("with_cuda") = false;
   m.attr("cuda_archs") = "";

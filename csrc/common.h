@@ -242,6 +242,10 @@ void range_logits_cuda(const void* hidden, int64_t h_s, const void* weight, int6
 // (torch and this module each link their own CUDA runtime; the driver context is shared,
 // so a device left current here would be torch's current device too).
 int set_device_cuda(int device);
+// The newest CUDA version the installed driver supports (cudaDriverGetVersion: 13000 for 13.0), 0 if it cannot
+// tell, and the CUDA runtime version this module was built with and links statically (CUDART_VERSION).
+int cuda_driver_version();
+int cuda_runtime_version();
 void restore_device_cuda(int device) noexcept;
 // The prefill attention's matrix engine on the GPU: "auto" (mma.sync everywhere until the wgmma
 // engines have passed the GPU tests on hardware), "mma", "wgmma" or "wgmma128" (sm_90 with an

@@ -662,6 +662,27 @@ def test_cuda_arch_coverage(arch, cap, runs):
     assert nb.arch_runs_on(arch, *cap) is runs
 
 
+def test_native_names_a_driver_too_old_for_its_cuda_runtime(monkeypatch):
+    """The module links the CUDA runtime it was built with: on a driver of an older CUDA major version torch
+    still works (its own runtime) while every launch of the native kernels fails. That is said up front, and
+    "auto" moves on to the other backends (the native one reports the inputs as unsupported)."""
+    monkeypatch.setattr(nb._C, "cuda_archs", "90a-real", raising=False)
+    monkeypatch.setattr(nb._C, "cuda_runtime_version", 13000, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
+    nb.arch_problem.cache_clear()
+    try:
+        for driver, ok in ((12040, False), (13000, True), (13020, True), (0, True)):
+            monkeypatch.setattr(nb._C, "cuda_driver_version", lambda d=driver: d, raising=False)
+            nb.arch_problem.cache_clear()
+            msg = nb.arch_problem(0)
+            if ok:
+                assert msg is None, (driver, msg)
+            else:
+                assert "built with CUDA 13.0" in msg and "driver supports CUDA 12.4" in msg and "triton" in msg
+    finally:
+        nb.arch_problem.cache_clear()
+
+
 def test_native_names_a_gpu_it_was_not_built_for(monkeypatch):
     monkeypatch.setattr(nb._C, "cuda_archs", "90a-real", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (8, 7))

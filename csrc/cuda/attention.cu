@@ -676,6 +676,13 @@ int set_device_cuda(int device) {
   return cur;
 }
 
+int cuda_driver_version() {
+  int v = 0;
+  return cudaDriverGetVersion(&v) == cudaSuccess ? v : 0;
+}
+
+int cuda_runtime_version() { return CUDART_VERSION; }
+
 void restore_device_cuda(int device) noexcept {
   int cur = -1;
   if (device >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != device) cudaSetDevice(device);

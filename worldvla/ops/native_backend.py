@@ -71,9 +71,32 @@ def arch_runs_on(arch: str, major: int, minor: int) -> bool | None:
     return {"real": real, "virtual": virtual}.get(kind, real or virtual)
 
 
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def driver_problem() -> str | None:
+    """Why the driver cannot run this build's CUDA runtime, or None. The module links the CUDA runtime of the
+    toolkit it was built with, which needs a driver of that CUDA major version or newer (within a major
+    version, CUDA's minor-version compatibility covers an older driver); torch brings its own runtime, so
+    torch can work on this GPU while every launch of these kernels would fail."""
+    built, driver = getattr(_C, "cuda_runtime_version", 0), 0
+    if built and hasattr(_C, "cuda_driver_version"):
+        driver = _C.cuda_driver_version()
+    if not built or not driver or driver // 1000 >= built // 1000:
+        return None
+    return (f"worldvla._C was built with CUDA {_cuda_version(built)}, whose runtime needs a driver for CUDA "
+            f"{built // 1000}.0 or newer, but this machine's driver supports CUDA {_cuda_version(driver)}: update the "
+            f"driver, or rebuild with a CUDA {driver // 1000} toolkit (torch here is built with CUDA "
+            f"{torch.version.cuda}), or use backend='triton'/'torch'")
+
+
 @functools.lru_cache(maxsize=None)
 def arch_problem(dev: int) -> str | None:
     """Why this build's CUDA kernels cannot run on GPU `dev`, or None if they can (or cannot tell)."""
+    problem = driver_problem()
+    if problem:
+        return problem
     major, minor = torch.cuda.get_device_capability(dev)
     archs = [a for a in _C.cuda_archs.split(",") if a]
     answers = [arch_runs_on(a, major, minor) for a in archs]
