@@ -576,6 +576,52 @@ def test_fsdp_two_processes_match_single_process_and_resume(store_dir, tmp_path)
         assert torch.equal(v, wd[k])
 
 
+def _fsdp_init_worker(rank, world, init_file, store, init, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        reads, real = [], WorldVLA.from_pretrained
+
+        def counted(*a, **k):
+            reads.append(a)
+            return real(*a, **k)
+
+        WorldVLA.from_pretrained = counted
+        trainer.train(args_for(store, out, *FSDP_COMMON, "--init", init, "--no-export"))
+        assert len(reads) == (1 if rank == 0 else 0), reads  # only rank 0 reads the --init folder
+        # A folder rank 0 refuses stops every rank with its reason (the others would wait for its config).
+        want = ValueError if rank == 0 else RuntimeError
+        with pytest.raises(want, match="vocabulary entries"):
+            trainer.train(args_for(store, out + "-bad", *FSDP_COMMON, "--init", init + "-other-vocab", "--no-export"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_init_is_read_by_rank_0_alone_and_matches_a_single_process(store_dir, tmp_path):
+    """Every rank read the whole --init model into host memory (eight 28 GB copies for a 7B model on an 8-GPU
+    node). Rank 0 alone reads it now; the others take its config and get their shards by broadcast, and the
+    run matches a single process's (here a release-layout checkpoint: its config travels too)."""
+    from worldvla.model import ModelConfig
+    from worldvla.tokens import VocabLayout
+
+    layout = VocabLayout.from_dict(TokenStore(store_dir).manifest["layout"])
+    init = WorldVLA(ModelConfig.tiny(layout, model_parallel_size=1)).init_weights(
+        generator=torch.Generator().manual_seed(1))
+    init.save_pretrained(tmp_path / "init")
+    WorldVLA(ModelConfig.tiny(vocab_size=layout.vocab_size + 8)).save_pretrained(tmp_path / "init-other-vocab")
+    single = trainer.train(args_for(store_dir, tmp_path / "single", *FSDP_COMMON, "--init", tmp_path / "init",
+                                    "--no-export"))
+    _spawn(_fsdp_init_worker, 2, (str(tmp_path / "pg_init"), str(store_dir), str(tmp_path / "init"),
+                                  str(tmp_path / "fsdp")))
+    np.testing.assert_allclose([r["loss"] for r in read_log(tmp_path / "fsdp")], single["losses"], rtol=2e-5)
+    ws, wd = final_weights(tmp_path / "single"), final_weights(tmp_path / "fsdp")
+    assert ws.keys() == wd.keys() and wd["model.layers.0.self_attn.q_norm.weight"].shape == (1, 16)
+    for k in ws:
+        torch.testing.assert_close(wd[k], ws[k], rtol=1e-4, atol=1e-4)
+
+
 def test_fine_tuning_a_release_layout_checkpoint(store_dir, tmp_path, monkeypatch):
     """--init from a checkpoint in the release's head-norm layout ([1, head_dim] rows every head shares) trains
     that one row (the release's parameterization) and exports the same layout; --release-loss-weights reaches

@@ -45,6 +45,12 @@ def full_model_state(model) -> dict:
     return {k: v.detach().cpu() for k, v in sd.items()} if dist_utils.is_main() else {}
 
 
+def load_full_model_state(model, state: dict) -> None:
+    """A full state dict, held by rank 0 alone under FSDP (the other ranks pass {}), into every rank's model
+    (its shards: broadcast from rank 0). Collective under FSDP."""
+    set_model_state_dict(model, state, options=_options(True))
+
+
 def capture_rng() -> dict:
     """RNG states as tensors and plain numbers (loadable with torch.load(weights_only=True))."""
     pv, pstate, pgauss = random.getstate()

@@ -185,22 +185,7 @@ def _build_model(args, layout, device, fsdp: bool, mixed_precision: torch.dtype 
     torch.manual_seed(args.seed)
     attention = getattr(args, "attention", "chunk")
     if args.init:
-        model = WorldVLA.from_pretrained(args.init, device="cpu", dtype=torch.float32)
-        if model.config.vocab_size != layout.vocab_size:
-            raise ValueError(f"--init model has {model.config.vocab_size} vocabulary entries, the store's layout "
-                             f"{layout.vocab_size}")
-        model.config.layout = layout.to_dict()
-        model.layout = layout
-        model.config.attention = attention
-        if args.max_positions and args.max_positions != model.config.max_position_embeddings:
-            raise ValueError(f"--max-positions {args.max_positions} sizes a model built from --config; the --init "
-                             f"model keeps its checkpoint's {model.config.max_position_embeddings} (drop the option)")
-        if args.dropout:
-            for m in model.modules():
-                if isinstance(m, torch.nn.Dropout):
-                    m.p = args.dropout
-        if fsdp:
-            dist_utils.shard_model(model, mixed_precision=mixed_precision)
+        model = _init_model(args, layout, device, fsdp, mixed_precision, attention)
     else:
         cfg = build_model_config(args.config, layout, args.dropout, args.max_positions, attention)
         gen = torch.Generator().manual_seed(args.seed)
@@ -217,6 +202,60 @@ def _build_model(args, layout, device, fsdp: bool, mixed_precision: torch.dtype 
     if not fsdp:  # fully_shard moves each rank's shards to the device itself
         model.to(device)
     return model.train()
+
+
+def _init_model(args, layout, device, fsdp: bool, mixed_precision, attention: str):
+    """The --init model. Under FSDP only rank 0 reads the folder (a 7B model is 28 GB in fp32; every rank of an
+    8-GPU node reading it held eight copies in host memory); the other ranks build the model on the meta device
+    from rank 0's config, and every rank's shards are filled by a broadcast from rank 0's weights."""
+    from ..model import WorldVLA
+    from .checkpointing import load_full_model_state
+
+    loaded, failure = None, None
+    if not fsdp or dist_utils.is_main():
+        try:
+            loaded = WorldVLA.from_pretrained(args.init, device="cpu", dtype=torch.float32)
+            if loaded.config.vocab_size != layout.vocab_size:
+                raise ValueError(f"--init model has {loaded.config.vocab_size} vocabulary entries, the store's "
+                                 f"layout {layout.vocab_size}")
+            if args.max_positions and args.max_positions != loaded.config.max_position_embeddings:
+                raise ValueError(f"--max-positions {args.max_positions} sizes a model built from --config; the "
+                                 f"--init model keeps its checkpoint's {loaded.config.max_position_embeddings} "
+                                 f"(drop the option)")
+        except Exception as err:
+            if not fsdp:
+                raise
+            failure = err
+    if fsdp:  # the other ranks learn rank 0's config, or that it failed (they would wait for it otherwise)
+        mine = None if loaded is None and failure is None else (
+            f"{type(failure).__name__}: {failure}" if failure is not None else loaded.config)
+        shared = dist_utils.broadcast_object(mine)
+        if failure is not None:
+            raise failure
+        if isinstance(shared, str):
+            raise RuntimeError(f"rank 0 could not load --init {args.init}: {shared}")
+        cfg = shared
+    else:
+        cfg = loaded.config
+    cfg.layout = layout.to_dict()
+    cfg.attention = attention
+    if fsdp:
+        with torch.device("meta"):
+            model = WorldVLA(cfg)
+    else:
+        model = loaded
+        model.layout = layout
+    if args.dropout:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = args.dropout
+    if fsdp:
+        dist_utils.shard_model(model, mixed_precision=mixed_precision)
+        model.to_empty(device=device)
+        full = loaded.state_dict() if loaded is not None else {}
+        del loaded
+        load_full_model_state(model, full)
+    return model
 
 
 # ---------------------------------------------------------------------- the loop
