@@ -529,6 +529,8 @@ def _fsdp_worker(rank, world, init_file, store, out):
         trainer.train(args_for(store, out, *FSDP_COMMON, "--resume", "--no-export"))
         # Batches of one or two samples: a rank's micro-batch is often empty, and still joins the reduction.
         trainer.train(args_for(store, out + "-small", *FSDP_SMALL, "--no-export"))
+        # Gradients reduce-scattered after every micro-step (shards kept) instead of the last one only.
+        trainer.train(args_for(store, out + "-every", *FSDP_COMMON, "--reduce-every-micro-step", "--no-export"))
     finally:
         dist.destroy_process_group()
 
@@ -564,6 +566,10 @@ def test_fsdp_two_processes_match_single_process_and_resume(store_dir, tmp_path)
     rng = [torch.load(latest_checkpoint(tmp_path / "fsdp") / f"rng_rank{r}.pt", weights_only=True)["torch"]
            for r in (0, 1)]
     assert not torch.equal(rng[0], rng[1])
+    np.testing.assert_allclose([r["loss"] for r in read_log(tmp_path / "fsdp-every")], single["losses"], rtol=2e-5)
+    we = final_weights(tmp_path / "fsdp-every")
+    for k in ws:
+        torch.testing.assert_close(we[k], ws[k], rtol=1e-4, atol=1e-4)
     small = trainer.train(args_for(store_dir, tmp_path / "single-small", *FSDP_SMALL, "--no-export"))
     np.testing.assert_allclose([r["loss"] for r in read_log(tmp_path / "fsdp-small")], small["losses"], rtol=2e-5)
     # A checkpoint written by two ranks loads into a single-process model and optimizer.

@@ -179,7 +179,8 @@ def _build_model(args, layout, device, fsdp: bool, mixed_precision: torch.dtype 
     """The same model on every rank: seeded init or --init weights; sharded (FSDP2) when `fsdp`.
 
     A sharded model without --init is built on the meta device, sharded, and only then
-    allocated and initialized shard by shard, so no rank ever holds the full fp32 model."""
+    allocated and initialized shard by shard, so no rank ever holds the full fp32 model; with
+    --init rank 0 alone holds it, to broadcast the shards (`_init_model`)."""
     from ..model import WorldVLA
 
     torch.manual_seed(args.seed)
@@ -394,7 +395,7 @@ def train(args) -> dict:
                 z_eff = args.z_weight * share_n / share_w if share_w > 0 else args.z_weight
                 scale = share_w if share_w > 0 else share_n
                 if fsdp:
-                    model.set_requires_gradient_sync(m == len(micro) - 1)
+                    model.set_requires_gradient_sync(args.reduce_every_micro_step or m == len(micro) - 1)
                 loss, z = micro_batch_loss(model, layout, ids, labels, cu, device, autocast, class_weight=cw_device,
                                            z_weight=z_eff, backend=args.loss_backend)
                 (loss * (scale * world)).backward()
@@ -534,6 +535,11 @@ def add_arguments(p) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto = bf16 autocast on GPU, fp32 on CPU (default: %(default)s)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder layers in backward")
+    p.add_argument("--reduce-every-micro-step", action="store_true",
+                   help="under FSDP, reduce-scatter the gradients after every micro-step, not only the last: each "
+                        "rank then holds only its gradient shards between micro-steps instead of the whole model's "
+                        "unsharded fp32 gradients (4 bytes per parameter, 28 GB for 7B), at one gradient "
+                        "reduction per micro-step")
     p.add_argument("--attn-backend", default="auto", choices=("auto", "torch", "triton", "native"),
                    help="attention kernels (default: %(default)s: the order `worldvla info` shows)")
     p.add_argument("--loss-backend", default="auto", choices=("auto", "torch", "triton"),
