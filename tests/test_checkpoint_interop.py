@@ -70,3 +70,14 @@ def test_the_map_names_the_ids_as_chameleons_tokenizer_does(tmp_path):
                                                                             compact.eoi)
     assert "<image>" not in vm and len(set(vm.values())) == len(vm)
     assert config_to_hf(ModelConfig(vocab_size=300, hidden_size=64))["vocabulary_map"] == {}  # no layout
+
+
+def test_config_names_the_layouts_own_end_of_turn_id(tmp_path):
+    """config.json's eos_token_id is the separator that ends a turn: 8710 on Chameleon's vocabulary, the compact
+    layout's own separator otherwise (it said 2, an id the compact layout does not use)."""
+    model = WorldVLA(ModelConfig.tiny())
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    layout = model.config.vocab_layout()
+    assert layout.vocab_size != 65536 and cfg["eos_token_id"] == layout.sep != 2
+    assert cfg["bos_token_id"] == layout.bos

@@ -107,12 +107,15 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     """config.json of a model: the loaded checkpoint's other keys (`hf_extra`: the release's
     vocabulary_map, vq_config, architectures, ... which its code needs to load the folder) or defaults
     for them, then the model's own shape, RoPE, head-norm layout and chunk rule."""
+    layout = cfg.vocab_layout()
+    # The end of a turn is the separator (Chameleon's 8710); a compact vocabulary has its own separator id.
+    eos = 8710 if cfg.vocab_size == 65536 else layout.sep if layout is not None else 2
     d = dict(model_type="chameleon", architectures=["ChameleonXLLMXForConditionalGeneration"], hidden_act="silu",
              attention_bias=False, tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=0, pad_token_id=1,
-             eos_token_id=8710 if cfg.vocab_size == 65536 else 2)
+             eos_token_id=eos)
     d.update(cfg.hf_extra or {})
     if d.get("vocabulary_map") is None:  # a model built here: no tokenizer's vocabulary to write back
-        d["vocabulary_map"] = vocabulary_map(cfg.vocab_layout())
+        d["vocabulary_map"] = vocabulary_map(layout)
     d.update({k: getattr(cfg, k) for k in _CONFIG_KEYS})
     d.update(rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     if cfg.model_parallel_size is not None:  # the release's head-norm layout (its config key)
