@@ -840,8 +840,7 @@ def _check_decoder_layer(layer, x, cos, sin, ctx, index, dtype=torch.float32):
         w, names = _layer_weights(layer), _DECODER_WEIGHTS
     except (KeyError, AttributeError) as err:
         _fail(op, f"layer {index} is not laid out as worldvla's DecoderLayer (no {err}); it keeps its modules")
-    H, Hkv, Dh, D, I = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size,
-                        cfg.intermediate_size)
+    Hkv, Dh, D = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     if x.dim() != 3 or x.shape[-1] != D:
         _fail(op, f"wants hidden states [B, Q, {D}], got {tuple(x.shape)}")
     B, Q = x.shape[:2]
