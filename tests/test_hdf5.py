@@ -259,3 +259,23 @@ def test_a_damaged_dataset_is_named_with_what_to_do(tmp_path):
     with pytest.raises(ValueError, match=f"{path}:data/demo_1/obs/agentview_rgb: cannot read this dataset, the file "
                                          f"is damaged .*collect or copy the file again"):
         read_demos(path)
+
+
+def test_files_read_as_libero_are_named_with_the_option_that_keeps_them(tmp_path, np_rng):
+    """The files `iter_demos` rotates on its own are the ones `rotation_note` names, with the option to pass."""
+    from worldvla.data.hdf5 import looks_like_libero, rotation_note
+
+    write_libero_like(tmp_path / "raw.hdf5", np_rng)
+    with h5py.File(tmp_path / "regen.hdf5", "w") as f:  # regenerated: LIBERO's camera keys, no attributes
+        f.create_dataset("data/demo_0/obs/eye_in_hand_rgb", data=np.zeros((2, 8, 8, 3), np.uint8))
+        f.create_dataset("data/demo_0/actions", data=np.zeros((2, 7), np.float32))
+    write_demos(tmp_path / "ours.hdf5", [random_demo(np_rng, 2, 8, 8, 4, instruction="reach")], "reach")
+    with h5py.File(tmp_path / "robomimic.hdf5", "w") as f:
+        f.create_dataset("data/demo_0/obs/agentview_image", data=np.zeros((2, 8, 8, 3), np.uint8))
+        f.create_dataset("data/demo_0/actions", data=np.zeros((2, 7), np.float32))
+    files = [tmp_path / n for n in ("raw.hdf5", "regen.hdf5", "ours.hdf5", "robomimic.hdf5")]
+    assert [looks_like_libero(f) for f in files] == [True, True, False, False]
+    note = rotation_note(files)
+    assert "2 demo file(s) (raw.hdf5, regen.hdf5)" in note and "--rotate-180 no" in note and "\n" not in note
+    assert rotation_note(files, rotate_180=True) is None and rotation_note(files[2:]) is None
+    assert "--rotate-180 no" in rotation_note(files[:1], option="--rotate-180 no")

@@ -513,3 +513,77 @@ def test_out_of_range_ids_name_the_shard_file_the_value_and_the_position(demo_di
         st.build_store(folder, out, tiny_vqgan(), chunk_size=K, progress=False)
         again = st.TokenStore(out, verify=True)
         assert all(torch.equal(again[i][0], w[0]) and torch.equal(again[i][1], w[1]) for i, w in enumerate(want))
+
+
+def _own_robot_file(path, actions, frames=None):
+    """A user's file in LIBERO's layout written with h5py: obs/agentview_rgb, no `upright` attribute."""
+    import h5py
+
+    frames = np.zeros((len(actions), 32, 32, 3), np.uint8) if frames is None else frames
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        d = f.create_group("data")
+        d.attrs["instruction"] = "pick up the cube"
+        g = d.create_group("demo_0")
+        g.create_dataset("obs/agentview_rgb", data=frames)
+        g.create_dataset("actions", data=actions.astype(np.float32))
+    return path
+
+
+def test_auto_bounds_are_libero_only_for_libero_files_and_say_when_they_clip(tmp_path, capsys):
+    """`--action-bounds auto` gave every 7-D action set the LIBERO bounds without looking at it: robomimic-style
+    actions in [-1, 1] had half their rotation values clipped at +-0.375, silently."""
+    rng = np.random.default_rng(0)
+    unit7 = np.clip(rng.normal(0, 0.5, (200, 7)), -1, 1)
+    frames = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    write_demos(tmp_path / "robomimic" / "a.hdf5", [{"frames": frames, "actions": unit7}], "lift")
+    files = st.find_demo_files(tmp_path / "robomimic")
+    assert st.action_bounds("auto", files, 7) == ([-1.0] * 7, [1.0] * 7)  # not LIBERO's file: unit
+    wide = unit7 * 3
+    write_demos(tmp_path / "wide" / "a.hdf5", [{"frames": frames, "actions": wide}], "lift")
+    low, high = st.action_bounds("auto", st.find_demo_files(tmp_path / "wide"), 7)
+    np.testing.assert_allclose(low, wide.min(0))
+    np.testing.assert_allclose(high, wide.max(0))
+    assert capsys.readouterr().out == ""
+
+    # LIBERO's layout: its fixed bounds (the release's), silent while they fit the data ...
+    libero_min, libero_max = np.array(st.LIBERO_MIN), np.array(st.LIBERO_MAX)
+    inside = rng.uniform(libero_min, libero_max, (200, 7))
+    inside[:, :6][rng.random((200, 6)) < 0.005] = 0.99  # a few outliers (< 1% of a dimension): no line
+    files = [_own_robot_file(tmp_path / "libero" / "a.hdf5", inside)]
+    assert st.action_bounds("auto", files, 7) == (list(st.LIBERO_MIN), list(st.LIBERO_MAX))
+    assert capsys.readouterr().out == ""
+    # ... and one line when they clip more than 1% of a dimension's values, with the share per dimension.
+    files = [_own_robot_file(tmp_path / "mine" / "a.hdf5", unit7)]
+    assert st.action_bounds("auto", files, 7) == (list(st.LIBERO_MIN), list(st.LIBERO_MAX))
+    out = capsys.readouterr().out
+    share = ((unit7 < libero_min) | (unit7 > libero_max)).mean(0)
+    assert len(out.strip().splitlines()) == 1 and "--action-bounds data" in out and "--action-bounds libero" in out
+    assert " ".join(f"{x:.1%}" for x in share) in out and share[3:6].min() > 0.3
+    assert st.action_bounds("libero", files, 7) == (list(st.LIBERO_MIN), list(st.LIBERO_MAX))
+    assert capsys.readouterr().out == ""  # chosen by name: kept silently
+    p = argparse.ArgumentParser()
+    st.add_arguments(p)
+    assert "LIBERO's files" in p.format_help() and "1%" in p.format_help()
+
+
+def test_libero_like_frames_are_rotated_with_a_line_naming_the_option(tmp_path, capsys):
+    """A user's own file in LIBERO's layout (obs/agentview_rgb, no `upright`) had its frames rotated by 180
+    degrees, silently (the policy at deployment does not rotate)."""
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    _own_robot_file(tmp_path / "d" / "mine.hdf5", rng.uniform(-1, 1, (6, 4)), frames)
+    vq = tiny_vqgan()
+    st.build_store(tmp_path / "d", tmp_path / "s0", vq, chunk_size=2, progress=False)
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1
+    assert "mine.hdf5" in out and "rotated by 180 degrees" in out and "--rotate-180 no" in out
+    st.build_store(tmp_path / "d", tmp_path / "s1", vq, chunk_size=2, rotate_180=False, progress=False)
+    assert capsys.readouterr().out == ""
+    write_demos(tmp_path / "e" / "ours.hdf5", [{"frames": frames, "actions": rng.uniform(-1, 1, (6, 4))}], "x")
+    st.build_store(tmp_path / "e", tmp_path / "s2", vq, chunk_size=2, progress=False)
+    assert capsys.readouterr().out == ""  # marked upright: read as it is
+    p = argparse.ArgumentParser()
+    st.add_arguments(p)
+    text = " ".join(p.format_help().split())
+    assert "rotated by 180 degrees" in text and "--rotate-180 no" in text

@@ -349,6 +349,16 @@ def test_bad_arguments_fail_clearly(store_dir, tmp_path):
         trainer.train(args_for(store_dir, tmp_path / "z", "--steps", 1, "--batch-tokens", 20))
 
 
+def test_min_lr_above_lr_is_refused_naming_both(store_dir, tmp_path):
+    """`--lr 0.001 --min-lr 1` trained with a "decay" that raised the learning rate to 1."""
+    with pytest.raises(ValueError, match=r"--min-lr 1\.0 is above --lr 0\.001.*at most --lr"):
+        trainer.train(args_for(store_dir, tmp_path / "x", "--steps", 2, "--lr", 1e-3, "--min-lr", 1))
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+    s = trainer.train(args_for(store_dir, tmp_path / "y", "--steps", 2, "--lr", 1e-3, "--min-lr", 1e-3,
+                               "--no-export"))
+    assert s["step"] == 2  # a floor equal to --lr: a constant rate
+
+
 def test_a_gpu_that_is_not_there_is_refused_by_name(store_dir, tmp_path, monkeypatch):
     """--device cuda where torch sees no GPU: a one-line error naming it (it had been a ZeroDivisionError
     from the local-rank arithmetic); both trainers start through distributed.init."""

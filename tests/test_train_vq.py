@@ -288,3 +288,65 @@ def test_init_refuses_architecture_options(data, tmp_path, option):
     exported 32 codes)."""
     with pytest.raises(ValueError, match="--init starts from that VQGAN's own architecture"):
         vqt.train_vq(args_for(data, tmp_path / "run", "--steps", 1, *option))
+
+
+def _vq_args(data, out, *extra):
+    """`args_for` without --min-lr (its default is what these tests look at)."""
+    return vqt.build_parser().parse_args(
+        [str(data / "d.hdf5"), "--out", str(out), "--init", str(data / "init"), "--batch-size", "4", "--warmup", "1",
+         "--save-every", "0", "--no-progress", "--restart-every", "0", "--device", "cpu", *map(str, extra)])
+
+
+def test_min_lr_defaults_to_a_tenth_of_lr_and_above_lr_is_refused(data, tmp_path):
+    """--min-lr defaulted to a fixed 2e-5, so `--lr 1e-5` "decayed" up to 1.9e-5; a --min-lr above --lr was
+    accepted too. The default is now --lr / 10, as in `worldvla train`, and a floor above --lr is refused."""
+    vqt.train_vq(_vq_args(data, tmp_path / "a", "--lr", 1e-5, "--steps", 4))
+    lrs = [json.loads(ln)["lr"] for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    # The last logged step's rate: the cosine two thirds of the way from 1e-5 down to its floor, 1e-6.
+    assert max(lrs) == pytest.approx(1e-5) and lrs[-1] == pytest.approx(1e-6 + 0.5 * 9e-6 * (1 + np.cos(np.pi * 2 / 3)))
+    assert all(b <= a for a, b in zip(lrs, lrs[1:]))
+    with pytest.raises(ValueError, match=r"--min-lr 0\.01 is above --lr 0\.001.*at most --lr"):
+        vqt.train_vq(_vq_args(data, tmp_path / "b", "--lr", 1e-3, "--min-lr", 1e-2, "--steps", 2))
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_run_started_under_the_old_fixed_min_lr_default_still_resumes(data, tmp_path):
+    """A checkpoint records --min-lr; one written when its default was a fixed 2e-5 resumes without --min-lr
+    on its own schedule (the new default, --lr / 10, would otherwise be refused as another setting), even
+    where that floor lies above its --lr."""
+    out = tmp_path / "r"
+    vqt.train_vq(_vq_args(data, out, "--lr", 1e-5, "--min-lr", 1e-6, "--steps", 3, "--stop-after", 1))
+    state_file = latest_checkpoint(out) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["args"]["min_lr"] = 2e-5  # as the old default recorded it
+    state_file.write_text(json.dumps(state))
+    s = vqt.train_vq(_vq_args(data, out, "--lr", 1e-5, "--steps", 3, "--resume"))
+    assert s["step"] == 3
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["lr"] == pytest.approx(1.5e-5)  # halfway down the cosine from 1e-5 to the recorded 2e-5
+    new = tmp_path / "n"  # a run started now records its floor: resumes without --min-lr too
+    vqt.train_vq(_vq_args(data, new, "--lr", 1e-3, "--steps", 2, "--stop-after", 1))
+    assert json.loads((latest_checkpoint(new) / "state.json").read_text())["args"]["min_lr"] == pytest.approx(1e-4)
+    assert vqt.train_vq(_vq_args(data, new, "--lr", 1e-3, "--steps", 2, "--resume"))["step"] == 2
+
+
+def test_libero_like_frames_are_rotated_with_a_line_and_rotate_180_no_keeps_them(tmp_path, capsys):
+    """train-vq read a user's file in LIBERO's layout (obs/agentview_rgb, no `upright`) rotated by 180
+    degrees, silently and with no option to read it as stored (pretokenize has --rotate-180)."""
+    import h5py
+
+    frames = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    with h5py.File(tmp_path / "mine.hdf5", "w") as f:
+        f.create_dataset("data/demo_0/obs/agentview_rgb", data=frames)
+        f.create_dataset("data/demo_0/actions", data=np.zeros((4, 4), np.float32))
+    turned = vqt.load_frames(tmp_path / "mine.hdf5", announce=True)
+    out = capsys.readouterr().out
+    np.testing.assert_array_equal(turned, frames[:, ::-1, ::-1])
+    assert len(out.strip().splitlines()) == 1 and "mine.hdf5" in out and "--rotate-180 no" in out
+    np.testing.assert_array_equal(vqt.load_frames(tmp_path / "mine.hdf5", rotate_180=False, announce=True), frames)
+    assert capsys.readouterr().out == ""
+    args = vqt.build_parser().parse_args([str(tmp_path / "mine.hdf5"), "--out", str(tmp_path / "o"),
+                                          "--rotate-180", "no"])
+    assert args.rotate_180 == "no" and "rotate_180" in vqt.RESUME_SETTINGS
+    text = " ".join(vqt.build_parser().format_help().split())
+    assert "rotated by 180 degrees" in text and "--rotate-180 no" in text

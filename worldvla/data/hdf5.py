@@ -250,13 +250,10 @@ def _read_one(data, name: str, camera: str | None, default_instruction: str, rot
     return Demo(frames=frames, actions=actions, instruction=instruction, success=_demo_success(g), name=name)
 
 
-def _should_rotate(data, rotate_180: bool | None) -> bool:
-    if rotate_180 is not None:
-        return bool(rotate_180)
-    # LIBERO renders its cameras upside down and stores them that way, in its raw files (with
-    # `problem_info`) and in the regenerated ones the release trains on (LIBERO's camera keys
-    # `<camera>_rgb`, no attributes); the WorldVLA release rotates every frame by 180 degrees before
-    # use. Files this module writes are marked upright; robomimic's `<camera>_image` files are read as they are.
+def _libero_like(data) -> bool:
+    """Whether the `data` group looks like one of LIBERO's files: its raw ones (with `problem_info`) or the
+    regenerated ones the release trains on (LIBERO's camera keys `<camera>_rgb`, no attributes). Files this
+    module writes are marked upright; robomimic's files name their cameras `<camera>_image`."""
     if bool(data.attrs.get("upright", False)):
         return False
     if "problem_info" in data.attrs:
@@ -266,7 +263,40 @@ def _should_rotate(data, rotate_180: bool | None) -> bool:
     return obs is not None and any(k in obs for k in _LIBERO_CAMERAS)
 
 
+def _should_rotate(data, rotate_180: bool | None) -> bool:
+    if rotate_180 is not None:
+        return bool(rotate_180)
+    # LIBERO renders its cameras upside down and stores them that way; the WorldVLA release rotates every
+    # frame by 180 degrees before use. Other files are read as they are.
+    return _libero_like(data)
+
+
 _LIBERO_CAMERAS = ("agentview_rgb", "eye_in_hand_rgb")
+
+
+def looks_like_libero(path) -> bool:
+    """Whether the demo file at `path` is read as one of LIBERO's: `iter_demos` then rotates its frames by
+    180 degrees unless told not to (rotate_180=False), and pretokenize's `--action-bounds auto` gives its
+    7-D actions the release's fixed LIBERO bounds."""
+    path = Path(path)
+    with open_demo_file(path) as f:
+        return _libero_like(_open_data(f, path))
+
+
+def rotation_note(files, rotate_180: bool | None = None, option: str = "--rotate-180 no") -> str | None:
+    """One line naming the `files` whose frames `iter_demos` turns by 180 degrees on its own (rotate_180=None,
+    the files look like LIBERO's), and `option`, which reads them as stored; None when it turns none. A file
+    of one's own robot in LIBERO's layout would otherwise train a model on upside-down frames, silently,
+    while the policy at deployment takes frames as it is given them."""
+    if rotate_180 is not None:
+        return None
+    turned = [Path(f) for f in files if looks_like_libero(f)]
+    if not turned:
+        return None
+    names = ", ".join(f.name for f in turned[:3]) + (f" and {len(turned) - 3} more" if len(turned) > 3 else "")
+    return (f"note: the frames of {len(turned)} demo file(s) ({names}) are rotated by 180 degrees, as LIBERO's "
+            f"upside-down cameras need (the files have problem_info or obs/agentview_rgb / eye_in_hand_rgb, and no "
+            f"`upright` attribute); pass {option} if they are stored upright")
 
 
 def steps_without_noops(actions: np.ndarray, threshold: float = 1e-4) -> np.ndarray:

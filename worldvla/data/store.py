@@ -107,28 +107,60 @@ def find_demo_files(inputs) -> list[Path]:
     return files
 
 
-def _scan_actions(files, only_success: bool = True, drop_noops: bool = False) -> np.ndarray:
+def _scan_actions(files, only_success: bool = True, drop_noops: bool = False, empty_ok: bool = False) -> np.ndarray:
     """The actions of the demos the store tokenizes (the successful ones if `only_success`, without the no-op
-    steps under `drop_noops`), without reading frames (for data-derived bounds)."""
+    steps under `drop_noops`), without reading frames (for data-derived bounds). None left: refused, or an
+    empty array if `empty_ok`."""
     from .hdf5 import iter_demo_actions
 
     out = [a.astype(np.float64) for path in files for _, a in iter_demo_actions(path, only_success, drop_noops)]
     if not out:
+        if empty_ok:
+            return np.zeros((0, 0))
         raise ValueError(f"no actions to derive action bounds from in {len(files)} demo files (the store skips "
                          f"failed demos unless --include-failed, and no-op steps under --drop-noops)")
     return np.concatenate(out, axis=0)
 
 
+# `--action-bounds auto` warns when the LIBERO bounds it chose clip more than this share of a dimension's values.
+# LIBERO's own demos lie inside them (the release's bounds are their range), so any share there is a stray
+# outlier, which the edge bin absorbs; beyond 1% the bounds do not describe the data (robomimic's 7-D actions
+# in [-1, 1] lose half their rotation values).
+CLIP_WARN_SHARE = 0.01
+
+
+def _clipped_share(acts: np.ndarray, low, high) -> np.ndarray:
+    """Per dimension, the share of `acts` outside [low, high] (the tokenizer clips them to the bound). A value
+    within 1e-6 of the range of its bound is not counted: float32 rounding of a bound itself."""
+    low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+    tol = 1e-6 * (high - low)
+    return ((acts < low - tol) | (acts > high + tol)).mean(0)
+
+
 def action_bounds(mode: str, files, action_dim: int, only_success: bool = True,
                   drop_noops: bool = False) -> tuple[list[float], list[float]]:
     """`libero`: the release's fixed 7-D bounds; `unit`: [-1, 1] per dimension (Meta-World);
-    `data`: per-dimension min/max over the demos; `auto`: libero for 7-D actions, unit when
-    every action lies in [-1, 1], data otherwise. `data` and `auto` look at the demos the store tokenizes:
-    the successful ones only if `only_success`, without their no-op steps under `drop_noops`."""
-    if mode == "libero" or (mode == "auto" and action_dim == 7):
+    `data`: per-dimension min/max over the demos; `auto`: libero for the 7-D actions of LIBERO's files
+    (every file `hdf5.looks_like_libero`: raw or regenerated, as the release trains on them), unit when every
+    action lies in [-1, 1], data otherwise. Under `auto` a line is printed when the LIBERO bounds clip more than
+    CLIP_WARN_SHARE of a dimension's values, naming `data` (and `libero`, which keeps them without it). `data`
+    and `auto` look at the demos the store tokenizes: the successful ones only if `only_success`, without their
+    no-op steps under `drop_noops`."""
+    from .hdf5 import looks_like_libero
+
+    if mode == "libero":
         if action_dim != 7:
             raise ValueError(f"the LIBERO bounds are 7-D but the demos have {action_dim}-D actions; "
                              f"use --action-bounds unit or data")
+        return list(LIBERO_MIN), list(LIBERO_MAX)
+    if mode == "auto" and action_dim == 7 and all(looks_like_libero(f) for f in files):
+        acts = _scan_actions(files, only_success, drop_noops, empty_ok=True)  # none: build_store refuses it
+        share = _clipped_share(acts, LIBERO_MIN, LIBERO_MAX) if len(acts) else np.zeros(7)
+        if share.max() > CLIP_WARN_SHARE:
+            print(f"warning: --action-bounds auto chose the release's LIBERO bounds (the files look like LIBERO's), "
+                  f"which clip this share of the actions' values per dimension: "
+                  f"{' '.join(f'{x:.1%}' for x in share)}; pass --action-bounds data to fit the bounds to the "
+                  f"demos (or --action-bounds libero to keep these without this warning)")
         return list(LIBERO_MIN), list(LIBERO_MAX)
     if mode in ("auto", "data"):
         acts = _scan_actions(files, only_success, drop_noops)
@@ -299,7 +331,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     from tqdm.auto import tqdm
 
     from ..vqgan import VQGAN
-    from .hdf5 import check_actions, demo_file_info, iter_demos
+    from .hdf5 import check_actions, demo_file_info, iter_demos, rotation_note
 
     settings = StoreSettings(chunk_size, history, action, world, demos_per_shard, only_success, camera, rotate_180,
                              drop_noops)
@@ -329,6 +361,9 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     first = next((d for f in files for d in iter_demos(f, **read)), None)
     if first is None:
         raise ValueError(f"none of the {len(files)} demo files holds a demo")
+    note = rotation_note(files, rotate_180)
+    if note:
+        print(note)
     action_dim = first.actions.shape[1]
     image_hw = list(first.frames.shape[1:3])
     low, high = action_bounds(bounds, files, action_dim, only_success, drop_noops)
@@ -656,6 +691,15 @@ def pack(samples, max_tokens: int, pad_id: int | None = None):
 
 
 # ---------------------------------------------------------------------- command line
+# Shared with `worldvla train-vq`, whose frames must be read as pretokenize reads them.
+CAMERA_HELP = ("camera name: frames from obs/<camera>_rgb (or _image; default: agentview or the first). Files "
+               "without an `upright` attribute that hold obs/agentview_rgb or eye_in_hand_rgb are read as LIBERO's "
+               "and their frames rotated by 180 degrees, with a line saying so (--rotate-180 no keeps them as stored)")
+ROTATE_HELP = ("rotate frames by 180 degrees (auto: LIBERO's files, raw or regenerated, which store their cameras "
+               "upside down, as the release does, with a line naming them; not robomimic's or this package's; "
+               "default: %(default)s)")
+
+
 def add_arguments(p) -> None:
     p.add_argument("inputs", nargs="+", help="HDF5 demo files or folders holding them")
     p.add_argument("--out", required=True, help="output folder of the token store")
@@ -673,16 +717,15 @@ def add_arguments(p) -> None:
     p.add_argument("--action-bounds", default="auto", choices=("auto", "libero", "unit", "data"),
                    help="min/max used to normalize actions before binning: libero (the release's 7-D bounds), unit "
                         "([-1, 1]), data (the min/max over the demos tokenized: failed ones only with "
-                        "--include-failed, no-op steps not under --drop-noops) or auto: libero for 7-D actions, unit "
-                        "when every action of those lies in [-1, 1], data otherwise (default: %(default)s)")
+                        "--include-failed, no-op steps not under --drop-noops) or auto: libero for 7-D actions of "
+                        "LIBERO's files (problem_info, or obs/agentview_rgb / eye_in_hand_rgb without an `upright` "
+                        "attribute; a line says so when they clip over 1%% of a dimension's values), unit when "
+                        "every action of those lies in [-1, 1], data otherwise (default: %(default)s)")
     p.add_argument("--demos-per-shard", type=non_negative_int, default=0,
                    help="demos per shard (default: 0, one shard per file)")
     p.add_argument("--include-failed", action="store_true", help="also tokenize demos not marked successful")
-    p.add_argument("--camera", default=None, help="camera name (obs/<camera>_rgb; default: agentview or the first)")
-    p.add_argument("--rotate-180", default="auto", choices=("auto", "yes", "no"),
-                   help="rotate frames by 180 degrees (auto: LIBERO's files, raw or regenerated, which store their "
-                        "cameras upside down, as the release does; not robomimic's or this package's; default: "
-                        "%(default)s)")
+    p.add_argument("--camera", default=None, help=CAMERA_HELP)
+    p.add_argument("--rotate-180", default="auto", choices=("auto", "yes", "no"), help=ROTATE_HELP)
     p.add_argument("--drop-noops", action="store_true",
                    help="drop the steps whose arm action is ~0 and gripper unchanged, as the release's regeneration "
                         "of LIBERO's demos does (for LIBERO's raw files, which keep them)")

@@ -310,6 +310,9 @@ def train(args) -> dict:
     rank, world = dist_utils.rank(), dist_utils.world_size()
     main = rank == 0
     out = Path(args.out)
+    if args.min_lr is not None and args.min_lr > args.lr:  # refused before anything is read or deleted
+        raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine decay would raise the "
+                         f"learning rate; pass a --min-lr of at most --lr (default: --lr / 10)")
     prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("policy", "model"))
     kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
     store = TokenStore(args.store, kinds=kinds)
@@ -503,7 +506,8 @@ def add_arguments(p) -> None:
                    help="tokens per packed micro-batch per rank (default: 0 = --batch-tokens); gradient accumulation. "
                         "On CPU the reference attention is dense over a packed sequence: ~1024 is fastest")
     p.add_argument("--lr", type=non_negative_float, default=3e-4, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--min-lr", type=non_negative_float, default=None, help="cosine floor (default: --lr / 10)")
+    p.add_argument("--min-lr", type=non_negative_float, default=None,
+                   help="cosine floor, at most --lr (default: --lr / 10)")
     p.add_argument("--warmup", type=non_negative_float, default=0.01,
                    help="warm-up steps, or a fraction of the run if < 1 (default: %(default)s)")
     p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from ..cli import finite_float, non_negative_float, non_negative_int, positive_int, unit_float
 from . import distributed as dist_utils
-from .checkpointing import (add_run_arguments, load_checkpoint, prepare_run_dir, resume_point, save_checkpoint,
-                            scalar_args, trim_log)
+from .checkpointing import (add_run_arguments, latest_checkpoint, load_checkpoint, prepare_run_dir, resume_point,
+                            save_checkpoint, scalar_args, trim_log)
 
 # What a resumed run must share with its start: the model, the learning-rate schedule (computed from these
 # settings at every step), the optimizer's hyperparameters (restored from the checkpoint), the loss, its
@@ -42,19 +42,27 @@ from .checkpointing import (add_run_arguments, load_checkpoint, prepare_run_dir,
 # are checked by their names and sizes (`resume_point`'s data).
 RESUME_SETTINGS = ("config", "init", "n_embed", "steps", "epochs", "batch_size", "lr", "min_lr", "warmup",
                    "beta1", "beta2", "weight_decay", "grad_clip", "l1", "l2", "beta", "restart_every",
-                   "restart_threshold", "usage_decay", "seed", "frame_stride", "max_frames", "camera")
+                   "restart_threshold", "usage_decay", "seed", "frame_stride", "max_frames", "camera", "rotate_180")
+_ROTATE = {"auto": None, "yes": True, "no": False}
 
 
-def load_frames(inputs, stride: int = 1, max_frames: int = 0, camera=None) -> np.ndarray:
-    """Every `stride`-th frame of every demo in the HDF5 inputs -> uint8 [N, H, W, 3]."""
-    from ..data.hdf5 import iter_demos
+def load_frames(inputs, stride: int = 1, max_frames: int = 0, camera=None, rotate_180: bool | None = None,
+                announce: bool = False) -> np.ndarray:
+    """Every `stride`-th frame of every demo in the HDF5 inputs -> uint8 [N, H, W, 3].
+    rotate_180: as `iter_demos` (None: LIBERO's files rotated upright); `announce`: print the line that names
+    the files rotated on their own (`hdf5.rotation_note`)."""
+    from ..data.hdf5 import iter_demos, rotation_note
     from ..data.store import find_demo_files
 
     if stride < 1:
         raise ValueError(f"frame stride must be >= 1, got {stride}")
+    files = find_demo_files(inputs)
+    note = rotation_note(files, rotate_180) if announce else None
+    if note:
+        print(note)
     chunks, n, shape = [], 0, None
-    for path in find_demo_files(inputs):
-        for demo in iter_demos(path, camera=camera):
+    for path in files:
+        for demo in iter_demos(path, camera=camera, rotate_180=rotate_180):
             f = demo.frames[::stride]
             if shape is None:
                 shape = f.shape[1:]
@@ -148,6 +156,23 @@ def _gather_batch(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _resolve_min_lr(args, out: Path) -> None:
+    """--min-lr's default, --lr / 10 (as `worldvla train`), set on `args` (which the checkpoints record). A
+    resumed run keeps the floor its checkpoint records: a run started when the default was a fixed 2e-5 resumes
+    on its own schedule. A --min-lr above --lr (a "decay" that raises the rate) is refused."""
+    inherited = False
+    if args.min_lr is None:
+        saved = None
+        ck = latest_checkpoint(out) if args.resume else None
+        if ck is not None:
+            saved = json.loads((ck / "state.json").read_text()).get("args", {}).get("min_lr")
+        inherited = saved is not None
+        args.min_lr = saved if inherited else args.lr * 0.1
+    if args.min_lr > args.lr and not inherited:
+        raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine decay would raise the "
+                         f"learning rate; pass a --min-lr of at most --lr (default: --lr / 10)")
+
+
 def train_vq(args) -> dict:
     from tqdm.auto import tqdm
 
@@ -164,6 +189,7 @@ def train_vq(args) -> dict:
     if args.init and (args.n_embed or args.config != "small"):  # refused before any frame is read
         raise ValueError("--init starts from that VQGAN's own architecture and codebook: drop --n-embed and "
                          "--config (or drop --init to build a new VQGAN)")
+    _resolve_min_lr(args, out)
     prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("vqgan",))
     files = find_demo_files(args.inputs)
     # The run's data, recorded with its settings: a resume on other demo files is refused by name.
@@ -173,7 +199,8 @@ def train_vq(args) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
     dist_utils.barrier()
-    frames = load_frames(files, args.frame_stride, args.max_frames, args.camera)
+    frames = load_frames(files, args.frame_stride, args.max_frames, args.camera,
+                         _ROTATE[getattr(args, "rotate_180", "auto")], announce=main)
     if len(frames) < args.batch_size:
         raise ValueError(f"only {len(frames)} frames for a batch of {args.batch_size}; lower --batch-size")
     vq = _build(args).to(device)
@@ -286,6 +313,8 @@ def train_vq(args) -> dict:
 
 
 def add_arguments(p) -> None:
+    from ..data.store import CAMERA_HELP, ROTATE_HELP
+
     p.add_argument("inputs", nargs="+", help="HDF5 demo files or folders")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, vqgan/)")
     p.add_argument("--config", default="small", choices=("small", "chameleon"),
@@ -300,8 +329,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="frames per step (all ranks together; default: %(default)s)")
     p.add_argument("--lr", type=non_negative_float, default=2e-4, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--min-lr", type=non_negative_float, default=2e-5,
-                   help="learning rate at the end of the cosine decay (default: %(default)s)")
+    p.add_argument("--min-lr", type=non_negative_float, default=None,
+                   help="learning rate at the end of the cosine decay, at most --lr (default: --lr / 10; a resumed "
+                        "run keeps its own)")
     p.add_argument("--warmup", type=non_negative_int, default=100, help="warm-up steps (default: %(default)s)")
     p.add_argument("--beta1", type=finite_float, default=0.5, help="AdamW beta1, in [0, 1) (default: %(default)s)")
     p.add_argument("--beta2", type=finite_float, default=0.9, help="AdamW beta2, in [0, 1) (default: %(default)s)")
@@ -323,7 +353,8 @@ def add_arguments(p) -> None:
     p.add_argument("--frame-stride", type=positive_int, default=1, help="use every n-th frame (default: %(default)s)")
     p.add_argument("--max-frames", type=non_negative_int, default=0,
                    help="frames to train on at most (default: 0, all)")
-    p.add_argument("--camera", default=None, help="camera name (obs/<camera>_rgb; default: agentview or the first)")
+    p.add_argument("--camera", default=None, help=CAMERA_HELP)
+    p.add_argument("--rotate-180", default="auto", choices=tuple(_ROTATE), help=ROTATE_HELP)
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto = bf16 autocast on GPU, fp32 on CPU (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
