@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -137,8 +138,8 @@ def test_force_starts_an_interrupted_training_over(tmp_path, monkeypatch):
         return {}
 
     monkeypatch.setattr(demo, "load_kernels_first", lambda: None)
-    monkeypatch.setattr(demo, "stage_collect", lambda cfg, out, progress: {})
-    monkeypatch.setattr(demo, "stage_pretokenize", lambda cfg, out, progress: {})
+    monkeypatch.setattr(demo, "stage_collect", lambda cfg, out, progress, fresh: seen.update(demos=fresh) or {})
+    monkeypatch.setattr(demo, "stage_pretokenize", lambda cfg, out, progress, fresh: seen.update(store=fresh) or {})
     monkeypatch.setattr(demo, "stage_train_vq", lambda cfg, out, progress, resume: seen.update(vq=resume) or {})
     monkeypatch.setattr(demo, "stage_train", lambda cfg, out, progress, resume, **k: seen.update(train=resume) or {})
     monkeypatch.setattr(demo, "stage_evaluate", evaluate)
@@ -152,10 +153,11 @@ def test_force_starts_an_interrupted_training_over(tmp_path, monkeypatch):
 
     interrupted()
     demo.run_demo(cfg, tmp_path, progress=False, force=True)
-    assert seen == {"vq": False, "train": False, "reuse": False}
+    assert seen == {"demos": True, "store": True, "vq": False, "train": False, "reuse": False}
     interrupted()
     demo.run_demo(cfg, tmp_path, progress=False)  # the stand-in collect writes no demos: every stage reruns
-    assert seen == {"vq": True, "train": True, "reuse": True}  # without --force an interrupted training resumes
+    # without --force an interrupted training resumes, and complete demo files and shards are kept
+    assert seen == {"demos": False, "store": False, "vq": True, "train": True, "reuse": True}
 
 
 def test_the_trainings_resume_only_from_a_checkpoint(tmp_path, monkeypatch):
@@ -199,3 +201,75 @@ def test_a_failed_collection_does_not_advise_the_same_rerun(tmp_path, monkeypatc
     monkeypatch.setattr(collect, "collect", lambda *a, **k: {"incomplete": ["reach-v3"], "errors": []})
     with pytest.raises(RuntimeError, match="another --seed"):
         demo.stage_collect(demo.DemoConfig.fast_preset(), tmp_path, False)
+
+
+def test_collect_replaces_files_of_other_settings_when_the_stage_reruns(tmp_path, monkeypatch):
+    """The stage reruns only when its key (the collect settings) changed, so the files it finds are of other
+    settings: it replaces them (collect refuses that unless told to overwrite, and the demo then stopped)."""
+    from worldvla import demo
+    from worldvla.data import collect
+
+    seen = {}
+    monkeypatch.setattr(collect, "collect", lambda *a, **k: seen.update(k) or {"incomplete": [], "errors": [], "tasks": {}})
+    demo.stage_collect(demo.DemoConfig.fast_preset(), tmp_path, False)
+    assert seen["overwrite"] is True
+
+
+def test_force_collects_and_tokenizes_anew(tmp_path, monkeypatch):
+    """--force redid only the trainings and the evaluation: collect kept the complete task files of the same
+    settings and build_store the shards whose fingerprint matched, so changed expert or tokenizer code kept its
+    old demos and shards."""
+    from worldvla import demo
+    from worldvla.data import collect, store
+
+    cfg = demo.DemoConfig.fast_preset()
+    (tmp_path / "demos").mkdir()
+    for t in cfg.tasks:
+        (tmp_path / "demos" / f"{t}.hdf5").write_bytes(b"old")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "old_shard").write_bytes(b"old")
+    found = {}
+
+    def fake_collect(*a, **k):
+        found["demos"] = sorted(p.name for p in (tmp_path / "demos").iterdir())
+        return {"incomplete": [], "errors": [], "tasks": {}}
+
+    def fake_build_store(files, out, *a, **k):
+        found["store"] = out.exists()
+        out.mkdir()
+        (out / store.MANIFEST).write_text(json.dumps({"n_samples": 1, "n_action": 1, "n_world": 0, "n_tokens": 9}))
+        return out
+
+    monkeypatch.setattr(collect, "collect", fake_collect)
+    monkeypatch.setattr(store, "build_store", fake_build_store)
+    monkeypatch.setattr(demo, "demo_files", lambda cfg, out: [])
+    demo.stage_collect(cfg, tmp_path, False)
+    assert found["demos"] == sorted(f"{t}.hdf5" for t in cfg.tasks)  # kept without --force
+    demo.stage_collect(cfg, tmp_path, False, fresh=True)
+    assert found["demos"] == []
+    demo.stage_pretokenize(cfg, tmp_path, False, fresh=True)
+    assert found["store"] is False
+
+
+def test_a_training_resumed_at_its_last_checkpoint_reports_its_losses(tmp_path, monkeypatch):
+    """A run killed after its final checkpoint resumes with no step left: its summary holds no loss, and the
+    stage recorded first and final loss as None (a resume from a middle checkpoint recorded the first loss after
+    it as the first). They come from the run's log now."""
+    from worldvla import demo
+    from worldvla.train import trainer
+
+    cfg = demo.DemoConfig.fast_preset()
+
+    def fake_train(args):
+        run = Path(args.out)
+        run.mkdir(parents=True, exist_ok=True)
+        with open(run / "metrics.jsonl", "w") as f:
+            for step in range(1, cfg.train_steps + 1):
+                f.write(json.dumps({"step": step, "loss": 10.0 - step}) + "\n")
+        (run / "policy").mkdir(exist_ok=True)
+        (run / "policy" / "policy.json").write_text("{}")
+        return {"losses": [], "export": str(run / "policy")}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    info = demo.stage_train(cfg, tmp_path, False, resume=True)
+    assert info["first_loss"] == 9.0 and info["final_loss"] == 10.0 - cfg.train_steps

@@ -197,8 +197,9 @@ def test_collect_writes_and_resumes(tmp_path):
     assert time.perf_counter() - t0 < 5.0
     assert os.stat(tmp_path / "reach-v3.hdf5").st_mtime_ns == mtime
 
-    # Other settings make the file stale: it is collected again.
-    noisy = collect("reach-v3", 1, tmp_path, image_size=32, seed=seed, workers=1, action_noise=0.1, progress=False)
+    # Other settings: refused (test_collect_refuses_a_file_collected_with_other_settings), replaced with overwrite.
+    noisy = collect("reach-v3", 1, tmp_path, image_size=32, seed=seed, workers=1, action_noise=0.1, progress=False,
+                    overwrite=True)
     assert not noisy["tasks"]["reach-v3"]["skipped"]
     assert len(read_demos(tmp_path / "reach-v3.hdf5")) == 1
 
@@ -413,9 +414,80 @@ def test_ctrl_c_stops_collection_workers_without_tracebacks(tmp_path, interrupt_
     """A terminal's Ctrl-C reaches every process of its group: each worker printed a KeyboardInterrupt
     traceback, then the parent its own. Now the parent stops the pool and says how to continue (exit 130)."""
     rc, err = interrupt_cli(["collect", "--out", tmp_path, "--tasks", "reach-v3,push-v3", "--episodes", 30,
-                             "--workers", 2, "--image-size", 16, "--no-progress"],
+                             "--workers", 2, "--image-size", 32, "--no-progress"],
                             ready=lambda: (tmp_path / "reach-v3.hdf5").is_file())  # the workers are on push-v3 now
     assert rc == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert "worldvla collect: interrupted; run the same command again to continue" in err
     assert len(read_demos(tmp_path / "reach-v3.hdf5")) == 30
+
+
+@needs_sim
+def test_collect_refuses_a_file_collected_with_other_settings(tmp_path, capsys, monkeypatch):
+    """`collect` replaced a task file collected with other settings (or not by collect at all) silently, where
+    train, train-vq and pretokenize refuse without --overwrite. Refused before any episode runs, naming the
+    file and the settings; a file with the same settings is still kept (and cut) as before."""
+    from worldvla.cli import main
+    from worldvla.data import collect as col
+    from worldvla.data.hdf5 import write_demos
+
+    rng = np.random.default_rng(0)
+    demos = [{"frames": rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8),
+              "actions": rng.uniform(-1, 1, (3, 4)).astype(np.float32)} for _ in range(3)]
+    path = write_demos(tmp_path / "reach-v3.hdf5", demos, TASKS["reach-v3"],
+                       attrs={**col._settings(16, 7, "corner", 200, 0.0), "task": "reach-v3"})
+    mtime = os.stat(path).st_mtime_ns
+    monkeypatch.setattr(col, "_worker_run", lambda job: pytest.fail("an episode ran before the files were checked"))
+    with pytest.raises(FileExistsError, match=rf"{path} holds episodes collected with other settings \(--image-size "
+                                              rf"16, not 32; --seed 7, not 0\); pass --overwrite"):
+        collect(["push-v3", "reach-v3"], 2, tmp_path, image_size=32, seed=0, workers=1, progress=False)
+    assert main(["collect", "--out", str(tmp_path), "--tasks", "reach-v3", "--episodes", "2", "--workers", "1",
+                 "--image-size", "32", "--seed", "7", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "--image-size 16, not 32" in err
+    assert "--overwrite" in err and os.stat(path).st_mtime_ns == mtime
+    # Not collect's file (no settings recorded): refused too.
+    own = write_demos(tmp_path / "push-v3.hdf5", demos, "push")
+    with pytest.raises(FileExistsError, match=r"push-v3\.hdf5 holds .*--image-size \(none recorded\), not 16"):
+        collect(["push-v3"], 2, tmp_path, image_size=16, seed=7, workers=1, progress=False)
+    # The same settings: kept (cut to 2 episodes), no episode run.
+    s = collect(["reach-v3"], 2, tmp_path, image_size=16, seed=7, workers=1, progress=False)
+    assert s["tasks"]["reach-v3"]["skipped"] and s["episodes_run"] == 0
+    # --overwrite replaces it.
+    monkeypatch.undo()
+    s = collect(["reach-v3"], 1, tmp_path, image_size=32, seed=0, workers=1, progress=False, overwrite=True)
+    assert not s["tasks"]["reach-v3"]["skipped"] and s["tasks"]["reach-v3"]["episodes"] == 1
+    assert [d.frames.shape[1] for d in read_demos(path)] == [32] and own.is_file()
+
+
+def test_collect_image_size_must_be_what_pretokenize_takes():
+    """`collect --image-size 48` (help: ">= 8") wrote files that pretokenize refuses (sides must be
+    multiples of its 32-px resolution grid); refused when parsed now."""
+    import argparse
+
+    from worldvla.data.collect import add_arguments
+
+    parser = add_arguments(argparse.ArgumentParser())
+    assert parser.parse_args(["--out", "o", "--image-size", "64"]).image_size == 64
+    for bad in ("48", "8", "100"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--out", "o", "--image-size", bad])
+    assert "multiple of 32" in " ".join(parser.format_help().split())
+
+
+def test_a_collection_worker_ends_when_the_collecting_process_is_gone():
+    """Killed (SIGKILL, the OOM killer), the collecting process left its pool's workers running: their parent is
+    the forkserver, and a worker blocked writing a result waits forever, since every worker holds the result
+    pipe's reading end too. Each worker watches the collecting process's pid and exits once it is gone."""
+    import multiprocessing as mp
+    import subprocess
+    import sys
+
+    from worldvla.data.collect import _exit_with
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    worker = mp.get_context("spawn").Process(target=_exit_with, args=(gone.pid, 0.05))
+    worker.start()
+    worker.join(timeout=30)
+    assert worker.exitcode == 1

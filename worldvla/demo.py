@@ -173,12 +173,17 @@ def demo_files(cfg: DemoConfig, out: Path) -> list[Path]:
     return [out / "demos" / f"{task}.hdf5" for task in cfg.tasks]
 
 
-def stage_collect(cfg: DemoConfig, out: Path, progress: bool) -> dict:
+def stage_collect(cfg: DemoConfig, out: Path, progress: bool, fresh: bool = False) -> dict:
+    """`fresh` (--force): the task files are collected anew (collect keeps a complete file of the same settings)."""
     from .data.collect import collect
+
+    if fresh:
+        for t in cfg.tasks:
+            (out / "demos" / f"{t}.hdf5").unlink(missing_ok=True)
 
     summary = collect(list(cfg.tasks), cfg.episodes, out / "demos", image_size=cfg.image_size, seed=cfg.seed,
                       workers=min(cfg.workers, len(cfg.tasks) * cfg.episodes), max_steps=cfg.collect_max_steps,
-                      progress=progress)
+                      progress=progress, overwrite=True)  # files of other settings: the stage's key changed
     if summary["incomplete"]:
         raise RuntimeError(f"the scripted experts failed too often on {summary['incomplete']} "
                            f"(errors: {summary['errors'][:3]}); the layouts are fixed by --seed, so a rerun fails "
@@ -219,8 +224,12 @@ def stage_train_vq(cfg: DemoConfig, out: Path, progress: bool, resume: bool) -> 
     return last
 
 
-def stage_pretokenize(cfg: DemoConfig, out: Path, progress: bool) -> dict:
+def stage_pretokenize(cfg: DemoConfig, out: Path, progress: bool, fresh: bool = False) -> dict:
+    """`fresh` (--force): the store is built anew (build_store keeps the shards its fingerprint still matches)."""
     from .data.store import MANIFEST, build_store
+
+    if fresh:
+        shutil.rmtree(out / "store", ignore_errors=True)
 
     store = build_store(demo_files(cfg, out), out / "store", out / "vq" / "vqgan", chunk_size=cfg.chunk_size, history=2,
                         action=True, world=True, bounds="unit", overwrite=True, progress=progress)
@@ -240,7 +249,7 @@ def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool, action
     argv = ["--store", str(out / "store"), "--out", str(run_dir), "--config", cfg.model,
             "--steps", str(cfg.train_steps), "--batch-tokens", str(cfg.batch_tokens),
             "--micro-tokens", str(min(cfg.micro_tokens, cfg.batch_tokens)), "--lr", str(cfg.lr),
-            "--warmup", "0.05", "--seed", str(cfg.seed), "--device", "cpu", "--log-every", "5",
+            "--warmup", "0.05", "--seed", str(cfg.seed), "--device", "cpu", "--log-every", "1",
             "--save-every", str(max(cfg.train_steps // 3, 50)), "--keep-last", "1",
             "--attention", attention, *(["--resume"] if resume else [])]
     if action_only:
@@ -257,9 +266,12 @@ def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool, action
     policy = out / policy_name
     shutil.rmtree(policy, ignore_errors=True)
     shutil.copytree(exported, policy)
-    losses = summary.get("losses") or []
-    return {"final_loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None,
-            "action_only": action_only, "attention": attention}
+    # From the run's log, which a resumed run appends to: this process's losses start at the checkpoint it
+    # resumed from (none at all when that was the final one).
+    log = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    first = next((r["loss"] for r in log if r["step"] == 1), None)
+    final = next((r["loss"] for r in reversed(log) if r["step"] == cfg.train_steps), None)
+    return {"final_loss": final, "first_loss": first, "action_only": action_only, "attention": attention}
 
 
 def stage_evaluate(cfg: DemoConfig, out: Path, progress: bool, reuse: bool = True) -> dict:
@@ -330,11 +342,11 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
         _say(f"{stage} ...")
         t0, c0 = time.perf_counter(), _cpu_seconds()
         if stage == "collect":
-            info = stage_collect(cfg, out, progress)
+            info = stage_collect(cfg, out, progress, fresh=force)
         elif stage == "train-vq":
             info = stage_train_vq(cfg, out, progress, resume)
         elif stage == "pretokenize":
-            info = stage_pretokenize(cfg, out, progress)
+            info = stage_pretokenize(cfg, out, progress, fresh=force)
         elif stage == "train":
             info = stage_train(cfg, out, progress, resume, action_only=not cfg.world)
         elif stage == "train-action-only":
@@ -374,8 +386,10 @@ defaults: 3 tasks x 30 expert demos at 64x64 px, a 256-code VQGAN (300 steps of 
 `small` WorldVLA (3.7M parameters, 900 steps of 1,536 tokens, chunks of K=5), 10 evaluation
 episodes per task on held-out layouts (150 steps max) next to a uniform-random policy on the
 same layouts, world-model PSNR/SSIM and VQ-code accuracy on 2 held-out expert rollouts per task
-(8 imagined steps). Measured on a 2-core AVX2 CPU: collect 68 s, train-vq 186 s, pretokenize
-38 s, train 466 s, evaluate 119 s (14 min 37 s). A second run reuses every stage.
+(8 imagined steps). The latest run in benchmarks/NOTES.md (Demo runs), on a 2-core AMD EPYC with
+AVX-512 with another job beside it: collect 31 s, train-vq 89 s, pretokenize 29 s, train 258 s,
+evaluate 76 s (8 min 5 s); 4 min 43 s to 15 min across the machines in README's table. A second run
+reuses every stage.
 
 examples:
   worldvla demo                                  # the default run into ./worldvla_demo

@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import heapq
 import multiprocessing as mp
+import os
 import signal
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -90,10 +92,25 @@ def run_episode(job: dict) -> dict:
     }
 
 
-def _ignore_sigint() -> None:
+def _init_worker(parent: int) -> None:
     """A worker process's initializer: Ctrl-C (SIGINT to the terminal's whole process group) is the parent's
-    to handle; it stops the pool after the jobs in flight. In the workers it printed a traceback each."""
+    to handle; it stops the pool after the jobs in flight (in the workers it printed a traceback each). And a
+    worker ends when the collecting process is gone: killed (SIGKILL, the OOM killer), it left its workers
+    running, one blocked writing a result nobody reads, with their memory and the terminal's output held (a
+    `| tee` never ended). Their parent is the forkserver, which outlives it, so its pid is watched."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
+
+
+def _exit_with(parent: int, every_s: float = 1.0) -> None:
+    while True:
+        time.sleep(every_s)
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # the pid now belongs to another user's process: ours is gone
+            os._exit(1)
 
 
 def _worker_run(job: dict) -> dict:
@@ -122,17 +139,30 @@ def _settings(image_size, seed, camera, max_steps, noise) -> dict:
             "max_steps": int(max_steps), "action_noise": float(noise)}
 
 
-def _is_complete(path: Path, n_episodes: int, settings: dict) -> bool:
+# The option that sets each recorded setting, to name them when a file was collected with others.
+_OPTIONS = {"image_size": "--image-size", "seed": "--seed", "sim_camera": "--camera", "max_steps": "--max-steps",
+            "action_noise": "--noise"}
+
+
+def _existing(path: Path, settings: dict) -> tuple[int, list[str]] | None:
+    """An existing task file's episode count and how its recorded settings differ from `settings` (as options,
+    "--seed 0, not 1"; every one if it records none: not this command's file); None when there is no file or
+    it cannot be read (collected again: `write_demos` writes whole files, so it is not an earlier run's)."""
     if not path.is_file():
-        return False
+        return None
     try:
         info = demo_file_info(path)
-    except Exception:  # noqa: BLE001  (an unreadable file is simply collected again)
-        return False
-    if info["num_demos"] < n_episodes:
-        return False
+    except Exception:  # noqa: BLE001
+        return None
     attrs = info["attrs"]
-    return all(k in attrs and attrs[k] == v for k, v in settings.items())
+    diff = [f"{_OPTIONS[k]} {attrs[k] if k in attrs else '(none recorded)'}, not {v}" for k, v in settings.items()
+            if not (k in attrs and attrs[k] == v)]
+    return info["num_demos"], diff
+
+
+def _is_complete(path: Path, n_episodes: int, settings: dict) -> bool:
+    found = _existing(path, settings)
+    return found is not None and found[0] >= n_episodes and not found[1]
 
 
 def _keep_first(path: Path, n_episodes: int) -> None:
@@ -180,6 +210,7 @@ def collect(
     action_noise: float = 0.0,
     max_attempts: int = 5,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Collect `n_episodes` successful expert episodes for each task into `out_dir/<task>.hdf5`.
 
@@ -187,6 +218,8 @@ def collect(
     workers: processes (1 runs in this process). action_noise: std of Gaussian noise
     added to every expert action (before clipping to [-1, 1]) for more varied demos.
     max_attempts: tries per episode, each on a new layout, before giving up on it.
+    overwrite: replace task files collected with other settings (refused otherwise, before any episode runs;
+    a file with the same settings is kept, cut to `n_episodes`, or collected again if it holds fewer).
     Returns a summary: per task the file, episodes kept, attempts, expert success
     rate, mean steps and seconds per episode; plus totals.
     """
@@ -204,8 +237,15 @@ def collect(
         raise ValueError(f"action_noise must be >= 0, got {action_noise}")
     _check_episode_settings(image_size, camera, max_steps)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(image_size, seed, camera, max_steps, action_noise)
+    if not overwrite:  # refused before any episode runs, as train, train-vq and pretokenize refuse
+        for task in tasks:
+            path = out_dir / f"{task}.hdf5"
+            found = _existing(path, settings)
+            if found is not None and found[1]:
+                raise FileExistsError(f"{path} holds episodes collected with other settings ({'; '.join(found[1])}); "
+                                      f"pass --overwrite to replace it, or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     t_start = time.perf_counter()
     summary: dict = {"out_dir": str(out_dir), "tasks": {}, **settings}
@@ -301,7 +341,8 @@ def collect(
             # multiprocessing.Pool would. Two jobs a worker are queued at a time, so that on Ctrl-C or an
             # error only those finish before the run stops (the executor's exit waits for its queue).
             n = min(workers, n_jobs)
-            ex = ProcessPoolExecutor(max_workers=n, mp_context=_mp_context(), initializer=_ignore_sigint)
+            ex = ProcessPoolExecutor(max_workers=n, mp_context=_mp_context(), initializer=_init_worker,
+                                     initargs=(os.getpid(),))
             try:
                 in_flight: set = set()
                 while pending or in_flight:
@@ -332,6 +373,19 @@ def collect(
     return summary
 
 
+def _image_size(text: str) -> int:
+    """--image-size: a multiple of the 32-px resolution grid, as pretokenize refuses other sizes (their code
+    grids are no whole number of its grids, `tokens.sequence`); `collect()` itself takes any size >= 8."""
+    from ..tokens.layout import VocabLayout
+
+    n = positive_int(text)
+    grid = VocabLayout.res_grid
+    if n % grid:
+        raise argparse.ArgumentTypeError(f"must be a multiple of {grid} (pretokenize refuses other sizes), got {n}; "
+                                         f"use {max(grid, n // grid * grid)} or {(n // grid + 1) * grid}")
+    return n
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `worldvla collect`."""
     from ..sim.metaworld_env import CAMERAS
@@ -343,8 +397,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "with the same settings and more episodes is cut to its first N (the episodes a fresh "
                              "run of N collects)")
     parser.add_argument("--out", required=True, help="output folder, one <task>.hdf5 per task")
-    parser.add_argument("--image-size", type=positive_int, default=64,
-                        help="square frame size in pixels, >= 8 (default: %(default)s)")
+    parser.add_argument("--image-size", type=_image_size, default=64,
+                        help="square frame size in pixels, a multiple of 32 as pretokenize needs (default: "
+                             "%(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the layouts and the action noise: every episode's seed derives from it "
                              "(default: %(default)s)")
@@ -357,6 +412,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="std of Gaussian noise on expert actions (default: %(default)s)")
     parser.add_argument("--max-attempts", type=positive_int, default=5,
                         help="tries per episode, each on a new layout, before giving up (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace task files in --out collected with other settings (refused otherwise)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -365,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
     summary = collect(
         args.tasks, args.episodes, args.out, image_size=args.image_size, seed=args.seed,
         workers=args.workers, camera=args.camera, max_steps=args.max_steps, action_noise=args.noise,
-        max_attempts=args.max_attempts, progress=not args.no_progress,
+        max_attempts=args.max_attempts, progress=not args.no_progress, overwrite=args.overwrite,
     )
     for task, s in summary["tasks"].items():
         if s["skipped"]:
