@@ -659,4 +659,9 @@ SIMT_RUNTIME cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 SIMT_RUNTIME cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+// The emulated driver runs the runtime the module was built against.
+SIMT_RUNTIME cudaError_t cudaDriverGetVersion(int* version) {
+  *version = CUDART_VERSION;
+  return cudaSuccess;
+}
 }
