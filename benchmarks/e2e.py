@@ -742,8 +742,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="small config, 64 px-equivalent prompts, few repeats; writes <name>-<device>-quick.json")
-    p.add_argument("--device")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="folder for the JSON results and plots (default: %(default)s)")
     p.add_argument("--grid", type=int, help="codes per image side (px = 16 x grid); default 4 quick, else 16 and 32")
     p.add_argument("--threads", type=int, help="CPU intra-op threads (default: 1 with --quick, else torch's)")
     p.add_argument("--chunks", type=int, nargs="+", help="actions per chunk (default: 5 10)")

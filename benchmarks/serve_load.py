@@ -266,19 +266,34 @@ def parse_args(argv=None):
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch CPU threads in both processes (default: 1 on CPU, where a busy machine makes "
                         "multi-threaded timings erratic; torch's default on CUDA)")
-    p.add_argument("--image-size", type=int, default=64, help="model image size of random policies")
-    p.add_argument("--chunk-size", type=int, default=5)
-    p.add_argument("--clients", type=int, default=8, help="concurrent valid robots")
-    p.add_argument("--bad-clients", type=int, default=2, help="concurrent clients sending malformed requests")
-    p.add_argument("--requests", type=int, default=200, help="at most this many requests per client in the load phase")
-    p.add_argument("--sequential", type=int, default=100, help="requests of the single-robot phase")
-    p.add_argument("--duration-s", type=float, default=30.0, help="time limit of the load phase")
-    p.add_argument("--camera", default="480x640", help="HxW of frames sent by half the robots (resized by the server)")
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--max-payload-mb", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="model image size of random policies (default: %(default)s)")
+    p.add_argument("--chunk-size", type=int, default=5,
+                   help="actions per chunk of random policies (default: %(default)s)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent valid robots (default: %(default)s; --quick: 3)")
+    p.add_argument("--bad-clients", type=int, default=2,
+                   help="concurrent clients sending malformed requests (default: %(default)s; --quick: 1)")
+    p.add_argument("--requests", type=int, default=200,
+                   help="at most this many requests per client in the load phase (default: %(default)s; --quick: 40)")
+    p.add_argument("--sequential", type=int, default=100,
+                   help="requests of the single-robot phase (default: %(default)s; --quick: 30)")
+    p.add_argument("--duration-s", type=float, default=30.0,
+                   help="time limit of the load phase (default: %(default)s; --quick: 5.0)")
+    p.add_argument("--camera", default="480x640",
+                   help="HxW of frames sent by half the robots (resized by the server; default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="the server's most act requests in one policy call, and the in-process batch compared "
+                        "(default: %(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the idle server waits for more requests before running a batch "
+                        "(default: %(default)s)")
+    p.add_argument("--max-payload-mb", type=float, default=2.0,
+                   help="the server's largest request, in MiB; one of the bad clients' requests is twice "
+                        "that (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random policy's weights and the robots' frames (default: %(default)s)")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="folder for serve_load-<device>.json (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="3 robots, 1 bad client, 5 s, 40 requests each, 30 sequential; "
                         "writes serve_load-<device>-quick.json")

@@ -72,6 +72,39 @@ def test_ctrl_c_in_a_training_says_whether_resume_continues_it(command, module, 
     assert "with --resume instead of --overwrite" in _main_interrupted([*base, "--overwrite"], capsys)
 
 
+def test_ctrl_c_in_imagine_says_to_run_it_again(monkeypatch, capsys):
+    """It used to print only "interrupted"."""
+    _interrupt("worldvla.eval.imagine", monkeypatch)
+    assert "run the same command again" in _main_interrupted(["imagine", "p", "--demos", "d.hdf5"], capsys)
+
+
+def test_ctrl_c_in_bench_names_what_finished_and_the_command_for_the_rest(monkeypatch, capsys, tmp_path):
+    """It used to print only "interrupted"."""
+    import sys
+    import types
+
+    def bench(name, interrupt=False):
+        def run(quick, device, out_dir):
+            if interrupt:
+                raise KeyboardInterrupt
+            return f"{out_dir}/{name}.json"
+        monkeypatch.setitem(sys.modules, f"worldvla.benchmarks.{name}", types.SimpleNamespace(run=run))
+
+    bench("vq"), bench("sampling", interrupt=True), bench("cpu_ops")
+    err = _main_interrupted(["bench", "vq", "sampling", "cpu_ops", "--quick", "--out", str(tmp_path)], capsys)
+    assert err.endswith(f"vq finished, results in {tmp_path}; run the rest with: worldvla bench sampling cpu_ops "
+                        f"--quick --out {tmp_path}"), err
+    err = _main_interrupted(["bench", "sampling", "vq"], capsys)
+    assert err.endswith("interrupted; run the same command again to rerun the benchmarks"), err
+
+
+def test_an_unknown_benchmark_is_one_error_line(capsys):
+    assert main(["bench", "vq", "nosuch"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("worldvla bench: error: unknown benchmark(s) ['nosuch']; choose from")
+    assert "nosuch" not in captured.out
+
+
 def test_ctrl_c_under_no_resume_says_to_drop_it(monkeypatch, capsys):
     """`eval --no-resume` runs every closed loop again: rerunning the same command would not continue."""
     _interrupt("worldvla.eval.metaworld", monkeypatch)
@@ -190,6 +223,9 @@ def _help(command: str, capsys, monkeypatch) -> str:
     ("pretokenize", ["(K; default: 5)", "frames per VQGAN call (default: 32)", "(default: compact)"]),
     ("train-vq", ["peak learning rate (default: 0.0002)", "commitment weight (default: 0.25)",
                   "(default: 0.99)", "(0 = off; default: 1.0)"]),
+    ("eval", ["(layouts are derived from it; default: 0)", "(0 = skip; default: 2)", "no progress bar"]),
+    ("eval-libero", ["libero_10 520 (default: libero_spatial)", "(the paper: 50; default: 50)", "no progress bar"]),
+    ("imagine", ["(default: unset, every code; needs --temperature > 0)"]),
     ("train", ["peak learning rate (default: 0.0003)", "(default: 0.04)", "AdamW beta2, in [0, 1) (default: 0.95)",
                "(0 = off; default: 4.0)", "checkpoints to keep (0 = all; default: 2)"]),
 ])

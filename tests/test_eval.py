@@ -178,6 +178,37 @@ def test_closed_loop_receding_horizon():
         closed_loop(PushRight(), "fake-v3", episodes=1, env_factory=FakeMetaWorldEnv, execute=0)
 
 
+def test_execute_beyond_the_chunk_is_refused(tmp_path, monkeypatch):
+    """`eval --execute 10` with 5-action chunks ran 5 actions a query and recorded 10 in metrics.json."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)  # the old code ran these loops
+    kw = dict(episodes=1, max_steps=4, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1)
+    with pytest.raises(ValueError, match=r"--execute 4 is more than the chunk size of policy 'p' \(3 actions\); "
+                                         r"give --execute 3 or less"):
+        mw.evaluate([PushRight()], ["fake-a-v3"], out_dir=tmp_path / "a", variant_names=["p"], execute=4, **kw)
+    assert not (tmp_path / "a" / "metrics.json").exists()
+    with pytest.raises(ValueError, match="--execute 4 is more than the chunk size"):
+        closed_loop(PushRight(), "fake-v3", episodes=1, env_factory=FakeMetaWorldEnv, execute=4)
+    assert mw.evaluate([PushRight()], ["fake-a-v3"], out_dir=tmp_path / "b", execute=3, **kw)["execute"] == 3
+
+    class Release(PushRight):  # chunks as long as the model writes them: no size to exceed
+        mode = "release"
+
+    closed_loop(Release(), "fake-v3", episodes=1, max_steps=4, env_factory=FakeMetaWorldEnv, execute=4)
+
+
+def test_eval_names_a_policy_folder_that_is_not_there(tmp_path, monkeypatch, capsys):
+    """`--policy '~/run/policy'` (quoted) or a typo was reported as "not a policy folder (no policy.json)"."""
+    from worldvla.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    assert main(["eval", "--policy", "~/nothing", "--tasks", "reach-v3", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"worldvla eval: error: {tmp_path / 'nothing'}: no such folder (expected a policy folder)" in err, err
+
+
 def _tiny_policy(chunk_size):
     from worldvla.inference.policy import WorldVLAPolicy
     from worldvla.model import ModelConfig, WorldVLA

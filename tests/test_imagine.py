@@ -183,3 +183,19 @@ def test_a_transparent_image_is_composited_onto_white(tmp_path):
     a = 128 / 255
     want = np.round(np.array([(1 - a) * 255 + a * 200, (1 - a) * 255, (1 - a) * 255]) - 0.5).astype(np.uint8)
     assert got.shape == (16, 16, 3) and np.all(np.abs(got.astype(int) - want) <= 1)
+
+
+def test_policy_imagine_refuses_what_the_cli_refuses(files):
+    """The API decoded greedily at temperature=-1 and ignored top_k with greedy codes, where `worldvla imagine`
+    refuses both."""
+    policy = WorldVLAPolicy.from_pretrained(files / "policy", device="cpu")
+    frame, actions = np.zeros((32, 32, 3), np.uint8), np.zeros((1, 4))
+    for t in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            policy.imagine(frame, actions, temperature=t)
+    with pytest.raises(ValueError, match="top_k applies to draws; set temperature above 0"):
+        policy.imagine(frame, actions, top_k=5)
+    for k in (0, 2.5, True):
+        with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
+            policy.imagine(frame, actions, temperature=1.0, top_k=k)
+    assert policy.imagine(frame, actions, temperature=1.0, top_k=5).frames.shape == (1, 32, 32, 3)

@@ -395,3 +395,73 @@ def test_chameleon_layout_follows_the_text_tokenizer(tmp_path):
     assert pol.layout.image_code_ids == got.image_code_ids
     prompt = pol.builder.action_prompt("a", [torch.tensor([[perm[5]] * 4] * 4)])
     assert (prompt == 4 + 5).sum() == 16  # code perm[5] is the token named for it, id 9
+
+
+def test_the_uint8_error_suggests_the_conversion_that_keeps_the_image(policy_dir, rng):
+    """The error used to suggest `(x * 255).astype(np.uint8)` for every dtype: on an int64 or a 0..255 float
+    frame that wraps the pixels around mod 256. The suggestion now follows the dtype and the values, and
+    following it gives back the frame; act, observe, step and imagine all say it."""
+    import re
+
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    frame = _frames(rng)
+    for bad in (frame.astype(np.int64), frame.astype(np.float32), frame / 255.0, frame / 127.5 - 1.0):
+        for call in (pol.act, pol.observe, pol.step, lambda x: pol.imagine(x, np.zeros((1, 4)))):
+            with pytest.raises(TypeError, match="uint8") as e:
+                call(bad)
+            fix = re.search(r"convert with (.+)$", str(e.value)).group(1)
+            assert np.array_equal(eval(fix, {"np": np, "x": bad}), frame), (bad.dtype, fix)
+
+
+def test_reset_refuses_a_missing_or_empty_instruction_as_the_client_does(policy_dir):
+    """`reset(None)` was a raw TypeError and `reset("")` was accepted; PolicyClient.reset refuses both."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    for bad in (None, "", "  ", 3):
+        with pytest.raises(ValueError, match="reset\\(\\) needs the task instruction as a non-empty string"):
+            pol.reset(bad)
+    for bad in (["open the drawer", ""], ["open the drawer", None], ("push", b"push")):
+        with pytest.raises(ValueError, match="needs each environment's task instruction as a non-empty string; "
+                                             "entry 1 is"):
+            pol.reset(bad)
+    with pytest.raises(ValueError, match="empty list"):
+        pol.reset([])
+    pol.reset(["open the drawer", "push"])  # fine
+
+
+def test_a_folder_of_another_kind_is_named_with_what_loads_it(policy_dir):
+    """WorldVLA.from_pretrained on a VQGAN folder listed 419 missing tensors; train-vq --init on a model folder
+    20 unknown VQGANConfig fields; a policy folder "config.json is missing". Each now says what the folder
+    is and what to give instead."""
+    import re
+
+    from worldvla.vqgan import VQGAN
+
+    model, vqgan = re.escape(str(policy_dir / "model")), re.escape(str(policy_dir / "vqgan"))
+    with pytest.raises(ValueError, match=f"is a VQGAN folder .*, not a WorldVLA model folder: give {model}, or load "
+                                         f"this folder with VQGAN.from_pretrained"):
+        WorldVLA.from_pretrained(policy_dir / "vqgan")
+    with pytest.raises(ValueError, match=f"is a WorldVLA model folder .*, not a VQGAN folder: give {vqgan}"):
+        VQGAN.from_pretrained(policy_dir / "model")
+    with pytest.raises(FileNotFoundError, match=f"is a policy folder .*: give {model}, or load this folder with "
+                                                f"WorldVLAPolicy.from_pretrained"):
+        WorldVLA.from_pretrained(policy_dir)
+    with pytest.raises(FileNotFoundError, match=f"is a policy folder .*: give {vqgan}"):
+        VQGAN.from_pretrained(policy_dir)
+    with pytest.raises(FileNotFoundError, match="is a WorldVLA model folder .*, not a policy folder: give "
+                                                + re.escape(str(policy_dir))):
+        WorldVLAPolicy.from_pretrained(policy_dir / "model")
+
+
+def test_from_pretrained_expands_home_and_names_a_path_that_is_not_there(policy_dir, monkeypatch):
+    """`~/...` (a quoted path, a config file) was taken literally and reported as "policy.json is missing"."""
+    import re
+
+    from worldvla.vqgan import VQGAN
+
+    monkeypatch.setenv("HOME", str(policy_dir.parent))
+    assert WorldVLAPolicy.from_pretrained("~/policy", device="cpu").chunk_size == 3  # ~ expanded
+    assert WorldVLA.from_pretrained("~/policy/model").config.vocab_size == LAYOUT.vocab_size
+    for load in (WorldVLAPolicy.from_pretrained, WorldVLA.from_pretrained, VQGAN.from_pretrained):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"{policy_dir.parent / 'nothing'}: no such folder")):
+            load("~/nothing")

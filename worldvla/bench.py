@@ -8,6 +8,7 @@ so it never overwrites the full-size results. (The static `sass` report ignores 
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 
 BENCHMARKS = {
@@ -40,14 +41,18 @@ def run(args) -> int:
     names = args.names or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+        print(f"worldvla bench: error: unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}",
+              file=sys.stderr)
         return 2
     if args.device is not None:
         from .devices import torch_device
 
         torch_device(args.device)  # a GPU that is not here: one line, before any benchmark starts
     failed = []
-    for name in names:
+    # What a Ctrl-C leaves: cli's one line names the benchmarks that finished and the command for the rest.
+    args.finished, args.remaining = [], list(names)
+    for i, name in enumerate(names):
+        args.remaining = names[i:]
         print(f"\n== {name}: {BENCHMARKS[name]}")
         t0 = time.time()
         try:
@@ -58,6 +63,7 @@ def run(args) -> int:
         try:
             path = mod.run(quick=args.quick, device=args.device, out_dir=args.out)
             print(f"-> {path} ({time.time() - t0:.1f} s)")
+            args.finished.append(name)
         except unavailable as e:
             print(f"-- {name} skipped: {e}")
         except Exception as e:  # noqa: BLE001 - one failing benchmark must not hide the others

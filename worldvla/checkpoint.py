@@ -247,6 +247,67 @@ def read_json_file(path, what: str = "JSON file") -> dict:
     return value
 
 
+# config.json keys only a model's has (transformers' Chameleon fields), and only a VQGAN's (VQGANConfig's).
+_MODEL_MARKERS = ("model_type", "hidden_size", "num_hidden_layers", "worldvla_layout")
+_VQGAN_MARKERS = ("ch_mult", "n_embed", "z_channels")
+_LOADERS = {"policy": "WorldVLAPolicy.from_pretrained", "model": "WorldVLA.from_pretrained",
+            "vqgan": "VQGAN.from_pretrained"}
+_KINDS = {"policy": ("a policy folder", "policy.json, model/, vqgan/"),
+          "model": ("a WorldVLA model folder", "its config.json describes a Chameleon language model"),
+          "vqgan": ("a VQGAN folder", "its config.json holds VQGANConfig fields"),
+          "run": ("a training run's folder", "checkpoints/")}
+
+
+def folder_kind(folder) -> str | None:
+    """What a folder this package writes holds, by its files: "policy" (policy.json), "model" or "vqgan" (by
+    the keys of its config.json), "run" (a `worldvla train` / `train-vq` --out: checkpoints/), else None."""
+    folder = Path(folder)
+    if (folder / "policy.json").is_file():
+        return "policy"
+    if (folder / "config.json").is_file():
+        try:
+            d = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return None  # a damaged file: the loader names it
+        if isinstance(d, dict) and any(k in d for k in _MODEL_MARKERS):
+            return "model"
+        if isinstance(d, dict) and all(k in d for k in _VQGAN_MARKERS):
+            return "vqgan"
+        return None
+    if (folder / "checkpoints").is_dir():
+        return "run"
+    return None
+
+
+def check_folder(path, want: str) -> Path:
+    """`path` with `~` expanded, when it may be a `want` folder ("policy", "model", "vqgan"); else one
+    error that says what it is (nothing there, a file, another kind of folder) and what to load instead."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such folder (expected {_KINDS[want][0]})")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder (expected {_KINDS[want][0]})")
+    kind = folder_kind(folder)
+    if kind is None or kind == want:
+        return folder
+    # The `want` folder inside this one, beside it or around it, where there is one (a policy's model/ and
+    # vqgan/, a run's policy/; a policy's vqgan/ beside its model/, the policy around either).
+    near = {"policy": ("policy",), "model": ("model", "policy/model"), "vqgan": ("vqgan", "policy/vqgan")}[want]
+    candidates = [folder / s for s in near] + [folder.parent if want == "policy" else folder.parent / want]
+    sub = next((c for c in candidates if folder_kind(c) == want), None)
+    if sub is not None:
+        fix = f"give {sub}" + (f", or load this folder with {_LOADERS[kind]}" if kind in _LOADERS else "")
+    elif kind in _LOADERS:
+        fix = f"load it with {_LOADERS[kind]}"
+    else:
+        fix = f"give the {want} folder inside it"
+    if want == "policy" and kind == "model":
+        fix += " (or write a policy folder around it with worldvla.inference.save_policy)"
+    # A config.json of the other kind is the wrong file; otherwise the file `want` needs is not there.
+    error = ValueError if {kind, want} == {"model", "vqgan"} else FileNotFoundError
+    raise error(f"{folder} is {_KINDS[kind][0]} ({_KINDS[kind][1]}), not {_KINDS[want][0]}: {fix}")
+
+
 def read_weights_file(path: Path) -> dict:
     """One weights file; a damaged one (cut short by a full disk or an interrupted copy) is refused naming it."""
     from safetensors import SafetensorError
@@ -286,7 +347,7 @@ def _load_state_dict(folder: Path) -> dict:
 
 
 def load_model(path, device=None, dtype=None) -> WorldVLA:
-    folder = Path(path)
+    folder = check_folder(path, "model")  # a policy, VQGAN or run folder named as such, not by its tensors
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: config.json is missing (expected a Hugging Face model folder)")
     cfg = config_from_hf(read_json_file(folder / "config.json", "model config"))

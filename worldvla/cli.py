@@ -108,10 +108,13 @@ _CONTINUE = {
     "eval": "run the same command again to continue: finished closed loops are kept",
     "eval-libero": "run the same command again to continue: finished episodes are kept",
     "demo": "run the same command again to continue: finished stages are kept",
+    "imagine": "run the same command again to imagine the frames anew (a rollout is written only when it ends)",
 }
 
 
 def _how_to_continue(args) -> str | None:
+    if args.command == "bench":
+        return _bench_continue(args)
     if args.command not in ("train", "train-vq"):
         if getattr(args, "no_resume", False):  # the same command would run everything again
             return "run it again without --no-resume to keep what it finished"
@@ -124,6 +127,17 @@ def _how_to_continue(args) -> str | None:
     if getattr(args, "overwrite", False):  # --resume with --overwrite is refused
         return "run the same command with --resume instead of --overwrite to continue from its last checkpoint"
     return "add --resume to the same command to continue from its last checkpoint"
+
+
+def _bench_continue(args) -> str:
+    """Which benchmarks finished (worldvla.bench.run records them on `args`) and the command for the rest."""
+    finished, left = getattr(args, "finished", []), getattr(args, "remaining", None)
+    done = f"{', '.join(finished)} finished, results in {args.out}; " if finished else ""
+    if not finished or not left:
+        return done + "run the same command again to rerun the benchmarks"
+    opts = (" --quick" if args.quick else "") + (f" --device {args.device}" if args.device else "")
+    opts += f" --out {args.out}" if args.out != "benchmarks/results" else ""  # bench's default
+    return done + f"run the rest with: worldvla bench {' '.join(left)}{opts}"
 
 
 def _missing_dependency(e: ImportError) -> bool:

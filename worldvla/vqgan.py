@@ -495,12 +495,14 @@ class VQGAN(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, map_location="cpu") -> "VQGAN":
-        from pathlib import Path
+        from .checkpoint import check_folder, read_weights_file, read_json_file
 
-        from .checkpoint import read_weights_file, read_json_file
-
-        model = cls(VQGANConfig.from_dict(read_json_file(Path(folder) / "config.json", "VQGAN config")))
-        path = Path(folder) / "model.safetensors"
+        folder = check_folder(folder, "vqgan")  # a model or policy folder named as such, not by its fields
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: config.json is missing (expected a VQGAN folder: "
+                                    f"VQGAN.save_pretrained, `worldvla train-vq` OUT/vqgan)")
+        model = cls(VQGANConfig.from_dict(read_json_file(folder / "config.json", "VQGAN config")))
+        path = folder / "model.safetensors"
         sd = read_weights_file(path)  # a damaged file is refused naming it
         model.load_checked(sd, source=path)
         dtypes = {v.dtype for v in sd.values()}

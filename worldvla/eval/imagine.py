@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="futures drawn together (default 1; more than one needs --temperature > 0)")
     p.add_argument("--temperature", type=non_negative_float, default=0.0,
                    help="0 (default): greedy codes; above: a draw from softmax(logits / T)")
-    p.add_argument("--top-k", type=positive_int, help="draw among the k most likely codes only")
+    p.add_argument("--top-k", type=positive_int,
+                   help="draw among the k most likely codes only (default: unset, every code; needs --temperature > 0)")
     p.add_argument("--cfg-scale", type=finite_float, help="classifier-free guidance on the action (1 or unset: none)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="the draws' seed (default 0)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")

@@ -305,9 +305,10 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--policy", required=True, help="policy folder (worldvla.inference.save_policy format)")
     parser.add_argument("--suite", default="libero_spatial", choices=sorted(MAX_STEPS),
-                        help="LIBERO suite; step limits spatial 220, object 280, goal 300, libero_10 520")
+                        help="LIBERO suite; step limits spatial 220, object 280, goal 300, libero_10 520 "
+                             "(default: %(default)s)")
     parser.add_argument("--tasks", default=None, help="comma-separated task ids (default: all 10)")
-    parser.add_argument("--episodes", type=positive_int, default=50, help="episodes per task (the paper: 50)")
+    parser.add_argument("--episodes", type=positive_int, default=50, help="episodes per task (the paper: 50; default: %(default)s)")
     parser.add_argument("--resolution", type=positive_int, default=None,
                         help="camera size in pixels (default: the policy's image size; the release: 256 or 512)")
     parser.add_argument("--out", default="libero_eval",
@@ -325,7 +326,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "mask); 'release' decodes as the release's "
                              "evaluation does (free greedy over the whole vocabulary, every action block the model "
                              "writes executed; an episode whose query yields none fails, as there)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -347,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
     suite = LiberoSuite(args.suite, resolution=args.resolution or policy.image_size)
     res = evaluate_suite(policy, suite, episodes=args.episodes, tasks=tasks, out_dir=args.out,
                          save_videos=args.save_videos, allow_bounds_mismatch=args.allow_bounds_mismatch,
-                         progress=not args.no_progress, policy_path=args.policy, resume=not args.no_resume)
+                         progress=not args.no_progress, policy_path=Path(args.policy).expanduser(),
+                         resume=not args.no_resume)
     for tid, r in res["tasks"].items():
         print(f"task {tid:>2}  {r['success_rate']:6.1%}  {r['instruction']}")
     print(f"{res['suite']}: {res['success_rate']:.1%} over {len(res['tasks'])} tasks x {args.episodes} episodes")

@@ -122,6 +122,17 @@ def policy_camera(policy, camera: str | None = None) -> str:
     return camera
 
 
+def check_execute(policy, execute: int | None, name: str = "the policy") -> None:
+    """Refuse `execute` above the policy's chunk size: the slice would run the whole chunk while metrics.json
+    records `execute`. A mode='release' policy writes as many actions as its model does, so any N is its own."""
+    k = getattr(policy, "chunk_size", None)
+    if execute is None or k is None or getattr(policy, "mode", None) == "release":
+        return
+    if execute > k:
+        raise ValueError(f"--execute {execute} is more than the chunk size of {name} ({k} actions); give "
+                         f"--execute {k} or less (or leave it out to run whole chunks)")
+
+
 def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: int | None = None,
                 max_steps: int = 200, n_envs: int = 4, record: bool = True, env_factory=None,
                 instruction: str | None = None, progress=None, envs: list | None = None,
@@ -144,6 +155,7 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
     if execute is not None and execute < 1:
         raise ValueError(f"execute must be >= 1 actions of a chunk (or None for all), got {execute}")
+    check_execute(policy, execute)
     image_size = int(image_size or getattr(policy, "image_size", 64))
     factory = env_factory or _default_env_factory
     seeds = eval_seeds(task, episodes, seed)
@@ -444,6 +456,8 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         raise ValueError(f"variant names must differ, got {names}; name the policies with --names a,b,... "
                          f"(variant_names in Python)")
     loaded = [load_policy(p, device) if isinstance(p, (str, Path)) else p for p in policies]
+    for name, pol in zip(names, loaded):  # before any env is built or any variant has run
+        check_execute(pol, execute, f"policy {name!r}")
     if causal_variant:
         from .ablations import CausalChunkPolicy
 
@@ -704,10 +718,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--envs", type=positive_int, default=4, help="envs run in lockstep with batched queries (default: %(default)s)")
     parser.add_argument("--env-workers", type=positive_int, default=2,
                         help="processes the envs step in, side by side (1 = in this process; default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="evaluation seed (layouts are derived from it)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="evaluation seed (layouts are derived from it; default: %(default)s)")
     parser.add_argument("--no-random", action="store_true", help="skip the random-policy (chance) baseline")
     parser.add_argument("--wm-episodes", type=non_negative_int, default=2,
-                        help="held-out expert rollouts per task for the world-model metrics (0 = skip)")
+                        help="held-out expert rollouts per task for the world-model metrics (0 = skip; "
+                             "default: %(default)s)")
     parser.add_argument("--wm-horizon", type=positive_int, default=8, help="imagined steps per rollout (default: %(default)s)")
     parser.add_argument("--add-causal-variant", "--no-chunk-mask-variant", dest="causal_variant",
                         action="store_true",
@@ -723,7 +739,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--camera", default=None, choices=CAMERAS,
                         help="Meta-World camera to render from (default: the one the policy's demonstrations were "
                              "collected with, recorded at training; corner for policies without one)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -737,6 +753,10 @@ def run(args: argparse.Namespace) -> int:
     if names is not None and len(names) != len(args.policy):
         print(f"worldvla eval: --names has {len(names)} names for {len(args.policy)} policies", file=sys.stderr)
         return 2
+    from ..checkpoint import check_folder
+
+    # `~` expanded here too: the saved closed loops are keyed by the folder's files (`_policy_fingerprint`).
+    args.policy = [str(check_folder(p, "policy")) for p in args.policy]  # nothing there, a model folder...: named
     for p in args.policy:
         if not (Path(p) / "policy.json").is_file():
             print(f"worldvla eval: {p} is not a policy folder (no policy.json); train one with `worldvla train` "
@@ -752,5 +772,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["closed_loop", "RandomPolicy", "eval_seeds", "expert_rollouts", "world_model_metrics", "evaluate",
-           "default_variant_names", "format_results", "TaskResult", "add_arguments", "run"]
+__all__ = ["closed_loop", "check_execute", "RandomPolicy", "eval_seeds", "expert_rollouts", "world_model_metrics",
+           "evaluate", "default_variant_names", "format_results", "TaskResult", "add_arguments", "run"]

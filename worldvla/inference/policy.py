@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from collections import OrderedDict
 from pathlib import Path
@@ -163,11 +164,12 @@ class WorldVLAPolicy:
     # ------------------------------------------------------------------ loading / saving
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, **kw) -> "WorldVLAPolicy":
+        from ..checkpoint import check_folder
         from ..model import WorldVLA
         from ..tokens import ChameleonTextTokenizer
         from ..vqgan import VQGAN
 
-        path = Path(path)
+        path = check_folder(path, "policy")  # `~` expanded; nothing there, or a model/VQGAN/run folder, named
         if not (path / POLICY_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a policy folder: {POLICY_FILE} is missing (write one with "
                                     f"worldvla.inference.save_policy)")
@@ -215,10 +217,22 @@ class WorldVLAPolicy:
     # ------------------------------------------------------------------ episode state
     def reset(self, instruction) -> None:
         """Start an episode: one instruction for every environment, or a list with one per environment."""
+        # Refused as PolicyClient.reset refuses them: an empty prompt (or str(None)) would run without a task.
         if isinstance(instruction, str):
+            if not instruction.strip():
+                raise ValueError("reset() needs the task instruction as a non-empty string")
             self._instructions = [instruction]
             self._broadcast = True
         else:
+            try:
+                instruction = list(instruction)
+            except TypeError:  # None, a number: nothing to iterate
+                raise ValueError(f"reset() needs the task instruction as a non-empty string (or a list of them, one "
+                                 f"per environment), got {type(instruction).__name__}") from None
+            bad = [i for i, s in enumerate(instruction) if not isinstance(s, str) or not s.strip()]
+            if bad:
+                raise ValueError(f"reset() needs each environment's task instruction as a non-empty string; "
+                                 f"entry {bad[0]} is {instruction[bad[0]]!r}")
             self._instructions = [str(s) for s in instruction]
             if not self._instructions:
                 raise ValueError("reset got an empty list of instructions")
@@ -317,6 +331,19 @@ class WorldVLAPolicy:
         `image_size`) under continuous `actions` ([T, D], or [N, T, D]): `generate_frames` with this
         policy's model, VQGAN, layout and tokenizers (a FrameRollout: codes and uint8 frames). Needs no
         `reset`: the world-model prompt holds no instruction."""
+        # Refused as `worldvla imagine` refuses them: below 0 would decode greedily, and top_k without a draw
+        # would be ignored, each without a word.
+        try:
+            t = float(temperature)
+        except (TypeError, ValueError):
+            t = math.nan
+        if not (math.isfinite(t) and t >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy codes), got {temperature}")
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+                raise ValueError(f"top_k must be an integer >= 1 (or None: every code), got {top_k!r}")
+            if t == 0.0:
+                raise ValueError("top_k applies to draws; set temperature above 0")
         frames, single = self._frames(image)
         return generate_frames(self.model, self.vqgan, frames[0] if single else frames, actions, layout=self.layout,
                                action_tokenizer=self.action_tokenizer, text_tokenizer=self.text_tokenizer,
@@ -333,7 +360,7 @@ class WorldVLAPolicy:
         if a.ndim not in (3, 4) or a.shape[-1] != 3:
             raise ValueError(f"frames must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}")
         if a.dtype != np.uint8:
-            raise TypeError(f"frames must be uint8 in [0, 255], got {a.dtype}; convert with (x * 255).astype(np.uint8)")
+            raise TypeError(f"frames must be uint8 in [0, 255], got {uint8_hint(a)}")
         single = a.ndim == 3
         a = a[None] if single else a
         if a.shape[0] == 0 or 0 in a.shape[1:3]:
@@ -431,10 +458,31 @@ def check_chunk(chunk):
     return chunk
 
 
+def uint8_hint(a: np.ndarray) -> str:
+    """"<dtype> ...; convert with ..." for frames that are not uint8: the conversion that keeps the image, chosen
+    from the dtype and the values (`x * 255` would wrap an int64 or 0..255 float frame around mod 256)."""
+    if a.dtype.kind not in "biuf":
+        return f"{a.dtype}; give RGB pixels as a numeric array, e.g. np.asarray(x, dtype=np.uint8)"
+    if a.dtype.kind == "b":
+        return f"{a.dtype}; convert with x.astype(np.uint8) * 255"
+    finite = a[np.isfinite(a)] if a.dtype.kind == "f" else a
+    if finite.size == 0:
+        return f"{a.dtype} without a finite value; frames need pixel values in 0..255"
+    lo, hi = finite.min().item(), finite.max().item()
+    values = f"{a.dtype} with values in [{lo:g}, {hi:g}]" + (" and NaN or inf" if finite.size < a.size else "")
+    if a.dtype.kind == "f" and lo >= 0 and hi <= 1:
+        return f"{values}; convert with (x * 255).round().astype(np.uint8)"
+    if a.dtype.kind == "f" and lo >= -1 and hi <= 1:  # the VQGAN's [-1, 1] pixels
+        return f"{values}; convert with ((x + 1) * 127.5).round().astype(np.uint8)"
+    if a.dtype.kind == "f":
+        return f"{values}; convert with np.clip(x, 0, 255).round().astype(np.uint8)"
+    return f"{values}; convert with np.clip(x, 0, 255).astype(np.uint8)"
+
+
 def _resize(frame: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(frame).resize((size, size), Image.BILINEAR))
 
 
-__all__ = ["WorldVLAPolicy", "save_policy", "check_chunk", "POLICY_FILE", "POLICY_MODES"]
+__all__ = ["WorldVLAPolicy", "save_policy", "check_chunk", "uint8_hint", "POLICY_FILE", "POLICY_MODES"]
