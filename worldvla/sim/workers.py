@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import signal
 import sys
+import threading
 import traceback
 from collections import deque
 
@@ -27,7 +28,24 @@ def mp_context(preload=("worldvla.sim.metaworld_env",)):
     ctx = mp.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(list(preload))
+        _start_forkserver_ignoring_sigint()
     return ctx
+
+
+def _start_forkserver_ignoring_sigint() -> None:
+    """Start the forkserver with SIGINT ignored. Ctrl-C is the parent's to handle, and the forkserver ignores it
+    itself only once its preload modules (torch, MuJoCo: seconds) are imported, so a Ctrl-C in those seconds
+    printed its traceback under the command's one line. An ignored SIGINT survives the exec, and Python then
+    leaves it ignored. Only the main thread may set handlers; elsewhere the server starts as before, on use."""
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _serve(conn, task: str, n_envs: int, image_size: int, max_steps: int, kwargs: dict) -> None:
