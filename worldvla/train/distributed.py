@@ -77,14 +77,18 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def shard_model(model, mixed_precision: torch.dtype | None = None, reshard_after_forward: bool = True):
-    """FSDP2: shard every decoder layer, then the root (embeddings, final norm, lm_head).
+def shard_model(model, mixed_precision: torch.dtype | None = None, reshard_after_forward: bool = True,
+                device_type: str = "cpu"):
+    """FSDP2: shard every decoder layer, then the root (embeddings, final norm, lm_head), over the ranks'
+    devices of `device_type` (fully_shard's default mesh takes CUDA wherever it is available, so a run with
+    --device cpu on a GPU machine would have put its shards on the GPUs).
 
     `model.loss` is registered as an FSDP forward method so calling it (rather than
     `model(...)`) still gathers the root's parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    kw = {"reshard_after_forward": reshard_after_forward}
+    kw = {"reshard_after_forward": reshard_after_forward, "mesh": init_device_mesh(device_type, (world_size(),))}
     root_kw = dict(kw)
     if mixed_precision is not None:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)

@@ -193,7 +193,7 @@ def _build_model(args, layout, device, fsdp: bool, mixed_precision: torch.dtype 
         if fsdp:
             with torch.device("meta"):
                 model = WorldVLA(cfg)
-            dist_utils.shard_model(model, mixed_precision=mixed_precision)
+            dist_utils.shard_model(model, mixed_precision=mixed_precision, device_type=device.type)
             model.to_empty(device=device)
             model.init_weights(args.init_std, gen)
         else:
@@ -251,7 +251,7 @@ def _init_model(args, layout, device, fsdp: bool, mixed_precision, attention: st
             if isinstance(m, torch.nn.Dropout):
                 m.p = args.dropout
     if fsdp:
-        dist_utils.shard_model(model, mixed_precision=mixed_precision)
+        dist_utils.shard_model(model, mixed_precision=mixed_precision, device_type=device.type)
         model.to_empty(device=device)
         full = loaded.state_dict() if loaded is not None else {}
         del loaded
