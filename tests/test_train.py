@@ -729,3 +729,12 @@ def test_cuda_rng_state_is_this_devices_and_restores_on_a_machine_with_fewer_dev
     assert torch.equal(calls[1][0], torch.tensor([21])) and calls[1][1] == 1
     restore_rng(dict(state, cuda=[torch.tensor([30])]))  # saved with one device: none for device 1
     assert len(calls) == 2 and "none for this rank's device 1" in capsys.readouterr().out
+
+
+def test_a_backend_that_cannot_train_here_is_refused_before_the_run_starts(store_dir, tmp_path):
+    """--attn-backend native (forward-only kernels) failed at the first step, after the model was built and the
+    run folder written; it is refused up front with the op's reason."""
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="--attn-backend native cannot train on cpu: .*forward-only"):
+        trainer.train(args_for(store_dir, out, "--steps", 1, "--attn-backend", "native"))
+    assert not out.exists()

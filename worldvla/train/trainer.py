@@ -295,6 +295,31 @@ def _label_stats(labels: torch.Tensor, class_weight: torch.Tensor) -> tuple[floa
     return float(class_weight[y].double().sum()), float(y.numel())
 
 
+def _check_backends(args, device, amp_dtype) -> None:
+    """An explicit --attn-backend / --loss-backend that cannot train on this device (Triton without CUDA, the
+    forward-only native kernels) is refused before the run starts, as the op would refuse it at the first step:
+    asked with a few rows of what a step gives it (on `device`, in the step's dtype, needing gradients)."""
+    from ..mask import causal_meta
+    from ..ops import dispatch
+
+    dtype = amp_dtype or torch.float32
+    for opt, op, backend in (("--attn-backend", "masked_attention", args.attn_backend),
+                             ("--loss-backend", "linear_cross_entropy", args.loss_backend)):
+        if backend == "auto":
+            continue
+        if op == "masked_attention":
+            q = torch.randn(1, 8, 1, 64, device=device, dtype=dtype, requires_grad=True)
+            probe = (q, q, q, causal_meta((1, 8), device))
+        else:
+            h = torch.randn(4, 16, device=device, dtype=dtype, requires_grad=True)
+            probe = (h, torch.randn(32, 16, device=device, dtype=dtype, requires_grad=True),
+                     torch.zeros(4, dtype=torch.long, device=device), None, 1e-5, -100)
+        try:
+            dispatch.resolve(op, backend, device.type, *probe)
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(f"{opt} {backend} cannot train on {device}: {err}") from None
+
+
 def train(args) -> dict:
     """Run training as described by `args` (the `worldvla train` namespace). Returns a summary."""
     from tqdm.auto import tqdm
@@ -313,6 +338,7 @@ def train(args) -> dict:
     if args.min_lr is not None and args.min_lr > args.lr:  # refused before anything is read or deleted
         raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine decay would raise the "
                          f"learning rate; pass a --min-lr of at most --lr (default: --lr / 10)")
+    _check_backends(args, device, _precision(args, device))
     prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("policy", "model"))
     kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
     store = TokenStore(args.store, kinds=kinds)
