@@ -187,3 +187,43 @@ def test_mixed_dtypes_are_refused_by_name():
         decode_attention(q[:, :1], k.bfloat16(), k.half(), dm, backend="torch")
     with pytest.raises(TypeError, match="q must be a floating-point tensor"):
         masked_attention(torch.ones(1, 6, 2, 8, dtype=torch.long), k.long(), k.long(), causal_meta((1, 6)))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed_dense", "packed_documents"])
+def test_every_backend_honours_softmax_scale(layout):
+    """The model never passes a softmax scale, so dropping it on a path (the torch backend's padded SDPA call,
+    say) went unnoticed: every installed backend, on every path, against the reference at a scale of 0.3."""
+    gen = torch.Generator().manual_seed(5)
+    if layout == "padded":
+        q = torch.randn(2, 10, 2, 16, generator=gen)
+        meta = causal_meta((2, 10))
+    else:
+        ids, meta = _packed(gen, _docs(gen))
+        meta = _dense(meta) if layout == "packed_dense" else meta
+        q = torch.randn(ids.numel(), 2, 16, generator=gen)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    want = masked_attention_ref(q.double(), k.double(), v.double(), meta, softmax_scale=0.3)
+    assert (want - masked_attention_ref(q.double(), k.double(), v.double(), meta)).abs().max() > 0.1
+    for backend in dispatch.available("masked_attention"):
+        if not dispatch.supports("masked_attention", backend, q, k, v, meta, 0.3):
+            continue
+        got = masked_attention(q, k, v, meta, softmax_scale=0.3, backend=backend)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend}: {m}")
+
+
+def test_every_decode_backend_honours_softmax_scale():
+    from worldvla.mask import DecodeMeta
+    from worldvla.ops import decode_attention, decode_attention_ref
+
+    gen = torch.Generator().manual_seed(6)
+    q, kc, vc = torch.randn(2, 3, 4, 16, generator=gen), torch.randn(2, 40, 2, 16, generator=gen), \
+        torch.randn(2, 40, 2, 16, generator=gen)
+    meta = DecodeMeta(torch.tensor([[30, 31, 32], [20, 21, 22]], dtype=torch.int32),
+                      torch.full((2, 3), -1, dtype=torch.int32), torch.full((2, 40), NO_BLOCK, dtype=torch.int32),
+                      torch.tensor([33, 23], dtype=torch.int32))
+    want = decode_attention_ref(q.double(), kc.double(), vc.double(), meta, softmax_scale=0.3)
+    for backend in dispatch.available("decode_attention"):
+        if not dispatch.supports("decode_attention", backend, q, kc, vc, meta, 0.3):
+            continue
+        got = decode_attention(q, kc, vc, meta, softmax_scale=0.3, backend=backend)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend}: {m}")

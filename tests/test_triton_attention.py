@@ -431,3 +431,46 @@ def test_gpu_long_sequences(dtype):
     assert_close_rule(out, ref, same, "gpu fwd")
     for name, a, b, c in zip("qkv", xs, xd, xsame):
         assert_close_rule(a.grad, b.grad, c.grad, f"gpu d{name}")
+
+
+def _tile_metas(gen):
+    """Metadata whose key tiles start one block below a query tile's limit (a tile whose smallest block is
+    b - 1 against queries limited to b must be partial, not mask-free), and random few-block metadata."""
+    from worldvla.mask import NO_BLOCK
+
+    kvb = torch.tensor([0] * 16 + [NO_BLOCK] * 4 + [1] * 12, dtype=torch.int32)
+    ql = torch.tensor([-1] * 20 + [1] * 12, dtype=torch.int32)
+    yield kvb, ql
+    for _ in range(12):
+        L = int(torch.randint(20, 70, (1,), generator=gen))
+        kvb = torch.randint(-1, 3, (L,), generator=gen, dtype=torch.int32).sort().values
+        kvb[kvb < 0] = NO_BLOCK
+        yield kvb, torch.randint(-1, 4, (L,), generator=gen, dtype=torch.int32).sort().values
+
+
+def test_tile_classes_match_a_literal_loop_at_block_boundaries(rng, poison_empty):
+    """A mask-free test off by one block (a key tile of block b - 1 taken as fully visible to queries limited
+    to b) passed the long-chunk test, whose tiles never met that case: the plan equals a literal loop, and
+    the output the reference, on metadata built to meet it."""
+    for kvb, ql in _tile_metas(rng):
+        L = kvb.numel()
+        meta = ChunkMaskMeta(kvb.view(1, L), ql.view(1, L), torch.arange(L).view(1, L), None, L).to(DEV)
+        plan = K.tile_plan(meta, 16, 16)
+        want = loop_tile_classes(ChunkMaskMeta(kvb, ql, torch.arange(L), None, L), 16, 16)
+        got = {key: "f" if bool(plan.full[0][key]) else "p" if bool(plan.part[0][key]) else "s" for key in want}
+        assert got == want, (kvb.tolist(), ql.tolist())
+        q, k, v = qkv(rng, (1, L, 1, 32), 1, torch.float32)
+        out = K.chunk_attention(q, k, v, meta, block_m=16, block_n=16)
+        ref = masked_attention_ref(q.double(), k.double(), v.double(), meta)
+        assert_close_rule(out, ref, torch_same_precision(q, k, v, meta), "fwd", floor_eps=FP32_FLOOR_EPS)
+
+
+def test_lse_of_a_row_without_visible_keys_is_infinite(rng, poison_empty):
+    """chunk_attention_with_lse promises +inf for a row that sees no key (the backward never reads it there)."""
+    L = 4
+    meta = ChunkMaskMeta(torch.zeros(1, L, dtype=torch.int32), torch.tensor([[-1, -1, -1, 5]], dtype=torch.int32),
+                         torch.arange(L).view(1, L), None, L).to(DEV)
+    q, k, v = qkv(rng, (1, L, 1, 32), 1, torch.float32)
+    out, lse = K.chunk_attention_with_lse(q, k, v, meta)
+    assert torch.isinf(lse[0, 3]).all() and (lse[0, 3] > 0).all() and torch.isfinite(lse[0, :3]).all()
+    assert torch.all(out[0, 3] == 0)

@@ -161,3 +161,21 @@ def test_inputs_that_need_gradients_go_to_another_backend():
     assert "forward-only" in tb._decode_supports(q.requires_grad_(), k, k, meta).reason
     with torch.no_grad():
         assert tb._decode_supports(q, k, k, meta) is True
+
+
+@pytest.mark.parametrize("num_splits", [2, 3])
+def test_split_kv_merge_when_a_later_split_dominates(rng, num_splits, poison_empty):
+    """In the other tests the first split holds the most keys and dominates, so the merge's rescaling of the
+    running sums never mattered: here the query matches one key of the last split strongly."""
+    B, S, H, D = 1, 96, 2, 64
+    kc = torch.randn(B, S, H, D, generator=rng).to(DEV)
+    vc = torch.randn(B, S, H, D, generator=rng).to(DEV)
+    q = (3.0 * kc[:, 90]).unsqueeze(1)  # [B, 1, H, D]: its best key is near the end of the cache
+    meta = DecodeMeta(torch.tensor([[S - 1]], dtype=torch.int32, device=DEV),
+                      torch.full((B, 1), -1, dtype=torch.int32, device=DEV),
+                      torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV),
+                      torch.tensor([S], dtype=torch.int32, device=DEV))
+    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
+    same = decode_attention_ref(q, kc, vc, meta, upcast=False)
+    out = K.decode_attention(q, kc, vc, meta, num_splits=num_splits, block_n=32)
+    assert_close_rule(out, ref, same, f"{num_splits} splits", floor_eps=FP32_FLOOR_EPS)
