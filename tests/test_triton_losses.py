@@ -280,3 +280,20 @@ def test_labels_that_all_weigh_zero_give_the_z_loss_alone(backend):
     torch.testing.assert_close(loss.double(), 0.1 * (lse * lse).mean(), rtol=1e-5, atol=1e-6)
     loss.backward()
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all() and h.grad.abs().sum() > 0
+
+
+def test_non_finite_hidden_states_of_ignored_rows_reach_nothing(rng):
+    """The reference selects the labelled rows; the kernel computes every row of a chunk and must zero the
+    ignored ones: an inf or NaN hidden state there (padding, a dropped position) leaves loss and grads finite."""
+    h, w, y = inputs(rng, 60, 40, torch.float32)
+    ignored = (y == -100).nonzero().squeeze(1)
+    assert ignored.numel() >= 2
+    h = h.detach().clone()
+    h[ignored[0]] = float("inf")
+    h[ignored[1]] = float("nan")
+    got = run(lambda *a: K.linear_cross_entropy(*a, chunk_size=16), h, w, y, None, 1e-3)
+    want = run(linear_cross_entropy_ref, h, w, y, None, 1e-3)
+    assert all(torch.isfinite(t).all() for t in (got[0], got[3]))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[3], want[3], rtol=1e-4, atol=1e-5)
+    assert torch.all(got[2][y == -100] == 0)
