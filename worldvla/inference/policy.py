@@ -96,7 +96,8 @@ class WorldVLAPolicy:
 
     `act(image [H, W, 3])` -> [K, D]; `act(images [N, H, W, 3])` -> [N, K, D] (float32,
     de-normalized with the action tokenizer's bounds). Frames of another size are resized
-    to `image_size`. `mode`: chunk decoding, "parallel" or "sequential" under the chunk mask,
+    to `image_size` x `image_size` (bilinear; a non-square frame is stretched, not cropped: crop
+    it first to keep its aspect ratio as the training frames had it). `mode`: chunk decoding, "parallel" or "sequential" under the chunk mask,
     or "causal" (nothing hidden); the default is "parallel", or "causal" for a model trained
     with plain causal attention (`config.attention == "causal"`), which allows nothing else.
     These three force the chunk's structure and choose each bin among the bin ids. "release"
@@ -285,7 +286,8 @@ class WorldVLAPolicy:
         """Action chunk(s) for the current frame(s): [K, D] for [H, W, 3], [N, K, D] for [N, H, W, 3].
 
         `history`: the previous env step's frame(s) (same layout as `image`), or None on the first
-        query of an episode; omitted, the policy uses the last frame it was given (act/observe)."""
+        query of an episode; omitted, the policy uses the last frame it was given (act/observe).
+        Frames not `image_size` square are resized to it (stretched if not square)."""
         self._require_reset()
         frames, single = self._frames(image)
         N = frames.shape[0]
