@@ -199,3 +199,22 @@ def test_policy_imagine_refuses_what_the_cli_refuses(files):
         with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
             policy.imagine(frame, actions, temperature=1.0, top_k=k)
     assert policy.imagine(frame, actions, temperature=1.0, top_k=5).frames.shape == (1, 32, 32, 3)
+
+
+def test_demo_frames_are_turned_as_pretokenize_turns_them(tmp_path, capsys):
+    """imagine turned a LIBERO-looking file's frames by 180 degrees with no word and no way to keep them as
+    stored; it says so now, and --rotate-180 no reads them as stored."""
+    import h5py
+
+    from worldvla.eval.imagine import demo_segment
+
+    frames = np.zeros((3, 8, 8, 3), np.uint8)
+    frames[:, :4] = 255  # white top half
+    with h5py.File(tmp_path / "regen.hdf5", "w") as f:  # LIBERO's camera key, no `upright` attribute
+        f.create_dataset("data/demo_0/obs/agentview_rgb", data=frames)
+        f.create_dataset("data/demo_0/actions", data=np.zeros((3, 7), np.float32))
+    first, actions, real, _ = demo_segment(tmp_path / "regen.hdf5", 0, 0, 2)
+    assert first[:4].max() == 0 and first[4:].min() == 255 and actions.shape == (2, 7)
+    assert "rotated by 180 degrees" in capsys.readouterr().out
+    first, _, _, _ = demo_segment(tmp_path / "regen.hdf5", 0, 0, 2, rotate_180=False)
+    assert first[:4].min() == 255 and capsys.readouterr().out == ""

@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src.add_argument("--start", type=non_negative_int, default=0,
                      help="the episode's frame to start from (default 0); its recorded actions follow")
     src.add_argument("--camera", help="the camera of --demos (default: agentview, else the first)")
+    src.add_argument("--rotate-180", default="auto", choices=("auto", "yes", "no"),
+                     help="rotate --demos' frames by 180 degrees, as pretokenize does (auto: LIBERO's files, which "
+                          "store their cameras upside down, with a line saying so; default: %(default)s)")
     src.add_argument("--image", help="a frame to start from (PNG, JPEG: anything Pillow reads)")
     src.add_argument("--actions", help="with --image: continuous actions [T, D] as .npy, or text (.csv with "
                                        "commas, else whitespace), one action a line")
@@ -98,13 +101,17 @@ def load_image(path) -> np.ndarray:
         raise ValueError(f"{path}: not an image Pillow can read") from None
 
 
-def demo_segment(path, index: int, start: int, steps: int, camera=None):
+def demo_segment(path, index: int, start: int, steps: int, camera=None, rotate_180: bool | None = None):
     """(first frame, actions [S, D], recorded next frames [S, ...], instruction) of episode `index` of
-    `path` from frame `start`, S = min(steps, the frames recorded after it)."""
-    from ..data.hdf5 import iter_demos
+    `path` from frame `start`, S = min(steps, the frames recorded after it). Frames are turned as
+    pretokenize turns them (`rotate_180`: None = LIBERO's files, said in one line)."""
+    from ..data.hdf5 import iter_demos, rotation_note
 
+    note = rotation_note([path], rotate_180)
+    if note:
+        print(note)
     n = 0
-    for i, demo in enumerate(iter_demos(path, camera=camera)):
+    for i, demo in enumerate(iter_demos(path, camera=camera, rotate_180=rotate_180)):
         n = i + 1
         if i == index:
             break
@@ -193,8 +200,10 @@ def run(args: argparse.Namespace) -> int:
     policy = WorldVLAPolicy.from_pretrained(args.policy, device=args.device, dtype=args.dtype)
     real = None
     if args.demos is not None:
-        first, actions, real, _ = demo_segment(args.demos, args.demo, args.start, args.steps, args.camera)
-        source = {"demos": str(args.demos), "demo": args.demo, "start": args.start, "camera": args.camera}
+        rotate = {"auto": None, "yes": True, "no": False}[getattr(args, "rotate_180", "auto")]
+        first, actions, real, _ = demo_segment(args.demos, args.demo, args.start, args.steps, args.camera, rotate)
+        source = {"demos": str(args.demos), "demo": args.demo, "start": args.start, "camera": args.camera,
+                  "rotate_180": getattr(args, "rotate_180", "auto")}
     else:
         first = load_image(args.image)
         actions = load_actions(args.actions, policy.action_dim)[:args.steps]
