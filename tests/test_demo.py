@@ -210,7 +210,8 @@ def test_collect_replaces_files_of_other_settings_when_the_stage_reruns(tmp_path
     from worldvla.data import collect
 
     seen = {}
-    monkeypatch.setattr(collect, "collect", lambda *a, **k: seen.update(k) or {"incomplete": [], "errors": [], "tasks": {}})
+    monkeypatch.setattr(collect, "collect",
+                        lambda *a, **k: seen.update(k) or {"incomplete": [], "errors": [], "tasks": {}})
     demo.stage_collect(demo.DemoConfig.fast_preset(), tmp_path, False)
     assert seen["overwrite"] is True
 

@@ -691,7 +691,8 @@ def pack(samples, max_tokens: int, pad_id: int | None = None):
 
 
 # ---------------------------------------------------------------------- command line
-# Shared with `worldvla train-vq`, whose frames must be read as pretokenize reads them.
+# Shared with `worldvla train-vq` and `imagine --demos`, whose frames must be read as pretokenize reads them.
+ROTATE_180 = {"auto": None, "yes": True, "no": False}  # --rotate-180 -> iter_demos' rotate_180
 CAMERA_HELP = ("camera name: frames from obs/<camera>_rgb (or _image; default: agentview or the first). Files "
                "without an `upright` attribute that hold obs/agentview_rgb or eye_in_hand_rgb are read as LIBERO's "
                "and their frames rotated by 180 degrees, with a line saying so (--rotate-180 no keeps them as stored)")
@@ -725,7 +726,7 @@ def add_arguments(p) -> None:
                    help="demos per shard (default: 0, one shard per file)")
     p.add_argument("--include-failed", action="store_true", help="also tokenize demos not marked successful")
     p.add_argument("--camera", default=None, help=CAMERA_HELP)
-    p.add_argument("--rotate-180", default="auto", choices=("auto", "yes", "no"), help=ROTATE_HELP)
+    p.add_argument("--rotate-180", default="auto", choices=tuple(ROTATE_180), help=ROTATE_HELP)
     p.add_argument("--drop-noops", action="store_true",
                    help="drop the steps whose arm action is ~0 and gripper unchanged, as the release's regeneration "
                         "of LIBERO's demos does (for LIBERO's raw files, which keep them)")
@@ -740,7 +741,7 @@ def run(args) -> int:
                       chunk_size=args.chunk_size, history=args.history, action=not args.no_action,
                       world=not args.no_world, bounds=args.action_bounds, demos_per_shard=args.demos_per_shard,
                       only_success=not args.include_failed, camera=args.camera,
-                      rotate_180={"auto": None, "yes": True, "no": False}[args.rotate_180],
+                      rotate_180=ROTATE_180[args.rotate_180],
                       drop_noops=args.drop_noops, encode_batch=args.encode_batch,
                       device=args.device, overwrite=args.overwrite, progress=not args.no_progress)
     m = json.loads((out / MANIFEST).read_text())

@@ -27,6 +27,8 @@ from ..devices import DTYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from ..data.store import ROTATE_180
+
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__
     p.add_argument("policy", help="policy folder (what `worldvla train` or worldvla.inference.save_policy writes)")
@@ -36,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src.add_argument("--start", type=non_negative_int, default=0,
                      help="the episode's frame to start from (default 0); its recorded actions follow")
     src.add_argument("--camera", help="the camera of --demos (default: agentview, else the first)")
-    src.add_argument("--rotate-180", default="auto", choices=("auto", "yes", "no"),
+    src.add_argument("--rotate-180", default="auto", choices=tuple(ROTATE_180),
                      help="rotate --demos' frames by 180 degrees, as pretokenize does (auto: LIBERO's files, which "
                           "store their cameras upside down, with a line saying so; default: %(default)s)")
     src.add_argument("--image", help="a frame to start from (PNG, JPEG: anything Pillow reads)")
@@ -179,6 +181,7 @@ def _write_npz(path: Path, **arrays) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import write_text_atomic
+    from ..data.store import ROTATE_180
     from ..inference.policy import WorldVLAPolicy
     from . import plots
 
@@ -200,8 +203,8 @@ def run(args: argparse.Namespace) -> int:
     policy = WorldVLAPolicy.from_pretrained(args.policy, device=args.device, dtype=args.dtype)
     real = None
     if args.demos is not None:
-        rotate = {"auto": None, "yes": True, "no": False}[getattr(args, "rotate_180", "auto")]
-        first, actions, real, _ = demo_segment(args.demos, args.demo, args.start, args.steps, args.camera, rotate)
+        first, actions, real, _ = demo_segment(args.demos, args.demo, args.start, args.steps, args.camera,
+                                               ROTATE_180[getattr(args, "rotate_180", "auto")])
         source = {"demos": str(args.demos), "demo": args.demo, "start": args.start, "camera": args.camera,
                   "rotate_180": getattr(args, "rotate_180", "auto")}
     else:

@@ -308,7 +308,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="LIBERO suite; step limits spatial 220, object 280, goal 300, libero_10 520 "
                              "(default: %(default)s)")
     parser.add_argument("--tasks", default=None, help="comma-separated task ids (default: all 10)")
-    parser.add_argument("--episodes", type=positive_int, default=50, help="episodes per task (the paper: 50; default: %(default)s)")
+    parser.add_argument("--episodes", type=positive_int, default=50,
+                        help="episodes per task (the paper: 50; default: %(default)s)")
     parser.add_argument("--resolution", type=positive_int, default=None,
                         help="camera size in pixels (default: the policy's image size; the release: 256 or 512)")
     parser.add_argument("--out", default="libero_eval",

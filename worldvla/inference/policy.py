@@ -97,8 +97,8 @@ class WorldVLAPolicy:
     `act(image [H, W, 3])` -> [K, D]; `act(images [N, H, W, 3])` -> [N, K, D] (float32,
     de-normalized with the action tokenizer's bounds). Frames of another size are resized
     to `image_size` x `image_size` (bilinear; a non-square frame is stretched, not cropped: crop
-    it first to keep its aspect ratio as the training frames had it). `mode`: chunk decoding, "parallel" or "sequential" under the chunk mask,
-    or "causal" (nothing hidden); the default is "parallel", or "causal" for a model trained
+    it first to keep its aspect ratio as the training frames had it). `mode`: chunk decoding,
+    "parallel" or "sequential" under the chunk mask, or "causal" (nothing hidden); the default is "parallel", or "causal" for a model trained
     with plain causal attention (`config.attention == "causal"`), which allows nothing else.
     These three force the chunk's structure and choose each bin among the bin ids. "release"
     decodes as the release does (inference/release.py): greedy over the whole vocabulary until

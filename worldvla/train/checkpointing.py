@@ -292,7 +292,7 @@ def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True)
     state = json.loads((path / "state.json").read_text())
     main = dist_utils.is_main()
     msd = torch.load(path / "model.pt", map_location="cpu", weights_only=True) if main else {}
-    set_model_state_dict(model, msd, options=_options(True))
+    load_full_model_state(model, msd)
     del msd  # rank 0 holds the full model's fp32 weights: not while the optimizer state (twice that) loads
     if optimizer is not None:
         osd = torch.load(path / "optim.pt", map_location="cpu", weights_only=True) if main else {}

@@ -43,7 +43,6 @@ from .checkpointing import (add_run_arguments, latest_checkpoint, load_checkpoin
 RESUME_SETTINGS = ("config", "init", "n_embed", "steps", "epochs", "batch_size", "lr", "min_lr", "warmup",
                    "beta1", "beta2", "weight_decay", "grad_clip", "l1", "l2", "beta", "restart_every",
                    "restart_threshold", "usage_decay", "seed", "frame_stride", "max_frames", "camera", "rotate_180")
-_ROTATE = {"auto": None, "yes": True, "no": False}
 
 
 def load_frames(inputs, stride: int = 1, max_frames: int = 0, camera=None, rotate_180: bool | None = None,
@@ -176,7 +175,7 @@ def _resolve_min_lr(args, out: Path) -> None:
 def train_vq(args) -> dict:
     from tqdm.auto import tqdm
 
-    from ..data.store import find_demo_files
+    from ..data.store import ROTATE_180, find_demo_files
     from ..vqgan import preprocess
 
     device = dist_utils.init(args.device)
@@ -200,7 +199,7 @@ def train_vq(args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     dist_utils.barrier()
     frames = load_frames(files, args.frame_stride, args.max_frames, args.camera,
-                         _ROTATE[getattr(args, "rotate_180", "auto")], announce=main)
+                         ROTATE_180[getattr(args, "rotate_180", "auto")], announce=main)
     if len(frames) < args.batch_size:
         raise ValueError(f"only {len(frames)} frames for a batch of {args.batch_size}; lower --batch-size")
     vq = _build(args).to(device)
@@ -313,7 +312,7 @@ def train_vq(args) -> dict:
 
 
 def add_arguments(p) -> None:
-    from ..data.store import CAMERA_HELP, ROTATE_HELP
+    from ..data.store import CAMERA_HELP, ROTATE_180, ROTATE_HELP
 
     p.add_argument("inputs", nargs="+", help="HDF5 demo files or folders")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, vqgan/)")
@@ -354,7 +353,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-frames", type=non_negative_int, default=0,
                    help="frames to train on at most (default: 0, all)")
     p.add_argument("--camera", default=None, help=CAMERA_HELP)
-    p.add_argument("--rotate-180", default="auto", choices=tuple(_ROTATE), help=ROTATE_HELP)
+    p.add_argument("--rotate-180", default="auto", choices=tuple(ROTATE_180), help=ROTATE_HELP)
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto = bf16 autocast on GPU, fp32 on CPU (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
