@@ -227,6 +227,23 @@ def test_parallel_equals_sequential_many_prompts(rng, step_path):
                 assert torch.equal(row, want), (K, D, mode)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_parallel_equals_sequential_beyond_the_one_call_steps_rows(rng, dtype):
+    """Chunks of more than DECODE_STEP_MAX_QUERIES actions: the CPU's one-call step takes at most that
+    many rows per sequence, so a parallel step over every block would go layer by layer and round
+    differently from the one-row sequential step (a bfloat16 model's projections flip tokens); the
+    blocks run in groups instead and keep the sequential tokens exactly, in a ragged batch too."""
+    pytest.importorskip("worldvla._C")
+    model = _model(8, ModelConfig.small(LAYOUT), std=0.2).to(dtype)
+    K, D = decoder_op.DECODE_STEP_MAX_QUERIES + 8, 2
+    prompts = [_prompt(rng, 1 + i % 2) for i in range(4)]
+    par = generate_action_chunk(model, prompts, LAYOUT, K, D, mode="parallel")
+    seq = generate_action_chunk(model, prompts, LAYOUT, K, D, mode="sequential")
+    assert par.shape == (4, K, D + 2)
+    assert torch.equal(par, seq), f"{int((par != seq).sum())} of {par.numel()} tokens differ"
+    assert len({tuple(r.tolist()) for r in par[0]}) > 1  # not a constant output
+
+
 def test_equal_length_batch_tensor(rng):
     model = _model(5)
     b = _builder()

@@ -131,18 +131,24 @@ def _decode_parallel(engine, P, base, n_actions, action_dim, backend):
     layout, dev = engine.layout, engine.device
     B, K, D, T = engine.batch_size, n_actions, action_dim, action_dim + 2
     lo, hi = layout.bin_range
-    buf = engine.buffers(K)
-    buf.ids.fill_(layout.boa)
-    buf.set_positions(P.view(B, 1) + T * torch.arange(K, device=dev).view(1, K))
-    buf.q_limit.copy_(base.view(B, 1) + torch.arange(K, dtype=torch.int32, device=dev).view(1, K))
+    # Blocks are independent within a step (each hides the others), so a chunk may run as groups of
+    # blocks: groups no bigger than the one-row step's path takes keep the sequential tokens exactly.
+    group = engine.max_step_rows() or K
     bins = torch.empty(B, K, D, dtype=torch.long, device=dev)
     for d in range(D):
-        h = engine.run(buf)
-        tok = head_sample(engine.model, h.reshape(B * K, -1), lo, hi, backend=backend).view(B, K)
-        bins[:, :, d] = tok
-        if d + 1 < D:
-            buf.ids.copy_(tok)
-            buf.advance(1)
+        for k0 in range(0, K, group):
+            k1 = min(K, k0 + group)
+            ks = torch.arange(k0, k1, device=dev)
+            buf = engine.buffers(k1 - k0)
+            if d == 0:
+                buf.ids.fill_(layout.boa)
+            else:
+                buf.ids.copy_(bins[:, k0:k1, d - 1])
+            buf.set_positions(P.view(B, 1) + T * ks.view(1, -1) + d)
+            buf.q_limit.copy_(base.view(B, 1) + ks.to(torch.int32).view(1, -1))
+            h = engine.run(buf)
+            tok = head_sample(engine.model, h.reshape(B * (k1 - k0), -1), lo, hi, backend=backend)
+            bins[:, k0:k1, d] = tok.view(B, k1 - k0)
     return bins
 
 

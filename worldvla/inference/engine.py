@@ -28,7 +28,7 @@ import torch
 
 from ..mask import NO_BLOCK, DecodeMeta, chunk_mask_meta
 from ..model import KVCache
-from ..ops.decoder import DecodeStepPlan, native_step_active
+from ..ops.decoder import DECODE_STEP_MAX_QUERIES, DecodeStepPlan, native_step_active
 from ..tokens.layout import VocabLayout
 
 
@@ -287,6 +287,14 @@ class InferenceEngine:
         """The native plan the CPU runs steps of `n_queries` rows per sequence with now (a DecodeStepPlan
         with a step), else None."""
         return self._plan(self.buffers(n_queries))
+
+    def max_step_rows(self) -> int | None:
+        """The most query rows per sequence one step runs on the path the one-row step takes, or None
+        where any number does. The CPU's one-call step (DecodeStepPlan) takes up to DECODE_STEP_MAX_QUERIES;
+        a bigger step goes layer by layer, which rounds differently (a bfloat16 model's projections)."""
+        if self.device.type != "cpu" or self.backend != "auto" or not native_step_active():
+            return None
+        return DECODE_STEP_MAX_QUERIES
 
     def _plan(self, buf: StepBuffers):
         """The step's native plan where one runs it now (the CPU; ops.decoder.DecodeStepPlan), else None.

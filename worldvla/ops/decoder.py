@@ -22,6 +22,10 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import dispatch
 from .projection import NATIVE_MAX_ROWS
 
+# Rows per sequence a whole-step call takes: the decode attention's row-by-row kernel (more rows per
+# sequence take its tiled kernel, a prefill's; kDecodeTiledRows in csrc/cpu/attention.cpp).
+DECODE_STEP_MAX_QUERIES = 32
+
 # `auto` sends prefills through the cache (more than NATIVE_MAX_ROWS rows) to the native layer as well;
 # False keeps the modules for them (benchmarks.e2e --decode-paths compares both).
 NATIVE_PREFILL = True

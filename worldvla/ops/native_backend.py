@@ -36,6 +36,7 @@ from worldvla import _C  # ImportError here = no native backend
 
 from ..mask import ChunkMaskMeta, DecodeMeta
 from . import dispatch
+from .decoder import DECODE_STEP_MAX_QUERIES
 from .projection import NATIVE_MAX_ROWS
 from .sampling import SCREEN_MIN_ROWS, draw_noise, sample_logits, scaled_gumbel
 
@@ -983,11 +984,6 @@ def _decoder_layer_gemm(layer, w, x, cos, sin, ctx, index) -> Tensor:
     d = F.linear(g, wd)
     _C.decoder_residual(y.data_ptr(), d.data_ptr(), y.data_ptr(), R, D, ln2.data_ptr(), 0, 0, eps, post)
     return y.view(B, Q, D)
-
-
-# Rows per sequence a whole-step call takes: the decode attention's row-by-row kernel (more rows per
-# sequence take its tiled kernel, a prefill's; kDecodeTiledRows in csrc/cpu/attention.cpp).
-DECODE_STEP_MAX_QUERIES = 32
 
 
 _PROJECTION_SLOTS = (1, 2, 3, 4, 10, 11, 12)  # the projections among a layer's 13 weights (_DECODER_WEIGHTS)
