@@ -124,6 +124,26 @@ def test_sampling(rng):
     assert int(s1.min()) >= 0 and int(s1.max()) < 64
 
 
+@pytest.mark.parametrize("cfg_scale", [None, 2.0])
+def test_a_sampled_frame_does_not_depend_on_its_batch(rng, cfg_scale):
+    """With one seed, a frame's sample is the same alone, first in a batch of 3 and in another batch
+    of 3 (each frame draws from its own generator); the frames of a batch differ from each other."""
+    model, b = _model(3), _builder()
+    codes = torch.randint(0, 64, (3, 4, 4), generator=rng)
+    a = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=rng))).uniform(-1, 1, (3, 4))
+    other_codes, other_a = torch.randint(0, 64, (3, 4, 4), generator=rng), -a
+    other_codes[0], other_a[0] = codes[0], a[0]
+
+    def draw(c, x):
+        return generate_frame_codes(model, c, x, b, temperature=1.5, cfg_scale=cfg_scale,
+                                    generator=torch.Generator().manual_seed(11))
+
+    alone, batch, other = draw(codes[:1], a[:1]), draw(codes, a), draw(other_codes, other_a)
+    assert torch.equal(batch[0], alone[0]) and torch.equal(other[0], alone[0])
+    same_input = draw(codes[[1, 1]], a[[1, 1]])  # one input twice: two different draws
+    assert not torch.equal(same_input[0], same_input[1])
+
+
 def test_rollout_feeds_predictions_back(rng):
     model, b, vq = _model(4), _builder(), _tiny_vqgan()
     img = torch.randint(0, 256, (64, 64, 3), generator=rng, dtype=torch.uint8).numpy()

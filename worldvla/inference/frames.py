@@ -119,9 +119,15 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
         return sample_logits(logits, temperature, top_k, generator, gumbel) + lo
 
     # A sampled frame draws its Gumbel noise an image row at a time ([w, N, hi - lo]: code i takes row
-    # i % w), so that the Python loop and the native one consume the generator alike.
+    # i % w), so that the Python loop and the native one consume the generators alike. Each frame of the
+    # batch draws from its own generator, seeded from one draw of `generator`, so that a frame's sample
+    # does not depend on how many others share its batch.
+    item_gens = _item_generators(generator, N, dev) if sampled else ()
+
     def row_noise():
-        return draw_gumbel((w, N, hi - lo), generator, dev) if sampled else None
+        if not sampled:
+            return None
+        return torch.stack([draw_gumbel((w, hi - lo), g, dev) for g in item_gens], dim=1)
 
     out = torch.empty(N, h * w, dtype=torch.long, device=dev)
     noise = row_noise()
@@ -158,6 +164,13 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
             nxt += 1
         out[:, i] = choose(hid, None if noise is None else noise[i % w])
     return code_of[out - lo].view(N, h, w)
+
+
+def _item_generators(generator, n: int, device) -> list:
+    """`n` generators on `device`, the i-th seeded from one draw of `generator` (torch's default one
+    when None) and i alone."""
+    base = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return [torch.Generator(device=device).manual_seed((base + 0x9E3779B97F4A7C15 * i) % 2**63) for i in range(n)]
 
 
 def _native_frame_loop(engine, model, hidden, lo, hi, temperature, backend):
