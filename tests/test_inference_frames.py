@@ -1,5 +1,6 @@
 """World-model frame generation: cached decoding vs full recomputation, forced structure, CFG, rollouts."""
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -142,6 +143,18 @@ def test_a_sampled_frame_does_not_depend_on_its_batch(rng, cfg_scale):
     assert torch.equal(batch[0], alone[0]) and torch.equal(other[0], alone[0])
     same_input = draw(codes[[1, 1]], a[[1, 1]])  # one input twice: two different draws
     assert not torch.equal(same_input[0], same_input[1])
+
+
+def test_decoding_a_model_in_training_mode_warns(rng):
+    """Dropout left on makes decoding random: the engine says so and names model.eval()."""
+    cfg = dataclasses.replace(ModelConfig.tiny(LAYOUT), dropout=0.1)
+    model, b = WorldVLA(cfg).init_weights(0.5), _builder()
+    codes, a = torch.randint(0, 64, (1, 4, 4), generator=rng), np.array([[0.2, 0.4, -0.6, 0.0]])
+    with pytest.warns(RuntimeWarning, match=r"training mode.*model\.eval\(\)"):
+        generate_frame_codes(model, codes, a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate_frame_codes(model.eval(), codes, a, b)
 
 
 def test_rollout_feeds_predictions_back(rng):

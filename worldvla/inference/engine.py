@@ -198,6 +198,10 @@ class InferenceEngine:
         B = self.batch_size
         if len(prompts) != B:
             raise ValueError(f"this engine holds {B} sequences but got {len(prompts)} prompts")
+        if self.model.training and self.model.config.dropout > 0:
+            warnings.warn(f"decoding a model in training mode: its dropout ({self.model.config.dropout}) makes "
+                          f"the output random; call model.eval() first",
+                          RuntimeWarning, stacklevel=3)
         self.check_model()
         skip = [0] * B if skip is None else [int(s) for s in skip]
         if len(skip) != B:
