@@ -11,6 +11,15 @@ from worldvla.eval import metrics
 from worldvla.eval.metaworld import RandomPolicy, closed_loop, eval_seeds, format_results
 
 
+@pytest.fixture(autouse=True)
+def _stand_in_tasks(monkeypatch):
+    """The stand-in env's tasks count as Meta-World tasks for `evaluate`, which refuses unknown names up front."""
+    from worldvla.sim import TASKS
+
+    for task in ("fake-a-v3", "fake-b-v3"):
+        monkeypatch.setitem(TASKS, task, "a stand-in task")
+
+
 def _ssim_reference(x: np.ndarray, y: np.ndarray, L: float) -> float:
     """Direct float64 SSIM: explicit 11x11 Gaussian window at every valid position."""
     g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5 ** 2))
@@ -619,3 +628,85 @@ def test_channels_last_float_images_are_refused():
         with pytest.raises(ValueError, match="channels-first .* C = 1 or 3"):
             fn(x, x)
     assert torch.isinf(metrics.psnr(x.movedim(-1, -3), x.movedim(-1, -3))).all()
+
+
+def _writers():
+    from worldvla.eval import plots
+
+    frames = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    return {"success.png": lambda p: plots.success_bars({"a": {"reach-v3": 0.5, "push-v3": 0.25}}, p),
+            "world_model.png": lambda p: plots.horizon_curves({"reach": {"psnr": [20, 18], "ssim": [0.8, 0.7]}}, p),
+            "grid.png": lambda p: plots.frame_grid([frames, frames[:2]], p, labels=["real", "imagined"]),
+            "rollout.gif": lambda p: plots.save_gif(frames, p, fps=4)}
+
+
+@pytest.mark.parametrize("name", ["success.png", "world_model.png", "grid.png", "rollout.gif"])
+def test_figures_are_written_atomically(tmp_path, monkeypatch, name):
+    """A rewrite of success.png on a full disk left a corrupt file (metrics.json, written atomically, kept its
+    old content): figures and GIFs go to a temporary file that replaces the old one only once complete."""
+    import errno
+    import os
+
+    import matplotlib.figure
+    from PIL import Image
+
+    from worldvla.eval.plots import _pyplot
+
+    write, path = _writers()[name], tmp_path / name
+    assert write(path) == path
+    with Image.open(path) as im:  # the format follows the name, not the temporary file's .tmp
+        assert im.format == ("GIF" if name.endswith(".gif") else "PNG")
+    good = path.read_bytes()
+
+    def full_disk(self, fp, *a, **k):  # a few bytes written, then the disk is full
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG\r\n")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write(path)
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == [name]  # no temporary file left behind
+    assert _pyplot().get_fignums() == []  # nor an open figure
+
+
+def test_an_unknown_task_is_named_before_any_closed_loop_runs(tmp_path, monkeypatch, capsys):
+    """`--tasks reach-v3,drawer-close-v3,raech-v3` ran the first two tasks' closed loops before the typo
+    failed; now every name is checked first, and the error names the closest tasks."""
+    from worldvla.cli import main
+    from worldvla.eval import metaworld as mw
+    from worldvla.sim import TASKS
+
+    def make_env(task, *a):  # as the real one: an unknown task fails when its env is built
+        if task not in TASKS:
+            raise ValueError(f"unknown Meta-World task {task!r}")
+        return FakeMetaWorldEnv(task, *a)
+
+    monkeypatch.setattr(mw, "_default_env_factory", make_env)
+    real_closed_loop, calls = mw.closed_loop, []
+
+    def counting(policy, task, *a, **k):
+        calls.append(task)
+        return real_closed_loop(policy, task, *a, **k)
+
+    monkeypatch.setattr(mw, "closed_loop", counting)
+    kw = dict(episodes=1, max_steps=3, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1)
+    with pytest.raises(ValueError) as e:
+        mw.evaluate([PushRight()], ["fake-a-v3", "reach-v3", "raech-v3", "drawer-opne-v3"], out_dir=tmp_path / "o",
+                    **kw)
+    assert calls == [] and not (tmp_path / "o").exists()
+    msg = str(e.value)
+    assert msg.startswith("unknown Meta-World tasks 'raech-v3' (did you mean reach-v3, reach-wall-v3"), msg
+    assert "'drawer-opne-v3' (did you mean drawer-open-v3" in msg and "nothing was run: fix --tasks" in msg
+    assert "assembly-v3" not in msg  # every unknown name has close ones: no list of all 50
+    with pytest.raises(ValueError, match=r"unknown Meta-World task 'zzz'; .*the tasks are assembly-v3, "):
+        mw.evaluate([PushRight()], ["zzz"], out_dir=tmp_path / "o", **kw)
+    # The command line names the typo before it reads the policy folders.
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    assert main(["eval", "--policy", str(tmp_path / "nowhere"), "--tasks", "reach-v3,raech-v3",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "worldvla eval: error: unknown Meta-World task 'raech-v3' (did you mean reach-v3" in err, err
+    assert calls == [] and not (tmp_path / "o").exists()

@@ -185,9 +185,11 @@ def test_too_few_initial_states_are_refused_before_the_first_episode():
 
 
 def test_missing_libero_names_what_to_install(capsys):
+    import importlib
+
     pytest.importorskip("argparse")
     try:
-        import libero as _  # noqa: F401
+        importlib.import_module("libero")
         pytest.skip("LIBERO is installed here")
     except ImportError:
         pass
@@ -362,3 +364,72 @@ def test_mode_help_names_the_causal_default():
 
     help_text = " ".join(libero.add_arguments(argparse.ArgumentParser()).format_help().split())
     assert "default: parallel, or causal for a model trained without the chunk mask" in help_text
+
+
+# What LIBERO's libero/libero/__init__.py does on import when its config file is missing: ask on the terminal.
+_FAKE_LIBERO_INIT = '''
+import os
+
+config_file = os.path.join(os.environ.get("LIBERO_CONFIG_PATH", os.path.expanduser("~/.libero")), "config.yaml")
+if not os.path.exists(config_file):
+    input("Do you want to specify a custom path for the dataset folder? (Y/N): ")
+
+
+def get_libero_path(key):
+    return "/libero/" + key
+'''
+
+
+@pytest.fixture
+def fake_libero(tmp_path, monkeypatch):
+    """A stand-in LIBERO package on sys.path, whose `libero.libero` calls input() without its config file;
+    input() fails as in a batch job (EOFError). Yields the list of prompts input() got."""
+    import sys
+
+    root = tmp_path / "site"
+    (root / "libero" / "libero").mkdir(parents=True)
+    (root / "libero" / "__init__.py").write_text("")
+    (root / "libero" / "libero" / "__init__.py").write_text(_FAKE_LIBERO_INIT)
+    (root / "libero" / "libero" / "envs.py").write_text("class OffScreenRenderEnv:\n    pass\n")
+    (root / "libero" / "libero" / "benchmark.py").write_text(
+        "class Goal:\n    n_tasks = 10\n\n\ndef get_benchmark_dict():\n    return {'libero_goal': Goal}\n")
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LIBERO_CONFIG_PATH", raising=False)
+    prompts = []
+
+    def no_terminal(prompt=""):
+        prompts.append(prompt)
+        raise EOFError("EOF when reading a line")
+
+    monkeypatch.setattr("builtins.input", no_terminal)
+    for name in [m for m in sys.modules if m == "libero" or m.startswith("libero.")]:
+        monkeypatch.delitem(sys.modules, name)
+    yield prompts
+    for name in [m for m in sys.modules if m == "libero" or m.startswith("libero.")]:
+        del sys.modules[name]
+
+
+def test_a_missing_libero_config_is_named_instead_of_prompting(fake_libero, tmp_path, monkeypatch):
+    """With LIBERO installed but no ~/.libero/config.yaml, LIBERO's first import asks for a dataset path with
+    input(): a batch job hung there or died with EOFError. The harness names the missing file first."""
+    import argparse
+    import re
+
+    home_config = re.escape(str(tmp_path / "home" / ".libero" / "config.yaml"))
+    with pytest.raises(FileNotFoundError, match=rf"LIBERO's config file {home_config} is missing; .*"
+                                                r"python -c 'import libero.libero'.*LIBERO_CONFIG_PATH"):
+        libero.LiberoSuite("libero_goal")
+    args = libero.add_arguments(argparse.ArgumentParser()).parse_args(["--policy", str(tmp_path / "nowhere"),
+                                                                       "--out", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match="LIBERO's config file .* is missing"):  # before the policy loads
+        libero.run(args)
+    # LIBERO_CONFIG_PATH moves the file LIBERO reads, and the one checked.
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "cfg"))
+    with pytest.raises(FileNotFoundError, match=rf"LIBERO's config file {re.escape(str(tmp_path / 'cfg'))}/config"):
+        libero.LiberoSuite("libero_goal")
+    assert fake_libero == []  # LIBERO never got to ask
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.yaml").write_text("bddl_files: /libero/bddl_files\n")
+    suite = libero.LiberoSuite("libero_goal")
+    assert suite.n_tasks == 10 and suite._bddl_root == "/libero/bddl_files" and fake_libero == []

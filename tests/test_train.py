@@ -741,3 +741,29 @@ def test_a_backend_that_cannot_train_here_is_refused_before_the_run_starts(store
     with pytest.raises(ValueError, match="--attn-backend native cannot train on cpu: .*forward-only"):
         trainer.train(args_for(store_dir, out, "--steps", 1, "--attn-backend", "native"))
     assert not out.exists()
+
+
+def test_atomic_writes_take_the_umask_mode_and_leave_nothing_behind_on_failure(tmp_path):
+    """write_atomic's file gets the mode a plain write gives it (0o666 less the umask; a temporary file's
+    0o600 made plots, metrics and checkpoints unreadable to the group); a failed write keeps the old file
+    and leaves no temporary sibling."""
+    import os
+
+    from worldvla.checkpoint import write_atomic, write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.json", "{}")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o644
+
+    def fails(p):
+        open(p, "w").write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(tmp_path / "a.json", fails)
+    assert (tmp_path / "a.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "plain.json"]

@@ -25,7 +25,6 @@ import os
 import pickle
 import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -151,8 +150,9 @@ def write_atomic(path: Path, write) -> None:
     which is flushed to the disk and then replaces `path` (a crash or a power loss leaves the old file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # os.open with 0o666, not mkstemp (0o600): the file gets the umask's mode, as a plain write gives it
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
         fsync_path(tmp)

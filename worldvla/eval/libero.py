@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import sys
@@ -43,12 +44,33 @@ _INSTALL_HINT = (
 )
 
 
+def _check_libero_config() -> None:
+    """LIBERO's `libero.libero` asks on the terminal (`input()`) where to keep its datasets when its config file
+    is missing, on its first import: a batch job hangs there or dies with EOFError. Refuse before importing it."""
+    if "libero.libero" in sys.modules:  # imported already: the config is there
+        return
+    # Where LIBERO looks (libero/libero/__init__.py): $LIBERO_CONFIG_PATH, else ~/.libero.
+    folder = os.environ.get("LIBERO_CONFIG_PATH", os.path.expanduser("~/.libero"))
+    config = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(
+            f"LIBERO's config file {config} is missing; LIBERO would ask for it on the terminal, which this run "
+            "cannot answer. Create it once in a terminal: python -c 'import libero.libero' (answer N to keep the "
+            "datasets in the LIBERO checkout), or set LIBERO_CONFIG_PATH to a folder holding a config.yaml. "
+            "Then rerun this command.")
+
+
 class LiberoSuite:
     """One LIBERO benchmark suite: tasks, their fixed initial states and environments."""
 
     def __init__(self, name: str, resolution: int = 256):
         if name not in MAX_STEPS:
             raise ValueError(f"unknown LIBERO suite {name!r}; choose one of {', '.join(MAX_STEPS)}")
+        try:
+            importlib.import_module("libero")  # the package alone: its libero.libero reads the config on import
+        except ImportError as e:
+            raise ImportError(f"{_INSTALL_HINT} ({e})") from e
+        _check_libero_config()
         try:
             from libero.libero import benchmark, get_libero_path
             from libero.libero.envs import OffScreenRenderEnv
@@ -335,10 +357,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:  # before LIBERO loads: the episodes (and GIFs) would go nowhere
         raise ValueError("--out names no folder: give --out FOLDER (the results are saved there after every episode)")
     try:
-        import libero  # noqa: F401
+        importlib.import_module("libero")
     except ImportError:
         print(f"worldvla eval-libero: {_INSTALL_HINT}", file=sys.stderr)
         return 2
+    _check_libero_config()  # before the policy loads
     from ..inference import WorldVLAPolicy
 
     tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]

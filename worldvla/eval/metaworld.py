@@ -24,6 +24,7 @@ depend on their seeds alone) and runs only what is missing.
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 import sys
@@ -131,6 +132,23 @@ def check_execute(policy, execute: int | None, name: str = "the policy") -> None
     if execute > k:
         raise ValueError(f"--execute {execute} is more than the chunk size of {name} ({k} actions); give "
                          f"--execute {k} or less (or leave it out to run whole chunks)")
+
+
+def check_tasks(tasks) -> None:
+    """Refuse names that are not Meta-World tasks (`worldvla.sim.TASKS`), all of them in one error with the
+    closest valid names: before any work starts, not when the task's turn comes after the others ran."""
+    from ..sim import TASKS
+
+    unknown = [t for t in dict.fromkeys(tasks) if t not in TASKS]
+    if not unknown:
+        return
+    close = {t: difflib.get_close_matches(t, list(TASKS), n=3) for t in unknown}
+    named = ", ".join(f"{t!r} (did you mean {' or '.join(filter(None, [', '.join(c[:-1]), c[-1]]))}?)" if c
+                      else repr(t) for t, c in close.items())  # 'raech-v3' (did you mean a, b or c?)
+    msg = f"unknown Meta-World task{'s' * (len(unknown) > 1)} {named}; nothing was run: fix --tasks"
+    if not all(close.values()):
+        msg += f"; the tasks are {', '.join(sorted(TASKS))}"
+    raise ValueError(msg)
 
 
 def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: int | None = None,
@@ -438,11 +456,12 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     from ..ops import dispatch
     from . import plots
 
+    tasks = list(dict.fromkeys(tasks))  # a task named twice runs once (it would count twice in the means)
+    check_tasks(tasks)  # every name, before anything loads or runs
     # Triton must be loaded before MuJoCo's software renderer (their LLVMs clash otherwise).
     dispatch.available("masked_attention")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tasks = list(dict.fromkeys(tasks))  # a task named twice runs once (it would count twice in the means)
     if not tasks:
         raise ValueError("no tasks to evaluate: pass Meta-World task names (--tasks drawer-open-v3,door-open-v3)")
     if episodes < 1:
@@ -749,6 +768,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"worldvla eval: --tasks {args.tasks!r} names no task; pass Meta-World tasks, e.g. "
               f"--tasks drawer-open-v3,door-open-v3", file=sys.stderr)
         return 2
+    check_tasks(tasks)  # a typo is named before the policy folders are read
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     if names is not None and len(names) != len(args.policy):
         print(f"worldvla eval: --names has {len(names)} names for {len(args.policy)} policies", file=sys.stderr)
@@ -772,5 +792,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["closed_loop", "check_execute", "RandomPolicy", "eval_seeds", "expert_rollouts", "world_model_metrics",
-           "evaluate", "default_variant_names", "format_results", "TaskResult", "add_arguments", "run"]
+__all__ = ["closed_loop", "check_execute", "check_tasks", "RandomPolicy", "eval_seeds", "expert_rollouts",
+           "world_model_metrics", "evaluate", "default_variant_names", "format_results", "TaskResult", "add_arguments",
+           "run"]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import write_atomic
+
 
 def _pyplot():
     import matplotlib
@@ -14,6 +16,27 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# Every figure and image is written to a temporary file beside `path` that then replaces it: a failed
+# write (a full disk, a kill) leaves the previous file whole, as metrics.json is. The temporary name
+# ends in .tmp, so the format is given explicitly, from `path`'s suffix.
+def _save_figure(fig, path, **kw) -> Path:
+    import matplotlib
+
+    path = Path(path)
+    fmt = path.suffix[1:].lower() or matplotlib.rcParams["savefig.format"]
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, **kw))
+    return path
+
+
+def _save_image(img, path, default_format: str, **kw) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), default_format)
+    write_atomic(path, lambda tmp: img.save(tmp, format=fmt, **kw))
+    return path
 
 
 def success_bars(rates: dict[str, dict[str, float]], path, title: str = "Meta-World closed-loop success",
@@ -51,10 +74,10 @@ def success_bars(rates: dict[str, dict[str, float]], path, title: str = "Meta-Wo
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return _save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def horizon_curves(curves: dict[str, dict[str, list[float]]], path, title: str = "imagined rollouts vs simulator") -> Path:
@@ -86,10 +109,10 @@ def horizon_curves(curves: dict[str, dict[str, list[float]]], path, title: str =
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return _save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def frame_grid(rows: list[np.ndarray], path, labels: list[str] | None = None, pad: int = 2) -> Path:
@@ -114,9 +137,7 @@ def frame_grid(rows: list[np.ndarray], path, labels: list[str] | None = None, pa
         draw = ImageDraw.Draw(img)
         for i, s in enumerate(labels):
             draw.text((2, pad + i * (H + pad) + H // 2 - 5), s, fill=(0, 0, 0))
-    path = Path(path)
-    img.save(path)
-    return path
+    return _save_image(img, path, "PNG")
 
 
 def save_gif(frames, path, fps: float = 20) -> Path:
@@ -128,10 +149,9 @@ def save_gif(frames, path, fps: float = 20) -> Path:
         raise ValueError("save_gif needs at least one frame")
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
-    path = Path(path)
     # GIF stores each frame's delay in hundredths of a second; Pillow takes milliseconds.
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
-    return path
+    return _save_image(frames[0], path, "GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps),
+                       loop=0)
 
 
 def side_by_side(a: np.ndarray, b: np.ndarray, pad: int = 2) -> np.ndarray:
