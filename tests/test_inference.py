@@ -444,6 +444,24 @@ def test_parse_action_blocks_skips_malformed():
     assert blocks.tolist() == [[L.boa, b, b + 1, L.eoa], [L.boa, b + 2, b + 3, L.eoa]]
 
 
+def test_parse_release_actions_as_the_release():
+    """generate_dis_ma's loop then unnorm_min_max's shapes: each EOA closes the latest BOA's block, whatever its
+    length; a stray EOA after a closed block is skipped; a longer block keeps its first D ids, a 1-id block is
+    broadcast; a block of 0 or 2..D-1 ids (or an EOA before any BOA) ends the kept actions and fails after them."""
+    from worldvla.inference.baseline import parse_release_actions
+
+    L, b = LAYOUT, LAYOUT.bin_base
+    A, E = L.boa, L.eoa
+    parse = lambda toks, D=3: (lambda r: (r[0].tolist(), r[1]))(parse_release_actions(torch.tensor(toks), L, D))
+    assert parse([5, A, b, b + 1, b + 2, b + 3, E, E, 7, A, b + 4, E, A, b, b, b, L.sep]) == (
+        [[A, b, b + 1, b + 2, E], [A, b + 4, b + 4, b + 4, E]], False)       # trailing open block: not decoded
+    assert parse([A, b, A, b + 1, b + 2, b + 3, E]) == ([[A, b + 1, b + 2, b + 3, E]], False)  # BOA restarts
+    assert parse([A, b, b, b, E, A, b, b, E, A, b, b, b, E]) == ([[A, b, b, b, E]], True)
+    assert parse([A, b, b, b, E, A, E, A, b, b, b, E]) == ([[A, b, b, b, E]], True)
+    assert parse([E, A, b, b, b, E]) == ([], True)                           # start_index unset: raises
+    assert parse([]) == ([], False) and parse_release_actions(torch.tensor([]), L, 3)[0].shape == (0, 5)
+
+
 def test_growing_cache_concatenates():
     c = GrowingKVCache(1)
     k = torch.randn(1, 3, 2, 4)

@@ -194,32 +194,125 @@ def test_malformed_action_blocks_are_rejected():
     chunk_mask_meta(rows, L)
 
 
-def test_growing_block_meta_is_the_whole_sequence_meta():
+@pytest.mark.parametrize("release_pairing", [False, True])
+def test_growing_block_meta_is_the_whole_sequence_meta(release_pairing):
     """Token by token, GrowingBlockMeta gives each new token the kv_block and q_limit that chunk_mask_meta of the
-    whole sequence so far gives its last token, and refuses the token that makes the blocks malformed."""
+    whole sequence so far gives its last token, and refuses the token that makes the blocks malformed; with the
+    release's pairing too, where one EOA closing no block after a closed block is a token outside any block."""
     from worldvla.mask import GrowingBlockMeta
 
     L = VocabLayout.compact(n_image_codes=64)
     tokens = [L.boa, L.eoa, L.eoi, L.boi, L.sep, L.bin_base, L.bin_base + 3, L.text_base + 2, 5]
     g = torch.Generator().manual_seed(0)
-    pushed = refused = 0
+    pushed = refused = strays = 0
     for _ in range(600):
         seq = [tokens[int(i)] for i in torch.randint(0, len(tokens), (int(torch.randint(2, 30, (1,), generator=g)),),
                                                        generator=g)]
         cut = int(torch.randint(1, len(seq), (1,), generator=g))
         try:
-            chunk_mask_meta(torch.tensor(seq[:cut]), L)
+            chunk_mask_meta(torch.tensor(seq[:cut]), L, release_pairing=release_pairing)
         except ValueError:
             continue
-        grow = GrowingBlockMeta(torch.tensor(seq[:cut]), L)
+        grow = GrowingBlockMeta(torch.tensor(seq[:cut]), L, release_pairing=release_pairing)
         for i in range(cut, len(seq)):
             try:
-                want = chunk_mask_meta(torch.tensor(seq[:i + 1]), L)
-            except ValueError:
-                with pytest.raises(ValueError, match="malformed action blocks"):
+                want = chunk_mask_meta(torch.tensor(seq[:i + 1]), L, release_pairing=release_pairing)
+            except ValueError as err:
+                with pytest.raises(ValueError, match="malformed action blocks") as got:
                     grow.push(seq[i])
+                reason = lambda e: str(e).split(";")[0].split(" is ", 1)[1]
+                assert reason(got.value) == reason(err)
                 refused += 1
                 break
+            strays += seq[i] == L.eoa and not grow.open
             assert grow.push(seq[i]) == (int(want.kv_block[-1]), int(want.q_limit[-1])), seq[:i + 1]
             pushed += 1
     assert pushed > 500 and refused > 50
+    assert (strays > 20) if release_pairing else strays == 0
+
+
+def release_att_mask_3(ids, L):
+    """The release's `generate_att_mask_3` literally: BOA and EOA positions paired in order after one EOA too many
+    is dropped from the end (or the open block closed at the end), ValueError where the counts still differ.
+    Also returns the pairs, to see those out of order."""
+    ids = list(ids)
+    n = len(ids)
+    S = [i for i, t in enumerate(ids) if t == L.boa]
+    E = [i for i, t in enumerate(ids) if t == L.eoa]
+    if len(S) > len(E):
+        E.append(n - 1)
+    elif len(S) < len(E):
+        E = E[:-1]
+    if len(S) != len(E):
+        raise ValueError("Mismatched action start and end tokens")
+    m = np.tril(np.ones((n, n), dtype=bool))
+    eois = [i for i, t in enumerate(ids) if t == L.eoi]
+    last_eoi = eois[-1] if eois else -1
+    blocks = list(zip(S, E))
+    for s, e in blocks:
+        if s > last_eoi:
+            for ps, pe in blocks:
+                if pe < s:
+                    m[s:e + 1, ps:pe + 1] = False
+    return m, blocks
+
+
+def test_release_pairing_is_the_release_mask():
+    """chunk_mask_meta(release_pairing=True) accepts a sequence exactly when the release's mask, rebuilt at every
+    prefix, never raises and pairs its blocks in order, and no EOA precedes every BOA (the release's parser
+    raises there); and then its mask is the release's. The default refuses every EOA closing no block."""
+    L = VocabLayout.compact(n_image_codes=64)
+    tokens = [L.boa, L.eoa, L.eoa, L.eoi, L.sep, L.bin_base, L.bin_base + 3, 5]
+    g = torch.Generator().manual_seed(1)
+    accepted = strays = 0
+    for _ in range(800):
+        seq = [tokens[int(i)] for i in torch.randint(0, len(tokens), (int(torch.randint(1, 24, (1,), generator=g)),),
+                                                       generator=g)]
+        ok = True
+        for k in range(1, len(seq) + 1):
+            try:
+                _, blocks = release_att_mask_3(seq[:k], L)
+            except ValueError:
+                ok = False
+                break
+            ok &= all(s <= e for s, e in blocks) and all(e < s2 for (_, e), (s2, _) in zip(blocks, blocks[1:]))
+        first_boa = seq.index(L.boa) if L.boa in seq else len(seq)
+        ok &= L.eoa not in seq[:first_boa]
+        try:
+            meta = chunk_mask_meta(torch.tensor(seq), L, release_pairing=True)
+        except ValueError as err:
+            assert not ok and "malformed action blocks" in str(err), seq
+            continue
+        assert ok, seq
+        assert np.array_equal(meta.dense_mask().numpy(), release_att_mask_3(seq, L)[0]), seq
+        accepted += 1
+        stray = seq.count(L.eoa) > seq.count(L.boa)
+        strays += stray
+        if stray:
+            with pytest.raises(ValueError, match="EOA that closes no open action block"):
+                chunk_mask_meta(torch.tensor(seq), L)
+    assert accepted > 120 and strays > 15, (accepted, strays)
+
+
+def test_release_pairing_refusals():
+    L = VocabLayout.compact(n_image_codes=64)
+    b = L.bin_base
+    block = [L.boa, b, b + 1, L.eoa]
+    seq = [L.sep] + block + block + [L.eoa, 5, L.sep]
+    meta = chunk_mask_meta(torch.tensor(seq), L, release_pairing=True)
+    assert meta.kv_block.tolist()[9:] == [1 << 30] * 3 and meta.q_limit.tolist()[9:] == [-1] * 3
+    for bad, what in (([L.eoa] + block, "EOA before any action block"),
+                      (block + [L.eoa, 5, L.eoa], "second EOA that closes no open action block"),
+                      (block + [L.eoa] + block, "BOA after an EOA that closed no block"),
+                      (block[:2] + block, "BOA inside an open action block")):
+        with pytest.raises(ValueError, match=f"malformed action blocks.*{what}"):
+            chunk_mask_meta(torch.tensor(bad), L, release_pairing=True)
+    # Per document: a stray EOA in one document does not count in the next, packed or padded.
+    docs = block + [L.eoa] + block + [L.eoa]
+    chunk_mask_meta(torch.tensor(docs), L, cu_seqlens=torch.tensor([0, 5, 10]), release_pairing=True)
+    chunk_mask_meta(torch.tensor(docs).view(2, 5), L, release_pairing=True)
+    with pytest.raises(ValueError, match="BOA after an EOA"):
+        chunk_mask_meta(torch.tensor(docs), L, release_pairing=True)
+    with pytest.raises(ValueError, match="EOA before any"):  # the second document's EOA comes before its blocks
+        chunk_mask_meta(torch.tensor(block + [L.eoa, L.eoa] + block), L, cu_seqlens=torch.tensor([0, 5, 10]),
+                        release_pairing=True)

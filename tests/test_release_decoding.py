@@ -64,6 +64,7 @@ def test_equals_the_release_procedure(rng, seed, biased):
             assert "malformed" in str(err) and g.malformed
             continue
         assert not g.malformed and torch.equal(g.tokens, want.tokens) and torch.equal(g.actions, want.actions)
+        assert g.fails_after == want.fails_after
     if biased:  # the fast path met action blocks, not only free text
         assert sum(g.actions.shape[0] for g in got) > 0
 
@@ -209,11 +210,131 @@ def test_release_chunks_of_different_or_no_length(rng, monkeypatch):
         ChunkQuery(policy)(frames[0], None)
     blocks["n"] = [2]
     assert policy.step(frames[0]).shape == (D,) and policy.step(frames[0]).shape == (D,)
-    # Output that turned malformed after a good block (an EOA closing none: the release's parser raises
-    # and its loop fails the episode) gives no action, not the blocks before it.
-    good = Generated(torch.tensor(block + [LAYOUT.eoa]), torch.tensor([block]), True)
+    # Output that turned malformed after a good block (here a second EOA closing no block, on which the
+    # release's mask raises and generation aborts) gives no action, not the blocks before it.
+    good = Generated(torch.tensor(block + [LAYOUT.eoa] * 2), torch.tensor([block]), True)
     monkeypatch.setattr(policy_mod, "generate_release_actions", lambda *a, **k: [good])
     policy.reset("push")
     assert policy.act(frames[0], history=None).shape == (0, D)
     with pytest.raises(RuntimeError, match="malformed"):
         ChunkQuery(policy)(frames[0], None)
+
+
+def _forcing(template, prompt_len):
+    """A logits processor writing `template` after the prompt: an id is forced, None leaves the model's choice
+    among the bin ids (so the tokens still depend on the mask); the separator once the template is written."""
+    lo, hi = LAYOUT.bin_range
+
+    def proc(ids, logits):
+        j = ids.numel() - prompt_len
+        out = torch.full_like(logits, float("-inf"))
+        t = template[j] if j < len(template) else LAYOUT.sep
+        if t is None:
+            out[lo:hi] = logits[lo:hi]
+        else:
+            out[t] = 0.0
+        return out
+
+    return proc
+
+
+def _release(template, seed=9, n=40):
+    """generate_release_actions and the release's procedure (the baseline) on one prompt with `template` forced."""
+    model = _model(seed)
+    p = _prompts(torch.Generator().manual_seed(seed), 1)[0]
+    (got,) = generate_release_actions(model, p, LAYOUT, D, n, logits_processor=_forcing(template, p.numel()))
+    want = baseline_generate_action_chunk(model, p, LAYOUT, 1, D, max_new_tokens=n,
+                                          logits_processor=_forcing(template, p.numel()))
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.actions, want.actions)
+    assert got.fails_after == want.fails_after and not got.malformed
+    return got
+
+
+BOA, EOA, X = LAYOUT.boa, LAYOUT.eoa, None  # X: the model's bin
+
+
+def test_release_keeps_the_first_d_ids_of_a_longer_block():
+    """The release's parser decodes a block of D+1 ids and its unnorm_min_max executes the first D: one action,
+    and the next block (whose rows hide the longer one) one more."""
+    got = _release([BOA, *[X] * (D + 1), EOA, BOA, *[X] * D, EOA])
+    t = got.tokens.tolist()
+    assert got.actions.tolist() == [[BOA, *t[1:D + 1], EOA], t[D + 3:2 * D + 5]]
+    assert t[-1] == LAYOUT.sep and not got.fails_after
+
+
+def test_release_skips_a_stray_eoa_after_a_closed_block():
+    """An EOA closing no block after a closed one: the release's mask drops it (a token outside any block) and
+    its parser skips it; generation goes on, the blocks before it are actions."""
+    got = _release([BOA, *[X] * D, EOA, BOA, *[X] * D, EOA, EOA, X, X])
+    t = got.tokens.tolist()
+    assert t[2 * D + 4] == EOA and len(t) == 2 * D + 8 and t[-1] == LAYOUT.sep
+    assert got.actions.tolist() == [t[:D + 2], t[D + 2:2 * D + 4]] and not got.fails_after
+
+
+def test_release_broadcasts_a_one_id_block():
+    got = _release([BOA, X, EOA, BOA, *[X] * D, EOA])
+    t = got.tokens.tolist()
+    assert got.actions.tolist() == [[BOA, *[t[1]] * D, EOA], t[3:D + 5]] and not got.fails_after
+
+
+@pytest.mark.parametrize("short", [0, 2, D - 1])
+def test_release_fails_on_a_short_block(short):
+    """A block of 0 or 2..D-1 ids: the release executes the actions before it, then fails the episode."""
+    got = _release([BOA, *[X] * D, EOA, BOA, *[X] * short, EOA, BOA, *[X] * D, EOA])
+    assert got.actions.tolist() == [got.tokens.tolist()[:D + 2]] and got.fails_after
+
+
+@pytest.mark.parametrize("template,stop,what", [
+    ([BOA, *[X] * D, EOA, EOA, BOA, X, X], D + 3, "BOA after an EOA that closed no block"),
+    ([BOA, *[X] * D, EOA, EOA, X, EOA, X], D + 4, "second EOA"),
+    ([X, EOA, BOA, *[X] * D, EOA], 1, "EOA before any action block")])
+def test_release_stops_where_the_release_fails_or_pairs_out_of_order(template, stop, what):
+    """Still malformed (generation stops, no action): a second stray EOA (the release's mask raises), an EOA
+    before any block (its parser raises), a BOA after a stray EOA (the release pairs it with an earlier EOA,
+    out of order, which the chunk rule cannot express)."""
+    model = _model(9)
+    p = _prompts(torch.Generator().manual_seed(9), 1)[0]
+    (got,) = generate_release_actions(model, p, LAYOUT, D, 30, logits_processor=_forcing(template, p.numel()))
+    assert got.malformed and got.tokens.numel() == stop
+    with pytest.raises(ValueError, match=f"malformed action blocks.*{what}"):
+        baseline_generate_action_chunk(model, p, LAYOUT, 1, D, max_new_tokens=30,
+                                       logits_processor=_forcing(template, p.numel()))
+
+
+def test_policy_release_parsing(rng, monkeypatch):
+    """WorldVLAPolicy(mode="release") executes what the release executes: the first D ids of a longer block, the
+    block before a stray EOA; a short block after a good one: step() runs the good one, then raises where the
+    release fails the episode; act() (the harnesses' and the server's call) keeps no action of that chunk."""
+    from worldvla.eval.rollout import ChunkQuery
+    from worldvla.inference import WorldVLAPolicy, policy as policy_mod
+    from worldvla.vqgan import VQGAN, VQGANConfig
+
+    lo = LAYOUT.bin_range[0]
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32,
+                           n_embed=64)).eval()
+    at = ActionTokenizer(LAYOUT, [-1.0] * D, [1.0] * D)
+    policy = WorldVLAPolicy(_model(9), vq, at, chunk_size=1, image_size=64, mode="release", max_new_tokens=20)
+    frame = torch.randint(0, 256, (64, 64, 3), generator=rng, dtype=torch.uint8).numpy()
+    real = policy_mod.generate_release_actions
+    template = {}
+    monkeypatch.setattr(policy_mod, "generate_release_actions", lambda m, prompts, *a, **k: real(
+        m, prompts, *a, **k, logits_processor=_forcing(template["t"], prompts[0].numel())))
+    bins = list(range(lo + 1, lo + D + 1))
+    want = at.decode(np.array(bins)).astype(np.float32)
+    for t in ([BOA, *bins, lo, EOA], [BOA, *bins, EOA, EOA]):
+        template["t"] = t
+        policy.reset("push")
+        assert np.array_equal(policy.act(frame, history=None), want[None])
+        policy.reset("push")
+        assert np.array_equal(policy.step(frame), want)
+    template["t"] = [BOA, *bins, EOA, BOA, lo, lo, EOA, BOA, *bins, EOA]
+    policy.reset("push")
+    assert policy.act(frame, history=None).shape == (0, D)
+    with pytest.raises(RuntimeError, match="no action block, or malformed"):
+        ChunkQuery(policy)(frame, None)
+    policy.reset("push")
+    assert np.array_equal(policy.step(frame), want)
+    with pytest.raises(RuntimeError, match="malformed.*fails the episode"):
+        policy.step(frame)
+    assert np.array_equal(policy.step(frame), want)  # a caller going on: a new query

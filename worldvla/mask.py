@@ -13,6 +13,10 @@ Block ordinals grow along the sequence, so "kv_block[j] < q_limit[i]" is exactly
 "j lies in an earlier action block". Kernels compare two integers per (i, j) pair,
 and a tile is fully masked when max(kv_block) < min(q_limit) over the tile, fully
 visible (apart from causality) when min(kv_block) >= max(q_limit).
+
+Training data and the structured decoders take well-formed blocks only (BOA, ids, EOA; none
+nested, none closing unopened). The release's free decoding (mode="release") may write one
+more thing its mask accepts: `release_pairing=True` admits it (see `chunk_mask_meta`).
 """
 from __future__ import annotations
 
@@ -89,8 +93,9 @@ class DecodeMeta:
         return ok
 
 
-def _block_metadata(ids: torch.Tensor, doc: torch.Tensor, layout: VocabLayout):
-    """ids, doc: [N] (one flat stream; documents never straddle rows) -> kv_block, q_limit."""
+def _block_metadata(ids: torch.Tensor, doc: torch.Tensor, layout: VocabLayout, release_pairing: bool = False):
+    """ids, doc: [N] (one flat stream; documents never straddle rows) -> kv_block, q_limit.
+    `release_pairing`: as `chunk_mask_meta`."""
     N = ids.numel()
     is_boa = ids == layout.boa
     is_eoa = ids == layout.eoa
@@ -105,12 +110,31 @@ def _block_metadata(ids: torch.Tensor, doc: torch.Tensor, layout: VocabLayout):
     open_before = (n_boa - is_boa.long() - n_eoa_before)[first]
     # Blocks neither nest nor close unopened: the open count of a document stays 0 or 1.
     depth = n_boa - torch.cumsum(is_eoa, 0) - open_before
-    bad = (depth < 0) | (depth > 1)
-    if N and bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        what = "an EOA that closes no open action block" if depth[i] < 0 else "a BOA inside an open action block"
-        raise ValueError(f"malformed action blocks: token {i} (of the flattened input) is {what}; every action "
-                         f"block is BOA, bins..., EOA (build sequences with SequenceBuilder)")
+    if not release_pairing:
+        bad = (depth < 0) | (depth > 1)
+        if N and bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            what = "an EOA that closes no open action block" if depth[i] < 0 else "a BOA inside an open action block"
+            raise ValueError(f"malformed action blocks: token {i} (of the flattened input) is {what}; every action "
+                             f"block is BOA, bins..., EOA (build sequences with SequenceBuilder)")
+    elif N:
+        # One EOA closing no block (a "stray" one) is a token outside any block, provided a block came before
+        # it in its document and no BOA or EOA follows it there (the release's mask drops it, see chunk_mask_meta).
+        stray = depth < 0
+        n_stray_before = torch.cumsum(stray, 0) - stray.long()
+        stray_earlier = (n_stray_before - n_stray_before[first]) > 0          # in this document
+        boa_before = n_boa - is_boa.long()
+        no_block_yet = (boa_before - boa_before[first]) == 0                  # no BOA earlier in this document
+        kinds = (("a BOA inside an open action block", depth > 1),
+                 ("an EOA before any action block", stray & is_eoa & no_block_yet & ~stray_earlier),
+                 ("a second EOA that closes no open action block", stray & is_eoa & stray_earlier),
+                 ("a BOA after an EOA that closed no block (the release would pair it with an earlier EOA, out of "
+                  "order, which the chunk rule cannot express)", is_boa & stray_earlier))
+        bad = torch.stack([b for _, b in kinds])
+        if bool(bad.any()):
+            i = int(bad.any(0).nonzero()[0])
+            what = next(w for w, b in kinds if bool(b[i]))
+            raise ValueError(f"malformed action blocks: token {i} (of the flattened input) is {what}")
     # Inside a block: an opened BOA (of this document) not yet closed by an EOA before this
     # token. An unterminated trailing block (during generation) runs to the document's end.
     in_block = (n_boa - n_eoa_before) > open_before
@@ -141,8 +165,18 @@ def _checked_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device) -> torch.T
     return cu
 
 
-def chunk_mask_meta(input_ids: torch.Tensor, layout: VocabLayout, cu_seqlens: torch.Tensor | None = None) -> ChunkMaskMeta:
-    """Metadata of the chunk rule for `input_ids` [L], [B, L] (padded) or [T] with `cu_seqlens` (packed)."""
+def chunk_mask_meta(input_ids: torch.Tensor, layout: VocabLayout, cu_seqlens: torch.Tensor | None = None, *,
+                    release_pairing: bool = False) -> ChunkMaskMeta:
+    """Metadata of the chunk rule for `input_ids` [L], [B, L] (padded) or [T] with `cu_seqlens` (packed).
+
+    Malformed action blocks (a BOA inside an open block, an EOA closing no block) raise ValueError.
+    `release_pairing=True`, for the release's free decoding only (mode="release"), admits what the
+    release's mask (`generate_att_mask_3`: BOA and EOA positions paired in order, one EOA too many
+    dropped from the end) takes as it stands: in each document, ONE EOA closing no block, after at
+    least one block and with no BOA or EOA after it, as a token outside any block. Still refused there:
+    an EOA before any block (the release's mask drops it, but its parser then raises), a second such
+    EOA (its mask raises), a BOA inside an open block (its mask raises), and a BOA after the stray EOA,
+    which the release pairs with an earlier EOA, out of order: a block the chunk rule cannot express."""
     if input_ids.dtype.is_floating_point:
         raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
     ids = input_ids.long()
@@ -152,7 +186,7 @@ def chunk_mask_meta(input_ids: torch.Tensor, layout: VocabLayout, cu_seqlens: to
         cu = _checked_cu_seqlens(cu_seqlens, ids.numel(), ids.device)
         lens = cu[1:] - cu[:-1]
         doc = torch.repeat_interleave(torch.arange(lens.numel(), device=ids.device), lens)
-        kv_block, q_limit = _block_metadata(ids, doc, layout)
+        kv_block, q_limit = _block_metadata(ids, doc, layout, release_pairing)
         pos = torch.arange(ids.numel(), device=ids.device) - cu[:-1][doc]
         return ChunkMaskMeta(kv_block, q_limit, pos, cu.to(torch.int32), int(lens.max()) if lens.numel() else 0)
 
@@ -163,7 +197,7 @@ def chunk_mask_meta(input_ids: torch.Tensor, layout: VocabLayout, cu_seqlens: to
     B, L = ids2.shape
     # One flat stream with a document per row: ordinals stay increasing, doc ids separate rows.
     doc = torch.arange(B, device=ids.device).repeat_interleave(L)
-    kv_block, q_limit = _block_metadata(ids2.flatten(), doc, layout)
+    kv_block, q_limit = _block_metadata(ids2.flatten(), doc, layout, release_pairing)
     kv_block, q_limit = kv_block.view(B, L), q_limit.view(B, L)
     pos = torch.arange(L, device=ids.device).expand(B, L).contiguous()
     if squeeze:
@@ -176,28 +210,45 @@ class GrowingBlockMeta:
     the model, not the decoder, places the action blocks): `push(tok)` returns the token's kv_block and
     q_limit as `chunk_mask_meta` of the whole sequence so far gives them for its last token, which is
     what the release's mask, rebuilt from all ids at every step, hides from that token. O(1) a token.
-    A malformed block (a BOA inside an open block, an EOA closing none) raises ValueError, as there."""
+    A token that makes the blocks malformed raises ValueError, as there (with `release_pairing` as
+    there: one stray EOA after a closed block is a token outside any block)."""
 
-    def __init__(self, prompt: torch.Tensor, layout: VocabLayout):
+    def __init__(self, prompt: torch.Tensor, layout: VocabLayout, release_pairing: bool = False):
         ids = torch.as_tensor(prompt).long().flatten()
-        chunk_mask_meta(ids, layout)  # the prompt's own blocks must be well formed
-        t = ids.tolist()
-        self.layout, self.length = layout, len(t)
-        boas = [i for i, x in enumerate(t) if x == layout.boa]
-        eoas = [i for i, x in enumerate(t) if x == layout.eoa]
-        self.n_blocks = len(boas)
-        self.open = bool(boas) and (not eoas or boas[-1] > eoas[-1])  # the prompt ends inside a block
-        self.start = boas[-1] if self.open else -1
-        self.last_eoi = max((i for i, x in enumerate(t) if x == layout.eoi), default=-1)
+        chunk_mask_meta(ids, layout, release_pairing=release_pairing)  # the prompt's own blocks must be accepted
+        self.layout, self.release_pairing = layout, release_pairing
+        self.length, self.n_blocks, self.open, self.start, self.stray, self.last_eoi = 0, 0, False, -1, False, -1
+        for i, x in enumerate(ids.tolist()):
+            if x == layout.boa:
+                self.open, self.start, self.n_blocks = True, i, self.n_blocks + 1
+            elif x == layout.eoa:
+                self.stray |= not self.open
+                self.open = False
+            elif x == layout.eoi:
+                self.last_eoi = i
+        self.length = ids.numel()
+        if not self.open:
+            self.start = -1
 
     def push(self, tok: int) -> tuple[int, int]:
         lay, p = self.layout, self.length
         if tok == lay.boa:
             if self.open:
                 raise ValueError(f"malformed action blocks: token {p} is a BOA inside an open action block")
+            if self.stray:  # only reached with release_pairing
+                raise ValueError(f"malformed action blocks: token {p} is a BOA after an EOA that closed no block (the "
+                                 f"release would pair it with an earlier EOA, out of order, which the chunk rule "
+                                 f"cannot express)")
             self.open, self.start, self.n_blocks = True, p, self.n_blocks + 1
         elif tok == lay.eoa and not self.open:
-            raise ValueError(f"malformed action blocks: token {p} is an EOA that closes no open action block")
+            if not self.release_pairing:
+                raise ValueError(f"malformed action blocks: token {p} is an EOA that closes no open action block")
+            if self.n_blocks == 0:
+                raise ValueError(f"malformed action blocks: token {p} is an EOA before any action block")
+            if self.stray:
+                raise ValueError(f"malformed action blocks: token {p} is a second EOA that closes no open action "
+                                 f"block")
+            self.stray = True  # the release's mask drops it: a token outside any block
         elif tok == lay.eoi:
             self.last_eoi = p
         kv, ql = NO_BLOCK, -1
@@ -226,6 +277,7 @@ def causal_meta(shape, device=None, cu_seqlens: torch.Tensor | None = None) -> C
     return ChunkMaskMeta(kv, ql, pos, None, shape[-1])
 
 
-def chunk_attention_mask(input_ids: torch.Tensor, layout: VocabLayout) -> torch.Tensor:
-    """Dense bool [L, L] (or [B, L, L]) of the chunk rule, True = may attend."""
-    return chunk_mask_meta(input_ids, layout).dense_mask()
+def chunk_attention_mask(input_ids: torch.Tensor, layout: VocabLayout, *, release_pairing: bool = False) -> torch.Tensor:
+    """Dense bool [L, L] (or [B, L, L]) of the chunk rule, True = may attend (`release_pairing`: as
+    `chunk_mask_meta`)."""
+    return chunk_mask_meta(input_ids, layout, release_pairing=release_pairing).dense_mask()

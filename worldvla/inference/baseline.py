@@ -10,7 +10,16 @@ What it reproduces (`generate_dis_ma` inside Hugging Face `generate`):
   applied through SDPA with a dense boolean mask (the "torch" attention backend);
   at prefill that last row is broadcast over the causal mask, as the release does;
 * generation stops at the separator (the release's `eos_token_id`) or after
-  `max_new_tokens`; every `BOA ... EOA` block in the output is an action.
+  `max_new_tokens`; the actions are parsed as the release parses and executes them
+  (`parse_release_actions`: `generate_dis_ma`'s loop, then `unnorm_min_max`'s shapes).
+
+The mask is the chunk rule with the release's pairing of BOA and EOA (`chunk_mask_meta(...,
+release_pairing=True)`): one EOA closing no block after a closed block is a token outside any
+block, as the release's mask drops it. What the release's mask refuses (a second such EOA, a BOA
+inside an open block) raises ValueError here too, and so do an EOA before any block (the release's
+mask drops it, but its parser raises afterwards: the episode fails either way) and a BOA after a
+stray EOA (the release pairs it with an earlier EOA and goes on with blocks out of order, which the
+chunk rule cannot express).
 """
 from __future__ import annotations
 
@@ -53,12 +62,13 @@ class DenseRowMeta(DecodeMeta):
 
 class BaselineOutput(NamedTuple):
     tokens: torch.Tensor   # [n_new] every generated id (separator included if reached)
-    actions: torch.Tensor  # [n_blocks, D+2] the well-formed BOA..EOA blocks, in order
+    actions: torch.Tensor  # [n, D+2] the actions the release executes, as `parse_release_actions` gives them
+    fails_after: bool = False  # the release fails the episode after these (`parse_release_actions`)
 
 
 def parse_action_blocks(tokens: torch.Tensor, layout: VocabLayout, action_dim: int) -> torch.Tensor:
-    """Every `[BOA, D tokens, EOA]` run in `tokens` -> [n, D+2]. Other tokens are skipped
-    (the release would decode a malformed block's ids anyway, or raise on an EOA without BOA)."""
+    """Every well-formed `[BOA, D tokens, EOA]` run in `tokens` -> [n, D+2]; other tokens are skipped.
+    A strict parser: the release's own parsing of free output is `parse_release_actions`."""
     t = tokens.tolist()
     blocks, i, T = [], 0, action_dim + 2
     while i + T <= len(t):
@@ -70,11 +80,45 @@ def parse_action_blocks(tokens: torch.Tensor, layout: VocabLayout, action_dim: i
     return torch.tensor(blocks, dtype=torch.long).view(-1, T)
 
 
+def parse_release_actions(tokens: torch.Tensor, layout: VocabLayout, action_dim: int) -> tuple[torch.Tensor, bool]:
+    """The actions the release executes from generated `tokens`: (blocks [n, D+2], fails_after).
+
+    As the release's `generate_dis_ma`: each EOA closes the block of the latest BOA (a BOA inside an open
+    block restarts it), whatever its length; an EOA with no open block after a closed one is skipped; an
+    EOA before any BOA raises there (the episode fails before any action). Then, as its `unnorm_min_max`
+    de-normalizes each action when it is executed: a block of more than D ids keeps its first D; a block of
+    exactly 1 id is broadcast to all D dimensions (the id repeated D times here: ids decode one by one);
+    a block of 0 or 2..D-1 ids raises when executed. The blocks kept are those before the first such block
+    (or before an EOA preceding every BOA), and `fails_after` says the release fails the episode after
+    executing them. Each row is [BOA, D ids, EOA]."""
+    t = tokens.tolist()
+    blocks, start, seen_boa, D = [], None, False, action_dim
+    fails = False
+    for i, x in enumerate(t):
+        if x == layout.boa:
+            start, seen_boa = i, True
+        elif x == layout.eoa:
+            if not seen_boa:       # start_index unset: UnboundLocalError in the release's parser
+                fails = True
+                break
+            if start is None:      # no open block: skipped
+                continue
+            body = t[start + 1:i]
+            start = None
+            if len(body) == 1:
+                body = body * D
+            elif len(body) < D:    # 0 or 2..D-1 values: unnorm_min_max raises on this action
+                fails = True
+                break
+            blocks.append([layout.boa, *body[:D], layout.eoa])
+    return torch.tensor(blocks, dtype=torch.long).view(-1, D + 2), fails
+
+
 def _step(model, ids_so_far, new_ids, cache, layout):
     """Hidden states of `new_ids` [1, Q] appended after the cached tokens, with the mask row
-    of the full sequence so far (rebuilt from scratch, as the release does)."""
+    of the full sequence so far (rebuilt from scratch with the release's pairing, as the release does)."""
     L, Q = ids_so_far.shape[-1], new_ids.shape[-1]
-    row = chunk_attention_mask(ids_so_far[0], layout)[-1:]                    # [1, L]
+    row = chunk_attention_mask(ids_so_far[0], layout, release_pairing=True)[-1:]  # [1, L]
     causal = torch.ones(Q, L, dtype=torch.bool, device=row.device).tril(L - Q)
     mask = (causal & row).unsqueeze(0)                                        # [1, Q, L]
     pos = torch.arange(L - Q, L, device=new_ids.device).view(1, Q)
@@ -93,6 +137,7 @@ def baseline_generate_action_chunk(model, input_ids, layout: VocabLayout | None,
     `max_new_tokens` defaults to a well-formed chunk's length K(D+2)+1 (the release caps at
     300 and stops at the separator). `logits_processor(ids_so_far [L], logits [V]) -> logits`
     is applied before the argmax, like a transformers LogitsProcessor (the release passes none).
+    Output whose blocks the chunk rule cannot take (see the module's docstring) raises ValueError.
     """
     layout = layout or model.layout
     ids = torch.as_tensor(input_ids).long()
@@ -129,7 +174,7 @@ def baseline_generate_action_chunk(model, input_ids, layout: VocabLayout | None,
     finally:
         model.attn_backend = saved
     tokens = torch.tensor(out, dtype=torch.long)
-    return BaselineOutput(tokens, parse_action_blocks(tokens, layout, action_dim))
+    return BaselineOutput(tokens, *parse_release_actions(tokens, layout, action_dim))
 
 
 def chunk_structure_processor(layout: VocabLayout, prompt_len: int, n_actions: int, action_dim: int):
@@ -156,4 +201,4 @@ def chunk_structure_processor(layout: VocabLayout, prompt_len: int, n_actions: i
 
 
 __all__ = ["baseline_generate_action_chunk", "BaselineOutput", "GrowingKVCache", "parse_action_blocks",
-           "chunk_structure_processor"]
+           "parse_release_actions", "chunk_structure_processor"]

@@ -44,6 +44,7 @@ from .malloc import tune_cpu_malloc
 POLICY_FILE = "policy.json"
 FORMAT_VERSION = 1
 _AUTO = object()
+_FAILS = object()  # step()'s queue: the release fails the episode here
 
 
 def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_size: int, image_size: int,
@@ -104,9 +105,19 @@ class WorldVLAPolicy:
     decodes as the release does (inference/release.py): greedy over the whole vocabulary until
     the separator or `max_new_tokens`, every BOA..EOA block found becoming an action, so a chunk
     has as many actions as the model wrote ([n, D]; a batch whose chunks differ in length is a
-    list of arrays). Output whose blocks are malformed (an EOA closing no block, on which the
-    release's parser raises and its loop fails the episode; a BOA inside an open block) gives
-    no action, which the harnesses count as a failed episode.
+    list of arrays), parsed as the release parses and executes them (`parse_release_actions`: a
+    block of more than D ids keeps its first D, a block of one id is broadcast to D; an EOA closing
+    no block after a closed one is skipped). Output that fails the release's episode gives no
+    action, which the harnesses count as a failed episode: malformed blocks (`Generated.malformed`:
+    an EOA before any block, on which the release's parser raises; a BOA inside an open block or a
+    second EOA closing no block, on which its mask raises), and a chunk holding a block of 0 or
+    2..D-1 ids (`Generated.fails_after`), on which the release fails only when it executes that
+    block: `step()` returns the actions before it first, then raises. Two differences are left:
+    `act()` (the harnesses' and the server's call) returns none of such a chunk's actions, where the
+    release executes those before the short block first (an episode succeeding during them counts
+    as a success there); and a BOA after an EOA closing no block is malformed here too (no action),
+    where the release goes on with that BOA paired to an earlier EOA, out of order, which the chunk
+    rule cannot express.
     `tune_malloc`: fix glibc's malloc thresholds for the process (`tune_cpu_malloc`: CPU forwards
     stop faulting their temporaries' pages in anew at every call); None does it when the model
     is on the CPU.
@@ -273,14 +284,24 @@ class WorldVLAPolicy:
         self._last = frames.copy()  # the caller may reuse its frame buffer
 
     def step(self, image) -> np.ndarray:
-        """One action per call ([D], or [N, D] for a batch), querying a chunk when the last one is used up."""
+        """One action per call ([D], or [N, D] for a batch), querying a chunk when the last one is used up.
+        RuntimeError where the release's loop fails the episode (mode='release': a chunk without an action, or
+        the call that reaches a block of 0 or 2..D-1 ids, after the chunk's actions before it)."""
         self._require_reset()
         if not self._queue:
-            chunk = check_chunk(self.act(image))
+            out, fails_after = self._act(image, _AUTO, keep_before_failure=True)
+            chunk = check_chunk(out)
             self._queue = list(np.moveaxis(chunk, -2, 0))  # K entries of [D] or [N, D]
+            if fails_after:  # mode='release': a block the release fails on comes after these actions
+                self._queue.append(_FAILS)
         else:
             self.observe(image)
-        return self._queue.pop(0)
+        action = self._queue.pop(0)
+        if action is _FAILS:
+            self._queue = []
+            raise RuntimeError("the chunk's next action block is malformed: it holds 0 or 2..D-1 ids (mode='release'; "
+                               "the release fails the episode on executing it)")
+        return action
 
     def act(self, image, history=_AUTO) -> np.ndarray:
         """Action chunk(s) for the current frame(s): [K, D] for [H, W, 3], [N, K, D] for [N, H, W, 3].
@@ -288,6 +309,12 @@ class WorldVLAPolicy:
         `history`: the previous env step's frame(s) (same layout as `image`), or None on the first
         query of an episode; omitted, the policy uses the last frame it was given (act/observe).
         Frames not `image_size` square are resized to it (stretched if not square)."""
+        return self._act(image, history)[0]
+
+    def _act(self, image, history, keep_before_failure: bool = False):
+        """(`act`'s chunk(s), fails_after). mode='release' with `keep_before_failure`: a chunk holding a block
+        the release fails on keeps the actions before it, and fails_after says one of them (any environment's)
+        does; otherwise such a chunk has no action and fails_after is False."""
         self._require_reset()
         frames, single = self._frames(image)
         N = frames.shape[0]
@@ -312,15 +339,17 @@ class WorldVLAPolicy:
         hist = [[codes[i], cur[i]] if use_prev else [cur[i]] for i in range(N)]
         ids = self._query(instructions, hist)
         self._last = frames.copy()
-        if self.mode == "release":  # as many actions as each chunk holds blocks; none after malformed output,
-            # where the release's parser raises (an EOA closing no block) and its loop fails the episode
-            chunks = [self.action_tokenizer.decode((g.actions[:0] if g.malformed else g.actions).numpy())
-                      .astype(np.float32) for g in ids]
+        if self.mode == "release":  # as many actions as the release executes from each chunk; none where it
+            # fails the episode (malformed blocks; a short block too unless `keep_before_failure`: see the class)
+            drop = [g.malformed or (g.fails_after and not keep_before_failure) for g in ids]
+            chunks = [self.action_tokenizer.decode((g.actions[:0] if d else g.actions).numpy()).astype(np.float32)
+                      for g, d in zip(ids, drop)]
+            fails_after = any(g.fails_after and not d for g, d in zip(ids, drop))
             if single:
-                return chunks[0]
-            return np.stack(chunks) if len({c.shape[0] for c in chunks}) == 1 else chunks
+                return chunks[0], fails_after
+            return (np.stack(chunks) if len({c.shape[0] for c in chunks}) == 1 else chunks), fails_after
         actions = self.action_tokenizer.decode(ids.numpy()).astype(np.float32)  # [N, K, D]
-        return actions[0] if single else actions
+        return (actions[0] if single else actions), False
 
     def __call__(self, image, history=_AUTO) -> np.ndarray:
         return self.act(image, history)

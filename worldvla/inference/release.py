@@ -2,7 +2,9 @@
 
 The release (spec 5.3, 6.3) does not constrain its decoder: it takes the greedy argmax over all
 65,536 ids until the separator or `max_new_tokens` (300), then decodes every BOA ... EOA block it
-finds, however many there are, each id to its clipped bin centre. `generate_action_chunk` instead
+finds, however many there are, each id to its clipped bin centre (`baseline.parse_release_actions`:
+the first D ids of a longer block, one id broadcast to D; a shorter block fails the episode when
+executed, `Generated.fails_after`). `generate_action_chunk` instead
 forces the structure and picks bins among the bin ids only, which gives the same actions wherever the
 model's argmax already follows the structure (a trained model's usually does), and never anything
 else. This module reproduces the release's choices exactly but runs them on the static-cache
@@ -11,8 +13,13 @@ at every token (`baseline.baseline_generate_action_chunk`, the release's procedu
 the chunk rule's metadata of each new token comes from `mask.GrowingBlockMeta`, which the
 rebuilt mask's last row equals.
 
-A sequence whose generated blocks become malformed (a BOA inside an open block, an EOA closing
-none), for which the chunk rule is not defined, stops there (`Generated.malformed`).
+The blocks are paired as the release's mask pairs them (`chunk_mask_meta(..., release_pairing=True)`):
+one EOA closing no block after a closed block is a token outside any block, and generation goes on.
+A sequence whose generated blocks become malformed stops there (`Generated.malformed`): a BOA inside
+an open block or a second EOA closing no block (the release's mask raises: the episode fails), an
+EOA before any block (the release's mask drops it, but its parser raises afterwards: the episode
+fails), or a BOA after a stray EOA (the release goes on, pairing it with an earlier EOA, out of
+order: blocks the chunk rule cannot express; the one case where this module and the release part).
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import torch
 
 from ..mask import NO_BLOCK, GrowingBlockMeta
 from ..tokens.layout import VocabLayout
-from .baseline import parse_action_blocks
+from .baseline import parse_release_actions
 from .chunk import _as_prompts, head_sample, sampling_backend
 from .engine import InferenceEngine, engine_for
 
@@ -31,8 +38,9 @@ RELEASE_MAX_NEW_TOKENS = 300  # the release's cap (action_steps 25 x 12)
 
 class Generated(NamedTuple):
     tokens: torch.Tensor   # [n_new] every generated id (the separator included if reached)
-    actions: torch.Tensor  # [n_blocks, D+2] the BOA..EOA blocks of D ids found in `tokens`, in order
-    malformed: bool        # generation stopped at a malformed block
+    actions: torch.Tensor  # [n, D+2] the actions the release executes from `tokens` (parse_release_actions)
+    malformed: bool        # generation stopped at a malformed block (the release fails the episode)
+    fails_after: bool = False  # after `actions`, the release fails the episode (a block of 0 or 2..D-1 ids)
 
 
 def release_engine(model, prompts, max_new_tokens: int = RELEASE_MAX_NEW_TOKENS, layout: VocabLayout | None = None,
@@ -90,7 +98,7 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
     if max(lens) + max_new_tokens > engine.max_len:
         raise ValueError(f"prompts of up to {max(lens)} tokens and {max_new_tokens} new ones need "
                          f"{max(lens) + max_new_tokens} cache slots; the engine has {engine.max_len}")
-    tracks = [GrowingBlockMeta(p, layout) for p in prompts]
+    tracks = [GrowingBlockMeta(p, layout, release_pairing=True) for p in prompts]
     dev = engine.device
     h = engine.prefill(prompts, skip)
     engine.set_kv_len([L + max_new_tokens for L in lens])  # slots ahead of a query stay hidden by causality
@@ -131,7 +139,8 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
     results = []
     for b in range(B):
         tokens = torch.tensor(out[b], dtype=torch.long)
-        results.append(Generated(tokens, parse_action_blocks(tokens, layout, action_dim), malformed[b]))
+        actions, fails_after = parse_release_actions(tokens, layout, action_dim)
+        results.append(Generated(tokens, actions, malformed[b], fails_after))
     return results
 
 
