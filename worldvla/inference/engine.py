@@ -349,6 +349,20 @@ class InferenceEngine:
         self.cache.v[:, :, :n].copy_(snap.v)
 
 
+    def row_prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values of row `row`'s first `n` slots, [layers, n, Hkv, Dh] each."""
+        return self.cache.k[:, row, :n].clone(), self.cache.v[:, row, :n].clone()
+
+    @torch.no_grad()
+    def set_row_prefix(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write keys and values from `row_prefix` (of this model) into row `row`'s first slots."""
+        n = k.shape[1]
+        if n > self.max_len:
+            raise ValueError(f"a prefix of {n} slots does not fit an engine of {self.max_len}")
+        self.cache.k[:, row, :n].copy_(k)
+        self.cache.v[:, row, :n].copy_(v)
+
+
 def engine_for(model, prompts, new_tokens: int, *, layout: VocabLayout | None = None, backend: str = "auto",
                cuda_graphs: bool | None = None) -> InferenceEngine:
     """An engine with a row per prompt and room for the longest prompt plus `new_tokens`."""

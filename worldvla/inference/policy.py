@@ -167,8 +167,9 @@ class WorldVLAPolicy:
         self._engines: OrderedDict = OrderedDict()   # batch size -> InferenceEngine
         self._instructions: list[str] | None = None
         self._broadcast = True
-        self._prefixes: OrderedDict = OrderedDict()   # instructions of a batch -> PrefixSnapshot
-        self._prefix_state = None                     # the model's state the snapshots were made on
+        self._prefixes: OrderedDict = OrderedDict()   # instruction -> keys, values of BOS + its text
+        self._prefix_state = None                     # the model's state the prefixes were computed on
+        self.max_prefixes = 32                        # instructions whose prefixes are kept (a server sets more)
         self.max_engines = 4                          # engines kept, one per batch size (a server sets more)
         self._last: np.ndarray | None = None          # most recent frame(s) seen, [N, H, W, 3]
         self._queue: list = []
@@ -437,6 +438,13 @@ class WorldVLAPolicy:
         self._engines.move_to_end(N)
         return eng
 
+    def _prefix_kv(self, prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a prompt prefix (BOS + instruction), computed on a one-row engine: the same
+        numbers whichever batch first needs them (a batched prefill's rows round with the batch's shape)."""
+        eng = InferenceEngine(self.model, 1, prefix.numel(), layout=self.layout, cuda_graphs=False)
+        eng.prefill([prefix])
+        return eng.row_prefix(0, prefix.numel())
+
     def _query(self, instructions: list[str], hist: list[list[torch.Tensor]]) -> torch.Tensor:
         lay, K, D = self.layout, self.chunk_size, self.action_dim
         N = len(instructions)
@@ -458,17 +466,16 @@ class WorldVLAPolicy:
         if state != self._prefix_state:
             self._prefixes.clear()
             self._prefix_state = state
-        key = tuple(instructions)
-        snap = self._prefixes.get(key)
-        if snap is None:
-            eng.prefill([p[:n] for p, n in zip(prompts, prefix_lens)])
-            snap = eng.snapshot_prefix(prefix_lens)
-            self._prefixes[key] = snap
-            while len(self._prefixes) > 8:
-                self._prefixes.popitem(last=False)
-        else:
-            self._prefixes.move_to_end(key)
-            eng.restore_prefix(snap)
+        # Each instruction's prefix is computed once, alone, and kept by instruction: whichever robots share a
+        # batch, and in whatever order, their rows restore it (keys by batch would miss on every new mix).
+        for b, (ins, prompt, n) in enumerate(zip(instructions, prompts, prefix_lens)):
+            kv = self._prefixes.get(ins)
+            if kv is None:
+                kv = self._prefixes[ins] = self._prefix_kv(prompt[:n])
+            self._prefixes.move_to_end(ins)
+            eng.set_row_prefix(b, *kv)
+        while len(self._prefixes) > max(self.max_prefixes, len(set(instructions))):
+            self._prefixes.popitem(last=False)
         if self.mode == "release":
             return generate_release_actions(self.model, prompts, lay, D, self.max_new_tokens, engine=eng,
                                             skip=prefix_lens)
