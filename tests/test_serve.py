@@ -958,3 +958,228 @@ def test_a_lost_connection_is_reopened_by_the_next_call(np_rng):
         client.act(_frame(np_rng))
     with pytest.raises(PolicyServerError, match="reconnecting failed: cannot connect"):
         client.act(_frame(np_rng))
+
+
+# ---------------------------------------------------------------- keepalive, strict fields, reply limits
+class _SilentProxy:
+    """A TCP proxy that can stop forwarding while holding both sockets open: a robot whose network went
+    silent (no FIN, no RST), as a pulled cable or a powered-off robot looks to the server."""
+
+    def __init__(self, port: int):
+        self.target, self.silent, self.stop = ("127.0.0.1", port), threading.Event(), threading.Event()
+        self.sockets: list = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                a, _ = self.listener.accept()
+            except OSError:
+                return
+            b = socket.create_connection(self.target)
+            self.sockets += [a, b]
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a, b):
+        import select
+
+        while not self.stop.is_set():
+            if self.silent.is_set():
+                time.sleep(0.05)  # read nothing, send nothing
+                continue
+            try:
+                for s in select.select([a, b], [], [], 0.05)[0]:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    (b if s is a else a).sendall(data)
+            except OSError:
+                return
+
+    def close(self):
+        self.stop.set()
+        for s in [self.listener, *self.sockets]:
+            s.close()
+
+
+def test_a_robot_whose_network_went_silent_is_dropped_by_the_keepalive(np_rng):
+    """A robot's connection lost without a FIN held its episode id for ~40 s (websockets' default keepalive)
+    and made every batch of a lone robot wait max_wait_ms for it. With keepalive_s=0.5 another connection
+    takes the episode over within about 2 x 0.5 s, the refusal until then says so and what to do, and the
+    lone robot's batches stop waiting as soon as the dead connection fails its ping (before its handler ends)."""
+    with PolicyServer(HistoryPolicy(), max_wait_ms=3000.0, keepalive_s=0.5) as server:
+        assert server.metadata()["server"]["keepalive_s"] == 0.5
+        proxy = _SilentProxy(server.port)
+        lone, arm, restarted = None, None, None
+        try:
+            lone = PolicyClient(server.url, timeout=20)
+            lone.reset("alone")
+            arm = PolicyClient(f"ws://127.0.0.1:{proxy.port}", timeout=20)
+            arm.reset("pick", episode="arm-1")  # a robot from here, whose requests batches may wait for
+            proxy.silent.set()
+            t0 = time.monotonic()
+            restarted = PolicyClient(server.url, timeout=20)  # the robot's process restarted: a new client token
+            with pytest.raises(PolicyServerError, match=r"belongs to another open connection: each robot needs its "
+                               r"own.*drops it within \d+\.\d s if it has gone silent \(keepalive pings every 0.5 s, "
+                               r"--keepalive-s\): retry then"):
+                restarted.reset("pick", episode="arm-1")
+            while True:
+                try:
+                    restarted.reset("pick", episode="arm-1")
+                    break
+                except PolicyServerError:
+                    assert time.monotonic() - t0 < 3.0, "the silent connection still holds its episode"
+                    time.sleep(0.05)
+            assert server._robot_connections == 3  # the dead connection's handler waits out its closing timeout
+            restarted.close()
+            t1 = time.perf_counter()
+            for _ in range(2):
+                lone.act(_frame(np_rng))
+            assert time.perf_counter() - t1 < 1.5, "the batcher waited for a connection known to be dead"
+        finally:
+            proxy.close()
+            for c in (lone, arm, restarted):
+                if c is not None:
+                    c.close()
+
+
+def test_unknown_fields_protocol_versions_and_bad_ids_are_refused(np_rng):
+    """A misspelt field ('previous_img') was ignored, so the policy got the stale previous frame; a request
+    claiming protocol 99 was served; a float id was accepted and silently not echoed."""
+    policy = HistoryPolicy()
+    f1, f2, f3 = (_frame(np_rng) for _ in range(3))
+    with PolicyServer(policy, max_wait_ms=1.0) as server, _raw(server.url) as ws:
+        assert _ask(ws, packb({"type": "reset", "episode": "e", "instruction": "wipe", "client": "me", "id": 1,
+                               "protocol": 1})) == {"ok": True, "episode": "e", "id": 1}
+        assert _ask(ws, packb({"type": "act", "episode": "e", "image": f1}))["ok"]
+        calls = len(policy.calls)
+        reply = _ask(ws, packb({"type": "act", "episode": "e", "image": f2, "previous_img": f3, "id": 2}))
+        assert reply["ok"] is False and reply["id"] == 2
+        assert ("unknown field 'previous_img' in an 'act' request (did you mean 'previous_image'?); an 'act' request "
+                "may carry 'client', 'episode', 'id', 'image', 'previous_image', 'protocol', 'type'") in reply["error"]
+        assert len(policy.calls) == calls  # refused before the policy
+        reply = _ask(ws, packb({"type": "metadata", "episode": "e", "pad": 0}))
+        assert "unknown fields 'episode', 'pad' in a 'metadata' request" in reply["error"]
+        for version in (99, "1", True):
+            reply = _ask(ws, packb({"type": "act", "episode": "e", "image": f2, "protocol": version}))
+            assert reply["ok"] is False and "this server speaks protocol 1" in reply["error"], reply
+        for bad_id in (1.5, True, [1], None):
+            reply = _ask(ws, packb({"type": "metadata", "id": bad_id}))
+            assert reply["ok"] is False and "'id' must be an integer or a string" in reply["error"], reply
+            assert "id" not in reply
+        assert len(policy.calls) == calls
+        # the documented request format, every optional field included
+        reply = _ask(ws, packb({"type": "act", "episode": "e", "image": f2, "previous_image": f3, "client": "me",
+                                "id": "x", "protocol": 1}))
+        assert reply["ok"] and reply["id"] == "x"
+        np.testing.assert_allclose(reply["actions"][:, [0, 1]], np.broadcast_to([f2.mean(), f3.mean()], (K, 2)),
+                                   rtol=1e-6)
+        assert _ask(ws, packb({"type": "metadata", "protocol": 1}))["protocol"] == 1
+
+
+def test_client_checks_the_servers_protocol_version(np_rng, monkeypatch):
+    """PolicyClient never looked at the server's protocol number: it now asks on each new connection."""
+    import worldvla.serve.server as server_mod
+
+    with PolicyServer(HistoryPolicy()) as server:
+        client = PolicyClient(server.url, timeout=10)
+        client.reset("wave")
+        client.act(_frame(np_rng))
+        monkeypatch.setattr(server_mod, "PROTOCOL_VERSION", 2)  # a server of another worldvla version
+        with pytest.raises(PolicyServerError, match=r"speaks protocol 2, this PolicyClient protocol 1: install the "
+                                                    r"same worldvla version"):
+            PolicyClient(server.url, timeout=10)
+        client.close()
+        client._ws = None  # lost: the next call reconnects, and checks again
+        with pytest.raises(PolicyServerError, match="speaks protocol 2"):
+            client.act(_frame(np_rng))
+        assert server.stats["act_ok"] == 1
+
+
+class _ExtraMetadataPolicy(HistoryPolicy):
+    def __init__(self, extra):
+        super().__init__()
+        self.extra = extra
+
+    def metadata(self):
+        return {**super().metadata(), "extra": self.extra}
+
+
+def test_metadata_replies_stay_within_the_clients_limits(monkeypatch):
+    """A policy whose metadata held a list of 70,000 numbers or a 1.5 MB string made the server send replies
+    its own client refused, with a ProtocolError about a *request*."""
+    extra = {"per_step": [0.5] * 70000, "notes": "é" * (3 * 2**18), "table": {str(i): i for i in range(5000)},
+             "fine": [1, 2, 3]}
+    with PolicyServer(_ExtraMetadataPolicy(extra)) as server, PolicyClient(server.url, timeout=10) as client:
+        got = client.metadata()["policy"]["extra"]
+        assert got["per_step"] == "<list of 70000 items>" and got["table"] == "<map of 5000 items>"
+        assert got["fine"] == [1, 2, 3]
+        assert len(got["notes"].encode()) <= 2**20 and got["notes"].endswith("[cut: 786432 characters in all]")
+        assert got["notes"].startswith("éé")
+        # A reply the client cannot decode is the server's fault, reported as such.
+        monkeypatch.setattr(server, "metadata", lambda: {"ok": True, "blob": [0] * 70000})
+        with pytest.raises(PolicyServerError, match=r"reply to a 'metadata' request cannot be decoded: reply "
+                                                    r"exceeds the protocol's limits"):
+            client.metadata()
+    # what shortening cannot fix is refused when the server is built, not at the first metadata request
+    with pytest.raises(ValueError, match=r"metadata\(\) cannot be sent to clients: reply holds more than 65536"):
+        PolicyServer(_ExtraMetadataPolicy({"a": [[i] for i in range(40000)], "b": [[i] for i in range(40000)]}))
+
+
+def test_array_shapes_too_large_or_inconsistent_with_their_data():
+    """[0, 2**62, 3] (no data) was reported as 'not valid msgpack (ValueError: array is too big...)'."""
+    cases = [([0, 2**62, 3], r"array 'shape' \[0, 4611686018427387904, 3\] is too large: each size must be at most"),
+             ([2**62, 2**62, 0], "array 'shape' .* is too large"),
+             ([0, 2**20, 2**20, 2**20], r"array 'shape' .* is too large: its sizes multiply to more than"),
+             ([5, 3], r"array 'shape' \[5, 3\] is inconsistent with its data: dtype \|u1 needs 15 bytes, got 0")]
+    for shape, fragment in cases:
+        with pytest.raises(ProtocolError, match=fragment):
+            unpackb(packb({"__ndarray__": b"", "dtype": "|u1", "shape": shape}), REQUEST_LIMITS)
+    assert unpackb(packb({"__ndarray__": b"", "dtype": "|u1", "shape": [0, 2**31 - 1]})).shape == (0, 2**31 - 1)
+    with PolicyServer(HistoryPolicy()) as server, _raw(server.url) as ws:
+        _ask(ws, packb({"type": "reset", "episode": "e", "instruction": "wipe"}))
+        reply = _ask(ws, packb({"type": "act", "episode": "e",
+                                "image": {"__ndarray__": b"", "dtype": "|u1", "shape": [0, 2**62, 3]}}))
+        assert reply["ok"] is False and "array 'shape' [0, 4611686018427387904, 3] is too large" in reply["error"]
+
+
+def test_client_timeout_bounds_a_call_that_reconnects(np_rng):
+    """The call's deadline started after the reconnection, so one call could take connect_timeout + timeout."""
+    silent = socket.create_server(("127.0.0.1", 0))  # completes TCP handshakes, never answers the WebSocket one
+    try:
+        with PolicyServer(HistoryPolicy()) as server:
+            client = PolicyClient(server.url, timeout=0.5, connect_timeout=3)
+            client.reset("wave")
+            client.close()
+            client._ws, client.url = None, f"ws://127.0.0.1:{silent.getsockname()[1]}"  # lost; the server moved
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError, match=r"could not reconnect .* within the call's timeout of 0.5 s"):
+                client.act(_frame(np_rng))
+            assert time.monotonic() - t0 < 1.5
+            client.url = server.url
+            assert client.act(_frame(np_rng)).shape == (K, D)  # the next call reconnects
+            client.close()
+    finally:
+        silent.close()
+
+
+def test_cli_keepalive_option(monkeypatch):
+    import argparse
+
+    from worldvla import serve
+    from worldvla.inference import policy as policy_mod
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    assert parser.parse_args(["--checkpoint", "c"]).keepalive_s == 5.0
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--checkpoint", "c", "--keepalive-s", bad])
+    seen = {}
+    monkeypatch.setattr(policy_mod.WorldVLAPolicy, "from_pretrained", staticmethod(lambda *a, **k: HistoryPolicy()))
+    monkeypatch.setattr(PolicyServer, "serve_forever", lambda self, **k: seen.setdefault("keepalive_s", self.keepalive_s)
+                        and 0)
+    assert serve.run(parser.parse_args(["--checkpoint", "c", "--no-warmup", "--keepalive-s", "1.5"])) == 0
+    assert seen["keepalive_s"] == 1.5

@@ -2,19 +2,23 @@
 
     worldvla serve --checkpoint runs/policy --port 8000
 
-Protocol (msgpack maps in binary frames; arrays as {"__ndarray__": bytes, "dtype": str,
+Protocol 1 (msgpack maps in binary frames; arrays as {"__ndarray__": bytes, "dtype": str,
 "shape": list}, see `worldvla.serve.protocol`). Every request may carry an "id"
-(int or str), echoed in its reply; each connection gets its replies in request order.
+(int or str), echoed in its reply, and "protocol" (an int: a server refuses a version it
+does not speak); each connection gets its replies in request order. A request carrying
+any other field than these and those below is refused, naming the field.
 
-  {"type": "reset", "episode": id, "instruction": str}     -> {"ok": true, "episode": id}
+  {"type": "reset", "episode": id, "instruction": str,
+   "client": str (optional)}                                 -> {"ok": true, "episode": id}
   {"type": "act", "episode": id, "image": uint8 [H, W, 3],
-   "previous_image": uint8 [H, W, 3] (optional)}            -> {"ok": true, "episode": id,
+   "previous_image": uint8 [H, W, 3] (optional),
+   "client": str (optional)}                                 -> {"ok": true, "episode": id,
                                                                 "actions": float32 [K, D],
                                                                 "timing": {preprocess_ms, queue_ms,
                                                                            policy_ms, batch_size, server_ms}}
-  {"type": "metadata"}                                       -> {"ok": true, "action_dim", "chunk_size",
-                                                                "image_size": [H, W], "policy": {...},
-                                                                "server": {limits}}
+  {"type": "metadata"}                                       -> {"ok": true, "protocol": 1, "action_dim",
+                                                                "chunk_size", "image_size": [H, W],
+                                                                "policy": {...}, "server": {limits}}
   anything refused                                           -> {"ok": false, "error": "what and how to fix"}
 
 Frames of any size up to the payload limit are resized to the model's image size
@@ -24,7 +28,12 @@ without it the frame of the episode's previous `act` is used. An episode belongs
 connection that reset it until that connection closes (each robot needs its own episode
 ids); `reset` and `act` may carry a "client" string (PolicyClient sends a token of its
 own), and a request with the episode's client token takes it over on a new connection at
-once (a robot reconnecting after a dropped network, whose old connection still looks open). `GET /healthz` answers 200 with JSON while serving and 503 while shutting down.
+once (a robot reconnecting after a dropped network, whose old connection still looks open).
+The server pings every connection every --keepalive-s seconds and drops one that has not
+answered within as long again: a robot whose network went silent stops holding its episodes
+(and the batches) within 2 x --keepalive-s. `PolicyClient` checks the server's protocol
+version on each new connection. `GET /healthz` answers 200 with JSON while serving and 503
+while shutting down.
 SIGTERM/SIGINT: stop taking work, answer queued and running requests, close connections
 with code 1001 (dropping those still open at the drain timeout), exit 0; exit 1 if a
 policy call has not returned by then; a second signal exits at once (code 1).
@@ -75,6 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-episodes", type=positive_int, default=256,
                         help="episodes kept (each holds its last frame); the least recently used is dropped beyond "
                              "(default: %(default)s)")
+    parser.add_argument("--keepalive-s", type=positive_float, default=5.0,
+                        help="ping each connection every this many seconds and drop one that has not answered "
+                             "within as long again, so that a robot whose network went silent (no close) stops "
+                             "holding its episode ids and the batches within twice this (default: %(default)s)")
     parser.add_argument("--no-pad-batches", action="store_true",
                         help="call the policy with the exact batch size instead of padding to a power of two")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up policy calls before serving")
@@ -103,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     server = PolicyServer(policy, args.host, args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                           max_queue=args.max_queue, max_payload_mb=args.max_payload_mb,
                           request_timeout_s=args.timeout_s, max_episodes=args.max_episodes,
-                          pad_batches=not args.no_pad_batches)
+                          pad_batches=not args.no_pad_batches, keepalive_s=args.keepalive_s)
     if not args.no_warmup:
         server.warmup()
 

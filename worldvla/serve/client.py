@@ -19,11 +19,12 @@ import uuid
 
 import numpy as np
 
-from .protocol import check_image, packb, unpackb
+from .protocol import PROTOCOL_VERSION, ProtocolError, check_image, packb, unpackb
 
 
 class PolicyServerError(RuntimeError):
-    """The server refused a request (its message is the exception's), or closed the connection."""
+    """The server refused a request (its message is the exception's), closed the connection, sent a reply
+    that cannot be decoded, or speaks another protocol version."""
 
 
 def _connect(url: str, open_timeout: float, max_size: int):
@@ -55,11 +56,15 @@ class PolicyClient:
     `previous_image`, the frame of the previous env step, to condition on it as the
     release does; by default the server uses the frame of this episode's previous `act`.
     A refused request raises `PolicyServerError` with the server's message, as does a lost
-    connection (the next call reconnects) or a failed reconnection. A request not sent and
-    answered within `timeout` seconds raises `TimeoutError` and closes the connection, which
-    drops the request on the server; the next call reconnects. The client sends a token of its
-    own (`client_id`) with its requests, so that after a reconnection the server gives it its
-    episode at once, even while the lost connection still looks open there.
+    connection (the next call reconnects), a failed reconnection, or a reply that cannot be
+    decoded. `timeout` bounds each call as a whole, a reconnection included: a call not done
+    within `timeout` seconds raises `TimeoutError` and closes the connection, which drops the
+    request on the server; the next call reconnects. `connect_timeout` bounds opening a
+    connection (in the constructor, and within a call's `timeout` when reconnecting). On each
+    new connection the client asks for the server's metadata and raises `PolicyServerError` if
+    the server speaks another protocol version (`protocol.PROTOCOL_VERSION`). The client sends
+    a token of its own (`client_id`) with its requests, so that after a reconnection the server
+    gives it its episode at once, even while the lost connection still looks open there.
     """
 
     def __init__(self, url: str = "ws://127.0.0.1:8000", *, timeout: float = 60.0, connect_timeout: float = 10.0,
@@ -75,23 +80,65 @@ class PolicyClient:
         self.last_timing: dict | None = None
         self._next_id = 0
         self._ws = _connect(url, self.connect_timeout, self.max_reply_bytes)
+        try:
+            self._check_protocol(time.monotonic() + self.timeout)
+        except BaseException:
+            if self._ws is not None:
+                self._drop()
+            raise
 
     # -------------------------------------------------------------- requests
     def request(self, message: dict) -> dict:
-        """Send one request map and return the server's reply map; raises `PolicyServerError` if refused."""
+        """Send one request map and return the server's reply map; raises `PolicyServerError` if refused.
+        The whole call, a reconnection included, takes at most `timeout` seconds (else `TimeoutError`)."""
+        deadline = time.monotonic() + self.timeout
+        if self._ws is None:  # closed after a timeout or a lost connection
+            self._reconnect(deadline)
+        reply = self._round_trip(message, deadline)
+        if not reply.get("ok", False):
+            raise PolicyServerError(str(reply.get("error", "request refused without a message")))
+        return reply
+
+    def _reconnect(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        open_timeout = min(self.connect_timeout, remaining)
+        try:
+            if open_timeout <= 0:
+                raise ConnectionError("no time left")
+            self._ws = _connect(self.url, open_timeout, self.max_reply_bytes)
+        except ConnectionError as e:
+            if open_timeout < self.connect_timeout and time.monotonic() >= deadline - 0.01:
+                raise TimeoutError(f"could not reconnect to {self.url} within the call's timeout of "
+                                   f"{self.timeout:g} s ({e}); the next call tries again") from None
+            raise PolicyServerError(f"the connection was lost and reconnecting failed: {e}") from e
+        try:
+            self._check_protocol(deadline)
+        except BaseException:
+            if self._ws is not None:
+                self._drop()
+            raise
+
+    def _check_protocol(self, deadline: float) -> None:
+        """Ask a new connection's server for its metadata: it must speak this client's protocol version."""
+        reply = self._round_trip({"type": "metadata"}, deadline)
+        if not reply.get("ok", False):
+            raise PolicyServerError(f"the server at {self.url} refused a metadata request: "
+                                    f"{reply.get('error', 'no message')}")
+        version = reply.get("protocol")
+        if version != PROTOCOL_VERSION or isinstance(version, bool):
+            raise PolicyServerError(f"the server at {self.url} speaks protocol {version!r}, this PolicyClient "
+                                    f"protocol {PROTOCOL_VERSION}: install the same worldvla version on the robot "
+                                    "and on the server")
+
+    def _round_trip(self, message: dict, deadline: float) -> dict:
+        """Send `message` with a fresh id and return the reply with that id, by `deadline`."""
         from websockets.exceptions import ConnectionClosed
 
         self._next_id += 1
         rid = self._next_id
         data = packb({**message, "id": rid})
-        if self._ws is None:  # closed after a timeout or a lost connection
-            try:
-                self._ws = _connect(self.url, self.connect_timeout, self.max_reply_bytes)
-            except ConnectionError as e:
-                raise PolicyServerError(f"the connection was lost and reconnecting failed: {e}") from e
-        deadline = time.monotonic() + self.timeout
         try:
-            self._send(data)
+            self._send(data, deadline)
             while True:
                 try:
                     remaining = deadline - time.monotonic()
@@ -103,26 +150,27 @@ class PolicyClient:
                     raise TimeoutError(f"no reply from {self.url} within {self.timeout:g} s; the connection was "
                                        "closed, which drops the request on the server, and the next call "
                                        "reconnects") from None
-                reply = unpackb(raw)
+                try:
+                    reply = unpackb(raw)
+                except ProtocolError as e:
+                    raise PolicyServerError(f"the server's reply to a {message.get('type')!r} request cannot be "
+                                            f"decoded: {e}") from None
                 if not isinstance(reply, dict):
                     raise PolicyServerError(f"server sent a reply that is not a map: {type(reply).__name__}")
                 if reply.get("id", rid) == rid:  # older ids: late replies to requests that timed out here
-                    break
+                    return reply
         except ConnectionClosed as e:
             self._ws = None  # the next call reconnects
             raise self._closed(e) from None
-        if not reply.get("ok", False):
-            raise PolicyServerError(str(reply.get("error", "request refused without a message")))
-        return reply
 
-    def _send(self, data: bytes) -> None:
-        """Send within `timeout`. websockets' send has no deadline, so the socket's timeout bounds it: when
+    def _send(self, data: bytes, deadline: float) -> None:
+        """Send by `deadline`. websockets' send has no deadline, so the socket's timeout bounds it: when
         the server reads nothing, the send fails and websockets closes the connection."""
         from websockets.exceptions import ConnectionClosed
 
         ws = self._ws
         with contextlib.suppress(OSError):  # a closed socket: send raises ConnectionClosed
-            ws.socket.settimeout(self.timeout)
+            ws.socket.settimeout(max(deadline - time.monotonic(), 1e-3))
         try:
             ws.send(data)
         except ConnectionClosed as e:

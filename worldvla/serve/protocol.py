@@ -18,6 +18,9 @@ PROTOCOL_VERSION = 1
 NDARRAY_KEY = "__ndarray__"
 _ALLOWED_KINDS = "biuf"  # bool, int, uint, float
 _MAX_NDIM = 8
+# Largest size of one array dimension, and of the product of an array's non-zero sizes: a zero-size array
+# (no data) may otherwise declare sizes NumPy cannot even represent, such as [0, 2**62, 3].
+_MAX_ELEMENTS = 2**31 - 1
 
 # Limits enforced while decoding, so that a small message made of millions of tiny objects (a 15 MiB
 # array of empty maps takes seconds and a gigabyte to decode) is refused at once. Sizes of maps, arrays,
@@ -27,7 +30,8 @@ _MAX_NDIM = 8
 # A request is a map of a few fields; an ndarray is a map of three, its shape a list of at most 8 sizes.
 REQUEST_LIMITS = {"max_map_len": 32, "max_array_len": _MAX_NDIM, "max_str_len": 64 * 1024, "max_ext_len": 0,
                   "max_containers": 32}
-# A reply may carry the policy's metadata (nested maps, lists of up to 4096 numbers: see `to_plain`).
+# A reply may carry the policy's metadata (nested maps and lists), which `to_plain` keeps within these limits;
+# the server also decodes its own metadata reply with them when it starts.
 REPLY_LIMITS = {"max_map_len": 4096, "max_array_len": 65536, "max_str_len": 2**20, "max_ext_len": 0,
                 "max_containers": 65536}
 
@@ -64,12 +68,18 @@ def _decode_ndarray(d: dict) -> np.ndarray:
     if (not isinstance(shape, (list, tuple)) or len(shape) > _MAX_NDIM
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
         raise ProtocolError(f"array 'shape' must be a list of at most {_MAX_NDIM} non-negative integers, got {shape!r}")
-    n = 1
+    n, nonzero = 1, 1
     for s in shape:
+        if s > _MAX_ELEMENTS:
+            raise ProtocolError(f"array 'shape' {list(shape)} is too large: each size must be at most {_MAX_ELEMENTS}")
         n *= s
+        nonzero *= max(s, 1)
+    if nonzero > _MAX_ELEMENTS:
+        raise ProtocolError(f"array 'shape' {list(shape)} is too large: its sizes multiply to more than "
+                            f"{_MAX_ELEMENTS} elements")
     if n * dt.itemsize != len(data):
-        raise ProtocolError(f"array of shape {list(shape)} and dtype {dt.str} needs {n * dt.itemsize} bytes, "
-                            f"got {len(data)}")
+        raise ProtocolError(f"array 'shape' {list(shape)} is inconsistent with its data: dtype {dt.str} needs "
+                            f"{n * dt.itemsize} bytes, got {len(data)}")
     arr = np.frombuffer(data, dtype=dt).reshape(shape)
     if not dt.isnative:
         arr = arr.astype(dt.newbyteorder("="))
@@ -81,9 +91,16 @@ def packb(obj) -> bytes:
     return msgpack.packb(obj, default=_encode_default, use_bin_type=True)
 
 
-def unpackb(data: bytes, limits: dict = REPLY_LIMITS):
+def unpackb(data: bytes, limits: dict = REPLY_LIMITS, what: str | None = None):
     """Decode a message within `limits` (the server decodes requests with `REQUEST_LIMITS`); raises
-    `ProtocolError` with the reason for anything malformed or beyond the limits."""
+    `ProtocolError` with the reason for anything malformed or beyond the limits. `what` names the message
+    in those reasons: "request" with `REQUEST_LIMITS`, "reply" otherwise, unless given."""
+    if what is None:
+        what = "request" if limits is REQUEST_LIMITS else "reply"
+    shape_of = (f"a {what} is a map of a few fields with short strings, with images as ndarrays of binary data"
+                if what == "request" else f"a {what} is a map of at most {REPLY_LIMITS['max_map_len']} fields, with "
+                f"lists of at most {REPLY_LIMITS['max_array_len']} items and strings of at most "
+                f"{REPLY_LIMITS['max_str_len']} bytes")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError("text frames are not accepted: send msgpack-encoded binary frames")
     limits = dict(limits)
@@ -94,8 +111,8 @@ def unpackb(data: bytes, limits: dict = REPLY_LIMITS):
         nonlocal containers
         containers += 1
         if containers > max_containers:
-            raise ProtocolError(f"message holds more than {max_containers} maps and arrays (the protocol's "
-                                "limit): a request is a map of a few fields, with images as ndarrays")
+            raise ProtocolError(f"{what} holds more than {max_containers} maps and arrays (the protocol's "
+                                f"limit): {shape_of}")
         return obj
 
     def object_hook(d: dict):
@@ -109,11 +126,10 @@ def unpackb(data: bytes, limits: dict = REPLY_LIMITS):
         raise
     except ValueError as e:
         if "exceeds max_" not in str(e):
-            raise ProtocolError(f"message is not valid msgpack (ValueError: {e})") from None
-        raise ProtocolError(f"message exceeds the protocol's limits ({e}): a request is a map of a few fields "
-                            "with short strings, with images as ndarrays of binary data") from None
+            raise ProtocolError(f"{what} is not valid msgpack (ValueError: {e})") from None
+        raise ProtocolError(f"{what} exceeds the protocol's limits ({e}): {shape_of}") from None
     except Exception as e:  # msgpack raises several unrelated types for garbage input
-        raise ProtocolError(f"message is not valid msgpack ({type(e).__name__}: {e})") from None
+        raise ProtocolError(f"{what} is not valid msgpack ({type(e).__name__}: {e})") from None
 
 
 def check_image(value, field: str = "image", max_side: int = 8192) -> np.ndarray:
@@ -157,20 +173,40 @@ def image_size_hw(value) -> tuple[int, int]:
     raise ValueError(f"image_size must be a positive int or an (H, W) pair, got {value!r}")
 
 
+def _short_str(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8 (msgpack's string limit counts bytes), saying so."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= max_bytes:
+        return text
+    note = f"... [cut: {len(text)} characters in all]"
+    return raw[:max_bytes - len(note.encode())].decode("utf-8", "ignore") + note
+
+
 def to_plain(obj, _depth: int = 0):
-    """Make an arbitrary metadata value msgpack-safe (numbers, strings, lists, maps)."""
+    """Make an arbitrary metadata value msgpack-safe (numbers, strings, lists, maps) and within
+    `REPLY_LIMITS`, which `PolicyClient` decodes replies with: arrays of more than 4096 numbers, lists
+    longer than `max_array_len` and maps larger than `max_map_len` become a short description
+    (``"<list of 70000 items>"``), strings are cut to `max_str_len` bytes."""
     if _depth > 16:
-        return str(obj)
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return _short_str(str(obj), 4096)
+    if isinstance(obj, str):
+        return _short_str(obj, REPLY_LIMITS["max_str_len"])
+    if obj is None or isinstance(obj, (bool, int, float, bytes)):
+        if isinstance(obj, int) and not isinstance(obj, bool) and not -2**63 <= obj < 2**64:
+            return str(obj)  # msgpack integers are 64-bit
         return obj
     if isinstance(obj, np.generic):
-        return obj.item()
+        return to_plain(obj.item(), _depth + 1)
     if isinstance(obj, np.ndarray):
         return obj.tolist() if obj.size <= 4096 else f"<array {obj.dtype} {list(obj.shape)}>"
     if isinstance(obj, dict):
-        return {str(k): to_plain(v, _depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
+        if len(obj) > REPLY_LIMITS["max_map_len"]:
+            return f"<map of {len(obj)} items>"
+        return {_short_str(str(k), 4096): to_plain(v, _depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        if len(obj) > REPLY_LIMITS["max_array_len"]:
+            return f"<{type(obj).__name__} of {len(obj)} items>"
         return [to_plain(v, _depth + 1) for v in obj]
     if hasattr(obj, "tolist"):
         return to_plain(obj.tolist(), _depth + 1)
-    return str(obj)
+    return _short_str(str(obj), REPLY_LIMITS["max_str_len"])

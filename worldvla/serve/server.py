@@ -9,7 +9,8 @@ model computes. Requests that arrive during a call wait for the next one, which 
 where most batching happens under load. The server never waits when every robot's
 connection (one that has sent 'reset' or 'act') already has a request in the batch: a
 lone robot pays no batching delay, whatever monitors are connected (a connection that
-resets episodes but never acts still counts as a robot's).
+resets episodes but never acts still counts as a robot's; one that has stopped answering
+the keepalive pings, a robot whose network went silent, no longer does).
 
 What the server needs from a policy (duck-typed; `WorldVLAPolicy` is one):
   * `reset(instructions: list[str])` and `act(images: uint8 [N, H, W, 3]) -> [N, K, D]`;
@@ -19,8 +20,9 @@ What the server needs from a policy (duck-typed; `WorldVLAPolicy` is one):
 Per-episode history. The server keeps one slot per episode: its instruction and the
 last frame it was sent (the "previous image" of the release's two-frame prompt). An
 episode belongs to the connection that reset it: another open connection using the same
-id is refused, and may take the episode over once that connection has closed (a robot
-reconnecting goes on with its episode).
+id is refused, and may take the episode over once that connection has closed, or has
+not answered the keepalive pings (`keepalive_s`; a robot reconnecting goes on with its
+episode).
   * If `act` takes a `history` argument (frames of the previous step, same shape as
     `images`, or None on an episode's first query), the server passes each episode's
     previous frame explicitly, so any mix of episodes can share a batch. A request may
@@ -35,6 +37,7 @@ reconnecting goes on with its episode).
 from __future__ import annotations
 
 import asyncio
+import difflib
 import inspect
 import json
 import logging
@@ -49,13 +52,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .protocol import (PROTOCOL_VERSION, REQUEST_LIMITS, ProtocolError, check_image, fit_image, image_size_hw, packb,
-                       to_plain, unpackb)
+from .protocol import (PROTOCOL_VERSION, REPLY_LIMITS, REQUEST_LIMITS, ProtocolError, check_image, fit_image,
+                       image_size_hw, packb, to_plain, unpackb)
 
 log = logging.getLogger("worldvla.serve")
 
 _MAX_INSTRUCTION_CHARS = 4096
 _MAX_EPISODE_ID_CHARS = 256
+_MAX_METADATA_BYTES = 8 * 2**20  # the metadata reply, checked when the server is built
+# The fields each request type may carry; anything else (a misspelt 'previous_image') is refused.
+_COMMON_FIELDS = ("type", "id", "protocol")
+REQUEST_FIELDS = {"reset": frozenset(_COMMON_FIELDS + ("episode", "instruction", "client")),
+                  "act": frozenset(_COMMON_FIELDS + ("episode", "image", "previous_image", "client")),
+                  "metadata": frozenset(_COMMON_FIELDS)}
 
 
 def _accepts(fn, name: str) -> bool:
@@ -110,11 +119,17 @@ class _Episode:
 
 
 class _ActRequest:
-    __slots__ = ("episode", "image", "previous", "future", "t_recv", "t_ready", "t_start")
+    __slots__ = ("episode", "image", "previous", "future", "t_recv", "t_ready", "t_start", "conn")
 
-    def __init__(self, episode, image, previous, future, t_recv, t_ready):
+    def __init__(self, episode, image, previous, future, t_recv, t_ready, conn=None):
         self.episode, self.image, self.previous, self.future = episode, image, previous, future
         self.t_recv, self.t_ready, self.t_start = t_recv, t_ready, None
+        self.conn = conn
+
+    @property
+    def wanted(self) -> bool:
+        """Not timed out, and its connection still open to take the reply."""
+        return not self.future.done() and (self.conn is None or self.conn.open)
 
 
 class PolicyServer:
@@ -127,22 +142,27 @@ class PolicyServer:
     `port=0` picks a free port. `max_payload_mb` bounds a request: larger requests up
     to twice the limit get an error reply; beyond that the connection is closed with
     code 1009 (message too big) before the message is read into memory.
+
+    `keepalive_s`: the server pings each connection every `keepalive_s` seconds and drops
+    one that has not answered within `keepalive_s` more, so a robot whose network went
+    silent (no close, no FIN) stops counting within 2 x `keepalive_s`: batches stop
+    waiting for it and another connection may take its episodes over.
     """
 
     def __init__(self, policy, host: str = "127.0.0.1", port: int = 0, *, max_batch: int = 8,
                  max_wait_ms: float = 5.0, max_queue: int = 64, max_payload_mb: float = 16.0,
                  request_timeout_s: float = 60.0, max_episodes: int = 256, drain_timeout_s: float | None = None,
-                 pad_batches: bool = True):
+                 pad_batches: bool = True, keepalive_s: float = 5.0):
         for name, value, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
                                 ("max_episodes", max_episodes, 1)):
             if not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
         for name, value in (("max_wait_ms", max_wait_ms), ("max_payload_mb", max_payload_mb),
-                            ("request_timeout_s", request_timeout_s)):
+                            ("request_timeout_s", request_timeout_s), ("keepalive_s", keepalive_s)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if max_payload_mb <= 0 or request_timeout_s <= 0:
-            raise ValueError("max_payload_mb and request_timeout_s must be > 0")
+        if max_payload_mb <= 0 or request_timeout_s <= 0 or keepalive_s <= 0:
+            raise ValueError("max_payload_mb, request_timeout_s and keepalive_s must be > 0")
         for method in ("reset", "act"):
             if not callable(getattr(policy, method, None)):
                 raise TypeError(f"policy {type(policy).__name__} has no {method}() method; the server needs "
@@ -153,6 +173,7 @@ class PolicyServer:
         self.max_payload_bytes = int(max_payload_mb * 2**20)
         self.request_timeout_s = float(request_timeout_s)
         self.max_episodes = max_episodes
+        self.keepalive_s = float(keepalive_s)
         self.drain_timeout_s = float(drain_timeout_s) if drain_timeout_s is not None else self.request_timeout_s + 5.0
 
         meta = policy.metadata() if callable(getattr(policy, "metadata", None)) else {}
@@ -201,6 +222,23 @@ class PolicyServer:
         self._batcher = None
         self._executor = None
         self._thread = None
+        self._check_metadata_reply()
+
+    def _check_metadata_reply(self) -> None:
+        """Refuse at once a policy whose metadata reply `PolicyClient` could not decode (`to_plain` shortens
+        long lists and strings; what is left may still be too large as a whole)."""
+        try:
+            data = packb(self.metadata())
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the policy's metadata() cannot be encoded for clients: {e}") from None
+        if len(data) > _MAX_METADATA_BYTES:
+            raise ValueError(f"the policy's metadata() takes {len(data) / 2**20:.1f} MiB as a reply, more than "
+                             f"{_MAX_METADATA_BYTES / 2**20:g} MiB: keep it to a description of the model")
+        try:
+            unpackb(data, REPLY_LIMITS)
+        except ProtocolError as e:
+            raise ValueError(f"the policy's metadata() cannot be sent to clients: {e}; keep it to a description "
+                             "of the model") from None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -220,12 +258,15 @@ class PolicyServer:
         # held back by TCP rather than buffered (websockets keeps 16 messages of up to max_size by default).
         self._ws = await serve(self._handler, self.host, self.port, process_request=self._process_request,
                                max_size=2 * self.max_payload_bytes + 65536, max_queue=2, compression=None,
-                               close_timeout=5, server_header=None)
+                               close_timeout=5, server_header=None,
+                               # a connection lost without a close (a robot's network gone) is dropped within
+                               # 2 x keepalive_s instead of websockets' default 40 s
+                               ping_interval=self.keepalive_s, ping_timeout=self.keepalive_s)
         self.port = self._ws.sockets[0].getsockname()[1]
         self._batcher = asyncio.create_task(self._batch_loop())
         self._started_at = time.monotonic()
-        log.info("serving %s on %s (max_batch=%d, max_wait_ms=%g, history=%s)", type(self.policy).__name__,
-                 self.url, self.max_batch, self.max_wait_ms,
+        log.info("serving %s on %s (max_batch=%d, max_wait_ms=%g, keepalive_s=%g, history=%s)",
+                 type(self.policy).__name__, self.url, self.max_batch, self.max_wait_ms, self.keepalive_s,
                  "explicit" if self.explicit_history else "policy slots")
 
     def request_stop(self) -> None:
@@ -427,7 +468,7 @@ class PolicyServer:
             if not isinstance(msg, dict):
                 raise ProtocolError(f"a request must be a msgpack map with a 'type' field, got {type(msg).__name__}")
             request_id = msg.get("id")
-            kind = msg.get("type")
+            kind = self._check_fields(msg)
             if kind in ("act", "reset") and conn is not None and not conn.robot:
                 conn.robot = True  # a robot: the batcher may wait for its requests
                 self._robot_connections += 1
@@ -435,12 +476,8 @@ class PolicyServer:
                 reply = await self._act(msg, t_recv, conn)
             elif kind == "reset":
                 reply = self._reset(msg, conn)
-            elif kind == "metadata":
-                reply = self.metadata()
-            elif kind is None:
-                raise ProtocolError("request has no 'type' field; expected 'reset', 'act' or 'metadata'")
             else:
-                raise ProtocolError(f"unknown request type {kind!r}; expected 'reset', 'act' or 'metadata'")
+                reply = self.metadata()
         except ProtocolError as e:
             reply = _error(str(e))
         except Exception as e:  # a bug must not take the connection down
@@ -451,6 +488,35 @@ class PolicyServer:
         return reply
 
     # ------------------------------------------------------------------ requests
+    @staticmethod
+    def _check_fields(msg: dict) -> str:
+        """The request's type, once its 'id', 'protocol' and the names of its fields have been checked."""
+        request_id = msg.get("id")
+        if "id" in msg and (isinstance(request_id, bool) or not isinstance(request_id, (int, str))):
+            raise ProtocolError(f"'id' must be an integer or a string (it is echoed in the reply), got "
+                                f"{type(request_id).__name__}")
+        kind = msg.get("type")
+        if kind is None:
+            raise ProtocolError("request has no 'type' field; expected 'reset', 'act' or 'metadata'")
+        if not isinstance(kind, str) or kind not in REQUEST_FIELDS:
+            raise ProtocolError(f"unknown request type {kind!r}; expected 'reset', 'act' or 'metadata'")
+        if "protocol" in msg:
+            version = msg["protocol"]
+            if isinstance(version, bool) or version != PROTOCOL_VERSION:
+                raise ProtocolError(f"this server speaks protocol {PROTOCOL_VERSION}, the request asks for protocol "
+                                    f"{version!r}: use a client of the same worldvla version as the server (or "
+                                    "send no 'protocol' field)")
+        allowed = REQUEST_FIELDS[kind]
+        unknown = sorted((k for k in msg if k not in allowed), key=repr)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], allowed, n=1) if isinstance(unknown[0], str) else []
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            a = "an" if kind[0] in "aeiou" else "a"
+            raise ProtocolError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in "
+                                f"{a} {kind!r} request{hint}; {a} {kind!r} request may carry "
+                                f"{', '.join(map(repr, sorted(allowed)))}")
+        return kind
+
     def metadata(self) -> dict:
         return {"ok": True, "protocol": PROTOCOL_VERSION, "action_dim": to_plain(self.action_dim),
                 "chunk_size": to_plain(self.chunk_size), "image_size": list(self.image_hw),
@@ -458,6 +524,7 @@ class PolicyServer:
                 "server": {"max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms,
                            "max_queue": self.max_queue, "max_payload_mb": self.max_payload_bytes / 2**20,
                            "request_timeout_s": self.request_timeout_s, "max_episodes": self.max_episodes,
+                           "keepalive_s": self.keepalive_s,
                            "policy_batch_sizes": self.batch_sizes if self.pad_batches else None,
                            "resize": "bilinear to image_size, no crop"}}
 
@@ -479,22 +546,35 @@ class PolicyServer:
             raise ProtocolError(f"'client' must be a string of 1 to {_MAX_EPISODE_ID_CHARS} characters")
         return token
 
-    @staticmethod
-    def _check_owner(key, episode: "_Episode | None", conn: "_Connection | None", client: str | None) -> None:
+    def _check_owner(self, key, episode: "_Episode | None", conn: "_Connection | None", client: str | None) -> None:
         """An episode belongs to the connection that reset it: another open connection using its id is
         refused (two robots would mix their instructions and frames). The same client (its `client`
         token: a PolicyClient keeps one across reconnects) takes it over at once on a new connection,
         even while a connection lost without a close (a dropped network) still looks open; any other
-        connection may take it over once the owner has closed."""
+        connection may take it over once the owner has closed, or has failed to answer the keepalive
+        pings (within 2 x keepalive_s of going silent)."""
         if episode is None or conn is None or episode.owner is conn:
             return
         same_client = client is not None and client == episode.client
         if not same_client and episode.owner is not None and episode.owner.open:
-            raise ProtocolError(f"episode {key!r} belongs to another open connection: each robot needs its own "
-                                "episode ids (PolicyClient.reset() without episode= picks a fresh one). A robot "
-                                "that reconnects with a new PolicyClient gets its episode back once its old "
-                                "connection has closed")
+            raise ProtocolError(
+                f"episode {key!r} belongs to another open connection: each robot needs its own episode ids "
+                "(PolicyClient.reset() without episode= picks a fresh one). If that connection is this robot's "
+                "own, lost without a close (a dropped network, a restarted robot), the server drops it within "
+                f"{self._drop_within(episode.owner):.1f} s if it has gone silent (keepalive pings every "
+                f"{self.keepalive_s:g} s, --keepalive-s): retry then, or reset under a new episode id")
         episode.owner, episode.client = conn, client
+
+    def _drop_within(self, conn: _Connection) -> float:
+        """Seconds until the keepalive drops `conn` if it answers nothing from now on (an upper bound)."""
+        bound = 2 * self.keepalive_s
+        try:  # a keepalive ping already unanswered: the connection is dropped `keepalive_s` after it was sent
+            sent = [t for waiter, t in conn.ws.pending_pings.values() if not waiter.done()]
+        except (AttributeError, TypeError, ValueError):  # another websockets version
+            sent = []
+        if sent:
+            bound = min(bound, max(min(sent) + self.keepalive_s - self._loop.time(), 0.0))
+        return bound
 
     def _reset(self, msg: dict, conn: "_Connection | None" = None) -> dict:
         key = self._episode_key(msg)
@@ -560,8 +640,10 @@ class PolicyServer:
             if self._episodes.get(key) is not episode:  # reset or evicted by other requests meanwhile
                 return _error(f"episode {key!r} was reset or dropped while its image was being resized (more than "
                               f"{self.max_episodes} episodes, or a reset of the same id); send 'reset' again")
+        if conn is not None and not conn.open:  # lost while the frame was being resized: nobody reads the reply
+            return _error("connection closed")
         t_ready = time.perf_counter()
-        request = _ActRequest(episode, image, previous, self._loop.create_future(), t_recv, t_ready)
+        request = _ActRequest(episode, image, previous, self._loop.create_future(), t_recv, t_ready, conn)
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
@@ -590,6 +672,11 @@ class PolicyServer:
         return fit_image(image, self.image_hw), (None if previous is None else fit_image(previous, self.image_hw))
 
     # ------------------------------------------------------------------ batching
+    def _live_robots(self) -> int:
+        """Robots' connections still open: one that failed its keepalive (or is closing) is no longer waited
+        for, though its handler has not finished yet."""
+        return sum(1 for c in self._open if c.robot and c.open)
+
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
         max_wait = self.max_wait_ms / 1e3
@@ -606,13 +693,13 @@ class PolicyServer:
                 # that has sent 'reset' or 'act') has one queued, nothing else can join this batch, so
                 # waiting only adds latency (a monitor asking for metadata is not counted).
                 remaining = deadline - loop.time()
-                if remaining <= 0 or len(batch) >= self._robot_connections:
+                if remaining <= 0 or len(batch) >= self._live_robots():
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
-            batch = [r for r in batch if not r.future.done()]  # timed out while queued
+            batch = [r for r in batch if r.wanted]  # timed out while queued, or its connection lost
             if batch:
                 self._running_batch = True
                 try:
