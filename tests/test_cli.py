@@ -130,6 +130,24 @@ def _tiny_store(root: Path) -> Path:
     return build_store(root / "demos", root / "store", vq, chunk_size=3, progress=False)
 
 
+def test_ctrl_c_while_the_commands_modules_load_is_one_line(monkeypatch, capsys):
+    """Ctrl-C in the first seconds, while a command's modules (torch) load to build its options: one line and
+    exit 130, not a traceback; and the command line itself starts without importing torch."""
+    import subprocess
+    import sys
+
+    def interrupted(chosen):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    assert main(["train", "--help"]) == 130
+    assert capsys.readouterr().err.strip() == "worldvla: interrupted"
+    probe = "import sys, worldvla.cli; from worldvla import __version__; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "False"
+
+
 def test_a_real_sigint_during_training_exits_130_without_a_traceback(tmp_path, interrupt_cli):
     """A terminal's Ctrl-C (SIGINT to the process group) in the middle of `worldvla train`: one line, exit 130,
     and the checkpoint written before it resumes."""

@@ -1,10 +1,17 @@
 """worldvla: a fast, faithful WorldVLA (autoregressive action world model)."""
-from .mask import ChunkMaskMeta, DecodeMeta, causal_meta, chunk_attention_mask, chunk_mask_meta
-from .tokens import ActionTokenizer, SequenceBuilder, VocabLayout
-
 __version__ = "0.1.0"
 
+# Every name is imported on first use, so that `import worldvla` (and the command line's start) does not
+# import torch before it is needed.
 _LAZY = {
+    "ChunkMaskMeta": "worldvla.mask",
+    "DecodeMeta": "worldvla.mask",
+    "causal_meta": "worldvla.mask",
+    "chunk_attention_mask": "worldvla.mask",
+    "chunk_mask_meta": "worldvla.mask",
+    "ActionTokenizer": "worldvla.tokens",
+    "SequenceBuilder": "worldvla.tokens",
+    "VocabLayout": "worldvla.tokens",
     "ModelConfig": "worldvla.model",
     "WorldVLA": "worldvla.model",
     "VQGAN": "worldvla.vqgan",
@@ -24,5 +31,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'worldvla' has no attribute {name!r}")
 
 
-__all__ = ["VocabLayout", "ActionTokenizer", "SequenceBuilder", "ChunkMaskMeta", "DecodeMeta",
-           "chunk_mask_meta", "chunk_attention_mask", "causal_meta", *_LAZY]
+__all__ = list(_LAZY)

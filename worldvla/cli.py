@@ -151,6 +151,16 @@ def _missing_dependency(e: ImportError) -> bool:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # while the command's modules load (torch: a second or two)
+        if os.environ.get("WORLDVLA_TRACEBACK"):
+            raise
+        print("\nworldvla: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(chosen if chosen in COMMANDS else "")
