@@ -279,3 +279,95 @@ def test_files_read_as_libero_are_named_with_the_option_that_keeps_them(tmp_path
     assert "2 demo file(s) (raw.hdf5, regen.hdf5)" in note and "--rotate-180 no" in note and "\n" not in note
     assert rotation_note(files, rotate_180=True) is None and rotation_note(files[2:]) is None
     assert "--rotate-180 no" in rotation_note(files[:1], option="--rotate-180 no")
+
+
+def test_libero_files_of_the_opencv_convention_are_mirrored_to_the_release_view(tmp_path, np_rng):
+    """LIBERO's `macros_image_convention` was ignored: a file collected with robosuite's "opencv" convention (rows
+    flipped already) was rotated by 180 degrees like an "opengl" one, so its frames were mirrored against the
+    release's. It is mirrored left-right now; "opengl" or no attribute keep the rotation; rotate_180 True / False
+    keep their meaning."""
+    from worldvla.data.hdf5 import frame_turn, rotation_note
+
+    raw = {}
+    for convention in ("opengl", "opencv", None):
+        path = tmp_path / f"{convention}.hdf5"
+        raw[convention] = write_libero_like(path, np_rng, n=1)[0]
+        if convention:
+            with h5py.File(path, "a") as f:
+                f["data"].attrs["macros_image_convention"] = convention
+    read = lambda c, **k: read_demos(tmp_path / f"{c}.hdf5", **k)[0].frames  # noqa: E731
+    np.testing.assert_array_equal(read("opencv"), raw["opencv"][:, :, ::-1])
+    for c in ("opengl", None):
+        np.testing.assert_array_equal(read(c), raw[c][:, ::-1, ::-1])
+    np.testing.assert_array_equal(read("opencv", rotate_180=True), raw["opencv"][:, ::-1, ::-1])
+    np.testing.assert_array_equal(read("opencv", rotate_180=False), raw["opencv"])
+    files = [tmp_path / f"{c}.hdf5" for c in ("opengl", "opencv", None)]
+    assert [frame_turn(f) for f in files] == ["rotated_180", "mirrored", "rotated_180"]
+    note = rotation_note(files)
+    assert "2 demo file(s) (opengl.hdf5, None.hdf5) are rotated by 180 degrees" in note and "\n" not in note
+    assert "1 demo file(s) (opencv.hdf5) are mirrored left-right" in note and "--rotate-180 no" in note
+    assert "are mirrored left-right" in rotation_note(files[1:2]) and "rotated by" not in rotation_note(files[1:2])
+
+
+def test_a_files_demos_are_all_read_from_one_camera(tmp_path, np_rng):
+    """A demo without the camera the file's first demo was read from was read from another one, silently (a
+    robomimic file whose demo_1 lost its agentview frames gave wrist frames)."""
+    path = tmp_path / "mixed.hdf5"
+    with h5py.File(path, "w") as f:
+        d = f.create_group("data")
+        d.attrs["instruction"] = "stack"
+        for i in range(2):
+            if i == 0:
+                d.create_dataset(f"demo_{i}/obs/agentview_image", data=np.full((3, 8, 8, 3), 10, np.uint8))
+            d.create_dataset(f"demo_{i}/obs/robot0_eye_in_hand_image", data=np.full((3, 8, 8, 3), 200, np.uint8))
+            d.create_dataset(f"demo_{i}/actions", data=np.zeros((3, 7), np.float32))
+    with pytest.raises(DemoFormatError, match=r"data/demo_1: no obs/agentview_image, the camera .*first demo, "
+                                              r"demo_0.*--camera"):
+        read_demos(path)
+    assert [int(d.frames.mean()) for d in read_demos(path, camera="robot0_eye_in_hand")] == [200, 200]
+
+
+def test_float_frames_are_refused_with_advice_that_keeps_them(tmp_path):
+    """The advice for float frames, np.clip(x, 0, 255).astype(np.uint8), turned [0, 1] images black."""
+    import re
+
+    x = np.random.default_rng(0).random((3, 8, 8, 3), dtype=np.float32)
+    actions = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match=re.escape("(x * 255).round().astype(np.uint8)")) as e:
+        write_demos(tmp_path / "a.hdf5", [{"frames": x, "actions": actions}], "x")
+    assert "np.clip" not in str(e.value)
+    fixed = (x * 255).round().astype(np.uint8)  # as advised
+    path = write_demos(tmp_path / "a.hdf5", [{"frames": fixed, "actions": actions}], "x")
+    assert read_demos(path)[0].frames.max() > 200
+    with pytest.raises(ValueError, match=re.escape("((x + 1) * 127.5).round()")):
+        write_demos(tmp_path / "b.hdf5", [{"frames": x * 2 - 1, "actions": actions}], "x")
+    with pytest.raises(ValueError, match=re.escape("np.clip(x, 0, 255).astype(np.uint8)")):
+        write_demos(tmp_path / "c.hdf5", [{"frames": x * 255, "actions": actions}], "x")
+
+
+def test_robomimic_files_are_not_prompted_with_their_file_name(tmp_path, np_rng):
+    """robomimic keeps no instruction and names every task's file image.hdf5: all were prompted with "image". The
+    file name is taken for LIBERO-looking files only (as the release does); robomimic's env name is the guess; an
+    `instruction` given is every demo's."""
+    from worldvla.data.hdf5 import reading_record
+
+    path = tmp_path / "lift" / "image.hdf5"
+    path.parent.mkdir()
+    write_libero_like(path, np_rng, n=2, key="agentview_image")
+    with h5py.File(path, "a") as f:
+        del f["data"].attrs["problem_info"]
+        f["data"].attrs["env_args"] = json.dumps({"env_name": "NutAssemblySquare"})
+        f["data/demo_1"].attrs["instruction"] = "its own"
+        for g in f["data"].values():  # robomimic's cameras only
+            del g["obs/eye_in_hand_rgb"]
+    assert [d.instruction for d in read_demos(path)] == ["nut assembly square", "its own"]
+    assert [d.instruction for d in read_demos(path, instruction="lift it")] == ["lift it"] * 2
+    rec = reading_record(path)
+    assert rec["instruction_from"] == "env name" and rec["demo_instructions"] == {"demo_1": "its own"}
+    assert reading_record(path, instruction="lift it")["instruction_from"] == "--instruction"
+    regen = tmp_path / "put_the_bowl_on_the_plate_demo.hdf5"
+    write_libero_like(regen, np_rng, n=1)
+    with h5py.File(regen, "a") as f:
+        del f["data"].attrs["problem_info"]
+    assert read_demos(regen)[0].instruction == "put the bowl on the plate"
+    assert reading_record(regen)["instruction_from"] == "file name"

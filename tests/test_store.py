@@ -587,3 +587,251 @@ def test_libero_like_frames_are_rotated_with_a_line_naming_the_option(tmp_path, 
     st.add_arguments(p)
     text = " ".join(p.format_help().split())
     assert "rotated by 180 degrees" in text and "--rotate-180 no" in text
+
+
+def _hashed_inputs(monkeypatch):
+    """The demo files `st.sha256_file` reads from now on (shard files and the text tokenizer left out)."""
+    seen = []
+    real = st.sha256_file
+
+    def counting_sha256(path, *a, **k):
+        if str(path).endswith((".hdf5", ".h5")):
+            seen.append(os.path.basename(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(st, "sha256_file", counting_sha256)
+    return seen
+
+
+def _sha256(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_rerun_refuses_inputs_whose_content_changed_at_the_same_size(tmp_path, monkeypatch):
+    """Inputs were told apart by name and size alone: a demo file collected again (another seed, the same shapes)
+    reused the shards of the old demos, silently. Each input's sha256 is recorded and checked on a rerun; a file is
+    hashed again only when its size or mtime changed (a copied folder: once), and a manifest written before the
+    digests is accepted and completed."""
+    import shutil
+
+    f = tmp_path / "d" / "a.hdf5"
+    write_demos(f, random_demos(np.random.default_rng(0), (5, 4)), "push", compression=None)
+    vq = tiny_vqgan()
+    hashed = _hashed_inputs(monkeypatch)
+    out = st.build_store(f.parent, tmp_path / "s", vq, chunk_size=2, progress=False)
+    (rec,) = json.loads((out / st.MANIFEST).read_text())["inputs"]
+    assert hashed == ["a.hdf5"] and rec["sha256"] == _sha256(f) and rec["size"] == f.stat().st_size
+    assert rec["mtime_ns"] == f.stat().st_mtime_ns and rec["rotation"] == "none" and rec["instruction"] == "push"
+    st.build_store(f.parent, out, vq, chunk_size=2, progress=False)
+    assert hashed == ["a.hdf5"]  # unchanged size and mtime: not hashed again
+    # The folder copied elsewhere (new mtimes): hashed once, and the shards are kept.
+    shutil.copytree(f.parent, tmp_path / "copy", copy_function=shutil.copyfile)
+    vq_count = counting(vq)
+    st.build_store(tmp_path / "copy", out, vq_count, chunk_size=2, progress=False)
+    assert hashed == ["a.hdf5"] * 2 and CountingVQGAN.frames == 0
+    # A manifest written before the digests were recorded: accepted, its records completed.
+    m = json.loads((out / st.MANIFEST).read_text())
+    m["inputs"] = [{"path": r["path"], "size": r["size"]} for r in m["inputs"]]
+    (out / st.MANIFEST).write_text(json.dumps(m))
+    st.build_store(f.parent, out, vq, chunk_size=2, progress=False)
+    assert json.loads((out / st.MANIFEST).read_text())["inputs"][0]["sha256"] == rec["sha256"]
+    size = f.stat().st_size
+    write_demos(f, random_demos(np.random.default_rng(1), (5, 4)), "push", compression=None)
+    assert f.stat().st_size == size and _sha256(f) != rec["sha256"]
+    with pytest.raises(FileExistsError, match=f"{f} \\(its content changed\\).*--overwrite"):
+        st.build_store(f.parent, out, vq, chunk_size=2, progress=False)
+    st.build_store(f.parent, out, vq, chunk_size=2, overwrite=True, progress=False)
+    fresh = st.build_store(f.parent, tmp_path / "fresh", vq, chunk_size=2, progress=False)
+    a, b = st.TokenStore(out), st.TokenStore(fresh)
+    assert len(a) == len(b) and all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
+
+
+def test_the_fingerprint_keeps_its_terms(demo_dir, tmp_path):
+    """Trainers resuming a run compare the store's fingerprint: the digests, rotations and instructions recorded
+    per input stay out of it, so stores built before them keep theirs."""
+    import hashlib
+
+    folder, _ = demo_dir
+    vq = tiny_vqgan()
+    out = st.build_store(folder, tmp_path / "s", vq, chunk_size=K, progress=False)
+    m = json.loads((out / st.MANIFEST).read_text())
+    settings = {k: v for k, v in m["settings"].items() if k != "instruction"}
+    assert settings == {"chunk_size": K, "history": 2, "action": True, "world": True, "demos_per_shard": 0,
+                        "only_success": True, "camera": None, "rotate_180": None, "drop_noops": False}
+    files = st.find_demo_files(folder)
+    want = hashlib.sha256(json.dumps(
+        {"version": 1, "settings": settings, "layout": m["layout"], "low": m["action"]["low"],
+         "high": m["action"]["high"], "vqgan": st._state_dict_digest(vq),
+         "inputs": [(p.name, p.stat().st_size) for p in files]}, sort_keys=True).encode()).hexdigest()
+    assert m["fingerprint"] == want
+
+
+def test_another_text_tokenizer_file_is_not_taken_for_the_one_the_store_was_built_with(demo_dir, tmp_path):
+    """The chameleon layout holds the tokenizer's image ids, not its text vocabulary: a rerun with another
+    text_tokenizer.json of the same image ids reused the shards tokenized with the old text, silently."""
+    folder, _ = demo_dir
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    tok = _release_text_tokenizer(tmp_path / "a" / "text_tokenizer.json")
+    other = tmp_path / "b" / "text_tokenizer.json"
+    other.write_text(tok.read_text().replace('"push": 9000', '"push": 9002'))
+    vq = tiny_vqgan()
+    out = st.build_store(folder, tmp_path / "s", vq, layout="chameleon", tokenizer_json=tok, chunk_size=K,
+                         progress=False)
+    assert json.loads((out / st.MANIFEST).read_text())["text_tokenizer_sha256"] == _sha256(tok)
+    st.build_store(folder, out, vq, layout="chameleon", tokenizer_json=tok, chunk_size=K, progress=False)
+    with pytest.raises(FileExistsError, match=f"{other} \\(the text tokenizer.*--overwrite"):
+        st.build_store(folder, out, vq, layout="chameleon", tokenizer_json=other, chunk_size=K, progress=False)
+    st.build_store(folder, out, vq, layout="chameleon", tokenizer_json=other, chunk_size=K, overwrite=True,
+                   progress=False)
+    assert (out / st.TEXT_TOKENIZER).read_bytes() == other.read_bytes()
+
+
+def _robomimic_file(path, env_name, rng, T=5):
+    """robomimic's layout: obs/<camera>_image, no instruction, env_args naming the environment."""
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        d = f.create_group("data")
+        if env_name:
+            d.attrs["env_args"] = json.dumps({"env_name": env_name, "type": 1})
+        d.create_dataset("demo_0/obs/agentview_image", data=rng.integers(0, 256, (T, 32, 32, 3), dtype=np.uint8))
+        d.create_dataset("demo_0/actions", data=rng.uniform(-1, 1, (T, 7)).astype(np.float32))
+    return path
+
+
+def _prompt(store, i=0):
+    ids = store[i][0].tolist()
+    return ByteTextTokenizer(store.layout).decode(ids)
+
+
+def test_files_without_an_instruction_are_named_and_instruction_overrides_them(tmp_path, capsys):
+    """robomimic's files (all named image.hdf5) were prompted with "image", silently. Their env name is the guess
+    now, with a line per file naming --instruction; --instruction prompts every demo; a file with no instruction and
+    nothing to guess it from is refused."""
+    rng = np.random.default_rng(0)
+    _robomimic_file(tmp_path / "d" / "lift" / "ph" / "image.hdf5", "Lift", rng)
+    _robomimic_file(tmp_path / "d" / "can" / "ph" / "image.hdf5", "PickPlaceCan", rng)
+    vq = tiny_vqgan()
+    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, chunk_size=2, world=False, progress=False)
+    lines = [x for x in capsys.readouterr().out.splitlines() if "no instruction" in x]
+    assert len(lines) == 2 and all("env name" in x and "--instruction" in x for x in lines)
+    store = st.TokenStore(out)
+    assert {_prompt(store, i).split("take to ")[-1].split("?")[0] for i in range(len(store))} == \
+        {"pick place can", "lift"}
+    assert [r["instruction_from"] for r in store.manifest["inputs"]] == ["env name"] * 2
+    with pytest.raises(FileExistsError, match="its instruction 'pick place can' then, 'stack the cubes' now"):
+        st.build_store(tmp_path / "d", out, vq, chunk_size=2, world=False, instruction="stack the cubes",
+                       progress=False)
+    st.build_store(tmp_path / "d", out, vq, chunk_size=2, world=False, instruction="stack the cubes", overwrite=True,
+                   progress=False)
+    assert "no instruction" not in capsys.readouterr().out
+    store = st.TokenStore(out)
+    assert all("stack the cubes" in _prompt(store, i) for i in range(len(store)))
+    assert store.manifest["settings"]["instruction"] == "stack the cubes"
+    _robomimic_file(tmp_path / "e" / "image.hdf5", None, rng)
+    with pytest.raises(ValueError, match="image.hdf5 holds no instruction.*--instruction TEXT"):
+        st.build_store(tmp_path / "e", tmp_path / "s2", vq, chunk_size=2, progress=False)
+    with pytest.raises(ValueError, match="--instruction must be a non-empty text"):
+        st.build_store(tmp_path / "e", tmp_path / "s2", vq, chunk_size=2, instruction=" ", progress=False)
+    p = argparse.ArgumentParser()
+    st.add_arguments(p)
+    assert p.parse_args([".", "--out", "o", "--vqgan", "v", "--instruction", "lift it"]).instruction == "lift it"
+
+
+def test_auto_bounds_keep_unit_only_when_every_dimension_reaches_half_of_it(tmp_path, capsys):
+    """Small deltas (+-0.02) inside [-1, 1] got unit bounds under auto: about 5 of the 256 bins, silently."""
+    rng = np.random.default_rng(0)
+    acts = np.concatenate([rng.uniform(-0.02, 0.02, (40, 3)), rng.choice([-1.0, 1.0], (40, 1))], 1)
+    frames = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    files = [write_demos(tmp_path / "small" / "a.hdf5", [{"frames": frames, "actions": acts}], "wipe")]
+    low, high = st.action_bounds("auto", files, 4)
+    np.testing.assert_allclose(low, acts.min(0))
+    np.testing.assert_allclose(high, acts.max(0))
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1 and "dimension(s) 0, 1, 2" in out and "--action-bounds unit" in out
+    assert st.action_bounds("unit", files, 4) == ([-1.0] * 4, [1.0] * 4)
+    acts[0, :3] = [0.5, -0.6, 0.9]  # every dimension reaches 0.5: unit, silently
+    files = [write_demos(tmp_path / "wide" / "a.hdf5", [{"frames": frames, "actions": acts}], "wipe")]
+    assert st.action_bounds("auto", files, 4) == ([-1.0] * 4, [1.0] * 4)
+    assert capsys.readouterr().out == ""
+
+
+def test_a_demo_without_actions_is_named_by_file_and_demo(tmp_path):
+    """A demo without an `actions` dataset was reported as "-K 5 is longer than every demo (the longest has 0
+    steps) ... choose -K <= 0"."""
+    import h5py
+
+    path = tmp_path / "d" / "a.hdf5"
+    path.parent.mkdir()
+    with h5py.File(path, "w") as f:
+        d = f.create_group("data")
+        d.attrs["instruction"], d.attrs["upright"] = "x", True
+        d.create_dataset("demo_0/obs/agentview_rgb", data=np.zeros((4, 32, 32, 3), np.uint8))
+    for world in (True, False):
+        with pytest.raises(ValueError, match=f"{path}:data/demo_0: missing the 'actions' dataset"):
+            st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=5, world=world, progress=False)
+
+
+def test_temporary_shard_folders_of_killed_builds_are_removed(demo_dir, tmp_path):
+    """A build killed while writing a shard left .shard_00000.tmp-<pid> in the store for good. A rerun removes
+    those of processes that no longer run, and keeps a running build's."""
+    import subprocess
+    import sys
+
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead, live = out / f".shard_00000.tmp-{gone.pid}", out / f".shard_00001.tmp-{os.getppid()}"
+    for p in (dead, live):
+        p.mkdir()
+        (p / "tokens.npy").write_bytes(b"half")
+    st.build_store(folder, out, tiny_vqgan(), chunk_size=K, progress=False)
+    assert not dead.exists() and live.is_dir()
+
+
+def test_the_manifest_records_how_each_inputs_frames_were_turned(tmp_path, capsys):
+    """A store did not say how its frames were turned; LIBERO's files of macros_image_convention 'opencv' are
+    mirrored left-right (the release's view), those of 'opengl' rotated by 180 degrees, each named in the note."""
+    import h5py
+
+    rng = np.random.default_rng(2)
+    frames = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    for name, convention in (("gl.hdf5", "opengl"), ("cv.hdf5", "opencv")):
+        path = _own_robot_file(tmp_path / "d" / name, rng.uniform(-1, 1, (4, 4)), frames)
+        with h5py.File(path, "a") as f:
+            f["data"].attrs["macros_image_convention"] = convention
+    write_demos(tmp_path / "d" / "ours.hdf5", [{"frames": frames, "actions": rng.uniform(-1, 1, (4, 4))}], "x")
+    out = st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=2, progress=False)
+    note = capsys.readouterr().out
+    assert "(gl.hdf5) are rotated by 180 degrees" in note and "(cv.hdf5) are mirrored left-right" in note
+    rotation = {os.path.basename(r["path"]): r["rotation"] for r in st.TokenStore(out).manifest["inputs"]}
+    assert rotation == {"gl.hdf5": "rotated_180", "cv.hdf5": "mirrored", "ours.hdf5": "none"}
+    out = st.build_store(tmp_path / "d", tmp_path / "s2", tiny_vqgan(), chunk_size=2, rotate_180=True, progress=False)
+    assert {r["rotation"] for r in st.TokenStore(out).manifest["inputs"]} == {"rotated_180"}
+
+
+def test_libero_files_prompted_by_their_names_are_said_in_one_line(tmp_path, capsys):
+    """LIBERO's regenerated files (a suite's worth: 10 to 90 of them) take their task's name from the file name, as
+    the release does: one line says so for all of them, naming one, not a line per file."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    names = ["put_the_bowl_on_the_plate_demo", "open_the_top_drawer_demo", "turn_on_the_stove_demo"]
+    (tmp_path / "d").mkdir()
+    for name in names:  # the regenerated files' layout: LIBERO's camera names, no attributes
+        with h5py.File(tmp_path / "d" / f"{name}.hdf5", "w") as f:
+            f.create_dataset("data/demo_0/obs/agentview_rgb", data=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+            f.create_dataset("data/demo_0/actions", data=rng.uniform(-1, 1, (4, 7)).astype(np.float32))
+    st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=2, world=False, progress=False)
+    lines = [x for x in capsys.readouterr().out.splitlines() if "no instruction" in x]
+    assert len(lines) == 1, lines
+    assert "3 LIBERO file(s)" in lines[0] and "from the file name, as the release does" in lines[0]
+    assert "and 2 more" in lines[0]
+    store = st.TokenStore(tmp_path / "s")
+    prompts = {_prompt(store, i).split("take to ")[-1].split("?")[0] for i in range(len(store))}
+    assert prompts == {"put the bowl on the plate", "open the top drawer", "turn on the stove"}

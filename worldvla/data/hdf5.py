@@ -8,8 +8,10 @@
       demo_1 ...
 
 Frame t is what the camera saw before action t was taken. LIBERO files keep the
-instruction only in `data.attrs["problem_info"]` (JSON, key "language_instruction")
-and robomimic files name cameras `<camera>_image`; both are read as well.
+instruction only in `data.attrs["problem_info"]` (JSON, key "language_instruction"),
+or (the regenerated ones) in their file name; robomimic files name cameras
+`<camera>_image` and keep no instruction (their env_args' env_name is the guess;
+`iter_demos(instruction=...)` gives one); both are read as well.
 """
 from __future__ import annotations
 
@@ -71,12 +73,26 @@ def _as_str(value) -> str:
     return str(value)
 
 
+def _uint8_advice(frames: np.ndarray) -> str:
+    """How to turn `frames` of another dtype into uint8 [0, 255] without losing them: a [0, 1] (or [-1, 1]) image
+    cast as it is becomes black, so it is scaled first."""
+    try:
+        lo, hi = (float(np.nanmin(frames)), float(np.nanmax(frames))) if frames.size else (0.0, 0.0)
+    except (TypeError, ValueError):
+        return "convert them to uint8 values in [0, 255]"
+    if frames.dtype.kind in "fb" and 0.0 <= lo and hi <= 1.0:
+        return "they lie in [0, 1]: convert with (x * 255).round().astype(np.uint8)"
+    if frames.dtype.kind == "f" and -1.0 <= lo and hi <= 1.0:
+        return "they lie in [-1, 1]: convert with ((x + 1) * 127.5).round().astype(np.uint8)"
+    return "convert with np.clip(x, 0, 255).astype(np.uint8)"
+
+
 def _check_demo(i: int, frames, actions) -> tuple[np.ndarray, np.ndarray]:
     frames = np.asarray(frames)
     actions = np.asarray(actions)
     if frames.dtype != np.uint8:
         raise ValueError(f"demo {i}: frames must be uint8 [T, H, W, 3], got dtype {frames.dtype}; "
-                         "convert with np.clip(x, 0, 255).astype(np.uint8)")
+                         f"{_uint8_advice(frames)}")
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"demo {i}: frames must have shape [T, H, W, 3], got {frames.shape}")
     if actions.ndim != 2:
@@ -163,16 +179,33 @@ def _open_data(f, path):
     return f["data"]
 
 
-def _file_instruction(data, path) -> str:
+# Where a file's instruction came from (`_file_instruction`): the guesses are said in a line by pretokenize.
+FROM_ATTRIBUTE, FROM_PROBLEM_INFO, FROM_FILE_NAME, FROM_ENV_NAME, FROM_NOWHERE, FROM_OPTION = (
+    "data.attrs['instruction']", "problem_info", "file name", "env name", "none", "--instruction")
+GUESSED = (FROM_FILE_NAME, FROM_ENV_NAME)
+
+
+def _file_instruction(data, path) -> tuple[str, str]:
+    """(instruction, where it came from: one of the FROM_* names) of the file whose `data` group this is;
+    ("", FROM_NOWHERE) for a file that holds none and names no task."""
     if "instruction" in data.attrs:
-        return _as_str(data.attrs["instruction"])
+        return _as_str(data.attrs["instruction"]), FROM_ATTRIBUTE
     if "problem_info" in data.attrs:
         try:
             info = json.loads(_as_str(data.attrs["problem_info"]))
         except json.JSONDecodeError as e:
             raise DemoFormatError(f"data.attrs['problem_info'] is not valid JSON: {e}") from e
         lang = info.get("language_instruction", "")
-        return " ".join(lang) if isinstance(lang, (list, tuple)) else _as_str(lang)
+        return (" ".join(lang) if isinstance(lang, (list, tuple)) else _as_str(lang)), FROM_PROBLEM_INFO
+    if _libero_like(data):
+        return _task_from_file_name(path), FROM_FILE_NAME
+    env = _robomimic_env_name(data)
+    if env:
+        return env, FROM_ENV_NAME
+    return "", FROM_NOWHERE
+
+
+def _task_from_file_name(path) -> str:
     # LIBERO's regenerated files (256 / 512 px, no-ops filtered) keep no attributes: the release takes the
     # instruction from the task's name, which names the file ("<task name>_demo.hdf5"), "_" -> " ". The
     # names of LIBERO-10/90 tasks start with their scene ("LIVING_ROOM_SCENE2_put_both_..."), which their
@@ -182,6 +215,16 @@ def _file_instruction(data, path) -> str:
     if stem[:1].isupper():
         stem = re.sub(r"^.*?SCENE\d+_", "", stem, count=1)
     return stem.replace("_", " ").strip()
+
+
+def _robomimic_env_name(data) -> str:
+    """robomimic's files hold no instruction, and one name ("image.hdf5", "low_dim.hdf5") for every task: their
+    env_args' env_name ("PickPlaceCan") in words ("pick place can") is the best guess of the task; "" without it."""
+    try:
+        name = json.loads(_as_str(data.attrs["env_args"])).get("env_name", "")
+    except (KeyError, json.JSONDecodeError, AttributeError):
+        return ""
+    return " ".join(re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", _as_str(name))).lower()
 
 
 def _frame_key(obs, camera: str | None, where: str) -> str:
@@ -226,14 +269,37 @@ def _demo_success(g) -> bool:
     return True
 
 
-def _read_one(data, name: str, camera: str | None, default_instruction: str, rotate: bool, path) -> Demo:
+def _check_actions_present(g, where: str) -> None:
+    if "actions" not in g:
+        raise DemoFormatError(f"{where}: missing the 'actions' dataset (keys: {sorted(g.keys())}); every demo needs "
+                              f"its actions [T, D], one per frame: remove the demo from the file, or the file from "
+                              f"the inputs")
+
+
+def _demo_group(data, name: str, path):
+    """(group, where) of demo `name`, refused naming it when it lacks `obs` or `actions`."""
     g = data[name]
     where = f"{path}:data/{name}"
     if "obs" not in g:
         raise DemoFormatError(f"{where}: missing the 'obs' group (keys: {sorted(g.keys())})")
-    if "actions" not in g:
-        raise DemoFormatError(f"{where}: missing the 'actions' dataset (keys: {sorted(g.keys())})")
-    key = _frame_key(g["obs"], camera, where)
+    _check_actions_present(g, where)
+    return g, where
+
+
+def _settled_frame_key(g, key: str | None, camera: str | None, where: str, first: str) -> str:
+    """The obs key of a file's frames: chosen at its first demo (`_frame_key`) and then required of every demo, so
+    a demo that lacks that camera is refused instead of being read from another one."""
+    if key is None:
+        return _frame_key(g["obs"], camera, where)
+    if key not in g["obs"]:
+        raise DemoFormatError(f"{where}: no obs/{key}, the camera this file's frames are read from (chosen at its "
+                              f"first demo, {first}); obs keys: {sorted(g['obs'].keys())}. Every demo of a file is "
+                              f"read from one camera: pass --camera with one every demo has, or remove this demo")
+    return key
+
+
+def _read_one(g, where: str, key: str, default_instruction: str, turn: str, name: str,
+              override: bool = False) -> Demo:
     frames = _read_dataset(g["obs"], key, f"{where}/obs")
     actions = _read_dataset(g, "actions", where).astype(np.float32, copy=False)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -244,9 +310,10 @@ def _read_one(data, name: str, camera: str | None, default_instruction: str, rot
         raise DemoFormatError(f"{where}: {len(frames)} frames but {len(actions)} actions")
     if len(frames) == 0:
         raise DemoFormatError(f"{where}: an empty demo (no step); drop it from the file")
-    if rotate:
-        frames = np.ascontiguousarray(frames[:, ::-1, ::-1])
-    instruction = _as_str(g.attrs["instruction"]) if "instruction" in g.attrs else default_instruction
+    if turn != NO_TURN:
+        frames = np.ascontiguousarray(_TURNS[turn](frames))
+    own = "instruction" in g.attrs and not override
+    instruction = _as_str(g.attrs["instruction"]) if own else default_instruction
     return Demo(frames=frames, actions=actions, instruction=instruction, success=_demo_success(g), name=name)
 
 
@@ -263,39 +330,71 @@ def _libero_like(data) -> bool:
     return obs is not None and any(k in obs for k in _LIBERO_CAMERAS)
 
 
-def _should_rotate(data, rotate_180: bool | None) -> bool:
+# How `iter_demos` turns a file's frames [T, H, W, C] (`frame_turn`), by the names a token store's manifest records.
+ROTATED_180, MIRRORED, NO_TURN = "rotated_180", "mirrored", "none"
+_TURNS = {ROTATED_180: lambda x: x[:, ::-1, ::-1], MIRRORED: lambda x: x[:, :, ::-1], NO_TURN: lambda x: x}
+
+
+def _turn(data, rotate_180: bool | None) -> str:
+    """How the frames of the file whose `data` group this is are turned: rotate_180 True / False rotate every file's
+    by 180 degrees / none. None: LIBERO's files are turned to the view the release trains on, other files read as
+    they are. robosuite renders rows bottom-up (OpenGL); LIBERO stores them so (`macros_image_convention` "opengl",
+    or no attribute: the regenerated files) and the release rotates them by 180 degrees. A file collected with
+    robosuite's IMAGE_CONVENTION "opencv" holds those frames with their rows flipped (a vertical flip) already:
+    mirrored left-right, they are the release's view."""
     if rotate_180 is not None:
-        return bool(rotate_180)
-    # LIBERO renders its cameras upside down and stores them that way; the WorldVLA release rotates every
-    # frame by 180 degrees before use. Other files are read as they are.
-    return _libero_like(data)
+        return ROTATED_180 if rotate_180 else NO_TURN
+    if not _libero_like(data):
+        return NO_TURN
+    convention = _as_str(data.attrs.get("macros_image_convention", "opengl")).strip().lower()
+    return MIRRORED if convention == "opencv" else ROTATED_180
 
 
 _LIBERO_CAMERAS = ("agentview_rgb", "eye_in_hand_rgb")
 
 
 def looks_like_libero(path) -> bool:
-    """Whether the demo file at `path` is read as one of LIBERO's: `iter_demos` then rotates its frames by
-    180 degrees unless told not to (rotate_180=False), and pretokenize's `--action-bounds auto` gives its
-    7-D actions the release's fixed LIBERO bounds."""
+    """Whether the demo file at `path` is read as one of LIBERO's: `iter_demos` then turns its frames to the
+    release's view (`frame_turn`) unless told not to (rotate_180=False), and pretokenize's `--action-bounds auto`
+    gives its 7-D actions the release's fixed LIBERO bounds."""
     path = Path(path)
     with open_demo_file(path) as f:
         return _libero_like(_open_data(f, path))
 
 
+def frame_turn(path, rotate_180: bool | None = None) -> str:
+    """How `iter_demos(path, rotate_180=rotate_180)` turns the file's frames: ROTATED_180 (`[:, ::-1, ::-1]`),
+    MIRRORED (`[:, :, ::-1]`: LIBERO's files with macros_image_convention "opencv") or NO_TURN."""
+    path = Path(path)
+    with open_demo_file(path) as f:
+        return _turn(_open_data(f, path), rotate_180)
+
+
+def _names(files) -> str:
+    return ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+
+
 def rotation_note(files, rotate_180: bool | None = None, option: str = "--rotate-180 no") -> str | None:
-    """One line naming the `files` whose frames `iter_demos` turns by 180 degrees on its own (rotate_180=None,
-    the files look like LIBERO's), and `option`, which reads them as stored; None when it turns none. A file
-    of one's own robot in LIBERO's layout would otherwise train a model on upside-down frames, silently,
-    while the policy at deployment takes frames as it is given them."""
+    """One line naming the `files` whose frames `iter_demos` turns on its own (rotate_180=None, the files look like
+    LIBERO's: `frame_turn`), which are rotated by 180 degrees and which mirrored, and `option`, which reads them as
+    stored; None when it turns none. A file of one's own robot in LIBERO's layout would otherwise train a model on
+    upside-down frames, silently, while the policy at deployment takes frames as it is given them."""
     if rotate_180 is not None:
         return None
-    turned = [Path(f) for f in files if looks_like_libero(f)]
-    if not turned:
+    turns = [(Path(f), frame_turn(f)) for f in files]
+    rotated = [f for f, t in turns if t == ROTATED_180]
+    mirrored = [f for f, t in turns if t == MIRRORED]
+    if not (rotated or mirrored):
         return None
-    names = ", ".join(f.name for f in turned[:3]) + (f" and {len(turned) - 3} more" if len(turned) > 3 else "")
-    return (f"note: the frames of {len(turned)} demo file(s) ({names}) are rotated by 180 degrees, as LIBERO's "
-            f"upside-down cameras need (the files have problem_info or obs/agentview_rgb / eye_in_hand_rgb, and no "
+    said = []
+    if rotated:
+        said.append(f"the frames of {len(rotated)} demo file(s) ({_names(rotated)}) are rotated by 180 degrees, as "
+                    f"LIBERO's upside-down cameras need")
+    if mirrored:
+        said.append(f"{'those' if rotated else 'the frames'} of {len(mirrored)} demo file(s) ({_names(mirrored)}) "
+                    f"are mirrored left-right, as LIBERO's files of macros_image_convention 'opencv' (rows flipped "
+                    f"by robosuite already) need to match the release's rotated view")
+    return (f"note: {'; '.join(said)} (the files have problem_info or obs/agentview_rgb / eye_in_hand_rgb, and no "
             f"`upright` attribute); pass {option} if they are stored upright")
 
 
@@ -313,21 +412,28 @@ def steps_without_noops(actions: np.ndarray, threshold: float = 1e-4) -> np.ndar
 
 
 def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None,
-               drop_noops: bool = False) -> Iterator[Demo]:
+               drop_noops: bool = False, instruction: str | None = None) -> Iterator[Demo]:
     """Yield the demos of `path` one at a time (only one demo's frames in memory).
 
-    camera: which `obs/<camera>_rgb` (or `_image`) to read; None picks agentview or the first camera.
-    rotate_180: None rotates LIBERO's files (raw or regenerated) upright and leaves other files alone.
+    camera: which `obs/<camera>_rgb` (or `_image`) to read; None picks agentview or the first camera. The key is
+    settled at the file's first demo: a later demo without it is refused.
+    rotate_180: None turns LIBERO's files (raw or regenerated) to the release's view (`frame_turn`) and leaves
+    other files alone; True / False rotate every file's frames by 180 degrees / none.
     drop_noops: drop the steps the release's regeneration drops (`steps_without_noops`), frames with their
     actions: for LIBERO's raw files, which hold them.
+    instruction: every demo's instruction, over what the file holds (robomimic's files hold none).
     """
     path = Path(path)
     with open_demo_file(path) as f:
         data = _open_data(f, path)
-        instruction = _file_instruction(data, path)
-        rotate = _should_rotate(data, rotate_180)
-        for name in _demo_names(data):
-            demo = _read_one(data, name, camera, instruction, rotate, path)
+        default = instruction if instruction is not None else _file_instruction(data, path)[0]
+        turn = _turn(data, rotate_180)
+        names = _demo_names(data)
+        key = None
+        for name in names:
+            g, where = _demo_group(data, name, path)
+            key = _settled_frame_key(g, key, camera, where, names[0])
+            demo = _read_one(g, where, key, default, turn, name, override=instruction is not None)
             if drop_noops:
                 keep = steps_without_noops(demo.actions)
                 if len(keep) == 0:  # nothing left to learn from: skipped, as an empty demo has no sample
@@ -347,8 +453,7 @@ def iter_demo_actions(path, only_success: bool = False, drop_noops: bool = False
         for name in _demo_names(data):
             g = data[name]
             where = f"{path}:data/{name}"
-            if "actions" not in g:
-                raise DemoFormatError(f"{where}: missing the 'actions' dataset (keys: {sorted(g.keys())})")
+            _check_actions_present(g, where)
             if only_success and not _demo_success(g):
                 continue
             actions = _read_dataset(g, "actions", where).astype(np.float32, copy=False)
@@ -361,20 +466,47 @@ def iter_demo_actions(path, only_success: bool = False, drop_noops: bool = False
                 yield name, actions
 
 
-def read_demos(path, camera: str | None = None, rotate_180: bool | None = None, drop_noops: bool = False) -> list[Demo]:
+def read_demos(path, camera: str | None = None, rotate_180: bool | None = None, drop_noops: bool = False,
+               instruction: str | None = None) -> list[Demo]:
     """All demos of `path` as a list (see `iter_demos`)."""
-    return list(iter_demos(path, camera=camera, rotate_180=rotate_180, drop_noops=drop_noops))
+    return list(iter_demos(path, camera=camera, rotate_180=rotate_180, drop_noops=drop_noops,
+                           instruction=instruction))
 
 
 def demo_file_info(path) -> dict:
     """Cheap summary of a demo file without reading frames: number of demos, their names (in order: a
-    demo's ordinal in its file is its place here), steps, instruction and the `data` attributes. Raises
-    like `read_demos` on a bad layout."""
+    demo's ordinal in its file is its place here), steps, instruction (and where it came from: a FROM_* name)
+    and the `data` attributes. Raises like `read_demos` on a bad layout (a demo without actions: naming it)."""
     path = Path(path)
     with open_demo_file(path) as f:
         data = _open_data(f, path)
         names = _demo_names(data)
-        steps = [int(data[n]["actions"].shape[0]) if "actions" in data[n] else 0 for n in names]
+        for n in names:
+            _check_actions_present(data[n], f"{path}:data/{n}")
+        steps = [int(data[n]["actions"].shape[0]) for n in names]
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in data.attrs.items()}
-        return {"num_demos": len(names), "names": names, "steps": steps, "instruction": _file_instruction(data, path),
-                "attrs": attrs}
+        instruction, source = _file_instruction(data, path)
+        return {"num_demos": len(names), "names": names, "steps": steps, "instruction": instruction,
+                "instruction_from": source, "attrs": attrs}
+
+
+def reading_record(path, rotate_180: bool | None = None, instruction: str | None = None) -> dict:
+    """How `iter_demos(path, rotate_180=..., instruction=...)` reads the file, for a token store's manifest:
+    `rotation` (`frame_turn`), `instruction` (what demos without their own are prompted with), `instruction_from`
+    (a FROM_* name: GUESSED ones are guesses, FROM_NOWHERE none), `uses_file_instruction` (whether some demo takes
+    it) and `demo_instructions` ({demo: text} of the demos whose own instruction differs; absent when none)."""
+    path = Path(path)
+    with open_demo_file(path) as f:
+        data = _open_data(f, path)
+        if instruction is not None:
+            text, source, own = instruction, FROM_OPTION, {}
+        else:
+            text, source = _file_instruction(data, path)
+            own = {n: _as_str(data[n].attrs["instruction"]) for n in _demo_names(data)
+                   if "instruction" in data[n].attrs}
+        record = {"rotation": _turn(data, rotate_180), "instruction": text, "instruction_from": source,
+                  "uses_file_instruction": len(own) < len(_demo_names(data))}
+        differ = {n: t for n, t in own.items() if t != text}
+        if differ:
+            record["demo_instructions"] = differ
+        return record

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -52,11 +53,14 @@ TEXT_TOKENIZER = "text_tokenizer.json"
 
 
 # ---------------------------------------------------------------------- small utilities
-def sha256_file(path, bufsize: int = 1 << 20) -> str:
+def sha256_file(path, bufsize: int = 1 << 20, bar=None) -> str:
+    """sha256 of the file at `path`, read in blocks of `bufsize` bytes (`bar`: a tqdm bar advanced by each)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(bufsize):
             h.update(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
     return h.hexdigest()
 
 
@@ -127,6 +131,10 @@ def _scan_actions(files, only_success: bool = True, drop_noops: bool = False, em
 # outlier, which the edge bin absorbs; beyond 1% the bounds do not describe the data (robomimic's 7-D actions
 # in [-1, 1] lose half their rotation values).
 CLIP_WARN_SHARE = 0.01
+# `--action-bounds auto` picks [-1, 1] for actions inside it only when every dimension reaches at least this |a|:
+# a dimension of small deltas (+-0.02 m) would use a handful of the 256 bins. The demo's Meta-World experts reach
+# 1.0 in every dimension of their pooled actions (measured on 3 episodes each of its three tasks), so they keep [-1, 1].
+UNIT_MIN_REACH = 0.5
 
 
 def _clipped_share(acts: np.ndarray, low, high) -> np.ndarray:
@@ -142,8 +150,9 @@ def action_bounds(mode: str, files, action_dim: int, only_success: bool = True,
     """`libero`: the release's fixed 7-D bounds; `unit`: [-1, 1] per dimension (Meta-World);
     `data`: per-dimension min/max over the demos; `auto`: libero for the 7-D actions of LIBERO's files
     (every file `hdf5.looks_like_libero`: raw or regenerated, as the release trains on them), unit when every
-    action lies in [-1, 1], data otherwise. Under `auto` a line is printed when the LIBERO bounds clip more than
-    CLIP_WARN_SHARE of a dimension's values, naming `data` (and `libero`, which keeps them without it). `data`
+    action lies in [-1, 1] and every dimension reaches |a| >= UNIT_MIN_REACH, data otherwise. Under `auto` a line
+    is printed when the LIBERO bounds clip more than CLIP_WARN_SHARE of a dimension's values, naming `data` (and
+    `libero`, which keeps them without it), and when it takes data over unit for a dimension of small values. `data`
     and `auto` look at the demos the store tokenizes: the successful ones only if `only_success`, without their
     no-op steps under `drop_noops`."""
     from .hdf5 import looks_like_libero
@@ -166,7 +175,14 @@ def action_bounds(mode: str, files, action_dim: int, only_success: bool = True,
         acts = _scan_actions(files, only_success, drop_noops)
         lo, hi = acts.min(0), acts.max(0)
         if mode == "auto" and lo.min() >= -1.0 and hi.max() <= 1.0:
-            return [-1.0] * action_dim, [1.0] * action_dim
+            reach = np.maximum(-lo, hi)
+            small = np.nonzero(reach < UNIT_MIN_REACH)[0]
+            if not len(small):
+                return [-1.0] * action_dim, [1.0] * action_dim
+            print(f"note: --action-bounds auto chose the demos' min/max per dimension (data), not [-1, 1]: every "
+                  f"action lies in [-1, 1], but dimension(s) {', '.join(map(str, small))} reach only max |a| "
+                  f"{', '.join(f'{x:.3g}' for x in reach[small])} (< {UNIT_MIN_REACH}), which [-1, 1] would give a few "
+                  f"of the bins; pass --action-bounds unit to keep [-1, 1]")
         flat = hi - lo < 1e-6  # a constant dimension still needs a non-empty range
         lo, hi = np.where(flat, lo - 1.0, lo), np.where(flat, hi + 1.0, hi)
         return lo.tolist(), hi.tolist()
@@ -185,8 +201,9 @@ class StoreSettings:
     demos_per_shard: int = 0       # 0 = one shard per input file
     only_success: bool = True
     camera: str | None = None
-    rotate_180: bool | None = None  # None: LIBERO's files rotated upright, others as they are (data.hdf5)
+    rotate_180: bool | None = None  # None: LIBERO's files turned as the release turns them, others as they are
     drop_noops: bool = False        # the release's no-op filter (data.hdf5.steps_without_noops)
+    instruction: str | None = None  # every demo's instruction, over the files' (not in the fingerprint: see below)
 
     def check(self):
         if self.chunk_size < 1:
@@ -197,6 +214,8 @@ class StoreSettings:
             raise ValueError("nothing to build: both action and world samples are switched off")
         if self.demos_per_shard < 0:
             raise ValueError(f"demos_per_shard must be >= 0 (0 = one shard per file), got {self.demos_per_shard}")
+        if self.instruction is not None and (not isinstance(self.instruction, str) or not self.instruction.strip()):
+            raise ValueError(f"--instruction must be a non-empty text, got {self.instruction!r}")
 
 
 def _encode_frames(vqgan, frames: np.ndarray, batch: int) -> np.ndarray:
@@ -317,30 +336,144 @@ def _sim_camera(files) -> str | None:
     return str(cam) if cam is not None else None
 
 
+# Inputs are hashed in blocks of this many bytes, with a progress bar when they add up to more than HASH_BAR_BYTES.
+HASH_BLOCK = 8 << 20
+HASH_BAR_BYTES = 1 << 30
+
+
+def _input_records(files, stats, readings, known, progress: bool) -> list[dict]:
+    """The manifest's record of each input file: path, size, mtime_ns, sha256 of its content and how it is read
+    (`hdf5.reading_record`: its frames' rotation, its instruction). `known`: the records of the same files (by
+    place) in the manifest of the build being resumed, or None; their digest is taken as it is while a file's size
+    and mtime_ns match its record, so a file is hashed once, and a folder copied elsewhere once more."""
+    from tqdm.auto import tqdm
+
+    records = []
+    for i, (f, st, r) in enumerate(zip(files, stats, readings)):
+        was = known[i] if known and i < len(known) else {}
+        same = was.get("size") == st.st_size and was.get("mtime_ns") == st.st_mtime_ns
+        records.append({"path": str(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                        "sha256": was.get("sha256") if same else None,
+                        **{k: v for k, v in r.items() if k != "uses_file_instruction"}})
+    todo = [(rec, f) for rec, f in zip(records, files) if rec["sha256"] is None]
+    total = sum(rec["size"] for rec, _ in todo)
+    with tqdm(total=total, desc="hash inputs", unit="B", unit_scale=True,
+              disable=not progress or total <= HASH_BAR_BYTES) as bar:
+        for rec, f in todo:
+            rec["sha256"] = sha256_file(f, HASH_BLOCK, bar)
+    return records
+
+
+def _changed_inputs(old: dict, inputs: list[dict], tokenizer_digest, tokenizer_json) -> list[str]:
+    """What a rerun would tokenize otherwise than the store at hand (`old`: its manifest, of the same fingerprint)
+    was: each input whose content, frame rotation or instruction differ from its record, and another text
+    tokenizer file. A field a record lacks (a manifest written before it was kept) is not compared."""
+    changed = []
+    for was, now in zip(old.get("inputs", []), inputs):
+        why = []
+        if was.get("sha256") not in (None, now["sha256"]):
+            why.append("its content changed")
+        if was.get("rotation") not in (None, now["rotation"]):
+            why.append(f"its frames {was['rotation']} then, {now['rotation']} now")
+        if "instruction" in was and (was["instruction"], was.get("demo_instructions")) != \
+                (now["instruction"], now.get("demo_instructions")):
+            why.append(f"its instruction {was['instruction']!r} then, {now['instruction']!r} now")
+        if why:
+            changed.append(f"{now['path']} ({'; '.join(why)})")
+    want = old.get("text_tokenizer_sha256")
+    if want is not None and tokenizer_digest is not None and want != tokenizer_digest:
+        changed.append(f"{tokenizer_json} (the text tokenizer: not the file the store's text was tokenized with)")
+    return changed
+
+
+def _instruction_lines(files, readings) -> list[str]:
+    """One line per file whose demos are prompted with a guessed instruction (`hdf5.GUESSED`: the file name, which
+    is the task's for LIBERO's regenerated files, or robomimic's env name); a file with none is refused."""
+    from .hdf5 import FROM_FILE_NAME, FROM_NOWHERE, GUESSED
+
+    lines, by_name = [], []
+    for f, r in zip(files, readings):
+        if not r["uses_file_instruction"]:
+            continue
+        if r["instruction_from"] == FROM_FILE_NAME:  # LIBERO's regenerated files, as many as a suite's tasks: one line
+            by_name.append((f, r["instruction"]))
+            continue
+        if r["instruction_from"] == FROM_NOWHERE:
+            raise ValueError(f"{f} holds no instruction (no data.attrs['instruction'], no LIBERO problem_info or "
+                             f"robomimic env_args, and it is not read as one of LIBERO's files, whose name is their "
+                             f"task); pass --instruction TEXT (every input file's demos are prompted with it), or "
+                             f"write the task's instruction into the file's data.attrs['instruction']")
+        if r["instruction_from"] in GUESSED:
+            lines.append(f"note: {f} holds no instruction: its demos are prompted with {r['instruction']!r}, from its "
+                         f"{r['instruction_from']} (a guess); pass --instruction TEXT to prompt every input file's "
+                         f"demos with TEXT instead")
+    if by_name:
+        (f, ins), more = by_name[0], len(by_name) - 1
+        lines.insert(0, f"note: {len(by_name)} LIBERO file(s) hold no instruction: their demos are prompted with their "
+                        f"task's name, from the file name, as the release does ({Path(f).name} -> {ins!r}"
+                        f"{f' and {more} more' if more else ''}); --instruction TEXT would prompt every file's demos "
+                        f"with TEXT instead")
+    return lines
+
+
+_SHARD_TMP = re.compile(r"\.shard_\d+\.tmp-(\d+)")  # `_write_shard`'s temporary folder, named by its process
+
+
+def _pid_running(pid: int) -> bool:
+    if os.name != "posix":  # no cheap check: kept
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_shard_tmps(out: Path) -> None:
+    """Remove the temporary shard folders that builds killed before their rename left in `out`: those named by a
+    process that no longer runs, or by this one (an interrupted earlier call). Builds into one folder are not
+    refused, so another running build's folder is kept."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        m = _SHARD_TMP.fullmatch(p.name)
+        if m and p.is_dir() and (int(m.group(1)) == os.getpid() or not _pid_running(int(m.group(1)))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, tokenizer_json=None,
                 chunk_size: int = 5, history: int = 2, action: bool = True, world: bool = True,
                 bounds: str = "auto", demos_per_shard: int = 0, only_success: bool = True, camera=None,
                 rotate_180: bool | None = None, drop_noops: bool = False, encode_batch: int = 32, device=None,
-                overwrite: bool = False, progress: bool = True) -> Path:
+                overwrite: bool = False, progress: bool = True, instruction: str | None = None) -> Path:
     """Pretokenize HDF5 demos into a token store at `out` (resumable; see the module doc).
 
     vqgan: a `worldvla.vqgan.VQGAN` or a folder written by `VQGAN.save_pretrained`.
     layout: a VocabLayout, "chameleon" (needs `tokenizer_json`), or None / "compact" for a compact
     vocabulary sized to the VQGAN's codebook.
+    instruction: every demo's instruction, over what the files hold (a line names each file whose instruction
+    is guessed from its name or robomimic's env name; a file with none is refused without it).
+    A rerun resumes the store in `out` only if its inputs (by sha256), the frames' rotation, the instructions and
+    the text tokenizer file are those it was built from; otherwise it is refused unless `overwrite`.
     """
     from tqdm.auto import tqdm
 
     from ..vqgan import VQGAN
-    from .hdf5 import check_actions, demo_file_info, iter_demos, rotation_note
+    from .hdf5 import check_actions, demo_file_info, iter_demos, reading_record, rotation_note
 
     settings = StoreSettings(chunk_size, history, action, world, demos_per_shard, only_success, camera, rotate_180,
-                             drop_noops)
-    read = dict(camera=camera, rotate_180=rotate_180, drop_noops=drop_noops)
+                             drop_noops, instruction)
+    read = dict(camera=camera, rotate_180=rotate_180, drop_noops=drop_noops, instruction=instruction)
     settings.check()
+    out = Path(out)
+    _remove_stale_shard_tmps(out)
     files = find_demo_files(inputs)
     if action:
         _check_chunk_fits(files, chunk_size)
-    out = Path(out)
+    readings = [reading_record(f, rotate_180, instruction) for f in files]
+    instruction_lines = _instruction_lines(files, readings)
     device = torch_device(device, default="cpu")
     if not isinstance(vqgan, VQGAN):
         _check_vqgan_folder(vqgan)
@@ -364,6 +497,8 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     note = rotation_note(files, rotate_180)
     if note:
         print(note)
+    for line in instruction_lines:
+        print(line)
     action_dim = first.actions.shape[1]
     image_hw = list(first.frames.shape[1:3])
     low, high = action_bounds(bounds, files, action_dim, only_success, drop_noops)
@@ -372,15 +507,18 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
 
     vq_digest = _state_dict_digest(vqgan)
     settings_d = dict(settings.__dict__)
-    inputs_d = [{"path": str(f), "size": f.stat().st_size} for f in files]
+    # The fingerprint keeps the terms of the stores built before the instruction override (a trainer resuming a run
+    # compares it): the instruction reaches the store through each input's record, which a rerun checks.
+    fp_settings = {k: v for k, v in settings_d.items() if k != "instruction"}
+    stats = [f.stat() for f in files]
     fingerprint = hashlib.sha256(json.dumps(
-        {"version": VERSION, "settings": settings_d, "layout": layout.to_dict(), "low": low, "high": high,
-         "vqgan": vq_digest, "inputs": [(Path(d["path"]).name, d["size"]) for d in inputs_d]},
+        {"version": VERSION, "settings": fp_settings, "layout": layout.to_dict(), "low": low, "high": high,
+         "vqgan": vq_digest, "inputs": [(f.name, st.st_size) for f, st in zip(files, stats)]},
         sort_keys=True).encode()).hexdigest()
 
     out.mkdir(parents=True, exist_ok=True)
     mpath = out / MANIFEST
-    done: dict[str, dict] = {}
+    old = {}
     if mpath.is_file():
         try:
             old = read_json_file(mpath, "token store manifest")
@@ -388,13 +526,21 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
             if not overwrite:
                 raise ValueError(f"{e}; pass overwrite=True (--overwrite) to rebuild the store in {out}") from None
             old = {}  # replaced whole: what it held does not matter
-        if old.get("fingerprint") != fingerprint:
-            if not overwrite:
-                raise FileExistsError(
-                    f"{out} holds a token store built with other settings, inputs or VQGAN; pass overwrite=True "
-                    f"(--overwrite) to rebuild it, or choose another output folder")
-        else:
-            done = {e["name"]: e for e in old.get("shards", [])}
+        if old.get("fingerprint") != fingerprint and not overwrite:
+            raise FileExistsError(
+                f"{out} holds a token store built with other settings, inputs or VQGAN; pass overwrite=True "
+                f"(--overwrite) to rebuild it, or choose another output folder")
+    resumed = old.get("fingerprint") == fingerprint
+    # The text tokenizer's vocabulary is not in the layout (only its image ids are): its file is checked as inputs are.
+    tok_digest = sha256_file(tokenizer_json, HASH_BLOCK) \
+        if _uses_text_tokenizer_json(layout) and tokenizer_json is not None else None
+    inputs_d = _input_records(files, stats, readings, old.get("inputs") if resumed else None, progress)
+    changed = _changed_inputs(old, inputs_d, tok_digest, tokenizer_json) if resumed else []
+    if changed and not overwrite:
+        raise FileExistsError(
+            f"{out} holds a token store tokenized otherwise than these inputs would be now: {', '.join(changed)}; "
+            f"pass overwrite=True (--overwrite) to rebuild it, or choose another output folder")
+    done: dict[str, dict] = {e["name"]: e for e in old.get("shards", [])} if resumed and not changed else {}
     # Checked against the weights themselves, not the manifest: a folder left without its manifest
     # (an interrupted first build, a cleaned folder) may hold another VQGAN.
     if overwrite or _vqgan_folder_digest(out / "vqgan") != vq_digest:
@@ -415,6 +561,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                    "history": history, "bounds": bounds},
         "image_size": image_hw, "code_grid": [image_hw[0] // vqgan.downsample, image_hw[1] // vqgan.downsample],
         "settings": settings_d, "vqgan": "vqgan", "vqgan_sha256": vq_digest, "inputs": inputs_d,
+        "text_tokenizer_sha256": tok_digest,
         "sim_camera": _sim_camera(files),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "shards": [],
     }
@@ -693,12 +840,14 @@ def pack(samples, max_tokens: int, pad_id: int | None = None):
 # ---------------------------------------------------------------------- command line
 # Shared with `worldvla train-vq` and `imagine --demos`, whose frames must be read as pretokenize reads them.
 ROTATE_180 = {"auto": None, "yes": True, "no": False}  # --rotate-180 -> iter_demos' rotate_180
-CAMERA_HELP = ("camera name: frames from obs/<camera>_rgb (or _image; default: agentview or the first). Files "
-               "without an `upright` attribute that hold obs/agentview_rgb or eye_in_hand_rgb are read as LIBERO's "
-               "and their frames rotated by 180 degrees, with a line saying so (--rotate-180 no keeps them as stored)")
+CAMERA_HELP = ("camera name: frames from obs/<camera>_rgb (or _image; default: agentview or the first), settled at "
+               "each file's first demo (a demo without it is refused). Files without an `upright` attribute that "
+               "hold obs/agentview_rgb or eye_in_hand_rgb are read as LIBERO's and their frames rotated by 180 "
+               "degrees, with a line saying so (--rotate-180 no keeps them as stored)")
 ROTATE_HELP = ("rotate frames by 180 degrees (auto: LIBERO's files, raw or regenerated, which store their cameras "
-               "upside down, as the release does, with a line naming them; not robomimic's or this package's; "
-               "default: %(default)s)")
+               "upside down, as the release does, and mirror left-right those whose macros_image_convention is "
+               "opencv (rows flipped by robosuite already), with a line naming them; not robomimic's or this "
+               "package's; default: %(default)s)")
 
 
 def add_arguments(p) -> None:
@@ -721,11 +870,16 @@ def add_arguments(p) -> None:
                         "--include-failed, no-op steps not under --drop-noops) or auto: libero for 7-D actions of "
                         "LIBERO's files (problem_info, or obs/agentview_rgb / eye_in_hand_rgb without an `upright` "
                         "attribute; a line says so when they clip over 1%% of a dimension's values), unit when "
-                        "every action of those lies in [-1, 1], data otherwise (default: %(default)s)")
+                        "every action of those lies in [-1, 1] and every dimension reaches |a| >= 0.5, data "
+                        "otherwise (with a line when a dimension of small values decided it; default: %(default)s)")
     p.add_argument("--demos-per-shard", type=non_negative_int, default=0,
                    help="demos per shard (default: 0, one shard per file)")
     p.add_argument("--include-failed", action="store_true", help="also tokenize demos not marked successful")
     p.add_argument("--camera", default=None, help=CAMERA_HELP)
+    p.add_argument("--instruction", default=None, metavar="TEXT",
+                   help="the instruction every demo of every input file is prompted with, over the files' own "
+                        "(robomimic's files hold none: their env name is guessed; LIBERO's regenerated files take "
+                        "their file name; a line names each file so read)")
     p.add_argument("--rotate-180", default="auto", choices=tuple(ROTATE_180), help=ROTATE_HELP)
     p.add_argument("--drop-noops", action="store_true",
                    help="drop the steps whose arm action is ~0 and gripper unchanged, as the release's regeneration "
@@ -740,7 +894,7 @@ def run(args) -> int:
     out = build_store(args.inputs, args.out, args.vqgan, layout=args.layout, tokenizer_json=args.tokenizer_json,
                       chunk_size=args.chunk_size, history=args.history, action=not args.no_action,
                       world=not args.no_world, bounds=args.action_bounds, demos_per_shard=args.demos_per_shard,
-                      only_success=not args.include_failed, camera=args.camera,
+                      only_success=not args.include_failed, camera=args.camera, instruction=args.instruction,
                       rotate_180=ROTATE_180[args.rotate_180],
                       drop_noops=args.drop_noops, encode_batch=args.encode_batch,
                       device=args.device, overwrite=args.overwrite, progress=not args.no_progress)
