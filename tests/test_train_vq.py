@@ -165,10 +165,47 @@ def test_dead_code_restart_gives_each_dead_code_its_own_vector():
     assert all((pool == row).all(1).any() for row in seeded)
     n2, seeded2, state2 = _restart(latents)
     assert torch.equal(seeded, seeded2) and torch.equal(state, state2)
-    few = latents[:1, :, :1, :]  # 5 outputs for 13 dead codes: every one is re-seeded, some share
+    few = latents[:1, :, :1, :]  # 5 outputs for 13 dead codes: 5 re-seeded, each with its own output
     n, seeded, _ = _restart(few)
     pool = few.permute(0, 2, 3, 1).reshape(-1, 8)
-    assert n == 13 and all((pool == row).all(1).any() for row in seeded)
+    assert n == 5 and len(torch.unique(seeded[:5], dim=0)) == 5
+    assert all((pool == row).all(1).any() for row in seeded[:5])
+
+
+def test_dead_code_restart_seeds_distinct_values_when_outputs_repeat():
+    """A batch of frames with flat backgrounds or an idle robot gives bit-identical encoder outputs: drawn by
+    position, several dead codes got one vector and all but one stayed dead (with their usage reset to uniform,
+    unrestarted for hundreds of steps). Codes take distinct values; those left over stay dead for the next
+    restart, their usage untouched."""
+    g = torch.Generator().manual_seed(2)
+    values = torch.randn(4, 8, generator=g)
+    latents = values[torch.randint(0, 4, (2 * 3 * 5,), generator=g)].view(2, 3, 5, 8).permute(0, 3, 1, 2)
+    torch.manual_seed(0)
+    model = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=8,
+                              n_embed=16))
+    opt = torch.optim.AdamW(model.parameters())
+    usage = vqt.CodeUsage(16, decay=0.0)
+    usage.update(torch.tensor([[0, 0, 1, 1, 2, 0]]))        # codes 3..15 unused
+    n = vqt.restart_dead_codes(model, opt, usage, latents, threshold=0.5, generator=torch.Generator().manual_seed(0))
+    w = model.quantize.embedding.weight.detach()
+    assert n == 4
+    assert len(torch.unique(w[3:7], dim=0)) == 4 and all((values == row).all(1).any() for row in w[3:7])
+    assert (usage.ema[3:7] == 1 / 16).all() and (usage.ema[7:] == 0).all()
+    assert torch.equal(usage.dead(0.5), torch.arange(7, 16))
+
+
+def test_frames_whose_sides_are_no_multiple_of_32_are_refused_before_training(data, tmp_path):
+    """48x48 frames suit a VQGAN of factor 16 but give a 3x3 code grid, no whole number of the layout's 32-px
+    resolution grids: train-vq trained and exported, and pretokenize refused the VQGAN's frames afterwards."""
+    rng = np.random.default_rng(0)
+    demos = [{"frames": rng.integers(0, 256, (6, 48, 48, 3), dtype=np.uint8),
+              "actions": rng.uniform(-1, 1, (6, 4)).astype(np.float32)}]
+    write_demos(tmp_path / "d48" / "d.hdf5", demos, "push")
+    args = args_for(data, tmp_path / "out", "--steps", 2)
+    args.inputs = [str(tmp_path / "d48" / "d.hdf5")]
+    with pytest.raises(ValueError, match=r"frames are 48x48: .*multiples of 32 px.*--image-size"):
+        vqt.train_vq(args)
+    assert not (tmp_path / "out" / "vqgan").exists()
 
 
 def test_bad_inputs(data, tmp_path):

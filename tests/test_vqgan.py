@@ -284,9 +284,17 @@ def test_load_errors(rng, tmp_path):
         VQGAN.from_release(y, c)
 
     sd = dict(m.state_dict())
-    sd["decoder.extra.weight"] = torch.randn(3, generator=rng)
+    sd["discriminator.extra.weight"] = torch.randn(3, generator=rng)  # no module of the VQGAN's: a warning
     y, c = _write_release(tmp_path, m, sd)
-    with pytest.warns(UserWarning, match="decoder.extra.weight"):
+    with pytest.warns(UserWarning, match="discriminator.extra.weight"):
+        VQGAN.from_release(y, c)
+    # Weights under its own modules that the config has no layer for (a yaml without the checkpoint's attention
+    # blocks, one resolution fewer): the trained layers would be dropped, giving another tokenizer.
+    sd = dict(m.state_dict())
+    sd["decoder.up.0.attn.0.q.weight"] = torch.randn(3, generator=rng)
+    y, c = _write_release(tmp_path, m, sd)
+    with pytest.raises(ValueError, match=r"1 weights of the model's own modules that the config has no layer for: "
+                                         r"decoder\.up\.0\.attn\.0\.q\.weight"):
         VQGAN.from_release(y, c)
 
     (tmp_path / "bad.yaml").write_text("model:\n  target: x\n")

@@ -406,7 +406,9 @@ class VQGAN(nn.Module):
         """Load weights strictly on this model's own keys.
 
         Keys under `loss.` (the release's LPIPS / discriminator) are dropped; other unknown keys
-        warn; missing keys or shape mismatches raise, listing every offender.
+        warn, except under the model's own modules (encoder, decoder, quantizer and their convs), where
+        they mean trained layers the config leaves out (fewer resolutions, no attention blocks): those
+        raise, as missing keys and shape mismatches do, listing every offender.
         """
         own = self.state_dict()
         sd = {k: v for k, v in state_dict.items() if not k.startswith(_IGNORED_PREFIXES)}
@@ -414,13 +416,18 @@ class VQGAN(nn.Module):
         mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                       for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
         unexpected = [k for k in sd if k not in own]
-        if missing or mismatched:
+        modules = tuple(f"{name}." for name, _ in self.named_children())
+        dropped = [k for k in unexpected if k.startswith(modules)]
+        if missing or mismatched or dropped:
             msg = [f"cannot load the VQGAN weights from {source}:"]
             if missing:
                 msg.append(f"{len(missing)} missing keys: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
             if mismatched:
                 msg.append(f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched[:20])
                            + (" ..." if len(mismatched) > 20 else ""))
+            if dropped:
+                msg.append(f"{len(dropped)} weights of the model's own modules that the config has no layer for: "
+                           + ", ".join(dropped[:20]) + (" ..." if len(dropped) > 20 else ""))
             msg.append("the config (yaml / config.json) probably does not describe this checkpoint")
             raise ValueError("\n  ".join(msg))
         if unexpected:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cli import finite_float, non_negative_float, non_negative_int, positive_int, unit_float
+from ..tokens.layout import VocabLayout
 from . import distributed as dist_utils
 from .checkpointing import (add_run_arguments, latest_checkpoint, load_checkpoint, prepare_run_dir, resume_point,
                             save_checkpoint, scalar_args, trim_log)
@@ -103,21 +104,21 @@ class CodeUsage:
 @torch.no_grad()
 def restart_dead_codes(model, optimizer, usage: CodeUsage, latents: torch.Tensor, threshold: float,
                        generator: torch.Generator) -> int:
-    """Re-seed dead codes with randomly chosen encoder outputs of this batch; returns how many.
+    """Re-seed dead codes with randomly chosen distinct encoder outputs of this batch; returns how many.
 
-    Each dead code gets another encoder output while the batch has enough of them (drawn without
-    replacement): two codes seeded with the same vector stay duplicates, the nearest-code search
-    picks only one of them, and the other stays dead. With fewer outputs than dead codes some must
-    share one (drawn with replacement). Both draws come from `generator` alone (the run saves and
-    restores its state), so a resumed run re-seeds the same codes with the same vectors."""
+    Two codes seeded with the same vector stay duplicates: the nearest-code search picks only one of them,
+    and the other stays dead (with its usage reset, for hundreds of steps). So each re-seeded code gets
+    another *value*: outputs are drawn without replacement among the batch's distinct ones (frames of an
+    idle robot or a flat background give bit-identical outputs), and where there are fewer of those than
+    dead codes, the first dead codes are re-seeded and the others stay dead, usage untouched, for the next
+    restart. `torch.unique` sorts its rows and the draw comes from `generator` alone (the run saves and
+    restores its state), so every rank and a resumed run re-seed the same codes with the same vectors."""
     dead = usage.dead(threshold)
     if dead.numel() == 0:
         return 0
-    flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
-    if flat.shape[0] >= dead.numel():
-        pick = torch.randperm(flat.shape[0], generator=generator)[:dead.numel()]
-    else:
-        pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=generator)
+    flat = torch.unique(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]), dim=0)
+    dead = dead[:flat.shape[0]]
+    pick = torch.randperm(flat.shape[0], generator=generator)[:dead.numel()]
     weight = model.quantize.embedding.weight
     dev = dead.to(weight.device)
     weight[dev] = flat[pick.to(flat.device)].to(weight.dtype)
@@ -206,6 +207,12 @@ def train_vq(args) -> dict:
     f = vq.downsample
     if frames.shape[1] % f or frames.shape[2] % f:
         raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]}, not a multiple of the VQGAN factor {f}")
+    grid = VocabLayout.res_grid
+    if frames.shape[1] % grid or frames.shape[2] % grid:  # checked before training, not after it by pretokenize
+        raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]}: a frame's tokens need sides that are "
+                         f"multiples of {grid} px (the resolution tokens count {grid}-px grids), which pretokenize "
+                         f"would refuse after this training; collect or resize the demos at such a size (collect "
+                         f"--image-size)")
     model = vq
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
