@@ -81,3 +81,40 @@ def test_config_names_the_layouts_own_end_of_turn_id(tmp_path):
     layout = model.config.vocab_layout()
     assert layout.vocab_size != 65536 and cfg["eos_token_id"] == layout.sep != 2
     assert cfg["bos_token_id"] == layout.bos
+
+
+def test_a_tied_folder_without_a_head_loads_as_transformers_loads_it(tmp_path):
+    """tie_word_embeddings: true and no lm_head.weight (a tied export): transformers' Chameleon takes the
+    embedding as the head; the package refused it ("missing ['lm_head.weight']"). Now the head is a copy of the
+    embedding (the same logits), and a save writes it out as an untied head that transformers reads back."""
+    from safetensors.torch import load_file, save_file
+    from transformers import ChameleonForConditionalGeneration
+
+    model = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0)).eval()
+    f = tmp_path / "tied"
+    model.save_pretrained(f)
+    sd = load_file(str(f / "model.safetensors"))
+    del sd["lm_head.weight"]
+    save_file(sd, str(f / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((f / "config.json").read_text())
+    (f / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+
+    ours = WorldVLA.from_pretrained(f)
+    emb = ours.model.embed_tokens.weight
+    assert torch.equal(ours.lm_head.weight, emb) and ours.lm_head.weight is not emb  # a copy: its own parameter
+    hf = ChameleonForConditionalGeneration.from_pretrained(f).eval()
+    image = model.layout.image_code_weight_mask()
+    ids = torch.randint(0, model.config.vocab_size, (1, 29), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        got = ours(ids, meta=causal_meta(tuple(ids.shape)))
+    torch.testing.assert_close(got[..., ~image], ref[..., ~image], rtol=1e-5, atol=1e-5)
+
+    with torch.no_grad():
+        ours.lm_head.weight.mul_(2)  # fine-tuned apart from the embedding
+    ours.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["tie_word_embeddings"] is False
+    again = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits[..., ~image],
+                                   ours(ids, meta=causal_meta(tuple(ids.shape)))[..., ~image], rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 """The reference transformer against transformers' Chameleon, checkpoints, and the loss."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -455,3 +456,220 @@ def test_the_kernels_distribution_is_not_shadowed():
     import kernels
 
     assert Path(__file__).resolve().parents[1] not in Path(kernels.__file__).resolve().parents
+
+
+# ---------------------------------------------------------------------- checkpoint loading and saving
+
+
+def _resave(folder, fn):
+    """Rewrite a folder's model.safetensors with fn(tensors)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = fn(load_file(str(folder / "model.safetensors")))
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _edit_config(folder, **kw):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(kw)
+    for k in [k for k, v in kw.items() if v is None]:
+        cfg.pop(k)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_a_checkpoint_of_several_dtypes_loads_in_one(tmp_path):
+    """bfloat16 matrices with float32 norms (as some exports write them) loaded into a model that kept both
+    dtypes, and its forward failed ("expected m1 and m2 to have the same dtype"). Now it loads in one dtype, as
+    transformers does: config.json's dtype, else the head's; a folder of one dtype keeps it (no copy)."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    f = tmp_path / "mixed"
+    m.save_pretrained(f)
+    _resave(f, lambda sd: {k: v if "norm" in k else v.to(torch.bfloat16) for k, v in sd.items()})
+    ids = torch.randint(0, m.config.vocab_size, (1, 20))
+    for dtype_keys, want in (({"dtype": "float32", "torch_dtype": "float32"}, torch.float32),
+                             ({"dtype": None, "torch_dtype": "bfloat16"}, torch.bfloat16),
+                             ({"dtype": None, "torch_dtype": None}, torch.bfloat16)):  # the head's
+        _edit_config(f, **dtype_keys)
+        got = WorldVLA.from_pretrained(f)
+        assert {p.dtype for p in got.parameters()} == {want}, dtype_keys
+        ref = WorldVLA.from_pretrained(f, dtype=want)
+        assert torch.equal(got(ids), ref(ids))
+    # One dtype in the file: kept, whatever config.json says.
+    _resave(f, lambda sd: {k: v.to(torch.bfloat16) for k, v in sd.items()})
+    _edit_config(f, dtype="float32", torch_dtype="float32")
+    assert {p.dtype for p in WorldVLA.from_pretrained(f).parameters()} == {torch.bfloat16}
+
+
+def test_dtype_and_device_names_are_checked_before_any_file_is_read(tmp_path, monkeypatch):
+    """dtype="bf16" (the command lines' name) failed in Module.to after every weight had been read, and so did a
+    device torch does not have; both are now resolved first (devices.torch_dtype / torch_device)."""
+    import worldvla.checkpoint as ck
+
+    m = WorldVLA(ModelConfig.tiny()).init_weights()
+    m.save_pretrained(tmp_path / "ck")
+    got = WorldVLA.from_pretrained(tmp_path / "ck", dtype="bf16", device="cpu")
+    assert {(p.dtype, p.device.type) for p in got.parameters()} == {(torch.bfloat16, "cpu")}
+    assert next(WorldVLA.from_pretrained(tmp_path / "ck", dtype="fp16").parameters()).dtype == torch.float16
+    assert next(WorldVLA.from_pretrained(tmp_path / "ck").parameters()).device.type == "cpu"  # None: the CPU
+    read = []
+    monkeypatch.setattr(ck, "read_weights_file", lambda path: read.append(path))
+    for kw, match in (({"dtype": "int8"}, "dtype must be one of"), ({"dtype": torch.int8}, "dtype must be one of"),
+                      ({"device": "gpu"}, "unknown device 'gpu'")):
+        with pytest.raises(ValueError, match=match):
+            WorldVLA.from_pretrained(tmp_path / "ck", **kw)
+        with pytest.raises(ValueError, match=match):  # not "no such folder": checked before anything
+            WorldVLA.from_pretrained(tmp_path / "nothing here", **kw)
+    assert read == []
+
+
+def test_weights_that_fit_no_module_are_refused_naming_their_shard(tmp_path):
+    """An extra tensor (an action head) was refused as a checkpoint that "does not match its config.json", with
+    no word of where it is or what to do: now its shard is named, and what to do said."""
+    from safetensors.torch import load_file, save_file
+
+    m = WorldVLA(ModelConfig.tiny()).init_weights()
+    f = tmp_path / "ck"
+    m.save_pretrained(f, shard_size_gb=1e-4)
+    index = json.loads((f / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["lm_head.weight"]
+    sd = load_file(str(f / shard))
+    sd["action_head.weight"] = torch.zeros(7, 64)
+    save_file(sd, str(f / shard))
+    index["weight_map"]["action_head.weight"] = shard
+    (f / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"action_head.weight \(in {shard}\): they belong to no module of this "
+                                         r"model; remove them from the checkpoint, or load them separately"):
+        WorldVLA.from_pretrained(f)
+
+
+def test_a_head_missing_from_an_untied_folder_says_how_a_tied_one_loads(tmp_path):
+    m = WorldVLA(ModelConfig.tiny()).init_weights()
+    m.save_pretrained(tmp_path / "ck")
+    _resave(tmp_path / "ck", lambda sd: {k: v for k, v in sd.items() if k != "lm_head.weight"})
+    with pytest.raises(ValueError, match=r"missing 1 tensors: the weights files \['model.safetensors'\].*"
+                                         r"'lm_head.weight'.*\"tie_word_embeddings\": true"):
+        WorldVLA.from_pretrained(tmp_path / "ck")
+
+
+def _dead_pid() -> int:
+    """A pid no process has (past the system's largest)."""
+    try:
+        return int(open("/proc/sys/kernel/pid_max").read()) + 1
+    except OSError:
+        return 2 ** 22 + 1
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a killed save's pid is checked on POSIX only")
+def test_a_save_removes_what_killed_saves_left_beside_the_folder(tmp_path):
+    """A save killed (SIGKILL) partway left its hidden `.ck.tmp-<pid>-*` (and `.ck.old-<pid>-*`) folder, a whole
+    model each, and later saves never removed them. Now a save removes those of processes that no longer run,
+    and keeps a running one's."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights()
+    f = tmp_path / "ck"
+    m.save_pretrained(f)
+    dead, live = _dead_pid(), os.getpid()
+    for name in (f".ck.tmp-{dead}-0123456789ab", f".ck.old-{dead}-0123456789ab", f".ck.tmp-{live}-0123456789ab",
+                 f".other.tmp-{dead}-0123456789ab"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"\0" * 1000)
+    m.save_pretrained(f)
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        [f".ck.tmp-{live}-0123456789ab", f".other.tmp-{dead}-0123456789ab", "ck"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a killed save's pid is checked on POSIX only")
+def test_an_older_folder_a_killed_save_set_aside_is_put_back(tmp_path):
+    """A save killed between its two renames left the older folder under its hidden `.old-` name and none at
+    the checkpoint's: loading says where it is, and the next save puts it back first, so its other files (a
+    tokenizer) are kept as by any save."""
+    old = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    new = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(1))
+    f = tmp_path / "ck"
+    old.save_pretrained(f)
+    (f / "text_tokenizer.json").write_text("{}")
+    aside = tmp_path / f".ck.old-{_dead_pid()}-0123456789ab"
+    os.rename(f, aside)
+    with pytest.raises(FileNotFoundError, match=f"left the older folder at {aside}: rename it back"):
+        WorldVLA.from_pretrained(f)
+    new.save_pretrained(f)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert sorted(p.name for p in f.iterdir()) == ["config.json", "model.safetensors", "text_tokenizer.json"]
+    got = WorldVLA.from_pretrained(f).state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in new.state_dict().items())
+
+
+def _names_and_weights(folder):
+    return sorted(p.name for p in folder.iterdir()), WorldVLA.from_pretrained(folder).state_dict()
+
+
+def test_an_interrupt_between_the_two_renames_leaves_the_older_folder(tmp_path, monkeypatch):
+    """Where the names cannot be exchanged in one step, the older folder is renamed aside, then the new one in.
+    A Ctrl-C between the two deleted the new folder and left the older one under its hidden name: nothing was
+    left at the checkpoint's name. Now the older folder is put back."""
+    import worldvla.checkpoint as ck
+
+    old = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    new = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(1))
+    f = tmp_path / "ck"
+    old.save_pretrained(f)
+    (f / "notes.txt").write_text("mine")
+    monkeypatch.setattr(ck, "_exchange", lambda a, b: False, raising=False)  # a file system without it
+    real = os.replace
+
+    def interrupted(src, dst):
+        real(src, dst)
+        if ".old-" in str(dst):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(f)
+    monkeypatch.setattr(ck.os, "replace", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    names, got = _names_and_weights(f)
+    assert names == ["config.json", "model.safetensors", "notes.txt"]
+    assert all(torch.equal(v, got[k]) for k, v in old.state_dict().items())
+    new.save_pretrained(f)  # the same save, not interrupted, renames twice and leaves nothing behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    names, got = _names_and_weights(f)
+    assert names == ["config.json", "model.safetensors", "notes.txt"]
+    assert all(torch.equal(v, got[k]) for k, v in new.state_dict().items())
+
+
+def test_the_checkpoints_name_is_never_free_where_linux_exchanges_names(tmp_path, monkeypatch):
+    """On Linux the older folder and the new one exchange names in one step (renameat2 RENAME_EXCHANGE): no
+    moment leaves the checkpoint's name free, not even to a SIGKILL. An interrupt right after the exchange keeps
+    the new folder and removes the older one."""
+    import worldvla.checkpoint as ck
+
+    probe = tmp_path / "probe"
+    (probe / "a").mkdir(parents=True)
+    (probe / "b").mkdir()
+    if hasattr(ck, "_exchange") and not ck._exchange(probe / "a", probe / "b"):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here")
+    shutil.rmtree(probe)
+    old = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    new = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(1))
+    f = tmp_path / "ck"
+    old.save_pretrained(f)
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(ck.os, "replace", lambda a, b: moved.append(str(a)) or real_replace(a, b))
+    new.save_pretrained(f)
+    assert str(f) not in moved  # never renamed away
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    got = WorldVLA.from_pretrained(f).state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in new.state_dict().items())
+
+    real_exchange = ck._exchange
+
+    def interrupted(a, b):
+        assert real_exchange(a, b)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck, "_exchange", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        old.save_pretrained(f)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    got = WorldVLA.from_pretrained(f).state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in old.state_dict().items())

@@ -767,3 +767,29 @@ def test_atomic_writes_take_the_umask_mode_and_leave_nothing_behind_on_failure(t
         write_atomic(tmp_path / "a.json", fails)
     assert (tmp_path / "a.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "plain.json"]
+
+
+def test_a_damaged_checkpoint_file_is_refused_naming_it_and_the_older_checkpoints(tmp_path):
+    """A model.pt cut short (a full disk) failed with torch's "PytorchStreamReader failed reading zip archive";
+    now the file is named, with the older checkpoints of the run to resume from."""
+    from worldvla.train.checkpointing import save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, opt, {})
+    ck = tmp_path / "checkpoints" / "step_00000003"
+    data = (ck / "model.pt").read_bytes()
+    for cut in (0, len(data) // 2):
+        (ck / "model.pt").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=rf"{ck / 'model.pt'}: the checkpoint file cannot be read .* damaged or "
+                                             r"cut short; resume from an older checkpoint of the run: step_00000001, "
+                                             r"step_00000002 \(remove .*step_00000003, and --resume continues from "
+                                             r"step_00000002\)"):
+            load_checkpoint(tmp_path, model, opt)
+    (ck / "model.pt").write_bytes(data)
+    (tmp_path / "checkpoints" / "step_00000001" / "optim.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"step_00000001.optim.pt: the checkpoint file cannot be read .*"
+                                         r"no older checkpoint to resume from"):
+        load_checkpoint(tmp_path / "checkpoints" / "step_00000001", model, opt)
+    assert load_checkpoint(tmp_path, model, opt)["step"] == 3

@@ -15,20 +15,27 @@ vocabulary to write back: it gets the part of Chameleon's that its layout names 
 without which transformers' Chameleon cannot build the model.
 A model folder is written whole into a temporary sibling folder that then replaces the old
 one (`replace_folder`), so a crash never leaves a half-written checkpoint, or one that mixes
-an older save's weights with the new ones, behind a valid name.
+an older save's weights with the new ones, behind a valid name. The folders that killed saves
+left beside it are removed by the next save there.
 """
 from __future__ import annotations
 
+import ctypes
 import fnmatch
+import functools
+import glob
 import json
 import os
 import pickle
+import re
 import secrets
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
+from .devices import torch_device, torch_dtype
 from .model import ModelConfig, WorldVLA
 from .tokens.layout import VocabLayout
 
@@ -176,6 +183,70 @@ def _new_sibling(path: Path, tag: str) -> Path:
     return p
 
 
+def process_running(pid: int) -> bool:
+    """Whether process `pid` runs on this machine; True where that cannot be told (not POSIX), so that a
+    folder another save (or token-store build) may still be writing is kept."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError):  # no pid a process can have
+        return False
+    return True
+
+
+def _remove_stale_siblings(path: Path) -> None:
+    """Remove the `.{name}.tmp-<pid>-*` and `.{name}.old-<pid>-*` folders (a whole model each) that saves
+    killed partway (SIGKILL, an out-of-memory kill, a power loss) left beside `path`: those of processes that
+    no longer run; a running save's own are kept. An older folder set aside by a save killed between its two
+    renames (where the names cannot be exchanged in one step) is the only copy of the folder while `path` is
+    gone: it is renamed back to `path`, not removed."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-(\d+)-[0-9a-f]+")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    stale = []
+    for p in entries:
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not process_running(int(m.group(2))):
+            stale.append((m.group(1), p))
+    set_aside = sorted((p for tag, p in stale if tag == "old"), key=lambda p: p.stat().st_mtime)
+    if set_aside and not os.path.lexists(path):
+        os.replace(set_aside[-1], path)
+        stale = [(tag, p) for tag, p in stale if p != set_aside[-1]]
+    for _, p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names of two folders in one atomic step (Linux's renameat2 with RENAME_EXCHANGE), so that no
+    moment, not even a SIGKILL's, leaves `b`'s name free; False, with nothing changed, where the system or the
+    file system cannot (the caller then renames twice)."""
+    fn = _renameat2()
+    return fn is not None and fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
 def _link_or_copy(src, dst) -> None:
     try:
         os.link(src, dst)
@@ -194,17 +265,23 @@ def _carry_over(src: Path, dst: Path) -> None:
 
 def replace_folder(path, write, keep=None) -> None:
     """Write a folder that appears complete or not at all: `write(tmp)` fills a temporary sibling
-    folder, which is then renamed to `path`; an older folder there is removed only after that, and
-    is left as it was when `write` fails. `keep(name) -> bool` picks entries of the older folder to
-    carry over into the new one (hard links where possible) when `write` did not write them. The new
-    folder is flushed to the disk before it is renamed in (`fsync_tree`)."""
+    folder, which then takes the name `path`; an older folder there is removed only after that, and
+    is left as it was (at its name) when the save fails or is interrupted (Ctrl-C) before. `keep(name) ->
+    bool` picks entries of the older folder to carry over into the new one (hard links where possible)
+    when `write` did not write them. The new folder is flushed to the disk before it is renamed in
+    (`fsync_tree`). The older folder and the new one exchange their names in one step where Linux can
+    (`_exchange`); elsewhere the older one is renamed aside first, and put back if the second rename
+    does not follow. Folders that killed saves left beside `path` are removed first
+    (`_remove_stale_siblings`)."""
     path = Path(path)
     if path.is_symlink():  # replace the folder the link names, and keep the link
         path = path.resolve()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} is a file, not a folder; remove it or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(path)
     tmp = _new_sibling(path, "tmp")
+    aside = None  # where the older folder went, when it was renamed aside
     try:
         write(tmp)
         if keep is not None and path.is_dir():
@@ -212,17 +289,21 @@ def replace_folder(path, write, keep=None) -> None:
                 if keep(entry.name) and not os.path.lexists(tmp / entry.name):
                     _carry_over(entry, tmp / entry.name)
         fsync_tree(tmp)  # on the disk before its name is
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(6)}")
-            os.replace(path, old)
-        os.replace(tmp, path)
+        if not (path.exists() and _exchange(tmp, path)):  # exchanged: tmp now names the older folder
+            if path.exists():
+                aside = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(6)}")
+                os.replace(path, aside)
+            os.replace(tmp, path)
         fsync_path(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None and os.path.isdir(aside):
+            if os.path.lexists(path):  # the new folder has taken the name: the older one is done with
+                shutil.rmtree(aside, ignore_errors=True)
+            else:  # stopped between the two renames: the older folder back at its name
+                os.replace(aside, path)
+        shutil.rmtree(tmp, ignore_errors=True)  # the new folder, or after an exchange the older one
         raise
+    shutil.rmtree(tmp if aside is None else aside, ignore_errors=True)
 
 
 # The files a model save writes or that hold an older save's weights (any of them would be read
@@ -284,7 +365,10 @@ def check_folder(path, want: str) -> Path:
     error that says what it is (nothing there, a file, another kind of folder) and what to load instead."""
     folder = Path(path).expanduser()
     if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such folder (expected {_KINDS[want][0]})")
+        aside = sorted(folder.parent.glob(f".{glob.escape(folder.name)}.old-*")) if folder.parent.is_dir() else []
+        hint = (f"; a save there was stopped between its two renames and left the older folder at {aside[-1]}: "
+                f"rename it back to {folder.name} (the next save to {folder} does so)" if aside else "")
+        raise FileNotFoundError(f"{folder}: no such folder (expected {_KINDS[want][0]}){hint}")
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file, not a folder (expected {_KINDS[want][0]})")
     kind = folder_kind(folder)
@@ -322,7 +406,8 @@ def read_weights_file(path: Path) -> dict:
                          f"cut short: export or copy the model again") from None
 
 
-def _load_state_dict(folder: Path) -> dict:
+def _load_state_dict(folder: Path) -> tuple[dict, dict]:
+    """The folder's tensors, and the file each came from ({name: file name})."""
     files = []
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index_name).is_file():
@@ -340,19 +425,50 @@ def _load_state_dict(folder: Path) -> dict:
     if not files:
         raise FileNotFoundError(f"{folder}: no weights found (expected model.safetensors, sharded safetensors with "
                                 f"model.safetensors.index.json, or pytorch_model*.bin)")
-    sd = {}
+    sd, source = {}, {}
     for f in files:
-        sd.update(read_weights_file(folder / f))
-    return sd
+        part = read_weights_file(folder / f)
+        sd.update(part)
+        source.update(dict.fromkeys(part, f))
+    return sd, source
+
+
+def _one_dtype(sd: dict, hf: dict) -> torch.dtype | None:
+    """The dtype a checkpoint whose floating tensors hold several (bfloat16 matrices, float32 norms) is loaded
+    in, as transformers' dtype="auto" does: config.json's `dtype` (`torch_dtype` before transformers 5), else
+    the head's (or the embedding's); None when they hold one (the model keeps the file's tensors as they are)."""
+    if len({v.dtype for v in sd.values() if v.is_floating_point()}) < 2:
+        return None
+    for key in ("dtype", "torch_dtype"):
+        try:
+            if isinstance(hf.get(key), str) and torch_dtype(hf[key]) is not None:
+                return torch_dtype(hf[key])
+        except ValueError:  # "auto" or a dtype no model of this package takes
+            pass
+    head = sd.get("lm_head.weight", sd.get("model.embed_tokens.weight"))
+    return head.dtype if head is not None and head.is_floating_point() else torch.float32
 
 
 def load_model(path, device=None, dtype=None) -> WorldVLA:
+    """The model in a Hugging Face folder (see the module doc). `dtype`: a torch.dtype or a name
+    (`devices.DTYPES`: "bf16", "float32", ...); None keeps the file's (one dtype for all: `_one_dtype`).
+    `device`: a name or a torch.device (`devices.torch_device`); None keeps the CPU. Both are checked before
+    any file is read."""
+    dtype = torch_dtype(dtype)
+    device = None if device is None else torch_device(device)
     folder = check_folder(path, "model")  # a policy, VQGAN or run folder named as such, not by its tensors
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: config.json is missing (expected a Hugging Face model folder)")
-    cfg = config_from_hf(read_json_file(folder / "config.json", "model config"))
-    sd = {k: v for k, v in _load_state_dict(folder).items()
-          if not k.startswith(("model.vqmodel.", "vqmodel."))}
+    hf = read_json_file(folder / "config.json", "model config")
+    cfg = config_from_hf(hf)
+    sd, source = _load_state_dict(folder)
+    sd = {k: v for k, v in sd.items() if not k.startswith(("model.vqmodel.", "vqmodel."))}
+    if hf.get("tie_word_embeddings") and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
+        # A tied export (transformers' tie_word_embeddings): the head is the embedding. This model's head is
+        # its own parameter: it gets a copy, and the folder it saves says so (an untied head, written out).
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+        source["lm_head.weight"] = source.get("model.embed_tokens.weight")
+        cfg.hf_extra = {**(cfg.hf_extra or {}), "tie_word_embeddings": False}
     qn = sd.get("model.layers.0.self_attn.q_norm.weight")
     if qn is not None and qn.dim() == 2 and qn.shape[0] != cfg.num_attention_heads:
         # the release's layout: [model_parallel_size, head_dim] rows shared by the heads
@@ -366,16 +482,27 @@ def load_model(path, device=None, dtype=None) -> WorldVLA:
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
-    bad = [(k, tuple(sd[k].shape), tuple(s)) for k, s in expected.items() if k in sd and sd[k].shape != s]
+    bad = [(k, tuple(sd[k].shape), tuple(s), source[k]) for k, s in expected.items()
+           if k in sd and sd[k].shape != s]
     if missing or unexpected or bad:
         lines = []
         if missing:
-            lines.append(f"missing {len(missing)} tensors, e.g. {missing[:4]}")
+            fix = "export or copy the model again, or give its config.json the shape of these weights"
+            if "lm_head.weight" in missing:
+                fix += (" (a model whose output head is its embedding needs \"tie_word_embeddings\": true in "
+                        "config.json)")
+            lines.append(f"missing {len(missing)} tensors: the weights files {sorted(set(source.values()))} lack these "
+                         f"of the model its config.json describes, e.g. {missing[:4]}: {fix}")
         if unexpected:
-            lines.append(f"unexpected {len(unexpected)} tensors, e.g. {unexpected[:4]}")
+            named = ", ".join(f"{k} (in {source[k]})" for k in unexpected[:4])
+            lines.append(f"unexpected {len(unexpected)} tensors, e.g. {named}: they belong to no module of this "
+                         f"model; remove them from the checkpoint, or load them separately "
+                         f"(safetensors.torch.load_file)")
         if bad:
-            lines.append("shape mismatches (name, file, config): " + "; ".join(map(str, bad[:4])))
-        raise ValueError(f"checkpoint {folder} does not match its config.json: " + " | ".join(lines))
+            lines.append("shape mismatches (name, file, config, weights file): " + "; ".join(map(str, bad[:4])))
+        raise ValueError(f"checkpoint {folder}: its weights do not match its config.json: " + " | ".join(lines))
+    if dtype is None:
+        dtype = _one_dtype(sd, hf)
     model.load_state_dict(sd, assign=True)
     del sd, qn  # the model holds the file's tensors now: a conversion below then keeps one copy, not two
     model = model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import fsync_path, fsync_tree, read_json_file, write_atomic, write_text_atomic
+from ..checkpoint import fsync_path, fsync_tree, process_running, read_json_file, write_atomic, write_text_atomic
 from ..cli import non_negative_int, positive_int
 from ..devices import torch_device
 from ..tokens import IGNORE, ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
@@ -419,18 +419,6 @@ def _instruction_lines(files, readings) -> list[str]:
 _SHARD_TMP = re.compile(r"\.shard_\d+\.tmp-(\d+)")  # `_write_shard`'s temporary folder, named by its process
 
 
-def _pid_running(pid: int) -> bool:
-    if os.name != "posix":  # no cheap check: kept
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _remove_stale_shard_tmps(out: Path) -> None:
     """Remove the temporary shard folders that builds killed before their rename left in `out`: those named by a
     process that no longer runs, or by this one (an interrupted earlier call). Builds into one folder are not
@@ -439,7 +427,7 @@ def _remove_stale_shard_tmps(out: Path) -> None:
         return
     for p in out.iterdir():
         m = _SHARD_TMP.fullmatch(p.name)
-        if m and p.is_dir() and (int(m.group(1)) == os.getpid() or not _pid_running(int(m.group(1)))):
+        if m and p.is_dir() and (int(m.group(1)) == os.getpid() or not process_running(int(m.group(1)))):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -289,24 +290,52 @@ def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True)
             raise FileNotFoundError(f"no checkpoint in {path} (expected {path}/checkpoints/step_*/state.json "
                                     f"or a checkpoint folder)")
         path = found
-    state = json.loads((path / "state.json").read_text())
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(_damaged(path / "state.json", e)) from None
     main = dist_utils.is_main()
-    msd = torch.load(path / "model.pt", map_location="cpu", weights_only=True) if main else {}
+    msd = _read_part(path / "model.pt") if main else {}
     load_full_model_state(model, msd)
     del msd  # rank 0 holds the full model's fp32 weights: not while the optimizer state (twice that) loads
     if optimizer is not None:
-        osd = torch.load(path / "optim.pt", map_location="cpu", weights_only=True) if main else {}
+        osd = _read_part(path / "optim.pt") if main else {}
         set_optimizer_state_dict(model, optimizer, osd, options=_options(True))
     rng_file = path / f"rng_rank{dist_utils.rank()}.pt"
     if restore_rng_state:
         if rng_file.is_file():
-            restore_rng(torch.load(rng_file, weights_only=True))
+            restore_rng(_read_part(rng_file))
         missing = missing_rng_files(path, dist_utils.world_size())
         if missing and main:  # rank 0 looks for every rank's file: any rank may lack its own
             print(f"warning: {', '.join(missing)} missing (saved by {state.get('world_size', '?')} rank(s), resumed "
                   f"by {dist_utils.world_size()}); the RNG states of those ranks start fresh")
     state["path"] = str(path)
     return state
+
+
+def _read_part(file: Path):
+    """A file of a checkpoint; a damaged one (cut short by a full disk, a copy stopped partway) is refused naming
+    it and the older checkpoints to resume from instead."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise ValueError(_damaged(file, e)) from None
+
+
+def _damaged(file: Path, err: BaseException) -> str:
+    """What to say of a checkpoint's damaged `file`: the error, and the complete checkpoints older than its own."""
+    folder = file.parent
+    older = sorted((p for p in folder.parent.glob("step_*") if (p / "state.json").is_file() and p != folder
+                    and _step_of(p) < _step_of(folder)), key=_step_of)
+    if older:
+        fix = (f"resume from an older checkpoint of the run: {', '.join(p.name for p in older[-3:])} (remove "
+               f"{folder}, and --resume continues from {older[-1].name})")
+    else:
+        fix = "the run has no older checkpoint to resume from: start it over (--overwrite)"
+    return (f"{file}: the checkpoint file cannot be read ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}); it is damaged or "
+            f"cut short; {fix}")
 
 
 def missing_rng_files(path, world: int) -> list[str]:
