@@ -149,7 +149,7 @@ def _restart(latents, seed=0):
     usage.update(torch.tensor([[0, 0, 1, 1, 2, 0]]))        # codes 3..15 unused
     gen = torch.Generator().manual_seed(seed)
     n = vqt.restart_dead_codes(model, opt, usage, latents, threshold=0.5, generator=gen)
-    return n, model.quantize.embedding.weight.detach()[3:].clone(), gen.get_state()
+    return n, model.quantize.embedding.weight.detach()[3:].clone(), gen.get_state(), usage
 
 
 def test_dead_code_restart_gives_each_dead_code_its_own_vector():
@@ -159,14 +159,14 @@ def test_dead_code_restart_gives_each_dead_code_its_own_vector():
     the run's generator (a resumed run restores its state); with fewer outputs than dead codes they share."""
     latents = torch.randn(2, 8, 3, 5, generator=torch.Generator().manual_seed(1))  # 30 outputs
     assert len(set(torch.randint(0, 30, (13,), generator=torch.Generator().manual_seed(0)).tolist())) < 13
-    n, seeded, state = _restart(latents)
+    n, seeded, state, _ = _restart(latents)
     assert n == 13 and len(torch.unique(seeded, dim=0)) == 13
     pool = latents.permute(0, 2, 3, 1).reshape(-1, 8)
     assert all((pool == row).all(1).any() for row in seeded)
-    n2, seeded2, state2 = _restart(latents)
+    n2, seeded2, state2, _ = _restart(latents)
     assert torch.equal(seeded, seeded2) and torch.equal(state, state2)
     few = latents[:1, :, :1, :]  # 5 outputs for 13 dead codes: 5 re-seeded, each with its own output
-    n, seeded, _ = _restart(few)
+    n, seeded, _, _ = _restart(few)
     pool = few.permute(0, 2, 3, 1).reshape(-1, 8)
     assert n == 5 and len(torch.unique(seeded[:5], dim=0)) == 5
     assert all((pool == row).all(1).any() for row in seeded[:5])
@@ -180,16 +180,9 @@ def test_dead_code_restart_seeds_distinct_values_when_outputs_repeat():
     g = torch.Generator().manual_seed(2)
     values = torch.randn(4, 8, generator=g)
     latents = values[torch.randint(0, 4, (2 * 3 * 5,), generator=g)].view(2, 3, 5, 8).permute(0, 3, 1, 2)
-    torch.manual_seed(0)
-    model = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=8,
-                              n_embed=16))
-    opt = torch.optim.AdamW(model.parameters())
-    usage = vqt.CodeUsage(16, decay=0.0)
-    usage.update(torch.tensor([[0, 0, 1, 1, 2, 0]]))        # codes 3..15 unused
-    n = vqt.restart_dead_codes(model, opt, usage, latents, threshold=0.5, generator=torch.Generator().manual_seed(0))
-    w = model.quantize.embedding.weight.detach()
+    n, w, _, usage = _restart(latents)
     assert n == 4
-    assert len(torch.unique(w[3:7], dim=0)) == 4 and all((values == row).all(1).any() for row in w[3:7])
+    assert len(torch.unique(w[:4], dim=0)) == 4 and all((values == row).all(1).any() for row in w[:4])
     assert (usage.ema[3:7] == 1 / 16).all() and (usage.ema[7:] == 0).all()
     assert torch.equal(usage.dead(0.5), torch.arange(7, 16))
 
