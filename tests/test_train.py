@@ -793,3 +793,27 @@ def test_a_damaged_checkpoint_file_is_refused_naming_it_and_the_older_checkpoint
                                          r"no older checkpoint to resume from"):
         load_checkpoint(tmp_path / "checkpoints" / "step_00000001", model, opt)
     assert load_checkpoint(tmp_path, model, opt)["step"] == 3
+
+
+def _fsdp_damaged_worker(rank, world, init_file, store, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        trainer.train(args_for(store, out, *FSDP_COMMON, "--stop-after", 2, "--no-export"))
+        if rank == 0:
+            model_file = latest_checkpoint(out) / "model.pt"
+            model_file.write_bytes(model_file.read_bytes()[:1000])
+        dist.barrier()
+        want = ValueError if rank == 0 else RuntimeError
+        with pytest.raises(want, match=r"model\.pt.*cannot be read"):
+            trainer.train(args_for(store, out, *FSDP_COMMON, "--resume", "--no-export"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_resume_from_a_damaged_checkpoint_ends_every_rank_with_its_reason(store_dir, tmp_path):
+    """Rank 0 alone reads a checkpoint's model and optimizer files: when one is damaged, every rank stops with
+    rank 0's reason (the others waited in the weights' broadcast until the process group timed out)."""
+    _spawn(_fsdp_damaged_worker, 2, (str(tmp_path / "pg_init"), str(store_dir), str(tmp_path / "fsdp")), timeout_s=60)

@@ -295,11 +295,11 @@ def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(_damaged(path / "state.json", e)) from None
     main = dist_utils.is_main()
-    msd = _read_part(path / "model.pt") if main else {}
+    msd = _read_on_rank_0(path / "model.pt")
     load_full_model_state(model, msd)
     del msd  # rank 0 holds the full model's fp32 weights: not while the optimizer state (twice that) loads
     if optimizer is not None:
-        osd = _read_part(path / "optim.pt") if main else {}
+        osd = _read_on_rank_0(path / "optim.pt")
         set_optimizer_state_dict(model, optimizer, osd, options=_options(True))
     rng_file = path / f"rng_rank{dist_utils.rank()}.pt"
     if restore_rng_state:
@@ -311,6 +311,26 @@ def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True)
                   f"by {dist_utils.world_size()}); the RNG states of those ranks start fresh")
     state["path"] = str(path)
     return state
+
+
+def _read_on_rank_0(file: Path):
+    """Rank 0's copy of a checkpoint file that rank 0 alone reads (the others get {} and their shards by
+    broadcast). Under FSDP every rank learns whether rank 0 could read it, and a refusal ends every rank with
+    its reason: the others would otherwise wait in the broadcast until the process group timed out."""
+    if not dist_utils.is_distributed():
+        return _read_part(file)
+    data, failure = {}, None
+    if dist_utils.is_main():
+        try:
+            data = _read_part(file)
+        except (ValueError, OSError) as err:
+            failure = err
+    reason = dist_utils.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if reason is not None:
+        raise RuntimeError(f"rank 0 could not read {file}: {reason}")
+    return data
 
 
 def _read_part(file: Path):
