@@ -710,3 +710,16 @@ def test_an_unknown_task_is_named_before_any_closed_loop_runs(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "worldvla eval: error: unknown Meta-World task 'raech-v3' (did you mean reach-v3" in err, err
     assert calls == [] and not (tmp_path / "o").exists()
+
+
+def test_mse_summary_of_identical_frames_and_refused_inputs():
+    a = np.zeros((2, 8, 8, 3), np.uint8)
+    b = np.full((2, 8, 8, 3), 10, np.uint8)
+    assert metrics.mse(a, b).tolist() == [100.0, 100.0]
+    s = metrics.summarize([math.inf, math.inf])  # every frame reproduced exactly
+    assert s["mean"] == math.inf and s["n_inf"] == 2 and s["std"] == 0.0
+    with pytest.raises(ValueError, match="data_range must be positive"):
+        metrics.psnr(a, b, data_range=0)
+    for shape in ((2, 8, 8, 4), (2, 3, 8, 8)):  # RGBA, and uint8 channels-first
+        with pytest.raises(ValueError, match="channels-last"):
+            metrics.psnr(np.zeros(shape, np.uint8), np.zeros(shape, np.uint8))

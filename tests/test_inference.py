@@ -530,3 +530,27 @@ def test_an_engine_runs_only_the_model_it_was_built_for(rng):
     a.to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"now torch.bfloat16 .* build a new engine after model.to"):
         generate_action_chunk(a, prompt, LAYOUT, 2, 7, engine=eng)
+
+
+def test_prefill_boundaries_and_prefix_snapshot_rows(rng):
+    """A prompt that fills the cache exactly is taken; a cached prefix must leave a token to compute; a prefix
+    snapshot is restored only into an engine of as many rows (one row would be broadcast into every row)."""
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    eng = InferenceEngine(model, 1, prompt.numel())
+    assert eng.prefill([prompt]).shape == (1, model.config.hidden_size)
+    with pytest.raises(ValueError, match="at least one token past its cached prefix"):
+        eng.prefill([prompt], skip=[prompt.numel()])
+    snap = eng.snapshot_prefix([prompt.numel()])
+    with pytest.raises(ValueError, match="does not fit an engine of 2"):
+        InferenceEngine(model, 2, prompt.numel()).restore_prefix(snap)
+
+
+def test_an_engine_serves_the_compiled_wrapper_of_its_model(rng):
+    """The engine's model check reads through torch.compile's wrapper: an engine built for the model also
+    serves `torch.compile(model)` (and decodes the same chunk)."""
+    model = _model(7)
+    prompt = _prompt(rng, 1)
+    want = generate_action_chunk(model, prompt, LAYOUT, 3, 4)
+    eng = InferenceEngine(model, 1, prompt.numel() + 40)
+    assert torch.equal(generate_action_chunk(torch.compile(model), prompt, LAYOUT, 3, 4, engine=eng), want)

@@ -316,3 +316,12 @@ def test_release_pairing_refusals():
     with pytest.raises(ValueError, match="EOA before any"):  # the second document's EOA comes before its blocks
         chunk_mask_meta(torch.tensor(block + [L.eoa, L.eoa] + block), L, cu_seqlens=torch.tensor([0, 5, 10]),
                         release_pairing=True)
+
+
+
+
+def test_decode_meta_hides_slots_at_and_past_kv_len():
+    """A query whose position runs past kv_len (a right-padded prefill row) sees only the valid slots."""
+    dm = DecodeMeta(q_pos=torch.tensor([[6]], dtype=torch.int32), q_limit=torch.tensor([[-1]], dtype=torch.int32),
+                    kv_block=torch.full((1, 8), 1 << 30, dtype=torch.int32), kv_len=torch.tensor([3], dtype=torch.int32))
+    assert dm.dense_mask()[0, 0].tolist() == [True] * 3 + [False] * 5

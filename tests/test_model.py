@@ -673,3 +673,28 @@ def test_the_checkpoints_name_is_never_free_where_linux_exchanges_names(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     got = WorldVLA.from_pretrained(f).state_dict()
     assert all(torch.equal(v, got[k]) for k, v in old.state_dict().items())
+
+
+def test_config_from_hf_defaults_and_refusals():
+    from worldvla.checkpoint import config_from_hf
+
+    base = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 4}
+    assert config_from_hf(base).num_key_value_heads == 4  # no grouped-query attention unless config.json says so
+    with pytest.raises(ValueError, match="RoPE scaling"):
+        config_from_hf({**base, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="rope_scaling"):
+        config_from_hf({**base, "rope_scaling": {"type": "linear", "factor": 2.0}})
+
+
+def test_the_map_names_every_resolution_token_and_sharded_saves_write_no_empty_shard(tmp_path):
+    from worldvla.checkpoint import save_model, vocabulary_map
+
+    layout = VocabLayout.compact(n_res=4)
+    vm = vocabulary_map(layout)
+    assert [vm[f"<reserved{8800 + n:05d}>"] for n in range(5)] == [layout.res_token(n) for n in range(5)]
+    model = WorldVLA(ModelConfig.tiny())
+    save_model(model, tmp_path / "m", shard_size_gb=1e-9)  # every tensor over the limit: a shard each
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "m").glob("model-*.safetensors"))
+    assert shards == sorted(set(index["weight_map"].values())) and len(shards) == len(model.state_dict())

@@ -494,3 +494,55 @@ def test_from_pretrained_expands_home_and_names_a_path_that_is_not_there(policy_
     for load in (WorldVLAPolicy.from_pretrained, WorldVLA.from_pretrained, VQGAN.from_pretrained):
         with pytest.raises(FileNotFoundError, match=re.escape(f"{policy_dir.parent / 'nothing'}: no such folder")):
             load("~/nothing")
+
+
+def test_a_query_that_exactly_fills_the_context_is_accepted_and_one_token_more_refused(policy_dir, rng):
+    from worldvla.inference.chunk import chunk_length
+
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    ins = "open the drawer"
+    codes = torch.zeros(pol.grid, pol.grid, dtype=torch.long)
+    need = pol.builder.action_prompt(ins, [codes, codes]).numel() + chunk_length(pol.chunk_size, pol.action_dim)
+    pol.model.config.max_position_embeddings = need
+    pol.reset(ins)  # fits exactly with the full two-frame history
+    pol.act(_frames(rng))
+    pol.act(_frames(rng))
+    with pytest.raises(ValueError, match="instruction is too long"):
+        pol.reset(ins + "!")  # one byte token more
+
+
+def test_prefix_cache_follows_the_order_of_the_instructions(policy_dir, rng):
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    frames = _frames(rng, 2)
+    for instr in (["open the drawer", "push"], ["push", "open the drawer"]):
+        pol.reset(instr)
+        out = pol.act(frames, history=None)
+        for i in range(2):
+            assert np.array_equal(out[i], _expected(pol, instr[i], [frames[i]])), (instr, i)
+
+
+def test_a_one_frame_policy_never_shows_the_model_a_previous_frame(tmp_path, rng):
+    model, vq, at = _parts()
+    save_policy(tmp_path / "p1", model, vq, at, chunk_size=3, image_size=64, history=1)
+    pol = WorldVLAPolicy.from_pretrained(tmp_path / "p1", device="cpu")
+    f0, f1 = _frames(rng), _frames(rng)
+    pol.reset("open the drawer")
+    pol.act(f0)
+    assert np.array_equal(pol.act(f1), _expected(pol, "open the drawer", [f1]))
+    assert np.array_equal(pol.act(f1, history=f0), _expected(pol, "open the drawer", [f1]))
+
+
+def test_explicit_history_and_policy_file_mismatches_are_refused(policy_dir, tmp_path, rng):
+    import shutil
+
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("push")
+    with pytest.raises(ValueError, match="history holds 2 frames for 3 current frames"):
+        pol.act(_frames(rng, 3), history=_frames(rng, 2))
+    folder = tmp_path / "policy"
+    shutil.copytree(policy_dir, folder)
+    info = json.loads((folder / "policy.json").read_text())
+    info["action_dim"] = 7
+    (folder / "policy.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="action_dim 7 disagrees with the 4 bounds"):
+        WorldVLAPolicy.from_pretrained(folder, device="cpu")

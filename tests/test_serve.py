@@ -83,7 +83,7 @@ class SlotPolicy:
         assert len(images) == len(self.previous)
         out = np.zeros((len(images), K, D), np.float32)
         out[:, :, 0] = _mean(images)[:, None]
-        out[:, :, 1] = [-1.0 if p is None else p.astype(np.float64).mean() for p in self.previous]
+        out[:, :, 1] = np.array([-1.0 if p is None else p.astype(np.float64).mean() for p in self.previous])[:, None]
         self.previous = list(images)
         return out
 
@@ -1183,3 +1183,111 @@ def test_cli_keepalive_option(monkeypatch):
                         and 0)
     assert serve.run(parser.parse_args(["--checkpoint", "c", "--no-warmup", "--keepalive-s", "1.5"])) == 0
     assert seen["keepalive_s"] == 1.5
+
+
+def test_codec_refuses_wide_floats_extra_bytes_deep_shapes_and_too_many_containers():
+    arr = lambda data, dtype, shape: {"__ndarray__": data, "dtype": dtype, "shape": shape}
+    with pytest.raises(ProtocolError, match="not allowed|not a NumPy dtype"):
+        unpackb(packb(arr(b"\0" * 16, "<f16", [1])))  # long double (16 bytes) where NumPy has one
+    with pytest.raises(ProtocolError, match="needs 8 bytes, got 12"):
+        unpackb(packb(arr(b"\0" * 12, "<f4", [2])))  # extra bytes are refused, not reshaped
+    with pytest.raises(ProtocolError, match="at most 8"):
+        unpackb(packb(arr(b"\0", "|u1", [1] * 9)))
+    unpackb(packb({f"k{i}": [] for i in range(31)}), REQUEST_LIMITS)  # 32 maps and arrays: the limit
+    with pytest.raises(ProtocolError, match="more than 32 maps and arrays"):
+        unpackb(packb({f"k{i}": [] for i in range(32)}), REQUEST_LIMITS)
+
+
+def test_frames_resize_to_height_by_width_and_image_size_must_be_positive(np_rng):
+    from worldvla.serve.protocol import image_size_hw
+
+    out = fit_image(_frame(np_rng, 10, 20), (24, 32))
+    assert out.shape == (24, 32, 3) and out.dtype == np.uint8
+    assert image_size_hw(24) == (24, 24) and image_size_hw((24, 32)) == (24, 32)
+    for bad in (0, -3, True, (24,), (0, 5)):
+        with pytest.raises(ValueError, match="image_size"):
+            image_size_hw(bad)
+
+
+def test_connections_without_a_client_token_cannot_take_over_an_open_episode():
+    with PolicyServer(HistoryPolicy()) as server, _raw(server.url) as a, _raw(server.url) as b:
+        assert _ask(a, packb({"type": "reset", "episode": "e", "instruction": "open"}))["ok"]
+        reply = _ask(b, packb({"type": "reset", "episode": "e", "instruction": "push"}))
+        assert not reply["ok"] and "belongs to another open connection" in reply["error"]
+
+
+def test_an_instruction_over_the_limit_is_refused():
+    with PolicyServer(HistoryPolicy()) as server, _raw(server.url) as ws:
+        reply = _ask(ws, packb({"type": "reset", "episode": "e", "instruction": "x" * 4097}))
+        assert not reply["ok"] and "longer than 4096 characters" in reply["error"]
+        assert _ask(ws, packb({"type": "reset", "episode": "e", "instruction": "x" * 4096}))["ok"]
+
+
+def test_acting_keeps_an_episode_from_eviction(np_rng):
+    with PolicyServer(HistoryPolicy(), max_episodes=2) as server, PolicyClient(server.url, timeout=10) as client:
+        first = client.reset("one")
+        client.reset("two")
+        client.episode = first
+        client.act(_frame(np_rng))  # "one" is now the most recently used episode
+        client.reset("three")  # evicts "two"
+        client.episode = first
+        client.act(_frame(np_rng))
+        assert server.stats["evicted_episodes"] == 1
+
+
+class OneFramePolicy(HistoryPolicy):
+    def metadata(self):
+        return {"name": "one-frame", "history": 1}
+
+
+class NoHistoryKeyPolicy(HistoryPolicy):
+    def metadata(self):
+        return {"name": "no-history-key"}
+
+
+def test_previous_frames_follow_the_policys_history_setting(np_rng):
+    f1, f2 = _frame(np_rng), _frame(np_rng)
+    with PolicyServer(OneFramePolicy()) as server, PolicyClient(server.url, timeout=10) as client:
+        client.reset("push")
+        client.act(f1)
+        assert np.all(client.act(f2)[:, 1] == -1)  # history=1: never sent a previous frame
+    with PolicyServer(NoHistoryKeyPolicy()) as server, PolicyClient(server.url, timeout=10) as client:
+        client.reset("push")
+        client.act(f1)
+        np.testing.assert_allclose(client.act(f2)[:, 1], f1.mean(), rtol=1e-6)  # unsaid: two frames, the release's
+
+
+class ResetCountingPolicy(HistoryPolicy):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.resets = []
+
+    def reset(self, instructions):
+        self.resets.append(list(instructions))
+        super().reset(instructions)
+
+
+def test_a_fresh_episode_resets_the_policy_even_with_the_same_instruction(np_rng):
+    policy = ResetCountingPolicy()
+    with PolicyServer(policy) as server, PolicyClient(server.url, timeout=10) as client:
+        client.reset("push")
+        client.act(_frame(np_rng))
+        client.act(_frame(np_rng))
+        n = len(policy.resets)
+        client.reset("push")  # a new episode of the same task
+        client.act(_frame(np_rng))
+        assert len(policy.resets) == n + 1
+
+
+def test_slot_policy_rows_follow_their_slots_whatever_the_arrival_order(np_rng):
+    from worldvla.serve.server import _ActRequest, _Episode
+
+    server = PolicyServer(SlotPolicy())
+    a, b = _Episode("a", "one", None), _Episode("b", "two", None)
+    fa1, fb1, fa2, fb2 = (_frame(np_rng, 16, 16) for _ in range(4))
+    req = lambda ep, img: _ActRequest(ep, img, None, None, 0.0, 0.0)
+    server._call_with_slots([req(a, fa1), req(b, fb1)])
+    out, _ = server._call_with_slots([req(b, fb2), req(a, fa2)])  # the same episodes, the other way round
+    np.testing.assert_allclose(out[0][:, [0, 1]], np.broadcast_to([fb2.mean(), fb1.mean()], (K, 2)), rtol=1e-6)
+    np.testing.assert_allclose(out[1][:, [0, 1]], np.broadcast_to([fa2.mean(), fa1.mean()], (K, 2)), rtol=1e-6)
+    assert server.stats["history_resets"] == 0

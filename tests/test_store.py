@@ -835,3 +835,65 @@ def test_libero_files_prompted_by_their_names_are_said_in_one_line(tmp_path, cap
     store = st.TokenStore(tmp_path / "s")
     prompts = {_prompt(store, i).split("take to ")[-1].split("?")[0] for i in range(len(store))}
     assert prompts == {"put the bowl on the plate", "open the top drawer", "turn on the stove"}
+
+
+def test_label_count_negative_indices_and_an_exactly_full_pack(demo_dir, tmp_path):
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    store = st.TokenStore(out)
+    n = len(store)
+    m = json.loads((out / st.MANIFEST).read_text())
+    assert m["n_label_tokens"] == sum(int((store[i][1] != -100).sum()) for i in range(n))
+    for i in (1, n):
+        (ids, labels, kind), (ids2, labels2, kind2) = store[-i], store[n - i]
+        assert torch.equal(ids, ids2) and torch.equal(labels, labels2) and kind == kind2
+    with pytest.raises(IndexError):
+        store[-n - 1]
+    samples = [store[0], store[1]]
+    total = sum(len(s[0]) for s in samples)
+    ids, _, cu = st.pack(samples, total, pad_id=1)  # the budget is full: no (empty) padding document
+    assert ids.numel() == total and cu.tolist() == [0, len(samples[0][0]), total]
+
+
+def test_a_shard_whose_arrays_disagree_in_length_is_refused(demo_dir, tmp_path):
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    kinds = out / "shard_00000" / "kinds.npy"
+    np.save(kinds, np.load(kinds)[:-1])  # a readable .npy, one sample short
+    with pytest.raises(ValueError, match="do not fit together"):
+        st.TokenStore(out)
+
+
+def test_libero_bounds_stored_as_float32_are_not_counted_as_clipped(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    acts = rng.uniform(np.array(st.LIBERO_MIN), np.array(st.LIBERO_MAX), (200, 7))
+    acts[:50] = np.array(st.LIBERO_MIN)  # a quarter of the steps at the lower bounds (float32 in the file)
+    files = [_own_robot_file(tmp_path / "libero" / "a.hdf5", acts)]
+    assert st.action_bounds("auto", files, 7) == (list(st.LIBERO_MIN), list(st.LIBERO_MAX))
+    assert capsys.readouterr().out == ""
+
+
+def test_auto_bounds_are_unit_when_actions_touch_minus_one(tmp_path):
+    rng = np.random.default_rng(2)
+    d = random_demos(rng, (6,))
+    d[0]["actions"] = (d[0]["actions"] * 0.5).astype(np.float32)
+    d[0]["actions"][1] = [0.8, -0.7, 0.6, 0.5]  # every dimension reaches half of [-1, 1] (auto's unit rule)
+    d[0]["actions"][0, 3] = -1.0  # a closed gripper, exactly -1 (Meta-World's gripper commands are +-1)
+    write_demos(tmp_path / "d" / "a.hdf5", d, "reach")
+    assert st.action_bounds("auto", st.find_demo_files(tmp_path / "d"), 4) == ([-1.0] * 4, [1.0] * 4)
+
+
+def test_shards_name_only_the_demos_their_file_holds(tmp_path):
+    rng = np.random.default_rng(6)
+    write_demos(tmp_path / "d" / "a.hdf5", random_demos(rng, (4, 4, 4)), "reach")
+    out = st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=2, world=False, demos_per_shard=2,
+                         progress=False)
+    assert [e["demos"] for e in json.loads((out / st.MANIFEST).read_text())["shards"]] == [[0, 2], [2, 3]]
+
+
+def test_a_chunk_one_step_longer_than_every_demo_is_refused_before_any_work(tmp_path):
+    rng = np.random.default_rng(3)
+    write_demos(tmp_path / "x" / "a.hdf5", random_demos(rng, (5,)), "reach")
+    with pytest.raises(ValueError, match=r"-K 6 is longer than every demo \(the longest has 5 steps\)"):
+        st.build_store(tmp_path / "x", tmp_path / "s", tiny_vqgan(), chunk_size=6, progress=False)
+    assert not (tmp_path / "s").exists()

@@ -174,3 +174,40 @@ def test_chameleon_text_tokenizer(tmp_path):
     assert t.encode("hello robot") == [100, 101]
     with pytest.raises(FileNotFoundError):
         ChameleonTextTokenizer(tmp_path / "missing.json")
+
+
+def test_image_token_lists_are_checked_both_ways():
+    """Whole resolution grids in both directions, every row closed by a newline, image ids without holes."""
+    import dataclasses
+
+    with pytest.raises(ValueError, match="multiples of 32"):
+        image_tokens(torch.zeros(4, 3, dtype=torch.long), CH)  # whole grids high but not wide
+    toks = image_tokens(torch.randint(0, 8192, (4, 4)), CH)
+    bad = toks.clone()
+    bad[3 + 4] = 5  # the first row's newline replaced by an image code
+    with pytest.raises(ValueError, match="newline"):
+        codes_from_image_tokens(bad, CH)
+    holes = dataclasses.replace(VocabLayout.compact(n_image_codes=4), image_code_ids=(4, 5, 7))
+    assert holes.id_to_code(torch.tensor([7, 4])).tolist() == [2, 0]
+    with pytest.raises(ValueError, match="not image codes"):
+        holes.id_to_code(torch.tensor([6]))  # inside [lo, hi) but no code's id
+
+
+def test_layout_bounds_of_resolution_tokens_and_bins():
+    lay = VocabLayout.compact(n_res=4)
+    assert lay.res_token(4) == lay.res_base + 4 < lay.bin_base  # res(n_res) is the last resolution token
+    assert CH.res_token(CH.n_res) == 8804 + 64
+    with pytest.raises(ValueError, match="outside"):
+        lay.res_token(5)
+    with pytest.raises(ValueError, match="n_bins >= 2"):
+        VocabLayout.compact(n_bins=1)  # a single edge leaves no bin centre to decode to
+
+
+def test_action_samples_need_an_image_and_a_chunk_of_actions():
+    L = VocabLayout.compact(n_image_codes=64)
+    sb = SequenceBuilder(L, ByteTextTokenizer(L), ActionTokenizer(L, [-1] * 4, [1] * 4))
+    codes = [torch.randint(0, 64, (2, 2))]
+    with pytest.raises(ValueError, match="at least one image"):
+        sb.action_prompt("open the drawer", [])
+    with pytest.raises(ValueError, match=r"\[K, D\]"):
+        sb.action_sample("open the drawer", codes, np.zeros(4))  # one action [D], not a chunk [K, D]
