@@ -297,6 +297,22 @@ def test_load_errors(rng, tmp_path):
                                          r"decoder\.up\.0\.attn\.0\.q\.weight"):
         VQGAN.from_release(y, c)
 
+    # taming's options this model is not built with change the architecture: refused by name; an unknown key warns
+    import yaml
+
+    y, c = _write_release(tmp_path, m, dict(m.state_dict()))
+    doc = yaml.safe_load(y.read_text())
+    for key, value in (("tanh_out", True), ("resamp_with_conv", False)):
+        (tmp_path / f"{key}.yaml").write_text(yaml.safe_dump(
+            {"model": {"params": {**doc["model"]["params"],
+                                  "ddconfig": {**doc["model"]["params"]["ddconfig"], key: value}}}}))
+        with pytest.raises(ValueError, match=f"sets {key}.*changes the architecture"):
+            VQGAN.from_release(tmp_path / f"{key}.yaml", c)
+    (tmp_path / "extra.yaml").write_text(yaml.safe_dump(
+        {"model": {"params": {**doc["model"]["params"],
+                              "ddconfig": {**doc["model"]["params"]["ddconfig"], "tanh_out": False, "colour": 1}}}}))
+    with pytest.warns(UserWarning, match="ignoring ddconfig keys the VQGAN does not know: colour"):
+        VQGAN.from_release(tmp_path / "extra.yaml", c)
     (tmp_path / "bad.yaml").write_text("model:\n  target: x\n")
     with pytest.raises(ValueError, match="ddconfig"):
         VQGAN.from_release(tmp_path / "bad.yaml", c)

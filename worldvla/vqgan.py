@@ -113,12 +113,24 @@ class VQGANConfig:
         if attn_type != "vanilla":
             raise ValueError(f"only attn_type='vanilla' is supported, the yaml says {attn_type!r}")
         known = {f.name for f in fields(cls)}
+        # taming's other Encoder/Decoder options: this model is built as their defaults give it
+        for key, default in _TAMING_DEFAULTS.items():
+            if key in dd and dd.pop(key) != default:
+                raise ValueError(f"the yaml's ddconfig sets {key}: {params['ddconfig'][key]!r}, which changes the "
+                                 f"architecture; only taming's default ({default!r}) is supported")
+        unknown = sorted(k for k in dd if k not in known)
+        if unknown:
+            warnings.warn(f"ignoring ddconfig keys the VQGAN does not know: {', '.join(unknown)}", stacklevel=2)
         kwargs = {k: v for k, v in dd.items() if k in known}
         for key in ("n_embed", "embed_dim"):
             if key not in params:
                 raise ValueError(f"the taming config lacks model.params.{key}")
             kwargs[key] = params[key]
         return cls(**kwargs)
+
+
+# taming's Encoder/Decoder options that this model does not take, at the values it is built as
+_TAMING_DEFAULTS = {"resamp_with_conv": True, "give_pre_end": False, "tanh_out": False, "use_linear_attn": False}
 
 
 # ---------------------------------------------------------------------- building blocks
