@@ -392,3 +392,24 @@ def test_nan_pixels_are_refused():
     px[0, 1, 5, 7] = float("nan")
     with pytest.raises(ValueError, match=r"pixels must lie in \[-1, 1\].*NaN"):
         vq.encode(px)
+
+
+def test_the_release_tokenizer_folder_loads_and_passes_trust_checkpoint_on(rng, tmp_path):
+    """load_release_tokenizer reads vqgan.yaml, vqgan.ckpt and text_tokenizer.json; a vqgan.ckpt that pickles
+    other objects (trainer state) is refused by the safe loader and needs trust_checkpoint=True, which the
+    folder loader had no way to pass on."""
+    from test_store import _release_text_tokenizer
+
+    from worldvla.checkpoint import load_release_tokenizer
+
+    m = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32,
+                          n_embed=64)).eval()
+    _write_release(tmp_path, m, dict(m.state_dict()))
+    _release_text_tokenizer(tmp_path / "text_tokenizer.json")
+    layout, text, vq = load_release_tokenizer(tmp_path)
+    assert layout.name == "chameleon" and layout.n_image_codes == 8192 and text.encode("push")
+    _same_weights(m, vq)
+    torch.save({"state_dict": m.state_dict(), "callbacks": Opaque()}, tmp_path / "vqgan.ckpt")
+    with pytest.raises(RuntimeError, match="trust_checkpoint=True"):
+        load_release_tokenizer(tmp_path)
+    _same_weights(m, load_release_tokenizer(tmp_path, trust_checkpoint=True)[2])

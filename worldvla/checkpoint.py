@@ -551,9 +551,10 @@ def save_model(model: WorldVLA, path, shard_size_gb: float = 5.0) -> None:
     replace_folder(path, write, keep=lambda name: not _is_model_file(name))
 
 
-def load_release_tokenizer(folder):
+def load_release_tokenizer(folder, *, trust_checkpoint: bool = False):
     """The release's tokenizer folder: vqgan.yaml, vqgan.ckpt, text_tokenizer.json ->
-    (VocabLayout, text tokenizer, VQGAN)."""
+    (VocabLayout, text tokenizer, VQGAN). `trust_checkpoint`: as `VQGAN.from_release` (a vqgan.ckpt that
+    pickles other Python objects than tensors needs it; only for files you trust)."""
     from .tokens import ChameleonTextTokenizer, VocabLayout
     from .vqgan import VQGAN
 
@@ -563,4 +564,5 @@ def load_release_tokenizer(folder):
     if missing:
         raise FileNotFoundError(f"{folder}: tokenizer files missing: {missing} (expected {need})")
     layout = VocabLayout.chameleon(folder / "text_tokenizer.json")
-    return layout, ChameleonTextTokenizer(folder / "text_tokenizer.json"), VQGAN.from_release(folder / "vqgan.yaml", folder / "vqgan.ckpt")
+    vqgan = VQGAN.from_release(folder / "vqgan.yaml", folder / "vqgan.ckpt", trust_checkpoint=trust_checkpoint)
+    return layout, ChameleonTextTokenizer(folder / "text_tokenizer.json"), vqgan
