@@ -817,3 +817,51 @@ def test_fsdp_resume_from_a_damaged_checkpoint_ends_every_rank_with_its_reason(s
     """Rank 0 alone reads a checkpoint's model and optimizer files: when one is damaged, every rank stops with
     rank 0's reason (the others waited in the weights' broadcast until the process group timed out)."""
     _spawn(_fsdp_damaged_worker, 2, (str(tmp_path / "pg_init"), str(store_dir), str(tmp_path / "fsdp")), timeout_s=60)
+
+
+def test_samples_no_micro_step_or_position_range_holds_are_refused_before_the_run(store_dir, tmp_path):
+    """A sample longer than --micro-tokens or than the model's positions was refused only when its batch came up
+    (hours into a real run, losing the steps since the last checkpoint); now before anything is written."""
+    longest = int(TokenStore(store_dir).lengths.max())
+    cases = (("--micro-tokens", longest - 1, "--batch-tokens", 4 * longest, r"--micro-tokens \d+ \(the longest"),
+             ("--max-positions", longest - 1, "--batch-tokens", 4 * longest, r"the model's \d+ positions"))
+    for opt, value, bopt, bvalue, message in cases:
+        with pytest.raises(ValueError, match=r"sample\(s\) of the store are longer than " + message):
+            trainer.train(args_for(store_dir, tmp_path / opt, "--steps", 2, opt, value, bopt, bvalue))
+        assert not (tmp_path / opt).exists()
+
+
+def test_overwrite_keeps_the_earlier_run_when_the_command_line_is_refused(store_dir, tmp_path):
+    """--overwrite deleted the earlier run's checkpoints and policy before the rest of the options were checked,
+    so a typo cost the run and did nothing; the options are checked first now."""
+    out = tmp_path / "run"
+    trainer.train(args_for(store_dir, out, "--steps", 1, "--no-export"))
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    for bad in (("--micro-tokens", 4000, "--batch-tokens", 600), ("--store", tmp_path / "no-store"),
+                ("--warmup", 2.5), ("--init", tmp_path / "no-model")):
+        with pytest.raises((ValueError, OSError)):
+            trainer.train(args_for(store_dir, out, "--steps", 1, "--overwrite", *bad))
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before, bad
+
+
+def test_options_out_of_range_are_refused_by_name(capsys, store_dir, tmp_path):
+    for opt, value in (("--seed", -1), ("--beta1", 1.5), ("--beta2", 1.0), ("--dropout", 1.0)):
+        with pytest.raises(SystemExit):
+            args_for(store_dir, tmp_path / "x", opt, value)
+        assert f"argument {opt}: must be" in capsys.readouterr().err
+    trainer.train(args_for(store_dir, tmp_path / "w", "--steps", 2, "--warmup", 5, "--no-export"))
+    assert "--warmup 5.0 is 5 steps, not fewer than the run's 2" in capsys.readouterr().out
+
+
+def test_fine_tuning_records_its_dropout_with_the_model(store_dir, tmp_path):
+    """--init with --dropout trained with it but recorded the checkpoint's 0.0 in the model config (the exported
+    model, and the checkpoints' model_config)."""
+    from worldvla.model import ModelConfig
+    from worldvla.tokens import VocabLayout
+
+    layout = VocabLayout.from_dict(TokenStore(store_dir).manifest["layout"])
+    WorldVLA(ModelConfig.tiny(layout)).init_weights().save_pretrained(tmp_path / "init")
+    trainer.train(args_for(store_dir, tmp_path / "ft", "--steps", 1, "--init", tmp_path / "init", "--dropout", 0.3,
+                           "--no-export"))
+    state = json.loads((latest_checkpoint(tmp_path / "ft") / "state.json").read_text())
+    assert state["model_config"]["dropout"] == 0.3

@@ -63,6 +63,14 @@ def unit_float(text: str) -> float:
     return value
 
 
+def unit_open_float(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def finite_float(text: str) -> float:
     """argparse type: a number that is neither nan nor infinite."""
     try:

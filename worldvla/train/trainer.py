@@ -19,8 +19,9 @@ of the two shares), so that gradients and the logged loss are exactly those of o
 the global batch, whatever the world size or the number of micro-steps.
 
 Defaults that differ from the release's fine-tuning (spec 7), chosen for training small models
-from scratch: lr 3e-4 with a cosine decay to lr / 10 (the release: a constant 5e-6 after a 0.01
-epoch warm-up; `--lr 5e-6 --schedule constant`), dropout 0.0 (0.05: `--dropout 0.05`), the image
+from scratch: lr 3e-4 with a cosine decay to lr / 10 (the release: a constant 5e-6 after a warm-up of
+0.01 epoch from 0; `--lr 5e-6 --schedule constant --warmup N` with N the steps of 0.01 epoch, since a
+fraction `--warmup` is of the whole run), dropout 0.0 (0.05: `--dropout 0.05`), the image
 weight on exactly the image-code ids (the release's slice: `--release-loss-weights`), and one
 affine row per head in the q/k norms of a model built here (a release checkpoint loaded with
 `--init` keeps its shared row; see worldvla.checkpoint). AdamW (0.9, 0.95, eps 1e-8, weight decay
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from ..cli import finite_float, non_negative_float, non_negative_int, positive_int, unit_float
+from ..cli import non_negative_float, non_negative_int, positive_int, unit_open_float
 from .checkpointing import (add_run_arguments, full_model_state, load_checkpoint, prepare_run_dir, resume_point,
                             save_checkpoint, scalar_args, trim_log)
 
@@ -240,16 +241,16 @@ def _init_model(args, layout, device, fsdp: bool, mixed_precision, attention: st
         cfg = loaded.config
     cfg.layout = layout.to_dict()
     cfg.attention = attention
+    cfg.dropout = args.dropout  # the fine-tuning's, recorded with the model it trains
     if fsdp:
         with torch.device("meta"):
             model = WorldVLA(cfg)
     else:
         model = loaded
         model.layout = layout
-    if args.dropout:
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = args.dropout
+    for m in model.modules():  # --dropout decides, whatever the checkpoint was trained with
+        if isinstance(m, torch.nn.Dropout):
+            m.p = args.dropout
     if fsdp:
         dist_utils.shard_model(model, mixed_precision=mixed_precision, device_type=device.type)
         model.to_empty(device=device)
@@ -320,6 +321,49 @@ def _check_backends(args, device, amp_dtype) -> None:
             raise ValueError(f"{opt} {backend} cannot train on {device}: {err}") from None
 
 
+def _max_positions(args, layout) -> int:
+    """The positions the run's model will have: --init's config.json, else --config's (with --max-positions)."""
+    if args.init:
+        from ..checkpoint import check_folder, config_from_hf, read_json_file
+
+        folder = check_folder(args.init, "model")
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"--init {args.init}: no config.json (expected a model folder: a release "
+                                    f"checkpoint, `save_pretrained`, or a run's OUT/model)")
+        return config_from_hf(read_json_file(folder / "config.json", "--init model config")).max_position_embeddings
+    return build_model_config(args.config, layout, args.dropout, args.max_positions).max_position_embeddings
+
+
+def _check_sample_lengths(lengths, micro_tokens: int, option: str, positions: int) -> None:
+    """Refuse samples no micro-step (of `option`'s size) or no model position range can hold, before the run
+    (split_batch and the forward would refuse them when their batch came up, hours in)."""
+    longest = int(np.max(lengths))
+    for limit, what, fix in ((micro_tokens, f"{option} {micro_tokens}", f"raise {option}"),
+                             (positions, f"the model's {positions} positions",
+                              "raise --max-positions (a --config model), or tokenize with a shorter history")):
+        if longest > limit:
+            n = int((np.asarray(lengths) > limit).sum())
+            raise ValueError(f"{n} sample(s) of the store are longer than {what} (the longest has {longest} tokens); "
+                             f"{fix}, or drop those samples (pretokenize --kinds)")
+
+
+def _warmup_steps(args, total: int) -> int:
+    """--warmup as steps: a fraction of the run below 1, else whole steps (a fractional count is refused); one that
+    would outlast the run (the peak learning rate never reached) is warned of."""
+    w = args.warmup
+    if w >= 1 and w != int(w):
+        raise ValueError(f"--warmup {w}: a value of 1 or more counts steps and must be a whole number (a fraction "
+                         f"of the run is given below 1, e.g. --warmup 0.05)")
+    steps = int(w * total) if w < 1 else int(w)
+    if dist_utils.is_main():
+        if steps >= total:
+            print(f"warning: --warmup {w} is {steps} steps, not fewer than the run's {total}: the learning rate never "
+                  f"reaches --lr {args.lr}; pass fewer warm-up steps or a fraction below 1")
+        if args.schedule == "constant" and args.min_lr is not None:
+            print(f"warning: --min-lr {args.min_lr} is unused under --schedule constant (it is the cosine's floor)")
+    return steps
+
+
 def train(args) -> dict:
     """Run training as described by `args` (the `worldvla train` namespace). Returns a summary."""
     from tqdm.auto import tqdm
@@ -339,26 +383,30 @@ def train(args) -> dict:
         raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine decay would raise the "
                          f"learning rate; pass a --min-lr of at most --lr (default: --lr / 10)")
     _check_backends(args, device, _precision(args, device))
-    prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("policy", "model"))
+    # Everything the command line decides is checked before --overwrite deletes the earlier run.
     kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
     store = TokenStore(args.store, kinds=kinds)
     if len(store) == 0:
         raise ValueError(f"the store {args.store} holds no samples of kinds {store.kinds}")
+    layout = store.layout
+    micro_tokens = args.micro_tokens or args.batch_tokens
+    if micro_tokens > args.batch_tokens:
+        raise ValueError(f"--micro-tokens {micro_tokens} cannot exceed --batch-tokens {args.batch_tokens}")
+    _check_sample_lengths(store.lengths, micro_tokens, "--micro-tokens" if args.micro_tokens else "--batch-tokens",
+                          _max_positions(args, layout))
     # Total steps: --steps, or whole epochs of the store.
     if args.steps:
         total = args.steps
     else:
         total = sum(len(epoch_batches(store.lengths, args.batch_tokens, args.seed, e)) for e in range(args.epochs))
+    warmup = _warmup_steps(args, total)
+    prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("policy", "model"))
     # The run's data, recorded with its settings: a resume on another store is refused by name.
     data = {"store_fingerprint": store.manifest.get("fingerprint"), "total_steps": total}
     ck = resume_point(out, args, RESUME_SETTINGS, data,  # refused now, not after the model is built
                       fix=lambda saved: f"Resume with --store {saved.get('store')}, the token store it was started on")
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    layout = store.layout
-    micro_tokens = args.micro_tokens or args.batch_tokens
-    if micro_tokens > args.batch_tokens:
-        raise ValueError(f"--micro-tokens {micro_tokens} cannot exceed --batch-tokens {args.batch_tokens}")
 
     amp_dtype = _precision(args, device)
     fsdp = world > 1
@@ -371,7 +419,6 @@ def train(args) -> dict:
                 if amp_dtype is not None and not (fsdp and device.type == "cuda") else nullcontext())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
                             weight_decay=args.weight_decay, foreach=device.type == "cuda" or None)
-    warmup = int(args.warmup * total) if args.warmup < 1 else int(args.warmup)
     min_lr = args.lr * 0.1 if args.min_lr is None else args.min_lr
     sched = WarmupCosine(opt, args.lr, total, warmup, min_lr, args.schedule)
 
@@ -540,8 +587,8 @@ def add_arguments(p) -> None:
                    help="learning-rate schedule after the warm-up (default: %(default)s)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.1,
                    help="AdamW weight decay (default: %(default)s)")
-    p.add_argument("--beta1", type=finite_float, default=0.9, help="AdamW beta1, in [0, 1) (default: %(default)s)")
-    p.add_argument("--beta2", type=finite_float, default=0.95, help="AdamW beta2, in [0, 1) (default: %(default)s)")
+    p.add_argument("--beta1", type=unit_open_float, default=0.9, help="AdamW beta1, in [0, 1) (default: %(default)s)")
+    p.add_argument("--beta2", type=unit_open_float, default=0.95, help="AdamW beta2, in [0, 1) (default: %(default)s)")
     p.add_argument("--eps", type=non_negative_float, default=1e-8, help="AdamW epsilon (default: %(default)s)")
     p.add_argument("--grad-clip", type=non_negative_float, default=4.0,
                    help="max gradient norm (0 = off; default: %(default)s)")
@@ -552,7 +599,7 @@ def add_arguments(p) -> None:
                         "not) instead of exactly the image-code ids, rounded to bfloat16 as the release's FSDP "
                         "casts it (0.04 -> 0.0400390625)")
     p.add_argument("--z-weight", type=non_negative_float, default=1e-5, help="z-loss weight (default: %(default)s)")
-    p.add_argument("--dropout", type=unit_float, default=0.0, help="dropout probability (default: %(default)s)")
+    p.add_argument("--dropout", type=unit_open_float, default=0.0, help="dropout probability (default: %(default)s)")
     p.add_argument("--init-std", type=non_negative_float, default=0.02,
                    help="std of the initial weights of a model built here (default: %(default)s)")
     p.add_argument("--max-positions", type=non_negative_int, default=0,
@@ -576,7 +623,7 @@ def add_arguments(p) -> None:
                    help="cross-entropy kernels (default: %(default)s: the order `worldvla info` shows; the fused "
                         "loss has no native kernel)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order "
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initialization and the data order "
                    "(default: %(default)s)")
     add_run_arguments(p, save_every=1000, exports="policy / model")
     p.add_argument("--no-export", action="store_true", help="skip the final policy / model export")
