@@ -173,13 +173,13 @@ def test_model_steps_take_the_native_layer_under_auto(rng, monkeypatch):
     ctx = ForwardContext(cache=engine.cache, position_ids=buf.pos, decode_meta=buf.meta)
     layer = model.model.layers[0]
     with torch.no_grad():
-        assert ops.resolve_decoder_layer(layer, x, ctx) is nb.decoder_layer
+        assert ops.resolve_decoder_layer(layer, x, ctx) is nb._dispatched_decoder_layer
         model.train()
-        assert ops.resolve_decoder_layer(layer, x, ctx) is nb.decoder_layer  # dropout 0: nothing to drop
+        assert ops.resolve_decoder_layer(layer, x, ctx) is nb._dispatched_decoder_layer  # dropout 0: nothing to drop
         layer.dropout.p = 0.1
         assert ops.resolve_decoder_layer(layer, x, ctx) is ops.decoder_layer_ref  # dropout active
         model.eval()
-        assert ops.resolve_decoder_layer(layer, x, ctx) is nb.decoder_layer
+        assert ops.resolve_decoder_layer(layer, x, ctx) is nb._dispatched_decoder_layer
     assert ops.resolve_decoder_layer(layer, x, ctx) is ops.decoder_layer_ref  # the weights want gradients
     with torch.no_grad():
         model.hidden_states(step_ids, cache=engine.cache, position_ids=buf.pos, decode_meta=buf.meta, backend="torch")
@@ -725,3 +725,44 @@ def test_a_plan_refused_for_gradients_is_made_once_they_are_off(rng):
     assert engine.step_plan(3) is None and "gradients" in engine.buffers(3).plan.reason
     with torch.no_grad():
         assert engine.step_plan(3) is not None
+
+
+def test_auto_keeps_torchs_path_for_later_layers_the_native_kernels_cannot_take(lora):
+    """A forward resolves `linear` and `decoder_layer` once, on its first layer's tensors. A later layer that the
+    forward-only native kernels cannot take (an adapter whose projections need gradients; a weight of another
+    layout) raised ("no autograd formula", "must be contiguous"); such layers take torch's path now, with the
+    torch backend's results."""
+    g = torch.Generator().manual_seed(0)
+    cfg = ModelConfig.tiny(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                           num_hidden_layers=2)
+    base = WorldVLA(cfg).init_weights(0.3, generator=g).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 24), generator=g)
+    grads = {}
+    for backend in ("torch", "auto"):
+        m = copy.deepcopy(base).requires_grad_(False)
+        attn = m.model.layers[1].self_attn
+        attn.q_proj = lora(attn.q_proj, torch.Generator().manual_seed(1), scale=0.3)
+        h = m.hidden_states(ids, backend=backend)
+        (h * torch.randn(h.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        grads[backend] = attn.q_proj.a.grad
+    scale = float(grads["torch"].abs().max())
+    assert scale > 1e-3
+    # the same gradient up to float32 rounding (layer 0 ran the native kernels forward, on frozen weights)
+    torch.testing.assert_close(grads["auto"], grads["torch"], rtol=1e-3, atol=1e-4 * scale)
+
+    m = copy.deepcopy(base)
+    q = m.model.layers[1].self_attn.q_proj
+    q.weight = torch.nn.Parameter(q.weight.detach().t().contiguous().t(), requires_grad=False)  # column-major
+    B, Q, S = 1, 2, 16
+    cache = KVCache(cfg, B, S)
+    cache.k.normal_(generator=g)
+    cache.v.normal_(generator=g)
+    meta = DecodeMeta(torch.tensor([[5, 6]], dtype=torch.int32), torch.full((B, Q), -1, dtype=torch.int32),
+                      torch.full((B, S), NO_BLOCK, dtype=torch.int32), torch.tensor([7], dtype=torch.int32))
+    out = {}
+    with torch.no_grad():
+        for backend in ("torch", "auto"):
+            c = copy.deepcopy(cache)
+            out[backend] = m.hidden_states(ids[:, :Q], cache=c, position_ids=torch.tensor([[5, 6]]), decode_meta=meta,
+                                           backend=backend)
+    torch.testing.assert_close(out["auto"], out["torch"], rtol=1e-4, atol=1e-5)

@@ -124,9 +124,9 @@ def test_linear_empty():
 def test_auto_keeps_torch_for_many_rows_and_for_training(monkeypatch):
     monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), ("native", "torch"))
     w = torch.randn(16, 8)
-    assert ops.resolve_linear(torch.randn(NATIVE_MAX_ROWS, 8), w) is nb.linear
+    assert ops.resolve_linear(torch.randn(NATIVE_MAX_ROWS, 8), w) is nb._dispatched_linear
     assert ops.resolve_linear(torch.randn(NATIVE_MAX_ROWS + 1, 8), w) is ops.linear_ref  # torch's GEMM
-    assert ops.resolve_linear(torch.randn(2, NATIVE_MAX_ROWS // 2, 8), w) is nb.linear  # rows of all dims
+    assert ops.resolve_linear(torch.randn(2, NATIVE_MAX_ROWS // 2, 8), w) is nb._dispatched_linear  # rows of all dims
     assert ops.resolve_linear(torch.randn(1, 8), w.requires_grad_()) is ops.linear_ref
     monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), ("torch",))
     assert ops.resolve_linear(torch.randn(1, 8), torch.randn(16, 8)) is ops.linear_ref
@@ -220,5 +220,5 @@ def test_auto_keeps_torch_for_tensor_subclasses(monkeypatch):
 
     w = torch.randn(16, 8)
     with torch.no_grad():
-        assert ops.resolve_linear(torch.randn(2, 8), w) is nb.linear
+        assert ops.resolve_linear(torch.randn(2, 8), w) is nb._dispatched_linear
         assert ops.resolve_linear(torch.randn(2, 8), w.as_subclass(Wrapped)) is ops.linear_ref

@@ -730,6 +730,18 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return (_linear_impl if _direct(x, weight) else linear_op)(x, weight)
 
 
+def _dispatched_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """`linear` as the dispatcher hands it out. A forward resolves the op once, on its first projection: a later
+    one the kernel cannot take (a weight or input that needs gradients, an adapter or an unfrozen layer further
+    in: the kernel is forward-only; a weight of another layout or dtype) goes through torch's."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return F.linear(x, weight)
+    if not (weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(1) == 1 and weight.is_cpu) \
+            and not _passes(_check_linear, x, weight):
+        return F.linear(x, weight)
+    return linear(x, weight)
+
+
 # ------------------------------------------------------------------ decoder layer (CPU decode steps)
 _DECODER_WEIGHTS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "q_norm.weight", "q_norm.bias",
                     "k_norm.weight", "k_norm.bias", "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
@@ -938,6 +950,18 @@ def decoder_layer(layer, x: Tensor, cos: Tensor, sin: Tensor, ctx, index: int) -
                          float(mods["input_layernorm"].eps), float(attn._modules["q_norm"].eps),
                          bool(layer.swin_norm), *_cache_args(cfg, x, ctx, index))
     return y
+
+
+def _dispatched_decoder_layer(layer, x: Tensor, cos: Tensor, sin: Tensor, ctx, index: int) -> Tensor:
+    """`decoder_layer` as the dispatcher hands it out. A forward resolves the op on its first layer's tensors: a
+    later layer the native path cannot take (a weight that needs gradients, a non-contiguous one) runs its
+    modules instead of failing. Anything else wrong (the cache, the metadata, the layer index) is refused as
+    `decoder_layer` refuses it."""
+    w = _layer_weights(layer)
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in w)) or not all(t.is_contiguous() for t in w):
+        from .decoder import decoder_layer_ref
+        return decoder_layer_ref(layer, x, cos, sin, ctx, index)
+    return decoder_layer(layer, x, cos, sin, ctx, index)
 
 
 def _cache_args(cfg, x, ctx, index) -> tuple:
@@ -1268,5 +1292,5 @@ dispatch.register("decode_attention", "native", decode_attention, _decode_suppor
 dispatch.register("vq_quantize", "native", vq_quantize, _vq_quantize_supports)
 dispatch.register("vq_gather", "native", vq_gather, _vq_gather_supports)
 dispatch.register("constrained_sample", "native", constrained_sample, _sample_supports)
-dispatch.register("linear", "native", linear, _linear_supports)
-dispatch.register("decoder_layer", "native", decoder_layer, _decoder_layer_supports)
+dispatch.register("linear", "native", _dispatched_linear, _linear_supports)
+dispatch.register("decoder_layer", "native", _dispatched_decoder_layer, _decoder_layer_supports)
