@@ -105,6 +105,19 @@ def test_gather_exact(rng, dtype, poison_empty):
     assert torch.equal(got, vq_gather_ref(idx, codebook))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.int64])
+def test_gather_copies_codebooks_of_other_dtypes_exactly(rng, dtype):
+    """The gather is a copy: float64 and integer codebooks (which its dispatch accepts) came back rounded through
+    float32 under Triton's interpreter (int64 entries off by up to 3e7)."""
+    if dtype.is_floating_point:
+        codebook = torch.randn(300, 40, generator=rng, dtype=dtype).to(DEV)
+    else:  # values float32 cannot hold exactly (above 2**24)
+        codebook = torch.randint(-2**30, 2**30, (300, 40), generator=rng, dtype=dtype).to(DEV)
+    idx = torch.randint(0, 300, (2, 5, 7), generator=rng).to(DEV)
+    got = vq_gather(idx, codebook, backend="triton")
+    assert got.dtype == dtype and torch.equal(got, vq_gather_ref(idx, codebook))
+
+
 def test_gather_of_codes_out_of_range_reads_nothing(rng):
     """The kernel behind the checked entry point (torch.compile reaches it without the host's range check):
     codes outside [0, K) read outside the codebook (values of other memory); they give zeros, as the
