@@ -207,7 +207,6 @@ class PolicyServer:
         self._last_reset: tuple | None = None
         self._busy = 0
         self._open: set = set()  # the _Connection of every open connection
-        self._robot_connections = 0  # open connections that have sent a 'reset' or 'act' request
         self._signalled = False  # a SIGTERM/SIGINT has asked serve_forever to stop
         self._running_batch = False
         self._policy_since = None  # time.monotonic() when the running policy call started, on the worker thread
@@ -440,7 +439,6 @@ class PolicyServer:
             pass
         finally:
             self._open.discard(conn)
-            self._robot_connections -= conn.robot
             conn.closed.cancel()
 
     async def _send(self, conn: _Connection, reply: dict) -> bool:
@@ -471,7 +469,6 @@ class PolicyServer:
             kind = self._check_fields(msg)
             if kind in ("act", "reset") and conn is not None and not conn.robot:
                 conn.robot = True  # a robot: the batcher may wait for its requests
-                self._robot_connections += 1
             if kind == "act":
                 reply = await self._act(msg, t_recv, conn)
             elif kind == "reset":
