@@ -169,7 +169,8 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
 def _item_generators(generator, n: int, device) -> list:
     """`n` generators on `device`, the i-th seeded from one draw of `generator` (torch's default one
     when None) and i alone."""
-    base = int(torch.randint(0, 2**62, (1,), generator=generator))
+    where = generator.device if generator is not None else "cpu"  # a CUDA generator draws on its device
+    base = int(torch.randint(0, 2**62, (1,), generator=generator, device=where))
     return [torch.Generator(device=device).manual_seed((base + 0x9E3779B97F4A7C15 * i) % 2**63) for i in range(n)]
 
 
