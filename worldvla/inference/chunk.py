@@ -134,21 +134,32 @@ def _decode_parallel(engine, P, base, n_actions, action_dim, backend):
     # Blocks are independent within a step (each hides the others), so a chunk may run as groups of
     # blocks: groups no bigger than the one-row step's path takes keep the sequential tokens exactly.
     group = engine.max_step_rows() or K
+    ks = torch.arange(K, device=dev)
+    starts = P.view(B, 1) + T * ks.view(1, K)                     # each block's BOA position
+    limits = base.view(B, 1) + ks.to(torch.int32).view(1, K)       # each block hides the blocks before it
     bins = torch.empty(B, K, D, dtype=torch.long, device=dev)
+    if group >= K:  # one group: its buffers set once, then moved on a token a step
+        buf = engine.buffers(K)
+        buf.ids.fill_(layout.boa)
+        buf.set_positions(starts)
+        buf.q_limit.copy_(limits)
     for d in range(D):
         for k0 in range(0, K, group):
             k1 = min(K, k0 + group)
-            ks = torch.arange(k0, k1, device=dev)
-            buf = engine.buffers(k1 - k0)
-            if d == 0:
-                buf.ids.fill_(layout.boa)
-            else:
-                buf.ids.copy_(bins[:, k0:k1, d - 1])
-            buf.set_positions(P.view(B, 1) + T * ks.view(1, -1) + d)
-            buf.q_limit.copy_(base.view(B, 1) + ks.to(torch.int32).view(1, -1))
+            if group < K:  # several groups share one buffer size: each step sets its group's rows
+                buf = engine.buffers(k1 - k0)
+                if d == 0:
+                    buf.ids.fill_(layout.boa)
+                else:
+                    buf.ids.copy_(bins[:, k0:k1, d - 1])
+                buf.set_positions(starts[:, k0:k1] + d)
+                buf.q_limit.copy_(limits[:, k0:k1])
             h = engine.run(buf)
             tok = head_sample(engine.model, h.reshape(B * (k1 - k0), -1), lo, hi, backend=backend)
             bins[:, k0:k1, d] = tok.view(B, k1 - k0)
+        if group >= K and d + 1 < D:
+            buf.ids.copy_(bins[:, :, d])
+            buf.advance(1)
     return bins
 
 
