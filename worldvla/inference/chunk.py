@@ -206,7 +206,7 @@ def generate_action_chunk(model, input_ids, layout: VocabLayout | None, n_action
     every prompt ends with the separator. Returns [K, D+2] for one prompt, else [B, K, D+2]
     ([BOA, bins..., EOA] per action; the closing separator is implied), on the CPU.
     `engine`: reuse a preallocated engine (its batch size must match); `skip[b]`: leading
-    tokens of prompt b whose keys/values the engine already holds (see `restore_prefix`).
+    tokens of prompt b whose keys/values the engine already holds (`set_row_prefix` a row, `restore_prefix` every row).
     `backend` picks the attention and sampling implementations ("auto" = fastest available); a given
     engine keeps the attention backend it was built with.
     """
