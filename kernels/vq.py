@@ -154,6 +154,7 @@ def vq_gather(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     if out.numel():
         BP, BC = (64, 64) if INTERPRET else (64, 32)
         _gather_kernel[(triton.cdiv(h * w, BP), triton.cdiv(C, BC), B)](
+            # UPCAST: the interpreter's bf16 pitfall; other dtypes copy as they are
             idx, e, out, h * w, C, e.shape[0], e.stride(0), BLOCK_P=BP, BLOCK_C=BC,
-            UPCAST=INTERPRET and e.dtype == torch.bfloat16)  # the interpreter's bf16 pitfall; other dtypes copy as they are
+            UPCAST=INTERPRET and e.dtype == torch.bfloat16)
     return out.to(codebook.dtype)

@@ -763,6 +763,6 @@ def test_auto_keeps_torchs_path_for_later_layers_the_native_kernels_cannot_take(
     with torch.no_grad():
         for backend in ("torch", "auto"):
             c = copy.deepcopy(cache)
-            out[backend] = m.hidden_states(ids[:, :Q], cache=c, position_ids=torch.tensor([[5, 6]]), decode_meta=meta,
-                                           backend=backend)
+            out[backend] = m.hidden_states(ids[:, :Q], cache=c, position_ids=torch.tensor([[5, 6]]),
+                                           decode_meta=meta, backend=backend)
     torch.testing.assert_close(out["auto"], out["torch"], rtol=1e-4, atol=1e-5)
