@@ -11,6 +11,7 @@ import worldvla.model
 from worldvla.data.hdf5 import write_demos
 from worldvla.data.store import TokenStore, build_store, pack
 from worldvla.model import WorldVLA, loss_class_weights
+from worldvla.train import distributed as dist_utils
 from worldvla.train import trainer
 from worldvla.train.checkpointing import latest_checkpoint, load_checkpoint
 from worldvla.vqgan import VQGAN, VQGANConfig
@@ -542,7 +543,31 @@ def _fsdp_worker(rank, world, init_file, store, out):
         # Gradients reduce-scattered after every micro-step (shards kept) instead of the last one only.
         trainer.train(args_for(store, out + "-every", *FSDP_COMMON, "--reduce-every-micro-step", "--no-export"))
     finally:
-        dist.destroy_process_group()
+        dist_utils.shutdown()
+
+
+def gloo_threads():
+    """The names of this process's Gloo threads (Linux names its threads in /proc)."""
+    tasks = Path("/proc/self/task")
+    return [name for t in tasks.iterdir() if "gloo" in (name := (t / "comm").read_text().strip())]
+
+
+def _traced_worker(rank, fn, *args):
+    """A worker that prints every thread's Python stack if it dies by a signal (a native abort says nothing
+    else about where it happened), and that leaves without the interpreter's teardown once `fn` has returned.
+
+    torch keeps some destroyed Gloo groups alive from C++ (after FSDP micro-steps that are empty on a rank,
+    `dist_utils.shutdown` cannot release them), and one of their threads releasing a finished collective's
+    tensor during the teardown aborts the process. What the tests check is on disk by then."""
+    import faulthandler
+    import os
+    import sys
+
+    faulthandler.enable(all_threads=True)
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(fn, world, args, timeout_s=100):
@@ -550,7 +575,7 @@ def _spawn(fn, world, args, timeout_s=100):
 
     import torch.multiprocessing as mp
 
-    ctx = mp.spawn(fn, args=(world, *args), nprocs=world, join=False)
+    ctx = mp.spawn(_traced_worker, args=(fn, world, *args), nprocs=world, join=False)
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:
@@ -615,7 +640,10 @@ def _fsdp_init_worker(rank, world, init_file, store, init, out):
         with pytest.raises(want, match="vocabulary entries"):
             trainer.train(args_for(store, out + "-bad", *FSDP_COMMON, "--init", init + "-other-vocab", "--no-export"))
     finally:
-        dist.destroy_process_group()
+        dist_utils.shutdown()
+    # The group went with its worker threads: DTensor's caches had kept it, and a thread left running into the
+    # interpreter's exit aborted the process now and then.
+    assert not gloo_threads(), gloo_threads()
 
 
 def test_fsdp_init_is_read_by_rank_0_alone_and_matches_a_single_process(store_dir, tmp_path):
@@ -680,7 +708,6 @@ def _class_weight_dtype_worker(rank, world, init_file):
 
     from worldvla import ops
     from worldvla.model import ModelConfig, WorldVLA, loss_class_weights
-    from worldvla.train import distributed as dist_utils
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -700,7 +727,7 @@ def _class_weight_dtype_worker(rank, world, init_file):
         assert seen and seen[-1].dtype == torch.float32, seen[-1].dtype
         assert torch.equal(seen[-1], cw)
     finally:
-        dist.destroy_process_group()
+        dist_utils.shutdown()
 
 
 def test_fsdp_mixed_precision_keeps_the_loss_class_weights_in_float32(tmp_path):
@@ -810,7 +837,7 @@ def _fsdp_damaged_worker(rank, world, init_file, store, out):
         with pytest.raises(want, match=r"model\.pt.*cannot be read"):
             trainer.train(args_for(store, out, *FSDP_COMMON, "--resume", "--no-export"))
     finally:
-        dist.destroy_process_group()
+        dist_utils.shutdown()
 
 
 def test_fsdp_resume_from_a_damaged_checkpoint_ends_every_rank_with_its_reason(store_dir, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from worldvla.data.hdf5 import write_demos
+from worldvla.train import distributed as dist_utils
 from worldvla.train import vq as vqt
 from worldvla.train.checkpointing import latest_checkpoint
 from worldvla.vqgan import VQGAN, VQGANConfig
@@ -273,7 +274,7 @@ def _ddp_worker(rank, world, init_file, data, out, common):
         vqt.train_vq(args_for(data, out, *common, "--stop-after", 2))
         vqt.train_vq(args_for(data, out, *common, "--resume"))  # resumed mid-run
     finally:
-        dist.destroy_process_group()
+        dist_utils.shutdown()
 
 
 def test_vq_two_processes_match_single_process(data, tmp_path):

@@ -6,6 +6,7 @@ torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `init(
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 
 import torch
@@ -58,8 +59,22 @@ def init(device: str | None = None, init_method: str | None = None, rank_: int |
 
 
 def shutdown() -> None:
-    if is_distributed():
-        dist.destroy_process_group()
+    """Leave the process group, and let the group itself go while Python still runs.
+
+    A destroyed Gloo group keeps its worker threads while anything references it, and DTensor's caches keep
+    FSDP's device mesh, which holds the group. Those threads then lived on into the interpreter's exit, where
+    one releasing a finished collective's tensor needs the GIL, and the process aborted ("terminate called
+    without an active exception") now and then after a finished run. The meshes forget their groups here, so
+    the group and its threads are gone before the exit."""
+    if not is_distributed():
+        return
+    dist.destroy_process_group()
+    from torch.distributed.device_mesh import DeviceMesh
+
+    for obj in gc.get_objects():
+        if DeviceMesh in type(obj).__mro__:  # not isinstance: DeviceMesh's metaclass hooks it
+            getattr(obj, "_pg_registry", {}).clear()
+    gc.collect()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
