@@ -586,7 +586,8 @@ def add_arguments(p) -> None:
     p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
                    help="learning-rate schedule after the warm-up (default: %(default)s)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.1,
-                   help="AdamW weight decay (default: %(default)s)")
+                   help="AdamW weight decay, on every parameter (norms and embeddings too, as the release "
+                        "trains; default: %(default)s)")
     p.add_argument("--beta1", type=unit_open_float, default=0.9, help="AdamW beta1, in [0, 1) (default: %(default)s)")
     p.add_argument("--beta2", type=unit_open_float, default=0.95, help="AdamW beta2, in [0, 1) (default: %(default)s)")
     p.add_argument("--eps", type=non_negative_float, default=1e-8, help="AdamW epsilon (default: %(default)s)")
