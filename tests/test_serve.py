@@ -4,6 +4,7 @@ requests without disturbing other robots, limits, and clean shutdown on SIGTERM.
 All traffic stays on 127.0.0.1 with ports picked by the OS."""
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from worldvla.serve import PolicyClient, PolicyServer, PolicyServerError, ProtocolError, health, packb, unpackb
-from worldvla.serve.protocol import REQUEST_LIMITS, fit_image
+from worldvla.serve.protocol import REPLY_LIMITS, REQUEST_LIMITS, fit_image
 
 K, D = 3, 5
 
@@ -394,20 +395,48 @@ def _nested_maps(n_bytes: int, fan: int) -> bytes:
     return node
 
 
-def test_millions_of_tiny_objects_are_refused_at_once(np_rng):
+def test_millions_of_tiny_objects_are_refused_at_once(np_rng, monkeypatch):
     """A message under the payload limit made of millions of empty maps (seconds of decoding and a
-    gigabyte, with the event loop frozen) is refused as soon as its headers are read, while a
-    camera-sized request still decodes."""
+    gigabyte, with the event loop frozen) is refused as soon as its headers are read, or once the
+    limit on maps and arrays is passed, while a camera-sized request still decodes.
+
+    The decoder's work is counted: the maps and arrays it builds (the hooks it calls), none for a bomb
+    its headers give away, at most the limit and one for a nested one. The time is taken with the
+    garbage collector off: the 65,536 containers a reply may hold set off a full collection of this
+    process's objects, half a second in a big loaded pytest process, which is not the decoder's work."""
+    from worldvla.serve import protocol
+
     flat = b"\xdd" + struct.pack(">I", 15 * 2**20) + b"\x80" * (15 * 2**20)  # an array of 15 Mi empty maps
     nested = _nested_maps(8 * 2**20, 8)  # 8-item arrays nested 7 deep: 2 Mi empty maps
-    t0 = time.perf_counter()
-    for bomb in (flat, nested):
-        for limits in ({}, {"limits": REQUEST_LIMITS}):  # a client's limits for replies, the server's for requests
-            with pytest.raises(ProtocolError, match="protocol's limit"):
-                unpackb(bomb, **limits)
-    with pytest.raises(ProtocolError, match="exceeds the protocol's limits"):
-        unpackb(packb({"type": "reset", "episode": 1, "instruction": "x" * 2**17}), REQUEST_LIMITS)
-    assert time.perf_counter() - t0 < 0.5
+    built, real_unpackb = [], protocol.msgpack.unpackb
+
+    def counting_unpackb(data, *, object_hook, list_hook, **kw):
+        def counted(hook):
+            def call(obj):
+                built[-1] += 1
+                return hook(obj)
+            return call
+
+        built.append(0)
+        return real_unpackb(data, object_hook=counted(object_hook), list_hook=counted(list_hook), **kw)
+
+    gc.collect()
+    gc.disable()
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(protocol.msgpack, "unpackb", counting_unpackb)
+            t0 = time.perf_counter()
+            for bomb in (flat, nested):
+                for limits in ({}, {"limits": REQUEST_LIMITS}):  # a client's limits for replies, the server's
+                    with pytest.raises(ProtocolError, match="protocol's limit"):
+                        unpackb(bomb, **limits)
+            with pytest.raises(ProtocolError, match="exceeds the protocol's limits"):
+                unpackb(packb({"type": "reset", "episode": 1, "instruction": "x" * 2**17}), REQUEST_LIMITS)
+            assert time.perf_counter() - t0 < 0.5
+    finally:
+        gc.enable()
+    most = [0, 0, REPLY_LIMITS["max_containers"] + 1, REQUEST_LIMITS["max_containers"] + 1, 0]
+    assert len(built) == 5 and all(n <= limit for n, limit in zip(built, most)), built
     image = np_rng.integers(0, 256, (2000, 2000, 3), dtype=np.uint8)
     request = {"type": "act", "episode": "e" * 256, "image": image, "previous_image": image[::-1], "id": 3}
     back = unpackb(packb(request), REQUEST_LIMITS)
@@ -556,13 +585,17 @@ def test_one_robots_failure_does_not_fail_its_batch(np_rng):
 def test_a_timed_out_client_reconnects_and_its_stale_request_is_dropped(np_rng, monkeypatch):
     """A client that times out closes its connection and reconnects on its next call, going on with its
     episode. Its stale request, still being resized on the server, keeps the episode busy meanwhile (the
-    in-flight guard holds across the resize's await), then is dropped without reaching the policy."""
+    in-flight guard holds across the resize's await), then is dropped without reaching the policy.
+
+    Only the call that must time out has the short timeout: the calls around it must succeed, however
+    loaded the machine. The reconnected call waits until the stale request is in the resize."""
     policy = HistoryPolicy()
-    with PolicyServer(policy, request_timeout_s=20) as server, PolicyClient(server.url, timeout=0.3) as client:
+    with PolicyServer(policy, request_timeout_s=20) as server, PolicyClient(server.url, timeout=20) as client:
         resize = server._resize_pair
-        release = threading.Event()
+        started, release = threading.Event(), threading.Event()
 
         def slow_resize(image, previous):
+            started.set()
             release.wait(10)
             return resize(image, previous)
 
@@ -570,8 +603,11 @@ def test_a_timed_out_client_reconnects_and_its_stale_request_is_dropped(np_rng, 
         client.reset("hold still")
         f0 = _frame(np_rng)
         client.act(f0)
+        client.timeout = 0.3
         with pytest.raises(TimeoutError, match="within 0.3 s; the connection was closed.*next call reconnects"):
             client.act(_frame(np_rng, 48, 48))  # held in the resize
+        client.timeout = 20
+        assert started.wait(10)
         with pytest.raises(PolicyServerError, match="already has an 'act' request in flight.*reconnected"):
             client.act(_frame(np_rng))  # a new connection, which takes the episode over
         release.set()
@@ -657,11 +693,11 @@ def test_episode_dropped_while_its_frame_is_resized(np_rng, monkeypatch):
     policy = HistoryPolicy()
     with PolicyServer(policy, max_episodes=1, request_timeout_s=20) as server:
         resize = server._resize_pair
-        started = threading.Event()
+        started, evicted = threading.Event(), threading.Event()
 
         def slow_resize(image, previous):
             started.set()
-            time.sleep(0.5)
+            evicted.wait(20)  # until the other robot's reset has returned
             return resize(image, previous)
 
         monkeypatch.setattr(server, "_resize_pair", slow_resize)
@@ -671,8 +707,11 @@ def test_episode_dropped_while_its_frame_is_resized(np_rng, monkeypatch):
         t = threading.Thread(target=lambda: reply.append(pytest.raises(PolicyServerError, a.act,
                                                                         _frame(np_rng, 48, 48))))
         t.start()
-        assert started.wait(10)
-        b.reset("second robot")  # evicts a's episode
+        try:
+            assert started.wait(10)
+            b.reset("second robot")  # evicts a's episode
+        finally:
+            evicted.set()
         t.join(20)
         assert "was reset or dropped while its image was being resized" in str(reply[0].value)
         assert policy.calls == [] and server.stats["evicted_episodes"] == 1
@@ -696,16 +735,33 @@ def test_request_timeout(np_rng):
 
 def test_client_timeout_covers_sending(np_rng):
     """With the server's event loop frozen, a frame larger than the socket buffers cannot be sent: the
-    client's timeout bounds the send, and the next call reconnects."""
-    with PolicyServer(HistoryPolicy()) as server, PolicyClient(server.url, timeout=0.5) as client:
+    client's timeout bounds the send, and the next call reconnects.
+
+    The loop stays frozen until the call has been timed, so that nothing but the client's timeout can end
+    the send: without it the call would last the whole freeze (30 s), ten times the bound. Only that call
+    has the short timeout; the calls around it must succeed, however loaded the machine."""
+    with PolicyServer(HistoryPolicy()) as server, PolicyClient(server.url, timeout=20) as client:
         client.reset("hold still")
         f0 = _frame(np_rng)
         client.act(f0)
-        server._loop.call_soon_threadsafe(time.sleep, 1.5)  # a frozen event loop: nothing is read
-        t0 = time.monotonic()
-        with pytest.raises(TimeoutError, match="could not send the request .* within 0.5 s.*next call reconnects"):
-            client.act(_frame(np_rng, 2400, 2400))  # 17 MB
-        assert time.monotonic() - t0 < 1.2
+        big = _frame(np_rng, 2400, 2400)  # 17 MB
+        frozen, thaw = threading.Event(), threading.Event()
+
+        def freeze():
+            frozen.set()
+            thaw.wait(30)
+
+        server._loop.call_soon_threadsafe(freeze)  # a frozen event loop: nothing is read
+        try:
+            assert frozen.wait(10)
+            client.timeout = 0.5
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError, match="could not send the request .* within 0.5 s.*next call reconnects"):
+                client.act(big)
+            assert time.monotonic() - t0 < 3.0
+        finally:
+            thaw.set()
+        client.timeout = 20
         # Once the server has read what the old connection sent (and its end), the episode is the new one's.
         _wait_for(lambda: server.health()["connections"] == 0)
         f1 = _frame(np_rng)
