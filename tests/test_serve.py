@@ -1353,3 +1353,27 @@ def test_slot_policy_rows_follow_their_slots_whatever_the_arrival_order(np_rng):
     np.testing.assert_allclose(out[0][:, [0, 1]], np.broadcast_to([fb2.mean(), fb1.mean()], (K, 2)), rtol=1e-6)
     np.testing.assert_allclose(out[1][:, [0, 1]], np.broadcast_to([fa2.mean(), fa1.mean()], (K, 2)), rtol=1e-6)
     assert server.stats["history_resets"] == 0
+
+
+def test_connections_beyond_the_limit_are_refused_with_the_reason():
+    """Each connection may hold a request of up to the payload limit: without a cap, a thousand robots (or a
+    misbehaving script) held gigabytes. One connection over --max-connections is refused at its handshake,
+    and the client says why; once one closes, another is let in, and health checks still answer."""
+    with PolicyServer(HistoryPolicy(), max_connections=2) as server:
+        first, second = PolicyClient(server.url), PolicyClient(server.url)
+        try:
+            _wait_for(lambda: server.health()["connections"] == 2)
+            with pytest.raises(ConnectionError, match=r"refused the connection: .*2 connections open.*--max-conn"):
+                PolicyClient(server.url)
+            assert health(server.url)["stats"]["refused_connections"] == 1
+            first.close()
+            _wait_for(lambda: server.health()["connections"] == 1)
+            with PolicyClient(server.url) as third:
+                third.reset("hold still")
+                assert third.act(np.zeros((8, 8, 3), np.uint8)).shape == (K, D)
+            assert second.metadata()["server"]["max_connections"] == 2
+        finally:
+            first.close()
+            second.close()
+    with pytest.raises(ValueError, match="max_connections must be an integer >= 1"):
+        PolicyServer(HistoryPolicy(), max_connections=0)

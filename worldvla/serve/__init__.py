@@ -88,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ping each connection every this many seconds and drop one that has not answered "
                              "within as long again, so that a robot whose network went silent (no close) stops "
                              "holding its episode ids and the batches within twice this (default: %(default)s)")
+    parser.add_argument("--max-connections", type=positive_int, default=64,
+                        help="connections open at once (each may hold a request of up to --max-payload-mb); one more "
+                             "is refused at its handshake with the reason (default: %(default)s)")
     parser.add_argument("--no-pad-batches", action="store_true",
                         help="call the policy with the exact batch size instead of padding to a power of two")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up policy calls before serving")
@@ -116,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     server = PolicyServer(policy, args.host, args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                           max_queue=args.max_queue, max_payload_mb=args.max_payload_mb,
                           request_timeout_s=args.timeout_s, max_episodes=args.max_episodes,
-                          pad_batches=not args.no_pad_batches, keepalive_s=args.keepalive_s)
+                          pad_batches=not args.no_pad_batches, keepalive_s=args.keepalive_s,
+                          max_connections=args.max_connections)
     if not args.no_warmup:
         server.warmup()
 

@@ -28,7 +28,7 @@ class PolicyServerError(RuntimeError):
 
 
 def _connect(url: str, open_timeout: float, max_size: int):
-    from websockets.exceptions import InvalidHandshake
+    from websockets.exceptions import InvalidHandshake, InvalidStatus
     from websockets.sync.client import connect
 
     kwargs = dict(open_timeout=open_timeout, max_size=max_size, compression=None, close_timeout=5)
@@ -42,7 +42,13 @@ def _connect(url: str, open_timeout: float, max_size: int):
     except OSError as e:
         raise ConnectionError(f"cannot connect to the policy server at {url}: {e}; is `worldvla serve` "
                               "running there?") from e
-    except InvalidHandshake as e:  # InvalidMessage, InvalidStatus: something else listens on that port
+    except InvalidStatus as e:
+        if e.response.status_code == 503:  # the server's own refusal (its connection limit), with its reason
+            reason = e.response.body.decode(errors="replace").strip()
+            raise ConnectionError(f"the policy server at {url} refused the connection: {reason}") from e
+        raise ConnectionError(f"{url} did not answer as a WebSocket server ({type(e).__name__}: {e}); is that "
+                              "the host and port of `worldvla serve`?") from e
+    except InvalidHandshake as e:  # InvalidMessage: something else listens on that port
         raise ConnectionError(f"{url} did not answer as a WebSocket server ({type(e).__name__}: {e}); is that "
                               "the host and port of `worldvla serve`?") from e
 

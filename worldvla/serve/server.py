@@ -147,14 +147,18 @@ class PolicyServer:
     one that has not answered within `keepalive_s` more, so a robot whose network went
     silent (no close, no FIN) stops counting within 2 x `keepalive_s`: batches stop
     waiting for it and another connection may take its episodes over.
+
+    `max_connections`: connections open at once. Each may have a request of up to
+    `max_payload_mb` in flight, so this bounds the memory requests can hold; one more is
+    refused at its handshake (HTTP 503, which `PolicyClient` reports with the reason).
     """
 
     def __init__(self, policy, host: str = "127.0.0.1", port: int = 0, *, max_batch: int = 8,
                  max_wait_ms: float = 5.0, max_queue: int = 64, max_payload_mb: float = 16.0,
                  request_timeout_s: float = 60.0, max_episodes: int = 256, drain_timeout_s: float | None = None,
-                 pad_batches: bool = True, keepalive_s: float = 5.0):
+                 pad_batches: bool = True, keepalive_s: float = 5.0, max_connections: int = 64):
         for name, value, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
-                                ("max_episodes", max_episodes, 1)):
+                                ("max_episodes", max_episodes, 1), ("max_connections", max_connections, 1)):
             if not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
         for name, value in (("max_wait_ms", max_wait_ms), ("max_payload_mb", max_payload_mb),
@@ -173,6 +177,7 @@ class PolicyServer:
         self.max_payload_bytes = int(max_payload_mb * 2**20)
         self.request_timeout_s = float(request_timeout_s)
         self.max_episodes = max_episodes
+        self.max_connections = max_connections
         self.keepalive_s = float(keepalive_s)
         self.drain_timeout_s = float(drain_timeout_s) if drain_timeout_s is not None else self.request_timeout_s + 5.0
 
@@ -201,7 +206,8 @@ class PolicyServer:
 
         self.stats = {"act_requests": 0, "act_ok": 0, "errors": 0, "batches": 0, "policy_calls": 0,
                       "batched_requests": 0, "max_batch_seen": 0, "busy_rejections": 0, "timeouts": 0,
-                      "policy_failures": 0, "history_resets": 0, "resets": 0, "evicted_episodes": 0, "padded_rows": 0}
+                      "policy_failures": 0, "history_resets": 0, "resets": 0, "evicted_episodes": 0, "padded_rows": 0,
+                      "refused_connections": 0}
         self._episodes: OrderedDict = OrderedDict()
         self._layout: list | None = None  # episodes bound to the policy's slots (policies without `history`)
         self._last_reset: tuple | None = None
@@ -416,6 +422,13 @@ class PolicyServer:
             del response.headers["Content-Type"]
             response.headers["Content-Type"] = "application/json"
             return response
+        if len(self._open) >= self.max_connections:
+            self.stats["refused_connections"] += 1
+            log.warning("refused a connection from %s: %d connections are open, the limit", connection.remote_address,
+                        len(self._open))
+            return connection.respond(503, f"the policy server has {len(self._open)} connections open, its limit "
+                                           "(--max-connections): close one, or start the server with a higher "
+                                           "--max-connections\n")
         return None  # a WebSocket handshake (websockets answers 426 to anything else)
 
     async def _handler(self, ws) -> None:
@@ -521,7 +534,7 @@ class PolicyServer:
                 "server": {"max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms,
                            "max_queue": self.max_queue, "max_payload_mb": self.max_payload_bytes / 2**20,
                            "request_timeout_s": self.request_timeout_s, "max_episodes": self.max_episodes,
-                           "keepalive_s": self.keepalive_s,
+                           "max_connections": self.max_connections, "keepalive_s": self.keepalive_s,
                            "policy_batch_sizes": self.batch_sizes if self.pad_batches else None,
                            "resize": "bilinear to image_size, no crop"}}
 
