@@ -554,20 +554,14 @@ def gloo_threads():
 
 def _traced_worker(rank, fn, *args):
     """A worker that prints every thread's Python stack if it dies by a signal (a native abort says nothing
-    else about where it happened), and that leaves without the interpreter's teardown once `fn` has returned.
-
-    torch keeps some destroyed Gloo groups alive from C++ (after FSDP micro-steps that are empty on a rank,
-    `dist_utils.shutdown` cannot release them), and one of their threads releasing a finished collective's
-    tensor during the teardown aborts the process. What the tests check is on disk by then."""
+    else about where it happened), and that checks, once `fn` has left the group (`dist_utils.shutdown`),
+    that the group went with its Gloo threads: one left running into the interpreter's exit could abort the
+    process there, now and then, after everything had passed."""
     import faulthandler
-    import os
-    import sys
 
     faulthandler.enable(all_threads=True)
     fn(rank, *args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    assert not gloo_threads(), gloo_threads()
 
 
 def _spawn(fn, world, args, timeout_s=100):
@@ -641,9 +635,6 @@ def _fsdp_init_worker(rank, world, init_file, store, init, out):
             trainer.train(args_for(store, out + "-bad", *FSDP_COMMON, "--init", init + "-other-vocab", "--no-export"))
     finally:
         dist_utils.shutdown()
-    # The group went with its worker threads: DTensor's caches had kept it, and a thread left running into the
-    # interpreter's exit aborted the process now and then.
-    assert not gloo_threads(), gloo_threads()
 
 
 def test_fsdp_init_is_read_by_rank_0_alone_and_matches_a_single_process(store_dir, tmp_path):
@@ -727,6 +718,7 @@ def _class_weight_dtype_worker(rank, world, init_file):
         assert seen and seen[-1].dtype == torch.float32, seen[-1].dtype
         assert torch.equal(seen[-1], cw)
     finally:
+        model = None  # the sharded model holds the group: it goes first (shutdown frees what nothing holds)
         dist_utils.shutdown()
 
 

@@ -69,12 +69,18 @@ def shutdown() -> None:
     if not is_distributed():
         return
     dist.destroy_process_group()
+    _meshes_forget_their_groups()
+    gc.collect()
+
+
+def _meshes_forget_their_groups() -> None:
+    # A function of its own: a loop variable left in shutdown's frame, on the last object gc lists (a finished
+    # run's FSDP hook dict, whose closures reach the group), kept that model and the group through the collection.
     from torch.distributed.device_mesh import DeviceMesh
 
     for obj in gc.get_objects():
         if DeviceMesh in type(obj).__mro__:  # not isinstance: DeviceMesh's metaclass hooks it
             getattr(obj, "_pg_registry", {}).clear()
-    gc.collect()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
