@@ -42,13 +42,10 @@ def _connect(url: str, open_timeout: float, max_size: int):
     except OSError as e:
         raise ConnectionError(f"cannot connect to the policy server at {url}: {e}; is `worldvla serve` "
                               "running there?") from e
-    except InvalidStatus as e:
-        if e.response.status_code == 503:  # the server's own refusal (its connection limit), with its reason
+    except InvalidHandshake as e:  # InvalidMessage, InvalidStatus: something else listens on that port,
+        if isinstance(e, InvalidStatus) and e.response.status_code == 503:  # or the server refused (its limit)
             reason = e.response.body.decode(errors="replace").strip()
             raise ConnectionError(f"the policy server at {url} refused the connection: {reason}") from e
-        raise ConnectionError(f"{url} did not answer as a WebSocket server ({type(e).__name__}: {e}); is that "
-                              "the host and port of `worldvla serve`?") from e
-    except InvalidHandshake as e:  # InvalidMessage: something else listens on that port
         raise ConnectionError(f"{url} did not answer as a WebSocket server ({type(e).__name__}: {e}); is that "
                               "the host and port of `worldvla serve`?") from e
 
