@@ -734,7 +734,7 @@ def _dispatched_linear(x: Tensor, weight: Tensor) -> Tensor:
     """`linear` as the dispatcher hands it out. A forward resolves the op once, on its first projection: a later
     one the kernel cannot take (a weight or input that needs gradients, an adapter or an unfrozen layer further
     in: the kernel is forward-only; a weight of another layout or dtype) goes through torch's."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if not _no_grad_needed(x, weight):
         return F.linear(x, weight)
     if not (weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(1) == 1 and weight.is_cpu) \
             and not _passes(_check_linear, x, weight):
@@ -958,7 +958,7 @@ def _dispatched_decoder_layer(layer, x: Tensor, cos: Tensor, sin: Tensor, ctx, i
     modules instead of failing. Anything else wrong (the cache, the metadata, the layer index) is refused as
     `decoder_layer` refuses it."""
     w = _layer_weights(layer)
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in w)) or not all(t.is_contiguous() for t in w):
+    if not _no_grad_needed(*w) or not all(t.is_contiguous() for t in w):
         from .decoder import decoder_layer_ref
         return decoder_layer_ref(layer, x, cos, sin, ctx, index)
     return decoder_layer(layer, x, cos, sin, ctx, index)
