@@ -238,7 +238,7 @@ def test_cli_refuses_bad_counts_naming_the_option(option, value, tmp_path, capsy
 @pytest.mark.parametrize("option,value", [
     ("--beta", "nan"), ("--min-lr", "nan"), ("--lr", "inf"), ("--l1", "nan"), ("--l2", "-1"),
     ("--restart-threshold", "nan"), ("--usage-decay", "nan"), ("--usage-decay", "1.5"), ("--grad-clip", "-1"),
-    ("--weight-decay", "inf"), ("--beta1", "nan"), ("--beta2", "inf")])
+    ("--weight-decay", "inf"), ("--beta1", "nan"), ("--beta2", "inf"), ("--beta1", "1.0"), ("--beta2", "-0.1")])
 def test_cli_refuses_non_finite_and_out_of_range_floats_naming_the_option(option, value, tmp_path, capsys):
     """`--beta nan` and `--min-lr nan` trained to a loss of nan (and exported it) with exit 0."""
     from worldvla.cli import main

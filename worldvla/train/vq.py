@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cli import finite_float, non_negative_float, non_negative_int, positive_int, unit_float
+from ..cli import non_negative_float, non_negative_int, positive_int, unit_float, unit_open_float
 from ..tokens.layout import VocabLayout
 from . import distributed as dist_utils
 from .checkpointing import (add_run_arguments, latest_checkpoint, load_checkpoint, prepare_run_dir, resume_point,
@@ -339,8 +339,8 @@ def add_arguments(p) -> None:
                    help="learning rate at the end of the cosine decay, at most --lr (default: --lr / 10; a resumed "
                         "run keeps its own)")
     p.add_argument("--warmup", type=non_negative_int, default=100, help="warm-up steps (default: %(default)s)")
-    p.add_argument("--beta1", type=finite_float, default=0.5, help="AdamW beta1, in [0, 1) (default: %(default)s)")
-    p.add_argument("--beta2", type=finite_float, default=0.9, help="AdamW beta2, in [0, 1) (default: %(default)s)")
+    p.add_argument("--beta1", type=unit_open_float, default=0.5, help="AdamW beta1, in [0, 1) (default: %(default)s)")
+    p.add_argument("--beta2", type=unit_open_float, default=0.9, help="AdamW beta2, in [0, 1) (default: %(default)s)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0,
                    help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--grad-clip", type=non_negative_float, default=1.0,
