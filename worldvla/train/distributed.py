@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,9 @@ def init(device: str | None = None, init_method: str | None = None, rank_: int |
     return dev
 
 
+_meshes: weakref.WeakSet = weakref.WeakSet()  # the device meshes shard_model made (shutdown empties them)
+
+
 def shutdown() -> None:
     """Leave the process group, and let the group itself go while Python still runs.
 
@@ -69,18 +73,9 @@ def shutdown() -> None:
     if not is_distributed():
         return
     dist.destroy_process_group()
-    _meshes_forget_their_groups()
+    for mesh in list(_meshes):
+        getattr(mesh, "_pg_registry", {}).clear()
     gc.collect()
-
-
-def _meshes_forget_their_groups() -> None:
-    # A function of its own: a loop variable left in shutdown's frame, on the last object gc lists (a finished
-    # run's FSDP hook dict, whose closures reach the group), kept that model and the group through the collection.
-    from torch.distributed.device_mesh import DeviceMesh
-
-    for obj in gc.get_objects():
-        if DeviceMesh in type(obj).__mro__:  # not isinstance: DeviceMesh's metaclass hooks it
-            getattr(obj, "_pg_registry", {}).clear()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -109,7 +104,9 @@ def shard_model(model, mixed_precision: torch.dtype | None = None, reshard_after
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    kw = {"reshard_after_forward": reshard_after_forward, "mesh": init_device_mesh(device_type, (world_size(),))}
+    mesh = init_device_mesh(device_type, (world_size(),))
+    _meshes.add(mesh)
+    kw = {"reshard_after_forward": reshard_after_forward, "mesh": mesh}
     root_kw = dict(kw)
     if mixed_precision is not None:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
