@@ -315,22 +315,9 @@ def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True)
 
 def _read_on_rank_0(file: Path):
     """Rank 0's copy of a checkpoint file that rank 0 alone reads (the others get {} and their shards by
-    broadcast). Under FSDP every rank learns whether rank 0 could read it, and a refusal ends every rank with
-    its reason: the others would otherwise wait in the broadcast until the process group timed out."""
-    if not dist_utils.is_distributed():
-        return _read_part(file)
-    data, failure = {}, None
-    if dist_utils.is_main():
-        try:
-            data = _read_part(file)
-        except (ValueError, OSError) as err:
-            failure = err
-    reason = dist_utils.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
-    if failure is not None:
-        raise failure
-    if reason is not None:
-        raise RuntimeError(f"rank 0 could not read {file}: {reason}")
-    return data
+    broadcast); a refusal ends every rank with its reason (`dist_utils.on_rank_0`)."""
+    data, _ = dist_utils.on_rank_0(lambda: _read_part(file), f"read {file}")
+    return {} if data is None else data
 
 
 def _read_part(file: Path):

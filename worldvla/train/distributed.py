@@ -93,6 +93,31 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def on_rank_0(fn, what: str, share=lambda result: None):
+    """(fn()'s result, share(result)) where rank 0 alone runs `fn` (a read every rank needs only rank 0 to do):
+    the other ranks get (None, share(result) broadcast from rank 0). Under several ranks every rank learns
+    whether rank 0 succeeded, and its failure ends every rank with its reason (the others would otherwise wait
+    in the next collective until the group timed out): rank 0 raises it, the others RuntimeError("rank 0 could
+    not {what}: ..."). In one process, plainly (fn(), share(fn()))."""
+    if not is_distributed():
+        result = fn()
+        return result, share(result)
+    result, failure, shared = None, None, None
+    if is_main():
+        try:
+            result = fn()
+            shared = share(result)
+        except Exception as err:
+            failure = err
+    sent = broadcast_object(("failed", f"{type(failure).__name__}: {failure}") if failure is not None
+                            else ("ok", shared))
+    if failure is not None:
+        raise failure
+    if sent[0] == "failed":
+        raise RuntimeError(f"rank 0 could not {what}: {sent[1]}")
+    return result, sent[1]
+
+
 def shard_model(model, mixed_precision: torch.dtype | None = None, reshard_after_forward: bool = True,
                 device_type: str = "cpu"):
     """FSDP2: shard every decoder layer, then the root (embeddings, final norm, lm_head), over the ranks'

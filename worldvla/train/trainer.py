@@ -213,32 +213,19 @@ def _init_model(args, layout, device, fsdp: bool, mixed_precision, attention: st
     from ..model import WorldVLA
     from .checkpointing import load_full_model_state
 
-    loaded, failure = None, None
-    if not fsdp or dist_utils.is_main():
-        try:
-            loaded = WorldVLA.from_pretrained(args.init, device="cpu", dtype=torch.float32)
-            if loaded.config.vocab_size != layout.vocab_size:
-                raise ValueError(f"--init model has {loaded.config.vocab_size} vocabulary entries, the store's "
-                                 f"layout {layout.vocab_size}")
-            if args.max_positions and args.max_positions != loaded.config.max_position_embeddings:
-                raise ValueError(f"--max-positions {args.max_positions} sizes a model built from --config; the "
-                                 f"--init model keeps its checkpoint's {loaded.config.max_position_embeddings} "
-                                 f"(drop the option)")
-        except Exception as err:
-            if not fsdp:
-                raise
-            failure = err
-    if fsdp:  # the other ranks learn rank 0's config, or that it failed (they would wait for it otherwise)
-        mine = None if loaded is None and failure is None else (
-            f"{type(failure).__name__}: {failure}" if failure is not None else loaded.config)
-        shared = dist_utils.broadcast_object(mine)
-        if failure is not None:
-            raise failure
-        if isinstance(shared, str):
-            raise RuntimeError(f"rank 0 could not load --init {args.init}: {shared}")
-        cfg = shared
-    else:
-        cfg = loaded.config
+    def load():
+        model = WorldVLA.from_pretrained(args.init, device="cpu", dtype=torch.float32)
+        if model.config.vocab_size != layout.vocab_size:
+            raise ValueError(f"--init model has {model.config.vocab_size} vocabulary entries, the store's "
+                             f"layout {layout.vocab_size}")
+        if args.max_positions and args.max_positions != model.config.max_position_embeddings:
+            raise ValueError(f"--max-positions {args.max_positions} sizes a model built from --config; the "
+                             f"--init model keeps its checkpoint's {model.config.max_position_embeddings} "
+                             f"(drop the option)")
+        return model
+
+    # Under FSDP the other ranks learn rank 0's config, or that it failed (they would wait for it otherwise).
+    loaded, cfg = dist_utils.on_rank_0(load, f"load --init {args.init}", share=lambda model: model.config)
     cfg.layout = layout.to_dict()
     cfg.attention = attention
     cfg.dropout = args.dropout  # the fine-tuning's, recorded with the model it trains
