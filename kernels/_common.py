@@ -93,6 +93,25 @@ def load_f32(ptrs, mask, UPCAST: tl.constexpr):
     return x
 
 
+@triton.jit
+def chunk_visible(q_pos, k_pos, k_valid, kv_block, q_limit):
+    """The chunk rule (worldvla.mask) on broadcast operands: a key is visible to a query when it does not come
+    after it, lies inside the sequence, and its action-block ordinal is not below the query's limit."""
+    return (k_pos <= q_pos) & k_valid & (kv_block >= q_limit)
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
+    """One key tile of the online softmax, in base 2: scores `s` [M, N] (scaled by log2(e), -inf where hidden),
+    values `v` [N, D]. Returns the running max, denominator and unnormalized output after the tile."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
 def store_dtype(dtype: torch.dtype) -> torch.dtype:
     """Buffer dtype a kernel writes for a result of `dtype`: the interpreter's fp32 -> bf16
     conversion is not round-to-nearest, so there bf16 results are written in fp32 and cast by torch."""

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (BIG, INTERPRET, check_device, check_dtype, dot_precision, head_block,
-                      last_dim_contiguous, load_f32, store_dtype)
+from ._common import (BIG, INTERPRET, check_device, check_dtype, chunk_visible, dot_precision, head_block,
+                      last_dim_contiguous, load_f32, online_softmax_step, store_dtype)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -154,14 +154,9 @@ def _fwd_tile(q, ql, offs_m, m_i, l_i, acc, k_base, v_base, s_kt, s_vt, KVB, sta
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
     if MASKED:
         kvb = tl.load(KVB + start + offs_n, mask=n_valid, other=BIG)
-        allowed = (offs_n[None, :] <= offs_m[:, None]) & n_valid[None, :] & (kvb[None, :] >= ql[:, None])
+        allowed = chunk_visible(offs_m[:, None], offs_n[None, :], n_valid[None, :], kvb[None, :], ql[:, None])
         s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return m_new, l_i, acc
+    return online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
 
 
 @triton.jit
@@ -250,7 +245,7 @@ def _dkdv_tile(k, v, kvb, offs_n, n_valid, dk, dv, q_base, do_base, s_qt, s_dt, 
     p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2 - lse[None, :])  # [N, M]
     if MASKED:
         ql = tl.load(QL + start + offs_m, mask=m_valid, other=-1)
-        allowed = (offs_n[:, None] <= offs_m[None, :]) & n_valid[:, None] & (kvb[:, None] >= ql[None, :])
+        allowed = chunk_visible(offs_m[None, :], offs_n[:, None], n_valid[:, None], kvb[:, None], ql[None, :])
         p_t = tl.where(allowed, p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -321,7 +316,7 @@ def _dq_tile(q, do, lse, delta, ql, offs_m, dq, k_base, v_base, s_kt, s_vt, KVB,
     p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2 - lse[:, None])
     if MASKED:
         kvb = tl.load(KVB + start + offs_n, mask=n_valid, other=BIG)
-        allowed = (offs_n[None, :] <= offs_m[:, None]) & n_valid[None, :] & (kvb[None, :] >= ql[:, None])
+        allowed = chunk_visible(offs_m[:, None], offs_n[None, :], n_valid[None, :], kvb[None, :], ql[:, None])
         p = tl.where(allowed, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])

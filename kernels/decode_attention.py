@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BIG, INTERPRET, check_device, check_dtype, dot_precision, head_block,
-                      last_dim_contiguous, load_f32, store_dtype)
+from ._common import (BIG, INTERPRET, check_device, check_dtype, chunk_visible, dot_precision, head_block,
+                      last_dim_contiguous, load_f32, online_softmax_step, store_dtype)
 
 LOG2E = 1.4426950408889634
 
@@ -69,14 +69,9 @@ def _split_kernel(Q, K, V, O, OP, LSEP, QPOS, QLIM, KVB, KVLEN,
         v = load_f32(v_base + offs_n[:, None] * s_vs + offs_d[None, :], kv_mask, UPCAST)
         kvb = tl.load(KVB + b64 * S + offs_n, mask=n_valid, other=BIG)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        allowed = (offs_n[None, :] <= qpos[:, None]) & n_valid[None, :] & (kvb[None, :] >= qlim[:, None])
+        allowed = chunk_visible(qpos[:, None], offs_n[None, :], n_valid[None, :], kvb[None, :], qlim[:, None])
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     if SINGLE:
