@@ -712,6 +712,39 @@ def test_an_unknown_task_is_named_before_any_closed_loop_runs(tmp_path, monkeypa
     assert calls == [] and not (tmp_path / "o").exists()
 
 
+def test_every_entry_point_names_an_unknown_task_the_same_way(monkeypatch):
+    """The env, `collect`, the demo and `eval` each refused unknown tasks with a message of their own (one with
+    close matches, three with all 50 names); they share `worldvla.sim.check_tasks` now."""
+    import sys
+
+    from worldvla import demo, sim
+    from worldvla.data.collect import _parse_tasks
+    from worldvla.eval import metaworld as mw
+    from worldvla.sim import metaworld_env
+
+    monkeypatch.setitem(sys.modules, "metaworld", None)  # every name is checked before the simulator loads
+    close = "unknown Meta-World task 'raech-v3' (did you mean reach-v3, reach-wall-v3 or drawer-close-v3?); "
+    calls = [lambda: metaworld_env.MetaWorldEnv("raech-v3"), lambda: sim.make_env("raech-v3"),
+             lambda: metaworld_env._check_task("raech-v3"), lambda: _parse_tasks("raech-v3"),
+             lambda: _parse_tasks(["raech-v3", "raech-v3"]), lambda: demo.DemoConfig(tasks=("raech-v3",)).check(),
+             lambda: mw.check_tasks(["raech-v3"]), lambda: sim.check_tasks(["raech-v3"])]
+    msgs = []
+    for call in calls:
+        with pytest.raises(ValueError) as e:
+            call()
+        msgs.append(str(e.value))
+    assert all(m.startswith(close) and "the tasks are" not in m for m in msgs), msgs
+    assert msgs[0] == close + "nothing was run: fix the task name"
+    assert set(msgs[3:]) == {close + "nothing was run: fix --tasks"}
+    assert mw.check_tasks is sim.check_tasks and "check_tasks" in mw.__all__ and "check_tasks" in sim.__all__
+    with pytest.raises(ValueError, match=r"^no tasks given"):  # collect's own checks come first, as before
+        _parse_tasks(" , ")
+    with pytest.raises(ValueError, match=r"^no Meta-World tasks given; pass --tasks with some of: assembly-v3, "):
+        demo.DemoConfig(tasks=()).check()
+    assert _parse_tasks("reach-v3, push-v3,reach-v3") == ["reach-v3", "push-v3"]
+    assert _parse_tasks("all") == list(sim.TASKS)
+
+
 def test_mse_summary_of_identical_frames_and_refused_inputs():
     a = np.zeros((2, 8, 8, 3), np.uint8)
     b = np.full((2, 8, 8, 3), 10, np.uint8)

@@ -170,7 +170,7 @@ def test_bad_inputs(reach_env):
         reach_env.step(np.zeros(7))
     with pytest.raises(ValueError, match="NaN"):
         reach_env.step(np.array([0.0, np.nan, 0.0, 0.0]))
-    with pytest.raises(ValueError, match="unknown Meta-World task"):
+    with pytest.raises(ValueError, match=r"unknown Meta-World task 'reach-v2' \(did you mean reach-v3"):
         MetaWorldEnv("reach-v2")
     with pytest.raises(ValueError, match="unknown camera"):
         MetaWorldEnv("reach-v3", camera="front")
@@ -226,7 +226,8 @@ def test_episode_seeds_are_distinct_and_stable():
 
 @needs_sim
 def test_collect_rejects_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="unknown Meta-World task"):
+    with pytest.raises(ValueError, match=r"unknown Meta-World task 'fly-v3'; nothing was run: fix --tasks; the "
+                                         r"tasks are assembly-v3, "):
         collect(["reach-v3", "fly-v3"], 1, tmp_path)
     with pytest.raises(ValueError, match="n_episodes"):
         collect(["reach-v3"], 0, tmp_path)

@@ -71,11 +71,11 @@ class DemoConfig:
         return cls(**base)
 
     def check(self) -> None:
-        from .sim.metaworld_env import TASKS
+        from .sim.metaworld_env import TASKS, check_tasks
 
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown or not self.tasks:
-            raise ValueError(f"unknown or no Meta-World tasks {unknown}; pick from: {', '.join(sorted(TASKS))}")
+        if not self.tasks:
+            raise ValueError(f"no Meta-World tasks given; pass --tasks with some of: {', '.join(sorted(TASKS))}")
+        check_tasks(self.tasks, fix="--tasks")
         if self.image_size % 32 or self.image_size < 32:
             raise ValueError(f"--image-size must be a multiple of 32 (the resolution tokens count 32-px grids), "
                              f"got {self.image_size}; use 64 or 128")

@@ -121,16 +121,14 @@ def _worker_run(job: dict) -> dict:
 
 
 def _parse_tasks(tasks) -> list[str]:
-    from ..sim.metaworld_env import TASKS
+    from ..sim.metaworld_env import TASKS, check_tasks
 
     if isinstance(tasks, str):
         tasks = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
         raise ValueError("no tasks given; pass task names like 'reach-v3,push-v3' or 'all'")
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown Meta-World task(s) {unknown}; known tasks: {', '.join(sorted(TASKS))}")
+    check_tasks(tasks, fix="--tasks")
     return tasks
 
 

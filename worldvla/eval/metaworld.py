@@ -24,7 +24,6 @@ depend on their seeds alone) and runs only what is missing.
 from __future__ import annotations
 
 import argparse
-import difflib
 import hashlib
 import json
 import sys
@@ -38,6 +37,7 @@ import numpy as np
 
 from ..checkpoint import write_text_atomic
 from ..cli import non_negative_int, positive_int
+from ..sim.metaworld_env import check_tasks
 from .metrics import psnr, ssim, success_interval
 from .rollout import ChunkQuery
 
@@ -132,23 +132,6 @@ def check_execute(policy, execute: int | None, name: str = "the policy") -> None
     if execute > k:
         raise ValueError(f"--execute {execute} is more than the chunk size of {name} ({k} actions); give "
                          f"--execute {k} or less (or leave it out to run whole chunks)")
-
-
-def check_tasks(tasks) -> None:
-    """Refuse names that are not Meta-World tasks (`worldvla.sim.TASKS`), all of them in one error with the
-    closest valid names: before any work starts, not when the task's turn comes after the others ran."""
-    from ..sim import TASKS
-
-    unknown = [t for t in dict.fromkeys(tasks) if t not in TASKS]
-    if not unknown:
-        return
-    close = {t: difflib.get_close_matches(t, list(TASKS), n=3) for t in unknown}
-    named = ", ".join(f"{t!r} (did you mean {' or '.join(filter(None, [', '.join(c[:-1]), c[-1]]))}?)" if c
-                      else repr(t) for t, c in close.items())  # 'raech-v3' (did you mean a, b or c?)
-    msg = f"unknown Meta-World task{'s' * (len(unknown) > 1)} {named}; nothing was run: fix --tasks"
-    if not all(close.values()):
-        msg += f"; the tasks are {', '.join(sorted(TASKS))}"
-    raise ValueError(msg)
 
 
 def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: int | None = None,

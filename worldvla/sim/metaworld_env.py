@@ -8,6 +8,7 @@ frames, and the scripted expert for each task.
 from __future__ import annotations
 
 import atexit
+import difflib
 import os
 import sys
 import warnings
@@ -101,10 +102,25 @@ def _require_metaworld():
     return gymnasium, metaworld, mujoco
 
 
+def check_tasks(tasks, fix: str = "--tasks") -> None:
+    """Refuse names that are not Meta-World tasks (`TASKS`), all of them in one error with the closest valid
+    names: before any work starts, not when the task's turn comes after the others ran. `fix` names what the
+    user should change (an option such as "--tasks"); the full task list is added only when some name has
+    no close match."""
+    unknown = [t for t in dict.fromkeys(tasks) if t not in TASKS]
+    if not unknown:
+        return
+    close = {t: difflib.get_close_matches(t, list(TASKS), n=3) if isinstance(t, str) else [] for t in unknown}
+    named = ", ".join(f"{t!r} (did you mean {' or '.join(filter(None, [', '.join(c[:-1]), c[-1]]))}?)" if c
+                      else repr(t) for t, c in close.items())  # 'raech-v3' (did you mean a, b or c?)
+    msg = f"unknown Meta-World task{'s' * (len(unknown) > 1)} {named}; nothing was run: fix {fix}"
+    if not all(close.values()):
+        msg += f"; the tasks are {', '.join(sorted(TASKS))}"
+    raise ValueError(msg)
+
+
 def _check_task(task: str) -> None:
-    if task not in TASKS:
-        known = ", ".join(sorted(TASKS))
-        raise ValueError(f"unknown Meta-World task {task!r}; known tasks: {known}")
+    check_tasks([task], fix="the task name")
 
 
 class ExpertPolicy:
