@@ -633,6 +633,17 @@ def _fsdp_init_worker(rank, world, init_file, store, init, out):
         want = ValueError if rank == 0 else RuntimeError
         with pytest.raises(want, match="vocabulary entries"):
             trainer.train(args_for(store, out + "-bad", *FSDP_COMMON, "--init", init + "-other-vocab", "--no-export"))
+        # A run that fails after sharding (last: it leaves the group). Its traceback's frames hold the model,
+        # which holds the group: the group and its Gloo threads must still be gone once the command has
+        # failed, not only when the traceback is let go (possibly in the interpreter's exit).
+        def full_disk(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        trainer.save_checkpoint = full_disk
+        with pytest.raises(OSError, match="No space left") as failed:
+            trainer.run(args_for(store, out + "-failing", *FSDP_COMMON, "--no-export"))
+        assert failed.value.__traceback__ is not None and not dist_utils.is_distributed()
+        assert not gloo_threads(), gloo_threads()
     finally:
         dist_utils.shutdown()
 

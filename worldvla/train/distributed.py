@@ -5,9 +5,11 @@ torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `init(
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
+import traceback
 import weakref
 
 import torch
@@ -59,7 +61,9 @@ def init(device: str | None = None, init_method: str | None = None, rank_: int |
     return dev
 
 
-_meshes: weakref.WeakSet = weakref.WeakSet()  # the device meshes shard_model made (shutdown empties them)
+# The device meshes shard_model made, for shutdown to empty. By identity: meshes compare equal by their
+# layout, so a set would keep only the first of the equal meshes that runs in one process make.
+_meshes: list[weakref.ref] = []
 
 
 def shutdown() -> None:
@@ -73,9 +77,27 @@ def shutdown() -> None:
     if not is_distributed():
         return
     dist.destroy_process_group()
-    for mesh in list(_meshes):
-        getattr(mesh, "_pg_registry", {}).clear()
+    for ref in _meshes:
+        if (mesh := ref()) is not None:
+            getattr(mesh, "_pg_registry", {}).clear()
+    _meshes.clear()
     gc.collect()
+
+
+@contextlib.contextmanager
+def leave_group_after():
+    """The body of a command that may run under torchrun: however it ends, the process then leaves its group
+    (`shutdown`). Where it failed, the finished frames of its traceback are cleared first: they hold the
+    model, whose FSDP state holds the group, and the group's Gloo threads would otherwise outlive `shutdown`
+    for as long as the traceback does, into the interpreter's exit (the abort `shutdown` describes, after the
+    error was printed)."""
+    try:
+        yield
+    except BaseException as err:
+        traceback.clear_frames(err.__traceback__)
+        raise
+    finally:
+        shutdown()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -130,7 +152,7 @@ def shard_model(model, mixed_precision: torch.dtype | None = None, reshard_after
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(device_type, (world_size(),))
-    _meshes.add(mesh)
+    _meshes.append(weakref.ref(mesh))
     kw = {"reshard_after_forward": reshard_after_forward, "mesh": mesh}
     root_kw = dict(kw)
     if mixed_precision is not None:

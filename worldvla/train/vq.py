@@ -377,11 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    try:
+    with dist_utils.leave_group_after():
         s = train_vq(args)
         main = dist_utils.is_main()
-    finally:
-        dist_utils.shutdown()
     if main and s["losses"]:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}" + (f"; exported {s['export']}" if s["export"] else ""))
     elif main:  # a resumed run with nothing left to do
