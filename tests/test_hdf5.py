@@ -261,9 +261,10 @@ def test_a_damaged_dataset_is_named_with_what_to_do(tmp_path):
         read_demos(path)
 
 
-def test_files_read_as_libero_are_named_with_the_option_that_keeps_them(tmp_path, np_rng):
+def test_files_read_as_libero_are_named_with_the_option_that_keeps_them(tmp_path, np_rng, monkeypatch):
     """The files `iter_demos` rotates on its own are the ones `rotation_note` names, with the option to pass."""
-    from worldvla.data.hdf5 import looks_like_libero, rotation_note
+    from worldvla.data import hdf5
+    from worldvla.data.hdf5 import looks_like_libero, reading_record, rotation_note
 
     write_libero_like(tmp_path / "raw.hdf5", np_rng)
     with h5py.File(tmp_path / "regen.hdf5", "w") as f:  # regenerated: LIBERO's camera keys, no attributes
@@ -279,6 +280,13 @@ def test_files_read_as_libero_are_named_with_the_option_that_keeps_them(tmp_path
     assert "2 demo file(s) (raw.hdf5, regen.hdf5)" in note and "--rotate-180 no" in note and "\n" not in note
     assert rotation_note(files, rotate_180=True) is None and rotation_note(files[2:]) is None
     assert "--rotate-180 no" in rotation_note(files[:1], option="--rotate-180 no")
+    # The turns a caller has read already (a token store's reading records) give the same line, opening no file.
+    turns = [reading_record(f)["rotation"] for f in files]
+    monkeypatch.setattr(hdf5, "open_demo_file", lambda path: pytest.fail(f"{path} opened again"))
+    assert rotation_note(files, turns=turns) == note and rotation_note(files[2:], turns=turns[2:]) is None
+    assert rotation_note(files, rotate_180=False, turns=turns) is None
+    with pytest.raises(ValueError, match="3 turns for 4 files"):
+        rotation_note(files, turns=turns[1:])
 
 
 def test_libero_files_of_the_opencv_convention_are_mirrored_to_the_release_view(tmp_path, np_rng):

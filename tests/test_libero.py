@@ -184,6 +184,22 @@ def test_too_few_initial_states_are_refused_before_the_first_episode():
     assert envs[0].init_state is None  # no episode ran
 
 
+def test_each_tasks_initial_states_are_read_once():
+    """The initial states were read for the check before the first episode and again when the task came up
+    (LIBERO's suite loads them from a file each time); the episodes run from the ones checked."""
+    rng = np.random.default_rng()
+    read = []
+
+    class Counting(FakeSuite):
+        def init_states(self, task_id):
+            read.append(task_id)
+            return super().init_states(task_id)
+
+    envs = [FakeLiberoEnv(rng=rng), FakeLiberoEnv(rng=rng)]
+    libero.evaluate_suite(RecordingPolicy(k=2, rng=rng), Counting(envs, max_steps=3), episodes=2, progress=False)
+    assert read == [0, 1] and [e.init_state for e in envs] == ["state0-1", "state1-1"]
+
+
 def test_missing_libero_names_what_to_install(capsys):
     import importlib
 
@@ -433,3 +449,35 @@ def test_a_missing_libero_config_is_named_instead_of_prompting(fake_libero, tmp_
     (tmp_path / "cfg" / "config.yaml").write_text("bddl_files: /libero/bddl_files\n")
     suite = libero.LiberoSuite("libero_goal")
     assert suite.n_tasks == 10 and suite._bddl_root == "/libero/bddl_files" and fake_libero == []
+
+
+def test_eval_libero_checks_libero_once_before_the_policy_loads(fake_libero, tmp_path, monkeypatch):
+    """`run` checked LIBERO (installed, config file there) before the policy loaded, and its `LiberoSuite` checked
+    both again; they run once now, before the policy, and `LiberoSuite` alone still checks."""
+    import argparse
+    import sys
+    import types
+
+    from worldvla import inference
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.yaml").write_text("bddl_files: /libero/bddl_files\n")
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "cfg"))
+    events = []
+    check, import_module = libero._check_libero_config, libero.importlib.import_module
+    monkeypatch.setattr(libero, "_check_libero_config", lambda: events.append("config") or check())
+    monkeypatch.setattr(libero, "importlib", types.SimpleNamespace(
+        import_module=lambda name: events.append(f"import {name}") or import_module(name)))
+    monkeypatch.setattr(inference.WorldVLAPolicy, "from_pretrained",
+                        lambda *a, **k: events.append("policy") or RecordingPolicy())
+    monkeypatch.setattr(libero, "evaluate_suite", lambda policy, suite, **k: events.append(f"eval {suite.name}") or
+                        {"suite": suite.name, "success_rate": 0.0, "tasks": {}})
+    args = libero.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--policy", str(tmp_path / "p"), "--suite", "libero_goal", "--out", str(tmp_path / "out")])
+    assert libero.run(args) == 0
+    assert events == ["import libero", "config", "import libero.libero", "policy", "eval libero_goal"]
+    for name in [m for m in sys.modules if m == "libero" or m.startswith("libero.")]:
+        del sys.modules[name]  # a library user's first suite: checked as the CLI checks
+    events.clear()
+    assert libero.LiberoSuite("libero_goal").n_tasks == 10
+    assert events == ["import libero", "config", "import libero.libero"] and fake_libero == []

@@ -598,6 +598,37 @@ def test_an_older_folder_a_killed_save_set_aside_is_put_back(tmp_path):
     assert all(torch.equal(v, got[k]) for k, v in new.state_dict().items())
 
 
+@pytest.mark.skipif(os.name != "posix", reason="a killed process's pid is checked on POSIX only")
+def test_one_helper_removes_what_killed_saves_and_store_builds_left(tmp_path):
+    """replace_folder and build_store each had their own code for the temporary folders a killed process left,
+    named by its pid. One helper does both (`checkpoint.remove_stale`, on `sibling_name`'s names): a dead process's
+    folders are removed and a running one's kept; a model folder's set-aside older folder is put back while its
+    name is free; a token store's builds also remove this process's (an interrupted earlier call), and the names
+    its builds gave before (no hex part)."""
+    import re
+    import subprocess
+    import sys
+
+    from worldvla.checkpoint import remove_stale, sibling_name
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    beyond, live, me = 2 ** 22 + 12345, os.getppid(), os.getpid()  # 2**22 is Linux's largest pid_max
+    own = sibling_name(tmp_path / "ck", "tmp").name
+    assert re.fullmatch(rf"\.ck\.tmp-{me}-[0-9a-f]{{12}}", own)
+    names = [f".ck.tmp-{beyond}-0123456789ab", f".ck.old-{gone.pid}-0123456789ab", f".ck.tmp-{live}-0123456789ab",
+             own, f".shard_00000.tmp-{beyond}-0123456789ab", f".shard_00001.tmp-{gone.pid}",
+             f".shard_00002.tmp-{me}-0123456789ab", f".shard_00003.tmp-{live}-0123456789ab", "shard_00004"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(name)
+    remove_stale(tmp_path, re.escape("ck"), ("tmp", "old"), restore="old")
+    assert (tmp_path / "ck" / "f").read_text() == f".ck.old-{gone.pid}-0123456789ab"
+    remove_stale(tmp_path, r"shard_\d+", own=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        sorted([f".ck.tmp-{live}-0123456789ab", own, f".shard_00003.tmp-{live}-0123456789ab", "shard_00004", "ck"])
+
+
 def _names_and_weights(folder):
     return sorted(p.name for p in folder.iterdir()), WorldVLA.from_pretrained(folder).state_dict()
 

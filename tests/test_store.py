@@ -776,22 +776,32 @@ def test_a_demo_without_actions_is_named_by_file_and_demo(tmp_path):
             st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=5, world=world, progress=False)
 
 
-def test_temporary_shard_folders_of_killed_builds_are_removed(demo_dir, tmp_path):
-    """A build killed while writing a shard left .shard_00000.tmp-<pid> in the store for good. A rerun removes
-    those of processes that no longer run, and keeps a running build's."""
+def test_temporary_shard_folders_of_killed_builds_are_removed(demo_dir, tmp_path, monkeypatch):
+    """A build killed while writing a shard left .shard_00000.tmp-<pid>-<hex> (before `new_sibling`,
+    .shard_00000.tmp-<pid>) in the store for good. A rerun removes those of processes that no longer run and this
+    process's (an interrupted earlier call), and keeps a running build's. A build names its temporary folders as
+    `replace_folder` does (`checkpoint.new_sibling`), for the one helper that removes both (`remove_stale`)."""
+    import re
     import subprocess
     import sys
 
     folder, _ = demo_dir
+    renamed = []
+    replace = os.replace
+    monkeypatch.setattr(st.os, "replace", lambda src, dst: renamed.append(os.path.basename(src)) or replace(src, dst))
     out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    shard_tmps = [n for n in renamed if n.startswith(".shard_")]
+    assert shard_tmps and all(re.fullmatch(rf"\.shard_\d+\.tmp-{os.getpid()}-[0-9a-f]{{12}}", n) for n in shard_tmps)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    dead, live = out / f".shard_00000.tmp-{gone.pid}", out / f".shard_00001.tmp-{os.getppid()}"
-    for p in (dead, live):
+    dead = [out / f".shard_00000.tmp-{gone.pid}-0123456789ab", out / f".shard_00001.tmp-{2 ** 22 + 12345}",
+            out / f".shard_00002.tmp-{os.getpid()}-0123456789ab"]
+    live = out / f".shard_00001.tmp-{os.getppid()}-0123456789ab"
+    for p in (*dead, live):
         p.mkdir()
         (p / "tokens.npy").write_bytes(b"half")
     st.build_store(folder, out, tiny_vqgan(), chunk_size=K, progress=False)
-    assert not dead.exists() and live.is_dir()
+    assert not any(p.exists() for p in dead) and live.is_dir()
 
 
 def test_the_manifest_records_how_each_inputs_frames_were_turned(tmp_path, capsys):
@@ -813,6 +823,28 @@ def test_the_manifest_records_how_each_inputs_frames_were_turned(tmp_path, capsy
     assert rotation == {"gl.hdf5": "rotated_180", "cv.hdf5": "mirrored", "ours.hdf5": "none"}
     out = st.build_store(tmp_path / "d", tmp_path / "s2", tiny_vqgan(), chunk_size=2, rotate_180=True, progress=False)
     assert {r["rotation"] for r in st.TokenStore(out).manifest["inputs"]} == {"rotated_180"}
+
+
+def test_the_rotation_note_reuses_the_turns_the_inputs_records_read(tmp_path, capsys, monkeypatch):
+    """build_store read each input's turn for its manifest (`reading_record`) and then opened every file again for
+    the same turn to word the rotation note (`rotation_note` -> `frame_turn`); the note is made from the records."""
+    import h5py
+
+    from worldvla.data import hdf5
+
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    for name, convention in (("gl.hdf5", "opengl"), ("cv.hdf5", "opencv")):
+        path = _own_robot_file(tmp_path / "d" / name, rng.uniform(-1, 1, (4, 4)), frames)
+        with h5py.File(path, "a") as f:
+            f["data"].attrs["macros_image_convention"] = convention
+    write_demos(tmp_path / "d" / "ours.hdf5", [{"frames": frames, "actions": rng.uniform(-1, 1, (4, 4))}], "x")
+    want = hdf5.rotation_note(st.find_demo_files(tmp_path / "d"))
+    turned = []
+    frame_turn = hdf5.frame_turn
+    monkeypatch.setattr(hdf5, "frame_turn", lambda *a, **k: turned.append(a) or frame_turn(*a, **k))
+    st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=2, progress=False)
+    assert turned == [] and want in capsys.readouterr().out.splitlines()
 
 
 def test_libero_files_prompted_by_their_names_are_said_in_one_line(tmp_path, capsys):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import fnmatch
 import functools
-import glob
 import json
 import os
 import pickle
@@ -176,9 +175,16 @@ def write_text_atomic(path, text: str) -> None:
     write_atomic(Path(path), lambda p: Path(p).write_text(text))
 
 
-def _new_sibling(path: Path, tag: str) -> Path:
+def sibling_name(path: Path, tag: str) -> Path:
+    """`.{name}.{tag}-{pid}-{hex}` beside `path`: a hidden name no other write of `path` takes, which says the
+    process that writes it, so that `remove_stale` can tell a killed process's folder from a running one's."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(6)}")
+
+
+def new_sibling(path: Path, tag: str) -> Path:
+    """A new empty folder at `sibling_name(path, tag)`."""
     # mkdir, not mkdtemp: the folder becomes `path` itself and must get the umask's mode, not 0700
-    p = path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(6)}")
+    p = sibling_name(path, tag)
     p.mkdir()
     return p
 
@@ -199,27 +205,39 @@ def process_running(pid: int) -> bool:
     return True
 
 
-def _remove_stale_siblings(path: Path) -> None:
-    """Remove the `.{name}.tmp-<pid>-*` and `.{name}.old-<pid>-*` folders (a whole model each) that saves
-    killed partway (SIGKILL, an out-of-memory kill, a power loss) left beside `path`: those of processes that
-    no longer run; a running save's own are kept. An older folder set aside by a save killed between its two
-    renames (where the names cannot be exchanged in one step) is the only copy of the folder while `path` is
-    gone: it is renamed back to `path`, not removed."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-(\d+)-[0-9a-f]+")
+def _siblings(folder, name: str, tags) -> list[tuple[str, str, int, Path]]:
+    """(name, tag, pid, path) of each `sibling_name` folder in `folder` whose name fully matches the regular
+    expression `name` and whose tag is one of `tags`. The hex part may be missing: token-store builds before
+    `new_sibling` named their shard folders `.shard_<n>.tmp-<pid>`."""
+    tag_re = "|".join(map(re.escape, tags))
+    pattern = re.compile(rf"\.(?P<name>{name})\.(?P<tag>{tag_re})-(?P<pid>\d+)(?:-[0-9a-f]+)?")
     try:
-        entries = list(path.parent.iterdir())
+        entries = list(Path(folder).iterdir())
     except OSError:
-        return
-    stale = []
+        return []
+    found = []
     for p in entries:
         m = pattern.fullmatch(p.name)
-        if m and p.is_dir() and not p.is_symlink() and not process_running(int(m.group(2))):
-            stale.append((m.group(1), p))
-    set_aside = sorted((p for tag, p in stale if tag == "old"), key=lambda p: p.stat().st_mtime)
-    if set_aside and not os.path.lexists(path):
-        os.replace(set_aside[-1], path)
-        stale = [(tag, p) for tag, p in stale if p != set_aside[-1]]
-    for _, p in stale:
+        if m and p.is_dir() and not p.is_symlink():
+            found.append((m["name"], m["tag"], int(m["pid"]), p))
+    return found
+
+
+def remove_stale(folder, name: str, tags=("tmp",), *, own: bool = False, restore: str | None = None) -> None:
+    """Remove the `sibling_name` folders (of names matching the regular expression `name`, tags in `tags`) that
+    processes killed partway (SIGKILL, an out-of-memory kill, a power loss) left in `folder`: those of processes
+    that no longer run, and with `own` this process's too (an interrupted earlier call, for a caller that never
+    runs two at once); a running process's are kept. A folder tagged `restore` is an older one set aside by a
+    save killed between its two renames (where the names cannot be exchanged in one step): while its name is
+    free it is the only copy, so the newest is renamed back to its name, not removed."""
+    stale = [(n, tag, p) for n, tag, pid, p in _siblings(folder, name, tags)
+             if (own and pid == os.getpid()) or not process_running(pid)]
+    for n in {n for n, tag, _ in stale if tag == restore}:
+        if not os.path.lexists(Path(folder) / n):
+            newest = max((p for m, tag, p in stale if m == n and tag == restore), key=lambda p: p.stat().st_mtime)
+            os.replace(newest, Path(folder) / n)
+            stale = [s for s in stale if s[2] != newest]
+    for *_, p in stale:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -271,16 +289,16 @@ def replace_folder(path, write, keep=None) -> None:
     when `write` did not write them. The new folder is flushed to the disk before it is renamed in
     (`fsync_tree`). The older folder and the new one exchange their names in one step where Linux can
     (`_exchange`); elsewhere the older one is renamed aside first, and put back if the second rename
-    does not follow. Folders that killed saves left beside `path` are removed first
-    (`_remove_stale_siblings`)."""
+    does not follow. Folders that killed saves left beside `path` are removed first, and an older folder
+    such a save set aside is put back (`remove_stale`)."""
     path = Path(path)
     if path.is_symlink():  # replace the folder the link names, and keep the link
         path = path.resolve()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} is a file, not a folder; remove it or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_siblings(path)
-    tmp = _new_sibling(path, "tmp")
+    remove_stale(path.parent, re.escape(path.name), ("tmp", "old"), restore="old")
+    tmp = new_sibling(path, "tmp")
     aside = None  # where the older folder went, when it was renamed aside
     try:
         write(tmp)
@@ -291,7 +309,7 @@ def replace_folder(path, write, keep=None) -> None:
         fsync_tree(tmp)  # on the disk before its name is
         if not (path.exists() and _exchange(tmp, path)):  # exchanged: tmp now names the older folder
             if path.exists():
-                aside = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(6)}")
+                aside = sibling_name(path, "old")
                 os.replace(path, aside)
             os.replace(tmp, path)
         fsync_path(path.parent)
@@ -365,7 +383,7 @@ def check_folder(path, want: str) -> Path:
     error that says what it is (nothing there, a file, another kind of folder) and what to load instead."""
     folder = Path(path).expanduser()
     if not folder.exists():
-        aside = sorted(folder.parent.glob(f".{glob.escape(folder.name)}.old-*")) if folder.parent.is_dir() else []
+        aside = sorted(p for *_, p in _siblings(folder.parent, re.escape(folder.name), ("old",)))
         hint = (f"; a save there was stopped between its two renames and left the older folder at {aside[-1]}: "
                 f"rename it back to {folder.name} (the next save to {folder} does so)" if aside else "")
         raise FileNotFoundError(f"{folder}: no such folder (expected {_KINDS[want][0]}){hint}")

@@ -374,16 +374,23 @@ def _names(files) -> str:
     return ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
 
 
-def rotation_note(files, rotate_180: bool | None = None, option: str = "--rotate-180 no") -> str | None:
+def rotation_note(files, rotate_180: bool | None = None, option: str = "--rotate-180 no",
+                  turns=None) -> str | None:
     """One line naming the `files` whose frames `iter_demos` turns on its own (rotate_180=None, the files look like
     LIBERO's: `frame_turn`), which are rotated by 180 degrees and which mirrored, and `option`, which reads them as
     stored; None when it turns none. A file of one's own robot in LIBERO's layout would otherwise train a model on
-    upside-down frames, silently, while the policy at deployment takes frames as it is given them."""
+    upside-down frames, silently, while the policy at deployment takes frames as it is given them.
+    turns: the files' `frame_turn(f)`s, one per file, where the caller has them already (`reading_record`'s
+    `rotation`), so the files are not opened again for them."""
     if rotate_180 is not None:
         return None
-    turns = [(Path(f), frame_turn(f)) for f in files]
-    rotated = [f for f, t in turns if t == ROTATED_180]
-    mirrored = [f for f, t in turns if t == MIRRORED]
+    files = [Path(f) for f in files]
+    if turns is None:
+        turns = [frame_turn(f) for f in files]
+    elif len(turns) != len(files):
+        raise ValueError(f"rotation_note: {len(turns)} turns for {len(files)} files")
+    rotated = [f for f, t in zip(files, turns) if t == ROTATED_180]
+    mirrored = [f for f, t in zip(files, turns) if t == MIRRORED]
     if not (rotated or mirrored):
         return None
     said = []

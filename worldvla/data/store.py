@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import fsync_path, fsync_tree, process_running, read_json_file, write_atomic, write_text_atomic
+from ..checkpoint import (fsync_path, fsync_tree, new_sibling, read_json_file, remove_stale, write_atomic,
+                          write_text_atomic)
 from ..cli import non_negative_int, positive_int
 from ..devices import torch_device
 from ..tokens import IGNORE, ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
@@ -243,11 +243,10 @@ def demo_samples(builder: SequenceBuilder, codes: np.ndarray, actions: np.ndarra
 
 def _write_shard(folder: Path, samples) -> dict:
     """samples: list of (Sample, demo ordinal, j). Written to a temp folder, flushed to the disk and renamed
-    into place (a power loss leaves the shard whole or absent, never renamed in with empty files)."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    into place (a power loss leaves the shard whole or absent, never renamed in with empty files). The temp
+    folder is named by this process (`new_sibling`), so that a build killed before the rename leaves one that the
+    next build removes (`remove_stale`)."""
+    tmp = new_sibling(folder, "tmp")
     lengths = np.array([s.input_ids.numel() for s, _, _ in samples], dtype=np.int64)
     offsets = np.zeros(len(samples) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -416,21 +415,6 @@ def _instruction_lines(files, readings) -> list[str]:
     return lines
 
 
-_SHARD_TMP = re.compile(r"\.shard_\d+\.tmp-(\d+)")  # `_write_shard`'s temporary folder, named by its process
-
-
-def _remove_stale_shard_tmps(out: Path) -> None:
-    """Remove the temporary shard folders that builds killed before their rename left in `out`: those named by a
-    process that no longer runs, or by this one (an interrupted earlier call). Builds into one folder are not
-    refused, so another running build's folder is kept."""
-    if not out.is_dir():
-        return
-    for p in out.iterdir():
-        m = _SHARD_TMP.fullmatch(p.name)
-        if m and p.is_dir() and (int(m.group(1)) == os.getpid() or not process_running(int(m.group(1)))):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, tokenizer_json=None,
                 chunk_size: int = 5, history: int = 2, action: bool = True, world: bool = True,
                 bounds: str = "auto", demos_per_shard: int = 0, only_success: bool = True, camera=None,
@@ -456,7 +440,10 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     read = dict(camera=camera, rotate_180=rotate_180, drop_noops=drop_noops, instruction=instruction)
     settings.check()
     out = Path(out)
-    _remove_stale_shard_tmps(out)
+    # The temporary shard folders that builds killed before their rename left: those of processes that no longer
+    # run, or of this one (an interrupted earlier call). Builds into one folder are not refused, so another running
+    # build's folder is kept.
+    remove_stale(out, r"shard_\d+", own=True)
     files = find_demo_files(inputs)
     if action:
         _check_chunk_fits(files, chunk_size)
@@ -482,7 +469,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     first = next((d for f in files for d in iter_demos(f, **read)), None)
     if first is None:
         raise ValueError(f"none of the {len(files)} demo files holds a demo")
-    note = rotation_note(files, rotate_180)
+    note = rotation_note(files, rotate_180, turns=[r["rotation"] for r in readings])
     if note:
         print(note)
     for line in instruction_lines:

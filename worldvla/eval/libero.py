@@ -60,17 +60,30 @@ def _check_libero_config() -> None:
             "Then rerun this command.")
 
 
+def _require_libero() -> None:
+    """Import `libero.libero` (which reads LIBERO's config file on import), refusing first what would make that fail
+    or hang: LIBERO not installed (the install hint) or its config file missing (`_check_libero_config`). Checked
+    until it is imported, not after: `run` imports it before the policy loads, and its `LiberoSuite` finds it."""
+    if "libero.libero" in sys.modules:
+        return
+    try:
+        importlib.import_module("libero")  # the package alone: its libero.libero reads the config on import
+    except ImportError as e:
+        raise ImportError(f"{_INSTALL_HINT} ({e})") from e
+    _check_libero_config()
+    try:
+        importlib.import_module("libero.libero")
+    except ImportError as e:
+        raise ImportError(f"{_INSTALL_HINT} ({e})") from e
+
+
 class LiberoSuite:
     """One LIBERO benchmark suite: tasks, their fixed initial states and environments."""
 
     def __init__(self, name: str, resolution: int = 256):
         if name not in MAX_STEPS:
             raise ValueError(f"unknown LIBERO suite {name!r}; choose one of {', '.join(MAX_STEPS)}")
-        try:
-            importlib.import_module("libero")  # the package alone: its libero.libero reads the config on import
-        except ImportError as e:
-            raise ImportError(f"{_INSTALL_HINT} ({e})") from e
-        _check_libero_config()
+        _require_libero()
         try:
             from libero.libero import benchmark, get_libero_path
             from libero.libero.envs import OffScreenRenderEnv
@@ -239,8 +252,9 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
         raise ValueError("no LIBERO tasks to evaluate: --tasks names none")
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    # Checked before the first episode, not when the task comes up (possibly hours into the run).
-    short = {t: n for t in task_ids if (n := len(suite.init_states(t))) < episodes}
+    # Checked before the first episode, not when the task comes up (possibly hours into the run); read once, here.
+    states = {t: suite.init_states(t) for t in task_ids}
+    short = {t: len(s) for t, s in states.items() if len(s) < episodes}
     if short:
         raise ValueError(f"--episodes {episodes} needs as many initial states per task; "
                          + ", ".join(f"task {t} has {n}" for t, n in short.items()))
@@ -286,7 +300,7 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
                                                            errors[:start])
             if start == episodes:
                 continue
-            init_states = suite.init_states(task_id)
+            init_states = states[task_id]
             env = suite.make_env(task_id)
             try:
                 for ep in range(start, episodes):
@@ -357,11 +371,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:  # before LIBERO loads: the episodes (and GIFs) would go nowhere
         raise ValueError("--out names no folder: give --out FOLDER (the results are saved there after every episode)")
     try:
-        importlib.import_module("libero")
-    except ImportError:
-        print(f"worldvla eval-libero: {_INSTALL_HINT}", file=sys.stderr)
+        _require_libero()  # before the policy loads
+    except ImportError as e:
+        print(f"worldvla eval-libero: {e}", file=sys.stderr)
         return 2
-    _check_libero_config()  # before the policy loads
     from ..inference import WorldVLAPolicy
 
     tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
