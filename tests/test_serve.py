@@ -1151,13 +1151,85 @@ def test_client_checks_the_servers_protocol_version(np_rng, monkeypatch):
         client.act(_frame(np_rng))
         monkeypatch.setattr(server_mod, "PROTOCOL_VERSION", 2)  # a server of another worldvla version
         with pytest.raises(PolicyServerError, match=r"speaks protocol 2, this PolicyClient protocol 1: install the "
-                                                    r"same worldvla version"):
+                                                    r"same worldvla version") as refused:
             PolicyClient(server.url, timeout=10)
+        assert refused.value.__cause__.response.status_code == 400  # refused at the handshake
         client.close()
         client._ws = None  # lost: the next call reconnects, and checks again
         with pytest.raises(PolicyServerError, match="speaks protocol 2"):
             client.act(_frame(np_rng))
         assert server.stats["act_ok"] == 1
+
+
+def _count_metadata_requests(server) -> list:
+    served, metadata = [], server.metadata
+    server.metadata = lambda: served.append(1) or metadata()  # what the server answers a 'metadata' request with
+    return served
+
+
+def test_the_protocol_version_travels_in_the_handshake(np_rng, monkeypatch):
+    """Each new connection cost a metadata round trip before its first request (the version check): the
+    version now travels in the handshake, so a client asks nothing of its own, a client of another version is
+    refused there with the reason, and a client that states none (any msgpack client) is let in."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    import worldvla.serve.client as client_mod
+    from worldvla.serve.protocol import PROTOCOL_HEADER
+
+    with PolicyServer(HistoryPolicy()) as server:
+        served = _count_metadata_requests(server)
+        with PolicyClient(server.url, timeout=10) as client:
+            client.reset("wave")
+            client.act(_frame(np_rng))
+            client._ws.close()
+            client._ws = None  # lost: the next call reconnects, and checks the version again
+            client.act(_frame(np_rng))
+            assert served == [] and server.stats["act_ok"] == 2
+            assert client.metadata()["protocol"] == 1 and served == [1]
+        with _raw(server.url) as ws:  # a client that states no version; the server states its own
+            assert ws.response.headers[PROTOCOL_HEADER] == "1"
+            assert _ask(ws, packb({"type": "metadata"}))["protocol"] == 1
+        with pytest.raises(InvalidStatus) as refused:
+            connect(server.url, proxy=None, additional_headers={PROTOCOL_HEADER: "2"})
+        response = refused.value.response
+        assert response.status_code == 400 and response.headers[PROTOCOL_HEADER] == "1"
+        assert "this server speaks protocol 1, the client protocol 2 (WorldVLA-Protocol header)" in \
+            response.body.decode()
+        monkeypatch.setattr(client_mod, "PROTOCOL_VERSION", 2)  # a robot of a newer worldvla
+        with pytest.raises(PolicyServerError, match="speaks protocol 1, this PolicyClient protocol 2"):
+            PolicyClient(server.url, timeout=10)
+        assert served == [1, 1] and server.health()["connections"] == 0
+
+
+def test_a_server_that_states_no_protocol_version_is_asked_for_its_metadata(np_rng, monkeypatch):
+    """A server of an older worldvla neither checks nor states the version at the handshake: the client asks
+    for its metadata, as it did on each connection before, and still refuses a server of another version.
+    One that states another version, or an unreadable one, is refused without a request."""
+    import worldvla.serve.server as server_mod
+
+    with monkeypatch.context() as m:
+        m.setattr(server_mod, "PROTOCOL_HEADER", "X-Unread")  # an older server: no header it reads or sends
+        with PolicyServer(HistoryPolicy()) as server:
+            served = _count_metadata_requests(server)
+            with PolicyClient(server.url, timeout=10) as client:
+                assert served == [1]
+                client.reset("wave")
+                assert client.act(_frame(np_rng)).shape == (K, D)
+            m.setattr(server_mod, "PROTOCOL_VERSION", 2)
+            with pytest.raises(PolicyServerError, match=r"speaks protocol 2, this PolicyClient protocol 1"):
+                PolicyClient(server.url, timeout=10)
+            assert served == [1, 1]
+    for stated, shown in (("2", "2"), ("two", "'two'")):
+        with monkeypatch.context() as m:
+            m.setattr(PolicyServer, "_process_response",
+                      staticmethod(lambda conn, request, response: response.headers.update({"WorldVLA-Protocol":
+                                                                                             stated})))
+            with PolicyServer(HistoryPolicy()) as server:
+                served = _count_metadata_requests(server)
+                with pytest.raises(PolicyServerError, match=f"speaks protocol {shown}, this PolicyClient protocol 1"):
+                    PolicyClient(server.url, timeout=10)
+                assert served == []
 
 
 class _ExtraMetadataPolicy(HistoryPolicy):

@@ -31,9 +31,11 @@ own), and a request with the episode's client token takes it over on a new conne
 once (a robot reconnecting after a dropped network, whose old connection still looks open).
 The server pings every connection every --keepalive-s seconds and drops one that has not
 answered within as long again: a robot whose network went silent stops holding its episodes
-(and the batches) within 2 x --keepalive-s. `PolicyClient` checks the server's protocol
-version on each new connection. `GET /healthz` answers 200 with JSON while serving and 503
-while shutting down.
+(and the batches) within 2 x --keepalive-s. The WebSocket handshake may carry the client's
+protocol version in a "WorldVLA-Protocol" header (`PolicyClient` sends it): the server refuses
+another version there (HTTP 400, with the reason) and states its own in every response, which
+`PolicyClient` checks on each new connection without a request of its own. `GET /healthz`
+answers 200 with JSON while serving and 503 while shutting down.
 SIGTERM/SIGINT: stop taking work, answer queued and running requests, close connections
 with code 1001 (dropping those still open at the drain timeout), exit 0; exit 1 if a
 policy call has not returned by then; a second signal exits at once (code 1).

@@ -19,7 +19,7 @@ import uuid
 
 import numpy as np
 
-from .protocol import PROTOCOL_VERSION, ProtocolError, check_image, packb, unpackb
+from .protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, ProtocolError, check_image, packb, unpackb
 
 
 class PolicyServerError(RuntimeError):
@@ -31,7 +31,9 @@ def _connect(url: str, open_timeout: float, max_size: int):
     from websockets.exceptions import InvalidHandshake, InvalidStatus
     from websockets.sync.client import connect
 
-    kwargs = dict(open_timeout=open_timeout, max_size=max_size, compression=None, close_timeout=5)
+    # The protocol version travels in the handshake: a server of another version refuses the connection.
+    kwargs = dict(open_timeout=open_timeout, max_size=max_size, compression=None, close_timeout=5,
+                  additional_headers={PROTOCOL_HEADER: str(PROTOCOL_VERSION)})
     params = inspect.signature(connect).parameters
     if "proxy" in params:
         kwargs["proxy"] = None  # robots talk to the server directly, whatever the environment's proxy says
@@ -42,12 +44,31 @@ def _connect(url: str, open_timeout: float, max_size: int):
     except OSError as e:
         raise ConnectionError(f"cannot connect to the policy server at {url}: {e}; is `worldvla serve` "
                               "running there?") from e
-    except InvalidHandshake as e:  # InvalidMessage, InvalidStatus: something else listens on that port,
-        if isinstance(e, InvalidStatus) and e.response.status_code == 503:  # or the server refused (its limit)
+    except InvalidHandshake as e:  # InvalidMessage, InvalidStatus: something else listens on that port, or
+        # the server refused: at its limit (503), or a client of another protocol version (it states its own)
+        version = _server_version(e.response) if isinstance(e, InvalidStatus) else None
+        if version is not None or isinstance(e, InvalidStatus) and e.response.status_code == 503:
+            if version is not None and version != PROTOCOL_VERSION:
+                raise _other_protocol(url, version) from e
             reason = e.response.body.decode(errors="replace").strip()
             raise ConnectionError(f"the policy server at {url} refused the connection: {reason}") from e
         raise ConnectionError(f"{url} did not answer as a WebSocket server ({type(e).__name__}: {e}); is that "
                               "the host and port of `worldvla serve`?") from e
+
+
+def _server_version(response):
+    """The protocol version a policy server states in its handshake response, None if it states none (a
+    server of an older worldvla, or something else)."""
+    values = response.headers.get_all(PROTOCOL_HEADER)
+    if not values:
+        return None
+    version = ", ".join(values).strip()
+    return int(version) if version.isascii() and version.isdigit() else version
+
+
+def _other_protocol(url: str, version) -> PolicyServerError:
+    return PolicyServerError(f"the server at {url} speaks protocol {version!r}, this PolicyClient protocol "
+                             f"{PROTOCOL_VERSION}: install the same worldvla version on the robot and on the server")
 
 
 class PolicyClient:
@@ -63,11 +84,13 @@ class PolicyClient:
     decoded. `timeout` bounds each call as a whole, a reconnection included: a call not done
     within `timeout` seconds raises `TimeoutError` and closes the connection, which drops the
     request on the server; the next call reconnects. `connect_timeout` bounds opening a
-    connection (in the constructor, and within a call's `timeout` when reconnecting). On each
-    new connection the client asks for the server's metadata and raises `PolicyServerError` if
-    the server speaks another protocol version (`protocol.PROTOCOL_VERSION`). The client sends
-    a token of its own (`client_id`) with its requests, so that after a reconnection the server
-    gives it its episode at once, even while the lost connection still looks open there.
+    connection (in the constructor, and within a call's `timeout` when reconnecting). Each new
+    connection states the client's protocol version (`protocol.PROTOCOL_VERSION`) in its
+    handshake, and the server its own in the answer, without a request of its own: a server of
+    another version raises `PolicyServerError` (a server that states none, of an older worldvla,
+    is asked for its metadata instead). The client sends a token of its own (`client_id`) with
+    its requests, so that after a reconnection the server gives it its episode at once, even
+    while the lost connection still looks open there.
     """
 
     def __init__(self, url: str = "ws://127.0.0.1:8000", *, timeout: float = 60.0, connect_timeout: float = 10.0,
@@ -122,16 +145,17 @@ class PolicyClient:
             raise
 
     def _check_protocol(self, deadline: float) -> None:
-        """Ask a new connection's server for its metadata: it must speak this client's protocol version."""
-        reply = self._round_trip({"type": "metadata"}, deadline)
-        if not reply.get("ok", False):
-            raise PolicyServerError(f"the server at {self.url} refused a metadata request: "
-                                    f"{reply.get('error', 'no message')}")
-        version = reply.get("protocol")
+        """A new connection's server must speak this client's protocol version: the version its handshake
+        response states, or else (a server that states none) the one its metadata reply does."""
+        version = _server_version(self._ws.response)
+        if version is None:
+            reply = self._round_trip({"type": "metadata"}, deadline)
+            if not reply.get("ok", False):
+                raise PolicyServerError(f"the server at {self.url} refused a metadata request: "
+                                        f"{reply.get('error', 'no message')}")
+            version = reply.get("protocol")
         if version != PROTOCOL_VERSION or isinstance(version, bool):
-            raise PolicyServerError(f"the server at {self.url} speaks protocol {version!r}, this PolicyClient "
-                                    f"protocol {PROTOCOL_VERSION}: install the same worldvla version on the robot "
-                                    "and on the server")
+            raise _other_protocol(self.url, version)
 
     def _round_trip(self, message: dict, deadline: float) -> dict:
         """Send `message` with a fresh id and return the reply with that id, by `deadline`."""

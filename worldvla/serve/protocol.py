@@ -15,6 +15,10 @@ import numpy as np
 import msgpack
 
 PROTOCOL_VERSION = 1
+# HTTP header of the WebSocket handshake carrying the protocol version: `PolicyClient` sends it, the server
+# refuses another version at the handshake (HTTP 400, with the reason) and sends its own in every response,
+# so the client checks the server's version without a request of its own on each new connection.
+PROTOCOL_HEADER = "WorldVLA-Protocol"
 NDARRAY_KEY = "__ndarray__"
 _ALLOWED_KINDS = "biuf"  # bool, int, uint, float
 _MAX_NDIM = 8

@@ -52,8 +52,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .protocol import (PROTOCOL_VERSION, REPLY_LIMITS, REQUEST_LIMITS, ProtocolError, check_image, fit_image,
-                       image_size_hw, packb, to_plain, unpackb)
+from .protocol import (PROTOCOL_HEADER, PROTOCOL_VERSION, REPLY_LIMITS, REQUEST_LIMITS, ProtocolError, check_image,
+                       fit_image, image_size_hw, packb, to_plain, unpackb)
 
 log = logging.getLogger("worldvla.serve")
 
@@ -262,6 +262,7 @@ class PolicyServer:
         # max_queue: a connection's requests are answered one at a time, so a client that sends ahead is
         # held back by TCP rather than buffered (websockets keeps 16 messages of up to max_size by default).
         self._ws = await serve(self._handler, self.host, self.port, process_request=self._process_request,
+                               process_response=self._process_response,
                                max_size=2 * self.max_payload_bytes + 65536, max_queue=2, compression=None,
                                close_timeout=5, server_header=None,
                                # a connection lost without a close (a robot's network gone) is dropped within
@@ -422,6 +423,13 @@ class PolicyServer:
             del response.headers["Content-Type"]
             response.headers["Content-Type"] = "application/json"
             return response
+        versions = [v.strip() for v in request.headers.get_all(PROTOCOL_HEADER)]
+        if versions and versions != [str(PROTOCOL_VERSION)]:  # a client that says none is not checked here
+            log.warning("refused a connection from %s: its client speaks protocol %s", connection.remote_address,
+                        ", ".join(versions))
+            return connection.respond(400, f"this server speaks protocol {PROTOCOL_VERSION}, the client protocol "
+                                           f"{', '.join(versions)} ({PROTOCOL_HEADER} header): use a client of the "
+                                           "same worldvla version as the server\n")
         if len(self._open) >= self.max_connections:
             self.stats["refused_connections"] += 1
             log.warning("refused a connection from %s: %d connections are open, the limit", connection.remote_address,
@@ -430,6 +438,12 @@ class PolicyServer:
                                            "(--max-connections): close one, or start the server with a higher "
                                            "--max-connections\n")
         return None  # a WebSocket handshake (websockets answers 426 to anything else)
+
+    @staticmethod
+    def _process_response(connection, request, response):
+        """Every response says the server's protocol version: `PolicyClient` checks it at the handshake."""
+        response.headers[PROTOCOL_HEADER] = str(PROTOCOL_VERSION)
+        return None
 
     async def _handler(self, ws) -> None:
         from websockets.exceptions import ConnectionClosed
