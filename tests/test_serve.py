@@ -1449,3 +1449,38 @@ def test_connections_beyond_the_limit_are_refused_with_the_reason():
             second.close()
     with pytest.raises(ValueError, match="max_connections must be an integer >= 1"):
         PolicyServer(HistoryPolicy(), max_connections=0)
+
+
+def test_concurrent_handshakes_do_not_pass_the_connection_limit():
+    """The limit is checked at each handshake and counted when the connection opens: a pause between the two
+    (in a websockets release to come) would let handshakes that arrive together all pass the check. Twelve at
+    once against a limit of 3: exactly 3 are let in, whatever order they arrive in."""
+    import threading
+
+    start = threading.Barrier(12)
+    opened, refused, lock = [], [], threading.Lock()
+
+    def connect(url):
+        start.wait()
+        try:
+            client = PolicyClient(url)
+        except ConnectionError as err:
+            with lock:
+                refused.append(str(err))
+        else:
+            with lock:
+                opened.append(client)
+
+    with PolicyServer(HistoryPolicy(), max_connections=3) as server:
+        threads = [threading.Thread(target=connect, args=(server.url,)) for _ in range(12)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert len(opened) == 3 and len(refused) == 9, (len(opened), refused)
+            assert all("3 connections open" in r for r in refused), refused
+            assert server.health()["connections"] == 3
+        finally:
+            for c in opened:
+                c.close()
