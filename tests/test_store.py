@@ -929,3 +929,18 @@ def test_a_chunk_one_step_longer_than_every_demo_is_refused_before_any_work(tmp_
     with pytest.raises(ValueError, match=r"-K 6 is longer than every demo \(the longest has 5 steps\)"):
         st.build_store(tmp_path / "x", tmp_path / "s", tiny_vqgan(), chunk_size=6, progress=False)
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("action", [True, False])
+def test_each_input_files_info_is_read_once_per_build(demo_dir, tmp_path, monkeypatch, action):
+    """build_store read every input's `demo_file_info` four times (the chunk check, the shard plan, the sim camera
+    and the demos' ordinals), each opening the file again for the same metadata; it is read once and handed on."""
+    from worldvla.data import hdf5
+
+    folder, _ = demo_dir
+    read = []
+    demo_file_info = hdf5.demo_file_info
+    monkeypatch.setattr(hdf5, "demo_file_info", lambda path: read.append(path.name) or demo_file_info(path))
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, action=action, progress=False)
+    assert sorted(read) == ["a.hdf5", "b.h5"]
+    assert st.TokenStore(out).manifest["n_samples"] > 0

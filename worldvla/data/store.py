@@ -303,34 +303,36 @@ def _uses_text_tokenizer_json(layout: VocabLayout) -> bool:
     return layout.text_base < 0
 
 
-def _check_chunk_fits(files, chunk_size: int) -> None:
-    """Action samples need demos of at least K steps: refuse a K longer than every demo."""
+def _demo_infos(files) -> dict:
+    """`hdf5.demo_file_info` of each file, by path: read once per build and handed to what uses it (the chunk
+    check, the shard plan, the sim camera, the demos' ordinals), not read again by each."""
     from .hdf5 import demo_file_info
 
-    longest = max((max(demo_file_info(f)["steps"], default=0) for f in files), default=0)
+    return {f: demo_file_info(f) for f in files}
+
+
+def _check_chunk_fits(files, chunk_size: int, infos: dict) -> None:
+    """Action samples need demos of at least K steps: refuse a K longer than every demo."""
+    longest = max((max(infos[f]["steps"], default=0) for f in files), default=0)
     if chunk_size > longest:
         raise ValueError(f"--chunk-size/-K {chunk_size} is longer than every demo (the longest has {longest} steps), "
                          f"so no action sample fits; choose -K <= {longest}")
 
 
-def _plan_shards(files, settings: StoreSettings):
-    from .hdf5 import demo_file_info
-
+def _plan_shards(files, settings: StoreSettings, infos: dict):
     plan = []
     for fi, path in enumerate(files):
-        n = demo_file_info(path)["num_demos"]
+        n = infos[path]["num_demos"]
         per = settings.demos_per_shard or max(n, 1)
         for a in range(0, max(n, 1), per):
             plan.append({"name": f"shard_{len(plan):05d}", "file": fi, "demos": [a, min(a + per, n)]})
     return plan
 
 
-def _sim_camera(files) -> str | None:
+def _sim_camera(files, infos: dict) -> str | None:
     """The simulator camera the demo files were rendered from (`worldvla collect` records it; the
     evaluation renders from it), when they all name the same one; None otherwise."""
-    from .hdf5 import demo_file_info
-
-    cams = {demo_file_info(f)["attrs"].get("sim_camera") for f in files}
+    cams = {infos[f]["attrs"].get("sim_camera") for f in files}
     cam = cams.pop() if len(cams) == 1 else None
     return str(cam) if cam is not None else None
 
@@ -433,7 +435,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     from tqdm.auto import tqdm
 
     from ..vqgan import VQGAN
-    from .hdf5 import check_actions, demo_file_info, iter_demos, reading_record, rotation_note
+    from .hdf5 import check_actions, iter_demos, reading_record, rotation_note
 
     settings = StoreSettings(chunk_size, history, action, world, demos_per_shard, only_success, camera, rotate_180,
                              drop_noops, instruction)
@@ -445,8 +447,9 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     # build's folder is kept.
     remove_stale(out, r"shard_\d+", own=True)
     files = find_demo_files(inputs)
+    infos = _demo_infos(files)
     if action:
-        _check_chunk_fits(files, chunk_size)
+        _check_chunk_fits(files, chunk_size, infos)  # before any slow work
     readings = [reading_record(f, rotate_180, instruction) for f in files]
     instruction_lines = _instruction_lines(files, readings)
     device = torch_device(device, default="cpu")
@@ -528,7 +531,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
         # policy encode instructions with a tokenizer the model never saw.
         (out / TEXT_TOKENIZER).unlink(missing_ok=True)
 
-    plan = _plan_shards(files, settings)
+    plan = _plan_shards(files, settings, infos)
     manifest = {
         "format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "complete": False,
         "layout": layout.to_dict(), "kinds": list(KINDS),
@@ -537,7 +540,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
         "image_size": image_hw, "code_grid": [image_hw[0] // vqgan.downsample, image_hw[1] // vqgan.downsample],
         "settings": settings_d, "vqgan": "vqgan", "vqgan_sha256": vq_digest, "inputs": inputs_d,
         "text_tokenizer_sha256": tok_digest,
-        "sim_camera": _sim_camera(files),
+        "sim_camera": _sim_camera(files, infos),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "shards": [],
     }
     todo = []
@@ -561,7 +564,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
         pending = {e["name"]: [] for e in entries}
         remaining = {e["name"]: e["demos"][1] - e["demos"][0] for e in entries}
         # A demo's ordinal is its place among the file's demos, whether or not iter_demos skips some (no-ops only).
-        ordinal = {name: d for d, name in enumerate(demo_file_info(files[fi])["names"])}
+        ordinal = {name: d for d, name in enumerate(infos[files[fi]]["names"])}
         for demo in iter_demos(files[fi], **read):
             d = ordinal[demo.name]
             entry = wanted.get(d)
