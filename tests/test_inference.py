@@ -362,6 +362,54 @@ def test_chunk_input_errors(rng):
         generate_action_chunk(model, prompt, LAYOUT, 3, 3, engine=eng, skip=[1, 1])
 
 
+def test_empty_batches_and_fractional_ids_are_refused_by_name(rng):
+    """A [0, P] batch failed on `max() arg is an empty sequence`, and `prefill` cast float ids to integers,
+    truncating them, before checking them."""
+    model = _model(8)
+    prompt = _prompt(rng, 1)
+    for empty in (torch.empty(0, 5, dtype=torch.long), prompt[None][:0]):
+        with pytest.raises(ValueError, match=r"input_ids holds no prompt \(shape \(0, \d+\)\)"):
+            generate_action_chunk(model, empty, LAYOUT, 2, 3)
+        with pytest.raises(ValueError, match=r"input_ids holds no prompt"):
+            generate_release_actions(model, empty, LAYOUT, 3, 5)
+    eng = InferenceEngine(model, 1, prompt.numel())
+    for bad in (prompt.float() + 0.7, prompt.double(), prompt > 3):
+        with pytest.raises(TypeError, match=f"prompt 0 holds {bad.dtype} values; token ids must be integers"):
+            eng.prefill([bad])
+    assert eng.prefill([prompt.int()]).shape == (1, model.config.hidden_size)  # any integer dtype
+
+
+@pytest.mark.parametrize("built_inside,first_inside", list(itertools.product([True, False], repeat=2)))
+def test_an_engine_serves_calls_in_and_out_of_inference_mode(rng, monkeypatch, native_step_runs, built_inside,
+                                                             first_inside):
+    """An engine built, or first stepped, under torch.inference_mode held inference tensors (its cache, block
+    ordinals and lengths; its step buffers, made on first use) that a later call outside inference mode could
+    not update in place. Built and first used in either mode, it serves both, with a fresh decode's tokens, on
+    the native step (whose plan, made on first use, keeps the caller's grad mode)."""
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    monkeypatch.setattr(decoder_op, "NATIVE_STEP", True)
+    model = _model(4)
+    prompts = [_prompt(rng, 2), _prompt(rng, 1)]
+    chunks = {m: generate_action_chunk(model, prompts, LAYOUT, 3, 4, mode=m) for m in ("parallel", "sequential")}
+    release = [g.tokens for g in generate_release_actions(model, prompts, LAYOUT, 4, 12)]
+    with torch.inference_mode(built_inside):
+        eng = InferenceEngine(model, 2, max(p.numel() for p in prompts) + 3 * 6 + 12)
+    for inside in (first_inside, not first_inside, first_inside):
+        del native_step_runs[:]
+        with torch.inference_mode(inside):
+            for mode, want in chunks.items():
+                assert torch.equal(generate_action_chunk(model, prompts, LAYOUT, 3, 4, mode=mode, engine=eng), want)
+            got = generate_release_actions(model, prompts, LAYOUT, 4, 12, engine=eng)
+            assert all(torch.equal(g.tokens, w) for g, w in zip(got, release))
+            k, v = eng.row_prefix(1, 5)
+            snap = eng.snapshot_prefix([5, 5])
+        assert native_step_runs, inside
+        assert not any(t.is_inference() for t in (eng.cache.k, eng.kv_block, eng.kv_len, k, v, snap.k, snap.v))
+        assert not any(t.is_inference() for buf in eng._steps.values() for t in (buf.ids, buf.pos, buf.q_limit))
+        k.add_(1)  # the caller's copies are its own, outside inference mode too
+        eng.restore_prefix(snap)
+
+
 def test_prefill_says_which_row_does_not_fit(rng):
     """Rows are padded to the batch's longest uncached part: a long cached prefix next to a long uncached
     prompt may not fit although each prompt does; the error says so instead of naming the longest prompt."""

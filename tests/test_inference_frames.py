@@ -207,6 +207,39 @@ def test_frames_bad_input(rng):
         generate_frame_codes(_model(1), codes, np.zeros((2, 4)), b, engine=small)
 
 
+def test_an_empty_batch_of_frames_is_refused_by_name():
+    """N = 0 frames failed on an IndexError (codes[0]) or in the VQGAN (aminmax over nothing)."""
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    with pytest.raises(ValueError, match=r"codes holds no frame \(shape \(0, 2, 2\)\)"):
+        generate_frame_codes(model, torch.empty(0, 2, 2, dtype=torch.long), np.zeros((0, 4)), b)
+    with pytest.raises(ValueError, match=r"image holds no frame \(shape \(0, 64, 64, 3\)\)"):
+        generate_frames(model, vq, np.zeros((0, 64, 64, 3), dtype=np.uint8), np.zeros((0, 2, 4)),
+                        action_tokenizer=b.actions, text_tokenizer=b.text)
+
+
+@pytest.mark.parametrize("cfg_scale", [None, 2.0])
+def test_a_frame_engine_serves_calls_in_and_out_of_inference_mode(rng, monkeypatch, native_step_runs, cfg_scale):
+    """An engine whose 1- and 2-row step buffers were made under torch.inference_mode could not be stepped
+    outside it (an in-place update of an inference tensor), and the reverse: both orders give a fresh engine's
+    codes, on the native steps (the frame's native loop)."""
+    from worldvla.ops import decoder, dispatch
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    monkeypatch.setattr(decoder, "NATIVE_STEP", True)
+    model, b = _model(2), _builder()
+    codes = torch.randint(0, 64, (2, 2, 4), generator=rng)
+    actions = torch.rand(2, 4, generator=rng).numpy() * 2 - 1
+    want = generate_frame_codes(model, codes, actions, b, cfg_scale=cfg_scale)
+    rows = 4 if cfg_scale else 2
+    for first_inside in (True, False):
+        eng = InferenceEngine(model, rows, b.world_prompt(codes[0], actions[0]).numel() + 3 + 2 * 5)
+        for inside in (first_inside, not first_inside):
+            del native_step_runs[:]
+            with torch.inference_mode(inside):
+                got = generate_frame_codes(model, codes, actions, b, cfg_scale=cfg_scale, engine=eng)
+            assert torch.equal(got, want) and native_step_runs, (first_inside, inside)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg_scale", [None, 2.0])
 def test_frames_cuda_graphs_match_eager(cfg_scale):

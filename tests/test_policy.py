@@ -310,6 +310,88 @@ def test_prefix_cache_follows_new_weights(policy_dir, rng):
     assert np.array_equal(after, fresh.act(frame, history=None)) and not np.array_equal(after, before)
 
 
+def _bf16_exact(module):
+    """`module` with every float32 weight rounded to a bfloat16 value (a bfloat16 checkpoint loaded as float32):
+    the CPU's native steps then hold bfloat16 copies of its projections."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return module
+
+
+def test_clear_caches_after_writes_through_data(rng, monkeypatch, native_step_runs):
+    """Weights written through `.data` (an EMA, a weight sync) bump no version counter, so the instruction
+    prefixes, the frames' VQ codes and the native steps' bfloat16 weight copies stayed those of the old weights;
+    after `clear_caches()` every query is a fresh policy's on the new weights."""
+    from worldvla.ops import decoder, dispatch
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    monkeypatch.setattr(decoder, "NATIVE_STEP", True)
+    monkeypatch.setattr(decoder, "BF16_EXACT_WEIGHTS", True)
+    model, vq, at = _parts(0)
+    pol = WorldVLAPolicy(_bf16_exact(model), vq, at, chunk_size=3, image_size=64)
+    pol.reset("open the drawer")
+    f0, f1 = _frames(rng), _frames(rng)
+    before = pol.act(f0, history=None)
+    assert any(buf.plan is not None and buf.plan.bf16_weights for eng in pol._engines.values()
+               for buf in eng._steps.values())
+    new_model, new_vq, _ = _parts(1)
+    _bf16_exact(new_model)
+    for old, new in ((pol.model, new_model), (pol.vqgan, new_vq)):
+        for a, b in zip([*old.parameters(), *old.buffers()], [*new.parameters(), *new.buffers()]):
+            a.data.copy_(b.data)
+    pol.clear_caches()
+    after = [pol.act(f0, history=None), pol.act(f1)]
+    fresh = WorldVLAPolicy(new_model, new_vq, at, chunk_size=3, image_size=64)
+    fresh.reset("open the drawer")
+    assert np.array_equal(after[0], fresh.act(f0, history=None)) and not np.array_equal(after[0], before)
+    assert np.array_equal(after[1], fresh.act(f1))
+    assert native_step_runs
+
+
+def test_a_refused_reset_ends_the_episode(policy_dir, rng):
+    """A refused reset kept the previous episode's queued actions and frames: the next step() returned the old
+    episode's action. Now it leaves no episode: act/observe/step ask for a reset, and the next accepted reset
+    starts afresh."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    frame, other = _frames(rng), _frames(rng)
+    limit = pol.model.config.max_position_embeddings
+    for bad in ("x" * limit, ["open the drawer", "x" * limit], [], ["open the drawer", ""], "", None):
+        pol.reset("open the drawer")
+        pol.step(frame)  # two actions of the chunk left
+        with pytest.raises(ValueError):
+            pol.reset(bad)
+        for call in (pol.step, pol.act, pol.observe):
+            with pytest.raises(RuntimeError, match=r"call policy.reset\(instruction\) before act/observe/step"):
+                call(other)
+    pol.reset("push the button")
+    assert np.array_equal(pol.step(other), _expected(pol, "push the button", [other])[0])
+
+
+@pytest.mark.parametrize("first_inside", [True, False])
+def test_a_policy_serves_calls_in_and_out_of_inference_mode(policy_dir, rng, monkeypatch, native_step_runs,
+                                                           first_inside):
+    """A policy first queried under torch.inference_mode kept engines (caches, step buffers) of inference
+    tensors, which a query outside it could not update in place; the reverse order too. Either way every
+    query is a fresh decode's, the prefixes and codes cached in one mode serving the other."""
+    from worldvla.ops import decoder, dispatch
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    monkeypatch.setattr(decoder, "NATIVE_STEP", True)
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset(["open the drawer", "push"])
+    f = [_frames(rng, 2) for _ in range(4)]
+    for i, inside in enumerate((first_inside, not first_inside, first_inside)):
+        del native_step_runs[:]
+        with torch.inference_mode(inside):
+            got = pol.act(f[i + 1], history=f[i])
+        for b, ins in enumerate(["open the drawer", "push"]):
+            assert np.array_equal(got[b], _expected(pol, ins, [f[i][b], f[i + 1][b]])), (i, b)
+        assert native_step_runs
+    assert not any(t.is_inference() for kv in pol._prefixes.values() for t in kv)
+    assert not any(c.is_inference() for c in pol._codes.values())
+
+
 def test_policy_follows_a_replaced_or_converted_model_and_new_vqgan_weights(policy_dir, rng):
     """A model replaced (`policy.model = other`) ran the old model's layers on the engines kept for it;
     `policy.model.to(bfloat16)` failed in attention on their float32 caches; VQGAN weights loaded in place

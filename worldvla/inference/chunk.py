@@ -50,6 +50,8 @@ def _as_prompts(input_ids) -> tuple[list[torch.Tensor], bool]:
     if t.dim() == 1:
         return [t], True
     if t.dim() == 2:
+        if t.shape[0] == 0:
+            raise ValueError(f"input_ids holds no prompt (shape {tuple(t.shape)}); pass at least one")
         return list(t.unbind(0)), False
     raise ValueError(f"input_ids must be [P], [B, P] or a list of 1-D prompts, got shape {tuple(t.shape)}")
 

@@ -14,6 +14,10 @@ the CPU, where `auto` runs the layers natively, the whole step becomes one nativ
 those addresses (`ops.decoder.DecodeStepPlan`).
 Prefill (long, variable length) always runs eagerly.
 
+Everything the engine keeps across calls (the cache, the metadata, the step buffers, plans and
+graphs) is made outside `torch.inference_mode`, whatever the caller's mode: an inference tensor
+could not be updated in place by a later call made outside it.
+
 Rows may have different prompt lengths. A prefill right-pads the shorter rows; the pad
 tokens write junk into slots past the row's prompt, which is harmless: every later query
 sees only slots <= its own position that belong to the prompt or to its own block, and
@@ -22,6 +26,7 @@ each of those is written (by the step that feeds that token) before any query se
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +70,16 @@ class PrefixSnapshot:
     @property
     def n_slots(self) -> int:
         return self.k.shape[2]
+
+
+@contextmanager
+def outside_inference_mode():
+    """Make tensors kept across calls as normal tensors: an inference tensor (made under
+    `torch.inference_mode`) cannot be updated in place by a later call outside it. The grad mode is kept:
+    `torch.inference_mode(False)` alone turns gradients on."""
+    grad = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):
+        yield
 
 
 def _unwrapped(model):
@@ -120,9 +135,10 @@ class InferenceEngine:
         self.device, self.dtype = p.device, p.dtype
         self.batch_size, self.max_len = batch_size, max_len
         self.backend = model.attn_backend if backend == "auto" else backend
-        self.cache = KVCache(cfg, batch_size, max_len, device=self.device, dtype=self.dtype)
-        self.kv_block = torch.full((batch_size, max_len), NO_BLOCK, dtype=torch.int32, device=self.device)
-        self.kv_len = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        with outside_inference_mode():  # updated in place by every call, in inference mode or not
+            self.cache = KVCache(cfg, batch_size, max_len, device=self.device, dtype=self.dtype)
+            self.kv_block = torch.full((batch_size, max_len), NO_BLOCK, dtype=torch.int32, device=self.device)
+            self.kv_len = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         if cuda_graphs and self.device.type != "cuda":
@@ -164,8 +180,11 @@ class InferenceEngine:
 
         `prefill` calls it, so every generation starts on the model as it is; steps that continue a
         prefill do not check again (about 50 us a step on a CPU): call it yourself after changing the
-        model between a prefill and the steps that follow it. A model moved or converted since the
-        engine was built is refused (ValueError): the cache holds the old dtype and device."""
+        model between a prefill and the steps that follow it. After writes through `.data`, bump the
+        weights' version counters (`torch.autograd.graph.increment_version`), which the native kernels'
+        own copies follow too, or for inference tensors, which have none, call `drop_weight_copies`
+        (`WorldVLAPolicy.clear_caches` does both). A model moved or converted since the engine was
+        built is refused (ValueError): the cache holds the old dtype and device."""
         self.check_serves(self.model)
         structure, versions = _model_state(self.model)
         if structure != self._model_state:
@@ -179,6 +198,15 @@ class InferenceEngine:
             return False
         self._model_state, self._versions = structure, versions
         return True
+
+    def drop_weight_copies(self) -> None:
+        """Drop the native plans that hold copies of weights (`check_model`; rebuilt on first use): after
+        weights were written where their version counters do not show it (through `.data`). A rebuilt plan
+        of a float32 model takes its bfloat16 copies from `ops.native_backend.bf16_projections`, keyed by the
+        version counters: bump them too (`check_model`)."""
+        for buf in self._steps.values():
+            if buf.plan is not None and buf.plan.copies:
+                buf.plan = None
 
     # ------------------------------------------------------------------ forward
     def _forward(self, ids, pos, meta: DecodeMeta) -> torch.Tensor:
@@ -206,7 +234,11 @@ class InferenceEngine:
         skip = [0] * B if skip is None else [int(s) for s in skip]
         if len(skip) != B:
             raise ValueError(f"skip gives cached prefixes for {len(skip)} rows; this engine holds {B}")
-        prompts = [torch.as_tensor(p).long().flatten().cpu() for p in prompts]
+        prompts = [torch.as_tensor(p) for p in prompts]
+        for b, p in enumerate(prompts):  # before the cast, which would truncate fractions and wrap bools to ids
+            if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
+                raise TypeError(f"prompt {b} holds {p.dtype} values; token ids must be integers")
+        prompts = [p.long().flatten().cpu() for p in prompts]
         lens = [int(p.numel()) for p in prompts]
         for b, (L, s) in enumerate(zip(lens, skip)):
             if not 0 <= s < L:
@@ -250,10 +282,11 @@ class InferenceEngine:
         buf = self._steps.get(n_queries)
         if buf is None:
             B, dev = self.batch_size, self.device
-            pos = torch.zeros(B, n_queries, dtype=torch.long, device=dev)
-            q_pos = torch.zeros(B, n_queries, dtype=torch.int32, device=dev)
-            q_limit = torch.full((B, n_queries), -1, dtype=torch.int32, device=dev)
-            ids = torch.full((B, n_queries), self.layout.pad, dtype=torch.long, device=dev)
+            with outside_inference_mode():  # written in place by every later step
+                pos = torch.zeros(B, n_queries, dtype=torch.long, device=dev)
+                q_pos = torch.zeros(B, n_queries, dtype=torch.int32, device=dev)
+                q_limit = torch.full((B, n_queries), -1, dtype=torch.int32, device=dev)
+                ids = torch.full((B, n_queries), self.layout.pad, dtype=torch.long, device=dev)
             buf = StepBuffers(ids, pos, q_pos, q_limit, DecodeMeta(q_pos, q_limit, self.kv_block, self.kv_len))
             self._steps[n_queries] = buf
         return buf
@@ -308,25 +341,27 @@ class InferenceEngine:
         # Built only while active: not under a dispatch mode, which it would refuse. A plan refused while
         # gradients were on (weights that need them) is tried again once they are off.
         if buf.plan is None or (buf.plan.step is None and buf.plan_grad and not torch.is_grad_enabled()):
-            buf.plan = DecodeStepPlan(self.model, self.cache, buf.ids, buf.pos, buf.meta)
+            with outside_inference_mode():  # its static output and weight copies outlive this call
+                buf.plan = DecodeStepPlan(self.model, self.cache, buf.ids, buf.pos, buf.meta)
             buf.plan_grad = torch.is_grad_enabled()
         return buf.plan if buf.plan.step is not None else None
 
     def _capture(self, buf: StepBuffers) -> None:
         """Capture the step on the buffers' current (real) inputs. The warm-up runs write the
         same keys/values the step itself writes, so capturing mid-generation is harmless."""
-        torch.cuda.synchronize(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward(buf.ids, buf.pos, buf.meta)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self._forward(buf.ids, buf.pos, buf.meta)
+        with outside_inference_mode():  # the graph's output is kept for every later replay
+            torch.cuda.synchronize(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward(buf.ids, buf.pos, buf.meta)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._forward(buf.ids, buf.pos, buf.meta)
         buf.graph, buf.out = graph, out
 
     # ------------------------------------------------------------------ metadata helpers
@@ -338,7 +373,9 @@ class InferenceEngine:
     def snapshot_prefix(self, lengths) -> PrefixSnapshot:
         """Copy the keys/values of the first max(lengths) slots of every row."""
         n = max(int(x) for x in lengths)
-        return PrefixSnapshot(self.cache.k[:, :, :n].clone(), self.cache.v[:, :, :n].clone(), [int(x) for x in lengths])
+        with outside_inference_mode():  # kept by the caller, maybe past an inference_mode block
+            return PrefixSnapshot(self.cache.k[:, :, :n].clone(), self.cache.v[:, :, :n].clone(),
+                                  [int(x) for x in lengths])
 
     @torch.no_grad()
     def restore_prefix(self, snap: PrefixSnapshot) -> None:
@@ -350,8 +387,10 @@ class InferenceEngine:
 
 
     def row_prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of the keys and values of row `row`'s first `n` slots, [layers, n, Hkv, Dh] each."""
-        return self.cache.k[:, row, :n].clone(), self.cache.v[:, row, :n].clone()
+        """Copies of the keys and values of row `row`'s first `n` slots, [layers, n, Hkv, Dh] each (made
+        outside inference mode: a caller keeps them)."""
+        with outside_inference_mode():
+            return self.cache.k[:, row, :n].clone(), self.cache.v[:, row, :n].clone()
 
     @torch.no_grad()
     def set_row_prefix(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -62,6 +62,8 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     if codes.dim() != 3:
         raise ValueError(f"codes must be [N, h, w], got shape {tuple(codes.shape)}")
     N, h, w = codes.shape
+    if N == 0:
+        raise ValueError(f"codes holds no frame (shape {tuple(codes.shape)}); pass at least one")
     D = builder.actions.action_dim
     actions = np.asarray(actions, dtype=np.float64)
     if actions.shape != (N, D):
@@ -214,6 +216,8 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
     builder = SequenceBuilder(layout, text_tokenizer, action_tokenizer)
     imgs, single = _to_batch_images(image)
     N = imgs.shape[0]
+    if N == 0:
+        raise ValueError(f"image holds no frame (shape {imgs.shape}); pass at least one")
     acts = np.asarray(actions, dtype=np.float64)
     D = action_tokenizer.action_dim
     if single and acts.ndim in (1, 2):

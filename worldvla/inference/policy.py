@@ -16,11 +16,13 @@ are reused whenever it was already encoded, e.g. as the current frame of the las
 with all missing frames encoded in one VQGAN call; and the keys/values of the constant
 prefix (BOS + instruction text), prefilled once per set of instructions (kept across
 episodes, a few sets at a time) and copied into the cache at every query, so each query
-prefills only the images and the separator.
+prefills only the images and the separator. Both follow the weights through their version
+counters; writes that bypass them (through `.data`) need `WorldVLAPolicy.clear_caches()`.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import shutil
@@ -37,7 +39,7 @@ from ..tokens.layout import with_release_image_ids
 from ..tokens.sequence import ACTION_PROMPT, image_tokens
 from .chunk import MODES, chunk_length, generate_action_chunk
 from .release import RELEASE_MAX_NEW_TOKENS, generate_release_actions
-from .engine import InferenceEngine, _model_state
+from .engine import InferenceEngine, _model_state, outside_inference_mode
 from .frames import generate_frames
 from .malloc import tune_cpu_malloc
 
@@ -121,6 +123,12 @@ class WorldVLAPolicy:
     `tune_malloc`: fix glibc's malloc thresholds for the process (`tune_cpu_malloc`: CPU forwards
     stop faulting their temporaries' pages in anew at every call); None does it when the model
     is on the CPU.
+
+    The caches computed from the weights (instruction prefixes, VQ codes, the engines' plans) notice a
+    model or VQGAN replaced, converted, or updated in place through its tensors (load_state_dict, an
+    optimizer step) by the tensors' version counters. Writes that bypass the counters (through `.data`,
+    as an EMA or a weight sync may write, or a NumPy/DLPack view) are not seen: call `clear_caches()`
+    after them.
     """
 
     def __init__(self, model, vqgan, action_tokenizer: ActionTokenizer, *, chunk_size: int, image_size: int,
@@ -162,13 +170,13 @@ class WorldVLAPolicy:
         if tune_malloc or (tune_malloc is None and self.device.type == "cpu"):
             tune_cpu_malloc()
         self._codes: OrderedDict = OrderedDict()      # frame digest -> VQ codes
-        self._codes_state = None                      # the VQGAN's state the codes were made with
+        self._codes_state = None                      # the VQGAN's state the codes were made with (clear_caches)
         self._code_cache_size = code_cache_size
         self._engines: OrderedDict = OrderedDict()   # batch size -> InferenceEngine
         self._instructions: list[str] | None = None
         self._broadcast = True
         self._prefixes: OrderedDict = OrderedDict()   # instruction -> keys, values of BOS + its text
-        self._prefix_state = None                     # the model's state the prefixes were computed on
+        self._prefix_state = None                     # the model's state the prefixes were computed on (clear_caches)
         self.max_prefixes = 32                        # instructions whose prefixes are kept (a server sets more)
         self.max_engines = 4                          # engines kept, one per batch size (a server sets more)
         self._last: np.ndarray | None = None          # most recent frame(s) seen, [N, H, W, 3]
@@ -229,13 +237,15 @@ class WorldVLAPolicy:
 
     # ------------------------------------------------------------------ episode state
     def reset(self, instruction) -> None:
-        """Start an episode: one instruction for every environment, or a list with one per environment."""
+        """Start an episode: one instruction for every environment, or a list with one per environment.
+        A refused instruction ends the previous episode all the same: nothing of it (queued actions, the
+        previous frame) reaches a later query, and act/observe/step refuse to run until a reset succeeds."""
+        self._instructions, self._last, self._queue = None, None, []
         # Refused as PolicyClient.reset refuses them: an empty prompt (or str(None)) would run without a task.
         if isinstance(instruction, str):
             if not instruction.strip():
                 raise ValueError("reset() needs the task instruction as a non-empty string")
-            self._instructions = [instruction]
-            self._broadcast = True
+            instructions, broadcast = [instruction], True
         else:
             try:
                 instruction = list(instruction)
@@ -246,13 +256,12 @@ class WorldVLAPolicy:
             if bad:
                 raise ValueError(f"reset() needs each environment's task instruction as a non-empty string; "
                                  f"entry {bad[0]} is {instruction[bad[0]]!r}")
-            self._instructions = [str(s) for s in instruction]
-            if not self._instructions:
+            instructions, broadcast = [str(s) for s in instruction], False
+            if not instructions:
                 raise ValueError("reset got an empty list of instructions")
-            self._broadcast = False
-        for ins in dict.fromkeys(self._instructions):
+        for ins in dict.fromkeys(instructions):
             self.check_instruction(ins)
-        self._last, self._queue = None, []
+        self._instructions, self._broadcast = instructions, broadcast
 
     def check_instruction(self, instruction: str) -> None:
         """Raise ValueError if a query with `instruction` (its prompt with the full history and the chunk)
@@ -382,6 +391,23 @@ class WorldVLAPolicy:
                                temperature=temperature, top_k=top_k, cfg_scale=cfg_scale, generator=generator,
                                progress=progress)
 
+    # ------------------------------------------------------------------ caches
+    def clear_caches(self) -> None:
+        """Drop everything computed from the weights: the instructions' prefixes, the frames' VQ codes and the
+        engines' native plans that hold weight copies; and bump the version counters of the model's and the
+        VQGAN's tensors, so that the copies kept by the native kernels (`ops.native_backend`: bfloat16 copies
+        of projections, the screened sampler's tables), keyed by them, are remade too. Needed after writes the
+        version counters do not show (through `.data`); the next query is then a fresh policy's."""
+        for module in (self.model, self.vqgan):
+            for t in itertools.chain(module.parameters(), module.buffers()):
+                if not t.is_inference():  # no version counter, and nothing keyed by one
+                    torch.autograd.graph.increment_version(t)
+        self._prefixes.clear()
+        self._codes.clear()
+        self._prefix_state = self._codes_state = None
+        for eng in self._engines.values():
+            eng.drop_weight_copies()
+
     # ------------------------------------------------------------------ internals
     def _require_reset(self):
         if self._instructions is None:
@@ -415,6 +441,9 @@ class WorldVLAPolicy:
                 todo[k] = f
         if todo:
             new = self.vqgan.encode_images(np.stack(list(todo.values()))).cpu()
+            if new.is_inference():  # kept for later queries, which may run outside inference mode
+                with outside_inference_mode():
+                    new = new.clone()
             if int(new.max()) >= self.layout.n_image_codes:
                 raise ValueError(f"the VQGAN emits codes up to {int(new.max())} but the layout has only "
                                  f"{self.layout.n_image_codes} image ids")
