@@ -17,8 +17,10 @@ from worldvla.train.checkpointing import latest_checkpoint, load_checkpoint
 from worldvla.vqgan import VQGAN, VQGANConfig
 
 
-def make_store(root: Path, seed: int = 0, lengths=(8, 6, 7)) -> Path:
-    rng = np.random.default_rng(seed)
+def make_store(root: Path, seed: int = 0, lengths=(8, 6, 7), demo_seed: int | None = None, **kw) -> Path:
+    """A token store of demos drawn with `demo_seed` (default `seed`), tokenized by a VQGAN drawn with `seed`;
+    `kw`: build_store's."""
+    rng = np.random.default_rng(seed if demo_seed is None else demo_seed)
     demos = [{"frames": rng.integers(0, 256, (T, 32, 32, 3), dtype=np.uint8),
               "actions": rng.uniform(-1, 1, (T, 4)).astype(np.float32)} for T in lengths]
     write_demos(root / "demos" / "a.hdf5", demos[:2], "push the red block")
@@ -26,7 +28,7 @@ def make_store(root: Path, seed: int = 0, lengths=(8, 6, 7)) -> Path:
     torch.manual_seed(seed)
     vq = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32,
                            n_embed=64))
-    return build_store(root / "demos", root / "store", vq, chunk_size=3, progress=False)
+    return build_store(root / "demos", root / "store", vq, chunk_size=3, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -276,11 +278,71 @@ def test_resume_refuses_another_store_naming_it_and_old_checkpoints_still_resume
     state_file = latest_checkpoint(out) / "state.json"
     state = json.loads(state_file.read_text())
     assert state["args"]["store_fingerprint"] == TokenStore(store_dir).manifest["fingerprint"]
+    assert state["args"]["store_content"] == trainer._store_digest(TokenStore(store_dir).manifest)
     assert state["args"]["total_steps"] == trainer.train(args_for(store_dir, tmp_path / "whole", *common))["step"]
-    for key in ("store_fingerprint", "total_steps"):  # as written before they were recorded
+    for key in ("store_fingerprint", "store_content", "total_steps"):  # as written before they were recorded
         del state["args"][key]
     state_file.write_text(json.dumps(state))
     assert trainer.train(args_for(store_dir, out, *common, "--resume", "--stop-after", 2))["step"] == 2
+
+
+def test_resume_refuses_a_store_rebuilt_from_other_demos_of_the_same_sizes(tmp_path):
+    """The store's fingerprint covers its settings, VQGAN and its inputs' names and sizes, not their content: a
+    store rebuilt in place from other demos of the same shapes, or with another --instruction, kept it, and a
+    resume trained on the other tokens from the old run's position, silently. The shards' digests that the
+    manifest holds are recorded with the run and compared too."""
+    root = tmp_path / "data"
+    store = make_store(root)
+    out = tmp_path / "run"
+    common = ("--steps", 3, "--batch-tokens", 300, "--no-export")
+    trainer.train(args_for(store, out, *common, "--stop-after", 1))
+    fingerprint = TokenStore(store).manifest["fingerprint"]
+    for rebuild in ({"demo_seed": 7}, {"instruction": "a much longer instruction than any of the demo files'"}):
+        make_store(root, overwrite=True, **rebuild)
+        assert TokenStore(store).manifest["fingerprint"] == fingerprint
+        with pytest.raises(ValueError, match=r"started on other data \(store content [0-9a-f]{12}\.\.\., not .*\. The "
+                                             rf"token store {store} was rebuilt since the run started"):
+            trainer.train(args_for(store, out, *common, "--resume"))
+    make_store(root, overwrite=True)  # the demos it was started on: it resumes
+    assert trainer.train(args_for(store, out, *common, "--resume"))["step"] == 3
+
+
+def test_resume_compares_settings_as_they_act_on_the_run(store_dir, tmp_path):
+    """--kinds '' (every kind) and --kinds world,action, --min-lr's default and --lr / 10 given, another --epochs
+    under --steps (unused) were refused as other settings on a resume; they select the same samples and schedule,
+    and the run continues exactly under them. A setting that acts otherwise is still refused."""
+    common = ["--steps", 4, "--batch-tokens", 300, "--dropout", 0.1, "--no-export"]
+    straight = trainer.train(args_for(store_dir, tmp_path / "a", *common))
+    out = tmp_path / "b"
+    first = trainer.train(args_for(store_dir, out, *common, "--stop-after", 2))
+    for same in (("--kinds", "world, action"), ("--min-lr", 2e-4), ("--epochs", 5)):
+        assert trainer.train(args_for(store_dir, out, *common, *same, "--resume", "--stop-after", 2))["step"] == 2
+    for other, was in ((("--kinds", "action"), "--kinds "), (("--min-lr", 1e-4), "--min-lr None")):
+        with pytest.raises(ValueError, match=f"started with {was}, not {' '.join(map(str, other))};"):
+            trainer.train(args_for(store_dir, out, *common, *other, "--resume"))
+    rest = trainer.train(args_for(store_dir, out, *common, "--kinds", "world,action", "--min-lr", 2e-4, "--epochs", 3,
+                                  "--resume"))
+    assert first["losses"] + rest["losses"] == straight["losses"]
+    wa, wb = final_weights(tmp_path / "a"), final_weights(out)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    const = ("--steps", 2, "--batch-tokens", 300, "--schedule", "constant", "--no-export")  # no floor to reach
+    trainer.train(args_for(store_dir, tmp_path / "c", *const, "--min-lr", 1e-4, "--stop-after", 1))
+    assert trainer.train(args_for(store_dir, tmp_path / "c", *const, "--resume"))["step"] == 2
+
+
+def test_a_damaged_state_json_is_refused_naming_it_and_the_older_checkpoints(store_dir, tmp_path):
+    """A state.json cut short failed a resume with a bare JSONDecodeError ("Expecting value: line 1 column 21");
+    now it names the file and the older checkpoints to resume from."""
+    out = tmp_path / "run"
+    common = ("--steps", 3, "--batch-tokens", 300, "--save-every", 1, "--keep-last", 0, "--no-export")
+    trainer.train(args_for(store_dir, out, *common, "--stop-after", 2))
+    ck = latest_checkpoint(out)
+    (ck / "state.json").write_text('{"step": 2, "args": ')
+    with pytest.raises(ValueError, match=rf"{ck / 'state.json'}: the checkpoint file cannot be read \(JSONDecodeError"
+                                         r".*damaged or cut short; resume from an older checkpoint of the run: "
+                                         r"step_00000001 \(remove .*step_00000002, and --resume continues from "
+                                         r"step_00000001\)"):
+        trainer.train(args_for(store_dir, out, *common, "--resume"))
 
 
 def test_a_resume_at_a_larger_world_size_warns_that_rng_states_start_fresh(tmp_path, monkeypatch, capsys):
@@ -629,6 +691,12 @@ def _fsdp_init_worker(rank, world, init_file, store, init, out):
         WorldVLA.from_pretrained = counted
         trainer.train(args_for(store, out, *FSDP_COMMON, "--init", init, "--no-export"))
         assert len(reads) == (1 if rank == 0 else 0), reads  # only rank 0 reads the --init folder
+        # A resume builds the model from the config its checkpoint records: no rank reads --init, which may be gone.
+        trainer.train(args_for(store, out + "-resumed", *FSDP_COMMON, "--init", init, "--stop-after", 2, "--no-export"))
+        n = len(reads)
+        trainer.train(args_for(store, out + "-resumed", *FSDP_COMMON, "--init", init + "-moved", "--resume",
+                               "--no-export"))
+        assert len(reads) == n, reads
         # A folder rank 0 refuses stops every rank with its reason (the others would wait for its config).
         want = ValueError if rank == 0 else RuntimeError
         with pytest.raises(want, match="vocabulary entries"):
@@ -664,11 +732,13 @@ def test_fsdp_init_is_read_by_rank_0_alone_and_matches_a_single_process(store_di
                                     "--no-export"))
     _spawn(_fsdp_init_worker, 2, (str(tmp_path / "pg_init"), str(store_dir), str(tmp_path / "init"),
                                   str(tmp_path / "fsdp")))
-    np.testing.assert_allclose([r["loss"] for r in read_log(tmp_path / "fsdp")], single["losses"], rtol=2e-5)
-    ws, wd = final_weights(tmp_path / "single"), final_weights(tmp_path / "fsdp")
-    assert ws.keys() == wd.keys() and wd["model.layers.0.self_attn.q_norm.weight"].shape == (1, 16)
-    for k in ws:
-        torch.testing.assert_close(wd[k], ws[k], rtol=1e-4, atol=1e-4)
+    ws = final_weights(tmp_path / "single")
+    for run in ("fsdp", "fsdp-resumed"):
+        np.testing.assert_allclose([r["loss"] for r in read_log(tmp_path / run)], single["losses"], rtol=2e-5)
+        wd = final_weights(tmp_path / run)
+        assert ws.keys() == wd.keys() and wd["model.layers.0.self_attn.q_norm.weight"].shape == (1, 16)
+        for k in ws:
+            torch.testing.assert_close(wd[k], ws[k], rtol=1e-4, atol=1e-4)
 
 
 def test_fine_tuning_a_release_layout_checkpoint(store_dir, tmp_path, monkeypatch):
@@ -703,6 +773,37 @@ def test_fine_tuning_a_release_layout_checkpoint(store_dir, tmp_path, monkeypatc
     assert row.shape == (1, 16) and not torch.equal(row, init.model.layers[0].self_attn.q_norm.weight.detach())
     exported = out / "policy" / "model" if (out / "policy").exists() else out / "model"
     assert WorldVLA.from_pretrained(exported).config.model_parallel_size == 1
+
+
+def test_a_fine_tuning_run_resumes_exactly_once_its_init_folder_has_moved(store_dir, tmp_path, monkeypatch):
+    """A run started with --init reloaded the whole --init model on --resume, only to overwrite it with the
+    checkpoint's weights, and compared --init as a string: once the folder had moved, or was named otherwise
+    (a relative path, a trailing slash), the run could not resume. Its model is built from the config its
+    checkpoint records now, --init is not read, and the run continues exactly; the export keeps the --init
+    config.json's keys that this package does not read."""
+    from worldvla.model import ModelConfig
+    from worldvla.tokens import VocabLayout
+
+    layout = VocabLayout.from_dict(TokenStore(store_dir).manifest["layout"])
+    init = tmp_path / "init"
+    WorldVLA(ModelConfig.tiny(layout, model_parallel_size=1)).init_weights(
+        generator=torch.Generator().manual_seed(1)).save_pretrained(init)
+    hf = json.loads((init / "config.json").read_text())
+    (init / "config.json").write_text(json.dumps({**hf, "vq_config": {"embed_dim": 256}}))
+    common = ["--steps", 4, "--batch-tokens", 300, "--dropout", 0.1]
+    straight = trainer.train(args_for(store_dir, tmp_path / "a", *common, "--init", init))
+    out = tmp_path / "b"
+    first = trainer.train(args_for(store_dir, out, *common, "--init", init, "--stop-after", 1))
+    init.rename(tmp_path / "moved")
+    monkeypatch.setattr(WorldVLA, "from_pretrained", lambda *a, **k: pytest.fail("--init was read on a resume"))
+    mid = trainer.train(args_for(store_dir, out, *common, "--init", init, "--stop-after", 2, "--resume"))
+    monkeypatch.chdir(tmp_path)
+    rest = trainer.train(args_for(store_dir, out, *common, "--init", "moved/", "--resume"))
+    assert first["losses"] + mid["losses"] + rest["losses"] == straight["losses"]
+    wa, wb = final_weights(tmp_path / "a"), final_weights(out)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    exported = [json.loads((Path(s["export"]) / "model" / "config.json").read_text()) for s in (straight, rest)]
+    assert exported[0] == exported[1] and exported[1]["vq_config"] == {"embed_dim": 256}
 
 
 def _class_weight_dtype_worker(rank, world, init_file):
@@ -864,11 +965,18 @@ def test_samples_no_micro_step_or_position_range_holds_are_refused_before_the_ru
 def test_overwrite_keeps_the_earlier_run_when_the_command_line_is_refused(store_dir, tmp_path):
     """--overwrite deleted the earlier run's checkpoints and policy before the rest of the options were checked,
     so a typo cost the run and did nothing; the options are checked first now."""
+    from worldvla.model import ModelConfig
+    from worldvla.tokens import VocabLayout
+
+    layout = VocabLayout.from_dict(TokenStore(store_dir).manifest["layout"])
+    WorldVLA(ModelConfig.tiny(layout)).save_pretrained(tmp_path / "init")
+    WorldVLA(ModelConfig.tiny(vocab_size=layout.vocab_size + 8)).save_pretrained(tmp_path / "other-vocab")
     out = tmp_path / "run"
     trainer.train(args_for(store_dir, out, "--steps", 1, "--no-export"))
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     for bad in (("--micro-tokens", 4000, "--batch-tokens", 600), ("--store", tmp_path / "no-store"),
-                ("--warmup", 2.5), ("--init", tmp_path / "no-model")):
+                ("--warmup", 2.5), ("--init", tmp_path / "no-model"), ("--init", tmp_path / "other-vocab"),
+                ("--init", tmp_path / "init", "--max-positions", 999)):
         with pytest.raises((ValueError, OSError)):
             trainer.train(args_for(store_dir, out, "--steps", 1, "--overwrite", *bad))
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before, bad

@@ -225,7 +225,8 @@ def test_fresh_run_refuses_old_checkpoints_and_overwrite_starts_over(data, tmp_p
 
 
 @pytest.mark.parametrize("option,value", [("--batch-size", "0"), ("--log-every", "0"), ("--epochs", "0"),
-                                          ("--steps", "-5"), ("--frame-stride", "0"), ("--keep-last", "-1")])
+                                          ("--steps", "-5"), ("--frame-stride", "0"), ("--keep-last", "-1"),
+                                          ("--seed", "-1")])
 def test_cli_refuses_bad_counts_naming_the_option(option, value, tmp_path, capsys):
     from worldvla.cli import main
 
@@ -248,6 +249,39 @@ def test_cli_refuses_non_finite_and_out_of_range_floats_naming_the_option(option
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}: " in err and value in err
+
+
+def test_overwrite_keeps_the_earlier_run_when_the_inputs_are_refused(data, tmp_path):
+    """--overwrite deleted the earlier run's checkpoints and VQGAN before the demo files, their frames and --init
+    were checked, so a typo cost the run and trained nothing; they are checked first now."""
+    out = tmp_path / "run"
+    vqt.train_vq(args_for(data, out, "--steps", 2))
+    before = sorted(p.name for p in out.iterdir()), sorted(p.name for p in (out / "checkpoints").iterdir())
+    for bad, error in ((("--batch-size", 64), "only 16 frames for a batch of 64"),
+                       (("--init", data), "no VQGAN|not a VQGAN|VQGAN folder"),
+                       (("--init", tmp_path / "no-vqgan"), "no such folder")):
+        with pytest.raises((ValueError, OSError), match=error):
+            vqt.train_vq(args_for(data, out, "--steps", 2, "--overwrite", *bad))
+        assert (sorted(p.name for p in out.iterdir()), sorted(p.name for p in (out / "checkpoints").iterdir())) \
+            == before, bad
+    empty = args_for(data, out, "--steps", 2, "--overwrite")
+    empty.inputs = [str(tmp_path / "no-demos")]
+    (tmp_path / "no-demos").mkdir()
+    with pytest.raises((ValueError, OSError)):
+        vqt.train_vq(empty)
+    assert sorted(p.name for p in out.iterdir()) == before[0]
+
+
+def test_a_damaged_state_json_is_refused_naming_it(data, tmp_path):
+    """A state.json cut short failed a resume with a bare JSONDecodeError (in --min-lr's default, or in the
+    settings check); now it names the file and says what to do."""
+    out = tmp_path / "run"
+    vqt.train_vq(args_for(data, out, "--steps", 2, "--stop-after", 1))
+    (latest_checkpoint(out) / "state.json").write_text('{"step": 1, "args": ')
+    for args in (args_for(data, out, "--steps", 2, "--resume"), _vq_args(data, out, "--steps", 2, "--resume")):
+        with pytest.raises(ValueError, match=r"step_00000001.state\.json: the checkpoint file cannot be read "
+                                             r"\(JSONDecodeError.*no older checkpoint to resume from"):
+            vqt.train_vq(args)
 
 
 def test_resume_with_overwrite_is_refused_and_resume_messages(data, tmp_path, capsys):

@@ -141,10 +141,17 @@ def trim_log(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
-def check_resume_settings(saved: dict, args, names: tuple[str, ...], source) -> None:
+def check_resume_settings(saved: dict, args, names: tuple[str, ...], source, normalize=None) -> None:
     """Refuse to resume with other values of the settings `names` than the run was started with (`saved`,
-    the checkpoint's record of the run's arguments; names it lacks are not compared)."""
-    changed = [n for n in names if n in saved and not _same_setting(saved[n], getattr(args, n, None))]
+    the checkpoint's record of the run's arguments; names it lacks are not compared). `normalize`: {name: value}
+    -> the values as they act on the run (a default as the value it stands for, an unused setting as None): a
+    setting is refused only where both its value and what it does differ (a default that follows another setting
+    is not named with it)."""
+    then, now = dict(saved), dict(vars(args))
+    if normalize is not None:
+        then, now = normalize(then), normalize(now)
+    changed = [n for n in names if n in saved and not _same_setting(saved[n], getattr(args, n, None))
+               and not _same_setting(then[n], now.get(n))]
     if changed:
         def opts(values):
             return " ".join(f"--{n.replace('_', '-')} {values(n)}" for n in changed)
@@ -187,16 +194,18 @@ def scalar_args(args) -> dict:
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
-def resume_point(run_dir, args, names: tuple[str, ...], data: dict | None = None, fix=None) -> Path | None:
+def resume_point(run_dir, args, names: tuple[str, ...], data: dict | None = None, fix=None,
+                 normalize=None) -> Path | None:
     """Under --resume, the run's latest checkpoint, refused (before anything is built) if it was started with
-    other values of the settings `names`, or on other `data` (`check_resume_data`; `fix(saved settings)` says
-    how to resume it); None without --resume or without a checkpoint."""
+    other values of the settings `names` (compared as `normalize` gives them: `check_resume_settings`), or on
+    other `data` (`check_resume_data`; `fix(saved settings)` says how to resume it); None without --resume or
+    without a checkpoint."""
     if not args.resume:
         return None
     ck = latest_checkpoint(run_dir)
     if ck is not None:
-        saved = json.loads((ck / "state.json").read_text()).get("args", {})
-        check_resume_settings(saved, args, names, run_dir)
+        saved = read_state(ck).get("args", {})
+        check_resume_settings(saved, args, names, run_dir, normalize)
         check_resume_data(saved, data or {}, run_dir, fix(saved) if fix else "Resume on the data it was started on")
     return ck
 
@@ -290,10 +299,7 @@ def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True)
             raise FileNotFoundError(f"no checkpoint in {path} (expected {path}/checkpoints/step_*/state.json "
                                     f"or a checkpoint folder)")
         path = found
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(_damaged(path / "state.json", e)) from None
+    state = read_state(path)
     main = dist_utils.is_main()
     msd = _read_on_rank_0(path / "model.pt")
     load_full_model_state(model, msd)
@@ -310,6 +316,19 @@ def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True)
             print(f"warning: {', '.join(missing)} missing (saved by {state.get('world_size', '?')} rank(s), resumed "
                   f"by {dist_utils.world_size()}); the RNG states of those ranks start fresh")
     state["path"] = str(path)
+    return state
+
+
+def read_state(path) -> dict:
+    """The state.json of the checkpoint folder `path`; a damaged one (cut short, edited by hand) is refused naming
+    it and the older checkpoints to resume from instead."""
+    file = Path(path) / "state.json"
+    try:
+        state = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(_damaged(file, e)) from None
+    if not isinstance(state, dict):
+        raise ValueError(_damaged(file, ValueError(f"a JSON {type(state).__name__}, not an object")))
     return state
 
 

@@ -30,6 +30,7 @@ affine row per head in the q/k norms of a model built here (a release checkpoint
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -42,19 +43,40 @@ import torch
 
 from . import distributed as dist_utils
 from ..cli import non_negative_float, non_negative_int, positive_int, unit_open_float
-from .checkpointing import (add_run_arguments, full_model_state, load_checkpoint, prepare_run_dir, resume_point,
-                            save_checkpoint, scalar_args, trim_log)
+from .checkpointing import (add_run_arguments, check_resume_or_overwrite, full_model_state, load_checkpoint,
+                            prepare_run_dir, read_state, resume_point, save_checkpoint, scalar_args, trim_log)
 
 CONFIGS = ("tiny", "small", "chameleon_7b")
 # What a resumed run must share with its start: the model, the learning-rate schedule and the optimizer's
 # hyperparameters (both restored from the checkpoint, so new values would be ignored), the loss and the
 # gradient clipping (the run would otherwise continue under another objective than it started with) and the
-# data order (a position in it is restored). The token store itself is checked by its fingerprint
-# (`resume_point`'s data). --micro-tokens, the precision and the kernels may change: they do not change the
-# training's result beyond rounding.
-RESUME_SETTINGS = ("config", "init", "attention", "max_positions", "dropout", "steps", "epochs", "lr", "min_lr",
+# data order (a position in it is restored); compared as they act on the run (`_effective_settings`). The token
+# store itself is checked by its fingerprint and its shards' digests (`resume_point`'s data). --init is not
+# compared: a resumed run's model is the checkpoint's, built from the model config it records
+# (`_recorded_config`), and the folder is not read. --micro-tokens, the precision and the kernels may change: they
+# do not change the training's result beyond rounding.
+RESUME_SETTINGS = ("config", "attention", "max_positions", "dropout", "steps", "epochs", "lr", "min_lr",
                    "warmup", "schedule", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "alpha",
                    "release_loss_weights", "z_weight", "batch_tokens", "seed", "kinds")
+
+
+def _effective_settings(settings: dict) -> dict:
+    """`settings` (a run's arguments) as they act on the run: --kinds as the kinds it selects ('' is all of them,
+    in any order), --min-lr's default as its value (--lr / 10; None under --schedule constant, which has no floor),
+    --epochs as None under --steps (which decides the run's length then)."""
+    from ..data.store import KINDS
+
+    s = dict(settings)
+    if isinstance(s.get("kinds"), str):
+        names = {k.strip() for k in s["kinds"].split(",")} if s["kinds"] else set(KINDS)
+        s["kinds"] = [k for k in KINDS if k in names] + sorted(names - set(KINDS))
+    if s.get("schedule") == "constant":
+        s["min_lr"] = None
+    elif s.get("min_lr") is None and isinstance(s.get("lr"), (int, float)):
+        s["min_lr"] = s["lr"] * 0.1
+    if s.get("steps"):
+        s["epochs"] = None
+    return s
 
 
 # ---------------------------------------------------------------------- schedule
@@ -176,18 +198,26 @@ def _precision(args, device) -> torch.dtype | None:
     return torch.bfloat16 if p == "bf16" else None
 
 
-def _build_model(args, layout, device, fsdp: bool, mixed_precision: torch.dtype | None = None):
+def _build_model(args, layout, device, fsdp: bool, mixed_precision: torch.dtype | None = None, config=None):
     """The same model on every rank: seeded init or --init weights; sharded (FSDP2) when `fsdp`.
 
     A sharded model without --init is built on the meta device, sharded, and only then
     allocated and initialized shard by shard, so no rank ever holds the full fp32 model; with
-    --init rank 0 alone holds it, to broadcast the shards (`_init_model`)."""
+    --init rank 0 alone holds it, to broadcast the shards (`_init_model`). `config`: a resumed run's
+    (`_recorded_config`): its model is allocated uninitialized, for the checkpoint's weights to fill, and
+    --init is not read."""
     from ..model import WorldVLA
 
     torch.manual_seed(args.seed)
     attention = getattr(args, "attention", "chunk")
-    if args.init:
+    if args.init and config is None:
         model = _init_model(args, layout, device, fsdp, mixed_precision, attention)
+    elif config is not None:
+        with torch.device("meta"):
+            model = WorldVLA(config)
+        if fsdp:
+            dist_utils.shard_model(model, mixed_precision=mixed_precision, device_type=device.type)
+        model.to_empty(device=device)
     else:
         cfg = build_model_config(args.config, layout, args.dropout, args.max_positions, attention)
         gen = torch.Generator().manual_seed(args.seed)
@@ -213,16 +243,8 @@ def _init_model(args, layout, device, fsdp: bool, mixed_precision, attention: st
     from ..model import WorldVLA
     from .checkpointing import load_full_model_state
 
-    def load():
-        model = WorldVLA.from_pretrained(args.init, device="cpu", dtype=torch.float32)
-        if model.config.vocab_size != layout.vocab_size:
-            raise ValueError(f"--init model has {model.config.vocab_size} vocabulary entries, the store's "
-                             f"layout {layout.vocab_size}")
-        if args.max_positions and args.max_positions != model.config.max_position_embeddings:
-            raise ValueError(f"--max-positions {args.max_positions} sizes a model built from --config; the "
-                             f"--init model keeps its checkpoint's {model.config.max_position_embeddings} "
-                             f"(drop the option)")
-        return model
+    def load():  # its vocabulary and positions were checked against the run's (`_max_positions`)
+        return WorldVLA.from_pretrained(args.init, device="cpu", dtype=torch.float32)
 
     # Under FSDP the other ranks learn rank 0's config, or that it failed (they would wait for it otherwise).
     loaded, cfg = dist_utils.on_rank_0(load, f"load --init {args.init}", share=lambda model: model.config)
@@ -308,17 +330,81 @@ def _check_backends(args, device, amp_dtype) -> None:
             raise ValueError(f"{opt} {backend} cannot train on {device}: {err}") from None
 
 
-def _max_positions(args, layout) -> int:
-    """The positions the run's model will have: --init's config.json, else --config's (with --max-positions)."""
+def _max_positions(args, layout, config=None) -> int:
+    """The positions the run's model will have: a resumed run's recorded `config`'s, else --init's config.json
+    (whose vocabulary must be the store's, and which --max-positions cannot resize: both refused here, before
+    --overwrite deletes anything), else --config's (with --max-positions). Under FSDP rank 0 alone reads
+    --init's config.json."""
+    if config is not None:
+        return config.max_position_embeddings
     if args.init:
         from ..checkpoint import check_folder, config_from_hf, read_json_file
 
-        folder = check_folder(args.init, "model")
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"--init {args.init}: no config.json (expected a model folder: a release "
-                                    f"checkpoint, `save_pretrained`, or a run's OUT/model)")
-        return config_from_hf(read_json_file(folder / "config.json", "--init model config")).max_position_embeddings
+        def read():
+            folder = check_folder(args.init, "model")
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(f"--init {args.init}: no config.json (expected a model folder: a release "
+                                        f"checkpoint, `save_pretrained`, or a run's OUT/model)")
+            cfg = config_from_hf(read_json_file(folder / "config.json", "--init model config"))
+            if cfg.vocab_size != layout.vocab_size:
+                raise ValueError(f"--init model has {cfg.vocab_size} vocabulary entries, the store's layout "
+                                 f"{layout.vocab_size}")
+            if args.max_positions and args.max_positions != cfg.max_position_embeddings:
+                raise ValueError(f"--max-positions {args.max_positions} sizes a model built from --config; the "
+                                 f"--init model keeps its checkpoint's {cfg.max_position_embeddings} (drop the option)")
+            return cfg.max_position_embeddings
+
+        return dist_utils.on_rank_0(read, f"read --init {args.init}", share=lambda n: n)[1]
     return build_model_config(args.config, layout, args.dropout, args.max_positions).max_position_embeddings
+
+
+def _recorded_config(ck, args):
+    """The model config that the checkpoint `ck` records (`model_config`; `model_hf_extra`: the config.json keys of
+    an --init folder that the export writes back), which a resumed run builds its model from: the checkpoint holds
+    all its weights, so --init is not read (the folder may have moved). None when the record lacks a field of
+    ModelConfig (a checkpoint of an older version: the model is then built as at the run's start)."""
+    from dataclasses import fields
+
+    from ..model import ModelConfig
+
+    state = read_state(ck)
+    rec = state.get("model_config")
+    names = [f.name for f in fields(ModelConfig) if f.name != "hf_extra"]
+    if not isinstance(rec, dict) or any(n not in rec for n in names):
+        return None
+    cfg = ModelConfig(**{n: rec[n] for n in names})
+    if "model_hf_extra" in state:
+        cfg.hf_extra = state["model_hf_extra"]
+    elif args.init and dist_utils.is_main():
+        # A checkpoint written before the keys were recorded: --init's, for rank 0's export, where the folder still is.
+        from ..checkpoint import config_from_hf, read_json_file
+
+        hf = Path(args.init).expanduser() / "config.json"
+        if hf.is_file():
+            cfg.hf_extra = config_from_hf(read_json_file(hf, "--init model config")).hf_extra
+        else:
+            print(f"warning: {ck} does not record the config.json keys of the --init model and {hf} is gone: the "
+                  f"exported model's config.json gets this package's defaults for them")
+    return cfg
+
+
+def _store_digest(manifest: dict) -> str | None:
+    """A digest of the token store's content: its shards' sha256s, as its manifest records them (the fingerprint
+    covers settings, VQGAN and the inputs' names and sizes, not what they hold). None for a manifest without them."""
+    shards = manifest.get("shards", [])
+    if not all(isinstance(e, dict) and "files" in e for e in shards):
+        return None
+    listed = json.dumps([[e.get("name"), e["files"]] for e in shards], sort_keys=True)
+    return hashlib.sha256(listed.encode()).hexdigest()
+
+
+def _store_fix(started_on, store) -> str:
+    """How to resume a run refused on other data: on the store it was started on, or, where that is `store` (rebuilt
+    in place since), on that store rebuilt as it was."""
+    if started_on is not None and Path(started_on).resolve() == Path(store).resolve():
+        return (f"The token store {store} was rebuilt since the run started: rebuild it from the demos and settings "
+                f"the run was started on")
+    return f"Resume with --store {started_on}, the token store it was started on"
 
 
 def _check_sample_lengths(lengths, micro_tokens: int, option: str, positions: int) -> None:
@@ -369,6 +455,7 @@ def train(args) -> dict:
     if args.min_lr is not None and args.min_lr > args.lr:  # refused before anything is read or deleted
         raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine decay would raise the "
                          f"learning rate; pass a --min-lr of at most --lr (default: --lr / 10)")
+    check_resume_or_overwrite(args.resume, getattr(args, "overwrite", False))
     _check_backends(args, device, _precision(args, device))
     # Everything the command line decides is checked before --overwrite deletes the earlier run.
     kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
@@ -379,25 +466,35 @@ def train(args) -> dict:
     micro_tokens = args.micro_tokens or args.batch_tokens
     if micro_tokens > args.batch_tokens:
         raise ValueError(f"--micro-tokens {micro_tokens} cannot exceed --batch-tokens {args.batch_tokens}")
-    _check_sample_lengths(store.lengths, micro_tokens, "--micro-tokens" if args.micro_tokens else "--batch-tokens",
-                          _max_positions(args, layout))
     # Total steps: --steps, or whole epochs of the store.
     if args.steps:
         total = args.steps
     else:
         total = sum(len(epoch_batches(store.lengths, args.batch_tokens, args.seed, e)) for e in range(args.epochs))
     warmup = _warmup_steps(args, total)
-    prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("policy", "model"))
-    # The run's data, recorded with its settings: a resume on another store is refused by name.
-    data = {"store_fingerprint": store.manifest.get("fingerprint"), "total_steps": total}
+    # The run's data, recorded with its settings: a resume on another store (or one rebuilt from other demos) is
+    # refused by name.
+    data = {"store_fingerprint": store.manifest.get("fingerprint")}
+    content = _store_digest(store.manifest)
+    if content is not None:
+        data["store_content"] = content
+    data["total_steps"] = total
     ck = resume_point(out, args, RESUME_SETTINGS, data,  # refused now, not after the model is built
-                      fix=lambda saved: f"Resume with --store {saved.get('store')}, the token store it was started on")
+                      fix=lambda saved: _store_fix(saved.get("store"), args.store), normalize=_effective_settings)
+    config = _recorded_config(ck, args) if ck is not None else None
+    if config is not None and args.init and main:
+        print(f"--resume: the model is the checkpoint's, built from the config it records; --init {args.init} is "
+              f"not loaded")
+    _check_sample_lengths(store.lengths, micro_tokens, "--micro-tokens" if args.micro_tokens else "--batch-tokens",
+                          _max_positions(args, layout, config))
+    prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("policy", "model"))
     if main:
         out.mkdir(parents=True, exist_ok=True)
 
     amp_dtype = _precision(args, device)
     fsdp = world > 1
-    model = _build_model(args, layout, device, fsdp, mixed_precision=amp_dtype if device.type == "cuda" else None)
+    model = _build_model(args, layout, device, fsdp, mixed_precision=amp_dtype if device.type == "cuda" else None,
+                         config=config)
     if rank:  # every rank built the same model from --seed; their dropout masks must differ (rank 0 keeps the
         # single process's stream)
         torch.manual_seed(int(np.random.SeedSequence([args.seed, rank]).generate_state(1)[0]))
@@ -509,7 +606,8 @@ def train(args) -> dict:
 
 def _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args, data):
     state = {"epoch": epoch, "batch_in_epoch": pos, "tokens_seen": tokens_seen, "scheduler": sched.state_dict(),
-             "model_config": model.config.to_dict(), "args": {**scalar_args(args), **data}}
+             "model_config": model.config.to_dict(), "model_hf_extra": model.config.hf_extra,
+             "args": {**scalar_args(args), **data}}
     return save_checkpoint(out, step, model, opt, state, keep_last=args.keep_last)
 
 
@@ -555,7 +653,10 @@ def add_arguments(p) -> None:
     p.add_argument("--store", required=True, help="token store folder (worldvla pretokenize)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, exported policy")
     p.add_argument("--config", default="small", choices=CONFIGS, help="model size (default: %(default)s)")
-    p.add_argument("--init", default=None, help="start from this model folder (e.g. converted Chameleon-7B)")
+    p.add_argument("--init", default=None,
+                   help="start from this model folder (e.g. converted Chameleon-7B). A --resume of a run continues "
+                        "from its checkpoint, which holds the model: the folder is then not read and may have "
+                        "moved")
     p.add_argument("--steps", type=non_negative_int, default=0,
                    help="optimizer steps (default: 0, --epochs whole epochs)")
     p.add_argument("--epochs", type=positive_int, default=1, help="whole epochs of the store when --steps is 0 "

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from ..cli import non_negative_float, non_negative_int, positive_int, unit_float, unit_open_float
 from ..tokens.layout import VocabLayout
 from . import distributed as dist_utils
-from .checkpointing import (add_run_arguments, latest_checkpoint, load_checkpoint, prepare_run_dir, resume_point,
-                            save_checkpoint, scalar_args, trim_log)
+from .checkpointing import (add_run_arguments, check_resume_or_overwrite, latest_checkpoint, load_checkpoint,
+                            prepare_run_dir, read_state, resume_point, save_checkpoint, scalar_args, trim_log)
 
 # What a resumed run must share with its start: the model, the learning-rate schedule (computed from these
 # settings at every step), the optimizer's hyperparameters (restored from the checkpoint), the loss, its
@@ -165,7 +165,7 @@ def _resolve_min_lr(args, out: Path) -> None:
         saved = None
         ck = latest_checkpoint(out) if args.resume else None
         if ck is not None:
-            saved = json.loads((ck / "state.json").read_text()).get("args", {}).get("min_lr")
+            saved = read_state(ck).get("args", {}).get("min_lr")
         inherited = saved is not None
         args.min_lr = saved if inherited else args.lr * 0.1
     if args.min_lr > args.lr and not inherited:
@@ -186,19 +186,17 @@ def train_vq(args) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over {world} ranks")
     local = args.batch_size // world
     out = Path(args.out)
+    check_resume_or_overwrite(args.resume, getattr(args, "overwrite", False))
     if args.init and (args.n_embed or args.config != "small"):  # refused before any frame is read
         raise ValueError("--init starts from that VQGAN's own architecture and codebook: drop --n-embed and "
                          "--config (or drop --init to build a new VQGAN)")
     _resolve_min_lr(args, out)
-    prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("vqgan",))
+    # Everything the command line decides is checked before --overwrite deletes the earlier run.
     files = find_demo_files(args.inputs)
     # The run's data, recorded with its settings: a resume on other demo files is refused by name.
     data = {"demo_files": [f"{f.name} ({f.stat().st_size} bytes)" for f in files]}
     ck = resume_point(out, args, RESUME_SETTINGS, data,  # refused now, not after the frames are read
                       fix=lambda saved: "Resume with the demo files it was started on")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist_utils.barrier()
     frames = load_frames(files, args.frame_stride, args.max_frames, args.camera,
                          ROTATE_180[getattr(args, "rotate_180", "auto")], announce=main)
     if len(frames) < args.batch_size:
@@ -213,6 +211,10 @@ def train_vq(args) -> dict:
                          f"multiples of {grid} px (the resolution tokens count {grid}-px grids), which pretokenize "
                          f"would refuse after this training; collect or resize the demos at such a size (collect "
                          f"--image-size)")
+    prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("vqgan",))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist_utils.barrier()
     model = vq
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -364,7 +366,7 @@ def add_arguments(p) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto = bf16 autocast on GPU, fp32 on CPU (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the initialization and the frame order (default: %(default)s)")
     add_run_arguments(p, save_every=500, exports="vqgan/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
