@@ -368,6 +368,38 @@ def test_sampling_bad_arguments(rng):
         nb.range_logits_op(torch.randn(8, 2, generator=rng).t(), weight, 0, 4)
 
 
+def test_auto_chooses_the_same_ids_with_and_without_grad_mode(rng):
+    """Sampled ids carry no gradient, so a head whose weight requires one (a model in training mode, sampled
+    outside no_grad) must get the choice it gets under no_grad: `auto` took torch's bfloat16-rounded logits
+    there and the native float32 sums here, and some rows' ids differed."""
+    hidden = torch.randn(4096, 64, generator=rng).bfloat16()
+    weight = torch.randn(300, 64, generator=rng).bfloat16().requires_grad_()
+    with torch.no_grad():
+        plain = constrained_sample(hidden, weight, 10, 266)
+    assert torch.equal(constrained_sample(hidden, weight, 10, 266), plain)
+    assert torch.equal(constrained_sample(hidden, weight, 10, 266, backend="native"), plain)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "native"])
+def test_entry_points_name_the_input_of_a_wrong_dtype(rng, backend):
+    """torch's own message ("expected m1 and m2 to have the same dtype") names neither the op nor the input."""
+    from worldvla.ops import linear, vq_quantize
+
+    hidden, weight = torch.randn(2, 8, generator=rng), torch.randn(20, 8, generator=rng)
+    with pytest.raises(TypeError, match="constrained_sample: weight is torch.bfloat16 but hidden is torch.float32"):
+        constrained_sample(hidden, weight.bfloat16(), 0, 4, backend=backend)
+    with pytest.raises(TypeError, match="constrained_sample: hidden must be a floating-point tensor"):
+        constrained_sample(hidden.long(), weight, 0, 4, backend=backend)
+    with pytest.raises(TypeError, match="linear: weight is torch.bfloat16 but x is torch.float32"):
+        linear(hidden, weight.bfloat16(), backend=backend)
+    with pytest.raises(TypeError, match="vq_quantize: z must be a floating-point tensor"):
+        vq_quantize(hidden.long(), weight, backend=backend)
+    with pytest.raises(ValueError, match="the codebook holds no code"):
+        vq_quantize(hidden, weight[:0], backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts mixed inputs to one dtype: allowed
+        assert linear(hidden, weight.bfloat16(), backend="torch").shape == (2, 20)
+
+
 def test_range_argmax_under_torch_compile_cpu(rng):
     torch._dynamo.reset()
     hidden, weight = torch.randn(3, 16, generator=rng), torch.randn(40, 16, generator=rng)

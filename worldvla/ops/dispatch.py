@@ -118,6 +118,23 @@ def values_readable(t) -> bool:
                 or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
 
 
+def check_floats(op: str, same: bool = True, **tensors) -> None:
+    """An entry point's floating inputs, named in the error: each floating-point, and (`same`) all of the first
+    one's dtype, except under autocast, which casts them to one. torch's own error ("expected m1 and m2 to have
+    the same dtype") names neither the op nor the argument to convert."""
+    import torch
+
+    (first, t0), *rest = tensors.items()
+    for name, t in tensors.items():
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if not same or torch.is_autocast_enabled(t0.device.type):
+        return
+    for name, t in rest:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{op}: {name} is {t.dtype} but {first} is {t0.dtype}; convert them to one dtype")
+
+
 def first_false(*answers):
     """The first false answer of a `supports` chain (an Unsupported keeps its reason), else True.
     An answer may be a zero-argument callable, evaluated only if every answer before it passed."""

@@ -1283,14 +1283,22 @@ def _decoder_layer_supports(layer, x, ctx, step: bool = False):
 
 
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
-    return dispatch.first_false(lambda: _device_ok("constrained_sample", hidden), lambda: _no_grad(hidden, weight),
+    # No gradient check: the ids carry none, and `auto` must choose alike with and without grad mode.
+    return dispatch.first_false(lambda: _device_ok("constrained_sample", hidden),
                                 lambda: _passes(_check_range, hidden, weight, lo, hi))
+
+
+@torch.no_grad()
+def _dispatched_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None, gumbel=None):
+    """`constrained_sample` as the dispatcher hands it out: token ids, whose choice needs no gradient, so the
+    kernel runs on inputs that require one (a model in training mode sampled outside no_grad)."""
+    return constrained_sample(hidden, weight, lo, hi, temperature, top_k, generator, gumbel)
 
 
 dispatch.register("masked_attention", "native", masked_attention, _attention_supports)
 dispatch.register("decode_attention", "native", decode_attention, _decode_supports)
 dispatch.register("vq_quantize", "native", vq_quantize, _vq_quantize_supports)
 dispatch.register("vq_gather", "native", vq_gather, _vq_gather_supports)
-dispatch.register("constrained_sample", "native", constrained_sample, _sample_supports)
+dispatch.register("constrained_sample", "native", _dispatched_sample, _sample_supports)
 dispatch.register("linear", "native", _dispatched_linear, _linear_supports)
 dispatch.register("decoder_layer", "native", _dispatched_decoder_layer, _decoder_layer_supports)

@@ -26,6 +26,9 @@ def vq_gather_ref(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
 def vq_quantize(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
         raise ValueError(f"vq_quantize wants z [N, C] and codebook [K, C]; got {tuple(z.shape)}, {tuple(codebook.shape)}")
+    if codebook.shape[0] == 0:
+        raise ValueError("vq_quantize: the codebook holds no code (shape [0, C]); pass the VQGAN's codebook")
+    dispatch.check_floats("vq_quantize", same=False, z=z, codebook=codebook)  # the reference casts the codebook to z's
     return dispatch.call("vq_quantize", backend, z.device.type, z, codebook)
 
 
