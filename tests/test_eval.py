@@ -418,6 +418,164 @@ def test_runs_of_other_settings_do_not_overwrite_each_other(tmp_path, monkeypatc
         assert m["random"]["tasks"]["fake-a-v3"]["reused"] and m["random"]["tasks"]["fake-a-v3"]["episodes"] == episodes
 
 
+def _stand_in_policy_folder(tmp_path, monkeypatch, pol):
+    """A policy folder whose loading gives `pol` (its files still key the saved runs)."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    monkeypatch.setattr(mw, "load_policy", lambda path, device=None: pol)
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "policy.json").write_text("{}")
+    return folder
+
+
+def test_a_policy_folder_replaced_during_an_evaluation_does_not_lend_it_its_runs(tmp_path, monkeypatch):
+    """The folder's fingerprint was taken per task: a new export landing after the first task filed the old
+    weights' closed loops of the later tasks under the new files' key, and the next evaluation of the new
+    policy reused them. The fingerprint is taken once, before the policy loads."""
+    from worldvla.eval import metaworld as mw
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())
+    real_closed_loop = mw.closed_loop
+
+    def export_lands(policy, task, *a, **k):
+        r = real_closed_loop(policy, task, *a, **k)
+        if task == "fake-a-v3":
+            (folder / "policy.json").write_text('{"new": 1}')
+        return r
+
+    monkeypatch.setattr(mw, "closed_loop", export_lands)
+    kw = dict(episodes=1, max_steps=4, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              random_baseline=False, variant_names=["p"])
+    mw.evaluate([folder], ["fake-a-v3", "fake-b-v3"], out_dir=tmp_path / "eval", **kw)
+    monkeypatch.setattr(mw, "closed_loop", real_closed_loop)
+    m = mw.evaluate([folder], ["fake-a-v3", "fake-b-v3"], out_dir=tmp_path / "eval", **kw)
+    assert [m["variants"]["p"]["tasks"][t].get("reused", False) for t in m["tasks"]] == [False, False]
+    m = mw.evaluate([folder], ["fake-a-v3", "fake-b-v3"], out_dir=tmp_path / "eval", **kw)
+    assert [m["variants"]["p"]["tasks"][t].get("reused", False) for t in m["tasks"]] == [True, True]
+
+
+def test_saved_runs_are_found_whatever_the_variant_is_called(tmp_path, monkeypatch):
+    """The variant's name was part of a saved run's key: the same folder under another name (--names, or the
+    default names, which change when a folder of the same name is added) ran everything again. So did
+    --execute K against no --execute for chunks of K actions (the same runs)."""
+    import json
+
+    from worldvla.eval import metaworld as mw
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())
+    out = tmp_path / "eval"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "a__fake-a-v3.json").write_text('{"key": "x", "result": {}}')  # saved by earlier versions
+    (out / "runs" / "a__fake-a-v3__0123456789abcdef.json").write_text("not json")
+    kw = dict(episodes=2, max_steps=8, n_envs=2, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              random_baseline=False)
+    first = mw.evaluate([folder], ["fake-a-v3"], out_dir=out, variant_names=["a"], **kw)
+    assert "reused" not in first["variants"]["a"]["tasks"]["fake-a-v3"]
+    m = mw.evaluate([folder], ["fake-a-v3"], out_dir=out, variant_names=["b"], **kw)
+    assert list(m["variants"]) == ["b"] and m["variants"]["b"]["tasks"]["fake-a-v3"]["reused"]
+    assert m["variants"]["b"]["tasks"]["fake-a-v3"]["episode_success"] == \
+        first["variants"]["a"]["tasks"]["fake-a-v3"]["episode_success"]
+    saved = [json.loads(f.read_text()) for f in (out / "runs").glob("fake-a-v3__*.json")]
+    assert [r["variant"] for r in saved] == ["a"]  # a label: the lookup went by task and key
+    m = mw.evaluate([folder], ["fake-a-v3"], out_dir=out, execute=PushRight.chunk_size, **kw)
+    assert m["execute"] == 3 and m["variants"]["policy"]["tasks"]["fake-a-v3"]["reused"]
+    m = mw.evaluate([folder], ["fake-a-v3"], out_dir=out, execute=2, **kw)
+    assert "reused" not in m["variants"]["policy"]["tasks"]["fake-a-v3"]
+
+
+def test_eval_refuses_more_steps_than_metaworld_before_loading_a_policy(tmp_path, monkeypatch, capsys):
+    """`eval --max-steps 600` failed in an env worker once the policies had loaded, as a RuntimeError with two
+    tracebacks; refused up front now, in the command's one line, and --help says the limit."""
+    import argparse
+
+    from worldvla.cli import main
+    from worldvla.eval import metaworld as mw
+    from worldvla.sim.metaworld_env import MAX_EPISODE_STEPS
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, None)
+    monkeypatch.setattr(mw, "load_policy", lambda *a, **k: pytest.fail("the policy loaded before the check"))
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    assert main(["eval", "--policy", str(folder), "--tasks", "reach-v3", "--max-steps", str(MAX_EPISODE_STEPS + 1),
+                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"worldvla eval: error: --max-steps must be in [1, {MAX_EPISODE_STEPS}] (Meta-World's own "
+                   f"episode limit), got {MAX_EPISODE_STEPS + 1} (WORLDVLA_TRACEBACK=1 shows where)"), err
+    assert f"at most {MAX_EPISODE_STEPS}" in " ".join(mw.add_arguments(argparse.ArgumentParser()).format_help().split())
+
+
+def test_world_model_frames_of_another_size_are_scored_at_the_policys(tmp_path):
+    """`policy.imagine` resizes frames to the policy's image_size; the world-model metrics scored 64-px frames
+    with a 32-px policy at 64 px and failed on 48-px ones. They are resized as imagine resizes them now."""
+    from worldvla.eval.metaworld import world_model_metrics
+
+    pol = _tiny_policy(2)  # 32 px
+    rng = np.random.default_rng()
+    big = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    actions = rng.uniform(-1, 1, (3, 4)).astype(np.float32)
+    got = world_model_metrics(pol, [{"frames": big, "actions": actions}], horizon=2, one_step_points=2)
+    want = world_model_metrics(pol, [{"frames": pol._frames(big)[0], "actions": actions}], horizon=2,
+                               one_step_points=2)
+    assert got["examples"]["imagined"].shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(got["examples"]["real"], want["examples"]["real"])
+    for part in ("one_step", "multi_step"):
+        for k in ("psnr", "ssim"):
+            assert got[part][k] == want[part][k]
+    odd = rng.integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
+    assert world_model_metrics(pol, [{"frames": odd, "actions": actions}], horizon=2,
+                               one_step_points=2)["examples"]["real"].shape == (3, 32, 32, 3)
+
+
+def test_closed_loop_and_expert_rollouts_render_from_the_policys_camera(monkeypatch):
+    """`evaluate` renders from the camera of the policy's demonstrations; closed_loop and expert_rollouts on
+    envs of their own rendered from 'corner' whatever that camera."""
+    from worldvla.eval import metaworld as mw
+    from worldvla.sim import metaworld_env
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    monkeypatch.setattr(metaworld_env, "expert_episode", lambda env, seed: {"seed": seed})
+    pol = PushRight()
+    pol.extra = {"sim_camera": "topview"}
+    FakeMetaWorldEnv.instances = []
+    closed_loop(pol, "fake-v3", 1, max_steps=2, n_envs=1, record=False)
+    mw.expert_rollouts("fake-v3", 1, max_steps=2, policy=pol)
+    assert [(e.camera, e.image_size) for e in FakeMetaWorldEnv.instances] == [("topview", 8)] * 2
+    FakeMetaWorldEnv.instances = []
+    with pytest.warns(UserWarning, match="trained on frames from the 'topview' camera and is evaluated from 'corner'"):
+        closed_loop(pol, "fake-v3", 1, max_steps=2, n_envs=1, record=False, camera="corner")
+    mw.expert_rollouts("fake-v3", 1, max_steps=2)
+    assert [(e.camera, e.image_size) for e in FakeMetaWorldEnv.instances] == [("corner", 8), ("corner", 64)]
+
+
+def test_an_expert_error_leaves_the_other_envs_replies_read():
+    """Expert episodes run side by side in worker processes: an error in one left the others' replies unread,
+    to be taken for the next command's. (closed_loop's steps: test_sim.)"""
+    from collections import deque
+
+    from worldvla.eval.metaworld import expert_rollouts
+
+    owed = deque()
+
+    class Remote:  # the `RemoteEnv` expert interface, on one pipe
+        def __init__(self, fails):
+            self.fails = fails
+
+        def expert_async(self, seed):
+            owed.append(self)
+
+        def expert_wait(self):
+            assert owed.popleft() is self, "replies read out of order"
+            if self.fails:
+                raise ValueError("the expert failed")
+            return {"seed": 0, "success": True}
+
+    with pytest.raises(ValueError, match="the expert failed"):
+        expert_rollouts("fake-v3", 3, envs=[Remote(False), Remote(True), Remote(False)])
+    assert not owed
+    assert len(expert_rollouts("fake-v3", 3, envs=[Remote(False)] * 3)) == 3
+
+
 def _fake_expert_rollouts(lengths):
     """expert_rollouts stand-in: `lengths[task]` expert actions per rollout (an expert that finishes early)."""
     rng = np.random.default_rng()

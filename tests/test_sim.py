@@ -348,7 +348,7 @@ def test_envs_in_worker_processes_match_envs_in_this_process():
                     f_l, r_l, s_l, d_l = e_l.step(a)
                     np.testing.assert_array_equal(f_r, f_l)
                     assert (r_r, s_r, d_r, e_r.success) == (r_l, s_l, d_l, e_l.success)
-        with pytest.raises(RuntimeError, match="4-D"):
+        with pytest.raises(ValueError, match=r"env 1 \(in env worker process \d+\): Meta-World actions are 4-D"):
             remote[1].step(np.zeros(3))
         kw = dict(seed=2, max_steps=40, record=False)
         here = closed_loop(RandomPolicy(seed=5), "reach-v3", 4, envs=local[:2], **kw)
@@ -367,6 +367,68 @@ def test_envs_in_worker_processes_match_envs_in_this_process():
         e.close()
     with pytest.raises(ValueError, match="unknown"):
         EnvWorkers("no-such-task-v3", 2)
+
+
+@needs_sim
+def test_a_worker_error_keeps_its_kind_and_a_dead_worker_is_named():
+    """A worker's ValueError came back as a RuntimeError (`eval --max-steps 600`: a traceback instead of the
+    command's one line), and a worker killed (OOM killer) surfaced as a bare BrokenPipeError when a step was sent
+    or ConnectionResetError when its reply was read."""
+    import signal
+
+    from worldvla.sim.workers import EnvWorkers
+
+    with pytest.raises(ValueError, match=r"env worker process \d+: max_steps must be in \[1, 500\]"):
+        EnvWorkers("reach-v3", 2, image_size=16, max_steps=600, workers=2)
+    with EnvWorkers("reach-v3", 2, image_size=16, max_steps=20, workers=2) as pool:
+        first, second = pool.envs
+        first.reset(seed=1)
+        second.reset(seed=2)
+        with pytest.raises(ValueError, match=r"env 0 \(in env worker process \d+\): action contains NaN") as e:
+            first.step(np.array([np.nan, 0, 0, 0]))
+        assert "Traceback (most recent call last)" in str(e.value)  # the worker's
+        first.step(np.zeros(4))  # the env is still in step with its worker
+        os.kill(pool._workers[0].proc.pid, signal.SIGKILL)
+        pool._workers[0].proc.join(timeout=10)
+        with pytest.raises(RuntimeError, match=r"env worker process \d+ died \(exit code -9\)"):
+            first.step(np.zeros(4))  # sending
+        proc = pool._workers[1].proc
+        os.kill(proc.pid, signal.SIGSTOP)  # the step is sent, and still unanswered when the worker is killed
+        second.step_async(np.zeros(4))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=10)
+        with pytest.raises(RuntimeError, match=r"env worker process \d+ died \(exit code -9\)"):
+            second.step_wait()  # reading
+
+
+@needs_sim
+def test_an_env_error_in_closed_loop_leaves_its_worker_pool_usable():
+    """closed_loop starts every env's step before it waits for the first: an error in one env left the others'
+    replies unread, and the next closed loop on the same pool (a notebook's retry) failed on them."""
+    from worldvla.eval.metaworld import closed_loop
+    from worldvla.sim.workers import EnvWorkers
+
+    class NaNOnce:
+        chunk_size, action_dim, image_size = 2, 4, 16
+
+        def __init__(self):
+            self.calls = 0
+
+        def reset(self, instruction):
+            pass
+
+        def act(self, image, history=None):
+            self.calls += 1
+            out = np.zeros((len(image), 2, 4))
+            out[0, 0, 0] = np.nan if self.calls == 1 else 0.0
+            return out
+
+    pol = NaNOnce()
+    with EnvWorkers("reach-v3", 4, image_size=16, max_steps=6, workers=2) as pool:
+        with pytest.raises(ValueError, match=r"env 0 \(in env worker process \d+\): action contains NaN"):
+            closed_loop(pol, "reach-v3", 4, max_steps=6, envs=pool.envs, record=False)
+        r = closed_loop(pol, "reach-v3", 4, max_steps=6, envs=pool.envs, record=False)
+        assert r.steps == [6] * 4
 
 
 @needs_sim

@@ -180,14 +180,13 @@ def _keep_first(path: Path, n_episodes: int) -> None:
 
 def _check_episode_settings(image_size: int, camera: str, max_steps: int) -> None:
     """The env's own checks, made before any episode runs (a bad value would fail every episode)."""
-    from ..sim.metaworld_env import CAMERAS
+    from ..sim.metaworld_env import CAMERAS, check_max_steps
 
     if image_size < 8:
         raise ValueError(f"--image-size must be at least 8 pixels, got {image_size}")
     if camera not in CAMERAS:
         raise ValueError(f"unknown --camera {camera!r}; Meta-World cameras: {', '.join(CAMERAS)}")
-    if not 1 <= max_steps <= 500:
-        raise ValueError(f"--max-steps must be in [1, 500] (Meta-World's own episode limit), got {max_steps}")
+    check_max_steps(max_steps, "--max-steps")
 
 
 def _mp_context():
@@ -386,7 +385,7 @@ def _image_size(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `worldvla collect`."""
-    from ..sim.metaworld_env import CAMERAS
+    from ..sim.metaworld_env import CAMERAS, MAX_EPISODE_STEPS
 
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help="comma-separated Meta-World tasks, or 'all' (default: the MT10 set)")
@@ -405,7 +404,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="worker processes (1 = run in this process; default: %(default)s, the CPU count)")
     parser.add_argument("--camera", default="corner", choices=CAMERAS, help="Meta-World camera (default: corner)")
     parser.add_argument("--max-steps", type=positive_int, default=200,
-                        help="episode step limit, at most 500 (default: %(default)s)")
+                        help=f"episode step limit, at most {MAX_EPISODE_STEPS} (default: %(default)s)")
     parser.add_argument("--noise", type=non_negative_float, default=0.0,
                         help="std of Gaussian noise on expert actions (default: %(default)s)")
     parser.add_argument("--max-attempts", type=positive_int, default=5,
@@ -417,6 +416,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..sim.metaworld_env import MAX_EPISODE_STEPS
+
     summary = collect(
         args.tasks, args.episodes, args.out, image_size=args.image_size, seed=args.seed,
         workers=args.workers, camera=args.camera, max_steps=args.max_steps, action_noise=args.noise,
@@ -440,8 +441,8 @@ def run(args: argparse.Namespace) -> int:
     if summary["incomplete"]:
         # The seeds are deterministic: the same command would repeat the same failed attempts.
         fixes = [f"--max-attempts above {args.max_attempts} (more layouts tried per episode)"]
-        if args.max_steps < 500:
-            fixes.append(f"--max-steps above {args.max_steps} (longer episodes, at most 500)")
+        if args.max_steps < MAX_EPISODE_STEPS:
+            fixes.append(f"--max-steps above {args.max_steps} (longer episodes, at most {MAX_EPISODE_STEPS})")
         fixes.append(f"a --seed other than {args.seed} (other layouts)")
         print(f"fewer episodes than asked for: {summary['incomplete']} (every attempt at some of their episodes "
               f"failed). The seeds are fixed, so the same command would fail the same way again; pass "

@@ -16,10 +16,10 @@ copying the last real frame, and the VQGAN's own reconstruction of the target.
 metrics.json, success.png, world_model.png, a real-vs-imagined PNG grid and a GIF per task.
 
 Nothing finished is lost: each (variant, task) closed loop is saved under `<out>/runs/` as it
-ends, keyed by the policy folder's files and the evaluation settings (one file per key, so a
-run with other settings never overwrites it), and metrics.json is rewritten after each one
-(`"complete": false` until the end). A rerun with the same key reuses those results (episodes
-depend on their seeds alone) and runs only what is missing.
+ends, keyed by the policy folder's files and the evaluation settings, not by the variant's name
+(one file per key, so a run with other settings never overwrites it), and metrics.json is
+rewritten after each one (`"complete": false` until the end). A rerun with the same key reuses
+those results (episodes depend on their seeds alone) and runs only what is missing.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import numpy as np
 
 from ..checkpoint import write_text_atomic
 from ..cli import non_negative_int, positive_int
-from ..sim.metaworld_env import check_tasks
+from ..sim.metaworld_env import MAX_EPISODE_STEPS, check_max_steps, check_tasks
 from .metrics import psnr, ssim, success_interval
 from .rollout import ChunkQuery
 
@@ -137,12 +137,13 @@ def check_execute(policy, execute: int | None, name: str = "the policy") -> None
 def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: int | None = None,
                 max_steps: int = 200, n_envs: int = 4, record: bool = True, env_factory=None,
                 instruction: str | None = None, progress=None, envs: list | None = None,
-                execute: int | None = None) -> TaskResult:
+                execute: int | None = None, camera: str | None = None) -> TaskResult:
     """Success of `policy` on `episodes` seeded episodes of `task`, `n_envs` envs at a time.
 
     `env_factory(task, image_size, max_steps)` builds an env with `reset(seed) -> frame`,
     `step(action) -> (frame, reward, success, done)`, `.success` and `.instruction`;
-    the default is `worldvla.sim.make_env`. `envs`: already built envs of `task` to use (and
+    the default is `worldvla.sim.make_env`, rendering from `camera` (default: the policy's own,
+    `policy_camera`). `envs`: already built envs of `task` to use (and
     leave open) instead; each episode's layout comes from its seed alone. A policy with
     `needs_images = False` gets blank frames, and envs with `can_skip_render` skip rendering.
     `progress` is an optional tqdm bar to advance. `execute`: run only the first `execute` actions
@@ -158,11 +159,12 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
         raise ValueError(f"execute must be >= 1 actions of a chunk (or None for all), got {execute}")
     check_execute(policy, execute)
     image_size = int(image_size or getattr(policy, "image_size", 64))
-    factory = env_factory or _default_env_factory
     seeds = eval_seeds(task, episodes, seed)
     own_envs = envs is None
     if own_envs:
-        envs = [factory(task, image_size, max_steps) for _ in range(min(n_envs, episodes))]
+        cam = None if env_factory else policy_camera(policy, camera)
+        envs = [env_factory(task, image_size, max_steps) if env_factory else
+                _default_env_factory(task, image_size, max_steps, cam) for _ in range(min(n_envs, episodes))]
     n = min(len(envs), episodes)
     blind = (not getattr(policy, "needs_images", True) and not record
              and all(getattr(e, "can_skip_render", False) for e in envs))
@@ -200,20 +202,27 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
                         queues[i].extend(c[:execute])
                 # Envs in worker processes (`step_async`) all start their step before the first wait.
                 live = [i for i in range(m) if not done[i]]
-                for i in live:
-                    if hasattr(envs[i], "step_async"):
-                        envs[i].step_async(np.clip(queues[i].pop(0), -1.0, 1.0), **kw)
-                for i in live:
-                    if hasattr(envs[i], "step_async"):
-                        frame, _, _, d = envs[i].step_wait()
-                    else:
-                        frame, _, _, d = envs[i].step(np.clip(queues[i].pop(0), -1.0, 1.0), **kw)
-                    frame = blank if blind else frame
-                    prev[i], frames[i] = frames[i], frame
-                    steps[i] += 1
-                    done[i] = bool(d)
-                    if recording is not None and i == 0:
-                        recording.append(frame)
+                started: list[int] = []
+                try:
+                    for i in live:
+                        if hasattr(envs[i], "step_async"):
+                            envs[i].step_async(np.clip(queues[i].pop(0), -1.0, 1.0), **kw)
+                            started.append(i)
+                    for i in live:
+                        if i in started:
+                            started.remove(i)
+                            frame, _, _, d = envs[i].step_wait()
+                        else:
+                            frame, _, _, d = envs[i].step(np.clip(queues[i].pop(0), -1.0, 1.0), **kw)
+                        frame = blank if blind else frame
+                        prev[i], frames[i] = frames[i], frame
+                        steps[i] += 1
+                        done[i] = bool(d)
+                        if recording is not None and i == 0:
+                            recording.append(frame)
+                except BaseException:
+                    _settle([envs[i].step_wait for i in started])
+                    raise
             for i in range(m):
                 result.successes.append(bool(envs[i].success) and not failed[i])
                 result.steps.append(steps[i])
@@ -233,14 +242,27 @@ def closed_loop(policy, task: str, episodes: int, *, seed: int = 0, image_size: 
     return result
 
 
+def _settle(waits) -> None:
+    """Read the replies still owed by envs in worker processes after an error, so that their pool stays in step
+    for its next use (a reply left unread would be taken for the next command's); their own errors are the
+    first one's consequences."""
+    for wait in waits:
+        try:
+            wait()
+        except Exception:  # noqa: BLE001
+            pass
+
 
 # ---------------------------------------------------------------------- world model
-def expert_rollouts(task: str, episodes: int, *, seed: int = 0, image_size: int = 64, max_steps: int = 200,
-                    env_factory=None, envs: list | None = None, camera: str = "corner") -> list[dict]:
+def expert_rollouts(task: str, episodes: int, *, seed: int = 0, image_size: int | None = None, max_steps: int = 200,
+                    env_factory=None, envs: list | None = None, camera: str | None = None,
+                    policy=None) -> list[dict]:
     """Scripted-expert episodes on evaluation seeds: frames [T+1, H, W, 3] and actions [T, 4].
 
     `envs`: envs of `task` in worker processes (`worldvla.sim.workers`) to run the episodes on,
-    side by side; otherwise one env is built here. Either way an episode depends on its seed alone."""
+    side by side; otherwise one env is built here, `image_size` square from `camera` (defaults: those of
+    `policy`, the policy whose world model the frames are to score, as `closed_loop`; else 64, 'corner').
+    Either way an episode depends on its seed alone."""
     from ..sim.metaworld_env import expert_episode
 
     seeds = eval_seeds(task, episodes, seed + 1)  # other layouts than the closed-loop episodes
@@ -250,10 +272,16 @@ def expert_rollouts(task: str, episodes: int, *, seed: int = 0, image_size: int 
             group = list(zip(envs, seeds[g:g + len(envs)]))
             for env, s in group:
                 env.expert_async(s)
-            out += [env.expert_wait() for env, _ in group]
+            for k, (env, _) in enumerate(group):
+                try:
+                    out.append(env.expert_wait())
+                except BaseException:
+                    _settle([e.expert_wait for e, _ in group[k + 1:]])
+                    raise
         return out
-    env = env_factory(task, image_size, max_steps) if env_factory else _default_env_factory(task, image_size,
-                                                                                             max_steps, camera)
+    image_size = int(image_size or getattr(policy, "image_size", None) or 64)
+    env = env_factory(task, image_size, max_steps) if env_factory else _default_env_factory(
+        task, image_size, max_steps, policy_camera(policy, camera))
     try:
         return [expert_episode(env, s) for s in seeds]
     finally:
@@ -280,12 +308,16 @@ def world_model_metrics(policy, rollouts: list[dict], horizon: int = 8, one_step
     the simulator, with the copy-last-frame and VQGAN-reconstruction references.
 
     `policy` provides `model`, `vqgan`, `action_tokenizer` and `text_tokenizer` (a
-    `WorldVLAPolicy`). Returns the metrics and, under "examples", frames for the figures."""
+    `WorldVLAPolicy`). Frames of another size than the policy's are resized to it first, as
+    `policy.imagine` resizes them, and scored at that size. Returns the metrics and, under
+    "examples", frames for the figures."""
     from ..inference.frames import generate_frames
     model, vqgan = policy.model, policy.vqgan
     kw = dict(layout=getattr(policy, "layout", None) or model.layout, action_tokenizer=policy.action_tokenizer,
               text_tokenizer=policy.text_tokenizer)
-    usable = [r for r in rollouts if len(r["actions"]) >= 1]
+    prepare = getattr(policy, "_frames", None)
+    usable = [{**r, "frames": prepare(r["frames"])[0] if prepare else r["frames"]}
+              for r in rollouts if len(r["actions"]) >= 1]
     if not usable:
         raise ValueError("world-model metrics need at least one rollout with one action")
 
@@ -363,34 +395,34 @@ def _policy_fingerprint(src) -> str | None:
 
 
 class _SavedRuns:
-    """Finished closed loops under `<out>/runs/<variant>__<task>__<key>.json`, each with the key it was run
-    under. The key is in the name so that runs of other settings (a 1-episode spot check beside a
-    50-episode run) are kept side by side instead of overwriting each other."""
+    """Finished closed loops under `<out>/runs/<task>__<key>.json`, each with the key it was run under (and,
+    as a label, the variant name it was saved by). The key is in the name so that runs of other settings
+    (a 1-episode spot check beside a 50-episode run) are kept side by side instead of overwriting each
+    other; the variant name is not, so that a policy evaluated under another name (--names, or default
+    names that change when a folder of the same name joins) finds its runs."""
 
     def __init__(self, out_dir: Path, enabled: bool):
         self.dir = out_dir / "runs"
         self.enabled = enabled
 
-    def _path(self, name: str, task: str, key: str) -> Path:
-        return self.dir / f"{_slug(name)}__{task}__{key[:16]}.json"
+    def _path(self, task: str, key: str) -> Path:
+        return self.dir / f"{task}__{key[:16]}.json"
 
-    def get(self, name: str, task: str, key: str | None) -> dict | None:
+    def get(self, task: str, key: str | None) -> dict | None:
         if not (self.enabled and key):
             return None
-        # Runs saved before the key was in the name are still read; their key is checked all the same.
-        for p in (self._path(name, task, key), self.dir / f"{_slug(name)}__{task}.json"):
-            try:
-                saved = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            if saved.get("key") == key:
-                return saved["result"]
-        return None
+        try:
+            saved = json.loads(self._path(task, key).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("result"), dict):
+            return None
+        return saved["result"]
 
     def put(self, name: str, task: str, key: str | None, result: dict) -> None:
         if key:
-            write_text_atomic(self._path(name, task, key),
-                              json.dumps({"key": key, "result": result}, default=_json_default))
+            write_text_atomic(self._path(task, key),
+                              json.dumps({"key": key, "variant": name, "result": result}, default=_json_default))
 
 
 def _summarize_variant(v: dict, tasks: list[str]) -> None:
@@ -451,13 +483,19 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     if n_envs < 1:
         raise ValueError(f"--envs must be >= 1, got {n_envs}")
+    check_max_steps(max_steps, "--max-steps")  # the envs refuse it, but only once the policies have loaded
     policies = list(policies)
     names = list(variant_names or [])
     names += default_variant_names(policies)[len(names):]
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must differ, got {names}; name the policies with --names a,b,... "
                          f"(variant_names in Python)")
-    loaded = [load_policy(p, device) if isinstance(p, (str, Path)) else p for p in policies]
+    # A folder's fingerprint is taken once, before it loads: one taken later could be that of a new export that
+    # replaced the folder meanwhile, and the loaded weights' results would be saved as the new files'.
+    fingerprints, loaded = [], []
+    for p in policies:
+        fingerprints.append(_policy_fingerprint(p))
+        loaded.append(load_policy(p, device) if isinstance(p, (str, Path)) else p)
     for name, pol in zip(names, loaded):  # before any env is built or any variant has run
         check_execute(pol, execute, f"policy {name!r}")
     if causal_variant:
@@ -467,6 +505,7 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
             if hasattr(loaded[i], "builder") and loaded[i].model.config.attention == "chunk":
                 loaded.append(CausalChunkPolicy.from_policy(loaded[i]))
                 policies.append(policies[i])
+                fingerprints.append(fingerprints[i])
                 names.append(f"{names[i]} (no chunk mask)")
     # Each policy is evaluated from the camera its demonstrations were rendered from (or `camera`); the
     # random baseline shares the first policy's envs.
@@ -476,25 +515,27 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
                      "execute": execute, "complete": False, "variants": {}}
     saved = _SavedRuns(out_dir, resume)
     # Envs per batch too: a batch's composition can move the last bits of a batched query.
-    settings = {"episodes": episodes, "max_steps": max_steps, "seed": seed, "n_envs": min(n_envs, episodes),
-                "execute": execute}
+    settings = {"episodes": episodes, "max_steps": max_steps, "seed": seed, "n_envs": min(n_envs, episodes)}
 
-    def run_key(name: str, src, pol, task: str) -> str | None:
-        """What a closed loop's result depends on: the policy's files and how it was loaded (device,
-        dtype: its metadata), the task and the settings. None when it cannot be known."""
-        fp = "random" if isinstance(pol, RandomPolicy) else _policy_fingerprint(src)
+    def run_key(fp: str | None, pol, task: str) -> str | None:
+        """What a closed loop's result depends on: the policy's files (`fp`, their fingerprint) and how it was
+        loaded (device, dtype: its metadata), the task and the settings; not the variant's name. None when it
+        cannot be known."""
         if fp is None:
             return None
         meta = _jsonable(pol.metadata()) if hasattr(pol, "metadata") else None
-        blob = json.dumps({"name": name, "kind": type(pol).__name__, "policy": fp, "metadata": meta, "task": task,
-                           "chunk_size": getattr(pol, "chunk_size", None),
-                           "camera": cameras.get(id(pol), default_camera), **settings}, sort_keys=True)
+        k = getattr(pol, "chunk_size", None)
+        # Whole chunks either way, for a policy whose chunks are all `chunk_size` long.
+        ex = None if execute == k and getattr(pol, "mode", None) != "release" else execute
+        blob = json.dumps({"kind": type(pol).__name__, "policy": fp, "metadata": meta, "task": task,
+                           "chunk_size": k, "camera": cameras.get(id(pol), default_camera),
+                           **settings, "execute": ex}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def run_task(name: str, src, pol, task: str, record: bool) -> dict:
+    def run_task(name: str, fp: str | None, pol, task: str, record: bool) -> dict:
         """One closed loop, or the saved result of the same one; saved and written out as it ends."""
-        key = run_key(name, src, pol, task)
-        res = saved.get(name, task, key)
+        key = run_key(fp, pol, task)
+        res = saved.get(task, key)
         gif = {tag: out_dir / f"{_slug(name)}_{task}_{tag}.gif" for tag in ("success", "failure")}
         if res is not None:
             bar.update(episodes)
@@ -545,13 +586,12 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         return pool[key]
 
     try:
-        for name, pol in zip(names, loaded):
+        for name, src, fp, pol in zip(names, policies, fingerprints, loaded):
             meta = pol.metadata() if hasattr(pol, "metadata") else {}
-            src = policies[names.index(name)]
             v = {"policy": str(src) if isinstance(src, (str, Path)) else name, "chunk_size": getattr(pol, "chunk_size", None), "metadata": _jsonable(meta), "tasks": {}}
             metrics["variants"][name] = v
             for task in tasks:
-                v["tasks"][task] = run_task(name, src, pol, task, record=True)
+                v["tasks"][task] = run_task(name, fp, pol, task, record=True)
                 write_metrics()
             _summarize_variant(v, tasks)
             for key in ("mean_s", "median_s"):
@@ -567,7 +607,7 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
                 # Seeded per task, so a task's random actions do not depend on which tasks ran (or were
                 # reloaded from saved runs) before it.
                 rnd = RandomPolicy(chunk_size=k, seed=zlib.crc32(f"random {seed} {task}".encode()))
-                v["tasks"][task] = run_task("(random baseline)", None, rnd, task, record=False)
+                v["tasks"][task] = run_task("(random baseline)", "random", rnd, task, record=False)
                 write_metrics()
             _summarize_variant(v, tasks)
             rates["random"] = {t: v["tasks"][t]["success_rate"] for t in tasks}
@@ -716,7 +756,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tasks", required=True, help="comma-separated Meta-World tasks, e.g. drawer-open-v3,door-open-v3")
     parser.add_argument("--episodes", type=positive_int, default=10, help="closed-loop episodes per task (default: %(default)s)")
     parser.add_argument("--out", required=True, help="output folder: metrics.json, success.png, world_model*.png, GIFs")
-    parser.add_argument("--max-steps", type=positive_int, default=200, help="episode step limit (default: %(default)s)")
+    parser.add_argument("--max-steps", type=positive_int, default=200,
+                        help=f"episode step limit, at most {MAX_EPISODE_STEPS} (Meta-World's own; "
+                             "default: %(default)s)")
     parser.add_argument("--envs", type=positive_int, default=4, help="envs run in lockstep with batched queries (default: %(default)s)")
     parser.add_argument("--env-workers", type=positive_int, default=2,
                         help="processes the envs step in, side by side (1 = in this process; default: %(default)s)")

@@ -78,8 +78,9 @@ TASKS: dict[str, str] = {
 }
 
 ACTION_DIM = 4  # xyz end-effector delta + gripper effort, each in [-1, 1]
-# Meta-World's own limit is 500 steps; the scripted experts finish the tasks they
-# solve well before 200 (see `expert_success`), and shorter episodes mean smaller demos.
+MAX_EPISODE_STEPS = 500  # Meta-World's own episode limit
+# The scripted experts finish the tasks they solve well before 200 steps (see `expert_success`),
+# and shorter episodes mean smaller demos.
 DEFAULT_MAX_STEPS = 200
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 # The `corner` camera is declared with its up axis pointing at the floor
@@ -117,6 +118,13 @@ def check_tasks(tasks, fix: str = "--tasks") -> None:
     if not all(close.values()):
         msg += f"; the tasks are {', '.join(sorted(TASKS))}"
     raise ValueError(msg)
+
+
+def check_max_steps(max_steps: int, name: str = "max_steps") -> None:
+    """Refuse an episode limit Meta-World does not run (`name`: the option or argument to fix)."""
+    if not 1 <= max_steps <= MAX_EPISODE_STEPS:
+        raise ValueError(f"{name} must be in [1, {MAX_EPISODE_STEPS}] (Meta-World's own episode limit), "
+                         f"got {max_steps}")
 
 
 def _check_task(task: str) -> None:
@@ -210,8 +218,7 @@ class MetaWorldEnv:
             raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
         if camera not in CAMERAS:
             raise ValueError(f"unknown camera {camera!r}; Meta-World cameras: {', '.join(CAMERAS)}")
-        if not 1 <= max_steps <= 500:
-            raise ValueError(f"max_steps must be in [1, 500] (Meta-World's own episode limit), got {max_steps}")
+        check_max_steps(max_steps)
         self.task = task
         self.instruction = TASKS[task]
         self.image_size = int(image_size)

@@ -48,6 +48,17 @@ def _start_forkserver_ignoring_sigint() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+# Errors of these kinds (a bad action, a bad setting) are raised in the caller as the same kind, so that a
+# command reports them in its one line as it reports the same error of an env in its own process.
+_RERAISED = (ValueError, TypeError)
+
+
+def _error_reply(e: Exception) -> tuple:
+    """(kind raised again in the caller or None, message, traceback text) of an error in a worker."""
+    kind = next((k.__name__ for k in _RERAISED if isinstance(e, k)), None)
+    return kind, str(e), traceback.format_exc()
+
+
 def _serve(conn, task: str, n_envs: int, image_size: int, max_steps: int, kwargs: dict) -> None:
     """Worker loop: build `n_envs` envs, then answer (command, env index, args) messages."""
     from .metaworld_env import expert_episode, make_env
@@ -75,12 +86,12 @@ def _serve(conn, task: str, n_envs: int, image_size: int, max_steps: int, kwargs
                 elif cmd == "expert":
                     conn.send(("ok", expert_episode(env, **args)))
                 else:
-                    conn.send(("error", f"unknown command {cmd!r}"))
-            except Exception:  # noqa: BLE001  (reported to the caller, who raises it)
-                conn.send(("error", traceback.format_exc()))
-    except Exception:  # noqa: BLE001
+                    conn.send(("error", (None, f"unknown command {cmd!r}", f"unknown command {cmd!r}")))
+            except Exception as e:  # noqa: BLE001  (reported to the caller, who raises it)
+                conn.send(("error", _error_reply(e)))
+    except Exception as e:  # noqa: BLE001
         try:
-            conn.send(("error", traceback.format_exc()))
+            conn.send(("error", _error_reply(e)))
         except (BrokenPipeError, OSError):
             pass
     finally:
@@ -90,15 +101,19 @@ def _serve(conn, task: str, n_envs: int, image_size: int, max_steps: int, kwargs
 
 
 class _Worker:
-    def __init__(self, ctx, task, n_envs, image_size, max_steps, kwargs):
+    def __init__(self, ctx, task, n_envs, image_size, max_steps, kwargs, rank: int = 0, stride: int = 1):
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child, task, n_envs, image_size, max_steps, kwargs), daemon=True)
         self.proc.start()
         child.close()
+        self.rank, self.stride = rank, stride  # its env i is the pool's env i * stride + rank
         self.pending: deque[int] = deque()  # env indices whose replies are still to be read, in order
 
     def send(self, cmd: str, i: int, args) -> None:
-        self.conn.send((cmd, i, args))
+        try:
+            self.conn.send((cmd, i, args))
+        except (EOFError, OSError):  # the process is gone: BrokenPipeError, ConnectionResetError
+            raise self._died() from None
         self.pending.append(i)
 
     def recv(self, i: int):
@@ -106,21 +121,33 @@ class _Worker:
             raise RuntimeError(f"env {i}: replies are read in the order the commands were sent "
                                f"(next pending: {list(self.pending)[:1]})")
         self.pending.popleft()
-        return self.reply()
+        return self.reply(i)
 
-    def reply(self):
+    def reply(self, i: int | None = None):
+        """The next reply; `i`: the env it is from (None: the worker's start). A worker's ValueError or TypeError
+        is raised as one here, other errors as RuntimeError, each with the worker's traceback."""
         try:
             status, value = self.conn.recv()
-        except EOFError:
-            self.proc.join(timeout=1.0)
-            raise RuntimeError(
-                f"env worker process {self.proc.pid} died (exit code {self.proc.exitcode}); a traceback it printed "
-                "is above. Workers start by importing the main module: a script that evaluates at its top level needs "
-                "`if __name__ == \"__main__\":` around that code (or use one process: env_workers=1, "
-                "--env-workers 1)") from None
+        except (EOFError, OSError):
+            raise self._died() from None
         if status != "ok":
-            raise RuntimeError(f"env worker process {self.proc.pid} failed:\n{value}")
+            kind, message, tb = value
+            where = f"env worker process {self.proc.pid}"
+            if i is not None:
+                where = f"env {i * self.stride + self.rank} (in {where})"
+            err = {k.__name__: k for k in _RERAISED}.get(kind)
+            if err is not None:
+                raise err(f"{where}: {message}\n{tb}")
+            raise RuntimeError(f"{where} failed:\n{tb}")
         return value
+
+    def _died(self) -> RuntimeError:
+        self.proc.join(timeout=1.0)
+        return RuntimeError(
+            f"env worker process {self.proc.pid} died (exit code {self.proc.exitcode}); a traceback it printed "
+            "is above. Workers start by importing the main module: a script that evaluates at its top level needs "
+            "`if __name__ == \"__main__\":` around that code (or use one process: env_workers=1, "
+            "--env-workers 1)")
 
 
 class RemoteEnv:
@@ -175,7 +202,8 @@ class EnvWorkers:
         workers = min(workers, n_envs)
         ctx = mp_context()
         share = [len(range(w, n_envs, workers)) for w in range(workers)]
-        self._workers = [_Worker(ctx, task, share[w], image_size, max_steps, env_kwargs) for w in range(workers)]
+        self._workers = [_Worker(ctx, task, share[w], image_size, max_steps, env_kwargs, w, workers)
+                         for w in range(workers)]
         try:
             instruction = [w.reply() for w in self._workers][0]  # every worker has built its envs
         except BaseException:
