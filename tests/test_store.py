@@ -804,18 +804,24 @@ def test_temporary_shard_folders_of_killed_builds_are_removed(demo_dir, tmp_path
     assert not any(p.exists() for p in dead) and live.is_dir()
 
 
+def _turned_inputs(folder, seed):
+    """Three demo files in `folder`: LIBERO's layout marked 'opengl' (gl.hdf5) and 'opencv' (cv.hdf5), and one
+    of worldvla's own (ours.hdf5)."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    for name, convention in (("gl.hdf5", "opengl"), ("cv.hdf5", "opencv")):
+        path = _own_robot_file(folder / name, rng.uniform(-1, 1, (4, 4)), frames)
+        with h5py.File(path, "a") as f:
+            f["data"].attrs["macros_image_convention"] = convention
+    write_demos(folder / "ours.hdf5", [{"frames": frames, "actions": rng.uniform(-1, 1, (4, 4))}], "x")
+
+
 def test_the_manifest_records_how_each_inputs_frames_were_turned(tmp_path, capsys):
     """A store did not say how its frames were turned; LIBERO's files of macros_image_convention 'opencv' are
     mirrored left-right (the release's view), those of 'opengl' rotated by 180 degrees, each named in the note."""
-    import h5py
-
-    rng = np.random.default_rng(2)
-    frames = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    for name, convention in (("gl.hdf5", "opengl"), ("cv.hdf5", "opencv")):
-        path = _own_robot_file(tmp_path / "d" / name, rng.uniform(-1, 1, (4, 4)), frames)
-        with h5py.File(path, "a") as f:
-            f["data"].attrs["macros_image_convention"] = convention
-    write_demos(tmp_path / "d" / "ours.hdf5", [{"frames": frames, "actions": rng.uniform(-1, 1, (4, 4))}], "x")
+    _turned_inputs(tmp_path / "d", seed=2)
     out = st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=2, progress=False)
     note = capsys.readouterr().out
     assert "(gl.hdf5) are rotated by 180 degrees" in note and "(cv.hdf5) are mirrored left-right" in note
@@ -828,17 +834,9 @@ def test_the_manifest_records_how_each_inputs_frames_were_turned(tmp_path, capsy
 def test_the_rotation_note_reuses_the_turns_the_inputs_records_read(tmp_path, capsys, monkeypatch):
     """build_store read each input's turn for its manifest (`reading_record`) and then opened every file again for
     the same turn to word the rotation note (`rotation_note` -> `frame_turn`); the note is made from the records."""
-    import h5py
-
     from worldvla.data import hdf5
 
-    rng = np.random.default_rng(3)
-    frames = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    for name, convention in (("gl.hdf5", "opengl"), ("cv.hdf5", "opencv")):
-        path = _own_robot_file(tmp_path / "d" / name, rng.uniform(-1, 1, (4, 4)), frames)
-        with h5py.File(path, "a") as f:
-            f["data"].attrs["macros_image_convention"] = convention
-    write_demos(tmp_path / "d" / "ours.hdf5", [{"frames": frames, "actions": rng.uniform(-1, 1, (4, 4))}], "x")
+    _turned_inputs(tmp_path / "d", seed=3)
     want = hdf5.rotation_note(st.find_demo_files(tmp_path / "d"))
     turned = []
     frame_turn = hdf5.frame_turn
