@@ -766,3 +766,40 @@ def test_auto_keeps_torchs_path_for_later_layers_the_native_kernels_cannot_take(
             out[backend] = m.hidden_states(ids[:, :Q], cache=c, position_ids=torch.tensor([[5, 6]]),
                                            decode_meta=meta, backend=backend)
     torch.testing.assert_close(out["auto"], out["torch"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.usefixtures("native_first")
+@pytest.mark.parametrize("whole_step", [True, False], ids=["step", "layers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_cache_slots_follow_the_attention_rule(rng, monkeypatch, native_step_runs, whole_step, dtype):
+    """The rule for non-finite inputs (worldvla/ops/attention.py) through the native decode step and layer,
+    whose attention is decode_attention_cpu's: a NaN key in a prompt slot every row sees makes its sequence's
+    hidden states NaN; an infinite value in a slot the chunk rule shows to row 0 only makes that row NaN; a NaN
+    key past kv_len changes nothing. Every other row keeps the clean step's bits. (The native kernels dropped
+    such NaNs: finite, wrong rows. The torch modules' SDPA is a documented gap of the rule.)"""
+    monkeypatch.setattr(decoder_op, "NATIVE_STEP", whole_step)
+    model = _model(rng).to(dtype)
+    B, Q = 3, 5
+    S = PROMPT_LEN + Q + 3
+    native = _prefilled(model, B, S, rng)
+    with torch.no_grad():  # sequence 1: row i's slot in action block i, which rows after i hide (q_limit i),
+        # and prompt slot 10 in block 0 too: only row 0 sees it
+        native.kv_block[1, PROMPT_LEN:PROMPT_LEN + Q] = torch.arange(Q, dtype=native.kv_block.dtype)
+        native.kv_block[1, 10] = 0
+    step = _random_step(rng, B, Q, chunk=True)
+    engines = {"native": native}
+    clean = {name: e.run(_set_step(e, *step)).clone() for name, e in engines.items()}
+    assert (len(native_step_runs) > 0) == whole_step
+    with torch.no_grad():  # layer 0's cache
+        for e in engines.values():
+            e.cache.k[0, 0, 3, 0, 1] = float("nan")
+            e.cache.v[0, 1, 10, 0, 1] = float("inf")
+            e.cache.k[0, 2, S - 1, 0, 1] = float("nan")  # past kv_len
+    expected = torch.zeros(B, Q, dtype=torch.bool)
+    expected[0], expected[1, 0] = True, True
+    for name, e in engines.items():
+        out = e.run(_set_step(e, *step))
+        nonfinite = ~out.isfinite().all(-1)
+        assert torch.equal(nonfinite, expected), f"{name}: non-finite rows {nonfinite.nonzero().tolist()}"
+        assert out[expected].isnan().all(), name
+        assert torch.equal(out[~expected], clean[name][~expected]), name

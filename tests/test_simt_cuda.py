@@ -454,3 +454,56 @@ def test_kernels_under_other_schedules(emulated, engine, rng, monkeypatch, seed)
     finite = lambda t: torch.nan_to_num(t, nan=0.0)  # noqa: E731
     ref = decode_attention_ref(q.double(), finite(k).double(), finite(v).double(), dm)
     assert_close_rule(out, ref, decode_attention_ref(q, finite(k), finite(v), dm, upcast=False), f"schedule {seed}")
+
+
+# --------------------------------------------------------------------------- non-finite inputs
+def _nan_rows_check(out, clean, expected, name):
+    """The rule of worldvla/ops/attention.py for a NaN: exactly the `expected` [..., H] rows are non-finite, NaN
+    throughout, and every other row has the bits of the same call on clean inputs."""
+    bad = ~out.float().isfinite().all(-1)
+    assert torch.equal(bad, expected), (f"{name}: non-finite rows {bad.nonzero().tolist()}, "
+                                        f"expected {expected.nonzero().tolist()}")
+    assert out[expected].float().isnan().all(), f"{name}: a row the rule makes NaN is not NaN throughout"
+    assert torch.equal(out[~expected], clean[~expected]), f"{name}: a row that must not change changed"
+
+
+def test_prefill_nan_reaches_exactly_the_rows_that_see_it(emulated, engine, rng):
+    """A NaN in a key inside an action block (earlier rows, later blocks and the other document may not see it)
+    and one in a query of the other document. The kernels' documented gaps (an infinity that makes a score
+    -inf, a hidden value's NaN within a tile) are not tested here."""
+    docs = [action_ids(rng, 99), action_ids(rng, 90, chunk=3)]
+    cu = torch.tensor([0, 99, 189], dtype=torch.int32)
+    meta = chunk_mask_meta(torch.cat(docs), LAYOUT, cu_seqlens=cu)
+    q, k, v = qkv(rng, (189,), 4, 2, 64, torch.bfloat16)
+    clean = nb.masked_attention(q, k, v, meta)
+    mask = meta.dense_mask()
+    j = int((meta.kv_block == 1).nonzero()[0])  # document 0's second action block
+    assert mask[:, j].any() and (~mask[j + 1:, j]).any()
+    q2, k2 = q.clone(), k.clone()
+    k2[j, 0, 7] = float("nan")
+    q2[120, 1, 0] = float("nan")
+    expected = torch.zeros(189, 4, dtype=torch.bool)
+    expected[:, :2] = mask[:, j].unsqueeze(-1)  # q heads 0, 1 read kv head 0
+    expected[120, 1] = True
+    _nan_rows_check(nb.masked_attention(q2, k2, v, meta), clean, expected, f"simt prefill {engine}")
+
+
+@pytest.mark.parametrize("n_splits", [1, 3])
+def test_decode_nan_reaches_exactly_the_rows_that_see_it(emulated, rng, n_splits):
+    """A NaN in a cache key some rows see makes those rows NaN and no other, also through the merge of the
+    four warps' states and of the splits (both turned a NaN softmax sum into weight 0: the rows came out finite
+    and wrong); a NaN query makes its own row NaN."""
+    q, k, v, dm = _decode_case(rng, torch.bfloat16, 64, B=2, Q=5, H=4, Hkv=2, S=200)
+    clean = nb.decode_attention(q, k, v, dm, n_splits=n_splits)
+    mask = dm.dense_mask()  # [B, Q, S]
+    mixed = (mask[0].any(0) & ~mask[0].all(0)).nonzero()
+    assert mixed.numel(), "the case needs a slot some rows see and others do not"
+    j = int(mixed[len(mixed) // 2])
+    q2, k2 = q.clone(), k.clone()
+    k2[0, j, 0, 5] = float("nan")
+    q2[1, 2, 3, 0] = float("nan")
+    expected = torch.zeros(2, 5, 4, dtype=torch.bool)
+    expected[0, :, :2] = mask[0, :, j].unsqueeze(-1)
+    expected[1, 2, 3] = bool(mask[1, 2].any())
+    _nan_rows_check(nb.decode_attention(q2, k2, v, dm, n_splits=n_splits), clean, expected,
+                    f"simt decode, {n_splits} splits")

@@ -3,6 +3,15 @@
 // whole query block are skipped; tiles it cannot touch skip the per-pair test.
 // Q K^T and P V run as register-blocked 4 x 2W micro-kernels (W = 8 or 16 floats per
 // vector, see cpu_common.h); K is transposed once per (sequence, kv head) up front.
+//
+// Non-finite inputs follow the rule of worldvla/ops/attention.py: a NaN or an infinity in a query, or in
+// the key or value of a key it sees, makes the query's output row NaN; hidden keys never reach it. A visible
+// score that is not finite turns into NaN (nan_if_infinite), which exp and the sums carry to the row
+// (expv_nonpos, inv_row_sum); hidden scores are -inf whatever they were. Values: a hidden key's weight is 0,
+// and 0 * NaN would still reach the row in P V. A NaN or an infinity in any value row read makes the P V
+// accumulators non-finite, so they are checked at the end (a few rows of D floats), and only then is the
+// work done again with every value row checked as it is copied (kChecked): zeroed, and NaN for the rows
+// that see it (poison_nonfinite_values). Checking every copy cost decode about 5%.
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -32,13 +41,65 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // dst[0, D) = src[0, D), dst[D, Dp) = 0: one K or V row into a padded tile. Vector copies inline into
 // the kernels; std::copy of a row this short was a memmove call per key (6-13% of their time).
-// A bfloat16 row (a bfloat16 cache's) is widened on the way.
-template <bool AVX = false, typename T>
-WORLDVLA_INLINE void copy_row_padded(float* __restrict dst, const T* __restrict src, int64_t D, int64_t Dp) {
+// A bfloat16 row (a bfloat16 cache's) is widened on the way. With kCheck it returns 0 when the row is
+// finite, else non-zero bits (x - x is +0 for a finite x, NaN otherwise: their bits OR-ed); without, 0.
+template <bool AVX = false, bool kCheck = false, typename T>
+WORLDVLA_INLINE uint32_t copy_row_padded(float* __restrict dst, const T* __restrict src, int64_t D, int64_t Dp) {
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8) store8(dst + d, loadw<8, AVX>(src + d));
-  for (; d < D; ++d) dst[d] = widen(src[d]);
+  v8i bad = {};
+  for (; d + 8 <= D; d += 8) {
+    const v8f x = loadw<8, AVX>(src + d);
+    store8(dst + d, x);
+    if constexpr (kCheck) {
+      v8i b;
+      const v8f z = x - x;
+      __builtin_memcpy(&b, &z, sizeof(b));
+      bad |= b;
+    }
+  }
+  uint32_t any = 0;
+  for (int l = 0; l < 8; ++l) any |= uint32_t(bad[l]);
+  for (; d < D; ++d) {
+    dst[d] = widen(src[d]);
+    if constexpr (kCheck) any |= dst[d] - dst[d] != 0.f;
+  }
   for (; d < Dp; ++d) dst[d] = 0.f;
+  return any;
+}
+
+// Whether n floats (P V accumulators) are all finite.
+WORLDVLA_INLINE bool all_finite(const float* x, int64_t n) {
+  v8i bad = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f a = load8(x + i);
+    const v8f z = a - a;
+    v8i b;
+    __builtin_memcpy(&b, &z, sizeof(b));
+    bad |= b;
+  }
+  bool ok = true;
+  for (int l = 0; l < 8; ++l) ok &= bad[l] == 0;
+  for (; i < n; ++i) ok &= x[i] - x[i] == 0.f;
+  return ok;
+}
+
+// A tile's value rows after copy_row_padded reported a non-finite one (any != 0): each such row (keys
+// [0, cols), row c at vt + c * Dp) is zeroed, so that the rows that may not see it multiply its weight 0 by 0,
+// and every query row that may see it (`sees(r, c)`, rows [0, rows)) gets a NaN softmax sum, which makes
+// its output row NaN. Rare; kept out of the kernels' loops.
+template <typename Sees>
+void poison_nonfinite_values(float* vt, int64_t cols, int64_t D, int64_t Dp, int64_t rows, double* row_sum,
+                             const Sees& sees) {
+  for (int64_t c = 0; c < cols; ++c) {
+    float* x = vt + c * Dp;
+    bool finite = true;
+    for (int64_t d = 0; d < D; ++d) finite &= x[d] - x[d] == 0.f;
+    if (finite) continue;
+    std::fill(x, x + D, 0.f);
+    for (int64_t r = 0; r < rows; ++r)
+      if (sees(r, c)) row_sum[r] = std::numeric_limits<double>::quiet_NaN();
+  }
 }
 
 struct WorkItem {
@@ -188,7 +249,7 @@ struct RowBlock {
   int64_t v_st;
 };
 
-template <int W, bool MB>
+template <int W, bool MB, bool kChecked = false>
 WORLDVLA_INLINE void tiled_rows(const RowBlock& rb, int64_t D, float scale, Scratch& w) {
   using V = vec<W>;
   using I = typename IntVecOf<W>::type;
@@ -229,7 +290,7 @@ WORLDVLA_INLINE void tiled_rows(const RowBlock& rb, int64_t D, float scale, Scra
       if (cols == kKB) {  // a whole tile: scale, the rule and the maximum in one vector pass
         const I pos = splati<W>(rb.pos[r]), ql = splati<W>(w.ql[r]);
         for (int64_t c0 = 0; c0 < kKB; c0 += W) {
-          V x = loadv<W>(sr + c0) * splatv<W>(scale);  // after the dot, as torch's reference
+          V x = nan_if_infinite<W>(loadv<W>(sr + c0) * splatv<W>(scale));  // scaled after the dot, as torch
           if (need_mask) {
             I kv;
             __builtin_memcpy(&kv, rb.kvb + n0 + c0, sizeof(kv));
@@ -243,7 +304,7 @@ WORLDVLA_INLINE void tiled_rows(const RowBlock& rb, int64_t D, float scale, Scra
         const int64_t i = rb.pos[r];
         for (int64_t c = 0; c < cols; ++c) {
           const int64_t j = n0 + c;
-          sr[c] = (j > i || rb.kvb[j] < w.ql[r]) ? kNegInf : sr[c] * scale;
+          sr[c] = (j > i || rb.kvb[j] < w.ql[r]) ? kNegInf : nan_if_infinite(sr[c] * scale);
         }
         std::fill(sr + cols, sr + kKB, kNegInf);  // past the keys: K^T's zero columns
         for (int64_t c0 = 0; c0 < kKB; c0 += W) {
@@ -251,9 +312,15 @@ WORLDVLA_INLINE void tiled_rows(const RowBlock& rb, int64_t D, float scale, Scra
           m = x > m ? x : m;
         }
       }
+      // The maximum skips NaN scores (x > m is false for them): a NaN-propagating maximum cost the 16-wide
+      // prefill about 2x. A NaN score reaches the row through exp and the sum instead (expv_nonpos keeps
+      // it), or, where the maximum found nothing else, through the check below.
       float mx = w.row_max[r];
       for (int l = 0; l < W; ++l) mx = std::max(mx, m[l]);
-      if (mx == kNegInf) {  // nothing visible yet in this row
+      if (mx == kNegInf) {  // nothing visible yet in this row, or only NaN scores
+        bool nan = false;
+        for (int64_t c = 0; c < kKB; ++c) nan |= sr[c] != sr[c];
+        if (nan) w.row_sum[r] = std::numeric_limits<double>::quiet_NaN();
         std::fill(sr, sr + kKB, 0.f);
         continue;
       }
@@ -271,13 +338,22 @@ WORLDVLA_INLINE void tiled_rows(const RowBlock& rb, int64_t D, float scale, Scra
     }
     // The tile's V rows are copied to one contiguous block first: read in place, each of the
     // micro-kernel's passes would jump a whole token (heads x D floats) per key.
-    for (int64_t c = 0; c < cols; ++c) copy_row_padded(&w.vt[c * Dp], rb.v + (n0 + c) * rb.v_st, D, Dp);
+    uint32_t bad = 0;
+    for (int64_t c = 0; c < cols; ++c)
+      bad |= copy_row_padded<false, kChecked>(&w.vt[c * Dp], rb.v + (n0 + c) * rb.v_st, D, Dp);
+    if (bad)
+      poison_nonfinite_values(w.vt.data(), cols, D, Dp, rows, w.row_sum.data(), [&](int64_t r, int64_t c) {
+        return n0 + c <= rb.pos[r] && rb.kvb[n0 + c] >= w.ql[r];
+      });
     pv_tile<W, MB>(w.sc.data(), kKB, w.vt.data(), Dp, w.acc.data(), rows, cols, Dp);
   }
+  if constexpr (!kChecked)  // a non-finite value row was read (or a row is NaN anyway): again, checking values
+    if (!all_finite(w.acc.data(), rows * Dp)) return tiled_rows<W, MB, true>(rb, D, scale, w);
 
   for (int64_t r = 0; r < rows; ++r) {
-    // A row that sees no key (possible only with hand-made metadata) gives zeros.
-    const float inv = w.row_sum[r] > 0.0 ? static_cast<float>(1.0 / w.row_sum[r]) : 0.f;
+    // A row that sees no key (possible only with hand-made metadata) gives zeros, one that saw a non-finite
+    // value NaN (even where its accumulators stayed finite: a non-finite value row was zeroed for P V).
+    const float inv = inv_row_sum(w.row_sum[r]);
     for (int64_t d = 0; d < D; ++d) rb.o[r * rb.o_st + d] = w.acc[r * Dp + d] * inv;
   }
 }
@@ -329,11 +405,12 @@ struct DecodeScratch {
 //            reduction (sum8x8) for the eight sums; the next eight keys are prefetched;
 //   softmax: whole rows (a row's scores are at most the cache length);
 //   P V:     the prefill's register-blocked tile over kDecodeKB keys.
-// Slots at or past kv_len are never read (they may hold anything). Hidden slots before it
-// are read and weighted by 0, so they must hold finite values (the engine's cache starts
-// zeroed), as for the Triton kernel. The cache holds KV = float or bfloat16 (bf16_t) values, the
+// Slots at or past kv_len are never read (they may hold anything). Hidden slots before it are
+// read: their scores become -inf, and a NaN or an infinity in their values, which their weight 0
+// would carry into P V, sends the item through again with the values checked (kChecked; the Triton
+// kernel lets it through). The cache holds KV = float or bfloat16 (bf16_t) values, the
 // latter widened exactly as they are read; q and o are float32 either way.
-template <int W, bool MB, typename KV>
+template <int W, bool MB, typename KV, bool kChecked = false>
 WORLDVLA_INLINE void decode_item(const DecodeParams& p, const DecodeItem& it, DecodeScratch& w) {
   const float* q = static_cast<const float*>(p.q);
   const KV* k = static_cast<const KV*>(p.k) + it.b * p.k_sb;
@@ -400,6 +477,7 @@ WORLDVLA_INLINE void decode_item(const DecodeParams& p, const DecodeItem& it, De
       float* sr = &w.sc[(hh * R + r) * ldp];
       if (end == 0) {
         std::fill(sr, sr + ldp, 0.f);
+        w.row_sum[hh * R + r] = 0.0;  // (the scratch holds an earlier item's sums, NaN among them maybe)
         continue;
       }
       const int64_t i = r % Q;
@@ -414,17 +492,18 @@ WORLDVLA_INLINE void decode_item(const DecodeParams& p, const DecodeItem& it, De
       for (; s + 8 <= lim; s += 8) {
         v8i kb;
         __builtin_memcpy(&kb, kvb + s, sizeof(kb));
-        const v8f x = kb < qlv ? ninf : load8(sr + s);
+        const v8f x = kb < qlv ? ninf : nan_if_infinite<8>(load8(sr + s));
         store8(sr + s, x);
         vmx = vmx < x ? x : vmx;
       }
       float mx = kNegInf;
       for (int j = 0; j < 8; ++j) mx = std::max(mx, vmx[j]);
       for (; s < lim; ++s) {
-        sr[s] = kvb[s] < ql ? kNegInf : sr[s];
+        sr[s] = kvb[s] < ql ? kNegInf : nan_if_infinite(sr[s]);
         mx = std::max(mx, sr[s]);
       }
-      if (mx == kNegInf) mx = 0.f;  // nothing visible: every weight is exp(-inf) = 0
+      // The maximum skips NaN scores; exp keeps them NaN (expv_nonpos), and so does the sum.
+      if (mx == kNegInf) mx = 0.f;  // nothing visible (or only NaN): every other weight is exp(-inf) = 0
       std::fill(sr + lim, sr + ldp, kNegInf);
       for (int64_t s = 0; s < ldp; s += 8) store8(sr + s, exp8_nonpos(load8(sr + s) - splat8(mx)));
       double sum = 0.0;  // a long sum: double, in vector lanes
@@ -441,23 +520,33 @@ WORLDVLA_INLINE void decode_item(const DecodeParams& p, const DecodeItem& it, De
   for (int64_t s0 = 0; s0 < end; s0 += kDecodeKB) {
     const int64_t cols = std::min(kDecodeKB, end - s0);
     const int64_t next = std::min(kDecodeKB, end - s0 - kDecodeKB);  // rows of the next tile
+    uint32_t bad = 0;
     for (int64_t c = 0; c < cols; ++c) {
       const KV* vr = v + (s0 + c) * p.v_st + it.hk0 * p.v_sh;
       if (c < next)  // fetched while this tile's P V runs
         for (int64_t x = 0; x < (n_kv - 1) * p.v_sh + D; x += 64 / sizeof(KV))
           __builtin_prefetch(vr + kDecodeKB * p.v_st + x);
       for (int64_t hh = 0; hh < n_kv; ++hh)
-        copy_row_padded<MB>(&w.vt[(hh * kDecodeKB + c) * Dp], vr + hh * p.v_sh, D, Dp);
+        bad |= copy_row_padded<MB, kChecked>(&w.vt[(hh * kDecodeKB + c) * Dp], vr + hh * p.v_sh, D, Dp);
     }
+    if (bad)  // row r of head hh sees key s0 + c: before its causal limit and not hidden by the chunk rule
+      for (int64_t hh = 0; hh < n_kv; ++hh)
+        poison_nonfinite_values(&w.vt[hh * kDecodeKB * Dp], cols, D, Dp, R, &w.row_sum[hh * R],
+                                [&](int64_t r, int64_t c) {
+                                  const int64_t i = r % Q, j = s0 + c;
+                                  return j <= int64_t(qpos[i]) && kvb[j] >= qlim[i];
+                                });
     for (int64_t hh = 0; hh < n_kv; ++hh)
       pv_tile<W, MB>(&w.sc[hh * R * ldp + s0], ldp, &w.vt[hh * kDecodeKB * Dp], Dp, &w.acc[hh * R * Dp], R, cols, Dp);
   }
+  if constexpr (!kChecked)  // a non-finite value row was read (or a row is NaN anyway): again, checking values
+    if (!all_finite(w.acc.data(), n_rows * Dp)) return decode_item<W, MB, KV, true>(p, it, w);
 
   for (int64_t hh = 0; hh < n_kv; ++hh)
     for (int64_t g = 0; g < G; ++g)
       for (int64_t i = 0; i < Q; ++i) {
         const int64_t r = hh * R + g * Q + i;
-        const float inv = w.row_sum[r] > 0.0 ? static_cast<float>(1.0 / w.row_sum[r]) : 0.f;
+        const float inv = inv_row_sum(w.row_sum[r]);  // 0: no key seen; NaN: a non-finite value seen
         float* orow = o + it.b * p.o_sb + (it.i0 + i) * p.o_st + ((it.hk0 + hh) * G + g) * p.o_sh;
         for (int64_t d = 0; d < D; ++d) orow[d] = w.acc[r * Dp + d] * inv;
       }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 // Hot loops are compiled twice on x86-64, for AVX2+FMA (x86-64-v3) and for the
 // baseline, and the loader picks one per machine: wheels stay portable while a
@@ -213,7 +214,8 @@ WORLDVLA_INLINE bf16_t to_bf16(float x) {
 // exp(x) on W lanes for x <= 0 (softmax weights): exp(x) = 2^n * e^r with n = round(x / ln 2)
 // (the 1.5 * 2^23 rounding trick: no vector floor in the baseline instruction set), |r| <= ln(2) / 2,
 // and e^r from a degree-6 polynomial (Cephes' expf coefficients, about 1 ulp). -inf and anything
-// below -87 give 0. Written on vectors because GCC leaves a scalar version of this loop scalar.
+// below -87 give 0, NaN gives NaN (a NaN score must reach the softmax's sum, see attention.cpp).
+// Written on vectors because GCC leaves a scalar version of this loop scalar.
 template <int W>
 struct IntVecOf {
   typedef int32_t type __attribute__((vector_size(4 * W)));
@@ -223,7 +225,7 @@ WORLDVLA_INLINE typename IntVecOf<W>::type splati(int32_t x) { return typename I
 template <int W>
 WORLDVLA_INLINE vec<W> expv_nonpos(const vec<W>& x_in) {
   using I = typename IntVecOf<W>::type;
-  const I keep = x_in > splatv<W>(-87.0f);  // false for -inf and NaN
+  const I keep = x_in > splatv<W>(-87.0f);  // false for -inf and NaN (NaN lanes: the last line)
   const vec<W> x = keep ? x_in : splatv<W>(-87.0f);
   const vec<W> magic = splatv<W>(12582912.0f);
   const vec<W> n = (x * splatv<W>(1.44269504088896341f) + magic) - magic;
@@ -239,8 +241,23 @@ WORLDVLA_INLINE vec<W> expv_nonpos(const vec<W>& x_in) {
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
   vec<W> scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return keep ? y * scale : splatv<W>(0.0f);
+  const vec<W> e = keep ? y * scale : splatv<W>(0.0f);
+  return x_in != x_in ? x_in : e;
 }
 WORLDVLA_INLINE v8f exp8_nonpos(const v8f& x) { return expv_nonpos<8>(x); }
+
+// The softmax kernels' rule for non-finite values (worldvla/ops/attention.py): a NaN or an infinity in a
+// query, or in the key or value of a key the query sees, makes the query's output row NaN.
+// A visible score as the softmax takes it: finite scores as they are, an infinite one NaN (x - x is 0 for a
+// finite x, NaN for an infinite or NaN one). A score of -inf (an infinity in q or k) would otherwise give its
+// key weight 0, as if hidden, and +inf would make the row NaN only by way of inf - inf.
+template <int W>
+WORLDVLA_INLINE vec<W> nan_if_infinite(const vec<W>& x) { return x + (x - x); }
+WORLDVLA_INLINE float nan_if_infinite(float x) { return x + (x - x); }
+// 1 / (a softmax's sum) for its output row: 0 for a row that saw no key (sum 0), NaN for a row whose sum is
+// NaN (it saw a non-finite value).
+WORLDVLA_INLINE float inv_row_sum(double sum) {
+  return sum > 0.0 ? static_cast<float>(1.0 / sum) : sum == 0.0 ? 0.f : std::numeric_limits<float>::quiet_NaN();
+}
 
 }  // namespace worldvla

@@ -96,6 +96,11 @@ __device__ __forceinline__ void softmax_scores(float (&s)[NT][4], float (&m_run)
   }
 }
 
+// 1 / (a row's softmax sum) for its output: 0 for a row that saw no key (sum 0), NaN for one whose sum is NaN
+// (it saw a non-finite score: the rule of worldvla/ops/attention.py). The running maximum (fmaxf) skips NaN
+// scores; exp2 and the sums carry them to the row.
+__device__ __forceinline__ float softmax_inv(float l) { return l > 0.f ? 1.f / l : l == 0.f ? 0.f : l; }
+
 template <int DT>
 __device__ __forceinline__ void rescale_rows(float (&o)[DT][4], const float (&alpha)[2]) {
 #pragma unroll
@@ -378,7 +383,7 @@ __global__ void __launch_bounds__(2 * prefill_rows(kWG)) masked_attention_fwd_ke
     float l = l_run[i];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[i] = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gives zeros
+    inv[i] = softmax_inv(l);  // 0 for a row that sees no key, NaN for one that saw a NaN
   }
   T* ob = static_cast<T*>(p.o) + seq * p.o_sb + start * p.o_st + head * p.o_sh;
 #pragma unroll
@@ -558,19 +563,22 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     float m = -INFINITY;
 #pragma unroll
     for (int w = 0; w < 4; ++w) m = fmaxf(m, part_m[w][rr]);
+    // Every warp's state is merged, even where no warp's maximum is finite: a warp whose visible scores were
+    // all NaN (fmaxf skips them) has m = -inf and l = NaN, and its factor 0 keeps that NaN (NaN * 0).
+    const float base = m == -INFINITY ? 0.f : m;
     float l = 0.f, acc = 0.f;
-    if (m != -INFINITY) {
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const float f = fast_exp2(part_m[w][rr] - m);  // 0 for a warp that saw nothing
-        l += part_l[w][rr] * f;
-        acc += part_o[(w * kDecRows + rr) * D + d] * f;
-      }
+    for (int w = 0; w < 4; ++w) {
+      const float f = fast_exp2(part_m[w][rr] - base);  // 0 for a warp that saw nothing
+      l += part_l[w][rr] * f;
+      acc += part_o[(w * kDecRows + rr) * D + d] * f;
     }
     const int qi = r / G, h = hk * G + r % G;
     const int64_t row = ((static_cast<int64_t>(b) * p.n_splits + split) * Q + qi) * H + h;
-    p.o_part[row * D + d] = l > 0.f ? acc / l : 0.f;  // every CTA writes its rows, empty splits included
-    if (d == 0) p.lse_part[row] = l > 0.f ? m + __log2f(l) : -INFINITY;
+    // Every CTA writes its rows, empty splits included (l = 0: weight 0 when merged); a NaN sum stays NaN in
+    // both, and the combine kernel passes it on (the rule of worldvla/ops/attention.py).
+    p.o_part[row * D + d] = l > 0.f ? acc / l : l == 0.f ? 0.f : l;
+    if (d == 0) p.lse_part[row] = l > 0.f ? m + __log2f(l) : l == 0.f ? -INFINITY : l;
   }
 }
 
@@ -580,7 +588,12 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
   const int idx = blockIdx.x, h = idx % H, qi = (idx / H) % Q, b = idx / (H * Q), d = threadIdx.x;
   auto row_of = [&](int s) { return ((static_cast<int64_t>(b) * ns + s) * Q + qi) * H + h; };
   float mx = -INFINITY;
-  for (int s = 0; s < ns; ++s) mx = fmaxf(mx, p.lse_part[row_of(s)]);
+  bool nan = false;  // a split whose softmax sum was NaN (it saw a non-finite value): the row is NaN
+  for (int s = 0; s < ns; ++s) {
+    const float lse = p.lse_part[row_of(s)];
+    nan |= lse != lse;
+    mx = fmaxf(mx, lse);
+  }
   float acc = 0.f, wsum = 0.f;
   if (mx != -INFINITY) {
     for (int s = 0; s < ns; ++s) {
@@ -590,7 +603,7 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
     }
   }
   T* op = static_cast<T*>(p.o) + b * p.o_sb + qi * p.o_st + h * p.o_sh;
-  op[d] = from_float<T>(wsum > 0.f ? acc / wsum : 0.f);
+  op[d] = from_float<T>(nan ? NAN : wsum > 0.f ? acc / wsum : 0.f);
 }
 
 // The prefill's matrix engine: kAuto runs mma.sync on every GPU until the wgmma engine has passed

@@ -2,6 +2,26 @@
 
 Layouts: q, k, v are [B, L, H, Dh] (padded batch, meta tensors [B, L]) or
 [T, H, Dh] (packed, meta.cu_seqlens set). K/V may have fewer heads (GQA).
+
+Non-finite inputs. The rule, so that a NaN or an infinity that reaches attention (a corrupt cache slot, an
+overflow upstream) shows up where it belongs and nowhere else:
+
+- a NaN or an infinity in a query, or in the key or the value of a key that query may attend to, makes that
+  query's whole output row NaN;
+- keys a query may not attend to (hidden by the chunk rule, later in the sequence, in another document of a
+  packed batch, past a cache's kv_len) never affect it, whatever they hold;
+- a row with no visible key is 0 (possible only with hand-made metadata).
+
+The references below state it directly; the native CPU kernels carry a non-finite score through their
+softmax, and where their P V accumulators come out non-finite redo the rows checking each value row. Values
+so large that scores or row sums overflow float32 are outside the rule. Known gaps: the torch backend is
+PyTorch's SDPA as it is, which adds its mask to the scores (NaN + -inf is NaN: a NaN in a hidden key or value
+can reach rows that may not see it); enforcing the rule around it (finite copies of q, k, v, the rule's rows
+set NaN after) cost its decode attention 1.8-2.7x on a 2-core CPU, more than the rule is worth on the path
+that only serves where no kernel runs. The Triton kernels (worldvla.kernels) and the native CUDA kernels
+compute p @ V over whole tiles, so a non-finite value of a hidden key still reaches the rows of its tile
+(0 * NaN), and a visible value's infinity may come through as inf rather than NaN; an infinity in q or k
+that makes a score -inf gives that key weight 0 there, as if hidden.
 """
 from __future__ import annotations
 
@@ -82,6 +102,23 @@ def _expand_kv(x, n_heads):
     return x if rep == 1 else x.repeat_interleave(rep, dim=-2)
 
 
+def _attend_ref(q, k, v, mask, scale):
+    """softmax(q k^T * scale) v over the keys `mask` lets each row see, under the rule for non-finite inputs
+    (module docstring). q [B, L, H, Dh], k and v [B, M, H, Dh], mask [B, L, M] (True = may attend)."""
+    s = torch.einsum("blhd,bmhd->bhlm", q, k) * scale
+    # A key whose k or v holds a NaN or an infinity: NaN for every row, so that a row that sees it is NaN
+    # (a -inf score would otherwise give it weight 0); a query's own non-finite values make its scores so.
+    bad_key = ~(k.isfinite() & v.isfinite()).all(-1)                    # [B, M, H]
+    s = s.masked_fill(bad_key.transpose(1, 2).unsqueeze(2), float("nan"))
+    # Hidden keys: -inf in place (masked_fill: an additive mask would keep a NaN score, NaN + -inf = NaN).
+    s = s.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.where(mask.any(-1, keepdim=True).unsqueeze(1), p, 0.0)     # a row that sees no key gives zeros
+    # P V on the values' finite part: a hidden key's weight is 0, and 0 * NaN would still reach the row.
+    v = v.masked_fill(~v.isfinite(), 0.0)
+    return torch.einsum("bhlm,bmhd->blhd", p.to(v.dtype), v)
+
+
 def masked_attention_ref(q, k, v, meta: ChunkMaskMeta, softmax_scale=None, upcast=True):
     """Dense-mask softmax attention. With `upcast` it computes in fp32 (fp64 inputs stay fp64)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -93,10 +130,7 @@ def masked_attention_ref(q, k, v, meta: ChunkMaskMeta, softmax_scale=None, upcas
     q3 = q.dim() == 3
     if q3:  # packed (or one unbatched sequence): a single [T, T] problem
         q, k, v, mask = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask.unsqueeze(0)
-    s = torch.einsum("blhd,bmhd->bhlm", q, k) * scale
-    s = s.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no visible key (padding) gives zeros
-    o = torch.einsum("bhlm,bmhd->blhd", p.to(v.dtype), v)
+    o = _attend_ref(q, k, v, mask, scale)
     if q3:
         o = o.squeeze(0)
     return o.to(dtype)
@@ -109,10 +143,7 @@ def decode_attention_ref(q, k_cache, v_cache, meta: DecodeMeta, softmax_scale=No
     if upcast and dtype in (torch.float16, torch.bfloat16):
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
     k, v = _expand_kv(k_cache, q.shape[-2]), _expand_kv(v_cache, q.shape[-2])
-    s = torch.einsum("bqhd,bshd->bhqs", q, k) * scale
-    s = s.masked_fill(~meta.dense_mask().unsqueeze(1), float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhqs,bshd->bqhd", p.to(v.dtype), v).to(dtype)
+    return _attend_ref(q, k, v, meta.dense_mask(), scale).to(dtype)
 
 
 def masked_attention(q, k, v, meta: ChunkMaskMeta, softmax_scale=None, backend: str = "auto"):
@@ -177,7 +208,8 @@ def _documents_padded(meta: ChunkMaskMeta):
 def masked_attention_sdpa(q, k, v, meta: ChunkMaskMeta, softmax_scale=None):
     """The "torch" backend: SDPA with a dense boolean mask (what the release does). A packed
     batch of several documents runs as a padded batch of its documents when that at least
-    halves the [T, T] work (the documents never see each other, so nothing else changes)."""
+    halves the [T, T] work (the documents never see each other, so nothing else changes).
+    Non-finite inputs: outside the rule (module docstring)."""
     k, v = _expand_kv(k, q.shape[-2]), _expand_kv(v, q.shape[-2])
     if meta.packed and meta.max_seqlen > 0 and 2 * (meta.cu_seqlens.numel() - 1) * meta.max_seqlen ** 2 <= q.shape[0] ** 2:
         _, dst, mask = _documents_padded(meta)
