@@ -674,10 +674,12 @@ def _range_sample_cpu(hidden: Tensor, weight: Tensor, lo: int, hi: int, temperat
     return out
 
 
+@torch.no_grad()
 def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None, gumbel=None):
     """`worldvla.ops.constrained_sample` with the range logits computed natively: greedy is one
     fused kernel; a draw is one native call on the CPU (`_range_sample_cpu`), elsewhere torch's draw
-    (`sample_logits`) from the native float32 logits: the same ids."""
+    (`sample_logits`) from the native float32 logits: the same ids. Token ids need no gradient, so inputs
+    that require one (a model in training mode sampled outside no_grad) run here too."""
     direct = _direct(hidden, weight)
     if temperature <= 0.0:
         return (_range_argmax_impl if direct else range_argmax_op)(hidden, weight, int(lo), int(hi))
@@ -1288,17 +1290,11 @@ def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, genera
                                 lambda: _passes(_check_range, hidden, weight, lo, hi))
 
 
-@torch.no_grad()
-def _dispatched_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None, gumbel=None):
-    """`constrained_sample` as the dispatcher hands it out: token ids, whose choice needs no gradient, so the
-    kernel runs on inputs that require one (a model in training mode sampled outside no_grad)."""
-    return constrained_sample(hidden, weight, lo, hi, temperature, top_k, generator, gumbel)
-
 
 dispatch.register("masked_attention", "native", masked_attention, _attention_supports)
 dispatch.register("decode_attention", "native", decode_attention, _decode_supports)
 dispatch.register("vq_quantize", "native", vq_quantize, _vq_quantize_supports)
 dispatch.register("vq_gather", "native", vq_gather, _vq_gather_supports)
-dispatch.register("constrained_sample", "native", _dispatched_sample, _sample_supports)
+dispatch.register("constrained_sample", "native", constrained_sample, _sample_supports)
 dispatch.register("linear", "native", _dispatched_linear, _linear_supports)
 dispatch.register("decoder_layer", "native", _dispatched_decoder_layer, _decoder_layer_supports)
