@@ -45,16 +45,6 @@ def _check_qkv(q, k, v):
         raise ValueError(f"head dim must be at least 1, got q {tuple(q.shape)}")
 
 
-def _check_dtypes(q, **tensors):
-    """One floating dtype for q, k and v: the torch path would otherwise fail inside einsum with torch's
-    message, and the kernels would refuse it under another name."""
-    if not q.dtype.is_floating_point:
-        raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
-    for name, t in tensors.items():
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} is {t.dtype} but q is {q.dtype}; convert q, k and v to one dtype")
-
-
 def _check_devices(q, **tensors):
     """Every input on q's device: the torch path would otherwise read metadata on another device (the
     meta device: uninitialized values) without an error."""
@@ -150,7 +140,7 @@ def masked_attention(q, k, v, meta: ChunkMaskMeta, softmax_scale=None, backend: 
     """Attention under the WorldVLA chunk rule (causal, same document, no earlier action blocks
     for actions after the last image). Differentiable on every backend."""
     _check_qkv(q, k, v)
-    _check_dtypes(q, k=k, v=v)
+    dispatch.check_floats("masked_attention", q=q, k=k, v=v)
     if meta.kv_block.shape != q.shape[:-2]:
         raise ValueError(f"meta covers tokens {tuple(meta.kv_block.shape)} but q has {tuple(q.shape[:-2])}")
     _check_devices(q, k=k, v=v, **{"meta.kv_block": meta.kv_block, "meta.q_limit": meta.q_limit,
@@ -171,7 +161,7 @@ def decode_attention(q, k_cache, v_cache, meta: DecodeMeta, softmax_scale=None, 
                          "(kv heads must be at least 1 and divide q heads)")
     if q.shape[-1] == 0:
         raise ValueError(f"head dim must be at least 1, got q {tuple(q.shape)}")
-    _check_dtypes(q, k_cache=k_cache, v_cache=v_cache)
+    dispatch.check_floats("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
     (B, Q), S = q.shape[:2], k_cache.shape[1]
     for name, t, shape in (("q_pos", meta.q_pos, (B, Q)), ("q_limit", meta.q_limit, (B, Q)),
                            ("kv_block", meta.kv_block, (B, S)), ("kv_len", meta.kv_len, (B,))):
