@@ -200,6 +200,8 @@ def test_frames_bad_input(rng):
             generate_frame_codes(model, codes, bad, b)
     with pytest.raises(ValueError, match="cfg_scale must be a finite"):
         generate_frame_codes(model, codes, np.zeros((2, 4)), b, cfg_scale=float("nan"))
+    with pytest.raises(TypeError, match="image codes must be an integer tensor"):  # not truncated to ints
+        generate_frame_codes(model, codes.float() + 0.5, np.zeros((2, 4)), b)
     small = InferenceEngine(model, 2, 40)
     with pytest.raises(ValueError, match="cache slots; the engine has 40"):
         generate_frame_codes(model, codes, np.zeros((2, 4)), b, engine=small)

@@ -133,6 +133,18 @@ def test_out_of_range_codes_and_ids():
         CH.check_ids(torch.tensor([70000]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool])
+def test_codes_and_ids_must_be_integers(dtype):
+    # .long() would truncate 3.7 to 3 without a word (a frame of codes read back as floats)
+    with pytest.raises(TypeError, match="image codes must be an integer tensor"):
+        CH.code_to_id(torch.tensor([3.7, 1.0]).to(dtype))
+    lo = CH.image_id_range[0]
+    with pytest.raises(TypeError, match="image token ids must be an integer tensor"):
+        CH.id_to_code(torch.tensor([lo + 0.5]).to(dtype))
+    for int_dtype in (torch.int16, torch.int32, torch.uint8):  # any integer type is taken
+        assert CH.code_to_id(torch.tensor([3, 1], dtype=int_dtype)).tolist() == CH.code_to_id(torch.tensor([3, 1])).tolist()
+
+
 def test_action_sample_template_and_labels():
     L = VocabLayout.compact(n_image_codes=64)
     text = ByteTextTokenizer(L)

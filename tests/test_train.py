@@ -490,6 +490,38 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
         ["step_00000005", "step_00000007", "step_00000900"]
 
 
+def test_a_crash_before_the_latest_pointer_is_written_resumes_from_the_new_checkpoint(tmp_path, monkeypatch):
+    """The checkpoint is renamed into place, then `latest` is written: a crash between the two resumed from the
+    previous checkpoint (the steps in between redone). The new one names its predecessor and is found; a later
+    step that does not follow the pointer's checkpoint (another run's) is still not taken."""
+    from worldvla.train import checkpointing
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    stray = checkpointing.save_checkpoint(tmp_path, 900, model, opt, {})  # another run's later step
+    root = tmp_path / "checkpoints"
+    (root / "latest").unlink()
+    first = checkpointing.save_checkpoint(tmp_path, 3, model, opt, {})
+    assert checkpointing.latest_checkpoint(tmp_path) == first
+    assert json.loads((first / "state.json").read_text())["follows"] == stray.name  # no pointer: the highest
+
+    def crash(path, text):
+        raise KeyboardInterrupt  # the power goes out before the pointer is replaced
+
+    monkeypatch.setattr(checkpointing, "write_text_atomic", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.save_checkpoint(tmp_path, 5, model, opt, {})
+    assert (root / "latest").read_text().strip() == first.name and (root / "step_00000005").is_dir()
+    assert checkpointing.latest_checkpoint(tmp_path) == root / "step_00000005"
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.save_checkpoint(tmp_path, 7, model, opt, {})  # crashed the same way again: a chain
+    assert checkpointing.latest_checkpoint(tmp_path) == root / "step_00000007"
+    monkeypatch.undo()
+    (root / "step_00000007" / "state.json").write_text("{damaged")  # an unreadable link ends the chain
+    assert checkpointing.latest_checkpoint(tmp_path) == root / "step_00000005"
+    assert stray.is_dir()
+
+
 @pytest.mark.parametrize("option,value", [("--log-every", "0"), ("--steps", "-1"), ("--epochs", "0"),
                                           ("--batch-tokens", "0"), ("--keep-last", "-2"), ("--warmup", "-1")])
 def test_cli_refuses_bad_counts_naming_the_option(option, value, tmp_path, capsys):

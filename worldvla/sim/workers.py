@@ -53,10 +53,16 @@ def _start_forkserver_ignoring_sigint() -> None:
 _RERAISED = (ValueError, TypeError)
 
 
+class WorkerTraceback(Exception):
+    """The traceback of an error in an env worker, as text: the cause of the error raised in the caller, so that
+    an uncaught error shows it and a command's one-line report does not."""
+
+
 def _error_reply(e: Exception) -> tuple:
-    """(kind raised again in the caller or None, message, traceback text) of an error in a worker."""
+    """(kind raised again in the caller or None, the error's type name, message, traceback text) of an error in a
+    worker."""
     kind = next((k.__name__ for k in _RERAISED if isinstance(e, k)), None)
-    return kind, str(e), traceback.format_exc()
+    return kind, type(e).__name__, str(e), traceback.format_exc()
 
 
 def _serve(conn, task: str, n_envs: int, image_size: int, max_steps: int, kwargs: dict) -> None:
@@ -125,20 +131,20 @@ class _Worker:
 
     def reply(self, i: int | None = None):
         """The next reply; `i`: the env it is from (None: the worker's start). A worker's ValueError or TypeError
-        is raised as one here, other errors as RuntimeError, each with the worker's traceback."""
+        is raised as one here, other errors as RuntimeError; the worker's traceback is the cause of either."""
         try:
             status, value = self.conn.recv()
         except (EOFError, OSError):
             raise self._died() from None
         if status != "ok":
-            kind, message, tb = value
+            kind, name, message, tb = value
             where = f"env worker process {self.proc.pid}"
             if i is not None:
                 where = f"env {i * self.stride + self.rank} (in {where})"
             err = {k.__name__: k for k in _RERAISED}.get(kind)
             if err is not None:
-                raise err(f"{where}: {message}\n{tb}")
-            raise RuntimeError(f"{where} failed:\n{tb}")
+                raise err(f"{where}: {message}") from WorkerTraceback(tb)
+            raise RuntimeError(f"{where} failed: {name}: {message}") from WorkerTraceback(tb)
         return value
 
     def _died(self) -> RuntimeError:

@@ -8,7 +8,10 @@
 
 A checkpoint is written into a hidden temporary folder, flushed to the disk and renamed into
 place, and `latest` is replaced atomically afterwards, so a crash (or a power loss) at any moment
-leaves the previous checkpoint usable. Full (unsharded) state dicts make a checkpoint loadable at any world size.
+leaves the previous checkpoint usable. Each checkpoint's state.json names the one `latest` named when it was
+written (`follows`): a crash between a checkpoint's rename and the pointer's write resumes from the new one, and a
+later step left by another run is not taken for this run's. Full (unsharded) state dicts make a checkpoint
+loadable at any world size.
 """
 from __future__ import annotations
 
@@ -101,8 +104,9 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last
     if dist_utils.is_main():
         torch.save({k: v.detach().cpu() for k, v in msd.items()}, tmp / "model.pt")
         torch.save(_to_cpu(osd), tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step,
-                                                     "world_size": dist_utils.world_size()}, indent=1))
+        follows = latest_checkpoint(run_dir)
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world_size": dist_utils.world_size(),
+                                                     "follows": follows.name if follows else None}, indent=1))
         for part in ("model.pt", "optim.pt", "state.json", "."):  # on the disk before the folder's name is
             fsync_path(tmp / part)
     dist_utils.barrier()
@@ -279,14 +283,26 @@ def _to_cpu(obj):
 
 
 def latest_checkpoint(run_dir) -> Path | None:
+    """The run's newest complete checkpoint: the one `latest` names, or a later one written after it (its
+    state.json `follows` it) whose pointer write a crash cut off. Without a usable pointer: the highest step."""
     root = Path(run_dir) / "checkpoints"
+    done = [p for p in root.glob("step_*") if p.is_dir() and (p / "state.json").is_file()]
     pointer = root / LATEST
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if (path / "state.json").is_file():
+    path = root / pointer.read_text().strip() if pointer.is_file() else None
+    if path not in done:
+        return max(done, key=_step_of, default=None)
+    while True:  # a chain of more than one link needs more than one crash; followed all the same
+        later = [p for p in done if _step_of(p) > _step_of(path) and _follows(p) == path.name]
+        if not later:
             return path
-    done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
-    return done[-1] if done else None
+        path = max(later, key=_step_of)
+
+
+def _follows(ck: Path) -> str | None:
+    try:
+        return json.loads((ck / "state.json").read_text()).get("follows")
+    except (OSError, ValueError, AttributeError):
+        return None  # damaged: not taken here; read_state names the damage where it is read
 
 
 def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True) -> dict:
