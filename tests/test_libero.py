@@ -287,6 +287,28 @@ def test_results_are_saved_after_every_episode_and_a_rerun_resumes(policy_and_ou
     assert again.envs[0].init_state == "state0-0"
 
 
+def test_results_are_keyed_by_the_fingerprint_taken_before_the_policy_loaded(policy_and_out):
+    """The command fingerprinted the policy folder after loading it: a new export written meanwhile would have
+    had the loaded weights' episodes saved as its own."""
+    from worldvla.eval.metaworld import _policy_fingerprint
+
+    rng = np.random.default_rng()
+    folder, out = policy_and_out
+    before = _policy_fingerprint(folder)
+    (folder / "policy.json").write_text('{"exported": "again, while the old one was loading"}')
+    suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=5)
+    pol = RecordingPolicy(k=3, rng=rng)
+    res = libero.evaluate_suite(pol, suite, episodes=1, out_dir=out, progress=False, policy_path=folder,
+                                policy_fingerprint=before)
+    assert res["key"] == libero._results_key(suite, pol, before)
+    assert res["key"] != libero._results_key(suite, pol, _policy_fingerprint(folder))
+    # A rerun on the new files does not take those episodes for its own.
+    again = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=5)
+    libero.evaluate_suite(RecordingPolicy(k=3, rng=rng), again, episodes=1, out_dir=out, progress=False,
+                          policy_path=folder)
+    assert again.envs[0].init_state == "state0-0"
+
+
 def test_a_rerun_with_other_tasks_or_episodes_keeps_and_reuses_the_saved_ones(policy_and_out):
     """`--tasks 1` after a full run used to rewrite libero_results.json with task 1 only, and `--episodes 1`
     cut the saved episodes, so a later `--episodes 3` ran them again."""

@@ -181,12 +181,11 @@ def check_bounds(policy, allow_mismatch: bool = False) -> None:
 RESULTS = "libero_results.json"
 
 
-def _results_key(suite, policy, policy_path) -> str | None:
-    """What an episode's outcome depends on: the policy's files and metadata, the suite and its
-    camera size. None (no reuse) without a policy folder to fingerprint."""
-    from .metaworld import _jsonable, _policy_fingerprint
+def _results_key(suite, policy, fp: str | None) -> str | None:
+    """What an episode's outcome depends on: the policy's files (`fp`, their fingerprint) and metadata, the
+    suite and its camera size. None (no reuse) without a policy folder's fingerprint."""
+    from .metaworld import _jsonable
 
-    fp = _policy_fingerprint(policy_path) if policy_path is not None else None
     if fp is None:
         return None
     meta = _jsonable(policy.metadata()) if hasattr(policy, "metadata") else None
@@ -230,7 +229,7 @@ def _task_summary(instruction: str, success: list, steps: list, errors: list) ->
 
 def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, save_videos: bool = False,
                    allow_bounds_mismatch: bool = False, progress: bool = True, policy_path=None,
-                   resume: bool = True) -> dict:
+                   resume: bool = True, policy_fingerprint: str | None = None) -> dict:
     """Success rates of `policy` on `suite` (a `LiberoSuite` or an object with its interface), over the
     first `episodes` episodes of each of `tasks`. An episode's `steps` are the env steps its policy
     actions took (the settle steps left out).
@@ -241,7 +240,12 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
     same folder leaves in place) and the file shows them: this run's, and earlier runs' of other tasks or beyond
     `episodes` (its `tasks` then hold more than this run reports; `run_tasks`, `episodes_per_task` and
     `success_rate` are this run's). With `resume`, a rerun reuses the saved episodes it asks for and runs
-    only the missing ones: every episode starts from its task's fixed initial state."""
+    only the missing ones: every episode starts from its task's fixed initial state. The folder is fingerprinted
+    here unless `policy_fingerprint` gives the fingerprint taken before `policy` loaded from it (the command's
+    way: a new export that replaced the folder meanwhile must not have the loaded weights' episodes saved as
+    its own)."""
+    from .metaworld import _policy_fingerprint
+
     check_bounds(policy, allow_bounds_mismatch)
     # A task named twice runs once (it would count twice in the suite's rate otherwise).
     task_ids = list(range(suite.n_tasks)) if tasks is None else list(dict.fromkeys(int(t) for t in tasks))
@@ -259,7 +263,9 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
         raise ValueError(f"--episodes {episodes} needs as many initial states per task; "
                          + ", ".join(f"task {t} has {n}" for t, n in short.items()))
     out_dir = Path(out_dir) if out_dir is not None else None
-    key = _results_key(suite, policy, policy_path)
+    if policy_fingerprint is None and policy_path is not None:
+        policy_fingerprint = _policy_fingerprint(policy_path)
+    key = _results_key(suite, policy, policy_fingerprint)
     saved = {}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -380,13 +386,16 @@ def run(args: argparse.Namespace) -> int:
     tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
     if tasks is not None and not all(t.isdigit() for t in tasks):
         raise ValueError(f"--tasks takes comma-separated task ids like 0,3,7, got {args.tasks!r}")
+    from .metaworld import _policy_fingerprint
+
+    fingerprint = _policy_fingerprint(Path(args.policy).expanduser())  # before it loads: see evaluate_suite
     policy = WorldVLAPolicy.from_pretrained(args.policy, device=args.device,
                                             **({} if args.mode is None else {"mode": args.mode}))
     suite = LiberoSuite(args.suite, resolution=args.resolution or policy.image_size)
     res = evaluate_suite(policy, suite, episodes=args.episodes, tasks=tasks, out_dir=args.out,
                          save_videos=args.save_videos, allow_bounds_mismatch=args.allow_bounds_mismatch,
                          progress=not args.no_progress, policy_path=Path(args.policy).expanduser(),
-                         resume=not args.no_resume)
+                         resume=not args.no_resume, policy_fingerprint=fingerprint)
     for tid, r in res["tasks"].items():
         print(f"task {tid:>2}  {r['success_rate']:6.1%}  {r['instruction']}")
     print(f"{res['suite']}: {res['success_rate']:.1%} over {len(res['tasks'])} tasks x {args.episodes} episodes")
