@@ -74,6 +74,23 @@ def test_vq_resume_is_exact(data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_vq_resume_does_not_read_init(data, tmp_path):
+    """A fine-tuning run (--init FOLDER) could not resume once FOLDER had moved or was written another way
+    (compared as a string), and every resume reloaded it only to overwrite its weights. The VQGAN is now built
+    from the config the checkpoint records."""
+    common = ["--steps", 4]
+    straight = vqt.train_vq(args_for(data, tmp_path / "a", *common))
+    part = vqt.train_vq(args_for(data, tmp_path / "b", *common, "--stop-after", 2))
+    args = args_for(data, tmp_path / "b", *common, "--resume")
+    args.init = str(tmp_path / "gone")  # no such folder: never opened
+    rest = vqt.train_vq(args)
+    assert part["losses"] + rest["losses"] == straight["losses"]
+    wa = torch.load(latest_checkpoint(tmp_path / "a") / "model.pt", weights_only=True)
+    wb = torch.load(latest_checkpoint(tmp_path / "b") / "model.pt", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert VQGAN.from_pretrained(rest["export"]).config.to_dict() == VQGAN.from_pretrained(data / "init").config.to_dict()
+
+
 @pytest.mark.parametrize("change", [("--steps", 9), ("--lr", 1e-3), ("--batch-size", 2), ("--seed", 3),
                                     ("--l2", 0.5), ("--restart-every", 3)])
 def test_vq_resume_refuses_other_settings(data, tmp_path, change, monkeypatch):

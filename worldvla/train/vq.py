@@ -41,7 +41,7 @@ from .checkpointing import (add_run_arguments, check_resume_or_overwrite, latest
 # gradient clipping and the dead-code restarts (the run would otherwise continue under another objective than
 # it started with) and the frames and their order (a position in it is restored). The demo files themselves
 # are checked by their names and sizes (`resume_point`'s data).
-RESUME_SETTINGS = ("config", "init", "n_embed", "steps", "epochs", "batch_size", "lr", "min_lr", "warmup",
+RESUME_SETTINGS = ("config", "n_embed", "steps", "epochs", "batch_size", "lr", "min_lr", "warmup",
                    "beta1", "beta2", "weight_decay", "grad_clip", "l1", "l2", "beta", "restart_every",
                    "restart_threshold", "usage_decay", "seed", "frame_stride", "max_frames", "camera", "rotate_180")
 
@@ -135,10 +135,15 @@ def _epoch_order(n: int, batch: int, seed: int, epoch: int) -> np.ndarray:
     return perm[: (n // batch) * batch].reshape(-1, batch)
 
 
-def _build(args):
+def _build(args, recorded: dict | None = None):
+    """The VQGAN to train: under --resume, built from the config its checkpoint records (`recorded`; the
+    checkpoint holds all its weights, so --init is not read: the folder may have moved); else from --init or
+    --config / --n-embed."""
     from ..vqgan import VQGAN, VQGANConfig
 
     torch.manual_seed(args.seed)
+    if recorded is not None:
+        return VQGAN(VQGANConfig.from_dict(recorded)).train()
     if args.init:
         return VQGAN.from_pretrained(args.init).float().train()
     cfg = VQGANConfig.chameleon() if args.config == "chameleon" else VQGANConfig.small()
@@ -201,7 +206,7 @@ def train_vq(args) -> dict:
                          ROTATE_180[getattr(args, "rotate_180", "auto")], announce=main)
     if len(frames) < args.batch_size:
         raise ValueError(f"only {len(frames)} frames for a batch of {args.batch_size}; lower --batch-size")
-    vq = _build(args).to(device)
+    vq = _build(args, read_state(ck).get("config") if ck is not None else None).to(device)
     f = vq.downsample
     if frames.shape[1] % f or frames.shape[2] % f:
         raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]}, not a multiple of the VQGAN factor {f}")
