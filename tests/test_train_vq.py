@@ -91,6 +91,14 @@ def test_vq_resume_does_not_read_init(data, tmp_path):
     assert VQGAN.from_pretrained(rest["export"]).config.to_dict() == VQGAN.from_pretrained(data / "init").config.to_dict()
 
 
+def test_vq_resume_takes_another_epochs_under_steps(data, tmp_path):
+    """--steps decides the run's length; --epochs, unused then, was compared and a resume refused over it."""
+    vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 3, "--epochs", 1, "--stop-after", 1))
+    assert vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 3, "--epochs", 5, "--resume"))["step"] == 3
+    with pytest.raises(ValueError, match="started with --steps 3"):  # --steps itself still counts
+        vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 4, "--resume"))
+
+
 @pytest.mark.parametrize("change", [("--steps", 9), ("--lr", 1e-3), ("--batch-size", 2), ("--seed", 3),
                                     ("--l2", 0.5), ("--restart-every", 3)])
 def test_vq_resume_refuses_other_settings(data, tmp_path, change, monkeypatch):

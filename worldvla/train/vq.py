@@ -46,6 +46,15 @@ RESUME_SETTINGS = ("config", "n_embed", "steps", "epochs", "batch_size", "lr", "
                    "restart_threshold", "usage_decay", "seed", "frame_stride", "max_frames", "camera", "rotate_180")
 
 
+def _effective_settings(settings: dict) -> dict:
+    """`settings` (a run's arguments) as they act on the run: --epochs as None under --steps (which decides the
+    run's length then)."""
+    s = dict(settings)
+    if s.get("steps"):
+        s["epochs"] = None
+    return s
+
+
 def load_frames(inputs, stride: int = 1, max_frames: int = 0, camera=None, rotate_180: bool | None = None,
                 announce: bool = False) -> np.ndarray:
     """Every `stride`-th frame of every demo in the HDF5 inputs -> uint8 [N, H, W, 3].
@@ -201,7 +210,7 @@ def train_vq(args) -> dict:
     # The run's data, recorded with its settings: a resume on other demo files is refused by name.
     data = {"demo_files": [f"{f.name} ({f.stat().st_size} bytes)" for f in files]}
     ck = resume_point(out, args, RESUME_SETTINGS, data,  # refused now, not after the frames are read
-                      fix=lambda saved: "Resume with the demo files it was started on")
+                      fix=lambda saved: "Resume with the demo files it was started on", normalize=_effective_settings)
     frames = load_frames(files, args.frame_stride, args.max_frames, args.camera,
                          ROTATE_180[getattr(args, "rotate_180", "auto")], announce=main)
     if len(frames) < args.batch_size:
