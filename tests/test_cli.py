@@ -215,6 +215,10 @@ def test_an_unknown_device_name_is_one_clear_error():
         with pytest.raises(ValueError, match=r"unknown device .*--device.*cpu, cuda or cuda:N"):
             torch_device(name)
     assert str(torch_device("cpu")) == "cpu"
+    # Names torch parses but this package does not run on failed deep inside torch, with a traceback.
+    for name in ("mps", "xpu", "meta", "xla"):
+        with pytest.raises(ValueError, match=rf"device {name}.* is not one this package runs on: use cpu, cuda"):
+            torch_device(name)
 
 
 def test_bench_with_an_unknown_device_is_one_line(capsys, monkeypatch):

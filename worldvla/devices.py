@@ -9,13 +9,16 @@ import torch
 def torch_device(device=None, *, default: str | None = None) -> torch.device:
     """`device` (a name such as "cuda", "cuda:1", "cpu", or a torch.device) as a torch.device; None takes
     `default`, else CUDA when torch sees a GPU and the CPU otherwise. Raises ValueError for a CUDA device
-    torch does not see, and for a name that is no device."""
+    torch does not see, for a name that is no device, and for other device types (mps, xpu, meta, ...): the
+    package's kernels, and its tests, are for CPUs and CUDA GPUs."""
     if device is None:
         device = default or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"unknown device {device!r} (--device): use cpu, cuda or cuda:N (N counts from 0)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {dev} (--device) is not one this package runs on: use cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {dev} was asked for, but torch sees no CUDA GPU here (a CPU build of torch, "
