@@ -118,3 +118,24 @@ def test_a_tied_folder_without_a_head_loads_as_transformers_loads_it(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits[..., ~image],
                                    ours(ids, meta=causal_meta(tuple(ids.shape)))[..., ~image], rtol=1e-5, atol=1e-5)
+
+
+def test_a_folder_with_both_a_single_file_and_shards_is_read_as_transformers_reads_it(tmp_path):
+    """model.safetensors beside a shard index (a folder written by two tools): the package read the shards,
+    transformers the single file, so the two loaded different weights. Both now take the single file."""
+    import shutil
+
+    from transformers import ChameleonForConditionalGeneration
+
+    a = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    b = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(1))
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "both", shard_size_gb=0.0002)
+    assert (tmp_path / "both" / "model.safetensors.index.json").is_file()
+    shutil.copy(tmp_path / "a" / "model.safetensors", tmp_path / "both")
+    ours = WorldVLA.from_pretrained(tmp_path / "both")
+    hf = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "both")
+    want = a.model.embed_tokens.weight
+    assert torch.equal(hf.get_input_embeddings().weight, want)
+    assert torch.equal(ours.model.embed_tokens.weight, want)
+    assert all(torch.equal(p, q) for p, q in zip(ours.state_dict().values(), a.state_dict().values()))

@@ -425,21 +425,25 @@ def read_weights_file(path: Path) -> dict:
 
 
 def _load_state_dict(folder: Path) -> tuple[dict, dict]:
-    """The folder's tensors, and the file each came from ({name: file name})."""
+    """The folder's tensors, and the file each came from ({name: file name}). The first of these present is read,
+    in transformers' order: model.safetensors, its shard index, pytorch_model.bin, its shard index (a stale
+    file of another kind beside it is not read)."""
     files = []
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index_name).is_file():
-            index = read_json_file(folder / index_name, "shard index")
-            if not isinstance(index.get("weight_map"), dict):
-                raise ValueError(f"{folder / index_name}: no 'weight_map' object; the shard index is damaged")
-            weight_map = index["weight_map"]
-            files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (folder / f).is_file()]
-            if missing:
-                raise FileNotFoundError(f"{folder}: shards listed in {index_name} are missing: {missing}")
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json"):
+        if not (folder / name).is_file():
+            continue
+        if not name.endswith(".index.json"):
+            files = [name]
             break
-    if not files:  # one file: safetensors first, as transformers takes it (a stale .bin beside it is not read)
-        files = [f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()][:1]
+        index = read_json_file(folder / name, "shard index")
+        if not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f"{folder / name}: no 'weight_map' object; the shard index is damaged")
+        files = sorted(set(index["weight_map"].values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: shards listed in {name} are missing: {missing}")
+        break
     if not files:
         raise FileNotFoundError(f"{folder}: no weights found (expected model.safetensors, sharded safetensors with "
                                 f"model.safetensors.index.json, or pytorch_model*.bin)")
