@@ -34,13 +34,26 @@ def _example_ids(L):
                          L.boa, L.bin_base + 2, L.bin_base + 3, L.eoa, L.sep])
 
 
+def release_last_image_end(ids, L):
+    """The release's `last_image_end`: BOI and EOI positions paired in order after one EOI too many is dropped
+    from the end (or an open image closed at the sequence's end); ValueError where the counts still differ."""
+    S = [i for i, t in enumerate(ids) if t == L.boi]
+    E = [i for i, t in enumerate(ids) if t == L.eoi]
+    if len(S) > len(E):
+        E.append(len(ids) - 1)
+    elif len(S) < len(E):
+        E = E[:-1]
+    if len(S) != len(E):
+        raise ValueError("Mismatched image start and end tokens")
+    return E[-1] if E else -1
+
+
 def loop_mask(ids, L):
     """Literal re-implementation of the release's rule with Python loops (spec 3.1)."""
     ids = list(ids)
     n = len(ids)
     m = np.tril(np.ones((n, n), dtype=bool))
-    eois = [i for i, t in enumerate(ids) if t == L.eoi]
-    last_img_end = eois[-1] if eois else -1
+    last_img_end = release_last_image_end(ids, L)
     blocks, start = [], None
     for i, t in enumerate(ids):
         if t == L.boa and start is None:
@@ -205,7 +218,7 @@ def test_growing_block_meta_is_the_whole_sequence_meta(release_pairing):
     tokens = [L.boa, L.eoa, L.eoi, L.boi, L.sep, L.bin_base, L.bin_base + 3, L.text_base + 2, 5]
     g = torch.Generator().manual_seed(0)
     pushed = refused = strays = 0
-    for _ in range(600):
+    for _ in range(1000):
         seq = [tokens[int(i)] for i in torch.randint(0, len(tokens), (int(torch.randint(2, 30, (1,), generator=g)),),
                                                        generator=g)]
         cut = int(torch.randint(1, len(seq), (1,), generator=g))
@@ -218,17 +231,20 @@ def test_growing_block_meta_is_the_whole_sequence_meta(release_pairing):
             try:
                 want = chunk_mask_meta(torch.tensor(seq[:i + 1]), L, release_pairing=release_pairing)
             except ValueError as err:
-                with pytest.raises(ValueError, match="malformed action blocks") as got:
+                with pytest.raises(ValueError, match="malformed (action|image) blocks") as got:
                     grow.push(seq[i])
-                reason = lambda e: str(e).split(";")[0].split(" is ", 1)[1]
-                assert reason(got.value) == reason(err)
+                if "image" in str(err):  # names the pushed token, the prefix's last, and the counts
+                    assert str(got.value) == str(err)
+                else:
+                    reason = lambda e: str(e).split(";")[0].split(" is ", 1)[1]
+                    assert reason(got.value) == reason(err)
                 refused += 1
                 break
             strays += seq[i] == L.eoa and not grow.open
             assert grow.push(seq[i]) == (int(want.kv_block[-1]), int(want.q_limit[-1])), seq[:i + 1]
             pushed += 1
-    assert pushed > 500 and refused > 50
-    assert (strays > 20) if release_pairing else strays == 0
+    assert pushed > 800 and refused > 80
+    assert (strays > 20) if release_pairing else strays == 0, (pushed, refused, strays)
 
 
 def release_att_mask_3(ids, L):
@@ -246,8 +262,7 @@ def release_att_mask_3(ids, L):
     if len(S) != len(E):
         raise ValueError("Mismatched action start and end tokens")
     m = np.tril(np.ones((n, n), dtype=bool))
-    eois = [i for i, t in enumerate(ids) if t == L.eoi]
-    last_eoi = eois[-1] if eois else -1
+    last_eoi = release_last_image_end(ids, L)
     blocks = list(zip(S, E))
     for s, e in blocks:
         if s > last_eoi:
@@ -262,10 +277,10 @@ def test_release_pairing_is_the_release_mask():
     prefix, never raises and pairs its blocks in order, and no EOA precedes every BOA (the release's parser
     raises there); and then its mask is the release's. The default refuses every EOA closing no block."""
     L = VocabLayout.compact(n_image_codes=64)
-    tokens = [L.boa, L.eoa, L.eoa, L.eoi, L.sep, L.bin_base, L.bin_base + 3, 5]
+    tokens = [L.boa, L.eoa, L.eoa, L.eoi, L.boi, L.sep, L.bin_base, L.bin_base + 3, 5]
     g = torch.Generator().manual_seed(1)
-    accepted = strays = 0
-    for _ in range(800):
+    accepted = strays = unpaired = 0
+    for _ in range(2000):
         seq = [tokens[int(i)] for i in torch.randint(0, len(tokens), (int(torch.randint(1, 24, (1,), generator=g)),),
                                                        generator=g)]
         ok = True
@@ -281,17 +296,49 @@ def test_release_pairing_is_the_release_mask():
         try:
             meta = chunk_mask_meta(torch.tensor(seq), L, release_pairing=True)
         except ValueError as err:
-            assert not ok and "malformed action blocks" in str(err), seq
+            assert not ok and ("malformed action blocks" in str(err) or "malformed image blocks" in str(err)), seq
             continue
         assert ok, seq
         assert np.array_equal(meta.dense_mask().numpy(), release_att_mask_3(seq, L)[0]), seq
         accepted += 1
         stray = seq.count(L.eoa) > seq.count(L.boa)
         strays += stray
+        unpaired += seq.count(L.boi) != seq.count(L.eoi) and L.boa in seq
         if stray:
             with pytest.raises(ValueError, match="EOA that closes no open action block"):
                 chunk_mask_meta(torch.tensor(seq), L)
-    assert accepted > 120 and strays > 15, (accepted, strays)
+    assert accepted > 250 and strays > 10 and unpaired > 40, (accepted, strays, unpaired)
+
+
+def test_image_blocks_pair_as_the_release_pairs_them():
+    """The chunk rule holds for action blocks after the last image's end. That end was the last EOI; the release
+    pairs BOI and EOI first: an image left open (a BOI the model wrote while decoding freely) ends at the
+    sequence's end, so no block is restricted, and with one EOI too many the last pair ends at the EOI before it.
+    Counts further apart are refused, as the release's mask raises."""
+    L = VocabLayout.compact(n_image_codes=64)
+    b = L.bin_base
+    block = [L.boa, b, b + 1, L.eoa]
+    img = [L.boi, L.image_code_ids[0], L.eoi]
+    for seq in (img + [L.sep] + block + [L.boi] + block,            # an open image between two blocks
+                img + [L.sep] + block + [L.eoi] + block + [L.sep],  # a stray EOI between two blocks
+                img + [L.sep] + block + block + [L.boi, 5],         # an open image after them
+                [L.eoi] + block + block,                            # an EOI too many, no image
+                img + block + block):                               # the well-formed case
+        want = loop_mask(seq, L)
+        for pairing in (False, True):
+            assert np.array_equal(chunk_attention_mask(torch.tensor(seq), L, release_pairing=pairing).numpy(), want)
+    open_between = img + [L.sep] + block + [L.boi] + block
+    n = len(open_between)  # plain causal: nothing hidden
+    assert torch.equal(chunk_attention_mask(torch.tensor(open_between), L), torch.ones(n, n, dtype=torch.bool).tril())
+    stray = img + [L.sep] + block + [L.eoi] + block
+    assert not chunk_attention_mask(torch.tensor(stray), L)[-1, 4:8].any()  # the second block hides the first
+    for bad in ([L.boi, L.boi] + block, img + [L.eoi, L.eoi] + block):
+        with pytest.raises(ValueError, match="malformed image blocks: at token .* image blocks pair only while"):
+            chunk_mask_meta(torch.tensor(bad), L)
+    # Per document, packed: the open image of the first document does not reach the second.
+    docs = img[:2] + block + img + block + block
+    meta = chunk_mask_meta(torch.tensor(docs), L, cu_seqlens=torch.tensor([0, 6, len(docs)]))
+    assert meta.q_limit.tolist() == [-1] * 9 + [1] * 4 + [2] * 4  # block ordinals count on across documents
 
 
 def test_release_pairing_refusals():

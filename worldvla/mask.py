@@ -141,16 +141,42 @@ def _block_metadata(ids: torch.Tensor, doc: torch.Tensor, layout: VocabLayout, r
     ordinal = (n_boa - 1).to(torch.int32)
     kv_block = torch.where(in_block, ordinal, torch.full_like(ordinal, NO_BLOCK))
 
+    # Image blocks are paired as the release pairs them: the chunk rule holds for action blocks that start after
+    # the last pair's end, which is the last EOI when the counts match, the document's end when one image is
+    # left open (no block is restricted then), and the EOI before the last when there is one EOI too many.
     n_docs = int(doc.max()) + 1 if N else 0
+    is_boi, is_eoi = ids == layout.boi, ids == layout.eoi
+    # Counts so far in each document: the release rebuilds its mask at every token, and raises at the first
+    # one where they differ by two.
+    boi_run, eoi_run = torch.cumsum(is_boi, 0), torch.cumsum(is_eoi, 0)
+    boi_run, eoi_run = boi_run - (boi_run - is_boi.long())[first], eoi_run - (eoi_run - is_eoi.long())[first]
+    unpaired = (boi_run - eoi_run).abs() > 1
+    if N and bool(unpaired.any()):
+        i = int(unpaired.nonzero()[0])
+        raise ValueError(_unpaired_images(i, int(boi_run[i]), int(eoi_run[i])))
+    zeros = torch.zeros(n_docs, dtype=torch.long, device=ids.device)
+    n_boi = zeros.scatter_add(0, doc.long(), is_boi.long())
+    n_eoi = zeros.scatter_add(0, doc.long(), is_eoi.long())
     last_eoi = torch.full((n_docs,), -1, dtype=torch.long, device=ids.device)
-    eoi_pos = torch.where(ids == layout.eoi, pos, torch.full_like(pos, -1))
+    eoi_pos = torch.where(is_eoi, pos, torch.full_like(pos, -1))
     last_eoi = last_eoi.scatter_reduce(0, doc.long(), eoi_pos, reduce="amax", include_self=True)
+    before_last = torch.where(is_eoi & (pos != last_eoi[doc.long()]), pos, torch.full_like(pos, -1))
+    before_last = torch.full_like(last_eoi, -1).scatter_reduce(0, doc.long(), before_last, reduce="amax",
+                                                              include_self=True)
+    last_image_end = torch.where(n_boi > n_eoi, torch.full_like(last_eoi, N),
+                                 torch.where(n_boi < n_eoi, before_last, last_eoi))
     # Start of the block holding each token: position of the latest BOA at or before it.
     boa_pos = torch.where(is_boa, pos, torch.full_like(pos, -1))
     block_start = torch.cummax(boa_pos, 0).values
-    restricted = in_block & (block_start > last_eoi[doc.long()])
+    restricted = in_block & (block_start > last_image_end[doc.long()])
     q_limit = torch.where(restricted, ordinal, torch.full_like(ordinal, -1))
     return kv_block, q_limit
+
+
+def _unpaired_images(token: int, n_boi: int, n_eoi: int) -> str:
+    return (f"malformed image blocks: at token {token} a document holds {n_boi} BOI and {n_eoi} EOI so far; image "
+            f"blocks pair only while the counts differ by at most one (one image left open, or one EOI too many), "
+            f"as in the release's mask")
 
 
 def _checked_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
@@ -176,7 +202,13 @@ def chunk_mask_meta(input_ids: torch.Tensor, layout: VocabLayout, cu_seqlens: to
     least one block and with no BOA or EOA after it, as a token outside any block. Still refused there:
     an EOA before any block (the release's mask drops it, but its parser then raises), a second such
     EOA (its mask raises), a BOA inside an open block (its mask raises), and a BOA after the stray EOA,
-    which the release pairs with an earlier EOA, out of order: a block the chunk rule cannot express."""
+    which the release pairs with an earlier EOA, out of order: a block the chunk rule cannot express.
+
+    Image blocks are paired as the release pairs them, in both modes (the same as the last EOI wherever every
+    image is closed): the chunk rule applies to action blocks that start after the last image's end, which is
+    the document's end while one image is open (no block is restricted then: a BOI the model wrote in free
+    decoding) and the EOI before the last when one EOI closes no image. A document whose BOI and EOI counts
+    come to differ by two raises ValueError, as the release's mask does."""
     if input_ids.dtype.is_floating_point:
         raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
     ids = input_ids.long()
@@ -211,13 +243,14 @@ class GrowingBlockMeta:
     q_limit as `chunk_mask_meta` of the whole sequence so far gives them for its last token, which is
     what the release's mask, rebuilt from all ids at every step, hides from that token. O(1) a token.
     A token that makes the blocks malformed raises ValueError, as there (with `release_pairing` as
-    there: one stray EOA after a closed block is a token outside any block)."""
+    there: one stray EOA after a closed block is a token outside any block); image blocks are paired as there."""
 
     def __init__(self, prompt: torch.Tensor, layout: VocabLayout, release_pairing: bool = False):
         ids = torch.as_tensor(prompt).long().flatten()
         chunk_mask_meta(ids, layout, release_pairing=release_pairing)  # the prompt's own blocks must be accepted
         self.layout, self.release_pairing = layout, release_pairing
-        self.length, self.n_blocks, self.open, self.start, self.stray, self.last_eoi = 0, 0, False, -1, False, -1
+        self.length, self.n_blocks, self.open, self.start, self.stray = 0, 0, False, -1, False
+        self.n_boi, self.n_eoi, self.last_eoi, self.before_last_eoi = 0, 0, -1, -1
         for i, x in enumerate(ids.tolist()):
             if x == layout.boa:
                 self.open, self.start, self.n_blocks = True, i, self.n_blocks + 1
@@ -225,7 +258,9 @@ class GrowingBlockMeta:
                 self.stray |= not self.open
                 self.open = False
             elif x == layout.eoi:
-                self.last_eoi = i
+                self.n_eoi, self.last_eoi, self.before_last_eoi = self.n_eoi + 1, i, self.last_eoi
+            elif x == layout.boi:
+                self.n_boi += 1
         self.length = ids.numel()
         if not self.open:
             self.start = -1
@@ -249,12 +284,19 @@ class GrowingBlockMeta:
                 raise ValueError(f"malformed action blocks: token {p} is a second EOA that closes no open action "
                                  f"block")
             self.stray = True  # the release's mask drops it: a token outside any block
-        elif tok == lay.eoi:
-            self.last_eoi = p
+        elif tok in (lay.eoi, lay.boi):
+            n_boi, n_eoi = self.n_boi + (tok == lay.boi), self.n_eoi + (tok == lay.eoi)
+            if abs(n_boi - n_eoi) > 1:
+                raise ValueError(_unpaired_images(p, n_boi, n_eoi))
+            self.n_boi, self.n_eoi = n_boi, n_eoi
+            if tok == lay.eoi:
+                self.last_eoi, self.before_last_eoi = p, self.last_eoi
         kv, ql = NO_BLOCK, -1
         if self.open:
             kv = self.n_blocks - 1
-            ql = kv if self.start > self.last_eoi else -1
+            image_end = (p if self.n_boi > self.n_eoi else
+                         self.before_last_eoi if self.n_boi < self.n_eoi else self.last_eoi)
+            ql = kv if self.start > image_end else -1
         if tok == lay.eoa:
             self.open = False
         self.length += 1

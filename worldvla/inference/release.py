@@ -18,8 +18,10 @@ one EOA closing no block after a closed block is a token outside any block, and 
 A sequence whose generated blocks become malformed stops there (`Generated.malformed`): a BOA inside
 an open block or a second EOA closing no block (the release's mask raises: the episode fails), an
 EOA before any block (the release's mask drops it, but its parser raises afterwards: the episode
-fails), or a BOA after a stray EOA (the release goes on, pairing it with an earlier EOA, out of
-order: blocks the chunk rule cannot express; the one case where this module and the release part).
+fails), a BOI or EOI that leaves the image counts two apart (the release's mask raises), or a BOA after a
+stray EOA (the release goes on, pairing it with an earlier EOA, out of order: blocks the chunk rule cannot
+express; the one case where this module and the release part). A generated BOI or EOI moves the last image's
+end as the release's pairing moves it (an open image lifts the chunk rule until it closes).
 """
 from __future__ import annotations
 
