@@ -270,3 +270,22 @@ def test_nan_never_parses_as_a_float_option():
                 for text in ("nan", "inf"):
                     with pytest.raises(argparse.ArgumentTypeError):
                         action.type(text)
+
+
+@pytest.mark.parametrize("command,module", [(["collect", "--tasks", "reach-v3"], "worldvla.data.collect"),
+                                            (["train-vq", "x.hdf5"], "worldvla.train.vq"),
+                                            (["imagine", "p"], "worldvla.eval.imagine"),
+                                            (["bench", "vq"], "worldvla.bench"), (["demo"], "worldvla.demo")])
+def test_an_out_that_is_a_file_is_refused_before_any_work(command, module, tmp_path, capsys, monkeypatch):
+    """Every --out is a folder; a file there failed with a bare "[Errno 17] File exists" when the first output
+    was written (imagine after rendering, bench after its benchmark)."""
+    import importlib
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    monkeypatch.setattr(importlib.import_module(module), "run", lambda args: pytest.fail("the command started"))
+    f = tmp_path / "afile"
+    f.write_text("")
+    for out, what in ((f, "is a file"), (f / "sub", "lies under")):
+        assert main([*command, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} {what}" in err and "not a folder" in err, err

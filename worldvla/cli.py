@@ -158,6 +158,21 @@ def _missing_dependency(e: ImportError) -> bool:
     return isinstance(e, ModuleNotFoundError) and bool(name) and name.split(".")[0] != "worldvla"
 
 
+def _out_folder_problem(out) -> str | None:
+    """Why the folder `out` (--out) cannot be made or written into, if the path says so already: it, or a
+    folder above it, is a file."""
+    if not out:
+        return None
+    path = Path(out).expanduser()
+    for p in (path, *path.parents):
+        if p.exists():
+            if p.is_dir():
+                return None
+            what = "is a file" if p == path else f"lies under {p}, which is a file"
+            return f"--out {out} {what}, not a folder: name a folder (it is created if missing)"
+    return None
+
+
 def main(argv=None) -> int:
     try:
         return _main(argv)
@@ -182,6 +197,10 @@ def _main(argv) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
+        return 2
+    out_problem = _out_folder_problem(getattr(args, "out", None))
+    if out_problem:  # every command's --out is a folder: refused before any work, not when the first file is written
+        print(f"worldvla {args.command}: error: {out_problem}", file=sys.stderr)
         return 2
     # Bad inputs (missing files are OSErrors) and a missing optional dependency get one line; any other error
     # keeps its traceback.
