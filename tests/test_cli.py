@@ -289,3 +289,12 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(command, module, tmp_p
         assert main([*command, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert f"--out {out} {what}" in err and "not a folder" in err, err
+
+
+def test_layout_seeds_are_refused_outside_32_bits(capsys):
+    """collect and eval derive their layouts from the seed's low 32 bits: --seed 2**32 repeated --seed 0, and
+    --seed -1 the seed 2**32 - 1."""
+    for seed in ("-1", str(1 << 32)):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "--policy", "p", "--out", "o", "--seed", seed])
+        assert e.value.code == 2 and "argument --seed: must be" in capsys.readouterr().err

@@ -69,6 +69,15 @@ def test_fast_demo_runs_and_reuses_its_caches(tmp_path, capsys):
     causal = WorldVLAPolicy.from_pretrained(out / "policy_causal", device="cpu")
     assert causal.model.config.attention == "causal" and causal.mode == "causal"
 
+    # A stage's output cut short (a full disk) was read as it stood: "Unterminated string", naming no file.
+    metrics = out / "eval" / "metrics.json"
+    metrics.write_text(metrics.read_text()[:100])
+    capsys.readouterr()
+    assert demo.main(argv + ["--train-steps", "2", "--ablations"]) == 0
+    assert f"{metrics} cannot be read" in capsys.readouterr().out
+    m6 = json.loads((out / "metrics.json").read_text())
+    assert [s for s, v in m6["stages"].items() if not v["cached"]] == ["evaluate"]
+
 
 def test_demo_rejects_bad_settings(capsys):
     from worldvla import demo
@@ -77,6 +86,9 @@ def test_demo_rejects_bad_settings(capsys):
     assert "unknown" in capsys.readouterr().err
     assert demo.main(["--fast", "--image-size", "48", "--out", "/nonexistent/x"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
+    # A bad --seed was refused by the training stage's own parser, after the collection had run.
+    with pytest.raises(ValueError, match=r"--seed must be in \[0, 2\*\*32\)"):
+        demo.DemoConfig.fast_preset(seed=-1).check()
 
 
 def test_only_this_runs_tasks_reach_training(tmp_path):

@@ -39,6 +39,16 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def seed32(text: str) -> int:
+    """argparse type of the --seed of collect, eval and demo: an integer in [0, 2**32), the range the layout
+    seeds derive from (a larger one would give the layouts of the seed 2**32 below it)."""
+    value = non_negative_int(text)
+    if value >= 1 << 32:
+        raise argparse.ArgumentTypeError(f"must be < 2**32 ({(1 << 32) - 1} at most; the layout seeds derive from "
+                                         f"32 bits), got {value}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
     value = finite_float(text)

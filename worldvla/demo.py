@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .cli import positive_float
+from .cli import positive_float, seed32
 
 DEFAULT_TASKS = ("button-press-topdown-v3", "drawer-open-v3", "window-open-v3")
 
@@ -82,6 +82,8 @@ class DemoConfig:
         for name in ("episodes", "vq_steps", "train_steps", "eval_episodes", "chunk_size", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 1 << 32:  # checked before collecting, not by the training stage's parser after it
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
 
 
 # Settings each stage depends on (the stage reruns when one of them, or an earlier stage, changes).
@@ -108,6 +110,18 @@ def stage_keys(cfg: DemoConfig) -> dict[str, str]:
         blob = json.dumps({"up": upstream, **{n: getattr(cfg, n) for n in names}}, sort_keys=True, default=list)
         upstream = keys[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return keys
+
+
+def _marked_complete(path: Path) -> bool:
+    """Whether the JSON file a stage ends with says it is complete; a damaged one (cut short, edited) is named and
+    its stage runs again."""
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("complete", False) is True
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        _say(f"{path} cannot be read ({type(e).__name__}: {e}); its stage runs again")
+        return False
 
 
 class Stages:
@@ -314,13 +328,11 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
     outputs_ok = {
         "collect": lambda: all((out / "demos" / f"{t}.hdf5").is_file() for t in cfg.tasks),
         "train-vq": lambda: (out / "vq" / "vqgan" / "config.json").is_file(),
-        "pretokenize": lambda: (out / "store" / "manifest.json").is_file()
-        and json.loads((out / "store" / "manifest.json").read_text()).get("complete", False),
+        "pretokenize": lambda: _marked_complete(out / "store" / "manifest.json"),
         "train": lambda: (out / "policy" / "policy.json").is_file(),
         "train-action-only": lambda: (out / "policy_action_only" / "policy.json").is_file(),
         "train-causal": lambda: (out / "policy_causal" / "policy.json").is_file(),
-        "evaluate": lambda: (out / "eval" / "metrics.json").is_file()
-        and json.loads((out / "eval" / "metrics.json").read_text()).get("complete", False),
+        "evaluate": lambda: _marked_complete(out / "eval" / "metrics.json"),
     }
     results: dict = {"config": asdict(cfg), "stages": {}}
     t_total = time.perf_counter()
@@ -429,7 +441,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "steps and token budget, and evaluate chunk-mask models decoded without the mask; "
                              "about triples training time and evaluation time")
     parser.add_argument("--workers", type=int, default=None, help="collection and evaluation worker processes (default: 2)")
-    parser.add_argument("--seed", type=int, default=None, help=f"seed of the layouts, the models and the "
+    parser.add_argument("--seed", type=seed32, default=None, help=f"seed of the layouts, the models and the "
                         f"evaluation (default: {d.seed})")
     parser.add_argument("--fast", action="store_true",
                         help="tiny sizes (1 task, 2 demos, a few steps): checks the pipeline in ~1 minute")

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import write_text_atomic
-from ..cli import non_negative_int, positive_int
+from ..cli import non_negative_int, positive_int, seed32
 from ..sim.metaworld_env import MAX_EPISODE_STEPS, check_max_steps, check_tasks
 from .metrics import psnr, ssim, success_interval
 from .rollout import ChunkQuery
@@ -762,8 +762,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--envs", type=positive_int, default=4, help="envs run in lockstep with batched queries (default: %(default)s)")
     parser.add_argument("--env-workers", type=positive_int, default=2,
                         help="processes the envs step in, side by side (1 = in this process; default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="evaluation seed (layouts are derived from it; default: %(default)s)")
+    parser.add_argument("--seed", type=seed32, default=0,
+                        help="evaluation seed in [0, 2**32) (layouts are derived from it; default: %(default)s)")
     parser.add_argument("--no-random", action="store_true", help="skip the random-policy (chance) baseline")
     parser.add_argument("--wm-episodes", type=non_negative_int, default=2,
                         help="held-out expert rollouts per task for the world-model metrics (0 = skip; "
