@@ -1484,3 +1484,13 @@ def test_concurrent_handshakes_do_not_pass_the_connection_limit():
         finally:
             for c in opened:
                 c.close()
+
+
+def test_a_host_that_does_not_resolve_or_a_taken_port_is_named():
+    """`--host 999.1.1.1` failed with "[Errno -2] Name or service not known", naming neither the host nor the
+    option; a port in use is named with its host."""
+    with pytest.raises(ValueError, match=r"host '999\.1\.1\.1' \(--host\) is no address this machine can resolve"):
+        PolicyServer(HistoryPolicy(), host="999.1.1.1").start_background()
+    with PolicyServer(HistoryPolicy()) as server:
+        with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{server.port} \(--host, --port\)"):
+            PolicyServer(HistoryPolicy(), port=server.port).start_background()

@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -261,13 +262,23 @@ class PolicyServer:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="worldvla-policy")
         # max_queue: a connection's requests are answered one at a time, so a client that sends ahead is
         # held back by TCP rather than buffered (websockets keeps 16 messages of up to max_size by default).
-        self._ws = await serve(self._handler, self.host, self.port, process_request=self._process_request,
-                               process_response=self._process_response,
-                               max_size=2 * self.max_payload_bytes + 65536, max_queue=2, compression=None,
-                               close_timeout=5, server_header=None,
-                               # a connection lost without a close (a robot's network gone) is dropped within
-                               # 2 x keepalive_s instead of websockets' default 40 s
-                               ping_interval=self.keepalive_s, ping_timeout=self.keepalive_s)
+        try:
+            self._ws = await serve(self._handler, self.host, self.port, process_request=self._process_request,
+                                   process_response=self._process_response,
+                                   max_size=2 * self.max_payload_bytes + 65536, max_queue=2, compression=None,
+                                   close_timeout=5, server_header=None,
+                                   # a connection lost without a close (a robot's network gone) is dropped within
+                                   # 2 x keepalive_s instead of websockets' default 40 s
+                                   ping_interval=self.keepalive_s, ping_timeout=self.keepalive_s)
+        except socket.gaierror as e:  # "[Errno -2] Name or service not known", naming neither host nor option
+            self._executor.shutdown(wait=False)
+            raise ValueError(f"host {self.host!r} (--host) is no address this machine can resolve ({e.strerror}); "
+                             f"give an IP address (127.0.0.1: this machine only, 0.0.0.0: every interface) or a "
+                             f"resolvable host name") from None
+        except OSError as e:  # the port in use, an address of another machine: the address named
+            self._executor.shutdown(wait=False)
+            raise OSError(e.errno, f"cannot listen on {self.host}:{self.port} (--host, --port): "
+                                   f"{e.strerror or e}") from None
         self.port = self._ws.sockets[0].getsockname()[1]
         self._batcher = asyncio.create_task(self._batch_loop())
         self._started_at = time.monotonic()
