@@ -298,3 +298,9 @@ def test_layout_seeds_are_refused_outside_32_bits(capsys):
         with pytest.raises(SystemExit) as e:
             main(["eval", "--policy", "p", "--out", "o", "--seed", seed])
         assert e.value.code == 2 and "argument --seed: must be" in capsys.readouterr().err
+
+
+def test_eval_refuses_an_empty_variant_name(capsys, tmp_path):
+    """`--names x,` for two policies gave the second an empty name: a table column without a heading."""
+    assert main(["eval", "--policy", "a", "b", "--names", "x,", "--out", str(tmp_path), "--tasks", "reach-v3"]) == 2
+    assert "holds an empty name" in capsys.readouterr().err

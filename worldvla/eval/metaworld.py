@@ -798,6 +798,10 @@ def run(args: argparse.Namespace) -> int:
     if names is not None and len(names) != len(args.policy):
         print(f"worldvla eval: --names has {len(names)} names for {len(args.policy)} policies", file=sys.stderr)
         return 2
+    if names is not None and not all(names):
+        print(f"worldvla eval: --names {args.names!r} holds an empty name; give one name per policy, e.g. "
+              f"--names joint,action-only", file=sys.stderr)
+        return 2
     from ..checkpoint import check_folder
 
     # `~` expanded here too: the saved closed loops are keyed by the folder's files (`_policy_fingerprint`).
