@@ -536,7 +536,8 @@ def test_cli_refuses_bad_counts_naming_the_option(option, value, tmp_path, capsy
 @pytest.mark.parametrize("option,value", [
     ("--alpha", "nan"), ("--z-weight", "inf"), ("--min-lr", "nan"), ("--grad-clip", "-1"), ("--grad-clip", "nan"),
     ("--eps", "nan"), ("--init-std", "inf"), ("--lr", "nan"), ("--lr", "-0.001"), ("--beta1", "nan"),
-    ("--beta2", "inf"), ("--weight-decay", "nan"), ("--warmup", "inf"), ("--dropout", "nan"), ("--dropout", "1.5")])
+    ("--beta2", "inf"), ("--weight-decay", "nan"), ("--warmup", "inf"), ("--dropout", "nan"), ("--dropout", "1.5"),
+    ("--eps", "0")])
 def test_cli_refuses_non_finite_and_out_of_range_floats_naming_the_option(option, value, tmp_path, capsys):
     """`--alpha nan` trained to a loss of nan and exported it with exit 0; `--warmup inf` was an
     OverflowError traceback; a negative --grad-clip silently meant 'off'."""
@@ -989,9 +990,25 @@ def test_samples_no_micro_step_or_position_range_holds_are_refused_before_the_ru
     cases = (("--micro-tokens", longest - 1, "--batch-tokens", 4 * longest, r"--micro-tokens \d+ \(the longest"),
              ("--max-positions", longest - 1, "--batch-tokens", 4 * longest, r"the model's \d+ positions"))
     for opt, value, bopt, bvalue, message in cases:
-        with pytest.raises(ValueError, match=r"sample\(s\) of the store are longer than " + message):
+        with pytest.raises(ValueError, match=r"sample\(s\) of the store are longer than " + message) as err:
             trainer.train(args_for(store_dir, tmp_path / opt, "--steps", 2, opt, value, bopt, bvalue))
         assert not (tmp_path / opt).exists()
+        # The long samples are the world-model ones: the advice names the options that leave them out, which
+        # exist (it named `pretokenize --kinds`, which does not).
+        assert "world-model samples" in str(err.value) and "--kinds action" in str(err.value)
+        assert "`worldvla pretokenize --no-world`" in str(err.value) and "pretokenize --kinds" not in str(err.value)
+    assert "--kinds" in trainer.build_parser().format_help()
+    assert "--no-world" in _pretokenize_help() and "--history" in _pretokenize_help()
+
+
+def _pretokenize_help() -> str:
+    import argparse
+
+    from worldvla.data import store
+
+    p = argparse.ArgumentParser()
+    store.add_arguments(p)
+    return p.format_help()
 
 
 def test_overwrite_keeps_the_earlier_run_when_the_command_line_is_refused(store_dir, tmp_path):
@@ -1003,22 +1020,33 @@ def test_overwrite_keeps_the_earlier_run_when_the_command_line_is_refused(store_
     layout = VocabLayout.from_dict(TokenStore(store_dir).manifest["layout"])
     WorldVLA(ModelConfig.tiny(layout)).save_pretrained(tmp_path / "init")
     WorldVLA(ModelConfig.tiny(vocab_size=layout.vocab_size + 8)).save_pretrained(tmp_path / "other-vocab")
+    WorldVLA(ModelConfig.tiny(layout)).save_pretrained(tmp_path / "cut-weights")
+    weights = tmp_path / "cut-weights" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])  # its config.json is fine: only reading the weights fails
     out = tmp_path / "run"
     trainer.train(args_for(store_dir, out, "--steps", 1, "--no-export"))
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     for bad in (("--micro-tokens", 4000, "--batch-tokens", 600), ("--store", tmp_path / "no-store"),
                 ("--warmup", 2.5), ("--init", tmp_path / "no-model"), ("--init", tmp_path / "other-vocab"),
-                ("--init", tmp_path / "init", "--max-positions", 999)):
+                ("--init", tmp_path / "init", "--max-positions", 999), ("--init", tmp_path / "cut-weights")):
         with pytest.raises((ValueError, OSError)):
             trainer.train(args_for(store_dir, out, "--steps", 1, "--overwrite", *bad))
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before, bad
 
 
 def test_options_out_of_range_are_refused_by_name(capsys, store_dir, tmp_path):
-    for opt, value in (("--seed", -1), ("--beta1", 1.5), ("--beta2", 1.0), ("--dropout", 1.0)):
+    for opt, value in (("--seed", -1), ("--beta1", 1.5), ("--beta2", 1.0), ("--dropout", 1.0), ("--seed", 2 ** 64),
+                       ("--eps", 0)):
         with pytest.raises(SystemExit):
             args_for(store_dir, tmp_path / "x", opt, value)
         assert f"argument {opt}: must be" in capsys.readouterr().err
+    # torch takes seeds up to 2**64 - 1 ("Overflow when unpacking long long" above, after --overwrite had deleted
+    # the earlier run): the largest is accepted and trains, the next refused naming the range.
+    with pytest.raises(SystemExit):
+        args_for(store_dir, tmp_path / "x", "--seed", 2 ** 64)
+    assert "argument --seed: must be >= 0 and < 2**64" in capsys.readouterr().err
+    assert trainer.train(args_for(store_dir, tmp_path / "s", "--steps", 1, "--batch-tokens", 300, "--seed", 2 ** 64 - 1,
+                                  "--no-export"))["step"] == 1
     trainer.train(args_for(store_dir, tmp_path / "w", "--steps", 2, "--warmup", 5, "--no-export"))
     assert "--warmup 5.0 is 5 steps, not fewer than the run's 2" in capsys.readouterr().out
 
@@ -1035,3 +1063,81 @@ def test_fine_tuning_records_its_dropout_with_the_model(store_dir, tmp_path):
                            "--no-export"))
     state = json.loads((latest_checkpoint(tmp_path / "ft") / "state.json").read_text())
     assert state["model_config"]["dropout"] == 0.3
+
+
+def test_a_diverging_run_stops_at_its_first_non_finite_loss_without_saving_or_exporting(store_dir, tmp_path, capsys):
+    """A run whose loss went nan (--lr 10000, --eps 0) printed "loss nan", exited 0 and exported an all-nan policy.
+    It now stops at the step whose loss is not finite, naming it and the likely causes; the checkpoints before it
+    (finite weights) are kept, the step itself is neither saved nor exported."""
+    from worldvla.cli import main
+
+    out = tmp_path / "run"
+    common = ("--steps", 6, "--batch-tokens", 300, "--lr", 1e4, "--warmup", 0, "--save-every", 1, "--keep-last", 0)
+    with pytest.raises(ValueError, match=r"step 4: the loss is nan .*not finite.*stopped.*neither saved nor "
+                                         r"exported.*step_00000003.*--lr.*--eps") as err:
+        trainer.train(args_for(store_dir, out, *common))
+    assert "--resume" in str(err.value)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [f"step_{i:08d}" for i in (1, 2, 3)]
+    assert not (out / "policy").exists() and not (out / "model").exists()
+    assert all(torch.isfinite(v).all() for v in final_weights(out).values())
+    argv = ["train", "--store", str(store_dir), "--out", str(tmp_path / "cli"), "--config", "tiny", "--no-progress",
+            "--seed", "3", "--device", "cpu", *map(str, common)]
+    assert main(argv) == 2
+    assert "step 4: the loss is nan" in capsys.readouterr().err
+
+
+def test_a_checkpoint_missing_a_file_or_a_state_key_is_refused_naming_it_and_the_older_checkpoints(store_dir, tmp_path):
+    """A checkpoint without model.pt (a partial copy) failed a resume with a bare "[Errno 2] No such file or
+    directory", and a state.json without a key the resume reads (here `scheduler`) with a KeyError; both now name
+    what is missing and the older checkpoints to resume from, as a damaged file does."""
+    import shutil
+
+    common = ("--steps", 4, "--batch-tokens", 300, "--save-every", 1, "--keep-last", 0, "--no-export")
+    first = tmp_path / "first"
+    trainer.train(args_for(store_dir, first, *common, "--stop-after", 3))
+    older = (r"resume from an older checkpoint of the run: step_00000001, step_00000002 \(remove .*step_00000003, "
+             r"and --resume continues from step_00000002\)")
+    out = tmp_path / "no-model"
+    shutil.copytree(first, out)
+    ck = latest_checkpoint(out)
+    (ck / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{ck / 'model.pt'}: .*missing.*; {older}"):
+        trainer.train(args_for(store_dir, out, *common, "--resume"))
+    for key in ("scheduler", "tokens_seen", "batch_in_epoch"):
+        out = tmp_path / f"no-{key}"
+        shutil.copytree(first, out)
+        ck = latest_checkpoint(out)
+        state = json.loads((ck / "state.json").read_text())
+        del state[key]
+        (ck / "state.json").write_text(json.dumps(state))
+        with pytest.raises(ValueError, match=rf"{ck / 'state.json'}: .*lacks '{key}'.*; {older}"):
+            trainer.train(args_for(store_dir, out, *common, "--resume"))
+    assert trainer.train(args_for(store_dir, first, *common, "--resume"))["step"] == 4
+
+
+def test_a_store_without_its_vqgan_is_refused_before_training_unless_no_export(store_dir, tmp_path):
+    """A token store whose vqgan/ folder was gone trained the whole run and failed only at the policy export, which
+    needs it; it is refused before anything is written or deleted, saying how to fix it, and --no-export trains."""
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(store_dir, store)
+    shutil.rmtree(store / "vqgan")
+    out = tmp_path / "run"
+    trainer.train(args_for(store_dir, out, "--steps", 1, "--batch-tokens", 300, "--no-export"))
+    with pytest.raises(FileNotFoundError, match=r"lacks its VQGAN.*pretokenize.*--no-export"):
+        trainer.train(args_for(store, out, "--steps", 2, "--batch-tokens", 300, "--overwrite"))
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000001"]
+    with pytest.raises(FileNotFoundError, match="lacks its VQGAN"):
+        trainer.train(args_for(store, tmp_path / "new", "--steps", 2, "--batch-tokens", 300))
+    assert not (tmp_path / "new").exists()
+    assert trainer.train(args_for(store, tmp_path / "new", "--steps", 1, "--batch-tokens", 300,
+                                  "--no-export"))["step"] == 1
+    # On the Chameleon vocabulary the export needs the store's text_tokenizer.json as well: checked with the VQGAN.
+    from types import SimpleNamespace
+
+    chameleon = SimpleNamespace(path=store, image_size=(32, 32), checked_vqgan_path=lambda: store / "vqgan",
+                                layout=SimpleNamespace(text_base=-1), text_tokenizer_path=None)
+    with pytest.raises(FileNotFoundError, match=r"lacks its text_tokenizer\.json.*--no-export"):
+        trainer._check_export_inputs(chameleon)
+    trainer._check_export_inputs(SimpleNamespace(**{**vars(chameleon), "text_tokenizer_path": store / "t.json"}))

@@ -440,3 +440,77 @@ def test_libero_like_frames_are_rotated_with_a_line_and_rotate_180_no_keeps_them
     assert args.rotate_180 == "no" and "rotate_180" in vqt.RESUME_SETTINGS
     text = " ".join(vqt.build_parser().format_help().split())
     assert "rotated by 180 degrees" in text and "--rotate-180 no" in text
+
+
+def test_seeds_up_to_torchs_largest_are_taken_and_larger_ones_refused_by_name(data, tmp_path, capsys):
+    """--seed 2**64 failed with "Overflow when unpacking long long" after --overwrite had deleted the earlier run,
+    and 2**64 - 1 (a seed torch takes) failed the same way in the dead-code restarts' generator."""
+    from worldvla.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train-vq", str(data / "d.hdf5"), "--out", str(tmp_path / "o"), "--seed", str(2 ** 64)])
+    assert "argument --seed: must be >= 0 and < 2**64" in capsys.readouterr().err
+    assert vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 1, "--seed", 2 ** 64 - 1))["step"] == 1
+
+
+def test_a_diverging_run_stops_at_its_first_non_finite_loss_without_saving_or_exporting(data, tmp_path):
+    """`--lr 100000` trained to a loss of nan, exited 0 and exported an all-nan VQGAN. The run now stops at the
+    first step whose loss is not finite, naming it and the likely causes; the checkpoint before it is kept, the
+    step itself is neither saved nor exported."""
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"step 2: the loss is nan .*not finite.*neither saved nor exported.*"
+                                         r"step_00000001.*--lr"):
+        vqt.train_vq(args_for(data, out, "--steps", 4, "--lr", 1e5, "--min-lr", 0, "--warmup", 0, "--save-every", 1))
+    assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_00000001"]
+    assert not (out / "vqgan").exists()
+    weights = torch.load(latest_checkpoint(out) / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_a_state_json_without_a_key_the_resume_needs_is_refused_naming_it(data, tmp_path):
+    """A state.json without `usage` (edited by hand, another version) failed a resume with a bare KeyError."""
+    out = tmp_path / "run"
+    vqt.train_vq(args_for(data, out, "--steps", 3, "--stop-after", 1))
+    state_file = latest_checkpoint(out) / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["usage"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=rf"{state_file}: .*lacks 'usage'.*no older checkpoint to resume from"):
+        vqt.train_vq(args_for(data, out, "--steps", 3, "--resume"))
+
+
+def test_resume_refuses_a_run_of_the_other_trainer_by_name(data, tmp_path, monkeypatch):
+    """`train --resume` on a train-vq run listed the settings to resume it with and then failed loading the VQGAN's
+    weights into WorldVLA; `train-vq --resume` on a train run asked for settings train-vq has not. Each refuses the
+    other's run by name now, before comparing settings, for checkpoints that record their kind and older ones."""
+    from test_train import args_for as train_args
+    from test_train import make_store
+
+    from worldvla.train import trainer
+
+    store = make_store(tmp_path / "data")
+    vq_run, train_run = tmp_path / "vq", tmp_path / "train"
+    vqt.train_vq(args_for(data, vq_run, "--steps", 2, "--stop-after", 1))
+    trainer.train(train_args(store, train_run, "--steps", 2, "--batch-tokens", 300, "--stop-after", 1))
+    assert json.loads((latest_checkpoint(vq_run) / "state.json").read_text())["kind"] == "train-vq"
+    assert json.loads((latest_checkpoint(train_run) / "state.json").read_text())["kind"] == "train"
+    monkeypatch.setattr(vqt, "load_frames", lambda *a, **k: pytest.fail("the frames were read before the check"))
+    monkeypatch.setattr(trainer, "_build_model", lambda *a, **k: pytest.fail("the model was built before the check"))
+    with pytest.raises(FileExistsError, match="holds checkpoints of a `worldvla train-vq` run. Pass --overwrite"):
+        trainer.train(train_args(store, vq_run, "--steps", 2, "--batch-tokens", 300))
+    for recorded in (True, False):
+        if not recorded:  # checkpoints written before the kind was recorded: told apart by their keys
+            for run in (vq_run, train_run):
+                state_file = latest_checkpoint(run) / "state.json"
+                state = json.loads(state_file.read_text())
+                del state["kind"]
+                state_file.write_text(json.dumps(state))
+        with pytest.raises(ValueError, match=rf"--resume: {vq_run} holds a `worldvla train-vq` run, not a "
+                                             r"`worldvla train` one.*worldvla train-vq --resume"):
+            trainer.train(train_args(store, vq_run, "--steps", 2, "--batch-tokens", 300, "--resume"))
+        with pytest.raises(ValueError, match=rf"--resume: {train_run} holds a `worldvla train` run, not a "
+                                             r"`worldvla train-vq` one.*worldvla train --resume"):
+            vqt.train_vq(args_for(data, train_run, "--steps", 2, "--resume"))
+        # _vq_args: without --min-lr, whose default is read from the checkpoint's settings first
+        with pytest.raises(ValueError, match="holds a `worldvla train` run"):
+            vqt.train_vq(_vq_args(data, train_run, "--steps", 2, "--resume"))

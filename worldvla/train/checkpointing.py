@@ -199,18 +199,58 @@ def scalar_args(args) -> dict:
 
 
 def resume_point(run_dir, args, names: tuple[str, ...], data: dict | None = None, fix=None,
-                 normalize=None) -> Path | None:
-    """Under --resume, the run's latest checkpoint, refused (before anything is built) if it was started with
-    other values of the settings `names` (compared as `normalize` gives them: `check_resume_settings`), or on
-    other `data` (`check_resume_data`; `fix(saved settings)` says how to resume it); None without --resume or
-    without a checkpoint."""
+                 normalize=None, kind: str | None = None, require: tuple[str, ...] = ()) -> Path | None:
+    """Under --resume, the run's latest checkpoint, refused (before anything is built) if it is another command's
+    (`kind`) or lacks a key of `require` (`resumable_checkpoint`), if it was started with other values of the
+    settings `names` (compared as `normalize` gives them: `check_resume_settings`), or on other `data`
+    (`check_resume_data`; `fix(saved settings)` says how to resume it); None without --resume or without a
+    checkpoint."""
     if not args.resume:
         return None
-    ck = latest_checkpoint(run_dir)
+    ck = resumable_checkpoint(run_dir, kind, require)
     if ck is not None:
         saved = read_state(ck).get("args", {})
         check_resume_settings(saved, args, names, run_dir, normalize)
         check_resume_data(saved, data or {}, run_dir, fix(saved) if fix else "Resume on the data it was started on")
+    return ck
+
+
+# The keys of a checkpoint's state.json that tell the commands' runs apart where it does not record its "kind"
+# (written before the kind was recorded).
+_KIND_KEYS = {"train-vq": ("usage", "restart_rng"), "train": ("scheduler", "model_config")}
+
+
+def checkpoint_kind(state: dict) -> str | None:
+    """The command whose run wrote the checkpoint state `state`: its recorded "kind" ("train", "train-vq"), else the
+    one whose keys it holds; None where neither tells."""
+    if isinstance(state.get("kind"), str):
+        return state["kind"]
+    found = [k for k, keys in _KIND_KEYS.items() if any(key in state for key in keys)]
+    return found[0] if len(found) == 1 else None
+
+
+def check_state(state: dict, ck: Path, kind: str | None = None, require: tuple[str, ...] = ()) -> None:
+    """Refuse to resume from the checkpoint folder `ck` (whose state.json holds `state`) a run of another command
+    than `kind` (named first: nothing else of it would fit), or one whose state lacks a key of `require`."""
+    then = checkpoint_kind(state)
+    if kind is not None and then is not None and then != kind:
+        run_dir = ck.parent.parent
+        raise ValueError(f"--resume: {run_dir} holds a `worldvla {then}` run, not a `worldvla {kind}` one (its "
+                         f"checkpoint {ck.name}): continue it with `worldvla {then} --resume`, or give this run "
+                         f"another --out")
+    missing = [key for key in ("step", *require) if key not in state]
+    if missing:
+        keys = ", ".join(repr(k) for k in missing)
+        raise ValueError(f"{ck / 'state.json'}: the checkpoint's state lacks {keys}, which a resume needs (edited by "
+                         f"hand, or written by another version); {_older_fix(ck)}")
+
+
+def resumable_checkpoint(run_dir, kind: str | None = None, require: tuple[str, ...] = ()) -> Path | None:
+    """The run's latest checkpoint (None without one), refused if it is of another command's run than `kind` or
+    its state.json lacks a key of `require` (`check_state`)."""
+    ck = latest_checkpoint(run_dir)
+    if ck is not None:
+        check_state(read_state(ck), ck, kind, require)
     return ck
 
 
@@ -232,23 +272,75 @@ def check_resume_or_overwrite(resume: bool, overwrite: bool) -> None:
                          "of them, not both")
 
 
+def check_run_dir(run_dir, resume: bool, overwrite: bool, kind: str | None = None) -> None:
+    """What `prepare_run_dir` refuses, refused before a run reads or builds anything: --resume with --overwrite,
+    and a fresh run (no --resume) into a folder that holds another run's checkpoints without `overwrite`
+    (`kind`: this command's, to name a run of the other command as such)."""
+    run_dir = Path(run_dir)
+    check_resume_or_overwrite(resume, overwrite)
+    if resume or overwrite or not has_checkpoints(run_dir):
+        return
+    then = None
+    ck = latest_checkpoint(run_dir)
+    if ck is not None:
+        try:
+            then = checkpoint_kind(read_state(ck))
+        except (OSError, ValueError):  # a damaged state.json: named where a --resume reads it
+            then = None
+    if kind is not None and then is not None and then != kind:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints of a `worldvla {then}` run. Pass --overwrite to delete them and "
+            f"start this `worldvla {kind}` run over in {run_dir}, or choose another --out")
+    raise FileExistsError(
+        f"{run_dir} already holds checkpoints of an earlier run. Pass --resume to continue it, "
+        f"--overwrite to delete them and start over in {run_dir}, or choose another --out")
+
+
 def prepare_run_dir(run_dir, resume: bool, overwrite: bool, exports=()) -> None:
     """Before a run: a fresh run (no --resume) refuses a folder that holds another run's checkpoints,
     unless `overwrite`, which deletes them and the folders in `exports` (that run's results).
     Collective: every rank calls it."""
     run_dir = Path(run_dir)
-    check_resume_or_overwrite(resume, overwrite)
+    check_run_dir(run_dir, resume, overwrite)
     if resume or not has_checkpoints(run_dir):
         return
-    if not overwrite:
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints of an earlier run. Pass --resume to continue it, "
-            f"--overwrite to delete them and start over in {run_dir}, or choose another --out")
     dist_utils.barrier()  # every rank has looked before anything is deleted
     if dist_utils.is_main():
         for name in ("checkpoints", *exports):
             shutil.rmtree(run_dir / name, ignore_errors=True)
     dist_utils.barrier()
+
+
+SEED_LIMIT = 2 ** 64  # torch.manual_seed takes seeds below it
+
+
+def seed_int(text: str) -> int:
+    """argparse type of --seed: an integer in [0, 2**64), the seeds torch takes (a larger one failed at the run's
+    start with "Overflow when unpacking long long")."""
+    import argparse
+
+    from ..cli import non_negative_int
+
+    value = non_negative_int(text)
+    if value >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and < 2**64 ({SEED_LIMIT - 1} at most, the seeds torch "
+                                         f"takes), got {value}")
+    return value
+
+
+def check_finite(step: int, values: dict, run_dir, causes: str) -> None:
+    """Stop a run at the step whose `values` ({name: the step's value}, numbers the loop has already read back:
+    no synchronization of its own) are not all finite: its weights are then garbage, and neither saved nor exported.
+    Names the step and the run's last checkpoint, which is kept as it was; `causes`: the run's likely causes."""
+    bad = [f"the {name} is {value}" for name, value in values.items() if not math.isfinite(value)]
+    if not bad:
+        return
+    ck = latest_checkpoint(run_dir)
+    kept = (f"the run's last checkpoint, {ck.name}, is kept as it was (a --resume from it with the same settings "
+            f"would likely diverge again)" if ck is not None else "no checkpoint of the run was written")
+    raise ValueError(f"step {step}: {' and '.join(bad)} (not finite): the training diverged and stopped; this step's "
+                     f"weights are neither saved nor exported, and {kept}. Likely causes: {causes}. Start the run over "
+                     f"(--overwrite, or another --out) with other settings")
 
 
 def add_run_arguments(p, save_every: int, exports: str) -> None:
@@ -305,9 +397,11 @@ def _follows(ck: Path) -> str | None:
         return None  # damaged: not taken here; read_state names the damage where it is read
 
 
-def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True) -> dict:
+def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True, kind: str | None = None,
+                    require: tuple[str, ...] = ()) -> dict:
     """Load a checkpoint folder (or a run folder: its latest checkpoint) into model / optimizer,
-    restore this rank's RNG states, and return state.json. Collective under FSDP."""
+    restore this rank's RNG states, and return state.json, which is checked first to be of a run of `kind` and to
+    hold the keys `require` (`check_state`). Collective under FSDP."""
     path = Path(path)
     if not (path / "state.json").is_file():
         found = latest_checkpoint(path)
@@ -316,6 +410,7 @@ def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True)
                                     f"or a checkpoint folder)")
         path = found
     state = read_state(path)
+    check_state(state, path, kind, require)
     main = dist_utils.is_main()
     msd = _read_on_rank_0(path / "model.pt")
     load_full_model_state(model, msd)
@@ -361,23 +456,26 @@ def _read_part(file: Path):
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise
+        raise FileNotFoundError(f"{file}: the checkpoint file is missing (a partial copy of the checkpoint, or a "
+                                f"file removed from it); {_older_fix(file.parent)}") from None
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
         raise ValueError(_damaged(file, e)) from None
 
 
 def _damaged(file: Path, err: BaseException) -> str:
     """What to say of a checkpoint's damaged `file`: the error, and the complete checkpoints older than its own."""
-    folder = file.parent
+    return (f"{file}: the checkpoint file cannot be read ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}); it is damaged or "
+            f"cut short; {_older_fix(file.parent)}")
+
+
+def _older_fix(folder: Path) -> str:
+    """How to resume a run whose checkpoint `folder` cannot be: from the complete checkpoints older than it."""
     older = sorted((p for p in folder.parent.glob("step_*") if (p / "state.json").is_file() and p != folder
                     and _step_of(p) < _step_of(folder)), key=_step_of)
     if older:
-        fix = (f"resume from an older checkpoint of the run: {', '.join(p.name for p in older[-3:])} (remove "
-               f"{folder}, and --resume continues from {older[-1].name})")
-    else:
-        fix = "the run has no older checkpoint to resume from: start it over (--overwrite)"
-    return (f"{file}: the checkpoint file cannot be read ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}); it is damaged or "
-            f"cut short; {fix}")
+        return (f"resume from an older checkpoint of the run: {', '.join(p.name for p in older[-3:])} (remove "
+                f"{folder}, and --resume continues from {older[-1].name})")
+    return "the run has no older checkpoint to resume from: start it over (--overwrite)"
 
 
 def missing_rng_files(path, world: int) -> list[str]:

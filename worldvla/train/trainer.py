@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from ..cli import non_negative_float, non_negative_int, positive_int, unit_open_float
-from .checkpointing import (add_run_arguments, check_resume_or_overwrite, full_model_state, load_checkpoint,
-                            prepare_run_dir, read_state, resume_point, save_checkpoint, scalar_args, trim_log)
+from ..cli import non_negative_float, non_negative_int, positive_float, positive_int, unit_open_float
+from .checkpointing import (add_run_arguments, check_finite, check_run_dir, full_model_state, load_checkpoint,
+                            prepare_run_dir, read_state, resume_point, save_checkpoint, scalar_args, seed_int, trim_log)
 
 CONFIGS = ("tiny", "small", "chameleon_7b")
 # What a resumed run must share with its start: the model, the learning-rate schedule and the optimizer's
@@ -58,6 +58,14 @@ CONFIGS = ("tiny", "small", "chameleon_7b")
 RESUME_SETTINGS = ("config", "attention", "max_positions", "dropout", "steps", "epochs", "lr", "min_lr",
                    "warmup", "schedule", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "alpha",
                    "release_loss_weights", "z_weight", "batch_tokens", "seed", "kinds")
+# The command's name in its checkpoints ("kind": a resume of another command's run is refused by name), and the keys
+# of their state.json that a resume reads.
+KIND = "train"
+STATE_KEYS = ("epoch", "batch_in_epoch", "tokens_seen", "scheduler")
+# What a loss that is not finite most likely comes from (`check_finite`).
+DIVERGENCE_CAUSES = ("a learning rate too high for the model and batch (--lr; a longer --warmup or a lower "
+                     "--grad-clip may help), an --eps too small for the gradients, or samples of the token store "
+                     "that are damaged")
 
 
 def _effective_settings(settings: dict) -> dict:
@@ -407,17 +415,61 @@ def _store_fix(started_on, store) -> str:
     return f"Resume with --store {started_on}, the token store it was started on"
 
 
-def _check_sample_lengths(lengths, micro_tokens: int, option: str, positions: int) -> None:
+def _check_sample_lengths(lengths, micro_tokens: int, option: str, positions: int, kind_codes=None,
+                          kinds=None) -> None:
     """Refuse samples no micro-step (of `option`'s size) or no model position range can hold, before the run
-    (split_batch and the forward would refuse them when their batch came up, hours in)."""
+    (split_batch and the forward would refuse them when their batch came up, hours in). `kind_codes` (the store's
+    per sample) and `kinds` (those the run trains on): to name the kinds of the long samples, and how to leave
+    them out."""
+    from ..data.store import KINDS
+
+    lengths = np.asarray(lengths)
     longest = int(np.max(lengths))
     for limit, what, fix in ((micro_tokens, f"{option} {micro_tokens}", f"raise {option}"),
                              (positions, f"the model's {positions} positions",
-                              "raise --max-positions (a --config model), or tokenize with a shorter history")):
+                              "raise --max-positions (a --config model), or tokenize with a shorter history "
+                              "(`worldvla pretokenize --history 1`)")):
         if longest > limit:
-            n = int((np.asarray(lengths) > limit).sum())
-            raise ValueError(f"{n} sample(s) of the store are longer than {what} (the longest has {longest} tokens); "
-                             f"{fix}, or drop those samples (pretokenize --kinds)")
+            n = int((lengths > limit).sum())
+            drop = ""
+            if kind_codes is not None:
+                long_kinds = [k for i, k in enumerate(KINDS) if ((np.asarray(kind_codes) == i) & (lengths > limit)).any()]
+                fitting = [k for k in (kinds or KINDS) if k not in long_kinds]
+                names = " and ".join("world-model" if k == "world" else k for k in long_kinds)
+                if fitting:
+                    flags = " ".join(f"--no-{k}" for k in long_kinds)
+                    drop = (f"; they are {names} samples: train on the others (--kinds {','.join(fitting)}), or "
+                            f"build the store without them (`worldvla pretokenize {flags}`)")
+                else:
+                    drop = f"; they are {names} samples"
+            raise ValueError(f"{n} sample(s) of the store are longer than {what} (the longest has {longest} "
+                             f"tokens); {fix}" + drop)
+
+
+def _check_export_inputs(store) -> None:
+    """What the policy export (square frames: `_export`) takes from the token store, its VQGAN and (on the Chameleon
+    vocabulary) its text_tokenizer.json, checked before the run: the export would refuse them after the whole
+    training. Rank 0 alone reads them; a refusal ends every rank."""
+    from ..data.store import TEXT_TOKENIZER
+
+    h, w = store.image_size
+    if h != w:  # only the model is exported
+        return
+    instead = "or pass --no-export (the run's checkpoints then hold the model)"
+
+    def check():
+        try:
+            store.checked_vqgan_path()
+        except (OSError, ValueError) as err:
+            raise type(err)(f"{err}. The policy this run exports at its end needs that VQGAN: restore it before "
+                            f"training, {instead}") from None
+        if store.layout.text_base < 0 and store.text_tokenizer_path is None:
+            raise FileNotFoundError(f"the token store at {store.path} lacks its {TEXT_TOKENIZER} (its Chameleon "
+                                    f"vocabulary encodes text through it), which the policy this run exports at its "
+                                    f"end needs: copy the release's {TEXT_TOKENIZER} into {store.path} before "
+                                    f"training, {instead}")
+
+    dist_utils.on_rank_0(check, "check the token store's VQGAN and text tokenizer")
 
 
 def _warmup_steps(args, total: int) -> int:
@@ -455,13 +507,16 @@ def train(args) -> dict:
     if args.min_lr is not None and args.min_lr > args.lr:  # refused before anything is read or deleted
         raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine decay would raise the "
                          f"learning rate; pass a --min-lr of at most --lr (default: --lr / 10)")
-    check_resume_or_overwrite(args.resume, getattr(args, "overwrite", False))
+    overwrite = getattr(args, "overwrite", False)
+    check_run_dir(out, args.resume, overwrite, kind=KIND)  # before the store is read and the model built
     _check_backends(args, device, _precision(args, device))
     # Everything the command line decides is checked before --overwrite deletes the earlier run.
     kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
     store = TokenStore(args.store, kinds=kinds)
     if len(store) == 0:
         raise ValueError(f"the store {args.store} holds no samples of kinds {store.kinds}")
+    if not args.no_export:
+        _check_export_inputs(store)
     layout = store.layout
     micro_tokens = args.micro_tokens or args.batch_tokens
     if micro_tokens > args.batch_tokens:
@@ -480,17 +535,17 @@ def train(args) -> dict:
         data["store_content"] = content
     data["total_steps"] = total
     ck = resume_point(out, args, RESUME_SETTINGS, data,  # refused now, not after the model is built
-                      fix=lambda saved: _store_fix(saved.get("store"), args.store), normalize=_effective_settings)
+                      fix=lambda saved: _store_fix(saved.get("store"), args.store), normalize=_effective_settings,
+                      kind=KIND, require=STATE_KEYS)
     config = _recorded_config(ck, args) if ck is not None else None
     if config is not None and args.init and main:
         print(f"--resume: the model is the checkpoint's, built from the config it records; --init {args.init} is "
               f"not loaded")
     _check_sample_lengths(store.lengths, micro_tokens, "--micro-tokens" if args.micro_tokens else "--batch-tokens",
-                          _max_positions(args, layout, config))
-    prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("policy", "model"))
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+                          _max_positions(args, layout, config), store.kind_codes, store.kinds)
 
+    # The model (--init's weights read, the seed taken, moved to the device) and the optimizer are built before
+    # --overwrite deletes the earlier run: a failure there leaves that run as it was.
     amp_dtype = _precision(args, device)
     fsdp = world > 1
     model = _build_model(args, layout, device, fsdp, mixed_precision=amp_dtype if device.type == "cuda" else None,
@@ -505,11 +560,14 @@ def train(args) -> dict:
                             weight_decay=args.weight_decay, foreach=device.type == "cuda" or None)
     min_lr = args.lr * 0.1 if args.min_lr is None else args.min_lr
     sched = WarmupCosine(opt, args.lr, total, warmup, min_lr, args.schedule)
+    prepare_run_dir(out, args.resume, overwrite, exports=("policy", "model"))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     step, epoch, pos, tokens_seen = 0, 0, 0, 0
     saved = None  # the step of the newest checkpoint on disk of this run
     if ck is not None:
-        st = load_checkpoint(ck, model, opt)
+        st = load_checkpoint(ck, model, opt, kind=KIND, require=STATE_KEYS)
         step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["batch_in_epoch"], st["tokens_seen"]
         sched.load_state_dict(st["scheduler"])
         saved = step
@@ -573,13 +631,16 @@ def train(args) -> dict:
             tokens_seen += n_tok
             tok_last += n_tok
             red = dist_utils.all_reduce_sum(torch.stack([loss_sum, z_sum]))
-            loss_v, z_v = red.tolist()
+            # One read-back per step, as before: the loss, its z part and the gradient norm (the same on every rank).
+            loss_v, z_v, gn_v = torch.cat([red, grad_norm.detach().reshape(1).to(red)]).tolist()
+            # Before anything is logged or saved: a step whose loss or gradients are not finite leaves garbage weights.
+            check_finite(step, {"loss": loss_v, "gradient norm": gn_v}, out, DIVERGENCE_CAUSES)
             losses.append(loss_v)
             if main and (step % args.log_every == 0 or step == total):
                 now = time.perf_counter()
                 tok_s = tok_last / max(now - t_last, 1e-9)
                 rec = {"step": step, "epoch": epoch, "loss": loss_v, "z": z_v, "lr": sched.lr_at(step - 1),
-                       "grad_norm": float(grad_norm), "tokens": tokens_seen, "tokens_per_s": tok_s,
+                       "grad_norm": gn_v, "tokens": tokens_seen, "tokens_per_s": tok_s,
                        "samples": len(batch), "time": time.time()}
                 log_f.write(json.dumps(rec) + "\n")
                 log_f.flush()
@@ -605,7 +666,8 @@ def train(args) -> dict:
 
 
 def _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args, data):
-    state = {"epoch": epoch, "batch_in_epoch": pos, "tokens_seen": tokens_seen, "scheduler": sched.state_dict(),
+    state = {"kind": KIND, "epoch": epoch, "batch_in_epoch": pos, "tokens_seen": tokens_seen,
+             "scheduler": sched.state_dict(),
              "model_config": model.config.to_dict(), "model_hf_extra": model.config.hf_extra,
              "args": {**scalar_args(args), **data}}
     return save_checkpoint(out, step, model, opt, state, keep_last=args.keep_last)
@@ -678,7 +740,8 @@ def add_arguments(p) -> None:
                         "trains; default: %(default)s)")
     p.add_argument("--beta1", type=unit_open_float, default=0.9, help="AdamW beta1, in [0, 1) (default: %(default)s)")
     p.add_argument("--beta2", type=unit_open_float, default=0.95, help="AdamW beta2, in [0, 1) (default: %(default)s)")
-    p.add_argument("--eps", type=non_negative_float, default=1e-8, help="AdamW epsilon (default: %(default)s)")
+    p.add_argument("--eps", type=positive_float, default=1e-8,
+                   help="AdamW epsilon, > 0 (default: %(default)s)")
     p.add_argument("--grad-clip", type=non_negative_float, default=4.0,
                    help="max gradient norm (0 = off; default: %(default)s)")
     p.add_argument("--alpha", type=non_negative_float, default=0.04,
@@ -712,8 +775,8 @@ def add_arguments(p) -> None:
                    help="cross-entropy kernels (default: %(default)s: the order `worldvla info` shows; the fused "
                         "loss has no native kernel)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initialization and the data order "
-                   "(default: %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the initialization and the data order, in "
+                   "[0, 2**64) (default: %(default)s)")
     add_run_arguments(p, save_every=1000, exports="policy / model")
     p.add_argument("--no-export", action="store_true", help="skip the final policy / model export")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

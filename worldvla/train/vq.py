@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from ..cli import non_negative_float, non_negative_int, positive_int, unit_float, unit_open_float
 from ..tokens.layout import VocabLayout
 from . import distributed as dist_utils
-from .checkpointing import (add_run_arguments, check_resume_or_overwrite, latest_checkpoint, load_checkpoint,
-                            prepare_run_dir, read_state, resume_point, save_checkpoint, scalar_args, trim_log)
+from .checkpointing import (SEED_LIMIT, add_run_arguments, check_finite, check_run_dir, load_checkpoint,
+                            prepare_run_dir, read_state, resumable_checkpoint, resume_point, save_checkpoint,
+                            scalar_args, seed_int, trim_log)
 
 # What a resumed run must share with its start: the model, the learning-rate schedule (computed from these
 # settings at every step), the optimizer's hyperparameters (restored from the checkpoint), the loss, its
@@ -44,6 +45,13 @@ from .checkpointing import (add_run_arguments, check_resume_or_overwrite, latest
 RESUME_SETTINGS = ("config", "n_embed", "steps", "epochs", "batch_size", "lr", "min_lr", "warmup",
                    "beta1", "beta2", "weight_decay", "grad_clip", "l1", "l2", "beta", "restart_every",
                    "restart_threshold", "usage_decay", "seed", "frame_stride", "max_frames", "camera", "rotate_180")
+# The command's name in its checkpoints ("kind": a resume of another command's run is refused by name), and the keys
+# of their state.json that a resume reads.
+KIND = "train-vq"
+STATE_KEYS = ("epoch", "batch_in_epoch", "usage", "restart_rng")
+# What a loss that is not finite most likely comes from (`check_finite`).
+DIVERGENCE_CAUSES = ("a learning rate too high (--lr; a longer --warmup or a lower --grad-clip may help), or "
+                     "frames of the demo files that are damaged")
 
 
 def _effective_settings(settings: dict) -> dict:
@@ -177,7 +185,7 @@ def _resolve_min_lr(args, out: Path) -> None:
     inherited = False
     if args.min_lr is None:
         saved = None
-        ck = latest_checkpoint(out) if args.resume else None
+        ck = resumable_checkpoint(out, KIND, STATE_KEYS) if args.resume else None  # another command's run: refused
         if ck is not None:
             saved = read_state(ck).get("args", {}).get("min_lr")
         inherited = saved is not None
@@ -200,7 +208,7 @@ def train_vq(args) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over {world} ranks")
     local = args.batch_size // world
     out = Path(args.out)
-    check_resume_or_overwrite(args.resume, getattr(args, "overwrite", False))
+    check_run_dir(out, args.resume, getattr(args, "overwrite", False), kind=KIND)  # before anything is read
     if args.init and (args.n_embed or args.config != "small"):  # refused before any frame is read
         raise ValueError("--init starts from that VQGAN's own architecture and codebook: drop --n-embed and "
                          "--config (or drop --init to build a new VQGAN)")
@@ -210,7 +218,8 @@ def train_vq(args) -> dict:
     # The run's data, recorded with its settings: a resume on other demo files is refused by name.
     data = {"demo_files": [f"{f.name} ({f.stat().st_size} bytes)" for f in files]}
     ck = resume_point(out, args, RESUME_SETTINGS, data,  # refused now, not after the frames are read
-                      fix=lambda saved: "Resume with the demo files it was started on", normalize=_effective_settings)
+                      fix=lambda saved: "Resume with the demo files it was started on", normalize=_effective_settings,
+                      kind=KIND, require=STATE_KEYS)
     frames = load_frames(files, args.frame_stride, args.max_frames, args.camera,
                          ROTATE_180[getattr(args, "rotate_180", "auto")], announce=main)
     if len(frames) < args.batch_size:
@@ -239,11 +248,11 @@ def train_vq(args) -> dict:
     steps_per_epoch = len(frames) // args.batch_size
     total = args.steps or args.epochs * steps_per_epoch
     usage = CodeUsage(vq.config.n_embed, args.usage_decay)
-    gen = torch.Generator().manual_seed(args.seed + 1)
+    gen = torch.Generator().manual_seed((args.seed + 1) % SEED_LIMIT)  # --seed 2**64 - 1 too
 
     step, epoch, pos = 0, 0, 0
     if ck is not None:
-        st = load_checkpoint(ck, model, opt)
+        st = load_checkpoint(ck, model, opt, kind=KIND, require=STATE_KEYS)
         step, epoch, pos = st["step"], st["epoch"], st["batch_in_epoch"]
         usage.ema = torch.tensor(st["usage"], dtype=torch.float64)
         gen.set_state(torch.tensor(st["restart_rng"], dtype=torch.uint8))
@@ -302,10 +311,13 @@ def train_vq(args) -> dict:
             p = frac[used]
             parts = torch.stack([loss.detach(), l1.detach(), l2.detach(), vq_loss.detach().float()]).double()
             loss_v, l1_v, l2_v, vq_v = (dist_utils.all_reduce_sum(parts) / world).tolist()
+            gn_v = float(gn)
+            # Before anything is logged or saved: a step whose loss or gradients are not finite leaves garbage weights.
+            check_finite(step, {"loss": loss_v, "gradient norm": gn_v}, out, DIVERGENCE_CAUSES)
             rec = {"step": step, "epoch": epoch, "loss": loss_v, "l1": l1_v, "l2": l2_v, "vq": vq_v,
                    "psnr": float(10 * math.log10(4.0 / max(l2_v, 1e-10))),
                    "perplexity": float(torch.exp(-(p * p.log()).sum())), "codes_used": int(used.sum()),
-                   "restarted": restarted, "grad_norm": float(gn), "lr": lr_at(step - 1),
+                   "restarted": restarted, "grad_norm": gn_v, "lr": lr_at(step - 1),
                    "frames_per_s": args.batch_size * (step - start) / max(time.perf_counter() - t0, 1e-9),
                    "time": time.time()}
             losses.append(rec["loss"])
@@ -316,7 +328,7 @@ def train_vq(args) -> dict:
             bar.update(1)
             if (args.save_every and step % args.save_every == 0) or step == total or step == args.stop_after:
                 save_checkpoint(out, step, model, opt,
-                                {"epoch": epoch, "batch_in_epoch": pos, "usage": usage.ema.tolist(),
+                                {"kind": KIND, "epoch": epoch, "batch_in_epoch": pos, "usage": usage.ema.tolist(),
                                  "restart_rng": gen.get_state().tolist(), "config": vq.config.to_dict(),
                                  "args": {**scalar_args(args), **data}},
                                 keep_last=args.keep_last)
@@ -380,8 +392,8 @@ def add_arguments(p) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto = bf16 autocast on GPU, fp32 on CPU (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--seed", type=non_negative_int, default=0,
-                   help="seed of the initialization and the frame order (default: %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the initialization and the frame order, in [0, 2**64) (default: %(default)s)")
     add_run_arguments(p, save_every=500, exports="vqgan/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
