@@ -104,11 +104,14 @@ def check_inputs(hidden, weight, targets, class_weight=None):
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
-    if targets.dtype.is_floating_point:
-        raise TypeError(f"targets must be integer class ids, got {targets.dtype}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"linear_cross_entropy: targets must be integer class ids, got {targets.dtype}")
     check_dtype("linear_cross_entropy", hidden)
     check_device("linear_cross_entropy", hidden, weight, targets, class_weight)
     V = weight.shape[0]
+    if V == 0:
+        raise ValueError(f"linear_cross_entropy: the vocabulary is empty (weight {tuple(weight.shape)}); "
+                         "pass the output head's weight [V, H] with V >= 1")
     if class_weight is not None and (class_weight.dim() != 1 or class_weight.numel() != V):
         raise ValueError(f"class_weight must be [V={V}], got {tuple(class_weight.shape)}")
 
@@ -124,10 +127,14 @@ def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5,
     check_inputs(hidden, weight, targets, class_weight)
     V, N = weight.shape[0], hidden.shape[0]
     dev = hidden.device
+    # int64 first: in a narrower dtype the range checks and the clamp below wrap (uint8's -1 is 255, and
+    # int8 cannot hold V), which made good targets out of range and wrote NaN losses or false errors.
+    targets = targets.long()
     valid = targets != ignore_index
     if check_targets or (check_targets is None and targets.device.type == "cpu"):
         if bool((valid & ((targets < 0) | (targets >= V))).any()):
-            raise ValueError(f"targets must be {ignore_index} (ignored) or lie in [0, {V}); got values outside")
+            raise ValueError(f"linear_cross_entropy: targets must be {ignore_index} (ignored) or lie in [0, {V}); "
+                             "got values outside")
     # Clamped to [-1, V] before the int32 narrowing: an int64 target out of range stays out of range (2^32 + 5
     # would wrap to class 5 and be trained on) and so still makes the loss NaN.
     y = torch.where(valid, targets.clamp(-1, V), torch.zeros_like(targets))

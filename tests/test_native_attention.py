@@ -183,6 +183,26 @@ def test_prefill_strided_inputs_cpu(rng):
     check_prefill(q, k, v, meta, "strided")
 
 
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("D", [256, 512])
+def test_large_head_dims_cpu(D):
+    """Head dims of 256 and 512 in fp32, prefill and decode with more than 32 rows (the prefill's tiled
+    kernel), over several seeds: summed over the head dim in one chain, a score rounds about twice as much
+    as torch's fp32 matmul, and the error went past the 2x rule for most seeds at 512."""
+    B, L, H, Hkv = 1, 63, 8, 1
+    meta = causal_meta((B, L))
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = qkv(g, (B, L), H, Hkv, D)
+        check_prefill(q, k, v, meta, f"prefill D={D} seed {seed}")
+        rows = list(range(L - 40, L))
+        dm = decode_meta_from(meta, rows, L)
+        out = nb.decode_attention(q[:, rows], k, v, dm)
+        ref = decode_attention_ref(q[:, rows].double(), k.double(), v.double(), dm)
+        same = decode_attention_ref(q[:, rows], k, v, dm, upcast=False)
+        assert_close_rule(out, ref, same, f"decode 40 rows D={D} seed {seed}", FP32_FLOOR)
+
+
 def test_dispatch_native_backend_cpu(rng):
     meta = chunk_mask_meta(action_ids(rng, 113).view(1, -1), LAYOUT)
     q, k, v = qkv(rng, (1, 113), 2, 2, 32)

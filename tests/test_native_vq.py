@@ -149,6 +149,26 @@ def test_vq_quantize_ties_across_code_tiles_cpu(rng):
     assert_nearest(nb.vq_quantize_op(z, cb), z, cb, vq_quantize_ref(z, cb), "301 codes")
 
 
+def duplicate_last_code(rng, K: int, C: int):
+    """A codebook whose last code repeats code 0 and 200 rows nearest to that code: every row's two
+    nearest codes are bit-identical duplicates, so its answer is 0 (the first), whatever the rounding."""
+    cb = torch.randn(K, C, generator=rng)
+    cb[K - 1] = cb[0]
+    z = cb[0] + 0.05 * torch.randn(200, C, generator=rng)
+    d = (z.double()[:, None] - cb.double()).pow(2).sum(-1)  # no matmul: the duplicates' columns are equal
+    assert torch.equal(d[:, 0], d[:, -1]) and (d[:, 1:-1].min(1).values > d[:, 0]).all()
+    return z, cb
+
+
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("K, C", [(3, 4), (3, 257), (5, 64), (129, 20), (1025, 96)])
+def test_vq_quantize_duplicate_of_the_last_code_ties_to_the_first_cpu(rng, K, C):
+    """An odd number of codes in the last code tile: its last code is scored like every other (the kernel
+    had scored it with another dot product, whose rounding let the duplicate win by an ulp)."""
+    z, cb = duplicate_last_code(rng, K, C)
+    assert nb.vq_quantize_op(z, cb).tolist() == [0] * 200
+
+
 @pytest.mark.usefixtures("cpu_width")
 def test_vq_quantize_strided_rows_cpu(rng):
     big = torch.randn(50, 40, generator=rng)

@@ -203,6 +203,17 @@ def test_bad_inputs_raise(rng):
         K.linear_cross_entropy(h, w.half(), y)
 
 
+def test_kernel_takes_targets_of_any_integer_dtype_and_refuses_an_empty_vocabulary(rng):
+    """The kernels' own entry: uint8 targets are class ids (compared and clamped in their own dtype, -1 had
+    become 255 and every loss NaN), and a vocabulary of 0 classes is refused by name, not by a division by 0."""
+    h, w = torch.randn(9, 16, generator=rng).to(DEV), (torch.randn(50, 16, generator=rng) / 4).to(DEV)
+    y = torch.randint(0, 50, (9,), generator=rng).to(DEV)
+    want = K.linear_cross_entropy(h, w, y)[0]
+    assert torch.equal(K.linear_cross_entropy(h, w, y.to(torch.uint8))[0], want)
+    with pytest.raises(ValueError, match="vocabulary is empty"):
+        K.linear_cross_entropy(h, w[:0], torch.full((9,), -100, device=DEV))
+
+
 def test_short_training_run_tracks_reference(rng):
     """A few SGD steps of a tiny head with the fused loss follow the reference's loss curve."""
     h0, w0, y = inputs(rng, 96, 48, torch.float32, frac_ignored=0.3)

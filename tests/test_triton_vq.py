@@ -8,7 +8,7 @@ from worldvla.ops import vq_gather, vq_gather_ref, vq_quantize, vq_quantize_ref 
 
 from worldvla.kernels import vq as K  # noqa: E402
 
-from test_native_vq import assert_nan_rule, nan_cases  # noqa: E402  (the NaN cases every backend meets)
+from test_native_vq import assert_nan_rule, duplicate_last_code, nan_cases  # noqa: E402  (cases every backend meets)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -61,6 +61,13 @@ def test_quantize_ties_pick_lowest_index(rng, n_splits):
     z = torch.stack([codebook[3], codebook[131], codebook[250]]) + 1e-3 * torch.randn(3, 32, generator=rng)
     got = K.vq_quantize(z.to(DEV), codebook.to(DEV), n_splits=n_splits).cpu()
     assert got.tolist() == [3, 5, 3]
+
+
+@pytest.mark.parametrize("n_codes, C", [(3, 4), (3, 257), (5, 64), (129, 20), (1025, 96)])
+def test_quantize_duplicate_of_the_last_code_ties_to_the_first(rng, n_codes, C):
+    """Bit-identical duplicate codes (the last repeats code 0): the first wins, as in the native kernels."""
+    z, cb = duplicate_last_code(rng, n_codes, C)
+    assert K.vq_quantize(z.to(DEV), cb.to(DEV)).cpu().tolist() == [0] * 200
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy

@@ -36,6 +36,10 @@ WORLDVLA_INLINE void keep_nearest(float dist, int64_t code, float& best, int64_t
 // Nearest code of z rows [n0, n1): the codebook is walked a tile at a time, each tile against
 // every row of the item, so a code row is fetched from memory once per item instead of once per
 // 4 rows. Codes are visited in order, so keep_nearest's strict '<' leaves the first minimum.
+// Every code's dot products come from dot_4x2, whose two lanes per row are computed alike (an odd
+// tile's last code goes in as both of its codes): duplicate codes get bit-identical distances, so
+// the first of them wins wherever it sits (dot_f32 sums in another order, which let a duplicate
+// scored by it beat an earlier one by a rounding).
 template <int W>
 WORLDVLA_INLINE void nearest_rows(const float* z, int64_t z_s, const float* codebook, int64_t cb_s,
                                   const float* enorm, int64_t n0, int64_t n1, int64_t K, int64_t C, int64_t* out) {
@@ -58,9 +62,11 @@ WORLDVLA_INLINE void nearest_rows(const float* z, int64_t z_s, const float* code
         for (int64_t r = 0; r < kRows; ++r)
           for (int64_t j = 0; j < 2; ++j) keep_nearest(enorm[c + j] - 2.f * dots[2 * r + j], c + j, b[r], a[r]);
       }
-      if (k2 < k1)
-        for (int64_t r = 0; r < kRows; ++r)
-          keep_nearest(enorm[k2] - 2.f * dot_f32<W>(zr[r], codebook + k2 * cb_s, C), k2, b[r], a[r]);
+      if (k2 < k1) {
+        const float* e = codebook + k2 * cb_s;
+        const v8f dots = dot_4x2<W>(zr, e, e, C);
+        for (int64_t r = 0; r < kRows; ++r) keep_nearest(enorm[k2] - 2.f * dots[2 * r], k2, b[r], a[r]);
+      }
     }
   }
   for (int64_t n = n0; n < n1; ++n) out[n] = arg[n - n0];

@@ -45,14 +45,6 @@ def _check_qkv(q, k, v):
         raise ValueError(f"head dim must be at least 1, got q {tuple(q.shape)}")
 
 
-def _check_devices(q, **tensors):
-    """Every input on q's device: the torch path would otherwise read metadata on another device (the
-    meta device: uninitialized values) without an error."""
-    for name, t in tensors.items():
-        if t is not None and t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move it to q's device")
-
-
 def _check_cu_seqlens(meta: ChunkMaskMeta, T: int):
     """Packed metadata's document boundaries: 1-D integers rising from 0 to T, no document longer than
     meta.max_seqlen (when set). The shape and the host ints are checked on every device. The values are read
@@ -143,8 +135,8 @@ def masked_attention(q, k, v, meta: ChunkMaskMeta, softmax_scale=None, backend: 
     dispatch.check_floats("masked_attention", q=q, k=k, v=v)
     if meta.kv_block.shape != q.shape[:-2]:
         raise ValueError(f"meta covers tokens {tuple(meta.kv_block.shape)} but q has {tuple(q.shape[:-2])}")
-    _check_devices(q, k=k, v=v, **{"meta.kv_block": meta.kv_block, "meta.q_limit": meta.q_limit,
-                                   "meta.cu_seqlens": meta.cu_seqlens})
+    dispatch.check_devices("masked_attention", q=q, k=k, v=v, **{
+        "meta.kv_block": meta.kv_block, "meta.q_limit": meta.q_limit, "meta.cu_seqlens": meta.cu_seqlens})
     if meta.packed:
         _check_cu_seqlens(meta, q.shape[0])
     return dispatch.call("masked_attention", backend, q.device.type, q, k, v, meta, softmax_scale)
@@ -168,8 +160,8 @@ def decode_attention(q, k_cache, v_cache, meta: DecodeMeta, softmax_scale=None, 
         if tuple(t.shape) != shape:
             raise ValueError(f"meta.{name} must have shape {shape}, got {tuple(t.shape)} (q {tuple(q.shape)}, "
                              f"caches {tuple(k_cache.shape)})")
-    _check_devices(q, k_cache=k_cache, v_cache=v_cache, **{f"meta.{n}": getattr(meta, n)
-                                                           for n in ("q_pos", "q_limit", "kv_block", "kv_len")})
+    dispatch.check_devices("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache,
+                           **{f"meta.{n}": getattr(meta, n) for n in ("q_pos", "q_limit", "kv_block", "kv_len")})
     return dispatch.call("decode_attention", backend, q.device.type, q, k_cache, v_cache, meta, softmax_scale)
 
 

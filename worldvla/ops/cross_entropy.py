@@ -15,8 +15,12 @@ from . import dispatch
 
 
 def linear_cross_entropy_ref(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100):
-    """Materializes fp32 (float64 for float64 inputs) logits for the labelled rows only. Returns (loss, z_mean)."""
+    """Materializes fp32 (float64 for float64 inputs) logits for the labelled rows only. Returns (loss, z_mean).
+    Selecting those rows synchronizes a GPU anyway; the targets' range is checked here too (one more read),
+    so that a target out of range is refused by name, not by torch's gather (on a GPU, a device-side assert)."""
+    targets = targets.long()  # compared in int64: in uint8 a target of 156 would equal ignore_index -100
     valid = targets != ignore_index
+    _check_target_range(targets, valid, weight.shape[0], ignore_index)
     h = hidden[valid]
     y = targets[valid]
     if y.numel() == 0:  # zero, reaching both inputs: the weight's gradient is zeros, not None (as the fused
@@ -41,6 +45,7 @@ def logits_cross_entropy(logits, targets, class_weight=None, z_weight=1e-5):
     """The same loss from fp32 logits [n, V] of labelled rows (targets [n], none ignored): for a head
     that is more than its weight (an adapter), run as a module. Returns (loss, z_mean)."""
     _check_class_weight(class_weight, logits.shape[-1])
+    targets = targets.long()  # gather and indexing take int64 ids (a uint8 index would be taken as a mask)
     lse = torch.logsumexp(logits, dim=-1)
     ce = lse - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     if class_weight is not None:
@@ -53,10 +58,29 @@ def logits_cross_entropy(logits, targets, class_weight=None, z_weight=1e-5):
     return ce_mean + z_weight * z, z.detach()
 
 
+def _check_target_range(targets, valid, vocab: int, ignore_index: int):
+    """Every target (int64) in [0, V) or ignore_index (`valid` marks the others). It reads the values: the
+    reference does, which selects the labelled rows on the host anyway; the Triton path checks CPU targets in
+    its op (kernels/linear_ce.py), and on a GPU makes a target out of range a NaN loss rather than sync. Not
+    where values cannot be read (torch.compile, fake and meta tensors)."""
+    if targets.numel() and dispatch.values_readable(targets):
+        if bool((valid & ((targets < 0) | (targets >= vocab))).any()):
+            raise ValueError(f"linear_cross_entropy: targets must be {ignore_index} (ignored) or lie in "
+                             f"[0, {vocab}); got values outside")
+
+
 def linear_cross_entropy(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100, backend="auto"):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy wants hidden [N, H], weight [V, H], targets [N]; got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"linear_cross_entropy: the vocabulary is empty (weight {tuple(weight.shape)}); "
+                         "pass the output head's weight [V, H] with V >= 1")
+    dispatch.check_floats("linear_cross_entropy", hidden=hidden, weight=weight)
+    dispatch.check_devices("linear_cross_entropy", hidden=hidden, weight=weight, targets=targets,
+                           class_weight=class_weight)
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"linear_cross_entropy: targets must be integer class ids, got {targets.dtype}")
     _check_class_weight(class_weight, weight.shape[0])
     return dispatch.call("linear_cross_entropy", backend, hidden.device.type, hidden, weight, targets,
                          class_weight, z_weight, ignore_index)

@@ -140,6 +140,21 @@ def check_floats(op: str, same: bool = True, **tensors) -> None:
     raise TypeError(f"{op}: {name} is {t.dtype} but {first} is {t0.dtype}; convert them to one dtype")
 
 
+def check_devices(op: str, **tensors) -> None:
+    """An entry point's tensors (None skipped) all on the first one's device. Mixed devices reach no kernel:
+    the torch path would read a meta tensor's uninitialized memory beside CPU ones without an error, or stop
+    in a torch error that names neither the op nor the argument to move. One device comparison per tensor
+    (on the decode path's every projection)."""
+    dev = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if dev is None:
+            first, dev = name, t.device
+        elif t.device != dev:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first} is on {dev}; move it to {dev}")
+
+
 def first_false(*answers):
     """The first false answer of a `supports` chain (an Unsupported keeps its reason), else True.
     An answer may be a zero-argument callable, evaluated only if every answer before it passed."""

@@ -45,6 +45,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> torc
     # Checked here, not in resolve_linear: a forward resolves it on sharded fp32 weights beside bf16 activations
     # (FSDP's mixed precision casts each layer's weights as it runs).
     dispatch.check_floats("linear", x=x, weight=weight)
+    dispatch.check_devices("linear", x=x, weight=weight)
     return resolve_linear(x, weight, backend)(x, weight)
 
 

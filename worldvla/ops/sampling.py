@@ -99,6 +99,7 @@ def resolve_constrained_sample(hidden, weight, lo, hi, temperature=0.0, backend=
     if not 0 <= lo < hi <= weight.shape[0]:
         raise ValueError(f"vocabulary range [{lo}, {hi}) is empty or outside [0, {weight.shape[0]})")
     dispatch.check_floats("constrained_sample", hidden=hidden, weight=weight)
+    dispatch.check_devices("constrained_sample", hidden=hidden, weight=weight)
     backend = _auto_backend(hidden, weight, lo, hi, temperature, backend)
     return dispatch.resolve("constrained_sample", backend, hidden.device.type, hidden, weight, lo, hi, temperature)
 

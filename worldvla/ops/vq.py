@@ -11,7 +11,12 @@ def vq_quantize_ref(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     Computed as ||e||^2 - 2 z.e (||z||^2 is constant per row), in fp32 or wider. A NaN distance
     (NaN inputs, or inf - inf from inf ones) is taken as torch.argmin takes it: below every
     number, the first NaN winning. A corrupt code is then chosen and its NaN reaches the decoder,
-    not hidden behind the nearest finite code; the fast paths do the same."""
+    not hidden behind the nearest finite code; the fast paths do the same.
+    Ties: among bit-identical distances the first code wins, as in torch.argmin. Duplicate codes do not
+    always get bit-identical distances here: torch's matmul may round some columns of z @ e^T
+    differently from others (on an AVX-512 CPU with MKL, a 5-code book at 64 channels picked the last of
+    two duplicates for some rows). The native and Triton kernels compute every code's distance alike, so among duplicate
+    codes they pick the lowest index."""
     zf = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
     ef = codebook.to(zf.dtype)
     d = (ef * ef).sum(1).unsqueeze(0) - 2.0 * zf @ ef.t()
@@ -29,6 +34,7 @@ def vq_quantize(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") 
     if codebook.shape[0] == 0:
         raise ValueError("vq_quantize: the codebook holds no code (shape [0, C]); pass the VQGAN's codebook")
     dispatch.check_floats("vq_quantize", same=False, z=z, codebook=codebook)  # the reference casts the codebook to z's
+    dispatch.check_devices("vq_quantize", z=z, codebook=codebook)
     return dispatch.call("vq_quantize", backend, z.device.type, z, codebook)
 
 
@@ -37,6 +43,7 @@ def vq_gather(indices: torch.Tensor, codebook: torch.Tensor, backend: str = "aut
         raise ValueError(f"vq_gather wants indices [B, h, w] and codebook [K, C]; got {tuple(indices.shape)}, {tuple(codebook.shape)}")
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(f"vq_gather: indices must hold integer codes, got {indices.dtype}")
+    dispatch.check_devices("vq_gather", indices=indices, codebook=codebook)
     # The range check reads the codes on the host (one sync); a compiled graph, fake and meta tensors
     # (shape propagation: no values to read) skip it.
     if indices.numel() and dispatch.values_readable(indices):

@@ -1,0 +1,97 @@
+"""What the entry points of worldvla.ops refuse, on every backend that runs here: inputs no backend computes
+correctly give one clear error naming the op, the argument and the fix, instead of a torch error from inside
+a backend, a wrong result, or a value read from uninitialized memory."""
+import pytest
+import torch
+
+from worldvla import ops
+from worldvla.ops import dispatch
+
+LCE_BACKENDS = ["auto"] + (["triton"] if "triton" in dispatch.available("linear_cross_entropy") else [])
+
+
+@pytest.fixture
+def lce_inputs(rng):
+    return torch.randn(9, 16, generator=rng), torch.randn(300, 16, generator=rng) / 4
+
+
+@pytest.mark.parametrize("backend", LCE_BACKENDS)
+def test_linear_cross_entropy_refuses_bad_inputs(lce_inputs, backend):
+    h, w = lce_inputs
+    y = torch.arange(9)
+    lce = lambda *a, **k: ops.linear_cross_entropy(*a, **k, backend=backend)
+    with pytest.raises(TypeError, match="linear_cross_entropy: weight is torch.float32 but hidden is torch.bfloat16"):
+        lce(h.bfloat16(), w, y)
+    with pytest.raises(TypeError, match="linear_cross_entropy: hidden must be a floating-point tensor"):
+        lce(h.long(), w.long(), y)
+    for bad in (y.float(), y.bool()):
+        with pytest.raises(TypeError, match="targets must be integer class ids"):
+            lce(h, w, bad)
+    for value in (300, -3, 2 ** 32 + 5):
+        bad = y.clone()
+        bad[4] = value
+        with pytest.raises(ValueError, match=r"targets must be -100 \(ignored\) or lie in \[0, 300\)"):
+            lce(h, w, bad)
+    with pytest.raises(ValueError, match="vocabulary is empty"):
+        lce(h, w[:0], torch.full((9,), -100))
+
+
+@pytest.mark.parametrize("backend", LCE_BACKENDS)
+@pytest.mark.parametrize("dtype, vocab", [(torch.uint8, 50), (torch.uint8, 300), (torch.int8, 300),
+                                          (torch.int16, 40000), (torch.int16, 70000), (torch.int32, 300)])
+def test_linear_cross_entropy_small_integer_targets(rng, backend, dtype, vocab):
+    """Targets of any integer dtype are class ids: the loss is the int64 targets' (the Triton path had
+    compared and clamped them in their own dtype, where uint8's -1 is 255 and int8 cannot hold V)."""
+    h, w = torch.randn(9, 16, generator=rng), torch.randn(vocab, 16, generator=rng) / 4
+    y = torch.randint(0, min(vocab, torch.iinfo(dtype).max + 1), (9,), generator=rng)
+    if dtype != torch.uint8:
+        y[2] = -100  # ignored
+    elif vocab > 156:
+        y[0] = 156  # compared with ignore_index -100 in uint8 arithmetic, it would be ignored
+    want = ops.linear_cross_entropy(h, w, y, backend=backend)
+    got = ops.linear_cross_entropy(h, w, y.to(dtype), backend=backend)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_linear_cross_entropy_mixed_dtypes_under_autocast(lce_inputs):
+    """Autocast casts the inputs to one dtype: mixed dtypes pass the checks there."""
+    h, w = lce_inputs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = ops.linear_cross_entropy(h.bfloat16(), w, torch.arange(9))
+    assert torch.isfinite(loss)
+
+
+def _meta(t):
+    return t.to("meta")
+
+
+def _entry_points(rng):
+    """(name, call, the argument on the meta device) for each entry point and each of its tensors."""
+    h, w, y = torch.randn(3, 16, generator=rng), torch.randn(100, 16, generator=rng), torch.tensor([1, 2, 3])
+    cw = torch.ones(100)
+    z, cb = torch.randn(6, 8, generator=rng), torch.randn(20, 8, generator=rng)
+    idx = torch.zeros(1, 2, 2, dtype=torch.long)
+    lce = ops.linear_cross_entropy
+    return [
+        ("linear_cross_entropy", lambda b: lce(_meta(h), w, y, backend=b), "weight is on cpu but hidden is on meta"),
+        ("linear_cross_entropy", lambda b: lce(h, _meta(w), y, backend=b), "weight is on meta but hidden is on cpu"),
+        ("linear_cross_entropy", lambda b: lce(h, w, _meta(y), backend=b), "targets is on meta but hidden is on cpu"),
+        ("linear_cross_entropy", lambda b: lce(h, w, y, _meta(cw), backend=b), "class_weight is on meta but hidden is on cpu"),
+        ("constrained_sample", lambda b: ops.constrained_sample(h, _meta(w), 0, 100, backend=b), "weight is on meta"),
+        ("constrained_sample", lambda b: ops.constrained_sample(_meta(h), w, 0, 100, backend=b), "weight is on cpu but hidden is on meta"),
+        ("linear", lambda b: ops.linear(h, _meta(w), backend=b), "weight is on meta but x is on cpu"),
+        ("linear", lambda b: ops.linear(_meta(h), w, backend=b), "weight is on cpu but x is on meta"),
+        ("vq_quantize", lambda b: ops.vq_quantize(z, _meta(cb), backend=b), "codebook is on meta but z is on cpu"),
+        ("vq_quantize", lambda b: ops.vq_quantize(_meta(z), cb, backend=b), "codebook is on cpu but z is on meta"),
+        ("vq_gather", lambda b: ops.vq_gather(idx, _meta(cb), backend=b), "codebook is on meta but indices is on cpu"),
+        ("vq_gather", lambda b: ops.vq_gather(_meta(idx), cb, backend=b), "codebook is on cpu but indices is on meta"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_entry_points_refuse_mixed_devices(rng, backend):
+    """A meta tensor beside CPU ones (the one other device every machine has): the torch path had returned
+    values computed from uninitialized memory, on the CPU, without an error (or raised torch's own error)."""
+    for op, call, message in _entry_points(rng):
+        with pytest.raises(ValueError, match=f"{op}: {message}"):
+            call(backend)
