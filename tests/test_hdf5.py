@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import h5py
 import numpy as np
@@ -379,3 +380,197 @@ def test_robomimic_files_are_not_prompted_with_their_file_name(tmp_path, np_rng)
         del f["data"].attrs["problem_info"]
     assert read_demos(regen)[0].instruction == "put the bowl on the plate"
     assert reading_record(regen)["instruction_from"] == "file name"
+
+
+def _every_reader():
+    from worldvla.data import hdf5
+
+    return {"demo_file_info": hdf5.demo_file_info, "read_demos": read_demos,
+            "iter_demo_actions": lambda p: list(hdf5.iter_demo_actions(p)), "reading_record": hdf5.reading_record,
+            "looks_like_libero": hdf5.looks_like_libero, "frame_turn": hdf5.frame_turn}
+
+
+def test_a_damaged_file_structure_is_named_with_what_to_do(tmp_path):
+    """A few damaged bytes in a file's groups (a B-tree, symbol table node or local heap of HDF5's) gave h5py's
+    RuntimeError "Unable to get group info (bad symbol table node signature)" or KeyError "Unable to synchronously
+    open object", naming neither the file nor the demo, as tracebacks from pretokenize, train-vq and imagine.
+    Every structure of a small file is damaged in turn (its signature zeroed), and every reader is tried on it."""
+    rng = np.random.default_rng(0)
+    good = write_demos(tmp_path / "good.hdf5", [random_demo(rng, 4, 8, 8, 3, instruction="") for _ in range(3)],
+                       "push")
+    raw = good.read_bytes()
+    offsets = sorted(i for sig in (b"TREE", b"SNOD", b"HEAP") for i in range(len(raw)) if raw.startswith(sig, i))
+    assert len(offsets) > 10
+    path = tmp_path / "damaged.hdf5"
+    said = []
+    for offset in offsets:
+        data = bytearray(raw)
+        data[offset:offset + 4] = bytes(4)
+        path.write_bytes(bytes(data))
+        for name, read in _every_reader().items():
+            try:
+                read(path)
+            except (ValueError, OSError) as e:
+                assert str(path) in str(e), (offset, name, e)
+                said.append(str(e))
+            # any other exception (h5py's RuntimeError, KeyError) fails the test, showing where
+    damaged = [s for s in said if "cannot read the file's structure, it is damaged" in s]
+    assert damaged and all("collect or copy the file again, or leave it out of the inputs" in s for s in damaged)
+    assert any(s.startswith(f"{path}: ") for s in damaged)  # the file's own groups
+    assert any(s.startswith(f"{path}:data/demo_") for s in damaged)  # a demo's: named by it
+
+
+def test_files_of_another_layout_are_refused_naming_the_layout_expected(tmp_path):
+    """A `data` that is a dataset, a demo or its `actions` / `obs` / frames of the other kind (group or dataset) and
+    a LIBERO problem_info that is not a JSON object were AttributeErrors ("'Dataset' object has no attribute
+    'keys'", "'Group' object has no attribute 'shape'", "'list' object has no attribute 'get'") from the readers."""
+    path = tmp_path / "other.hdf5"
+    frames, actions = np.zeros((2, 4, 4, 3), np.uint8), np.zeros((2, 3), np.float32)
+
+    def layout(build):
+        with h5py.File(path, "w") as f:
+            build(f)
+
+    def demo(f, frames_as_group=False, actions_as_group=False, obs_as_dataset=False):
+        g = f.create_group("data/demo_0")
+        if actions_as_group:
+            g.create_group("actions")
+        else:
+            g["actions"] = actions
+        if obs_as_dataset:
+            g["obs"] = frames
+        elif frames_as_group:
+            g.create_group("obs/agentview_rgb")
+        else:
+            g["obs/agentview_rgb"] = frames
+        return f["data"]
+
+    cases = [
+        (lambda f: f.create_dataset("data", data=np.arange(3.0)),
+         rf"{path}: 'data' is a dataset \(shape \(3,\), dtype float64\), not a group.*expected a 'data' group holding "
+         rf"one group per demo: data/demo_0/actions \[T, D\]"),
+        (lambda f: f.create_dataset("data/demo_0", data=np.arange(3.0)),
+         rf"{path}:data/demo_0: a dataset .*, not a group; expected a 'data' group"),
+        (lambda f: demo(f, actions_as_group=True),
+         rf"{path}:data/demo_0/actions: a group \(keys: \[\]\), not a dataset; every demo's 'actions' is one array"),
+        (lambda f: demo(f, obs_as_dataset=True), rf"{path}:data/demo_0/obs: a dataset .*, not a group"),
+        (lambda f: demo(f, frames_as_group=True),
+         rf"{path}:data/demo_0/obs/agentview_rgb: a group .*, not a dataset"),
+        (lambda f: demo(f).attrs.__setitem__("problem_info", "[1, 2]"),
+         rf"{path}: data.attrs\['problem_info'\] is a JSON list, not an object; LIBERO's files hold a JSON object "
+         rf"with the task's \"language_instruction\".*data.attrs\['instruction'\]"),
+        (lambda f: demo(f).attrs.__setitem__("problem_info", "{not json"),
+         rf"{path}: data.attrs\['problem_info'\] is not valid JSON"),
+    ]
+    for build, match in cases:
+        layout(build)
+        for name, read in _every_reader().items():
+            try:
+                read(path)
+            except DemoFormatError as e:
+                assert re.search(match, str(e)), (name, str(e), match)
+            # a reader that needs no more of the file than is right passes; another exception fails the test
+        with pytest.raises(DemoFormatError, match=match):
+            if "obs" in match:  # frames are not summarized by demo_file_info
+                read_demos(path)
+            else:
+                demo_file_info(path)
+
+
+def test_demo_file_info_says_which_demos_succeeded(tmp_path, np_rng):
+    """Without reading frames: pretokenize refuses inputs without a successful demo before any work with it."""
+    demos = [random_demo(np_rng, 3, 4, 4, 2, instruction="", success=ok) for ok in (True, False, True)]
+    assert demo_file_info(write_demos(tmp_path / "d.hdf5", demos, "x"))["success"] == [True, False, True]
+    write_libero_like(tmp_path / "libero.hdf5", np_rng, n=2)  # no attribute: LIBERO's last `dones` flag
+    with h5py.File(tmp_path / "libero.hdf5", "a") as f:
+        f["data/demo_1/dones"][-1] = 0
+    assert demo_file_info(tmp_path / "libero.hdf5")["success"] == [True, False]
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_temporary_files_of_killed_writers_are_removed_and_a_running_ones_kept(tmp_path, np_rng):
+    """A `write_demos` killed partway (SIGKILL, the OOM killer) left its hidden `.<name>.tmp-<pid>` beside the file,
+    and nothing removed it."""
+    import subprocess
+    import sys
+
+    from worldvla.data.hdf5 import remove_stale_temps, temp_name
+
+    path = tmp_path / "reach-v3.hdf5"
+    dead = _dead_pid()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [tmp_path / f".reach-v3.hdf5.tmp-{dead}", tmp_path / f".reach-v3.hdf5.tmp-{dead}-0123456789ab",
+                 tmp_path / f".reach-v3.hdf5.tmp-{os.getpid()}-00aa00aa00aa"]
+        kept = [tmp_path / f".reach-v3.hdf5.tmp-{running.pid}-0123456789ab", tmp_path / f".push-v3.hdf5.tmp-{dead}",
+                tmp_path / f".reach-v3.hdf5.tmp-{dead}.keep", tmp_path / "notes.txt"]
+        for p in stale + kept:
+            p.write_bytes(b"partial")
+        assert sorted(remove_stale_temps(path)) == sorted(stale)
+        assert sorted(tmp_path.iterdir()) == sorted(kept)
+    finally:
+        running.kill()
+        running.wait()
+    assert temp_name(path).name.startswith(f".reach-v3.hdf5.tmp-{os.getpid()}-")
+    write_demos(path, [random_demo(np_rng, 2, 4, 4, 2, instruction="")], "reach")  # and its own is gone after it
+    assert sorted(tmp_path.iterdir()) == sorted(kept + [path])
+
+
+def test_collect_removes_the_temporary_file_a_killed_run_left(tmp_path):
+    pytest.importorskip("metaworld")
+    from worldvla.data.collect import collect
+
+    left = tmp_path / f".reach-v3.hdf5.tmp-{_dead_pid()}"
+    left.write_bytes(b"partial")
+    collect(["reach-v3"], 1, tmp_path, image_size=32, workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reach-v3.hdf5"]
+
+
+_TERMINATED_WHILE_WRITING = """
+import argparse, sys, time
+from pathlib import Path
+import numpy as np
+from worldvla.data import collect as c
+
+def collect(tasks, n, out, **kw):  # one task file written slowly: SIGTERM arrives while its temporary file exists
+    def demos():
+        yield {"frames": np.zeros((2, 8, 8, 3), np.uint8), "actions": np.zeros((2, 3), np.float32)}
+        print("writing", flush=True)
+        time.sleep(60)
+    c.write_demos(Path(out) / "reach-v3.hdf5", demos(), "reach")
+
+c.collect = collect
+sys.exit(c.run(c.add_arguments(argparse.ArgumentParser()).parse_args(["--out", sys.argv[1], "--tasks", "reach-v3"])))
+"""
+
+
+def test_a_collect_terminated_while_writing_leaves_no_temporary_file(tmp_path):
+    """SIGTERM (`kill`, a scheduler's stop) ended `worldvla collect` at once, leaving the task file's hidden
+    temporary file behind."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "slow_collect.py"
+    script.write_text(_TERMINATED_WHILE_WRITING)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=tmp_path)
+    try:
+        assert p.stdout.readline().strip() == "writing", p.stderr.read()
+        assert [q.name for q in out.iterdir()][0].startswith(".reach-v3.hdf5.tmp-")
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == -signal.SIGTERM
+    assert "terminated; run the same command again to continue" in err
+    assert list(out.iterdir()) == []

@@ -942,3 +942,98 @@ def test_each_input_files_info_is_read_once_per_build(demo_dir, tmp_path, monkey
     out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, action=action, progress=False)
     assert sorted(read) == ["a.hdf5", "b.h5"]
     assert st.TokenStore(out).manifest["n_samples"] > 0
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda m: m.pop("layout"), "has no 'layout'"),
+    (lambda m: m["shards"][0].pop("n_samples"), r"has a shard entry 0 \(shard_00000\) that has no 'n_samples'"),
+    (lambda m: m["action"].pop("chunk_size"), "has no 'chunk_size' in its 'action'"),
+    (lambda m: m["layout"].pop("bos"), "has a 'layout' that is not a vocabulary layout"),
+])
+def test_a_manifest_without_a_key_the_reader_takes_is_named_with_the_fix(demo_dir, tmp_path, edit, said):
+    """A manifest that is valid JSON but lacks a key (edited by hand, another version's) was a bare KeyError
+    ('layout', 'n_samples') from TokenStore; the rebuild it advises (the same arguments and --overwrite) works."""
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    n = len(st.TokenStore(out))
+    mpath = out / st.MANIFEST
+    m = json.loads(mpath.read_text())
+    edit(m)
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=f"{mpath}: the token store manifest {said} .*rerunning `worldvla "
+                                         f"pretokenize` with the same arguments and --overwrite"):
+        st.TokenStore(out)
+    st.build_store(folder, out, tiny_vqgan(), chunk_size=K, overwrite=True, progress=False)
+    assert len(st.TokenStore(out, verify=True)) == n
+
+
+def test_a_resumed_build_rebuilds_a_shard_whose_entry_lacks_a_key(demo_dir, tmp_path):
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    mpath = out / st.MANIFEST
+    m = json.loads(mpath.read_text())
+    n, entry = m["n_samples"], m["shards"][1]
+    del entry["n_samples"]
+    mpath.write_text(json.dumps(m))
+    st.build_store(folder, out, tiny_vqgan(), chunk_size=K, progress=False)
+    assert json.loads(mpath.read_text())["shards"][1] == {**entry, "n_samples": entry["n_action"] + entry["n_world"]}
+    assert len(st.TokenStore(out, verify=True)) == n
+
+
+def test_inputs_without_a_successful_demo_are_refused_before_any_work_naming_the_flag(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """Demos all marked failed: the error came after the whole build (frames read and encoded, shards written) and
+    said "pass only_success=False", a Python argument, to the command line's users (the flag: --include-failed)."""
+    from worldvla.cli import main
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    rng = np.random.default_rng(4)
+    write_demos(tmp_path / "d" / "a.hdf5", random_demos(rng, (4, 5), success=[False, False]), "reach")
+    tiny_vqgan().save_pretrained(tmp_path / "vq")
+    vq = counting(tiny_vqgan())
+    with pytest.raises(ValueError, match=r"none of the 2 demos in 1 demo file\(s\) is marked successful.*pass "
+                                         r"--include-failed \(only_success=False from Python\)"):
+        st.build_store(tmp_path / "d", tmp_path / "s", vq, chunk_size=K, bounds="unit", progress=False)
+    assert CountingVQGAN.frames == 0 and not (tmp_path / "s").exists()
+    assert main(["pretokenize", str(tmp_path / "d"), "--out", str(tmp_path / "s"), "--vqgan", str(tmp_path / "vq"),
+                 "--action-bounds", "unit", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --include-failed" in err and "Traceback" not in err and not (tmp_path / "s").exists()
+    st.build_store(tmp_path / "d", tmp_path / "s", vq, chunk_size=K, only_success=False, progress=False)
+    # Demos too short for any sample (world samples need 2 steps): still found by the build, named with the flag.
+    write_demos(tmp_path / "e" / "a.hdf5", random_demos(rng, (1, 1)), "reach")
+    with pytest.raises(ValueError, match=r"no samples were built.*--include-failed, only_success=False from Python"):
+        st.build_store(tmp_path / "e", tmp_path / "t", tiny_vqgan(), action=False, progress=False)
+
+
+def test_a_vqgan_path_that_is_a_file_is_named_as_one(demo_dir, tmp_path, capsys, monkeypatch):
+    """`--vqgan <run>/vqgan/config.json` said "the VQGAN folder ... is missing", of a path that is there."""
+    from worldvla.cli import main
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    folder, _ = demo_dir
+    tiny_vqgan().save_pretrained(tmp_path / "vq")
+    config = tmp_path / "vq" / "config.json"
+    assert main(["pretokenize", str(folder), "--out", str(tmp_path / "s"), "--vqgan", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is missing" not in err
+    assert (f"the VQGAN path {config} is a file, not a folder; pass the folder that holds config.json and "
+            f"model.safetensors" in err and f"{tmp_path / 'vq'}, which holds it, is one" in err)
+
+
+@pytest.mark.parametrize("content, said", [
+    ('{"a":\n', "not a valid JSON file"),
+    (json.dumps({"architectures": ["ChameleonForConditionalGeneration"], "hidden_size": 64}),
+     r"no model.vocab object, so this is not a text tokenizer file \(top-level keys: architectures, hidden_size\)"),
+])
+def test_a_text_tokenizer_json_of_another_kind_is_refused_before_any_work(demo_dir, tmp_path, content, said):
+    """--layout chameleon --tokenizer-json <a model's config.json> was a bare KeyError: 'model'; a damaged file
+    json's "Expecting value: line 2 column 1", naming neither the file nor what it should be."""
+    folder, _ = demo_dir
+    bad = tmp_path / "tok.json"
+    bad.write_text(content)
+    vq = counting(tiny_vqgan())
+    with pytest.raises(ValueError, match=f"{bad}: {said}.*expected the release's text_tokenizer.json"):
+        st.build_store(folder, tmp_path / "s", vq, layout="chameleon", tokenizer_json=bad, chunk_size=K,
+                       progress=False)
+    assert CountingVQGAN.frames == 0 and not (tmp_path / "s").exists()

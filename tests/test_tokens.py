@@ -223,3 +223,26 @@ def test_action_samples_need_an_image_and_a_chunk_of_actions():
         sb.action_prompt("open the drawer", [])
     with pytest.raises(ValueError, match=r"\[K, D\]"):
         sb.action_sample("open the drawer", codes, np.zeros(4))  # one action [D], not a chunk [K, D]
+
+
+def test_a_tokenizer_file_of_another_kind_is_named_with_what_was_expected(tmp_path):
+    """VocabLayout.chameleon(<a model's config.json>) was a bare KeyError: 'model'; a damaged file json's "Expecting
+    value", without the file's name; the text tokenizer itself raised tokenizers' plain Exception."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "chameleon", "vocab_size": 65536}))
+    cut = tmp_path / "text_tokenizer.json"
+    cut.write_text('{"model": {"vocab": {"<s>": 0,\n')
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"{config}: no model.vocab object, so this is not a text tokenizer file "
+                                         r"\(top-level keys: model_type, vocab_size\); expected the release's "
+                                         r"text_tokenizer.json"):
+        VocabLayout.chameleon(config)
+    with pytest.raises(ValueError, match=f"{cut}: not a valid JSON file .*expected the release's text_tokenizer"):
+        VocabLayout.chameleon(cut)
+    with pytest.raises(ValueError, match=rf"{listed}: no model.vocab object.*\(a JSON list\)"):
+        VocabLayout.chameleon(listed)
+    with pytest.raises(FileNotFoundError, match=f"text tokenizer not found: {tmp_path / 'nope.json'}"):
+        VocabLayout.chameleon(tmp_path / "nope.json")
+    with pytest.raises(ValueError, match=f"{cut}: not a text tokenizer file the tokenizers library can load"):
+        ChameleonTextTokenizer(cut)

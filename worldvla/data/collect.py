@@ -13,6 +13,7 @@ what was asked for.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import multiprocessing as mp
 import os
@@ -26,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import non_negative_float, positive_int
-from .hdf5 import demo_file_info, iter_demos, write_demos
+from ..cli import non_negative_float, positive_int, seed32
+from .hdf5 import demo_file_info, iter_demos, remove_stale_temps, remove_unfinished_writes, write_demos
 
 # Meta-World's MT10 set.
 DEFAULT_TASKS = (
@@ -243,6 +244,8 @@ def collect(
                 raise FileExistsError(f"{path} holds episodes collected with other settings ({'; '.join(found[1])}); "
                                       f"pass --overwrite to replace it, or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for task in tasks:  # the temporary files of task files whose writer was killed (SIGKILL, the OOM killer)
+        remove_stale_temps(out_dir / f"{task}.hdf5")
 
     t_start = time.perf_counter()
     summary: dict = {"out_dir": str(out_dir), "tasks": {}, **settings}
@@ -397,9 +400,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=_image_size, default=64,
                         help="square frame size in pixels, a multiple of 32 as pretokenize needs (default: "
                              "%(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the layouts and the action noise: every episode's seed derives from it "
-                             "(default: %(default)s)")
+    parser.add_argument("--seed", type=seed32, default=0,
+                        help="seed of the layouts and the action noise, in [0, 2**32): every episode's seed derives "
+                             "from it (default: %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=max(1, (mp.cpu_count() or 1)),
                         help="worker processes (1 = run in this process; default: %(default)s, the CPU count)")
     parser.add_argument("--camera", default="corner", choices=CAMERAS, help="Meta-World camera (default: corner)")
@@ -415,14 +418,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM's handler during a collection: the temporary file of a task file being written is removed, then the
+    process ends as SIGTERM ends it (an exception raised here could be lost in a callback of h5py's objects)."""
+    remove_unfinished_writes()
+    # os.write, not print: the handler may run inside another write to stderr (the progress bar's)
+    os.write(2, b"\nworldvla collect: terminated; run the same command again to continue: finished task files are "
+                b"kept\n")
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+@contextlib.contextmanager
+def _cleanup_on_sigterm():
+    """SIGTERM (`kill`, a job scheduler's stop) ends the process at once, which left the hidden temporary file of
+    a task file being written beside it; it is removed first. Only the main thread can set a handler (elsewhere
+    SIGTERM is left as it is; the next run removes such files)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..sim.metaworld_env import MAX_EPISODE_STEPS
 
-    summary = collect(
-        args.tasks, args.episodes, args.out, image_size=args.image_size, seed=args.seed,
-        workers=args.workers, camera=args.camera, max_steps=args.max_steps, action_noise=args.noise,
-        max_attempts=args.max_attempts, progress=not args.no_progress, overwrite=args.overwrite,
-    )
+    with _cleanup_on_sigterm():
+        summary = collect(
+            args.tasks, args.episodes, args.out, image_size=args.image_size, seed=args.seed,
+            workers=args.workers, camera=args.camera, max_steps=args.max_steps, action_noise=args.noise,
+            max_attempts=args.max_attempts, progress=not args.no_progress, overwrite=args.overwrite,
+        )
     for task, s in summary["tasks"].items():
         if s["skipped"]:
             print(f"{task:30s} skipped ({s['episodes']} episodes already in {s['path']})")

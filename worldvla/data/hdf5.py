@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterable, Iterator, Mapping
@@ -63,6 +65,53 @@ def open_demo_file(path):
             raise DemoFormatError(f"{path}: not an HDF5 file (h5py: {e}); give HDF5 demo files (*.hdf5, *.h5: "
                                   f"worldvla collect, LIBERO or robomimic)") from None
         raise OSError(f"{path}: cannot read this HDF5 file, it may be damaged or cut short (h5py: {e})") from None
+
+
+def _raised_in_h5py(e: BaseException) -> bool:
+    """Whether `e` was raised inside h5py (its innermost frame is h5py's own code, Python or compiled): h5py turns
+    the HDF5 library's errors into plain RuntimeError / KeyError / OSError, which a bug elsewhere may raise too."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "h5py" in Path(tb.tb_frame.f_code.co_filename).parts
+
+
+def _h5py_message(e: BaseException) -> str:
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+@contextmanager
+def _damage_named(where):
+    """Reads of a file's structure (its groups, links and attributes) inside this block that fail in h5py (a few
+    damaged bytes: "bad symbol table node signature", "bad object header version number") are refused naming
+    `where` (the file, or the demo) instead of h5py's message alone."""
+    try:
+        yield
+    except (RuntimeError, KeyError, OSError) as e:
+        if not _raised_in_h5py(e):
+            raise
+        raise ValueError(f"{where}: cannot read the file's structure, it is damaged (h5py: {_h5py_message(e)}); "
+                         f"collect or copy the file again, or leave it out of the inputs") from None
+
+
+def _kind(obj) -> str:
+    """What an HDF5 object is, in words, for a message about a file of another layout."""
+    h5py = _h5py()
+    if isinstance(obj, h5py.Dataset):
+        return f"a dataset (shape {obj.shape}, dtype {obj.dtype})"
+    if isinstance(obj, h5py.Group):
+        return f"a group (keys: {sorted(obj.keys())})"
+    return f"a {type(obj).__name__}"
+
+
+def _is_group(obj) -> bool:
+    return isinstance(obj, _h5py().Group)
+
+
+def _is_dataset(obj) -> bool:
+    return isinstance(obj, _h5py().Dataset)
 
 
 def _as_str(value) -> str:
@@ -116,6 +165,52 @@ def _unpack(i: int, demo) -> tuple[np.ndarray, np.ndarray, str | None, bool]:
     raise TypeError(f"demo {i}: expected a Demo or a mapping with 'frames' and 'actions', got {type(demo).__name__}")
 
 
+# The temporary files `write_demos` calls of this process are writing now (`remove_unfinished_writes`).
+_UNFINISHED: set[Path] = set()
+
+
+def remove_unfinished_writes() -> None:
+    """Remove the temporary files of the `write_demos` calls this process is in the middle of: for a handler of a
+    signal that ends the process (SIGTERM) without running their cleanup. Their targets are left as they were."""
+    for tmp in list(_UNFINISHED):
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def temp_name(path) -> Path:
+    """The hidden file `write_demos(path, ...)` writes before renaming it to `path`: `.{name}.tmp-{pid}-{hex}`, the
+    form of `worldvla.checkpoint.sibling_name`, which names the writing process so that `remove_stale_temps` can
+    tell a killed writer's file from a running one's."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}")
+
+
+def remove_stale_temps(path) -> list[Path]:
+    """Remove the temporary files (`temp_name`) that writes of `path` killed partway (SIGKILL, an out-of-memory kill,
+    a power loss) left beside it: those of processes that no longer run, and this process's own that no call of it
+    is writing (an earlier process's of the same pid). A running process's are kept. Returns the files removed."""
+    from ..checkpoint import process_running
+
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-(?P<pid>\d+)(?:-[0-9a-f]+)?")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for p in entries:
+        m = pattern.fullmatch(p.name)
+        if m is None or not p.is_file() or p.is_symlink() or p in _UNFINISHED:
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or not process_running(pid):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentview",
                 compression: str | None = "gzip", attrs: Mapping | None = None) -> Path:
     """Write `demos` (Demo objects or mappings with frames/actions[/success/instruction])
@@ -131,7 +226,8 @@ def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentvie
         raise ValueError(f"camera must be a plain name like 'agentview', got {camera!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
+    _UNFINISHED.add(tmp)
     total = 0
     try:
         with h5py.File(tmp, "w") as f:
@@ -162,6 +258,7 @@ def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentvie
                 data.attrs[k] = v
         os.replace(tmp, path)
     finally:
+        _UNFINISHED.discard(tmp)
         if tmp.exists():
             tmp.unlink()
     return path
@@ -172,11 +269,19 @@ def _demo_names(data) -> list[str]:
     return sorted(names, key=lambda k: int(k.split("_")[1]))
 
 
+_LAYOUT = ("a 'data' group holding one group per demo: data/demo_0/actions [T, D] and "
+           "data/demo_0/obs/<camera>_rgb [T, H, W, 3] uint8")
+
+
 def _open_data(f, path):
     if "data" not in f:
         raise DemoFormatError(f"{path}: no 'data' group, so this is not a LIBERO/robomimic demo file "
                               f"(top-level keys: {sorted(f.keys())})")
-    return f["data"]
+    data = f["data"]
+    if not _is_group(data):
+        raise DemoFormatError(f"{path}: 'data' is {_kind(data)}, not a group, so this is not a LIBERO/robomimic demo "
+                              f"file; expected {_LAYOUT}")
+    return data
 
 
 # Where a file's instruction came from (`_file_instruction`): the guesses are said in a line by pretokenize.
@@ -191,12 +296,17 @@ def _file_instruction(data, path) -> tuple[str, str]:
     if "instruction" in data.attrs:
         return _as_str(data.attrs["instruction"]), FROM_ATTRIBUTE
     if "problem_info" in data.attrs:
+        fix = ("LIBERO's files hold a JSON object with the task's \"language_instruction\" there; rewrite it so, or "
+               "write the instruction into data.attrs['instruction'], which is read first")
         try:
             info = json.loads(_as_str(data.attrs["problem_info"]))
         except json.JSONDecodeError as e:
-            raise DemoFormatError(f"data.attrs['problem_info'] is not valid JSON: {e}") from e
+            raise DemoFormatError(f"{path}: data.attrs['problem_info'] is not valid JSON ({e}); {fix}") from None
+        if not isinstance(info, dict):
+            raise DemoFormatError(f"{path}: data.attrs['problem_info'] is a JSON {type(info).__name__}, not an "
+                                  f"object; {fix}")
         lang = info.get("language_instruction", "")
-        return (" ".join(lang) if isinstance(lang, (list, tuple)) else _as_str(lang)), FROM_PROBLEM_INFO
+        return (" ".join(map(_as_str, lang)) if isinstance(lang, (list, tuple)) else _as_str(lang)), FROM_PROBLEM_INFO
     if _libero_like(data):
         return _task_from_file_name(path), FROM_FILE_NAME
     env = _robomimic_env_name(data)
@@ -245,8 +355,12 @@ def _frame_key(obs, camera: str | None, where: str) -> str:
 
 def _read_dataset(group, key: str, where: str) -> np.ndarray:
     """`group[key]` read whole; a dataset h5py cannot decode (a damaged compressed chunk) is refused naming it."""
+    ds = group[key]
+    if not _is_dataset(ds):
+        raise DemoFormatError(f"{where}/{key}: {_kind(ds)}, not a dataset; a demo's '{key}' is one array of one row "
+                              f"per step (expected {_LAYOUT})")
     try:
-        return np.asarray(group[key][()])
+        return np.asarray(ds[()])
     except OSError as e:
         raise ValueError(f"{where}/{key}: cannot read this dataset, the file is damaged (h5py: {e}); collect or copy "
                          f"the file again, or leave it out of the inputs") from None
@@ -263,26 +377,35 @@ def check_actions(actions: np.ndarray, where: str) -> None:
 def _demo_success(g) -> bool:
     if "success" in g.attrs:
         return bool(g.attrs["success"])
-    if "dones" in g:  # LIBERO keeps only successful replays, their last done flag set
+    if "dones" in g and _is_dataset(g["dones"]):  # LIBERO keeps only successful replays, their last done flag set
         dones = np.asarray(g["dones"][()])
         return bool(dones[-1]) if len(dones) else False
     return True
 
 
 def _check_actions_present(g, where: str) -> None:
+    """Refuse a demo that is not a group holding an 'actions' dataset, naming it (`where`)."""
+    if not _is_group(g):
+        raise DemoFormatError(f"{where}: {_kind(g)}, not a group; expected {_LAYOUT}")
     if "actions" not in g:
         raise DemoFormatError(f"{where}: missing the 'actions' dataset (keys: {sorted(g.keys())}); every demo needs "
                               f"its actions [T, D], one per frame: remove the demo from the file, or the file from "
                               f"the inputs")
+    actions = g["actions"]
+    if not _is_dataset(actions):
+        raise DemoFormatError(f"{where}/actions: {_kind(actions)}, not a dataset; every demo's 'actions' is one array "
+                              f"[T, D], one row per step (expected {_LAYOUT})")
 
 
 def _demo_group(data, name: str, path):
     """(group, where) of demo `name`, refused naming it when it lacks `obs` or `actions`."""
     g = data[name]
     where = f"{path}:data/{name}"
-    if "obs" not in g:
+    if _is_group(g) and "obs" not in g:
         raise DemoFormatError(f"{where}: missing the 'obs' group (keys: {sorted(g.keys())})")
     _check_actions_present(g, where)
+    if not _is_group(g["obs"]):
+        raise DemoFormatError(f"{where}/obs: {_kind(g['obs'])}, not a group; expected {_LAYOUT}")
     return g, where
 
 
@@ -326,8 +449,9 @@ def _libero_like(data) -> bool:
     if "problem_info" in data.attrs:
         return True
     names = _demo_names(data)
-    obs = data[names[0]].get("obs") if names else None
-    return obs is not None and any(k in obs for k in _LIBERO_CAMERAS)
+    first = data[names[0]] if names else None
+    obs = first.get("obs") if _is_group(first) else None
+    return _is_group(obs) and any(k in obs for k in _LIBERO_CAMERAS)
 
 
 # How `iter_demos` turns a file's frames [T, H, W, C] (`frame_turn`), by the names a token store's manifest records.
@@ -358,7 +482,7 @@ def looks_like_libero(path) -> bool:
     release's view (`frame_turn`) unless told not to (rotate_180=False), and pretokenize's `--action-bounds auto`
     gives its 7-D actions the release's fixed LIBERO bounds."""
     path = Path(path)
-    with open_demo_file(path) as f:
+    with open_demo_file(path) as f, _damage_named(path):
         return _libero_like(_open_data(f, path))
 
 
@@ -366,7 +490,7 @@ def frame_turn(path, rotate_180: bool | None = None) -> str:
     """How `iter_demos(path, rotate_180=rotate_180)` turns the file's frames: ROTATED_180 (`[:, ::-1, ::-1]`),
     MIRRORED (`[:, :, ::-1]`: LIBERO's files with macros_image_convention "opencv") or NO_TURN."""
     path = Path(path)
-    with open_demo_file(path) as f:
+    with open_demo_file(path) as f, _damage_named(path):
         return _turn(_open_data(f, path), rotate_180)
 
 
@@ -431,16 +555,19 @@ def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None,
     instruction: every demo's instruction, over what the file holds (robomimic's files hold none).
     """
     path = Path(path)
-    with open_demo_file(path) as f:
+    # h5py's errors in reading the file's structure are named by the file, and in a demo's by the demo; the demos
+    # are yielded outside the demo's block (what the caller does with one is not the file's doing).
+    with open_demo_file(path) as f, _damage_named(path):
         data = _open_data(f, path)
         default = instruction if instruction is not None else _file_instruction(data, path)[0]
         turn = _turn(data, rotate_180)
         names = _demo_names(data)
         key = None
         for name in names:
-            g, where = _demo_group(data, name, path)
-            key = _settled_frame_key(g, key, camera, where, names[0])
-            demo = _read_one(g, where, key, default, turn, name, override=instruction is not None)
+            with _damage_named(f"{path}:data/{name}"):
+                g, where = _demo_group(data, name, path)
+                key = _settled_frame_key(g, key, camera, where, names[0])
+                demo = _read_one(g, where, key, default, turn, name, override=instruction is not None)
             if drop_noops:
                 keep = steps_without_noops(demo.actions)
                 if len(keep) == 0:  # nothing left to learn from: skipped, as an empty demo has no sample
@@ -455,15 +582,16 @@ def iter_demo_actions(path, only_success: bool = False, drop_noops: bool = False
     """(name, actions) of the demos of `path` that `iter_demos` yields, with the steps it keeps, without reading
     frames; only_success: only the successful ones. Their actions that are not finite are refused naming the demo."""
     path = Path(path)
-    with open_demo_file(path) as f:
+    with open_demo_file(path) as f, _damage_named(path):
         data = _open_data(f, path)
         for name in _demo_names(data):
-            g = data[name]
             where = f"{path}:data/{name}"
-            _check_actions_present(g, where)
-            if only_success and not _demo_success(g):
-                continue
-            actions = _read_dataset(g, "actions", where).astype(np.float32, copy=False)
+            with _damage_named(where):
+                g = data[name]
+                _check_actions_present(g, where)
+                if only_success and not _demo_success(g):
+                    continue
+                actions = _read_dataset(g, "actions", where).astype(np.float32, copy=False)
             if actions.ndim != 2:
                 raise DemoFormatError(f"{where}: actions must be [T, D] (one row per step), got shape {actions.shape}")
             check_actions(actions, where)
@@ -482,19 +610,28 @@ def read_demos(path, camera: str | None = None, rotate_180: bool | None = None, 
 
 def demo_file_info(path) -> dict:
     """Cheap summary of a demo file without reading frames: number of demos, their names (in order: a
-    demo's ordinal in its file is its place here), steps, instruction (and where it came from: a FROM_* name)
-    and the `data` attributes. Raises like `read_demos` on a bad layout (a demo without actions: naming it)."""
+    demo's ordinal in its file is its place here), steps, success flags (`success`: one per demo, from its
+    attribute, or LIBERO's last `dones` flag), instruction (and where it came from: a FROM_* name) and the `data`
+    attributes. Raises like `read_demos` on a bad layout (a demo without actions: naming it) or a damaged file."""
     path = Path(path)
-    with open_demo_file(path) as f:
+    with open_demo_file(path) as f, _damage_named(path):
         data = _open_data(f, path)
         names = _demo_names(data)
+        steps, success = [], []
         for n in names:
-            _check_actions_present(data[n], f"{path}:data/{n}")
-        steps = [int(data[n]["actions"].shape[0]) for n in names]
+            where = f"{path}:data/{n}"
+            with _damage_named(where):
+                g = data[n]
+                _check_actions_present(g, where)
+                shape = g["actions"].shape
+                if shape is None or len(shape) != 2:
+                    raise DemoFormatError(f"{where}: actions must be [T, D] (one row per step), got shape {shape}")
+                steps.append(int(shape[0]))
+                success.append(_demo_success(g))
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in data.attrs.items()}
         instruction, source = _file_instruction(data, path)
-        return {"num_demos": len(names), "names": names, "steps": steps, "instruction": instruction,
-                "instruction_from": source, "attrs": attrs}
+        return {"num_demos": len(names), "names": names, "steps": steps, "success": success,
+                "instruction": instruction, "instruction_from": source, "attrs": attrs}
 
 
 def reading_record(path, rotate_180: bool | None = None, instruction: str | None = None) -> dict:
@@ -503,7 +640,7 @@ def reading_record(path, rotate_180: bool | None = None, instruction: str | None
     (a FROM_* name: GUESSED ones are guesses, FROM_NOWHERE none), `uses_file_instruction` (whether some demo takes
     it) and `demo_instructions` ({demo: text} of the demos whose own instruction differs; absent when none)."""
     path = Path(path)
-    with open_demo_file(path) as f:
+    with open_demo_file(path) as f, _damage_named(path):
         data = _open_data(f, path)
         if instruction is not None:
             text, source, own = instruction, FROM_OPTION, {}

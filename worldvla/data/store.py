@@ -288,6 +288,13 @@ def verify_shard(root: Path, entry: dict) -> bool:
 
 def _check_vqgan_folder(folder) -> None:
     folder = Path(folder)
+    if folder.is_file():
+        holder = folder.parent
+        hint = (f": {holder}, which holds it, is one" if folder.name in VQGAN_FILES and
+                all((holder / n).is_file() for n in VQGAN_FILES) else "")
+        raise NotADirectoryError(f"the VQGAN path {folder} is a file, not a folder; pass the folder that holds "
+                                 f"{' and '.join(VQGAN_FILES)} (the vqgan/ folder `worldvla train-vq` exported, "
+                                 f"<run>/vqgan){hint}")
     if not folder.is_dir():
         raise FileNotFoundError(f"the VQGAN folder {folder} is missing; pass the vqgan/ folder that "
                                 f"`worldvla train-vq` exported (<run>/vqgan) or a VQGAN.save_pretrained folder")
@@ -309,6 +316,15 @@ def _demo_infos(files) -> dict:
     from .hdf5 import demo_file_info
 
     return {f: demo_file_info(f) for f in files}
+
+
+def _check_some_success(files, infos: dict) -> None:
+    """Only successful demos are tokenized (only_success): refuse inputs that hold none, before any slow work."""
+    n = sum(infos[f]["num_demos"] for f in files)
+    if n and not any(ok for f in files for ok in infos[f]["success"]):
+        raise ValueError(f"none of the {n} demos in {len(files)} demo file(s) is marked successful (the demos' "
+                         f"`success` attribute, or LIBERO's last `dones` flag), and only successful demos are "
+                         f"tokenized: pass --include-failed (only_success=False from Python) to tokenize them too")
 
 
 def _check_chunk_fits(files, chunk_size: int, infos: dict) -> None:
@@ -442,32 +458,39 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     read = dict(camera=camera, rotate_180=rotate_180, drop_noops=drop_noops, instruction=instruction)
     settings.check()
     out = Path(out)
+    # The VQGAN folder and the text tokenizer file are checked before any demo file is read.
+    if not isinstance(vqgan, VQGAN):
+        _check_vqgan_folder(vqgan)
+    builder_text = None
+    if isinstance(layout, str) and layout == "chameleon":
+        layout = VocabLayout.chameleon(tokenizer_json)
+        builder_text = text_tokenizer_for(layout, tokenizer_json)
+    elif not (layout is None or layout == "compact" or isinstance(layout, VocabLayout)):
+        raise ValueError(f"layout must be a VocabLayout, 'compact' or 'chameleon', got {layout!r}")
     # The temporary shard folders that builds killed before their rename left: those of processes that no longer
     # run, or of this one (an interrupted earlier call). Builds into one folder are not refused, so another running
     # build's folder is kept.
     remove_stale(out, r"shard_\d+", own=True)
     files = find_demo_files(inputs)
     infos = _demo_infos(files)
+    if only_success:
+        _check_some_success(files, infos)
     if action:
         _check_chunk_fits(files, chunk_size, infos)  # before any slow work
     readings = [reading_record(f, rotate_180, instruction) for f in files]
     instruction_lines = _instruction_lines(files, readings)
     device = torch_device(device, default="cpu")
     if not isinstance(vqgan, VQGAN):
-        _check_vqgan_folder(vqgan)
         vqgan = VQGAN.from_pretrained(vqgan)
     vqgan = vqgan.to(device).eval()
     n_codes = vqgan.config.n_embed
-    if layout is None or layout == "compact":
+    if not isinstance(layout, VocabLayout):  # None or "compact" (checked above): sized to the VQGAN
         layout = VocabLayout.compact(n_image_codes=n_codes)
-    elif layout == "chameleon":
-        layout = VocabLayout.chameleon(tokenizer_json)
-    elif not isinstance(layout, VocabLayout):
-        raise ValueError(f"layout must be a VocabLayout, 'compact' or 'chameleon', got {layout!r}")
     if layout.n_image_codes < n_codes:
         raise ValueError(f"the VQGAN has {n_codes} codes but layout '{layout.name}' only {layout.n_image_codes} "
                          f"image ids; use VocabLayout.compact(n_image_codes={n_codes})")
-    builder_text = text_tokenizer_for(layout, tokenizer_json)
+    if builder_text is None:
+        builder_text = text_tokenizer_for(layout, tokenizer_json)
 
     first = next((d for f in files for d in iter_demos(f, **read)), None)
     if first is None:
@@ -518,7 +541,9 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
         raise FileExistsError(
             f"{out} holds a token store tokenized otherwise than these inputs would be now: {', '.join(changed)}; "
             f"pass overwrite=True (--overwrite) to rebuild it, or choose another output folder")
-    done: dict[str, dict] = {e["name"]: e for e in old.get("shards", [])} if resumed and not changed else {}
+    # A shard entry that lacks a key (a hand-edited manifest) is not taken as done: its shard is built again.
+    done: dict[str, dict] = {e["name"]: e for e in old.get("shards", []) if _shard_entry_problem(e) is None} \
+        if resumed and not changed else {}
     # Checked against the weights themselves, not the manifest: a folder left without its manifest
     # (an interrupted first build, a cleaned folder) may hold another VQGAN.
     if overwrite or _vqgan_folder_digest(out / "vqgan") != vq_digest:
@@ -599,8 +624,10 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     for key in ("n_samples", "n_tokens", "n_action", "n_world", "n_label_tokens"):
         manifest[key] = sum(e[key] for e in manifest["shards"])
     if manifest["n_samples"] == 0:
-        raise ValueError(f"no samples were built from {len(files)} files: demos may all be failures "
-                         f"(pass only_success=False) or shorter than the chunk size {chunk_size}")
+        raise ValueError(f"no samples were built from {len(files)} files: the demos tokenized may all be too short "
+                         f"(under --chunk-size/-K {chunk_size} steps for action samples, under 2 for world samples), "
+                         f"or every demo may be a failure or left without steps by --drop-noops (failed demos are "
+                         f"tokenized only with --include-failed, only_success=False from Python)")
     if action and manifest["n_action"] == 0:
         raise ValueError(f"no action samples were built: every demo used is shorter than --chunk-size/-K "
                          f"{chunk_size} (failed demos are skipped unless --include-failed); lower -K")
@@ -610,6 +637,49 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
 
 
 # ---------------------------------------------------------------------- reading
+# What each shard entry of a manifest holds (`build_store` writes them; `_write_shard` returns the counts).
+_SHARD_KEYS = {"name": str, "file": int, "demos": list, "files": dict, "n_samples": int, "n_tokens": int,
+               "n_action": int, "n_world": int, "n_label_tokens": int}
+# What the reader takes from a complete manifest, and of which JSON type.
+_MANIFEST_KEYS = {"layout": dict, "shards": list, "action": dict, "image_size": list, "vqgan": str}
+_ACTION_KEYS = ("low", "high", "chunk_size")
+
+
+def _shard_entry_problem(entry) -> str | None:
+    """What a manifest's shard entry lacks (or holds of another type), in words; None for a whole one."""
+    if not isinstance(entry, dict):
+        return f"is a JSON {type(entry).__name__}, not an object"
+    for key, kind in _SHARD_KEYS.items():
+        if key not in entry:
+            return f"has no {key!r}"
+        if not isinstance(entry[key], kind) or (kind is int and isinstance(entry[key], bool)):
+            want = "a number" if kind is int else kind.__name__
+            return f"has a {key!r} of JSON type {type(entry[key]).__name__}, not {want}"
+    return None
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What a complete manifest lacks that the reader takes from it, in words; None when it holds all of it."""
+    for key, kind in _MANIFEST_KEYS.items():
+        if key not in m:
+            return f"has no {key!r}"
+        if not isinstance(m[key], kind):
+            return f"has a {key!r} of JSON type {type(m[key]).__name__}, not {kind.__name__}"
+    missing = [k for k in _ACTION_KEYS if k not in m["action"]]
+    if missing:
+        return f"has no {missing[0]!r} in its 'action'"
+    try:
+        VocabLayout.from_dict(m["layout"])
+    except (TypeError, KeyError, ValueError) as e:
+        return f"has a 'layout' that is not a vocabulary layout ({type(e).__name__}: {e})"
+    for i, entry in enumerate(m["shards"]):
+        problem = _shard_entry_problem(entry)
+        if problem is not None:
+            name = f" ({entry['name']})" if isinstance(entry, dict) and isinstance(entry.get("name"), str) else ""
+            return f"has a shard entry {i}{name} that {problem}"
+    return None
+
+
 class TokenStore(torch.utils.data.Dataset):
     """Read side of the store: `store[i] -> (ids int64 [L], labels int64 [L], kind)`.
 
@@ -634,6 +704,11 @@ class TokenStore(torch.utils.data.Dataset):
         if not self.manifest.get("complete"):
             raise ValueError(f"the token store at {self.path} is incomplete (its build was interrupted); "
                              f"rerun `worldvla pretokenize` with the same arguments to finish it")
+        problem = _manifest_problem(self.manifest)
+        if problem is not None:
+            raise ValueError(f"{mpath}: the token store manifest {problem} (edited by hand, or written otherwise "
+                             f"than `worldvla pretokenize` writes it); rebuild the store by rerunning `worldvla "
+                             f"pretokenize` with the same arguments and --overwrite")
         kinds = tuple(KINDS if kinds is None else ((kinds,) if isinstance(kinds, str) else kinds))
         bad = [k for k in kinds if k not in KINDS]
         if bad or not kinds:

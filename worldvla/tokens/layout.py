@@ -156,9 +156,29 @@ class VocabLayout:
         return cls(**d)
 
 
+_TOKENIZER_JSON = ("the release's text_tokenizer.json: a tokenizers file whose model.vocab maps token names, "
+                   "the image codes' IMGIMG<letters>Z among them, to ids")
+
+
 def _image_ids_from_tokenizer_json(path, n_codes: int) -> list[int]:
-    with open(path, encoding="utf-8") as f:
-        vocab = json.load(f)["model"]["vocab"]
+    """The token id of each image code, by the token names of the text tokenizer file at `path`; a file that is not
+    one (damaged, or another JSON file such as a model's config.json) is refused naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text tokenizer not found: {path} (expected {_TOKENIZER_JSON})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON file ({e}); the file is damaged or cut short, or not the text "
+                         f"tokenizer: expected {_TOKENIZER_JSON}") from None
+    model = doc.get("model") if isinstance(doc, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if not isinstance(vocab, dict):
+        found = (f"top-level keys: {', '.join(sorted(doc)[:8]) or 'none'}{', ...' if len(doc) > 8 else ''}"
+                 if isinstance(doc, dict)
+                 else f"a JSON {type(doc).__name__}")
+        raise ValueError(f"{path}: no model.vocab object, so this is not a text tokenizer file ({found}); expected "
+                         f"{_TOKENIZER_JSON}")
     ids = [-1] * n_codes
     for name, tok in vocab.items():
         code = _code_from_bpe_name(name)
@@ -166,7 +186,8 @@ def _image_ids_from_tokenizer_json(path, n_codes: int) -> list[int]:
             ids[code] = int(tok)
     missing = [c for c, t in enumerate(ids) if t < 0]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} of {n_codes} image codes have no IMGIMG token (first: {missing[:5]})")
+        raise ValueError(f"{path}: {len(missing)} of {n_codes} image codes have no IMGIMG token (first: "
+                         f"{missing[:5]}); expected {_TOKENIZER_JSON}")
     return ids
 
 

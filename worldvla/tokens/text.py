@@ -28,7 +28,11 @@ class ChameleonTextTokenizer:
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"text tokenizer not found: {path} (expected the release's text_tokenizer.json)")
-        self.tok = Tokenizer.from_file(str(path))
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001  (tokenizers raises a plain Exception for a file it cannot parse)
+            raise ValueError(f"{path}: not a text tokenizer file the tokenizers library can load ({e}); expected the "
+                             f"release's text_tokenizer.json") from None
         self.path = Path(path)  # the release's image-code map is read from the same file (VocabLayout.chameleon)
 
     def encode(self, text: str) -> list[int]:
