@@ -1141,3 +1141,20 @@ def test_a_store_without_its_vqgan_is_refused_before_training_unless_no_export(s
     with pytest.raises(FileNotFoundError, match=r"lacks its text_tokenizer\.json.*--no-export"):
         trainer._check_export_inputs(chameleon)
     trainer._check_export_inputs(SimpleNamespace(**{**vars(chameleon), "text_tokenizer_path": store / "t.json"}))
+
+
+def test_an_export_that_fails_after_training_says_resume_exports_again(store_dir, tmp_path, monkeypatch):
+    """The store's VQGAN removed during the run (or a full disk) failed the export after the whole training, naming
+    neither the saved checkpoint nor the way to export without training again."""
+    out = tmp_path / "run"
+    real = trainer._export
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer, "_export", full_disk)
+    with pytest.raises(OSError, match=r"No space left.*final checkpoint \(step_00000002\) is saved.*--resume exports"):
+        trainer.train(args_for(store_dir, out, "--steps", 2, "--batch-tokens", 300))
+    monkeypatch.setattr(trainer, "_export", real)
+    again = trainer.train(args_for(store_dir, out, "--steps", 2, "--batch-tokens", 300, "--resume"))
+    assert again["losses"] == [] and again["export"] is not None and (out / "policy" / "policy.json").is_file()

@@ -656,7 +656,11 @@ def train(args) -> dict:
                 else Path(out) / "checkpoints" / f"step_{step:08d}")
         export = None
         if step >= total and not args.no_export:
-            export = _export(model, store, out, args)
+            try:
+                export = _export(model, store, out, args)
+            except (OSError, ValueError) as e:  # the store's VQGAN or tokenizer gone during the run, a full disk
+                raise type(e)(f"{e}. The run's final checkpoint ({ckpt.name}) is saved: once that is fixed, the same "
+                              f"command with --resume exports the policy without training again") from e
     finally:
         bar.close()
         if log_f:
