@@ -374,7 +374,7 @@ def test_empty_batches_and_fractional_ids_are_refused_by_name(rng):
             generate_release_actions(model, empty, LAYOUT, 3, 5)
     eng = InferenceEngine(model, 1, prompt.numel())
     for bad in (prompt.float() + 0.7, prompt.double(), prompt > 3):
-        with pytest.raises(TypeError, match=f"prompt 0 holds {bad.dtype} values; token ids must be integers"):
+        with pytest.raises(TypeError, match=f"prompt 0: token ids must be integers, got {bad.dtype}"):
             eng.prefill([bad])
     assert eng.prefill([prompt.int()]).shape == (1, model.config.hidden_size)  # any integer dtype
 

@@ -33,6 +33,7 @@ import torch
 
 from ..mask import NO_BLOCK, DecodeMeta, chunk_mask_meta
 from ..model import KVCache
+from ..ops import dispatch
 from ..ops.decoder import DECODE_STEP_MAX_QUERIES, DecodeStepPlan, native_step_active
 from ..tokens.layout import VocabLayout
 
@@ -236,8 +237,7 @@ class InferenceEngine:
             raise ValueError(f"skip gives cached prefixes for {len(skip)} rows; this engine holds {B}")
         prompts = [torch.as_tensor(p) for p in prompts]
         for b, p in enumerate(prompts):  # before the cast, which would truncate fractions and wrap bools to ids
-            if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
-                raise TypeError(f"prompt {b} holds {p.dtype} values; token ids must be integers")
+            dispatch.require_integers(p, f"prompt {b}: token ids must be integers")
         prompts = [p.long().flatten().cpu() for p in prompts]
         lens = [int(p.numel()) for p in prompts]
         for b, (L, s) in enumerate(zip(lens, skip)):

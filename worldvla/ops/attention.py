@@ -52,8 +52,7 @@ def _check_cu_seqlens(meta: ChunkMaskMeta, T: int):
     chunk_mask_meta and causal_meta build checked), and once per metadata: the result is kept on it, against
     the tensor and its version, so the other layers of a forward and the backward read nothing."""
     cu = meta.cu_seqlens
-    if cu.dtype.is_floating_point or cu.dtype.is_complex or cu.dtype == torch.bool:
-        raise TypeError(f"meta.cu_seqlens must hold integers, got {cu.dtype}")
+    dispatch.require_integers(cu, "meta.cu_seqlens must hold integers")
     if cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(f"meta.cu_seqlens must be 1-D with n_docs + 1 >= 2 entries, got shape {tuple(cu.shape)}")
     n_docs, max_seqlen = cu.numel() - 1, int(meta.max_seqlen)

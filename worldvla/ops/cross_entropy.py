@@ -79,8 +79,7 @@ def linear_cross_entropy(hidden, weight, targets, class_weight=None, z_weight=1e
     dispatch.check_floats("linear_cross_entropy", hidden=hidden, weight=weight)
     dispatch.check_devices("linear_cross_entropy", hidden=hidden, weight=weight, targets=targets,
                            class_weight=class_weight)
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"linear_cross_entropy: targets must be integer class ids, got {targets.dtype}")
+    dispatch.require_integers(targets, "linear_cross_entropy: targets must be integer class ids")
     _check_class_weight(class_weight, weight.shape[0])
     return dispatch.call("linear_cross_entropy", backend, hidden.device.type, hidden, weight, targets,
                          class_weight, z_weight, ignore_index)

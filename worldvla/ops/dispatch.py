@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+import torch
+
 BACKENDS = ("torch", "triton", "native")
 
 # On CPU the C++ paths lead only where `worldvla bench cpu_ops` measured them faster than torch,
@@ -138,6 +140,13 @@ def check_floats(op: str, same: bool = True, **tensors) -> None:
         pass
     name, t = mixed[0]
     raise TypeError(f"{op}: {name} is {t.dtype} but {first} is {t0.dtype}; convert them to one dtype")
+
+
+def require_integers(t: torch.Tensor, what: str) -> None:
+    """Refuse ids, codes or offsets `t` that are not integers (`what`: the message, up to the dtype): a float
+    would be truncated by `.long()` without a word, a bool taken as a mask."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{what}, got {t.dtype}")
 
 
 def check_devices(op: str, **tensors) -> None:

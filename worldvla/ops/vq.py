@@ -41,8 +41,7 @@ def vq_quantize(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") 
 def vq_gather(indices: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     if indices.dim() != 3 or codebook.dim() != 2:
         raise ValueError(f"vq_gather wants indices [B, h, w] and codebook [K, C]; got {tuple(indices.shape)}, {tuple(codebook.shape)}")
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise TypeError(f"vq_gather: indices must hold integer codes, got {indices.dtype}")
+    dispatch.require_integers(indices, "vq_gather: indices must hold integer codes")
     dispatch.check_devices("vq_gather", indices=indices, codebook=codebook)
     # The range check reads the codes on the host (one sync); a compiled graph, fake and meta tensors
     # (shape propagation: no values to read) skip it.

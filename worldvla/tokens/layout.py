@@ -108,7 +108,9 @@ class VocabLayout:
         return self.res_base + n_grids
 
     def code_to_id(self, codes: torch.Tensor) -> torch.Tensor:
-        _require_integers(codes, "image codes")
+        from ..ops.dispatch import require_integers  # here: the ops package imports this module
+
+        require_integers(codes, "image codes must be an integer tensor")
         table = torch.tensor(self.image_code_ids, dtype=torch.long, device=codes.device)
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= len(table)):
             raise ValueError(f"image codes must lie in [0, {len(table)}), got range [{int(codes.min())}, {int(codes.max())}]")
@@ -118,7 +120,9 @@ class VocabLayout:
         lo, hi = self.image_id_range
         inv = torch.full((hi - lo,), -1, dtype=torch.long)
         inv[torch.tensor(self.image_code_ids) - lo] = torch.arange(self.n_image_codes)
-        _require_integers(ids, "image token ids")
+        from ..ops.dispatch import require_integers
+
+        require_integers(ids, "image token ids must be an integer tensor")
         ids = ids.long()
         bad = (ids < lo) | (ids >= hi)
         if bool(bad.any()):
@@ -210,10 +214,3 @@ def with_release_image_ids(layout: VocabLayout, text_tokenizer=None) -> VocabLay
 @functools.lru_cache(maxsize=1)
 def _assumed_chameleon_ids() -> tuple:
     return VocabLayout.chameleon().image_code_ids
-
-
-def _require_integers(t: torch.Tensor, what: str) -> None:
-    """Ids and codes are integers: a float tensor would be truncated by `.long()` without a word."""
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{what} must be an integer tensor, got dtype {t.dtype}; round or convert them "
-                        f"(e.g. `.long()`) first if they really are whole numbers")
