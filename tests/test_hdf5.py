@@ -516,12 +516,21 @@ def test_temporary_files_of_killed_writers_are_removed_and_a_running_ones_kept(t
             p.write_bytes(b"partial")
         assert sorted(remove_stale_temps(path)) == sorted(stale)
         assert sorted(tmp_path.iterdir()) == sorted(kept)
+        assert temp_name(path).name.startswith(f".reach-v3.hdf5.tmp-{os.getpid()}-")
+        write_demos(path, [random_demo(np_rng, 2, 4, 4, 2, instruction="")], "reach")  # and its own is gone after it
+        assert sorted(tmp_path.iterdir()) == sorted(kept + [path])
     finally:
         running.kill()
         running.wait()
-    assert temp_name(path).name.startswith(f".reach-v3.hdf5.tmp-{os.getpid()}-")
-    write_demos(path, [random_demo(np_rng, 2, 4, 4, 2, instruction="")], "reach")  # and its own is gone after it
-    assert sorted(tmp_path.iterdir()) == sorted(kept + [path])
+
+
+def test_write_demos_removes_the_temporary_file_a_killed_write_left(tmp_path, np_rng):
+    """Called from Python, not only through `collect`: the file a killed earlier write left goes with the next write."""
+    path = tmp_path / "reach-v3.hdf5"
+    left = tmp_path / f".reach-v3.hdf5.tmp-{_dead_pid()}-0123456789ab"
+    left.write_bytes(b"partial")
+    write_demos(path, [random_demo(np_rng, 2, 4, 4, 2, instruction="")], "reach")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reach-v3.hdf5"]
 
 
 def test_collect_removes_the_temporary_file_a_killed_run_left(tmp_path):

@@ -1088,7 +1088,8 @@ def test_a_diverging_run_stops_at_its_first_non_finite_loss_without_saving_or_ex
 
 def test_a_checkpoint_missing_a_file_or_a_state_key_is_refused_naming_it_and_the_older_checkpoints(store_dir, tmp_path):
     """A checkpoint without model.pt (a partial copy) failed a resume with a bare "[Errno 2] No such file or
-    directory", and a state.json without a key the resume reads (here `scheduler`) with a KeyError; both now name
+    directory", a state.json without a key the resume reads (here `scheduler`) with a KeyError, and one whose "step" is
+    not a count (a string, negative) deep in the loop; all now name
     what is missing and the older checkpoints to resume from, as a damaged file does."""
     import shutil
 
@@ -1111,6 +1112,15 @@ def test_a_checkpoint_missing_a_file_or_a_state_key_is_refused_naming_it_and_the
         del state[key]
         (ck / "state.json").write_text(json.dumps(state))
         with pytest.raises(ValueError, match=rf"{ck / 'state.json'}: .*lacks '{key}'.*; {older}"):
+            trainer.train(args_for(store_dir, out, *common, "--resume"))
+    for step in ("3", -1, 2.5, None):
+        out = tmp_path / f"step-{step}"
+        shutil.copytree(first, out)
+        ck = latest_checkpoint(out)
+        state = json.loads((ck / "state.json").read_text())
+        state["step"] = step
+        (ck / "state.json").write_text(json.dumps(state))
+        with pytest.raises(ValueError, match=rf"{ck / 'state.json'}: .*\"step\" is .*not a count of steps.*; {older}"):
             trainer.train(args_for(store_dir, out, *common, "--resume"))
     assert trainer.train(args_for(store_dir, first, *common, "--resume"))["step"] == 4
 

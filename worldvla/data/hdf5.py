@@ -218,6 +218,7 @@ def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentvie
 
     `instruction` goes into `data.attrs` and into every demo that has none of its own.
     `attrs` adds extra attributes on the `data` group (for example the collection settings).
+    The temporary files that killed writes of `path` left beside it are removed first (`remove_stale_temps`).
     """
     h5py = _h5py()
     if not isinstance(instruction, str):
@@ -226,6 +227,7 @@ def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentvie
         raise ValueError(f"camera must be a plain name like 'agentview', got {camera!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = temp_name(path)
     _UNFINISHED.add(tmp)
     total = 0

@@ -243,6 +243,10 @@ def check_state(state: dict, ck: Path, kind: str | None = None, require: tuple[s
         keys = ", ".join(repr(k) for k in missing)
         raise ValueError(f"{ck / 'state.json'}: the checkpoint's state lacks {keys}, which a resume needs (edited by "
                          f"hand, or written by another version); {_older_fix(ck)}")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{ck / 'state.json'}: the checkpoint's \"step\" is {step!r}, not a count of steps (edited "
+                         f"by hand, or written by another version); {_older_fix(ck)}")
 
 
 def resumable_checkpoint(run_dir, kind: str | None = None, require: tuple[str, ...] = ()) -> Path | None:
