@@ -82,6 +82,18 @@ def test_split_batch_assigns_each_sample_once(world, micro):
     assert len(steps) >= int(np.ceil(lengths[batch].sum() / (world * micro)))
 
 
+def test_a_warmup_fraction_is_its_share_of_the_run_in_steps():
+    """--warmup 0.29 over 100 steps was 28 warm-up steps: 0.29 * 100 is 28.999999999999996 in floating point."""
+    from types import SimpleNamespace
+
+    def steps(w, total):
+        return trainer._warmup_steps(SimpleNamespace(warmup=w, lr=1e-3, schedule="cosine", min_lr=None), total)
+
+    for w, total, want in [(0.07, 100, 7), (0.29, 100, 29), (0.57, 100, 57), (0.58, 100, 58), (0.05, 1000, 50),
+                           (0.1, 35, 3), (0.999, 10, 9), (0.0, 100, 0), (3, 100, 3)]:
+        assert steps(w, total) == want, (w, total)
+
+
 def test_schedule_warmup_cosine_and_constant():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)

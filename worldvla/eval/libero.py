@@ -128,7 +128,7 @@ def run_episode(env, policy, query: ChunkQuery, instruction: str, init_state, ma
     env.reset()
     obs = env.set_init_state(init_state)
     queue: list[np.ndarray] = []
-    history: list[np.ndarray] = []
+    previous: np.ndarray | None = None  # the frame of the step before: all of the history the release reads
     frames: list[np.ndarray] = []
     t, steps, queries, success, error = 0, 0, 0, False, None
     try:
@@ -141,7 +141,6 @@ def run_episode(env, policy, query: ChunkQuery, instruction: str, init_state, ma
             if record:
                 frames.append(img)
             if not queue:
-                previous = history[-1] if history else None
                 chunk = query(img, previous)
                 if chunk.shape[-1] != ACTION_DIM:
                     raise ValueError(f"the policy returned {chunk.shape[-1]}-D actions; LIBERO needs {ACTION_DIM}")
@@ -150,7 +149,7 @@ def run_episode(env, policy, query: ChunkQuery, instruction: str, init_state, ma
             action = queue.pop(0)
             obs, _, done, _ = env.step(np.asarray(action, dtype=np.float64).tolist())
             steps += 1
-            history.append(img)
+            previous = img
             if done:
                 success = True
                 break

@@ -479,7 +479,8 @@ def _warmup_steps(args, total: int) -> int:
     if w >= 1 and w != int(w):
         raise ValueError(f"--warmup {w}: a value of 1 or more counts steps and must be a whole number (a fraction "
                          f"of the run is given below 1, e.g. --warmup 0.05)")
-    steps = int(w * total) if w < 1 else int(w)
+    # rounded before it is cut: 0.29 * 100 is 28.999999999999996 in floating point, and the run's 29th step counts
+    steps = int(round(w * total, 6)) if w < 1 else int(w)
     if dist_utils.is_main():
         if steps >= total:
             print(f"warning: --warmup {w} is {steps} steps, not fewer than the run's {total}: the learning rate never "
