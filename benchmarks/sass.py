@@ -170,6 +170,9 @@ def run(quick: bool = False, device=None, out_dir: str | Path = "benchmarks/resu
         arch: str = "sm_90a") -> Path:
     """Writes <out_dir>/sass-<arch>.json. `device` is ignored: nothing runs on a GPU."""
     files = [Path(f) for f in files] if files else sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    if not files:  # an installed wheel ships the compiled kernels, not their sources
+        raise Unavailable(f"no CUDA sources in {ROOT / 'csrc' / 'cuda'}: the static report reads csrc/cuda/*.cu of a "
+                          f"source checkout (installed with pip install -e), or the .cu files given as arguments")
     rows = report(files, arch)
     print_rows(rows)
     doc = {"benchmark": "sass", "arch": arch, "nvcc": nvcc_version(),

@@ -390,6 +390,22 @@ def test_bench_reports_missing_cuda_tools_as_skipped(monkeypatch, tmp_path, caps
     assert "sass skipped: the static report needs nvcc and cuobjdump" in capsys.readouterr().out
 
 
+def test_bench_sass_without_the_cuda_sources_is_skipped_not_an_empty_report(monkeypatch, tmp_path, capsys):
+    """From an installed wheel (no csrc/) `bench sass` wrote a report with no rows and said it succeeded."""
+    import argparse
+
+    from worldvla import bench
+    from worldvla.benchmarks import sass
+
+    monkeypatch.setattr(sass, "ROOT", tmp_path / "site-packages" / "worldvla")
+    monkeypatch.setattr(sass, "find_tool", lambda name: f"/usr/bin/{name}")  # the tools are there; the sources not
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert bench.run(p.parse_args(["sass", "--out", str(tmp_path / "out")])) == 0
+    assert "sass skipped: no CUDA sources in" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
 def test_info_reports_the_auto_order_and_the_build(capsys):
     from worldvla import cli
     from worldvla.ops import dispatch

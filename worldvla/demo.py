@@ -163,7 +163,8 @@ class Stages:
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process and its finished children (collection workers)."""
+    """CPU time of this process and of the children it waited for. The simulator workers of collect and evaluate are
+    the forkserver's children, not this process's, so their time is not in it."""
     import resource
 
     return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
@@ -372,9 +373,10 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
         secs, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
         stages.mark(stage, secs, info if stage != "evaluate" else {})
         started.unlink(missing_ok=True)
-        results["stages"][stage] = {"cached": False, "seconds": secs, "cpu_seconds": cpu, "info": info
+        results["stages"][stage] = {"cached": False, "seconds": secs, "main_process_cpu_seconds": cpu, "info": info
                                     if stage != "evaluate" else {}}
-        _say(f"{stage}: done in {secs:.1f} s ({cpu:.0f} CPU-s)")
+        _say(f"{stage}: done in {secs:.1f} s ({cpu:.0f} CPU-s in this process"
+             + ("; the simulator workers' not counted)" if stage in ("collect", "evaluate") else ")"))
     results["total_seconds"] = time.perf_counter() - t_total
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     results["eval"] = metrics
@@ -395,13 +397,13 @@ def print_table(results: dict) -> None:
 
 EPILOG = """\
 defaults: 3 tasks x 30 expert demos at 64x64 px, a 256-code VQGAN (300 steps of 12 frames), the
-`small` WorldVLA (3.7M parameters, 900 steps of 1,536 tokens, chunks of K=5), 10 evaluation
-episodes per task on held-out layouts (150 steps max) next to a uniform-random policy on the
-same layouts, world-model PSNR/SSIM and VQ-code accuracy on 2 held-out expert rollouts per task
-(8 imagined steps). The latest run in benchmarks/NOTES.md (Demo runs), on a 2-core AMD EPYC with
-AVX-512 with another job beside it: collect 31 s, train-vq 89 s, pretokenize 29 s, train 258 s,
-evaluate 76 s (8 min 5 s); 4 min 43 s to 15 min across the machines in README's table. A second run
-reuses every stage.
+`small` WorldVLA (3.6M parameters with the 811-token vocabulary, 900 steps of 1,536 tokens, chunks
+of K=5), 10 evaluation episodes per task on held-out layouts (150 steps max) next to a uniform-random
+policy on the same layouts, world-model PSNR/SSIM and VQ-code accuracy on 2 held-out expert rollouts
+per task (8 imagined steps). The latest run in benchmarks/NOTES.md (Demo runs), on a 2-core AMD EPYC
+with AVX-512: collect 39 s, train-vq 126 s, pretokenize 24 s, train 253 s, evaluate 50 s (8 min 14 s);
+4 min 43 s to 18 min 21 s across the runs in README's table (the longest with other jobs on the
+cores). A second run reuses every stage.
 
 examples:
   worldvla demo                                  # the default run into ./worldvla_demo
