@@ -379,6 +379,18 @@ def test_empty_batches_and_fractional_ids_are_refused_by_name(rng):
     assert eng.prefill([prompt.int()]).shape == (1, model.config.hidden_size)  # any integer dtype
 
 
+def test_a_bool_prompt_is_refused_as_ids_that_are_not_integers(rng):
+    """generate_action_chunk checked only floating dtypes: a bool prompt was refused as one that does not end
+    with the separator, and generate_release_actions decoded it as the ids 0 and 1."""
+    model = _model(8)
+    prompt = _prompt(rng, 1)
+    for bad in (prompt > 3, torch.ones(10, dtype=torch.bool), prompt.float()):
+        with pytest.raises(TypeError, match=f"prompt 0: token ids must be integers, got {bad.dtype}"):
+            generate_action_chunk(model, bad, LAYOUT, 2, 3)
+        with pytest.raises(TypeError, match=f"prompt 1: token ids must be integers, got {bad.dtype}"):
+            generate_release_actions(model, [prompt, bad], LAYOUT, 3, 5)
+
+
 @pytest.mark.parametrize("built_inside,first_inside", list(itertools.product([True, False], repeat=2)))
 def test_an_engine_serves_calls_in_and_out_of_inference_mode(rng, monkeypatch, native_step_runs, built_inside,
                                                              first_inside):

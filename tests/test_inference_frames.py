@@ -209,6 +209,53 @@ def test_frames_bad_input(rng):
         generate_frame_codes(_model(1), codes, np.zeros((2, 4)), b, engine=small)
 
 
+def test_rollout_actions_are_checked_before_the_first_step(monkeypatch):
+    """A NaN in the last action was found only by that step's prompt, after every frame before it was generated;
+    and a string cfg_scale reached math.isfinite (TypeError: must be real number, not str)."""
+    import worldvla.inference.frames as frames_mod
+
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    kw = dict(action_tokenizer=b.actions, text_tokenizer=b.text)
+    steps, encoded = [], []
+    monkeypatch.setattr(frames_mod, "generate_frame_codes", lambda *a, **k: steps.append(1))
+    monkeypatch.setattr(vq, "encode_images", lambda *a, **k: encoded.append(1))
+    img = np.zeros((64, 64, 3), dtype=np.uint8)
+    acts = np.zeros((6, 4))
+    for value in (np.nan, np.inf, -np.inf):
+        acts[-1, 2] = value
+        with pytest.raises(ValueError, match="actions must be finite: step 5 holds NaN or inf"):
+            generate_frames(model, vq, img, acts, **kw)
+    batch = np.zeros((2, 3, 4))
+    batch[1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match="actions must be finite: image 1, step 2 holds NaN or inf"):
+        generate_frames(model, vq, np.stack([img, img]), batch, **kw)
+    for bad in ("2", b"2", True, [2.0], float("inf")):
+        with pytest.raises(ValueError, match="cfg_scale must be a finite number .* got"):
+            generate_frames(model, vq, img, np.zeros((1, 4)), cfg_scale=bad, **kw)
+        with pytest.raises(ValueError, match="cfg_scale must be a finite number .* got"):
+            generate_frame_codes(model, torch.zeros(1, 2, 2, dtype=torch.long), np.zeros((1, 4)), b, cfg_scale=bad)
+    assert not steps and not encoded
+
+
+def test_a_batch_of_images_needs_its_actions_per_image(rng):
+    """N images with actions [N, D] silently ran one step of each, where [T, D] means T steps of one image:
+    refused, naming [N, T, D] and [N, 1, D]."""
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    kw = dict(action_tokenizer=b.actions, text_tokenizer=b.text)
+    imgs = torch.randint(0, 256, (2, 64, 64, 3), generator=rng, dtype=torch.uint8).numpy()
+    acts = torch.rand(2, 4, generator=rng).numpy() * 2 - 1
+    for bad in (acts, acts[:1], np.zeros((3, 4))):
+        with pytest.raises(ValueError, match=r"actions for a batch of 2 images must be \[N, T, 4\] \(\[2, 1, 4\] for "
+                                             r"one step of each"):
+            generate_frames(model, vq, imgs, bad, **kw)
+    with pytest.raises(ValueError, match=r"actions for a batch of 1 images must be \[N, T, 4\]"):
+        generate_frames(model, vq, imgs[:1], acts[:1], **kw)
+    out = generate_frames(model, vq, imgs, acts[:, None], **kw)  # one step of each image
+    assert out.codes.shape == (2, 1, 4, 4)
+    one = generate_frames(model, vq, imgs[1], acts[1:], **kw)
+    assert torch.equal(out.codes[1], one.codes)
+
+
 def test_an_empty_batch_of_frames_is_refused_by_name():
     """N = 0 frames failed on an IndexError (codes[0]) or in the VQGAN (aminmax over nothing)."""
     model, b, vq = _model(5), _builder(), _tiny_vqgan()

@@ -628,3 +628,47 @@ def test_explicit_history_and_policy_file_mismatches_are_refused(policy_dir, tmp
     (folder / "policy.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="action_dim 7 disagrees with the 4 bounds"):
         WorldVLAPolicy.from_pretrained(folder, device="cpu")
+
+
+def test_a_chunk_or_image_size_below_one_is_refused_at_construction(policy_dir):
+    """chunk_size 0 or -2 was accepted (and listed in metadata()) and failed only at the first act, in the
+    chunk decoder; image_size 0 passed the VQGAN-factor check (0 is a multiple of everything)."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    parts = (pol.model, pol.vqgan, pol.action_tokenizer)
+    for chunk_size, image_size, name in ((0, 64, "chunk_size"), (-2, 64, "chunk_size"), (2.5, 64, "chunk_size"),
+                                         (3, 0, "image_size"), (3, -64, "image_size"), (True, 64, "chunk_size")):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got"):
+            WorldVLAPolicy(*parts, chunk_size=chunk_size, image_size=image_size)
+    assert WorldVLAPolicy(*parts, chunk_size=np.int64(1), image_size=64).chunk_size == 1
+
+
+def test_observe_takes_one_frame_per_environment(policy_dir, rng):
+    """After reset with two instructions, observe() took one frame (or three) and the next act failed on
+    'the recorded previous frames are for 1 environments', naming history instead of the observe call."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset(["open the drawer", "push the button"])
+    for wrong in (_frames(rng), _frames(rng, 1), _frames(rng, 3)):
+        with pytest.raises(ValueError, match="reset\\(\\) got 2 instructions but observe\\(\\) got [13] frames"):
+            pol.observe(wrong)
+    pair = _frames(rng, 2)
+    pol.observe(pair)
+    current = _frames(rng, 2)
+    np.testing.assert_array_equal(pol.act(current), pol.act(current, history=pair))
+    pol.reset("open the drawer")  # one instruction for every environment: any count
+    pol.observe(_frames(rng, 3))
+    assert pol.act(_frames(rng, 3)).shape == (3, 3, 4)
+
+
+def test_errors_on_the_history_frames_name_history(policy_dir, rng):
+    """A float history= was reported as 'frames must be uint8', as if the current frame were wrong."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    frame = _frames(rng)
+    with pytest.raises(TypeError, match=r"^history must be uint8 in \[0, 255\], got float32"):
+        pol.act(frame, history=frame.astype(np.float32))
+    with pytest.raises(ValueError, match=r"^history must be RGB uint8"):
+        pol.act(frame, history=frame[..., :2])
+    with pytest.raises(ValueError, match=r"^history must be non-empty"):
+        pol.act(frame, history=frame[:0])
+    with pytest.raises(TypeError, match=r"^frames must be uint8"):
+        pol.act(frame.astype(np.float32), history=frame)

@@ -327,7 +327,7 @@ def test_malformed_requests_get_errors_and_do_not_disturb_others(np_rng):
     arr = lambda a: {"__ndarray__": a.tobytes(), "dtype": a.dtype.str, "shape": list(a.shape)}  # noqa: E731
     cases = [
         (np_rng.bytes(97), "not valid msgpack|the protocol's limit"),
-        (b"\xc1\xc1\xc1", "not valid msgpack"),
+        (b"\xc1\xc1\xc1", r"not valid msgpack \(FormatError: a byte that starts no msgpack value"),
         ("hello, is this json?", "text frames"),
         (packb([1, 2, 3]), "msgpack map"),
         (packb({"episode": "e1"}), "no 'type' field"),
@@ -578,6 +578,56 @@ def test_one_robots_failure_does_not_fail_its_batch(np_rng):
         assert isinstance(replies["good"], np.ndarray) and replies["good"].shape == (K, D)
         assert "policy failed: RuntimeError: boom" in replies["bad"]
         assert server.stats["policy_failures"] == 2 and server.stats["act_ok"] == 1
+        good.close()
+        bad.close()
+
+
+class SlowFailingPolicy(HistoryPolicy):
+    """Fails on `fail_on` after computing for `delay_s`, as a batch that fails deep in the model would."""
+
+    def act(self, images, history=None):
+        if self.fail_on in self.instructions:
+            with self.lock:
+                self.calls.append(len(images))
+            time.sleep(self.delay_s)
+            raise RuntimeError("boom")
+        return super().act(images, history)
+
+
+def test_the_timing_of_a_request_run_again_after_its_batch_failed(np_rng):
+    """A request re-run alone after its batch's call failed reported the failed call as queue_ms and only the
+    re-run as policy_ms. Its queue_ms is now the wait for its first call, its policy_ms runs from that call's
+    start to the end of the re-run that answered it, and `retried` says so."""
+    delay = 0.2
+    policy = SlowFailingPolicy(delay_s=delay, fail_on="explode")
+    with PolicyServer(policy, max_batch=4, max_wait_ms=2000, request_timeout_s=20, pad_batches=False) as server:
+        good, bad = PolicyClient(server.url, timeout=20), PolicyClient(server.url, timeout=20)
+        good.reset("hold still")
+        bad.reset("explode")
+        good.act(_frame(np_rng))
+        assert good.last_timing["retried"] is False and good.last_timing["batch_size"] == 1
+        good.reset("hold still")  # both episodes fresh: one policy call for the two, not one with history each
+        barrier = threading.Barrier(2)
+        errors = []
+
+        def call(client):
+            barrier.wait(10)
+            try:
+                client.act(_frame(np_rng))
+            except PolicyServerError as e:
+                errors.append(str(e))
+
+        threads = [threading.Thread(target=call, args=(c,)) for c in (good, bad)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert policy.calls[1] == 2 and len(errors) == 1, (policy.calls, errors)  # batched; bad failed alone
+        timing = good.last_timing
+        assert timing["retried"] is True and timing["batch_size"] == 1, timing
+        assert timing["queue_ms"] < delay * 1e3 / 2, timing  # it waited for no call: the failed one was its own
+        assert timing["policy_ms"] >= 2 * delay * 1e3 * 0.9, timing  # the failed batch's call and its re-run
+        assert timing["preprocess_ms"] + timing["queue_ms"] + timing["policy_ms"] <= timing["server_ms"] + 0.01
         good.close()
         bad.close()
 
@@ -1348,6 +1398,48 @@ def test_connections_without_a_client_token_cannot_take_over_an_open_episode():
         assert _ask(a, packb({"type": "reset", "episode": "e", "instruction": "open"}))["ok"]
         reply = _ask(b, packb({"type": "reset", "episode": "e", "instruction": "push"}))
         assert not reply["ok"] and "belongs to another open connection" in reply["error"]
+
+
+class CheckingPolicy(HistoryPolicy):
+    """Refuses instructions at reset, as WorldVLAPolicy refuses one too long for the model's context."""
+
+    def check_instruction(self, instruction):
+        if "forbidden" in instruction:
+            raise ValueError("the instruction is too long: shorten it")
+
+
+def test_a_refused_reset_ends_the_episode_on_the_client_and_the_server(np_rng):
+    """A refused reset left PolicyClient.episode and the server's episode as they were: the next act ran the
+    old task, with the old episode's previous frame. Now both end it, as WorldVLAPolicy.reset does; a reset
+    refused because the episode belongs to another connection leaves that connection's episode alone."""
+    with PolicyServer(CheckingPolicy(), max_wait_ms=1.0) as server:
+        with PolicyClient(server.url, timeout=10) as client:
+            for bad, error in (("forbidden task", PolicyServerError), ("x" * 4097, PolicyServerError),
+                               ("   ", ValueError)):
+                old = client.reset("wipe the table")
+                client.act(_frame(np_rng))
+                with pytest.raises(error):
+                    client.reset(bad, episode=None if bad.strip() else old)
+                assert client.episode is None
+                with pytest.raises(RuntimeError, match=r"no episode: call reset\(instruction\) before act\(\)"):
+                    client.act(_frame(np_rng))
+            client.reset("push")
+            a = client.act(_frame(np_rng))
+            assert np.all(a[:, 1] == -1) and np.all(a[:, 2] == len("push"))
+
+        with _raw(server.url) as ws, _raw(server.url) as other:
+            img = _frame(np_rng)
+            for bad in ("forbidden task", "x" * 4097, "   "):
+                assert _ask(ws, packb({"type": "reset", "episode": "e", "instruction": "wipe"}))["ok"]
+                assert _ask(ws, packb({"type": "act", "episode": "e", "image": img}))["ok"]
+                assert not _ask(ws, packb({"type": "reset", "episode": "e", "instruction": bad}))["ok"]
+                reply = _ask(ws, packb({"type": "act", "episode": "e", "image": img}))
+                assert not reply["ok"] and "unknown episode 'e'" in reply["error"], reply
+            assert _ask(ws, packb({"type": "reset", "episode": "e", "instruction": "wipe"}))["ok"]
+            reply = _ask(other, packb({"type": "reset", "episode": "e", "instruction": "forbidden task"}))
+            assert not reply["ok"] and "belongs to another open connection" in reply["error"]
+            reply = _ask(ws, packb({"type": "act", "episode": "e", "image": img}))
+            assert reply["ok"] and np.all(reply["actions"][:, 2] == len("wipe"))
 
 
 def test_an_instruction_over_the_limit_is_refused():

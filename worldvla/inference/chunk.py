@@ -68,9 +68,8 @@ def _check(prompts, layout: VocabLayout, n_actions: int, action_dim: int, mode: 
         raise TypeError(f"n_actions and action_dim must be integers, got {n_actions!r} and {action_dim!r}")
     if n_actions < 1 or action_dim < 1:
         raise ValueError(f"n_actions and action_dim must be >= 1, got {n_actions} and {action_dim}")
-    for b, p in enumerate(prompts):
-        if p.dtype.is_floating_point:
-            raise TypeError(f"prompt {b} holds {p.dtype} values; token ids must be integers")
+    for b, p in enumerate(prompts):  # a bool prompt too, which would fail below as one not ending with SEP
+        ops.dispatch.require_integers(p, f"prompt {b}: token ids must be integers")
         if p.numel() == 0 or int(p[-1]) != layout.sep:
             raise ValueError(f"prompt {b} must end with the separator id {layout.sep} (the human turn's end); "
                              f"build it with SequenceBuilder.action_prompt")

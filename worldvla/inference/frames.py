@@ -68,8 +68,7 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     actions = np.asarray(actions, dtype=np.float64)
     if actions.shape != (N, D):
         raise ValueError(f"actions must be [N, D] = [{N}, {D}] (one action per frame), got shape {actions.shape}")
-    if cfg_scale is not None and not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale must be a finite number (1.0 or None: no guidance), got {cfg_scale}")
+    _check_cfg_scale(cfg_scale)
     header = image_tokens(codes[0].cpu(), lay)[:3]  # BOI, res(h), res(w): same grid for the next frame
     prompts = [torch.cat([builder.world_prompt(codes[i].cpu(), actions[i]), header]) for i in range(N)]
     guided = cfg_scale is not None and cfg_scale != 1.0
@@ -194,6 +193,19 @@ def _native_frame_loop(engine, model, hidden, lo, hi, temperature, backend):
     return native_backend.decode_frame
 
 
+def _check_cfg_scale(cfg_scale) -> None:
+    # Checked here, not by math.isfinite alone: it raises a TypeError for a string that names no argument,
+    # and takes True as 1.0.
+    if cfg_scale is None:
+        return
+    try:
+        finite = not isinstance(cfg_scale, (str, bytes, bool)) and math.isfinite(cfg_scale)
+    except TypeError:
+        finite = False
+    if not finite:
+        raise ValueError(f"cfg_scale must be a finite number (1.0 or None: no guidance), got {cfg_scale!r}")
+
+
 def _to_batch_images(image) -> tuple[np.ndarray, bool]:
     a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if a.dtype != np.uint8 or a.ndim not in (3, 4) or a.shape[-1] != 3:
@@ -208,7 +220,8 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
     """Roll the world model out from `image` over a sequence of actions.
 
     image: uint8 [H, W, 3] (or a batch [N, H, W, 3]); actions: [T, D] continuous (or [D] for one
-    step; [N, T, D] with a batch). Each predicted frame's codes are the next step's input.
+    step; [N, T, D] with a batch, [N, 1, D] for one step each). Each predicted frame's codes are the next
+    step's input.
     Returns codes [T, h, w] and decoded frames uint8 [T, H, W, 3] (with a leading N for a batch).
     `progress`: a progress bar over the steps (tqdm).
     """
@@ -222,11 +235,23 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
     D = action_tokenizer.action_dim
     if single and acts.ndim in (1, 2):
         acts = acts.reshape(1, -1, D) if acts.shape[-1] == D else acts
-    elif acts.ndim == 2 and not single:
-        acts = acts[:, None]
+    elif acts.ndim == 2:
+        # [N, D] for N images reads as one step of each image as well as the same T = N steps for every
+        # image: refused rather than guessed.
+        raise ValueError(f"actions for a batch of {N} images must be [N, T, {D}] ([{N}, 1, {D}] for one step of "
+                         f"each, np.repeat(actions[None], {N}, axis=0) for the same steps from every image); got "
+                         f"{acts.shape}")
     if acts.ndim != 3 or acts.shape[0] != N or acts.shape[-1] != D or acts.shape[1] == 0:
         raise ValueError(f"actions must be [T, {D}] (or [{D}]) for one image, [N, T, {D}] for N images, T >= 1; "
                          f"got {np.asarray(actions).shape} for {N} image(s)")
+    # All steps' actions checked before the first one runs: a NaN in the last would otherwise be found only
+    # after every frame before it was generated.
+    bad = np.argwhere(~np.isfinite(acts))
+    if len(bad):
+        n, t = int(bad[0][0]), int(bad[0][1])
+        where = f"step {t}" if single else f"image {n}, step {t}"
+        raise ValueError(f"actions must be finite: {where} holds NaN or inf; clean them before imagining")
+    _check_cfg_scale(cfg_scale)
     codes = vqgan.encode_images(imgs)
     if codes.max() >= layout.n_image_codes:
         raise ValueError(f"the VQGAN has more codes than the layout's {layout.n_image_codes} image ids")

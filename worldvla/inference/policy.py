@@ -147,6 +147,11 @@ class WorldVLAPolicy:
         if history not in (1, 2):
             raise ValueError(f"history must be 1 (current frame) or 2 (previous + current frame, the release), "
                              f"got {history}")
+        # As save_policy refuses them: a chunk of no action fails only at the first query, and an image size
+        # below 1 px in the frames' resize.
+        for name, value in (("chunk_size", chunk_size), ("image_size", image_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.model, self.vqgan = model.eval(), vqgan.eval()
         self.layout = with_release_image_ids(layout or model.layout, text_tokenizer)
         if self.layout.vocab_size != model.config.vocab_size:
@@ -288,9 +293,14 @@ class WorldVLAPolicy:
         return self.max_new_tokens if self.mode == "release" else chunk_length(self.chunk_size, self.action_dim)
 
     def observe(self, image) -> None:
-        """Record the frame(s) of an executed env step that was not given to `act`."""
+        """Record the frame(s) of an executed env step that was not given to `act`: one per environment
+        after `reset` with a list of instructions."""
         self._require_reset()
         frames, _ = self._frames(image)
+        # Checked as act checks it: a wrong count recorded here would fail only at the next act, naming history.
+        if not self._broadcast and frames.shape[0] != len(self._instructions):
+            raise ValueError(f"reset() got {len(self._instructions)} instructions but observe() got {frames.shape[0]} "
+                             f"frames; pass one frame per environment (or reset with a single instruction)")
         self._last = frames.copy()  # the caller may reuse its frame buffer
 
     def step(self, image) -> np.ndarray:
@@ -340,7 +350,7 @@ class WorldVLAPolicy:
         elif history is None:
             prev = None
         else:
-            prev, _ = self._frames(history)
+            prev, _ = self._frames(history, "history")
             if prev.shape[0] != N:
                 raise ValueError(f"history holds {prev.shape[0]} frames for {N} current frames")
         use_prev = prev is not None and self.history >= 2
@@ -369,7 +379,8 @@ class WorldVLAPolicy:
     def imagine(self, image, actions, *, temperature: float = 0.0, top_k: int | None = None,
                 cfg_scale: float | None = None, generator=None, progress: bool = False):
         """The world model's rollout from `image` (uint8 [H, W, 3], or [N, H, W, 3]; resized to
-        `image_size`) under continuous `actions` ([T, D], or [N, T, D]): `generate_frames` with this
+        `image_size`) under continuous `actions` ([T, D], or [N, T, D] for N images: [N, 1, D] for one step
+        of each, a 2-D array being refused for a batch): `generate_frames` with this
         policy's model, VQGAN, layout and tokenizers (a FrameRollout: codes and uint8 frames). Needs no
         `reset`: the world-model prompt holds no instruction."""
         # Refused as `worldvla imagine` refuses them: below 0 would decode greedily, and top_k without a draw
@@ -413,16 +424,17 @@ class WorldVLAPolicy:
         if self._instructions is None:
             raise RuntimeError("call policy.reset(instruction) before act/observe/step")
 
-    def _frames(self, image) -> tuple[np.ndarray, bool]:
+    def _frames(self, image, what: str = "frames") -> tuple[np.ndarray, bool]:
+        """`what`: the argument the errors name (act's `history=` is checked as its frames are)."""
         a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
         if a.ndim not in (3, 4) or a.shape[-1] != 3:
-            raise ValueError(f"frames must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}")
+            raise ValueError(f"{what} must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}")
         if a.dtype != np.uint8:
-            raise TypeError(f"frames must be uint8 in [0, 255], got {uint8_hint(a)}")
+            raise TypeError(f"{what} must be uint8 in [0, 255], got {uint8_hint(a)}")
         single = a.ndim == 3
         a = a[None] if single else a
         if a.shape[0] == 0 or 0 in a.shape[1:3]:
-            raise ValueError(f"frames must be non-empty, got shape {a.shape}")
+            raise ValueError(f"{what} must be non-empty, got shape {a.shape}")
         if a.shape[1:3] != (self.image_size, self.image_size):
             a = np.stack([_resize(f, self.image_size) for f in a])
         return a, single

@@ -30,6 +30,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..mask import NO_BLOCK, GrowingBlockMeta
+from ..ops import dispatch
 from ..tokens.layout import VocabLayout
 from .baseline import parse_release_actions
 from .chunk import _as_prompts, head_sample, sampling_backend
@@ -85,9 +86,8 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompts, _ = _as_prompts(input_ids)
-    for b, p in enumerate(prompts):
-        if p.dtype.is_floating_point:
-            raise TypeError(f"prompt {b} holds {p.dtype} values; token ids must be integers")
+    for b, p in enumerate(prompts):  # before the cast, which would truncate fractions and make bools ids 0 and 1
+        dispatch.require_integers(p, f"prompt {b}: token ids must be integers")
     prompts = [p.long().cpu() for p in prompts]
     B = len(prompts)
     if engine is None and skip is not None and any(skip):

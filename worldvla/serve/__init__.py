@@ -15,11 +15,21 @@ any other field than these and those below is refused, naming the field.
    "client": str (optional)}                                 -> {"ok": true, "episode": id,
                                                                 "actions": float32 [K, D],
                                                                 "timing": {preprocess_ms, queue_ms,
-                                                                           policy_ms, batch_size, server_ms}}
+                                                                           policy_ms, batch_size, retried,
+                                                                           server_ms}}
   {"type": "metadata"}                                       -> {"ok": true, "protocol": 1, "action_dim",
                                                                 "chunk_size", "image_size": [H, W],
                                                                 "policy": {...}, "server": {limits}}
   anything refused                                           -> {"ok": false, "error": "what and how to fix"}
+
+A refused 'reset' ends the episode it names all the same (when sent by the connection that
+holds it): an 'act' on that id is refused as an unknown episode until a 'reset' succeeds, so a
+robot never goes on with its old task. `timing`, in milliseconds: `preprocess_ms` (arrival to
+queued: decoding, resizing), `queue_ms` (waiting for the policy call), `policy_ms` (from the
+start of that call to the end of the one that answered), `server_ms` (arrival to reply);
+`batch_size`: the requests in the answering call. When a batch's call fails, its requests run
+again one at a time: the reply of one that succeeds then says `retried: true`, and its policy_ms
+covers the failed call and the re-runs up to its own.
 
 Frames of any size up to the payload limit are resized to the model's image size
 (bilinear, no crop; send frames with the model's aspect ratio). `previous_image` is the

@@ -231,7 +231,10 @@ class PolicyClient:
         return reply
 
     def reset(self, instruction: str, episode=None):
-        """Start an episode with a task instruction; returns its id."""
+        """Start an episode with a task instruction; returns its id. A refused reset (or one that fails:
+        a timeout, a lost connection) ends the previous episode all the same: `act` raises until a reset
+        succeeds, rather than going on with the old task."""
+        self.episode = None
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("reset() needs the task instruction as a non-empty string")
         episode = uuid.uuid4().hex if episode is None else episode
@@ -242,7 +245,8 @@ class PolicyClient:
     def act(self, image: np.ndarray, previous_image: np.ndarray | None = None) -> np.ndarray:
         """Action chunk [K, D] float32 for one RGB uint8 frame [H, W, 3]."""
         if self.episode is None:
-            raise RuntimeError("call reset(instruction) before act()")
+            raise RuntimeError("no episode: call reset(instruction) before act() (a reset that was refused or "
+                               "failed ends the previous episode)")
         message = {"type": "act", "episode": self.episode, "client": self.client_id,
                    "image": check_image(np.asarray(image), "image")}
         if previous_image is not None:

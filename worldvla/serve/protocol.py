@@ -130,10 +130,21 @@ def unpackb(data: bytes, limits: dict = REPLY_LIMITS, what: str | None = None):
         raise
     except ValueError as e:
         if "exceeds max_" not in str(e):
-            raise ProtocolError(f"{what} is not valid msgpack (ValueError: {e})") from None
+            raise ProtocolError(f"{what} is not valid msgpack ({_reason(e)})") from None
         raise ProtocolError(f"{what} exceeds the protocol's limits ({e}): {shape_of}") from None
     except Exception as e:  # msgpack raises several unrelated types for garbage input
-        raise ProtocolError(f"{what} is not valid msgpack ({type(e).__name__}: {e})") from None
+        raise ProtocolError(f"{what} is not valid msgpack ({_reason(e)})") from None
+
+
+# msgpack raises these without a message of their own.
+_SILENT_ERRORS = {msgpack.exceptions.FormatError: "a byte that starts no msgpack value, such as the reserved 0xc1",
+                  msgpack.exceptions.StackError: "containers nested deeper than the decoder allows"}
+
+
+def _reason(e: Exception) -> str:
+    """'<type>: <why>' for a decoding error, with a reason where msgpack gives none."""
+    text = str(e) or _SILENT_ERRORS.get(type(e)) or "no reason given: the bytes are not a msgpack message"
+    return f"{type(e).__name__}: {text}"
 
 
 def check_image(value, field: str = "image", max_side: int = 8192) -> np.ndarray:

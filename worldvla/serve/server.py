@@ -615,6 +615,9 @@ class PolicyServer:
         key = self._episode_key(msg)
         client = self._client_token(msg)
         self._check_owner(key, self._episodes.get(key), conn, client)
+        # A reset by the episode's owner ends its previous run, refused or not (as WorldVLAPolicy.reset does):
+        # after a refused instruction an 'act' is refused as an unknown episode, not run on the old task.
+        self._episodes.pop(key, None)
         instruction = msg.get("instruction")
         if not isinstance(instruction, str) or not instruction.strip():
             raise ProtocolError("'reset' needs a non-empty 'instruction' string (the task in words)")
@@ -742,10 +745,11 @@ class PolicyServer:
                 finally:
                     self._running_batch = False
 
-    async def _run_batch(self, batch: list) -> None:
+    async def _run_batch(self, batch: list, retried: bool = False) -> None:
         t_start = time.perf_counter()
         for r in batch:
-            r.t_start = t_start
+            if r.t_start is None:  # a re-run keeps its first call's start: its policy_ms covers the failed call
+                r.t_start = t_start
         try:
             actions, calls = await self._loop.run_in_executor(self._executor, self._call_policy, batch)
         except Exception as e:
@@ -754,7 +758,7 @@ class PolicyServer:
             if len(batch) > 1:  # one robot's bad request must not fail the others': each alone again
                 for r in batch:
                     if not r.future.done():
-                        await self._run_batch([r])
+                        await self._run_batch([r], retried=True)
                 return
             message = f"policy failed: {type(e).__name__}: {e}"
             for r in batch:
@@ -770,8 +774,9 @@ class PolicyServer:
             r.episode.previous = r.image
             r.episode.steps += 1
             timing = {"preprocess_ms": round((r.t_ready - r.t_recv) * 1e3, 3),
-                      "queue_ms": round((t_start - r.t_ready) * 1e3, 3),
-                      "policy_ms": round((t_end - t_start) * 1e3, 3), "batch_size": len(batch)}
+                      "queue_ms": round((r.t_start - r.t_ready) * 1e3, 3),
+                      "policy_ms": round((t_end - r.t_start) * 1e3, 3), "batch_size": len(batch),
+                      "retried": retried}
             if r.future.done():
                 continue
             if len(a) == 0:  # mode='release': the model wrote no (well-formed) action block; `check_chunk` alike
