@@ -95,3 +95,71 @@ def test_entry_points_refuse_mixed_devices(rng, backend):
     for op, call, message in _entry_points(rng):
         with pytest.raises(ValueError, match=f"{op}: {message}"):
             call(backend)
+
+
+def _attention_inputs(rng):
+    """fp32 q, k, v of a padded batch under the chunk rule, with its prefill and decode metadata."""
+    from test_mask import random_sequence
+
+    from worldvla import VocabLayout, chunk_mask_meta
+    from worldvla.mask import NO_BLOCK, DecodeMeta
+
+    layout = VocabLayout.compact()
+    ids = torch.tensor(random_sequence(layout, rng, n_images=1, n_actions=3, dim=4)).view(1, -1)
+    L = ids.shape[1]
+    q, k, v = (torch.randn(1, L, 4, 16, generator=rng) for _ in range(3))
+    Q = 3
+    decode = DecodeMeta(torch.arange(L - Q, L, dtype=torch.int32).view(1, Q), torch.full((1, Q), -1, dtype=torch.int32),
+                        torch.full((1, L), NO_BLOCK, dtype=torch.int32), torch.tensor([L], dtype=torch.int32))
+    return q, k, v, chunk_mask_meta(ids, layout), decode
+
+
+def test_every_backend_takes_autocast_as_torch_does(rng):
+    """Under CPU bfloat16 autocast with fp32 inputs, the torch path (F.linear, SDPA, which autocast casts) returned
+    bf16 and the native kernels, which autocast does not see, fp32 computed in fp32: the dtype and the numbers of
+    `auto` depended on the backend the machine picked. Every backend now takes the inputs as autocast casts them
+    and returns the torch path's dtype, close to its values."""
+    q, k, v, meta, decode = _attention_inputs(rng)
+    x, w = torch.randn(5, 32, generator=rng), torch.randn(24, 32, generator=rng)
+    calls = {"linear": lambda b: ops.linear(x, w, backend=b),
+             "masked_attention": lambda b: ops.masked_attention(q, k, v, meta, backend=b),
+             "decode_attention": lambda b: ops.decode_attention(q[:, -3:], k, v, decode, backend=b)}
+    for op, call in calls.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = call("torch")
+            assert want.dtype == torch.bfloat16, op
+            for backend in ["auto"] + dispatch.available(op):
+                try:
+                    got = call(backend)
+                except ValueError as e:  # a backend without bf16 (native linear) says so; `auto` passes it over
+                    assert "does not support these inputs" in str(e) and backend != "auto", (op, backend)
+                    continue
+                assert got.dtype == torch.bfloat16, (op, backend)
+                torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2, msg=f"{op} {backend}")
+        assert call("auto").dtype == torch.float32, op  # and fp32 without autocast
+
+
+def test_vq_distances_stay_fp32_under_autocast(rng):
+    """The torch reference computed z @ e^T in bfloat16 under CPU autocast (the VQGAN's --precision bf16 training),
+    not in fp32 as its docstring says: codes between two near codes flipped (51 of 512 rows here)."""
+    C, N = 64, 512
+    e0 = torch.randn(C, generator=rng) * 4
+    codebook = torch.stack([e0, e0 + torch.randn(C, generator=rng) * 0.05])
+    t = torch.rand(N, 1, generator=rng)
+    z = (e0 + t * (codebook[1] - e0) + 0.001 * torch.randn(N, C, generator=rng)).bfloat16()
+    want = ops.vq_quantize(z, codebook, backend="torch")
+    assert 0 < int(want.sum()) < N  # rows on both sides of the midpoint
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for backend in ["auto", "torch"]:
+            assert torch.equal(ops.vq_quantize(z, codebook, backend=backend), want), backend
+
+
+@pytest.mark.skipif("triton" not in dispatch.available("vq_gather"), reason="needs Triton")
+def test_triton_vq_gather_passes_a_complex_codebook_to_torch():
+    """Triton's answer for a complex codebook was yes, and its launch then failed with KeyError('complex64')."""
+    from worldvla.ops import triton_backend
+
+    codebook = torch.randn(5, 3, dtype=torch.complex64)
+    indices = torch.tensor([[[0, 4], [2, 1]]])
+    assert not triton_backend._vq_gather_supports(indices, codebook)
+    torch.testing.assert_close(ops.vq_gather(indices, codebook), ops.vq_gather_ref(indices, codebook))

@@ -129,8 +129,10 @@ def decode_attention_ref(q, k_cache, v_cache, meta: DecodeMeta, softmax_scale=No
 
 def masked_attention(q, k, v, meta: ChunkMaskMeta, softmax_scale=None, backend: str = "auto"):
     """Attention under the WorldVLA chunk rule (causal, same document, no earlier action blocks
-    for actions after the last image). Differentiable on every backend."""
+    for actions after the last image). Differentiable on torch and triton; native is forward-only (`auto`
+    passes it over for inputs that need gradients). Under autocast the inputs are cast as for torch's SDPA."""
     _check_qkv(q, k, v)
+    q, k, v = dispatch.autocast_floats(q.device.type, q, k, v)
     dispatch.check_floats("masked_attention", q=q, k=k, v=v)
     if meta.kv_block.shape != q.shape[:-2]:
         raise ValueError(f"meta covers tokens {tuple(meta.kv_block.shape)} but q has {tuple(q.shape[:-2])}")
@@ -152,6 +154,7 @@ def decode_attention(q, k_cache, v_cache, meta: DecodeMeta, softmax_scale=None, 
                          "(kv heads must be at least 1 and divide q heads)")
     if q.shape[-1] == 0:
         raise ValueError(f"head dim must be at least 1, got q {tuple(q.shape)}")
+    q, k_cache, v_cache = dispatch.autocast_floats(q.device.type, q, k_cache, v_cache)  # as masked_attention
     dispatch.check_floats("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
     (B, Q), S = q.shape[:2], k_cache.shape[1]
     for name, t, shape in (("q_pos", meta.q_pos, (B, Q)), ("q_limit", meta.q_limit, (B, Q)),

@@ -8,6 +8,7 @@ op's preference order for the inputs' device and takes the first that supports t
 from __future__ import annotations
 
 import importlib
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -140,6 +141,35 @@ def check_floats(op: str, same: bool = True, **tensors) -> None:
         pass
     name, t = mixed[0]
     raise TypeError(f"{op}: {name} is {t.dtype} but {first} is {t0.dtype}; convert them to one dtype")
+
+
+def _autocast_dtype(device_type: str):
+    """The dtype autocast casts to on `device_type`, or None where it is off (or a device type it does not know)."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:  # meta
+        return None
+
+
+def autocast_floats(device_type: str, *tensors):
+    """`tensors` as torch's own matmul-like ops (F.linear, SDPA) take them under autocast on `device_type`: the
+    fp32, fp16 and bf16 ones in autocast's dtype (fp64 kept, as autocast keeps it); as given where it is off. An
+    entry point casts its inputs so before choosing a backend: custom kernels are not seen by autocast, so the
+    native ones computed in fp32 and returned fp32 where torch's path returned bf16, and `auto`'s answer
+    depended on the machine."""
+    dtype = _autocast_dtype(device_type)
+    if dtype is None:
+        return tensors
+    lower = (torch.float32, torch.float16, torch.bfloat16)
+    return tuple(t.to(dtype) if t is not None and t.dtype in lower else t for t in tensors)
+
+
+def autocast_off(device_type: str):
+    """A context in which autocast does not cast on `device_type`: for a reference that computes in fp32 or wider
+    whatever the caller's autocast (the VQ distances, whose argmin bf16 rounding would change)."""
+    if _autocast_dtype(device_type) is None:
+        return nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def require_integers(t: torch.Tensor, what: str) -> None:

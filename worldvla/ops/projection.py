@@ -44,6 +44,7 @@ def resolve_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto")
 def linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     # Checked here, not in resolve_linear: a forward resolves it on sharded fp32 weights beside bf16 activations
     # (FSDP's mixed precision casts each layer's weights as it runs).
+    x, weight = dispatch.autocast_floats(x.device.type, x, weight)
     dispatch.check_floats("linear", x=x, weight=weight)
     dispatch.check_devices("linear", x=x, weight=weight)
     return resolve_linear(x, weight, backend)(x, weight)

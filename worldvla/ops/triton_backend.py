@@ -353,7 +353,9 @@ def _vq_quantize_supports(z, codebook):
 
 def _vq_gather_supports(indices, codebook):
     return dispatch.first_false(_device(indices, codebook), not indices.dtype.is_floating_point or
-                        dispatch.Unsupported(f"indices must be integers, got {indices.dtype}"))
+                        dispatch.Unsupported(f"indices must be integers, got {indices.dtype}"),
+                        not codebook.dtype.is_complex or  # the launcher has no pointer type for them
+                        dispatch.Unsupported(f"the codebook is {codebook.dtype}; complex codebooks take the torch path"))
 
 
 dispatch.register("masked_attention", "triton", masked_attention, _attention_supports)

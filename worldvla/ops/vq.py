@@ -16,10 +16,13 @@ def vq_quantize_ref(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     always get bit-identical distances here: torch's matmul may round some columns of z @ e^T
     differently from others (on an AVX-512 CPU with MKL, a 5-code book at 64 channels picked the last of
     two duplicates for some rows). The native and Triton kernels compute every code's distance alike, so among duplicate
-    codes they pick the lowest index."""
+    codes they pick the lowest index.
+    Finite inputs large enough that ||e||^2 overflows (|values| near 1e19 in fp32) give inf - inf = NaN distances,
+    and then each backend's first NaN, which differ: outside this contract, as for attention's overflow."""
     zf = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
     ef = codebook.to(zf.dtype)
-    d = (ef * ef).sum(1).unsqueeze(0) - 2.0 * zf @ ef.t()
+    with dispatch.autocast_off(z.device.type):  # under autocast the product would run in bf16 and move the argmin
+        d = (ef * ef).sum(1).unsqueeze(0) - 2.0 * zf @ ef.t()
     return d.argmin(dim=1)
 
 
