@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from worldvla import VocabLayout, chunk_attention_mask, chunk_mask_meta
-from worldvla.mask import DecodeMeta, causal_meta
+from worldvla.mask import NO_BLOCK, ChunkMaskMeta, DecodeMeta, causal_meta
 
 CH = VocabLayout.chameleon()
 
@@ -372,3 +372,17 @@ def test_decode_meta_hides_slots_at_and_past_kv_len():
     dm = DecodeMeta(q_pos=torch.tensor([[6]], dtype=torch.int32), q_limit=torch.tensor([[-1]], dtype=torch.int32),
                     kv_block=torch.full((1, 8), 1 << 30, dtype=torch.int32), kv_len=torch.tensor([3], dtype=torch.int32))
     assert dm.dense_mask()[0, 0].tolist() == [True] * 3 + [False] * 5
+
+
+def test_moving_packed_metadata_off_the_cpu_checks_max_seqlen():
+    """The GPU kernels launch row tiles for max_seqlen rows per document and trust it (read on the host it would
+    synchronize): hand-built metadata with a smaller value left rows 128-149 of a 150-token document unwritten.
+    Metadata moved from the CPU is checked on the way, where the read is free."""
+    cu = torch.tensor([0, 150, 160], dtype=torch.int32)
+    meta = ChunkMaskMeta(torch.full((160,), NO_BLOCK, dtype=torch.int32), torch.full((160,), -1, dtype=torch.int32),
+                         torch.cat([torch.arange(150), torch.arange(10)]), cu, max_seqlen=100)
+    with pytest.raises(ValueError, match=r"max_seqlen=100 is shorter than the longest document \(150 tokens\)"):
+        meta.to("meta")
+    for ok in (150, 0):  # enough, or unknown (the kernels then read the boundaries themselves)
+        meta.max_seqlen = ok
+        assert meta.to("meta").max_seqlen == ok

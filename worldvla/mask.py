@@ -34,7 +34,12 @@ class ChunkMaskMeta:
     """Per-token metadata for `worldvla.ops.masked_attention`.
 
     Padded batch: tensors are [B, L], `cu_seqlens` is None.
-    Packed batch: tensors are [T], `cu_seqlens` int32 [n_docs + 1] marks the documents.
+    Packed batch: tensors are [T], `cu_seqlens` int32 [n_docs + 1] marks the documents, and `max_seqlen` is at
+    least the longest document's length, or 0 for unknown (the fast paths then read `cu_seqlens` on the host:
+    a synchronization on a GPU). On the GPU it is trusted, as FlashAttention's varlen `max_seqlen` is: the
+    kernels launch row tiles for `max_seqlen` rows per document, so a smaller value leaves the rows past it
+    unwritten. `chunk_mask_meta` and `causal_meta` set it; CPU inputs are checked at every call, and `to()`
+    checks it when it moves CPU metadata to another device (a free read there).
     """
     kv_block: torch.Tensor       # int32
     q_limit: torch.Tensor        # int32
@@ -47,6 +52,14 @@ class ChunkMaskMeta:
         return self.cu_seqlens is not None
 
     def to(self, device) -> "ChunkMaskMeta":
+        cu = self.cu_seqlens
+        if cu is not None and cu.device.type == "cpu" and torch.device(device).type != "cpu" \
+                and self.max_seqlen > 0 and cu.numel() > 1:
+            longest = int((cu[1:] - cu[:-1]).max())
+            if longest > self.max_seqlen:
+                raise ValueError(f"max_seqlen={self.max_seqlen} is shorter than the longest document ({longest} "
+                                 f"tokens): the GPU kernels would leave the rows past it unwritten; set it to at "
+                                 f"least {longest} (or 0: unknown)")
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)
         return ChunkMaskMeta(mv(self.kv_block), mv(self.q_limit), mv(self.position_ids), mv(self.cu_seqlens), self.max_seqlen)
 

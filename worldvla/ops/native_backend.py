@@ -338,9 +338,10 @@ def _check_decode(q, k, v, q_pos, q_limit, kv_block, kv_len):
     _last_dim_unit(op, q=q, k_cache=k, v_cache=v, kv_block=kv_block)
     if q.is_cuda:
         if q.dtype not in _CUDA_ATTN_DTYPES:
-            _fail(op, f"CUDA needs bf16 or fp16 q and caches, got {q.dtype}", TypeError)
+            _fail(op, f"CUDA needs bf16 or fp16 q and caches, got {q.dtype}; cast them or use backend='triton'",
+                  TypeError)
         if D not in _CUDA_HEAD_DIMS:
-            _fail(op, f"CUDA supports head dims {_CUDA_HEAD_DIMS}, got {D}")
+            _fail(op, f"CUDA supports head dims {_CUDA_HEAD_DIMS}, got {D}; use backend='triton'")
         _aligned16(op, q=q, k_cache=k, v_cache=v)
         if B > _MAX_GRID_YZ:
             _fail(op, f"at most {_MAX_GRID_YZ} sequences per launch, got {B}")
