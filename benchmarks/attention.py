@@ -8,12 +8,22 @@ BOS, text, two images, a chunk of actions), packed into one batch of `tokens` to
 cases cache one whole document per sequence and query the chunk's rows of one parallel decoding
 step (K=5 rows) or the chunk's last token (one row, sequential decoding).
 FLOPs count only visible (query, key) pairs: 4*H*Dh per pair forward, 2.5x that backward, for every
-row (the useful work; `tflops` compares rows by it). Each row also records `attended_pairs`, the
+row (the useful work; `tflops` compares rows by it). Forward + backward is thus 3.5x the forward,
+FlashAttention-2's convention (its backward recomputes Q K^T: five matrix products to the forward's
+two), so the TFLOP/s compare with published kernel numbers; `benchmarks/train.py`'s MFU counts
+attention at 3x instead (model FLOPs, no recomputation, as MFU is defined), so its attention share is
+6/7 of what the same pairs give here. Each row also records `attended_pairs`, the
 (query, key) pairs its method computes (the dense grid of a mask, a block mask's blocks, ...; None
 where a kernel's tiling decides), and `attended_over_visible`. Masks, block masks and the per-document
 index maps are built once per case, outside the timed calls. Decode rows also give the cache's bytes
 over the time (K and V read once). Inputs rotate (common.Rotation),
-so small cases, decode above all, are not timed out of L2. On sm_90 GPUs the native prefill is also
+so small cases, decode above all, are not timed out of L2. The sides of a case and mode are timed
+interleaved (common.time_interleaved: one call of each a round, the order turning), so a machine that
+speeds up or slows down moves them alike. Before the timing, every side's output (forward, decode) or
+gradients (forward + backward) are checked against the op's reference (`ops.masked_attention_ref`,
+`decode_attention_ref`; float32, float64 on the CPU) under the rule the side computes
+(`matches_reference`, `max_abs_err`, `worst_over_tolerance` in its row); a side that does not match is
+still timed and recorded, and the run fails once its JSON is written. On sm_90 GPUs the native prefill is also
 timed with each of its matrix engines forced (worldvla-native-mma, -wgmma, -wgmma128; the mma row
 repeats what "auto" runs, under the same per-call engine switch as the other two).
 """
@@ -24,11 +34,19 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from worldvla import VocabLayout, chunk_mask_meta, ops
-from worldvla.mask import DecodeMeta, causal_meta
+from worldvla.mask import NO_BLOCK, DecodeMeta, causal_meta
 
-from .common import Rotation, main_for, print_table, time_fn, timed_backends, write_results
+from .common import Rotation, load_average, main_for, print_table, time_interleaved, timed_backends, write_results
 
 LAYOUT = VocabLayout.chameleon()
+# Forward + backward FLOPs over the forward's: FlashAttention-2's count (backward 2.5x: it recomputes Q K^T).
+# train.py's MFU counts 3x (PaLM's model FLOPs: no recomputation); see the module docstring.
+FWD_BWD_FLOPS = 3.5
+# A side matches the reference where |got - want| <= tol * (|want| + mean |want|) for every element (the mean:
+# a floor at the tensor's own scale, for elements near zero). Rounding stays inside (on the CPU, 1,300 tokens:
+# SDPA's bf16 math at 0.2-0.4x the bf16 tolerance forward, 0.5-0.7x for the gradients; float32 at 0.003x), a
+# wrong rule does not (SDPA causal per document against the chunk rule: 9-28x forward, 20-43x gradients).
+CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
 def action_document(image_px: int, chunk: int = 5, action_dim: int = 7, gen=None) -> list[int]:
@@ -199,8 +217,93 @@ def sdpa_nomask(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
+def check(got, want, dtype) -> dict:
+    """How a side's output, or tuple of gradients, compares with the reference (CHECK_TOLERANCE)."""
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    err = worst = 0.0
+    for g, w in zip(got, want, strict=True):
+        d = (g.to(w.dtype) - w).abs()
+        err = max(err, float(d.max()))
+        worst = max(worst, float((d / (CHECK_TOLERANCE[dtype] * (w.abs() + w.abs().mean()))).max()))
+    nan_to_none = lambda x: x if x == x else None  # noqa: E731 - JSON has no NaN
+    return {"matches_reference": worst <= 1.0, "max_abs_err": nan_to_none(err),  # NaN <= 1 is False
+            "worst_over_tolerance": nan_to_none(worst)}
+
+
+def _wide_dtype(device) -> torch.dtype:
+    """A reference's precision: float64 on the CPU, float32 on a GPU (where the dense [T, T] scores of a
+    16k-token batch would not fit in float64 beside the benchmark's tensors)."""
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
+def _wide(t):
+    return t.detach().to(_wide_dtype(t.device))
+
+
+def prefill_reference(meta, q, k, v, do=None):
+    """`ops.masked_attention_ref` of packed q, k, v [T, H, Dh] in a wide dtype (`_wide`), a few heads at a
+    time so that its dense [heads, T, T] scores stay near 1 GiB; with `do`, the gradients of q, k and v
+    (the heads are independent, so per-head gradients are the whole ones) instead of the output."""
+    T, H = q.shape[0], q.shape[1]
+    step = max(1, (1 << 30) // (T * T * _wide_dtype(q.device).itemsize))
+    parts = []
+    for h in range(0, H, step):
+        qs, ks, vs = (_wide(t[:, h:h + step]).requires_grad_(do is not None) for t in (q, k, v))
+        with torch.enable_grad() if do is not None else torch.no_grad():
+            o = ops.masked_attention_ref(qs, ks, vs, meta)
+            parts.append(o if do is None else torch.autograd.grad(o, (qs, ks, vs), _wide(do[:, h:h + step])))
+    if do is None:
+        return torch.cat(parts, 1)
+    return tuple(torch.cat([p[i] for p in parts], 1) for i in range(3))
+
+
+def decode_reference(meta: DecodeMeta | None, q, k, v):
+    """`ops.decode_attention_ref` in a wide dtype; `meta` None: every cache slot visible to every row (what
+    sdpa-nomask(floor) computes)."""
+    if meta is None:
+        B, Q, S = q.shape[0], q.shape[1], k.shape[1]
+        full = lambda x: torch.full(x, 0, dtype=torch.int32, device=q.device)  # noqa: E731
+        meta = DecodeMeta(full((B, Q)) + (S - 1), full((B, Q)) - 1, full((B, S)) + NO_BLOCK, full((B,)) + S)
+    return ops.decode_attention_ref(_wide(q), _wide(k), _wide(v), meta)
+
+
 def _timing(quick: bool, on_gpu: bool, many: int) -> dict:
     return {"warmup": 2 if quick else 5, "repeats": 5 if quick else many, "gpu_time": on_gpu}
+
+
+def _check_and_time(calls: dict, rule_of, reference, dtype, device, rot, ctx, timing: dict, label: str) -> dict:
+    """Each of `calls` (name -> fn(*input set)) run once on the rotation's first set and checked against
+    `reference(rule_of(name))`, the reference of the rule it computes (each computed once, and dropped
+    before the timing); then the ones that ran, timed interleaved. Returns name -> the row's fields:
+    time_interleaved's statistics and the check's (`matches_reference` None where the reference itself
+    could not be computed), or {"error": ...} for a side that does not run."""
+    refs, out = {}, {}
+    for name, call in list(calls.items()):
+        try:
+            with ctx():
+                got = call(*rot.sets[0])
+        except Exception as e:  # noqa: BLE001 - report, do not hide
+            out[name] = {"error": str(e)[:200]}
+            del calls[name]
+            continue
+        try:
+            rule = rule_of(name)
+            if rule not in refs:
+                refs[rule] = reference(rule)
+            out[name] = check(got, refs[rule], dtype)
+        except Exception as e:  # noqa: BLE001 - the reference (not the side) failed, e.g. out of memory
+            out[name] = {"matches_reference": None, "check_error": str(e)[:200]}
+        if out[name]["matches_reference"] is False:
+            print(f"!! {label} {name}: does not match the reference ({out[name]})")
+    got = None
+    refs.clear()  # the references' memory back before the timing
+    try:
+        with ctx():
+            stats = time_interleaved(calls, device=device, rotation=rot, **timing)
+    except Exception as e:  # noqa: BLE001 - one side failing mid-run: the case's rows say so
+        stats = {name: {"error": str(e)[:200]} for name in calls}
+    return {name: {**stats.get(name, {}), **fields} for name, fields in out.items()}
 
 
 def _prefill_engines(device) -> list[str]:
@@ -261,27 +364,40 @@ def run_prefill(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
             impls["flex"], attended["flex"] = flex_fn(meta, device)
         except Exception as e:  # noqa: BLE001 - report, do not hide
             print(f"flex attention unavailable: {e}")
-        for impl, fn in impls.items():
-            for mode in ("fwd", "fwd+bwd"):
+        # The reference of each rule, computed once per case and mode on the first input set: the chunk rule
+        # (or plain causal, in the causal case) for every side, causal within documents for sdpa-causal-per-doc.
+        rules = {"case": meta, "causal": causal_meta((T,), device, cu_seqlens=meta.cu_seqlens)}
+        fields = {}
+        for mode in ("fwd", "fwd+bwd"):
+            ctx = torch.no_grad if mode == "fwd" else torch.enable_grad
+            calls = {}
+            for impl, fn in impls.items():
                 if mode == "fwd+bwd" and not on_gpu and impl == "flex":
                     continue  # FlexAttention has no CPU backward
-                ctx = torch.no_grad if mode == "fwd" else torch.enable_grad
                 if impl in backends:
                     with ctx():
                         args = (q.detach(), k.detach(), v.detach()) if mode == "fwd" else (q, k, v)
                         if not ops.dispatch.supports("masked_attention", backends[impl], *args, meta):
                             continue  # e.g. the native kernels are forward only
                 if mode == "fwd":
-                    call = lambda q, k, v, do, fn=fn: fn(q.detach(), k.detach(), v.detach())
+                    calls[impl] = lambda q, k, v, do, fn=fn: fn(q.detach(), k.detach(), v.detach())
                 else:
-                    call = lambda q, k, v, do, fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), do)
-                try:
-                    with ctx():
-                        t = time_fn(call, device=device, rotation=rot, **_timing(quick, on_gpu, 30))
-                except Exception as e:  # noqa: BLE001
-                    rows.append({"case": name, "impl": impl, "mode": mode, "error": str(e)[:200]})
+                    calls[impl] = lambda q, k, v, do, fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+            q0, k0, v0, do0 = rot.sets[0]
+            got = _check_and_time(
+                calls, lambda impl: "causal" if impl == "sdpa-causal-per-doc" and not causal else "case",
+                lambda rule, mode=mode: prefill_reference(rules[rule], q0, k0, v0, None if mode == "fwd" else do0),
+                dtype, device, rot, ctx, _timing(quick, on_gpu, 30), f"{name} {mode}")
+            fields.update({(impl, mode): f for impl, f in got.items()})
+        for impl in impls:  # each side's rows together, in the order of impls
+            for mode in ("fwd", "fwd+bwd"):
+                t = fields.get((impl, mode))
+                if t is None:
                     continue
-                flops = fwd_flops * (1 if mode == "fwd" else 3.5)
+                if "median_ms" not in t:
+                    rows.append({"case": name, "impl": impl, "mode": mode, **t})
+                    continue
+                flops = fwd_flops * (1 if mode == "fwd" else FWD_BWD_FLOPS)
                 done = attended.get(impl)
                 rows.append({"case": name, "tokens": T, "documents": n, "impl": impl, "mode": mode, **t,
                              "tflops": flops / (t["median_ms"] * 1e-3) / 1e12, "visible_pairs": pairs,
@@ -312,12 +428,12 @@ def run_decode(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
         impls["sdpa-dense-mask"] = sdpa_decode_dense_mask(meta)
         impls["sdpa-nomask(floor)"] = sdpa_nomask
         grid = batch * n_queries * S  # what both SDPA rows compute
-        for impl, fn in impls.items():
-            try:
-                with torch.no_grad():
-                    t = time_fn(fn, device=device, rotation=rot, **_timing(quick, on_gpu, 100))
-            except Exception as e:  # noqa: BLE001
-                rows.append({"case": name, "impl": impl, "mode": "decode", "error": str(e)[:200]})
+        got = _check_and_time(dict(impls), lambda impl: impl == "sdpa-nomask(floor)",  # the floor sees every slot
+                              lambda floor, meta=meta: decode_reference(None if floor else meta, *rot.sets[0]),
+                              dtype, device, rot, torch.no_grad, _timing(quick, on_gpu, 100), name)
+        for impl, t in got.items():
+            if "median_ms" not in t:
+                rows.append({"case": name, "impl": impl, "mode": "decode", **t})
                 continue
             sec = t["median_ms"] * 1e-3
             done = grid if impl.startswith("sdpa") else None
@@ -353,9 +469,17 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
                     ("decode 512px K5", 512, 5, 1), ("decode 256px K5 B8", 256, 5, 8)] if on_gpu \
         else [("decode 256px K5", 256, 5, 1)] + ([] if quick else [("decode 256px step", 256, 1, 1)])
     gen = torch.Generator().manual_seed(0)
-    extra = {"heads": H, "head_dim": Dh, "dtype": str(dtype),
-             "tflops": "useful FLOPs / time for every row: 4*H*Dh per visible (query, key) pair forward, 3.5x that "
-                       "forward+backward",
+    extra = {"heads": H, "head_dim": Dh, "dtype": str(dtype), "load_average_start": load_average(),
+             "tflops": f"useful FLOPs / time for every row: 4*H*Dh per visible (query, key) pair forward, "
+                       f"{FWD_BWD_FLOPS:g}x that forward+backward (FlashAttention-2's count: its backward, 2.5x the "
+                       f"forward, recomputes Q K^T; train.py's MFU counts attention at 3x, without recomputation)",
+             "timing": "the sides of a case and mode interleaved (one call of each a round, the order turning), "
+                       "medians; on CUDA device time (a spin kernel holds the stream while the host launches)",
+             "check": "before timing, each side's output (fwd, decode) or q/k/v gradients (fwd+bwd) on the first "
+                      "input set against ops.masked_attention_ref / decode_attention_ref in float32 (float64 on the "
+                      "CPU) under the rule the side computes (causal per document for sdpa-causal-per-doc, no mask "
+                      "for sdpa-nomask(floor)): matches_reference when |got - ref| <= tol * (|ref| + mean|ref|) "
+                      f"everywhere, tol {dict((str(k).replace('torch.', ''), v) for k, v in CHECK_TOLERANCE.items())}",
              "attended_pairs": "(query, key) pairs the row's method computes: T^2 for sdpa-dense-mask (the whole "
                                "packed batch), n_docs*Lmax^2 per document under a mask, n_docs*Lmax*(Lmax+1)/2 for "
                                "sdpa-causal-per-doc, the computed 128x128 blocks for compiled flex (T^2 eager, on "
@@ -378,9 +502,14 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
         add_speedups(rows)
         write_results("attention", rows, device, out_dir, extra=extra, quick=quick)
     print_table(rows, ["case", "tokens", "impl", "mode", "median_ms", "tflops", "attended_over_visible", "cache_gbps",
-                       "rotated_sets", "speedup_vs_flex", "speedup_vs_sdpa-dense-mask"])
-    return write_results("attention", rows, device, out_dir, extra=extra, plot=("case", "tflops", ("impl", "mode")),
+                       "rotated_sets", "speedup_vs_flex", "speedup_vs_sdpa-dense-mask", "matches_reference"])
+    path = write_results("attention", rows, device, out_dir, extra=extra, plot=("case", "tflops", ("impl", "mode")),
                          quick=quick)
+    wrong = [f"{r['case']} {r['impl']} {r['mode']}" for r in rows if r.get("matches_reference") is False]
+    if wrong:  # after the JSON is written: its rows say by how much
+        raise RuntimeError(f"attention: {len(wrong)} side(s) do not match the reference: {', '.join(wrong)} "
+                           f"(see {path})")
+    return path
 
 
 def main(argv=None):

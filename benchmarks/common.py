@@ -17,6 +17,12 @@ Peak memory (`peak_memory`): CUDA's allocator peak; on the CPU the growth of the
 after glibc has handed every free page back to the kernel (`malloc_trim`), so that blocks served from
 memory the process already holds count as well as fresh ones (see `PEAK_MEMORY_METHOD`).
 
+The sides of a ratio are timed interleaved where they can be (`time_interleaved`: one call of each a
+round, the order turning every round), so that a machine that speeds up or slows down moves every side
+alike. Every timed row records p90_over_p10; `print_table` warns about rows above `NOISY_SPREAD`, and
+each result records the load average when its benchmark started (`load_average_start`, passed in its
+extra) and when it was written (`load_average_end`), so that a run on a busy machine shows as one.
+
 `--quick` runs write `<name>-<device>-quick.json` next to the full results, never over them.
 """
 from __future__ import annotations
@@ -43,6 +49,10 @@ ROTATION_BUDGET = 4 << 30    # at most this many bytes of rotated inputs (and a 
 QUICK_ROTATION_BUDGET = 256 << 20  # the same for --quick runs (smoke runs: their inputs may stay cache-hot)
 ROTATION_MAX_SETS = 512
 SPIN_CYCLES = 2_000_000      # about 1 ms at Hopper clocks: time for the host to queue a call behind it
+# A row whose p90 exceeds this many times its p10 was timed on a busy machine (or its side is erratic):
+# print_table warns, and write_results counts such rows (`noisy_rows`). On a shared CPU a descheduled
+# worker thread costs a scheduler tick (4 ms at 250 Hz), which alone can spread a row's times this much.
+NOISY_SPREAD = 1.5
 
 
 def device_name(device: str | torch.device = "cpu") -> str:
@@ -338,8 +348,8 @@ def time_fn(fn, *, warmup: int = 3, repeats: int = 20, device="cpu", setup=None,
             times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
-    out = {"median_ms": statistics.median(times), "p10_ms": q(0.1), "p90_ms": q(0.9), "repeats": repeats,
-           "warmup": warmup}
+    out = {"median_ms": statistics.median(times), "p10_ms": q(0.1), "p90_ms": q(0.9),
+           "p90_over_p10": _spread(q(0.1), q(0.9)), "repeats": repeats, "warmup": warmup}
     out.update(rotation.info() if rotation is not None else {"inputs_rotated": False})
     if on_gpu:
         out["timed"] = "device" if spin else "wall"
@@ -347,15 +357,18 @@ def time_fn(fn, *, warmup: int = 3, repeats: int = 20, device="cpu", setup=None,
 
 
 def time_interleaved(fns: dict, *, warmup: int = 2, repeats: int = 7, device="cpu", rotation: Rotation | None = None,
-                     before=None) -> dict:
+                     before=None, gpu_time: bool = False) -> dict:
     """time_fn's statistics for each of `fns` (name -> call), the calls interleaved: one call of each
     side a round, the order turning every round (A, B, C; B, C, A; ...), so that a machine that speeds
     up or slows down during the run (clocks, other jobs) moves every side alike and no side always
     runs after the same one (reading what it left in the cache). Every call takes the rotation's
     next input set if one is given; `before(name)`, if given, runs untimed before each call. On CUDA
-    each call is timed by events around it, the device synchronized after it (wall time)."""
+    each call is timed by events around it, the device synchronized after it (wall time); with
+    `gpu_time` a spin kernel queued before the start event holds the stream while the host launches
+    the call, as in `time_fn`, so the events time the device's work alone (kernel benchmarks)."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
+    spin = on_gpu and gpu_time and hasattr(torch.cuda, "_sleep")
     names = list(fns)
     times = {name: [] for name in names}
     if on_gpu:
@@ -367,6 +380,8 @@ def time_interleaved(fns: dict, *, warmup: int = 2, repeats: int = 7, device="cp
                 before(name)
             if on_gpu:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if spin:
+                    torch.cuda._sleep(SPIN_CYCLES)
                 start.record()
                 fns[name](*a)
                 end.record()
@@ -382,11 +397,31 @@ def time_interleaved(fns: dict, *, warmup: int = 2, repeats: int = 7, device="cp
     for name, ts in times.items():
         ts.sort()
         q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]
-        out[name] = {"median_ms": statistics.median(ts), "p10_ms": q(0.1), "p90_ms": q(0.9), "repeats": repeats,
-                     "warmup": warmup, "interleaved": True,
-                     **(rotation.info() if rotation is not None else {"inputs_rotated": False}),
-                     **({"timed": "wall"} if on_gpu else {})}
+        out[name] = {"median_ms": statistics.median(ts), "p10_ms": q(0.1), "p90_ms": q(0.9),
+                     "p90_over_p10": _spread(q(0.1), q(0.9)), "repeats": repeats, "warmup": warmup,
+                     "interleaved": True, **(rotation.info() if rotation is not None else {"inputs_rotated": False}),
+                     **({"timed": "device" if spin else "wall"} if on_gpu else {})}
     return out
+
+
+def _spread(p10: float, p90: float) -> float | None:
+    """p90 / p10 of a row's times: 1 on a quiet machine; above `NOISY_SPREAD`, a noisy measurement."""
+    return p90 / p10 if p10 > 0 else None
+
+
+def noisy_rows(rows: list[dict]) -> list[dict]:
+    """The rows whose times spread more than `NOISY_SPREAD` (p90 / p10)."""
+    return [r for r in rows if (r.get("p90_over_p10") or 0) > NOISY_SPREAD]
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1-, 5- and 15-minute load averages (os.getloadavg); None where unavailable. Each
+    benchmark records them at its start (`load_average_start`, in its `extra`) and write_results at each
+    write (`load_average_end`): a load above the cores the run uses means other jobs shared them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -474,7 +509,8 @@ def write_results(name: str, rows: list[dict], device="cpu", out_dir: str | Path
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     stem = result_stem(name, device, quick)
-    doc = {"benchmark": name, **env, "quick": quick, **(extra or {}), "rows": rows}
+    doc = {"benchmark": name, **env, "quick": quick, **(extra or {}), "load_average_end": load_average(),
+           "noisy_rows": len(noisy_rows(rows)), "noisy_rows_rule": f"p90_over_p10 > {NOISY_SPREAD}", "rows": rows}
     path = out_dir / f"{stem}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
@@ -502,9 +538,10 @@ def plot_rows(rows, x_key, y_key, group_key, title, path):
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = sorted({x for pts in groups.values() for x, _ in pts}, key=lambda s: (len(s), s))
     width = 0.8 / max(1, len(groups))
+    colors = series_colors(len(groups))
     for i, (g, pts) in enumerate(sorted(groups.items())):
         d = dict(pts)
-        ax.bar([xs.index(x) + i * width for x in d], list(d.values()), width, label=str(g))
+        ax.bar([xs.index(x) + i * width for x in d], list(d.values()), width, label=str(g), color=colors[i])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))], xs, rotation=20, fontsize=8)
     ax.set_ylabel(y_key)
     ax.set_title(title)
@@ -514,12 +551,32 @@ def plot_rows(rows, x_key, y_key, group_key, title, path):
     plt.close(fig)
 
 
+def series_colors(n: int) -> list:
+    """n distinct colours for a plot's series: matplotlib's default cycle has 10, and the attention plot
+    draws more (backends x modes), so series 11 on would repeat series 1's colour. tab10 up to 10, tab20
+    up to 20, evenly spaced hues of a continuous map beyond."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return list(colormaps["tab10"].colors[:n])
+    if n <= 20:
+        return list(colormaps["tab20"].colors[:n])
+    return [colormaps["turbo"](i / (n - 1)) for i in range(n)]
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
+    """The rows as a table, then a warning naming the rows whose times spread more than NOISY_SPREAD."""
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+    noisy = noisy_rows(rows)
+    if noisy:  # named by the columns before the time (case, impl, mode, shapes, ...)
+        ids = columns[:columns.index("median_ms")] if "median_ms" in columns else columns
+        names = [" ".join(str(r.get(c)) for c in ids) + f" ({r['p90_over_p10']:.2f}x)" for r in noisy]
+        print(f"warning: {len(noisy)} of {len(rows)} rows spread p90/p10 > {NOISY_SPREAD} (a busy machine? load "
+              f"average {load_average()}, {torch.get_num_threads()} threads): " + "; ".join(names))
 
 
 def _fmt(v) -> str:

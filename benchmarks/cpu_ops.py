@@ -26,7 +26,8 @@ import torch
 from worldvla import ops
 
 from .attention import decode_meta, packed_batch, visible_pairs
-from .common import Rotation, main_for, print_table, time_interleaved, write_results
+from .common import Rotation, load_average, main_for, print_table, rotation_count, time_interleaved, write_results
+from .sampling import lm_head_windows
 
 BACKENDS = ("torch", "native")
 
@@ -50,25 +51,55 @@ def _sides(call, widths: bool = True) -> dict:
 
 
 def interleaved(fns: dict, rotation: Rotation, warmup: int, repeats: int) -> dict:
-    """Median ms per backend, calls interleaved. Every call takes the rotation's next input set, and the
-    sides' order turns every round: handing one set to the sides in a fixed order let the later sides
-    read what the first had just pulled into the cache (a decode case read 1.6x for the C++ path with
-    torch first, 1.1x with it first)."""
-    stats = time_interleaved(fns, warmup=warmup, repeats=repeats, rotation=rotation)
-    return {name: st["median_ms"] for name, st in stats.items()}
+    """time_interleaved's statistics per backend (median, p10, p90, ...), calls interleaved. Every call takes
+    the rotation's next input set, and the sides' order turns every round: handing one set to the sides in
+    a fixed order let the later sides read what the first had just pulled into the cache (a decode case
+    read 1.6x for the C++ path with torch first, 1.1x with it first)."""
+    return time_interleaved(fns, warmup=warmup, repeats=repeats, rotation=rotation)
 
 
-def _rows(op, case, medians, work: dict, rotation: Rotation) -> list[dict]:
+def _rows(op, case, stats, work: dict, rotation: Rotation) -> list[dict]:
     rows = []
-    for name, ms in medians.items():
-        row = {"op": op, "case": case, "impl": f"worldvla-{name}", "median_ms": ms,
-               "speedup_vs_torch": medians["torch"] / ms, **rotation.info()}
+    for name, st in stats.items():
+        ms = st["median_ms"]
+        row = {"op": op, "case": case, "impl": f"worldvla-{name}", "median_ms": ms, "p10_ms": st["p10_ms"],
+               "p90_ms": st["p90_ms"], "p90_over_p10": st["p90_over_p10"],
+               "speedup_vs_torch": stats["torch"]["median_ms"] / ms, **rotation.info()}
         if "bytes" in work:
             row["GBps"] = work["bytes"] / (ms * 1e-3) / 1e9
         if "flops" in work:
             row["GFLOPs"] = work["flops"] / (ms * 1e-3) / 1e9
         rows.append(row)
     return rows
+
+
+def sampling_rotation(N: int, Hd: int, V: int, R: int, gen, quick: bool) -> Rotation:
+    """Input sets (hidden [N, Hd], lm_head [V, Hd]) of a choice over the last R ids. A call reads the hidden
+    rows and the range's R rows of the lm_head, not all V: the sets are sized by those bytes, each set's
+    lm_head a window of one taller weight shifted by R rows (sampling.lm_head_windows), so that every set's
+    range is distinct memory without a whole lm_head per set. (Sized by whole lm_heads, 3 sets of 32 MB
+    passed for past the cache while the ranges they read, 3 x 1 MB, stayed in it.)"""
+    read = (N + R) * Hd * 4
+    n = rotation_count(read, "cpu", quick=quick)
+    heads = lm_head_windows(V, Hd, R, n, "cpu", torch.float32)
+    return Rotation(lambda i: (torch.randn(N, Hd, generator=gen), heads[i]), n=n, bytes_per_set=read)
+
+
+def gather_rotation(B: int, h: int, K: int, C: int, gen, quick: bool) -> Rotation:
+    """Input sets (indices [B, h, h], codebook [K, C]) of a gather. A call reads B*h*h rows of the codebook
+    and the indices, not all K rows: the sets are sized by those bytes, each set's codebook a window of one
+    taller table shifted by B*h*h rows and its indices a random permutation of the window's last B*h*h codes,
+    distinct memory in every set (whole rows of C floats are read, so their order counts, not their spread
+    over the table). (Sized by whole codebooks, 12 sets of 8 MB passed for past the cache while the rows they
+    read, 12 x 256 KB, stayed in it.) Small sets need more than ROTATION_MAX_SETS to cover the cache."""
+    rows = B * h * h
+    if rows > K:
+        raise ValueError(f"a gather of {rows} distinct rows needs at least as many codes, got K={K}")
+    read = rows * (C * 4 + 8)
+    n = rotation_count(read, "cpu", quick=quick, max_sets=8192)
+    tables = lm_head_windows(K, C, rows, n, "cpu", torch.float32)
+    return Rotation(lambda i: ((K - rows + torch.randperm(rows, generator=gen)).view(B, h, h), tables[i]), n=n,
+                    bytes_per_set=read)
 
 
 def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
@@ -78,15 +109,15 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
         raise RuntimeError("the native backend is not built here (pip install .)")
     gen = torch.Generator().manual_seed(0)
     warmup, repeats = (3, 20) if quick else (10, 200)
-    rows = []
+    rows, load0 = [], load_average()
 
     for H, D, T in ([(4, 64, 650)] if quick else [(4, 64, 650), (4, 64, 1300), (32, 128, 650)]):
         _, meta = packed_batch(256, T, gen)  # 620-token action documents, packed
         T = meta.kv_block.shape[0]
         rot = Rotation(lambda i: tuple(torch.randn(T, H, D, generator=gen) for _ in range(3)), quick=quick)
         fns = _sides(lambda b, q, k, v: ops.masked_attention(q, k, v, meta, backend=b))
-        med = interleaved(fns, rot, 2, 5 if quick else 20)
-        rows += _rows("masked_attention", f"prefill H{H} Dh{D} {T} tokens", med,
+        st = interleaved(fns, rot, 2, 5 if quick else 20)
+        rows += _rows("masked_attention", f"prefill H{H} Dh{D} {T} tokens", st,
                       {"flops": 4 * H * D * visible_pairs(meta)}, rot)
 
     heads = [(4, 64), (32, 64)] if quick else [(4, 64), (32, 64), (32, 128)]
@@ -99,25 +130,24 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
                                       torch.randn(1, S, H, D, generator=gen)), quick=quick)
             many = K > 32  # the prefill's tiled kernel, at either vector width
             fns = _sides(lambda b, q, k, v: ops.decode_attention(q, k, v, meta, backend=b), widths=many)
-            med = interleaved(fns, rot, warmup, repeats // 4 if many else repeats)
+            st = interleaved(fns, rot, warmup, repeats // 4 if many else repeats)
             work = ({"flops": 4 * H * D * int(meta.dense_mask().sum())} if many else {"bytes": 2 * S * H * D * 4})
-            rows += _rows("decode_attention", f"decode H{H} Dh{D} K{K} cache{S}", med, work, rot)
+            rows += _rows("decode_attention", f"decode H{H} Dh{D} K{K} cache{S}", st, work, rot)
 
     for N, Hd, R in ([(1, 1024, 256), (5, 1024, 256)] if quick else
                      [(1, 1024, 256), (5, 1024, 256), (5, 256, 256), (35, 4096, 256)]):
         V = 8192
-        rot = Rotation(lambda i: (torch.randn(N, Hd, generator=gen), torch.randn(V, Hd, generator=gen) * 0.05),
-                       quick=quick)
+        rot = sampling_rotation(N, Hd, V, R, gen, quick)
         fns = _sides(lambda b, h, w: ops.constrained_sample(h, w, V - R, V, backend=b))
-        med = interleaved(fns, rot, warmup, repeats)
-        rows += _rows("constrained_sample", f"greedy N{N} H{Hd} range{R}", med, {"flops": 2 * N * R * Hd}, rot)
+        st = interleaved(fns, rot, warmup, repeats)
+        rows += _rows("constrained_sample", f"greedy N{N} H{Hd} range{R}", st, {"flops": 2 * N * R * Hd}, rot)
 
     for N, K, C in ([(16, 512, 64), (256, 2048, 256)] if quick else
                     [(16, 512, 64), (256, 2048, 256), (256, 8192, 256), (1024, 8192, 256)]):
         rot = Rotation(lambda i: (torch.randn(N, C, generator=gen), torch.randn(K, C, generator=gen)), quick=quick)
         fns = _sides(lambda b, z, cb: ops.vq_quantize(z, cb, backend=b))
-        med = interleaved(fns, rot, warmup, max(10, repeats // (4 if N * K > 1e6 else 1)))
-        rows += _rows("vq_quantize", f"N{N} K{K} C{C}", med, {"flops": 2 * N * K * C}, rot)
+        st = interleaved(fns, rot, warmup, max(10, repeats // (4 if N * K > 1e6 else 1)))
+        rows += _rows("vq_quantize", f"N{N} K{K} C{C}", st, {"flops": 2 * N * K * C}, rot)
 
     # A decode step's 28 projections (q, k, v, o, gate, up, down of 4 layers; the small config: hidden
     # 256, MLP 688) on M rows (1: one token; 5, 10: a parallel action chunk; 40, 64: the chunks of 8 robots
@@ -132,8 +162,8 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
             for w in weights:
                 fn(xs[w.shape[1]], w)
 
-        med = interleaved(_sides(step), rot, warmup, max(10, repeats // 4))
-        rows += _rows("linear", f"decode-step projections M{M} (28, small config)", med,
+        st = interleaved(_sides(step), rot, warmup, max(10, repeats // 4))
+        rows += _rows("linear", f"decode-step projections M{M} (28, small config)", st,
                       {"bytes": sum(w.numel() * 4 for w in weights), "flops": sum(2 * M * w.numel() for w in weights)},
                       rot)
 
@@ -164,25 +194,27 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
             return x
 
         with torch.no_grad():
-            med = interleaved(_sides(layers), rot, warmup, max(10, repeats // 4))
+            st = interleaved(_sides(layers), rot, warmup, max(10, repeats // 4))
         n_w = sum(p.numel() for layer in model.model.layers for p in layer.parameters())
         kv = 2 * cfg.num_hidden_layers * B * (P + Q) * cfg.num_key_value_heads * cfg.head_dim
-        rows += _rows("decoder_layer", f"decode step B{B} Q{Q} cache{P} (4 layers, small config)", med,
+        rows += _rows("decoder_layer", f"decode step B{B} Q{Q} cache{P} (4 layers, small config)", st,
                       {"bytes": 4 * (n_w + kv), "flops": 2 * B * Q * n_w}, rot)
 
     for B, h, K, C in [(1, 16, 8192, 256), (8, 4, 512, 64)]:
-        rot = Rotation(lambda i: (torch.randint(0, K, (B, h, h), generator=gen), torch.randn(K, C, generator=gen)),
-                       quick=quick)
+        rot = gather_rotation(B, h, K, C, gen, quick)
         fns = _sides(lambda b, idx, cb: ops.vq_gather(idx, cb, backend=b), widths=False)
-        med = interleaved(fns, rot, warmup, repeats)
-        rows += _rows("vq_gather", f"B{B} {h}x{h} K{K} C{C}", med, {"bytes": B * h * h * C * 4 * 2}, rot)
+        st = interleaved(fns, rot, warmup, repeats)
+        rows += _rows("vq_gather", f"B{B} {h}x{h} K{K} C{C}", st, {"bytes": B * h * h * C * 4 * 2}, rot)
 
     print_table(rows, ["op", "case", "impl", "median_ms", "speedup_vs_torch", "GBps", "GFLOPs"])
     from worldvla import _C
 
     extra = {"threads": torch.get_num_threads(), "quick": quick, "cpu_vector_width": _C.cpu_vector_width(),
+             "load_average_start": load0,
              "method": "interleaved calls through worldvla.ops, the sides' order turning every round, medians; "
-                       "each call the next set of one rotation of fresh random sets shared by the sides"}
+                       "each call the next set of one rotation of fresh random sets shared by the sides, sized by "
+                       "the bytes a call reads (constrained_sample: the hidden rows and the range's lm_head rows; "
+                       "vq_gather: the indices and the codebook rows they name)"}
     path = write_results("cpu_ops", rows, "cpu", out_dir, extra=extra, quick=quick)
     plot_speedups(rows, path.with_suffix(".png"))
     return path

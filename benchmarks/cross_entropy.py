@@ -2,7 +2,8 @@
 z-loss): time and peak memory of forward + backward. Inputs rotate (common.Rotation) like every
 kernel benchmark; at the GPU sizes one set already exceeds L2, so it is one set there.
 
-Both sides are timed the same way (`time_fn`, the same rotation, device time on CUDA) and neither
+Both sides are timed the same way (interleaved by `time_interleaved`: one call of each a round, the order
+turning, each call the same rotation's next set; device time on CUDA) and neither
 synchronizes the host inside the timed call: the naive side's labelled rows are found with each
 input set (outside the timer) and taken with `index_select`, as `worldvla train` hands the model
 its `label_rows`; `linear_cross_entropy_ref`'s boolean `hidden[valid]` would wait for the device.
@@ -14,8 +15,8 @@ import torch
 from worldvla import ops
 from worldvla.ops.cross_entropy import float32_or_wider, linear_cross_entropy_ref, logits_cross_entropy
 
-from .common import (Rotation, main_for, peak_memory, peak_memory_method, print_table, time_fn, timed_backends,
-                     write_results)
+from .common import (Rotation, load_average, main_for, peak_memory, peak_memory_method, print_table,
+                     time_interleaved, timed_backends, write_results)
 
 Z_WEIGHT = 1e-5
 
@@ -33,7 +34,7 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
     dtype = torch.bfloat16 if on_gpu else torch.float32
     # (labelled tokens, hidden, vocab): 7B head over the full 65,536 vocabulary; a small config on CPU.
     cases = [(8192, 4096, 65536), (16384, 4096, 65536)] if on_gpu else [(512 if not quick else 128, 256, 8192)]
-    rows = []
+    rows, load0 = [], load_average()
     for N, Hd, V in cases:
         def make(i, N=N, Hd=Hd, V=V):
             h = (torch.randn(N, Hd, device=device, dtype=dtype) * 0.5).requires_grad_()
@@ -53,22 +54,25 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
         with torch.no_grad():  # the naive side computes the reference's loss
             got, want = impls["naive"](h, w, y, labelled)[0], linear_cross_entropy_ref(h, w, y, cw, Z_WEIGHT)[0]
             torch.testing.assert_close(got, want)
-        base_t = base_m = None
-        for name, fn in impls.items():
-            def step(h, w, y, rows, fn=fn):
-                loss, _ = fn(h, w, y, rows)
-                torch.autograd.grad(loss, (h, w))
-            t = time_fn(step, device=device, rotation=rot, warmup=1 if quick else 3, repeats=3 if quick else 20,
-                        gpu_time=on_gpu)
-            mem = peak_memory(lambda: step(*rot.next()), device)
-            if name == "naive":
-                base_t, base_m = t["median_ms"], mem
+        def step(h, w, y, rows, fn):
+            loss, _ = fn(h, w, y, rows)
+            torch.autograd.grad(loss, (h, w))
+
+        steps = {name: (lambda h, w, y, rows, fn=fn: step(h, w, y, rows, fn)) for name, fn in impls.items()}
+        stats = time_interleaved(steps, device=device, rotation=rot, warmup=1 if quick else 3,
+                                 repeats=3 if quick else 20, gpu_time=on_gpu)
+        mems = {name: peak_memory(lambda: fn(*rot.next()), device) for name, fn in steps.items()}  # one side at a time
+        base_t, base_m = stats["naive"]["median_ms"], mems["naive"]
+        for name, t in stats.items():
+            mem = mems[name]
             rows.append({"N": N, "hidden": Hd, "vocab": V, "impl": name, **t, "peak_bytes": mem,
                          "time_vs_naive": t["median_ms"] / base_t,
                          "memory_vs_naive": (mem / base_m) if (mem and base_m) else None})
     print_table(rows, ["N", "hidden", "vocab", "impl", "median_ms", "time_vs_naive", "peak_bytes", "memory_vs_naive",
                        "rotated_sets"])
-    extra = {"dtype": str(dtype), "peak_memory_method": peak_memory_method(device),
+    extra = {"dtype": str(dtype), "peak_memory_method": peak_memory_method(device), "load_average_start": load0,
+             "timing": "the sides interleaved (one call of each a round, the order turning), medians; on CUDA device "
+                       "time; peak memory afterwards, one side at a time",
              "naive": "fp32 logits of the labelled rows (index_select with indices found outside the timer), "
                       "weighted CE + z-loss, autograd backward"}
     return write_results("linear_cross_entropy", rows, device, out_dir, extra=extra,

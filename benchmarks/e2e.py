@@ -44,7 +44,7 @@ from worldvla.ops.decoder import DecodeStepPlan
 from worldvla.tokens import image_tokens
 
 from .attention import action_document
-from .common import print_table, time_fn, time_interleaved, write_results
+from .common import load_average, print_table, time_fn, time_interleaved, write_results
 
 LAYOUT = VocabLayout.chameleon()
 ACTION_DIM = 7
@@ -157,9 +157,10 @@ def _timing(quick: bool) -> dict:
     return {"warmup": 1, "repeats": 3} if quick else {"warmup": 2, "repeats": 7}
 
 
-def bench_chunks(model, cfg_name, grid, chunks, device, quick, gen) -> list[dict]:
+def bench_chunks(model, cfg_name, grid, chunks, device, quick, gen, done=None) -> list[dict]:
     """Each chunk size's four sides (parallel, sequential, the release-style baseline, release mode on the
-    engine) timed interleaved (`time_interleaved`), each engine built once beforehand."""
+    engine) timed interleaved (`time_interleaved`), each engine built once beforehand. `done(rows)`, if
+    given, is called with each chunk size's rows as soon as they are measured (the caller writes them)."""
     prompt = action_prompt(grid, gen)
     rows = []
     for K in chunks:
@@ -214,6 +215,8 @@ def bench_chunks(model, cfg_name, grid, chunks, device, quick, gen) -> list[dict
             if r["impl"] in ("parallel", "sequential"):
                 r["tokens_equal"], r["tokens_agreement"] = equal, agree
         rows += case_rows
+        if done is not None:
+            done(case_rows)
     return rows
 
 
@@ -323,33 +326,41 @@ def _run(quick, device, out_dir, grid, chunks, frame, tune_malloc):
     configs = ["chameleon_7b", "small"] if on_gpu and not quick else ["small"]
     if tune_malloc and not on_gpu:
         tune_cpu_malloc()  # as WorldVLAPolicy does on the CPU (compare_malloc measures what it changes)
+    load0 = load_average()
     bandwidth = measure_bandwidth(device)
     gen = torch.Generator().manual_seed(0)
+    pbytes = {name: param_bytes(name, torch.bfloat16 if name == "chameleon_7b" else dtype)
+              for name in ("chameleon_7b", *configs)}
     rows = []
 
-    def partial():  # what is measured so far, in case the run is cut short; rewritten whole below
-        write_results("e2e", rows, device, out_dir, extra={"dtype": str(dtype), "partial": True}, quick=quick)
+    def label(new_rows):
+        for r in new_rows:
+            r["case"] = f"{r['config']} {r['task']} {r['px']}px" + (f" K{r['chunk']}" if r["chunk"] else "")
+            r["weight_floor_ms"] = (r["forward_passes"] * pbytes[r["config"]] / (bandwidth * 1e9) * 1e3 if bandwidth
+                                    else None)
+
+    def partial(new_rows):
+        # What is measured so far, written as each chunk size (and the frame) ends, so a run cut short keeps it:
+        # on a GPU the first, 7B at 256 px with 5 actions, holds the latency targets. Rewritten whole below.
+        label(new_rows)
+        rows.extend(new_rows)
+        write_results("e2e", rows, device, out_dir, quick=quick,
+                      extra={"dtype": str(dtype), "partial": True, "load_average_start": load0,
+                             "targets": check_targets(rows, on_gpu)})
 
     with torch.no_grad():
         for name in configs:
             model = build_model(name, device, dtype)
             for i, g in enumerate(grids):
-                rows += bench_chunks(model, name, g, chunks, device, quick, gen)
-                partial()
+                bench_chunks(model, name, g, chunks, device, quick, gen, done=partial)
                 if frame and i == 0:  # the frame (a latency target at 256 px) before the larger prompts
-                    rows += bench_frame(model, name, frame_grid, device, quick, gen)
-                    partial()
+                    partial(bench_frame(model, name, frame_grid, device, quick, gen))
             del model
             if on_gpu:
                 torch.cuda.empty_cache()
-    pbytes = {name: param_bytes(name, torch.bfloat16 if name == "chameleon_7b" else dtype)
-              for name in ("chameleon_7b", *configs)}
-    for r in rows:
-        r["case"] = f"{r['config']} {r['task']} {r['px']}px" + (f" K{r['chunk']}" if r["chunk"] else "")
-        r["weight_floor_ms"] = r["forward_passes"] * pbytes[r["config"]] / (bandwidth * 1e9) * 1e3 if bandwidth else None
     pairs = [r["tokens_equal"] for r in rows if "tokens_equal" in r]
     extra = {
-        "dtype": str(dtype), "quick": quick, "batch_size": 1,
+        "dtype": str(dtype), "quick": quick, "batch_size": 1, "load_average_start": load0,
         "worldvla": worldvla.__version__,
         "tokens_equal": all(pairs) if pairs else None,
         "tokens_equal_note": "parallel against sequential tokens per chunk case; exact equality is the float32 "

@@ -1,23 +1,35 @@
 #!/usr/bin/env bash
-# One short run on a machine with an NVIDIA GPU (sized for about 8 minutes on an H200 with 16
+# One short run on a machine with an NVIDIA GPU (sized for about 9 minutes on an H200 with 16
 # cores). Three phases, most valuable first:
-#   1. build the CUDA extension;
+#   1. build the CUDA extension (a CPU-only one if that fails: the Triton half can still be tested);
 #   2. correctness, in parallel (none of it is timed): the Triton and native GPU tests in three
 #      pytest runs, and compute-sanitizer (memcheck, racecheck, ...) over benchmarks/sanitize.py,
 #      each sanitizer run started only while the phase's window has room;
 #   3. benchmarks, alone on the machine: attention, the other kernels (fused cross-entropy first),
-#      training throughput, end-to-end latency (each benchmark's JSON rewritten as cases finish, so a stage cut short
-#      by the budget keeps what it measured).
-# Every stage runs under `timeout` within the overall budget (BUDGET_S, default 540 s; give the
-# caller's own limit about a minute more) and writes its log to logs/<stage>.log as it goes; each
-# benchmark writes its JSON (device, versions, date, L2 size and rotated input sets inside) as it
-# goes. The last lines printed are a summary table.
+#      training throughput, end-to-end latency (each benchmark's JSON rewritten as cases finish, so a
+#      stage cut short keeps what it measured).
+# Budget: every stage runs under `timeout` within the overall budget (BUDGET_S, default 540 s; give the
+# caller's own limit about a minute more) and writes its log to logs/<stage>.log as it goes. Build, info
+# and the correctness window (CHECK_WINDOW_S) come first, with their own limits; the benchmarks share what
+# is left, each group keeping back a floor for the groups after it (BENCH_FLOOR below), so that a slow
+# build shortens attention and the kernels, not e2e's first row (7B, 5 actions, 256 px: the latency
+# targets; E2E_MIN_S, default 120 s). Each benchmark writes its JSON (device, versions, date, load
+# average, L2 size and rotated input sets inside) as it goes. The last lines printed are a summary table.
 #   bash benchmarks/gpu_all.sh [--quick]        results and logs in benchmarks/results/
-#   OUT=/some/dir bash benchmarks/gpu_all.sh    few files in OUT: gpu_all.log, the benchmark JSONs
-#                                               and logs.tgz (stage logs, plots); the work happens in
-#                                               WORK (default /tmp/worldvla_gpu_all)
+#   OUT=/some/dir bash benchmarks/gpu_all.sh    the work happens in WORK (default /tmp/worldvla_gpu_all)
+# Files in OUT, three whatever the benchmarks write, rewritten after every stage (and every 15 s while one
+# runs) so that a kill keeps what was done:
+#   gpu_all.log   this script's output as it goes, the summary at its end;
+#   results.tgz   every benchmark's JSON;
+#   logs.tgz      every stage's log, the summary (logs/summary.tsv) and the plots.
+# The machine that runs this brings back at most 8 files from OUT: a new benchmark adds a JSON to
+# results.tgz, never a file to OUT. Do not copy files to OUT one by one.
 # (--quick: a smoke run: fewer repeats, and e2e on the small config at 64 px only.) Knobs: BUDGET_S,
-# CHECK_WINDOW_S (phase 2's length, default 130 s), BENCHES (groups and order).
+# CHECK_WINDOW_S (phase 2's length, default 130 s), BENCHES (groups and order), E2E_MIN_S, PY (the
+# interpreter that holds torch).
+# Exit status: 0 every stage ran to its end and passed; 1 a stage failed, or a build, test or sanitizer
+# stage timed out; 2 none failed, but a stage was skipped (no time left, or compute-sanitizer missing) or
+# a benchmark was cut at its limit (CUT: its JSON keeps what it measured). The summary names them.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 if [[ -n "${OUT:-}" ]]; then
@@ -25,6 +37,7 @@ if [[ -n "${OUT:-}" ]]; then
   WORK="${WORK:-/tmp/worldvla_gpu_all}"
   RESULTS="$WORK/results"
   MAIN_LOG="$OUT/gpu_all.log"
+  rm -rf "$WORK/results" "$WORK/logs"  # an earlier run's files must not come back as this one's
 else
   RESULTS="benchmarks/results"
   WORK="$RESULTS"
@@ -32,6 +45,7 @@ else
 fi
 BUDGET_S="${BUDGET_S:-540}"
 CHECK_WINDOW_S="${CHECK_WINDOW_S:-130}"
+E2E_MIN_S="${E2E_MIN_S:-120}"
 QUICK="${1:-}"
 START=$(date +%s)
 LOGS="$WORK/logs"
@@ -41,10 +55,50 @@ mkdir -p "$LOGS" "$RESULTS"
 exec > >(tee "$MAIN_LOG") 2>&1
 TEE_PID=$!
 # The interpreter that holds torch (some images name it python3 only); nvcc where CUDA installs it.
-PY=$(command -v python3 || command -v python)
+PY="${PY:-$(command -v python3 || command -v python)}"
 [[ -x /usr/local/cuda/bin/nvcc ]] && ! command -v nvcc >/dev/null && export PATH="/usr/local/cuda/bin:$PATH"
 
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+
+# pack NAME TAR-ARGS...: OUT/NAME written under a temporary name and renamed when whole, so that a kill
+# mid-write never leaves a broken archive under the real name (tar's status 1, a log that grew while it
+# was read, is fine).
+pack() {
+  local name=$1 rc
+  shift
+  tar czf "$OUT/$name.part" "$@" 2>/dev/null
+  rc=$?
+  if (( rc <= 1 )); then mv -f "$OUT/$name.part" "$OUT/$name"; else rm -f "$OUT/$name.part"; fi
+}
+
+# What is done so far, into OUT (gpu_all.log is there already, written as it goes).
+deliver() {
+  [[ -n "${OUT:-}" ]] || return 0
+  pack results.tgz -C "$RESULTS" -T <(find "$RESULTS" -maxdepth 1 -name '*.json' -printf '%f\n' | sort)
+  pack logs.tgz -C "$WORK" --exclude='*.json' logs results
+}
+
+# Deliveries every 15 s while a stage (or phase 2's parallel stages) runs: a kill during a long stage
+# then keeps the JSON it has rewritten so far. One delivery at a time: stop_ticker waits for the ticker,
+# whose trap runs only once a tar or mv under way has finished (its sleep is a waited background job, so
+# a stop never waits for it), before the main shell delivers. Its output goes nowhere: an orphaned sleep
+# must not hold this script's log pipe open.
+TICKER=
+start_ticker() {
+  [[ -n "${OUT:-}" ]] || return 0
+  ( trap 'exit 0' TERM
+    while true; do
+      sleep 15 & wait $!
+      deliver
+    done ) > /dev/null 2>&1 &
+  TICKER=$!
+}
+stop_ticker() {
+  [[ -n "$TICKER" ]] || return 0
+  kill "$TICKER" 2>/dev/null
+  wait "$TICKER" 2>/dev/null
+  TICKER=
+}
 
 # The line(s) of a stage's log that say how it went.
 verdict() {
@@ -60,28 +114,40 @@ verdict() {
   esac
 }
 
-# stage NAME LIMIT_S CMD...: CMD under `timeout`, for at most LIMIT_S and never past the budget.
+# stage NAME LIMIT_S CMD...: CMD under `timeout`, for at most LIMIT_S and never past the budget less
+# KEEP_S (what the stages after it keep back). A benchmark stopped at its limit is CUT (its JSON keeps
+# what it measured), any other stage TIMEOUT. Stages the main shell runs deliver to OUT when they end;
+# phase 2's, run in the background, leave that to the main shell after their wait.
+KEEP_S=0
 stage() {
-  local name=$1 limit=$2; shift 2
-  local avail=$(( $(left) - 5 ))
+  local name=$1 limit=$2
+  shift 2
+  local avail=$(( $(left) - 5 - KEEP_S ))
   (( limit > avail )) && limit=$avail
   if (( limit < 20 )); then
-    printf '%s\tSKIPPED\t0\tno time left\n' "$name" >> "$SUMMARY"
+    printf '%s\tSKIPPED\t0\tno time left (%ss of the budget, %ss kept for later stages)\n' "$name" "$(left)" \
+      "$KEEP_S" >> "$SUMMARY"
     echo "== $name: skipped, no time left"
     return 99
   fi
   echo "== $name (limit ${limit}s; $(left)s of the budget left) $(date -u +%T)"
-  local t0 rc status
+  local t0 rc status main=0
+  (( BASHPID == $$ )) && main=1
+  (( main )) && start_ticker
   t0=$(date +%s)
   timeout -k 10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   rc=$?
   case $rc in
     0) status=ok ;;
-    124|137) status=TIMEOUT ;;
+    124|137) if [[ $name == bench-* ]]; then status=CUT; else status=TIMEOUT; fi ;;
     *) status="FAIL($rc)" ;;
   esac
   printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "$(verdict "$name" | cut -c1-110)" >> "$SUMMARY"
   echo "-- $name: $status in $(( $(date +%s) - t0 ))s"
+  if (( main )); then
+    stop_ticker
+    deliver
+  fi
   return $rc
 }
 
@@ -93,10 +159,10 @@ show() {
   [[ -z "$(tail -c 1 "$log")" ]] || echo  # a log cut mid-line
 }
 
-echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 "$PY" -c "import triton; print('triton', triton.__version__)" || true
-echo "nvcc: $(command -v nvcc || echo 'not found')"
+echo "nvcc: $(command -v nvcc || echo 'not found'); ninja: $(command -v ninja || echo 'not found')"
 # What the build and the parallel tests lean on (the machine has no package index to fetch them from).
 "$PY" - <<'PYEOF'
 import importlib.util as u
@@ -107,26 +173,40 @@ CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 export CMAKE_BUILD_PARALLEL_LEVEL
 
 # ---------------------------------------------------------------- 1. build
-stage build 240 env PY="$PY" bash -c '
+# The extension with the CUDA kernels ($1 = ON) or without ($1 = OFF): through pip and scikit-build-core
+# where it is installed (offline: --no-build-isolation), else the same CMake project by hand, the
+# extension and the two folders put in place; with Ninja where it is installed, else CMake's default
+# generator (cmake --build drives either).
+BUILD_SH='
+  cuda=$1
   t0=$(date +%s)
   if "$PY" -c "import scikit_build_core" 2>/dev/null; then
-    WORLDVLA_CUDA=ON "$PY" -m pip install --no-build-isolation --no-deps -e . -q || exit 1
-  else  # without scikit-build-core: the same CMake project by hand, the extension and the two folders in place
+    WORLDVLA_CUDA=$cuda "$PY" -m pip install --no-build-isolation --no-deps -e . -q || exit 1
+  else
     echo "scikit-build-core missing: plain CMake build"
-    cmake -S . -B build/gpu_all -G Ninja -DWORLDVLA_CUDA=ON -DCMAKE_BUILD_TYPE=Release \
+    dir=build/gpu_all-$cuda  # one folder per setting: a CMake cache keeps its first generator
+    generator=()
+    command -v ninja >/dev/null && generator=(-G Ninja)
+    cmake -S . -B "$dir" "${generator[@]}" -DWORLDVLA_CUDA="$cuda" -DCMAKE_BUILD_TYPE=Release \
       -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$PY" > /dev/null || exit 1
-    cmake --build build/gpu_all -j"$(nproc)" || exit 1
-    cp build/gpu_all/_C*.so worldvla/ && ln -sfn ../kernels worldvla/kernels && ln -sfn ../benchmarks worldvla/benchmarks || exit 1
+    cmake --build "$dir" -j"$(nproc)" || exit 1
+    cp "$dir"/_C*.so worldvla/ && ln -sfn ../kernels worldvla/kernels && ln -sfn ../benchmarks worldvla/benchmarks \
+      || exit 1
+  fi
+  if [[ $cuda == OFF ]]; then
+    "$PY" -c "import worldvla._C" || exit 1
+    echo "build: CPU-only extension; the native CUDA kernels are missing"
+    exit 0
   fi
   "$PY" -c "import worldvla._C as C; assert C.with_cuda, \"built without CUDA\"; print(\"worldvla._C with CUDA\")" || exit 1
   # One native kernel launched and checked: a driver too old for the toolkit shows here, not in every test.
   "$PY" -m benchmarks.sanitize --backend native --only "decode_attention bf16" || exit 1
   echo "build: ok in $(( $(date +%s) - t0 )) s"'
+stage build 240 env PY="$PY" bash -c "$BUILD_SH" build ON
 BUILD_RC=$?
 show build 10
 if (( BUILD_RC != 0 )); then  # without the CUDA kernels the Triton half can still be tested and measured
-  stage build-cpu-only 120 env PY="$PY" bash -c 'WORLDVLA_CUDA=OFF "$PY" -m pip install --no-build-isolation --no-deps -e . -q &&
-    echo "build: CPU-only extension; the native CUDA kernels are missing"'
+  stage build-cpu-only 120 env PY="$PY" bash -c "$BUILD_SH" build OFF
   show build-cpu-only 5
 fi
 stage info 30 "$PY" -m worldvla.cli info  # what the build holds, the GPU, the auto order per op
@@ -146,6 +226,7 @@ TRITON_B=()
 for f in tests/test_triton_*.py; do
   [[ " ${TRITON_A[*]} " == *" $f "* ]] || TRITON_B+=("$f")
 done
+start_ticker  # the stages below run in the background: the main shell delivers meanwhile
 # shellcheck disable=SC2046  # xdist's "-n N" splits into two words on purpose
 stage tests-triton-attention "$CHECK_WINDOW_S" "${PYTEST[@]}" $(xdist 6) "${TRITON_A[@]}" & P1=$!
 # shellcheck disable=SC2046
@@ -181,6 +262,8 @@ else
   printf 'sanitize\tSKIPPED\t0\tcompute-sanitizer not found\n' >> "$SUMMARY"; P4=
 fi
 wait $P1 $P2 $P3 $P4
+stop_ticker
+deliver
 for s in tests-triton-attention tests-triton-other tests-native; do show "$s" 4; done
 grep -hE "^(FAILED|ERROR) " "$LOGS"/tests-*.log | head -20
 for f in "$LOGS"/sanitize-*.log; do [[ -f "$f" ]] && show "$(basename "$f" .log)" 4; done
@@ -189,24 +272,39 @@ for f in "$LOGS"/sanitize-*.log; do [[ -f "$f" ]] && show "$(basename "$f" .log)
 # BENCHES: which groups, in which order (default "attention kernels train e2e": the kernel targets
 # (the attention's, then the fused cross-entropy's memory and time), training tokens/s, MFU and peak
 # memory (small and 1B-class configs), then the latency targets, which take what is left of the budget).
-for group in ${BENCHES:-attention kernels train e2e}; do
+# Each group runs for at most its BENCH_LIMIT and keeps back the BENCH_FLOOR of every group after it
+# (plus 2 s each for the deliveries between stages): with the default budget and a 150 s build the
+# groups get about 60, 25, 25 and 120 s; e2e's first partial JSON (7B, 5 actions, 256 px: model build,
+# CUDA graphs and 9 interleaved rounds of its four sides) needs about E2E_MIN_S.
+declare -A BENCH_LIMIT=([attention]=80 [kernels]=45 [train]=60 [e2e]=240)
+declare -A BENCH_FLOOR=([attention]=40 [kernels]=25 [train]=25 [e2e]=$E2E_MIN_S)
+read -ra GROUPS_RUN <<< "${BENCHES:-attention kernels train e2e}"
+for i in "${!GROUPS_RUN[@]}"; do
+  group=${GROUPS_RUN[$i]}
+  KEEP_S=0
+  for later in "${GROUPS_RUN[@]:i+1}"; do
+    KEEP_S=$(( KEEP_S + ${BENCH_FLOOR[$later]:-0} + 2 ))
+  done
   case $group in
-    attention)  # prefill and decode; its JSON is rewritten after every case
-      stage bench-attention 110 "$PY" -m worldvla.cli bench attention $QUICK --out "$RESULTS"
+    attention)  # decode, then prefill; its JSON is rewritten after every case
+      stage bench-attention "${BENCH_LIMIT[attention]}" "$PY" -m worldvla.cli bench attention $QUICK --out "$RESULTS"
       show bench-attention 6 ;;
     e2e)  # Chameleon-7B (random weights), then the small config: chunks of 5 and 10 at 256 px, the
-      # next frame at 256 px, chunks at 512 px (in that order: the latency targets first)
-      stage bench-e2e 240 "$PY" -m benchmarks.e2e --chunks 5 10 $QUICK --out "$RESULTS"
+      # next frame at 256 px, chunks at 512 px (in that order: the latency targets first), the JSON
+      # rewritten after each chunk size
+      stage bench-e2e "${BENCH_LIMIT[e2e]}" "$PY" -m benchmarks.e2e --chunks 5 10 $QUICK --out "$RESULTS"
       show bench-e2e 14 ;;
     kernels)  # one process; each benchmark writes its JSON when it ends
-      stage bench-kernels 50 "$PY" -m worldvla.cli bench cross_entropy vq sampling $QUICK --out "$RESULTS"
+      stage bench-kernels "${BENCH_LIMIT[kernels]}" "$PY" -m worldvla.cli bench cross_entropy vq sampling $QUICK \
+        --out "$RESULTS"
       show bench-kernels 20 ;;
     train)  # tokens/s, MFU and peak memory against the reference-style path; JSON rewritten per config
-      stage bench-train 60 "$PY" -m worldvla.cli bench train $QUICK --out "$RESULTS"
+      stage bench-train "${BENCH_LIMIT[train]}" "$PY" -m worldvla.cli bench train $QUICK --out "$RESULTS"
       show bench-train 8 ;;
     *) echo "unknown benchmark group $group (attention, kernels, train, e2e)" ;;
   esac
 done
+KEEP_S=0
 
 # ---------------------------------------------------------------- summary
 echo
@@ -216,18 +314,29 @@ while IFS=$'\t' read -r name status sec note; do
   printf '%-28s %-9s %5s  %s\n' "$name" "$status" "$sec" "$note"
 done < "$SUMMARY"
 ls "$RESULTS"/*.json 2>/dev/null | sed 's/^/  /'
-if [[ -n "${OUT:-}" ]]; then  # a handful of files: the JSONs, and everything else in one archive
-  cp "$RESULTS"/*.json "$OUT"/ 2>/dev/null
-  tar czf "$OUT/logs.tgz" -C "$WORK" logs results && echo "-> $OUT: gpu_all.log, logs.tgz, $(ls "$RESULTS"/*.json 2>/dev/null | wc -l) JSON"
-fi
-echo "== done $(date -u +%FT%TZ)"
-RC=0
 # A sanitizer that cannot attach is not a failure of the code.
 if grep -q "^sanitize	UNSUPPORTED" "$SUMMARY"; then
-  grep -vE "^sanitize-" "$SUMMARY" | cut -f2 | grep -qE "FAIL|TIMEOUT" && RC=1
+  FAILED=$(grep -vE "^sanitize-" "$SUMMARY" | awk -F'\t' '$2 ~ /^(FAIL|TIMEOUT)/ {print $1}' | tr '\n' ' ')
 else
-  cut -f2 "$SUMMARY" | grep -qE "FAIL|TIMEOUT" && RC=1
+  FAILED=$(awk -F'\t' '$2 ~ /^(FAIL|TIMEOUT)/ {print $1}' "$SUMMARY" | tr '\n' ' ')
 fi
+SKIPPED=$(awk -F'\t' '$2 == "SKIPPED" {print $1}' "$SUMMARY" | tr '\n' ' ')
+CUT=$(awk -F'\t' '$2 == "CUT" {print $1}' "$SUMMARY" | tr '\n' ' ')
+FAILED=${FAILED% } SKIPPED=${SKIPPED% } CUT=${CUT% }
+RC=0
+if [[ -n "$FAILED" ]]; then
+  RC=1
+elif [[ -n "$SKIPPED$CUT" ]]; then
+  RC=2
+fi
+echo "failed: ${FAILED:-none}; skipped: ${SKIPPED:-none}; cut at their limit: ${CUT:-none}"
+if [[ -n "${OUT:-}" ]]; then
+  deliver
+  echo "-> $OUT: gpu_all.log, results.tgz ($(find "$RESULTS" -maxdepth 1 -name '*.json' | wc -l) JSON), logs.tgz"
+  n=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+  (( n > 8 )) && echo "warning: $n files in $OUT; only 8 come back"
+fi
+echo "== done $(date -u +%FT%TZ), exit status $RC (0 all ran and passed, 1 a failure, 2 skipped or cut stages)"
 exec >&- 2>&-
 wait "$TEE_PID" 2>/dev/null
 exit $RC

@@ -5,6 +5,8 @@ The range kernels read only the range's rows of the lm_head (2 MB at 4096 x 256 
 would stay in L2 across repeats. Input sets rotate (common.Rotation) sized by what the range path
 reads: each set's lm_head is a window of one taller weight, shifted by the range's height, so
 every set's range rows are distinct memory while the full path still reads a whole vocabulary.
+The sides of a case are timed interleaved (common.time_interleaved: one call of each a round, the order
+turning, each call the rotation's next set), so a machine that speeds up or slows down moves them alike.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import torch
 
 from worldvla import VocabLayout, ops
 
-from .common import Rotation, main_for, print_table, rotation_count, time_fn, timed_backends, write_results
+from .common import (Rotation, load_average, main_for, print_table, rotation_count, time_interleaved, timed_backends,
+                     write_results)
 
 
 def full_vocab_greedy(h, w, lo, hi):
@@ -36,7 +39,7 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
     lo, hi = L.bin_range
     Hd, V = (4096, 65536) if on_gpu else (1024 if quick else 4096, 65536)
     R, elt = hi - lo, torch.finfo(dtype).bits // 8
-    rows = []
+    rows, load0 = [], load_average()
     for N in (1, 5, 10):
         read = (N + R) * Hd * elt  # hidden rows + the range's weight rows
         n = rotation_count(read, device, quick=quick)
@@ -49,17 +52,20 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
             if ops.dispatch.supports("constrained_sample", b, h, w, lo, hi):
                 impls[f"worldvla-{b}"] = lambda h, w, b=b: ops.constrained_sample(h, w, lo, hi, backend=b)
         ref = full_vocab_greedy(h, w, lo, hi)
-        base = None
-        for name, fn in impls.items():
-            out = fn(h, w)
-            t = time_fn(fn, device=device, rotation=rot, warmup=2 if quick else 5, repeats=5 if quick else 50,
-                        gpu_time=on_gpu)
-            base = base or t["median_ms"]
+        outs = {name: fn(h, w) for name, fn in impls.items()}
+        stats = time_interleaved(impls, device=device, rotation=rot, warmup=2 if quick else 5,
+                                 repeats=5 if quick else 50, gpu_time=on_gpu)
+        base = stats["full-vocab"]["median_ms"]
+        for name, t in stats.items():
+            out = outs[name]
             rows.append({"rows": N, "hidden": Hd, "vocab": V, "range": R, "impl": name, **t,
                          "speedup_vs_full": base / t["median_ms"], "in_range": bool(((out >= lo) & (out < hi)).all()),
                          "agrees_with_full": float((out == ref).float().mean())})
     print_table(rows, ["rows", "hidden", "range", "impl", "median_ms", "speedup_vs_full", "rotated_sets"])
-    return write_results("constrained_sampling", rows, device, out_dir, extra={"dtype": str(dtype)},
+    extra = {"dtype": str(dtype), "load_average_start": load0,
+             "timing": "the sides of a case interleaved (one call of each a round, the order turning), medians; "
+                       "on CUDA device time"}
+    return write_results("constrained_sampling", rows, device, out_dir, extra=extra,
                          plot=("rows", "speedup_vs_full", "impl"), quick=quick)
 
 

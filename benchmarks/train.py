@@ -16,18 +16,27 @@ from worldvla.model import ModelConfig, WorldVLA, loss_class_weights
 from worldvla.train.trainer import micro_batch_loss
 
 from .attention import LAYOUT, action_document, visible_pairs
-from .common import main_for, peak_memory, peak_memory_method, print_table, time_fn, write_results
+from .common import load_average, main_for, peak_memory, peak_memory_method, print_table, time_fn, write_results
 
 # Dense bf16 tensor-core FLOP/s by the device name's part, the first match winning: the PCIe and NVL
 # boards run lower clocks and power than the SXM ones the plain names are.
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12}
+
+# A training step's FLOPs over its forward's: 3 (a backward of twice the forward's work), for attention too.
+# MFU counts model FLOPs (PaLM's definition): no recomputation, so not attention.py's 3.5x, which follows
+# FlashAttention-2's kernel count (its backward recomputes Q K^T) to compare kernels with published numbers.
+# The same visible pairs give 3/3.5 = 6/7 of attention.py's fwd+bwd FLOPs here.
+TRAIN_OVER_FORWARD = 3
 
 USEFUL_FLOPS = ("useful_flops = 6 * decoder_layer_params * tokens + 6 * vocab * hidden * labelled_rows "
                 "+ 3 * 4 * visible_pairs * heads * head_dim * layers: a training step (forward, and a backward of "
                 "twice its work) of the decoder layers over the real tokens, of the lm_head over the rows that "
                 "have a label, and of attention over the (query, key) pairs the chunk rule lets see each other; "
                 "embedding lookups, norms, the loss's elementwise work and padding not counted. The same for both "
-                "sides. mfu = useful_flops / median step time / peak dense bf16 FLOP/s (GPU only)")
+                "sides. Model FLOPs, as MFU is defined: attention's backward counted at 2x its forward, without the "
+                "recomputation of Q K^T that FlashAttention-style kernels add (benchmarks/attention.py counts that, "
+                "3.5x, to compare kernels with published numbers). mfu = useful_flops / median step time / peak "
+                "dense bf16 FLOP/s (GPU only)")
 SIDE_FLOPS = ("side_flops = 6 * decoder_layer_params * rows_run + 6 * vocab * hidden * head_rows "
               "+ 3 * 4 * pairs_run * heads * head_dim * layers: as useful_flops, with the rows the side runs "
               "its layers on (padding included), its head on (worldvla: the labelled rows; reference-style: "
@@ -42,12 +51,14 @@ def one_b_config() -> ModelConfig:
 
 
 def step_flops(model: WorldVLA, layer_rows: int, head_rows: int, pairs: int) -> int:
-    """FLOPs of a training step (forward + backward, 3x the forward) with the decoder layers run on
-    `layer_rows` rows, the lm_head on `head_rows` rows, and attention over `pairs` (query, key) pairs."""
+    """FLOPs of a training step (forward + backward, TRAIN_OVER_FORWARD = 3x the forward) with the decoder
+    layers run on `layer_rows` rows, the lm_head on `head_rows` rows, and attention over `pairs` (query, key)
+    pairs."""
     cfg = model.config
     layer_params = sum(p.numel() for p in model.model.layers.parameters())
     attention = 4 * pairs * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
-    return 6 * layer_params * layer_rows + 6 * cfg.vocab_size * cfg.hidden_size * head_rows + 3 * attention
+    return TRAIN_OVER_FORWARD * (2 * layer_params * layer_rows + 2 * cfg.vocab_size * cfg.hidden_size * head_rows
+                                 + attention)
 
 
 def _samples(n_docs, px, gen):
@@ -78,6 +89,7 @@ def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: boo
     px = 256
     peak = next((v for k, v in PEAK_BF16.items() if on_gpu and k in torch.cuda.get_device_name(device)), None)
     extra = {"dtype": "bfloat16 autocast, float32 weights" if on_gpu else "float32", "quick": quick,
+             "load_average_start": load_average(),
              "tune_malloc": tune_malloc and not on_gpu, "n_docs": n_docs, "px": px,
              "peak_flops": peak, "mfu_formula": USEFUL_FLOPS, "side_flops_formula": SIDE_FLOPS,
              "peak_memory_method": peak_memory_method(device),

@@ -6,6 +6,8 @@ On GPU each case runs in fp32 (the release's VQGAN dtype; the CUDA kernel's two-
 search with exact recomputation) and in bf16 (one tensor-core pass); the baseline is always fp32 cdist,
 on fp32 copies of z and the codebook made with each input set (outside the timed call), so a bf16 row's
 baseline times the search, not the casts. The rotation is sized by the bf16 inputs (the smaller read).
+The sides of a case are timed interleaved (common.time_interleaved: one call of each a round, the order
+turning, each call the rotation's next set), so a machine that speeds up or slows down moves them alike.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 
 from worldvla import ops
 
-from .common import Rotation, main_for, print_table, time_fn, timed_backends, write_results
+from .common import Rotation, load_average, main_for, print_table, time_interleaved, timed_backends, write_results
 
 
 def cdist_argmin(z, codebook):
@@ -36,7 +38,7 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
     # 256 px frames -> 16x16 codes, 512 px -> 32x32; a few frames; the release's 8192 x 256 codebook.
     cases = [(2 * 256, 8192, 256), (4 * 1024, 8192, 256), (64 * 256, 8192, 256)] if on_gpu else \
         [(256, 8192 if not quick else 2048, 256)]
-    rows = []
+    rows, load0 = [], load_average()
     for (N, K, C), dtype in [(c, d) for c in cases for d in ((torch.float32, torch.bfloat16) if on_gpu else
                                                               (torch.float32,))]:
         dt = str(dtype).replace("torch.", "")
@@ -48,23 +50,21 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
             if ops.dispatch.supports("vq_quantize", b, z, cb):
                 impls[f"worldvla-{b}"] = lambda z, cb, z32, cb32, b=b: ops.vq_quantize(z, cb, backend=b)
         ref = cdist_argmin(z, cb)
-        base = None
-        for name, fn in impls.items():
-            agree = float((fn(*rot.sets[0]) == ref).float().mean())
-            t = time_fn(fn, device=device, rotation=rot, warmup=2 if quick else 5, repeats=5 if quick else 50,
-                        gpu_time=on_gpu)
-            if name == "cdist+argmin":
-                base = t["median_ms"]
+        agree = {name: float((fn(*rot.sets[0]) == ref).float().mean()) for name, fn in impls.items()}
+        stats = time_interleaved(impls, device=device, rotation=rot, warmup=2 if quick else 5,
+                                 repeats=5 if quick else 50, gpu_time=on_gpu)
+        base = stats["cdist+argmin"]["median_ms"]
+        for name, t in stats.items():
             rows.append({"N": N, "K": K, "C": C, "dtype": dt, "impl": name, "series": f"{name} {dt}", **t,
-                         "argmin_agreement": agree,
+                         "argmin_agreement": agree[name], "speedup_vs_cdist": base / t["median_ms"],
                          "tflops": 2 * N * K * C / (t["median_ms"] * 1e-3) / 1e12})
-        for r in rows:
-            if r["N"] == N and r["K"] == K and r["dtype"] == dt:
-                r["speedup_vs_cdist"] = base / r["median_ms"]
     print_table(rows, ["N", "K", "C", "dtype", "impl", "median_ms", "tflops", "speedup_vs_cdist", "argmin_agreement",
                        "rotated_sets"])
     return write_results("vq_quantize", rows, device, out_dir, plot=("N", "speedup_vs_cdist", "series"), quick=quick,
-                         extra={"flops": "tflops = 2 * N * K * C (the distance products; norms, argmin and the "
+                         extra={"load_average_start": load0,
+                                "timing": "the sides of a case interleaved (one call of each a round, the order "
+                                          "turning), medians; on CUDA device time",
+                                "flops": "tflops = 2 * N * K * C (the distance products; norms, argmin and the "
                                          "exact re-checks of candidates not counted) / median time",
                                 "baseline": "torch.cdist(z_fp32, codebook_fp32).argmin(1) on fp32 copies made with "
                                             "each input set, outside the timed call"})

@@ -161,3 +161,21 @@ def test_sampled_frames_comparison(tmp_path, monkeypatch):
     assert frames.NATIVE_FRAME_LOOP is True
     assert calls.count(False) == 2 * 3 and calls.count(True) == 2 * 3 * 4  # greedy, guided: 3 frames; drawn: 3 x 4 rows
     assert len(doc["rows"]) == 8 and all(r["tokens_equal"] for r in doc["rows"])
+
+
+def test_each_chunk_size_is_written_as_it_ends(tmp_path, monkeypatch):
+    """A run cut short keeps every chunk size measured so far: the JSON is rewritten after each one (on a GPU
+    the first, 7B at 256 px with 5 actions, holds the latency targets), not only after all of a prompt size."""
+    writes = []
+    real = e2e.write_results
+
+    def spy(name, rows, *args, **kwargs):
+        writes.append(sorted({(r["chunk"], r["impl"]) for r in rows}))
+        assert all("case" in r for r in rows)  # partial rows are labelled too
+        return real(name, rows, *args, **kwargs)
+
+    monkeypatch.setattr(e2e, "write_results", spy)
+    e2e.run(quick=True, device="cpu", out_dir=tmp_path, grid=2, chunks=(3, 5), frame=False)
+    sides = ("baseline", "parallel", "release-engine", "sequential")
+    assert writes[0] == [(3, s) for s in sides]
+    assert writes[1] == [(k, s) for k in (3, 5) for s in sides] == writes[-1]

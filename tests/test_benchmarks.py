@@ -279,7 +279,152 @@ def test_gpu_script_parses_and_names_existing_files():
         assert list(root.glob(glob)), glob
     for module in re.findall(r"-m (benchmarks\.[a-z0-9_]+)", text):
         assert (root / (module.replace(".", "/") + ".py")).is_file(), module
-    assert 'tar czf "$OUT/logs.tgz"' in text and 'cp "$RESULTS"/*.json "$OUT"/' in text
+
+
+# ------------------------------------------------------------------ gpu_all.sh, run with stand-ins
+FAKE_PYTHON = r'''#!/bin/bash
+# Stands in for the interpreter: answers at once what gpu_all.sh asks. FAKE_FAIL names what fails.
+fails() { [[ " ${FAKE_FAIL:-} " == *" $1 "* ]]; }
+case "$1" in
+  -c) case "$2" in
+        *scikit_build_core*|*xdist*|*pytest_timeout*) exit 1 ;;
+        *with_cuda*) fails build-on && exit 1 ;;
+      esac
+      exit 0 ;;
+  -) cat > /dev/null; echo "modules: stand-ins"; exit 0 ;;
+  -m) ;;
+  *) exit 3 ;;
+esac
+mod=$2; shift 2
+out=; words=()
+while (( $# )); do
+  case $1 in --out) out=$2; shift ;; -*) ;; *) words+=("$1") ;; esac
+  shift
+done
+case $mod in
+  pybind11) echo /nowhere ;;
+  pytest) if fails pytest; then echo "==== 1 failed in 0.1s ===="; exit 1; fi; echo "==== 3 passed in 0.1s ====" ;;
+  benchmarks.sanitize) echo "sanitize: all passed" ;;
+  worldvla.cli) [[ ${words[0]} == bench ]] || exit 0
+    for n in "${words[@]:1}"; do echo '{}' > "$out/$n-fake.json"; echo "-> $out/$n-fake.json"; done ;;
+  benchmarks.e2e) echo '{"partial": true}' > "$out/e2e-fake.json"; exec sleep "${FAKE_E2E_S:-0}" ;;
+esac
+exit 0
+'''
+FAKE_CMAKE = r'''#!/bin/bash
+echo "cmake $*" >> "$FAKE_LOG"
+if [[ $1 == --build ]]; then touch "$2/_C.fake.so"; exit 0; fi
+[[ " $* " == *" -DWORLDVLA_CUDA=ON "* && " ${FAKE_FAIL:-} " == *" build-on "* ]] && exit 1
+mkdir -p "$4"
+'''
+TOOLS = ("bash", "env", "timeout", "tee", "date", "nproc", "tar", "gzip", "find", "sort", "mv", "rm", "cp", "ln",
+         "mkdir", "grep", "awk", "cut", "tr", "tail", "head", "wc", "ls", "sed", "basename", "dirname", "sleep",
+         "cat", "touch")
+
+
+def _gpu_script_sandbox(tmp_path, ninja: bool):
+    """A copy of gpu_all.sh in an empty checkout, with a PATH of the system tools it uses and stand-ins for
+    python, cmake, nvidia-smi, compute-sanitizer (and ninja, if `ninja`): every stage runs at once, and
+    FAKE_FAIL / FAKE_E2E_S make some fail or run long. Returns (script, environment)."""
+    import shutil
+    from pathlib import Path
+
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {missing}")
+    repo, bin_dir = tmp_path / "repo", tmp_path / "bin"
+    (repo / "benchmarks").mkdir(parents=True)
+    (repo / "worldvla").mkdir()
+    bin_dir.mkdir()
+    script = repo / "benchmarks" / "gpu_all.sh"
+    shutil.copy(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_all.sh", script)
+    for tool in TOOLS:
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    fakes = {"python": FAKE_PYTHON, "cmake": FAKE_CMAKE, "nvidia-smi": "#!/bin/bash\necho 'Stand-in GPU, 0, 1 MiB'\n",
+             "compute-sanitizer": "#!/bin/bash\necho '========= ERROR SUMMARY: 0 errors'\n"}
+    if ninja:
+        fakes["ninja"] = "#!/bin/bash\n"
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": str(bin_dir), "PY": str(bin_dir / "python"), "HOME": str(tmp_path), "OUT": str(tmp_path / "out"),
+           "WORK": str(tmp_path / "work"), "FAKE_LOG": str(tmp_path / "cmake.log"), "BUDGET_S": "600",
+           "CHECK_WINDOW_S": "40"}
+    return script, env
+
+
+def _archive(path) -> set:
+    import tarfile
+
+    with tarfile.open(path) as t:
+        return {m.name for m in t.getmembers() if m.isfile()}
+
+
+def _summary(env) -> dict:
+    from pathlib import Path
+
+    rows = (Path(env["WORK"]) / "logs" / "summary.tsv").read_text().splitlines()
+    return {r.split("\t")[0]: r.split("\t")[1] for r in rows}
+
+
+def test_gpu_script_brings_back_three_files_and_says_what_failed(tmp_path):
+    """With OUT set: OUT holds gpu_all.log, results.tgz (every JSON) and logs.tgz, however many benchmarks
+    there are (8 files come back at most), exit 0 when every stage passed; with Ninja missing the plain
+    CMake build takes CMake's default generator, and a failed CUDA build falls back to a CPU-only one by the
+    same path (not pip, which needs scikit-build-core); a failed stage exits 1."""
+    import subprocess
+    from pathlib import Path
+
+    script, env = _gpu_script_sandbox(tmp_path / "a", ninja=True)
+    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    out = Path(env["OUT"])
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_all.log", "logs.tgz", "results.tgz"]
+    assert _archive(out / "results.tgz") == {f"{n}-fake.json" for n in ("attention", "cross_entropy", "vq", "sampling",
+                                                                          "train", "e2e")}
+    assert "logs/summary.tsv" in _archive(out / "logs.tgz") and "exit status 0" in (out / "gpu_all.log").read_text()
+    assert "-G Ninja" in Path(env["FAKE_LOG"]).read_text()
+
+    script, env = _gpu_script_sandbox(tmp_path / "c", ninja=False)
+    run = subprocess.run(["bash", str(script)], env={**env, "FAKE_FAIL": "build-on pytest"}, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 1, run.stdout[-3000:]
+    status = _summary(env)
+    assert status["build"].startswith("FAIL") and status["build-cpu-only"] == "ok"
+    assert status["tests-native"].startswith("FAIL") and status["bench-e2e"] == "ok"
+    configures = [line for line in Path(env["FAKE_LOG"]).read_text().splitlines() if " -S . " in line]
+    assert len(configures) == 2 and "-DWORLDVLA_CUDA=OFF" in configures[1]
+    assert not any("-G" in line.split() for line in configures)  # no Ninja here: CMake's default generator
+    assert "failed: build tests-" in run.stdout and len(_archive(Path(env["OUT"]) / "results.tgz")) == 6
+
+
+def test_gpu_script_keeps_e2e_first_and_delivers_while_a_stage_runs(tmp_path):
+    """A budget too short for every benchmark skips the early groups, not e2e (the latency targets), and
+    says so with exit status 2; e2e's partial JSON reaches OUT while the stage still runs (a kill then keeps
+    it), and a benchmark stopped at its limit is CUT, not a failure."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    script, env = _gpu_script_sandbox(tmp_path, ninja=True)
+    env.update(BUDGET_S="36", FAKE_E2E_S="300")  # e2e gets about 30 s, the groups before it nothing
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results, seen_running = Path(env["OUT"]) / "results.tgz", False
+    try:
+        while proc.poll() is None:
+            if results.exists() and "e2e-fake.json" in _archive(results) and "bench-e2e" not in _summary(env):
+                seen_running = True
+            time.sleep(0.5)
+        stdout = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    status = _summary(env)
+    assert proc.returncode == 2, stdout[-3000:]
+    assert [status[g] for g in ("bench-attention", "bench-kernels", "bench-train")] == ["SKIPPED"] * 3
+    assert status["bench-e2e"] == "CUT" and seen_running
+    assert "skipped: bench-attention bench-kernels bench-train" in stdout and "cut at their limit: bench-e2e" in stdout
+    assert _archive(results) == {"e2e-fake.json"} and len(list(Path(env["OUT"]).iterdir())) == 3
 
 
 def _in_fresh_process(code: str):
@@ -543,3 +688,153 @@ def test_serve_load_plots_its_phases(tmp_path):
     serve_load.plot_latencies(rows, tmp_path / "s.png", "serve_load (test)")
     assert (tmp_path / "s.png").stat().st_size > 0
     assert serve_load.parse_args(["--quick"]).clients == 3 and serve_load.parse_args([]).clients == 8
+
+
+# ------------------------------------------------------------------ timing, noise and checks
+def test_cpu_ops_rotations_are_sized_by_the_bytes_a_call_reads(monkeypatch):
+    """constrained_sample reads the hidden rows and the range's rows of the lm_head, vq_gather the indices and
+    the rows they name: the sets are sized by those bytes, what each set reads is distinct memory, and together
+    the sets cover 3x the cache, so `inputs_cache_hot: false` is true (sized by whole tensors, it was not)."""
+    from worldvla.benchmarks import cpu_ops
+
+    llc = 4 << 20
+    monkeypatch.setattr(common, "cpu_last_level_cache", lambda: ("L3", llc))
+    gen = torch.Generator().manual_seed(0)
+    N, Hd, V, R = 5, 256, 2048, 64
+    rot = cpu_ops.sampling_rotation(N, Hd, V, R, gen, quick=True)
+    assert rot.bytes_per_set == (N + R) * Hd * 4 and len(rot) == math.ceil(3 * llc / rot.bytes_per_set)
+    ranges = [w[V - R:V] for _, w in rot.sets]
+    assert all(w.shape == (V, Hd) for _, w in rot.sets)
+    assert len({r.data_ptr() for r in ranges}) == len(rot)
+    assert all(b.data_ptr() - a.data_ptr() >= R * Hd * 4 for a, b in zip(ranges, ranges[1:]))  # no overlap
+    assert rot.info()["inputs_cache_hot"] is False
+
+    B, h, K, C = 2, 4, 512, 64
+    rot = cpu_ops.gather_rotation(B, h, K, C, gen, quick=True)
+    assert rot.bytes_per_set == B * h * h * (C * 4 + 8) and len(rot) == math.ceil(3 * llc / rot.bytes_per_set)
+    read = set()
+    for idx, cb in rot.sets:
+        assert idx.shape == (B, h, h) and cb.shape == (K, C) and idx.unique().numel() == B * h * h
+        rows = {cb[i].data_ptr() for i in idx.flatten().tolist()}
+        assert not rows & read  # no set reads a row another set read
+        read |= rows
+    assert rot.info()["inputs_cache_hot"] is False
+    torch.testing.assert_close(ops.vq_gather(*rot.sets[1], backend="torch"), ops.vq_gather_ref(*rot.sets[1]))
+
+
+def test_timings_record_their_spread_and_results_the_load(tmp_path, capsys):
+    """Every timed row carries p90_over_p10; print_table warns about rows above NOISY_SPREAD, naming them;
+    the JSON records the load average at the benchmark's start (its extra) and at the write, and how many
+    rows were noisy."""
+    one = common.time_fn(lambda: None, warmup=1, repeats=5)
+    assert one["p90_over_p10"] == one["p90_ms"] / one["p10_ms"]
+    both = common.time_interleaved({"a": lambda: None, "b": lambda: None}, warmup=1, repeats=5)
+    assert all(s["p90_over_p10"] == s["p90_ms"] / s["p10_ms"] and s["interleaved"] for s in both.values())
+    rows = [{"case": "quiet", "impl": "x", "median_ms": 1.0, "p90_over_p10": 1.1},
+            {"case": "busy", "impl": "y", "median_ms": 4.0, "p90_over_p10": 3.0}]
+    common.print_table(rows, ["case", "impl", "median_ms"])
+    out = capsys.readouterr().out
+    assert "warning: 1 of 2 rows spread p90/p10 > 1.5" in out and "busy y (3.00x)" in out and "quiet" not in out.split(
+        "warning")[1]
+    load = common.load_average()
+    assert load is None or (len(load) == 3 and all(x >= 0 for x in load))
+    path = common.write_results("demo", rows, "cpu", tmp_path, extra={"load_average_start": load})
+    doc = json.loads(path.read_text())
+    assert doc["load_average_start"] == load and "load_average_end" in doc and doc["noisy_rows"] == 1
+
+
+def test_kernel_benchmarks_time_their_sides_interleaved(tmp_path):
+    """vq, sampling and cross_entropy time the sides of a case in one interleaved run (time_interleaved)
+    rather than one after the other, and record the load average."""
+    from worldvla.benchmarks import cross_entropy, sampling, vq
+
+    for mod in (vq, sampling, cross_entropy):
+        doc = json.loads(mod.run(quick=True, device="cpu", out_dir=tmp_path).read_text())
+        assert doc["rows"] and all(r["interleaved"] is True and "p90_over_p10" in r for r in doc["rows"]), mod
+        assert "load_average_start" in doc and "load_average_end" in doc
+
+
+def test_attention_checks_every_side_against_the_reference(monkeypatch, tmp_path):
+    """Every timed side's output (or gradients) is checked against the op's reference under the rule it
+    computes and recorded; a side that computes something else is flagged, and run() fails after writing
+    the JSON."""
+    from worldvla.benchmarks import attention as A
+
+    rows = A.run_prefill([("tiny", 32, 300, False)], 2, 16, torch.float32, torch.device("cpu"), True,
+                         torch.Generator().manual_seed(0))
+    timed = [r for r in rows if "median_ms" in r]
+    assert {(r["impl"], r["mode"]) for r in timed} >= {("sdpa-causal-per-doc", "fwd+bwd"), ("worldvla-torch", "fwd")}
+    assert all(r["matches_reference"] is True and r["worst_over_tolerance"] < 1 and r["interleaved"] for r in timed)
+    decode = A.run_decode([("d", 32, 5, 2)], 2, 16, torch.float32, torch.device("cpu"), True,
+                          torch.Generator().manual_seed(0))
+    assert {r["impl"] for r in decode} >= {"sdpa-dense-mask", "sdpa-nomask(floor)"}
+    assert all(r["matches_reference"] is True for r in decode)
+
+    # The per-document SDPA baseline made to drop the chunk rule's holes: it no longer matches.
+    monkeypatch.setattr(A, "sdpa_dense_mask_per_document", A.sdpa_causal_per_document)
+    rows = A.run_prefill([("tiny", 32, 300, False)], 2, 16, torch.float32, torch.device("cpu"), True,
+                         torch.Generator().manual_seed(0))
+    wrong = {(r["impl"], r["mode"]) for r in rows if r.get("matches_reference") is False}
+    assert wrong == {("sdpa-dense-mask-per-doc", "fwd"), ("sdpa-dense-mask-per-doc", "fwd+bwd")}
+    assert all(r["median_ms"] > 0 for r in rows if r["impl"] == "sdpa-dense-mask-per-doc")  # still timed
+
+    monkeypatch.setattr(A, "run_decode", lambda *a: [])
+    monkeypatch.setattr(A, "run_prefill", lambda cases, *a: [dict(r, case=cases[0][0]) for r in rows])
+    with pytest.raises(RuntimeError, match="do not match the reference: 256px sdpa-dense-mask-per-doc fwd"):
+        A.run(quick=True, device="cpu", out_dir=tmp_path)
+    doc = json.loads(next(tmp_path.glob("attention-*-quick.json")).read_text())  # written before the error
+    assert sum(r.get("matches_reference") is False for r in doc["rows"]) == 2 * 2  # 2 cases x 2 modes
+
+
+def test_flop_conventions_are_named_and_explained():
+    """attention.py counts forward + backward at 3.5x the forward (FlashAttention-2's kernel convention),
+    train.py's MFU at 3x (model FLOPs, no recomputation); each says so, and names the other."""
+    from worldvla.benchmarks import attention as A
+    from worldvla.benchmarks import train
+
+    assert A.FWD_BWD_FLOPS == 3.5 and train.TRAIN_OVER_FORWARD == 3
+    assert "FlashAttention-2" in A.__doc__ and "train.py" in A.__doc__ and "3x" in A.__doc__
+    assert "3.5x" in train.USEFUL_FLOPS and "recomputation" in train.USEFUL_FLOPS
+    rows = A.run_prefill([("tiny", 32, 300, False)], 2, 16, torch.float32, torch.device("cpu"), True,
+                         torch.Generator().manual_seed(0))
+    for r in rows:
+        if "median_ms" in r:
+            factor = A.FWD_BWD_FLOPS if r["mode"] == "fwd+bwd" else 1
+            flops = 4 * r["visible_pairs"] * 2 * 16 * factor  # 2 heads of 16
+            assert r["tflops"] == pytest.approx(flops / (r["median_ms"] * 1e-3) / 1e12)
+
+
+def test_plots_give_every_series_its_own_colour(tmp_path, monkeypatch):
+    """The attention plot draws 13 series (backends x modes): matplotlib's 10-colour cycle repeated three."""
+    for n in (3, 10, 13, 20, 27):
+        colors = common.series_colors(n)
+        assert len(colors) == n and len({tuple(c) for c in colors}) == n
+    asked = []
+    real = common.series_colors
+    monkeypatch.setattr(common, "series_colors", lambda n: asked.append(n) or real(n))
+    rows = [{"x": "a", "y": 1.0, "g": f"s{i}"} for i in range(13)]
+    common.plot_rows(rows, "x", "y", "g", "t", tmp_path / "p.png")
+    assert asked == [13] and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_serve_load_overhead_is_per_request_and_its_path_printed_once(monkeypatch, tmp_path, capsys):
+    """The single robot's overhead: percentiles of each request's round trip less the policy time of the same
+    request (never negative here), with no key subtracting percentiles of two distributions; `run` (what
+    `worldvla bench` calls, which prints the path) prints no path of its own, `main` prints it once."""
+    from pathlib import Path
+
+    from worldvla.benchmarks import serve_load
+
+    lat = [10.0, 12.0, 30.0, 11.0]          # round trips, ms
+    policy = [9.0, 10.5, 29.0, 10.0]        # the server's policy time of each of those requests
+    inproc = [9.5, 9.6, 9.7, 40.0]          # separate in-process calls: a slow outlier of their own
+    row = serve_load.single_robot_row(lat, policy, [9.2] * 4, inproc, 0.063, 0)
+    assert not any(k.startswith("overhead") for k in row)
+    assert row["rtt_minus_policy_p50_ms"] == pytest.approx(1.0) and row["rtt_minus_policy_p99_ms"] > 0
+    assert row["p99_ms"] - row["inproc_p99_ms"] < 0  # what the old overhead_p99_ms reported
+
+    monkeypatch.setattr(serve_load, "_main", lambda args, out_dir: Path(out_dir) / "serve_load-x.json")
+    serve_load.run(quick=True, out_dir=str(tmp_path))
+    assert "->" not in capsys.readouterr().out
+    serve_load.main(["--quick", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.count("serve_load-x.json") == 1

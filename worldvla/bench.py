@@ -19,7 +19,7 @@ BENCHMARKS = {
     "sampling": "constrained sampling vs full-vocabulary softmax",
     "e2e": "action-chunk and world-model frame latency vs the release-style baseline",
     "train": "training tokens/s, MFU and peak memory vs the reference-style path",
-    "serve_load": "policy server under concurrent load: p50/p99 latency, overhead over in-process act",
+    "serve_load": "policy server under concurrent load: p50/p99 latency, overhead per request (round trip less the policy's time)",
     "cpu_ops": "C++ CPU paths vs torch on the CPU (prefill and decode attention, sampling, VQ search and gather, "
                "few-row linear, whole decoder layers): the CPU auto order",
     "sass": "static report of the CUDA kernels (registers, spills, hot-loop SASS); needs nvcc, not a GPU",
