@@ -63,6 +63,18 @@ def check_device(name: str, *tensors: torch.Tensor) -> None:
         raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devs))}")
 
 
+# CUDA's grid limits (blocks along x, y, z): a launch beyond them fails with an opaque CUDA error.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def grid_limit_problem(grid, axes) -> str | None:
+    """Why `grid` cannot launch, naming what each axis counts (`axes`), or None when it can."""
+    for n, limit, what in zip(grid, MAX_GRID, axes):
+        if n > limit:
+            return f"{what} = {n} > {limit} (a grid axis limit)"
+    return None
+
+
 def check_dtype(name: str, *tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.dtype not in FLOAT_DTYPES:

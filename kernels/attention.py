@@ -126,6 +126,12 @@ def _plan(meta, kv_block, q_limit, cu, max_seqlen, block_m, block_n) -> TilePlan
 
 
 # --------------------------------------------------------------------------- kernels
+# Sizes that change from call to call (sequence length, tokens, tile counts) are not specialized on
+# (divisible by 16, equal to 1): each specialization compiles the kernels anew, and it bought nothing
+# (the sm_90 code loads and stores the same way with and without these hints).
+PER_CALL = ["L", "n_tok", "n_qt", "n_kt"]
+
+
 @triton.jit
 def _doc_range(CU, z, L, PACKED: tl.constexpr):
     """(first token of document z in the flattened meta/lse index, its length,
@@ -159,7 +165,7 @@ def _fwd_tile(q, ql, offs_m, m_i, l_i, acc, k_base, v_base, s_kt, s_vt, KVB, sta
     return online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL)
 def _fwd_kernel(Q, K, V, O, LSE, KVB, QL, CU, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
                 L, n_tok, n_heads, group, n_qt, n_kt, scale_log2,
@@ -211,7 +217,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KVB, QL, CU, FULL_IDX, FULL_CNT, PART_IDX, PART
     tl.store(LSE + h.to(tl.int64) * n_tok + start + offs_m, lse, mask=m_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "n_tok"])
 def _bwd_delta_kernel(O, DO, DELTA, CU, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, L, n_tok, n_heads,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PACKED: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -254,7 +260,7 @@ def _dkdv_tile(k, v, kvb, offs_n, n_valid, dk, dv, q_base, do_base, s_qt, s_dt, 
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL)
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KVB, QL, CU, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
                      s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
                      s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh,
@@ -324,7 +330,7 @@ def _dq_tile(q, do, lse, delta, ql, offs_m, dq, k_base, v_base, s_kt, s_vt, KVB,
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL)
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KVB, QL, CU, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
                    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh, s_dqb, s_dqt, s_dqh,
                    L, n_tok, n_heads, group, n_qt, n_kt, scale, scale_log2,
@@ -376,8 +382,31 @@ def _strides(x: torch.Tensor, packed: bool):
     return (0, x.stride(0), x.stride(1)) if packed else (x.stride(0), x.stride(1), x.stride(2))
 
 
-# fp32 tiles above head dim 128 overflow an sm_90 block's shared memory (about 280 KB against 227 KB).
+# fp32 above head dim 128 is declined: at 16-bit tile sizes its tiles overflowed an sm_90 block's shared
+# memory (about 280 KB against 227 KB), and at the fp32 sizes below they spill registers (16 x 32 tiles
+# would compile cleanly; not offered yet).
 MAX_HEAD_DIM = {torch.float32: 128}
+
+# GPU tiles by padded head dim: ((BLOCK_M, BLOCK_N, num_warps) of the forward, the same of the backward),
+# dK/dV and dQ sharing the backward's blocks (one tile plan). Chosen so that every kernel compiles for
+# sm_90 without spilling registers (tests/test_triton_compile.py checks it). 16-bit dots run on tensor
+# cores; from head dim 128 on the backward's key tiles narrow (dK/dV spilled 48-1,280 bytes a thread at
+# 64 x 64), and at 256 the forward's tiles too. fp32 dots (input_precision="ieee") are FMA loops holding
+# both operands in registers, where the 16-bit tiles spilled up to 15 KB a thread: fp32 takes small tiles
+# over 8 warps.
+_TILES_16 = {d: ((128, 64, 4), (64, 64, 4)) for d in (16, 32, 64)}
+_TILES_16.update({128: ((128, 64, 8), (64, 32, 8)), 256: ((64, 32, 8), (32, 32, 8))})
+GPU_TILES = {torch.float16: _TILES_16, torch.bfloat16: _TILES_16,
+             torch.float32: {d: ((32, 64, 8), (16, 64, 8)) for d in (16, 32, 64, 128)}}
+
+
+def gpu_launch(dtype: torch.dtype, block_d: int):
+    """((BLOCK_M, BLOCK_N), compiler options) of the forward and of the backward on the GPU."""
+    fwd, bwd = GPU_TILES[dtype][block_d]
+    # Shared memory on sm_90 (227 KB a block): rows wider than 256 bytes (fp32 at D 128, 16-bit at D 256)
+    # take two stages.
+    stages = 2 if block_d * dtype.itemsize > 256 else 3
+    return tuple(((m, n), dict(num_warps=w, num_stages=stages)) for m, n, w in (fwd, bwd))
 
 
 class _Problem:
@@ -435,16 +464,11 @@ class _Problem:
         self.upcast = INTERPRET
         if INTERPRET:
             # The interpreter's cost grows with the number of programs and block ops: few, wide tiles.
-            self.fwd_blocks = (block_m or 64, block_n or 64)
-            self.bwd_blocks = (block_m or 64, block_n or 64)
-            self.warps = {}
+            (fwd, self.fwd_opts), (bwd, self.bwd_opts) = ((64, 64), {}), ((64, 64), {})
         else:
-            self.fwd_blocks = (block_m or 128, block_n or 64)
-            self.bwd_blocks = (block_m or 64, block_n or 64)
-            # Shared memory on sm_90 (227 KB a block): fp32 tiles are twice as wide, so fp32 at D 128
-            # takes two stages like 16-bit at D 256 (three would fill all but 2 KB of it).
-            row_bytes = self.block_d * q.element_size()
-            self.warps = dict(num_warps=8 if self.block_d > 64 else 4, num_stages=2 if row_bytes > 256 else 3)
+            (fwd, self.fwd_opts), (bwd, self.bwd_opts) = gpu_launch(q.dtype, self.block_d)
+        self.fwd_blocks = (block_m or fwd[0], block_n or fwd[1])
+        self.bwd_blocks = (block_m or bwd[0], block_n or bwd[1])
         for b in (*self.fwd_blocks, *self.bwd_blocks):
             if b < 16 or b & (b - 1):
                 raise ValueError(f"block sizes must be powers of two >= 16, got {b}")
@@ -456,9 +480,9 @@ class _Problem:
     def cu_ptr(self):
         return self.cu if self.cu is not None else self.kv_block  # unused when padded
 
-    def consts(self, blocks):
+    def consts(self, blocks, opts):
         return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BLOCK_M=blocks[0], BLOCK_N=blocks[1],
-                    PACKED=self.packed, UPCAST=self.upcast, DOT_PREC=self.dot_prec, **self.warps)
+                    PACKED=self.packed, UPCAST=self.upcast, DOT_PREC=self.dot_prec, **opts)
 
 
 def attention_forward(q, k, v, meta, softmax_scale=None, block_m=None, block_n=None):
@@ -476,7 +500,7 @@ def attention_forward(q, k, v, meta, softmax_scale=None, block_m=None, block_n=N
             plan.full_q, plan.full_q_cnt, plan.part_q, plan.part_q_cnt,
             *_strides(q, pb.packed), *_strides(k, pb.packed), *_strides(v, pb.packed), *_strides(out, pb.packed),
             pb.L, pb.n_tok, pb.n_heads, pb.n_heads // pb.n_kv_heads, n_qt, n_kt, pb.scale * LOG2E,
-            **pb.consts(pb.fwd_blocks))
+            **pb.consts(pb.fwd_blocks, pb.fwd_opts))
     return out.to(q.dtype), lse2, pb
 
 
@@ -502,13 +526,15 @@ def attention_backward(do, q, k, v, out, lse2, pb: _Problem):
         q, k, v, do, lse2, delta, dk, dv, pb.kv_block, pb.q_limit, pb.cu_ptr, full_k, full_k_cnt, part_k, part_k_cnt,
         *_strides(q, pb.packed), *_strides(k, pb.packed), *_strides(v, pb.packed), *_strides(do, pb.packed),
         *_strides(dk, pb.packed), *_strides(dv, pb.packed),
-        pb.L, pb.n_tok, pb.n_kv_heads, group, n_qt, n_kt, pb.scale, pb.scale * LOG2E, **pb.consts(pb.bwd_blocks))
+        pb.L, pb.n_tok, pb.n_kv_heads, group, n_qt, n_kt, pb.scale, pb.scale * LOG2E,
+        **pb.consts(pb.bwd_blocks, pb.bwd_opts))
     _bwd_dq_kernel[(n_qt, pb.n_docs * pb.n_heads)](
         q, k, v, do, lse2, delta, dq, pb.kv_block, pb.q_limit, pb.cu_ptr,
         plan.full_q, plan.full_q_cnt, plan.part_q, plan.part_q_cnt,
         *_strides(q, pb.packed), *_strides(k, pb.packed), *_strides(v, pb.packed), *_strides(do, pb.packed),
         *_strides(dq, pb.packed),
-        pb.L, pb.n_tok, pb.n_heads, group, n_qt, n_kt, pb.scale, pb.scale * LOG2E, **pb.consts(pb.bwd_blocks))
+        pb.L, pb.n_tok, pb.n_heads, group, n_qt, n_kt, pb.scale, pb.scale * LOG2E,
+        **pb.consts(pb.bwd_blocks, pb.bwd_opts))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -5,11 +5,12 @@ caches [B, S, Hkv, Dh] under a DecodeMeta (worldvla.mask):
 
     key s visible to query i  iff  s <= q_pos[i]  and  s < kv_len  and  not kv_block[s] < q_limit[i]
 
-Decode has few query rows, so one program takes all rows that share a KV head (the Q rows
-times the H/Hkv query heads of the group: each cache tile is read once per group) and a
-slice of the cache; a second kernel merges the slices through their log-sum-exps. Decode
-is memory-bound: every tile of a slice up to the last visible key is loaded unconditionally
-(so loads pipeline) and masked elementwise; keys past max(q_pos) and kv_len are never read.
+Decode has few query rows, so one program takes the rows that share a KV head (the Q rows
+times the H/Hkv query heads of the group, up to a cap, `gpu_launch`: each cache tile is read
+once per group when they fit) and a slice of the cache; a second kernel merges the slices
+through their log-sum-exps. Decode is memory-bound: every tile of a slice up to the last
+visible key is loaded unconditionally (so loads pipeline) and masked elementwise; keys past
+max(q_pos) and kv_len are never read.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BIG, INTERPRET, check_device, check_dtype, chunk_visible, dot_precision, head_block,
-                      last_dim_contiguous, load_f32, online_softmax_step, store_dtype)
+from ._common import (BIG, INTERPRET, check_device, check_dtype, chunk_visible, dot_precision,
+                      grid_limit_problem, head_block, last_dim_contiguous, load_f32, online_softmax_step, store_dtype)
 
 LOG2E = 1.4426950408889634
 
@@ -115,6 +116,37 @@ def _combine_kernel(O, OP, LSEP, s_ob, s_oq, s_oh, n_q, n_kv_heads, group, n_spl
              out.to(O.dtype.element_ty), mask=r_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
+def gpu_launch(dtype: torch.dtype, block_d: int, n_rows: int):
+    """(BLOCK_R, BLOCK_N, compiler options of the split kernel, of the merge) for `n_rows` rows a KV
+    group. A program takes all of them, at least 16 (tl.dot's minimum), up to a cap that, with the key
+    tile and the warps, keeps the kernels free of register spills on sm_90 (tests/test_triton_compile.py
+    checks it). fp32 dots (input_precision="ieee") are FMA loops holding q [BLOCK_R, BLOCK_D] and the key
+    tile in registers: fp32 takes at most 32 rows, and 16 rows with 32-key tiles from head dim 128 on.
+    16-bit inputs take up to 64 rows (32 at head dim 256), over 8 warps where BLOCK_R x BLOCK_D reaches
+    32 x 128 (4 warps spilled 0.1-1.4 KB a thread there). The merge holds BLOCK_R x BLOCK_D fp32 values a
+    program: 8 warps from 4096 on."""
+    fp32 = dtype == torch.float32
+    if fp32:
+        max_rows, block_n = (32, 64) if block_d <= 64 else (16, 32)
+    else:
+        max_rows, block_n = (64 if block_d <= 128 else 32), 64
+    block_r = max(16, min(max_rows, triton.next_power_of_2(n_rows)))
+    wide = block_d >= 128 and block_r * block_d >= 4096
+    return (block_r, block_n, dict(num_warps=8 if fp32 or wide else 4, num_stages=2),
+            dict(num_warps=8 if block_r * block_d >= 4096 else 4))
+
+
+def grid_problem(q, k_cache) -> str | None:
+    """Why the kernels cannot launch for q [B, Q, H, Dh] and caches [B, S, Hkv, Dh], or None. The split
+    kernel's grid is (splits, query row tiles, B x Hkv), the merge's (query row tiles, B x Hkv)."""
+    B, n_q, H, D = q.shape
+    Hkv = k_cache.shape[2]
+    n_rows = n_q * (H // Hkv)
+    block_r = gpu_launch(q.dtype, head_block(D), n_rows)[0]
+    return grid_limit_problem((1, triton.cdiv(n_rows, block_r), B * Hkv),
+                              ("splits", "query row tiles", "batch x kv heads"))
+
+
 def _default_splits(n_tiles: int, n_programs: int, device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         return min(n_tiles, 2)
@@ -144,6 +176,9 @@ def decode_attention(q, k_cache, v_cache, meta, softmax_scale=None, num_splits=N
     if tuple(meta.kv_block.shape) != (B, S) or tuple(meta.kv_len.shape) != (B,):
         raise ValueError(f"meta.kv_block must be [B={B}, S={S}] and kv_len [B], got {tuple(meta.kv_block.shape)}, "
                          f"{tuple(meta.kv_len.shape)}")
+    why = grid_problem(q, k_cache)
+    if why is not None:
+        raise ValueError(f"decode_attention: {why}; split the batch")
     q, k_cache, v_cache = last_dim_contiguous(q), last_dim_contiguous(k_cache), last_dim_contiguous(v_cache)
     qpos, qlim = meta.q_pos.to(torch.int32).contiguous(), meta.q_limit.to(torch.int32).contiguous()
     kvb, kvlen = meta.kv_block.to(torch.int32).contiguous(), meta.kv_len.to(torch.int32).contiguous()
@@ -151,9 +186,10 @@ def decode_attention(q, k_cache, v_cache, meta, softmax_scale=None, num_splits=N
 
     group = H // Hkv
     n_rows = n_q * group
-    block_r = max(16, min(64, triton.next_power_of_2(n_rows)))
-    block_n = block_n or (128 if INTERPRET else 64)
     block_d = head_block(D)
+    # The interpreter takes the GPU's row tiles too, so its tests cover their split over programs.
+    block_r, gpu_block_n, split_opts, merge_opts = gpu_launch(q.dtype, block_d, n_rows)
+    block_n = block_n or (128 if INTERPRET else gpu_block_n)
     n_row_tiles = triton.cdiv(n_rows, block_r)
     n_tiles = max(1, triton.cdiv(S, block_n))
     if num_splits is None:
@@ -171,16 +207,15 @@ def decode_attention(q, k_cache, v_cache, meta, softmax_scale=None, num_splits=N
     else:
         o_part = torch.empty((B * Hkv, num_splits, n_rows, block_d), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((B * Hkv, num_splits, n_rows), dtype=torch.float32, device=q.device)
-    warps = {} if INTERPRET else dict(num_warps=4, num_stages=2)
     _split_kernel[(num_splits, n_row_tiles, B * Hkv)](
         q, k_cache, v_cache, out, o_part, lse_part, qpos, qlim, kvb, kvlen,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
         n_q, S, Hkv, group, split_len, num_splits, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n, SINGLE=single,
-        UPCAST=INTERPRET, DOT_PREC=dot_precision(q.dtype), **warps)
+        UPCAST=INTERPRET, DOT_PREC=dot_precision(q.dtype), **({} if INTERPRET else split_opts))
     if not single:
         _combine_kernel[(n_row_tiles, B * Hkv)](
             out, o_part, lse_part, out.stride(0), out.stride(1), out.stride(2), n_q, Hkv, group, num_splits,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=block_r)
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=block_r, **({} if INTERPRET else merge_opts))
     return out.to(q.dtype)

@@ -42,7 +42,9 @@ import triton.language as tl
 from ._common import INTERPRET, check_device, check_dtype, store_dtype
 
 
-@triton.jit
+# Not specialized on the chunk's rows and offset (divisible by 16, equal to 1): they change from chunk to
+# chunk, and each specialization would compile the kernel anew for the same sm_90 code.
+@triton.jit(do_not_specialize=["n_rows", "row0", "n_total"])
 def _ce_rows_kernel(LOGITS, s_row, TARGETS, ROW_W, CE, LSE, n_rows, V, row0, n_total, z_coef,
                     HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
     """ROW_W is fp32 [2 * n_total + 1]: the CE weight a_i (row 0, read when HAS_WEIGHT; otherwise
@@ -83,6 +85,11 @@ def _ce_rows_kernel(LOGITS, s_row, TARGETS, ROW_W, CE, LSE, n_rows, V, row0, n_t
             x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
             g = c[:, None] * tl.exp(x - lse[:, None]) - tl.where(cols[None, :] == y[:, None], a[:, None], 0.0)
             tl.store(base + cols[None, :], g.to(LOGITS.dtype.element_ty), mask=mask)
+
+
+def gpu_launch(V: int):
+    """(ROWS, BLOCK_V, compiler options) of the row kernel on the GPU: one row a program."""
+    return 1, min(triton.next_power_of_2(V), 4096), dict(num_warps=8)
 
 
 def _chunk_rows(n: int, vocab: int, elem_bytes: int, chunk_size: int | None) -> int:
@@ -166,9 +173,8 @@ def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5,
         g_scale.copy_(torch.exp2(-torch.floor(torch.log2(row_w.amax().clamp(min=2.0 ** -100)))))
     else:
         g_scale.fill_(1.0)
-    # One row per program on GPUs; the interpreter pays per program, so there a program takes 32 rows.
-    rows_per_prog = 32 if INTERPRET else 1
-    block_v = min(triton.next_power_of_2(V), 1024 if INTERPRET else 4096)
+    # The interpreter pays per program, so there a program takes 32 rows.
+    rows_per_prog, block_v, opts = (32, min(triton.next_power_of_2(V), 1024), {}) if INTERPRET else gpu_launch(V)
     step = _chunk_rows(N, V, 4, chunk_size)
     zero = torch.zeros((), dtype=hidden.dtype, device=dev)
     for r0 in range(0, N, step):
@@ -179,8 +185,7 @@ def linear_ce_forward(hidden, weight, targets, class_weight=None, z_weight=1e-5,
             logits = logits.float()
         _ce_rows_kernel[(triton.cdiv(h_c.shape[0], rows_per_prog),)](
             logits, logits.stride(0), y32, row_buf, ce, lse, h_c.shape[0], V, r0, N, 2.0 * z_weight,
-            HAS_WEIGHT=class_weight is not None, WRITE_GRAD=write_grad, ROWS=rows_per_prog, BLOCK_V=block_v,
-            **({} if INTERPRET else dict(num_warps=8)))
+            HAS_WEIGHT=class_weight is not None, WRITE_GRAD=write_grad, ROWS=rows_per_prog, BLOCK_V=block_v, **opts)
         if not write_grad:
             continue
         dlogits = logits.to(weight.dtype)

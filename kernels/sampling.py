@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BIG, INTERPRET, check_device, check_dtype, dot_precision, load_f32
+from ._common import BIG, INTERPRET, check_device, check_dtype, dot_precision, grid_limit_problem, load_f32
 
 
 @triton.jit
@@ -54,16 +54,37 @@ def _range_logits_kernel(HID, W, LOGITS, TMAX, TARG, N, Hd, lo, n_range, n_tiles
         tl.store(TARG + rows * n_tiles + pid_v, tl.where(has_nan, pick, pick - BIG), mask=r_valid)
 
 
+# Rows a program takes (decoding samples a few rows at a time)
+BLOCK_ROWS = 16
+
+
+def gpu_launch(dtype: torch.dtype):
+    """(BLOCK_V, BLOCK_H, compiler options) on the GPU. fp32 dots (input_precision="ieee") are FMA loops
+    holding their operands in registers: 128 hidden channels a step spilled there on sm_90 (about 420
+    bytes a thread), 32 over 8 warps do not."""
+    if dtype == torch.float32:
+        return 64, 32, dict(num_warps=8, num_stages=3)
+    return 64, 128, dict(num_warps=4, num_stages=3)
+
+
+def grid_problem(N: int) -> str | None:
+    """Why the kernel cannot launch for N rows, or None: its grid is (vocabulary tiles, row tiles)."""
+    return grid_limit_problem((1, triton.cdiv(N, BLOCK_ROWS)), ("vocabulary tiles", "row tiles"))
+
+
 def _launch(hidden, weight, lo, hi, write_logits):
     N, Hd = hidden.shape
     n_range = hi - lo
     if n_range + 128 > BIG.value:  # the greedy pick offsets column indices by BIG within int32
         raise ValueError(f"a vocabulary range of {n_range} ids is too large for the Triton kernel (< 2^30)")
+    why = grid_problem(N)
+    if why is not None:
+        raise ValueError(f"constrained_sample: {why}; split the rows")
+    bn = BLOCK_ROWS
     if INTERPRET:
-        bn, bv, bh, warps = 16, 128, min(128, max(16, triton.next_power_of_2(Hd))), {}
+        bv, bh, warps = 128, min(128, max(16, triton.next_power_of_2(Hd))), {}
     else:
-        bn, bv, bh = 16, 64, 128
-        warps = dict(num_warps=4, num_stages=3)
+        bv, bh, warps = gpu_launch(hidden.dtype)
     n_tiles = triton.cdiv(n_range, bv)
     dev = hidden.device
     if write_logits:

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BIG, INTERPRET, check_device, check_dtype, dot_precision, load_f32, store_dtype
+from ._common import (BIG, INTERPRET, check_device, check_dtype, dot_precision, grid_limit_problem, load_f32,
+                      store_dtype)
 
 
 @triton.jit
@@ -91,6 +92,28 @@ def _gather_kernel(IDX, E, OUT, HW, C, K, s_ek, BLOCK_P: tl.constexpr, BLOCK_C: 
     tl.store(OUT + b * C * HW + c[None, :].to(tl.int64) * HW + p[:, None], vals.to(OUT.dtype.element_ty), mask=mask)
 
 
+def argmin_gpu_launch(dtype: torch.dtype, C: int) -> dict:
+    """Blocks and compiler options of the argmin on the GPU. fp32 dots (input_precision="ieee") are FMA
+    loops holding their operands in registers: 64 channels a step spilled there on sm_90, 32 do not."""
+    max_c = 32 if dtype == torch.float32 else 64
+    return dict(BLOCK_N=64, BLOCK_K=128, BLOCK_C=min(max_c, max(16, triton.next_power_of_2(C))), num_warps=8,
+                num_stages=3)
+
+
+# (BLOCK_P, BLOCK_C) of the gather: positions by channels
+GATHER_BLOCKS = (64, 64) if INTERPRET else (64, 32)
+
+
+def gather_grid(B: int, hw: int, C: int) -> tuple[int, int, int]:
+    return triton.cdiv(hw, GATHER_BLOCKS[0]), triton.cdiv(C, GATHER_BLOCKS[1]), B
+
+
+def gather_grid_problem(indices_shape, C: int) -> str | None:
+    """Why the gather cannot launch for indices [B, h, w] and C channels, or None."""
+    B, h, w = indices_shape
+    return grid_limit_problem(gather_grid(B, h * w, C), ("position tiles", "channel tiles", "batch"))
+
+
 def code_splits(N: int, K: int, block_n: int, block_k: int, device: torch.device,
                 n_splits: int | None = None) -> tuple[int, int]:
     """(programs per row tile, codes per program): `n_splits` if given, else about two programs
@@ -130,7 +153,7 @@ def vq_quantize(z: torch.Tensor, codebook: torch.Tensor, n_splits: int | None = 
     if INTERPRET:
         cfg = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_C=min(128, max(16, triton.next_power_of_2(C))))
     else:
-        cfg = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_C=min(64, max(16, triton.next_power_of_2(C))), num_warps=8, num_stages=3)
+        cfg = argmin_gpu_launch(z.dtype, C)
     splits, split = code_splits(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], z.device, n_splits)
     _argmin_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), splits)](
         z, e, e_norm, out, N, K, C, z.stride(0), e.stride(0), split, **cfg,
@@ -148,12 +171,15 @@ def vq_gather(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     check_device("vq_gather", indices, codebook)
     B, h, w = indices.shape
     K, C = codebook.shape
+    why = gather_grid_problem(indices.shape, C)
+    if why is not None:
+        raise ValueError(f"vq_gather: {why}; split the batch")
     idx = indices.contiguous()
     e = codebook if codebook.stride(1) == 1 else codebook.contiguous()
     out = torch.empty((B, C, h, w), dtype=store_dtype(codebook.dtype), device=codebook.device)
     if out.numel():
-        BP, BC = (64, 64) if INTERPRET else (64, 32)
-        _gather_kernel[(triton.cdiv(h * w, BP), triton.cdiv(C, BC), B)](
+        BP, BC = GATHER_BLOCKS
+        _gather_kernel[gather_grid(B, h * w, C)](
             # UPCAST: the interpreter's bf16 pitfall; other dtypes copy as they are
             idx, e, out, h * w, C, e.shape[0], e.stride(0), BLOCK_P=BP, BLOCK_C=BC,
             UPCAST=INTERPRET and e.dtype == torch.bfloat16)

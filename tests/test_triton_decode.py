@@ -163,6 +163,30 @@ def test_inputs_that_need_gradients_go_to_another_backend():
         assert tb._decode_supports(q, k, k, meta) is True
 
 
+def test_batches_beyond_the_grid_go_to_another_backend():
+    """B x Hkv is a grid axis of both decode kernels, at most 65535 programs: larger batches are declined
+    with the reason (so "auto" takes another backend), and the kernel's entry point refuses them before
+    launching. The inputs are expanded (zero strides): nothing of that size is allocated."""
+    from worldvla.ops import dispatch
+    from worldvla.ops import triton_backend as tb
+
+    def inputs(B, Hkv):
+        q = torch.zeros(1, 1, 1, 16, device=DEV).expand(B, 2, 2 * Hkv, 16)
+        cache = torch.zeros(1, 1, 1, 16, device=DEV).expand(B, 8, Hkv, 16)
+        int32 = lambda *shape: torch.zeros((1,) * len(shape), dtype=torch.int32, device=DEV).expand(*shape)
+        return q, cache, cache, DecodeMeta(int32(B, 2), int32(B, 2), int32(B, 8), int32(B))
+
+    assert tb._decode_supports(*inputs(65535, 1)) is True
+    too_many = inputs(32768, 2)
+    why = tb._decode_supports(*too_many)
+    assert not why and "batch x kv heads = 65536 > 65535" in why.reason, why
+    assert dispatch.supports("decode_attention", "triton", *too_many) is False
+    with pytest.raises(ValueError, match="'triton' backend of 'decode_attention' does not support.*65535"):
+        dispatch.resolve("decode_attention", "triton", DEV, *too_many)
+    with pytest.raises(ValueError, match="batch x kv heads = 65536 > 65535"):
+        K.decode_attention(*too_many)
+
+
 @pytest.mark.parametrize("num_splits", [2, 3])
 def test_split_kv_merge_when_a_later_split_dominates(rng, num_splits, poison_empty):
     """In the other tests the first split holds the most keys and dominates, so the merge's rescaling of the

@@ -125,6 +125,24 @@ def test_sampling_distribution(rng):
     assert (a == b).float().mean().item() > 0.95
 
 
+def test_rows_beyond_the_grid_go_to_another_backend():
+    """Row tiles of 16 are the kernel's grid y axis, at most 65535 programs: more rows are declined with
+    the reason (so "auto" takes another backend), and the kernel refuses them. Expanded (zero-stride) rows."""
+    from worldvla.ops import dispatch
+    from worldvla.ops import triton_backend as tb
+
+    w = torch.zeros(8, 16, device=DEV)
+    row = torch.zeros(1, 16, device=DEV)
+    assert tb._sample_supports(row.expand(65535 * 16, 16), w, 0, 8) is True
+    too_many = row.expand(65535 * 16 + 1, 16)
+    why = tb._sample_supports(too_many, w, 0, 8)
+    assert not why and "row tiles = 65536 > 65535" in why.reason, why
+    with pytest.raises(ValueError, match="'triton' backend of 'constrained_sample' does not support.*65535"):
+        dispatch.resolve("constrained_sample", "triton", DEV, too_many, w, 0, 8)
+    with pytest.raises(ValueError, match="row tiles = 65536 > 65535"):
+        K.constrained_sample(too_many, w, 0, 8)
+
+
 def test_bad_inputs(rng):
     h, w = head(rng, 2, 32, torch.float32)
     with pytest.raises(ValueError, match="vocabulary range"):

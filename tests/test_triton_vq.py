@@ -136,6 +136,24 @@ def test_gather_of_codes_out_of_range_reads_nothing(rng):
     assert torch.equal(got[0, :, 0, [1, 2, 4]], torch.zeros(40, 3, device=DEV))
 
 
+def test_gather_of_batches_beyond_the_grid_goes_to_another_backend():
+    """The batch is the gather's grid z axis, at most 65535 programs: larger batches are declined with the
+    reason (so "auto" takes another backend), and the kernel refuses them. Expanded (zero-stride) codes."""
+    from worldvla.ops import dispatch
+    from worldvla.ops import triton_backend as tb
+
+    codebook = torch.zeros(4, 16, device=DEV)
+    codes = torch.zeros(1, 1, 1, dtype=torch.int64, device=DEV)
+    assert tb._vq_gather_supports(codes.expand(65535, 2, 2), codebook) is True
+    too_many = codes.expand(65536, 2, 2)
+    why = tb._vq_gather_supports(too_many, codebook)
+    assert not why and "batch = 65536 > 65535" in why.reason, why
+    with pytest.raises(ValueError, match="'triton' backend of 'vq_gather' does not support.*65535"):
+        dispatch.resolve("vq_gather", "triton", DEV, too_many, codebook)
+    with pytest.raises(ValueError, match="batch = 65536 > 65535"):
+        K.vq_gather(too_many, codebook)
+
+
 def test_bad_inputs(rng):
     with pytest.raises(ValueError, match="vq_quantize wants"):
         K.vq_quantize(torch.randn(4, 8, device=DEV), torch.randn(10, 9, device=DEV))

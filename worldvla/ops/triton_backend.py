@@ -5,8 +5,11 @@ implementation, so `torch.compile` traces through it without a graph break, and 
 metadata objects of `worldvla.mask` as their tensors and ints. Attention and the fused
 linear cross-entropy are differentiable through `register_autograd`: the attention backward
 is its own op fed with the forward's log-sum-exp; the cross-entropy forward already computes
-the gradients, which the backward scales. The op implementations read no tensor values on
-the host for CUDA inputs, so they can be captured in CUDA graphs.
+the gradients, which the backward scales. For CUDA inputs the op implementations read no tensor
+values on the host, so they can be captured in CUDA graphs, with one exception: packed attention
+under metadata without max_seqlen (max_seqlen <= 0, "unknown") reads cu_seqlens on the host, in the
+forward and again in the backward, to find the longest document (a synchronization; `chunk_mask_meta`
+and `causal_meta` set max_seqlen).
 
 Sampling with temperature > 0 draws from the op's logits outside any op: a torch.Generator
 cannot be an operator argument.
@@ -329,13 +332,25 @@ def _attention_supports(q, k, v, meta, softmax_scale=None):
             f"{n_seq} sequences x {q.shape[-2]} heads > {_MAX_GRID_Y} (a grid axis); split the batch"))
 
 
+def _grid(why):
+    """A kernel module's grid_problem answer as a supports answer."""
+    return True if why is None else dispatch.Unsupported(f"{why}; split the batch")
+
+
+def _decode_grid(q, k_cache):
+    if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape[2] == 0:
+        return True  # malformed shapes: the op raises its own error
+    return _grid(_decode.grid_problem(q, k_cache))
+
+
 def _decode_supports(q, k_cache, v_cache, meta, softmax_scale=None):
     return dispatch.first_false(
         _device(q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len),
         _float(q, k_cache, v_cache),
         not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)))
         or dispatch.Unsupported("inputs need gradients and the Triton decode kernel is forward-only"),
-        q.shape[-1] <= 256 or dispatch.Unsupported(f"head dim {q.shape[-1]} > 256"))
+        q.shape[-1] <= 256 or dispatch.Unsupported(f"head dim {q.shape[-1]} > 256"),
+        lambda: _decode_grid(q, k_cache))
 
 
 def _linear_ce_supports(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100):
@@ -343,7 +358,8 @@ def _linear_ce_supports(hidden, weight, targets, class_weight=None, z_weight=1e-
 
 
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
-    return dispatch.first_false(_device(hidden, weight), _float(hidden, weight))
+    return dispatch.first_false(_device(hidden, weight), _float(hidden, weight),
+                                lambda: hidden.dim() != 2 or _grid(_sampling.grid_problem(hidden.shape[0])))
 
 
 def _vq_quantize_supports(z, codebook):
@@ -352,10 +368,13 @@ def _vq_quantize_supports(z, codebook):
 
 
 def _vq_gather_supports(indices, codebook):
-    return dispatch.first_false(_device(indices, codebook), not indices.dtype.is_floating_point or
-                        dispatch.Unsupported(f"indices must be integers, got {indices.dtype}"),
-                        not codebook.dtype.is_complex or  # the launcher has no pointer type for them
-                        dispatch.Unsupported(f"the codebook is {codebook.dtype}; complex codebooks take the torch path"))
+    return dispatch.first_false(
+        _device(indices, codebook),
+        not indices.dtype.is_floating_point or dispatch.Unsupported(f"indices must be integers, got {indices.dtype}"),
+        not codebook.dtype.is_complex or  # the launcher has no pointer type for them
+        dispatch.Unsupported(f"the codebook is {codebook.dtype}; complex codebooks take the torch path"),
+        lambda: indices.dim() != 3 or codebook.dim() != 2
+        or _grid(_vq.gather_grid_problem(indices.shape, codebook.shape[1])))
 
 
 dispatch.register("masked_attention", "triton", masked_attention, _attention_supports)
