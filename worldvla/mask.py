@@ -53,13 +53,10 @@ class ChunkMaskMeta:
 
     def to(self, device) -> "ChunkMaskMeta":
         cu = self.cu_seqlens
-        if cu is not None and cu.device.type == "cpu" and torch.device(device).type != "cpu" \
-                and self.max_seqlen > 0 and cu.numel() > 1:
-            longest = int((cu[1:] - cu[:-1]).max())
-            if longest > self.max_seqlen:
-                raise ValueError(f"max_seqlen={self.max_seqlen} is shorter than the longest document ({longest} "
-                                 f"tokens): the GPU kernels would leave the rows past it unwritten; set it to at "
-                                 f"least {longest} (or 0: unknown)")
+        if cu is not None and cu.device.type == "cpu" and torch.device(device).type != "cpu":
+            from .ops.attention import _check_cu_seqlens  # the entry points' check, while the read is free
+
+            _check_cu_seqlens(self, self.kv_block.shape[0])
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)
         return ChunkMaskMeta(mv(self.kv_block), mv(self.q_limit), mv(self.position_ids), mv(self.cu_seqlens), self.max_seqlen)
 
