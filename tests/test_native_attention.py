@@ -654,6 +654,25 @@ def test_bad_arguments_cuda(rng):
         nb.masked_attention(q, k, v, causal_meta((1, 16)))
 
 
+@gpu
+def test_auto_passes_over_a_misaligned_storage_cuda(rng):
+    """A storage that itself starts off a 16-byte boundary (here built through __cuda_array_interface__, as
+    DLPack or CuPy imports can give) passes the stride and offset checks: `supports` refuses it, so that `auto`
+    runs another backend, and a direct native call raises before the launch."""
+    meta = causal_meta((1, 16), device="cuda")
+    q, k, v = qkv(rng, (1, 16), 2, 1, 64, torch.float16, "cuda")
+    raw = torch.empty(q.numel() * 2 + 16, dtype=torch.uint8, device="cuda")
+    iface = {"shape": tuple(q.shape), "typestr": "<f2", "data": (raw.data_ptr() + 2, False), "version": 2}
+    odd = torch.as_tensor(type("Imported", (), {"__cuda_array_interface__": iface})(), device="cuda")
+    odd.copy_(q)
+    assert odd.data_ptr() % 16 == 2 and odd.storage_offset() == 0
+    ok = nb._attention_supports(odd, k, v, meta)
+    assert not ok and "16-byte" in ok.reason
+    with pytest.raises(ValueError, match="16-byte"):
+        nb.masked_attention(odd, k, v, meta)
+    torch.testing.assert_close(masked_attention(odd, k, v, meta), masked_attention(q, k, v, meta))
+
+
 def test_cpu_auto_order_follows_the_measured_vector_width():
     """C++ CPU paths lead only where they were measured faster: constrained sampling on AVX2 machines
     and AMD AVX-512 ones but not Intel AVX-512 ones (MKL), nothing where nothing was measured."""

@@ -183,7 +183,7 @@ def _aligned16(op: str, **named):
 def _pointers_aligned16(op: str, **named):
     for n, t in named.items():
         if t.numel() and t.data_ptr() % 16:
-            _fail(op, f"{n}'s data pointer is not 16-byte aligned; call .contiguous() on a fresh tensor")
+            _fail(op, f"{n}'s data pointer is not 16-byte aligned (its storage starts off a boundary); call .clone() for a fresh allocation")
 
 
 def _stream(dev: int) -> int:
@@ -1222,16 +1222,27 @@ def _passes(check, *args):
     return True
 
 
+def _pointers_ok(op: str, **named):
+    """The launch's own pointer check, run in `supports` so that `auto` moves on: a tensor whose storage
+    itself starts off a 16-byte boundary (one imported through DLPack or `frombuffer`) passes the stride
+    and offset checks. Only plain CUDA tensors: fake and CPU tensors have no pointer to check here."""
+    if all(type(t) in _PLAIN and t.is_cuda for t in named.values()):
+        return _passes(_pointers_aligned16, op, **named)
+    return True
+
+
 def _attention_supports(q, k, v, meta, softmax_scale=None):
     return dispatch.first_false(
         lambda: _device_ok("masked_attention", q), lambda: _no_grad(q, k, v),
-        lambda: _passes(_check_attention, q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens))
+        lambda: _passes(_check_attention, q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens),
+        lambda: _pointers_ok("masked_attention", q=q, k=k, v=v))
 
 
 def _decode_supports(q, k_cache, v_cache, meta, softmax_scale=None):
     return dispatch.first_false(
         lambda: _device_ok("decode_attention", q), lambda: _no_grad(q, k_cache, v_cache),
-        lambda: _passes(_check_decode, q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len))
+        lambda: _passes(_check_decode, q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len),
+        lambda: _pointers_ok("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache))
 
 
 def _vq_quantize_supports(z, codebook):
@@ -1288,7 +1299,8 @@ def _decoder_layer_supports(layer, x, ctx, step: bool = False):
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
     # No gradient check: the ids carry none, and `auto` must choose alike with and without grad mode.
     return dispatch.first_false(lambda: _device_ok("constrained_sample", hidden),
-                                lambda: _passes(_check_range, hidden, weight, lo, hi))
+                                lambda: _passes(_check_range, hidden, weight, lo, hi),
+                                lambda: _pointers_ok("constrained_sample", hidden=hidden, weight=weight))
 
 
 
