@@ -382,10 +382,8 @@ def _strides(x: torch.Tensor, packed: bool):
     return (0, x.stride(0), x.stride(1)) if packed else (x.stride(0), x.stride(1), x.stride(2))
 
 
-# fp32 above head dim 128 is declined: at 16-bit tile sizes its tiles overflowed an sm_90 block's shared
-# memory (about 280 KB against 227 KB), and at the fp32 sizes below they spill registers (16 x 32 tiles
-# would compile cleanly; not offered yet).
-MAX_HEAD_DIM = {torch.float32: 128}
+# Head dims pad to a power of two up to 256; wider heads are declined (no WorldVLA config has them).
+MAX_HEAD_DIM = 256
 
 # GPU tiles by padded head dim: ((BLOCK_M, BLOCK_N, num_warps) of the forward, the same of the backward),
 # dK/dV and dQ sharing the backward's blocks (one tile plan). Chosen so that every kernel compiles for
@@ -393,11 +391,12 @@ MAX_HEAD_DIM = {torch.float32: 128}
 # cores; from head dim 128 on the backward's key tiles narrow (dK/dV spilled 48-1,280 bytes a thread at
 # 64 x 64), and at 256 the forward's tiles too. fp32 dots (input_precision="ieee") are FMA loops holding
 # both operands in registers, where the 16-bit tiles spilled up to 15 KB a thread: fp32 takes small tiles
-# over 8 warps.
+# over 8 warps, 16 x 32 at head dim 256 (at 16-bit sizes its tiles overflowed shared memory, about 280 KB).
 _TILES_16 = {d: ((128, 64, 4), (64, 64, 4)) for d in (16, 32, 64)}
 _TILES_16.update({128: ((128, 64, 8), (64, 32, 8)), 256: ((64, 32, 8), (32, 32, 8))})
 GPU_TILES = {torch.float16: _TILES_16, torch.bfloat16: _TILES_16,
              torch.float32: {d: ((32, 64, 8), (16, 64, 8)) for d in (16, 32, 64, 128)}}
+GPU_TILES[torch.float32][256] = ((16, 32, 8), (16, 32, 8))
 
 
 def gpu_launch(dtype: torch.dtype, block_d: int):
@@ -432,10 +431,9 @@ class _Problem:
         if tuple(meta.kv_block.shape) != tuple(q.shape[:-2]) or tuple(meta.q_limit.shape) != tuple(q.shape[:-2]):
             raise ValueError(f"meta covers tokens {tuple(meta.kv_block.shape)} but q has {tuple(q.shape[:-2])}")
         self.head_dim = q.shape[-1]
-        limit = MAX_HEAD_DIM.get(q.dtype, 256)
-        if self.head_dim > limit:
-            raise ValueError(f"head dim {self.head_dim} is larger than the Triton kernel's {limit} in {q.dtype} "
-                             f"(its tiles would overflow a block's shared memory)")
+        if self.head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"head dim {self.head_dim} is larger than the Triton kernel's {MAX_HEAD_DIM}; "
+                             f"use backend='torch'")
         self.meta = meta
         self.n_heads, self.n_kv_heads = q.shape[-2], k.shape[-2]
         self.kv_block = meta.kv_block.to(torch.int32).contiguous()

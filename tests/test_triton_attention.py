@@ -313,6 +313,24 @@ def test_backward_packed(rng, poison_empty):
         assert_close_rule(g.grad, r.grad, s, f"d{name}", floor_eps=FP32_FLOOR_EPS)
 
 
+def test_float32_wide_heads(rng, poison_empty):
+    """fp32 at head dim 160 (padded to 256, the GPU's 16 x 32 tiles): forward and backward against the
+    reference, with the same rule as at the narrower heads."""
+    ids = action_sample(rng, 61, n_images=1, chunk=3).unsqueeze(0)
+    meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+    q, k, v = qkv(rng, (1, 61, 2, 160), 1, torch.float32)
+    do = torch.randn(q.shape, generator=rng).to(DEV)
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    xd = [t.double().requires_grad_() for t in (q, k, v)]
+    out = K.chunk_attention(*xs, meta)
+    ref = masked_attention_ref(*xd, meta)
+    assert_close_rule(out, ref, torch_same_precision(q, k, v, meta), "fwd D160", floor_eps=FP32_FLOOR_EPS)
+    out.backward(do)
+    ref.backward(do.double())
+    for name, g, r, s in zip("qkv", xs, xd, fa2_backward_same_precision(q, k, v, meta, do)):
+        assert_close_rule(g.grad, r.grad, s, f"d{name} D160", floor_eps=FP32_FLOOR_EPS)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_backward_strided_head_dim(rng, packed, poison_empty):
     """q, k, v (and dO) whose head dim is not contiguous (views of [..., Dh, H] storage as [..., H, Dh]): the
@@ -357,13 +375,14 @@ def test_dispatch_triton_backend(rng):
 
 
 def test_auto_leaves_the_triton_kernels_where_they_cannot_launch(rng):
-    """fp32 tiles above head dim 128 overflow an sm_90 block's shared memory, and sequences x heads
-    beyond 65535 overflow the grid: "auto" then takes another backend instead of failing at launch."""
+    """Head dims above 256 have no tiles, and sequences x heads beyond 65535 overflow the grid: "auto"
+    then takes another backend instead of failing at launch."""
     from worldvla.ops import dispatch
 
     ids = action_sample(rng, 64, n_images=1, chunk=2).unsqueeze(0)
     meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
-    for dtype, d, ok in ((torch.float32, 128, True), (torch.float32, 160, False), (torch.bfloat16, 160, True)):
+    for dtype, d, ok in ((torch.float32, 160, True), (torch.float32, 264, False), (torch.bfloat16, 160, True),
+                         (torch.bfloat16, 264, False)):
         q = torch.randn(1, 64, 2, d, generator=rng).to(DEV, dtype)
         assert dispatch.supports("masked_attention", "triton", q, q, q, meta) is ok, (dtype, d)
     many = causal_meta((32768,), cu_seqlens=torch.arange(0, 32769, 2, dtype=torch.int32), device=DEV)
@@ -372,8 +391,8 @@ def test_auto_leaves_the_triton_kernels_where_they_cannot_launch(rng):
     assert dispatch.supports("masked_attention", "triton", q[:, :3], q[:, :3], q[:, :3], many) is True
     with pytest.raises(ValueError, match="split the batch"):  # an explicit backend says why it declines
         dispatch.call("masked_attention", "triton", q.device.type, q, q, q, many)
-    q = torch.randn(1, 64, 2, 160, generator=rng).to(DEV)
-    with pytest.raises(ValueError, match="head dim 160 > 128"):
+    q = torch.randn(1, 64, 2, 264, generator=rng).to(DEV)
+    with pytest.raises(ValueError, match="head dim 264 > 256"):
         dispatch.call("masked_attention", "triton", q.device.type, q, q, q, meta)
 
 
@@ -405,8 +424,8 @@ def test_bad_inputs_raise(rng):
         K.chunk_attention(q, q, q, causal_meta((1, 21), device=DEV))
     with pytest.raises(ValueError, match="cu_seqlens"):
         K.chunk_attention(q[0], q[0], q[0], causal_meta((20,), device=DEV))
-    wide = torch.randn(1, 20, 1, 160, device=DEV)  # fp32 tiles of head dim 256 overflow shared memory on sm_90
-    with pytest.raises(ValueError, match="head dim 160 is larger than the Triton kernel's 128 in torch.float32"):
+    wide = torch.randn(1, 20, 1, 264, device=DEV)  # no tiles above head dim 256
+    with pytest.raises(ValueError, match="head dim 264 is larger than the Triton kernel's 256"):
         K.chunk_attention(wide, wide, wide, meta)
 
 

@@ -95,7 +95,7 @@ def _specs():
         fp16 = dt == "fp16"  # the same choices as bf16
         for head_dim in (16, 32, 64, 128, 256, 40, 96):
             ragged = head_dim & (head_dim - 1) != 0
-            if head_dim <= A.MAX_HEAD_DIM.get(dtype, 256):
+            if head_dim <= A.MAX_HEAD_DIM:
                 for packed in (True, False):
                     specs += _attention_specs(A, dt, head_dim, packed, fp16 or ragged or not packed)
             specs += _decode_specs(D, dt, head_dim, fp16 or ragged or head_dim < 64)
@@ -234,7 +234,7 @@ def test_every_launch_choice_is_listed():
     have = {(s["kernel"].fn.__name__, s["ptrs"].get("Q"), s["consts"].get("BLOCK_D"), s["consts"].get("BLOCK_M"),
              s["consts"].get("BLOCK_N"), s["consts"].get("BLOCK_R"), repr(s["opts"])) for s in _specs()}
     for dt, dtype in TORCH_DTYPES.items():
-        for head_dim in range(1, A.MAX_HEAD_DIM.get(dtype, 256) + 1):
+        for head_dim in range(1, A.MAX_HEAD_DIM + 1):
             block_d = A.head_block(head_dim)
             (fwd, fwd_opts), (bwd, bwd_opts) = A.gpu_launch(dtype, block_d)
             assert ("_fwd_kernel", dt, block_d, *fwd, None, repr(fwd_opts)) in have, (dt, head_dim)

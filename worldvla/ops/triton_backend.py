@@ -323,11 +323,10 @@ def _layout(q, meta):
 
 def _attention_supports(q, k, v, meta, softmax_scale=None):
     n_seq = meta.cu_seqlens.numel() - 1 if meta.cu_seqlens is not None else (q.shape[0] if q.dim() == 4 else 1)
-    max_dh = _attention.MAX_HEAD_DIM.get(q.dtype, 256)
+    max_dh = _attention.MAX_HEAD_DIM
     return dispatch.first_false(
         _device(q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens), _float(q, k, v), lambda: _layout(q, meta),
-        q.shape[-1] <= max_dh or dispatch.Unsupported(f"head dim {q.shape[-1]} > {max_dh} for {q.dtype} "
-                                                      "(the tiles would not fit shared memory)"),
+        q.shape[-1] <= max_dh or dispatch.Unsupported(f"head dim {q.shape[-1]} > {max_dh}"),
         n_seq * q.shape[-2] <= _MAX_GRID_Y or dispatch.Unsupported(
             f"{n_seq} sequences x {q.shape[-2]} heads > {_MAX_GRID_Y} (a grid axis); split the batch"))
 
