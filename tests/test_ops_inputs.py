@@ -61,6 +61,25 @@ def test_linear_cross_entropy_mixed_dtypes_under_autocast(lce_inputs):
     assert torch.isfinite(loss)
 
 
+def test_linear_cross_entropy_takes_autocast_on_every_backend(lce_inputs):
+    """Under autocast the reference's logits come from a bf16 matmul while a fused kernel, which autocast does
+    not see, computed fp32 inputs in fp32, and refused training's mixed bf16 hidden and fp32 head (falling back
+    to the reference's full logits). The entry point casts as autocast does: every backend gives the loss of
+    the bf16-cast inputs, and the fp32 head's gradient comes back in fp32."""
+    h, w = lce_inputs
+    y = torch.arange(9) * 7 % w.shape[0]
+    y[4] = -100
+    for backend in dispatch.available("linear_cross_entropy"):
+        want = ops.linear_cross_entropy(h.bfloat16(), w.bfloat16(), y, backend=backend)[0]
+        for hidden in (h, h.bfloat16()):
+            wp = w.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = ops.linear_cross_entropy(hidden, wp, y, backend=backend)[0]
+            assert torch.equal(loss, want), (backend, hidden.dtype)
+            loss.backward()
+            assert wp.grad.dtype == torch.float32 and wp.grad.abs().sum() > 0, backend
+
+
 def _meta(t):
     return t.to("meta")
 

@@ -81,6 +81,10 @@ def linear_cross_entropy(hidden, weight, targets, class_weight=None, z_weight=1e
                            class_weight=class_weight)
     dispatch.require_integers(targets, "linear_cross_entropy: targets must be integer class ids")
     _check_class_weight(class_weight, weight.shape[0])
+    # Under autocast the logits' product takes autocast's dtype, as the reference's matmul would: the fused
+    # kernels then get one dtype (training's bf16 hidden and fp32 head were refused by Triton, and fell back to
+    # the reference's full logits) and compute what the reference does.
+    hidden, weight = dispatch.autocast_floats(hidden.device.type, hidden, weight)
     return dispatch.call("linear_cross_entropy", backend, hidden.device.type, hidden, weight, targets,
                          class_weight, z_weight, ignore_index)
 
