@@ -254,15 +254,16 @@ def test_collect_rejects_bad_episode_settings_before_running_any(tmp_path, capsy
 def test_collect_cuts_a_larger_file_to_the_episodes_asked_for(tmp_path):
     """A file with more episodes than asked for (same settings) used to be kept whole, so the data
     used downstream did not match the request; it is now cut to its first episodes."""
-    from worldvla.data.collect import _settings
+    from worldvla.data.collect import _settings, episode_seed
     from worldvla.data.hdf5 import demo_file_info, write_demos
 
     rng = np.random.default_rng(0)
     demos = [{"frames": rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8),
               "actions": rng.uniform(-1, 1, (3, 4)).astype(np.float32)} for _ in range(3)]
     settings = _settings(16, 7, "corner", 200, 0.0)
+    seeds = [episode_seed(7, "reach-v3", e, a) for e, a in ((0, 0), (1, 2), (2, 0))]  # episode 1 on its third try
     path = write_demos(tmp_path / "reach-v3.hdf5", demos, TASKS["reach-v3"],
-                       attrs={**settings, "task": "reach-v3", "episode_seeds": [11, 12, 13]})
+                       attrs={**settings, "task": "reach-v3", "episode_seeds": seeds})
     s = collect(["reach-v3"], 2, tmp_path, image_size=16, seed=7, workers=1, progress=False)
     assert s["tasks"]["reach-v3"]["skipped"] and s["tasks"]["reach-v3"]["episodes"] == 2 and s["episodes_run"] == 0
     kept = read_demos(path)
@@ -271,9 +272,37 @@ def test_collect_cuts_a_larger_file_to_the_episodes_asked_for(tmp_path):
         np.testing.assert_array_equal(got.frames, want["frames"])
         np.testing.assert_array_equal(got.actions, want["actions"])
     attrs = demo_file_info(path)["attrs"]
-    assert list(attrs["episode_seeds"]) == [11, 12] and attrs["task"] == "reach-v3"
+    assert list(attrs["episode_seeds"]) == seeds[:2] and attrs["task"] == "reach-v3"
     assert all(attrs[k] == v for k, v in settings.items())  # still counts as complete
     assert collect(["reach-v3"], 2, tmp_path, image_size=16, seed=7, workers=1, progress=False)["episodes_run"] == 0
+
+
+@needs_sim
+def test_collect_redoes_a_file_whose_first_episodes_are_not_the_first(tmp_path):
+    """A run of 3 whose episode 0 failed every attempt kept episodes 1 and 2; a later run of 1 with the same
+    settings took the file as complete and episode 1 as "the first episode", where a fresh run of 1 collects
+    episode 0 (or nothing). Such a file is collected again, and one that ends up with no episode is removed."""
+    from worldvla.data.collect import _settings, episode_seed
+    from worldvla.data.hdf5 import demo_file_info, write_demos
+
+    rng = np.random.default_rng(1)
+    demos = [{"frames": rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8),
+              "actions": rng.uniform(-1, 1, (3, 4)).astype(np.float32)} for _ in range(2)]
+    settings = _settings(16, 7, "corner", 10, 0.0)
+    path = write_demos(tmp_path / "reach-v3.hdf5", demos, TASKS["reach-v3"], attrs={
+        **settings, "task": "reach-v3", "episode_seeds": [episode_seed(7, "reach-v3", e, 0) for e in (1, 2)]})
+    # 10 steps: too few for the expert, so episode 0 fails again and the task ends with no episode
+    s = collect(["reach-v3"], 1, tmp_path, image_size=16, seed=7, max_steps=10, max_attempts=1, workers=1,
+                progress=False)
+    assert not s["tasks"]["reach-v3"]["skipped"] and s["episodes_run"] == 1
+    assert s["tasks"]["reach-v3"]["episodes"] == 0 and not path.exists()
+    # the file asked for, a run of 2 that kept episodes 0 and 1, is complete for 1
+    write_demos(path, demos, TASKS["reach-v3"], attrs={
+        **settings, "task": "reach-v3", "episode_seeds": [episode_seed(7, "reach-v3", e, 0) for e in (0, 1)]})
+    s = collect(["reach-v3"], 1, tmp_path, image_size=16, seed=7, max_steps=10, max_attempts=1, workers=1,
+                progress=False)
+    assert s["tasks"]["reach-v3"]["skipped"] and s["episodes_run"] == 0
+    assert demo_file_info(path)["num_demos"] == 1
 
 
 def test_blind_random_baseline_and_shared_envs_change_no_episode():
@@ -501,7 +530,8 @@ def test_collect_refuses_a_file_collected_with_other_settings(tmp_path, capsys, 
     demos = [{"frames": rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8),
               "actions": rng.uniform(-1, 1, (3, 4)).astype(np.float32)} for _ in range(3)]
     path = write_demos(tmp_path / "reach-v3.hdf5", demos, TASKS["reach-v3"],
-                       attrs={**col._settings(16, 7, "corner", 200, 0.0), "task": "reach-v3"})
+                       attrs={**col._settings(16, 7, "corner", 200, 0.0), "task": "reach-v3",
+                              "episode_seeds": [col.episode_seed(7, "reach-v3", e, 0) for e in range(3)]})
     mtime = os.stat(path).st_mtime_ns
     monkeypatch.setattr(col, "_worker_run", lambda job: pytest.fail("an episode ran before the files were checked"))
     with pytest.raises(FileExistsError, match=rf"{path} holds episodes collected with other settings \(--image-size "

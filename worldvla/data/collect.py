@@ -159,9 +159,18 @@ def _existing(path: Path, settings: dict) -> tuple[int, list[str]] | None:
     return info["num_demos"], diff
 
 
-def _is_complete(path: Path, n_episodes: int, settings: dict) -> bool:
+def _is_complete(path: Path, n_episodes: int, settings: dict, task: str, max_attempts: int) -> bool:
+    """Whether the file holds what a fresh run of `n_episodes` collects: the same settings, and as its first
+    episodes, episodes 0 .. n-1, each from one of their first `max_attempts` attempts. An earlier run whose
+    episodes failed every attempt kept the others (episodes 0, 1 and 3, say): its first demos are not those."""
     found = _existing(path, settings)
-    return found is not None and found[0] >= n_episodes and not found[1]
+    if found is None or found[0] < n_episodes or found[1]:
+        return False
+    seeds = demo_file_info(path)["attrs"].get("episode_seeds")
+    if seeds is None or len(seeds) < n_episodes:
+        return False
+    return all(int(seeds[e]) in {episode_seed(settings["seed"], task, e, a) for a in range(max_attempts)}
+               for e in range(n_episodes))
 
 
 def _keep_first(path: Path, n_episodes: int) -> None:
@@ -252,7 +261,7 @@ def collect(
     todo = []
     for task in tasks:
         path = out_dir / f"{task}.hdf5"
-        if _is_complete(path, n_episodes, settings):
+        if _is_complete(path, n_episodes, settings, task, max_attempts):
             _keep_first(path, n_episodes)
             summary["tasks"][task] = {"path": str(path), "skipped": True, "episodes": n_episodes}
         else:
@@ -288,6 +297,8 @@ def collect(
             demos = [{"frames": r["frames"], "actions": r["actions"], "success": True} for r in eps]
             write_demos(path, demos, TASKS[task], camera=CAMERA_KEY,
                         attrs={**settings, "task": task, "episode_seeds": [r["seed"] for r in eps]})
+        else:  # nor one left from an earlier run (other settings, or other episodes) to be read downstream
+            path.unlink(missing_ok=True)
         s = stats[task]
         summary["tasks"][task] = {
             "path": str(path) if eps else None, "skipped": False, "episodes": len(eps), "attempts": s["attempts"],
