@@ -28,8 +28,10 @@ def test_float_types_accept_ordinary_numbers_and_name_the_bad_ones():
 
 
 # ---------------------------------------------------------------------- Ctrl-C
-def _interrupt(module, monkeypatch):
+def _interrupt(module, monkeypatch, **done):
+    """`module.run` interrupted at once, after setting `done` on args (how far the real one had got)."""
     def interrupted(args):
+        vars(args).update(done)
         raise KeyboardInterrupt
 
     monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
@@ -68,7 +70,11 @@ def test_ctrl_c_in_a_training_says_whether_resume_continues_it(command, module, 
     (out / "checkpoints" / "step_00000002").mkdir(parents=True)
     assert "add --resume to the same command to continue" in _main_interrupted(base, capsys)
     assert "run the same command again to continue" in _main_interrupted([*base, "--resume"], capsys)
-    # --resume with --overwrite is refused: the advice swaps them
+    # stopped before --overwrite removed the earlier run (opening the store, building the model): that run is
+    # untouched, and --resume would continue it rather than this one
+    assert "before --overwrite removed the earlier run" in _main_interrupted([*base, "--overwrite"], capsys)
+    # after it: --resume with --overwrite is refused, so the advice swaps them
+    _interrupt(module, monkeypatch, run_dir_ready=True)
     assert "with --resume instead of --overwrite" in _main_interrupted([*base, "--overwrite"], capsys)
 
 

@@ -1041,9 +1041,14 @@ def test_overwrite_keeps_the_earlier_run_when_the_command_line_is_refused(store_
     for bad in (("--micro-tokens", 4000, "--batch-tokens", 600), ("--store", tmp_path / "no-store"),
                 ("--warmup", 2.5), ("--init", tmp_path / "no-model"), ("--init", tmp_path / "other-vocab"),
                 ("--init", tmp_path / "init", "--max-positions", 999), ("--init", tmp_path / "cut-weights")):
+        args = args_for(store_dir, out, "--steps", 1, "--overwrite", *bad)
         with pytest.raises((ValueError, OSError)):
-            trainer.train(args_for(store_dir, out, "--steps", 1, "--overwrite", *bad))
+            trainer.train(args)
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before, bad
+        assert not getattr(args, "run_dir_ready", False), bad  # an interrupt's advice: the earlier run is untouched
+    args = args_for(store_dir, out, "--steps", 1, "--overwrite", "--no-export")
+    trainer.train(args)
+    assert args.run_dir_ready
 
 
 def test_options_out_of_range_are_refused_by_name(capsys, store_dir, tmp_path):

@@ -285,8 +285,10 @@ def test_overwrite_keeps_the_earlier_run_when_the_inputs_are_refused(data, tmp_p
     for bad, error in ((("--batch-size", 64), "only 16 frames for a batch of 64"),
                        (("--init", data), "no VQGAN|not a VQGAN|VQGAN folder"),
                        (("--init", tmp_path / "no-vqgan"), "no such folder")):
+        args = args_for(data, out, "--steps", 2, "--overwrite", *bad)
         with pytest.raises((ValueError, OSError), match=error):
-            vqt.train_vq(args_for(data, out, "--steps", 2, "--overwrite", *bad))
+            vqt.train_vq(args)
+        assert not getattr(args, "run_dir_ready", False), bad  # an interrupt's advice: the earlier run is untouched
         assert (sorted(p.name for p in out.iterdir()), sorted(p.name for p in (out / "checkpoints").iterdir())) \
             == before, bad
     empty = args_for(data, out, "--steps", 2, "--overwrite")

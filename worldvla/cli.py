@@ -142,6 +142,9 @@ def _how_to_continue(args) -> str | None:
         return "no checkpoint was written yet: run the same command again to start over"
     if getattr(args, "resume", False):
         return "run the same command again to continue from its last checkpoint"
+    if getattr(args, "overwrite", False) and not getattr(args, "run_dir_ready", False):
+        return ("stopped before --overwrite removed the earlier run, whose checkpoints are untouched: run the same "
+                "command again to start over")
     if getattr(args, "overwrite", False):  # --resume with --overwrite is refused
         return "run the same command with --resume instead of --overwrite to continue from its last checkpoint"
     return "add --resume to the same command to continue from its last checkpoint"

@@ -562,6 +562,7 @@ def train(args) -> dict:
     min_lr = args.lr * 0.1 if args.min_lr is None else args.min_lr
     sched = WarmupCosine(opt, args.lr, total, warmup, min_lr, args.schedule)
     prepare_run_dir(out, args.resume, overwrite, exports=("policy", "model"))
+    args.run_dir_ready = True  # what an interrupt's advice reads: --overwrite has removed the earlier run
     if main:
         out.mkdir(parents=True, exist_ok=True)
 

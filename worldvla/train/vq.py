@@ -235,6 +235,7 @@ def train_vq(args) -> dict:
                          f"would refuse after this training; collect or resize the demos at such a size (collect "
                          f"--image-size)")
     prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("vqgan",))
+    args.run_dir_ready = True  # what an interrupt's advice reads: --overwrite has removed the earlier run
     if main:
         out.mkdir(parents=True, exist_ok=True)
     dist_utils.barrier()
