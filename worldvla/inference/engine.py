@@ -326,12 +326,16 @@ class InferenceEngine:
         return self._plan(self.buffers(n_queries))
 
     def max_step_rows(self) -> int | None:
-        """The most query rows per sequence one step runs on the path the one-row step takes, or None
-        where any number does. The CPU's one-call step (DecodeStepPlan) takes up to DECODE_STEP_MAX_QUERIES;
-        a bigger step goes layer by layer, which rounds differently (a bfloat16 model's projections)."""
-        if self.device.type != "cpu" or self.backend != "auto" or not native_step_active():
+        """The most query rows per sequence one step may run while each row comes out bit for bit as in a
+        one-row step (parallel chunk decoding then gives the sequential tokens exactly), or None where any
+        number is taken to. On the CPU the one-call step (DecodeStepPlan) computes each row alike up to
+        DECODE_STEP_MAX_QUERIES rows; a bigger step goes layer by layer, and the layer-by-layer path is not
+        row-invariant at all (torch's GEMM takes another kernel for one row than for several: about 4e-6 apart
+        in float32, enough to flip a near-tie between two bins), so there it is 1. On CUDA the batched step's
+        row invariance has not been measured (tests/test_inference.py's GPU near-tie test checks it)."""
+        if self.device.type != "cpu":
             return None
-        return DECODE_STEP_MAX_QUERIES
+        return DECODE_STEP_MAX_QUERIES if self.backend == "auto" and native_step_active() else 1
 
     def _plan(self, buf: StepBuffers):
         """The step's native plan where one runs it now (the CPU; ops.decoder.DecodeStepPlan), else None.
