@@ -218,6 +218,46 @@ def test_resume_continues_exactly(store_dir, tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
+def _sigterm_in_step(n, rank=None):
+    """trainer.split_batch (called once a step) that sends SIGTERM to this process during step n (on `rank`
+    alone, when given)."""
+    import os
+    import signal
+
+    real, calls = trainer.split_batch, []
+
+    def split(*a, **kw):
+        calls.append(1)
+        if len(calls) == n and (rank is None or dist_utils.rank() == rank):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    return split
+
+
+def test_sigterm_saves_the_step_and_resume_continues_exactly(store_dir, tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's preemption) ended the run where it stood, losing every step since the last
+    --save-every. The step under way now finishes, is saved, and the run ends with SIGTERM's status and the
+    way on; --resume then continues as if nothing had happened."""
+    import signal
+
+    common = ["--steps", 6, "--batch-tokens", 600, "--micro-tokens", 270, "--dropout", 0.1, "--no-export"]
+    straight = trainer.train(args_for(store_dir, tmp_path / "a", *common))
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(trainer, "split_batch", _sigterm_in_step(3))
+    rc = trainer.run(args_for(store_dir, tmp_path / "b", *common))
+    assert rc == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    assert latest_checkpoint(tmp_path / "b").name == "step_00000003"
+    assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3]
+    assert "stopped by SIGTERM after step 3, checkpoint step_00000003 saved; add --resume" in capsys.readouterr().err
+    monkeypatch.undo()
+    rest = trainer.train(args_for(store_dir, tmp_path / "b", *common, "--resume"))
+    assert [r["loss"] for r in read_log(tmp_path / "b")] == straight["losses"] and len(rest["losses"]) == 3
+    wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
 def test_stop_after_and_resume_save_each_step_once_and_never_overshoot(store_dir, tmp_path, monkeypatch):
     """--stop-after at a --save-every multiple saves that step once (a second save of it replaced the
     folder in place); a resume at or past --stop-after trains and saves nothing; a log line cut short by
@@ -653,6 +693,19 @@ def _fsdp_worker(rank, world, init_file, store, out):
         dist_utils.shutdown()
 
 
+def _fsdp_sigterm_worker(rank, world, init_file, store, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        trainer.split_batch = _sigterm_in_step(2, rank=1)  # rank 1 alone, during step 2
+        s = trainer.train(args_for(store, out, *FSDP_COMMON, "--no-export"))
+        assert s["stopped"] and s["step"] == 2, s  # both ranks stop after the same step
+    finally:
+        dist_utils.shutdown()
+
+
 def gloo_threads():
     """The names of this process's Gloo threads (Linux names its threads in /proc)."""
     tasks = Path("/proc/self/task")
@@ -759,6 +812,15 @@ def _fsdp_init_worker(rank, world, init_file, store, init, out):
         assert not gloo_threads(), gloo_threads()
     finally:
         dist_utils.shutdown()
+
+
+def test_fsdp_sigterm_to_one_rank_stops_every_rank_after_the_same_step(store_dir, tmp_path):
+    """A SIGTERM that reaches one rank only (torchrun passes its own to all, a hand's `kill` need not) stops
+    every rank after the same step, with one checkpoint, which a resume continues."""
+    _spawn(_fsdp_sigterm_worker, 2, (str(tmp_path / "pg_init"), str(store_dir), str(tmp_path / "fsdp")))
+    assert latest_checkpoint(tmp_path / "fsdp").name == "step_00000002"
+    rest = trainer.train(args_for(store_dir, tmp_path / "fsdp", *FSDP_COMMON, "--resume", "--no-export"))
+    assert rest["step"] == 4 and not rest["stopped"]
 
 
 def test_fsdp_init_is_read_by_rank_0_alone_and_matches_a_single_process(store_dir, tmp_path):

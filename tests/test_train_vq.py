@@ -74,6 +74,35 @@ def test_vq_resume_is_exact(data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_vq_sigterm_saves_the_step_and_resume_continues_exactly(data, tmp_path, monkeypatch, capsys):
+    """SIGTERM ends a VQGAN run after the step under way, saved (it had ended it where it stood)."""
+    import os
+    import signal
+
+    common = ["--steps", 5, "--restart-threshold", 0.5, "--usage-decay", 0.5]
+    straight = vqt.train_vq(args_for(data, tmp_path / "a", *common))
+    import worldvla.vqgan
+
+    real, calls = worldvla.vqgan.preprocess, []
+
+    def preprocess(*a, **kw):  # once a step: SIGTERM during step 2
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(worldvla.vqgan, "preprocess", preprocess)
+    assert vqt.run(args_for(data, tmp_path / "b", *common)) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after step 2, checkpoint step_00000002 saved" in capsys.readouterr().err
+    assert latest_checkpoint(tmp_path / "b").name == "step_00000002" and not (tmp_path / "b" / "vqgan").exists()
+    monkeypatch.undo()
+    rest = vqt.train_vq(args_for(data, tmp_path / "b", *common, "--resume"))
+    assert straight["losses"][2:] == rest["losses"] and rest["export"]
+    wa = torch.load(latest_checkpoint(tmp_path / "a") / "model.pt", weights_only=True)
+    wb = torch.load(latest_checkpoint(tmp_path / "b") / "model.pt", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_vq_resume_does_not_read_init(data, tmp_path):
     """A fine-tuning run (--init FOLDER) could not resume once FOLDER had moved or was written another way
     (compared as a string), and every resume reloaded it only to overwrite its weights. The VQGAN is now built

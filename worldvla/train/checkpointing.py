@@ -21,6 +21,8 @@ import os
 import pickle
 import random
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -345,6 +347,41 @@ def check_finite(step: int, values: dict, run_dir, causes: str) -> None:
     raise ValueError(f"step {step}: {' and '.join(bad)} (not finite): the training diverged and stopped; this step's "
                      f"weights are neither saved nor exported, and {kept}. Likely causes: {causes}. Start the run over "
                      f"(--overwrite, or another --out) with other settings")
+
+
+class StopSignal:
+    """SIGTERM during a training run (a scheduler's preemption, `kill`, torchrun passing its own on): noted, not
+    acted on at once. The loop reads `flag` at each step's end, agrees on it across ranks in the step's own
+    all-reduce (so that every rank stops after the same step), saves a checkpoint of that step and ends, and
+    `--resume` continues from it; without this the run died where it stood, losing up to --save-every steps.
+    Ctrl-C (SIGINT) still stops at once. Made, it takes SIGTERM over (in the main thread only, where Python
+    can set a handler); `restore` hands it back."""
+
+    def __init__(self):
+        self.received = False
+        self._before = None
+        if threading.current_thread() is threading.main_thread():
+            self._before = signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum, frame):
+        self.received = True
+
+    @property
+    def flag(self) -> float:
+        return 1.0 if self.received else 0.0
+
+    def restore(self) -> None:
+        if self._before is not None:
+            signal.signal(signal.SIGTERM, self._before)
+            self._before = None
+
+
+def stopped_message(command: str, step: int, checkpoint) -> str:
+    return (f"worldvla {command}: stopped by SIGTERM after step {step}, checkpoint {Path(checkpoint).name} saved; "
+            f"add --resume to the same command to continue")
+
+
+STOPPED_RC = 128 + signal.SIGTERM  # the exit status of a process that SIGTERM ended
 
 
 def add_run_arguments(p, save_every: int, exports: str) -> None:

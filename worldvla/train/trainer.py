@@ -43,8 +43,9 @@ import torch
 
 from . import distributed as dist_utils
 from ..cli import non_negative_float, non_negative_int, positive_float, positive_int, unit_open_float
-from .checkpointing import (add_run_arguments, check_finite, check_run_dir, full_model_state, load_checkpoint,
-                            prepare_run_dir, read_state, resume_point, save_checkpoint, scalar_args, seed_int, trim_log)
+from .checkpointing import (STOPPED_RC, StopSignal, add_run_arguments, check_finite, check_run_dir, full_model_state,
+                            load_checkpoint, prepare_run_dir, read_state, resume_point, save_checkpoint, scalar_args,
+                            seed_int, stopped_message, trim_log)
 
 CONFIGS = ("tiny", "small", "chameleon_7b")
 # What a resumed run must share with its start: the model, the learning-rate schedule and the optimizer's
@@ -592,8 +593,9 @@ def train(args) -> dict:
     losses: list[float] = []
     t_last, tok_last = time.perf_counter(), 0
     log_f = open(log_path, "a") if main else None
+    sigterm, stopped = StopSignal(), False
     try:
-        while step < total and not (args.stop_after and step >= args.stop_after):
+        while step < total and not (args.stop_after and step >= args.stop_after) and not stopped:
             if pos >= len(plan):
                 epoch, pos = epoch + 1, 0
                 plan = epoch_batches(store.lengths, args.batch_tokens, args.seed, epoch)
@@ -632,9 +634,11 @@ def train(args) -> dict:
             n_tok = int(store.lengths[batch].sum())
             tokens_seen += n_tok
             tok_last += n_tok
-            red = dist_utils.all_reduce_sum(torch.stack([loss_sum, z_sum]))
-            # One read-back per step, as before: the loss, its z part and the gradient norm (the same on every rank).
-            loss_v, z_v, gn_v = torch.cat([red, grad_norm.detach().reshape(1).to(red)]).tolist()
+            red = dist_utils.all_reduce_sum(torch.stack([loss_sum, z_sum, loss_sum.new_tensor(sigterm.flag)]))
+            # One read-back per step, as before: the loss, its z part, whether any rank got SIGTERM and the
+            # gradient norm (the same on every rank).
+            loss_v, z_v, term_v, gn_v = torch.cat([red, grad_norm.detach().reshape(1).to(red)]).tolist()
+            stopped = term_v > 0
             # Before anything is logged or saved: a step whose loss or gradients are not finite leaves garbage weights.
             check_finite(step, {"loss": loss_v, "gradient norm": gn_v}, out, DIVERGENCE_CAUSES)
             losses.append(loss_v)
@@ -649,7 +653,7 @@ def train(args) -> dict:
                 bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{rec['lr']:.2e}")
                 t_last, tok_last = now, 0
             bar.update(1)
-            if args.save_every and step % args.save_every == 0 and step < total:
+            if args.save_every and step % args.save_every == 0 and step < total and not stopped:
                 _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args, data)
                 saved = step
         # The run's end (or --stop-after): a checkpoint of this step, unless one is on disk already (a
@@ -664,10 +668,12 @@ def train(args) -> dict:
                 raise type(e)(f"{e}. The run's final checkpoint ({ckpt.name}) is saved: once that is fixed, the same "
                               f"command with --resume exports the policy without training again") from e
     finally:
+        sigterm.restore()
         bar.close()
         if log_f:
             log_f.close()
-    summary = {"step": step, "losses": losses, "checkpoint": str(ckpt), "export": export}
+    summary = {"step": step, "losses": losses, "checkpoint": str(ckpt), "export": export,
+               "stopped": stopped and step < total}
     return summary
 
 
@@ -801,6 +807,10 @@ def run(args) -> int:
     with dist_utils.leave_group_after():
         s = train(args)
         main = dist_utils.is_main()
+    if s["stopped"]:
+        if main:
+            print(stopped_message("train", s["step"], s["checkpoint"]), file=sys.stderr)
+        return STOPPED_RC
     if main and s["losses"]:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}; checkpoint {s['checkpoint']}"
               + (f"; exported {s['export']}" if s["export"] else ""))

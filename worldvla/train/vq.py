@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from ..cli import non_negative_float, non_negative_int, positive_int, unit_float, unit_open_float
 from ..tokens.layout import VocabLayout
 from . import distributed as dist_utils
-from .checkpointing import (SEED_LIMIT, add_run_arguments, check_finite, check_run_dir, load_checkpoint,
-                            prepare_run_dir, read_state, resumable_checkpoint, resume_point, save_checkpoint,
-                            scalar_args, seed_int, trim_log)
+from .checkpointing import (SEED_LIMIT, STOPPED_RC, StopSignal, add_run_arguments, check_finite, check_run_dir,
+                            load_checkpoint, prepare_run_dir, read_state, resumable_checkpoint, resume_point,
+                            save_checkpoint, scalar_args, seed_int, stopped_message, trim_log)
 
 # What a resumed run must share with its start: the model, the learning-rate schedule (computed from these
 # settings at every step), the optimizer's hyperparameters (restored from the checkpoint), the loss, its
@@ -284,8 +284,9 @@ def train_vq(args) -> dict:
         return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))
 
     log = open(log_path, "a") if main else None
+    sigterm, stopped = StopSignal(), False
     try:
-        while step < total and not (args.stop_after and step >= args.stop_after):
+        while step < total and not (args.stop_after and step >= args.stop_after) and not stopped:
             if pos >= len(order):
                 epoch, pos = epoch + 1, 0
                 order = _epoch_order(len(frames), args.batch_size, args.seed, epoch)
@@ -310,8 +311,11 @@ def train_vq(args) -> dict:
                                                args.restart_threshold, gen)
             used = frac > 0
             p = frac[used]
-            parts = torch.stack([loss.detach(), l1.detach(), l2.detach(), vq_loss.detach().float()]).double()
-            loss_v, l1_v, l2_v, vq_v = (dist_utils.all_reduce_sum(parts) / world).tolist()
+            parts = torch.stack([loss.detach(), l1.detach(), l2.detach(), vq_loss.detach().float(),
+                                 loss.new_tensor(sigterm.flag)]).double()
+            # whether any rank got SIGTERM rides along: every rank then stops after this step
+            loss_v, l1_v, l2_v, vq_v, term_v = (dist_utils.all_reduce_sum(parts) / world).tolist()
+            stopped = term_v > 0
             gn_v = float(gn)
             # Before anything is logged or saved: a step whose loss or gradients are not finite leaves garbage weights.
             check_finite(step, {"loss": loss_v, "gradient norm": gn_v}, out, DIVERGENCE_CAUSES)
@@ -327,13 +331,15 @@ def train_vq(args) -> dict:
                 log.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.1f}", codes=rec["codes_used"])
             bar.update(1)
-            if (args.save_every and step % args.save_every == 0) or step == total or step == args.stop_after:
+            if ((args.save_every and step % args.save_every == 0) or step == total or step == args.stop_after
+                    or stopped):
                 save_checkpoint(out, step, model, opt,
                                 {"kind": KIND, "epoch": epoch, "batch_in_epoch": pos, "usage": usage.ema.tolist(),
                                  "restart_rng": gen.get_state().tolist(), "config": vq.config.to_dict(),
                                  "args": {**scalar_args(args), **data}},
                                 keep_last=args.keep_last)
     finally:
+        sigterm.restore()
         hook.remove()
         bar.close()
         if log:
@@ -344,7 +350,8 @@ def train_vq(args) -> dict:
             vq.eval().save_pretrained(out / "vqgan")
         dist_utils.barrier()
         export = str(out / "vqgan")
-    return {"step": step, "losses": losses, "export": export}
+    return {"step": step, "losses": losses, "export": export, "stopped": stopped and step < total,
+            "checkpoint": str(out / "checkpoints" / f"step_{step:08d}")}
 
 
 def add_arguments(p) -> None:
@@ -409,6 +416,10 @@ def run(args) -> int:
     with dist_utils.leave_group_after():
         s = train_vq(args)
         main = dist_utils.is_main()
+    if s["stopped"]:
+        if main:
+            print(stopped_message("train-vq", s["step"], s["checkpoint"]), file=sys.stderr)
+        return STOPPED_RC
     if main and s["losses"]:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}" + (f"; exported {s['export']}" if s["export"] else ""))
     elif main:  # a resumed run with nothing left to do
