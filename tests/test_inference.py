@@ -278,6 +278,19 @@ def test_parallel_equals_sequential_beyond_the_one_call_steps_rows(rng, dtype):
     assert len({tuple(r.tolist()) for r in par[0]}) > 1  # not a constant output
 
 
+def test_chunks_past_the_models_positions_are_refused_naming_what_to_change(rng):
+    """The engine's message said to shorten the prompt where the actions to generate were too many."""
+    model = _model(5)
+    prompt = _prompt(rng, 1)
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"{prompt.numel()} tokens.*max_position_embeddings {limit}; generate fewer"):
+        generate_action_chunk(model, prompt, LAYOUT, limit // 6, 4)
+    eng = InferenceEngine(model, 2, 64)
+    k = torch.zeros(model.config.num_hidden_layers, 4, *eng.cache.k.shape[3:])
+    with pytest.raises(ValueError, match=r"row must lie in \[0, 2\)"):
+        eng.set_row_prefix(-1, k, k)
+
+
 def test_equal_length_batch_tensor(rng):
     model = _model(5)
     b = _builder()
@@ -360,8 +373,10 @@ def test_causal_mode(rng):
         assert torch.equal(got[0], generate_action_chunk(chunk_model, prompt, LAYOUT, K, D)[0])  # block 0 sees no block
         differs |= not torch.equal(got, generate_action_chunk(chunk_model, prompt, LAYOUT, K, D))
     assert differs  # the mask matters somewhere, or the test would not tell the modes apart
-    with pytest.raises(ValueError, match="causal"):
-        generate_action_chunk(causal_model, prompt, LAYOUT, K, D, mode="parallel")
+    engine = InferenceEngine(causal_model, 1, 200)
+    with pytest.raises(ValueError, match="causal"):  # refused before the given engine's cache is written
+        generate_action_chunk(causal_model, prompt, LAYOUT, K, D, mode="parallel", engine=engine)
+    assert not engine.cache.k.any()
     with pytest.raises(ValueError, match="attention"):
         WorldVLA(ModelConfig.tiny(LAYOUT, attention="sliding"))
 

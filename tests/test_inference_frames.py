@@ -64,6 +64,15 @@ def test_greedy_frame_matches_full_recompute(rng, grid):
     _check_greedy(model, b, codes, actions, nxt)
 
 
+def test_actions_as_bfloat16_tensors(rng):
+    """generate_frame_codes read actions through NumPy, which reads no bfloat16 tensor."""
+    model, b = _model(0), _builder()
+    codes = torch.randint(0, 64, (2, 2, 2), generator=rng)
+    actions = (torch.rand(2, 4, generator=rng) * 2 - 1).bfloat16()
+    want = generate_frame_codes(model, codes, actions.float().numpy(), b)
+    assert torch.equal(generate_frame_codes(model, codes, actions, b), want)
+
+
 def test_the_unconditional_prompt_is_the_world_prompt_without_its_action():
     """Guidance contrasts the prompt with and without the action; the full-recompute check builds its
     unconditional branch with the same helper, so the prompt itself is checked here."""

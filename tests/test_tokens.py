@@ -69,6 +69,16 @@ def test_action_tokenizer_matches_spec():
     assert (np.abs(at.decode(at.encode(inside)) - inside) <= half_bin + 1e-9).all()
 
 
+def test_action_tokenizer_takes_tensors_of_any_float_dtype():
+    """NumPy reads no bfloat16 tensor: encode and normalize raised "Got unsupported ScalarType BFloat16"."""
+    at = ActionTokenizer(VocabLayout.compact(), low=[-2, -1, 0], high=[2, 1, 5])
+    a = torch.tensor([[0.5, -0.25, 3.0], [1.5, 0.75, 0.5]])  # exact in bfloat16
+    want = at.encode(a.numpy())
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        assert torch.equal(at.encode(a.to(dtype)), want), dtype
+        np.testing.assert_array_equal(at.normalize(a.to(dtype)), at.normalize(a.numpy()))
+
+
 def test_action_tokenizer_any_dim_and_errors():
     at = ActionTokenizer(VocabLayout.compact(), low=[-2, -1, 0], high=[2, 1, 5])
     assert at.encode(np.zeros((4, 3)) + 0.3).shape == (4, 5)

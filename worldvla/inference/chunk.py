@@ -216,15 +216,15 @@ def generate_action_chunk(model, input_ids, layout: VocabLayout | None, n_action
         raise ValueError("pass the model's VocabLayout (layout=)")
     prompts, single = _as_prompts(input_ids)
     _check(prompts, layout, n_actions, action_dim, mode)
+    if mode != "causal" and model.config.attention == "causal":  # before a given engine's cache is touched
+        raise ValueError("this model was trained with plain causal attention (config.attention='causal'); "
+                         "decode its chunks with mode='causal'")
     if engine is None:
         if skip is not None and any(skip):
             raise ValueError("skip= names prefixes an engine already holds: pass that engine (engine=)")
         engine = make_engine(model, prompts, n_actions, action_dim, layout, backend)
     engine.check_serves(model)
     P, base = _prepare(engine, prompts, skip, n_actions, action_dim)
-    if mode != "causal" and model.config.attention == "causal":
-        raise ValueError("this model was trained with plain causal attention (config.attention='causal'); "
-                         "decode its chunks with mode='causal'")
     if mode == "parallel":
         bins = _decode_parallel(engine, P, base, n_actions, action_dim, sampling_backend(backend))
     else:

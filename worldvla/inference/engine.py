@@ -400,6 +400,8 @@ class InferenceEngine:
     def set_row_prefix(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write keys and values from `row_prefix` (of this model) into row `row`'s first slots."""
         n = k.shape[1]
+        if not 0 <= row < self.batch_size:  # a negative row would write another row's slots
+            raise ValueError(f"row must lie in [0, {self.batch_size}) (the engine's batch rows), got {row}")
         if n > self.max_len:
             raise ValueError(f"a prefix of {n} slots does not fit an engine of {self.max_len}")
         self.cache.k[:, row, :n].copy_(k)
@@ -409,7 +411,13 @@ class InferenceEngine:
 def engine_for(model, prompts, new_tokens: int, *, layout: VocabLayout | None = None, backend: str = "auto",
                cuda_graphs: bool | None = None) -> InferenceEngine:
     """An engine with a row per prompt and room for the longest prompt plus `new_tokens`."""
-    max_len = max(int(torch.as_tensor(p).numel()) for p in prompts) + new_tokens
+    longest = max(int(torch.as_tensor(p).numel()) for p in prompts)
+    limit = model.config.max_position_embeddings
+    if longest + new_tokens > limit:
+        raise ValueError(f"the longest prompt ({longest} tokens) and the {new_tokens} tokens to generate need "
+                         f"{longest + new_tokens} positions, more than the model's max_position_embeddings {limit}; "
+                         f"generate fewer tokens (fewer actions, a smaller max_new_tokens) or shorten the prompt")
+    max_len = longest + new_tokens
     return InferenceEngine(model, len(prompts), max_len, layout=layout, backend=backend, cuda_graphs=cuda_graphs)
 
 

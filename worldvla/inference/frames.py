@@ -32,6 +32,7 @@ import torch
 
 from ..model import plain_linear
 from ..ops.sampling import draw_gumbel, resolve_constrained_sample, sample_logits, scaled_gumbel
+from ..tokens.actions import float64_array
 from ..tokens.layout import with_release_image_ids
 from ..tokens.sequence import WORLD_PROMPT, SequenceBuilder, image_tokens
 from .chunk import head_logits, head_sample, sampling_backend
@@ -65,7 +66,7 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     if N == 0:
         raise ValueError(f"codes holds no frame (shape {tuple(codes.shape)}); pass at least one")
     D = builder.actions.action_dim
-    actions = np.asarray(actions, dtype=np.float64)
+    actions = float64_array(actions)
     if actions.shape != (N, D):
         raise ValueError(f"actions must be [N, D] = [{N}, {D}] (one action per frame), got shape {actions.shape}")
     _check_cfg_scale(cfg_scale)
@@ -231,7 +232,7 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
     N = imgs.shape[0]
     if N == 0:
         raise ValueError(f"image holds no frame (shape {imgs.shape}); pass at least one")
-    acts = np.asarray(actions, dtype=np.float64)
+    acts = float64_array(actions)
     D = action_tokenizer.action_dim
     if single and acts.ndim in (1, 2):
         acts = acts.reshape(1, -1, D) if acts.shape[-1] == D else acts

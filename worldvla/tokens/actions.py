@@ -11,6 +11,14 @@ LIBERO_MIN = (-0.9375, -0.9375, -0.9375, -0.32571429, -0.375, -0.375, -1.0)
 LIBERO_MAX = (0.9375, 0.9375, 0.9375, 0.375, 0.375, 0.375, 1.0)
 
 
+def float64_array(x) -> np.ndarray:
+    """`x` (array-like, or a tensor of any float dtype on any device) as a float64 NumPy array. NumPy reads
+    neither bfloat16 nor device tensors itself ("Got unsupported ScalarType BFloat16")."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
 class ActionTokenizer:
     """Per-dimension min-max normalization with fixed bounds, `np.digitize` into
     `n_bins` edges over [-1, 1], decoding to bin centres.
@@ -36,7 +44,7 @@ class ActionTokenizer:
         return len(self.low)
 
     def _check(self, actions) -> np.ndarray:
-        a = np.asarray(actions.detach().cpu() if isinstance(actions, torch.Tensor) else actions, dtype=np.float64)
+        a = float64_array(actions)
         if a.ndim == 0 or a.shape[-1] != self.action_dim:
             raise ValueError(f"actions must end in the action dimension {self.action_dim}, got shape {a.shape}")
         if not np.all(np.isfinite(a)):
