@@ -102,6 +102,15 @@ def test_save_is_atomic_and_replaces(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["p"]
     with pytest.raises(ValueError, match="multiple"):
         save_policy(tmp_path / "q", model, _parts()[1], at, 2, 48)
+    # a VQGAN of another factor than the layout's patch: every frame's resolution tokens would be wrong
+    coarse = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32,
+                               n_embed=64)).eval()
+    assert coarse.downsample == 2 * LAYOUT.patch
+    with pytest.raises(ValueError, match=f"downsamples by {coarse.downsample} but .* counts {LAYOUT.patch} px"):
+        save_policy(tmp_path / "q", model, coarse, at, 2, 64)
+    with pytest.raises(ValueError, match="downsamples by"):
+        WorldVLAPolicy(model, coarse, at, chunk_size=2, image_size=64)
+    assert not (tmp_path / "q").exists()
     with pytest.raises(FileNotFoundError, match="policy.json"):
         WorldVLAPolicy.from_pretrained(tmp_path)
 

@@ -49,6 +49,15 @@ _AUTO = object()
 _FAILS = object()  # step()'s queue: the release fails the episode here
 
 
+def check_vqgan_patch(vqgan, layout) -> None:
+    """The resolution tokens count a frame's size from its code grid times the layout's `patch`: a VQGAN of
+    another factor would give every frame the wrong size tokens."""
+    if vqgan.downsample != layout.patch:
+        raise ValueError(f"the VQGAN downsamples by {vqgan.downsample} but the model's vocabulary layout counts "
+                         f"{layout.patch} px a code (its patch); pair the model with the VQGAN its token store was "
+                         f"built with")
+
+
 def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_size: int, image_size: int,
                 history: int = 2, extra: dict | None = None, text_tokenizer_json=None) -> None:
     """Write a policy folder: `model/`, `vqgan/`, `policy.json` (and `text_tokenizer.json` for the
@@ -67,6 +76,8 @@ def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_siz
                          f"in its policy folder would encode instructions as it was never trained: drop "
                          f"text_tokenizer_json=")
     down, grid = vqgan.downsample, (model.layout.res_grid if model.layout is not None else 32)
+    if model.layout is not None:
+        check_vqgan_patch(vqgan, model.layout)
     if image_size % down or image_size % grid:
         raise ValueError(f"image_size {image_size} must be a multiple of the VQGAN factor {down} and of the "
                          f"{grid}-px resolution grid")
@@ -165,6 +176,7 @@ class WorldVLAPolicy:
         self.max_new_tokens = int(max_new_tokens)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_vqgan_patch(vqgan, self.layout)
         down = vqgan.downsample
         if self.image_size % down or (self.image_size // down) % (self.layout.res_grid // self.layout.patch):
             raise ValueError(f"image_size {self.image_size} must be a multiple of {self.layout.res_grid} px "
