@@ -205,6 +205,26 @@ def test_the_trainings_resume_only_from_a_checkpoint(tmp_path, monkeypatch):
         assert seen[name] is True, name
 
 
+def test_a_training_stopped_by_sigterm_ends_the_demo_saying_how_to_continue(tmp_path, monkeypatch, capsys):
+    """A SIGTERM inside the demo's training ends that training after a saved step: the demo used to go on and
+    fail with "training finished without exporting a policy". It ends with SIGTERM's status and the way on."""
+    from worldvla import demo
+    from worldvla.cli import main
+    from worldvla.train import trainer
+
+    monkeypatch.setattr(demo, "load_kernels_first", lambda: None)
+    monkeypatch.setattr(demo, "stage_collect", lambda cfg, out, progress, fresh: {})
+    monkeypatch.setattr(demo, "stage_pretokenize", lambda cfg, out, progress, fresh: {})
+    monkeypatch.setattr(demo, "stage_train_vq", lambda cfg, out, progress, resume: {})
+    monkeypatch.setattr(trainer, "train", lambda args: {"step": 7, "losses": [1.0], "export": None, "stopped": True,
+                                                        "checkpoint": "step_00000007"})
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--no-progress"]) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("worldvla demo: stopped by SIGTERM in train after step 7, which is saved; run the same command "
+                   "again to continue: finished stages are kept"), err
+    assert (tmp_path / "stages" / "train.started").is_file()  # the next run resumes the training
+
+
 def test_a_failed_collection_does_not_advise_the_same_rerun(tmp_path, monkeypatch):
     """The layouts derive from --seed: the same run fails the same way, so another --seed is the advice."""
     from worldvla import demo

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -47,6 +48,14 @@ def seed32(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be < 2**32 ({(1 << 32) - 1} at most; the layout seeds derive from "
                                          f"32 bits), got {value}")
     return value
+
+
+STOPPED_RC = 128 + signal.SIGTERM  # the exit status of a process that SIGTERM ended
+
+
+class Stopped(Exception):
+    """A command's work ended early on SIGTERM, its finished part saved (a training inside `worldvla demo`);
+    `main` prints the message and how to continue, and returns SIGTERM's exit status."""
 
 
 def non_negative_float(text: str) -> float:
@@ -225,6 +234,10 @@ def _main(argv) -> int:
         how = _how_to_continue(args)
         print(f"\nworldvla {args.command}: interrupted" + (f"; {how}" if how else ""), file=sys.stderr)
         return 130
+    except Stopped as e:
+        how = _how_to_continue(args)
+        print(f"worldvla {args.command}: {e}" + (f"; {how}" if how else ""), file=sys.stderr)
+        return STOPPED_RC
     except (ValueError, OSError, ImportError) as e:
         if os.environ.get("WORLDVLA_TRACEBACK") or (isinstance(e, ImportError) and not _missing_dependency(e)):
             raise

@@ -206,6 +206,15 @@ def stage_collect(cfg: DemoConfig, out: Path, progress: bool, fresh: bool = Fals
     return {t: {k: v for k, v in s.items() if k != "path"} for t, s in summary["tasks"].items()}
 
 
+def _check_not_stopped(stage: str, summary: dict) -> None:
+    """A training that SIGTERM ended after a saved step: the demo ends there too (the stage resumes from
+    that checkpoint on the next run)."""
+    if summary.get("stopped"):
+        from .cli import Stopped
+
+        raise Stopped(f"stopped by SIGTERM in {stage} after step {summary['step']}, which is saved")
+
+
 def stage_train_vq(cfg: DemoConfig, out: Path, progress: bool, resume: bool) -> dict:
     from .train import vq as train_vq
     from .train.checkpointing import has_checkpoints
@@ -227,6 +236,7 @@ def stage_train_vq(cfg: DemoConfig, out: Path, progress: bool, resume: bool) -> 
     if not progress:
         argv.append("--no-progress")
     summary = train_vq.train_vq(_cli_args(train_vq, argv))
+    _check_not_stopped("train-vq", summary)
     if not summary.get("export"):
         raise RuntimeError(f"train-vq finished without exporting a VQGAN (summary: {summary})")
     last = {}
@@ -272,6 +282,7 @@ def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool, action
     if not progress:
         argv.append("--no-progress")
     summary = trainer.train(_cli_args(trainer, argv))
+    _check_not_stopped(run_name, summary)
     if not summary.get("export"):
         raise RuntimeError(f"training finished without exporting a policy (summary: {summary})")
     exported = Path(summary["export"])

@@ -381,7 +381,6 @@ def stopped_message(command: str, step: int, checkpoint) -> str:
             f"add --resume to the same command to continue")
 
 
-STOPPED_RC = 128 + signal.SIGTERM  # the exit status of a process that SIGTERM ended
 
 
 def add_run_arguments(p, save_every: int, exports: str) -> None:

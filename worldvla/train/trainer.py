@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from ..cli import non_negative_float, non_negative_int, positive_float, positive_int, unit_open_float
-from .checkpointing import (STOPPED_RC, StopSignal, add_run_arguments, check_finite, check_run_dir, full_model_state,
+from ..cli import STOPPED_RC, non_negative_float, non_negative_int, positive_float, positive_int, unit_open_float
+from .checkpointing import (StopSignal, add_run_arguments, check_finite, check_run_dir, full_model_state,
                             load_checkpoint, prepare_run_dir, read_state, resume_point, save_checkpoint, scalar_args,
                             seed_int, stopped_message, trim_log)
 

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cli import non_negative_float, non_negative_int, positive_int, unit_float, unit_open_float
+from ..cli import STOPPED_RC, non_negative_float, non_negative_int, positive_int, unit_float, unit_open_float
 from ..tokens.layout import VocabLayout
 from . import distributed as dist_utils
-from .checkpointing import (SEED_LIMIT, STOPPED_RC, StopSignal, add_run_arguments, check_finite, check_run_dir,
+from .checkpointing import (SEED_LIMIT, StopSignal, add_run_arguments, check_finite, check_run_dir,
                             load_checkpoint, prepare_run_dir, read_state, resumable_checkpoint, resume_point,
                             save_checkpoint, scalar_args, seed_int, stopped_message, trim_log)
 
