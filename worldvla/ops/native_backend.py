@@ -183,7 +183,8 @@ def _aligned16(op: str, **named):
 def _pointers_aligned16(op: str, **named):
     for n, t in named.items():
         if t.numel() and t.data_ptr() % 16:
-            _fail(op, f"{n}'s data pointer is not 16-byte aligned (its storage starts off a boundary); call .clone() for a fresh allocation")
+            _fail(op, f"{n}'s data pointer is not 16-byte aligned (its storage starts off a boundary); "
+                      "call .clone() for a fresh allocation")
 
 
 def _stream(dev: int) -> int:

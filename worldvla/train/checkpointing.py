@@ -381,8 +381,6 @@ def stopped_message(command: str, step: int, checkpoint) -> str:
             f"add --resume to the same command to continue")
 
 
-
-
 def add_run_arguments(p, save_every: int, exports: str) -> None:
     """The options of a long run's checkpoints and logging, shared by `worldvla train` and `train-vq`;
     `exports`: what the run writes at its end (named in --overwrite's help)."""
