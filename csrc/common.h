@@ -38,7 +38,7 @@ struct AttnFwdParams {
   const int32_t* q_limit = nullptr;
   const int32_t* cu_seqlens = nullptr;  // [n_seq + 1] when packed, else null
   int64_t n_seq = 0;       // batch size (padded) or number of documents (packed)
-  int64_t seq_len = 0;     // L (padded); unused when packed
+  int64_t seq_len = 0;     // L (padded) or T, the packed batch's tokens (CUDA clamps documents to it)
   int64_t max_seqlen = 0;  // upper bound on any sequence length (grid size)
   int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
   int64_t q_sb = 0, q_st = 0, q_sh = 0;

@@ -85,10 +85,12 @@ def build_tile_plan(kv_block, q_limit, cu_seqlens, max_seqlen: int, block_m: int
     Lp = max(n_qt * block_m, n_kt * block_n)
     t = torch.arange(Lp, device=dev)
     if cu_seqlens is not None:
-        cu = cu_seqlens.long()
-        lens = cu[1:] - cu[:-1]
+        # Each document clamped to the T tokens, as the kernels do (_doc_range).
+        cu, T = cu_seqlens.long(), kv_block.shape[0]
+        starts = cu[:-1].clamp(0, T)
+        lens = torch.maximum(cu[1:].clamp(max=T), starts) - starts
         valid = t[None, :] < lens[:, None]
-        pos = torch.where(valid, cu[:-1, None] + t[None, :], torch.zeros_like(t)[None, :])
+        pos = torch.where(valid, starts[:, None] + t[None, :], torch.zeros_like(t)[None, :])
         kvb, ql = kv_block.long()[pos], q_limit.long()[pos]
     else:
         B, L = kv_block.shape
@@ -133,12 +135,13 @@ PER_CALL = ["L", "n_tok", "n_qt", "n_kt"]
 
 
 @triton.jit
-def _doc_range(CU, z, L, PACKED: tl.constexpr):
+def _doc_range(CU, z, L, n_tok, PACKED: tl.constexpr):
     """(first token of document z in the flattened meta/lse index, its length,
-    batch index for batch strides, token offset for token strides)."""
+    batch index for batch strides, token offset for token strides). A packed document is clamped to
+    the n_tok tokens, as in build_tile_plan: boundaries left unchecked on CUDA stay inside the tensors."""
     if PACKED:
-        start = tl.load(CU + z)
-        seqlen = tl.load(CU + z + 1) - start
+        start = tl.minimum(tl.maximum(tl.load(CU + z), 0), n_tok)
+        seqlen = tl.minimum(tl.maximum(tl.load(CU + z + 1), start), n_tok) - start
         zb = z.to(tl.int64) * 0
         tok0 = start.to(tl.int64)
     else:
@@ -176,7 +179,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KVB, QL, CU, FULL_IDX, FULL_CNT, PART_IDX, PART
     z = pid_zh // n_heads
     h = pid_zh % n_heads
     hk = h // group
-    start, seqlen, zb, tok0 = _doc_range(CU, z, L, PACKED)
+    start, seqlen, zb, tok0 = _doc_range(CU, z, L, n_tok, PACKED)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:
         return
@@ -224,7 +227,7 @@ def _bwd_delta_kernel(O, DO, DELTA, CU, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, L, n
     pid_zh = tl.program_id(1)
     z = pid_zh // n_heads
     h = pid_zh % n_heads
-    start, seqlen, zb, tok0 = _doc_range(CU, z, L, PACKED)
+    start, seqlen, zb, tok0 = _doc_range(CU, z, L, n_tok, PACKED)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:
         return
@@ -271,7 +274,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KVB, QL, CU, FULL_IDX, FUL
     pid_zh = tl.program_id(1)
     z = pid_zh // n_kv_heads
     hk = pid_zh % n_kv_heads
-    start, seqlen, zb, tok0 = _doc_range(CU, z, L, PACKED)
+    start, seqlen, zb, tok0 = _doc_range(CU, z, L, n_tok, PACKED)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen:
         return
@@ -341,7 +344,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KVB, QL, CU, FULL_IDX, FULL_CNT,
     z = pid_zh // n_heads
     h = pid_zh % n_heads
     hk = h // group
-    start, seqlen, zb, tok0 = _doc_range(CU, z, L, PACKED)
+    start, seqlen, zb, tok0 = _doc_range(CU, z, L, n_tok, PACKED)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:
         return

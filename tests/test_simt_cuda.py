@@ -442,6 +442,37 @@ def test_prefill_packed_grid_past_the_documents(emulated, engine, rng):
     check_prefill(q, k, v, meta, "simt packed, grid past the documents")
 
 
+@pytest.mark.parametrize("bad", [[0, 130, 330], [-40, 130, 280], [0, 130, 280, 400], [0, 130, 90, 280]])
+def test_prefill_packed_boundaries_past_the_tokens_stay_inside(emulated, engine, rng, bad):
+    """CUDA does not read cu_seqlens on the host: the kernel clamps every document to the T tokens. Wrong
+    boundaries (an end past T, a negative start, a document past T, a falling pair) change which rows a
+    document covers but never reach outside the tensors: the rows past T are NaN here, and every row equals
+    the call with the same boundaries clamped by hand (rows that two documents cover are written by both, in
+    no set order: for them only finiteness is checked)."""
+    ids = torch.cat([action_ids(rng, 130, chunk=5), world_ids(rng, 150)])
+    T = ids.numel()
+    good = chunk_mask_meta(ids, LAYOUT, cu_seqlens=torch.tensor([0, 130, T], dtype=torch.int32))
+    big = [torch.full((T + 64, h, 64), float("nan"), dtype=torch.bfloat16) for h in (4, 2, 2)]
+    for b, x in zip(big, qkv(rng, (T,), 4, 2, 64, torch.bfloat16)):
+        b[:T] = x
+    q, k, v = (b[:T] for b in big)
+    cu = torch.tensor(bad, dtype=torch.int32)
+    meta = ChunkMaskMeta(good.kv_block, good.q_limit, good.position_ids, cu, 0)
+    out = nb.masked_attention(q, k, v, meta)
+    starts = [min(max(c, 0), T) for c in bad[:-1]]
+    ends = [min(max(c, s), T) for c, s in zip(bad[1:], starts)]
+    covered = torch.zeros(T, dtype=torch.int32)
+    for s, e in zip(starts, ends):
+        covered[s:e] += 1
+    for s, e in zip(starts, ends):
+        if e > s:  # each clamped document on its own
+            one = ChunkMaskMeta(good.kv_block[s:e], good.q_limit[s:e], good.position_ids[s:e],
+                                torch.tensor([0, e - s], dtype=torch.int32), e - s)
+            alone, once = nb.masked_attention(q[s:e], k[s:e], v[s:e], one), covered[s:e] == 1
+            assert torch.equal(out[s:e][once], alone[once]), (bad, s, e)
+    assert out[covered > 0].isfinite().all()
+
+
 @pytest.mark.parametrize("seed", ["1", "2"])
 def test_kernels_under_other_schedules(emulated, engine, rng, monkeypatch, seed):
     """The emulator's thread and warp order comes from WORLDVLA_SIMT_SEED: other orders, same results."""

@@ -414,6 +414,34 @@ def test_auto_leaves_the_triton_kernels_for_layouts_they_reject(rng, monkeypatch
     assert dispatch.supports("masked_attention", "triton", q, k, k, one_doc) is True
 
 
+@pytest.mark.parametrize("bad", [[0, 113, 300], [-30, 113, 203], [0, 113, 203, 250]])
+def test_packed_boundaries_past_the_tokens_stay_inside(rng, bad, poison_empty):
+    """On CUDA the kernels do not read cu_seqlens on the host: each document is clamped to the T tokens (in
+    the kernels and the tile plan), so boundaries past T or below 0 never reach outside the tensors (here
+    the rows past T are NaN) and give what the same boundaries clamped by hand give, forward and backward."""
+    ids = torch.cat([action_sample(rng, 113, chunk=2), world_sample(rng, 90)])
+    T = ids.numel()
+    good = chunk_mask_meta(ids, LAYOUT, cu_seqlens=torch.tensor([0, 113, T], dtype=torch.int32)).to(DEV)
+    bad_meta = ChunkMaskMeta(good.kv_block, good.q_limit, good.position_ids,
+                             torch.tensor(bad, dtype=torch.int32, device=DEV), 0)
+    base = qkv(rng, (T, 2, 32), 1, torch.float32)
+
+    def nan_tailed_leaf(x):  # x in the first T rows of a buffer whose further rows are NaN
+        big = torch.full((T + 64, *x.shape[1:]), float("nan"), device=DEV)
+        big[:T] = x
+        return big[:T].requires_grad_()
+
+    runs = []
+    for meta in (good, bad_meta):
+        xs = [nan_tailed_leaf(x) for x in base]
+        out = K.chunk_attention(*xs, meta)
+        out.backward(torch.cos(torch.arange(out.numel(), device=DEV, dtype=torch.float32)).view_as(out))
+        runs.append([out.detach()] + [x.grad for x in xs])
+    for a, b, name in zip(*runs, ("out", "dq", "dk", "dv")):
+        assert torch.isfinite(b).all(), name
+        assert torch.equal(a, b), name
+
+
 def test_bad_inputs_raise(rng):
     meta = causal_meta((1, 20), device=DEV)
     q = torch.randn(1, 20, 3, 64, device=DEV)

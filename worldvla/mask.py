@@ -39,7 +39,9 @@ class ChunkMaskMeta:
     a synchronization on a GPU). On the GPU it is trusted, as FlashAttention's varlen `max_seqlen` is: the
     kernels launch row tiles for `max_seqlen` rows per document, so a smaller value leaves the rows past it
     unwritten. `chunk_mask_meta` and `causal_meta` set it; CPU inputs are checked at every call, and `to()`
-    checks it when it moves CPU metadata to another device (a free read there).
+    checks it when it moves CPU metadata to another device (a free read there). Nor are the values of a GPU
+    `cu_seqlens` read: the kernels clamp every document to the T tokens, so wrong boundaries give wrong rows
+    but never an access outside the tensors.
     """
     kv_block: torch.Tensor       # int32
     q_limit: torch.Tensor        # int32

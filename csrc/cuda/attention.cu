@@ -164,8 +164,14 @@ __global__ void __launch_bounds__(2 * prefill_rows(kWG)) masked_attention_fwd_ke
   __shared__ int32_t ql_min_s, ql_max_s;
 
   const int seq = blockIdx.z, head = blockIdx.y, m0 = blockIdx.x * kRows;
-  const int64_t start = p.cu_seqlens ? p.cu_seqlens[seq] : 0;
-  const int len = static_cast<int>(p.cu_seqlens ? p.cu_seqlens[seq + 1] - start : p.seq_len);
+  // A packed document is clamped to the batch's T = p.seq_len tokens: boundaries that are not checked on
+  // the device (reading them on the host would synchronize) cannot send a CTA outside the tensors.
+  int64_t start = 0, end = p.seq_len;
+  if (p.cu_seqlens) {
+    start = min(max(static_cast<int64_t>(p.cu_seqlens[seq]), int64_t(0)), p.seq_len);
+    end = min(max(static_cast<int64_t>(p.cu_seqlens[seq + 1]), start), p.seq_len);
+  }
+  const int len = static_cast<int>(end - start);
   if (m0 >= len) return;  // uniform over the CTA
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;

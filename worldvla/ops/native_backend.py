@@ -268,9 +268,10 @@ def _masked_attention_impl(q: Tensor, k: Tensor, v: Tensor, kv_block: Tensor, q_
     packed = cu_seqlens is not None
     if packed and max_seqlen <= 0:
         max_seqlen = q.shape[0]  # a safe bound: CTAs past a document's end exit at once
-    # On CUDA, max_seqlen sizes the grid and is not checked against cu_seqlens (that would read
-    # the device): rows of a document longer than it would stay unwritten. `chunk_mask_meta` and
-    # `causal_meta` always set it right; hand-built metadata must too (or pass 0).
+    # On CUDA the values of cu_seqlens are not checked (that would read the device): the kernel clamps each
+    # document to the T tokens, so wrong boundaries give wrong rows, never an access outside the tensors.
+    # max_seqlen sizes the grid: rows of a document longer than it would stay unwritten. `chunk_mask_meta`
+    # and `causal_meta` always set both right; hand-built metadata must too (or pass max_seqlen 0).
     if dev < 0:
         if packed:
             _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
@@ -284,7 +285,7 @@ def _masked_attention_impl(q: Tensor, k: Tensor, v: Tensor, kv_block: Tensor, q_
         return (0, t.stride(0), t.stride(1)) if t.dim() == 3 else (t.stride(0), t.stride(1), t.stride(2))
 
     if packed:
-        n_seq, seq_len, meta_sb = cu_seqlens.numel() - 1, 0, 0
+        n_seq, seq_len, meta_sb = cu_seqlens.numel() - 1, q.shape[0], 0
     elif q.dim() == 3:
         n_seq, seq_len, meta_sb, max_seqlen = 1, q.shape[0], 0, q.shape[0]
     else:
