@@ -409,6 +409,21 @@ def test_range_kernels_reject_hidden_sizes_off_their_loads(emulated, rng, dtype,
     assert_greedy(ids, hidden, weight, 10, 290, constrained_sample_ref(hidden, weight, 10, 290), f"simt H={Hv}")
 
 
+def test_launchers_refuse_sizes_past_32_bits(emulated, rng):
+    """The kernels index rows and codes with 32-bit ints: a size past 2^31 - 1 is refused on the host, naming
+    it, before any launch (the sizes here are never backed by memory: nothing may be read)."""
+    x = torch.randn(8, 64, generator=rng).to(torch.bfloat16)
+    ids = torch.zeros(8, dtype=torch.int64)
+    big, code = 2**31, nb._DTYPE_CODE[torch.bfloat16]
+    with pytest.raises(ValueError, match=r"constrained_argmax \(CUDA\): rows = 2147483648 .*split the call"):
+        emulated.range_argmax(0, 0, code, x.data_ptr(), 64, x.data_ptr(), 64, big, 64, 0, 4, ids.data_ptr(),
+                              ids.data_ptr())
+    with pytest.raises(ValueError, match=r"range_logits \(CUDA\): range size = 2147483648"):
+        emulated.range_logits(0, 0, code, x.data_ptr(), 64, x.data_ptr(), 64, 8, 64, 0, big, ids.data_ptr())
+    with pytest.raises(ValueError, match=r"vq_quantize \(CUDA\): codes = 2147483648"):
+        emulated.vq_quantize(0, 0, code, x.data_ptr(), 64, x.data_ptr(), 64, 8, big, 64, ids.data_ptr(), 2**30)
+
+
 def test_range_logits(emulated, rng):
     hidden = torch.randn(5, 64, generator=rng).to(torch.bfloat16)
     weight = torch.randn(300, 64, generator=rng).to(torch.bfloat16)

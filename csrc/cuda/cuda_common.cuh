@@ -85,6 +85,14 @@ inline void check_launch(const char* what) {
                              cudaGetErrorString(err));
 }
 
+// A host-side size for a kernel that indexes with 32-bit ints; larger calls must be split by the caller.
+inline int int32_size(int64_t value, const char* op, const char* what) {
+  if (value < 0 || value > INT32_MAX)
+    throw std::invalid_argument(std::string(op) + " (CUDA): " + what + " = " + std::to_string(value) +
+                                " is outside the kernel's 32-bit range [0, 2^31 - 1]; split the call");
+  return static_cast<int>(value);
+}
+
 template <typename T>
 __device__ __forceinline__ float to_float(T x);
 template <>

@@ -168,11 +168,12 @@ void range_argmax_cuda(const void* hidden, int64_t h_s, const void* weight, int6
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (N == 0) return;
   check_rows("constrained_argmax", hidden, h_s, weight, w_s, dtype, H);
-  const int n = static_cast<int>(N);
+  const char* op = "constrained_argmax";
+  const int n = int32_size(N, op, "rows");
   launch(argmax_zero_kernel, (n + 127) / 128, 128, s, workspace, n);
   check_launch("constrained_argmax (init)");
-  launch_range<true>(hidden, h_s, weight, w_s, dtype, n, static_cast<int>(H), static_cast<int>(lo),
-                     static_cast<int>(hi - lo), nullptr, workspace, s);
+  launch_range<true>(hidden, h_s, weight, w_s, dtype, n, int32_size(H, op, "hidden size"),
+                     int32_size(lo, op, "range start"), int32_size(hi - lo, op, "range size"), nullptr, workspace, s);
   check_launch("constrained_argmax");
   launch(argmax_finish_kernel, (n + 127) / 128, 128, s, workspace, n, lo, ids);
   check_launch("constrained_argmax (finish)");
@@ -183,8 +184,9 @@ void range_logits_cuda(const void* hidden, int64_t h_s, const void* weight, int6
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (N == 0) return;
   check_rows("range_logits", hidden, h_s, weight, w_s, dtype, H);
-  launch_range<false>(hidden, h_s, weight, w_s, dtype, static_cast<int>(N), static_cast<int>(H), static_cast<int>(lo),
-                      static_cast<int>(hi - lo), logits, nullptr, s);
+  const char* op = "range_logits";
+  launch_range<false>(hidden, h_s, weight, w_s, dtype, int32_size(N, op, "rows"), int32_size(H, op, "hidden size"),
+                      int32_size(lo, op, "range start"), int32_size(hi - lo, op, "range size"), logits, nullptr, s);
   check_launch("range_logits");
 }
 

@@ -419,8 +419,9 @@ void vq_quantize_cuda(const void* z, int64_t z_s, const void* codebook, int64_t 
     throw std::invalid_argument("vq_quantize (CUDA): code_split must be a positive multiple of 128");
   const dim3 grid(static_cast<unsigned>((N + kVqBM - 1) / kVqBM),
                   static_cast<unsigned>((K + code_split - 1) / code_split));
-  const int n = static_cast<int>(N), k = static_cast<int>(K), c = static_cast<int>(C);
-  const int split = static_cast<int>(code_split);
+  const char* op = "vq_quantize";
+  const int n = int32_size(N, op, "vectors"), k = int32_size(K, op, "codes"), c = int32_size(C, op, "code width");
+  const int split = int32_size(code_split, op, "code_split");
   // `out` holds the merge keys until the last kernel turns them into codes.
   unsigned long long* keys = reinterpret_cast<unsigned long long*>(out);
   const unsigned fill_blocks = static_cast<unsigned>((N + 255) / 256);
