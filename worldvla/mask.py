@@ -191,15 +191,27 @@ def _unpaired_images(token: int, n_boi: int, n_eoi: int) -> str:
             f"as in the release's mask")
 
 
+def cu_seqlens_problem(values: list, total: int, max_seqlen: int = 0) -> str | None:
+    """What is wrong with document boundaries `values` (cu_seqlens read on the host) for `total` packed tokens,
+    or None: they must rise from 0 to `total`, and no document may be longer than `max_seqlen` when it is set."""
+    if len(values) < 2 or values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+        return (f"cu_seqlens must rise from 0 to T={total} (document boundaries of the packed tokens), "
+                f"got {values[:8]}{'...' if len(values) > 8 else ''}")
+    longest = max(b - a for a, b in zip(values, values[1:]))
+    if max_seqlen > 0 and longest > max_seqlen:
+        return (f"max_seqlen={max_seqlen} is shorter than the longest document ({longest} tokens); "
+                f"rebuild the metadata (or set max_seqlen 0)")
+    return None
+
+
 def _checked_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
     """cu_seqlens as int64 on `device`, after checking it rises from 0 to `total` (one host sync)."""
     if cu_seqlens.dtype.is_floating_point:
         raise TypeError(f"cu_seqlens must hold integers, got {cu_seqlens.dtype}")
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    if (cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total
-            or bool((cu[1:] < cu[:-1]).any())):
-        raise ValueError(f"cu_seqlens must rise from 0 to T={total} (document boundaries of the packed tokens), "
-                         f"got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}")
+    problem = cu_seqlens_problem(cu.tolist() if cu.dim() == 1 else [], total)
+    if problem:
+        raise ValueError(problem)
     return cu
 
 

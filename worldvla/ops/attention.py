@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..mask import NO_BLOCK, ChunkMaskMeta, DecodeMeta
+from ..mask import NO_BLOCK, ChunkMaskMeta, DecodeMeta, cu_seqlens_problem
 from . import dispatch
 
 
@@ -66,14 +66,9 @@ def _check_cu_seqlens(meta: ChunkMaskMeta, T: int):
     seen = meta.__dict__.get("_cu_seqlens_checked")
     if key is not None and seen is not None and seen[0] is cu and seen[1] == key:
         return
-    values = cu.tolist()
-    if values[0] != 0 or values[-1] != T or any(b < a for a, b in zip(values, values[1:])):
-        raise ValueError(f"meta.cu_seqlens must rise from 0 to T={T}, "
-                         f"got {values[:8]}{'...' if len(values) > 8 else ''}")
-    longest = max(b - a for a, b in zip(values, values[1:]))
-    if max_seqlen > 0 and longest > max_seqlen:
-        raise ValueError(f"meta.max_seqlen={max_seqlen} is shorter than the longest document ({longest} tokens); "
-                         f"rebuild the metadata (or set max_seqlen 0)")
+    problem = cu_seqlens_problem(cu.tolist(), T, max_seqlen)
+    if problem:
+        raise ValueError(f"meta.{problem}")
     if key is not None:
         meta.__dict__["_cu_seqlens_checked"] = (cu, key)
 

@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from worldvla import _C  # ImportError here = no native backend
 
-from ..mask import ChunkMaskMeta, DecodeMeta
+from ..mask import ChunkMaskMeta, DecodeMeta, cu_seqlens_problem
 from . import dispatch
 from .decoder import DECODE_STEP_MAX_QUERIES
 from .projection import NATIVE_MAX_ROWS
@@ -247,11 +247,9 @@ def _check_attention(q, k, v, kv_block, q_limit, cu_seqlens):
 
 def _check_cu_seqlens_values(cu_seqlens: Tensor, T: int, max_seqlen: int):
     """CPU only: reading the values of a CUDA tensor would synchronize."""
-    cu = cu_seqlens.tolist()
-    if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
-        _fail("masked_attention", f"cu_seqlens must rise from 0 to T={T}, got {cu[:8]}...")
-    if max(b - a for a, b in zip(cu, cu[1:])) > max_seqlen:
-        _fail("masked_attention", f"max_seqlen={max_seqlen} is shorter than the longest document")
+    problem = cu_seqlens_problem(cu_seqlens.tolist(), T, max_seqlen)
+    if problem:
+        _fail("masked_attention", problem)
 
 
 def _masked_attention_impl(q: Tensor, k: Tensor, v: Tensor, kv_block: Tensor, q_limit: Tensor,
