@@ -583,3 +583,58 @@ def test_a_collect_terminated_while_writing_leaves_no_temporary_file(tmp_path):
     assert p.returncode == -signal.SIGTERM
     assert "terminated; run the same command again to continue" in err
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\n\t"])
+def test_empty_instructions_are_taken_as_none(tmp_path, np_rng, blank):
+    """An empty (or whitespace-only) instruction was written and read as it was, so demos trained on the prompt
+    "What action should the robot take to ?"; a mapping demo's empty one was kept while a Demo's fell back to the
+    file's. write_demos refuses an empty file instruction; a demo's own empty one is none (the file's is used), and a
+    file's empty instruction attribute or LIBERO problem_info without a language_instruction is the "none" case."""
+    from worldvla.data.hdf5 import FROM_NOWHERE, reading_record
+
+    d = random_demo(np_rng, 3, 8, 8, 2, instruction=blank)
+    with pytest.raises(ValueError, match="instruction must be a non-empty text.*pass the task's instruction"):
+        write_demos(tmp_path / "e.hdf5", [d], blank)
+    assert not any(tmp_path.iterdir())
+    mapping = {"frames": d.frames, "actions": d.actions, "instruction": blank}
+    path = write_demos(tmp_path / "m.hdf5", [mapping, d], "open the drawer")
+    assert [x.instruction for x in read_demos(path)] == ["open the drawer"] * 2
+    with h5py.File(path, "a") as f:  # a file written otherwise: blank attributes
+        f["data"].attrs["instruction"] = blank
+        for g in f["data"].values():
+            g.attrs["instruction"] = blank
+    rec = reading_record(path)
+    assert rec["instruction_from"] == FROM_NOWHERE and rec["uses_file_instruction"] and "demo_instructions" not in rec
+    assert [x.instruction for x in read_demos(path, instruction="push it")] == ["push it"] * 2
+    libero = tmp_path / "libero.hdf5"
+    write_libero_like(libero, np_rng, instruction=blank)
+    assert reading_record(libero)["instruction_from"] == FROM_NOWHERE
+    assert demo_file_info(libero)["instruction_from"] == FROM_NOWHERE
+    with h5py.File(libero, "a") as f:  # problem_info without the key at all
+        f["data"].attrs["problem_info"] = json.dumps({"problem_name": "libero_tabletop_manipulation"})
+    assert reading_record(libero)["instruction_from"] == FROM_NOWHERE
+
+
+def test_write_demos_flushes_the_file_and_its_folder_around_the_rename(tmp_path, np_rng, monkeypatch):
+    """write_demos promised an atomic write but renamed its temporary file without flushing it or the folder: a
+    power loss could leave the name on an empty or partial file."""
+    import stat
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", stat.S_ISDIR(st.st_mode), st.st_ino))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", str(b)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = write_demos(tmp_path / "sub" / "a.hdf5", [random_demo(np_rng, 3, 8, 8, 2, instruction="")], "reach")
+    i = events.index(("replace", str(path)))
+    assert ("fsync", False, path.stat().st_ino) in events[:i]  # the file (renamed: the same inode), before
+    assert ("fsync", True, path.parent.stat().st_ino) in events[i + 1:]  # its folder, after

@@ -24,9 +24,9 @@ def tiny_vqgan(seed=0):
                              n_embed=64)).eval()
 
 
-def random_demos(rng, lengths, size=32, success=None):
+def random_demos(rng, lengths, size=32, success=None, dim=4):
     return [{"frames": rng.integers(0, 256, (T, size, size, 3), dtype=np.uint8),
-             "actions": rng.uniform(-1, 1, (T, 4)).astype(np.float32),
+             "actions": rng.uniform(-1, 1, (T, dim)).astype(np.float32),
              "success": True if success is None else success[i]} for i, T in enumerate(lengths)]
 
 
@@ -1037,3 +1037,117 @@ def test_a_text_tokenizer_json_of_another_kind_is_refused_before_any_work(demo_d
         st.build_store(folder, tmp_path / "s", vq, layout="chameleon", tokenizer_json=bad, chunk_size=K,
                        progress=False)
     assert CountingVQGAN.frames == 0 and not (tmp_path / "s").exists()
+
+
+def test_a_chameleon_layout_object_takes_the_image_ids_of_the_tokenizer_json(tmp_path):
+    """layout=VocabLayout.chameleon() with tokenizer_json kept the assumed map code c -> id 4 + c while the store
+    copied the tokenizer in, and the policy rebuilds the map from that file (with_release_image_ids): training and
+    inference gave the images other ids. The object now takes the file's map, as layout="chameleon" does."""
+    from worldvla.tokens import ChameleonTextTokenizer
+    from worldvla.tokens.layout import with_release_image_ids
+
+    tok = _release_text_tokenizer(tmp_path / "text_tokenizer.json")
+    doc = json.loads(tok.read_text())
+    perm = np.random.default_rng(0).permutation(8192).tolist()  # image tokens not in code order
+    doc["model"]["vocab"].update({"IMGIMG" + "".join("ABCDEFGHIJ"[int(c)] for c in str(code)) + "Z": 4 + slot
+                                  for slot, code in enumerate(perm)})
+    tok.write_text(json.dumps(doc))
+    write_demos(tmp_path / "in" / "a.hdf5", random_demos(np.random.default_rng(1), (4,)), "push")
+    vq = tiny_vqgan()
+    by_name = st.TokenStore(st.build_store(tmp_path / "in", tmp_path / "s_str", vq, layout="chameleon",
+                                           tokenizer_json=tok, chunk_size=2, progress=False))
+    by_object = st.TokenStore(st.build_store(tmp_path / "in", tmp_path / "s_obj", vq, layout=VocabLayout.chameleon(),
+                                             tokenizer_json=tok, chunk_size=2, progress=False))
+    assert by_object.layout.image_code_ids == VocabLayout.chameleon(tok).image_code_ids != \
+        VocabLayout.chameleon().image_code_ids
+    at_inference = with_release_image_ids(by_object.layout, ChameleonTextTokenizer(by_object.text_tokenizer_path))
+    assert at_inference == by_object.layout
+    assert [by_object[i][0].tolist() for i in range(len(by_object))] == \
+        [by_name[i][0].tolist() for i in range(len(by_name))]
+
+
+@pytest.mark.parametrize("bounds", ["auto", "data", "unit"])
+def test_input_files_of_other_action_widths_are_refused_naming_the_demo(tmp_path, bounds):
+    """Files of 4-D and 3-D actions under --action-bounds auto / data gave numpy's bare concatenate error (the
+    actions were pooled for the bounds before the per-demo check): now each bounds mode names the file and demo."""
+    rng = np.random.default_rng(1)
+    write_demos(tmp_path / "in" / "a.hdf5", random_demos(rng, (5, 5)), "push the block")
+    write_demos(tmp_path / "in" / "b.hdf5", random_demos(rng, (5,), dim=3), "open the drawer")
+    with pytest.raises(ValueError, match=r"b\.hdf5:demo_0 has 3-D actions, the store 4-D.*one store per action width"):
+        st.build_store(tmp_path / "in", tmp_path / "s", tiny_vqgan(), chunk_size=2, bounds=bounds, progress=False)
+
+
+def test_a_failed_demo_the_store_skips_does_not_set_its_frame_size_or_action_width(tmp_path):
+    """The store's frame size and action width were taken from the file's first demo, a failed one it skips, and
+    every demo was checked against them: the successful demos were refused. They come from the first demo tokenized
+    now, and only the demos tokenized are checked."""
+    rng = np.random.default_rng(1)
+    failed = random_demos(rng, (5,), size=64, success=[False], dim=3)
+    write_demos(tmp_path / "in" / "a.hdf5", failed + random_demos(rng, (5, 6)), "push the block")
+    vq = tiny_vqgan()
+    for bounds in ("unit", "auto"):
+        store = st.TokenStore(st.build_store(tmp_path / "in", tmp_path / f"s_{bounds}", vq, chunk_size=2,
+                                             bounds=bounds, progress=False))
+        assert store.image_size == (32, 32) and store.manifest["action"]["dim"] == 4
+        assert {int(d) for si in range(len(store.shards)) for d in store._shard(si)["index"][:, 0]} == {1, 2}
+    with pytest.raises(ValueError, match=r"a\.hdf5:demo_1 has 32x32 frames but the store uses 64x64"):
+        st.build_store(tmp_path / "in", tmp_path / "s_all", vq, chunk_size=2, bounds="unit", only_success=False,
+                       progress=False)
+
+
+def test_a_file_with_an_empty_instruction_is_refused_like_one_with_none(tmp_path):
+    """An empty instruction was taken as it was: the store's prompts read "What action should the robot take to ?".
+    It is the "none" case now, refused naming --instruction."""
+    import h5py
+
+    path = write_demos(tmp_path / "in" / "a.hdf5", random_demos(np.random.default_rng(1), (5,)), "push")
+    with h5py.File(path, "a") as f:
+        f["data"].attrs["instruction"] = " "
+        f["data/demo_0"].attrs["instruction"] = ""
+    vq = tiny_vqgan()
+    with pytest.raises(ValueError, match="a.hdf5 holds no instruction.*only empty ones.*--instruction TEXT"):
+        st.build_store(tmp_path / "in", tmp_path / "s", vq, chunk_size=2, progress=False)
+    store = st.TokenStore(st.build_store(tmp_path / "in", tmp_path / "s", vq, chunk_size=2, instruction="push it",
+                                         progress=False))
+    assert "take to push it?" in _prompt(store)
+
+
+def test_a_build_killed_while_replacing_the_text_tokenizer_leaves_no_complete_store_beside_it(tmp_path, monkeypatch):
+    """With overwrite the VQGAN and text_tokenizer.json were replaced before the manifest was rewritten incomplete:
+    a kill in between left the old complete manifest beside the new tokenizer, read as a whole store. The manifest
+    goes first now, and the reader checks the file against the manifest's text_tokenizer_sha256."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    tok = _release_text_tokenizer(tmp_path / "a" / "text_tokenizer.json")
+    other = tmp_path / "b" / "text_tokenizer.json"
+    other.write_text(tok.read_text().replace('"push": 9000', '"push": 9002'))
+    write_demos(tmp_path / "in" / "a.hdf5", random_demos(np.random.default_rng(1), (5, 5)), "push")
+    vq = tiny_vqgan()
+    out = st.build_store(tmp_path / "in", tmp_path / "s", vq, layout="chameleon", tokenizer_json=tok, chunk_size=2,
+                         progress=False)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as m:  # killed at the first manifest write: nothing replaced yet
+        m.setattr(st, "_atomic_json", killed)
+        with pytest.raises(KeyboardInterrupt):
+            st.build_store(tmp_path / "in", out, vq, layout="chameleon", tokenizer_json=other, chunk_size=2,
+                           overwrite=True, progress=False)
+    store = st.TokenStore(out, verify=True)
+    assert store.text_tokenizer_path.read_bytes() == tok.read_bytes()
+    with monkeypatch.context() as m:  # killed after the tokenizer was replaced: the store is incomplete
+        m.setattr(st, "_write_shard", killed)
+        with pytest.raises(KeyboardInterrupt):
+            st.build_store(tmp_path / "in", out, vq, layout="chameleon", tokenizer_json=other, chunk_size=2,
+                           overwrite=True, progress=False)
+    assert (out / st.TEXT_TOKENIZER).read_bytes() == other.read_bytes()
+    with pytest.raises(ValueError, match="incomplete"):
+        st.TokenStore(out)
+    st.build_store(tmp_path / "in", out, vq, layout="chameleon", tokenizer_json=tok, chunk_size=2, overwrite=True,
+                   progress=False)
+    (out / st.TEXT_TOKENIZER).write_bytes(other.read_bytes())  # the file replaced under a complete manifest
+    with pytest.raises(ValueError, match="text_tokenizer_sha256.*must be rebuilt.*--overwrite"):
+        st.TokenStore(out).text_tokenizer_path
+    with pytest.raises(ValueError, match="not the text tokenizer the token store"):
+        st.TokenStore(out, verify=True)

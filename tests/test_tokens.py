@@ -256,3 +256,22 @@ def test_a_tokenizer_file_of_another_kind_is_named_with_what_was_expected(tmp_pa
         VocabLayout.chameleon(tmp_path / "nope.json")
     with pytest.raises(ValueError, match=f"{cut}: not a text tokenizer file the tokenizers library can load"):
         ChameleonTextTokenizer(cut)
+
+
+@pytest.mark.parametrize("low, high", [([float("nan"), -1.0], [1.0, 1.0]), ([-1.0, -np.inf], [1.0, np.inf]),
+                                       ([-1.0, -1.0], [1.0, np.inf])])
+def test_action_bounds_must_be_finite(low, high):
+    """NaN or infinite bounds were taken: every action then decoded to NaN."""
+    with pytest.raises(ValueError, match="bounds must be finite.*give finite"):
+        ActionTokenizer(VocabLayout.compact(), low=low, high=high)
+
+
+def test_an_empty_action_chunk_is_refused():
+    """A [0, D] chunk gave an action sample whose answer was the separator alone."""
+    L = VocabLayout.compact(n_image_codes=64)
+    sb = SequenceBuilder(L, ByteTextTokenizer(L), ActionTokenizer(L, [-1] * 4, [1] * 4))
+    codes = [torch.randint(0, 64, (2, 2))]
+    with pytest.raises(ValueError, match="at least one action.*empty"):
+        sb.action_sample("open the drawer", codes, np.zeros((0, 4)))
+    s = sb.action_sample("open the drawer", codes, np.zeros((1, 4)))
+    assert s.input_ids[s.labels != -100].tolist()[0] == L.boa

@@ -154,14 +154,25 @@ def _check_demo(i: int, frames, actions) -> tuple[np.ndarray, np.ndarray]:
     return frames, actions.astype(np.float32, copy=False)
 
 
+def _blank(text) -> bool:
+    """Whether an instruction is empty or only whitespace: taken as none (a prompt "... take to ?" teaches nothing)."""
+    return isinstance(text, str) and not text.strip()
+
+
+def _own_instruction(text) -> str | None:
+    """A demo's own instruction for `write_demos`; None (the file's instruction) when it has none or a blank one."""
+    return None if text is None or _blank(text) else text
+
+
 def _unpack(i: int, demo) -> tuple[np.ndarray, np.ndarray, str | None, bool]:
     if isinstance(demo, Demo):
-        return demo.frames, demo.actions, demo.instruction or None, bool(demo.success)
+        return demo.frames, demo.actions, _own_instruction(demo.instruction), bool(demo.success)
     if isinstance(demo, Mapping):
         missing = {"frames", "actions"} - set(demo)
         if missing:
             raise ValueError(f"demo {i}: a mapping demo needs keys 'frames' and 'actions', missing {sorted(missing)}")
-        return demo["frames"], demo["actions"], demo.get("instruction"), bool(demo.get("success", True))
+        return demo["frames"], demo["actions"], _own_instruction(demo.get("instruction")), \
+            bool(demo.get("success", True))
     raise TypeError(f"demo {i}: expected a Demo or a mapping with 'frames' and 'actions', got {type(demo).__name__}")
 
 
@@ -216,13 +227,19 @@ def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentvie
     """Write `demos` (Demo objects or mappings with frames/actions[/success/instruction])
     to `path` atomically: the file appears complete or not at all.
 
-    `instruction` goes into `data.attrs` and into every demo that has none of its own.
+    `instruction` goes into `data.attrs` and into every demo that has none of its own (or an empty one); an empty
+    or whitespace-only `instruction` is refused.
     `attrs` adds extra attributes on the `data` group (for example the collection settings).
     The temporary files that killed writes of `path` left beside it are removed first (`remove_stale_temps`).
     """
+    from ..checkpoint import fsync_path
+
     h5py = _h5py()
     if not isinstance(instruction, str):
         raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
+    if _blank(instruction):
+        raise ValueError(f"instruction must be a non-empty text (the task, e.g. 'open the drawer'), got "
+                         f"{instruction!r}: the demos would train prompts without a task; pass the task's instruction")
     if not camera or "/" in camera:
         raise ValueError(f"camera must be a plain name like 'agentview', got {camera!r}")
     path = Path(path)
@@ -258,7 +275,9 @@ def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentvie
             data.attrs["upright"] = True
             for k, v in (attrs or {}).items():
                 data.attrs[k] = v
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         _UNFINISHED.discard(tmp)
         if tmp.exists():
@@ -294,8 +313,10 @@ GUESSED = (FROM_FILE_NAME, FROM_ENV_NAME)
 
 def _file_instruction(data, path) -> tuple[str, str]:
     """(instruction, where it came from: one of the FROM_* names) of the file whose `data` group this is;
-    ("", FROM_NOWHERE) for a file that holds none and names no task."""
-    if "instruction" in data.attrs:
+    ("", FROM_NOWHERE) for a file that holds none and names no task. An empty or whitespace-only instruction is
+    none: data.attrs['instruction'] so is passed over, and LIBERO's problem_info without a language_instruction
+    (or with a blank one) gives FROM_NOWHERE."""
+    if "instruction" in data.attrs and not _blank(_as_str(data.attrs["instruction"])):
         return _as_str(data.attrs["instruction"]), FROM_ATTRIBUTE
     if "problem_info" in data.attrs:
         fix = ("LIBERO's files hold a JSON object with the task's \"language_instruction\" there; rewrite it so, or "
@@ -308,7 +329,8 @@ def _file_instruction(data, path) -> tuple[str, str]:
             raise DemoFormatError(f"{path}: data.attrs['problem_info'] is a JSON {type(info).__name__}, not an "
                                   f"object; {fix}")
         lang = info.get("language_instruction", "")
-        return (" ".join(map(_as_str, lang)) if isinstance(lang, (list, tuple)) else _as_str(lang)), FROM_PROBLEM_INFO
+        text = " ".join(map(_as_str, lang)) if isinstance(lang, (list, tuple)) else _as_str(lang)
+        return (text, FROM_PROBLEM_INFO) if not _blank(text) else ("", FROM_NOWHERE)
     if _libero_like(data):
         return _task_from_file_name(path), FROM_FILE_NAME
     env = _robomimic_env_name(data)
@@ -437,9 +459,17 @@ def _read_one(g, where: str, key: str, default_instruction: str, turn: str, name
         raise DemoFormatError(f"{where}: an empty demo (no step); drop it from the file")
     if turn != NO_TURN:
         frames = np.ascontiguousarray(_TURNS[turn](frames))
-    own = "instruction" in g.attrs and not override
-    instruction = _as_str(g.attrs["instruction"]) if own else default_instruction
+    own = _demo_instruction(g) if not override else None
+    instruction = own if own is not None else default_instruction
     return Demo(frames=frames, actions=actions, instruction=instruction, success=_demo_success(g), name=name)
+
+
+def _demo_instruction(g) -> str | None:
+    """A demo group's own instruction; None when it has none or an empty (whitespace-only) one: the file's is used."""
+    if "instruction" not in g.attrs:
+        return None
+    text = _as_str(g.attrs["instruction"])
+    return None if _blank(text) else text
 
 
 def _libero_like(data) -> bool:
@@ -648,8 +678,7 @@ def reading_record(path, rotate_180: bool | None = None, instruction: str | None
             text, source, own = instruction, FROM_OPTION, {}
         else:
             text, source = _file_instruction(data, path)
-            own = {n: _as_str(data[n].attrs["instruction"]) for n in _demo_names(data)
-                   if "instruction" in data[n].attrs}
+            own = {n: t for n in _demo_names(data) if (t := _demo_instruction(data[n])) is not None}
         record = {"rotation": _turn(data, rotate_180), "instruction": text, "instruction_from": source,
                   "uses_file_instruction": len(own) < len(_demo_names(data))}
         differ = {n: t for n, t in own.items() if t != text}

@@ -41,6 +41,7 @@ from ..cli import non_negative_int, positive_int
 from ..devices import torch_device
 from ..tokens import IGNORE, ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
 from ..tokens.actions import LIBERO_MAX, LIBERO_MIN
+from ..tokens.layout import with_release_image_ids
 
 FORMAT = "worldvla-token-store"
 VERSION = 1
@@ -111,13 +112,27 @@ def find_demo_files(inputs) -> list[Path]:
     return files
 
 
-def _scan_actions(files, only_success: bool = True, drop_noops: bool = False, empty_ok: bool = False) -> np.ndarray:
+def _width_error(where, width: int, action_dim: int) -> ValueError:
+    """The refusal of a demo whose actions are not as wide as the store's (`where`: file:demo)."""
+    return ValueError(f"{where} has {width}-D actions, the store {action_dim}-D (from the first demo it tokenizes); "
+                      f"build one store per action width: give only input files whose demos share it")
+
+
+def _scan_actions(files, only_success: bool = True, drop_noops: bool = False, empty_ok: bool = False,
+                  action_dim: int | None = None) -> np.ndarray:
     """The actions of the demos the store tokenizes (the successful ones if `only_success`, without the no-op
     steps under `drop_noops`), without reading frames (for data-derived bounds). None left: refused, or an
-    empty array if `empty_ok`."""
+    empty array if `empty_ok`. A demo whose actions are not `action_dim` wide (or, without it, as wide as the
+    first one's) is refused naming it."""
     from .hdf5 import iter_demo_actions
 
-    out = [a.astype(np.float64) for path in files for _, a in iter_demo_actions(path, only_success, drop_noops)]
+    out = []
+    for path in files:
+        for name, a in iter_demo_actions(path, only_success, drop_noops):
+            want = action_dim if action_dim is not None else (out[0].shape[1] if out else a.shape[1])
+            if a.shape[1] != want:
+                raise _width_error(f"{path}:{name}", a.shape[1], want)
+            out.append(a.astype(np.float64))
     if not out:
         if empty_ok:
             return np.zeros((0, 0))
@@ -163,7 +178,7 @@ def action_bounds(mode: str, files, action_dim: int, only_success: bool = True,
                              f"use --action-bounds unit or data")
         return list(LIBERO_MIN), list(LIBERO_MAX)
     if mode == "auto" and action_dim == 7 and all(looks_like_libero(f) for f in files):
-        acts = _scan_actions(files, only_success, drop_noops, empty_ok=True)  # none: build_store refuses it
+        acts = _scan_actions(files, only_success, drop_noops, empty_ok=True, action_dim=action_dim)  # none: refused
         share = _clipped_share(acts, LIBERO_MIN, LIBERO_MAX) if len(acts) else np.zeros(7)
         if share.max() > CLIP_WARN_SHARE:
             print(f"warning: --action-bounds auto chose the release's LIBERO bounds (the files look like LIBERO's), "
@@ -172,7 +187,7 @@ def action_bounds(mode: str, files, action_dim: int, only_success: bool = True,
                   f"demos (or --action-bounds libero to keep these without this warning)")
         return list(LIBERO_MIN), list(LIBERO_MAX)
     if mode in ("auto", "data"):
-        acts = _scan_actions(files, only_success, drop_noops)
+        acts = _scan_actions(files, only_success, drop_noops, action_dim=action_dim)
         lo, hi = acts.min(0), acts.max(0)
         if mode == "auto" and lo.min() >= -1.0 and hi.max() <= 1.0:
             reach = np.maximum(-lo, hi)
@@ -416,10 +431,11 @@ def _instruction_lines(files, readings) -> list[str]:
             by_name.append((f, r["instruction"]))
             continue
         if r["instruction_from"] == FROM_NOWHERE:
-            raise ValueError(f"{f} holds no instruction (no data.attrs['instruction'], no LIBERO problem_info or "
-                             f"robomimic env_args, and it is not read as one of LIBERO's files, whose name is their "
-                             f"task); pass --instruction TEXT (every input file's demos are prompted with it), or "
-                             f"write the task's instruction into the file's data.attrs['instruction']")
+            raise ValueError(f"{f} holds no instruction (no data.attrs['instruction'], no LIBERO problem_info "
+                             f"language_instruction or robomimic env_args, or only empty ones, and it is not read as "
+                             f"one of LIBERO's files, whose name is their task); pass --instruction TEXT (every input "
+                             f"file's demos are prompted with it), or write the task's instruction into the file's "
+                             f"data.attrs['instruction']")
         if r["instruction_from"] in GUESSED:
             lines.append(f"note: {f} holds no instruction: its demos are prompted with {r['instruction']!r}, from its "
                          f"{r['instruction_from']} (a guess); pass --instruction TEXT to prompt every input file's "
@@ -465,6 +481,11 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     if isinstance(layout, str) and layout == "chameleon":
         layout = VocabLayout.chameleon(tokenizer_json)
         builder_text = text_tokenizer_for(layout, tokenizer_json)
+    elif isinstance(layout, VocabLayout) and _uses_text_tokenizer_json(layout) and tokenizer_json is not None:
+        # A VocabLayout.chameleon() object assumes code c -> id 4 + c; the policy rebuilds the map from the
+        # store's text_tokenizer.json (`with_release_image_ids`), so the store's images must take the same ids.
+        builder_text = text_tokenizer_for(layout, tokenizer_json)
+        layout = with_release_image_ids(layout, builder_text)
     elif not (layout is None or layout == "compact" or isinstance(layout, VocabLayout)):
         raise ValueError(f"layout must be a VocabLayout, 'compact' or 'chameleon', got {layout!r}")
     # The temporary shard folders that builds killed before their rename left: those of processes that no longer
@@ -492,9 +513,11 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     if builder_text is None:
         builder_text = text_tokenizer_for(layout, tokenizer_json)
 
-    first = next((d for f in files for d in iter_demos(f, **read)), None)
+    # The store's frame size and action width are those of the first demo it tokenizes, not of a failed one it skips.
+    first = next((d for f in files for d in iter_demos(f, **read) if d.success or not only_success), None)
     if first is None:
-        raise ValueError(f"none of the {len(files)} demo files holds a demo")
+        raise ValueError(f"none of the {len(files)} demo files holds a demo to tokenize (failed demos are skipped "
+                         f"unless --include-failed, and demos left without steps by --drop-noops)")
     note = rotation_note(files, rotate_180, turns=[r["rotation"] for r in readings])
     if note:
         print(note)
@@ -544,18 +567,6 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     # A shard entry that lacks a key (a hand-edited manifest) is not taken as done: its shard is built again.
     done: dict[str, dict] = {e["name"]: e for e in old.get("shards", []) if _shard_entry_problem(e) is None} \
         if resumed and not changed else {}
-    # Checked against the weights themselves, not the manifest: a folder left without its manifest
-    # (an interrupted first build, a cleaned folder) may hold another VQGAN.
-    if overwrite or _vqgan_folder_digest(out / "vqgan") != vq_digest:
-        vqgan.save_pretrained(out / "vqgan")
-    if _uses_text_tokenizer_json(layout):
-        if Path(tokenizer_json).resolve() != (out / TEXT_TOKENIZER).resolve():
-            write_atomic(out / TEXT_TOKENIZER, lambda p: shutil.copyfile(tokenizer_json, p))
-    else:
-        # A byte-text layout: a copy left by an earlier chameleon build would make the exported
-        # policy encode instructions with a tokenizer the model never saw.
-        (out / TEXT_TOKENIZER).unlink(missing_ok=True)
-
     plan = _plan_shards(files, settings, infos)
     manifest = {
         "format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "complete": False,
@@ -576,7 +587,20 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
             manifest["shards"].append(old)
         else:
             todo.append(entry)
+    # The manifest is rewritten incomplete before the VQGAN and the text tokenizer are replaced: a build killed
+    # between them leaves a store the reader refuses, not an old complete manifest beside new files.
     _atomic_json(mpath, manifest)
+    # Checked against the weights themselves, not the manifest: a folder left without its manifest
+    # (an interrupted first build, a cleaned folder) may hold another VQGAN.
+    if overwrite or _vqgan_folder_digest(out / "vqgan") != vq_digest:
+        vqgan.save_pretrained(out / "vqgan")
+    if _uses_text_tokenizer_json(layout):
+        if Path(tokenizer_json).resolve() != (out / TEXT_TOKENIZER).resolve():
+            write_atomic(out / TEXT_TOKENIZER, lambda p: shutil.copyfile(tokenizer_json, p))
+    else:
+        # A byte-text layout: a copy left by an earlier chameleon build would make the exported
+        # policy encode instructions with a tokenizer the model never saw.
+        (out / TEXT_TOKENIZER).unlink(missing_ok=True)
 
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="pretokenize", unit="shard",
                disable=not progress)
@@ -595,13 +619,13 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
             entry = wanted.get(d)
             if entry is None:
                 continue
-            if list(demo.frames.shape[1:3]) != image_hw:
-                raise ValueError(f"{files[fi]}:{demo.name} has {demo.frames.shape[1]}x{demo.frames.shape[2]} frames "
-                                 f"but the store uses {image_hw[0]}x{image_hw[1]}; resize all demos to one size")
-            if demo.actions.shape[1] != action_dim:
-                raise ValueError(f"{files[fi]}:{demo.name} has {demo.actions.shape[1]}-D actions, the store "
-                                 f"{action_dim}-D")
-            if demo.success or not only_success:
+            if demo.success or not only_success:  # the size and width of a demo the store skips do not matter
+                if list(demo.frames.shape[1:3]) != image_hw:
+                    raise ValueError(f"{files[fi]}:{demo.name} has {demo.frames.shape[1]}x{demo.frames.shape[2]} "
+                                     f"frames but the store uses {image_hw[0]}x{image_hw[1]}; resize all demos to one "
+                                     f"size")
+                if demo.actions.shape[1] != action_dim:
+                    raise _width_error(f"{files[fi]}:{demo.name}", demo.actions.shape[1], action_dim)
                 check_actions(demo.actions, f"{files[fi]}:data/{demo.name}")
                 codes = _encode_frames(vqgan, demo.frames, encode_batch)
                 n_frames += len(codes)
@@ -719,6 +743,7 @@ class TokenStore(torch.utils.data.Dataset):
         self._vocab_size = int(self.manifest["layout"]["vocab_size"])
         if verify:
             self.checked_vqgan_path()
+            self.text_tokenizer_path  # refuses a text_tokenizer.json the store's text was not tokenized with
             broken = [e["name"] for e in self.shards if not verify_shard(self.path, e)]
             if broken:
                 raise ValueError(f"checksum mismatch in shards {broken} of {self.path}; rebuild them by rerunning "
@@ -835,11 +860,21 @@ class TokenStore(torch.utils.data.Dataset):
 
     @property
     def text_tokenizer_path(self) -> Path | None:
-        """The release's text_tokenizer.json, copied in when the store uses the chameleon vocabulary.
-        None for a byte-text layout even if a stale copy lies in the folder (a store built before
-        such copies were removed): the exported policy must encode text as training did."""
+        """The release's text_tokenizer.json, copied in when the store uses the chameleon vocabulary, once its
+        sha256 is checked against the manifest's text_tokenizer_sha256 (a build killed while it replaced the
+        file may leave another beside the manifest). None for a byte-text layout even if a stale copy lies in
+        the folder (a store built before such copies were removed): the exported policy must encode text as
+        training did."""
         p = self.path / TEXT_TOKENIZER
-        return p if _uses_text_tokenizer_json(self.layout) and p.is_file() else None
+        if not (_uses_text_tokenizer_json(self.layout) and p.is_file()):
+            return None
+        want = self.manifest.get("text_tokenizer_sha256")
+        if want is not None and sha256_file(p, HASH_BLOCK) != want:
+            raise ValueError(f"{p} is not the text tokenizer the token store at {self.path} was tokenized with (its "
+                             f"sha256 does not match the manifest's text_tokenizer_sha256; a build may have been "
+                             f"killed while it replaced the file): the store must be rebuilt: rerun `worldvla "
+                             f"pretokenize` with the text_tokenizer.json you mean and --overwrite")
+        return p
 
     def action_tokenizer(self) -> ActionTokenizer:
         a = self.manifest["action"]

@@ -33,6 +33,9 @@ class ActionTokenizer:
         self.high = np.asarray(high, dtype=np.float64)
         if self.low.shape != self.high.shape or self.low.ndim != 1:
             raise ValueError(f"bounds must be two 1-D sequences of equal length, got {self.low.shape} and {self.high.shape}")
+        if not (np.all(np.isfinite(self.low)) and np.all(np.isfinite(self.high))):
+            raise ValueError(f"action bounds must be finite numbers, got low={self.low}, high={self.high}: every action "
+                             f"would decode to NaN; give finite per-dimension bounds (the demos' min/max, or [-1, 1])")
         if np.any(self.high <= self.low):
             raise ValueError(f"every upper bound must exceed its lower bound: low={self.low}, high={self.high}")
         self.n_bins = layout.n_bins

@@ -93,6 +93,9 @@ class SequenceBuilder:
         chunk = self.actions.encode(actions)
         if chunk.dim() != 2:
             raise ValueError(f"an action chunk must be [K, D], got shape {tuple(chunk.shape)}")
+        if chunk.shape[0] == 0:
+            raise ValueError("an action chunk must hold at least one action (K >= 1), got an empty [0, D] chunk: "
+                             "the answer would be the separator alone; pass the K actions that follow the images")
         answer = self._turn([chunk.flatten()])
         return self._with_labels(self.action_prompt(instruction, history_codes), answer, "action")
 
