@@ -540,7 +540,7 @@ def test_reset_refuses_a_missing_or_empty_instruction_as_the_client_does(policy_
     for bad in (None, "", "  ", 3):
         with pytest.raises(ValueError, match="reset\\(\\) needs the task instruction as a non-empty string"):
             pol.reset(bad)
-    for bad in (["open the drawer", ""], ["open the drawer", None], ("push", b"push")):
+    for bad in (["open the drawer", ""], ["open the drawer", None]):
         with pytest.raises(ValueError, match="needs each environment's task instruction as a non-empty string; "
                                              "entry 1 is"):
             pol.reset(bad)
@@ -681,3 +681,98 @@ def test_errors_on_the_history_frames_name_history(policy_dir, rng):
         pol.act(frame, history=frame[:0])
     with pytest.raises(TypeError, match=r"^frames must be uint8"):
         pol.act(frame.astype(np.float32), history=frame)
+
+
+def test_instructions_as_bytes_are_refused_with_the_decoding_to_do(policy_dir):
+    """reset(b"open the drawer") (bytes or np.bytes_, as HDF5 datasets give them) was iterated into numbers and
+    refused as "entry 0 is 111"."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    for bad, what in ((b"open the drawer", "the task instruction is bytes"),
+                      (np.bytes_(b"open the drawer"), "the task instruction is bytes_"),
+                      (("push", b"push"), "entry 1 of the instructions is bytes"),
+                      (np.array([b"open", b"push"]), "entry 0 of the instructions is bytes_")):
+        with pytest.raises(ValueError, match=rf"takes each task instruction as str, but {what} b'.*decode it first "
+                                             r"\(instruction\.decode\('utf-8'\)"):
+            pol.reset(bad)
+    pol.reset(np.array(["open", "push"]))  # str entries (np.str_) are fine
+
+
+def test_frames_of_different_sizes_and_a_negative_code_cache_are_named(policy_dir, rng):
+    """A list of frames of different sizes gave NumPy's "inhomogeneous shape" error, code_cache_size=-1 a
+    KeyError 'dictionary is empty' at the first query."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    frame = _frames(rng)
+    mixed = [frame, _frames(rng, size=48)]
+    with pytest.raises(ValueError, match=r"^frames must all have one size \(\[N, H, W, 3\]\), got frames of shapes "
+                                         r"\[\(48, 48, 3\), \(64, 64, 3\)\]: resize them to 64x64"):
+        pol.act(mixed, history=None)
+    with pytest.raises(ValueError, match=r"^history must all have one size"):
+        pol.act(np.stack([frame, frame]), history=mixed)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"code_cache_size must be an integer >= 0 .*got {bad!r}"):
+            WorldVLAPolicy(pol.model, pol.vqgan, pol.action_tokenizer, chunk_size=3, image_size=64,
+                           code_cache_size=bad)
+    none_kept = WorldVLAPolicy(pol.model, pol.vqgan, pol.action_tokenizer, chunk_size=3, image_size=64,
+                               code_cache_size=0)
+    none_kept.reset("open the drawer")
+    assert np.array_equal(none_kept.act(frame, history=None), pol.act(frame, history=None))
+    assert len(none_kept._codes) == 0
+
+
+def test_the_servers_warm_up_engines_serve_the_robots_instructions(policy_dir, rng):
+    """The warm-up built engines sized for its instruction "warm up": the first request with a longer one
+    rebuilt the engine (on a GPU: a new cache and CUDA-graph capture on a robot's first request). A server's
+    engines now leave room for SERVER_ENGINE_HEADROOM more instruction tokens (capped by the model's context),
+    and what they compute does not depend on their size."""
+    from worldvla.serve import PolicyServer
+    from worldvla.serve.server import SERVER_ENGINE_HEADROOM
+
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    reference = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    server = PolicyServer(pol, max_batch=2)
+    assert pol.engine_headroom == SERVER_ENGINE_HEADROOM and reference.engine_headroom == 0
+    server.warmup()
+    warm = dict(pol._engines)
+    assert sorted(warm) == [1, 2]
+    # the longest instruction within the headroom (or the model's context) with the full history
+    room = min(pol._prompt_capacity(pol._prefix("warm up").numel()) + SERVER_ENGINE_HEADROOM,
+               pol.model.config.max_position_embeddings)
+    n = 1
+    while pol._prompt_capacity(pol._prefix("x" * (n + 1)).numel()) <= room:
+        n += 1
+    longest = "x" * n
+    prev, cur = _frames(rng, 2), _frames(rng, 2)
+    for instructions in (["put the red block in the top drawer and close it"], [longest], [longest, "push"]):
+        pol.reset(instructions)
+        reference.reset(instructions)
+        k = len(instructions)
+        for history in (None, prev[:k]):
+            out = pol.act(cur[:k], history=history)
+            assert np.array_equal(out, reference.act(cur[:k], history=history))  # whatever the engine's size
+        assert all(pol._engines[b] is warm[b] for b in warm), instructions  # reused, not rebuilt
+    if room < pol.model.config.max_position_embeddings:  # one token past the headroom: a bigger engine, same result
+        pol.reset([longest + "x"])
+        reference.reset([longest + "x"])
+        assert np.array_equal(pol.act(cur[:1], history=None), reference.act(cur[:1], history=None))
+        assert pol._engines[1] is not warm[1]
+
+
+def test_a_server_keeps_the_prefixes_of_all_its_episodes(policy_dir, rng, monkeypatch):
+    """PolicyServer raised max_engines but not max_prefixes (32): with more robots' instructions than that,
+    stepping in turn, every query prefilled its instruction again."""
+    from worldvla.serve import PolicyServer
+
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    PolicyServer(pol, max_episodes=64)
+    assert pol.max_prefixes == 64
+    computed = []
+    prefix_kv = pol._prefix_kv
+    monkeypatch.setattr(pol, "_prefix_kv", lambda prefix: computed.append(1) or prefix_kv(prefix))
+    frame = _frames(rng, 1)
+    names = [f"task {i}" for i in range(33)]
+    for _ in range(2):
+        for name in names:  # robots stepping round-robin, one request per policy call
+            pol.reset([name])
+            pol.act(frame, history=None)
+    assert len(computed) == len(names)

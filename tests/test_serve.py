@@ -1204,8 +1204,7 @@ def test_client_checks_the_servers_protocol_version(np_rng, monkeypatch):
                                                     r"same worldvla version") as refused:
             PolicyClient(server.url, timeout=10)
         assert refused.value.__cause__.response.status_code == 400  # refused at the handshake
-        client.close()
-        client._ws = None  # lost: the next call reconnects, and checks again
+        client._drop()  # lost (not closed by the caller): the next call reconnects, and checks again
         with pytest.raises(PolicyServerError, match="speaks protocol 2"):
             client.act(_frame(np_rng))
         assert server.stats["act_ok"] == 1
@@ -1336,8 +1335,8 @@ def test_client_timeout_bounds_a_call_that_reconnects(np_rng):
         with PolicyServer(HistoryPolicy()) as server:
             client = PolicyClient(server.url, timeout=0.5, connect_timeout=3)
             client.reset("wave")
-            client.close()
-            client._ws, client.url = None, f"ws://127.0.0.1:{silent.getsockname()[1]}"  # lost; the server moved
+            client._drop()  # lost (not closed by the caller)
+            client.url = f"ws://127.0.0.1:{silent.getsockname()[1]}"  # and the server moved
             t0 = time.monotonic()
             with pytest.raises(TimeoutError, match=r"could not reconnect .* within the call's timeout of 0.5 s"):
                 client.act(_frame(np_rng))
@@ -1586,3 +1585,124 @@ def test_a_host_that_does_not_resolve_or_a_taken_port_is_named():
     with PolicyServer(HistoryPolicy()) as server:
         with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{server.port} \(--host, --port\)"):
             PolicyServer(HistoryPolicy(), port=server.port).start_background()
+
+
+def test_a_reset_refused_for_any_reason_ends_the_episode(np_rng):
+    """A reset refused for a misspelt or unknown field, a bad 'client' token, a protocol mismatch or a bad id
+    left the connection's episode running: the next act ran the old task. Each now ends it, as a refused
+    instruction does; another connection's refused reset leaves the episode alone."""
+    img = _frame(np_rng)
+    reset = {"type": "reset", "episode": "e", "instruction": "new task"}
+    with PolicyServer(HistoryPolicy(), max_wait_ms=1.0) as server, _raw(server.url) as ws, \
+            _raw(server.url) as other:
+        for extra in ({"instrucion": "new task"}, {"seed": 3}, {"client": ""}, {"client": 7}, {"protocol": 99},
+                      {"id": 1.5}):
+            assert _ask(ws, packb({"type": "reset", "episode": "e", "instruction": "old task"}))["ok"]
+            assert _ask(ws, packb({"type": "act", "episode": "e", "image": img}))["ok"]
+            assert not _ask(other, packb({**reset, **extra}))["ok"]  # not its episode: nothing ends
+            assert _ask(ws, packb({"type": "act", "episode": "e", "image": img}))["ok"]
+            refused = _ask(ws, packb({**reset, **extra}))
+            assert not refused["ok"], extra
+            reply = _ask(ws, packb({"type": "act", "episode": "e", "image": img}))
+            assert not reply["ok"] and "unknown episode 'e'" in reply["error"], (extra, refused, reply)
+
+
+def test_act_returns_a_chunk_the_caller_may_change(np_rng):
+    """PolicyClient.act returned a read-only view of the reply's bytes: in-place post-processing raised."""
+    with PolicyServer(HistoryPolicy()) as server, PolicyClient(server.url, timeout=10) as client:
+        client.reset("open the drawer")
+        chunk = client.act(_frame(np_rng))
+        assert chunk.flags.writeable
+        chunk[:, -1] = np.sign(chunk[:, -1])  # a gripper's post-processing
+        assert np.all(chunk[:, -1] == 1)
+
+
+def test_a_server_that_has_shut_down_refuses_to_start_again(np_rng):
+    """A second `with server:` refused every request as shutting down, left its listening socket open, and
+    request_stop() then raised "Event loop is closed"."""
+    server = PolicyServer(HistoryPolicy())
+    with server:
+        with PolicyClient(server.url, timeout=10) as client:
+            client.reset("wave")
+            client.act(_frame(np_rng))
+    with pytest.raises(RuntimeError, match="shut down and cannot start again: build a new PolicyServer"):
+        with server:
+            pass
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", server.port)) != 0  # nothing listens there
+    server.request_stop()  # a no-op once stopped
+    server.stop_background()
+    with PolicyServer(HistoryPolicy()) as fresh, PolicyClient(fresh.url, timeout=10) as client:
+        client.reset("wave")
+        assert client.act(_frame(np_rng)).shape == (K, D)
+
+
+def test_unknown_fields_with_long_names_get_a_reply_the_client_can_read():
+    """Every unknown field's name was repeated in full: 20 names of 60000 characters made an error the
+    client could not decode (its strings stop at 1 MiB)."""
+    request = {"type": "metadata", **{"k" * 60000 + str(i): 1 for i in range(20)}}
+    with PolicyServer(HistoryPolicy()) as server, _raw(server.url) as ws:
+        reply = _ask(ws, packb(request))  # decoded within the client's limits
+        assert not reply["ok"] and len(reply["error"]) < 2000, len(reply["error"])
+        assert reply["error"].startswith("unknown fields '" + "k" * 40 + "'... (60001 characters), ")
+        assert " and 12 more in a 'metadata' request" in reply["error"]
+
+
+def test_the_timing_of_a_batch_split_in_two_policy_calls(np_rng):
+    """An episode's first request and another's later one share a batch but not a policy call: both replies
+    said batch_size 2 and the end of both calls. Each now says its own call's size and end."""
+    delay = 0.1
+    policy = HistoryPolicy(delay_s=delay)
+    with PolicyServer(policy, max_wait_ms=2000, request_timeout_s=20) as server:
+        a, b = PolicyClient(server.url, timeout=20), PolicyClient(server.url, timeout=20)
+        a.reset("first")
+        b.reset("later")
+        b.act(_frame(np_rng))  # b now has a previous frame
+        calls, batches = len(policy.calls), server.stats["batches"]
+        barrier = threading.Barrier(2)
+
+        def act(client):
+            barrier.wait(10)
+            client.act(_frame(np_rng))
+
+        threads = [threading.Thread(target=act, args=(c,)) for c in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert server.stats["batches"] == batches + 1 and policy.calls[calls:] == [1, 1]  # one batch, two calls
+        first, later = a.last_timing, b.last_timing
+        assert first["batch_size"] == later["batch_size"] == 1, (first, later)
+        assert later["policy_ms"] - first["policy_ms"] >= delay * 1e3 * 0.9, (first, later)  # the second call
+        a.close()
+        b.close()
+
+
+def test_a_closed_client_refuses_calls_and_timeouts_must_be_positive(np_rng):
+    """After close() the first call raised "closed (code 1000)" and the next silently reconnected;
+    timeout=None gave a bare TypeError, and timeout=0 was accepted with every call timing out."""
+    with PolicyServer(HistoryPolicy()) as server:
+        client = PolicyClient(server.url, timeout=10)
+        client.reset("wave")
+        client.close()
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match=r"this PolicyClient was closed .*build a new PolicyClient"):
+                client.act(_frame(np_rng))
+        client.close()
+        _wait_for(lambda: not server._open)  # no connection was reopened
+        for name, value in (("timeout", None), ("timeout", 0), ("timeout", -1.0), ("timeout", float("nan")),
+                            ("connect_timeout", 0), ("max_reply_mb", 0)):
+            with pytest.raises(ValueError, match=rf"{name} must be a finite number of \w+ > 0, got"):
+                PolicyClient(server.url, **{name: value})
+
+
+def test_a_reply_over_the_clients_limit_names_max_reply_mb():
+    """A reply larger than the client's max_reply_mb was reported as "connection ... closed (code None)"."""
+    policy = _ExtraMetadataPolicy({"notes": "x" * 200000})
+    with PolicyServer(policy) as server:
+        client = PolicyClient(server.url, timeout=10, max_reply_mb=0.1)
+        with pytest.raises(PolicyServerError, match=r"larger than this client's limit of 0\.1 MiB \(max_reply_mb\)"):
+            client.metadata()
+        client.close()
+        with PolicyClient(server.url, timeout=10) as roomy:
+            assert roomy.metadata()["policy"]["extra"]["notes"] == "x" * 200000

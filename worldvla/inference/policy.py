@@ -133,7 +133,10 @@ class WorldVLAPolicy:
     rule cannot express.
     `tune_malloc`: fix glibc's malloc thresholds for the process (`tune_cpu_malloc`: CPU forwards
     stop faulting their temporaries' pages in anew at every call); None does it when the model
-    is on the CPU.
+    is on the CPU. `engine_headroom` (attribute, tokens, default 0; `PolicyServer` sets `SERVER_ENGINE_HEADROOM`):
+    each batch size's engine is built with room for that many more instruction tokens than the query that
+    builds it, so that longer instructions (a warm-up's short one, then the robots') reuse it and its CUDA
+    graphs. `max_prefixes` (32) instructions keep their prefilled prefix (a server: its max_episodes).
 
     The caches computed from the weights (instruction prefixes, VQ codes, the engines' plans) notice a
     model or VQGAN replaced, converted, or updated in place through its tensors (load_state_dict, an
@@ -163,6 +166,10 @@ class WorldVLAPolicy:
         for name, value in (("chunk_size", chunk_size), ("image_size", image_size)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(code_cache_size, bool) or not isinstance(code_cache_size, (int, np.integer)) \
+                or code_cache_size < 0:
+            raise ValueError(f"code_cache_size must be an integer >= 0 (frames whose VQ codes are kept; 0 keeps "
+                             f"none), got {code_cache_size!r}")
         self.model, self.vqgan = model.eval(), vqgan.eval()
         self.layout = with_release_image_ids(layout or model.layout, text_tokenizer)
         if self.layout.vocab_size != model.config.vocab_size:
@@ -188,14 +195,18 @@ class WorldVLAPolicy:
             tune_cpu_malloc()
         self._codes: OrderedDict = OrderedDict()      # frame digest -> VQ codes
         self._codes_state = None                      # the VQGAN's state the codes were made with (clear_caches)
-        self._code_cache_size = code_cache_size
+        self._code_cache_size = int(code_cache_size)
         self._engines: OrderedDict = OrderedDict()   # batch size -> InferenceEngine
         self._instructions: list[str] | None = None
         self._broadcast = True
         self._prefixes: OrderedDict = OrderedDict()   # instruction -> keys, values of BOS + its text
         self._prefix_state = None                     # the model's state the prefixes were computed on (clear_caches)
-        self.max_prefixes = 32                        # instructions whose prefixes are kept (a server sets more)
+        self.max_prefixes = 32                        # instructions whose prefixes are kept (a PolicyServer
+                                                      # raises it to its max_episodes)
         self.max_engines = 4                          # engines kept, one per batch size (a server sets more)
+        # Instruction tokens an engine leaves room for beyond the query that builds it (a PolicyServer sets
+        # SERVER_ENGINE_HEADROOM, so that its warm-up's engines and CUDA graphs serve the robots' instructions).
+        self.engine_headroom = 0
         self._last: np.ndarray | None = None          # most recent frame(s) seen, [N, H, W, 3]
         self._queue: list = []
 
@@ -255,10 +266,13 @@ class WorldVLAPolicy:
     # ------------------------------------------------------------------ episode state
     def reset(self, instruction) -> None:
         """Start an episode: one instruction for every environment, or a list with one per environment.
+        Instructions are str: bytes (as HDF5 datasets return them) are refused, to be decoded by the caller.
         A refused instruction ends the previous episode all the same: nothing of it (queued actions, the
         previous frame) reaches a later query, and act/observe/step refuse to run until a reset succeeds."""
         self._instructions, self._last, self._queue = None, None, []
         # Refused as PolicyClient.reset refuses them: an empty prompt (or str(None)) would run without a task.
+        if isinstance(instruction, (bytes, bytearray)):  # np.bytes_ too; iterated, they would be numbers
+            raise ValueError(_bytes_hint(instruction, "the task instruction"))
         if isinstance(instruction, str):
             if not instruction.strip():
                 raise ValueError("reset() needs the task instruction as a non-empty string")
@@ -270,6 +284,8 @@ class WorldVLAPolicy:
                 raise ValueError(f"reset() needs the task instruction as a non-empty string (or a list of them, one "
                                  f"per environment), got {type(instruction).__name__}") from None
             bad = [i for i, s in enumerate(instruction) if not isinstance(s, str) or not s.strip()]
+            if bad and isinstance(instruction[bad[0]], (bytes, bytearray)):
+                raise ValueError(_bytes_hint(instruction[bad[0]], f"entry {bad[0]} of the instructions"))
             if bad:
                 raise ValueError(f"reset() needs each environment's task instruction as a non-empty string; "
                                  f"entry {bad[0]} is {instruction[bad[0]]!r}")
@@ -438,7 +454,15 @@ class WorldVLAPolicy:
 
     def _frames(self, image, what: str = "frames") -> tuple[np.ndarray, bool]:
         """`what`: the argument the errors name (act's `history=` is checked as its frames are)."""
-        a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        try:
+            a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        except ValueError:  # NumPy's "inhomogeneous shape": frames of different sizes
+            try:
+                shapes = sorted({tuple(np.shape(f)) for f in image})
+            except (TypeError, ValueError):
+                shapes = "different"
+            raise ValueError(f"{what} must all have one size ([N, H, W, 3]), got frames of shapes {shapes}: "
+                             f"resize them to {self.image_size}x{self.image_size} (image_size) first") from None
         if a.ndim not in (3, 4) or a.shape[-1] != 3:
             raise ValueError(f"{what} must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}")
         if a.dtype != np.uint8:
@@ -484,7 +508,8 @@ class WorldVLAPolicy:
     def _engine(self, N: int, max_len: int):
         eng = self._engines.get(N)
         if eng is None or eng.max_len < max_len or eng.mismatch(self.model):  # a new model, or moved/converted
-            eng = InferenceEngine(self.model, N, max_len, layout=self.layout)
+            room = min(max_len + max(int(self.engine_headroom), 0), self.model.config.max_position_embeddings)
+            eng = InferenceEngine(self.model, N, max(room, max_len), layout=self.layout)
             self._engines[N] = eng
             while len(self._engines) > self.max_engines:
                 self._engines.popitem(last=False)
@@ -568,6 +593,11 @@ def uint8_hint(a: np.ndarray) -> str:
     if a.dtype.kind == "f":
         return f"{values}; convert with np.clip(x, 0, 255).round().astype(np.uint8)"
     return f"{values}; convert with np.clip(x, 0, 255).astype(np.uint8)"
+
+
+def _bytes_hint(value, what: str) -> str:
+    return (f"reset() takes each task instruction as str, but {what} is {type(value).__name__} "
+            f"{bytes(value[:40])!r}: decode it first (instruction.decode('utf-8'); HDF5 datasets return bytes)")
 
 
 def _resize(frame: np.ndarray, size: int) -> np.ndarray:

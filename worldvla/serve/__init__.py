@@ -22,12 +22,14 @@ any other field than these and those below is refused, naming the field.
                                                                 "policy": {...}, "server": {limits}}
   anything refused                                           -> {"ok": false, "error": "what and how to fix"}
 
-A refused 'reset' ends the episode it names all the same (when sent by the connection that
-holds it): an 'act' on that id is refused as an unknown episode until a 'reset' succeeds, so a
-robot never goes on with its old task. `timing`, in milliseconds: `preprocess_ms` (arrival to
-queued: decoding, resizing), `queue_ms` (waiting for the policy call), `policy_ms` (from the
-start of that call to the end of the one that answered), `server_ms` (arrival to reply);
-`batch_size`: the requests in the answering call. When a batch's call fails, its requests run
+A refused 'reset' ends the episode it names all the same, whatever the reason (an instruction,
+an unknown field, a bad 'client' or 'protocol'; when sent by the connection that holds it): an
+'act' on that id is refused as an unknown episode until a 'reset' succeeds, so a robot never goes
+on with its old task. `timing`, in milliseconds: `preprocess_ms` (arrival to queued: decoding,
+resizing), `queue_ms` (waiting for the batch's policy work to start), `policy_ms` (from that
+start to the end of the policy call that answered: a batch mixing episodes' first requests with
+later ones makes two calls, one after the other), `server_ms` (arrival to reply); `batch_size`:
+the requests in the answering call. When a batch's call fails, its requests run
 again one at a time: the reply of one that succeeds then says `retried: true`, and its policy_ms
 covers the failed call and the re-runs up to its own.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
 import time
 import urllib.error
 import urllib.request
@@ -81,7 +82,8 @@ class PolicyClient:
     release does; by default the server uses the frame of this episode's previous `act`.
     A refused request raises `PolicyServerError` with the server's message, as does a lost
     connection (the next call reconnects), a failed reconnection, or a reply that cannot be
-    decoded. `timeout` bounds each call as a whole, a reconnection included: a call not done
+    decoded; a reply larger than `max_reply_mb` too (it names the option). `timeout` (> 0)
+    bounds each call as a whole, a reconnection included: a call not done
     within `timeout` seconds raises `TimeoutError` and closes the connection, which drops the
     request on the server; the next call reconnects. `connect_timeout` bounds opening a
     connection (in the constructor, and within a call's `timeout` when reconnecting). Each new
@@ -90,21 +92,29 @@ class PolicyClient:
     another version raises `PolicyServerError` (a server that states none, of an older worldvla,
     is asked for its metadata instead). The client sends a token of its own (`client_id`) with
     its requests, so that after a reconnection the server gives it its episode at once, even
-    while the lost connection still looks open there.
+    while the lost connection still looks open there. After `close()` (or the end of a `with`
+    block) every call raises RuntimeError: build a new client to go on.
     """
 
     def __init__(self, url: str = "ws://127.0.0.1:8000", *, timeout: float = 60.0, connect_timeout: float = 10.0,
                  max_reply_mb: float = 64.0):
         if not url.startswith(("ws://", "wss://")):
             raise ValueError(f"server url must start with ws:// or wss://, got {url!r}")
+        for name, value, unit in (("timeout", timeout, "seconds"), ("connect_timeout", connect_timeout, "seconds"),
+                                  ("max_reply_mb", max_reply_mb, "MiB")):
+            number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            if not (number and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a finite number of {unit} > 0, got {value!r}")
         self.url = url
         self.timeout = float(timeout)
         self.connect_timeout = float(connect_timeout)
+        self.max_reply_mb = float(max_reply_mb)
         self.max_reply_bytes = int(max_reply_mb * 2**20)
         self.episode = None
         self.client_id = uuid.uuid4().hex
         self.last_timing: dict | None = None
         self._next_id = 0
+        self._closed = False
         self._ws = _connect(url, self.connect_timeout, self.max_reply_bytes)
         try:
             self._check_protocol(time.monotonic() + self.timeout)
@@ -117,6 +127,9 @@ class PolicyClient:
     def request(self, message: dict) -> dict:
         """Send one request map and return the server's reply map; raises `PolicyServerError` if refused.
         The whole call, a reconnection included, takes at most `timeout` seconds (else `TimeoutError`)."""
+        if self._closed:
+            raise RuntimeError(f"this PolicyClient was closed (close(), or the end of its with block); build a new "
+                               f"PolicyClient({self.url!r}) to talk to the server again")
         deadline = time.monotonic() + self.timeout
         if self._ws is None:  # closed after a timeout or a lost connection
             self._reconnect(deadline)
@@ -188,7 +201,7 @@ class PolicyClient:
                     return reply
         except ConnectionClosed as e:
             self._ws = None  # the next call reconnects
-            raise self._closed(e) from None
+            raise self._closed_error(e) from None
 
     def _send(self, data: bytes, deadline: float) -> None:
         """Send by `deadline`. websockets' send has no deadline, so the socket's timeout bounds it: when
@@ -211,10 +224,15 @@ class PolicyClient:
             with contextlib.suppress(OSError):
                 ws.socket.settimeout(None)
 
-    def _closed(self, e) -> PolicyServerError:
+    def _closed_error(self, e) -> PolicyServerError:
         close = getattr(e, "rcvd", None)
         code = getattr(close, "code", None)
         reason = getattr(close, "reason", "") or ""
+        if code is None and getattr(getattr(e, "sent", None), "code", None) == 1009:  # closed by this client
+            return PolicyServerError(f"the server's reply is larger than this client's limit of "
+                                     f"{self.max_reply_mb:g} MiB (max_reply_mb): build the PolicyClient "
+                                     "with a larger max_reply_mb; the connection was closed and the next call "
+                                     "reconnects")
         if code == 1009:
             return PolicyServerError(f"the server closed the connection: message too big ({reason or 'code 1009'});"
                                      " the request exceeds its payload limit (metadata()['server']"
@@ -235,6 +253,9 @@ class PolicyClient:
         a timeout, a lost connection) ends the previous episode all the same: `act` raises until a reset
         succeeds, rather than going on with the old task."""
         self.episode = None
+        if isinstance(instruction, (bytes, bytearray)):  # np.bytes_ too: HDF5 datasets give bytes
+            raise ValueError(f"reset() takes the task instruction as str, got {type(instruction).__name__} "
+                             f"{bytes(instruction[:40])!r}: decode it first (instruction.decode('utf-8'))")
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("reset() needs the task instruction as a non-empty string")
         episode = uuid.uuid4().hex if episode is None else episode
@@ -243,7 +264,7 @@ class PolicyClient:
         return episode
 
     def act(self, image: np.ndarray, previous_image: np.ndarray | None = None) -> np.ndarray:
-        """Action chunk [K, D] float32 for one RGB uint8 frame [H, W, 3]."""
+        """Action chunk [K, D] float32 for one RGB uint8 frame [H, W, 3] (an array of its own, writable)."""
         if self.episode is None:
             raise RuntimeError("no episode: call reset(instruction) before act() (a reset that was refused or "
                                "failed ends the previous episode)")
@@ -256,7 +277,8 @@ class PolicyClient:
         actions = reply.get("actions")
         if not isinstance(actions, np.ndarray) or actions.ndim != 2:
             raise PolicyServerError(f"server reply has no [K, D] 'actions' array: {type(actions).__name__}")
-        return actions
+        # a copy the caller may change in place (decoded arrays are read-only views of the reply's bytes)
+        return actions if actions.flags.writeable else actions.copy()
 
     def health(self) -> dict:
         """GET /healthz on the same host and port."""
@@ -271,8 +293,11 @@ class PolicyClient:
         ws.close()
 
     def close(self) -> None:
-        if self._ws is not None:
-            self._ws.close()
+        """Close the connection; later calls raise RuntimeError (build a new client to go on)."""
+        self._closed = True
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            ws.close()
 
     def __enter__(self) -> "PolicyClient":
         return self

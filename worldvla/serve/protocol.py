@@ -98,7 +98,8 @@ def packb(obj) -> bytes:
 def unpackb(data: bytes, limits: dict = REPLY_LIMITS, what: str | None = None):
     """Decode a message within `limits` (the server decodes requests with `REQUEST_LIMITS`); raises
     `ProtocolError` with the reason for anything malformed or beyond the limits. `what` names the message
-    in those reasons: "request" with `REQUEST_LIMITS`, "reply" otherwise, unless given."""
+    in those reasons: "request" with `REQUEST_LIMITS`, "reply" otherwise, unless given. Arrays are
+    read-only views of the message's bytes (no copy; `PolicyClient.act` returns a copy): copy one to change it."""
     if what is None:
         what = "request" if limits is REQUEST_LIMITS else "reply"
     shape_of = (f"a {what} is a map of a few fields with short strings, with images as ndarrays of binary data"

@@ -59,8 +59,13 @@ from .protocol import (PROTOCOL_HEADER, PROTOCOL_VERSION, REPLY_LIMITS, REQUEST_
 log = logging.getLogger("worldvla.serve")
 
 _MAX_INSTRUCTION_CHARS = 4096
+# Instruction tokens a served policy's engines leave room for beyond the warm-up's instruction ("warm up"):
+# task instructions (LIBERO's, Meta-World's: tens of tokens) reuse the warm-up's caches and CUDA graphs, for a
+# few hundred more cache slots (about 128 MiB a sequence for a 7B model in bf16).
+SERVER_ENGINE_HEADROOM = 256
 _MAX_EPISODE_ID_CHARS = 256
 _MAX_METADATA_BYTES = 8 * 2**20  # the metadata reply, checked when the server is built
+_MAX_FIELD_CHARS, _MAX_FIELDS_LISTED = 40, 8  # an unknown field name shown whole, at most; names listed, at most
 # The fields each request type may carry; anything else (a misspelt 'previous_image') is refused.
 _COMMON_FIELDS = ("type", "id", "protocol")
 REQUEST_FIELDS = {"reset": frozenset(_COMMON_FIELDS + ("episode", "instruction", "client")),
@@ -94,6 +99,13 @@ class _Connection:
         """Drop the TCP connection at once, without a closing handshake (which a client that reads nothing
         never completes)."""
         self.ws.transport.abort()
+
+
+def _field_name(name) -> str:
+    """repr() of a request's field name, a long one cut short (saying how long it was)."""
+    if isinstance(name, (str, bytes)) and len(name) > _MAX_FIELD_CHARS:
+        return f"{name[:_MAX_FIELD_CHARS]!r}... ({len(name)} characters)"
+    return repr(name)
 
 
 def _error(message: str) -> dict:
@@ -138,7 +150,8 @@ class PolicyServer:
 
     Use `serve_forever()` (blocking, stops cleanly on SIGTERM/SIGINT), `await start()`
     / `await shutdown()` inside an event loop, or `with PolicyServer(...) as server:`
-    to run it on a background thread (tests, notebooks); `server.url` is then live.
+    to run it on a background thread (tests, notebooks); `server.url` is then live. A server
+    runs once: after it has shut down, starting it again raises RuntimeError (build a new one).
 
     `port=0` picks a free port. `max_payload_mb` bounds a request: larger requests up
     to twice the limit get an error reply; beyond that the connection is closed with
@@ -204,6 +217,12 @@ class PolicyServer:
         self.batch_sizes = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | {max_batch})
         if self.pad_batches and isinstance(getattr(policy, "max_engines", None), int):
             policy.max_engines = max(policy.max_engines, len(self.batch_sizes))  # one warm engine per size
+        if isinstance(getattr(policy, "max_prefixes", None), int):  # each episode's instruction stays prefilled
+            policy.max_prefixes = max(policy.max_prefixes, max_episodes)
+        if isinstance(getattr(policy, "engine_headroom", None), int):
+            # Engines (caches, CUDA graphs) with room for SERVER_ENGINE_HEADROOM more instruction tokens than the
+            # warm-up's: those it builds serve the robots' instructions, none is rebuilt on a request.
+            policy.engine_headroom = max(policy.engine_headroom, SERVER_ENGINE_HEADROOM)
 
         self.stats = {"act_requests": 0, "act_ok": 0, "errors": 0, "batches": 0, "policy_calls": 0,
                       "batched_requests": 0, "max_batch_seen": 0, "busy_rejections": 0, "timeouts": 0,
@@ -253,9 +272,15 @@ class PolicyServer:
         return f"ws://{host}:{self.port}"
 
     async def start(self) -> None:
-        """Bind and start serving (inside a running event loop)."""
+        """Bind and start serving (inside a running event loop). A server runs once: after `shutdown` (the end
+        of a `with` block, of `serve_forever`) it refuses to start again."""
         from websockets.asyncio.server import serve
 
+        if self._closed:
+            raise RuntimeError("this PolicyServer has been shut down and cannot start again: build a new "
+                               "PolicyServer to serve again")
+        if self._ws is not None:
+            raise RuntimeError("this PolicyServer is already serving")
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(self.max_queue)
         self._stop_event = asyncio.Event()
@@ -287,9 +312,14 @@ class PolicyServer:
                  "explicit" if self.explicit_history else "policy slots")
 
     def request_stop(self) -> None:
-        """Ask a running server to shut down (thread-safe, signal-safe)."""
-        if self._loop is not None and self._stop_event is not None:
-            self._loop.call_soon_threadsafe(self._stop_event.set)
+        """Ask a running server to shut down (thread-safe, signal-safe); nothing once it has stopped."""
+        loop = self._loop
+        if loop is None or self._stop_event is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._stop_event.set)
+        except RuntimeError:  # the loop closed meanwhile: the server has stopped
+            pass
 
     async def wait_stopped(self) -> None:
         await self._stop_event.wait()
@@ -387,6 +417,7 @@ class PolicyServer:
             raise TimeoutError(f"server did not start within {timeout} s")
         if failure:
             self._thread.join()
+            self._thread = None
             raise failure[0]
         return self
 
@@ -405,7 +436,9 @@ class PolicyServer:
 
     def warmup(self) -> None:
         """Policy calls with random frames before serving (compilation, allocation, CUDA graphs):
-        every padded batch size, with and without a history frame."""
+        every padded batch size, with and without a history frame. A policy with `engine_headroom`
+        (`WorldVLAPolicy`; the server sets SERVER_ENGINE_HEADROOM) builds engines here with room for
+        instructions that many tokens longer than the warm-up's, so the robots' requests reuse them."""
         h, w = self.image_hw
         rng = np.random.default_rng()
         for n in self.batch_sizes if self.pad_batches else [1]:
@@ -498,7 +531,7 @@ class PolicyServer:
         if len(message) > self.max_payload_bytes:
             return _error(f"payload of {len(message) / 2**20:.2f} MiB exceeds the server's limit of "
                           f"{self.max_payload_bytes / 2**20:.2f} MiB (--max-payload-mb); send smaller frames")
-        request_id = None
+        request_id = msg = None
         try:
             msg = unpackb(message, REQUEST_LIMITS)
             if not isinstance(msg, dict):
@@ -518,6 +551,8 @@ class PolicyServer:
         except Exception as e:  # a bug must not take the connection down
             log.exception("internal error while handling a request")
             reply = _error(f"internal server error: {type(e).__name__}: {e}")
+        if not reply.get("ok") and isinstance(msg, dict) and msg.get("type") == "reset":
+            self._end_refused_reset(msg, conn)
         if isinstance(request_id, (int, str)) and not isinstance(request_id, bool):
             reply["id"] = request_id
         return reply
@@ -544,10 +579,16 @@ class PolicyServer:
         allowed = REQUEST_FIELDS[kind]
         unknown = sorted((k for k in msg if k not in allowed), key=repr)
         if unknown:
-            close = difflib.get_close_matches(unknown[0], allowed, n=1) if isinstance(unknown[0], str) else []
+            first = unknown[0]
+            close = (difflib.get_close_matches(first, allowed, n=1)
+                     if isinstance(first, str) and len(first) <= _MAX_FIELD_CHARS else [])
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             a = "an" if kind[0] in "aeiou" else "a"
-            raise ProtocolError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in "
+            # Names cut short and at most a few listed: the reply must stay within the client's string limit.
+            names = ", ".join(_field_name(k) for k in unknown[:_MAX_FIELDS_LISTED])
+            if len(unknown) > _MAX_FIELDS_LISTED:
+                names += f" and {len(unknown) - _MAX_FIELDS_LISTED} more"
+            raise ProtocolError(f"unknown field{'s' if len(unknown) > 1 else ''} {names} in "
                                 f"{a} {kind!r} request{hint}; {a} {kind!r} request may carry "
                                 f"{', '.join(map(repr, sorted(allowed)))}")
         return kind
@@ -610,6 +651,24 @@ class PolicyServer:
         if sent:
             bound = min(bound, max(min(sent) + self.keepalive_s - self._loop.time(), 0.0))
         return bound
+
+    def _end_refused_reset(self, msg: dict, conn: "_Connection | None") -> None:
+        """A refused 'reset', whatever the reason (a misspelt field, a bad 'client' token or 'protocol'), ends
+        the episode it names when the reset could have taken it (its owner's, `_check_owner`), so that an
+        'act' is not run on the old task."""
+        try:
+            key = self._episode_key(msg)
+            episode = self._episodes.get(key)
+            if episode is None:
+                return
+            try:
+                client = self._client_token(msg)
+            except ProtocolError:  # a bad token proves nothing: only the owning connection ends it
+                client = None
+            self._check_owner(key, episode, conn, client)
+        except ProtocolError:  # no valid episode id, or another open connection's episode
+            return
+        self._episodes.pop(key, None)
 
     def _reset(self, msg: dict, conn: "_Connection | None" = None) -> dict:
         key = self._episode_key(msg)
@@ -751,7 +810,7 @@ class PolicyServer:
             if r.t_start is None:  # a re-run keeps its first call's start: its policy_ms covers the failed call
                 r.t_start = t_start
         try:
-            actions, calls = await self._loop.run_in_executor(self._executor, self._call_policy, batch)
+            actions, answered = await self._loop.run_in_executor(self._executor, self._call_policy, batch)
         except Exception as e:
             log.exception("policy call failed for a batch of %d", len(batch))
             self.stats["policy_failures"] += 1
@@ -765,17 +824,18 @@ class PolicyServer:
                 if not r.future.done():
                     r.future.set_result(("error", message))
             return
-        t_end = time.perf_counter()
         self.stats["batches"] += 1
-        self.stats["policy_calls"] += calls
+        self.stats["policy_calls"] += len({id(call) for call in answered})  # one tuple per call
         self.stats["batched_requests"] += len(batch)
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
-        for r, a in zip(batch, actions):
+        for r, a, (t_end, size) in zip(batch, actions, answered):
             r.episode.previous = r.image
             r.episode.steps += 1
+            # the policy call that answered this request: its end and its requests (a batch mixing episodes'
+            # first requests with later ones makes two calls)
             timing = {"preprocess_ms": round((r.t_ready - r.t_recv) * 1e3, 3),
                       "queue_ms": round((r.t_start - r.t_ready) * 1e3, 3),
-                      "policy_ms": round((t_end - r.t_start) * 1e3, 3), "batch_size": len(batch),
+                      "policy_ms": round((t_end - r.t_start) * 1e3, 3), "batch_size": size,
                       "retried": retried}
             if r.future.done():
                 continue
@@ -785,8 +845,9 @@ class PolicyServer:
             else:
                 r.future.set_result(("ok", a, timing))
 
-    # Runs on the worker thread: the only place the policy is called while serving.
-    def _call_policy(self, batch: list) -> tuple[list, int]:
+    # Runs on the worker thread: the only place the policy is called while serving. Returns each request's
+    # actions and (end time, number of requests) of the policy call that answered it.
+    def _call_policy(self, batch: list) -> tuple[list, list]:
         self._policy_since = time.monotonic()
         try:
             if self.explicit_history:
@@ -795,14 +856,14 @@ class PolicyServer:
         finally:
             self._policy_since = None
 
-    def _call_with_history(self, batch: list) -> tuple[list, int]:
+    def _call_with_history(self, batch: list) -> tuple[list, list]:
         out: list = [None] * len(batch)
+        answered: list = [None] * len(batch)
         use_history = self.history_frames > 1
         prev = [(r.previous if r.previous is not None else r.episode.previous) if use_history else None
                 for r in batch]
         first = [i for i, p in enumerate(prev) if p is None]
         later = [i for i, p in enumerate(prev) if p is not None]
-        calls = 0
         for idx, history in ((first, False), (later, True)):
             if not idx:
                 continue
@@ -819,12 +880,12 @@ class PolicyServer:
             images = np.stack([batch[i].image for i in rows])
             hist = np.stack([prev[i] for i in rows]) if history else None
             result = self._check_actions(self.policy.act(images, history=hist), len(rows))
-            calls += 1
+            call = (time.perf_counter(), len(idx))
             for j, i in enumerate(idx):
-                out[i] = result[j]
-        return out, calls
+                out[i], answered[i] = result[j], call
+        return out, answered
 
-    def _call_with_slots(self, batch: list) -> tuple[list, int]:
+    def _call_with_slots(self, batch: list) -> tuple[list, list]:
         episodes = [r.episode for r in batch]
         layout = self._layout
         if layout is not None and len(layout) == len(episodes) and {id(e) for e in layout} == {id(e) for e in episodes}:
@@ -840,7 +901,7 @@ class PolicyServer:
         out: list = [None] * len(batch)
         for j, i in enumerate(order):
             out[i] = result[j]
-        return out, 1
+        return out, [(time.perf_counter(), len(batch))] * len(batch)
 
     def _check_actions(self, result, n: int) -> np.ndarray:
         if isinstance(result, (list, tuple)) and len(result) == n and all(np.ndim(a) == 2 for a in result):
