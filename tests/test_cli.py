@@ -297,6 +297,53 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(command, module, tmp_p
         assert f"--out {out} {what}" in err and "not a folder" in err, err
 
 
+def test_a_tilde_in_out_is_expanded_for_the_check_and_the_writes(tmp_path, capsys, monkeypatch):
+    """`--out=~/x` (the shell leaves that ~ alone) was checked as $HOME/x but written to ./~/x."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    imagine = importlib.import_module("worldvla.eval.imagine")
+    monkeypatch.setattr(imagine, "run", lambda args: Path(args.out).mkdir() or (Path(args.out) / "f").write_text(""))
+    assert main(["imagine", "p", "--out=~/x"]) == 0
+    assert (home / "x" / "f").is_file() and not (cwd / "~").exists()
+    (home / "afile").write_text("")
+    assert main(["imagine", "p", "--out=~/afile"]) == 2  # the check reads the same folder
+    assert f"--out {home / 'afile'} is a file" in capsys.readouterr().err
+
+
+def test_a_benchmark_named_twice_runs_once_and_all_skipped_is_said(monkeypatch, capsys, tmp_path):
+    """`bench vq vq` ran vq twice; a run whose every benchmark was skipped (cannot run here) printed only the
+    skips and exited 0 as if it had measured something. Skipping stays exit 0, with a line saying nothing ran."""
+    import sys
+    import types
+
+    runs = []
+
+    class Unavailable(RuntimeError):
+        pass
+
+    def bench(name, skip=False):
+        def run(quick, device, out_dir):
+            runs.append(name)
+            if skip:
+                raise Unavailable("no tool here")
+            return f"{out_dir}/{name}.json"
+        monkeypatch.setitem(sys.modules, f"worldvla.benchmarks.{name}",
+                            types.SimpleNamespace(run=run, Unavailable=Unavailable))
+
+    bench("vq"), bench("sampling"), bench("sass", skip=True)
+    assert main(["bench", "vq", "sampling", "vq", "--out", str(tmp_path)]) == 0
+    assert runs == ["vq", "sampling"]
+    assert "nothing ran" not in capsys.readouterr().err
+    runs.clear()
+    assert main(["bench", "sass", "sass", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert runs == ["sass"] and "-- sass skipped: no tool here" in out
+    assert "worldvla bench: nothing ran: every benchmark asked for (sass) cannot run here" in err, err
+
+
 def test_layout_seeds_are_refused_outside_32_bits(capsys):
     """collect and eval derive their layouts from the seed's low 32 bits: --seed 2**32 repeated --seed 0, and
     --seed -1 the seed 2**32 - 1."""

@@ -914,3 +914,73 @@ def test_mse_summary_of_identical_frames_and_refused_inputs():
     for shape in ((2, 8, 8, 4), (2, 3, 8, 8)):  # RGBA, and uint8 channels-first
         with pytest.raises(ValueError, match="channels-last"):
             metrics.psnr(np.zeros(shape, np.uint8), np.zeros(shape, np.uint8))
+
+
+def test_an_evaluation_inside_the_policy_folder_reuses_its_runs(tmp_path, monkeypatch):
+    """The policy's fingerprint hashed every file in its folder: with --out inside it, each evaluation's own
+    outputs changed it, so a rerun reused nothing and runs/ grew by a file a run. Only the policy's files
+    (policy.json, model/, vqgan/, text_tokenizer.json) count now."""
+    from worldvla.eval import metaworld as mw
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())
+    (folder / "model").mkdir()
+    (folder / "model" / "model.safetensors").write_bytes(b"weights")
+    kw = dict(episodes=1, max_steps=4, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              random_baseline=False, variant_names=["p"])
+    out = folder / "eval"
+    m = mw.evaluate([folder], ["fake-a-v3"], out_dir=out, **kw)
+    assert not m["variants"]["p"]["tasks"]["fake-a-v3"].get("reused", False)
+    m = mw.evaluate([folder], ["fake-a-v3"], out_dir=out, **kw)
+    assert m["variants"]["p"]["tasks"]["fake-a-v3"]["reused"] and len(list((out / "runs").iterdir())) == 1
+    before = mw._policy_fingerprint(folder)
+    (folder / "notes.txt").write_text("not part of the policy")
+    assert mw._policy_fingerprint(folder) == before
+    for name in ("model/model.safetensors", "vqgan/config.json", "text_tokenizer.json"):  # the policy's own do
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(name)
+        assert mw._policy_fingerprint(folder) != before
+        before = mw._policy_fingerprint(folder)
+
+
+def test_a_variant_named_random_is_refused_beside_the_random_baseline(tmp_path, monkeypatch, capsys):
+    """A variant called 'random' shared the baseline's key in the rates and its column in the table: one of
+    the two was shown under both."""
+    from worldvla.cli import main
+    from worldvla.eval import metaworld as mw
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())
+    kw = dict(episodes=1, max_steps=4, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1)
+    with pytest.raises(ValueError, match=r"a variant is named 'random', the random baseline's name .*--names a,b"):
+        mw.evaluate([folder], ["fake-a-v3"], out_dir=tmp_path / "o", variant_names=["random"], **kw)
+    random_folder = tmp_path / "random"  # a default name too
+    random_folder.mkdir()
+    with pytest.raises(ValueError, match="a variant is named 'random'"):
+        mw.evaluate([random_folder], ["fake-a-v3"], out_dir=tmp_path / "o", **kw)
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    assert main(["eval", "--policy", str(folder), "--names", "random", "--tasks", "fake-a-v3",
+                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "--names" in capsys.readouterr().err
+    # Without the baseline the name is free.
+    m = mw.evaluate([folder], ["fake-a-v3"], out_dir=tmp_path / "o", variant_names=["random"],
+                    random_baseline=False, **kw)
+    assert list(m["variants"]) == ["random"] and "random" not in m
+    assert format_results(m).splitlines()[1].split() == ["task", "random"]
+
+
+def test_repeated_policy_and_tasks_options_add_up(tmp_path, monkeypatch):
+    """`--policy A --policy B` kept only B (nargs="+"), and `--tasks a --tasks b` only b."""
+    from worldvla.cli import main
+    from worldvla.eval import metaworld as mw
+
+    folders = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "policy.json").write_text("{}")
+        folders.append(str(tmp_path / name))
+    got = {}
+    monkeypatch.setattr(mw, "evaluate", lambda policies, tasks, *a, **k: got.update(policies=policies, tasks=tasks)
+                        or {"tasks": [], "variants": {}})
+    monkeypatch.setattr(mw, "format_results", lambda m: "")
+    assert main(["eval", "--policy", folders[0], folders[1], "--policy", folders[2], "--tasks", "fake-a-v3",
+                 "--tasks", "fake-b-v3", "--out", str(tmp_path / "o")]) == 0
+    assert got == {"policies": folders, "tasks": ["fake-a-v3", "fake-b-v3"]}

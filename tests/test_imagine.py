@@ -218,3 +218,35 @@ def test_demo_frames_are_turned_as_pretokenize_turns_them(tmp_path, capsys):
     assert "rotated by 180 degrees" in capsys.readouterr().out
     first, _, _, _ = demo_segment(tmp_path / "regen.hdf5", 0, 0, 2, rotate_180=False)
     assert first[:4].min() == 255 and capsys.readouterr().out == ""
+
+
+def test_one_step_scores_without_a_non_writable_array_warning(files, tmp_path, recwarn):
+    """`imagine --steps 1` printed PyTorch's "The given NumPy array is not writable" warning: the first frame
+    kept, broadcast to one step, is a read-only view that np.ascontiguousarray passed through uncopied."""
+    from worldvla.eval import metrics
+
+    frame = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    view = np.broadcast_to(frame, (1, 8, 8, 3))
+    assert not view.flags.writeable
+    x, _ = metrics.as_float_images(view)
+    assert torch.equal(x[0], torch.from_numpy(frame).double().permute(2, 0, 1))
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 1, "--out", tmp_path / "o") == 0
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)], [str(w.message) for w in recwarn]
+
+
+def test_demo_options_with_an_image_are_refused(files, tmp_path, capsys):
+    """With --image, --demo, --start, --camera and --rotate-180 (which pick and turn a recorded episode's frame)
+    were silently ignored; they are refused as --actions with --demos is, when given."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "f.png")
+    np.save(tmp_path / "a.npy", np.zeros((2, 4)))
+    image = ("--image", tmp_path / "f.png", "--actions", tmp_path / "a.npy")
+    for extra, named in ((("--start", 2), "--start goes with --demos"),
+                         (("--demo", 1, "--camera", "wrist"), "--demo, --camera go with --demos"),
+                         (("--rotate-180", "yes"), "--rotate-180 goes with --demos")):
+        assert _run(files / "policy", *image, *extra, "--out", tmp_path / "o") == 2
+        err = capsys.readouterr().err
+        assert named in err and "with --image they have no effect: drop" in err, err
+    assert not (tmp_path / "o").exists()
+    assert _run(files / "policy", *image, "--out", tmp_path / "o") == 0  # the defaults themselves are fine

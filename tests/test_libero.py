@@ -503,3 +503,122 @@ def test_eval_libero_checks_libero_once_before_the_policy_loads(fake_libero, tmp
     events.clear()
     assert libero.LiberoSuite("libero_goal").n_tasks == 10
     assert events == ["import libero", "config", "import libero.libero"] and fake_libero == []
+
+
+def _run_eval_libero(tmp_path, monkeypatch, policy, suite, *argv):
+    """`libero.run` on `suite` with `policy` (LIBERO itself, the policy's loading and the suite stood in)."""
+    import argparse
+
+    from worldvla import inference
+
+    monkeypatch.setattr(libero, "_require_libero", lambda: None)
+    monkeypatch.setattr(libero, "LiberoSuite", lambda name, resolution: suite)
+    monkeypatch.setattr(inference.WorldVLAPolicy, "from_pretrained", lambda *a, **k: policy)
+    args = libero.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--policy", str(tmp_path / "p"), "--out", str(tmp_path / "out"), "--no-progress", *argv])
+    return libero.run(args)
+
+
+def test_eval_libero_names_episodes_that_ended_on_an_error(tmp_path, monkeypatch, capsys):
+    """Every exception in an episode (a policy out of memory, a simulator error) became a failed episode: the
+    command printed the success rates only and exited 0, the errors were only in libero_results.json. It names
+    them per task now, and exits 1 when every episode erred."""
+    rng = np.random.default_rng()
+
+    class Broken(RecordingPolicy):
+        def act(self, image, history=None):
+            raise RuntimeError("CUDA error: out of memory")
+
+    suite = FakeSuite([FakeLiberoEnv(rng=rng), FakeLiberoEnv(rng=rng)], max_steps=5)
+    assert _run_eval_libero(tmp_path, monkeypatch, Broken(rng=rng), suite, "--episodes", "2") == 1
+    out, err = capsys.readouterr()
+    for task in (0, 1):
+        assert (f"task  {task}  2 of 2 episodes ended on an error (counted as failures); first: episode 0: "
+                f"RuntimeError: CUDA error: out of memory") in out, out
+    assert "4 episodes ended on an error" in out
+    assert "every episode ended on an error" in err and "reruns the episodes that ended on an error" in err, err
+
+    # Some episodes erred, not all: named, and the run still succeeds (the release counts them as failures).
+    suite = FakeSuite([FakeLiberoEnv(rng=rng, fail_at=libero.SETTLE_STEPS + 2), FakeLiberoEnv(rng=rng)], max_steps=5)
+    assert _run_eval_libero(tmp_path, monkeypatch, RecordingPolicy(rng=rng), suite, "--episodes", "1",
+                            "--no-resume") == 0
+    out, err = capsys.readouterr()
+    assert "task  0  1 of 1 episodes ended on an error (counted as failures); first: episode 0: RuntimeError: " \
+           "simulated physics failure" in out, out
+    assert out.count("ended on an error (counted as failures)") == 1 and "every episode" not in err
+
+
+def test_resume_runs_again_the_episodes_that_ended_on_an_error(tmp_path):
+    """A saved episode that ended on an error (the policy or the simulator failed, not the task) is not a
+    result: a resumed run starts again from the first such episode and keeps the saved ones before it."""
+    rng = np.random.default_rng()
+
+    class BrokenFrom(RecordingPolicy):
+        def __init__(self, n_ok, **kw):
+            super().__init__(**kw)
+            self.n_ok = n_ok
+
+        def reset(self, instruction):
+            super().reset(instruction)
+            if len(self.instructions) > self.n_ok:  # one reset per episode
+                self.fail = True
+
+        def act(self, image, history=None):
+            if getattr(self, "fail", False):
+                raise RuntimeError("CUDA error: out of memory")
+            return super().act(image, history)
+
+    suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=4)
+    run = lambda policy: libero.evaluate_suite(policy, suite, episodes=3, out_dir=tmp_path, progress=False,  # noqa: E731
+                                               policy_fingerprint="same policy files")
+    first = run(BrokenFrom(1, rng=rng))["tasks"]["0"]
+    assert first["episode_errors"][0] is None and all(first["episode_errors"][1:]), first
+    again = RecordingPolicy(rng=rng)
+    second = run(again)["tasks"]["0"]
+    assert len(again.instructions) == 2, again.instructions  # episodes 1 and 2 ran again, episode 0 was reused
+    assert second["errors"] == [] and second["episode_steps"][0] == first["episode_steps"][0], second
+
+
+def test_repeated_tasks_options_add_up(tmp_path, monkeypatch):
+    """`--tasks 0 --tasks 2` kept only the last one."""
+    rng = np.random.default_rng()
+    suite = FakeSuite([FakeLiberoEnv(rng=rng) for _ in range(3)], max_steps=2)
+    assert _run_eval_libero(tmp_path, monkeypatch, RecordingPolicy(rng=rng), suite, "--episodes", "1",
+                            "--tasks", "0", "--tasks", "2") == 0
+    assert [e.init_state for e in suite.envs] == ["state0-0", None, "state2-0"]
+
+
+def test_a_rerun_episode_keeps_only_its_new_gif(tmp_path):
+    """--save-videos named each GIF after its outcome: an episode run again with the other outcome left both
+    task00_ep000_failure.gif and task00_ep000_success.gif, the old one looking current."""
+    rng = np.random.default_rng()
+    out = tmp_path / "out"
+    for succeed_at, tag in ((libero.SETTLE_STEPS + 3, "success"), (None, "failure"),
+                            (libero.SETTLE_STEPS + 3, "success")):
+        suite = FakeSuite([FakeLiberoEnv(rng=rng, succeed_at=succeed_at)], max_steps=5)
+        libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=1, out_dir=out, save_videos=True,
+                              progress=False, resume=False)
+        assert sorted(p.name for p in out.glob("*.gif")) == [f"task00_ep000_{tag}.gif"]
+
+
+def test_an_out_folder_inside_the_policy_folder_does_not_change_its_fingerprint(tmp_path):
+    """The fingerprint hashed every file under the policy folder: with --out inside it, each run's own results
+    changed it, so a rerun reused nothing and runs/ grew by a file a run."""
+    folder = tmp_path / "policy"
+    (folder / "model").mkdir(parents=True)
+    (folder / "policy.json").write_text("{}")
+    (folder / "model" / "model.safetensors").write_bytes(b"weights")
+    out = folder / "libero_eval"
+    rng = np.random.default_rng()
+
+    def run():
+        s = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=5)
+        libero.evaluate_suite(RecordingPolicy(rng=rng), s, episodes=1, out_dir=out, progress=False,
+                              policy_path=folder)
+        return s.envs[0].init_state
+
+    assert run() == "state0-0"
+    assert run() is None  # reused: the results written into the folder are no part of the policy
+    assert len(list((out / "runs").iterdir())) == 1
+    (folder / "model" / "model.safetensors").write_bytes(b"retrained")  # the policy's own files still count
+    assert run() == "state0-0"

@@ -28,7 +28,8 @@ BENCHMARKS = {
 
 def add_arguments(p):
     p.add_argument("names", nargs="*", metavar="NAME",
-                   help="benchmarks to run (default: all): " + ", ".join(f"{k} ({v})" for k, v in BENCHMARKS.items()))
+                   help="benchmarks to run, each once (default: all): "
+                        + ", ".join(f"{k} ({v})" for k, v in BENCHMARKS.items()))
     p.add_argument("--quick", action="store_true",
                    help="small shapes and few repeats (a smoke run, on any device); writes "
                         "<result>-<device>-quick.json")
@@ -38,7 +39,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    names = args.names or list(BENCHMARKS)
+    names = list(dict.fromkeys(args.names)) or list(BENCHMARKS)  # a name given twice runs once
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         print(f"worldvla bench: error: unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}",
@@ -48,7 +49,7 @@ def run(args) -> int:
         from .devices import torch_device
 
         torch_device(args.device)  # a GPU that is not here: one line, before any benchmark starts
-    failed = []
+    failed, skipped = [], []
     # What a Ctrl-C leaves: cli's one line names the benchmarks that finished and the command for the rest.
     args.finished, args.remaining = [], list(names)
     for i, name in enumerate(names):
@@ -66,7 +67,11 @@ def run(args) -> int:
             args.finished.append(name)
         except unavailable as e:
             print(f"-- {name} skipped: {e}")
+            skipped.append(name)
         except Exception as e:  # noqa: BLE001 - one failing benchmark must not hide the others
             print(f"!! {name} failed: {type(e).__name__}: {e}")
             failed.append(name)
+    if skipped and len(skipped) == len(names):  # not a failure (a benchmark that cannot run here), but say so
+        print(f"worldvla bench: nothing ran: every benchmark asked for ({', '.join(skipped)}) cannot run here and "
+              f"was skipped, so no result was written; see the reasons above", file=sys.stderr)
     return 1 if failed else 0

@@ -220,6 +220,10 @@ def _main(argv) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if isinstance(getattr(args, "out", None), str):
+        # `--out=~/x` reaches us unexpanded (the shell expands only a word-initial ~): expanded once, here, so that
+        # the check below and every file the command writes name the same folder, not ./~/x.
+        args.out = os.path.expanduser(args.out)
     out_problem = _out_folder_problem(getattr(args, "out", None))
     if out_problem:  # every command's --out is a folder: refused before any work, not when the first file is written
         print(f"worldvla {args.command}: error: {out_problem}", file=sys.stderr)

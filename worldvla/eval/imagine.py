@@ -34,13 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("policy", help="policy folder (what `worldvla train` or worldvla.inference.save_policy writes)")
     src = p.add_argument_group("input: a demonstration, or an image and actions")
     src.add_argument("--demos", metavar="HDF5", help="demonstrations in the LIBERO / robomimic layout")
-    src.add_argument("--demo", type=non_negative_int, default=0, help="the episode's index in --demos (default 0)")
+    src.add_argument("--demo", type=non_negative_int, default=0,
+                     help="the episode's index in --demos (default 0; --demos only)")
     src.add_argument("--start", type=non_negative_int, default=0,
-                     help="the episode's frame to start from (default 0); its recorded actions follow")
-    src.add_argument("--camera", help="the camera of --demos (default: agentview, else the first)")
+                     help="the episode's frame to start from (default 0; --demos only); its recorded actions "
+                          "follow")
+    src.add_argument("--camera", help="the camera of --demos (default: agentview, else the first; --demos only)")
     src.add_argument("--rotate-180", default="auto", choices=tuple(ROTATE_180),
                      help="rotate --demos' frames by 180 degrees, as pretokenize does (auto: LIBERO's files, which "
-                          "store their cameras upside down, with a line saying so; default: %(default)s)")
+                          "store their cameras upside down, with a line saying so; default: %(default)s; --demos only)")
     src.add_argument("--image", help="a frame to start from (PNG, JPEG: anything Pillow reads)")
     src.add_argument("--actions", help="with --image: continuous actions [T, D] as .npy, or text (.csv with "
                                        "commas, else whitespace), one action a line")
@@ -191,6 +193,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--image needs --actions FILE: the actions to imagine the frames under")
     if args.demos is not None and args.actions is not None:
         raise ValueError("--actions goes with --image; with --demos the episode's recorded actions are used")
+    if args.image is not None:
+        # The options that pick and turn a demonstration's frame would be ignored: refused when given (not at
+        # their defaults), as --actions with --demos is.
+        defaults = add_arguments(argparse.ArgumentParser())
+        demo_only = [f"--{name.replace('_', '-')}" for name in ("demo", "start", "camera", "rotate_180")
+                     if getattr(args, name, defaults.get_default(name)) != defaults.get_default(name)]
+        if demo_only:
+            raise ValueError(f"{', '.join(demo_only)} {'goes' if len(demo_only) == 1 else 'go'} with --demos (they "
+                             f"pick and turn a recorded episode's frame); with --image they have no effect: drop "
+                             f"{'it' if len(demo_only) == 1 else 'them'}")
     if args.samples > 1 and args.temperature <= 0.0:
         raise ValueError(f"--samples {args.samples} with greedy codes would draw the same future {args.samples} "
                          f"times; set --temperature above 0 (e.g. 1.0)")

@@ -10,7 +10,8 @@ fixed initial states, `env.seed(0)`; each episode
    step's frame and the current frame (the current one only on the first query),
 5. executes the whole chunk open-loop, one action per step, de-normalized with the
    fixed LIBERO bounds, gripper value passed through unchanged,
-6. counts success when the env reports `done`; any exception ends the episode as a failure.
+6. counts success when the env reports `done`; any exception ends the episode as a failure
+   (`worldvla eval-libero` counts and names such episodes per task, and exits 1 when all of them erred).
 
 LIBERO itself (with robosuite and its assets) is an optional dependency; the harness
 takes any suite object with the small interface of `LiberoSuite`, which is how the
@@ -239,7 +240,8 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
     same folder leaves in place) and the file shows them: this run's, and earlier runs' of other tasks or beyond
     `episodes` (its `tasks` then hold more than this run reports; `run_tasks`, `episodes_per_task` and
     `success_rate` are this run's). With `resume`, a rerun reuses the saved episodes it asks for and runs
-    only the missing ones: every episode starts from its task's fixed initial state. The folder is fingerprinted
+    only the missing ones (and, from the first saved episode that ended on an error, the rest again): every
+    episode starts from its task's fixed initial state. The folder is fingerprinted
     here unless `policy_fingerprint` gives the fingerprint taken before `policy` loaded from it (the command's
     way: a new export that replaced the folder meanwhile must not have the loaded weights' episodes saved as
     its own)."""
@@ -299,6 +301,9 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
             n = min(len(r) for r in runs)
             success, steps, errors = (r[:n] for r in runs)
             start = min(n, episodes) if resume else 0  # saved episodes reused, up to what is asked
+            # ... up to the first that ended on an error (the policy or the simulator failed, not the task): it and
+            # those after it run again.
+            start = next((i for i in range(start) if errors[i]), start)
             if bar is not None:
                 bar.update(start)
             results["tasks"][str(task_id)] = _task_summary(instruction, success[:start], steps[:start],
@@ -319,11 +324,16 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
                     kept[str(task_id)] = _task_summary(instruction, success, steps, errors)
                     results["tasks"][str(task_id)] = _task_summary(instruction, success[:ep + 1], steps[:ep + 1],
                                                                    errors[:ep + 1])
-                    if r["frames"]:
-                        tag = "success" if r["success"] else "failure"
-                        from .plots import save_gif
+                    if save_videos and out_dir is not None:
+                        # An earlier run's GIF of the other outcome would stand beside this one as current.
+                        gif = {tag: out_dir / f"task{task_id:02d}_ep{ep:03d}_{tag}.gif"
+                               for tag in ("success", "failure")}
+                        for path in gif.values():
+                            path.unlink(missing_ok=True)
+                        if r["frames"]:
+                            from .plots import save_gif
 
-                        save_gif(r["frames"], out_dir / f"task{task_id:02d}_ep{ep:03d}_{tag}.gif", fps=20)
+                            save_gif(r["frames"], gif["success" if r["success"] else "failure"], fps=20)
                     write_results()
                     if bar is not None:
                         bar.update(1)
@@ -348,7 +358,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--suite", default="libero_spatial", choices=sorted(MAX_STEPS),
                         help="LIBERO suite; step limits spatial 220, object 280, goal 300, libero_10 520 "
                              "(default: %(default)s)")
-    parser.add_argument("--tasks", default=None, help="comma-separated task ids (default: all 10)")
+    parser.add_argument("--tasks", action="append", default=None,
+                        help="comma-separated task ids; given again, its ids are added (default: all 10)")
     parser.add_argument("--episodes", type=positive_int, default=50,
                         help="episodes per task (the paper: 50; default: %(default)s)")
     parser.add_argument("--resolution", type=positive_int, default=None,
@@ -359,7 +370,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "and keeps those of other tasks and beyond --episodes (default: ./%(default)s)")
     parser.add_argument("--no-resume", action="store_true",
                         help="run the asked episodes again, even those saved in OUT by an earlier run")
-    parser.add_argument("--save-videos", action="store_true", help="one GIF per episode in --out")
+    parser.add_argument("--save-videos", action="store_true",
+                        help="one GIF per episode in --out, taskTT_epEEE_success.gif or _failure.gif (an episode "
+                             "run again replaces its earlier GIF, whichever the outcome)")
     parser.add_argument("--device", default=None, help="torch device of the policy (default: cuda if available)")
     parser.add_argument("--allow-bounds-mismatch", action="store_true",
                         help="evaluate a policy whose action bounds differ from the fixed LIBERO bounds")
@@ -382,9 +395,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from ..inference import WorldVLAPolicy
 
-    tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    given = None if args.tasks is None else ",".join([args.tasks] if isinstance(args.tasks, str) else args.tasks)
+    tasks = None if given is None else [t.strip() for t in given.split(",") if t.strip()]
     if tasks is not None and not all(t.isdigit() for t in tasks):
-        raise ValueError(f"--tasks takes comma-separated task ids like 0,3,7, got {args.tasks!r}")
+        raise ValueError(f"--tasks takes comma-separated task ids like 0,3,7, got {given!r}")
     from .metaworld import _policy_fingerprint
 
     fingerprint = _policy_fingerprint(Path(args.policy).expanduser())  # before it loads: see evaluate_suite
@@ -395,9 +409,23 @@ def run(args: argparse.Namespace) -> int:
                          save_videos=args.save_videos, allow_bounds_mismatch=args.allow_bounds_mismatch,
                          progress=not args.no_progress, policy_path=Path(args.policy).expanduser(),
                          resume=not args.no_resume, policy_fingerprint=fingerprint)
+    errored, first = 0, None
     for tid, r in res["tasks"].items():
         print(f"task {tid:>2}  {r['success_rate']:6.1%}  {r['instruction']}")
-    print(f"{res['suite']}: {res['success_rate']:.1%} over {len(res['tasks'])} tasks x {args.episodes} episodes")
+        errors = r.get("errors") or []
+        if errors:  # counted as failures, as the release does; named, so a broken policy or sim is not taken for one
+            print(f"task {tid:>2}  {len(errors)} of {r['episodes']} episodes ended on an error (counted as "
+                  f"failures); first: {errors[0]}")
+            errored += len(errors)
+            first = first or f"task {tid}, {errors[0]}"
+    print(f"{res['suite']}: {res['success_rate']:.1%} over {len(res['tasks'])} tasks x {args.episodes} episodes"
+          + (f"; {errored} episodes ended on an error (see {Path(args.out) / RESULTS})" if errored else ""))
+    total = sum(r["episodes"] for r in res["tasks"].values())
+    if total and errored == total:
+        print(f"worldvla eval-libero: every episode ended on an error, so the success rate measures the error, not "
+              f"the policy (first: {first}). Fix the error and run the command again: it reruns the episodes "
+              f"that ended on an error.", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,10 +16,11 @@ copying the last real frame, and the VQGAN's own reconstruction of the target.
 metrics.json, success.png, world_model.png, a real-vs-imagined PNG grid and a GIF per task.
 
 Nothing finished is lost: each (variant, task) closed loop is saved under `<out>/runs/` as it
-ends, keyed by the policy folder's files and the evaluation settings, not by the variant's name
-(one file per key, so a run with other settings never overwrites it), and metrics.json is
-rewritten after each one (`"complete": false` until the end). A rerun with the same key reuses
-those results (episodes depend on their seeds alone) and runs only what is missing.
+ends, keyed by the policy's own files (`POLICY_ENTRIES`: not an --out inside its folder) and the
+evaluation settings, not by the variant's name (one file per key, so a run with other settings never
+overwrites it), and metrics.json is rewritten after each one (`"complete": false` until the end). A
+rerun with the same key reuses those results (episodes depend on their seeds alone) and runs only what
+is missing.
 """
 from __future__ import annotations
 
@@ -380,15 +381,30 @@ def load_policy(path, device=None):
     return WorldVLAPolicy.from_pretrained(path, device=device)
 
 
+# What an exported policy consists of (`worldvla.inference.save_policy`): the files it loads from.
+POLICY_ENTRIES = ("policy.json", "text_tokenizer.json", "model", "vqgan")
+
+
+def _policy_files(root: Path) -> list[Path]:
+    """The files of the policy folder `root` that the policy loads from (`POLICY_ENTRIES`), sorted; every file
+    of a folder laid out otherwise (none of those entries), so that it is still told apart from another."""
+    files = []
+    for entry in (root / name for name in POLICY_ENTRIES):
+        files += [entry] if entry.is_file() else [q for q in entry.rglob("*") if q.is_file()]
+    return sorted(files) if files else sorted(q for q in root.rglob("*") if q.is_file())
+
+
 def _policy_fingerprint(src) -> str | None:
-    """Identity of a policy folder: its path and every file's name, size and modification time (a retrained
-    or replaced policy gets a new one; two folders written within one tick of the clock do not share one).
-    None for a policy given as an object."""
+    """Identity of a policy folder: its path and its policy files' names, sizes and modification times (a
+    retrained or replaced policy gets a new one; two folders written within one tick of the clock do not share
+    one). Only the files the policy loads from (`POLICY_ENTRIES`) count: anything else in the folder, such as an
+    evaluation's --out inside it (whose every run would change the fingerprint, so that nothing saved is ever
+    reused), is no part of the policy. None for a policy given as an object."""
     if not isinstance(src, (str, Path)):
         return None
     root = Path(src)
     h = hashlib.sha256(f"{root.resolve()}\n".encode())
-    for f in sorted(q for q in root.rglob("*") if q.is_file()):
+    for f in _policy_files(root):
         st = f.stat()
         h.update(f"{f.relative_to(root).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
@@ -490,6 +506,10 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must differ, got {names}; name the policies with --names a,b,... "
                          f"(variant_names in Python)")
+    if random_baseline and "random" in names:  # the baseline's key in metrics.json and its column in the table
+        raise ValueError(f"a variant is named 'random', the random baseline's name (variants: {names}); name the "
+                         f"policies otherwise with --names a,b,... (variant_names in Python), or leave the baseline "
+                         f"out with --no-random (random_baseline=False)")
     # A folder's fingerprint is taken once, before it loads: one taken later could be that of a new export that
     # replaced the folder meanwhile, and the loaded weights' results would be saved as the new files'.
     fingerprints, loaded = [], []
@@ -692,10 +712,13 @@ def _jsonable(d):
 def format_results(metrics: dict) -> str:
     """A plain-text table of success rates (per variant and random) and world-model scores."""
     tasks = metrics["tasks"]
-    cols = list(metrics.get("variants", {})) + (["random"] if "random" in metrics else [])
+    # (heading, results) per column: the baseline's by its own key, so that a variant may be called 'random'
+    # when there is no baseline (`evaluate` refuses the name beside it).
+    columns = list(metrics.get("variants", {}).items()) + ([("random", metrics["random"])] if "random" in metrics
+                                                           else [])
+    cols, summaries = [c for c, _ in columns], [v for _, v in columns]
 
-    def rate(col, task):
-        v = metrics["random"] if col == "random" else metrics["variants"][col]
+    def rate(v, task):
         t = v["tasks"][task]
         return f"{t['success_rate']:.0%} ({t['successes']}/{t['episodes']})"
 
@@ -704,8 +727,7 @@ def format_results(metrics: dict) -> str:
     lines = ["closed-loop success (Meta-World, held-out layouts)",
              "  ".join([f"{'task':<{w0}}"] + [f"{c:>{w}}" for c, w in zip(cols, widths)])]
     for t in tasks:
-        lines.append("  ".join([f"{t:<{w0}}"] + [f"{rate(c, t):>{w}}" for c, w in zip(cols, widths)]))
-    summaries = [metrics["random"] if c == "random" else metrics["variants"][c] for c in cols]
+        lines.append("  ".join([f"{t:<{w0}}"] + [f"{rate(v, t):>{w}}" for v, w in zip(summaries, widths)]))
     lines.append("  ".join([f"{'mean':<{w0}}"] + [f"{v['success_rate']:>{w}.0%}" for v, w in zip(summaries, widths)]))
     cis = [v.get("success_ci95") for v in summaries]
     if all(cis):
@@ -748,12 +770,16 @@ def format_results(metrics: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from ..sim.metaworld_env import CAMERAS
 
-    parser.add_argument("--policy", nargs="+", required=True,
-                        help="policy folder(s) (worldvla.inference.save_policy format); several = variants compared")
+    parser.add_argument("--policy", nargs="+", action="extend", required=True,
+                        help="policy folder(s) (worldvla.inference.save_policy format); several (or --policy given "
+                             "again) = variants compared")
     parser.add_argument("--names", default=None,
                         help="comma-separated variant names (default: the policy folders' names, or their parent "
-                             "folders' when those are the same: run1/policy run2/policy -> run1, run2)")
-    parser.add_argument("--tasks", required=True, help="comma-separated Meta-World tasks, e.g. drawer-open-v3,door-open-v3")
+                             "folders' when those are the same: run1/policy run2/policy -> run1, run2); 'random' "
+                             "is the random baseline's unless --no-random")
+    parser.add_argument("--tasks", action="append", required=True,
+                        help="comma-separated Meta-World tasks, e.g. drawer-open-v3,door-open-v3 (given again: "
+                             "its tasks are added)")
     parser.add_argument("--episodes", type=positive_int, default=10, help="closed-loop episodes per task (default: %(default)s)")
     parser.add_argument("--out", required=True, help="output folder: metrics.json, success.png, world_model*.png, GIFs")
     parser.add_argument("--max-steps", type=positive_int, default=200,
@@ -788,9 +814,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    given = ",".join([args.tasks] if isinstance(args.tasks, str) else args.tasks)  # --tasks may be given again
+    tasks = [t.strip() for t in given.split(",") if t.strip()]
     if not tasks:
-        print(f"worldvla eval: --tasks {args.tasks!r} names no task; pass Meta-World tasks, e.g. "
+        print(f"worldvla eval: --tasks {given!r} names no task; pass Meta-World tasks, e.g. "
               f"--tasks drawer-open-v3,door-open-v3", file=sys.stderr)
         return 2
     check_tasks(tasks)  # a typo is named before the policy folders are read

@@ -20,7 +20,10 @@ def as_float_images(images, data_range: float | None = None) -> tuple[torch.Tens
     """uint8 numpy/tensor [..., H, W, 3] -> float64 [N, 3, H, W] with range 255, or a float
     tensor [..., C, H, W] (kept channels-first) with the given data range (default 1.0)."""
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images))
+        images = np.ascontiguousarray(images)
+        if not images.flags.writeable:  # a broadcast or read-only view: torch.from_numpy warns of it
+            images = images.copy()
+        images = torch.from_numpy(images)
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be numpy arrays or torch tensors, got {type(images).__name__}")
     if images.dtype == torch.uint8:
