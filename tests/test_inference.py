@@ -289,6 +289,14 @@ def test_chunks_past_the_models_positions_are_refused_naming_what_to_change(rng)
     k = torch.zeros(model.config.num_hidden_layers, 4, *eng.cache.k.shape[3:])
     with pytest.raises(ValueError, match=r"row must lie in \[0, 2\)"):
         eng.set_row_prefix(-1, k, k)
+    # row_prefix handed out the last row's slots for row -1, and fewer slots than asked past the cache
+    with pytest.raises(ValueError, match=r"row must lie in \[0, 2\)"):
+        eng.row_prefix(-1, 4)
+    with pytest.raises(ValueError, match=r"n must lie in \[0, 64\]"):
+        eng.row_prefix(0, 65)
+    snap = InferenceEngine(model, 2, 80).snapshot_prefix([70, 70])
+    with pytest.raises(ValueError, match="a prefix snapshot of 70 slots does not fit an engine of 64"):
+        eng.restore_prefix(snap)
 
 
 def test_equal_length_batch_tensor(rng):

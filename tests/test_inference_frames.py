@@ -45,7 +45,8 @@ def _check_greedy(model, builder, codes, actions, nxt, cfg_scale=None):
         if cfg_scale is not None:
             unc = torch.cat([_unconditional_prompt(builder, codes[i]), answer])
             u = model(unc)[-answer.numel() - 1:-1, lo:hi]
-            logits = u + cfg_scale * (logits - u)
+            banned = torch.isneginf(logits) | torch.isneginf(u)  # ruled out by either branch: stays out
+            logits = (u + cfg_scale * (logits - u)).masked_fill(banned, float("-inf"))
         is_code = (answer >= lo) & (answer < hi)
         assert is_code.sum() == nxt[i].numel()
         pick = logits[is_code].argmax(-1) + lo
@@ -109,6 +110,43 @@ def test_adapted_head_frame_matches_full_recompute(rng, cfg_scale):
     nxt = generate_frame_codes(model, codes, actions, b, cfg_scale=cfg_scale)
     _check_greedy(model, b, codes, actions, nxt, cfg_scale)
     assert not torch.equal(nxt, plain)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_guidance_keeps_out_the_codes_a_head_hook_bans(rng, temperature):
+    """A head hook that bans codes with -inf: guidance's unc + s * (cond - unc) made them NaN (-inf - -inf),
+    which argmax and top-k take for the largest score, so the guided frame was all banned codes."""
+    model, b = _model(0), _builder()
+    codes = torch.randint(0, 64, (2, 4, 4), generator=rng)
+    actions = torch.rand(2, 4, generator=rng).numpy() * 2 - 1
+    lo, _ = LAYOUT.image_id_range
+    ban = torch.zeros(model.config.vocab_size)
+    ban[lo:lo + 32] = float("-inf")  # codes 0..31
+    model.lm_head.register_forward_hook(lambda m, args, out: out + ban)
+    for cfg_scale in (None, 2.0):
+        nxt = generate_frame_codes(model, codes, actions, b, cfg_scale=cfg_scale, temperature=temperature,
+                                   top_k=5 if temperature else None, generator=torch.Generator().manual_seed(3))
+        assert int(nxt.min()) >= 32, (cfg_scale, nxt.flatten().tolist())
+    if not temperature:  # the allowed codes' guided argmax, as model.forward computes it
+        _check_greedy(model, b, codes, actions, nxt, cfg_scale=2.0)
+
+
+def test_sampling_arguments_are_checked_by_name(rng):
+    """A float top_k reached the native sampler's binding (a pybind11 dump of signatures), a string temperature
+    a bare comparison error, a wrong generator an AttributeError; a model without a layout an AttributeError."""
+    model, b = _model(0), _builder()
+    codes = torch.randint(0, 64, (1, 4, 4), generator=rng)
+    actions = np.zeros((1, 4))
+    for kw, message in (({"temperature": 1.0, "top_k": 2.5}, "top_k must be an integer >= 1"),
+                        ({"temperature": "1"}, "temperature must be a finite number"),
+                        ({"temperature": 1.0, "generator": 7}, "generator must be a torch.Generator")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            generate_frame_codes(model, codes, actions, b, **kw)
+    bare = _model(0)
+    bare.layout = None
+    with pytest.raises(ValueError, match=r"pass the model's VocabLayout \(layout=\)"):
+        generate_frames(bare, _tiny_vqgan(), np.zeros((64, 64, 3), dtype=np.uint8), np.zeros((1, 4)),
+                        action_tokenizer=b.actions, text_tokenizer=b.text)
 
 
 def test_permuted_image_ids(rng):

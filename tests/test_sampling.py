@@ -60,7 +60,7 @@ def test_top_k_holds_at_any_temperature(rng):
     for T in (1e30, 1e38):
         got = sample_logits(logits, T, 2, torch.Generator().manual_seed(1))
         assert bool((got.view(-1, 1) == top2).any(1).all()), T
-    with pytest.raises(ValueError, match="temperature must be finite"):
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
         sample_logits(logits, math.inf, 2)
 
 
@@ -70,5 +70,9 @@ def test_bad_noise_and_top_k(rng):
         sample_logits(logits, 1.0, gumbel=torch.zeros(2, 9))
     with pytest.raises(ValueError, match="gumbel noise is on meta but the logits are on cpu"):
         sample_logits(logits, 1.0, gumbel=torch.zeros(2, 10, device="meta"))
-    with pytest.raises(ValueError, match="top_k must be >= 1"):
-        sample_logits(logits, 1.0, 0)
+    for top_k in (0, 2.5, True, "3"):  # a float or a string reached the native sampler's binding
+        with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
+            sample_logits(logits, 1.0, top_k)
+    for temperature in ("1.0", None, math.nan):
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            sample_logits(logits, temperature, 2)

@@ -150,7 +150,7 @@ def test_bad_inputs(rng):
     with pytest.raises(TypeError, match="share a dtype"):
         K.constrained_sample(h.half(), w, 0, 10)
     for fn in (K.constrained_sample, constrained_sample_ref):
-        with pytest.raises(ValueError, match="top_k must be >= 1"):
+        with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
             fn(h, w, 0, 10, temperature=1.0, top_k=0)
 
 

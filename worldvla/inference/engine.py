@@ -386,6 +386,8 @@ class InferenceEngine:
         if snap.k.shape[1] != self.batch_size:
             raise ValueError(f"a prefix snapshot of {snap.k.shape[1]} rows does not fit an engine of {self.batch_size}")
         n = snap.n_slots
+        if n > self.max_len:
+            raise ValueError(f"a prefix snapshot of {n} slots does not fit an engine of {self.max_len}")
         self.cache.k[:, :, :n].copy_(snap.k)
         self.cache.v[:, :, :n].copy_(snap.v)
 
@@ -393,15 +395,21 @@ class InferenceEngine:
     def row_prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the keys and values of row `row`'s first `n` slots, [layers, n, Hkv, Dh] each (made
         outside inference mode: a caller keeps them)."""
+        self._check_row(row)
+        if not 0 <= n <= self.max_len:
+            raise ValueError(f"n must lie in [0, {self.max_len}] (the engine's slots), got {n}")
         with outside_inference_mode():
             return self.cache.k[:, row, :n].clone(), self.cache.v[:, row, :n].clone()
+
+    def _check_row(self, row: int) -> None:
+        if not 0 <= row < self.batch_size:  # a negative row would name another row's slots
+            raise ValueError(f"row must lie in [0, {self.batch_size}) (the engine's batch rows), got {row}")
 
     @torch.no_grad()
     def set_row_prefix(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write keys and values from `row_prefix` (of this model) into row `row`'s first slots."""
         n = k.shape[1]
-        if not 0 <= row < self.batch_size:  # a negative row would write another row's slots
-            raise ValueError(f"row must lie in [0, {self.batch_size}) (the engine's batch rows), got {row}")
+        self._check_row(row)
         if n > self.max_len:
             raise ValueError(f"a prefix of {n} slots does not fit an engine of {self.max_len}")
         self.cache.k[:, row, :n].copy_(k)

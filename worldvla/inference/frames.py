@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..model import plain_linear
-from ..ops.sampling import draw_gumbel, resolve_constrained_sample, sample_logits, scaled_gumbel
+from ..ops.sampling import check_sampling, draw_gumbel, resolve_constrained_sample, sample_logits, scaled_gumbel
 from ..tokens.actions import float64_array
 from ..tokens.layout import with_release_image_ids
 from ..tokens.sequence import WORLD_PROMPT, SequenceBuilder, image_tokens
@@ -70,6 +70,9 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     if actions.shape != (N, D):
         raise ValueError(f"actions must be [N, D] = [{N}, {D}] (one action per frame), got shape {actions.shape}")
     _check_cfg_scale(cfg_scale)
+    check_sampling(temperature, top_k)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator (or None: torch's default), got {type(generator).__name__}")
     header = image_tokens(codes[0].cpu(), lay)[:3]  # BOI, res(h), res(w): same grid for the next frame
     prompts = [torch.cat([builder.world_prompt(codes[i].cpu(), actions[i]), header]) for i in range(N)]
     guided = cfg_scale is not None and cfg_scale != 1.0
@@ -115,7 +118,10 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
             logits = head_logits(model, hid, lo, hi).float()
         if guided:
             cond, unc = logits[:N], logits[N:]
-            logits = unc + cfg_scale * (cond - unc)
+            # A code either branch rules out (-inf: a head hook's ban, an overflow) stays out: the formula would
+            # give -inf - (-inf) = NaN there, which argmax and top-k take for the largest score.
+            banned = torch.isneginf(cond) | torch.isneginf(unc)
+            logits = (unc + cfg_scale * (cond - unc)).masked_fill(banned, float("-inf"))
         if not all_valid:
             logits = logits.masked_fill(~valid, float("-inf"))
         return sample_logits(logits, temperature, top_k, generator, gumbel) + lo
@@ -226,6 +232,8 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
     Returns codes [T, h, w] and decoded frames uint8 [T, H, W, 3] (with a leading N for a batch).
     `progress`: a progress bar over the steps (tqdm).
     """
+    if layout is None and getattr(model, "layout", None) is None:
+        raise ValueError("the model carries no vocabulary layout: pass the model's VocabLayout (layout=)")
     layout = with_release_image_ids(layout or model.layout, text_tokenizer)
     builder = SequenceBuilder(layout, text_tokenizer, action_tokenizer)
     imgs, single = _to_batch_images(image)

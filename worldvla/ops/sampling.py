@@ -3,10 +3,20 @@ that range's logits from the final hidden state."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from . import dispatch
+
+
+def check_sampling(temperature, top_k) -> None:
+    """Refuse what a draw cannot take: a temperature that is not a finite real number, a top_k that is not None
+    or an integer >= 1 (temperature <= 0 decodes greedily, and top_k then has no effect)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number (0 or less: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None for the whole range), got {top_k!r}")
 
 
 def draw_gumbel(shape, generator=None, device=None) -> torch.Tensor:
@@ -26,10 +36,7 @@ def draw_noise(shape: tuple, temperature: float, top_k, generator=None, gumbel=N
     """The Gumbel noise of a draw of `shape` at `temperature` (> 0) over the top_k: `gumbel` once
     checked (float32 of `shape` on `device`, the logits' device: a native draw reads it by address), else
     drawn from `generator`; a non-finite temperature or top_k < 1 is refused."""
-    if not math.isfinite(temperature):
-        raise ValueError(f"temperature must be finite, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (or None for the whole range), got {top_k}")
+    check_sampling(temperature, top_k)
     if gumbel is None:
         return draw_gumbel(shape, generator, device)
     if tuple(gumbel.shape) != tuple(shape) or gumbel.dtype != torch.float32:
@@ -50,6 +57,7 @@ def sample_logits(logits, temperature=0.0, top_k=None, generator=None, gumbel=No
     that softmax, costs one argmax rather than a softmax and a multinomial draw, and, given G, is a
     deterministic choice that a fused loop can reproduce bit for bit (`generate_frame_codes`). Among
     equal scores the first column wins, as torch.argmax."""
+    check_sampling(temperature, top_k)
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float()
@@ -108,6 +116,7 @@ def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, gene
                        gumbel=None):
     """Token ids [N] in [lo, hi) from final hidden states [N, H] and the lm_head weight [V, H]: greedy at
     temperature 0, else a top-k / temperature draw (`sample_logits`; `gumbel` gives its noise)."""
+    check_sampling(temperature, top_k)  # before a backend is chosen: the native binding takes no float top_k
     return resolve_constrained_sample(hidden, weight, lo, hi, temperature, backend)(
         hidden, weight, lo, hi, temperature, top_k, generator, gumbel)
 
