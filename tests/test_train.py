@@ -1,6 +1,7 @@
 """The WorldVLA trainer: data order, batch splitting, schedule, loss bookkeeping, exact resume,
 and FSDP2 across two Gloo processes (torchrun) against a single process."""
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -625,6 +626,43 @@ def test_an_unknown_device_name_is_refused_by_name(store_dir, tmp_path, capsys, 
     assert len(err.splitlines()) == 1 and "cpu, cuda or cuda:N" in err
 
 
+def test_a_single_process_takes_the_gpu_its_device_names(monkeypatch):
+    """`--device cuda:1` in a plain (not torchrun) launch trained on cuda:0: the index was replaced by the local
+    rank, 0. A process group's ranks still take their local rank's GPU. (CUDA stood in: 2 devices.)"""
+    picked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", picked.append)
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert dist_utils.init("cuda:1") == torch.device("cuda", 1)
+    assert dist_utils.init("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's second local rank, whatever --device names
+    assert dist_utils.init("cuda:0") == torch.device("cuda", 1)
+    assert picked == [torch.device("cuda", i) for i in (1, 0, 1)]
+
+
+def test_tokens_per_second_leaves_out_the_checkpoint_saves(store_dir, tmp_path, monkeypatch):
+    """A periodic save ran after the step's log line, so its time went into the next logged step's interval: the
+    step after every save showed throughput collapsing (a 7B model's save takes minutes)."""
+    save = trainer._save
+
+    def slow_save(*args, **kwargs):
+        time.sleep(1.0)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_save", slow_save)
+    out = tmp_path / "run"
+    trainer.train(args_for(store_dir, out, "--steps", 4, "--batch-tokens", 300, "--save-every", 2, "--log-every", 1,
+                           "--no-export"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step_s = {r["step"]: r["tokens"] for r in rows}
+    assert sorted(step_s) == [1, 2, 3, 4]
+    # the step after the save (3) would take over 1 s; a training step of this model takes milliseconds
+    per_step = {r["step"]: (r["tokens"] - step_s.get(r["step"] - 1, 0)) / r["tokens_per_s"] for r in rows}
+    assert per_step[3] < 0.5, per_step
+
+
 def test_resume_with_overwrite_is_refused_by_name(store_dir, tmp_path):
     """--overwrite was silently ignored under --resume; the pair is refused before anything is touched."""
     out = tmp_path / "run"
@@ -1127,7 +1165,7 @@ def test_options_out_of_range_are_refused_by_name(capsys, store_dir, tmp_path):
     assert trainer.train(args_for(store_dir, tmp_path / "s", "--steps", 1, "--batch-tokens", 300, "--seed", 2 ** 64 - 1,
                                   "--no-export"))["step"] == 1
     trainer.train(args_for(store_dir, tmp_path / "w", "--steps", 2, "--warmup", 5, "--no-export"))
-    assert "--warmup 5.0 is 5 steps, not fewer than the run's 2" in capsys.readouterr().out
+    assert "--warmup 5.0 is 5 steps, more than the run's 2" in capsys.readouterr().out
 
 
 def test_fine_tuning_records_its_dropout_with_the_model(store_dir, tmp_path):

@@ -47,8 +47,10 @@ def init(device: str | None = None, init_method: str | None = None, rank_: int |
     want = init_method is not None or env_world > 1
     dev = torch_device(device)
     if dev.type == "cuda":  # the device first, and NCCL bound to it: a first collective never guesses it
-        local = int(os.environ.get("LOCAL_RANK", rank_ if rank_ is not None else rank()))
-        dev = torch.device("cuda", local % torch.cuda.device_count())
+        # A process group's ranks take their local rank's GPU; a single process the one it names (cuda:N).
+        if want or "LOCAL_RANK" in os.environ or dev.index is None:
+            local = int(os.environ.get("LOCAL_RANK", rank_ if rank_ is not None else rank()))
+            dev = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     if want and not is_distributed():
         backend = "nccl" if dev.type == "cuda" else "gloo"

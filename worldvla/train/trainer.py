@@ -21,7 +21,8 @@ the global batch, whatever the world size or the number of micro-steps.
 Defaults that differ from the release's fine-tuning (spec 7), chosen for training small models
 from scratch: lr 3e-4 with a cosine decay to lr / 10 (the release: a constant 5e-6 after a warm-up of
 0.01 epoch from 0; `--lr 5e-6 --schedule constant --warmup N` with N the steps of 0.01 epoch, since a
-fraction `--warmup` is of the whole run), dropout 0.0 (0.05: `--dropout 0.05`), the image
+fraction `--warmup` is of the whole run: its step k takes lr (k + 1) / N, one step ahead of the release's
+lr k / N, whose first step does nothing), dropout 0.0 (0.05: `--dropout 0.05`), the image
 weight on exactly the image-code ids (the release's slice: `--release-loss-weights`), and one
 affine row per head in the q/k norms of a model built here (a release checkpoint loaded with
 `--init` keeps its shared row; see worldvla.checkpoint). AdamW (0.9, 0.95, eps 1e-8, weight decay
@@ -483,8 +484,8 @@ def _warmup_steps(args, total: int) -> int:
     # rounded before it is cut: 0.29 * 100 is 28.999999999999996 in floating point, and the run's 29th step counts
     steps = int(round(w * total, 6)) if w < 1 else int(w)
     if dist_utils.is_main():
-        if steps >= total:
-            print(f"warning: --warmup {w} is {steps} steps, not fewer than the run's {total}: the learning rate never "
+        if steps > total:  # the warm-up's last step (steps - 1) is the first at --lr
+            print(f"warning: --warmup {w} is {steps} steps, more than the run's {total}: the learning rate never "
                   f"reaches --lr {args.lr}; pass fewer warm-up steps or a fraction below 1")
         if args.schedule == "constant" and args.min_lr is not None:
             print(f"warning: --min-lr {args.min_lr} is unused under --schedule constant (it is the cosine's floor)")
@@ -654,8 +655,10 @@ def train(args) -> dict:
                 t_last, tok_last = now, 0
             bar.update(1)
             if args.save_every and step % args.save_every == 0 and step < total and not stopped:
+                t_save = time.perf_counter()
                 _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args, data)
                 saved = step
+                t_last += time.perf_counter() - t_save  # tokens_per_s counts training steps, not the save
         # The run's end (or --stop-after): a checkpoint of this step, unless one is on disk already (a
         # periodic save at --stop-after, a resumed run that had ended).
         ckpt = (_save(out, step, model, opt, sched, epoch, pos, tokens_seen, args, data) if step != saved
