@@ -726,8 +726,9 @@ class TokenStore(torch.utils.data.Dataset):
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{mpath} is not a {FORMAT} manifest")
         if not self.manifest.get("complete"):
-            raise ValueError(f"the token store at {self.path} is incomplete (its build was interrupted); "
-                             f"rerun `worldvla pretokenize` with the same arguments to finish it")
+            raise ValueError(f"the token store at {self.path} is incomplete (its build did not finish: it was "
+                             f"interrupted, or it stopped on an error that it printed); rerun `worldvla pretokenize` "
+                             f"with the same arguments to finish it, after fixing that error if there was one")
         problem = _manifest_problem(self.manifest)
         if problem is not None:
             raise ValueError(f"{mpath}: the token store manifest {problem} (edited by hand, or written otherwise "
