@@ -1,6 +1,7 @@
 """The reference transformer against transformers' Chameleon, checkpoints, and the loss."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -729,3 +730,115 @@ def test_the_map_names_every_resolution_token_and_sharded_saves_write_no_empty_s
     index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in (tmp_path / "m").glob("model-*.safetensors"))
     assert shards == sorted(set(index["weight_map"].values())) and len(shards) == len(model.state_dict())
+
+
+def test_tensors_a_bin_file_shares_load_as_parameters_of_their_own(tmp_path):
+    """torch.save of a tied model stores its head as the embedding's tensor; loaded with an untied config.json,
+    the two became one memory under two parameters (an optimizer stepped it twice, and a save raised "Some
+    tensors share memory"). Now each is its own copy of the file's values; a config.json that says tied gets
+    the same, and the folder it saves says untied, as for a tied folder without a head."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    m.save_pretrained(tmp_path / "a")
+    sd = dict(m.state_dict())
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    for tied in (False, True):
+        f = tmp_path / f"bin-{tied}"
+        f.mkdir()
+        torch.save(sd, f / "pytorch_model.bin")
+        (f / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+        if tied:
+            _edit_config(f, tie_word_embeddings=True)
+        t = WorldVLA.from_pretrained(f)
+        head, emb = t.lm_head.weight, t.model.embed_tokens.weight
+        assert head.untyped_storage().data_ptr() != emb.untyped_storage().data_ptr()
+        assert torch.equal(head, m.model.embed_tokens.weight) and torch.equal(emb, m.model.embed_tokens.weight)
+        with torch.no_grad():
+            head.add_(1.0)  # a step on the head leaves the embedding as it was
+        assert torch.equal(emb, m.model.embed_tokens.weight)
+        t.save_pretrained(tmp_path / f"again-{tied}")
+        again = WorldVLA.from_pretrained(tmp_path / f"again-{tied}")
+        assert torch.equal(again.lm_head.weight, head) and torch.equal(again.model.embed_tokens.weight, emb)
+        assert json.loads((tmp_path / f"again-{tied}" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_a_tensor_in_two_shards_is_refused_naming_both(tmp_path):
+    """A later shard's stale copy of a tensor that the index places in an earlier shard silently replaced it
+    (the shards were merged in turn, the index's weight_map unread). Now the folder is refused, naming the
+    tensor, both shards and the index's."""
+    from safetensors.torch import load_file, save_file
+
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    f = tmp_path / "s"
+    m.save_pretrained(f, shard_size_gb=60e3 / 2**30)
+    weight_map = json.loads((f / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(set(weight_map.values()))
+    key = next(k for k, name in weight_map.items() if name == files[0])
+    last = load_file(str(f / files[-1]))
+    last[key] = torch.zeros_like(m.state_dict()[key])
+    save_file(last, str(f / files[-1]), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{key} in both {files[0]} and {files[-1]} \(the shard index names "
+                                         rf"{files[0]}\): the folder mixes two saves"):
+        WorldVLA.from_pretrained(f)
+
+
+def test_dropout_is_read_from_and_written_to_config_json(tmp_path):
+    """The release's config.json says "dropout": 0.05; the model got 0.0 and a save wrote the stale 0.05 back,
+    whatever the model was trained with. Now the model takes config.json's dropout and a save writes its own;
+    a loaded model is in eval mode, so inference runs without dropout."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0)).eval()
+    m.save_pretrained(tmp_path / "rel")
+    assert json.loads((tmp_path / "rel" / "config.json").read_text())["dropout"] == 0.0
+    _edit_config(tmp_path / "rel", dropout=0.05)
+    rel = WorldVLA.from_pretrained(tmp_path / "rel")
+    assert rel.config.dropout == 0.05 and rel.model.layers[0].dropout.p == 0.05
+    assert "dropout" not in (rel.config.hf_extra or {})
+    ids = torch.randint(m.layout.text_base, m.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert not rel.training and torch.equal(rel(ids), m(ids))
+    rel.config.dropout = 0.1  # a fine-tune's (the trainer's --dropout)
+    rel.save_pretrained(tmp_path / "ft")
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["dropout"] == 0.1
+    assert WorldVLA.from_pretrained(tmp_path / "ft").config.dropout == 0.1
+
+
+def test_a_vocab_size_other_than_the_layouts_is_refused(tmp_path):
+    """ModelConfig.tiny(vocab_size=640) over a 619-id layout built a model whose loss then failed ("class_weight
+    must be [V=640]"); with 600 the layout's own ids lay outside the embedding. Both are refused when the model
+    is built, and a config.json that says so is refused naming its folder."""
+    n = VocabLayout.compact(n_image_codes=64).vocab_size
+    for v in (n + 21, n - 19):
+        with pytest.raises(ValueError, match=rf"vocab_size {v} differs from its layout's vocabulary of {n} ids: "
+                                             rf"give vocab_size={n}"):
+            WorldVLA(ModelConfig.tiny(vocab_size=v))
+    WorldVLA(ModelConfig.tiny()).save_pretrained(tmp_path / "ck")
+    _edit_config(tmp_path / "ck", vocab_size=n + 21)
+    with pytest.raises(ValueError, match=rf"checkpoint {tmp_path / 'ck'}: .*vocab_size {n + 21} differs"):
+        WorldVLA.from_pretrained(tmp_path / "ck")
+
+
+def test_empty_input_is_refused():
+    """No tokens failed in torch.max ("Expected reduction dim to be specified..."); now it says so."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0)).eval()
+    for shape in ((2, 0), (0,), (0, 5)):
+        with pytest.raises(ValueError, match=rf"input_ids of shape {re.escape(str(shape))} hold no tokens: give at "
+                                             r"least one token per sequence"):
+            m(torch.zeros(shape, dtype=torch.long))
+        with pytest.raises(ValueError, match="hold no tokens"):
+            m.loss(torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long))
+
+
+def test_metadata_built_for_other_ids_is_refused_naming_both_shapes():
+    """Metadata built for other ids failed in a reshape ("shape '[2, 10]' is invalid for input of size 18") or in
+    the attention, with the shapes it had made of them; now the metadata's and the ids' shapes are named, and
+    what to do."""
+    from worldvla.mask import chunk_mask_meta
+
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0)).eval()
+    ids = torch.randint(m.layout.text_base, m.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    for meta in (causal_meta((2, 9)), causal_meta((20,)), chunk_mask_meta(ids[:, :9], m.layout)):
+        with pytest.raises(ValueError, match=r"meta was built for input_ids of shape \((2, 9|20,)\), but input_ids "
+                                             r"have shape \(2, 10\): build it from these ids"):
+            m(ids, meta=meta)
+    with pytest.raises(ValueError, match=r"shape \(19,\), but input_ids have shape \(20,\)"):
+        m(ids.flatten(), meta=causal_meta((19,), cu_seqlens=torch.tensor([0, 10, 19])))
+    assert torch.equal(m(ids, meta=causal_meta((2, 10))), m(ids, meta=causal_meta((2, 10))))
+    assert m(ids[0], meta=causal_meta((1, 10))).shape == (10, m.config.vocab_size)  # one sequence, batched meta

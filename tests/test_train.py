@@ -872,7 +872,7 @@ def test_fsdp_init_is_read_by_rank_0_alone_and_matches_a_single_process(store_di
     init = WorldVLA(ModelConfig.tiny(layout, model_parallel_size=1)).init_weights(
         generator=torch.Generator().manual_seed(1))
     init.save_pretrained(tmp_path / "init")
-    WorldVLA(ModelConfig.tiny(vocab_size=layout.vocab_size + 8)).save_pretrained(tmp_path / "init-other-vocab")
+    WorldVLA(ModelConfig.tiny(VocabLayout.compact(n_image_codes=layout.n_image_codes + 8))).save_pretrained(tmp_path / "init-other-vocab")
     single = trainer.train(args_for(store_dir, tmp_path / "single", *FSDP_COMMON, "--init", tmp_path / "init",
                                     "--no-export"))
     _spawn(_fsdp_init_worker, 2, (str(tmp_path / "pg_init"), str(store_dir), str(tmp_path / "init"),
@@ -1131,7 +1131,7 @@ def test_overwrite_keeps_the_earlier_run_when_the_command_line_is_refused(store_
 
     layout = VocabLayout.from_dict(TokenStore(store_dir).manifest["layout"])
     WorldVLA(ModelConfig.tiny(layout)).save_pretrained(tmp_path / "init")
-    WorldVLA(ModelConfig.tiny(vocab_size=layout.vocab_size + 8)).save_pretrained(tmp_path / "other-vocab")
+    WorldVLA(ModelConfig.tiny(VocabLayout.compact(n_image_codes=layout.n_image_codes + 8))).save_pretrained(tmp_path / "other-vocab")
     WorldVLA(ModelConfig.tiny(layout)).save_pretrained(tmp_path / "cut-weights")
     weights = tmp_path / "cut-weights" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:3000])  # its config.json is fine: only reading the weights fails

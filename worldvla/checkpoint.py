@@ -39,7 +39,7 @@ from .model import ModelConfig, WorldVLA
 from .tokens.layout import VocabLayout
 
 _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "swin_norm")
+                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "swin_norm", "dropout")
 # Keys the package derives from ModelConfig on save (read on load, or dropped: rope_scaling is refused).
 _DERIVED_KEYS = (*_CONFIG_KEYS, "rope_theta", "rope_parameters", "rope_scaling", "model_parallel_size",
                  "worldvla_layout", "worldvla_attention")
@@ -428,7 +428,7 @@ def _load_state_dict(folder: Path) -> tuple[dict, dict]:
     """The folder's tensors, and the file each came from ({name: file name}). The first of these present is read,
     in transformers' order: model.safetensors, its shard index, pytorch_model.bin, its shard index (a stale
     file of another kind beside it is not read)."""
-    files = []
+    files, index = [], {}
     for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json"):
         if not (folder / name).is_file():
@@ -450,9 +450,32 @@ def _load_state_dict(folder: Path) -> tuple[dict, dict]:
     sd, source = {}, {}
     for f in files:
         part = read_weights_file(folder / f)
+        twice = sorted(set(part) & set(sd))
+        if twice:  # a stale copy (a shard of another save) would silently replace the one the index names
+            k = twice[0]
+            named = index.get("weight_map", {}).get(k)
+            raise ValueError(f"{folder}: tensors in more than one shard ({len(twice)}), e.g. {k} in both "
+                             f"{source[k]} and {f} (the shard index names {named}): the folder mixes two "
+                             f"saves; export or copy the model again, or remove the copies the index does not name")
         sd.update(part)
         source.update(dict.fromkeys(part, f))
     return sd, source
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0
+
+
+def _unshare(sd: dict) -> None:
+    """Give every tensor of `sd` that shares its storage with an earlier one (torch.save keeps a tied
+    model's sharing in pytorch_model.bin) a copy of its own: loaded with assign=True, shared tensors would
+    become one memory under two parameters, which an optimizer updates twice and a save refuses."""
+    seen = set()
+    for k, v in sd.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel():
+            sd[k] = v.clone()
+        seen.add(ptr)
 
 
 def _one_dtype(sd: dict, hf: dict) -> torch.dtype | None:
@@ -483,14 +506,24 @@ def load_model(path, device=None, dtype=None) -> WorldVLA:
         raise FileNotFoundError(f"{folder}: config.json is missing (expected a Hugging Face model folder)")
     hf = read_json_file(folder / "config.json", "model config")
     cfg = config_from_hf(hf)
+    try:  # before the weights are read, naming the folder
+        cfg.validate()
+    except ValueError as err:
+        raise ValueError(f"checkpoint {folder}: its config.json describes no model this package builds: "
+                         f"{err}") from None
     sd, source = _load_state_dict(folder)
     sd = {k: v for k, v in sd.items() if not k.startswith(("model.vqmodel.", "vqmodel."))}
-    if hf.get("tie_word_embeddings") and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
-        # A tied export (transformers' tie_word_embeddings): the head is the embedding. This model's head is
-        # its own parameter: it gets a copy, and the folder it saves says so (an untied head, written out).
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
-        source["lm_head.weight"] = source.get("model.embed_tokens.weight")
+    emb = sd.get("model.embed_tokens.weight")
+    if hf.get("tie_word_embeddings") and emb is not None and (
+            "lm_head.weight" not in sd or _shares_storage(sd["lm_head.weight"], emb)):
+        # A tied export (transformers' tie_word_embeddings; torch.save of a tied model stores the head as the
+        # embedding's tensor): the head is the embedding. This model's head is its own parameter: it gets a
+        # copy, and the folder it saves says so (an untied head, written out).
+        sd["lm_head.weight"] = emb.clone()
+        source.setdefault("lm_head.weight", source.get("model.embed_tokens.weight"))
         cfg.hf_extra = {**(cfg.hf_extra or {}), "tie_word_embeddings": False}
+    del emb
+    _unshare(sd)  # tensors an untied config.json's file shares (a tied model's torch.save): copies of their own
     qn = sd.get("model.layers.0.self_attn.q_norm.weight")
     if qn is not None and qn.dim() == 2 and qn.shape[0] != cfg.num_attention_heads:
         # the release's layout: [model_parallel_size, head_dim] rows shared by the heads

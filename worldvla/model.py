@@ -88,6 +88,11 @@ class ModelConfig:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.layout is not None and self.layout.get("vocab_size") != self.vocab_size:
+            # The loss weights and the chunk rule cover the layout's ids; the embedding and the head vocab_size.
+            raise ValueError(f"vocab_size {self.vocab_size} differs from its layout's vocabulary of "
+                             f"{self.layout.get('vocab_size')} ids: give vocab_size={self.layout.get('vocab_size')} "
+                             f"(ModelConfig.tiny and small take it from the layout), or the layout of this vocabulary")
         n = self.model_parallel_size
         if n is not None and (n < 1 or self.num_attention_heads % n or self.num_key_value_heads % n):
             raise ValueError(f"model_parallel_size {n} (the q/k norms' shared affine rows) must divide the "
@@ -346,11 +351,19 @@ class WorldVLA(nn.Module):
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"token ids out of range [{lo}, {hi}] for a vocabulary of {cfg.vocab_size}")
         if cache is None:
+            if not input_ids.numel():
+                raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} hold no tokens: give at least one "
+                                 f"token per sequence")
             meta = self._meta_for(input_ids, meta, cu_seqlens)
             packed = meta.packed
             ids = input_ids.view(1, -1) if packed else (input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids)
+            built = tuple(meta.position_ids.shape)
             if not packed and meta.kv_block.dim() == 1:  # one unbatched sequence
                 meta = ChunkMaskMeta(meta.kv_block[None], meta.q_limit[None], meta.position_ids[None], None, meta.max_seqlen)
+            if ((1, *built) if packed else tuple(meta.position_ids.shape)) != tuple(ids.shape):
+                raise ValueError(f"meta was built for input_ids of shape {built}, but input_ids have shape "
+                                 f"{tuple(input_ids.shape)}: build it from these ids (model.attention_meta(input_ids, "
+                                 f"cu_seqlens)), or leave meta out")
             pos = meta.position_ids.view(ids.shape)
             # The metadata's longest document, a host int (read the positions only if it was not set).
             longest = meta.max_seqlen if meta.max_seqlen > 0 else int(pos.max()) + 1
