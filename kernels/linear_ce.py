@@ -224,7 +224,7 @@ def _fp16_sum_scale(g_scale, row_w, lse, h_c, r0, z_weight, has_weight):
     zw = row_w[1, rows]
     a = row_w[0, rows] if has_weight else zw
     rho = g_scale * ((a + 2.0 * z_weight * zw * lse[rows]).abs() + a)
-    bound = (rho @ h_c.abs().float()).amax() if h_c.shape[0] else rho.new_zeros(())
+    bound = (rho @ h_c.abs().float()).amax() if h_c.numel() else rho.new_zeros(())  # no rows, or hidden size 0
     return torch.exp2(-torch.ceil(torch.log2(bound / _FP16_SUM_LIMIT)).clamp(min=0.0))
 
 

@@ -182,3 +182,70 @@ def test_triton_vq_gather_passes_a_complex_codebook_to_torch():
     indices = torch.tensor([[[0, 4], [2, 1]]])
     assert not triton_backend._vq_gather_supports(indices, codebook)
     torch.testing.assert_close(ops.vq_gather(indices, codebook), ops.vq_gather_ref(indices, codebook))
+
+
+def test_float64_beside_float32_is_refused_under_autocast_too(rng):
+    """check_floats skipped the dtype check under autocast, which casts fp32, fp16 and bf16 but keeps fp64: fp64
+    beside fp32 reached SDPA or the matmul and stopped in torch's error, naming neither the op nor the argument.
+    Dtypes that autocast makes one still pass."""
+    q, k, v, meta, decode = _attention_inputs(rng)
+    x, w, y = torch.randn(3, 16, generator=rng), torch.randn(20, 16, generator=rng), torch.tensor([1, 2, 3])
+    calls = [("masked_attention", "k", "q", lambda d: ops.masked_attention(q.to(d), k, v, meta)),
+             ("decode_attention", "k_cache", "q", lambda d: ops.decode_attention(q[:, -3:].to(d), k, v, decode)),
+             ("linear", "weight", "x", lambda d: ops.linear(x.to(d), w)),
+             ("linear_cross_entropy", "weight", "hidden", lambda d: ops.linear_cross_entropy(x.to(d), w, y)),
+             ("constrained_sample", "weight", "hidden", lambda d: ops.constrained_sample(x.to(d), w, 0, 20))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for op, name, first, call in calls:
+            with pytest.raises(TypeError, match=rf"{op}: {name} is torch\.(float32|bfloat16) but {first} is "
+                                                rf"torch\.float64, which autocast does not make one .* convert them"):
+                call(torch.float64)
+            call(torch.float16)  # cast to bf16 with the others
+
+
+@pytest.mark.skipif("native" not in dispatch.available("linear"), reason="needs the native extension")
+def test_auto_passes_native_over_under_torch_func_and_forward_ad(rng, monkeypatch):
+    """Where `auto` leads with native (the order depends on the CPU: forced here), torch.func's wrapped tensors
+    reached the kernels ("Cannot access data pointer of Tensor that doesn't have storage") and forward-AD duals
+    lost their tangents without a word. The native backend now declines both, and `auto` takes torch."""
+    import torch.autograd.forward_ad as fwAD
+
+    for op in ("linear", "vq_quantize", "masked_attention"):
+        monkeypatch.setitem(dispatch.AUTO_ORDER, (op, "cpu"), ("native", "torch"))
+    x, w, t = torch.randn(2, 8, generator=rng), torch.randn(3, 8, generator=rng), torch.randn(2, 8, generator=rng)
+    xb = torch.randn(4, 2, 8, generator=rng)
+    assert dispatch.resolve("linear", "auto", "cpu", x, w) is not dispatch.resolve("linear", "torch", "cpu", x, w)
+    for op, call in (("linear", lambda a, b: ops.linear(a, w, backend=b)),
+                     ("vq_quantize", lambda a, b: ops.vq_quantize(a, w, backend=b))):
+        torch.testing.assert_close(torch.func.vmap(lambda a: call(a, "auto"))(xb),
+                                   torch.func.vmap(lambda a: call(a, "torch"))(xb), msg=op)
+    q, k, v, meta, _ = _attention_inputs(rng)
+    qb = torch.stack([q, 2 * q])
+    torch.testing.assert_close(torch.func.vmap(lambda a: ops.masked_attention(a, k, v, meta))(qb),
+                               torch.func.vmap(lambda a: ops.masked_attention(a, k, v, meta, backend="torch"))(qb))
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(ops.linear(fwAD.make_dual(x, t), w)).tangent
+        assert not dispatch.supports("masked_attention", "native", fwAD.make_dual(q, q), k, v, meta)
+    assert tangent is not None
+    torch.testing.assert_close(tangent, t @ w.t())
+    torch.testing.assert_close(torch.func.jvp(lambda a: ops.linear(a, w), (x,), (t,))[1], t @ w.t())
+    with pytest.raises(ValueError, match="torch.func transforms .* wrap the inputs"):
+        torch.func.vmap(lambda a: ops.linear(a, w, backend="native"))(xb)
+
+
+@pytest.mark.skipif("triton" not in dispatch.available("masked_attention"), reason="needs Triton")
+def test_triton_attention_takes_metadata_built_under_inference_mode(rng):
+    """The Triton op saved the metadata for backward, and tensors made under torch.inference_mode (a data
+    pipeline's masks) cannot be saved ("Inference tensors cannot be saved for backward"); torch's path takes them.
+    The metadata needs no autograd: the backward gets it as it is, with gradients as torch's."""
+    from worldvla.mask import causal_meta
+
+    with torch.inference_mode():
+        meta = causal_meta((1, 6))
+    q0 = torch.randn(1, 6, 2, 16, generator=rng)
+    grads = {}
+    for backend in ("torch", "triton"):
+        q = q0.clone().requires_grad_()
+        ops.masked_attention(q, q, q, meta, backend=backend).square().sum().backward()
+        grads[backend] = q.grad
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-4, atol=1e-5)

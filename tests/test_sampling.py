@@ -76,3 +76,51 @@ def test_bad_noise_and_top_k(rng):
     for temperature in ("1.0", None, math.nan):
         with pytest.raises(ValueError, match="temperature must be a finite number"):
             sample_logits(logits, temperature, 2)
+
+
+def _near_tie(rng):
+    """hidden [4, 8], lm_head [40, 8] whose rows 5 and 9 score 1.0 and 1.001 on the first hidden row: row 9 wins
+    in float32, and the two tie in bfloat16 (1.001 rounds to 1.0), where the first, row 5, wins."""
+    h, w = torch.randn(4, 8, generator=rng) / 8, torch.randn(40, 8, generator=rng) / 8
+    h[0] = 0.0
+    h[0, 0] = 1.0
+    w[:, 0] = w[:, 0].clamp(max=0.5)
+    w[5, 0], w[9, 0] = 1.0, 1.001
+    return h, w
+
+
+def test_constrained_sample_takes_autocast_on_every_backend(rng):
+    """Under CPU bfloat16 autocast the torch path's range product ran in bf16 while the native sampler, which
+    autocast does not see, computed the fp32 inputs in fp32: the ids depended on the backend `auto` picked for
+    the machine. The entry point casts as autocast does: each backend picks what it picks for the bf16-cast
+    inputs (row 5 of the near tie, on every backend)."""
+    from worldvla import ops
+    from worldvla.ops import dispatch
+
+    h, w = _near_tie(rng)
+    assert int(ops.constrained_sample(h, w, 0, 40, backend="torch")[0]) == 9  # float32: row 9
+    for backend in ["auto"] + dispatch.available("constrained_sample"):
+        for kw in ({}, {"temperature": 0.5, "top_k": 3, "gumbel": torch.zeros(4, 37)}):
+            lo = 0 if not kw else 3
+            want = ops.constrained_sample(h.bfloat16(), w.bfloat16(), lo, 40, backend=backend, **kw)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = ops.constrained_sample(h, w, lo, 40, backend=backend, **kw)
+            assert torch.equal(got, want) and int(got[0]) == 5, (backend, kw, got, want)
+
+
+@pytest.mark.parametrize("lo, hi", [(2.7, 10), (2, 10.0), (True, 10), ("2", 10), (2, None)])
+def test_constrained_sample_refuses_a_range_that_is_not_integers(rng, lo, hi):
+    """A float range was truncated by the native sampler (ids below lo) and refused by torch's slicing with an
+    error naming neither; integer types (numpy's, 0-d integer tensors) pass as ints."""
+    import numpy as np
+
+    from worldvla import ops
+    from worldvla.ops import dispatch
+
+    h, w = torch.randn(3, 8, generator=rng), torch.randn(30, 8, generator=rng)
+    for backend in ["auto"] + dispatch.available("constrained_sample"):
+        with pytest.raises(TypeError, match=r"constrained_sample: the vocabulary range \[lo, hi\) must be integer "
+                                            r"token ids"):
+            ops.constrained_sample(h, w, lo, hi, backend=backend)
+        want = ops.constrained_sample(h, w, 2, 10, backend=backend)
+        assert torch.equal(ops.constrained_sample(h, w, np.int64(2), torch.tensor(10), backend=backend), want)

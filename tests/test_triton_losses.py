@@ -308,3 +308,61 @@ def test_non_finite_hidden_states_of_ignored_rows_reach_nothing(rng):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[3], want[3], rtol=1e-4, atol=1e-5)
     assert torch.all(got[2][y == -100] == 0)
+
+
+def test_class_weight_that_needs_a_gradient_takes_torch(rng, monkeypatch):
+    """The Triton loss differentiates only in hidden and weight, yet said yes to a class_weight that needs a
+    gradient, whose .grad then stayed None where the reference's is not. It now declines those inputs (an
+    explicit backend says why) and `auto` takes the reference; a class_weight without gradient still runs."""
+    from worldvla.ops import dispatch
+
+    h, w, y = inputs(rng, 12, 16, torch.float32)
+    cw0 = torch.rand(LAYOUT.vocab_size, generator=rng).to(DEV) + 0.1
+    cw = cw0.clone().requires_grad_()
+    assert not dispatch.supports("linear_cross_entropy", "triton", h, w, y, cw)
+    with torch.no_grad():
+        assert dispatch.supports("linear_cross_entropy", "triton", h, w, y, cw)
+    assert dispatch.supports("linear_cross_entropy", "triton", h, w, y, cw0)
+    with pytest.raises(ValueError, match="class_weight needs a gradient and the Triton kernel gives none"):
+        linear_cross_entropy(h, w, y, cw, backend="triton")
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear_cross_entropy", DEV), ("triton", "torch"))
+    grads = []
+    for backend in ("auto", "torch"):
+        cw = cw0.clone().requires_grad_()
+        linear_cross_entropy(h, w, y, cw, 1e-4, backend=backend)[0].backward()
+        grads.append(cw.grad)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_labelled_rows_with_non_finite_ignored_rows(dtype):
+    """With every row ignored the reference returned (hidden.sum() + ...) * 0.0: NaN when an ignored row holds
+    an inf. It is now built from empty slices (0, gradients zeros) and keeps float64 inputs in float64."""
+    h = torch.randn(4, 8, dtype=dtype)
+    h[1, 3] = float("inf")
+    h[2, 0] = float("nan")
+    w = torch.randn(10, 8, dtype=dtype)
+    y = torch.full((4,), -100)
+    backends = ["torch"] + (["triton"] if dtype != torch.float64 else [])
+    for backend in backends:
+        hh, ww = h.clone().to(DEV).requires_grad_(), w.clone().to(DEV).requires_grad_()
+        loss, z = linear_cross_entropy(hh, ww, y.to(DEV), backend=backend)
+        assert loss.item() == 0.0 and z.item() == 0.0, backend
+        assert loss.dtype == z.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), backend
+        loss.backward()
+        assert torch.equal(hh.grad, torch.zeros_like(hh)) and torch.equal(ww.grad, torch.zeros_like(ww)), backend
+
+
+def test_fp16_hidden_size_zero():
+    """fp16 with hidden size 0 (all logits 0: the loss is log V) crashed in the fp16 grad_weight scaling
+    (.amax() of an empty product); it now gives the reference's loss and empty gradients."""
+    h = torch.zeros(3, 0, dtype=torch.float16, device=DEV, requires_grad=True)
+    w = torch.zeros(5, 0, dtype=torch.float16, device=DEV, requires_grad=True)
+    y = torch.tensor([0, 1, -100], device=DEV)
+    want = linear_cross_entropy(h, w, y, z_weight=0.0, backend="torch")[0]
+    loss = linear_cross_entropy(h, w, y, z_weight=0.0, backend="triton")[0]
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(loss.double().cpu(), torch.tensor(5.0, dtype=torch.float64).log(), rtol=1e-6, atol=0)
+    loss.backward()
+    assert h.grad.shape == h.shape and w.grad.shape == w.shape

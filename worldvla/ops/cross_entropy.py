@@ -24,9 +24,10 @@ def linear_cross_entropy_ref(hidden, weight, targets, class_weight=None, z_weigh
     h = hidden[valid]
     y = targets[valid]
     if y.numel() == 0:  # zero, reaching both inputs: the weight's gradient is zeros, not None (as the fused
-        # kernels give), so that a rank whose micro-batch has no label joins FSDP's gradient reduction
-        zero = (hidden.sum() + weight[:1, :1].sum()) * 0.0
-        return zero.float(), zero.float().detach()
+        # kernels give), so that a rank whose micro-batch has no label joins FSDP's gradient reduction. Sums of
+        # empty slices, not (sum) * 0: an inf in an ignored row made that NaN; float64 inputs keep float64.
+        zero = float32_or_wider(hidden[:0].sum() + weight[:0].sum())
+        return zero, zero.detach()
     return logits_cross_entropy(float32_or_wider(h @ weight.t()), y, class_weight, z_weight)
 
 

@@ -123,10 +123,9 @@ def values_readable(t) -> bool:
 
 def check_floats(op: str, same: bool = True, **tensors) -> None:
     """An entry point's floating inputs, named in the error: each floating-point, and (`same`) all of the first
-    one's dtype, except under autocast, which casts them to one. torch's own error ("expected m1 and m2 to have
+    one's dtype as autocast leaves them (`autocast_floats`: it casts fp32, fp16 and bf16 to one dtype but keeps
+    fp64, so fp64 beside fp32 is refused under autocast too). torch's own error ("expected m1 and m2 to have
     the same dtype") names neither the op nor the argument to convert."""
-    import torch
-
     (first, t0), *rest = tensors.items()
     for name, t in tensors.items():
         if not t.dtype.is_floating_point:
@@ -134,13 +133,21 @@ def check_floats(op: str, same: bool = True, **tensors) -> None:
     mixed = [(name, t) for name, t in rest if same and t.dtype != t0.dtype]
     if not mixed:
         return
-    try:
-        if torch.is_autocast_enabled(t0.device.type):
+    cast = _autocast_dtype(t0.device.type)
+    if cast is not None:
+        def after(dtype):
+            return cast if dtype in _AUTOCAST_LOWER else dtype
+        mixed = [(name, t) for name, t in mixed if after(t.dtype) != after(t0.dtype)]
+        if not mixed:
             return
-    except RuntimeError:  # a device type autocast does not know (meta)
-        pass
+        name, t = mixed[0]
+        raise TypeError(f"{op}: {name} is {t.dtype} but {first} is {t0.dtype}, which autocast does not make one "
+                        f"(it casts fp32, fp16 and bf16 to {cast} but keeps fp64); convert them to one dtype")
     name, t = mixed[0]
     raise TypeError(f"{op}: {name} is {t.dtype} but {first} is {t0.dtype}; convert them to one dtype")
+
+
+_AUTOCAST_LOWER = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts (fp64 it keeps)
 
 
 def _autocast_dtype(device_type: str):
@@ -160,8 +167,7 @@ def autocast_floats(device_type: str, *tensors):
     dtype = _autocast_dtype(device_type)
     if dtype is None:
         return tensors
-    lower = (torch.float32, torch.float16, torch.bfloat16)
-    return tuple(t.to(dtype) if t is not None and t.dtype in lower else t for t in tensors)
+    return tuple(t.to(dtype) if t is not None and t.dtype in _AUTOCAST_LOWER else t for t in tensors)
 
 
 def autocast_off(device_type: str):

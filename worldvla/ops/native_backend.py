@@ -27,8 +27,10 @@ import weakref
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
 from torch.utils.weak import WeakIdKeyDictionary
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -201,10 +203,27 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 def _direct(*tensors) -> bool:
     """Whether a call may run the op's implementation directly. Going through a Python custom op's
     dispatcher costs tens of microseconds a call, as much as a small kernel; eager calls on plain
-    tensors skip it. torch.compile, make_fx/export tracing, tensor subclasses (fake, functional)
-    and inputs that need gradients still go through the op (which raises when a backward reaches it)."""
+    tensors skip it. torch.compile, make_fx/export tracing, tensor subclasses (fake, functional),
+    torch.func's wrapped tensors (vmap's batched ones have no storage to read; the op loops over
+    the batch) and inputs that need gradients still go through the op (which raises when a backward
+    reaches it)."""
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and all(type(t) in _PLAIN for t in tensors) and _no_grad_needed(*tensors))
+            and all(type(t) in _PLAIN and not _is_functorch_wrapped(t) for t in tensors)
+            and _no_grad_needed(*tensors))
+
+
+def _plain_values(*tensors, tangents: bool = True):
+    """Whether the kernels see all of `tensors` (None skipped): not torch.func's wrapped tensors (vmap, grad,
+    jvp), whose values a kernel cannot read by address, and (`tangents`) none a dual carrying a forward-AD
+    tangent, which a kernel would drop without a word (ids and codes carry none: their ops pass False). `auto`
+    then takes torch, which runs under both. Outside forward AD the tangent check costs one global read."""
+    if any(t is not None and _is_functorch_wrapped(t) for t in tensors):
+        return dispatch.Unsupported("torch.func transforms (vmap, grad, jvp) wrap the inputs, and the native "
+                                    "kernels cannot read wrapped tensors")
+    if tangents and _forward_ad._current_level >= 0 and any(
+            t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return dispatch.Unsupported("inputs carry forward-AD tangents, which the native kernels would drop")
+    return True
 
 
 # ------------------------------------------------------------------ masked attention (prefill)
@@ -1233,7 +1252,7 @@ def _pointers_ok(op: str, **named):
 
 def _attention_supports(q, k, v, meta, softmax_scale=None):
     return dispatch.first_false(
-        lambda: _device_ok("masked_attention", q), lambda: _no_grad(q, k, v),
+        lambda: _device_ok("masked_attention", q), lambda: _no_grad(q, k, v), lambda: _plain_values(q, k, v),
         lambda: _passes(_check_attention, q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens),
         lambda: _pointers_ok("masked_attention", q=q, k=k, v=v))
 
@@ -1241,23 +1260,28 @@ def _attention_supports(q, k, v, meta, softmax_scale=None):
 def _decode_supports(q, k_cache, v_cache, meta, softmax_scale=None):
     return dispatch.first_false(
         lambda: _device_ok("decode_attention", q), lambda: _no_grad(q, k_cache, v_cache),
+        lambda: _plain_values(q, k_cache, v_cache),
         lambda: _passes(_check_decode, q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len),
         lambda: _pointers_ok("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache))
 
 
 def _vq_quantize_supports(z, codebook):
-    return dispatch.first_false(lambda: _device_ok("vq_quantize", z), lambda: _passes(_check_vq_quantize, z, codebook))
+    return dispatch.first_false(lambda: _device_ok("vq_quantize", z),
+                                lambda: _plain_values(z, codebook, tangents=False),
+                                lambda: _passes(_check_vq_quantize, z, codebook))
 
 
 def _vq_gather_supports(indices, codebook):
     return dispatch.first_false(lambda: _device_ok("vq_gather", indices), lambda: _no_grad(codebook),
+                                lambda: _plain_values(indices, codebook),
                                 lambda: _passes(_check_vq_gather, indices, codebook))
 
 
 def _linear_supports(x, weight):
     plain = type(x) in _PLAIN and type(weight) in _PLAIN or dispatch.Unsupported(
         "tensor subclasses (sharded DTensor weights, traced fake tensors) take torch's linear")
-    return dispatch.first_false(plain, lambda: _no_grad(x, weight), lambda: _passes(_check_linear, x, weight))
+    return dispatch.first_false(plain, lambda: _no_grad(x, weight), lambda: _plain_values(x, weight),
+                                lambda: _passes(_check_linear, x, weight))
 
 
 def _decoder_layer_supports(layer, x, ctx, step: bool = False):
@@ -1293,12 +1317,13 @@ def _decoder_layer_supports(layer, x, ctx, step: bool = False):
         return _passes(_check_decoder_layer, first, x, None, None, ctx, 0)
     if not len(layers):
         return dispatch.Unsupported("no decoder layers")
-    return dispatch.first_false(eager, modules, no_dropout, checks)
+    return dispatch.first_false(eager, lambda: _plain_values(x), modules, no_dropout, checks)
 
 
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
     # No gradient check: the ids carry none, and `auto` must choose alike with and without grad mode.
     return dispatch.first_false(lambda: _device_ok("constrained_sample", hidden),
+                                lambda: _plain_values(hidden, weight, tangents=False),
                                 lambda: _passes(_check_range, hidden, weight, lo, hi),
                                 lambda: _pointers_ok("constrained_sample", hidden=hidden, weight=weight))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import torch
 
@@ -100,10 +101,23 @@ def _auto_backend(hidden, weight, lo, hi, temperature, backend):
     return backend
 
 
+def token_range(lo, hi) -> tuple[int, int]:
+    """The vocabulary range's bounds as ints: token ids must be integers (a float would be truncated by the
+    native path, and refused by torch's slicing with an error that names neither)."""
+    try:
+        if isinstance(lo, bool) or isinstance(hi, bool):
+            raise TypeError
+        return operator.index(lo), operator.index(hi)
+    except TypeError:
+        raise TypeError(f"constrained_sample: the vocabulary range [lo, hi) must be integer token ids, got "
+                        f"{lo!r} and {hi!r}; pass ints (int() or round() a bound computed in floats)") from None
+
+
 def resolve_constrained_sample(hidden, weight, lo, hi, temperature=0.0, backend="auto"):
     """The implementation `constrained_sample` runs for inputs like these."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"constrained_sample wants hidden [N, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    lo, hi = token_range(lo, hi)
     if not 0 <= lo < hi <= weight.shape[0]:
         raise ValueError(f"vocabulary range [{lo}, {hi}) is empty or outside [0, {weight.shape[0]})")
     dispatch.check_floats("constrained_sample", hidden=hidden, weight=weight)
@@ -117,6 +131,11 @@ def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, gene
     """Token ids [N] in [lo, hi) from final hidden states [N, H] and the lm_head weight [V, H]: greedy at
     temperature 0, else a top-k / temperature draw (`sample_logits`; `gumbel` gives its noise)."""
     check_sampling(temperature, top_k)  # before a backend is chosen: the native binding takes no float top_k
+    lo, hi = token_range(lo, hi)
+    # Under autocast the range's product takes autocast's dtype, as the reference's matmul would, before a
+    # backend is chosen: the native kernels are not seen by autocast, so they computed fp32 logits where the
+    # reference computed bf16 ones, and the ids depended on the backend `auto` picked for the machine.
+    hidden, weight = dispatch.autocast_floats(hidden.device.type, hidden, weight)
     return resolve_constrained_sample(hidden, weight, lo, hi, temperature, backend)(
         hidden, weight, lo, hi, temperature, top_k, generator, gumbel)
 

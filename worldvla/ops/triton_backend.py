@@ -117,12 +117,17 @@ def _attention_setup_context(ctx, inputs, output):
     q, k, v, kv_block, q_limit, cu_seqlens, max_seqlen, softmax_scale = inputs
     out, lse2 = output
     ctx.mark_non_differentiable(lse2)
-    ctx.save_for_backward(q, k, v, out, lse2, kv_block, q_limit, cu_seqlens)
+    ctx.save_for_backward(q, k, v, out, lse2)
+    # The metadata needs no autograd: kept as it is, not saved, since metadata built under
+    # torch.inference_mode (a data pipeline's) cannot be saved for backward, and torch's path takes it.
+    # The same tensors also keep the backward on the forward's cached tile plan (_chunk_meta).
+    ctx.meta = (kv_block, q_limit, cu_seqlens)
     ctx.max_seqlen, ctx.softmax_scale = max_seqlen, softmax_scale
 
 
 def _attention_backward(ctx, grad_out, grad_lse2):
-    q, k, v, out, lse2, kv_block, q_limit, cu_seqlens = ctx.saved_tensors
+    q, k, v, out, lse2 = ctx.saved_tensors
+    kv_block, q_limit, cu_seqlens = ctx.meta
     dq, dk, dv = masked_attention_backward_op(grad_out, q, k, v, out, lse2, kv_block, q_limit, cu_seqlens,
                                               ctx.max_seqlen, ctx.softmax_scale)
     return dq, dk, dv, None, None, None, None, None
@@ -353,7 +358,11 @@ def _decode_supports(q, k_cache, v_cache, meta, softmax_scale=None):
 
 
 def _linear_ce_supports(hidden, weight, targets, class_weight=None, z_weight=1e-5, ignore_index=-100):
-    return dispatch.first_false(_device(hidden, weight, targets, class_weight), _float(hidden, weight))
+    return dispatch.first_false(
+        _device(hidden, weight, targets, class_weight), _float(hidden, weight),
+        not (class_weight is not None and torch.is_grad_enabled() and class_weight.requires_grad)
+        or dispatch.Unsupported("class_weight needs a gradient and the Triton kernel gives none (only hidden's and "
+                                "weight's); detach it to train without one"))
 
 
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
