@@ -95,6 +95,22 @@ class SlotPolicy:
         return out
 
 
+def _together(fn, arg_tuples, timeout_s: float = 20.0) -> None:
+    """fn(*args) for each of `arg_tuples`, each on its own thread, all released at once (a barrier), then joined:
+    requests that reach the server together."""
+    barrier = threading.Barrier(len(arg_tuples))
+
+    def run(args):
+        barrier.wait(10)
+        fn(*args)
+
+    threads = [threading.Thread(target=run, args=(a,)) for a in arg_tuples]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+
+
 def _frame(rng, h=24, w=24):
     return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
 
@@ -560,20 +576,13 @@ def test_one_robots_failure_does_not_fail_its_batch(np_rng):
         good.reset("hold still")
         bad.reset("explode")
         replies = {}
-        barrier = threading.Barrier(2)
-
         def call(name, client):
-            barrier.wait(10)
             try:
                 replies[name] = client.act(_frame(np_rng))
             except PolicyServerError as e:
                 replies[name] = str(e)
 
-        threads = [threading.Thread(target=call, args=a) for a in (("good", good), ("bad", bad))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
+        _together(call, [("good", good), ("bad", bad)])
         assert policy.calls[0] == 2, policy.calls  # the two requests were batched
         assert isinstance(replies["good"], np.ndarray) and replies["good"].shape == (K, D)
         assert "policy failed: RuntimeError: boom" in replies["bad"]
@@ -607,21 +616,15 @@ def test_the_timing_of_a_request_run_again_after_its_batch_failed(np_rng):
         good.act(_frame(np_rng))
         assert good.last_timing["retried"] is False and good.last_timing["batch_size"] == 1
         good.reset("hold still")  # both episodes fresh: one policy call for the two, not one with history each
-        barrier = threading.Barrier(2)
         errors = []
 
         def call(client):
-            barrier.wait(10)
             try:
                 client.act(_frame(np_rng))
             except PolicyServerError as e:
                 errors.append(str(e))
 
-        threads = [threading.Thread(target=call, args=(c,)) for c in (good, bad)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
+        _together(call, [(c,) for c in (good, bad)])
         assert policy.calls[1] == 2 and len(errors) == 1, (policy.calls, errors)  # batched; bad failed alone
         timing = good.last_timing
         assert timing["retried"] is True and timing["batch_size"] == 1, timing
@@ -685,17 +688,10 @@ def test_chunks_of_different_lengths_in_one_batch(np_rng):
         clients[0].reset("one")
         clients[1].reset("two words")
         replies = [None, None]
-        barrier = threading.Barrier(2)
-
         def call(i):
-            barrier.wait(10)
             replies[i] = clients[i].act(_frame(np_rng))
 
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
+        _together(call, [(i,) for i in range(2)])
         assert policy.calls == [2] and server.stats["policy_failures"] == 0
         assert [r.shape for r in replies] == [(1, D), (2, D)]
         for c in clients:
@@ -716,20 +712,13 @@ def test_a_chunk_of_no_action_is_an_error_for_its_robot_only(np_rng):
         clients[0].reset("one")  # no action
         clients[1].reset("three more words")
         replies = [None, None]
-        barrier = threading.Barrier(2)
-
         def call(i):
-            barrier.wait(10)
             try:
                 replies[i] = clients[i].act(_frame(np_rng))
             except PolicyServerError as e:
                 replies[i] = str(e)
 
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
+        _together(call, [(i,) for i in range(2)])
         assert policy.calls == [2]
         assert isinstance(replies[0], str) and "wrote no action block" in replies[0], replies[0]
         assert isinstance(replies[1], np.ndarray) and replies[1].shape == (2, D)
@@ -1659,17 +1648,10 @@ def test_the_timing_of_a_batch_split_in_two_policy_calls(np_rng):
         b.reset("later")
         b.act(_frame(np_rng))  # b now has a previous frame
         calls, batches = len(policy.calls), server.stats["batches"]
-        barrier = threading.Barrier(2)
-
         def act(client):
-            barrier.wait(10)
             client.act(_frame(np_rng))
 
-        threads = [threading.Thread(target=act, args=(c,)) for c in (a, b)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
+        _together(act, [(c,) for c in (a, b)])
         assert server.stats["batches"] == batches + 1 and policy.calls[calls:] == [1, 1]  # one batch, two calls
         first, later = a.last_timing, b.last_timing
         assert first["batch_size"] == later["batch_size"] == 1, (first, later)
