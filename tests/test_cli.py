@@ -118,6 +118,15 @@ def test_ctrl_c_under_no_resume_says_to_drop_it(monkeypatch, capsys):
     assert "run it again without --no-resume" in err
 
 
+def test_ctrl_c_in_demo_force_says_to_drop_it(monkeypatch, capsys):
+    """`demo --force` clears every stage: "run the same command again to continue: finished stages are kept"
+    started it all over."""
+    _interrupt("worldvla.demo", monkeypatch)
+    err = _main_interrupted(["demo", "--fast", "--force"], capsys)
+    assert err.endswith("interrupted; run it again without --force to keep the finished stages"), err
+    assert "run the same command again" in _main_interrupted(["demo", "--fast"], capsys)
+
+
 def _tiny_store(root: Path) -> Path:
     import numpy as np
     import torch

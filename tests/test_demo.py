@@ -231,8 +231,89 @@ def test_a_failed_collection_does_not_advise_the_same_rerun(tmp_path, monkeypatc
     from worldvla.data import collect
 
     monkeypatch.setattr(collect, "collect", lambda *a, **k: {"incomplete": ["reach-v3"], "errors": []})
-    with pytest.raises(RuntimeError, match="another --seed"):
+    with pytest.raises(ValueError, match="another --seed"):
         demo.stage_collect(demo.DemoConfig.fast_preset(), tmp_path, False)
+
+
+def test_a_collection_whose_attempts_raised_names_their_errors_in_one_line(tmp_path, monkeypatch, capsys):
+    """Attempts that raised (a renderer that cannot start) were blamed on the layouts ("choose another --seed"),
+    in a RuntimeError's traceback: the advice is to fix their cause, as `worldvla collect` says, in one line."""
+    from worldvla import demo
+    from worldvla.cli import main
+    from worldvla.data import collect
+
+    errors = [f"reach-v3 episode 0 attempt {a}: RuntimeError: EGL: eglMakeCurrent failed" for a in range(5)]
+    monkeypatch.setattr(collect, "collect", lambda *a, **k: {"incomplete": ["reach-v3"], "errors": errors})
+    monkeypatch.setattr(demo, "load_kernels_first", lambda: None)
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("worldvla demo: fewer episodes than asked for: "
+                                                         "['reach-v3']; 5 attempt(s) raised errors"), err
+    assert "attempt 0: RuntimeError: EGL: eglMakeCurrent failed" in err and "fix their cause" in err
+    assert "--seed" not in err and "Traceback" not in err
+
+
+def test_demo_refuses_empty_tasks(tmp_path, monkeypatch, capsys):
+    """`--tasks ""` counted as not given and ran the default tasks."""
+    import argparse
+
+    from worldvla import demo
+
+    monkeypatch.setattr(demo, "load_kernels_first", lambda: None)
+    monkeypatch.setattr(demo, "stage_collect", lambda *a, **k: pytest.fail("the demo ran"))
+    parser = demo.add_arguments(argparse.ArgumentParser())
+    for tasks in ("", " , "):
+        assert demo.config_from_args(parser.parse_args(["--fast", "--tasks", tasks])).tasks == ()
+        assert demo.main(["--fast", "--tasks", tasks, "--out", str(tmp_path)]) == 2
+        assert "--tasks names no task; pass comma-separated Meta-World tasks" in capsys.readouterr().err
+    assert demo.config_from_args(parser.parse_args(["--fast"])).tasks == ("reach-v3",)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "3", "null", '"key"', '{"key": [1]}', '{"seconds": [1]}'])
+def test_a_stage_marker_that_is_json_but_not_a_markers_means_not_done(tmp_path, text):
+    """JSON that is not a dict crashed done() (AttributeError) and recorded_seconds() (TypeError)."""
+    from worldvla import demo
+
+    stages = demo.Stages(tmp_path, demo.DemoConfig.fast_preset())
+    stages.dir.mkdir()
+    (stages.dir / "collect.json").write_text(text)
+    assert stages.done("collect") is False
+    assert stages.recorded_seconds("collect") is None
+    stages.mark("collect", 2.5)
+    assert stages.done("collect") is True and stages.recorded_seconds("collect") == 2.5
+
+
+def test_a_run_drops_the_old_metrics_and_writes_its_files_atomically(tmp_path, monkeypatch):
+    """demo_config.json and metrics.json were written in place (a crash could leave half a file), and an earlier
+    run's metrics.json stayed beside the new settings while the new run ran, or after it failed."""
+    from worldvla import checkpoint, demo
+
+    written, seen = [], {}
+    real = checkpoint.write_text_atomic
+    monkeypatch.setattr(checkpoint, "write_text_atomic", lambda p, text: written.append(Path(p).name) or real(p, text))
+    monkeypatch.setattr(demo, "load_kernels_first", lambda: None)
+
+    def collect(cfg, out, progress, fresh):
+        seen["old metrics"] = (out / "metrics.json").exists()
+        seen["config"] = json.loads((out / "demo_config.json").read_text())
+        return {}
+
+    def evaluate(cfg, out, progress, reuse):
+        (out / "eval").mkdir(parents=True, exist_ok=True)
+        (out / "eval" / "metrics.json").write_text(json.dumps({"complete": True, "new": 1}))
+        return {}
+
+    for name in ("stage_train_vq", "stage_pretokenize", "stage_train"):
+        monkeypatch.setattr(demo, name, lambda *a, **k: {})
+    monkeypatch.setattr(demo, "stage_collect", collect)
+    monkeypatch.setattr(demo, "stage_evaluate", evaluate)
+    (tmp_path / "metrics.json").write_text(json.dumps({"eval": {"old": 1}}))
+    cfg = demo.DemoConfig.fast_preset()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    assert seen == {"old metrics": False, "config": json.loads(json.dumps(demo.asdict(cfg)))}
+    assert {"demo_config.json", "metrics.json"} <= set(written), written
+    assert json.loads((tmp_path / "metrics.json").read_text())["eval"] == {"complete": True, "new": 1}
 
 
 def test_collect_replaces_files_of_other_settings_when_the_stage_reruns(tmp_path, monkeypatch):

@@ -38,6 +38,42 @@ def test_collect_without_metaworld_is_one_line_naming_the_install(monkeypatch, t
     assert 'pip install "worldvla[sim]"' in err and "Traceback" not in err
 
 
+def test_a_missing_opengl_library_names_mujoco_gl_and_what_to_install(monkeypatch, tmp_path, capsys):
+    """MUJOCO_GL=osmesa without OSMesa died importing MuJoCo with "AttributeError: 'NoneType' object has no
+    attribute 'glGetError'" (PyOpenGL's, without its library), a traceback that named neither."""
+    import builtins
+
+    from worldvla.cli import main
+
+    real_import = builtins.__import__
+
+    def no_osmesa(name, *args, **kwargs):  # PyOpenGL's own failure, raised from its module as there
+        if name == "metaworld":
+            code = "class _p:\n    GL = None\n_p.GL.glGetError\n"  # PyOpenGL's platform, without its library
+            exec(compile(code, "/site-packages/OpenGL/raw/GL/_errors.py", "exec"), {})
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_osmesa)
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    with pytest.raises(ImportError, match=r"MUJOCO_GL=osmesa: the OSMesa library was not found .*glGetError.*"
+                                          r"apt-get install libosmesa6.*set MUJOCO_GL to a backend"):
+        make_env("reach-v3")
+    assert main(["collect", "--out", str(tmp_path), "--tasks", "reach-v3", "--episodes", "1", "--workers", "1",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("worldvla collect: error:") and "MUJOCO_GL=osmesa" in err
+
+    def bug(name, *args, **kwargs):  # an AttributeError elsewhere is a bug: it keeps its kind
+        if name == "metaworld":
+            raise AttributeError("module 'gymnasium' has no attribute 'register'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", bug)
+    with pytest.raises(AttributeError, match="register"):
+        make_env("reach-v3")
+
+
 @pytest.mark.parametrize("value", ["inf", "nan", "-1"])
 def test_collect_refuses_a_non_finite_noise(value, capsys):
     """`--noise inf` failed every attempt of every episode (nan: the expert's actions)."""
@@ -420,17 +456,87 @@ def test_a_worker_error_keeps_its_kind_and_a_dead_worker_is_named():
         assert "Traceback (most recent call last)" in str(e.value.__cause__)
         assert "in step" in str(e.value.__cause__)  # the worker's own frames
         first.step(np.zeros(4))  # the env is still in step with its worker
+        # An unknown command's reply had 3 fields where 4 are read: "not enough values to unpack" instead.
+        pool._workers[0].send("bogus", 0, None)
+        with pytest.raises(ValueError, match=r"env 0 \(in env worker process \d+\): unknown command 'bogus'"):
+            pool._workers[0].recv(0)
+        first.step(np.zeros(4))
+        # A worker killed after it started is not blamed on a missing `if __name__ == "__main__":`.
         os.kill(pool._workers[0].proc.pid, signal.SIGKILL)
         pool._workers[0].proc.join(timeout=10)
-        with pytest.raises(RuntimeError, match=r"env worker process \d+ died \(exit code -9\)"):
+        with pytest.raises(RuntimeError, match=r"env worker process \d+ died \(exit code -9, killed by SIGKILL: "
+                                               r"often the out-of-memory killer") as e:
             first.step(np.zeros(4))  # sending
+        assert "__main__" not in str(e.value)
         proc = pool._workers[1].proc
         os.kill(proc.pid, signal.SIGSTOP)  # the step is sent, and still unanswered when the worker is killed
         second.step_async(np.zeros(4))
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(timeout=10)
-        with pytest.raises(RuntimeError, match=r"env worker process \d+ died \(exit code -9\)"):
+        with pytest.raises(RuntimeError, match=r"env worker process \d+ died \(exit code -9, killed by SIGKILL"):
             second.step_wait()  # reading
+
+
+def test_a_dead_worker_is_blamed_on_the_main_guard_only_before_it_started():
+    """Every worker death said a script needs `if __name__ == "__main__":`, a crash in the renderer too: that is
+    the likely cause only before a worker's start-up reply (it imports the main module then)."""
+    from types import SimpleNamespace
+
+    from worldvla.sim.workers import _Worker
+
+    w = _Worker.__new__(_Worker)
+    w.proc = SimpleNamespace(pid=123, exitcode=-11, join=lambda timeout=None: None)
+    w.started = True
+    msg = str(w._died())
+    assert "died (exit code -11, killed by SIGSEGV: a crash in the simulator or its renderer" in msg, msg
+    assert "MUJOCO_GL=" in msg and "__main__" not in msg
+    w.proc.exitcode = 3
+    assert "died (exit code 3; a traceback it printed is above)" in str(w._died())
+    w.started, w.proc.exitcode = False, 1
+    msg = str(w._died())
+    assert "died (exit code 1) before it started" in msg and 'if __name__ == "__main__":' in msg, msg
+
+
+@needs_sim
+def test_closing_a_pool_reads_the_replies_left_unread():
+    """Ctrl-C while expert rollouts ran left a reply unread (an episode's frames are more than a pipe holds): its
+    worker blocked in its send and never read "close", and close() waited 10 s, killed it, and never joined it."""
+    from worldvla.sim.workers import EnvWorkers
+
+    pool = EnvWorkers("reach-v3", 1, image_size=64, max_steps=150, workers=1)
+    env = pool.envs[0]
+    env.reset(seed=1)
+    for _ in range(100):  # 100 frames of 12 KB: about 1.2 MB of replies, none read
+        env.step_async(np.zeros(4))
+    proc = pool._workers[0].proc
+    t0 = time.monotonic()
+    pool.close()
+    assert time.monotonic() - t0 < 8, "close() waited for its timeout"
+    assert proc.exitcode == 0  # the worker ended by itself on "close": neither killed nor left unjoined
+
+
+def test_a_policy_returning_nested_lists_is_taken_as_its_array():
+    """A policy whose act returns a plain list [K][D] failed with "the environments' chunks differ in length
+    (mode='release' ...)", which it has nothing to do with."""
+    from worldvla.eval.rollout import ChunkQuery
+
+    class Lists:
+        def __init__(self, out):
+            self.out = out
+
+        def act(self, image):
+            return self.out
+
+    one = np.zeros((16, 16, 3), np.uint8)
+    out = ChunkQuery(Lists([[0.0, 0.1, 0.2, 0.3], [0.4, 0.5, 0.6, 0.7]]))(one, None)
+    np.testing.assert_array_equal(out, np.arange(8).reshape(2, 4) / 10)
+    assert ChunkQuery(Lists([[[0.0] * 4] * 3] * 2))(np.stack([one, one]), None).shape == (2, 3, 4)
+    with pytest.raises(ValueError, match="policy.act returned a list that is not a rectangular array") as e:
+        ChunkQuery(Lists([[0.0, 0.1], [0.2]]))(one, None)
+    assert "mode='release'" not in str(e.value)
+    # release-mode chunks of different lengths are still named as such
+    with pytest.raises(ValueError, match="chunks differ in length"):
+        ChunkQuery(Lists([np.zeros((2, 4)), np.zeros((3, 4))]))(np.stack([one, one]), None)
 
 
 @needs_sim

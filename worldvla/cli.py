@@ -145,6 +145,8 @@ def _how_to_continue(args) -> str | None:
     if args.command not in ("train", "train-vq"):
         if getattr(args, "no_resume", False):  # the same command would run everything again
             return "run it again without --no-resume to keep what it finished"
+        if args.command == "demo" and getattr(args, "force", False):  # --force clears every stage again
+            return "run it again without --force to keep the finished stages"
         return _CONTINUE.get(args.command)
     out = getattr(args, "out", None)
     if out is None or not any((Path(out) / "checkpoints").glob("step_*")):
@@ -174,7 +176,7 @@ def _missing_dependency(e: ImportError) -> bool:
     """An ImportError that says what to install (an optional dependency or extra missing here), or a
     module outside worldvla that is not installed. Any other (a name that worldvla's own modules do not
     have, a worldvla module missing) is a bug or a broken install, and keeps its traceback."""
-    if "pip install" in str(e):
+    if "pip install" in str(e) or "apt-get install" in str(e):  # a package, or a system library (OpenGL's)
         return True
     name = getattr(e, "name", None)
     return isinstance(e, ModuleNotFoundError) and bool(name) and name.split(".")[0] != "worldvla"

@@ -74,7 +74,9 @@ class DemoConfig:
         from .sim.metaworld_env import TASKS, check_tasks
 
         if not self.tasks:
-            raise ValueError(f"no Meta-World tasks given; pass --tasks with some of: {', '.join(sorted(TASKS))}")
+            raise ValueError(f"--tasks names no task; pass comma-separated Meta-World tasks, such as "
+                             f"{','.join(DEFAULT_TASKS)} (the default when --tasks is left out), from: "
+                             f"{', '.join(sorted(TASKS))}")
         check_tasks(self.tasks, fix="--tasks")
         if self.image_size % 32 or self.image_size < 32:
             raise ValueError(f"--image-size must be a multiple of 32 (the resolution tokens count 32-px grids), "
@@ -139,9 +141,10 @@ class Stages:
         if not p.is_file():
             return False
         try:
-            return json.loads(p.read_text()).get("key") == self.keys[stage]
-        except (OSError, json.JSONDecodeError):
+            marker = json.loads(p.read_text())
+        except (OSError, ValueError):  # ValueError: not JSON, not UTF-8
             return False
+        return isinstance(marker, dict) and marker.get("key") == self.keys[stage]  # JSON, but not a marker's
 
     def mark(self, stage: str, seconds: float, info: dict | None = None) -> None:
         from .checkpoint import write_text_atomic
@@ -154,7 +157,7 @@ class Stages:
     def recorded_seconds(self, stage: str) -> float | None:
         try:
             return float(json.loads(self._path(stage).read_text())["seconds"])
-        except (OSError, KeyError, ValueError, json.JSONDecodeError):
+        except (OSError, KeyError, ValueError, TypeError):  # TypeError: JSON that is not a marker's dict
             return None
 
     def invalidate_from(self, stage: str) -> None:
@@ -188,6 +191,11 @@ def demo_files(cfg: DemoConfig, out: Path) -> list[Path]:
     return [out / "demos" / f"{task}.hdf5" for task in cfg.tasks]
 
 
+class CollectionFailed(ValueError):
+    """The collect stage got fewer demonstrations than asked for. A ValueError, so that the command reports it in
+    one line, as it does a bad setting: its message says what to change."""
+
+
 def stage_collect(cfg: DemoConfig, out: Path, progress: bool, fresh: bool = False) -> dict:
     """`fresh` (--force): the task files are collected anew (collect keeps a complete file of the same settings)."""
     from .data.collect import collect
@@ -199,10 +207,15 @@ def stage_collect(cfg: DemoConfig, out: Path, progress: bool, fresh: bool = Fals
     summary = collect(list(cfg.tasks), cfg.episodes, out / "demos", image_size=cfg.image_size, seed=cfg.seed,
                       workers=min(cfg.workers, len(cfg.tasks) * cfg.episodes), max_steps=cfg.collect_max_steps,
                       progress=progress, overwrite=True)  # files of other settings: the stage's key changed
+    if summary["incomplete"] and summary["errors"]:  # attempts that raised: their cause, not the expert's luck
+        errors = summary["errors"]
+        raise CollectionFailed(f"fewer episodes than asked for: {summary['incomplete']}; {len(errors)} attempt(s) "
+                               f"raised errors ({'; '.join(errors[:3])}{'; ...' if len(errors) > 3 else ''}): fix "
+                               f"their cause, then run the same command again (finished task files are kept)")
     if summary["incomplete"]:
-        raise RuntimeError(f"the scripted experts failed too often on {summary['incomplete']} "
-                           f"(errors: {summary['errors'][:3]}); the layouts are fixed by --seed, so a rerun fails "
-                           f"the same way: choose another --seed or other --tasks")
+        raise CollectionFailed(f"the scripted experts failed too often on {summary['incomplete']}; the layouts are "
+                               f"fixed by --seed, so a rerun fails the same way: choose another --seed or other "
+                               f"--tasks")
     return {t: {k: v for k, v in s.items() if k != "path"} for t, s in summary["tasks"].items()}
 
 
@@ -330,9 +343,13 @@ def load_kernels_first() -> None:
 def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -> dict:
     cfg.check()
     load_kernels_first()
+    from .checkpoint import write_text_atomic
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    # An earlier run's results must not stand beside these settings as theirs: written again when this run ends.
+    (out / "metrics.json").unlink(missing_ok=True)
+    write_text_atomic(out / "demo_config.json", json.dumps(asdict(cfg), indent=1))
     stages = Stages(out, cfg)
     if force:
         stages.invalidate_from(STAGES[0])
@@ -392,7 +409,7 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     results["eval"] = metrics
     results["policy"] = str(out / "policy")
-    (out / "metrics.json").write_text(json.dumps(results, indent=1, default=str))
+    write_text_atomic(out / "metrics.json", json.dumps(results, indent=1, default=str))
     return results
 
 
@@ -465,7 +482,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     cfg = DemoConfig.fast_preset() if args.fast else DemoConfig()
-    over = {"tasks": tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else None,
+    # --tasks "" is an empty list (refused by DemoConfig.check), not the default tasks
+    over = {"tasks": tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks is not None else None,
             "episodes": args.episodes, "eval_episodes": args.eval_episodes, "image_size": args.image_size,
             "chunk_size": args.chunk_size, "train_steps": args.train_steps, "vq_steps": args.vq_steps,
             "model": args.model, "lr": args.lr, "workers": args.workers, "seed": args.seed}

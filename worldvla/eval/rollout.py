@@ -50,6 +50,15 @@ class ChunkQuery:
         out = self._act(images, previous)
         from ..inference.policy import check_chunk
 
+        if isinstance(out, (list, tuple)):  # nested lists [K][D]; a list of chunks of different lengths stays one
+            try:
+                out = np.asarray(out, dtype=np.float64)
+            except (ValueError, TypeError):
+                if not all(np.ndim(c) == 2 for c in out):
+                    raise ValueError(f"policy.act returned a {type(out).__name__} that is not a rectangular array "
+                                     f"of numbers; return an array [K, D] for one image, [N, K, D] for a batch "
+                                     f"[N, H, W, 3]") from None
+                out = list(out)  # mode='release': each image's chunk, of different lengths (check_chunk says so)
         out = np.asarray(check_chunk(out), dtype=np.float64)
         want = 3 if images.ndim == 4 else 2  # [N, K, D] for a batch, [K, D] for one image
         if out.ndim != want:

@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 import weakref
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,11 @@ _ROTATE_180 = frozenset({"corner"})
 _INSTALL_HINT = 'Meta-World is not installed; install the simulator extra with: pip install "worldvla[sim]"'
 
 
+# MUJOCO_GL -> (its library, the Debian/Ubuntu packages that provide it)
+_GL_LIBRARIES = {"egl": ("EGL", "libegl1 libgl1-mesa-dri"), "osmesa": ("OSMesa", "libosmesa6"),
+                 "glx": ("GLX", "libgl1 libglx-mesa0")}
+
+
 def _require_metaworld():
     try:
         import gymnasium
@@ -100,7 +106,26 @@ def _require_metaworld():
         import mujoco
     except ImportError as e:
         raise ImportError(f"{_INSTALL_HINT} ({e})") from e
+    except AttributeError as e:
+        if not _raised_in_opengl(e):
+            raise
+        # MuJoCo sets up the OpenGL backend MUJOCO_GL names when it is imported; PyOpenGL, not finding that
+        # backend's library, leaves its platform None: "'NoneType' object has no attribute 'glGetError'".
+        gl = os.environ.get("MUJOCO_GL", "")
+        name, packages = _GL_LIBRARIES.get(gl.lower(), ("OpenGL", "libegl1 libgl1-mesa-dri"))
+        raise ImportError(
+            f"MuJoCo cannot set up its OpenGL backend MUJOCO_GL={gl or '(unset)'}: the {name} library was not found "
+            f"({e}). Install it (apt-get install {packages}), or set MUJOCO_GL to a backend this machine has: egl "
+            "(headless; Mesa renders on the CPU where there is no GPU), osmesa, or glx with a display") from e
     return gymnasium, metaworld, mujoco
+
+
+def _raised_in_opengl(e: BaseException) -> bool:
+    """Whether `e` was raised inside PyOpenGL (the module MuJoCo renders through)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "OpenGL" in Path(tb.tb_frame.f_code.co_filename).parts
 
 
 def check_tasks(tasks, fix: str = "--tasks") -> None:

@@ -11,11 +11,14 @@ successes are those of the same env in the calling process: same seed, same phys
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections import deque
+from multiprocessing.connection import wait as wait_ready
 
 import numpy as np
 
@@ -92,7 +95,7 @@ def _serve(conn, task: str, n_envs: int, image_size: int, max_steps: int, kwargs
                 elif cmd == "expert":
                     conn.send(("ok", expert_episode(env, **args)))
                 else:
-                    conn.send(("error", (None, f"unknown command {cmd!r}", f"unknown command {cmd!r}")))
+                    raise ValueError(f"unknown command {cmd!r}; the commands are reset, step and expert")
             except Exception as e:  # noqa: BLE001  (reported to the caller, who raises it)
                 conn.send(("error", _error_reply(e)))
     except Exception as e:  # noqa: BLE001
@@ -114,6 +117,7 @@ class _Worker:
         child.close()
         self.rank, self.stride = rank, stride  # its env i is the pool's env i * stride + rank
         self.pending: deque[int] = deque()  # env indices whose replies are still to be read, in order
+        self.started = False  # its start-up reply came: it imported the main module and built its envs
 
     def send(self, cmd: str, i: int, args) -> None:
         try:
@@ -136,6 +140,7 @@ class _Worker:
             status, value = self.conn.recv()
         except (EOFError, OSError):
             raise self._died() from None
+        self.started = True
         if status != "ok":
             kind, name, message, tb = value
             where = f"env worker process {self.proc.pid}"
@@ -149,11 +154,46 @@ class _Worker:
 
     def _died(self) -> RuntimeError:
         self.proc.join(timeout=1.0)
-        return RuntimeError(
-            f"env worker process {self.proc.pid} died (exit code {self.proc.exitcode}); a traceback it printed "
-            "is above. Workers start by importing the main module: a script that evaluates at its top level needs "
-            "`if __name__ == \"__main__\":` around that code (or use one process: env_workers=1, "
-            "--env-workers 1)")
+        code = self.proc.exitcode
+        if not self.started:  # it died importing the main module or building its envs
+            return RuntimeError(
+                f"env worker process {self.proc.pid} died (exit code {code}) before it started; a traceback it "
+                "printed is above. Workers start by importing the main module: a script that evaluates at its top "
+                "level needs `if __name__ == \"__main__\":` around that code (or use one process: env_workers=1, "
+                "--env-workers 1)")
+        return RuntimeError(f"env worker process {self.proc.pid} died ({_exit_cause(code)})")
+
+    def drain(self) -> bool:
+        """Read and drop what the worker has written; False once its end is closed. A reply left unread (Ctrl-C
+        while waiting for it: an expert episode's frames are more than a pipe holds) blocks the worker in its send,
+        where it never reads "close". Raw bytes, not messages: an interrupted `recv` may have read part of one."""
+        try:
+            while self.conn.poll(0):
+                if not os.read(self.conn.fileno(), 1 << 20):
+                    return False
+        except (EOFError, OSError):
+            return False
+        return True
+
+
+def _exit_cause(code: int | None) -> str:
+    """What a worker's exit code says, and what to do about it."""
+    if code is None:
+        return "it closed its connection but is still running"
+    if code >= 0:
+        return f"exit code {code}; a traceback it printed is above"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    if name == "SIGKILL":
+        return (f"exit code {code}, killed by SIGKILL: often the out-of-memory killer; free memory or use fewer "
+                "worker processes")
+    if name in ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE"):
+        return (f"exit code {code}, killed by {name}: a crash in the simulator or its renderer (MUJOCO_GL="
+                f"{os.environ.get('MUJOCO_GL', 'unset')}); check the MuJoCo, Meta-World and OpenGL (EGL/OSMesa) "
+                "installs, or run one process (env_workers=1, --env-workers 1) to see where it crashes")
+    return f"exit code {code}, killed by {name}, sent by another process"
 
 
 class RemoteEnv:
@@ -218,17 +258,27 @@ class EnvWorkers:
         # env j lives on worker j % workers, as that worker's env j // workers
         self.envs = [RemoteEnv(self._workers[j % workers], j // workers, task, instruction) for j in range(n_envs)]
 
-    def close(self) -> None:
-        for w in getattr(self, "_workers", []):
+    def close(self, timeout: float = 10.0) -> None:
+        """Ask each worker to close, read what it still sends (replies left unread after an error or a Ctrl-C, which
+        would block it in its send), and kill one still running after `timeout` seconds."""
+        workers = getattr(self, "_workers", [])
+        for w in workers:
             if w.proc.is_alive():
                 try:
                     w.conn.send(("close", -1, None))
                 except (BrokenPipeError, OSError):
                     pass
-        for w in getattr(self, "_workers", []):
-            w.proc.join(timeout=10)
+        deadline = time.monotonic() + timeout
+        reading = [w for w in workers if w.proc.is_alive()]  # until each has exited or closed its end
+        while reading and time.monotonic() < deadline:
+            ready = wait_ready([w.conn for w in reading] + [w.proc.sentinel for w in reading],
+                               timeout=max(0.0, deadline - time.monotonic()))
+            reading = [w for w in reading if (w.conn not in ready or w.drain()) and w.proc.is_alive()]
+        for w in workers:
+            w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if w.proc.is_alive():
                 w.proc.kill()
+                w.proc.join(timeout=5)
             w.conn.close()
         self._workers = []
 
