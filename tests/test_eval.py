@@ -897,7 +897,8 @@ def test_every_entry_point_names_an_unknown_task_the_same_way(monkeypatch):
     assert mw.check_tasks is sim.check_tasks and "check_tasks" in mw.__all__ and "check_tasks" in sim.__all__
     with pytest.raises(ValueError, match=r"^no tasks given"):  # collect's own checks come first, as before
         _parse_tasks(" , ")
-    with pytest.raises(ValueError, match=r"^no Meta-World tasks given; pass --tasks with some of: assembly-v3, "):
+    with pytest.raises(ValueError, match=r"^--tasks names no task; pass comma-separated Meta-World tasks, such as "
+                                         r"button-press-topdown-v3,.* from: assembly-v3, "):
         demo.DemoConfig(tasks=()).check()
     assert _parse_tasks("reach-v3, push-v3,reach-v3") == ["reach-v3", "push-v3"]
     assert _parse_tasks("all") == list(sim.TASKS)

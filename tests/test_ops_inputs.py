@@ -203,7 +203,9 @@ def test_float64_beside_float32_is_refused_under_autocast_too(rng):
             call(torch.float16)  # cast to bf16 with the others
 
 
+# torch.func's own machinery warns here (its TorchScript helpers, SDPA's batching fallback): not this package's.
 @pytest.mark.skipif("native" not in dispatch.available("linear"), reason="needs the native extension")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:There is a performance drop:UserWarning")
 def test_auto_passes_native_over_under_torch_func_and_forward_ad(rng, monkeypatch):
     """Where `auto` leads with native (the order depends on the CPU: forced here), torch.func's wrapped tensors
     reached the kernels ("Cannot access data pointer of Tensor that doesn't have storage") and forward-AD duals
