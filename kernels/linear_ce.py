@@ -259,7 +259,12 @@ def linear_cross_entropy(hidden, weight, targets, class_weight=None, z_weight=1e
                          check_targets=True):
     """Same contract as worldvla.ops.linear_cross_entropy: returns (loss, z_mean). With
     `check_targets` an out-of-range target raises, which reads CUDA targets on the host (one
-    sync); pass False (or use the registered op) for a sync-free call."""
+    sync); pass False (or use the registered op) for a sync-free call. The gradients are hidden's and
+    weight's: a class_weight that needs one is refused (worldvla.ops' `auto` takes the reference for it)."""
+    if torch.is_grad_enabled() and class_weight is not None and class_weight.requires_grad:
+        raise ValueError("linear_cross_entropy (Triton): class_weight needs a gradient and the Triton kernel gives "
+                         "none; detach it (class_weight.detach()) or use worldvla.ops.linear_cross_entropy, whose "
+                         "reference differentiates through it")
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         loss, z, _, _ = linear_ce_forward(hidden, weight, targets, class_weight, z_weight, ignore_index,
                                           chunk_size=chunk_size, check_targets=check_targets)

@@ -333,6 +333,8 @@ def test_class_weight_that_needs_a_gradient_takes_torch(rng, monkeypatch):
         grads.append(cw.grad)
     assert grads[0] is not None and grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1])
+    with pytest.raises(ValueError, match="class_weight needs a gradient and the Triton kernel gives none"):
+        K.linear_cross_entropy(h, w, y, cw0.clone().requires_grad_())  # the kernel's own entry, too
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
