@@ -497,6 +497,28 @@ def test_a_dead_worker_is_blamed_on_the_main_guard_only_before_it_started():
     assert "died (exit code 1) before it started" in msg and 'if __name__ == "__main__":' in msg, msg
 
 
+def test_a_worker_that_sends_no_reply_is_named_not_waited_for_without_end(monkeypatch):
+    """A hung worker (a renderer deadlock) hung the evaluation for good: a reply is now awaited for
+    REPLY_TIMEOUT_S at most, and the error names the worker and what to check."""
+    import multiprocessing as mp
+    import time
+    from types import SimpleNamespace
+
+    from worldvla.sim import workers
+    from worldvla.sim.workers import _Worker
+
+    monkeypatch.setattr(workers, "REPLY_TIMEOUT_S", 0.2)
+    w = _Worker.__new__(_Worker)
+    w.conn, silent = mp.Pipe()  # the other end never writes
+    w.proc, w.started = SimpleNamespace(pid=321), True
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"env worker process 321 sent no reply in 0 s: it hangs .*MUJOCO_GL="):
+        w.reply(0)
+    assert time.monotonic() - t0 < 5
+    silent.send(("ok", "late"))  # a reply that comes is read as before
+    assert w.reply(0) == "late"
+
+
 @needs_sim
 def test_closing_a_pool_reads_the_replies_left_unread():
     """Ctrl-C while expert rollouts ran left a reply unread (an episode's frames are more than a pipe holds): its

@@ -54,6 +54,9 @@ def _start_forkserver_ignoring_sigint() -> None:
 # Errors of these kinds (a bad action, a bad setting) are raised in the caller as the same kind, so that a
 # command reports them in its one line as it reports the same error of an env in its own process.
 _RERAISED = (ValueError, TypeError)
+# A reply (a worker's start-up, an env step, a whole expert episode: seconds) that has not come in this long is
+# taken for a hung worker (a renderer deadlock) rather than waited for without end.
+REPLY_TIMEOUT_S = 600.0
 
 
 class WorkerTraceback(Exception):
@@ -137,9 +140,16 @@ class _Worker:
         """The next reply; `i`: the env it is from (None: the worker's start). A worker's ValueError or TypeError
         is raised as one here, other errors as RuntimeError; the worker's traceback is the cause of either."""
         try:
-            status, value = self.conn.recv()
+            ready = self.conn.poll(REPLY_TIMEOUT_S)
+            if ready:
+                status, value = self.conn.recv()
         except (EOFError, OSError):
             raise self._died() from None
+        if not ready:  # outside the try: TimeoutError is an OSError
+            raise TimeoutError(
+                f"env worker process {self.proc.pid} sent no reply in {REPLY_TIMEOUT_S:.0f} s: it hangs (a simulator "
+                f"or renderer deadlock; MUJOCO_GL={os.environ.get('MUJOCO_GL', 'unset')}); run one process "
+                "(env_workers=1, --env-workers 1) to see where, or check the OpenGL (EGL/OSMesa) install")
         self.started = True
         if status != "ok":
             kind, name, message, tb = value
