@@ -290,6 +290,14 @@ def test_stop_after_and_resume_save_each_step_once_and_never_overshoot(store_dir
     assert json.loads((again / "state.json").read_text())["mark"] == 2
     assert torch.equal(torch.load(again / "model.pt", weights_only=True)["weight"], model.weight)
     assert sorted(p.name for p in (tmp_path / "same" / "checkpoints").iterdir()) == ["latest", "step_00000005"]
+    # Folders of saves killed at other steps (a full model and optimizer each) were left for good: the next
+    # save removes them once its checkpoint is in.
+    for stale in (".tmp-step_00000003", ".old-step_00000004"):
+        (tmp_path / "same" / "checkpoints" / stale).mkdir()
+        (tmp_path / "same" / "checkpoints" / stale / "model.pt").write_bytes(b"half")
+    save_checkpoint(tmp_path / "same", 6, model, opt, {"mark": 3})
+    assert sorted(p.name for p in (tmp_path / "same" / "checkpoints").iterdir()) == \
+        ["latest", "step_00000005", "step_00000006"]
 
 
 @pytest.mark.parametrize("change", [("--lr", 1e-3), ("--steps", 8), ("--batch-tokens", 400), ("--config", "small"),

@@ -122,6 +122,10 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last
         fsync_path(root)
         write_text_atomic(root / LATEST, name)
         shutil.rmtree(old, ignore_errors=True)
+        # Half-written folders of saves killed earlier (this run's or a resumed one's, at other steps): each is
+        # a full model and optimizer's size, and a checkpoint newer than any of them is now on disk.
+        for stale in (*root.glob(".tmp-step_*"), *root.glob(".old-step_*")):
+            shutil.rmtree(stale, ignore_errors=True)
         if keep_last > 0:
             # Only checkpoints older than this one are pruned: never the one just written.
             older = sorted((p for p in root.glob("step_*") if p.is_dir() and _step_of(p) < step), key=_step_of)
