@@ -236,6 +236,30 @@ def _sigterm_in_step(n, rank=None):
     return split
 
 
+def test_stop_signal_hands_back_the_handler_it_replaced():
+    """signal.signal reads a handler set outside Python as None: restore() then left the trainer's handler in place
+    after training. It now puts back the earlier handler, or the default one."""
+    import signal
+
+    from worldvla.train.checkpointing import StopSignal
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        mine = lambda signum, frame: None  # noqa: E731
+        signal.signal(signal.SIGTERM, mine)
+        s = StopSignal()
+        assert signal.getsignal(signal.SIGTERM) == s._note
+        s.restore()
+        assert signal.getsignal(signal.SIGTERM) is mine
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        s = StopSignal()
+        s._before = None  # as a handler installed from C reads back
+        s.restore()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_sigterm_saves_the_step_and_resume_continues_exactly(store_dir, tmp_path, monkeypatch, capsys):
     """SIGTERM (a scheduler's preemption) ended the run where it stood, losing every step since the last
     --save-every. The step under way now finishes, is saved, and the run ends with SIGTERM's status and the

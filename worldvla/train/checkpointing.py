@@ -363,9 +363,9 @@ class StopSignal:
 
     def __init__(self):
         self.received = False
-        self._before = None
+        self._installed, self._before = False, None
         if threading.current_thread() is threading.main_thread():
-            self._before = signal.signal(signal.SIGTERM, self._note)
+            self._before, self._installed = signal.signal(signal.SIGTERM, self._note), True
 
     def _note(self, signum, frame):
         self.received = True
@@ -375,9 +375,9 @@ class StopSignal:
         return 1.0 if self.received else 0.0
 
     def restore(self) -> None:
-        if self._before is not None:
-            signal.signal(signal.SIGTERM, self._before)
-            self._before = None
+        if self._installed:  # a handler set outside Python reads back as None: the default is put back then
+            signal.signal(signal.SIGTERM, self._before if self._before is not None else signal.SIG_DFL)
+            self._installed, self._before = False, None
 
 
 def stopped_message(command: str, step: int, checkpoint) -> str:
