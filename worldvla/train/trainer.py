@@ -155,8 +155,9 @@ def epoch_batches(lengths: np.ndarray, batch_tokens: int, seed: int, epoch: int)
 
 
 def split_batch(batch: np.ndarray, lengths: np.ndarray, world: int, micro_tokens: int) -> list[list[list[int]]]:
-    """Assign a global batch to [micro_step][rank] bins of at most `micro_tokens` tokens, using
-    the fewest micro-steps that fit (largest sample first into the emptiest bin that fits).
+    """Assign a global batch to [micro_step][rank] bins of at most `micro_tokens` tokens: the first number
+    of micro-steps, from the tokens' lower bound up, at which largest sample first into the emptiest bin
+    that fits places every sample (balanced loads; a tighter packing may sometimes need one step fewer).
     Every rank gets the same number of micro-steps; a bin may be empty. Deterministic."""
     lens = {int(i): int(lengths[i]) for i in batch}
     if max(lens.values()) > micro_tokens:
