@@ -9,11 +9,13 @@ global batches of at most `--batch-tokens` tokens. A global batch depends on nei
 size nor the micro-batch size: it is split across ranks and micro-steps into packed sequences
 (per-document masks through cu_seqlens) of at most `--micro-tokens` tokens.
 
-Loss: the release's weighted CE over the whole global batch plus the z-loss (spec 2.5),
+Loss: the release's weighted CE plus the z-loss (spec 2.5), taken over the whole global batch,
 
     L = sum_i w(y_i) CE_i / sum_i w(y_i)  +  z_weight * mean_i lse_i^2     (i over labelled tokens),
 
-which is not a mean of per-micro-batch means. Each micro-batch's `model.loss` is therefore
+which is not a mean of per-micro-batch means. (The release takes this weighted mean on each GPU's batch and
+averages the GPUs' gradients: the same when every GPU holds the same mix of action and world-model tokens,
+else each GPU's tokens weigh by its own total. Here the objective does not depend on the world size.) Each micro-batch's `model.loss` is therefore
 rescaled by its share of the batch's label weight W and count N (and its z weight by the ratio
 of the two shares), so that gradients and the logged loss are exactly those of one pass over
 the global batch, whatever the world size or the number of micro-steps.
