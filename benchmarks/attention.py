@@ -16,7 +16,11 @@ attention at 3x instead (model FLOPs, no recomputation, as MFU is defined), so i
 (query, key) pairs its method computes (the dense grid of a mask, a block mask's blocks, ...; None
 where a kernel's tiling decides), and `attended_over_visible`. Masks, block masks and the per-document
 index maps are built once per case, outside the timed calls. Decode rows also give the cache's bytes
-over the time (K and V read once). Inputs rotate (common.Rotation),
+over the time (K and V read once, `cache_gbps`) and, on CUDA, that over the device's copy bandwidth measured
+once in the same process (`fraction_of_copy_bandwidth`); the decode target (at least 0.8 of it) is judged on
+a 16k-token cache (batch 1, 5 query rows), the short caches being a matter of launch overhead. Decode cases
+run first, then the prefill cases (on CUDA 256 px, causal, 512 px), the JSON rewritten after every decode
+case and every mode of a prefill case, so a run cut short keeps what it measured. Inputs rotate (common.Rotation),
 so small cases, decode above all, are not timed out of L2. The sides of a case and mode are timed
 interleaved (common.time_interleaved: one call of each a round, the order turning), so a machine that
 speeds up or slows down moves them alike. Before the timing, every side's output (forward, decode) or
@@ -36,7 +40,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from worldvla import VocabLayout, chunk_mask_meta, ops
 from worldvla.mask import NO_BLOCK, DecodeMeta, causal_meta
 
-from .common import Rotation, load_average, main_for, print_table, time_interleaved, timed_backends, write_results
+from .common import (BANDWIDTH_METHOD, Rotation, load_average, main_for, measure_bandwidth, print_table, time_interleaved,
+                     timed_backends, write_results)
 
 LAYOUT = VocabLayout.chameleon()
 # Forward + backward FLOPs over the forward's: FlashAttention-2's count (backward 2.5x: it recomputes Q K^T).
@@ -103,7 +108,9 @@ def flex_fn(meta, device):
     T = kv.numel()
     bm = create_block_mask(mask_mod, None, None, T, T, device=device)
     compiled = device.type == "cuda"
-    fa = torch.compile(flex_attention) if compiled else flex_attention
+    # Static shapes: T changes from case to case, and dynamo's automatic dynamic shapes would otherwise
+    # compile the second case's kernel for any T (and time that one); each case gets its own kernel.
+    fa = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
     try:
         full = bm.full_kv_num_blocks
         blocks = int(bm.kv_num_blocks.sum()) + (int(full.sum()) if full is not None else 0)
@@ -170,19 +177,32 @@ def sdpa_dense_mask_per_document(docs: Documents):
     return fn
 
 
-def decode_meta(px: int, n_queries: int | None, batch: int, gen=None) -> DecodeMeta:
+def decode_meta(px: int, n_queries: int | None, batch: int, gen=None, tokens: int | None = None) -> DecodeMeta:
     """A cache holding one whole action document (prompt and a chunk of 5 actions) per sequence.
     K > 1 queries: parallel decoding's step 3 (token 3 of actions 0..K-1); one query: the chunk's
     last token (sequential decoding's longest read); None: every token of the document (a prefill
-    through the cache, as the engine runs its prompts)."""
-    ids = torch.tensor(action_document(px, chunk=5, gen=gen))
+    through the cache, as the engine runs its prompts). `tokens`: a cache of exactly that many tokens,
+    the document after a history of earlier prompts (text and two images each, no action blocks) and
+    text ids: a long context whose only action blocks are the document's, so that its rows hide what
+    the short cache's do; the query rows in that document."""
+    doc = action_document(px, chunk=5, gen=gen)
+    history = []
+    if tokens is not None:
+        if tokens < len(doc):
+            raise ValueError(f"a {tokens}-token cache cannot hold the {len(doc)}-token document")
+        prompt_len = len(action_document(px, chunk=0, gen=gen))
+        while len(history) + prompt_len + len(doc) <= tokens:
+            history += action_document(px, chunk=0, gen=gen)
+        history += torch.randint(20000, 60000, (tokens - len(history) - len(doc),), generator=gen).tolist()
+    ids = torch.tensor(history + doc)
     meta = chunk_mask_meta(ids, LAYOUT)
+    start = len(history)
     if n_queries is None:
-        rows = torch.arange(ids.numel())
+        rows = torch.arange(start, ids.numel())
     elif n_queries == 1:
         rows = torch.tensor([ids.numel() - 2])
     else:
-        rows = (ids == LAYOUT.boa).nonzero().flatten()[:n_queries] + 3
+        rows = start + (ids[start:] == LAYOUT.boa).nonzero().flatten()[:n_queries] + 3
     S = ids.numel()
     rep = lambda t: t.reshape(1, -1).expand(batch, -1).contiguous().to(torch.int32)  # noqa: E731
     kv_len = torch.full((batch,), S, dtype=torch.int32)
@@ -324,7 +344,9 @@ def _with_engine(engine: str, fn):
         native_backend._C.set_cuda_prefill_engine("auto")
 
 
-def run_prefill(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
+def run_prefill(cases, H, Dh, dtype, device, quick, gen, done=None) -> list[dict]:
+    """The prefill cases' rows. `done(rows)`, if given, is called after each mode (fwd, then fwd+bwd) of each
+    case with every row measured so far (the caller rewrites its JSON: a run cut short keeps each mode)."""
     on_gpu = device.type == "cuda"
     rows = []
     for name, px, tokens, causal in cases:
@@ -389,27 +411,41 @@ def run_prefill(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
                 lambda rule, mode=mode: prefill_reference(rules[rule], q0, k0, v0, None if mode == "fwd" else do0),
                 dtype, device, rot, ctx, _timing(quick, on_gpu, 30), f"{name} {mode}")
             fields.update({(impl, mode): f for impl, f in got.items()})
-        for impl in impls:  # each side's rows together, in the order of impls
-            for mode in ("fwd", "fwd+bwd"):
-                t = fields.get((impl, mode))
-                if t is None:
-                    continue
-                if "median_ms" not in t:
-                    rows.append({"case": name, "impl": impl, "mode": mode, **t})
-                    continue
-                flops = fwd_flops * (1 if mode == "fwd" else FWD_BWD_FLOPS)
-                done = attended.get(impl)
-                rows.append({"case": name, "tokens": T, "documents": n, "impl": impl, "mode": mode, **t,
-                             "tflops": flops / (t["median_ms"] * 1e-3) / 1e12, "visible_pairs": pairs,
-                             "attended_pairs": done, "attended_over_visible": done / pairs if done else None})
+            case_rows = _prefill_rows(name, T, n, impls, fields, fwd_flops, pairs, attended)
+            if done is not None:
+                done(rows + case_rows)
+        rows += case_rows
     return rows
 
 
-def run_decode(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
+def _prefill_rows(name, T, n, impls, fields, fwd_flops, pairs, attended) -> list[dict]:
+    """A prefill case's rows from the fields measured so far ((impl, mode) -> fields): each side's rows
+    together, in the order of impls."""
+    rows = []
+    for impl in impls:
+        for mode in ("fwd", "fwd+bwd"):
+            t = fields.get((impl, mode))
+            if t is None:
+                continue
+            if "median_ms" not in t:
+                rows.append({"case": name, "impl": impl, "mode": mode, **t})
+                continue
+            flops = fwd_flops * (1 if mode == "fwd" else FWD_BWD_FLOPS)
+            done = attended.get(impl)
+            rows.append({"case": name, "tokens": T, "documents": n, "impl": impl, "mode": mode, **t,
+                         "tflops": flops / (t["median_ms"] * 1e-3) / 1e12, "visible_pairs": pairs,
+                         "attended_pairs": done, "attended_over_visible": done / pairs if done else None})
+    return rows
+
+
+def run_decode(cases, H, Dh, dtype, device, quick, gen, copy_gbps: float | None = None) -> list[dict]:
+    """The decode cases' rows: (name, image px, query rows per sequence, sequences[, cache tokens]).
+    `copy_gbps`: the device's copy bandwidth measured in this process (common.measure_bandwidth), against
+    which each row's `fraction_of_copy_bandwidth` is read (None where not measured: the CPU)."""
     on_gpu = device.type == "cuda"
     rows = []
-    for name, px, n_queries, batch in cases:
-        meta = decode_meta(px, n_queries, batch, gen)
+    for name, px, n_queries, batch, *tokens in cases:
+        meta = decode_meta(px, n_queries, batch, gen, tokens=tokens[0] if tokens else None)
         pairs = int(meta.dense_mask().sum())
         meta = DecodeMeta(*(t.to(device) for t in (meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len)))
         S = meta.kv_block.shape[1]
@@ -437,11 +473,36 @@ def run_decode(cases, H, Dh, dtype, device, quick, gen) -> list[dict]:
                 continue
             sec = t["median_ms"] * 1e-3
             done = grid if impl.startswith("sdpa") else None
+            gbps = cache_bytes / sec / 1e9
             rows.append({"case": name, "tokens": S, "queries": n_queries, "batch": batch, "impl": impl,
                          "mode": "decode", **t, "tflops": 4 * pairs * H * Dh / sec / 1e12,
-                         "cache_gbps": cache_bytes / sec / 1e9, "visible_pairs": pairs,
-                         "attended_pairs": done, "attended_over_visible": done / pairs if done else None})
+                         "cache_gbps": gbps, "fraction_of_copy_bandwidth": gbps / copy_gbps if copy_gbps else None,
+                         "visible_pairs": pairs, "attended_pairs": done,
+                         "attended_over_visible": done / pairs if done else None})
     return rows
+
+
+# The decode target: a long cache's K and V read at this fraction of the device's copy bandwidth or more.
+DECODE_BANDWIDTH_TARGET = 0.8
+LONG_DECODE_CASE = "decode 16k K5"  # the case the target is judged on (GPU: 16,384 tokens, batch 1, 32 x 128, bf16)
+
+
+def decode_bandwidth_target(rows, copy_gbps: float | None, case: str = LONG_DECODE_CASE) -> dict:
+    """The decode target, judged on `case`'s worldvla rows: the best of them (`impl`) and each one's fraction of
+    the copy bandwidth measured in the same process; measured / met None where the case did not run or no
+    bandwidth was measured (the CPU)."""
+    fractions = {r["impl"]: r.get("fraction_of_copy_bandwidth") for r in rows
+                 if r.get("case") == case and r["impl"].startswith("worldvla-") and "median_ms" in r}
+    fractions = {impl: f for impl, f in fractions.items() if f is not None and copy_gbps}
+    best = max(fractions, key=fractions.get) if fractions else None
+    measured = fractions[best] if best else None
+    out = {"target": f">= {DECODE_BANDWIDTH_TARGET:g} x the copy bandwidth measured in this process", "case": case,
+           "copy_bandwidth_GBps": copy_gbps, "impl": best, "measured": measured,
+           "met": None if measured is None else measured >= DECODE_BANDWIDTH_TARGET, "by_impl": fractions}
+    if measured is None:
+        out["note"] = ("not judged: no copy bandwidth measured (CPU)" if copy_gbps is None
+                       else f"not judged: no timed worldvla row of {case!r}")
+    return out
 
 
 BASELINES = ("flex", "sdpa-dense-mask", "sdpa-dense-mask-per-doc", "sdpa-causal-per-doc", "sdpa-nomask(floor)")
@@ -457,19 +518,39 @@ def add_speedups(rows, refs=BASELINES):
                     r[f"speedup_vs_{ref}"] = base[(r["case"], ref, r["mode"])] / r["median_ms"]
 
 
+def prefill_cases(on_gpu: bool, quick: bool) -> list[tuple]:
+    """(name, image px, tokens, causal). The causal case (the SDPA-flash comparison) second on CUDA: a run cut
+    short keeps it before the 512 px case."""
+    if on_gpu:
+        return [("256px", 256, 16384, False), ("causal", 256, 16384, True), ("512px", 512, 16384, False)]
+    n = 1300 if not quick else 650
+    return [("256px", 256, n, False), ("causal", 256, n, True)]
+
+
+def decode_case_list(on_gpu: bool, quick: bool) -> list[tuple]:
+    """(name, image px, query rows per sequence, sequences[, cache tokens]): batch 1 is the robot's step. On
+    CUDA the 16k-token cache (268 MB at 32 x 128 in bf16) first: the one read long enough to judge the
+    bandwidth target on; the others (10-81 MB) are a matter of launch overhead."""
+    if on_gpu:
+        return [(LONG_DECODE_CASE, 256, 5, 1, 16384), ("decode 256px K5", 256, 5, 1), ("decode 256px step", 256, 1, 1),
+                ("decode 512px K5", 512, 5, 1), ("decode 256px K5 B8", 256, 5, 8)]
+    return [("decode 256px K5", 256, 5, 1)] + ([] if quick else [("decode 256px step", 256, 1, 1)])
+
+
 def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     H, Dh = (32, 128) if on_gpu else (4, 64)
-    cases = [("256px", 256, 16384, False), ("512px", 512, 16384, False), ("causal", 256, 16384, True)] if on_gpu \
-        else [("256px", 256, 1300 if not quick else 650, False), ("causal", 256, 1300 if not quick else 650, True)]
-    # (name, image px, query rows per sequence, sequences): batch 1 is the robot's step.
-    decode_cases = [("decode 256px K5", 256, 5, 1), ("decode 256px step", 256, 1, 1),
-                    ("decode 512px K5", 512, 5, 1), ("decode 256px K5 B8", 256, 5, 8)] if on_gpu \
-        else [("decode 256px K5", 256, 5, 1)] + ([] if quick else [("decode 256px step", 256, 1, 1)])
+    cases, decode_cases = prefill_cases(on_gpu, quick), decode_case_list(on_gpu, quick)
     gen = torch.Generator().manual_seed(0)
+    copy_gbps = measure_bandwidth(device, gpu_time=True, repeats=20)  # once, in this process; None on the CPU
     extra = {"heads": H, "head_dim": Dh, "dtype": str(dtype), "load_average_start": load_average(),
+             "copy_bandwidth_GBps": copy_gbps,
+             "copy_bandwidth_method": BANDWIDTH_METHOD + ", device time, once per run before the cases" if on_gpu
+                                      else None,
+             "decode_bandwidth": "cache_gbps: K and V of every sequence read once, over the median time; "
+                                 "fraction_of_copy_bandwidth: cache_gbps / copy_bandwidth_GBps (None on the CPU)",
              "tflops": f"useful FLOPs / time for every row: 4*H*Dh per visible (query, key) pair forward, "
                        f"{FWD_BWD_FLOPS:g}x that forward+backward (FlashAttention-2's count: its backward, 2.5x the "
                        f"forward, recomputes Q K^T; train.py's MFU counts attention at 3x, without recomputation)",
@@ -489,20 +570,30 @@ def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
                           "calls",
              "sdpa_causal_backend": SDPA_CAUSAL["backend"] if on_gpu else "torch's choice (CPU)"}
     rows = []
-    # The JSON is rewritten after every case, so a run cut short keeps what it measured; the decode
-    # cases (quick, no compilation) come first.
-    for case in decode_cases:
-        rows += run_decode([case], H, Dh, dtype, device, quick, gen)
-        add_speedups(rows)
-        write_results("attention", rows, device, out_dir, extra=extra, quick=quick)
-    for case in cases:
-        rows += run_prefill([case], H, Dh, dtype, device, quick, gen)
+
+    def partial(new_rows, before=()):
+        # The JSON rewritten with `before` and `new_rows` (every row measured so far), so a run cut short keeps
+        # what it measured.
+        rows[:] = [*before, *new_rows]
         if on_gpu:
             extra["sdpa_causal_backend"] = SDPA_CAUSAL["backend"]
+        extra["decode_bandwidth_target"] = decode_bandwidth_target(rows, copy_gbps)
         add_speedups(rows)
         write_results("attention", rows, device, out_dir, extra=extra, quick=quick)
+
+    # The JSON is rewritten after every decode case and after each mode of every prefill case; the decode
+    # cases (quick, no compilation) come first.
+    for case in decode_cases:
+        partial(run_decode([case], H, Dh, dtype, device, quick, gen, copy_gbps=copy_gbps), before=list(rows))
+    for case in cases:
+        before = list(rows)
+        partial(run_prefill([case], H, Dh, dtype, device, quick, gen,
+                            done=lambda so_far, before=before: partial(so_far, before)), before)
     print_table(rows, ["case", "tokens", "impl", "mode", "median_ms", "tflops", "attended_over_visible", "cache_gbps",
                        "rotated_sets", "speedup_vs_flex", "speedup_vs_sdpa-dense-mask", "matches_reference"])
+    target = extra["decode_bandwidth_target"]
+    print(f"decode target ({target['case']}): {target['target']}: measured {target['measured']} ({target['impl']}), "
+          f"met {target['met']}" + (f" ({target['note']})" if "note" in target else ""))
     path = write_results("attention", rows, device, out_dir, extra=extra, plot=("case", "tflops", ("impl", "mode")),
                          quick=quick)
     wrong = [f"{r['case']} {r['impl']} {r['mode']}" for r in rows if r.get("matches_reference") is False]

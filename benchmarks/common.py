@@ -23,6 +23,11 @@ alike. Every timed row records p90_over_p10; `print_table` warns about rows abov
 each result records the load average when its benchmark started (`load_average_start`, passed in its
 extra) and when it was written (`load_average_end`), so that a run on a busy machine shows as one.
 
+Every result records where it ran (`environment`): the device, torch, CUDA, Triton, Python, the date, the
+L2 or last-level cache, worldvla's version and the git commit of its checkout (None without git), and on
+CUDA the NVIDIA driver's version. `measure_bandwidth` measures the device's copy bandwidth in the calling
+process (attention's decode rows and e2e's weight-streaming floor are read against it).
+
 `--quick` runs write `<name>-<device>-quick.json` next to the full results, never over them.
 """
 from __future__ import annotations
@@ -38,6 +43,7 @@ import os
 import platform
 import warnings
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -105,11 +111,54 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
+@functools.lru_cache(maxsize=None)
+def package_version() -> tuple[str | None, str | None]:
+    """(worldvla's version, the git commit of its checkout): None where unknown (an installed copy, no git, a
+    working tree copied without its .git)."""
+    try:
+        import worldvla
+
+        version = getattr(worldvla, "__version__", None)
+        root = Path(worldvla.__file__).resolve().parents[1]
+    except ImportError:
+        return None, None
+    commit = None
+    if not (root / ".git").exists():  # not a checkout: git would answer for whatever repository holds it
+        return version, None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            commit = out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version, commit
+
+
+@functools.lru_cache(maxsize=None)
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA driver's version ("550.54.15", from nvidia-smi); else the CUDA driver API version torch
+    reports ("cuda driver api 12040"); None where neither answers."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return f"cuda driver api {torch._C._cuda_getDriverVersion()}"
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def environment(device="cpu") -> dict:
+    version, commit = package_version()
     env = {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
-           "l2_cache_bytes": l2_cache_bytes(device)}
+           "l2_cache_bytes": l2_cache_bytes(device), "worldvla": version, "git_commit": commit}
+    if torch.device(device).type == "cuda":
+        env["nvidia_driver"] = nvidia_driver_version()
     if torch.device(device).type == "cpu":
         llc = cpu_last_level_cache()
         env.update(cpu_cache=llc and llc[0], cpu_cache_bytes=llc and llc[1])
@@ -402,6 +451,25 @@ def time_interleaved(fns: dict, *, warmup: int = 2, repeats: int = 7, device="cp
                      "interleaved": True, **(rotation.info() if rotation is not None else {"inputs_rotated": False}),
                      **({"timed": "device" if spin else "wall"} if on_gpu else {})}
     return out
+
+
+BANDWIDTH_METHOD = "median of a 2 GiB device-to-device copy, (read + write bytes) / time"
+
+
+def measure_bandwidth(device, nbytes: int | None = None, *, gpu_time: bool = False, repeats: int = 10) -> float | None:
+    """Device copy bandwidth in GB/s (bytes read + written per second: `BANDWIDTH_METHOD`), measured in the
+    calling process; None off CUDA. `gpu_time`: timed as the kernel benchmarks time their sides (`time_fn`'s
+    spin kernel: the device's work alone)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    nbytes = nbytes or 2 << 30
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    t = time_fn(functools.partial(dst.copy_, src), device=device, warmup=3, repeats=repeats, gpu_time=gpu_time)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (t["median_ms"] * 1e-3) / 1e9
 
 
 def _spread(p10: float, p90: float) -> float | None:

@@ -7,8 +7,18 @@ turning, each call the same rotation's next set; device time on CUDA) and neithe
 synchronizes the host inside the timed call: the naive side's labelled rows are found with each
 input set (outside the timer) and taken with `index_select`, as `worldvla train` hands the model
 its `label_rows`; `linear_cross_entropy_ref`'s boolean `hidden[valid]` would wait for the device.
+
+Before the timing, every side's loss and gradients (hidden, head) on the first input set are checked against
+the loss computed in float64 (`reference64`, in row chunks so that its logits stay near 1 GiB) under the
+package's rule (tests/test_triton_losses.py): each error at most 2x the error of the same computation in
+PyTorch at the inputs' precision (`linear_cross_entropy_ref` on them), plus a few float32 eps of the
+reference's largest magnitude for float32 results (`matches_reference`, `max_abs_err`, `torch_max_abs_err`,
+`worst_over_tolerance` in each row). A side that does not match is still timed and recorded, and the run
+fails once its JSON is written.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -19,6 +29,9 @@ from .common import (Rotation, load_average, main_for, peak_memory, peak_memory_
                      time_interleaved, timed_backends, write_results)
 
 Z_WEIGHT = 1e-5
+F32_EPS = torch.finfo(torch.float32).eps
+FP32_FLOOR_EPS = 4  # float32 results: slack of a few float32 eps of the reference's largest magnitude
+QUANTITIES = ("loss", "grad_hidden", "grad_weight")
 
 
 def naive_linear_cross_entropy(h, w, y, rows, class_weight, z_weight=Z_WEIGHT):
@@ -26,6 +39,77 @@ def naive_linear_cross_entropy(h, w, y, rows, class_weight, z_weight=Z_WEIGHT):
     fp32 logits [len(rows), V], then weighted CE + z-loss. No host synchronization."""
     return logits_cross_entropy(float32_or_wider(h.index_select(0, rows) @ w.t()), y.index_select(0, rows),
                                 class_weight, z_weight)
+
+
+def reference64(h, w, y, class_weight, z_weight=Z_WEIGHT, ignore_index=-100, chunk_bytes=1 << 30):
+    """linear_cross_entropy_ref's loss in float64 and its gradients (hidden, weight), the labelled rows taken a
+    chunk at a time (logits [chunk, V] of about `chunk_bytes`): the loss is a sum over rows once the class
+    weights' total and the row count are known, so the chunks' gradients add up to the whole one's."""
+    h64, w64 = h.detach().double(), w.detach().double().requires_grad_()
+    y = y.long()
+    valid = (y != ignore_index).nonzero().squeeze(1)
+    n, V = valid.numel(), w64.shape[0]
+    wt = class_weight.double()[y[valid]] if class_weight is not None else torch.ones(n, dtype=torch.float64,
+                                                                                    device=h64.device)
+    w_sum = wt.sum()
+    w_sum = torch.where(w_sum > 0, w_sum, torch.ones_like(w_sum))  # as the reference: no label weighs -> CE term 0
+    loss, gh, gw = torch.zeros((), dtype=torch.float64, device=h64.device), torch.zeros_like(h64), torch.zeros_like(w64)
+    step = max(1, chunk_bytes // (V * 8))
+    for a in range(0, n, step):
+        rows = valid[a:a + step]
+        with torch.enable_grad():
+            hc = h64.index_select(0, rows).requires_grad_()
+            logits = hc @ w64.t()
+            lse = torch.logsumexp(logits, dim=-1)
+            ce = lse - logits.gather(1, y[rows].unsqueeze(1)).squeeze(1)
+            part = (wt[a:a + step] * ce).sum() / w_sum + z_weight * (lse * lse).sum() / n
+            dh, dw = torch.autograd.grad(part, (hc, w64))
+        gh.index_copy_(0, rows, dh)
+        gw += dw
+        loss += part.detach()
+        del logits, lse, ce, part, dh, dw
+    return loss, gh, gw
+
+
+def _loss_and_grads(fn, h, w, y, rows):
+    with torch.enable_grad():
+        loss, _ = fn(h, w, y, rows)
+        return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+
+
+def check_sides(impls, h, w, y, rows, class_weight) -> dict:
+    """Each side's loss and gradients against `reference64` under the package's rule: error vs float64 at most
+    2x the error of the same computation in PyTorch at the inputs' precision (linear_cross_entropy_ref on them),
+    plus FP32_FLOOR_EPS float32 eps of the reference's largest magnitude for float32 results. name -> the
+    row's fields (`matches_reference` False for a side that does not match, None where it could not run)."""
+    ref = reference64(h, w, y, class_weight)
+    same = _loss_and_grads(lambda h, w, y, rows: linear_cross_entropy_ref(h, w, y, class_weight, Z_WEIGHT), h, w, y,
+                           rows)
+    base = [float((s.double() - r).abs().max()) for s, r in zip(same, ref)]
+    del same
+    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731 - JSON has no NaN or infinity
+    out = {}
+    for name, fn in impls.items():
+        try:
+            got = _loss_and_grads(fn, h, w, y, rows)
+        except Exception as e:  # noqa: BLE001 - report, do not hide
+            out[name] = {"matches_reference": None, "check_error": str(e)[:200]}
+            continue
+        errs, worst, ok = {}, 0.0, True
+        for q, g, r, b in zip(QUANTITIES, got, ref, base):
+            err = float((g.double() - r).abs().max())
+            floor = FP32_FLOOR_EPS * F32_EPS * float(r.abs().max()) if g.dtype == torch.float32 else 0.0
+            allowed = 2 * b + floor
+            ok = ok and bool(torch.isfinite(g).all()) and err <= allowed
+            worst = max(worst, err / allowed if allowed > 0 else (0.0 if err == 0 else math.inf))
+            errs[q] = finite(err)
+        del got
+        out[name] = {"matches_reference": ok, "max_abs_err": errs,
+                     "torch_max_abs_err": dict(zip(QUANTITIES, map(finite, base))),
+                     "worst_over_tolerance": finite(worst)}
+        if not ok:
+            print(f"!! linear_cross_entropy {name}: does not match the reference ({out[name]})")
+    return out
 
 
 def run(quick=False, device=None, out_dir="benchmarks/results"):
@@ -51,9 +135,10 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
             if b != "torch" and ops.dispatch.supports("linear_cross_entropy", b, h, w, y, cw, Z_WEIGHT, -100):
                 impls[f"worldvla-{b}"] = lambda h, w, y, rows, b=b: ops.linear_cross_entropy(h, w, y, cw, Z_WEIGHT,
                                                                                              backend=b)
-        with torch.no_grad():  # the naive side computes the reference's loss
-            got, want = impls["naive"](h, w, y, labelled)[0], linear_cross_entropy_ref(h, w, y, cw, Z_WEIGHT)[0]
-            torch.testing.assert_close(got, want)
+        checked = check_sides(impls, h, w, y, labelled, cw)  # on the first input set, before the timing
+        if on_gpu:
+            torch.cuda.empty_cache()
+
         def step(h, w, y, rows, fn):
             loss, _ = fn(h, w, y, rows)
             torch.autograd.grad(loss, (h, w))
@@ -67,16 +152,26 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
             mem = mems[name]
             rows.append({"N": N, "hidden": Hd, "vocab": V, "impl": name, **t, "peak_bytes": mem,
                          "time_vs_naive": t["median_ms"] / base_t,
-                         "memory_vs_naive": (mem / base_m) if (mem and base_m) else None})
+                         "memory_vs_naive": (mem / base_m) if (mem and base_m) else None, **checked[name]})
     print_table(rows, ["N", "hidden", "vocab", "impl", "median_ms", "time_vs_naive", "peak_bytes", "memory_vs_naive",
-                       "rotated_sets"])
+                       "rotated_sets", "worst_over_tolerance", "matches_reference"])
     extra = {"dtype": str(dtype), "peak_memory_method": peak_memory_method(device), "load_average_start": load0,
              "timing": "the sides interleaved (one call of each a round, the order turning), medians; on CUDA device "
                        "time; peak memory afterwards, one side at a time",
              "naive": "fp32 logits of the labelled rows (index_select with indices found outside the timer), "
-                      "weighted CE + z-loss, autograd backward"}
-    return write_results("linear_cross_entropy", rows, device, out_dir, extra=extra,
+                      "weighted CE + z-loss, autograd backward",
+             "check": "before timing, each side's loss and gradients (hidden, head) on the first input set against "
+                      "the loss in float64 (reference64): matches_reference when every error is finite and at most "
+                      "2x torch's (linear_cross_entropy_ref at the inputs' precision, torch_max_abs_err), plus "
+                      f"{FP32_FLOOR_EPS} float32 eps of the reference's largest magnitude for float32 results; "
+                      "worst_over_tolerance: the largest error over what the rule allows"}
+    path = write_results("linear_cross_entropy", rows, device, out_dir, extra=extra,
                          plot=("N", "median_ms", "impl"), quick=quick)
+    wrong = [f"N={r['N']} {r['impl']}" for r in rows if r.get("matches_reference") is False]
+    if wrong:  # after the JSON is written: its rows say by how much
+        raise RuntimeError(f"linear_cross_entropy: {len(wrong)} side(s) do not match the reference: "
+                           f"{', '.join(wrong)} (see {path})")
+    return path
 
 
 def main(argv=None):

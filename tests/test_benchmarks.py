@@ -307,7 +307,10 @@ case $mod in
   benchmarks.sanitize) echo "sanitize: all passed" ;;
   worldvla.cli) [[ ${words[0]} == bench ]] || exit 0
     for n in "${words[@]:1}"; do echo '{}' > "$out/$n-fake.json"; echo "-> $out/$n-fake.json"; done ;;
-  benchmarks.e2e) echo '{"partial": true}' > "$out/e2e-fake.json"; exec sleep "${FAKE_E2E_S:-0}" ;;
+  benchmarks.e2e) echo '{"partial": true}' > "$out/e2e-fake.json"
+    [[ -n ${FAKE_E2E_TARGETS:-} ]] && echo "e2e: target rows written -> $out/e2e-fake.json"
+    [[ -n ${FAKE_E2E_RC:-} ]] && exit "$FAKE_E2E_RC"  # 124: as `timeout` reports a stage stopped at its limit
+    exec sleep "${FAKE_E2E_S:-0}" ;;
 esac
 exit 0
 '''
@@ -384,6 +387,7 @@ def test_gpu_script_brings_back_three_files_and_says_what_failed(tmp_path):
                                                                           "train", "e2e")}
     assert "logs/summary.tsv" in _archive(out / "logs.tgz") and "exit status 0" in (out / "gpu_all.log").read_text()
     assert "-G Ninja" in Path(env["FAKE_LOG"]).read_text()
+    assert "== correctness window 40s" in run.stdout  # budget enough: CHECK_WINDOW_S whole
 
     script, env = _gpu_script_sandbox(tmp_path / "c", ninja=False)
     run = subprocess.run(["bash", str(script)], env={**env, "FAKE_FAIL": "build-on pytest"}, capture_output=True,
@@ -399,9 +403,9 @@ def test_gpu_script_brings_back_three_files_and_says_what_failed(tmp_path):
 
 
 def test_gpu_script_keeps_e2e_first_and_delivers_while_a_stage_runs(tmp_path):
-    """A budget too short for every benchmark skips the early groups, not e2e (the latency targets), and
-    says so with exit status 2; e2e's partial JSON reaches OUT while the stage still runs (a kill then keeps
-    it), and a benchmark stopped at its limit is CUT, not a failure."""
+    """A budget too short for every benchmark skips the correctness window and the early groups, not e2e (the
+    latency targets), and says so with exit status 2; e2e's partial JSON reaches OUT while the stage still
+    runs (a kill then keeps it), and a benchmark stopped at its limit is CUT, not a failure."""
     import subprocess
     import time
     from pathlib import Path
@@ -422,9 +426,47 @@ def test_gpu_script_keeps_e2e_first_and_delivers_while_a_stage_runs(tmp_path):
     status = _summary(env)
     assert proc.returncode == 2, stdout[-3000:]
     assert [status[g] for g in ("bench-attention", "bench-kernels", "bench-train")] == ["SKIPPED"] * 3
+    assert [status[s] for s in ("tests-triton-attention", "tests-triton-other", "tests-native")] == ["SKIPPED"] * 3
     assert status["bench-e2e"] == "CUT" and seen_running
-    assert "skipped: bench-attention bench-kernels bench-train" in stdout and "cut at their limit: bench-e2e" in stdout
+    assert "bench-attention bench-kernels bench-train; cut at their limit: bench-e2e" in stdout
+    assert "after their target rows" not in stdout
     assert _archive(results) == {"e2e-fake.json"} and len(list(Path(env["OUT"]).iterdir())) == 3
+
+
+def test_gpu_script_window_leaves_the_benchmarks_their_floors(tmp_path):
+    """After a slow build the correctness window shrinks to what is left less the benchmark groups' floors
+    (attention 40, kernels 25, train 25, e2e E2E_MIN_S 120, 2 s each for deliveries, 10 s of wrap-up), and its
+    stages take that window as their limit; the groups then get at least their floors."""
+    import re
+    import subprocess
+
+    script, env = _gpu_script_sandbox(tmp_path, ninja=True)
+    env.update(BUDGET_S="300", CHECK_WINDOW_S="130")  # 300 - 10 - 218: 72 s less what the start took
+    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:]
+    window = int(re.search(r"== correctness window (\d+)s", run.stdout).group(1))
+    assert 60 <= window <= 72, run.stdout[-3000:]
+    limits = {m.group(1): int(m.group(2)) for m in re.finditer(r"^== (\S+) \(limit (\d+)s", run.stdout, re.M)}
+    assert all(limits[s] == window for s in ("tests-triton-attention", "tests-triton-other", "tests-native"))
+    assert limits["bench-attention"] >= 40 and limits["bench-kernels"] >= 25 and limits["bench-e2e"] >= 120
+
+
+def test_gpu_script_e2e_cut_after_its_target_rows_is_not_degraded(tmp_path):
+    """e2e stopped at its limit after its log said its target rows were written is PARTIAL, named in the
+    summary and not counted in the exit status; stopped before, it is CUT (exit status 2)."""
+    import subprocess
+
+    for case, extra, rc, state in (("a", {"FAKE_E2E_TARGETS": "1"}, 0, "PARTIAL"), ("b", {}, 2, "CUT")):
+        script, env = _gpu_script_sandbox(tmp_path / case, ninja=True)
+        env.update(FAKE_E2E_RC="124", **extra)
+        run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == rc, run.stdout[-3000:]
+        assert _summary(env)["bench-e2e"] == state
+        if state == "PARTIAL":
+            assert "cut at their limit: none" in run.stdout
+            assert "after their target rows were written (not counted): bench-e2e" in run.stdout
+        else:
+            assert "cut at their limit: bench-e2e" in run.stdout and "after their target rows" not in run.stdout
 
 
 def _in_fresh_process(code: str):
@@ -778,8 +820,8 @@ def test_attention_checks_every_side_against_the_reference(monkeypatch, tmp_path
     assert wrong == {("sdpa-dense-mask-per-doc", "fwd"), ("sdpa-dense-mask-per-doc", "fwd+bwd")}
     assert all(r["median_ms"] > 0 for r in rows if r["impl"] == "sdpa-dense-mask-per-doc")  # still timed
 
-    monkeypatch.setattr(A, "run_decode", lambda *a: [])
-    monkeypatch.setattr(A, "run_prefill", lambda cases, *a: [dict(r, case=cases[0][0]) for r in rows])
+    monkeypatch.setattr(A, "run_decode", lambda *a, **k: [])
+    monkeypatch.setattr(A, "run_prefill", lambda cases, *a, **k: [dict(r, case=cases[0][0]) for r in rows])
     with pytest.raises(RuntimeError, match="do not match the reference: 256px sdpa-dense-mask-per-doc fwd"):
         A.run(quick=True, device="cpu", out_dir=tmp_path)
     doc = json.loads(next(tmp_path.glob("attention-*-quick.json")).read_text())  # written before the error
@@ -838,3 +880,127 @@ def test_serve_load_overhead_is_per_request_and_its_path_printed_once(monkeypatc
     assert "->" not in capsys.readouterr().out
     serve_load.main(["--quick", "--out", str(tmp_path)])
     assert capsys.readouterr().out.count("serve_load-x.json") == 1
+
+
+def test_attention_rewrites_its_json_after_each_mode_and_runs_causal_second():
+    """A prefill case hands its rows over after each mode (fwd, then fwd+bwd), so a run cut short keeps the
+    modes measured; on CUDA the causal case (the SDPA-flash comparison) runs second, after 256 px."""
+    from worldvla.benchmarks import attention as A
+
+    seen = []
+    rows = A.run_prefill([("tiny", 32, 300, False)], 2, 16, torch.float32, torch.device("cpu"), True,
+                         torch.Generator().manual_seed(0), done=lambda so_far: seen.append(list(so_far)))
+    assert len(seen) == 2 and {r["mode"] for r in seen[0]} == {"fwd"}
+    assert [(r["impl"], r["mode"]) for r in seen[1]] == [(r["impl"], r["mode"]) for r in rows]
+    assert [c[0] for c in A.prefill_cases(True, False)] == ["256px", "causal", "512px"]
+    assert [c[0] for c in A.prefill_cases(False, True)] == ["256px", "causal"]
+
+
+def test_long_cache_decode_case_and_the_bandwidth_target():
+    """The GPU's decode cases start with a 16k-token cache at batch 1 (the target's case); its query rows are
+    the document's after a history without action blocks (so they hide what the short case's hide); each
+    decode row reads its cache_gbps against the copy bandwidth, and the target is judged on that case."""
+    from worldvla.benchmarks import attention as A
+
+    long = A.decode_case_list(True, False)[0]
+    assert long[0] == A.LONG_DECODE_CASE and long[1:] == (256, 5, 1, 16384)
+    assert all(len(c) == 4 for c in A.decode_case_list(False, False))  # the CPU: as before, no long cache
+    short = A.decode_meta(64, 5, 1, torch.Generator().manual_seed(0))
+    meta = A.decode_meta(64, 5, 1, torch.Generator().manual_seed(0), tokens=700)
+    S = short.kv_block.shape[1]
+    assert meta.kv_block.shape == (1, 700) and int(meta.kv_len) == 700
+    assert torch.equal(meta.q_pos, short.q_pos + 700 - S) and torch.equal(meta.q_limit, short.q_limit)
+    hidden = lambda m: m.q_pos.numel() * m.kv_block.shape[1] - int(m.dense_mask().sum())  # noqa: E731
+    assert hidden(meta) == hidden(short)
+    with pytest.raises(ValueError, match="cannot hold"):
+        A.decode_meta(64, 5, 1, tokens=10)
+
+    rows = A.run_decode([("long", 64, 5, 1, 700)], 2, 16, torch.float32, torch.device("cpu"), True,
+                        torch.Generator().manual_seed(0), copy_gbps=1e-3)
+    timed = [r for r in rows if "median_ms" in r]
+    assert timed and all(r["tokens"] == 700 and r["matches_reference"] for r in timed)
+    for r in timed:
+        assert r["fraction_of_copy_bandwidth"] == pytest.approx(r["cache_gbps"] / 1e-3)
+    target = A.decode_bandwidth_target(rows, 1e-3, case="long")
+    fractions = {r["impl"]: r["fraction_of_copy_bandwidth"] for r in timed if r["impl"].startswith("worldvla-")}
+    assert target["by_impl"] == fractions
+    if fractions:
+        assert target["measured"] == max(fractions.values())
+        assert target["met"] == (target["measured"] >= A.DECODE_BANDWIDTH_TARGET)
+    cpu = A.decode_bandwidth_target(rows, None, case="long")
+    assert cpu["measured"] is None and cpu["met"] is None and "CPU" in cpu["note"]
+
+
+def test_cross_entropy_checks_every_side_against_float64():
+    """The float64 reference, taken in row chunks, is linear_cross_entropy_ref's loss and gradients in
+    float64; every side is checked against it under the package's rule (2x torch's error at the inputs'
+    precision), and a side with wrong gradients is flagged."""
+    from worldvla.benchmarks import cross_entropy as CE
+    from worldvla.ops.cross_entropy import linear_cross_entropy_ref
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 16, generator=g, requires_grad=True)
+    w = (torch.randn(50, 16, generator=g) * 0.3).requires_grad_()
+    y = torch.randint(0, 50, (40,), generator=g)
+    y[::4] = -100
+    cw = torch.rand(50, generator=g) + 0.5
+    rows = (y != -100).nonzero().squeeze(1)
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = linear_cross_entropy_ref(h64, w64, y, cw, CE.Z_WEIGHT)[0]
+    want = (want.detach(), *torch.autograd.grad(want, (h64, w64)))
+    for chunk_bytes in (50 * 8 * 7, 1 << 30):  # 7 rows a chunk, and one chunk
+        got = CE.reference64(h, w, y, cw, CE.Z_WEIGHT, chunk_bytes=chunk_bytes)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+    def wrong(h, w, y, rows):  # the right loss, gradients twice too large
+        loss, z = CE.naive_linear_cross_entropy(h, w, y, rows, cw)
+        return 2 * loss - loss.detach(), z
+
+    out = CE.check_sides({"naive": lambda h, w, y, rows: CE.naive_linear_cross_entropy(h, w, y, rows, cw),
+                          "wrong": wrong}, h, w, y, rows, cw)
+    assert out["naive"]["matches_reference"] is True and out["naive"]["worst_over_tolerance"] <= 1
+    assert set(out["naive"]["max_abs_err"]) == set(CE.QUANTITIES)
+    assert out["wrong"]["matches_reference"] is False and out["wrong"]["worst_over_tolerance"] > 1
+
+
+def test_cross_entropy_run_records_the_check(tmp_path):
+    from worldvla.benchmarks import cross_entropy as CE
+
+    doc = json.loads(CE.run(quick=True, device="cpu", out_dir=tmp_path).read_text())
+    assert doc["rows"] and all(r["matches_reference"] is True for r in doc["rows"])
+    assert all(r["torch_max_abs_err"]["loss"] is not None for r in doc["rows"]) and "2x torch's" in doc["check"]
+
+
+def test_vq_target_is_judged_on_float32_rows_only(tmp_path):
+    """bf16 rows' speedup_vs_cdist is over the fp32 cdist: labelled so, and left out of the 1.3x target."""
+    from worldvla.benchmarks import vq
+
+    rows = [{"N": 512, "K": 8192, "C": 256, "dtype": dt, "impl": impl, "speedup_vs_cdist": x}
+            for dt, impl, x in (("float32", "cdist+argmin", 1.0), ("float32", "worldvla-native", 1.2),
+                                ("float32", "worldvla-triton", 1.4), ("bfloat16", "worldvla-native", 5.0))]
+    target = vq.speedup_target(rows, on_gpu=True)
+    assert target["measured"] == 1.4 and target["met"] is True
+    assert target["by_case"] == {"N=512 K=8192 C=256": {"impl": "worldvla-triton", "speedup_vs_cdist": 1.4}}
+    rows[2]["speedup_vs_cdist"] = 1.25
+    assert vq.speedup_target(rows, on_gpu=True)["met"] is False
+    assert vq.speedup_target(rows, on_gpu=False)["met"] is None
+    doc = json.loads(vq.run(quick=True, device="cpu", out_dir=tmp_path).read_text())
+    assert all(r["cdist_baseline_dtype"] == "float32" for r in doc["rows"]) and doc["target"]["met"] is None
+
+
+def test_results_record_the_package_version_and_commit(monkeypatch):
+    import subprocess
+    from pathlib import Path
+
+    import worldvla
+
+    env = common.environment("cpu")
+    assert env["worldvla"] == worldvla.__version__ and "git_commit" in env and "nvidia_driver" not in env
+    if (Path(worldvla.__file__).resolve().parents[1] / ".git").exists() and env["git_commit"] is not None:
+        assert len(env["git_commit"]) == 40
+    common.nvidia_driver_version.cache_clear()
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("nvidia-smi")))
+    got = common.nvidia_driver_version()  # no nvidia-smi: torch's driver API version, or None
+    common.nvidia_driver_version.cache_clear()
+    assert got is None or got.startswith("cuda driver api")
