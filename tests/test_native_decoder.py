@@ -640,6 +640,37 @@ def test_step_errors_name_the_problem(rng):
     with pytest.raises(ValueError, match="takes 1 to 32 rows per sequence"):
         nb.build_decode_step(model, engine.cache, torch.zeros(2, 40, dtype=torch.long),
                              torch.zeros(2, 40, dtype=torch.long), buf.meta)
+    # bf16_weights are read by address: copies of another shape or dtype read past their ends (a segfault on a
+    # larger model) or read float32 bits as bfloat16 (NaN rows); refused by name.
+    n = len(nb._PROJECTION_SLOTS)
+    with torch.no_grad():
+        own = [w for i, w in enumerate(nb._layer_weights(model.model.layers[0])) if i in nb._PROJECTION_SLOTS]
+    for wrong in ([torch.zeros(1, dtype=torch.bfloat16)] * n, [w.detach() for w in own]):  # too small; float32
+        with torch.no_grad(), pytest.raises(ValueError, match=r"bf16_weights: layer 0's projection \d must be a "
+                                                                r"contiguous bfloat16 CPU copy of shape"):
+            nb.build_decode_step(model, engine.cache, buf.ids, buf.pos, buf.meta, bf16_weights=wrong)
+
+
+@pytest.mark.usefixtures("native_first")
+def test_a_step_keeps_the_tensors_it_reads_when_their_holders_change(rng):
+    """The step held the KVCache and DecodeMeta objects, not their tensors: replacing cache.k (or a meta field)
+    freed memory the step still read by address (a segfault on the next run). It keeps the tensors now."""
+    import gc
+
+    model = _model(rng, num_hidden_layers=1)
+    engine = _prefilled(model, 2, PROMPT_LEN + 4, rng)
+    ids, pos, q_limit = _random_step(rng, 2, 2, chunk=False)
+    buf = _set_step(engine, ids, pos, q_limit)
+    with torch.no_grad():
+        run = nb.build_decode_step(model, engine.cache, buf.ids, buf.pos, buf.meta)
+        first = run().clone()
+        k, v = engine.cache.k, engine.cache.v
+        engine.cache.k, engine.cache.v = torch.zeros_like(k), torch.zeros_like(v)
+        meta_kv_len = buf.meta.kv_len
+        buf.meta.kv_len = torch.zeros_like(meta_kv_len)
+        del k, v, meta_kv_len
+        gc.collect()
+        assert torch.equal(run(), first)  # it still reads the tensors it was built on, which it keeps alive
 
 
 class _ScaledLinear(torch.nn.Linear):

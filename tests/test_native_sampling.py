@@ -248,6 +248,16 @@ def test_screened_tables_and_writes_the_version_counter_misses(rng):
     assert torch.equal(nb.constrained_sample(hidden, weight, 0, V, 0.5, gumbel=g),
                        _reference_draw(hidden, weight, 0, V, 0.5, None, g))
     assert "increment_version" in nb.screen_tables.__doc__ and "`weight.data`" in nb.screen_tables.__doc__
+    # `.data` swapped for a narrower view of the same memory: same address, row stride and version, but the
+    # kept [rows, 64] tables no longer fit the rows (the screen chose from the old columns).
+    base = torch.randn(V, 64, generator=rng)
+    base[2999, :32] = 10.0
+    weight = base.clone()
+    nb.constrained_sample(torch.randn(2, 64, generator=rng), weight, 0, 3000)
+    keep = weight.data
+    weight.data = keep[:, :32]
+    hidden = torch.ones(2, 32)
+    assert torch.equal(nb.constrained_sample(hidden, weight, 0, 3000), torch.tensor([2999, 2999]))
 
 
 @pytest.mark.parametrize("lo,hi", [(10, 300), (10, 2990)], ids=["small", "screened"])

@@ -607,7 +607,7 @@ def screen_tables(weight: Tensor, lo: int, hi: int):
     version counter, so their ranges are not screened: the unscreened float32 choice, the same ids."""
     if weight.dtype != torch.float32 or hi - lo < SCREEN_MIN_ROWS or weight.is_inference():
         return None
-    key = (weight.data_ptr(), weight._version, weight.stride(0), lo, hi)
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(0), lo, hi)  # the shape: `.data`
     kept = _screen_tables.get(weight)
     if kept is None or kept[0] != key:
         with torch.no_grad():
@@ -1049,7 +1049,7 @@ def bf16_projections(model) -> list | None:
     if any([w.is_inference() for w in weights]):
         _bf16_projections.pop(model, None)
         return None
-    key = tuple((w.data_ptr(), w._version) for w in weights)
+    key = tuple((w.data_ptr(), w._version, tuple(w.shape)) for w in weights)  # a `.data` swap may keep the address
     kept = _bf16_projections.get(model)
     if kept is None or kept[0] != key:
         with torch.no_grad():
@@ -1142,16 +1142,24 @@ def build_decode_step(model, cache, ids: Tensor, pos: Tensor, meta, bf16_weights
         if len(bf16_weights) != len(_PROJECTION_SLOTS) * len(layers):
             _fail(op, f"bf16_weights holds {len(bf16_weights)} tensors, not the {len(layers)} layers' seven projections")
         copies = iter(bf16_weights)
-        for row in addresses:
+        for layer, (row, own) in enumerate(zip(addresses, weights)):
             for i in _PROJECTION_SLOTS:
-                row[i] = next(copies).data_ptr()
+                c = next(copies)  # read by address: anything but a bfloat16 copy of this very projection reads garbage
+                if not (isinstance(c, Tensor) and c.dtype == torch.bfloat16 and c.is_cpu and c.is_contiguous()
+                        and c.shape == own[i].shape):
+                    got = f"{c.dtype} {tuple(c.shape)}" if isinstance(c, Tensor) else type(c).__name__
+                    _fail(op, f"bf16_weights: layer {layer}'s projection {i} must be a contiguous bfloat16 CPU copy "
+                              f"of shape {tuple(own[i].shape)}, got {got}; build them with bf16_projections(model)")
+                row[i] = c.data_ptr()
     step = _C.DecodeStep(ids.data_ptr(), embed.data_ptr(), cfg.vocab_size, cos.data_ptr(), sin.data_ptr(), S,
                          norm.data_ptr(), float(model.model.norm.eps), out.data_ptr(), addresses,
                          [k for k, _ in kv], [v for _, v in kv], cfg.hidden_size, cfg.intermediate_size,
                          pos.data_ptr(), float(layers[0].input_layernorm.eps), float(attn.q_norm.eps),
                          bool(layers[0].swin_norm), *common, bf16_weights is not None, _DTYPE_CODE[dtype])
-    # The step reads these by address: they live as long as it does.
-    keep = (cos, sin, ids, pos, meta, cache, bf16_weights, weights, norm)
+    # The step reads these by address: they live as long as it does. The tensors themselves, not the KVCache
+    # and DecodeMeta holding them: an attribute of those replaced would free memory the step still reads.
+    keep = (cos, sin, ids, pos, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len, cache.k, cache.v, embed,
+            bf16_weights, weights, norm)
 
     def run(step=step, out=out, keep=keep) -> Tensor:
         step.run()
