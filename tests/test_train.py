@@ -275,6 +275,17 @@ def test_sigterm_saves_the_step_and_resume_continues_exactly(store_dir, tmp_path
     assert latest_checkpoint(tmp_path / "b").name == "step_00000003"
     assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3]
     assert "stopped by SIGTERM after step 3, checkpoint step_00000003 saved; add --resume" in capsys.readouterr().err
+    # The way on follows the command, as a Ctrl-C's does: --overwrite cannot take --resume beside it (it said
+    # "add --resume" there too), and a resumed run goes on with the same command.
+    monkeypatch.undo()
+    monkeypatch.setattr(trainer, "split_batch", _sigterm_in_step(3))
+    rc = trainer.run(args_for(store_dir, tmp_path / "b2", *common, "--overwrite"))
+    assert rc == 128 + signal.SIGTERM
+    assert "saved; run the same command with --resume instead of --overwrite" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(trainer, "split_batch", _sigterm_in_step(1))  # the resumed run's first step, step 4
+    assert trainer.run(args_for(store_dir, tmp_path / "b2", *common, "--resume")) == 128 + signal.SIGTERM
+    assert "step_00000004 saved; run the same command again to continue" in capsys.readouterr().err
     monkeypatch.undo()
     rest = trainer.train(args_for(store_dir, tmp_path / "b", *common, "--resume"))
     assert [r["loss"] for r in read_log(tmp_path / "b")] == straight["losses"] and len(rest["losses"]) == 3

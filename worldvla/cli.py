@@ -139,7 +139,8 @@ _CONTINUE = {
 }
 
 
-def _how_to_continue(args) -> str | None:
+def how_to_continue(args) -> str | None:
+    """What to run to go on with a command that stopped early (Ctrl-C, SIGTERM), from its arguments."""
     if args.command == "bench":
         return _bench_continue(args)
     if args.command not in ("train", "train-vq"):
@@ -237,11 +238,11 @@ def _main(argv) -> int:
     except KeyboardInterrupt:
         if os.environ.get("WORLDVLA_TRACEBACK"):
             raise
-        how = _how_to_continue(args)
+        how = how_to_continue(args)
         print(f"\nworldvla {args.command}: interrupted" + (f"; {how}" if how else ""), file=sys.stderr)
         return 130
     except Stopped as e:
-        how = _how_to_continue(args)
+        how = how_to_continue(args)
         print(f"worldvla {args.command}: {e}" + (f"; {how}" if how else ""), file=sys.stderr)
         return STOPPED_RC
     except (ValueError, OSError, ImportError) as e:

@@ -15,6 +15,7 @@ loadable at any world size.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -327,8 +328,6 @@ SEED_LIMIT = 2 ** 64  # torch.manual_seed takes seeds below it
 def seed_int(text: str) -> int:
     """argparse type of --seed: an integer in [0, 2**64), the seeds torch takes (a larger one failed at the run's
     start with "Overflow when unpacking long long")."""
-    import argparse
-
     from ..cli import non_negative_int
 
     value = non_negative_int(text)
@@ -380,9 +379,13 @@ class StopSignal:
             self._installed, self._before = False, None
 
 
-def stopped_message(command: str, step: int, checkpoint) -> str:
-    return (f"worldvla {command}: stopped by SIGTERM after step {step}, checkpoint {Path(checkpoint).name} saved; "
-            f"add --resume to the same command to continue")
+def stopped_message(command: str, step: int, checkpoint, args) -> str:
+    """The line a training stopped by SIGTERM ends with: what was saved, and what to run to go on, as a Ctrl-C's
+    (`cli.how_to_continue`: with --resume, the same command; after --overwrite, --resume in its place)."""
+    from ..cli import how_to_continue
+
+    how = how_to_continue(argparse.Namespace(**{**vars(args), "command": command}))
+    return f"worldvla {command}: stopped by SIGTERM after step {step}, checkpoint {Path(checkpoint).name} saved; {how}"
 
 
 def add_run_arguments(p, save_every: int, exports: str) -> None:

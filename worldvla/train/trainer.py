@@ -638,7 +638,7 @@ def train(args) -> dict:
             n_tok = int(store.lengths[batch].sum())
             tokens_seen += n_tok
             tok_last += n_tok
-            red = dist_utils.all_reduce_sum(torch.stack([loss_sum, z_sum, loss_sum.new_tensor(sigterm.flag)]))
+            red = dist_utils.all_reduce_sum(torch.stack([loss_sum, z_sum, torch.full_like(loss_sum, sigterm.flag)]))
             # One read-back per step, as before: the loss, its z part, whether any rank got SIGTERM and the
             # gradient norm (the same on every rank).
             loss_v, z_v, term_v, gn_v = torch.cat([red, grad_norm.detach().reshape(1).to(red)]).tolist()
@@ -815,7 +815,7 @@ def run(args) -> int:
         main = dist_utils.is_main()
     if s["stopped"]:
         if main:
-            print(stopped_message("train", s["step"], s["checkpoint"]), file=sys.stderr)
+            print(stopped_message("train", s["step"], s["checkpoint"], args), file=sys.stderr)
         return STOPPED_RC
     if main and s["losses"]:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}; checkpoint {s['checkpoint']}"

@@ -312,7 +312,7 @@ def train_vq(args) -> dict:
             used = frac > 0
             p = frac[used]
             parts = torch.stack([loss.detach(), l1.detach(), l2.detach(), vq_loss.detach().float(),
-                                 loss.new_tensor(sigterm.flag)]).double()
+                                 torch.full_like(loss, sigterm.flag)]).double()
             # whether any rank got SIGTERM rides along: every rank then stops after this step
             loss_v, l1_v, l2_v, vq_v, term_v = (dist_utils.all_reduce_sum(parts) / world).tolist()
             stopped = term_v > 0
@@ -418,7 +418,7 @@ def run(args) -> int:
         main = dist_utils.is_main()
     if s["stopped"]:
         if main:
-            print(stopped_message("train-vq", s["step"], s["checkpoint"]), file=sys.stderr)
+            print(stopped_message("train-vq", s["step"], s["checkpoint"], args), file=sys.stderr)
         return STOPPED_RC
     if main and s["losses"]:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}" + (f"; exported {s['export']}" if s["export"] else ""))
