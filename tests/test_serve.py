@@ -97,18 +97,26 @@ class SlotPolicy:
 
 def _together(fn, arg_tuples, timeout_s: float = 20.0) -> None:
     """fn(*args) for each of `arg_tuples`, each on its own thread, all released at once (a barrier), then joined:
-    requests that reach the server together."""
+    requests that reach the server together. A thread still running after `timeout_s`, or one that raised, fails
+    the test here (with the thread's own exception), not as a confusing assertion later."""
     barrier = threading.Barrier(len(arg_tuples))
+    raised = []
 
     def run(args):
-        barrier.wait(10)
-        fn(*args)
+        try:
+            barrier.wait(10)
+            fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread below
+            raised.append(e)
 
     threads = [threading.Thread(target=run, args=(a,)) for a in arg_tuples]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout_s)
+    assert not any(t.is_alive() for t in threads), f"a request did not end within {timeout_s} s"
+    if raised:
+        raise raised[0]
 
 
 def _frame(rng, h=24, w=24):
