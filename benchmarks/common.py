@@ -472,6 +472,24 @@ def measure_bandwidth(device, nbytes: int | None = None, *, gpu_time: bool = Fal
     return 2 * nbytes / (t["median_ms"] * 1e-3) / 1e9
 
 
+def bound_errors(out, ref64, same, floor=0.0) -> tuple[bool, float, float]:
+    """The package's error rule: `out` is finite and max |out - ref64| <= 2 x that of `same` (the same
+    computation at the inputs' precision; or that error already measured, a float) + `floor`. Computed on
+    ref64's device. Returns (ok, out's error, same's error)."""
+    err = (out.detach().to(ref64.device, torch.float64) - ref64).abs().max().item()
+    base = same if isinstance(same, (int, float)) else \
+        (same.detach().to(ref64.device, torch.float64) - ref64).abs().max().item()
+    ok = bool(torch.isfinite(out).all().item()) and err <= 2 * base + floor
+    return ok, err, base
+
+
+def bound_check(out, ref64, same, floor=0.0) -> tuple[bool, str]:
+    """out within 2x the error of the same-precision reference `same` (both against `ref64`), and finite
+    (`bound_errors`); with a line saying by how much."""
+    ok, err, base = bound_errors(out, ref64, same, floor)
+    return ok, f"err {err:.3g} <= 2 x {base:.3g} + {floor:g}"
+
+
 def _spread(p10: float, p90: float) -> float | None:
     """p90 / p10 of a row's times: 1 on a quiet machine; above `NOISY_SPREAD`, a noisy measurement."""
     return p90 / p10 if p10 > 0 else None

@@ -14,7 +14,8 @@ package's rule (tests/test_triton_losses.py): each error at most 2x the error of
 PyTorch at the inputs' precision (`linear_cross_entropy_ref` on them), plus a few float32 eps of the
 reference's largest magnitude for float32 results (`matches_reference`, `max_abs_err`, `torch_max_abs_err`,
 `worst_over_tolerance` in each row). A side that does not match is still timed and recorded, and the run
-fails once its JSON is written.
+fails once its JSON is written; a side that raises in the check is not timed, its row recording the error
+(`error`).
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ import torch
 from worldvla import ops
 from worldvla.ops.cross_entropy import float32_or_wider, linear_cross_entropy_ref, logits_cross_entropy
 
-from .common import (Rotation, load_average, main_for, peak_memory, peak_memory_method, print_table,
-                     time_interleaved, timed_backends, write_results)
+from .common import (Rotation, bound_errors, load_average, main_for, peak_memory, peak_memory_method,
+                     print_table, time_interleaved, timed_backends, write_results)
 
 Z_WEIGHT = 1e-5
 F32_EPS = torch.finfo(torch.float32).eps
@@ -80,27 +81,35 @@ def _loss_and_grads(fn, h, w, y, rows):
 def check_sides(impls, h, w, y, rows, class_weight) -> dict:
     """Each side's loss and gradients against `reference64` under the package's rule: error vs float64 at most
     2x the error of the same computation in PyTorch at the inputs' precision (linear_cross_entropy_ref on them),
-    plus FP32_FLOOR_EPS float32 eps of the reference's largest magnitude for float32 results. name -> the
-    row's fields (`matches_reference` False for a side that does not match, None where it could not run)."""
-    ref = reference64(h, w, y, class_weight)
-    same = _loss_and_grads(lambda h, w, y, rows: linear_cross_entropy_ref(h, w, y, class_weight, Z_WEIGHT), h, w, y,
-                           rows)
-    base = [float((s.double() - r).abs().max()) for s, r in zip(same, ref)]
-    del same
+    plus FP32_FLOOR_EPS float32 eps of the reference's largest magnitude for float32 results (common.bound_errors,
+    which also wants every value finite). name -> the row's fields (`matches_reference` False for a side that does
+    not match, None where the reference itself could not be computed; {"error": ...} for a side that raised,
+    which the caller then leaves out of the timing)."""
+    try:
+        ref = reference64(h, w, y, class_weight)
+        same = _loss_and_grads(lambda h, w, y, rows: linear_cross_entropy_ref(h, w, y, class_weight, Z_WEIGHT), h, w,
+                               y, rows)
+        base = [float((s.double() - r).abs().max()) for s, r in zip(same, ref)]
+        del same
+    except Exception as e:  # noqa: BLE001 - the reference (not the sides) failed, e.g. out of memory
+        ref, failed = None, {"matches_reference": None, "check_error": f"{type(e).__name__}: {e}"[:200]}
     finite = lambda x: x if math.isfinite(x) else None  # noqa: E731 - JSON has no NaN or infinity
     out = {}
     for name, fn in impls.items():
         try:
             got = _loss_and_grads(fn, h, w, y, rows)
         except Exception as e:  # noqa: BLE001 - report, do not hide
-            out[name] = {"matches_reference": None, "check_error": str(e)[:200]}
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
+            continue
+        if ref is None:
+            out[name] = dict(failed)
             continue
         errs, worst, ok = {}, 0.0, True
         for q, g, r, b in zip(QUANTITIES, got, ref, base):
-            err = float((g.double() - r).abs().max())
             floor = FP32_FLOOR_EPS * F32_EPS * float(r.abs().max()) if g.dtype == torch.float32 else 0.0
+            within, err, _ = bound_errors(g, r, b, floor)
             allowed = 2 * b + floor
-            ok = ok and bool(torch.isfinite(g).all()) and err <= allowed
+            ok = ok and within
             worst = max(worst, err / allowed if allowed > 0 else (0.0 if err == 0 else math.inf))
             errs[q] = finite(err)
         del got
@@ -136,6 +145,10 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
                 impls[f"worldvla-{b}"] = lambda h, w, y, rows, b=b: ops.linear_cross_entropy(h, w, y, cw, Z_WEIGHT,
                                                                                              backend=b)
         checked = check_sides(impls, h, w, y, labelled, cw)  # on the first input set, before the timing
+        for name, fields in checked.items():
+            if "error" in fields:  # it raised: not timed (it would raise again there), its row says why
+                print(f"!! linear_cross_entropy {name}: {fields['error']}")
+                del impls[name]
         if on_gpu:
             torch.cuda.empty_cache()
 
@@ -145,14 +158,17 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
 
         steps = {name: (lambda h, w, y, rows, fn=fn: step(h, w, y, rows, fn)) for name, fn in impls.items()}
         stats = time_interleaved(steps, device=device, rotation=rot, warmup=1 if quick else 3,
-                                 repeats=3 if quick else 20, gpu_time=on_gpu)
+                                 repeats=3 if quick else 20, gpu_time=on_gpu) if steps else {}
         mems = {name: peak_memory(lambda: fn(*rot.next()), device) for name, fn in steps.items()}  # one side at a time
-        base_t, base_m = stats["naive"]["median_ms"], mems["naive"]
-        for name, t in stats.items():
-            mem = mems[name]
+        base_t, base_m = stats.get("naive", {}).get("median_ms"), mems.get("naive")
+        for name, fields in checked.items():
+            if name not in stats:  # raised in its check: the row says why, nothing timed
+                rows.append({"N": N, "hidden": Hd, "vocab": V, "impl": name, **fields})
+                continue
+            t, mem = stats[name], mems[name]
             rows.append({"N": N, "hidden": Hd, "vocab": V, "impl": name, **t, "peak_bytes": mem,
-                         "time_vs_naive": t["median_ms"] / base_t,
-                         "memory_vs_naive": (mem / base_m) if (mem and base_m) else None, **checked[name]})
+                         "time_vs_naive": t["median_ms"] / base_t if base_t else None,
+                         "memory_vs_naive": (mem / base_m) if (mem and base_m) else None, **fields})
     print_table(rows, ["N", "hidden", "vocab", "impl", "median_ms", "time_vs_naive", "peak_bytes", "memory_vs_naive",
                        "rotated_sets", "worst_over_tolerance", "matches_reference"])
     extra = {"dtype": str(dtype), "peak_memory_method": peak_memory_method(device), "load_average_start": load0,

@@ -4,7 +4,8 @@ gpu_all.sh runs under compute-sanitizer (memcheck, racecheck, synccheck, initche
 Small and quick on purpose: a sanitizer slows every kernel by orders of magnitude, so the inputs
 are drawn and the references computed on the host (float64, and at the inputs' precision for
 the error bound), and the device runs little besides the kernels under test.
-Error rule (as in the tests): max |out - ref64| <= 2 x that of torch at the inputs' precision.
+Error rule (as in the tests; common.bound_check): max |out - ref64| <= 2 x that of torch at the inputs'
+precision, and finite.
 
     python -m benchmarks.sanitize [--backend native|triton] [--device cuda|cpu] [--only TEXT]
 
@@ -25,16 +26,9 @@ from worldvla import VocabLayout, chunk_mask_meta, ops  # noqa: E402
 from worldvla.mask import NO_BLOCK, DecodeMeta  # noqa: E402
 
 from .attention import action_document  # noqa: E402
+from .common import bound_check  # noqa: E402
 
 LAYOUT = VocabLayout.chameleon()
-
-
-def bound_check(out, ref64, same, floor=0.0) -> tuple[bool, str]:
-    """out within 2x the error of the same-precision reference `same` (both against `ref64`)."""
-    err = (out.detach().cpu().double() - ref64).abs().max().item()
-    base = (same.detach().cpu().double() - ref64).abs().max().item()
-    ok = not torch.isnan(out).any().item() and err <= 2 * base + floor
-    return ok, f"err {err:.3g} <= 2 x {base:.3g} + {floor:g}"
 
 
 def gap_check(chosen, scores64, same_chosen) -> tuple[bool, str]:
