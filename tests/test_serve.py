@@ -780,6 +780,25 @@ def test_request_timeout(np_rng):
         assert server.stats["timeouts"] == 1
 
 
+def test_a_request_that_timed_out_while_running_is_not_the_previous_frame(np_rng):
+    """The robot of a timed-out request got no actions and its env did not step: it sends the same frame again,
+    and that retry is still the episode's first query (no history), even though the policy ran the first try."""
+    policy = HistoryPolicy(delay_s=0.6)
+    with PolicyServer(policy, request_timeout_s=0.2) as server, PolicyClient(server.url, timeout=20) as client:
+        client.reset("slowly")
+        f0, f1 = _frame(np_rng), _frame(np_rng)
+        with pytest.raises(PolicyServerError, match="timed out after 0.2 s"):
+            client.act(f0)
+        policy.delay_s = 0.0
+        _wait_for(lambda: not server._running_batch)
+        assert policy.calls == [1]  # the timed-out request did reach the policy
+        retry = client.act(f0)
+        np.testing.assert_allclose(retry[:, 0], f0.mean(), rtol=1e-6)
+        np.testing.assert_array_equal(retry[:, 1], -1.0)
+        assert server._episodes[client.episode].steps == 1
+        np.testing.assert_allclose(client.act(f1)[:, 1], f0.mean(), rtol=1e-6)
+
+
 def test_client_timeout_covers_sending(np_rng):
     """With the server's event loop frozen, a frame larger than the socket buffers cannot be sent: the
     client's timeout bounds the send, and the next call reconnects.

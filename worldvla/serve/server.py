@@ -829,6 +829,14 @@ class PolicyServer:
         self.stats["batched_requests"] += len(batch)
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
         for r, a, (t_end, size) in zip(batch, actions, answered):
+            # A request that timed out while its call ran, or whose chunk is refused, reached no robot: its env
+            # did not step, so its frame is not the episode's previous one (a retry sends the same frame).
+            if r.future.done():
+                continue
+            if len(a) == 0:  # mode='release': the model wrote no (well-formed) action block; `check_chunk` alike
+                r.future.set_result(("error", "the model wrote no action block, or malformed ones (mode='release' "
+                                              "decodes freely; the release's loop fails the episode here)"))
+                continue
             r.episode.previous = r.image
             r.episode.steps += 1
             # the policy call that answered this request: its end and its requests (a batch mixing episodes'
@@ -837,13 +845,7 @@ class PolicyServer:
                       "queue_ms": round((r.t_start - r.t_ready) * 1e3, 3),
                       "policy_ms": round((t_end - r.t_start) * 1e3, 3), "batch_size": size,
                       "retried": retried}
-            if r.future.done():
-                continue
-            if len(a) == 0:  # mode='release': the model wrote no (well-formed) action block; `check_chunk` alike
-                r.future.set_result(("error", "the model wrote no action block, or malformed ones (mode='release' "
-                                              "decodes freely; the release's loop fails the episode here)"))
-            else:
-                r.future.set_result(("ok", a, timing))
+            r.future.set_result(("ok", a, timing))
 
     # Runs on the worker thread: the only place the policy is called while serving. Returns each request's
     # actions and (end time, number of requests) of the policy call that answered it.
