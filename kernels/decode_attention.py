@@ -136,15 +136,22 @@ def gpu_launch(dtype: torch.dtype, block_d: int, n_rows: int):
             dict(num_warps=8 if block_r * block_d >= 4096 else 4))
 
 
-def grid_problem(q, k_cache) -> str | None:
-    """Why the kernels cannot launch for q [B, Q, H, Dh] and caches [B, S, Hkv, Dh], or None. The split
-    kernel's grid is (splits, query row tiles, B x Hkv), the merge's (query row tiles, B x Hkv)."""
+def launch_plan(q, k_cache):
+    """(plan, problem) for q [B, Q, H, Dh] and caches [B, S, Hkv, Dh]: plan is (rows per KV group, BLOCK_D)
+    followed by `gpu_launch`'s answer, problem why the kernels cannot launch, or None. The split kernel's
+    grid is (splits, query row tiles, B x Hkv), the merge's (query row tiles, B x Hkv)."""
     B, n_q, H, D = q.shape
     Hkv = k_cache.shape[2]
-    n_rows = n_q * (H // Hkv)
-    block_r = gpu_launch(q.dtype, head_block(D), n_rows)[0]
-    return grid_limit_problem((1, triton.cdiv(n_rows, block_r), B * Hkv),
-                              ("splits", "query row tiles", "batch x kv heads"))
+    n_rows, block_d = n_q * (H // Hkv), head_block(D)
+    plan = (n_rows, block_d, *gpu_launch(q.dtype, block_d, n_rows))
+    problem = grid_limit_problem((1, triton.cdiv(n_rows, plan[2]), B * Hkv),
+                                 ("splits", "query row tiles", "batch x kv heads"))
+    return plan, problem
+
+
+def grid_problem(q, k_cache) -> str | None:
+    """Why the kernels cannot launch for q [B, Q, H, Dh] and caches [B, S, Hkv, Dh], or None."""
+    return launch_plan(q, k_cache)[1]
 
 
 def _default_splits(n_tiles: int, n_programs: int, device: torch.device) -> int:
@@ -176,7 +183,7 @@ def decode_attention(q, k_cache, v_cache, meta, softmax_scale=None, num_splits=N
     if tuple(meta.kv_block.shape) != (B, S) or tuple(meta.kv_len.shape) != (B,):
         raise ValueError(f"meta.kv_block must be [B={B}, S={S}] and kv_len [B], got {tuple(meta.kv_block.shape)}, "
                          f"{tuple(meta.kv_len.shape)}")
-    why = grid_problem(q, k_cache)
+    plan, why = launch_plan(q, k_cache)
     if why is not None:
         raise ValueError(f"decode_attention: {why}; split the batch")
     q, k_cache, v_cache = last_dim_contiguous(q), last_dim_contiguous(k_cache), last_dim_contiguous(v_cache)
@@ -185,10 +192,8 @@ def decode_attention(q, k_cache, v_cache, meta, softmax_scale=None, num_splits=N
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
 
     group = H // Hkv
-    n_rows = n_q * group
-    block_d = head_block(D)
     # The interpreter takes the GPU's row tiles too, so its tests cover their split over programs.
-    block_r, gpu_block_n, split_opts, merge_opts = gpu_launch(q.dtype, block_d, n_rows)
+    n_rows, block_d, block_r, gpu_block_n, split_opts, merge_opts = plan
     block_n = block_n or (128 if INTERPRET else gpu_block_n)
     n_row_tiles = triton.cdiv(n_rows, block_r)
     n_tiles = max(1, triton.cdiv(S, block_n))

@@ -251,3 +251,34 @@ def test_triton_attention_takes_metadata_built_under_inference_mode(rng):
         ops.masked_attention(q, q, q, meta, backend=backend).square().sum().backward()
         grads[backend] = q.grad
     torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif("native" not in dispatch.available("masked_attention"), reason="needs the native extension")
+@pytest.mark.filterwarnings("error::UserWarning")  # torch warns where a fake tensor's address is read
+def test_native_alignment_rule_reads_the_address_only_of_cuda_tensors_that_hold_one(monkeypatch):
+    """The CUDA kernels' 16-byte rule has one home (`_aligned16`, run by the ops' checks and so by `supports`):
+    strides and offset first, then the storage's own address, which can start off a boundary with offset 0
+    (an imported buffer). The address is read only from tensors whose values lie there on a GPU: not from CPU
+    tensors (no 16-byte loads) nor from fake CUDA tensors (tracing, the ops' fake implementations)."""
+    import numpy as np
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from worldvla.ops import native_backend as nb
+
+    buf = np.zeros(96, dtype=np.uint8)
+    start = -buf.ctypes.data % 16 + 2
+    odd = torch.from_numpy(buf[start:start + 64]).view(torch.float16).view(2, 16)
+    assert odd.data_ptr() % 16 == 2 and odd.storage_offset() == 0
+    assert not nb._holds_address(odd)
+    nb._aligned16("op", x=odd)  # a CPU tensor: its address is not checked
+    with FakeTensorMode():
+        fake = torch.empty(2, 16, dtype=torch.float16, device="cuda")
+    assert fake.is_cuda and not nb._holds_address(fake)
+    nb._check_range(fake, fake, 0, 2)  # the CUDA checks of fake tensors pass without reading an address
+
+    monkeypatch.setattr(nb, "_holds_address", lambda t: True)  # as a CUDA tensor of that address would be
+    with pytest.raises(ValueError, match=r"op \(native\): x's data pointer is not 16-byte aligned .* call \.clone\(\)"):
+        nb._aligned16("op", x=odd)
+    with pytest.raises(ValueError, match=r"x rows must start on 16-byte boundaries"):
+        nb._aligned16("op", x=odd[:, 1:])  # the strides and offset are named first
+    nb._aligned16("op", x=odd[:, :0])  # nothing to load

@@ -56,9 +56,7 @@ class ChunkMaskMeta:
     def to(self, device) -> "ChunkMaskMeta":
         cu = self.cu_seqlens
         if cu is not None and cu.device.type == "cpu" and torch.device(device).type != "cpu":
-            from .ops.attention import _check_cu_seqlens  # the entry points' check, while the read is free
-
-            _check_cu_seqlens(self, self.kv_block.shape[0])
+            check_cu_seqlens(self, self.kv_block.shape[0])  # the entry points' check, while the read is free
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)
         return ChunkMaskMeta(mv(self.kv_block), mv(self.q_limit), mv(self.position_ids), mv(self.cu_seqlens), self.max_seqlen)
 
@@ -202,6 +200,36 @@ def cu_seqlens_problem(values: list, total: int, max_seqlen: int = 0) -> str | N
         return (f"max_seqlen={max_seqlen} is shorter than the longest document ({longest} tokens); "
                 f"rebuild the metadata (or set max_seqlen 0)")
     return None
+
+
+def check_cu_seqlens(meta: ChunkMaskMeta, T: int):
+    """Packed metadata's document boundaries: 1-D integers rising from 0 to T, no document longer than
+    meta.max_seqlen (when set). The shape and the host ints are checked on every device. The values are read
+    only from CPU tensors (on CUDA that read would synchronize: the kernels trust the metadata there, which
+    chunk_mask_meta and causal_meta build checked), and once per metadata: the result is kept on it, against
+    the tensor and its version, so the other layers of a forward and the backward read nothing."""
+    from .ops import dispatch  # not at the top: worldvla.ops imports this module
+
+    cu = meta.cu_seqlens
+    dispatch.require_integers(cu, "meta.cu_seqlens must hold integers")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"meta.cu_seqlens must be 1-D with n_docs + 1 >= 2 entries, got shape {tuple(cu.shape)}")
+    n_docs, max_seqlen = cu.numel() - 1, int(meta.max_seqlen)
+    if cu.device.type != "cpu" or not dispatch.values_readable(cu):
+        if max_seqlen > 0 and n_docs * max_seqlen < T:  # what the host ints alone tell
+            raise ValueError(f"meta.cu_seqlens must rise from 0 to T={T}, but its {n_docs} document(s) of at most "
+                             f"max_seqlen={max_seqlen} tokens cannot cover them")
+        return
+    # Inference tensors (made under torch.inference_mode) have no version counter: checked at every call.
+    key = None if cu.is_inference() else (cu._version, T, max_seqlen)
+    seen = meta.__dict__.get("_cu_seqlens_checked")
+    if key is not None and seen is not None and seen[0] is cu and seen[1] == key:
+        return
+    problem = cu_seqlens_problem(cu.tolist(), T, max_seqlen)
+    if problem:
+        raise ValueError(f"meta.{problem}")
+    if key is not None:
+        meta.__dict__["_cu_seqlens_checked"] = (cu, key)
 
 
 def _checked_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:

@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..mask import NO_BLOCK, ChunkMaskMeta, DecodeMeta, cu_seqlens_problem
+from ..mask import NO_BLOCK, ChunkMaskMeta, DecodeMeta, check_cu_seqlens
 from . import dispatch
 
 
@@ -43,34 +43,6 @@ def _check_qkv(q, k, v):
         raise ValueError(f"kv heads ({k.shape[-2]}) must divide q heads ({q.shape[-2]}) and be at least 1")
     if q.shape[-1] == 0:
         raise ValueError(f"head dim must be at least 1, got q {tuple(q.shape)}")
-
-
-def _check_cu_seqlens(meta: ChunkMaskMeta, T: int):
-    """Packed metadata's document boundaries: 1-D integers rising from 0 to T, no document longer than
-    meta.max_seqlen (when set). The shape and the host ints are checked on every device. The values are read
-    only from CPU tensors (on CUDA that read would synchronize: the kernels trust the metadata there, which
-    chunk_mask_meta and causal_meta build checked), and once per metadata: the result is kept on it, against
-    the tensor and its version, so the other layers of a forward and the backward read nothing."""
-    cu = meta.cu_seqlens
-    dispatch.require_integers(cu, "meta.cu_seqlens must hold integers")
-    if cu.dim() != 1 or cu.numel() < 2:
-        raise ValueError(f"meta.cu_seqlens must be 1-D with n_docs + 1 >= 2 entries, got shape {tuple(cu.shape)}")
-    n_docs, max_seqlen = cu.numel() - 1, int(meta.max_seqlen)
-    if cu.device.type != "cpu" or not dispatch.values_readable(cu):
-        if max_seqlen > 0 and n_docs * max_seqlen < T:  # what the host ints alone tell
-            raise ValueError(f"meta.cu_seqlens must rise from 0 to T={T}, but its {n_docs} document(s) of at most "
-                             f"max_seqlen={max_seqlen} tokens cannot cover them")
-        return
-    # Inference tensors (made under torch.inference_mode) have no version counter: checked at every call.
-    key = None if cu.is_inference() else (cu._version, T, max_seqlen)
-    seen = meta.__dict__.get("_cu_seqlens_checked")
-    if key is not None and seen is not None and seen[0] is cu and seen[1] == key:
-        return
-    problem = cu_seqlens_problem(cu.tolist(), T, max_seqlen)
-    if problem:
-        raise ValueError(f"meta.{problem}")
-    if key is not None:
-        meta.__dict__["_cu_seqlens_checked"] = (cu, key)
 
 
 def _expand_kv(x, n_heads):
@@ -134,7 +106,7 @@ def masked_attention(q, k, v, meta: ChunkMaskMeta, softmax_scale=None, backend: 
     dispatch.check_devices("masked_attention", q=q, k=k, v=v, **{
         "meta.kv_block": meta.kv_block, "meta.q_limit": meta.q_limit, "meta.cu_seqlens": meta.cu_seqlens})
     if meta.packed:
-        _check_cu_seqlens(meta, q.shape[0])
+        check_cu_seqlens(meta, q.shape[0])
     return dispatch.call("masked_attention", backend, q.device.type, q, k, v, meta, softmax_scale)
 
 

@@ -173,20 +173,29 @@ def _last_dim_unit(op: str, **named):
 
 
 def _aligned16(op: str, **named):
-    """CUDA kernels read rows with 16-byte vector loads: every row start must be 16-byte aligned."""
+    """CUDA kernels read rows with 16-byte vector loads: every row start must be 16-byte aligned. Strides and
+    offset say so for storages torch allocated; a storage that itself starts off a boundary (one imported
+    through DLPack, `frombuffer` or __cuda_array_interface__) passes them, so the address is checked too,
+    where a tensor has one (`_holds_address`). Run by the ops' checks, hence by `supports` as well: `auto`
+    moves on where a launch would refuse."""
     for n, t in named.items():
         vec = 16 // t.element_size()
         bad = [s for s in t.stride()[:-1] if s % vec] if t.numel() else []
         if bad or t.storage_offset() % vec:
             _fail(op, f"{n} rows must start on 16-byte boundaries (strides and offset multiples of {vec} "
                       f"elements), got strides {t.stride()} and offset {t.storage_offset()}; call .contiguous()")
-
-
-def _pointers_aligned16(op: str, **named):
     for n, t in named.items():
-        if t.numel() and t.data_ptr() % 16:
+        if t.numel() and _holds_address(t) and t.data_ptr() % 16:
             _fail(op, f"{n}'s data pointer is not 16-byte aligned (its storage starts off a boundary); "
                       "call .clone() for a fresh allocation")
+
+
+def _holds_address(t: Tensor) -> bool:
+    """Whether `t.data_ptr()` is where a CUDA tensor's values lie: not for fake tensors (torch.compile's
+    tracing, the ops' fake implementations) or other subclasses that handle their own dispatch, nor for
+    torch.func's wrapped tensors; CPU tensors take no 16-byte loads here."""
+    return (t.is_cuda and type(t).__torch_dispatch__ is Tensor.__torch_dispatch__
+            and not _is_functorch_wrapped(t))
 
 
 def _stream(dev: int) -> int:
@@ -295,7 +304,6 @@ def _masked_attention_impl(q: Tensor, k: Tensor, v: Tensor, kv_block: Tensor, q_
         qc, kc, vc = _as_float32(q, k, v)
         oc = out if out.dtype == torch.float32 else torch.empty(q.shape, dtype=torch.float32)
     else:
-        _pointers_aligned16("masked_attention", q=q, k=k, v=v)
         qc, kc, vc, oc = q, k, v, out
 
     def strides(t):  # (sequence, token, head) in elements
@@ -415,7 +423,6 @@ def _decode_attention_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_pos: T
         o_part = lse_part = None
         splits, split_size = 1, max(S, 1)
     else:
-        _pointers_aligned16("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
         qc, kc, vc, oc = q, k_cache, v_cache, out
         splits, split_size = decode_splits(q, k_cache, n_splits if n_splits > 0 else None)
         o_part = torch.empty((B, splits, Q, H, D), dtype=torch.float32, device=q.device)
@@ -563,16 +570,13 @@ def _check_range(hidden, weight, lo, hi, op="constrained_sample"):
 
 def _range_launch(fn_name: str, hidden, weight, lo, hi, out, workspace=None):
     dev = _device_index(fn_name, hidden)
+    w, lo_c, hi_c = weight, lo, hi
     if dev < 0 and weight.dtype == torch.float16:
         # Only the range's rows are converted, not the whole lm_head.
         hidden, w = _as_float32(hidden, weight[lo:hi])
         lo_c, hi_c = 0, hi - lo
     elif dev < 0:  # float32 hidden; a float32 or bfloat16 weight read as it is (widened exactly)
         hidden, = _as_float32(hidden)
-        w, lo_c, hi_c = weight, lo, hi
-    else:
-        _pointers_aligned16(fn_name, hidden=hidden, weight=weight)
-        w, lo_c, hi_c = weight, lo, hi
     args = (dev, _stream(dev), _DTYPE_CODE[w.dtype], hidden.data_ptr(), hidden.stride(0), w.data_ptr(),
             w.stride(0), hidden.shape[0], hidden.shape[1], lo_c, hi_c)
     if fn_name == "range_argmax":
@@ -1249,28 +1253,17 @@ def _passes(check, *args):
     return True
 
 
-def _pointers_ok(op: str, **named):
-    """The launch's own pointer check, run in `supports` so that `auto` moves on: a tensor whose storage
-    itself starts off a 16-byte boundary (one imported through DLPack or `frombuffer`) passes the stride
-    and offset checks. Only plain CUDA tensors: fake and CPU tensors have no pointer to check here."""
-    if all(type(t) in _PLAIN and t.is_cuda for t in named.values()):
-        return _passes(_pointers_aligned16, op, **named)
-    return True
-
-
 def _attention_supports(q, k, v, meta, softmax_scale=None):
     return dispatch.first_false(
         lambda: _device_ok("masked_attention", q), lambda: _no_grad(q, k, v), lambda: _plain_values(q, k, v),
-        lambda: _passes(_check_attention, q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens),
-        lambda: _pointers_ok("masked_attention", q=q, k=k, v=v))
+        lambda: _passes(_check_attention, q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens))
 
 
 def _decode_supports(q, k_cache, v_cache, meta, softmax_scale=None):
     return dispatch.first_false(
         lambda: _device_ok("decode_attention", q), lambda: _no_grad(q, k_cache, v_cache),
         lambda: _plain_values(q, k_cache, v_cache),
-        lambda: _passes(_check_decode, q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len),
-        lambda: _pointers_ok("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache))
+        lambda: _passes(_check_decode, q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len))
 
 
 def _vq_quantize_supports(z, codebook):
@@ -1332,8 +1325,7 @@ def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, genera
     # No gradient check: the ids carry none, and `auto` must choose alike with and without grad mode.
     return dispatch.first_false(lambda: _device_ok("constrained_sample", hidden),
                                 lambda: _plain_values(hidden, weight, tangents=False),
-                                lambda: _passes(_check_range, hidden, weight, lo, hi),
-                                lambda: _pointers_ok("constrained_sample", hidden=hidden, weight=weight))
+                                lambda: _passes(_check_range, hidden, weight, lo, hi))
 
 
 

@@ -33,7 +33,7 @@ from worldvla.kernels import decode_attention as _decode
 from worldvla.kernels import linear_ce as _linear_ce
 from worldvla.kernels import sampling as _sampling
 from worldvla.kernels import vq as _vq
-from worldvla.kernels._common import FLOAT_DTYPES, check_device
+from worldvla.kernels._common import FLOAT_DTYPES, MAX_GRID, check_device
 
 from ..mask import ChunkMaskMeta, DecodeMeta
 from . import dispatch
@@ -310,10 +310,6 @@ def _float(*tensors):
     return dispatch.Unsupported(f"wants one dtype among float16, bfloat16, float32; got {sorted(map(str, dtypes))}")
 
 
-# Grid axis 1 (sequences x heads) is limited to 65535.
-_MAX_GRID_Y = 65535
-
-
 def _layout(q, meta):
     """The kernel's layouts: padded [B, L, H, Dh] without cu_seqlens, packed [T, H, Dh] with them (one
     unbatched sequence [T, H, Dh] needs cu_seqlens [0, T]), metadata covering q's tokens."""
@@ -328,12 +324,12 @@ def _layout(q, meta):
 
 def _attention_supports(q, k, v, meta, softmax_scale=None):
     n_seq = meta.cu_seqlens.numel() - 1 if meta.cu_seqlens is not None else (q.shape[0] if q.dim() == 4 else 1)
-    max_dh = _attention.MAX_HEAD_DIM
+    max_dh, max_y = _attention.MAX_HEAD_DIM, MAX_GRID[1]  # the kernels' grid axis 1: sequences x heads
     return dispatch.first_false(
         _device(q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens), _float(q, k, v), lambda: _layout(q, meta),
         q.shape[-1] <= max_dh or dispatch.Unsupported(f"head dim {q.shape[-1]} > {max_dh}"),
-        n_seq * q.shape[-2] <= _MAX_GRID_Y or dispatch.Unsupported(
-            f"{n_seq} sequences x {q.shape[-2]} heads > {_MAX_GRID_Y} (a grid axis); split the batch"))
+        n_seq * q.shape[-2] <= max_y or dispatch.Unsupported(
+            f"{n_seq} sequences x {q.shape[-2]} heads > {max_y} (a grid axis); split the batch"))
 
 
 def _grid(why):
