@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from worldvla.data import Demo, DemoFormatError, iter_demos, read_demos, write_demos
-from worldvla.data.hdf5 import demo_file_info, steps_without_noops
+from worldvla.data.hdf5 import demo_file_info, iter_demo_actions, steps_without_noops
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_round_trip(tmp_path, np_rng):
         assert b.name == f"demo_{i}"
         assert b.frames.dtype == np.uint8 and b.frames.shape == a.frames.shape
         np.testing.assert_array_equal(b.frames, a.frames)
-        assert b.actions.dtype == np.float32
+        assert b.actions.dtype == np.float64  # the values as written (float32), read as the release reads them
         np.testing.assert_array_equal(b.actions, a.actions)
         assert b.success == a.success
         assert b.instruction == ("a different instruction" if i == 4 else "open the top drawer")
@@ -119,7 +119,7 @@ def test_libero_problem_info_instruction(tmp_path, np_rng):
     demos = read_demos(path)
     assert [d.instruction for d in demos] == ["put the bowl on the plate"] * 2
     assert all(d.success for d in demos)
-    assert demos[1].actions.shape == (4, 7) and demos[1].actions.dtype == np.float32
+    assert demos[1].actions.shape == (4, 7) and demos[1].actions.dtype == np.float64
     # LIBERO stores agentview upside down; read_demos turns raw LIBERO files upright.
     np.testing.assert_array_equal(demos[0].frames, raw[0][:, ::-1, ::-1])
     np.testing.assert_array_equal(read_demos(path, rotate_180=False)[0].frames, raw[0])
@@ -638,3 +638,72 @@ def test_write_demos_flushes_the_file_and_its_folder_around_the_rename(tmp_path,
     i = events.index(("replace", str(path)))
     assert ("fsync", False, path.stat().st_ino) in events[:i]  # the file (renamed: the same inode), before
     assert ("fsync", True, path.parent.stat().st_ino) in events[i + 1:]  # its folder, after
+
+
+def test_drop_noops_keeps_the_frame_each_kept_action_led_to(tmp_path, np_rng):
+    """After dropped no-op steps the next kept frame is not the one the kept action before them led to (the
+    release replays the kept actions to render that one): the file's frame after the action is kept for it."""
+    a = np.zeros((8, 4), np.float32)
+    a[:, -1] = 1.0
+    a[[0, 1, 2, 5, 6], :3] = 0.5  # steps 3, 4 and 7 are no-ops
+    frames = np_rng.integers(0, 256, size=(8, 6, 6, 3), dtype=np.uint8)
+    path = write_demos(tmp_path / "d.hdf5", [{"frames": frames, "actions": a}], "push")
+    (d,) = read_demos(path, drop_noops=True)
+    np.testing.assert_array_equal(d.frames, frames[[0, 1, 2, 5, 6]])
+    assert sorted(d.next_frames) == [2, 4]  # after kept steps 2 (file step 2) and 4 (file step 6)
+    np.testing.assert_array_equal(d.next_frames[2], frames[3])
+    np.testing.assert_array_equal(d.next_frames[4], frames[7])
+    assert read_demos(path)[0].next_frames == {}
+    # rotated frames: the frames led to are turned with them
+    (r,) = read_demos(path, drop_noops=True, rotate_180=True)
+    np.testing.assert_array_equal(r.next_frames[2], frames[3][::-1, ::-1])
+
+
+def test_iter_demos_reads_only_the_demos_named_and_first_demo_shape_reads_no_frames(tmp_path, np_rng, monkeypatch):
+    from worldvla.data import hdf5
+
+    demos = [random_demo(np_rng, 3, 8, 8, 2, instruction="", success=False),
+             random_demo(np_rng, 4, 6, 10, 3, instruction=""), random_demo(np_rng, 2, 4, 12, 3, instruction="")]
+    demos[1].actions[:, :-1] = 0.0  # every step a no-op
+    path = write_demos(tmp_path / "d.hdf5", demos, "push")
+    read = []
+    real = hdf5._read_dataset
+    monkeypatch.setattr(hdf5, "_read_dataset", lambda g, key, where: read.append(key) or real(g, key, where))
+    assert [d.name for d in iter_demos(path, names={"demo_2", "demo_7"})] == ["demo_2"]
+    assert read == ["agentview_rgb", "actions"]
+    read.clear()
+    assert hdf5.first_demo_shape(path) == ((8, 8), 2)
+    assert hdf5.first_demo_shape(path, only_success=True) == ((6, 10), 3)
+    assert hdf5.first_demo_shape(path, only_success=True, drop_noops=True) == ((4, 12), 3)
+    assert "agentview_rgb" not in read
+    with h5py.File(path, "a") as f:
+        del f["data/demo_0/actions"]
+        f["data/demo_0/actions"] = np.zeros((2, 2), np.float32)
+    with pytest.raises(DemoFormatError, match="demo_0: 3 frames but 2 actions"):
+        hdf5.first_demo_shape(path, only_success=True)
+
+
+def test_actions_are_binned_from_the_files_float64_values(tmp_path, np_rng):
+    """The release bins the float64 values of LIBERO's files; a float32 round trip on the way moves values that
+    lie within float32's rounding of a bin edge into the next bin."""
+    from worldvla.tokens import ActionTokenizer, VocabLayout
+
+    tok = ActionTokenizer(VocabLayout.chameleon())
+    # Values a hair from the bin edges, where float32's rounding crosses them.
+    edges = tok.edges[np_rng.integers(1, tok.n_bins - 1, (40, 7))]
+    normalized = edges + np_rng.uniform(-1e-7, 1e-7, edges.shape)
+    actions = (normalized + 1.0) / 2.0 * (tok.high - tok.low + 1e-8) + tok.low
+    moved = tok.bins(actions) != tok.bins(actions.astype(np.float32))
+    assert moved.sum() >= 10  # the case the test is about is there
+    path = tmp_path / "libero_demo.hdf5"
+    write_libero_like(path, np_rng, n=1)
+    with h5py.File(path, "a") as f:  # demo_0 again, with these actions
+        del f["data/demo_0"]
+        g = f["data"].create_group("demo_0")
+        g.create_dataset("obs/agentview_rgb", data=np_rng.integers(0, 256, (len(actions), 10, 12, 3), np.uint8))
+        g.create_dataset("actions", data=actions)
+        g.create_dataset("dones", data=np.eye(1, len(actions), len(actions) - 1, dtype=np.uint8)[0])
+    (demo,) = list(iter_demos(path))
+    np.testing.assert_array_equal(tok.bins(demo.actions), tok.bins(actions))
+    (_, read), = list(iter_demo_actions(path))
+    np.testing.assert_array_equal(tok.bins(read), tok.bins(actions))

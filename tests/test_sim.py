@@ -715,3 +715,24 @@ def test_a_collection_worker_ends_when_the_collecting_process_is_gone():
     worker.start()
     worker.join(timeout=30)
     assert worker.exitcode == 1
+
+
+@needs_sim
+def test_collect_reads_an_existing_task_files_summary_once(tmp_path, monkeypatch):
+    """The settings check, the completeness check and the cut to the episodes asked for each read the file's
+    summary again (four reads of one file); what the first read found is handed on."""
+    from worldvla.data import collect as collect_module
+    from worldvla.data.collect import _settings
+    from worldvla.data.hdf5 import demo_file_info, write_demos
+
+    rng = np.random.default_rng(2)
+    demos = [{"frames": rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8),
+              "actions": rng.uniform(-1, 1, (3, 4)).astype(np.float32)} for _ in range(3)]
+    settings = _settings(16, 7, "corner", 200, 0.0)
+    path = write_demos(tmp_path / "reach-v3.hdf5", demos, TASKS["reach-v3"], attrs={
+        **settings, "task": "reach-v3", "episode_seeds": [episode_seed(7, "reach-v3", e, 0) for e in range(3)]})
+    read = []
+    monkeypatch.setattr(collect_module, "demo_file_info", lambda p: read.append(p) or demo_file_info(p))
+    s = collect(["reach-v3"], 2, tmp_path, image_size=16, seed=7, workers=1, progress=False)
+    assert s["tasks"]["reach-v3"]["skipped"] and s["episodes_run"] == 0
+    assert read == [path] and len(read_demos(path)) == 2

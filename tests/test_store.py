@@ -1151,3 +1151,126 @@ def test_a_build_killed_while_replacing_the_text_tokenizer_leaves_no_complete_st
         st.TokenStore(out).text_tokenizer_path
     with pytest.raises(ValueError, match="not the text tokenizer the token store"):
         st.TokenStore(out, verify=True)
+
+
+def _store_bytes(out):
+    """A store's manifest (less its creation time) and the bytes of every file of its shards, by name."""
+    m = json.loads((out / st.MANIFEST).read_text())
+    m.pop("created")
+    shards = {f"{e['name']}/{n}": (out / e["name"] / n).read_bytes() for e in m["shards"] for n in e["files"]}
+    return m, shards
+
+
+def test_a_resumed_build_reads_no_frames_of_the_demos_of_its_finished_shards(tmp_path, monkeypatch):
+    """A resumed build read every demo of a file (and the first demo once more, for the store's frame size) to
+    tokenize those of its unfinished shards only. It reads only theirs now, and builds the same store, byte for
+    byte, as a build that was not interrupted."""
+    from worldvla.data import hdf5
+
+    rng = np.random.default_rng(11)
+    write_demos(tmp_path / "d" / "a.hdf5", random_demos(rng, (4, 5, 3, 6)), "push")
+    write_demos(tmp_path / "d" / "b.hdf5", random_demos(rng, (5, 4)), "reach")
+    vq = tiny_vqgan()
+    kw = dict(chunk_size=2, demos_per_shard=1, progress=False)
+    real_write, real_read = st._write_shard, hdf5._read_one
+    written, read = [], []
+
+    def crash_on_fourth(path, samples):
+        written.append(path.name)
+        if len(written) == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return real_write(path, samples)
+
+    def reading(g, where, *a, **k):
+        read.append(os.path.relpath(where, tmp_path / "d"))  # <file>:data/<demo>
+        return real_read(g, where, *a, **k)
+
+    monkeypatch.setattr(hdf5, "_read_one", reading)
+    with monkeypatch.context() as m:
+        m.setattr(st, "_write_shard", crash_on_fourth)
+        with pytest.raises(KeyboardInterrupt):
+            st.build_store(tmp_path / "d", tmp_path / "s", vq, **kw)
+    assert [e["name"] for e in json.loads((tmp_path / "s" / st.MANIFEST).read_text())["shards"]] == \
+        ["shard_00000", "shard_00001", "shard_00002"]
+    read.clear()
+    st.build_store(tmp_path / "d", tmp_path / "s", vq, **kw)
+    assert read == ["a.hdf5:data/demo_3", "b.hdf5:data/demo_0", "b.hdf5:data/demo_1"]
+    read.clear()
+    st.build_store(tmp_path / "d", tmp_path / "ref", vq, **kw)
+    assert len(read) == 6  # a straight build reads each demo once
+    assert _store_bytes(tmp_path / "s") == _store_bytes(tmp_path / "ref")
+    st.TokenStore(tmp_path / "s", verify=True)
+
+
+def test_overwrite_with_fewer_shards_removes_the_old_ones_only_once_the_old_store_is_replaced(demo_dir, tmp_path,
+                                                                                              monkeypatch):
+    """--overwrite with fewer shards (a larger --demos-per-shard, fewer files) left the old store's other shard
+    folders on disk, unused. They go once the build has replaced the old manifest with its own, incomplete one:
+    a build killed after that leaves a store the reader refuses as incomplete, whose manifest names no missing
+    shard. A folder named like a shard that holds anything else is not the store's and is kept."""
+    folder, _ = demo_dir
+    vq = tiny_vqgan()
+    out = st.build_store(folder, tmp_path / "s", vq, chunk_size=K, demos_per_shard=1, progress=False)
+    assert sorted(p.name for p in out.glob("shard_*")) == [f"shard_0000{i}" for i in range(4)]
+    (out / "shard_00009").mkdir()
+    (out / "shard_00009" / "notes.txt").write_text("mine")
+    (out / "shard_00003" / "extra.npy").write_bytes(b"")  # not a file the store writes: the folder is kept
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(st, "_write_shard", killed)
+        with pytest.raises(KeyboardInterrupt):
+            st.build_store(folder, out, vq, chunk_size=K, overwrite=True, progress=False)  # 2 shards: one per file
+    m = json.loads((out / st.MANIFEST).read_text())
+    assert not m["complete"] and all((out / e["name"] / "done").is_file() for e in m["shards"])
+    with pytest.raises(ValueError, match="incomplete"):
+        st.TokenStore(out)
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000", "shard_00001", "shard_00003",
+                                                           "shard_00009"]
+    st.build_store(folder, out, vq, chunk_size=K, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000", "shard_00001", "shard_00003",
+                                                           "shard_00009"]
+    (out / "shard_00003" / "extra.npy").unlink()
+    st.build_store(folder, out, vq, chunk_size=K, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000", "shard_00001", "shard_00009"]
+    assert (out / "shard_00009" / "notes.txt").read_text() == "mine"
+    ref = st.build_store(folder, tmp_path / "ref", vq, chunk_size=K, progress=False)
+    assert _store_bytes(out)[1] == _store_bytes(ref)[1]
+    st.TokenStore(out, verify=True)
+
+
+def test_world_samples_under_drop_noops_target_the_frame_each_action_led_to(tmp_path):
+    """Under --drop-noops a world sample paired the kept frame I_j and action A_j with the next kept frame, which
+    after dropped no-op steps is several steps later: not the frame A_j led to. Its target is now the file's frame
+    after step j. The samples stay the release's: j < T - 1 of the kept steps, none after the last."""
+    rng = np.random.default_rng(5)
+    (demo,) = random_demos(rng, (8,))
+    demo["actions"][:, 3] = 1.0
+    demo["actions"][[3, 4, 7], :3] = 0.0  # no-ops: kept steps 0, 1, 2, 5, 6
+    write_demos(tmp_path / "d" / "a.hdf5", [demo], "push")
+    vq = counting(tiny_vqgan())
+    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, action=False, bounds="unit", drop_noops=True,
+                         progress=False)
+    assert CountingVQGAN.frames == 5 + 1  # the kept frames, and frame 3
+    store = st.TokenStore(out)
+    layout = store.layout
+    builder = SequenceBuilder(layout, ByteTextTokenizer(layout), ActionTokenizer(layout, [-1.0] * 4, [1.0] * 4))
+    codes = [vq.encode(preprocess(f))[0] for f in demo["frames"]]
+    pairs = [(0, 1), (1, 2), (2, 3), (5, 6)]  # (step, the step after it in the file)
+    want = [builder.world_sample(codes[t], demo["actions"][t], codes[u]).input_ids.tolist() for t, u in pairs]
+    assert [store[i][0].tolist() for i in range(len(store))] == want
+    assert np.load(out / "shard_00000" / "index.npy")[:, 1].tolist() == [0, 1, 2, 3]  # j among the steps kept
+    # A store built before, whose world samples targeted the next kept frame, is not resumed with shards of both.
+    import hashlib
+
+    m = json.loads((out / st.MANIFEST).read_text())
+    settings = {k: v for k, v in m["settings"].items() if k != "instruction"}
+    m["fingerprint"] = hashlib.sha256(json.dumps(
+        {"version": 1, "settings": settings, "layout": m["layout"], "low": m["action"]["low"],
+         "high": m["action"]["high"], "vqgan": st._state_dict_digest(vq),
+         "inputs": [("a.hdf5", (tmp_path / "d" / "a.hdf5").stat().st_size)]}, sort_keys=True).encode()).hexdigest()
+    (out / st.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(FileExistsError, match="overwrite"):
+        st.build_store(tmp_path / "d", out, vq, action=False, bounds="unit", drop_noops=True, progress=False)

@@ -143,8 +143,8 @@ _OPTIONS = {"image_size": "--image-size", "seed": "--seed", "sim_camera": "--cam
             "action_noise": "--noise"}
 
 
-def _existing(path: Path, settings: dict) -> tuple[int, list[str]] | None:
-    """An existing task file's episode count and how its recorded settings differ from `settings` (as options,
+def _existing(path: Path, settings: dict) -> tuple[dict, list[str]] | None:
+    """An existing task file's `demo_file_info` and how its recorded settings differ from `settings` (as options,
     "--seed 0, not 1"; every one if it records none: not this command's file); None when there is no file or
     it cannot be read (collected again: `write_demos` writes whole files, so it is not an earlier run's)."""
     if not path.is_file():
@@ -156,26 +156,25 @@ def _existing(path: Path, settings: dict) -> tuple[int, list[str]] | None:
     attrs = info["attrs"]
     diff = [f"{_OPTIONS[k]} {attrs[k] if k in attrs else '(none recorded)'}, not {v}" for k, v in settings.items()
             if not (k in attrs and attrs[k] == v)]
-    return info["num_demos"], diff
+    return info, diff
 
 
-def _is_complete(path: Path, n_episodes: int, settings: dict, task: str, max_attempts: int) -> bool:
-    """Whether the file holds what a fresh run of `n_episodes` collects: the same settings, and as its first
-    episodes, episodes 0 .. n-1, each from one of their first `max_attempts` attempts. An earlier run whose
-    episodes failed every attempt kept the others (episodes 0, 1 and 3, say): its first demos are not those."""
-    found = _existing(path, settings)
-    if found is None or found[0] < n_episodes or found[1]:
+def _is_complete(found, n_episodes: int, settings: dict, task: str, max_attempts: int) -> bool:
+    """Whether the file `_existing` found (`found`: what it returned) holds what a fresh run of `n_episodes`
+    collects: the same settings, and as its first episodes, episodes 0 .. n-1, each from one of their first
+    `max_attempts` attempts. An earlier run whose episodes failed every attempt kept the others (episodes 0, 1 and
+    3, say): its first demos are not those."""
+    if found is None or found[0]["num_demos"] < n_episodes or found[1]:
         return False
-    seeds = demo_file_info(path)["attrs"].get("episode_seeds")
+    seeds = found[0]["attrs"].get("episode_seeds")
     if seeds is None or len(seeds) < n_episodes:
         return False
     return all(int(seeds[e]) in {episode_seed(settings["seed"], task, e, a) for a in range(max_attempts)}
                for e in range(n_episodes))
 
 
-def _keep_first(path: Path, n_episodes: int) -> None:
-    """Cut a complete file down to its first `n_episodes` episodes (atomically)."""
-    info = demo_file_info(path)
+def _keep_first(path: Path, n_episodes: int, info: dict) -> None:
+    """Cut a complete file down to its first `n_episodes` episodes (atomically); `info`: its `demo_file_info`."""
     if info["num_demos"] <= n_episodes:
         return
     written_by_write_demos = ("instruction", "num_demos", "total", "camera", "upright")
@@ -245,10 +244,12 @@ def collect(
     _check_episode_settings(image_size, camera, max_steps)
     out_dir = Path(out_dir)
     settings = _settings(image_size, seed, camera, max_steps, action_noise)
+    # Each task file is read once; nothing below changes it before its check.
+    existing = {task: _existing(out_dir / f"{task}.hdf5", settings) for task in tasks}
     if not overwrite:  # refused before any episode runs, as train, train-vq and pretokenize refuse
         for task in tasks:
             path = out_dir / f"{task}.hdf5"
-            found = _existing(path, settings)
+            found = existing[task]
             if found is not None and found[1]:
                 raise FileExistsError(f"{path} holds episodes collected with other settings ({'; '.join(found[1])}); "
                                       f"pass --overwrite to replace it, or choose another --out")
@@ -261,8 +262,8 @@ def collect(
     todo = []
     for task in tasks:
         path = out_dir / f"{task}.hdf5"
-        if _is_complete(path, n_episodes, settings, task, max_attempts):
-            _keep_first(path, n_episodes)
+        if _is_complete(existing[task], n_episodes, settings, task, max_attempts):
+            _keep_first(path, n_episodes, existing[task][0])
             summary["tasks"][task] = {"path": str(path), "skipped": True, "episodes": n_episodes}
         else:
             todo.append(task)

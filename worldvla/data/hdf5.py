@@ -21,7 +21,7 @@ import re
 import secrets
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -35,10 +35,14 @@ class DemoFormatError(ValueError):
 @dataclass
 class Demo:
     frames: np.ndarray  # uint8 [T, H, W, 3], upright
-    actions: np.ndarray  # float32 [T, D]
+    actions: np.ndarray  # float64 [T, D]: the file's values, as the release bins them
     instruction: str
     success: bool = True
     name: str = ""
+    # Under `iter_demos(drop_noops=True)`: {j: the frame the file holds after step j's action}, for each kept step j
+    # whose next step in the file was dropped (frames[j + 1] is then not the frame that action led to). Empty when
+    # no step was dropped: frames[j + 1] follows action j.
+    next_frames: dict[int, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -445,18 +449,27 @@ def _settled_frame_key(g, key: str | None, camera: str | None, where: str, first
     return key
 
 
-def _read_one(g, where: str, key: str, default_instruction: str, turn: str, name: str,
-              override: bool = False) -> Demo:
-    frames = _read_dataset(g["obs"], key, f"{where}/obs")
-    actions = _read_dataset(g, "actions", where).astype(np.float32, copy=False)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+def _check_steps(where: str, frames, actions: np.ndarray) -> None:
+    """Refuse a demo whose frames (an array, or the h5py dataset before it is read) and actions do not make one
+    uint8 frame [H, W, 3] per action row."""
+    shape = frames.shape or ()  # None: an h5py dataset without a dataspace
+    if len(shape) != 4 or shape[-1] != 3 or frames.dtype != np.uint8:
         raise DemoFormatError(f"{where}: frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
     if actions.ndim != 2:
         raise DemoFormatError(f"{where}: actions must be [T, D] (one row per step), got shape {actions.shape}")
-    if len(frames) != len(actions):
-        raise DemoFormatError(f"{where}: {len(frames)} frames but {len(actions)} actions")
-    if len(frames) == 0:
+    if frames.shape[0] != len(actions):
+        raise DemoFormatError(f"{where}: {frames.shape[0]} frames but {len(actions)} actions")
+    if len(actions) == 0:
         raise DemoFormatError(f"{where}: an empty demo (no step); drop it from the file")
+
+
+def _read_one(g, where: str, key: str, default_instruction: str, turn: str, name: str,
+              override: bool = False) -> Demo:
+    frames = _read_dataset(g["obs"], key, f"{where}/obs")
+    # float64 as the release reads them (its .npy dumps): binned after a float32 round trip, about one value in
+    # 600,000 of LIBERO's lands in the next bin
+    actions = _read_dataset(g, "actions", where).astype(np.float64, copy=False)
+    _check_steps(where, frames, actions)
     if turn != NO_TURN:
         frames = np.ascontiguousarray(_TURNS[turn](frames))
     own = _demo_instruction(g) if not override else None
@@ -575,7 +588,7 @@ def steps_without_noops(actions: np.ndarray, threshold: float = 1e-4) -> np.ndar
 
 
 def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None,
-               drop_noops: bool = False, instruction: str | None = None) -> Iterator[Demo]:
+               drop_noops: bool = False, instruction: str | None = None, names=None) -> Iterator[Demo]:
     """Yield the demos of `path` one at a time (only one demo's frames in memory).
 
     camera: which `obs/<camera>_rgb` (or `_image`) to read; None picks agentview or the first camera. The key is
@@ -583,8 +596,13 @@ def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None,
     rotate_180: None turns LIBERO's files (raw or regenerated) to the release's view (`frame_turn`) and leaves
     other files alone; True / False rotate every file's frames by 180 degrees / none.
     drop_noops: drop the steps the release's regeneration drops (`steps_without_noops`), frames with their
-    actions: for LIBERO's raw files, which hold them.
+    actions: for LIBERO's raw files, which hold them. The release replays the kept actions in its simulator, so
+    each of its frames is the one the kept action before it led to; a file's frames are not replayed here, so after
+    a dropped step the next kept frame is not that one: the frame the kept action led to (the file's next one) is
+    then in the demo's `next_frames`.
     instruction: every demo's instruction, over what the file holds (robomimic's files hold none).
+    names: yield only the demos of these names (the others' frames and actions are not read; their camera is still
+    checked, so that the key settles as it does for a read of every demo).
     """
     path = Path(path)
     # h5py's errors in reading the file's structure are named by the file, and in a demo's by the demo; the demos
@@ -593,21 +611,65 @@ def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None,
         data = _open_data(f, path)
         default = instruction if instruction is not None else _file_instruction(data, path)[0]
         turn = _turn(data, rotate_180)
+        all_names = _demo_names(data)
+        key = None
+        for name in all_names:
+            with _damage_named(f"{path}:data/{name}"):
+                g, where = _demo_group(data, name, path)
+                key = _settled_frame_key(g, key, camera, where, all_names[0])
+                if names is not None and name not in names:
+                    continue
+                demo = _read_one(g, where, key, default, turn, name, override=instruction is not None)
+            if drop_noops:
+                demo = _without_noops(demo, where)
+                if demo is None:
+                    continue
+            yield demo
+
+
+def _without_noops(demo: Demo, where: str) -> Demo | None:
+    """`demo` without the steps that `steps_without_noops` drops; where a kept step's next step was dropped, the
+    frame its action led to goes into `next_frames`. None (with a warning) when every step is a no-op: nothing is
+    left to learn from, as an empty demo has no sample."""
+    keep = steps_without_noops(demo.actions)
+    if len(keep) == 0:
+        warnings.warn(f"{where}: every step is a no-op; the demo is skipped")
+        return None
+    # keep is increasing: step t + 1 was kept exactly when it is the next kept step.
+    led_to = keep + 1
+    dropped = np.nonzero((led_to < len(demo.actions)) & ~np.isin(led_to, keep))[0]
+    return Demo(frames=demo.frames[keep], actions=demo.actions[keep], instruction=demo.instruction,
+                success=demo.success, name=demo.name,
+                next_frames={int(j): demo.frames[led_to[j]].copy() for j in dropped})
+
+
+def first_demo_shape(path, camera: str | None = None, only_success: bool = False,
+                     drop_noops: bool = False) -> tuple[tuple[int, int], int] | None:
+    """((H, W), D): the frame size and action width of the first demo that `iter_demos(path, camera=camera,
+    drop_noops=drop_noops)` yields (the first successful one if `only_success`), from its frames' dataset shape
+    and its actions, without reading frames; None when it yields none. The layout of the demos up to it is checked
+    as `iter_demos` checks it (their frames' bytes are not read)."""
+    path = Path(path)
+    with open_demo_file(path) as f, _damage_named(path):
+        data = _open_data(f, path)
         names = _demo_names(data)
         key = None
         for name in names:
             with _damage_named(f"{path}:data/{name}"):
                 g, where = _demo_group(data, name, path)
                 key = _settled_frame_key(g, key, camera, where, names[0])
-                demo = _read_one(g, where, key, default, turn, name, override=instruction is not None)
-            if drop_noops:
-                keep = steps_without_noops(demo.actions)
-                if len(keep) == 0:  # nothing left to learn from: skipped, as an empty demo has no sample
-                    warnings.warn(f"{path}:data/{name}: every step is a no-op; the demo is skipped")
-                    continue
-                demo = Demo(frames=demo.frames[keep], actions=demo.actions[keep], instruction=demo.instruction,
-                            success=demo.success, name=demo.name)
-            yield demo
+                frames = g["obs"][key]
+                if not _is_dataset(frames):
+                    _read_dataset(g["obs"], key, f"{where}/obs")  # refuses it, as iter_demos does
+                actions = _read_dataset(g, "actions", where).astype(np.float64, copy=False)
+                _check_steps(where, frames, actions)
+                success = _demo_success(g)
+            if only_success and not success:
+                continue
+            if drop_noops and len(steps_without_noops(actions)) == 0:
+                continue
+            return (int(frames.shape[1]), int(frames.shape[2])), int(actions.shape[1])
+    return None
 
 
 def iter_demo_actions(path, only_success: bool = False, drop_noops: bool = False) -> Iterator[tuple[str, np.ndarray]]:
@@ -623,7 +685,7 @@ def iter_demo_actions(path, only_success: bool = False, drop_noops: bool = False
                 _check_actions_present(g, where)
                 if only_success and not _demo_success(g):
                     continue
-                actions = _read_dataset(g, "actions", where).astype(np.float32, copy=False)
+                actions = _read_dataset(g, "actions", where).astype(np.float64, copy=False)
             if actions.ndim != 2:
                 raise DemoFormatError(f"{where}: actions must be [T, D] (one row per step), got shape {actions.shape}")
             check_actions(actions, where)

@@ -6,6 +6,10 @@ kinds of training sample:
     action  BOS, prompt, I_{j-1}, I_j, SEP | [BOA bins EOA] x K, SEP     (j + K <= T; one image at j = 0)
     world   BOS, prompt, I_j, [BOA bins EOA], SEP | I_{j+1}, SEP         (j < T - 1)
 
+A world sample's target is the frame its action led to. Under --drop-noops, where the steps after step j were
+dropped, that is not the next kept frame I_{j+1} but the file's frame after step j (`Demo.next_frames`), which is
+encoded for it; the samples are the release's, j < T - 1 of the kept steps.
+
 Layout on disk:
 
     <store>/manifest.json        settings, vocabulary layout, action bounds, shards with sha256 of each file
@@ -20,13 +24,16 @@ Layout on disk:
 A shard is one input file (or a fixed group of its demos). Shards are written into a
 temporary folder and renamed into place, and the manifest is rewritten atomically after
 each one, so an interrupted build resumes where it stopped: shards whose files match
-their recorded checksums are skipped.
+their recorded checksums are skipped, and their demos' frames not read again. Once a build
+has written its own (incomplete) manifest, the shard folders its plan does not name (those
+of a store built there before with more shards) are removed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -242,8 +249,10 @@ def _encode_frames(vqgan, frames: np.ndarray, batch: int) -> np.ndarray:
 
 
 def demo_samples(builder: SequenceBuilder, codes: np.ndarray, actions: np.ndarray, instruction: str,
-                 settings: StoreSettings):
-    """Yield (sample, j) for one demo from its frame codes [T, h, w] and actions [T, D]."""
+                 settings: StoreSettings, next_codes: dict | None = None):
+    """Yield (sample, j) for one demo from its frame codes [T, h, w] and actions [T, D].
+    next_codes: {j: codes [h, w] of the frame step j's action led to}, where that is not frame j + 1 (steps
+    dropped after it: `Demo.next_frames`); its world sample takes them as its target."""
     T = len(actions)
     codes_t = torch.from_numpy(codes).long()
     K = settings.chunk_size
@@ -252,8 +261,9 @@ def demo_samples(builder: SequenceBuilder, codes: np.ndarray, actions: np.ndarra
             hist = [codes_t[i] for i in range(max(0, j - settings.history + 1), j + 1)]
             yield builder.action_sample(instruction, hist, actions[j:j + K]), j
     if settings.world:
+        after = {j: torch.from_numpy(c).long() for j, c in (next_codes or {}).items()}
         for j in range(T - 1):
-            yield builder.world_sample(codes_t[j], actions[j], codes_t[j + 1]), j
+            yield builder.world_sample(codes_t[j], actions[j], after[j] if j in after else codes_t[j + 1]), j
 
 
 def _write_shard(folder: Path, samples) -> dict:
@@ -291,6 +301,23 @@ def _write_shard(folder: Path, samples) -> dict:
     return {"n_samples": len(samples), "n_tokens": int(offsets[-1]), "files": files,
             "n_action": int((kinds == 0).sum()), "n_world": int((kinds == 1).sum()),
             "n_label_tokens": int((labels != IGNORE).sum())}
+
+
+_SHARD_NAME = re.compile(r"shard_\d+")
+_SHARD_FILES = {f"{n}.npy" for n in _ARRAYS} | {"done"}  # what `_write_shard` puts in a shard's folder
+
+
+def _remove_stale_shards(out: Path, keep: set[str]) -> list[str]:
+    """Remove the shard folders in `out` that `keep` (the build's plan) does not name; only folders named as shards
+    that hold nothing but a shard's files (`_SHARD_FILES`) are taken for the store's own. Returns their names."""
+    removed = []
+    for p in sorted(out.iterdir()):
+        if p.name in keep or not _SHARD_NAME.fullmatch(p.name) or p.is_symlink() or not p.is_dir():
+            continue
+        if all(q.name in _SHARD_FILES and q.is_file() and not q.is_symlink() for q in p.iterdir()):
+            shutil.rmtree(p)
+            removed.append(p.name)
+    return removed
 
 
 def verify_shard(root: Path, entry: dict) -> bool:
@@ -467,7 +494,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     from tqdm.auto import tqdm
 
     from ..vqgan import VQGAN
-    from .hdf5 import check_actions, iter_demos, reading_record, rotation_note
+    from .hdf5 import check_actions, first_demo_shape, iter_demos, reading_record, rotation_note
 
     settings = StoreSettings(chunk_size, history, action, world, demos_per_shard, only_success, camera, rotate_180,
                              drop_noops, instruction)
@@ -513,8 +540,10 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     if builder_text is None:
         builder_text = text_tokenizer_for(layout, tokenizer_json)
 
-    # The store's frame size and action width are those of the first demo it tokenizes, not of a failed one it skips.
-    first = next((d for f in files for d in iter_demos(f, **read) if d.success or not only_success), None)
+    # The store's frame size and action width are those of the first demo it tokenizes, not of a failed one it skips
+    # (read from the datasets' shapes: a resumed build reads no frames of the demos of its finished shards).
+    first = next((s for f in files if (s := first_demo_shape(f, camera, only_success, drop_noops)) is not None),
+                 None)
     if first is None:
         raise ValueError(f"none of the {len(files)} demo files holds a demo to tokenize (failed demos are skipped "
                          f"unless --include-failed, and demos left without steps by --drop-noops)")
@@ -523,8 +552,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
         print(note)
     for line in instruction_lines:
         print(line)
-    action_dim = first.actions.shape[1]
-    image_hw = list(first.frames.shape[1:3])
+    image_hw, action_dim = list(first[0]), first[1]
     low, high = action_bounds(bounds, files, action_dim, only_success, drop_noops)
     act_tok = ActionTokenizer(layout, low, high)
     builder = SequenceBuilder(layout, builder_text, act_tok)
@@ -535,10 +563,13 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     # compares it): the instruction reaches the store through each input's record, which a rerun checks.
     fp_settings = {k: v for k, v in settings_d.items() if k != "instruction"}
     stats = [f.stat() for f in files]
-    fingerprint = hashlib.sha256(json.dumps(
-        {"version": VERSION, "settings": fp_settings, "layout": layout.to_dict(), "low": low, "high": high,
-         "vqgan": vq_digest, "inputs": [(f.name, st.st_size) for f, st in zip(files, stats)]},
-        sort_keys=True).encode()).hexdigest()
+    terms = {"version": VERSION, "settings": fp_settings, "layout": layout.to_dict(), "low": low, "high": high,
+             "vqgan": vq_digest, "inputs": [(f.name, st.st_size) for f, st in zip(files, stats)]}
+    if drop_noops and world:
+        # World samples under drop_noops target the frames their actions led to (the next kept frames before): a
+        # store built so before is rebuilt (--overwrite), not resumed with shards of both; the others keep theirs.
+        terms["world_target"] = "frame_after_action"
+    fingerprint = hashlib.sha256(json.dumps(terms, sort_keys=True).encode()).hexdigest()
 
     out.mkdir(parents=True, exist_ok=True)
     mpath = out / MANIFEST
@@ -590,6 +621,9 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     # The manifest is rewritten incomplete before the VQGAN and the text tokenizer are replaced: a build killed
     # between them leaves a store the reader refuses, not an old complete manifest beside new files.
     _atomic_json(mpath, manifest)
+    # From here the folder holds this build's store, whose manifest names only shards of its plan: the shard folders
+    # of a store built before with more of them (--overwrite with fewer files or demos per shard) go now.
+    _remove_stale_shards(out, {e["name"] for e in plan})
     # Checked against the weights themselves, not the manifest: a folder left without its manifest
     # (an interrupted first build, a cleaned folder) may hold another VQGAN.
     if overwrite or _vqgan_folder_digest(out / "vqgan") != vq_digest:
@@ -614,11 +648,10 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
         remaining = {e["name"]: e["demos"][1] - e["demos"][0] for e in entries}
         # A demo's ordinal is its place among the file's demos, whether or not iter_demos skips some (no-ops only).
         ordinal = {name: d for d, name in enumerate(infos[files[fi]]["names"])}
-        for demo in iter_demos(files[fi], **read):
+        # Only the demos of unfinished shards are read: a resumed build reads no frames of its finished ones.
+        for demo in iter_demos(files[fi], names={n for n, d in ordinal.items() if d in wanted}, **read):
             d = ordinal[demo.name]
-            entry = wanted.get(d)
-            if entry is None:
-                continue
+            entry = wanted[d]
             if demo.success or not only_success:  # the size and width of a demo the store skips do not matter
                 if list(demo.frames.shape[1:3]) != image_hw:
                     raise ValueError(f"{files[fi]}:{demo.name} has {demo.frames.shape[1]}x{demo.frames.shape[2]} "
@@ -629,8 +662,15 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                 check_actions(demo.actions, f"{files[fi]}:data/{demo.name}")
                 codes = _encode_frames(vqgan, demo.frames, encode_batch)
                 n_frames += len(codes)
-                pending[entry["name"]] += [(s, d, j) for s, j in
-                                           demo_samples(builder, codes, demo.actions, demo.instruction, settings)]
+                next_codes = {}
+                # where the no-ops after a step were dropped; world samples are j < T - 1 (see the top)
+                steps = sorted(j for j in demo.next_frames if j < len(demo.actions) - 1) if settings.world else []
+                if steps:
+                    after = _encode_frames(vqgan, np.stack([demo.next_frames[j] for j in steps]), encode_batch)
+                    next_codes = dict(zip(steps, after))
+                    n_frames += len(after)
+                pending[entry["name"]] += [(s, d, j) for s, j in demo_samples(builder, codes, demo.actions,
+                                                                              demo.instruction, settings, next_codes)]
             remaining[entry["name"]] -= 1
             if remaining[entry["name"]] == 0:
                 info = _write_shard(out / entry["name"], pending.pop(entry["name"]))
@@ -972,7 +1012,8 @@ def add_arguments(p) -> None:
     p.add_argument("--rotate-180", default="auto", choices=tuple(ROTATE_180), help=ROTATE_HELP)
     p.add_argument("--drop-noops", action="store_true",
                    help="drop the steps whose arm action is ~0 and gripper unchanged, as the release's regeneration "
-                        "of LIBERO's demos does (for LIBERO's raw files, which keep them)")
+                        "of LIBERO's demos does (for LIBERO's raw files, which keep them); a world sample's target "
+                        "stays the frame its action led to, the file's next one")
     p.add_argument("--encode-batch", type=positive_int, default=32, help="frames per VQGAN call (default: %(default)s)")
     p.add_argument("--device", default=None, help="device for the VQGAN: cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--overwrite", action="store_true", help="rebuild a store made with other settings")
