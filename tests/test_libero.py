@@ -622,3 +622,43 @@ def test_an_out_folder_inside_the_policy_folder_does_not_change_its_fingerprint(
     assert len(list((out / "runs").iterdir())) == 1
     (folder / "model" / "model.safetensors").write_bytes(b"retrained")  # the policy's own files still count
     assert run() == "state0-0"
+
+
+def test_an_episode_whose_query_yields_no_action_fails_without_an_error(tmp_path, monkeypatch, capsys):
+    """mode='release' may decode no action block; the release's loop fails the episode there. It was recorded as
+    an error, so every resume ran it (and the task's later episodes) again, deterministically alike, and a policy
+    that never wrote an action made the command exit 1 as if it had crashed. It is a failure now, counted apart."""
+    rng = np.random.default_rng()
+
+    class WritesNoActionIn(RecordingPolicy):  # greedy: the episodes from these initial states yield no action
+        def __init__(self, states, **kw):
+            super().__init__(**kw)
+            self.states, self.bad = states, False
+
+        def act(self, image, history=None):
+            return np.zeros((0, 7)) if self.bad else super().act(image, history)
+
+    class Env(FakeLiberoEnv):
+        def set_init_state(self, state):
+            policy.bad = state in policy.states
+            return super().set_init_state(state)
+
+    policy = WritesNoActionIn({"state0-1"}, rng=rng)
+    suite = FakeSuite([Env(rng=rng, succeed_at=libero.SETTLE_STEPS + 2)], max_steps=5)
+    run = lambda: libero.evaluate_suite(policy, suite, episodes=3, out_dir=tmp_path, progress=False,  # noqa: E731
+                                        policy_fingerprint="same policy files")
+    task = run()["tasks"]["0"]
+    assert task["episode_success"] == [True, False, True] and task["errors"] == [], task
+    assert task["ended_without_action"] == 1 and task["episode_no_action"] == [False, True, False]
+    assert task["episode_steps"][1] == 0
+    n = len(policy.instructions)
+    again = run()["tasks"]["0"]  # everything reused: nothing to run again
+    assert len(policy.instructions) == n and again["episode_success"] == [True, False, True]
+    assert again["ended_without_action"] == 1
+
+    policy = WritesNoActionIn({f"state{t}-{e}" for t in range(2) for e in range(5)}, rng=rng)
+    suite = FakeSuite([Env(rng=rng), Env(rng=rng)], max_steps=5)
+    assert _run_eval_libero(tmp_path, monkeypatch, policy, suite, "--episodes", "2") == 0
+    out, err = capsys.readouterr()
+    assert "task  0  2 of 2 episodes failed on a query that yielded no action" in out, out
+    assert "ended on an error" not in out + err

@@ -736,3 +736,15 @@ def test_collect_reads_an_existing_task_files_summary_once(tmp_path, monkeypatch
     s = collect(["reach-v3"], 2, tmp_path, image_size=16, seed=7, workers=1, progress=False)
     assert s["tasks"]["reach-v3"]["skipped"] and s["episodes_run"] == 0
     assert read == [path] and len(read_demos(path)) == 2
+
+
+def test_worker_envs_end_their_episodes_where_a_local_env_does():
+    """EnvWorkers' envs give what the same env gives in the calling process: with the defaults too (the pool
+    cut episodes at 150 steps, a local env at 200)."""
+    import inspect
+
+    from worldvla.sim import metaworld_env
+    from worldvla.sim.workers import EnvWorkers
+
+    local = inspect.signature(metaworld_env.MetaWorldEnv.__init__).parameters["max_steps"].default
+    assert inspect.signature(EnvWorkers.__init__).parameters["max_steps"].default == local

@@ -122,16 +122,20 @@ def upright(obs) -> np.ndarray:
 
 def run_episode(env, policy, query: ChunkQuery, instruction: str, init_state, max_steps: int,
                 settle_steps: int = SETTLE_STEPS, record: bool = False) -> dict:
-    """One episode of the release's loop; returns success, steps, queries, error and (if
+    """One episode of the release's loop; returns success, steps, queries, error, no_action and (if
     `record`) the upright frames the policy saw. `steps`: the env steps taken by policy actions
-    (the settle steps left out), whether the episode succeeds, runs out or fails on an error."""
+    (the settle steps left out), whether the episode succeeds, runs out or fails on an error.
+    `no_action`: a query yielded no action (mode='release': the model wrote none), which fails the
+    episode as the release's loop does, without an error."""
+    from ..inference.policy import NoActionWritten
+
     policy.reset(instruction)
     env.reset()
     obs = env.set_init_state(init_state)
     queue: list[np.ndarray] = []
     previous: np.ndarray | None = None  # the frame of the step before: all of the history the release reads
     frames: list[np.ndarray] = []
-    t, steps, queries, success, error = 0, 0, 0, False, None
+    t, steps, queries, success, error, no_action = 0, 0, 0, False, None, False
     try:
         while t < max_steps + settle_steps:
             if t < settle_steps:
@@ -155,9 +159,12 @@ def run_episode(env, policy, query: ChunkQuery, instruction: str, init_state, ma
                 success = True
                 break
             t += 1
+    except NoActionWritten:  # the task failed, not the policy or the simulator: a rerun would repeat it
+        no_action = True
     except Exception as e:  # noqa: BLE001  (the release ends the episode as a failure)
         error = f"{type(e).__name__}: {e}"
-    return {"success": success, "steps": steps, "queries": queries, "error": error, "frames": frames}
+    return {"success": success, "steps": steps, "queries": queries, "error": error, "no_action": no_action,
+            "frames": frames}
 
 
 def check_bounds(policy, allow_mismatch: bool = False) -> None:
@@ -217,14 +224,16 @@ def _saved_tasks(out_dir: Path, key: str | None) -> dict:
     return {}
 
 
-def _task_summary(instruction: str, success: list, steps: list, errors: list) -> dict:
-    """One task's entry from its per-episode records (errors: None or the episode's error)."""
+def _task_summary(instruction: str, success: list, steps: list, errors: list, no_action: list) -> dict:
+    """One task's entry from its per-episode records (errors: None or the episode's error; no_action: whether it
+    ended on a query that yielded no action)."""
     n = len(success)
     return {"instruction": instruction, "successes": int(sum(success)), "episodes": n,
             "success_rate": sum(success) / max(n, 1), "mean_steps": float(np.mean(steps)) if steps else 0.0,
             "errors": [f"episode {ep}: {e}" for ep, e in enumerate(errors) if e],
+            "ended_without_action": int(sum(no_action)),
             "episode_success": [bool(x) for x in success], "episode_steps": [int(x) for x in steps],
-            "episode_errors": errors}
+            "episode_errors": errors, "episode_no_action": [bool(x) for x in no_action]}
 
 
 def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, save_videos: bool = False,
@@ -300,6 +309,8 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
             runs = [list(old.get(k, [])) for k in ("episode_success", "episode_steps", "episode_errors")]
             n = min(len(r) for r in runs)
             success, steps, errors = (r[:n] for r in runs)
+            no_action = list(old.get("episode_no_action", []))[:n]  # absent from files written before it was kept
+            no_action += [False] * (n - len(no_action))
             start = min(n, episodes) if resume else 0  # saved episodes reused, up to what is asked
             # ... up to the first that ended on an error (the policy or the simulator failed, not the task): it and
             # those after it run again.
@@ -307,7 +318,7 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
             if bar is not None:
                 bar.update(start)
             results["tasks"][str(task_id)] = _task_summary(instruction, success[:start], steps[:start],
-                                                           errors[:start])
+                                                           errors[:start], no_action[:start])
             if start == episodes:
                 continue
             init_states = states[task_id]
@@ -316,14 +327,15 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
                 for ep in range(start, episodes):
                     r = run_episode(env, policy, query, instruction, init_states[ep], suite.max_steps,
                                     record=save_videos and out_dir is not None)
-                    for lst, v in ((success, r["success"]), (steps, r["steps"]), (errors, r["error"])):
+                    for lst, v in ((success, r["success"]), (steps, r["steps"]), (errors, r["error"]),
+                                   (no_action, r["no_action"])):
                         if ep < len(lst):  # without resume: a saved episode run again
                             lst[ep] = v
                         else:
                             lst.append(v)
-                    kept[str(task_id)] = _task_summary(instruction, success, steps, errors)
+                    kept[str(task_id)] = _task_summary(instruction, success, steps, errors, no_action)
                     results["tasks"][str(task_id)] = _task_summary(instruction, success[:ep + 1], steps[:ep + 1],
-                                                                   errors[:ep + 1])
+                                                                   errors[:ep + 1], no_action[:ep + 1])
                     if save_videos and out_dir is not None:
                         # An earlier run's GIF of the other outcome would stand beside this one as current.
                         gif = {tag: out_dir / f"task{task_id:02d}_ep{ep:03d}_{tag}.gif"
@@ -418,6 +430,9 @@ def run(args: argparse.Namespace) -> int:
                   f"failures); first: {errors[0]}")
             errored += len(errors)
             first = first or f"task {tid}, {errors[0]}"
+        if r.get("ended_without_action"):
+            print(f"task {tid:>2}  {r['ended_without_action']} of {r['episodes']} episodes failed on a query that "
+                  f"yielded no action (the model wrote no action block, as mode='release' allows)")
     print(f"{res['suite']}: {res['success_rate']:.1%} over {len(res['tasks'])} tasks x {args.episodes} episodes"
           + (f"; {errored} episodes ended on an error (see {Path(args.out) / RESULTS})" if errored else ""))
     total = sum(r["episodes"] for r in res["tasks"].values())

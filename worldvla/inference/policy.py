@@ -560,6 +560,11 @@ class WorldVLAPolicy:
         return generate_action_chunk(self.model, prompts, lay, K, D, mode=self.mode, engine=eng, skip=prefix_lens)
 
 
+class NoActionWritten(RuntimeError):
+    """mode='release': the model wrote no action block (or only malformed ones). The release's loop fails the
+    episode here: a harness counts it as a failure, not as an error of the policy or the simulator."""
+
+
 def check_chunk(chunk):
     """An action chunk a harness can execute in order: [K, D] or [N, K, D] with K >= 1. mode='release'
     returns a list where the environments' chunks differ in length, and may return no action at all
@@ -569,8 +574,8 @@ def check_chunk(chunk):
         raise ValueError("the environments' chunks differ in length (mode='release' decodes as many actions as the "
                          "model wrote); call act() and run each environment's chunk, or one environment at a time")
     if chunk.shape[-2] == 0:
-        raise RuntimeError("the model wrote no action block, or malformed ones (mode='release'; the release's loop "
-                           "fails the episode here)")
+        raise NoActionWritten("the model wrote no action block, or malformed ones (mode='release'; the release's "
+                              "loop fails the episode here)")
     return chunk
 
 

@@ -80,7 +80,7 @@ TASKS: dict[str, str] = {
 
 ACTION_DIM = 4  # xyz end-effector delta + gripper effort, each in [-1, 1]
 MAX_EPISODE_STEPS = 500  # Meta-World's own episode limit
-# The scripted experts finish the tasks they solve well before 200 steps (see `expert_success`),
+# The scripted experts finish the tasks they solve well before 200 steps (see `expert_episode`),
 # and shorter episodes mean smaller demos.
 DEFAULT_MAX_STEPS = 200
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")

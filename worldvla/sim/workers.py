@@ -22,6 +22,8 @@ from multiprocessing.connection import wait as wait_ready
 
 import numpy as np
 
+from .metaworld_env import DEFAULT_MAX_STEPS
+
 
 def mp_context(preload=("worldvla.sim.metaworld_env",)):
     """The multiprocessing context of simulator workers (collection, evaluation). They must not
@@ -248,8 +250,8 @@ class RemoteEnv:
 class EnvWorkers:
     """`n_envs` envs of `task` spread round-robin over `workers` processes (`.envs`)."""
 
-    def __init__(self, task: str, n_envs: int, image_size: int = 64, max_steps: int = 150, workers: int = 2,
-                 **env_kwargs):
+    def __init__(self, task: str, n_envs: int, image_size: int = 64, max_steps: int = DEFAULT_MAX_STEPS,
+                 workers: int = 2, **env_kwargs):
         from .metaworld_env import _check_task
 
         _check_task(task)
