@@ -19,7 +19,8 @@ memory the process already holds count as well as fresh ones (see `PEAK_MEMORY_M
 
 The sides of a ratio are timed interleaved where they can be (`time_interleaved`: one call of each a
 round, the order turning every round), so that a machine that speeds up or slows down moves every side
-alike. Every timed row records p90_over_p10; `print_table` warns about rows above `NOISY_SPREAD`, and
+alike. Every timed row records p90_over_p10 (or, where `label_spread` labels a row of too few repeats for
+percentiles, max_over_min); `print_table` warns about rows above `NOISY_SPREAD`, and
 each result records the load average when its benchmark started (`load_average_start`, passed in its
 extra) and when it was written (`load_average_end`), so that a run on a busy machine shows as one.
 
@@ -28,7 +29,9 @@ L2 or last-level cache, worldvla's version and the git commit of its checkout (N
 CUDA the NVIDIA driver's version. `measure_bandwidth` measures the device's copy bandwidth in the calling
 process (attention's decode rows and e2e's weight-streaming floor are read against it).
 
-`--quick` runs write `<name>-<device>-quick.json` next to the full results, never over them.
+`--quick` runs write `<name>-<device>-quick.json` next to the full results, never over them. Each JSON and
+plot is written under a temporary name of its own and renamed whole (`checkpoint.write_atomic`), so runs
+writing into one folder at once never mix their files.
 """
 from __future__ import annotations
 
@@ -395,10 +398,7 @@ def time_fn(fn, *, warmup: int = 3, repeats: int = 20, device="cpu", setup=None,
             t0 = time.perf_counter()
             fn(*a)
             times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
-    out = {"median_ms": statistics.median(times), "p10_ms": q(0.1), "p90_ms": q(0.9),
-           "p90_over_p10": _spread(q(0.1), q(0.9)), "repeats": repeats, "warmup": warmup}
+    out = {**_stats(times), "repeats": repeats, "warmup": warmup}
     out.update(rotation.info() if rotation is not None else {"inputs_rotated": False})
     if on_gpu:
         out["timed"] = "device" if spin else "wall"
@@ -442,15 +442,10 @@ def time_interleaved(fns: dict, *, warmup: int = 2, repeats: int = 7, device="cp
                 ms = (time.perf_counter() - t0) * 1e3
             if r >= warmup:
                 times[name].append(ms)
-    out = {}
-    for name, ts in times.items():
-        ts.sort()
-        q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]
-        out[name] = {"median_ms": statistics.median(ts), "p10_ms": q(0.1), "p90_ms": q(0.9),
-                     "p90_over_p10": _spread(q(0.1), q(0.9)), "repeats": repeats, "warmup": warmup,
-                     "interleaved": True, **(rotation.info() if rotation is not None else {"inputs_rotated": False}),
-                     **({"timed": "device" if spin else "wall"} if on_gpu else {})}
-    return out
+    return {name: {**_stats(ts), "repeats": repeats, "warmup": warmup, "interleaved": True,
+                   **(rotation.info() if rotation is not None else {"inputs_rotated": False}),
+                   **({"timed": "device" if spin else "wall"} if on_gpu else {})}
+            for name, ts in times.items()}
 
 
 BANDWIDTH_METHOD = "median of a 2 GiB device-to-device copy, (read + write bytes) / time"
@@ -495,9 +490,44 @@ def _spread(p10: float, p90: float) -> float | None:
     return p90 / p10 if p10 > 0 else None
 
 
+def _stats(times: list[float]) -> dict:
+    """Median, 10th and 90th percentiles (by rank: the sorted times' int(0.1 n)-th and int(0.9 n)-th), their
+    spread, and the fastest and slowest of `times` (ms)."""
+    ts = sorted(times)
+    q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]
+    return {"median_ms": statistics.median(ts), "p10_ms": q(0.1), "p90_ms": q(0.9),
+            "p90_over_p10": _spread(q(0.1), q(0.9)), "min_ms": ts[0], "max_ms": ts[-1]}
+
+
+# Repeats from which a row's p10 and p90 are percentiles of their own: read by rank, the 90th percentile of 10
+# times or fewer is the slowest of them, and the 10th of fewer than 10 the fastest.
+PERCENTILE_MIN_REPEATS = 11
+
+
+def label_spread(stats: dict) -> dict:
+    """A row's timing statistics (`time_fn`'s or `time_interleaved`'s) as it reports them: with fewer than
+    PERCENTILE_MIN_REPEATS repeats, no p10_ms, p90_ms and p90_over_p10 (which would be the extremes under other
+    names) but the fastest and slowest times and their spread (min_ms, max_ms, max_over_min); otherwise the
+    percentiles, without min_ms and max_ms."""
+    out = dict(stats)
+    if stats["repeats"] >= PERCENTILE_MIN_REPEATS:
+        out.pop("min_ms", None)
+        out.pop("max_ms", None)
+        return out
+    for key in ("p10_ms", "p90_ms", "p90_over_p10"):
+        out.pop(key, None)
+    out["max_over_min"] = _spread(stats["min_ms"], stats["max_ms"])
+    return out
+
+
+def row_spread(row: dict) -> float | None:
+    """A row's spread: p90_over_p10, or max_over_min where its repeats were too few for percentiles."""
+    return row.get("p90_over_p10") or row.get("max_over_min")
+
+
 def noisy_rows(rows: list[dict]) -> list[dict]:
-    """The rows whose times spread more than `NOISY_SPREAD` (p90 / p10)."""
-    return [r for r in rows if (r.get("p90_over_p10") or 0) > NOISY_SPREAD]
+    """The rows whose times spread more than `NOISY_SPREAD` (`row_spread`: p90 / p10, or max / min)."""
+    return [r for r in rows if (row_spread(r) or 0) > NOISY_SPREAD]
 
 
 def load_average() -> list[float] | None:
@@ -591,16 +621,20 @@ def write_results(name: str, rows: list[dict], device="cpu", out_dir: str | Path
                   quick: bool = False) -> Path:
     """Write `<out_dir>/<name>-<device>.json`, `<name>-<device>-quick.json` for a --quick run (and a PNG
     plot of `plot=(x_key, y_key, group_key)` beside it; group_key may be a tuple of keys)."""
+    from worldvla.checkpoint import write_text_atomic
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     stem = result_stem(name, device, quick)
     doc = {"benchmark": name, **env, "quick": quick, **(extra or {}), "load_average_end": load_average(),
-           "noisy_rows": len(noisy_rows(rows)), "noisy_rows_rule": f"p90_over_p10 > {NOISY_SPREAD}", "rows": rows}
+           "noisy_rows": len(noisy_rows(rows)),
+           "noisy_rows_rule": f"p90_over_p10 (max_over_min in rows of fewer than {PERCENTILE_MIN_REPEATS} repeats) "
+                              f"> {NOISY_SPREAD}", "rows": rows}
     path = out_dir / f"{stem}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, path)
+    # A temporary name of its own, not a fixed one: two runs writing into one folder would otherwise write one
+    # file and rename it from under each other.
+    write_text_atomic(path, json.dumps(doc, indent=2))
     if plot is not None:
         plot_rows(rows, *plot, title=f"{name} ({env['device']})", path=out_dir / f"{stem}.png")
     return path
@@ -611,6 +645,8 @@ def plot_rows(rows, x_key, y_key, group_key, title, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from worldvla.checkpoint import write_atomic
 
     keys = (group_key,) if isinstance(group_key, str) else tuple(group_key)  # a bar series per distinct value(s)
     groups: dict = {}
@@ -633,8 +669,10 @@ def plot_rows(rows, x_key, y_key, group_key, title, path):
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # whole or not at all, under a temporary name of its own (as the JSON beside it)
+        write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def series_colors(n: int) -> list:
@@ -660,9 +698,11 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     noisy = noisy_rows(rows)
     if noisy:  # named by the columns before the time (case, impl, mode, shapes, ...)
         ids = columns[:columns.index("median_ms")] if "median_ms" in columns else columns
-        names = [" ".join(str(r.get(c)) for c in ids) + f" ({r['p90_over_p10']:.2f}x)" for r in noisy]
-        print(f"warning: {len(noisy)} of {len(rows)} rows spread p90/p10 > {NOISY_SPREAD} (a busy machine? load "
-              f"average {load_average()}, {torch.get_num_threads()} threads): " + "; ".join(names))
+        names = [" ".join(str(r.get(c)) for c in ids)
+                 + f" ({row_spread(r):.2f}x{'' if r.get('p90_over_p10') else ' max/min'})" for r in noisy]
+        print(f"warning: {len(noisy)} of {len(rows)} rows spread p90/p10 > {NOISY_SPREAD} (max/min where a row has "
+              f"too few repeats for percentiles; a busy machine? load average {load_average()}, "
+              f"{torch.get_num_threads()} threads): " + "; ".join(names))
 
 
 def _fmt(v) -> str:

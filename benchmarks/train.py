@@ -5,7 +5,8 @@ of the release (right-padded batch, dense mask, full-vocabulary fp32 logits at e
 
 Reports tokens/s (real tokens, padding excluded), peak memory and model FLOPs. Both sides' MFU
 divides the same useful work, the model's (`USEFUL_FLOPS`), by the side's step time and the GPU's
-peak (GPU only); `side_flops` is what the side's own method runs (`SIDE_FLOPS`)."""
+peak (GPU only); `side_flops` is what the side's own method runs (`SIDE_FLOPS`). The two sides' steps
+are timed interleaved (`common.time_interleaved`) after the same warm-up."""
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,8 @@ from worldvla.model import ModelConfig, WorldVLA, loss_class_weights
 from worldvla.train.trainer import micro_batch_loss
 
 from .attention import LAYOUT, action_document, visible_pairs
-from .common import load_average, main_for, peak_memory, peak_memory_method, print_table, time_fn, write_results
+from .common import (label_spread, load_average, main_for, peak_memory, peak_memory_method, print_table,
+                     time_interleaved, write_results)
 
 # Dense bf16 tensor-core FLOP/s by the device name's part, the first match winning: the PCIe and NVL
 # boards run lower clocks and power than the SXM ones the plain names are.
@@ -134,9 +136,12 @@ def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: boo
         dense_pairs = ids_b.shape[0] * Lmax * Lmax  # SDPA with a dense mask computes every pair
         sides = (("worldvla", ours, step_flops(model, tokens, label_rows.numel(), pairs), label_rows.numel()),
                  ("reference-style", reference, step_flops(model, padded, padded, dense_pairs), padded))
+        # Interleaved (one step of each side a round, the order turning), so that a machine that speeds up or
+        # slows down during the run moves both sides alike; each step starts from no gradients held.
+        stats = time_interleaved({name: fn for name, fn, *_ in sides}, device=device, warmup=1 if quick else 3,
+                                 repeats=2 if quick else 10, before=lambda name: model.zero_grad(set_to_none=True))
         for name, fn, side_flops, head_rows in sides:
-            t = time_fn(fn, device=device, warmup=1 if quick else 3, repeats=2 if quick else 10,
-                        setup=lambda: model.zero_grad(set_to_none=True))
+            t = label_spread(stats[name])  # 10 repeats or fewer: the fastest and slowest, not percentiles
             model.zero_grad(set_to_none=True)  # the timed repeats' gradients must not count as held memory
             mem = peak_memory(fn, device)
             model.zero_grad(set_to_none=True)

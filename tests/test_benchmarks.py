@@ -1035,3 +1035,82 @@ def test_results_record_the_package_version_and_commit(monkeypatch):
             assert common.nvidia_driver_version() == want
         finally:
             common.nvidia_driver_version.cache_clear()
+
+
+def test_two_writers_into_one_folder_do_not_collide_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    """Results went through one fixed `<name>.json.tmp`: a second run writing the same result in the same folder
+    between the first's write and rename took that file, and the first's rename then failed (its temporary gone).
+    Now each write has a temporary name of its own; the JSON and the plot each appear whole, the last writer's,
+    and a write that fails leaves neither a temporary nor a result behind."""
+    real_replace = os.replace
+    nested = []
+
+    def replace(src, dst):
+        if not nested:  # the first writer, between its write and its rename: a second writer does all of its own
+            nested.append(None)
+            nested[0] = common.write_results("demo", [{"x": 1, "y": 2.0, "g": "b"}], "cpu", tmp_path,
+                                             plot=("x", "y", "g"))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    path = common.write_results("demo", [{"x": 1, "y": 1.0, "g": "a"}], "cpu", tmp_path, plot=("x", "y", "g"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert nested == [path] and json.loads(path.read_text())["rows"][0]["g"] == "a"
+    assert path.with_suffix(".png").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.with_suffix(".png").name]
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match="No space"):
+        common.write_results("other", [{"x": 1, "y": 1.0, "g": "a"}], "cpu", tmp_path)
+    with pytest.raises(OSError, match="No space"):
+        common.plot_rows([{"x": 1, "y": 1.0, "g": "a"}], "x", "y", "g", "t", tmp_path / "p.png")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.with_suffix(".png").name]
+
+
+def test_too_few_repeats_report_their_fastest_and_slowest_not_percentiles():
+    """By rank, the p90 of 10 times or fewer is the slowest and the p10 of under 10 the fastest: e2e's 7 repeats
+    reported their extremes as p10 / p90. label_spread names them min / max there, and keeps percentiles where
+    there are enough repeats to tell them from the extremes; noisy_rows and print_table read either spread."""
+    seven = {**common._stats([float(t) for t in (5, 1, 7, 2, 6, 3, 4)]), "repeats": 7}
+    assert (seven["p10_ms"], seven["p90_ms"]) == (1.0, 7.0)  # what a row of 7 repeats reported
+    row = common.label_spread(seven)
+    assert not {"p10_ms", "p90_ms", "p90_over_p10"} & set(row)
+    assert (row["min_ms"], row["median_ms"], row["max_ms"], row["max_over_min"]) == (1.0, 4.0, 7.0, 7.0)
+    eleven = common.label_spread({**common._stats([float(t) for t in range(1, 12)]), "repeats": 11})
+    assert (eleven["p10_ms"], eleven["p90_ms"]) == (2.0, 10.0) and not {"min_ms", "max_ms"} & set(eleven)
+    assert common.PERCENTILE_MIN_REPEATS == 11
+    for n in range(1, 30):  # the rule holds for every count: percentiles at 11 and more, extremes below
+        ts = [float(t) for t in range(n)]
+        st = common._stats(ts)
+        assert (st["p10_ms"] != ts[0] and st["p90_ms"] != ts[-1]) == (n >= common.PERCENTILE_MIN_REPEATS)
+    assert common.noisy_rows([row, eleven]) == [row, eleven]
+    assert common.noisy_rows([{**row, "max_over_min": 1.2}]) == []
+
+
+def test_train_benchmark_times_its_two_sides_interleaved(tmp_path, monkeypatch):
+    """benchmarks.train timed its fast side's repeats, then the reference-style side's: a machine that sped up or
+    slowed down in between moved one side only. Now one step of each side a round, the order turning, after the
+    same warm-up; every row says so, and with so few repeats gives min / max, not p10 / p90."""
+    from worldvla.benchmarks import train
+    from worldvla.model import ModelConfig
+
+    monkeypatch.setattr(ModelConfig, "small", classmethod(lambda cls, layout=None, **kw: cls.tiny(layout, **kw)))
+    order = []
+    real = common.time_interleaved
+
+    def record(fns, **kw):
+        fns = {name: (lambda name=name, fn=fn: order.append(name) or fn()) for name, fn in fns.items()}
+        return real(fns, **kw)
+
+    monkeypatch.setattr(train, "time_interleaved", record)
+    doc = json.loads(train.run(quick=True, device="cpu", out_dir=tmp_path).read_text())
+    assert order == ["worldvla", "reference-style", "reference-style", "worldvla", "worldvla", "reference-style"]
+    assert [r["impl"] for r in doc["rows"]] == ["worldvla", "reference-style"]
+    for r in doc["rows"]:
+        assert r["interleaved"] is True and (r["warmup"], r["repeats"]) == (1, 2)
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and "p10_ms" not in r and r["peak_bytes"] is not None
+    assert doc["rows"][0]["speedup_vs_reference"] == doc["rows"][1]["median_ms"] / doc["rows"][0]["median_ms"]

@@ -139,3 +139,52 @@ def test_a_folder_with_both_a_single_file_and_shards_is_read_as_transformers_rea
     assert torch.equal(hf.get_input_embeddings().weight, want)
     assert torch.equal(ours.model.embed_tokens.weight, want)
     assert all(torch.equal(p, q) for p, q in zip(ours.state_dict().values(), a.state_dict().values()))
+
+
+def test_a_bin_of_views_of_one_flat_buffer_holds_the_weights_once_and_no_two_alias(tmp_path):
+    """pytorch_model.bin whose tensors are all views of one flat buffer (an FSDP flat-parameter save): every tensor
+    after the first was copied and the first kept the whole buffer alive, so the model held about twice its
+    weights. Now the views that do not overlap stay views of the buffer, the only memory they hold; a view that
+    overlaps another (a head stored as the embedding's memory, config.json untied) and one whose data starts off a
+    16-byte boundary get copies of their own. The values are the file's, and a step on each parameter changes no
+    other (aliased parameters would take two)."""
+    model = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "ref")
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = [k for k in sd if k != "lm_head.weight"]
+    odd = "model.norm.weight"  # placed 4 bytes past a 16-byte boundary
+    offsets, n = {}, 0
+    for k in names:
+        n = -(-n // 4) * 4 + (1 if k == odd else 0)
+        offsets[k] = n
+        n += sd[k].numel()
+    flat = torch.zeros(n)
+    views = {k: flat[offsets[k]:offsets[k] + sd[k].numel()].view(sd[k].shape) for k in names}
+    for k in names:
+        views[k].copy_(sd[k])
+    views["lm_head.weight"] = views["model.embed_tokens.weight"]  # a tied model's torch.save
+    f = tmp_path / "flat"
+    f.mkdir()
+    torch.save(views, f / "pytorch_model.bin")
+    (f / "config.json").write_text((tmp_path / "ref" / "config.json").read_text())
+
+    loaded = WorldVLA.from_pretrained(f)
+    params = dict(loaded.state_dict())
+    want = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
+    assert all(torch.equal(params[k], want[k]) for k in want)
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in params.values()}
+    copied = params["lm_head.weight"].nbytes + params[odd].nbytes
+    assert sum(storages.values()) == flat.nbytes + copied  # the buffer once, and the two copies
+    in_buffer = [k for k in names if k != odd]
+    assert len({params[k].untyped_storage().data_ptr() for k in in_buffer}) == 1
+    assert all(params[k].data_ptr() % 16 == 0 for k in params)
+    spans = sorted((p.data_ptr(), p.data_ptr() + p.nbytes) for p in params.values())
+    assert all(stop <= start for (_, stop), (start, _) in zip(spans, spans[1:]))  # no two overlap
+    with torch.no_grad():
+        for p in loaded.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(params[k], want[k] + 1.0) for k in want)
+
+    loaded.save_pretrained(tmp_path / "again")  # views of one buffer are saved as separate tensors
+    again = WorldVLA.from_pretrained(tmp_path / "again")
+    assert all(torch.equal(v, params[k]) for k, v in again.state_dict().items())

@@ -545,3 +545,28 @@ def test_resume_refuses_a_run_of_the_other_trainer_by_name(data, tmp_path, monke
         # _vq_args: without --min-lr, whose default is read from the checkpoint's settings first
         with pytest.raises(ValueError, match="holds a `worldvla train` run"):
             vqt.train_vq(_vq_args(data, train_run, "--steps", 2, "--resume"))
+
+
+def test_the_summary_names_the_checkpoint_the_save_wrote_or_the_one_resumed(data, tmp_path, monkeypatch):
+    """The run's summary (and the line a SIGTERM ends with) named a folder rebuilt by hand from the step, not the
+    one save_checkpoint returned: a save that names its folder otherwise was misreported. Now it is the returned
+    folder; a resumed run with nothing left to train names the checkpoint it resumed from."""
+    import os
+
+    real = vqt.save_checkpoint
+    returned = []
+
+    def save_elsewhere(*a, **kw):
+        folder = real(*a, **kw)
+        moved = folder.with_name(folder.name + "-moved")
+        os.replace(folder, moved)
+        returned.append(moved)
+        return moved
+
+    monkeypatch.setattr(vqt, "save_checkpoint", save_elsewhere)
+    s = vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 2))
+    assert s["checkpoint"] == str(returned[-1]) and returned[-1].is_dir()
+    monkeypatch.setattr(vqt, "save_checkpoint", real)
+    vqt.train_vq(args_for(data, tmp_path / "done", "--steps", 2))
+    again = vqt.train_vq(args_for(data, tmp_path / "done", "--steps", 2, "--resume"))
+    assert again["losses"] == [] and again["checkpoint"] == str(latest_checkpoint(tmp_path / "done"))

@@ -466,16 +466,42 @@ def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0
 
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) of the memory a (non-empty) tensor's elements lie in."""
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
 def _unshare(sd: dict) -> None:
-    """Give every tensor of `sd` that shares its storage with an earlier one (torch.save keeps a tied
-    model's sharing in pytorch_model.bin) a copy of its own: loaded with assign=True, shared tensors would
-    become one memory under two parameters, which an optimizer updates twice and a save refuses."""
-    seen = set()
+    """Give every tensor of `sd` whose memory overlaps another's (torch.save keeps a tied model's sharing in
+    pytorch_model.bin) a copy of its own: loaded with assign=True, overlapping tensors would become one memory
+    under two parameters, which an optimizer updates twice and a save refuses.
+
+    Tensors that share a storage without overlapping (the views of one flat buffer that an FSDP save writes)
+    stay views of it: copying them all would hold the weights twice while loading, and the first one kept the
+    whole buffer alive for as long as the model lived. Views are copied still where their data starts off a
+    16-byte boundary (the kernels' vector loads), and where those kept would leave most of their storage unused
+    (tensors of it that were not loaded: the rest would stay allocated with the model)."""
+    groups = {}
     for k, v in sd.items():
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen and v.numel():
-            sd[k] = v.clone()
-        seen.add(ptr)
+        if v.numel():
+            groups.setdefault((v.device, v.untyped_storage().data_ptr()), []).append(k)
+    for names in groups.values():
+        # Sorted by where they start, a tensor overlaps a kept one exactly when it starts before the end of
+        # the furthest-reaching kept one (every kept one starts at or before it).
+        names.sort(key=lambda k: _byte_span(sd[k])[0])
+        kept, end, kept_bytes = [], None, 0
+        for k in names:
+            start, stop = _byte_span(sd[k])
+            if (end is not None and start < end) or start % 16:
+                sd[k] = sd[k].clone()
+                continue
+            kept.append(k)
+            end = stop if end is None else max(end, stop)
+            kept_bytes += stop - start
+        if kept and 2 * kept_bytes < sd[kept[0]].untyped_storage().nbytes():
+            for k in kept:
+                sd[k] = sd[k].clone()
 
 
 def _one_dtype(sd: dict, hf: dict) -> torch.dtype | None:

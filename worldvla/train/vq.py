@@ -252,6 +252,7 @@ def train_vq(args) -> dict:
     gen = torch.Generator().manual_seed((args.seed + 1) % SEED_LIMIT)  # --seed 2**64 - 1 too
 
     step, epoch, pos = 0, 0, 0
+    ckpt = ck  # the run's newest checkpoint: the one resumed from until this run saves one
     if ck is not None:
         st = load_checkpoint(ck, model, opt, kind=KIND, require=STATE_KEYS)
         step, epoch, pos = st["step"], st["epoch"], st["batch_in_epoch"]
@@ -333,11 +334,11 @@ def train_vq(args) -> dict:
             bar.update(1)
             if ((args.save_every and step % args.save_every == 0) or step == total or step == args.stop_after
                     or stopped):
-                save_checkpoint(out, step, model, opt,
-                                {"kind": KIND, "epoch": epoch, "batch_in_epoch": pos, "usage": usage.ema.tolist(),
-                                 "restart_rng": gen.get_state().tolist(), "config": vq.config.to_dict(),
-                                 "args": {**scalar_args(args), **data}},
-                                keep_last=args.keep_last)
+                ckpt = save_checkpoint(out, step, model, opt,
+                                       {"kind": KIND, "epoch": epoch, "batch_in_epoch": pos,
+                                        "usage": usage.ema.tolist(), "restart_rng": gen.get_state().tolist(),
+                                        "config": vq.config.to_dict(), "args": {**scalar_args(args), **data}},
+                                       keep_last=args.keep_last)
     finally:
         sigterm.restore()
         hook.remove()
@@ -351,7 +352,7 @@ def train_vq(args) -> dict:
         dist_utils.barrier()
         export = str(out / "vqgan")
     return {"step": step, "losses": losses, "export": export, "stopped": stopped and step < total,
-            "checkpoint": str(out / "checkpoints" / f"step_{step:08d}")}
+            "checkpoint": None if ckpt is None else str(ckpt)}
 
 
 def add_arguments(p) -> None:
