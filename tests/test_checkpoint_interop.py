@@ -188,3 +188,26 @@ def test_a_bin_of_views_of_one_flat_buffer_holds_the_weights_once_and_no_two_ali
     loaded.save_pretrained(tmp_path / "again")  # views of one buffer are saved as separate tensors
     again = WorldVLA.from_pretrained(tmp_path / "again")
     assert all(torch.equal(v, params[k]) for k, v in again.state_dict().items())
+
+
+def test_a_tied_config_keeps_a_head_stored_apart_in_one_flat_buffer(tmp_path):
+    """tie_word_embeddings: true with a head of its own values (transformers keeps such a head, file's values):
+    a head stored beside the embedding in one flat buffer was taken for a tied save (one storage) and replaced
+    by a copy of the embedding. Only a head stored as the embedding's very memory is the embedding."""
+    model = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "ref")
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
+    flat = torch.cat([v.reshape(-1) for v in sd.values()])
+    views, n = {}, 0
+    for k, v in sd.items():
+        views[k] = flat[n:n + v.numel()].view(v.shape)
+        n += v.numel()
+    f = tmp_path / "flat"
+    f.mkdir()
+    torch.save(views, f / "pytorch_model.bin")
+    cfg = json.loads((tmp_path / "ref" / "config.json").read_text())
+    (f / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    loaded = WorldVLA.from_pretrained(f)
+    assert torch.equal(loaded.lm_head.weight, sd["lm_head.weight"])
+    assert torch.equal(loaded.model.embed_tokens.weight, sd["model.embed_tokens.weight"])

@@ -462,8 +462,11 @@ def _load_state_dict(folder: Path) -> tuple[dict, dict]:
     return sd, source
 
 
-def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` and `b` are views of the same elements (not merely of one storage: the tensors of a flat
+    buffer share one and are each their own)."""
+    return (a.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:
@@ -541,7 +544,7 @@ def load_model(path, device=None, dtype=None) -> WorldVLA:
     sd = {k: v for k, v in sd.items() if not k.startswith(("model.vqmodel.", "vqmodel."))}
     emb = sd.get("model.embed_tokens.weight")
     if hf.get("tie_word_embeddings") and emb is not None and (
-            "lm_head.weight" not in sd or _shares_storage(sd["lm_head.weight"], emb)):
+            "lm_head.weight" not in sd or _same_tensor(sd["lm_head.weight"], emb)):
         # A tied export (transformers' tie_word_embeddings; torch.save of a tied model stores the head as the
         # embedding's tensor): the head is the embedding. This model's head is its own parameter: it gets a
         # copy, and the folder it saves says so (an untied head, written out).
