@@ -20,13 +20,15 @@ nor for the gather, which has no vector kernel).
 """
 from __future__ import annotations
 
+from pathlib import Path
 
 import torch
 
 from worldvla import ops
 
 from .attention import decode_meta, packed_batch, visible_pairs
-from .common import Rotation, load_average, main_for, print_table, rotation_count, time_interleaved, write_results
+from .common import (Rotation, label_spread, load_average, main_for, print_table, rotation_count, time_interleaved,
+                     write_results)
 from .sampling import lm_head_windows
 
 BACKENDS = ("torch", "native")
@@ -58,12 +60,18 @@ def interleaved(fns: dict, rotation: Rotation, warmup: int, repeats: int) -> dic
     return time_interleaved(fns, warmup=warmup, repeats=repeats, rotation=rotation)
 
 
+# A row's repeats and spread, as label_spread names them: p10 / p90 from PERCENTILE_MIN_REPEATS repeats on, the
+# fastest and slowest below (the quick run's 5- and 10-repeat cases, whose p10 and p90 would be just those).
+SPREAD_FIELDS = ("repeats", "p10_ms", "p90_ms", "p90_over_p10", "min_ms", "max_ms", "max_over_min")
+
+
 def _rows(op, case, stats, work: dict, rotation: Rotation) -> list[dict]:
     rows = []
     for name, st in stats.items():
         ms = st["median_ms"]
-        row = {"op": op, "case": case, "impl": f"worldvla-{name}", "median_ms": ms, "p10_ms": st["p10_ms"],
-               "p90_ms": st["p90_ms"], "p90_over_p10": st["p90_over_p10"],
+        spread = label_spread(st)
+        row = {"op": op, "case": case, "impl": f"worldvla-{name}", "median_ms": ms,
+               **{k: spread[k] for k in SPREAD_FIELDS if k in spread},
                "speedup_vs_torch": stats["torch"]["median_ms"] / ms, **rotation.info()}
         if "bytes" in work:
             row["GBps"] = work["bytes"] / (ms * 1e-3) / 1e9
@@ -227,6 +235,8 @@ def plot_speedups(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from worldvla.checkpoint import write_atomic
+
     native = [r for r in rows if r["impl"] == "worldvla-native"]
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(native) + 1.2))
     ys = range(len(native))[::-1]  # first case on top
@@ -243,8 +253,10 @@ def plot_speedups(rows, path):
     ax.set_xlabel("C++ path speed-up over torch (x; right of the line = faster)")
     ax.set_title(f"worldvla C++ CPU paths vs torch ({torch.get_num_threads()} threads)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # whole or not at all, under a temporary name of its own: a failed save keeps the last good plot
+        write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None):

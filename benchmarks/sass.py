@@ -179,12 +179,13 @@ def run(quick: bool = False, device=None, out_dir: str | Path = "benchmarks/resu
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "method": "nvcc -O3 -Xptxas -v and cuobjdump --dump-sass; static counts (every path once)",
            "rows": rows}
+    from worldvla.checkpoint import write_text_atomic
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"sass-{arch}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, path)
+    # A temporary name of its own, renamed whole: two runs into one folder never take each other's file.
+    write_text_atomic(path, json.dumps(doc, indent=2))
     return path
 
 

@@ -482,6 +482,8 @@ def plot_latencies(rows: list[dict], path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from worldvla.checkpoint import write_atomic
+
     stats = ("p50_ms", "p90_ms", "p99_ms")
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(stats)
@@ -497,8 +499,10 @@ def plot_latencies(rows: list[dict], path, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # whole or not at all, under a temporary name of its own: a failed save keeps the last good plot
+        write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 if __name__ == "__main__":

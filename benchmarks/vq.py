@@ -19,7 +19,8 @@ import torch
 
 from worldvla import ops
 
-from .common import Rotation, load_average, main_for, print_table, time_interleaved, timed_backends, write_results
+from .common import (Rotation, label_spread, load_average, main_for, print_table, time_interleaved, timed_backends,
+                     write_results)
 
 
 def cdist_argmin(z, codebook):
@@ -71,6 +72,7 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
                 del impls[name]
         stats = time_interleaved(impls, device=device, rotation=rot, warmup=2 if quick else 5,
                                  repeats=5 if quick else 50, gpu_time=on_gpu)
+        stats = {name: label_spread(st) for name, st in stats.items()}  # --quick's 5: min / max, not p10 / p90
         base = stats["cdist+argmin"]["median_ms"]
         for name, t in stats.items():
             row = {"N": N, "K": K, "C": C, "dtype": dt, "impl": name, "series": f"{name} {dt}", **t,

@@ -791,7 +791,7 @@ def test_kernel_benchmarks_time_their_sides_interleaved(tmp_path):
 
     for mod in (vq, sampling, cross_entropy):
         doc = json.loads(mod.run(quick=True, device="cpu", out_dir=tmp_path).read_text())
-        assert doc["rows"] and all(r["interleaved"] is True and "p90_over_p10" in r for r in doc["rows"]), mod
+        assert doc["rows"] and all(r["interleaved"] is True and common.row_spread(r) for r in doc["rows"]), mod
         assert "load_average_start" in doc and "load_average_end" in doc
 
 
@@ -1114,3 +1114,109 @@ def test_train_benchmark_times_its_two_sides_interleaved(tmp_path, monkeypatch):
         assert r["interleaved"] is True and (r["warmup"], r["repeats"]) == (1, 2)
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and "p10_ms" not in r and r["peak_bytes"] is not None
     assert doc["rows"][0]["speedup_vs_reference"] == doc["rows"][1]["median_ms"] / doc["rows"][0]["median_ms"]
+
+
+def test_sass_and_the_cpu_ops_and_serve_load_plots_write_under_names_of_their_own(tmp_path, monkeypatch):
+    """sass wrote its report through one fixed `sass-<arch>.json.tmp`: a second run into the same folder took that
+    file from under the first, whose rename then failed (and a failed write left the temporary behind). cpu_ops and
+    serve_load saved their plots straight to the final name: a save that failed halfway left half a PNG over the
+    last good one. Each now writes a temporary name of its own and renames it whole."""
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    from worldvla.benchmarks import cpu_ops, sass, serve_load
+
+    monkeypatch.setattr(sass, "report", lambda files, arch: [{"file": "a.cu", "kernel": f"k{len(files)}"}])
+    monkeypatch.setattr(sass, "nvcc_version", lambda: "12.4")
+    real_replace = os.replace
+    nested = []
+
+    def replace(src, dst):
+        if not nested:  # the first run, between its write and its rename: a second run does all of its own
+            nested.append(None)
+            nested[0] = sass.run(out_dir=tmp_path, files=["a.cu", "b.cu"])
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    path = sass.run(out_dir=tmp_path, files=["a.cu"])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert nested == [path] and json.loads(path.read_text())["rows"][0]["kernel"] == "k1"  # the last writer's
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match="No space"):
+        sass.run(out_dir=tmp_path, files=["a.cu", "b.cu"])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert json.loads(path.read_text())["rows"][0]["kernel"] == "k1"  # the last good report, untouched
+
+    speedups = [{"op": "vq_quantize", "case": "N1", "impl": impl, "speedup_vs_torch": s}
+                for impl, s in (("worldvla-torch", 1.0), ("worldvla-native", 2.0), ("worldvla-native-w8", 1.5))]
+    latencies = [{"phase": "single-robot", "clients": 1, "p50_ms": 3.0, "p90_ms": 4.0, "p99_ms": 6.0,
+                  "inproc_p50_ms": 2.0}]
+    plots = {"cpu_ops.png": lambda p: cpu_ops.plot_speedups(speedups, p),
+             "serve_load.png": lambda p: serve_load.plot_latencies(latencies, p, "serve_load (test)")}
+    good = {}
+    for name, plot in plots.items():
+        plot(tmp_path / name)
+        good[name] = (tmp_path / name).read_bytes()
+        assert good[name].startswith(b"\x89PNG")
+
+    def half_then_fail(self, fname, *args, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_fail)
+    figures = plt.get_fignums()
+    for name, plot in plots.items():
+        with pytest.raises(OSError, match="No space"):
+            plot(tmp_path / name)
+        assert (tmp_path / name).read_bytes() == good[name], name  # the last good plot, whole
+    assert plt.get_fignums() == figures  # each failed plot's figure closed all the same
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, *plots])
+
+
+def test_benchmark_rows_of_few_repeats_report_min_and_max_not_p10_and_p90(tmp_path):
+    """vq, sampling, cross_entropy and attention under --quick (3 or 5 repeats) and cpu_ops' cases of 5 or 10 repeats
+    reported their fastest and slowest times as p10_ms and p90_ms. Their rows now go through label_spread: min_ms,
+    max_ms and max_over_min below PERCENTILE_MIN_REPEATS repeats, the percentiles from there on (full runs' rows)."""
+    from worldvla.benchmarks import attention, cpu_ops, cross_entropy, sampling, vq
+
+    percentiles, extremes = {"p10_ms", "p90_ms", "p90_over_p10"}, {"min_ms", "max_ms", "max_over_min"}
+
+    def few(r):
+        return (r["repeats"] < common.PERCENTILE_MIN_REPEATS and not percentiles & set(r) and extremes <= set(r)
+                and r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["max_over_min"] == r["max_ms"] / r["min_ms"])
+
+    def many(r):
+        return (r["repeats"] >= common.PERCENTILE_MIN_REPEATS and percentiles <= set(r) and not extremes & set(r)
+                and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"])
+
+    for mod in (vq, sampling, cross_entropy):
+        doc = json.loads(mod.run(quick=True, device="cpu", out_dir=tmp_path).read_text())
+        timed = [r for r in doc["rows"] if "median_ms" in r]
+        assert timed and all(few(r) for r in timed), (mod.__name__, timed)
+    gen = torch.Generator().manual_seed(0)
+    for quick, honest in ((True, few), (False, many)):  # quick: 5 repeats; a full run: 100
+        rows = attention.run_decode([("d", 32, 5, 1)], 2, 16, torch.float32, torch.device("cpu"), quick, gen)
+        timed = [r for r in rows if "median_ms" in r]
+        assert timed and all(honest(r) for r in timed), (quick, timed)
+
+    class Sets:
+        def next(self):
+            return ()
+
+        def info(self):
+            return {"inputs_rotated": False}
+
+    fns = {"torch": lambda: None, "native": lambda: None}
+    for repeats, honest in ((5, few), (10, few), (11, many), (20, many)):
+        stats = cpu_ops.interleaved(fns, Sets(), warmup=1, repeats=repeats)
+        rows = cpu_ops._rows("op", "case", stats, {"bytes": 1}, Sets())
+        assert [r["impl"] for r in rows] == ["worldvla-torch", "worldvla-native"]
+        assert all(honest(r) for r in rows), (repeats, rows)
+        assert all(common.row_spread(r) == (r.get("p90_over_p10") or r["max_over_min"]) for r in rows)
