@@ -834,3 +834,31 @@ def test_nonfinite_cache_slots_follow_the_attention_rule(rng, monkeypatch, nativ
         assert torch.equal(nonfinite, expected), f"{name}: non-finite rows {nonfinite.nonzero().tolist()}"
         assert out[expected].isnan().all(), name
         assert torch.equal(out[~expected], clean[name][~expected]), name
+
+
+def test_autocast_keeps_the_modules_and_a_direct_native_call_stays_float32(rng):
+    """Under CPU autocast the layer's modules compute in autocast's dtype. The native layer does not: `auto`
+    passed it anyway, and a prefill of more than NATIVE_MAX_ROWS rows (torch's GEMM between the C++ stages)
+    got bfloat16 buffers from F.linear that the C++ stages read as float32, past their ends (a crash in
+    malloc). Now `auto` keeps the modules under autocast (and the engine its eager steps, one block a step),
+    and a direct native call computes in float32 as without autocast."""
+    from worldvla.inference import InferenceEngine
+
+    model = _model(rng)
+    layer, cfg = model.model.layers[0], model.config
+    x, pos, meta, cache = _step(rng, cfg, 1, nb.NATIVE_MAX_ROWS + 6, 2 * nb.NATIVE_MAX_ROWS + 40)
+    plain, plain_cache = _run(layer, x, pos, meta, copy.deepcopy(cache), 0, native=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast, cast_cache = _run(layer, x, pos, meta, copy.deepcopy(cache), 0, native=True)
+        ctx = ForwardContext(cache=cache, position_ids=pos, decode_meta=meta)
+        fits = nb._decoder_layer_supports(layer, x, ctx)
+        assert not fits and "autocast" in fits.reason
+        with torch.no_grad():
+            assert ops.resolve_decoder_layer(layer, x, ctx) is ops.decoder_layer_ref
+        engine = InferenceEngine(model, 1, 96, layout=model.layout)
+        assert engine.max_step_rows() == 1 and engine._plan(engine.buffers(1)) is None
+    assert torch.equal(cast, plain) and cast.dtype == torch.float32
+    assert torch.equal(cast_cache.k, plain_cache.k) and torch.equal(cast_cache.v, plain_cache.v)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # a bfloat16 model: nothing to cast
+        bf16 = copy.deepcopy(layer).to(torch.bfloat16)
+        assert "autocast" not in str(getattr(nb._decoder_layer_supports(bf16, x.to(torch.bfloat16), ctx), "reason", ""))

@@ -222,3 +222,39 @@ def test_auto_keeps_torch_for_tensor_subclasses(monkeypatch):
     with torch.no_grad():
         assert ops.resolve_linear(torch.randn(2, 8), w) is nb._dispatched_linear
         assert ops.resolve_linear(torch.randn(2, 8), w.as_subclass(Wrapped)) is ops.linear_ref
+
+
+def test_a_float32_models_forward_under_autocast_keeps_torchs_linear(rng, monkeypatch):
+    """Under CPU autocast a float32 model's forward resolved its projections to the float32 kernel on its first
+    (float32) input, which computed without autocast; the next projection's input came out of autocast's
+    bfloat16 attention, and the kernel refused it: "linear (native): the CPU path takes float32". `auto` keeps
+    torch's linear (autocast's matmul) under autocast now, and a kernel handed out before passes such inputs on."""
+    from worldvla import VocabLayout
+    from worldvla.inference import InferenceEngine
+    from worldvla.model import ModelConfig, WorldVLA
+
+    layout = VocabLayout.compact(n_image_codes=64)
+    model = WorldVLA(ModelConfig.tiny(layout)).init_weights(0.5, generator=rng).eval()
+    prompt = torch.randint(layout.text_base, layout.vocab_size, (40,), generator=rng)
+    step_ids = torch.randint(layout.text_base, layout.vocab_size, (1, 3), generator=rng)
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), ("native", "torch"))
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("torch",))  # the layers' modules
+    calls = []
+    monkeypatch.setattr(nb._C, "linear", lambda *a, f=nb._C.linear: calls.append(a) or f(*a))
+    out = {}
+    for backend in ("auto", "torch"):
+        engine = InferenceEngine(model, 1, 64, layout=layout, backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            engine.prefill([prompt])
+            buf = engine.buffers(3)
+            buf.ids.copy_(step_ids)
+            buf.set_positions(torch.tensor([[40, 41, 42]]))
+            engine.set_kv_len([43])
+            out[backend] = engine.run(buf).clone()
+    assert not calls
+    x32, w32 = torch.randn(3, 64, generator=rng), model.lm_head.weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.resolve_linear(x32, w32) is ops.linear_ref
+        y = nb._dispatched_linear(x32.bfloat16(), w32)  # resolved before: autocast's bfloat16 activations
+    assert y.dtype == torch.bfloat16 and not calls
+    assert out["auto"].dtype == out["torch"].dtype

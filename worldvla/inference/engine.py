@@ -335,12 +335,12 @@ class InferenceEngine:
         row invariance has not been measured (tests/test_inference.py's GPU near-tie test checks it)."""
         if self.device.type != "cpu":
             return None
-        return DECODE_STEP_MAX_QUERIES if self.backend == "auto" and native_step_active() else 1
+        return DECODE_STEP_MAX_QUERIES if self.backend == "auto" and native_step_active(self.dtype) else 1
 
     def _plan(self, buf: StepBuffers):
         """The step's native plan where one runs it now (the CPU; ops.decoder.DecodeStepPlan), else None.
         Built on first use, and again after `check_model` found the model changed."""
-        if self.device.type != "cpu" or self.backend != "auto" or not native_step_active():
+        if self.device.type != "cpu" or self.backend != "auto" or not native_step_active(self.dtype):
             return None
         # Built only while active: not under a dispatch mode, which it would refuse. A plan refused while
         # gradients were on (weights that need them) is tried again once they are off.

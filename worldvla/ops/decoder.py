@@ -61,11 +61,14 @@ def decoder_layer(layer, x: torch.Tensor, cos, sin, ctx, index: int, backend: st
 dispatch.register("decoder_layer", "torch", decoder_layer_ref)
 
 
-def native_step_active() -> bool:
+def native_step_active(dtype: torch.dtype | None = None) -> bool:
     """Whether the engine's CPU decode steps run as one native call now: NATIVE_STEP is on, `auto`'s
-    order for the CPU's decoder_layer leads with the native backend, and no dispatch mode (a
-    FlopCounterMode, a tracer) is watching the ops, which a native call would not show it."""
+    order for the CPU's decoder_layer leads with the native backend, no dispatch mode (a
+    FlopCounterMode, a tracer) is watching the ops, which a native call would not show it, and (for a
+    model of `dtype`) autocast does not make its modules compute in another dtype, which the step would not."""
     if not NATIVE_STEP or _get_current_dispatch_mode() is not None:
+        return False
+    if dtype is not None and dispatch.autocast_casts("cpu", dtype):
         return False
     have = dispatch.available("decoder_layer")
     order = dispatch.AUTO_ORDER.get(("decoder_layer", "cpu")) or dispatch.AUTO_ORDER.get("cpu", ("torch",))

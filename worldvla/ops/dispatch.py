@@ -170,6 +170,14 @@ def autocast_floats(device_type: str, *tensors):
     return tuple(t.to(dtype) if t is not None and t.dtype in _AUTOCAST_LOWER else t for t in tensors)
 
 
+def autocast_casts(device_type: str, *dtypes) -> bool:
+    """Whether autocast on `device_type` would compute torch's matmul-like ops on tensors of `dtypes` in another
+    dtype: a fused path that reads them as they are (the native decoder layer and decode step) would then
+    compute something else than the modules it stands for."""
+    dtype = _autocast_dtype(device_type)
+    return dtype is not None and any(d in _AUTOCAST_LOWER and d != dtype for d in dtypes)
+
+
 def autocast_off(device_type: str):
     """A context in which autocast does not cast on `device_type`: for a reference that computes in fp32 or wider
     whatever the caller's autocast (the VQ distances, whose argmin bf16 rounding would change)."""

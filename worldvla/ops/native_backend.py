@@ -762,9 +762,11 @@ def _dispatched_linear(x: Tensor, weight: Tensor) -> Tensor:
     in: the kernel is forward-only; a weight of another layout or dtype) goes through torch's."""
     if not _no_grad_needed(x, weight):
         return F.linear(x, weight)
-    if not (weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(1) == 1 and weight.is_cpu) \
-            and not _passes(_check_linear, x, weight):
-        return F.linear(x, weight)
+    if not (x.dtype == weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(1) == 1
+            and weight.is_cpu) and not _passes(_check_linear, x, weight):
+        return F.linear(x, weight)  # (a bfloat16 x: under autocast, the activations a forward's modules cast)
+    if dispatch.autocast_casts(x.device.type, torch.float32):
+        return F.linear(x, weight)  # as the modules compute it, in autocast's dtype
     return linear(x, weight)
 
 
@@ -968,7 +970,10 @@ def decoder_layer(layer, x: Tensor, cos: Tensor, sin: Tensor, ctx, index: int) -
         _check_decoder_layer(layer, x, cos, sin, ctx, index)
     B, Q, D = x.shape
     if B * Q > NATIVE_MAX_ROWS:
-        return _decoder_layer_gemm(layer, w, x, cos, sin, ctx, index)
+        # float32 throughout, as the one-call path: under autocast F.linear would return buffers of another
+        # dtype, which the C++ stages read as float32 (`auto` passes over this layer under autocast)
+        with dispatch.autocast_off(x.device.type):
+            return _decoder_layer_gemm(layer, w, x, cos, sin, ctx, index)
     y = torch.empty_like(x)
     if x.numel():
         _C.decoder_layer(x.data_ptr(), y.data_ptr(), D, cfg.intermediate_size, [t.data_ptr() for t in w],
@@ -1281,7 +1286,12 @@ def _vq_gather_supports(indices, codebook):
 def _linear_supports(x, weight):
     plain = type(x) in _PLAIN and type(weight) in _PLAIN or dispatch.Unsupported(
         "tensor subclasses (sharded DTensor weights, traced fake tensors) take torch's linear")
-    return dispatch.first_false(plain, lambda: _no_grad(x, weight), lambda: _plain_values(x, weight),
+    def no_autocast():
+        if dispatch.autocast_casts(x.device.type, x.dtype, weight.dtype):
+            return dispatch.Unsupported(f"autocast to {torch.get_autocast_dtype(x.device.type)} is on, which "
+                                        "torch's linear follows and the float32 kernel would not")
+        return True
+    return dispatch.first_false(plain, lambda: _no_grad(x, weight), lambda: _plain_values(x, weight), no_autocast,
                                 lambda: _passes(_check_linear, x, weight))
 
 
@@ -1309,6 +1319,12 @@ def _decoder_layer_supports(layer, x, ctx, step: bool = False):
                 return dispatch.Unsupported(f"layer {i} is not laid out as worldvla's DecoderLayer (no {err}); "
                                             "it keeps its modules")
         return True
+    def no_autocast():  # the layer's modules under autocast compute in its dtype; this layer would not
+        w = _layer_weights(layers[0])
+        if dispatch.autocast_casts(x.device.type, x.dtype, *{t.dtype for t in w}):
+            return dispatch.Unsupported(f"autocast to {torch.get_autocast_dtype(x.device.type)} is on, which the "
+                                        "layer's modules follow and the native layer would not")
+        return True
     def checks():
         first = layers[0]
         if step and x.dtype == torch.bfloat16:
@@ -1318,7 +1334,7 @@ def _decoder_layer_supports(layer, x, ctx, step: bool = False):
         return _passes(_check_decoder_layer, first, x, None, None, ctx, 0)
     if not len(layers):
         return dispatch.Unsupported("no decoder layers")
-    return dispatch.first_false(eager, lambda: _plain_values(x), modules, no_dropout, checks)
+    return dispatch.first_false(eager, lambda: _plain_values(x), modules, no_dropout, no_autocast, checks)
 
 
 def _sample_supports(hidden, weight, lo, hi, temperature=0.0, top_k=None, generator=None):
