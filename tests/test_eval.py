@@ -985,3 +985,83 @@ def test_repeated_policy_and_tasks_options_add_up(tmp_path, monkeypatch):
     assert main(["eval", "--policy", folders[0], folders[1], "--policy", folders[2], "--tasks", "fake-a-v3",
                  "--tasks", "fake-b-v3", "--out", str(tmp_path / "o")]) == 0
     assert got == {"policies": folders, "tasks": ["fake-a-v3", "fake-b-v3"]}
+
+
+def test_action_only_reads_the_recorded_kinds_and_the_store(tmp_path):
+    """A policy is known to be action-only from the kinds its training recorded, else from its token store (when
+    still readable) holding no world-model sample; anything else does not say so."""
+    from worldvla.eval.metaworld import action_only
+
+    pol = PushRight()
+    assert not action_only(pol)  # no export metadata at all
+    for extra, want in (({"kinds": ["action"]}, True), ({"kinds": ["action", "world"]}, False),
+                        ({"store": str(tmp_path / "gone")}, False), ({"store": str(tmp_path / "store")}, True),
+                        ({"kinds": ["action", "world"], "store": str(tmp_path / "store")}, False)):
+        (tmp_path / "store").mkdir(exist_ok=True)
+        (tmp_path / "store" / "manifest.json").write_text('{"n_action": 5, "n_world": 0}')
+        pol.extra = extra
+        assert action_only(pol) == want, extra
+    (tmp_path / "store" / "manifest.json").write_text('{"n_action": 5, "n_world": 5}')
+    pol.extra = {"store": str(tmp_path / "store")}
+    assert not action_only(pol)
+
+
+@pytest.mark.parametrize("kinds", [["action"], ["action", "world"]])
+def test_an_action_only_policys_world_model_scores_are_said_to_be_untrained(tmp_path, monkeypatch, recwarn, kinds):
+    """`evaluate` scored an action-only policy as a world model without a word: it warns before the closed loops
+    run, marks the scores in metrics.json and says so in the table; a joint policy's scores are not marked."""
+    from worldvla.eval import metaworld as mw
+
+    def said():
+        return [w for w in recwarn if "trained on action samples only" in str(w.message)]
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    monkeypatch.setattr(mw, "expert_rollouts", _fake_expert_rollouts({"fake-a-v3": 2}))
+    before_loop = []  # the warnings given when the closed loop began
+    real_closed_loop = mw.closed_loop
+    monkeypatch.setattr(mw, "closed_loop", lambda *a, **k: before_loop.append(len(said())) or real_closed_loop(*a, **k))
+    pol = _tiny_policy(2)
+    pol.extra = {"kinds": kinds}
+    m = mw.evaluate([pol], ["fake-a-v3"], 1, tmp_path, max_steps=2, n_envs=1, random_baseline=False, wm_episodes=1,
+                    wm_horizon=1, progress=False, env_workers=1, gifs=False)
+    text = mw.format_results(m)
+    if kinds == ["action"]:
+        assert len(said()) == 1 and "--wm-episodes 0" in str(said()[0].message) and before_loop == [1]
+        assert m["world_model"]["action_only"] is True
+        assert "trained on action samples only: an untrained world model's scores" in text
+    else:
+        assert not said() and "action_only" not in m["world_model"] and "untrained" not in text
+    assert m["world_model"]["fake-a-v3"]["one_step"]["n"] >= 1  # scored either way
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_expert_rollouts_for_the_world_model_show_a_progress_bar(tmp_path, monkeypatch, progress):
+    """The expert episodes of the world-model scores ran without a progress bar: they get one, an episode a step,
+    hidden as the others are without progress."""
+    import tqdm.auto
+
+    from worldvla.eval import metaworld as mw
+    from worldvla.sim import metaworld_env
+
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    monkeypatch.setattr(metaworld_env, "expert_episode", lambda env, seed: {
+        "frames": rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), "actions": rng.uniform(-1, 1, (2, 4))})
+    bars = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *a, desc=None, **k):
+            super().__init__(*a, desc=desc, **k)
+            self.label, self.counted, self.hidden = desc, 0, self.disable  # (closing a bar disables it)
+            bars.append(self)
+
+        def update(self, n=1):
+            self.counted += n
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    mw.evaluate([_tiny_policy(2)], ["fake-a-v3", "fake-b-v3"], 1, tmp_path, max_steps=2, n_envs=1,
+                random_baseline=False, wm_episodes=2, wm_horizon=1, progress=progress, env_workers=1, gifs=False)
+    expert = [b for b in bars if b.label == "expert rollouts"]
+    assert len(expert) == 1 and expert[0].total == 2 * 2 and expert[0].counted == 2 * 2
+    assert expert[0].hidden != progress

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +251,83 @@ def test_demo_options_with_an_image_are_refused(files, tmp_path, capsys):
         assert named in err and "with --image they have no effect: drop" in err, err
     assert not (tmp_path / "o").exists()
     assert _run(files / "policy", *image, "--out", tmp_path / "o") == 0  # the defaults themselves are fine
+
+
+def _outputs(folder):
+    """Every entry of `folder` (hidden ones too) and the bytes of its files."""
+    return {p.name: p.read_bytes() if p.is_file() else None for p in folder.iterdir()}
+
+
+def _image_run_over_a_demo_run(files, tmp_path, monkeypatch, fail):
+    """--out first written by a demonstration's run (scores.png too, and a file of the user's beside), then an
+    image run into it with `fail` patched in; (the folder's entries before, its entries after)."""
+    from PIL import Image
+
+    monkeypatch.setenv("WORLDVLA_TRACEBACK", "1")  # the interruption reaches the test, not cli's "interrupted"
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 2, "--out", out) == 0
+    (out / "notes.txt").write_text("mine")
+    before = _outputs(out)
+    assert {"rollout.png", "rollout.gif", "scores.png", "rollout.npz", "rollout.json"} < set(before)
+    Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(tmp_path / "f.png")
+    np.save(tmp_path / "a.npy", np.full((3, 4), 0.5))
+    fail(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        _run(files / "policy", "--image", tmp_path / "f.png", "--actions", tmp_path / "a.npy", "--out", out)
+    return before, _outputs(out)
+
+
+def test_an_interrupted_run_leaves_the_earlier_outputs_as_they_were(files, tmp_path, monkeypatch):
+    """imagine wrote its files one after another into --out: a Ctrl-C before the last (rollout.json) left the new
+    rollout.png, .gif and .npz beside the earlier run's rollout.json and scores.png. They are written aside and
+    moved in at the end now: stopped while writing, the folder is as it was, with nothing left aside."""
+    from worldvla import checkpoint
+
+    real = checkpoint.write_text_atomic
+
+    def fail(monkeypatch):
+        def interrupted(path, text):
+            if Path(path).name == "rollout.json":
+                raise KeyboardInterrupt
+            return real(path, text)
+        monkeypatch.setattr(checkpoint, "write_text_atomic", interrupted)
+
+    before, after = _image_run_over_a_demo_run(files, tmp_path, monkeypatch, fail)
+    assert after == before  # every file of the earlier set, byte for byte, and nothing else
+
+
+def test_a_run_stopped_while_its_outputs_move_in_mixes_no_earlier_one(files, tmp_path, monkeypatch):
+    """Stopped between the renames that move the outputs in: the earlier run's are all gone already (rollout.json
+    first), so the folder holds some of the new run's files and no rollout.json, never files of both runs."""
+    from worldvla.eval import imagine
+
+    real, moved = imagine._move_in, []
+
+    def fail(monkeypatch):
+        def second_interrupted(src, dst):
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(dst.name)
+            real(src, dst)
+        monkeypatch.setattr(imagine, "_move_in", second_interrupted)
+
+    before, after = _image_run_over_a_demo_run(files, tmp_path, monkeypatch, fail)
+    assert moved == ["rollout.png"]
+    assert set(after) == {"notes.txt", "rollout.png"} and after["rollout.png"] != before["rollout.png"]
+
+
+def test_a_finished_run_replaces_the_whole_set(files, tmp_path):
+    """The same --out from a demonstration, then from an image: the image run's set, the earlier scores.png gone,
+    the user's file kept, no staging folder left."""
+    from PIL import Image
+
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 2, "--out", out) == 0
+    (out / "notes.txt").write_text("mine")
+    Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(tmp_path / "f.png")
+    np.save(tmp_path / "a.npy", np.full((3, 4), 0.5))
+    assert _run(files / "policy", "--image", tmp_path / "f.png", "--actions", tmp_path / "a.npy", "--out", out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "rollout.gif", "rollout.json", "rollout.npz",
+                                                     "rollout.png"]
+    assert json.loads((out / "rollout.json").read_text())["steps"] == 3
+    assert np.load(out / "rollout.npz")["codes"].shape[1] == 3

@@ -449,3 +449,70 @@ def test_native_frame_loop_stops_on_a_signal(rng, monkeypatch):
         signal.signal(signal.SIGALRM, old)
     done = int((seen[0][0] != -1).sum())
     assert 10 < done < 20 * 20, done  # (400: not stopped until the loop had returned)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg_scale", [None, 2.0])
+def test_native_frame_loop_under_autocast_is_the_python_loop(rng, monkeypatch, dtype, cfg_scale):
+    """Under CPU bfloat16 autocast the frame loop was chosen on the uncast tensors: a float32 model's loop ran
+    natively on float32 logits, where the Python loop's choices (`constrained_sample`, the guided head's matmul)
+    take autocast's bfloat16. Every odd image-code row of lm_head is its even neighbour times (1 + 2^-12): one
+    bfloat16 row, so in bfloat16 each pair ties and the even code wins, while in float32 the odd one wins
+    wherever the code's logit is positive. A float32 model under autocast now keeps the Python loop (the native
+    one reads its float32 weight and hidden states as they are) and picks even codes only; a bfloat16 model,
+    which autocast leaves as it is, still takes the native loop, with the same codes."""
+    nb = pytest.importorskip("worldvla.ops.native_backend")
+    from worldvla.inference import frames
+    from worldvla.ops import decoder, dispatch
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("constrained_sample", "cpu"), ("native", "torch"))
+    monkeypatch.setattr(decoder, "NATIVE_STEP", True)
+    calls, real = [], nb._C.decode_frame
+    monkeypatch.setattr(nb._C, "decode_frame", lambda *a: calls.append(1) or real(*a))
+    model, b = _model(1), _builder()
+    lo, hi = LAYOUT.image_id_range
+    with torch.no_grad():
+        rows = model.lm_head.weight[lo:hi].bfloat16().float()  # bfloat16 values: the pairs round to one row
+        rows[1::2] = rows[0::2] * (1 + 2 ** -12)
+        model.lm_head.weight[lo:hi] = rows
+    model = model.to(dtype)
+    n = 4 if cfg_scale else 2
+    codes = torch.randint(0, 64, (2, 4, 6), generator=rng)
+    actions = torch.rand(2, 4, generator=rng).numpy() * 2 - 1
+    got = {}
+    for native in (True, False):
+        monkeypatch.setattr(frames, "NATIVE_FRAME_LOOP", native)
+        engine = InferenceEngine(model, n, b.world_prompt(codes[0], actions[0]).numel() + 3 + 4 * 7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got[native] = generate_frame_codes(model, codes, actions, b, engine=engine, cfg_scale=cfg_scale)
+    assert torch.equal(got[True], got[False])
+    assert (got[True] % 2 == 0).all()  # each pair's first code: bfloat16 logits, as autocast computes them
+    assert len(calls) == (0 if dtype == torch.float32 else 1)  # the native loop (one call) where it computes alike
+    if dtype == torch.float32:  # without autocast the same frame takes float32 logits: odd codes
+        assert (generate_frame_codes(model, codes, actions, b, cfg_scale=cfg_scale) % 2 == 1).any()
+
+
+@pytest.mark.parametrize("call", ["codes", "frames"])
+def test_frames_refuse_a_negative_temperature_and_top_k_with_greedy_codes(rng, call):
+    """generate_frames decoded greedily at temperature -1 and ignored top_k at temperature 0, each without a word,
+    where `policy.imagine` and `worldvla imagine` refuse both; generate_frame_codes likewise."""
+    model, b = _model(0), _builder()
+    codes = torch.randint(0, 64, (1, 2, 2), generator=rng)
+
+    def run(**kw):
+        if call == "codes":
+            return generate_frame_codes(model, codes, np.zeros((1, 4)), b, **kw)
+        return generate_frames(model, _tiny_vqgan(), np.zeros((32, 32, 3), np.uint8), np.zeros((1, 4)),
+                               action_tokenizer=b.actions, text_tokenizer=b.text, **kw)
+
+    for t in (-1.0, -1e-9, float("nan"), float("-inf")):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0 \(0: greedy codes\)"):
+            run(temperature=t)
+    for kw in ({"top_k": 5}, {"top_k": 5, "temperature": 0.0}):
+        with pytest.raises(ValueError, match="top_k applies to draws; set temperature above 0"):
+            run(**kw)
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
+        run(temperature=1.0, top_k=0)
+    run(temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))  # a draw among the top 5: fine
+    run()  # greedy codes: fine

@@ -10,13 +10,17 @@ draws several futures at once (with --temperature > 0; the draws come from --see
 
 Written into --out: rollout.png (rows of frames: recorded, then each imagined future), rollout.gif
 (recorded | imagined), scores.png (PSNR / SSIM over the steps, with a demonstration), rollout.json
-(the input, the settings, the scores, the time a frame) and rollout.npz (codes and frames).
+(the input, the settings, the scores, the time a frame) and rollout.npz (codes and frames). They replace
+an earlier run's together, at the end: a run stopped before leaves the earlier ones as they were.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -171,6 +175,31 @@ def imagine(policy, first: np.ndarray, actions: np.ndarray, *, samples: int = 1,
     return out, (time.perf_counter() - t0) / len(actions)
 
 
+# What a run writes into --out, rollout.json last: it says that the files beside it are one run's complete set.
+OUTPUTS = ("rollout.png", "rollout.gif", "scores.png", "rollout.npz", "rollout.json")
+STAGE = "rollout"  # the outputs are written into `.rollout.tmp-<pid>-<hex>` in --out first (`_publish`)
+
+
+def _move_in(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+
+
+def _publish(stage: Path, folder: Path) -> None:
+    """Move the outputs written into `stage` into `folder` in place of an earlier run's. Every earlier output
+    goes first (rollout.json first of all), then the new ones come in (rollout.json last), so that the folder
+    never holds files of two runs: a stop between the renames leaves part of one run's set without its
+    rollout.json."""
+    from ..checkpoint import fsync_path, fsync_tree
+
+    fsync_tree(stage)  # on the disk before their names are
+    for name in reversed(OUTPUTS):
+        (folder / name).unlink(missing_ok=True)
+    for name in OUTPUTS:
+        if (stage / name).exists():
+            _move_in(stage / name, folder / name)
+    fsync_path(folder)
+
+
 def _write_npz(path: Path, **arrays) -> None:
     from ..checkpoint import write_atomic
 
@@ -182,7 +211,7 @@ def _write_npz(path: Path, **arrays) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import write_text_atomic
+    from ..checkpoint import new_sibling, remove_stale, write_text_atomic
     from ..data.store import ROTATE_180
     from ..inference.policy import WorldVLAPolicy
     from . import plots
@@ -240,25 +269,32 @@ def run(args: argparse.Namespace) -> int:
     rows = list(imagined)
     labels = ["imagined"] if args.samples == 1 else [f"sample {m + 1}" for m in range(args.samples)]
     arrays = {"codes": out.codes.numpy(), "imagined": out.frames, "first": first}
-    if real is not None:
-        real = policy._frames(real)[0]
-        recon = policy.vqgan.decode_images(policy.vqgan.encode_images(real))  # every code right: the ceiling
-        result["scores"] = sc = _scores(out.frames, real, first, recon)
-        rows = [np.concatenate([first[None], real])] + rows
-        labels = ["recorded"] + labels
-        arrays["recorded"] = real
-        curves = {"imagined": ("psnr_per_step", "ssim_per_step"),
-                  "first frame kept": ("copy_first_psnr_per_step", "copy_first_ssim_per_step"),
-                  "VQGAN reconstruction": ("vqgan_recon_psnr_per_step", "vqgan_recon_ssim_per_step")}
-        plots.horizon_curves({name: {"psnr": sc[p], "ssim": sc[q]} for name, (p, q) in curves.items()},
-                             folder / "scores.png", title="imagined frames against the recorded ones")
-    else:
-        (folder / "scores.png").unlink(missing_ok=True)  # an earlier run's, from a demonstration
-    plots.frame_grid(rows, folder / "rollout.png", labels=labels)
-    gif = imagined[0] if real is None else plots.side_by_side(rows[0], imagined[0])
-    plots.save_gif(gif, folder / "rollout.gif", fps=4)
-    _write_npz(folder / "rollout.npz", **arrays)
-    write_text_atomic(folder / "rollout.json", json.dumps(result, indent=1))
+    # Written into a hidden folder beside the outputs, then moved into place together (`_publish`): a run
+    # stopped while it writes (Ctrl-C, an error) leaves the earlier run's outputs as they were, not some of
+    # them replaced. A run without a demonstration writes no scores.png, and an earlier run's goes.
+    remove_stale(folder, re.escape(STAGE), ("tmp",))  # the staging folders of killed runs
+    stage = new_sibling(folder / STAGE, "tmp")
+    try:
+        if real is not None:
+            real = policy._frames(real)[0]
+            recon = policy.vqgan.decode_images(policy.vqgan.encode_images(real))  # every code right: the ceiling
+            result["scores"] = sc = _scores(out.frames, real, first, recon)
+            rows = [np.concatenate([first[None], real])] + rows
+            labels = ["recorded"] + labels
+            arrays["recorded"] = real
+            curves = {"imagined": ("psnr_per_step", "ssim_per_step"),
+                      "first frame kept": ("copy_first_psnr_per_step", "copy_first_ssim_per_step"),
+                      "VQGAN reconstruction": ("vqgan_recon_psnr_per_step", "vqgan_recon_ssim_per_step")}
+            plots.horizon_curves({name: {"psnr": sc[p], "ssim": sc[q]} for name, (p, q) in curves.items()},
+                                 stage / "scores.png", title="imagined frames against the recorded ones")
+        plots.frame_grid(rows, stage / "rollout.png", labels=labels)
+        gif = imagined[0] if real is None else plots.side_by_side(rows[0], imagined[0])
+        plots.save_gif(gif, stage / "rollout.gif", fps=4)
+        _write_npz(stage / "rollout.npz", **arrays)
+        write_text_atomic(stage / "rollout.json", json.dumps(result, indent=1))
+        _publish(stage, folder)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
     print(f"imagined {len(actions)} frame(s) x {args.samples} at {per_frame:.3f} s a frame "
           f"({result['device']}); written to {folder}/")

@@ -257,14 +257,20 @@ def _settle(waits) -> None:
 # ---------------------------------------------------------------------- world model
 def expert_rollouts(task: str, episodes: int, *, seed: int = 0, image_size: int | None = None, max_steps: int = 200,
                     env_factory=None, envs: list | None = None, camera: str | None = None,
-                    policy=None) -> list[dict]:
+                    policy=None, progress=None) -> list[dict]:
     """Scripted-expert episodes on evaluation seeds: frames [T+1, H, W, 3] and actions [T, 4].
 
     `envs`: envs of `task` in worker processes (`worldvla.sim.workers`) to run the episodes on,
     side by side; otherwise one env is built here, `image_size` square from `camera` (defaults: those of
     `policy`, the policy whose world model the frames are to score, as `closed_loop`; else 64, 'corner').
-    Either way an episode depends on its seed alone."""
+    Either way an episode depends on its seed alone. `progress` is an optional tqdm bar to advance, one
+    step an episode."""
     from ..sim.metaworld_env import expert_episode
+
+    def done(episode: dict) -> dict:
+        if progress is not None:
+            progress.update(1)
+        return episode
 
     seeds = eval_seeds(task, episodes, seed + 1)  # other layouts than the closed-loop episodes
     if envs and all(hasattr(e, "expert_async") for e in envs):
@@ -275,7 +281,7 @@ def expert_rollouts(task: str, episodes: int, *, seed: int = 0, image_size: int 
                 env.expert_async(s)
             for k, (env, _) in enumerate(group):
                 try:
-                    out.append(env.expert_wait())
+                    out.append(done(env.expert_wait()))
                 except BaseException:
                     _settle([e.expert_wait for e, _ in group[k + 1:]])
                     raise
@@ -284,7 +290,7 @@ def expert_rollouts(task: str, episodes: int, *, seed: int = 0, image_size: int 
     env = env_factory(task, image_size, max_steps) if env_factory else _default_env_factory(
         task, image_size, max_steps, policy_camera(policy, camera))
     try:
-        return [expert_episode(env, s) for s in seeds]
+        return [done(expert_episode(env, s)) for s in seeds]
     finally:
         env.close()
 
@@ -372,6 +378,25 @@ def world_model_metrics(policy, rollouts: list[dict], horizon: int = 8, one_step
              "psnr": _mean_finite(per_step_p), "ssim": float(np.mean(per_step_s)), "seconds": multi_s}
     return {"one_step": one_step, "multi_step": multi,
             "examples": {"real": np.concatenate([first[:1], real[0]]), "imagined": np.concatenate([first[:1], imagined[0]])}}
+
+
+def action_only(policy) -> bool:
+    """Whether `policy`'s export says that its model saw no world-model sample in training: the sample kinds
+    its training recorded (`extra["kinds"]`) lack "world", or the token store it was trained from
+    (`extra["store"]`, where that is still readable here) holds none. False where neither says so."""
+    from ..data.store import MANIFEST
+
+    extra = getattr(policy, "extra", None) or {}
+    kinds = extra.get("kinds")
+    if isinstance(kinds, (list, tuple)) and kinds:
+        return "world" not in kinds
+    if not isinstance(extra.get("store"), str):
+        return False
+    try:
+        manifest = json.loads((Path(extra["store"]) / MANIFEST).read_text())
+    except (OSError, ValueError):  # moved, on another machine, or not a store: it does not say
+        return False
+    return isinstance(manifest, dict) and manifest.get("n_world") == 0
 
 
 # ---------------------------------------------------------------------- the whole evaluation
@@ -518,6 +543,14 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         loaded.append(load_policy(p, device) if isinstance(p, (str, Path)) else p)
     for name, pol in zip(names, loaded):  # before any env is built or any variant has run
         check_execute(pol, execute, f"policy {name!r}")
+    # The world-model scores are the first policy's. Those of a model that never saw a world-model sample are an
+    # untrained world model's: still scored (a reference beside a joint model's), but said so, here, in
+    # metrics.json and in the table.
+    wm_action_only = wm_episodes > 0 and bool(loaded) and hasattr(loaded[0], "model") and action_only(loaded[0])
+    if wm_action_only:
+        warnings.warn(f"policy {names[0]!r} was trained on action samples only (no world-model sample): its "
+                      f"world-model scores are those of an untrained world model; pass --wm-episodes 0 "
+                      f"(wm_episodes=0) to skip them", stacklevel=2)
     if causal_variant:
         from .ablations import CausalChunkPolicy
 
@@ -577,6 +610,7 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
 
     n_runs = len(tasks) * episodes * (len(loaded) + int(random_baseline))
     bar = tqdm(total=n_runs, desc="evaluate", unit="ep", disable=not progress, dynamic_ncols=True)
+    expert_bar = None
     rates: dict[str, dict[str, float]] = {}
     # Every variant (and the random baseline) runs on one set of envs per task: building an env
     # costs about as much as a hundred steps, and each episode's layout comes from its seed alone.
@@ -634,12 +668,17 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         # Expert rollouts for the world-model metrics, on the same envs while they are up.
         rollouts = {}
         if wm_episodes > 0 and loaded and hasattr(loaded[0], "model"):
+            bar.close()  # the closed loops are done: the expert episodes get a bar of their own
+            expert_bar = tqdm(total=len(tasks) * wm_episodes, desc="expert rollouts", unit="ep",
+                              disable=not progress, dynamic_ncols=True)
             size, cam = int(loaded[0].image_size), cameras[id(loaded[0])]
             for task in tasks:
                 rollouts[task] = expert_rollouts(task, wm_episodes, seed=seed, image_size=size, max_steps=max_steps,
-                                                 envs=pool.get((task, size, cam)), camera=cam)
+                                                 envs=pool.get((task, size, cam)), camera=cam, progress=expert_bar)
     finally:
         bar.close()
+        if expert_bar is not None:
+            expert_bar.close()
         close_envs()
 
     # World model, for the first policy (the others share the metric code; run `evaluate` per policy).
@@ -680,6 +719,8 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
             "multi_step_psnr": _mean_finite([wm[t]["multi_step"]["psnr"] for t in tasks]),
             "multi_step_ssim": float(np.mean([wm[t]["multi_step"]["ssim"] for t in tasks])),
         }
+        if wm_action_only:
+            wm["action_only"] = True  # the policy's model never saw a world-model sample
         metrics["world_model"] = wm
     if rates:
         cols = {**metrics["variants"], **({"random": metrics["random"]} if "random" in metrics else {})}
@@ -747,6 +788,8 @@ def format_results(metrics: dict) -> str:
         m = wm["mean"]
         f = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
         lines.append("world model (held-out expert rollouts)        PSNR dB    SSIM")
+        if wm.get("action_only"):
+            lines.append("  (trained on action samples only: an untrained world model's scores)")
         lines.append(f"  next frame, predicted                       {f(m['one_step_psnr']):>7}  {m['one_step_ssim']:.3f}")
         lines.append(f"  next frame = current frame (reference)      {f(m['copy_last_psnr']):>7}  {m['copy_last_ssim']:.3f}")
         lines.append(f"  VQGAN reconstruction (every code right)     {f(m['vqgan_recon_psnr']):>7}  {m['vqgan_recon_ssim']:.3f}")
@@ -849,5 +892,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = ["closed_loop", "check_execute", "check_tasks", "RandomPolicy", "eval_seeds", "expert_rollouts",
-           "world_model_metrics", "evaluate", "default_variant_names", "format_results", "TaskResult", "add_arguments",
-           "run"]
+           "world_model_metrics", "action_only", "evaluate", "default_variant_names", "format_results", "TaskResult",
+           "add_arguments", "run"]

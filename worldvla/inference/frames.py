@@ -25,12 +25,14 @@ next input, so the VQGAN encodes the first frame once and decodes each frame onc
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..model import plain_linear
+from ..ops import dispatch
 from ..ops.sampling import check_sampling, draw_gumbel, resolve_constrained_sample, sample_logits, scaled_gumbel
 from ..tokens.actions import float64_array
 from ..tokens.layout import with_release_image_ids
@@ -70,7 +72,7 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     if actions.shape != (N, D):
         raise ValueError(f"actions must be [N, D] = [{N}, {D}] (one action per frame), got shape {actions.shape}")
     _check_cfg_scale(cfg_scale)
-    check_sampling(temperature, top_k)
+    check_frame_sampling(temperature, top_k)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator (or None: torch's default), got {type(generator).__name__}")
     header = image_tokens(codes[0].cpu(), lay)[:3]  # BOI, res(h), res(w): same grid for the next frame
@@ -184,20 +186,39 @@ def _item_generators(generator, n: int, device) -> list:
 
 def _native_frame_loop(engine, model, hidden, lo, hi, temperature, backend):
     """`ops.native_backend.decode_frame` where it computes what `generate_frame_codes`' loop would
-    (the CPU; both step shapes on the engine's native plans; a plain lm_head whose choice at this
-    temperature resolves to the native sampler), else None, whatever NATIVE_FRAME_LOOP says. On the CPU
-    the loop's Python between steps (buffer writes, the plan lookup, the sampler's dispatch) is a sizeable
-    part of a frame."""
+    (the CPU; both step shapes on the engine's native plans; a plain lm_head, which autocast leaves as it
+    is, whose choice at this temperature resolves to the native sampler), else None, whatever
+    NATIVE_FRAME_LOOP says. On the CPU the loop's Python between steps (buffer writes, the plan lookup, the
+    sampler's dispatch) is a sizeable part of a frame."""
     if engine.device.type != "cpu" or not plain_linear(model.lm_head):
         return None
     if engine.step_plan(1) is None or engine.step_plan(2) is None:
         return None
     from ..ops import native_backend
     weight = model.lm_head.weight
-    if weight.dtype not in (torch.float32, torch.bfloat16) or resolve_constrained_sample(
-            hidden, weight, lo, hi, temperature, backend) is not native_backend.constrained_sample:
+    # Chosen on the tensors as `constrained_sample` casts them under autocast, as the Python loop's choices
+    # take them. The native loop reads the steps' hidden states and the weight as they are: where autocast
+    # would cast either (a float32 model under bfloat16 autocast), its choices would not be the Python loop's.
+    cast_hidden, cast_weight = dispatch.autocast_floats(hidden.device.type, hidden, weight)
+    if cast_hidden.dtype != hidden.dtype or cast_weight.dtype != weight.dtype:
+        return None
+    if cast_weight.dtype not in (torch.float32, torch.bfloat16) or resolve_constrained_sample(
+            cast_hidden, cast_weight, lo, hi, temperature, backend) is not native_backend.constrained_sample:
         return None
     return native_backend.decode_frame
+
+
+def check_frame_sampling(temperature, top_k) -> None:
+    """Refuse what `policy.imagine` and `worldvla imagine` refuse: a temperature that is not a finite number >= 0
+    (below 0 would decode greedily without a word), and a top_k with greedy codes (it would be ignored); then
+    what any draw refuses (`check_sampling`: a top_k that is not an integer >= 1)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+            math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy codes), got {temperature!r}")
+    check_sampling(temperature, top_k)
+    if top_k is not None and temperature == 0:
+        raise ValueError(f"top_k applies to draws; set temperature above 0 (or top_k=None for greedy codes), got "
+                         f"top_k={top_k!r} at temperature 0")
 
 
 def _check_cfg_scale(cfg_scale) -> None:
@@ -261,6 +282,7 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
         where = f"step {t}" if single else f"image {n}, step {t}"
         raise ValueError(f"actions must be finite: {where} holds NaN or inf; clean them before imagining")
     _check_cfg_scale(cfg_scale)
+    check_frame_sampling(temperature, top_k)  # before the VQGAN and the first frame's work
     codes = vqgan.encode_images(imgs)
     if codes.max() >= layout.n_image_codes:
         raise ValueError(f"the VQGAN has more codes than the layout's {layout.n_image_codes} image ids")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import shutil
 from collections import OrderedDict
 from pathlib import Path
@@ -40,7 +39,7 @@ from ..tokens.sequence import ACTION_PROMPT, image_tokens
 from .chunk import MODES, chunk_length, generate_action_chunk
 from .release import RELEASE_MAX_NEW_TOKENS, generate_release_actions
 from .engine import InferenceEngine, _model_state, outside_inference_mode
-from .frames import generate_frames
+from .frames import check_frame_sampling, generate_frames
 from .malloc import tune_cpu_malloc
 
 POLICY_FILE = "policy.json"
@@ -411,19 +410,7 @@ class WorldVLAPolicy:
         of each, a 2-D array being refused for a batch): `generate_frames` with this
         policy's model, VQGAN, layout and tokenizers (a FrameRollout: codes and uint8 frames). Needs no
         `reset`: the world-model prompt holds no instruction."""
-        # Refused as `worldvla imagine` refuses them: below 0 would decode greedily, and top_k without a draw
-        # would be ignored, each without a word.
-        try:
-            t = float(temperature)
-        except (TypeError, ValueError):
-            t = math.nan
-        if not (math.isfinite(t) and t >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy codes), got {temperature}")
-        if top_k is not None:
-            if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-                raise ValueError(f"top_k must be an integer >= 1 (or None: every code), got {top_k!r}")
-            if t == 0.0:
-                raise ValueError("top_k applies to draws; set temperature above 0")
+        check_frame_sampling(temperature, top_k)  # before the frames are resized
         frames, single = self._frames(image)
         return generate_frames(self.model, self.vqgan, frames[0] if single else frames, actions, layout=self.layout,
                                action_tokenizer=self.action_tokenizer, text_tokenizer=self.text_tokenizer,
