@@ -465,8 +465,11 @@ def test_cli_run_exports_and_action_only(store_dir, tmp_path):
     if exported.name == "policy":
         from worldvla.inference import WorldVLAPolicy
 
+        from worldvla.eval.metaworld import action_only
+
         pol = WorldVLAPolicy.from_pretrained(exported)
         assert pol.chunk_size == 3 and pol.action_dim == 4
+        assert pol.extra["kinds"] == ["action"] and action_only(pol)  # an evaluation says what its scores are
         model_dir = exported / "model"
     else:
         model_dir = exported

@@ -713,7 +713,10 @@ def _export(model, store, out: Path, args):
             kw = {}
             if store.text_tokenizer_path is not None:
                 kw["text_tokenizer_json"] = store.text_tokenizer_path
-            extra = {"store": str(Path(args.store).resolve()), "config": args.config}
+            # kinds: those the model was trained on (samples of them in the store), so that an evaluation can
+            # tell an action-only model's world-model scores for what they are
+            extra = {"store": str(Path(args.store).resolve()), "config": args.config,
+                     "kinds": [k for k, n in store.kind_counts().items() if n > 0]}
             if store.manifest.get("sim_camera"):  # the evaluation renders from the camera the demos were
                 extra["sim_camera"] = store.manifest["sim_camera"]
             save_policy(path, plain, VQGAN.from_pretrained(store.checked_vqgan_path()), store.action_tokenizer(),
