@@ -516,3 +516,22 @@ def test_frames_refuse_a_negative_temperature_and_top_k_with_greedy_codes(rng, c
         run(temperature=1.0, top_k=0)
     run(temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))  # a draw among the top 5: fine
     run()  # greedy codes: fine
+
+
+def test_rollouts_go_through_the_vqgan_a_few_frames_a_call(rng, monkeypatch):
+    """N images x T steps were decoded in one VQGAN call (and the N images encoded in one): at 512 px the
+    decoder's activations take about 600 MB a frame. The frames are the same at any batch of frames."""
+    from worldvla.inference import frames
+
+    model, b, vq = _model(4), _builder(), _tiny_vqgan()
+    imgs = torch.randint(0, 256, (3, 64, 64, 3), generator=rng, dtype=torch.uint8).numpy()
+    acts = torch.rand(3, 3, 4, generator=rng).numpy() * 2 - 1
+    whole = generate_frames(model, vq, imgs, acts, action_tokenizer=b.actions, text_tokenizer=b.text)
+    sizes = {"encode": [], "decode": []}
+    for name in sizes:
+        real = getattr(vq, f"{name}_images")
+        monkeypatch.setattr(vq, f"{name}_images", lambda x, f=real, n=name, **k: sizes[n].append(len(x)) or f(x, **k))
+    monkeypatch.setattr(frames, "VQGAN_BATCH", 2)
+    parts = generate_frames(model, vq, imgs, acts, action_tokenizer=b.actions, text_tokenizer=b.text)
+    assert sizes == {"encode": [2, 1], "decode": [2, 2, 2, 2, 1]}
+    assert torch.equal(parts.codes, whole.codes) and np.array_equal(parts.frames, whole.frames)

@@ -43,6 +43,10 @@ from .engine import InferenceEngine
 # A frame on the CPU runs its decode loop in native calls where the steps are native plans and the
 # choice is the native sampler's (`_native_frame_loop`); False keeps the loop in Python.
 NATIVE_FRAME_LOOP = True
+# Frames per VQGAN call when `generate_frames` encodes its images and decodes its rollouts: the decoder's
+# activations at full resolution take about 150 MB a frame at 256 px and 600 MB at 512 px (float32), so N x T
+# frames in one call would take many GB.
+VQGAN_BATCH = 8
 
 
 class FrameRollout(NamedTuple):
@@ -283,7 +287,7 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
         raise ValueError(f"actions must be finite: {where} holds NaN or inf; clean them before imagining")
     _check_cfg_scale(cfg_scale)
     check_frame_sampling(temperature, top_k)  # before the VQGAN and the first frame's work
-    codes = vqgan.encode_images(imgs)
+    codes = torch.cat([vqgan.encode_images(imgs[i:i + VQGAN_BATCH]) for i in range(0, len(imgs), VQGAN_BATCH)])
     if codes.max() >= layout.n_image_codes:
         raise ValueError(f"the VQGAN has more codes than the layout's {layout.n_image_codes} image ids")
     # Every step's prompt has the same length (same grid, same action size): one engine serves all.
@@ -307,7 +311,8 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
         if bar is not None:
             bar.close()
     all_codes = torch.stack(steps, dim=1)                       # [N, T, h, w]
-    frames = vqgan.decode_images(all_codes.reshape(-1, h, w))
+    flat = all_codes.reshape(-1, h, w)
+    frames = np.concatenate([vqgan.decode_images(flat[i:i + VQGAN_BATCH]) for i in range(0, len(flat), VQGAN_BATCH)])
     frames = frames.reshape(N, all_codes.shape[1], *frames.shape[-3:])
     all_codes = all_codes.cpu()
     return FrameRollout(all_codes[0], frames[0]) if single else FrameRollout(all_codes, frames)
