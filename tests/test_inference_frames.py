@@ -520,7 +520,7 @@ def test_frames_refuse_a_negative_temperature_and_top_k_with_greedy_codes(rng, c
 
 def test_rollouts_go_through_the_vqgan_a_few_frames_a_call(rng, monkeypatch):
     """N images x T steps were decoded in one VQGAN call (and the N images encoded in one): at 512 px the
-    decoder's activations take about 600 MB a frame. The frames are the same at any batch of frames."""
+    decoder's peak grows by about 700 MB a frame. The frames are the same at any batch of frames."""
     from worldvla.inference import frames
 
     model, b, vq = _model(4), _builder(), _tiny_vqgan()

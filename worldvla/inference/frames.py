@@ -43,9 +43,9 @@ from .engine import InferenceEngine
 # A frame on the CPU runs its decode loop in native calls where the steps are native plans and the
 # choice is the native sampler's (`_native_frame_loop`); False keeps the loop in Python.
 NATIVE_FRAME_LOOP = True
-# Frames per VQGAN call when `generate_frames` encodes its images and decodes its rollouts: the decoder's
-# activations at full resolution take about 150 MB a frame at 256 px and 600 MB at 512 px (float32), so N x T
-# frames in one call would take many GB.
+# Frames per VQGAN call when `generate_frames` encodes its images and decodes its rollouts: a decode's peak
+# memory grows by about 170 MB a frame at 256 px (float32, measured on the CPU) and four times that at 512 px,
+# so N x T frames in one call would take many GB.
 VQGAN_BATCH = 8
 
 
