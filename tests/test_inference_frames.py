@@ -368,15 +368,7 @@ def test_native_frame_loop_is_the_python_loop(rng, monkeypatch, dtype, n_codes, 
     codes, twice on one engine (a rollout), float32 (plain and screened greedy choices) and bfloat16
     models, greedy and sampled (with and without top-k) from the same generator state, unguided and with
     classifier-free guidance."""
-    nb = pytest.importorskip("worldvla.ops.native_backend")
-    from worldvla.inference import frames
-    from worldvla.ops import decoder, dispatch
-
-    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
-    monkeypatch.setitem(dispatch.AUTO_ORDER, ("constrained_sample", "cpu"), ("native", "torch"))
-    monkeypatch.setattr(decoder, "NATIVE_STEP", True)
-    calls, real = [], nb._C.decode_frame
-    monkeypatch.setattr(nb._C, "decode_frame", lambda *a: calls.append(1) or real(*a))
+    frames, calls = _native_frame_steps(monkeypatch)
     lay = VocabLayout.compact(n_image_codes=n_codes)
     model, b = _model(1, lay).to(dtype), _builder(lay)
     temperature, top_k = sampling or (0.0, None)
@@ -451,6 +443,21 @@ def test_native_frame_loop_stops_on_a_signal(rng, monkeypatch):
     assert 10 < done < 20 * 20, done  # (400: not stopped until the loop had returned)
 
 
+def _native_frame_steps(monkeypatch):
+    """The frames module with the CPU's native steps and sampler ordered first, and a list that counts the
+    native frame loop's calls."""
+    nb = pytest.importorskip("worldvla.ops.native_backend")
+    from worldvla.inference import frames
+    from worldvla.ops import decoder, dispatch
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("constrained_sample", "cpu"), ("native", "torch"))
+    monkeypatch.setattr(decoder, "NATIVE_STEP", True)
+    calls, real = [], nb._C.decode_frame
+    monkeypatch.setattr(nb._C, "decode_frame", lambda *a: calls.append(1) or real(*a))
+    return frames, calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cfg_scale", [None, 2.0])
 def test_native_frame_loop_under_autocast_is_the_python_loop(rng, monkeypatch, dtype, cfg_scale):
@@ -461,15 +468,7 @@ def test_native_frame_loop_under_autocast_is_the_python_loop(rng, monkeypatch, d
     wherever the code's logit is positive. A float32 model under autocast now keeps the Python loop (the native
     one reads its float32 weight and hidden states as they are) and picks even codes only; a bfloat16 model,
     which autocast leaves as it is, still takes the native loop, with the same codes."""
-    nb = pytest.importorskip("worldvla.ops.native_backend")
-    from worldvla.inference import frames
-    from worldvla.ops import decoder, dispatch
-
-    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
-    monkeypatch.setitem(dispatch.AUTO_ORDER, ("constrained_sample", "cpu"), ("native", "torch"))
-    monkeypatch.setattr(decoder, "NATIVE_STEP", True)
-    calls, real = [], nb._C.decode_frame
-    monkeypatch.setattr(nb._C, "decode_frame", lambda *a: calls.append(1) or real(*a))
+    frames, calls = _native_frame_steps(monkeypatch)
     model, b = _model(1), _builder()
     lo, hi = LAYOUT.image_id_range
     with torch.no_grad():
