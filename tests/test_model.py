@@ -842,3 +842,40 @@ def test_metadata_built_for_other_ids_is_refused_naming_both_shapes():
         m(ids.flatten(), meta=causal_meta((19,), cu_seqlens=torch.tensor([0, 10, 19])))
     assert torch.equal(m(ids, meta=causal_meta((2, 10))), m(ids, meta=causal_meta((2, 10))))
     assert m(ids[0], meta=causal_meta((1, 10))).shape == (10, m.config.vocab_size)  # one sequence, batched meta
+
+
+def test_rope_parameters_are_read_beside_rope_theta(tmp_path):
+    """A folder this package saves holds rope_theta (transformers 4.x) and rope_parameters (5.x, which reads only
+    it). An edited or scaled rope_parameters was ignored whenever rope_theta stood beside it: another model than
+    transformers builds, or a RoPE scaling loaded as plain RoPE, without a word."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    m.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"]
+    _edit_config(tmp_path / "m", rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    with pytest.raises(ValueError, match=r"two RoPE bases, rope_theta 10000.0 and rope_parameters' rope_theta 500000"):
+        WorldVLA.from_pretrained(tmp_path / "m")
+    _edit_config(tmp_path / "m", rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4})
+    with pytest.raises(ValueError, match="unsupported RoPE scaling"):
+        WorldVLA.from_pretrained(tmp_path / "m")
+    _edit_config(tmp_path / "m", rope_theta=None, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    assert WorldVLA.from_pretrained(tmp_path / "m").config.rope_theta == 5e5
+
+
+def test_a_bin_that_is_not_a_state_dict_is_named(tmp_path):
+    """pytorch_model.bin holding a training checkpoint, a list or a non-tensor entry crashed in the loader with
+    "'collections.OrderedDict' object has no attribute 'numel'" and the like, naming neither file nor problem."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    m.save_pretrained(tmp_path / "ref")
+    sd = dict(m.state_dict())
+    cases = [({"model": sd, "step": 3}, r"not a state dict of named tensors \(found 'model': a dict\); it looks like a training checkpoint: save its "
+                                        r"'model' entry alone"),
+             (list(sd.values()), r"not a state dict of named tensors \(found a list\)"),
+             ({**sd, "step": 3}, r"not a state dict of named tensors \(found 'step': a int\)$")]
+    for i, (obj, message) in enumerate(cases):
+        f = tmp_path / f"bin{i}"
+        f.mkdir()
+        (f / "config.json").write_text((tmp_path / "ref" / "config.json").read_text())
+        torch.save(obj, f / "pytorch_model.bin")
+        with pytest.raises(ValueError, match=re.escape(str(f / "pytorch_model.bin")) + ": " + message):
+            WorldVLA.from_pretrained(f)

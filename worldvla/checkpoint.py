@@ -52,10 +52,16 @@ def config_from_hf(d: dict) -> ModelConfig:
     kw = {k: d[k] for k in _CONFIG_KEYS if k in d and d[k] is not None}
     kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", 32))
     theta = d.get("rope_theta")
-    if theta is None and isinstance(d.get("rope_parameters"), dict):
-        theta = d["rope_parameters"].get("rope_theta")
-        if d["rope_parameters"].get("rope_type", "default") != "default":
-            raise ValueError(f"unsupported RoPE scaling {d['rope_parameters']}; WorldVLA uses plain RoPE")
+    params = d.get("rope_parameters")
+    if isinstance(params, dict):  # transformers 5 reads only this: checked whether or not rope_theta is beside it
+        if params.get("rope_type", "default") != "default":
+            raise ValueError(f"unsupported RoPE scaling {params}; WorldVLA uses plain RoPE")
+        p_theta = params.get("rope_theta")
+        if theta is None:
+            theta = p_theta
+        elif p_theta is not None and float(p_theta) != float(theta):
+            raise ValueError(f"config.json gives two RoPE bases, rope_theta {theta} and rope_parameters' rope_theta "
+                             f"{p_theta} (transformers 5 reads the latter, 4.x the former); make them one")
     if d.get("rope_scaling"):
         raise ValueError(f"unsupported rope_scaling {d['rope_scaling']}; WorldVLA uses plain RoPE")
     if theta is not None:
@@ -418,10 +424,20 @@ def read_weights_file(path: Path) -> dict:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise ValueError(f"{path}: the weights file cannot be read ({type(e).__name__}: {e}); it is damaged or "
                          f"cut short: export or copy the model again") from None
+    # A .bin may hold anything torch.save wrote: a training checkpoint ({"model": state_dict, "step": n}), a list.
+    bad = (f"a {type(sd).__name__}" if not isinstance(sd, dict) else
+           next((f"{k!r}: a {type(v).__name__}" for k, v in sd.items()
+                 if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None))
+    if bad is not None:
+        inner = next((k for k, v in sd.items() if isinstance(v, dict)), None) if isinstance(sd, dict) else None
+        hint = (f"; it looks like a training checkpoint: save its {inner!r} entry alone, "
+                f"torch.save(ckpt[{inner!r}], ...)" if inner is not None else "")
+        raise ValueError(f"{path}: not a state dict of named tensors (found {bad}){hint}")
+    return sd
 
 
 def _load_state_dict(folder: Path) -> tuple[dict, dict]:
