@@ -879,3 +879,16 @@ def test_a_bin_that_is_not_a_state_dict_is_named(tmp_path):
         torch.save(obj, f / "pytorch_model.bin")
         with pytest.raises(ValueError, match=re.escape(str(f / "pytorch_model.bin")) + ": " + message):
             WorldVLA.from_pretrained(f)
+
+
+def test_a_tied_config_with_a_head_of_its_own_is_saved_untied(tmp_path):
+    """config.json saying tied beside a head stored apart: the head loads as stored (as transformers 5 loads it),
+    and the folder saved from it said tied still, which a library that ties (transformers 4.x) would read as the
+    embedding in place of the head written out. It says untied now."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    m.save_pretrained(tmp_path / "m")
+    _edit_config(tmp_path / "m", tie_word_embeddings=True)
+    loaded = WorldVLA.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.lm_head.weight, m.lm_head.weight)
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["tie_word_embeddings"] is False

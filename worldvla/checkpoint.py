@@ -122,12 +122,15 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     # The end of a turn is the separator (Chameleon's 8710); a compact vocabulary has its own separator id.
     eos = 8710 if cfg.vocab_size == 65536 else layout.sep if layout is not None else 2
     d = dict(model_type="chameleon", architectures=["ChameleonXLLMXForConditionalGeneration"], hidden_act="silu",
-             attention_bias=False, tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=0, pad_token_id=1,
+             attention_bias=False, torch_dtype="bfloat16", bos_token_id=0, pad_token_id=1,
              eos_token_id=eos)
     d.update(cfg.hf_extra or {})
     if d.get("vocabulary_map") is None:  # a model built here: no tokenizer's vocabulary to write back
         d["vocabulary_map"] = vocabulary_map(layout)
     d.update({k: getattr(cfg, k) for k in _CONFIG_KEYS})
+    # This model's head is its own parameter, written out: a loaded folder's "tied" would have a library that
+    # ties (transformers 4.x) replace it with the embedding on load.
+    d["tie_word_embeddings"] = False
     d.update(rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     if cfg.model_parallel_size is not None:  # the release's head-norm layout (its config key)
         d["model_parallel_size"] = cfg.model_parallel_size
@@ -563,10 +566,9 @@ def load_model(path, device=None, dtype=None) -> WorldVLA:
             "lm_head.weight" not in sd or _same_tensor(sd["lm_head.weight"], emb)):
         # A tied export (transformers' tie_word_embeddings; torch.save of a tied model stores the head as the
         # embedding's tensor): the head is the embedding. This model's head is its own parameter: it gets a
-        # copy, and the folder it saves says so (an untied head, written out).
+        # copy, and the folder it saves says so (an untied head, written out: config_to_hf).
         sd["lm_head.weight"] = emb.clone()
         source.setdefault("lm_head.weight", source.get("model.embed_tokens.weight"))
-        cfg.hf_extra = {**(cfg.hf_extra or {}), "tie_word_embeddings": False}
     del emb
     _unshare(sd)  # tensors an untied config.json's file shares (a tied model's torch.save): copies of their own
     qn = sd.get("model.layers.0.self_attn.q_norm.weight")
