@@ -168,7 +168,8 @@ def print_rows(rows: list[dict]) -> None:
 
 def run(quick: bool = False, device=None, out_dir: str | Path = "benchmarks/results", files=None,
         arch: str = "sm_90a") -> Path:
-    """Writes <out_dir>/sass-<arch>.json. `device` is ignored: nothing runs on a GPU."""
+    """Writes <out_dir>/sass-<arch>.json (sass-<arch>-quick.json for a `quick` run, the same report under the name
+    that keeps it off the full results, as every --quick run's). `device` is ignored: nothing runs on a GPU."""
     files = [Path(f) for f in files] if files else sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
     if not files:  # an installed wheel ships the compiled kernels, not their sources
         raise Unavailable(f"no CUDA sources in {ROOT / 'csrc' / 'cuda'}: the static report reads csrc/cuda/*.cu of a "
@@ -183,7 +184,7 @@ def run(quick: bool = False, device=None, out_dir: str | Path = "benchmarks/resu
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"sass-{arch}.json"
+    path = out_dir / f"sass-{arch}{'-quick' if quick else ''}.json"
     # A temporary name of its own, renamed whole: two runs into one folder never take each other's file.
     write_text_atomic(path, json.dumps(doc, indent=2))
     return path

@@ -1220,3 +1220,15 @@ def test_benchmark_rows_of_few_repeats_report_min_and_max_not_p10_and_p90(tmp_pa
         assert [r["impl"] for r in rows] == ["worldvla-torch", "worldvla-native"]
         assert all(honest(r) for r in rows), (repeats, rows)
         assert all(common.row_spread(r) == (r.get("p90_over_p10") or r["max_over_min"]) for r in rows)
+
+
+def test_a_quick_sass_run_keeps_off_the_full_report(tmp_path, monkeypatch):
+    """`bench --quick` runs every benchmark, sass too, which ignored --quick and wrote sass-<arch>.json: from the
+    repository root it replaced the committed report. A quick run writes sass-<arch>-quick.json, as every other."""
+    from worldvla.benchmarks import sass
+
+    monkeypatch.setattr(sass, "report", lambda files, arch: [{"file": "a.cu", "kernel": "k"}])
+    monkeypatch.setattr(sass, "nvcc_version", lambda: "12.4")
+    full = sass.run(out_dir=tmp_path, files=["a.cu"])
+    quick = sass.run(quick=True, out_dir=tmp_path, files=["a.cu"])
+    assert (full.name, quick.name) == ("sass-sm_90a.json", "sass-sm_90a-quick.json")

@@ -4,7 +4,8 @@ Each benchmark's result file is named after what it measures (`vq` writes
 `vq_quantize-<device>.json`, `sampling` `constrained_sampling-...`, `cross_entropy`
 `linear_cross_entropy-...`, `sass` `sass-<arch>.json`; the others their own name). A `--quick` run (small
 shapes, few repeats: a smoke run, on any device) writes `<result>-<device>-quick.json` in the same folder,
-so it never overwrites the full-size results. (The static `sass` report ignores `--quick`.)"""
+so it never overwrites the full-size results (`sass`, a static report the same either way, writes
+`sass-<arch>-quick.json`)."""
 from __future__ import annotations
 
 import importlib

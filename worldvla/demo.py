@@ -63,7 +63,7 @@ class DemoConfig:
 
     @classmethod
     def fast_preset(cls, **kw) -> "DemoConfig":
-        """Tiny everything: checks the plumbing in about a minute, learns nothing."""
+        """Tiny everything: checks the plumbing in about 10 seconds on 2 cores, learns nothing."""
         base = dict(tasks=("reach-v3",), episodes=2, vq_steps=2, vq_batch=4, model="tiny", train_steps=3,
                     batch_tokens=2048, eval_episodes=2, eval_max_steps=12, eval_envs=2, wm_episodes=1,
                     wm_horizon=2, collect_max_steps=200, fast=True)
@@ -435,7 +435,7 @@ cores). A second run reuses every stage.
 
 examples:
   worldvla demo                                  # the default run into ./worldvla_demo
-  worldvla demo --fast --out /tmp/smoke          # plumbing check, about a minute
+  worldvla demo --fast --out /tmp/smoke          # plumbing check, about 10 seconds
   worldvla demo --ablations                      # + action-only and no-chunk-mask models (the paper's ablations)
   worldvla eval --policy worldvla_demo/policy --tasks drawer-open-v3 --episodes 50 --out eval50
   worldvla serve --checkpoint worldvla_demo/policy
@@ -474,7 +474,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=seed32, default=None, help=f"seed of the layouts, the models and the "
                         f"evaluation (default: {d.seed})")
     parser.add_argument("--fast", action="store_true",
-                        help="tiny sizes (1 task, 2 demos, a few steps): checks the pipeline in ~1 minute")
+                        help="tiny sizes (1 task, 2 demos, a few steps): checks the pipeline in about 10 seconds")
     parser.add_argument("--force", action="store_true", help="ignore cached stages and redo everything")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser

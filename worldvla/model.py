@@ -59,7 +59,7 @@ class ModelConfig:
 
     @classmethod
     def small(cls, layout: VocabLayout | None = None, **kw) -> "ModelConfig":
-        """~10M parameters over a compact vocabulary: trains on a laptop CPU."""
+        """~3.7M parameters over the compact vocabulary: trains on a laptop CPU."""
         layout = layout or VocabLayout.compact()
         base = dict(vocab_size=layout.vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, layout=layout.to_dict())

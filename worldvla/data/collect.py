@@ -471,7 +471,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{task:30s} {s['episodes']:4d} episodes  expert success {s['expert_success_rate']:.0%}  "
                   f"{s['mean_steps']:.0f} steps  {s['seconds_per_episode']:.2f} s/episode")
-    print(f"{summary['episodes_run']} episodes in {summary['seconds']:.1f} s "
+    print(f"{summary['episodes_run']} episodes run (every attempt, the failed ones too) in {summary['seconds']:.1f} s "
           f"({summary['seconds_per_episode']:.2f} s/episode per worker) -> {summary['out_dir']}")
     for e in summary["errors"]:
         print(f"error: {e}", file=sys.stderr)

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.description = __doc__
     p.add_argument("policy", help="policy folder (what `worldvla train` or worldvla.inference.save_policy writes)")
     src = p.add_argument_group("input: a demonstration, or an image and actions")
-    src.add_argument("--demos", metavar="HDF5", help="demonstrations in the LIBERO / robomimic layout")
+    src.add_argument("--demos", metavar="HDF5", help="demonstrations: worldvla collect's, LIBERO's or robomimic's HDF5")
     src.add_argument("--demo", type=non_negative_int, default=0,
                      help="the episode's index in --demos (default 0; --demos only)")
     src.add_argument("--start", type=non_negative_int, default=0,

@@ -46,5 +46,6 @@ def text_tokenizer_for(layout: VocabLayout, tokenizer_json=None):
     if layout.text_base >= 0:
         return ByteTextTokenizer(layout)
     if tokenizer_json is None:
-        raise ValueError("the chameleon layout needs text_tokenizer.json for text")
+        raise ValueError("the chameleon layout needs the release's text_tokenizer.json for text: pass its path "
+                         "(--tokenizer-json PATH; tokenizer_json= in Python)")
     return ChameleonTextTokenizer(tokenizer_json)

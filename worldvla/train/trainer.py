@@ -737,9 +737,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, exported policy")
     p.add_argument("--config", default="small", choices=CONFIGS, help="model size (default: %(default)s)")
     p.add_argument("--init", default=None,
-                   help="start from this model folder (e.g. converted Chameleon-7B). A --resume of a run continues "
-                        "from its checkpoint, which holds the model: the folder is then not read and may have "
-                        "moved")
+                   help="start from this model folder (e.g. the release's or transformers' Chameleon-7B folder). "
+                        "A --resume of a run continues from its checkpoint, which holds the model: the folder is "
+                        "then not read and may have moved")
     p.add_argument("--steps", type=non_negative_int, default=0,
                    help="optimizer steps (default: 0, --epochs whole epochs)")
     p.add_argument("--epochs", type=positive_int, default=1, help="whole epochs of the store when --steps is 0 "
@@ -748,7 +748,8 @@ def add_arguments(p) -> None:
                    help="tokens per global batch (all ranks; default: %(default)s)")
     p.add_argument("--micro-tokens", type=non_negative_int, default=0,
                    help="tokens per packed micro-batch per rank (default: 0 = --batch-tokens); gradient accumulation. "
-                        "On CPU the reference attention is dense over a packed sequence: ~1024 is fastest")
+                        "Smaller micro-batches take less memory; on CPU the torch attention runs a packed micro-batch "
+                        "document by document")
     p.add_argument("--lr", type=non_negative_float, default=3e-4, help="peak learning rate (default: %(default)s)")
     p.add_argument("--min-lr", type=non_negative_float, default=None,
                    help="cosine floor, at most --lr (default: --lr / 10)")
@@ -791,7 +792,8 @@ def add_arguments(p) -> None:
                         "unsharded fp32 gradients (4 bytes per parameter, 28 GB for 7B), at one gradient "
                         "reduction per micro-step")
     p.add_argument("--attn-backend", default="auto", choices=("auto", "torch", "triton", "native"),
-                   help="attention kernels (default: %(default)s: the order `worldvla info` shows)")
+                   help="attention kernels (default: %(default)s: the order `worldvla info` shows; native's are "
+                        "forward-only, refused for training)")
     p.add_argument("--loss-backend", default="auto", choices=("auto", "torch", "triton"),
                    help="cross-entropy kernels (default: %(default)s: the order `worldvla info` shows; the fused "
                         "loss has no native kernel)")
