@@ -892,3 +892,19 @@ def test_a_tied_config_with_a_head_of_its_own_is_saved_untied(tmp_path):
     assert torch.equal(loaded.lm_head.weight, m.lm_head.weight)
     loaded.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_loss_takes_its_image_weight():
+    """`loss(image_weight=a)` weighs the image-code targets by a (the class weights of `loss_class_weights`), not by
+    the default 0.04 whatever it is given."""
+    gen = torch.Generator().manual_seed(5)
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=gen)
+    ids, lab = _padded_batch(m, gen, 2)
+    image = torch.tensor(sorted(m.layout.image_code_ids))
+    assert torch.isin(lab, image).any()  # the weight has targets to act on
+    with torch.no_grad():
+        half, _ = m.loss(ids, lab, image_weight=0.5)
+        want, _ = m.loss(ids, lab, class_weight=loss_class_weights(m.layout, 0.5))
+        default, _ = m.loss(ids, lab)
+    torch.testing.assert_close(half, want, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(half, default)

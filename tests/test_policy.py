@@ -776,3 +776,14 @@ def test_a_server_keeps_the_prefixes_of_all_its_episodes(policy_dir, rng, monkey
             pol.reset([name])
             pol.act(frame, history=None)
     assert len(computed) == len(names)
+
+
+def test_an_observed_frame_is_a_copy_too(policy_dir, rng):
+    """observe() keeps the frame as it was given, as act() does: a camera driver refills its buffer in place."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    f0, f1 = _frames(rng), _frames(rng)
+    buf = f0.copy()
+    pol.reset("open the drawer")
+    pol.observe(buf)
+    buf[...] = f1
+    assert np.array_equal(pol.act(buf), _expected(pol, "open the drawer", [f0, f1]))

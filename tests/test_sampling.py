@@ -124,3 +124,43 @@ def test_constrained_sample_refuses_a_range_that_is_not_integers(rng, lo, hi):
             ops.constrained_sample(h, w, lo, hi, backend=backend)
         want = ops.constrained_sample(h, w, 2, 10, backend=backend)
         assert torch.equal(ops.constrained_sample(h, w, np.int64(2), torch.tensor(10), backend=backend), want)
+
+
+def _range_edges(rng, lo, hi, hot):
+    """hidden [3, 8] and lm_head [40, 8] where each of rows `hot` scores far above the rest on every hidden row."""
+    h = torch.randn(3, 8, generator=rng).abs() / 8 + 0.1
+    w = torch.randn(40, 8, generator=rng) / 8
+    for i, row in enumerate(hot):
+        w[row] = 4.0 - i  # the first of `hot` highest
+    return h, w
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "drawn"])
+def test_every_backend_picks_inside_the_range_and_its_last_id(rng, sampled):
+    """The range [lo, hi) at its edges: the rows just outside it (hi, lo - 1) score highest and must never be
+    chosen; within it the last row (hi - 1) scores highest and must be; and random inputs give
+    lo + argmax(hidden @ W[lo:hi]^T). A range read one row too far, or one row short, passed every test."""
+    from worldvla import ops
+    from worldvla.ops import dispatch
+
+    lo, hi = 7, 23
+    kw = {"temperature": 1e-3, "top_k": 2, "generator": torch.Generator().manual_seed(0)} if sampled else {}
+    h, w = _range_edges(rng, lo, hi, hot=(hi, lo - 1, hi - 1))
+    hr, wr = torch.randn(5, 8, generator=rng), torch.randn(40, 8, generator=rng)
+    for backend in ["auto"] + dispatch.available("constrained_sample"):
+        got = ops.constrained_sample(h, w, lo, hi, backend=backend, **kw)
+        assert got.tolist() == [hi - 1] * 3, (backend, got)
+        if not sampled:
+            want = (hr @ wr[lo:hi].t()).argmax(1) + lo
+            assert torch.equal(ops.constrained_sample(hr, wr, lo, hi, backend=backend), want), backend
+
+
+def test_top_k_one_short_of_the_range_still_masks_the_last(rng):
+    """top_k = C - 1 must keep out the one lowest column, whatever noise it gets; top_k = 1 is the argmax."""
+    logits = torch.randn(64, 12, generator=rng)
+    low = logits.argmin(1)
+    gumbel = torch.zeros(64, 12)
+    gumbel[torch.arange(64), low] = 1e4  # noise that would make the lowest column win
+    got = sample_logits(logits, 1.0, 11, gumbel=gumbel)
+    assert not bool((got == low).any())
+    assert torch.equal(sample_logits(logits, 1.0, 1, gumbel=gumbel), logits.argmax(1))
