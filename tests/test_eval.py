@@ -1065,3 +1065,64 @@ def test_expert_rollouts_for_the_world_model_show_a_progress_bar(tmp_path, monke
     expert = [b for b in bars if b.label == "expert rollouts"]
     assert len(expert) == 1 and expert[0].total == 2 * 2 and expert[0].counted == 2 * 2
     assert expert[0].hidden != progress
+
+
+def test_summary_std_is_over_the_finite_values_only():
+    """The spread of PSNRs with an identical frame among them (inf) is the finite values' spread, as the
+    mean is: an std over every value would be NaN or inf."""
+    s = metrics.summarize([1.0, 3.0, float("inf")])
+    assert s == {"n": 3, "n_inf": 1, "mean": 2.0, "std": 1.0}
+    s = metrics.summarize([5.0, float("inf"), float("inf")])
+    assert s == {"n": 3, "n_inf": 2, "mean": 5.0, "std": 0.0}
+
+
+def test_a_variants_success_rate_is_the_mean_over_every_task():
+    """A variant's success rate averages every task's rate, and its interval pools every task's episodes:
+    with 2/4 and 4/4 the rate is 0.75 and the interval that of 6 of 8 (not the first task's alone)."""
+    from worldvla.eval.metaworld import _summarize_variant
+    from worldvla.eval.metrics import success_interval
+
+    v = {"tasks": {"fake-a-v3": {"success_rate": 0.5, "successes": 2, "episodes": 4},
+                   "fake-b-v3": {"success_rate": 1.0, "successes": 4, "episodes": 4}}}
+    _summarize_variant(v, ["fake-a-v3", "fake-b-v3"])
+    assert v["success_rate"] == 0.75
+    assert v["success_ci95"] == pytest.approx(list(success_interval(6, 8)))
+    assert v["tasks"]["fake-a-v3"]["ci95"] == pytest.approx(list(success_interval(2, 4)))
+    assert v["tasks"]["fake-b-v3"]["ci95"] == pytest.approx(list(success_interval(4, 4)))
+
+
+def test_world_model_predictions_are_scored_against_the_next_frames(monkeypatch):
+    """A world model that predicts the simulator's next frames exactly scores the PSNR cap and SSIM 1, one
+    step and at every step of a rollout: its frame after action t is frame t+1 of the rollout (scoring it
+    against frame t, or the rollout's step k against frame k, would mark an exact model wrong)."""
+    from worldvla.eval.metaworld import PSNR_CAP_DB, world_model_metrics
+    from worldvla.inference import frames
+    from worldvla.inference.frames import FrameRollout
+
+    pol = _tiny_policy(2)  # 32 px
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)  # distinct frames
+    actions = rng.uniform(-1, 1, (4, 4)).astype(np.float32)
+    index = {video[t].tobytes(): t for t in range(len(video))}
+
+    def exact_frames(model, vqgan, image, acts, **kw):  # the simulator's frames after each action
+        steps = np.asarray(acts).shape[1]
+        out = []
+        for img in image:
+            t = index[img.tobytes()]
+            np.testing.assert_array_equal(np.asarray(acts)[len(out)], actions[t:t + steps])
+            out.append(video[t + 1:t + 1 + steps])
+        out = np.stack(out)
+        codes = vqgan.encode_images(out.reshape(-1, *out.shape[2:]))
+        return FrameRollout(codes.view(len(out), steps, *codes.shape[1:]), out)
+
+    monkeypatch.setattr(frames, "generate_frames", exact_frames)
+    m = world_model_metrics(pol, [{"frames": video, "actions": actions}], horizon=3, one_step_points=4)
+    one, multi = m["one_step"], m["multi_step"]
+    assert one["n"] == 4
+    assert one["psnr"] == PSNR_CAP_DB and one["ssim"] == pytest.approx(1.0, abs=1e-9)
+    assert one["code_accuracy"] == 1.0
+    assert multi["horizon"] == 3
+    assert multi["psnr_per_step"] == [PSNR_CAP_DB] * 3
+    assert multi["ssim_per_step"] == pytest.approx([1.0] * 3, abs=1e-9)
+    assert multi["psnr"] == PSNR_CAP_DB

@@ -707,3 +707,29 @@ def test_actions_are_binned_from_the_files_float64_values(tmp_path, np_rng):
     np.testing.assert_array_equal(tok.bins(demo.actions), tok.bins(actions))
     (_, read), = list(iter_demo_actions(path))
     np.testing.assert_array_equal(tok.bins(read), tok.bins(actions))
+
+
+def test_an_arm_action_of_exactly_the_threshold_is_kept():
+    """A step is a no-op only when its arm action's norm is strictly below the threshold: an action whose
+    norm equals it moves the arm and is kept, one just below it (gripper unchanged) is dropped."""
+    a = np.zeros((3, 7), np.float64)
+    a[:, -1] = -1                 # the gripper command never changes
+    a[0, :6] = 0.5                # a kept step for the gripper to be compared against
+    a[1, 0] = 1e-4                # norm exactly the threshold
+    a[2, 0] = 0.99e-4             # norm just below it
+    assert float(np.linalg.norm(a[1, :-1])) == 1e-4
+    assert steps_without_noops(a, threshold=1e-4).tolist() == [0, 1]
+    assert steps_without_noops(a).tolist() == [0, 1]
+
+
+def test_a_done_flag_before_the_last_step_is_not_success(tmp_path, np_rng):
+    """Without a `success` attribute a LIBERO demo's success is its last `dones` flag: a flag set partway
+    (dones [0, 1, 0]) with the last one clear is a failed demo, [0, 0, 1] a successful one."""
+    path = tmp_path / "libero.hdf5"
+    write_libero_like(path, np_rng, n=2)  # demo_0 has 3 steps, demo_1 has 4
+    with h5py.File(path, "a") as f:
+        f["data/demo_0/dones"][...] = np.array([0, 1, 0], np.uint8)
+        f["data/demo_1/dones"][...] = np.array([0, 0, 0, 1], np.uint8)
+        assert not any("success" in f[f"data/demo_{i}"].attrs for i in range(2))
+    assert [d.success for d in read_demos(path)] == [False, True]
+    assert demo_file_info(path)["success"] == [False, True]

@@ -534,3 +534,46 @@ def test_rollouts_go_through_the_vqgan_a_few_frames_a_call(rng, monkeypatch):
     parts = generate_frames(model, vq, imgs, acts, action_tokenizer=b.actions, text_tokenizer=b.text)
     assert sizes == {"encode": [2, 1], "decode": [2, 2, 2, 2, 1]}
     assert torch.equal(parts.codes, whole.codes) and np.array_equal(parts.frames, whole.frames)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_guidance_keeps_out_the_codes_only_the_unconditional_branch_bans(rng, temperature):
+    """A code the unconditional branch alone rules out (-inf there, finite in the conditional branch) must stay
+    out: guidance's unc + s * (cond - unc) gives it +inf at s > 1, so a ban read from the conditional branch
+    alone would make the guided frame all banned codes."""
+    model, b = _model(0), _builder()
+    n = 2
+    codes = torch.randint(0, 64, (n, 4, 4), generator=rng)
+    actions = torch.rand(n, 4, generator=rng).numpy() * 2 - 1
+    lo, _ = LAYOUT.image_id_range
+    ban = torch.zeros(model.config.vocab_size)
+    ban[lo:lo + 32] = float("-inf")  # codes 0..31
+
+    def unconditional_ban(module, args, out):
+        if out.dim() != 2 or out.shape[0] != 2 * n:
+            return out
+        out = out.clone()
+        out[n:] += ban  # rows n and after: the unconditional branch
+        return out
+
+    model.lm_head.register_forward_hook(unconditional_ban)
+    nxt = generate_frame_codes(model, codes, actions, b, cfg_scale=3.0, temperature=temperature,
+                               top_k=5 if temperature else None, generator=torch.Generator().manual_seed(3))
+    assert int(nxt.min()) >= 32, nxt.flatten().tolist()
+    assert len(set(nxt.flatten().tolist())) > 1  # not a constant output
+
+
+def test_permuted_image_ids_in_the_python_loop(rng, monkeypatch):
+    """Image codes on permuted ids with the frame's loop in Python: the chosen ids map back to codes through
+    the layout's code table (not by their offset from the first image id)."""
+    from worldvla.inference import frames
+
+    monkeypatch.setattr(frames, "NATIVE_FRAME_LOOP", False)
+    perm = torch.randperm(64, generator=rng)
+    lay = dataclasses.replace(LAYOUT, image_code_ids=tuple((4 + perm).tolist()))
+    model, b = _model(2, lay), _builder(lay)
+    codes = torch.randint(0, 64, (1, 2, 4), generator=rng)
+    actions = np.array([[0.1, -0.3, 0.5, 0.9]])
+    nxt = generate_frame_codes(model, codes, actions, b)
+    assert int(nxt.min()) >= 0 and int(nxt.max()) < 64
+    _check_greedy(model, b, codes, actions, nxt)

@@ -1715,3 +1715,23 @@ def test_a_reply_over_the_clients_limit_names_max_reply_mb():
         client.close()
         with PolicyClient(server.url, timeout=10) as roomy:
             assert roomy.metadata()["policy"]["extra"]["notes"] == "x" * 200000
+
+
+def test_the_time_spent_resizing_counts_against_the_request_timeout(np_rng, monkeypatch):
+    """The request timeout bounds the whole request, from its arrival: a frame whose resize took most of it
+    has only the rest left to wait for the policy, not a full timeout again (a robot would wait up to twice
+    --timeout-s for its actions)."""
+    policy = HistoryPolicy(delay_s=0.4)
+    with PolicyServer(policy, request_timeout_s=1.0) as server, PolicyClient(server.url, timeout=20) as client:
+        resize = server._resize_pair
+
+        def slow_resize(image, previous):
+            time.sleep(0.8)  # 0.2 s of the timeout left for a policy call of 0.4 s
+            return resize(image, previous)
+
+        monkeypatch.setattr(server, "_resize_pair", slow_resize)
+        client.reset("slowly")
+        with pytest.raises(PolicyServerError, match="timed out after 1 s"):
+            client.act(_frame(np_rng, 48, 48))
+        assert server.stats["timeouts"] == 1 and server.stats["act_ok"] == 0
+        _wait_for(lambda: not server._running_batch)

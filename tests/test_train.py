@@ -1331,3 +1331,48 @@ def test_an_export_that_fails_after_training_says_resume_exports_again(store_dir
     monkeypatch.setattr(trainer, "_export", real)
     again = trainer.train(args_for(store_dir, out, "--steps", 2, "--batch-tokens", 300, "--resume"))
     assert again["losses"] == [] and again["export"] is not None and (out / "policy" / "policy.json").is_file()
+
+
+def test_without_a_latest_pointer_the_highest_step_is_taken_not_the_newest_file(tmp_path):
+    """With no `latest` pointer (lost, or removed by hand) the checkpoint resumed from is the highest step; a
+    folder's modification time says nothing about its step (an older checkpoint copied or touched later)."""
+    import os
+
+    from worldvla.train.checkpointing import save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    old = save_checkpoint(tmp_path, 3, model, opt, {})
+    new = save_checkpoint(tmp_path, 5, model, opt, {})
+    (tmp_path / "checkpoints" / "latest").unlink()
+    later = new.stat().st_mtime + 100
+    for p in (old, *old.iterdir()):
+        os.utime(p, (later, later))
+    assert old.stat().st_mtime > new.stat().st_mtime
+    assert latest_checkpoint(tmp_path) == new
+
+
+def test_restored_rng_states_repeat_the_draws_from_the_captured_position():
+    """Restoring Python's, NumPy's and torch's RNG states continues from the very draw where they were
+    captured, also partway through NumPy's block of 624 words (its `pos`): a resumed run draws the same
+    numbers as the uninterrupted one."""
+    import random
+
+    from worldvla.train.checkpointing import capture_rng, restore_rng
+
+    old = capture_rng()
+    try:
+        random.seed(0)
+        np.random.seed(0)
+        torch.manual_seed(0)
+        random.random(), np.random.random(3), torch.rand(3)  # partway into each generator's stream
+        state = capture_rng()
+        assert 0 < state["numpy"]["pos"] < 624
+        a = ([random.random() for _ in range(5)], np.random.random(5), torch.rand(5))
+        restore_rng(state)
+        b = ([random.random() for _ in range(5)], np.random.random(5), torch.rand(5))
+    finally:
+        restore_rng(old)
+    assert a[0] == b[0]
+    np.testing.assert_array_equal(a[1], b[1])
+    assert torch.equal(a[2], b[2])

@@ -413,3 +413,31 @@ def test_the_release_tokenizer_folder_loads_and_passes_trust_checkpoint_on(rng, 
     with pytest.raises(RuntimeError, match="trust_checkpoint=True"):
         load_release_tokenizer(tmp_path)
     _same_weights(m, load_release_tokenizer(tmp_path, trust_checkpoint=True)[2])
+
+
+def test_vq_loss_weights_the_commitment_term_by_beta():
+    """The VQ loss is ||sg[z] - e||^2 + beta * ||z - sg[e]||^2: the codebook is pulled towards the encoder's
+    latents at full weight and the encoder towards the codebook at weight beta. Putting beta on the codebook
+    term instead would still train, with the codebook moving 4x slower and the encoder 4x harder pulled."""
+    from worldvla.vqgan import COMMITMENT_BETA
+
+    gen = torch.Generator().manual_seed(7)
+    m = _model(gen).train()
+    seen = {}
+
+    def keep_latents(module, inputs, out):
+        out.retain_grad()
+        seen["z"] = out
+
+    m.quant_conv.register_forward_hook(keep_latents)
+    _, vq_loss, codes = m(_pixels(gen, 2, 32, 32))
+    vq_loss.backward()
+    z = seen["z"].detach()                                  # [B, C, h, w]
+    e = m.codebook.detach()[codes].permute(0, 3, 1, 2)      # each latent's chosen entry
+    n = z.numel()
+    assert codes.unique().numel() > 1
+    torch.testing.assert_close(seen["z"].grad, 2 * COMMITMENT_BETA * (z - e) / n)
+    want = torch.zeros_like(m.codebook)
+    want.index_add_(0, codes.reshape(-1), (2 * (e - z) / n).permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+    torch.testing.assert_close(m.codebook.grad, want)
+    assert want.abs().sum() > 0
