@@ -149,8 +149,14 @@ def test_sampling_arguments_are_checked_by_name(rng):
                         action_tokenizer=b.actions, text_tokenizer=b.text)
 
 
-def test_permuted_image_ids(rng):
-    """Image codes on permuted ids (as the Chameleon BPE mapping): sampled ids map back to codes."""
+@pytest.mark.parametrize("native_loop", [True, False], ids=["native-loop", "python-loop"])
+def test_permuted_image_ids(rng, monkeypatch, native_loop):
+    """Image codes on permuted ids (as the Chameleon BPE mapping): sampled ids map back to codes through the
+    layout's code table (not by their offset from the first image id), in the native frame loop where it runs
+    and in the Python one."""
+    from worldvla.inference import frames
+
+    monkeypatch.setattr(frames, "NATIVE_FRAME_LOOP", native_loop)
     perm = torch.randperm(64, generator=rng)
     lay = dataclasses.replace(LAYOUT, image_code_ids=tuple((4 + perm).tolist()))
     model, b = _model(2, lay), _builder(lay)
@@ -561,19 +567,3 @@ def test_guidance_keeps_out_the_codes_only_the_unconditional_branch_bans(rng, te
                                top_k=5 if temperature else None, generator=torch.Generator().manual_seed(3))
     assert int(nxt.min()) >= 32, nxt.flatten().tolist()
     assert len(set(nxt.flatten().tolist())) > 1  # not a constant output
-
-
-def test_permuted_image_ids_in_the_python_loop(rng, monkeypatch):
-    """Image codes on permuted ids with the frame's loop in Python: the chosen ids map back to codes through
-    the layout's code table (not by their offset from the first image id)."""
-    from worldvla.inference import frames
-
-    monkeypatch.setattr(frames, "NATIVE_FRAME_LOOP", False)
-    perm = torch.randperm(64, generator=rng)
-    lay = dataclasses.replace(LAYOUT, image_code_ids=tuple((4 + perm).tolist()))
-    model, b = _model(2, lay), _builder(lay)
-    codes = torch.randint(0, 64, (1, 2, 4), generator=rng)
-    actions = np.array([[0.1, -0.3, 0.5, 0.9]])
-    nxt = generate_frame_codes(model, codes, actions, b)
-    assert int(nxt.min()) >= 0 and int(nxt.max()) < 64
-    _check_greedy(model, b, codes, actions, nxt)
