@@ -463,11 +463,25 @@ def _check_steps(where: str, frames, actions: np.ndarray) -> None:
         raise DemoFormatError(f"{where}: an empty demo (no step); drop it from the file")
 
 
+def _demo_groups(data, path, camera: str | None):
+    """(name, group, where, frame key) of each demo of a file's `data` group, in order: each checked by
+    `_demo_group` and its camera key settled at the first demo (`_settled_frame_key`), h5py's errors in doing so
+    named by the demo. Reading the group is the caller's, under its own `_damage_named(where)`."""
+    names = _demo_names(data)
+    key = None
+    for name in names:
+        where = f"{path}:data/{name}"
+        with _damage_named(where):
+            g, where = _demo_group(data, name, path)
+            key = _settled_frame_key(g, key, camera, where, names[0])
+        yield name, g, where, key
+
+
 def _read_one(g, where: str, key: str, default_instruction: str, turn: str, name: str,
               override: bool = False) -> Demo:
     frames = _read_dataset(g["obs"], key, f"{where}/obs")
     # float64 as the release reads them (its .npy dumps): binned after a float32 round trip, about one value in
-    # 600,000 of LIBERO's lands in the next bin
+    # 600,000 (uniform within LIBERO's bounds) lands in the next bin
     actions = _read_dataset(g, "actions", where).astype(np.float64, copy=False)
     _check_steps(where, frames, actions)
     if turn != NO_TURN:
@@ -611,14 +625,10 @@ def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None,
         data = _open_data(f, path)
         default = instruction if instruction is not None else _file_instruction(data, path)[0]
         turn = _turn(data, rotate_180)
-        all_names = _demo_names(data)
-        key = None
-        for name in all_names:
-            with _damage_named(f"{path}:data/{name}"):
-                g, where = _demo_group(data, name, path)
-                key = _settled_frame_key(g, key, camera, where, all_names[0])
-                if names is not None and name not in names:
-                    continue
+        for name, g, where, key in _demo_groups(data, path, camera):
+            if names is not None and name not in names:
+                continue
+            with _damage_named(where):
                 demo = _read_one(g, where, key, default, turn, name, override=instruction is not None)
             if drop_noops:
                 demo = _without_noops(demo, where)
@@ -652,12 +662,8 @@ def first_demo_shape(path, camera: str | None = None, only_success: bool = False
     path = Path(path)
     with open_demo_file(path) as f, _damage_named(path):
         data = _open_data(f, path)
-        names = _demo_names(data)
-        key = None
-        for name in names:
-            with _damage_named(f"{path}:data/{name}"):
-                g, where = _demo_group(data, name, path)
-                key = _settled_frame_key(g, key, camera, where, names[0])
+        for _, g, where, key in _demo_groups(data, path, camera):
+            with _damage_named(where):
                 frames = g["obs"][key]
                 if not _is_dataset(frames):
                     _read_dataset(g["obs"], key, f"{where}/obs")  # refuses it, as iter_demos does
