@@ -299,17 +299,18 @@ def test_an_interrupted_run_leaves_the_earlier_outputs_as_they_were(files, tmp_p
 def test_a_run_stopped_while_its_outputs_move_in_mixes_no_earlier_one(files, tmp_path, monkeypatch):
     """Stopped between the renames that move the outputs in: the earlier run's are all gone already (rollout.json
     first), so the folder holds some of the new run's files and no rollout.json, never files of both runs."""
-    from worldvla.eval import imagine
+    import os
 
-    real, moved = imagine._move_in, []
+    real, moved = os.replace, []
 
     def fail(monkeypatch):
         def second_interrupted(src, dst):
-            if moved:
-                raise KeyboardInterrupt
-            moved.append(dst.name)
+            if Path(dst).parent == tmp_path / "out":  # a move into --out (not a write in the staging folder)
+                if moved:
+                    raise KeyboardInterrupt
+                moved.append(Path(dst).name)
             real(src, dst)
-        monkeypatch.setattr(imagine, "_move_in", second_interrupted)
+        monkeypatch.setattr(os, "replace", second_interrupted)
 
     before, after = _image_run_over_a_demo_run(files, tmp_path, monkeypatch, fail)
     assert moved == ["rollout.png"]

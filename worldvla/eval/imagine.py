@@ -180,10 +180,6 @@ OUTPUTS = ("rollout.png", "rollout.gif", "scores.png", "rollout.npz", "rollout.j
 STAGE = "rollout"  # the outputs are written into `.rollout.tmp-<pid>-<hex>` in --out first (`_publish`)
 
 
-def _move_in(src: Path, dst: Path) -> None:
-    os.replace(src, dst)
-
-
 def _publish(stage: Path, folder: Path) -> None:
     """Move the outputs written into `stage` into `folder` in place of an earlier run's. Every earlier output
     goes first (rollout.json first of all), then the new ones come in (rollout.json last), so that the folder
@@ -196,7 +192,7 @@ def _publish(stage: Path, folder: Path) -> None:
         (folder / name).unlink(missing_ok=True)
     for name in OUTPUTS:
         if (stage / name).exists():
-            _move_in(stage / name, folder / name)
+            os.replace(stage / name, folder / name)
     fsync_path(folder)
 
 
