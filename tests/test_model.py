@@ -868,8 +868,8 @@ def test_a_bin_that_is_not_a_state_dict_is_named(tmp_path):
     m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
     m.save_pretrained(tmp_path / "ref")
     sd = dict(m.state_dict())
-    cases = [({"model": sd, "step": 3}, r"not a state dict of named tensors \(found 'model': a dict\); it looks like a training checkpoint: save its "
-                                        r"'model' entry alone"),
+    cases = [({"model": sd, "step": 3}, r"not a state dict of named tensors \(found 'model': a dict\); it looks like "
+                                        r"a training checkpoint: save its 'model' entry alone"),
              (list(sd.values()), r"not a state dict of named tensors \(found a list\)"),
              ({**sd, "step": 3}, r"not a state dict of named tensors \(found 'step': a int\)$")]
     for i, (obj, message) in enumerate(cases):

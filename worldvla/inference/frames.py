@@ -200,14 +200,13 @@ def _native_frame_loop(engine, model, hidden, lo, hi, temperature, backend):
         return None
     from ..ops import native_backend
     weight = model.lm_head.weight
-    # Chosen on the tensors as `constrained_sample` casts them under autocast, as the Python loop's choices
-    # take them. The native loop reads the steps' hidden states and the weight as they are: where autocast
-    # would cast either (a float32 model under bfloat16 autocast), its choices would not be the Python loop's.
-    cast_hidden, cast_weight = dispatch.autocast_floats(hidden.device.type, hidden, weight)
-    if cast_hidden.dtype != hidden.dtype or cast_weight.dtype != weight.dtype:
+    # The native loop reads the steps' hidden states and the weight as they are: where autocast would cast either
+    # (a float32 model under bfloat16 autocast), its choices would not be the Python loop's, which take them as
+    # `constrained_sample` casts them. Elsewhere autocast leaves them as they are.
+    if dispatch.autocast_casts(hidden.device.type, hidden.dtype, weight.dtype):
         return None
-    if cast_weight.dtype not in (torch.float32, torch.bfloat16) or resolve_constrained_sample(
-            cast_hidden, cast_weight, lo, hi, temperature, backend) is not native_backend.constrained_sample:
+    if weight.dtype not in (torch.float32, torch.bfloat16) or resolve_constrained_sample(
+            hidden, weight, lo, hi, temperature, backend) is not native_backend.constrained_sample:
         return None
     return native_backend.decode_frame
 

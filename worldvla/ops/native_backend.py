@@ -765,9 +765,7 @@ def _dispatched_linear(x: Tensor, weight: Tensor) -> Tensor:
     if not (x.dtype == weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(1) == 1
             and weight.is_cpu) and not _passes(_check_linear, x, weight):
         return F.linear(x, weight)  # (a bfloat16 x: under autocast, the activations a forward's modules cast)
-    if dispatch.autocast_casts(x.device.type, torch.float32):
-        return F.linear(x, weight)  # as the modules compute it, in autocast's dtype
-    return linear(x, weight)
+    return linear(x, weight)  # (under autocast `auto` resolves to torch's linear: `_linear_supports`)
 
 
 # ------------------------------------------------------------------ decoder layer (CPU decode steps)
