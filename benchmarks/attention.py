@@ -40,7 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from worldvla import VocabLayout, chunk_mask_meta, ops
 from worldvla.mask import NO_BLOCK, DecodeMeta, causal_meta
 
-from .common import (BANDWIDTH_METHOD, Rotation, label_spread, load_average, main_for, measure_bandwidth, print_table,
+from .common import (BANDWIDTH_METHOD, Rotation, load_average, main_for, measure_bandwidth, print_table,
                      time_interleaved, timed_backends, write_results)
 
 LAYOUT = VocabLayout.chameleon()
@@ -321,7 +321,6 @@ def _check_and_time(calls: dict, rule_of, reference, dtype, device, rot, ctx, ti
     try:
         with ctx():
             stats = time_interleaved(calls, device=device, rotation=rot, **timing)
-        stats = {name: label_spread(st) for name, st in stats.items()}  # --quick's 5: min / max, not p10 / p90
     except Exception as e:  # noqa: BLE001 - one side failing mid-run: the case's rows say so
         stats = {name: {"error": str(e)[:200]} for name in calls}
     return {name: {**stats.get(name, {}), **fields} for name, fields in out.items()}

@@ -19,8 +19,8 @@ memory the process already holds count as well as fresh ones (see `PEAK_MEMORY_M
 
 The sides of a ratio are timed interleaved where they can be (`time_interleaved`: one call of each a
 round, the order turning every round), so that a machine that speeds up or slows down moves every side
-alike. Every timed row records p90_over_p10 (or, where `label_spread` labels a row of too few repeats for
-percentiles, max_over_min); `print_table` warns about rows above `NOISY_SPREAD`, and
+alike. Every timed row records p90_over_p10 (or, in a row of too few repeats for percentiles, max_over_min:
+`_stats`); `print_table` warns about rows above `NOISY_SPREAD`, and
 each result records the load average when its benchmark started (`load_average_start`, passed in its
 extra) and when it was written (`load_average_end`), so that a run on a busy machine shows as one.
 
@@ -490,34 +490,22 @@ def _spread(p10: float, p90: float) -> float | None:
     return p90 / p10 if p10 > 0 else None
 
 
-def _stats(times: list[float]) -> dict:
-    """Median, 10th and 90th percentiles (by rank: the sorted times' int(0.1 n)-th and int(0.9 n)-th), their
-    spread, and the fastest and slowest of `times` (ms)."""
-    ts = sorted(times)
-    q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]
-    return {"median_ms": statistics.median(ts), "p10_ms": q(0.1), "p90_ms": q(0.9),
-            "p90_over_p10": _spread(q(0.1), q(0.9)), "min_ms": ts[0], "max_ms": ts[-1]}
-
-
 # Repeats from which a row's p10 and p90 are percentiles of their own: read by rank, the 90th percentile of 10
 # times or fewer is the slowest of them, and the 10th of fewer than 10 the fastest.
 PERCENTILE_MIN_REPEATS = 11
 
 
-def label_spread(stats: dict) -> dict:
-    """A row's timing statistics (`time_fn`'s or `time_interleaved`'s) as it reports them: with fewer than
-    PERCENTILE_MIN_REPEATS repeats, no p10_ms, p90_ms and p90_over_p10 (which would be the extremes under other
-    names) but the fastest and slowest times and their spread (min_ms, max_ms, max_over_min); otherwise the
-    percentiles, without min_ms and max_ms."""
-    out = dict(stats)
-    if stats["repeats"] >= PERCENTILE_MIN_REPEATS:
-        out.pop("min_ms", None)
-        out.pop("max_ms", None)
-        return out
-    for key in ("p10_ms", "p90_ms", "p90_over_p10"):
-        out.pop(key, None)
-    out["max_over_min"] = _spread(stats["min_ms"], stats["max_ms"])
-    return out
+def _stats(times: list[float]) -> dict:
+    """The median of `times` (ms) and their spread, named as what it is: from PERCENTILE_MIN_REPEATS times on the
+    10th and 90th percentiles (by rank: the sorted times' int(0.1 n)-th and int(0.9 n)-th) and p90_over_p10;
+    below, where those would be the fastest and slowest under other names, min_ms, max_ms and max_over_min."""
+    ts = sorted(times)
+    if len(ts) < PERCENTILE_MIN_REPEATS:
+        return {"median_ms": statistics.median(ts), "min_ms": ts[0], "max_ms": ts[-1],
+                "max_over_min": _spread(ts[0], ts[-1])}
+    q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]
+    return {"median_ms": statistics.median(ts), "p10_ms": q(0.1), "p90_ms": q(0.9),
+            "p90_over_p10": _spread(q(0.1), q(0.9))}
 
 
 def row_spread(row: dict) -> float | None:

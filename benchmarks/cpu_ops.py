@@ -27,7 +27,7 @@ import torch
 from worldvla import ops
 
 from .attention import decode_meta, packed_batch, visible_pairs
-from .common import (Rotation, label_spread, load_average, main_for, print_table, rotation_count, time_interleaved,
+from .common import (Rotation, load_average, main_for, print_table, rotation_count, time_interleaved,
                      write_results)
 from .sampling import lm_head_windows
 
@@ -60,7 +60,7 @@ def interleaved(fns: dict, rotation: Rotation, warmup: int, repeats: int) -> dic
     return time_interleaved(fns, warmup=warmup, repeats=repeats, rotation=rotation)
 
 
-# A row's repeats and spread, as label_spread names them: p10 / p90 from PERCENTILE_MIN_REPEATS repeats on, the
+# A row's repeats and spread, as `common._stats` names them: p10 / p90 from PERCENTILE_MIN_REPEATS repeats on, the
 # fastest and slowest below (the quick run's 5- and 10-repeat cases, whose p10 and p90 would be just those).
 SPREAD_FIELDS = ("repeats", "p10_ms", "p90_ms", "p90_over_p10", "min_ms", "max_ms", "max_over_min")
 
@@ -69,9 +69,8 @@ def _rows(op, case, stats, work: dict, rotation: Rotation) -> list[dict]:
     rows = []
     for name, st in stats.items():
         ms = st["median_ms"]
-        spread = label_spread(st)
         row = {"op": op, "case": case, "impl": f"worldvla-{name}", "median_ms": ms,
-               **{k: spread[k] for k in SPREAD_FIELDS if k in spread},
+               **{k: st[k] for k in SPREAD_FIELDS if k in st},
                "speedup_vs_torch": stats["torch"]["median_ms"] / ms, **rotation.info()}
         if "bytes" in work:
             row["GBps"] = work["bytes"] / (ms * 1e-3) / 1e9

@@ -26,7 +26,7 @@ import torch
 from worldvla import ops
 from worldvla.ops.cross_entropy import float32_or_wider, linear_cross_entropy_ref, logits_cross_entropy
 
-from .common import (Rotation, bound_errors, label_spread, load_average, main_for, peak_memory, peak_memory_method,
+from .common import (Rotation, bound_errors, load_average, main_for, peak_memory, peak_memory_method,
                      print_table, time_interleaved, timed_backends, write_results)
 
 Z_WEIGHT = 1e-5
@@ -159,7 +159,6 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
         steps = {name: (lambda h, w, y, rows, fn=fn: step(h, w, y, rows, fn)) for name, fn in impls.items()}
         stats = time_interleaved(steps, device=device, rotation=rot, warmup=1 if quick else 3,
                                  repeats=3 if quick else 20, gpu_time=on_gpu) if steps else {}
-        stats = {name: label_spread(st) for name, st in stats.items()}  # --quick's 3: min / max, not p10 / p90
         mems = {name: peak_memory(lambda: fn(*rot.next()), device) for name, fn in steps.items()}  # one side at a time
         base_t, base_m = stats.get("naive", {}).get("median_ms"), mems.get("naive")
         for name, fields in checked.items():

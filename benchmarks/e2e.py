@@ -52,8 +52,8 @@ from worldvla.ops.decoder import DecodeStepPlan
 from worldvla.tokens import image_tokens
 
 from .attention import action_document
-from .common import BANDWIDTH_METHOD, device_name, label_spread, load_average, measure_bandwidth, print_table, \
-    time_interleaved, write_results
+from .common import BANDWIDTH_METHOD, device_name, load_average, measure_bandwidth, print_table, time_interleaved, \
+    write_results
 
 LAYOUT = VocabLayout.chameleon()
 ACTION_DIM = 7
@@ -157,13 +157,6 @@ def _timing(quick: bool) -> dict:
     return {"warmup": 1, "repeats": 3} if quick else {"warmup": 2, "repeats": 7}
 
 
-def _timed(calls: dict, device, quick: bool) -> dict:
-    """`time_interleaved`'s statistics of each side, labelled as what they are (`label_spread`): the 7 repeats
-    that fit e2e's window on a GPU (3 with --quick) are too few for a 10th and 90th percentile, so a row reports
-    its fastest and slowest repeats (min_ms, max_ms) beside the median."""
-    return {name: label_spread(st) for name, st in time_interleaved(calls, device=device, **_timing(quick)).items()}
-
-
 def bench_chunks(model, cfg_name, grid, chunks, device, quick, gen, done=None, prompt=None) -> list[dict]:
     """Each chunk size's four sides (parallel, sequential, the release-style baseline, release mode on the
     engine) timed interleaved (`time_interleaved`), each engine built once beforehand. `done(rows)`, if
@@ -191,8 +184,8 @@ def bench_chunks(model, cfg_name, grid, chunks, device, quick, gen, done=None, p
         # The release's choices (free greedy over the whole vocabulary, blocks where the model writes them)
         # on the engine: the same nb tokens, checked against the release's procedure itself.
         rel_call = lambda: generate_release_actions(model, prompt, LAYOUT, ACTION_DIM, nb, engine=rel_engine)[0]
-        stats = _timed({"parallel": chunk_call("parallel"), "sequential": chunk_call("sequential"),
-                        "baseline": base_call, "release-engine": rel_call}, device, quick)
+        stats = time_interleaved({"parallel": chunk_call("parallel"), "sequential": chunk_call("sequential"),
+                                  "baseline": base_call, "release-engine": rel_call}, device=device, **_timing(quick))
         del engines, rel_engine
         case_rows = []
         for mode in ("parallel", "sequential"):
@@ -256,8 +249,8 @@ def bench_frame(model, cfg_name, grid, device, quick, gen) -> list[dict]:
     case = {"task": "frame", "config": cfg_name, "px": grid * 16, "grid": grid, "prompt_tokens": int(prompt.numel()),
             "chunk": None, "action_dim": ACTION_DIM, "new_tokens": grid * (grid + 1)}
     engine = InferenceEngine(model, 1, max_len, layout=LAYOUT)
-    stats = _timed({"package": lambda: generate_frame_codes(model, codes, action, builder, engine=engine).cpu(),
-                    "baseline": lambda: frame_baseline(model, prompt, grid)}, device, quick)
+    stats = time_interleaved({"package": lambda: generate_frame_codes(model, codes, action, builder, engine=engine).cpu(),
+                              "baseline": lambda: frame_baseline(model, prompt, grid)}, device=device, **_timing(quick))
     eager = InferenceEngine(model, 1, max_len, layout=LAYOUT, cuda_graphs=False)
     with count_passes(model) as n:
         generate_frame_codes(model, codes, action, builder, engine=eager)

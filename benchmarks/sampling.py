@@ -14,7 +14,7 @@ import torch
 
 from worldvla import VocabLayout, ops
 
-from .common import (Rotation, label_spread, load_average, main_for, print_table, rotation_count, time_interleaved,
+from .common import (Rotation, load_average, main_for, print_table, rotation_count, time_interleaved,
                      timed_backends, write_results)
 
 
@@ -55,7 +55,6 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
         outs = {name: fn(h, w) for name, fn in impls.items()}
         stats = time_interleaved(impls, device=device, rotation=rot, warmup=2 if quick else 5,
                                  repeats=5 if quick else 50, gpu_time=on_gpu)
-        stats = {name: label_spread(st) for name, st in stats.items()}  # --quick's 5: min / max, not p10 / p90
         base = stats["full-vocab"]["median_ms"]
         for name, t in stats.items():
             out = outs[name]

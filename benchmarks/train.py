@@ -17,7 +17,7 @@ from worldvla.model import ModelConfig, WorldVLA, loss_class_weights
 from worldvla.train.trainer import micro_batch_loss
 
 from .attention import LAYOUT, action_document, visible_pairs
-from .common import (label_spread, load_average, main_for, peak_memory, peak_memory_method, print_table,
+from .common import (load_average, main_for, peak_memory, peak_memory_method, print_table,
                      time_interleaved, write_results)
 
 # Dense bf16 tensor-core FLOP/s by the device name's part, the first match winning: the PCIe and NVL
@@ -141,7 +141,7 @@ def run(quick=False, device=None, out_dir="benchmarks/results", tune_malloc: boo
         stats = time_interleaved({name: fn for name, fn, *_ in sides}, device=device, warmup=1 if quick else 3,
                                  repeats=2 if quick else 10, before=lambda name: model.zero_grad(set_to_none=True))
         for name, fn, side_flops, head_rows in sides:
-            t = label_spread(stats[name])  # 10 repeats or fewer: the fastest and slowest, not percentiles
+            t = stats[name]  # 10 repeats or fewer: the fastest and slowest, not percentiles (`common._stats`)
             model.zero_grad(set_to_none=True)  # the timed repeats' gradients must not count as held memory
             mem = peak_memory(fn, device)
             model.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ import torch
 
 from worldvla import ops
 
-from .common import (Rotation, label_spread, load_average, main_for, print_table, time_interleaved, timed_backends,
+from .common import (Rotation, load_average, main_for, print_table, time_interleaved, timed_backends,
                      write_results)
 
 
@@ -72,7 +72,6 @@ def run(quick=False, device=None, out_dir="benchmarks/results"):
                 del impls[name]
         stats = time_interleaved(impls, device=device, rotation=rot, warmup=2 if quick else 5,
                                  repeats=5 if quick else 50, gpu_time=on_gpu)
-        stats = {name: label_spread(st) for name, st in stats.items()}  # --quick's 5: min / max, not p10 / p90
         base = stats["cdist+argmin"]["median_ms"]
         for name, t in stats.items():
             row = {"N": N, "K": K, "C": C, "dtype": dt, "impl": name, "series": f"{name} {dt}", **t,

@@ -767,10 +767,12 @@ def test_timings_record_their_spread_and_results_the_load(tmp_path, capsys):
     """Every timed row carries p90_over_p10; print_table warns about rows above NOISY_SPREAD, naming them;
     the JSON records the load average at the benchmark's start (its extra) and at the write, and how many
     rows were noisy."""
-    one = common.time_fn(lambda: None, warmup=1, repeats=5)
+    one = common.time_fn(lambda: None, warmup=1, repeats=12)
     assert one["p90_over_p10"] == one["p90_ms"] / one["p10_ms"]
-    both = common.time_interleaved({"a": lambda: None, "b": lambda: None}, warmup=1, repeats=5)
+    both = common.time_interleaved({"a": lambda: None, "b": lambda: None}, warmup=1, repeats=12)
     assert all(s["p90_over_p10"] == s["p90_ms"] / s["p10_ms"] and s["interleaved"] for s in both.values())
+    few = common.time_interleaved({"a": lambda: None}, warmup=1, repeats=5)["a"]
+    assert few["max_over_min"] == few["max_ms"] / few["min_ms"] and "p90_over_p10" not in few
     rows = [{"case": "quiet", "impl": "x", "median_ms": 1.0, "p90_over_p10": 1.1},
             {"case": "busy", "impl": "y", "median_ms": 4.0, "p90_over_p10": 3.0}]
     common.print_table(rows, ["case", "impl", "median_ms"])
@@ -1073,20 +1075,21 @@ def test_two_writers_into_one_folder_do_not_collide_and_a_failed_write_leaves_no
 
 def test_too_few_repeats_report_their_fastest_and_slowest_not_percentiles():
     """By rank, the p90 of 10 times or fewer is the slowest and the p10 of under 10 the fastest: e2e's 7 repeats
-    reported their extremes as p10 / p90. label_spread names them min / max there, and keeps percentiles where
-    there are enough repeats to tell them from the extremes; noisy_rows and print_table read either spread."""
-    seven = {**common._stats([float(t) for t in (5, 1, 7, 2, 6, 3, 4)]), "repeats": 7}
-    assert (seven["p10_ms"], seven["p90_ms"]) == (1.0, 7.0)  # what a row of 7 repeats reported
-    row = common.label_spread(seven)
-    assert not {"p10_ms", "p90_ms", "p90_over_p10"} & set(row)
-    assert (row["min_ms"], row["median_ms"], row["max_ms"], row["max_over_min"]) == (1.0, 4.0, 7.0, 7.0)
-    eleven = common.label_spread({**common._stats([float(t) for t in range(1, 12)]), "repeats": 11})
-    assert (eleven["p10_ms"], eleven["p90_ms"]) == (2.0, 10.0) and not {"min_ms", "max_ms"} & set(eleven)
+    reported their extremes as p10 / p90. Every timing names them min / max there (`_stats`), and keeps
+    percentiles where there are enough repeats to tell them from the extremes; noisy_rows and print_table read
+    either spread."""
+    row = common._stats([float(t) for t in (5, 1, 7, 2, 6, 3, 4)])
+    assert row == {"median_ms": 4.0, "min_ms": 1.0, "max_ms": 7.0, "max_over_min": 7.0}
+    eleven = common._stats([float(t) for t in range(1, 12)])
+    assert (eleven["p10_ms"], eleven["p90_ms"], eleven["median_ms"]) == (2.0, 10.0, 6.0)
+    assert not {"min_ms", "max_ms"} & set(eleven)
     assert common.PERCENTILE_MIN_REPEATS == 11
-    for n in range(1, 30):  # the rule holds for every count: percentiles at 11 and more, extremes below
+    for n in range(1, 30):  # percentiles from 11 times on, and there they are not the extremes
         ts = [float(t) for t in range(n)]
         st = common._stats(ts)
-        assert (st["p10_ms"] != ts[0] and st["p90_ms"] != ts[-1]) == (n >= common.PERCENTILE_MIN_REPEATS)
+        assert ("p10_ms" in st) == (n >= common.PERCENTILE_MIN_REPEATS) == ("min_ms" not in st)
+        if "p10_ms" in st:
+            assert st["p10_ms"] != ts[0] and st["p90_ms"] != ts[-1]
     assert common.noisy_rows([row, eleven]) == [row, eleven]
     assert common.noisy_rows([{**row, "max_over_min": 1.2}]) == []
 
@@ -1182,7 +1185,7 @@ def test_sass_and_the_cpu_ops_and_serve_load_plots_write_under_names_of_their_ow
 
 def test_benchmark_rows_of_few_repeats_report_min_and_max_not_p10_and_p90(tmp_path):
     """vq, sampling, cross_entropy and attention under --quick (3 or 5 repeats) and cpu_ops' cases of 5 or 10 repeats
-    reported their fastest and slowest times as p10_ms and p90_ms. Their rows now go through label_spread: min_ms,
+    reported their fastest and slowest times as p10_ms and p90_ms. Their timings now name them so: min_ms,
     max_ms and max_over_min below PERCENTILE_MIN_REPEATS repeats, the percentiles from there on (full runs' rows)."""
     from worldvla.benchmarks import attention, cpu_ops, cross_entropy, sampling, vq
 
