@@ -178,6 +178,9 @@ def test_model_steps_take_the_native_layer_under_auto(rng, monkeypatch):
         assert ops.resolve_decoder_layer(layer, x, ctx) is nb._dispatched_decoder_layer  # dropout 0: nothing to drop
         layer.dropout.p = 0.1
         assert ops.resolve_decoder_layer(layer, x, ctx) is ops.decoder_layer_ref  # dropout active
+        layer.dropout.p = 0.0  # a forward resolves once for all its layers: a later layer's dropout counts too
+        model.model.layers[-1].dropout.p = 0.1
+        assert ops.resolve_decoder_layer(model.model.layers, x, ctx) is ops.decoder_layer_ref
         model.eval()
         assert ops.resolve_decoder_layer(layer, x, ctx) is nb._dispatched_decoder_layer
     assert ops.resolve_decoder_layer(layer, x, ctx) is ops.decoder_layer_ref  # the weights want gradients
