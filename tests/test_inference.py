@@ -687,3 +687,110 @@ def test_an_engine_serves_the_compiled_wrapper_of_its_model(rng):
     want = generate_action_chunk(model, prompt, LAYOUT, 3, 4)
     eng = InferenceEngine(model, 1, prompt.numel() + 40)
     assert torch.equal(generate_action_chunk(torch.compile(model), prompt, LAYOUT, 3, 4, engine=eng), want)
+
+
+def test_an_engine_of_no_rows_or_no_slots_is_refused(rng):
+    model = _model(3)
+    for rows, slots in ((0, 8), (1, 0)):
+        with pytest.raises(ValueError, match=rf"batch_size and max_len must be >= 1, got {rows} and {slots}"):
+            InferenceEngine(model, rows, slots)
+
+
+def test_a_causal_model_prefills_a_prompt_with_action_blocks_without_the_chunk_rule(rng):
+    """A model trained with plain causal attention: its prompt's earlier action blocks stay visible to the later
+    ones in the engine's prefill (as in its own forward), where the chunk rule would hide them."""
+    chunk_model = _model(7)
+    causal_model = WorldVLA(ModelConfig.tiny(LAYOUT, attention="causal"))
+    causal_model.load_state_dict(chunk_model.state_dict())
+    causal_model.eval()
+    b = _builder(dim=3)
+    prompt = torch.cat([_prompt(rng, 1)[:-1], b.actions.encode(torch.rand(2, 3, generator=rng) * 2 - 1).flatten(),
+                        torch.tensor([LAYOUT.sep])])
+    with torch.no_grad():
+        want = causal_model(prompt)
+        chunk = chunk_model(prompt)
+        eng = InferenceEngine(causal_model, 1, prompt.numel())
+        got = causal_model.lm_head(eng.prefill([prompt], return_all=True)[0])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (chunk - want).abs().max() > 0.1  # the chunk rule changes these logits: the check tells the two apart
+
+
+def test_an_engine_for_a_request_that_fills_the_models_positions_exactly(rng):
+    """The longest prompt and the tokens to generate may take every position the model has, not one more."""
+    from worldvla.inference.engine import engine_for
+
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    limit = model.config.max_position_embeddings
+    assert engine_for(model, [prompt], limit - prompt.numel()).max_len == limit
+    with pytest.raises(ValueError, match=rf"need {limit + 1} positions, more than the model's "
+                                         rf"max_position_embeddings {limit}"):
+        engine_for(model, [prompt], limit - prompt.numel() + 1)
+
+
+def test_a_changed_model_drops_the_steps_cuda_graphs_as_well_as_their_plans(rng):
+    """A captured step holds the model's weights by address and runs its modules as they were: a changed model
+    (a forward hook added) drops the step's graph, as it drops its native plan."""
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    eng = InferenceEngine(model, 1, prompt.numel() + 4)
+    eng.prefill([prompt])
+    buf = eng.buffers(1)
+    buf.graph = object()  # stands for a graph captured on a CUDA device
+    assert not eng.check_model() and buf.graph is not None
+    model.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, a, out: out)
+    assert eng.check_model()
+    assert buf.graph is None and buf.plan is None
+
+
+def test_a_row_prefix_longer_than_the_engine_is_refused_by_name(rng):
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    big = InferenceEngine(model, 1, prompt.numel())
+    big.prefill([prompt])
+    k, v = big.row_prefix(0, prompt.numel())
+    small = InferenceEngine(model, 2, prompt.numel() - 1)
+    with pytest.raises(ValueError, match=rf"a prefix of {prompt.numel()} slots does not fit an engine of "
+                                         rf"{prompt.numel() - 1}"):
+        small.set_row_prefix(1, k, v)
+    small.set_row_prefix(1, k[:, :-1], v[:, :-1])
+    assert torch.equal(small.cache.k[:, 1], k[:, :-1]) and not small.cache.k[:, 0].any()
+
+
+def test_the_baseline_refuses_ids_that_are_not_integers_and_an_empty_prompt(rng):
+    """The release's baseline cast a float prompt to integers, truncating it (1.7 decoded as 1), and took a bool
+    prompt as the ids 0 and 1, where the engine's decoders refuse both by name; it refuses them too now."""
+    model = _model(8)
+    prompt = _prompt(rng, 1)
+    for bad in (prompt.float() + 0.7, prompt.double(), prompt > 3):
+        with pytest.raises(TypeError, match=f"input_ids: token ids must be integers, got {bad.dtype}"):
+            baseline_generate_action_chunk(model, bad, LAYOUT, 2, 3)
+    with pytest.raises(ValueError, match=r"input_ids must be one prompt \[P\] or \[1, P\], got shape \(0,\)"):
+        baseline_generate_action_chunk(model, prompt[:0], LAYOUT, 2, 3)
+    want = baseline_generate_action_chunk(model, prompt, LAYOUT, 2, 3).tokens
+    assert torch.equal(baseline_generate_action_chunk(model, prompt.int(), LAYOUT, 2, 3).tokens, want)
+
+
+def test_the_baseline_gives_the_model_its_attention_backend_back(rng):
+    """The baseline runs the release's dense-mask attention on the "torch" backend and puts the model's own
+    backend back afterwards, also when a logits processor raises partway."""
+    model = _model(8)
+    prompt = _prompt(rng, 1)
+    model.attn_backend = "native"
+    baseline_generate_action_chunk(model, prompt, LAYOUT, 2, 3)
+    assert model.attn_backend == "native"
+
+    def fails(seq, logits):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        baseline_generate_action_chunk(model, prompt, LAYOUT, 2, 3, logits_processor=fails)
+    assert model.attn_backend == "native"
+
+
+def test_parse_action_blocks_takes_a_block_that_ends_the_tokens():
+    """A well-formed block as the last tokens (no separator after it) is parsed, as one before other tokens."""
+    lo = LAYOUT.bin_range[0]
+    block = [LAYOUT.boa, lo, lo + 5, LAYOUT.eoa]
+    assert parse_action_blocks(torch.tensor(block), LAYOUT, 2).tolist() == [block]
+    assert parse_action_blocks(torch.tensor([LAYOUT.sep, *block, *block]), LAYOUT, 2).tolist() == [block, block]

@@ -908,3 +908,154 @@ def test_loss_takes_its_image_weight():
         default, _ = m.loss(ids, lab)
     torch.testing.assert_close(half, want, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(half, default)
+
+
+def test_a_folder_without_the_packages_attention_key_loads_with_the_chunk_rule(tmp_path):
+    """The release's config.json (and transformers') has no worldvla_attention: the release's model was trained
+    under the chunk rule, so such a folder loads with it, not as a plain causal model."""
+    WorldVLA(ModelConfig.tiny()).save_pretrained(tmp_path / "ck")
+    _edit_config(tmp_path / "ck", worldvla_attention=None)
+    assert WorldVLA.from_pretrained(tmp_path / "ck").config.attention == "chunk"
+
+
+def test_a_stale_model_parallel_size_is_not_written_back(tmp_path):
+    """config.json says model_parallel_size 1 (the release's shared head-norm row) beside per-head q/k norm rows
+    (weights converted to transformers' layout): the model loads per head, and its save does not carry the
+    stale key over, which the release's code would read as one shared row."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    m.save_pretrained(tmp_path / "ck")
+    _edit_config(tmp_path / "ck", model_parallel_size=1)
+    loaded = WorldVLA.from_pretrained(tmp_path / "ck")
+    assert loaded.config.model_parallel_size is None
+    assert loaded.model.layers[0].self_attn.q_norm.weight.shape[0] == m.config.num_attention_heads
+    loaded.save_pretrained(tmp_path / "again")
+    assert "model_parallel_size" not in json.loads((tmp_path / "again" / "config.json").read_text())
+
+
+def test_an_atomic_file_write_is_on_the_disk_before_its_name(tmp_path, monkeypatch):
+    """write_text_atomic flushes the temporary file before renaming it over the name, then the folder: a power
+    loss cannot leave the name on an empty file."""
+    from worldvla.checkpoint import write_text_atomic
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or real_replace(a, b))
+    write_text_atomic(tmp_path / "run.json", '{"step": 3}')
+    tmp = next(p for kind, p in events if kind == "replace")
+    assert events.index(("fsync", tmp)) < events.index(("replace", tmp))
+    assert events[-1] == ("fsync", str(tmp_path))
+    assert (tmp_path / "run.json").read_text() == '{"step": 3}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a killed save's pid is checked on POSIX only")
+def test_a_folder_of_another_users_running_process_is_kept(tmp_path, monkeypatch):
+    """A process that may not be signalled (another user's: PermissionError) still runs: the folder its save is
+    writing is kept, not removed as a killed save's."""
+    from worldvla.checkpoint import remove_stale
+
+    def kill(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    name = ".ck.tmp-4242-0123456789ab"
+    (tmp_path / name).mkdir()
+    monkeypatch.setattr(os, "kill", kill)
+    remove_stale(tmp_path, re.escape("ck"), ("tmp", "old"), restore="old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a killed save's pid is checked on POSIX only")
+def test_the_newest_of_two_set_aside_folders_is_put_back(tmp_path):
+    """Two saves killed between their renames left two older folders aside: the newer of them (the last
+    complete save) is put back at the checkpoint's name, and the other removed."""
+    from worldvla.checkpoint import remove_stale
+
+    dead = _dead_pid()
+    older, newer = tmp_path / f".ck.old-{dead}-0123456789ab", tmp_path / f".ck.old-{dead}-ba9876543210"
+    for p, when in ((older, 1_000_000), (newer, 2_000_000)):
+        p.mkdir()
+        (p / "f").write_text(p.name)
+        os.utime(p, (when, when))
+    remove_stale(tmp_path, re.escape("ck"), ("tmp", "old"), restore="old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert (tmp_path / "ck" / "f").read_text() == newer.name
+
+
+def test_replace_folder_keeps_what_write_wrote_over_the_older_folders_file(tmp_path):
+    """An entry that both the older folder holds and `write` writes is the new one; the older folder's other
+    entries that `keep` picks are carried over."""
+    from worldvla.checkpoint import replace_folder
+
+    f = tmp_path / "out"
+    f.mkdir()
+    (f / "notes.txt").write_text("old")
+    (f / "mine.txt").write_text("kept")
+    replace_folder(f, lambda tmp: (tmp / "notes.txt").write_text("new"), keep=lambda name: True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert {p.name: p.read_text() for p in f.iterdir()} == {"notes.txt": "new", "mine.txt": "kept"}
+
+
+def test_a_shard_index_is_read_before_a_stale_bin_beside_it(tmp_path):
+    """Sharded safetensors with their index beside an older pytorch_model.bin: the shards are read (transformers'
+    order), not the stale .bin."""
+    new = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    old = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(1))
+    f = tmp_path / "ck"
+    new.save_pretrained(f, shard_size_gb=1e-4)
+    assert (f / "model.safetensors.index.json").is_file()
+    torch.save(old.state_dict(), f / "pytorch_model.bin")
+    got = WorldVLA.from_pretrained(f).state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in new.state_dict().items())
+
+
+def test_a_bin_whose_buffer_also_holds_the_vqgan_keeps_only_the_models_weights(tmp_path):
+    """pytorch_model.bin whose tensors are views of one flat buffer that also holds the release's vqmodel.*
+    tensors, which are not loaded: views kept of the buffer would hold all of it with the model. The model's
+    tensors get copies of their own instead, of the file's values."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    m.save_pretrained(tmp_path / "ref")
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    vq = torch.randn(4 * sum(v.numel() for v in sd.values()) // 64, 64)
+    tensors = {**sd, "model.vqmodel.quantize.embedding.weight": vq}
+    offsets, n = {}, 0
+    for k, v in tensors.items():
+        n = -(-n // 4) * 4  # every view on a 16-byte boundary: only the unused buffer calls for copies
+        offsets[k] = n
+        n += v.numel()
+    flat = torch.zeros(n)
+    views = {k: flat[offsets[k]:offsets[k] + v.numel()].view(v.shape) for k, v in tensors.items()}
+    for k, v in tensors.items():
+        views[k].copy_(v)
+    f = tmp_path / "bin"
+    f.mkdir()
+    torch.save(views, f / "pytorch_model.bin")
+    (f / "config.json").write_text((tmp_path / "ref" / "config.json").read_text())
+    loaded = WorldVLA.from_pretrained(f)
+    params = dict(loaded.state_dict())
+    assert all(torch.equal(params[k], v) for k, v in sd.items())
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in params.values()}
+    assert sum(storages.values()) == sum(p.nbytes for p in params.values()) < flat.nbytes
+
+
+def test_the_releases_bare_vqmodel_keys_are_ignored(tmp_path):
+    """The release's checkpoints name the VQGAN's tensors vqmodel.* (or model.vqmodel.*): neither is refused as a
+    tensor of no module."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    m.save_pretrained(tmp_path / "ck")
+    _resave(tmp_path / "ck", lambda sd: {**sd, "vqmodel.quantize.embedding.weight": torch.randn(8, 4),
+                                         "model.vqmodel.encoder.conv_in.weight": torch.randn(4, 3, 3, 3)})
+    got = WorldVLA.from_pretrained(tmp_path / "ck").state_dict()
+    assert sorted(got) == sorted(m.state_dict())
+    assert all(torch.equal(v, got[k]) for k, v in m.state_dict().items())
+
+
+def test_a_shard_index_without_a_weight_map_is_refused_naming_it(tmp_path):
+    """A damaged shard index (no weight_map) is refused naming the file and the problem."""
+    WorldVLA(ModelConfig.tiny()).save_pretrained(tmp_path / "ck", shard_size_gb=1e-4)
+    index = tmp_path / "ck" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 0}}))
+    with pytest.raises(ValueError, match=re.escape(str(index)) + ": no 'weight_map' object; the shard index is "
+                                                                 "damaged"):
+        WorldVLA.from_pretrained(tmp_path / "ck")

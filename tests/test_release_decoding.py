@@ -338,3 +338,21 @@ def test_policy_release_parsing(rng, monkeypatch):
     with pytest.raises(RuntimeError, match="malformed.*fails the episode"):
         policy.step(frame)
     assert np.array_equal(policy.step(frame), want)  # a caller going on: a new query
+
+
+def test_an_engine_one_slot_short_is_refused_naming_the_slots(rng):
+    """The engine needs room for the longest prompt and every new token: one of exactly that size decodes, one
+    slot fewer is refused before anything runs, saying how many slots the call needs."""
+    from worldvla.inference import InferenceEngine
+
+    model = _model(6)
+    prompts = _prompts(rng, 2)
+    need = max(p.numel() for p in prompts) + 12
+    exact = InferenceEngine(model, 2, need)
+    want = generate_release_actions(model, prompts, LAYOUT, D, 12)
+    got = generate_release_actions(model, prompts, LAYOUT, D, 12, engine=exact)
+    assert [g.tokens.tolist() for g in got] == [g.tokens.tolist() for g in want]
+    short = InferenceEngine(model, 2, need - 1)
+    with pytest.raises(ValueError, match=rf"need {need} cache slots; the engine has {need - 1}"):
+        generate_release_actions(model, prompts, LAYOUT, D, 12, engine=short)
+    assert not short.cache.k.any()

@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..mask import DecodeMeta, chunk_attention_mask
+from ..ops import dispatch
 from ..tokens.layout import VocabLayout
 
 
@@ -140,7 +141,10 @@ def baseline_generate_action_chunk(model, input_ids, layout: VocabLayout | None,
     Output whose blocks the chunk rule cannot take (see the module's docstring) raises ValueError.
     """
     layout = layout or model.layout
-    ids = torch.as_tensor(input_ids).long()
+    ids = torch.as_tensor(input_ids)
+    # before the cast, which would truncate fractions and make bools the ids 0 and 1
+    dispatch.require_integers(ids, "input_ids: token ids must be integers")
+    ids = ids.long()
     if ids.dim() == 2:
         if ids.shape[0] != 1:
             raise ValueError(f"the release's decoder runs batch size 1 only, got {ids.shape[0]} prompts")
