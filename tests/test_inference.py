@@ -794,3 +794,17 @@ def test_parse_action_blocks_takes_a_block_that_ends_the_tokens():
     block = [LAYOUT.boa, lo, lo + 5, LAYOUT.eoa]
     assert parse_action_blocks(torch.tensor(block), LAYOUT, 2).tolist() == [block]
     assert parse_action_blocks(torch.tensor([LAYOUT.sep, *block, *block]), LAYOUT, 2).tolist() == [block, block]
+
+
+def test_an_engine_too_small_for_the_longest_prompts_chunk_is_refused(rng):
+    """Prompts of different lengths on a given engine: the longest one's chunk must fit, not the shortest's."""
+    model = _model(8)
+    short, long = _prompt(rng, 1), _prompt(rng, 2)
+    assert long.numel() > short.numel() + 1
+    need = long.numel() + 2 * 5 + 1  # 2 actions of 3 bins, then the separator
+    eng = InferenceEngine(model, 2, need - 1)
+    with pytest.raises(ValueError, match=f"prompt \\+ chunk need {need} cache slots but the engine has {need - 1}"):
+        generate_action_chunk(model, [short, long], LAYOUT, 2, 3, engine=eng)
+    eng = InferenceEngine(model, 2, need)
+    got = generate_action_chunk(model, [short, long], LAYOUT, 2, 3, engine=eng)
+    assert torch.equal(got[1], generate_action_chunk(model, long, LAYOUT, 2, 3))

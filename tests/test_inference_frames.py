@@ -567,3 +567,74 @@ def test_guidance_keeps_out_the_codes_only_the_unconditional_branch_bans(rng, te
                                top_k=5 if temperature else None, generator=torch.Generator().manual_seed(3))
     assert int(nxt.min()) >= 32, nxt.flatten().tolist()
     assert len(set(nxt.flatten().tolist())) > 1  # not a constant output
+
+
+def test_a_vqgan_code_one_past_the_layouts_image_ids_is_refused():
+    """A VQGAN with one code more than the layout's 64 image ids, whose frame quantizes to that last code: the
+    rollout refuses it before the first step rather than writing an id past the image range."""
+    model, b = _model(3), _builder()
+    torch.manual_seed(0)
+    cfg = VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32, n_embed=65)
+    vq = VQGAN(cfg).eval()
+    with torch.no_grad():  # every latent's nearest entry is the last one (code 64)
+        vq.quantize.embedding.weight[:64] = 1e3
+        vq.quantize.embedding.weight[64] = 0.0
+    img = np.zeros((64, 64, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="the VQGAN has more codes than the layout's 64 image ids"):
+        generate_frames(model, vq, img, np.zeros((1, 4)), action_tokenizer=b.actions, text_tokenizer=b.text)
+
+
+def test_a_batched_rollouts_frames_are_each_images_own(rng):
+    """The frames of a batched rollout ([N, T, H, W, 3]) are the decoded codes of the same image and step."""
+    model, b, vq = _model(4), _builder(), _tiny_vqgan()
+    imgs = torch.randint(0, 256, (2, 64, 64, 3), generator=rng, dtype=torch.uint8).numpy()
+    acts = torch.rand(2, 3, 4, generator=rng).numpy() * 2 - 1
+    out = generate_frames(model, vq, imgs, acts, action_tokenizer=b.actions, text_tokenizer=b.text)
+    assert out.frames.shape == (2, 3, 64, 64, 3)
+    for n in range(2):
+        assert np.array_equal(out.frames[n], postprocess(vq.decode(out.codes[n]))), n
+
+
+def test_a_guidance_scale_of_one_is_no_guidance(rng):
+    """cfg_scale=1.0 is the conditional prediction itself: no unconditional branch is decoded (an engine of one
+    row a frame serves it) and the codes are the unguided ones."""
+    model, b = _model(2), _builder()
+    codes = torch.randint(0, 64, (2, 2, 2), generator=rng)
+    actions = torch.rand(2, 4, generator=rng).numpy() * 2 - 1
+    plain = generate_frame_codes(model, codes, actions, b)
+    engine = InferenceEngine(model, 2, 200, layout=LAYOUT)
+    assert torch.equal(generate_frame_codes(model, codes, actions, b, cfg_scale=1.0, engine=engine), plain)
+
+
+@pytest.mark.parametrize("cfg_scale", [None, 2.0])
+def test_image_ids_with_other_ids_between_them_are_the_only_choices(rng, cfg_scale):
+    """The last image code on an id far past the others (ids of other tokens between them, as the Chameleon
+    vocabulary scatters its image ids): every code is chosen among the image ids only, greedily by its logit."""
+    lay = dataclasses.replace(LAYOUT, image_code_ids=tuple(range(4, 67)) + (600,))
+    model, b = _model(2, lay), _builder(lay)
+    codes = torch.randint(0, 64, (1, 2, 4), generator=rng)
+    actions = np.array([[0.1, -0.3, 0.5, 0.9]])
+    nxt = generate_frame_codes(model, codes, actions, b, cfg_scale=cfg_scale)
+    assert int(nxt.min()) >= 0 and int(nxt.max()) < 64
+    ids = torch.tensor(lay.image_code_ids)
+    answer = image_tokens(nxt[0], lay)
+    with torch.no_grad():
+        logits = model(torch.cat([b.world_prompt(codes[0], actions[0]), answer]))[-answer.numel() - 1:-1]
+        if cfg_scale is not None:
+            u = model(torch.cat([_unconditional_prompt(b, codes[0]), answer]))[-answer.numel() - 1:-1]
+            logits = u + cfg_scale * (logits - u)
+    is_code = torch.isin(answer, ids)
+    assert torch.equal(logits[is_code][:, ids].argmax(-1), nxt[0].flatten())
+
+
+def test_a_sampled_frame_follows_its_generators_seed(rng):
+    """Sampled frames are drawn from the given generator: two seeds give two different frames, one seed the same
+    frame again."""
+    model, b = _model(3), _builder()
+    codes = torch.randint(0, 64, (1, 4, 4), generator=rng)
+    a = np.array([[0.2, 0.4, -0.6, 0.0]])
+
+    def draw(seed):
+        return generate_frame_codes(model, codes, a, b, temperature=2.0, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(5), draw(5)) and not torch.equal(draw(5), draw(6))

@@ -787,3 +787,91 @@ def test_an_observed_frame_is_a_copy_too(policy_dir, rng):
     pol.observe(buf)
     buf[...] = f1
     assert np.array_equal(pol.act(buf), _expected(pol, "open the drawer", [f0, f1]))
+
+
+def test_step_on_a_batch_returns_one_action_per_environment(policy_dir, rng):
+    """step() on N environments returns [N, D] per call, the chunks' k-th actions in turn, and queries the next
+    chunks once all K are used, with the previous env step's frames as history."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    instr = ["open the drawer", "push"]
+    frames = [_frames(rng, 2) for _ in range(4)]
+    pol.reset(instr)
+    got = [pol.step(f) for f in frames]
+    assert all(a.shape == (2, 4) and a.dtype == np.float32 for a in got)
+    for i, ins in enumerate(instr):
+        first = _expected(pol, ins, [frames[0][i]])
+        assert np.array_equal(np.stack([a[i] for a in got[:3]]), first)
+        assert np.array_equal(got[3][i], _expected(pol, ins, [frames[2][i], frames[3][i]])[0])
+
+
+def test_a_frame_of_the_right_height_but_another_width_is_resized(policy_dir, rng):
+    """A 64x96 camera frame for a 64-px policy is stretched to 64x64 like any other size: only its height
+    matching image_size must not let it through at its own width."""
+    from PIL import Image
+
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    for shape in ((64, 96), (96, 64)):
+        wide = torch.randint(0, 256, (*shape, 3), generator=rng, dtype=torch.uint8).numpy()
+        square = np.asarray(Image.fromarray(wide).resize((64, 64), Image.BILINEAR))
+        assert np.array_equal(pol.act(wide, history=None), _expected(pol, "open the drawer", [square])), shape
+
+
+def test_a_loaded_policy_keeps_its_extra_information(policy_dir):
+    """save_policy's `extra` comes back on load (attribute and metadata(), which a server sends its clients)."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    assert pol.extra == {"task": "demo"} and pol.metadata()["extra"] == {"task": "demo"}
+
+
+def test_a_vqgan_code_one_past_the_layouts_image_ids_is_refused(policy_dir, rng):
+    """A VQGAN with one code more than the layout's image ids: a frame quantized to that last code would be
+    written as an id past the image range. The first such frame is refused, naming the code."""
+    model, _, at = _parts()
+    cfg = VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32, n_embed=65)
+    torch.manual_seed(0)
+    vq = VQGAN(cfg).eval()
+    with torch.no_grad():  # every latent's nearest entry is the last one (code 64)
+        vq.quantize.embedding.weight[:64] = 1e3
+        vq.quantize.embedding.weight[64] = 0.0
+    pol = WorldVLAPolicy(model, vq, at, chunk_size=3, image_size=64)
+    pol.reset("open the drawer")
+    with pytest.raises(ValueError, match="the VQGAN emits codes up to 64 but the layout has only 64 image ids"):
+        pol.act(_frames(rng), history=None)
+
+
+def test_the_caches_keep_what_was_used_last(policy_dir, rng, monkeypatch):
+    """The VQ-code, prefix and engine caches drop their least recently used entries: a frame, instruction or batch
+    size used again just before the cache fills stays cached."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu", code_cache_size=2)
+    encoded, prefixes = [], []
+    encode, prefix_kv = pol.vqgan.encode, pol._prefix_kv
+    monkeypatch.setattr(pol.vqgan, "encode", lambda pix, *a, **k: encoded.append(pix.shape[0]) or encode(pix, *a, **k))
+    monkeypatch.setattr(pol, "_prefix_kv", lambda prefix: prefixes.append(1) or prefix_kv(prefix))
+    a, b, c = _frames(rng), _frames(rng), _frames(rng)
+    pol.reset("open the drawer")
+    for frame in (a, b, a, c, a):  # a used again before c fills the cache: b goes, a stays
+        pol.act(frame, history=None)
+    assert encoded == [1, 1, 1]
+    pol.max_prefixes = 2
+    for name in ("push", "pull", "push", "lift", "push"):
+        pol.reset(name)
+        pol.act(a, history=None)
+    assert len(prefixes) == 4 and list(pol._prefixes) == ["lift", "push"]  # "open the drawer" and "pull" gone
+    pol.max_engines = 2
+    pol.reset("push")
+    for n in (1, 2, 1, 3):
+        pol.act(_frames(rng, n), history=None)
+    assert list(pol._engines) == [1, 3]
+
+
+def test_frames_that_differ_in_a_few_pixels_get_their_own_codes(policy_dir, rng):
+    """The code cache is keyed by the whole frame: a static scene in which only the robot's gripper moves (a
+    patch at the bottom right) is encoded again, not served the codes of the frame before."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    scene = _frames(rng)
+    moved = scene.copy()
+    moved[48:, 48:] = 255 - moved[48:, 48:]
+    pol.act(scene, history=None)
+    assert np.array_equal(pol.act(moved, history=None), _expected(pol, "open the drawer", [moved]))
+    assert np.array_equal(pol.act(moved), _expected(pol, "open the drawer", [moved, moved]))

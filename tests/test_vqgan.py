@@ -441,3 +441,86 @@ def test_vq_loss_weights_the_commitment_term_by_beta():
     want.index_add_(0, codes.reshape(-1), (2 * (e - z) / n).permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
     torch.testing.assert_close(m.codebook.grad, want)
     assert want.abs().sum() > 0
+
+
+def test_the_reconstruction_gradient_passes_straight_through_to_the_encoder():
+    """The straight-through estimator: the reconstruction loss's gradient at the decoder's input reaches the
+    encoder's latents unchanged, and the codebook gets none of it (only the VQ loss moves the codebook)."""
+    gen = torch.Generator().manual_seed(11)
+    m = _model(gen).train()
+    seen = {}
+
+    def keep_latents(module, inputs, out):
+        out.retain_grad()
+        seen["z"] = out
+
+    def keep_decoder_input(module, inputs):
+        inputs[0].retain_grad()
+        seen["z_st"] = inputs[0]
+
+    m.quant_conv.register_forward_hook(keep_latents)
+    m.post_quant_conv.register_forward_pre_hook(keep_decoder_input)
+    x = _pixels(gen, 2, 32, 32)
+    rec, _, _ = m(x)
+    (rec - x).pow(2).mean().backward()
+    assert seen["z_st"].grad.abs().sum() > 0
+    torch.testing.assert_close(seen["z"].grad, seen["z_st"].grad, rtol=0, atol=0)
+    assert m.codebook.grad is None or not m.codebook.grad.any()
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_a_save_cut_short_before_the_config_leaves_no_older_config(rng, tmp_path, monkeypatch, release):
+    """Saving over an older VQGAN: the new weights are in place when the config's write fails (a full disk, a
+    kill). The older config must be gone by then, so that loading fails naming the missing config instead of
+    building the older architecture around the new weights."""
+    import worldvla.checkpoint as checkpoint
+
+    old, new = _model(rng), _model(rng, n_embed=64)
+    config = tmp_path / ("vqgan.yaml" if release else "config.json")
+    (old.save_release if release else old.save_pretrained)(tmp_path)
+    assert config.is_file()
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_text_atomic", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        (new.save_release if release else new.save_pretrained)(tmp_path)
+    assert not config.exists()
+    with pytest.raises(FileNotFoundError):
+        if release:
+            VQGAN.from_release(config, tmp_path / "vqgan.ckpt")
+        else:
+            VQGAN.from_pretrained(tmp_path)
+
+
+def test_a_bfloat16_vqgan_encodes_float32_pixels(rng):
+    """preprocess() gives float32 pixels; a bfloat16 VQGAN's encode takes them as they are, in its own dtype."""
+    m = _model(rng).to(torch.bfloat16)
+    x = _pixels(rng, 2, 32, 48)
+    assert torch.equal(m.encode(x), m.encode(x.to(torch.bfloat16)))
+    assert m.encode_latents(x).dtype == torch.bfloat16
+
+
+def test_semi_transparent_pixels_are_composited_onto_white():
+    """An RGBA image whose every pixel is partly transparent (no alpha of 0 or 255 anywhere) is blended onto
+    white by its alpha, not stripped of it."""
+    from PIL import Image
+
+    from worldvla.vqgan import whiten_transparency
+
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 51  # alpha 0.2: 0.8 * 255 + 0.2 * channel
+    out = np.asarray(whiten_transparency(Image.fromarray(rgba, "RGBA")))
+    assert out.shape == (16, 16, 3)
+    assert (out[..., 0] == 244).all() and (out[..., 1:] == 204).all()
+
+
+def test_postprocess_clamps_pixels_outside_the_range():
+    """Unclamped pixels (`decode_latents`, the training pass's reconstruction) saturate at 0 and 255 instead of
+    wrapping around in uint8."""
+    pixels = torch.tensor([-3.0, -1.2, -1.0, 0.0, 1.0, 1.2, 3.0]).view(1, 1, 7).expand(3, 1, 7)
+    out = postprocess(pixels)
+    assert out.shape == (1, 7, 3)
+    assert out[0, :, 0].tolist() == [0, 0, 0, 128, 255, 255, 255]
