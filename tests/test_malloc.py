@@ -156,3 +156,12 @@ def test_e2e_malloc_comparison_quick(tmp_path):
     assert {r["impl"] for r in rows} == {"malloc-defaults", "malloc-tuned"} and len(rows) == 6
     for r in rows:
         assert r["tokens_equal"] is True and r["median_ms"] > 0 and r["page_faults_per_call"] >= 0
+
+
+def test_the_settings_handed_back_are_a_copy(monkeypatch):
+    """A caller editing the settings it was given (a report that adds its own keys) does not change what the
+    process records as set."""
+    monkeypatch.setattr(malloc, "_applied", {"mmap_threshold": 1 << 20, "trim_threshold": 1 << 30, "mmap": True})
+    got = malloc.cpu_malloc_settings()
+    got["mmap_threshold"] = 0
+    assert malloc.cpu_malloc_settings()["mmap_threshold"] == 1 << 20
