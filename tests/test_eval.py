@@ -1,6 +1,7 @@
 """PSNR / SSIM on known cases and the Meta-World closed-loop harness on a stand-in env."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -1126,3 +1127,106 @@ def test_world_model_predictions_are_scored_against_the_next_frames(monkeypatch)
     assert multi["psnr_per_step"] == [PSNR_CAP_DB] * 3
     assert multi["ssim_per_step"] == pytest.approx([1.0] * 3, abs=1e-9)
     assert multi["psnr"] == PSNR_CAP_DB
+
+
+def test_the_causal_ablation_keeps_every_setting_of_the_policy_it_is_made_from():
+    """The no-chunk-mask variant differs from its policy in the decoding only: the same weights (not a copy),
+    tokenizers, chunk, frame size, history and extra metadata."""
+    from worldvla.eval.ablations import CausalChunkPolicy
+    from worldvla.inference.policy import WorldVLAPolicy
+
+    base = _tiny_policy(3)
+    pol = WorldVLAPolicy(base.model, base.vqgan, base.action_tokenizer, chunk_size=5, image_size=64, history=1,
+                         text_tokenizer=base.text_tokenizer, mode="parallel", extra={"trained_on": "reach-v3"})
+    causal = CausalChunkPolicy.from_policy(pol)
+    assert causal.model is pol.model and causal.vqgan is pol.vqgan
+    assert causal.action_tokenizer is pol.action_tokenizer and causal.text_tokenizer is pol.text_tokenizer
+    assert (causal.chunk_size, causal.image_size, causal.history, causal.mode) == (5, 64, 1, "causal")
+    meta = causal.metadata()
+    assert meta["mode"] == "causal (no chunk mask)" and meta["extra"] == {"trained_on": "reach-v3"}
+    assert {k: v for k, v in meta.items() if k != "mode"} == {k: v for k, v in pol.metadata().items() if k != "mode"}
+
+
+def test_the_causal_ablation_keeps_a_policys_own_layout_and_limits():
+    """A policy given its layout (the release's image ids read from a tokenizer file), a token budget or a code
+    cache size passes them on: the variant took the model's layout, whose image ids may be only assumed."""
+    from worldvla.eval.ablations import CausalChunkPolicy
+    from worldvla.inference.policy import WorldVLAPolicy
+
+    base = _tiny_policy(3)
+    layout = dataclasses.replace(base.layout)
+    pol = WorldVLAPolicy(base.model, base.vqgan, base.action_tokenizer, chunk_size=5, image_size=64,
+                         text_tokenizer=base.text_tokenizer, layout=layout, max_new_tokens=77, code_cache_size=3)
+    causal = CausalChunkPolicy.from_policy(pol)
+    assert causal.layout is pol.layout is layout
+    assert (causal.max_new_tokens, causal._code_cache_size) == (77, 3)
+
+
+def test_chunk_queries_are_timed_one_by_one(monkeypatch):
+    """Each query's own time (the clock read around policy.act), summarised as mean, median, 90th percentile and
+    maximum."""
+    from worldvla.eval import rollout
+
+    class Policy:
+        def act(self, images, history=None):
+            return np.zeros((2, 4))
+
+    query = rollout.ChunkQuery(Policy())
+    assert query.latency_summary() == {"queries": 0}
+    ticks = iter([0.0, 1.0, 5.0, 7.0, 10.0, 14.0, 20.0, 28.0])  # queries of 1, 2, 4 and 8 s
+    monkeypatch.setattr(rollout.time, "perf_counter", lambda: next(ticks))
+    for _ in range(4):
+        query(np.zeros((8, 8, 3), np.uint8), None)
+    monkeypatch.undo()
+    assert query.latencies == [1.0, 2.0, 4.0, 8.0]
+    assert query.latency_summary() == {"queries": 4, "mean_s": 3.75, "median_s": 3.0,
+                                       "p90_s": pytest.approx(6.8), "max_s": 8.0}
+
+
+def test_a_policy_whose_act_has_no_readable_signature_gets_the_current_frame_only():
+    """An `act` whose parameters cannot be read (a compiled function's) is called as the plain interface
+    `act(images)`, not given a `history` it may not take."""
+    from worldvla.eval.rollout import ChunkQuery
+
+    class CompiledAct:
+        __signature__ = "unreadable"  # inspect.signature raises TypeError, as for some compiled callables
+
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, images):
+            self.seen.append(images)
+            return np.zeros((2, 4))
+
+    act = CompiledAct()
+    query = ChunkQuery(type("Policy", (), {"act": act})())
+    frame = np.zeros((8, 8, 3), np.uint8)
+    assert not query.takes_history
+    assert query(frame, np.ones((8, 8, 3), np.uint8)).shape == (2, 4) and act.seen[0] is frame
+
+
+def test_a_chunk_of_the_wrong_rank_is_refused_by_name():
+    """A batch's chunks [N, K, D] for one frame (or one chunk [K, D] for a batch) would run N chunks as actions:
+    refused, naming the shapes. `chunks` refuses an image's chunk that is not [K, D]."""
+    from worldvla.eval.rollout import ChunkQuery
+
+    class Returns:
+        def __init__(self, out):
+            self.out = out
+
+        def act(self, images, history=None):
+            return self.out
+
+    one, two = np.zeros((8, 8, 3), np.uint8), np.zeros((2, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"policy.act returned shape \(1, 3, 4\); expected \[K, D\] for images of "
+                                         r"shape \(8, 8, 3\)"):
+        ChunkQuery(Returns(np.zeros((1, 3, 4))))(one, None)
+    with pytest.raises(ValueError, match=r"returned shape \(3, 4\); expected \[N, K, D\] for images of shape "
+                                         r"\(2, 8, 8, 3\)"):
+        ChunkQuery(Returns(np.zeros((3, 4))))(two, None)
+    with pytest.raises(ValueError, match=r"returned shape \(2, 4\); expected \[N, K, D\]"):
+        ChunkQuery(Returns(np.zeros((2, 4)))).chunks(two, None)
+    with pytest.raises(ValueError, match=r"chunks of shapes \[\(4,\)\]; each image's chunk must be \[K, D\]"):
+        ChunkQuery(Returns([np.zeros((3, 4)), np.zeros(4)])).chunks(two, None)
+    got = ChunkQuery(Returns([np.zeros((3, 4)), np.ones((1, 4))])).chunks(two, None)
+    assert [c.shape for c in got] == [(3, 4), (1, 4)] and got[1].dtype == np.float64
