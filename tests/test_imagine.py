@@ -332,3 +332,130 @@ def test_a_finished_run_replaces_the_whole_set(files, tmp_path):
                                                      "rollout.png"]
     assert json.loads((out / "rollout.json").read_text())["steps"] == 3
     assert np.load(out / "rollout.npz")["codes"].shape[1] == 3
+
+
+def test_load_actions_takes_one_action_and_refuses_empty_or_non_finite_ones(tmp_path):
+    from worldvla.eval.imagine import load_actions
+
+    np.save(tmp_path / "one.npy", np.array([0.1, 0.2, 0.3, 0.4]))  # np.save of a single action [D]
+    np.testing.assert_array_equal(load_actions(tmp_path / "one.npy", 4), [[0.1, 0.2, 0.3, 0.4]])
+    np.save(tmp_path / "none.npy", np.zeros((0, 4)))
+    with pytest.raises(ValueError, match=r"none.npy: actions must be \[T, 4\] .*got shape \(0, 4\)"):
+        load_actions(tmp_path / "none.npy", 4)
+    for value in ("nan", "inf"):
+        (tmp_path / f"{value}.csv").write_text(f"0.1,0.2,0.3,0.4\n0.1,{value},0.3,0.4\n")
+        with pytest.raises(ValueError, match=f"{value}.csv: actions hold NaN or infinite values"):
+            load_actions(tmp_path / f"{value}.csv", 4)
+
+
+def test_an_image_run_imagines_steps_frames_of_longer_actions(files, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "f.png")
+    acts = np.random.default_rng(4).uniform(-1, 1, (5, 4))
+    np.save(tmp_path / "a.npy", acts)
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--image", tmp_path / "f.png", "--actions", tmp_path / "a.npy", "--steps", 2,
+                "--out", out) == 0
+    result = json.loads((out / "rollout.json").read_text())
+    assert result["steps"] == 2 and np.allclose(result["actions"], acts[:2])
+    assert np.load(out / "rollout.npz")["imagined"].shape[:2] == (1, 2)
+
+
+def test_drawn_futures_are_scored_each_and_on_average(files, tmp_path, monkeypatch):
+    """Two futures against a demonstration: each one's PSNR per step, their mean, the first frame kept and the
+    reconstruction scored against the recorded frames, and a row of rollout.png per future."""
+    from worldvla.eval import metrics, plots
+
+    grids = []
+    real_grid = plots.frame_grid
+    monkeypatch.setattr(plots, "frame_grid", lambda rows, path, labels: grids.append(labels) or
+                        real_grid(rows, path, labels=labels))
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 3, "--samples", 2,
+                "--temperature", 1.0, "--seed", 1, "--out", out) == 0
+    sc = json.loads((out / "rollout.json").read_text())["scores"]
+    arrays = np.load(out / "rollout.npz")
+    real, first, imagined = arrays["recorded"], arrays["first"], arrays["imagined"]
+    each = [np.minimum(metrics.psnr(imagined[m], real).numpy(), 100.0) for m in range(2)]
+    assert not np.allclose(each[0], each[1])  # two different futures
+    np.testing.assert_allclose(sc["psnr_per_sample"], each)
+    np.testing.assert_allclose(sc["psnr_per_step"], (each[0] + each[1]) / 2)
+    np.testing.assert_allclose(sc["copy_first_psnr_per_step"],
+                               metrics.psnr(np.broadcast_to(first, real.shape), real).numpy())
+    assert len(sc["ssim_per_step"]) == 3 and grids == [["recorded", "sample 1", "sample 2"]]
+
+
+def test_a_still_demonstration_scores_the_kept_first_frame_at_the_cap(files, tmp_path):
+    """Every recorded frame is the first one: keeping it is exact (an infinite PSNR), which the scores hold as
+    the cap, so that rollout.json stays JSON (no Infinity)."""
+    from worldvla.data.hdf5 import write_demos
+
+    frame = np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    write_demos(tmp_path / "still.hdf5", [{"frames": np.stack([frame] * 4), "actions": np.zeros((4, 4))}], "stay")
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", tmp_path / "still.hdf5", "--steps", 3, "--out", out) == 0
+
+    def no_constants(name):
+        raise AssertionError(f"rollout.json holds {name}")
+
+    sc = json.loads((out / "rollout.json").read_text(), parse_constant=no_constants)["scores"]
+    assert sc["copy_first_psnr_per_step"] == [100.0] * 3 and sc["psnr_cap_db"] == 100.0
+
+
+def test_imagine_times_a_frame_over_the_actions_and_draws_every_sample_from_the_seed(monkeypatch):
+    from worldvla.eval import imagine as imagine_mod
+
+    class Policy:
+        model = torch.nn.Linear(1, 1)
+
+        def imagine(self, frames, actions, generator, **kw):
+            self.args = frames, actions, generator.initial_seed(), kw
+            return "rollout"
+
+    clock = iter([10.0, 16.0])
+    monkeypatch.setattr(imagine_mod.time, "perf_counter", lambda: next(clock))
+    policy = Policy()
+    first, actions = np.zeros((8, 8, 3), np.uint8), np.ones((3, 4))
+    out, per_frame = imagine_mod.imagine(policy, first, actions, samples=2, temperature=0.5, seed=7)
+    assert out == "rollout" and per_frame == 2.0  # 6 s for 3 frames
+    frames, acts, seed, kw = policy.args
+    assert frames.shape == (2, 8, 8, 3) and acts.shape == (2, 3, 4) and seed == 7 and kw["temperature"] == 0.5
+
+
+def test_a_run_removes_the_staging_folders_of_killed_runs(files, tmp_path):
+    """A run killed while it wrote (SIGKILL, out of memory) left its staging folder in --out: the next run
+    removes it."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its process id no longer runs
+    out = tmp_path / "out"
+    stale = out / f".rollout.tmp-{gone.pid}-abcdef"
+    stale.mkdir(parents=True)
+    (stale / "rollout.png").write_bytes(b"half written")
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 1, "--out", out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["rollout.gif", "rollout.json", "rollout.npz", "rollout.png",
+                                                     "scores.png"]
+
+
+def test_demo_segment_names_an_episode_of_one_frame(tmp_path):
+    import h5py
+
+    from worldvla.eval.imagine import demo_segment
+
+    with h5py.File(tmp_path / "one.hdf5", "w") as f:
+        f.create_dataset("data/demo_0/obs/agentview_rgb", data=np.zeros((1, 8, 8, 3), np.uint8))
+        f.create_dataset("data/demo_0/actions", data=np.zeros((1, 7), np.float32))
+    with pytest.raises(ValueError, match=r"episode 0 of .*one.hdf5 has 1 frame\(s\): nothing recorded to imagine"):
+        demo_segment(tmp_path / "one.hdf5", 0, 0, 2, rotate_180=False)
+
+
+def test_actions_with_demos_are_refused(files, tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.zeros((2, 4)))
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--actions", tmp_path / "a.npy",
+                "--out", tmp_path / "o") == 2
+    assert "--actions goes with --image; with --demos the episode's recorded actions are used" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -662,3 +662,197 @@ def test_an_episode_whose_query_yields_no_action_fails_without_an_error(tmp_path
     out, err = capsys.readouterr()
     assert "task  0  2 of 2 episodes failed on a query that yielded no action" in out, out
     assert "ended on an error" not in out + err
+
+
+def test_a_chunk_of_other_than_7_d_actions_ends_the_episode_before_it_reaches_the_env():
+    """A policy trained on other data returns 6-D actions: the episode fails with an error naming the sizes, and
+    no action of the wrong size is sent to the simulator."""
+    rng = np.random.default_rng()
+
+    class SixD(RecordingPolicy):
+        def act(self, image, history=None):
+            return super().act(image, history)[:, :6]
+
+    env = FakeLiberoEnv(rng=rng)
+    pol = SixD(rng=rng)
+    r = libero.run_episode(env, pol, libero.ChunkQuery(pol), "x", None, max_steps=5)
+    assert not r["success"] and r["steps"] == 0 and r["queries"] == 0
+    assert r["error"] == "ValueError: the policy returned 6-D actions; LIBERO needs 7"
+    assert len(env.actions) == libero.SETTLE_STEPS  # the settle steps only
+
+
+def test_saved_episodes_are_not_reused_at_another_camera_size_or_step_limit(tmp_path):
+    """What an episode's outcome depends on keys its saved results: the same policy files at another camera size
+    or step limit run their episodes again, and back at the first settings reuse the first run's."""
+    rng = np.random.default_rng()
+
+    def run(resolution, max_steps):
+        suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=max_steps)
+        suite.resolution = resolution
+        libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=1, out_dir=tmp_path, progress=False,
+                              policy_fingerprint="same policy files")
+        return suite.envs[0].init_state
+
+    assert run(256, 5) == "state0-0"
+    assert run(256, 5) is None  # reused
+    assert run(512, 5) == "state0-0"  # another camera size
+    assert run(256, 6) == "state0-0"  # another step limit
+    assert run(256, 5) is None and run(512, 5) is None  # each kept beside the others
+
+
+def test_task_ids_and_episodes_outside_the_suite_are_refused_before_any_episode():
+    rng = np.random.default_rng()
+    envs = [FakeLiberoEnv(rng=rng), FakeLiberoEnv(rng=rng)]
+    suite = FakeSuite(envs, max_steps=3)
+    with pytest.raises(ValueError, match=r"task ids \[2\] are outside this suite's 0..1"):
+        libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=1, tasks=[0, 2], progress=False)
+    for episodes in (0, -1):
+        with pytest.raises(ValueError, match=f"episodes must be >= 1, got {episodes}"):
+            libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=episodes, progress=False)
+    assert all(e.init_state is None for e in envs)  # no episode ran
+
+
+def test_as_many_episodes_as_initial_states_run_every_one():
+    """FakeSuite has 5 initial states per task: --episodes 5 runs from each of them."""
+    rng = np.random.default_rng()
+    seen = []
+
+    class Env(FakeLiberoEnv):
+        def set_init_state(self, state):
+            seen.append(state)
+            return super().set_init_state(state)
+
+    res = libero.evaluate_suite(RecordingPolicy(rng=rng), FakeSuite([Env(rng=rng)], max_steps=2), episodes=5,
+                                progress=False)
+    assert seen == [f"state0-{i}" for i in range(5)] and res["tasks"]["0"]["episodes"] == 5
+
+
+def test_a_task_summary_averages_its_episodes_steps(tmp_path):
+    """Episodes that succeed after 2, 3 and 4 policy actions: mean_steps 3, and each episode's own count kept."""
+    rng = np.random.default_rng()
+
+    class Env(FakeLiberoEnv):
+        def set_init_state(self, state):
+            self.succeed_at = libero.SETTLE_STEPS + 2 + int(state[-1])  # state0-0 -> 2 policy actions
+            return super().set_init_state(state)
+
+    res = libero.evaluate_suite(RecordingPolicy(k=2, rng=rng), FakeSuite([Env(rng=rng)], max_steps=9), episodes=3,
+                                out_dir=tmp_path, progress=False)
+    task = res["tasks"]["0"]
+    assert task["episode_steps"] == [2, 3, 4] and task["mean_steps"] == 3.0 and task["success_rate"] == 1.0
+
+
+def _strip_saved(out, key):
+    """Drop `key` from every task of the results saved in `out` (as a file written before it was kept)."""
+    import json
+
+    for path in [out / "libero_results.json", *(out / "runs").glob("*.json")]:
+        saved = json.loads(path.read_text())
+        for task in saved["tasks"].values():
+            del task[key]
+        path.write_text(json.dumps(saved))
+
+
+def test_a_rerun_extends_results_saved_before_no_action_episodes_were_kept(tmp_path):
+    """Results saved before `episode_no_action` was kept have none: a rerun asking for more episodes counts the
+    saved ones as having yielded actions, and the new episode's flag lands at its own index."""
+    rng = np.random.default_rng()
+
+    class NoActionFromThird(RecordingPolicy):
+        def act(self, image, history=None):
+            if len(self.instructions) == 1:  # this run's first episode: the task's third
+                return np.zeros((0, 7))
+            return super().act(image, history)
+
+    def run(policy, episodes):
+        suite = FakeSuite([FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 2)], max_steps=5)
+        return libero.evaluate_suite(policy, suite, episodes=episodes, out_dir=tmp_path, progress=False,
+                                     policy_fingerprint="same policy files")["tasks"]["0"]
+
+    run(RecordingPolicy(rng=rng), 2)
+    _strip_saved(tmp_path, "episode_no_action")
+    task = run(NoActionFromThird(rng=rng), 3)
+    assert task["episode_success"] == [True, True, False]
+    assert task["episode_no_action"] == [False, False, True] and task["ended_without_action"] == 1
+
+
+def test_results_saved_in_libero_results_json_alone_are_reused(tmp_path):
+    """A folder written before the per-key files under runs/ holds libero_results.json only: a rerun with the
+    same policy files reuses its episodes."""
+    import shutil
+
+    rng = np.random.default_rng()
+
+    def run():
+        suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=3)
+        libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=2, out_dir=tmp_path, progress=False,
+                              policy_fingerprint="same policy files")
+        return suite.envs[0].init_state
+
+    assert run() == "state0-1"
+    shutil.rmtree(tmp_path / "runs")
+    assert run() is None
+
+
+def test_eval_libero_names_task_ids_that_are_not_numbers(tmp_path, monkeypatch):
+    rng = np.random.default_rng()
+    suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=2)
+    with pytest.raises(ValueError, match=r"--tasks takes comma-separated task ids like 0,3,7, got '0,one'"):
+        _run_eval_libero(tmp_path, monkeypatch, RecordingPolicy(rng=rng), suite, "--tasks", "0,one")
+    assert suite.envs[0].init_state is None
+
+
+def test_eval_libero_no_resume_runs_the_saved_episodes_again(tmp_path, monkeypatch):
+    rng = np.random.default_rng()
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "policy.json").write_text("{}")
+
+    def run(*argv):
+        suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=2)
+        assert _run_eval_libero(tmp_path, monkeypatch, RecordingPolicy(rng=rng), suite, "--episodes", "1",
+                                *argv) == 0
+        return suite.envs[0].init_state
+
+    assert run() == "state0-0"
+    assert run() is None  # resumed: reused
+    assert run("--no-resume") == "state0-0"
+
+
+def test_a_libero_suite_builds_its_tasks_env_from_its_bddl_file_at_its_camera_size(tmp_path, monkeypatch):
+    """The environment of a task: its BDDL file under LIBERO's bddl_files, the suite's camera size, seeded 0."""
+    import sys
+
+    root = tmp_path / "site"
+    (root / "libero" / "libero").mkdir(parents=True)
+    (root / "libero" / "__init__.py").write_text("")
+    (root / "libero" / "libero" / "__init__.py").write_text(
+        "def get_libero_path(key):\n    return '/libero/' + key\n")
+    (root / "libero" / "libero" / "envs.py").write_text(
+        "class OffScreenRenderEnv:\n"
+        "    def __init__(self, **kw):\n        self.kw, self.seeds = kw, []\n"
+        "    def seed(self, s):\n        self.seeds.append(s)\n")
+    (root / "libero" / "libero" / "benchmark.py").write_text(
+        "import types\n\n"
+        "class Spatial:\n"
+        "    n_tasks = 2\n"
+        "    def get_task(self, i):\n"
+        "        return types.SimpleNamespace(language=f'task {i}', problem_folder='libero_spatial',\n"
+        "                                     bddl_file=f'task{i}.bddl')\n"
+        "    def get_task_init_states(self, i):\n        return [i]\n\n"
+        "def get_benchmark_dict():\n    return {'libero_spatial': Spatial}\n")
+    monkeypatch.syspath_prepend(str(root))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.yaml").write_text("bddl_files: /libero/bddl_files\n")
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "cfg"))
+    for name in [m for m in sys.modules if m == "libero" or m.startswith("libero.")]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        suite = libero.LiberoSuite("libero_spatial", resolution=128)
+        env = suite.make_env(1)
+        assert env.kw == {"bddl_file_name": "/libero/bddl_files/libero_spatial/task1.bddl", "camera_heights": 128,
+                          "camera_widths": 128}
+        assert env.seeds == [0] and suite.max_steps == 220
+        assert suite.instruction(1) == "task 1" and suite.init_states(1) == [1]
+    finally:
+        for name in [m for m in sys.modules if m == "libero" or m.startswith("libero.")]:
+            del sys.modules[name]

@@ -1735,3 +1735,164 @@ def test_the_time_spent_resizing_counts_against_the_request_timeout(np_rng, monk
             client.act(_frame(np_rng, 48, 48))
         assert server.stats["timeouts"] == 1 and server.stats["act_ok"] == 0
         _wait_for(lambda: not server._running_batch)
+
+
+# ---------------------------------------------------------------- client against a stand-in connection
+class _FakeConnection:
+    """A WebSocket connection of websockets' sync client, stood in: `replies` answer the requests in order (a
+    dict as is, a callable of the request); what the client sent is in `sent`."""
+
+    def __init__(self, replies, header="1"):
+        from types import SimpleNamespace
+
+        from websockets.datastructures import Headers
+
+        self.replies, self.sent, self.closed, self.close_timeout = list(replies), [], False, 5
+        self.response = SimpleNamespace(headers=Headers({"WorldVLA-Protocol": header} if header else {}))
+        self.socket = SimpleNamespace(settimeout=lambda t: None)
+
+    def send(self, data):
+        self.sent.append(unpackb(data))
+
+    def recv(self, timeout=None):
+        reply = self.replies.pop(0)
+        return packb(reply(self.sent[-1]) if callable(reply) else reply)
+
+    def close(self):
+        self.closed = True
+
+
+def _offline_client(monkeypatch, *connections, **kw):
+    """A PolicyClient whose connections (the constructor's, then each reconnection's) are `connections`; the
+    arguments `_connect` got are appended to the list returned with it."""
+    import worldvla.serve.client as client_mod
+
+    pending, opened = list(connections), []
+    monkeypatch.setattr(client_mod, "_connect", lambda url, open_timeout, max_size: opened.append(
+        (url, open_timeout, max_size)) or pending.pop(0))
+    return PolicyClient("ws://robot-server:8000", **kw), opened
+
+
+def _echo_id(reply):
+    return lambda request: {**reply, "id": request["id"]}
+
+
+def test_client_refuses_a_mistyped_url_and_timeouts_that_are_not_numbers():
+    for url in ("ws:/127.0.0.1:8000", "http://127.0.0.1:8000", "127.0.0.1:8000"):
+        with pytest.raises(ValueError, match="server url must start with ws:// or wss://, got"):
+            PolicyClient(url)
+    for name in ("timeout", "connect_timeout", "max_reply_mb"):
+        with pytest.raises(ValueError, match=rf"{name} must be a finite number of \w+ > 0, got True"):
+            PolicyClient("ws://127.0.0.1:1", **{name: True})
+
+
+def test_client_opens_its_connection_with_its_limits_in_mebibytes(monkeypatch):
+    client, opened = _offline_client(monkeypatch, _FakeConnection([]), connect_timeout=2.5, max_reply_mb=0.5)
+    assert opened == [("ws://robot-server:8000", 2.5, 2**19)] and client.max_reply_bytes == 2**19
+
+
+def test_client_skips_late_replies_to_earlier_requests(monkeypatch):
+    """A reply carrying an earlier request's id (one the client gave up on) is not taken for the current one's."""
+    ws = _FakeConnection([{"ok": True, "id": 1, "actions": np.zeros((3, 5), np.float32)},
+                          _echo_id({"ok": True, "actions": np.ones((3, 5), np.float32)})])
+    client, _ = _offline_client(monkeypatch, ws)
+    client.episode, client._next_id = "e", 1
+    np.testing.assert_array_equal(client.act(np.zeros((8, 8, 3), np.uint8)), np.ones((3, 5)))
+    assert [m["id"] for m in ws.sent] == [2]
+
+
+def test_client_refuses_a_server_whose_metadata_states_a_boolean_protocol(monkeypatch):
+    """A server that states no version at the handshake is asked for its metadata: `True` there is no protocol
+    number, though it compares equal to 1."""
+    ws = _FakeConnection([_echo_id({"ok": True, "protocol": True})], header=None)
+    with pytest.raises(PolicyServerError, match="speaks protocol True, this PolicyClient protocol 1"):
+        _offline_client(monkeypatch, ws)
+    assert ws.sent[0]["type"] == "metadata" and ws.closed
+
+
+def test_client_refuses_bytes_instructions_and_replies_without_a_chunk(monkeypatch):
+    ws = _FakeConnection([_echo_id({"ok": True}), _echo_id({"ok": True, "actions": np.zeros(5, np.float32)})])
+    client, _ = _offline_client(monkeypatch, ws)
+    with pytest.raises(ValueError, match=r"reset\(\) takes the task instruction as str, got bytes b'wave': decode it"):
+        client.reset(b"wave")
+    assert ws.sent == [] and client.episode is None
+    client.reset("wave")
+    with pytest.raises(PolicyServerError, match=r"server reply has no \[K, D\] 'actions' array: ndarray"):
+        client.act(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_health_reads_the_report_at_healthz_also_while_the_server_shuts_down():
+    """The WebSocket URL, with or without a trailing slash or /healthz, names the HTTP report's; a server
+    shutting down answers 503 with the same JSON."""
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    paths = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            paths.append(self.requestline.split()[1])  # as sent (self.path folds a leading "//")
+            body = json.dumps({"status": "stopping" if len(paths) == 3 else "ok"}).encode()
+            self.send_response(503 if len(paths) == 3 else 200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"ws://127.0.0.1:{httpd.server_address[1]}"
+        assert health(url) == {"status": "ok"}
+        assert health(url + "/") == {"status": "ok"}
+        assert health(url + "/healthz") == {"status": "stopping"}
+        assert paths == ["/healthz"] * 3
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_client_metadata_is_the_servers_description_alone(monkeypatch):
+    ws = _FakeConnection([_echo_id({"ok": True, "action_dim": D, "chunk_size": K, "protocol": 1})])
+    client, _ = _offline_client(monkeypatch, ws)
+    assert client.metadata() == {"action_dim": D, "chunk_size": K, "protocol": 1}
+
+
+def test_client_names_a_server_that_shut_down_and_closes_a_silent_connection_without_waiting(monkeypatch):
+    """A connection the server closed with 1001 (going away) is reported as its shutdown; a call that timed out
+    drops its connection with a short closing handshake (the server may not answer that either)."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.frames import Close
+
+    def going_away(request):
+        raise ConnectionClosed(Close(1001, "going away"), None)
+
+    def silent(request):
+        raise TimeoutError
+
+    first, second = _FakeConnection([going_away]), _FakeConnection([silent])
+    client, opened = _offline_client(monkeypatch, first, second, timeout=5)
+    with pytest.raises(PolicyServerError, match=r"^the server is shutting down \(connection closed with code 1001\)$"):
+        client.metadata()
+    with pytest.raises(TimeoutError, match="no reply from ws://robot-server:8000 within 5 s"):
+        client.metadata()  # on a new connection
+    assert len(opened) == 2 and second.closed and second.close_timeout == 0.2 and client._ws is None
+
+
+def test_a_robot_reaches_the_server_directly_whatever_proxy_its_environment_names(np_rng, monkeypatch):
+    """Robots talk to the policy server directly: a proxy named by the environment (one that is not there) is
+    not used, neither by the WebSocket connection nor by the health report."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "WS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "ws_proxy"):
+        monkeypatch.setenv(name, nowhere)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with PolicyServer(HistoryPolicy()) as server, PolicyClient(server.url, timeout=10) as client:
+        client.reset("wave")
+        assert client.act(_frame(np_rng)).shape == (K, D)
+        assert health(server.url)["status"] == "ok"

@@ -748,3 +748,139 @@ def test_worker_envs_end_their_episodes_where_a_local_env_does():
 
     local = inspect.signature(metaworld_env.MetaWorldEnv.__init__).parameters["max_steps"].default
     assert inspect.signature(EnvWorkers.__init__).parameters["max_steps"].default == local
+
+
+def _fake_workers(monkeypatch, fail_rank=None):
+    """`_Worker` stood in (no process) in `worldvla.sim.workers`: the list each new one is appended to. The
+    worker of rank `fail_rank` reports an error at start-up."""
+    from types import SimpleNamespace
+
+    from worldvla.sim import workers
+
+    made = []
+
+    class FakeWorker:
+        def __init__(self, ctx, task, n_envs, image_size, max_steps, kwargs, rank=0, stride=1):
+            self.n_envs, self.rank, self.stride, self.closed = n_envs, rank, stride, False
+            self.proc = SimpleNamespace(is_alive=lambda: False, join=lambda timeout=None: None)
+            self.conn = SimpleNamespace(close=lambda: setattr(self, "closed", True))
+            made.append(self)
+
+        def reply(self, i=None):
+            if self.rank == fail_rank:
+                raise ValueError("max_steps must be in [1, 500]")
+            return "reach the goal"
+
+    monkeypatch.setattr(workers, "_Worker", FakeWorker)
+    monkeypatch.setattr(workers, "mp_context", lambda: None)
+    return made
+
+
+def test_a_pool_spreads_its_envs_round_robin_over_at_most_one_worker_an_env(monkeypatch):
+    from worldvla.sim.workers import EnvWorkers
+
+    made = _fake_workers(monkeypatch)
+    pool = EnvWorkers("reach-v3", 5, workers=3)
+    assert [w.n_envs for w in made] == [2, 2, 1] and [(w.rank, w.stride) for w in made] == [(0, 3), (1, 3), (2, 3)]
+    # env j: worker j % 3's env j // 3
+    assert [(made.index(e._worker), e._index) for e in pool.envs] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1)]
+    assert pool.envs[4].instruction == "reach the goal"
+    made.clear()
+    assert len(EnvWorkers("reach-v3", 2, workers=4).envs) == 2 and [w.n_envs for w in made] == [1, 1]
+    made.clear()
+    for n_envs, n_workers in ((0, 2), (2, 0)):
+        with pytest.raises(ValueError, match=f"need n_envs >= 1 and workers >= 1, got n_envs={n_envs}, "
+                                             f"workers={n_workers}"):
+            EnvWorkers("reach-v3", n_envs, workers=n_workers)
+    assert made == []
+
+
+def test_a_pool_whose_worker_fails_to_start_closes_every_worker(monkeypatch):
+    from worldvla.sim.workers import EnvWorkers
+
+    made = _fake_workers(monkeypatch, fail_rank=1)
+    with pytest.raises(ValueError, match="max_steps must be in") as failed:
+        EnvWorkers("reach-v3", 3, workers=3)
+    # The error's traceback, held as a caller reporting it holds it, keeps the half-built pool alive: its workers
+    # are closed already, not when it is collected.
+    assert failed.tb is not None and len(made) == 3 and all(w.closed for w in made)
+
+
+def test_a_worker_type_error_is_raised_as_one_and_replies_are_read_in_order(monkeypatch):
+    """A reply read for another env than the next pending one would hand one env's frame to another: refused.
+    A TypeError in a worker is raised as a TypeError here, naming the pool's env."""
+    import multiprocessing as mp
+    from types import SimpleNamespace
+
+    from worldvla.sim import workers
+
+    monkeypatch.setattr(workers, "REPLY_TIMEOUT_S", 0.2)
+    w = workers._Worker.__new__(workers._Worker)
+    w.conn, worker_end = mp.Pipe()
+    w.proc, w.started, w.rank, w.stride, w.pending = SimpleNamespace(pid=321), True, 1, 2, workers.deque()
+    w.send("step", 0, None)
+    w.send("step", 1, None)
+    with pytest.raises(RuntimeError, match=r"env 1: replies are read in the order the commands were sent "
+                                           r"\(next pending: \[0\]\)"):
+        w.recv(1)
+    try:
+        raise TypeError("action must be a sequence of numbers")
+    except TypeError as e:
+        worker_end.send(("error", workers._error_reply(e)))
+    with pytest.raises(TypeError, match=r"^env 1 \(in env worker process 321\): action must be a sequence") as e:
+        w.recv(0)  # this worker's env 0: the pool's env 0 * 2 + 1
+    assert "Traceback" in str(e.value.__cause__)
+    worker_end.send(("ok", "frame of env 1"))
+    assert w.recv(1) == "frame of env 1" and not w.pending
+
+
+def test_a_worker_that_exited_by_itself_is_named_with_its_exit_code():
+    from worldvla.sim.workers import _exit_cause
+
+    assert _exit_cause(0) == "exit code 0; a traceback it printed is above"
+    assert _exit_cause(None) == "it closed its connection but is still running"
+    assert _exit_cause(-15) == "exit code -15, killed by SIGTERM, sent by another process"
+
+
+def test_closing_a_pool_kills_a_worker_that_does_not_end():
+    """A worker that never reads "close" (hung in the simulator) is killed once the timeout has passed, not left
+    running."""
+    import multiprocessing as mp
+    import signal
+
+    from worldvla.sim.workers import EnvWorkers, _Worker
+
+    ctx = mp.get_context("fork")
+    w = _Worker.__new__(_Worker)
+    w.conn, _ = ctx.Pipe()
+    w.proc = ctx.Process(target=time.sleep, args=(60,), daemon=True)
+    w.proc.start()
+    pool = EnvWorkers.__new__(EnvWorkers)
+    pool._workers = [w]
+    t0 = time.monotonic()
+    pool.close(timeout=0.5)
+    assert w.proc.exitcode == -signal.SIGKILL and time.monotonic() - t0 < 5 and pool._workers == []
+
+
+@needs_sim
+def test_a_remote_env_skips_rendering_and_follows_success_as_a_local_one():
+    """`render=False` reaches the worker's env (no frame drawn), and the handle's `success` follows the worker's
+    env through an expert episode, a reset and steps."""
+    from worldvla.sim.workers import EnvWorkers
+
+    with EnvWorkers("reach-v3", 1, image_size=16, max_steps=150, workers=1) as pool:
+        env = pool.envs[0]
+        assert env.reset(seed=3, render=False) is None
+        assert env.step(np.zeros(4), render=False)[0] is None
+        env.expert_async(3)
+        expert = env.expert_wait()
+        assert expert["success"] and env.success is True
+        assert env.reset(seed=3).shape == (16, 16, 3) and env.success is False
+        for a in expert["actions"]:  # the expert's episode again, step by step
+            frame, _, _, done = env.step(a)
+        assert frame.shape == (16, 16, 3) and done and env.success is True
+        for _ in range(40):  # away from the goal, up: a step not at the goal, and the episode's success kept
+            _, _, at_goal, _ = env.step(np.array([0.0, 0.0, 1.0, 0.0]), render=False)
+            if not at_goal:
+                break
+        assert not at_goal and env.success is True
