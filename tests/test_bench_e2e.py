@@ -202,3 +202,68 @@ def test_targets_are_judged_on_an_h100_only():
     assert not any("note" in v for v in h100.values())
     h200 = e2e.check_targets([chunk, frame], True, "NVIDIA-H200")
     assert all(v["met"] is None and v["measured"] is not None and "H100" in v["note"] for v in h200.values())
+
+
+def test_ratios_floors_and_threads_of_a_run_are_read_from_its_own_rows(tmp_path, monkeypatch):
+    """Each row's speedup_vs_baseline is the baseline's median over its own (the chunk's baseline, the frame's
+    baseline), ms_per_action divides by the chunk's actions, the weight-streaming floor is the row's passes over
+    its own config's parameter bytes at the measured bandwidth, and the caller's thread count is restored."""
+    monkeypatch.setattr(e2e, "measure_bandwidth", lambda device: 100.0)  # GB/s: the CPU measures none
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        path = e2e.run(quick=True, device="cpu", out_dir=tmp_path, grid=2, chunks=(3,))
+        assert torch.get_num_threads() == 2  # a quick CPU run measures on one thread, then gives them back
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads(path.read_text())
+    rows = doc["rows"]
+    pbytes = doc["weight_streaming_floor"]["param_bytes"]
+    chunk = {r["impl"]: r for r in rows if r["task"] == "action_chunk"}
+    frame = {r["impl"]: r for r in rows if r["task"] == "frame"}
+    assert chunk["release-engine"]["stopped_early"] is False  # the release's own tokens, all of them
+    for group in (chunk, frame):
+        base = group["baseline"]["median_ms"]
+        for r in group.values():
+            assert r["speedup_vs_baseline"] == pytest.approx(base / r["median_ms"]), r["impl"]
+            assert r["weight_floor_ms"] == pytest.approx(r["forward_passes"] * pbytes["small"] / 100e9 * 1e3)
+    for r in chunk.values():
+        assert r["ms_per_action"] == pytest.approx(r["median_ms"] / 3)
+    assert frame["package"]["ms_per_token"] == pytest.approx(frame["package"]["median_ms"] / (2 * 3))
+
+
+def test_token_agreement_counts_a_length_difference_as_disagreement():
+    a = torch.tensor([1, 2, 3, 4])
+    assert e2e.agreement(a, a.clone()) == 1.0
+    assert e2e.agreement(a, torch.tensor([1, 2])) == 0.5  # two of four positions, not two of two
+    assert e2e.agreement(a, torch.tensor([1, 9, 3, 9])) == 0.5
+    assert e2e.agreement(torch.tensor([]), torch.tensor([])) == 1.0
+
+
+def test_targets_are_read_from_the_7b_parallel_5_action_rows_only():
+    """Rows of other chunk sizes, decoders, configs and grids sit beside the target rows in the JSON (in any
+    order); the targets read 7B's parallel 5-action chunk and its package frame at 256 px, nothing else."""
+    def chunk(**kw):
+        return {"task": "action_chunk", "config": "chameleon_7b", "px": 256, "chunk": 5, "impl": "parallel",
+                "median_ms": 50.0, "speedup_vs_baseline": 25.0, **kw}
+
+    def frame(**kw):
+        return {"task": "frame", "config": "chameleon_7b", "px": 256, "chunk": None, "impl": "package",
+                "median_ms": 1300.0, **kw}
+
+    others = [chunk(chunk=10, median_ms=90.0, speedup_vs_baseline=30.0),
+              chunk(impl="sequential", median_ms=400.0, speedup_vs_baseline=3.0),
+              chunk(config="small", median_ms=5.0, speedup_vs_baseline=9.0),
+              chunk(px=512, median_ms=80.0, speedup_vs_baseline=22.0),
+              frame(config="small", median_ms=10.0), frame(impl="baseline", median_ms=9000.0),
+              frame(px=512, median_ms=5000.0)]
+    for rows in (others + [chunk(), frame()], [chunk(), frame()] + others):
+        out = e2e.check_targets(rows, True, "NVIDIA-H100-80GB-HBM3")
+        assert {k: v["measured"] for k, v in out.items()} == {
+            "chunk5_256px_parallel_ms": 50.0, "frame_256px_ms": 1300.0, "chunk5_256px_speedup_vs_baseline": 25.0}
+        assert all(v["met"] is True for v in out.values())
+    assert not e2e.target_rows_written(others)
+    # A target met exactly is met.
+    edge = e2e.check_targets([chunk(median_ms=60.0, speedup_vs_baseline=20.0), frame(median_ms=1400.0)], True,
+                             "NVIDIA-H100")
+    assert all(v["met"] is True for v in edge.values())

@@ -1235,3 +1235,153 @@ def test_a_quick_sass_run_keeps_off_the_full_report(tmp_path, monkeypatch):
     full = sass.run(out_dir=tmp_path, files=["a.cu"])
     quick = sass.run(quick=True, out_dir=tmp_path, files=["a.cu"])
     assert (full.name, quick.name) == ("sass-sm_90a.json", "sass-sm_90a-quick.json")
+
+
+def test_stats_give_the_median_and_rank_percentiles_of_skewed_times():
+    """One slow outlier (a descheduled call) must not move the row's time: the median, not the mean; p10 and p90
+    are the sorted times' int(0.1 n)-th and int(0.9 n)-th."""
+    few = common._stats([1.0, 1.0, 2.0, 1.0, 100.0])
+    assert few["median_ms"] == 1.0 and few["max_ms"] == 100.0
+    many = [float(t) for t in range(20)] + [1000.0]  # 21 times
+    st = common._stats(many)
+    assert st["median_ms"] == 10.0 and (st["p10_ms"], st["p90_ms"]) == (2.0, 18.0)
+    st = common._stats([float(t) for t in range(20)])
+    assert (st["p10_ms"], st["p90_ms"]) == (2.0, 18.0)
+
+
+def test_timing_runs_every_warmup_and_repeat_and_times_only_the_call():
+    """time_fn: `warmup` untimed calls, then `repeats` timed ones, each after its `setup()`, which stays out of
+    the time; time_interleaved: the same calls for every side, one of each a round in a turning order, every
+    timed round recorded (the first timed call included)."""
+    import time
+
+    calls = []
+    st = common.time_fn(lambda: calls.append(1), warmup=3, repeats=5, setup=lambda: time.sleep(0.02))
+    assert len(calls) == 3 + 5 and st["median_ms"] < 10  # 20 ms of setup before every call, none of it timed
+
+    order = []
+
+    def side(name):
+        def call():
+            order.append(name)
+            if sum(n == name for n in order) == 2 + 1:  # each side's first timed call is its slow one
+                time.sleep(0.03)
+        return call
+
+    out = common.time_interleaved({"a": side("a"), "b": side("b"), "c": side("c")}, warmup=2, repeats=3)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c", "b", "c", "a"]
+    for name, s in out.items():
+        assert s["max_ms"] >= 30 and s["repeats"] == 3 and s["warmup"] == 2, (name, s)
+
+
+def test_decode_rows_count_visible_pairs_and_the_whole_cache_of_every_sequence():
+    """A decode row's TFLOP/s counts only the visible (query, key) pairs (4*H*Dh each), not the slots the mask
+    hides; its cache_gbps reads K and V of every sequence of the batch once."""
+    from worldvla.benchmarks import attention as A
+
+    batch, H, Dh = 2, 2, 16
+    rows = A.run_decode([("d", 32, 5, batch)], H, Dh, torch.float32, torch.device("cpu"), True,
+                        torch.Generator().manual_seed(0))
+    timed = [r for r in rows if "median_ms" in r]
+    assert timed
+    for r in timed:
+        assert r["visible_pairs"] < batch * 5 * r["tokens"]  # the chunk rule hides slots
+        sec = r["median_ms"] * 1e-3
+        assert r["tflops"] == pytest.approx(4 * r["visible_pairs"] * H * Dh / sec / 1e12)
+        assert r["cache_gbps"] == pytest.approx(2 * batch * r["tokens"] * H * Dh * 4 / sec / 1e9)
+
+
+def test_attention_speedups_compare_rows_of_one_case_and_mode():
+    """speedup_vs_<baseline> is the baseline's median over the row's, both of the same case and mode: a
+    forward row never reads a forward + backward baseline, nor another case's."""
+    from worldvla.benchmarks import attention as A
+
+    rows = [{"case": c, "impl": i, "mode": m, "median_ms": ms}
+            for c, i, m, ms in (("x", "worldvla-torch", "fwd", 1.0), ("x", "flex", "fwd", 3.0),
+                                ("x", "worldvla-torch", "fwd+bwd", 4.0), ("x", "flex", "fwd+bwd", 20.0),
+                                ("y", "worldvla-torch", "fwd", 2.0), ("y", "flex", "fwd", 10.0))]
+    rows.append({"case": "x", "impl": "worldvla-native", "mode": "fwd+bwd", "error": "forward only"})
+    A.add_speedups(rows, refs=("flex",))
+    got = {(r["case"], r["impl"], r["mode"]): r.get("speedup_vs_flex") for r in rows}
+    assert got == {("x", "worldvla-torch", "fwd"): 3.0, ("x", "flex", "fwd"): 1.0,
+                   ("x", "worldvla-torch", "fwd+bwd"): 5.0, ("x", "flex", "fwd+bwd"): 1.0,
+                   ("y", "worldvla-torch", "fwd"): 5.0, ("y", "flex", "fwd"): 1.0,
+                   ("x", "worldvla-native", "fwd+bwd"): None}
+
+
+def test_error_bound_refuses_non_finite_outputs_and_adds_its_floor():
+    """bound_errors: within 2x the same-precision error plus the floor, and finite: an output with a NaN is never
+    within bound, whatever its other elements."""
+    ref = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    same = torch.tensor([1.0, 2.0, 3.25])  # error 0.25 (every value here exact in float32)
+    ok, err, base = common.bound_errors(torch.tensor([1.0, 2.0, 3.5]), ref, same)
+    assert ok and (err, base) == (0.5, 0.25)
+    assert not common.bound_errors(torch.tensor([1.0, 2.0, 3.75]), ref, same)[0]
+    assert common.bound_errors(torch.tensor([1.0, 2.0, 3.75]), ref, same, floor=0.25)[0]
+    assert common.bound_errors(torch.tensor([1.0, 2.0, 3.75]), ref, 0.25, floor=0.25)[0]  # the error given as a float
+    assert not common.bound_errors(torch.tensor([1.0, float("nan"), 3.0]), ref, same, floor=1.0)[0]
+    assert not common.bound_errors(torch.tensor([1.0, float("inf"), 3.0]), ref, float("inf"))[0]
+    ok, line = common.bound_check(torch.tensor([1.0, 2.0, 3.5]), ref, same)
+    assert ok and line.startswith("err 0.5 <= 2 x 0.25")
+
+
+def test_rotation_budget_is_at_most_a_quarter_of_free_memory(monkeypatch):
+    monkeypatch.setattr(common, "_available_memory", lambda device: 400 << 20)
+    assert common.rotation_budget("cpu") == 100 << 20  # under ROTATION_BUDGET: the free memory decides
+    monkeypatch.setattr(common, "_available_memory", lambda device: 64 << 30)
+    assert common.rotation_budget("cpu") == common.ROTATION_BUDGET
+    assert common.rotation_budget("cpu", quick=True) == common.QUICK_ROTATION_BUDGET
+    monkeypatch.setattr(common, "_available_memory", lambda device: 0)  # unknown: no set beyond the first
+    monkeypatch.setattr(common, "cache_info", lambda device: ("L3", 32 << 20))
+    assert common.rotation_count(1 << 20, "cpu") == 1
+
+
+def test_cpu_last_level_cache_sums_its_distinct_instances(monkeypatch, tmp_path):
+    """A machine with two L3 slices (two sockets, or AMD's core complexes) has twice one slice's cache: the sets
+    must overflow both. Each instance counts once however many CPUs share it; instruction caches never count."""
+    from pathlib import Path
+
+    def cache(cpu, index, level, size, shared, kind="Unified"):
+        d = tmp_path / f"sys/devices/system/cpu/cpu{cpu}/cache/index{index}"
+        d.mkdir(parents=True)
+        for name, text in (("type", kind), ("level", str(level)), ("size", size), ("shared_cpu_list", shared)):
+            (d / name).write_text(text + "\n")
+
+    for cpu in range(4):
+        cache(cpu, 0, 1, "32K", str(cpu), "Data")
+        cache(cpu, 1, 1, "32K", str(cpu), "Instruction")
+        cache(cpu, 2, 2, "1024K", str(cpu))
+        cache(cpu, 3, 3, "16384K", "0-1" if cpu < 2 else "2-3")
+    monkeypatch.setattr(common, "Path", lambda p: Path(str(tmp_path) + str(p)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    common.cpu_last_level_cache.cache_clear()
+    try:
+        assert common.cpu_last_level_cache() == ("L3", 32 << 20)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a process held to one slice
+        common.cpu_last_level_cache.cache_clear()
+        assert common.cpu_last_level_cache() == ("L3", 16 << 20)
+    finally:
+        common.cpu_last_level_cache.cache_clear()
+
+
+def test_rotation_counts_what_each_extra_set_allocates_against_the_budget(monkeypatch):
+    """Sets sized by what a call reads (1 MiB of a 8 MiB tensor) still allocate the whole tensor each: the
+    budget caps the count by what each set allocates, not by what it reads."""
+    monkeypatch.setattr(common, "cache_info", lambda device: ("L3", 32 << 20))
+    rot = common.Rotation(lambda i: (torch.zeros(2 << 20),), "cpu", bytes_per_set=1 << 20, budget_bytes=64 << 20)
+    assert rot.bytes_per_set == 1 << 20 and len(rot) == 8  # 64 MiB / 8 MiB, not the 96 sets 3 x 32 MiB asks for
+    assert rot.info()["inputs_cache_hot"] is True  # 8 x 1 MiB read: within the 32 MiB cache
+
+
+def test_attention_check_reads_every_gradient():
+    """A side's q, k and v gradients are all compared: a wrong first one fails the side though the last is right."""
+    from worldvla.benchmarks import attention as A
+
+    want = tuple(torch.randn(6, 2, 4, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+                 for i in range(3))
+    got = tuple(w.float() for w in want)
+    assert A.check(got, want, torch.float32)["matches_reference"] is True
+    wrong = (got[0] * 2, got[1], got[2])
+    out = A.check(wrong, want, torch.float32)
+    assert out["matches_reference"] is False and out["worst_over_tolerance"] > 1
+    assert out["max_abs_err"] == pytest.approx(float(want[0].abs().max()), rel=1e-6)

@@ -366,3 +366,54 @@ def test_eval_refuses_an_empty_variant_name(capsys, tmp_path):
     """`--names x,` for two policies gave the second an empty name: a table column without a heading."""
     assert main(["eval", "--policy", "a", "b", "--names", "x,", "--out", str(tmp_path), "--tasks", "reach-v3"]) == 2
     assert "holds an empty name" in capsys.readouterr().err
+
+
+def test_bench_passes_its_options_and_a_failing_benchmark_fails_the_run(monkeypatch, capsys, tmp_path):
+    """Every benchmark gets --quick, --device and --out as given; one that fails does not stop the others but
+    makes the exit status 1; one skipped beside others that ran is no "nothing ran"."""
+    import sys
+    import types
+
+    seen = []
+
+    class Unavailable(RuntimeError):
+        pass
+
+    def bench(name, error=None):
+        def run(quick, device, out_dir):
+            seen.append((name, quick, device, out_dir))
+            if error is not None:
+                raise error
+            return f"{out_dir}/{name}.json"
+        monkeypatch.setitem(sys.modules, f"worldvla.benchmarks.{name}",
+                            types.SimpleNamespace(run=run, Unavailable=Unavailable))
+
+    bench("vq", error=RuntimeError("wrong answer")), bench("sampling"), bench("sass", error=Unavailable("no nvcc"))
+    assert main(["bench", "vq", "sampling", "sass", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 1
+    assert seen == [(n, True, "cpu", str(tmp_path)) for n in ("vq", "sampling", "sass")]
+    out, err = capsys.readouterr()
+    assert "!! vq failed: RuntimeError: wrong answer" in out and "-- sass skipped: no nvcc" in out
+    assert "nothing ran" not in err
+    seen.clear()
+    assert main(["bench", "sampling", "sass", "--out", str(tmp_path)]) == 0
+    assert seen == [("sampling", False, None, str(tmp_path)), ("sass", False, None, str(tmp_path))]
+    assert "nothing ran" not in capsys.readouterr().err
+
+
+def test_unit_open_float_refuses_one():
+    assert cli.unit_open_float("0") == 0.0 and cli.unit_open_float("0.999") == 0.999
+    for text in ("1", "1.0", "-0.1"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"\[0, 1\)"):
+            cli.unit_open_float(text)
+
+
+def test_a_missing_file_is_one_error_line(monkeypatch, capsys):
+    """An OSError from a command (a file it was pointed at does not exist) is one line and exit status 2."""
+    def run(args):
+        raise FileNotFoundError(2, "No such file or directory", "demos.hdf5")
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    monkeypatch.setattr(importlib.import_module("worldvla.eval.imagine"), "run", run)
+    assert main(["imagine", "p", "--demos", "demos.hdf5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("worldvla imagine: error: ") and "demos.hdf5" in err
