@@ -1230,3 +1230,38 @@ def test_a_chunk_of_the_wrong_rank_is_refused_by_name():
         ChunkQuery(Returns([np.zeros((3, 4)), np.zeros(4)])).chunks(two, None)
     got = ChunkQuery(Returns([np.zeros((3, 4)), np.ones((1, 4))])).chunks(two, None)
     assert [c.shape for c in got] == [(3, 4), (1, 4)] and got[1].dtype == np.float64
+
+
+def test_expert_rollouts_use_other_layouts_than_the_closed_loop(monkeypatch):
+    """The world model is scored on expert episodes of their own layout seeds, apart from the closed-loop
+    episodes' (`eval_seeds` of seed + 1), each seed once."""
+    import worldvla.sim.metaworld_env as sim
+    from worldvla.eval.metaworld import expert_rollouts
+
+    class Env:
+        def close(self):
+            pass
+
+    seen = []
+    monkeypatch.setattr(sim, "expert_episode", lambda env, seed: seen.append(seed) or {"seed": seed})
+    out = expert_rollouts("reach-v3", 4, seed=7, env_factory=lambda task, size, steps: Env())
+    assert seen == [r["seed"] for r in out] == eval_seeds("reach-v3", 4, 8)
+    assert not set(seen) & set(eval_seeds("reach-v3", 4, 7)) and len(set(seen)) == 4
+
+
+def test_closed_loop_queries_carry_the_previous_steps_frame():
+    """Each episode's first query has no history; every later one gets the frame of the previous env step
+    (PushRight checks that it is exactly one step older)."""
+
+    class Recording(PushRight):
+        def act(self, image, history=None):
+            self.histories.append(history is not None)
+            return super().act(image, history)
+
+    pol = Recording()
+    pol.histories = []
+    r = closed_loop(pol, "fake-v3", episodes=3, n_envs=1, max_steps=30, env_factory=FakeMetaWorldEnv, execute=1,
+                    record=False)
+    assert r.success_rate == 1.0 and len(pol.histories) == sum(r.steps)
+    expected = [h for s in r.steps for h in [False] + [True] * (s - 1)]
+    assert pol.histories == expected

@@ -1896,3 +1896,139 @@ def test_a_robot_reaches_the_server_directly_whatever_proxy_its_environment_name
         client.reset("wave")
         assert client.act(_frame(np_rng)).shape == (K, D)
         assert health(server.url)["status"] == "ok"
+
+
+def test_a_request_that_timed_out_while_queued_never_reaches_the_policy(np_rng):
+    """A request that timed out while it waited behind a slow call got its error reply: the batcher drops it
+    instead of spending a policy call on a reply nobody reads (and the robot's retry is still its first query)."""
+    policy = HistoryPolicy(delay_s=0.8)
+    with PolicyServer(policy, max_batch=1, request_timeout_s=0.4) as server, \
+            PolicyClient(server.url, timeout=20) as a, PolicyClient(server.url, timeout=20) as b:
+        a.reset("slow robot")
+        b.reset("queued robot")
+        errors = []
+
+        def slow():
+            with pytest.raises(PolicyServerError, match="timed out") as e:
+                a.act(_frame(np_rng))
+            errors.append(str(e.value))
+
+        t = threading.Thread(target=slow)
+        t.start()
+        _wait_for(lambda: server._running_batch)  # a's call runs for 0.8 s: b's request waits in the queue
+        with pytest.raises(PolicyServerError, match="timed out after 0.4 s"):
+            b.act(_frame(np_rng))
+        t.join(20)
+        assert len(errors) == 1
+        _wait_for(lambda: server._queue.empty() and not server._running_batch)
+        assert policy.calls == [1], policy.calls  # a's call only
+        assert server.stats["timeouts"] == 2 and server.stats["batched_requests"] == 1
+        policy.delay_s = 0.0
+        f = _frame(np_rng)
+        retry = b.act(f)
+        np.testing.assert_allclose(retry[:, 0], f.mean(), rtol=1e-6)
+        np.testing.assert_array_equal(retry[:, 1], -1.0)
+
+
+def test_the_stats_count_a_padded_batch_and_its_policy_call(np_rng):
+    """Three robots batched together with max_batch=4: one policy call of 4 rows (one padding row), three
+    requests answered; the stats the health check reports say so."""
+    policy = HistoryPolicy()
+    with PolicyServer(policy, max_batch=4, max_wait_ms=3000, request_timeout_s=20) as server:
+        clients = [PolicyClient(server.url, timeout=20) for _ in range(3)]
+        try:
+            for i, c in enumerate(clients):
+                c.reset(f"robot {i}")
+            frames = [_frame(np_rng) for _ in clients]
+            replies = {}
+
+            def call(i):
+                replies[i] = clients[i].act(frames[i])
+
+            _together(call, [(i,) for i in range(3)])
+            for i in range(3):
+                np.testing.assert_allclose(replies[i][:, 0], frames[i].mean(), rtol=1e-6)
+                np.testing.assert_array_equal(replies[i][:, 4], 4)  # the policy saw a padded batch of 4
+            stats = server.health()["stats"]
+            assert policy.calls == [4]
+            assert stats["padded_rows"] == 1 and stats["batches"] == 1 and stats["policy_calls"] == 1
+            assert stats["batched_requests"] == 3 and stats["max_batch_seen"] == 3 and stats["act_ok"] == 3
+            clients[0].act(frames[0])  # alone: a batch of one, nothing padded, the largest batch still 3
+            stats = server.health()["stats"]
+            assert policy.calls == [4, 1]
+            assert stats["padded_rows"] == 1 and stats["batches"] == 2 and stats["policy_calls"] == 2
+            assert stats["batched_requests"] == 4 and stats["max_batch_seen"] == 3
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_a_slot_policy_answers_each_robot_from_its_own_slot_whatever_the_arrival_order(np_rng):
+    """A policy that keeps history in its batch slots gets the robots in its slots' order; the requests of a
+    batch that arrived in another order (here rotated) each get their own slot's actions back."""
+    with PolicyServer(SlotPolicy(), max_batch=4, max_wait_ms=3000, request_timeout_s=20) as server:
+        clients = [PolicyClient(server.url, timeout=20) for _ in range(3)]
+        try:
+            for i, c in enumerate(clients):
+                c.reset(f"robot {i}")
+            first = [_frame(np_rng, 16, 16) for _ in clients]
+            _together(lambda i: clients[i].act(first[i]), [(i,) for i in range(3)])
+            by_episode = {c.episode: i for i, c in enumerate(clients)}
+            slots = [by_episode[e.key] for e in server._layout]
+            order = slots[1:] + slots[:1]  # arrival order: the slots rotated by one
+            second = [_frame(np_rng, 16, 16) for _ in clients]
+            replies, threads = {}, []
+            for k, i in enumerate(order):
+                def call(i=i):
+                    replies[i] = clients[i].act(second[i])
+                threads.append(threading.Thread(target=call))
+                threads[-1].start()
+                if k < 2:  # the batch waits for the third robot: the first ones stay in flight until then
+                    _wait_for(lambda k=k: server._busy == k + 1)  # received, hence queued, in this order
+            for t in threads:
+                t.join(20)
+            assert len(replies) == 3
+            assert server.stats["history_resets"] == 0 and server.stats["batches"] == 2
+            for i in range(3):
+                np.testing.assert_allclose(replies[i][:, 0], second[i].mean(), rtol=1e-6)
+                np.testing.assert_allclose(replies[i][:, 1], first[i].mean(), rtol=1e-6)
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_a_batch_split_in_two_policy_calls_counts_both_calls(np_rng):
+    """One robot's first query and another's later one share a batch but not a policy call (one has no
+    history frame): the stats count one batch of two requests and two policy calls."""
+    policy = HistoryPolicy()
+    with PolicyServer(policy, max_batch=4, max_wait_ms=3000, request_timeout_s=20, pad_batches=False) as server, \
+            PolicyClient(server.url, timeout=20) as a, PolicyClient(server.url, timeout=20) as b:
+        a.reset("robot with history")
+        a.act(_frame(np_rng))
+        b.reset("fresh robot")
+        _together(lambda c: c.act(_frame(np_rng)), [(a,), (b,)])
+        assert policy.calls == [1, 1, 1]
+        stats = server.stats
+        assert stats["batches"] == 2 and stats["policy_calls"] == 3, stats
+        assert stats["batched_requests"] == 3 and stats["max_batch_seen"] == 2, stats
+
+
+def test_cli_options_reach_the_server(monkeypatch):
+    """Every `worldvla serve` limit is the server's, not its default."""
+    import argparse
+
+    from worldvla import serve
+    from worldvla.inference import policy as policy_mod
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    built = []
+    monkeypatch.setattr(policy_mod.WorldVLAPolicy, "from_pretrained", staticmethod(lambda *a, **k: HistoryPolicy()))
+    monkeypatch.setattr(PolicyServer, "serve_forever", lambda self, **k: built.append(self) or 0)
+    args = ["--checkpoint", "c", "--no-warmup", "--max-connections", "3", "--max-batch", "2", "--max-wait-ms", "7",
+            "--max-queue", "5", "--max-payload-mb", "2", "--timeout-s", "9", "--max-episodes", "11",
+            "--no-pad-batches"]
+    assert serve.run(parser.parse_args(args)) == 0
+    s = built[0]
+    assert (s.max_connections, s.max_batch, s.max_wait_ms, s.max_queue) == (3, 2, 7.0, 5)
+    assert (s.max_payload_bytes, s.request_timeout_s, s.max_episodes, s.pad_batches) == (2 * 2**20, 9.0, 11, False)

@@ -884,3 +884,45 @@ def test_a_remote_env_skips_rendering_and_follows_success_as_a_local_one():
             if not at_goal:
                 break
         assert not at_goal and env.success is True
+
+
+@needs_sim
+def test_an_episode_ends_at_its_step_limit_and_refuses_another_step(reach_env):
+    """An episode is `max_steps` steps long: the last step says done, and one more is refused (it would run
+    past the limit the episode was recorded and scored with)."""
+    reach_env.reset(seed=1, render=False)
+    dones = [reach_env.step(np.zeros(4), render=False)[3] for _ in range(reach_env.max_steps)]
+    assert not reach_env.success  # holding still does not reach the goal
+    assert dones == [False] * (reach_env.max_steps - 1) + [True]
+    assert reach_env.t == reach_env.max_steps
+    with pytest.raises(RuntimeError, match=f"episode is over \\({reach_env.max_steps} steps\\); call reset"):
+        reach_env.step(np.zeros(4), render=False)
+    reach_env.reset(seed=1, render=False)
+    assert reach_env.t == 0 and not reach_env.step(np.zeros(4), render=False)[3]
+
+
+@needs_sim
+def test_corner_camera_frames_are_rotated_not_mirrored(reach_env):
+    """The corner camera's axes are declared as right = (-1, 1, 0), up = (-0.2, -0.2, -1) (pointing at the
+    floor); the upright view, rotated by 180 degrees, has right = (1, -1, 0): the hand moving along +y moves
+    left in the frame. Flipping the rows alone would give a mirrored scene, where it moves right."""
+
+    def changed_columns(dy):  # column centroid of the pixels that change as the hand moves along y
+        start = reach_env.reset(seed=1).astype(float)
+        for _ in range(25):
+            frame, *_ = reach_env.step(np.array([0.0, dy, 0.0, 0.0]))
+        change = np.abs(frame.astype(float) - start).sum(-1)
+        change *= change > 30
+        return (change.sum(0) * np.arange(change.shape[1])).sum() / change.sum()
+
+    assert changed_columns(1.0) < changed_columns(-1.0) - 1.0
+
+
+@needs_sim
+def test_an_expert_episode_cut_by_the_step_limit_is_not_a_success():
+    from worldvla.sim.metaworld_env import expert_episode
+
+    with make_env("reach-v3", seed=0, image_size=16, max_steps=2) as env:
+        episode = expert_episode(env, seed=1)
+    assert episode["success"] is False  # it ended on the step limit, not on the goal
+    assert episode["actions"].shape == (2, 4) and episode["frames"].shape == (3, 16, 16, 3)
