@@ -926,3 +926,13 @@ def test_an_expert_episode_cut_by_the_step_limit_is_not_a_success():
         episode = expert_episode(env, seed=1)
     assert episode["success"] is False  # it ended on the step limit, not on the goal
     assert episode["actions"].shape == (2, 4) and episode["frames"].shape == (3, 16, 16, 3)
+
+
+def test_a_policy_that_needs_no_images_still_records_real_frames():
+    """Envs skip rendering for a policy that reads no images (the random baseline), but not while the episode is
+    recorded: the GIF of its first episode shows the scene, not blank frames."""
+    from worldvla.eval.metaworld import RandomPolicy, closed_loop
+
+    r = closed_loop(RandomPolicy(seed=1), "reach-v3", 1, seed=2, max_steps=6, n_envs=1, record=True)
+    assert r.frames is not None and len(r.frames) == 7  # the reset's frame and one a step
+    assert all(f.std() > 0 for f in r.frames)
