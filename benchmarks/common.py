@@ -355,6 +355,13 @@ class Rotation:
                 "cache": self.cache, "cache_bytes": self.cache_bytes, "inputs_cache_hot": hot}
 
 
+def _check_counts(warmup, repeats) -> None:
+    """A timing's call counts: a median needs at least one timed call (none gave statistics' StatisticsError)."""
+    for name, value, low in (("warmup", warmup, 0), ("repeats", repeats, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
 def time_fn(fn, *, warmup: int = 3, repeats: int = 20, device="cpu", setup=None,
             rotation: Rotation | None = None, gpu_time: bool = False) -> dict:
     """Median / p10 / p90 milliseconds of `fn()`, or of `fn(*rotation.next())` with a rotation.
@@ -363,6 +370,7 @@ def time_fn(fn, *, warmup: int = 3, repeats: int = 20, device="cpu", setup=None,
     start event holds the stream while the host launches `fn`, so the events time the device work
     alone, not Python's launch overhead (for kernels; end-to-end latencies leave it off).
     """
+    _check_counts(warmup, repeats)
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     spin = on_gpu and gpu_time and hasattr(torch.cuda, "_sleep")
@@ -415,6 +423,7 @@ def time_interleaved(fns: dict, *, warmup: int = 2, repeats: int = 7, device="cp
     each call is timed by events around it, the device synchronized after it (wall time); with
     `gpu_time` a spin kernel queued before the start event holds the stream while the host launches
     the call, as in `time_fn`, so the events time the device's work alone (kernel benchmarks)."""
+    _check_counts(warmup, repeats)
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     spin = on_gpu and gpu_time and hasattr(torch.cuda, "_sleep")

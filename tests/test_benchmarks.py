@@ -1385,3 +1385,17 @@ def test_attention_check_reads_every_gradient():
     out = A.check(wrong, want, torch.float32)
     assert out["matches_reference"] is False and out["worst_over_tolerance"] > 1
     assert out["max_abs_err"] == pytest.approx(float(want[0].abs().max()), rel=1e-6)
+
+
+def test_timings_refuse_call_counts_that_give_no_median():
+    """No timed call (repeats 0) or a negative warm-up is refused by name, before anything runs."""
+    from benchmarks import common
+
+    calls = []
+    for kw, name in (({"repeats": 0}, "repeats"), ({"warmup": -1}, "warmup"), ({"repeats": 2.5}, "repeats")):
+        with pytest.raises(ValueError, match=f"{name} must be an integer"):
+            common.time_fn(lambda: calls.append(1), **kw)
+        with pytest.raises(ValueError, match=f"{name} must be an integer"):
+            common.time_interleaved({"a": lambda: calls.append(1)}, **kw)
+    assert not calls
+    assert common.time_fn(lambda: calls.append(1), warmup=0, repeats=1)["median_ms"] >= 0
