@@ -387,3 +387,193 @@ def test_a_training_resumed_at_its_last_checkpoint_reports_its_losses(tmp_path, 
     monkeypatch.setattr(trainer, "train", fake_train)
     info = demo.stage_train(cfg, tmp_path, False, resume=True)
     assert info["first_loss"] == 9.0 and info["final_loss"] == 10.0 - cfg.train_steps
+
+
+@pytest.mark.parametrize("field, value", [("image_size", 0), ("image_size", -32), ("workers", 0), ("episodes", 0),
+                                          ("seed", 1 << 32)])
+def test_demo_config_refuses_values_no_stage_can_run(field, value):
+    from worldvla import demo
+
+    with pytest.raises(ValueError, match=field.replace("_", "-")):
+        demo.DemoConfig.fast_preset(**{field: value}).check()
+    demo.DemoConfig.fast_preset(seed=(1 << 32) - 1, image_size=32, workers=1).check()  # the largest seed is taken
+
+
+@pytest.mark.parametrize("field, value, stage", [
+    ("tasks", ("drawer-open-v3",), "collect"), ("episodes", 3, "collect"), ("image_size", 128, "collect"),
+    ("seed", 1, "collect"), ("collect_max_steps", 150, "collect"), ("vq_steps", 5, "train-vq"),
+    ("vq_batch", 8, "train-vq"), ("vq_lr", 2e-3, "train-vq"), ("vq_codes", 128, "train-vq"),
+    ("chunk_size", 3, "pretokenize"), ("model", "small", "train"), ("train_steps", 5, "train"),
+    ("batch_tokens", 1024, "train"), ("micro_tokens", 512, "train"), ("lr", 2e-3, "train"), ("world", False, "train"),
+    ("eval_episodes", 3, "evaluate"), ("eval_max_steps", 20, "evaluate"), ("wm_episodes", 2, "evaluate"),
+    ("wm_horizon", 3, "evaluate"), ("eval_envs", 1, "evaluate")])
+def test_a_setting_changes_the_key_of_its_stage_and_of_every_later_one(field, value, stage):
+    """Each stage's key holds its own settings and the key of the stage before it, so that a changed setting
+    reruns its stage and everything after it, and leaves the stages before it cached."""
+    from dataclasses import replace
+
+    from worldvla import demo
+
+    cfg = demo.DemoConfig.fast_preset()
+    assert getattr(cfg, field) != value
+    before, after = demo.stage_keys(cfg), demo.stage_keys(replace(cfg, **{field: value}))
+    at = demo.STAGES.index(stage)
+    for i, s in enumerate(demo.STAGES):
+        assert (before[s] == after[s]) == (i < at), (s, field)
+
+
+def _stub_stages(monkeypatch, seen):
+    """run_demo's stages as stand-ins that write the files each stage leaves, recording the calls."""
+    from worldvla import demo
+
+    def collect(cfg, out, progress, fresh):
+        seen.append("collect")
+        (out / "demos").mkdir(exist_ok=True)
+        for t in cfg.tasks:
+            (out / "demos" / f"{t}.hdf5").write_bytes(b"demo")
+        return {}
+
+    def train_vq(cfg, out, progress, resume):
+        seen.append(("train-vq", resume))
+        (out / "vq" / "vqgan").mkdir(parents=True, exist_ok=True)
+        (out / "vq" / "vqgan" / "config.json").write_text("{}")
+        return {}
+
+    def pretokenize(cfg, out, progress, fresh):
+        seen.append("pretokenize")
+        (out / "store").mkdir(exist_ok=True)
+        (out / "store" / "manifest.json").write_text(json.dumps({"complete": True}))
+        return {}
+
+    def train(cfg, out, progress, resume, **kw):
+        seen.append(("train", resume))
+        (out / "policy").mkdir(exist_ok=True)
+        (out / "policy" / "policy.json").write_text("{}")
+        return {}
+
+    def evaluate(cfg, out, progress, reuse):
+        seen.append("evaluate")
+        (out / "eval").mkdir(exist_ok=True)
+        (out / "eval" / "metrics.json").write_text(json.dumps({"complete": True}))
+        return {}
+
+    monkeypatch.setattr(demo, "load_kernels_first", lambda: None)
+    for name, fn in (("stage_collect", collect), ("stage_train_vq", train_vq), ("stage_pretokenize", pretokenize),
+                     ("stage_train", train), ("stage_evaluate", evaluate)):
+        monkeypatch.setattr(demo, name, fn)
+
+
+def test_a_missing_task_file_reruns_collection_and_finished_stages_leave_no_started_marker(tmp_path, monkeypatch):
+    """The collect stage is cached only while every task's file is there; a stage that finished leaves no
+    `.started` marker (which would make a later run of its training resume an old run's checkpoint)."""
+    from worldvla import demo
+
+    seen = []
+    _stub_stages(monkeypatch, seen)
+    cfg = demo.DemoConfig.fast_preset(tasks=("reach-v3", "push-v3"))
+    demo.run_demo(cfg, tmp_path, progress=False)
+    assert seen == ["collect", ("train-vq", False), "pretokenize", ("train", False), "evaluate"]
+    assert not list((tmp_path / "stages").glob("*.started"))
+    seen.clear()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    assert seen == []
+    (tmp_path / "demos" / "push-v3.hdf5").unlink()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    assert seen == ["collect", ("train-vq", False), "pretokenize", ("train", False), "evaluate"]
+
+
+def test_an_interrupted_training_of_other_settings_starts_over(tmp_path, monkeypatch):
+    """A training's `.started` marker records the key of the settings it started under: a run with other settings
+    (here another --vq-steps, another --train-steps) starts that training over instead of resuming the other run."""
+    from dataclasses import replace
+
+    from worldvla import demo
+
+    seen = []
+    _stub_stages(monkeypatch, seen)
+    cfg = demo.DemoConfig.fast_preset()
+    old = demo.stage_keys(replace(cfg, vq_steps=7, train_steps=9))
+    (tmp_path / "stages").mkdir()
+    for stage in ("train-vq", "train"):
+        (tmp_path / "stages" / f"{stage}.started").write_text(old[stage])
+    demo.run_demo(cfg, tmp_path, progress=False)
+    assert ("train-vq", False) in seen and ("train", False) in seen
+
+
+def test_the_trainings_start_in_an_empty_folder_unless_they_resume(tmp_path, monkeypatch):
+    """A training that does not resume removes the folder of an earlier run first (the trainers refuse a folder
+    holding another run's checkpoints)."""
+    from worldvla import demo
+    from worldvla.train import trainer
+    from worldvla.train import vq as train_vq
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(name, folder):
+        def stop(args):
+            seen[name] = (args.resume, (tmp_path / folder).exists())
+            raise Stop()
+        return stop
+
+    monkeypatch.setattr(train_vq, "train_vq", record("vq", "vq"))
+    monkeypatch.setattr(trainer, "train", record("train", "train"))
+    cfg = demo.DemoConfig.fast_preset()
+    for name, stage in (("vq", demo.stage_train_vq), ("train", demo.stage_train)):
+        (tmp_path / name / "checkpoints" / "step_00000001").mkdir(parents=True)
+        with pytest.raises(Stop):
+            stage(cfg, tmp_path, False, False)
+        assert seen[name] == (False, False), name
+
+
+def test_an_action_only_model_gets_no_world_model_scores(tmp_path, monkeypatch):
+    from worldvla import demo
+    from worldvla.eval import metaworld
+
+    seen = {}
+    monkeypatch.setattr(metaworld, "evaluate", lambda policies, tasks, episodes, out, **kw: seen.update(kw) or {})
+    demo.stage_evaluate(demo.DemoConfig.fast_preset(world=False), tmp_path, False)
+    assert seen["wm_episodes"] == 0
+    demo.stage_evaluate(demo.DemoConfig.fast_preset(wm_episodes=3), tmp_path, False)
+    assert seen["wm_episodes"] == 3
+
+
+def test_a_missing_dependency_is_reported_in_one_line(tmp_path, monkeypatch, capsys):
+    from worldvla import demo
+
+    def run_demo(*a, **k):
+        raise ImportError("Meta-World is not installed; pip install 'worldvla[sim]'")
+
+    monkeypatch.setattr(demo, "run_demo", run_demo)
+    assert demo.main(["--fast", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "worldvla demo: Meta-World is not installed; pip install 'worldvla[sim]'"
+
+
+@pytest.mark.parametrize("text, complete", [('{"complete": true}', True), ('{"complete": 1}', False),
+                                            ('{"complete": "yes"}', False), ('{}', False), ("[1]", False)])
+def test_a_stage_output_is_complete_only_when_it_says_complete_true(tmp_path, text, complete):
+    from worldvla import demo
+
+    p = tmp_path / "metrics.json"
+    p.write_text(text)
+    assert demo._marked_complete(p) is complete
+
+
+def test_the_vqgan_stage_reports_the_last_logged_step(tmp_path, monkeypatch):
+    from worldvla import demo
+    from worldvla.train import vq as train_vq
+
+    def fake_train_vq(args):
+        run = Path(args.out)
+        run.mkdir(parents=True, exist_ok=True)
+        lines = [{"step": s, "psnr": 20.0 + s, "codes_used": 10 * s, "perplexity": 5.0 + s, "loss": 1.0 / s,
+                  "l1": 0.1} for s in (1, 2)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + "\n")
+        return {"step": 2, "export": str(run / "vqgan"), "stopped": False}
+
+    monkeypatch.setattr(train_vq, "train_vq", fake_train_vq)
+    info = demo.stage_train_vq(demo.DemoConfig.fast_preset(), tmp_path, False, False)
+    assert info == {"psnr": 22.0, "codes_used": 20, "perplexity": 7.0, "loss": 0.5}

@@ -735,3 +735,96 @@ def test_a_done_flag_before_the_last_step_is_not_success(tmp_path, np_rng):
         assert not any("success" in f[f"data/demo_{i}"].attrs for i in range(2))
     assert [d.success for d in read_demos(path)] == [False, True]
     assert demo_file_info(path)["success"] == [False, True]
+
+
+def _scripted_episodes(monkeypatch, fails=(), raises=()):
+    """`collect`'s episodes (in this process, workers=1) as stand-ins: attempt a of episode e fails where (e, a) is
+    in `fails` and raises where it is in `raises`; the others succeed with 3 frames whose pixels hold the seed."""
+    from worldvla.data import collect as col
+
+    def run_episode(job):
+        key = (job["episode"], job["attempt"])
+        if key in raises:
+            raise RuntimeError("renderer lost")
+        frames = np.full((3, 8, 8, 3), job["seed"] % 251, np.uint8)
+        return {**job, "frames": frames, "actions": np.zeros((3, 4), np.float32), "success": key not in fails,
+                "steps": 3, "seconds": 0.01, "setup_seconds": 0.0}
+
+    monkeypatch.setattr(col, "run_episode", run_episode)
+    return col
+
+
+def test_collect_retries_failed_episodes_and_reports_what_it_kept(tmp_path, monkeypatch):
+    """A failed attempt is retried on the next seed; the success rate is over every attempt; a task listed twice is
+    collected once; an episode that failed every attempt makes the task incomplete (and the command exit 1)."""
+    pytest.importorskip("metaworld")
+    from worldvla.data.hdf5 import demo_file_info
+
+    col = _scripted_episodes(monkeypatch, fails={(0, 0)})
+    s = col.collect("reach-v3,reach-v3", 2, tmp_path, image_size=8, seed=5, max_attempts=2, progress=False)
+    t = s["tasks"]["reach-v3"]
+    assert list(s["tasks"]) == ["reach-v3"] and s["episodes_run"] == 3
+    assert (t["episodes"], t["attempts"], t["mean_steps"]) == (2, 3, 3.0)
+    assert t["expert_success_rate"] == pytest.approx(2 / 3)
+    assert s["incomplete"] == [] and s["errors"] == []
+    seeds = demo_file_info(tmp_path / "reach-v3.hdf5")["attrs"]["episode_seeds"]
+    assert list(seeds) == [col.episode_seed(5, "reach-v3", 0, 1), col.episode_seed(5, "reach-v3", 1, 0)]
+
+    col = _scripted_episodes(monkeypatch, fails={(0, 0)})
+    s = col.collect(["push-v3"], 2, tmp_path, image_size=8, seed=5, max_attempts=1, progress=False)
+    assert s["tasks"]["push-v3"]["episodes"] == 1 and s["incomplete"] == ["push-v3"]
+    assert demo_file_info(tmp_path / "push-v3.hdf5")["num_demos"] == 1
+
+
+def test_collect_counts_a_raised_attempt_as_an_error_and_retries_it(tmp_path, monkeypatch):
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch, raises={(1, 0)})
+    s = col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, max_attempts=2, progress=False)
+    assert s["tasks"]["reach-v3"]["episodes"] == 2 and s["tasks"]["reach-v3"]["attempts"] == 2
+    assert s["errors"] == ["reach-v3 episode 1 attempt 0: RuntimeError: renderer lost"] and s["incomplete"] == []
+
+
+def test_collect_removes_a_killed_writes_temporary_file_beside_a_finished_task_file(tmp_path, monkeypatch):
+    """A task file already complete is not written again, so its writer's cleanup never runs: collect removes the
+    temporary file a killed run left beside it itself."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    col.collect(["reach-v3"], 1, tmp_path, image_size=8, progress=False)
+    left = tmp_path / f".reach-v3.hdf5.tmp-{_dead_pid()}-0123456789ab"
+    left.write_bytes(b"partial")
+    s = col.collect(["reach-v3"], 1, tmp_path, image_size=8, progress=False)
+    assert s["tasks"]["reach-v3"]["skipped"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reach-v3.hdf5"]
+
+
+def test_collect_refuses_frames_smaller_than_8_pixels_before_any_episode(tmp_path, monkeypatch):
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch, raises={(0, 0)})
+    with pytest.raises(ValueError, match="--image-size must be at least 8 pixels, got 7"):
+        col.collect(["reach-v3"], 1, tmp_path, image_size=7, progress=False)
+    assert not (tmp_path / "reach-v3.hdf5").exists()
+
+
+def test_an_episode_records_each_frame_before_its_action_and_clips_noisy_actions(tmp_path):
+    """frames[t] is what the expert saw when it chose actions[t] (the reset frame first), and the noise is added
+    before clipping to the action range [-1, 1]."""
+    pytest.importorskip("metaworld")
+    from worldvla.data import collect as col
+    from worldvla.sim.metaworld_env import make_env
+
+    job = {"task": "reach-v3", "image_size": 16, "camera": "corner", "max_steps": 6, "noise": 2.0, "seed": 123,
+           "episode": 0, "attempt": 0}
+    try:
+        r = col.run_episode(job)
+        again = col.run_episode(job)
+    finally:
+        col._close_envs()
+    env = make_env("reach-v3", seed=0, image_size=16, camera="corner", max_steps=6)
+    try:
+        first = env.reset(seed=123)
+    finally:
+        env.close()
+    assert np.array_equal(r["frames"][0], first)
+    assert len(r["frames"]) == len(r["actions"]) == r["steps"] == 6
+    assert np.abs(r["actions"]).max() <= 1.0 and (np.abs(r["actions"]) == 1.0).any()
+    assert np.array_equal(r["actions"], again["actions"]) and np.array_equal(r["frames"], again["frames"])

@@ -275,3 +275,71 @@ def test_an_empty_action_chunk_is_refused():
         sb.action_sample("open the drawer", codes, np.zeros((0, 4)))
     s = sb.action_sample("open the drawer", codes, np.zeros((1, 4)))
     assert s.input_ids[s.labels != -100].tolist()[0] == L.boa
+
+
+def test_byte_text_round_trips_every_byte_and_skips_other_ids():
+    """Byte-level text: each UTF-8 byte b is text_base + b (NUL included), decoding leaves out ids of other roles
+    and shows a character cut short as U+FFFD rather than dropping it."""
+    from worldvla.tokens import text_tokenizer_for
+
+    L = VocabLayout.compact(n_image_codes=64)
+    text = text_tokenizer_for(L)
+    assert isinstance(text, ByteTextTokenizer)
+    s = "a\x00b é\n"
+    ids = text.encode(s)
+    assert ids == [L.text_base + b for b in s.encode("utf-8")]
+    assert text.decode(ids) == s
+    assert text.decode([L.bos, *ids[:3], L.image_code_ids[0], L.bin_base, *ids[3:], L.sep]) == s
+    assert text.decode(text.encode("é")[:1]) == "\ufffd"
+
+
+def test_the_chameleon_layout_has_no_byte_text_and_needs_the_tokenizer_file():
+    from worldvla.tokens import text_tokenizer_for
+
+    with pytest.raises(ValueError, match="no byte-level text range; use ChameleonTextTokenizer"):
+        ByteTextTokenizer(CH)
+    with pytest.raises(ValueError, match=r"needs the release's text_tokenizer.json.*--tokenizer-json"):
+        text_tokenizer_for(CH)
+
+
+def test_chameleon_text_tokenizer_adds_no_special_tokens(tmp_path):
+    """The sequence builder places BOS itself: a tokenizer file whose post-processor prepends <s> (as the
+    release's does) must not put a second one inside the prompt."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from worldvla.tokens import text_tokenizer_for
+
+    tok = Tokenizer(models.WordLevel({"<s>": 0, "<unk>": 3, "hello": 100, "robot": 101}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    p = tmp_path / "t.json"
+    tok.save(str(p))
+    t = text_tokenizer_for(CH, p)
+    assert isinstance(t, ChameleonTextTokenizer) and t.path == p
+    assert t.encode("hello robot") == [100, 101]
+
+
+def test_negative_codes_and_ids_are_refused():
+    """A negative code indexed the id table from its end (code -1 became the last code's id) without a word."""
+    with pytest.raises(ValueError, match=r"image codes must lie in \[0, 8192\), got range \[-1, 5\]"):
+        CH.code_to_id(torch.tensor([5, -1]))
+    with pytest.raises(ValueError, match=r"token ids out of range: \[-3, 7\]"):
+        CH.check_ids(torch.tensor([7, -3]))
+    with pytest.raises(TypeError, match="token ids must be an integer tensor"):
+        CH.check_ids(torch.tensor([1.0, 2.0]))
+    CH.check_ids(torch.tensor([0, CH.vocab_size - 1]))  # both ends are in range
+
+
+def test_a_tokenizer_file_missing_image_codes_is_refused(tmp_path):
+    """Every code needs its IMGIMG token; names past the codebook are not codes of it."""
+    vocab = {"<s>": 0, _bpe_name(8192): 9}  # one past the last code: left out, not an index error
+    vocab.update({_bpe_name(code): 10 + code for code in range(8192) if code not in (5, 700)})
+    p = tmp_path / "text_tokenizer.json"
+    p.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    with pytest.raises(ValueError, match=r"2 of 8192 image codes have no IMGIMG token \(first: \[5, 700\]\)"):
+        VocabLayout.chameleon(p)
+    vocab.update({_bpe_name(5): 5, _bpe_name(700): 6})
+    p.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    lay = VocabLayout.chameleon(p)
+    assert lay.image_code_ids[:7] == (10, 11, 12, 13, 14, 5, 16) and lay.image_code_ids[700] == 6
+    assert lay.n_image_codes == 8192

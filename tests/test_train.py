@@ -688,6 +688,33 @@ def test_a_single_process_takes_the_gpu_its_device_names(monkeypatch):
     assert picked == [torch.device("cuda", i) for i in (1, 0, 1)]
 
 
+def test_init_joins_the_group_torchrun_describes_and_only_once(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1, no init_method) a CPU process joins by Gloo with the timeout asked for; a
+    process already in a group does not join again; a plain launch joins none; an explicit init_method passes its
+    rank and world size."""
+    import datetime
+
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert dist_utils.init("cpu") == torch.device("cpu") and calls == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert dist_utils.init("cpu", timeout_s=60) == torch.device("cpu")
+    assert calls == [{"backend": "gloo", "timeout": datetime.timedelta(seconds=60)}]
+    monkeypatch.setattr(dist_utils, "is_distributed", lambda: True)  # joined already
+    dist_utils.init("cpu")
+    assert len(calls) == 1
+    monkeypatch.setattr(dist_utils, "is_distributed", lambda: False)
+    monkeypatch.delenv("WORLD_SIZE")
+    dist_utils.init("cpu", init_method="file:///tmp/pg", rank_=1, world=2)
+    assert calls[1] == {"backend": "gloo", "timeout": datetime.timedelta(seconds=1800), "init_method": "file:///tmp/pg",
+                        "rank": 1, "world_size": 2}
+
+
 def test_tokens_per_second_leaves_out_the_checkpoint_saves(store_dir, tmp_path, monkeypatch):
     """A periodic save ran after the step's log line, so its time went into the next logged step's interval: the
     step after every save showed throughput collapsing (a 7B model's save takes minutes)."""

@@ -570,3 +570,126 @@ def test_the_summary_names_the_checkpoint_the_save_wrote_or_the_one_resumed(data
     vqt.train_vq(args_for(data, tmp_path / "done", "--steps", 2))
     again = vqt.train_vq(args_for(data, tmp_path / "done", "--steps", 2, "--resume"))
     assert again["losses"] == [] and again["checkpoint"] == str(latest_checkpoint(tmp_path / "done"))
+
+
+def test_max_frames_and_stride_bound_the_frames_read(data):
+    """--max-frames is a bound: the frames are cut to it, also where a demo file holds more."""
+    full = vqt.load_frames(data / "d.hdf5")
+    assert full.shape == (16, 32, 32, 3)  # demos of 9 and 7 frames
+    ten = vqt.load_frames(data / "d.hdf5", max_frames=10)
+    assert ten.shape[0] == 10 and np.array_equal(ten, full[:10])
+    strided = vqt.load_frames(data / "d.hdf5", stride=2)
+    assert np.array_equal(strided, np.concatenate([full[:9:2], full[9::2]]))  # every 2nd frame of each demo
+    assert np.array_equal(vqt.load_frames(data / "d.hdf5", stride=2, max_frames=6), strided[:6])
+
+
+def _batches_seen(data, tmp_path, monkeypatch, *extra):
+    """The frame indices of every step's batch of a run (by the frames handed to preprocess)."""
+    import worldvla.vqgan
+
+    full = vqt.load_frames(data / "d.hdf5")
+    real, seen = worldvla.vqgan.preprocess, []
+
+    def preprocess(frames, *a, **kw):
+        seen.append([next(j for j in range(len(full)) if np.array_equal(full[j], f)) for f in frames])
+        return real(frames, *a, **kw)
+
+    monkeypatch.setattr(worldvla.vqgan, "preprocess", preprocess)
+    s = vqt.train_vq(args_for(data, tmp_path, *extra))
+    monkeypatch.undo()
+    return s, seen
+
+
+def test_every_epoch_takes_each_frame_once_in_a_new_order(data, tmp_path, monkeypatch):
+    """16 frames in batches of 4: each epoch of 4 steps sees every frame once, and the next epoch reshuffles
+    (the same order every epoch would give the same batches each time)."""
+    _, seen = _batches_seen(data, tmp_path / "r", monkeypatch, "--steps", 8, "--restart-every", 0)
+    assert len(seen) == 8 and all(len(b) == 4 for b in seen)
+    epochs = [sum(seen[:4], []), sum(seen[4:], [])]
+    assert all(sorted(e) == list(range(16)) for e in epochs)
+    assert epochs[0] != epochs[1]
+    _, other = _batches_seen(data, tmp_path / "s", monkeypatch, "--steps", 4, "--restart-every", 0, "--seed", 1)
+    assert sum(other, []) != epochs[0]  # the order follows --seed
+
+
+def test_a_new_vqgan_follows_the_seed_and_the_codebook_size(data, tmp_path):
+    """Without --init the VQGAN is built from --config and --n-embed and initialized from --seed: two runs with
+    the same seed export the same weights, another seed other weights."""
+
+    def fresh(out, seed):
+        args = vqt.build_parser().parse_args(
+            [str(data / "d.hdf5"), "--out", str(out), "--config", "small", "--n-embed", "24", "--steps", "1",
+             "--batch-size", "4", "--warmup", "1", "--save-every", "0", "--no-progress", "--device", "cpu",
+             "--seed", str(seed)])
+        s = vqt.train_vq(args)
+        return VQGAN.from_pretrained(s["export"])
+
+    a, b, c = fresh(tmp_path / "a", 3), fresh(tmp_path / "b", 3), fresh(tmp_path / "c", 4)
+    assert a.config.n_embed == 24 and a.quantize.embedding.weight.shape[0] == 24
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_a_batch_of_every_frame_is_taken_and_one_more_refused(data, tmp_path):
+    """16 frames make one batch of 16; a batch of 17 has no whole batch to take and is refused by name."""
+    s = vqt.train_vq(args_for(data, tmp_path / "a", "--steps", 2, "--batch-size", 16))
+    assert s["step"] == 2 and len(s["losses"]) == 2
+    with pytest.raises(ValueError, match="only 16 frames for a batch of 17; lower --batch-size"):
+        vqt.train_vq(args_for(data, tmp_path / "b", "--steps", 1, "--batch-size", 17))
+
+
+def test_sigterm_during_the_last_step_finishes_the_run(data, tmp_path, monkeypatch, capsys):
+    """A SIGTERM that arrives during the last step: the run has finished (saved and exported), so the command
+    reports the finished run and exits 0, not as a stopped one to resume."""
+    import os
+    import signal
+
+    import worldvla.vqgan
+
+    real, calls = worldvla.vqgan.preprocess, []
+
+    def preprocess(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(worldvla.vqgan, "preprocess", preprocess)
+    assert vqt.run(args_for(data, tmp_path / "r", "--steps", 2)) == 0
+    assert "step 2: loss" in capsys.readouterr().out
+    assert (tmp_path / "r" / "vqgan" / "config.json").is_file()
+    assert latest_checkpoint(tmp_path / "r").name == "step_00000002"
+
+
+def test_grad_clip_0_leaves_the_gradients_as_they_are(data, tmp_path):
+    """--grad-clip 0 turns clipping off (as a bound no gradient reaches would), not to a norm of 0."""
+    off = vqt.train_vq(args_for(data, tmp_path / "off", "--steps", 4, "--grad-clip", 0))
+    huge = vqt.train_vq(args_for(data, tmp_path / "huge", "--steps", 4, "--grad-clip", 1e9))
+    assert off["losses"] == huge["losses"] and off["losses"][-1] < off["losses"][0]
+    log = [json.loads(ln) for ln in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in log)
+
+
+def test_the_log_holds_every_nth_step_the_last_one_and_no_line_twice_after_a_resume(data, tmp_path):
+    """--log-every 3 logs steps 3 and 6 and the last step 7; PSNR is of frames in [-1, 1] (peak-to-peak 2). A run
+    killed after logging step 3 but saving step 2 resumes at 2: its step-3 line and a line cut short are dropped."""
+    vqt.train_vq(args_for(data, tmp_path / "a", "--steps", 7, "--log-every", 3))
+    log = [json.loads(ln) for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [3, 6, 7]
+    assert all(r["psnr"] == pytest.approx(10 * np.log10(4.0 / r["l2"])) for r in log)
+    out = tmp_path / "b"
+    vqt.train_vq(args_for(data, out, "--steps", 4, "--stop-after", 2))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n" + '{"step": 4, "lo')
+    vqt.train_vq(args_for(data, out, "--steps", 4, "--resume"))
+    log = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and log[2]["loss"] != 1.0
+
+
+def test_the_loss_weighs_each_reconstruction_term_by_its_own_option(data, tmp_path):
+    vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 2, "--l1", 0.5, "--l2", 2.0))
+    log = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 2
+    for r in log:
+        assert r["loss"] == pytest.approx(0.5 * r["l1"] + 2.0 * r["l2"] + r["vq"], rel=1e-5)

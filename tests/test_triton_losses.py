@@ -368,3 +368,34 @@ def test_fp16_hidden_size_zero():
     torch.testing.assert_close(loss.double().cpu(), torch.tensor(5.0, dtype=torch.float64).log(), rtol=1e-6, atol=0)
     loss.backward()
     assert h.grad.shape == h.shape and w.grad.shape == w.shape
+
+
+def test_logits_cross_entropy_takes_targets_of_any_integer_dtype(rng):
+    """The loss from an adapter head's logits: int32 targets failed in gather, and uint8 ones indexed the class
+    weights as a mask (a wrong loss, without a word)."""
+    from worldvla.ops.cross_entropy import logits_cross_entropy
+
+    logits = torch.randn(6, 50, generator=rng)
+    y = torch.tensor([3, 0, 49, 7, 7, 1])
+    cw = torch.rand(50, generator=rng) + 0.5
+    want = logits_cross_entropy(logits, y, cw, z_weight=1e-3)
+    lse = torch.logsumexp(logits, -1)
+    ce = lse - logits[torch.arange(6), y]
+    assert torch.allclose(want[0], (cw[y] * ce).sum() / cw[y].sum() + 1e-3 * (lse * lse).mean())
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        got = logits_cross_entropy(logits, y.to(dtype), cw, z_weight=1e-3)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), dtype
+
+
+def test_class_weight_and_target_shapes_are_checked_on_every_entry(rng):
+    """A [V, 1] class weight broadcast against the per-row losses into a wrong loss; it is refused by name
+    by the logits' loss as well, and by linear_cross_entropy even when no row has a label. Targets must be [N]."""
+    from worldvla.ops.cross_entropy import logits_cross_entropy
+
+    h, w = torch.randn(4, 8, generator=rng), torch.randn(20, 8, generator=rng)
+    with pytest.raises(ValueError, match=r"class_weight must be \[V=20\], got \(20, 1\)"):
+        logits_cross_entropy(h @ w.t(), torch.tensor([1, 2, 3, 4]), torch.ones(20, 1))
+    with pytest.raises(ValueError, match=r"class_weight must be \[V=20\], got \(19,\)"):
+        linear_cross_entropy(h, w, torch.full((4,), -100), class_weight=torch.ones(19))
+    with pytest.raises(ValueError, match=r"targets \[N\]; got \(4, 8\), \(20, 8\), \(4, 1\)"):
+        linear_cross_entropy(h, w, torch.tensor([[1], [2], [3], [4]]))
