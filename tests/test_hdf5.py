@@ -793,16 +793,39 @@ def test_collect_removes_a_killed_writes_temporary_file_beside_a_finished_task_f
     left = tmp_path / f".reach-v3.hdf5.tmp-{_dead_pid()}-0123456789ab"
     left.write_bytes(b"partial")
     s = col.collect(["reach-v3"], 1, tmp_path, image_size=8, progress=False)
-    assert s["tasks"]["reach-v3"]["skipped"]
+    assert s["tasks"]["reach-v3"]["skipped"] and (s["tasks_skipped"], s["tasks_collected"]) == (1, 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reach-v3.hdf5"]
 
 
-def test_collect_refuses_frames_smaller_than_8_pixels_before_any_episode(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kw, match", [({"image_size": 7}, "--image-size must be at least 8 pixels, got 7"),
+                                       ({"max_attempts": 0}, "max_attempts must be >= 1, got 0"),
+                                       ({"action_noise": -0.1}, "action_noise must be >= 0, got -0.1"),
+                                       ({"workers": 0}, "workers must be >= 1, got 0")])
+def test_collect_called_from_python_refuses_bad_settings_before_any_episode(tmp_path, monkeypatch, kw, match):
+    """The command line's types refuse these; `collect()` itself too (a negative noise was taken as none, and 0
+    attempts as one)."""
     pytest.importorskip("metaworld")
     col = _scripted_episodes(monkeypatch, raises={(0, 0)})
-    with pytest.raises(ValueError, match="--image-size must be at least 8 pixels, got 7"):
-        col.collect(["reach-v3"], 1, tmp_path, image_size=7, progress=False)
+    with pytest.raises(ValueError, match=match):
+        col.collect(["reach-v3"], 1, tmp_path, progress=False, **{"image_size": 8, **kw})
     assert not (tmp_path / "reach-v3.hdf5").exists()
+
+
+def test_collect_redoes_a_task_file_that_records_no_episode_seeds(tmp_path, monkeypatch):
+    """A file with the same settings but without its episodes' seeds (written by hand, or by an older collect)
+    cannot be told to hold episodes 0 .. n-1: it is collected again, not read as complete."""
+    pytest.importorskip("metaworld")
+    from worldvla.data.hdf5 import demo_file_info
+
+    col = _scripted_episodes(monkeypatch)
+    settings = col._settings(8, 5, "corner", 200, 0.0)
+    rng = np.random.default_rng(0)
+    write_demos(tmp_path / "reach-v3.hdf5", [random_demo(rng, 3, 8, 8, 4, instruction="") for _ in range(2)], "reach",
+                attrs={**settings, "task": "reach-v3"})
+    s = col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False)
+    assert not s["tasks"]["reach-v3"]["skipped"] and s["episodes_run"] == 2
+    assert list(demo_file_info(tmp_path / "reach-v3.hdf5")["attrs"]["episode_seeds"]) == [
+        col.episode_seed(5, "reach-v3", e, 0) for e in range(2)]
 
 
 def test_an_episode_records_each_frame_before_its_action_and_clips_noisy_actions(tmp_path):
@@ -828,3 +851,21 @@ def test_an_episode_records_each_frame_before_its_action_and_clips_noisy_actions
     assert len(r["frames"]) == len(r["actions"]) == r["steps"] == 6
     assert np.abs(r["actions"]).max() <= 1.0 and (np.abs(r["actions"]) == 1.0).any()
     assert np.array_equal(r["actions"], again["actions"]) and np.array_equal(r["frames"], again["frames"])
+
+
+def test_the_action_noise_of_each_episode_follows_its_seed(monkeypatch):
+    """Each episode draws its noise from its own seed (the same seed, the same noise; another seed, other noise),
+    not one sequence that every episode repeats."""
+    pytest.importorskip("metaworld")
+    from worldvla.data import collect as col
+    from worldvla.sim import metaworld_env
+
+    monkeypatch.setattr(metaworld_env, "expert_policy", lambda task: lambda state: np.zeros(4))  # noise alone
+    job = {"task": "reach-v3", "image_size": 8, "camera": "corner", "max_steps": 4, "noise": 0.3, "episode": 0,
+           "attempt": 0}
+    try:
+        a, b, a2 = (col.run_episode({**job, "seed": seed})["actions"] for seed in (1, 2, 1))
+    finally:
+        col._close_envs()
+    assert a.shape == (4, 4) and np.array_equal(a, a2) and not np.array_equal(a, b)
+    assert np.array_equal(a, np.clip(np.random.default_rng(1).normal(0.0, 0.3, (4, 4)), -1, 1).astype(np.float32))

@@ -1052,6 +1052,29 @@ def _class_weight_dtype_worker(rank, world, init_file):
         dist_utils.shutdown()
 
 
+def _shard_layers_worker(rank, world, init_file):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from worldvla.model import ModelConfig, WorldVLA
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = WorldVLA(ModelConfig.tiny(num_hidden_layers=2)).init_weights(generator=torch.Generator().manual_seed(0))
+        dist_utils.shard_model(model)
+        assert dist_utils.is_fsdp(model)
+        assert len(model.model.layers) == 2 and all(isinstance(layer, FSDPModule) for layer in model.model.layers)
+    finally:
+        model = None
+        dist_utils.shutdown()
+
+
+def test_shard_model_shards_each_decoder_layer_on_its_own(tmp_path):
+    """Each decoder layer is its own FSDP unit (gathered for its forward alone, then freed), not only the root,
+    which would hold every layer's full parameters at once."""
+    _spawn(_shard_layers_worker, 1, (str(tmp_path / "pg_init"),))
+
+
 def test_fsdp_mixed_precision_keeps_the_loss_class_weights_in_float32(tmp_path):
     """Under FSDP with bf16 parameters the root cast every floating input of `model.loss` to bf16: the class
     weights too, so the image weight 0.04 became 0.0400390625 inside the loss while the trainer normalized

@@ -693,3 +693,13 @@ def test_the_loss_weighs_each_reconstruction_term_by_its_own_option(data, tmp_pa
     assert len(log) == 2
     for r in log:
         assert r["loss"] == pytest.approx(0.5 * r["l1"] + 2.0 * r["l2"] + r["vq"], rel=1e-5)
+
+
+def test_a_restart_threshold_of_0_calls_no_code_dead():
+    """A code is dead below the threshold times the uniform rate: with --restart-threshold 0 none is, not even a
+    code never picked."""
+    usage = vqt.CodeUsage(4, decay=0.0)
+    usage.update(torch.tensor([0, 0, 0, 1]))
+    assert usage.dead(0.0).tolist() == []
+    assert usage.dead(0.5).tolist() == [2, 3]  # 0.25 of the picks is the uniform rate: code 1 is at it
+    assert usage.dead(1.01).tolist() == [1, 2, 3]
