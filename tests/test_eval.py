@@ -1159,7 +1159,7 @@ def test_the_causal_ablation_keeps_a_policys_own_layout_and_limits():
                          text_tokenizer=base.text_tokenizer, layout=layout, max_new_tokens=77, code_cache_size=3)
     causal = CausalChunkPolicy.from_policy(pol)
     assert causal.layout is pol.layout is layout
-    assert (causal.max_new_tokens, causal._code_cache_size) == (77, 3)
+    assert (causal.max_new_tokens, causal.code_cache_size) == (77, 3)
 
 
 def test_chunk_queries_are_timed_one_by_one(monkeypatch):
@@ -1265,3 +1265,345 @@ def test_closed_loop_queries_carry_the_previous_steps_frame():
     assert r.success_rate == 1.0 and len(pol.histories) == sum(r.steps)
     expected = [h for s in r.steps for h in [False] + [True] * (s - 1)]
     assert pol.histories == expected
+
+
+def test_summary_of_nan_values_is_not_infinite():
+    """NaN scores (from NaN pixels) are neither finite nor identical frames: they stay out of the mean and of
+    n_inf, and a list of NaNs alone has no mean (it was reported as inf, as if every frame were exact)."""
+    s = metrics.summarize([float("nan"), 2.0, 4.0])
+    assert s == {"n": 3, "n_inf": 0, "mean": 3.0, "std": 1.0}
+    s = metrics.summarize([float("nan")])
+    assert s["n"] == 1 and s["n_inf"] == 0 and math.isnan(s["mean"])
+    s = metrics.summarize([float("nan"), math.inf])  # the exact frame still says so
+    assert s["n_inf"] == 1 and s["mean"] == math.inf
+    s = metrics.summarize([])
+    assert s["n"] == 0 and math.isnan(s["mean"])
+
+
+def test_success_interval_refuses_impossible_counts():
+    """No episodes, or fewer than zero successes, have no success rate: named, not a division by zero or an
+    interval of a negative rate."""
+    with pytest.raises(ValueError, match="episodes must be >= 1, got 0"):
+        metrics.success_interval(0, 0)
+    with pytest.raises(ValueError, match=r"successes must be in \[0, 10\], got -1"):
+        metrics.success_interval(-1, 10)
+
+
+def test_ssim_and_mse_are_per_image_in_a_batch():
+    """A batch gets one score per image, not the batch's mean repeated: the identical pair scores SSIM 1 and
+    MSE 0 beside the other pair's own values."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    b = a.copy()
+    b[1] = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    s = metrics.ssim(a, b)
+    assert s.shape == (2,) and s[0].item() == pytest.approx(1.0, abs=1e-12)
+    assert s[1].item() == pytest.approx(metrics.ssim(a[1], b[1]).item(), abs=1e-12) and s[1] < 0.5
+    m = metrics.mse(a, b)
+    assert m[0].item() == 0.0 and m[1].item() == metrics.mse(a[1], b[1]).item() > 0
+
+
+def test_a_given_data_range_is_used_for_float_and_uint8_images():
+    """Float frames in [0, 255] with data_range=255 score as the same frames in uint8; a uint8 pair scored with
+    L = 2 * 255 gains 20 log10(2) dB and a higher SSIM (larger constants)."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    b = np.clip(a.astype(np.int32) + rng.integers(-30, 30, a.shape), 0, 255).astype(np.uint8)
+    fa, fb = (torch.from_numpy(np.moveaxis(x, -1, 1).astype(np.float64)) for x in (a, b))
+    np.testing.assert_allclose(metrics.psnr(fa, fb, data_range=255).numpy(), metrics.psnr(a, b).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(metrics.ssim(fa, fb, data_range=255).numpy(), metrics.ssim(a, b).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(metrics.psnr(a, b, data_range=510).numpy(),
+                               metrics.psnr(a, b).numpy() + 20 * math.log10(2), rtol=1e-12)
+    assert (metrics.ssim(a, b, data_range=510) > metrics.ssim(a, b)).all()
+
+
+def _drawn(monkeypatch) -> list[list[dict]]:
+    """What each figure written by `worldvla.eval.plots` shows, per axes: bar heights, error-bar ends, lines
+    (x, y, style) and the y label; read before the figure is saved and closed."""
+    from matplotlib.container import ErrorbarContainer
+
+    from worldvla.eval import plots
+
+    figures, save = [], plots._save_figure
+
+    def keep(fig, path, **kw):
+        axes = []
+        for ax in fig.axes:
+            errs = [np.asarray(c.lines[2][0].get_segments()) for c in ax.containers if isinstance(c, ErrorbarContainer)]
+            axes.append({"bars": [[p.get_height() for p in c] for c in ax.containers
+                                  if not isinstance(c, ErrorbarContainer)],
+                         "errors": errs, "ylabel": ax.get_ylabel(),
+                         "lines": [(list(ln.get_xdata()), list(ln.get_ydata()), ln.get_linestyle()) for ln in ax.lines
+                                   if len(ln.get_xdata())]})
+        figures.append(axes)
+        return save(fig, path, **kw)
+
+    monkeypatch.setattr(plots, "_save_figure", keep)
+    return figures
+
+
+def test_success_bars_show_the_rates_and_their_intervals_in_percent(tmp_path, monkeypatch):
+    """One bar per variant and task in percent, the mean over the tasks a variant has (a task it lacks is no
+    zero), and the error bars span each rate's interval (not mirrored about the bar, not in fractions)."""
+    from worldvla.eval import plots
+
+    figures = _drawn(monkeypatch)
+    rates = {"a": {"t1-v3": 0.5, "t2-v3": 0.25}, "b": {"t1-v3": 1.0}}
+    intervals = {"a": {"t1-v3": (0.2, 0.9), "t2-v3": (0.1, 0.7), "mean": (0.3, 0.6)}}  # not centred on the rates
+    assert plots.success_bars(rates, tmp_path / "s.png", intervals=intervals).is_file()
+    (ax,) = figures[0]
+    a, b = ax["bars"]
+    assert a == pytest.approx([50.0, 25.0, 37.5])
+    assert b[0] == 100.0 and math.isnan(b[1]) and b[2] == 100.0
+    (err,) = ax["errors"]  # variant a's: segments from low to high at each bar
+    lows, highs = np.sort(err[:, :, 1], axis=1).T
+    np.testing.assert_allclose(lows, [20.0, 10.0, 30.0])
+    np.testing.assert_allclose(highs, [90.0, 70.0, 60.0])
+    assert "Wilson interval" in ax["ylabel"]
+    plots.success_bars(rates, tmp_path / "s.png")
+    assert figures[1][0]["errors"] == [] and "Wilson" not in figures[1][0]["ylabel"]
+
+
+def test_horizon_curves_draw_each_metric_in_its_panel_from_step_one(tmp_path, monkeypatch):
+    """PSNR on the left panel (labelled PSNR), SSIM on the right, over imagined steps 1..H, each with its own
+    dashed reference."""
+    from worldvla.eval import plots
+
+    figures = _drawn(monkeypatch)
+    curves = {"reach": {"psnr": [20.0, 18.0, 17.0], "ssim": [0.8, 0.7, 0.6], "psnr_ref": [15.0, 14.0, 13.0],
+                        "ssim_ref": [0.5, 0.4, 0.3]}}
+    plots.horizon_curves(curves, tmp_path / "h.png")
+    left, right = figures[0]
+    assert "PSNR" in left["ylabel"] and "SSIM" in right["ylabel"]
+    assert left["lines"] == [([1, 2, 3], [20.0, 18.0, 17.0], "-"), ([1, 2, 3], [15.0, 14.0, 13.0], "--")]
+    assert right["lines"] == [([1, 2, 3], [0.8, 0.7, 0.6], "-"), ([1, 2, 3], [0.5, 0.4, 0.3], "--")]
+
+
+def test_frame_grid_places_every_frame_in_its_cell(tmp_path):
+    """Row i, step t holds frame t of row i, right of the labels; a shorter row ends in white cells."""
+    from PIL import Image
+
+    from worldvla.eval import plots
+
+    H, W, pad, T = 6, 5, 2, 3
+    rows = [np.stack([np.full((H, W, 3), 10 * (3 * i + t + 1), np.uint8) for t in range(n)])
+            for i, n in enumerate((T, 2))]
+    grid = np.asarray(Image.open(plots.frame_grid(rows, tmp_path / "g.png", labels=["real", "imagined"], pad=pad)))
+    assert grid.shape[0] == 2 * (H + pad) + pad and grid.shape[1] > T * (W + pad) + pad  # room for the labels
+    right = grid.shape[1]
+    for i in range(2):
+        for t in range(T):
+            y, x = pad + i * (H + pad), right - (T - t) * (W + pad)  # cells counted from the right edge
+            cell = grid[y:y + H, x:x + W]
+            want = rows[i][t] if t < len(rows[i]) else np.full((H, W, 3), 255, np.uint8)
+            np.testing.assert_array_equal(cell, want, err_msg=f"row {i}, step {t}")
+
+
+def test_side_by_side_puts_the_second_sequence_right_of_the_first():
+    """[T, H, W, 3] twice -> [T, H, 2W + pad, 3]: the first on the left, a white gap, the second on the right;
+    the longer sequence is cut to the shorter's length."""
+    from worldvla.eval.plots import side_by_side
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 4, 5, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
+    out = side_by_side(a, b, pad=2)
+    assert out.shape == (2, 4, 12, 3)
+    np.testing.assert_array_equal(out[:, :, :5], a[:2])
+    assert (out[:, :, 5:7] == 255).all()
+    np.testing.assert_array_equal(out[:, :, 7:], b)
+
+
+def test_saved_runs_are_reused_only_under_the_same_seed_camera_and_loading(tmp_path, monkeypatch):
+    """A closed loop saved under one evaluation seed, camera or way of loading the policy (device, dtype: its
+    metadata) is another run's result under another; more envs than episodes batch the same episodes, so
+    their runs are reused."""
+    import json
+
+    from worldvla.eval import metaworld as mw
+
+    pol = PushRight()
+    loaded_as = {"device": "cpu"}
+    pol.metadata = lambda: dict(loaded_as)
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, pol)
+    kw = dict(episodes=2, max_steps=8, n_envs=2, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              random_baseline=False, variant_names=["p"])
+
+    def run(**k):
+        return mw.evaluate([folder], ["fake-a-v3"], out_dir=tmp_path / "eval", **{**kw, **k})["variants"]["p"][
+            "tasks"]["fake-a-v3"]
+
+    assert not run().get("reused")
+    assert run()["reused"] and run(n_envs=4)["reused"]
+    other_seed = run(seed=1)
+    assert not other_seed.get("reused") and other_seed["seeds"] == eval_seeds("fake-a-v3", 2, 1)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["seed"] == 1
+    assert not run(camera="topview").get("reused")
+    loaded_as["device"] = "cuda"
+    assert not run().get("reused")
+    loaded_as["device"] = "cpu"
+    assert run()["reused"] and run(seed=1)["reused"] and run(camera="topview")["reused"]
+
+
+def test_a_release_policys_whole_chunks_are_not_its_first_k_actions(tmp_path, monkeypatch):
+    """`--execute K` equals whole chunks for a policy whose chunks are all K long, and reuses their runs; a
+    mode='release' policy writes chunks of any length, so its --execute K runs are its own."""
+    from worldvla.eval import metaworld as mw
+
+    class Release(ReleaseLike):
+        mode = "release"
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, Release([5]))
+    kw = dict(episodes=1, max_steps=8, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              random_baseline=False, variant_names=["p"], out_dir=tmp_path / "eval")
+    mw.evaluate([folder], ["fake-a-v3"], **kw)
+    m = mw.evaluate([folder], ["fake-a-v3"], execute=Release.chunk_size, **kw)
+    assert not m["variants"]["p"]["tasks"]["fake-a-v3"].get("reused")
+
+
+def test_policy_fingerprints_tell_folders_and_unusual_layouts_apart(tmp_path):
+    """Two exports alike in file names, sizes and times (copies, or written within one tick of the clock) are
+    two policies; a folder laid out without the usual policy files is told apart by its own files."""
+    import os
+
+    from worldvla.eval.metaworld import _policy_fingerprint
+
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "policy.json").write_text("{}")
+        os.utime(tmp_path / name / "policy.json", ns=(1_000_000_000, 1_000_000_000))
+    assert _policy_fingerprint(tmp_path / "one") != _policy_fingerprint(tmp_path / "two")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "weights.bin").write_bytes(b"1")
+    before = _policy_fingerprint(odd)
+    (odd / "weights.bin").write_bytes(b"12")
+    assert _policy_fingerprint(odd) != before
+    assert _policy_fingerprint(PushRight()) is None
+
+
+def test_a_saved_run_under_another_key_is_not_reused(tmp_path, monkeypatch):
+    """Saved runs are filed under the first 16 hex digits of their key: a file there whose full key differs (a
+    clash of those digits) is another run's, and runs again."""
+    import json
+
+    from worldvla.eval import metaworld as mw
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())
+    kw = dict(episodes=1, max_steps=8, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              random_baseline=False, variant_names=["p"], out_dir=tmp_path / "eval")
+    mw.evaluate([folder], ["fake-a-v3"], **kw)
+    (saved,) = (tmp_path / "eval" / "runs").glob("*.json")
+    run = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**run, "key": run["key"][:16] + "0" * 48}))
+    assert not mw.evaluate([folder], ["fake-a-v3"], **kw)["variants"]["p"]["tasks"]["fake-a-v3"].get("reused")
+
+
+def test_runs_saved_without_intervals_get_theirs_and_the_bars_show_each_tasks(tmp_path, monkeypatch):
+    """Runs saved before the intervals were recorded are reused with their Wilson interval worked out; the
+    success bars show each task's own rate and interval, and the pooled one on the mean."""
+    import json
+
+    from worldvla.eval import metaworld as mw
+    from worldvla.eval.metrics import success_interval
+
+    # Goals 1-3 at 0.5 a step: 2, 4 or 6 steps; a 4-step limit fails some episodes and not others.
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())
+    kw = dict(episodes=6, max_steps=4, n_envs=2, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              random_baseline=False, variant_names=["p"], out_dir=tmp_path / "eval")
+    tasks = ["fake-a-v3", "fake-b-v3"]
+    first = mw.evaluate([folder], tasks, **kw)["variants"]["p"]
+    for f in (tmp_path / "eval" / "runs").glob("*.json"):
+        run = json.loads(f.read_text())
+        del run["result"]["ci95"]
+        f.write_text(json.dumps(run))
+    figures = _drawn(monkeypatch)
+    v = mw.evaluate([folder], tasks, **kw)["variants"]["p"]
+    ok = [v["tasks"][t]["successes"] for t in tasks]
+    assert all(v["tasks"][t]["reused"] for t in tasks) and len(set(ok)) == 2  # the tasks' rates differ
+    for t, k in zip(tasks, ok):
+        assert v["tasks"][t]["ci95"] == pytest.approx(list(success_interval(k, 6))) == first["tasks"][t]["ci95"]
+    assert v["success_ci95"] == pytest.approx(list(success_interval(sum(ok), 12)))
+    (ax,) = figures[0]
+    assert ax["bars"] == [pytest.approx([100 * k / 6 for k in ok] + [100 * sum(ok) / 12])]
+    lows, highs = np.sort(ax["errors"][0][:, :, 1], axis=1).T
+    want = np.asarray([v["tasks"][t]["ci95"] for t in tasks] + [v["success_ci95"]]) * 100
+    np.testing.assert_allclose(lows, want[:, 0])
+    np.testing.assert_allclose(highs, want[:, 1])
+
+
+def test_steps_to_success_count_successful_episodes_only():
+    """The mean steps to success leave out the failed episodes (which ran to the step limit)."""
+    from worldvla.eval.metaworld import TaskResult
+
+    r = TaskResult("t", [1, 2, 3], [True, False, True], [4, 200, 8])
+    assert r.to_dict()["mean_steps_to_success"] == 6.0
+    assert TaskResult("t", [1], [False], [200]).to_dict()["mean_steps_to_success"] is None
+
+
+def test_world_model_references_keep_the_right_real_frames(monkeypatch):
+    """The one-step reference keeps frame t as the prediction of frame t+1; the multi-step one keeps the
+    rollout's first frame at every imagined step k (scored against frame k+1)."""
+    from worldvla.eval.metaworld import _mean_finite, world_model_metrics
+    from worldvla.inference import frames
+    from worldvla.inference.frames import FrameRollout
+
+    pol = _tiny_policy(2)  # 32 px
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    actions = rng.uniform(-1, 1, (4, 4)).astype(np.float32)
+
+    def blank_frames(model, vqgan, image, acts, **kw):
+        out = np.zeros((len(image), np.asarray(acts).shape[1], 32, 32, 3), np.uint8)
+        codes = vqgan.encode_images(out.reshape(-1, 32, 32, 3))
+        return FrameRollout(codes.view(*out.shape[:2], *codes.shape[1:]), out)
+
+    monkeypatch.setattr(frames, "generate_frames", blank_frames)
+    m = world_model_metrics(pol, [{"frames": video, "actions": actions}], horizon=3, one_step_points=4)
+    one, multi = m["one_step"], m["multi_step"]
+    assert one["copy_last_psnr"] == pytest.approx(_mean_finite(metrics.psnr(video[:4], video[1:]).numpy()))
+    assert one["copy_last_ssim"] == pytest.approx(float(metrics.ssim(video[:4], video[1:]).mean()))
+    for k in range(3):
+        assert multi["copy_first_psnr_per_step"][k] == pytest.approx(metrics.psnr(video[0], video[k + 1]).item())
+        assert multi["copy_first_ssim_per_step"][k] == pytest.approx(metrics.ssim(video[0], video[k + 1]).item())
+
+
+def test_world_model_means_average_every_task_and_the_curves_show_them(tmp_path, monkeypatch):
+    """metrics.json's world-model means are over every task, each from its own score; world_model.png draws
+    each task's per-step scores and references."""
+    from worldvla.eval import metaworld as mw
+
+    def scores(task_index):
+        s = 10.0 * (task_index + 1)
+        return {"one_step": {"psnr": s + 1, "ssim": 0.1 * task_index + 0.01, "copy_last_psnr": s + 2,
+                             "copy_last_ssim": 0.1 * task_index + 0.02, "vqgan_recon_psnr": s + 3,
+                             "vqgan_recon_ssim": 0.1 * task_index + 0.03, "code_accuracy": 0.1 * task_index + 0.04,
+                             "copy_last_code_accuracy": 0.1 * task_index + 0.05},
+                "multi_step": {"horizon": 2, "psnr": s + 4, "ssim": 0.1 * task_index + 0.06,
+                               "psnr_per_step": [s + 5, s + 6], "ssim_per_step": [0.5, 0.4],
+                               "copy_first_psnr_per_step": [s, s - 1], "copy_first_ssim_per_step": [0.3, 0.2]}}
+
+    def canned(policy, rollouts, horizon):
+        task = rollouts[0]["task"]
+        frame = np.zeros((3, 8, 8, 3), np.uint8)
+        return {**scores(["fake-a-v3", "fake-b-v3"].index(task)), "examples": {"real": frame, "imagined": frame}}
+
+    pol = PushRight()
+    pol.model = None  # a world model to score
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    monkeypatch.setattr(mw, "expert_rollouts", lambda task, episodes, **k: [{"task": task}] * episodes)
+    monkeypatch.setattr(mw, "world_model_metrics", canned)
+    figures = _drawn(monkeypatch)
+    m = mw.evaluate([pol], ["fake-a-v3", "fake-b-v3"], 1, tmp_path, max_steps=2, n_envs=1, random_baseline=False,
+                    wm_episodes=1, progress=False, env_workers=1, gifs=False)
+    a, b = scores(0), scores(1)
+    want = {f"{part}_{k}": (a[part][k] + b[part][k]) / 2 for part in ("one_step", "multi_step")
+            for k in ("psnr", "ssim")}
+    for k in ("copy_last_psnr", "copy_last_ssim", "vqgan_recon_psnr", "vqgan_recon_ssim", "code_accuracy",
+              "copy_last_code_accuracy"):
+        want[k] = (a["one_step"][k] + b["one_step"][k]) / 2
+    assert m["world_model"]["mean"] == pytest.approx(want)
+    left, right = figures[0]  # world_model.png, before success.png
+    psnr_lines = [s["multi_step"][k] for s in (a, b) for k in ("psnr_per_step", "copy_first_psnr_per_step")]
+    assert [ln[1] for ln in left["lines"]] == psnr_lines
+    assert [ln[1] for ln in right["lines"]] == [[0.5, 0.4], [0.3, 0.2]] * 2

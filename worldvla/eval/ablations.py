@@ -21,7 +21,7 @@ class CausalChunkPolicy(WorldVLAPolicy):
         return cls(policy.model, policy.vqgan, policy.action_tokenizer, chunk_size=policy.chunk_size,
                    image_size=policy.image_size, history=policy.history, text_tokenizer=policy.text_tokenizer,
                    mode="causal", extra=policy.extra, layout=policy.layout, max_new_tokens=policy.max_new_tokens,
-                   code_cache_size=policy._code_cache_size)
+                   code_cache_size=policy.code_cache_size)
 
     def metadata(self) -> dict:
         return {**super().metadata(), "mode": "causal (no chunk mask)"}

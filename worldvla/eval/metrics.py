@@ -116,9 +116,14 @@ def ssim(a, b, data_range: float | None = None, window: int = WINDOW, sigma: flo
 def summarize(values) -> dict:
     """mean / std / count of finite values (PSNR of identical frames is inf and is counted apart)."""
     v = np.asarray([float(t) for t in values], dtype=np.float64)
-    finite = v[np.isfinite(v)]
-    out = {"n": int(v.size), "n_inf": int(np.isinf(v).sum())}
-    out["mean"] = float(finite.mean()) if finite.size else (math.inf if v.size else math.nan)
+    finite, infs = v[np.isfinite(v)], v[np.isinf(v)]
+    out = {"n": int(v.size), "n_inf": int(infs.size)}
+    if finite.size:
+        out["mean"] = float(finite.mean())
+    elif infs.size and (infs == infs[0]).all():  # identical frames only (PSNR +inf): so is their mean
+        out["mean"] = float(infs[0])
+    else:  # no values, NaNs only (NaN pixels), or infinities of both signs: no mean
+        out["mean"] = math.nan
     out["std"] = float(finite.std()) if finite.size else 0.0
     return out
 

@@ -209,6 +209,11 @@ class WorldVLAPolicy:
         self._last: np.ndarray | None = None          # most recent frame(s) seen, [N, H, W, 3]
         self._queue: list = []
 
+    @property
+    def code_cache_size(self) -> int:
+        """How many frames' VQ codes are kept (the least recently used go first)."""
+        return self._code_cache_size
+
     # ------------------------------------------------------------------ loading / saving
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, **kw) -> "WorldVLAPolicy":
