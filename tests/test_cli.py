@@ -417,3 +417,142 @@ def test_a_missing_file_is_one_error_line(monkeypatch, capsys):
     assert main(["imagine", "p", "--demos", "demos.hdf5"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("worldvla imagine: error: ") and "demos.hdf5" in err
+
+
+def test_a_cuda_device_is_checked_against_the_gpus_torch_sees(monkeypatch):
+    """cuda:N is refused by name when torch sees no GPU or fewer than N + 1; no device named takes `default`,
+    else CUDA when torch sees a GPU (the counts stood in for: this machine may have none)."""
+    import torch
+
+    from worldvla.devices import torch_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("cuda", "cuda:0", torch.device("cuda", 0)):
+        with pytest.raises(ValueError, match=r"torch sees no CUDA GPU here .*\(--device cpu\)"):
+            torch_device(name)
+    assert torch_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert torch_device(None) == torch.device("cuda")
+    assert torch_device(None, default="cpu") == torch.device("cpu")
+    assert torch_device("cuda:1") == torch_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert torch_device("cuda") == torch.device("cuda")
+    for name in ("cuda:2", "cuda:9"):
+        with pytest.raises(ValueError, match=rf"device {name} was asked for, but torch sees 2 CUDA GPU\(s\) "
+                                             r"\(cuda:0 to cuda:1\)"):
+            torch_device(name)
+    for bad in (3.5, ["cuda"]):  # not a name at all: the same clear error, not torch's TypeError
+        with pytest.raises(ValueError, match=r"unknown device .*use cpu, cuda or cuda:N"):
+            torch_device(bad)
+
+
+def test_dtype_names_in_any_case_and_only_floating_dtypes():
+    import torch
+
+    from worldvla.devices import torch_dtype
+
+    assert torch_dtype(None) is None
+    for name, want in (("BF16", torch.bfloat16), ("Float32", torch.float32), ("fp16", torch.float16),
+                       (torch.bfloat16, torch.bfloat16)):
+        assert torch_dtype(name) is want
+    for bad in ("int8", "float64", torch.int8, torch.float64, 16):
+        with pytest.raises(ValueError, match=r"dtype must be one of float32, fp32, bfloat16, bf16"):
+            torch_dtype(bad)
+
+
+# ---------------------------------------------------------------------- info
+def _fake_gpus(monkeypatch, capabilities, problems):
+    """torch sees a GPU of each capability; the native build's problem with each (None: built for it)."""
+    import torch
+
+    from worldvla.ops import native_backend as nb
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev: capabilities[dev])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev: f"Test GPU {dev}")
+    monkeypatch.setattr(nb, "arch_problem", lambda dev: problems[dev])
+    monkeypatch.setattr(nb, "prefill_engines", lambda dev: ["mma", "wgmma"])
+
+
+def test_info_without_the_native_extension_or_triton_says_so(monkeypatch, capsys):
+    import sys
+
+    import worldvla
+    from worldvla import info
+
+    monkeypatch.delattr(worldvla, "_C", raising=False)
+    monkeypatch.setitem(sys.modules, "worldvla._C", None)  # the import fails, as for a build without it
+    monkeypatch.setitem(sys.modules, "triton", None)
+    _fake_gpus(monkeypatch, [(9, 0)], [None])
+    report = info.collect()
+    assert report["triton"] is None and set(report["native"]) == {"missing"} and "worldvla._C" in \
+        report["native"]["missing"]
+    # no extension: nothing is said of its kernels on the GPU
+    assert report["gpus"] == [{"index": 0, "name": "Test GPU 0", "capability": "9.0"}]
+    assert info.run(argparse.Namespace(json=False)) == 0
+    out = capsys.readouterr().out
+    assert "triton not installed" in out and "native extension: not importable (" in out
+    assert "every op runs in torch or Triton" in out
+    assert "GPU 0: Test GPU 0 (sm 9.0)\n" in out and "GPU: none visible" not in out
+
+
+def test_info_says_for_each_gpu_whether_the_build_covers_it(monkeypatch, capsys):
+    import worldvla._C as C
+    from worldvla import info
+
+    old = "the CUDA kernels need sm_80 or newer"
+    _fake_gpus(monkeypatch, [(9, 0), (7, 5)], [None, old])
+    monkeypatch.setattr(C, "with_cuda", True)
+    monkeypatch.setattr(C, "cuda_archs", "80,90a")
+    report = info.collect()
+    assert report["native"]["with_cuda"] is True and report["native"]["cuda_archs"] == "80,90a"
+    assert report["gpus"] == [
+        {"index": 0, "name": "Test GPU 0", "capability": "9.0", "native_kernels": "built for it",
+         "prefill_engines": ["mma", "wgmma"]},
+        {"index": 1, "name": "Test GPU 1", "capability": "7.5", "native_kernels": old}]
+    assert info.run(argparse.Namespace(json=False)) == 0
+    out = capsys.readouterr().out
+    assert "CUDA kernels for 80,90a" in out
+    assert "GPU 0: Test GPU 0 (sm 9.0): native kernels built for it, prefill engines mma, wgmma (auto: mma)" in out
+    assert f"GPU 1: Test GPU 1 (sm 7.5): native kernels {old}\n" in out
+    # A build without CUDA kernels: no word of them for a GPU, and no empty architecture list.
+    monkeypatch.setattr(C, "with_cuda", False)
+    monkeypatch.setattr(C, "cuda_archs", "")
+    report = info.collect()
+    assert report["native"]["cuda_archs"] is None and all("native_kernels" not in g for g in report["gpus"])
+    assert info.run(argparse.Namespace(json=False)) == 0
+    assert "; no CUDA kernels\n" in capsys.readouterr().out
+
+
+def test_tcp_port_takes_0_to_65535():
+    from worldvla.serve import tcp_port
+
+    assert [tcp_port(t) for t in ("0", "8000", "65535")] == [0, 8000, 65535]
+    for text, match in (("65536", "a TCP port is 0 to 65535 .*got 65536"), ("-1", "got -1"),
+                        ("80.5", "expected an integer, got '80.5'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=match):
+            tcp_port(text)
+
+
+def test_info_lists_per_op_the_auto_order_of_the_backends_installed(monkeypatch, capsys):
+    """An op's own order (linear on CUDA: torch alone) wins over its device's; a backend in the order that the op
+    does not have installed is left out, as `backend="auto"` skips it."""
+    from worldvla import info
+    from worldvla.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", {"cpu": ("torch",), "cuda": ("triton", "native", "torch"),
+                                                 ("linear", "cpu"): ("native", "torch"), ("linear", "cuda"): ("torch",)})
+    monkeypatch.setattr(dispatch, "registered_ops", lambda: ["linear", "masked_attention"])
+    installed = {"linear": ["native", "torch", "triton"], "masked_attention": ["torch", "triton"]}
+    real = dispatch.available  # other ops' answers stay real: the engine's decode step asks for its own
+    monkeypatch.setattr(dispatch, "available", lambda op: installed[op] if op in installed else real(op))
+    report = info.collect()
+    assert report["ops"] == {
+        "linear": {"installed": installed["linear"], "auto_order": {"cpu": ["native", "torch"], "cuda": ["torch"]}},
+        "masked_attention": {"installed": installed["masked_attention"],
+                             "auto_order": {"cpu": ["torch"], "cuda": ["triton", "torch"]}}}
+    assert info.run(argparse.Namespace(json=False)) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("linear", "masked_"))]
+    assert rows == [["linear", "native,", "torch,", "triton", "native", ">", "torch", "torch"],
+                    ["masked_attention", "torch,", "triton", "torch", "triton", ">", "torch"]]

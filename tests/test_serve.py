@@ -2032,3 +2032,216 @@ def test_cli_options_reach_the_server(monkeypatch):
     s = built[0]
     assert (s.max_connections, s.max_batch, s.max_wait_ms, s.max_queue) == (3, 2, 7.0, 5)
     assert (s.max_payload_bytes, s.request_timeout_s, s.max_episodes, s.pad_batches) == (2 * 2**20, 9.0, 11, False)
+
+
+def test_limits_that_would_refuse_every_request_are_refused_at_construction():
+    """A zero payload limit, request timeout or keepalive would refuse (or drop) every request: refused when the
+    server is built, naming the option; a NaN or a negative wait alike."""
+    for kw in ({"max_payload_mb": 0}, {"request_timeout_s": 0}, {"keepalive_s": 0}):
+        with pytest.raises(ValueError, match="max_payload_mb, request_timeout_s and keepalive_s must be > 0"):
+            PolicyServer(HistoryPolicy(), **kw)
+    for kw in ({"max_wait_ms": float("nan")}, {"max_wait_ms": -1}, {"request_timeout_s": float("inf")},
+               {"max_payload_mb": "16"}, {"max_wait_ms": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a finite number >= 0"):
+            PolicyServer(HistoryPolicy(), **kw)
+    for kw in ({"max_queue": 0}, {"max_episodes": 0}, {"max_connections": 0}, {"max_batch": 2.0},
+               {"max_batch": True}):  # a bool is no count (True would batch one request at a time)
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be an integer >= 1"):
+            PolicyServer(HistoryPolicy(), **kw)
+    assert PolicyServer(HistoryPolicy(), max_wait_ms=0).max_wait_ms == 0.0  # no batching window: allowed
+
+
+def test_batch_sizes_include_a_max_batch_that_is_no_power_of_two(np_rng):
+    """max_batch=3: the policy sees batches of 1, 2 or 3 (a full batch is not padded past max_batch), and the
+    metadata says so; a policy keeping history in its slots is never padded and says none."""
+    assert PolicyServer(HistoryPolicy(), max_batch=6).metadata()["server"]["policy_batch_sizes"] == [1, 2, 4, 6]
+    slots = SlotPolicy()
+    slots.max_engines = 1
+    server = PolicyServer(slots, max_batch=4)
+    assert not server.pad_batches and server.metadata()["server"]["policy_batch_sizes"] is None
+    assert slots.max_engines == 1  # no engine per padded size for a policy that is never padded
+    policy = HistoryPolicy()
+    with PolicyServer(policy, max_batch=3, max_wait_ms=3000, request_timeout_s=20) as server:
+        clients = [PolicyClient(server.url, timeout=20) for _ in range(3)]
+        try:
+            for i, c in enumerate(clients):
+                c.reset(f"robot {i}")
+            replies = {}
+            _together(lambda i: replies.__setitem__(i, clients[i].act(_frame(np_rng))), [(i,) for i in range(3)])
+            assert policy.calls == [3] and server.stats["padded_rows"] == 0
+            for i in range(3):
+                np.testing.assert_array_equal(replies[i][:, 4], 3)
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_a_batch_never_holds_more_than_max_batch_requests(np_rng):
+    """Three robots at once with max_batch=2: two policy calls, neither of more than two rows."""
+    policy = HistoryPolicy()
+    with PolicyServer(policy, max_batch=2, max_wait_ms=500, request_timeout_s=20, pad_batches=False) as server:
+        clients = [PolicyClient(server.url, timeout=20) for _ in range(3)]
+        try:
+            for i, c in enumerate(clients):
+                c.reset(f"robot {i}")
+            _together(lambda c: c.act(_frame(np_rng)), [(c,) for c in clients])
+            assert sorted(policy.calls) == [1, 2], policy.calls
+            stats = server.stats
+            assert stats["batches"] == 2 and stats["max_batch_seen"] == 2 and stats["act_ok"] == 3, stats
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_the_stats_count_refused_requests_and_resets(np_rng):
+    """`errors` counts every refused request, `act_requests` every 'act' (refused or not), `resets` those that
+    succeeded: what the health report shows of a robot that forgot its reset once."""
+    with PolicyServer(HistoryPolicy()) as server, _raw(server.url) as ws:
+        img = _frame(np_rng)
+        assert not _ask(ws, packb({"type": "act", "episode": "e", "image": img}))["ok"]  # no reset yet
+        assert not _ask(ws, packb({"type": "reset", "episode": "e", "instruction": " "}))["ok"]
+        assert _ask(ws, packb({"type": "reset", "episode": "e", "instruction": "stack"}))["ok"]
+        assert _ask(ws, packb({"type": "metadata"}))["ok"]
+        assert _ask(ws, packb({"type": "act", "episode": "e", "image": img}))["ok"]
+        stats = health(server.url)["stats"]
+        assert (stats["errors"], stats["act_requests"], stats["act_ok"], stats["resets"]) == (2, 2, 1, 1), stats
+
+
+def test_the_server_raises_a_policys_engine_limits_to_what_serving_needs():
+    """A policy's cache limits are raised to what serving needs (a prefix per episode, room for longer
+    instructions than the warm-up's), never lowered."""
+    class Limited(HistoryPolicy):
+        max_engines, max_prefixes, engine_headroom = 1, 4, 0
+
+    small = Limited()
+    server = PolicyServer(small, max_batch=8, max_episodes=100)
+    assert (small.max_engines, small.max_prefixes, small.engine_headroom) == (len(server.batch_sizes), 100, 256)
+    assert server.batch_sizes == [1, 2, 4, 8]
+    large = Limited()
+    large.max_engines, large.max_prefixes, large.engine_headroom = 16, 1000, 512
+    PolicyServer(large, max_batch=8, max_episodes=100)
+    assert (large.max_engines, large.max_prefixes, large.engine_headroom) == (16, 1000, 512)
+
+
+def test_the_batching_window_counts_from_the_first_request(np_rng):
+    """max_wait_ms bounds the wait of a batch's first request: requests arriving one after another (each
+    within the window of the one before) do not keep a batch open. Four robots, one idle; with a 2 s window,
+    three act at 0, 1.0 and 2.6 s: the first two share a batch, the third gets the next one (a window restarted
+    at each arrival would still be open at 2.6 s). Every margin is 0.6 s or more, for loaded machines."""
+    policy = HistoryPolicy()
+    with PolicyServer(policy, max_batch=8, max_wait_ms=2000, request_timeout_s=20, pad_batches=False) as server:
+        clients = [PolicyClient(server.url, timeout=20) for _ in range(4)]
+        try:
+            for i, c in enumerate(clients):
+                c.reset(f"robot {i}")
+
+            def late_act(i):
+                time.sleep((0.0, 1.0, 2.6)[i])
+                clients[i].act(_frame(np_rng))
+
+            _together(late_act, [(i,) for i in range(3)])
+            assert policy.calls == [2, 1], policy.calls
+            assert server.stats["max_batch_seen"] == 2
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_episode_ids_and_client_tokens_must_have_1_to_256_characters():
+    with PolicyServer(HistoryPolicy()) as server, _raw(server.url) as ws:
+        for episode in ("", "e" * 257):
+            reply = _ask(ws, packb({"type": "reset", "episode": episode, "instruction": "push"}))
+            assert not reply["ok"] and "'episode' strings must have 1 to 256 characters" in reply["error"], reply
+        for client in ("", "c" * 257, 7):
+            reply = _ask(ws, packb({"type": "reset", "episode": "e", "instruction": "push", "client": client}))
+            assert not reply["ok"] and "'client' must be a string of 1 to 256 characters" in reply["error"], reply
+        assert _ask(ws, packb({"type": "reset", "episode": "e" * 256, "instruction": "push", "client": "c" * 256}))["ok"]
+        assert server.stats["resets"] == 1 and list(server._episodes) == ["e" * 256]
+
+
+class MiscountingPolicy(HistoryPolicy):
+    """Returns one chunk more than it was given images (a policy bug)."""
+
+    def act(self, images, history=None):
+        out = super().act(images, history)
+        return np.concatenate([out, out[-1:]])
+
+
+def test_a_policy_answering_with_the_wrong_number_of_chunks_is_an_error_naming_the_shapes(np_rng):
+    """A chunk per image or an error: a policy's extra (or missing) row must not hand a robot another's chunk."""
+    with PolicyServer(MiscountingPolicy(), pad_batches=False) as server, \
+            PolicyClient(server.url, timeout=10) as client:
+        client.reset("push")
+        with pytest.raises(PolicyServerError, match=r"policy failed: RuntimeError: policy.act returned shape "
+                                                    r"\[2, 3, 5\] for 1 images; expected \[N, K, D\]"):
+            client.act(_frame(np_rng))
+        assert server.stats["policy_failures"] == 1 and server.stats["act_ok"] == 0
+
+
+def test_a_draining_server_refuses_new_resets_and_acts_and_reports_it(np_rng):
+    """While a server drains (shutting down, answering what it already queued), a new 'reset' or 'act' is refused
+    with a reason the robot can act on, and /healthz answers 503 'draining' (also with a query string)."""
+    import http.client
+    import json
+
+    with PolicyServer(HistoryPolicy()) as server, _raw(server.url) as ws:
+        assert _ask(ws, packb({"type": "reset", "episode": "e", "instruction": "push"}))["ok"]
+        server._draining = True  # as shutdown() sets it before it waits for the requests in flight
+        reset = _ask(ws, packb({"type": "reset", "episode": "f", "instruction": "pull"}))
+        act = _ask(ws, packb({"type": "act", "episode": "e", "image": _frame(np_rng)}))
+        for reply in (reset, act):
+            assert reply == {"ok": False, "error": "server is shutting down; connect to another server"}, reply
+        assert "f" not in server._episodes and server.stats["resets"] == 1 and server.stats["act_ok"] == 0
+        for draining, status, code in ((True, "draining", 503), (False, "ok", 200)):
+            server._draining = draining
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            conn.request("GET", "/healthz?verbose=1")
+            response = conn.getresponse()
+            assert response.status == code and json.loads(response.read())["status"] == status
+            conn.close()
+
+
+def test_the_default_drain_timeout_outlasts_a_request_timeout():
+    """Shutdown waits, by default, long enough for a request that has just arrived to be answered or time out."""
+    assert PolicyServer(HistoryPolicy(), request_timeout_s=30).drain_timeout_s == 35.0
+    assert PolicyServer(HistoryPolicy(), request_timeout_s=30, drain_timeout_s=2).drain_timeout_s == 2.0
+
+
+def test_a_previous_image_of_another_size_is_resized_like_the_frame(np_rng, monkeypatch):
+    """A previous_image that is not at the model's size is resized (as the frame is, or not) before it reaches the
+    policy; and `timing` puts the resize in preprocess_ms, not in queue_ms."""
+    with PolicyServer(HistoryPolicy()) as server, PolicyClient(server.url, timeout=20) as client:
+        client.reset("push")
+        frame, previous = _frame(np_rng), _frame(np_rng, 48, 32)
+        actions = client.act(frame, previous_image=previous)  # the frame at the model's size, the previous not
+        np.testing.assert_allclose(actions[:, 0], frame.mean(), rtol=1e-6)
+        np.testing.assert_allclose(actions[:, 1], fit_image(previous, (24, 24)).mean(), rtol=1e-6)
+        resize = server._resize_pair
+
+        def slow_resize(image, previous):
+            time.sleep(0.5)
+            return resize(image, previous)
+
+        monkeypatch.setattr(server, "_resize_pair", slow_resize)
+        client.act(_frame(np_rng, 48, 48))
+        timing = client.last_timing
+        assert timing["preprocess_ms"] >= 500 and timing["queue_ms"] < 250, timing
+
+
+def test_serve_warms_the_policy_up_unless_told_not_to_and_passes_the_mode(monkeypatch):
+    import argparse
+
+    from worldvla import serve
+    from worldvla.inference import policy as policy_mod
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    loaded, warmed = [], []
+    monkeypatch.setattr(policy_mod.WorldVLAPolicy, "from_pretrained",
+                        staticmethod(lambda *a, **k: loaded.append(k) or HistoryPolicy()))
+    monkeypatch.setattr(PolicyServer, "warmup", lambda self: warmed.append(self))
+    monkeypatch.setattr(PolicyServer, "serve_forever", lambda self, **k: 0)
+    assert serve.run(parser.parse_args(["--checkpoint", "c", "--mode", "release", "--device", "cpu"])) == 0
+    assert len(warmed) == 1 and loaded[-1] == {"device": "cpu", "dtype": None, "mode": "release"}
+    assert serve.run(parser.parse_args(["--checkpoint", "c", "--no-warmup"])) == 0
+    assert len(warmed) == 1 and loaded[-1] == {"device": None, "dtype": None}  # the checkpoint's own mode

@@ -173,11 +173,11 @@ class PolicyServer:
                  pad_batches: bool = True, keepalive_s: float = 5.0, max_connections: int = 64):
         for name, value, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
                                 ("max_episodes", max_episodes, 1), ("max_connections", max_connections, 1)):
-            if not isinstance(value, int) or value < lo:
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:  # True would be a 1
                 raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
         for name, value in (("max_wait_ms", max_wait_ms), ("max_payload_mb", max_payload_mb),
                             ("request_timeout_s", request_timeout_s), ("keepalive_s", keepalive_s)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if max_payload_mb <= 0 or request_timeout_s <= 0 or keepalive_s <= 0:
             raise ValueError("max_payload_mb, request_timeout_s and keepalive_s must be > 0")
