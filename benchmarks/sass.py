@@ -174,9 +174,15 @@ def run(quick: bool = False, device=None, out_dir: str | Path = "benchmarks/resu
     if not files:  # an installed wheel ships the compiled kernels, not their sources
         raise Unavailable(f"no CUDA sources in {ROOT / 'csrc' / 'cuda'}: the static report reads csrc/cuda/*.cu of a "
                           f"source checkout (installed with pip install -e), or the .cu files given as arguments")
+    try:
+        from .common import package_version
+    except ImportError:
+        from benchmarks.common import package_version
+
     rows = report(files, arch)
     print_rows(rows)
-    doc = {"benchmark": "sass", "arch": arch, "nvcc": nvcc_version(),
+    version, commit = package_version()  # the sources compiled: a report is only comparable at its commit
+    doc = {"benchmark": "sass", "arch": arch, "nvcc": nvcc_version(), "worldvla": version, "git_commit": commit,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "method": "nvcc -O3 -Xptxas -v and cuobjdump --dump-sass; static counts (every path once)",
            "rows": rows}

@@ -13,9 +13,9 @@ same policy as the one timed in process here, so the numbers compare like with l
   3. `--clients` robots at once (some sending camera-sized frames the server resizes,
      some starting new episodes) plus `--bad-clients` sending malformed requests
      (garbage bytes, text frames, wrong dtypes and shapes, unknown episodes, payloads
-     over the limit and over twice the limit): latency percentiles, throughput, batch
-     sizes, and the count of valid requests that failed (must be 0) and of malformed
-     ones not refused (must be 0);
+     over the limit and over twice the limit): latency percentiles and throughput of the
+     valid requests served, batch sizes, and the count of valid requests that failed
+     (must be 0; not in the latencies) and of malformed ones not refused (must be 0);
   4. the server must still answer /healthz, then exit 0 on SIGTERM.
 Every phase is bounded by a request count and a time limit. Writes
 benchmarks/results/serve_load-<device>.json (serve_load-<device>-quick.json with --quick) and a
@@ -232,11 +232,13 @@ def _robot(url, rng, size, camera_hw, steps_per_episode, stop, max_requests, lat
                 t0 = time.perf_counter()
                 try:
                     a = client.act(frames[n % len(frames)])
+                    ms = (time.perf_counter() - t0) * 1e3
                     if not (a.dtype == np.float32 and a.ndim == 2 and np.isfinite(a).all()):
                         failures.append(f"bad actions {a.dtype} {a.shape}")
+                    else:  # only requests served: a refusal or a timeout is a failure, not a latency
+                        lat.append(ms)
                 except (PolicyServerError, TimeoutError) as e:
                     failures.append(f"{type(e).__name__}: {e}")
-                lat.append((time.perf_counter() - t0) * 1e3)
                 n += 1
     except Exception as e:
         failures.append(f"robot crashed: {type(e).__name__}: {e}")

@@ -1399,3 +1399,494 @@ def test_timings_refuse_call_counts_that_give_no_median():
             common.time_interleaved({"a": lambda: calls.append(1)}, **kw)
     assert not calls
     assert common.time_fn(lambda: calls.append(1), warmup=0, repeats=1)["median_ms"] >= 0
+
+
+# ------------------------------------------------------------------ serve_load's traffic and rows
+def test_serve_load_robot_times_only_the_requests_served(monkeypatch):
+    """A load-phase robot timed every request, a refused or timed-out one too: a queue that refused fast pulled the
+    percentiles down and counted refusals as throughput. Only answered requests with finite float32 actions give a
+    latency; the others are failures. Each robot starts an episode before its first request and every
+    `steps_per_episode` requests after, and sends at most `max_requests`."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from worldvla.benchmarks import serve_load
+
+    log = []
+
+    class Client:
+        def __init__(self, url, timeout):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def reset(self, instruction):
+            log.append("reset")
+
+        def act(self, frame):
+            log.append("act")
+            n = log.count("act")
+            if n == 2:
+                time.sleep(0.3)  # waited, then gave up: no latency, however long
+                raise TimeoutError("no reply")
+            if n == 3:
+                raise serve_load.PolicyServerError("queue full")
+            if n == 4:
+                return np.full((5, 7), np.nan, dtype=np.float32)
+            return np.zeros((5, 7), dtype=np.float32)
+
+    monkeypatch.setattr(serve_load, "PolicyClient", Client)
+    lat, failures = [], []
+    serve_load._robot("ws://test", np.random.default_rng(0), 8, (12, 16), 3, threading.Event(), 7, lat, failures,
+                      threading.Barrier(1), False)
+    assert log == ["reset", "act", "act", "act", "reset", "act", "act", "act", "reset", "act"]
+    assert [f.split(":")[0].split(" ")[0] for f in failures] == ["TimeoutError", "PolicyServerError", "bad"]
+    assert len(lat) == 7 - 3 and max(lat) < 300
+
+
+def test_serve_load_rows_take_each_percentile_from_its_own_list():
+    """A phase's p50 / p90 / p99, max and throughput come from its round trips (requests over the phase's wall
+    time); the single robot's in-process floor from the in-process calls, the served policy time from the
+    server's policy times, and the overhead pairs each round trip with its own request's policy time (lists of
+    different lengths are refused: they could not be paired)."""
+    from worldvla.benchmarks import serve_load
+
+    lat = [float(t) for t in range(1, 101)]  # 1..100 ms
+    s = serve_load._summary(lat, 4.0)
+    assert (s["requests"], s["max_ms"], s["throughput_rps"]) == (100, 100.0, 25.0)
+    assert (s["p50_ms"], s["p90_ms"], s["p99_ms"]) == pytest.approx((50.5, 90.1, 99.01))
+    assert serve_load._summary([], 1.0) == {"requests": 0, "p50_ms": None, "p90_ms": None, "p99_ms": None,
+                                            "max_ms": None, "throughput_rps": 0.0}
+
+    policy = [t - 2.0 for t in lat]
+    server = [t - 1.0 for t in lat]
+    inproc = [float(t) for t in range(201, 301)]
+    row = serve_load.single_robot_row(lat, policy, server, inproc, 5.0, 3)
+    assert row["failed_valid"] == 3 and row["throughput_rps"] == 20.0 and row["p99_ms"] == pytest.approx(99.01)
+    assert (row["inproc_p50_ms"], row["inproc_p99_ms"]) == pytest.approx((250.5, 299.01))
+    assert row["served_policy_p50_ms"] == pytest.approx(48.5) and row["server_side_p50_ms"] == pytest.approx(49.5)
+    assert row["rtt_minus_policy_p50_ms"] == row["rtt_minus_policy_p99_ms"] == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        serve_load.single_robot_row(lat, policy[:-1], server, inproc, 5.0, 0)
+
+
+def test_serve_load_in_process_floor_times_its_calls_after_an_untimed_warm_up():
+    """The in-process floor: three untimed warm-up calls (the first ones pay for allocation), then `repeats`
+    timed calls, each on a batch of `batch` frames and the previous frames, after a reset of as many episodes."""
+    import time
+
+    import numpy as np
+
+    from worldvla.benchmarks import serve_load
+
+    calls, resets = [], []
+
+    class Policy:
+        def reset(self, instructions):
+            resets.append(len(instructions))
+
+        def act(self, images, history=None):
+            calls.append((images.shape, None if history is None else history.shape))
+            if len(calls) <= 3:
+                time.sleep(0.2)  # a cold start: must stay out of the floor
+            return np.zeros((len(images), 5, 7), dtype=np.float32)
+
+    out = serve_load.in_process_latency(Policy(), 16, 4, np.random.default_rng(0), batch=3)
+    assert len(out) == 4 and max(out) < 200 and resets == [3]
+    assert calls == [((3, 16, 16, 3), (3, 16, 16, 3))] * (3 + 4)
+
+
+def test_serve_load_bad_client_counts_only_real_refusals(monkeypatch):
+    """A malformed request counts as refused when the server answers ok: false with an error, or closes with
+    1009 (message too big) on the payload over twice the limit; an accepted one, or any other close, counts as
+    not refused (and the client reconnects). At most `max_requests` are sent, each counted."""
+    import threading
+    import types
+
+    import numpy as np
+
+    from worldvla.benchmarks import serve_load
+
+    replies = {"refused": {"ok": False, "error": "bad request"}, "accepted": {"ok": True}}
+
+    class Closed(Exception):
+        rcvd = types.SimpleNamespace(code=1009)
+
+    connects = []
+
+    class Socket:
+        def __init__(self):
+            self.last = None
+
+        def send(self, msg):
+            self.last = msg
+
+        def recv(self, timeout):
+            if self.last in ("closed", "over-2x-limit"):
+                raise Closed("message too big")
+            return serve_load.packb(replies.get(self.last, {"ok": True}))
+
+        def close(self):
+            pass
+
+    def connect(url):
+        connects.append(url)
+        return Socket()
+
+    kinds = ["refused", "accepted", "closed", "over-2x-limit"]
+    monkeypatch.setattr(serve_load, "_connect_raw", connect)
+    monkeypatch.setattr(serve_load, "_bad_payloads",
+                        lambda rng, size, limit, episode: [(k, lambda k=k: k) for k in kinds])
+    record = {"sent": 0, "refused": 0, "not_refused": []}
+    serve_load._bad_client("ws://test", np.random.default_rng(0), 8, 1024, threading.Event(), 6, record)
+    assert record["sent"] == 6 and record["refused"] == 3  # refused, over-2x-limit, refused
+    assert [k.split(":")[0] for k in record["not_refused"]] == ["accepted", "closed", "accepted"]
+    assert len(connects) == 1 + 2  # a new connection after each close
+
+
+def test_serve_load_policy_runs_one_torch_thread_on_the_cpu():
+    """On the CPU both processes run one torch thread unless --torch-threads says otherwise (a busy machine makes
+    multi-threaded timings erratic); on CUDA torch's default."""
+    from worldvla.benchmarks import serve_load
+
+    def spec(*argv):
+        return serve_load._policy_spec(serve_load.parse_args(["--policy", "synthetic", *argv]), "unused")[0]
+
+    assert spec("--device", "cpu")["threads"] == 1 and spec("--device", "cuda")["threads"] is None
+    assert spec("--device", "cpu", "--torch-threads", "3")["threads"] == 3
+    assert spec("--device", "cpu")["kind"] == "synthetic"
+    quick = serve_load.parse_args(["--quick"])  # as --help says: 3 robots, 1 bad client, 5 s, 40 each, 30 sequential
+    assert (quick.clients, quick.bad_clients, quick.duration_s, quick.requests, quick.sequential) == (3, 1, 5.0, 40, 30)
+
+
+def test_cpu_ops_rows_count_each_cases_work_and_compare_with_torch(tmp_path, monkeypatch):
+    """Each cpu_ops row's rate is its case's work over its median: prefill 4 H Dh per visible pair, decode the K
+    and V caches read once, sampling 2 N range H, the VQ search 2 N K C, the projections their weights once and
+    2 M per weight, the decoder layers their weights and K/V caches, the gather its rows read and written;
+    speedup_vs_torch is torch's median over the row's (above 1: faster than torch). Medians fixed here, so the
+    rates are exact."""
+    pytest.importorskip("worldvla._C")
+    import re
+
+    from worldvla.benchmarks import cpu_ops
+    from worldvla.model import ModelConfig, WorldVLA
+
+    medians = {"torch": 2.0, "native": 1.0, "native-w8": 4.0}
+    monkeypatch.setattr(cpu_ops, "interleaved", lambda fns, rot, warmup, repeats: {
+        name: {"median_ms": medians[name], "repeats": repeats} for name in fns})
+    pairs = []
+    real_pairs = cpu_ops.visible_pairs
+    monkeypatch.setattr(cpu_ops, "visible_pairs", lambda meta: pairs.append(real_pairs(meta)) or pairs[-1])
+    doc = json.loads(cpu_ops.run(quick=True, out_dir=tmp_path).read_text())
+    with torch.device("meta"):
+        cfg = ModelConfig.small()
+        n_w = sum(p.numel() for layer in WorldVLA(cfg).model.layers for p in layer.parameters())
+    weights = 4 * (4 * 256 * 256 + 3 * 688 * 256)
+    seen = set()
+    for r in doc["rows"]:
+        n = [int(x) for x in re.findall(r"\d+", r["case"])]
+        sec = medians[r["impl"].removeprefix("worldvla-")] * 1e-3
+        assert r["speedup_vs_torch"] == medians["torch"] / r["median_ms"], r
+        work = {"masked_attention": lambda H, D, T: {"flops": 4 * H * D * pairs[0]},
+                "decode_attention": lambda H, D, K, S: {"bytes": 2 * S * H * D * 4},
+                "constrained_sample": lambda N, H, R: {"flops": 2 * N * R * H},
+                "vq_quantize": lambda N, K, C: {"flops": 2 * N * K * C},
+                "linear": lambda M, _28: {"bytes": weights * 4, "flops": 2 * M * weights},
+                "decoder_layer": lambda B, Q, P, _4: {
+                    "bytes": 4 * (n_w + 2 * cfg.num_hidden_layers * B * (P + Q) * cfg.num_key_value_heads
+                                  * cfg.head_dim), "flops": 2 * B * Q * n_w},
+                "vq_gather": lambda B, h, _h, K, C: {"bytes": B * h * h * C * 4 * 2}}[r["op"]](*n)
+        assert r.get("GFLOPs") == (work["flops"] / sec / 1e9 if "flops" in work else None), r
+        assert r.get("GBps") == (work["bytes"] / sec / 1e9 if "bytes" in work else None), r
+        seen.add(r["op"])
+    assert len(pairs) == 1 and seen == {"masked_attention", "decode_attention", "constrained_sample", "vq_quantize",
+                                        "linear", "decoder_layer", "vq_gather"}
+
+
+# ------------------------------------------------------------------ the static SASS report, read from text
+PTXAS_LOG = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90a'
+ptxas info    : Function properties for _Z3fooPf
+    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 96 registers, used 1 barriers, 16384 bytes smem, 400 bytes cmem[0]
+ptxas info    : (C7520) Potential Performance Loss: wgmma.mma_async instructions are serialized due to the presence \
+of Extern calls in the function '_Z3fooPf'
+ptxas info    : Compiling entry function '_Z3barPf' for 'sm_90a'
+ptxas info    : Function properties for _Z3barPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, 384 bytes cmem[0]
+"""
+
+SASS_DUMP = """\
+\tcode for sm_90a
+\t\tFunction : _Z3fooPf
+\t.headerflags\t@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                 /* 0x00000a00ff017b82 */
+                                                                          /* 0x000fe40000000800 */
+        /*0010*/                   LDG.E R2, desc[UR4][R2.64] ;
+        /*0020*/                   LDS.128 R4, [R0] ;
+        /*0030*/                   LDSM.16.M88.4 R8, [R0] ;
+        /*0040*/                   HMMA.16816.F32 R12, R8, R4, R12 ;
+        /*0050*/                   HMMA.16816.F32 R16, R8, R6, R16 ;
+        /*0060*/                   LDGSTS.E.128 [R0], desc[UR4][R2.64] ;
+        /*0070*/               @P0 BRA 0x30 ;
+        /*0080*/                   STS [R0], R12 ;
+        /*0090*/               @P1 BRA 0x20 ;
+        /*00a0*/                   STG.E desc[UR4][R2.64], R12 ;
+        /*00b0*/                   EXIT ;
+        /*00c0*/                   BRA 0xc0 ;
+\t\t..........
+\t\tFunction : _Z3barPf
+        /*0000*/                   LDS R2, [R0] ;
+        /*0010*/                   FADD R2, R2, 1 ;
+        /*0020*/               @P0 BRA 0x0 ;
+        /*0030*/                   EXIT ;
+\t\t..........
+\t\tFunction : _Z3bazPf
+        /*0000*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4], RZ, !UPT ;
+        /*0010*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0020*/               @P0 BRA 0x0 ;
+        /*0030*/                   EXIT ;
+"""
+
+
+def test_sass_report_reads_ptxas_and_the_innermost_mma_loop_from_text():
+    """Without nvcc: ptxas' registers, shared memory, stack and spills (stores and loads apart) and its wgmma
+    serialization warning, per kernel; from the SASS each opcode counted whole (LDS is not LDSM, LDG is not
+    LDGSTS), and the hot loop is the innermost backward branch's body that issues HMMA or HGMMA (a loop without
+    MMAs is none), head and branch included, its global loads both LDG and LDGSTS."""
+    import shutil
+
+    from worldvla.benchmarks import sass
+
+    ptx = sass.parse_ptxas(PTXAS_LOG)
+    assert ptx == {"_Z3fooPf": {"stack_bytes": 16, "spill_store_bytes": 8, "spill_load_bytes": 4, "registers": 96,
+                                "smem_bytes": 16384, "wgmma_serialized": "the presence of Extern calls"},
+                   "_Z3barPf": {"stack_bytes": 0, "spill_store_bytes": 0, "spill_load_bytes": 0, "registers": 32,
+                                "smem_bytes": 0}}
+    rows = sass.parse_sass(SASS_DUMP)
+    foo, bar, baz = rows["_Z3fooPf"], rows["_Z3barPf"], rows["_Z3bazPf"]
+    assert foo["sass_instructions"] == 13
+    assert {op: foo[op] for op in ("hmma", "hgmma", "ldsm", "lds", "ldgsts", "ldg", "sts", "stg")} == {
+        "hmma": 2, "hgmma": 0, "ldsm": 1, "lds": 1, "ldgsts": 1, "ldg": 1, "sts": 1, "stg": 1}
+    assert {k: v for k, v in foo.items() if k.startswith(("hot_loop", "instructions_per"))} == {
+        "hot_loop_instructions": 5, "hot_loop_hmma": 2, "hot_loop_hgmma": 0, "hot_loop_ldsm": 1,
+        "hot_loop_global_loads": 1, "instructions_per_hmma": 2.5}
+    assert bar["lds"] == 1 and not any(k.startswith("hot_loop") for k in bar)
+    assert (baz["hot_loop_instructions"], baz["hot_loop_hgmma"], baz["hot_loop_hmma"]) == (3, 1, 0)
+    assert baz["instructions_per_hgmma"] == 3.0 and "instructions_per_hmma" not in baz
+    if shutil.which("c++filt"):
+        assert sass.demangle(["_ZN8worldvla12_GLOBAL__N_13fooEPf", "_Z3barPf"]) == {
+            "_ZN8worldvla12_GLOBAL__N_13fooEPf": "foo", "_Z3barPf": "bar"}
+
+
+def test_sass_report_without_cuobjdump_is_unavailable(monkeypatch, tmp_path):
+    """nvcc alone cannot give the SASS: the report says what is missing rather than failing on a missing tool."""
+    from worldvla.benchmarks import sass
+
+    monkeypatch.setattr(sass, "find_tool", lambda name: f"/no/such/bin/{name}" if name == "nvcc" else None)
+    with pytest.raises(sass.Unavailable, match="cuobjdump=None"):
+        sass.report([tmp_path / "a.cu"])
+
+
+def test_cpu_ops_gather_needs_as_many_codes_as_rows():
+    """A gather's sets name B*h*h distinct codes: K equal to that is enough, one fewer is refused by name."""
+    from worldvla.benchmarks import cpu_ops
+
+    rot = cpu_ops.gather_rotation(1, 4, 16, 8, torch.Generator().manual_seed(0), quick=True)
+    assert all(sorted(idx.flatten().tolist()) == list(range(16)) for idx, _ in rot.sets)
+    with pytest.raises(ValueError, match="16 distinct rows needs at least as many codes, got K=15"):
+        cpu_ops.gather_rotation(1, 4, 15, 8, torch.Generator().manual_seed(0), quick=True)
+
+
+# ------------------------------------------------------------------ the sanitizer driver's checks
+def test_sanitize_gap_check_judges_the_worst_row_and_the_index_dtype():
+    """An argmin/argmax kernel is judged by its worst row's score gap (one wrong row among many right ones
+    fails) and must return int64 indices, as the ops do."""
+    from worldvla.benchmarks import sanitize
+
+    scores = torch.arange(40, dtype=torch.float64).view(10, 4)  # every row's best is its last column
+    right = torch.full((10,), 3)
+    assert sanitize.gap_check(right, scores, right)[0] is True
+    one_wrong = right.clone()
+    one_wrong[7] = 1
+    ok, msg = sanitize.gap_check(one_wrong, scores, right)
+    assert ok is False and msg.startswith("gap 2 <= 2 x 0")
+    assert sanitize.gap_check(right.int(), scores, right)[0] is False
+
+
+def test_sanitize_driver_fails_a_check_that_raises(monkeypatch, capsys):
+    """A kernel that raises (a launch error, an illegal address) is a failed check, never a skipped one."""
+    from worldvla.benchmarks import sanitize
+
+    def broken(idx, cb, backend):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(sanitize.ops, "vq_gather", broken)
+    assert sanitize.run("native", "cpu", only="vq_gather") == 1
+    out = capsys.readouterr().out
+    assert "FAIL  vq_gather fp32: RuntimeError: CUDA error" in out and "1 failed" in out and "skip" not in out
+
+
+def test_sanitize_gradient_checks_fail_on_any_one_wrong_gradient(monkeypatch):
+    """The backward checks compare every gradient: dq wrong (dk, dv right) fails the attention check; the
+    head's gradient wrong (the loss right) fails the cross-entropy check."""
+    from worldvla.benchmarks import sanitize
+
+    def twice_the_grad(x):  # the same value, twice the gradient
+        return 2 * x - x.detach()
+
+    real_attention, real_ce = sanitize.ops.masked_attention, sanitize.ops.linear_cross_entropy
+    assert sanitize.check_prefill_backward("torch", torch.device("cpu"), torch.Generator().manual_seed(0))[0]
+    monkeypatch.setattr(sanitize.ops, "masked_attention",
+                        lambda q, k, v, meta, backend: real_attention(twice_the_grad(q), k, v, meta, backend=backend))
+    ok, msg = sanitize.check_prefill_backward("torch", torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert ok is False and msg.startswith("dq err")
+
+    assert sanitize.check_linear_ce("torch", torch.device("cpu"), torch.Generator().manual_seed(0))[0]
+    monkeypatch.setattr(sanitize.ops, "linear_cross_entropy",
+                        lambda h, w, *a, **kw: real_ce(h, twice_the_grad(w), *a, **kw))
+    assert sanitize.check_linear_ce("torch", torch.device("cpu"), torch.Generator().manual_seed(0))[0] is False
+
+
+# ------------------------------------------------------------------ kernel benchmarks' rows, medians fixed
+def _fixed_medians(medians):
+    """A time_interleaved that times nothing: each side's median from `medians`, the rotation's record kept."""
+    def fake(fns, **kw):
+        rot = kw.get("rotation")
+        return {name: {"median_ms": medians[name], "repeats": kw["repeats"], "warmup": kw["warmup"],
+                       **(rot.info() if rot is not None else {})} for name in fns}
+    return fake
+
+
+def test_vq_and_sampling_rows_divide_the_baselines_time_by_theirs(tmp_path, monkeypatch):
+    """speedup_vs_cdist / speedup_vs_full are the baseline's median over the row's (above 1: faster); the VQ
+    rows' tflops are 2 N K C over the median; argmin_agreement and agrees_with_full compare each side's output
+    with the baseline's (a side picking the wrong codes or ids shows it), in_range says whether every id is in
+    [lo, hi); the sampling sets are sized by the hidden rows and the range's weight rows."""
+    from worldvla import VocabLayout
+    from worldvla.benchmarks import sampling, vq
+
+    real_quantize, real_sample = ops.vq_quantize, ops.constrained_sample
+    monkeypatch.setattr(ops, "vq_quantize", lambda z, cb, backend: (
+        torch.zeros(z.shape[0], dtype=torch.long) if backend == "torch" else real_quantize(z, cb, backend=backend)))
+    monkeypatch.setattr(ops, "constrained_sample", lambda h, w, lo, hi, backend: (
+        torch.full((h.shape[0],), hi) if backend == "torch" else real_sample(h, w, lo, hi, backend=backend)))
+
+    monkeypatch.setattr(vq, "time_interleaved", _fixed_medians(
+        {"cdist+argmin": 3.0, "worldvla-torch": 6.0, "worldvla-native": 1.5}))
+    rows = json.loads(vq.run(quick=True, device="cpu", out_dir=tmp_path).read_text())["rows"]
+    got = {r["impl"]: r for r in rows}
+    assert set(got) == {"cdist+argmin", "worldvla-torch", "worldvla-native"}
+    assert [got[n]["speedup_vs_cdist"] for n in ("cdist+argmin", "worldvla-torch", "worldvla-native")] == [1, .5, 2]
+    for r in rows:
+        assert r["tflops"] == 2 * r["N"] * r["K"] * r["C"] / (r["median_ms"] * 1e-3) / 1e12
+    assert got["worldvla-native"]["argmin_agreement"] == got["cdist+argmin"]["argmin_agreement"] == 1.0
+    assert got["worldvla-torch"]["argmin_agreement"] < 0.1
+
+    monkeypatch.setattr(sampling, "time_interleaved", _fixed_medians(
+        {"full-vocab": 2.0, "worldvla-torch": 1.0, "worldvla-native": 0.5}))
+    rows = json.loads(sampling.run(quick=True, device="cpu", out_dir=tmp_path).read_text())["rows"]
+    lo, hi = VocabLayout.chameleon().bin_range
+    assert sorted({r["rows"] for r in rows}) == [1, 5, 10] and len(rows) == 3 * 3
+    for r in rows:
+        assert r["speedup_vs_full"] == 2.0 / r["median_ms"] and r["range"] == hi - lo
+        assert r["set_bytes"] == (r["rows"] + r["range"]) * r["hidden"] * 4
+        broken = r["impl"] == "worldvla-torch"  # always answers `hi`: one past the range
+        assert r["in_range"] is not broken and r["agrees_with_full"] == (0.0 if broken else 1.0), r
+
+
+def test_cross_entropy_check_fails_a_side_with_only_its_hidden_gradient_wrong():
+    """Every quantity counts: the right loss and head gradient do not make up for a wrong hidden gradient."""
+    from worldvla.benchmarks import cross_entropy as CE
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(24, 16, generator=g, requires_grad=True)
+    w = (torch.randn(40, 16, generator=g) * 0.3).requires_grad_()
+    y = torch.randint(0, 40, (24,), generator=g)
+    cw = torch.rand(40, generator=g) + 0.5
+    rows = torch.arange(24)
+
+    def wrong_hidden(h, w, y, rows):
+        return CE.naive_linear_cross_entropy(2 * h - h.detach(), w, y, rows, cw)
+
+    out = CE.check_sides({"wrong": wrong_hidden}, h, w, y, rows, cw)["wrong"]
+    assert out["matches_reference"] is False and out["worst_over_tolerance"] > 1
+    assert out["max_abs_err"]["grad_hidden"] > 0 and out["max_abs_err"]["loss"] < 1e-5
+
+
+def test_cross_entropy_rows_compare_time_and_memory_with_the_naive_side(tmp_path, monkeypatch):
+    """time_vs_naive and memory_vs_naive are the side's over the naive side's (below 1: faster, smaller); a side
+    that does not match the reference fails the run once the JSON is written."""
+    import types
+
+    from worldvla.benchmarks import cross_entropy as CE
+
+    real = ops.linear_cross_entropy
+    monkeypatch.setattr(CE, "timed_backends", lambda op: ["torch", "fused"])
+    monkeypatch.setattr(CE, "ops", types.SimpleNamespace(
+        dispatch=types.SimpleNamespace(supports=lambda *a: True),
+        linear_cross_entropy=lambda h, w, y, cw, z, backend: real(h, w, y, cw, z, backend="torch")))
+    monkeypatch.setattr(CE, "time_interleaved", _fixed_medians({"naive": 4.0, "worldvla-fused": 1.0}))
+    peaks = iter([1000, 250])
+    monkeypatch.setattr(CE, "peak_memory", lambda fn, device: next(peaks))
+    rows = json.loads(CE.run(quick=True, device="cpu", out_dir=tmp_path).read_text())["rows"]
+    got = {r["impl"]: (r["time_vs_naive"], r["memory_vs_naive"], r["matches_reference"]) for r in rows}
+    assert got == {"naive": (1.0, 1.0, True), "worldvla-fused": (0.25, 0.25, True)}
+
+    checked = CE.check_sides
+    monkeypatch.setattr(CE, "check_sides", lambda impls, *a: {
+        n: {**f, "matches_reference": n == "naive"} for n, f in checked(impls, *a).items()})
+    peaks = iter([1000, 250])
+    with pytest.raises(RuntimeError, match="1 side.s. do not match the reference: N=128 worldvla-fused"):
+        CE.run(quick=True, device="cpu", out_dir=tmp_path)
+
+
+def test_train_rows_count_real_tokens_and_each_sides_own_work(tmp_path, monkeypatch):
+    """tokens_per_s counts the real tokens (padding excluded) over the median step; useful_flops (the MFU's
+    numerator) is the same model work for both sides, side_flops what each side runs: the reference-style side
+    its layers and head on every padded position and attention on every pair of each padded sequence. The
+    documents' labels start after the prompt's separator."""
+    from worldvla.benchmarks import train
+    from worldvla.model import ModelConfig, WorldVLA
+
+    samples = train._samples(3, 256, torch.Generator().manual_seed(0))
+    for ids, labels in samples:
+        sep = int((ids == train.LAYOUT.sep).nonzero()[0])
+        assert bool((labels[:sep + 1] == -100).all()) and torch.equal(labels[sep + 1:], ids[sep + 1:])
+
+    monkeypatch.setattr(ModelConfig, "small", classmethod(lambda cls, layout=None, **kw: cls.tiny(layout, **kw)))
+    monkeypatch.setattr(train, "time_interleaved", _fixed_medians({"worldvla": 50.0, "reference-style": 200.0}))
+    monkeypatch.setattr(train, "peak_memory", lambda fn, device: 1)
+    ours, ref = json.loads(train.run(quick=True, device="cpu", out_dir=tmp_path).read_text())["rows"]
+    with torch.device("meta"):
+        model = WorldVLA(ModelConfig.tiny(train.LAYOUT))
+    for r in (ours, ref):
+        sec = r["median_ms"] * 1e-3
+        assert r["tokens_per_s"] == r["tokens"] / sec and r["useful_tflops_per_s"] == r["useful_flops"] / sec / 1e12
+        assert r["useful_flops"] == train.step_flops(model, r["tokens"], r["labelled_rows"], r["visible_pairs"])
+    assert ours["useful_flops"] == ref["useful_flops"] == ours["side_flops"] and ours["head_rows"] == ours[
+        "labelled_rows"] < ours["tokens"]
+    padded = ref["head_rows"]  # two documents, right-padded to the longer
+    assert padded >= ref["tokens"] and padded % 2 == 0 and ref["visible_pairs"] < 2 * (padded // 2) ** 2
+    assert ref["side_flops"] == train.step_flops(model, padded, padded, 2 * (padded // 2) ** 2)
+    assert ours["speedup_vs_reference"] == 4.0 and "speedup_vs_reference" not in ref
+
+
+def test_sass_report_records_the_package_version_and_commit(tmp_path, monkeypatch):
+    """The static report describes the CUDA sources as compiled: like every other result it records the package
+    version and the commit, or a report left in benchmarks/results cannot be told from one of other sources."""
+    from worldvla.benchmarks import sass
+
+    monkeypatch.setattr(sass, "report", lambda files, arch: [{"file": "a.cu", "kernel": "k"}])
+    monkeypatch.setattr(sass, "nvcc_version", lambda: "12.4")
+    doc = json.loads(sass.run(out_dir=tmp_path, files=["a.cu"]).read_text())
+    assert (doc["worldvla"], doc["git_commit"]) == common.package_version() and doc["worldvla"]
+    assert doc["nvcc"] == "12.4" and doc["arch"] == "sm_90a" and doc["date"]
