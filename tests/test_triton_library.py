@@ -129,6 +129,20 @@ def test_opcheck_linear_ce(rng, weighted):
     torch.library.opcheck(LIB.linear_cross_entropy, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_linear_ce_without_gradients(rng, dtype):
+    """Gradients not asked for come back as empty fp32 tensors, as the fake implementation says, in any input
+    dtype (a compiled graph traced with the fake's dtypes)."""
+    h, w, y, cw = ce_inputs(rng)
+    h, w = h.to(dtype), w.to(dtype)
+    for need in ((False, False), (True, False), (False, True)):
+        args = (h, w, y, cw, 1e-3, -100, *need, 16)
+        torch.library.opcheck(LIB.linear_cross_entropy, args, test_utils=("test_schema", "test_faketensor"))
+        _, _, gh, gw = LIB.linear_cross_entropy(*args)
+        assert gh.dtype == gw.dtype == torch.float32
+        assert gh.shape == (h.shape if need[0] else (0,)) and gw.shape == (w.shape if need[1] else (0,))
+
+
 def test_opcheck_vq_and_sampling(rng):
     z = torch.randn(37, 8, generator=rng).to(DEV)
     codebook = torch.randn(70, 8, generator=rng).to(DEV)

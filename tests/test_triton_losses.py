@@ -191,6 +191,35 @@ def test_no_labelled_rows(rng, rows):
         assert ww.grad is not None and ww.grad.shape == w.shape and torch.all(ww.grad == 0), fn
 
 
+@pytest.mark.parametrize("ignore", [-1, "pad"])
+def test_ignore_index_other_than_the_default(rng, ignore):
+    """Labels marked by another ignore_index: -1, or a pad token's class id (a class otherwise valid). Rows with
+    that target add nothing, every other row counts, on the kernel's entry and the Triton backend alike; and
+    with ignore_index=-1 a target of -100 is out of range, not ignored."""
+    h, w, y = inputs(rng, 61, 32, torch.float32)
+    pad = LAYOUT.vocab_size - 1
+    assert not bool((y == pad).any())
+    index = -1 if ignore == -1 else pad
+    y2 = torch.where(y == -100, torch.full_like(y, index), y)
+    cw = image_code_weights().to(DEV)
+    ref = run(lambda *a: ref64(*a, ignore_index=index), h, w, y2, cw, 1e-3)
+    same = run(lambda *a: linear_cross_entropy_ref(*a, ignore_index=index), h, w, y2, cw, 1e-3)
+    for how, fn in (("kernels", lambda *a: K.linear_cross_entropy(*a, ignore_index=index, chunk_size=23)),
+                    ("ops", lambda *a: linear_cross_entropy(*a, ignore_index=index, backend="triton"))):
+        got = run(fn, h, w, y2, cw, 1e-3)
+        for i, name in enumerate(["loss", "z_mean", "grad_hidden", "grad_weight"]):
+            check_rule(got[i], ref[i], same[i], f"{how} {name}", floor_eps=FP32_FLOOR_EPS)
+        assert torch.all(got[2][y2 == index] == 0)
+    # the same labelled rows under the default -100: the same loss
+    default = K.linear_cross_entropy(h, w, y, cw, 1e-3)[0]
+    torch.testing.assert_close(K.linear_cross_entropy(h, w, y2, cw, 1e-3, ignore_index=index)[0], default)
+    if ignore == -1:
+        for fn in (lambda: K.linear_cross_entropy(h, w, y, cw, ignore_index=-1),
+                   lambda: linear_cross_entropy(h, w, y, cw, ignore_index=-1, backend="triton")):
+            with pytest.raises(ValueError, match=r"targets must be -1 \(ignored\) or lie in"):
+                fn()
+
+
 def test_bad_inputs_raise(rng):
     h, w, y = inputs(rng, 16, 32, torch.float32)
     bad = y.clone()
@@ -201,6 +230,15 @@ def test_bad_inputs_raise(rng):
         K.linear_cross_entropy(h, w, y, torch.ones(7, device=DEV))
     with pytest.raises(TypeError, match="share a dtype"):
         K.linear_cross_entropy(h, w.half(), y)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -4])
+def test_chunk_size_below_one_is_refused_by_name(rng, chunk_size):
+    """A chunk of no rows cannot make progress: the kernels' entry refuses it by name (a step of 0 would
+    otherwise fail inside the chunk loop without saying which argument was wrong)."""
+    h, w, y = inputs(rng, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match=f"chunk_size must be >= 1, got {chunk_size}"):
+        K.linear_cross_entropy(h, w, y, chunk_size=chunk_size)
 
 
 def test_kernel_takes_targets_of_any_integer_dtype_and_refuses_an_empty_vocabulary(rng):

@@ -54,6 +54,69 @@ def test_greedy_single_row_ties(rng):
     assert K.constrained_sample(h, w, lo, hi).item() == lo + 70
 
 
+def test_greedy_stays_inside_the_range_and_reads_rows_at_their_stride(rng):
+    """Decoding's hidden states are the last position of [N, L, H] (rows L * H apart) and the head may be a
+    column slice of a wider buffer: each row is read at its own stride. The ids just outside an odd range
+    (263 ids: a partial last logit tile) have the largest logits of all and must never be chosen."""
+    lo, hi = 37, 300
+    states = torch.randn(5, 3, 48, generator=rng)
+    hidden = states[:, -1]
+    w_buf = torch.randn(400, 56, generator=rng) * 0.3
+    weight = w_buf[:, 4:52]
+    assert hidden.stride() == (144, 1) and weight.stride() == (56, 1)
+    weight[lo - 1] = hidden[0] * 5.0
+    weight[hi] = hidden[1] * 5.0
+    hidden, weight = hidden.to(DEV), weight.to(DEV)
+    l64 = logits64(hidden, weight, lo, hi)
+    full = hidden.double() @ weight.double().t()
+    assert full[0].argmax().item() == lo - 1 and full[1].argmax().item() == hi  # the bait outside the range
+    hidden_t = hidden.t().contiguous().t()  # the same values, channels not contiguous
+    assert hidden_t.stride() == (1, 5)
+    for h in (hidden, hidden_t):
+        got = K.constrained_sample(h, weight, lo, hi)
+        assert torch.equal(got, l64.argmax(1) + lo)
+        logits = K.range_logits(h, weight, lo, hi)
+        assert logits.shape == (5, hi - lo)
+        assert (logits.double() - l64).abs().max().item() < 1e-4
+
+
+def test_greedy_exact_ties_inside_one_logit_tile_go_to_the_lowest_id():
+    """Integer-valued hidden states and head rows (exact fp32 logits): among equal maxima in one logit tile,
+    and in another tile after them, the lowest id wins, as torch.argmax."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randint(-3, 4, (4, 32), generator=g).float()
+    weight = torch.randint(-3, 4, (300, 32), generator=g).float()
+    lo, hi = 20, 300
+    for r in range(4):
+        best = hidden[r] * 2.0
+        for v in (lo + 9 + r, lo + 50 + r, lo + 100 + r, lo + 200 + r):  # one tile (or two), then a later one
+            weight[v] = best
+    hidden, weight = hidden.to(DEV), weight.to(DEV)
+    logits = hidden @ weight[lo:hi].t()
+    assert torch.equal(logits.argmax(1) + lo, torch.arange(4, device=DEV) + lo + 9)
+    assert K.constrained_sample(hidden, weight, lo, hi).tolist() == [lo + 9 + r for r in range(4)]
+    assert constrained_sample(hidden, weight, lo, hi, backend="triton").tolist() == [lo + 9 + r for r in range(4)]
+
+
+def test_backend_draws_keep_top_k_and_the_given_noise(rng):
+    """The Triton backend's draw (the op's logits, then torch's sampler): top-k is applied at any temperature
+    (a hot draw from all 190 ids leaves the top 3 almost surely), and given Gumbel noise gives the
+    reference's ids for that noise."""
+    h, w = head(rng, 32, 24, torch.float32)
+    lo, hi = 40, 230
+    l64 = logits64(h, w, lo, hi)
+    top3 = l64.topk(3, dim=1).indices + lo
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    got = constrained_sample(h, w, lo, hi, temperature=5.0, top_k=3, generator=gen, backend="triton")
+    assert bool((got.view(-1, 1) == top3).any(1).all())
+    gumbel = -torch.log(-torch.log(torch.rand(32, hi - lo, generator=rng).clamp(1e-6, 1 - 1e-6))).to(DEV)
+    for top_k in (None, 5):
+        want = constrained_sample_ref(h, w, lo, hi, temperature=0.9, top_k=top_k, gumbel=gumbel)
+        for fn in (lambda **kw: constrained_sample(h, w, lo, hi, backend="triton", **kw),
+                   lambda **kw: K.constrained_sample(h, w, lo, hi, **kw)):
+            assert torch.equal(fn(temperature=0.9, top_k=top_k, gumbel=gumbel), want), top_k
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_takes_the_first_nan(rng, dtype):

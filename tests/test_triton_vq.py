@@ -103,6 +103,39 @@ def test_quantize_mixed_dtypes_and_strides(rng):
     assert torch.equal(got.cpu(), vq_quantize_ref(z, codebook).cpu())
 
 
+def test_quantize_and_gather_read_rows_at_their_stride(rng):
+    """Latents and codebooks that are column slices of wider buffers (rows farther apart than their C channels,
+    last dim contiguous, so no copy is made): each row is read from its own stride, not from C apart."""
+    cb_buf = torch.randn(300, 40, generator=rng)
+    codebook = cb_buf[:, 3:27]  # [300, 24], row stride 40
+    truth = torch.randint(0, 300, (70,), generator=rng)
+    z_buf = torch.randn(70, 37, generator=rng)
+    z_buf[:, 5:29] = codebook[truth] + 0.01 * torch.randn(70, 24, generator=rng)
+    z = z_buf[:, 5:29]  # [70, 24], row stride 37
+    assert z.stride() == (37, 1) and codebook.stride() == (40, 1)
+    z, codebook = z.to(DEV), codebook.to(DEV)
+    for n_splits in (1, 3):
+        assert torch.equal(K.vq_quantize(z, codebook, n_splits=n_splits).cpu(), truth)
+    idx = torch.randint(0, 300, (2, 5, 7), generator=rng).to(DEV)
+    assert torch.equal(K.vq_gather(idx, codebook), vq_gather_ref(idx, codebook.contiguous()))
+
+
+def test_quantize_and_gather_take_transposed_codebooks_and_codes(rng):
+    """A codebook stored channel-first ([C, K] storage seen as [K, C], channels not contiguous) and codes of a
+    transposed frame ([B, w, h] storage seen as [B, h, w]): the same codes and embeddings as contiguous copies."""
+    codebook = torch.randn(24, 300, generator=rng).t()
+    assert codebook.stride() == (1, 300)
+    truth = torch.randint(0, 300, (70,), generator=rng)
+    z = codebook[truth] + 0.01 * torch.randn(70, 24, generator=rng)
+    z, codebook = z.to(DEV), codebook.to(DEV)
+    assert torch.equal(K.vq_quantize(z, codebook).cpu(), truth)
+    idx = torch.randint(0, 300, (2, 7, 5), generator=rng).to(DEV).transpose(1, 2)
+    assert not idx.is_contiguous()
+    want = vq_gather_ref(idx.contiguous(), codebook.contiguous())
+    assert torch.equal(K.vq_gather(idx, codebook), want)
+    assert torch.equal(vq_gather(idx, codebook, backend="triton"), want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gather_exact(rng, dtype, poison_empty):
     codebook = torch.randn(300, 40, generator=rng).to(DEV, dtype)
@@ -134,6 +167,33 @@ def test_gather_of_codes_out_of_range_reads_nothing(rng):
     got = torch.ops.worldvla_triton.vq_gather(idx, codebook)
     assert torch.equal(got[0, :, 0, [0, 3]], codebook[[3, 10]].t())
     assert torch.equal(got[0, :, 0, [1, 2, 4]], torch.zeros(40, 3, device=DEV))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [-1, 11])
+def test_gather_entry_refuses_codes_outside_the_codebook(rng, backend, bad):
+    """The checked entry point refuses a code below 0 as one past the end, on every backend: torch's indexing
+    would read a negative code from the codebook's end (code -1 as code K - 1) without a word."""
+    codebook = torch.randn(11, 40, generator=rng).to(DEV)
+    idx = torch.tensor([[[3, bad, 10]]]).to(DEV)
+    lo, hi = min(bad, 3), max(bad, 10)
+    with pytest.raises(ValueError, match=rf"codes must lie in \[0, 11\), got values in \[{lo}, {hi}\]"):
+        vq_gather(idx, codebook, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_quantize_entry_refuses_an_empty_codebook_and_integer_latents(rng, backend):
+    """Refused by name at the entry point on every backend: a codebook of no code (torch's argmin over an empty
+    dimension fails without naming it) and integer latents or codes (torch's integer matmul would pick codes
+    from truncated values)."""
+    z = torch.randn(5, 8, generator=rng).to(DEV)
+    codebook = torch.randn(10, 8, generator=rng).to(DEV)
+    with pytest.raises(ValueError, match=r"the codebook holds no code \(shape \[0, C\]\)"):
+        vq_quantize(z, codebook[:0], backend=backend)
+    with pytest.raises(TypeError, match="vq_quantize: z must be a floating-point tensor, got torch.int64"):
+        vq_quantize((z * 10).long(), codebook, backend=backend)
+    with pytest.raises(TypeError, match="vq_quantize: codebook must be a floating-point tensor, got torch.int32"):
+        vq_quantize(z, (codebook * 10).int(), backend=backend)
 
 
 def test_gather_of_batches_beyond_the_grid_goes_to_another_backend():
