@@ -4,6 +4,7 @@ requests without disturbing other robots, limits, and clean shutdown on SIGTERM.
 All traffic stays on 127.0.0.1 with ports picked by the OS."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
@@ -121,6 +122,19 @@ def _together(fn, arg_tuples, timeout_s: float = 20.0) -> None:
 
 def _frame(rng, h=24, w=24):
     return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@contextlib.contextmanager
+def _robots(server, n: int):
+    """n connected clients, robot i reset with the instruction "robot {i}"; all closed at the end."""
+    clients = [PolicyClient(server.url, timeout=20) for _ in range(n)]
+    try:
+        for i, c in enumerate(clients):
+            c.reset(f"robot {i}")
+        yield clients
+    finally:
+        for c in clients:
+            c.close()
 
 
 @pytest.fixture
@@ -1935,10 +1949,7 @@ def test_the_stats_count_a_padded_batch_and_its_policy_call(np_rng):
     requests answered; the stats the health check reports say so."""
     policy = HistoryPolicy()
     with PolicyServer(policy, max_batch=4, max_wait_ms=3000, request_timeout_s=20) as server:
-        clients = [PolicyClient(server.url, timeout=20) for _ in range(3)]
-        try:
-            for i, c in enumerate(clients):
-                c.reset(f"robot {i}")
+        with _robots(server, 3) as clients:
             frames = [_frame(np_rng) for _ in clients]
             replies = {}
 
@@ -1958,19 +1969,13 @@ def test_the_stats_count_a_padded_batch_and_its_policy_call(np_rng):
             assert policy.calls == [4, 1]
             assert stats["padded_rows"] == 1 and stats["batches"] == 2 and stats["policy_calls"] == 2
             assert stats["batched_requests"] == 4 and stats["max_batch_seen"] == 3
-        finally:
-            for c in clients:
-                c.close()
 
 
 def test_a_slot_policy_answers_each_robot_from_its_own_slot_whatever_the_arrival_order(np_rng):
     """A policy that keeps history in its batch slots gets the robots in its slots' order; the requests of a
     batch that arrived in another order (here rotated) each get their own slot's actions back."""
     with PolicyServer(SlotPolicy(), max_batch=4, max_wait_ms=3000, request_timeout_s=20) as server:
-        clients = [PolicyClient(server.url, timeout=20) for _ in range(3)]
-        try:
-            for i, c in enumerate(clients):
-                c.reset(f"robot {i}")
+        with _robots(server, 3) as clients:
             first = [_frame(np_rng, 16, 16) for _ in clients]
             _together(lambda i: clients[i].act(first[i]), [(i,) for i in range(3)])
             by_episode = {c.episode: i for i, c in enumerate(clients)}
@@ -1992,9 +1997,6 @@ def test_a_slot_policy_answers_each_robot_from_its_own_slot_whatever_the_arrival
             for i in range(3):
                 np.testing.assert_allclose(replies[i][:, 0], second[i].mean(), rtol=1e-6)
                 np.testing.assert_allclose(replies[i][:, 1], first[i].mean(), rtol=1e-6)
-        finally:
-            for c in clients:
-                c.close()
 
 
 def test_a_batch_split_in_two_policy_calls_counts_both_calls(np_rng):
@@ -2062,35 +2064,23 @@ def test_batch_sizes_include_a_max_batch_that_is_no_power_of_two(np_rng):
     assert slots.max_engines == 1  # no engine per padded size for a policy that is never padded
     policy = HistoryPolicy()
     with PolicyServer(policy, max_batch=3, max_wait_ms=3000, request_timeout_s=20) as server:
-        clients = [PolicyClient(server.url, timeout=20) for _ in range(3)]
-        try:
-            for i, c in enumerate(clients):
-                c.reset(f"robot {i}")
+        with _robots(server, 3) as clients:
             replies = {}
             _together(lambda i: replies.__setitem__(i, clients[i].act(_frame(np_rng))), [(i,) for i in range(3)])
             assert policy.calls == [3] and server.stats["padded_rows"] == 0
             for i in range(3):
                 np.testing.assert_array_equal(replies[i][:, 4], 3)
-        finally:
-            for c in clients:
-                c.close()
 
 
 def test_a_batch_never_holds_more_than_max_batch_requests(np_rng):
     """Three robots at once with max_batch=2: two policy calls, neither of more than two rows."""
     policy = HistoryPolicy()
     with PolicyServer(policy, max_batch=2, max_wait_ms=500, request_timeout_s=20, pad_batches=False) as server:
-        clients = [PolicyClient(server.url, timeout=20) for _ in range(3)]
-        try:
-            for i, c in enumerate(clients):
-                c.reset(f"robot {i}")
+        with _robots(server, 3) as clients:
             _together(lambda c: c.act(_frame(np_rng)), [(c,) for c in clients])
             assert sorted(policy.calls) == [1, 2], policy.calls
             stats = server.stats
             assert stats["batches"] == 2 and stats["max_batch_seen"] == 2 and stats["act_ok"] == 3, stats
-        finally:
-            for c in clients:
-                c.close()
 
 
 def test_the_stats_count_refused_requests_and_resets(np_rng):
@@ -2130,10 +2120,7 @@ def test_the_batching_window_counts_from_the_first_request(np_rng):
     at each arrival would still be open at 2.6 s). Every margin is 0.6 s or more, for loaded machines."""
     policy = HistoryPolicy()
     with PolicyServer(policy, max_batch=8, max_wait_ms=2000, request_timeout_s=20, pad_batches=False) as server:
-        clients = [PolicyClient(server.url, timeout=20) for _ in range(4)]
-        try:
-            for i, c in enumerate(clients):
-                c.reset(f"robot {i}")
+        with _robots(server, 4) as clients:
 
             def late_act(i):
                 time.sleep((0.0, 1.0, 2.6)[i])
@@ -2142,9 +2129,6 @@ def test_the_batching_window_counts_from_the_first_request(np_rng):
             _together(late_act, [(i,) for i in range(3)])
             assert policy.calls == [2, 1], policy.calls
             assert server.stats["max_batch_seen"] == 2
-        finally:
-            for c in clients:
-                c.close()
 
 
 def test_episode_ids_and_client_tokens_must_have_1_to_256_characters():
