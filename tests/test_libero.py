@@ -162,6 +162,15 @@ def test_bounds_and_suite_checks():
     with pytest.raises(ValueError, match="fixed LIBERO bounds"):
         libero.check_bounds(pol)
     libero.check_bounds(pol, allow_mismatch=True)
+    # Metadata naming one bound only: that bound is still checked (it was skipped with the other missing).
+    pol.metadata = lambda: {"action_high": [1.0] * 7}
+    with pytest.raises(ValueError, match="fixed LIBERO bounds"):
+        libero.check_bounds(pol)
+    from worldvla.tokens.actions import LIBERO_MAX, LIBERO_MIN
+    pol.metadata = lambda: {"action_low": list(LIBERO_MIN)}
+    libero.check_bounds(pol)
+    pol.metadata = lambda: {"action_low": list(LIBERO_MIN), "action_high": list(LIBERO_MAX)}
+    libero.check_bounds(pol)
     pol.action_dim = 4
     with pytest.raises(ValueError, match="7-D"):
         libero.check_bounds(pol)

@@ -177,9 +177,11 @@ def check_bounds(policy, allow_mismatch: bool = False) -> None:
     if getattr(policy, "action_dim", ACTION_DIM) != ACTION_DIM:
         raise ValueError(f"this policy emits {policy.action_dim}-D actions; LIBERO policies emit {ACTION_DIM}-D "
                          "[dx, dy, dz, drx, dry, drz, gripper]. Evaluate a policy trained on LIBERO data.")
-    if low is None or high is None or allow_mismatch:
+    if allow_mismatch:
         return
-    if not (np.allclose(low, LIBERO_MIN, atol=1e-6) and np.allclose(high, LIBERO_MAX, atol=1e-6)):
+    # A bound the metadata leaves out is not checked; one it names must be the release's.
+    if not ((low is None or np.allclose(low, LIBERO_MIN, atol=1e-6))
+            and (high is None or np.allclose(high, LIBERO_MAX, atol=1e-6))):
         raise ValueError(f"the policy de-normalizes with bounds low={low} high={high}, not the release's fixed "
                          f"LIBERO bounds low={list(LIBERO_MIN)} high={list(LIBERO_MAX)}; retrain with the LIBERO "
                          "bounds or pass --allow-bounds-mismatch")
