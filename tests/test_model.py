@@ -1059,3 +1059,86 @@ def test_a_shard_index_without_a_weight_map_is_refused_naming_it(tmp_path):
     with pytest.raises(ValueError, match=re.escape(str(index)) + ": no 'weight_map' object; the shard index is "
                                                                  "damaged"):
         WorldVLA.from_pretrained(tmp_path / "ck")
+
+
+def test_shared_head_norm_rows_go_to_consecutive_heads():
+    """The release's [model_parallel_size, head_dim] q/k norm affine is repeat-interleaved over the heads (spec 5.1):
+    with 2 rows over 4 heads, heads 0 and 1 take row 0 and heads 2 and 3 row 1 (a tiled repeat gave heads 0 and 2
+    row 0, and the release's checkpoints, of one row, could not tell the two apart). Each head is normalized over
+    its head_dim (eps 1e-5, biased variance) before the affine."""
+    from worldvla.model import HeadLayerNorm
+
+    gen = torch.Generator().manual_seed(7)
+    norm = HeadLayerNorm(4, 6, rows=2)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(2, 6, generator=gen))
+        norm.bias.copy_(torch.randn(2, 6, generator=gen))
+    x = torch.randn(3, 5, 4, 6, generator=gen, dtype=torch.float64)
+    got = norm.double()(x)
+    for h in range(4):
+        xh = x[..., h, :]
+        unit = (xh - xh.mean(-1, keepdim=True)) / torch.sqrt(xh.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        row = h // 2
+        torch.testing.assert_close(got[..., h, :], unit * norm.weight[row] + norm.bias[row], rtol=1e-12, atol=1e-12)
+
+
+def test_rope_tables_follow_rope_theta_and_the_positions():
+    """cos/sin of position p, frequency i: p * theta^(-2i / head_dim), the half-dim table repeated (rotate-half
+    RoPE); a model's rope_theta reaches its attention (the release's 10000 is only a default)."""
+    from worldvla.model import rope_cos_sin
+
+    pos = torch.tensor([[0, 1, 5, 300]])
+    for theta in (10000.0, 500000.0):
+        cos, sin = rope_cos_sin(pos, 8, theta, torch.float64)
+        inv = torch.tensor([theta ** (-2 * i / 8) for i in range(4)], dtype=torch.float64)
+        ang = pos[0].double()[:, None] * inv
+        assert cos.shape == (1, 4, 1, 8)
+        torch.testing.assert_close(cos[0, :, 0], torch.cat([ang, ang], -1).cos(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sin[0, :, 0], torch.cat([ang, ang], -1).sin(), rtol=1e-6, atol=1e-6)
+    gen = torch.Generator().manual_seed(8)
+    base = WorldVLA(ModelConfig.tiny()).init_weights(generator=gen).eval()
+    wide = WorldVLA(ModelConfig.tiny(rope_theta=500000.0)).eval()
+    wide.load_state_dict(base.state_dict())
+    ids = torch.randint(12, 60, (1, 24), generator=gen)
+    with torch.no_grad():
+        assert (base(ids) - wide(ids))[:, 1:].abs().max() > 1e-4  # position 0 is not rotated: equal there
+        torch.testing.assert_close(base(ids)[:, 0], wide(ids)[:, 0])
+
+
+def test_a_causal_model_attends_causally_and_returns_float32_logits():
+    """attention="causal" (the ablation) masks plainly causally where the default model takes the chunk rule:
+    its logits are those of the same weights under causal metadata. Logits come out float32 from a bfloat16
+    model too, as the release computes them."""
+    gen = torch.Generator().manual_seed(9)
+    chunk = WorldVLA(ModelConfig.tiny()).init_weights(generator=gen).eval()
+    causal = WorldVLA(ModelConfig.tiny(attention="causal")).eval()
+    causal.load_state_dict(chunk.state_dict())
+    ids = _action_batch(chunk, gen, 1)[0].input_ids
+    with torch.no_grad():
+        want = chunk(ids, meta=causal_meta(tuple(ids.shape)))
+        torch.testing.assert_close(causal(ids), want, rtol=0, atol=0)
+        assert (chunk(ids) - want).abs().max() > 1e-4
+        low = chunk.to(torch.bfloat16)(ids)
+    assert low.dtype == torch.float32 and low.shape == (ids.numel(), chunk.config.vocab_size)
+
+
+def test_init_weights_scales_the_residual_projections_and_keeps_the_norms_identity():
+    """Matrices draw N(0, std), the attention and MLP output projections N(0, std / sqrt(2 * layers)); every norm,
+    the q/k head norms (2-D parameters) included, starts as the identity: weights one, biases zero."""
+    cfg = ModelConfig.small(num_hidden_layers=8)
+    m = WorldVLA(cfg).init_weights(std=0.02, generator=torch.Generator().manual_seed(10))
+    resid = 0.02 / (2 * 8) ** 0.5
+    for name, p in m.named_parameters():
+        if "norm" in name:
+            assert torch.equal(p, torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)), name
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            assert abs(p.std().item() - resid) < 0.05 * resid, name
+        else:
+            assert abs(p.std().item() - 0.02) < 0.05 * 0.02, name
+
+
+def test_a_model_parallel_size_that_does_not_divide_the_kv_heads_is_refused_by_name():
+    """4 query heads and 2 key/value heads: 4 shared affine rows fit the query norm but not the key norm."""
+    with pytest.raises(ValueError, match="model_parallel_size 4 .* must divide the 4 query and 2 key/value heads"):
+        WorldVLA(ModelConfig.tiny(model_parallel_size=4))
+    assert WorldVLA(ModelConfig.tiny(model_parallel_size=2)).model.layers[0].self_attn.k_norm.weight.shape == (2, 16)

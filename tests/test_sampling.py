@@ -164,3 +164,28 @@ def test_top_k_one_short_of_the_range_still_masks_the_last(rng):
     got = sample_logits(logits, 1.0, 11, gumbel=gumbel)
     assert not bool((got == low).any())
     assert torch.equal(sample_logits(logits, 1.0, 1, gumbel=gumbel), logits.argmax(1))
+
+
+@pytest.mark.parametrize("lo, hi", [(5, 5), (6, 5), (-1, 4), (30, 41), (0, 41)])
+def test_constrained_sample_refuses_an_empty_range_or_one_past_the_vocabulary(rng, lo, hi):
+    """A range reaching past the head's 40 rows was cut short by torch's slicing (ids from fewer rows than asked,
+    silently) and an empty one left nothing to choose from: every backend names the range and the vocabulary."""
+    from worldvla import ops
+    from worldvla.ops import dispatch
+
+    h, w = torch.randn(3, 8, generator=rng), torch.randn(40, 8, generator=rng)
+    for backend in ["auto"] + dispatch.available("constrained_sample"):
+        for kw in ({}, {"temperature": 1.0, "top_k": 2, "generator": torch.Generator().manual_seed(0)}):
+            with pytest.raises(ValueError, match=rf"vocabulary range \[{lo}, {hi}\) is empty or outside \[0, 40\)"):
+                ops.constrained_sample(h, w, lo, hi, backend=backend, **kw)
+    assert bool((ops.constrained_sample(h, w, 39, 40) == 39).all())  # the last row alone: a range of one
+
+
+def test_greedy_takes_the_first_of_tied_maxima_and_ignores_top_k(rng):
+    """At temperature 0 (or below) the choice is the argmax, the first column among equal maxima, whatever
+    top_k is given (documented: top_k has no effect on a greedy choice)."""
+    logits = torch.randn(4, 16, generator=rng)
+    top = logits.max(1, keepdim=True).values + 1.0
+    logits[:, 9], logits[:, 2], logits[:, 14] = top[:, 0], top[:, 0], top[:, 0]
+    for T, k in ((0.0, None), (0.0, 1), (-1.0, 3), (0.0, 16)):
+        assert sample_logits(logits, T, k).tolist() == [2] * 4, (T, k)

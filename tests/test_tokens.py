@@ -343,3 +343,97 @@ def test_a_tokenizer_file_missing_image_codes_is_refused(tmp_path):
     lay = VocabLayout.chameleon(p)
     assert lay.image_code_ids[:7] == (10, 11, 12, 13, 14, 5, 16) and lay.image_code_ids[700] == 6
     assert lay.n_image_codes == 8192
+
+
+def _image_by_hand(codes, L):
+    """Spec 1's image token list, written out: BOI, res(H/32), res(W/32), each row's ids then a newline, EOI."""
+    per_grid = L.res_grid // L.patch
+    h, w = codes.shape
+    ids = [L.boi, L.res_base + h // per_grid, L.res_base + w // per_grid]
+    for row in codes.tolist():
+        ids += [L.image_code_ids[c] for c in row] + [L.newline]
+    return ids + [L.eoi]
+
+
+def _norm(a):
+    """Spec 1's normalization for bounds [-1, 1]: an action of exactly 1.0 stays just below 1.0."""
+    return np.clip(2 * (a + 1) / (2 + 1e-8) - 1, -1, 1)
+
+
+def test_action_sample_is_the_releases_sequence_token_for_token():
+    """Spec 2.1-2.2 written out: BOS, the prompt text, the history frames oldest first, the separator | each
+    action of the chunk in time order as [BOA, its D bins, EOA], the separator; labels -100 up to and including
+    the first separator, the ids after it. A reversed history or a chunk laid out dimension by dimension kept
+    every length and count the older test checked."""
+    L = VocabLayout.compact(n_image_codes=64)
+    text = ByteTextTokenizer(L)
+    at = ActionTokenizer(L, [-1] * 3, [1] * 3)
+    sb = SequenceBuilder(L, text, at)
+    previous, current = torch.tensor([[1, 2], [3, 4]]), torch.tensor([[50, 51], [52, 53]])
+    acts = np.array([[-0.9, -0.5, 0.0], [0.1, 0.3, 0.5], [0.7, 0.8, 0.95]])
+    s = sb.action_sample("open the drawer", [previous, current], acts)
+    prompt = ([L.bos] + list(text.encode("What action should the robot take to open the drawer?"))
+              + _image_by_hand(previous, L) + _image_by_hand(current, L) + [L.sep])
+    bins = [L.bin_base + int(d) - 1 for d in np.digitize(_norm(acts), np.linspace(-1, 1, L.n_bins)).flatten()]
+    answer = []
+    for k in range(3):
+        answer += [L.boa] + bins[3 * k:3 * k + 3] + [L.eoa]
+    answer += [L.sep]
+    assert s.input_ids.tolist() == prompt + answer
+    assert s.labels.tolist() == [-100] * len(prompt) + answer
+    assert s.kind == "action"
+
+
+def test_world_sample_is_the_releases_sequence_token_for_token():
+    """Spec 2.3 written out: BOS, the prompt text, the frame, its action, the separator | the next frame, the
+    separator; only the part after the first separator carries labels."""
+    from worldvla.tokens.sequence import WORLD_PROMPT
+
+    L = VocabLayout.compact(n_image_codes=64)
+    text = ByteTextTokenizer(L)
+    at = ActionTokenizer(L, [-1] * 3, [1] * 3)
+    sb = SequenceBuilder(L, text, at)
+    c0, c1 = torch.tensor([[5, 6], [7, 8]]), torch.tensor([[60, 61], [62, 63]])
+    action = np.array([0.2, -0.4, 1.0])
+    s = sb.world_sample(c0, action, c1)
+    bins = [L.bin_base + int(d) - 1 for d in np.digitize(_norm(action), np.linspace(-1, 1, L.n_bins))]
+    prompt = [L.bos] + list(text.encode(WORLD_PROMPT)) + _image_by_hand(c0, L) + [L.boa] + bins + [L.eoa, L.sep]
+    answer = _image_by_hand(c1, L) + [L.sep]
+    assert s.input_ids.tolist() == prompt + answer
+    assert s.labels.tolist() == [-100] * len(prompt) + answer
+    assert s.kind == "world"
+
+
+def test_actions_at_the_bounds_take_the_releases_edge_bins():
+    """The release's +1e-8 keeps an action exactly at its upper bound just below 1.0 after normalizing, in the
+    255th bin (10260); only what clips to 1.0 takes the 256th (10261). Beyond the lower bound clips to the
+    first bin (10006). Every bin decodes to a centre inside the bounds: the top two bins to the last centre,
+    the first to the first centre."""
+    at = ActionTokenizer(CH)
+    mn, mx = np.array(LIBERO_MIN), np.array(LIBERO_MAX)
+    ids = at.encode(np.stack([mx, mn, mn - 3.0, mx + 3.0])).numpy()[:, 1:-1]
+    assert ids[0].tolist() == [10260] * 7
+    assert ids[1].tolist() == [10006] * 7 and ids[2].tolist() == [10006] * 7
+    assert ids[3].tolist() == [10261] * 7
+    last, first = 1 - 1 / 255, -1 + 1 / 255  # the outermost bin centres of linspace(-1, 1, 256)
+    top = (last + 1) / 2 * (mx - mn + 1e-8) + mn
+    bottom = (first + 1) / 2 * (mx - mn + 1e-8) + mn
+    np.testing.assert_allclose(at.decode(np.full(7, 10261)), top, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(at.decode(np.full(7, 10260)), top, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(at.decode(np.full(7, 10006)), bottom, rtol=0, atol=1e-12)
+    assert (top < mx).all() and (bottom > mn).all()
+
+
+def test_float64_tensors_keep_their_precision_and_bounds_round_trip():
+    """A float64 tensor is read at float64: its normalized values and bins are those of the same NumPy array
+    (a float32 detour moved values by ~1e-8, across a bin edge for an action that sits on one), and `to_dict`
+    gives back the bounds that rebuild the same tokenizer."""
+    at = ActionTokenizer(CH)
+    edge = np.linspace(-1, 1, 256)[100]
+    a = np.array(LIBERO_MIN) + (edge + 1) / 2 * (np.array(LIBERO_MAX) - np.array(LIBERO_MIN) + 1e-8)
+    a = np.stack([a, np.random.default_rng(1).uniform(-0.3, 0.3, 7)])
+    np.testing.assert_array_equal(at.normalize(torch.from_numpy(a)), at.normalize(a))
+    assert torch.equal(at.encode(torch.from_numpy(a)), at.encode(a))
+    back = ActionTokenizer(CH, **at.to_dict())
+    assert back.to_dict() == {"low": list(LIBERO_MIN), "high": list(LIBERO_MAX)}
+    assert torch.equal(back.encode(a), at.encode(a))

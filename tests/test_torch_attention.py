@@ -225,3 +225,81 @@ def test_every_decode_backend_honours_softmax_scale():
     for backend in dispatch.available("decode_attention"):  # each takes these inputs: none is skipped
         got = decode_attention(q, kc, vc, meta, softmax_scale=0.3, backend=backend)
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend}: {m}")
+
+
+def _attention_by_hand(q, k, v, mask, scale):
+    """Each query row, head by head, written out: softmax(q . k * scale) over the keys its mask row allows,
+    times their values; query head h reads key/value head h // (H / Hkv) (transformers' grouping)."""
+    L, H, Dh = q.shape
+    rep = H // k.shape[1]
+    out = torch.zeros_like(q)
+    for i in range(L):
+        seen = mask[i].nonzero().flatten()
+        for h in range(H):
+            s = (k[seen, h // rep] @ q[i, h]) * scale
+            out[i, h] = torch.softmax(s, 0) @ v[seen, h // rep]
+    return out
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_reference_is_each_rows_softmax_over_its_visible_keys(kv_heads):
+    """The reference every backend is held to, against a literal loop over rows and heads under the release's
+    rule (test_mask.loop_mask): a right-padded batch of two sequences of different lengths (its real rows never
+    see the padding), and the same two as a packed batch. Grouped heads share a key/value head in
+    consecutive runs, the default scale is 1 / sqrt(head_dim), and bfloat16 inputs give bfloat16 outputs."""
+    gen = torch.Generator().manual_seed(21)
+    docs = [random_sequence(LAYOUT, gen, 2, 3, 5), random_sequence(LAYOUT, gen, 1, 4, 5)]
+    n = max(len(d) for d in docs)
+    ids = torch.tensor([d + [LAYOUT.bos] * (n - len(d)) for d in docs])
+    meta = chunk_mask_meta(ids, LAYOUT)
+    q = torch.randn(2, n, 4, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, n, kv_heads, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    got = masked_attention_ref(q, k, v, meta)
+    for b, doc in enumerate(docs):
+        m = len(doc)
+        mask = torch.from_numpy(loop_mask(doc, LAYOUT))
+        want = _attention_by_hand(q[b, :m], k[b, :m], v[b, :m], mask, 8 ** -0.5)
+        torch.testing.assert_close(got[b, :m], want, rtol=1e-12, atol=1e-12)
+    # the same two sequences packed, without their padding
+    packed_ids, packed_meta = _packed(gen, docs)
+    cat = lambda x: torch.cat([x[b, :len(d)] for b, d in enumerate(docs)])
+    got = masked_attention_ref(cat(q), cat(k), cat(v), packed_meta)
+    torch.testing.assert_close(got, cat(masked_attention_ref(q, k, v, meta)), rtol=1e-12, atol=1e-12)
+    low = masked_attention_ref(q.bfloat16(), k.bfloat16(), v.bfloat16(), meta)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), masked_attention_ref(q.bfloat16().double(), k.bfloat16().double(),
+                                                                  v.bfloat16().double(), meta), rtol=1e-2, atol=1e-2)
+
+
+def test_decode_reference_is_each_rows_softmax_over_its_visible_slots():
+    """decode_attention_ref against the literal loop: grouped heads, the default scale, and the cache slots a
+    row may read (its own position and those before it, within kv_len; none of a later slot's garbage)."""
+    from worldvla.mask import DecodeMeta
+    from worldvla.ops import decode_attention_ref
+
+    gen = torch.Generator().manual_seed(22)
+    q = torch.randn(2, 2, 4, 8, generator=gen, dtype=torch.float64)
+    kc, vc = (torch.randn(2, 12, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    meta = DecodeMeta(torch.tensor([[6, 7], [3, 4]], dtype=torch.int32), torch.full((2, 2), -1, dtype=torch.int32),
+                      torch.full((2, 12), NO_BLOCK, dtype=torch.int32), torch.tensor([8, 5], dtype=torch.int32))
+    got = decode_attention_ref(q, kc, vc, meta)
+    for b in range(2):
+        mask = torch.zeros(2, 12, dtype=torch.bool)
+        for j, pos in enumerate(meta.q_pos[b].tolist()):
+            mask[j, :pos + 1] = True
+        want = _attention_by_hand(q[b], kc[b], vc[b], mask, 8 ** -0.5)
+        torch.testing.assert_close(got[b], want, rtol=1e-12, atol=1e-12)
+
+
+def test_heads_that_do_not_group_and_metadata_of_other_tokens_are_refused_by_name():
+    """4 query heads over 3 key/value heads cannot be grouped (each key/value head must serve the same number of
+    query heads), and metadata built for 9 tokens cannot mask 10: both are refused before any backend runs, naming
+    the problem, on every backend (a backend's own shape error named neither)."""
+    gen = torch.Generator().manual_seed(23)
+    q = torch.randn(1, 10, 4, 8, generator=gen)
+    k3 = torch.randn(1, 10, 3, 8, generator=gen)
+    for backend in dispatch.available("masked_attention"):
+        with pytest.raises(ValueError, match=r"kv heads \(3\) must divide q heads \(4\)"):
+            masked_attention(q, k3, k3, causal_meta((1, 10)), backend=backend)
+        with pytest.raises(ValueError, match=r"meta covers tokens \(1, 9\) but q has \(1, 10\)"):
+            masked_attention(q, q, q, causal_meta((1, 9)), backend=backend)
