@@ -521,3 +521,59 @@ def test_lse_of_a_row_without_visible_keys_is_infinite(rng, poison_empty):
     out, lse = K.chunk_attention_with_lse(q, k, v, meta)
     assert torch.isinf(lse[0, 3]).all() and (lse[0, 3] > 0).all() and torch.isfinite(lse[0, :3]).all()
     assert torch.all(out[0, 3] == 0)
+
+
+@pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
+def test_unequal_query_and_key_tiles(rng, blocks, poison_empty):
+    """The GPU's tiles are taller than wide (128 x 64 forward, 64 x 32 backward at head dim 128) while the
+    interpreter's defaults are square, where a tile list indexed with the query-tile count instead of the
+    key-tile count (or the other way round) reads the same entries: with unequal tiles, over a batch of a
+    plain causal sequence and an action chunk of odd length, forward and backward equal the reference."""
+    block_m, block_n = blocks
+    L = 137
+    ids = torch.stack([world_sample(rng, L), action_sample(rng, L, n_images=1, chunk=10)])
+    meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+    plan = K.tile_plan(meta, block_m, block_n)
+    assert plan.full.shape[1:] == (math.ceil(L / block_m), math.ceil(L / block_n))
+    assert plan.full.any() and plan.part.any()
+    skipped_below_diagonal = [(i, j) for i in range(plan.full.shape[1]) for j in range(plan.full.shape[2])
+                              if j * block_n < (i + 1) * block_m and not (plan.full[1, i, j] or plan.part[1, i, j])]
+    assert skipped_below_diagonal, "the chunk must hide whole tiles below the diagonal"
+    q, k, v = qkv(rng, (2, L, 2, 32), 1, torch.float32)
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    xd = [t.double().requires_grad_() for t in (q, k, v)]
+    out = K.chunk_attention(*xs, meta, block_m=block_m, block_n=block_n)
+    ref = masked_attention_ref(*xd, meta)
+    assert_close_rule(out, ref, torch_same_precision(q, k, v, meta), "fwd", floor_eps=FP32_FLOOR_EPS)
+    do = torch.randn(out.shape, generator=rng).to(DEV)
+    out.backward(do)
+    ref.backward(do.double())
+    for name, a, b, s in zip("qkv", xs, xd, fa2_backward_same_precision(q, k, v, meta, do)):
+        assert_close_rule(a.grad, b.grad, s, f"d{name}", floor_eps=FP32_FLOOR_EPS)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_backward_through_fused_projection_views(rng, packed, poison_empty):
+    """q, k, v as slices of one fused projection (head dim contiguous, other strides not those of a
+    contiguous tensor) and dO a slice of a wider gradient: the backward reads each of q, k, v, O and dO,
+    and writes dQ, dK, dV, with that tensor's own strides, so the gradients equal those of contiguous copies."""
+    H, Hkv, D = 2, 1, 16
+    if packed:
+        ids = torch.cat([action_sample(rng, 64, n_images=1, chunk=2), world_sample(rng, 61)])
+        meta = chunk_mask_meta(ids, LAYOUT, cu_seqlens=torch.tensor([0, 64, 125], dtype=torch.int32)).to(DEV)
+        lead = (125,)
+    else:
+        ids = torch.stack([action_sample(rng, 64, n_images=1, chunk=2), world_sample(rng, 64)])
+        meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+        lead = (2, 64)
+    fused = torch.randn(*lead, H + 2 * Hkv, D, generator=rng).to(DEV).requires_grad_()
+    q, k, v = fused.split([H, Hkv, Hkv], dim=-2)
+    do = torch.randn(*lead, 3 * H, D, generator=rng).to(DEV)[..., :H, :]
+    assert all(t.stride(-1) == 1 and not t.is_contiguous() for t in (q, k, v, do))
+    K.chunk_attention(q, k, v, meta).backward(do)
+    got = fused.grad.split([H, Hkv, Hkv], dim=-2)
+
+    want = [x.detach().contiguous().requires_grad_() for x in (q, k, v)]
+    K.chunk_attention(*want, meta).backward(do.contiguous())
+    for n, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, w.grad, rtol=0, atol=0, msg=f"d{n}")

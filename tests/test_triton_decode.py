@@ -203,3 +203,82 @@ def test_split_kv_merge_when_a_later_split_dominates(rng, num_splits, poison_emp
     same = decode_attention_ref(q, kc, vc, meta, upcast=False)
     out = K.decode_attention(q, kc, vc, meta, num_splits=num_splits, block_n=32)
     assert_close_rule(out, ref, same, f"{num_splits} splits", floor_eps=FP32_FLOOR_EPS)
+
+
+def test_query_rows_spanning_several_row_tiles(rng, poison_empty):
+    """A program takes at most 32 query rows of a KV group in float32 (the GPU's cap, which the interpreter
+    takes too): parallel decoding of the last 10 tokens with 4 query heads per KV head is 40 rows, two row
+    tiles, each of which must place its rows at their own queries and heads."""
+    seqs = [action_sequence(rng, 9, chunk=10), action_sequence(rng, 19, chunk=3)]
+    S, H, Hkv, D = 160, 8, 2, 32
+    qs, ks, vs, kc, vc, kvb, kvlen = caches_from_sequences(rng, seqs, S, H, Hkv, D, torch.float32)
+    n_q = 10
+    plan, _ = K.launch_plan(torch.empty(2, n_q, H, D, device=DEV), kc)
+    assert plan[0] == 40 and plan[2] == 32, plan
+    pos = [torch.arange(ids.numel() - n_q, ids.numel()) for ids in seqs]
+    q = torch.stack([qq[p] for qq, p in zip(qs, pos)])
+    q_limit = torch.stack([chunk_mask_meta(ids, LAYOUT).q_limit[p] for ids, p in zip(seqs, pos)])
+    meta = DecodeMeta(torch.stack(pos).to(DEV, torch.int32), q_limit.to(DEV, torch.int32), kvb, kvlen)
+    for splits in (1, 2):
+        out = K.decode_attention(q, kc, vc, meta, num_splits=splits, block_n=32)
+        for b, ids in enumerate(seqs):
+            want, same = (full_rows(ids, qs[b], ks[b], vs[b], pos[b].to(DEV), t) for t in (torch.float64, torch.float32))
+            assert_close_rule(out[b], want, same, f"{splits} splits, sequence {b}", floor_eps=FP32_FLOOR_EPS)
+
+
+def test_value_cache_with_its_own_strides(rng, poison_empty):
+    """K and V caches need not share a layout (a value cache allocated for more slots or heads and sliced):
+    each is addressed by its own batch, slot and head strides."""
+    B, S, H, Hkv, D = 2, 70, 4, 2, 32
+    kc = torch.randn(B, S, Hkv, D, generator=rng).to(DEV)
+    v_store = torch.full((B, S + 9, Hkv + 1, D), float("nan"))
+    v_store[:, :S, :Hkv] = torch.randn(B, S, Hkv, D, generator=rng)
+    vc = v_store.to(DEV)[:, :S, :Hkv]
+    assert vc.stride() != kc.stride() and vc.stride(-1) == 1
+    q = torch.randn(B, 3, H, D, generator=rng).to(DEV)
+    kv_len = torch.tensor([S, 45], dtype=torch.int32, device=DEV)
+    meta = DecodeMeta(torch.tensor([[S - 1, 30, 12], [44, 44, 20]], dtype=torch.int32, device=DEV),
+                      torch.full((B, 3), -1, dtype=torch.int32, device=DEV),
+                      torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV), kv_len)
+    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
+    same = decode_attention_ref(q, kc, vc.contiguous(), meta, upcast=False)
+    for splits in (1, 2):
+        out = K.decode_attention(q, kc, vc, meta, num_splits=splits, block_n=32)
+        assert_close_rule(out, ref, same, f"{splits} splits", floor_eps=FP32_FLOOR_EPS)
+
+
+@pytest.mark.parametrize("head_dim", [40, 96])
+def test_split_merge_with_head_dims_below_the_tile(rng, head_dim, poison_empty):
+    """Head dims that are not a power of two pad to the next one inside the kernels: the merge of the
+    split-KV partials must write only the head's own columns, never the padding into a neighbouring head."""
+    B, n_q, S, H, Hkv = 2, 3, 100, 4, 2
+    q = torch.randn(B, n_q, H, head_dim, generator=rng).to(DEV)
+    kc = torch.randn(B, S, Hkv, head_dim, generator=rng).to(DEV)
+    vc = torch.randn(B, S, Hkv, head_dim, generator=rng).to(DEV)
+    meta = DecodeMeta(torch.tensor([[S - 1, 70, 33], [80, 80, 5]], dtype=torch.int32, device=DEV),
+                      torch.full((B, n_q), -1, dtype=torch.int32, device=DEV),
+                      torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV),
+                      torch.tensor([S, 81], dtype=torch.int32, device=DEV))
+    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
+    same = decode_attention_ref(q, kc, vc, meta, upcast=False)
+    for splits in (1, 3):
+        out = K.decode_attention(q, kc, vc, meta, num_splits=splits, block_n=32)
+        assert_close_rule(out, ref, same, f"{splits} splits", floor_eps=FP32_FLOOR_EPS)
+
+
+def test_kv_len_and_positions_past_the_cache_read_only_the_cache(rng, poison_empty):
+    """kv_len and q_pos beyond the cache's S slots (a length counted past the allocated cache) make every
+    slot visible, as in the reference, and the kernel reads no slot past S (here: the next sequence's)."""
+    B, S, H, D = 2, 40, 2, 32
+    q = torch.randn(B, 1, H, D, generator=rng).to(DEV)
+    kc = torch.randn(B, S, H, D, generator=rng).to(DEV)
+    vc = torch.randn(B, S, H, D, generator=rng).to(DEV)
+    meta = DecodeMeta(torch.tensor([[S + 20], [S - 1]], dtype=torch.int32, device=DEV),
+                      torch.full((B, 1), -1, dtype=torch.int32, device=DEV),
+                      torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV),
+                      torch.tensor([S + 30, S], dtype=torch.int32, device=DEV))
+    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
+    same = decode_attention_ref(q, kc, vc, meta, upcast=False)
+    for splits in (1, 2):
+        out = K.decode_attention(q, kc, vc, meta, num_splits=splits, block_n=32)
+        assert_close_rule(out, ref, same, f"{splits} splits", floor_eps=FP32_FLOOR_EPS)
