@@ -202,6 +202,22 @@ def test_decode_rows_equal_the_prefill(emulated, rng):
     torch.testing.assert_close(out.float(), full[:, rows].float(), rtol=0, atol=2e-2)
 
 
+@pytest.mark.parametrize("n_splits", [1, 2])
+def test_decode_key_tile_inside_the_rows_action_block(emulated, rng, n_splits):
+    """Rows decoding inside an 80-token action block see the block's earlier tokens. Key tile 128-191 lies wholly
+    in that block: every kv_block there equals the rows' q_limit and none is larger, and the tile is visible
+    (a block hides only the blocks before it), so the tile skip must not take it."""
+    L = 300
+    meta = long_blocks_meta(L, 40, 280, 80)  # action blocks at 40, 120, 200
+    q, k, v = qkv(rng, (1, L), 4, 2, 64, torch.bfloat16)
+    rows = [150, 190, 199]
+    dm = decode_meta_from(meta, rows, L)
+    assert (dm.q_limit == 1).all() and (dm.kv_block[0, 128:192] == 1).all()
+    out = nb.decode_attention(q[:, rows], k, v, dm, n_splits=n_splits)
+    ref = decode_attention_ref(q[:, rows].double(), k.double(), v.double(), dm)
+    same = decode_attention_ref(q[:, rows], k, v, dm, upcast=False)
+    assert_close_rule(out, ref, same, f"simt decode in an action block, {n_splits} splits")
+
 def test_decode_rows_without_keys_and_empty_sequences(emulated, rng):
     q, k, v, dm = _decode_case(rng, torch.bfloat16, 64, B=2, Q=3, H=2, Hkv=1, S=130)
     dm.q_pos[0, 2] = -4  # a row that sees no key
@@ -266,6 +282,23 @@ def test_vq_quantize_exact_codes_and_ties(emulated, rng, code_splits):
     assert torch.equal(nb.vq_quantize_op(cb[pick].contiguous(), cb), idx)  # the custom op, default split
 
 
+@pytest.mark.parametrize("dtype,code_splits", [(torch.bfloat16, 1), (torch.float16, 1), (torch.bfloat16, 3)])
+def test_vq_quantize_16bit_duplicate_codes_take_the_first(emulated, rng, dtype, code_splits):
+    """16-bit inputs take the direct pass, where each thread keeps a running minimum over its codes: duplicates
+    give bit-identical distances and the lowest index wins, as in torch.argmin, whether the later copy is the
+    same thread's code in a later column tile (11 of 3), in the next code tile (135 of 7, another CTA with 3
+    splits) or another lane's (200 of 60)."""
+    cb = torch.randn(300, 24, generator=rng).to(dtype)
+    first = {11: 3, 135: 7, 200: 60}
+    for dup, orig in first.items():
+        cb[dup] = cb[orig]
+    pick = torch.arange(300)
+    expected = pick.clone()
+    for dup, orig in first.items():
+        expected[dup] = orig
+    assert torch.equal(nb.vq_quantize(cb.clone(), cb, code_splits=code_splits), expected)
+
+
 @pytest.mark.parametrize("dtype,code_splits", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 3),
                                                (torch.float16, 1)])
 def test_vq_quantize_takes_the_first_nan(emulated, rng, dtype, code_splits):
@@ -296,6 +329,21 @@ def test_vq_quantize_distance_of_flt_max(emulated, dtype, code_splits):
         expected = vq_quantize_ref(z, cb)
         assert expected.tolist() == [code or 0] * 3
         assert torch.equal(nb.vq_quantize(z, cb, code_splits=code_splits), expected), code
+
+
+@pytest.mark.parametrize("code_splits", [1, 3])
+def test_vq_quantize_rows_near_zero(emulated, rng, code_splits):
+    """fp32 rows far shorter than the codes (a latent near zero): the distances |e|^2 - 2 z.e differ from |e|^2
+    by a few units in the last place, so the rounding of the final subtraction, not the bf16 error of z.e,
+    decides whether the bound pass's key stays above the exact minimum. The error bound's |e|^2 term covers it;
+    without it the bound could undercut every exact distance and the row would read code 0."""
+    cb = torch.randn(300, 48, generator=rng)
+    cb[0] *= 3  # code 0 is never the nearest here
+    for scale in (2.0 ** -19, 2.0 ** -20, 2.0 ** -21, 2.0 ** -22):  # a few rows in a few hundred are at risk
+        z = torch.randn(400, 48, generator=rng) * scale
+        expected = vq_quantize_ref(z, cb)
+        assert (expected != 0).all()
+        assert torch.equal(nb.vq_quantize(z, cb, code_splits=code_splits), expected), scale
 
 
 def fp32_overflow_cases():
@@ -339,6 +387,24 @@ def test_vq_gather(emulated, rng, dtype, index_dtype):
     cb = torch.randn(300, 24, generator=rng).to(dtype)
     idx = torch.randint(0, 300, (2, 5, 7), generator=rng).to(index_dtype)
     assert torch.equal(nb.vq_gather_op(idx, cb), vq_gather_ref(idx, cb))
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_vq_gather_codes_outside_the_book_give_zeros(emulated, rng, index_dtype):
+    """The native op's contract for codes outside [0, K) (the public entry point refuses them before): zeros,
+    never a read of the rows around the codebook. The codebook is a view of a larger buffer whose rows
+    before and after it are NaN, so code K or -1 read as a row would show as NaN."""
+    big = torch.full((302, 24), float("nan"), dtype=torch.bfloat16)
+    big[1:301] = torch.randn(300, 24, generator=rng).to(torch.bfloat16)
+    cb = big[1:301]
+    idx = torch.randint(0, 300, (2, 5, 7), generator=rng)
+    bad = torch.tensor([300, -1, 301, 2**31 - 1])
+    idx.view(-1)[[0, 13, 34, 69]] = bad
+    out = nb.vq_gather_op(idx.to(index_dtype), cb)
+    outside = ((idx < 0) | (idx >= 300)).unsqueeze(1).expand_as(out)
+    assert int(outside.sum()) == 4 * 24
+    assert (out[outside] == 0).all()
+    assert torch.equal(out[~outside], vq_gather_ref(idx.clamp(0, 299), cb)[~outside])
 
 
 # --------------------------------------------------------------------------- constrained decoding
@@ -553,3 +619,55 @@ def test_decode_nan_reaches_exactly_the_rows_that_see_it(emulated, rng, n_splits
     expected[1, 2, 3] = bool(mask[1, 2].any())
     _nan_rows_check(nb.decode_attention(q2, k2, v, dm, n_splits=n_splits), clean, expected,
                     f"simt decode, {n_splits} splits")
+
+
+# --------------------------------------------------------------------------- strides and output bounds
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_range_kernels_read_rows_at_their_stride(emulated, rng, dtype):
+    """Hidden states sliced from a wider buffer (the last position of [B, L, H] is one) and an lm_head view whose
+    rows are padded: both kernels step rows by the given strides, not the hidden size. The padding is NaN, so
+    a row read at the wrong offset shows; results equal the call on contiguous copies bit for bit."""
+    H = 96
+    hidden = torch.randn(7, H, generator=rng).to(dtype)  # 4 hidden rows per pass + a tail of 3
+    weight = (torch.randn(400, H, generator=rng) * 0.1).to(dtype)
+    hidden_s, weight_s = nan_padded(hidden, 32), nan_padded(weight, 16)
+    assert hidden_s.stride(0) == H + 32 and weight_s.stride(0) == H + 16
+    for lo, hi in ((3, 400), (100, 131)):
+        ids = nb.range_argmax_op(hidden_s, weight_s, lo, hi)
+        assert torch.equal(ids, nb.range_argmax_op(hidden, weight, lo, hi)), (lo, hi)
+        assert_greedy(ids, hidden, weight, lo, hi, constrained_sample_ref(hidden, weight, lo, hi), f"strided {dtype}")
+        logits = nb.range_logits_op(hidden_s, weight_s, lo, hi)
+        assert logits.isfinite().all()
+        assert torch.equal(logits, nb.range_logits_op(hidden, weight, lo, hi)), (lo, hi)
+
+
+def test_kernels_write_nothing_past_their_outputs(emulated, rng):
+    """Row tiles, code tiles and vocabulary groups past the last row are partial here: their threads compute but
+    must not store. Each launcher writes into a buffer followed by a guard of sentinels, which must stay."""
+    N, C, K = 150, 44, 300  # 128-row tiles: the second holds 22 rows
+    guard = 130
+    for dtype in (torch.float32, torch.bfloat16):  # bound + certify passes; the direct pass
+        z = torch.randn(N, C, generator=rng).to(dtype)
+        cb = torch.randn(K, C, generator=rng).to(dtype)
+        out = torch.full((N + guard,), -7, dtype=torch.int64)
+        emulated.vq_quantize(0, 0, nb._DTYPE_CODE[dtype], z.data_ptr(), C, cb.data_ptr(), C, N, K, C,
+                             out.data_ptr(), 128)
+        assert (out[N:] == -7).all(), f"vq_quantize {dtype} wrote past its {N} rows"
+        assert torch.equal(out[:N], nb.vq_quantize(z, cb, code_splits=1)), dtype
+
+    hidden = torch.randn(7, 96, generator=rng).to(torch.bfloat16)  # a tail of 3 hidden rows
+    weight = (torch.randn(400, 96, generator=rng) * 0.1).to(torch.bfloat16)
+    code = nb._DTYPE_CODE[torch.bfloat16]
+    lo, hi = 17, 250  # 233 rows: the last warp's group of 4 holds 1
+    # The workspace takes atomicMax of (logit, index) keys, every one above 1: a sentinel they would raise.
+    ws = torch.full((7 + 8,), 1, dtype=torch.int64)
+    ids = torch.full((7 + 8,), -7, dtype=torch.int64)
+    emulated.range_argmax(0, 0, code, hidden.data_ptr(), 96, weight.data_ptr(), 96, 7, 96, lo, hi, ws.data_ptr(),
+                          ids.data_ptr())
+    assert (ws[7:] == 1).all() and (ids[7:] == -7).all(), "range_argmax wrote past its 7 rows"
+    assert torch.equal(ids[:7], nb.range_argmax_op(hidden, weight, lo, hi))
+    R = hi - lo
+    logits = torch.full((7 * R + 4 * R,), float("nan"))  # a pass of 4 hidden rows could overrun by 3 rows
+    emulated.range_logits(0, 0, code, hidden.data_ptr(), 96, weight.data_ptr(), 96, 7, 96, lo, hi, logits.data_ptr())
+    assert logits[7 * R:].isnan().all(), "range_logits wrote past its [7, 233] logits"
+    assert torch.equal(logits[:7 * R].view(7, R), nb.range_logits_op(hidden, weight, lo, hi))
