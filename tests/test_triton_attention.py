@@ -250,6 +250,23 @@ def test_inference_mode(rng):
                       floor_eps=FP32_FLOOR_EPS)
 
 
+def check_fp32_forward_backward(rng, q, k, v, meta, what="", **kernel_kw):
+    """fp32 forward and backward of the kernels against the float64 reference, under the tolerance rule (the
+    forward's baseline is torch at the same precision, the backward's the kernels' FA2 backward in float32
+    torch). Returns the output and the leaves, whose .grad hold the kernels' gradients."""
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    xd = [t.double().requires_grad_() for t in (q, k, v)]
+    out = K.chunk_attention(*xs, meta, **kernel_kw)
+    ref = masked_attention_ref(*xd, meta)
+    assert_close_rule(out, ref, torch_same_precision(q, k, v, meta), f"fwd{what}", floor_eps=FP32_FLOOR_EPS)
+    do = torch.randn(out.shape, generator=rng).to(DEV)
+    out.backward(do)
+    ref.backward(do.double())
+    for name, a, b, same in zip("qkv", xs, xd, fa2_backward_same_precision(q, k, v, meta, do)):
+        assert_close_rule(a.grad, b.grad, same, f"d{name}{what}", floor_eps=FP32_FLOOR_EPS)
+    return out, xs
+
+
 def test_rows_without_visible_keys(rng, poison_empty):
     """Arbitrary metadata may hide every key from a row: output and gradients are zero there, never NaN."""
     B, L = 1, 70
@@ -259,17 +276,8 @@ def test_rows_without_visible_keys(rng, poison_empty):
     empty_rows = ~meta.dense_mask()[0].any(-1)
     assert empty_rows.any() and not empty_rows.all()
     q, k, v = qkv(rng, (B, L, 2, 64), 2, torch.float32)
-    xs = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = K.chunk_attention(*xs, meta)
-    xd = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = masked_attention_ref(*xd, meta)
-    assert_close_rule(out, ref, torch_same_precision(q, k, v, meta), "fwd", floor_eps=FP32_FLOOR_EPS)
+    out, xs = check_fp32_forward_backward(rng, q, k, v, meta)
     assert torch.all(out[0, empty_rows] == 0)
-    do = torch.randn(out.shape, generator=rng).to(DEV)
-    out.backward(do)
-    ref.backward(do.double())
-    for name, a, b, s in zip("qkv", xs, xd, fa2_backward_same_precision(q, k, v, meta, do)):
-        assert_close_rule(a.grad, b.grad, s, f"d{name}", floor_eps=FP32_FLOOR_EPS)
     assert torch.all(xs[0].grad[0, empty_rows] == 0)
 
 
@@ -319,16 +327,7 @@ def test_float32_wide_heads(rng, poison_empty):
     ids = action_sample(rng, 61, n_images=1, chunk=3).unsqueeze(0)
     meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
     q, k, v = qkv(rng, (1, 61, 2, 160), 1, torch.float32)
-    do = torch.randn(q.shape, generator=rng).to(DEV)
-    xs = [t.clone().requires_grad_() for t in (q, k, v)]
-    xd = [t.double().requires_grad_() for t in (q, k, v)]
-    out = K.chunk_attention(*xs, meta)
-    ref = masked_attention_ref(*xd, meta)
-    assert_close_rule(out, ref, torch_same_precision(q, k, v, meta), "fwd D160", floor_eps=FP32_FLOOR_EPS)
-    out.backward(do)
-    ref.backward(do.double())
-    for name, g, r, s in zip("qkv", xs, xd, fa2_backward_same_precision(q, k, v, meta, do)):
-        assert_close_rule(g.grad, r.grad, s, f"d{name} D160", floor_eps=FP32_FLOOR_EPS)
+    check_fp32_forward_backward(rng, q, k, v, meta, " D160")
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -540,16 +539,7 @@ def test_unequal_query_and_key_tiles(rng, blocks, poison_empty):
                               if j * block_n < (i + 1) * block_m and not (plan.full[1, i, j] or plan.part[1, i, j])]
     assert skipped_below_diagonal, "the chunk must hide whole tiles below the diagonal"
     q, k, v = qkv(rng, (2, L, 2, 32), 1, torch.float32)
-    xs = [t.clone().requires_grad_() for t in (q, k, v)]
-    xd = [t.double().requires_grad_() for t in (q, k, v)]
-    out = K.chunk_attention(*xs, meta, block_m=block_m, block_n=block_n)
-    ref = masked_attention_ref(*xd, meta)
-    assert_close_rule(out, ref, torch_same_precision(q, k, v, meta), "fwd", floor_eps=FP32_FLOOR_EPS)
-    do = torch.randn(out.shape, generator=rng).to(DEV)
-    out.backward(do)
-    ref.backward(do.double())
-    for name, a, b, s in zip("qkv", xs, xd, fa2_backward_same_precision(q, k, v, meta, do)):
-        assert_close_rule(a.grad, b.grad, s, f"d{name}", floor_eps=FP32_FLOOR_EPS)
+    check_fp32_forward_backward(rng, q, k, v, meta, block_m=block_m, block_n=block_n)
 
 
 @pytest.mark.parametrize("packed", [False, True])
