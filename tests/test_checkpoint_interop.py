@@ -11,6 +11,8 @@ from worldvla.model import ModelConfig, WorldVLA
 from worldvla.tokens import VocabLayout
 from worldvla.tokens.layout import _code_from_bpe_name
 
+from test_model import load_bin_folder, views_of_one_buffer  # (pytest puts tests/ on sys.path)
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -153,22 +155,9 @@ def test_a_bin_of_views_of_one_flat_buffer_holds_the_weights_once_and_no_two_ali
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     names = [k for k in sd if k != "lm_head.weight"]
     odd = "model.norm.weight"  # placed 4 bytes past a 16-byte boundary
-    offsets, n = {}, 0
-    for k in names:
-        n = -(-n // 4) * 4 + (1 if k == odd else 0)
-        offsets[k] = n
-        n += sd[k].numel()
-    flat = torch.zeros(n)
-    views = {k: flat[offsets[k]:offsets[k] + sd[k].numel()].view(sd[k].shape) for k in names}
-    for k in names:
-        views[k].copy_(sd[k])
+    flat, views = views_of_one_buffer({k: sd[k] for k in names}, off_boundary=(odd,))
     views["lm_head.weight"] = views["model.embed_tokens.weight"]  # a tied model's torch.save
-    f = tmp_path / "flat"
-    f.mkdir()
-    torch.save(views, f / "pytorch_model.bin")
-    (f / "config.json").write_text((tmp_path / "ref" / "config.json").read_text())
-
-    loaded = WorldVLA.from_pretrained(f)
+    loaded = load_bin_folder(tmp_path / "flat", views, tmp_path / "ref")
     params = dict(loaded.state_dict())
     want = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
     assert all(torch.equal(params[k], want[k]) for k in want)

@@ -1010,6 +1010,30 @@ def test_a_shard_index_is_read_before_a_stale_bin_beside_it(tmp_path):
     assert all(torch.equal(v, got[k]) for k, v in new.state_dict().items())
 
 
+def views_of_one_buffer(tensors: dict, off_boundary=()) -> tuple[torch.Tensor, dict]:
+    """(flat, views): float32 `tensors` copied into views of one flat buffer, as an FSDP flat-parameter save
+    holds them; each view starts on a 16-byte boundary, those named in `off_boundary` 4 bytes past one."""
+    offsets, n = {}, 0
+    for k, v in tensors.items():
+        n = -(-n // 4) * 4 + (1 if k in off_boundary else 0)
+        offsets[k] = n
+        n += v.numel()
+    flat = torch.zeros(n)
+    views = {k: flat[offsets[k]:offsets[k] + v.numel()].view(v.shape) for k, v in tensors.items()}
+    for k, v in tensors.items():
+        views[k].copy_(v)
+    return flat, views
+
+
+def load_bin_folder(folder, tensors: dict, config_from) -> WorldVLA:
+    """A WorldVLA loaded from `folder`, written to hold `tensors` as its pytorch_model.bin and the config.json
+    of the checkpoint folder `config_from`."""
+    folder.mkdir()
+    torch.save(tensors, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text((config_from / "config.json").read_text())
+    return WorldVLA.from_pretrained(folder)
+
+
 def test_a_bin_whose_buffer_also_holds_the_vqgan_keeps_only_the_models_weights(tmp_path):
     """pytorch_model.bin whose tensors are views of one flat buffer that also holds the release's vqmodel.*
     tensors, which are not loaded: views kept of the buffer would hold all of it with the model. The model's
@@ -1019,21 +1043,8 @@ def test_a_bin_whose_buffer_also_holds_the_vqgan_keeps_only_the_models_weights(t
     sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
     vq = torch.randn(4 * sum(v.numel() for v in sd.values()) // 64, 64)
     tensors = {**sd, "model.vqmodel.quantize.embedding.weight": vq}
-    offsets, n = {}, 0
-    for k, v in tensors.items():
-        n = -(-n // 4) * 4  # every view on a 16-byte boundary: only the unused buffer calls for copies
-        offsets[k] = n
-        n += v.numel()
-    flat = torch.zeros(n)
-    views = {k: flat[offsets[k]:offsets[k] + v.numel()].view(v.shape) for k, v in tensors.items()}
-    for k, v in tensors.items():
-        views[k].copy_(v)
-    f = tmp_path / "bin"
-    f.mkdir()
-    torch.save(views, f / "pytorch_model.bin")
-    (f / "config.json").write_text((tmp_path / "ref" / "config.json").read_text())
-    loaded = WorldVLA.from_pretrained(f)
-    params = dict(loaded.state_dict())
+    flat, views = views_of_one_buffer(tensors)  # every view aligned: only the unused buffer calls for copies
+    params = dict(load_bin_folder(tmp_path / "bin", views, tmp_path / "ref").state_dict())
     assert all(torch.equal(params[k], v) for k, v in sd.items())
     storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in params.values()}
     assert sum(storages.values()) == sum(p.nbytes for p in params.values()) < flat.nbytes

@@ -415,6 +415,18 @@ def test_the_release_tokenizer_folder_loads_and_passes_trust_checkpoint_on(rng, 
     _same_weights(m, load_release_tokenizer(tmp_path, trust_checkpoint=True)[2])
 
 
+def _retain_latents(m) -> dict:
+    """A dict whose "z" will be the encoder's latents (quant_conv's output) of m's next forward, gradient kept."""
+    seen = {}
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        seen["z"] = out
+
+    m.quant_conv.register_forward_hook(keep)
+    return seen
+
+
 def test_vq_loss_weights_the_commitment_term_by_beta():
     """The VQ loss is ||sg[z] - e||^2 + beta * ||z - sg[e]||^2: the codebook is pulled towards the encoder's
     latents at full weight and the encoder towards the codebook at weight beta. Putting beta on the codebook
@@ -423,13 +435,7 @@ def test_vq_loss_weights_the_commitment_term_by_beta():
 
     gen = torch.Generator().manual_seed(7)
     m = _model(gen).train()
-    seen = {}
-
-    def keep_latents(module, inputs, out):
-        out.retain_grad()
-        seen["z"] = out
-
-    m.quant_conv.register_forward_hook(keep_latents)
+    seen = _retain_latents(m)
     _, vq_loss, codes = m(_pixels(gen, 2, 32, 32))
     vq_loss.backward()
     z = seen["z"].detach()                                  # [B, C, h, w]
@@ -448,17 +454,12 @@ def test_the_reconstruction_gradient_passes_straight_through_to_the_encoder():
     encoder's latents unchanged, and the codebook gets none of it (only the VQ loss moves the codebook)."""
     gen = torch.Generator().manual_seed(11)
     m = _model(gen).train()
-    seen = {}
-
-    def keep_latents(module, inputs, out):
-        out.retain_grad()
-        seen["z"] = out
+    seen = _retain_latents(m)
 
     def keep_decoder_input(module, inputs):
         inputs[0].retain_grad()
         seen["z_st"] = inputs[0]
 
-    m.quant_conv.register_forward_hook(keep_latents)
     m.post_quant_conv.register_forward_pre_hook(keep_decoder_input)
     x = _pixels(gen, 2, 32, 32)
     rec, _, _ = m(x)
