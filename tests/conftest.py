@@ -227,8 +227,11 @@ def interrupt_cli():
     def run(args, ready, timeout=180):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("WORLDVLA_TRACEBACK", None)
+        # SIGINT as a terminal's shell leaves it: a test run started in the background of a non-interactive shell
+        # ignores SIGINT, its children inherit that, and Python then keeps ignoring it (no Ctrl-C to test).
         proc = subprocess.Popen([sys.executable, "-m", "worldvla.cli", *map(str, args)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.time() + timeout
             while not ready():
