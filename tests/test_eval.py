@@ -280,6 +280,25 @@ def test_world_model_code_accuracy_against_copy_last():
     assert 0.0 <= m["code_accuracy"] <= 1.0
 
 
+def test_world_model_horizon_is_the_shortest_rollouts_and_at_most_the_asked_one():
+    """Rollouts of unequal length (an expert that finished early) are imagined over the steps every one of them
+    has: the shortest rollout's length, capped by `horizon`; a rollout with no action is left out."""
+    from worldvla.eval.metaworld import world_model_metrics
+
+    pol = _tiny_policy(2)
+    rng = np.random.default_rng()
+
+    def rollout(n_actions):
+        return {"frames": rng.integers(0, 256, size=(n_actions + 1, 32, 32, 3), dtype=np.uint8),
+                "actions": rng.uniform(-1, 1, size=(n_actions, 4)).astype(np.float32)}
+
+    rollouts = [rollout(5), rollout(2), rollout(4), rollout(0)]
+    for horizon, want in ((8, 2), (1, 1)):
+        m = world_model_metrics(pol, rollouts, horizon=horizon, one_step_points=2)["multi_step"]
+        assert m["horizon"] == want and m["rollouts"] == 3
+        assert len(m["psnr_per_step"]) == len(m["copy_first_psnr_per_step"]) == want
+
+
 def test_evaluate_saves_each_closed_loop_and_resumes(tmp_path, monkeypatch):
     """A crash mid-evaluation keeps the finished closed loops (metrics.json marked incomplete);
     a rerun reuses them and runs only the missing ones; new policy files invalidate them."""

@@ -406,6 +406,19 @@ def test_class_weights_cover_exactly_image_codes():
     assert (r != 0.0400390625).sum() == L.vocab_size - 8192
 
 
+@pytest.mark.parametrize("alpha", [-0.04, float("nan"), float("inf"), True, "0.04"])
+def test_class_weights_refuse_a_weight_that_is_no_finite_non_negative_number(alpha):
+    """A negative image weight made the CE normalizer (the sum of the label weights) negative or zero, and the
+    loss nonsense; it is refused by name before any training step, as are NaN, inf and non-numbers."""
+    with pytest.raises(ValueError, match="the image-code loss weight must be a finite number >= 0"):
+        loss_class_weights(VocabLayout.chameleon(), alpha)
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, m.config.vocab_size, (1, 8))
+    with pytest.raises(ValueError, match="image-code loss weight"):
+        m.loss(ids, ids.clone(), image_weight=alpha)
+    assert loss_class_weights(VocabLayout.chameleon(), 0)[5] == 0  # 0 (image codes out of the loss) is fine
+
+
 def test_position_limit_counts_the_longest_document():
     """Positions restart in every packed document: the limit applies to the longest one, read
     from the metadata on the host; a padded row longer than the limit is refused."""

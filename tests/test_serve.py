@@ -1204,7 +1204,7 @@ def test_unknown_fields_protocol_versions_and_bad_ids_are_refused(np_rng):
         assert len(policy.calls) == calls  # refused before the policy
         reply = _ask(ws, packb({"type": "metadata", "episode": "e", "pad": 0}))
         assert "unknown fields 'episode', 'pad' in a 'metadata' request" in reply["error"]
-        for version in (99, "1", True):
+        for version in (99, "1", True, 1.0):
             reply = _ask(ws, packb({"type": "act", "episode": "e", "image": f2, "protocol": version}))
             assert reply["ok"] is False and "this server speaks protocol 1" in reply["error"], reply
         for bad_id in (1.5, True, [1], None):
@@ -1815,11 +1815,12 @@ def test_client_skips_late_replies_to_earlier_requests(monkeypatch):
     assert [m["id"] for m in ws.sent] == [2]
 
 
-def test_client_refuses_a_server_whose_metadata_states_a_boolean_protocol(monkeypatch):
-    """A server that states no version at the handshake is asked for its metadata: `True` there is no protocol
-    number, though it compares equal to 1."""
-    ws = _FakeConnection([_echo_id({"ok": True, "protocol": True})], header=None)
-    with pytest.raises(PolicyServerError, match="speaks protocol True, this PolicyClient protocol 1"):
+@pytest.mark.parametrize("version", [True, 1.0])
+def test_client_refuses_a_server_whose_metadata_states_a_non_integer_protocol(monkeypatch, version):
+    """A server that states no version at the handshake is asked for its metadata: `True` or `1.0` there is no
+    protocol number, though each compares equal to 1."""
+    ws = _FakeConnection([_echo_id({"ok": True, "protocol": version})], header=None)
+    with pytest.raises(PolicyServerError, match=f"speaks protocol {version}, this PolicyClient protocol 1"):
         _offline_client(monkeypatch, ws)
     assert ws.sent[0]["type"] == "metadata" and ws.closed
 

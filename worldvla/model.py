@@ -10,6 +10,7 @@ Attention goes through `worldvla.ops` (chunk rule for prefill/training, KV cache
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -293,6 +294,9 @@ def loss_class_weights(layout: VocabLayout, alpha: float = 0.04, release: bool =
     image-code ids themselves; `release=True` gives the release's slice instead (its ids
     shifted down by one: [first image id - 1, last image id), the same on a compact layout)
     and its value: FSDP's bfloat16 cast of the weight tensor makes 0.04 0.0400390625."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"the image-code loss weight must be a finite number >= 0 (0 leaves image codes out of "
+                         f"the loss, 1 weighs them as other tokens), got {alpha!r}")
     w = torch.ones(layout.vocab_size)
     if release:
         lo, hi = min(layout.image_code_ids), max(layout.image_code_ids)

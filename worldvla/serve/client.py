@@ -167,7 +167,7 @@ class PolicyClient:
                 raise PolicyServerError(f"the server at {self.url} refused a metadata request: "
                                         f"{reply.get('error', 'no message')}")
             version = reply.get("protocol")
-        if version != PROTOCOL_VERSION or isinstance(version, bool):
+        if type(version) is not int or version != PROTOCOL_VERSION:  # a protocol number: not True, not 1.0
             raise _other_protocol(self.url, version)
 
     def _round_trip(self, message: dict, deadline: float) -> dict:

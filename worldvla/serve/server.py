@@ -572,7 +572,7 @@ class PolicyServer:
             raise ProtocolError(f"unknown request type {kind!r}; expected 'reset', 'act' or 'metadata'")
         if "protocol" in msg:
             version = msg["protocol"]
-            if isinstance(version, bool) or version != PROTOCOL_VERSION:
+            if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 1.0: an integer
                 raise ProtocolError(f"this server speaks protocol {PROTOCOL_VERSION}, the request asks for protocol "
                                     f"{version!r}: use a client of the same worldvla version as the server (or "
                                     "send no 'protocol' field)")
