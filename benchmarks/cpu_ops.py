@@ -13,6 +13,9 @@ Prefill FLOPs count visible pairs only (4 * H * Dh per pair). Decode attention r
 bytes = 2 * S * Hkv * Dh * 4 (fp32), the floor at the machine's stream bandwidth. Sampling and VQ are
 matmul-shaped: FLOPs = 2 * N * range * H and 2 * N * K * C. The linear is a stream over its weights at
 these row counts: bytes = the weights' (the floor at memory bandwidth), FLOPs = 2 * M * weights.
+A decoder layer of a decode step is counted as a stream too: bytes = its weights and the K/V cache it reads,
+FLOPs = 2 * B * Q * its weights, the projections only (attention over the cache is left out: at B8 Q5 over
+574 cached tokens it would add about 37%).
 
 On AVX-512 machines the C++ kernels run 16 floats per vector; `native-w8` is the same kernels forced
 to 8 (what AVX2 machines run), timed in the same rounds (not for decode, which is 8 wide everywhere,

@@ -1890,3 +1890,139 @@ def test_sass_report_records_the_package_version_and_commit(tmp_path, monkeypatc
     doc = json.loads(sass.run(out_dir=tmp_path, files=["a.cu"]).read_text())
     assert (doc["worldvla"], doc["git_commit"]) == common.package_version() and doc["worldvla"]
     assert doc["nvcc"] == "12.4" and doc["arch"] == "sm_90a" and doc["date"]
+
+
+# ------------------------------------------------------------------ work counts of the full-size cases, by hand
+def _decode_meta_of(q_pos, q_limit, kv_block, batch):
+    """A DecodeMeta: one sequence's query rows (positions, limits) over a full cache of len(kv_block) slots,
+    repeated for `batch` sequences."""
+    from worldvla.mask import DecodeMeta
+
+    def rep(x):
+        return torch.tensor(x, dtype=torch.int32).view(1, -1).expand(batch, -1).contiguous()
+    return DecodeMeta(rep(q_pos), rep(q_limit), rep(kv_block), torch.full((batch,), len(kv_block), dtype=torch.int32))
+
+
+def test_decode_rows_count_the_keys_each_query_row_sees(monkeypatch):
+    """Many query rows per sequence (a prompt through the cache) see different numbers of keys. A cache of 7
+    slots holding action block 0 (slots 2, 3) and block 1 (slots 5, 6); query rows at positions 3 (in block 0),
+    4 (after it), 5 and 6 (in block 1, which hides block 0); 3 sequences. Row 3 sees keys 0-3 (4), row 4 keys 0-4
+    (5), row 5 keys 0, 1, 4, 5 (4), row 6 keys 0, 1, 4, 5, 6 (5): 18 a sequence, 54 in all; not 3 x 4 x 7 = 84
+    (every row over the whole cache, what the SDPA rows attend), nor 3 x 7 (one row), nor 3 x 22 (causality
+    alone)."""
+    from worldvla.benchmarks import attention as A
+    from worldvla.mask import NO_BLOCK as N
+
+    meta = _decode_meta_of([3, 4, 5, 6], [0, -1, 1, 1], [N, N, 0, 0, N, 1, 1], 3)
+    monkeypatch.setattr(A, "decode_meta", lambda px, n_queries, batch, gen=None, tokens=None: meta)
+    H, Dh = 2, 16
+    rows = A.run_decode([("d", 32, 4, 3)], H, Dh, torch.float32, torch.device("cpu"), True,
+                        torch.Generator().manual_seed(0))
+    timed = [r for r in rows if "median_ms" in r]
+    assert {r["impl"] for r in timed} >= {"sdpa-dense-mask", "sdpa-nomask(floor)"} and len(timed) > 2
+    for r in timed:
+        sec = r["median_ms"] * 1e-3
+        assert r["visible_pairs"] == 54 and r["tokens"] == 7 and r["batch"] == 3, r
+        assert r["tflops"] == pytest.approx(4 * 54 * H * Dh / sec / 1e12)
+        assert r["attended_pairs"] == (84 if r["impl"].startswith("sdpa") else None)
+
+
+class _NoSets:
+    """A Rotation that makes no input sets (for runs whose timings are fixed)."""
+
+    def __init__(self, *a, **kw):
+        pass
+
+    def info(self):
+        return {}
+
+
+def _cpu_ops_full_run(monkeypatch, tmp_path):
+    """cpu_ops.run's full case list, nothing timed (medians: torch 2 ms, the C++ path 1 ms, at 8 wide 4 ms), no
+    input sets made; the engine's prefill through the cache (decode_meta's None) is 40 rows on a 40-slot cache
+    whose slots 30-34 are action block 0 and 35-39 block 1 (rows 35-39 do not see block 0)."""
+    pytest.importorskip("worldvla._C")
+    from worldvla.benchmarks import cpu_ops
+    from worldvla.mask import NO_BLOCK
+
+    medians = {"torch": 2.0, "native": 1.0, "native-w8": 4.0}
+    monkeypatch.setattr(cpu_ops, "interleaved", lambda fns, rot, warmup, repeats: {
+        name: {"median_ms": medians[name], "repeats": repeats} for name in fns})
+    monkeypatch.setattr(cpu_ops, "Rotation", _NoSets)
+    monkeypatch.setattr(cpu_ops, "sampling_rotation", lambda *a: _NoSets())
+    monkeypatch.setattr(cpu_ops, "gather_rotation", lambda *a: _NoSets())
+    monkeypatch.setattr(cpu_ops, "plot_speedups", lambda rows, path: None)
+    real_decode_meta = cpu_ops.decode_meta
+    prefill = _decode_meta_of(list(range(40)), [-1] * 30 + [0] * 5 + [1] * 5,
+                              [NO_BLOCK] * 30 + [0] * 5 + [1] * 5, 1)
+    monkeypatch.setattr(cpu_ops, "decode_meta", lambda px, K, batch, gen=None: (
+        prefill if K is None else real_decode_meta(px, K, batch, gen)))
+    rows = json.loads(cpu_ops.run(quick=False, out_dir=tmp_path).read_text())["rows"]
+    return [r for r in rows if r["impl"] == "worldvla-native"]  # 1 ms: GFLOPs = flops / 1e6
+
+
+def test_cpu_ops_decoder_layer_work_counts_every_sequence_of_the_batch(monkeypatch, tmp_path):
+    """The decode step of 8 sequences x 5 rows: the layers' weights run on 8 x 5 = 40 rows, and the K/V caches
+    of all 8 sequences are read. The small config's layer: q, k, v, o 256 x 256 each, the q and k norms' weight
+    and bias 4 x 64 each, gate and up 688 x 256, down 256 x 688, two RMSNorms of 256: 792,064 weights, 4 layers
+    3,168,256. FLOPs 2 x 40 x 3,168,256; bytes 4 x (3,168,256 + K and V of 4 layers x 8 sequences x (574 + 5)
+    positions x 4 heads x 64)."""
+    layer = 4 * 256 * 256 + 4 * 4 * 64 + 3 * 688 * 256 + 2 * 256
+    assert layer == 792_064
+    n_w = 4 * layer
+    rows = {r["case"]: r for r in _cpu_ops_full_run(monkeypatch, tmp_path) if r["op"] == "decoder_layer"}
+    b8 = rows["decode step B8 Q5 cache574 (4 layers, small config)"]
+    assert b8["GFLOPs"] == pytest.approx(2 * 8 * 5 * n_w / 1e6)
+    assert b8["GBps"] == pytest.approx(4 * (n_w + 2 * 4 * 8 * 579 * 4 * 64) / 1e6)
+    b1 = rows["decode step B1 Q5 cache574 (4 layers, small config)"]  # the same rows of one sequence: 1/8 the work
+    assert b1["GFLOPs"] == pytest.approx(2 * 1 * 5 * n_w / 1e6)
+    assert b1["GBps"] == pytest.approx(4 * (n_w + 2 * 4 * 1 * 579 * 4 * 64) / 1e6)
+
+
+def test_cpu_ops_prefill_through_the_cache_counts_the_keys_each_row_sees(monkeypatch, tmp_path):
+    """The engine's prefill through the cache (40 rows here): row i sees keys 0..i, 820 pairs, less the 5 keys of
+    block 0 hidden from each of block 1's 5 rows: 795. FLOPs 4 x H x Dh a pair, H 4, Dh 64; not 40 x 40 (every row
+    over the whole cache) nor 40 (one row)."""
+    rows = [r for r in _cpu_ops_full_run(monkeypatch, tmp_path) if r["op"] == "decode_attention"]
+    prefill = [r for r in rows if r["case"] == "decode H4 Dh64 K40 cache40"]
+    assert len(prefill) == 1 and prefill[0]["GFLOPs"] == pytest.approx(4 * 4 * 64 * (820 - 25) / 1e6)
+    assert "GBps" not in prefill[0]
+    for r in rows:  # the few-row cases: K and V of the cache read once
+        if r is not prefill[0]:
+            H, D, S = (int(x) for x in (r["case"].split()[1][1:], r["case"].split()[2][2:],
+                                        r["case"].split()[4][5:]))
+            assert r["GBps"] == pytest.approx(2 * S * H * D * 4 / 1e6) and "GFLOPs" not in r
+
+
+def test_train_tokens_and_flops_leave_out_the_padding(tmp_path, monkeypatch):
+    """Three documents of 5, 9 and 2 tokens (text, no action blocks), their first 2, 4 and 1 tokens the prompt
+    (no label): 16 real tokens, 9 labelled rows, 15 + 45 + 3 = 63 causal pairs. The reference-style batch pads
+    them to 3 x 9 = 27 positions and 3 x 81 = 243 pairs. tokens/s and the useful FLOPs (MFU) count the 16, 9 and
+    63 for both sides; only the reference-style side_flops counts the padding. The tiny config: hidden 64, 2 layers
+    of 37,184 weights (q, o 64 x 64; k, v 32 x 64; q norm 2 x 4 x 16; k norm 2 x 2 x 16; gate, up, down 64 x 128;
+    two norms of 64), 4 heads of 16, vocabulary 65,536."""
+    from worldvla.benchmarks import train
+    from worldvla.model import ModelConfig
+
+    def doc(n, prompt):
+        ids = torch.arange(20000, 20000 + n)
+        labels = ids.clone()
+        labels[:prompt] = -100
+        return ids, labels
+
+    monkeypatch.setattr(train, "_samples", lambda n_docs, px, gen: [doc(5, 2), doc(9, 4), doc(2, 1)])
+    monkeypatch.setattr(ModelConfig, "small", classmethod(lambda cls, layout=None, **kw: cls.tiny(layout, **kw)))
+    monkeypatch.setattr(train, "time_interleaved", _fixed_medians({"worldvla": 50.0, "reference-style": 200.0}))
+    monkeypatch.setattr(train, "peak_memory", lambda fn, device: 1)
+    ours, ref = json.loads(train.run(quick=True, device="cpu", out_dir=tmp_path).read_text())["rows"]
+
+    layer = 2 * 64 * 64 + 2 * 32 * 64 + 2 * 4 * 16 + 2 * 2 * 16 + 3 * 64 * 128 + 2 * 64
+    assert layer == 37_184
+    w, head, pair = 2 * layer, 65536 * 64, 4 * 4 * 16 * 2  # per row of the layers, of the head; per pair
+    useful = 3 * (2 * w * 16 + 2 * head * 9 + pair * 63)
+    for r, sec in ((ours, 0.05), (ref, 0.2)):
+        assert (r["tokens"], r["labelled_rows"], r["visible_pairs"]) == (16, 9, 63), r
+        assert r["tokens_per_s"] == pytest.approx(16 / sec)
+        assert r["useful_flops"] == useful and r["useful_tflops_per_s"] == pytest.approx(useful / sec / 1e12)
+    assert ours["side_flops"] == useful and ours["head_rows"] == 9
+    assert ref["head_rows"] == 27 and ref["side_flops"] == 3 * (2 * w * 27 + 2 * head * 27 + pair * 243)
