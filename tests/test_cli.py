@@ -306,6 +306,21 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(command, module, tmp_p
         assert f"--out {out} {what}" in err and "not a folder" in err, err
 
 
+@pytest.mark.parametrize("command,module", [(["collect", "--tasks", "reach-v3"], "worldvla.data.collect"),
+                                            (["train", "--store", "s"], "worldvla.train.trainer"),
+                                            (["imagine", "p"], "worldvla.eval.imagine"), (["demo"], "worldvla.demo")])
+@pytest.mark.parametrize("out", ["", "  "])
+def test_an_empty_out_is_refused_before_any_work(command, module, out, tmp_path, capsys, monkeypatch):
+    """`--out "$RUN"` with RUN unset wrote into the current folder (and `train --overwrite` deleted its policy/)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    monkeypatch.setattr(importlib.import_module(module), "run", lambda args: pytest.fail("the command started"))
+    assert main([*command, "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out is empty" in err and "name a folder" in err, err
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_tilde_in_out_is_expanded_for_the_check_and_the_writes(tmp_path, capsys, monkeypatch):
     """`--out=~/x` (the shell leaves that ~ alone) was checked as $HOME/x but written to ./~/x."""
     home, cwd = tmp_path / "home", tmp_path / "cwd"

@@ -185,9 +185,11 @@ def _missing_dependency(e: ImportError) -> bool:
 
 def _out_folder_problem(out) -> str | None:
     """Why the folder `out` (--out) cannot be made or written into, if the path says so already: it, or a
-    folder above it, is a file."""
-    if not out:
+    folder above it, is a file, or it is empty."""
+    if out is None:
         return None
+    if not str(out).strip():  # `--out "$RUN"` with RUN unset: Path("") is the current folder, written into unasked
+        return "--out is empty: name a folder (it is created if missing)"
     path = Path(out).expanduser()
     for p in (path, *path.parents):
         if p.exists():
