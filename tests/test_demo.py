@@ -399,6 +399,20 @@ def test_demo_config_refuses_values_no_stage_can_run(field, value):
     demo.DemoConfig.fast_preset(seed=(1 << 32) - 1, image_size=32, workers=1).check()  # the largest seed is taken
 
 
+@pytest.mark.parametrize("option", ["--episodes", "--eval-episodes", "--chunk-size", "--train-steps", "--vq-steps",
+                                    "--workers"])
+def test_demo_names_the_option_of_a_count_below_one(option, tmp_path, monkeypatch, capsys):
+    """`worldvla demo --episodes 0` said "episodes must be >= 1", naming no option, without the usage line."""
+    from worldvla.cli import main
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--fast", option, "0", "--out", str(tmp_path / "d")])
+    assert e.value.code == 2
+    assert f"worldvla demo: error: argument {option}: must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("field, value, stage", [
     ("tasks", ("drawer-open-v3",), "collect"), ("episodes", 3, "collect"), ("image_size", 128, "collect"),
     ("seed", 1, "collect"), ("collect_max_steps", 150, "collect"), ("vq_steps", 5, "train-vq"),

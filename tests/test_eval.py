@@ -216,7 +216,8 @@ def test_eval_names_a_policy_folder_that_is_not_there(tmp_path, monkeypatch, cap
     monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
     assert main(["eval", "--policy", "~/nothing", "--tasks", "reach-v3", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert f"worldvla eval: error: {tmp_path / 'nothing'}: no such folder (expected a policy folder)" in err, err
+    assert f"worldvla eval: error: {tmp_path / 'nothing'}: no such folder (expected a policy folder); `worldvla " \
+           f"train` writes one to <its --out>/policy, `worldvla demo` to worldvla_demo/policy" in err, err
 
 
 def _tiny_policy(chunk_size):

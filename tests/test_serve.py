@@ -1613,7 +1613,8 @@ def test_a_host_that_does_not_resolve_or_a_taken_port_is_named():
     with pytest.raises(ValueError, match=r"host '999\.1\.1\.1' \(--host\) is no address this machine can resolve"):
         PolicyServer(HistoryPolicy(), host="999.1.1.1").start_background()
     with PolicyServer(HistoryPolicy()) as server:
-        with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{server.port} \(--host, --port\)"):
+        with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{server.port} \(--host, --port\): the "
+                                          r"port is in use .* choose another --port \(0 picks a free one\)$"):
             PolicyServer(HistoryPolicy(), port=server.port).start_background()
 
 

@@ -395,6 +395,8 @@ def check_folder(path, want: str) -> Path:
         aside = sorted(p for *_, p in _siblings(folder.parent, re.escape(folder.name), ("old",)))
         hint = (f"; a save there was stopped between its two renames and left the older folder at {aside[-1]}: "
                 f"rename it back to {folder.name} (the next save to {folder} does so)" if aside else "")
+        if not hint and want == "policy":
+            hint = "; `worldvla train` writes one to <its --out>/policy, `worldvla demo` to worldvla_demo/policy"
         raise FileNotFoundError(f"{folder}: no such folder (expected {_KINDS[want][0]}){hint}")
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file, not a folder (expected {_KINDS[want][0]})")

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .cli import positive_float, seed32
+from .cli import positive_float, positive_int, seed32
 
 DEFAULT_TASKS = ("button-press-topdown-v3", "drawer-open-v3", "window-open-v3")
 
@@ -83,7 +83,7 @@ class DemoConfig:
                              f"got {self.image_size}; use 64 or 128")
         for name in ("episodes", "vq_steps", "train_steps", "eval_episodes", "chunk_size", "workers"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.seed < 1 << 32:  # checked before collecting, not by the training stage's parser after it
             raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
 
@@ -450,16 +450,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tasks", default=None,
                         help=f"comma-separated Meta-World tasks (default: {','.join(DEFAULT_TASKS)})")
     parser.add_argument("--out", default="./worldvla_demo", help="output folder; stages cached there (default: %(default)s)")
-    parser.add_argument("--episodes", type=int, default=None,
+    parser.add_argument("--episodes", type=positive_int, default=None,
                         help=f"expert demonstrations per task (default: {d.episodes})")
-    parser.add_argument("--eval-episodes", type=int, default=None,
+    parser.add_argument("--eval-episodes", type=positive_int, default=None,
                         help=f"closed-loop evaluation episodes per task (default: {d.eval_episodes})")
     parser.add_argument("--image-size", type=int, default=None,
                         help=f"square frame size in pixels: any multiple of 32, such as 64 or 128 "
                              f"(default: {d.image_size})")
-    parser.add_argument("--chunk-size", type=int, default=None, help=f"actions per chunk K (default: {d.chunk_size})")
-    parser.add_argument("--train-steps", type=int, default=None, help=f"WorldVLA optimizer steps (default: {d.train_steps})")
-    parser.add_argument("--vq-steps", type=int, default=None, help=f"VQGAN optimizer steps (default: {d.vq_steps})")
+    parser.add_argument("--chunk-size", type=positive_int, default=None, help=f"actions per chunk K (default: {d.chunk_size})")
+    parser.add_argument("--train-steps", type=positive_int, default=None, help=f"WorldVLA optimizer steps (default: {d.train_steps})")
+    parser.add_argument("--vq-steps", type=positive_int, default=None, help=f"VQGAN optimizer steps (default: {d.vq_steps})")
     parser.add_argument("--model", default=None, choices=("tiny", "small"), help=f"model size (default: {d.model})")
     parser.add_argument("--lr", type=positive_float, default=None,
                         help=f"WorldVLA peak learning rate (default: {d.lr})")
@@ -470,7 +470,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "chunk mask (plain causal attention in training and decoding), both with the same "
                              "steps and token budget, and evaluate chunk-mask models decoded without the mask; "
                              "about triples training time and evaluation time")
-    parser.add_argument("--workers", type=int, default=None, help="collection and evaluation worker processes (default: 2)")
+    parser.add_argument("--workers", type=positive_int, default=None, help="collection and evaluation worker processes (default: 2)")
     parser.add_argument("--seed", type=seed32, default=None, help=f"seed of the layouts, the models and the "
                         f"evaluation (default: {d.seed})")
     parser.add_argument("--fast", action="store_true",

@@ -224,8 +224,8 @@ class WorldVLAPolicy:
 
         path = check_folder(path, "policy")  # `~` expanded; nothing there, or a model/VQGAN/run folder, named
         if not (path / POLICY_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a policy folder: {POLICY_FILE} is missing (write one with "
-                                    f"worldvla.inference.save_policy)")
+            raise FileNotFoundError(f"{path} is not a policy folder: {POLICY_FILE} is missing (`worldvla train` "
+                                    f"and `worldvla demo` write one, as does worldvla.inference.save_policy)")
         info = read_json_file(path / POLICY_FILE, "policy file")
         missing = [k for k in ("action_low", "action_high", "chunk_size", "image_size") if k not in info]
         if missing:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import errno
 import inspect
 import json
 import logging
@@ -302,8 +303,9 @@ class PolicyServer:
                              f"resolvable host name") from None
         except OSError as e:  # the port in use, an address of another machine: the address named
             self._executor.shutdown(wait=False)
-            raise OSError(e.errno, f"cannot listen on {self.host}:{self.port} (--host, --port): "
-                                   f"{e.strerror or e}") from None
+            why = ("the port is in use (another `worldvla serve`?): stop that process or choose another --port "
+                   "(0 picks a free one)" if e.errno == errno.EADDRINUSE else f"{e.strerror or e}")
+            raise OSError(e.errno, f"cannot listen on {self.host}:{self.port} (--host, --port): {why}") from None
         self.port = self._ws.sockets[0].getsockname()[1]
         self._batcher = asyncio.create_task(self._batch_loop())
         self._started_at = time.monotonic()
