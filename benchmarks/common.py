@@ -715,13 +715,17 @@ def main_for(run, description: str, argv=None, flags: dict[str, str] | None = No
     on/off options, "--name": help, passed to `run` as name=True/False."""
     import argparse
 
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(run.__code__.co_filename).stem}",
+                                description=description)
     p.add_argument("--quick", action="store_true",
                    help="small shapes and few repeats; writes <name>-<device>-quick.json")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results and plots")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="folder for the JSON results and plots (default: %(default)s)")
     for flag, help_text in (flags or {}).items():
         p.add_argument(flag, action="store_true", help=help_text)
     a = p.parse_args(argv)
+    if not a.out.strip():  # `--out "$DIR"` with DIR unset: the results would land in the current folder
+        p.error("--out is empty: name a folder for the results (it is created if missing)")
     extra = {f.lstrip("-").replace("-", "_"): getattr(a, f.lstrip("-").replace("-", "_")) for f in flags or {}}
     return run(a.quick, a.device, a.out, **extra)

@@ -42,6 +42,7 @@ import torch
 
 import worldvla
 from worldvla import ActionTokenizer, SequenceBuilder, VocabLayout
+from worldvla.cli import positive_int
 from worldvla.inference import baseline_generate_action_chunk, generate_action_chunk, generate_frame_codes
 from worldvla.inference.release import generate_release_actions, release_engine
 from worldvla.inference.chunk import make_engine
@@ -783,15 +784,15 @@ def compare_sampled_frames(quick: bool = False, out_dir="benchmarks/results", gr
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="small config, 64 px-equivalent prompts, few repeats; writes <name>-<device>-quick.json")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--out", default="benchmarks/results",
                    help="folder for the JSON results and plots (default: %(default)s)")
-    p.add_argument("--grid", type=int, help="codes per image side (px = 16 x grid); default 4 quick, else 16 and 32")
-    p.add_argument("--threads", type=int, help="CPU intra-op threads (default: 1 with --quick, else torch's)")
-    p.add_argument("--chunks", type=int, nargs="+", help="actions per chunk (default: 5 10)")
+    p.add_argument("--grid", type=positive_int, help="codes per image side (px = 16 x grid); default 4 quick, else 16 and 32")
+    p.add_argument("--threads", type=positive_int, help="CPU intra-op threads (default: 1 with --quick, else torch's)")
+    p.add_argument("--chunks", type=positive_int, nargs="+", help="actions per chunk (default: 5 10)")
     p.add_argument("--decode-paths", action="store_true",
                    help="CPU only: instead, a 5-action chunk (parallel, sequential) and a frame with the decode "
                         "steps through the layers' modules (torch's or the native few-row linear), the native "

@@ -197,10 +197,10 @@ def run(quick: bool = False, device=None, out_dir: str | Path = "benchmarks/resu
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sass", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="*", help="CUDA sources (default: csrc/cuda/*.cu)")
     p.add_argument("--arch", default="sm_90a", help="target architecture (default: sm_90a)")
-    p.add_argument("--out", default="benchmarks/results", help="folder for sass-<arch>.json")
+    p.add_argument("--out", default="benchmarks/results", help="folder for sass-<arch>.json (default: %(default)s)")
     args = p.parse_args(argv)
     try:
         print(run(out_dir=args.out, files=args.files or None, arch=args.arch))

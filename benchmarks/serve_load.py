@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from worldvla.cli import non_negative_float, non_negative_int, positive_float, positive_int
 from worldvla.serve import PolicyClient, PolicyServer, PolicyServerError, health, packb, unpackb
 
 # ---------------------------------------------------------------------------- policies
@@ -274,40 +275,42 @@ def run(quick: bool = False, device: str | None = None, out_dir: str = "benchmar
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", choices=["auto", "small", "tiny", "synthetic"], default="auto",
-                   help="random WorldVLA policy (small/tiny; auto = small if save_policy exists, else synthetic)")
+                   help="random WorldVLA policy (small/tiny; auto = small if save_policy exists, else synthetic; "
+                        "default: %(default)s)")
     p.add_argument("--checkpoint", help="serve this policy folder instead of a random one")
     p.add_argument("--device", default=None, help="policy device (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="policy dtype for WorldVLA policies (float32, bfloat16)")
-    p.add_argument("--torch-threads", type=int, default=None,
+    p.add_argument("--dtype", default=None, help="policy dtype for WorldVLA policies (float32, bfloat16; default: the saved weights' dtype, float32 "
+                        "for the random ones)")
+    p.add_argument("--torch-threads", type=positive_int, default=None,
                    help="torch CPU threads in both processes (default: 1 on CPU, where a busy machine makes "
                         "multi-threaded timings erratic; torch's default on CUDA)")
-    p.add_argument("--image-size", type=int, default=64,
+    p.add_argument("--image-size", type=positive_int, default=64,
                    help="model image size of random policies (default: %(default)s)")
-    p.add_argument("--chunk-size", type=int, default=5,
+    p.add_argument("--chunk-size", type=positive_int, default=5,
                    help="actions per chunk of random policies (default: %(default)s)")
-    p.add_argument("--clients", type=int, default=8, help="concurrent valid robots (default: %(default)s; --quick: 3)")
-    p.add_argument("--bad-clients", type=int, default=2,
+    p.add_argument("--clients", type=positive_int, default=8, help="concurrent valid robots (default: %(default)s; --quick: 3)")
+    p.add_argument("--bad-clients", type=non_negative_int, default=2,
                    help="concurrent clients sending malformed requests (default: %(default)s; --quick: 1)")
-    p.add_argument("--requests", type=int, default=200,
+    p.add_argument("--requests", type=positive_int, default=200,
                    help="at most this many requests per client in the load phase (default: %(default)s; --quick: 40)")
-    p.add_argument("--sequential", type=int, default=100,
+    p.add_argument("--sequential", type=positive_int, default=100,
                    help="requests of the single-robot phase (default: %(default)s; --quick: 30)")
-    p.add_argument("--duration-s", type=float, default=30.0,
+    p.add_argument("--duration-s", type=positive_float, default=30.0,
                    help="time limit of the load phase (default: %(default)s; --quick: 5.0)")
     p.add_argument("--camera", default="480x640",
                    help="HxW of frames sent by half the robots (resized by the server; default: %(default)s)")
-    p.add_argument("--max-batch", type=int, default=8,
+    p.add_argument("--max-batch", type=positive_int, default=8,
                    help="the server's most act requests in one policy call, and the in-process batch compared "
                         "(default: %(default)s)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
+    p.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
                    help="how long the idle server waits for more requests before running a batch "
                         "(default: %(default)s)")
-    p.add_argument("--max-payload-mb", type=float, default=2.0,
+    p.add_argument("--max-payload-mb", type=positive_float, default=2.0,
                    help="the server's largest request, in MiB; one of the bad clients' requests is twice "
                         "that (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the random policy's weights and the robots' frames (default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results",
                    help="folder for serve_load-<device>.json (default: %(default)s)")

@@ -2026,3 +2026,32 @@ def test_train_tokens_and_flops_leave_out_the_padding(tmp_path, monkeypatch):
         assert r["useful_flops"] == useful and r["useful_tflops_per_s"] == pytest.approx(useful / sec / 1e12)
     assert ours["side_flops"] == useful and ours["head_rows"] == 9
     assert ref["head_rows"] == 27 and ref["side_flops"] == 3 * (2 * w * 27 + 2 * head * 27 + pair * 243)
+
+
+def test_a_benchmark_refuses_an_empty_out_and_names_itself(tmp_path, monkeypatch, capsys):
+    """`python -m benchmarks.vq --out "$DIR"` with DIR unset wrote its results into the current folder; the usage
+    line named `__main__.py` instead of the command to run."""
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    with pytest.raises(SystemExit) as e:
+        common.main_for(lambda quick, device, out: ran.append(out), "d", ["--quick", "--out", " "])
+    assert e.value.code == 2 and not ran and not any(tmp_path.iterdir())
+    err = capsys.readouterr().err
+    assert "python -m benchmarks.test_benchmarks: error: --out is empty: name a folder" in err, err
+    common.main_for(lambda quick, device, out: ran.append(out), "d", ["--out", "r"])
+    assert ran == ["r"]
+
+
+@pytest.mark.parametrize("option, value, says", [("--clients", "0", "must be >= 1"), ("--requests", "-5", "must be >= 1"),
+                                                 ("--max-batch", "0", "must be >= 1"),
+                                                 ("--duration-s", "0", "must be > 0"),
+                                                 ("--bad-clients", "-1", "must be >= 0")])
+def test_serve_load_refuses_counts_that_would_measure_nothing(option, value, says, capsys):
+    """`--clients 0` or `--requests -5` were taken as given (a load phase without robots or requests);
+    `--max-batch 0` failed deep in the policy with "reset got an empty list of instructions"."""
+    from worldvla.benchmarks import serve_load
+
+    with pytest.raises(SystemExit) as e:
+        serve_load.parse_args([option, value])
+    assert e.value.code == 2
+    assert f"python -m benchmarks.serve_load: error: argument {option}: {says}" in capsys.readouterr().err
