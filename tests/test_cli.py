@@ -571,3 +571,14 @@ def test_info_lists_per_op_the_auto_order_of_the_backends_installed(monkeypatch,
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("linear", "masked_"))]
     assert rows == [["linear", "native,", "torch,", "triton", "native", ">", "torch", "torch"],
                     ["masked_attention", "torch,", "triton", "torch", "triton", ">", "torch"]]
+
+
+def test_a_misspelt_command_is_answered_with_the_likely_one(capsys):
+    """`worldvla trian` listed every command without pointing at `train`; a name like no command keeps that list."""
+    with pytest.raises(SystemExit) as e:
+        main(["trian", "--store", "s"])
+    assert e.value.code == 2
+    assert "worldvla: error: unknown command 'trian' (did you mean 'train'?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["xyzzy"])
+    assert "invalid choice: 'xyzzy' (choose from 'collect'" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import math
 import os
@@ -214,6 +215,9 @@ def _main(argv) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(chosen if chosen in COMMANDS else "")
+    close = difflib.get_close_matches(chosen, COMMANDS, n=1) if chosen and chosen not in COMMANDS else []
+    if close:  # `worldvla trian`: argparse would list every command without pointing at the likely one
+        parser.error(f"unknown command {chosen!r} (did you mean {close[0]!r}?); `worldvla --help` lists them all")
     # parse_known_args: a subcommand whose module failed to import has no options, and its reason must show
     # whatever options were given; every other subcommand refuses unknown arguments as parse_args does.
     args, unknown = parser.parse_known_args(argv)
