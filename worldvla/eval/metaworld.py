@@ -814,8 +814,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from ..sim.metaworld_env import CAMERAS
 
     parser.add_argument("--policy", nargs="+", action="extend", required=True,
-                        help="policy folder(s) (worldvla.inference.save_policy format); several (or --policy given "
-                             "again) = variants compared")
+                        help="policy folder(s): <run>/policy of `worldvla train`, worldvla_demo/policy of `worldvla demo`, "
+                             "or one written by worldvla.inference.save_policy; several (or --policy given again) = "
+                             "variants compared")
     parser.add_argument("--names", default=None,
                         help="comma-separated variant names (default: the policy folders' names, or their parent "
                              "folders' when those are the same: run1/policy run2/policy -> run1, run2); 'random' "

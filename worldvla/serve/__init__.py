@@ -70,7 +70,8 @@ __all__ = ["PolicyServer", "PolicyClient", "PolicyServerError", "ProtocolError",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="policy folder written by worldvla.inference.policy.save_policy")
+                        help="policy folder: <run>/policy of `worldvla train`, worldvla_demo/policy of `worldvla demo`, or "
+                             "one written by worldvla.inference.save_policy")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default 127.0.0.1; 0.0.0.0 to accept robots on the network)")
     parser.add_argument("--port", type=tcp_port, default=8000,
