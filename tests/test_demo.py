@@ -26,8 +26,9 @@ def test_fast_demo_runs_and_reuses_its_caches(tmp_path, capsys):
 
     for rel in ("metrics.json", "policy/policy.json", "policy/model", "policy/vqgan", "eval/metrics.json",
                 "eval/success.png", "eval/world_model.png", "eval/world_model_grid.png", "demos/reach-v3.hdf5",
-                "store/manifest.json"):
+                "store/manifest.json", "vq/training.png", "train/training.png"):
         assert (out / rel).exists(), rel
+    assert f"training curves: {out / 'train' / 'training.png'}, {out / 'vq' / 'training.png'}" in printed
     assert list((out / "eval").glob("*.gif"))
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["stages"]) == {"collect", "train-vq", "pretokenize", "train", "evaluate"}

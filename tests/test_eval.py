@@ -816,10 +816,70 @@ def _writers():
     return {"success.png": lambda p: plots.success_bars({"a": {"reach-v3": 0.5, "push-v3": 0.25}}, p),
             "world_model.png": lambda p: plots.horizon_curves({"reach": {"psnr": [20, 18], "ssim": [0.8, 0.7]}}, p),
             "grid.png": lambda p: plots.frame_grid([frames, frames[:2]], p, labels=["real", "imagined"]),
-            "rollout.gif": lambda p: plots.save_gif(frames, p, fps=4)}
+            "rollout.gif": lambda p: plots.save_gif(frames, p, fps=4),
+            "training.png": lambda p: plots.training_curves(_training_log(p.parent.with_name(p.parent.name + ".jsonl"), 30), p,
+                                                            [("loss", "loss", True, True)], "train")}
 
 
-@pytest.mark.parametrize("name", ["success.png", "world_model.png", "grid.png", "rollout.gif"])
+def _training_log(path, n, extra=""):
+    """A metrics.jsonl of n steps: a loss falling over two decades with noise, a constant lr, no grad_norm."""
+    import json
+
+    rng = np.random.default_rng(1)
+    lines = [json.dumps({"step": s, "loss": float(5.0 * 0.95 ** s * rng.uniform(0.8, 1.2)), "lr": 1e-3})
+             for s in range(1, n + 1)]
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+def test_training_curves_draw_each_logged_key_over_the_steps(tmp_path, monkeypatch):
+    """One panel per key a record holds (a key none holds is left out), the logged values over their steps (a
+    line a crash cut short skipped), a centred trend where smoothed, and a log axis only over a decade or more."""
+    from worldvla.eval import plots
+
+    figures = _drawn(monkeypatch)
+    log = _training_log(tmp_path / "metrics.jsonl", 100, extra='{"step": 101, "loss": 0.')
+    panels = [("loss", "loss", True, True), ("grad_norm", "gradient norm", True, True), ("lr", "lr", True, False)]
+    assert plots.training_curves(log, tmp_path / "t.png", panels, "worldvla train").is_file()
+    loss_ax, lr_ax, *blank = figures[0]
+    assert [loss_ax["ylabel"], lr_ax["ylabel"]] == ["loss", "lr"] and all(not ax["lines"] for ax in blank)
+    recs = plots.read_log(log)
+    assert [r["step"] for r in recs] == list(range(1, 101))
+    (xs, raw, _), (xs2, trend, _) = loss_ax["lines"]
+    assert xs == xs2 == list(range(1, 101)) and raw == pytest.approx([r["loss"] for r in recs])
+    # the trend is centred: at step 50 the mean of steps 48..52 (a window of 5 over 100 points), no lag
+    assert trend[49] == pytest.approx(np.mean(raw[47:52]))
+    assert lr_ax["lines"] == [(list(range(1, 101)), [1e-3] * 100, "-")]  # not smoothed: one line
+    import matplotlib.pyplot as plt
+
+    scaled = []
+    monkeypatch.setattr(plt.Axes, "set_yscale", lambda self, v, **k: scaled.append((self, v)))
+    plots.training_curves(log, tmp_path / "t.png", panels, "worldvla train")
+    assert [(ax.get_ylabel(), v) for ax, v in scaled] == [("loss", "log")]  # lr spans no decade: linear
+
+
+def test_training_curves_of_an_empty_or_unrelated_log_write_nothing(tmp_path):
+    from worldvla.eval import plots
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("")
+    assert plots.training_curves(log, tmp_path / "t.png", [("loss", "loss", True, True)], "t") is None
+    _training_log(log, 5)
+    assert plots.training_curves(log, tmp_path / "t.png", [("psnr", "PSNR", False, True)], "t") is None
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_smoothing_is_a_centred_mean_that_leaves_nans_out():
+    from worldvla.eval.plots import _smoothed
+
+    ramp = np.arange(200, dtype=np.float64)
+    np.testing.assert_allclose(_smoothed(ramp)[5:-5], ramp[5:-5])  # a running average would lag by its half width
+    y = np.array([1.0, np.nan, 3.0, 5.0])
+    np.testing.assert_allclose(_smoothed(y), [1.0, 2.0, 4.0, 4.0])
+    assert np.isnan(_smoothed(np.full(3, np.nan))).all()
+
+
+@pytest.mark.parametrize("name", ["success.png", "world_model.png", "grid.png", "rollout.gif", "training.png"])
 def test_figures_are_written_atomically(tmp_path, monkeypatch, name):
     """A rewrite of success.png on a full disk left a corrupt file (metrics.json, written atomically, kept its
     old content): figures and GIFs go to a temporary file that replaces the old one only once complete."""

@@ -1293,6 +1293,7 @@ def test_a_diverging_run_stops_at_its_first_non_finite_loss_without_saving_or_ex
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [f"step_{i:08d}" for i in (1, 2, 3)]
     assert not (out / "policy").exists() and not (out / "model").exists()
     assert all(torch.isfinite(v).all() for v in final_weights(out).values())
+    assert (out / "training.png").is_file()  # the curves up to the failure
     argv = ["train", "--store", str(store_dir), "--out", str(tmp_path / "cli"), "--config", "tiny", "--no-progress",
             "--seed", "3", "--device", "cpu", *map(str, common)]
     assert main(argv) == 2
@@ -1426,3 +1427,41 @@ def test_restored_rng_states_repeat_the_draws_from_the_captured_position():
     assert a[0] == b[0]
     np.testing.assert_array_equal(a[1], b[1])
     assert torch.equal(a[2], b[2])
+
+
+def test_a_run_draws_its_curves_and_a_figure_that_fails_never_stops_it(store_dir, tmp_path, monkeypatch, capsys):
+    """<run>/training.png shows metrics.jsonl's curves at the run's end; a figure that cannot be drawn (here a full
+    disk) is said once on stderr, and the run trains and exports as without it."""
+    from PIL import Image
+
+    from worldvla.eval import plots
+
+    out = tmp_path / "run"
+    trainer.train(args_for(store_dir, out, "--steps", 2, "--batch-tokens", 300))
+    with Image.open(out / "training.png") as im:
+        assert im.format == "PNG"
+    calls = []
+
+    def full_disk(*a, **k):
+        calls.append(a)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "training_curves", full_disk)
+    s = trainer.train(args_for(store_dir, tmp_path / "b", "--steps", 3, "--batch-tokens", 300, "--save-every", 1))
+    assert s["step"] == 3 and s["export"] and len(calls) == 1  # tried once, at the first save, then never again
+    err = capsys.readouterr().err
+    assert err.count("could not draw") == 1 and "No space left" in err and "metrics.jsonl has the same numbers" in err
+
+
+def test_curves_are_redrawn_at_saves_at_most_once_a_period_and_always_when_forced(tmp_path, monkeypatch):
+    from worldvla.eval import plots
+    from worldvla.train.checkpointing import CurvePlot
+
+    drawn = []
+    monkeypatch.setattr(plots, "training_curves", lambda log, path, panels, title: drawn.append((log, path, title)))
+    curves = CurvePlot(tmp_path, trainer.TRAIN_CURVES, "worldvla train", every_s=3600)
+    curves.update()
+    curves.update()
+    assert drawn == [(tmp_path / "metrics.jsonl", tmp_path / "training.png", "worldvla train")]
+    curves.update(force=True)
+    assert len(drawn) == 2

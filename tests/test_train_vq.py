@@ -48,6 +48,7 @@ def test_vq_training_learns_and_exports(data, tmp_path):
     s = vqt.train_vq(args_for(data, tmp_path / "run", "--steps", 16))
     log = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 16 and {"l1", "l2", "vq", "psnr", "perplexity", "codes_used"} <= set(log[0])
+    assert (tmp_path / "run" / "training.png").is_file()
     first, last = np.mean([r["l2"] for r in log[:3]]), np.mean([r["l2"] for r in log[-3:]])
     assert last < 0.7 * first, (first, last)
     vq = VQGAN.from_pretrained(s["export"])
@@ -494,6 +495,7 @@ def test_a_diverging_run_stops_at_its_first_non_finite_loss_without_saving_or_ex
         vqt.train_vq(args_for(data, out, "--steps", 4, "--lr", 1e5, "--min-lr", 0, "--warmup", 0, "--save-every", 1))
     assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_00000001"]
     assert not (out / "vqgan").exists()
+    assert (out / "training.png").is_file()  # the curves up to the failure
     weights = torch.load(latest_checkpoint(out) / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 

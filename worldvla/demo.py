@@ -421,6 +421,10 @@ def print_table(results: dict) -> None:
     parts = [f"{s} " + ("cached" if v["cached"] else f"{v['seconds']:.0f} s") for s, v in st.items()]
     print(f"stages: {', '.join(parts)}; total {results['total_seconds']:.0f} s")
     print(f"policy: {results['policy']}  (worldvla serve --checkpoint {results['policy']})")
+    out = Path(results["policy"]).parent
+    curves = [str(p) for p in sorted(out.glob("*/training.png"))]
+    print(f"figures: {out / 'eval'} (success, world model, GIFs)"
+          + (f"; training curves: {', '.join(curves)}" if curves else ""))
 
 
 EPILOG = """\

@@ -1,7 +1,8 @@
 """Figures and image artifacts of an evaluation: success-rate bars, PSNR/SSIM over
-the imagined horizon, real-vs-imagined frame grids and GIFs."""
+the imagined horizon, real-vs-imagined frame grids and GIFs; and a training run's curves."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,76 @@ def side_by_side(a: np.ndarray, b: np.ndarray, pad: int = 2) -> np.ndarray:
 
 
 __all__ = ["success_bars", "horizon_curves", "frame_grid", "save_gif", "side_by_side"]
+
+
+def read_log(path) -> list[dict]:
+    """The records of a training run's metrics.jsonl, in order; a line a crash cut short is left out."""
+    recs = []
+    for ln in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
+            recs.append(rec)
+    return recs
+
+
+def _smoothed(y: np.ndarray) -> np.ndarray:
+    """A centred moving average over about a twentieth of the points (fewer at the ends; NaNs left out): the
+    trend of a noisy per-step curve, without the lag of a running average."""
+    n, half = len(y), max(1, len(y) // 40)
+    ok = np.isfinite(y)
+    sums = np.concatenate([[0.0], np.cumsum(np.where(ok, y, 0.0))])
+    counts = np.concatenate([[0], np.cumsum(ok)])
+    i = np.arange(n)
+    lo, hi = np.clip(i - half, 0, n), np.clip(i + half + 1, 0, n)
+    k = counts[hi] - counts[lo]
+    return np.where(k > 0, (sums[hi] - sums[lo]) / np.maximum(k, 1), np.nan)
+
+
+def training_curves(log_path, path, panels: list[tuple[str, str, bool, bool]], title: str) -> Path | None:
+    """One panel per (key, label, log scale, smooth) of `panels` over the steps of the run's metrics.jsonl: the
+    logged values, thin under their moving average where `smooth` and there are enough points. Keys no record
+    holds are left out; None (and nothing written) when the log has no records yet."""
+    recs = read_log(log_path)
+    panels = [p for p in panels if any(isinstance(r.get(p[0]), (int, float)) for r in recs)]
+    if not recs or not panels:
+        return None
+    plt = _pyplot()
+    cols = min(len(panels), 2)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows), squeeze=False)
+    steps = np.asarray([r["step"] for r in recs], dtype=np.float64)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, not 5 x 10^-1, on log axes
+    # minor ticks of a log axis labelled at 2 and 5 only (every one crowds them)
+    minor = FuncFormatter(lambda v, _: f"{v:g}" if v > 0 and f"{v:.0e}"[0] in "25" else "")
+    for ax, (key, label, log_y, smooth) in zip(axes.flat, panels):
+        y = np.asarray([r.get(key) if isinstance(r.get(key), (int, float)) else np.nan for r in recs], dtype=np.float64)
+        if log_y:
+            y = np.where(y > 0, y, np.nan)  # a zero (or a sign) has no place on a log axis
+        smooth = smooth and len(y) >= 20
+        ax.plot(steps, y, lw=0.8, alpha=0.45 if smooth else 1.0, marker=None if len(y) > 1 else "o")
+        if smooth:
+            ax.plot(steps, _smoothed(y), lw=1.6, color="C0")
+        fin = y[np.isfinite(y)]
+        if log_y and fin.size and fin.max() > 10 * fin.min():  # a log axis only over a decade or more
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(minor)
+        ax.set_ylabel(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=9)
+    fig.suptitle(f"{title} (step {int(steps[-1])})", fontsize=10)
+    fig.tight_layout()
+    try:
+        return _save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

@@ -23,7 +23,9 @@ import pickle
 import random
 import shutil
 import signal
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -528,3 +530,27 @@ def missing_rng_files(path, world: int) -> list[str]:
     size, or they were lost): those ranks' RNG states start fresh on a resume."""
     names = [f"rng_rank{r}.pt" for r in range(world)]
     return [n for n in names if not (Path(path) / n).is_file()]
+
+
+class CurvePlot:
+    """Keeps `<run>/training.png` (the curves of metrics.jsonl) up to date: `update()` after a periodic save
+    redraws it when the last drawing is `every_s` old, `update(force=True)` at the run's end (or stop, or
+    failure) always. A figure that cannot be drawn (matplotlib missing, a full disk) is said once on stderr and
+    never stops training: the log it is drawn from holds the same numbers."""
+
+    def __init__(self, out, panels, title: str, every_s: float = 60.0):
+        self.out, self.panels, self.title, self.every_s = Path(out), panels, title, every_s
+        self.last, self.failed = float("-inf"), False
+
+    def update(self, force: bool = False) -> None:
+        if self.failed or (not force and time.monotonic() - self.last < self.every_s):
+            return
+        try:
+            from ..eval.plots import training_curves
+
+            training_curves(self.out / "metrics.jsonl", self.out / "training.png", self.panels, self.title)
+        except Exception as e:  # noqa: BLE001 - a figure is a convenience; the run goes on without it
+            self.failed = True
+            print(f"note: could not draw {self.out / 'training.png'} ({type(e).__name__}: {e}); "
+                  f"{self.out / 'metrics.jsonl'} has the same numbers", file=sys.stderr)
+        self.last = time.monotonic()

@@ -46,7 +46,7 @@ import torch
 
 from . import distributed as dist_utils
 from ..cli import STOPPED_RC, non_negative_float, non_negative_int, positive_float, positive_int, unit_open_float
-from .checkpointing import (StopSignal, add_run_arguments, check_finite, check_run_dir, full_model_state,
+from .checkpointing import (CurvePlot, StopSignal, add_run_arguments, check_finite, check_run_dir, full_model_state,
                             load_checkpoint, prepare_run_dir, read_state, resume_point, save_checkpoint, scalar_args,
                             seed_int, stopped_message, trim_log)
 
@@ -597,6 +597,7 @@ def train(args) -> dict:
     losses: list[float] = []
     t_last, tok_last = time.perf_counter(), 0
     log_f = open(log_path, "a") if main else None
+    curves = CurvePlot(out, TRAIN_CURVES, "worldvla train") if main else None
     sigterm, stopped = StopSignal(), False
     try:
         while step < total and not (args.stop_after and step >= args.stop_after) and not stopped:
@@ -661,6 +662,8 @@ def train(args) -> dict:
                 t_save = time.perf_counter()
                 _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args, data)
                 saved = step
+                if curves:
+                    curves.update()
                 t_last += time.perf_counter() - t_save  # tokens_per_s counts training steps, not the save
         # The run's end (or --stop-after): a checkpoint of this step, unless one is on disk already (a
         # periodic save at --stop-after, a resumed run that had ended).
@@ -678,9 +681,16 @@ def train(args) -> dict:
         bar.close()
         if log_f:
             log_f.close()
+        if curves:  # also after a failure: a diverging loss is easier seen than read
+            curves.update(force=True)
     summary = {"step": step, "losses": losses, "checkpoint": str(ckpt), "export": export,
                "stopped": stopped and step < total}
     return summary
+
+
+# <run>/training.png: (metrics.jsonl key, axis label, log scale, smoothed)
+TRAIN_CURVES = [("loss", "loss (weighted CE + z-loss)", True, True), ("grad_norm", "gradient norm", True, True),
+                ("lr", "learning rate", False, False), ("tokens_per_s", "tokens / s", False, True)]
 
 
 def _save(out, step, model, opt, sched, epoch, pos, tokens_seen, args, data):
@@ -734,7 +744,7 @@ def _export(model, store, out: Path, args):
 # ---------------------------------------------------------------------- command line
 def add_arguments(p) -> None:
     p.add_argument("--store", required=True, help="token store folder (worldvla pretokenize)")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, exported policy")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, training.png (its curves), exported policy")
     p.add_argument("--config", default="small", choices=CONFIGS, help="model size (default: %(default)s)")
     p.add_argument("--init", default=None,
                    help="start from this model folder (e.g. the release's or transformers' Chameleon-7B folder). "

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..cli import STOPPED_RC, non_negative_float, non_negative_int, positive_int, unit_float, unit_open_float
 from ..tokens.layout import VocabLayout
 from . import distributed as dist_utils
-from .checkpointing import (SEED_LIMIT, StopSignal, add_run_arguments, check_finite, check_run_dir,
+from .checkpointing import (SEED_LIMIT, CurvePlot, StopSignal, add_run_arguments, check_finite, check_run_dir,
                             load_checkpoint, prepare_run_dir, read_state, resumable_checkpoint, resume_point,
                             save_checkpoint, scalar_args, seed_int, stopped_message, trim_log)
 
@@ -285,6 +285,7 @@ def train_vq(args) -> dict:
         return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))
 
     log = open(log_path, "a") if main else None
+    curves = CurvePlot(out, VQ_CURVES, "worldvla train-vq") if main else None
     sigterm, stopped = StopSignal(), False
     try:
         while step < total and not (args.stop_after and step >= args.stop_after) and not stopped:
@@ -339,12 +340,16 @@ def train_vq(args) -> dict:
                                         "usage": usage.ema.tolist(), "restart_rng": gen.get_state().tolist(),
                                         "config": vq.config.to_dict(), "args": {**scalar_args(args), **data}},
                                        keep_last=args.keep_last)
+                if curves:
+                    curves.update()
     finally:
         sigterm.restore()
         hook.remove()
         bar.close()
         if log:
             log.close()
+        if curves:  # also after a stop or a failure: the curves up to it
+            curves.update(force=True)
     export = None
     if step >= total:
         if main:
@@ -355,11 +360,16 @@ def train_vq(args) -> dict:
             "checkpoint": None if ckpt is None else str(ckpt)}
 
 
+# <run>/training.png: (metrics.jsonl key, axis label, log scale, smoothed)
+VQ_CURVES = [("loss", "loss (L1 + L2 + VQ)", True, True), ("psnr", "reconstruction PSNR (dB)", False, True),
+             ("codes_used", "codes used", False, False), ("perplexity", "code perplexity", False, True)]
+
+
 def add_arguments(p) -> None:
     from ..data.store import CAMERA_HELP, ROTATE_180, ROTATE_HELP
 
     p.add_argument("inputs", nargs="+", help="HDF5 demo files or folders")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, vqgan/)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, training.png (its curves), vqgan/)")
     p.add_argument("--config", default="small", choices=("small", "chameleon"),
                    help="VQGAN architecture (default: %(default)s)")
     p.add_argument("--init", default=None, help="start from a VQGAN folder (VQGAN.save_pretrained), its "
