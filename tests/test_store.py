@@ -1274,3 +1274,44 @@ def test_world_samples_under_drop_noops_target_the_frame_each_action_led_to(tmp_
     (out / st.MANIFEST).write_text(json.dumps(m))
     with pytest.raises(FileExistsError, match="overwrite"):
         st.build_store(tmp_path / "d", out, vq, action=False, bounds="unit", drop_noops=True, progress=False)
+
+
+def test_demo_files_without_any_demo_are_named_not_blamed_on_the_chunk_size(tmp_path, capsys, monkeypatch):
+    """A demo file whose `data` group holds no demo (a collection that kept none) was refused as "-K 5 is longer
+    than every demo (the longest has 0 steps) ... choose -K <= 0", and under --no-action as holding no successful
+    demo, which --include-failed would not change."""
+    import h5py
+
+    from worldvla.cli import main
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    path = tmp_path / "d" / "a.hdf5"
+    path.parent.mkdir()
+    with h5py.File(path, "w") as f:
+        f.create_group("data").attrs["instruction"] = "reach"
+    for action, world in ((True, True), (False, True)):
+        with pytest.raises(ValueError, match=f"{path} holds no demo .*data/demo_0"):
+            st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=5, action=action, world=world,
+                           progress=False)
+    assert not (tmp_path / "s").exists()  # refused before any work
+    tiny_vqgan().save_pretrained(tmp_path / "vq")
+    assert main(["pretokenize", str(tmp_path / "d"), "--out", str(tmp_path / "s"), "--vqgan", str(tmp_path / "vq"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} holds no demo" in err and "-K" not in err and "Traceback" not in err
+
+
+def test_a_store_built_otherwise_is_refused_naming_what_differs(demo_dir, tmp_path):
+    """A rebuild into a store made otherwise said only "built with other settings, inputs or VQGAN", leaving the
+    user to guess which: another VQGAN, another -K and another input set are each named."""
+    folder, _ = demo_dir
+    out = tmp_path / "s"
+    st.build_store(folder, out, tiny_vqgan(), chunk_size=K, bounds="unit", progress=False)
+    with pytest.raises(FileExistsError, match=r"VQGAN: another VQGAN \(its weights' digest differs\); pass"):
+        st.build_store(folder, out, tiny_vqgan(seed=1), chunk_size=K, bounds="unit", progress=False)
+    with pytest.raises(FileExistsError, match=rf"VQGAN: chunk_size {K} then, 2 now; pass"):
+        st.build_store(folder, out, tiny_vqgan(), chunk_size=2, bounds="unit", progress=False)
+    with pytest.raises(FileExistsError, match=r"VQGAN: other input files \(b.h5 no longer given\); pass"):
+        st.build_store(folder / "a.hdf5", out, tiny_vqgan(), chunk_size=K, bounds="unit", progress=False)
+    # the same build again still continues the store
+    st.build_store(folder, out, tiny_vqgan(), chunk_size=K, bounds="unit", progress=False)

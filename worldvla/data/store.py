@@ -360,6 +360,42 @@ def _demo_infos(files) -> dict:
     return {f: demo_file_info(f) for f in files}
 
 
+def _fingerprint_differences(old: dict, terms: dict) -> list[str]:
+    """What differs between a store's manifest and the fingerprint terms of a build now, in words (the settings by
+    name), so that a refusal says which of them changed; empty when the manifest does not tell."""
+    what = []
+    old_settings = old.get("settings") or {}
+    for k, v in terms["settings"].items():
+        if k in old_settings and old_settings[k] != v:
+            what.append(f"{k} {old_settings[k]!r} then, {v!r} now")
+    if old.get("vqgan_sha256") not in (None, terms["vqgan"]):
+        what.append("another VQGAN (its weights' digest differs)")
+    old_inputs = [(Path(r.get("path", "")).name, r.get("size")) for r in old.get("inputs") or []]
+    if old_inputs and old_inputs != terms["inputs"]:
+        gone = sorted({n for n, _ in old_inputs} - {n for n, _ in terms["inputs"]})
+        new = sorted({n for n, _ in terms["inputs"]} - {n for n, _ in old_inputs})
+        resized = sorted({n for n, _ in set(old_inputs) - set(terms["inputs"])} - set(gone))
+        parts = ([f"{', '.join(gone)} no longer given"] if gone else []) + \
+                ([f"{', '.join(new)} added"] if new else []) + ([f"{', '.join(resized)} changed size"] if resized else [])
+        what.append("other input files (" + ("; ".join(parts) or "another order") + ")")
+    old_action = old.get("action") or {}
+    if "low" in old_action and (old_action["low"] != terms["low"] or old_action.get("high") != terms["high"]):
+        what.append("other action bounds")
+    if old.get("layout") not in (None, terms["layout"]):
+        what.append("another vocabulary layout")
+    return what
+
+
+def _check_some_demos(files, infos: dict) -> None:
+    """Refuse inputs whose `data` groups hold no demo at all, naming the files: the checks after would blame the
+    chunk size (no demo is K steps long) or the success flags instead."""
+    if any(infos[f]["num_demos"] for f in files):
+        return
+    names = ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    raise ValueError(f"{names} holds no demo (the 'data' group has no data/demo_0, data/demo_1, ...): collect "
+                     f"demonstrations into it first (worldvla collect) or give files that hold some")
+
+
 def _check_some_success(files, infos: dict) -> None:
     """Only successful demos are tokenized (only_success): refuse inputs that hold none, before any slow work."""
     n = sum(infos[f]["num_demos"] for f in files)
@@ -521,6 +557,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     remove_stale(out, r"shard_\d+", own=True)
     files = find_demo_files(inputs)
     infos = _demo_infos(files)
+    _check_some_demos(files, infos)
     if only_success:
         _check_some_success(files, infos)
     if action:
@@ -582,8 +619,10 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                 raise ValueError(f"{e}; pass overwrite=True (--overwrite) to rebuild the store in {out}") from None
             old = {}  # replaced whole: what it held does not matter
         if old.get("fingerprint") != fingerprint and not overwrite:
+            what = _fingerprint_differences(old, terms)
             raise FileExistsError(
-                f"{out} holds a token store built with other settings, inputs or VQGAN; pass overwrite=True "
+                f"{out} holds a token store built with other settings, inputs or VQGAN"
+                f"{(': ' + '; '.join(what)) if what else ''}; pass overwrite=True "
                 f"(--overwrite) to rebuild it, or choose another output folder")
     resumed = old.get("fingerprint") == fingerprint
     # The text tokenizer's vocabulary is not in the layout (only its image ids are): its file is checked as inputs are.
