@@ -18,6 +18,8 @@ COMMANDS = {
     "train": ("worldvla.train.trainer", "train WorldVLA (single process or torchrun + FSDP2)"),
     "eval": ("worldvla.eval.metaworld", "closed-loop success rates and world-model metrics on Meta-World"),
     "eval-libero": ("worldvla.eval.libero", "LIBERO evaluation following the release's protocol"),
+    "import-release": ("worldvla.inference.from_release",
+                       "a policy folder from the release's checkpoint files (model, tokenizer folder)"),
     "imagine": ("worldvla.eval.imagine", "roll the world model out from a frame under actions: frames, scores, GIF"),
     "demo": ("worldvla.demo", "the whole chain on Meta-World: collect, train, evaluate (CPU, 5-15 min)"),
     "serve": ("worldvla.serve", "serve a policy to robots over WebSocket + msgpack"),

@@ -368,7 +368,8 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--policy", required=True, help="policy folder (worldvla.inference.save_policy format)")
+    parser.add_argument("--policy", required=True, help="policy folder: one `worldvla import-release` writes from the release's checkpoint, or "
+                             "<run>/policy of `worldvla train`")
     parser.add_argument("--suite", default="libero_spatial", choices=sorted(MAX_STEPS),
                         help="LIBERO suite; step limits spatial 220, object 280, goal 300, libero_10 520 "
                              "(default: %(default)s)")

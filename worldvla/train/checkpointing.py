@@ -534,16 +534,19 @@ def missing_rng_files(path, world: int) -> list[str]:
 
 class CurvePlot:
     """Keeps `<run>/training.png` (the curves of metrics.jsonl) up to date: `update()` after a periodic save
-    redraws it when the last drawing is `every_s` old, `update(force=True)` at the run's end (or stop, or
-    failure) always. A figure that cannot be drawn (matplotlib missing, a full disk) is said once on stderr and
-    never stops training: the log it is drawn from holds the same numbers."""
+    redraws it once the run or the last drawing is `every_s` old, `update(force=True)` at the run's end (or
+    stop, or failure) always, except on Ctrl-C, which is answered at once. A figure that cannot be drawn
+    (matplotlib missing, a full disk) is said once on stderr and never stops training: the log it is drawn from
+    holds the same numbers."""
 
     def __init__(self, out, panels, title: str, every_s: float = 60.0):
         self.out, self.panels, self.title, self.every_s = Path(out), panels, title, every_s
-        self.last, self.failed = float("-inf"), False
+        self.last, self.failed = time.monotonic(), False
 
     def update(self, force: bool = False) -> None:
         if self.failed or (not force and time.monotonic() - self.last < self.every_s):
+            return
+        if force and isinstance(sys.exc_info()[1], KeyboardInterrupt):  # in a `finally` on Ctrl-C: exit now
             return
         try:
             from ..eval.plots import training_curves

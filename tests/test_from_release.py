@@ -1,0 +1,103 @@
+"""`worldvla import-release`: a policy folder from the release's model folder and tokenizer folder."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from worldvla import ModelConfig, VocabLayout, WorldVLA
+from worldvla.cli import main
+from worldvla.inference.from_release import import_release, infer_from_path
+from worldvla.tokens.actions import LIBERO_MAX, LIBERO_MIN
+from worldvla.vqgan import VQGAN, VQGANConfig
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """The release's layout in miniature: ckpts/model_256/libero_{goal,10} (a tiny model on the Chameleon
+    vocabulary, saved in the Hugging Face Chameleon format) and ckpts/chameleon/tokenizer."""
+    from test_store import _release_text_tokenizer
+    from test_vqgan import _write_release
+
+    root = tmp_path_factory.mktemp("ckpts")
+    model = WorldVLA(ModelConfig.tiny(VocabLayout.chameleon())).init_weights(generator=torch.Generator().manual_seed(0))
+    for suite in ("libero_goal", "libero_10"):
+        model.save_pretrained(root / "model_256" / suite)
+    model.save_pretrained(root / "elsewhere")
+    tok = root / "chameleon" / "tokenizer"
+    tok.mkdir(parents=True)
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32,
+                           n_embed=64)).eval()
+    _write_release(tok, vq, dict(vq.state_dict()))
+    _release_text_tokenizer(tok / "text_tokenizer.json")
+    return root
+
+
+@pytest.mark.parametrize("path, want", [
+    ("ckpts/model_256/libero_goal", {"suite": "goal", "chunk_size": 5, "image_size": 256}),
+    ("ckpts/model_512/libero_10", {"suite": "10", "chunk_size": 10, "image_size": 512}),
+    ("hub/WorldVLA-ActionModel-LIBERO-Spatial-512", {"suite": "spatial", "chunk_size": 5, "image_size": 512}),
+    ("hub/WorldVLA-ActionModel-LIBERO-10-256", {"suite": "10", "chunk_size": 10, "image_size": 256}),
+    ("runs/my_model", {}),
+    ("runs/model_2560/libero_100", {}),
+])
+def test_the_path_names_the_suite_and_size_as_the_release_publishes_them(path, want, tmp_path):
+    assert infer_from_path(tmp_path / path) == want
+
+
+def test_an_imported_policy_acts_with_the_releases_settings(release, tmp_path, capsys):
+    """The policy takes the release's fixed LIBERO bounds, its chunk size per suite, the size of the folder it was
+    published in and two frames of history; it acts with chunks of that size inside those bounds."""
+    from worldvla.inference import WorldVLAPolicy
+
+    out = tmp_path / "goal"
+    assert main(["import-release", str(release / "model_256" / "libero_goal"), "--tokenizer",
+                 str(release / "chameleon" / "tokenizer"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "5 actions a chunk (from the path" in printed and "256 px frames (from the path" in printed
+    assert f"worldvla eval-libero --policy {out} --suite libero_goal" in printed
+    policy = WorldVLAPolicy.from_pretrained(out, device="cpu")
+    assert (policy.chunk_size, policy.image_size, policy.history) == (5, 256, 2)
+    np.testing.assert_allclose(policy.action_tokenizer.low, LIBERO_MIN)
+    np.testing.assert_allclose(policy.action_tokenizer.high, LIBERO_MAX)
+    assert policy.metadata()["extra"]["source"] == "release"
+    policy.reset("push the plate")
+    frame = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    actions = policy.act(frame, history=frame)
+    assert actions.shape == (5, 7)
+    assert (actions >= np.asarray(LIBERO_MIN) - 1e-6).all() and (actions <= np.asarray(LIBERO_MAX) + 1e-6).all()
+    # LIBERO-10 runs chunks of 10; options win over the path
+    info = import_release(release / "model_256" / "libero_10", release / "chameleon" / "tokenizer", tmp_path / "ten")
+    assert (info["chunk_size"], info["suite"]) == (10, "10")
+    info = import_release(release / "model_256" / "libero_10", release / "chameleon" / "tokenizer", tmp_path / "x",
+                          chunk_size=3, image_size=128)
+    assert (info["chunk_size"], info["image_size"], info["sources"]["chunk_size"]) == (3, 128, "--chunk-size")
+
+
+def test_a_path_that_names_no_suite_asks_for_the_sizes_by_option(release, tmp_path, capsys):
+    tok = str(release / "chameleon" / "tokenizer")
+    argv = ["import-release", str(release / "elsewhere"), "--tokenizer", tok, "--out", str(tmp_path / "p")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "its path names no LIBERO suite and size, so give --chunk-size" in err and "10 for LIBERO-10" in err
+    assert main([*argv, "--chunk-size", "5"]) == 2
+    assert "give --image-size (frame size in pixels: 256 or 512" in capsys.readouterr().err
+    assert main([*argv, "--chunk-size", "5", "--image-size", "256"]) == 0
+    assert not (tmp_path / "q").exists()
+
+
+def test_missing_or_wrong_folders_are_named_before_any_weight_is_read(release, tmp_path, capsys):
+    model = str(release / "model_256" / "libero_goal")
+    assert main(["import-release", model, "--tokenizer", str(tmp_path / "nope"), "--out", str(tmp_path / "p")]) == 2
+    assert "nope: no such folder (expected the release's tokenizer folder, chameleon/tokenizer" in \
+        capsys.readouterr().err
+    assert main(["import-release", str(release / "chameleon" / "tokenizer"), "--tokenizer", model, "--out",
+                 str(tmp_path / "p")]) == 2
+    assert "expected a WorldVLA model folder" in capsys.readouterr().err
+    assert main(["import-release", model, "--tokenizer", str(release / "model_256"), "--out", str(tmp_path / "p")]) == 2
+    assert "tokenizer files missing: ['vqgan.yaml', 'vqgan.ckpt', 'text_tokenizer.json']" in capsys.readouterr().err
+    assert main(["import-release", model, "--tokenizer", str(release / "chameleon" / "tokenizer"), "--out",
+                 str(tmp_path / "p"), "--dtype", "float64x"]) == 2
+    assert "float64x" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
