@@ -113,6 +113,10 @@ def test_an_incomplete_collection_suggests_what_would_change_the_outcome(monkeyp
     err = capsys.readouterr().err
     assert "error: reach-v3 episode 0" in err and "raised the errors above: fix their cause" in err
     assert "--max-attempts" not in err
+    assert "next:" not in capsys.readouterr().out  # an incomplete collection points at no next step
+    summary.update(errors=[], incomplete=[])
+    assert collect_mod.run(parser.parse_args(["--out", str(tmp_path)])) == 0
+    assert f"next: worldvla train-vq {tmp_path} --out <vq run>" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

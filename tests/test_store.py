@@ -215,7 +215,7 @@ def test_bounds_and_bad_inputs(tmp_path):
         st.TokenStore(tmp_path / "x")
 
 
-def test_cli(demo_dir, tmp_path):
+def test_cli(demo_dir, tmp_path, capsys):
     folder, _ = demo_dir
     vq_dir = tmp_path / "vq"
     tiny_vqgan().save_pretrained(vq_dir)
@@ -226,6 +226,7 @@ def test_cli(demo_dir, tmp_path):
     assert st.run(args) == 0
     store = st.TokenStore(tmp_path / "s")
     assert store.kind_counts() == {"action": 6 + 4 + 1 + 5, "world": 0}
+    assert f"next: worldvla train --store {tmp_path / 's'} --out <run>" in capsys.readouterr().out
 
 
 def test_no_action_samples_is_refused(tmp_path):

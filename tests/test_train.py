@@ -457,12 +457,13 @@ def test_a_resume_at_a_larger_world_size_warns_that_rng_states_start_fresh(tmp_p
     assert checkpointing.missing_rng_files(ck, 3) == ["rng_rank1.pt", "rng_rank2.pt"]
 
 
-def test_cli_run_exports_and_action_only(store_dir, tmp_path):
+def test_cli_run_exports_and_action_only(store_dir, tmp_path, capsys):
     out = tmp_path / "run"
     a = args_for(store_dir, out, "--steps", 2, "--batch-tokens", 300, "--kinds", "action")
     assert trainer.run(a) == 0
     exported = out / "policy" if (out / "policy").exists() else out / "model"
     if exported.name == "policy":
+        assert f"next: worldvla eval --policy {exported} --tasks <tasks>" in capsys.readouterr().out
         from worldvla.inference import WorldVLAPolicy
 
         from worldvla.eval.metaworld import action_only

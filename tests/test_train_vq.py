@@ -705,3 +705,19 @@ def test_a_restart_threshold_of_0_calls_no_code_dead():
     assert usage.dead(0.0).tolist() == []
     assert usage.dead(0.5).tolist() == [2, 3]  # 0.25 of the picks is the uniform rate: code 1 is at it
     assert usage.dead(1.01).tolist() == [1, 2, 3]
+
+
+def test_the_run_names_what_comes_next_and_files_without_frames_are_named(data, tmp_path, capsys):
+    """The finished run says how its VQGAN is used next; demo files that hold no demo were refused as "no frames
+    found in [PosixPath(...)]", a Python list that named no fix."""
+    import h5py
+
+    assert vqt.run(args_for(data, tmp_path / "run", "--steps", 2)) == 0
+    out = capsys.readouterr().out
+    assert f"next: worldvla pretokenize <the demos> --vqgan {tmp_path / 'run' / 'vqgan'}" in out
+    assert str(tmp_path / "run" / "training.png") in out
+    empty = tmp_path / "empty.hdf5"
+    with h5py.File(empty, "w") as f:
+        f.create_group("data")
+    with pytest.raises(ValueError, match=rf"no frames in {empty}: their 'data' groups hold no demo; collect"):
+        vqt.load_frames([empty])

@@ -835,6 +835,9 @@ def run(args) -> int:
     if main and s["losses"]:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}; checkpoint {s['checkpoint']}"
               + (f"; exported {s['export']}" if s["export"] else ""))
+        if s["export"] and Path(s["export"]).name == "policy":
+            print(f"next: worldvla eval --policy {s['export']} --tasks <tasks> --out <eval folder>   or   worldvla "
+                  f"serve --checkpoint {s['export']}   (training curves: {Path(args.out) / 'training.png'})")
     elif main:  # a resumed run with nothing left to do
         print(f"step {s['step']}: no steps run; checkpoint {s['checkpoint']}"
               + (f"; exported {s['export']} again" if s["export"] else ""))

@@ -93,7 +93,8 @@ def load_frames(inputs, stride: int = 1, max_frames: int = 0, camera=None, rotat
         if max_frames and n >= max_frames:
             break
     if not chunks:
-        raise ValueError(f"no frames found in {inputs}")
+        raise ValueError(f"no frames in {', '.join(map(str, files))}: their 'data' groups hold no demo; collect "
+                         f"demonstrations into them first (worldvla collect) or give files that hold some")
     frames = np.concatenate(chunks)
     return frames[:max_frames] if max_frames else frames
 
@@ -433,6 +434,9 @@ def run(args) -> int:
         return STOPPED_RC
     if main and s["losses"]:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}" + (f"; exported {s['export']}" if s["export"] else ""))
+        if s["export"]:
+            print(f"next: worldvla pretokenize <the demos> --vqgan {s['export']} --out <store>   (training curves: "
+                  f"{Path(args.out) / 'training.png'})")
     elif main:  # a resumed run with nothing left to do
         print(f"step {s['step']}: no steps run" + (f"; exported {s['export']} again" if s["export"] else ""))
     return 0
