@@ -1068,6 +1068,32 @@ def test_repeated_policy_and_tasks_options_add_up(tmp_path, monkeypatch):
     assert got == {"policies": folders, "tasks": ["fake-a-v3", "fake-b-v3"]}
 
 
+def test_eval_names_the_tasks_a_policy_never_saw(tmp_path, monkeypatch, capsys):
+    """`worldvla eval --tasks door-open-v3` on a policy trained on drawer-open alone ran without a word, its 0%
+    taken for what it learned; a policy whose training recorded its instructions now has the unseen tasks named."""
+    import json
+
+    from worldvla.cli import main
+    from worldvla.eval import metaworld as mw
+    from worldvla.sim.metaworld_env import TASKS
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "policy.json").write_text(json.dumps({"extra": {"instructions": [TASKS["drawer-open-v3"]]}}))
+    assert mw.unseen_tasks_note(tmp_path / "p", ["drawer-open-v3"]) is None
+    note = mw.unseen_tasks_note(tmp_path / "p", ["drawer-open-v3", "door-open-v3", "reach-v3"])
+    assert note.startswith(f"note: {tmp_path / 'p'} was trained on 1 instruction(s) ({TASKS['drawer-open-v3']!r})")
+    assert "not on those of door-open-v3, reach-v3:" in note
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "policy.json").write_text(json.dumps({"extra": {}}))  # a policy that does not say
+    assert mw.unseen_tasks_note(tmp_path / "q", ["door-open-v3"]) is None
+    monkeypatch.setattr(mw, "evaluate", lambda *a, **k: {"tasks": [], "variants": {}})
+    monkeypatch.setattr(mw, "format_results", lambda m: "")
+    assert main(["eval", "--policy", str(tmp_path / "p"), str(tmp_path / "q"), "--tasks", "door-open-v3",
+                 "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "not on those of door-open-v3" in err
+
+
 def test_action_only_reads_the_recorded_kinds_and_the_store(tmp_path):
     """A policy is known to be action-only from the kinds its training recorded, else from its token store (when
     still readable) holding no world-model sample; anything else does not say so."""

@@ -471,6 +471,8 @@ def test_cli_run_exports_and_action_only(store_dir, tmp_path, capsys):
         pol = WorldVLAPolicy.from_pretrained(exported)
         assert pol.chunk_size == 3 and pol.action_dim == 4
         assert pol.extra["kinds"] == ["action"] and action_only(pol)  # an evaluation says what its scores are
+        inputs = TokenStore(store_dir).manifest["inputs"]
+        assert pol.extra["instructions"] == sorted({i["instruction"] for i in inputs}) != []
         model_dir = exported / "model"
     else:
         model_dir = exported

@@ -882,6 +882,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"worldvla eval: {p} is not a policy folder (no policy.json); train one with `worldvla train` "
                   f"or `worldvla demo`", file=sys.stderr)
             return 2
+    for p in args.policy:
+        note = unseen_tasks_note(p, tasks)
+        if note:
+            print(note, file=sys.stderr)
     metrics = evaluate(args.policy, tasks, args.episodes, args.out, seed=args.seed, max_steps=args.max_steps,
                        n_envs=args.envs, random_baseline=not args.no_random, wm_episodes=args.wm_episodes,
                        wm_horizon=args.wm_horizon, progress=not args.no_progress, variant_names=names,
@@ -890,6 +894,26 @@ def run(args: argparse.Namespace) -> int:
     print(format_results(metrics))
     print(f"-> {Path(args.out) / 'metrics.json'}")
     return 0
+
+
+def unseen_tasks_note(policy_dir, tasks) -> str | None:
+    """A line naming the tasks whose instruction the policy was not trained on, where its policy.json records
+    the instructions of its demonstrations (`worldvla train` does): their success rates measure generalization
+    to new tasks, not what was learned. None where every task was seen, or the policy does not say."""
+    from ..sim.metaworld_env import TASKS
+
+    try:
+        seen = json.loads((Path(policy_dir) / "policy.json").read_text()).get("extra", {}).get("instructions")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(seen, list) or not seen:
+        return None
+    unseen = [t for t in tasks if TASKS.get(t) not in seen]
+    if not unseen:
+        return None
+    return (f"note: {policy_dir} was trained on {len(seen)} instruction(s) ({'; '.join(map(repr, seen[:3]))}"
+            f"{'; ...' if len(seen) > 3 else ''}), not on those of {', '.join(unseen)}: their success rates measure "
+            f"how it carries over to tasks it never saw")
 
 
 __all__ = ["closed_loop", "check_execute", "check_tasks", "RandomPolicy", "eval_seeds", "expert_rollouts",

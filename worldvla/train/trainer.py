@@ -727,6 +727,11 @@ def _export(model, store, out: Path, args):
             # tell an action-only model's world-model scores for what they are
             extra = {"store": str(Path(args.store).resolve()), "config": args.config,
                      "kinds": [k for k, n in store.kind_counts().items() if n > 0]}
+            # the instructions of its demonstrations: an evaluation can say which tasks the policy never saw
+            seen = sorted({text for i in store.manifest.get("inputs", [])
+                           for text in [i.get("instruction"), *(i.get("demo_instructions") or {}).values()] if text})
+            if seen:
+                extra["instructions"] = seen
             if store.manifest.get("sim_camera"):  # the evaluation renders from the camera the demos were
                 extra["sim_camera"] = store.manifest["sim_camera"]
             save_policy(path, plain, VQGAN.from_pretrained(store.checked_vqgan_path()), store.action_tokenizer(),
