@@ -1476,3 +1476,23 @@ def test_curves_are_redrawn_at_saves_at_most_once_a_period_and_always_when_force
     except KeyboardInterrupt:
         curves.update(force=True)
     assert len(drawn) == 2
+
+
+def test_init_from_a_policy_of_another_vqgan_is_named(store_dir, tmp_path, capsys):
+    """`train --init runA/policy/model` on a store encoded with another VQGAN trained without a word, though the
+    model's image-code embeddings were learned for other codes; the VQGAN beside the model says so."""
+    first = tmp_path / "a"
+    trainer.train(args_for(store_dir, first, "--steps", 1, "--batch-tokens", 300))
+    init = first / "policy" / "model"
+    capsys.readouterr()
+    trainer.train(args_for(store_dir, tmp_path / "b", "--steps", 1, "--batch-tokens", 300, "--init", init,
+                           "--no-export"))
+    assert "note: --init" not in capsys.readouterr().err  # the store's own VQGAN beside it
+    torch.manual_seed(123)
+    VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32,
+                      n_embed=64)).save_pretrained(first / "policy" / "vqgan")
+    s = trainer.train(args_for(store_dir, tmp_path / "c", "--steps", 1, "--batch-tokens", 300, "--init", init,
+                               "--no-export"))
+    err = capsys.readouterr().err
+    assert s["step"] == 1 and f"note: --init {init} was trained with the VQGAN beside it" in err
+    assert f"pretokenize the demos with --vqgan {(first / 'policy' / 'vqgan').resolve()}" in err

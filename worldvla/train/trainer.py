@@ -371,6 +371,21 @@ def _max_positions(args, layout, config=None) -> int:
     return build_model_config(args.config, layout, args.dropout, args.max_positions).max_position_embeddings
 
 
+def _init_vqgan_note(init, store) -> str | None:
+    """A line when --init is the model of a policy folder whose VQGAN (its `vqgan/` beside `model/`) is not the one
+    that encoded the token store: the model's image-code embeddings and head rows were learned for other codes."""
+    from ..data.store import _vqgan_folder_digest
+
+    beside = Path(init).expanduser() / ".." / "vqgan"
+    want = store.manifest.get("vqgan_sha256")
+    got = _vqgan_folder_digest(beside.resolve()) if want else None
+    if got is None or got == want:
+        return None
+    return (f"note: --init {init} was trained with the VQGAN beside it ({beside.resolve()}), not the one that encoded "
+            f"{store.path}: its image-code embeddings were learned for other codes and start over in effect; to keep "
+            f"them, pretokenize the demos with --vqgan {beside.resolve()}")
+
+
 def _recorded_config(ck, args):
     """The model config that the checkpoint `ck` records (`model_config`; `model_hf_extra`: the config.json keys of
     an --init folder that the export writes back), which a resumed run builds its model from: the checkpoint holds
@@ -547,6 +562,10 @@ def train(args) -> dict:
     if config is not None and args.init and main:
         print(f"--resume: the model is the checkpoint's, built from the config it records; --init {args.init} is "
               f"not loaded")
+    elif args.init and main:
+        note = _init_vqgan_note(args.init, store)
+        if note:
+            print(note, file=sys.stderr)
     _check_sample_lengths(store.lengths, micro_tokens, "--micro-tokens" if args.micro_tokens else "--batch-tokens",
                           _max_positions(args, layout, config), store.kind_codes, store.kinds)
 
