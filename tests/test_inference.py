@@ -808,3 +808,153 @@ def test_an_engine_too_small_for_the_longest_prompts_chunk_is_refused(rng):
     eng = InferenceEngine(model, 2, need)
     got = generate_action_chunk(model, [short, long], LAYOUT, 2, 3, engine=eng)
     assert torch.equal(got[1], generate_action_chunk(model, long, LAYOUT, 2, 3))
+
+
+class _FakeCuda:
+    """Stand-ins for torch.cuda's streams, device guard and graph capture on a machine without a GPU: they record
+    where each decode forward of an engine runs (the current device and stream) and how each step is captured.
+    torch's `torch.cuda.graph` without `stream=` captures on one stream it makes once per process on whatever
+    device is current then (here cuda:0, as on a machine whose first capture was for cuda:0)."""
+
+    class Stream:
+        def __init__(self, device=None):
+            self.device = torch.device(device if device is not None else "cuda:0")
+
+        def wait_stream(self, other):
+            pass
+
+    def __init__(self, monkeypatch):
+        self.device, self.stream, self.capturing = torch.device("cuda:0"), None, False
+        self.default_capture_stream = self.Stream("cuda:0")
+        self.captures, self.replays = [], 0
+        fake = self
+
+        class CUDAGraph:
+            def replay(self):
+                fake.replays += 1
+
+        for name, value in (("Stream", self.Stream), ("CUDAGraph", CUDAGraph), ("stream", self._stream),
+                            ("device", self._device), ("graph", self._graph), ("synchronize", lambda device=None: None),
+                            ("current_stream", lambda device=None: self.Stream(device or self.device)),
+                            ("graph_pool_handle", lambda: ("pool", 0))):
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    def _swap(self, **state):
+        old = {k: getattr(self, k) for k in state}
+        for k, v in state.items():
+            setattr(self, k, v)
+        return old
+
+    def _context(self, **state):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            old = self._swap(**state)
+            try:
+                yield
+            finally:
+                self._swap(**old)
+        return ctx()
+
+    def _stream(self, s):
+        return self._context(stream=s)
+
+    def _device(self, d):
+        return self._context(device=torch.device(d))
+
+    def _graph(self, graph, pool=None, stream=None, capture_error_mode="global"):
+        stream = stream or self.default_capture_stream
+        self.captures.append({"stream": stream, "pool": pool, "current_device": self.device,
+                              "mode": capture_error_mode})
+        return self._context(stream=stream, capturing=True)
+
+
+def test_decode_steps_are_captured_and_run_on_the_engines_own_device(rng, monkeypatch):
+    """An engine on a GPU that is not the current device (cuda:1 while cuda:0 is current) warms up, captures
+    and runs its decode steps with its own device current and on its streams: torch's default capture stream
+    belongs to the device current when it was first made, so a step was captured on a cuda:0 stream while its
+    kernels ran on cuda:1, and Triton launches its kernels on the current device. All captures of one engine
+    take one stream, as torch asks of graphs that share a memory pool."""
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    eng = InferenceEngine(model, 1, prompt.numel() + 4, cuda_graphs=False)
+    h = eng.prefill([prompt])
+    assert h.shape == (1, model.config.hidden_size)
+    want = {}
+    for q in (1, 2):
+        buf = eng.buffers(q)
+        buf.ids.fill_(LAYOUT.bin_range[0])
+        buf.set_positions(torch.full((1, q), prompt.numel()) + torch.arange(q))
+        with torch.no_grad():  # as a step runs (the native layer on some CPUs takes no gradients)
+            want[q] = eng._forward(buf.ids, buf.pos, buf.meta).clone()
+    fake = _FakeCuda(monkeypatch)
+    eng.device, eng.cuda_graphs = torch.device("cuda:1"), True  # as an engine of a model on cuda:1
+    forwards = []
+    plain_forward = eng._forward
+
+    def recorded(*args):
+        forwards.append((fake.device, fake.stream.device if fake.stream is not None else None, fake.capturing))
+        return plain_forward(*args)
+
+    monkeypatch.setattr(eng, "_forward", recorded)
+    for q in (1, 2, 1):
+        got = eng.run(eng.buffers(q))
+        torch.testing.assert_close(got, want[q], rtol=0, atol=0)
+    cuda1 = torch.device("cuda:1")
+    assert len(fake.captures) == 2 and fake.replays == 3
+    assert all(c["stream"].device == cuda1 and c["current_device"] == cuda1 for c in fake.captures)
+    assert fake.captures[0]["stream"] is fake.captures[1]["stream"]
+    assert all(c["mode"] == "thread_local" for c in fake.captures)  # other threads' CUDA work is no error of it
+    assert fake.captures[0]["pool"] == fake.captures[1]["pool"] is not None
+    # two warm-up forwards on a side stream of cuda:1, then the captured one, per step size
+    assert forwards == [(cuda1, cuda1, False), (cuda1, cuda1, False), (cuda1, cuda1, True)] * 2
+    # an engine that runs its steps eagerly runs them with its device current as well
+    del forwards[:]
+    eng.cuda_graphs = False
+    eng.run(eng.buffers(1))
+    assert forwards == [(cuda1, None, False)]
+
+
+def test_a_step_captured_under_autocast_caches_no_casts_and_is_recaptured_when_autocast_changes(rng, monkeypatch):
+    """Under CUDA autocast, a capture with autocast's weight-cast cache on records reads of cached casts that the
+    caller's autocast block frees on exit (torch's make_graphed_callables refuses that cache); and a graph captured
+    with autocast off (or at another dtype) replayed its old casts after autocast changed."""
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    eng = InferenceEngine(model, 1, prompt.numel() + 4, cuda_graphs=False)
+    eng.prefill([prompt])
+    buf = eng.buffers(1)
+    buf.ids.fill_(LAYOUT.bin_range[0])
+    buf.set_positions(torch.full((1, 1), prompt.numel()))
+    fake = _FakeCuda(monkeypatch)
+    eng.device, eng.cuda_graphs = torch.device("cuda:0"), True
+    state = {"on": False, "dtype": torch.float16}
+    enabled, dtype = torch.is_autocast_enabled, torch.get_autocast_dtype  # the CPU's stay as they are
+    monkeypatch.setattr(torch, "is_autocast_enabled",
+                        lambda *a: state["on"] if a == ("cuda",) else enabled(*a))
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda d: state["dtype"] if d == "cuda" else dtype(d))
+    entered = []
+
+    class Autocast:  # records what the capture asks of autocast (CUDA autocast is off without a GPU)
+        def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
+            entered.append((device_type, dtype, enabled, cache_enabled))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch, "autocast", Autocast)
+    eng.run(buf)
+    eng.run(buf)
+    assert len(fake.captures) == 1 and entered == []  # autocast off: captured once, as it is
+    state.update(on=True, dtype=torch.bfloat16)
+    eng.run(buf)
+    eng.run(buf)
+    assert len(fake.captures) == 2 and entered == [("cuda", torch.bfloat16, True, False)]
+    state["dtype"] = torch.float16
+    eng.run(buf)
+    assert len(fake.captures) == 3 and entered[-1] == ("cuda", torch.float16, True, False)
+    assert fake.replays == 5

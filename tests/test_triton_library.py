@@ -353,3 +353,36 @@ def test_gpu_linear_ce_and_attention_without_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(hh.grad).all() and torch.isfinite(qq.grad).all()
+
+
+def test_triton_ops_run_with_their_tensors_gpu_current(monkeypatch):
+    """Triton launches its kernels on the current device: an op on cuda:1 tensors while cuda:0 was current
+    launched on cuda:0 (a pointer of another device, or a fault). Every Triton op of the dispatch now makes its
+    first tensor's GPU current around the call, and leaves the current device alone where it is already right."""
+    from types import SimpleNamespace
+
+    from worldvla.ops import dispatch
+
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    seen = []
+    op = TB._on_its_device(lambda x, *a, **k: seen.append((x.device, a, k)) or "out")
+    for dev in ("cuda:1", "cuda:0", "cuda", "cpu"):
+        assert op(SimpleNamespace(device=torch.device(dev)), 2, k=3) == "out"
+    assert entered == [torch.device("cuda:1")] and len(seen) == 4 and seen[0][1:] == ((2,), {"k": 3})
+    dispatch.registered_ops()  # the backends registered
+    wrapped = {name for name, impls in dispatch._IMPLS.items() if "triton" in impls
+               and impls["triton"][0].__qualname__.startswith("_on_its_device")}
+    assert wrapped == {name for name, impls in dispatch._IMPLS.items() if "triton" in impls} != set()

@@ -26,7 +26,7 @@ each of those is written (by the step that feeds that token) before any query se
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +36,12 @@ from ..model import KVCache
 from ..ops import dispatch
 from ..ops.decoder import DECODE_STEP_MAX_QUERIES, DecodeStepPlan, native_step_active
 from ..tokens.layout import VocabLayout
+
+
+def _cuda_autocast() -> tuple:
+    """CUDA autocast's state as a captured graph depends on it: (enabled, dtype), the dtype None when off."""
+    on = torch.is_autocast_enabled("cuda")
+    return (on, torch.get_autocast_dtype("cuda") if on else None)
 
 
 @dataclass
@@ -48,6 +54,7 @@ class StepBuffers:
     meta: DecodeMeta
     out: torch.Tensor | None = None  # [B, Q, H] hidden states of the last run
     graph: "torch.cuda.CUDAGraph | None" = None
+    graph_autocast: tuple | None = None    # CUDA autocast (enabled, dtype) the graph was captured under
     plan: "DecodeStepPlan | None" = None  # the CPU's one-call step (ops.decoder), built on first use
     plan_grad: bool = False                # whether gradients were on when `plan` was built
 
@@ -147,6 +154,7 @@ class InferenceEngine:
         self.cuda_graphs = bool(cuda_graphs)
         self._steps: dict[int, StepBuffers] = {}
         self._pool = None
+        self._capture_stream = None  # every capture of this engine's graphs, which share `_pool`, on one stream
         self._model_state = self._versions = None  # the model the steps' plans and graphs were made for
 
     # ------------------------------------------------------------------ the model's state
@@ -210,6 +218,11 @@ class InferenceEngine:
                 buf.plan = None
 
     # ------------------------------------------------------------------ forward
+    def _on_device(self):
+        """The engine's GPU as the current device: Triton launches its kernels on the current device, and a
+        capture records the current device's work, whichever device the tensors are on (a model on cuda:1)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+
     def _forward(self, ids, pos, meta: DecodeMeta) -> torch.Tensor:
         """The model's cached forward: no host synchronization, so capturable in a CUDA graph."""
         return self.model.hidden_states(ids, cache=self.cache, position_ids=pos, decode_meta=meta, backend=self.backend)
@@ -270,7 +283,8 @@ class InferenceEngine:
         self.kv_len.copy_(torch.tensor(lens, dtype=torch.int32))
         ids, pos = ids.to(dev), pos.to(dev)
         meta = DecodeMeta(pos.to(torch.int32), q_limit.to(dev), self.kv_block, self.kv_len)
-        h = self._forward(ids, pos, meta)
+        with self._on_device():
+            h = self._forward(ids, pos, meta)
         if return_all:
             return h
         last = torch.tensor([L - s - 1 for L, s in zip(lens, skip)], device=dev)
@@ -303,16 +317,22 @@ class InferenceEngine:
         """
         if self._model_state is None:  # steps before any prefill
             self.check_model()
+        with self._on_device():
+            return self._run(buf)
+
+    def _run(self, buf: StepBuffers) -> torch.Tensor:
         if not self.cuda_graphs:
             plan = self._plan(buf)
             buf.out = plan() if plan is not None else self._forward(buf.ids, buf.pos, buf.meta)
             return buf.out
+        if buf.graph is not None and buf.graph_autocast != _cuda_autocast():
+            buf.graph = None  # captured with other casts (autocast turned on, off or to another dtype since)
         if buf.graph is None:
             try:
                 self._capture(buf)
             except Exception as err:  # a backend that syncs or allocates on the host cannot be captured
                 warnings.warn(f"CUDA graph capture of the decode step failed ({type(err).__name__}: {err}); "
-                              f"running eagerly instead", RuntimeWarning, stacklevel=2)
+                              f"running eagerly instead", RuntimeWarning, stacklevel=3)
                 self.cuda_graphs = False
                 torch.cuda.synchronize(self.device)
                 buf.out = self._forward(buf.ids, buf.pos, buf.meta)
@@ -352,8 +372,12 @@ class InferenceEngine:
 
     def _capture(self, buf: StepBuffers) -> None:
         """Capture the step on the buffers' current (real) inputs. The warm-up runs write the
-        same keys/values the step itself writes, so capturing mid-generation is harmless."""
-        with outside_inference_mode():  # the graph's output is kept for every later replay
+        same keys/values the step itself writes, so capturing mid-generation is harmless.
+        Under autocast the weights' casts are not cached: a graph would read the cached copies by address
+        after the caller's autocast block freed them (torch's make_graphed_callables refuses that cache)."""
+        state = _cuda_autocast()
+        amp = torch.autocast("cuda", dtype=state[1], cache_enabled=False) if state[0] else nullcontext()
+        with outside_inference_mode(), amp:  # the graph's output is kept for every later replay
             torch.cuda.synchronize(self.device)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -363,10 +387,17 @@ class InferenceEngine:
             torch.cuda.current_stream(self.device).wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
+            # torch's default capture stream is made once per process, on the device current then: a stream of
+            # the engine's own device instead, the same for every graph sharing the pool (as torch asks).
+            if self._capture_stream is None:
+                self._capture_stream = torch.cuda.Stream(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: CUDA work of other threads (a server's request handling) during the capture is theirs,
+            # not an error of this capture (the default, global, fails the capture for it)
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream,
+                                  capture_error_mode="thread_local"):
                 out = self._forward(buf.ids, buf.pos, buf.meta)
-        buf.graph, buf.out = graph, out
+        buf.graph, buf.out, buf.graph_autocast = graph, out, state
 
     # ------------------------------------------------------------------ metadata helpers
     def set_kv_len(self, lengths) -> None:

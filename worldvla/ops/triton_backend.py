@@ -381,10 +381,20 @@ def _vq_gather_supports(indices, codebook):
         or _grid(_vq.gather_grid_problem(indices.shape, codebook.shape[1])))
 
 
-dispatch.register("masked_attention", "triton", masked_attention, _attention_supports)
-dispatch.register("decode_attention", "triton", decode_attention, _decode_supports)
-dispatch.register("linear_cross_entropy", "triton", linear_cross_entropy, _linear_ce_supports)
-dispatch.register("vq_quantize", "triton", lambda z, codebook: vq_quantize_op(z, codebook), _vq_quantize_supports)
-dispatch.register("vq_gather", "triton", lambda indices, codebook: vq_gather_op(indices, codebook),
-                  _vq_gather_supports)
-dispatch.register("constrained_sample", "triton", constrained_sample, _sample_supports)
+def _on_its_device(fn):
+    """`fn` with its first argument's GPU current: Triton launches on the current device, not the tensors' (a
+    model on cuda:1 while cuda:0 is current). Autograd runs the backward ops on their tensors' device itself."""
+    def on_device(x, *args, **kwargs):
+        if x.device.type != "cuda" or x.device.index in (None, torch.cuda.current_device()):
+            return fn(x, *args, **kwargs)
+        with torch.cuda.device(x.device):
+            return fn(x, *args, **kwargs)
+    return on_device
+
+
+dispatch.register("masked_attention", "triton", _on_its_device(masked_attention), _attention_supports)
+dispatch.register("decode_attention", "triton", _on_its_device(decode_attention), _decode_supports)
+dispatch.register("linear_cross_entropy", "triton", _on_its_device(linear_cross_entropy), _linear_ce_supports)
+dispatch.register("vq_quantize", "triton", _on_its_device(vq_quantize_op), _vq_quantize_supports)
+dispatch.register("vq_gather", "triton", _on_its_device(vq_gather_op), _vq_gather_supports)
+dispatch.register("constrained_sample", "triton", _on_its_device(constrained_sample), _sample_supports)
