@@ -862,6 +862,7 @@ def test_training_curves_of_an_empty_or_unrelated_log_write_nothing(tmp_path):
     from worldvla.eval import plots
 
     log = tmp_path / "metrics.jsonl"
+    assert plots.training_curves(log, tmp_path / "t.png", [("loss", "loss", True, True)], "t") is None  # no log yet
     log.write_text("")
     assert plots.training_curves(log, tmp_path / "t.png", [("loss", "loss", True, True)], "t") is None
     _training_log(log, 5)

@@ -382,6 +382,9 @@ def test_triton_ops_run_with_their_tensors_gpu_current(monkeypatch):
     for dev in ("cuda:1", "cuda:0", "cuda", "cpu"):
         assert op(SimpleNamespace(device=torch.device(dev)), 2, k=3) == "out"
     assert entered == [torch.device("cuda:1")] and len(seen) == 4 and seen[0][1:] == ((2,), {"k": 3})
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # traced: the graph guards its device itself
+    op(SimpleNamespace(device=torch.device("cuda:1")))
+    assert entered == [torch.device("cuda:1")] and len(seen) == 5
     dispatch.registered_ops()  # the backends registered
     wrapped = {name for name, impls in dispatch._IMPLS.items() if "triton" in impls
                and impls["triton"][0].__qualname__.startswith("_on_its_device")}

@@ -163,13 +163,11 @@ def side_by_side(a: np.ndarray, b: np.ndarray, pad: int = 2) -> np.ndarray:
     return np.concatenate([a[:T], gap, b[:T]], axis=2)
 
 
-__all__ = ["success_bars", "horizon_curves", "frame_grid", "save_gif", "side_by_side"]
-
-
 def read_log(path) -> list[dict]:
-    """The records of a training run's metrics.jsonl, in order; a line a crash cut short is left out."""
-    recs = []
-    for ln in Path(path).read_text().splitlines():
+    """The records of a training run's metrics.jsonl, in order (none where there is no log yet); a line a crash
+    cut short is left out."""
+    recs, path = [], Path(path)
+    for ln in (path.read_text().splitlines() if path.is_file() else []):
         try:
             rec = json.loads(ln)
         except json.JSONDecodeError:
@@ -237,3 +235,6 @@ def training_curves(log_path, path, panels: list[tuple[str, str, bool, bool]], t
         return _save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
+
+
+__all__ = ["success_bars", "horizon_curves", "frame_grid", "save_gif", "side_by_side", "read_log", "training_curves"]

@@ -383,9 +383,11 @@ def _vq_gather_supports(indices, codebook):
 
 def _on_its_device(fn):
     """`fn` with its first argument's GPU current: Triton launches on the current device, not the tensors' (a
-    model on cuda:1 while cuda:0 is current). Autograd runs the backward ops on their tensors' device itself."""
+    model on cuda:1 while cuda:0 is current). Autograd runs the backward ops on their tensors' device itself, and
+    a compiled graph sets its own device guards (so tracing passes straight through)."""
     def on_device(x, *args, **kwargs):
-        if x.device.type != "cuda" or x.device.index in (None, torch.cuda.current_device()):
+        if torch.compiler.is_compiling() or x.device.type != "cuda" \
+                or x.device.index in (None, torch.cuda.current_device()):
             return fn(x, *args, **kwargs)
         with torch.cuda.device(x.device):
             return fn(x, *args, **kwargs)
