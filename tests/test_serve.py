@@ -2231,3 +2231,25 @@ def test_serve_warms_the_policy_up_unless_told_not_to_and_passes_the_mode(monkey
     assert len(warmed) == 1 and loaded[-1] == {"device": "cpu", "dtype": None, "mode": "release"}
     assert serve.run(parser.parse_args(["--checkpoint", "c", "--no-warmup"])) == 0
     assert len(warmed) == 1 and loaded[-1] == {"device": None, "dtype": None}  # the checkpoint's own mode
+
+
+def test_serve_says_what_it_serves_once_listening(tmp_path, monkeypatch, capsys):
+    """An operator saw the address alone: which chunk, frame size, decoding mode, dtype and device the robots get
+    was for them to find out. Stubs without `metadata()` keep the address line alone."""
+    import argparse
+
+    from worldvla import serve
+
+    _tiny_policy_folder(tmp_path / "policy")
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    monkeypatch.setattr(PolicyServer, "serve_forever", lambda self, on_ready=None, **k: on_ready(self) or 0)
+    monkeypatch.setattr(PolicyServer, "url", "ws://127.0.0.1:9")
+    assert serve.run(parser.parse_args(["--checkpoint", str(tmp_path / "policy"), "--no-warmup", "--device",
+                                        "cpu", "--mode", "sequential"])) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "worldvla serve: listening on ws://127.0.0.1:9 (health: http://127.0.0.1:9/healthz)"
+    assert out[1].startswith(f"worldvla serve: {tmp_path / 'policy'}: chunks of 3 actions x 7 dims, 32 px frames, "
+                             f"2 frame(s) of history, sequential decoding; ")
+    assert out[1].endswith("M parameters in float32 on cpu")
+    assert serve._policy_summary(HistoryPolicy()) is None

@@ -121,6 +121,18 @@ def tcp_port(text: str) -> int:
     return port
 
 
+def _policy_summary(policy) -> str | None:
+    """What a robot operator checks first: what the policy answers with and where it runs (None for a policy
+    without `metadata()`)."""
+    meta = policy.metadata() if hasattr(policy, "metadata") else None
+    if not isinstance(meta, dict) or "chunk_size" not in meta:
+        return None
+    model = meta.get("model") or {}
+    return (f"chunks of {meta['chunk_size']} actions x {meta.get('action_dim')} dims, {meta.get('image_size')} px "
+            f"frames, {meta.get('history')} frame(s) of history, {meta.get('mode')} decoding; "
+            f"{model.get('parameters', 0) / 1e6:.1f}M parameters in {model.get('dtype')} on {meta.get('device')}")
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
@@ -141,5 +153,8 @@ def run(args: argparse.Namespace) -> int:
 
     def ready(s: PolicyServer) -> None:
         print(f"worldvla serve: listening on {s.url} (health: http://{s.url[5:]}/healthz)", flush=True)
+        what = _policy_summary(policy)
+        if what:
+            print(f"worldvla serve: {args.checkpoint}: {what}", flush=True)
 
     return server.serve_forever(on_ready=ready)
