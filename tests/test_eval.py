@@ -880,6 +880,74 @@ def test_smoothing_is_a_centred_mean_that_leaves_nans_out():
     assert np.isnan(_smoothed(np.full(3, np.nan))).all()
 
 
+def test_read_log_keeps_the_records_after_a_damaged_line_and_only_those_of_a_step(tmp_path):
+    """A line cut short mid-log (a kill, then a run that appended on) is skipped, not the end of the log: the records
+    after it are drawn too. Lines that are no record of a step (a list, a note without a step) are left out."""
+    from worldvla.eval import plots
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 2, "loss": 1.5}\n[1, 2]\n'
+                   '{"note": "resumed"}\n{"step": 3, "loss": 1.0}\n')
+    assert [(r["step"], r["loss"]) for r in plots.read_log(log)] == [(1, 2.0), (2, 1.5), (3, 1.0)]
+    assert plots.training_curves(log, tmp_path / "t.png", [("loss", "loss", False, False)], "t").is_file()
+
+
+def test_training_curves_of_a_key_logged_at_some_steps_only(tmp_path, monkeypatch):
+    """A key logged at every other line (an evaluation between logs) keeps its panel, and its trend is the mean of
+    the values logged, not pulled toward zero by the lines without one. Three panels take two rows (none dropped),
+    and the title names the last logged step (a log every 10 steps: 400, not its 40 lines)."""
+    import json
+
+    from worldvla.eval import plots
+
+    figures, titles = _drawn(monkeypatch), []
+    keep = plots._save_figure
+    monkeypatch.setattr(plots, "_save_figure", lambda fig, path, **kw: titles.append(fig._suptitle.get_text())
+                        or keep(fig, path, **kw))
+    log = tmp_path / "metrics.jsonl"
+    recs = [{"step": 10 * (i + 1), "loss": 1.0 + 0.01 * i, "lr": 1e-3, **({"psnr": 20.0 + i} if i % 2 == 0 else {})}
+            for i in range(40)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    panels = [("loss", "loss", True, True), ("psnr", "PSNR", False, True), ("lr", "lr", False, False)]
+    plots.training_curves(log, tmp_path / "t.png", panels, "worldvla train-vq")
+    (axes,) = figures
+    assert [ax["ylabel"] for ax in axes] == ["loss", "PSNR", "lr", ""]
+    (xs, raw, _), (_, trend, _) = axes[1]["lines"]
+    assert xs == [10 * (i + 1) for i in range(40)] and np.isnan(raw[1::2]).all()
+    # each window of three lines holds one or two logged values of the ramp 20 + i, whose mean is 20 + i (the last
+    # line's window holds its left neighbour's alone)
+    assert trend == pytest.approx([20.0 + i for i in range(39)] + [58.0])
+    assert titles == ["worldvla train-vq (step 400)"]
+
+
+def test_a_log_axis_needs_a_decade_of_positive_values_and_a_trend_enough_points(tmp_path, monkeypatch):
+    """A loss falling from 1.0 to 0.2 (less than a decade) stays on a linear axis; a logged zero (a loss at its floor)
+    neither counts toward the decade nor is drawn on a log axis. A log of few lines is drawn without a trend."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from worldvla.eval import plots
+
+    figures, scaled = _drawn(monkeypatch), []
+    monkeypatch.setattr(plt.Axes, "set_yscale", lambda self, v, **k: scaled.append(v))
+    log = tmp_path / "metrics.jsonl"
+
+    def draw(values):
+        log.write_text("".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in enumerate(values, 1)))
+        plots.training_curves(log, tmp_path / "t.png", [("loss", "loss", True, True)], "t")
+        return scaled.pop() if scaled else None
+
+    assert draw([1.0, 0.6, 0.2]) is None
+    assert draw([0.0, 1.0, 2.0]) is None
+    assert draw([0.0, 1.0, 20.0]) == "log"
+    (_, raw, _), = figures[-1][0]["lines"]
+    assert np.isnan(raw[0]) and raw[1:] == [1.0, 20.0]
+    assert len(figures[-1][0]["lines"]) == 1  # 3 points: no trend
+    assert draw(list(np.linspace(1.0, 0.5, 19))) is None and len(figures[-1][0]["lines"]) == 1
+    assert draw(list(np.linspace(1.0, 0.5, 20))) is None and len(figures[-1][0]["lines"]) == 2
+
+
 @pytest.mark.parametrize("name", ["success.png", "world_model.png", "grid.png", "rollout.gif", "training.png"])
 def test_figures_are_written_atomically(tmp_path, monkeypatch, name):
     """A rewrite of success.png on a full disk left a corrupt file (metrics.json, written atomically, kept its
@@ -1093,6 +1161,22 @@ def test_eval_names_the_tasks_a_policy_never_saw(tmp_path, monkeypatch, capsys):
                  "--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
     assert err.count("note:") == 1 and "not on those of door-open-v3" in err
+
+
+def test_a_policy_json_that_records_no_instruction_list_says_nothing_of_unseen_tasks(tmp_path):
+    """policy.json of an older version (no `extra`, or `extra: null`), a damaged one, or instructions that are no list
+    of them: the note is left out (the loader names a damaged file), not an error before the evaluation starts, nor a
+    substring match against one string."""
+    import json
+
+    from worldvla.eval import metaworld as mw
+    from worldvla.sim.metaworld_env import TASKS
+
+    for i, text in enumerate([json.dumps({}), json.dumps({"extra": None}), '{"extra": {"instr',
+                              json.dumps({"extra": {"instructions": TASKS["drawer-open-v3"] + " " + TASKS["reach-v3"]}})]):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "policy.json").write_text(text)
+        assert mw.unseen_tasks_note(tmp_path / str(i), ["door-open-v3", "reach-v3"]) is None, text
 
 
 def test_action_only_reads_the_recorded_kinds_and_the_store(tmp_path):

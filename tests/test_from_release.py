@@ -41,6 +41,7 @@ def release(tmp_path_factory):
     ("hub/WorldVLA-ActionModel-LIBERO-10-256", {"suite": "10", "chunk_size": 10, "image_size": 256}),
     ("runs/my_model", {}),
     ("runs/model_2560/libero_100", {}),
+    ("hub/WorldVLA-ActionModel-LIBERO-Goal-2560", {}),  # no frame size the release publishes
 ])
 def test_the_path_names_the_suite_and_size_as_the_release_publishes_them(path, want, tmp_path):
     assert infer_from_path(tmp_path / path) == want
@@ -61,7 +62,7 @@ def test_an_imported_policy_acts_with_the_releases_settings(release, tmp_path, c
     assert (policy.chunk_size, policy.image_size, policy.history) == (5, 256, 2)
     np.testing.assert_allclose(policy.action_tokenizer.low, LIBERO_MIN)
     np.testing.assert_allclose(policy.action_tokenizer.high, LIBERO_MAX)
-    assert policy.metadata()["extra"]["source"] == "release"
+    assert policy.metadata()["extra"]["source"] == "release" and policy.metadata()["extra"]["suite"] == "goal"
     policy.reset("push the plate")
     frame = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     actions = policy.act(frame, history=frame)
@@ -84,6 +85,8 @@ def test_a_path_that_names_no_suite_asks_for_the_sizes_by_option(release, tmp_pa
     assert main([*argv, "--chunk-size", "5"]) == 2
     assert "give --image-size (frame size in pixels: 256 or 512" in capsys.readouterr().err
     assert main([*argv, "--chunk-size", "5", "--image-size", "256"]) == 0
+    printed = capsys.readouterr().out  # no suite to name: eval-libero is told none
+    assert f"worldvla eval-libero --policy {tmp_path / 'p'}   or   worldvla serve" in printed
     assert not (tmp_path / "q").exists()
 
 
@@ -101,3 +104,73 @@ def test_missing_or_wrong_folders_are_named_before_any_weight_is_read(release, t
                  str(tmp_path / "p"), "--dtype", "float64x"]) == 2
     assert "float64x" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_a_relative_path_is_read_as_the_folder_it_names(tmp_path, monkeypatch):
+    """`worldvla import-release .` from inside ckpts/model_256/libero_goal: the path's words are those of the folder
+    it resolves to, not of the `.` typed."""
+    here = tmp_path / "ckpts" / "model_256" / "libero_goal"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    assert infer_from_path(".") == {"suite": "goal", "chunk_size": 5, "image_size": 256}
+    assert infer_from_path("../libero_10") == {"suite": "10", "chunk_size": 10, "image_size": 256}
+
+
+def test_the_weights_are_stored_in_the_dtype_asked_for(release, tmp_path):
+    """--dtype bfloat16 halves the policy folder: its weights are stored (and loaded) as bfloat16."""
+    from worldvla.inference import WorldVLAPolicy
+
+    out = tmp_path / "bf16"
+    assert main(["import-release", str(release / "model_256" / "libero_goal"), "--tokenizer",
+                 str(release / "chameleon" / "tokenizer"), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    assert {p.dtype for p in WorldVLA.from_pretrained(out / "model").parameters()} == {torch.bfloat16}
+    assert WorldVLAPolicy.from_pretrained(out, device="cpu").metadata()["model"]["dtype"] == "bfloat16"
+
+
+def test_a_bad_dtype_is_refused_before_the_tokenizer_or_the_model_is_read(release, tmp_path, monkeypatch, capsys):
+    """A typo in --dtype is named at once, not after the release's VQGAN and a 7B model were read."""
+    from worldvla import checkpoint
+
+    def never(*a, **k):
+        raise AssertionError("the tokenizer folder was read before --dtype was checked")
+
+    monkeypatch.setattr(checkpoint, "load_release_tokenizer", never)
+    monkeypatch.setattr(WorldVLA, "from_pretrained", never)
+    assert main(["import-release", str(release / "model_256" / "libero_goal"), "--tokenizer",
+                 str(release / "chameleon" / "tokenizer"), "--out", str(tmp_path / "p"), "--dtype", "float64x"]) == 2
+    err = capsys.readouterr().err
+    assert "float64x" in err and "AssertionError" not in err
+
+
+def test_a_model_of_another_vocabulary_is_refused(tmp_path, release, capsys):
+    """A model trained here on the compact vocabulary, filed like a release model, is not taken for one: its ids are
+    not the release tokenizer's."""
+    model = tmp_path / "model_256" / "libero_goal"
+    WorldVLA(ModelConfig.tiny(VocabLayout.compact(n_image_codes=64))).save_pretrained(model)
+    assert main(["import-release", str(model), "--tokenizer", str(release / "chameleon" / "tokenizer"), "--out",
+                 str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "a model of 619 ids, not the release's Chameleon vocabulary of 65536" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_vqgan_checkpoint_holding_objects_needs_trust_checkpoint(release, tmp_path, capsys):
+    """A vqgan.ckpt that pickles trainer state besides its tensors is refused by the safe loader: the command said so
+    with a traceback naming the Python keyword trust_checkpoint=True; it names the file and --trust-checkpoint, and
+    with that option the policy is written."""
+    import shutil
+
+    from test_vqgan import Opaque
+
+    tok = tmp_path / "tokenizer"
+    shutil.copytree(release / "chameleon" / "tokenizer", tok)
+    ckpt = torch.load(tok / "vqgan.ckpt", weights_only=True)
+    torch.save({**ckpt, "callbacks": Opaque()}, tok / "vqgan.ckpt")
+    argv = ["import-release", str(release / "model_256" / "libero_goal"), "--tokenizer", str(tok), "--out",
+            str(tmp_path / "p")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{tok / 'vqgan.ckpt'} holds Python objects besides tensors" in err and "--trust-checkpoint" in err
+    assert "Traceback" not in err and not (tmp_path / "p").exists()
+    assert main([*argv, "--trust-checkpoint"]) == 0
+    assert (tmp_path / "p" / "policy.json").is_file()

@@ -2253,3 +2253,22 @@ def test_serve_says_what_it_serves_once_listening(tmp_path, monkeypatch, capsys)
                              f"2 frame(s) of history, sequential decoding; ")
     assert out[1].endswith("M parameters in float32 on cpu")
     assert serve._policy_summary(HistoryPolicy()) is None
+
+
+def test_the_serve_summary_says_what_the_policy_metadata_says(tmp_path):
+    """The line gives the policy's own numbers (its parameters in millions, its dtype and device); a policy without
+    `metadata()`, or whose metadata is no dict, gets no line, and metadata without the model's entry still gets its
+    chunk line: the summary is printed once the server listens and must not fail it."""
+    from types import SimpleNamespace
+
+    from worldvla import serve
+
+    meta = {"chunk_size": 4, "action_dim": 7, "image_size": 256, "history": 2, "mode": "parallel", "device": "cuda:1",
+            "model": {"parameters": 7_061_000_000, "dtype": "bfloat16"}}
+    assert serve._policy_summary(SimpleNamespace(metadata=lambda: meta)) == (
+        "chunks of 4 actions x 7 dims, 256 px frames, 2 frame(s) of history, parallel decoding; 7061.0M parameters "
+        "in bfloat16 on cuda:1")
+    bare = {k: v for k, v in meta.items() if k != "model"}
+    assert serve._policy_summary(SimpleNamespace(metadata=lambda: bare)).startswith("chunks of 4 actions x 7 dims")
+    assert serve._policy_summary(SimpleNamespace(metadata=lambda: None)) is None
+    assert serve._policy_summary(object()) is None

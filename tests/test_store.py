@@ -1316,3 +1316,37 @@ def test_a_store_built_otherwise_is_refused_naming_what_differs(demo_dir, tmp_pa
         st.build_store(folder / "a.hdf5", out, tiny_vqgan(), chunk_size=K, bounds="unit", progress=False)
     # the same build again still continues the store
     st.build_store(folder, out, tiny_vqgan(), chunk_size=K, bounds="unit", progress=False)
+
+
+def test_a_demo_file_without_demos_beside_others_is_no_refusal(tmp_path):
+    """Only inputs that hold no demo at all are refused: an empty file beside one with a single demo builds the store
+    of that demo."""
+    import h5py
+
+    folder = tmp_path / "d"
+    write_demos(folder / "a.hdf5", random_demos(np.random.default_rng(0), (5,)), "push the red block")
+    with h5py.File(folder / "b.hdf5", "w") as f:
+        f.create_group("data").attrs["instruction"] = "reach"
+    store = st.TokenStore(st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False))
+    assert store.kind_counts()["action"] == 5 - K + 1
+
+
+def test_the_differences_named_are_those_the_old_manifest_records():
+    """What a refusal names: each recorded setting, input, bound or layout that differs; what an older manifest does
+    not record (a setting added since, no VQGAN digest, no inputs, no layout) is not claimed to differ, nor does a
+    missing setting fail the refusal itself."""
+    layout = VocabLayout.compact(n_image_codes=64).to_dict()
+    terms = {"settings": {"chunk_size": 5, "drop_noops": True}, "vqgan": "v1", "inputs": [("a.hdf5", 120)],
+             "low": [-1.0, -1.0], "high": [1.0, 1.0], "layout": layout}
+    same = {"settings": {"chunk_size": 5, "drop_noops": True}, "vqgan_sha256": "v1",
+            "inputs": [{"path": "/data/a.hdf5", "size": 120}], "action": {"low": [-1.0, -1.0], "high": [1.0, 1.0]},
+            "layout": layout}
+    assert st._fingerprint_differences(same, terms) == []
+    assert st._fingerprint_differences({"settings": {"chunk_size": 5}}, terms) == []
+    assert st._fingerprint_differences({}, terms) == []
+    assert st._fingerprint_differences({**same, "inputs": [{"path": "/data/a.hdf5", "size": 100}]}, terms) == [
+        "other input files (a.hdf5 changed size)"]
+    assert st._fingerprint_differences({**same, "action": {"low": [-1.0, -1.0], "high": [1.0, 2.0]}}, terms) == [
+        "other action bounds"]
+    other = VocabLayout.compact(n_image_codes=128).to_dict()
+    assert st._fingerprint_differences({**same, "layout": other}, terms) == ["another vocabulary layout"]

@@ -1496,3 +1496,36 @@ def test_init_from_a_policy_of_another_vqgan_is_named(store_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert s["step"] == 1 and f"note: --init {init} was trained with the VQGAN beside it" in err
     assert f"pretokenize the demos with --vqgan {(first / 'policy' / 'vqgan').resolve()}" in err
+
+
+def test_init_vqgan_note_speaks_only_of_a_vqgan_it_can_compare(store_dir, tmp_path, monkeypatch):
+    """No VQGAN beside the model, or a store that records no digest: nothing to say. A VQGAN beside it that is not
+    the store's is named, also when --init is given as ~/..."""
+    store = TokenStore(store_dir)
+    model = tmp_path / "runs" / "policy" / "model"
+    model.mkdir(parents=True)
+    assert trainer._init_vqgan_note(model, store) is None  # nothing beside it
+    torch.manual_seed(123)
+    VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32,
+                      n_embed=64)).save_pretrained(model.parent / "vqgan")
+    assert trainer._init_vqgan_note(model, store).startswith(f"note: --init {model} was trained with the VQGAN")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert trainer._init_vqgan_note("~/runs/policy/model", store) is not None
+    monkeypatch.setattr(store, "manifest", {k: v for k, v in store.manifest.items() if k != "vqgan_sha256"})
+    assert trainer._init_vqgan_note(model, store) is None  # a store without its VQGAN's digest
+
+
+def test_the_export_records_every_instruction_its_demos_were_prompted_with(store_dir, tmp_path, monkeypatch):
+    """A file's demos may each carry their own instruction (`demo_instructions`); an empty file instruction is none."""
+    from worldvla.inference import policy as policy_mod
+    from worldvla.model import ModelConfig
+
+    store = TokenStore(store_dir)
+    inputs = [{"instruction": "", "demo_instructions": {"demo_0": "stack the cups", "demo_1": "open the drawer"}},
+              {"instruction": "open the drawer"}]
+    monkeypatch.setattr(store, "manifest", {**store.manifest, "inputs": inputs})
+    seen = {}
+    monkeypatch.setattr(policy_mod, "save_policy", lambda *a, extra=None, **k: seen.update(extra))
+    trainer._export(WorldVLA(ModelConfig.tiny(store.layout)), store, tmp_path,
+                    args_for(store_dir, tmp_path / "run", "--steps", 1))
+    assert seen["instructions"] == ["open the drawer", "stack the cups"]

@@ -721,3 +721,29 @@ def test_the_run_names_what_comes_next_and_files_without_frames_are_named(data, 
         f.create_group("data")
     with pytest.raises(ValueError, match=rf"no frames in {empty}: their 'data' groups hold no demo; collect"):
         vqt.load_frames([empty])
+
+
+def test_curves_that_cannot_be_drawn_are_said_once_and_never_stop_the_run(tmp_path, monkeypatch, capsys):
+    """training.png is a convenience: matplotlib missing (an ImportError, not an OSError) is said once on stderr and
+    not tried again at later saves or at the end, so the run neither stops nor repeats the note. A new run's curves
+    wait a period (a minute by default) before the first drawing, not one per save."""
+    from worldvla.eval import plots
+    from worldvla.train.checkpointing import CurvePlot
+
+    calls = []
+
+    def no_matplotlib(*a, **k):
+        calls.append(a)
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(plots, "training_curves", no_matplotlib)
+    curves = CurvePlot(tmp_path, vqt.VQ_CURVES, "worldvla train-vq")
+    curves.update()
+    assert calls == []  # the run is younger than the default period
+    curves.update(force=True)
+    curves.last -= 3600
+    curves.update()
+    curves.update(force=True)
+    assert len(calls) == 1
+    err = capsys.readouterr().err
+    assert err.count("could not draw") == 1 and "ImportError: No module named 'matplotlib'" in err

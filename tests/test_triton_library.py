@@ -389,3 +389,30 @@ def test_triton_ops_run_with_their_tensors_gpu_current(monkeypatch):
     wrapped = {name for name, impls in dispatch._IMPLS.items() if "triton" in impls
                and impls["triton"][0].__qualname__.startswith("_on_its_device")}
     assert wrapped == {name for name, impls in dispatch._IMPLS.items() if "triton" in impls} != set()
+
+
+def test_triton_ops_guard_by_the_current_device_whichever_it_is(monkeypatch):
+    """With cuda:1 current, a cuda:1 tensor runs as it is and a cuda:0 one makes cuda:0 current; every call, guarded
+    or not, gets its arguments and keywords whole."""
+    from types import SimpleNamespace
+
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    seen = []
+    op = TB._on_its_device(lambda x, *a, **k: seen.append((x.device, a, k)) or "out")
+    for dev in ("cuda:1", "cuda:0", "cpu"):
+        assert op(SimpleNamespace(device=torch.device(dev)), 2, k=3) == "out"
+    assert entered == [torch.device("cuda:0")]
+    assert seen == [(torch.device(d), (2,), {"k": 3}) for d in ("cuda:1", "cuda:0", "cpu")]

@@ -16,6 +16,7 @@ like `WorldVLA-ActionModel-LIBERO-Goal-512`) unless given; where the path does n
 from __future__ import annotations
 
 import argparse
+import pickle
 import re
 from pathlib import Path
 
@@ -110,8 +111,17 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = import_release(args.model, args.tokenizer, args.out, chunk_size=args.chunk_size,
-                          image_size=args.image_size, dtype=args.dtype, trust_checkpoint=args.trust_checkpoint)
+    try:
+        info = import_release(args.model, args.tokenizer, args.out, chunk_size=args.chunk_size,
+                              image_size=args.image_size, dtype=args.dtype, trust_checkpoint=args.trust_checkpoint)
+    except RuntimeError as e:
+        # The safe loader's refusal names the Python keyword (and would end in a traceback): the command's way to
+        # accept the file is its option.
+        if args.trust_checkpoint or not isinstance(e.__cause__, pickle.UnpicklingError):
+            raise
+        raise ValueError(f"{Path(args.tokenizer).expanduser() / 'vqgan.ckpt'} holds Python objects besides tensors "
+                         f"(trainer state), which the safe loader refuses: if you trust the file, pass "
+                         f"--trust-checkpoint") from e
     src = info["sources"]
     print(f"wrote the policy {info['path']}: {info['chunk_size']} actions a chunk (from {src['chunk_size']}), "
           f"{info['image_size']} px frames (from {src['image_size']}), LIBERO's fixed action bounds, two frames "
