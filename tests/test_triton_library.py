@@ -355,15 +355,10 @@ def test_gpu_linear_ce_and_attention_without_sync():
     assert torch.isfinite(hh.grad).all() and torch.isfinite(qq.grad).all()
 
 
-def test_triton_ops_run_with_their_tensors_gpu_current(monkeypatch):
-    """Triton launches its kernels on the current device: an op on cuda:1 tensors while cuda:0 was current
-    launched on cuda:0 (a pointer of another device, or a fault). Every Triton op of the dispatch now makes its
-    first tensor's GPU current around the call, and leaves the current device alone where it is already right."""
-    from types import SimpleNamespace
-
-    from worldvla.ops import dispatch
-
-    entered = []
+def _guarded_op(monkeypatch, current: int):
+    """A Triton op wrapped as the dispatch wraps it, with torch.cuda's current device `current` and its device guard
+    stood in for: (op, the devices the guard made current, each call's (device, args, kwargs))."""
+    entered, seen = [], []
 
     class Guard:
         def __init__(self, device):
@@ -375,10 +370,20 @@ def test_triton_ops_run_with_their_tensors_gpu_current(monkeypatch):
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
     monkeypatch.setattr(torch.cuda, "device", Guard)
-    seen = []
-    op = TB._on_its_device(lambda x, *a, **k: seen.append((x.device, a, k)) or "out")
+    return TB._on_its_device(lambda x, *a, **k: seen.append((x.device, a, k)) or "out"), entered, seen
+
+
+def test_triton_ops_run_with_their_tensors_gpu_current(monkeypatch):
+    """Triton launches its kernels on the current device: an op on cuda:1 tensors while cuda:0 was current
+    launched on cuda:0 (a pointer of another device, or a fault). Every Triton op of the dispatch now makes its
+    first tensor's GPU current around the call, and leaves the current device alone where it is already right."""
+    from types import SimpleNamespace
+
+    from worldvla.ops import dispatch
+
+    op, entered, seen = _guarded_op(monkeypatch, current=0)
     for dev in ("cuda:1", "cuda:0", "cuda", "cpu"):
         assert op(SimpleNamespace(device=torch.device(dev)), 2, k=3) == "out"
     assert entered == [torch.device("cuda:1")] and len(seen) == 4 and seen[0][1:] == ((2,), {"k": 3})
@@ -396,22 +401,7 @@ def test_triton_ops_guard_by_the_current_device_whichever_it_is(monkeypatch):
     or not, gets its arguments and keywords whole."""
     from types import SimpleNamespace
 
-    entered = []
-
-    class Guard:
-        def __init__(self, device):
-            self.device = device
-
-        def __enter__(self):
-            entered.append(self.device)
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "device", Guard)
-    seen = []
-    op = TB._on_its_device(lambda x, *a, **k: seen.append((x.device, a, k)) or "out")
+    op, entered, seen = _guarded_op(monkeypatch, current=1)
     for dev in ("cuda:1", "cuda:0", "cpu"):
         assert op(SimpleNamespace(device=torch.device(dev)), 2, k=3) == "out"
     assert entered == [torch.device("cuda:0")]
