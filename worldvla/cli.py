@@ -31,6 +31,9 @@ COMMANDS = {
 # WorldVLAPolicy's decoding modes (inference.policy.POLICY_MODES), spelled out so that building a parser imports
 # no torch.
 POLICY_MODE_CHOICES = ("parallel", "sequential", "causal", "release")
+# Where the policy folder a command reads (serve, eval, eval-libero) comes from.
+POLICY_FOLDER_HELP = ("policy folder: <run>/policy of `worldvla train`, worldvla_demo/policy of `worldvla demo`, one "
+                      "`worldvla import-release` writes from the release's checkpoint, or worldvla.inference.save_policy's")
 
 
 def positive_int(text: str) -> int:

@@ -35,6 +35,11 @@ _TAMING_TARGET = "taming.models.vqgan.VQModel"
 _IGNORED_PREFIXES = ("loss.",)
 
 
+class UntrustedCheckpoint(RuntimeError):
+    """A checkpoint that pickles other Python objects than tensors, refused by the safe loader: a caller that can
+    offer its own way to accept it (a command's option) catches this."""
+
+
 @dataclass
 class VQGANConfig:
     """The taming `ddconfig` plus the codebook size, with the Chameleon release's defaults."""
@@ -471,7 +476,7 @@ class VQGAN(nn.Module):
             ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=not trust_checkpoint)
         except Exception as err:
             if not trust_checkpoint and "weights only load failed" in str(err).lower():
-                raise RuntimeError(f"{ckpt_path} holds Python objects besides tensors and was refused by the safe "
+                raise UntrustedCheckpoint(f"{ckpt_path} holds Python objects besides tensors and was refused by the safe "
                                    f"loader ({type(err).__name__}). If you trust the file, pass "
                                    f"trust_checkpoint=True") from err
             raise ValueError(f"{ckpt_path}: the checkpoint cannot be read ({type(err).__name__}: {err}); it is "

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import write_text_atomic
-from ..cli import POLICY_MODE_CHOICES, positive_int
+from ..cli import POLICY_FOLDER_HELP, POLICY_MODE_CHOICES, positive_int
 from .rollout import ChunkQuery
 
 MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
@@ -368,8 +368,7 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--policy", required=True, help="policy folder: one `worldvla import-release` writes from the release's checkpoint, or "
-                             "<run>/policy of `worldvla train`")
+    parser.add_argument("--policy", required=True, help=POLICY_FOLDER_HELP)
     parser.add_argument("--suite", default="libero_spatial", choices=sorted(MAX_STEPS),
                         help="LIBERO suite; step limits spatial 220, object 280, goal 300, libero_10 520 "
                              "(default: %(default)s)")

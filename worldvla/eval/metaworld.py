@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import write_text_atomic
-from ..cli import non_negative_int, positive_int, seed32
+from ..cli import POLICY_FOLDER_HELP, non_negative_int, positive_int, seed32
 from ..sim.metaworld_env import MAX_EPISODE_STEPS, check_max_steps, check_tasks
 from .metrics import psnr, ssim, success_interval
 from .rollout import ChunkQuery
@@ -814,9 +814,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from ..sim.metaworld_env import CAMERAS
 
     parser.add_argument("--policy", nargs="+", action="extend", required=True,
-                        help="policy folder(s): <run>/policy of `worldvla train`, worldvla_demo/policy of `worldvla demo`, "
-                             "or one written by worldvla.inference.save_policy; several (or --policy given again) = "
-                             "variants compared")
+                        help=f"{POLICY_FOLDER_HELP}; several (or --policy given again) = variants compared")
     parser.add_argument("--names", default=None,
                         help="comma-separated variant names (default: the policy folders' names, or their parent "
                              "folders' when those are the same: run1/policy run2/policy -> run1, run2); 'random' "

@@ -16,11 +16,11 @@ like `WorldVLA-ActionModel-LIBERO-Goal-512`) unless given; where the path does n
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
 from pathlib import Path
 
 from ..cli import positive_int
+from ..vqgan import UntrustedCheckpoint
 
 # The release's chunk sizes by LIBERO suite (its ck_5 / ck_10 runs).
 SUITE_CHUNK = {"spatial": 5, "object": 5, "goal": 5, "10": 10}
@@ -114,11 +114,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         info = import_release(args.model, args.tokenizer, args.out, chunk_size=args.chunk_size,
                               image_size=args.image_size, dtype=args.dtype, trust_checkpoint=args.trust_checkpoint)
-    except RuntimeError as e:
-        # The safe loader's refusal names the Python keyword (and would end in a traceback): the command's way to
-        # accept the file is its option.
-        if args.trust_checkpoint or not isinstance(e.__cause__, pickle.UnpicklingError):
-            raise
+    except UntrustedCheckpoint as e:
+        # The refusal names the Python keyword (and would end in a traceback): the command's way is its option.
         raise ValueError(f"{Path(args.tokenizer).expanduser() / 'vqgan.ckpt'} holds Python objects besides tensors "
                          f"(trainer state), which the safe loader refuses: if you trust the file, pass "
                          f"--trust-checkpoint") from e

@@ -58,7 +58,7 @@ import argparse
 import logging
 import sys
 
-from ..cli import POLICY_MODE_CHOICES, non_negative_float, positive_float, positive_int
+from ..cli import POLICY_FOLDER_HELP, POLICY_MODE_CHOICES, non_negative_float, positive_float, positive_int
 from ..devices import DTYPES
 from .client import PolicyClient, PolicyServerError, health
 from .protocol import ProtocolError, packb, unpackb
@@ -70,8 +70,7 @@ __all__ = ["PolicyServer", "PolicyClient", "PolicyServerError", "ProtocolError",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="policy folder: <run>/policy of `worldvla train`, worldvla_demo/policy of `worldvla demo`, or "
-                             "one written by worldvla.inference.save_policy")
+                        help=POLICY_FOLDER_HELP)
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default 127.0.0.1; 0.0.0.0 to accept robots on the network)")
     parser.add_argument("--port", type=tcp_port, default=8000,
