@@ -174,3 +174,45 @@ def test_a_vqgan_checkpoint_holding_objects_needs_trust_checkpoint(release, tmp_
     assert "Traceback" not in err and not (tmp_path / "p").exists()
     assert main([*argv, "--trust-checkpoint"]) == 0
     assert (tmp_path / "p" / "policy.json").is_file()
+
+
+def test_the_releases_weight_files_are_linked_not_written_again(release, tmp_path, monkeypatch, capsys):
+    """Without --dtype the policy's model is the release's files as they are: hard links (a 7B model's 14 GB not
+    written again), or copies where the file system has no links; a sharded folder brings every shard and its
+    index. The policy loads the same weights either way; --dtype writes them anew."""
+    import os
+
+    import worldvla.checkpoint as ckpt
+
+    tok = release / "chameleon" / "tokenizer"
+    src = release / "model_512" / "libero_spatial"
+    want = WorldVLA.from_pretrained(release / "model_256" / "libero_goal")
+    want.save_pretrained(src, shard_size_gb=0.05 / 1024)  # about 50 kB a shard
+    names = sorted(p.name for p in src.iterdir())
+    assert "model.safetensors.index.json" in names and len(names) > 3
+
+    def check(out, how):
+        got = sorted(p.name for p in (out / "model").iterdir())
+        assert got == names
+        for name in names:
+            assert os.path.samefile(src / name, out / "model" / name) == (how == "linked"), name
+            assert (src / name).read_bytes() == (out / "model" / name).read_bytes()
+        model = WorldVLA.from_pretrained(out / "model")
+        sd = model.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in want.state_dict().items())
+
+    assert main(["import-release", str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "linked")]) == 0
+    assert "the release's weight files hard-linked" in capsys.readouterr().out
+    check(tmp_path / "linked", "linked")
+
+    def no_links(a, b):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(ckpt.os, "link", no_links)
+    assert import_release(src, tok, tmp_path / "copied")["weights"] == "copied"
+    check(tmp_path / "copied", "copied")
+    monkeypatch.undo()
+
+    info = import_release(src, tok, tmp_path / "bf16", dtype="bfloat16")
+    assert info["weights"] == "saved"
+    assert not any(os.path.samefile(src / n, p) for n in names for p in (tmp_path / "bf16" / "model").iterdir())

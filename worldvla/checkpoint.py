@@ -445,10 +445,10 @@ def read_weights_file(path: Path) -> dict:
     return sd
 
 
-def _load_state_dict(folder: Path) -> tuple[dict, dict]:
-    """The folder's tensors, and the file each came from ({name: file name}). The first of these present is read,
-    in transformers' order: model.safetensors, its shard index, pytorch_model.bin, its shard index (a stale
-    file of another kind beside it is not read)."""
+def weight_files(folder: Path) -> tuple[list[str], str | None, dict]:
+    """The weights files a load of `folder` reads, the shard index naming them (or None) and that index. The first
+    of these present is read, in transformers' order: model.safetensors, its shard index, pytorch_model.bin, its
+    shard index (a stale file of another kind beside it is not read)."""
     files, index = [], {}
     for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json"):
@@ -468,6 +468,29 @@ def _load_state_dict(folder: Path) -> tuple[dict, dict]:
     if not files:
         raise FileNotFoundError(f"{folder}: no weights found (expected model.safetensors, sharded safetensors with "
                                 f"model.safetensors.index.json, or pytorch_model*.bin)")
+    return files, (name if index else None), index
+
+
+def link_model_files(src: Path, dst: Path) -> bool:
+    """Put the files a load of the model folder `src` reads (config.json, the weights, their shard index) into
+    the new folder `dst`: hard links where the file system allows, copies elsewhere. True where every file was
+    linked."""
+    files, index_name, _ = weight_files(src)
+    dst.mkdir(parents=True)
+    linked = True
+    for name in ["config.json", *([index_name] if index_name else []), *files]:
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)  # a shard index may name files in a subfolder
+        try:
+            os.link(src / name, dst / name)
+        except OSError:  # another file system, or one without hard links
+            shutil.copy2(src / name, dst / name)
+            linked = False
+    return linked
+
+
+def _load_state_dict(folder: Path) -> tuple[dict, dict]:
+    """The folder's tensors, and the file each came from ({name: file name}): the files `weight_files` names."""
+    files, _, index = weight_files(folder)
     sd, source = {}, {}
     for f in files:
         part = read_weights_file(folder / f)

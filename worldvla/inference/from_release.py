@@ -46,7 +46,8 @@ def infer_from_path(model_dir) -> dict:
 def import_release(model_dir, tokenizer_dir, out, *, chunk_size: int | None = None, image_size: int | None = None,
                    dtype=None, trust_checkpoint: bool = False) -> dict:
     """Write the policy folder `out` from the release's model folder and tokenizer folder. Returns what was
-    written: {"path", "chunk_size", "image_size", "suite", "sources"} (`sources`: where each size came from)."""
+    written: {"path", "chunk_size", "image_size", "suite", "sources", "weights"} (`sources`: where each size came
+    from; `weights`: "linked" or "copied", the release's files as they are, or "saved" in the `dtype` asked for)."""
     from ..checkpoint import check_folder, folder_kind, load_release_tokenizer
     from ..devices import torch_dtype
     from ..model import WorldVLA
@@ -80,10 +81,12 @@ def import_release(model_dir, tokenizer_dir, out, *, chunk_size: int | None = No
                          f"vocabulary of {layout.vocab_size}: import-release reads the release's action models")
     extra = {"source": "release", "model": str(model_dir), "tokenizer": str(tokenizer_dir.resolve()),
              "suite": seen.get("suite")}
-    save_policy(out, model, vqgan, ActionTokenizer(layout), chunk_size=sizes["chunk_size"],
-                image_size=sizes["image_size"], history=2, extra=extra,
-                text_tokenizer_json=tokenizer_dir / "text_tokenizer.json")
-    return {"path": str(out), **sizes, "suite": seen.get("suite"), "sources": sources}
+    # Without a dtype the policy's model is the release's files as they are: linked (or copied), not written again.
+    weights = save_policy(out, model, vqgan, ActionTokenizer(layout), chunk_size=sizes["chunk_size"],
+                          image_size=sizes["image_size"], history=2, extra=extra,
+                          text_tokenizer_json=tokenizer_dir / "text_tokenizer.json",
+                          model_folder=model_dir if dtype is None else None)
+    return {"path": str(out), **sizes, "suite": seen.get("suite"), "sources": sources, "weights": weights}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -104,7 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="frame size in pixels (default: from the path, model_256 or model_512)")
     p.add_argument("--dtype", default=None,
-                   help="store the weights in this dtype (float32, bfloat16; default: as the release's files)")
+                   help="store the weights in this dtype (float32, bfloat16), written anew; default: the "
+                        "release's files as they are, hard-linked where the file system allows (no copy)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="let vqgan.ckpt unpickle objects other than tensors (only for files you trust)")
     return p
@@ -120,9 +124,11 @@ def run(args: argparse.Namespace) -> int:
                          f"(trainer state), which the safe loader refuses: if you trust the file, pass "
                          f"--trust-checkpoint") from e
     src = info["sources"]
+    weights = {"linked": "the release's weight files hard-linked", "saved": f"the weights in {args.dtype}",
+               "copied": "the release's weight files copied (no hard links across file systems)"}[info["weights"]]
     print(f"wrote the policy {info['path']}: {info['chunk_size']} actions a chunk (from {src['chunk_size']}), "
           f"{info['image_size']} px frames (from {src['image_size']}), LIBERO's fixed action bounds, two frames "
-          f"of history")
+          f"of history, {weights}")
     suite = f" --suite libero_{info['suite']}" if info["suite"] else ""
     print(f"next: worldvla eval-libero --policy {info['path']}{suite}   or   worldvla serve --checkpoint "
           f"{info['path']}")

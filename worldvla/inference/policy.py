@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import read_json_file, replace_folder
+from ..checkpoint import link_model_files, read_json_file, replace_folder
 from ..devices import torch_device, torch_dtype
 from ..tokens import ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
 from ..tokens.layout import with_release_image_ids
@@ -58,9 +58,13 @@ def check_vqgan_patch(vqgan, layout) -> None:
 
 
 def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_size: int, image_size: int,
-                history: int = 2, extra: dict | None = None, text_tokenizer_json=None) -> None:
+                history: int = 2, extra: dict | None = None, text_tokenizer_json=None, model_folder=None) -> str:
     """Write a policy folder: `model/`, `vqgan/`, `policy.json` (and `text_tokenizer.json` for the
     Chameleon vocabulary: `text_tokenizer_json` is its path or a ChameleonTextTokenizer).
+
+    `model_folder`: the model folder `model` was loaded from, unchanged (same dtype, no edits); its files then go
+    into `model/` as they are, as hard links where the file system allows (no bytes written: a 7B model is 14 GB
+    or more), instead of being saved again. Returns how the weights got there: "saved", "linked" or "copied".
 
     The folder appears complete or not at all: everything is written into a temporary sibling
     folder that is then renamed into place (replacing an older policy)."""
@@ -81,8 +85,14 @@ def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_siz
         raise ValueError(f"image_size {image_size} must be a multiple of the VQGAN factor {down} and of the "
                          f"{grid}-px resolution grid")
 
+    how = "saved"
+
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp / "model")
+        nonlocal how
+        if model_folder is None:
+            model.save_pretrained(tmp / "model")
+        else:
+            how = "linked" if link_model_files(Path(model_folder), tmp / "model") else "copied"
         vqgan.save_pretrained(tmp / "vqgan")
         if hasattr(text_tokenizer_json, "tok"):  # a ChameleonTextTokenizer
             text_tokenizer_json.tok.save(str(tmp / "text_tokenizer.json"))
@@ -95,6 +105,7 @@ def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_siz
         (tmp / POLICY_FILE).write_text(json.dumps(info, indent=2))
 
     replace_folder(path, write)
+    return how
 
 
 POLICY_MODES = MODES + ("release",)
