@@ -916,6 +916,42 @@ def test_decode_steps_are_captured_and_run_on_the_engines_own_device(rng, monkey
     assert forwards == [(cuda1, None, False)]
 
 
+def test_every_forward_of_an_engine_runs_inside_its_device_guard(rng, monkeypatch):
+    """The prefill's forward, like every step's, runs with the engine's GPU current (`_on_device`): Triton launches
+    on the current device, so a model on cuda:1 prefilled under cuda:0 would run its kernels on the wrong GPU.
+    Checked on the CPU by recording, at each forward, whether the guard is entered."""
+    from contextlib import contextmanager
+
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    eng = InferenceEngine(model, 1, prompt.numel() + 4, cuda_graphs=False)
+    inside, seen = [False], []
+
+    @contextmanager
+    def guard():
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    plain_forward = eng._forward
+
+    def recorded(*args):
+        seen.append(inside[0])
+        return plain_forward(*args)
+
+    monkeypatch.setattr(eng, "_on_device", guard)
+    monkeypatch.setattr(eng, "_forward", recorded)
+    monkeypatch.setattr(eng, "_plan", lambda buf: None)  # each step through `_forward`, as on a GPU
+    eng.prefill([prompt])
+    buf = eng.buffers(1)
+    buf.ids.fill_(LAYOUT.bin_range[0])
+    buf.set_positions(torch.full((1, 1), prompt.numel()))
+    eng.run(buf)
+    assert seen == [True, True]
+
+
 def test_a_step_captured_under_autocast_caches_no_casts_and_is_recaptured_when_autocast_changes(rng, monkeypatch):
     """Under CUDA autocast, a capture with autocast's weight-cast cache on records reads of cached casts that the
     caller's autocast block frees on exit (torch's make_graphed_callables refuses that cache); and a graph captured
