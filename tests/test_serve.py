@@ -2272,3 +2272,66 @@ def test_the_serve_summary_says_what_the_policy_metadata_says(tmp_path):
     assert serve._policy_summary(SimpleNamespace(metadata=lambda: bare)).startswith("chunks of 4 actions x 7 dims")
     assert serve._policy_summary(SimpleNamespace(metadata=lambda: None)) is None
     assert serve._policy_summary(object()) is None
+
+
+def test_a_client_dropped_without_close_releases_its_connection(np_rng):
+    """A PolicyClient dropped without close() kept its connection open for the life of the process (its reader
+    thread answering the keepalive), so a robot making a client per episode used up --max-connections."""
+    with PolicyServer(HistoryPolicy(), max_connections=2) as server:
+        for _ in range(3):  # more clients than the limit, one after the other
+            client = PolicyClient(server.url, timeout=10)
+            client.reset("open the drawer")
+            assert client.act(_frame(np_rng)).shape == (K, D)
+            del client
+            gc.collect()
+            _wait_for(lambda: not server._open, timeout=5.0)
+        assert server.stats["refused_connections"] == 0
+
+
+def test_the_unknown_episode_error_shows_the_reset_request_as_one_map(np_rng):
+    """The reply spelt the reset request it asks for with a doubled closing brace ("...: ...}} first")."""
+    with PolicyServer(HistoryPolicy()) as server, PolicyClient(server.url, timeout=10) as client:
+        reply = client._round_trip({"type": "act", "episode": "never reset", "image": _frame(np_rng)},
+                                   time.monotonic() + 10)
+    assert not reply["ok"]
+    assert "send {'type': 'reset', 'episode': ..., 'instruction': ...} first" in reply["error"], reply["error"]
+
+
+def test_a_call_that_times_out_on_a_silent_server_returns_within_its_timeout(np_rng):
+    """A call's timeout bounded its wait for the reply, and then closing the connection waited up to 0.2 s more
+    for a server that answers nothing: a robot with a 50 ms budget got its TimeoutError after 250 ms."""
+    with PolicyServer(HistoryPolicy()) as server:
+        proxy = _SilentProxy(server.port)  # the server's host frozen, or the network gone silent
+        client = PolicyClient(f"ws://127.0.0.1:{proxy.port}", timeout=10)
+        try:
+            client.reset("wave")
+            client.timeout = 0.3
+            proxy.silent.set()
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError, match=r"no reply from .* within 0.3 s"):
+                client.act(_frame(np_rng))
+            elapsed = time.monotonic() - t0
+            assert 0.3 <= elapsed < 0.42, elapsed  # closing waited 0.2 s past the deadline
+        finally:
+            proxy.close()
+            client.close()
+
+
+def test_a_process_exits_with_its_client_still_open():
+    """Closing a dropped client's connection must not hold the interpreter's exit: there its reader thread no
+    longer runs to complete the closing handshake."""
+    child = textwrap.dedent("""
+        import sys
+        import numpy as np
+        sys.path.insert(0, %r)
+        from test_serve import HistoryPolicy
+        from worldvla.serve import PolicyClient, PolicyServer
+
+        server = PolicyServer(HistoryPolicy()).start_background()
+        client = PolicyClient(server.url, timeout=10)  # a module global: dropped only as the interpreter exits
+        client.reset("wave")
+        client.act(np.zeros((24, 24, 3), np.uint8))
+        print("done", flush=True)
+    """) % os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr

@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import json
 import math
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -186,7 +187,7 @@ class PolicyClient:
                         raise TimeoutError
                     raw = self._ws.recv(timeout=remaining)
                 except TimeoutError:
-                    self._drop()
+                    self._drop(deadline)
                     raise TimeoutError(f"no reply from {self.url} within {self.timeout:g} s; the connection was "
                                        "closed, which drops the request on the server, and the next call "
                                        "reconnects") from None
@@ -285,11 +286,13 @@ class PolicyClient:
         return health(self.url, timeout=self.timeout)
 
     # -------------------------------------------------------------- lifetime
-    def _drop(self) -> None:
+    def _drop(self, deadline: float | None = None) -> None:
         """Close the connection after a timeout without waiting long for the server's side of the closing
-        handshake; the next request opens a new one."""
+        handshake (at most 0.2 s, and not past `deadline`, the call's: a robot's control loop holds to its
+        timeout); the next request opens a new one."""
         ws, self._ws = self._ws, None
-        ws.close_timeout = min(ws.close_timeout, 0.2)
+        wait = 0.2 if deadline is None else min(0.2, max(deadline - time.monotonic(), 1e-3))
+        ws.close_timeout = min(ws.close_timeout, wait)
         ws.close()
 
     def close(self) -> None:
@@ -297,6 +300,19 @@ class PolicyClient:
         self._closed = True
         ws, self._ws = self._ws, None
         if ws is not None:
+            ws.close()
+
+    def __del__(self) -> None:
+        # A client dropped without close(): its connection's reader thread would keep the connection (and one
+        # of the server's --max-connections) open for as long as this process runs, answering the keepalive.
+        ws = getattr(self, "_ws", None)  # None too when the constructor failed before connecting
+        # At the interpreter's exit the connection closes with the process, and its reader thread (a daemon) no
+        # longer runs: the closing handshake would wait for it forever.
+        if ws is None or sys.is_finalizing():
+            return
+        self._ws = None
+        with contextlib.suppress(Exception):
+            ws.close_timeout = min(ws.close_timeout, 0.2)
             ws.close()
 
     def __enter__(self) -> "PolicyClient":

@@ -709,7 +709,7 @@ class PolicyServer:
         episode = self._episodes.get(key)
         if episode is None:
             raise ProtocolError(f"unknown episode {key!r}: send {{'type': 'reset', 'episode': ..., "
-                                "'instruction': ...}} first (episodes are also dropped when the server holds more "
+                                "'instruction': ...} first (episodes are also dropped when the server holds more "
                                 f"than {self.max_episodes})")
         self._check_owner(key, episode, conn, self._client_token(msg))
         if "image" not in msg:
