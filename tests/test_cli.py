@@ -582,3 +582,24 @@ def test_a_misspelt_command_is_answered_with_the_likely_one(capsys):
     with pytest.raises(SystemExit):
         main(["xyzzy"])
     assert "invalid choice: 'xyzzy' (choose from 'collect'" in capsys.readouterr().err
+
+
+def test_a_misspelt_option_is_answered_by_its_command_with_the_likely_option(capsys):
+    """`worldvla demo --fats` printed the top-level usage and `worldvla: error: unrecognized arguments: --fats`,
+    naming neither the command whose option it was meant to be nor the option."""
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--fats", "--outt", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: worldvla demo ")
+    assert ("worldvla demo: error: unrecognized arguments: --fats --outt x (--fats: did you mean --fast?; --outt: "
+            "did you mean --out?); `worldvla demo --help` lists its options") in err
+    # `--name=value` is matched by its name; an argument like no option gets no guess.
+    with pytest.raises(SystemExit):
+        main(["info", "--jsn=1", "extra"])
+    err = capsys.readouterr().err
+    assert ("worldvla info: error: unrecognized arguments: --jsn=1 extra (--jsn=1: did you mean --json?); "
+            "`worldvla info --help` lists its options") in err
+    with pytest.raises(SystemExit):
+        main(["info", "--zzzzzz"])
+    assert "worldvla info: error: unrecognized arguments: --zzzzzz; `worldvla info --help`" in capsys.readouterr().err

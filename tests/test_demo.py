@@ -310,6 +310,7 @@ def test_a_run_drops_the_old_metrics_and_writes_its_files_atomically(tmp_path, m
     monkeypatch.setattr(demo, "stage_collect", collect)
     monkeypatch.setattr(demo, "stage_evaluate", evaluate)
     (tmp_path / "metrics.json").write_text(json.dumps({"eval": {"old": 1}}))
+    (tmp_path / "demo_config.json").write_text("{}")  # the earlier run's: a demo folder
     cfg = demo.DemoConfig.fast_preset()
     demo.run_demo(cfg, tmp_path, progress=False)
     assert seen == {"old metrics": False, "config": json.loads(json.dumps(demo.asdict(cfg)))}
@@ -592,3 +593,38 @@ def test_the_vqgan_stage_reports_the_last_logged_step(tmp_path, monkeypatch):
     monkeypatch.setattr(train_vq, "train_vq", fake_train_vq)
     info = demo.stage_train_vq(demo.DemoConfig.fast_preset(), tmp_path, False, False)
     assert info == {"psnr": 22.0, "codes_used": 20, "perplexity": 7.0, "loss": 0.5}
+
+
+def test_demo_refuses_an_out_folder_that_holds_another_commands_outputs(tmp_path, monkeypatch, capsys):
+    """`--out` naming a training run's folder had its exported policy/ replaced by the demo's without a word (and
+    an eval folder its metrics.json): a folder that is not a demo's and holds names the demo writes is refused
+    before anything is deleted."""
+    from worldvla import demo
+
+    seen = []
+    _stub_stages(monkeypatch, seen)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "policy").mkdir()
+    (run / "policy" / "policy.json").write_text('{"mine": 1}')
+    (run / "metrics.json").write_text('{"mine": 1}')
+    assert demo.main(["--fast", "--out", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {run} holds files that are not a worldvla demo's (metrics.json, policy)" in err
+    assert "choose a new or empty folder" in err
+    assert seen == []
+    assert (run / "policy" / "policy.json").read_text() == '{"mine": 1}'
+    assert (run / "metrics.json").read_text() == '{"mine": 1}'
+    assert not (run / "demo_config.json").exists()
+
+    # An empty folder, one holding only other files, and an earlier demo's folder run.
+    for name, files in (("empty", ()), ("notes", ("notes.txt",))):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in files:
+            (folder / f).write_text("x")
+        demo.run_demo(demo.DemoConfig.fast_preset(), folder, progress=False)
+        assert (folder / "metrics.json").is_file() and (folder / "notes.txt").exists() == bool(files)
+    seen.clear()
+    demo.run_demo(demo.DemoConfig.fast_preset(), tmp_path / "empty", progress=False)
+    assert seen == []  # every stage cached

@@ -206,6 +206,23 @@ def _out_folder_problem(out) -> str | None:
     return None
 
 
+def _refuse_unknown(parser: argparse.ArgumentParser, command: str | None, unknown: list[str]) -> None:
+    """Exit on arguments the command does not take, as argparse does, but from the command's own parser (its
+    usage, `worldvla demo: error:`) and with the likely option for each misspelt one (`--fats`: `--fast`)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    sub = subs[0].choices.get(command) if subs and command else None
+    if sub is None:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for arg in unknown:
+        close = difflib.get_close_matches(arg.split("=")[0], options, n=1) if arg.startswith("--") else []
+        if close:
+            hints.append(f"{arg}: did you mean {close[0]}?")
+    sub.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
+              + f"; `worldvla {command} --help` lists its options")
+
+
 def main(argv=None) -> int:
     try:
         return _main(argv)
@@ -230,7 +247,7 @@ def _main(argv) -> int:
         print(f"worldvla {args.command}: unavailable here: {args._unavailable}", file=sys.stderr)
         return 2
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        _refuse_unknown(parser, args.command, unknown)
     if args.command is None:
         parser.print_help()
         return 2

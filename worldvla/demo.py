@@ -331,6 +331,22 @@ def stage_evaluate(cfg: DemoConfig, out: Path, progress: bool, reuse: bool = Tru
 
 
 # ---------------------------------------------------------------------- driver
+# What the demo writes into --out, replacing what is there under these names.
+DEMO_OUTPUTS = ("demos", "vq", "store", "train", "train_action_only", "train_causal", "policy", "policy_action_only",
+                "policy_causal", "eval", "metrics.json")
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an --out that is not a demo's folder (no demo_config.json, no stages/) but holds names the demo
+    writes: a training run's policy/ or an evaluation's metrics.json there would be replaced without a word."""
+    if not out.is_dir() or (out / "demo_config.json").is_file() or (out / "stages").is_dir():
+        return
+    clash = sorted(name for name in DEMO_OUTPUTS if (out / name).exists())
+    if clash:
+        raise ValueError(f"--out {out} holds files that are not a worldvla demo's ({', '.join(clash)}), which the "
+                         f"demo would replace: choose a new or empty folder for the demo")
+
+
 def load_kernels_first() -> None:
     """Import the optional kernel backends (Triton) before anything renders with MuJoCo:
     Triton's LLVM clashes with the LLVM of Mesa's software renderer when it is loaded
@@ -346,6 +362,7 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
     from .checkpoint import write_text_atomic
 
     out = Path(out)
+    check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     # An earlier run's results must not stand beside these settings as theirs: written again when this run ends.
     (out / "metrics.json").unlink(missing_ok=True)
