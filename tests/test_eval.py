@@ -1135,6 +1135,9 @@ def test_repeated_policy_and_tasks_options_add_up(tmp_path, monkeypatch):
     assert main(["eval", "--policy", folders[0], folders[1], "--policy", folders[2], "--tasks", "fake-a-v3",
                  "--tasks", "fake-b-v3", "--out", str(tmp_path / "o")]) == 0
     assert got == {"policies": folders, "tasks": ["fake-a-v3", "fake-b-v3"]}
+    # 'all', as `worldvla collect` takes it: every Meta-World task
+    assert main(["eval", "--policy", folders[0], "--tasks", "all", "--out", str(tmp_path / "o")]) == 0
+    assert got["tasks"] == list(mw.TASKS) and "reach-v3" in got["tasks"]
 
 
 def test_eval_names_the_tasks_a_policy_never_saw(tmp_path, monkeypatch, capsys):

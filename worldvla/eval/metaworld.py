@@ -38,7 +38,7 @@ import numpy as np
 
 from ..checkpoint import write_text_atomic
 from ..cli import POLICY_FOLDER_HELP, non_negative_int, positive_int, seed32
-from ..sim.metaworld_env import MAX_EPISODE_STEPS, check_max_steps, check_tasks
+from ..sim.metaworld_env import MAX_EPISODE_STEPS, TASKS, check_max_steps, check_tasks
 from .metrics import psnr, ssim, success_interval
 from .rollout import ChunkQuery
 
@@ -820,8 +820,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "folders' when those are the same: run1/policy run2/policy -> run1, run2); 'random' "
                              "is the random baseline's unless --no-random")
     parser.add_argument("--tasks", action="append", required=True,
-                        help="comma-separated Meta-World tasks, e.g. drawer-open-v3,door-open-v3 (given again: "
-                             "its tasks are added)")
+                        help="comma-separated Meta-World tasks, e.g. drawer-open-v3,door-open-v3, or 'all' (as "
+                             "`worldvla collect`; given again: its tasks are added)")
     parser.add_argument("--episodes", type=positive_int, default=10, help="closed-loop episodes per task (default: %(default)s)")
     parser.add_argument("--out", required=True, help="output folder: metrics.json, success.png, world_model*.png, GIFs")
     parser.add_argument("--max-steps", type=positive_int, default=200,
@@ -858,6 +858,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     given = ",".join([args.tasks] if isinstance(args.tasks, str) else args.tasks)  # --tasks may be given again
     tasks = [t.strip() for t in given.split(",") if t.strip()]
+    tasks = [x for t in tasks for x in (TASKS if t == "all" else [t])]  # evaluate() runs a task named twice once
     if not tasks:
         print(f"worldvla eval: --tasks {given!r} names no task; pass Meta-World tasks, e.g. "
               f"--tasks drawer-open-v3,door-open-v3", file=sys.stderr)
