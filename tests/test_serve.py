@@ -409,20 +409,67 @@ def test_malformed_requests_get_errors_and_do_not_disturb_others(np_rng):
 
 
 def test_oversized_payload_closes_only_that_connection(np_rng):
+    """The server's side, for any client (`PolicyClient` refuses such requests before sending them)."""
+    from websockets.exceptions import ConnectionClosed
+
+    def act(big):
+        return packb({"type": "act", "episode": "greedy", "image": big})
+
     with PolicyServer(HistoryPolicy(), max_payload_mb=0.25) as server, \
-            PolicyClient(server.url, timeout=10) as other, PolicyClient(server.url, timeout=10) as greedy:
+            PolicyClient(server.url, timeout=10) as other, _raw(server.url) as greedy:
         other.reset("fold the towel")
-        greedy.reset("fold the towel")
-        assert greedy.metadata()["server"]["max_payload_mb"] == 0.25
+        assert _ask(greedy, packb({"type": "reset", "episode": "greedy", "instruction": "fold the towel"}))["ok"]
+        assert other.metadata()["server"]["max_payload_mb"] == 0.25
         big = _frame(np_rng, 200, 200)  # 117 KiB fits
-        assert greedy.act(big).shape == (K, D)
-        with pytest.raises(PolicyServerError, match="exceeds the server's limit"):
-            greedy.act(_frame(np_rng, 400, 300))  # 352 KiB: refused, connection kept
-        assert greedy.act(big).shape == (K, D)
-        with pytest.raises(PolicyServerError, match="message too big"):
-            greedy.act(_frame(np_rng, 800, 600))  # 1.4 MiB: beyond 2x the limit, connection closed
+        assert _ask(greedy, act(big))["actions"].shape == (K, D)
+        reply = _ask(greedy, act(_frame(np_rng, 400, 300)))  # 352 KiB: refused, connection kept
+        assert not reply["ok"] and "exceeds the server's limit" in reply["error"]
+        assert _ask(greedy, act(big))["actions"].shape == (K, D)
+        greedy.send(act(_frame(np_rng, 800, 600)))  # 1.4 MiB: beyond 2x the limit, connection closed
+        with pytest.raises(ConnectionClosed) as closed:
+            greedy.recv(timeout=10)
+        assert closed.value.rcvd.code == 1009
         f = _frame(np_rng)
         np.testing.assert_allclose(other.act(f)[:, 0], f.mean(), rtol=1e-6)
+
+
+def test_the_client_refuses_a_request_over_the_servers_payload_limit_before_sending_it(np_rng):
+    """A frame over the server's payload limit was sent anyway: the server refused it, or closed the connection
+    (code 1009) when it was more than twice the limit. The server states its limit in the handshake, and the
+    client refuses such a request before sending it, naming its size, the limit and the fixes; its connection
+    goes on."""
+    from worldvla.serve.protocol import PAYLOAD_HEADER
+
+    with PolicyServer(HistoryPolicy(), max_payload_mb=0.25) as server, PolicyClient(server.url, timeout=10) as client:
+        assert client._ws.response.headers[PAYLOAD_HEADER] == "262144" and client.max_payload_bytes == 2**18
+        client.reset("fold the towel")
+        ws = client._ws
+        for h, w in ((400, 300), (800, 600)):  # 352 KiB: within 2x the limit; 1.4 MiB: beyond
+            with pytest.raises(ValueError, match=(
+                    rf"^this act request \(image \[{h}, {w}, 3\]\) takes {h * w * 3 / 2**20:.2f} MiB \(\d+ bytes\), "
+                    r"more than the server's payload limit of 0\.25 MiB \(262144 bytes\): send smaller frames \(the "
+                    r"server resizes every frame to the policy's image_size, metadata\(\)\['image_size'\], anyway\), "
+                    r"or start the server with a larger --max-payload-mb$")):
+                client.act(_frame(np_rng, h, w))
+        with pytest.raises(ValueError, match=r"\(image \[24, 24, 3\] and previous_image \[400, 300, 3\]\)"):
+            client.act(_frame(np_rng), previous_image=_frame(np_rng, 400, 300))
+        assert server.stats["act_requests"] == 0  # nothing reached the server
+        f = _frame(np_rng, 200, 200)  # 117 KiB fits
+        np.testing.assert_allclose(client.act(f)[:, 0], fit_image(f, (24, 24)).mean(), rtol=1e-6)
+        assert client._ws is ws and server.stats["act_ok"] == 1
+
+
+def test_the_client_takes_the_payload_limit_of_a_server_without_the_header_from_its_metadata(monkeypatch):
+    """A server that states no version (an older worldvla) is asked for its metadata, which names its limit."""
+    ws = _FakeConnection([_echo_id({"ok": True, "protocol": 1, "server": {"max_payload_mb": 0.001}})], header=None)
+    client, _ = _offline_client(monkeypatch, ws)
+    assert client.max_payload_bytes == 1048
+    client.episode = "e"
+    with pytest.raises(ValueError, match=r"takes 0\.00 MiB \(\d+ bytes\), more than the server's payload limit of "
+                                         r"0\.00 MiB \(1048 bytes\)"):
+        client.act(np.zeros((40, 40, 3), np.uint8))
+    assert [m["type"] for m in ws.sent] == ["metadata"]
+    assert _offline_client(monkeypatch, _FakeConnection([]))[0].max_payload_bytes is None  # states no limit
 
 
 def _nested_maps(n_bytes: int, fan: int) -> bytes:
@@ -820,11 +867,11 @@ def test_client_timeout_covers_sending(np_rng):
     The loop stays frozen until the call has been timed, so that nothing but the client's timeout can end
     the send: without it the call would last the whole freeze (30 s), ten times the bound. Only that call
     has the short timeout; the calls around it must succeed, however loaded the machine."""
-    with PolicyServer(HistoryPolicy()) as server, PolicyClient(server.url, timeout=20) as client:
+    with PolicyServer(HistoryPolicy(), max_payload_mb=32) as server, PolicyClient(server.url, timeout=20) as client:
         client.reset("hold still")
         f0 = _frame(np_rng)
         client.act(f0)
-        big = _frame(np_rng, 2400, 2400)  # 17 MB
+        big = _frame(np_rng, 2400, 2400)  # 17 MB, within the server's limit (the client refuses a larger one)
         frozen, thaw = threading.Event(), threading.Event()
 
         def freeze():
@@ -1085,6 +1132,57 @@ def test_real_policy_on_tiny_random_checkpoint(tmp_path, np_rng):
         assert not errors, errors
         assert len(results) == 9 and all(r.shape == (3, 7) and np.isfinite(r).all() for r in results)
         assert server.stats["batches"] < server.stats["act_ok"]
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_served_chunks_are_the_policys_own_one_episode_at_a_time(tmp_path, np_rng, mode):
+    """Robots acting at once, batched on the server (padded batch sizes; an episode's first request and later
+    ones in separate calls), get bit for bit the chunks of WorldVLAPolicy called in-process on the same frames
+    and history, one episode at a time: 4 robots x 2 episodes x 3 steps, one robot resetting its episode id
+    mid-run (which starts it again without history), frames of the model's size and camera-sized ones, the
+    history sent as previous_image or taken from the episode's previous act."""
+    WorldVLAPolicy = _tiny_policy_folder(tmp_path / "policy")
+    served = WorldVLAPolicy.from_pretrained(tmp_path / "policy", device="cpu", mode=mode)
+    reference = WorldVLAPolicy.from_pretrained(tmp_path / "policy", device="cpu", mode=mode)
+    n_robots, n_steps = 4, 3
+    step = threading.Barrier(n_robots)
+    rngs = [np.random.default_rng(np_rng.integers(2**32)) for _ in range(n_robots)]  # one per thread
+    runs: list = [[] for _ in range(n_robots)]  # each robot's episodes: (instruction, [(frame, history, chunk)])
+
+    def robot(i):
+        rng = rngs[i]
+        with PolicyClient(server.url, timeout=60) as client:
+            for e in range(2):
+                instruction, previous = f"robot {i} task {e}", None
+                client.reset(instruction)
+                runs[i].append((instruction, []))
+                for t in range(n_steps):
+                    step.wait(30)
+                    if (i, e, t) == (0, 0, 2):  # the same episode id again, with another task
+                        instruction, previous = "robot 0 task 0 once more", None
+                        client.reset(instruction, episode=client.episode)
+                        runs[i].append((instruction, []))
+                    frame = _frame(rng, 32, 32) if (i + t) % 2 else _frame(rng, 48, 40)
+                    explicit = previous is not None and i % 2 == 1
+                    chunk = client.act(frame, previous_image=previous if explicit else None)
+                    history = None if previous is None else fit_image(previous, (32, 32))
+                    runs[i][-1][1].append((fit_image(frame, (32, 32)), history, chunk))
+                    previous = frame
+
+    with PolicyServer(served, max_wait_ms=50.0) as server:
+        _together(robot, [(i,) for i in range(n_robots)], timeout_s=120)
+        stats = dict(server.stats)
+    assert stats["act_ok"] == n_robots * 2 * n_steps and stats["max_batch_seen"] > 1
+    assert stats["batches"] < stats["act_ok"]
+    compared = 0
+    for episodes in runs:
+        for instruction, steps in episodes:
+            reference.reset([instruction])
+            for frame, history, chunk in steps:
+                expected = reference.act(frame[None], history=None if history is None else history[None])[0]
+                np.testing.assert_array_equal(chunk, expected, err_msg=f"{instruction!r}, step {compared}")
+                compared += 1
+    assert compared == n_robots * 2 * n_steps
 
 
 def test_a_lost_connection_is_reopened_by_the_next_call(np_rng):

@@ -46,7 +46,9 @@ answered within as long again: a robot whose network went silent stops holding i
 (and the batches) within 2 x --keepalive-s. The WebSocket handshake may carry the client's
 protocol version in a "WorldVLA-Protocol" header (`PolicyClient` sends it): the server refuses
 another version there (HTTP 400, with the reason) and states its own in every response, which
-`PolicyClient` checks on each new connection without a request of its own. `GET /healthz`
+`PolicyClient` checks on each new connection without a request of its own, and its payload
+limit in bytes in a "WorldVLA-Max-Payload-Bytes" header: `PolicyClient` refuses a larger
+request (ValueError) before sending it. `GET /healthz`
 answers 200 with JSON while serving and 503 while shutting down.
 SIGTERM/SIGINT: stop taking work, answer queued and running requests, close connections
 with code 1001 (dropping those still open at the drain timeout), exit 0; exit 1 if a

@@ -21,7 +21,7 @@ import uuid
 
 import numpy as np
 
-from .protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, ProtocolError, check_image, packb, unpackb
+from .protocol import PAYLOAD_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION, ProtocolError, check_image, packb, unpackb
 
 
 class PolicyServerError(RuntimeError):
@@ -68,6 +68,13 @@ def _server_version(response):
     return int(version) if version.isascii() and version.isdigit() else version
 
 
+def _server_payload_limit(response) -> int | None:
+    """The largest request, in bytes, a policy server states it accepts in its handshake response; None if it
+    states none (a server of an older worldvla) or something that is no positive integer."""
+    value = ", ".join(response.headers.get_all(PAYLOAD_HEADER)).strip()
+    return int(value) if value.isascii() and value.isdigit() and int(value) > 0 else None
+
+
 def _other_protocol(url: str, version) -> PolicyServerError:
     return PolicyServerError(f"the server at {url} speaks protocol {version!r}, this PolicyClient protocol "
                              f"{PROTOCOL_VERSION}: install the same worldvla version on the robot and on the server")
@@ -91,7 +98,9 @@ class PolicyClient:
     connection states the client's protocol version (`protocol.PROTOCOL_VERSION`) in its
     handshake, and the server its own in the answer, without a request of its own: a server of
     another version raises `PolicyServerError` (a server that states none, of an older worldvla,
-    is asked for its metadata instead). The client sends a token of its own (`client_id`) with
+    is asked for its metadata instead). The server states its payload limit there too (`max_payload_bytes`,
+    None until known): a request larger than that raises ValueError before it is sent, where the server would
+    refuse it or close the connection. The client sends a token of its own (`client_id`) with
     its requests, so that after a reconnection the server gives it its episode at once, even
     while the lost connection still looks open there. After `close()` (or the end of a `with`
     block) every call raises RuntimeError: build a new client to go on.
@@ -114,6 +123,7 @@ class PolicyClient:
         self.episode = None
         self.client_id = uuid.uuid4().hex
         self.last_timing: dict | None = None
+        self.max_payload_bytes: int | None = None  # the server's limit on a request, from each new connection
         self._next_id = 0
         self._closed = False
         self._ws = _connect(url, self.connect_timeout, self.max_reply_bytes)
@@ -162,12 +172,17 @@ class PolicyClient:
         """A new connection's server must speak this client's protocol version: the version its handshake
         response states, or else (a server that states none) the one its metadata reply does."""
         version = _server_version(self._ws.response)
+        self.max_payload_bytes = _server_payload_limit(self._ws.response)
         if version is None:
             reply = self._round_trip({"type": "metadata"}, deadline)
             if not reply.get("ok", False):
                 raise PolicyServerError(f"the server at {self.url} refused a metadata request: "
                                         f"{reply.get('error', 'no message')}")
             version = reply.get("protocol")
+            server = reply.get("server")
+            limit_mb = server.get("max_payload_mb") if isinstance(server, dict) else None
+            if isinstance(limit_mb, (int, float)) and not isinstance(limit_mb, bool) and 0 < limit_mb < math.inf:
+                self.max_payload_bytes = int(limit_mb * 2**20)
         if type(version) is not int or version != PROTOCOL_VERSION:  # a protocol number: not True, not 1.0
             raise _other_protocol(self.url, version)
 
@@ -178,6 +193,7 @@ class PolicyClient:
         self._next_id += 1
         rid = self._next_id
         data = packb({**message, "id": rid})
+        self._check_payload(data, message)
         try:
             self._send(data, deadline)
             while True:
@@ -203,6 +219,24 @@ class PolicyClient:
         except ConnectionClosed as e:
             self._ws = None  # the next call reconnects
             raise self._closed_error(e) from None
+
+    def _check_payload(self, data: bytes, message: dict) -> None:
+        """Refuse a request larger than the server's limit before sending it: the server would refuse it, or
+        close the connection (code 1009) when it is more than twice as large."""
+        limit = self.max_payload_bytes
+        if limit is None or len(data) <= limit:
+            return
+        size = f"{len(data) / 2**20:.2f} MiB ({len(data)} bytes)"
+        if message.get("type") == "act":
+            shapes = " and ".join(f"{field} {list(np.shape(message[field]))}" for field in ("image", "previous_image")
+                                  if field in message)
+            raise ValueError(f"this act request ({shapes}) takes {size}, more than the server's payload limit of "
+                             f"{limit / 2**20:.2f} MiB ({limit} bytes): send smaller frames (the server resizes "
+                             f"every frame to the policy's image_size, metadata()['image_size'], anyway), or start "
+                             f"the server with a larger --max-payload-mb")
+        raise ValueError(f"this {message.get('type')!r} request takes {size}, more than the server's payload limit "
+                         f"of {limit / 2**20:.2f} MiB ({limit} bytes): start the server with a larger "
+                         "--max-payload-mb")
 
     def _send(self, data: bytes, deadline: float) -> None:
         """Send by `deadline`. websockets' send has no deadline, so the socket's timeout bounds it: when

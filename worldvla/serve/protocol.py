@@ -19,6 +19,9 @@ PROTOCOL_VERSION = 1
 # refuses another version at the handshake (HTTP 400, with the reason) and sends its own in every response,
 # so the client checks the server's version without a request of its own on each new connection.
 PROTOCOL_HEADER = "WorldVLA-Protocol"
+# HTTP header of the server's handshake response carrying its payload limit in bytes (--max-payload-mb), so that
+# `PolicyClient` refuses a larger request before sending it instead of having its connection closed (code 1009).
+PAYLOAD_HEADER = "WorldVLA-Max-Payload-Bytes"
 NDARRAY_KEY = "__ndarray__"
 _ALLOWED_KINDS = "biuf"  # bool, int, uint, float
 _MAX_NDIM = 8

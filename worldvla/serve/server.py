@@ -54,8 +54,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .protocol import (PROTOCOL_HEADER, PROTOCOL_VERSION, REPLY_LIMITS, REQUEST_LIMITS, ProtocolError, check_image,
-                       fit_image, image_size_hw, packb, to_plain, unpackb)
+from .protocol import (PAYLOAD_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION, REPLY_LIMITS, REQUEST_LIMITS, ProtocolError,
+                       check_image, fit_image, image_size_hw, packb, to_plain, unpackb)
 
 log = logging.getLogger("worldvla.serve")
 
@@ -156,7 +156,9 @@ class PolicyServer:
 
     `port=0` picks a free port. `max_payload_mb` bounds a request: larger requests up
     to twice the limit get an error reply; beyond that the connection is closed with
-    code 1009 (message too big) before the message is read into memory.
+    code 1009 (message too big) before the message is read into memory. The limit travels
+    in every handshake response (`protocol.PAYLOAD_HEADER`), and `PolicyClient` refuses a
+    larger request before sending it.
 
     `keepalive_s`: the server pings each connection every `keepalive_s` seconds and drops
     one that has not answered within `keepalive_s` more, so a robot whose network went
@@ -485,10 +487,11 @@ class PolicyServer:
                                            "--max-connections\n")
         return None  # a WebSocket handshake (websockets answers 426 to anything else)
 
-    @staticmethod
-    def _process_response(connection, request, response):
-        """Every response says the server's protocol version: `PolicyClient` checks it at the handshake."""
+    def _process_response(self, connection, request, response):
+        """Every response says the server's protocol version, which `PolicyClient` checks at the handshake, and
+        its payload limit, so that the client refuses a larger request before sending it."""
         response.headers[PROTOCOL_HEADER] = str(PROTOCOL_VERSION)
+        response.headers[PAYLOAD_HEADER] = str(self.max_payload_bytes)
         return None
 
     async def _handler(self, ws) -> None:
