@@ -267,6 +267,22 @@ def test_store_copies_the_vqgan_again_when_its_weights_are_missing(demo_dir, tmp
     assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), vq.state_dict().values()))
 
 
+def test_a_vqgan_copy_killed_partway_leaves_only_a_whole_copy_after_the_rerun(demo_dir, tmp_path):
+    """The store's VQGAN was written into <store>/vqgan in place: a build killed during the copy left weights
+    without config.json and a hidden weights-sized temporary file, which the rerun's copy kept beside the new files
+    for good. The copy is now written whole, as a folder renamed in."""
+    folder, _ = demo_dir
+    vq = tiny_vqgan()
+    out = tmp_path / "s"
+    st.build_store(folder, out, vq, chunk_size=K, progress=False)
+    (out / "vqgan" / "config.json").unlink()  # what a build killed between the two files leaves
+    (out / "vqgan" / ".model.safetensors.0123456789ab.tmp").write_bytes(b"\0" * 64)
+    st.build_store(folder, out, vq, chunk_size=K, progress=False)
+    assert sorted(p.name for p in (out / "vqgan").iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    st.TokenStore(out, verify=True)
+
+
 @pytest.mark.parametrize("option,value", [("--encode-batch", "0"), ("-K", "0"), ("--demos-per-shard", "-1")])
 def test_cli_refuses_bad_counts_naming_the_option(option, value, tmp_path, capsys):
     from worldvla.cli import main

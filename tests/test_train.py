@@ -592,6 +592,22 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
         ["step_00000005", "step_00000007", "step_00000900"]
 
 
+def test_a_save_removes_the_temporary_pointer_files_of_saves_killed_while_writing_latest(tmp_path):
+    """A save killed while it replaced `latest` (after its checkpoint was renamed in) left a hidden
+    `.latest.<hex>.tmp` beside the checkpoints, and the later saves of the resumed run kept it for good."""
+    from worldvla.train.checkpointing import save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    root = tmp_path / "checkpoints"
+    save_checkpoint(tmp_path, 3, model, opt, {})
+    (root / ".latest.0123456789ab.tmp").write_text("")  # what the killed pointer write left
+    (root / ".tmp-step_00000005").mkdir()  # and a save killed before its rename
+    written = save_checkpoint(tmp_path, 6, model, opt, {})
+    assert latest_checkpoint(tmp_path) == written
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003", "step_00000006"]
+
+
 def test_a_crash_before_the_latest_pointer_is_written_resumes_from_the_new_checkpoint(tmp_path, monkeypatch):
     """The checkpoint is renamed into place, then `latest` is written: a crash between the two resumed from the
     previous checkpoint (the steps in between redone). The new one names its predecessor and is found; a later

@@ -747,3 +747,32 @@ def test_curves_that_cannot_be_drawn_are_said_once_and_never_stop_the_run(tmp_pa
     assert len(calls) == 1
     err = capsys.readouterr().err
     assert err.count("could not draw") == 1 and "ImportError: No module named 'matplotlib'" in err
+
+
+def test_an_export_stopped_partway_leaves_no_vqgan_folder_and_resume_leaves_only_its_files(data, tmp_path,
+                                                                                            monkeypatch):
+    """The export wrote into <out>/vqgan in place: stopped between its weights and its config (Ctrl-C, a kill) it
+    left a vqgan/ folder without config.json, and a killed one a hidden weights-sized temporary file there that no
+    later export removed. The folder is now written whole or not at all, and a resumed export leaves only its files."""
+    out = tmp_path / "run"
+    real = VQGAN.save_pretrained
+
+    def stopped(self, folder):
+        real(self, folder)
+        (folder / "config.json").unlink()  # as a stop between the two files leaves it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VQGAN, "save_pretrained", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        vqt.train_vq(args_for(data, out, "--steps", 2))
+    monkeypatch.setattr(VQGAN, "save_pretrained", real)
+    assert not (out / "vqgan").exists()
+    assert latest_checkpoint(out).name == "step_00000002"
+    # What a SIGKILL during an export left in place: weights without config.json and the write's temporary file.
+    (out / "vqgan").mkdir()
+    (out / "vqgan" / ".model.safetensors.0123456789ab.tmp").write_bytes(b"\0" * 64)
+    s = vqt.train_vq(args_for(data, out, "--steps", 2, "--resume"))
+    assert s["export"] == str(out / "vqgan")
+    assert sorted(p.name for p in (out / "vqgan").iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert VQGAN.from_pretrained(out / "vqgan").config.n_embed == 32

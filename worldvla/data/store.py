@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import (fsync_path, fsync_tree, new_sibling, read_json_file, remove_stale, write_atomic,
-                          write_text_atomic)
+from ..checkpoint import (fsync_path, fsync_tree, new_sibling, read_json_file, remove_stale, replace_folder,
+                          write_atomic, write_text_atomic)
 from ..cli import non_negative_int, positive_int
 from ..devices import torch_device
 from ..tokens import IGNORE, ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
@@ -666,7 +666,9 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     # Checked against the weights themselves, not the manifest: a folder left without its manifest
     # (an interrupted first build, a cleaned folder) may hold another VQGAN.
     if overwrite or _vqgan_folder_digest(out / "vqgan") != vq_digest:
-        vqgan.save_pretrained(out / "vqgan")
+        # Written whole, as a folder renamed in: a build killed during the copy leaves no weights-sized temporary
+        # file inside it for good (`replace_folder` removes the folders killed copies left beside it).
+        replace_folder(out / "vqgan", vqgan.save_pretrained)
     if _uses_text_tokenizer_json(layout):
         if Path(tokenizer_json).resolve() != (out / TEXT_TOKENIZER).resolve():
             write_atomic(out / TEXT_TOKENIZER, lambda p: shutil.copyfile(tokenizer_json, p))

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import replace_folder
 from ..cli import STOPPED_RC, non_negative_float, non_negative_int, positive_int, unit_float, unit_open_float
 from ..tokens.layout import VocabLayout
 from . import distributed as dist_utils
@@ -354,7 +355,9 @@ def train_vq(args) -> dict:
     export = None
     if step >= total:
         if main:
-            vq.eval().save_pretrained(out / "vqgan")
+            # Written whole or not at all (a temporary sibling renamed in): an export stopped or killed partway
+            # leaves the earlier folder or none, never weights without their config, and no temporary file inside.
+            replace_folder(out / "vqgan", vq.eval().save_pretrained)
         dist_utils.barrier()
         export = str(out / "vqgan")
     return {"step": step, "losses": losses, "export": export, "stopped": stopped and step < total,
