@@ -1166,3 +1166,43 @@ def test_a_model_parallel_size_that_does_not_divide_the_kv_heads_is_refused_by_n
     with pytest.raises(ValueError, match="model_parallel_size 4 .* must divide the 4 query and 2 key/value heads"):
         WorldVLA(ModelConfig.tiny(model_parallel_size=4))
     assert WorldVLA(ModelConfig.tiny(model_parallel_size=2)).model.layers[0].self_attn.k_norm.weight.shape == (2, 16)
+
+
+def test_saved_weights_are_readable_as_the_umask_allows(tmp_path):
+    """safetensors writes its files 0o600 whatever the umask: a model or VQGAN saved for a team (a policy served
+    from another account) was unreadable to everyone but its writer. Saves give them the umask's mode."""
+    from worldvla.vqgan import VQGAN, VQGANConfig
+
+    old = os.umask(0o022)
+    try:
+        WorldVLA(ModelConfig.tiny()).save_pretrained(tmp_path / "one")
+        WorldVLA(ModelConfig.tiny()).save_pretrained(tmp_path / "sharded", shard_size_gb=1e-4)
+        VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=8, embed_dim=8,
+                          n_embed=16)).save_pretrained(tmp_path / "vq")
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "one").iterdir(), *(tmp_path / "sharded").iterdir(), *(tmp_path / "vq").iterdir()]
+    assert len([f for f in files if f.suffix == ".safetensors"]) > 3
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o644" for f in files}
+
+
+def test_an_atomic_write_removes_the_temporary_files_of_killed_writes(tmp_path):
+    """A write killed between creating its temporary file and renaming it (SIGKILL, an out-of-memory kill) left
+    the file for good. The next write of the same name removes those of processes that no longer run, and keeps
+    a running process's (a write under way) and other names'."""
+    import subprocess
+    import sys
+
+    from worldvla.checkpoint import sibling_name, write_text_atomic
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    target = tmp_path / "metrics.json"
+    killed = target.with_name(f".metrics.json.tmp-{dead_pid}-0123456789ab")
+    running = sibling_name(target, "tmp")  # this process's: a write under way in another thread
+    other = tmp_path / f".other.json.tmp-{dead_pid}-0123456789ab"
+    for p in (killed, running, other):
+        p.write_text("half")
+    write_text_atomic(target, "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, running.name, other.name])
+    assert target.read_text() == "{}"

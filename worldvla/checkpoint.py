@@ -161,15 +161,22 @@ def fsync_tree(root) -> None:
 
 
 def write_atomic(path: Path, write) -> None:
-    """Write a file that appears complete or not at all: `write(tmp)` writes a temporary sibling,
-    which is flushed to the disk and then replaces `path` (a crash or a power loss leaves the old file)."""
+    """Write a file that appears complete or not at all: `write(tmp)` writes a temporary sibling
+    (`sibling_name`), which is flushed to the disk and then replaces `path` (a crash or a power loss leaves
+    the old file). The temporary files that writes of `path` killed partway left are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for *_, pid, stale in _siblings(path.parent, re.escape(path.name), ("tmp",), files=True):
+        if not process_running(pid):
+            stale.unlink(missing_ok=True)
     # os.open with 0o666, not mkstemp (0o600): the file gets the umask's mode, as a plain write gives it
-    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = str(sibling_name(path, "tmp"))
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         write(tmp)
+        if os.stat(tmp).st_mode & 0o777 != mode:  # a writer that replaced the file (safetensors: 0o600)
+            os.chmod(tmp, mode)
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
@@ -214,10 +221,10 @@ def process_running(pid: int) -> bool:
     return True
 
 
-def _siblings(folder, name: str, tags) -> list[tuple[str, str, int, Path]]:
-    """(name, tag, pid, path) of each `sibling_name` folder in `folder` whose name fully matches the regular
-    expression `name` and whose tag is one of `tags`. The hex part may be missing: token-store builds before
-    `new_sibling` named their shard folders `.shard_<n>.tmp-<pid>`."""
+def _siblings(folder, name: str, tags, files: bool = False) -> list[tuple[str, str, int, Path]]:
+    """(name, tag, pid, path) of each `sibling_name` folder (with `files`, file) in `folder` whose name fully
+    matches the regular expression `name` and whose tag is one of `tags`. The hex part may be missing: token-store
+    builds before `new_sibling` named their shard folders `.shard_<n>.tmp-<pid>`."""
     tag_re = "|".join(map(re.escape, tags))
     pattern = re.compile(rf"\.(?P<name>{name})\.(?P<tag>{tag_re})-(?P<pid>\d+)(?:-[0-9a-f]+)?")
     try:
@@ -227,7 +234,7 @@ def _siblings(folder, name: str, tags) -> list[tuple[str, str, int, Path]]:
     found = []
     for p in entries:
         m = pattern.fullmatch(p.name)
-        if m and p.is_dir() and not p.is_symlink():
+        if m and (p.is_file() if files else p.is_dir()) and not p.is_symlink():
             found.append((m["name"], m["tag"], int(m["pid"]), p))
     return found
 
@@ -662,13 +669,14 @@ def save_model(model: WorldVLA, path, shard_size_gb: float = 5.0) -> None:
     cfg["torch_dtype"] = cfg["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
 
     def write(folder: Path) -> None:
+        # Through write_atomic for the umask's mode: safetensors writes its files 0o600, unreadable to others.
         if len(shards) == 1:
-            save_file(shards[0], str(folder / "model.safetensors"), metadata=meta)
+            write_atomic(folder / "model.safetensors", lambda p: save_file(shards[0], p, metadata=meta))
         else:
             weight_map = {}
             for i, shard in enumerate(shards):
                 name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(folder / name), metadata=meta)
+                write_atomic(folder / name, lambda p, shard=shard: save_file(shard, p, metadata=meta))
                 weight_map.update({k: name for k in shard})
             index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
                      "weight_map": weight_map}
