@@ -875,3 +875,109 @@ def test_frames_that_differ_in_a_few_pixels_get_their_own_codes(policy_dir, rng)
     pol.act(scene, history=None)
     assert np.array_equal(pol.act(moved, history=None), _expected(pol, "open the drawer", [moved]))
     assert np.array_equal(pol.act(moved), _expected(pol, "open the drawer", [moved, moved]))
+
+
+def test_step_refuses_frames_for_another_number_of_environments_mid_chunk(policy_dir, rng):
+    """After a chunk for two environments, step(one frame) returned the queued [2, D] action: one frame's caller
+    got two environments' actions without a word. The count must match until the chunk is used up; a refused
+    call records nothing."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    pair = _frames(rng, 2)
+    first = pol.step(pair)
+    assert first.shape == (2, 4)
+    for wrong in (_frames(rng), _frames(rng, 1), _frames(rng, 3)):
+        with pytest.raises(ValueError, match=r"step\(\) got [13] frame\(s\) but the chunk under way is for 2 "
+                                             r"environments"):
+            pol.step(wrong)
+    second = pol.step(_frames(rng, 2))  # the chunk goes on as if the refused calls had not been made
+    for i in range(2):
+        assert np.array_equal(second[i], _expected(pol, "open the drawer", [pair[i]])[1])
+    single = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    single.reset("open the drawer")
+    single.step(_frames(rng))
+    with pytest.raises(ValueError, match=r"step\(\) got 2 frame\(s\) but the chunk under way is for 1 environment"):
+        single.step(_frames(rng, 2))
+
+
+def test_a_one_frame_policy_takes_any_number_of_environments_without_history(tmp_path, rng):
+    """A history=1 policy refused act(one frame) after act(two frames), asking for history= it never uses."""
+    model, vq, at = _parts()
+    save_policy(tmp_path / "p1", model, vq, at, chunk_size=3, image_size=64, history=1)
+    pol = WorldVLAPolicy.from_pretrained(tmp_path / "p1", device="cpu")
+    pol.reset("open the drawer")
+    pol.act(_frames(rng, 2))
+    f = _frames(rng)
+    assert np.array_equal(pol.act(f), _expected(pol, "open the drawer", [f]))
+    pol.observe(_frames(rng, 3))
+    assert pol.act(_frames(rng, 2)).shape == (2, 3, 4)
+
+
+def test_frames_in_another_layout_are_refused_with_the_conversion(policy_dir, rng):
+    """Channels-first, grayscale and RGBA frames were refused with their shape only; the error now says which
+    layout the frame seems to be in and how to convert it, and following it gives back the frame. act, observe,
+    step, imagine and generate_frames all say it."""
+    import re
+
+    from worldvla import generate_frames
+
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    frame, batch = _frames(rng), _frames(rng, 2)
+    gray = frame[..., 0]
+    cases = ((np.ascontiguousarray(np.moveaxis(frame, -1, 0)), frame, "channels-first"),
+             (np.ascontiguousarray(np.moveaxis(batch, -1, 1)), batch, "channels-first"),
+             (np.concatenate([frame, np.full_like(frame[..., :1], 255)], -1), frame, "RGBA"),
+             (gray, np.repeat(gray[..., None], 3, axis=-1), "grayscale"),
+             (gray[..., None], np.repeat(gray[..., None], 3, axis=-1), "grayscale"))
+    world = lambda x: generate_frames(pol.model, pol.vqgan, x, np.zeros((1, 4)), action_tokenizer=pol.action_tokenizer,
+                                      text_tokenizer=pol.text_tokenizer)
+    for bad, good, kind in cases:
+        for call in (pol.act, pol.observe, pol.step, lambda x: pol.imagine(x, np.zeros((len(x), 1, 4)) if x.ndim == 4
+                                                                           else np.zeros((1, 4))), world):
+            with pytest.raises(ValueError, match=kind) as e:
+                call(bad)
+            fix = re.search(r"convert with (.+?)(;|$)", str(e.value)).group(1)
+            assert np.array_equal(eval(fix, {"np": np, "x": bad}), good), (bad.shape, fix)
+    with pytest.raises(ValueError, match=r"x\.permute\(1, 2, 0\)"):  # a torch tensor: its own call
+        pol.act(torch.from_numpy(frame).permute(2, 0, 1))
+    with pytest.raises(ValueError, match="uint8"):  # generate_frames names the dtype's conversion as act does
+        world(frame / 255.0)
+    with pytest.raises(ValueError, match=r"convert with \(x \* 255\)\.round\(\)\.astype\(np\.uint8\)"):
+        world(frame / 255.0)
+
+
+def test_the_conversions_named_for_a_torch_frame_are_torch_calls(policy_dir, rng):
+    """For a torch tensor frame the errors suggested NumPy calls (`.astype(np.uint8)`), which a tensor does not
+    have; following the suggestion now gives back the frame as a tensor, which act takes."""
+    import re
+
+    from worldvla import generate_frames
+
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    frame = torch.from_numpy(_frames(rng))
+    gray = frame[..., 0]
+    world = lambda x: generate_frames(pol.model, pol.vqgan, x, np.zeros((1, 4)), action_tokenizer=pol.action_tokenizer,
+                                      text_tokenizer=pol.text_tokenizer)
+    cases = ((frame.long(), frame), (frame.float(), frame), (frame / 255.0, frame), (frame / 127.5 - 1.0, frame),
+             (frame > 127, (frame > 127).to(torch.uint8) * 255), (frame.permute(2, 0, 1), frame),
+             (frame[None].permute(0, 3, 1, 2), frame[None]), (gray, gray[..., None].expand(64, 64, 3)),
+             (gray[..., None], gray[..., None].expand(64, 64, 3)))
+    for bad, good in cases:
+        for call in (pol.act, world):
+            with pytest.raises((TypeError, ValueError), match="convert with") as e:
+                call(bad)
+            fix = re.search(r"convert with (.+?)(;|$)", str(e.value)).group(1)
+            got = eval(fix, {"torch": torch, "x": bad})
+            assert isinstance(got, torch.Tensor) and torch.equal(got, good), (bad.dtype, tuple(bad.shape), fix)
+        pol.act(got, history=None)
+
+
+def test_a_history_with_no_frame_for_some_environments_is_named(policy_dir, rng):
+    """history=[None, frame] (one environment just reset) was refused as frames of different sizes to resize."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    cur, prev = _frames(rng, 2), _frames(rng)
+    with pytest.raises(ValueError, match=r"history= holds None for environment 0: .*history=None"):
+        pol.act(cur, history=[None, prev])

@@ -238,10 +238,55 @@ def _check_cfg_scale(cfg_scale) -> None:
 
 
 def _to_batch_images(image) -> tuple[np.ndarray, bool]:
-    a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if a.dtype != np.uint8 or a.ndim not in (3, 4) or a.shape[-1] != 3:
-        raise ValueError(f"image must be uint8 [H, W, 3] or [N, H, W, 3], got {a.dtype} {a.shape}")
+    tensor = isinstance(image, torch.Tensor)
+    a = image.detach().cpu().numpy() if tensor else np.asarray(image)
+    if a.ndim not in (3, 4) or a.shape[-1] != 3:
+        raise ValueError(f"image must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}"
+                         f"{frame_layout_hint(a, tensor)}")
+    if a.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 in [0, 255], got {uint8_hint(a, tensor)}")
     return (a[None], True) if a.ndim == 3 else (a, False)
+
+
+def frame_layout_hint(a: np.ndarray, tensor: bool = False) -> str:
+    """"; it looks <layout>: convert with <call>" for a frame (or batch) `a` that is not channels-last RGB, where
+    its shape says which layout it is in; else "". `tensor`: the caller passed a torch tensor (its own calls)."""
+    if a.ndim in (3, 4) and a.shape[-1] == 4:
+        return "; it looks RGBA: convert with x[..., :3]"
+    if a.ndim == 2:
+        fix = "x[..., None].expand(*x.shape, 3)" if tensor else "np.repeat(x[..., None], 3, axis=-1)"
+        return f"; it looks grayscale: convert with {fix}"
+    if a.ndim in (3, 4) and a.shape[-1] == 1:
+        fix = "x.expand(*x.shape[:-1], 3)" if tensor else "np.repeat(x, 3, axis=-1)"
+        return f"; it looks grayscale: convert with {fix}"
+    if a.ndim in (3, 4) and a.shape[-3] == 3:  # [3, H, W] or [N, 3, H, W], as torchvision keeps images
+        fix = ("x.permute(1, 2, 0)" if a.ndim == 3 else "x.permute(0, 2, 3, 1)") if tensor else "np.moveaxis(x, -3, -1)"
+        return f"; it looks channels-first: convert with {fix}"
+    return ""
+
+
+def uint8_hint(a: np.ndarray, tensor: bool = False) -> str:
+    """"<dtype> ...; convert with ..." for frames that are not uint8: the conversion that keeps the image, chosen
+    from the dtype and the values (`x * 255` would wrap an int64 or 0..255 float frame around mod 256).
+    `tensor`: the caller passed a torch tensor, which the NumPy calls would not take."""
+    if a.dtype.kind not in "biuf":
+        return f"{a.dtype}; give RGB pixels as a numeric array, e.g. np.asarray(x, dtype=np.uint8)"
+    if a.dtype.kind == "b":
+        return f"{a.dtype}; convert with x.{'to(torch.uint8)' if tensor else 'astype(np.uint8)'} * 255"
+    finite = a[np.isfinite(a)] if a.dtype.kind == "f" else a
+    if finite.size == 0:
+        return f"{a.dtype} without a finite value; frames need pixel values in 0..255"
+    lo, hi = finite.min().item(), finite.max().item()
+    values = f"{a.dtype} with values in [{lo:g}, {hi:g}]" + (" and NaN or inf" if finite.size < a.size else "")
+    to_uint8 = ".to(torch.uint8)" if tensor else ".astype(np.uint8)"
+    clip = "x.clamp(0, 255)" if tensor else "np.clip(x, 0, 255)"
+    if a.dtype.kind == "f" and lo >= 0 and hi <= 1:
+        return f"{values}; convert with (x * 255).round(){to_uint8}"
+    if a.dtype.kind == "f" and lo >= -1 and hi <= 1:  # the VQGAN's [-1, 1] pixels
+        return f"{values}; convert with ((x + 1) * 127.5).round(){to_uint8}"
+    if a.dtype.kind == "f":
+        return f"{values}; convert with {clip}.round(){to_uint8}"
+    return f"{values}; convert with {clip}{to_uint8}"
 
 
 @torch.no_grad()

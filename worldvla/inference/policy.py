@@ -39,7 +39,7 @@ from ..tokens.sequence import ACTION_PROMPT, image_tokens
 from .chunk import MODES, chunk_length, generate_action_chunk
 from .release import RELEASE_MAX_NEW_TOKENS, generate_release_actions
 from .engine import InferenceEngine, _model_state, outside_inference_mode
-from .frames import check_frame_sampling, generate_frames
+from .frames import check_frame_sampling, frame_layout_hint, generate_frames, uint8_hint
 from .malloc import tune_cpu_malloc
 
 POLICY_FILE = "policy.json"
@@ -219,6 +219,7 @@ class WorldVLAPolicy:
         self.engine_headroom = 0
         self._last: np.ndarray | None = None          # most recent frame(s) seen, [N, H, W, 3]
         self._queue: list = []
+        self._queue_envs = 0                          # environments the queued actions are for (step)
 
     @property
     def code_cache_size(self) -> int:
@@ -355,10 +356,19 @@ class WorldVLAPolicy:
             out, fails_after = self._act(image, _AUTO, keep_before_failure=True)
             chunk = check_chunk(out)
             self._queue = list(np.moveaxis(chunk, -2, 0))  # K entries of [D] or [N, D]
+            self._queue_envs = 1 if chunk.ndim == 2 else chunk.shape[0]
             if fails_after:  # mode='release': a block the release fails on comes after these actions
                 self._queue.append(_FAILS)
         else:
-            self.observe(image)
+            # The queued actions are for the environments of the chunk's query: another count would get them
+            # without a word (one frame, two environments' actions).
+            frames, _ = self._frames(image)
+            if frames.shape[0] != self._queue_envs:
+                plural = "s" if self._queue_envs > 1 else ""
+                raise ValueError(f"step() got {frames.shape[0]} frame(s) but the chunk under way is for "
+                                 f"{self._queue_envs} environment{plural}: pass one frame per environment until "
+                                 f"its actions are used up, or reset() to start again")
+            self._last = frames.copy()  # as observe() records it
         action = self._queue.pop(0)
         if action is _FAILS:
             self._queue = []
@@ -386,13 +396,18 @@ class WorldVLAPolicy:
             raise ValueError(f"reset() got {len(self._instructions)} instructions but act() got {N} frames; "
                              f"pass one frame per environment (or reset with a single instruction)")
         if history is _AUTO:
-            prev = self._last
+            prev = self._last if self.history >= 2 else None  # a one-frame policy never reads it
             if prev is not None and prev.shape[0] != N:
                 raise ValueError(f"the recorded previous frames are for {prev.shape[0]} environments but act() got "
                                  f"{N}; pass history= explicitly when querying a subset of the environments")
         elif history is None:
             prev = None
         else:
+            if isinstance(history, (list, tuple)) and any(h is None for h in history):
+                i = next(i for i, h in enumerate(history) if h is None)
+                raise ValueError(f"history= holds None for environment {i}: a batch's history is a frame for every "
+                                 f"environment, or history=None for all; query the environments without a previous "
+                                 f"frame (a new episode) in their own act() call")
             prev, _ = self._frames(history, "history")
             if prev.shape[0] != N:
                 raise ValueError(f"history holds {prev.shape[0]} frames for {N} current frames")
@@ -457,8 +472,9 @@ class WorldVLAPolicy:
 
     def _frames(self, image, what: str = "frames") -> tuple[np.ndarray, bool]:
         """`what`: the argument the errors name (act's `history=` is checked as its frames are)."""
+        tensor = isinstance(image, torch.Tensor)  # the errors' conversions are then torch calls
         try:
-            a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+            a = image.detach().cpu().numpy() if tensor else np.asarray(image)
         except ValueError:  # NumPy's "inhomogeneous shape": frames of different sizes
             try:
                 shapes = sorted({tuple(np.shape(f)) for f in image})
@@ -467,9 +483,10 @@ class WorldVLAPolicy:
             raise ValueError(f"{what} must all have one size ([N, H, W, 3]), got frames of shapes {shapes}: "
                              f"resize them to {self.image_size}x{self.image_size} (image_size) first") from None
         if a.ndim not in (3, 4) or a.shape[-1] != 3:
-            raise ValueError(f"{what} must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}")
+            raise ValueError(f"{what} must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}"
+                             f"{frame_layout_hint(a, tensor)}")
         if a.dtype != np.uint8:
-            raise TypeError(f"{what} must be uint8 in [0, 255], got {uint8_hint(a)}")
+            raise TypeError(f"{what} must be uint8 in [0, 255], got {uint8_hint(a, tensor)}")
         single = a.ndim == 3
         a = a[None] if single else a
         if a.shape[0] == 0 or 0 in a.shape[1:3]:
@@ -580,27 +597,6 @@ def check_chunk(chunk):
         raise NoActionWritten("the model wrote no action block, or malformed ones (mode='release'; the release's "
                               "loop fails the episode here)")
     return chunk
-
-
-def uint8_hint(a: np.ndarray) -> str:
-    """"<dtype> ...; convert with ..." for frames that are not uint8: the conversion that keeps the image, chosen
-    from the dtype and the values (`x * 255` would wrap an int64 or 0..255 float frame around mod 256)."""
-    if a.dtype.kind not in "biuf":
-        return f"{a.dtype}; give RGB pixels as a numeric array, e.g. np.asarray(x, dtype=np.uint8)"
-    if a.dtype.kind == "b":
-        return f"{a.dtype}; convert with x.astype(np.uint8) * 255"
-    finite = a[np.isfinite(a)] if a.dtype.kind == "f" else a
-    if finite.size == 0:
-        return f"{a.dtype} without a finite value; frames need pixel values in 0..255"
-    lo, hi = finite.min().item(), finite.max().item()
-    values = f"{a.dtype} with values in [{lo:g}, {hi:g}]" + (" and NaN or inf" if finite.size < a.size else "")
-    if a.dtype.kind == "f" and lo >= 0 and hi <= 1:
-        return f"{values}; convert with (x * 255).round().astype(np.uint8)"
-    if a.dtype.kind == "f" and lo >= -1 and hi <= 1:  # the VQGAN's [-1, 1] pixels
-        return f"{values}; convert with ((x + 1) * 127.5).round().astype(np.uint8)"
-    if a.dtype.kind == "f":
-        return f"{values}; convert with np.clip(x, 0, 255).round().astype(np.uint8)"
-    return f"{values}; convert with np.clip(x, 0, 255).astype(np.uint8)"
 
 
 def _bytes_hint(value, what: str) -> str:
