@@ -282,3 +282,30 @@ def test_native_alignment_rule_reads_the_address_only_of_cuda_tensors_that_hold_
     with pytest.raises(ValueError, match=r"x rows must start on 16-byte boundaries"):
         nb._aligned16("op", x=odd[:, 1:])  # the strides and offset are named first
     nb._aligned16("op", x=odd[:, :0])  # nothing to load
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "native"])
+def test_a_softmax_scale_or_generator_of_another_type_is_refused_by_every_backend(rng, backend):
+    """A string scale was computed with by the native backend and refused deep inside SDPA by torch's; a generator
+    that is no torch.Generator failed inside torch.rand, or at temperature 0 went unnoticed. A number of another
+    kind (a NumPy float, an int) is the float it holds."""
+    import numpy as np
+
+    from worldvla import ops
+    from worldvla.ops import dispatch
+
+    if backend == "native" and "native" not in dispatch.available("masked_attention"):
+        pytest.skip("the native extension is not built")
+    q, k, v, meta, decode = _attention_inputs(rng)
+    for bad in ("0.1", torch.tensor(0.1), True, float("nan"), float("inf")):
+        with pytest.raises(TypeError, match="masked_attention: softmax_scale must be a finite number or None"):
+            ops.masked_attention(q, k, v, meta, softmax_scale=bad, backend=backend)
+        with pytest.raises(TypeError, match="decode_attention: softmax_scale must be a finite number or None"):
+            ops.decode_attention(q[:, -3:], k, v, decode, softmax_scale=bad, backend=backend)
+    want = ops.masked_attention(q, k, v, meta, softmax_scale=0.25, backend=backend)
+    for same in (np.float32(0.25), np.float64(0.25)):
+        assert torch.equal(ops.masked_attention(q, k, v, meta, softmax_scale=same, backend=backend), want)
+    h, w = torch.randn(3, 16, generator=rng), torch.randn(40, 16, generator=rng)
+    for temperature in (0.0, 1.0):
+        with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+            ops.constrained_sample(h, w, 8, 30, temperature=temperature, generator=5, backend=backend)

@@ -77,8 +77,7 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
         raise ValueError(f"actions must be [N, D] = [{N}, {D}] (one action per frame), got shape {actions.shape}")
     _check_cfg_scale(cfg_scale)
     check_frame_sampling(temperature, top_k)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator (or None: torch's default), got {type(generator).__name__}")
+    dispatch.check_generator(generator)
     header = image_tokens(codes[0].cpu(), lay)[:3]  # BOI, res(h), res(w): same grid for the next frame
     prompts = [torch.cat([builder.world_prompt(codes[i].cpu(), actions[i]), header]) for i in range(N)]
     guided = cfg_scale is not None and cfg_scale != 1.0

@@ -99,6 +99,7 @@ def masked_attention(q, k, v, meta: ChunkMaskMeta, softmax_scale=None, backend: 
     for actions after the last image). Differentiable on torch and triton; native is forward-only (`auto`
     passes it over for inputs that need gradients). Under autocast the inputs are cast as for torch's SDPA."""
     _check_qkv(q, k, v)
+    softmax_scale = dispatch.check_scale("masked_attention", softmax_scale)
     q, k, v = dispatch.autocast_floats(q.device.type, q, k, v)
     dispatch.check_floats("masked_attention", q=q, k=k, v=v)
     if meta.kv_block.shape != q.shape[:-2]:
@@ -121,6 +122,7 @@ def decode_attention(q, k_cache, v_cache, meta: DecodeMeta, softmax_scale=None, 
                          "(kv heads must be at least 1 and divide q heads)")
     if q.shape[-1] == 0:
         raise ValueError(f"head dim must be at least 1, got q {tuple(q.shape)}")
+    softmax_scale = dispatch.check_scale("decode_attention", softmax_scale)
     q, k_cache, v_cache = dispatch.autocast_floats(q.device.type, q, k_cache, v_cache)  # as masked_attention
     dispatch.check_floats("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
     (B, Q), S = q.shape[:2], k_cache.shape[1]

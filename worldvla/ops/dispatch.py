@@ -8,6 +8,8 @@ op's preference order for the inputs' device and takes the first that supports t
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 from contextlib import nullcontext
 from typing import Callable
 
@@ -119,6 +121,25 @@ def values_readable(t) -> bool:
 
     return not (torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t)
                 or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
+
+
+def check_generator(generator) -> None:
+    """A sampling call's `generator`: a torch.Generator or None. Anything else failed deep in torch.rand, or at
+    temperature 0 (where nothing is drawn) went unnoticed."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator (or None: torch's default), got {type(generator).__name__}")
+
+
+def check_scale(op: str, softmax_scale) -> float | None:
+    """An attention call's `softmax_scale` as a float (None: 1/sqrt(head dim)). A string or a tensor was taken by
+    one backend and refused deep inside another."""
+    if softmax_scale is None:
+        return None
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) \
+            or not math.isfinite(softmax_scale):
+        raise TypeError(f"{op}: softmax_scale must be a finite number or None (1/sqrt(head dim)), got "
+                        f"{softmax_scale!r} ({type(softmax_scale).__name__})")
+    return float(softmax_scale)
 
 
 def check_floats(op: str, same: bool = True, **tensors) -> None:

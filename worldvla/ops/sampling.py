@@ -131,6 +131,7 @@ def constrained_sample(hidden, weight, lo, hi, temperature=0.0, top_k=None, gene
     """Token ids [N] in [lo, hi) from final hidden states [N, H] and the lm_head weight [V, H]: greedy at
     temperature 0, else a top-k / temperature draw (`sample_logits`; `gumbel` gives its noise)."""
     check_sampling(temperature, top_k)  # before a backend is chosen: the native binding takes no float top_k
+    dispatch.check_generator(generator)
     lo, hi = token_range(lo, hi)
     # Under autocast the range's product takes autocast's dtype, as the reference's matmul would, before a
     # backend is chosen: the native kernels are not seen by autocast, so they computed fp32 logits where the
