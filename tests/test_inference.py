@@ -994,3 +994,19 @@ def test_a_step_captured_under_autocast_caches_no_casts_and_is_recaptured_when_a
     eng.run(buf)
     assert len(fake.captures) == 3 and entered[-1] == ("cuda", torch.float16, True, False)
     assert fake.replays == 5
+
+
+def test_prompts_and_modes_given_in_another_form_are_named_with_the_fix(rng):
+    """One prompt's ids as a Python list read as a list of prompts of one token each; `mode="release"` (a policy's
+    mode) is the release's decoding, which has its own function."""
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    with pytest.raises(ValueError, match=r"list of \d+ numbers: one prompt's ids go in a 1-D tensor, torch.tensor"):
+        generate_action_chunk(model, prompt.tolist(), LAYOUT, 2, 3)
+    with pytest.raises(ValueError, match="a list of prompts must hold 1-D id tensors"):
+        generate_action_chunk(model, [prompt, prompt.view(1, -1)], LAYOUT, 2, 3)
+    with pytest.raises(ValueError, match="generate_release_actions"):
+        generate_action_chunk(model, prompt, LAYOUT, 2, 3, mode="release")
+    with pytest.raises(ValueError, match="mode must be one of") as err:
+        generate_action_chunk(model, prompt, LAYOUT, 2, 3, mode="beam")
+    assert "generate_release_actions" not in str(err.value)

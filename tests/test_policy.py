@@ -462,6 +462,16 @@ def test_parallel_policy_equals_sequential(policy_dir, rng):
         assert np.array_equal(par.act(f), seq.act(f))
 
 
+def test_from_pretrained_keywords_override_the_policy_file(policy_dir, rng):
+    """chunk_size= (the release runs one model with chunks of 5 or 10) and history= given at load win over
+    policy.json; they had raised "got multiple values for keyword argument"."""
+    saved = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu", chunk_size=saved.chunk_size + 1, history=1)
+    assert (pol.chunk_size, pol.history, pol.image_size) == (saved.chunk_size + 1, 1, saved.image_size)
+    pol.reset("a")
+    assert pol.act(_frames(rng, 1)[0]).shape == (saved.chunk_size + 1, saved.action_tokenizer.action_dim)
+
+
 def test_bfloat16_policy_on_the_cpu(policy_dir, rng, monkeypatch, native_step_runs):
     """A policy loaded in bfloat16 on the CPU decodes on the native step (the engine's one-call step for
     bfloat16 models): parallel chunks equal sequential ones, finite float32 actions within the bounds."""

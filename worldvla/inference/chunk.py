@@ -43,6 +43,9 @@ def _as_prompts(input_ids) -> tuple[list[torch.Tensor], bool]:
         if not input_ids:
             raise ValueError("got an empty list of prompts")
         prompts = [torch.as_tensor(p) for p in input_ids]
+        if all(p.dim() == 0 for p in prompts):  # one prompt's ids as a Python list (`ids.tolist()`)
+            raise ValueError(f"input_ids is a list of {len(prompts)} numbers: one prompt's ids go in a 1-D tensor, "
+                             f"torch.tensor(ids); a list is of several prompts, each a 1-D tensor")
         if any(p.dim() != 1 for p in prompts):
             raise ValueError("a list of prompts must hold 1-D id tensors (lengths may differ)")
         return prompts, False
@@ -63,7 +66,9 @@ def chunk_length(n_actions: int, action_dim: int) -> int:
 
 def _check(prompts, layout: VocabLayout, n_actions: int, action_dim: int, mode: str):
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        hint = (": the release's own decoding (free greedy over the whole vocabulary) is "
+                "worldvla.inference.generate_release_actions" if mode == "release" else "")
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}{hint}")
     if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (n_actions, action_dim)):
         raise TypeError(f"n_actions and action_dim must be integers, got {n_actions!r} and {action_dim!r}")
     if n_actions < 1 or action_dim < 1:

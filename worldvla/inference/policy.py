@@ -229,6 +229,8 @@ class WorldVLAPolicy:
     # ------------------------------------------------------------------ loading / saving
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, **kw) -> "WorldVLAPolicy":
+        """The policy in a folder `save_policy` wrote. `kw` goes to the constructor (mode=, ...) and overrides
+        what policy.json holds (chunk_size=, image_size=, history=, extra=)."""
         from ..checkpoint import check_folder
         from ..model import WorldVLA
         from ..tokens import ChameleonTextTokenizer
@@ -256,8 +258,9 @@ class WorldVLAPolicy:
         if at.action_dim != info.get("action_dim", at.action_dim):
             raise ValueError(f"{path / POLICY_FILE}: action_dim {info['action_dim']} disagrees with the "
                              f"{at.action_dim} bounds")
-        return cls(model, vqgan, at, chunk_size=info["chunk_size"], image_size=info["image_size"],
-                   history=info.get("history", 2), text_tokenizer=text, extra=info.get("extra"), **kw)
+        saved = {"chunk_size": info["chunk_size"], "image_size": info["image_size"], "history": info.get("history", 2),
+                 "extra": info.get("extra"), "text_tokenizer": text}
+        return cls(model, vqgan, at, **{**saved, **kw})
 
     def save(self, path) -> None:
         text = self.text_tokenizer if hasattr(self.text_tokenizer, "tok") else None
