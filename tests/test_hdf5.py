@@ -869,3 +869,21 @@ def test_the_action_noise_of_each_episode_follows_its_seed(monkeypatch):
         col._close_envs()
     assert a.shape == (4, 4) and np.array_equal(a, a2) and not np.array_equal(a, b)
     assert np.array_equal(a, np.clip(np.random.default_rng(1).normal(0.0, 0.3, (4, 4)), -1, 1).astype(np.float32))
+
+
+def test_a_folder_given_for_a_demo_file_is_named_with_the_files_in_it(tmp_path, np_rng):
+    """A folder of demo files where one file is read said "no demo file at <folder>", as if nothing were there. It
+    is named as a folder now, with (a few of) the demo files in it to give instead."""
+    folder = tmp_path / "demos"
+    for name in ("a.hdf5", "b.h5", "c.hdf5", "d.hdf5", "e.hdf5", "f.hdf5"):
+        write_demos(folder / name, [random_demo(np_rng, 4, 8, 8, 7, instruction="")], "push")
+    (folder / "notes.txt").write_text("not a demo file\n")
+    for read in (demo_file_info, read_demos, lambda p: next(iter_demos(p))):
+        with pytest.raises(IsADirectoryError, match=re.escape(
+                f"{folder} is a folder, not a demo file; give one of the demo files in it: a.hdf5, b.h5, c.hdf5, "
+                f"d.hdf5 and 2 more")):
+            read(folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(IsADirectoryError, match=f"{empty} is a folder, not a demo file, and holds no .hdf5/.h5 file"):
+        read_demos(empty)

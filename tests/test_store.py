@@ -3,6 +3,7 @@ resumable atomic builds with checksums, kind filtering and packing."""
 import argparse
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -1366,3 +1367,32 @@ def test_the_differences_named_are_those_the_old_manifest_records():
         "other action bounds"]
     other = VocabLayout.compact(n_image_codes=128).to_dict()
     assert st._fingerprint_differences({**same, "layout": other}, terms) == ["another vocabulary layout"]
+
+
+def test_a_train_vq_run_folder_given_as_the_vqgan_names_its_vqgan_folder(demo_dir, tmp_path):
+    """`--vqgan <a train-vq run>` said "<run> is not a complete VQGAN folder: config.json, model.safetensors
+    missing". The run's folder is named as such now, with <run>/vqgan to give; a run that exported none yet says
+    that."""
+    folder, _ = demo_dir
+    run = tmp_path / "vqrun"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{run} is a training run's folder")) as e:
+        st.build_store(folder, tmp_path / "s", run, chunk_size=K, progress=False)
+    assert "no exported VQGAN" in str(e.value) and "--resume" in str(e.value)
+    tiny_vqgan().save_pretrained(run / "vqgan")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{run} is a training run's folder")) as e:
+        st.build_store(folder, tmp_path / "s", run, chunk_size=K, progress=False)
+    assert f"give {run / 'vqgan'}" in str(e.value)
+
+
+def test_a_store_mismatch_names_the_option_first_and_the_keyword_as_pythons(demo_dir, tmp_path):
+    """The mismatch refusal said "pass overwrite=True (--overwrite)", the Python keyword first for a command-line
+    user; it now reads as the other messages of the store do: the option, then the keyword "from Python"."""
+    folder, _ = demo_dir
+    out = tmp_path / "s"
+    st.build_store(folder, out, tiny_vqgan(), chunk_size=K, bounds="unit", progress=False)
+    with pytest.raises(FileExistsError, match=re.escape("; pass --overwrite (overwrite=True from Python) to rebuild")):
+        st.build_store(folder, out, tiny_vqgan(), chunk_size=2, bounds="unit", progress=False)
+    (out / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match=re.escape("; pass --overwrite (overwrite=True from Python) to rebuild")):
+        st.build_store(folder, out, tiny_vqgan(), chunk_size=K, bounds="unit", progress=False)

@@ -823,6 +823,64 @@ def _fsdp_worker(rank, world, init_file, store, out):
         dist_utils.shutdown()
 
 
+def _sigterm_after_saving(step_n, rank=None):
+    """trainer.save_checkpoint that sends SIGTERM to this process once it has saved step `step_n` (on `rank`
+    alone, when given): after the step's all-reduce, where the loop no longer read the flag."""
+    import os
+    import signal
+
+    real = trainer.save_checkpoint
+
+    def save(out, step, *a, **kw):
+        path = real(out, step, *a, **kw)
+        if step == step_n and (rank is None or dist_utils.rank() == rank):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    return save
+
+
+def test_sigterm_during_the_last_step_or_its_save_stops_the_run_and_a_resume_finishes_at_once(
+        store_dir, tmp_path, monkeypatch, capsys):
+    """A SIGTERM during the last step or its final save was lost (the handler handed back, what it noted dropped):
+    the run ended as finished, exit 0, and `worldvla demo` went on to its next stage. It now stops the run (exit
+    143, the step saved, the export left to the resume), and the resume has nothing left to train: it exports
+    and exits 0."""
+    import signal
+
+    common = ["--steps", 3, "--batch-tokens", 600, "--micro-tokens", 270]
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(trainer, "split_batch", _sigterm_in_step(3))
+    assert trainer.run(args_for(store_dir, tmp_path / "a", *common)) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after step 3, the run's last, checkpoint step_00000003 saved" in err, err
+    assert latest_checkpoint(tmp_path / "a").name == "step_00000003" and not (tmp_path / "a" / "policy").exists()
+    monkeypatch.undo()
+    assert trainer.run(args_for(store_dir, tmp_path / "a", *common, "--resume")) == 0
+    out = capsys.readouterr().out
+    assert "nothing is left to train" in out and "no steps run" in out
+    assert (tmp_path / "a" / "policy" / "policy.json").is_file()
+
+    monkeypatch.setattr(trainer, "save_checkpoint", _sigterm_after_saving(3))
+    s = trainer.train(args_for(store_dir, tmp_path / "b", *common))
+    assert s["stopped"] and s["step"] == 3 and s["export"] is None
+    assert latest_checkpoint(tmp_path / "b").name == "step_00000003"
+
+
+def _fsdp_sigterm_after_final_save_worker(rank, world, init_file, store, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        trainer.save_checkpoint = _sigterm_after_saving(4, rank=1)  # rank 1 alone, after the final save
+        s = trainer.train(args_for(store, out, *FSDP_COMMON))
+        assert s["stopped"] and s["step"] == 4 and s["export"] is None, s  # every rank: stopped, nothing exported
+    finally:
+        dist_utils.shutdown()
+
+
 def _fsdp_sigterm_worker(rank, world, init_file, store, out):
     import torch.distributed as dist
 
@@ -951,6 +1009,15 @@ def test_fsdp_sigterm_to_one_rank_stops_every_rank_after_the_same_step(store_dir
     assert latest_checkpoint(tmp_path / "fsdp").name == "step_00000002"
     rest = trainer.train(args_for(store_dir, tmp_path / "fsdp", *FSDP_COMMON, "--resume", "--no-export"))
     assert rest["step"] == 4 and not rest["stopped"]
+
+
+def test_fsdp_sigterm_to_one_rank_after_the_final_save_stops_every_rank(store_dir, tmp_path):
+    """A SIGTERM that reaches one rank after the last step's all-reduce (here: after the final save) stops every
+    rank alike: none exports, all report the run stopped."""
+    _spawn(_fsdp_sigterm_after_final_save_worker, 2, (str(tmp_path / "pg_init"), str(store_dir),
+                                                      str(tmp_path / "fsdp")))
+    assert latest_checkpoint(tmp_path / "fsdp").name == "step_00000004"
+    assert not (tmp_path / "fsdp" / "policy").exists()
 
 
 def test_fsdp_init_is_read_by_rank_0_alone_and_matches_a_single_process(store_dir, tmp_path):

@@ -641,9 +641,11 @@ def test_a_batch_of_every_frame_is_taken_and_one_more_refused(data, tmp_path):
         vqt.train_vq(args_for(data, tmp_path / "b", "--steps", 1, "--batch-size", 17))
 
 
-def test_sigterm_during_the_last_step_finishes_the_run(data, tmp_path, monkeypatch, capsys):
-    """A SIGTERM that arrives during the last step: the run has finished (saved and exported), so the command
-    reports the finished run and exits 0, not as a stopped one to resume."""
+def test_sigterm_during_the_last_step_stops_the_run_and_a_resume_finishes_at_once(data, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A SIGTERM that arrived during the last step was taken for a finished run (exit 0, the VQGAN exported), and
+    `worldvla demo` went on to its next stage. It now stops the run as any SIGTERM does (exit 143, the step saved,
+    the export left to the resume), and the resume has nothing left to train: it exports and exits 0."""
     import os
     import signal
 
@@ -658,10 +660,55 @@ def test_sigterm_during_the_last_step_finishes_the_run(data, tmp_path, monkeypat
         return real(*a, **kw)
 
     monkeypatch.setattr(worldvla.vqgan, "preprocess", preprocess)
-    assert vqt.run(args_for(data, tmp_path / "r", "--steps", 2)) == 0
-    assert "step 2: loss" in capsys.readouterr().out
+    assert vqt.run(args_for(data, tmp_path / "r", "--steps", 2)) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after step 2, the run's last, checkpoint step_00000002 saved" in err
+    assert "add --resume" in err
+    assert latest_checkpoint(tmp_path / "r").name == "step_00000002" and not (tmp_path / "r" / "vqgan").exists()
+    monkeypatch.undo()
+    assert vqt.run(args_for(data, tmp_path / "r", "--steps", 2, "--resume")) == 0
+    out = capsys.readouterr().out
+    assert "nothing is left to train" in out and "no steps run" in out
     assert (tmp_path / "r" / "vqgan" / "config.json").is_file()
+
+
+def test_sigterm_after_the_final_save_stops_the_run(data, tmp_path, monkeypatch, capsys):
+    """A SIGTERM that arrived after the last step's all-reduce (here: once its checkpoint was saved) was dropped
+    with the handler, and the run ended as finished."""
+    import os
+    import signal
+
+    real = vqt.save_checkpoint
+
+    def save_then_sigterm(out, step, *a, **kw):
+        path = real(out, step, *a, **kw)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    monkeypatch.setattr(vqt, "save_checkpoint", save_then_sigterm)
+    s = vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 2))
+    assert s["stopped"] and s["step"] == 2 and s["export"] is None
     assert latest_checkpoint(tmp_path / "r").name == "step_00000002"
+
+
+def test_sigterm_during_the_export_stops_the_run(data, tmp_path, monkeypatch):
+    """A SIGTERM during the export is noted, not acted on at once: the export is completed and the run is
+    reported stopped."""
+    import os
+    import signal
+
+    real = VQGAN.save_pretrained
+
+    def save_then_sigterm(self, folder):
+        real(self, folder)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(VQGAN, "save_pretrained", save_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    s = vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 2))
+    assert s["stopped"] and s["export"] and (tmp_path / "r" / "vqgan" / "config.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_grad_clip_0_leaves_the_gradients_as_they_are(data, tmp_path):
@@ -707,6 +754,24 @@ def test_a_restart_threshold_of_0_calls_no_code_dead():
     assert usage.dead(1.01).tolist() == [1, 2, 3]
 
 
+def test_the_next_line_names_the_demos_it_trained_on_quoted_for_the_shell(data, tmp_path, capsys):
+    """The closing `next:` line said `worldvla pretokenize <the demos>` although the run knows its inputs: it names
+    them now, each quoted as the shell needs (a path with a space is one argument)."""
+    import shlex
+    import shutil
+
+    spaced = tmp_path / "my demos" / "d one.hdf5"
+    spaced.parent.mkdir()
+    shutil.copy(data / "d.hdf5", spaced)
+    args = args_for(data, tmp_path / "run", "--steps", 1)
+    args.inputs = [str(spaced), str(data / "d.hdf5")]
+    assert vqt.run(args) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("next:"))
+    words = shlex.split(line.split("   ")[0])
+    assert words[:6] == ["next:", "worldvla", "pretokenize", str(spaced), str(data / "d.hdf5"), "--vqgan"], line
+    assert words[6] == str(tmp_path / "run" / "vqgan")
+
+
 def test_the_run_names_what_comes_next_and_files_without_frames_are_named(data, tmp_path, capsys):
     """The finished run says how its VQGAN is used next; demo files that hold no demo were refused as "no frames
     found in [PosixPath(...)]", a Python list that named no fix."""
@@ -714,7 +779,7 @@ def test_the_run_names_what_comes_next_and_files_without_frames_are_named(data, 
 
     assert vqt.run(args_for(data, tmp_path / "run", "--steps", 2)) == 0
     out = capsys.readouterr().out
-    assert f"next: worldvla pretokenize <the demos> --vqgan {tmp_path / 'run' / 'vqgan'}" in out
+    assert f"next: worldvla pretokenize {data / 'd.hdf5'} --vqgan {tmp_path / 'run' / 'vqgan'} --out <store>" in out
     assert str(tmp_path / "run" / "training.png") in out
     empty = tmp_path / "empty.hdf5"
     with h5py.File(empty, "w") as f:

@@ -60,6 +60,13 @@ def open_demo_file(path):
     """`path` opened read-only with h5py; a file that is not HDF5 (or is cut short) is refused naming it."""
     h5py = _h5py()
     path = Path(path)
+    if path.is_dir():  # a folder of demo files where one file is read: name a few of them
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".hdf5", ".h5") and p.is_file())
+        if not found:
+            raise IsADirectoryError(f"{path} is a folder, not a demo file, and holds no .hdf5/.h5 file; give one "
+                                    f"HDF5 demo file")
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise IsADirectoryError(f"{path} is a folder, not a demo file; give one of the demo files in it: {shown}")
     if not path.is_file():
         raise FileNotFoundError(f"no demo file at {path}")
     try:

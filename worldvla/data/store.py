@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import (fsync_path, fsync_tree, new_sibling, read_json_file, remove_stale, replace_folder,
-                          write_atomic, write_text_atomic)
+from ..checkpoint import (check_folder, folder_kind, fsync_path, fsync_tree, new_sibling, read_json_file,
+                          remove_stale, replace_folder, write_atomic, write_text_atomic)
 from ..cli import non_negative_int, positive_int
 from ..devices import torch_device
 from ..tokens import IGNORE, ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
@@ -341,9 +341,18 @@ def _check_vqgan_folder(folder) -> None:
         raise FileNotFoundError(f"the VQGAN folder {folder} is missing; pass the vqgan/ folder that "
                                 f"`worldvla train-vq` exported (<run>/vqgan) or a VQGAN.save_pretrained folder")
     missing = [n for n in VQGAN_FILES if not (folder / n).is_file()]
+    if missing and folder_kind(folder) == "run" and folder_kind(folder / "vqgan") != "vqgan":
+        raise FileNotFoundError(f"{folder} is a training run's folder, not a VQGAN folder, and holds no exported VQGAN "
+                                f"(<run>/vqgan, which `worldvla train-vq` writes when the run ends; --resume ends a "
+                                f"stopped one): pass a VQGAN folder")
     if missing:
+        # A train-vq run's folder (its VQGAN in vqgan/), a policy's or a model's: named as such, with the folder
+        # to pass instead.
+        check_folder(folder, "vqgan")
+        inside = folder / "vqgan"
+        hint = f"; {inside}, inside it, is one: pass that" if folder_kind(inside) == "vqgan" else ""
         raise FileNotFoundError(f"{folder} is not a complete VQGAN folder: {', '.join(missing)} missing (expected "
-                                f"{' and '.join(VQGAN_FILES)}, as `worldvla train-vq` exports them)")
+                                f"{' and '.join(VQGAN_FILES)}, as `worldvla train-vq` exports them){hint}")
 
 
 def _uses_text_tokenizer_json(layout: VocabLayout) -> bool:
@@ -616,14 +625,15 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
             old = read_json_file(mpath, "token store manifest")
         except ValueError as e:
             if not overwrite:
-                raise ValueError(f"{e}; pass overwrite=True (--overwrite) to rebuild the store in {out}") from None
+                raise ValueError(f"{e}; pass --overwrite (overwrite=True from Python) to rebuild the store in "
+                                 f"{out}") from None
             old = {}  # replaced whole: what it held does not matter
         if old.get("fingerprint") != fingerprint and not overwrite:
             what = _fingerprint_differences(old, terms)
             raise FileExistsError(
                 f"{out} holds a token store built with other settings, inputs or VQGAN"
-                f"{(': ' + '; '.join(what)) if what else ''}; pass overwrite=True "
-                f"(--overwrite) to rebuild it, or choose another output folder")
+                f"{(': ' + '; '.join(what)) if what else ''}; pass --overwrite (overwrite=True from Python) "
+                f"to rebuild it, or choose another output folder")
     resumed = old.get("fingerprint") == fingerprint
     # The text tokenizer's vocabulary is not in the layout (only its image ids are): its file is checked as inputs are.
     tok_digest = sha256_file(tokenizer_json, HASH_BLOCK) \
@@ -633,7 +643,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     if changed and not overwrite:
         raise FileExistsError(
             f"{out} holds a token store tokenized otherwise than these inputs would be now: {', '.join(changed)}; "
-            f"pass overwrite=True (--overwrite) to rebuild it, or choose another output folder")
+            f"pass --overwrite (overwrite=True from Python) to rebuild it, or choose another output folder")
     # A shard entry that lacks a key (a hand-edited manifest) is not taken as done: its shard is built again.
     done: dict[str, dict] = {e["name"]: e for e in old.get("shards", []) if _shard_entry_problem(e) is None} \
         if resumed and not changed else {}

@@ -364,7 +364,11 @@ class StopSignal:
     all-reduce (so that every rank stops after the same step), saves a checkpoint of that step and ends, and
     `--resume` continues from it; without this the run died where it stood, losing up to --save-every steps.
     Ctrl-C (SIGINT) still stops at once. Made, it takes SIGTERM over (in the main thread only, where Python
-    can set a handler); `restore` hands it back."""
+    can set a handler); `restore` hands it back.
+
+    A SIGTERM after the last step's all-reduce (during that step's end, the final save or the export) counts too:
+    the loop asks `agreed` once more after them, and again once the handler is handed back, so that no SIGTERM
+    between the handler's start and its end is lost (after it, SIGTERM acts as it did before the run)."""
 
     def __init__(self):
         self.received = False
@@ -379,18 +383,29 @@ class StopSignal:
     def flag(self) -> float:
         return 1.0 if self.received else 0.0
 
+    def agreed(self, stopped: bool, device) -> bool:
+        """Whether the run stops: `stopped` (what the ranks agreed on already) or a SIGTERM noted on any rank since;
+        collective under several ranks (a float on `device`, as NCCL needs), so every rank gets the same answer."""
+        flag = torch.tensor([1.0 if stopped or self.received else 0.0], dtype=torch.float64, device=device)
+        return bool(dist_utils.all_reduce_sum(flag).item() > 0)
+
     def restore(self) -> None:
         if self._installed:  # a handler set outside Python reads back as None: the default is put back then
             signal.signal(signal.SIGTERM, self._before if self._before is not None else signal.SIG_DFL)
             self._installed, self._before = False, None
 
 
-def stopped_message(command: str, step: int, checkpoint, args) -> str:
+def stopped_message(command: str, step: int, checkpoint, args, last: bool = False) -> str:
     """The line a training stopped by SIGTERM ends with: what was saved, and what to run to go on, as a Ctrl-C's
-    (`cli.how_to_continue`: with --resume, the same command; after --overwrite, --resume in its place)."""
+    (`cli.how_to_continue`: with --resume, the same command; after --overwrite, --resume in its place). `last`: the
+    step was the run's last, so the resume has nothing left to train."""
     from ..cli import how_to_continue
 
     how = how_to_continue(argparse.Namespace(**{**vars(args), "command": command}))
+    if last:
+        return (f"worldvla {command}: stopped by SIGTERM after step {step}, the run's last, checkpoint "
+                f"{Path(checkpoint).name} saved (a resume finds nothing left to train and finishes at once, with "
+                f"the export); {how}")
     return f"worldvla {command}: stopped by SIGTERM after step {step}, checkpoint {Path(checkpoint).name} saved; {how}"
 
 

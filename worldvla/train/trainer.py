@@ -688,8 +688,11 @@ def train(args) -> dict:
         # periodic save at --stop-after, a resumed run that had ended).
         ckpt = (_save(out, step, model, opt, sched, epoch, pos, tokens_seen, args, data) if step != saved
                 else Path(out) / "checkpoints" / f"step_{step:08d}")
+        # A SIGTERM noted after the last step's all-reduce (at that step's end, in the final save) stops the run
+        # as well, with the export left to the resume (which finds nothing left to train).
+        stopped = sigterm.agreed(stopped, device)
         export = None
-        if step >= total and not args.no_export:
+        if step >= total and not args.no_export and not stopped:
             try:
                 export = _export(model, store, out, args)
             except (OSError, ValueError) as e:  # the store's VQGAN or tokenizer gone during the run, a full disk
@@ -702,8 +705,9 @@ def train(args) -> dict:
             log_f.close()
         if curves:  # also after a failure: a diverging loss is easier seen than read
             curves.update(force=True)
-    summary = {"step": step, "losses": losses, "checkpoint": str(ckpt), "export": export,
-               "stopped": stopped and step < total}
+    stopped = sigterm.agreed(stopped, device)  # one during the export, until the handler was handed back
+    summary = {"step": step, "losses": losses, "checkpoint": str(ckpt), "export": export, "stopped": stopped,
+               "total": total}
     return summary
 
 
@@ -854,7 +858,8 @@ def run(args) -> int:
         main = dist_utils.is_main()
     if s["stopped"]:
         if main:
-            print(stopped_message("train", s["step"], s["checkpoint"], args), file=sys.stderr)
+            print(stopped_message("train", s["step"], s["checkpoint"], args, last=s["step"] >= s["total"]),
+                  file=sys.stderr)
         return STOPPED_RC
     if main and s["losses"]:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}; checkpoint {s['checkpoint']}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -288,7 +289,7 @@ def train_vq(args) -> dict:
 
     log = open(log_path, "a") if main else None
     curves = CurvePlot(out, VQ_CURVES, "worldvla train-vq") if main else None
-    sigterm, stopped = StopSignal(), False
+    sigterm, stopped, export = StopSignal(), False, None
     try:
         while step < total and not (args.stop_after and step >= args.stop_after) and not stopped:
             if pos >= len(order):
@@ -344,6 +345,16 @@ def train_vq(args) -> dict:
                                        keep_last=args.keep_last)
                 if curves:
                     curves.update()
+        # A SIGTERM noted after the last step's all-reduce (at that step's end, in the final save) stops the run
+        # as well, with the export left to the resume (which finds nothing left to train).
+        stopped = sigterm.agreed(stopped, device)
+        if step >= total and not stopped:
+            if main:
+                # Written whole or not at all (a temporary sibling renamed in): an export stopped or killed partway
+                # leaves the earlier folder or none, never weights without their config, and no temporary file inside.
+                replace_folder(out / "vqgan", vq.eval().save_pretrained)
+            dist_utils.barrier()
+            export = str(out / "vqgan")
     finally:
         sigterm.restore()
         hook.remove()
@@ -352,15 +363,8 @@ def train_vq(args) -> dict:
             log.close()
         if curves:  # also after a stop or a failure: the curves up to it
             curves.update(force=True)
-    export = None
-    if step >= total:
-        if main:
-            # Written whole or not at all (a temporary sibling renamed in): an export stopped or killed partway
-            # leaves the earlier folder or none, never weights without their config, and no temporary file inside.
-            replace_folder(out / "vqgan", vq.eval().save_pretrained)
-        dist_utils.barrier()
-        export = str(out / "vqgan")
-    return {"step": step, "losses": losses, "export": export, "stopped": stopped and step < total,
+    stopped = sigterm.agreed(stopped, device)  # one during the export, until the handler was handed back
+    return {"step": step, "losses": losses, "export": export, "stopped": stopped, "total": total,
             "checkpoint": None if ckpt is None else str(ckpt)}
 
 
@@ -433,13 +437,15 @@ def run(args) -> int:
         main = dist_utils.is_main()
     if s["stopped"]:
         if main:
-            print(stopped_message("train-vq", s["step"], s["checkpoint"], args), file=sys.stderr)
+            print(stopped_message("train-vq", s["step"], s["checkpoint"], args, last=s["step"] >= s["total"]),
+                  file=sys.stderr)
         return STOPPED_RC
     if main and s["losses"]:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}" + (f"; exported {s['export']}" if s["export"] else ""))
         if s["export"]:
-            print(f"next: worldvla pretokenize <the demos> --vqgan {s['export']} --out <store>   (training curves: "
-                  f"{Path(args.out) / 'training.png'})")
+            demos = " ".join(shlex.quote(str(i)) for i in args.inputs)  # the demos it trained on, as given
+            print(f"next: worldvla pretokenize {demos} --vqgan {shlex.quote(s['export'])} --out <store>   (training "
+                  f"curves: {Path(args.out) / 'training.png'})")
     elif main:  # a resumed run with nothing left to do
         print(f"step {s['step']}: no steps run" + (f"; exported {s['export']} again" if s["export"] else ""))
     return 0
