@@ -594,14 +594,19 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
 
 def test_a_save_removes_the_temporary_pointer_files_of_saves_killed_while_writing_latest(tmp_path):
     """A save killed while it replaced `latest` (after its checkpoint was renamed in) left a hidden
-    `.latest.<hex>.tmp` beside the checkpoints, and the later saves of the resumed run kept it for good."""
+    temporary file beside the checkpoints, and the later saves of the resumed run kept it for good."""
+    import subprocess
+    import sys
+
     from worldvla.train.checkpointing import save_checkpoint
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
     root = tmp_path / "checkpoints"
     save_checkpoint(tmp_path, 3, model, opt, {})
-    (root / ".latest.0123456789ab.tmp").write_text("")  # what the killed pointer write left
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    (root / f".latest.tmp-{dead}-0123456789ab").write_text("")  # what the killed pointer write left
     (root / ".tmp-step_00000005").mkdir()  # and a save killed before its rename
     written = save_checkpoint(tmp_path, 6, model, opt, {})
     assert latest_checkpoint(tmp_path) == written

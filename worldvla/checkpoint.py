@@ -166,7 +166,7 @@ def write_atomic(path: Path, write) -> None:
     the old file). The temporary files that writes of `path` killed partway left are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for *_, pid, stale in _siblings(path.parent, re.escape(path.name), ("tmp",), files=True):
+    for *_, pid, stale in sibling_files(path, "tmp"):
         if not process_running(pid):
             stale.unlink(missing_ok=True)
     # os.open with 0o666, not mkstemp (0o600): the file gets the umask's mode, as a plain write gives it
@@ -237,6 +237,12 @@ def _siblings(folder, name: str, tags, files: bool = False) -> list[tuple[str, s
         if m and (p.is_file() if files else p.is_dir()) and not p.is_symlink():
             found.append((m["name"], m["tag"], int(m["pid"]), p))
     return found
+
+
+def sibling_files(path: Path, tag: str) -> list[tuple[str, str, int, Path]]:
+    """(name, tag, pid, path) of each `sibling_name(path, tag)` file beside `path`: the temporary files of writes
+    of `path`, each with the process that wrote it."""
+    return _siblings(path.parent, re.escape(path.name), (tag,), files=True)
 
 
 def remove_stale(folder, name: str, tags=("tmp",), *, own: bool = False, restore: str | None = None) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -202,32 +201,23 @@ def remove_unfinished_writes() -> None:
 
 
 def temp_name(path) -> Path:
-    """The hidden file `write_demos(path, ...)` writes before renaming it to `path`: `.{name}.tmp-{pid}-{hex}`, the
-    form of `worldvla.checkpoint.sibling_name`, which names the writing process so that `remove_stale_temps` can
-    tell a killed writer's file from a running one's."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}")
+    """The hidden file `write_demos(path, ...)` writes before renaming it to `path` (`checkpoint.sibling_name`: it
+    names the writing process, so that `remove_stale_temps` can tell a killed writer's file from a running one's)."""
+    from ..checkpoint import sibling_name
+
+    return sibling_name(Path(path), "tmp")
 
 
 def remove_stale_temps(path) -> list[Path]:
     """Remove the temporary files (`temp_name`) that writes of `path` killed partway (SIGKILL, an out-of-memory kill,
     a power loss) left beside it: those of processes that no longer run, and this process's own that no call of it
     is writing (an earlier process's of the same pid). A running process's are kept. Returns the files removed."""
-    from ..checkpoint import process_running
+    from ..checkpoint import process_running, sibling_files
 
     path = Path(path)
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-(?P<pid>\d+)(?:-[0-9a-f]+)?")
-    try:
-        entries = list(path.parent.iterdir())
-    except OSError:
-        return []
     removed = []
-    for p in entries:
-        m = pattern.fullmatch(p.name)
-        if m is None or not p.is_file() or p.is_symlink() or p in _UNFINISHED:
-            continue
-        pid = int(m["pid"])
-        if pid == os.getpid() or not process_running(pid):
+    for *_, pid, p in sibling_files(path, "tmp"):
+        if p not in _UNFINISHED and (pid == os.getpid() or not process_running(pid)):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

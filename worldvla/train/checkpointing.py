@@ -129,10 +129,6 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last
         # a full model and optimizer's size, and a checkpoint newer than any of them is now on disk.
         for stale in (*root.glob(".tmp-step_*"), *root.glob(".old-step_*")):
             shutil.rmtree(stale, ignore_errors=True)
-        # The temporary files of `latest` that saves killed before its rename left (`write_text_atomic`'s); only
-        # this run writes the pointer here, and its own write is done.
-        for stale in root.glob(f".{LATEST}.*.tmp"):
-            stale.unlink(missing_ok=True)
         if keep_last > 0:
             # Only checkpoints older than this one are pruned: never the one just written.
             older = sorted((p for p in root.glob("step_*") if p.is_dir() and _step_of(p) < step), key=_step_of)
