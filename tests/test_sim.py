@@ -117,6 +117,9 @@ def test_an_incomplete_collection_suggests_what_would_change_the_outcome(monkeyp
     summary.update(errors=[], incomplete=[])
     assert collect_mod.run(parser.parse_args(["--out", str(tmp_path)])) == 0
     assert f"next: worldvla train-vq {tmp_path} --out <vq run>" in capsys.readouterr().out
+    summary["out_dir"] = str(tmp_path / "my demos")  # quoted for the shell
+    assert collect_mod.run(parser.parse_args(["--out", str(tmp_path / "my demos")])) == 0
+    assert f"next: worldvla train-vq '{tmp_path}/my demos' --out <vq run>" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

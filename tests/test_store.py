@@ -222,12 +222,12 @@ def test_cli(demo_dir, tmp_path, capsys):
     tiny_vqgan().save_pretrained(vq_dir)
     p = argparse.ArgumentParser()
     st.add_arguments(p)
-    args = p.parse_args([str(folder), "--out", str(tmp_path / "s"), "--vqgan", str(vq_dir), "-K", "2",
+    args = p.parse_args([str(folder), "--out", str(tmp_path / "my store"), "--vqgan", str(vq_dir), "-K", "2",
                          "--no-world", "--include-failed", "--no-progress"])
     assert st.run(args) == 0
-    store = st.TokenStore(tmp_path / "s")
+    store = st.TokenStore(tmp_path / "my store")
     assert store.kind_counts() == {"action": 6 + 4 + 1 + 5, "world": 0}
-    assert f"next: worldvla train --store {tmp_path / 's'} --out <run>" in capsys.readouterr().out
+    assert f"next: worldvla train --store '{tmp_path}/my store' --out <run>" in capsys.readouterr().out  # quoted
 
 
 def test_no_action_samples_is_refused(tmp_path):

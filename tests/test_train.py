@@ -458,12 +458,14 @@ def test_a_resume_at_a_larger_world_size_warns_that_rng_states_start_fresh(tmp_p
 
 
 def test_cli_run_exports_and_action_only(store_dir, tmp_path, capsys):
-    out = tmp_path / "run"
+    import shlex
+
+    out = tmp_path / "my run"  # the next line quotes it for the shell
     a = args_for(store_dir, out, "--steps", 2, "--batch-tokens", 300, "--kinds", "action")
     assert trainer.run(a) == 0
     exported = out / "policy" if (out / "policy").exists() else out / "model"
     if exported.name == "policy":
-        assert f"next: worldvla eval --policy {exported} --tasks <tasks>" in capsys.readouterr().out
+        assert f"next: worldvla eval --policy {shlex.quote(str(exported))} --tasks <tasks>" in capsys.readouterr().out
         from worldvla.inference import WorldVLAPolicy
 
         from worldvla.eval.metaworld import action_only

@@ -17,6 +17,7 @@ import contextlib
 import heapq
 import multiprocessing as mp
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -490,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
               f"failed). The seeds are fixed, so the same command would fail the same way again; pass "
               f"{', '.join(fixes[:-1])} or {fixes[-1]}", file=sys.stderr)
         return 1
-    print(f"next: worldvla train-vq {summary['out_dir']} --out <vq run>   (the image tokenizer; then pretokenize)")
+    print(f"next: worldvla train-vq {shlex.quote(str(summary['out_dir']))} --out <vq run>   (the image tokenizer; then pretokenize)")
     return 0
 
 

@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -1082,7 +1083,7 @@ def run(args) -> int:
     m = json.loads((out / MANIFEST).read_text())
     print(f"token store {out}: {m['n_samples']} samples ({m['n_action']} action, {m['n_world']} world), "
           f"{m['n_tokens']} tokens in {len(m['shards'])} shards")
-    print(f"next: worldvla train --store {out} --out <run>   (or under torchrun: python -m worldvla.train.trainer)")
+    print(f"next: worldvla train --store {shlex.quote(str(out))} --out <run>   (or under torchrun: python -m worldvla.train.trainer)")
     return 0
 
 

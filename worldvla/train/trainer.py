@@ -36,6 +36,7 @@ import argparse
 import hashlib
 import json
 import math
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -865,8 +866,9 @@ def run(args) -> int:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}; checkpoint {s['checkpoint']}"
               + (f"; exported {s['export']}" if s["export"] else ""))
         if s["export"] and Path(s["export"]).name == "policy":
-            print(f"next: worldvla eval --policy {s['export']} --tasks <tasks> --out <eval folder>   or   worldvla "
-                  f"serve --checkpoint {s['export']}   (training curves: {Path(args.out) / 'training.png'})")
+            policy = shlex.quote(str(s["export"]))
+            print(f"next: worldvla eval --policy {policy} --tasks <tasks> --out <eval folder>   or   worldvla "
+                  f"serve --checkpoint {policy}   (training curves: {Path(args.out) / 'training.png'})")
     elif main:  # a resumed run with nothing left to do
         print(f"step {s['step']}: no steps run; checkpoint {s['checkpoint']}"
               + (f"; exported {s['export']} again" if s["export"] else ""))
