@@ -991,7 +991,7 @@ def _fsdp_init_worker(rank, world, init_file, store, init, out):
                                "--no-export"))
         assert len(reads) == n, reads
         # A folder rank 0 refuses stops every rank with its reason (the others would wait for its config).
-        want = ValueError if rank == 0 else RuntimeError
+        want = ValueError if rank == 0 else dist_utils.RankZeroFailed  # each reported in one line by the CLI
         with pytest.raises(want, match="vocabulary entries"):
             trainer.train(args_for(store, out + "-bad", *FSDP_COMMON, "--init", init + "-other-vocab", "--no-export"))
         # A run that fails after sharding (last: it leaves the group). Its traceback's frames hold the model,
@@ -1271,7 +1271,7 @@ def _fsdp_damaged_worker(rank, world, init_file, store, out):
             model_file = latest_checkpoint(out) / "model.pt"
             model_file.write_bytes(model_file.read_bytes()[:1000])
         dist.barrier()
-        want = ValueError if rank == 0 else RuntimeError
+        want = ValueError if rank == 0 else dist_utils.RankZeroFailed  # both reported in one line by the CLI
         with pytest.raises(want, match=r"model\.pt.*cannot be read"):
             trainer.train(args_for(store, out, *FSDP_COMMON, "--resume", "--no-export"))
     finally:
@@ -1619,3 +1619,27 @@ def test_the_export_records_every_instruction_its_demos_were_prompted_with(store
     trainer._export(WorldVLA(ModelConfig.tiny(store.layout)), store, tmp_path,
                     args_for(store_dir, tmp_path / "run", "--steps", 1))
     assert seen["instructions"] == ["open the drawer", "stack the cups"]
+
+
+def test_a_run_ended_by_stop_after_says_how_to_go_on(store_dir, tmp_path, capsys):
+    """--stop-after ended like a finished run (a loss and a checkpoint), with nothing said of the steps left."""
+    a = args_for(store_dir, tmp_path / "run", "--steps", 3, "--batch-tokens", 300, "--stop-after", 1, "--no-export")
+    assert trainer.run(a) == 0
+    assert "stopped at --stop-after, step 1 of 3: to go on, run the same command with --resume" in capsys.readouterr().out
+    a = args_for(store_dir, tmp_path / "run", "--steps", 3, "--batch-tokens", 300, "--no-export", "--resume")
+    assert trainer.run(a) == 0
+    assert "--stop-after" not in capsys.readouterr().out  # the run's end
+
+
+def test_the_trainer_modules_run_as_the_command_line_does(tmp_path):
+    """`torchrun -m worldvla.train.trainer` (or train.vq) skipped the command line: a bad input ended in a
+    traceback on every rank, where `worldvla train` prints one line."""
+    import subprocess
+    import sys
+
+    for module, command, arg in (("worldvla.train.trainer", "train", "--store"), ("worldvla.train.vq", "train-vq", "")):
+        argv = [sys.executable, "-m", module, *([arg] if arg else []), str(tmp_path / "missing"),
+                "--out", str(tmp_path / "run")]
+        r = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith(f"worldvla {command}: error: ") and str(tmp_path / "missing") in r.stderr

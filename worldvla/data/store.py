@@ -1083,7 +1083,7 @@ def run(args) -> int:
     m = json.loads((out / MANIFEST).read_text())
     print(f"token store {out}: {m['n_samples']} samples ({m['n_action']} action, {m['n_world']} world), "
           f"{m['n_tokens']} tokens in {len(m['shards'])} shards")
-    print(f"next: worldvla train --store {shlex.quote(str(out))} --out <run>   (or under torchrun: python -m worldvla.train.trainer)")
+    print(f"next: worldvla train --store {shlex.quote(str(out))} --out <run>   (or under torchrun: torchrun ... -m worldvla.cli train)")
     return 0
 
 

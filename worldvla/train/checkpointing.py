@@ -391,6 +391,12 @@ class StopSignal:
             self._installed, self._before = False, None
 
 
+def stop_after_message(step: int, total: int) -> str:
+    """The line a run that reached --stop-after before its last step ends with: how to go on from there."""
+    return (f"stopped at --stop-after, step {step} of {total}: to go on, run the same command with --resume and "
+            f"a later --stop-after (or none, to the end)")
+
+
 def stopped_message(command: str, step: int, checkpoint, args, last: bool = False) -> str:
     """The line a training stopped by SIGTERM ends with: what was saved, and what to run to go on, as a Ctrl-C's
     (`cli.how_to_continue`: with --resume, the same command; after --overwrite, --resume in its place). `last`: the

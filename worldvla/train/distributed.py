@@ -117,11 +117,16 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+class RankZeroFailed(ValueError):
+    """Rank 0's failure in `on_rank_0`, as the other ranks learn it: a bad input's error (a ValueError), so that the
+    command line reports it in one line on every rank, as rank 0 reports its own, not as a traceback."""
+
+
 def on_rank_0(fn, what: str, share=lambda result: None):
     """(fn()'s result, share(result)) where rank 0 alone runs `fn` (a read every rank needs only rank 0 to do):
     the other ranks get (None, share(result) broadcast from rank 0). Under several ranks every rank learns
     whether rank 0 succeeded, and its failure ends every rank with its reason (the others would otherwise wait
-    in the next collective until the group timed out): rank 0 raises it, the others RuntimeError("rank 0 could
+    in the next collective until the group timed out): rank 0 raises it, the others RankZeroFailed("rank 0 could
     not {what}: ..."). In one process, plainly (fn(), share(fn()))."""
     if not is_distributed():
         result = fn()
@@ -138,7 +143,7 @@ def on_rank_0(fn, what: str, share=lambda result: None):
     if failure is not None:
         raise failure
     if sent[0] == "failed":
-        raise RuntimeError(f"rank 0 could not {what}: {sent[1]}")
+        raise RankZeroFailed(f"rank 0 could not {what}: {sent[1]}")
     return result, sent[1]
 
 

@@ -49,7 +49,7 @@ from . import distributed as dist_utils
 from ..cli import STOPPED_RC, non_negative_float, non_negative_int, positive_float, positive_int, unit_open_float
 from .checkpointing import (CurvePlot, StopSignal, add_run_arguments, check_finite, check_run_dir, full_model_state,
                             load_checkpoint, prepare_run_dir, read_state, resume_point, save_checkpoint, scalar_args,
-                            seed_int, stopped_message, trim_log)
+                            seed_int, stop_after_message, stopped_message, trim_log)
 
 CONFIGS = ("tiny", "small", "chameleon_7b")
 # What a resumed run must share with its start: the model, the learning-rate schedule and the optimizer's
@@ -542,7 +542,8 @@ def train(args) -> dict:
     layout = store.layout
     micro_tokens = args.micro_tokens or args.batch_tokens
     if micro_tokens > args.batch_tokens:
-        raise ValueError(f"--micro-tokens {micro_tokens} cannot exceed --batch-tokens {args.batch_tokens}")
+        raise ValueError(f"--micro-tokens {micro_tokens} cannot exceed --batch-tokens {args.batch_tokens} (a micro-step "
+                         f"is a part of a step's batch): lower --micro-tokens or raise --batch-tokens")
     # Total steps: --steps, or whole epochs of the store.
     if args.steps:
         total = args.steps
@@ -857,14 +858,20 @@ def run(args) -> int:
     with dist_utils.leave_group_after():
         s = train(args)
         main = dist_utils.is_main()
+        if s["stopped"]:
+            if main:
+                print(stopped_message("train", s["step"], s["checkpoint"], args, last=s["step"] >= s["total"]),
+                      file=sys.stderr, flush=True)
+            # No rank leaves before rank 0 has said where the run stopped: torchrun ends the other ranks as soon as
+            # one exits with 143, which killed rank 0 before its line.
+            dist_utils.barrier()
     if s["stopped"]:
-        if main:
-            print(stopped_message("train", s["step"], s["checkpoint"], args, last=s["step"] >= s["total"]),
-                  file=sys.stderr)
         return STOPPED_RC
     if main and s["losses"]:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}; checkpoint {s['checkpoint']}"
               + (f"; exported {s['export']}" if s["export"] else ""))
+        if s["step"] < s["total"]:  # --stop-after
+            print(stop_after_message(s["step"], s["total"]))
         if s["export"] and Path(s["export"]).name == "policy":
             policy = shlex.quote(str(s["export"]))
             print(f"next: worldvla eval --policy {policy} --tasks <tasks> --out <eval folder>   or   worldvla "
@@ -875,5 +882,7 @@ def run(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(run(build_parser().parse_args()))
+if __name__ == "__main__":  # `python -m` / torchrun of this module: as `worldvla train`, with its one-line errors
+    from ..cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

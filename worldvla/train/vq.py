@@ -37,7 +37,7 @@ from ..tokens.layout import VocabLayout
 from . import distributed as dist_utils
 from .checkpointing import (SEED_LIMIT, CurvePlot, StopSignal, add_run_arguments, check_finite, check_run_dir,
                             load_checkpoint, prepare_run_dir, read_state, resumable_checkpoint, resume_point,
-                            save_checkpoint, scalar_args, seed_int, stopped_message, trim_log)
+                            save_checkpoint, scalar_args, seed_int, stop_after_message, stopped_message, trim_log)
 
 # What a resumed run must share with its start: the model, the learning-rate schedule (computed from these
 # settings at every step), the optimizer's hyperparameters (restored from the checkpoint), the loss, its
@@ -435,13 +435,19 @@ def run(args) -> int:
     with dist_utils.leave_group_after():
         s = train_vq(args)
         main = dist_utils.is_main()
+        if s["stopped"]:
+            if main:
+                print(stopped_message("train-vq", s["step"], s["checkpoint"], args, last=s["step"] >= s["total"]),
+                      file=sys.stderr, flush=True)
+            # No rank leaves before rank 0 has said where the run stopped: torchrun ends the other ranks as soon as
+            # one exits with 143, which killed rank 0 before its line.
+            dist_utils.barrier()
     if s["stopped"]:
-        if main:
-            print(stopped_message("train-vq", s["step"], s["checkpoint"], args, last=s["step"] >= s["total"]),
-                  file=sys.stderr)
         return STOPPED_RC
     if main and s["losses"]:
         print(f"step {s['step']}: loss {s['losses'][-1]:.4f}" + (f"; exported {s['export']}" if s["export"] else ""))
+        if s["step"] < s["total"]:  # --stop-after
+            print(stop_after_message(s["step"], s["total"]))
         if s["export"]:
             demos = " ".join(shlex.quote(str(i)) for i in args.inputs)  # the demos it trained on, as given
             print(f"next: worldvla pretokenize {demos} --vqgan {shlex.quote(s['export'])} --out <store>   (training "
@@ -451,5 +457,7 @@ def run(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(run(build_parser().parse_args()))
+if __name__ == "__main__":  # `python -m` / torchrun of this module: as `worldvla train-vq`, with its one-line errors
+    from ..cli import main
+
+    sys.exit(main(["train-vq", *sys.argv[1:]]))
