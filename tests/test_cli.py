@@ -603,3 +603,12 @@ def test_a_misspelt_option_is_answered_by_its_command_with_the_likely_option(cap
     with pytest.raises(SystemExit):
         main(["info", "--zzzzzz"])
     assert "worldvla info: error: unrecognized arguments: --zzzzzz; `worldvla info --help`" in capsys.readouterr().err
+
+
+def test_a_misspelt_option_with_a_long_value_is_matched_by_its_name(capsys):
+    """`--outt=/a/long/path` is matched as `--outt`: the value would make the argument unlike any option."""
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--outt=/data/experiments/worldvla/demo_runs/first"])
+    assert e.value.code == 2
+    assert ("(--outt=/data/experiments/worldvla/demo_runs/first: did you mean --out?)"
+            in capsys.readouterr().err)

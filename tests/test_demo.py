@@ -628,3 +628,18 @@ def test_demo_refuses_an_out_folder_that_holds_another_commands_outputs(tmp_path
     seen.clear()
     demo.run_demo(demo.DemoConfig.fast_preset(), tmp_path / "empty", progress=False)
     assert seen == []  # every stage cached
+
+
+def test_a_demo_killed_while_collecting_runs_again_in_its_own_folder(tmp_path, monkeypatch):
+    """A demo stopped during its first stage leaves demo_config.json and part of demos/ but no stages/ yet: its
+    folder is a demo's, and running the demo there again goes on rather than refusing it as another command's."""
+    from worldvla import demo
+
+    seen = []
+    _stub_stages(monkeypatch, seen)
+    out = tmp_path / "run"
+    (out / "demos").mkdir(parents=True)
+    (out / "demos" / "partial.hdf5.tmp").write_bytes(b"half")
+    (out / "demo_config.json").write_text(json.dumps({"tasks": ["a"]}))
+    demo.run_demo(demo.DemoConfig.fast_preset(), out, progress=False)
+    assert seen[0] == "collect" and (out / "metrics.json").is_file()

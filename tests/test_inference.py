@@ -1010,3 +1010,16 @@ def test_prompts_and_modes_given_in_another_form_are_named_with_the_fix(rng):
     with pytest.raises(ValueError, match="mode must be one of") as err:
         generate_action_chunk(model, prompt, LAYOUT, 2, 3, mode="beam")
     assert "generate_release_actions" not in str(err.value)
+
+
+def test_a_list_of_prompts_with_some_scalars_is_not_read_as_one_prompts_ids(rng):
+    """Only a list of numbers alone is one prompt's ids given as a list; a list of prompts with a scalar among them
+    (a prompt lost its dimension) is named as a list of prompts that must hold 1-D tensors."""
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    for mixed in ([prompt, torch.tensor(5)], [prompt, 3, 4], [torch.tensor(5), prompt]):
+        with pytest.raises(ValueError, match="a list of prompts must hold 1-D id tensors") as err:
+            generate_action_chunk(model, mixed, LAYOUT, 2, 3)
+        assert "numbers" not in str(err.value)
+    with pytest.raises(ValueError, match=r"input_ids is a list of 1 numbers"):
+        generate_action_chunk(model, [7], LAYOUT, 2, 3)

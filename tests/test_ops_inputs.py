@@ -309,3 +309,27 @@ def test_a_softmax_scale_or_generator_of_another_type_is_refused_by_every_backen
     for temperature in (0.0, 1.0):
         with pytest.raises(TypeError, match="generator must be a torch.Generator"):
             ops.constrained_sample(h, w, 8, 30, temperature=temperature, generator=5, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "native"])
+def test_a_softmax_scale_of_any_real_number_type_is_the_float_it_holds(rng, backend):
+    """Every real number is taken as the float it holds, by prefill and decode alike: a Fraction (a numbers.Real
+    that torch's SDPA refuses) or an int scale gives what the float gives."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    from worldvla import ops
+    from worldvla.ops import dispatch
+
+    if backend == "native" and "native" not in dispatch.available("masked_attention"):
+        pytest.skip("the native extension is not built")
+    q, k, v, meta, decode = _attention_inputs(rng)
+    want = ops.masked_attention(q, k, v, meta, softmax_scale=0.25, backend=backend)
+    want_decode = ops.decode_attention(q[:, -3:], k, v, decode, softmax_scale=0.25, backend=backend)
+    for same in (Fraction(1, 4), np.float32(0.25)):
+        assert torch.equal(ops.masked_attention(q, k, v, meta, softmax_scale=same, backend=backend), want)
+        assert torch.equal(ops.decode_attention(q[:, -3:], k, v, decode, softmax_scale=same, backend=backend),
+                           want_decode)
+    one = ops.decode_attention(q[:, -3:], k, v, decode, softmax_scale=1.0, backend=backend)
+    assert torch.equal(ops.decode_attention(q[:, -3:], k, v, decode, softmax_scale=1, backend=backend), one)

@@ -991,3 +991,42 @@ def test_a_history_with_no_frame_for_some_environments_is_named(policy_dir, rng)
     cur, prev = _frames(rng, 2), _frames(rng)
     with pytest.raises(ValueError, match=r"history= holds None for environment 0: .*history=None"):
         pol.act(cur, history=[None, prev])
+
+
+def test_a_frame_given_to_step_mid_chunk_is_a_copy_too(policy_dir, rng):
+    """step() records the frames it gets while the chunk's actions run out, as observe() does: a camera driver
+    that refills one buffer in place must not change the history of the next chunk's query."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    frames = [_frames(rng) for _ in range(4)]
+    buf = frames[0].copy()
+    pol.reset("push the button")
+    got = []
+    for f in frames:
+        buf[...] = f  # the driver's next frame, in place
+        got.append(pol.step(buf))
+    assert np.array_equal(got[3], _expected(pol, "push the button", [frames[2], frames[3]])[0])
+
+
+def test_frames_with_nan_pixels_and_an_rgba_batch_are_named(policy_dir, rng):
+    """A float frame with a NaN pixel (a failed render) is named as such, with the conversion its finite values
+    call for; an all-NaN frame has no values to convert; a clean frame is not said to hold NaN. A batch of RGBA
+    frames gets the RGBA conversion, as a single frame does."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    scaled = _frames(rng) / 255.0
+    scaled[0, 0, 1], scaled[0, 0, 2] = 0.0, 1.0
+    with pytest.raises(TypeError) as e:
+        pol.act(scaled)
+    assert "values in [0, 1]; convert with (x * 255).round().astype(np.uint8)" in str(e.value)
+    holed = scaled.copy()
+    holed[0, 0, 0] = np.nan
+    with pytest.raises(TypeError) as e:
+        pol.act(holed)
+    assert "float64 with values in [0, 1] and NaN or inf; convert with (x * 255).round().astype(np.uint8)" \
+        in str(e.value)
+    with pytest.raises(TypeError, match="float32 without a finite value"):
+        pol.act(np.full((64, 64, 3), np.nan, dtype=np.float32))
+    batch = _frames(rng, 2)
+    rgba = np.concatenate([batch, np.full_like(batch[..., :1], 255)], -1)
+    with pytest.raises(ValueError, match=r"it looks RGBA: convert with x\[\.\.\., :3\]"):
+        pol.act(rgba)

@@ -2433,3 +2433,62 @@ def test_a_process_exits_with_its_client_still_open():
     """) % os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+
+
+def _limited(limit, replies=()):
+    """A fake connection whose handshake states the payload limit `limit` (a header value; None: no header)."""
+    ws = _FakeConnection(list(replies))
+    if limit is not None:
+        ws.response.headers["WorldVLA-Max-Payload-Bytes"] = limit
+    return ws
+
+
+def test_the_client_takes_only_a_positive_integer_payload_limit_from_the_handshake(monkeypatch):
+    """A header that is no positive integer (a zero, a sign, a word) states no limit: the client sends as a client
+    of a server without the header does, rather than refusing every request or failing to connect."""
+    for value in ("0", "-5", "1e6", "lots", "", " "):
+        assert _offline_client(monkeypatch, _limited(value))[0].max_payload_bytes is None, value
+    assert _offline_client(monkeypatch, _limited("2048"))[0].max_payload_bytes == 2048
+
+
+@pytest.mark.parametrize("limit_mb", [0, True, float("inf"), float("nan"), "16", -1])
+def test_a_metadata_payload_limit_that_is_no_positive_number_states_none(monkeypatch, limit_mb):
+    """An older server's metadata naming a limit of no use (zero, a bool, inf, NaN, a string) is taken as no
+    limit: the client neither refuses every request nor fails to connect."""
+    ws = _FakeConnection([_echo_id({"ok": True, "protocol": 1, "server": {"max_payload_mb": limit_mb}})], header=None)
+    client, _ = _offline_client(monkeypatch, ws)
+    assert client.max_payload_bytes is None
+
+
+def test_a_request_of_exactly_the_payload_limit_is_sent_and_one_byte_more_refused(monkeypatch):
+    """The limit is the largest request the server takes: a request of that many bytes goes out."""
+    from worldvla.serve.protocol import packb
+
+    reply = _echo_id({"ok": True, "actions": np.zeros((3, 5), np.float32)})
+    probe, _ = _offline_client(monkeypatch, _limited(None, [reply]))
+    probe.episode = "e"
+    probe.act(np.zeros((8, 8, 3), np.uint8))
+    size = len(packb(probe._ws.sent[0]))  # the same request, from a client with another token of the same length
+    for limit, sent in ((size, 1), (size - 1, 0)):
+        client, _ = _offline_client(monkeypatch, _limited(str(limit), [reply]))
+        client.episode = "e"
+        if sent:
+            client.act(np.zeros((8, 8, 3), np.uint8))
+        else:
+            with pytest.raises(ValueError, match=rf"more than the server's payload limit of .* \({limit} bytes\)"):
+                client.act(np.zeros((8, 8, 3), np.uint8))
+        assert len(client._ws.sent) == sent
+
+
+def test_a_reconnection_takes_the_payload_limit_of_the_new_connection(monkeypatch):
+    """A server restarted with another --max-payload-mb states its new limit: the client follows it after
+    reconnecting, instead of refusing (or sending) requests by the old server's limit."""
+    reply = _echo_id({"ok": True, "actions": np.zeros((3, 5), np.float32)})
+    client, _ = _offline_client(monkeypatch, _limited("100"), _limited("1000000", [reply]))
+    assert client.max_payload_bytes == 100
+    client.episode = "e"
+    with pytest.raises(ValueError, match=r"payload limit of .* \(100 bytes\)"):
+        client.act(np.zeros((8, 8, 3), np.uint8))
+    client._drop()  # lost: the next call reconnects, to the restarted server
+    assert client.act(np.zeros((8, 8, 3), np.uint8)).shape == (3, 5)
+    assert client.max_payload_bytes == 1000000
