@@ -216,3 +216,23 @@ def test_the_releases_weight_files_are_linked_not_written_again(release, tmp_pat
     info = import_release(src, tok, tmp_path / "bf16", dtype="bfloat16")
     assert info["weights"] == "saved"
     assert not any(os.path.samefile(src / n, p) for n in names for p in (tmp_path / "bf16" / "model").iterdir())
+
+
+def test_the_command_says_how_the_weights_were_written(release, tmp_path, monkeypatch, capsys):
+    """The closing line says what the policy's model is: the release's files copied where they could not be
+    linked, or the weights written anew in the --dtype asked for (not "hard-linked" in either case)."""
+    import worldvla.checkpoint as ckpt
+
+    src, tok = release / "model_256" / "libero_goal", release / "chameleon" / "tokenizer"
+    assert main(["import-release", str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "bf16"),
+                 "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("two frames of history, the weights in bfloat16"), out
+
+    def no_links(a, b):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(ckpt.os, "link", no_links)
+    assert main(["import-release", str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "copied")]) == 0
+    out = capsys.readouterr().out
+    assert "the release's weight files copied (no hard links across file systems)" in out and "hard-linked" not in out

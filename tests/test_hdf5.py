@@ -887,3 +887,40 @@ def test_a_folder_given_for_a_demo_file_is_named_with_the_files_in_it(tmp_path, 
     empty.mkdir()
     with pytest.raises(IsADirectoryError, match=f"{empty} is a folder, not a demo file, and holds no .hdf5/.h5 file"):
         read_demos(empty)
+
+
+def test_a_folder_for_a_demo_file_names_its_files_only_and_counts_the_rest_from_five(tmp_path, np_rng):
+    """The files named are demo files: a subfolder named like one is not offered. Four files are all named; a fifth
+    is counted as "and 1 more"."""
+    folder = tmp_path / "demos"
+    (folder / "older.hdf5").mkdir(parents=True)  # a folder, not a file to give
+    with pytest.raises(IsADirectoryError, match=f"{folder} is a folder, not a demo file, and holds no .hdf5/.h5 file"):
+        read_demos(folder)
+    for name in ("a.hdf5", "b.hdf5", "c.hdf5", "d.hdf5"):
+        write_demos(folder / name, [random_demo(np_rng, 4, 8, 8, 7, instruction="")], "push")
+    with pytest.raises(IsADirectoryError) as e:
+        read_demos(folder)
+    assert str(e.value).endswith("give one of the demo files in it: a.hdf5, b.hdf5, c.hdf5, d.hdf5"), str(e.value)
+    write_demos(folder / "e.hdf5", [random_demo(np_rng, 4, 8, 8, 7, instruction="")], "push")
+    with pytest.raises(IsADirectoryError) as e:
+        read_demos(folder)
+    assert str(e.value).endswith("in it: a.hdf5, b.hdf5, c.hdf5, d.hdf5 and 1 more"), str(e.value)
+
+
+def test_a_write_under_way_keeps_its_temporary_file_when_stale_ones_are_removed(tmp_path, np_rng):
+    """`remove_stale_temps` removes this process's temporary files of `path` (an earlier process of the same pid
+    left them), except those of `write_demos` calls still writing: removing one broke that write at its rename."""
+    from worldvla.data.hdf5 import remove_stale_temps
+
+    path = tmp_path / "reach-v3.hdf5"
+    removed = []
+
+    def demos():
+        yield random_demo(np_rng, 2, 4, 4, 2, instruction="")
+        removed.extend(remove_stale_temps(path))  # while the write is under way (collect does so per task)
+        yield random_demo(np_rng, 3, 4, 4, 2, instruction="")
+
+    write_demos(path, demos(), "reach")
+    assert removed == []
+    assert [len(d.actions) for d in read_demos(path)] == [2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reach-v3.hdf5"]

@@ -1183,7 +1183,48 @@ def test_saved_weights_are_readable_as_the_umask_allows(tmp_path):
         os.umask(old)
     files = [*(tmp_path / "one").iterdir(), *(tmp_path / "sharded").iterdir(), *(tmp_path / "vq").iterdir()]
     assert len([f for f in files if f.suffix == ".safetensors"]) > 3
-    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o644" for f in files}
+    # Keyed by the path under tmp_path: the model's and the VQGAN's model.safetensors share a name.
+    modes = {str(f.relative_to(tmp_path)): oct(f.stat().st_mode & 0o777) for f in files}
+    assert modes == dict.fromkeys(modes, "0o644") and "one/model.safetensors" in modes
+
+
+def test_linking_a_model_folder_brings_shards_an_index_names_in_a_subfolder(tmp_path):
+    """A shard index may name its shards by a path in a subfolder (the loader reads them there): the linked folder
+    gets them at the same paths, and loads the same weights."""
+    from worldvla.checkpoint import link_model_files
+
+    model = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    src = tmp_path / "src"
+    model.save_pretrained(src, shard_size_gb=1e-4)
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    (src / "shards").mkdir()
+    for name in shards:
+        (src / name).rename(src / "shards" / name)
+    index["weight_map"] = {k: f"shards/{v}" for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+
+    assert link_model_files(src, tmp_path / "dst")
+    got = sorted(str(p.relative_to(tmp_path / "dst")) for p in (tmp_path / "dst").rglob("*") if p.is_file())
+    assert got == sorted(["config.json", "model.safetensors.index.json", *(f"shards/{n}" for n in shards)])
+    loaded = WorldVLA.from_pretrained(tmp_path / "dst").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_linking_a_model_folder_refuses_a_folder_that_exists(tmp_path):
+    """The files go into a new folder: one already there (another model's shards in it) is refused as it is, not
+    mixed with this model's files."""
+    from worldvla.checkpoint import link_model_files
+
+    WorldVLA(ModelConfig.tiny()).save_pretrained(tmp_path / "src")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "model-00001-of-00002.safetensors").write_bytes(b"another model's shard")
+    with pytest.raises(FileExistsError):
+        link_model_files(tmp_path / "src", dst)
+    assert [p.name for p in dst.iterdir()] == ["model-00001-of-00002.safetensors"]
 
 
 def test_an_atomic_write_removes_the_temporary_files_of_killed_writes(tmp_path):
@@ -1205,4 +1246,22 @@ def test_an_atomic_write_removes_the_temporary_files_of_killed_writes(tmp_path):
         p.write_text("half")
     write_text_atomic(target, "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, running.name, other.name])
+    assert target.read_text() == "{}"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a killed write's pid is checked on POSIX only")
+@pytest.mark.parametrize("name", ["a+b.json", "run (1.json", "demo[2].json", "v1.2.json"])
+def test_an_atomic_write_finds_the_temporary_files_of_a_name_with_pattern_characters(tmp_path, name):
+    """The name is matched as it is, not as a pattern: a `+`, an unclosed `(` or a `[...]` in it must neither
+    hide its own killed writes' files nor fail the write, and `.` stands for a dot only (another name's file is
+    kept)."""
+    from worldvla.checkpoint import write_text_atomic
+
+    target = tmp_path / name
+    killed = tmp_path / f".{name}.tmp-{_dead_pid()}-0123456789ab"
+    lookalike = tmp_path / f".{name.replace('.', '_')}.tmp-{_dead_pid()}-0123456789ab"
+    for p in (killed, lookalike):
+        p.write_text("half")
+    write_text_atomic(target, "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, lookalike.name])
     assert target.read_text() == "{}"

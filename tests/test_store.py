@@ -1396,3 +1396,21 @@ def test_a_store_mismatch_names_the_option_first_and_the_keyword_as_pythons(demo
     (out / "manifest.json").write_text("{")
     with pytest.raises(ValueError, match=re.escape("; pass --overwrite (overwrite=True from Python) to rebuild")):
         st.build_store(folder, out, tiny_vqgan(), chunk_size=K, bounds="unit", progress=False)
+
+
+def test_a_folder_that_holds_a_vqgan_folder_names_it_and_one_that_holds_none_does_not(demo_dir, tmp_path):
+    """A folder of exports (not a run) given as the VQGAN, with the VQGAN in its vqgan/ subfolder: the refusal names
+    that subfolder to pass. A folder without one names only what is missing (no folder to pass that is not
+    there)."""
+    folder, _ = demo_dir
+    exports = tmp_path / "exports"
+    tiny_vqgan().save_pretrained(exports / "vqgan")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{exports} is not a complete VQGAN folder")) as e:
+        st.build_store(folder, tmp_path / "s", exports, chunk_size=K, progress=False)
+    assert str(e.value).endswith(f"; {exports / 'vqgan'}, inside it, is one: pass that"), str(e.value)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{bare} is not a complete VQGAN folder")) as e:
+        st.build_store(folder, tmp_path / "s", bare, chunk_size=K, progress=False)
+    assert str(e.value).endswith("as `worldvla train-vq` exports them)"), str(e.value)
+    assert not (tmp_path / "s").exists()

@@ -875,6 +875,43 @@ def test_sigterm_during_the_last_step_or_its_save_stops_the_run_and_a_resume_fin
     assert latest_checkpoint(tmp_path / "b").name == "step_00000003"
 
 
+def test_sigterm_during_the_export_completes_it_and_stops_the_run(store_dir, tmp_path, monkeypatch, capsys):
+    """A SIGTERM during the export is noted, not acted on at once, and not lost when the handler is handed back:
+    the policy is written whole and the run ends stopped (exit 143, saying its step was the last)."""
+    import os
+    import signal
+
+    real = trainer._export
+
+    def export_then_sigterm(*a, **kw):
+        path = real(*a, **kw)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    monkeypatch.setattr(trainer, "_export", export_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    rc = trainer.run(args_for(store_dir, tmp_path / "a", "--steps", 2, "--batch-tokens", 300))
+    assert rc == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    assert "stopped by SIGTERM after step 2, the run's last, checkpoint step_00000002 saved" in capsys.readouterr().err
+    assert (tmp_path / "a" / "policy" / "policy.json").is_file()
+
+
+def test_a_rank_0_failure_another_rank_learns_is_reported_in_one_line(store_dir, tmp_path, monkeypatch, capsys):
+    """The other ranks end with rank 0's reason (`on_rank_0`): the command line reports it in one line, as a bad
+    input's error, on those ranks too, not as a traceback."""
+    from worldvla.cli import main
+
+    def rank_0_failed(args):
+        raise dist_utils.RankZeroFailed("rank 0 could not read the --init folder: no config.json")
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    monkeypatch.setattr(trainer, "train", rank_0_failed)
+    assert main(["train", "--store", str(store_dir), "--out", str(tmp_path / "a"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("worldvla train: error: rank 0 could not read the --init folder: no config.json "
+                   "(WORLDVLA_TRACEBACK=1 shows where)\n"), err
+
+
 def _fsdp_sigterm_after_final_save_worker(rank, world, init_file, store, out):
     import torch.distributed as dist
 

@@ -841,3 +841,16 @@ def test_an_export_stopped_partway_leaves_no_vqgan_folder_and_resume_leaves_only
     assert sorted(p.name for p in (out / "vqgan").iterdir()) == ["config.json", "model.safetensors"]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert VQGAN.from_pretrained(out / "vqgan").config.n_embed == 32
+
+
+def test_a_run_ended_by_stop_after_says_how_to_go_on_and_a_finished_one_does_not(data, tmp_path, capsys):
+    """--stop-after ends the run with the steps left and how to go on; the run that then reaches its last step
+    says nothing of --stop-after, and only it exports the VQGAN."""
+    assert vqt.run(args_for(data, tmp_path / "run", "--steps", 3, "--stop-after", 1)) == 0
+    out = capsys.readouterr().out
+    assert "stopped at --stop-after, step 1 of 3: to go on, run the same command with --resume" in out, out
+    assert not (tmp_path / "run" / "vqgan").exists()
+    assert vqt.run(args_for(data, tmp_path / "run", "--steps", 3, "--resume")) == 0
+    out = capsys.readouterr().out
+    assert "--stop-after" not in out and "step 3: loss" in out, out
+    assert (tmp_path / "run" / "vqgan" / "config.json").is_file()
