@@ -371,6 +371,9 @@ def test_same_named_policy_folders_get_distinct_default_names(tmp_path):
     assert default_variant_names(["run1/policy", "run2/policy"]) == ["run1", "run2"]
     assert default_variant_names(["a/x/policy", "b/x/policy", "c/other"]) == ["a/x", "b/x", "other"]
     assert default_variant_names([tmp_path / "p", tmp_path / "q"]) == ["p", "q"]
+    # a run's exported policy/ alone is named after its run, not "policy"
+    assert default_variant_names(["runs/wvla/policy"]) == ["wvla"]
+    assert default_variant_names(["runs/wvla/policy", "other/wvla"]) == ["wvla", "other"]  # told apart as before
     with pytest.raises(ValueError, match="variant names must differ.*--names"):
         evaluate([PushRight(), PushRight()], ["fake-a-v3"], 1, tmp_path, variant_names=["a", "a"], progress=False)
 
@@ -501,9 +504,10 @@ def test_saved_runs_are_found_whatever_the_variant_is_called(tmp_path, monkeypat
     saved = [json.loads(f.read_text()) for f in (out / "runs").glob("fake-a-v3__*.json")]
     assert [r["variant"] for r in saved] == ["a"]  # a label: the lookup went by task and key
     m = mw.evaluate([folder], ["fake-a-v3"], out_dir=out, execute=PushRight.chunk_size, **kw)
-    assert m["execute"] == 3 and m["variants"]["policy"]["tasks"]["fake-a-v3"]["reused"]
+    default = mw.default_variant_names([folder])[0]
+    assert m["execute"] == 3 and m["variants"][default]["tasks"]["fake-a-v3"]["reused"]
     m = mw.evaluate([folder], ["fake-a-v3"], out_dir=out, execute=2, **kw)
-    assert "reused" not in m["variants"]["policy"]["tasks"]["fake-a-v3"]
+    assert "reused" not in m["variants"][default]["tasks"]["fake-a-v3"]
 
 
 def test_eval_refuses_more_steps_than_metaworld_before_loading_a_policy(tmp_path, monkeypatch, capsys):

@@ -477,10 +477,12 @@ def _summarize_variant(v: dict, tasks: list[str]) -> None:
 
 
 def default_variant_names(policies) -> list[str]:
-    """Policy folders' names; folders of the same name are told apart by the folders above them
-    (run1/policy, run2/policy -> run1, run2). Policies given as objects are policy0, policy1, ..."""
+    """Policy folders' names, a run's `policy` folder (what `worldvla train` exports) by its run's (runs/wvla/policy
+    -> wvla); folders of the same name are told apart by the folders above them (run1/policy, run2/policy -> run1,
+    run2). Policies given as objects are policy0, policy1, ..."""
     paths = [Path(p).resolve() if isinstance(p, (str, Path)) else None for p in policies]
-    plain = [p.name if p is not None else f"policy{i}" for i, p in enumerate(paths)]
+    plain = [f"policy{i}" if p is None else p.parent.name if p.name == "policy" and len(p.parts) > 2 else p.name
+             for i, p in enumerate(paths)]
     names = plain
     deepest = max((len(p.parts) for p in paths if p is not None), default=0)
     for depth in range(1, deepest - 1):  # parent folders, never the root
@@ -816,9 +818,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--policy", nargs="+", action="extend", required=True,
                         help=f"{POLICY_FOLDER_HELP}; several (or --policy given again) = variants compared")
     parser.add_argument("--names", default=None,
-                        help="comma-separated variant names (default: the policy folders' names, or their parent "
-                             "folders' when those are the same: run1/policy run2/policy -> run1, run2); 'random' "
-                             "is the random baseline's unless --no-random")
+                        help="comma-separated variant names (default: the policy folders' names, a run's policy/ "
+                             "by its run's, and parent folders' where names are the same: run1/policy run2/policy "
+                             "-> run1, run2); 'random' is the random baseline's unless --no-random")
     parser.add_argument("--tasks", action="append", required=True,
                         help="comma-separated Meta-World tasks, e.g. drawer-open-v3,door-open-v3, or 'all' (as "
                              "`worldvla collect`; given again: its tasks are added)")
