@@ -865,3 +865,17 @@ def test_a_libero_suite_builds_its_tasks_env_from_its_bddl_file_at_its_camera_si
     finally:
         for name in [m for m in sys.modules if m == "libero" or m.startswith("libero.")]:
             del sys.modules[name]
+
+
+def test_eval_libero_says_which_decoding_its_success_rates_are_of(tmp_path, monkeypatch, capsys):
+    """The default decoding (parallel, the structure forced) is not the release's free greedy decoding: the run says
+    so, and names --mode release for rates comparable with the release's; a release-mode run says nothing."""
+    rng = np.random.default_rng()
+    for mode, said in (("parallel", True), ("causal", True), ("release", False)):
+        policy = RecordingPolicy(rng=rng)
+        policy.mode = mode
+        suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=5)
+        assert _run_eval_libero(tmp_path, monkeypatch, policy, suite, "--episodes", "1", "--no-resume") == 0
+        out = capsys.readouterr().out
+        assert (f"decoding: {mode} (each chunk's action structure forced" in out) == said, out
+        assert ("--mode release decodes as the release's evaluation does" in out) == said

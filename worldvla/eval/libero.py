@@ -419,6 +419,10 @@ def run(args: argparse.Namespace) -> int:
     policy = WorldVLAPolicy.from_pretrained(args.policy, device=args.device,
                                             **({} if args.mode is None else {"mode": args.mode}))
     suite = LiberoSuite(args.suite, resolution=args.resolution or policy.image_size)
+    mode = getattr(policy, "mode", None)
+    if mode is not None and mode != "release":  # the default: say that the numbers are this decoding's
+        print(f"decoding: {mode} (each chunk's action structure forced, every bin chosen among the bin ids); "
+              f"--mode release decodes as the release's evaluation does, for success rates comparable with its own")
     res = evaluate_suite(policy, suite, episodes=args.episodes, tasks=tasks, out_dir=args.out,
                          save_videos=args.save_videos, allow_bounds_mismatch=args.allow_bounds_mismatch,
                          progress=not args.no_progress, policy_path=Path(args.policy).expanduser(),
