@@ -363,8 +363,10 @@ class StopSignal:
     can set a handler); `restore` hands it back.
 
     A SIGTERM after the last step's all-reduce (during that step's end, the final save or the export) counts too:
-    the loop asks `agreed` once more after them, and again once the handler is handed back, so that no SIGTERM
-    between the handler's start and its end is lost (after it, SIGTERM acts as it did before the run)."""
+    the loop asks `agreed` once more after them; in one process it looks again once the handler is handed back, so
+    that no SIGTERM between the handler's start and its end is lost (after it, SIGTERM acts as it did before the
+    run). Under several ranks a SIGTERM during the export, after the ranks' last agreement, lets the run end as
+    finished: its work is done."""
 
     def __init__(self):
         self.received = False

@@ -707,7 +707,11 @@ def train(args) -> dict:
             log_f.close()
         if curves:  # also after a failure: a diverging loss is easier seen than read
             curves.update(force=True)
-    stopped = sigterm.agreed(stopped, device)  # one during the export, until the handler was handed back
+    if world == 1:  # one during the export, until the handler was handed back
+        stopped = stopped or sigterm.received
+    # Several ranks agreed at the loop's end already: one more collective here, the group's last before its
+    # teardown, left a rank's destroy_process_group hanging now and then (Gloo), so a SIGTERM during their
+    # export lets the finished run end as finished.
     summary = {"step": step, "losses": losses, "checkpoint": str(ckpt), "export": export, "stopped": stopped,
                "total": total}
     return summary

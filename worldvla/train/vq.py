@@ -363,7 +363,11 @@ def train_vq(args) -> dict:
             log.close()
         if curves:  # also after a stop or a failure: the curves up to it
             curves.update(force=True)
-    stopped = sigterm.agreed(stopped, device)  # one during the export, until the handler was handed back
+    if world == 1:  # one during the export, until the handler was handed back
+        stopped = stopped or sigterm.received
+    # Several ranks agreed at the loop's end already: one more collective here, the group's last before its
+    # teardown, left a rank's destroy_process_group hanging now and then (Gloo), so a SIGTERM during their
+    # export lets the finished run end as finished.
     return {"step": step, "losses": losses, "export": export, "stopped": stopped, "total": total,
             "checkpoint": None if ckpt is None else str(ckpt)}
 
