@@ -319,6 +319,24 @@ def test_an_empty_batch_of_frames_is_refused_by_name():
                         action_tokenizer=b.actions, text_tokenizer=b.text)
 
 
+def test_a_float_image_is_refused_as_the_policy_refuses_one():
+    """generate_frames refused a float image with a ValueError and WorldVLAPolicy with a TypeError: one
+    error, both (FrameDtypeError), so that a caller catching either sees it from both."""
+    from worldvla.inference import WorldVLAPolicy
+    from worldvla.inference.frames import FrameDtypeError
+
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    img = np.random.default_rng(0).random((64, 64, 3), dtype=np.float32)
+    with pytest.raises(FrameDtypeError, match=r"^image must be uint8 in \[0, 255\], got float32 with values in "
+                                              r"\[[0-9.e-]+, [0-9.e-]+\]; convert with \(x \* 255\)\.round\(\)\.astype\(np\.uint8\)"):
+        generate_frames(model, vq, img, np.zeros((1, 4)), action_tokenizer=b.actions, text_tokenizer=b.text)
+    assert issubclass(FrameDtypeError, TypeError) and issubclass(FrameDtypeError, ValueError)
+    pol = WorldVLAPolicy.__new__(WorldVLAPolicy)  # only its frame check is exercised
+    pol.image_size = 64
+    with pytest.raises(FrameDtypeError, match=r"^frames must be uint8 in \[0, 255\], got float32"):
+        pol._frames(img)
+
+
 @pytest.mark.parametrize("cfg_scale", [None, 2.0])
 def test_a_frame_engine_serves_calls_in_and_out_of_inference_mode(rng, monkeypatch, native_step_runs, cfg_scale):
     """An engine whose 1- and 2-row step buffers were made under torch.inference_mode could not be stepped

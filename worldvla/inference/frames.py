@@ -236,6 +236,11 @@ def _check_cfg_scale(cfg_scale) -> None:
         raise ValueError(f"cfg_scale must be a finite number (1.0 or None: no guidance), got {cfg_scale!r}")
 
 
+class FrameDtypeError(TypeError, ValueError):
+    """Frames that are not uint8. A TypeError (a wrong dtype) that is also a ValueError (a bad frame), so that
+    callers catching either, as the policy's and generate_frames' callers did, see it."""
+
+
 def _to_batch_images(image) -> tuple[np.ndarray, bool]:
     tensor = isinstance(image, torch.Tensor)
     a = image.detach().cpu().numpy() if tensor else np.asarray(image)
@@ -243,7 +248,7 @@ def _to_batch_images(image) -> tuple[np.ndarray, bool]:
         raise ValueError(f"image must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}"
                          f"{frame_layout_hint(a, tensor)}")
     if a.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 in [0, 255], got {uint8_hint(a, tensor)}")
+        raise FrameDtypeError(f"image must be uint8 in [0, 255], got {uint8_hint(a, tensor)}")
     return (a[None], True) if a.ndim == 3 else (a, False)
 
 
@@ -361,4 +366,4 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
     return FrameRollout(all_codes[0], frames[0]) if single else FrameRollout(all_codes, frames)
 
 
-__all__ = ["generate_frames", "generate_frame_codes", "FrameRollout", "sample_logits"]
+__all__ = ["generate_frames", "generate_frame_codes", "FrameRollout", "FrameDtypeError", "sample_logits"]

@@ -39,7 +39,7 @@ from ..tokens.sequence import ACTION_PROMPT, image_tokens
 from .chunk import MODES, chunk_length, generate_action_chunk
 from .release import RELEASE_MAX_NEW_TOKENS, generate_release_actions
 from .engine import InferenceEngine, _model_state, outside_inference_mode
-from .frames import check_frame_sampling, frame_layout_hint, generate_frames, uint8_hint
+from .frames import FrameDtypeError, check_frame_sampling, frame_layout_hint, generate_frames, uint8_hint
 from .malloc import tune_cpu_malloc
 
 POLICY_FILE = "policy.json"
@@ -489,7 +489,7 @@ class WorldVLAPolicy:
             raise ValueError(f"{what} must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}"
                              f"{frame_layout_hint(a, tensor)}")
         if a.dtype != np.uint8:
-            raise TypeError(f"{what} must be uint8 in [0, 255], got {uint8_hint(a, tensor)}")
+            raise FrameDtypeError(f"{what} must be uint8 in [0, 255], got {uint8_hint(a, tensor)}")
         single = a.ndim == 3
         a = a[None] if single else a
         if a.shape[0] == 0 or 0 in a.shape[1:3]:
