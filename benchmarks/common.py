@@ -47,6 +47,7 @@ import platform
 import warnings
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -710,12 +711,19 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def module_name(fn) -> str:
+    """The module that defines `fn`, as `python -m` takes it: benchmarks.<name> in a source checkout,
+    worldvla.benchmarks.<name> in an installed package (run as __main__ too, by its module's spec)."""
+    spec = getattr(sys.modules.get(fn.__module__), "__spec__", None)
+    return spec.name if spec is not None else f"benchmarks.{Path(fn.__code__.co_filename).stem}"
+
+
 def main_for(run, description: str, argv=None, flags: dict[str, str] | None = None):
     """The `python -m benchmarks.<name>` entry point every benchmark shares. `flags`: a benchmark's own
     on/off options, "--name": help, passed to `run` as name=True/False."""
     import argparse
 
-    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(run.__code__.co_filename).stem}",
+    p = argparse.ArgumentParser(prog=f"python -m {module_name(run)}",
                                 description=description)
     p.add_argument("--quick", action="store_true",
                    help="small shapes and few repeats; writes <name>-<device>-quick.json")

@@ -784,7 +784,7 @@ def compare_sampled_frames(quick: bool = False, out_dir="benchmarks/results", gr
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name if __spec__ else 'benchmarks.e2e'}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="small config, 64 px-equivalent prompts, few repeats; writes <name>-<device>-quick.json")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")

@@ -224,7 +224,7 @@ def run(backend: str = "native", device: str | None = None, only: str | None = N
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sanitize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name if __spec__ else 'benchmarks.sanitize'}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", default="native", choices=["native", "triton"],
                    help="whose kernels the checks launch: the compiled extension's or Triton's (default: %(default)s)")
     p.add_argument("--device", help="cuda (default when available) or cpu")

@@ -130,7 +130,9 @@ def report(files: list[Path], arch: str = "sm_90a") -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for src in files:
             obj = Path(tmp) / (src.stem + ".o")
-            cmd = [nvcc, "-std=c++17", "-O3", f"-gencode=arch=compute_{num},code={arch}", f"-I{ROOT / 'csrc'}",
+            # csrc/ for the checkout's files; the folder above a given file's (its csrc/cuda/x.cu -> csrc/) for others
+            includes = list(dict.fromkeys([f"-I{ROOT / 'csrc'}", f"-I{src.resolve().parent.parent}"]))
+            cmd = [nvcc, "-std=c++17", "-O3", f"-gencode=arch=compute_{num},code={arch}", *includes,
                    "-DWORLDVLA_WITH_CUDA=1", f'-DWORLDVLA_CUDA_ARCHS="{num}-real"', "-Xptxas", "-v", "-c", str(src), "-o", str(obj)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
@@ -197,7 +199,7 @@ def run(quick: bool = False, device=None, out_dir: str | Path = "benchmarks/resu
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sass", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name if __spec__ else 'benchmarks.sass'}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="*", help="CUDA sources (default: csrc/cuda/*.cu)")
     p.add_argument("--arch", default="sm_90a", help="target architecture (default: sm_90a)")
     p.add_argument("--out", default="benchmarks/results", help="folder for sass-<arch>.json (default: %(default)s)")

@@ -271,11 +271,17 @@ def run(quick: bool = False, device: str | None = None, out_dir: str = "benchmar
     args = parse_args(["--quick"] if quick else [])
     if device:
         args.device = device
-    return _main(args, out_dir)
+    import torch
+
+    threads = torch.get_num_threads()  # the in-process policy sets its own; the next benchmark gets them back
+    try:
+        return _main(args, out_dir)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name if __spec__ else 'benchmarks.serve_load'}", description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", choices=["auto", "small", "tiny", "synthetic"], default="auto",
                    help="random WorldVLA policy (small/tiny; auto = small if save_policy exists, else synthetic; "
                         "default: %(default)s)")

@@ -592,6 +592,90 @@ def test_bench_sass_without_the_cuda_sources_is_skipped_not_an_empty_report(monk
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def test_bench_a_benchmark_whose_dependency_is_missing_fails_alone_naming_it(monkeypatch, tmp_path, capsys):
+    """A benchmark module that could not import one of its own dependencies was retried as the checkout's
+    `benchmarks.<name>`, whose error ("No module named 'benchmarks'") ended the whole run. Now that benchmark
+    fails with its real error, and the next one runs."""
+    import argparse
+    import importlib
+    import sys
+
+    from worldvla import bench
+    from worldvla.benchmarks import sass
+
+    real = importlib.import_module
+
+    def import_module(name, *a, **kw):
+        if name.endswith("benchmarks.serve_load"):
+            raise ModuleNotFoundError("No module named 'msgpack'", name="msgpack")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    monkeypatch.delitem(sys.modules, "worldvla.benchmarks.serve_load", raising=False)
+    monkeypatch.setattr(sass, "find_tool", lambda name: None)  # the next benchmark: skipped at once
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert bench.run(p.parse_args(["serve_load", "sass", "--out", str(tmp_path)])) == 1
+    out = capsys.readouterr().out
+    assert "!! serve_load failed: ModuleNotFoundError: No module named 'msgpack'" in out
+    assert "sass skipped: the static report needs nvcc" in out
+
+
+def test_serve_load_run_gives_back_the_thread_count(monkeypatch):
+    """serve_load's in-process policy set torch to one thread for the rest of a `worldvla bench` run, so the
+    benchmarks after it (cpu_ops) measured one thread."""
+    import torch
+
+    from worldvla.benchmarks import serve_load
+
+    def main(args, out_dir):
+        serve_load.build_policy({"kind": "synthetic", "threads": 1, "image_size": 8, "chunk_size": 2,
+                                 "action_dim": 3})
+        assert torch.get_num_threads() == 1
+        return out_dir
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(serve_load, "_main", main)
+        assert serve_load.run(quick=True, out_dir="x") == "x"
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sass_compiles_given_sources_against_their_own_csrc(monkeypatch, tmp_path):
+    """`python -m worldvla.benchmarks.sass <checkout>/csrc/cuda/vq.cu` from an installed package compiled with
+    -I pointing into site-packages, where common.h is not: the folder above the file's is searched too."""
+    import subprocess
+
+    from worldvla.benchmarks import sass
+
+    src = tmp_path / "csrc" / "cuda" / "vq.cu"
+    src.parent.mkdir(parents=True)
+    src.write_text("")
+    seen = []
+
+    def fake_run(cmd, *a, **kw):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "stop here")
+
+    monkeypatch.setattr(sass, "ROOT", tmp_path / "site-packages" / "worldvla")
+    monkeypatch.setattr(sass, "find_tool", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(sass.subprocess, "run", fake_run)
+    with pytest.raises(RuntimeError, match="nvcc failed on vq.cu"):
+        sass.report([src])
+    assert f"-I{tmp_path / 'csrc'}" in seen[0]
+
+
+def test_usage_lines_name_the_module_as_python_m_takes_it():
+    """From an installed package the benchmarks are worldvla.benchmarks.<name>; their usage said
+    benchmarks.<name>, a module only a source checkout has."""
+    from worldvla.benchmarks import attention, common
+
+    assert common.module_name(attention.run) == attention.__spec__.name == "worldvla.benchmarks.attention"
+
+
 def test_info_reports_the_auto_order_and_the_build(capsys):
     from worldvla import cli
     from worldvla.ops import dispatch
@@ -2033,11 +2117,16 @@ def test_a_benchmark_refuses_an_empty_out_and_names_itself(tmp_path, monkeypatch
     line named `__main__.py` instead of the command to run."""
     monkeypatch.chdir(tmp_path)
     ran = []
+
+    def run(quick, device, out):
+        ran.append(out)
+
+    run.__module__ = "worldvla.benchmarks.vq"  # as if the vq benchmark's own
     with pytest.raises(SystemExit) as e:
-        common.main_for(lambda quick, device, out: ran.append(out), "d", ["--quick", "--out", " "])
+        common.main_for(run, "d", ["--quick", "--out", " "])
     assert e.value.code == 2 and not ran and not any(tmp_path.iterdir())
     err = capsys.readouterr().err
-    assert "python -m benchmarks.test_benchmarks: error: --out is empty: name a folder" in err, err
+    assert "python -m worldvla.benchmarks.vq: error: --out is empty: name a folder" in err, err
     common.main_for(lambda quick, device, out: ran.append(out), "d", ["--out", "r"])
     assert ran == ["r"]
 
@@ -2054,4 +2143,4 @@ def test_serve_load_refuses_counts_that_would_measure_nothing(option, value, say
     with pytest.raises(SystemExit) as e:
         serve_load.parse_args([option, value])
     assert e.value.code == 2
-    assert f"python -m benchmarks.serve_load: error: argument {option}: {says}" in capsys.readouterr().err
+    assert f"python -m worldvla.benchmarks.serve_load: error: argument {option}: {says}" in capsys.readouterr().err

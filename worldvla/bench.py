@@ -39,6 +39,17 @@ def add_arguments(p):
                    help="folder for the JSON results and plots, relative to the current folder (default: %(default)s)")
 
 
+def benchmark_module(name: str):
+    """The benchmark's module: the installed package's, or the source checkout's `benchmarks/` where the
+    package has none. A module the benchmark itself imports and cannot find is that error, not this one."""
+    try:
+        return importlib.import_module(f"worldvla.benchmarks.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("worldvla.benchmarks", f"worldvla.benchmarks.{name}"):
+            raise
+    return importlib.import_module(f"benchmarks.{name}")
+
+
 def run(args) -> int:
     names = list(dict.fromkeys(args.names)) or list(BENCHMARKS)  # a name given twice runs once
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -57,21 +68,20 @@ def run(args) -> int:
         args.remaining = names[i:]
         print(f"\n== {name}: {BENCHMARKS[name]}")
         t0 = time.time()
+        unavailable = ()  # a benchmark's "cannot run here", not a failure
         try:
-            mod = importlib.import_module(f"worldvla.benchmarks.{name}")
-        except ImportError:
-            mod = importlib.import_module(f"benchmarks.{name}")  # running from a source checkout
-        unavailable = getattr(mod, "Unavailable", ())  # a benchmark's "cannot run here", not a failure
-        try:
+            mod = benchmark_module(name)
+            unavailable = getattr(mod, "Unavailable", ())
             path = mod.run(quick=args.quick, device=args.device, out_dir=args.out)
             print(f"-> {path} ({time.time() - t0:.1f} s)")
             args.finished.append(name)
-        except unavailable as e:
-            print(f"-- {name} skipped: {e}")
-            skipped.append(name)
-        except Exception as e:  # noqa: BLE001 - one failing benchmark must not hide the others
-            print(f"!! {name} failed: {type(e).__name__}: {e}")
-            failed.append(name)
+        except Exception as e:  # noqa: BLE001 - one failing benchmark (its import too) must not hide the others
+            if unavailable and isinstance(e, unavailable):
+                print(f"-- {name} skipped: {e}")
+                skipped.append(name)
+            else:
+                print(f"!! {name} failed: {type(e).__name__}: {e}")
+                failed.append(name)
     if skipped and len(skipped) == len(names):  # not a failure (a benchmark that cannot run here), but say so
         print(f"worldvla bench: nothing ran: every benchmark asked for ({', '.join(skipped)}) cannot run here and "
               f"was skipped, so no result was written; see the reasons above", file=sys.stderr)

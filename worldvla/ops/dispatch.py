@@ -243,7 +243,7 @@ _IMPLS: dict[str, dict[str, tuple[Callable, Callable]]] = {}
 _loaded = False
 _BACKEND_MODULES = {"triton": "worldvla.ops.triton_backend", "native": "worldvla.ops.native_backend"}
 _IMPORT_ERRORS: dict[str, ImportError] = {}  # backend -> why its module did not import
-_INSTALL_HINTS = {"triton": "pip install triton", "native": "build the extension (pip install .)"}
+_INSTALL_HINTS = {"triton": 'pip install "worldvla[triton]"', "native": "build the extension (pip install .)"}
 
 
 def register(op: str, backend: str, fn: Callable, supports: Callable | None = None) -> None:
