@@ -1023,3 +1023,82 @@ def test_a_list_of_prompts_with_some_scalars_is_not_read_as_one_prompts_ids(rng)
         assert "numbers" not in str(err.value)
     with pytest.raises(ValueError, match=r"input_ids is a list of 1 numbers"):
         generate_action_chunk(model, [7], LAYOUT, 2, 3)
+
+
+def test_a_cached_prefix_and_the_padded_uncached_part_may_fill_the_cache_exactly(rng):
+    """Row 0's cached prefix plus the batch's longest uncached part may take every slot, and its hidden states are
+    a full prefill's; one slot more is refused naming the row and the slots, before anything is written."""
+    model = _model(8)
+    prompt = _prompt(rng, 1)
+    n = prompt.numel()
+    eng = InferenceEngine(model, 2, n)
+    full = eng.prefill([prompt, prompt[:-1]])
+    got = eng.prefill([prompt, prompt[:-1]], skip=[n - 3, n - 4])  # 3 uncached tokens each: n - 3 + 3 = n slots
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+    before = eng.cache.k.clone()
+    with pytest.raises(ValueError, match=rf"row 0's cached prefix of {n - 3} tokens and the batch's longest uncached "
+                                         rf"part \(4 tokens, .*\) need {n + 1} cache slots; the engine has {n}"):
+        eng.prefill([prompt, prompt[:-1]], skip=[n - 3, n - 5])
+    assert torch.equal(eng.cache.k, before)
+
+
+def test_decoding_a_model_in_training_mode_warns_only_where_dropout_makes_it_random(rng):
+    import warnings
+
+    prompt = _prompt(rng, 1)
+    for dropout, warns in ((0.1, True), (0.0, False)):
+        model = WorldVLA(ModelConfig.tiny(LAYOUT, dropout=dropout)).init_weights(generator=torch.Generator().manual_seed(0))
+        eng = InferenceEngine(model.train(), 1, prompt.numel())
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            eng.prefill([prompt])
+        said = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+        if warns:
+            assert any(f"its dropout ({dropout}) makes the output random; call model.eval()" in s for s in said), said
+        else:
+            assert not any("dropout" in s for s in said), said
+
+
+def test_a_row_prefix_of_a_negative_length_is_refused(rng):
+    """n = -1 would copy every slot but the last (a slice from the end) rather than name the mistake."""
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    eng = InferenceEngine(model, 1, prompt.numel())
+    eng.prefill([prompt])
+    with pytest.raises(ValueError, match=rf"n must lie in \[0, {prompt.numel()}\] \(the engine's slots\), got -1"):
+        eng.row_prefix(0, -1)
+    k, v = eng.row_prefix(0, 0)
+    assert k.shape[1] == v.shape[1] == 0
+
+
+def test_the_baseline_refuses_ids_outside_the_vocabulary_by_name(rng):
+    """The cached forward skips the range check (the engine checks its prompts before prefill): the baseline checks
+    its prompt itself, where an id past the vocabulary failed as an index error of the embedding."""
+    model = _model(8)
+    prompt = _prompt(rng, 1)
+    for bad in (LAYOUT.vocab_size, -1):
+        p = prompt.clone()
+        p[3] = bad
+        with pytest.raises(ValueError, match="token ids out of range"):
+            baseline_generate_action_chunk(model, p, LAYOUT, 2, 3)
+
+
+def test_a_cpu_engine_steps_as_many_rows_as_the_one_call_step_computes_alike(rng):
+    """Where the CPU runs a step as one native call (backend auto), parallel decoding may put up to
+    DECODE_STEP_MAX_QUERIES blocks in one step; layer by layer (backend torch) every row must go alone. A value of
+    1 on the native path would keep the tokens but decode the parallel mode one block at a time."""
+    pytest.importorskip("worldvla._C")
+    model = _model(3)
+    assert decoder_op.native_step_active(torch.float32)
+    assert InferenceEngine(model, 1, 64).max_step_rows() == decoder_op.DECODE_STEP_MAX_QUERIES
+    assert InferenceEngine(model, 1, 64, backend="torch").max_step_rows() == 1
+
+
+def test_parse_action_blocks_takes_no_delimiter_as_a_value():
+    """A run of D + 2 tokens from a BOA to an EOA is a block only if no BOA or EOA lies between: [BOA, b, EOA, EOA]
+    holds a block of one value and a stray EOA, not an action whose second value is the EOA's id."""
+    L, b = LAYOUT, LAYOUT.bin_base
+    for toks in ([L.boa, b, L.eoa, L.eoa], [L.boa, L.boa, b, L.eoa], [L.boa, b, L.eoa, L.boa, b + 1, L.eoa]):
+        assert parse_action_blocks(torch.tensor(toks), L, 2).tolist() == [], toks
+    good = [L.boa, b, L.eoa, L.eoa, L.boa, b + 2, b + 3, L.eoa]
+    assert parse_action_blocks(torch.tensor(good), L, 2).tolist() == [[L.boa, b + 2, b + 3, L.eoa]]

@@ -386,3 +386,59 @@ def test_moving_packed_metadata_off_the_cpu_checks_max_seqlen():
     for ok in (150, 0):  # enough, or unknown (the kernels then read the boundaries themselves)
         meta.max_seqlen = ok
         assert meta.to("meta").max_seqlen == ok
+
+
+def test_growing_meta_of_a_prompt_with_one_eoi_too_many_pairs_its_images_as_the_whole_sequence():
+    """A prompt whose images hold one EOI too many (here two EOIs inside an open block): the last image ends at the
+    EOI before the last, so the open block, started before it, keeps sight of the earlier block while it grows,
+    and a block started after it is restricted, as chunk_mask_meta of the whole sequence gives."""
+    from worldvla.mask import GrowingBlockMeta
+
+    L = VocabLayout.compact(n_image_codes=64)
+    b = L.bin_base
+    prompt = [L.boa, b, L.eoa, L.boi, L.boa, b, L.eoi, L.eoi]
+    grow = GrowingBlockMeta(torch.tensor(prompt), L)
+    seq, got = list(prompt), []
+    for tok in (b, L.eoa, L.boa, b, L.eoa):
+        seq.append(tok)
+        got.append(grow.push(tok))
+    meta = chunk_mask_meta(torch.tensor(seq), L)
+    assert got == [(1, -1), (1, -1), (2, 2), (2, 2), (2, 2)]
+    assert got == list(zip(meta.kv_block[len(prompt):].tolist(), meta.q_limit[len(prompt):].tolist()))
+
+
+def test_fractional_cu_seqlens_are_refused_not_truncated():
+    """Document boundaries 0, 3.5, 6 would be read as 0, 3, 6: a boundary in the wrong place without a word."""
+    L = VocabLayout.compact()
+    for cu in (torch.tensor([0.0, 3.5, 6.0]), torch.tensor([0.0, 3.0, 6.0], dtype=torch.float64)):
+        with pytest.raises(TypeError, match=f"cu_seqlens must hold integers, got {cu.dtype}"):
+            chunk_mask_meta(torch.zeros(6, dtype=torch.long), L, cu_seqlens=cu)
+        with pytest.raises(TypeError, match=f"cu_seqlens must hold integers, got {cu.dtype}"):
+            causal_meta((6,), cu_seqlens=cu)
+    for cu in (torch.tensor([0, 3, 6], dtype=torch.int32), torch.tensor([0, 3, 6])):
+        assert chunk_mask_meta(torch.zeros(6, dtype=torch.long), L, cu_seqlens=cu).cu_seqlens.tolist() == [0, 3, 6]
+
+
+def test_a_max_seqlen_one_short_of_the_longest_document_is_refused():
+    """One row short is as wrong as fifty: the kernels would leave the document's last row unwritten."""
+    from worldvla.mask import check_cu_seqlens
+
+    cu = torch.tensor([0, 150, 160], dtype=torch.int32)
+    for short in (149, 1):
+        meta = ChunkMaskMeta(torch.full((160,), NO_BLOCK, dtype=torch.int32), torch.full((160,), -1, dtype=torch.int32),
+                             torch.cat([torch.arange(150), torch.arange(10)]), cu, max_seqlen=short)
+        with pytest.raises(ValueError, match=rf"max_seqlen={short} is shorter than the longest document \(150 tokens\)"):
+            check_cu_seqlens(meta, 160)
+        with pytest.raises(ValueError, match=rf"max_seqlen={short} is shorter"):
+            meta.to("meta")
+    meta.max_seqlen = 150
+    check_cu_seqlens(meta, 160)
+
+
+def test_bool_ids_are_refused_as_ids_that_are_not_integers():
+    """A bool tensor (a mask passed where ids go) gave the metadata of the ids 0 and 1: no action block at all."""
+    L = VocabLayout.compact()
+    with pytest.raises(TypeError, match="input_ids must be integer token ids, got torch.bool"):
+        chunk_mask_meta(torch.tensor([True, False, True]), L)
+    with pytest.raises(TypeError, match="input_ids must be integer token ids, got torch.bool"):
+        chunk_attention_mask(torch.tensor([True, False, True]), L)

@@ -1265,3 +1265,78 @@ def test_an_atomic_write_finds_the_temporary_files_of_a_name_with_pattern_charac
     write_text_atomic(target, "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, lookalike.name])
     assert target.read_text() == "{}"
+
+
+def test_loss_takes_its_z_weight():
+    """`loss(z_weight=w)` adds w times the mean squared log-normalizer of the labelled rows (spec 2.5), on the
+    fused head and on an adapted one, not the default 1e-5 whatever it is given."""
+    gen = torch.Generator().manual_seed(6)
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=gen)
+    ids, lab = _padded_batch(m, gen, 2)
+    with torch.no_grad():
+        logits = m(ids)[:, :-1].reshape(-1, m.config.vocab_size)
+        y = lab[:, 1:].reshape(-1)
+        ce = torch.nn.functional.cross_entropy(logits, y, weight=loss_class_weights(m.layout, 0.04), ignore_index=-100)
+        z_want = (torch.logsumexp(logits[y != -100], -1) ** 2).mean()
+        for head in ("plain", "hooked"):
+            if head == "hooked":  # a hooked head runs as a module: the loss over its logits
+                m.lm_head.register_forward_hook(lambda mod, args, out: out)
+            for w in (0.0, 0.1):
+                loss, z = m.loss(ids, lab, z_weight=w)
+                torch.testing.assert_close(z, z_want, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(loss, ce + w * z_want, rtol=1e-5, atol=1e-6)
+    assert z_want > 1  # a z term that tells the weights apart at these tolerances
+
+
+def test_metadata_with_an_unknown_longest_document_still_has_its_positions_counted():
+    """max_seqlen 0 (unknown, as hand-built metadata may leave it): the positions themselves are read, and a row of
+    max_position_embeddings + 1 tokens is refused as when the metadata gives its length."""
+    m = WorldVLA(ModelConfig.tiny(max_position_embeddings=16)).init_weights(generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(10, 60, (1, 17), generator=torch.Generator().manual_seed(1))
+    meta = m.attention_meta(ids)
+    meta.max_seqlen = 0
+    with pytest.raises(ValueError, match="17 positions exceeds max_position_embeddings 16"):
+        m(ids, meta)
+    fits = m.attention_meta(ids[:, :16])
+    fits.max_seqlen = 0
+    assert torch.equal(m(ids[:, :16], fits), m(ids[:, :16]))
+
+
+def test_labels_of_another_shape_than_the_ids_are_refused_naming_both():
+    """Labels one token longer than the ids (a row built off by one) gave an error about the loss's rows, far
+    from the cause."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(10, 60, (2, 6), generator=torch.Generator().manual_seed(1))
+    for labels in (torch.randint(10, 60, (2, 7)), ids.flatten()):
+        with pytest.raises(ValueError, match=rf"labels {re.escape(str(tuple(labels.shape)))} must match input_ids "
+                                             r"\(2, 6\)"):
+            m.loss(ids, labels)
+
+
+def test_key_value_heads_that_do_not_divide_the_query_heads_are_refused_by_name():
+    """Grouped-query attention shares each key/value head among heads / kv_heads query heads: 3 key/value heads
+    cannot be shared by 4 query heads."""
+    with pytest.raises(ValueError, match="num_key_value_heads 3 must divide num_attention_heads 4"):
+        WorldVLA(ModelConfig.tiny(num_key_value_heads=3))
+    with pytest.raises(ValueError, match="hidden_size 64 is not divisible by num_attention_heads 3"):
+        WorldVLA(ModelConfig.tiny(num_attention_heads=3, num_key_value_heads=1))
+    assert WorldVLA(ModelConfig.tiny(num_key_value_heads=1)).model.layers[0].self_attn.k_proj.weight.shape == (16, 64)
+
+
+def test_an_odd_head_dim_and_an_unknown_attention_mode_are_refused_by_name():
+    """Rotate-half RoPE pairs a head's two halves: 60 / 4 = 15 dimensions cannot be split. The attention mode is one
+    of two rules; another name would have run as plain causal attention."""
+    with pytest.raises(ValueError, match="head_dim 15 must be even for RoPE"):
+        WorldVLA(ModelConfig.tiny(hidden_size=60))
+    with pytest.raises(ValueError, match=r"attention must be one of \('chunk', 'causal'\), got 'full'"):
+        WorldVLA(ModelConfig.tiny(attention="full"))
+
+
+def test_bool_ids_are_refused_by_name():
+    """A bool tensor (a mask passed where ids go) failed in the embedding with an error about its indices."""
+    m = WorldVLA(ModelConfig.tiny())
+    ids = torch.tensor([[True, False, True]])
+    with pytest.raises(TypeError, match="input_ids must be integer token ids, got torch.bool"):
+        m(ids)
+    with pytest.raises(TypeError, match="input_ids must be integer token ids, got torch.bool"):
+        m.loss(ids, ids.long())

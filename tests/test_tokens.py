@@ -437,3 +437,68 @@ def test_float64_tensors_keep_their_precision_and_bounds_round_trip():
     back = ActionTokenizer(CH, **at.to_dict())
     assert back.to_dict() == {"low": list(LIBERO_MIN), "high": list(LIBERO_MAX)}
     assert torch.equal(back.encode(a), at.encode(a))
+
+
+def test_the_id_just_past_the_image_codes_is_named_as_no_image_code():
+    """The Chameleon EOI (8196) is the id just past the image codes' range: in a code grid it was refused as an
+    index past the code table (an IndexError) rather than named as a token that is no image code."""
+    lo, hi = CH.image_id_range
+    assert hi == CH.eoi
+    with pytest.raises(ValueError, match=rf"1 token ids are not image codes \(expected ids in \[{lo}, {hi}\)\)"):
+        CH.id_to_code(torch.tensor([[4, CH.eoi]]))
+    assert CH.id_to_code(torch.tensor([lo, hi - 1])).tolist() == [0, 8191]
+
+
+def test_check_ids_refuses_the_vocabulary_size_itself_and_takes_no_ids():
+    """Ids run 0..vocab_size - 1: the id vocab_size is one past the embedding's rows. An empty tensor has no id
+    out of range."""
+    L = VocabLayout.compact(n_image_codes=64)
+    with pytest.raises(ValueError, match=rf"token ids out of range: \[0, {L.vocab_size}\] but the vocabulary has "
+                                         rf"{L.vocab_size} entries \(layout 'compact-64-256'\)"):
+        L.check_ids(torch.tensor([0, L.vocab_size]))
+    L.check_ids(torch.tensor([0, L.vocab_size - 1]))
+    L.check_ids(torch.zeros(0, dtype=torch.long))
+
+
+def test_action_bounds_of_different_lengths_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"bounds must be two 1-D sequences of equal length, got \(3,\) and \(2,\)"):
+        ActionTokenizer(VocabLayout.compact(), low=[-1, -1, -1], high=[1, 1])
+    with pytest.raises(ValueError, match=r"got \(1,\) and \(3,\)"):  # one bound would broadcast over the other
+        ActionTokenizer(VocabLayout.compact(), low=[-1], high=[1, 1, 1])
+
+
+def test_an_image_token_list_cut_short_or_not_closed_is_refused():
+    """Generated image tokens may stop early: a list without its closing EOI, with a row missing, or with no body
+    at all is refused naming what is wrong, not read as codes or failed on with an index error."""
+    codes = torch.randint(0, 64, (4, 2), generator=torch.Generator().manual_seed(0))
+    L = VocabLayout.compact(n_image_codes=64)
+    toks = image_tokens(codes, L)
+    assert torch.equal(codes_from_image_tokens(toks, L), codes)
+    unclosed = toks.clone()
+    unclosed[-1] = L.image_code_ids[0]  # the EOI replaced by a code: every length still fits
+    with pytest.raises(ValueError, match="must start with BOI and end with EOI"):
+        codes_from_image_tokens(unclosed, L)
+    no_last_row = torch.cat([toks[:-4], toks[-1:]])  # 4 rows announced, 3 written
+    with pytest.raises(ValueError, match="image body has 9 tokens, expected 4 rows of 2 codes"):
+        codes_from_image_tokens(no_last_row, L)
+    for short in ([L.boi, L.eoi], [L.boi, L.res_token(2), L.eoi]):
+        with pytest.raises(ValueError, match="must start with BOI and end with EOI"):
+            codes_from_image_tokens(torch.tensor(short), L)
+
+
+def test_image_tokens_round_trip_for_a_vq_of_another_downsampling():
+    """A layout whose VQ downsamples by 8 has 4 codes per 32-px resolution grid a side: reading the tokens back
+    takes the grid count times 4, as writing them divided by 4."""
+    import dataclasses
+
+    L = dataclasses.replace(VocabLayout.compact(n_image_codes=64), patch=8)
+    codes = torch.randint(0, 64, (8, 4), generator=torch.Generator().manual_seed(0))  # 64 px high, 32 px wide
+    toks = image_tokens(codes, L)
+    assert toks[1:3].tolist() == [L.res_token(2), L.res_token(1)] and toks.numel() == 3 + 8 * 5 + 1
+    assert torch.equal(codes_from_image_tokens(toks, L), codes)
+
+
+def test_bool_ids_are_refused_as_ids_that_are_not_integers():
+    """A bool tensor (a mask passed where ids go) passed the ids' range check as the ids 0 and 1."""
+    with pytest.raises(TypeError, match="token ids must be an integer tensor, got torch.bool"):
+        CH.check_ids(torch.tensor([True, False]))

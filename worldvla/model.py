@@ -346,8 +346,7 @@ class WorldVLA(nn.Module):
         """
         backend = backend or self.attn_backend
         cfg = self.config
-        if input_ids.dtype.is_floating_point:
-            raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        ops.dispatch.require_integers(input_ids, "input_ids must be integer token ids")  # a bool mask too
         # The cached (decode) path skips the range check: it would synchronize the host on every step and
         # break CUDA-graph capture; the engine validates prompts once before prefill.
         if cache is None and check_ids and input_ids.numel():

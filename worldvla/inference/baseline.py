@@ -68,12 +68,14 @@ class BaselineOutput(NamedTuple):
 
 
 def parse_action_blocks(tokens: torch.Tensor, layout: VocabLayout, action_dim: int) -> torch.Tensor:
-    """Every well-formed `[BOA, D tokens, EOA]` run in `tokens` -> [n, D+2]; other tokens are skipped.
+    """Every well-formed `[BOA, D tokens, EOA]` run in `tokens` (no BOA or EOA among the D) -> [n, D+2]; other
+    tokens are skipped.
     A strict parser: the release's own parsing of free output is `parse_release_actions`."""
     t = tokens.tolist()
     blocks, i, T = [], 0, action_dim + 2
     while i + T <= len(t):
-        if t[i] == layout.boa and t[i + T - 1] == layout.eoa:
+        inner = t[i + 1:i + T - 1]  # a BOA or EOA among the D values would be a shorter or nested block
+        if t[i] == layout.boa and t[i + T - 1] == layout.eoa and layout.boa not in inner and layout.eoa not in inner:
             blocks.append(t[i:i + T])
             i += T
         else:

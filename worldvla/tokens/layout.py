@@ -139,8 +139,9 @@ class VocabLayout:
         return m
 
     def check_ids(self, ids: torch.Tensor) -> None:
-        if ids.dtype.is_floating_point:
-            raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
+        from ..ops.dispatch import require_integers
+
+        require_integers(ids, "token ids must be an integer tensor")
         if not ids.numel():
             return
         lo, hi = (int(x) for x in torch.stack(torch.aminmax(ids)).tolist())  # one read of the values
