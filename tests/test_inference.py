@@ -596,6 +596,69 @@ def test_decode_meta_subclass_is_decode_meta():
 
 
 # ---------------------------------------------------------------------------------- GPU
+def _differs(got, want) -> str:
+    bad = (got != want).any(-1).nonzero().flatten().tolist()
+    return f"rows {bad[:8]} differ, by up to {(got.float() - want.float()).abs().max().item():.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_projection_rows_do_not_depend_on_the_rows_beside_them(dtype):
+    """What parallel decoding's exactness on CUDA rests on (the near-tie test below checks the tokens): a step of
+    B x K rows computes each row's projections bit for bit as a step of B rows, or of one, does. cuBLAS may take
+    another kernel, or another split of the reduction, for one row than for several. A failure names the shape
+    and the row count, and max_step_rows() must then bound the rows of a CUDA step."""
+    from worldvla import ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    # The small config's projections, then the 7B's (hidden 4096, MLP 11008).
+    for n_out, n_in in ((256, 256), (688, 256), (256, 688), (4096, 4096), (11008, 4096), (4096, 11008)):
+        w = (torch.randn(n_out, n_in, device="cuda", generator=g) / n_in ** 0.5).to(dtype)
+        x = torch.randn(30, n_in, device="cuda", generator=g).to(dtype)
+        one = torch.cat([ops.linear(x[i:i + 1], w) for i in range(30)])
+        for M in (2, 3, 5, 10, 15, 16, 30):
+            got = ops.linear(x[:M], w)
+            assert torch.equal(got, one[:M]), f"linear {n_out}x{n_in} {dtype}, {M} rows: {_differs(got, one[:M])}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (32, 32, 128), (8, 2, 64)])
+def test_cuda_decode_attention_rows_do_not_depend_on_the_rows_beside_them(backend, dtype, heads, kv_heads, head_dim):
+    """The other half of a step: K query rows in K action blocks of a chunk (the parallel step) give each row's
+    attention bit for bit as a one-row query does (the sequential step). The split of the cache over CTAs is
+    chosen from the shapes, the query rows among them: rows x grouped heads past one CTA's rows may change it."""
+    from worldvla import ops
+    from worldvla.mask import NO_BLOCK
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    B, P, K, D = 3, 574, 10, 7  # a 256 px prompt, a chunk of 10 actions of 7 values
+    S = P + K * (D + 2) + 1
+    k_cache = torch.randn(B, S, kv_heads, head_dim, device="cuda", generator=g).to(dtype)
+    v_cache = torch.randn(B, S, kv_heads, head_dim, device="cuda", generator=g).to(dtype)
+    q = torch.randn(B, K, heads, head_dim, device="cuda", generator=g).to(dtype)
+    kv_block = torch.full((B, S), NO_BLOCK, dtype=torch.int32)
+    for j in range(K):
+        kv_block[:, P + j * (D + 2):P + (j + 1) * (D + 2)] = j
+    d = 4  # the step writing each block's 4th value: block j's row at P + j (D + 2) + d
+    q_pos = torch.tensor([[P + j * (D + 2) + d for j in range(K)]] * B, dtype=torch.int32)
+    q_limit = torch.arange(K, dtype=torch.int32).repeat(B, 1)
+    kv_len = torch.full((B,), S, dtype=torch.int32)
+    meta = DecodeMeta(q_pos.cuda(), q_limit.cuda(), kv_block.cuda(), kv_len.cuda())
+    if backend not in dispatch.available("decode_attention") or \
+            not dispatch.supports("decode_attention", backend, q, k_cache, v_cache, meta):
+        pytest.skip(f"no {backend} decode attention for these tensors here")
+    full = ops.decode_attention(q, k_cache, v_cache, meta, backend=backend)
+    for j in range(K):
+        one_meta = DecodeMeta(meta.q_pos[:, j:j + 1].contiguous(), meta.q_limit[:, j:j + 1].contiguous(), meta.kv_block,
+                              meta.kv_len)
+        one = ops.decode_attention(q[:, j:j + 1].contiguous(), k_cache, v_cache, one_meta, backend=backend)
+        assert torch.equal(full[:, j:j + 1], one), \
+            f"{backend} {dtype} H{heads}/{kv_heads} Dh{head_dim}, block {j} of {K}: " \
+            f"{_differs(full[:, j].flatten(1), one[:, 0].flatten(1))}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_parallel_equals_sequential_on_near_ties(dtype):
