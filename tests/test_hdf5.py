@@ -924,3 +924,127 @@ def test_a_write_under_way_keeps_its_temporary_file_when_stale_ones_are_removed(
     assert removed == []
     assert [len(d.actions) for d in read_demos(path)] == [2, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reach-v3.hdf5"]
+
+
+def test_write_demos_refuses_an_empty_demo_by_name(tmp_path, np_rng):
+    """A demo of no step (an episode that ended before its first action) is refused naming it, and no file is left
+    behind: the reader refuses such a demo, so writing it would only move the error to the training run."""
+    good = random_demo(np_rng, 3, 8, 8, 4, instruction="")
+    empty = {"frames": np.zeros((0, 8, 8, 3), np.uint8), "actions": np.zeros((0, 4), np.float32)}
+    with pytest.raises(ValueError, match="demo 1: need one frame per action and at least one step, got 0 frames"):
+        write_demos(tmp_path / "d.hdf5", [good, empty], "push")
+    assert not any(tmp_path.iterdir())
+
+
+def test_write_demos_records_the_layouts_done_flags_and_demo_count(tmp_path, np_rng):
+    """The file follows the LIBERO / robomimic layout other readers rely on: each demo's `dones` holds 1 on its
+    last step only, and `data.attrs` count the demos and their steps."""
+    lengths = [1, 4, 2]
+    demos = [random_demo(np_rng, t, 6, 6, 3, instruction="") for t in lengths]
+    path = write_demos(tmp_path / "d.hdf5", demos, "push")
+    with h5py.File(path, "r") as f:
+        for i, t in enumerate(lengths):
+            np.testing.assert_array_equal(f[f"data/demo_{i}/dones"][()], np.eye(1, t, t - 1, dtype=np.uint8)[0])
+            assert f[f"data/demo_{i}"].attrs["num_samples"] == t
+        assert f["data"].attrs["num_demos"] == 3
+        assert f["data"].attrs["total"] == 7
+    assert demo_file_info(path)["attrs"]["num_demos"] == 3
+
+
+def test_only_groups_named_demo_and_a_number_are_read_as_demos(tmp_path, np_rng):
+    """A group beside the demos whose name only starts like one ("demo_1_backup", a copy kept in the file) is not
+    a demo: it is neither read nor counted, and does not take demo_1's place in the order."""
+    demos = [random_demo(np_rng, 2 + i, 6, 6, 3, instruction="") for i in range(2)]
+    path = write_demos(tmp_path / "d.hdf5", demos, "push")
+    with h5py.File(path, "a") as f:
+        f.copy(f["data/demo_0"], f["data"], name="demo_1_backup")
+    assert [d.name for d in read_demos(path)] == ["demo_0", "demo_1"]
+    assert [len(d) for d in read_demos(path)] == [2, 3]
+    info = demo_file_info(path)
+    assert info["num_demos"] == 2 and info["names"] == ["demo_0", "demo_1"]
+    assert [name for name, _ in iter_demo_actions(path)] == ["demo_0", "demo_1"]
+
+
+def test_iter_demo_actions_skips_a_demo_of_no_ops_as_iter_demos_does(tmp_path, np_rng):
+    """Under drop_noops a demo whose every step is a no-op yields nothing from `iter_demo_actions`, as `iter_demos`
+    skips it: the action bounds are then derived from the demos the store tokenizes, not from an empty one."""
+    still = np.zeros((3, 7), np.float32)
+    still[:, -1] = -1
+    moving = np_rng.uniform(-1, 1, (4, 7)).astype(np.float32)
+    frames = np_rng.integers(0, 256, size=(7, 8, 8, 3), dtype=np.uint8)
+    path = write_demos(tmp_path / "d.hdf5", [{"frames": frames[:3], "actions": still},
+                                             {"frames": frames[3:], "actions": moving}], "push")
+    got = list(iter_demo_actions(path, drop_noops=True))
+    assert [name for name, _ in got] == ["demo_1"]
+    np.testing.assert_array_equal(got[0][1], moving)
+    with pytest.warns(UserWarning, match="every step is a no-op"):
+        assert [d.name for d in iter_demos(path, drop_noops=True)] == ["demo_1"]
+    assert [name for name, _ in iter_demo_actions(path)] == ["demo_0", "demo_1"]
+
+
+def test_float_frames_reaching_exactly_one_are_advised_as_zero_to_one_images(tmp_path):
+    """A [0, 1] float image whose white pixels are exactly 1.0 (the usual case) gets the [0, 1] advice: the [-1, 1]
+    one, ((x + 1) * 127.5), would map its black to mid-grey."""
+    x = np.random.default_rng(0).random((2, 8, 8, 3)).astype(np.float32)
+    x[0, 0, 0] = 1.0
+    x[0, 0, 1] = 0.0
+    with pytest.raises(ValueError, match=re.escape("they lie in [0, 1]: convert with (x * 255).round()")) as e:
+        write_demos(tmp_path / "a.hdf5", [{"frames": x, "actions": np.zeros((2, 4), np.float32)}], "x")
+    assert "127.5" not in str(e.value)
+
+
+def test_a_libero_instruction_kept_as_a_list_of_words_is_read_as_one_text(tmp_path, np_rng):
+    """problem_info's language_instruction kept as a list of words is read as the words joined by spaces, not as
+    the list's printed form."""
+    path = tmp_path / "libero.hdf5"
+    write_libero_like(path, np_rng, n=1)
+    with h5py.File(path, "a") as f:
+        f["data"].attrs["problem_info"] = json.dumps({"language_instruction": ["open", "the", "top", "drawer"]})
+    assert [d.instruction for d in read_demos(path)] == ["open the top drawer"]
+    assert demo_file_info(path)["instruction"] == "open the top drawer"
+
+
+def test_without_a_camera_the_agentview_frames_are_read_before_other_cameras(tmp_path, np_rng):
+    """With no camera named, a demo's agentview frames are read even where another camera's key sorts first
+    ("Front_rgb" before "agentview_rgb"); naming the camera reads that one."""
+    demo = random_demo(np_rng, 3, 6, 6, 2, instruction="")
+    path = write_demos(tmp_path / "d.hdf5", [demo], "push", camera="agentview")
+    front = np_rng.integers(0, 256, size=(3, 6, 6, 3), dtype=np.uint8)
+    with h5py.File(path, "a") as f:
+        f["data/demo_0/obs/Front_rgb"] = front
+    np.testing.assert_array_equal(read_demos(path)[0].frames, demo.frames)
+    np.testing.assert_array_equal(read_demos(path, camera="Front")[0].frames, front)
+
+
+def test_reading_record_names_only_the_demo_instructions_that_differ(tmp_path, np_rng):
+    """A token store's record of a file lists the demos whose own instruction differs from the file's (not every
+    demo, which `write_demos` gives the file's instruction too), and says whether some demo takes the file's: a
+    demo without one does; a file whose demos all hold their own needs no instruction of its own."""
+    from worldvla.data.hdf5 import FROM_NOWHERE, reading_record
+
+    demos = [random_demo(np_rng, 2, 6, 6, 2, instruction="") for _ in range(3)]
+    demos[1].instruction = "close the drawer"
+    path = write_demos(tmp_path / "d.hdf5", demos, "open the drawer")
+    record = reading_record(path)
+    assert record["instruction"] == "open the drawer" and not record["uses_file_instruction"]
+    assert record["demo_instructions"] == {"demo_1": "close the drawer"}
+    same = write_demos(tmp_path / "same.hdf5", demos[:1], "open the drawer")
+    assert "demo_instructions" not in reading_record(same)
+    with h5py.File(path, "a") as f:
+        del f["data/demo_2"].attrs["instruction"]
+    assert reading_record(path)["uses_file_instruction"]
+    with h5py.File(path, "a") as f:  # every demo with its own instruction, the file with none
+        del f["data"].attrs["instruction"]
+        f["data/demo_0"].attrs["instruction"] = "push the drawer"
+        f["data/demo_2"].attrs["instruction"] = "open the drawer"
+    record = reading_record(path)
+    assert record["instruction_from"] == FROM_NOWHERE and not record["uses_file_instruction"]
+    assert record["demo_instructions"] == {"demo_0": "push the drawer", "demo_1": "close the drawer",
+                                           "demo_2": "open the drawer"}
+
+
+def test_iter_demos_given_no_names_yields_no_demo(tmp_path, np_rng):
+    """`names` picks the demos read: an empty set picks none (not every demo)."""
+    path = write_demos(tmp_path / "d.hdf5", [random_demo(np_rng, 2, 6, 6, 2, instruction="")], "push")
+    assert list(iter_demos(path, names=set())) == []
+    assert [d.name for d in iter_demos(path, names=["demo_0"])] == ["demo_0"]

@@ -459,3 +459,35 @@ def test_actions_with_demos_are_refused(files, tmp_path, capsys):
     assert "--actions goes with --image; with --demos the episode's recorded actions are used" in \
         capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_demo_run_shows_each_row_from_the_first_frame_and_scores_the_vqgans_reconstruction(files, tmp_path,
+                                                                                             monkeypatch):
+    """rollout.png's rows and rollout.gif start at the frame the rollout starts from: the recorded row is that
+    frame then the recorded ones, the imagined row that frame then the imagined ones, side by side in the GIF. The
+    reconstruction's scores are those of the VQGAN's decoding of the recorded frames' codes (below the cap: not the
+    recorded frames themselves)."""
+    from worldvla.eval import metrics, plots
+
+    shown = {}
+    real_grid, real_gif = plots.frame_grid, plots.save_gif
+    monkeypatch.setattr(plots, "frame_grid", lambda rows, path, labels: shown.update(rows=rows) or
+                        real_grid(rows, path, labels=labels))
+    monkeypatch.setattr(plots, "save_gif", lambda frames, path, fps: shown.update(gif=frames) or
+                        real_gif(frames, path, fps=fps))
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 3, "--out", out) == 0
+    arrays = np.load(out / "rollout.npz")
+    first, real, imagined = arrays["first"], arrays["recorded"], arrays["imagined"]
+    recorded_row, imagined_row = shown["rows"]
+    assert recorded_row.shape[0] == imagined_row.shape[0] == 4
+    np.testing.assert_array_equal(recorded_row, np.concatenate([first[None], real]))
+    np.testing.assert_array_equal(imagined_row, np.concatenate([first[None], imagined[0]]))
+    np.testing.assert_array_equal(shown["gif"], plots.side_by_side(recorded_row, imagined_row))
+
+    policy = WorldVLAPolicy.from_pretrained(files / "policy", device="cpu")
+    recon = policy.vqgan.decode_images(policy.vqgan.encode_images(real))
+    want = np.minimum(metrics.psnr(recon, real).numpy(), 100.0)
+    sc = json.loads((out / "rollout.json").read_text())["scores"]
+    assert (want < 100.0).all()
+    np.testing.assert_allclose(sc["vqgan_recon_psnr_per_step"], want)

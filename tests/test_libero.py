@@ -879,3 +879,146 @@ def test_eval_libero_says_which_decoding_its_success_rates_are_of(tmp_path, monk
         out = capsys.readouterr().out
         assert (f"decoding: {mode} (each chunk's action structure forced" in out) == said, out
         assert ("--mode release decodes as the release's evaluation does" in out) == said
+
+
+def test_a_policy_whose_low_bounds_are_not_liberos_is_refused():
+    """The low bounds are checked as the high ones are: a policy trained with low=-1 (high as LIBERO's) would
+    execute its negative deltas wrongly scaled."""
+    pol = RecordingPolicy()
+    pol.metadata = lambda: {"action_low": [-1.0] * 7, "action_high": list(LIBERO_MAX)}
+    with pytest.raises(ValueError, match=r"bounds low=\[-1.0, .*not the release's fixed LIBERO bounds"):
+        libero.check_bounds(pol)
+    pol.metadata = lambda: {"action_low": [-1.0] * 7}
+    with pytest.raises(ValueError, match="fixed LIBERO bounds"):
+        libero.check_bounds(pol)
+    libero.check_bounds(pol, allow_mismatch=True)
+
+
+def test_saved_episodes_without_their_error_records_run_again(tmp_path):
+    """A saved task whose per-episode lists disagree in length (its episode_errors missing) has no episode whose
+    outcome is whole: a rerun runs them again, and what it saves has one entry per episode in every list."""
+    import json
+
+    rng = np.random.default_rng()
+
+    def run(episodes):
+        suite = FakeSuite([FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 2)], max_steps=5)
+        policy = RecordingPolicy(rng=rng)
+        task = libero.evaluate_suite(policy, suite, episodes=episodes, out_dir=tmp_path, progress=False,
+                                     policy_fingerprint="same policy files")["tasks"]["0"]
+        return task, len(policy.instructions)
+
+    run(3)
+    _strip_saved(tmp_path, "episode_errors")
+    task, ran = run(2)
+    assert ran == 2  # none of the saved episodes was reused
+    saved = json.loads((tmp_path / libero.RESULTS).read_text())["tasks"]["0"]
+    for t in (task, saved):
+        assert t["episodes"] == 2 and t["successes"] == 2
+        assert [len(t[k]) for k in ("episode_success", "episode_steps", "episode_errors", "episode_no_action")] \
+            == [2, 2, 2, 2], t
+
+
+def test_eval_libero_renders_at_the_policys_image_size_unless_told(tmp_path, monkeypatch):
+    """Without --resolution the suite's camera renders frames of the policy's image size (no resize on the way, as
+    the release evaluates); --resolution sets another."""
+    import argparse
+
+    from worldvla import inference
+
+    rng = np.random.default_rng()
+    policy = RecordingPolicy(rng=rng)
+    policy.image_size = 8
+    sizes = []
+    monkeypatch.setattr(libero, "_require_libero", lambda: None)
+    monkeypatch.setattr(libero, "LiberoSuite", lambda name, resolution: sizes.append(resolution) or
+                        FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=2))
+    monkeypatch.setattr(inference.WorldVLAPolicy, "from_pretrained", lambda *a, **k: policy)
+    for extra, want in (([], 8), (["--resolution", "128"], 128)):
+        args = libero.add_arguments(argparse.ArgumentParser()).parse_args(
+            ["--policy", str(tmp_path / "p"), "--out", str(tmp_path / "out"), "--no-progress", "--episodes", "1",
+             "--no-resume", *extra])
+        assert libero.run(args) == 0
+        assert sizes[-1] == want
+
+
+def test_eval_libero_keys_its_results_by_the_policy_files_before_they_loaded(tmp_path, monkeypatch):
+    """The command fingerprints the policy folder before the policy loads: a new export that replaces the folder
+    while the old one loads does not get the loaded weights' episodes saved as its own."""
+    import argparse
+    import json
+
+    from worldvla import inference
+    from worldvla.eval.metaworld import _policy_fingerprint
+
+    rng = np.random.default_rng()
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "policy.json").write_text("{}")
+    before = _policy_fingerprint(folder)
+    policy = RecordingPolicy(rng=rng)
+    suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=2)
+
+    class Loading:
+        @staticmethod
+        def from_pretrained(*a, **k):
+            (folder / "policy.json").write_text('{"exported": "again, while this one was loading"}')
+            return policy
+
+    monkeypatch.setattr(inference, "WorldVLAPolicy", Loading)
+    monkeypatch.setattr(libero, "_require_libero", lambda: None)
+    monkeypatch.setattr(libero, "LiberoSuite", lambda name, resolution: suite)
+    args = libero.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--policy", str(folder), "--out", str(tmp_path / "out"), "--no-progress", "--episodes", "1"])
+    assert libero.run(args) == 0
+    key = json.loads((tmp_path / "out" / libero.RESULTS).read_text())["key"]
+    assert key == libero._results_key(suite, policy, before)
+    assert key != libero._results_key(suite, policy, _policy_fingerprint(folder))
+
+
+def test_a_chunk_query_refuses_chunks_that_do_not_match_its_images():
+    """`ChunkQuery` returns one chunk [K, D] for one image and one per image [N, K, D] for a batch: a policy that
+    returns a batch of chunks for one image, or another number of chunks than images, is refused naming the
+    shapes (an env would otherwise step on another env's actions)."""
+    from worldvla.eval.rollout import ChunkQuery
+
+    class Fixed:
+        def __init__(self, out):
+            self.out = out
+
+        def act(self, images, history=None):
+            return self.out
+
+    one, batch = np.zeros((8, 8, 3), np.uint8), np.zeros((3, 8, 8, 3), np.uint8)
+    assert ChunkQuery(Fixed(np.ones((2, 7))))(one, None).shape == (2, 7)
+    assert ChunkQuery(Fixed(np.ones((3, 2, 7))))(batch, None).shape == (3, 2, 7)
+    with pytest.raises(ValueError, match=r"returned shape \(1, 2, 7\); expected \[K, D\] for images of shape"):
+        ChunkQuery(Fixed(np.ones((1, 2, 7))))(one, None)
+    with pytest.raises(ValueError, match=r"returned 2 chunk\(s\) for 3 images"):
+        ChunkQuery(Fixed(np.ones((2, 2, 7))))(batch, None)
+    with pytest.raises(ValueError, match=r"returned 2 chunk\(s\) for 3 images"):
+        ChunkQuery(Fixed(np.ones((2, 2, 7)))).chunks(batch, None)
+    with pytest.raises(ValueError, match=r"returned chunks of shapes \[\(7,\)\]; each image's chunk must be"):
+        ChunkQuery(Fixed([np.ones((2, 7)), np.ones(7), np.ones((1, 7))])).chunks(batch, None)
+    assert [c.shape for c in ChunkQuery(Fixed([np.ones((2, 7)), np.ones((0, 7)), np.ones((1, 7))])).chunks(
+        batch, None)] == [(2, 7), (0, 7), (1, 7)]
+
+
+def test_a_chunk_querys_latency_summary_describes_its_queries(monkeypatch):
+    """The latency a results file reports: the count, mean, median, 90th percentile and longest of the queries'
+    times (ten queries of 1, 2, ..., 10 s here), none before the first query."""
+    from worldvla.eval import rollout
+
+    class Instant:
+        def act(self, images, history=None):
+            return np.ones((1, 7))
+
+    ticks = iter(np.cumsum([0] + [x for d in range(1, 11) for x in (d, 0)]).tolist())
+    monkeypatch.setattr(rollout.time, "perf_counter", lambda: next(ticks))
+    query = rollout.ChunkQuery(Instant())
+    assert query.latency_summary() == {"queries": 0}
+    for _ in range(10):
+        query(np.zeros((8, 8, 3), np.uint8), None)
+    assert query.latencies == [float(d) for d in range(1, 11)]
+    assert query.latency_summary() == pytest.approx({"queries": 10, "mean_s": 5.5, "median_s": 5.5, "p90_s": 9.1,
+                                                     "max_s": 10.0})

@@ -943,3 +943,103 @@ def test_a_policy_that_needs_no_images_still_records_real_frames():
     r = closed_loop(RandomPolicy(seed=1), "reach-v3", 1, seed=2, max_steps=6, n_envs=1, record=True)
     assert r.frames is not None and len(r.frames) == 7  # the reset's frame and one a step
     assert all(f.std() > 0 for f in r.frames)
+
+
+@needs_sim
+def test_an_env_that_does_not_end_on_success_runs_to_its_step_limit():
+    """With terminate_on_success=False an episode goes on after the task succeeds (done only at the step limit),
+    and `success` stays true for the rest of it."""
+    with make_env("reach-v3", seed=0, image_size=16, max_steps=150, terminate_on_success=False) as env:
+        expert = expert_policy("reach-v3")
+        env.reset(seed=1, render=False)
+        done = False
+        while not env.success:
+            _, _, _, done = env.step(expert(env.state), render=False)
+        assert not done and env.t < env.max_steps
+        while not done:
+            _, _, _, done = env.step(np.zeros(4), render=False)
+            assert env.success
+        assert env.t == env.max_steps
+
+
+def test_env_settings_outside_what_meta_world_renders_or_runs_are_refused():
+    """Frames smaller than 8 px and episodes longer than Meta-World's own limit of 500 steps are refused before
+    the simulator starts; 500 steps itself is the limit, not past it."""
+    from worldvla.sim.metaworld_env import MAX_EPISODE_STEPS, check_max_steps
+
+    for size in (4, 7, 8.0):
+        with pytest.raises(ValueError, match=f"image_size must be an integer >= 8, got {size!r}"):
+            MetaWorldEnv("reach-v3", image_size=size)
+    assert MAX_EPISODE_STEPS == 500
+    check_max_steps(500)
+    check_max_steps(1)
+    for bad in (0, 501):
+        with pytest.raises(ValueError, match=rf"max_steps must be in \[1, 500\] .*, got {bad}"):
+            check_max_steps(bad)
+
+
+@needs_sim
+def test_making_an_env_leaves_meta_worlds_goal_count_as_it_was():
+    """An env asks Meta-World's MT1 for one goal, which Meta-World keeps in a module global: it is put back, so a
+    benchmark built afterwards in the same process still samples its usual number of goals."""
+    import metaworld
+
+    before = metaworld._N_GOALS
+    assert before != 1  # else one goal left behind would go unseen
+    with make_env("reach-v3", seed=0, image_size=16):
+        assert metaworld._N_GOALS == before
+
+
+def test_simulator_workers_can_be_started_from_a_thread_other_than_the_main_one():
+    """A pool built from another thread (a notebook's or a server's worker thread) gets its context: only the main
+    thread may set signal handlers, so the forkserver is then started as multiprocessing starts it, on use."""
+    import threading
+
+    from worldvla.sim.workers import mp_context
+
+    got = []
+
+    def build():
+        try:
+            got.append(mp_context())
+        except Exception as e:  # noqa: BLE001  (what the thread raised is the finding)
+            got.append(e)
+
+    t = threading.Thread(target=build)
+    t.start()
+    t.join(timeout=60)
+    assert len(got) == 1 and not isinstance(got[0], Exception), got
+    assert got[0].get_start_method() in ("forkserver", "spawn")
+
+
+@needs_sim
+def test_an_env_worker_ignores_ctrl_c_and_keeps_serving():
+    """Ctrl-C reaches every process of the terminal's group: an env worker ignores it (the command that owns the
+    pool handles it and closes the workers) instead of dying with a traceback of its own, whatever the process it
+    was started from did with SIGINT."""
+    import multiprocessing as mp
+    import signal
+
+    from worldvla.sim.workers import _serve
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter: SIGINT raises KeyboardInterrupt unless the worker ignores it
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve, args=(child, "reach-v3", 1, 16, 20, {}), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        assert conn.poll(120) and conn.recv() == ("ok", TASKS["reach-v3"])
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        conn.send(("reset", 0, {"seed": 1, "render": True}))
+        assert conn.poll(60)
+        status, (frame, success) = conn.recv()
+        assert status == "ok" and frame.shape == (16, 16, 3) and success is False
+        conn.send(("close", -1, None))
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+        conn.close()

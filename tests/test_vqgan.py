@@ -525,3 +525,64 @@ def test_postprocess_clamps_pixels_outside_the_range():
     out = postprocess(pixels)
     assert out.shape == (1, 7, 3)
     assert out[0, :, 0].tolist() == [0, 0, 0, 128, 255, 255, 255]
+
+
+def test_a_release_checkpoint_of_the_bare_state_dict_loads(rng, tmp_path):
+    """A vqgan.ckpt that holds the weights themselves (torch.save(model.state_dict()), no "state_dict" entry)
+    loads as one that keeps them under "state_dict"."""
+    m = _model(rng)
+    y, _ = _write_release(tmp_path, m, dict(m.state_dict()))
+    torch.save(dict(m.state_dict()), tmp_path / "bare.ckpt")
+    loaded = VQGAN.from_release(y, tmp_path / "bare.ckpt")
+    _same_weights(m, loaded)
+    assert not loaded.training
+
+
+def test_a_yaml_of_another_attention_type_is_refused_by_name(rng, tmp_path):
+    """taming's linear attention has other weights and another output: a yaml naming it is refused, as this model
+    builds the vanilla attention only; attn_type 'vanilla' said outright loads."""
+    m = _model(rng)
+    y, c = _write_release(tmp_path, m, dict(m.state_dict()))
+    doc = yaml.safe_load(y.read_text())
+    for attn_type in ("linear", "vanilla"):
+        doc["model"]["params"]["ddconfig"]["attn_type"] = attn_type
+        (tmp_path / f"{attn_type}.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="only attn_type='vanilla' is supported, the yaml says 'linear'"):
+        VQGAN.from_release(tmp_path / "linear.yaml", c)
+    _same_weights(m, VQGAN.from_release(tmp_path / "vanilla.yaml", c))
+
+
+def test_boolean_codes_are_refused():
+    """A boolean mask passed for codes would decode as codes 0 and 1: refused as not integer codes."""
+    m = VQGAN(VQGANConfig(**TINY)).eval()
+    with pytest.raises(TypeError, match="codes must be an integer tensor"):
+        m.decode(torch.ones(1, 2, 2, dtype=torch.bool))
+    assert m.decode(torch.ones(1, 2, 2, dtype=torch.int32)).shape == (1, 3, 32, 32)
+
+
+def test_a_yaml_without_the_codebook_size_is_refused_by_name(rng, tmp_path):
+    """model.params.n_embed / embed_dim missing from the yaml are named, not taken from the Chameleon defaults."""
+    m = _model(rng)
+    y, c = _write_release(tmp_path, m, dict(m.state_dict()))
+    for key in ("n_embed", "embed_dim"):
+        doc = yaml.safe_load(y.read_text())
+        del doc["model"]["params"][key]
+        (tmp_path / f"no_{key}.yaml").write_text(yaml.safe_dump(doc))
+        with pytest.raises(ValueError, match=f"the taming config lacks model.params.{key}"):
+            VQGAN.from_release(tmp_path / f"no_{key}.yaml", c)
+
+
+def test_a_loaded_vqgan_encodes_alike_every_time(rng, tmp_path):
+    """A VQGAN loaded from either format is in eval mode: with dropout in its config, encoding one image twice gives
+    the same codes (in training mode dropout would draw other codes each time)."""
+    m = _model(rng, dropout=0.5)
+    m.save_pretrained(tmp_path / "hf")
+    y, c = _write_release(tmp_path, m, dict(m.state_dict()))
+    doc = yaml.safe_load(y.read_text())
+    doc["model"]["params"]["ddconfig"]["dropout"] = 0.5
+    y.write_text(yaml.safe_dump(doc))
+    x = _pixels(rng, 2, 32, 32)
+    for loaded in (VQGAN.from_pretrained(tmp_path / "hf"), VQGAN.from_release(y, c)):
+        assert not loaded.training and loaded.config.dropout == 0.5
+        assert torch.equal(loaded.encode(x), loaded.encode(x))
+        assert torch.equal(loaded.encode(x), m.encode(x))
