@@ -372,6 +372,92 @@ def test_decode_rows_either_side_of_the_tiled_switch_cpu(rng):
     torch.testing.assert_close(outs[0], outs[1][:, 1:], rtol=0, atol=1e-5)
 
 
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("val", [float("nan"), float("inf")])
+def test_nonfinite_value_in_the_head_dims_tail_cpu(rng, val):
+    """A NaN or an infinity in value dim 18 of a head dim of 20 (past the whole 8-float vectors) of key 9,
+    which rows 0-8 may not see (causal) nor rows 30 on (key 9 is in action block 0, their limit is block 1):
+    the rows that see it come out NaN throughout, every other row has the bits of the clean call, in the
+    prefill, in decode row by row (5 rows) and in decode's tiled kernel (40 rows)."""
+    T, H = 45, 4
+    kv = torch.full((1, T), NO_BLOCK, dtype=torch.int32)
+    ql = torch.full((1, T), -1, dtype=torch.int32)
+    kv[0, 9] = 0
+    ql[0, 30:] = 1
+    meta = ChunkMaskMeta(kv, ql, torch.arange(T).view(1, T).contiguous(), None, 0)
+    q, k, v = qkv(rng, (1, T), H, 2, 20)
+    bad = v.clone()
+    bad[0, 9, 0, 18] = val
+    sees = torch.zeros(T, H, dtype=torch.bool)
+    sees[9:30, :2] = True  # q heads 0 and 1 read kv head 0
+
+    def check(out, clean, expected, name):
+        assert torch.equal(~out.isfinite().all(-1), expected), name
+        assert out[expected].isnan().all(), name
+        assert torch.equal(out[~expected], clean[~expected]), name
+
+    check(nb.masked_attention(q, k, bad, meta)[0], nb.masked_attention(q, k, v, meta)[0], sees, "prefill")
+    for rows in ([5, 12, 29, 30, 44], list(range(5, 45))):
+        dm = decode_meta_from(meta, rows, T)
+        out, clean = nb.decode_attention(q[:, rows], k, bad, dm), nb.decode_attention(q[:, rows], k, v, dm)
+        check(out[0], clean[0], sees[rows], f"decode {len(rows)} rows")
+
+
+@pytest.mark.parametrize("Q", [3, 40])  # the row-by-row kernel, the tiled one
+def test_decode_head_major_cache_cpu(rng, Q):
+    """A cache stored head-major ([B, Hkv, S, D], viewed as [B, S, Hkv, D]: head stride S * D): each kv
+    head's keys and values are read at that stride, giving the bits of a contiguous cache. Eight sequences
+    of four kv heads, so that a work item of the row-by-row kernel holds several heads."""
+    B, H, Hkv, D, S = 8, 8, 4, 16, 48
+    q = torch.randn(B, Q, H, D, generator=rng)
+    k = torch.randn(B, Hkv, S, D, generator=rng).transpose(1, 2)
+    v = torch.randn(B, Hkv, S, D, generator=rng).transpose(1, 2)
+    q_pos = torch.randint(Q, S, (B, 1), generator=rng) - torch.arange(Q).flip(0)
+    dm = DecodeMeta(q_pos.int().contiguous(), torch.full((B, Q), -1, dtype=torch.int32),
+                    torch.full((B, S), NO_BLOCK, dtype=torch.int32), torch.full((B,), S, dtype=torch.int32))
+    out = nb.decode_attention(q, k, v, dm)
+    assert torch.equal(out, nb.decode_attention(q, k.contiguous(), v.contiguous(), dm))
+    ref = decode_attention_ref(q.double(), k.double(), v.double(), dm)
+    assert_close_rule(out, ref, decode_attention_ref(q, k, v, dm, upcast=False), f"head-major {Q}", FP32_FLOOR)
+
+
+@pytest.mark.parametrize("inf", [float("inf"), float("-inf")])
+def test_decode_infinite_key_past_the_whole_vectors_of_scores_cpu(rng, inf):
+    """Rows at position 10 see keys 0-10: key 9's score lies past the softmax's whole 8-key vectors. An
+    infinity in that key makes the score +inf or -inf by the sign of q there (both signs among the rows);
+    either way the rows that see it are NaN throughout (a -inf score must not become a weight of 0), and a
+    row at position 8 keeps its clean bits."""
+    S, D = 16, 16
+    q = torch.randn(1, 3, 2, D, generator=rng)
+    q[0, 0, :, 3], q[0, 1, :, 3] = 1.5, -1.5
+    k = torch.randn(1, S, 1, D, generator=rng)
+    v = torch.randn(1, S, 1, D, generator=rng)
+    bad = k.clone()
+    bad[0, 9, 0, 3] = inf
+    dm = DecodeMeta(torch.tensor([[10, 10, 8]], dtype=torch.int32), torch.full((1, 3), -1, dtype=torch.int32),
+                    torch.full((1, S), NO_BLOCK, dtype=torch.int32), torch.tensor([11], dtype=torch.int32))
+    out = nb.decode_attention(q, bad, v, dm)
+    assert out[0, :2].isnan().all()
+    assert torch.equal(out[0, 2], nb.decode_attention(q, k, v, dm)[0, 2])
+
+
+def test_decode_rows_that_see_no_key_beside_nan_rows_cpu(rng):
+    """Sixteen sequences: the even ones with a NaN query (their rows NaN), the odd ones with an empty cache
+    (kv_len 0: their rows see no key and are 0). The threads reuse their scratch from one sequence to the
+    next; a row that sees nothing must come out 0 whatever the sequence before it left there."""
+    B, Q, H, D, S = 16, 2, 2, 16, 24
+    q = torch.randn(B, Q, H, D, generator=rng)
+    q[0::2] = float("nan")
+    k = torch.randn(B, S, H, D, generator=rng)
+    v = torch.randn(B, S, H, D, generator=rng)
+    kv_len = torch.tensor([S, 0] * (B // 2), dtype=torch.int32)
+    dm = DecodeMeta(torch.full((B, Q), S - 1, dtype=torch.int32), torch.full((B, Q), -1, dtype=torch.int32),
+                    torch.full((B, S), NO_BLOCK, dtype=torch.int32), kv_len)
+    out = nb.decode_attention(q, k, v, dm)
+    assert out[0::2].isnan().all()
+    assert torch.equal(out[1::2], torch.zeros(B // 2, Q, H, D))
+
+
 def test_decode_strided_cache_cpu(rng):
     """A static cache larger than the filled part, viewed through a slice."""
     big_k = torch.randn(2, 100, 3, 16, generator=rng)

@@ -865,3 +865,28 @@ def test_autocast_keeps_the_modules_and_a_direct_native_call_stays_float32(rng):
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # a bfloat16 model: nothing to cast
         bf16 = copy.deepcopy(layer).to(torch.bfloat16)
         assert "autocast" not in str(getattr(nb._decoder_layer_supports(bf16, x.to(torch.bfloat16), ctx), "reason", ""))
+
+
+@pytest.mark.usefixtures("native_first")
+def test_a_model_that_overrides_hidden_states_keeps_its_override(rng):
+    """A WorldVLA subclass with its own hidden_states (here: shifted by 1) is not stood in for by the native
+    step, which would run the base model's: the engine makes no plan for it, says why, and its steps give
+    the subclass's hidden states."""
+    class Shifted(WorldVLA):
+        def hidden_states(self, *args, **kwargs):
+            return super().hidden_states(*args, **kwargs) + 1.0
+
+    model = _model(rng)
+    shifted = Shifted(model.config).eval()
+    shifted.load_state_dict(model.state_dict())
+    S = PROMPT_LEN + 8
+    engine = _prefilled(shifted, 1, S, rng)
+    modules = InferenceEngine(shifted, 1, S, backend="torch")
+    _copy_state(engine, modules)
+    step = _random_step(rng, 1, 2, chunk=False)
+    with torch.no_grad():
+        got = engine.run(_set_step(engine, *step)).clone()
+        want = modules.run(_set_step(modules, *step)).clone()
+    plan = engine.buffers(2).plan
+    assert plan is not None and plan.step is None and "overrides hidden_states" in plan.reason
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

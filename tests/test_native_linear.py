@@ -258,3 +258,35 @@ def test_a_float32_models_forward_under_autocast_keeps_torchs_linear(rng, monkey
         y = nb._dispatched_linear(x32.bfloat16(), w32)  # resolved before: autocast's bfloat16 activations
     assert y.dtype == torch.bfloat16 and not calls
     assert out["auto"].dtype == out["torch"].dtype
+
+
+def test_an_explicit_native_backend_takes_any_row_count(rng):
+    """NATIVE_MAX_ROWS bounds only `auto`'s choice: backend="native" runs the kernel on a prefill's rows too."""
+    w = torch.randn(16, 8, generator=rng)
+    x = torch.randn(3 * NATIVE_MAX_ROWS, 8, generator=rng)
+    assert ops.resolve_linear(x, w, "native") is nb._dispatched_linear
+    assert torch.equal(ops.linear(x, w, backend="native"), nb.linear(x, w))
+
+
+@pytest.mark.parametrize("backend", ["native", "torch", "auto"])
+def test_mismatched_shapes_are_named_on_every_backend(backend):
+    """Every backend refuses x and weight that do not multiply with one ValueError naming both shapes."""
+    x = torch.randn(2, 8)
+    for w in (torch.randn(4, 9), torch.randn(2, 4, 8)):
+        with pytest.raises(ValueError, match=r"linear wants x \[\.\.\., K\] and weight \[N, K\]; got \(2, 8\), "):
+            ops.linear(x, w, backend=backend)
+
+
+def test_linear_under_autocast_is_autocasts_linear(rng, monkeypatch):
+    """Under CPU autocast (bfloat16) ops.linear computes as F.linear does there: on bfloat16 copies of its
+    float32 inputs, returning bfloat16. `auto` (ordered to try the native kernel first) must not hand the
+    float32 inputs to the kernel, which autocast does not see; backend="native" refuses the bfloat16 copies."""
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), ("native", "torch"))
+    x, w = torch.randn(3, 40, generator=rng), torch.randn(24, 40, generator=rng)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.linear(x, w)
+        got = ops.linear(x, w)
+        with pytest.raises(ValueError, match="the CPU path takes float32, got torch.bfloat16"):
+            ops.linear(x, w, backend="native")
+    assert want.dtype == got.dtype == torch.bfloat16
+    assert torch.equal(got, want)

@@ -209,6 +209,58 @@ def test_draw_takes_nan_as_torch_does(rng, top_k):
     assert torch.equal(greedy, (hidden @ weight[5:255].t()).argmax(-1) + 5) and int(greedy[0]) == 7
 
 
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_screened_draw_takes_nan_noise_as_torch_does(rng, top_k):
+    """A NaN in the given noise makes that code's score NaN; torch's argmax takes the first NaN. A draw
+    over a frame-sized range (the bfloat16 screen) must do the same: the screen's margin means nothing
+    for a NaN score, so the row is drawn over the whole range. Row 0's NaN sits at its largest logit
+    (kept by any top-k); row 1's at a code that top-k masks."""
+    hidden, weight, lo, hi, top = _close_calls(rng)
+    g = draw_gumbel((7, hi - lo), rng)
+    g[0, top - lo] = float("nan")
+    g[1, 7] = float("nan")
+    got = constrained_sample(hidden, weight, lo, hi, 0.5, top_k, gumbel=g, backend="native")
+    assert torch.equal(got, _reference_draw(hidden, weight, lo, hi, 0.5, top_k, g))
+    assert int(got[0]) == top
+    if top_k is None:
+        assert int(got[1]) == lo + 7
+
+
+@pytest.mark.usefixtures("cpu_width")
+def test_screened_draw_keeps_scores_that_float32_rounds_together():
+    """At a high temperature the noise dwarfs the logits, and float32 rounds two codes' scores to the same
+    value (3e6 - 0.1 and 3e6 + 0.1 both give 3e6, whose ulp is 0.25): the first of them wins, although its
+    logit is 0.2 lower, far more than the bfloat16 screen's bound. The screen's margin must allow for that
+    rounding of the sum, or it leaves the first code out and draws the second."""
+    R, first, second = 2048, 100, 900
+    weight = torch.randn(R, 4, generator=torch.Generator().manual_seed(0)) * 0.05
+    weight[first] = torch.tensor([-0.1, 0.0, 0.0, 0.0])
+    weight[second] = torch.tensor([0.1, 0.0, 0.0, 0.0])
+    hidden = torch.tensor([[1.0, 0.3, -0.2, 0.1]])
+    g = torch.zeros(1, R)
+    g[0, first] = g[0, second] = 3.0
+    T = 1e6
+    assert int(_reference_draw(hidden, weight, 0, R, T, None, g)[0]) == first
+    assert int(constrained_sample(hidden, weight, 0, R, T, None, gumbel=g, backend="native")[0]) == first
+
+
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_screened_draw_takes_infinite_noise_as_torch_does(rng, top_k):
+    """Noise of -inf everywhere makes every score -inf, and torch's argmax then takes column 0 even where
+    top-k masks it; +inf noise at two codes kept by top-k gives the first of them. A screened draw
+    (frame-sized range) must give the same ids, not the first code among its candidates."""
+    hidden, weight, lo, hi, top = _close_calls(rng)
+    g = torch.full((7, hi - lo), float("-inf"))
+    g[2, 12] = g[2, 13] = float("inf")  # row 2's two top codes
+    got = constrained_sample(hidden, weight, lo, hi, 1.0, top_k, gumbel=g, backend="native")
+    want = _reference_draw(hidden, weight, lo, hi, 1.0, top_k, g)
+    assert torch.equal(got, want), (got, want)
+    assert int(got[0]) == lo and int(got[2]) == lo + 12
+    assert torch.equal(got[torch.arange(7) != 2], torch.full((6,), lo))
+
+
 def test_screened_tables_follow_the_weight(rng):
     """The bfloat16 tables are made again after an in-place update (as load_state_dict does)."""
     weight = torch.randn(4096, 40, generator=rng)

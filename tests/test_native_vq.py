@@ -178,6 +178,23 @@ def test_vq_quantize_strided_rows_cpu(rng):
     assert torch.equal(vq_quantize(z, cb, backend="native"), nb.vq_quantize_op(z, cb))
 
 
+@pytest.mark.usefixtures("cpu_width")
+def test_vq_strided_codebook_cpu(rng):
+    """A codebook that is a column slice of a wider matrix (row stride 40, 16 columns): its codes are read
+    at that stride by the norms, the nearest-code search (an odd number of codes: the last one scored
+    alone) and the gather, giving the ids and values of a contiguous copy."""
+    big = torch.randn(29, 40, generator=rng)
+    cb = big[:, 3:19]
+    z = torch.randn(70, 16, generator=rng)
+    ids = nb.vq_quantize_op(z, cb)
+    assert torch.equal(ids, nb.vq_quantize_op(z, cb.contiguous()))
+    assert_nearest(ids, z, cb, vq_quantize_ref(z, cb), "strided codebook")
+    near = cb[torch.arange(70) % 29] + 1e-3 * torch.randn(70, 16, generator=rng)  # each row beside a known code
+    assert nb.vq_quantize_op(near, cb).tolist() == (torch.arange(70) % 29).tolist()
+    idx = torch.randint(0, 29, (2, 3, 5), generator=rng)
+    assert torch.equal(nb.vq_gather_op(idx, cb), vq_gather_ref(idx, cb.contiguous()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 def test_vq_gather_cpu(rng, dtype, index_dtype):
