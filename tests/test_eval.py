@@ -1426,8 +1426,14 @@ def test_a_chunk_of_the_wrong_rank_is_refused_by_name():
         ChunkQuery(Returns(np.zeros((2, 4)))).chunks(two, None)
     with pytest.raises(ValueError, match=r"chunks of shapes \[\(4,\)\]; each image's chunk must be \[K, D\]"):
         ChunkQuery(Returns([np.zeros((3, 4)), np.zeros(4)])).chunks(two, None)
+    with pytest.raises(ValueError, match=r"returned 3 chunk\(s\) for 2 images"):  # a chunk for each image
+        ChunkQuery(Returns(np.zeros((3, 3, 4))))(two, None)
+    with pytest.raises(ValueError, match=r"returned 3 chunk\(s\) for 2 images"):
+        ChunkQuery(Returns(np.zeros((3, 3, 4)))).chunks(two, None)
     got = ChunkQuery(Returns([np.zeros((3, 4)), np.ones((1, 4))])).chunks(two, None)
     assert [c.shape for c in got] == [(3, 4), (1, 4)] and got[1].dtype == np.float64
+    assert [c.shape for c in ChunkQuery(Returns([np.zeros((3, 4)), np.zeros((0, 4))])).chunks(two, None)] == \
+        [(3, 4), (0, 4)]  # an image may get no action
 
 
 def test_expert_rollouts_use_other_layouts_than_the_closed_loop(monkeypatch):

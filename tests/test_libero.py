@@ -976,34 +976,6 @@ def test_eval_libero_keys_its_results_by_the_policy_files_before_they_loaded(tmp
     assert key != libero._results_key(suite, policy, _policy_fingerprint(folder))
 
 
-def test_a_chunk_query_refuses_chunks_that_do_not_match_its_images():
-    """`ChunkQuery` returns one chunk [K, D] for one image and one per image [N, K, D] for a batch: a policy that
-    returns a batch of chunks for one image, or another number of chunks than images, is refused naming the
-    shapes (an env would otherwise step on another env's actions)."""
-    from worldvla.eval.rollout import ChunkQuery
-
-    class Fixed:
-        def __init__(self, out):
-            self.out = out
-
-        def act(self, images, history=None):
-            return self.out
-
-    one, batch = np.zeros((8, 8, 3), np.uint8), np.zeros((3, 8, 8, 3), np.uint8)
-    assert ChunkQuery(Fixed(np.ones((2, 7))))(one, None).shape == (2, 7)
-    assert ChunkQuery(Fixed(np.ones((3, 2, 7))))(batch, None).shape == (3, 2, 7)
-    with pytest.raises(ValueError, match=r"returned shape \(1, 2, 7\); expected \[K, D\] for images of shape"):
-        ChunkQuery(Fixed(np.ones((1, 2, 7))))(one, None)
-    with pytest.raises(ValueError, match=r"returned 2 chunk\(s\) for 3 images"):
-        ChunkQuery(Fixed(np.ones((2, 2, 7))))(batch, None)
-    with pytest.raises(ValueError, match=r"returned 2 chunk\(s\) for 3 images"):
-        ChunkQuery(Fixed(np.ones((2, 2, 7)))).chunks(batch, None)
-    with pytest.raises(ValueError, match=r"returned chunks of shapes \[\(7,\)\]; each image's chunk must be"):
-        ChunkQuery(Fixed([np.ones((2, 7)), np.ones(7), np.ones((1, 7))])).chunks(batch, None)
-    assert [c.shape for c in ChunkQuery(Fixed([np.ones((2, 7)), np.ones((0, 7)), np.ones((1, 7))])).chunks(
-        batch, None)] == [(2, 7), (0, 7), (1, 7)]
-
-
 def test_a_chunk_querys_latency_summary_describes_its_queries(monkeypatch):
     """The latency a results file reports: the count, mean, median, 90th percentile and longest of the queries'
     times (ten queries of 1, 2, ..., 10 s here), none before the first query."""
