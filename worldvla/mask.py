@@ -261,8 +261,9 @@ def chunk_mask_meta(input_ids: torch.Tensor, layout: VocabLayout, cu_seqlens: to
     the document's end while one image is open (no block is restricted then: a BOI the model wrote in free
     decoding) and the EOI before the last when one EOI closes no image. A document whose BOI and EOI counts
     come to differ by two raises ValueError, as the release's mask does."""
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    from .ops.dispatch import require_integers  # here: worldvla.ops imports this module
+
+    require_integers(input_ids, "input_ids must be integer token ids")
     ids = input_ids.long()
     if cu_seqlens is not None:
         if ids.dim() != 1:
