@@ -318,6 +318,26 @@ def test_libero_files_of_the_opencv_convention_are_mirrored_to_the_release_view(
     assert "are mirrored left-right" in rotation_note(files[1:2]) and "rotated by" not in rotation_note(files[1:2])
 
 
+def test_a_libero_file_of_an_unknown_image_convention_is_refused_unless_told_how_to_turn_it(tmp_path, np_rng):
+    """A `macros_image_convention` other than "opengl" or "opencv" (a typo, a newer robosuite's name) was read as
+    "opengl", so the frames were rotated by a guess. Now the file is refused, named, until rotate_180 says how."""
+    from worldvla.data.hdf5 import frame_turn, reading_record
+
+    path = tmp_path / "odd.hdf5"
+    raw = write_libero_like(path, np_rng, n=1)[0]
+    with h5py.File(path, "a") as f:
+        f["data"].attrs["macros_image_convention"] = "OpenCV2"
+    for read in (lambda: read_demos(path), lambda: frame_turn(path), lambda: reading_record(path)):
+        with pytest.raises(ValueError, match=r"odd\.hdf5: macros_image_convention 'opencv2' is neither.*--rotate-180"):
+            read()
+    np.testing.assert_array_equal(read_demos(path, rotate_180=False)[0].frames, raw)
+    np.testing.assert_array_equal(read_demos(path, rotate_180=True)[0].frames, raw[:, ::-1, ::-1])
+    assert frame_turn(path, rotate_180=False) == "none"
+    with h5py.File(path, "a") as f:
+        f["data"].attrs["macros_image_convention"] = b" OpenGL "  # bytes and case, as some writers store it
+    np.testing.assert_array_equal(read_demos(path)[0].frames, raw[:, ::-1, ::-1])
+
+
 def test_a_files_demos_are_all_read_from_one_camera(tmp_path, np_rng):
     """A demo without the camera the file's first demo was read from was read from another one, silently (a
     robomimic file whose demo_1 lost its agentview frames gave wrist frames)."""

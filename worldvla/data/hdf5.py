@@ -515,7 +515,7 @@ ROTATED_180, MIRRORED, NO_TURN = "rotated_180", "mirrored", "none"
 _TURNS = {ROTATED_180: lambda x: x[:, ::-1, ::-1], MIRRORED: lambda x: x[:, :, ::-1], NO_TURN: lambda x: x}
 
 
-def _turn(data, rotate_180: bool | None) -> str:
+def _turn(data, rotate_180: bool | None, path) -> str:
     """How the frames of the file whose `data` group this is are turned: rotate_180 True / False rotate every file's
     by 180 degrees / none. None: LIBERO's files are turned to the view the release trains on, other files read as
     they are. robosuite renders rows bottom-up (OpenGL); LIBERO stores them so (`macros_image_convention` "opengl",
@@ -527,6 +527,11 @@ def _turn(data, rotate_180: bool | None) -> str:
     if not _libero_like(data):
         return NO_TURN
     convention = _as_str(data.attrs.get("macros_image_convention", "opengl")).strip().lower()
+    if convention not in ("opengl", "opencv"):
+        # Guessing would train on frames turned the wrong way, silently.
+        raise ValueError(f"{path}: macros_image_convention {convention!r} is neither 'opengl' nor 'opencv', so how "
+                         f"its frames are turned is unknown; say it with rotate_180 (pretokenize's --rotate-180 yes "
+                         f"/ no), or fix the file's attribute")
     return MIRRORED if convention == "opencv" else ROTATED_180
 
 
@@ -547,7 +552,7 @@ def frame_turn(path, rotate_180: bool | None = None) -> str:
     MIRRORED (`[:, :, ::-1]`: LIBERO's files with macros_image_convention "opencv") or NO_TURN."""
     path = Path(path)
     with open_demo_file(path) as f, _damage_named(path):
-        return _turn(_open_data(f, path), rotate_180)
+        return _turn(_open_data(f, path), rotate_180, path)
 
 
 def _names(files) -> str:
@@ -621,7 +626,7 @@ def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None,
     with open_demo_file(path) as f, _damage_named(path):
         data = _open_data(f, path)
         default = instruction if instruction is not None else _file_instruction(data, path)[0]
-        turn = _turn(data, rotate_180)
+        turn = _turn(data, rotate_180, path)
         for name, g, where, key in _demo_groups(data, path, camera):
             if names is not None and name not in names:
                 continue
@@ -744,7 +749,7 @@ def reading_record(path, rotate_180: bool | None = None, instruction: str | None
         else:
             text, source = _file_instruction(data, path)
             own = {n: t for n in _demo_names(data) if (t := _demo_instruction(data[n])) is not None}
-        record = {"rotation": _turn(data, rotate_180), "instruction": text, "instruction_from": source,
+        record = {"rotation": _turn(data, rotate_180, path), "instruction": text, "instruction_from": source,
                   "uses_file_instruction": len(own) < len(_demo_names(data))}
         differ = {n: t for n, t in own.items() if t != text}
         if differ:
