@@ -7,7 +7,8 @@ caches [B, S, Hkv, Dh] under a DecodeMeta (worldvla.mask):
 
 Decode has few query rows, so one program takes the rows that share a KV head (the Q rows
 times the H/Hkv query heads of the group, up to a cap, `gpu_launch`: each cache tile is read
-once per group when they fit) and a slice of the cache; a second kernel merges the slices
+once per group when they fit; steps of up to DECODE_PLAN_QUERIES rows take a one-row step's
+tile, so that each row comes out as in a one-row step) and a slice of the cache; a second kernel merges the slices
 through their log-sum-exps. Decode is memory-bound: every tile of a slice up to the last
 visible key is loaded unconditionally (so loads pipeline) and masked elementwise; keys past
 max(q_pos) and kv_len are never read.
@@ -19,6 +20,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from worldvla.mask import DECODE_PLAN_QUERIES
 
 from ._common import (BIG, INTERPRET, check_device, check_dtype, chunk_visible, dot_precision,
                       grid_limit_problem, head_block, last_dim_contiguous, load_f32, online_softmax_step, store_dtype)
@@ -139,14 +142,21 @@ def gpu_launch(dtype: torch.dtype, block_d: int, n_rows: int):
 def launch_plan(q, k_cache):
     """(plan, problem) for q [B, Q, H, Dh] and caches [B, S, Hkv, Dh]: plan is (rows per KV group, BLOCK_D)
     followed by `gpu_launch`'s answer, problem why the kernels cannot launch, or None. The split kernel's
-    grid is (splits, query row tiles, B x Hkv), the merge's (query row tiles, B x Hkv)."""
+    grid is (splits, query row tiles, B x Hkv), the merge's (query row tiles, B x Hkv). Steps of up to
+    DECODE_PLAN_QUERIES query rows take a one-row step's row tile (worldvla.mask): K rows of a parallel
+    chunk step then fill several tiles (each tile's K/V read once more) where one might hold them."""
     B, n_q, H, D = q.shape
     Hkv = k_cache.shape[2]
     n_rows, block_d = n_q * (H // Hkv), head_block(D)
-    plan = (n_rows, block_d, *gpu_launch(q.dtype, block_d, n_rows))
+    plan = (n_rows, block_d, *gpu_launch(q.dtype, block_d, _planned_rows(n_q, H // Hkv)))
     problem = grid_limit_problem((1, triton.cdiv(n_rows, plan[2]), B * Hkv),
                                  ("splits", "query row tiles", "batch x kv heads"))
     return plan, problem
+
+
+def _planned_rows(n_q: int, group: int) -> int:
+    """The rows per KV group a step of `n_q` query rows is planned for (row tile, splits)."""
+    return group if n_q <= DECODE_PLAN_QUERIES else n_q * group
 
 
 def grid_problem(q, k_cache) -> str | None:
@@ -198,7 +208,8 @@ def decode_attention(q, k_cache, v_cache, meta, softmax_scale=None, num_splits=N
     n_row_tiles = triton.cdiv(n_rows, block_r)
     n_tiles = max(1, triton.cdiv(S, block_n))
     if num_splits is None:
-        num_splits = _default_splits(n_tiles, B * Hkv * n_row_tiles, q.device)
+        planned_tiles = triton.cdiv(_planned_rows(n_q, group), block_r)
+        num_splits = _default_splits(n_tiles, B * Hkv * planned_tiles, q.device)
     num_splits = max(1, min(int(num_splits), n_tiles))
     split_len = triton.cdiv(n_tiles, num_splits) * block_n
     num_splits = max(1, triton.cdiv(S, split_len))

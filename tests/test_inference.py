@@ -627,8 +627,9 @@ def test_cuda_projection_rows_do_not_depend_on_the_rows_beside_them(dtype):
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (32, 32, 128), (8, 2, 64)])
 def test_cuda_decode_attention_rows_do_not_depend_on_the_rows_beside_them(backend, dtype, heads, kv_heads, head_dim):
     """The other half of a step: K query rows in K action blocks of a chunk (the parallel step) give each row's
-    attention bit for bit as a one-row query does (the sequential step). The split of the cache over CTAs is
-    chosen from the shapes, the query rows among them: rows x grouped heads past one CTA's rows may change it."""
+    attention bit for bit as a one-row query does (the sequential step). The split of the cache over CTAs (and
+    Triton's row tile) is chosen from the shapes: steps of up to DECODE_PLAN_QUERIES rows take the one-row
+    step's (the CPU tests check the plans, and the native kernel's rows in the SIMT emulator)."""
     from worldvla import ops
     from worldvla.mask import NO_BLOCK
 

@@ -218,6 +218,34 @@ def test_decode_key_tile_inside_the_rows_action_block(emulated, rng, n_splits):
     same = decode_attention_ref(q[:, rows], k, v, dm, upcast=False)
     assert_close_rule(out, ref, same, f"simt decode in an action block, {n_splits} splits")
 
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
+def test_decode_rows_do_not_depend_on_the_rows_beside_them(emulated, rng, monkeypatch, heads, kv_heads):
+    """Parallel chunk decoding's step (K rows, one per action block) must give each row's attention bit for bit
+    as the sequential step of that row alone. The kernel computes a CTA's rows independently; the split of the
+    cache, chosen from the shapes, decides how the partial softmaxes merge. It counted the rows: with grouped
+    heads 10 rows (40 of a KV group, 3 row groups of 16) split the cache 3 ways where one row split it 8 ways
+    (on 8 SMs), and the rows differed by up to 4.9e-4 (bf16). The heuristic's default, not n_splits, is used."""
+    monkeypatch.setattr(nb, "_sm_count", lambda device: 8)
+    B, P, K, D, Dh = 1, 540, 10, 7, 64
+    S = P + K * (D + 2) + 1
+    k = torch.randn(B, S, kv_heads, Dh, generator=rng).bfloat16()
+    v = torch.randn(B, S, kv_heads, Dh, generator=rng).bfloat16()
+    q = torch.randn(B, K, heads, Dh, generator=rng).bfloat16()
+    kv_block = torch.full((B, S), NO_BLOCK, dtype=torch.int32)
+    for j in range(K):
+        kv_block[:, P + j * (D + 2):P + (j + 1) * (D + 2)] = j
+    q_pos = torch.tensor([[P + j * (D + 2) + 4 for j in range(K)]] * B, dtype=torch.int32)
+    q_limit = torch.arange(K, dtype=torch.int32).repeat(B, 1)
+    kv_len = torch.full((B,), S, dtype=torch.int32)
+    assert nb.decode_splits(q, k) == nb.decode_splits(q[:, :1], k) and nb.decode_splits(q, k)[0] > 1
+    full = nb.decode_attention(q, k, v, DecodeMeta(q_pos, q_limit, kv_block, kv_len))
+    for j in range(K):
+        one = nb.decode_attention(q[:, j:j + 1].contiguous(), k, v, DecodeMeta(
+            q_pos[:, j:j + 1].contiguous(), q_limit[:, j:j + 1].contiguous(), kv_block, kv_len))
+        assert torch.equal(full[:, j:j + 1], one), \
+            f"block {j}: differs by {(full[:, j:j + 1].float() - one.float()).abs().max().item():.3g}"
+
+
 def test_decode_rows_without_keys_and_empty_sequences(emulated, rng):
     q, k, v, dm = _decode_case(rng, torch.bfloat16, 64, B=2, Q=3, H=2, Hkv=1, S=130)
     dm.q_pos[0, 2] = -4  # a row that sees no key

@@ -205,16 +205,16 @@ def test_split_kv_merge_when_a_later_split_dominates(rng, num_splits, poison_emp
     assert_close_rule(out, ref, same, f"{num_splits} splits", floor_eps=FP32_FLOOR_EPS)
 
 
-def test_query_rows_spanning_several_row_tiles(rng, poison_empty):
-    """A program takes at most 32 query rows of a KV group in float32 (the GPU's cap, which the interpreter
-    takes too): parallel decoding of the last 10 tokens with 4 query heads per KV head is 40 rows, two row
-    tiles, each of which must place its rows at their own queries and heads."""
+@pytest.mark.parametrize("n_q,block_r", [(10, 16), (20, 32)])
+def test_query_rows_spanning_several_row_tiles(rng, poison_empty, n_q, block_r):
+    """Decoding the last n_q tokens with 4 query heads per KV head is 4 n_q rows of a KV group, in several row
+    tiles (the interpreter takes the GPU's), each of which must place its rows at their own queries and heads:
+    10 queries (a parallel chunk step) take a one-row step's 16-row tile, 20 the float32 cap of 32 rows."""
     seqs = [action_sequence(rng, 9, chunk=10), action_sequence(rng, 19, chunk=3)]
     S, H, Hkv, D = 160, 8, 2, 32
     qs, ks, vs, kc, vc, kvb, kvlen = caches_from_sequences(rng, seqs, S, H, Hkv, D, torch.float32)
-    n_q = 10
     plan, _ = K.launch_plan(torch.empty(2, n_q, H, D, device=DEV), kc)
-    assert plan[0] == 40 and plan[2] == 32, plan
+    assert plan[0] == 4 * n_q and plan[2] == block_r, plan
     pos = [torch.arange(ids.numel() - n_q, ids.numel()) for ids in seqs]
     q = torch.stack([qq[p] for qq, p in zip(qs, pos)])
     q_limit = torch.stack([chunk_mask_meta(ids, LAYOUT).q_limit[p] for ids, p in zip(seqs, pos)])
@@ -224,6 +224,34 @@ def test_query_rows_spanning_several_row_tiles(rng, poison_empty):
         for b, ids in enumerate(seqs):
             want, same = (full_rows(ids, qs[b], ks[b], vs[b], pos[b].to(DEV), t) for t in (torch.float64, torch.float32))
             assert_close_rule(out[b], want, same, f"{splits} splits, sequence {b}", floor_eps=FP32_FLOOR_EPS)
+
+
+def test_steps_of_a_few_rows_launch_as_a_one_row_step(monkeypatch):
+    """Parallel chunk decoding's step (K query rows, one per action block) must give each row's attention bit
+    for bit as the one-row sequential step does. The row tile (tl.dot's M) and the split of the cache (the
+    order in which partial softmaxes merge) were chosen from all the rows: with 4 query heads per KV head,
+    10 queries took a 64-row tile (bf16) and a third of the one-row step's programs. Steps of up to
+    DECODE_PLAN_QUERIES queries now launch as one row does; larger ones (a prefill) are planned for their own."""
+    from worldvla.mask import DECODE_PLAN_QUERIES
+
+    programs = []
+    monkeypatch.setattr(K, "_default_splits", lambda n_tiles, n_programs, device: programs.append(n_programs) or 1)
+    for dtype, H, Hkv, D in [(torch.bfloat16, 8, 2, 64), (torch.float32, 8, 2, 64), (torch.bfloat16, 32, 32, 128),
+                             (torch.bfloat16, 32, 1, 128)]:
+        kc = torch.zeros(2, 100, Hkv, D, dtype=dtype, device=DEV)
+        tiles, programs[:] = {}, []
+        for n_q in (1, 2, 5, 10, DECODE_PLAN_QUERIES, DECODE_PLAN_QUERIES + 1):
+            q = torch.randn(2, n_q, H, D, device=DEV).to(dtype)
+            meta = DecodeMeta(torch.full((2, n_q), 99, dtype=torch.int32, device=DEV),
+                              torch.zeros(2, n_q, dtype=torch.int32, device=DEV),
+                              torch.full((2, 100), NO_BLOCK, dtype=torch.int32, device=DEV),
+                              torch.full((2,), 100, dtype=torch.int32, device=DEV))
+            tiles[n_q] = K.launch_plan(q, kc)[0][2]
+            K.decode_attention(q, kc, kc, meta, block_n=64)
+        case = f"{dtype} H{H}/{Hkv} Dh{D}: row tiles {tiles}, programs {programs}"
+        assert len(set(list(tiles.values())[:-1])) == 1 and len(set(programs[:-1])) == 1, case
+        if H // Hkv > 1 and dtype == torch.bfloat16:  # past the bound the step is planned for its own rows
+            assert tiles[DECODE_PLAN_QUERIES + 1] > tiles[1] and programs[-1] != programs[0], case
 
 
 def test_value_cache_with_its_own_strides(rng, poison_empty):

@@ -80,6 +80,14 @@ class ChunkMaskMeta:
         return allowed
 
 
+# Decode steps of up to this many query rows per sequence launch as a one-row step does: the same split of
+# the cache (the order in which partial softmaxes merge) and, in Triton, the same row tile. Each row then
+# comes out bit for bit as in a one-row step, so that parallel chunk decoding (K rows, one per action block)
+# matches sequential decoding as far as attention goes. Larger steps (a prefill through decode attention)
+# are planned for their own rows.
+DECODE_PLAN_QUERIES = 16
+
+
 @dataclass
 class DecodeMeta:
     """Metadata for `worldvla.ops.decode_attention`: Q query rows per sequence against

@@ -351,8 +351,9 @@ class InferenceEngine:
         number is taken to. On the CPU the one-call step (DecodeStepPlan) computes each row alike up to
         DECODE_STEP_MAX_QUERIES rows; a bigger step goes layer by layer, and the layer-by-layer path is not
         row-invariant at all (torch's GEMM takes another kernel for one row than for several: about 4e-6 apart
-        in float32, enough to flip a near-tie between two bins), so there it is 1. On CUDA the batched step's
-        row invariance has not been measured (tests/test_inference.py's GPU near-tie test checks it)."""
+        in float32, enough to flip a near-tie between two bins), so there it is 1. On CUDA the decode attention
+        kernels launch steps of up to DECODE_PLAN_QUERIES rows as one row (worldvla.mask); the projections'
+        (cuBLAS) row invariance has not been measured (tests/test_inference.py's GPU tests check both)."""
         if self.device.type != "cpu":
             return None
         return DECODE_STEP_MAX_QUERIES if self.backend == "auto" and native_step_active(self.dtype) else 1

@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from worldvla import _C  # ImportError here = no native backend
 
-from ..mask import ChunkMaskMeta, DecodeMeta, cu_seqlens_problem
+from ..mask import DECODE_PLAN_QUERIES, ChunkMaskMeta, DecodeMeta, cu_seqlens_problem
 from . import dispatch
 from .decoder import DECODE_STEP_MAX_QUERIES
 from .projection import NATIVE_MAX_ROWS
@@ -380,13 +380,17 @@ def _check_decode(q, k, v, q_pos, q_limit, kv_block, kv_len):
         _fail(op, f"the CPU path takes float32, bf16 or fp16, got {q.dtype}", TypeError)
 
 
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _split(length: int, tile: int, ctas: int, device: torch.device, n_splits: int | None,
            max_splits: int = 1 << 31) -> tuple[int, int]:
     """(splits, items per split) of `length` items over CTAs, splits in whole `tile`s, from shapes
     only: `n_splits` if given, else enough that the `ctas` CTAs of one split become about two per SM."""
     max_splits = max(1, min(-(-length // tile), max_splits))
     if n_splits is None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        sms = _sm_count(device)
         n_splits = -(-2 * sms // max(1, ctas))
     n_splits = min(max(1, int(n_splits)), max_splits)
     size = -(-(-(-max(length, 1) // n_splits)) // tile) * tile
@@ -395,10 +399,12 @@ def _split(length: int, tile: int, ctas: int, device: torch.device, n_splits: in
 
 def decode_splits(q: Tensor, k_cache: Tensor, n_splits: int | None = None) -> tuple[int, int]:
     """(n_splits, split_size) of the CUDA split-KV decode, from shapes only (fixed across a
-    captured graph's replays). Enough splits to give every SM about two CTAs."""
+    captured graph's replays). Enough splits to give every SM about two CTAs; steps of up to
+    DECODE_PLAN_QUERIES rows are split as one row is (worldvla.mask)."""
     B, Q, H, _ = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    rowgroups = -(-(Q * (H // Hkv)) // _DECODE_ROWS_PER_CTA)
+    planned = 1 if Q <= DECODE_PLAN_QUERIES else Q
+    rowgroups = -(-(planned * (H // Hkv)) // _DECODE_ROWS_PER_CTA)
     return _split(S, _DECODE_TILE, B * Hkv * rowgroups, q.device, n_splits)
 
 
