@@ -1414,3 +1414,186 @@ def test_a_folder_that_holds_a_vqgan_folder_names_it_and_one_that_holds_none_doe
         st.build_store(folder, tmp_path / "s", bare, chunk_size=K, progress=False)
     assert str(e.value).endswith("as `worldvla train-vq` exports them)"), str(e.value)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_folder_and_a_file_inside_it_are_tokenized_once(demo_dir, tmp_path):
+    """`pretokenize demos demos/a.hdf5` names a.hdf5 twice: its demos are tokenized once, as from the folder alone."""
+    folder, _ = demo_dir
+    vq = tiny_vqgan()
+    assert st.find_demo_files([folder, folder / "a.hdf5"]) == st.find_demo_files(folder)
+    both = st.build_store([folder, folder / "a.hdf5"], tmp_path / "both", vq, chunk_size=K, progress=False)
+    alone = st.build_store(folder, tmp_path / "alone", vq, chunk_size=K, progress=False)
+    m = json.loads((both / st.MANIFEST).read_text())
+    assert [os.path.basename(r["path"]) for r in m["inputs"]] == ["a.hdf5", "b.h5"]
+    assert m["n_samples"] == json.loads((alone / st.MANIFEST).read_text())["n_samples"] == 8 + 11
+
+
+def test_data_bounds_widen_a_constant_dimension_by_one_on_each_side(tmp_path):
+    """A gripper held shut through every demo has min == max: its bounds are widened to [c - 1, c + 1], a range the
+    action tokenizer can bin, with c in the middle bin."""
+    rng = np.random.default_rng(8)
+    d = random_demos(rng, (6, 5))
+    for demo in d:
+        demo["actions"][:, 3] = 0.5
+    files = [write_demos(tmp_path / "d" / "a.hdf5", d, "reach")]
+    low, high = st.action_bounds("data", files, 4)
+    acts = np.concatenate([demo["actions"] for demo in d]).astype(np.float64)
+    np.testing.assert_allclose(low[:3], acts[:, :3].min(0))
+    np.testing.assert_allclose(high[:3], acts[:, :3].max(0))
+    assert (low[3], high[3]) == (-0.5, 1.5)
+    out = st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=2, world=False, bounds="data",
+                         progress=False)
+    assert st.TokenStore(out).manifest["action"]["low"][3] == -0.5
+
+
+def test_auto_bounds_take_data_for_a_dimension_just_short_of_half_of_unit(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    acts = rng.uniform(-1, 1, (30, 4))
+    acts[:, 2] = np.linspace(-0.45, 0.45, 30)  # reaches 0.45 < UNIT_MIN_REACH
+    frames = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    files = [write_demos(tmp_path / "d" / "a.hdf5", [{"frames": frames, "actions": acts}], "wipe")]
+    low, high = st.action_bounds("auto", files, 4)
+    np.testing.assert_allclose(low, acts.min(0))
+    np.testing.assert_allclose(high, acts.max(0))
+    assert "dimension(s) 2 reach only max |a| 0.45" in capsys.readouterr().out
+
+
+def test_a_negative_demos_per_shard_from_python_is_refused_before_any_work(demo_dir, tmp_path):
+    folder, _ = demo_dir
+    with pytest.raises(ValueError, match=r"demos_per_shard must be >= 0 \(0 = one shard per file\), got -1"):
+        st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, demos_per_shard=-1, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_chunk_as_long_as_the_longest_demo_gives_it_one_action_sample(tmp_path):
+    rng = np.random.default_rng(3)
+    write_demos(tmp_path / "x" / "a.hdf5", random_demos(rng, (5, 3)), "reach")
+    out = st.build_store(tmp_path / "x", tmp_path / "s", tiny_vqgan(), chunk_size=5, world=False, progress=False)
+    store = st.TokenStore(out)
+    assert store.kind_counts() == {"action": 1, "world": 0} and store.chunk_size == 5
+
+
+def test_the_sim_camera_is_recorded_only_when_every_input_names_the_same(tmp_path):
+    """The evaluation renders from the store's sim_camera: inputs collected from different cameras name none."""
+    rng = np.random.default_rng(2)
+    write_demos(tmp_path / "same" / "a.hdf5", random_demos(rng, (4,)), "reach", attrs={"sim_camera": "topview"})
+    write_demos(tmp_path / "same" / "b.hdf5", random_demos(rng, (4,)), "reach", attrs={"sim_camera": "topview"})
+    write_demos(tmp_path / "mixed" / "a.hdf5", random_demos(rng, (4,)), "reach", attrs={"sim_camera": "topview"})
+    write_demos(tmp_path / "mixed" / "b.hdf5", random_demos(rng, (4,)), "reach", attrs={"sim_camera": "corner"})
+    vq = tiny_vqgan()
+    for name, want in (("same", "topview"), ("mixed", None)):
+        out = st.build_store(tmp_path / name, tmp_path / f"s_{name}", vq, chunk_size=2, world=False, progress=False)
+        assert st.TokenStore(out).manifest["sim_camera"] == want
+
+
+def test_a_rerun_refuses_a_store_whose_inputs_frames_were_turned_otherwise(tmp_path):
+    """A store whose manifest records another turn of an input's frames (built by a version that read the file
+    otherwise) is not resumed with shards of both; --overwrite rebuilds it."""
+    rng = np.random.default_rng(4)
+    write_demos(tmp_path / "d" / "a.hdf5", random_demos(rng, (4, 5)), "reach")
+    vq = tiny_vqgan()
+    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, chunk_size=2, demos_per_shard=1, progress=False)
+    mpath = out / st.MANIFEST
+    m = json.loads(mpath.read_text())
+    assert m["inputs"][0]["rotation"] == "none"
+    m["inputs"][0]["rotation"] = "rotated_180"
+    m["complete"] = False
+    m["shards"] = m["shards"][:1]  # an unfinished build
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(FileExistsError, match="a.hdf5 \\(its frames rotated_180 then, none now\\).*--overwrite"):
+        st.build_store(tmp_path / "d", out, vq, chunk_size=2, demos_per_shard=1, progress=False)
+    st.build_store(tmp_path / "d", out, vq, chunk_size=2, demos_per_shard=1, overwrite=True, progress=False)
+    assert st.TokenStore(out, verify=True).manifest["inputs"][0]["rotation"] == "none"
+
+
+def test_an_empty_selection_of_kinds_is_refused(demo_dir, tmp_path):
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    for kinds in ((), []):
+        with pytest.raises(ValueError, match=r"kinds must be a non-empty subset of \('action', 'world'\)"):
+            st.TokenStore(out, kinds=kinds)
+
+
+def test_a_shard_whose_labels_are_shorter_than_its_tokens_is_refused(demo_dir, tmp_path):
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    labels = out / "shard_00000" / "labels.npy"
+    np.save(labels, np.load(labels)[:-1])  # a readable .npy, one token short: the last sample's labels misaligned
+    with pytest.raises(ValueError, match=f"the arrays of {out / 'shard_00000'} do not fit together"):
+        st.TokenStore(out)
+
+
+def test_a_token_id_equal_to_the_vocabulary_size_is_refused(demo_dir, tmp_path):
+    """The vocabulary's ids are [0, vocab_size): vocab_size itself is one past the embedding table."""
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    vocab = st.TokenStore(out).layout.vocab_size
+    tokens = out / "shard_00000" / "tokens.npy"
+    arr = np.load(tokens, mmap_mode="r+")
+    arr[2] = vocab
+    arr.flush()
+    del arr
+    with pytest.raises(ValueError, match=f"{tokens}: value {vocab} at position 2 .*outside the vocabulary's ids"):
+        st.TokenStore(out)[0]
+
+
+def test_kind_counts_of_a_store_opened_for_one_kind_count_only_it(demo_dir, tmp_path):
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    assert st.TokenStore(out, kinds="action").kind_counts() == {"action": 8}
+    assert st.TokenStore(out, kinds=["world"]).kind_counts() == {"world": 11}
+
+
+def test_pack_refuses_an_empty_sample():
+    empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    whole = (torch.arange(4), torch.arange(4))
+    with pytest.raises(ValueError, match=r"sample 1: ids \(0\) and labels \(0\) must have the same, non-zero length"):
+        st.pack([whole, empty], 16)
+
+
+def test_a_pickled_store_carries_no_arrays_it_has_read(demo_dir, tmp_path):
+    """Data-loader workers receive the store pickled: the shards it has memory-mapped are not copied into it."""
+    import pickle
+
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    store = st.TokenStore(out)
+    size = len(pickle.dumps(store))
+    want = [store[i] for i in range(len(store))]  # every shard memory-mapped
+    copy = pickle.loads(pickle.dumps(store))
+    assert len(pickle.dumps(store)) == size
+    assert all(torch.equal(copy[i][0], w[0]) and copy[i][2] == w[2] for i, w in enumerate(want))
+
+
+def test_frames_wider_than_high_keep_their_height_and_width(tmp_path):
+    rng = np.random.default_rng(6)
+    d = random_demos(rng, (4, 3))
+    for demo in d:
+        demo["frames"] = rng.integers(0, 256, (len(demo["actions"]), 32, 64, 3), dtype=np.uint8)
+    write_demos(tmp_path / "d" / "a.hdf5", d, "reach")
+    vq = tiny_vqgan()
+    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, chunk_size=2, progress=False)
+    store = st.TokenStore(out)
+    assert store.image_size == (32, 64)
+    assert store.manifest["code_grid"] == [32 // vq.downsample, 64 // vq.downsample]
+    ids, _, kind = store[len(store) - 1]
+    lo, hi = store.layout.image_id_range
+    assert kind == "world" and int(((ids >= lo) & (ids < hi)).sum()) == 2 * 2 * 4  # two images of 2 x 4 codes
+
+
+def test_cli_options_reach_the_store(demo_dir, tmp_path):
+    folder, _ = demo_dir
+    vq_dir = tmp_path / "vq"
+    tiny_vqgan().save_pretrained(vq_dir)
+    p = argparse.ArgumentParser()
+    st.add_arguments(p)
+    args = p.parse_args([str(folder), "--out", str(tmp_path / "s"), "--vqgan", str(vq_dir), "-K", "2",
+                         "--no-action", "--drop-noops", "--demos-per-shard", "1", "--rotate-180", "yes",
+                         "--history", "1", "--action-bounds", "unit", "--instruction", "lift it", "--no-progress"])
+    assert st.run(args) == 0
+    m = st.TokenStore(tmp_path / "s").manifest
+    assert {k: m["settings"][k] for k in ("action", "world", "drop_noops", "demos_per_shard", "rotate_180",
+                                          "history", "instruction", "only_success")} == \
+        {"action": False, "world": True, "drop_noops": True, "demos_per_shard": 1, "rotate_180": True, "history": 1,
+         "instruction": "lift it", "only_success": True}
+    assert len(m["shards"]) == 3 + 1 and m["action"]["bounds"] == "unit" and m["n_action"] == 0
