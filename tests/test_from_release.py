@@ -1,6 +1,8 @@
 """`worldvla import-release`: a policy folder from the release's model folder and tokenizer folder."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -236,3 +238,50 @@ def test_the_command_says_how_the_weights_were_written(release, tmp_path, monkey
     assert main(["import-release", str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "copied")]) == 0
     out = capsys.readouterr().out
     assert "the release's weight files copied (no hard links across file systems)" in out and "hard-linked" not in out
+
+
+@pytest.mark.parametrize("option, value", [("--chunk-size", "0"), ("--chunk-size", "-5"), ("--image-size", "0"),
+                                           ("--image-size", "-256")])
+def test_sizes_that_are_not_positive_are_refused_by_the_option(release, tmp_path, capsys, option, value):
+    """`--chunk-size 0` or a negative frame size is named by its option before anything is read or written."""
+    with pytest.raises(SystemExit) as e:
+        main(["import-release", str(release / "model_256" / "libero_goal"), "--tokenizer",
+              str(release / "chameleon" / "tokenizer"), "--out", str(tmp_path / "p"), option, value])
+    assert e.value.code == 2
+    assert f"argument {option}: " in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
+def test_a_model_of_another_vocabulary_that_states_no_layout_is_refused(tmp_path, release, capsys):
+    """A Chameleon folder of another vocabulary size that states no layout of ids (a model published elsewhere, filed
+    like a release model) is refused as one of another vocabulary, not written as a policy."""
+    model = tmp_path / "model_256" / "libero_goal"
+    WorldVLA(dataclasses.replace(ModelConfig.tiny(), vocab_size=1000, layout=None)).save_pretrained(model)
+    assert main(["import-release", str(model), "--tokenizer", str(release / "chameleon" / "tokenizer"), "--out",
+                 str(tmp_path / "p")]) == 2
+    assert "a model of 1000 ids, not the release's Chameleon vocabulary of 65536" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+def test_the_policy_records_its_sources_by_absolute_paths(release, tmp_path, monkeypatch):
+    """Folders given relative to the working directory are recorded as the folders they name: the policy is served
+    and evaluated from other directories, where a relative path would name nothing."""
+    from worldvla.inference import WorldVLAPolicy
+
+    monkeypatch.chdir(release)
+    import_release("model_256/libero_goal", "chameleon/tokenizer", tmp_path / "p")
+    monkeypatch.chdir(tmp_path)
+    extra = WorldVLAPolicy.from_pretrained(tmp_path / "p", device="cpu").metadata()["extra"]
+    assert extra["model"] == str((release / "model_256" / "libero_goal").resolve())
+    assert extra["tokenizer"] == str((release / "chameleon" / "tokenizer").resolve())
+
+
+def test_a_path_that_names_the_suite_but_no_size_still_gives_the_chunk_size(release, tmp_path):
+    """A release model copied to `runs/libero_10` names its suite but no frame size: the chunk size comes from the
+    suite, and only --image-size is asked for."""
+    assert infer_from_path(tmp_path / "runs" / "libero_10") == {"suite": "10", "chunk_size": 10}
+    assert infer_from_path(tmp_path / "model_512" / "mine") == {"image_size": 512}
+    model = tmp_path / "runs" / "libero_10"
+    WorldVLA.from_pretrained(release / "model_256" / "libero_10").save_pretrained(model)
+    info = import_release(model, release / "chameleon" / "tokenizer", tmp_path / "p", image_size=256)
+    assert (info["chunk_size"], info["image_size"], info["suite"]) == (10, 256, "10")
+    assert info["sources"] == {"chunk_size": f"the path ({model})", "image_size": "--image-size"}

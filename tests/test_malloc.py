@@ -165,3 +165,61 @@ def test_the_settings_handed_back_are_a_copy(monkeypatch):
     got = malloc.cpu_malloc_settings()
     got["mmap_threshold"] = 0
     assert malloc.cpu_malloc_settings()["mmap_threshold"] == 1 << 20
+
+
+def _fake_mallopt(monkeypatch, answer=1):
+    """`_mallopt` stood in by a function recording its calls and answering `answer` (glibc's 1: accepted, 0:
+    refused), so that this test process's allocator is left as it is."""
+    calls = []
+    monkeypatch.setattr(malloc, "_mallopt", lambda: lambda param, value: calls.append((param, value)) or answer)
+    monkeypatch.setattr(malloc, "_applied", None)
+    return calls
+
+
+def test_the_settings_tune_cpu_malloc_returns_are_a_copy(monkeypatch):
+    """A caller that edits the settings returned (a report adding its own keys) does not change what the process
+    records as set."""
+    calls = _fake_mallopt(monkeypatch)
+    got = malloc.tune_cpu_malloc(mmap_threshold=1 << 20)
+    assert len(calls) == 3
+    got["mmap_threshold"], got["device"] = 0, "cpu"
+    assert malloc.cpu_malloc_settings() == {"mmap_threshold": 1 << 20, "trim_threshold": 1 << 30, "mmap": True}
+
+
+def test_nothing_is_changed_where_the_c_library_is_not_glibc(monkeypatch):
+    """On Linux with musl (Alpine) mallopt's parameters are not glibc's: tune_cpu_malloc changes nothing there
+    and says so with None."""
+    monkeypatch.setattr(malloc.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(malloc.platform, "libc_ver", lambda *a, **k: ("", ""))  # what musl reports
+    monkeypatch.setattr(malloc, "_applied", None)
+    assert malloc._mallopt() is None
+    assert malloc.tune_cpu_malloc() is None and malloc.cpu_malloc_settings() is None
+
+
+def test_each_threshold_goes_to_its_own_mallopt_parameter(monkeypatch):
+    """The mmap threshold, the trim threshold and the cap on mapped blocks each reach glibc under their own
+    mallopt parameter (malloc.h: M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1, M_MMAP_MAX -4)."""
+    calls = _fake_mallopt(monkeypatch)
+    malloc.tune_cpu_malloc(mmap_threshold=1 << 20, trim_threshold=3 << 20)
+    assert sorted(calls) == [(-4, 65536), (-3, 1 << 20), (-1, 3 << 20)]
+    calls.clear()
+    malloc.tune_cpu_malloc(mmap=False)
+    assert sorted(calls) == [(-4, 0), (-3, malloc.MAX_MMAP_THRESHOLD), (-1, 1 << 30)]
+
+
+def test_bad_values_are_refused_also_where_nothing_would_change(monkeypatch):
+    """A script that passes a bad threshold is told so on every machine, not only on those with glibc."""
+    monkeypatch.setattr(malloc, "_mallopt", lambda: None)
+    assert malloc.tune_cpu_malloc() is None
+    for kw in ({"mmap_threshold": -1}, {"trim_threshold": 2**31}, {"mmap": "no"}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be"):
+            malloc.tune_cpu_malloc(**kw)
+
+
+def test_a_setting_glibc_refuses_is_an_error_and_not_recorded(monkeypatch):
+    """mallopt answers 0 for a value it does not take: tune_cpu_malloc raises, naming it, and does not report
+    the settings as in force."""
+    _fake_mallopt(monkeypatch, answer=0)
+    with pytest.raises(RuntimeError, match="glibc's mallopt refused mmap_threshold=1048576"):
+        malloc.tune_cpu_malloc(mmap_threshold=1 << 20)
+    assert malloc.cpu_malloc_settings() is None

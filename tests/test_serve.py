@@ -2492,3 +2492,207 @@ def test_a_reconnection_takes_the_payload_limit_of_the_new_connection(monkeypatc
     client._drop()  # lost: the next call reconnects, to the restarted server
     assert client.act(np.zeros((8, 8, 3), np.uint8)).shape == (3, 5)
     assert client.max_payload_bytes == 1000000
+
+
+def test_arrays_of_either_byte_order_travel_with_their_values():
+    """An array read from a big-endian file (HDF5, a `>f4` recording) is sent with its byte order, and arrives with
+    the same values in the receiver's own byte order."""
+    for dtype in (">i4", ">f4", "<f8", ">u2"):
+        sent = np.arange(-2, 4).astype(dtype).reshape(2, 3) if dtype[1] != "u" else np.arange(6, dtype=dtype)
+        got = unpackb(packb({"a": sent}))["a"]
+        assert got.dtype.isnative and got.dtype.kind == sent.dtype.kind and got.shape == sent.shape, dtype
+        np.testing.assert_array_equal(got, sent)
+
+
+def test_frames_of_exactly_the_largest_side_are_taken():
+    """`max_side` is the largest side accepted: a 8192-pixel-wide panorama strip passes, one pixel more is refused."""
+    from worldvla.serve.protocol import check_image
+
+    for h, w in ((8192, 1), (1, 8192), (1, 1)):
+        frame = np.zeros((h, w, 3), np.uint8)
+        assert check_image(frame) is frame
+    for h, w in ((8193, 1), (1, 8193), (0, 4)):
+        with pytest.raises(ProtocolError, match=rf"'image' sides must be between 1 and 8192 pixels, got {h}x{w}"):
+            check_image(np.zeros((h, w, 3), np.uint8))
+    assert check_image(np.zeros((48, 64, 3), np.uint8), max_side=64).shape == (48, 64, 3)
+    with pytest.raises(ProtocolError, match="between 1 and 63 pixels, got 48x64"):
+        check_image(np.zeros((48, 64, 3), np.uint8), max_side=63)
+
+
+def test_maps_with_keys_other_than_strings_are_refused():
+    """Field names are strings: a map keyed by numbers (a robot written in another language), which a decoder
+    would otherwise hash whatever their number, is refused with the key's type, and the server answers with it."""
+    for keys, kind in (({1: "reset"}, "int"), ({"type": "act", "image": {0.5: b""}}, "float")):
+        with pytest.raises(ProtocolError, match=rf"^request is not valid msgpack \(ValueError: {kind} is not allowed "
+                                                r"for map key"):
+            unpackb(packb(keys), REQUEST_LIMITS)
+    with PolicyServer(HistoryPolicy()) as server, _raw(server.url) as ws:
+        reply = _ask(ws, packb({"type": "reset", "episode": "e", "instruction": "wipe", 7: "x"}))
+        assert reply["ok"] is False and "int is not allowed for map key" in reply["error"]
+        assert _ask(ws, packb({"type": "reset", "episode": "e", "instruction": "wipe"}))["ok"]
+
+
+def test_a_frame_of_the_right_height_but_another_width_is_resized(np_rng):
+    """Only a frame of the model's height and width passes through untouched: one of the same height and another
+    width (a 16:9 camera at the model's height) is resized like any other."""
+    for h, w in ((24, 40), (30, 32), (24, 32)):
+        frame = _frame(np_rng, h, w)
+        out = fit_image(frame, (24, 32))
+        assert out.shape == (24, 32, 3) and out.dtype == np.uint8, (h, w)
+        assert (out is frame) == ((h, w) == (24, 32))
+
+
+def test_metadata_strings_are_cut_only_past_the_clients_string_limit():
+    """A string of exactly the reply's string limit fits and travels whole; one byte more is cut, to at most the
+    limit in UTF-8 (multi-byte characters counted by their bytes), saying how long it was."""
+    from worldvla.serve.protocol import to_plain
+
+    limit = REPLY_LIMITS["max_str_len"]
+    assert to_plain("x" * limit) == "x" * limit
+    assert to_plain({"notes": "é" * (limit // 2)}) == {"notes": "é" * (limit // 2)}
+    for text in ("x" * (limit + 1), "é" * (limit // 2) + "x", "€" * limit):
+        cut = to_plain(text)
+        assert len(cut.encode()) <= limit and cut.endswith(f"... [cut: {len(text)} characters in all]")
+        assert text.startswith(cut.split("... [cut")[0])
+        unpackb(packb({"notes": cut}))  # within what a client decodes
+
+
+def test_metadata_values_become_what_a_client_decodes():
+    """`to_plain` keeps what a reply can carry and describes the rest: 64-bit integers stay numbers and larger ones
+    become text, bytes stay bytes, keys become strings, arrays of up to 4096 numbers, maps of up to 4096 items and
+    lists of up to 65536 stay whole, larger ones are described; a map that holds itself ends in text. Every result
+    is a reply the client decodes."""
+    from worldvla.serve.protocol import to_plain
+
+    loop = {"name": "cfg"}
+    loop["self"] = loop
+    cases = [(2**64 - 1, 2**64 - 1), (2**64, str(2**64)), (-2**63, -2**63), (-2**63 - 1, str(-2**63 - 1)),
+             (b"\x00\xff", b"\x00\xff"), ({1: "a", (2, 3): "b"}, {"1": "a", "(2, 3)": "b"}),
+             (np.arange(4096), list(range(4096))), (np.zeros(4097, np.float32), "<array float32 [4097]>"),
+             ({str(i): i for i in range(4096)}, {str(i): i for i in range(4096)}),
+             ({str(i): i for i in range(4097)}, "<map of 4097 items>"),
+             ([0] * 65536, [0] * 65536), ((0,) * 65537, "<tuple of 65537 items>")]
+    for value, want in cases:
+        got = to_plain(value)
+        assert got == want, repr(value)[:60]
+        assert unpackb(packb({"meta": got}))["meta"] == want
+    plain = to_plain(loop)
+    depth = 0
+    while isinstance(plain, dict):
+        assert plain["name"] == "cfg"
+        plain, depth = plain["self"], depth + 1
+    assert isinstance(plain, str) and plain.startswith("{'name': 'cfg', 'self': {") and depth == 17
+    unpackb(packb(to_plain(loop)))
+
+
+def test_a_reply_that_does_not_say_ok_is_a_refusal(monkeypatch):
+    """Only a reply with "ok": true is an answer: one without the field (something else answering on that port) is
+    reported as refused, not returned as the server's description or a reset that took."""
+    ws = _FakeConnection([_echo_id({"action_dim": D}), _echo_id({"ok": False}), _echo_id({"ok": True, "action_dim": D})])
+    client, _ = _offline_client(monkeypatch, ws)
+    for _ in range(2):
+        with pytest.raises(PolicyServerError, match="^request refused without a message$"):
+            client.metadata()
+    assert client.metadata() == {"action_dim": D}
+
+
+def test_a_reply_without_an_id_answers_the_request_sent(monkeypatch):
+    """A server that echoes no ids (one of an older worldvla) is answered in order: its reply is the current
+    request's, not skipped while the call waits for its timeout."""
+    ws = _FakeConnection([{"ok": True, "action_dim": D}, {"ok": True, "actions": np.ones((3, 5), np.float32)}])
+    client, _ = _offline_client(monkeypatch, ws, timeout=5)
+    assert client.metadata() == {"action_dim": D}
+    client.episode = "e"
+    np.testing.assert_array_equal(client.act(np.zeros((8, 8, 3), np.uint8)), np.ones((3, 5)))
+
+
+def test_a_reconnection_to_a_server_of_another_protocol_is_closed_and_tried_again(monkeypatch):
+    """The server was replaced by one of another version: the call that reconnects names the versions and closes
+    that connection; the next call reconnects (to the right server, once it is back)."""
+    reply = _echo_id({"ok": True, "actions": np.zeros((3, 5), np.float32)})
+    other, back = _FakeConnection([], header="2"), _FakeConnection([reply])
+    client, opened = _offline_client(monkeypatch, _FakeConnection([]), other, back)
+    client.episode = "e"
+    client._drop()  # lost
+    with pytest.raises(PolicyServerError, match="speaks protocol 2, this PolicyClient protocol 1"):
+        client.act(np.zeros((8, 8, 3), np.uint8))
+    assert other.closed and other.sent == [] and client._ws is None
+    assert client.act(np.zeros((8, 8, 3), np.uint8)).shape == (3, 5)
+    assert len(opened) == 3 and len(back.sent) == 1
+
+
+def test_a_request_over_the_servers_limit_is_not_taken_for_a_reply_over_the_clients(monkeypatch):
+    """The server closes a connection whose request is too big with code 1009, and the client's side of the
+    closing handshake echoes it: that is the server's limit. The client's own limit on replies is the case where
+    the client closed with 1009 and received no close at all."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.frames import Close
+
+    def server_closed(request):
+        raise ConnectionClosed(Close(1009, "frame too big"), Close(1009, "frame too big"), True)
+
+    def client_closed(request):
+        raise ConnectionClosed(None, Close(1009, "over size limit"))
+
+    client, _ = _offline_client(monkeypatch, _FakeConnection([server_closed]), _FakeConnection([client_closed]))
+    with pytest.raises(PolicyServerError, match=r"^the server closed the connection: message too big \(frame too "
+                                                r"big\); the request exceeds its payload limit"):
+        client.metadata()
+    with pytest.raises(PolicyServerError, match=r"reply is larger than this client's limit of 64 MiB \(max_reply_mb\)"):
+        client.metadata()
+
+
+def test_the_client_checks_the_previous_frame_before_sending(monkeypatch):
+    """A previous frame that is no RGB uint8 [H, W, 3] is named by its field on the robot, before anything is
+    sent, as the current frame is."""
+    client, _ = _offline_client(monkeypatch, ws := _FakeConnection([]))
+    client.episode = "e"
+    frame = np.zeros((8, 8, 3), np.uint8)
+    for bad, fragment in ((np.zeros((8, 8, 4), np.uint8), r"must have shape \[H, W, 3\] \(RGB\), got \[8, 8, 4\]"),
+                          (np.zeros((8, 8, 3), np.float32), "must have dtype uint8, got float32")):
+        with pytest.raises(ProtocolError, match=rf"^'previous_image' {fragment}"):
+            client.act(frame, previous_image=bad)
+    assert ws.sent == []
+
+
+def test_a_server_at_its_connection_limit_that_states_no_version_is_named_with_its_reason(monkeypatch):
+    """A server of an older worldvla refuses a connection over --max-connections with HTTP 503 and its reason,
+    without a protocol header: the client says it refused and why, not that no WebSocket server answers there."""
+    from websockets.datastructures import Headers
+    from websockets.exceptions import InvalidStatus
+    from websockets.http11 import Response
+    from websockets.sync import client as ws_client
+
+    def refuse(url, **kw):
+        raise InvalidStatus(Response(503, "Service Unavailable", Headers(), b"2 connections open (--max-connections)\n"))
+
+    monkeypatch.setattr(ws_client, "connect", refuse)
+    with pytest.raises(ConnectionError, match=r"^the policy server at ws://127\.0\.0\.1:9 refused the connection: "
+                                              r"2 connections open \(--max-connections\)$"):
+        PolicyClient("ws://127.0.0.1:9")
+
+    def not_found(url, **kw):
+        raise InvalidStatus(Response(404, "Not Found", Headers(), b"no such page"))
+
+    monkeypatch.setattr(ws_client, "connect", not_found)
+    with pytest.raises(ConnectionError, match=r"did not answer as a WebSocket server \(InvalidStatus"):
+        PolicyClient("ws://127.0.0.1:9")
+
+
+def test_a_protocol_header_of_other_digits_is_no_version(monkeypatch):
+    """A header value such as '¹' (a digit to str.isdigit, not to int) is another protocol, named as such, not a
+    ValueError from the constructor."""
+    for header in ("\u00b9", "\u00b2"):  # superscript one and two
+        ws = _FakeConnection([], header=header)
+        with pytest.raises(PolicyServerError, match=f"speaks protocol '{header}', this PolicyClient protocol 1"):
+            _offline_client(monkeypatch, ws)
+        assert ws.closed
+
+
+def test_arrays_of_up_to_eight_dimensions_travel():
+    """Eight dimensions is the most an array may have: one of eight arrives whole, one of nine is refused."""
+    sent = np.arange(2**8, dtype=np.int16).reshape((2,) * 8)
+    got = unpackb(packb({"a": sent}), REQUEST_LIMITS)["a"]
+    assert got.shape == (2,) * 8 and np.array_equal(got, sent)
+    with pytest.raises(ProtocolError, match="a list of at most 8 non-negative integers"):
+        unpackb(packb({"a": sent.reshape((2,) * 7 + (1, 2))}))

@@ -79,7 +79,8 @@ def import_release(model_dir, tokenizer_dir, out, *, chunk_size: int | None = No
     if model.layout is None or model.layout.vocab_size != layout.vocab_size:
         raise ValueError(f"{model_dir}: a model of {model.config.vocab_size} ids, not the release's Chameleon "
                          f"vocabulary of {layout.vocab_size}: import-release reads the release's action models")
-    extra = {"source": "release", "model": str(model_dir), "tokenizer": str(tokenizer_dir.resolve()),
+    # Absolute paths: the policy is served and evaluated from other directories.
+    extra = {"source": "release", "model": str(model_dir.resolve()), "tokenizer": str(tokenizer_dir.resolve()),
              "suite": seen.get("suite")}
     # Without a dtype the policy's model is the release's files as they are: linked (or copied), not written again.
     weights = save_policy(out, model, vqgan, ActionTokenizer(layout), chunk_size=sizes["chunk_size"],
