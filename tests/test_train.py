@@ -1680,3 +1680,173 @@ def test_the_trainer_modules_run_as_the_command_line_does(tmp_path):
         r = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.startswith(f"worldvla {command}: error: ") and str(tmp_path / "missing") in r.stderr
+
+
+# ---------------------------------------------------------------------- boundaries and bookkeeping
+def test_a_sample_of_exactly_batch_tokens_is_a_batch_and_one_token_more_is_refused():
+    """A batch holds at most --batch-tokens tokens: a sample of exactly that many is a batch of its own, a sample one
+    token longer is refused by name (it would make a batch over the budget)."""
+    lengths = np.array([50, 300, 120, 180])
+    batches = trainer.epoch_batches(lengths, 300, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b.tolist()) == [0, 1, 2, 3]
+    assert all(lengths[b].sum() <= 300 for b in batches) and [1] in [b.tolist() for b in batches]
+    with pytest.raises(ValueError, match=r"1 samples are longer than --batch-tokens 300 \(longest 301\)"):
+        trainer.epoch_batches(np.array([50, 301, 120]), 300, seed=0, epoch=0)
+
+
+def test_split_batch_fills_a_micro_batch_up_to_exactly_micro_tokens():
+    """Samples whose lengths add up to exactly --micro-tokens share one micro-batch: 200 tokens over 2 ranks of 100
+    are one micro-step, not two."""
+    lengths = np.array([60, 40, 30, 70])
+    assert trainer.split_batch(np.array([0, 1]), lengths, 1, 100) == [[[0, 1]]]
+    # largest first into the emptiest bin that fits: 70 | 60, then 40 fills rank 1's and 30 rank 0's
+    assert trainer.split_batch(np.array([0, 1, 2, 3]), lengths, 2, 100) == [[[2, 3], [0, 1]]]
+
+
+def test_epochs_trains_every_sample_once_per_epoch(store_dir, tmp_path, monkeypatch):
+    """Without --steps the run is --epochs whole epochs, each in its own order: every sample is trained on once per
+    epoch."""
+    real, trained = trainer.split_batch, []
+    monkeypatch.setattr(trainer, "split_batch", lambda batch, *a: trained.append(batch.tolist()) or real(batch, *a))
+    a = args_for(store_dir, tmp_path / "run", "--epochs", 2, "--batch-tokens", 600, "--kinds", "action", "--no-export")
+    s = trainer.train(a)
+    store = TokenStore(store_dir, kinds=("action",))
+    epochs = [trainer.epoch_batches(store.lengths, 600, 3, e) for e in (0, 1)]
+    assert trained == [b.tolist() for b in epochs[0] + epochs[1]]
+    assert sorted(map(sorted, epochs[0])) != sorted(map(sorted, epochs[1]))  # another order, other batches
+    per_epoch = [len(b) for b in epochs]
+    assert s["step"] == s["total"] == sum(per_epoch)
+    log = read_log(a.out)
+    assert [r["epoch"] for r in log] == [0] * per_epoch[0] + [1] * per_epoch[1]
+    assert log[-1]["tokens"] == 2 * int(store.lengths.sum())
+
+
+def test_grad_clip_0_turns_the_clipping_off(store_dir, tmp_path):
+    """--grad-clip 0 means no clipping (its help says so): the run is that of an unreachable bound, not one whose
+    gradients are all clipped to zero."""
+    common = ("--steps", 2, "--batch-tokens", 300, "--no-export")
+    off = trainer.train(args_for(store_dir, tmp_path / "off", *common, "--grad-clip", 0))
+    huge = trainer.train(args_for(store_dir, tmp_path / "huge", *common, "--grad-clip", 1e9))
+    assert off["losses"] == huge["losses"] and off["losses"][1] < off["losses"][0]
+    w_off, w_huge = final_weights(tmp_path / "off"), final_weights(tmp_path / "huge")
+    assert all(torch.equal(w_off[k], w_huge[k]) for k in w_off)
+
+
+def test_the_run_logs_its_last_step_whatever_log_every(store_dir, tmp_path):
+    a = args_for(store_dir, tmp_path / "run", "--steps", 5, "--batch-tokens", 300, "--log-every", 2, "--no-export")
+    trainer.train(a)
+    assert [r["step"] for r in read_log(a.out)] == [2, 4, 5]
+
+
+def test_each_logged_learning_rate_is_the_one_its_step_trained_with(store_dir, tmp_path):
+    """--lr 2e-3, a warm-up of 2 steps, a cosine to 2e-4 over the other 2: step 1 trains at half the peak."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def step(opt, *a, **k):
+        seen.append(opt.param_groups[0]["lr"])
+        return real_step(opt, *a, **k)
+
+    a = args_for(store_dir, tmp_path / "run", "--steps", 4, "--batch-tokens", 300, "--no-export")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", step)
+        trainer.train(a)
+    logged = [r["lr"] for r in read_log(a.out)]
+    assert logged == pytest.approx([1e-3, 2e-3, 2e-3, 1.1e-3]) and logged == pytest.approx(seen)
+
+
+def test_a_resumed_run_counts_the_tokens_seen_since_the_run_started(store_dir, tmp_path):
+    common = ("--steps", 4, "--batch-tokens", 300, "--no-export")
+    trainer.train(args_for(store_dir, tmp_path / "a", *common))
+    trainer.train(args_for(store_dir, tmp_path / "b", *common, "--stop-after", 2))
+    trainer.train(args_for(store_dir, tmp_path / "b", *common, "--resume"))
+    store = TokenStore(store_dir)
+    batches = trainer.epoch_batches(store.lengths, 300, seed=3, epoch=0)[:4]
+    want = np.cumsum([int(store.lengths[b].sum()) for b in batches]).tolist()
+    assert [r["tokens"] for r in read_log(tmp_path / "a")] == want
+    assert [r["tokens"] for r in read_log(tmp_path / "b")] == want
+    assert json.loads((latest_checkpoint(tmp_path / "b") / "state.json").read_text())["tokens_seen"] == want[-1]
+
+
+def test_a_sample_exactly_as_long_as_micro_tokens_and_the_positions_trains(store_dir, tmp_path):
+    """The limits are inclusive: a sample of --micro-tokens tokens fills a micro-batch, and one of as many tokens
+    as the model's positions uses them all."""
+    longest = int(TokenStore(store_dir).lengths.max())
+    s = trainer.train(args_for(store_dir, tmp_path / "run", "--steps", 2, "--batch-tokens", 2 * longest,
+                               "--micro-tokens", longest, "--max-positions", longest, "--no-export"))
+    assert s["step"] == 2 and all(np.isfinite(s["losses"]))
+
+
+def test_a_save_at_the_step_of_a_save_killed_before_its_rename_replaces_its_leftovers(tmp_path):
+    """A save killed while writing step 4's files leaves .tmp-step_00000004; the resumed run saves step 4 again
+    (it resumes from an earlier checkpoint), which must not fail on that folder."""
+    from worldvla.train.checkpointing import save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    root = tmp_path / "checkpoints"
+    save_checkpoint(tmp_path, 2, model, opt, {})
+    (root / ".tmp-step_00000004").mkdir()
+    (root / ".tmp-step_00000004" / "model.pt").write_bytes(b"half")
+    written = save_checkpoint(tmp_path, 4, model, opt, {"mark": 1})
+    assert latest_checkpoint(tmp_path) == written == root / "step_00000004"
+    assert torch.equal(torch.load(written / "model.pt", weights_only=True)["weight"], model.weight)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000004"]
+
+
+def test_a_checkpoint_that_lacks_a_setting_recorded_since_still_resumes(store_dir, tmp_path):
+    """A checkpoint of an older version records fewer settings: those it lacks are not compared (and the resume does
+    not fail on them)."""
+    out = tmp_path / "run"
+    common = ("--steps", 3, "--batch-tokens", 300, "--no-export")
+    trainer.train(args_for(store_dir, out, *common, "--stop-after", 1))
+    state_file = latest_checkpoint(out) / "state.json"
+    state = json.loads(state_file.read_text())
+    for name in ("attention", "kinds", "release_loss_weights"):
+        del state["args"][name]
+    state_file.write_text(json.dumps(state))
+    assert trainer.train(args_for(store_dir, out, *common, "--resume"))["step"] == 3
+
+
+def test_a_checkpoint_folder_without_its_state_json_is_never_the_latest(tmp_path):
+    """A checkpoint folder that lacks its state.json (a partial copy) is not complete: neither the highest step nor
+    a `latest` naming it makes it the run's latest checkpoint; the newest complete one is."""
+    from worldvla.train.checkpointing import save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    complete = save_checkpoint(tmp_path, 3, model, opt, {})
+    partial = save_checkpoint(tmp_path, 5, model, opt, {})
+    (partial / "state.json").unlink()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == partial.name
+    assert latest_checkpoint(tmp_path) == complete
+    (tmp_path / "checkpoints" / "latest").unlink()
+    assert latest_checkpoint(tmp_path) == complete
+
+
+def test_an_infinite_loss_or_gradient_norm_stops_the_run_as_a_nan_does(tmp_path):
+    """An overflow gives inf, not NaN: the weights are as lost, and the run stops at that step as well."""
+    from worldvla.train.checkpointing import check_finite
+
+    check_finite(3, {"loss": 2.5, "gradient norm": 1e30}, tmp_path, "a cause")  # large but finite: goes on
+    for name, value in (("loss", float("inf")), ("gradient norm", float("-inf")), ("loss", float("nan"))):
+        with pytest.raises(ValueError, match=rf"^step 3: the {name} is {value} \(not finite\).*no checkpoint of the "
+                                             r"run was written. Likely causes: a cause"):
+            check_finite(3, {"loss": 2.5, "gradient norm": 1.0, name: value}, tmp_path, "a cause")
+
+
+def test_a_checkpoint_is_renamed_in_on_the_disk_before_latest_names_it(tmp_path, monkeypatch):
+    """The checkpoints folder (which records the rename of the new checkpoint into place) is flushed before the
+    `latest` pointer's new file is written, so a power loss cannot leave `latest` naming a folder the disk lacks."""
+    import os
+
+    from worldvla.train.checkpointing import save_checkpoint
+
+    flushed = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    model = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path, 7, model, torch.optim.AdamW(model.parameters()), {})
+    names = [os.path.basename(p) for p in flushed]
+    pointer = next(i for i, n in enumerate(names) if n.startswith(".latest."))
+    assert names.index(".tmp-step_00000007") < names.index("checkpoints") < pointer, names
