@@ -1,6 +1,8 @@
 """What the entry points of worldvla.ops refuse, on every backend that runs here: inputs no backend computes
 correctly give one clear error naming the op, the argument and the fix, instead of a torch error from inside
 a backend, a wrong result, or a value read from uninitialized memory."""
+import copy
+
 import pytest
 import torch
 
@@ -333,3 +335,208 @@ def test_a_softmax_scale_of_any_real_number_type_is_the_float_it_holds(rng, back
                            want_decode)
     one = ops.decode_attention(q[:, -3:], k, v, decode, softmax_scale=1.0, backend=backend)
     assert torch.equal(ops.decode_attention(q[:, -3:], k, v, decode, softmax_scale=1, backend=backend), one)
+
+
+_needs_native = pytest.mark.skipif("native" not in dispatch.available("masked_attention"),
+                                   reason="needs the native extension")
+
+
+@_needs_native
+def test_decode_attention_reads_strided_metadata_as_it_is_laid_out(rng, monkeypatch):
+    """DecodeMeta whose q_pos or q_limit is a strided view (a [Q, B] table transposed): the native kernels read
+    them as contiguous [B, Q], so the native backend declines them and `auto` takes torch; every backend gives the
+    reference's rows."""
+    from worldvla.mask import NO_BLOCK, DecodeMeta
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decode_attention", "cpu"), ("native", "torch"))
+    B, Q, S, H, D = 2, 3, 12, 2, 8
+    q = torch.randn(B, Q, H, D, generator=rng)
+    k, v = torch.randn(B, S, H, D, generator=rng), torch.randn(B, S, H, D, generator=rng)
+    kv_block = torch.full((B, S), NO_BLOCK, dtype=torch.int32)
+    kv_block[:, 3:9] = torch.arange(6, dtype=torch.int32).repeat_interleave(2)[:6].view(1, 6)
+    q_pos = torch.tensor([[9, 10, 11], [8, 9, 10]], dtype=torch.int32)
+    q_limit = torch.tensor([[-1, 1, 2], [3, -1, 0]], dtype=torch.int32)
+    kv_len = torch.tensor([12, 11], dtype=torch.int32)
+    for field in ("q_pos", "q_limit"):
+        fields = dict(q_pos=q_pos, q_limit=q_limit)
+        fields[field] = fields[field].t().contiguous().t()  # the same values, strides (1, B)
+        assert not fields[field].is_contiguous()
+        strided = DecodeMeta(fields["q_pos"], fields["q_limit"], kv_block, kv_len)
+        want = ops.decode_attention_ref(q, k, v, DecodeMeta(q_pos, q_limit, kv_block, kv_len))
+        torch.testing.assert_close(ops.decode_attention(q, k, v, strided), want, rtol=1e-5, atol=1e-6, msg=field)
+        with pytest.raises(ValueError, match=rf"does not support these inputs .*{field} must be contiguous"):
+            ops.decode_attention(q, k, v, strided, backend="native")
+
+
+@_needs_native
+def test_vq_gather_takes_a_codebook_of_any_layout(rng, monkeypatch):
+    """A codebook whose rows are not contiguous (a [C, K] table transposed): the native gather copies each row's
+    C elements as one block, so it declines the codebook and `auto` takes torch's gather, with the reference's
+    embeddings."""
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("vq_gather", "cpu"), ("native", "torch"))
+    codebook = torch.randn(8, 20, generator=rng).t()  # [K=20, C=8], strides (1, 20)
+    indices = torch.randint(0, 20, (2, 3, 4), generator=rng)
+    want = ops.vq_gather_ref(indices, codebook.contiguous())
+    assert torch.equal(ops.vq_gather(indices, codebook), want)
+    with pytest.raises(ValueError, match="does not support these inputs .*codebook must have a contiguous last dim"):
+        ops.vq_gather(indices, codebook, backend="native")
+
+
+@_needs_native
+def test_native_fp16_draw_returns_ids_in_the_range(rng):
+    """A draw over [lo, hi) with a float16 lm_head on the CPU takes the native float32 logits and torch's draw: its
+    ids are vocabulary ids in [lo, hi) (lo added back), the draw the reference makes from the same noise."""
+    from worldvla.ops.sampling import sample_logits
+
+    hidden, weight = torch.randn(4, 16, generator=rng).half(), torch.randn(90, 16, generator=rng).half()
+    lo, hi = 50, 80
+    gumbel = -torch.log(-torch.log(torch.rand(4, hi - lo, generator=rng)))
+    logits = (hidden.double() @ weight[lo:hi].double().t()).float()
+    for top_k in (None, 5):
+        got = ops.constrained_sample(hidden, weight, lo, hi, temperature=0.7, top_k=top_k, gumbel=gumbel,
+                                     backend="native")
+        assert bool(((got >= lo) & (got < hi)).all()), got
+        assert torch.equal(got, sample_logits(logits, 0.7, top_k, None, gumbel) + lo), top_k
+
+
+@_needs_native
+def test_native_ops_called_directly_check_their_metadata(rng):
+    """The native ops (`torch.ops.worldvla.*`, `native_backend`'s functions) read metadata by address, so they check
+    its shape themselves when called without the entry points: a q_limit, kv_len or cu_seqlens of another shape, or
+    an empty codebook, is refused before a launch would read outside it. Inputs that need gradients go through the
+    custom op, whose backward refuses, instead of returning a result that silently drops the gradient."""
+    from worldvla.mask import ChunkMaskMeta, DecodeMeta, causal_meta
+    from worldvla.ops import native_backend as nb
+
+    q, k, v, meta, decode = _attention_inputs(rng)
+    L = q.shape[1]
+    short = ChunkMaskMeta(meta.kv_block, meta.q_limit[:, :-1], meta.position_ids)
+    with pytest.raises(ValueError, match=r"masked_attention \(native\): metadata covers tokens"):
+        nb.masked_attention(q, k, v, short)
+    packed = causal_meta((L,), cu_seqlens=torch.tensor([0, L]))
+    packed.cu_seqlens = packed.cu_seqlens[:1]
+    with pytest.raises(ValueError, match=r"cu_seqlens must be 1-D with n_docs \+ 1 >= 2 entries, got shape \(1,\)"):
+        nb.masked_attention(q[0], k[0], v[0], packed)
+    long_len = DecodeMeta(decode.q_pos, decode.q_limit, decode.kv_block, decode.kv_len.repeat(2))
+    with pytest.raises(ValueError, match=r"meta.kv_len must have shape \(1,\), got \(2,\)"):
+        nb.decode_attention(q[:, -3:], k, v, long_len)
+    with pytest.raises(ValueError, match="the codebook is empty"):
+        nb.vq_quantize(torch.randn(4, 8, generator=rng), torch.randn(0, 8))
+    q.requires_grad_()
+    out = nb.masked_attention(q, k, v, meta)
+    assert out.requires_grad
+    with pytest.raises(RuntimeError):
+        (out.sum() + q.sum()).backward()
+
+
+def _decoder_case(rng):
+    """A tiny model's first layer, its cached step's inputs (x, cos, sin, ForwardContext) and the cache."""
+    from test_native_decoder import _model, _step
+
+    from worldvla.model import ForwardContext, rope_cos_sin
+
+    model = _model(rng)
+    x, pos, meta, cache = _step(rng, model.config, 1, 2, S=20)
+    cos, sin = rope_cos_sin(pos, model.config.head_dim, model.config.rope_theta, x.dtype)
+    return model, x, cos, sin, ForwardContext(cache=cache, position_ids=pos, decode_meta=meta)
+
+
+def _layer_outputs(layer, x, cos, sin, ctx, backend):
+    cache = copy.deepcopy(ctx.cache)
+    ctx = type(ctx)(cache=cache, position_ids=ctx.position_ids, decode_meta=ctx.decode_meta)
+    with torch.no_grad():
+        return ops.decoder_layer(layer, x, cos, sin, ctx, 0, backend=backend), cache
+
+
+@_needs_native
+@pytest.mark.parametrize("change", ["biased-projection", "head-norm-eps", "global-pre-hook"])
+def test_a_decoder_layer_the_native_kernel_does_not_compute_keeps_its_modules(rng, monkeypatch, change):
+    """A plain nn.Linear projection with a bias, q and k head norms of different epsilons, a global forward
+    pre-hook: the native layer reads the weights alone (no bias), one head-norm epsilon, and calls no module. Such a
+    layer is refused by the native backend with the reason, and `auto` computes the modules' output and cache."""
+    from worldvla.ops import native_backend as nb
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    model, x, cos, sin, ctx = _decoder_case(rng)
+    layer = model.model.layers[0]
+    undo = lambda: None  # noqa: E731
+    if change == "biased-projection":
+        old = layer.self_attn.v_proj
+        layer.self_attn.v_proj = torch.nn.Linear(old.in_features, old.out_features)
+        with torch.no_grad():
+            layer.self_attn.v_proj.weight.copy_(old.weight)
+        reason = "v_proj is a Linear, not a plain nn.Linear without bias"
+    elif change == "head-norm-eps":
+        layer.self_attn.k_norm.eps = 1e-2
+        reason = "differ in epsilon"
+    else:
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda m, args: (args[0] * 2,) + args[1:] if type(m).__name__ == "MLP" else None)
+        undo, reason = handle.remove, "a forward hook is registered"
+    try:
+        with pytest.raises(ValueError, match=reason):
+            nb._layer_weights(layer)
+        want, want_cache = _layer_outputs(layer, x, cos, sin, ctx, "torch")
+        got, got_cache = _layer_outputs(layer, x, cos, sin, ctx, "auto")
+        assert torch.equal(got, want) and torch.equal(got_cache.k, want_cache.k)
+        assert torch.equal(got_cache.v, want_cache.v)
+    finally:
+        undo()
+
+
+@_needs_native
+def test_an_eval_mode_layer_with_a_dropout_rate_takes_the_native_layer(rng, monkeypatch):
+    """Dropout only drops in training mode: a model in eval mode whose layers carry a dropout rate (as configs
+    for fine-tuning set it) computes what the native layer computes, so `auto` keeps it there."""
+    from worldvla.ops import native_backend as nb
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    model, x, cos, sin, ctx = _decoder_case(rng)
+    for layer in model.model.layers:
+        layer.dropout.p = 0.1
+    with torch.no_grad():
+        assert ops.resolve_decoder_layer(model.model.layers, x, ctx) is nb._dispatched_decoder_layer
+        model.train()
+        assert ops.resolve_decoder_layer(model.model.layers, x, ctx) is ops.decoder_layer_ref
+
+
+@_needs_native
+def test_bf16_projection_copies_only_for_weights_that_hold_bfloat16_values(rng):
+    """The decode step streams bfloat16 copies of the projections only where every float32 value is a bfloat16 (its
+    low 16 bits zero): one value with a bit set anywhere below, even above the lowest 8, keeps float32."""
+    from worldvla.ops import native_backend as nb
+
+    model, *_ = _decoder_case(rng)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    assert nb.bf16_projections(model) is not None
+    w = model.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():
+        w.view(torch.int32)[3, 5] |= 0x100  # bit 8: not a bfloat16, yet its lowest byte is zero
+    assert nb.bf16_projections(model) is None
+
+
+def test_complex_ids_are_refused_as_not_integers(rng):
+    """Complex codes or targets are no integer ids: refused with the entry point's message, as floats and bools are
+    (they reached torch.aminmax, or the loss's indexing, and stopped in a torch error naming no argument)."""
+    codebook = torch.randn(5, 3, generator=rng)
+    for backend in ["auto"] + dispatch.available("vq_gather"):
+        with pytest.raises(TypeError, match="vq_gather: indices must hold integer codes, got torch.complex64"):
+            ops.vq_gather(torch.zeros(1, 2, 2, dtype=torch.complex64), codebook, backend=backend)
+    h, w = torch.randn(3, 8, generator=rng), torch.randn(10, 8, generator=rng)
+    with pytest.raises(TypeError, match="targets must be integer class ids"):
+        ops.linear_cross_entropy(h, w, torch.tensor([1, 2, 3], dtype=torch.complex64))
+
+
+def test_an_unknown_backend_name_is_refused_with_the_choices(rng):
+    """A misspelt or device-like backend name ("cuda", "Native") is refused naming the valid ones, on every op;
+    it had read as an op without that implementation."""
+    q, k, v, meta, _ = _attention_inputs(rng)
+    x, w = torch.randn(2, 16, generator=rng), torch.randn(4, 16, generator=rng)
+    for name in ("cuda", "Native"):
+        with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \('torch', 'triton', 'native'\), "
+                                             rf"got '{name}'"):
+            ops.masked_attention(q, k, v, meta, backend=name)
+        with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+            ops.linear(x, w, backend=name)
