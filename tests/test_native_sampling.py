@@ -67,6 +67,20 @@ def _unscreened(hidden, weight, lo, hi):
     return ids
 
 
+@pytest.mark.usefixtures("cpu_width")
+def test_screen_tables_follow_the_range_of_one_weight(rng):
+    """One lm_head, two ranges of it screened in turn (a world model's image codes, then an action model's bins
+    widened to screen size): each call's bfloat16 copies must be the rows of its own range, not the last range
+    screened of that weight, nor of one as long at another offset."""
+    V, H = 7000, 24
+    weight = torch.randn(V, H, generator=rng)
+    for lo, hi in ((0, 2048), (4000, 6048), (2000, 4048), (4000, 6048), (0, 2048), (10, 7000)):
+        hidden = torch.randn(5, H, generator=rng)
+        assert nb.screen_tables(weight, lo, hi) is not None
+        assert torch.equal(nb.screen_tables(weight, lo, hi)[0], weight[lo:hi].bfloat16())
+        assert torch.equal(nb.range_argmax_op(hidden, weight, lo, hi), _unscreened(hidden, weight, lo, hi)), (lo, hi)
+
+
 def _close_calls(rng):
     """A frame-sized range (8,192 codes of 9,000) whose rows hold the cases a bfloat16 screen must get
     right: for hidden row 0 an exact tie at the top (rows top and top + 7: the first wins) and a row a few
