@@ -293,7 +293,7 @@ def test_decode_reference_is_each_rows_softmax_over_its_visible_slots():
 
 def test_heads_that_do_not_group_and_metadata_of_other_tokens_are_refused_by_name():
     """4 query heads over 3 key/value heads cannot be grouped (each key/value head must serve the same number of
-    query heads), and metadata built for 9 tokens cannot mask 10: both are refused before any backend runs, naming
+    query heads), and metadata built for 9 tokens cannot mask 10, nor a q_limit of 9 values with 10 tokens: all are refused before any backend runs, naming
     the problem, on every backend (a backend's own shape error named neither)."""
     gen = torch.Generator().manual_seed(23)
     q = torch.randn(1, 10, 4, 8, generator=gen)
@@ -303,3 +303,7 @@ def test_heads_that_do_not_group_and_metadata_of_other_tokens_are_refused_by_nam
             masked_attention(q, k3, k3, causal_meta((1, 10)), backend=backend)
         with pytest.raises(ValueError, match=r"meta covers tokens \(1, 9\) but q has \(1, 10\)"):
             masked_attention(q, q, q, causal_meta((1, 9)), backend=backend)
+        meta = causal_meta((1, 10))  # a q_limit of another shape: torch's broadcast error named no argument
+        meta.q_limit = meta.q_limit[:, :9]
+        with pytest.raises(ValueError, match=r"meta.q_limit \(1, 9\) must be shaped as meta.kv_block \(1, 10\)"):
+            masked_attention(q, q, q, meta, backend=backend)

@@ -104,6 +104,9 @@ def masked_attention(q, k, v, meta: ChunkMaskMeta, softmax_scale=None, backend: 
     dispatch.check_floats("masked_attention", q=q, k=k, v=v)
     if meta.kv_block.shape != q.shape[:-2]:
         raise ValueError(f"meta covers tokens {tuple(meta.kv_block.shape)} but q has {tuple(q.shape[:-2])}")
+    if meta.q_limit.shape != meta.kv_block.shape:
+        raise ValueError(f"meta.q_limit {tuple(meta.q_limit.shape)} must be shaped as meta.kv_block "
+                         f"{tuple(meta.kv_block.shape)}, a value per token: build the metadata with chunk_mask_meta")
     dispatch.check_devices("masked_attention", q=q, k=k, v=v, **{
         "meta.kv_block": meta.kv_block, "meta.q_limit": meta.q_limit, "meta.cu_seqlens": meta.cu_seqlens})
     if meta.packed:
