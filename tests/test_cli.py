@@ -612,3 +612,92 @@ def test_a_misspelt_option_with_a_long_value_is_matched_by_its_name(capsys):
     assert e.value.code == 2
     assert ("(--outt=/data/experiments/worldvla/demo_runs/first: did you mean --out?)"
             in capsys.readouterr().err)
+
+
+def test_an_empty_device_name_is_refused_not_taken_for_the_default():
+    """`--device "$DEV"` with DEV unset is a mistake to name, not a request for the default device."""
+    from worldvla.devices import torch_device
+
+    for name in ("", " "):
+        with pytest.raises(ValueError, match=rf"unknown device {name!r} \(--device\): use cpu, cuda or cuda:N"):
+            torch_device(name)
+        with pytest.raises(ValueError, match="unknown device"):
+            torch_device(name, default="cpu")
+
+
+def test_info_json_prints_the_report_alone_as_json(capsys):
+    """`worldvla info --json` is read by scripts: its output is the report as JSON and nothing else."""
+    import json
+
+    from worldvla import info
+
+    assert main(["info", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out) == json.loads(json.dumps(info.collect()))
+    assert "op                    installed" not in out
+
+
+@pytest.mark.parametrize("native_step", [True, False])
+def test_info_without_a_gpu_says_so_and_how_the_cpu_runs_a_decode_step(native_step, monkeypatch, capsys):
+    import torch
+
+    from worldvla import info
+    from worldvla.ops import decoder
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(decoder, "native_step_active", lambda dtype=None: native_step)
+    report = info.collect()
+    assert report["gpus"] == []
+    want = "one native call a step" if native_step else "each layer by the decoder_layer order above"
+    assert report["cpu_decode_step"].startswith(want)
+    assert info.run(argparse.Namespace(json=False)) == 0
+    out = capsys.readouterr().out
+    assert "GPU: none visible to torch\n" in out
+    assert f"inference engine's decode steps: {want}" in out
+
+
+def test_info_gives_a_device_without_an_auto_order_torch_alone(monkeypatch):
+    """Where neither the op nor its device has an order, `backend="auto"` takes torch (dispatch.resolve): info says
+    the same, and says nothing for an op without a torch backend."""
+    from worldvla import info
+    from worldvla.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", {"cpu": ("native", "torch")})
+    monkeypatch.setattr(dispatch, "registered_ops", lambda: ["linear", "vq_search"])
+    installed = {"linear": ["native", "torch"], "vq_search": ["triton"]}
+    real = dispatch.available
+    monkeypatch.setattr(dispatch, "available", lambda op: installed[op] if op in installed else real(op))
+    ops = info.collect()["ops"]
+    assert ops["linear"]["auto_order"] == {"cpu": ["native", "torch"], "cuda": ["torch"]}
+    assert ops["vq_search"]["auto_order"] == {"cpu": [], "cuda": []}
+
+
+def test_a_benchmark_the_package_lacks_is_taken_from_the_checkouts_benchmarks_folder(monkeypatch):
+    """Run from a source checkout, a benchmark the installed package does not hold (an install older than the
+    checkout) is the checkout's benchmarks/<name>.py; the package's own benchmark is preferred where both are."""
+    import sys
+    import types
+
+    from worldvla import bench
+
+    only_here = types.ModuleType("benchmarks.only_in_the_checkout")
+    monkeypatch.setitem(sys.modules, "benchmarks.only_in_the_checkout", only_here)
+    assert bench.benchmark_module("only_in_the_checkout") is only_here
+    assert bench.benchmark_module("vq") is importlib.import_module("worldvla.benchmarks.vq")
+    monkeypatch.delitem(sys.modules, "benchmarks.only_in_the_checkout")
+    with pytest.raises(ModuleNotFoundError, match="only_in_the_checkout"):
+        bench.benchmark_module("only_in_the_checkout")
+
+
+def test_a_benchmark_without_an_unavailable_class_that_raises_fails_the_run(monkeypatch, capsys, tmp_path):
+    """Only a benchmark's own Unavailable error is a skip; any error of a benchmark that declares none is a failure."""
+    import sys
+    import types
+
+    def run(quick, device, out_dir):
+        raise RuntimeError("no result")
+
+    monkeypatch.setitem(sys.modules, "worldvla.benchmarks.vq", types.SimpleNamespace(run=run))
+    assert main(["bench", "vq", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "!! vq failed: RuntimeError: no result" in out and "skipped" not in out

@@ -502,3 +502,31 @@ def test_bool_ids_are_refused_as_ids_that_are_not_integers():
     """A bool tensor (a mask passed where ids go) passed the ids' range check as the ids 0 and 1."""
     with pytest.raises(TypeError, match="token ids must be an integer tensor, got torch.bool"):
         CH.check_ids(torch.tensor([True, False]))
+
+
+def test_byte_text_decodes_both_ends_of_its_range_and_nothing_past_them():
+    """The byte range is [text_base, text_base + 256): its last id (byte 0xFF, never valid UTF-8 alone) shows as
+    U+FFFD like any broken byte; the ids just below and just above it are no text and are left out (the one above
+    was the byte 256, which bytes() refuses)."""
+    L = VocabLayout.compact(n_image_codes=64)
+    text = ByteTextTokenizer(L)
+    base = L.text_base
+    assert text.decode([base + 0x61, base + 255, base + 0x62]) == "a\ufffdb"
+    assert text.decode([base - 1, base + 0x61, base + 256]) == "a"
+    assert text.decode(torch.tensor([base + 0x68, base + 0x69])) == "hi"  # a tensor of ids, as a model gives them
+
+
+def test_chameleon_text_tokenizer_decodes_a_tensor_of_ids_leaving_special_tokens_out(tmp_path):
+    """What a model generates is a tensor of ids; decoding gives the text of the words, without the <s> the
+    sequence builder places."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<s>": 0, "<unk>": 3, "hello": 100, "robot": 101}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>"])
+    p = tmp_path / "t.json"
+    tok.save(str(p))
+    t = ChameleonTextTokenizer(p)
+    ids = torch.tensor([0, *t.encode("hello robot")])
+    assert t.decode(ids) == "hello robot"
+    assert t.decode(np.asarray(ids)) == t.decode(ids.tolist()) == "hello robot"

@@ -142,15 +142,16 @@ def frame_grid(rows: list[np.ndarray], path, labels: list[str] | None = None, pa
 
 
 def save_gif(frames, path, fps: float = 20) -> Path:
-    """frames: uint8 [T, H, W, 3] (or a list of such frames), played at `fps` in a loop."""
+    """frames: uint8 [T, H, W, 3] (or a list of such frames), played at `fps` (at most 100) in a loop."""
     from PIL import Image
 
     frames = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
     if not frames:
         raise ValueError("save_gif needs at least one frame")
-    if not fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
-    # GIF stores each frame's delay in hundredths of a second; Pillow takes milliseconds.
+    # GIF stores each frame's delay in hundredths of a second; Pillow takes milliseconds. Over 100 fps (or inf)
+    # the delay is stored as 0, which viewers replace by a speed of their own.
+    if not 0 < fps <= 100:
+        raise ValueError(f"fps must be > 0 and at most 100 (a GIF's delays are in hundredths of a second), got {fps}")
     return _save_image(frames[0], path, "GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps),
                        loop=0)
 

@@ -1,0 +1,138 @@
+"""`worldvla.eval.plots`: what the figures show (bar positions and labels, legends, blank panels), the formats the
+files are written in, and the inputs the writers refuse."""
+import json
+
+import numpy as np
+import pytest
+
+from worldvla.eval import plots
+
+
+def _saved_figures(monkeypatch) -> list:
+    """The matplotlib figures `plots` saves, kept for inspection after they are written and closed."""
+    figures, save = [], plots._save_figure
+
+    def keep(fig, path, **kw):
+        figures.append(fig)
+        return save(fig, path, **kw)
+
+    monkeypatch.setattr(plots, "_save_figure", keep)
+    return figures
+
+
+def _bar_centres(ax) -> list[list[float]]:
+    return [[p.get_x() + p.get_width() / 2 for p in c] for c in ax.containers if hasattr(c, "patches")]
+
+
+def test_success_bars_of_variants_sit_side_by_side_around_each_task_tick(tmp_path, monkeypatch):
+    """Two variants' bars share each group's tick, one on either side of it (not both right of it, under the next
+    group); every bar with a rate is labelled with its percent and a task a variant lacks has no bar label."""
+    figures = _saved_figures(monkeypatch)
+    rates = {"a": {"push-v3": 0.5, "reach-v3": 0.25}, "b": {"push-v3": 1.0}}
+    plots.success_bars(rates, tmp_path / "s.png")
+    (ax,) = figures[0].axes
+    np.testing.assert_allclose(ax.get_xticks(), [0, 1, 2])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["push", "reach", "mean"]
+    a, b = _bar_centres(ax)
+    np.testing.assert_allclose(a, [-0.2, 0.8, 1.8])
+    np.testing.assert_allclose(b, [0.2, 1.2, 2.2])
+    labels = sorted((round(t.get_position()[0], 6), t.get_text()) for t in ax.texts)
+    assert labels == [(-0.2, "50"), (0.2, "100"), (0.8, "25"), (1.8, "38"), (2.2, "100")]  # none at b's reach
+
+
+def test_success_bars_of_one_task_have_no_mean_group(tmp_path, monkeypatch):
+    """The mean of one task is that task: the figure holds its group alone."""
+    figures = _saved_figures(monkeypatch)
+    plots.success_bars({"a": {"reach-v3": 0.4}}, tmp_path / "s.png")
+    (ax,) = figures[0].axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["reach"]
+    ((height,),) = [[p.get_height() for p in c] for c in ax.containers]
+    assert height == pytest.approx(40.0)
+
+
+def test_success_bars_label_each_bar_above_its_error_bar(tmp_path, monkeypatch):
+    """A rate's label sits just above the higher of its bar and its interval's upper end, not on the error bar."""
+    figures = _saved_figures(monkeypatch)
+    plots.success_bars({"a": {"push-v3": 0.5, "reach-v3": 0.9}}, tmp_path / "s.png",
+                       intervals={"a": {"push-v3": (0.2, 0.8), "reach-v3": (0.6, 0.95), "mean": (0.5, 0.85)}})
+    (ax,) = figures[0].axes
+    heights = [t.get_position()[1] for t in sorted(ax.texts, key=lambda t: t.get_position()[0])]
+    np.testing.assert_allclose(heights, [81.0, 96.0, 86.0])
+
+
+def test_success_bars_take_an_interval_that_ends_a_rounding_below_its_rate(tmp_path, monkeypatch):
+    """6 successes of 6 have a Wilson interval whose upper end computes to 0.9999999999999999, below the rate of
+    1.0: the error bar's upper length is then a hair below zero, which matplotlib refuses; it is drawn as zero."""
+    from matplotlib.container import ErrorbarContainer
+
+    from worldvla.eval.metrics import success_interval
+
+    figures = _saved_figures(monkeypatch)
+    ci = success_interval(6, 6)
+    assert ci[1] < 1.0  # the rounding this test is about
+    assert plots.success_bars({"a": {"reach-v3": 1.0}}, tmp_path / "s.png", intervals={"a": {"reach-v3": ci}}).is_file()
+    (ax,) = figures[0].axes
+    (err,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    (segment,) = err.lines[2][0].get_segments()
+    np.testing.assert_allclose(sorted(segment[:, 1]), [ci[0] * 100, 100.0])
+
+
+def test_horizon_curves_name_the_dashed_reference_only_where_one_is_drawn(tmp_path, monkeypatch):
+    figures = _saved_figures(monkeypatch)
+    plots.horizon_curves({"reach": {"psnr": [20.0, 18.0], "ssim": [0.8, 0.7], "psnr_ref": [15.0, 14.0]}},
+                         tmp_path / "h.png")
+    plots.horizon_curves({"reach": {"psnr": [20.0, 18.0], "ssim": [0.8, 0.7]}}, tmp_path / "h.png")
+    legends = [[t.get_text() for t in fig.axes[0].get_legend().get_texts()] for fig in figures]
+    assert legends == [["reach", "dashed: first frame kept"], ["reach"]]
+
+
+def test_training_curves_hide_the_panel_left_over_in_the_grid(tmp_path, monkeypatch):
+    """Three panels take a 2 x 2 grid: the fourth cell is hidden, not an empty box with axes."""
+    figures = _saved_figures(monkeypatch)
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-3, "psnr": 20.0 + s}) + "\n"
+                           for s in range(1, 6)))
+    panels = [("loss", "loss", False, False), ("psnr", "PSNR", False, False), ("lr", "lr", False, False)]
+    plots.training_curves(log, tmp_path / "t.png", panels, "t")
+    assert [ax.axison for ax in figures[0].axes] == [True, True, True, False]
+
+
+def test_frame_grid_writes_the_format_its_name_says_in_either_case(tmp_path):
+    """The image format follows the file name's suffix, whatever its case: grid.JPG is a JPEG, not a PNG under a
+    .JPG name."""
+    from PIL import Image
+
+    rows = [np.zeros((2, 8, 8, 3), np.uint8)]
+    for name, fmt in (("g.png", "PNG"), ("g.jpg", "JPEG"), ("G.JPG", "JPEG"), ("g.PNG", "PNG")):
+        with Image.open(plots.frame_grid(rows, tmp_path / name)) as im:
+            assert im.format == fmt, name
+
+
+def test_frame_grid_refuses_frames_of_another_size_naming_the_shapes(tmp_path):
+    """Every frame of the grid has one size: a row of other heights or widths is refused up front, with the
+    shapes, rather than failing in a numpy broadcast."""
+    a = np.zeros((2, 8, 8, 3), np.uint8)
+    for b in (np.zeros((2, 6, 8, 3), np.uint8), np.zeros((2, 8, 6, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)):
+        with pytest.raises(ValueError, match=r"frames of one size \[T, H, W, 3\], got \[\(2, 8, 8, 3\), "):
+            plots.frame_grid([a, b], tmp_path / "g.png")
+    with pytest.raises(ValueError, match="frame_grid wants rows"):
+        plots.frame_grid([], tmp_path / "g.png")
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_save_gif_refuses_no_frames_and_frame_rates_a_gif_cannot_play(tmp_path):
+    """A GIF stores each frame's delay in hundredths of a second: a rate of nan, inf or over 100 frames a second
+    has no such delay (inf and 200 gave a delay of 0, which viewers replace by their own)."""
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    for fps in (float("nan"), float("inf"), 200, -4):
+        with pytest.raises(ValueError, match="fps must be > 0 and at most 100"):
+            plots.save_gif(frames, tmp_path / "x.gif", fps=fps)
+    for empty in ([], np.zeros((0, 8, 8, 3), np.uint8)):
+        with pytest.raises(ValueError, match="save_gif needs at least one frame"):
+            plots.save_gif(empty, tmp_path / "x.gif")
+    assert not (tmp_path / "x.gif").exists()
+    from PIL import Image
+
+    distinct = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (0, 100, 200)])  # identical frames are merged
+    with Image.open(plots.save_gif(distinct, tmp_path / "x.gif", fps=100)) as im:
+        assert im.n_frames == 3 and im.info["duration"] == 10
