@@ -139,7 +139,9 @@ def success_interval(successes: int, episodes: int, z: float = 1.96) -> tuple[fl
     p, z2 = successes / episodes, z * z
     centre = (p + z2 / (2 * episodes)) / (1 + z2 / episodes)
     half = z * math.sqrt(p * (1 - p) / episodes + z2 / (4 * episodes * episodes)) / (1 + z2 / episodes)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0 or all successes the exact ends are the rate itself; rounding can leave them a step past it (6 of 6
+    # gave an upper end of 0.9999999999999999), an interval that would not hold its own rate.
+    return min(max(0.0, centre - half), p), max(min(1.0, centre + half), p)
 
 
 __all__ = ["psnr", "ssim", "mse", "gaussian_window", "as_float_images", "summarize", "success_interval"]
