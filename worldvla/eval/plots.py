@@ -218,7 +218,7 @@ def training_curves(log_path, path, panels: list[tuple[str, str, bool, bool]], t
         if smooth:
             ax.plot(steps, _smoothed(y), lw=1.6, color="C0")
         fin = y[np.isfinite(y)]
-        if log_y and fin.size and fin.max() > 10 * fin.min():  # a log axis only over a decade or more
+        if log_y and fin.size and fin.max() > 10 * fin.min():  # a log axis only over more than a decade
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(plain)
             ax.yaxis.set_minor_formatter(minor)
