@@ -656,3 +656,48 @@ def test_a_sampled_frame_follows_its_generators_seed(rng):
         return generate_frame_codes(model, codes, a, b, temperature=2.0, generator=torch.Generator().manual_seed(seed))
 
     assert torch.equal(draw(5), draw(5)) and not torch.equal(draw(5), draw(6))
+
+
+def test_actions_for_another_number_of_images_are_refused_before_the_vqgan(monkeypatch):
+    """[M, T, D] actions for N != M images (or for one image) are refused by name before any frame is encoded,
+    not by the first step's prompt after the VQGAN's work."""
+    import re
+
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    encoded, encode = [], vq.encode_images
+    monkeypatch.setattr(vq, "encode_images", lambda x, **k: encoded.append(len(x)) or encode(x, **k))
+    img = np.zeros((64, 64, 3), dtype=np.uint8)
+    for images, acts in ((np.stack([img, img]), np.zeros((3, 1, 4))), (np.stack([img, img]), np.zeros((1, 2, 4))),
+                         (img, np.zeros((2, 1, 4)))):
+        n = len(images) if images.ndim == 4 else 1
+        want = re.escape(f"got {acts.shape} for {n} image(s)")
+        with pytest.raises(ValueError, match=r"actions must be \[T, 4\] .*" + want):
+            generate_frames(model, vq, images, acts, action_tokenizer=b.actions, text_tokenizer=b.text)
+    assert not encoded
+
+
+def test_the_progress_bar_counts_the_rollouts_steps(rng, monkeypatch):
+    """progress=True shows one bar over the rollout's T steps (not its N images), advanced once a step and closed
+    at the end."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total, self.n, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    model, b, vq = _model(4), _builder(), _tiny_vqgan()
+    imgs = torch.randint(0, 256, (3, 32, 32, 3), generator=rng, dtype=torch.uint8).numpy()
+    out = generate_frames(model, vq, imgs, np.zeros((3, 2, 4)), action_tokenizer=b.actions, text_tokenizer=b.text,
+                          progress=True)
+    assert out.codes.shape == (3, 2, 2, 2)
+    assert [(bar.total, bar.n, bar.closed) for bar in bars] == [(2, 2, True)]

@@ -1030,3 +1030,186 @@ def test_frames_with_nan_pixels_and_an_rgba_batch_are_named(policy_dir, rng):
     rgba = np.concatenate([batch, np.full_like(batch[..., :1], 255)], -1)
     with pytest.raises(ValueError, match=r"it looks RGBA: convert with x\[\.\.\., :3\]"):
         pol.act(rgba)
+
+
+def _action_prompt(rng, instruction="push the button"):
+    codes = torch.randint(0, 64, (4, 4), generator=rng)
+    return SequenceBuilder(LAYOUT, ByteTextTokenizer(LAYOUT), ActionTokenizer(LAYOUT, LOW, HIGH)).action_prompt(
+        instruction, [codes])
+
+
+def test_a_chunk_of_actions_without_bins_or_of_a_bool_size_is_refused(rng):
+    """action_dim 0 decoded K empty [BOA, EOA] blocks without a word, and action_dim=True passed as one bin: both
+    are refused as n_actions is."""
+    from worldvla.inference import generate_action_chunk
+
+    model = _parts()[0]
+    prompt = _action_prompt(rng)
+    for mode in ("parallel", "sequential", "causal"):
+        with pytest.raises(ValueError, match=r"n_actions and action_dim must be >= 1, got 2 and 0"):
+            generate_action_chunk(model, prompt, LAYOUT, 2, 0, mode=mode)
+    for bad in (True, False):
+        with pytest.raises(TypeError, match="n_actions and action_dim must be integers"):
+            generate_action_chunk(model, prompt, LAYOUT, 2, bad)
+    assert generate_action_chunk(model, prompt, LAYOUT, 2, 1).shape == (2, 3)
+
+
+def test_an_adapted_head_chooses_bins_only_whatever_it_scores_elsewhere(rng):
+    """A head that is more than its weight (a forward hook's bias) runs over the whole vocabulary: the bins are
+    still chosen among the bin ids only, so scores it gives other ids, even the ids just outside the bin range,
+    change no action."""
+    from worldvla.inference import generate_action_chunk
+
+    model = _parts()[0]
+    prompt = _action_prompt(rng)
+    lo, hi = LAYOUT.bin_range
+    bias = torch.zeros(model.config.vocab_size)
+    model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    for mode in ("parallel", "sequential", "causal"):
+        bias.zero_()
+        plain = generate_action_chunk(model, prompt, LAYOUT, 3, 4, mode=mode)
+        bias[:lo] = bias[hi:] = 1e4  # every id outside the bins, lo - 1 and hi included, far above the bins
+        got = generate_action_chunk(model, prompt, LAYOUT, 3, 4, mode=mode)
+        assert torch.equal(got, plain), mode
+        assert ((got[:, 1:-1] >= lo) & (got[:, 1:-1] < hi)).all(), mode
+
+
+def test_save_policy_refuses_a_history_the_policy_cannot_load(tmp_path):
+    """A policy folder is refused at save time, not written, when its history is neither 1 nor 2 frames:
+    WorldVLAPolicy refuses such a history, so the folder would never load."""
+    model, vq, at = _parts()
+    for history in (0, 3):
+        with pytest.raises(ValueError, match=f"history must be 1 .* or 2 .*got {history}"):
+            save_policy(tmp_path / "p", model, vq, at, chunk_size=3, image_size=64, history=history)
+        with pytest.raises(ValueError, match=f"history must be 1 .* or 2 .*got {history}"):
+            WorldVLAPolicy(model, vq, at, chunk_size=3, image_size=64, history=history)
+    assert not (tmp_path / "p").exists()
+
+
+def test_save_policy_refuses_a_chameleon_model_without_its_text_tokenizer(tmp_path):
+    """A model on the Chameleon vocabulary encodes its instructions with the release's text_tokenizer.json: a
+    policy folder saved without it would load with no way to encode an instruction as the model was trained."""
+    _, vq, at = _parts()
+    model = WorldVLA(ModelConfig.tiny(VocabLayout.chameleon(), num_hidden_layers=1)).eval()
+    with pytest.raises(ValueError, match=r"Chameleon vocabulary needs its text_tokenizer\.json "
+                                         r"\(text_tokenizer_json=\)"):
+        save_policy(tmp_path / "p", model, vq, at, chunk_size=3, image_size=64)
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_policy_of_a_causally_trained_model_decodes_causally_and_refuses_other_modes(rng):
+    """A model trained with plain causal attention decodes its chunks with mode="causal" only: that is the policy's
+    default for it, and another mode is refused when the policy is built, not at its first query."""
+    chunk_model, vq, at = _parts()
+    model = WorldVLA(ModelConfig.tiny(LAYOUT, attention="causal"))
+    model.load_state_dict(chunk_model.state_dict())
+    model.eval()
+    for mode in ("parallel", "sequential", "release"):
+        with pytest.raises(ValueError, match=f"plain causal attention; its chunks decode with mode='causal', not "
+                                             f"'{mode}'"):
+            WorldVLAPolicy(model, vq, at, chunk_size=3, image_size=64, mode=mode)
+    pol = WorldVLAPolicy(model, vq, at, chunk_size=3, image_size=64)
+    assert pol.mode == "causal"
+    frame = _frames(rng)
+    pol.reset("open the drawer")
+    codes = pol.vqgan.encode(preprocess(frame))[0]
+    ids = generate_action_chunk(model, pol.builder.action_prompt("open the drawer", [codes]), LAYOUT, 3, 4,
+                                mode="causal")
+    assert np.array_equal(pol.act(frame, history=None), at.decode(ids.numpy()).astype(np.float32))
+
+
+def test_the_constructor_refuses_a_history_layout_or_image_size_the_model_cannot_take(policy_dir):
+    """Refused when the policy is built: a layout of another vocabulary size than the model's (ids past its
+    head, or image ids where it learned others), and an image size whose code grid is not a whole number of
+    resolution grids (its resolution tokens could not say its size)."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    parts = (pol.model, pol.vqgan, pol.action_tokenizer)
+    other = VocabLayout.compact(n_image_codes=32)
+    with pytest.raises(ValueError, match=f"the layout has {other.vocab_size} ids, the model {LAYOUT.vocab_size}"):
+        WorldVLAPolicy(*parts, chunk_size=3, image_size=64, layout=other)
+    for size in (48, 80):  # multiples of the VQGAN's 16 px, not of the 32-px resolution grid
+        with pytest.raises(ValueError, match=f"image_size {size} must be a multiple of 32 px"):
+            WorldVLAPolicy(*parts, chunk_size=3, image_size=size)
+    assert WorldVLAPolicy(*parts, chunk_size=3, image_size=96).grid == 6
+
+
+def test_a_policy_file_without_a_history_loads_the_releases_two_frames(policy_dir, tmp_path):
+    """policy.json without "history" (written before the key existed) is a policy of the release's history: the
+    previous and the current frame."""
+    import shutil
+
+    folder = tmp_path / "policy"
+    shutil.copytree(policy_dir, folder)
+    info = json.loads((folder / "policy.json").read_text())
+    del info["history"]
+    (folder / "policy.json").write_text(json.dumps(info))
+    assert WorldVLAPolicy.from_pretrained(folder, device="cpu").history == 2
+
+
+def test_an_engines_headroom_stops_at_the_models_positions(policy_dir, rng):
+    """An engine_headroom past what the model's positions leave (a server's, on a model of a short context) makes
+    an engine as long as the model's context, not one the engine refuses as longer than that."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.engine_headroom = 10 * pol.model.config.max_position_embeddings
+    pol.reset("open the drawer")
+    frame = _frames(rng)
+    assert np.array_equal(pol.act(frame, history=None), _expected(pol, "open the drawer", [frame]))
+    assert pol._engines[1].max_len == pol.model.config.max_position_embeddings
+
+
+def test_a_batch_of_more_instructions_than_max_prefixes_keeps_them_all(policy_dir, rng, monkeypatch):
+    """A batch of more distinct instructions than max_prefixes keeps all of its prefixes: the same batch queried
+    again (the next env step) prefills none of them anew."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    computed = []
+    prefix_kv = pol._prefix_kv
+    monkeypatch.setattr(pol, "_prefix_kv", lambda prefix: computed.append(1) or prefix_kv(prefix))
+    pol.max_prefixes = 2
+    names = ["open the drawer", "push", "lift the cup"]
+    pol.reset(names)
+    frames = _frames(rng, 3)
+    pol.act(frames, history=None)
+    out = pol.act(frames, history=None)
+    assert len(computed) == 3 and sorted(pol._prefixes) == sorted(names)
+    assert np.array_equal(out[2], _expected(pol, "lift the cup", [frames[2]]))
+
+
+def test_a_saved_policy_loads_as_it_was(tmp_path, rng):
+    """WorldVLAPolicy.save writes what the policy holds: loaded again, it has the same chunk size, image size,
+    history and extra information, and gives the same actions."""
+    model, vq, at = _parts()
+    pol = WorldVLAPolicy(model, vq, at, chunk_size=2, image_size=64, history=1, extra={"task": "drawer", "fps": 10})
+    pol.save(tmp_path / "again")
+    loaded = WorldVLAPolicy.from_pretrained(tmp_path / "again", device="cpu")
+    assert (loaded.chunk_size, loaded.image_size, loaded.history) == (2, 64, 1)
+    assert loaded.extra == {"task": "drawer", "fps": 10}
+    frames = [_frames(rng) for _ in range(2)]
+    for p in (pol, loaded):
+        p.reset("open the drawer")
+    for f in frames:
+        assert np.array_equal(loaded.act(f), pol.act(f))
+
+
+def test_an_empty_prompt_is_refused_as_one_without_the_separator(rng):
+    """An empty prompt (alone or in a batch) is named as a prompt that does not end with the separator, not an
+    IndexError from reading its last id."""
+    from worldvla.inference import generate_action_chunk
+
+    model = _parts()[0]
+    empty = torch.empty(0, dtype=torch.long)
+    for prompts, b in ((empty, 0), ([_action_prompt(rng), empty], 1)):
+        with pytest.raises(ValueError, match=f"prompt {b} must end with the separator id {LAYOUT.sep}"):
+            generate_action_chunk(model, prompts, LAYOUT, 2, 3)
+
+
+def test_save_policy_refuses_sizes_that_are_not_integers(tmp_path):
+    """save_policy wrote chunk_size 2.5 as 2 (and True as 1) without a word, where the policy refuses both: it now
+    refuses them as the policy does, and writes nothing."""
+    model, vq, at = _parts()
+    for chunk_size, image_size, name in ((2.5, 64, "chunk_size"), (True, 64, "chunk_size"), (3, 64.0, "image_size"),
+                                         (0, 64, "chunk_size")):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got"):
+            save_policy(tmp_path / "p", model, vq, at, chunk_size=chunk_size, image_size=image_size)
+    assert not (tmp_path / "p").exists()
+    save_policy(tmp_path / "p", model, vq, at, chunk_size=np.int64(2), image_size=np.int32(64))
+    assert WorldVLAPolicy.from_pretrained(tmp_path / "p", device="cpu").chunk_size == 2

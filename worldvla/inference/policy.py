@@ -69,9 +69,10 @@ def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_siz
     The folder appears complete or not at all: everything is written into a temporary sibling
     folder that is then renamed into place (replacing an older policy)."""
     path = Path(path)
-    if chunk_size < 1 or image_size < 1 or history not in (1, 2):
-        raise ValueError(f"chunk_size and image_size must be >= 1 and history 1 or 2, got {chunk_size}, "
-                         f"{image_size}, {history}")
+    _check_sizes(chunk_size, image_size)  # int() below would write 2.5 as 2
+    if history not in (1, 2):
+        raise ValueError(f"history must be 1 (current frame) or 2 (previous + current frame, the release), "
+                         f"got {history!r}")
     if model.layout is not None and model.layout.text_base < 0 and text_tokenizer_json is None:
         raise ValueError("a model on the Chameleon vocabulary needs its text_tokenizer.json (text_tokenizer_json=)")
     if model.layout is not None and model.layout.text_base >= 0 and text_tokenizer_json is not None:
@@ -109,6 +110,12 @@ def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_siz
 
 
 POLICY_MODES = MODES + ("release",)
+
+
+def _check_sizes(chunk_size, image_size) -> None:
+    for name, value in (("chunk_size", chunk_size), ("image_size", image_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _digest(frame: np.ndarray) -> tuple:
@@ -173,9 +180,7 @@ class WorldVLAPolicy:
                              f"got {history}")
         # As save_policy refuses them: a chunk of no action fails only at the first query, and an image size
         # below 1 px in the frames' resize.
-        for name, value in (("chunk_size", chunk_size), ("image_size", image_size)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        _check_sizes(chunk_size, image_size)
         if isinstance(code_cache_size, bool) or not isinstance(code_cache_size, (int, np.integer)) \
                 or code_cache_size < 0:
             raise ValueError(f"code_cache_size must be an integer >= 0 (frames whose VQ codes are kept; 0 keeps "
