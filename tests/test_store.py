@@ -216,14 +216,18 @@ def test_bounds_and_bad_inputs(tmp_path):
         st.TokenStore(tmp_path / "x")
 
 
-def test_cli(demo_dir, tmp_path, capsys):
-    folder, _ = demo_dir
+def _pretokenize_args(folder, tmp_path, out: str, *options):
+    """pretokenize's parsed command line for the demos in `folder`, a tiny VQGAN and K = 2, into tmp_path/out."""
     vq_dir = tmp_path / "vq"
     tiny_vqgan().save_pretrained(vq_dir)
     p = argparse.ArgumentParser()
     st.add_arguments(p)
-    args = p.parse_args([str(folder), "--out", str(tmp_path / "my store"), "--vqgan", str(vq_dir), "-K", "2",
-                         "--no-world", "--include-failed", "--no-progress"])
+    return p.parse_args([str(folder), "--out", str(tmp_path / out), "--vqgan", str(vq_dir), "-K", "2", *options])
+
+
+def test_cli(demo_dir, tmp_path, capsys):
+    folder, _ = demo_dir
+    args = _pretokenize_args(folder, tmp_path, "my store", "--no-world", "--include-failed", "--no-progress")
     assert st.run(args) == 0
     store = st.TokenStore(tmp_path / "my store")
     assert store.kind_counts() == {"action": 6 + 4 + 1 + 5, "world": 0}
@@ -1583,13 +1587,9 @@ def test_frames_wider_than_high_keep_their_height_and_width(tmp_path):
 
 def test_cli_options_reach_the_store(demo_dir, tmp_path):
     folder, _ = demo_dir
-    vq_dir = tmp_path / "vq"
-    tiny_vqgan().save_pretrained(vq_dir)
-    p = argparse.ArgumentParser()
-    st.add_arguments(p)
-    args = p.parse_args([str(folder), "--out", str(tmp_path / "s"), "--vqgan", str(vq_dir), "-K", "2",
-                         "--no-action", "--drop-noops", "--demos-per-shard", "1", "--rotate-180", "yes",
-                         "--history", "1", "--action-bounds", "unit", "--instruction", "lift it", "--no-progress"])
+    args = _pretokenize_args(folder, tmp_path, "s", "--no-action", "--drop-noops", "--demos-per-shard", "1",
+                             "--rotate-180", "yes", "--history", "1", "--action-bounds", "unit",
+                             "--instruction", "lift it", "--no-progress")
     assert st.run(args) == 0
     m = st.TokenStore(tmp_path / "s").manifest
     assert {k: m["settings"][k] for k in ("action", "world", "drop_noops", "demos_per_shard", "rotate_180",
