@@ -133,6 +133,9 @@ def unpackb(data: bytes, limits: dict = REPLY_LIMITS, what: str | None = None):
     except ProtocolError:
         raise
     except ValueError as e:
+        if "is not allowed for map key" in str(e):  # msgpack's strict_map_key: "<type> is not allowed for map key"
+            raise ProtocolError(f"{what} has a map key of type {str(e).split()[0]}: the protocol's maps are keyed by "
+                                f"strings (field names)") from None
         if "exceeds max_" not in str(e):
             raise ProtocolError(f"{what} is not valid msgpack ({_reason(e)})") from None
         raise ProtocolError(f"{what} exceeds the protocol's limits ({e}): {shape_of}") from None
