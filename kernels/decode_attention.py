@@ -8,8 +8,8 @@ caches [B, S, Hkv, Dh] under a DecodeMeta (worldvla.mask):
 Decode has few query rows, so one program takes the rows that share a KV head (the Q rows
 times the H/Hkv query heads of the group, up to a cap, `gpu_launch`: each cache tile is read
 once per group when they fit; steps of up to DECODE_PLAN_QUERIES rows take a one-row step's
-tile, so that each row comes out as in a one-row step) and a slice of the cache; a second kernel merges the slices
-through their log-sum-exps. Decode is memory-bound: every tile of a slice up to the last
+tile, so that each row comes out as in a one-row step) and a slice of the cache; a second
+kernel merges the slices through their log-sum-exps. Decode is memory-bound: every tile of a slice up to the last
 visible key is loaded unconditionally (so loads pipeline) and masked elementwise; keys past
 max(q_pos) and kv_len are never read.
 """
