@@ -17,6 +17,8 @@ from worldvla.train import trainer
 from worldvla.train.checkpointing import latest_checkpoint, load_checkpoint
 from worldvla.vqgan import VQGAN, VQGANConfig
 
+from ranks import gloo_threads, spawn
+
 
 def make_store(root: Path, seed: int = 0, lengths=(8, 6, 7), demo_seed: int | None = None, **kw) -> Path:
     """A token store of demos drawn with `demo_seed` (default `seed`), tokenized by a VQGAN drawn with `seed`;
@@ -938,42 +940,9 @@ def _fsdp_sigterm_worker(rank, world, init_file, store, out):
         dist_utils.shutdown()
 
 
-def gloo_threads():
-    """The names of this process's Gloo threads (Linux names its threads in /proc)."""
-    tasks = Path("/proc/self/task")
-    return [name for t in tasks.iterdir() if "gloo" in (name := (t / "comm").read_text().strip())]
-
-
-def _traced_worker(rank, fn, *args):
-    """A worker that prints every thread's Python stack if it dies by a signal (a native abort says nothing
-    else about where it happened), and that checks, once `fn` has left the group (`dist_utils.shutdown`),
-    that the group went with its Gloo threads: one left running into the interpreter's exit could abort the
-    process there, now and then, after everything had passed."""
-    import faulthandler
-
-    faulthandler.enable(all_threads=True)
-    fn(rank, *args)
-    assert not gloo_threads(), gloo_threads()
-
-
-def _spawn(fn, world, args, timeout_s=100):
-    import time
-
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_traced_worker, args=(fn, world, *args), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"distributed workers still running after {timeout_s} s")
-
-
 def test_fsdp_two_processes_match_single_process_and_resume(store_dir, tmp_path):
     single = trainer.train(args_for(store_dir, tmp_path / "single", *FSDP_COMMON, "--no-export"))
-    _spawn(_fsdp_worker, 2, (str(tmp_path / "pg_init"), str(store_dir), str(tmp_path / "fsdp")))
+    spawn(_fsdp_worker, 2, (str(tmp_path / "pg_init"), str(store_dir), str(tmp_path / "fsdp")))
     dist_losses = [r["loss"] for r in read_log(tmp_path / "fsdp")]
     assert len(dist_losses) == 4
     np.testing.assert_allclose(dist_losses, single["losses"], rtol=2e-5)
@@ -1049,7 +1018,7 @@ def _fsdp_init_worker(rank, world, init_file, store, init, out):
 def test_fsdp_sigterm_to_one_rank_stops_every_rank_after_the_same_step(store_dir, tmp_path):
     """A SIGTERM that reaches one rank only (torchrun passes its own to all, a hand's `kill` need not) stops
     every rank after the same step, with one checkpoint, which a resume continues."""
-    _spawn(_fsdp_sigterm_worker, 2, (str(tmp_path / "pg_init"), str(store_dir), str(tmp_path / "fsdp")))
+    spawn(_fsdp_sigterm_worker, 2, (str(tmp_path / "pg_init"), str(store_dir), str(tmp_path / "fsdp")))
     assert latest_checkpoint(tmp_path / "fsdp").name == "step_00000002"
     rest = trainer.train(args_for(store_dir, tmp_path / "fsdp", *FSDP_COMMON, "--resume", "--no-export"))
     assert rest["step"] == 4 and not rest["stopped"]
@@ -1058,7 +1027,7 @@ def test_fsdp_sigterm_to_one_rank_stops_every_rank_after_the_same_step(store_dir
 def test_fsdp_sigterm_to_one_rank_after_the_final_save_stops_every_rank(store_dir, tmp_path):
     """A SIGTERM that reaches one rank after the last step's all-reduce (here: after the final save) stops every
     rank alike: none exports, all report the run stopped."""
-    _spawn(_fsdp_sigterm_after_final_save_worker, 2, (str(tmp_path / "pg_init"), str(store_dir),
+    spawn(_fsdp_sigterm_after_final_save_worker, 2, (str(tmp_path / "pg_init"), str(store_dir),
                                                       str(tmp_path / "fsdp")))
     assert latest_checkpoint(tmp_path / "fsdp").name == "step_00000004"
     assert not (tmp_path / "fsdp" / "policy").exists()
@@ -1078,7 +1047,7 @@ def test_fsdp_init_is_read_by_rank_0_alone_and_matches_a_single_process(store_di
     WorldVLA(ModelConfig.tiny(VocabLayout.compact(n_image_codes=layout.n_image_codes + 8))).save_pretrained(tmp_path / "init-other-vocab")
     single = trainer.train(args_for(store_dir, tmp_path / "single", *FSDP_COMMON, "--init", tmp_path / "init",
                                     "--no-export"))
-    _spawn(_fsdp_init_worker, 2, (str(tmp_path / "pg_init"), str(store_dir), str(tmp_path / "init"),
+    spawn(_fsdp_init_worker, 2, (str(tmp_path / "pg_init"), str(store_dir), str(tmp_path / "init"),
                                   str(tmp_path / "fsdp")))
     ws = final_weights(tmp_path / "single")
     for run in ("fsdp", "fsdp-resumed"):
@@ -1202,14 +1171,14 @@ def _shard_layers_worker(rank, world, init_file):
 def test_shard_model_shards_each_decoder_layer_on_its_own(tmp_path):
     """Each decoder layer is its own FSDP unit (gathered for its forward alone, then freed), not only the root,
     which would hold every layer's full parameters at once."""
-    _spawn(_shard_layers_worker, 1, (str(tmp_path / "pg_init"),))
+    spawn(_shard_layers_worker, 1, (str(tmp_path / "pg_init"),))
 
 
 def test_fsdp_mixed_precision_keeps_the_loss_class_weights_in_float32(tmp_path):
     """Under FSDP with bf16 parameters the root cast every floating input of `model.loss` to bf16: the class
     weights too, so the image weight 0.04 became 0.0400390625 inside the loss while the trainer normalized
     with the fp32 0.04."""
-    _spawn(_class_weight_dtype_worker, 1, (str(tmp_path / "pg_init"),))
+    spawn(_class_weight_dtype_worker, 1, (str(tmp_path / "pg_init"),))
 
 
 def test_cuda_rng_state_is_this_devices_and_restores_on_a_machine_with_fewer_devices(monkeypatch, capsys):
@@ -1318,7 +1287,7 @@ def _fsdp_damaged_worker(rank, world, init_file, store, out):
 def test_fsdp_resume_from_a_damaged_checkpoint_ends_every_rank_with_its_reason(store_dir, tmp_path):
     """Rank 0 alone reads a checkpoint's model and optimizer files: when one is damaged, every rank stops with
     rank 0's reason (the others waited in the weights' broadcast until the process group timed out)."""
-    _spawn(_fsdp_damaged_worker, 2, (str(tmp_path / "pg_init"), str(store_dir), str(tmp_path / "fsdp")), timeout_s=60)
+    spawn(_fsdp_damaged_worker, 2, (str(tmp_path / "pg_init"), str(store_dir), str(tmp_path / "fsdp")), timeout_s=60)
 
 
 def test_samples_no_micro_step_or_position_range_holds_are_refused_before_the_run(store_dir, tmp_path):

@@ -1,6 +1,5 @@
 """The VQGAN trainer: it learns, restarts dead codes, resumes exactly and exports a usable tokenizer."""
 import json
-import time
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from worldvla.train import vq as vqt
 from worldvla.train.checkpointing import latest_checkpoint
 from worldvla.vqgan import VQGAN, VQGANConfig
 
+from ranks import spawn
 
 
 @pytest.fixture(scope="module")
@@ -375,18 +375,9 @@ def test_vq_two_processes_match_single_process(data, tmp_path):
     Tolerance: the ranks convolve half batches, so latents differ from the single process in the
     last bits, and nearest-code picks near a tie can flip; measured loss deviation 1.5e-4 over
     6 steps, against 0.17 when both ranks take the same half of the batch."""
-    import torch.multiprocessing as mp
-
     common = ["--steps", 4, "--restart-threshold", 0.5, "--usage-decay", 0.5]
     single = vqt.train_vq(args_for(data, tmp_path / "single", *common))
-    ctx = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), data, tmp_path / "ddp", common), nprocs=2,
-                   join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.terminate()
-            pytest.fail("distributed VQGAN workers still running after 120 s")
+    spawn(_ddp_worker, 2, (str(tmp_path / "pg"), data, tmp_path / "ddp", common), timeout_s=120)
     read = lambda d: [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     a, b = read(tmp_path / "single"), read(tmp_path / "ddp")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
