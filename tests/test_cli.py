@@ -236,6 +236,21 @@ def test_an_unknown_device_name_is_one_clear_error():
             torch_device(name)
 
 
+def test_cpu_devices_with_an_index():
+    """torch parses cpu:N and puts its tensors on `cpu`, which compares unequal to cpu:N, so a check that
+    compares devices would refuse tensors on the very device asked for. cpu:0 is `cpu`; other indices name no
+    device (cpu:1 was taken as the CPU) and are refused."""
+    import torch
+
+    from worldvla.devices import torch_device
+
+    assert torch_device("cpu:0") == torch.device("cpu") == torch_device(torch.device("cpu", 0))
+    assert torch.zeros(1, device=torch_device("cpu:0")).device == torch_device("cpu:0")
+    for name in ("cpu:1", torch.device("cpu", 3)):
+        with pytest.raises(ValueError, match=r"cpu:\d \(--device\): torch has one CPU device, `cpu`"):
+            torch_device(name)
+
+
 def test_bench_with_an_unknown_device_is_one_line(capsys, monkeypatch):
     monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
     assert main(["bench", "vq", "--device", "gpu"]) == 2

@@ -19,6 +19,11 @@ def torch_device(device=None, *, default: str | None = None) -> torch.device:
         raise ValueError(f"unknown device {device!r} (--device): use cpu, cuda or cuda:N (N counts from 0)") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {dev} (--device) is not one this package runs on: use cpu, cuda or cuda:N")
+    if dev.type == "cpu" and dev.index is not None:
+        # torch puts cpu:N's tensors on `cpu`, which then compares unequal to the device asked for.
+        if dev.index != 0:
+            raise ValueError(f"device {dev} (--device): torch has one CPU device, `cpu` (threads: torch.set_num_threads)")
+        return torch.device("cpu")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {dev} was asked for, but torch sees no CUDA GPU here (a CPU build of torch, "
