@@ -493,6 +493,20 @@ def test_bfloat16_policy_on_the_cpu(policy_dir, rng, monkeypatch, native_step_ru
     assert native_step_runs
 
 
+def _release_text_tokenizer(folder):
+    """A text_tokenizer.json shaped like the release's: the 8,192 image codes named IMGIMG<digits as letters>Z,
+    at ids 4.. in a shuffled order (the release's own order is not the codes' order). -> (path, that order)."""
+    perm = torch.randperm(8192, generator=torch.Generator().manual_seed(0)).tolist()
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "a": 9000}
+    vocab.update({"IMGIMG" + "".join("ABCDEFGHIJ"[int(c)] for c in str(code)) + "Z": 4 + slot
+                  for slot, code in enumerate(perm)})
+    path = folder / "text_tokenizer.json"
+    path.write_text(json.dumps({"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": None,
+                                "post_processor": None, "decoder": None,
+                                "model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    return path, perm
+
+
 def test_chameleon_layout_follows_the_text_tokenizer(tmp_path):
     """A release model's config carries no image-code map; the release defines it by the token names of its
     text_tokenizer.json. The policy rebuilds the layout from the tokenizer it is given, and warns without one."""
@@ -501,14 +515,7 @@ def test_chameleon_layout_follows_the_text_tokenizer(tmp_path):
     from worldvla.tokens.layout import with_release_image_ids
     from worldvla.tokens import ChameleonTextTokenizer
 
-    perm = torch.randperm(8192, generator=torch.Generator().manual_seed(0)).tolist()
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "a": 9000}
-    vocab.update({"IMGIMG" + "".join("ABCDEFGHIJ"[int(c)] for c in str(code)) + "Z": 4 + slot
-                  for slot, code in enumerate(perm)})
-    path = tmp_path / "text_tokenizer.json"
-    path.write_text(json.dumps({"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": None,
-                                "post_processor": None, "decoder": None,
-                                "model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    path, perm = _release_text_tokenizer(tmp_path)
     assumed = VocabLayout.chameleon()
     got = with_release_image_ids(assumed, ChameleonTextTokenizer(path))
     assert got.image_code_ids[perm[17]] == 4 + 17 and got.image_code_ids != assumed.image_code_ids
@@ -1188,6 +1195,32 @@ def test_a_saved_policy_loads_as_it_was(tmp_path, rng):
         p.reset("open the drawer")
     for f in frames:
         assert np.array_equal(loaded.act(f), pol.act(f))
+
+
+def test_a_saved_chameleon_policy_keeps_its_text_tokenizer(tmp_path, rng):
+    """WorldVLAPolicy.save of a model on the Chameleon vocabulary writes its text_tokenizer.json beside it: loaded
+    again, the policy encodes instructions with that tokenizer and maps image codes to the ids it names (not the
+    layout's assumed order), and gives the same actions."""
+    from worldvla.tokens import ChameleonTextTokenizer
+
+    path, perm = _release_text_tokenizer(tmp_path)
+    model = WorldVLA(ModelConfig.tiny(VocabLayout.chameleon(), num_hidden_layers=1)).init_weights(
+        0.5, generator=torch.Generator().manual_seed(1)).eval()
+    _, vq, _ = _parts()
+    pol = WorldVLAPolicy(model, vq, ActionTokenizer(VocabLayout.chameleon(), LOW, HIGH), chunk_size=2,
+                         image_size=64, text_tokenizer=ChameleonTextTokenizer(path))
+    pol.save(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "text_tokenizer.json").read_text())
+    assert saved["model"]["vocab"] == json.loads(path.read_text())["model"]["vocab"]
+    loaded = WorldVLAPolicy.from_pretrained(tmp_path / "saved", device="cpu")
+    assert isinstance(loaded.text_tokenizer, ChameleonTextTokenizer)
+    assert loaded.layout.image_code_ids == pol.layout.image_code_ids and loaded.layout.image_code_ids[perm[3]] == 7
+    codes = [torch.tensor([[perm[5]] * 4] * 4)]
+    assert torch.equal(loaded.builder.action_prompt("a", codes), pol.builder.action_prompt("a", codes))
+    frame = _frames(rng)
+    for p in (pol, loaded):
+        p.reset("a")
+    assert np.array_equal(loaded.act(frame, history=None), pol.act(frame, history=None))
 
 
 def test_an_empty_prompt_is_refused_as_one_without_the_separator(rng):
