@@ -1824,3 +1824,367 @@ def test_world_model_means_average_every_task_and_the_curves_show_them(tmp_path,
     psnr_lines = [s["multi_step"][k] for s in (a, b) for k in ("psnr_per_step", "copy_first_psnr_per_step")]
     assert [ln[1] for ln in left["lines"]] == psnr_lines
     assert [ln[1] for ln in right["lines"]] == [[0.5, 0.4], [0.3, 0.2]] * 2
+
+
+def test_a_camera_given_for_a_policy_that_records_none_is_taken_without_a_warning():
+    """A policy that records no camera (exported before cameras were recorded, or trained on demos that do not say)
+    is evaluated from the camera asked for, with no warning of a mismatch there is no sign of."""
+    import warnings
+
+    from worldvla.eval.metaworld import policy_camera
+
+    for extra in (None, {}, {"sim_camera": None}):
+        pol = PushRight()
+        pol.extra = extra
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert policy_camera(pol, "topview") == "topview"
+            assert policy_camera(RandomPolicy(), "topview") == "topview"
+
+
+def test_closed_loop_builds_no_more_envs_than_episodes_and_leaves_given_envs_open():
+    """Each env is a simulator with a renderer: one episode with n_envs=4 builds one env. Envs passed in are the
+    caller's (`evaluate` shares them across variants): they are used as far as the episodes need and left open."""
+    FakeMetaWorldEnv.instances = []
+    r = closed_loop(PushRight(), "fake-v3", episodes=1, n_envs=4, max_steps=30, env_factory=FakeMetaWorldEnv,
+                    record=False)
+    assert r.success_rate == 1.0
+    assert len(FakeMetaWorldEnv.instances) == 1 and FakeMetaWorldEnv.instances[0].closed
+    envs = [FakeMetaWorldEnv("fake-v3", 8, 30) for _ in range(3)]
+    r = closed_loop(PushRight(), "fake-v3", episodes=2, envs=envs, record=False)
+    assert r.success_rate == 1.0 and [e.seeds for e in envs] == [[r.seeds[0]], [r.seeds[1]], []]
+    assert not any(e.closed for e in envs)
+
+
+def test_actions_beyond_the_bounds_are_run_clipped():
+    """Meta-World's actions lie in [-1, 1]: a policy whose actions overshoot (a random baseline drawn from wider
+    bounds, a chunk de-normalised past them) has them clipped before the env steps, so 2.0 moves as far as 1.0."""
+
+    class Overshoot(PushRight):
+        def act(self, image, history=None):
+            return 4.0 * super().act(image, history)  # +2.0 along x
+
+    r = closed_loop(Overshoot(), "fake-v3", episodes=3, n_envs=1, max_steps=30, env_factory=FakeMetaWorldEnv,
+                    record=False)
+    # goal g in {1, 2, 3} needs g steps at 1.0 per step (the stand-in env refuses actions outside [-1, 1])
+    assert r.success_rate == 1.0 and r.steps == [1 + s % 3 for s in r.seeds]
+    wide = closed_loop(RandomPolicy(chunk_size=4, seed=3, low=-5.0, high=5.0), "fake-v3", episodes=2, n_envs=1,
+                       max_steps=6, env_factory=FakeMetaWorldEnv, record=False)
+    assert len(wide.steps) == 2 and all(1 <= s <= 6 for s in wide.steps)
+
+
+def test_closed_loop_advances_its_progress_bar_an_episode_at_a_time():
+    """The bar counts episodes (its total is episodes x tasks x variants), however many envs run them together."""
+
+    class Bar:
+        def __init__(self):
+            self.n, self.postfix = 0, None
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix(self, **kw):
+            self.postfix = kw
+
+    bar = Bar()
+    closed_loop(PushRight(), "fake-v3", episodes=5, n_envs=2, max_steps=30, env_factory=FakeMetaWorldEnv, record=False,
+                progress=bar)
+    assert bar.n == 5 and bar.postfix == {"task": "fake", "sr": "100%"}
+
+
+def test_closed_loop_prompts_with_the_instruction_given_else_the_envs():
+    pol = PushRight()
+    kw = dict(episodes=1, n_envs=1, max_steps=30, env_factory=FakeMetaWorldEnv, record=False)
+    closed_loop(pol, "fake-v3", instruction="push the block to the right", **kw)
+    assert pol.instruction == "push the block to the right"
+    closed_loop(pol, "fake-v3", **kw)
+    assert pol.instruction == "solve fake-v3"
+
+
+def test_an_episode_that_gets_no_action_fails_even_after_the_goal_was_reached():
+    """In an env that goes on after its goal (Meta-World's terminate_on_success=False) an episode that then gets a
+    chunk without an action ends there, failed, as the release's loop fails it, and is counted as such."""
+
+    class GoesOn(FakeMetaWorldEnv):
+        def step(self, action):
+            frame, reward, success, _ = super().step(action)
+            return frame, reward, success, self.t >= self.max_steps
+
+    class OneChunkThenNone(ReleaseLike):
+        def reset(self, instruction):
+            self.calls = 0
+
+        def act(self, image, history=None):
+            self.calls += 1
+            return np.full((len(image), 6 if self.calls == 1 else 0, 4), 1.0)
+
+    FakeMetaWorldEnv.instances = []
+    r = closed_loop(OneChunkThenNone([6]), "fake-v3", episodes=1, n_envs=1, max_steps=30, env_factory=GoesOn,
+                    record=False)
+    assert FakeMetaWorldEnv.instances[0].success  # the goal was reached within the six actions
+    assert r.steps == [6] and r.no_action == [True] and r.successes == [False]
+
+
+def test_an_expert_error_reads_each_envs_reply_once():
+    """After an expert episode fails in its worker, the replies still owed by the others are read, once each; the
+    failed env's reply was the error: waiting on it again would wait for a reply that never comes."""
+    from worldvla.eval.metaworld import expert_rollouts
+
+    class Remote:
+        def __init__(self, fails):
+            self.fails, self.waits = fails, 0
+
+        def expert_async(self, seed):
+            pass
+
+        def expert_wait(self):
+            self.waits += 1
+            if self.fails:
+                raise ValueError("the expert failed")
+            return {"seed": 0, "success": True}
+
+    envs = [Remote(False), Remote(True), Remote(False)]
+    with pytest.raises(ValueError, match="the expert failed"):
+        expert_rollouts("fake-v3", 3, envs=envs)
+    assert [e.waits for e in envs] == [1, 1, 1]
+
+
+def test_expert_rollouts_close_the_env_they_build(monkeypatch):
+    """The env built for the expert episodes (a simulator and its renderer) is closed after them, and after an
+    expert episode that fails."""
+    from worldvla.eval.metaworld import expert_rollouts
+    from worldvla.sim import metaworld_env
+
+    FakeMetaWorldEnv.instances = []
+    monkeypatch.setattr(metaworld_env, "expert_episode", lambda env, seed: {"seed": seed})
+    assert len(expert_rollouts("fake-v3", 2, env_factory=FakeMetaWorldEnv)) == 2
+
+    def fails(env, seed):
+        raise RuntimeError("the expert failed")
+
+    monkeypatch.setattr(metaworld_env, "expert_episode", fails)
+    with pytest.raises(RuntimeError, match="the expert failed"):
+        expert_rollouts("fake-v3", 2, env_factory=FakeMetaWorldEnv)
+    assert len(FakeMetaWorldEnv.instances) == 2 and all(e.closed for e in FakeMetaWorldEnv.instances)
+
+
+def test_a_store_or_kinds_that_do_not_count_world_samples_do_not_make_a_policy_action_only(tmp_path):
+    """A store whose build stopped before its counts were summed has no n_world: it does not say the model saw no
+    world-model sample. An empty list of recorded kinds says nothing either, and the store is read instead."""
+    from worldvla.eval.metaworld import action_only
+
+    pol = PushRight()
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "manifest.json").write_text('{"shards": [], "complete": false}')
+    pol.extra = {"store": str(store)}
+    assert not action_only(pol)
+    (store / "manifest.json").write_text('{"n_action": 5, "n_world": 5}')
+    pol.extra = {"kinds": [], "store": str(store)}
+    assert not action_only(pol)
+    (store / "manifest.json").write_text('{"n_action": 5, "n_world": 0}')
+    assert action_only(pol)
+
+
+def test_a_policy_folder_named_by_a_relative_path_keeps_its_fingerprint(tmp_path, monkeypatch):
+    """`evaluate(["runs/x/policy"], ...)` from the project folder and the same folder by its absolute path (or by
+    another spelling of it) are one policy, whose saved runs each finds."""
+    from worldvla.eval.metaworld import _policy_fingerprint
+
+    folder = tmp_path / "runs" / "x" / "policy"
+    folder.mkdir(parents=True)
+    (folder / "policy.json").write_text("{}")
+    absolute = _policy_fingerprint(folder)
+    monkeypatch.chdir(tmp_path)
+    assert _policy_fingerprint("runs/x/policy") == _policy_fingerprint("./runs/x/policy") == absolute
+    monkeypatch.chdir(tmp_path / "runs")
+    assert _policy_fingerprint("x/../x/policy") == absolute
+
+
+def test_a_damaged_saved_run_is_run_again(tmp_path, monkeypatch):
+    """A saved run cut short (a copy stopped partway) or holding no result's record is no finished closed loop: the
+    evaluation runs it again and rewrites its file, instead of failing on it."""
+    import json
+
+    from worldvla.eval import metaworld as mw
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())
+    kw = dict(episodes=2, max_steps=8, n_envs=2, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              random_baseline=False, variant_names=["p"], out_dir=tmp_path / "eval")
+    first = mw.evaluate([folder], ["fake-a-v3"], **kw)["variants"]["p"]["tasks"]["fake-a-v3"]
+    (saved,) = (tmp_path / "eval" / "runs").glob("*.json")
+    text = saved.read_text()
+    for damaged in (text[:len(text) // 2], *(json.dumps({**json.loads(text), "result": r}) for r in (None, []))):
+        saved.write_text(damaged)
+        again = mw.evaluate([folder], ["fake-a-v3"], **kw)["variants"]["p"]["tasks"]["fake-a-v3"]
+        assert not again.get("reused") and again["episode_success"] == first["episode_success"]
+        assert json.loads(saved.read_text())["result"]["episode_success"] == first["episode_success"]
+
+
+def test_saved_runs_and_metrics_are_written_atomically(tmp_path, monkeypatch):
+    """A disk that fills up while a rerun rewrites a saved run or metrics.json must leave the earlier file whole (a
+    half-written run would be taken for a damaged one, a half-written metrics.json would be unreadable), and no
+    temporary file behind."""
+    import errno
+    import json
+    import pathlib
+
+    from worldvla.eval import metaworld as mw
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())
+    kw = dict(episodes=2, max_steps=8, n_envs=2, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              random_baseline=False, variant_names=["p"], out_dir=tmp_path / "eval", resume=False)
+    mw.evaluate([folder], ["fake-a-v3"], **kw)
+    out = tmp_path / "eval"
+    (saved,) = (out / "runs").glob("*.json")
+    real_write_text = pathlib.Path.write_text
+    for target in (saved, out / "metrics.json"):
+        before = target.read_text()
+
+        def full_disk(self, data, *a, **k):
+            if target.name in self.name:  # the file, or a temporary file beside it
+                real_write_text(self, data[:10], *a, **k)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write_text(self, data, *a, **k)
+
+        monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            mw.evaluate([folder], ["fake-a-v3"], **kw)
+        monkeypatch.setattr(pathlib.Path, "write_text", real_write_text)
+        assert target.read_text() == before and json.loads(before)
+        assert [p.name for p in (out / "runs").iterdir()] == [saved.name]
+        assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "runs", "success.png"]
+
+
+def test_the_random_baseline_runs_chunks_of_the_policys_size(tmp_path, monkeypatch):
+    """Chance level is measured as the policy acts: in chunks of its size, so that `--execute 8` for a policy of
+    8-action chunks runs the baseline too (the baseline's default is 5 actions)."""
+    from worldvla.eval import metaworld as mw
+
+    class Long(PushRight):
+        chunk_size = 8
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    m = mw.evaluate([Long()], ["fake-a-v3"], 2, tmp_path, max_steps=8, n_envs=1, wm_episodes=0, gifs=False,
+                    progress=False, env_workers=1, execute=8)
+    assert m["random"]["chunk_size"] == 8
+    assert m["random"]["tasks"]["fake-a-v3"]["latency"]["queries"] == 2  # one 8-action chunk an episode
+
+
+def test_reused_runs_fill_the_progress_bar(tmp_path, monkeypatch):
+    """The closed-loop bar counts every episode, run or reused from a saved run: a rerun that reuses everything
+    ends full, not at zero."""
+    import tqdm.auto
+
+    from worldvla.eval import metaworld as mw
+
+    bars = []
+
+    class Counting(tqdm.auto.tqdm):
+        def __init__(self, *a, desc=None, **k):
+            super().__init__(*a, desc=desc, **k)
+            self.label, self.counted = desc, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.counted += n
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Counting)
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())
+    kw = dict(episodes=3, max_steps=8, n_envs=2, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              variant_names=["p"], out_dir=tmp_path / "eval")
+    tasks = ["fake-a-v3", "fake-b-v3"]
+    for reused in (False, True):
+        bars.clear()
+        m = mw.evaluate([folder], tasks, **kw)
+        assert [m[c]["tasks"][t].get("reused", False) for c in ("random",) for t in tasks] == [reused] * 2
+        assert [m["variants"]["p"]["tasks"][t].get("reused", False) for t in tasks] == [reused] * 2
+        (bar,) = [b for b in bars if b.label == "evaluate"]
+        assert bar.total == bar.counted == 2 * 3 * 2  # tasks x episodes x (variant, random baseline)
+
+
+def test_evaluate_closes_its_envs_also_after_an_error(tmp_path, monkeypatch):
+    """The envs `evaluate` builds (simulators with renderers, or worker processes) are closed when it ends, and when
+    a closed loop fails."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    kw = dict(max_steps=4, n_envs=2, wm_episodes=0, gifs=False, progress=False, env_workers=1)
+    FakeMetaWorldEnv.instances = []
+    mw.evaluate([PushRight()], ["fake-a-v3", "fake-b-v3"], 2, tmp_path / "a", **kw)
+    assert len(FakeMetaWorldEnv.instances) == 4 and all(e.closed for e in FakeMetaWorldEnv.instances)
+
+    class Fails(PushRight):
+        def act(self, image, history=None):
+            raise RuntimeError("the policy failed")
+
+    FakeMetaWorldEnv.instances = []
+    with pytest.raises(RuntimeError, match="the policy failed"):
+        mw.evaluate([Fails()], ["fake-a-v3"], 2, tmp_path / "b", **kw)
+    assert len(FakeMetaWorldEnv.instances) == 2 and all(e.closed for e in FakeMetaWorldEnv.instances)
+
+
+def test_policies_of_different_cameras_run_on_envs_of_their_own_camera(tmp_path, monkeypatch):
+    """Beside a policy trained on topview frames, one trained on corner frames runs on corner envs (not the first's),
+    and its runs are saved under its own camera: a later topview evaluation of it does not reuse them."""
+    from pathlib import Path
+
+    from worldvla.eval import metaworld as mw
+
+    top, corner = PushRight(), PushRight()
+    top.extra, corner.extra = {"sim_camera": "topview"}, {"sim_camera": "corner"}
+    pols = {"top": top, "corner": corner}
+    for name in pols:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "policy.json").write_text("{}")
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    monkeypatch.setattr(mw, "load_policy", lambda path, device=None: pols[Path(path).name])
+    real_closed_loop, seen = mw.closed_loop, []
+
+    def spy(policy, task, *a, envs=None, **k):
+        seen.append((policy.extra["sim_camera"], {e.camera for e in envs}))
+        return real_closed_loop(policy, task, *a, envs=envs, **k)
+
+    monkeypatch.setattr(mw, "closed_loop", spy)
+    kw = dict(episodes=1, max_steps=8, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              random_baseline=False, out_dir=tmp_path / "eval")
+    mw.evaluate([tmp_path / "top", tmp_path / "corner"], ["fake-a-v3"], **kw)
+    assert seen == [("topview", {"topview"}), ("corner", {"corner"})]
+    with pytest.warns(UserWarning, match="from the 'corner' camera and is evaluated from 'topview'"):
+        m = mw.evaluate([tmp_path / "corner"], ["fake-a-v3"], camera="topview", **kw)
+    assert not m["variants"]["corner"]["tasks"]["fake-a-v3"].get("reused")
+    m = mw.evaluate([tmp_path / "corner"], ["fake-a-v3"], **kw)
+    assert m["variants"]["corner"]["tasks"]["fake-a-v3"]["reused"]
+
+
+def test_the_causal_variants_runs_are_saved_and_reused(tmp_path, monkeypatch):
+    """The chunk-mask ablation of a policy folder is keyed by that folder's files as the policy is: a rerun reuses
+    both variants' closed loops, each under its own key."""
+    from worldvla.eval import metaworld as mw
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, _tiny_policy(2))
+    kw = dict(episodes=1, max_steps=2, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              random_baseline=False, variant_names=["p"], causal_variant=True, out_dir=tmp_path / "eval")
+    first = mw.evaluate([folder], ["fake-a-v3"], **kw)
+    assert list(first["variants"]) == ["p", "p (no chunk mask)"]
+    again = mw.evaluate([folder], ["fake-a-v3"], **kw)
+    assert [v["tasks"]["fake-a-v3"].get("reused", False) for v in again["variants"].values()] == [True, True]
+    assert len(list((tmp_path / "eval" / "runs").glob("*.json"))) == 2
+
+
+def test_eval_refuses_a_names_list_of_another_length_than_the_policies(tmp_path, monkeypatch, capsys):
+    """`--names a,b` for one policy, or one name for two, is refused before anything runs (the extra names were
+    dropped, missing ones made up)."""
+    from worldvla.cli import main
+    from worldvla.eval import metaworld as mw
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "policy.json").write_text("{}")
+    monkeypatch.setattr(mw, "evaluate", lambda *a, **k: pytest.fail("evaluated with a wrong --names"))
+    for policies, names, want in (([tmp_path / "a"], "x,y", "--names has 2 names for 1 policies"),
+                                  ([tmp_path / "a", tmp_path / "b"], "x", "--names has 1 names for 2 policies")):
+        assert main(["eval", "--policy", *map(str, policies), "--names", names, "--tasks", "fake-a-v3",
+                     "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+        assert want in capsys.readouterr().err
