@@ -2696,3 +2696,266 @@ def test_arrays_of_up_to_eight_dimensions_travel():
     assert got.shape == (2,) * 8 and np.array_equal(got, sent)
     with pytest.raises(ProtocolError, match="a list of at most 8 non-negative integers"):
         unpackb(packb({"a": sent.reshape((2,) * 7 + (1, 2))}))
+
+
+# ---------------------------------------------------------------- lifecycle, ownership, failures: edge cases
+def test_a_serving_server_refuses_a_second_start_and_a_never_started_one_stops_quietly():
+    """A second `start()` while serving bound a second socket and ran a second batcher over the same queue;
+    `request_stop()` on a server never started must do nothing, as it does once the server has stopped."""
+    import asyncio
+
+    idle = PolicyServer(HistoryPolicy())
+    idle.request_stop()
+    idle.stop_background()
+
+    async def main():
+        server = PolicyServer(HistoryPolicy())
+        await server.start()
+        port = server.port
+        try:
+            with pytest.raises(RuntimeError, match="already serving"):
+                await server.start()
+            assert server.port == port and {s.getsockname()[1] for s in server._ws.sockets} == {port}
+        finally:
+            await server.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_request_of_exactly_the_payload_limit_is_served_and_one_byte_more_is_refused(np_rng):
+    """The server's side of the limit `PolicyClient` checks: a request of exactly --max-payload-mb is taken."""
+    limit = int(0.25 * 2**20)
+    img = np_rng.integers(0, 256, (290, 290, 3), dtype=np.uint8)  # 252300 bytes, resized to the model's 24x24
+
+    def act(size):
+        base = {"type": "act", "episode": "e", "image": img}
+        pad = size - len(packb({**base, "id": ""}))
+        msg = packb({**base, "id": "x" * pad})
+        if len(msg) > size:  # the id's string header grew by a byte or two
+            msg = packb({**base, "id": "x" * (pad - (len(msg) - size))})
+        assert len(msg) == size
+        return msg
+
+    with PolicyServer(HistoryPolicy(), max_payload_mb=0.25) as server, _raw(server.url) as ws:
+        assert _ask(ws, packb({"type": "reset", "episode": "e", "instruction": "wipe"}))["ok"]
+        reply = _ask(ws, act(limit))
+        assert reply["ok"], reply
+        np.testing.assert_allclose(reply["actions"][:, 0], fit_image(img, (24, 24)).mean(), rtol=1e-6)
+        reply = _ask(ws, act(limit + 1))
+        assert not reply["ok"] and "exceeds the server's limit of 0.25 MiB" in reply["error"], reply
+
+
+def test_an_episode_taken_over_by_another_robot_is_not_taken_back_while_that_robot_is_connected(np_rng):
+    """Robot A's connection closes and robot B takes A's episode id over: B now owns it, with B's client token.
+    A, reconnecting with its own token, is another robot's connection from then on: refused while B is open."""
+    img = _frame(np_rng)
+    with PolicyServer(HistoryPolicy()) as server, _raw(server.url) as b:
+        with _raw(server.url) as a:
+            assert _ask(a, packb({"type": "reset", "episode": "e", "instruction": "open", "client": "robot-a"}))["ok"]
+            assert _ask(a, packb({"type": "act", "episode": "e", "image": img, "client": "robot-a"}))["ok"]
+        _wait_for(lambda: server.health()["connections"] == 1)
+        assert _ask(b, packb({"type": "act", "episode": "e", "image": img, "client": "robot-b"}))["ok"]
+        with _raw(server.url) as a_again:
+            reply = _ask(a_again, packb({"type": "act", "episode": "e", "image": img, "client": "robot-a"}))
+            assert not reply["ok"] and "belongs to another open connection" in reply["error"], reply
+            reply = _ask(a_again, packb({"type": "reset", "episode": "e", "instruction": "x", "client": "robot-a"}))
+            assert not reply["ok"] and "belongs to another open connection" in reply["error"], reply
+        reply = _ask(b, packb({"type": "act", "episode": "e", "image": img, "client": "robot-b"}))
+        assert reply["ok"] and np.all(reply["actions"][:, 2] == len("open"))
+
+
+def test_an_internal_error_while_acting_does_not_leave_the_episode_busy(np_rng, monkeypatch):
+    """A request that fails inside the server (here: its frame's resize) gets an 'internal server error' reply;
+    the episode's next request is served, not refused as one already in flight."""
+    with PolicyServer(HistoryPolicy()) as server, PolicyClient(server.url, timeout=10) as client:
+        resize = server._resize_pair
+        failures = [RuntimeError("resize failed")]
+
+        def flaky_resize(image, previous):
+            if failures:
+                raise failures.pop()
+            return resize(image, previous)
+
+        monkeypatch.setattr(server, "_resize_pair", flaky_resize)
+        client.reset("push")
+        with pytest.raises(PolicyServerError, match="internal server error: RuntimeError: resize failed"):
+            client.act(_frame(np_rng, 32, 32))
+        f = _frame(np_rng, 32, 32)
+        a = client.act(f)
+        np.testing.assert_allclose(a[:, 0], fit_image(f, (24, 24)).mean(), rtol=1e-6)
+        np.testing.assert_array_equal(a[:, 1], -1.0)  # the failed request was no step of the episode
+
+
+def test_a_request_whose_connection_closed_is_no_timeout(np_rng):
+    """A robot that closes its connection while its request runs gets no reply, and the health report does not
+    count a timeout for it (timeouts say the server is overloaded or the policy too slow)."""
+    policy = HistoryPolicy(delay_s=0.5)
+    with PolicyServer(policy, request_timeout_s=20) as server, _raw(server.url) as ws:
+        assert _ask(ws, packb({"type": "reset", "episode": "e", "instruction": "push"}))["ok"]
+        ws.send(packb({"type": "act", "episode": "e", "image": _frame(np_rng)}))
+        _wait_for(lambda: policy.calls == [1])  # its call is running
+        ws.close()
+        _wait_for(lambda: server._busy == 0 and not server._running_batch and server.health()["connections"] == 0)
+        assert server.stats["timeouts"] == 0 and server.stats["act_ok"] == 0, server.stats
+        assert server._episodes["e"].previous is None  # its frame reached no robot
+
+
+class EmptyChunkPolicy(HistoryPolicy):
+    """Writes no action block while `empty` is set (mode='release' may do so for a frame)."""
+    empty = False
+
+    def act(self, images, history=None):
+        full = super().act(images, history)
+        return [full[i, :0] for i in range(len(full))] if self.empty else full
+
+
+def test_a_frame_answered_with_no_action_is_not_the_next_previous_frame(np_rng):
+    """A request answered with an error (no action block) moved no robot: the episode's previous frame stays the
+    one of its last answered request."""
+    policy = EmptyChunkPolicy()
+    with PolicyServer(policy, pad_batches=False) as server, PolicyClient(server.url, timeout=10) as client:
+        client.reset("push")
+        f1, f2, f3 = (_frame(np_rng) for _ in range(3))
+        client.act(f1)
+        policy.empty = True
+        with pytest.raises(PolicyServerError, match="wrote no action block"):
+            client.act(f2)
+        policy.empty = False
+        a3 = client.act(f3)
+        np.testing.assert_allclose(a3[:, [0, 1]], np.broadcast_to([f3.mean(), f1.mean()], (K, 2)), rtol=1e-6)
+        assert server._episodes[client.episode].steps == 2
+
+
+def test_requests_that_timed_out_during_a_failed_batch_are_not_run_again(np_rng):
+    """A batch whose call failed is run again request by request, but only for requests still waiting: those
+    that timed out during the failed call get no second policy call."""
+    policy = SlowFailingPolicy(delay_s=1.0, fail_on="explode")
+    with PolicyServer(policy, max_batch=4, max_wait_ms=2000, request_timeout_s=0.4, pad_batches=False) as server:
+        good, bad = PolicyClient(server.url, timeout=20), PolicyClient(server.url, timeout=20)
+        good.reset("hold still")
+        bad.reset("explode")
+        errors = []
+
+        def call(client):
+            try:
+                client.act(_frame(np_rng))
+            except PolicyServerError as e:
+                errors.append(str(e))
+
+        _together(call, [(c,) for c in (good, bad)])
+        assert len(errors) == 2 and all("timed out after 0.4 s" in e for e in errors), errors
+        _wait_for(lambda: server.stats["policy_failures"] == 1 and not server._running_batch)
+        time.sleep(0.2)
+        assert policy.calls == [2], policy.calls
+        assert server.stats["policy_failures"] == 1 and server.stats["act_ok"] == 0
+        good.close()
+        bad.close()
+
+
+def test_later_queries_of_an_episode_do_not_reset_the_policy_again(np_rng):
+    """The policy is reset for an episode's first query; the later ones, with the same episodes in the call, go on
+    without (WorldVLAPolicy.reset re-checks every instruction against the model's context)."""
+    policy = ResetCountingPolicy()
+    with PolicyServer(policy) as server, PolicyClient(server.url, timeout=10) as client:
+        client.reset("push")
+        for _ in range(3):
+            client.act(_frame(np_rng))
+        assert policy.resets == [["push"]] and server.stats["act_ok"] == 3
+
+
+def test_the_timing_batch_size_counts_requests_not_padding_rows(np_rng):
+    """Three robots answered by one padded call of four rows: each reply's timing says a batch of 3 requests."""
+    policy = HistoryPolicy()
+    with PolicyServer(policy, max_batch=4, max_wait_ms=3000, request_timeout_s=20) as server:
+        with _robots(server, 3) as clients:
+            timings = {}
+
+            def call(i):
+                clients[i].act(_frame(np_rng))
+                timings[i] = clients[i].last_timing
+
+            _together(call, [(i,) for i in range(3)])
+            assert policy.calls == [4]
+            assert [timings[i]["batch_size"] for i in range(3)] == [3, 3, 3], timings
+
+
+def test_warmup_runs_every_padded_batch_size_with_and_without_a_previous_frame():
+    """Warm-up calls the policy at each batch size the server will use, once without history and once with it;
+    a policy of one frame gets no history call (it never gets one while serving)."""
+    class Recording(HistoryPolicy):
+        def act(self, images, history=None):
+            self.seen.append((len(images), history is not None))
+            return super().act(images, history)
+
+    policy = Recording()
+    policy.seen = []
+    PolicyServer(policy, max_batch=4).warmup()
+    assert policy.seen == [(1, False), (1, True), (2, False), (2, True), (4, False), (4, True)]
+
+    class OneFrame(Recording):
+        def metadata(self):
+            return {"name": "one-frame", "history": 1}
+
+    policy = OneFrame()
+    policy.seen = []
+    PolicyServer(policy, max_batch=4).warmup()
+    assert policy.seen == [(1, False), (2, False), (4, False)]
+
+
+def test_a_policy_returning_another_number_of_chunks_in_a_list_is_an_error_naming_the_counts(np_rng):
+    """A list of chunks (mode='release') with one chunk too many or too few: no robot may get another's chunk, and
+    the error says what the policy returned, as for an array of the wrong shape."""
+    class ExtraChunk(RaggedPolicy):
+        def act(self, images, history=None):
+            chunks = super().act(images, history)
+            return chunks + [chunks[-1][:1]]
+
+    class MissingChunk(RaggedPolicy):
+        def act(self, images, history=None):
+            return super().act(images, history)[:-1]
+
+    for policy, returned in ((ExtraChunk(), 2), (MissingChunk(), 0)):
+        with PolicyServer(policy, pad_batches=False) as server, PolicyClient(server.url, timeout=10) as client:
+            client.reset("two words")
+            with pytest.raises(PolicyServerError, match=rf"policy failed: RuntimeError: policy.act returned a list of "
+                                                        rf"{returned} chunks for 1 images; expected one per image"):
+                client.act(_frame(np_rng))
+            assert server.stats["policy_failures"] == 1 and server.stats["act_ok"] == 0
+
+    class NestedLists(RaggedPolicy):  # one image's [K, D] chunk as a list of K actions: no list of chunks
+        def act(self, images, history=None):
+            self.returned = np.asarray(super().act(images, history)[0]).tolist()
+            return self.returned
+
+    policy = NestedLists()
+    with PolicyServer(policy, pad_batches=False) as server, PolicyClient(server.url, timeout=10) as client:
+        client.reset("two words")
+        actions = client.act(_frame(np_rng))
+        assert len(policy.returned) == 2 and np.array_equal(actions, np.asarray(policy.returned, dtype=np.float32))
+
+
+def test_a_request_whose_episode_was_reset_during_its_resize_never_reaches_the_policy(np_rng, monkeypatch):
+    """A robot restarted while its old connection still looks open (a dropped network) resets its episode id on a
+    new connection, with its client token, while the old connection's last frame is being resized: that stale
+    request is refused as of a reset episode, not run on the policy."""
+    policy = HistoryPolicy()
+    with PolicyServer(policy, request_timeout_s=20) as server, _raw(server.url) as old, _raw(server.url) as new:
+        resize = server._resize_pair
+        started, release = threading.Event(), threading.Event()
+
+        def slow_resize(image, previous):
+            started.set()
+            release.wait(10)
+            return resize(image, previous)
+
+        monkeypatch.setattr(server, "_resize_pair", slow_resize)
+        assert _ask(old, packb({"type": "reset", "episode": "e", "instruction": "open", "client": "r"}))["ok"]
+        old.send(packb({"type": "act", "episode": "e", "image": _frame(np_rng, 48, 48), "client": "r"}))
+        assert started.wait(10)
+        assert _ask(new, packb({"type": "reset", "episode": "e", "instruction": "close", "client": "r"}))["ok"]
+        release.set()
+        reply = unpackb(old.recv(timeout=10))
+        assert not reply["ok"] and "was reset or dropped while its image was being resized" in reply["error"], reply
+        assert policy.calls == []
+        reply = _ask(new, packb({"type": "act", "episode": "e", "image": _frame(np_rng), "client": "r"}))
+        assert reply["ok"] and np.all(reply["actions"][:, 1] == -1) and np.all(reply["actions"][:, 2] == len("close"))

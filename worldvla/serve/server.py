@@ -911,8 +911,12 @@ class PolicyServer:
         return out, [(time.perf_counter(), len(batch))] * len(batch)
 
     def _check_actions(self, result, n: int) -> np.ndarray:
-        if isinstance(result, (list, tuple)) and len(result) == n and all(np.ndim(a) == 2 for a in result):
-            # chunks of different lengths, one per image (WorldVLAPolicy's mode="release")
+        if isinstance(result, (list, tuple)) and all(np.ndim(a) == 2 for a in result):
+            # chunks of different lengths, one per image (WorldVLAPolicy's mode="release"); a count that is not the
+            # images' is named here, where NumPy would fail on their lengths with a message naming neither count
+            if len(result) != n:
+                raise RuntimeError(f"policy.act returned a list of {len(result)} chunks for {n} images; expected one "
+                                   "per image")
             return [np.ascontiguousarray(np.asarray(a, dtype=np.float32)) for a in result]
         if hasattr(result, "detach"):
             result = result.detach().float().cpu().numpy()
