@@ -115,6 +115,8 @@ def _serve(conn, task: str, n_envs: int, image_size: int, max_steps: int, kwargs
 
 
 class _Worker:
+    interrupted = False  # a wait for a reply was cut short (Ctrl-C): that reply is still in the pipe
+
     def __init__(self, ctx, task, n_envs, image_size, max_steps, kwargs, rank: int = 0, stride: int = 1):
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child, task, n_envs, image_size, max_steps, kwargs), daemon=True)
@@ -125,6 +127,7 @@ class _Worker:
         self.started = False  # its start-up reply came: it imported the main module and built its envs
 
     def send(self, cmd: str, i: int, args) -> None:
+        self._check_in_step()
         try:
             self.conn.send((cmd, i, args))
         except (EOFError, OSError):  # the process is gone: BrokenPipeError, ConnectionResetError
@@ -132,11 +135,18 @@ class _Worker:
         self.pending.append(i)
 
     def recv(self, i: int):
+        self._check_in_step()
         if not self.pending or self.pending[0] != i:
             raise RuntimeError(f"env {i}: replies are read in the order the commands were sent "
                                f"(next pending: {list(self.pending)[:1]})")
         self.pending.popleft()
         return self.reply(i)
+
+    def _check_in_step(self) -> None:
+        if self.interrupted:
+            raise RuntimeError(
+                f"env worker process {self.proc.pid}: a wait for one of its replies was interrupted, and that reply "
+                "would be read as the next one; close this pool (EnvWorkers.close) and make a new one")
 
     def reply(self, i: int | None = None):
         """The next reply; `i`: the env it is from (None: the worker's start). A worker's ValueError or TypeError
@@ -147,6 +157,9 @@ class _Worker:
                 status, value = self.conn.recv()
         except (EOFError, OSError):
             raise self._died() from None
+        except BaseException:  # Ctrl-C: the reply (or what is left of it) stays in the pipe, for the next read
+            self.interrupted = True
+            raise
         if not ready:  # outside the try: TimeoutError is an OSError
             raise TimeoutError(
                 f"env worker process {self.proc.pid} sent no reply in {REPLY_TIMEOUT_S:.0f} s: it hangs (a simulator "
