@@ -2188,3 +2188,21 @@ def test_eval_refuses_a_names_list_of_another_length_than_the_policies(tmp_path,
         assert main(["eval", "--policy", *map(str, policies), "--names", names, "--tasks", "fake-a-v3",
                      "--out", str(tmp_path / "o"), "--no-progress"]) == 2
         assert want in capsys.readouterr().err
+
+
+def test_evaluate_takes_tasks_given_as_one_string_as_task_names(tmp_path, monkeypatch):
+    """`evaluate(policies, "reach-v3", ...)` iterated the string: every letter was named an unknown task. One string
+    is read as --tasks reads it (names separated by commas); one that names no task is refused as such."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    kw = dict(episodes=1, max_steps=4, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              random_baseline=False, variant_names=["p"])
+    out = mw.evaluate([PushRight()], "fake-a-v3, fake-b-v3,fake-a-v3", out_dir=tmp_path / "a", **kw)
+    assert list(out["variants"]["p"]["tasks"]) == ["fake-a-v3", "fake-b-v3"]
+    with pytest.raises(ValueError, match=r"unknown Meta-World task 'raech-v3' \(did you mean reach-v3"):
+        mw.evaluate([PushRight()], "fake-a-v3,raech-v3", out_dir=tmp_path / "b", **kw)
+    for empty in ("", " , ", []):
+        with pytest.raises(ValueError, match=r"no tasks given; pass Meta-World task names"):
+            mw.evaluate([PushRight()], empty, out_dir=tmp_path / "c", **kw)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

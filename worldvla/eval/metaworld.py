@@ -514,7 +514,11 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     from ..ops import dispatch
     from . import plots
 
+    if isinstance(tasks, str):  # one string as --tasks takes it (iterated, it would be its letters)
+        tasks = [x for t in tasks.split(",") if t.strip() for x in (TASKS if t.strip() == "all" else [t.strip()])]
     tasks = list(dict.fromkeys(tasks))  # a task named twice runs once (it would count twice in the means)
+    if not tasks:
+        raise ValueError("no tasks given; pass Meta-World task names, e.g. ['drawer-open-v3', 'door-open-v3']")
     check_tasks(tasks)  # every name, before anything loads or runs
     # Triton must be loaded before MuJoCo's software renderer (their LLVMs clash otherwise).
     dispatch.available("masked_attention")
