@@ -994,3 +994,114 @@ def test_a_chunk_querys_latency_summary_describes_its_queries(monkeypatch):
     assert query.latencies == [float(d) for d in range(1, 11)]
     assert query.latency_summary() == pytest.approx({"queries": 10, "mean_s": 5.5, "median_s": 5.5, "p90_s": 9.1,
                                                      "max_s": 10.0})
+
+
+def test_runs_without_a_policy_fingerprint_reuse_nothing(tmp_path):
+    """Without the policy's folder (no fingerprint) nothing tells two policies' episodes apart: a second policy
+    evaluated into the same folder runs its own episodes instead of reporting the first one's."""
+    import json
+
+    rng = np.random.default_rng()
+    outcomes = []
+    for succeed_at in (libero.SETTLE_STEPS + 2, None):  # a policy that succeeds, then one that never does
+        suite = FakeSuite([FakeLiberoEnv(rng=rng, succeed_at=succeed_at)], max_steps=4)
+        res = libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=2, out_dir=tmp_path, progress=False)
+        assert suite.envs[0].init_state == "state0-1"  # both episodes ran
+        outcomes.append(res["tasks"]["0"]["episode_success"])
+    assert outcomes == [[True, True], [False, False]]
+    saved = json.loads((tmp_path / libero.RESULTS).read_text())
+    assert saved["key"] is None and saved["tasks"]["0"]["episode_success"] == [False, False]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_another_decoding_mode_or_suite_runs_the_episodes_again(tmp_path):
+    """The same policy files decoded another way (the policy's metadata names its mode) or run on another suite
+    give other outcomes: their episodes run again, and each run's are kept for its own rerun."""
+    rng = np.random.default_rng()
+
+    def run(mode, suite_name):
+        policy = RecordingPolicy(rng=rng)
+        policy.metadata = lambda: {"action_low": list(LIBERO_MIN), "action_high": list(LIBERO_MAX), "mode": mode}
+        suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=3)
+        suite.name = suite_name
+        libero.evaluate_suite(policy, suite, episodes=1, out_dir=tmp_path, progress=False,
+                              policy_fingerprint="same policy files")
+        return suite.envs[0].init_state
+
+    assert run("parallel", "libero_goal") == "state0-0"
+    assert run("parallel", "libero_goal") is None  # reused
+    assert run("release", "libero_goal") == "state0-0"  # another decoding
+    assert run("parallel", "my_suite") == "state0-0"  # another suite
+    assert run("release", "libero_goal") is None and run("parallel", "my_suite") is None
+
+
+def test_allowing_other_bounds_still_refuses_actions_of_another_width():
+    """--allow-bounds-mismatch accepts other de-normalization bounds, not a policy of another robot: a 4-D
+    Meta-World policy is refused with it too."""
+    pol = RecordingPolicy()
+    pol.action_dim = 4
+    pol.metadata = lambda: {"action_low": [-1.0] * 4, "action_high": [1.0] * 4}
+    with pytest.raises(ValueError, match="this policy emits 4-D actions; LIBERO policies emit 7-D"):
+        libero.check_bounds(pol, allow_mismatch=True)
+
+
+def test_eval_libero_refuses_a_tasks_option_naming_no_task(tmp_path, monkeypatch):
+    """`--tasks ,` names no task id: refused with the option named, before any episode runs."""
+    rng = np.random.default_rng()
+    suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=2)
+    with pytest.raises(ValueError, match="no LIBERO tasks to evaluate: --tasks names none"):
+        _run_eval_libero(tmp_path, monkeypatch, RecordingPolicy(rng=rng), suite, "--tasks", ",")
+    assert suite.envs[0].init_state is None
+    with pytest.raises(ValueError, match="no LIBERO tasks to evaluate"):
+        libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=1, tasks=[], progress=False)
+
+
+def test_eval_libero_passes_its_options_to_the_policy_and_the_harness(tmp_path, monkeypatch):
+    """--mode reaches the policy's loading (left out, the policy's own default stands), --save-videos writes one GIF
+    per episode, and --allow-bounds-mismatch lets a policy of other bounds run."""
+    from worldvla import inference
+
+    rng = np.random.default_rng()
+    loaded = []
+    policy = RecordingPolicy(rng=rng)
+    policy.metadata = lambda: {"action_low": [-1.0] * 7, "action_high": [1.0] * 7}  # not LIBERO's bounds
+    suite = FakeSuite([FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 2)], max_steps=4)
+    with pytest.raises(ValueError, match="fixed LIBERO bounds"):
+        _run_eval_libero(tmp_path, monkeypatch, policy, suite, "--episodes", "1")
+    assert suite.envs[0].init_state is None
+
+    monkeypatch.setattr(inference.WorldVLAPolicy, "from_pretrained", lambda *a, **k: loaded.append(k) or policy)
+    assert _run_eval_libero_loaded(tmp_path, monkeypatch, suite, "--episodes", "2", "--allow-bounds-mismatch",
+                                   "--save-videos", "--mode", "release") == 0
+    assert loaded[-1].get("mode") == "release"
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.gif")) == ["task00_ep000_success.gif",
+                                                                        "task00_ep001_success.gif"]
+    assert _run_eval_libero_loaded(tmp_path, monkeypatch, suite, "--episodes", "1", "--allow-bounds-mismatch",
+                                   "--no-resume") == 0
+    assert "mode" not in loaded[-1]
+
+
+def _run_eval_libero_loaded(tmp_path, monkeypatch, suite, *argv):
+    """`libero.run` on `suite` with the policy loader the test set up (LIBERO itself and the suite stood in)."""
+    import argparse
+
+    monkeypatch.setattr(libero, "_require_libero", lambda: None)
+    monkeypatch.setattr(libero, "LiberoSuite", lambda name, resolution: suite)
+    args = libero.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--policy", str(tmp_path / "p"), "--out", str(tmp_path / "out"), "--no-progress", *argv])
+    return libero.run(args)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "null", '"results"', "3"])
+def test_a_results_file_that_is_json_but_not_results_is_not_reused(tmp_path, text):
+    """A libero_results.json holding other JSON (not an object) made every run into the folder fail with
+    AttributeError ('list' object has no attribute 'get'): it holds no episodes to reuse, and the run replaces it."""
+    import json
+
+    rng = np.random.default_rng()
+    (tmp_path / libero.RESULTS).write_text(text)
+    suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=2)
+    libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=1, out_dir=tmp_path, progress=False,
+                          policy_fingerprint="same policy files")
+    assert suite.envs[0].init_state == "state0-0"
+    assert json.loads((tmp_path / libero.RESULTS).read_text())["tasks"]["0"]["episodes"] == 1

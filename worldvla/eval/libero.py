@@ -221,7 +221,7 @@ def _saved_tasks(out_dir: Path, key: str | None) -> dict:
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if saved.get("key") == key:
+        if isinstance(saved, dict) and saved.get("key") == key:  # other JSON (a list, null) holds no episodes
             return saved.get("tasks", {})
     return {}
 
