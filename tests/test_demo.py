@@ -271,6 +271,20 @@ def test_demo_refuses_empty_tasks(tmp_path, monkeypatch, capsys):
     assert demo.config_from_args(parser.parse_args(["--fast"])).tasks == ("reach-v3",)
 
 
+def test_a_task_named_twice_is_one_task_of_the_demo():
+    """`--tasks reach-v3,push-v3,reach-v3` gave other stage keys than `--tasks reach-v3,push-v3`, so a run of the same
+    tasks redid every finished stage (which run a repeated task once). It is the same configuration now."""
+    import argparse
+
+    from worldvla import demo
+
+    parser = demo.add_arguments(argparse.ArgumentParser())
+    once, twice = (demo.config_from_args(parser.parse_args(["--tasks", t]))
+                   for t in ("reach-v3,push-v3", "reach-v3, push-v3,reach-v3"))
+    assert twice.tasks == ("reach-v3", "push-v3") and twice == once
+    assert demo.stage_keys(twice) == demo.stage_keys(once)
+
+
 @pytest.mark.parametrize("text", ["[1, 2]", "3", "null", '"key"', '{"key": [1]}', '{"seconds": [1]}'])
 def test_a_stage_marker_that_is_json_but_not_a_markers_means_not_done(tmp_path, text):
     """JSON that is not a dict crashed done() (AttributeError) and recorded_seconds() (TypeError)."""
@@ -643,3 +657,310 @@ def test_a_demo_killed_while_collecting_runs_again_in_its_own_folder(tmp_path, m
     (out / "demo_config.json").write_text(json.dumps({"tasks": ["a"]}))
     demo.run_demo(demo.DemoConfig.fast_preset(), out, progress=False)
     assert seen[0] == "collect" and (out / "metrics.json").is_file()
+
+
+def _stub_all_stages(monkeypatch, seen, interrupt=None):
+    """run_demo's stages, the ablation trainings included, as stand-ins that write the files each stage leaves and
+    record their calls (stage, and for the trainings resume and their keyword arguments). `interrupt`: the stage
+    that, after writing its files, is stopped as by Ctrl-C (once)."""
+    from worldvla import demo
+
+    def stop_if(stage):
+        if interrupt and interrupt[0] == stage:
+            interrupt.clear()
+            raise KeyboardInterrupt
+
+    def collect(cfg, out, progress, fresh):
+        seen.append(("collect", fresh))
+        (out / "demos").mkdir(exist_ok=True)
+        for t in cfg.tasks:
+            (out / "demos" / f"{t}.hdf5").write_bytes(b"demo")
+        stop_if("collect")
+        return {}
+
+    def train_vq(cfg, out, progress, resume):
+        seen.append(("train-vq", resume))
+        (out / "vq" / "vqgan").mkdir(parents=True, exist_ok=True)
+        (out / "vq" / "vqgan" / "config.json").write_text("{}")
+        stop_if("train-vq")
+        return {}
+
+    def pretokenize(cfg, out, progress, fresh):
+        seen.append(("pretokenize", fresh))
+        (out / "store").mkdir(exist_ok=True)
+        (out / "store" / "manifest.json").write_text(json.dumps({"complete": True}))
+        stop_if("pretokenize")
+        return {}
+
+    def train(cfg, out, progress, resume, **kw):
+        stage = {"policy": "train", "policy_action_only": "train-action-only",
+                 "policy_causal": "train-causal"}[kw.get("policy_name", "policy")]
+        seen.append((stage, resume, kw))
+        (out / kw.get("policy_name", "policy")).mkdir(exist_ok=True)
+        (out / kw.get("policy_name", "policy") / "policy.json").write_text("{}")
+        stop_if(stage)
+        return {}
+
+    def evaluate(cfg, out, progress, reuse):
+        seen.append(("evaluate", reuse))
+        (out / "eval").mkdir(exist_ok=True)
+        (out / "eval" / "metrics.json").write_text(json.dumps({"complete": True}))
+        stop_if("evaluate")
+        return {}
+
+    monkeypatch.setattr(demo, "load_kernels_first", lambda: None)
+    for name, fn in (("stage_collect", collect), ("stage_train_vq", train_vq), ("stage_pretokenize", pretokenize),
+                     ("stage_train", train), ("stage_evaluate", evaluate)):
+        monkeypatch.setattr(demo, name, fn)
+
+
+def _ran(seen):
+    return [s[0] for s in seen]
+
+
+@pytest.mark.parametrize("output, first", [
+    ("demos/reach-v3.hdf5", "collect"), ("vq/vqgan/config.json", "train-vq"), ("store/manifest.json", "pretokenize"),
+    ("policy/policy.json", "train"), ("policy_action_only/policy.json", "train-action-only"),
+    ("policy_causal/policy.json", "train-causal"), ("eval/metrics.json", "evaluate")])
+def test_a_stage_whose_output_is_gone_runs_again_with_every_later_one(tmp_path, monkeypatch, output, first):
+    """A marker alone does not make a stage cached: the files it left must still be there (a deleted policy or
+    VQGAN is made again, and what was built on it too)."""
+    from worldvla import demo
+
+    seen = []
+    _stub_all_stages(monkeypatch, seen)
+    cfg = demo.DemoConfig.fast_preset(ablations=True)
+    demo.run_demo(cfg, tmp_path, progress=False)
+    assert _ran(seen) == list(demo.STAGES)
+    seen.clear()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    assert seen == []
+    (tmp_path / output).unlink()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    assert _ran(seen) == list(demo.STAGES[demo.STAGES.index(first):])
+
+
+def test_force_runs_every_cached_stage_again(tmp_path, monkeypatch):
+    """--force redoes a finished demo: every stage runs again, collection and tokenization anew, the trainings
+    without resuming, the evaluation without the saved closed loops."""
+    from worldvla import demo
+
+    seen = []
+    _stub_all_stages(monkeypatch, seen)
+    cfg = demo.DemoConfig.fast_preset()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    seen.clear()
+    demo.run_demo(cfg, tmp_path, progress=False, force=True)
+    assert [s[:2] for s in seen] == [("collect", True), ("train-vq", False), ("pretokenize", True), ("train", False),
+                                     ("evaluate", False)]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert not any(s["cached"] for s in m["stages"].values())
+
+
+@pytest.mark.parametrize("stage", ["train-vq", "train", "train-action-only", "train-causal"])
+def test_an_interrupted_training_resumes_on_the_next_run(tmp_path, monkeypatch, stage):
+    """A training stopped (Ctrl-C, a kill) resumes from its checkpoint when the same command runs again, the
+    ablation trainings as the main one; the stages before it stay cached."""
+    from worldvla import demo
+
+    seen = []
+    _stub_all_stages(monkeypatch, seen, interrupt=[stage])
+    cfg = demo.DemoConfig.fast_preset(ablations=True)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(cfg, tmp_path, progress=False)
+    assert seen[-1][:2] == (stage, False)
+    seen.clear()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    assert seen[0][:2] == (stage, True), seen
+    assert _ran(seen) == list(demo.STAGES[demo.STAGES.index(stage):])
+    assert not list((tmp_path / "stages").glob("*.started"))
+
+
+@pytest.mark.parametrize("stage", ["collect", "train-vq", "pretokenize", "train", "evaluate"])
+def test_a_stage_interrupted_while_it_runs_again_is_not_taken_as_finished(tmp_path, monkeypatch, stage):
+    """A stage that runs again (its output was deleted) loses its marker before it starts: stopped after writing
+    part of its files (a policy.json copied, the model not yet), the next run does not take them as finished."""
+    from worldvla import demo
+
+    seen = []
+    _stub_all_stages(monkeypatch, seen)
+    cfg = demo.DemoConfig.fast_preset()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    outputs = {"collect": "demos/reach-v3.hdf5", "train-vq": "vq/vqgan/config.json", "pretokenize": "store/manifest.json",
+               "train": "policy/policy.json", "evaluate": "eval/metrics.json"}
+    (tmp_path / outputs[stage]).unlink()
+    seen.clear()
+    _stub_all_stages(monkeypatch, seen, interrupt=[stage])
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(cfg, tmp_path, progress=False)
+    assert (tmp_path / outputs[stage]).is_file()  # the stopped stage had written it
+    seen.clear()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    assert _ran(seen)[0] == stage, seen
+
+
+def test_the_trainings_get_the_sample_kinds_and_attention_of_their_variant(tmp_path, monkeypatch):
+    """--action-only trains the policy on action samples only; --ablations adds an action-only training and one
+    with plain causal attention, each into its own run and policy folder."""
+    from worldvla import demo
+
+    seen = []
+    _stub_all_stages(monkeypatch, seen)
+    demo.run_demo(demo.DemoConfig.fast_preset(world=False), tmp_path / "action_only", progress=False)
+    trains = {s[0]: s[2] for s in seen if s[0].startswith("train") and s[0] != "train-vq"}
+    assert trains == {"train": {"action_only": True}}
+    seen.clear()
+    demo.run_demo(demo.DemoConfig.fast_preset(ablations=True), tmp_path / "ablations", progress=False)
+    trains = {s[0]: s[2] for s in seen if s[0].startswith("train") and s[0] != "train-vq"}
+    assert trains == {
+        "train": {"action_only": False},
+        "train-action-only": {"action_only": True, "run_name": "train_action_only", "policy_name": "policy_action_only"},
+        "train-causal": {"action_only": False, "run_name": "train_causal", "policy_name": "policy_causal",
+                         "attention": "causal"}}
+
+
+def test_the_ablations_setting_changes_the_key_of_the_ablation_trainings_and_the_evaluation():
+    """Turning --ablations off after a run with it must not take that run's evaluation (with the ablation models'
+    variants) as this one's: the evaluation's key depends on it, the main training's does not."""
+    from dataclasses import replace
+
+    from worldvla import demo
+
+    cfg = demo.DemoConfig.fast_preset()
+    before, after = demo.stage_keys(cfg), demo.stage_keys(replace(cfg, ablations=True))
+    assert [s for s in demo.STAGES if before[s] != after[s]] == ["train-action-only", "train-causal", "evaluate"]
+
+
+@pytest.mark.parametrize("field", ["eval_episodes", "chunk_size", "vq_steps", "train_steps"])
+def test_demo_config_refuses_a_count_below_one_of_any_stage(field):
+    """DemoConfig used from Python (not through the parser, which refuses them itself) is checked too."""
+    from worldvla import demo
+
+    with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} must be >= 1, got 0"):
+        demo.DemoConfig.fast_preset(**{field: 0}).check()
+
+
+def test_a_collection_whose_failed_attempts_were_retried_goes_on(tmp_path, monkeypatch):
+    """Attempts that raised but were retried until every task had its episodes leave the collection complete: the
+    stage returns each task's summary (without its file path), it does not fail on the errors of the retried ones."""
+    from worldvla import demo
+    from worldvla.data import collect
+
+    seen = {}
+
+    def fake_collect(tasks, episodes, out, **kw):
+        seen.update(kw, tasks=tasks, episodes=episodes)
+        return {"incomplete": [], "errors": ["reach-v3 episode 1 attempt 0: RuntimeError: MuJoCo warning"],
+                "tasks": {"reach-v3": {"episodes": 2, "successes": 2, "path": str(out / "reach-v3.hdf5")}}}
+
+    monkeypatch.setattr(collect, "collect", fake_collect)
+    cfg = demo.DemoConfig.fast_preset(seed=5, image_size=32)
+    info = demo.stage_collect(cfg, tmp_path, False)
+    assert info == {"reach-v3": {"episodes": 2, "successes": 2}}
+    assert seen["tasks"] == ["reach-v3"] and seen["episodes"] == 2
+    assert (seen["seed"], seen["image_size"], seen["max_steps"]) == (5, 32, cfg.collect_max_steps)
+
+
+def test_the_trainings_get_the_demos_settings(tmp_path, monkeypatch):
+    """The settings reach the trainers' parsers: a micro-batch no larger than the batch (the trainer refuses a
+    larger one: `batch_tokens=1024` with the default `micro_tokens=1536` stopped the demo), the VQGAN's learning
+    rate decaying to a tenth, a checkpoint a third of the way (50 steps at least), and the seed."""
+    from worldvla import demo
+    from worldvla.train import trainer
+    from worldvla.train import vq as train_vq
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(name):
+        def stop(args):
+            seen[name] = args
+            raise Stop()
+        return stop
+
+    monkeypatch.setattr(trainer, "train", record("train"))
+    monkeypatch.setattr(train_vq, "train_vq", record("vq"))
+    cfg = demo.DemoConfig(batch_tokens=1024, lr=2e-3, train_steps=300, vq_steps=600, vq_lr=4e-3, vq_batch=6,
+                          vq_codes=128, seed=7)
+    with pytest.raises(Stop):
+        demo.stage_train(cfg, tmp_path, False, False)
+    t = seen["train"]
+    assert (t.batch_tokens, t.micro_tokens, t.lr, t.steps, t.seed) == (1024, 1024, 2e-3, 300, 7)
+    assert (t.save_every, t.attention, t.kinds) == (100, "chunk", "")
+    with pytest.raises(Stop):
+        demo.stage_train(demo.DemoConfig(), tmp_path, False, False, action_only=True, attention="causal")
+    t = seen["train"]
+    assert (t.batch_tokens, t.micro_tokens, t.save_every, t.attention, t.kinds) == (1536, 1536, 300, "causal", "action")
+    with pytest.raises(Stop):
+        demo.stage_train_vq(cfg, tmp_path, False, False)
+    v = seen["vq"]
+    assert (v.steps, v.batch_size, v.lr, v.min_lr, v.n_embed, v.seed) == (600, 6, 4e-3, pytest.approx(4e-4), 128, 7)
+    assert v.save_every == 200
+
+
+def test_a_retrained_policy_replaces_the_earlier_policy_folder(tmp_path, monkeypatch):
+    """The exported policy is copied into <out>/policy in place of the earlier one: a file only the earlier export
+    had does not stay beside the new model."""
+    from worldvla import demo
+    from worldvla.train import trainer
+
+    cfg = demo.DemoConfig.fast_preset()
+
+    def fake_train(args):
+        run = Path(args.out)
+        (run / "policy").mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+        (run / "policy" / "policy.json").write_text('{"new": true}')
+        return {"export": str(run / "policy")}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    (tmp_path / "policy" / "model").mkdir(parents=True)
+    (tmp_path / "policy" / "model" / "old_weights.safetensors").write_bytes(b"old")
+    (tmp_path / "policy" / "policy.json").write_text('{"old": true}')
+    demo.stage_train(cfg, tmp_path, False, resume=False)
+    assert sorted(p.name for p in (tmp_path / "policy").rglob("*")) == ["policy.json"]
+    assert json.loads((tmp_path / "policy" / "policy.json").read_text()) == {"new": True}
+
+
+def test_the_evaluation_gets_the_demos_settings_and_its_policies_in_order(tmp_path, monkeypatch):
+    """Each policy folder is evaluated under its own name, with the demo's seed (the held-out layouts), episode limit,
+    environments and worker processes; the variants decoded without the chunk mask only with --ablations."""
+    from worldvla import demo
+    from worldvla.eval import metaworld
+
+    seen = {}
+    monkeypatch.setattr(metaworld, "evaluate", lambda policies, tasks, episodes, out, **kw:
+                        seen.update(kw, policies=policies, tasks=tasks, episodes=episodes, out=out) or {})
+    cfg = demo.DemoConfig.fast_preset(seed=3, eval_max_steps=40, eval_envs=4, workers=3, eval_episodes=6,
+                                      wm_horizon=5, tasks=("reach-v3", "push-v3"))
+    demo.stage_evaluate(cfg, tmp_path, False)
+    assert (seen["seed"], seen["max_steps"], seen["n_envs"], seen["env_workers"], seen["episodes"]) == (3, 40, 4, 3, 6)
+    assert (seen["wm_horizon"], seen["tasks"], seen["out"], seen["resume"]) == (5, ["reach-v3", "push-v3"],
+                                                                                tmp_path / "eval", True)
+    assert seen["policies"] == [tmp_path / "policy"] and seen["variant_names"] == ["WorldVLA"]
+    assert seen["causal_variant"] is False
+    demo.stage_evaluate(demo.DemoConfig.fast_preset(ablations=True), tmp_path, False, reuse=False)
+    assert dict(zip(seen["variant_names"], seen["policies"])) == {
+        "WorldVLA": tmp_path / "policy", "action-only": tmp_path / "policy_action_only",
+        "trained without chunk mask": tmp_path / "policy_causal"}
+    assert seen["causal_variant"] is True and seen["resume"] is False
+
+
+def test_demo_options_reach_its_settings():
+    """Each option of `worldvla demo` sets its setting, over the --fast preset as over the defaults."""
+    import argparse
+
+    from worldvla import demo
+
+    parser = demo.add_arguments(argparse.ArgumentParser())
+    cfg = demo.config_from_args(parser.parse_args(
+        ["--fast", "--tasks", "drawer-open-v3, window-open-v3", "--episodes", "3", "--eval-episodes", "4",
+         "--image-size", "128", "--chunk-size", "2", "--train-steps", "5", "--vq-steps", "6", "--model", "small",
+         "--lr", "0.002", "--workers", "3", "--seed", "9", "--action-only", "--ablations"]))
+    assert cfg == demo.DemoConfig.fast_preset(
+        tasks=("drawer-open-v3", "window-open-v3"), episodes=3, eval_episodes=4, image_size=128, chunk_size=2,
+        train_steps=5, vq_steps=6, model="small", lr=0.002, workers=3, seed=9, world=False, ablations=True)
+    assert demo.config_from_args(parser.parse_args([])) == demo.DemoConfig()
+    assert demo.config_from_args(parser.parse_args(["--seed", "0", "--fast"])).seed == 0

@@ -503,8 +503,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     cfg = DemoConfig.fast_preset() if args.fast else DemoConfig()
-    # --tasks "" is an empty list (refused by DemoConfig.check), not the default tasks
-    over = {"tasks": tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks is not None else None,
+    # --tasks "" is an empty list (refused by DemoConfig.check), not the default tasks; a task named twice is one
+    # task (every stage runs it once), and the stages' keys must not tell `a,a` from `a`
+    tasks = None if args.tasks is None else tuple(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
+    over = {"tasks": tasks,
             "episodes": args.episodes, "eval_episodes": args.eval_episodes, "image_size": args.image_size,
             "chunk_size": args.chunk_size, "train_steps": args.train_steps, "vq_steps": args.vq_steps,
             "model": args.model, "lr": args.lr, "workers": args.workers, "seed": args.seed}
