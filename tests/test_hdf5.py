@@ -1068,3 +1068,329 @@ def test_iter_demos_given_no_names_yields_no_demo(tmp_path, np_rng):
     path = write_demos(tmp_path / "d.hdf5", [random_demo(np_rng, 2, 6, 6, 2, instruction="")], "push")
     assert list(iter_demos(path, names=set())) == []
     assert [d.name for d in iter_demos(path, names=["demo_0"])] == ["demo_0"]
+
+
+def test_write_demos_stores_actions_as_float32_whatever_they_are_given_as(tmp_path, np_rng):
+    """The layout's actions are float32 [T, D]: float64 actions (a mapping demo's, a simulator's) are stored as
+    float32, so that every collected file holds the same values a reader bins."""
+    actions = np_rng.uniform(-1, 1, (3, 4))  # float64
+    frames = np_rng.integers(0, 256, size=(3, 6, 6, 3), dtype=np.uint8)
+    path = write_demos(tmp_path / "d.hdf5", [{"frames": frames, "actions": actions}], "push")
+    with h5py.File(path, "r") as f:
+        stored = f["data/demo_0/actions"]
+        assert stored.dtype == np.float32
+        np.testing.assert_array_equal(stored[()], actions.astype(np.float32))
+
+
+@pytest.mark.parametrize("camera", ["", "agentview/left"])
+def test_write_demos_refuses_a_camera_that_is_not_a_plain_name(tmp_path, np_rng, camera):
+    """A camera name holding "/" would write the frames one group deeper (obs/agentview/left_rgb), where no reader
+    finds them; an empty one would write obs/_rgb. Refused before any file is written."""
+    with pytest.raises(ValueError, match="camera must be a plain name like 'agentview'"):
+        write_demos(tmp_path / "d.hdf5", [random_demo(np_rng, 2, 4, 4, 2, instruction="")], "push", camera=camera)
+    assert not any(tmp_path.iterdir())
+
+
+def test_write_demos_refuses_frames_that_are_not_rgb(tmp_path, np_rng):
+    """RGBA frames [T, H, W, 4] (a renderer's default) are refused naming their shape, not written for every
+    reader to refuse later."""
+    frames = np_rng.integers(0, 256, size=(2, 6, 6, 4), dtype=np.uint8)
+    with pytest.raises(ValueError, match=re.escape("demo 0: frames must have shape [T, H, W, 3], got (2, 6, 6, 4)")):
+        write_demos(tmp_path / "d.hdf5", [{"frames": frames, "actions": np.zeros((2, 3))}], "push")
+    assert not any(tmp_path.iterdir())
+
+
+def test_demos_of_another_kind_are_refused_naming_what_is_expected(tmp_path, np_rng):
+    """A mapping demo without its actions, a (frames, actions) tuple and an instruction that is not a text are
+    refused with what a demo (or the instruction) must be, and no file is left behind."""
+    d = random_demo(np_rng, 2, 4, 4, 2, instruction="")
+    with pytest.raises(ValueError, match=re.escape("demo 1: a mapping demo needs keys 'frames' and 'actions', "
+                                                   "missing ['actions']")):
+        write_demos(tmp_path / "d.hdf5", [d, {"frames": d.frames}], "push")
+    with pytest.raises(TypeError, match="demo 0: expected a Demo or a mapping with 'frames' and 'actions', got tuple"):
+        write_demos(tmp_path / "d.hdf5", [(d.frames, d.actions)], "push")
+    with pytest.raises(TypeError, match="instruction must be a string, got NoneType"):
+        write_demos(tmp_path / "d.hdf5", [d], None)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_camera_is_found_by_its_full_key_and_without_agentview_the_first_camera_is_read(tmp_path, np_rng):
+    """camera names a camera (`front` for obs/front_rgb or obs/front_image) or its key itself (`front_rgb`, or a key
+    without a suffix). Without a camera and without agentview frames, the first camera key in sorted order is read,
+    robomimic's `<camera>_image` keys as well as LIBERO's `<camera>_rgb`."""
+    cams = {name: np_rng.integers(0, 256, size=(2, 6, 6, 3), dtype=np.uint8)
+            for name in ("sideview_image", "robot0_eye_in_hand_image", "overhead")}
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_group("data").attrs["instruction"] = "lift"
+        for name, frames in cams.items():
+            f[f"data/demo_0/obs/{name}"] = frames
+        f["data/demo_0/obs/object"] = np.zeros((2, 10), np.float32)
+        f["data/demo_0/actions"] = np.zeros((2, 7), np.float32)
+    np.testing.assert_array_equal(read_demos(path)[0].frames, cams["robot0_eye_in_hand_image"])
+    np.testing.assert_array_equal(read_demos(path, camera="sideview")[0].frames, cams["sideview_image"])
+    np.testing.assert_array_equal(read_demos(path, camera="sideview_image")[0].frames, cams["sideview_image"])
+    np.testing.assert_array_equal(read_demos(path, camera="overhead")[0].frames, cams["overhead"])
+
+
+@pytest.mark.parametrize("frames, said", [(np.zeros((2, 6, 6, 3), np.float32), "float32 (2, 6, 6, 3)"),
+                                          (np.zeros((2, 6, 6, 4), np.uint8), "uint8 (2, 6, 6, 4)")])
+def test_frames_stored_as_floats_or_with_four_channels_are_refused_by_the_readers(tmp_path, frames, said):
+    """A file written by another tool with float frames or RGBA frames is refused naming the demo and what its
+    frames are, by `iter_demos` and by `first_demo_shape` (which reads no frames), instead of being tokenized."""
+    from worldvla.data.hdf5 import first_demo_shape
+
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_group("data").attrs["instruction"] = "push"
+        f["data/demo_0/obs/agentview_rgb"] = frames
+        f["data/demo_0/actions"] = np.zeros((2, 3), np.float32)
+    match = re.escape(f"{path}:data/demo_0: frames must be uint8 [T, H, W, 3], got {said}")
+    with pytest.raises(DemoFormatError, match=match):
+        read_demos(path)
+    with pytest.raises(DemoFormatError, match=match):
+        first_demo_shape(path)
+
+
+def test_iter_demo_actions_reads_only_successful_demos_and_names_the_first_step_not_finite(tmp_path, np_rng):
+    """only_success leaves out the failed demos' actions (the action bounds are derived from the demos a store
+    keeps); actions that are not finite are refused naming the demo and the first such step."""
+    demos = [random_demo(np_rng, 3, 4, 4, 2, instruction="", success=ok) for ok in (False, True, False, True)]
+    path = write_demos(tmp_path / "d.hdf5", demos, "push")
+    got = list(iter_demo_actions(path, only_success=True))
+    assert [name for name, _ in got] == ["demo_1", "demo_3"]
+    np.testing.assert_array_equal(got[1][1], demos[3].actions)
+    assert [name for name, _ in iter_demo_actions(path)] == ["demo_0", "demo_1", "demo_2", "demo_3"]
+    with h5py.File(path, "a") as f:
+        f["data/demo_3/actions"][2, 0] = np.nan
+        f["data/demo_3/actions"][1, 1] = np.inf
+    with pytest.raises(DemoFormatError, match=re.escape(f"{path}:data/demo_3: actions contain NaN or inf (first at "
+                                                        f"step 1 of 3)")):
+        list(iter_demo_actions(path, only_success=True))
+
+
+def test_demo_file_info_refuses_actions_of_one_dimension(tmp_path, np_rng):
+    """A demo whose actions are one value per step ([T], not [T, D]) is refused by the summary as by the readers,
+    naming it, instead of being counted as a demo of T steps."""
+    path = write_demos(tmp_path / "d.hdf5", [random_demo(np_rng, 3, 4, 4, 2, instruction="") for _ in range(2)],
+                       "push")
+    with h5py.File(path, "a") as f:
+        del f["data/demo_1/actions"]
+        f["data/demo_1/actions"] = np.zeros(3, np.float32)
+    with pytest.raises(DemoFormatError, match=re.escape(f"{path}:data/demo_1: actions must be [T, D] (one row per "
+                                                        f"step), got shape (3,)")):
+        demo_file_info(path)
+
+
+def test_an_error_of_the_readers_own_code_is_not_taken_for_a_damaged_file(tmp_path, np_rng, monkeypatch):
+    """Only h5py's errors in reading a file's structure are said to be damage: a KeyError raised by the reader's
+    own code (a bug) keeps its kind and message, not "the file is damaged, collect it again"."""
+    from worldvla.data import hdf5
+
+    path = write_demos(tmp_path / "d.hdf5", [random_demo(np_rng, 3, 4, 4, 2, instruction="")], "push")
+
+    def success(g):
+        raise KeyError("no such setting")
+
+    monkeypatch.setattr(hdf5, "_demo_success", success)
+    for read in (read_demos, demo_file_info):
+        with pytest.raises(KeyError, match="no such setting"):
+            read(path)
+
+
+def test_a_no_op_is_judged_by_the_norm_of_the_whole_arm_action():
+    """The arm action's Euclidean norm is compared with the threshold, as the release's regeneration does: small
+    moves on several axes (each below the threshold, their norm above it) are kept; a norm below it is dropped."""
+    a = np.zeros((3, 7), np.float64)
+    a[:, -1] = 1
+    a[0, :6] = 0.5
+    a[1, :3] = 6e-5  # norm 1.04e-4
+    a[2, :2] = 6e-5  # norm 0.85e-4
+    assert steps_without_noops(a).tolist() == [0, 1]
+
+
+def test_turned_frames_are_contiguous_arrays(tmp_path, np_rng):
+    """LIBERO's frames turned to the release's view are contiguous copies, not views with negative strides (which
+    torch.from_numpy refuses), for the rotated and the mirrored conventions alike."""
+    path = tmp_path / "libero.hdf5"
+    raw = write_libero_like(path, np_rng, n=1)[0]
+    for convention in ("opengl", "opencv"):
+        with h5py.File(path, "a") as f:
+            f["data"].attrs["macros_image_convention"] = convention
+        (d,) = read_demos(path)
+        assert d.frames.flags.c_contiguous and d.frames.strides[1:] == (12 * 3, 3, 1)
+        want = raw[:, ::-1, ::-1] if convention == "opengl" else raw[:, :, ::-1]
+        np.testing.assert_array_equal(d.frames, want)
+
+
+def test_episode_seeds_keep_their_values_so_that_earlier_files_stay_complete():
+    """A task file records its episodes' seeds, and a rerun takes it as complete only when they are the seeds of
+    episodes 0 .. n-1: seeds that changed (another order of (episode, attempt), another mixing) would collect every
+    earlier file again. An episode's seed on its attempt a is not the seed of episode a on that episode's number."""
+    from worldvla.data.collect import episode_seed
+
+    assert episode_seed(7, "push-v3", 3, 1) == 8540570
+    assert episode_seed(7, "push-v3", 1, 3) == 1895281083
+    assert episode_seed(0, "reach-v3", 0, 0) == 567848536
+    assert episode_seed(2**32 - 1, "reach-v3", 49, 4) == 937997510
+
+
+def test_episodes_of_other_step_limits_in_one_process_each_end_at_their_own(monkeypatch):
+    """The envs kept for reuse in a process are told apart by their step limit too: an episode of max_steps 3 after
+    one of 5 (two collections in one process) ran to the first env's limit."""
+    pytest.importorskip("metaworld")
+    from worldvla.data import collect as col
+    from worldvla.sim import metaworld_env
+
+    monkeypatch.setattr(metaworld_env, "expert_policy", lambda task: lambda state: np.zeros(4))  # never succeeds
+    job = {"task": "reach-v3", "image_size": 8, "camera": "corner", "noise": 0.0, "seed": 1, "episode": 0,
+           "attempt": 0}
+    try:
+        steps = [col.run_episode({**job, "max_steps": n})["steps"] for n in (5, 3, 5)]
+    finally:
+        col._close_envs()
+    assert steps == [5, 3, 5]
+
+
+@pytest.mark.parametrize("key", ["instruction", "num_demos", "total", "camera", "upright"])
+def test_write_demos_refuses_extra_attributes_that_would_replace_its_own(tmp_path, np_rng, key):
+    """`attrs` adds attributes to the `data` group; one named like those write_demos writes itself replaced it
+    silently: a count that is not the file's, another instruction than the demos', or upright False, which turned
+    upright frames upside down on reading. Refused naming the key, before any file is written."""
+    demos = [random_demo(np_rng, 2, 4, 4, 2, instruction="")]
+    with pytest.raises(ValueError, match=rf"attrs may not set {key!r}, which write_demos writes itself"):
+        write_demos(tmp_path / "d.hdf5", demos, "push", attrs={"task": "push-v3", key: 0})
+    assert not any(tmp_path.iterdir())
+    path = write_demos(tmp_path / "d.hdf5", demos, "push", attrs={"task": "push-v3"})
+    assert demo_file_info(path)["attrs"]["task"] == "push-v3"
+
+
+@pytest.mark.parametrize("kw, said", [({"image_size": 16}, "--image-size 16, not 8"), ({"seed": 6}, "--seed 6, not 5"),
+                                      ({"camera": "topview"}, "--camera topview, not corner"),
+                                      ({"max_steps": 100}, "--max-steps 100, not 200"),
+                                      ({"action_noise": 0.1}, "--noise 0.1, not 0.0")])
+def test_collect_refuses_a_task_file_of_any_other_setting(tmp_path, monkeypatch, kw, said):
+    """Every recorded setting is compared: a file collected with another step limit or camera holds other
+    episodes than this command's, as one of another size, seed or noise does."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    other = {"image_size": 8, "seed": 5, "camera": "corner", "max_steps": 200, "action_noise": 0.0, **kw}
+    col.collect(["reach-v3"], 1, tmp_path, progress=False, **other)
+    with pytest.raises(FileExistsError, match=re.escape(f"other settings ({said}); pass --overwrite")):
+        col.collect(["reach-v3"], 1, tmp_path, image_size=8, seed=5, progress=False)
+
+
+def test_collect_collects_a_task_file_it_cannot_read_again(tmp_path, monkeypatch):
+    """A task file that is not readable (cut short by a full disk, overwritten by another tool) holds no earlier
+    run's episodes, since write_demos writes whole files: it is collected again instead of stopping the run."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    (tmp_path / "reach-v3.hdf5").write_bytes(b"not an HDF5 file")
+    s = col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False)
+    assert not s["tasks"]["reach-v3"]["skipped"] and s["episodes_run"] == 2
+    assert demo_file_info(tmp_path / "reach-v3.hdf5")["num_demos"] == 2
+
+
+def test_collect_cut_to_fewer_episodes_counts_the_episodes_it_keeps(tmp_path, monkeypatch):
+    """A task file cut to its first episodes records their count and steps, not those of the file it was cut from,
+    and keeps the collection settings and instruction."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    col.collect(["reach-v3"], 3, tmp_path, image_size=8, seed=5, progress=False)
+    s = col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False)
+    assert s["tasks"]["reach-v3"]["skipped"] and s["episodes_run"] == 0
+    info = demo_file_info(tmp_path / "reach-v3.hdf5")
+    assert info["num_demos"] == 2 and info["steps"] == [3, 3]
+    attrs = info["attrs"]
+    assert (attrs["num_demos"], attrs["total"], attrs["camera"], attrs["upright"]) == (2, 6, "agentview", True)
+    from worldvla.sim import TASKS
+
+    assert attrs["task"] == "reach-v3" and attrs["seed"] == 5 and info["instruction"] == TASKS["reach-v3"]
+
+
+def test_collects_summary_lists_the_tasks_in_the_order_given(tmp_path, monkeypatch):
+    """The summary (and the lines `worldvla collect` prints from it) follow the tasks' order as given, the tasks
+    skipped as complete among them, not those first."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    col.collect(["reach-v3"], 1, tmp_path, image_size=8, seed=5, progress=False)
+    s = col.collect(["push-v3", "reach-v3", "drawer-open-v3"], 1, tmp_path, image_size=8, seed=5, progress=False)
+    assert list(s["tasks"]) == ["push-v3", "reach-v3", "drawer-open-v3"]
+    assert [t["skipped"] for t in s["tasks"].values()] == [False, True, False]
+
+
+def _finished_summary(out):
+    return {"tasks": {"reach-v3": {"skipped": True, "episodes": 1, "path": str(out / "reach-v3.hdf5")}},
+            "episodes_run": 0, "seconds": 0.1, "seconds_per_episode": 0.0, "out_dir": str(out), "errors": [],
+            "incomplete": []}
+
+
+def test_collects_sigterm_handler_is_set_only_while_it_collects_and_not_outside_the_main_thread(tmp_path,
+                                                                                               monkeypatch):
+    """`run` sets its SIGTERM handler for the collection and puts the one before it back (a program calling it
+    keeps its own); called from another thread, where no handler can be set, it collects without one."""
+    import argparse
+    import signal
+    import threading
+
+    from worldvla.data import collect as col
+
+    seen = []
+    monkeypatch.setattr(col, "collect", lambda *a, **k: seen.append(signal.getsignal(signal.SIGTERM))
+                        or _finished_summary(tmp_path))
+    args = col.add_arguments(argparse.ArgumentParser()).parse_args(["--out", str(tmp_path), "--tasks", "reach-v3"])
+
+    def own(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, own)
+    try:
+        assert col.run(args) == 0
+        assert seen == [col._terminated] and signal.getsignal(signal.SIGTERM) is own
+        rc = []
+        t = threading.Thread(target=lambda: rc.append(col.run(args)))
+        t.start()
+        t.join(timeout=30)
+        assert rc == [0] and seen[1] is own and signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_collect_tasks_given_as_text_are_split_trimmed_and_all_names_every_task():
+    pytest.importorskip("metaworld")
+    from worldvla.data.collect import _parse_tasks
+    from worldvla.sim import TASKS
+
+    assert _parse_tasks(" reach-v3, push-v3,,reach-v3 ,") == ["reach-v3", "push-v3"]
+    assert _parse_tasks("all") == list(TASKS) and len(TASKS) > 10
+    with pytest.raises(ValueError, match="no tasks given"):
+        _parse_tasks(" , ")
+
+
+def test_collect_with_workers_skips_complete_task_files_without_starting_a_pool(tmp_path, monkeypatch):
+    """A rerun of a finished collection with several workers (the default is the CPU count) has no episode to run:
+    it skips every task file instead of starting a pool of no workers."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    col.collect(["reach-v3", "push-v3"], 1, tmp_path, image_size=8, seed=5, progress=False)
+    monkeypatch.setattr(col, "ProcessPoolExecutor", lambda *a, **k: pytest.fail("a pool was started"))
+    s = col.collect(["reach-v3", "push-v3"], 1, tmp_path, image_size=8, seed=5, workers=4, progress=False)
+    assert (s["tasks_skipped"], s["episodes_run"], s["incomplete"], s["errors"]) == (2, 0, [], [])
+
+
+@pytest.mark.parametrize("env_args", ['["PickPlaceCan"]', '"PickPlaceCan"', "{not json"])
+def test_a_robomimic_file_whose_env_args_name_no_env_is_read_without_an_instruction(tmp_path, np_rng, env_args):
+    """env_args that are not a JSON object (another tool's file) name no task: the file is read with no instruction
+    (FROM_NOWHERE, for --instruction to give), not refused with an AttributeError."""
+    from worldvla.data.hdf5 import FROM_NOWHERE, reading_record
+
+    path = tmp_path / "image.hdf5"
+    write_libero_like(path, np_rng, n=1, key="agentview_image")
+    with h5py.File(path, "a") as f:
+        del f["data"].attrs["problem_info"]
+        del f["data/demo_0/obs/eye_in_hand_rgb"]
+        f["data"].attrs["env_args"] = env_args
+    assert read_demos(path)[0].instruction == ""
+    assert reading_record(path)["instruction_from"] == FROM_NOWHERE
+    assert demo_file_info(path)["instruction_from"] == FROM_NOWHERE
+    assert read_demos(path, instruction="lift the can")[0].instruction == "lift the can"

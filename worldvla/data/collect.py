@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cli import non_negative_float, positive_int, seed32
-from .hdf5 import demo_file_info, iter_demos, remove_stale_temps, remove_unfinished_writes, write_demos
+from .hdf5 import OWN_ATTRS, demo_file_info, iter_demos, remove_stale_temps, remove_unfinished_writes, write_demos
 
 # Meta-World's MT10 set.
 DEFAULT_TASKS = (
@@ -178,8 +178,7 @@ def _keep_first(path: Path, n_episodes: int, info: dict) -> None:
     """Cut a complete file down to its first `n_episodes` episodes (atomically); `info`: its `demo_file_info`."""
     if info["num_demos"] <= n_episodes:
         return
-    written_by_write_demos = ("instruction", "num_demos", "total", "camera", "upright")
-    attrs = {k: v for k, v in info["attrs"].items() if k not in written_by_write_demos}
+    attrs = {k: v for k, v in info["attrs"].items() if k not in OWN_ATTRS}  # write_demos writes those anew
     if "episode_seeds" in attrs:
         attrs["episode_seeds"] = list(attrs["episode_seeds"])[:n_episodes]
     demos = iter_demos(path)

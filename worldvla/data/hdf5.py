@@ -223,6 +223,10 @@ def remove_stale_temps(path) -> list[Path]:
     return removed
 
 
+# The `data` attributes `write_demos` writes itself, which its `attrs` may not replace.
+OWN_ATTRS = ("instruction", "num_demos", "total", "camera", "upright")
+
+
 def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentview",
                 compression: str | None = "gzip", attrs: Mapping | None = None) -> Path:
     """Write `demos` (Demo objects or mappings with frames/actions[/success/instruction])
@@ -230,7 +234,8 @@ def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentvie
 
     `instruction` goes into `data.attrs` and into every demo that has none of its own (or an empty one); an empty
     or whitespace-only `instruction` is refused.
-    `attrs` adds extra attributes on the `data` group (for example the collection settings).
+    `attrs` adds extra attributes on the `data` group (for example the collection settings); it may not name those
+    written here (instruction, num_demos, total, camera, upright).
     The temporary files that killed writes of `path` left beside it are removed first (`remove_stale_temps`).
     """
     from ..checkpoint import fsync_path
@@ -243,6 +248,10 @@ def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentvie
                          f"{instruction!r}: the demos would train prompts without a task; pass the task's instruction")
     if not camera or "/" in camera:
         raise ValueError(f"camera must be a plain name like 'agentview', got {camera!r}")
+    for key in attrs or {}:
+        if key in OWN_ATTRS:  # replacing one would leave the file's counts, instruction or view untrue
+            raise ValueError(f"attrs may not set {key!r}, which write_demos writes itself ({', '.join(OWN_ATTRS)}); "
+                             f"pass the instruction and camera as arguments, or give the attribute another name")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
