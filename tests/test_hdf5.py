@@ -1394,3 +1394,18 @@ def test_a_robomimic_file_whose_env_args_name_no_env_is_read_without_an_instruct
     assert reading_record(path)["instruction_from"] == FROM_NOWHERE
     assert demo_file_info(path)["instruction_from"] == FROM_NOWHERE
     assert read_demos(path, instruction="lift the can")[0].instruction == "lift the can"
+
+
+@pytest.mark.parametrize("blank", ["", "   ", b"push"])
+def test_a_blank_instruction_given_to_the_readers_is_refused(tmp_path, np_rng, blank):
+    """`instruction=` prompts every demo of the file: an empty or whitespace-only one (or bytes, as HDF5 returns
+    text) was taken, and every demo then trained on a prompt without a task."""
+    from worldvla.data.hdf5 import reading_record
+
+    path = write_demos(tmp_path / "d.hdf5", [random_demo(np_rng, 2, 4, 4, 2, instruction="")], "push")
+    with pytest.raises(ValueError, match=r"instruction= prompts every demo of the file, got .*: pass the task's"):
+        read_demos(path, instruction=blank)
+    with pytest.raises(ValueError, match=r"instruction= prompts every demo of the file"):
+        reading_record(path, instruction=blank)
+    assert [d.instruction for d in read_demos(path, instruction="open")] == ["open"]
+    assert reading_record(path, instruction="open")["instruction"] == "open"

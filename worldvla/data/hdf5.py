@@ -169,6 +169,13 @@ def _blank(text) -> bool:
     return isinstance(text, str) and not text.strip()
 
 
+def _check_override(instruction) -> None:
+    """An `instruction=` given to a reader prompts every demo of the file: a blank one would teach no task."""
+    if instruction is not None and (not isinstance(instruction, str) or _blank(instruction)):
+        raise ValueError(f"instruction= prompts every demo of the file, got {instruction!r}: pass the task's "
+                         f"instruction as text, or None to read the file's own")
+
+
 def _own_instruction(text) -> str | None:
     """A demo's own instruction for `write_demos`; None (the file's instruction) when it has none or a blank one."""
     return None if text is None or _blank(text) else text
@@ -629,6 +636,7 @@ def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None,
     names: yield only the demos of these names (the others' frames and actions are not read; their camera is still
     checked, so that the key settles as it does for a read of every demo).
     """
+    _check_override(instruction)
     path = Path(path)
     # h5py's errors in reading the file's structure are named by the file, and in a demo's by the demo; the demos
     # are yielded outside the demo's block (what the caller does with one is not the file's doing).
@@ -750,6 +758,7 @@ def reading_record(path, rotate_180: bool | None = None, instruction: str | None
     `rotation` (`frame_turn`), `instruction` (what demos without their own are prompted with), `instruction_from`
     (a FROM_* name: GUESSED ones are guesses, FROM_NOWHERE none), `uses_file_instruction` (whether some demo takes
     it) and `demo_instructions` ({demo: text} of the demos whose own instruction differs; absent when none)."""
+    _check_override(instruction)
     path = Path(path)
     with open_demo_file(path) as f, _damage_named(path):
         data = _open_data(f, path)
