@@ -491,3 +491,187 @@ def test_a_demo_run_shows_each_row_from_the_first_frame_and_scores_the_vqgans_re
     sc = json.loads((out / "rollout.json").read_text())["scores"]
     assert (want < 100.0).all()
     np.testing.assert_allclose(sc["vqgan_recon_psnr_per_step"], want)
+
+
+def test_load_actions_of_a_one_value_policy_reads_a_line_an_action(tmp_path):
+    """Actions of one value as text, one a line: each line is one action [T, 1], not one action of T values."""
+    from worldvla.eval.imagine import load_actions
+
+    (tmp_path / "a.csv").write_text("0.1\n0.2\n0.3\n")
+    (tmp_path / "a.txt").write_text("0.1\n0.2\n0.3\n")
+    for name in ("a.csv", "a.txt"):
+        np.testing.assert_array_equal(load_actions(tmp_path / name, 1), [[0.1], [0.2], [0.3]])
+
+
+def test_demo_segment_names_a_file_without_episodes(tmp_path):
+    from worldvla.eval.imagine import demo_segment
+
+    write_demos(tmp_path / "empty.hdf5", [], "push")
+    with pytest.raises(ValueError, match=r"empty.hdf5 holds no episodes$"):
+        demo_segment(tmp_path / "empty.hdf5", 0, 0, 2)
+
+
+def test_ssim_scores_each_future_their_mean_the_first_frame_and_the_reconstruction(files, tmp_path):
+    """The SSIM lists of rollout.json: each drawn future's against the recorded frames, their mean per step, the
+    first frame kept and the VQGAN's reconstruction, each its own."""
+    from worldvla.eval import metrics
+
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 3, "--samples", 2,
+                "--temperature", 1.0, "--seed", 2, "--out", out) == 0
+    sc = json.loads((out / "rollout.json").read_text())["scores"]
+    arrays = np.load(out / "rollout.npz")
+    real, first, imagined = arrays["recorded"], arrays["first"], arrays["imagined"]
+    each = [metrics.ssim(imagined[m], real).numpy() for m in range(2)]
+    assert not np.allclose(each[0], each[1])  # two different futures
+    np.testing.assert_allclose(sc["ssim_per_sample"], each)
+    np.testing.assert_allclose(sc["ssim_per_step"], (each[0] + each[1]) / 2)
+    np.testing.assert_allclose(sc["copy_first_ssim_per_step"],
+                               metrics.ssim(np.broadcast_to(first, real.shape), real).numpy())
+    policy = WorldVLAPolicy.from_pretrained(files / "policy", device="cpu")
+    recon = policy.vqgan.decode_images(policy.vqgan.encode_images(real))
+    want = metrics.ssim(recon, real).numpy()
+    assert not np.allclose(want, sc["copy_first_ssim_per_step"])  # the two baselines differ here
+    np.testing.assert_allclose(sc["vqgan_recon_ssim_per_step"], want)
+
+
+def test_the_largest_seed_is_taken_and_the_next_refused(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 1, "--seed", 2 ** 63,
+                "--out", out) == 2
+    assert r"--seed must be in [0, 2^63), got 9223372036854775808" in capsys.readouterr().err
+    assert not out.exists()
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 1, "--seed", 2 ** 63 - 1,
+                "--out", out) == 0
+    assert json.loads((out / "rollout.json").read_text())["seed"] == 2 ** 63 - 1
+
+
+def test_a_demo_run_reads_the_camera_and_turn_asked_for(files, tmp_path):
+    """A LIBERO-looking file (its camera keys, no `upright` mark) with two cameras: by default agentview's frames
+    turned by 180 degrees as pretokenize turns them, --rotate-180 no as stored, --camera the other camera's;
+    rollout.json records the choice."""
+    import h5py
+
+    top_white = np.zeros((4, 32, 32, 3), np.uint8)
+    top_white[:, :16] = 255
+    with h5py.File(tmp_path / "two.hdf5", "w") as f:
+        f.create_dataset("data/demo_0/obs/agentview_rgb", data=top_white)
+        f.create_dataset("data/demo_0/obs/eye_in_hand_rgb", data=np.full((4, 32, 32, 3), 128, np.uint8))
+        f.create_dataset("data/demo_0/actions", data=np.zeros((4, 4), np.float32))
+    firsts, sources = {}, {}
+    for name, extra in (("auto", ()), ("stored", ("--rotate-180", "no")), ("wrist", ("--camera", "eye_in_hand"))):
+        out = tmp_path / name
+        assert _run(files / "policy", "--demos", tmp_path / "two.hdf5", "--steps", 1, *extra, "--out", out) == 0
+        firsts[name] = np.load(out / "rollout.npz")["first"]
+        sources[name] = json.loads((out / "rollout.json").read_text())["source"]
+    assert firsts["auto"][:16].max() == 0 and firsts["auto"][16:].min() == 255
+    assert firsts["stored"][:16].min() == 255 and firsts["stored"][16:].max() == 0
+    assert (firsts["wrist"] == 128).all()
+    assert sources["stored"] == {"demos": str(tmp_path / "two.hdf5"), "demo": 0, "start": 0, "camera": None,
+                                 "rotate_180": "no"}
+    assert sources["wrist"]["camera"] == "eye_in_hand" and sources["auto"]["rotate_180"] == "auto"
+
+
+def test_a_demo_run_records_where_it_starts_and_its_draws(files, tmp_path):
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--demo", 1, "--start", 2, "--steps", 2,
+                "--samples", 2, "--temperature", 0.5, "--top-k", 7, "--seed", 9, "--out", out) == 0
+    result = json.loads((out / "rollout.json").read_text())
+    assert result["source"]["demo"] == 1 and result["source"]["start"] == 2
+    assert (result["samples"], result["temperature"], result["top_k"], result["seed"]) == (2, 0.5, 7, 9)
+    demo = read_demos(files / "demos.hdf5")[1]
+    np.testing.assert_array_equal(result["actions"], demo.actions[2:4])
+
+
+def test_a_demo_whose_actions_are_not_the_policys_is_refused_by_name(files, tmp_path, capsys):
+    write_demos(tmp_path / "wide.hdf5", [{"frames": np.zeros((3, 32, 32, 3), np.uint8),
+                                          "actions": np.zeros((3, 7), np.float32)}], "push")
+    assert _run(files / "policy", "--demos", tmp_path / "wide.hdf5", "--out", tmp_path / "o") == 2
+    assert "the episode's actions have 7 values, the policy's 4" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_image_runs_gif_starts_at_the_image(files, tmp_path, monkeypatch):
+    """Without a demonstration rollout.gif plays the frame the rollout starts from, then the imagined ones."""
+    from PIL import Image
+
+    from worldvla.eval import plots
+
+    shown = {}
+    real_gif = plots.save_gif
+    monkeypatch.setattr(plots, "save_gif", lambda frames, path, fps: shown.update(gif=frames) or
+                        real_gif(frames, path, fps=fps))
+    Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(tmp_path / "f.png")
+    np.save(tmp_path / "a.npy", np.full((2, 4), 0.5))
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--image", tmp_path / "f.png", "--actions", tmp_path / "a.npy", "--out", out) == 0
+    arrays = np.load(out / "rollout.npz")
+    assert (arrays["first"] == 90).all()
+    np.testing.assert_array_equal(shown["gif"], np.concatenate([arrays["first"][None], arrays["imagined"][0]]))
+
+
+def test_a_run_stopped_while_the_earlier_outputs_go_leaves_no_rollout_json_beside_part_of_them(files, tmp_path,
+                                                                                              monkeypatch):
+    """Stopped between the removals of the earlier run's outputs: its rollout.json (which says the files beside it
+    are one run's complete set) went first, so it never stays beside part of that set."""
+    real, removed = Path.unlink, []
+
+    def fail(monkeypatch):
+        def second_interrupted(self, missing_ok=False):
+            if self.parent == tmp_path / "out":
+                if removed:
+                    raise KeyboardInterrupt
+                removed.append(self.name)
+            return real(self, missing_ok=missing_ok)
+        monkeypatch.setattr(Path, "unlink", second_interrupted)
+
+    before, after = _image_run_over_a_demo_run(files, tmp_path, monkeypatch, fail)
+    assert removed == ["rollout.json"]
+    assert set(after) == set(before) - {"rollout.json"}
+    assert all(after[name] == before[name] for name in after)
+
+
+def test_the_outputs_reach_the_disk_before_their_names_move_in_and_the_names_after(files, tmp_path, monkeypatch):
+    """Against a power loss: every staged file is flushed before the first rename into --out (else a new name could
+    point at empty data), and --out itself after the last (else the renames could be lost)."""
+    import os
+
+    from worldvla import checkpoint
+
+    events = []
+    out = tmp_path / "out"
+    real_tree, real_path, real_replace = checkpoint.fsync_tree, checkpoint.fsync_path, os.replace
+
+    def tree(root):
+        events.append(("fsync_tree", Path(root).parent))
+        return real_tree(root)
+
+    def path(p):
+        events.append(("fsync_path", Path(p)))
+        return real_path(p)
+
+    def replace(src, dst):
+        if Path(dst).parent == out:
+            events.append(("move in", Path(dst).name))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint, "fsync_tree", tree)
+    monkeypatch.setattr(checkpoint, "fsync_path", path)
+    monkeypatch.setattr(os, "replace", replace)
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 1, "--out", out) == 0
+    moves = [i for i, e in enumerate(events) if e[0] == "move in"]
+    assert [events[i][1] for i in moves] == ["rollout.png", "rollout.gif", "scores.png", "rollout.npz", "rollout.json"]
+    assert ("fsync_tree", out) in events[:moves[0]]
+    assert ("fsync_path", out) in events[moves[-1]:]
+
+
+def test_load_actions_reads_an_upper_case_suffix_as_its_format(tmp_path):
+    """ACTIONS.CSV was read as whitespace-separated text and ACTIONS.NPY as text: both refused as not numbers."""
+    from worldvla.eval.imagine import load_actions
+
+    acts = np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]])
+    np.savetxt(tmp_path / "ACTIONS.CSV", acts, delimiter=",")
+    with open(tmp_path / "ACTIONS.NPY", "wb") as f:
+        np.save(f, acts)
+    for name in ("ACTIONS.CSV", "ACTIONS.NPY"):
+        np.testing.assert_array_equal(load_actions(tmp_path / name, 4), acts)

@@ -356,3 +356,79 @@ def test_an_engine_one_slot_short_is_refused_naming_the_slots(rng):
     with pytest.raises(ValueError, match=rf"need {need} cache slots; the engine has {need - 1}"):
         generate_release_actions(model, prompts, LAYOUT, D, 12, engine=short)
     assert not short.cache.k.any()
+
+
+def test_a_skip_of_nothing_cached_needs_no_engine(rng):
+    """skip= of zeros names no cached prefix: without an engine it decodes as without skip, and a cached prefix
+    without the engine holding it is refused."""
+    model = _model(5)
+    prompts = _prompts(rng, 2)
+    want = generate_release_actions(model, prompts, LAYOUT, D, 12)
+    got = generate_release_actions(model, prompts, LAYOUT, D, 12, skip=[0, 0])
+    assert [g.tokens.tolist() for g in got] == [g.tokens.tolist() for g in want]
+    with pytest.raises(ValueError, match="pass that engine"):
+        generate_release_actions(model, prompts, LAYOUT, D, 12, skip=[0, 3])
+
+
+def test_an_engine_for_another_batch_size_is_refused_by_name(rng):
+    model = _model(6)
+    prompts = _prompts(rng, 3)
+    engine = release_engine(model, prompts, 12)
+    with pytest.raises(ValueError, match="the engine holds 3 sequences but got 2 prompts"):
+        generate_release_actions(model, prompts[:2], LAYOUT, D, 12, engine=engine)
+    with pytest.raises(ValueError, match="the engine holds 3 sequences but got 1 prompts"):
+        generate_release_actions(model, prompts[0], LAYOUT, D, 12, engine=engine)
+
+
+def test_the_layout_defaults_to_the_models(rng):
+    model = _model(5)
+    prompts = _prompts(rng, 2)
+    want = generate_release_actions(model, prompts, LAYOUT, D, 12)
+    got = generate_release_actions(model, prompts, None, D, 12)
+    assert [g.tokens.tolist() for g in got] == [g.tokens.tolist() for g in want]
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "torch"])
+def test_the_choice_covers_the_last_id_of_the_vocabulary(backend):
+    """The release's argmax runs over every id, the last one too."""
+    from worldvla.inference.release import release_choice
+
+    model = _model(0)
+    H, V = model.config.hidden_size, model.config.vocab_size
+    h = torch.randn(2, H, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[V - 1] = h[0] / h[0].norm()
+        model.lm_head.weight[V - 2] = h[1] / h[1].norm()
+        assert release_choice(model, h, backend).tolist() == [V - 1, V - 2]
+
+
+def test_decoding_stops_at_the_releases_cap_of_300_tokens(rng):
+    """A model that never writes the separator: the release stops after max_new_tokens, 300 by default."""
+    text = LAYOUT.text_base + 5
+
+    def free_text(ids, logits):
+        out = torch.full_like(logits, float("-inf"))
+        out[text] = 0.0
+        return out
+
+    (got,) = generate_release_actions(_model(5), _prompts(rng, 1)[0], LAYOUT, D, logits_processor=free_text)
+    assert got.tokens.tolist() == [text] * 300 and got.actions.shape == (0, D + 2) and not got.malformed
+
+
+def test_a_sequence_that_reached_the_separator_ends_there_while_others_go_on(rng):
+    """In a batch, the prompt that writes the separator first keeps exactly its tokens up to it while the other
+    still writes its block."""
+    model = _model(9)
+    prompts = _prompts(rng, 2)
+    short, long_ = (_forcing([], prompts[0].numel()), _forcing([BOA, *[X] * D, EOA], prompts[1].numel()))
+
+    def per_prompt(ids, logits):  # the prompts differ in length: the ids say which one this is
+        first = ids.numel() >= prompts[0].numel() and torch.equal(ids[:prompts[0].numel()], prompts[0])
+        return (short if first else long_)(ids, logits)
+
+    assert prompts[0].numel() != prompts[1].numel()
+    got = generate_release_actions(model, prompts, LAYOUT, D, 20, logits_processor=per_prompt)
+    assert got[0].tokens.tolist() == [LAYOUT.sep] and got[0].actions.shape == (0, D + 2)
+    t = got[1].tokens.tolist()
+    assert len(t) == D + 3 and t[-1] == LAYOUT.sep and got[1].actions.tolist() == [t[:D + 2]]

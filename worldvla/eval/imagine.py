@@ -72,7 +72,8 @@ def load_actions(path, action_dim: int) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no actions file at {path}")
-    if path.suffix == ".npy":
+    suffix = path.suffix.lower()  # ACTIONS.CSV is a .csv file too
+    if suffix == ".npy":
         try:
             acts = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as e:  # object arrays, or not a .npy file at all
@@ -80,7 +81,7 @@ def load_actions(path, action_dim: int) -> np.ndarray:
                              f"{e}") from None
     else:
         try:
-            acts = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+            acts = np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2)
         except ValueError as e:
             raise ValueError(f"{path}: not a table of numbers ({e})") from None
     acts = np.asarray(acts, dtype=np.float64)
