@@ -442,3 +442,104 @@ def test_bool_ids_are_refused_as_ids_that_are_not_integers():
         chunk_mask_meta(torch.tensor([True, False, True]), L)
     with pytest.raises(TypeError, match="input_ids must be integer token ids, got torch.bool"):
         chunk_attention_mask(torch.tensor([True, False, True]), L)
+
+
+def test_the_kept_cu_seqlens_check_holds_only_for_its_tensor_length_and_max_seqlen():
+    """check_cu_seqlens keeps its result on the metadata so that the layers of a forward read nothing again. It holds
+    for that tensor, that T and that max_seqlen only: boundaries replaced by another tensor (at the same version
+    count) or edited in place, the metadata used for another number of tokens, or a smaller max_seqlen set on it
+    are checked again."""
+    from worldvla.mask import check_cu_seqlens
+
+    meta = causal_meta((12,), cu_seqlens=torch.tensor([0, 5, 12], dtype=torch.int32))
+    check_cu_seqlens(meta, 12)
+    meta.cu_seqlens = torch.tensor([0, 13, 12], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T=12 .*got \[0, 13, 12\]"):
+        check_cu_seqlens(meta, 12)
+
+    meta = causal_meta((12,), cu_seqlens=torch.tensor([0, 5, 12], dtype=torch.int32))
+    check_cu_seqlens(meta, 12)
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T=14"):
+        check_cu_seqlens(meta, 14)
+    check_cu_seqlens(meta, 12)
+    meta.max_seqlen = 6
+    with pytest.raises(ValueError, match=r"max_seqlen=6 is shorter than the longest document \(7 tokens\)"):
+        check_cu_seqlens(meta, 12)
+    meta.max_seqlen = 7
+    check_cu_seqlens(meta, 12)
+    meta.cu_seqlens[1] = 13  # edited in place: the version count moves on
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T=12 .*got \[0, 13, 12\]"):
+        check_cu_seqlens(meta, 12)
+
+
+def test_boundaries_whose_values_cannot_be_read_are_checked_by_their_count():
+    """Where cu_seqlens cannot be read on the host (a meta or fake tensor while tracing; on a GPU the read would
+    synchronize), only what the host ints tell is checked: n_docs documents of at most max_seqlen tokens must be
+    able to cover T (exactly covering is enough), max_seqlen 0 (unknown) tells nothing, and fewer than 2 entries
+    mark no document at all."""
+    from worldvla.mask import check_cu_seqlens
+
+    def on_meta(cu, max_seqlen):
+        T = 12
+        return ChunkMaskMeta(torch.full((T,), NO_BLOCK, dtype=torch.int32, device="meta"),
+                             torch.full((T,), -1, dtype=torch.int32, device="meta"),
+                             torch.zeros(T, dtype=torch.long, device="meta"),
+                             torch.tensor(cu, dtype=torch.int32).to("meta"), max_seqlen)
+
+    check_cu_seqlens(on_meta([0, 6, 12], 6), 12)
+    check_cu_seqlens(on_meta([0, 6, 12], 0), 12)
+    with pytest.raises(ValueError, match=r"its 2 document\(s\) of at most max_seqlen=5 tokens cannot cover them"):
+        check_cu_seqlens(on_meta([0, 6, 12], 5), 12)
+    for cu in ([12], []):
+        with pytest.raises(ValueError, match=rf"1-D with n_docs \+ 1 >= 2 entries, got shape \({len(cu)},\)"):
+            check_cu_seqlens(on_meta(cu, 0), 12)
+
+
+def test_boundaries_that_do_not_start_at_zero_are_refused():
+    """cu_seqlens [2, 4, 6] for 6 tokens leaves tokens 0-1 in no document."""
+    from worldvla.mask import check_cu_seqlens, cu_seqlens_problem
+
+    L = VocabLayout.compact()
+    assert "must rise from 0 to T=6" in cu_seqlens_problem([2, 4, 6], 6)
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T=6 .*got \[2, 4, 6\]"):
+        chunk_mask_meta(torch.zeros(6, dtype=torch.long), L, cu_seqlens=torch.tensor([2, 4, 6]))
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T=6"):
+        causal_meta((6,), cu_seqlens=torch.tensor([2, 4, 6]))
+    meta = ChunkMaskMeta(torch.full((6,), NO_BLOCK, dtype=torch.int32), torch.full((6,), -1, dtype=torch.int32),
+                         torch.arange(6), torch.tensor([2, 4, 6], dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match=r"meta\.cu_seqlens must rise from 0 to T=6"):
+        check_cu_seqlens(meta, 6)
+
+
+def test_packed_metadata_with_an_empty_document_gives_the_longest_documents_length():
+    """max_seqlen is the longest document's length (the kernels launch row tiles for that many rows), not the first
+    one's; an empty document between two others is allowed and holds no token."""
+    L = VocabLayout.compact(n_image_codes=64)
+    b = L.bin_base
+    first = [L.bos, L.boi, L.image_code_ids[0], L.eoi]
+    second = [L.bos, L.boi, L.image_code_ids[1], L.eoi, L.sep, L.boa, b, L.eoa, L.boa, b + 1, L.eoa]
+    ids = torch.tensor(first + second)
+    meta = chunk_mask_meta(ids, L, cu_seqlens=torch.tensor([0, 4, 4, 15]))
+    assert meta.max_seqlen == 11
+    assert meta.doc_ids().tolist() == [0] * 4 + [2] * 11
+    assert meta.position_ids.tolist() == list(range(4)) + list(range(11))
+    dense = meta.dense_mask()
+    assert not dense[4:, :4].any()
+    np.testing.assert_array_equal(dense[4:, 4:].numpy(), loop_mask(second, L))
+
+
+def test_an_empty_sequence_has_empty_metadata_and_can_grow():
+    """No tokens yet (generation from an empty prompt, a batch of empty rows): empty metadata, and a growing
+    sequence from there gives each token what the whole sequence's metadata gives it."""
+    from worldvla.mask import GrowingBlockMeta
+
+    L = VocabLayout.compact(n_image_codes=64)
+    for shape in ((0,), (2, 0)):
+        meta = chunk_mask_meta(torch.zeros(shape, dtype=torch.long), L)
+        assert meta.kv_block.shape == meta.q_limit.shape == shape and meta.dense_mask().numel() == 0
+    grow = GrowingBlockMeta(torch.zeros(0, dtype=torch.long), L)
+    seq = [L.boi, L.image_code_ids[0], L.eoi, L.boa, L.bin_base, L.eoa, L.boa, L.bin_base, L.eoa]
+    got = [grow.push(t) for t in seq]
+    whole = chunk_mask_meta(torch.tensor(seq), L)
+    assert got == list(zip(whole.kv_block.tolist(), whole.q_limit.tolist()))
+    assert got[-1] == (1, 1)

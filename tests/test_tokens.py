@@ -530,3 +530,119 @@ def test_chameleon_text_tokenizer_decodes_a_tensor_of_ids_leaving_special_tokens
     ids = torch.tensor([0, *t.encode("hello robot")])
     assert t.decode(ids) == "hello robot"
     assert t.decode(np.asarray(ids)) == t.decode(ids.tolist()) == "hello robot"
+
+
+def test_a_negative_grid_count_and_an_empty_codebook_are_refused():
+    """res(-1) would be the id just below the resolution tokens (the compact layout's EOA), not a resolution; a
+    compact layout of no image codes has no image range to sample from or weight."""
+    lay = VocabLayout.compact(n_res=4)
+    assert lay.res_base - 1 == lay.eoa
+    with pytest.raises(ValueError, match=r"resolution of -1 grids is outside this layout's 0\.\.4"):
+        lay.res_token(-1)
+    assert lay.res_token(0) == lay.res_base
+    with pytest.raises(ValueError, match="needs n_image_codes >= 1 and n_bins >= 2, got 0, 256"):
+        VocabLayout.compact(n_image_codes=0)
+
+
+def test_an_empty_code_tensor_maps_to_no_ids():
+    """No codes (a batch of no frames) have no range to check: they map to an empty id tensor of the same shape."""
+    for shape in ((0,), (0, 16), (2, 0)):
+        ids = CH.code_to_id(torch.zeros(shape, dtype=torch.long))
+        assert ids.shape == shape and ids.dtype == torch.long
+
+
+def test_a_layout_read_back_from_json_is_the_same_layout():
+    """A checkpoint's config carries the layout as JSON. Read back, it equals the layout it was written from (image
+    ids a tuple again, the layout hashable), so the Chameleon layout that only assumes code c -> id 4 + c is still
+    known as that, and rebuilt from the text tokenizer or warned about."""
+    from worldvla.tokens.layout import with_release_image_ids
+
+    for lay in (CH, VocabLayout.compact(n_image_codes=64)):
+        back = VocabLayout.from_dict(json.loads(json.dumps(lay.to_dict())))
+        assert back == lay and hash(back) == hash(lay)
+        assert isinstance(back.image_code_ids, tuple)
+    back = VocabLayout.from_dict(json.loads(json.dumps(CH.to_dict())))
+    with pytest.warns(UserWarning, match="maps image code c to id 4 \\+ c, an assumption"):
+        assert with_release_image_ids(back) is back
+
+
+def test_the_image_weight_mask_marks_exactly_the_image_ids():
+    """The loss weights alpha on image-code ids: with ids that leave a gap (id 6 here is no code), the gap is not an
+    image id, nor are the ids around the range."""
+    import dataclasses
+
+    holes = dataclasses.replace(VocabLayout.compact(n_image_codes=4), image_code_ids=(4, 5, 7))
+    m = holes.image_code_weight_mask()
+    assert m.shape == (holes.vocab_size,) and m.dtype == torch.bool
+    assert m.nonzero().flatten().tolist() == [4, 5, 7]
+    assert CH.image_code_weight_mask().nonzero().flatten().tolist() == list(range(4, 8196))
+
+
+def test_the_last_rows_newline_is_checked_as_every_other():
+    """Every row ends with the newline, the last one too: a code in place of the last newline (generation cut one
+    token short of the row's end) is refused, not read as a grid."""
+    L = VocabLayout.compact(n_image_codes=64)
+    codes = torch.randint(0, 64, (4, 2), generator=torch.Generator().manual_seed(2))
+    toks = image_tokens(codes, L)
+    bad = toks.clone()
+    bad[-2] = L.image_code_ids[1]  # the last row's newline, just before EOI
+    with pytest.raises(ValueError, match="image rows must each end with the newline token"):
+        codes_from_image_tokens(bad, L)
+
+
+def test_an_image_token_list_whose_sizes_are_no_resolution_tokens_is_refused():
+    """Generated tokens may hold another token where the height or width goes. Such a list was read as a negative
+    number of rows ("expected -6 rows of -6 codes"), or failed in a reshape with torch's RuntimeError (here EOA and
+    BOA: -2 rows of -4 codes make the 6 body tokens), or as 66 rows for an id past the resolution tokens."""
+    L = VocabLayout.compact(n_image_codes=64)
+    toks = image_tokens(torch.randint(0, 64, (2, 2), generator=torch.Generator().manual_seed(3)), L)
+    res = int(toks[1])
+    for h_id, w_id in ((L.eoa, L.boa), (L.newline, L.newline), (res, L.image_code_ids[3]),
+                       (L.res_base + L.n_res + 1, res)):
+        bad = toks.clone()
+        bad[1], bad[2] = h_id, w_id
+        with pytest.raises(ValueError, match=rf"must give its height and width as resolution tokens \(ids "
+                                             rf"{L.res_base}\.\.{L.res_base + L.n_res}\) after BOI, got ids "
+                                             rf"{h_id} and {w_id}"):
+            codes_from_image_tokens(bad, L)
+    assert codes_from_image_tokens(toks, L).shape == (2, 2)
+
+
+def test_ids_below_the_bins_decode_to_the_first_bin_centre():
+    """As the release: any id decodes to a clipped bin centre. The ids just below the bins (BOA 10004, and 10005),
+    which a model may write where a bin goes, take the first centre as 10006 does, not a centre counted from the
+    end of the table."""
+    at = ActionTokenizer(CH)
+    first = at.decode(np.full(7, 10006))
+    for tok in (10004, 10005, 0):
+        np.testing.assert_array_equal(at.decode(np.full(7, tok)), first)
+        np.testing.assert_array_equal(at.decode(np.full(7, tok)), spec_decode(np.full(7, tok)))
+
+
+def test_decoding_the_wrong_number_of_bin_tokens_is_refused():
+    """A one-dimensional tokenizer given two bins broadcast them into two actions without a word."""
+    L = VocabLayout.compact()
+    at = ActionTokenizer(L, low=[-1.0], high=[1.0])
+    for ids in ([L.bin_base, L.bin_base + 5], [L.bin_base] * 4):
+        with pytest.raises(ValueError, match=rf"expected 1 bin tokens \(or 3 with BOA/EOA\), got shape \({len(ids)},\)"):
+            at.decode(np.array(ids))
+    assert at.decode(np.array([L.boa, L.bin_base, L.eoa])).shape == (1,)
+
+
+def test_a_scalar_action_and_bounds_of_two_dimensions_are_refused_by_name():
+    """A bare number is no action vector; bounds of shape [1, D] (per-dimension statistics kept 2-D) made a tokenizer
+    of action_dim 1 that then refused every real action."""
+    L = VocabLayout.compact()
+    at = ActionTokenizer(L, low=[-1.0], high=[1.0])
+    with pytest.raises(ValueError, match=r"actions must end in the action dimension 1, got shape \(\)"):
+        at.encode(0.5)
+    with pytest.raises(ValueError, match=r"bounds must be two 1-D sequences of equal length, got \(1, 3\) and \(1, 3\)"):
+        ActionTokenizer(L, low=[[-1.0, -1.0, -1.0]], high=[[1.0, 1.0, 1.0]])
+
+
+def test_actions_from_a_tensor_that_requires_grad_are_tokenized():
+    """Actions a model predicts carry autograd history; reading them for tokenizing needs no grad."""
+    at = ActionTokenizer(VocabLayout.compact(), low=[-2, -1, 0], high=[2, 1, 5])
+    a = torch.tensor([[0.5, -0.25, 3.0], [1.5, 0.75, 0.5]], requires_grad=True)
+    assert torch.equal(at.encode(a * 1.0), at.encode(a.detach().numpy()))
+    np.testing.assert_array_equal(at.normalize(a), at.normalize(a.detach().numpy()))

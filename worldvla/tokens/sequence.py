@@ -47,6 +47,11 @@ def codes_from_image_tokens(ids: torch.Tensor, layout: VocabLayout) -> torch.Ten
     ids = torch.as_tensor(ids).long().flatten()
     if ids.numel() < 4 or int(ids[0]) != layout.boi or int(ids[-1]) != layout.eoi:
         raise ValueError("an image token list must start with BOI and end with EOI")
+    lo, hi = layout.res_base, layout.res_base + layout.n_res
+    if not (lo <= int(ids[1]) <= hi and lo <= int(ids[2]) <= hi):
+        # another token there would be read as a negative or oversized grid count
+        raise ValueError(f"an image token list must give its height and width as resolution tokens (ids {lo}..{hi}) "
+                         f"after BOI, got ids {int(ids[1])} and {int(ids[2])}")
     per_grid = layout.res_grid // layout.patch
     h = (int(ids[1]) - layout.res_base) * per_grid
     w = (int(ids[2]) - layout.res_base) * per_grid
