@@ -1,6 +1,7 @@
 """A checkpoint of a model built here (not loaded from a release folder) in transformers' Chameleon:
 the vocabulary_map its config.json needs, with Chameleon's names for the ids the layout uses."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,3 +201,169 @@ def test_a_tied_config_keeps_a_head_stored_apart_in_one_flat_buffer(tmp_path):
     loaded = WorldVLA.from_pretrained(f)
     assert torch.equal(loaded.lm_head.weight, sd["lm_head.weight"])
     assert torch.equal(loaded.model.embed_tokens.weight, sd["model.embed_tokens.weight"])
+
+
+def _config(folder) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def _write_config(folder, cfg: dict) -> None:
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_config_keys_set_to_null_take_the_models_defaults():
+    """transformers writes a field it has no value for as null: such a key reads as absent (the default),
+    not as a None in the model's shape."""
+    from worldvla.checkpoint import config_from_hf
+
+    base = dict(model_type="chameleon", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                num_attention_heads=4)
+    nulls = dict(num_key_value_heads=None, max_position_embeddings=None, rms_norm_eps=None, dropout=None,
+                 swin_norm=None)
+    got = config_from_hf({**base, **nulls})
+    assert got == config_from_hf(base)
+    default = ModelConfig()
+    assert (got.num_key_value_heads, got.max_position_embeddings, got.rms_norm_eps, got.dropout, got.swin_norm) == \
+        (4, default.max_position_embeddings, default.rms_norm_eps, default.dropout, default.swin_norm)
+
+
+def test_a_null_vocabulary_map_is_saved_as_the_layouts_map(tmp_path):
+    """transformers' ChameleonConfig writes "vocabulary_map": null when given none. A folder loaded with it and
+    saved again wrote the null back (kept with the config.json's other keys), and transformers' Chameleon could
+    not build the model from the saved folder; the save writes the layout's map, as for a model built here."""
+    from transformers import ChameleonForConditionalGeneration
+
+    from worldvla.checkpoint import vocabulary_map
+
+    model = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "ck")
+    _write_config(tmp_path / "ck", {**_config(tmp_path / "ck"), "vocabulary_map": None})
+    WorldVLA.from_pretrained(tmp_path / "ck").save_pretrained(tmp_path / "again")
+    vm = _config(tmp_path / "again")["vocabulary_map"]
+    assert vm == vocabulary_map(model.layout) and len(vm) > len(model.layout.image_code_ids)
+    hf = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "again")
+    assert hf.model.vocabulary_mapping.bpe2img == {i: c for c, i in enumerate(model.layout.image_code_ids)}
+
+
+def test_config_jsons_dtype_wins_over_an_older_torch_dtype(tmp_path):
+    """A mixed-dtype folder (bfloat16 matrices, float32 norms) whose config.json holds both keys, disagreeing
+    (transformers 5 writes `dtype` and may keep the 4.x `torch_dtype` it read): it loads in `dtype`, the key
+    transformers 5 reads."""
+    from safetensors.torch import load_file, save_file
+
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    f = tmp_path / "mixed"
+    m.save_pretrained(f)
+    sd = load_file(str(f / "model.safetensors"))
+    sd = {k: v if "norm" in k else v.to(torch.bfloat16) for k, v in sd.items()}
+    save_file(sd, str(f / "model.safetensors"), metadata={"format": "pt"})
+    for dtype, torch_dtype, want in (("float32", "bfloat16", torch.float32), ("bfloat16", "float32", torch.bfloat16)):
+        _write_config(f, {**_config(f), "dtype": dtype, "torch_dtype": torch_dtype})
+        assert {p.dtype for p in WorldVLA.from_pretrained(f).parameters()} == {want}
+
+
+def test_a_shard_that_fills_the_size_limit_exactly_is_not_split(tmp_path):
+    """shard_size_gb is the largest a shard may be: tensors whose bytes add up to exactly the limit share one
+    shard, and the next tensor starts the second."""
+    model = WorldVLA(ModelConfig.tiny())
+    sd = model.state_dict()
+    names = list(sd)
+    first = names[:3]
+    limit = sum(sd[k].numel() * sd[k].element_size() for k in first)
+    model.save_pretrained(tmp_path / "ck", shard_size_gb=limit / 2 ** 30)
+    index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
+    in_first = sorted(k for k, f in index["weight_map"].items() if f.startswith("model-00001-of-"))
+    assert in_first == sorted(first)
+
+
+def test_a_save_over_a_bin_sharded_folder_leaves_none_of_its_weights(tmp_path):
+    """A folder of pytorch_model-*-of-*.bin shards (transformers' older format) saved over: the older save's
+    weights files are gone, the caller's own files kept."""
+    old = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    new = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(1))
+    f = tmp_path / "ck"
+    old.save_pretrained(f)
+    (f / "model.safetensors").unlink()
+    sd = old.state_dict()
+    names = list(sd)
+    shards = {"pytorch_model-00001-of-00002.bin": names[:2], "pytorch_model-00002-of-00002.bin": names[2:]}
+    for name, keys in shards.items():
+        torch.save({k: sd[k] for k in keys}, f / name)
+    weight_map = {k: name for name, keys in shards.items() for k in keys}
+    (f / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (f / "notes.txt").write_text("mine")
+    got = WorldVLA.from_pretrained(f).state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in sd.items())
+
+    new.save_pretrained(f)
+    assert sorted(p.name for p in f.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    got = WorldVLA.from_pretrained(f).state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in new.state_dict().items())
+
+
+def test_a_failed_atomic_write_leaves_the_older_file_and_no_temporary_one(tmp_path):
+    """A write that fails partway (a full disk) leaves the older file as it was, and removes the temporary
+    file it was writing."""
+    from worldvla.checkpoint import write_atomic, write_text_atomic
+
+    path = tmp_path / "config.json"
+    write_text_atomic(path, "old")
+
+    def fails(p):
+        with open(p, "w") as fh:
+            fh.write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(path, fails)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    assert path.read_text() == "old"
+
+
+def test_an_interrupt_after_the_new_folder_took_the_name_keeps_it(tmp_path, monkeypatch):
+    """Where the names cannot be exchanged in one step: an interrupt after the second rename (while the
+    folder's entries are flushed) keeps the new save at the name and removes the older one set aside."""
+    import worldvla.checkpoint as ck
+
+    old = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    new = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(1))
+    f = tmp_path / "ck"
+    old.save_pretrained(f)
+    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    real = ck.fsync_path
+
+    def interrupted(p):
+        if Path(p) == tmp_path:  # after both renames: the parent folder's entries are being flushed
+            raise KeyboardInterrupt
+        real(p)
+
+    monkeypatch.setattr(ck, "fsync_path", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(f)
+    monkeypatch.setattr(ck, "fsync_path", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    got = WorldVLA.from_pretrained(f).state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in new.state_dict().items())
+
+
+def test_a_missing_folder_names_the_set_aside_folder_the_next_save_puts_back(tmp_path):
+    """Two saves killed between their renames left two older folders aside. The error for the missing folder
+    named the last by name (the names sort by pid), while the next save puts back the newest by time: the
+    error now names that one."""
+    import os
+
+    from test_model import _dead_pid
+
+    model = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    f = tmp_path / "ck"
+    dead = _dead_pid()
+    newer, older = tmp_path / f".ck.old-{dead}-0123456789ab", tmp_path / f".ck.old-{dead}-ba9876543210"
+    for p, when in ((older, 1_000_000), (newer, 2_000_000)):
+        model.save_pretrained(p)
+        (p / "from.txt").write_text(p.name)
+        os.utime(p, (when, when))
+    with pytest.raises(FileNotFoundError, match=f"left the older folder at {newer}: rename it back"):
+        WorldVLA.from_pretrained(f)
+    model.save_pretrained(f)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert (f / "from.txt").read_text() == newer.name

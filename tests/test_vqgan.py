@@ -586,3 +586,45 @@ def test_a_loaded_vqgan_encodes_alike_every_time(rng, tmp_path):
         assert not loaded.training and loaded.config.dropout == 0.5
         assert torch.equal(loaded.encode(x), loaded.encode(x))
         assert torch.equal(loaded.encode(x), m.encode(x))
+
+
+@pytest.mark.parametrize("name", ["num_res_blocks", "n_embed", "embed_dim", "z_channels", "resolution"])
+def test_a_size_of_zero_is_refused_by_name(name, tmp_path):
+    """A config.json (or a yaml) with a size of 0 (no residual blocks, an empty codebook) is refused naming the
+    field, not built into a model that fails, or silently does nothing, later."""
+    with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+        VQGANConfig(**{**TINY, name: 0})
+    with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+        VQGANConfig.from_dict({**VQGANConfig(**TINY).to_dict(), name: 0})
+
+
+def test_an_empty_image_is_refused_by_name(rng):
+    """An image with no rows or no columns is refused as a size the VQGAN cannot tokenize."""
+    m = _model(rng)
+    for h, w in ((0, 32), (32, 0)):
+        with pytest.raises(ValueError, match=f"image size {h}x{w} .*multiple of 16"):
+            m.encode(torch.zeros(1, 3, h, w))
+
+
+def test_preprocess_takes_a_uint8_tensor_as_an_array(rng):
+    """A uint8 tensor [H, W, 3] / [N, H, W, 3] (frames read with torchvision) is taken as the same numpy array."""
+    frames = torch.randint(0, 256, (2, 32, 48, 3), dtype=torch.uint8, generator=rng)
+    assert torch.equal(preprocess(frames), preprocess(frames.numpy()))
+    assert torch.equal(preprocess(frames[1]), preprocess(frames[1].numpy()))
+    m = _model(rng)
+    assert torch.equal(m.encode_images(frames), m.encode_images(frames.numpy()))
+
+
+def test_release_files_of_another_shape_are_refused_by_name(rng, tmp_path):
+    """A yaml whose model.params has no ddconfig, and a checkpoint whose "state_dict" is no dict of tensors
+    (a list), are refused naming what is missing, not with a KeyError or an AttributeError."""
+    m = _model(rng)
+    y, c = _write_release(tmp_path, m, dict(m.state_dict()))
+    doc = yaml.safe_load(y.read_text())
+    del doc["model"]["params"]["ddconfig"]
+    (tmp_path / "no_ddconfig.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="needs model.params.ddconfig"):
+        VQGAN.from_release(tmp_path / "no_ddconfig.yaml", c)
+    torch.save({"state_dict": list(m.state_dict().values())}, tmp_path / "list.ckpt")
+    with pytest.raises(ValueError, match="list.ckpt holds no state dict"):
+        VQGAN.from_release(y, tmp_path / "list.ckpt")

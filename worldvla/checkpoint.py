@@ -405,8 +405,10 @@ def check_folder(path, want: str) -> Path:
     error that says what it is (nothing there, a file, another kind of folder) and what to load instead."""
     folder = Path(path).expanduser()
     if not folder.exists():
-        aside = sorted(p for *_, p in _siblings(folder.parent, re.escape(folder.name), ("old",)))
-        hint = (f"; a save there was stopped between its two renames and left the older folder at {aside[-1]}: "
+        # The newest by time, as the next save puts back (`remove_stale`): names sort by pid, not by age.
+        aside = [p for *_, p in _siblings(folder.parent, re.escape(folder.name), ("old",))]
+        newest = max(aside, key=lambda p: p.stat().st_mtime) if aside else None
+        hint = (f"; a save there was stopped between its two renames and left the older folder at {newest}: "
                 f"rename it back to {folder.name} (the next save to {folder} does so)" if aside else "")
         if not hint and want == "policy":
             hint = "; `worldvla train` writes one to <its --out>/policy, `worldvla demo` to worldvla_demo/policy"
