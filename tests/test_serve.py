@@ -120,6 +120,20 @@ def _together(fn, arg_tuples, timeout_s: float = 20.0) -> None:
         raise raised[0]
 
 
+def _act_together(clients, np_rng) -> list[str]:
+    """One act per client, all sent together (`_together`); the messages of the PolicyServerErrors they got."""
+    errors = []
+
+    def call(client):
+        try:
+            client.act(_frame(np_rng))
+        except PolicyServerError as e:
+            errors.append(str(e))
+
+    _together(call, [(c,) for c in clients])
+    return errors
+
+
 def _frame(rng, h=24, w=24):
     return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
 
@@ -685,15 +699,7 @@ def test_the_timing_of_a_request_run_again_after_its_batch_failed(np_rng):
         good.act(_frame(np_rng))
         assert good.last_timing["retried"] is False and good.last_timing["batch_size"] == 1
         good.reset("hold still")  # both episodes fresh: one policy call for the two, not one with history each
-        errors = []
-
-        def call(client):
-            try:
-                client.act(_frame(np_rng))
-            except PolicyServerError as e:
-                errors.append(str(e))
-
-        _together(call, [(c,) for c in (good, bad)])
+        errors = _act_together([good, bad], np_rng)
         assert policy.calls[1] == 2 and len(errors) == 1, (policy.calls, errors)  # batched; bad failed alone
         timing = good.last_timing
         assert timing["retried"] is True and timing["batch_size"] == 1, timing
@@ -2834,15 +2840,7 @@ def test_requests_that_timed_out_during_a_failed_batch_are_not_run_again(np_rng)
         good, bad = PolicyClient(server.url, timeout=20), PolicyClient(server.url, timeout=20)
         good.reset("hold still")
         bad.reset("explode")
-        errors = []
-
-        def call(client):
-            try:
-                client.act(_frame(np_rng))
-            except PolicyServerError as e:
-                errors.append(str(e))
-
-        _together(call, [(c,) for c in (good, bad)])
+        errors = _act_together([good, bad], np_rng)
         assert len(errors) == 2 and all("timed out after 0.4 s" in e for e in errors), errors
         _wait_for(lambda: server.stats["policy_failures"] == 1 and not server._running_batch)
         time.sleep(0.2)
