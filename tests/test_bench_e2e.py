@@ -267,3 +267,53 @@ def test_targets_are_read_from_the_7b_parallel_5_action_rows_only():
     edge = e2e.check_targets([chunk(median_ms=60.0, speedup_vs_baseline=20.0), frame(median_ms=1400.0)], True,
                              "NVIDIA-H100")
     assert all(v["met"] is True for v in edge.values())
+
+
+# ------------------------------------------------------------------ the release-style baseline it times
+def _tiny_model(seed=3):
+    from worldvla.model import ModelConfig, WorldVLA
+
+    g = torch.Generator().manual_seed(seed)
+    return WorldVLA(ModelConfig.tiny(e2e.LAYOUT)).init_weights(0.5, generator=g).eval()
+
+
+def test_structure_processor_keeps_every_value_inside_the_bins():
+    """The baseline's forced chunk structure picks a value among the bin ids only: an id just past either end of
+    the bins (a BOA-side or image id) stays refused even when the model's logits favour it most."""
+    from worldvla.inference.baseline import chunk_structure_processor
+
+    L = e2e.LAYOUT
+    lo, hi = L.bin_range
+    proc = chunk_structure_processor(L, prompt_len=4, n_actions=2, action_dim=3)
+    for favoured in (lo - 1, hi, lo, hi - 1):
+        logits = torch.zeros(65536)
+        logits[favoured] = 10.0
+        logits[lo + 7] = 5.0
+        out = proc(torch.zeros(4 + 1, dtype=torch.long), logits)  # the first value of the first block
+        want = favoured if lo <= favoured < hi else lo + 7
+        assert int(out.argmax()) == want, favoured
+        assert torch.isinf(out[:lo]).all() and torch.isinf(out[hi:]).all()
+
+
+def test_baseline_stops_at_max_new_tokens_even_when_zero_or_one():
+    """`max_new_tokens` is the release's cap on new tokens: 1 gives the first greedy token, 0 gives none (not the
+    default cap)."""
+    from worldvla.inference import baseline_generate_action_chunk
+
+    model = _tiny_model()
+    prompt = e2e.action_prompt(2, torch.Generator().manual_seed(0))
+    one = baseline_generate_action_chunk(model, prompt, e2e.LAYOUT, 2, D, max_new_tokens=1)
+    assert one.tokens.shape == (1,) and int(one.tokens[0]) == int(model(prompt)[-1].argmax())
+    none = baseline_generate_action_chunk(model, prompt, e2e.LAYOUT, 2, D, max_new_tokens=0)
+    assert none.tokens.shape == (0,) and none.actions.shape == (0, D + 2) and not none.fails_after
+
+
+def test_baseline_without_a_layout_uses_the_models():
+    """layout=None decodes with the model's own vocabulary layout, the same tokens as naming it."""
+    from worldvla.inference import baseline_generate_action_chunk
+
+    model = _tiny_model()
+    prompt = e2e.action_prompt(2, torch.Generator().manual_seed(1))
+    want = baseline_generate_action_chunk(model, prompt, e2e.LAYOUT, 1, D, max_new_tokens=4)
+    got = baseline_generate_action_chunk(model, prompt, None, 1, D, max_new_tokens=4)
+    assert torch.equal(got.tokens, want.tokens) and got.tokens.shape == (4,)

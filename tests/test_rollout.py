@@ -1,0 +1,90 @@
+"""The closed-loop harnesses' chunk queries (`worldvla.eval.rollout.ChunkQuery`): what a policy's `act` may return,
+how a batch's chunks are split per image, and the latency record kept across queries."""
+import numpy as np
+import pytest
+
+from worldvla.eval import rollout
+from worldvla.eval.rollout import ChunkQuery
+
+
+class Returns:
+    """A policy whose `act` returns the given object, whatever the images."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def act(self, images, history=None):
+        return self.out
+
+
+ONE = np.zeros((8, 8, 3), np.uint8)
+TWO = np.zeros((2, 8, 8, 3), np.uint8)
+
+
+def test_a_tuple_of_chunks_is_taken_as_a_list_of_chunks():
+    """A policy may return its batch's chunks as a tuple: equal lengths stack to [N, K, D]; different lengths are
+    refused by name (mode='release'), not with an error about a tuple having no shape."""
+    a, b = np.full((3, 4), 0.25), np.full((3, 4), 0.75)
+    out = ChunkQuery(Returns((a, b)))(TWO, None)
+    assert out.shape == (2, 3, 4) and out.dtype == np.float64
+    np.testing.assert_array_equal(out[1], b)
+    with pytest.raises(ValueError, match="chunks differ in length"):
+        ChunkQuery(Returns((np.zeros((2, 4)), np.zeros((3, 4)))))(TWO, None)
+    rows = ChunkQuery(Returns((np.zeros((2, 4)), np.ones((3, 4))))).chunks(TWO, None)
+    assert [r.shape for r in rows] == [(2, 4), (3, 4)] and rows[1].sum() == 12.0
+
+
+def test_a_list_holding_something_that_is_not_a_number_is_refused_by_name():
+    """A batch's chunks holding None (a policy that failed on one image) are named as not an array of numbers."""
+    with pytest.raises(ValueError, match="policy.act returned a list that is not a rectangular array of numbers"):
+        ChunkQuery(Returns([np.zeros((3, 4)), None]))(TWO, None)
+
+
+def test_chunks_are_float64_whatever_the_policy_returns():
+    """Integer or float32 chunks come back as float64 actions, from a call and from `chunks` alike (an integer
+    chunk kept as integers would truncate whatever the harness computes from it)."""
+    out = ChunkQuery(Returns(np.ones((2, 3, 4), np.int64)))(TWO, None)
+    assert out.dtype == np.float64 and out.shape == (2, 3, 4)
+    out = ChunkQuery(Returns(np.full((3, 4), 0.1, np.float32)))(ONE, None)
+    assert out.dtype == np.float64
+    rows = ChunkQuery(Returns([np.ones((2, 4), np.int32), np.full((1, 4), 0.5, np.float32)])).chunks(TWO, None)
+    assert [r.dtype for r in rows] == [np.float64, np.float64]
+
+
+def test_chunks_refuses_a_wrong_number_of_chunks_by_name():
+    """`chunks` (each env's own chunk) refuses one chunk too many or too few for the batch, as a call does."""
+    with pytest.raises(ValueError, match=r"returned 3 chunk\(s\) for 2 images"):
+        ChunkQuery(Returns([np.zeros((2, 4))] * 3)).chunks(TWO, None)
+    with pytest.raises(ValueError, match=r"returned 1 chunk\(s\) for 2 images"):
+        ChunkQuery(Returns(np.zeros((1, 2, 4)))).chunks(TWO, None)
+
+
+def test_latency_summary_of_one_query_and_of_queries_out_of_order(monkeypatch):
+    """One query is summarised as itself; the maximum is the slowest query, not the latest."""
+    query = ChunkQuery(Returns(np.zeros((2, 4))))
+    ticks = iter([0.0, 2.0, 10.0, 18.0, 20.0, 21.0])  # queries of 2, 8 and 1 s
+    monkeypatch.setattr(rollout.time, "perf_counter", lambda: next(ticks))
+    query(ONE, None)
+    assert query.latency_summary() == {"queries": 1, "mean_s": 2.0, "median_s": 2.0, "p90_s": 2.0, "max_s": 2.0}
+    query(ONE, None)
+    query(ONE, None)
+    monkeypatch.undo()
+    s = query.latency_summary()
+    assert s["queries"] == 3 and s["max_s"] == 8.0 and s["median_s"] == 2.0
+
+
+def test_an_act_whose_signature_inspect_cannot_find_gets_the_current_frame_only():
+    """For a builtin `act` inspect finds no signature and raises ValueError (not TypeError): the query is still
+    made, as the plain interface `act(images)`."""
+    class BuiltinLike:
+        @property
+        def __signature__(self):
+            raise ValueError("no signature found for builtin")
+
+        def __call__(self, images):
+            return np.full((len(images), 3, 4), 0.5)
+
+    query = ChunkQuery(type("Policy", (), {"act": BuiltinLike()})())
+    assert not query.takes_history
+    out = query(TWO, np.ones_like(TWO))
+    assert out.shape == (2, 3, 4) and (out == 0.5).all()
