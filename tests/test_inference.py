@@ -1166,3 +1166,111 @@ def test_parse_action_blocks_takes_no_delimiter_as_a_value():
         assert parse_action_blocks(torch.tensor(toks), L, 2).tolist() == [], toks
     good = [L.boa, b, L.eoa, L.eoa, L.boa, b + 2, b + 3, L.eoa]
     assert parse_action_blocks(torch.tensor(good), L, 2).tolist() == [[L.boa, b + 2, b + 3, L.eoa]]
+
+
+def test_a_prefill_refuses_a_model_converted_since_the_engine_was_built(rng):
+    """An engine used directly (not through the decoders, which check first): its prefill refuses a model
+    converted by `model.to(...)` since its cache was allocated, by name, instead of running it on the old cache."""
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    eng = InferenceEngine(model, 1, prompt.numel() + 4)
+    eng.prefill([prompt])
+    model.to(torch.float64)
+    with pytest.raises(ValueError, match=r"now torch.float64 .* build a new engine after model.to"):
+        eng.prefill([prompt])
+
+
+def test_a_step_before_any_prefill_checks_the_model_and_keeps_its_plan(rng):
+    """Steps run on a restored cache without a prefill: the first one checks the model (a converted model is
+    refused by name) and records it, so a later check of the unchanged model keeps the step's plan."""
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    source = InferenceEngine(model, 1, prompt.numel() + 4)
+    source.prefill([prompt])
+    snap = source.snapshot_prefix([prompt.numel()])
+
+    eng = InferenceEngine(model, 1, prompt.numel() + 4)
+    eng.restore_prefix(snap)
+    eng.set_kv_len([prompt.numel() + 1])
+    buf = eng.buffers(1)
+    buf.ids.fill_(LAYOUT.boa)
+    buf.set_positions(torch.tensor([[prompt.numel()]]))
+    eng.run(buf)
+    plan = buf.plan
+    assert not eng.check_model() and buf.plan is plan
+
+    converted = InferenceEngine(model, 1, prompt.numel() + 4)
+    model.to(torch.float64)
+    with pytest.raises(ValueError, match=r"now torch.float64 .* build a new engine after model.to"):
+        converted.run(converted.buffers(1))
+
+
+def test_a_module_given_another_class_in_place_drops_the_steps_plans(rng):
+    """A module whose class is swapped in place (an adapter that subclasses it, same object and weights) runs
+    another forward: check_model sees it and drops the steps' plans, so the next step runs the new forward."""
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    eng = InferenceEngine(model, 1, prompt.numel() + 4)
+    eng.prefill([prompt])
+    buf = eng.buffers(1)
+    buf.ids.fill_(LAYOUT.boa)
+    buf.set_positions(torch.tensor([[prompt.numel()]]))
+    eng.set_kv_len([prompt.numel() + 1])
+    before = eng.run(buf).clone()
+    mlp = model.model.layers[0].mlp
+
+    class Doubled(type(mlp)):
+        def forward(self, *args, **kwargs):
+            return 2 * super().forward(*args, **kwargs)
+
+    mlp.__class__ = Doubled
+    assert eng.check_model() and buf.plan is None
+    modules = InferenceEngine(model, 1, prompt.numel() + 4, backend="torch")  # runs the modules as they are
+    with torch.no_grad():
+        modules.cache.k.copy_(eng.cache.k)
+        modules.cache.v.copy_(eng.cache.v)
+        modules.kv_block.copy_(eng.kv_block)
+    want = modules.run(_copy_step(modules, buf)).clone()
+    got = eng.run(buf).clone()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - before).abs().max() > 1e-3  # the doubled MLP changes the step's output
+
+
+def _copy_step(eng, buf):
+    mine = eng.buffers(buf.ids.shape[1])
+    mine.ids.copy_(buf.ids)
+    mine.set_positions(buf.pos)
+    mine.q_limit.copy_(buf.q_limit)
+    eng.set_kv_len(buf.meta.kv_len)
+    return mine
+
+
+def test_a_skip_list_of_fewer_rows_than_the_engine_is_refused(rng):
+    """`skip` names a cached prefix per row: a list short of the engine's rows would leave the last rows'
+    prompts unwritten (the rows are zipped), so it is refused by name."""
+    model = _model(3)
+    prompts = [_prompt(rng, 1), _prompt(rng, 1)]
+    eng = InferenceEngine(model, 2, max(p.numel() for p in prompts) + 4)
+    with pytest.raises(ValueError, match="skip gives cached prefixes for 1 rows; this engine holds 2"):
+        eng.prefill(prompts, skip=[0])
+
+
+def test_a_global_forward_pre_hook_drops_the_steps_plans(rng):
+    """torch's global forward pre-hooks run before every module's forward, which a native plan would skip: one
+    registered, or removed, since the plans were made is a changed model for check_model."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    eng = InferenceEngine(model, 1, prompt.numel() + 4)
+    eng.prefill([prompt])
+    buf = eng.buffers(1)
+    buf.plan = plan = object()  # stands for the step's native plan
+    assert not eng.check_model() and buf.plan is plan
+    handle = register_module_forward_pre_hook(lambda m, args: None)
+    try:
+        assert eng.check_model() and buf.plan is None
+        buf.plan = plan
+    finally:
+        handle.remove()
+    assert eng.check_model() and buf.plan is None
