@@ -998,8 +998,12 @@ def _fsdp_init_worker(rank, world, init_file, store, init, out):
         assert len(reads) == n, reads
         # A folder rank 0 refuses stops every rank with its reason (the others would wait for its config).
         want = ValueError if rank == 0 else dist_utils.RankZeroFailed  # each reported in one line by the CLI
-        with pytest.raises(want, match="vocabulary entries"):
+        with pytest.raises(want, match="vocabulary entries") as refused:
             trainer.train(args_for(store, out + "-bad", *FSDP_COMMON, "--init", init + "-other-vocab", "--no-export"))
+        # rank 0 raises its own error; the traceback goes here (its frames hold the group, whose threads must go)
+        kind = type(refused.value)
+        del refused
+        assert (kind is dist_utils.RankZeroFailed) == (rank != 0), kind
         # A run that fails after sharding (last: it leaves the group). Its traceback's frames hold the model,
         # which holds the group: the group and its Gloo threads must still be gone once the command has
         # failed, not only when the traceback is let go (possibly in the interpreter's exit).
@@ -1278,8 +1282,12 @@ def _fsdp_damaged_worker(rank, world, init_file, store, out):
             model_file.write_bytes(model_file.read_bytes()[:1000])
         dist.barrier()
         want = ValueError if rank == 0 else dist_utils.RankZeroFailed  # both reported in one line by the CLI
-        with pytest.raises(want, match=r"model\.pt.*cannot be read"):
+        with pytest.raises(want, match=r"model\.pt.*cannot be read") as refused:
             trainer.train(args_for(store, out, *FSDP_COMMON, "--resume", "--no-export"))
+        # rank 0 raises its own error; the traceback goes here (its frames hold the group, whose threads must go)
+        kind = type(refused.value)
+        del refused
+        assert (kind is dist_utils.RankZeroFailed) == (rank != 0), kind
     finally:
         dist_utils.shutdown()
 
