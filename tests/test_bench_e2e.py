@@ -1,5 +1,6 @@
 """Smoke run of the end-to-end latency benchmark on a tiny grid (CPU, small config, chameleon ids)."""
 import json
+import re
 
 import pytest
 import torch
@@ -306,6 +307,23 @@ def test_baseline_stops_at_max_new_tokens_even_when_zero_or_one():
     assert one.tokens.shape == (1,) and int(one.tokens[0]) == int(model(prompt)[-1].argmax())
     none = baseline_generate_action_chunk(model, prompt, e2e.LAYOUT, 2, D, max_new_tokens=0)
     assert none.tokens.shape == (0,) and none.actions.shape == (0, D + 2) and not none.fails_after
+
+
+def test_baseline_refuses_counts_that_decode_nothing():
+    """A negative max_new_tokens or n_actions, or an action_dim of 0, decoded no token and returned an empty chunk, as
+    if the model had written none; a count that is not an integer was taken too. Each is refused by name."""
+    from worldvla.inference import baseline_generate_action_chunk
+
+    model = _tiny_model()
+    prompt = e2e.action_prompt(2, torch.Generator().manual_seed(0))
+    for kw, msg in ((dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0, got -1"),
+                    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0, got 2.5"),
+                    (dict(n_actions=-2), "n_actions must be an integer >= 1, got -2"),
+                    (dict(n_actions=True), "n_actions must be an integer >= 1, got True"),
+                    (dict(action_dim=0), "action_dim must be an integer >= 1, got 0")):
+        args = {"n_actions": 2, "action_dim": D, **kw}
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            baseline_generate_action_chunk(model, prompt, e2e.LAYOUT, **args)
 
 
 def test_baseline_without_a_layout_uses_the_models():

@@ -23,6 +23,7 @@ chunk rule cannot express).
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -143,6 +144,11 @@ def baseline_generate_action_chunk(model, input_ids, layout: VocabLayout | None,
     Output whose blocks the chunk rule cannot take (see the module's docstring) raises ValueError.
     """
     layout = layout or model.layout
+    # A negative count decoded nothing and returned an empty chunk, as if the model had written none.
+    for name, n, least in (("n_actions", n_actions, 1), ("action_dim", action_dim, 1),
+                           ("max_new_tokens", 0 if max_new_tokens is None else max_new_tokens, 0)):
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {n!r}")
     ids = torch.as_tensor(input_ids)
     # before the cast, which would truncate fractions and make bools the ids 0 and 1
     dispatch.require_integers(ids, "input_ids: token ids must be integers")
