@@ -120,6 +120,20 @@ def _together(fn, arg_tuples, timeout_s: float = 20.0) -> None:
         raise raised[0]
 
 
+def _hold_resizes(server, monkeypatch):
+    """Every frame's resize on `server` waits until the returned `release` is set; `started` is set once one is
+    waiting (a request held in the server between its arrival and the policy). -> (started, release)"""
+    resize = server._resize_pair
+    started, release = threading.Event(), threading.Event()
+
+    def slow_resize(image, previous):
+        started.set()
+        release.wait(20)
+        return resize(image, previous)
+
+    monkeypatch.setattr(server, "_resize_pair", slow_resize)
+    return started, release
+
 def _act_together(clients, np_rng) -> list[str]:
     """One act per client, all sent together (`_together`); the messages of the PolicyServerErrors they got."""
     errors = []
@@ -719,15 +733,7 @@ def test_a_timed_out_client_reconnects_and_its_stale_request_is_dropped(np_rng, 
     loaded the machine. The reconnected call waits until the stale request is in the resize."""
     policy = HistoryPolicy()
     with PolicyServer(policy, request_timeout_s=20) as server, PolicyClient(server.url, timeout=20) as client:
-        resize = server._resize_pair
-        started, release = threading.Event(), threading.Event()
-
-        def slow_resize(image, previous):
-            started.set()
-            release.wait(10)
-            return resize(image, previous)
-
-        monkeypatch.setattr(server, "_resize_pair", slow_resize)
+        started, release = _hold_resizes(server, monkeypatch)
         client.reset("hold still")
         f0 = _frame(np_rng)
         client.act(f0)
@@ -806,15 +812,7 @@ def test_episode_dropped_while_its_frame_is_resized(np_rng, monkeypatch):
     request is answered 'reset or dropped' and never reaches the policy."""
     policy = HistoryPolicy()
     with PolicyServer(policy, max_episodes=1, request_timeout_s=20) as server:
-        resize = server._resize_pair
-        started, evicted = threading.Event(), threading.Event()
-
-        def slow_resize(image, previous):
-            started.set()
-            evicted.wait(20)  # until the other robot's reset has returned
-            return resize(image, previous)
-
-        monkeypatch.setattr(server, "_resize_pair", slow_resize)
+        started, evicted = _hold_resizes(server, monkeypatch)  # evicted: the other robot's reset has returned
         a, b = PolicyClient(server.url, timeout=20), PolicyClient(server.url, timeout=20)
         a.reset("first robot")
         reply = []
@@ -2938,15 +2936,7 @@ def test_a_request_whose_episode_was_reset_during_its_resize_never_reaches_the_p
     request is refused as of a reset episode, not run on the policy."""
     policy = HistoryPolicy()
     with PolicyServer(policy, request_timeout_s=20) as server, _raw(server.url) as old, _raw(server.url) as new:
-        resize = server._resize_pair
-        started, release = threading.Event(), threading.Event()
-
-        def slow_resize(image, previous):
-            started.set()
-            release.wait(10)
-            return resize(image, previous)
-
-        monkeypatch.setattr(server, "_resize_pair", slow_resize)
+        started, release = _hold_resizes(server, monkeypatch)
         assert _ask(old, packb({"type": "reset", "episode": "e", "instruction": "open", "client": "r"}))["ok"]
         old.send(packb({"type": "act", "episode": "e", "image": _frame(np_rng, 48, 48), "client": "r"}))
         assert started.wait(10)
