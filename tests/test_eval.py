@@ -1030,15 +1030,15 @@ def test_every_entry_point_names_an_unknown_task_the_same_way(monkeypatch):
     import sys
 
     from worldvla import demo, sim
-    from worldvla.data.collect import _parse_tasks
+    from worldvla.sim import task_list
     from worldvla.eval import metaworld as mw
     from worldvla.sim import metaworld_env
 
     monkeypatch.setitem(sys.modules, "metaworld", None)  # every name is checked before the simulator loads
     close = "unknown Meta-World task 'raech-v3' (did you mean reach-v3, reach-wall-v3 or drawer-close-v3?); "
     calls = [lambda: metaworld_env.MetaWorldEnv("raech-v3"), lambda: sim.make_env("raech-v3"),
-             lambda: metaworld_env._check_task("raech-v3"), lambda: _parse_tasks("raech-v3"),
-             lambda: _parse_tasks(["raech-v3", "raech-v3"]), lambda: demo.DemoConfig(tasks=("raech-v3",)).check(),
+             lambda: metaworld_env._check_task("raech-v3"), lambda: task_list("raech-v3"),
+             lambda: task_list(["raech-v3", "raech-v3"]), lambda: demo.DemoConfig(tasks=("raech-v3",)).check(),
              lambda: mw.check_tasks(["raech-v3"]), lambda: sim.check_tasks(["raech-v3"])]
     msgs = []
     for call in calls:
@@ -1049,13 +1049,13 @@ def test_every_entry_point_names_an_unknown_task_the_same_way(monkeypatch):
     assert msgs[0] == close + "nothing was run: fix the task name"
     assert set(msgs[3:]) == {close + "nothing was run: fix --tasks"}
     assert mw.check_tasks is sim.check_tasks and "check_tasks" in mw.__all__ and "check_tasks" in sim.__all__
-    with pytest.raises(ValueError, match=r"^no tasks given"):  # collect's own checks come first, as before
-        _parse_tasks(" , ")
+    with pytest.raises(ValueError, match=r"^no tasks given"):  # named as no task, before any name is checked
+        task_list(" , ")
     with pytest.raises(ValueError, match=r"^--tasks names no task; pass comma-separated Meta-World tasks, such as "
                                          r"button-press-topdown-v3,.* from: assembly-v3, "):
         demo.DemoConfig(tasks=()).check()
-    assert _parse_tasks("reach-v3, push-v3,reach-v3") == ["reach-v3", "push-v3"]
-    assert _parse_tasks("all") == list(sim.TASKS)
+    assert task_list("reach-v3, push-v3,reach-v3") == ["reach-v3", "push-v3"]
+    assert task_list("all") == list(sim.TASKS)
 
 
 def test_mse_summary_of_identical_frames_and_refused_inputs():

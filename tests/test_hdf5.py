@@ -1358,13 +1358,13 @@ def test_collects_sigterm_handler_is_set_only_while_it_collects_and_not_outside_
 
 def test_collect_tasks_given_as_text_are_split_trimmed_and_all_names_every_task():
     pytest.importorskip("metaworld")
-    from worldvla.data.collect import _parse_tasks
+    from worldvla.sim import task_list
     from worldvla.sim import TASKS
 
-    assert _parse_tasks(" reach-v3, push-v3,,reach-v3 ,") == ["reach-v3", "push-v3"]
-    assert _parse_tasks("all") == list(TASKS) and len(TASKS) > 10
+    assert task_list(" reach-v3, push-v3,,reach-v3 ,") == ["reach-v3", "push-v3"]
+    assert task_list("all") == list(TASKS) and len(TASKS) > 10
     with pytest.raises(ValueError, match="no tasks given"):
-        _parse_tasks(" , ")
+        task_list(" , ")
 
 
 def test_collect_with_workers_skips_complete_task_files_without_starting_a_pool(tmp_path, monkeypatch):

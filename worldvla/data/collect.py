@@ -122,18 +122,6 @@ def _worker_run(job: dict) -> dict:
         return {**job, "error": f"{type(e).__name__}: {e}"}
 
 
-def _parse_tasks(tasks) -> list[str]:
-    from ..sim.metaworld_env import TASKS, check_tasks
-
-    if isinstance(tasks, str):
-        tasks = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
-    tasks = list(dict.fromkeys(tasks))
-    if not tasks:
-        raise ValueError("no tasks given; pass task names like 'reach-v3,push-v3' or 'all'")
-    check_tasks(tasks, fix="--tasks")
-    return tasks
-
-
 def _settings(image_size, seed, camera, max_steps, noise) -> dict:
     return {"image_size": int(image_size), "seed": int(seed), "sim_camera": camera,
             "max_steps": int(max_steps), "action_noise": float(noise)}
@@ -229,10 +217,10 @@ def collect(
     Returns a summary: per task the file, episodes kept, attempts, expert success
     rate, mean steps and seconds per episode; plus totals.
     """
-    from ..sim.metaworld_env import TASKS, _require_metaworld
+    from ..sim.metaworld_env import TASKS, _require_metaworld, task_list
 
     _require_metaworld()
-    tasks = _parse_tasks(tasks)
+    tasks = task_list(tasks)
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
     if workers < 1:

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..checkpoint import write_text_atomic
 from ..cli import POLICY_FOLDER_HELP, non_negative_int, positive_int, seed32
-from ..sim.metaworld_env import MAX_EPISODE_STEPS, TASKS, check_max_steps, check_tasks
+from ..sim.metaworld_env import MAX_EPISODE_STEPS, TASKS, check_max_steps, check_tasks, task_list
 from .metrics import psnr, ssim, success_interval
 from .rollout import ChunkQuery
 
@@ -514,12 +514,9 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     from ..ops import dispatch
     from . import plots
 
-    if isinstance(tasks, str):  # one string as --tasks takes it (iterated, it would be its letters)
-        tasks = [x for t in tasks.split(",") if t.strip() for x in (TASKS if t.strip() == "all" else [t.strip()])]
-    tasks = list(dict.fromkeys(tasks))  # a task named twice runs once (it would count twice in the means)
-    if not tasks:
-        raise ValueError("no tasks given; pass Meta-World task names, e.g. ['drawer-open-v3', 'door-open-v3']")
-    check_tasks(tasks)  # every name, before anything loads or runs
+    # A task named twice runs once (it would count twice in the means); every name is checked before anything
+    # loads or runs.
+    tasks = task_list(tasks)
     # Triton must be loaded before MuJoCo's software renderer (their LLVMs clash otherwise).
     dispatch.available("masked_attention")
     out_dir = Path(out_dir)

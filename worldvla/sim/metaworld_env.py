@@ -145,6 +145,19 @@ def check_tasks(tasks, fix: str = "--tasks") -> None:
     raise ValueError(msg)
 
 
+def task_list(tasks, fix: str = "--tasks") -> list[str]:
+    """`tasks` (names, or one string of names separated by commas as --tasks takes them; `all` names every task)
+    as a list of Meta-World tasks, each once, in the order given. Refused when it names none, or an unknown task
+    (`check_tasks`). A string is never iterated: its letters would be taken for task names."""
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    tasks = list(dict.fromkeys(x for t in tasks for x in (TASKS if t == "all" else [t])))
+    if not tasks:
+        raise ValueError(f"no tasks given; pass Meta-World task names like 'reach-v3,push-v3' or 'all' ({fix})")
+    check_tasks(tasks, fix=fix)
+    return tasks
+
+
 def check_max_steps(max_steps: int, name: str = "max_steps") -> None:
     """Refuse an episode limit Meta-World does not run (`name`: the option or argument to fix)."""
     if not 1 <= max_steps <= MAX_EPISODE_STEPS:
