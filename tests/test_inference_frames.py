@@ -701,3 +701,26 @@ def test_the_progress_bar_counts_the_rollouts_steps(rng, monkeypatch):
                           progress=True)
     assert out.codes.shape == (3, 2, 2, 2)
     assert [(bar.total, bar.n, bar.closed) for bar in bars] == [(2, 2, True)]
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_frame_needs_exactly_the_slots_it_fills(guided):
+    """A frame is fed every code and newline but the last code and the last row's newline: an engine of exactly
+    the prompt plus those slots decodes the same codes as a roomier one (the step asked for 2 slots it never
+    filled, and refused an engine that fits), and one slot fewer is refused by name."""
+    from worldvla.inference.frames import frame_cache_slots
+
+    model, b = _model(5), _builder()
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, LAYOUT.n_image_codes, (2, 4, 2), generator=g)
+    acts = np.random.default_rng(4).uniform(-1, 1, (2, 4))
+    assert frame_cache_slots(4, 2) == 4 * 3 - 2 and frame_cache_slots(1, 1) == 0
+    prompt = b.world_prompt(codes[0], acts[0]).numel() + 3  # + BOI, res(h), res(w)
+    need = prompt + frame_cache_slots(4, 2)
+    rows = 4 if guided else 2
+    kw = dict(cfg_scale=2.0 if guided else None)
+    roomy = generate_frame_codes(model, codes, acts, b, engine=InferenceEngine(model, rows, need + 7), **kw)
+    exact = generate_frame_codes(model, codes, acts, b, engine=InferenceEngine(model, rows, need), **kw)
+    assert torch.equal(exact, roomy)
+    with pytest.raises(ValueError, match=f"need {need} cache slots; the engine has {need - 1}"):
+        generate_frame_codes(model, codes, acts, b, engine=InferenceEngine(model, rows, need - 1), **kw)

@@ -49,6 +49,12 @@ NATIVE_FRAME_LOOP = True
 VQGAN_BATCH = 8
 
 
+def frame_cache_slots(h: int, w: int) -> int:
+    """Cache slots a frame of h x w codes fills after its prompt (whose header rides in the prefill): every code
+    and newline it is fed, which is all but the last code and the last row's newline (nothing follows them)."""
+    return h * (w + 1) - 2
+
+
 class FrameRollout(NamedTuple):
     codes: torch.Tensor   # [T, h, w] (or [N, T, h, w]) int64 VQ codes of the predicted frames
     frames: np.ndarray    # [T, H, W, 3] (or [N, T, H, W, 3]) uint8 decoded pixels
@@ -84,16 +90,17 @@ def generate_frame_codes(model, codes: torch.Tensor, actions, builder: SequenceB
     if guided:
         prompts += [torch.cat([_unconditional_prompt(builder, codes[i].cpu()), header]) for i in range(N)]
     rows = len(prompts)
-    n_new = h * (w + 1)
+    n_new = frame_cache_slots(h, w)
+    need = max(p.numel() for p in prompts) + n_new
     if engine is None:
-        engine = InferenceEngine(model, rows, max(p.numel() for p in prompts) + n_new, layout=lay, backend=backend)
+        engine = InferenceEngine(model, rows, need, layout=lay, backend=backend)
     elif engine.mismatch(model):
         raise ValueError(engine.mismatch(model))
     elif engine.batch_size != rows:
         raise ValueError(f"the engine holds {engine.batch_size} rows but this step needs {rows}")
-    elif max(p.numel() for p in prompts) + n_new > engine.max_len:
-        raise ValueError(f"a prompt of {max(p.numel() for p in prompts)} tokens and a frame of {n_new} need "
-                         f"{max(p.numel() for p in prompts) + n_new} cache slots; the engine has {engine.max_len}")
+    elif need > engine.max_len:
+        raise ValueError(f"a prompt of {max(p.numel() for p in prompts)} tokens and a frame of {h} x {w} codes need "
+                         f"{need} cache slots; the engine has {engine.max_len}")
     dev = engine.device
     lo, hi = lay.image_id_range
     valid = torch.zeros(hi - lo, dtype=torch.bool, device=dev)
@@ -342,7 +349,8 @@ def generate_frames(model, vqgan, image, actions, *, layout=None, action_tokeniz
     guided = cfg_scale is not None and cfg_scale != 1.0
     h, w = codes.shape[-2:]
     prompt_len = builder.world_prompt(codes[0].cpu(), acts[0, 0]).numel() + 3
-    engine = InferenceEngine(model, N * (2 if guided else 1), prompt_len + h * (w + 1), layout=layout, backend=backend)
+    engine = InferenceEngine(model, N * (2 if guided else 1), prompt_len + frame_cache_slots(h, w), layout=layout,
+                             backend=backend)
     steps = []
     bar = None
     if progress:
