@@ -88,3 +88,19 @@ def test_an_act_whose_signature_inspect_cannot_find_gets_the_current_frame_only(
     assert not query.takes_history
     out = query(TWO, np.ones_like(TWO))
     assert out.shape == (2, 3, 4) and (out == 0.5).all()
+
+
+def test_non_finite_actions_are_refused_naming_the_policy():
+    """A None inside a chunk's numbers read as NaN, and a NaN or inf chunk went on to the simulator: Meta-World's
+    env then failed naming the env, and LIBERO's took it. Every way out of a query refuses it, naming where."""
+    nan_row = [[0.1, 0.2, 0.3, 0.4], [0.5, None, 0.7, 0.8]]
+    with pytest.raises(ValueError, match=r"non-finite action \(action 1: \[0.5, nan, 0.7, 0.8\]\)"):
+        ChunkQuery(Returns(nan_row))(ONE, None)
+    bad = np.zeros((2, 3, 4))
+    bad[1, 2, 0] = np.inf
+    with pytest.raises(ValueError, match=r"non-finite action \(image 1, action 2"):
+        ChunkQuery(Returns(bad))(TWO, None)
+    with pytest.raises(ValueError, match=r"non-finite action \(image 0, action 0"):
+        ChunkQuery(Returns([np.full((1, 4), np.nan), np.zeros((3, 4))])).chunks(TWO, None)
+    ok = ChunkQuery(Returns([[0.1, 0.2, 0.3, 0.4]]))(ONE, None)  # finite lists still pass
+    assert ok.shape == (1, 4)

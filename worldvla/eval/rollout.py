@@ -46,6 +46,18 @@ class ChunkQuery:
             raise ValueError(f"policy.act returned {n_chunks} chunk(s) for {len(images)} images; it must return one "
                              f"chunk per image, [N, K, D] for images [N, H, W, 3]")
 
+    @staticmethod
+    def _check_finite(chunks, batch: bool) -> None:
+        """Refuse a chunk holding NaN or inf (a None in a list of numbers reads as NaN): the simulators would
+        take it, or fail a step later naming the env, not the policy."""
+        for n, chunk in enumerate(chunks if batch else [chunks]):
+            bad = np.argwhere(~np.isfinite(chunk))
+            if len(bad):
+                k = int(bad[0][0])
+                where = f"image {n}, action {k}" if batch else f"action {k}"
+                raise ValueError(f"policy.act returned a non-finite action ({where}: {chunk[k].tolist()}); it must "
+                                 f"return finite numbers (a None entry reads as NaN)")
+
     def __call__(self, images: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
         out = self._act(images, previous)
         from ..inference.policy import check_chunk
@@ -66,6 +78,7 @@ class ChunkQuery:
                              f"{'[N, K, D]' if images.ndim == 4 else '[K, D]'} for images of shape {images.shape}")
         if images.ndim == 4:
             self._check_rows(len(out), images)
+        self._check_finite(out, images.ndim == 4)
         return out
 
     def chunks(self, images: np.ndarray, previous: np.ndarray | None) -> list[np.ndarray]:
@@ -83,6 +96,7 @@ class ChunkQuery:
         bad = [c.shape for c in rows if c.ndim != 2]
         if bad:
             raise ValueError(f"policy.act returned chunks of shapes {bad}; each image's chunk must be [K, D]")
+        self._check_finite(rows, True)
         return rows
 
     def latency_summary(self) -> dict:
