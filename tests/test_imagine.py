@@ -675,3 +675,26 @@ def test_load_actions_reads_an_upper_case_suffix_as_its_format(tmp_path):
         np.save(f, acts)
     for name in ("ACTIONS.CSV", "ACTIONS.NPY"):
         np.testing.assert_array_equal(load_actions(tmp_path / name, 4), acts)
+
+
+def test_demo_segment_reads_only_its_episode(tmp_path, monkeypatch):
+    """--demo N read every episode's frames up to N (a late episode of a large file took minutes); it reads that
+    episode's alone now, and still names an index past the last episode."""
+    import worldvla.data.hdf5 as hdf5
+    from worldvla.eval.imagine import demo_segment
+
+    rng = np.random.default_rng(0)
+    demos = [{"frames": rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), "actions": rng.uniform(-1, 1, (4, 7))}
+             for _ in range(5)]
+    write_demos(tmp_path / "five.hdf5", demos, "push")
+    read = []
+    real_read = hdf5._read_one
+    monkeypatch.setattr(hdf5, "_read_one", lambda g, *a, **k: read.append(g.name) or real_read(g, *a, **k))
+    first, actions, real, instruction = demo_segment(tmp_path / "five.hdf5", 3, 1, 2, rotate_180=False)
+    assert read == ["/data/demo_3"]
+    np.testing.assert_array_equal(first, demos[3]["frames"][1])
+    np.testing.assert_array_equal(real, demos[3]["frames"][2:4])
+    np.testing.assert_allclose(actions, demos[3]["actions"][1:3])
+    assert instruction == "push"
+    with pytest.raises(ValueError, match=r"holds 5 episode\(s\); --demo 5 is not one of them \(0..4\)"):
+        demo_segment(tmp_path / "five.hdf5", 5, 0, 2, rotate_180=False)

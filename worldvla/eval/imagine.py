@@ -114,20 +114,23 @@ def demo_segment(path, index: int, start: int, steps: int, camera=None, rotate_1
     """(first frame, actions [S, D], recorded next frames [S, ...], instruction) of episode `index` of
     `path` from frame `start`, S = min(steps, the frames recorded after it). Frames are turned as
     pretokenize turns them (`rotate_180`: None = LIBERO's files, said in one line)."""
-    from ..data.hdf5 import iter_demos, rotation_note
+    from ..data.hdf5 import demo_file_info, iter_demos, rotation_note
 
     note = rotation_note([path], rotate_180)
     if note:
         print(note)
-    n = 0
-    for i, demo in enumerate(iter_demos(path, camera=camera, rotate_180=rotate_180)):
-        n = i + 1
-        if i == index:
-            break
-    else:
-        if n == 0:
-            raise ValueError(f"{path} holds no episodes")
-        raise ValueError(f"{path} holds {n} episode(s); --demo {index} is not one of them (0..{n - 1})")
+    names = demo_file_info(path)["names"]
+    if not names:
+        raise ValueError(f"{path} holds no episodes")
+    if not 0 <= index < len(names):
+        raise ValueError(f"{path} holds {len(names)} episode(s); --demo {index} is not one of them "
+                         f"(0..{len(names) - 1})")
+    # Only that episode's frames are read (the others' cameras are still checked, as a read of every one checks them).
+    reader = iter_demos(path, camera=camera, rotate_180=rotate_180, names={names[index]})
+    try:
+        demo = next(reader)
+    finally:
+        reader.close()
     T = len(demo.frames)
     if T < 2:
         raise ValueError(f"episode {index} of {path} has {T} frame(s): nothing recorded to imagine against")
