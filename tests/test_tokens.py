@@ -185,6 +185,22 @@ def test_world_sample_template_and_labels():
     assert s.input_ids[n_prompt - 1] == L.sep and s.input_ids[n_prompt - 2] == L.eoa
 
 
+def test_world_prompt_holds_one_action():
+    """A [K, D] chunk (or a [1, D] row) made a prompt of K action blocks, which the world model never saw (its
+    samples hold one action): refused by name, for prompts and samples alike."""
+    L = VocabLayout.compact(n_image_codes=64)
+    sb = SequenceBuilder(L, ByteTextTokenizer(L), ActionTokenizer(L, [-1] * 4, [1] * 4))
+    c0 = torch.randint(0, 64, (2, 2))
+    one = sb.world_prompt(c0, [0.1, -0.2, 0.3, 1.0])
+    assert int((one == L.boa).sum()) == 1
+    for bad in (np.zeros((3, 4)), np.zeros((1, 4))):
+        with pytest.raises(ValueError, match=rf"holds one action \[4\], got shape \({bad.shape[0]}, 4\)"):
+            sb.world_prompt(c0, bad)
+        with pytest.raises(ValueError, match="holds one action"):
+            sb.world_sample(c0, bad, c0)
+    with pytest.raises(ValueError, match="action dimension 4"):
+        sb.world_prompt(c0, np.zeros(5))
+
 def test_chameleon_text_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -83,8 +83,14 @@ class SequenceBuilder:
         return torch.cat([torch.tensor([self.layout.bos]), human])
 
     def world_prompt(self, codes: torch.Tensor, action) -> torch.Tensor:
+        """BOS + human turn (the world-model text, the image, ONE action [D]), ending with the separator."""
+        block = self.actions.encode(action)
+        if block.dim() != 1:  # [K, D] would make a K-action prompt the world model never saw (spec 2.3: "1a2i")
+            D = self.actions.action_dim
+            raise ValueError(f"a world-model prompt holds one action [{D}], got shape {tuple(block.shape[:-1]) + (D,)}"
+                             f"; for a sequence of actions, step the world model once per action")
         text = self.text.encode(WORLD_PROMPT)
-        human = self._turn([text, image_tokens(codes, self.layout), self.actions.encode(action)])
+        human = self._turn([text, image_tokens(codes, self.layout), block])
         return torch.cat([torch.tensor([self.layout.bos]), human])
 
     @staticmethod
