@@ -526,6 +526,33 @@ def test_a_worker_that_sends_no_reply_is_named_not_waited_for_without_end(monkey
     assert w.reply(0) == "late"
 
 
+def test_a_timed_out_reply_is_not_read_as_a_later_commands(monkeypatch):
+    """After a wait timed out, its reply could still come and was read as the next command's (a reset got the late
+    step's reply). The timed-out command stays pending: another wait for it reads its reply, and a new command is
+    refused until then, naming what to do."""
+    import multiprocessing as mp
+    from types import SimpleNamespace
+
+    from worldvla.sim import workers
+
+    monkeypatch.setattr(workers, "REPLY_TIMEOUT_S", 0.2)
+    w = workers._Worker.__new__(workers._Worker)
+    w.conn, worker_end = mp.Pipe()
+    w.proc, w.started, w.rank, w.stride, w.pending = SimpleNamespace(pid=321), True, 1, 2, workers.deque()
+    w.send("step", 0, None)
+    with pytest.raises(TimeoutError, match="sent no reply"):
+        w.recv(0)
+    with pytest.raises(RuntimeError, match=r"env worker process 321: its reply to an earlier command \(env 1\) timed "
+                                           r"out and has not been read.*wait for it again"):
+        w.send("reset", 0, None)
+    assert worker_end.recv() == ("step", 0, None) and not worker_end.poll(0)  # the refused reset was not sent
+    worker_end.send(("ok", "late step"))
+    assert w.recv(0) == "late step" and not w.pending
+    w.send("reset", 0, None)  # usable again once the late reply is read
+    worker_end.send(("ok", "reset"))
+    assert w.recv(0) == "reset"
+
+
 @needs_sim
 def test_closing_a_pool_reads_the_replies_left_unread():
     """Ctrl-C while expert rollouts ran left a reply unread (an episode's frames are more than a pipe holds): its
@@ -573,7 +600,7 @@ def test_an_env_error_in_closed_loop_leaves_its_worker_pool_usable():
     from worldvla.eval.metaworld import closed_loop
     from worldvla.sim.workers import EnvWorkers
 
-    class NaNOnce:
+    class WideOnce:  # env 0's first chunk is 5 wide, which its env refuses (the query does not know the width)
         chunk_size, action_dim, image_size = 2, 4, 16
 
         def __init__(self):
@@ -584,13 +611,14 @@ def test_an_env_error_in_closed_loop_leaves_its_worker_pool_usable():
 
         def act(self, image, history=None):
             self.calls += 1
-            out = np.zeros((len(image), 2, 4))
-            out[0, 0, 0] = np.nan if self.calls == 1 else 0.0
+            out = [np.zeros((2, 4)) for _ in range(len(image))]
+            if self.calls == 1:
+                out[0] = np.zeros((2, 5))
             return out
 
-    pol = NaNOnce()
+    pol = WideOnce()
     with EnvWorkers("reach-v3", 4, image_size=16, max_steps=6, workers=2) as pool:
-        with pytest.raises(ValueError, match=r"env 0 \(in env worker process \d+\): action contains NaN"):
+        with pytest.raises(ValueError, match=r"env 0 \(in env worker process \d+\): Meta-World actions are 4-D"):
             closed_loop(pol, "reach-v3", 4, max_steps=6, envs=pool.envs, record=False)
         r = closed_loop(pol, "reach-v3", 4, max_steps=6, envs=pool.envs, record=False)
         assert r.steps == [6] * 4

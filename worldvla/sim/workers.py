@@ -116,6 +116,7 @@ def _serve(conn, task: str, n_envs: int, image_size: int, max_steps: int, kwargs
 
 class _Worker:
     interrupted = False  # a wait for a reply was cut short (Ctrl-C): that reply is still in the pipe
+    overdue = False  # a wait for a reply timed out: it may still come, and is the next one read
 
     def __init__(self, ctx, task, n_envs, image_size, max_steps, kwargs, rank: int = 0, stride: int = 1):
         self.conn, child = ctx.Pipe()
@@ -128,6 +129,11 @@ class _Worker:
 
     def send(self, cmd: str, i: int, args) -> None:
         self._check_in_step()
+        if self.overdue:  # the next reply read would be the overdue one, taken for this command's
+            raise RuntimeError(
+                f"env worker process {self.proc.pid}: its reply to an earlier command (env "
+                f"{self.pending[0] * self.stride + self.rank}) timed out and has not been read, and would be read as "
+                "this command's; wait for it again (step_wait, expert_wait) or close this pool (EnvWorkers.close)")
         try:
             self.conn.send((cmd, i, args))
         except (EOFError, OSError):  # the process is gone: BrokenPipeError, ConnectionResetError
@@ -139,8 +145,17 @@ class _Worker:
         if not self.pending or self.pending[0] != i:
             raise RuntimeError(f"env {i}: replies are read in the order the commands were sent "
                                f"(next pending: {list(self.pending)[:1]})")
+        try:
+            out = self.reply(i)
+        except TimeoutError:  # the command stays pending: a later wait for it reads its reply when it comes
+            self.overdue = True
+            raise
+        except BaseException:
+            self.pending.popleft()  # its reply was read (an error reply) or the worker is gone
+            raise
+        self.overdue = False
         self.pending.popleft()
-        return self.reply(i)
+        return out
 
     def _check_in_step(self) -> None:
         if self.interrupted:
