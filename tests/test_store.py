@@ -239,7 +239,7 @@ def test_no_action_samples_is_refused(tmp_path):
     used to be built (and would train a policy on nothing)."""
     rng = np.random.default_rng(5)
     write_demos(tmp_path / "d" / "a.hdf5", random_demos(rng, (3, 8), success=[True, False]), "reach")
-    with pytest.raises(ValueError, match="no action samples.*-K 5"):
+    with pytest.raises(ValueError, match="-K 5 is longer than every successful demo.*no action sample"):
         st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=5, progress=False)
 
 
@@ -379,8 +379,7 @@ def test_text_tokenizer_json_only_in_a_chameleon_store(demo_dir, tmp_path):
                          chunk_size=K, progress=False)
     assert st.TokenStore(out).text_tokenizer_path == out / st.TEXT_TOKENIZER
     assert (out / st.TEXT_TOKENIZER).read_bytes() == tok.read_bytes()
-    st.build_store(folder, out, tiny_vqgan(), layout="compact", tokenizer_json=tok, chunk_size=K, overwrite=True,
-                   progress=False)
+    st.build_store(folder, out, tiny_vqgan(), layout="compact", chunk_size=K, overwrite=True, progress=False)
     assert not (out / st.TEXT_TOKENIZER).exists() and st.TokenStore(out).text_tokenizer_path is None
     # A compact store built before stale copies were removed: the reader does not offer the copy either.
     (out / st.TEXT_TOKENIZER).write_bytes(tok.read_bytes())
@@ -1597,3 +1596,178 @@ def test_cli_options_reach_the_store(demo_dir, tmp_path):
         {"action": False, "world": True, "drop_noops": True, "demos_per_shard": 1, "rotate_180": True, "history": 1,
          "instruction": "lift it", "only_success": True}
     assert len(m["shards"]) == 3 + 1 and m["action"]["bounds"] == "unit" and m["n_action"] == 0
+
+
+@pytest.mark.parametrize("batch", [0, -1])
+def test_an_encode_batch_below_one_is_refused_before_anything_is_written(demo_dir, tmp_path, batch):
+    """encode_batch=0 from Python ended in range()'s "arg 3 must not be zero" (and -1 in torch.cat's "expected a
+    non-empty list of Tensors") at the first demo, after an incomplete manifest and the VQGAN were written."""
+    folder, _ = demo_dir
+    with pytest.raises(ValueError, match=rf"encode_batch \(--encode-batch\).*>= 1, got {batch}"):
+        st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, encode_batch=batch, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_tokenizer_json_without_the_chameleon_layout_is_refused_naming_the_option(demo_dir, tmp_path):
+    """--tokenizer-json under the default compact layout was never read: the store was built on byte text without a
+    word, for a user who meant the release's vocabulary."""
+    folder, _ = demo_dir
+    tok = _release_text_tokenizer(tmp_path / "text_tokenizer.json")
+    args = _pretokenize_args(folder, tmp_path, "s", "--tokenizer-json", str(tok), "--no-progress")
+    with pytest.raises(ValueError, match=r"--tokenizer-json .* is read only with --layout chameleon \(the compact "
+                                         r"layout encodes text as byte ids\): add --layout chameleon"):
+        st.run(args)
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match="read only with --layout chameleon"):
+        st.build_store(folder, tmp_path / "s", tiny_vqgan(), layout=VocabLayout.compact(n_image_codes=64),
+                       tokenizer_json=tok, chunk_size=K, progress=False)
+    st.build_store(folder, tmp_path / "s", tiny_vqgan(), layout="chameleon", tokenizer_json=tok, chunk_size=K,
+                   progress=False)
+    assert st.TokenStore(tmp_path / "s").layout.name == "chameleon"
+
+
+def test_a_chunk_only_failed_demos_fit_is_refused_before_overwrite_replaces_the_store(tmp_path):
+    """A -K longer than every successful demo, but not than a failed one the store skips, was refused only after
+    every frame was encoded, and under --overwrite after the complete store in the folder was replaced."""
+    rng = np.random.default_rng(5)
+    write_demos(tmp_path / "d" / "a.hdf5", random_demos(rng, (3, 8), success=[True, False]), "reach")
+    out = st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=2, progress=False)
+    before = _store_bytes(out)
+    vq = counting(tiny_vqgan())
+    with pytest.raises(ValueError, match=r"-K 5 is longer than every successful demo \(the longest has 3 steps; "
+                                         r"failed demos, up to 8 steps long, are tokenized only with "
+                                         r"--include-failed\).*choose -K <= 3, or pass --include-failed"):
+        st.build_store(tmp_path / "d", out, vq, chunk_size=5, overwrite=True, progress=False)
+    assert CountingVQGAN.frames == 0 and _store_bytes(out) == before
+    st.TokenStore(out, verify=True)
+    st.build_store(tmp_path / "d", tmp_path / "all", tiny_vqgan(), chunk_size=5, only_success=False, progress=False)
+
+
+def test_an_earlier_versions_drop_noops_world_store_is_refused_saying_why(tmp_path):
+    """Such a store (world targets the next kept frames) was refused as "built with other settings, inputs or VQGAN"
+    with nothing named, though every setting, input and the VQGAN were the same."""
+    import hashlib
+
+    rng = np.random.default_rng(5)
+    (demo,) = random_demos(rng, (8,))
+    demo["actions"][:, 3] = 1.0
+    demo["actions"][[3, 4, 7], :3] = 0.0
+    write_demos(tmp_path / "d" / "a.hdf5", [demo], "push")
+    vq = tiny_vqgan()
+    kw = dict(action=False, bounds="unit", drop_noops=True, progress=False)
+    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, **kw)
+    m = json.loads((out / st.MANIFEST).read_text())
+    settings = {k: v for k, v in m["settings"].items() if k != "instruction"}
+    m["fingerprint"] = hashlib.sha256(json.dumps(  # the terms before world targets changed
+        {"version": 1, "settings": settings, "layout": m["layout"], "low": m["action"]["low"],
+         "high": m["action"]["high"], "vqgan": st._state_dict_digest(vq),
+         "inputs": [("a.hdf5", (tmp_path / "d" / "a.hdf5").stat().st_size)]}, sort_keys=True).encode()).hexdigest()
+    (out / st.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(FileExistsError, match=r"world samples under --drop-noops built by an earlier version.*"
+                                              r"--overwrite"):
+        st.build_store(tmp_path / "d", out, vq, **kw)
+    # Another setting that differs is named alone.
+    with pytest.raises(FileExistsError, match=r"other settings, inputs or VQGAN: history 2 then, 1 now; pass"):
+        st.build_store(tmp_path / "d", out, vq, history=1, **kw)
+
+
+@pytest.mark.filterwarnings("ignore:.*every step is a no-op")
+def test_a_shard_whose_demo_was_skipped_is_recorded_before_the_next_file(tmp_path, monkeypatch):
+    """A shard with a demo iter_demos skips (every step a no-op under --drop-noops) was written when its file was
+    done but entered in the manifest only at the build's end: a stop in a later file lost it, and the resumed
+    build encoded its demos again."""
+    rng = np.random.default_rng(5)
+    first = random_demos(rng, (6, 5))
+    for d in first:
+        d["actions"][:, 3] = 1.0
+    first[1]["actions"][:, :3] = 0.0  # every step a no-op: skipped
+    write_demos(tmp_path / "d" / "a.hdf5", first, "push")
+    write_demos(tmp_path / "d" / "b.hdf5", random_demos(rng, (6, 5)), "reach")
+    kw = dict(chunk_size=2, drop_noops=True, bounds="unit", progress=False)
+    real = st._write_shard
+
+    def stop_at_the_second_file(path, samples):
+        if path.name == "shard_00001":
+            raise KeyboardInterrupt("simulated stop")
+        return real(path, samples)
+
+    with monkeypatch.context() as m:
+        m.setattr(st, "_write_shard", stop_at_the_second_file)
+        with pytest.raises(KeyboardInterrupt):
+            st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), **kw)
+    assert [e["name"] for e in json.loads((tmp_path / "s" / st.MANIFEST).read_text())["shards"]] == ["shard_00000"]
+    vq = counting(tiny_vqgan())
+    st.build_store(tmp_path / "d", tmp_path / "s", vq, **kw)
+    assert CountingVQGAN.frames == 6 + 5  # b.hdf5's frames alone
+    st.build_store(tmp_path / "d", tmp_path / "ref", tiny_vqgan(), **kw)
+    assert _store_bytes(tmp_path / "s") == _store_bytes(tmp_path / "ref")
+
+
+def test_pack_takes_a_generator_of_samples(demo_dir, tmp_path):
+    """A generator was read once for the ids, leaving no labels: the packed labels came out shorter than the ids,
+    and an empty generator made a pack of padding alone."""
+    folder, _ = demo_dir
+    store = st.TokenStore(st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False))
+    want = st.pack([store[i] for i in range(3)], 1000, pad_id=1)
+    got = st.pack((store[i] for i in range(3)), 1000, pad_id=1)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and got[1].shape == got[0].shape == (1000,)
+    with pytest.raises(ValueError, match="at least one sample"):
+        st.pack((s for s in []), 1000, pad_id=1)
+
+
+@pytest.mark.parametrize("damage", ["cut short", "zeros", "empty"])
+def test_a_damaged_vqgan_copy_is_named_and_a_rerun_restores_it(demo_dir, tmp_path, damage):
+    """The store's vqgan/model.safetensors damaged: verify (and the trainer's export check) raised a bare
+    SafetensorError naming no file, and the rerun its fix advises raised it too, leaving the store incomplete."""
+    folder, _ = demo_dir
+    vq = tiny_vqgan()
+    out = st.build_store(folder, tmp_path / "s", vq, chunk_size=K, progress=False)
+    weights = out / "vqgan" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"cut short": data[:len(data) // 2], "zeros": bytes(100), "empty": b""}[damage])
+    with pytest.raises(ValueError, match=rf"{weights}: the VQGAN's weights file cannot be read .*damaged.*rerun "
+                                         rf"`worldvla pretokenize` with the same arguments and VQGAN"):
+        st.TokenStore(out, verify=True)
+    counted = counting(vq)
+    st.build_store(folder, out, counted, chunk_size=K, progress=False)
+    assert CountingVQGAN.frames == 0  # the shards are kept
+    torch.testing.assert_close(VQGAN.from_pretrained(st.TokenStore(out, verify=True).vqgan_path).codebook, vq.codebook)
+
+
+def test_paths_with_a_tilde_are_taken_as_the_home_folder(demo_dir, tmp_path, monkeypatch):
+    """`--vqgan=~/vq` reaches the command unexpanded: the store refused it as a missing folder, though
+    VQGAN.from_pretrained takes it; `--store=~/s` was not a token store either."""
+    folder, _ = demo_dir
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tiny_vqgan().save_pretrained(tmp_path / "vq")
+    tok = _release_text_tokenizer(tmp_path / "text_tokenizer.json")
+    st.build_store(folder, "~/s", "~/vq", layout="chameleon", tokenizer_json="~/text_tokenizer.json", chunk_size=K,
+                   progress=False)
+    store = st.TokenStore("~/s", verify=True)
+    assert store.path == tmp_path / "s" and store.text_tokenizer_path.read_bytes() == tok.read_bytes()
+    assert [p.name for p in st.find_demo_files("~/demos")] == ["a.hdf5", "b.h5"]
+
+
+def test_a_sim_camera_attribute_stored_as_bytes_is_recorded_as_its_text(tmp_path):
+    """A fixed-length HDF5 string attribute reads as bytes: the manifest recorded sim_camera "b'corner'", a camera
+    the evaluation cannot render from."""
+    import h5py
+
+    path = write_demos(tmp_path / "d" / "a.hdf5", random_demos(np.random.default_rng(0), (4, 4)), "push")
+    with h5py.File(path, "a") as f:
+        f["data"].attrs["sim_camera"] = np.bytes_(b"corner")
+    out = st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=2, bounds="unit", progress=False)
+    assert json.loads((out / st.MANIFEST).read_text())["sim_camera"] == "corner"
+
+
+def test_an_out_path_that_is_a_file_and_a_manifest_path_are_named(demo_dir, tmp_path):
+    """build_store into a file raised a bare "[Errno 17] File exists" once the VQGAN was loaded; TokenStore given the
+    store's manifest.json said it was no token store and advised building one."""
+    folder, _ = demo_dir
+    (tmp_path / "taken").write_text("notes")
+    with pytest.raises(NotADirectoryError, match=r"taken \(--out\) is a file, not a folder: name a folder"):
+        st.build_store(folder, tmp_path / "taken", tiny_vqgan(), chunk_size=K, progress=False)
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    with pytest.raises(NotADirectoryError, match=rf"is a token store's manifest, not its folder: pass the folder that "
+                                                 rf"holds it, {out}$"):
+        st.TokenStore(out / st.MANIFEST)

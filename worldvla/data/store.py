@@ -92,13 +92,19 @@ def _state_dict_digest(module: torch.nn.Module) -> str:
 
 def _vqgan_folder_digest(folder: Path) -> str | None:
     """`_state_dict_digest` of the VQGAN saved in `folder`, read tensor by tensor from its weights
-    file (no model is built); None when the folder lacks a file of VQGAN_FILES."""
-    from safetensors import safe_open
+    file (no model is built); None when the folder lacks a file of VQGAN_FILES. A weights file that cannot be
+    read (cut short, overwritten) is refused naming it (ValueError)."""
+    from safetensors import SafetensorError, safe_open
 
     if not all((folder / n).is_file() for n in VQGAN_FILES):
         return None
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        return _tensors_digest(f.keys(), f.get_tensor)
+    path = folder / "model.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return _tensors_digest(f.keys(), f.get_tensor)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: the VQGAN's weights file cannot be read ({type(e).__name__}: {e}); it is "
+                         f"damaged or cut short") from None
 
 
 def find_demo_files(inputs) -> list[Path]:
@@ -107,7 +113,7 @@ def find_demo_files(inputs) -> list[Path]:
         inputs = [inputs]
     files = []
     for item in inputs:
-        p = Path(item)
+        p = Path(item).expanduser()  # a ~ the shell left (a quoted path, a Python caller's) is the home folder
         if p.is_dir():
             files += [q for q in p.rglob("*") if q.suffix in (".hdf5", ".h5") and q.is_file()]
         elif p.is_file():
@@ -393,6 +399,10 @@ def _fingerprint_differences(old: dict, terms: dict) -> list[str]:
         what.append("other action bounds")
     if old.get("layout") not in (None, terms["layout"]):
         what.append("another vocabulary layout")
+    if not what and "world_target" in terms and old_settings.get("drop_noops") and old_settings.get("world"):
+        # The one term no manifest records: an earlier version's world samples under --drop-noops.
+        what.append("world samples under --drop-noops built by an earlier version, whose targets were the next kept "
+                    "frames, not the frames their actions led to")
     return what
 
 
@@ -415,12 +425,20 @@ def _check_some_success(files, infos: dict) -> None:
                          f"tokenized: pass --include-failed (only_success=False from Python) to tokenize them too")
 
 
-def _check_chunk_fits(files, chunk_size: int, infos: dict) -> None:
-    """Action samples need demos of at least K steps: refuse a K longer than every demo."""
-    longest = max((max(infos[f]["steps"], default=0) for f in files), default=0)
+def _check_chunk_fits(files, chunk_size: int, infos: dict, only_success: bool = True) -> None:
+    """Action samples need demos of at least K steps: refuse a K longer than every demo the store tokenizes (the
+    successful ones if `only_success`), before any slow work and before --overwrite replaces a store."""
+    steps = [(n, ok) for f in files for n, ok in zip(infos[f]["steps"], infos[f]["success"])]
+    longest = max((n for n, _ in steps), default=0)
     if chunk_size > longest:
         raise ValueError(f"--chunk-size/-K {chunk_size} is longer than every demo (the longest has {longest} steps), "
                          f"so no action sample fits; choose -K <= {longest}")
+    used = max((n for n, ok in steps if ok or not only_success), default=0)
+    if chunk_size > used:
+        raise ValueError(f"--chunk-size/-K {chunk_size} is longer than every successful demo (the longest has {used} "
+                         f"steps; failed demos, up to {longest} steps long, are tokenized only with --include-failed), "
+                         f"so no action sample fits; choose -K <= {used}, or pass --include-failed "
+                         f"(only_success=False from Python)")
 
 
 def _plan_shards(files, settings: StoreSettings, infos: dict):
@@ -436,7 +454,9 @@ def _plan_shards(files, settings: StoreSettings, infos: dict):
 def _sim_camera(files, infos: dict) -> str | None:
     """The simulator camera the demo files were rendered from (`worldvla collect` records it; the
     evaluation renders from it), when they all name the same one; None otherwise."""
+    # An attribute written as a fixed-length HDF5 string reads as bytes: str() would record "b'corner'".
     cams = {infos[f]["attrs"].get("sim_camera") for f in files}
+    cams = {c.decode("utf-8") if isinstance(c, bytes) else c for c in cams}
     cam = cams.pop() if len(cams) == 1 else None
     return str(cam) if cam is not None else None
 
@@ -546,9 +566,21 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                              drop_noops, instruction)
     read = dict(camera=camera, rotate_180=rotate_180, drop_noops=drop_noops, instruction=instruction)
     settings.check()
-    out = Path(out)
+    # range(0, T, 0) and an empty list of batches would fail deep inside the first encode, with the store half made.
+    if isinstance(encode_batch, bool) or not isinstance(encode_batch, (int, np.integer)) or encode_batch < 1:
+        raise ValueError(f"encode_batch (--encode-batch) is the number of frames per VQGAN call: a whole number "
+                         f">= 1, got {encode_batch!r}")
+    # Paths as VQGAN.from_pretrained takes them: `--vqgan=~/x` reaches us unexpanded (the shell expands only a
+    # word-initial ~).
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"the token store's folder {out} (--out) is a file, not a folder: name a folder "
+                                 f"(it is created if missing)")
+    if tokenizer_json is not None:
+        tokenizer_json = Path(tokenizer_json).expanduser()
     # The VQGAN folder and the text tokenizer file are checked before any demo file is read.
     if not isinstance(vqgan, VQGAN):
+        vqgan = Path(vqgan).expanduser()
         _check_vqgan_folder(vqgan)
     builder_text = None
     if isinstance(layout, str) and layout == "chameleon":
@@ -561,6 +593,12 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
         layout = with_release_image_ids(layout, builder_text)
     elif not (layout is None or layout == "compact" or isinstance(layout, VocabLayout)):
         raise ValueError(f"layout must be a VocabLayout, 'compact' or 'chameleon', got {layout!r}")
+    elif tokenizer_json is not None:
+        # A byte-text layout (the default) never reads the file: its user meant the release's vocabulary.
+        raise ValueError(f"--tokenizer-json {tokenizer_json} is read only with --layout chameleon (the "
+                         f"{getattr(layout, 'name', 'compact')} layout encodes text as byte ids): add --layout "
+                         f"chameleon (layout='chameleon' from Python) for the release's vocabulary, or drop "
+                         f"--tokenizer-json")
     # The temporary shard folders that builds killed before their rename left: those of processes that no longer
     # run, or of this one (an interrupted earlier call). Builds into one folder are not refused, so another running
     # build's folder is kept.
@@ -571,7 +609,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     if only_success:
         _check_some_success(files, infos)
     if action:
-        _check_chunk_fits(files, chunk_size, infos)  # before any slow work
+        _check_chunk_fits(files, chunk_size, infos, only_success)  # before any slow work
     readings = [reading_record(f, rotate_180, instruction) for f in files]
     instruction_lines = _instruction_lines(files, readings)
     device = torch_device(device, default="cpu")
@@ -676,7 +714,11 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     _remove_stale_shards(out, {e["name"] for e in plan})
     # Checked against the weights themselves, not the manifest: a folder left without its manifest
     # (an interrupted first build, a cleaned folder) may hold another VQGAN.
-    if overwrite or _vqgan_folder_digest(out / "vqgan") != vq_digest:
+    try:
+        have = None if overwrite else _vqgan_folder_digest(out / "vqgan")
+    except ValueError:  # a damaged copy: replaced like another VQGAN's
+        have = None
+    if have != vq_digest:
         # Written whole, as a folder renamed in: a build killed during the copy leaves no weights-sized temporary
         # file inside it for good (`replace_folder` removes the folders killed copies left beside it).
         replace_folder(out / "vqgan", vqgan.save_pretrained)
@@ -734,6 +776,8 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
         for name in list(pending):  # the shards of a file with no demos, or of demos iter_demos skipped
             entry = next(e for e in entries if e["name"] == name)
             manifest["shards"].append({**entry, **_write_shard(out / name, pending.pop(name))})
+            manifest["shards"].sort(key=lambda e: e["name"])
+            _atomic_json(mpath, manifest)  # recorded now, as the others: a stop in a later file keeps it
             bar.update(1)
     bar.close()
     manifest["shards"].sort(key=lambda e: e["name"])
@@ -805,8 +849,11 @@ class TokenStore(torch.utils.data.Dataset):
     """
 
     def __init__(self, path, kinds=None, verify: bool = False):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()  # `--store=~/x` reaches us unexpanded
         mpath = self.path / MANIFEST
+        if self.path.name == MANIFEST and self.path.is_file():
+            raise NotADirectoryError(f"{self.path} is a token store's manifest, not its folder: pass the folder that "
+                                     f"holds it, {self.path.parent}")
         if not mpath.is_file():
             raise FileNotFoundError(f"{self.path} is not a token store (no {MANIFEST}); build one with "
                                     f"`worldvla pretokenize`")
@@ -867,7 +914,11 @@ class TokenStore(torch.utils.data.Dataset):
         want = self.manifest.get("vqgan_sha256")
         if want is None:  # a manifest without the digest: nothing to check against
             return self.vqgan_path
-        got = _vqgan_folder_digest(self.vqgan_path)
+        try:
+            got = _vqgan_folder_digest(self.vqgan_path)
+        except ValueError as e:
+            raise ValueError(f"{e}: the token store at {self.path} holds a damaged copy of its VQGAN; rerun `worldvla "
+                             f"pretokenize` with the same arguments and VQGAN to restore it") from None
         if got is None:
             raise FileNotFoundError(f"the token store at {self.path} lacks its VQGAN ({self.vqgan_path} needs "
                                     f"{' and '.join(VQGAN_FILES)}); rerun `worldvla pretokenize` with the same "
@@ -996,6 +1047,7 @@ def pack(samples, max_tokens: int, pad_id: int | None = None):
     cu_seqlens int32 [n_docs + 1]). With `pad_id` the sequence is padded to exactly `max_tokens`
     with one extra document of `pad_id` tokens carrying no labels (fixed shapes for compiled code).
     """
+    samples = list(samples)  # a generator would be used up by the ids, leaving the labels short
     if not samples:
         raise ValueError("pack needs at least one sample")
     ids = [torch.as_tensor(s[0], dtype=torch.long).flatten() for s in samples]
