@@ -2947,3 +2947,137 @@ def test_a_request_whose_episode_was_reset_during_its_resize_never_reaches_the_p
         assert policy.calls == []
         reply = _ask(new, packb({"type": "act", "episode": "e", "image": _frame(np_rng), "client": "r"}))
         assert reply["ok"] and np.all(reply["actions"][:, 1] == -1) and np.all(reply["actions"][:, 2] == len("close"))
+
+
+# ---------------------------------------------------------------- codec, metadata and client: edge cases
+def test_a_zero_dimensional_array_keeps_its_shape():
+    """np.ascontiguousarray made a 0-d array (a reduction's result) shape [1] on the wire."""
+    got = unpackb(packb({"mean": np.array(3.5, np.float32), "count": np.array(7)}))
+    assert got["mean"].shape == () and got["mean"].dtype == np.float32 and got["mean"] == 3.5
+    assert got["count"].shape == () and got["count"] == 7
+
+
+def test_the_encoder_names_what_it_cannot_send_and_sends_bfloat16_tensors_as_float32():
+    """A long-double array was sent and refused by its receiver as "not a float"; an integer past 64 bits was
+    called "an object of type int"; a bfloat16 tensor failed with torch's "unsupported ScalarType BFloat16"."""
+    import torch
+
+    if np.dtype(np.longdouble).itemsize > 8:
+        with pytest.raises(TypeError, match=r"dtype float128 \(16 bytes a number\): numbers of at most 8 bytes "
+                                            r"travel; convert it first \(\.astype\(np\.float64\)\)"):
+            packb({"a": np.zeros(2, np.longdouble)})
+    with pytest.raises(TypeError, match=r"cannot encode the integer 1180591620717411303424 in a message: msgpack "
+                                        r"integers lie in \[-2\*\*63, 2\*\*64\); send it as a string or a float"):
+        packb({"n": 2**70})
+    values = torch.tensor([[1.5, -2.0], [0.1, 3e38]], dtype=torch.bfloat16)
+    got = unpackb(packb({"t": values}))["t"]
+    assert got.dtype == np.float32 and got.shape == (2, 2)
+    assert np.array_equal(got, values.float().numpy())
+
+
+def test_metadata_with_arrays_of_objects_and_undecodable_file_names_reaches_the_client():
+    """`to_plain` returned small arrays of objects, complex numbers or dates as their items and kept strings with
+    lone surrogates (a file name's undecodable bytes): the server refused such a policy as not encodable."""
+    from pathlib import Path
+
+    from worldvla.serve.protocol import to_plain
+
+    name = os.fsdecode(b"/data/caf\xe9/policy")  # "/data/caf\udce9/policy"
+    meta = {"checkpoint": name, "files": np.array([Path("a.pt"), 3], dtype=object), "poles": np.array([1 + 2j]),
+            "day": np.array(["2024-05-01"], dtype="M8[D]"), "labels": np.array(["x" * 3, "y"]),
+            name: 1, "long": name * 100_000}
+    plain = to_plain(meta)
+    assert plain["checkpoint"] == "/data/caf\\udce9/policy" and plain["/data/caf\\udce9/policy"] == 1
+    assert plain["files"] == ["a.pt", 3] and plain["poles"] == ["(1+2j)"] and plain["day"] == ["2024-05-01"]
+    assert plain["labels"] == ["xxx", "y"]
+    assert plain["long"].startswith("/data/caf\\udce9/policy") and plain["long"].endswith(
+        f"... [cut: {len(name) * 100_000} characters in all]")
+    assert unpackb(packb(plain)) == plain
+
+    class Described(HistoryPolicy):
+        def metadata(self):
+            return meta
+
+    server = PolicyServer(Described())  # refused at construction before
+    assert unpackb(packb(server.metadata()))["policy"]["checkpoint"] == "/data/caf\\udce9/policy"
+
+
+def test_an_image_size_pair_holding_a_bool_is_refused():
+    from worldvla.serve.protocol import image_size_hw
+
+    for bad in ((True, 24), (24, True), [False, 1]):
+        with pytest.raises(ValueError, match="image_size must be a positive int or an"):
+            image_size_hw(bad)
+    assert image_size_hw((np.int64(24), 32)) == (24, 32)
+
+
+def test_a_request_interrupted_while_sending_is_not_read_with_the_next_one(np_rng):
+    """Ctrl-C partway through writing a frame left half a message on the connection: the server read the next
+    request as its rest, and that call failed with "closed (code 1002, invalid opcode)"."""
+    with PolicyServer(HistoryPolicy(), max_wait_ms=1.0) as server, PolicyClient(server.url, timeout=10) as client:
+        client.reset("wave")
+        sock = client._ws.socket
+
+        class HalfThenInterrupt:
+            armed = True
+
+            def __getattr__(self, name):
+                return getattr(sock, name)
+
+            def sendall(self, data):
+                if HalfThenInterrupt.armed:
+                    HalfThenInterrupt.armed = False
+                    sock.sendall(data[:len(data) // 2])
+                    raise KeyboardInterrupt
+                return sock.sendall(data)
+
+        client._ws.socket = HalfThenInterrupt()
+        with pytest.raises(KeyboardInterrupt):
+            client.act(_frame(np_rng))
+        frames = [_frame(np_rng) for _ in range(2)]
+        first = client.act(frames[0])  # on a new connection, the same episode
+        np.testing.assert_allclose(first[:, 0], frames[0].mean(), rtol=1e-6)
+        assert np.all(first[:, 1] == -1)  # the interrupted frame never arrived
+        second = client.act(frames[1])
+        np.testing.assert_allclose(second[:, [0, 1]], np.broadcast_to([frames[1].mean(), frames[0].mean()], (K, 2)),
+                                   rtol=1e-6)
+
+
+def test_health_asks_the_servers_host_and_port_whatever_path_the_url_names():
+    """The server takes WebSocket connections on any path but reports its health at /healthz alone: a client
+    connected at ws://host:port/robots asked /robots/healthz and was told no policy server runs there."""
+    with PolicyServer(HistoryPolicy()) as server:
+        assert health(server.url + "/robots/7?arm=left")["status"] == "ok"
+        with PolicyClient(server.url + "/robots", timeout=10) as client:
+            assert client.metadata()["action_dim"] == D and client.health()["status"] == "ok"
+
+
+def test_a_closed_client_refuses_every_call_health_and_reset_included(monkeypatch):
+    """After close() health() still asked the server, reset("") complained about the instruction and act() without
+    an episode asked for a reset: the class says every call raises RuntimeError."""
+    client, _ = _offline_client(monkeypatch, _FakeConnection([]))
+    client.close()
+    for call in (client.health, lambda: client.reset(""), lambda: client.reset("wave"),
+                 lambda: client.act(np.zeros((8, 8, 3), np.uint8)), client.metadata):
+        with pytest.raises(RuntimeError, match=r"this PolicyClient was closed .*build a new PolicyClient"):
+            call()
+
+
+def test_a_url_that_is_no_string_is_refused_naming_its_type():
+    """bytes gave "a bytes-like object is required, not 'str'", None an AttributeError."""
+    for url, shown in ((b"ws://127.0.0.1:1", "bytes b'ws://127.0.0.1:1'"), (None, "NoneType None")):
+        with pytest.raises(TypeError, match=re.escape(f"server url must be a str such as 'ws://gpu-box:8000', got "
+                                                      f"{shown}")):
+            PolicyClient(url)
+
+
+def test_an_instruction_with_an_undecodable_byte_is_refused_before_sending(monkeypatch):
+    """A lone surrogate (bytes decoded with errors="surrogateescape") gave msgpack's bare UnicodeEncodeError."""
+    ws = _FakeConnection([_echo_id({"ok": True})])
+    client, _ = _offline_client(monkeypatch, ws)
+    with pytest.raises(ValueError, match=r"UTF-8 can encode; it holds '\\udcff' at character 5, an undecodable byte: "
+                                         r"decode the instruction's bytes with their own encoding first"):
+        client.reset(b"open \xff drawer".decode("utf-8", "surrogateescape"))
+    assert ws.sent == [] and client.episode is None
+    client.reset("open the drawer")
+    assert ws.sent[0]["instruction"] == "open the drawer"

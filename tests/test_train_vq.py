@@ -845,3 +845,19 @@ def test_a_run_ended_by_stop_after_says_how_to_go_on_and_a_finished_one_does_not
     out = capsys.readouterr().out
     assert "--stop-after" not in out and "step 3: loss" in out, out
     assert (tmp_path / "run" / "vqgan" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("stride, max_frames, fragment", [
+    (1, -3, "max_frames must be an integer >= 0 (0: every frame), got -3"),
+    (1, True, "max_frames must be an integer >= 0 (0: every frame), got True"),
+    (1, 2.5, "max_frames must be an integer >= 0 (0: every frame), got 2.5"),
+    (1.5, 0, "frame stride must be an integer >= 1, got 1.5"),
+    (True, 0, "frame stride must be an integer >= 1, got True")])
+def test_load_frames_refuses_bounds_that_are_no_counts(data, stride, max_frames, fragment):
+    """max_frames=-3 returned the first demo less its last 3 frames (6 of 16), max_frames=True one frame, and a
+    float a bare "slice indices must be integers"."""
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        vqt.load_frames(data / "d.hdf5", stride=stride, max_frames=max_frames)
+    assert vqt.load_frames(data / "d.hdf5", stride=np.int64(2), max_frames=np.int64(5)).shape == (5, 32, 32, 3)

@@ -16,6 +16,7 @@ import math
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -108,6 +109,8 @@ class PolicyClient:
 
     def __init__(self, url: str = "ws://127.0.0.1:8000", *, timeout: float = 60.0, connect_timeout: float = 10.0,
                  max_reply_mb: float = 64.0):
+        if not isinstance(url, str):
+            raise TypeError(f"server url must be a str such as 'ws://gpu-box:8000', got {type(url).__name__} {url!r}")
         if not url.startswith(("ws://", "wss://")):
             raise ValueError(f"server url must start with ws:// or wss://, got {url!r}")
         for name, value, unit in (("timeout", timeout, "seconds"), ("connect_timeout", connect_timeout, "seconds"),
@@ -138,9 +141,7 @@ class PolicyClient:
     def request(self, message: dict) -> dict:
         """Send one request map and return the server's reply map; raises `PolicyServerError` if refused.
         The whole call, a reconnection included, takes at most `timeout` seconds (else `TimeoutError`)."""
-        if self._closed:
-            raise RuntimeError(f"this PolicyClient was closed (close(), or the end of its with block); build a new "
-                               f"PolicyClient({self.url!r}) to talk to the server again")
+        self._check_open()
         deadline = time.monotonic() + self.timeout
         if self._ws is None:  # closed after a timeout or a lost connection
             self._reconnect(deadline)
@@ -148,6 +149,11 @@ class PolicyClient:
         if not reply.get("ok", False):
             raise PolicyServerError(str(reply.get("error", "request refused without a message")))
         return reply
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"this PolicyClient was closed (close(), or the end of its with block); build a new "
+                               f"PolicyClient({self.url!r}) to talk to the server again")
 
     def _reconnect(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
@@ -255,6 +261,11 @@ class PolicyClient:
             raise TimeoutError(f"could not send the request to {self.url} within {self.timeout:g} s (the server "
                                "is not reading: overloaded or stuck); the connection was closed and the next "
                                "call reconnects") from None
+        except BaseException:
+            # Interrupted (Ctrl-C) partway through writing the frame: the server would read the next request as the
+            # rest of this one, so the connection is dropped and the next call reconnects.
+            self._drop()
+            raise
         finally:
             with contextlib.suppress(OSError):
                 ws.socket.settimeout(None)
@@ -287,12 +298,19 @@ class PolicyClient:
         """Start an episode with a task instruction; returns its id. A refused reset (or one that fails:
         a timeout, a lost connection) ends the previous episode all the same: `act` raises until a reset
         succeeds, rather than going on with the old task."""
+        self._check_open()
         self.episode = None
         if isinstance(instruction, (bytes, bytearray)):  # np.bytes_ too: HDF5 datasets give bytes
             raise ValueError(f"reset() takes the task instruction as str, got {type(instruction).__name__} "
                              f"{bytes(instruction[:40])!r}: decode it first (instruction.decode('utf-8'))")
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("reset() needs the task instruction as a non-empty string")
+        try:
+            instruction.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: bytes decoded with errors="surrogateescape"
+            raise ValueError(f"reset() takes the task instruction as text that UTF-8 can encode; it holds "
+                             f"{e.object[e.start:e.end]!r} at character {e.start}, an undecodable byte: decode the "
+                             f"instruction's bytes with their own encoding first") from None
         episode = uuid.uuid4().hex if episode is None else episode
         self.request({"type": "reset", "episode": episode, "instruction": instruction, "client": self.client_id})
         self.episode = episode
@@ -300,6 +318,7 @@ class PolicyClient:
 
     def act(self, image: np.ndarray, previous_image: np.ndarray | None = None) -> np.ndarray:
         """Action chunk [K, D] float32 for one RGB uint8 frame [H, W, 3] (an array of its own, writable)."""
+        self._check_open()
         if self.episode is None:
             raise RuntimeError("no episode: call reset(instruction) before act() (a reset that was refused or "
                                "failed ends the previous episode)")
@@ -317,6 +336,7 @@ class PolicyClient:
 
     def health(self) -> dict:
         """GET /healthz on the same host and port."""
+        self._check_open()
         return health(self.url, timeout=self.timeout)
 
     # -------------------------------------------------------------- lifetime
@@ -357,11 +377,12 @@ class PolicyClient:
 
 
 def health(url: str, timeout: float = 10.0) -> dict:
-    """The server's /healthz JSON (HTTP status 200 while serving, 503 while shutting down)."""
-    http = "http" + url[2:] if url.startswith("ws") else url
-    http = http.rstrip("/")
-    if not http.endswith("/healthz"):
-        http += "/healthz"
+    """The server's /healthz JSON (HTTP status 200 while serving, 503 while shutting down), at the host and port
+    of `url` (ws://, wss://, http:// or https://), whatever path it names: the server takes WebSocket connections
+    on any path and reports its health at /healthz alone."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    http = f"{scheme}://{parts.netloc}/healthz"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         try:

@@ -51,12 +51,21 @@ def _encode_default(obj):
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind not in _ALLOWED_KINDS:
             raise TypeError(f"cannot send an array of dtype {obj.dtype}: only bool, integer and float arrays travel")
-        arr = np.ascontiguousarray(obj)
-        return {NDARRAY_KEY: arr.tobytes(), "dtype": arr.dtype.str, "shape": list(arr.shape)}
+        if obj.dtype.itemsize > 8:  # every receiver refuses these (`_decode_ndarray`): said here, to the sender
+            raise TypeError(f"cannot send an array of dtype {obj.dtype} ({obj.dtype.itemsize} bytes a number): numbers "
+                            f"of at most 8 bytes travel; convert it first (.astype(np.float64))")
+        # tobytes() writes C order whatever the layout; np.ascontiguousarray would turn a 0-d array into shape [1].
+        return {NDARRAY_KEY: obj.tobytes(), "dtype": obj.dtype.str, "shape": list(obj.shape)}
     if isinstance(obj, np.generic):
         return obj.item()
     if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # a torch tensor, without importing torch
-        return _encode_default(obj.detach().cpu().numpy())
+        t = obj.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: float32 holds its values exactly
+            t = t.float()
+        return _encode_default(t.numpy())
+    if isinstance(obj, int):  # msgpack hands over only the integers its 64 bits cannot hold
+        raise TypeError(f"cannot encode the integer {obj} in a message: msgpack integers lie in [-2**63, 2**64); "
+                        f"send it as a string or a float")
     raise TypeError(f"cannot encode an object of type {type(obj).__name__} in a message")
 
 
@@ -189,18 +198,25 @@ def image_size_hw(value) -> tuple[int, int]:
     """`image_size` as (H, W) from an int or a pair."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
         return int(value), int(value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, np.integer)) and v > 0
-                                                                     for v in value):
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in value):
         return int(value[0]), int(value[1])
     raise ValueError(f"image_size must be a positive int or an (H, W) pair, got {value!r}")
 
 
 def _short_str(text: str, max_bytes: int) -> str:
-    """`text` cut to at most `max_bytes` of UTF-8 (msgpack's string limit counts bytes), saying so."""
-    raw = text.encode("utf-8", "surrogatepass")
+    """`text` cut to at most `max_bytes` of UTF-8 (msgpack's string limit counts bytes), saying so. Lone
+    surrogates (bytes a file name could not decode, kept by Python's surrogateescape) are no UTF-8, so msgpack
+    cannot send them: they become their escapes (``\\udcff``)."""
+    n = len(text)
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        raw = text.encode("utf-8")
     if len(raw) <= max_bytes:
         return text
-    note = f"... [cut: {len(text)} characters in all]"
+    note = f"... [cut: {n} characters in all]"
     return raw[:max_bytes - len(note.encode())].decode("utf-8", "ignore") + note
 
 
@@ -220,7 +236,11 @@ def to_plain(obj, _depth: int = 0):
     if isinstance(obj, np.generic):
         return to_plain(obj.item(), _depth + 1)
     if isinstance(obj, np.ndarray):
-        return obj.tolist() if obj.size <= 4096 else f"<array {obj.dtype} {list(obj.shape)}>"
+        if obj.size > 4096:
+            return f"<array {obj.dtype} {list(obj.shape)}>"
+        # Numbers are msgpack-safe as they are; other arrays' items (objects, complex numbers, dates, long
+        # strings) are made so one by one.
+        return obj.tolist() if obj.dtype.kind in _ALLOWED_KINDS else to_plain(obj.tolist(), _depth + 1)
     if isinstance(obj, dict):
         if len(obj) > REPLY_LIMITS["max_map_len"]:
             return f"<map of {len(obj)} items>"

@@ -73,8 +73,13 @@ def load_frames(inputs, stride: int = 1, max_frames: int = 0, camera=None, rotat
     from ..data.hdf5 import iter_demos, rotation_note
     from ..data.store import find_demo_files
 
-    if stride < 1:
-        raise ValueError(f"frame stride must be >= 1, got {stride}")
+    def count(value, least: int) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
+
+    if not count(stride, 1):
+        raise ValueError(f"frame stride must be an integer >= 1, got {stride!r}")
+    if not count(max_frames, 0):  # a negative bound cut that many frames off the first demo read
+        raise ValueError(f"max_frames must be an integer >= 0 (0: every frame), got {max_frames!r}")
     files = find_demo_files(inputs)
     note = rotation_note(files, rotate_180) if announce else None
     if note:
