@@ -1246,3 +1246,223 @@ def test_save_policy_refuses_sizes_that_are_not_integers(tmp_path):
     assert not (tmp_path / "p").exists()
     save_policy(tmp_path / "p", model, vq, at, chunk_size=np.int64(2), image_size=np.int32(64))
     assert WorldVLAPolicy.from_pretrained(tmp_path / "p", device="cpu").chunk_size == 2
+
+
+def test_bfloat16_tensor_frames_are_refused_with_the_conversion(policy_dir, rng):
+    """A bfloat16 tensor frame (a model's output, a frame made on a bfloat16 pipeline) failed in NumPy with "Got
+    unsupported ScalarType BFloat16"; it is now refused as any other dtype, naming the conversion, and following
+    it gives back the frame. act, observe, step, history= and imagine all say it."""
+    import re
+
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    frame = torch.from_numpy(_frames(rng))
+    bad = frame.bfloat16()  # integers up to 256 are exact in bfloat16
+    for call in (pol.act, pol.observe, pol.step, lambda x: pol.act(frame, history=x),
+                 lambda x: pol.imagine(x, np.zeros((1, 4)))):
+        with pytest.raises(TypeError, match=r"must be uint8 in \[0, 255\], got bfloat16 with values in") as e:
+            call(bad)
+        fix = re.search(r"convert with (.+)$", str(e.value)).group(1)
+        assert torch.equal(eval(fix, {"torch": torch, "x": bad}), frame), fix
+
+
+def test_an_engine_limit_below_one_keeps_the_engine_of_the_query(policy_dir, rng):
+    """max_engines = 0 (keep no engine) dropped the engine just built for a new batch size and then failed with a
+    bare KeyError; the query now runs on it, and only it is kept."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    frames = _frames(rng, 2)
+    for limit in (0, -1):
+        pol.max_engines = limit
+        for n in (1, 2):
+            out = pol.act(frames[:n], history=None)
+            assert np.array_equal(out[-1], _expected(pol, "open the drawer", [frames[n - 1]]))
+            assert list(pol._engines) == [n]
+
+
+def test_max_new_tokens_that_is_not_an_integer_is_refused(policy_dir):
+    """max_new_tokens=2.5 was taken as 2 and True as 1 without a word; None was a bare TypeError from int()."""
+    import re
+
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    parts = (pol.model, pol.vqgan, pol.action_tokenizer)
+    for bad in (2.5, True, None, "300", 0):
+        with pytest.raises(ValueError, match=rf"max_new_tokens must be an integer >= 1 .*got {re.escape(repr(bad))}"):
+            WorldVLAPolicy(*parts, chunk_size=3, image_size=64, mode="release", max_new_tokens=bad)
+    assert WorldVLAPolicy(*parts, chunk_size=3, image_size=64, mode="release",
+                          max_new_tokens=np.int64(40)).max_new_tokens == 40
+
+
+def test_extra_that_policy_json_cannot_keep_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """save_policy(extra=[...]) wrote a policy folder that every load then failed on, with a bare "cannot convert
+    dictionary update sequence" TypeError; extra holding a NumPy value failed only once the weights were written.
+    Both are refused by name before the model is saved, and the constructor refuses a non-dict extra too."""
+    model, vq, at = _parts()
+    saved = []
+    save = model.save_pretrained
+    monkeypatch.setattr(model, "save_pretrained", lambda *a, **k: saved.append(1) or save(*a, **k))
+    for bad in ([1, 2], "demo", [("task", "demo")]):
+        with pytest.raises(ValueError, match=f"extra must be a dict .*got {type(bad).__name__}"):
+            save_policy(tmp_path / "p", model, vq, at, chunk_size=3, image_size=64, extra=bad)
+        with pytest.raises(ValueError, match=f"extra must be a dict .*got {type(bad).__name__}"):
+            WorldVLAPolicy(model, vq, at, chunk_size=3, image_size=64, extra=bad)
+    with pytest.raises(ValueError, match=r"extra must hold JSON values only .*float32.*\.item\(\)"):
+        save_policy(tmp_path / "p", model, vq, at, chunk_size=3, image_size=64, extra={"fps": np.float32(10)})
+    assert not saved and not (tmp_path / "p").exists()
+    save_policy(tmp_path / "p", model, vq, at, chunk_size=3, image_size=64, extra={"fps": 10, "tags": ["a"]})
+    assert WorldVLAPolicy.from_pretrained(tmp_path / "p", device="cpu").extra == {"fps": 10, "tags": ["a"]}
+
+
+def test_a_text_tokenizer_the_byte_layout_was_not_trained_with_is_refused(tmp_path, policy_dir):
+    """The constructor took a text_tokenizer.json tokenizer for a model that encodes text as byte ids: every
+    instruction became ids the model never saw as text, without a word (only save() then refused it). It is refused
+    as save_policy refuses it; the layout's own byte tokenizer is taken."""
+    from worldvla.tokens import ChameleonTextTokenizer
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({c: 10 + i for i, c in enumerate(sorted(set("What action should the robot take to x?")))})
+    path = tmp_path / "text_tokenizer.json"
+    path.write_text(json.dumps({"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": None,
+                                "post_processor": None, "decoder": None,
+                                "model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    parts = (pol.model, pol.vqgan, pol.action_tokenizer)
+    other_bytes = ByteTextTokenizer(VocabLayout.compact(n_image_codes=32))  # bytes at another layout's text ids
+    for bad in (ChameleonTextTokenizer(path), other_bytes):
+        with pytest.raises(ValueError, match="encodes text as byte ids; this text_tokenizer .*drop text_tokenizer="):
+            WorldVLAPolicy(*parts, chunk_size=3, image_size=64, text_tokenizer=bad)
+    WorldVLAPolicy(*parts, chunk_size=3, image_size=64, text_tokenizer=ByteTextTokenizer(LAYOUT))
+
+
+def test_an_action_tokenizer_of_another_layout_is_refused(policy_dir, rng):
+    """An ActionTokenizer built on another layout (its bins at other ids) was taken: every action the policy
+    returned was shifted by the layouts' difference, and imagine encoded the actions as other bins."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    for other in (VocabLayout.compact(n_image_codes=32), VocabLayout.compact(n_image_codes=64, n_bins=128)):
+        lo, hi = other.bin_range
+        with pytest.raises(ValueError, match=rf"action tokenizer's layout \({other.name}\) has its bins at ids "
+                                             rf"\[{lo}, {hi}\].*ActionTokenizer\(model.layout, low, high\)"):
+            WorldVLAPolicy(pol.model, pol.vqgan, ActionTokenizer(other, LOW, HIGH), chunk_size=3, image_size=64)
+    same = WorldVLAPolicy(pol.model, pol.vqgan, ActionTokenizer(VocabLayout.compact(n_image_codes=64), LOW, HIGH),
+                          chunk_size=3, image_size=64)
+    frame = _frames(rng)
+    same.reset("open the drawer")
+    assert np.array_equal(same.act(frame, history=None), _expected(pol, "open the drawer", [frame]))
+
+
+def test_a_history_of_true_or_a_fraction_is_refused(tmp_path, policy_dir):
+    """history=True ("use the history") was taken as 1, a policy that never shows the model the previous frame, and
+    save_policy wrote it as 1; 2.0 was taken too. Both are refused, as chunk_size is."""
+    model, vq, at = _parts()
+    for bad in (True, False, 2.0):
+        with pytest.raises(ValueError, match=f"history must be 1 .* or 2 .*got {bad!r}"):
+            WorldVLAPolicy(model, vq, at, chunk_size=3, image_size=64, history=bad)
+        with pytest.raises(ValueError, match=f"history must be 1 .* or 2 .*got {bad!r}"):
+            save_policy(tmp_path / "p", model, vq, at, chunk_size=3, image_size=64, history=bad)
+    assert not (tmp_path / "p").exists()
+    assert WorldVLAPolicy(model, vq, at, chunk_size=3, image_size=64, history=np.int64(1)).history == 1
+
+
+def test_step_on_another_number_of_environments_names_step_and_reset(policy_dir, rng):
+    """After a chunk for two environments was used up, step(one frame) was refused as act()'s call, asking for a
+    history= that step() does not take; the error now names step() and the way out."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    for _ in range(pol.chunk_size):
+        pol.step(_frames(rng, 2))
+    with pytest.raises(ValueError, match=r"previous frames are for 2 environments but step\(\) got 1; step\(\) takes "
+                                         r"no history=: .*reset\(\) to start again"):
+        pol.step(_frames(rng))
+    with pytest.raises(ValueError, match=r"but act\(\) got 1; pass history= explicitly"):
+        pol.act(_frames(rng))
+    pol.reset("open the drawer")
+    assert pol.step(_frames(rng)).shape == (4,)
+
+
+def test_a_chunk_decoded_with_a_layout_of_another_vocabulary_is_refused(rng):
+    """generate_action_chunk took a layout of another vocabulary than the model's: a larger one failed deep in the
+    embedding with a bare IndexError, a smaller one decoded its bins at ids the model learned as other tokens, without
+    a word. Both are refused by name, as the policy refuses them."""
+    model = _parts()[0]
+    prompt = _action_prompt(rng)
+    for other in (VocabLayout.compact(n_image_codes=512), VocabLayout.compact(n_image_codes=32)):
+        for mode in ("parallel", "sequential", "causal"):
+            with pytest.raises(ValueError, match=f"the layout '{other.name}' has {other.vocab_size} ids but the model "
+                                                 f"{LAYOUT.vocab_size}: pass the model's own layout"):
+                generate_action_chunk(model, prompt, other, 2, 4, mode=mode)
+    own = generate_action_chunk(model, prompt, LAYOUT, 2, 4)
+    assert torch.equal(generate_action_chunk(model, prompt, None, 2, 4), own)
+
+
+def test_a_chameleon_policy_without_its_text_tokenizer_names_the_keyword_and_the_file(tmp_path):
+    """A Chameleon-vocabulary policy built without a text tokenizer was told to pass `tokenizer_json=`, a keyword
+    the policy does not take (after a warning about image ids); a policy folder missing its text_tokenizer.json
+    said the same. The constructor now names text_tokenizer=, the folder the missing file."""
+    import re
+    import warnings
+
+    from worldvla.tokens import ChameleonTextTokenizer
+
+    path, _ = _release_text_tokenizer(tmp_path)
+    chameleon = VocabLayout.chameleon()
+    model = WorldVLA(ModelConfig.tiny(chameleon, num_hidden_layers=1)).eval()
+    _, vq, _ = _parts()
+    at = ActionTokenizer(chameleon, LOW, HIGH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before the image-id warning, which would point elsewhere
+        with pytest.raises(ValueError, match=r"pass text_tokenizer=ChameleonTextTokenizer\(path\)"):
+            WorldVLAPolicy(model, vq, at, chunk_size=2, image_size=64)
+    save_policy(tmp_path / "p", model, vq, at, chunk_size=2, image_size=64, text_tokenizer_json=path)
+    (tmp_path / "p" / "text_tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'p' / 'text_tokenizer.json'} is missing")):
+        WorldVLAPolicy.from_pretrained(tmp_path / "p", device="cpu")
+    pol = WorldVLAPolicy.from_pretrained(tmp_path / "p", device="cpu", text_tokenizer=ChameleonTextTokenizer(path))
+    assert isinstance(pol.text_tokenizer, ChameleonTextTokenizer)
+
+
+def test_step_shapes_each_action_for_the_frame_it_is_given(policy_dir, rng):
+    """step() returns [D] for a frame [H, W, 3] and [N, D] for a batch: mid-chunk it returned the shape of the call
+    that queried the chunk, so a batch of one got [D] (and a single frame [1, D]) after a chunk queried the other way.
+    The actions are the chunk's, whatever their shape."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    frames = [_frames(rng) for _ in range(3)]
+    for first, later in ((lambda f: f, lambda f: f[None]), (lambda f: f[None], lambda f: f)):
+        pol.reset("push the button")
+        got = [pol.step(first(frames[0]))] + [pol.step(later(f)) for f in frames[1:]]
+        assert [a.shape for a in got] == [first(frames[0]).shape[:-3] + (4,)] + [later(frames[1]).shape[:-3] + (4,)] * 2
+        chunk = _expected(pol, "push the button", [frames[0]])
+        assert np.array_equal(np.stack([a.reshape(4) for a in got]), chunk)
+    pol.reset("push the button")  # a batch of two keeps [2, D] throughout
+    assert [pol.step(_frames(rng, 2)).shape for _ in range(4)] == [(2, 4)] * 4
+
+
+def test_frames_too_large_for_the_context_are_named_not_the_instruction(policy_dir):
+    """A policy whose frames alone fill the model's context (512-px frames on a 1,024-position model) refused every
+    instruction, a one-letter one too, as "too long; shorten it". The error now says no instruction fits, and why."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    parts = (pol.model, pol.vqgan, pol.action_tokenizer)
+    for history, fewer in ((2, " or history=1"), (1, "")):
+        big = WorldVLAPolicy(*parts, chunk_size=3, image_size=512, history=history)
+        with pytest.raises(ValueError, match=rf"no instruction fits the model's 1024 positions: .*\({history} "
+                                             rf"frame\(s\) of 512 px, .*use a smaller image_size{fewer}, or a "
+                                             rf"smaller chunk_size"):
+            big.reset("a")
+    release = WorldVLAPolicy(*parts, chunk_size=3, image_size=64, mode="release", max_new_tokens=1000)
+    with pytest.raises(ValueError, match="no instruction fits .* or a smaller max_new_tokens"):
+        release.reset("a")
+    with pytest.raises(ValueError, match="the instruction is too long"):  # frames that fit: the instruction is named
+        pol.reset("x" * pol.model.config.max_position_embeddings)
+
+
+def test_an_action_dim_written_as_a_string_is_named_as_such(policy_dir, tmp_path):
+    """policy.json with "action_dim": "4" (a hand-edited file) was refused as 'action_dim 4 disagrees with the 4
+    bounds', a contradiction; the value is now shown as written."""
+    import shutil
+
+    folder = tmp_path / "policy"
+    shutil.copytree(policy_dir, folder)
+    info = json.loads((folder / "policy.json").read_text())
+    info["action_dim"] = "4"
+    (folder / "policy.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="action_dim '4' disagrees with the 4 bounds"):
+        WorldVLAPolicy.from_pretrained(folder, device="cpu")

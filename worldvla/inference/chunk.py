@@ -219,6 +219,9 @@ def generate_action_chunk(model, input_ids, layout: VocabLayout | None, n_action
     layout = layout or model.layout
     if layout is None:
         raise ValueError("pass the model's VocabLayout (layout=)")
+    if layout.vocab_size != model.config.vocab_size:  # its ids would index past the head, or mean other tokens
+        raise ValueError(f"the layout {layout.name!r} has {layout.vocab_size} ids but the model "
+                         f"{model.config.vocab_size}: pass the model's own layout (layout=None takes model.layout)")
     prompts, single = _as_prompts(input_ids)
     _check(prompts, layout, n_actions, action_dim, mode)
     if mode != "causal" and model.config.attention == "causal":  # before a given engine's cache is touched

@@ -33,7 +33,7 @@ import torch
 
 from ..checkpoint import link_model_files, read_json_file, replace_folder
 from ..devices import torch_device, torch_dtype
-from ..tokens import ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
+from ..tokens import ActionTokenizer, ByteTextTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
 from ..tokens.layout import with_release_image_ids
 from ..tokens.sequence import ACTION_PROMPT, image_tokens
 from .chunk import MODES, chunk_length, generate_action_chunk
@@ -70,9 +70,8 @@ def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_siz
     folder that is then renamed into place (replacing an older policy)."""
     path = Path(path)
     _check_sizes(chunk_size, image_size)  # int() below would write 2.5 as 2
-    if history not in (1, 2):
-        raise ValueError(f"history must be 1 (current frame) or 2 (previous + current frame, the release), "
-                         f"got {history!r}")
+    _check_history(history)
+    _check_extra(extra)
     if model.layout is not None and model.layout.text_base < 0 and text_tokenizer_json is None:
         raise ValueError("a model on the Chameleon vocabulary needs its text_tokenizer.json (text_tokenizer_json=)")
     if model.layout is not None and model.layout.text_base >= 0 and text_tokenizer_json is not None:
@@ -86,6 +85,10 @@ def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_siz
         raise ValueError(f"image_size {image_size} must be a multiple of the VQGAN factor {down} and of the "
                          f"{grid}-px resolution grid")
 
+    info = json.dumps({"format_version": FORMAT_VERSION, "action_low": action_tokenizer.low.tolist(),
+                       "action_high": action_tokenizer.high.tolist(), "chunk_size": int(chunk_size),
+                       "action_dim": int(action_tokenizer.action_dim), "image_size": int(image_size),
+                       "history": int(history), "extra": extra or {}}, indent=2)
     how = "saved"
 
     def write(tmp: Path) -> None:
@@ -99,11 +102,7 @@ def save_policy(path, model, vqgan, action_tokenizer: ActionTokenizer, chunk_siz
             text_tokenizer_json.tok.save(str(tmp / "text_tokenizer.json"))
         elif text_tokenizer_json is not None:
             shutil.copyfile(text_tokenizer_json, tmp / "text_tokenizer.json")
-        info = {"format_version": FORMAT_VERSION, "action_low": action_tokenizer.low.tolist(),
-                "action_high": action_tokenizer.high.tolist(), "chunk_size": int(chunk_size),
-                "action_dim": int(action_tokenizer.action_dim), "image_size": int(image_size),
-                "history": int(history), "extra": extra or {}}
-        (tmp / POLICY_FILE).write_text(json.dumps(info, indent=2))
+        (tmp / POLICY_FILE).write_text(info)
 
     replace_folder(path, write)
     return how
@@ -116,6 +115,26 @@ def _check_sizes(chunk_size, image_size) -> None:
     for name, value in (("chunk_size", chunk_size), ("image_size", image_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_history(history) -> None:
+    # A bool is refused by name: history=True ("use the history") would be 1, the current frame alone.
+    if isinstance(history, bool) or not isinstance(history, (int, np.integer)) or history not in (1, 2):
+        raise ValueError(f"history must be 1 (current frame) or 2 (previous + current frame, the release), "
+                         f"got {history!r}")
+
+
+def _check_extra(extra) -> None:
+    """`extra` goes into policy.json as an object: anything else would be written and then fail every load."""
+    if extra is None:
+        return
+    if not isinstance(extra, dict):
+        raise ValueError(f"extra must be a dict (policy.json keeps it as a JSON object), got {type(extra).__name__}")
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"extra must hold JSON values only (str, numbers, bools, None, lists, dicts): {e}; convert "
+                         f"NumPy values with .item() or .tolist()") from None
 
 
 def _digest(frame: np.ndarray) -> tuple:
@@ -175,20 +194,44 @@ class WorldVLAPolicy:
         if causal_model and mode != "causal":
             raise ValueError(f"this model was trained with plain causal attention; its chunks decode with "
                              f"mode='causal', not {mode!r}")
-        if history not in (1, 2):
-            raise ValueError(f"history must be 1 (current frame) or 2 (previous + current frame, the release), "
-                             f"got {history}")
+        _check_history(history)
         # As save_policy refuses them: a chunk of no action fails only at the first query, and an image size
         # below 1 px in the frames' resize.
         _check_sizes(chunk_size, image_size)
+        if extra is not None and not isinstance(extra, dict):  # dict() would fail on it, or take its pairs
+            raise ValueError(f"extra must be a dict (policy.json keeps it as a JSON object), got "
+                             f"{type(extra).__name__}")
+        # An int() of them would take 2.5 as 2 and True as 1.
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1 (tokens a mode='release' query generates at "
+                             f"most), got {max_new_tokens!r}")
         if isinstance(code_cache_size, bool) or not isinstance(code_cache_size, (int, np.integer)) \
                 or code_cache_size < 0:
             raise ValueError(f"code_cache_size must be an integer >= 0 (frames whose VQ codes are kept; 0 keeps "
                              f"none), got {code_cache_size!r}")
+        # Refused here: text_tokenizer_for's error names the command line's option and another function's keyword.
+        if (layout or model.layout).text_base < 0 and text_tokenizer is None:
+            raise ValueError("a model on the Chameleon vocabulary encodes instructions with the release's "
+                             "text_tokenizer.json: pass text_tokenizer=ChameleonTextTokenizer(path) (worldvla.tokens)")
         self.model, self.vqgan = model.eval(), vqgan.eval()
         self.layout = with_release_image_ids(layout or model.layout, text_tokenizer)
         if self.layout.vocab_size != model.config.vocab_size:
             raise ValueError(f"the layout has {self.layout.vocab_size} ids, the model {model.config.vocab_size}")
+        # The tokenizer turns the model's bin ids into actions (and actions into ids, for imagine): bins of
+        # another layout would shift every action without a word.
+        ours = (self.layout.bin_range, self.layout.boa, self.layout.eoa)
+        theirs = (action_tokenizer.layout.bin_range, action_tokenizer.layout.boa, action_tokenizer.layout.eoa)
+        if theirs != ours:
+            raise ValueError(f"the action tokenizer's layout ({action_tokenizer.layout.name}) has its bins at ids "
+                             f"{list(theirs[0])}, the model's layout ({self.layout.name}) at {list(ours[0])}: build "
+                             f"it on the model's layout, ActionTokenizer(model.layout, low, high)")
+        if self.layout.text_base >= 0 and text_tokenizer is not None:
+            sample = ACTION_PROMPT.format(instruction="x")  # as save_policy refuses its text_tokenizer.json
+            if list(text_tokenizer.encode(sample)) != ByteTextTokenizer(self.layout).encode(sample):
+                raise ValueError(f"a model on the {self.layout.name} layout encodes text as byte ids; this "
+                                 f"text_tokenizer encodes instructions as the model was never trained: drop "
+                                 f"text_tokenizer=")
         self.action_tokenizer = action_tokenizer
         self.text_tokenizer = text_tokenizer or text_tokenizer_for(self.layout)
         self.builder = SequenceBuilder(self.layout, self.text_tokenizer, action_tokenizer)
@@ -196,8 +239,6 @@ class WorldVLAPolicy:
         self.action_dim = action_tokenizer.action_dim
         self.mode, self.extra = mode, dict(extra or {})
         self.max_new_tokens = int(max_new_tokens)
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         check_vqgan_patch(vqgan, self.layout)
         down = vqgan.downsample
         if self.image_size % down or (self.image_size // down) % (self.layout.res_grid // self.layout.patch):
@@ -259,10 +300,14 @@ class WorldVLAPolicy:
         text = None
         if model.layout.text_base < 0 and (path / "text_tokenizer.json").is_file():  # byte-text layouts need none
             text = ChameleonTextTokenizer(path / "text_tokenizer.json")
+        elif model.layout.text_base < 0 and kw.get("text_tokenizer") is None:
+            raise FileNotFoundError(f"{path / 'text_tokenizer.json'} is missing: a model on the Chameleon vocabulary "
+                                    f"encodes instructions with it; copy the release's text_tokenizer.json there (or "
+                                    f"pass text_tokenizer=)")
         at = ActionTokenizer(model.layout, info["action_low"], info["action_high"])
         if at.action_dim != info.get("action_dim", at.action_dim):
-            raise ValueError(f"{path / POLICY_FILE}: action_dim {info['action_dim']} disagrees with the "
-                             f"{at.action_dim} bounds")
+            raise ValueError(f"{path / POLICY_FILE}: action_dim {info['action_dim']!r} disagrees with the "
+                             f"{at.action_dim} bounds")  # repr: a "4" written as a string is not 4
         saved = {"chunk_size": info["chunk_size"], "image_size": info["image_size"], "history": info.get("history", 2),
                  "extra": info.get("extra"), "text_tokenizer": text}
         return cls(model, vqgan, at, **{**saved, **kw})
@@ -326,6 +371,14 @@ class WorldVLAPolicy:
         prefix = self._prefix(instruction).numel()
         n = self._prompt_capacity(prefix)
         limit = self.model.config.max_position_embeddings
+        least = self._prompt_capacity(self._prefix("").numel())
+        if least > limit:  # no instruction fits: shortening it is no fix
+            fewer = " or history=1" if self.history == 2 else ""
+            tokens = "max_new_tokens" if self.mode == "release" else "chunk_size"
+            raise ValueError(f"no instruction fits the model's {limit} positions: a query needs {least} with an empty "
+                             f"one ({self.history} frame(s) of {self.image_size} px, {self._image_len} tokens each, "
+                             f"and {self._new_tokens()} generated tokens); use a smaller image_size{fewer}, or a "
+                             f"smaller {tokens}")
         if n > limit:
             raise ValueError(f"the instruction is too long: a query with it needs {n} positions (instruction "
                              f"{prefix} tokens, {self.history} frame(s) and "
@@ -361,7 +414,7 @@ class WorldVLAPolicy:
         the call that reaches a block of 0 or 2..D-1 ids, after the chunk's actions before it)."""
         self._require_reset()
         if not self._queue:
-            out, fails_after = self._act(image, _AUTO, keep_before_failure=True)
+            out, fails_after = self._act(image, _AUTO, keep_before_failure=True, caller="step")
             chunk = check_chunk(out)
             self._queue = list(np.moveaxis(chunk, -2, 0))  # K entries of [D] or [N, D]
             self._queue_envs = 1 if chunk.ndim == 2 else chunk.shape[0]
@@ -370,13 +423,16 @@ class WorldVLAPolicy:
         else:
             # The queued actions are for the environments of the chunk's query: another count would get them
             # without a word (one frame, two environments' actions).
-            frames, _ = self._frames(image)
+            frames, single = self._frames(image)
             if frames.shape[0] != self._queue_envs:
                 plural = "s" if self._queue_envs > 1 else ""
                 raise ValueError(f"step() got {frames.shape[0]} frame(s) but the chunk under way is for "
                                  f"{self._queue_envs} environment{plural}: pass one frame per environment until "
                                  f"its actions are used up, or reset() to start again")
             self._last = frames.copy()  # as observe() records it
+            if self._queue_envs == 1 and self._queue[0] is not _FAILS:  # shaped for this call: [D] for a frame
+                # [H, W, 3], [1, D] for a batch of one, whichever the chunk's query had
+                self._queue[0] = self._queue[0].reshape(self.action_dim if single else (1, self.action_dim))
         action = self._queue.pop(0)
         if action is _FAILS:
             self._queue = []
@@ -392,10 +448,10 @@ class WorldVLAPolicy:
         Frames not `image_size` square are resized to it (stretched if not square)."""
         return self._act(image, history)[0]
 
-    def _act(self, image, history, keep_before_failure: bool = False):
+    def _act(self, image, history, keep_before_failure: bool = False, caller: str = "act"):
         """(`act`'s chunk(s), fails_after). mode='release' with `keep_before_failure`: a chunk holding a block
         the release fails on keeps the actions before it, and fails_after says one of them (any environment's)
-        does; otherwise such a chunk has no action and fails_after is False."""
+        does; otherwise such a chunk has no action and fails_after is False. `caller`: the call the errors name."""
         self._require_reset()
         frames, single = self._frames(image)
         N = frames.shape[0]
@@ -406,8 +462,11 @@ class WorldVLAPolicy:
         if history is _AUTO:
             prev = self._last if self.history >= 2 else None  # a one-frame policy never reads it
             if prev is not None and prev.shape[0] != N:
-                raise ValueError(f"the recorded previous frames are for {prev.shape[0]} environments but act() got "
-                                 f"{N}; pass history= explicitly when querying a subset of the environments")
+                fix = ("pass history= explicitly when querying a subset of the environments" if caller == "act" else
+                       "step() takes no history=: pass one frame per environment as before, or reset() to start "
+                       "again")
+                raise ValueError(f"the recorded previous frames are for {prev.shape[0]} environments but {caller}() "
+                                 f"got {N}; {fix}")
         elif history is None:
             prev = None
         else:
@@ -481,6 +540,9 @@ class WorldVLAPolicy:
     def _frames(self, image, what: str = "frames") -> tuple[np.ndarray, bool]:
         """`what`: the argument the errors name (act's `history=` is checked as its frames are)."""
         tensor = isinstance(image, torch.Tensor)  # the errors' conversions are then torch calls
+        renamed = None
+        if tensor and image.dtype == torch.bfloat16:  # NumPy has no bfloat16: its values, as float32, for the error
+            image, renamed = image.float(), "bfloat16"
         try:
             a = image.detach().cpu().numpy() if tensor else np.asarray(image)
         except ValueError:  # NumPy's "inhomogeneous shape": frames of different sizes
@@ -494,7 +556,10 @@ class WorldVLAPolicy:
             raise ValueError(f"{what} must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}"
                              f"{frame_layout_hint(a, tensor)}")
         if a.dtype != np.uint8:
-            raise FrameDtypeError(f"{what} must be uint8 in [0, 255], got {uint8_hint(a, tensor)}")
+            hint = uint8_hint(a, tensor)
+            if renamed:  # the hint names the float32 copy's dtype first
+                hint = hint.replace("float32", renamed, 1)
+            raise FrameDtypeError(f"{what} must be uint8 in [0, 255], got {hint}")
         single = a.ndim == 3
         a = a[None] if single else a
         if a.shape[0] == 0 or 0 in a.shape[1:3]:
@@ -539,7 +604,7 @@ class WorldVLAPolicy:
             room = min(max_len + max(int(self.engine_headroom), 0), self.model.config.max_position_embeddings)
             eng = InferenceEngine(self.model, N, max(room, max_len), layout=self.layout)
             self._engines[N] = eng
-            while len(self._engines) > self.max_engines:
+            while len(self._engines) > max(self.max_engines, 1):  # the engine of this query stays, whatever the limit
                 self._engines.popitem(last=False)
         self._engines.move_to_end(N)
         return eng
