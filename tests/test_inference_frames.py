@@ -724,3 +724,13 @@ def test_frame_needs_exactly_the_slots_it_fills(guided):
     assert torch.equal(exact, roomy)
     with pytest.raises(ValueError, match=f"need {need} cache slots; the engine has {need - 1}"):
         generate_frame_codes(model, codes, acts, b, engine=InferenceEngine(model, rows, need - 1), **kw)
+
+
+def test_a_bfloat16_frame_tensor_is_named_with_its_conversion():
+    """generate_frames gave NumPy's bare "Got unsupported ScalarType BFloat16" for a bfloat16 frame tensor; it names
+    the dtype, the values and the conversion now, as for other dtypes."""
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    img = torch.rand(64, 64, 3).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"image must be uint8 in \[0, 255\], got bfloat16 with values in \[\S+, "
+                                         r"[0-9.]+\]; convert with \(x \* 255\)\.round\(\)\.to\(torch\.uint8\)"):
+        generate_frames(model, vq, img, np.zeros((1, 4)), action_tokenizer=b.actions, text_tokenizer=b.text)

@@ -432,3 +432,17 @@ def test_a_sequence_that_reached_the_separator_ends_there_while_others_go_on(rng
     assert got[0].tokens.tolist() == [LAYOUT.sep] and got[0].actions.shape == (0, D + 2)
     t = got[1].tokens.tolist()
     assert len(t) == D + 3 and t[-1] == LAYOUT.sep and got[1].actions.tolist() == [t[:D + 2]]
+
+
+def test_a_layout_of_another_vocabulary_is_refused(rng):
+    """generate_release_actions took a layout of another vocabulary than the model's: a larger one failed deep in the
+    embedding with a bare IndexError, a smaller one parsed its bins at ids the model learned as other tokens. Both are
+    refused by name, as generate_action_chunk refuses them."""
+    model, prompts = _model(0), _prompts(rng, 2)
+    for other in (VocabLayout.compact(n_image_codes=512), VocabLayout.compact(n_image_codes=32)):
+        with pytest.raises(ValueError, match=f"the layout '{other.name}' has {other.vocab_size} ids but the model "
+                                             f"{LAYOUT.vocab_size}: pass the model's own layout"):
+            generate_release_actions(model, prompts, other, D, max_new_tokens=8)
+    own = generate_release_actions(model, prompts, LAYOUT, D, max_new_tokens=8)
+    same = generate_release_actions(model, prompts, None, D, max_new_tokens=8)
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(own, same))

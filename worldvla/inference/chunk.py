@@ -199,6 +199,18 @@ def _decode_sequential(engine, P, base, n_actions, action_dim, backend, chunk_ru
     return out.view(B, K, T)[:, :, 1:-1]
 
 
+def decoding_layout(model, layout: VocabLayout | None) -> VocabLayout:
+    """`layout`, or the model's own when None; refused when neither is given, or when its vocabulary is not the
+    model's (its ids would index past the head, or mean other tokens)."""
+    layout = layout or model.layout
+    if layout is None:
+        raise ValueError("pass the model's VocabLayout (layout=)")
+    if layout.vocab_size != model.config.vocab_size:
+        raise ValueError(f"the layout {layout.name!r} has {layout.vocab_size} ids but the model "
+                         f"{model.config.vocab_size}: pass the model's own layout (layout=None takes model.layout)")
+    return layout
+
+
 @torch.no_grad()
 def generate_action_chunk(model, input_ids, layout: VocabLayout | None, n_actions: int, action_dim: int,
                           mode: str = "parallel", backend: str = "auto", *, engine: InferenceEngine | None = None,
@@ -216,12 +228,7 @@ def generate_action_chunk(model, input_ids, layout: VocabLayout | None, n_action
     `backend` picks the attention and sampling implementations ("auto" = fastest available); a given
     engine keeps the attention backend it was built with.
     """
-    layout = layout or model.layout
-    if layout is None:
-        raise ValueError("pass the model's VocabLayout (layout=)")
-    if layout.vocab_size != model.config.vocab_size:  # its ids would index past the head, or mean other tokens
-        raise ValueError(f"the layout {layout.name!r} has {layout.vocab_size} ids but the model "
-                         f"{model.config.vocab_size}: pass the model's own layout (layout=None takes model.layout)")
+    layout = decoding_layout(model, layout)
     prompts, single = _as_prompts(input_ids)
     _check(prompts, layout, n_actions, action_dim, mode)
     if mode != "causal" and model.config.attention == "causal":  # before a given engine's cache is touched

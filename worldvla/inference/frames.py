@@ -248,14 +248,26 @@ class FrameDtypeError(TypeError, ValueError):
     callers catching either, as the policy's and generate_frames' callers did, see it."""
 
 
+def frame_array(image) -> tuple[np.ndarray, str | None]:
+    """A frame tensor (any device) as a NumPy array, with the name of its dtype where the array's differs: NumPy
+    has no bfloat16 ("Got unsupported ScalarType BFloat16"), so a bfloat16 tensor comes as float32, its values
+    exact, for the errors to name and convert. Anything else through np.asarray."""
+    if not isinstance(image, torch.Tensor):
+        return np.asarray(image), None
+    t = image.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.float().numpy(), "bfloat16"
+    return t.numpy(), None
+
+
 def _to_batch_images(image) -> tuple[np.ndarray, bool]:
     tensor = isinstance(image, torch.Tensor)
-    a = image.detach().cpu().numpy() if tensor else np.asarray(image)
+    a, dtype_name = frame_array(image)
     if a.ndim not in (3, 4) or a.shape[-1] != 3:
         raise ValueError(f"image must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}"
                          f"{frame_layout_hint(a, tensor)}")
     if a.dtype != np.uint8:
-        raise FrameDtypeError(f"image must be uint8 in [0, 255], got {uint8_hint(a, tensor)}")
+        raise FrameDtypeError(f"image must be uint8 in [0, 255], got {uint8_hint(a, tensor, dtype_name)}")
     return (a[None], True) if a.ndim == 3 else (a, False)
 
 
@@ -276,10 +288,13 @@ def frame_layout_hint(a: np.ndarray, tensor: bool = False) -> str:
     return ""
 
 
-def uint8_hint(a: np.ndarray, tensor: bool = False) -> str:
+def uint8_hint(a: np.ndarray, tensor: bool = False, dtype_name: str | None = None) -> str:
     """"<dtype> ...; convert with ..." for frames that are not uint8: the conversion that keeps the image, chosen
     from the dtype and the values (`x * 255` would wrap an int64 or 0..255 float frame around mod 256).
-    `tensor`: the caller passed a torch tensor, which the NumPy calls would not take."""
+    `tensor`: the caller passed a torch tensor, which the NumPy calls would not take. `dtype_name`: the dtype the
+    caller's frames have where `a`'s differs (`frame_array`)."""
+    if dtype_name is not None:
+        return uint8_hint(a, tensor).replace(str(a.dtype), dtype_name, 1)
     if a.dtype.kind not in "biuf":
         return f"{a.dtype}; give RGB pixels as a numeric array, e.g. np.asarray(x, dtype=np.uint8)"
     if a.dtype.kind == "b":

@@ -39,7 +39,8 @@ from ..tokens.sequence import ACTION_PROMPT, image_tokens
 from .chunk import MODES, chunk_length, generate_action_chunk
 from .release import RELEASE_MAX_NEW_TOKENS, generate_release_actions
 from .engine import InferenceEngine, _model_state, outside_inference_mode
-from .frames import FrameDtypeError, check_frame_sampling, frame_layout_hint, generate_frames, uint8_hint
+from .frames import (FrameDtypeError, check_frame_sampling, frame_array, frame_layout_hint, generate_frames,
+                     uint8_hint)
 from .malloc import tune_cpu_malloc
 
 POLICY_FILE = "policy.json"
@@ -540,11 +541,8 @@ class WorldVLAPolicy:
     def _frames(self, image, what: str = "frames") -> tuple[np.ndarray, bool]:
         """`what`: the argument the errors name (act's `history=` is checked as its frames are)."""
         tensor = isinstance(image, torch.Tensor)  # the errors' conversions are then torch calls
-        renamed = None
-        if tensor and image.dtype == torch.bfloat16:  # NumPy has no bfloat16: its values, as float32, for the error
-            image, renamed = image.float(), "bfloat16"
         try:
-            a = image.detach().cpu().numpy() if tensor else np.asarray(image)
+            a, dtype_name = frame_array(image)
         except ValueError:  # NumPy's "inhomogeneous shape": frames of different sizes
             try:
                 shapes = sorted({tuple(np.shape(f)) for f in image})
@@ -556,10 +554,7 @@ class WorldVLAPolicy:
             raise ValueError(f"{what} must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}"
                              f"{frame_layout_hint(a, tensor)}")
         if a.dtype != np.uint8:
-            hint = uint8_hint(a, tensor)
-            if renamed:  # the hint names the float32 copy's dtype first
-                hint = hint.replace("float32", renamed, 1)
-            raise FrameDtypeError(f"{what} must be uint8 in [0, 255], got {hint}")
+            raise FrameDtypeError(f"{what} must be uint8 in [0, 255], got {uint8_hint(a, tensor, dtype_name)}")
         single = a.ndim == 3
         a = a[None] if single else a
         if a.shape[0] == 0 or 0 in a.shape[1:3]:

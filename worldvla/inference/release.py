@@ -33,7 +33,7 @@ from ..mask import NO_BLOCK, GrowingBlockMeta
 from ..ops import dispatch
 from ..tokens.layout import VocabLayout
 from .baseline import parse_release_actions
-from .chunk import _as_prompts, head_sample, sampling_backend
+from .chunk import _as_prompts, decoding_layout, head_sample, sampling_backend
 from .engine import InferenceEngine, engine_for
 
 RELEASE_MAX_NEW_TOKENS = 300  # the release's cap (action_steps 25 x 12)
@@ -77,9 +77,7 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
     `generate_action_chunk` (the engine needs room for the longest prompt plus `max_new_tokens`).
     `logits_processor(ids_so_far [L], logits [V]) -> logits`, applied before each argmax as in the
     baseline, takes the slow path (full logits on the host) and is for tests and experiments."""
-    layout = layout or model.layout
-    if layout is None:
-        raise ValueError("pass the model's VocabLayout (layout=)")
+    layout = decoding_layout(model, layout)
     if model.config.attention != "chunk":
         raise ValueError("the release's decoding applies the chunk rule; this model was trained with plain causal "
                          "attention (decode it with generate_action_chunk(mode='causal'))")
