@@ -206,6 +206,35 @@ def test_the_trainings_resume_only_from_a_checkpoint(tmp_path, monkeypatch):
         assert seen[name] is True, name
 
 
+def test_a_stage_resumed_without_checkpoints_starts_over_in_an_emptied_folder(tmp_path, monkeypatch):
+    """A training stage asked to resume where the checkpoints are gone (deleted to free the disk) but the export is
+    left: the folder was kept, and the trainers refuse a fresh run into a folder holding an earlier run's export
+    (--overwrite, which the demo does not pass). The stage empties its own folder and starts over."""
+    from worldvla import demo
+    from worldvla.train import trainer
+    from worldvla.train import vq as train_vq
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(name, folder):
+        def stop(args):
+            seen[name] = (args.resume, sorted(p.name for p in (tmp_path / folder).glob("*")))
+            raise Stop()
+        return stop
+
+    monkeypatch.setattr(trainer, "train", record("train", "train"))
+    monkeypatch.setattr(train_vq, "train_vq", record("vq", "vq"))
+    cfg = demo.DemoConfig.fast_preset()
+    for name, export, stage in (("train", "policy", demo.stage_train), ("vq", "vqgan", demo.stage_train_vq)):
+        (tmp_path / name / export).mkdir(parents=True)
+        (tmp_path / name / "metrics.jsonl").write_text("{}\n")
+        with pytest.raises(Stop):
+            stage(cfg, tmp_path, False, True)
+        assert seen[name] == (False, []), name
+
 def test_a_training_stopped_by_sigterm_ends_the_demo_saying_how_to_continue(tmp_path, monkeypatch, capsys):
     """A SIGTERM inside the demo's training ends that training after a saved step: the demo used to go on and
     fail with "training finished without exporting a policy". It ends with SIGTERM's status and the way on."""

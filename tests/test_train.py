@@ -1827,3 +1827,69 @@ def test_a_checkpoint_is_renamed_in_on_the_disk_before_latest_names_it(tmp_path,
     names = [os.path.basename(p) for p in flushed]
     pointer = next(i for i, n in enumerate(names) if n.startswith(".latest."))
     assert names.index(".tmp-step_00000007") < names.index("checkpoints") < pointer, names
+
+
+def test_resume_takes_the_min_lr_its_default_stands_for_at_the_default_lr(store_dir, tmp_path):
+    """--min-lr's default stands for --lr / 10, but at the default --lr 3e-4 that is 2.9999999999999997e-05 in
+    floating point: a resume given --min-lr 3e-5 (the same floor, typed out) was refused as another setting. Settings
+    equal up to rounding are the same; one that differs beyond it is still refused."""
+    from worldvla.train.checkpointing import _same_setting
+
+    assert _same_setting(3e-4 * 0.1, 3e-5) and _same_setting(float("nan"), float("nan"))
+    assert not _same_setting(3e-5, 3.0001e-5) and not _same_setting(0.0, 1e-300)
+    assert not _same_setting(1.0, float("nan"))
+    out = tmp_path / "run"
+    common = ["--steps", 3, "--batch-tokens", 300, "--lr", 3e-4, "--no-export"]
+    trainer.train(args_for(store_dir, out, *common, "--stop-after", 1))
+    with pytest.raises(ValueError, match=r"started with --min-lr None, not --min-lr 3\.1e-05;"):
+        trainer.train(args_for(store_dir, out, *common, "--min-lr", 3.1e-5, "--resume"))
+    assert trainer.train(args_for(store_dir, out, *common, "--min-lr", 3e-5, "--resume"))["step"] == 3
+
+
+def test_a_min_lr_above_lr_is_unused_not_refused_under_a_constant_schedule(store_dir, tmp_path, capsys):
+    """--min-lr is the cosine's floor: under --schedule constant it was refused as "the cosine decay would raise the
+    learning rate", where the run has no decay and says instead that the option is unused."""
+    s = trainer.train(args_for(store_dir, tmp_path / "c", "--steps", 2, "--batch-tokens", 300, "--lr", 1e-3,
+                               "--min-lr", 1e-2, "--schedule", "constant", "--no-export"))
+    assert s["step"] == 2
+    assert "warning: --min-lr 0.01 is unused under --schedule constant" in capsys.readouterr().out
+    assert [r["lr"] for r in read_log(tmp_path / "c")] == [5e-4, 1e-3]  # warm-up of 2 steps, then --lr
+    with pytest.raises(ValueError, match=r"--min-lr 0\.01 is above --lr 0\.001.*cosine"):
+        trainer.train(args_for(store_dir, tmp_path / "d", "--steps", 2, "--lr", 1e-3, "--min-lr", 1e-2))
+
+
+def test_an_init_model_of_another_vocabulary_is_refused_saying_what_to_do(store_dir, tmp_path):
+    """The refusal named the two vocabulary sizes only, not what to do about them."""
+    from worldvla.checkpoint import config_to_hf
+
+    cfg = trainer.build_model_config("tiny", TokenStore(store_dir).layout)
+    cfg.vocab_size += 64  # a model of a VQGAN with a larger codebook
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "config.json").write_text(json.dumps(config_to_hf(cfg)))
+    with pytest.raises(ValueError, match=rf"--init model has {cfg.vocab_size} vocabulary entries, the store's layout "
+                                         rf"{cfg.vocab_size - 64}: .*pretokenize.*VQGAN.*or drop --init"):
+        trainer.train(args_for(store_dir, tmp_path / "run", "--steps", 1, "--init", init, "--no-export"))
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_a_fresh_run_refuses_a_folder_holding_an_earlier_runs_export_without_its_checkpoints(store_dir, tmp_path):
+    """A finished run whose checkpoints were deleted (to free the disk) kept its policy and log; a fresh run there
+    went ahead without --overwrite, emptied that log and, under --no-export, left the other run's policy beside its
+    own checkpoints, as if this run had made it. It is refused now, and --overwrite deletes the export."""
+    import shutil
+
+    out = tmp_path / "run"
+    trainer.train(args_for(store_dir, out, "--steps", 2, "--batch-tokens", 300))
+    exported = next(out / name for name in ("policy", "model") if (out / name).is_dir())
+    shutil.rmtree(out / "checkpoints")
+    log = (out / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match=rf"{out} holds the exported {exported.name}/ of an earlier run \(its "
+                                              r"checkpoints are gone\)\. Pass --overwrite to delete it"):
+        trainer.train(args_for(store_dir, out, "--steps", 1, "--batch-tokens", 300, "--no-export"))
+    assert (out / "metrics.jsonl").read_text() == log and exported.is_dir()
+    trainer.train(args_for(store_dir, out, "--steps", 1, "--batch-tokens", 300, "--no-export", "--overwrite"))
+    assert not exported.exists() and [r["step"] for r in read_log(out)] == [1]
+    # A run stopped before its first checkpoint leaves only its log: the same command starts over there.
+    shutil.rmtree(out / "checkpoints")
+    assert trainer.train(args_for(store_dir, out, "--steps", 1, "--batch-tokens", 300, "--no-export"))["step"] == 1

@@ -279,6 +279,25 @@ def test_fresh_run_refuses_old_checkpoints_and_overwrite_starts_over(data, tmp_p
     assert s["step"] == 2 and s["losses"] and (out / "vqgan" / "config.json").is_file()
 
 
+def test_a_fresh_run_refuses_an_earlier_export_without_checkpoints_before_reading_frames(data, tmp_path, monkeypatch):
+    """A folder holding an earlier run's vqgan/ whose checkpoints were deleted: a fresh run replaced that export
+    without a word. It is refused, naming the folder and --overwrite, before any frame is loaded; --overwrite
+    starts over."""
+    import shutil
+
+    out = tmp_path / "run"
+    vqt.train_vq(args_for(data, out, "--steps", 2))
+    shutil.rmtree(out / "checkpoints")  # deleted to free the disk, the export kept
+    before = (out / "vqgan" / "model.safetensors").read_bytes()
+    loaded = []
+    real_load = vqt.load_frames
+    monkeypatch.setattr(vqt, "load_frames", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    with pytest.raises(FileExistsError, match=r"holds the exported vqgan/ of an earlier run.*--overwrite"):
+        vqt.train_vq(args_for(data, out, "--steps", 2, "--seed", 5))
+    assert not loaded and (out / "vqgan" / "model.safetensors").read_bytes() == before
+    s = vqt.train_vq(args_for(data, out, "--steps", 2, "--seed", 5, "--overwrite"))
+    assert loaded and s["export"] and (out / "vqgan" / "model.safetensors").read_bytes() != before
+
 @pytest.mark.parametrize("option,value", [("--batch-size", "0"), ("--log-every", "0"), ("--epochs", "0"),
                                           ("--steps", "-5"), ("--frame-stride", "0"), ("--keep-last", "-1"),
                                           ("--seed", "-1")])

@@ -233,11 +233,12 @@ def stage_train_vq(cfg: DemoConfig, out: Path, progress: bool, resume: bool) -> 
     from .train.checkpointing import has_checkpoints
 
     run_dir = out / "vq"
+    # --resume only where there is a checkpoint to continue: the user passed no --resume, so its "no checkpoint,
+    # a new run starts" line would only puzzle. Otherwise the stage starts over in an emptied folder: what an
+    # earlier run left there without its checkpoints (its export) is the demo's own, not a run to protect.
+    resume = resume and has_checkpoints(run_dir)
     if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)
-    # --resume only where there is a checkpoint to continue: the user passed no --resume, so its "no checkpoint,
-    # a new run starts" line would only puzzle.
-    resume = resume and has_checkpoints(run_dir)
     argv = [*map(str, demo_files(cfg, out)), "--out", str(run_dir), "--config", "small", "--steps", str(cfg.vq_steps),
             "--batch-size", str(cfg.vq_batch), "--lr", str(cfg.vq_lr), "--min-lr", str(cfg.vq_lr / 10),
             "--warmup", str(max(1, min(100, cfg.vq_steps // 10))), "--seed", str(cfg.seed), "--device", "cpu",
@@ -281,9 +282,9 @@ def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool, action
     from .train.checkpointing import has_checkpoints
 
     run_dir = out / run_name
+    resume = resume and has_checkpoints(run_dir)  # as in stage_train_vq
     if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)
-    resume = resume and has_checkpoints(run_dir)  # as in stage_train_vq
     argv = ["--store", str(out / "store"), "--out", str(run_dir), "--config", cfg.model,
             "--steps", str(cfg.train_steps), "--batch-tokens", str(cfg.batch_tokens),
             "--micro-tokens", str(min(cfg.micro_tokens, cfg.batch_tokens)), "--lr", str(cfg.lr),

@@ -196,9 +196,12 @@ def _brief(value) -> str:
 
 
 def _same_setting(a, b) -> bool:
-    """Equal settings, nan equal to nan (a number that is not equal to itself)."""
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
+    """Equal settings, nan equal to nan (a number that is not equal to itself), numbers equal up to rounding: the
+    value a default stands for is computed (--lr / 10 at --lr 3e-4 is 2.9999999999999997e-05), not the 3e-05 typed."""
+    if isinstance(a, float) and isinstance(b, float):
+        if math.isnan(a) and math.isnan(b):
+            return True
+        return math.isclose(a, b, rel_tol=1e-12)
     return a == b
 
 
@@ -285,13 +288,25 @@ def check_resume_or_overwrite(resume: bool, overwrite: bool) -> None:
                          "of them, not both")
 
 
-def check_run_dir(run_dir, resume: bool, overwrite: bool, kind: str | None = None) -> None:
+def check_run_dir(run_dir, resume: bool, overwrite: bool, kind: str | None = None, exports=()) -> None:
     """What `prepare_run_dir` refuses, refused before a run reads or builds anything: --resume with --overwrite,
-    and a fresh run (no --resume) into a folder that holds another run's checkpoints without `overwrite`
-    (`kind`: this command's, to name a run of the other command as such)."""
+    and a fresh run (no --resume) into a folder that holds another run's checkpoints, or the folders in `exports`
+    of a run whose checkpoints are gone, without `overwrite` (`kind`: this command's, to name a run of the other
+    command as such)."""
     run_dir = Path(run_dir)
     check_resume_or_overwrite(resume, overwrite)
-    if resume or overwrite or not has_checkpoints(run_dir):
+    if resume or overwrite:
+        return
+    if not has_checkpoints(run_dir):
+        # A finished run whose checkpoints were deleted to free the disk: its results (and its log, which a new
+        # run starts over) are not another run's to take over. A log alone is a run stopped before its first
+        # checkpoint, which the same command starts over.
+        found = [name for name in exports if (run_dir / name).exists()]
+        if found:
+            what = " and ".join(f"{name}/" for name in found)
+            raise FileExistsError(
+                f"{run_dir} holds the exported {what} of an earlier run (its checkpoints are gone). Pass --overwrite "
+                f"to delete {'it' if len(found) == 1 else 'them'} and start over in {run_dir}, or choose another --out")
         return
     then = None
     ck = latest_checkpoint(run_dir)
@@ -310,12 +325,12 @@ def check_run_dir(run_dir, resume: bool, overwrite: bool, kind: str | None = Non
 
 
 def prepare_run_dir(run_dir, resume: bool, overwrite: bool, exports=()) -> None:
-    """Before a run: a fresh run (no --resume) refuses a folder that holds another run's checkpoints,
-    unless `overwrite`, which deletes them and the folders in `exports` (that run's results).
-    Collective: every rank calls it."""
+    """Before a run: a fresh run (no --resume) refuses a folder that holds another run's checkpoints or the
+    folders in `exports` (that run's results), unless `overwrite`, which deletes them. Collective: every rank
+    calls it."""
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, resume, overwrite)
-    if resume or not has_checkpoints(run_dir):
+    check_run_dir(run_dir, resume, overwrite, exports=exports)
+    if resume or not (has_checkpoints(run_dir) or any((run_dir / name).exists() for name in exports)):
         return
     dist_utils.barrier()  # every rank has looked before anything is deleted
     if dist_utils.is_main():

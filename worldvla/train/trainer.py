@@ -66,6 +66,8 @@ RESUME_SETTINGS = ("config", "attention", "max_positions", "dropout", "steps", "
 # The command's name in its checkpoints ("kind": a resume of another command's run is refused by name), and the keys
 # of their state.json that a resume reads.
 KIND = "train"
+# What a finished run exports into its --out (`_export`): a folder holding either is an earlier run's.
+EXPORTS = ("policy", "model")
 STATE_KEYS = ("epoch", "batch_in_epoch", "tokens_seen", "scheduler")
 # What a loss that is not finite most likely comes from (`check_finite`).
 DIVERGENCE_CAUSES = ("a learning rate too high for the model and batch (--lr; a longer --warmup or a lower "
@@ -362,7 +364,10 @@ def _max_positions(args, layout, config=None) -> int:
             cfg = config_from_hf(read_json_file(folder / "config.json", "--init model config"))
             if cfg.vocab_size != layout.vocab_size:
                 raise ValueError(f"--init model has {cfg.vocab_size} vocabulary entries, the store's layout "
-                                 f"{layout.vocab_size}")
+                                 f"{layout.vocab_size}: it was trained on tokens of another VQGAN codebook or "
+                                 f"vocabulary. Build the store for it (`worldvla pretokenize` with the VQGAN it was "
+                                 f"trained with, a policy's vqgan/ beside its model/, and the same --layout), or drop "
+                                 f"--init to train a new model on this store")
             if args.max_positions and args.max_positions != cfg.max_position_embeddings:
                 raise ValueError(f"--max-positions {args.max_positions} sizes a model built from --config; the "
                                  f"--init model keeps its checkpoint's {cfg.max_position_embeddings} (drop the option)")
@@ -526,11 +531,12 @@ def train(args) -> dict:
     rank, world = dist_utils.rank(), dist_utils.world_size()
     main = rank == 0
     out = Path(args.out)
-    if args.min_lr is not None and args.min_lr > args.lr:  # refused before anything is read or deleted
+    # refused before anything is read or deleted; under --schedule constant it is unused (`_warmup_steps` says so)
+    if args.schedule == "cosine" and args.min_lr is not None and args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine decay would raise the "
                          f"learning rate; pass a --min-lr of at most --lr (default: --lr / 10)")
     overwrite = getattr(args, "overwrite", False)
-    check_run_dir(out, args.resume, overwrite, kind=KIND)  # before the store is read and the model built
+    check_run_dir(out, args.resume, overwrite, kind=KIND, exports=EXPORTS)  # before the store is read, the model built
     _check_backends(args, device, _precision(args, device))
     # Everything the command line decides is checked before --overwrite deletes the earlier run.
     kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
@@ -587,7 +593,7 @@ def train(args) -> dict:
                             weight_decay=args.weight_decay, foreach=device.type == "cuda" or None)
     min_lr = args.lr * 0.1 if args.min_lr is None else args.min_lr
     sched = WarmupCosine(opt, args.lr, total, warmup, min_lr, args.schedule)
-    prepare_run_dir(out, args.resume, overwrite, exports=("policy", "model"))
+    prepare_run_dir(out, args.resume, overwrite, exports=EXPORTS)
     args.run_dir_ready = True  # what an interrupt's advice reads: --overwrite has removed the earlier run
     if main:
         out.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,8 @@ RESUME_SETTINGS = ("config", "n_embed", "steps", "epochs", "batch_size", "lr", "
 # The command's name in its checkpoints ("kind": a resume of another command's run is refused by name), and the keys
 # of their state.json that a resume reads.
 KIND = "train-vq"
+# What a finished run exports into its --out: a folder holding it is an earlier run's (`check_run_dir`).
+EXPORTS = ("vqgan",)
 STATE_KEYS = ("epoch", "batch_in_epoch", "usage", "restart_rng")
 # What a loss that is not finite most likely comes from (`check_finite`).
 DIVERGENCE_CAUSES = ("a learning rate too high (--lr; a longer --warmup or a lower --grad-clip may help), or "
@@ -216,7 +218,8 @@ def train_vq(args) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over {world} ranks")
     local = args.batch_size // world
     out = Path(args.out)
-    check_run_dir(out, args.resume, getattr(args, "overwrite", False), kind=KIND)  # before anything is read
+    # before anything is read
+    check_run_dir(out, args.resume, getattr(args, "overwrite", False), kind=KIND, exports=EXPORTS)
     if args.init and (args.n_embed or args.config != "small"):  # refused before any frame is read
         raise ValueError("--init starts from that VQGAN's own architecture and codebook: drop --n-embed and "
                          "--config (or drop --init to build a new VQGAN)")
@@ -242,7 +245,7 @@ def train_vq(args) -> dict:
                          f"multiples of {grid} px (the resolution tokens count {grid}-px grids), which pretokenize "
                          f"would refuse after this training; collect or resize the demos at such a size (collect "
                          f"--image-size)")
-    prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=("vqgan",))
+    prepare_run_dir(out, args.resume, getattr(args, "overwrite", False), exports=EXPORTS)
     args.run_dir_ready = True  # what an interrupt's advice reads: --overwrite has removed the earlier run
     if main:
         out.mkdir(parents=True, exist_ok=True)
