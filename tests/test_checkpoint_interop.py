@@ -1,6 +1,7 @@
 """A checkpoint of a model built here (not loaded from a release folder) in transformers' Chameleon:
 the vocabulary_map its config.json needs, with Chameleon's names for the ids the layout uses."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -367,3 +368,104 @@ def test_a_missing_folder_names_the_set_aside_folder_the_next_save_puts_back(tmp
     model.save_pretrained(f)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     assert (f / "from.txt").read_text() == newer.name
+
+
+def test_a_bin_that_pickles_other_objects_is_named_as_such_not_as_damaged(tmp_path):
+    """A pytorch_model.bin holding a Python object beside its tensors (argparse's Namespace of a training script)
+    was refused as "damaged or cut short: export or copy the model again", which a copy does not fix. The error
+    now says what the safe loader refused, and how to save the tensors alone."""
+    import argparse
+
+    model = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "ck")
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    torch.save({**model.state_dict(), "args": argparse.Namespace(lr=1e-4)}, tmp_path / "ck" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"holds Python objects besides tensors \(such as argparse.Namespace\)") as e:
+        WorldVLA.from_pretrained(tmp_path / "ck")
+    assert "damaged" not in str(e.value) and "torch.save(model.state_dict()" in str(e.value)
+    (tmp_path / "ck" / "pytorch_model.bin").write_bytes(b"")  # a file cut short is still named as such
+    with pytest.raises(ValueError, match="damaged or cut short"):
+        WorldVLA.from_pretrained(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("size", [0, -1.0, float("nan"), float("inf"), "5", True])
+def test_a_shard_size_that_is_not_a_positive_number_is_refused_before_writing(tmp_path, size):
+    """shard_size_gb 0 or below put every tensor in a file of its own (a folder of hundreds of shards), NaN and
+    infinity failed in int(), a string ("5") in a conversion of a billion-digit string, True was one GB."""
+    model = WorldVLA(ModelConfig.tiny())
+    with pytest.raises(ValueError, match=r"shard_size_gb must be a finite number > 0"):
+        model.save_pretrained(tmp_path / "ck", shard_size_gb=size)
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("weight_map, said", [
+    ({"lm_head.weight": None}, "names None as the file of lm_head.weight"),
+    ({"lm_head.weight": 3}, "names 3 as the file of lm_head.weight"),
+    ({}, "names no tensor"),
+])
+def test_a_shard_index_that_names_no_file_is_refused_naming_it(tmp_path, weight_map, said):
+    """A damaged shard index whose weight_map gives a tensor no file name failed with a bare TypeError from
+    sorting; one that maps nothing said "no weights found" beside the index."""
+    model = WorldVLA(ModelConfig.tiny())
+    f = tmp_path / "ck"
+    model.save_pretrained(f, shard_size_gb=20e3 / 2 ** 30)
+    index = json.loads((f / "model.safetensors.index.json").read_text())
+    mapped = {**index["weight_map"], **weight_map} if weight_map else {}
+    (f / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": mapped}))
+    with pytest.raises(ValueError, match=f"model.safetensors.index.json: its weight_map {said}"):
+        WorldVLA.from_pretrained(f)
+
+
+def test_a_model_whose_head_is_its_embedding_saves_and_loads_with_the_same_weights(tmp_path):
+    """A head tied to the embedding (one tensor under both names) failed to save with safetensors' error, which
+    pointed at another library's save function. Each name is written with a copy of its own, as a load gives a
+    tied folder's head one: the folder loads with the same weights, its head a parameter of its own."""
+    model = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "ck")
+    got = WorldVLA.from_pretrained(tmp_path / "ck")
+    assert all(torch.equal(v, got.state_dict()[k]) for k, v in model.state_dict().items())
+    assert got.lm_head.weight.data_ptr() != got.model.embed_tokens.weight.data_ptr()
+    assert _config(tmp_path / "ck")["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("num_attention_heads", 0, "num_attention_heads must be an integer >= 1, got 0"),
+    ("num_hidden_layers", 2.0, "num_hidden_layers must be an integer >= 1, got 2.0"),
+    ("vocab_size", 619.0, "vocab_size must be an integer >= 1, got 619.0"),
+    ("max_position_embeddings", -1, "max_position_embeddings must be an integer >= 1, got -1"),
+    ("rope_theta", 0, "rope_theta must be a finite number > 0, got 0.0"),
+    ("rope_theta", "abc", "rope_theta must be a finite number > 0, got 'abc'"),
+    ("rms_norm_eps", "1e-5", "rms_norm_eps must be a finite number > 0, got '1e-5'"),
+    ("swin_norm", "false", "swin_norm must be true or false, got 'false'"),
+    ("worldvla_layout", "compact", "layout must be a VocabLayout's dict"),
+])
+def test_a_config_json_value_no_model_has_is_refused_naming_its_key(tmp_path, key, value, said):
+    """Values a config.json can hold but no model has: a zero head count failed with ZeroDivisionError, a float
+    or a string deep inside torch (or, rms_norm_eps, at the first forward), a string layout with an
+    AttributeError; max_position_embeddings -1 loaded and refused every forward, and rope_theta 0 loaded a model
+    whose logits were all NaN. Each is refused before any weight is read, naming the key."""
+    model = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
+    f = tmp_path / "ck"
+    model.save_pretrained(f)
+    cfg = _config(f)
+    cfg.pop("rope_parameters")  # rope_theta alone names the base
+    _write_config(f, {**cfg, key: value})
+    with pytest.raises(ValueError, match=re.escape(f"its config.json describes no model this package builds: {said}")):
+        WorldVLA.from_pretrained(f)
+
+
+def test_a_model_config_takes_its_layout_as_a_vocab_layout_or_refuses_values_by_name():
+    """ModelConfig(layout=VocabLayout) (the object that ModelConfig.tiny and small take) failed in validate()
+    with "'VocabLayout' object has no attribute 'get'"; it is stored as its dict. rope_theta 0 built a model whose
+    logits were all NaN; now refused, as a head count of 0 (a ZeroDivisionError before)."""
+    layout = VocabLayout.compact(n_image_codes=64)
+    cfg = ModelConfig(vocab_size=layout.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, layout=layout)
+    assert cfg.layout == layout.to_dict() and WorldVLA(cfg).layout == layout
+    for bad, said in ((dict(rope_theta=0.0), "rope_theta must be a finite number > 0"),
+                      (dict(num_attention_heads=0), "num_attention_heads must be an integer >= 1"),
+                      (dict(dropout=1.5), r"dropout must be a number in \[0, 1\)"),
+                      (dict(model_parallel_size="1"), "model_parallel_size '1'")):
+        with pytest.raises(ValueError, match=said):
+            WorldVLA(ModelConfig.tiny(layout, **bad))

@@ -187,7 +187,7 @@ def test_the_releases_weight_files_are_linked_not_written_again(release, tmp_pat
     import worldvla.checkpoint as ckpt
 
     tok = release / "chameleon" / "tokenizer"
-    src = release / "model_512" / "libero_spatial"
+    src = release / "model_256" / "libero_spatial"  # 256 px: two 512 px frames overflow the tiny model's positions
     want = WorldVLA.from_pretrained(release / "model_256" / "libero_goal")
     want.save_pretrained(src, shard_size_gb=0.05 / 1024)  # about 50 kB a shard
     names = sorted(p.name for p in src.iterdir())
@@ -285,3 +285,63 @@ def test_a_path_that_names_the_suite_but_no_size_still_gives_the_chunk_size(rele
     info = import_release(model, release / "chameleon" / "tokenizer", tmp_path / "p", image_size=256)
     assert (info["chunk_size"], info["image_size"], info["suite"]) == (10, 256, "10")
     assert info["sources"] == {"chunk_size": f"the path ({model})", "image_size": "--image-size"}
+
+
+@pytest.mark.parametrize("out", ["model_256/libero_goal", "model_256", ".", "chameleon/tokenizer", "chameleon"])
+def test_an_out_folder_that_is_or_holds_a_source_folder_is_refused(release, tmp_path, capsys, out):
+    """The policy folder is written whole in place of --out: given the model's folder, the tokenizer's, or a folder
+    around them (ckpts/model_256), the release's files there were removed (the other suites' models, vqgan.ckpt,
+    the model folder's other files). Refused before anything is read or written."""
+    import shutil
+
+    root = tmp_path / "ckpts"
+    for part in ("model_256/libero_goal", "model_256/libero_10", "chameleon/tokenizer"):
+        shutil.copytree(release / part, root / part)
+    (root / "model_256" / "libero_goal" / "README.md").write_text("notes")
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert main(["import-release", str(root / "model_256" / "libero_goal"), "--tokenizer",
+                 str(root / "chameleon" / "tokenizer"), "--out", str(root / out)]) == 2
+    err = capsys.readouterr().err
+    assert f"would replace {(root / out).resolve()}" in err and "give a new folder for it" in err
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before
+    # beside the release's folders, or inside the model's, the policy is written
+    for fine in ("policies/goal", "model_256/libero_goal/policy"):
+        assert main(["import-release", str(root / "model_256" / "libero_goal"), "--tokenizer",
+                     str(root / "chameleon" / "tokenizer"), "--out", str(root / fine)]) == 0
+        assert (root / fine / "policy.json").is_file()
+    assert WorldVLA.from_pretrained(root / "model_256" / "libero_goal").layout is not None
+
+
+@pytest.mark.parametrize("sizes, said", [
+    (["--image-size", "512"], "two 512 px frames (1060 tokens each) and 5 actions needs 2"),
+    (["--chunk-size", "200"], "two 256 px frames (276 tokens each) and 200 actions needs 2"),
+])
+def test_sizes_a_query_of_the_model_cannot_hold_are_refused_before_writing(release, tmp_path, capsys, sizes, said):
+    """A frame size or chunk whose query (two frames, the chunk) is longer than the model's positions was taken: the
+    policy was written, and refused every episode at reset. Refused at import, naming the options."""
+    assert main(["import-release", str(release / "model_256" / "libero_goal"), "--tokenizer",
+                 str(release / "chameleon" / "tokenizer"), "--out", str(tmp_path / "p"), *sizes]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "more than the model's 1024 (max_position_embeddings)" in err
+    assert "give a smaller --image-size or --chunk-size" in err and not (tmp_path / "p").exists()
+
+
+def test_a_tokenizer_file_given_for_its_folder_is_named_as_a_file(release, tmp_path, capsys):
+    """--tokenizer chameleon/tokenizer/text_tokenizer.json (the file, not its folder) was refused as "no such
+    folder", of a path that exists; it is named as a file, with the folder to give."""
+    tok = release / "chameleon" / "tokenizer"
+    assert main(["import-release", str(release / "model_256" / "libero_goal"), "--tokenizer",
+                 str(tok / "text_tokenizer.json"), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tok / 'text_tokenizer.json'} is a file, not a folder" in err and f"give the folder that holds it, {tok}" in err
+    assert "no such folder" not in err and not (tmp_path / "p").exists()
+
+
+def test_the_release_tokenizer_folder_is_read_from_a_path_under_home(release, monkeypatch):
+    """load_release_tokenizer("~/...") looked for a folder named "~" (every file "missing"), where the model's
+    and the VQGAN's loaders expand it."""
+    from worldvla.checkpoint import load_release_tokenizer
+
+    monkeypatch.setenv("HOME", str(release))
+    layout, _, vqgan = load_release_tokenizer("~/chameleon/tokenizer")
+    assert layout.vocab_size == 65536 and vqgan.config.n_embed == 64

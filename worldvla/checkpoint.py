@@ -24,6 +24,8 @@ import ctypes
 import fnmatch
 import functools
 import json
+import math
+import numbers
 import os
 import pickle
 import re
@@ -59,13 +61,13 @@ def config_from_hf(d: dict) -> ModelConfig:
         p_theta = params.get("rope_theta")
         if theta is None:
             theta = p_theta
-        elif p_theta is not None and float(p_theta) != float(theta):
+        elif p_theta is not None and p_theta != theta:
             raise ValueError(f"config.json gives two RoPE bases, rope_theta {theta} and rope_parameters' rope_theta "
                              f"{p_theta} (transformers 5 reads the latter, 4.x the former); make them one")
     if d.get("rope_scaling"):
         raise ValueError(f"unsupported rope_scaling {d['rope_scaling']}; WorldVLA uses plain RoPE")
-    if theta is not None:
-        kw["rope_theta"] = float(theta)
+    if theta is not None:  # a number as a float; anything else as it is, for validate() to name
+        kw["rope_theta"] = float(theta) if isinstance(theta, numbers.Real) and not isinstance(theta, bool) else theta
     kw["layout"] = d.get("worldvla_layout")
     kw["attention"] = d.get("worldvla_attention", "chunk")
     kw["hf_extra"] = {k: v for k, v in d.items() if k not in _DERIVED_KEYS} or None
@@ -445,7 +447,16 @@ def read_weights_file(path: Path) -> dict:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():  # not damaged: it pickles objects besides tensors
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f" (such as {found[1]})" if found else ""
+            raise ValueError(f"{path} holds Python objects besides tensors{what}, which the safe loader refuses: "
+                             f"save the model's tensors alone, torch.save(model.state_dict(), ...) or "
+                             f"save_pretrained") from None
+        raise ValueError(f"{path}: the weights file cannot be read ({type(e).__name__}: {e}); it is damaged or "
+                         f"cut short: export or copy the model again") from None
+    except (SafetensorError, RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: the weights file cannot be read ({type(e).__name__}: {e}); it is damaged or "
                          f"cut short: export or copy the model again") from None
     # A .bin may hold anything torch.save wrote: a training checkpoint ({"model": state_dict, "step": n}), a list.
@@ -475,6 +486,11 @@ def weight_files(folder: Path) -> tuple[list[str], str | None, dict]:
         index = read_json_file(folder / name, "shard index")
         if not isinstance(index.get("weight_map"), dict):
             raise ValueError(f"{folder / name}: no 'weight_map' object; the shard index is damaged")
+        bad = next(((k, v) for k, v in index["weight_map"].items() if not isinstance(v, str) or not v), None)
+        if bad is not None or not index["weight_map"]:
+            named = f"names {bad[1]!r} as the file of {bad[0]}" if bad else "names no tensor"
+            raise ValueError(f"{folder / name}: its weight_map {named} (it maps each tensor to a shard's file "
+                             f"name); the shard index is damaged: export or copy the model again")
         files = sorted(set(index["weight_map"].values()))
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
@@ -656,10 +672,19 @@ def save_model(model: WorldVLA, path, shard_size_gb: float = 5.0) -> None:
 
     The folder is replaced whole (`replace_folder`): no weights of an older save survive next to
     the new ones (a stale shard index would win at load), and a failed save leaves the older
-    folder as it was. Other files in the folder (a tokenizer, a vqgan/ folder...) are kept."""
+    folder as it was. Other files in the folder (a tokenizer, a vqgan/ folder...) are kept. A head tied
+    to the embedding is written as a tensor of its own (the folder loads untied, with the same values)."""
     from safetensors.torch import save_file
 
+    # Checked before anything is written: 0 or less put every tensor in a shard of its own (hundreds of files).
+    if isinstance(shard_size_gb, bool) or not isinstance(shard_size_gb, numbers.Real) \
+            or not math.isfinite(shard_size_gb) or shard_size_gb <= 0:
+        raise ValueError(f"shard_size_gb must be a finite number > 0 (GB per weights file; a larger one keeps "
+                         f"the model in one file), got {shard_size_gb!r}")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # A head tied to the embedding (one tensor under both names), which safetensors refuses to write: each name
+    # gets its own copy, as a load gives a tied folder's head one.
+    _unshare(sd)
     limit = int(shard_size_gb * (1 << 30))
     shards, cur, size = [], {}, 0
     for k, v in sd.items():
@@ -701,7 +726,7 @@ def load_release_tokenizer(folder, *, trust_checkpoint: bool = False):
     from .tokens import ChameleonTextTokenizer, VocabLayout
     from .vqgan import VQGAN
 
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     need = ["vqgan.yaml", "vqgan.ckpt", "text_tokenizer.json"]
     missing = [n for n in need if not (folder / n).is_file()]
     if missing:

@@ -80,7 +80,30 @@ class ModelConfig:
             return VocabLayout.from_dict(self.layout)
         return VocabLayout.chameleon() if self.vocab_size == 65536 else None
 
+    def __post_init__(self):
+        if isinstance(self.layout, VocabLayout):  # the field holds its dict form (to_dict, config.json)
+            self.layout = self.layout.to_dict()
+
     def validate(self) -> None:
+        # Checked first: a zero would divide below, a float or a string fail deep inside torch, and a base or eps
+        # of no meaning (rope_theta 0) build a model whose logits are all NaN.
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.swin_norm, bool):  # a string "false" would turn the post-norm variant on
+            raise ValueError(f"swin_norm must be true or false, got {self.swin_norm!r}")
+        if self.layout is not None and not isinstance(self.layout, dict):
+            raise ValueError(f"layout must be a VocabLayout's dict (VocabLayout.to_dict()) or None, got "
+                             f"{type(self.layout).__name__}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -95,8 +118,9 @@ class ModelConfig:
                              f"{self.layout.get('vocab_size')} ids: give vocab_size={self.layout.get('vocab_size')} "
                              f"(ModelConfig.tiny and small take it from the layout), or the layout of this vocabulary")
         n = self.model_parallel_size
-        if n is not None and (n < 1 or self.num_attention_heads % n or self.num_key_value_heads % n):
-            raise ValueError(f"model_parallel_size {n} (the q/k norms' shared affine rows) must divide the "
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
+                              or self.num_attention_heads % n or self.num_key_value_heads % n):
+            raise ValueError(f"model_parallel_size {n!r} (the q/k norms' shared affine rows) must divide the "
                              f"{self.num_attention_heads} query and {self.num_key_value_heads} key/value heads; "
                              f"None gives every head its own row")
 

@@ -47,17 +47,28 @@ def import_release(model_dir, tokenizer_dir, out, *, chunk_size: int | None = No
                    dtype=None, trust_checkpoint: bool = False) -> dict:
     """Write the policy folder `out` from the release's model folder and tokenizer folder. Returns what was
     written: {"path", "chunk_size", "image_size", "suite", "sources", "weights"} (`sources`: where each size came
-    from; `weights`: "linked" or "copied", the release's files as they are, or "saved" in the `dtype` asked for)."""
+    from; `weights`: "linked" or "copied", the release's files as they are, or "saved" in the `dtype` asked for).
+    Refused before anything is written: an `out` that is the model's or the tokenizer's folder or holds one, and
+    sizes whose query (two frames and a chunk) the model's positions cannot hold."""
     from ..checkpoint import check_folder, folder_kind, load_release_tokenizer
     from ..devices import torch_dtype
     from ..model import WorldVLA
     from ..tokens import ActionTokenizer
-    from .policy import save_policy
+    from .policy import WorldVLAPolicy, save_policy
 
     model_dir, tokenizer_dir = check_folder(model_dir, "model"), Path(tokenizer_dir).expanduser()
     if folder_kind(model_dir) != "model":  # check_folder lets a folder of no known kind through
         raise ValueError(f"{model_dir}: expected a WorldVLA model folder (the release's model_256/<suite> or "
                          f"model_512/<suite>: a config.json of a Chameleon model and its weights)")
+    # The policy folder is written whole in place of `out`: at a source folder, or one around it, the release's
+    # files there (its tokenizer, the other suites' models) would be removed.
+    target = Path(out).resolve()
+    for what, source in (("model", model_dir.resolve()), ("tokenizer", tokenizer_dir.resolve())):
+        if target == source or target in source.parents:
+            held = "" if target == source else f", which holds the release's {what} folder {source}"
+            raise ValueError(f"--out {out} would replace {target}{held}: the policy folder is written whole in "
+                             f"place of what is there; give a new folder for it, e.g. "
+                             f"policies/{model_dir.resolve().name}")
     dtype = torch_dtype(dtype)  # a bad name refused before any weight is read
     seen = infer_from_path(model_dir)
     sizes, sources = {"chunk_size": chunk_size, "image_size": image_size}, {}
@@ -71,14 +82,28 @@ def import_release(model_dir, tokenizer_dir, out, *, chunk_size: int | None = No
                     if name == "chunk_size" else "frame size in pixels: 256 or 512, the folder the model was "
                     "published in (model_256, model_512)")
             raise ValueError(f"{model_dir}: its path names no LIBERO suite and size, so give {option} ({what})")
+    expected = "the release's tokenizer folder, chameleon/tokenizer: vqgan.yaml, vqgan.ckpt, text_tokenizer.json"
+    if tokenizer_dir.is_file():
+        raise NotADirectoryError(f"{tokenizer_dir} is a file, not a folder (expected {expected}): give the folder "
+                                 f"that holds it, {tokenizer_dir.parent}")
     if not tokenizer_dir.is_dir():
-        raise FileNotFoundError(f"{tokenizer_dir}: no such folder (expected the release's tokenizer folder, "
-                                f"chameleon/tokenizer: vqgan.yaml, vqgan.ckpt, text_tokenizer.json)")
-    layout, _, vqgan = load_release_tokenizer(tokenizer_dir, trust_checkpoint=trust_checkpoint)
+        raise FileNotFoundError(f"{tokenizer_dir}: no such folder (expected {expected})")
+    layout, text_tokenizer, vqgan = load_release_tokenizer(tokenizer_dir, trust_checkpoint=trust_checkpoint)
     model = WorldVLA.from_pretrained(model_dir, dtype=dtype)
     if model.layout is None or model.layout.vocab_size != layout.vocab_size:
         raise ValueError(f"{model_dir}: a model of {model.config.vocab_size} ids, not the release's Chameleon "
                          f"vocabulary of {layout.vocab_size}: import-release reads the release's action models")
+    # A query (two frames, the chunk, an instruction) must fit the model's positions, or the policy written would
+    # refuse every episode: checked on the policy it will be, before anything is written.
+    policy = WorldVLAPolicy(model, vqgan, ActionTokenizer(layout), chunk_size=sizes["chunk_size"],
+                            image_size=sizes["image_size"], history=2, text_tokenizer=text_tokenizer,
+                            tune_malloc=False)
+    need, limit = policy._prompt_capacity(policy._prefix("").numel()), model.config.max_position_embeddings
+    if need > limit:
+        raise ValueError(f"{model_dir}: a query of two {sizes['image_size']} px frames ({policy._image_len} tokens "
+                         f"each) and {sizes['chunk_size']} actions needs {need} positions, more than the model's "
+                         f"{limit} (max_position_embeddings), with an empty instruction: give a smaller "
+                         f"--image-size or --chunk-size")
     # Absolute paths: the policy is served and evaluated from other directories.
     extra = {"source": "release", "model": str(model_dir.resolve()), "tokenizer": str(tokenizer_dir.resolve()),
              "suite": seen.get("suite")}
@@ -101,7 +126,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True,
                    help="the release's tokenizer folder (chameleon/tokenizer: vqgan.yaml, vqgan.ckpt, "
                         "text_tokenizer.json)")
-    p.add_argument("--out", required=True, help="policy folder to write (replaced whole if it exists)")
+    p.add_argument("--out", required=True, help="policy folder to write (replaced whole if it exists; the model's "
+                                                "or the tokenizer's folder, or one around them, is refused)")
     p.add_argument("--chunk-size", type=positive_int, default=None,
                    help="actions per chunk (default: from the path, 5 for LIBERO spatial/object/goal, 10 for "
                         "LIBERO-10)")
