@@ -570,6 +570,29 @@ def test_custom_op_under_torch_compile_cpu(rng):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_the_public_ops_compile_whole_on_their_auto_backend_cpu(rng):
+    """`worldvla.ops` entry points under torch.compile(fullgraph=True) with backend "auto", which picks the native
+    kernels here: the native backend's check for torch.func-wrapped inputs called a function Dynamo cannot trace,
+    so every fullgraph compile failed (only the native functions, called directly, compiled)."""
+    from worldvla import ops
+
+    torch._dynamo.reset()
+    meta = chunk_mask_meta(action_ids(rng, 113).view(1, -1), LAYOUT)
+    q, k, v = qkv(rng, (1, 113), 2, 1, 16)
+    h, w = torch.randn(3, 16, generator=rng), torch.randn(50, 16, generator=rng)
+    dm = DecodeMeta(torch.tensor([[112, 100]], dtype=torch.int32), torch.full((1, 2), -1, dtype=torch.int32),
+                    torch.full((1, 113), NO_BLOCK, dtype=torch.int32), torch.tensor([113], dtype=torch.int32))
+    assert dispatch.resolve("masked_attention", "auto", "cpu", q, k, v, meta) is nb.masked_attention
+
+    def f(q, k, v, h, w):
+        codes = h[:, :4].long().abs().view(3, 2, 2)
+        return (ops.masked_attention(q * 2.0, k, v, meta), ops.decode_attention(q[:, :2], k, v, dm),
+                ops.constrained_sample(h, w, 10, 40), ops.vq_quantize(h, w), ops.vq_gather(codes, w), ops.linear(h, w))
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(q, k, v, h, w), f(q, k, v, h, w)):
+        assert torch.equal(got, want)
+
 def test_public_wrappers_trace_the_custom_ops_cpu(rng):
     """Eager calls of the public wrappers run the implementations directly (no dispatcher); under
     torch.compile and under fake tensors they must still go through the custom ops."""

@@ -540,3 +540,98 @@ def test_an_unknown_backend_name_is_refused_with_the_choices(rng):
             ops.masked_attention(q, k, v, meta, backend=name)
         with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
             ops.linear(x, w, backend=name)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "native", "triton"])
+def test_attention_metadata_of_the_other_kind_or_none_is_refused_by_name(rng, backend):
+    """A DecodeMeta given to masked_attention, a ChunkMaskMeta to decode_attention, or no metadata: each stopped in
+    an AttributeError ("'NoneType' object has no attribute 'kv_block'") that named neither the op nor what to pass."""
+    if backend not in ["auto"] + dispatch.available("masked_attention"):
+        pytest.skip(f"the {backend} backend is not available here")
+    q, k, v, meta, decode = _attention_inputs(rng)
+    with pytest.raises(TypeError, match="masked_attention: meta must be a ChunkMaskMeta .*got DecodeMeta; a DecodeMeta "
+                                        "goes with decode_attention"):
+        ops.masked_attention(q, k, v, decode, backend=backend)
+    with pytest.raises(TypeError, match="masked_attention: meta must be a ChunkMaskMeta .*got NoneType$"):
+        ops.masked_attention(q, k, v, None, backend=backend)
+    with pytest.raises(TypeError, match="decode_attention: meta must be a DecodeMeta .*got ChunkMaskMeta; a "
+                                        "ChunkMaskMeta goes with masked_attention"):
+        ops.decode_attention(q[:, -3:], k, v, meta, backend=backend)
+    with pytest.raises(TypeError, match="decode_attention: meta must be a DecodeMeta .*got NoneType$"):
+        ops.decode_attention(q[:, -3:], k, v, None, backend=backend)
+
+
+@pytest.mark.parametrize("backend", LCE_BACKENDS)
+def test_linear_cross_entropy_refuses_a_z_weight_or_ignore_index_of_another_kind(lce_inputs, backend):
+    """A string z_weight was taken by the Triton path (its float()) and refused by the reference inside torch ("only
+    integer tensors of a single element can be converted to an index"); a NaN one made the loss NaN. A fractional
+    ignore_index was truncated by the Triton path (-100.5 ignored the -100 rows) and refused by the reference as
+    targets out of range; None failed in int(). Each is refused by name on every backend; an integer of another
+    type (a NumPy int, a 0-d integer tensor) is the int it holds."""
+    import numpy as np
+
+    h, w = lce_inputs
+    y = torch.arange(9)
+    y[3] = -100
+    lce = lambda **k: ops.linear_cross_entropy(h, w, y, **k, backend=backend)  # noqa: E731
+    for bad in ("0.1", float("nan"), float("inf"), torch.tensor(1e-4), True):
+        with pytest.raises(TypeError, match="linear_cross_entropy: z_weight must be a finite number"):
+            lce(z_weight=bad)
+    for bad in (-100.5, -100.0, None, "x", False):
+        with pytest.raises(TypeError, match="linear_cross_entropy: ignore_index must be an integer label"):
+            lce(ignore_index=bad)
+    assert torch.equal(lce(z_weight=np.float64(1e-3))[0], lce(z_weight=1e-3)[0])
+    assert torch.equal(lce(z_weight=0)[0], lce(z_weight=0.0)[0])
+    for same in (np.int64(-100), torch.tensor(-100)):
+        assert torch.equal(lce(ignore_index=same)[0], lce()[0])
+
+
+def test_logits_cross_entropy_of_no_rows_is_zero_not_nan(rng):
+    """The loss of a head run as a module (an adapter or a hooked lm_head: `WorldVLA.loss` gives it the labelled
+    rows) on a micro-batch without a label was the NaN of an empty mean, loss and z alike, where
+    linear_cross_entropy gives 0: a training step's logged loss went NaN. It is 0 now, reaching the logits."""
+    from worldvla.model import ModelConfig, WorldVLA
+
+    logits = torch.randn(0, 30, generator=rng, requires_grad=True)
+    for cw in (None, torch.rand(30, generator=rng)):
+        loss, z = ops.logits_cross_entropy(logits, torch.zeros(0, dtype=torch.long), cw)
+        assert loss.item() == 0 and z.item() == 0 and loss.dtype == torch.float32
+        loss.backward()
+        assert logits.grad is not None and logits.grad.shape == (0, 30)
+
+    model = WorldVLA(ModelConfig.tiny(hidden_size=32, intermediate_size=40, num_attention_heads=2,
+                                      num_key_value_heads=2, num_hidden_layers=1)).init_weights(0.3, generator=rng)
+    ids, labels = torch.randint(0, 100, (1, 8), generator=rng), torch.full((1, 8), -100)
+    model.lm_head.register_forward_hook(lambda module, args, out: out)  # the head now runs as a module
+    loss, z = model.loss(ids, labels)
+    assert loss.item() == 0 and z.item() == 0
+
+
+def test_logits_cross_entropy_refuses_what_it_cannot_score(rng):
+    """The logits' loss is public (worldvla.ops): an ignored row's -100 or a target past V stopped in torch's gather
+    ("index -100 is out of bounds"), targets of another length in a broadcasting error, float targets were truncated
+    without a word, integer logits taken, a class weight on another device failed inside torch. Each is refused by
+    name; bfloat16 logits are scored in float32, as the docstring says, not in bfloat16."""
+    logits, y = torch.randn(5, 20, generator=rng), torch.tensor([1, 2, 3, 4, 5])
+    for bad in (-100, -1, 20):
+        wrong = y.clone()
+        wrong[1] = bad
+        with pytest.raises(ValueError, match=r"logits_cross_entropy: targets must lie in \[0, 20\) \(labelled rows "
+                                             r"only: leave out the ignored ones"):
+            ops.logits_cross_entropy(logits, wrong)
+    shapes = ((logits, y[:3]), (logits, y.view(5, 1)), (logits[0], y[:1]), (logits.view(1, 5, 20), y.view(1, 5)))
+    for bad_logits, bad_y in shapes:
+        with pytest.raises(ValueError, match=r"logits_cross_entropy wants logits \[n, V\] and targets \[n\]"):
+            ops.logits_cross_entropy(bad_logits, bad_y)
+    with pytest.raises(TypeError, match="logits_cross_entropy: targets must be integer class ids, got torch.float32"):
+        ops.logits_cross_entropy(logits, y.float() + 0.5)
+    with pytest.raises(TypeError, match="logits_cross_entropy: logits must be a floating-point tensor"):
+        ops.logits_cross_entropy(logits.long(), y)
+    with pytest.raises(ValueError, match="logits_cross_entropy: class_weight is on meta but logits is on cpu"):
+        ops.logits_cross_entropy(logits, y, torch.ones(20, device="meta"))
+    with pytest.raises(TypeError, match="logits_cross_entropy: z_weight must be a finite number"):
+        ops.logits_cross_entropy(logits, y, z_weight="1e-5")
+    half = logits.bfloat16()
+    loss, z = ops.logits_cross_entropy(half, y)
+    want = ops.logits_cross_entropy(half.float(), y)
+    assert loss.dtype == torch.float32 and torch.equal(loss, want[0]) and torch.equal(z, want[1])

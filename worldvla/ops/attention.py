@@ -45,6 +45,15 @@ def _check_qkv(q, k, v):
         raise ValueError(f"head dim must be at least 1, got q {tuple(q.shape)}")
 
 
+def _check_meta(op: str, meta, want: type, other: type, other_op: str):
+    """The metadata an entry point reads: of its own kind. Another kind (or None) failed on an attribute it lacks,
+    in an AttributeError that named neither the op nor what to pass."""
+    if isinstance(meta, want):
+        return
+    hint = f"; a {other.__name__} goes with {other_op}" if isinstance(meta, other) else ""
+    raise TypeError(f"{op}: meta must be a {want.__name__} (worldvla.mask builds it), got {type(meta).__name__}{hint}")
+
+
 def _expand_kv(x, n_heads):
     rep = n_heads // x.shape[-2]
     return x if rep == 1 else x.repeat_interleave(rep, dim=-2)
@@ -99,6 +108,7 @@ def masked_attention(q, k, v, meta: ChunkMaskMeta, softmax_scale=None, backend: 
     for actions after the last image). Differentiable on torch and triton; native is forward-only (`auto`
     passes it over for inputs that need gradients). Under autocast the inputs are cast as for torch's SDPA."""
     _check_qkv(q, k, v)
+    _check_meta("masked_attention", meta, ChunkMaskMeta, DecodeMeta, "decode_attention")
     softmax_scale = dispatch.check_scale("masked_attention", softmax_scale)
     q, k, v = dispatch.autocast_floats(q.device.type, q, k, v)
     dispatch.check_floats("masked_attention", q=q, k=k, v=v)
@@ -125,6 +135,7 @@ def decode_attention(q, k_cache, v_cache, meta: DecodeMeta, softmax_scale=None, 
                          "(kv heads must be at least 1 and divide q heads)")
     if q.shape[-1] == 0:
         raise ValueError(f"head dim must be at least 1, got q {tuple(q.shape)}")
+    _check_meta("decode_attention", meta, DecodeMeta, ChunkMaskMeta, "masked_attention")
     softmax_scale = dispatch.check_scale("decode_attention", softmax_scale)
     q, k_cache, v_cache = dispatch.autocast_floats(q.device.type, q, k_cache, v_cache)  # as masked_attention
     dispatch.check_floats("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)

@@ -9,6 +9,10 @@ a micro-batch of such samples adds its z-loss alone to a training step.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+
 import torch
 
 from . import dispatch
@@ -28,7 +32,7 @@ def linear_cross_entropy_ref(hidden, weight, targets, class_weight=None, z_weigh
         # empty slices, not (sum) * 0: an inf in an ignored row made that NaN; float64 inputs keep float64.
         zero = float32_or_wider(hidden[:0].sum() + weight[:0].sum())
         return zero, zero.detach()
-    return logits_cross_entropy(float32_or_wider(h @ weight.t()), y, class_weight, z_weight)
+    return _cross_entropy(float32_or_wider(h @ weight.t()), y, class_weight, z_weight)
 
 
 def float32_or_wider(logits: torch.Tensor) -> torch.Tensor:
@@ -42,11 +46,54 @@ def _check_class_weight(class_weight, vocab: int):
         raise ValueError(f"class_weight must be [V={vocab}], got {tuple(class_weight.shape)}")
 
 
+def _check_z_weight(op: str, z_weight) -> float:
+    """The z-loss weight as a float. A string was taken by the Triton path (its float()) and refused by the
+    reference deep inside torch; a NaN or an infinity would make every loss non-finite."""
+    if isinstance(z_weight, bool) or not isinstance(z_weight, numbers.Real) or not math.isfinite(z_weight):
+        raise TypeError(f"{op}: z_weight must be a finite number (0: no z-loss; a one-element tensor: its "
+                        f".item()), got {z_weight!r} ({type(z_weight).__name__})")
+    return float(z_weight)
+
+
+def _check_ignore_index(ignore_index) -> int:
+    """The ignored label as an int. A float was truncated by the Triton path (-100.5 ignored the -100 rows) and
+    compared as it is by the reference (which then refused them as out of range)."""
+    try:
+        if isinstance(ignore_index, bool):
+            raise TypeError
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"linear_cross_entropy: ignore_index must be an integer label (-100 by default), got "
+                        f"{ignore_index!r} ({type(ignore_index).__name__})") from None
+
+
 def logits_cross_entropy(logits, targets, class_weight=None, z_weight=1e-5):
-    """The same loss from fp32 logits [n, V] of labelled rows (targets [n], none ignored): for a head
-    that is more than its weight (an adapter), run as a module. Returns (loss, z_mean)."""
+    """The same loss from logits [n, V] of labelled rows (targets [n], none ignored), computed in fp32 (fp64
+    logits stay fp64): for a head that is more than its weight (an adapter), run as a module. Returns
+    (loss, z_mean); no rows give 0 for both, as `linear_cross_entropy` does. The targets' range is read, as
+    the reference reads it (a target out of range is refused by name, not by torch's gather)."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"logits_cross_entropy wants logits [n, V] and targets [n]; got {tuple(logits.shape)}, "
+                         f"{tuple(targets.shape)}")
+    dispatch.check_floats("logits_cross_entropy", logits=logits)
+    dispatch.require_integers(targets, "logits_cross_entropy: targets must be integer class ids")
+    dispatch.check_devices("logits_cross_entropy", logits=logits, targets=targets, class_weight=class_weight)
+    _check_class_weight(class_weight, logits.shape[1])
+    z_weight = _check_z_weight("logits_cross_entropy", z_weight)
+    targets = targets.long()
+    vocab = logits.shape[1]
+    if targets.numel() and dispatch.values_readable(targets) and bool(((targets < 0) | (targets >= vocab)).any()):
+        raise ValueError(f"logits_cross_entropy: targets must lie in [0, {vocab}) (labelled rows only: leave out "
+                         "the ignored ones, e.g. -100); got values outside")
+    if targets.numel() == 0:  # zero, not the NaN of an empty mean, reaching the logits (zeros for their gradient)
+        zero = float32_or_wider(logits[:0].sum())
+        return zero, zero.detach()
+    return _cross_entropy(float32_or_wider(logits), targets, class_weight, z_weight)
+
+
+def _cross_entropy(logits, targets, class_weight, z_weight):
+    """The loss from fp32 (or fp64) logits [n >= 1, V] and int64 targets [n] in range."""
     _check_class_weight(class_weight, logits.shape[-1])
-    targets = targets.long()  # gather and indexing take int64 ids (a uint8 index would be taken as a mask)
     lse = torch.logsumexp(logits, dim=-1)
     ce = lse - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     if class_weight is not None:
@@ -82,6 +129,8 @@ def linear_cross_entropy(hidden, weight, targets, class_weight=None, z_weight=1e
                            class_weight=class_weight)
     dispatch.require_integers(targets, "linear_cross_entropy: targets must be integer class ids")
     _check_class_weight(class_weight, weight.shape[0])
+    z_weight = _check_z_weight("linear_cross_entropy", z_weight)
+    ignore_index = _check_ignore_index(ignore_index)
     # Under autocast the logits' product takes autocast's dtype, as the reference's matmul would: the fused
     # kernels then get one dtype (training's bf16 hidden and fp32 head were refused by Triton, and fell back to
     # the reference's full logits) and compute what the reference does.

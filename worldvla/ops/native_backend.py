@@ -225,7 +225,11 @@ def _plain_values(*tensors, tangents: bool = True):
     """Whether the kernels see all of `tensors` (None skipped): not torch.func's wrapped tensors (vmap, grad,
     jvp), whose values a kernel cannot read by address, and (`tangents`) none a dual carrying a forward-AD
     tangent, which a kernel would drop without a word (ids and codes carry none: their ops pass False). `auto`
-    then takes torch, which runs under both. Outside forward AD the tangent check costs one global read."""
+    then takes torch, which runs under both. Outside forward AD the tangent check costs one global read.
+    Under torch.compile the check is not made: Dynamo cannot trace it (a fullgraph compile of every public op
+    failed on it), and the call goes through the custom ops, whose fake implementations Dynamo traces."""
+    if torch.compiler.is_compiling():
+        return True
     if any(t is not None and _is_functorch_wrapped(t) for t in tensors):
         return dispatch.Unsupported("torch.func transforms (vmap, grad, jvp) wrap the inputs, and the native "
                                     "kernels cannot read wrapped tensors")
