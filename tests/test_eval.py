@@ -2206,3 +2206,225 @@ def test_evaluate_takes_tasks_given_as_one_string_as_task_names(tmp_path, monkey
         with pytest.raises(ValueError, match=r"no tasks given; pass Meta-World task names"):
             mw.evaluate([PushRight()], empty, out_dir=tmp_path / "c", **kw)
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_ssim_refuses_a_window_or_sigma_that_gives_no_score():
+    """A window of 0 taps was taken for images too small for SSIM (16 x 16 pixels named as the problem), and sigma 0
+    gave NaN scores without a word."""
+    a = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    for window in (0, -3, 5.0, True):
+        with pytest.raises(ValueError, match=f"window must be an integer >= 1.*got {window!r}"):
+            metrics.ssim(a, a, window=window)
+    for sigma in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"sigma must be a positive finite number.*got {sigma}"):
+            metrics.ssim(a, a, sigma=sigma)
+    assert metrics.ssim(a, a, window=3, sigma=0.5).item() == pytest.approx(1.0)
+
+
+def test_scores_refuse_a_data_range_that_is_not_finite_and_images_without_pixels():
+    """data_range NaN or inf gave NaN or inf for every image; images of no pixel failed in a reshape naming
+    neither."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, size=(2, 8, 8, 3), dtype=np.uint8) for _ in range(2))
+    for bad in (float("nan"), float("inf")):
+        for score in (metrics.psnr, metrics.ssim, metrics.mse):
+            with pytest.raises(ValueError, match=f"data_range must be positive and finite.*got {bad}"):
+                score(a, b, data_range=bad)
+    for score in (metrics.psnr, metrics.ssim, metrics.mse):
+        with pytest.raises(ValueError, match=r"\(0, 8\) pixels have no pixel"):
+            score(a[:, :0], b[:, :0])
+    assert metrics.psnr(a[:0], b[:0]).shape == (0,)  # no image (not images of no pixel): no score
+
+
+def test_success_interval_takes_counts_not_rates():
+    """success_interval(0.4, 10), a rate given for the count, gave an interval around 4% without a word."""
+    for successes, episodes, what in ((0.4, 10, "successes"), (True, 1, "successes"), (2, 4.0, "episodes")):
+        bad = episodes if what == "episodes" else successes
+        with pytest.raises(ValueError, match=f"{what} must be an integer count, got {bad!r}"):
+            metrics.success_interval(successes, episodes)
+    for z in (0, -1.96, float("nan")):
+        with pytest.raises(ValueError, match="z must be a positive finite number"):
+            metrics.success_interval(3, 10, z=z)
+    assert metrics.success_interval(np.int64(3), np.int64(10)) == pytest.approx(metrics.success_interval(3, 10))
+
+
+def _gifs(out):
+    return sorted(p.name for p in out.glob("*.gif"))
+
+
+def test_a_reused_closed_loop_shows_its_own_episodes_gif(tmp_path, monkeypatch):
+    """A rerun that reused a saved closed loop kept whatever GIF lay under the variant's name: a run of other
+    settings in between (its first episode failing) left none at all for the reused success, and the same policy
+    under another name got no GIF. The GIF is kept with the saved run and put back on reuse."""
+    from worldvla.eval import metaworld as mw
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())  # reaches its goal in 2 to 6 steps
+    out = tmp_path / "eval"
+    kw = dict(n_envs=1, wm_episodes=0, progress=False, env_workers=1, random_baseline=False)
+    mw.evaluate([folder], ["fake-a-v3"], 1, out, max_steps=40, variant_names=["p"], **kw)
+    first = (out / "p_fake-a-v3_success.gif").read_bytes()
+    mw.evaluate([folder], ["fake-a-v3"], 1, out, max_steps=1, variant_names=["p"], **kw)
+    assert _gifs(out) == ["p_fake-a-v3_failure.gif"]
+    m = mw.evaluate([folder], ["fake-a-v3"], 1, out, max_steps=40, variant_names=["p"], **kw)
+    assert m["variants"]["p"]["tasks"]["fake-a-v3"]["reused"]
+    assert _gifs(out) == ["p_fake-a-v3_success.gif"] and (out / "p_fake-a-v3_success.gif").read_bytes() == first
+    m = mw.evaluate([folder], ["fake-a-v3"], 1, out, max_steps=40, variant_names=["q"], **kw)
+    assert m["variants"]["q"]["tasks"]["fake-a-v3"]["reused"]
+    assert (out / "q_fake-a-v3_success.gif").read_bytes() == first
+
+
+def test_variants_whose_names_make_one_file_name_keep_a_gif_each(tmp_path, monkeypatch):
+    """Variants 'a b' and 'a_b' both wrote a_b_<task>_<outcome>.gif: the second replaced the first's."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    pols = {"a b": PushRight(), "a_b": PushRight(), "c": PushRight()}
+    monkeypatch.setattr(mw, "load_policy", lambda path, device=None: pols[path.name])
+    folders = []
+    for name in pols:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "policy.json").write_text(name)
+        folders.append(tmp_path / name)
+    out = tmp_path / "eval"
+    mw.evaluate(folders, ["fake-a-v3"], 1, out, max_steps=40, n_envs=1, wm_episodes=0, progress=False, env_workers=1,
+                random_baseline=False)
+    assert len(_gifs(out)) == 3
+    stems = mw.gif_stems(list(pols))
+    assert stems["c"] == "c" and stems["a b"] != stems["a_b"] and stems["a b"].startswith("a_b-")
+    assert _gifs(out) == sorted(f"{stems[n]}_fake-a-v3_success.gif" for n in pols)
+    assert mw.gif_stems(["A", "a"])["A"] != mw.gif_stems(["A", "a"])["a"]  # one file on a case-insensitive disk
+
+
+def test_a_policy_folder_whose_name_is_not_utf8_is_evaluated(tmp_path, monkeypatch):
+    """A folder named in another encoding (a byte UTF-8 cannot decode) failed in the fingerprint with
+    UnicodeEncodeError, and its default name failed in the figures."""
+    import os
+
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    monkeypatch.setattr(mw, "load_policy", lambda path, device=None: PushRight())
+    folder = tmp_path / os.fsdecode(b"pol\xff")
+    folder.mkdir()
+    (folder / "policy.json").write_text("{}")
+    kw = dict(n_envs=1, wm_episodes=0, progress=False, env_workers=1, random_baseline=False, max_steps=8)
+    m = mw.evaluate([folder], ["fake-a-v3"], 1, tmp_path / "eval", **kw)
+    assert list(m["variants"]) == ["pol\\xff"] and (tmp_path / "eval" / "success.png").is_file()
+    again = mw.evaluate([folder], ["fake-a-v3"], 1, tmp_path / "eval", **kw)
+    assert again["variants"]["pol\\xff"]["tasks"]["fake-a-v3"]["reused"]
+
+
+def test_more_variant_names_than_policies_are_refused(tmp_path, monkeypatch):
+    """The name past the policies' went to the first --add-causal-variant variant: the policy decoded without the
+    chunk mask was reported under the name 'b'."""
+    from worldvla.eval import metaworld as mw
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())
+    with pytest.raises(ValueError, match=r"2 variant names \['a', 'b'\] for 1 policies"):
+        mw.evaluate([folder], ["fake-a-v3"], 1, tmp_path / "eval", variant_names=["a", "b"], causal_variant=True,
+                    progress=False, env_workers=1)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_saved_run_missing_its_counts_is_run_again(tmp_path, monkeypatch):
+    """A saved run whose result lacked a field (a damaged or hand-edited file) failed the rerun with a KeyError or
+    IndexError; one whose counts disagree was reused as it was."""
+    import json
+
+    from worldvla.eval import metaworld as mw
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())
+    kw = dict(episodes=2, max_steps=8, n_envs=2, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              random_baseline=False, variant_names=["p"], out_dir=tmp_path / "eval")
+    first = mw.evaluate([folder], ["fake-a-v3"], **kw)["variants"]["p"]["tasks"]["fake-a-v3"]
+    (saved,) = (tmp_path / "eval" / "runs").glob("*.json")
+    whole = json.loads(saved.read_text())
+    res = whole["result"]
+    for damaged in ({}, {k: v for k, v in res.items() if k != "successes"}, {**res, "episode_success": []},
+                    {**res, "episodes": 5}, {**res, "successes": 7}, {**res, "episode_success": [1, 0]},
+                    {k: v for k, v in res.items() if k != "latency"}):
+        saved.write_text(json.dumps({**whole, "result": damaged}))
+        again = mw.evaluate([folder], ["fake-a-v3"], **kw)["variants"]["p"]["tasks"]["fake-a-v3"]
+        assert not again.get("reused") and again["episode_success"] == first["episode_success"]
+    assert mw.evaluate([folder], ["fake-a-v3"], **kw)["variants"]["p"]["tasks"]["fake-a-v3"]["reused"]
+
+
+def test_world_model_metrics_name_a_rollout_without_a_frame_after_each_action():
+    """Frames as many as actions (the frame after the last action missing) failed with a bare IndexError."""
+    from worldvla.eval.metaworld import world_model_metrics
+
+    rng = np.random.default_rng(0)
+    good = {"frames": rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), "actions": np.zeros((2, 4))}
+    short = {"frames": good["frames"][:2], "actions": np.zeros((2, 4))}
+    with pytest.raises(ValueError, match="rollout 1 has 2 frames for 2 actions.*one frame more than actions"):
+        world_model_metrics(_tiny_policy(chunk_size=2), [good, short])
+
+
+def test_the_table_of_a_stopped_evaluation_shows_what_finished():
+    """metrics.json as an evaluation stopped partway leaves it ("complete": false, a variant without its later
+    tasks or its mean) made format_results fail with KeyError."""
+    m = {"tasks": ["a-v3", "b-v3"], "complete": False,
+         "variants": {"x": {"tasks": {"a-v3": {"success_rate": 0.5, "successes": 1, "episodes": 2,
+                                                "ended_without_action": 1}}}}}
+    lines = format_results(m).splitlines()
+    assert "incomplete" in lines[0] and "same command" in lines[0]
+    assert lines[2].split() == ["a-v3", "50%", "(1/2)"] and lines[3].split() == ["b-v3", "not", "run"]
+    assert lines[4].split() == ["mean", "-"] and not any("95% CI" in ln for ln in lines)
+    assert lines[5] == "x: episodes failed on a chunk without an action (the model wrote none): a 1"
+    done = {**m, "complete": True, "variants": {"x": {**m["variants"]["x"], "success_rate": 0.5}}}
+    done["variants"]["x"]["tasks"] = {t: m["variants"]["x"]["tasks"]["a-v3"] for t in m["tasks"]}
+    assert "incomplete" not in format_results(done) and "not run" not in format_results(done)
+    assert "95% CI" not in format_results({"tasks": ["a-v3"], "variants": {}})  # no column, no interval line
+
+
+def test_a_refused_evaluation_leaves_no_folder_and_nothing_to_evaluate_is_refused(tmp_path, monkeypatch):
+    """--episodes 0 was refused after the output folder had been made; an --out that is a file failed in mkdir
+    with a bare FileExistsError; no policy and no baseline wrote an empty metrics.json marked complete."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    kw = dict(max_steps=3, n_envs=1, wm_episodes=0, progress=False, env_workers=1)
+    with pytest.raises(ValueError, match="--episodes must be >= 1"):
+        mw.evaluate([], ["fake-a-v3"], 0, tmp_path / "e0", **kw)
+    assert not (tmp_path / "e0").exists()
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(NotADirectoryError, match="afile is a file, not a folder: name a folder"):
+        mw.evaluate([], ["fake-a-v3"], 1, tmp_path / "afile", **kw)
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        mw.evaluate([], ["fake-a-v3"], 1, tmp_path / "none", random_baseline=False, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_causal_variant_named_as_another_variant_is_refused(tmp_path, monkeypatch):
+    """--add-causal-variant named policy a's ablation 'a (no chunk mask)' beside a policy given that name: the
+    ablation's results replaced the other policy's in metrics.json, which then lacked it without a word."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    ran = []
+    monkeypatch.setattr(mw, "closed_loop", lambda *a, **k: ran.append(a) or pytest.fail("a closed loop ran"))
+    pols = [_tiny_policy(chunk_size=2), _tiny_policy(chunk_size=2)]
+    with pytest.raises(ValueError, match=r"'a \(no chunk mask\)' that --add-causal-variant adds for 'a' has the name "
+                                         r"of another variant.*--names"):
+        mw.evaluate(pols, ["fake-a-v3"], 1, tmp_path / "eval", variant_names=["a", "a (no chunk mask)"],
+                    causal_variant=True, progress=False, env_workers=1, wm_episodes=0)
+    assert not ran
+
+
+def test_the_causal_ablation_leaves_the_process_malloc_settings_and_keeps_the_cache_limits(monkeypatch):
+    """Making the ablation put glibc's malloc settings back to the defaults (tune_malloc on a CPU), over those a
+    caller chose for a policy built with tune_malloc=False; and the ablation dropped the limits a server sets on
+    the policy's prefixes and engines."""
+    from worldvla.eval.ablations import CausalChunkPolicy
+    from worldvla.inference import policy as policy_module
+    from worldvla.inference.policy import WorldVLAPolicy
+
+    base = _tiny_policy(3)
+    pol = WorldVLAPolicy(base.model, base.vqgan, base.action_tokenizer, chunk_size=3, image_size=32,
+                         text_tokenizer=base.text_tokenizer, tune_malloc=False)
+    pol.max_prefixes, pol.max_engines, pol.engine_headroom = 3, 9, 17
+    tuned = []
+    monkeypatch.setattr(policy_module, "tune_cpu_malloc", lambda *a, **k: tuned.append(a))
+    causal = CausalChunkPolicy.from_policy(pol)
+    assert tuned == []
+    assert (causal.max_prefixes, causal.max_engines, causal.engine_headroom) == (3, 9, 17)

@@ -134,3 +134,52 @@ def test_save_gif_refuses_no_frames_and_frame_rates_a_gif_cannot_play(tmp_path):
     distinct = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (0, 100, 200)])  # identical frames are merged
     with Image.open(plots.save_gif(distinct, tmp_path / "x.gif", fps=100)) as im:
         assert im.n_frames == 3 and im.info["duration"] == 10
+
+
+def test_save_gif_and_frame_grid_refuse_pixels_a_uint8_cast_would_spoil(tmp_path):
+    """Float frames in [0, 1] were cast to uint8 as they are: every pixel 0, a black GIF and black grid cells
+    written without a word; integers past 255 wrapped around. Integer pixels in [0, 255] are still taken."""
+    floats = np.full((2, 8, 8, 3), 0.9)
+    with pytest.raises(ValueError, match=r"uint8.*float64.*\* 255"):
+        plots.save_gif(floats, tmp_path / "f.gif")
+    with pytest.raises(ValueError, match=r"uint8.*float64.*\* 255"):
+        plots.frame_grid([floats], tmp_path / "f.png")
+    with pytest.raises(ValueError, match=r"\[0, 255\].*int64 values in \[300, 300\]"):
+        plots.save_gif(np.full((2, 8, 8, 3), 300), tmp_path / "w.gif")
+    with pytest.raises(ValueError, match="uint8 pixels.*bool"):
+        plots.frame_grid([np.ones((2, 8, 8, 3), bool)], tmp_path / "b.png")
+    assert not list(tmp_path.iterdir())
+    plots.save_gif(np.full((2, 8, 8, 3), 200, np.int64), tmp_path / "i.gif")
+    from PIL import Image
+
+    assert np.asarray(Image.open(tmp_path / "i.gif").convert("RGB")).max() == 200
+
+
+def test_frame_grid_refuses_more_labels_than_rows(tmp_path):
+    """A label past the last row was drawn below the image, where nothing shows it."""
+    with pytest.raises(ValueError, match="3 labels for 1 rows"):
+        plots.frame_grid([np.zeros((2, 8, 8, 3), np.uint8)], tmp_path / "g.png", labels=["a", "b", "c"])
+    plots.frame_grid([np.zeros((2, 8, 8, 3), np.uint8)] * 2, tmp_path / "g.png", labels=["a"])  # fewer: taken
+
+
+def test_side_by_side_names_sequences_of_other_heights():
+    """Frames of two heights failed in NumPy's concatenate, naming neither function nor frames."""
+    a, b = np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"side_by_side.*\(2, 8, 8, 3\) and uint8 \(2, 4, 4, 3\)"):
+        plots.side_by_side(a, b)
+    out = plots.side_by_side(a, np.full((3, 8, 5, 3), 7, np.uint8), pad=1)
+    assert out.shape == (2, 8, 14, 3) and (out[:, :, 8] == 255).all() and (out[:, :, 9:] == 7).all()
+
+
+def test_success_bars_refuse_rates_given_in_percent(tmp_path):
+    """A rate of 50 (percent) was drawn as a bar of 5000% above an axis that ends at 110."""
+    with pytest.raises(ValueError, match=r"fractions in \[0, 1\].*'push-v3': 50.*'a'.*100"):
+        plots.success_bars({"a": {"push-v3": 50, "reach-v3": 0.5}}, tmp_path / "s.png")
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_read_log_keeps_the_lines_around_bytes_that_are_not_text(tmp_path):
+    """A line of bytes that are not UTF-8 (a damaged disk) made read_log, and the training curves, fail."""
+    log = tmp_path / "metrics.jsonl"
+    log.write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe{"step": 2\n{"step": 3, "loss": 1.0}\n')
+    assert plots.read_log(log) == [{"step": 1, "loss": 2.0}, {"step": 3, "loss": 1.0}]

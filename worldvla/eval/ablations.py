@@ -18,10 +18,16 @@ class CausalChunkPolicy(WorldVLAPolicy):
 
     @classmethod
     def from_policy(cls, policy: WorldVLAPolicy) -> "CausalChunkPolicy":
-        return cls(policy.model, policy.vqgan, policy.action_tokenizer, chunk_size=policy.chunk_size,
-                   image_size=policy.image_size, history=policy.history, text_tokenizer=policy.text_tokenizer,
-                   mode="causal", extra=policy.extra, layout=policy.layout, max_new_tokens=policy.max_new_tokens,
-                   code_cache_size=policy.code_cache_size)
+        # tune_malloc=False: the process's malloc settings are what `policy` (or its caller) left them; a copy
+        # of it must not put back the defaults over settings chosen since.
+        causal = cls(policy.model, policy.vqgan, policy.action_tokenizer, chunk_size=policy.chunk_size,
+                     image_size=policy.image_size, history=policy.history, text_tokenizer=policy.text_tokenizer,
+                     mode="causal", extra=policy.extra, layout=policy.layout, max_new_tokens=policy.max_new_tokens,
+                     code_cache_size=policy.code_cache_size, tune_malloc=False)
+        # The limits a caller (a PolicyServer) set on the policy's caches and engines, not constructor arguments
+        for name in ("max_prefixes", "max_engines", "engine_headroom"):
+            setattr(causal, name, getattr(policy, name))
+        return causal
 
     def metadata(self) -> dict:
         return {**super().metadata(), "mode": "causal (no chunk mask)"}

@@ -16,17 +16,18 @@ copying the last real frame, and the VQGAN's own reconstruction of the target.
 metrics.json, success.png, world_model.png, a real-vs-imagined PNG grid and a GIF per task.
 
 Nothing finished is lost: each (variant, task) closed loop is saved under `<out>/runs/` as it
-ends, keyed by the policy's own files (`POLICY_ENTRIES`: not an --out inside its folder) and the
-evaluation settings, not by the variant's name (one file per key, so a run with other settings never
-overwrites it), and metrics.json is rewritten after each one (`"complete": false` until the end). A
-rerun with the same key reuses those results (episodes depend on their seeds alone) and runs only what
-is missing.
+ends (with its first episode's GIF, put back under the variant's name when the run is reused), keyed
+by the policy's own files (`POLICY_ENTRIES`: not an --out inside its folder) and the evaluation
+settings, not by the variant's name (one file per key, so a run with other settings never overwrites
+it), and metrics.json is rewritten after each one (`"complete": false` until the end). A rerun with
+the same key reuses those results (episodes depend on their seeds alone) and runs only what is missing.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 import time
 import warnings
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import write_text_atomic
+from ..checkpoint import write_atomic, write_text_atomic
 from ..cli import POLICY_FOLDER_HELP, non_negative_int, positive_int, seed32
 from ..sim.metaworld_env import MAX_EPISODE_STEPS, TASKS, check_max_steps, check_tasks, task_list
 from .metrics import psnr, ssim, success_interval
@@ -318,6 +319,11 @@ def world_model_metrics(policy, rollouts: list[dict], horizon: int = 8, one_step
     `WorldVLAPolicy`). Frames of another size than the policy's are resized to it first, as
     `policy.imagine` resizes them, and scored at that size. Returns the metrics and, under
     "examples", frames for the figures."""
+    for i, r in enumerate(rollouts):  # frame t + 1 is the one action t leads to: one more frame than actions
+        if len(r["frames"]) != len(r["actions"]) + 1:
+            raise ValueError(f"rollout {i} has {len(r['frames'])} frames for {len(r['actions'])} actions; a rollout "
+                             f"holds the frame before each action and the one after the last, one frame more than "
+                             f"actions (drop the actions that no frame follows)")
     from ..inference.frames import generate_frames
     model, vqgan = policy.model, policy.vqgan
     kw = dict(layout=getattr(policy, "layout", None) or model.layout, action_tokenizer=policy.action_tokenizer,
@@ -428,10 +434,13 @@ def _policy_fingerprint(src) -> str | None:
     if not isinstance(src, (str, Path)):
         return None
     root = Path(src)
-    h = hashlib.sha256(f"{root.resolve()}\n".encode())
+    # surrogateescape: a name in another encoding than the file system's (bytes UTF-8 cannot decode) is still a
+    # name, hashed as its bytes
+    h = hashlib.sha256(f"{root.resolve()}\n".encode("utf-8", "surrogateescape"))
     for f in _policy_files(root):
         st = f.stat()
-        h.update(f"{f.relative_to(root).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        line = f"{f.relative_to(root).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n"
+        h.update(line.encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -446,8 +455,8 @@ class _SavedRuns:
         self.dir = out_dir / "runs"
         self.enabled = enabled
 
-    def _path(self, task: str, key: str) -> Path:
-        return self.dir / f"{task}__{key[:16]}.json"
+    def _path(self, task: str, key: str, suffix: str = ".json") -> Path:
+        return self.dir / f"{task}__{key[:16]}{suffix}"
 
     def get(self, task: str, key: str | None) -> dict | None:
         if not (self.enabled and key):
@@ -456,14 +465,46 @@ class _SavedRuns:
             saved = json.loads(self._path(task, key).read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("result"), dict):
-            return None
+        if not isinstance(saved, dict) or saved.get("key") != key or not _whole_result(saved.get("result")):
+            return None  # damaged (or not a closed loop's record): run again
         return saved["result"]
 
     def put(self, name: str, task: str, key: str | None, result: dict) -> None:
         if key:
             write_text_atomic(self._path(task, key),
                               json.dumps({"key": key, "variant": name, "result": result}, default=_json_default))
+
+    def gif(self, task: str, key: str) -> Path:
+        """The first episode's GIF of a saved run, kept beside it: the variant's GIF in the output folder is
+        rewritten by runs of other settings or names, and a reused result must show its own episode."""
+        return self._path(task, key, ".gif")
+
+
+def _whole_result(res) -> bool:
+    """Whether a saved closed loop's result holds what the metrics and the GIFs read from it, consistently."""
+    if not isinstance(res, dict):
+        return False
+    ok = res.get("episode_success")
+    return (isinstance(ok, list) and len(ok) >= 1 and all(isinstance(x, bool) for x in ok)
+            and res.get("episodes") == len(ok) and res.get("successes") == sum(ok)
+            and isinstance(res.get("success_rate"), (int, float)) and isinstance(res.get("latency"), dict))
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def gif_stems(names) -> dict[str, str]:
+    """File-name stems of the variants' GIFs: each name made safe for a file name, with a short hash of the name
+    where two names would give one stem ("a b" and "a_b", or "A" and "a" on a case-insensitive disk), so that no
+    variant's GIF replaces another's."""
+    stems = {n: _slug(n) for n in names}
+    folded = [s.casefold() for s in stems.values()]
+
+    def tagged(n: str) -> str:
+        return f"{stems[n]}-{hashlib.sha256(n.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+    return {n: s if folded.count(s.casefold()) == 1 else tagged(n) for n, s in stems.items()}
 
 
 def _summarize_variant(v: dict, tasks: list[str]) -> None:
@@ -487,10 +528,13 @@ def default_variant_names(policies) -> list[str]:
     deepest = max((len(p.parts) for p in paths if p is not None), default=0)
     for depth in range(1, deepest - 1):  # parent folders, never the root
         if len(set(names)) == len(names):
-            return names
+            break
         names = [n if p is None or names.count(n) == 1 else "/".join(p.parts[-1 - depth:-1])
                  for n, p in zip(names, paths)]
-    return names if len(set(names)) == len(names) else plain
+    names = names if len(set(names)) == len(names) else plain
+    # A folder name in another encoding than the file system's holds bytes UTF-8 cannot decode: shown as escapes
+    # (pol\\xff), as the figures' labels and metrics.json's text cannot hold them.
+    return [n.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for n in names]
 
 
 def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_steps: int = 200, n_envs: int = 4,
@@ -519,8 +563,6 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     tasks = task_list(tasks)
     # Triton must be loaded before MuJoCo's software renderer (their LLVMs clash otherwise).
     dispatch.available("masked_attention")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if not tasks:
         raise ValueError("no tasks to evaluate: pass Meta-World task names (--tasks drawer-open-v3,door-open-v3)")
     if episodes < 1:
@@ -529,8 +571,18 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         raise ValueError(f"--envs must be >= 1, got {n_envs}")
     check_max_steps(max_steps, "--max-steps")  # the envs refuse it, but only once the policies have loaded
     policies = list(policies)
+    if not policies and not random_baseline:
+        raise ValueError("nothing to evaluate: no policy and no random baseline; pass policies (--policy DIR) or "
+                         "leave the baseline on (random_baseline=True)")
     names = list(variant_names or [])
+    if len(names) > len(policies):  # the extra names would label the --add-causal-variant variants instead
+        raise ValueError(f"{len(names)} variant names {names} for {len(policies)} policies; give one name per policy "
+                         f"(or fewer: the rest keep their folders' names)")
     names += default_variant_names(policies)[len(names):]
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():  # named before the policies load
+        raise NotADirectoryError(f"the output folder {out_dir} is a file, not a folder: name a folder (--out; it is "
+                                 f"created if missing)")
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must differ, got {names}; name the policies with --names a,b,... "
                          f"(variant_names in Python)")
@@ -546,6 +598,8 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         loaded.append(load_policy(p, device) if isinstance(p, (str, Path)) else p)
     for name, pol in zip(names, loaded):  # before any env is built or any variant has run
         check_execute(pol, execute, f"policy {name!r}")
+    # Created once every argument is known to be usable: a refused call leaves no empty folder behind.
+    out_dir.mkdir(parents=True, exist_ok=True)
     # The world-model scores are the first policy's. Those of a model that never saw a world-model sample are an
     # untrained world model's: still scored (a reference beside a joint model's), but said so, here, in
     # metrics.json and in the table.
@@ -563,6 +617,10 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
                 policies.append(policies[i])
                 fingerprints.append(fingerprints[i])
                 names.append(f"{names[i]} (no chunk mask)")
+                if names[-1] in names[:-1]:  # its results would replace those of the variant of that name
+                    raise ValueError(f"the variant {names[-1]!r} that --add-causal-variant adds for {names[i]!r} has "
+                                     f"the name of another variant; name the policies otherwise with --names a,b,... "
+                                     f"(variant_names in Python)")
     # Each policy is evaluated from the camera its demonstrations were rendered from (or `camera`); the
     # random baseline shares the first policy's envs.
     cameras = {id(p): policy_camera(p, camera) for p in loaded}
@@ -570,6 +628,7 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     metrics: dict = {"tasks": tasks, "episodes": episodes, "max_steps": max_steps, "seed": seed,
                      "execute": execute, "complete": False, "variants": {}}
     saved = _SavedRuns(out_dir, resume)
+    stems = gif_stems(names)
     # Envs per batch too: a batch's composition can move the last bits of a batched query.
     settings = {"episodes": episodes, "max_steps": max_steps, "seed": seed, "n_envs": min(n_envs, episodes)}
 
@@ -592,11 +651,16 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         """One closed loop, or the saved result of the same one; saved and written out as it ends."""
         key = run_key(fp, pol, task)
         res = saved.get(task, key)
-        gif = {tag: out_dir / f"{_slug(name)}_{task}_{tag}.gif" for tag in ("success", "failure")}
+        gif = {tag: out_dir / f"{stems.get(name) or _slug(name)}_{task}_{tag}.gif" for tag in ("success", "failure")}
         if res is not None:
             bar.update(episodes)
-            # The GIF of the other outcome is an earlier run's: it would stand beside this result as current.
+            own = gif["success" if res["episode_success"][0] else "failure"]
+            # The GIF of the other outcome is an earlier run's: it would stand beside this result as current. So
+            # would one of this outcome that a run of other settings (or another variant's name) wrote: the GIF
+            # kept with the saved run replaces it.
             gif["failure" if res["episode_success"][0] else "success"].unlink(missing_ok=True)
+            if gifs and saved.gif(task, key).is_file():
+                _copy_file(saved.gif(task, key), own)
             return {**res, "reused": True}
         r = closed_loop(pol, task, episodes, seed=seed, max_steps=max_steps, progress=bar, record=record,
                         envs=envs_for(task, pol), execute=execute)
@@ -604,7 +668,10 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
         for path in gif.values():  # an earlier run's GIF, of either outcome, is not this run's
             path.unlink(missing_ok=True)
         if gifs and r.frames is not None:
-            plots.save_gif(r.frames, gif["success" if r.successes[0] else "failure"])
+            own = gif["success" if r.successes[0] else "failure"]
+            plots.save_gif(r.frames, own)
+            if key:  # before the run is saved: a saved run with GIFs on has its GIF
+                _copy_file(own, saved.gif(task, key))
         saved.put(name, task, key, res)
         return res
 
@@ -763,22 +830,30 @@ def format_results(metrics: dict) -> str:
     cols, summaries = [c for c, _ in columns], [v for _, v in columns]
 
     def rate(v, task):
-        t = v["tasks"][task]
+        t = v["tasks"].get(task)
+        if t is None:  # an evaluation stopped before this closed loop (metrics.json "complete": false)
+            return "not run"
         return f"{t['success_rate']:.0%} ({t['successes']}/{t['episodes']})"
+
+    def mean(v, w):
+        return f"{v['success_rate']:>{w}.0%}" if "success_rate" in v else f"{'-':>{w}}"
 
     w0 = max([len("task")] + [len(t) for t in tasks] + [len("mean")])
     widths = [max(len(c), 12) for c in cols]
-    lines = ["closed-loop success (Meta-World, held-out layouts)",
+    lines = ["closed-loop success (Meta-World, held-out layouts)"
+             + (" -- incomplete: the evaluation stopped; the same command finishes it"
+                if metrics.get("complete") is False else ""),
              "  ".join([f"{'task':<{w0}}"] + [f"{c:>{w}}" for c, w in zip(cols, widths)])]
     for t in tasks:
         lines.append("  ".join([f"{t:<{w0}}"] + [f"{rate(v, t):>{w}}" for v, w in zip(summaries, widths)]))
-    lines.append("  ".join([f"{'mean':<{w0}}"] + [f"{v['success_rate']:>{w}.0%}" for v, w in zip(summaries, widths)]))
+    lines.append("  ".join([f"{'mean':<{w0}}"] + [mean(v, w) for v, w in zip(summaries, widths)]))
     cis = [v.get("success_ci95") for v in summaries]
-    if all(cis):
+    if cis and all(cis):
         lines.append("  ".join([f"{'95% CI':<{w0}}"] + [f"{f'{lo:.0%}-{hi:.0%}':>{w}}" for (lo, hi), w in zip(cis, widths)])
                      + "  (Wilson, all episodes pooled)")
     for c in metrics.get("variants", {}):
-        ended = {t: metrics["variants"][c]["tasks"][t].get("ended_without_action", 0) for t in tasks}
+        ended = {t: metrics["variants"][c]["tasks"][t].get("ended_without_action", 0) for t in tasks
+                 if t in metrics["variants"][c]["tasks"]}
         if any(ended.values()):
             lines.append(f"{c}: episodes failed on a chunk without an action (the model wrote none): "
                          + ", ".join(f"{t.replace('-v3', '')} {n}" for t, n in ended.items() if n))

@@ -39,6 +39,8 @@ def as_float_images(images, data_range: float | None = None) -> tuple[torch.Tens
         rng = 1.0 if data_range is None else float(data_range)
     else:
         raise TypeError(f"images must be uint8 (channels-last) or floating point (channels-first), got {images.dtype}")
+    if x.shape[-2] * x.shape[-1] == 0:  # no pixel to score (reshape(-1, ...) could not even tell the batch)
+        raise ValueError(f"images of {tuple(x.shape[-2:])} pixels have no pixel to score")
     return x.reshape(-1, *x.shape[-3:]), rng
 
 
@@ -58,8 +60,9 @@ def _pair(a, b, data_range):
     y, _ = as_float_images(b, data_range)
     if x.shape != y.shape:
         raise ValueError(f"the two image batches differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
-    if rng <= 0:
-        raise ValueError(f"data_range must be positive, got {rng}")
+    if not 0 < rng < math.inf:  # NaN or inf would make every score NaN or inf
+        raise ValueError(f"data_range must be positive and finite (255 for uint8 images, 1.0 for floats in "
+                         f"[0, 1]), got {rng}")
     return x, y, rng
 
 
@@ -98,6 +101,11 @@ def ssim(a, b, data_range: float | None = None, window: int = WINDOW, sigma: flo
     """Structural similarity per image -> [N] float64 (or the SSIM map [N, C, h, w]).
 
     Images smaller than the window use a window as wide as their smaller side (odd)."""
+    # A window of no tap would be taken for images too small for it; sigma 0 makes every tap NaN.
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 (Gaussian taps; {WINDOW} in Wang et al.), got {window!r}")
+    if not 0 < sigma < math.inf:
+        raise ValueError(f"sigma must be a positive finite number ({SIGMA} in Wang et al.), got {sigma}")
     x, y, rng = _pair(a, b, data_range)
     side = min(x.shape[-2:])
     size = min(window, side if side % 2 else side - 1)
@@ -132,6 +140,13 @@ def success_interval(successes: int, episodes: int, z: float = 1.96) -> tuple[fl
     """Wilson score interval (95% by default) of a success rate from `successes` of `episodes`: at the
     10-50 episodes of a closed-loop evaluation a rate is known to tens of points, and the interval says how
     many (unlike the normal approximation, it stays in [0, 1] and is not empty at 0 or all successes)."""
+    # Counts, not rates: success_interval(0.4, 10) would be read as 0.4 successes of 10.
+    for name, n in (("successes", successes), ("episodes", episodes)):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer count, got {n!r}" + (
+                " (a rate? pass the number of successful episodes)" if name == "successes" else ""))
+    if not 0 < z < math.inf:
+        raise ValueError(f"z must be a positive finite number (1.96 for a 95% interval), got {z}")
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if not 0 <= successes <= episodes:

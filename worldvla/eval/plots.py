@@ -40,11 +40,30 @@ def _save_image(img, path, default_format: str, **kw) -> Path:
     return path
 
 
+def _uint8_frames(frames, what: str) -> np.ndarray:
+    """Frames as uint8, refusing what a cast would silently get wrong: floats in [0, 1] become black (0), bools
+    0 and 1, and integers past 255 wrap around."""
+    a = np.asarray(frames)
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype.kind in "iu" and (a.size == 0 or (a.min() >= 0 and a.max() <= 255)):
+        return a.astype(np.uint8)
+    if a.dtype.kind in "iu":
+        raise ValueError(f"{what} must hold pixel values in [0, 255], got {a.dtype} values in [{a.min()}, {a.max()}]")
+    hint = "; convert floats in [0, 1] with (x * 255).round().astype(np.uint8)" if a.dtype.kind == "f" else ""
+    raise ValueError(f"{what} must be uint8 pixels in [0, 255], got {a.dtype}{hint}")
+
+
 def success_bars(rates: dict[str, dict[str, float]], path, title: str = "Meta-World closed-loop success",
                  intervals: dict[str, dict[str, tuple[float, float]]] | None = None) -> Path:
     """rates: variant -> {task: success rate in [0, 1]}; one group of bars per task
     (plus the mean over tasks). intervals: variant -> {task or "mean": (low, high)}, drawn as error bars
     (e.g. `worldvla.eval.metrics.success_interval`)."""
+    for v, r in rates.items():  # a percentage would draw its bar far above the axis's 0-110
+        bad = {t: x for t, x in r.items() if not (0 <= x <= 1 or np.isnan(x))}
+        if bad:
+            raise ValueError(f"success rates must be fractions in [0, 1], got {bad} for {v!r} (percentages? divide "
+                             f"them by 100)")
     plt = _pyplot()
     variants = list(rates)
     tasks = sorted({t for r in rates.values() for t in r})
@@ -125,6 +144,10 @@ def frame_grid(rows: list[np.ndarray], path, labels: list[str] | None = None, pa
     rows = [np.asarray(r) for r in rows]
     if not rows or any(r.ndim != 4 or r.shape[1:] != rows[0].shape[1:] for r in rows):
         raise ValueError(f"frame_grid wants rows of frames of one size [T, H, W, 3], got {[r.shape for r in rows]}")
+    rows = [_uint8_frames(r, f"frame_grid's row {i}") for i, r in enumerate(rows)]
+    if labels is not None and len(labels) > len(rows):  # the extra labels would go below the image, unseen
+        raise ValueError(f"frame_grid got {len(labels)} labels for {len(rows)} rows; give one label per row (or "
+                         f"fewer)")
     T = max(len(r) for r in rows)
     H, W = rows[0].shape[1:3]
     label_w = 0 if not labels else 8 + 6 * max(len(s) for s in labels)
@@ -145,7 +168,7 @@ def save_gif(frames, path, fps: float = 20) -> Path:
     """frames: uint8 [T, H, W, 3] (or a list of such frames), played at `fps` (at most 100) in a loop."""
     from PIL import Image
 
-    frames = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+    frames = [Image.fromarray(_uint8_frames(f, f"save_gif's frame {t}")) for t, f in enumerate(frames)]
     if not frames:
         raise ValueError("save_gif needs at least one frame")
     # GIF stores each frame's delay in hundredths of a second; Pillow takes milliseconds. Over 100 fps (or inf)
@@ -159,8 +182,11 @@ def save_gif(frames, path, fps: float = 20) -> Path:
 def side_by_side(a: np.ndarray, b: np.ndarray, pad: int = 2) -> np.ndarray:
     """Two frame sequences [T, H, W, 3] next to each other (white gap) -> [T, H, 2W + pad, 3]."""
     a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 4 or b.ndim != 4 or a.shape[1] != b.shape[1] or a.shape[3] != b.shape[3] or a.dtype != b.dtype:
+        raise ValueError(f"side_by_side wants two frame sequences [T, H, W, C] of one height, channels and dtype, got "
+                         f"{a.dtype} {a.shape} and {b.dtype} {b.shape}")
     T = min(len(a), len(b))
-    gap = np.full((T, a.shape[1], pad, 3), 255, dtype=np.uint8)
+    gap = np.full((T, a.shape[1], pad, a.shape[3]), 255, dtype=a.dtype)
     return np.concatenate([a[:T], gap, b[:T]], axis=2)
 
 
@@ -168,7 +194,8 @@ def read_log(path) -> list[dict]:
     """The records of a training run's metrics.jsonl, in order (none where there is no log yet); a line a crash
     cut short is left out."""
     recs, path = [], Path(path)
-    for ln in (path.read_text().splitlines() if path.is_file() else []):
+    # errors="replace": bytes a crash or a damaged disk left in a line spoil that line only
+    for ln in (path.read_text(errors="replace").splitlines() if path.is_file() else []):
         try:
             rec = json.loads(ln)
         except json.JSONDecodeError:
