@@ -2144,3 +2144,28 @@ def test_serve_load_refuses_counts_that_would_measure_nothing(option, value, say
         serve_load.parse_args([option, value])
     assert e.value.code == 2
     assert f"python -m worldvla.benchmarks.serve_load: error: argument {option}: {says}" in capsys.readouterr().err
+
+
+def test_bench_lines_reach_a_log_before_a_time_limit_ends_the_run(tmp_path):
+    """Run into a log under `timeout` (gpu_all.sh's stages), `worldvla bench` left the log empty when SIGTERM
+    ended it: stdout to a file is block-buffered and SIGTERM ends Python unflushed, so every finished
+    benchmark's lines (the `-> result` the script's summary reads) were lost with the unfinished one."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys, types\n"
+            "from worldvla.cli import main\n"
+            "sys.modules['worldvla.benchmarks.vq'] = types.SimpleNamespace(run=lambda quick, device, out_dir: "
+            "out_dir + '/vq.json')\n"
+            "sys.modules['worldvla.benchmarks.sampling'] = types.SimpleNamespace(run=lambda quick, device, out_dir: "
+            "os.kill(os.getpid(), signal.SIGTERM))\n"
+            f"main(['bench', 'vq', 'sampling', '--out', {str(tmp_path / 'out')!r}])\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open(tmp_path / "log", "w") as log:
+        p = subprocess.run([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=env,
+                           cwd=tmp_path, timeout=120)
+    assert p.returncode == -signal.SIGTERM
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert f"-> {tmp_path / 'out'}/vq.json" in " ".join(lines), lines
+    assert lines[-1].startswith("== sampling: "), lines

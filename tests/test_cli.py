@@ -716,3 +716,134 @@ def test_a_benchmark_without_an_unavailable_class_that_raises_fails_the_run(monk
     assert main(["bench", "vq", "--out", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "!! vq failed: RuntimeError: no result" in out and "skipped" not in out
+
+
+def test_ctrl_c_in_bench_quotes_an_out_the_shell_would_split(monkeypatch, capsys, tmp_path):
+    """The command for the rest printed `--out /x/my results` bare: pasted back, the shell split it into the
+    folder `/x/my` and a benchmark named `results`."""
+    import shlex
+    import sys
+    import types
+
+    def bench(name, interrupt=False):
+        def run(quick, device, out_dir):
+            if interrupt:
+                raise KeyboardInterrupt
+            return f"{out_dir}/{name}.json"
+        monkeypatch.setitem(sys.modules, f"worldvla.benchmarks.{name}", types.SimpleNamespace(run=run))
+
+    bench("vq"), bench("sampling", interrupt=True), bench("cpu_ops")
+    out = tmp_path / "my results" / "it's"
+    err = _main_interrupted(["bench", "vq", "sampling", "cpu_ops", "--out", str(out)], capsys)
+    line = err.split("run the rest with: ", 1)[1]
+    assert shlex.split(line) == ["worldvla", "bench", "sampling", "cpu_ops", "--out", str(out)], line
+
+
+@pytest.mark.parametrize("value,traceback", [("0", False), ("", False), ("false", False), ("off", False),
+                                             ("1", True), ("yes", True)])
+def test_worldvla_traceback_0_keeps_the_one_line_error(value, traceback, monkeypatch, capsys):
+    """WORLDVLA_TRACEBACK=0 showed the traceback as =1 does: any value that was set counted as asking for it."""
+    from worldvla import bench
+
+    def bad(args):
+        raise ValueError("bad input: name another")
+
+    monkeypatch.setenv("WORLDVLA_TRACEBACK", value)
+    monkeypatch.setattr(bench, "run", bad)
+    if traceback:
+        with pytest.raises(ValueError, match="bad input"):
+            main(["bench", "vq"])
+    else:
+        assert main(["bench", "vq"]) == 2
+        assert capsys.readouterr().err.strip() == ("worldvla bench: error: bad input: name another "
+                                                   "(WORLDVLA_TRACEBACK=1 shows where)")
+
+
+def test_a_reader_that_closes_stdout_ends_the_command_quietly(tmp_path):
+    """`worldvla info | head -1` printed "worldvla info: error: [Errno 32] Broken pipe" and exited 2, as if the
+    command had failed; it now ends as a command that SIGPIPE ended, saying nothing. A broken pipe of the
+    command's own (a worker's) is still an error line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        p = subprocess.run([sys.executable, "-c", "import sys; from worldvla.cli import main; sys.exit(main(['info']))"],
+                           stdout=write, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                           env={k: v for k, v in os.environ.items() if k != "WORLDVLA_TRACEBACK"}, timeout=120)
+    finally:
+        os.close(write)
+    assert (p.returncode, p.stderr) == (128 + signal.SIGPIPE, ""), p.stderr
+
+
+def test_a_broken_pipe_of_the_commands_own_is_one_error_line(monkeypatch, capsys):
+    from worldvla import bench
+
+    def worker_gone(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    monkeypatch.setattr(bench, "run", worker_gone)
+    assert main(["bench", "vq"]) == 2
+    assert "worldvla bench: error: [Errno 32] Broken pipe" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,module", [(["bench", "vq"], "worldvla.bench"),
+                                            (["imagine", "p"], "worldvla.eval.imagine")])
+def test_an_out_that_is_a_dangling_link_is_refused_before_any_work(command, module, tmp_path, capsys, monkeypatch):
+    """A link to a folder that does not exist passed the check: bench ran its benchmark, then failed with a bare
+    "[Errno 17] File exists" when it wrote the result."""
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    monkeypatch.setattr(importlib.import_module(module), "run", lambda args: pytest.fail("the command started"))
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    for out, what in ((link, "is a link"), (link / "sub", f"lies under {link}, a link")):
+        assert main([*command, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"worldvla {command[0]}: error: --out {out} {what} to {tmp_path / 'gone'}, which does not "
+                       f"exist: create that folder, or name another"), err
+    (tmp_path / "gone").mkdir()  # a link to a folder is a folder
+    monkeypatch.setattr(importlib.import_module(module), "run", lambda args: 0)
+    assert main([*command, "--out", str(link)]) == 0
+
+
+def test_an_unavailable_subcommands_help_says_why(monkeypatch, capsys):
+    """`worldvla collect --help` of a command whose module did not import listed no options and said nothing
+    of why."""
+    monkeypatch.setitem(cli.COMMANDS, "collect", ("worldvla._no_such_module_", "collect (test stand-in)"))
+    with pytest.raises(SystemExit) as e:
+        main(["collect", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "unavailable here: No module named 'worldvla._no_such_module_'" in out, out
+
+
+def test_list_positionals_are_taken_after_options_too(monkeypatch, capsys, tmp_path):
+    """`worldvla bench vq --quick sampling` was refused with "unrecognized arguments: sampling", and
+    `pretokenize a.hdf5 --out s --vqgan v b.hdf5` with "unrecognized arguments: b.hdf5": argparse gives a list
+    positional only the words before the first option. An extra word is still refused, and a misspelt option
+    still named."""
+    import sys
+    import types
+
+    from worldvla.data import store
+
+    ran = []
+    for name in ("vq", "sampling"):
+        monkeypatch.setitem(sys.modules, f"worldvla.benchmarks.{name}", types.SimpleNamespace(
+            run=lambda quick, device, out_dir, name=name: ran.append((name, quick, device, out_dir))))
+    assert main(["bench", "vq", "--quick", "sampling", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert ran == [("vq", True, "cpu", str(tmp_path)), ("sampling", True, "cpu", str(tmp_path))]
+
+    seen = []
+    monkeypatch.setattr(store, "run", lambda args: seen.append(args) or 0)
+    assert main(["pretokenize", "a.hdf5", "--out", str(tmp_path / "s"), "--vqgan", "v", "b.hdf5"]) == 0
+    assert seen[0].inputs == ["a.hdf5", "b.hdf5"] and seen[0].vqgan == "v" and seen[0].command == "pretokenize"
+
+    for argv, says in ((["imagine", "p", "--demos", "d", "extra"], "unrecognized arguments: extra;"),
+                       (["bench", "vq", "--quik", "sampling"], "--quik: did you mean --quick?")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err

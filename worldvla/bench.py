@@ -66,21 +66,23 @@ def run(args) -> int:
     args.finished, args.remaining = [], list(names)
     for i, name in enumerate(names):
         args.remaining = names[i:]
-        print(f"\n== {name}: {BENCHMARKS[name]}")
+        # Flushed at each benchmark's start and end: into a log (a GPU script's), under a time limit whose
+        # SIGTERM ends the process unflushed, stdout would otherwise lose every finished benchmark's lines.
+        print(f"\n== {name}: {BENCHMARKS[name]}", flush=True)
         t0 = time.time()
         unavailable = ()  # a benchmark's "cannot run here", not a failure
         try:
             mod = benchmark_module(name)
             unavailable = getattr(mod, "Unavailable", ())
             path = mod.run(quick=args.quick, device=args.device, out_dir=args.out)
-            print(f"-> {path} ({time.time() - t0:.1f} s)")
+            print(f"-> {path} ({time.time() - t0:.1f} s)", flush=True)
             args.finished.append(name)
         except Exception as e:  # noqa: BLE001 - one failing benchmark (its import too) must not hide the others
             if unavailable and isinstance(e, unavailable):
-                print(f"-- {name} skipped: {e}")
+                print(f"-- {name} skipped: {e}", flush=True)
                 skipped.append(name)
             else:
-                print(f"!! {name} failed: {type(e).__name__}: {e}")
+                print(f"!! {name} failed: {type(e).__name__}: {e}", flush=True)
                 failed.append(name)
     if skipped and len(skipped) == len(names):  # not a failure (a benchmark that cannot run here), but say so
         print(f"worldvla bench: nothing ran: every benchmark asked for ({', '.join(skipped)}) cannot run here and "

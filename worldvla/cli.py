@@ -7,6 +7,8 @@ import difflib
 import importlib
 import math
 import os
+import select
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -130,6 +132,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 importlib.import_module(module).add_arguments(p)
             except ImportError as e:
                 p.set_defaults(_unavailable=str(e))
+                # Its --help, which lists no options then, says why instead of looking like a command without any.
+                p.epilog = f"unavailable here: {e}"
         p.set_defaults(_module=module)
     return parser
 
@@ -175,7 +179,8 @@ def _bench_continue(args) -> str:
     if not finished or not left:
         return done + "run the same command again to rerun the benchmarks"
     opts = (" --quick" if args.quick else "") + (f" --device {args.device}" if args.device else "")
-    opts += f" --out {args.out}" if args.out != "benchmarks/results" else ""  # bench's default
+    # Quoted as a shell takes it: an --out with a space or a quote is one word when the line is pasted back.
+    opts += f" --out {shlex.quote(args.out)}" if args.out != "benchmarks/results" else ""  # bench's default
     return done + f"run the rest with: worldvla bench {' '.join(left)}{opts}"
 
 
@@ -198,6 +203,10 @@ def _out_folder_problem(out) -> str | None:
         return "--out is empty: name a folder (it is created if missing)"
     path = Path(out).expanduser()
     for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():  # a dangling link: making the folder fails only at the first write
+            where = "is a link" if p == path else f"lies under {p}, a link"
+            return (f"--out {out} {where} to {os.readlink(p)}, which does not exist: create that folder, or name "
+                    f"another")
         if p.exists():
             if p.is_dir():
                 return None
@@ -223,11 +232,45 @@ def _refuse_unknown(parser: argparse.ArgumentParser, command: str | None, unknow
               + f"; `worldvla {command} --help` lists its options")
 
 
+def _traceback_wanted() -> bool:
+    """Whether WORLDVLA_TRACEBACK asks for tracebacks: set to anything but empty, 0, false, no or off."""
+    return os.environ.get("WORLDVLA_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (`worldvla info | head -1`), as against a broken
+    pipe of the command's own (a worker's, a socket's). False where it cannot tell (no poll, no file)."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller.register(fd, select.POLLOUT)
+    return any(event & select.POLLERR for _, event in poller.poll(0))
+
+
+def _reparse_intermixed(parser: argparse.ArgumentParser, argv: list[str], args, unknown: list[str]):
+    """`worldvla bench vq --quick sampling`: argparse gives a list positional (bench's names, pretokenize's
+    inputs) only the words before the first option and leaves the later ones unknown; the command's own
+    parser takes them wherever they stand. Anything else stays as parse_known_args left it."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    sub = subs[0].choices.get(args.command) if subs and args.command else None
+    if (sub is None or all(a.startswith("-") for a in unknown)
+            or not any(not a.option_strings and a.nargs in ("*", "+") for a in sub._actions)):
+        return args, unknown
+    at = argv.index(args.command)
+    try:
+        args, later = sub.parse_known_intermixed_args(argv[at + 1:], argparse.Namespace(command=args.command))
+    except TypeError:  # a parser argparse cannot parse intermixed
+        return args, unknown
+    return args, [*argv[:at], *later]
+
+
 def main(argv=None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:  # while the command's modules load (torch: a second or two)
-        if os.environ.get("WORLDVLA_TRACEBACK"):
+        if _traceback_wanted():
             raise
         print("\nworldvla: interrupted", file=sys.stderr)
         return 130
@@ -243,6 +286,8 @@ def _main(argv) -> int:
     # parse_known_args: a subcommand whose module failed to import has no options, and its reason must show
     # whatever options were given; every other subcommand refuses unknown arguments as parse_args does.
     args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args, unknown = _reparse_intermixed(parser, argv, args, unknown)
     if getattr(args, "_unavailable", None):
         print(f"worldvla {args.command}: unavailable here: {args._unavailable}", file=sys.stderr)
         return 2
@@ -264,7 +309,7 @@ def _main(argv) -> int:
     try:
         rc = importlib.import_module(args._module).run(args)
     except KeyboardInterrupt:
-        if os.environ.get("WORLDVLA_TRACEBACK"):
+        if _traceback_wanted():
             raise
         how = how_to_continue(args)
         print(f"\nworldvla {args.command}: interrupted" + (f"; {how}" if how else ""), file=sys.stderr)
@@ -274,7 +319,14 @@ def _main(argv) -> int:
         print(f"worldvla {args.command}: {e}" + (f"; {how}" if how else ""), file=sys.stderr)
         return STOPPED_RC
     except (ValueError, OSError, ImportError) as e:
-        if os.environ.get("WORLDVLA_TRACEBACK") or (isinstance(e, ImportError) and not _missing_dependency(e)):
+        if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
+            # The reader took what it wanted: end quietly, as a command that SIGPIPE ended, with stdout on
+            # /dev/null so that the interpreter's last flush does not fail on the pipe again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return 128 + signal.SIGPIPE
+        if _traceback_wanted() or (isinstance(e, ImportError) and not _missing_dependency(e)):
             raise
         print(f"worldvla {args.command}: error: {e} (WORLDVLA_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2
