@@ -112,9 +112,13 @@ def gather_rotation(B: int, h: int, K: int, C: int, gen, quick: bool) -> Rotatio
                     bytes_per_set=read)
 
 
+class Unavailable(ValueError):
+    """Asked for on another device than the CPU: `worldvla bench --device cuda` (every benchmark) skips it."""
+
+
 def run(quick: bool = False, device=None, out_dir="benchmarks/results"):
     if device is not None and torch.device(device).type != "cpu":
-        raise ValueError(f"cpu_ops measures the C++ CPU paths; run it with --device cpu (got {device})")
+        raise Unavailable(f"cpu_ops measures the C++ CPU paths; run it with --device cpu (got {device})")
     if "native" not in ops.dispatch.available("decode_attention"):
         raise RuntimeError("the native backend is not built here (pip install .)")
     gen = torch.Generator().manual_seed(0)

@@ -576,6 +576,22 @@ def test_bench_reports_missing_cuda_tools_as_skipped(monkeypatch, tmp_path, caps
     assert "sass skipped: the static report needs nvcc and cuobjdump" in capsys.readouterr().out
 
 
+def test_bench_on_a_gpu_skips_the_cpu_benchmark_instead_of_failing(monkeypatch, tmp_path, capsys):
+    """`worldvla bench --device cuda` (every benchmark) failed with exit 1 on a GPU machine: cpu_ops refuses any
+    device but the CPU, and that counted as a failure. It is skipped, saying why."""
+    import argparse
+
+    import worldvla.devices
+    from worldvla import bench
+
+    monkeypatch.setattr(worldvla.devices, "torch_device", lambda *a, **k: None)  # as on a machine with a GPU
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert bench.run(p.parse_args(["cpu_ops", "--device", "cuda", "--out", str(tmp_path)])) == 0
+    out = capsys.readouterr().out
+    assert "cpu_ops skipped: cpu_ops measures the C++ CPU paths; run it with --device cpu" in out
+    assert "failed" not in out and not list(tmp_path.iterdir())
+
 def test_bench_sass_without_the_cuda_sources_is_skipped_not_an_empty_report(monkeypatch, tmp_path, capsys):
     """From an installed wheel (no csrc/) `bench sass` wrote a report with no rows and said it succeeded."""
     import argparse
