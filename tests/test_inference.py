@@ -1,6 +1,7 @@
 """Engine, parallel action-chunk decoding and the release baseline on random small models (fp32)."""
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -1274,3 +1275,91 @@ def test_a_global_forward_pre_hook_drops_the_steps_plans(rng):
     finally:
         handle.remove()
     assert eng.check_model() and buf.plan is None
+
+
+# ------------------------------------------------------------------ the inference engine's cache and its metadata
+def _tiny_engine(batch_size=2, max_len=16, n_layers=2):
+    from worldvla.inference import InferenceEngine
+    from worldvla.model import ModelConfig, WorldVLA
+
+    L = VocabLayout.compact(n_image_codes=64)
+    cfg = ModelConfig.tiny(L)
+    cfg.num_hidden_layers = n_layers
+    model = WorldVLA(cfg).init_weights(0.5, generator=torch.Generator().manual_seed(0)).eval()
+    return InferenceEngine(model, batch_size, max_len)
+
+
+def test_a_prefix_snapshot_takes_one_length_per_row_within_the_cache():
+    """A negative length sliced to `:-1`, a snapshot of every slot but the last; a length past the cache gave fewer
+    slots than its lengths claim; lengths for fewer rows were kept as they were; none failed in max()."""
+    eng = _tiny_engine()
+    for lengths, what in (([-3, -1], r"lengths must lie in \[0, 16\].*got \[-3, -1\]"),
+                          ([20, 4], r"lengths must lie in \[0, 16\].*got \[20, 4\]"),
+                          ([5], r"one length per row \(2\), got 1"), ([], r"one length per row \(2\), got 0")):
+        with pytest.raises(ValueError, match=what):
+            eng.snapshot_prefix(lengths)
+    snap = eng.snapshot_prefix([6, 4])
+    assert snap.n_slots == 6 and snap.lengths == [6, 4]
+    assert eng.snapshot_prefix([16, 0]).n_slots == 16
+
+
+def test_restoring_keys_and_values_of_another_model_names_what_differs():
+    """A snapshot or row prefix of a model with another number of layers (or heads, or head size) failed in torch's
+    'The size of tensor a (3) must match the size of tensor b (2)'."""
+    eng, other = _tiny_engine(), _tiny_engine(n_layers=3)
+    snap = other.snapshot_prefix([4, 4])
+    with pytest.raises(ValueError, match=r"prefix snapshot.*\(3, 2, 4, 2, 16\).*\(2, 2, 4, 2, 16\).*same model"):
+        eng.restore_prefix(snap)
+    k, v = other.row_prefix(0, 4)
+    with pytest.raises(ValueError, match=r"row prefix.*\(3, 4, 2, 16\).*\(2, 4, 2, 16\).*same model"):
+        eng.set_row_prefix(0, k, v)
+    k, v = eng.row_prefix(1, 4)
+    with pytest.raises(ValueError, match=r"keys \(4 slots\) and values \(3 slots\)"):
+        eng.set_row_prefix(0, k, v[:, :3])
+    eng.set_row_prefix(0, k, v)
+    assert torch.equal(eng.cache.k[:, 0, :4], k) and torch.equal(eng.cache.v[:, 0, :4], v)
+    eng.restore_prefix(eng.snapshot_prefix([3, 2]))
+
+
+def test_an_engine_for_no_prompts_or_a_negative_token_count_is_refused():
+    """No prompts failed in max() ('arg is an empty sequence'); a negative count of new tokens made an engine too
+    small for its own prompts, refused only at the prefill."""
+    from worldvla.inference.engine import engine_for
+
+    eng = _tiny_engine()
+    with pytest.raises(ValueError, match="at least one prompt"):
+        engine_for(eng.model, [], 4)
+    with pytest.raises(ValueError, match="new_tokens must be >= 0, got -3"):
+        engine_for(eng.model, [torch.arange(5)], -3)
+    assert engine_for(eng.model, [torch.arange(5), torch.arange(3)], 0).max_len == 5
+
+
+def test_kv_lengths_take_one_per_row_or_one_for_all():
+    """Lengths for another number of rows failed in torch's broadcast error."""
+    eng = _tiny_engine()
+    with pytest.raises(ValueError, match=r"one length per row \(2\) or one for every row, got 3"):
+        eng.set_kv_len([1, 2, 3])
+    eng.set_kv_len([3, 5])
+    assert eng.kv_len.tolist() == [3, 5]
+    eng.set_kv_len(7)
+    assert eng.kv_len.tolist() == [7, 7]
+
+
+def test_engine_sizes_step_rows_and_cached_prefixes_must_be_whole_numbers():
+    """A fractional max_len or a bool batch size failed in torch's 'argument size ... must be tuple of ints'; a
+    fractional cached prefix (skip=2.7) was truncated to 2 without a word; a step of -1 rows failed in torch's
+    'Dimension size must be non-negative'."""
+    from worldvla.inference import InferenceEngine
+
+    eng = _tiny_engine()
+    for B, S, what in ((2, 10.5, "max_len"), (True, 10, "batch_size"), (2.0, 10, "batch_size")):
+        with pytest.raises(TypeError, match=rf"{what} must be an integer, got {type(S if what == 'max_len' else B).__name__}"):
+            InferenceEngine(eng.model, B, S)
+    assert InferenceEngine(eng.model, np.int64(2), np.int64(10)).max_len == 10
+    prompts = [torch.arange(4, 10), torch.arange(4, 8)]
+    with pytest.raises(ValueError, match=r"skip\[0\] must be a whole number of tokens, got 2.7"):
+        eng.prefill(prompts, skip=[2.7, 0])
+    assert eng.prefill(prompts, skip=[2.0, np.int64(1)]).shape == (2, eng.model.config.hidden_size)
+    for q in (0, -1):
+        with pytest.raises(ValueError, match=rf"a decode step has at least one query row per sequence, got {q}"):
+            eng.buffers(q)

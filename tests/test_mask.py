@@ -543,3 +543,35 @@ def test_an_empty_sequence_has_empty_metadata_and_can_grow():
     whole = chunk_mask_meta(torch.tensor(seq), L)
     assert got == list(zip(whole.kv_block.tolist(), whole.q_limit.tolist()))
     assert got[-1] == (1, 1)
+
+
+def test_ids_and_boundaries_given_as_lists_or_arrays_are_read_as_tensors():
+    """Token ids (and packed boundaries) as a list or a NumPy array failed in an AttributeError ('list' object has no
+    attribute 'dtype') from the integer check; they give the metadata of the same ids as a tensor."""
+    L = VocabLayout.compact(n_image_codes=64)
+    ids = [0, L.boi, 5, L.eoi, L.boa, L.bin_base, L.eoa, L.boa, L.bin_base + 1, L.eoa]
+    ref = chunk_mask_meta(torch.tensor(ids), L)
+    for given in (ids, np.array(ids)):
+        meta = chunk_mask_meta(given, L)
+        assert torch.equal(meta.kv_block, ref.kv_block) and torch.equal(meta.q_limit, ref.q_limit)
+    packed_ref = chunk_mask_meta(torch.tensor(ids + ids), L, torch.tensor([0, 10, 20]))
+    for cu in ([0, 10, 20], np.array([0, 10, 20])):
+        packed = chunk_mask_meta(np.array(ids + ids), L, cu)
+        assert torch.equal(packed.q_limit, packed_ref.q_limit) and packed.cu_seqlens.tolist() == [0, 10, 20]
+        assert causal_meta((20,), cu_seqlens=cu).cu_seqlens.tolist() == [0, 10, 20]
+    with pytest.raises(TypeError, match="input_ids must be integer token ids"):
+        chunk_mask_meta([0.0, 1.5], L)
+
+
+def test_a_growing_sequence_is_one_sequence_not_a_batch_read_end_to_end():
+    """A [2, L] batch of prompts was flattened into one sequence of 2L tokens, the second row's blocks numbered
+    after the first's and its tokens placed after them."""
+    from worldvla.mask import GrowingBlockMeta
+
+    L = VocabLayout.compact(n_image_codes=64)
+    row = torch.tensor([0, L.boi, 5, L.eoi])
+    with pytest.raises(ValueError, match=r"one sequence.*got shape \(2, 4\).*one GrowingBlockMeta per row"):
+        GrowingBlockMeta(torch.stack([row, row]), L)
+    assert GrowingBlockMeta(row.view(1, 4), L).length == 4
+    with pytest.raises(TypeError, match="input_ids must be integer token ids"):  # was truncated to ids 0 and 1
+        GrowingBlockMeta(torch.tensor([0.0, 1.5]), L)

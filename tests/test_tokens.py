@@ -662,3 +662,111 @@ def test_actions_from_a_tensor_that_requires_grad_are_tokenized():
     a = torch.tensor([[0.5, -0.25, 3.0], [1.5, 0.75, 0.5]], requires_grad=True)
     assert torch.equal(at.encode(a * 1.0), at.encode(a.detach().numpy()))
     np.testing.assert_array_equal(at.normalize(a), at.normalize(a.detach().numpy()))
+
+
+def test_a_compact_layout_of_a_negative_resolution_count_is_refused():
+    """A negative n_res put the first action bins on BOA, EOA and the resolution tokens (n_res=-3: bin_base == BOA),
+    so bins decoded from block markers and the markers' ids counted as bins."""
+    for n_res in (-1, -3):
+        with pytest.raises(ValueError, match=rf"n_res >= 1.*got {n_res}"):
+            VocabLayout.compact(n_image_codes=64, n_res=n_res)
+    lay = VocabLayout.compact(n_image_codes=64, n_res=1)
+    assert lay.bin_base > lay.res_base + lay.n_res > lay.eoa
+
+
+def test_an_action_prompt_takes_a_stack_of_images_and_refuses_a_single_grid_by_name():
+    """History images given as one tensor failed in torch's 'Boolean value of Tensor ... is ambiguous'. A [N, h, w]
+    stack is N images; a lone [h, w] grid is refused with the fix (a list of grids)."""
+    L = VocabLayout.compact(n_image_codes=64)
+    b = SequenceBuilder(L, ByteTextTokenizer(L), ActionTokenizer(L, [-1.0] * 7, [1.0] * 7))
+    codes = torch.randint(0, 64, (2, 4, 4), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(b.action_prompt("open the drawer", codes), b.action_prompt("open the drawer", list(codes)))
+    with pytest.raises(ValueError, match=r"a list of \[h, w\] code grids.*got a tensor of shape \(4, 4\).*\[codes\]"):
+        b.action_prompt("open the drawer", codes[0])
+    with pytest.raises(ValueError, match="at least one image"):
+        b.action_prompt("open the drawer", codes[:0])
+
+
+@pytest.mark.parametrize("ids", [np.full(9, 10006.7), torch.full((9,), 10006.0), np.ones(9, dtype=bool),
+                                 [10006.5] * 9])
+def test_decoding_ids_that_are_not_integers_is_refused(ids):
+    """Float ids were truncated (10006.7 read as bin 10006) and bools read as ids 0 and 1 without a word."""
+    at = ActionTokenizer(CH)
+    with pytest.raises(TypeError, match="action token ids must be integers"):
+        at.decode(ids)
+    assert at.decode(np.full(9, 10006)).shape == at.decode(torch.full((9,), 10006)).shape == (7,)
+
+
+def test_image_codes_and_ids_given_as_arrays_are_read_as_tensors():
+    """VQ codes kept as NumPy arrays (or ids as a list) failed in an AttributeError ('numpy.ndarray' object has no
+    attribute 'dim'), where actions as arrays were taken; they give what the same tensor gives."""
+    L = VocabLayout.compact(n_image_codes=64)
+    b = SequenceBuilder(L, ByteTextTokenizer(L), ActionTokenizer(L, [-1.0] * 7, [1.0] * 7))
+    codes = torch.randint(0, 64, (4, 2), generator=torch.Generator().manual_seed(5))
+    arr = codes.numpy()
+    assert torch.equal(image_tokens(arr, L), image_tokens(codes, L))
+    assert torch.equal(L.code_to_id(arr), L.code_to_id(codes))
+    assert torch.equal(L.id_to_code(L.code_to_id(codes).numpy()), codes)
+    L.check_ids([0, L.vocab_size - 1])
+    with pytest.raises(ValueError, match="token ids out of range"):
+        L.check_ids([L.vocab_size])
+    assert torch.equal(b.action_prompt("push", [arr]), b.action_prompt("push", [codes]))
+    s, t = b.world_sample(arr, np.zeros(7), arr), b.world_sample(codes, np.zeros(7), codes)
+    assert torch.equal(s.input_ids, t.input_ids) and torch.equal(s.labels, t.labels)
+
+
+def test_image_token_lists_of_floats_are_refused_not_truncated():
+    """Float ids (10.4 for code id 10) were truncated into a grid without a word."""
+    L = VocabLayout.compact(n_image_codes=64)
+    toks = image_tokens(torch.randint(0, 64, (2, 2), generator=torch.Generator().manual_seed(6)), L)
+    for bad in (toks.float() + 0.4, toks.double(), toks.bool()):
+        with pytest.raises(TypeError, match="image token ids must be integers"):
+            codes_from_image_tokens(bad, L)
+    assert codes_from_image_tokens(toks.tolist(), L).shape == (2, 2)
+
+
+def test_an_instruction_that_is_not_text_is_refused():
+    """A missing instruction (None) became the prompt 'What action should the robot take to None?'."""
+    L = VocabLayout.compact(n_image_codes=64)
+    b = SequenceBuilder(L, ByteTextTokenizer(L), ActionTokenizer(L, [-1.0] * 7, [1.0] * 7))
+    codes = torch.zeros(2, 2, dtype=torch.long)
+    for instr in (None, 3, b"open the drawer"):
+        with pytest.raises(TypeError, match=rf"the instruction must be text \(str\), got {type(instr).__name__}"):
+            b.action_prompt(instr, [codes])
+        with pytest.raises(TypeError, match="the instruction must be text"):
+            b.action_sample(instr, [codes], np.zeros((1, 7)))
+    assert b.action_prompt("", [codes])[0] == L.bos
+
+
+def test_bounds_and_normalized_values_from_tensors_of_any_float_dtype_are_read():
+    """Bounds computed from bfloat16 statistics, or from a tensor that requires grad, failed in torch's 'Got
+    unsupported ScalarType BFloat16' / 'Can't call numpy() on Tensor that requires grad'; so did denormalizing such
+    a tensor, where normalizing it worked."""
+    L = VocabLayout.compact()
+    ref = ActionTokenizer(L, [-2.0, -1.0, 0.0], [2.0, 1.0, 4.0])
+    low, high = torch.tensor([-2.0, -1.0, 0.0]), torch.tensor([2.0, 1.0, 4.0])
+    for lo, hi in ((low.bfloat16(), high.bfloat16()), (low.requires_grad_(), high)):
+        at = ActionTokenizer(L, lo, hi)
+        np.testing.assert_array_equal(at.low, ref.low)
+        np.testing.assert_array_equal(at.high, ref.high)
+    v = torch.tensor([-1.0, 0.0, 0.5])
+    for given in (v.bfloat16(), v.clone().requires_grad_()):
+        np.testing.assert_array_equal(ref.denormalize(given), ref.denormalize(v.numpy()))
+
+
+@pytest.mark.parametrize("code, tok, what", [(1, 4, r"codes 0 and 1 share token id 4"),
+                                             (5, 70000, r"code 5 has token id 70000, outside the vocabulary of 65536"),
+                                             (7, 65536, r"code 7 has token id 65536, outside the vocabulary of 65536")])
+def test_a_tokenizer_file_whose_image_ids_collide_or_leave_the_vocabulary_is_refused(tmp_path, code, tok, what):
+    """Two codes on one id decoded that id to one of them only; an id past the vocabulary put the image range past
+    the logits. Each was taken without a word."""
+    vocab = {"<s>": 0, "<unk>": 3}
+    vocab.update({_bpe_name(c): 4 + c for c in range(8192)})
+    vocab[_bpe_name(code)] = tok
+    p = tmp_path / "text_tokenizer.json"
+    p.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    with pytest.raises(ValueError, match=rf"text_tokenizer.json: {what}"):
+        VocabLayout.chameleon(p)
+    vocab[_bpe_name(code)] = 4 + code
+    p.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    assert VocabLayout.chameleon(p) == CH

@@ -242,6 +242,7 @@ def check_cu_seqlens(meta: ChunkMaskMeta, T: int):
 
 def _checked_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
     """cu_seqlens as int64 on `device`, after checking it rises from 0 to `total` (one host sync)."""
+    cu_seqlens = torch.as_tensor(cu_seqlens)  # a list or an array of boundaries
     if cu_seqlens.dtype.is_floating_point:
         raise TypeError(f"cu_seqlens must hold integers, got {cu_seqlens.dtype}")
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
@@ -271,6 +272,7 @@ def chunk_mask_meta(input_ids: torch.Tensor, layout: VocabLayout, cu_seqlens: to
     come to differ by two raises ValueError, as the release's mask does."""
     from .ops.dispatch import require_integers  # here: worldvla.ops imports this module
 
+    input_ids = torch.as_tensor(input_ids)  # a list or an array of ids
     require_integers(input_ids, "input_ids must be integer token ids")
     ids = input_ids.long()
     if cu_seqlens is not None:
@@ -307,8 +309,13 @@ class GrowingBlockMeta:
     there: one stray EOA after a closed block is a token outside any block); image blocks are paired as there."""
 
     def __init__(self, prompt: torch.Tensor, layout: VocabLayout, release_pairing: bool = False):
-        ids = torch.as_tensor(prompt).long().flatten()
-        chunk_mask_meta(ids, layout, release_pairing=release_pairing)  # the prompt's own blocks must be accepted
+        ids = torch.as_tensor(prompt)
+        if ids.dim() > 1 and ids.numel() != ids.shape[-1]:  # rows would be read end to end as one sequence
+            raise ValueError(f"a growing prompt is one sequence ([L] or [1, L]), got shape {tuple(ids.shape)}; "
+                             f"make one GrowingBlockMeta per row")
+        ids = ids.flatten()
+        chunk_mask_meta(ids, layout, release_pairing=release_pairing)  # integer ids whose own blocks are accepted
+        ids = ids.long()
         self.layout, self.release_pairing = layout, release_pairing
         self.length, self.n_blocks, self.open, self.start, self.stray = 0, 0, False, -1, False
         self.n_boi, self.n_eoi, self.last_eoi, self.before_last_eoi = 0, 0, -1, -1

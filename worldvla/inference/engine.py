@@ -29,6 +29,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..mask import NO_BLOCK, DecodeMeta, chunk_mask_meta
@@ -129,6 +130,10 @@ class InferenceEngine:
 
     def __init__(self, model, batch_size: int, max_len: int, *, layout: VocabLayout | None = None,
                  cuda_graphs: bool | None = None, backend: str = "auto"):
+        for name, x in (("batch_size", batch_size), ("max_len", max_len)):
+            if isinstance(x, bool) or not isinstance(x, (int, np.integer)):  # sizes of the preallocated tensors
+                raise TypeError(f"{name} must be an integer, got {type(x).__name__} {x!r}")
+        batch_size, max_len = int(batch_size), int(max_len)
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
         cfg = model.config
@@ -245,9 +250,13 @@ class InferenceEngine:
                           f"the output random; call model.eval() first",
                           RuntimeWarning, stacklevel=3)
         self.check_model()
-        skip = [0] * B if skip is None else [int(s) for s in skip]
+        skip = [0] * B if skip is None else list(skip)
         if len(skip) != B:
             raise ValueError(f"skip gives cached prefixes for {len(skip)} rows; this engine holds {B}")
+        for b, s in enumerate(skip):
+            if isinstance(s, bool) or int(s) != s:  # int() would truncate a fraction to another prefix
+                raise ValueError(f"skip[{b}] must be a whole number of tokens, got {s}")
+        skip = [int(s) for s in skip]
         prompts = [torch.as_tensor(p) for p in prompts]
         for b, p in enumerate(prompts):  # before the cast, which would truncate fractions and wrap bools to ids
             dispatch.require_integers(p, f"prompt {b}: token ids must be integers")
@@ -295,6 +304,8 @@ class InferenceEngine:
         """The static buffers of a step with `n_queries` rows per sequence (created on first use)."""
         buf = self._steps.get(n_queries)
         if buf is None:
+            if n_queries < 1:
+                raise ValueError(f"a decode step has at least one query row per sequence, got {n_queries}")
             B, dev = self.batch_size, self.device
             with outside_inference_mode():  # written in place by every later step
                 pos = torch.zeros(B, n_queries, dtype=torch.long, device=dev)
@@ -402,16 +413,25 @@ class InferenceEngine:
 
     # ------------------------------------------------------------------ metadata helpers
     def set_kv_len(self, lengths) -> None:
-        self.kv_len.copy_(torch.as_tensor(lengths, dtype=torch.int32))
+        """Slots below lengths[b] of row b are valid (one number: the same for every row)."""
+        t = torch.as_tensor(lengths, dtype=torch.int32)
+        if t.numel() not in (1, self.batch_size):
+            raise ValueError(f"kv lengths take one length per row ({self.batch_size}) or one for every row, got "
+                             f"{t.numel()}")
+        self.kv_len.copy_(t.reshape(-1))
 
     # ------------------------------------------------------------------ prefix cache
     @torch.no_grad()
     def snapshot_prefix(self, lengths) -> PrefixSnapshot:
-        """Copy the keys/values of the first max(lengths) slots of every row."""
-        n = max(int(x) for x in lengths)
+        """Copy the keys/values of the first max(lengths) slots of every row (`lengths`: one per row)."""
+        lengths = [int(x) for x in lengths]
+        if len(lengths) != self.batch_size:
+            raise ValueError(f"a prefix snapshot takes one length per row ({self.batch_size}), got {len(lengths)}")
+        if not all(0 <= x <= self.max_len for x in lengths):  # a negative one would slice from the end
+            raise ValueError(f"prefix lengths must lie in [0, {self.max_len}] (the engine's slots), got {lengths}")
+        n = max(lengths)
         with outside_inference_mode():  # kept by the caller, maybe past an inference_mode block
-            return PrefixSnapshot(self.cache.k[:, :, :n].clone(), self.cache.v[:, :, :n].clone(),
-                                  [int(x) for x in lengths])
+            return PrefixSnapshot(self.cache.k[:, :, :n].clone(), self.cache.v[:, :, :n].clone(), lengths)
 
     @torch.no_grad()
     def restore_prefix(self, snap: PrefixSnapshot) -> None:
@@ -420,6 +440,7 @@ class InferenceEngine:
         n = snap.n_slots
         if n > self.max_len:
             raise ValueError(f"a prefix snapshot of {n} slots does not fit an engine of {self.max_len}")
+        self._check_kv("a prefix snapshot", snap.k, snap.v, self.cache.k[:, :, :n])
         self.cache.k[:, :, :n].copy_(snap.k)
         self.cache.v[:, :, :n].copy_(snap.v)
 
@@ -433,6 +454,18 @@ class InferenceEngine:
         with outside_inference_mode():
             return self.cache.k[:, row, :n].clone(), self.cache.v[:, row, :n].clone()
 
+    @staticmethod
+    def _check_kv(what: str, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Keys and values to write into `slots` (a view of the cache) must have its shape: a model with other
+        layers, heads or head size wrote them otherwise."""
+        if k.shape != v.shape:
+            raise ValueError(f"{what}'s keys ({k.shape[-3]} slots) and values ({v.shape[-3]} slots) differ: shapes "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if k.shape != slots.shape:
+            raise ValueError(f"{what} of shape {tuple(k.shape)} does not fit this engine's cache, which takes "
+                             f"{tuple(slots.shape)} ([layers, ..., slots, kv heads, head dim]): take it from an engine "
+                             f"of the same model")
+
     def _check_row(self, row: int) -> None:
         if not 0 <= row < self.batch_size:  # a negative row would name another row's slots
             raise ValueError(f"row must lie in [0, {self.batch_size}) (the engine's batch rows), got {row}")
@@ -444,6 +477,7 @@ class InferenceEngine:
         self._check_row(row)
         if n > self.max_len:
             raise ValueError(f"a prefix of {n} slots does not fit an engine of {self.max_len}")
+        self._check_kv("a row prefix", k, v, self.cache.k[:, row, :n])
         self.cache.k[:, row, :n].copy_(k)
         self.cache.v[:, row, :n].copy_(v)
 
@@ -451,6 +485,10 @@ class InferenceEngine:
 def engine_for(model, prompts, new_tokens: int, *, layout: VocabLayout | None = None, backend: str = "auto",
                cuda_graphs: bool | None = None) -> InferenceEngine:
     """An engine with a row per prompt and room for the longest prompt plus `new_tokens`."""
+    if len(prompts) == 0:
+        raise ValueError("an engine needs at least one prompt (one cache row each), got none")
+    if new_tokens < 0:  # fewer slots than the longest prompt, refused only at its prefill
+        raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")
     longest = max(int(torch.as_tensor(p).numel()) for p in prompts)
     limit = model.config.max_position_embeddings
     if longest + new_tokens > limit:

@@ -29,8 +29,8 @@ class ActionTokenizer:
 
     def __init__(self, layout: VocabLayout, low=LIBERO_MIN, high=LIBERO_MAX):
         self.layout = layout
-        self.low = np.asarray(low, dtype=np.float64)
-        self.high = np.asarray(high, dtype=np.float64)
+        self.low = float64_array(low)  # bounds may come from statistics kept as tensors
+        self.high = float64_array(high)
         if self.low.shape != self.high.shape or self.low.ndim != 1:
             raise ValueError(f"bounds must be two 1-D sequences of equal length, got {self.low.shape} and {self.high.shape}")
         if not (np.all(np.isfinite(self.low)) and np.all(np.isfinite(self.high))):
@@ -59,7 +59,7 @@ class ActionTokenizer:
         return np.clip(2.0 * (a - self.low) / (self.high - self.low + 1e-8) - 1.0, -1.0, 1.0)
 
     def denormalize(self, values) -> np.ndarray:
-        v = np.asarray(values, dtype=np.float64)
+        v = float64_array(values)
         return (v + 1.0) / 2.0 * (self.high - self.low + 1e-8) + self.low
 
     def bins(self, actions) -> np.ndarray:
@@ -74,7 +74,10 @@ class ActionTokenizer:
         return torch.from_numpy(np.concatenate([boa, b, eoa], axis=-1))
 
     def decode(self, ids) -> np.ndarray:
-        t = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
+        t = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
+        if t.size and t.dtype.kind not in "iu":  # a float would be truncated to another id, a bool read as 0 or 1
+            raise TypeError(f"action token ids must be integers, got {t.dtype}")
+        t = t.astype(np.int64)
         if t.shape[-1] == self.action_dim + 2:
             t = t[..., 1:-1]
         if t.shape[-1] != self.action_dim:

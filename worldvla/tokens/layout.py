@@ -61,11 +61,16 @@ class VocabLayout:
         codes = list(range(4, 4 + 8192))
         if tokenizer_json is not None:
             codes = _image_ids_from_tokenizer_json(tokenizer_json, 8192)
-        return cls(
+        layout = cls(
             vocab_size=65536, bos=0, pad=0, boi=8197, eoi=8196, sep=8710, newline=8803,
             res_base=8804, n_res=64, boa=10004, eoa=15004, bin_base=10006, n_bins=256,
             image_code_ids=tuple(codes), name="chameleon",
         )
+        if tokenizer_json is not None:
+            problem = layout.image_id_problem()
+            if problem:
+                raise ValueError(f"{tokenizer_json}: {problem}; expected {_TOKENIZER_JSON}")
+        return layout
 
     @classmethod
     def compact(cls, n_image_codes: int = 512, n_bins: int = 256, n_res: int = 32) -> "VocabLayout":
@@ -73,6 +78,9 @@ class VocabLayout:
         tokens, action bins, then 256 byte-level text tokens."""
         if n_image_codes < 1 or n_bins < 2:
             raise ValueError(f"compact layout needs n_image_codes >= 1 and n_bins >= 2, got {n_image_codes}, {n_bins}")
+        if n_res < 1:  # fewer would start the bins on BOA, EOA or the resolution tokens
+            raise ValueError(f"compact layout needs n_res >= 1 resolution tokens (images of 1..n_res grids a side), "
+                             f"got {n_res}")
         bos, pad = 0, 1
         img0 = 4
         eoi = img0 + n_image_codes
@@ -110,6 +118,7 @@ class VocabLayout:
     def code_to_id(self, codes: torch.Tensor) -> torch.Tensor:
         from ..ops.dispatch import require_integers  # here: the ops package imports this module
 
+        codes = torch.as_tensor(codes)  # an array or a list of codes
         require_integers(codes, "image codes must be an integer tensor")
         table = torch.tensor(self.image_code_ids, dtype=torch.long, device=codes.device)
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= len(table)):
@@ -122,6 +131,7 @@ class VocabLayout:
         inv[torch.tensor(self.image_code_ids) - lo] = torch.arange(self.n_image_codes)
         from ..ops.dispatch import require_integers
 
+        ids = torch.as_tensor(ids)
         require_integers(ids, "image token ids must be an integer tensor")
         ids = ids.long()
         bad = (ids < lo) | (ids >= hi)
@@ -132,6 +142,18 @@ class VocabLayout:
             raise ValueError("token ids inside the image range that are not image codes")
         return codes
 
+    def image_id_problem(self) -> str | None:
+        """What keeps the image-code ids from being read back as codes, or None: each must be its own id, inside
+        the vocabulary."""
+        first = {}
+        for code, tok in enumerate(self.image_code_ids):
+            if not 0 <= tok < self.vocab_size:
+                return f"code {code} has token id {tok}, outside the vocabulary of {self.vocab_size}"
+            if tok in first:
+                return f"codes {first[tok]} and {code} share token id {tok}"
+            first[tok] = code
+        return None
+
     def image_code_weight_mask(self) -> torch.Tensor:
         """Bool [vocab]: True on exactly the image-code ids (the loss weights alpha there)."""
         m = torch.zeros(self.vocab_size, dtype=torch.bool)
@@ -141,6 +163,7 @@ class VocabLayout:
     def check_ids(self, ids: torch.Tensor) -> None:
         from ..ops.dispatch import require_integers
 
+        ids = torch.as_tensor(ids)
         require_integers(ids, "token ids must be an integer tensor")
         if not ids.numel():
             return

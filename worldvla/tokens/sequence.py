@@ -28,6 +28,7 @@ class Sample:
 
 def image_tokens(codes: torch.Tensor, layout: VocabLayout) -> torch.Tensor:
     """codes [h, w] -> [BOI, res(H/32), res(W/32), row_0, NL, ..., row_{h-1}, NL, EOI]."""
+    codes = torch.as_tensor(codes)  # codes kept as an array
     if codes.dim() != 2:
         raise ValueError(f"image codes must be a [h, w] grid, got shape {tuple(codes.shape)}")
     h, w = codes.shape
@@ -44,7 +45,11 @@ def image_tokens(codes: torch.Tensor, layout: VocabLayout) -> torch.Tensor:
 
 def codes_from_image_tokens(ids: torch.Tensor, layout: VocabLayout) -> torch.Tensor:
     """Inverse of `image_tokens` -> codes [h, w]."""
-    ids = torch.as_tensor(ids).long().flatten()
+    from ..ops.dispatch import require_integers  # here: the ops package imports the tokens package
+
+    ids = torch.as_tensor(ids)
+    require_integers(ids, "image token ids must be integers")  # not truncated to other ids
+    ids = ids.long().flatten()
     if ids.numel() < 4 or int(ids[0]) != layout.boi or int(ids[-1]) != layout.eoi:
         raise ValueError("an image token list must start with BOI and end with EOI")
     lo, hi = layout.res_base, layout.res_base + layout.n_res
@@ -75,7 +80,15 @@ class SequenceBuilder:
                          + [torch.tensor([self.layout.sep])])
 
     def action_prompt(self, instruction: str, history_codes: list[torch.Tensor]) -> torch.Tensor:
-        """BOS + human turn (instruction, history images), ending with the separator."""
+        """BOS + human turn (instruction, history images), ending with the separator. `history_codes`: a list of
+        [h, w] code grids, or one [N, h, w] tensor of N grids."""
+        if not isinstance(instruction, str):  # None would be written into the prompt as the word "None"
+            raise TypeError(f"the instruction must be text (str), got {type(instruction).__name__}")
+        if isinstance(history_codes, torch.Tensor):
+            if history_codes.dim() != 3:
+                raise ValueError(f"history images must be a list of [h, w] code grids (or one [N, h, w] tensor), got "
+                                 f"a tensor of shape {tuple(history_codes.shape)}; for one image pass [codes]")
+            history_codes = list(history_codes)
         if not history_codes:
             raise ValueError("an action prompt needs at least one image")
         text = self.text.encode(ACTION_PROMPT.format(instruction=instruction))
