@@ -698,3 +698,77 @@ def test_demo_segment_reads_only_its_episode(tmp_path, monkeypatch):
     assert instruction == "push"
     with pytest.raises(ValueError, match=r"holds 5 episode\(s\); --demo 5 is not one of them \(0..4\)"):
         demo_segment(tmp_path / "five.hdf5", 5, 0, 2, rotate_180=False)
+
+
+def test_a_16_bit_image_is_refused_naming_the_file(files, tmp_path, capsys):
+    """A 16-bit grayscale PNG (and a float TIFF) came out of the RGB conversion nearly all white (black): the run
+    imagined from a blank frame. It is refused naming the file, before the policy is loaded."""
+    from PIL import Image
+
+    from worldvla.eval.imagine import load_image
+
+    levels = np.linspace(0, 65535, 24 * 24).reshape(24, 24)
+    Image.fromarray(levels.astype(np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray((levels / 65535).astype(np.float32)).save(tmp_path / "float.tiff")
+    for name in ("deep.png", "float.tiff"):
+        with pytest.raises(ValueError, match=f"{name}: an image of mode .* 8-bit RGB"):
+            load_image(tmp_path / name)
+    np.save(tmp_path / "a.npy", np.zeros((2, 4)))
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--image", tmp_path / "deep.png", "--actions", tmp_path / "a.npy", "--out", out) == 2
+    assert "deep.png: an image of mode I;16" in capsys.readouterr().err and not out.exists()
+    # an 8-bit grayscale image is still taken, as gray RGB
+    Image.fromarray((levels / 257).astype(np.uint8)).save(tmp_path / "gray.png")
+    got = load_image(tmp_path / "gray.png")
+    assert got.shape == (24, 24, 3) and np.array_equal(got[..., 0], (levels / 257).astype(np.uint8))
+
+
+def test_load_actions_refuses_an_archive_or_complex_actions_by_name(tmp_path):
+    """np.load opens an .npz archive whatever the file is named, and converts complex actions to float dropping their
+    imaginary parts: both are refused naming the file, not a bare conversion error or a silent change."""
+    from worldvla.eval.imagine import load_actions
+
+    np.savez(tmp_path / "several.npz", actions=np.zeros((2, 4)))
+    (tmp_path / "several.npz").rename(tmp_path / "several.npy")
+    with pytest.raises(ValueError, match=r"several.npy: an .npz archive of several arrays, not one .npy array"):
+        load_actions(tmp_path / "several.npy", 4)
+    np.save(tmp_path / "complex.npy", np.full((2, 4), 0.5 + 0.5j))
+    with pytest.raises(ValueError, match=r"complex.npy: not a numeric .npy array \(dtype complex128\)"):
+        load_actions(tmp_path / "complex.npy", 4)
+    np.save(tmp_path / "ints.npy", np.ones((2, 4), dtype=np.int32))  # whole numbers are numbers
+    np.testing.assert_array_equal(load_actions(tmp_path / "ints.npy", 4), np.ones((2, 4)))
+
+
+def test_load_actions_reads_a_csv_with_a_byte_order_mark(tmp_path):
+    """Spreadsheets save "CSV UTF-8" with a byte-order mark before the first number, which made the file "not a table
+    of numbers"; and a file of the other separator is refused saying which separator its suffix takes."""
+    from worldvla.eval.imagine import load_actions
+
+    (tmp_path / "sheet.csv").write_bytes("0.1,0.2,0.3,0.4\r\n0.5,0.6,0.7,0.8\r\n".encode("utf-8-sig"))
+    np.testing.assert_array_equal(load_actions(tmp_path / "sheet.csv", 4), [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]])
+    (tmp_path / "commas.txt").write_text("0.1,0.2,0.3,0.4\n")
+    with pytest.raises(ValueError, match="commas.txt: not a table of numbers .*a .csv file's values are separated by "
+                                         "commas, any other text file's by spaces or tabs"):
+        load_actions(tmp_path / "commas.txt", 4)
+
+
+def test_a_damaged_image_or_episode_is_refused_before_the_policy_loads(files, tmp_path, monkeypatch, capsys):
+    """A PNG cut short (an interrupted copy) was refused with Pillow's bare "image file is truncated", naming
+    neither the file nor the fix, and only after the policy had loaded (minutes for a large model): it is refused
+    naming the file at once, as a missing episode is."""
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "f.png")
+    data = (tmp_path / "f.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+    np.save(tmp_path / "a.npy", np.zeros((2, 4)))
+
+    def no_policy(*a, **k):
+        raise AssertionError("the policy was loaded before the input was checked")
+
+    monkeypatch.setattr(WorldVLAPolicy, "from_pretrained", no_policy)
+    assert _run(files / "policy", "--image", tmp_path / "cut.png", "--actions", tmp_path / "a.npy",
+                "--out", tmp_path / "out") == 2
+    assert "cut.png: the image cannot be read (image file is truncated" in capsys.readouterr().err
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--demo", 7, "--out", tmp_path / "out") == 2
+    assert "--demo 7 is not one of them" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """The VQGAN tokenizer: shapes, errors, parity with transformers' Chameleon encoder, file formats, training."""
+import json
 import math
+import re
 import warnings
 
 import numpy as np
@@ -628,3 +630,116 @@ def test_release_files_of_another_shape_are_refused_by_name(rng, tmp_path):
     torch.save({"state_dict": list(m.state_dict().values())}, tmp_path / "list.ckpt")
     with pytest.raises(ValueError, match="list.ckpt holds no state dict"):
         VQGAN.from_release(y, tmp_path / "list.ckpt")
+
+
+def test_an_empty_batch_encodes_to_no_codes(rng):
+    """No images in ([0, 3, H, W], or [0, H, W, 3] through encode_images) give no codes [0, H/16, W/16], as
+    decode of no codes gives no pixels, rather than a torch error from the range check."""
+    m = _model(rng)
+    codes = m.encode(torch.zeros(0, 3, 32, 48))
+    assert codes.shape == (0, 2, 3) and codes.dtype == torch.int64
+    assert m.encode_images(np.zeros((0, 32, 48, 3), np.uint8)).shape == (0, 2, 3)
+    assert m.decode(codes).shape == (0, 3, 32, 48)
+
+
+def test_codes_of_no_rows_or_columns_are_refused_by_name(rng):
+    """codes [B, 0, w] or [B, h, 0] describe an image of no pixels: refused as such, not with a convolution error."""
+    m = _model(rng)
+    for shape in ((1, 0, 2), (1, 2, 0)):
+        with pytest.raises(ValueError, match="at least one code per row and column"):
+            m.decode(torch.zeros(shape, dtype=torch.long))
+
+
+def test_from_release_puts_the_model_on_map_location(rng, tmp_path):
+    """map_location places the loaded model, as from_pretrained's does (the meta device: no data is needed to
+    tell where the weights are)."""
+    m = _model(rng)
+    y, c = _write_release(tmp_path, m, dict(m.state_dict()))
+    loaded = VQGAN.from_release(y, c, map_location="meta")
+    assert {p.device.type for p in loaded.parameters()} == {"meta"}
+    assert not loaded.training
+    _same_weights(VQGAN.from_release(y, c, map_location="cpu"), m)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_embed", "96", "n_embed must be a whole number, got '96'"),
+    ("n_embed", 1.5, "n_embed must be a whole number, got 1.5"),
+    ("ch_mult", 2, r"ch_mult must be a list of whole numbers \(e.g. \[1, 1, 2, 2, 4\]\), got 2"),
+    ("attn_resolutions", 16, "attn_resolutions must be a list of whole numbers"),
+    ("dropout", 2.0, r"dropout must be a probability in \[0, 1\], got 2.0"),
+])
+def test_config_fields_of_another_type_are_refused_by_name(rng, tmp_path, field, value, message):
+    """A yaml or config.json field of the wrong type (a quoted number, one number for a list, a dropout above 1) is
+    refused naming the field (and the file), not with a TypeError from inside the comparison or the model's build."""
+    m = _model(rng)
+    y, c = _write_release(tmp_path, m, dict(m.state_dict()))
+    doc = yaml.safe_load(y.read_text())
+    params = doc["model"]["params"]
+    if field == "n_embed":
+        params[field] = value
+    else:
+        params["ddconfig"][field] = value
+    y.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match=message):
+        VQGAN.from_release(y, c)
+    m.save_pretrained(tmp_path / "hf")
+    config = m.config.to_dict()
+    config[field] = value
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"config.json: the VQGAN config's {message}"):
+        VQGAN.from_pretrained(tmp_path / "hf")
+
+
+def test_whole_numbers_written_as_floats_are_taken():
+    """256.0 for a size (a yaml written by a script) is the whole number it says."""
+    c = VQGANConfig(**{**TINY, "resolution": 64.0, "ch_mult": [1, 1, 2.0, 2, 2]})
+    assert c.resolution == 64 and isinstance(c.resolution, int) and c.ch_mult == (1, 1, 2, 2, 2)
+
+
+def test_a_ddconfig_that_is_no_mapping_is_refused_by_name(rng, tmp_path):
+    m = _model(rng)
+    y, c = _write_release(tmp_path, m, dict(m.state_dict()))
+    doc = yaml.safe_load(y.read_text())
+    doc["model"]["params"]["ddconfig"] = [1, 2]
+    y.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="ddconfig of a taming VQGAN config must be a mapping"):
+        VQGAN.from_release(y, c)
+
+
+def test_a_checkpoint_weight_that_is_no_tensor_is_refused_by_name(rng, tmp_path):
+    """A state dict whose entry for one of the model's weights is not a tensor is refused listing it, not with an
+    AttributeError."""
+    m = _model(rng)
+    sd = dict(m.state_dict())
+    sd["encoder.conv_in.weight"] = 3
+    y, c = _write_release(tmp_path, m, sd)
+    with pytest.raises(ValueError, match=r"1 weights that are not tensors: encoder.conv_in.weight \(int\)"):
+        VQGAN.from_release(y, c)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_images_of_more_than_8_bits_are_refused(mode):
+    """Pillow converts 16-bit and 32-bit images to RGB by clipping at 255 (nearly all white) and float ones as
+    0..255 (nearly all black): such an image is refused, not tokenized as a blank frame."""
+    from PIL import Image
+
+    levels = np.linspace(0, 65535, 16 * 16).reshape(16, 16)
+    arr = {"I;16": levels.astype(np.uint16), "I": levels.astype(np.int32), "F": (levels / 65535).astype(np.float32)}
+    img = Image.fromarray(arr[mode])
+    assert img.mode == mode
+    with pytest.raises(ValueError, match=f"an image of mode {re.escape(mode)} .*8-bit RGB"):
+        preprocess(img)
+    # 8-bit modes are taken as before
+    for small in (img.convert("L"), Image.new("1", (16, 16)), Image.new("P", (16, 16)), Image.new("CMYK", (16, 16))):
+        assert preprocess(small).shape == (1, 3, 16, 16)
+
+
+def test_encode_moves_the_pixels_to_the_model_as_decode_moves_the_codes(rng):
+    """Pixels on the host given to a VQGAN on another device are moved to it (as decode moves its codes), rather
+    than failing inside the first convolution. The meta device stands in for a GPU: it needs none."""
+    m = VQGAN(VQGANConfig(**TINY)).to("meta").eval()
+    assert m.encode(_pixels(rng, 2, 32, 48)).device.type == "meta"
+    assert m.encode(_pixels(rng, 2, 32, 48)).shape == (2, 2, 3)
+    assert m.decode(torch.zeros(2, 2, 3, dtype=torch.long)).device.type == "meta"
+    with pytest.raises(ValueError, match="pixels must lie in"):  # the range is still checked, on the given values
+        m.encode(_pixels(rng, 1, 32, 32) * 2)

@@ -16,6 +16,7 @@ fast backends serve them on GPU.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -57,8 +58,23 @@ class VQGANConfig:
     double_z: bool = False
 
     def __post_init__(self):
-        self.ch_mult = tuple(int(m) for m in self.ch_mult)
-        self.attn_resolutions = tuple(int(r) for r in (self.attn_resolutions or ()))
+        # A yaml or config.json may hold any type: each field is checked here, by name, rather than failing
+        # later inside torch (a string n_embed, a bare number for ch_mult).
+        for name in ("ch_mult", "attn_resolutions"):
+            value = getattr(self, name)
+            if name == "attn_resolutions" and value is None:
+                value = ()
+            if not isinstance(value, (list, tuple)):
+                example = "[1, 1, 2, 2, 4]" if name == "ch_mult" else "[16], or [] for none"
+                raise ValueError(f"the VQGAN config's {name} must be a list of whole numbers (e.g. {example}), "
+                                 f"got {value!r}")
+            setattr(self, name, tuple(_whole(f"{name}[{i}]", v) for i, v in enumerate(value)))
+        for name in ("ch", "num_res_blocks", "z_channels", "n_embed", "embed_dim", "in_channels", "out_ch",
+                     "resolution"):
+            setattr(self, name, _whole(name, getattr(self, name)))
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) \
+                or not 0.0 <= self.dropout <= 1.0:
+            raise ValueError(f"the VQGAN config's dropout must be a probability in [0, 1], got {self.dropout!r}")
         if self.double_z:
             raise ValueError("double_z=True makes the encoder emit a Gaussian (mean, logvar) pair, which a VQ "
                              "model does not use; set double_z=False")
@@ -113,6 +129,9 @@ class VQGANConfig:
         if not isinstance(params, dict) or "ddconfig" not in params:
             raise ValueError("a taming VQGAN config needs model.params.ddconfig (with ch, ch_mult, ...), "
                              "model.params.n_embed and model.params.embed_dim")
+        if not isinstance(params["ddconfig"], dict):
+            raise ValueError(f"model.params.ddconfig of a taming VQGAN config must be a mapping (ch: 128, ch_mult: "
+                             f"[1, 1, 2, 2, 4], ...), got {params['ddconfig']!r}")
         dd = dict(params["ddconfig"])
         attn_type = dd.pop("attn_type", "vanilla")
         if attn_type != "vanilla":
@@ -132,6 +151,13 @@ class VQGANConfig:
                 raise ValueError(f"the taming config lacks model.params.{key}")
             kwargs[key] = params[key]
         return cls(**kwargs)
+
+
+def _whole(name: str, value) -> int:
+    """`value` as an int when it is a whole number (2 or 2.0); else a ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
+        raise ValueError(f"the VQGAN config's {name} must be a whole number, got {value!r}")
+    return int(value)
 
 
 # taming's Encoder/Decoder options that this model does not take, at the values it is built as
@@ -356,7 +382,7 @@ class VQGAN(nn.Module):
             raise ValueError(f"image size {H}x{W} (HxW) is not a multiple of the VQGAN downsampling factor {f}; "
                              f"crop or resize both sides to a multiple of {f} (e.g. {max(f, H // f * f)}x"
                              f"{max(f, W // f * f)})")
-        return pixels.to(self.codebook.dtype)
+        return pixels.to(self.codebook.device, self.codebook.dtype)  # as decode moves its codes to the model
 
     # ------------------------------------------------------------------ inference
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -366,13 +392,17 @@ class VQGAN(nn.Module):
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         """pixels [B, 3, H, W] in [-1, 1] -> codes [B, H/16, W/16] int64."""
-        pixels = self._check_pixels(pixels)
-        lo, hi = torch.aminmax(pixels.detach())
+        checked = self._check_pixels(pixels)
+        if checked.shape[0] == 0:  # no images, no codes (aminmax has nothing to reduce), as decode of none gives none
+            f = self.downsample
+            return torch.empty((0, checked.shape[2] // f, checked.shape[3] // f), dtype=torch.long,
+                               device=self.codebook.device)
+        lo, hi = torch.aminmax(pixels.detach())  # the values given, before the model's dtype rounds them
         if not (float(lo) >= -1.001 and float(hi) <= 1.001):  # NaN fails both comparisons
             raise ValueError(f"pixels must lie in [-1, 1], got values in [{float(lo):.3g}, {float(hi):.3g}] "
                              f"(NaN where the bounds read nan); "
                              f"map uint8 images with worldvla.vqgan.preprocess() (x / 255 * 2 - 1)")
-        return self.quantize(self.encode_latents(_inference_layout(pixels)), backend=backend)
+        return self.quantize(self.encode_latents(_inference_layout(checked)), backend=backend)
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantized latents [B, embed_dim, h, w] -> unclamped pixels [B, 3, h*f, w*f]."""
@@ -390,6 +420,9 @@ class VQGAN(nn.Module):
         if codes.dim() != 3:
             raise ValueError(f"codes must have shape [B, h, w], got {tuple(codes.shape)}; "
                              f"add a batch dimension with codes[None] for a single image")
+        if 0 in codes.shape[1:]:
+            raise ValueError(f"codes [B, h, w] must hold at least one code per row and column, got shape "
+                             f"{tuple(codes.shape)}: an image of 0 pixels has no codes to decode")
         z_q = vq_gather(codes.to(self.codebook.device), self.codebook, backend=backend)
         return self.decode_latents(_inference_layout(z_q)).clamp(-1.0, 1.0).contiguous()
 
@@ -430,15 +463,19 @@ class VQGAN(nn.Module):
         own = self.state_dict()
         sd = {k: v for k, v in state_dict.items() if not k.startswith(_IGNORED_PREFIXES)}
         missing = [k for k in own if k not in sd]
+        not_tensors = [f"{k} ({type(sd[k]).__name__})" for k in own if k in sd and not isinstance(sd[k], torch.Tensor)]
         mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                      for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+                      for k in own if isinstance(sd.get(k), torch.Tensor) and tuple(sd[k].shape) != tuple(own[k].shape)]
         unexpected = [k for k in sd if k not in own]
         modules = tuple(f"{name}." for name, _ in self.named_children())
         dropped = [k for k in unexpected if k.startswith(modules)]
-        if missing or mismatched or dropped:
+        if missing or not_tensors or mismatched or dropped:
             msg = [f"cannot load the VQGAN weights from {source}:"]
             if missing:
                 msg.append(f"{len(missing)} missing keys: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+            if not_tensors:
+                msg.append(f"{len(not_tensors)} weights that are not tensors: {', '.join(not_tensors[:20])}"
+                           + (" ..." if len(not_tensors) > 20 else ""))
             if mismatched:
                 msg.append(f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched[:20])
                            + (" ..." if len(mismatched) > 20 else ""))
@@ -459,6 +496,7 @@ class VQGAN(nn.Module):
 
         The checkpoint is read with `torch.load(weights_only=True)`; a file that pickles other
         Python objects needs `trust_checkpoint=True` (full unpickling: only for files you trust).
+        The model is then moved to `map_location`, as `from_pretrained` moves it.
         """
         import yaml
 
@@ -473,7 +511,8 @@ class VQGAN(nn.Module):
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"no VQGAN checkpoint at {ckpt_path} (the release's vqgan.ckpt)")
         try:
-            ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=not trust_checkpoint)
+            # Read onto the CPU, where the model is built and its weights are copied into; moved afterwards.
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=not trust_checkpoint)
         except Exception as err:
             if not trust_checkpoint and "weights only load failed" in str(err).lower():
                 raise UntrustedCheckpoint(f"{ckpt_path} holds Python objects besides tensors and was refused by the safe "
@@ -485,7 +524,7 @@ class VQGAN(nn.Module):
         if not isinstance(sd, dict):
             raise ValueError(f"{ckpt_path} holds no state dict (expected a dict with weights under 'state_dict')")
         model.load_checked(sd, source=str(ckpt_path))
-        return model.eval()
+        return model.to(map_location).eval()
 
     def save_release(self, folder: str | os.PathLike) -> None:
         """Write `vqgan.yaml` and `vqgan.ckpt` in the release's (taming) format, as `save_pretrained`
@@ -525,7 +564,12 @@ class VQGAN(nn.Module):
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: config.json is missing (expected a VQGAN folder: "
                                     f"VQGAN.save_pretrained, `worldvla train-vq` OUT/vqgan)")
-        model = cls(VQGANConfig.from_dict(read_json_file(folder / "config.json", "VQGAN config")))
+        saved = read_json_file(folder / "config.json", "VQGAN config")  # a damaged file is refused naming it
+        try:
+            config = VQGANConfig.from_dict(saved)
+        except ValueError as e:  # say which file holds the bad field
+            raise ValueError(f"{folder / 'config.json'}: {e}") from None
+        model = cls(config)
         path = folder / "model.safetensors"
         sd = read_weights_file(path)  # a damaged file is refused naming it
         model.load_checked(sd, source=path)
@@ -538,10 +582,16 @@ class VQGAN(nn.Module):
 # ---------------------------------------------------------------------- pixels <-> tensors
 def whiten_transparency(img):
     """Composite an image with transparency onto white, as the release's tokenizer does."""
-    from PIL import Image
+    from PIL import Image, ImageMode
 
     if img.mode == "RGB":
         return img
+    # Pillow's conversion to RGB clips 16-bit and 32-bit pixels to 255 and takes float ones as 0..255, so such an
+    # image would come out nearly all white or all black.
+    if ImageMode.getmode(img.mode).typestr[-2:] not in ("u1", "b1"):
+        raise ValueError(f"an image of mode {img.mode} (more than 8 bits a pixel: 16-bit or float) would lose its "
+                         f"levels in the conversion to 8-bit RGB; scale it to 0..255 and save or pass it as 8-bit RGB "
+                         f"first")
     rgba = np.asarray(img.convert("RGBA"))
     if (rgba[..., 3] == 255).all():
         return img.convert("RGB")

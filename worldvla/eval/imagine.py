@@ -79,11 +79,22 @@ def load_actions(path, action_dim: int) -> np.ndarray:
         except (ValueError, OSError) as e:  # object arrays, or not a .npy file at all
             raise ValueError(f"{path}: not a numeric .npy array (np.save of a float array [T, {action_dim}]): "
                              f"{e}") from None
+        # np.load also opens .npz archives (several arrays), whatever the file's name
+        if not isinstance(acts, np.ndarray):
+            acts.close()
+            raise ValueError(f"{path}: an .npz archive of several arrays, not one .npy array; np.save the actions "
+                             f"[T, {action_dim}] alone")
+        # complex actions would lose their imaginary parts in the conversion to float64, strings be parsed
+        if acts.dtype.kind not in "biuf":
+            raise ValueError(f"{path}: not a numeric .npy array (dtype {acts.dtype}); np.save a float array "
+                             f"[T, {action_dim}]")
     else:
         try:
-            acts = np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2)
+            # utf-8-sig: spreadsheets save CSV files with a byte-order mark, which would be read into the first number
+            acts = np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2, encoding="utf-8-sig")
         except ValueError as e:
-            raise ValueError(f"{path}: not a table of numbers ({e})") from None
+            raise ValueError(f"{path}: not a table of numbers ({e}); a .csv file's values are separated by commas, "
+                             f"any other text file's by spaces or tabs") from None
     acts = np.asarray(acts, dtype=np.float64)
     if acts.ndim == 1 and acts.size == action_dim:
         acts = acts[None]
@@ -108,6 +119,11 @@ def load_image(path) -> np.ndarray:
             return np.asarray(whiten_transparency(img).convert("RGB"))
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image Pillow can read") from None
+    except ValueError as e:  # a 16-bit or float image, which 8-bit RGB cannot hold
+        raise ValueError(f"{path}: {e}") from None
+    except OSError as e:  # Pillow reads the pixels of a file cut short up to where it ends
+        raise ValueError(f"{path}: the image cannot be read ({e}); it is damaged or was cut short: save or copy it "
+                         f"again") from None
 
 
 def demo_segment(path, index: int, start: int, steps: int, camera=None, rotate_180: bool | None = None):
@@ -241,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--temperature must be finite, got {args.temperature}")
     if not 0 <= args.seed < 2 ** 63:
         raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
-    policy = WorldVLAPolicy.from_pretrained(args.policy, device=args.device, dtype=args.dtype)
+    # The frame is read before the policy is loaded (minutes for a large model): a damaged image or a missing
+    # episode is refused at once. The actions file needs the policy's action size.
     real = None
     if args.demos is not None:
         first, actions, real, _ = demo_segment(args.demos, args.demo, args.start, args.steps, args.camera,
@@ -250,8 +267,10 @@ def run(args: argparse.Namespace) -> int:
                   "rotate_180": getattr(args, "rotate_180", "auto")}
     else:
         first = load_image(args.image)
-        actions = load_actions(args.actions, policy.action_dim)[:args.steps]
         source = {"image": str(args.image), "actions": str(args.actions)}
+    policy = WorldVLAPolicy.from_pretrained(args.policy, device=args.device, dtype=args.dtype)
+    if args.image is not None:
+        actions = load_actions(args.actions, policy.action_dim)[:args.steps]
     first = policy._frames(first)[0][0]  # resized as act resizes frames
     if actions.shape[1] != policy.action_dim:
         raise ValueError(f"the episode's actions have {actions.shape[1]} values, the policy's {policy.action_dim}")
