@@ -1409,3 +1409,234 @@ def test_a_blank_instruction_given_to_the_readers_is_refused(tmp_path, np_rng, b
         reading_record(path, instruction=blank)
     assert [d.instruction for d in read_demos(path, instruction="open")] == ["open"]
     assert reading_record(path, instruction="open")["instruction"] == "open"
+
+
+def test_write_demos_refuses_actions_beyond_the_float32_range_it_stores(tmp_path):
+    """Finite float64 actions beyond float32's range were checked before the cast and stored as inf, which every
+    reader then refuses (or, read by iter_demos, passed on as inf)."""
+    frames = np.zeros((2, 4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"demo 0: actions reach 1e\+39, beyond the float32 range"):
+        write_demos(tmp_path / "d.hdf5", [{"frames": frames, "actions": np.full((2, 3), 1e39)}], "push")
+    assert list(tmp_path.iterdir()) == []
+    big = np.full((2, 3), 3e38)  # within float32's range: kept
+    back = read_demos(write_demos(tmp_path / "d.hdf5", [{"frames": frames, "actions": big}], "push"))[0]
+    assert np.array_equal(back.actions, big.astype(np.float32))
+
+
+@pytest.mark.parametrize("frames_shape, actions, match", [
+    ((2, 0, 4, 3), np.zeros((2, 3)), "demo 0: frames of 0x4 pixels hold no image"),
+    ((2, 4, 0, 3), np.zeros((2, 3)), "demo 0: frames of 4x0 pixels hold no image"),
+    ((2, 4, 4, 3), np.zeros((2, 0)), r"demo 0: actions of shape \(2, 0\) have no dimension"),
+    ((2, 4, 4, 3), np.array([["a"], ["b"]]), "demo 0: actions must be numbers, got dtype <U1"),
+])
+def test_write_demos_refuses_empty_frames_or_actions_and_actions_that_are_not_numbers(tmp_path, frames_shape,
+                                                                                     actions, match):
+    """Frames of no pixel failed in h5py's chunking ("All chunk dimensions must be positive"), text actions in
+    numpy's isfinite, neither naming the demo; actions of no dimension were written, and read back as demos whose
+    every step is a no-op."""
+    demo = {"frames": np.zeros(frames_shape, np.uint8), "actions": actions}
+    with pytest.raises(ValueError, match=match):
+        write_demos(tmp_path / "d.hdf5", [demo], "push")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_readers_refuse_a_demo_whose_actions_have_no_dimension(tmp_path):
+    from worldvla.data.hdf5 import first_demo_shape
+
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        f["data/demo_0/obs/agentview_rgb"] = np.zeros((3, 4, 4, 3), np.uint8)
+        f["data/demo_0/actions"] = np.zeros((3, 0), np.float32)
+    said = r"data/demo_0: actions must be \[T, D\] \(one row per step, D >= 1\), got shape \(3, 0\)"
+    for read in (lambda: read_demos(path), lambda: read_demos(path, drop_noops=True), lambda: first_demo_shape(path)):
+        with pytest.raises(DemoFormatError, match=said):
+            read()
+
+
+def test_write_demos_refuses_an_attribute_h5py_cannot_store_before_reading_any_demo(tmp_path, np_rng):
+    """An `attrs` value h5py cannot store failed with h5py's bare TypeError after every demo had been written."""
+    taken = []
+
+    def demos():
+        for _ in range(2):
+            taken.append(1)
+            yield random_demo(np_rng, 2, 4, 4, 3, instruction="")
+
+    with pytest.raises(ValueError, match=r"attrs\['note'\] = None cannot be stored as an HDF5 attribute"):
+        write_demos(tmp_path / "d.hdf5", demos(), "push", attrs={"episode_seeds": [1, 2], "note": None})
+    assert taken == [] and list(tmp_path.iterdir()) == []
+    for key in ("", 5):  # h5py: "Can't synchronously determine if attribute exists by name (no attribute name)"
+        with pytest.raises(ValueError, match=f"attrs names must be non-empty texts, got {key!r}"):
+            write_demos(tmp_path / "d.hdf5", demos(), "push", attrs={key: 1})
+    assert taken == [] and list(tmp_path.iterdir()) == []
+    path = write_demos(tmp_path / "d.hdf5", demos(), "push", attrs={"episode_seeds": [1, 2], "note": "ü"})
+    assert list(demo_file_info(path)["attrs"]["episode_seeds"]) == [1, 2]
+    assert demo_file_info(path)["attrs"]["note"] == "ü"
+
+
+def test_write_demos_refuses_one_demo_for_the_list_and_a_folder_for_the_file(tmp_path, np_rng):
+    """One mapping demo was iterated as its keys ("demo 0: expected a Demo or a mapping ..., got str"); a folder
+    was found only at the rename, after every demo had been written."""
+    demo = random_demo(np_rng, 2, 4, 4, 3, instruction="")
+    with pytest.raises(TypeError, match=r"demos must be an iterable of demos, got one dict; pass \[demo\]"):
+        write_demos(tmp_path / "d.hdf5", {"frames": demo.frames, "actions": demo.actions}, "push")
+    with pytest.raises(TypeError, match="got one Demo"):
+        write_demos(tmp_path / "d.hdf5", demo, "push")
+    (tmp_path / "folder.hdf5").mkdir()
+
+    def demos():
+        raise AssertionError("a demo was read")
+        yield
+
+    with pytest.raises(IsADirectoryError, match="folder.hdf5 is a folder; give write_demos a file path"):
+        write_demos(tmp_path / "folder.hdf5", demos(), "push")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.hdf5"]
+
+
+def test_write_demos_refuses_a_success_flag_given_as_text(tmp_path, np_rng):
+    """bool("False") is True: a failed demo flagged as text was written as a success."""
+    demo = random_demo(np_rng, 2, 4, 4, 3, instruction="")
+    with pytest.raises(ValueError, match="demo 1: success must be True or False, got the text 'False'"):
+        write_demos(tmp_path / "d.hdf5", [demo, {"frames": demo.frames, "actions": demo.actions,
+                                                 "success": "False"}], "push")
+    path = write_demos(tmp_path / "d.hdf5", [demo, {"frames": demo.frames, "actions": demo.actions,
+                                                    "success": np.bool_(False)}], "push")
+    assert demo_file_info(path)["success"] == [True, False]
+
+
+def test_iter_demos_refuses_names_given_as_one_text_and_reads_names_given_as_a_generator(tmp_path, np_rng):
+    """names="demo_10" was tested with `in` on the text, so demo_1 was yielded too; names from a generator were
+    used up by the first demo's test, so the demos named after it were not yielded."""
+    demos = [random_demo(np_rng, 2, 4, 4, 3, instruction="") for _ in range(11)]
+    path = write_demos(tmp_path / "d.hdf5", demos, "push")
+    with pytest.raises(TypeError, match=r"names= is a collection of demo names, got the text 'demo_10'; "
+                                        r"pass \{'demo_10'\}"):
+        next(iter_demos(path, names="demo_10"))
+    assert [d.name for d in iter_demos(path, names=(n for n in ["demo_1", "demo_10"]))] == ["demo_1", "demo_10"]
+
+
+def test_a_text_attribute_written_as_a_list_of_one_is_read_as_its_text(tmp_path):
+    """h5py stores attrs["instruction"] = ["open it"] as an array of one text, which was read as its printout
+    "['open it']" and prompted every demo with it."""
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["instruction"] = ["open the drawer"]
+        for i in range(2):
+            f[f"data/demo_{i}/obs/agentview_rgb"] = np.zeros((2, 4, 4, 3), np.uint8)
+            f[f"data/demo_{i}/actions"] = np.zeros((2, 3), np.float32)
+        f["data/demo_1"].attrs["instruction"] = [b"close the drawer"]
+    assert [d.instruction for d in read_demos(path)] == ["open the drawer", "close the drawer"]
+    assert demo_file_info(path)["instruction"] == "open the drawer"
+
+
+def test_collect_keeps_the_episodes_a_task_file_holds_and_runs_only_the_missing_ones(tmp_path, monkeypatch):
+    """A task file of the same settings holding too few episodes (one failed every attempt, or fewer were asked
+    for) was collected again from its first episode: rerun with more --max-attempts, as the command advises, or
+    more --episodes, every episode it held ran again. The file it ends with is the one a fresh run writes."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch, fails={(1, 0)})
+    ran = []
+    scripted = col.run_episode
+    monkeypatch.setattr(col, "run_episode", lambda job: ran.append((job["episode"], job["attempt"])) or scripted(job))
+    s = col.collect(["reach-v3"], 3, tmp_path / "a", image_size=8, seed=5, max_attempts=1, progress=False)
+    assert s["incomplete"] == ["reach-v3"] and ran == [(0, 0), (1, 0), (2, 0)]
+    ran.clear()
+    s = col.collect(["reach-v3"], 3, tmp_path / "a", image_size=8, seed=5, max_attempts=2, progress=False)
+    assert s["incomplete"] == [] and ran == [(1, 0), (1, 1)]
+    assert (s["tasks"]["reach-v3"]["episodes"], s["tasks"]["reach-v3"]["reused"]) == (3, 2)
+    ran.clear()
+    s = col.collect(["reach-v3"], 4, tmp_path / "a", image_size=8, seed=5, max_attempts=2, progress=False)
+    assert ran == [(3, 0)] and s["tasks"]["reach-v3"]["episodes"] == 4
+    col.collect(["reach-v3"], 4, tmp_path / "b", image_size=8, seed=5, max_attempts=2, progress=False)
+    kept, fresh = (tmp_path / "a" / "reach-v3.hdf5"), (tmp_path / "b" / "reach-v3.hdf5")
+    for a, b in zip(read_demos(kept), read_demos(fresh), strict=True):
+        assert np.array_equal(a.frames, b.frames) and np.array_equal(a.actions, b.actions)
+        assert (a.instruction, a.success) == (b.instruction, b.success)
+    assert list(demo_file_info(kept)["attrs"]["episode_seeds"]) == list(demo_file_info(fresh)["attrs"]["episode_seeds"])
+
+
+@pytest.mark.parametrize("text, said", [("open\0it", "holds a NUL character"),
+                                        ("open \udcff it", r"is not valid Unicode text \(surrogates not allowed\)")])
+def test_write_demos_refuses_an_instruction_hdf5_cannot_store_naming_it(tmp_path, np_rng, text, said):
+    """h5py refused such a text with its own message alone ("VLEN strings do not support embedded NULLs", a
+    UnicodeEncodeError), after the first demo's frames were written."""
+    demo = random_demo(np_rng, 2, 4, 4, 3, instruction="")
+    with pytest.raises(ValueError, match=f"^instruction {re.escape(repr(text))} {said}"):
+        write_demos(tmp_path / "d.hdf5", [demo], text)
+    with pytest.raises(ValueError, match=f"^demo 1: instruction {re.escape(repr(text))} {said}"):
+        write_demos(tmp_path / "d.hdf5", [demo, {"frames": demo.frames, "actions": demo.actions,
+                                                 "instruction": text}], "push")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_open_for_writing_elsewhere_is_named_so_not_as_damaged(tmp_path, np_rng):
+    """HDF5's file lock refused the read, and the message called the file damaged or cut short."""
+    import subprocess
+    import sys
+
+    path = write_demos(tmp_path / "d.hdf5", [random_demo(np_rng, 2, 4, 4, 3, instruction="")], "push")
+    holder = subprocess.Popen([sys.executable, "-c", f"import h5py, time; f = h5py.File({str(path)!r}, 'a'); "
+                               f"print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(OSError, match="d.hdf5: this HDF5 file is open for writing in another process") as e:
+            read_demos(path)
+        assert "damaged" not in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(read_demos(path)) == 1
+
+
+def test_write_demos_names_the_demo_whose_steps_are_of_different_shapes(tmp_path):
+    """Ragged lists failed in numpy ("setting an array element with a sequence") without naming the demo."""
+    frames = np.zeros((2, 4, 4, 3), np.uint8)
+    ok = {"frames": frames, "actions": np.zeros((2, 2))}
+    with pytest.raises(ValueError, match=r"^demo 1: actions are not one array \[T, D\] .*give every step's action "
+                                         r"the same shape"):
+        write_demos(tmp_path / "d.hdf5", [ok, {"frames": frames, "actions": [[1.0, 2.0], [1.0]]}], "push")
+    with pytest.raises(ValueError, match=r"^demo 0: frames are not one array \[T, H, W, 3\] .*give every step's "
+                                         r"frame the same shape"):
+        write_demos(tmp_path / "d.hdf5", [{"frames": [frames[0], frames[0, :3]], "actions": np.zeros((2, 2))}],
+                    "push")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_collect_runs_again_the_episodes_of_a_task_file_whose_frames_are_damaged(tmp_path, monkeypatch):
+    """Episodes kept from a task file are read when the file is written again: damaged frames would stop the run
+    there, losing the episodes run since; they are read first, and a damaged file is collected again."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False)
+    path = tmp_path / "reach-v3.hdf5"
+    with h5py.File(path) as f:
+        chunk = f["data/demo_1/obs/agentview_rgb"].id.get_chunk_info(0)
+    raw = bytearray(path.read_bytes())
+    raw[chunk.byte_offset:chunk.byte_offset + chunk.size] = b"\xff" * chunk.size
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="damaged"):
+        read_demos(path)
+    s = col.collect(["reach-v3"], 3, tmp_path, image_size=8, seed=5, progress=False)
+    assert (s["tasks"]["reach-v3"]["episodes"], s["tasks"]["reach-v3"]["reused"], s["episodes_run"]) == (3, 0, 3)
+    assert [int(d.frames[0, 0, 0, 0]) for d in read_demos(path)] == [
+        col.episode_seed(5, "reach-v3", e, 0) % 251 for e in range(3)]
+
+
+def test_collect_cutting_a_task_file_whose_frames_are_damaged_collects_it_again(tmp_path, monkeypatch):
+    """A complete task file cut to fewer episodes is read; damaged frames stopped every rerun of the command there
+    ("collect or copy the file again"), however often it was run."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    col.collect(["reach-v3"], 3, tmp_path, image_size=8, seed=5, progress=False)
+    path = tmp_path / "reach-v3.hdf5"
+    with h5py.File(path) as f:
+        chunk = f["data/demo_1/obs/agentview_rgb"].id.get_chunk_info(0)
+    raw = bytearray(path.read_bytes())
+    raw[chunk.byte_offset:chunk.byte_offset + chunk.size] = b"\xff" * chunk.size
+    path.write_bytes(bytes(raw))
+    s = col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False)
+    assert not s["tasks"]["reach-v3"]["skipped"] and s["episodes_run"] == 2
+    assert [int(d.frames[0, 0, 0, 0]) for d in read_demos(path)] == [
+        col.episode_seed(5, "reach-v3", e, 0) % 251 for e in range(2)]
+    assert col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False)["tasks"]["reach-v3"]["skipped"]

@@ -8,7 +8,8 @@ rerun reproduces the same files. Tasks whose file already holds the requested
 episodes with the same settings are skipped, so an interrupted run resumes; a file
 holding more episodes than asked for is cut to its first n (the episodes a fresh run
 of n collects, since an episode's seeds do not depend on n), so the files always hold
-what was asked for.
+what was asked for; a file holding fewer keeps those it holds and only the missing
+episodes run.
 """
 from __future__ import annotations
 
@@ -162,6 +163,33 @@ def _is_complete(found, n_episodes: int, settings: dict, task: str, max_attempts
                for e in range(n_episodes))
 
 
+def _earlier_episodes(path: Path, found, task: str, n_episodes: int, settings: dict,
+                      max_attempts: int) -> dict[int, tuple[str, int]]:
+    """{episode: (its demo's name, its seed)} of the episodes 0 .. n-1 that the task file `_existing` found
+    (`found`) holds from one of their first `max_attempts` attempts with the same settings: the episodes a fresh
+    run would collect the same way, kept instead of run again when the file holds too few (a run of fewer
+    episodes, or one whose episodes failed every attempt, rerun with more --max-attempts). Empty when it records
+    other settings or no episode seeds, or when their frames cannot be read (a damaged file is collected again, as
+    `_existing` has it)."""
+    if found is None or found[1]:
+        return {}
+    info = found[0]
+    seeds = info["attrs"].get("episode_seeds")
+    if seeds is None or len(seeds) != info["num_demos"]:
+        return {}
+    episodes = {episode_seed(settings["seed"], task, e, a): e for e in range(n_episodes) for a in range(max_attempts)}
+    earlier = {episodes[int(s)]: (name, int(s)) for name, s, ok in zip(info["names"], seeds, info["success"])
+               if ok and int(s) in episodes}
+    # Their frames are read once now (and dropped): damage found only when the task's file is written would stop
+    # the run there, losing the episodes run since.
+    try:
+        for _ in iter_demos(path, names={name for name, _ in earlier.values()}):
+            pass
+    except (ValueError, OSError):
+        return {}
+    return earlier
+
+
 def _keep_first(path: Path, n_episodes: int, info: dict) -> None:
     """Cut a complete file down to its first `n_episodes` episodes (atomically); `info`: its `demo_file_info`."""
     if info["num_demos"] <= n_episodes:
@@ -213,7 +241,8 @@ def collect(
     added to every expert action (before clipping to [-1, 1]) for more varied demos.
     max_attempts: tries per episode, each on a new layout, before giving up on it.
     overwrite: replace task files collected with other settings (refused otherwise, before any episode runs;
-    a file with the same settings is kept, cut to `n_episodes`, or collected again if it holds fewer).
+    a file with the same settings is kept, cut to `n_episodes`, or completed if it holds fewer: only the episodes
+    it lacks are run).
     Returns a summary: per task the file, episodes kept, attempts, expert success
     rate, mean steps and seconds per episode; plus totals.
     """
@@ -251,7 +280,12 @@ def collect(
     for task in tasks:
         path = out_dir / f"{task}.hdf5"
         if _is_complete(existing[task], n_episodes, settings, task, max_attempts):
-            _keep_first(path, n_episodes, existing[task][0])
+            try:
+                _keep_first(path, n_episodes, existing[task][0])
+            except (ValueError, OSError):  # damaged frames: collected again, as `_existing` has unreadable files
+                existing[task] = None
+                todo.append(task)
+                continue
             summary["tasks"][task] = {"path": str(path), "skipped": True, "episodes": n_episodes}
         else:
             todo.append(task)
@@ -270,16 +304,33 @@ def collect(
     def push(job):
         heapq.heappush(pending, (order[job["task"]], job["episode"], job["attempt"], job))
 
+    # The episodes an earlier run of the same settings left in a task file are kept, not run again; their frames
+    # are read when the task's file is written, so only one task's episodes are in memory at a time.
+    earlier = {t: _earlier_episodes(out_dir / f"{t}.hdf5", existing[t], t, n_episodes, settings, max_attempts)
+               for t in todo}
     for t in todo:
         for e in range(n_episodes):
-            push(make_job(t, e, 0))
+            if e not in earlier[t]:
+                push(make_job(t, e, 0))
     n_jobs = len(pending)
     kept: dict[str, dict[int, dict]] = {t: {} for t in todo}
     stats = {t: {"attempts": 0, "successes": 0, "steps": [], "seconds": []} for t in todo}
-    unresolved = {t: n_episodes for t in todo}
+    unresolved = {t: n_episodes - len(earlier[t]) for t in todo}
     errors: list[str] = []
 
+    def read_earlier(task):
+        episode = {name: (e, seed) for e, (name, seed) in earlier[task].items()}
+        demos = iter_demos(out_dir / f"{task}.hdf5", names=set(episode))
+        try:
+            for demo in demos:
+                e, seed = episode[demo.name]
+                kept[task][e] = {"frames": demo.frames, "actions": demo.actions.astype(np.float32), "seed": seed}
+        finally:
+            demos.close()  # closes the file before it is replaced
+
     def finish_task(task):
+        if earlier[task]:
+            read_earlier(task)
         eps = [kept[task][e] for e in sorted(kept[task])]
         path = out_dir / f"{task}.hdf5"
         if eps:  # no file at all rather than an empty one
@@ -290,7 +341,8 @@ def collect(
             path.unlink(missing_ok=True)
         s = stats[task]
         summary["tasks"][task] = {
-            "path": str(path) if eps else None, "skipped": False, "episodes": len(eps), "attempts": s["attempts"],
+            "path": str(path) if eps else None, "skipped": False, "episodes": len(eps), "reused": len(earlier[task]),
+            "attempts": s["attempts"],
             "expert_success_rate": s["successes"] / max(s["attempts"], 1),
             "mean_steps": float(np.mean(s["steps"])) if s["steps"] else 0.0,
             "seconds_per_episode": float(np.mean(s["seconds"])) if s["seconds"] else 0.0,
@@ -323,6 +375,9 @@ def collect(
             bar.set_postfix(failed=sum(s["attempts"] - s["successes"] for s in stats.values()) + len(errors))
         return retry
 
+    for t in todo:  # every episode kept from the file (a file `_is_complete` takes is skipped before this)
+        if unresolved[t] == 0:
+            finish_task(t)
     bar = None
     if progress and pending:
         from tqdm.auto import tqdm
@@ -395,7 +450,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--episodes", type=positive_int, default=50,
                         help="successful episodes per task (default: %(default)s). A task file from an earlier run "
                              "with the same settings and more episodes is cut to its first N (the episodes a fresh "
-                             "run of N collects)")
+                             "run of N collects); one with fewer keeps them, and only the missing episodes run")
     parser.add_argument("--out", required=True, help="output folder, one <task>.hdf5 per task")
     parser.add_argument("--image-size", type=_image_size, default=64,
                         help="square frame size in pixels, a multiple of 32 as pretokenize needs (default: "
@@ -457,7 +512,8 @@ def run(args: argparse.Namespace) -> int:
         if s["skipped"]:
             print(f"{task:30s} skipped ({s['episodes']} episodes already in {s['path']})")
         else:
-            print(f"{task:30s} {s['episodes']:4d} episodes  expert success {s['expert_success_rate']:.0%}  "
+            kept = f" ({s['reused']} kept from {s['path']})" if s.get("reused") else ""
+            print(f"{task:30s} {s['episodes']:4d} episodes{kept}  expert success {s['expert_success_rate']:.0%}  "
                   f"{s['mean_steps']:.0f} steps  {s['seconds_per_episode']:.2f} s/episode")
     print(f"{summary['episodes_run']} episodes run (every attempt, the failed ones too) in {summary['seconds']:.1f} s "
           f"({summary['seconds_per_episode']:.2f} s/episode per worker) -> {summary['out_dir']}")

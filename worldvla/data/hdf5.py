@@ -74,6 +74,9 @@ def open_demo_file(path):
         if not h5py.is_hdf5(path):
             raise DemoFormatError(f"{path}: not an HDF5 file (h5py: {e}); give HDF5 demo files (*.hdf5, *.h5: "
                                   f"worldvla collect, LIBERO or robomimic)") from None
+        if "unable to lock file" in str(e):  # not damaged: HDF5's file locking refuses a file open for writing
+            raise OSError(f"{path}: this HDF5 file is open for writing in another process (h5py: {e}); wait for it "
+                          f"or close it there, then read it again") from None
         raise OSError(f"{path}: cannot read this HDF5 file, it may be damaged or cut short (h5py: {e})") from None
 
 
@@ -127,8 +130,8 @@ def _is_dataset(obj) -> bool:
 def _as_str(value) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8")
-    if isinstance(value, np.ndarray) and value.shape == ():
-        return _as_str(value.item())
+    if isinstance(value, np.ndarray) and value.size == 1:  # a text attribute written as a list of one: ["open it"]
+        return _as_str(value.reshape(()).item())
     return str(value)
 
 
@@ -146,22 +149,44 @@ def _uint8_advice(frames: np.ndarray) -> str:
     return "convert with np.clip(x, 0, 255).astype(np.uint8)"
 
 
+def _as_array(i: int, value, what: str, shape: str) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except ValueError as e:  # rows of different lengths: numpy's message names neither the demo nor the field
+        raise ValueError(f"demo {i}: {what} are not one array {shape} (numpy: {e}); give every step's {what[:-1]} "
+                         f"the same shape") from None
+
+
 def _check_demo(i: int, frames, actions) -> tuple[np.ndarray, np.ndarray]:
-    frames = np.asarray(frames)
-    actions = np.asarray(actions)
+    frames = _as_array(i, frames, "frames", "[T, H, W, 3]")
+    actions = _as_array(i, actions, "actions", "[T, D]")
     if frames.dtype != np.uint8:
         raise ValueError(f"demo {i}: frames must be uint8 [T, H, W, 3], got dtype {frames.dtype}; "
                          f"{_uint8_advice(frames)}")
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"demo {i}: frames must have shape [T, H, W, 3], got {frames.shape}")
+    if 0 in frames.shape[1:3]:
+        raise ValueError(f"demo {i}: frames of {frames.shape[1]}x{frames.shape[2]} pixels hold no image; give frames "
+                         f"[T, H, W, 3] with H and W of at least one pixel")
     if actions.ndim != 2:
         raise ValueError(f"demo {i}: actions must have shape [T, D], got {actions.shape}")
+    if actions.shape[1] == 0:
+        raise ValueError(f"demo {i}: actions of shape {actions.shape} have no dimension; give one action vector "
+                         f"[D] (D >= 1) per step")
+    if actions.dtype.kind not in "biuf":
+        raise ValueError(f"demo {i}: actions must be numbers, got dtype {actions.dtype}; give a float array [T, D]")
     if len(frames) != len(actions) or len(actions) == 0:
         raise ValueError(f"demo {i}: need one frame per action and at least one step, "
                          f"got {len(frames)} frames and {len(actions)} actions")
     if not np.all(np.isfinite(actions)):
         raise ValueError(f"demo {i}: actions contain NaN or inf")
-    return frames, actions.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # refused below, with the demo named
+        stored = actions.astype(np.float32, copy=False)
+    # The file holds float32: a finite value beyond its range (about 3.4e38) would be stored as inf.
+    if not np.all(np.isfinite(stored)):
+        raise ValueError(f"demo {i}: actions reach {np.abs(actions).max():.3g}, beyond the float32 range the file "
+                         f"stores (about 3.4e38), and would be stored as inf; scale or clip them")
+    return frames, stored
 
 
 def _blank(text) -> bool:
@@ -176,20 +201,44 @@ def _check_override(instruction) -> None:
                          f"instruction as text, or None to read the file's own")
 
 
-def _own_instruction(text) -> str | None:
+def _check_storable(text, what: str) -> None:
+    """Refuse an instruction HDF5 cannot store as text, before any frame is written (h5py's own message names
+    neither the text nor where it came from)."""
+    if not isinstance(text, str):
+        return
+    if "\0" in text:
+        raise ValueError(f"{what} {text!r} holds a NUL character, which an HDF5 text attribute cannot; remove it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} {text!r} is not valid Unicode text ({e.reason}); decode it properly "
+                         f"(for example from UTF-8 bytes)") from None
+
+
+def _own_instruction(i: int, text) -> str | None:
     """A demo's own instruction for `write_demos`; None (the file's instruction) when it has none or a blank one."""
-    return None if text is None or _blank(text) else text
+    if text is None or _blank(text):
+        return None
+    _check_storable(text, f"demo {i}: instruction")
+    return text
+
+
+def _success(i: int, value) -> bool:
+    # bool("False") is True: a flag given as text would mark a failed demo successful.
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"demo {i}: success must be True or False, got the text {value!r}")
+    return bool(value)
 
 
 def _unpack(i: int, demo) -> tuple[np.ndarray, np.ndarray, str | None, bool]:
     if isinstance(demo, Demo):
-        return demo.frames, demo.actions, _own_instruction(demo.instruction), bool(demo.success)
+        return demo.frames, demo.actions, _own_instruction(i, demo.instruction), _success(i, demo.success)
     if isinstance(demo, Mapping):
         missing = {"frames", "actions"} - set(demo)
         if missing:
             raise ValueError(f"demo {i}: a mapping demo needs keys 'frames' and 'actions', missing {sorted(missing)}")
-        return demo["frames"], demo["actions"], _own_instruction(demo.get("instruction")), \
-            bool(demo.get("success", True))
+        return demo["frames"], demo["actions"], _own_instruction(i, demo.get("instruction")), \
+            _success(i, demo.get("success", True))
     raise TypeError(f"demo {i}: expected a Demo or a mapping with 'frames' and 'actions', got {type(demo).__name__}")
 
 
@@ -253,13 +302,20 @@ def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentvie
     if _blank(instruction):
         raise ValueError(f"instruction must be a non-empty text (the task, e.g. 'open the drawer'), got "
                          f"{instruction!r}: the demos would train prompts without a task; pass the task's instruction")
+    _check_storable(instruction, "instruction")
     if not camera or "/" in camera:
         raise ValueError(f"camera must be a plain name like 'agentview', got {camera!r}")
     for key in attrs or {}:
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"attrs names must be non-empty texts, got {key!r}; name the attribute")
         if key in OWN_ATTRS:  # replacing one would leave the file's counts, instruction or view untrue
             raise ValueError(f"attrs may not set {key!r}, which write_demos writes itself ({', '.join(OWN_ATTRS)}); "
                              f"pass the instruction and camera as arguments, or give the attribute another name")
+    if isinstance(demos, (Demo, Mapping)):  # one demo: iterating it would yield its fields (or fail) as demos
+        raise TypeError(f"demos must be an iterable of demos, got one {type(demos).__name__}; pass [demo]")
     path = Path(path)
+    if path.is_dir():  # found before the demos are written, not at the rename after them
+        raise IsADirectoryError(f"{path} is a folder; give write_demos a file path such as {path / 'demos.hdf5'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = temp_name(path)
@@ -268,6 +324,13 @@ def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentvie
     try:
         with h5py.File(tmp, "w") as f:
             data = f.create_group("data")
+            # The extra attributes first: one h5py cannot store is refused before any demo is written.
+            for k, v in (attrs or {}).items():
+                try:
+                    data.attrs[k] = v
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"attrs[{k!r}] = {v!r} cannot be stored as an HDF5 attribute (h5py: {e}); give "
+                                     f"a number, a text, or an array of numbers or texts") from None
             n = 0
             for i, demo in enumerate(demos):
                 frames, actions, demo_instruction, success = _unpack(i, demo)
@@ -290,8 +353,6 @@ def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentvie
             data.attrs["total"] = total
             data.attrs["camera"] = camera
             data.attrs["upright"] = True
-            for k, v in (attrs or {}).items():
-                data.attrs[k] = v
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
@@ -468,8 +529,8 @@ def _check_steps(where: str, frames, actions: np.ndarray) -> None:
     shape = frames.shape or ()  # None: an h5py dataset without a dataspace
     if len(shape) != 4 or shape[-1] != 3 or frames.dtype != np.uint8:
         raise DemoFormatError(f"{where}: frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
-    if actions.ndim != 2:
-        raise DemoFormatError(f"{where}: actions must be [T, D] (one row per step), got shape {actions.shape}")
+    if actions.ndim != 2 or actions.shape[1] == 0:
+        raise DemoFormatError(f"{where}: actions must be [T, D] (one row per step, D >= 1), got shape {actions.shape}")
     if frames.shape[0] != len(actions):
         raise DemoFormatError(f"{where}: {frames.shape[0]} frames but {len(actions)} actions")
     if len(actions) == 0:
@@ -637,6 +698,10 @@ def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None,
     checked, so that the key settles as it does for a read of every demo).
     """
     _check_override(instruction)
+    if isinstance(names, (str, bytes)):  # `in` a text matches its substrings: "demo_10" would also yield demo_1
+        raise TypeError(f"names= is a collection of demo names, got the text {names!r}; pass {{{names!r}}}")
+    if names is not None:
+        names = set(names)  # a generator would be used up by the first demo's test
     path = Path(path)
     # h5py's errors in reading the file's structure are named by the file, and in a demo's by the demo; the demos
     # are yielded outside the demo's block (what the caller does with one is not the file's doing).
