@@ -1496,7 +1496,7 @@ def test_cli_keepalive_option(monkeypatch):
     monkeypatch.setattr(policy_mod.WorldVLAPolicy, "from_pretrained", staticmethod(lambda *a, **k: HistoryPolicy()))
     monkeypatch.setattr(PolicyServer, "serve_forever", lambda self, **k: seen.setdefault("keepalive_s", self.keepalive_s)
                         and 0)
-    assert serve.run(parser.parse_args(["--checkpoint", "c", "--no-warmup", "--keepalive-s", "1.5"])) == 0
+    assert serve.run(parser.parse_args(["--checkpoint", "c", "--port", "0", "--no-warmup", "--keepalive-s", "1.5"])) == 0
     assert seen["keepalive_s"] == 1.5
 
 
@@ -2131,7 +2131,7 @@ def test_cli_options_reach_the_server(monkeypatch):
     built = []
     monkeypatch.setattr(policy_mod.WorldVLAPolicy, "from_pretrained", staticmethod(lambda *a, **k: HistoryPolicy()))
     monkeypatch.setattr(PolicyServer, "serve_forever", lambda self, **k: built.append(self) or 0)
-    args = ["--checkpoint", "c", "--no-warmup", "--max-connections", "3", "--max-batch", "2", "--max-wait-ms", "7",
+    args = ["--checkpoint", "c", "--port", "0", "--no-warmup", "--max-connections", "3", "--max-batch", "2", "--max-wait-ms", "7",
             "--max-queue", "5", "--max-payload-mb", "2", "--timeout-s", "9", "--max-episodes", "11",
             "--no-pad-batches"]
     assert serve.run(parser.parse_args(args)) == 0
@@ -2329,9 +2329,9 @@ def test_serve_warms_the_policy_up_unless_told_not_to_and_passes_the_mode(monkey
                         staticmethod(lambda *a, **k: loaded.append(k) or HistoryPolicy()))
     monkeypatch.setattr(PolicyServer, "warmup", lambda self: warmed.append(self))
     monkeypatch.setattr(PolicyServer, "serve_forever", lambda self, **k: 0)
-    assert serve.run(parser.parse_args(["--checkpoint", "c", "--mode", "release", "--device", "cpu"])) == 0
+    assert serve.run(parser.parse_args(["--checkpoint", "c", "--port", "0", "--mode", "release", "--device", "cpu"])) == 0
     assert len(warmed) == 1 and loaded[-1] == {"device": "cpu", "dtype": None, "mode": "release"}
-    assert serve.run(parser.parse_args(["--checkpoint", "c", "--no-warmup"])) == 0
+    assert serve.run(parser.parse_args(["--checkpoint", "c", "--port", "0", "--no-warmup"])) == 0
     assert len(warmed) == 1 and loaded[-1] == {"device": None, "dtype": None}  # the checkpoint's own mode
 
 
@@ -2347,7 +2347,7 @@ def test_serve_says_what_it_serves_once_listening(tmp_path, monkeypatch, capsys)
     serve.add_arguments(parser)
     monkeypatch.setattr(PolicyServer, "serve_forever", lambda self, on_ready=None, **k: on_ready(self) or 0)
     monkeypatch.setattr(PolicyServer, "url", "ws://127.0.0.1:9")
-    assert serve.run(parser.parse_args(["--checkpoint", str(tmp_path / "policy"), "--no-warmup", "--device",
+    assert serve.run(parser.parse_args(["--checkpoint", str(tmp_path / "policy"), "--port", "0", "--no-warmup", "--device",
                                         "cpu", "--mode", "sequential"])) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "worldvla serve: listening on ws://127.0.0.1:9 (health: http://127.0.0.1:9/healthz)"
@@ -2834,7 +2834,7 @@ def test_requests_that_timed_out_during_a_failed_batch_are_not_run_again(np_rng)
     """A batch whose call failed is run again request by request, but only for requests still waiting: those
     that timed out during the failed call get no second policy call."""
     policy = SlowFailingPolicy(delay_s=1.0, fail_on="explode")
-    with PolicyServer(policy, max_batch=4, max_wait_ms=2000, request_timeout_s=0.4, pad_batches=False) as server:
+    with PolicyServer(policy, max_batch=4, max_wait_ms=350, request_timeout_s=0.4, pad_batches=False) as server:
         good, bad = PolicyClient(server.url, timeout=20), PolicyClient(server.url, timeout=20)
         good.reset("hold still")
         bad.reset("explode")
@@ -3081,3 +3081,269 @@ def test_an_instruction_with_an_undecodable_byte_is_refused_before_sending(monke
     assert ws.sent == [] and client.episode is None
     client.reset("open the drawer")
     assert ws.sent[0]["instruction"] == "open the drawer"
+
+
+def test_shutting_down_a_server_that_never_served_does_nothing():
+    """`shutdown()` in a `finally` after a `start()` that failed (its port taken), or on a server never started,
+    raised AttributeError on the missing WebSocket server; `wait_stopped()` before `start()` alike."""
+    import asyncio
+
+    async def main():
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            server = PolicyServer(HistoryPolicy(), port=taken.getsockname()[1])
+            with pytest.raises(OSError, match="the port is in use"):
+                await server.start()
+            await server.shutdown()
+        await PolicyServer(HistoryPolicy()).shutdown()
+        with pytest.raises(RuntimeError, match=r"not serving: await start\(\) first"):
+            await PolicyServer(HistoryPolicy()).wait_stopped()
+
+    asyncio.run(main())
+
+
+def test_serve_forever_off_the_main_thread_is_refused_and_a_failing_on_ready_frees_the_port():
+    """Off the main thread serve_forever failed on asyncio's "set_wakeup_fd only works in main thread" once it was
+    listening, and an `on_ready` that raised alike left the port bound with nobody serving it."""
+    server = PolicyServer(HistoryPolicy())
+    raised = []
+    thread = threading.Thread(target=lambda: raised.append(pytest.raises(RuntimeError, server.serve_forever)))
+    thread.start()
+    thread.join(20)
+    assert "only the main thread may" in str(raised[0].value) and "install_signal_handlers=False" in str(raised[0].value)
+    assert server.port == 0  # refused before binding anything
+
+    def failing(s):
+        raise KeyError("on_ready failed")
+
+    server = PolicyServer(HistoryPolicy())
+    with pytest.raises(KeyError, match="on_ready failed"):
+        server.serve_forever(on_ready=failing)
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", server.port)) != 0  # nothing listens there any more
+
+
+def test_a_batching_window_as_long_as_the_request_timeout_is_refused(monkeypatch):
+    """max_wait_ms=3000 with request_timeout_s=2: with a robot connected that did not act, every request waited out
+    the window and timed out ("server overloaded or policy too slow") without reaching the policy. Refused when the
+    server is built, and by `worldvla serve` before it loads the model."""
+    import argparse
+
+    from worldvla import serve
+    from worldvla.inference import policy as policy_mod
+
+    with pytest.raises(ValueError, match=r"max_wait_ms \(3000 ms, --max-wait-ms\) must be shorter than "
+                                         r"request_timeout_s \(2 s, --timeout-s\)"):
+        PolicyServer(HistoryPolicy(), max_wait_ms=3000, request_timeout_s=2)
+    with pytest.raises(ValueError, match="must be shorter"):
+        PolicyServer(HistoryPolicy(), max_wait_ms=2000, request_timeout_s=2)
+    assert PolicyServer(HistoryPolicy(), max_wait_ms=1999, request_timeout_s=2).max_wait_ms == 1999.0
+
+    loaded = []
+    monkeypatch.setattr(policy_mod.WorldVLAPolicy, "from_pretrained",
+                        staticmethod(lambda *a, **k: loaded.append(k) or HistoryPolicy()))
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    with pytest.raises(ValueError, match="lower --max-wait-ms or raise --timeout-s"):
+        serve.run(parser.parse_args(["--checkpoint", "c", "--max-wait-ms", "70000"]))
+    assert loaded == []
+
+
+class StrictResetPolicy(HistoryPolicy):
+    """As WorldVLAPolicy: a reset that raises ends the previous episode, and act refuses to run until a reset
+    succeeds."""
+
+    def reset(self, instructions):
+        self.instructions = None
+        if "refused" in instructions:
+            raise ValueError("reset refused")
+        self.instructions = list(instructions)
+
+    def act(self, images, history=None):
+        if self.instructions is None:
+            raise ValueError("call reset() first")
+        return super().act(images, history)
+
+
+class StrictResetSlotPolicy(SlotPolicy):
+    def reset(self, instructions):
+        self.previous = []
+        if "refused" in instructions:
+            raise ValueError("reset refused")
+        super().reset(instructions)
+
+
+@pytest.mark.parametrize("policy_cls", [StrictResetPolicy, StrictResetSlotPolicy])
+def test_a_policy_reset_that_failed_does_not_fail_later_requests(np_rng, policy_cls):
+    """One robot's batch whose policy.reset raised left the server sure that the policy still held the instructions
+    (or slots) of the call before: every later request of the robot of that call ran without a reset and failed
+    ("call reset() first"), for good."""
+    policy = policy_cls()
+    size = policy.image_size
+    with PolicyServer(policy, max_wait_ms=0) as server, _robots(server, 2) as (good, bad):
+        good.act(_frame(np_rng, size, size))
+        bad.reset("refused")
+        with pytest.raises(PolicyServerError, match="policy failed: ValueError: reset refused"):
+            bad.act(_frame(np_rng, size, size))
+        for _ in range(2):
+            assert good.act(_frame(np_rng, size, size)).shape == (K, D)
+
+
+def test_ports_and_drain_timeouts_that_are_no_such_values_are_refused():
+    """port=True bound port 1 and port=70000 gave asyncio's bare OverflowError at start; a NaN or negative
+    drain_timeout_s dropped the requests in flight at once (their replies lost), and "abc" gave float()'s error."""
+    for port in (True, 70000, -1, "8000", 80.0):
+        with pytest.raises(ValueError, match=re.escape(f"port must be an integer from 0 to 65535 (0 picks a free "
+                                                       f"one), got {port!r}")):
+            PolicyServer(HistoryPolicy(), port=port)
+    assert PolicyServer(HistoryPolicy(), port=np.int64(8000)).port == 8000
+    assert PolicyServer(HistoryPolicy(), port=None).port == 0
+    for drain in (float("nan"), -5.0, "abc", True):
+        with pytest.raises(ValueError, match=re.escape(f"drain_timeout_s must be a finite number >= 0, got {drain!r}")):
+            PolicyServer(HistoryPolicy(), drain_timeout_s=drain)
+    assert PolicyServer(HistoryPolicy(), drain_timeout_s=0).drain_timeout_s == 0.0
+
+
+def test_a_payload_limit_below_one_frame_of_the_models_size_is_refused():
+    """max_payload_mb=1e-7 (0 bytes) was taken, and the server then refused every request, even a reset ("payload of
+    0.00 MiB exceeds the server's limit of 0.00 MiB")."""
+    for mb in (1e-7, 1e-3):
+        with pytest.raises(ValueError, match=re.escape("is smaller than one frame of the model's size (24x24x3: "
+                                                       "1728 bytes), so robots could not send one; raise "
+                                                       "--max-payload-mb")):
+            PolicyServer(HistoryPolicy(), max_payload_mb=mb)
+    assert PolicyServer(HistoryPolicy(), max_payload_mb=1728 / 2**20).max_payload_bytes == 1728
+
+
+def test_a_host_that_names_no_address_is_refused():
+    """host=None bound every interface, then failed in `url` (TypeError) with the port left bound; host="" served
+    at "ws://:PORT", an address no client can open, its IPv6 socket on another port than `server.port`."""
+    import argparse
+
+    from worldvla import serve
+
+    for host in (None, "", " ", 8000):
+        with pytest.raises(ValueError, match=re.escape(f"host must name an address, such as '127.0.0.1' (this machine "
+                                                       f"only) or '0.0.0.0' (every IPv4 interface), got {host!r}")):
+            PolicyServer(HistoryPolicy(), host=host)
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--checkpoint", "c", "--host", ""])
+    assert parser.parse_args(["--checkpoint", "c", "--host", "0.0.0.0"]).host == "0.0.0.0"
+
+
+class SlowSlotPolicy(SlotPolicy):
+    delay_s = 0.0
+
+    def act(self, images):
+        time.sleep(self.delay_s)
+        return super().act(images)
+
+
+def test_a_slot_policy_restarts_the_history_of_a_request_that_timed_out_while_running(np_rng):
+    """A policy keeping history in its slots took the frame of a request that timed out during its call (no robot
+    acted on it) as the next request's previous frame; the server now resets the slots instead, as it does for any
+    history it cannot keep (counted in history_resets)."""
+    policy = SlowSlotPolicy()
+    with PolicyServer(policy, request_timeout_s=0.5) as server, PolicyClient(server.url, timeout=20) as client:
+        client.reset("stack the cups")
+        first, lost, third = (_frame(np_rng, 16, 16) for _ in range(3))
+        assert client.act(first)[0, 1] == -1.0
+        policy.delay_s = 1.0
+        with pytest.raises(PolicyServerError, match="timed out after 0.5 s"):
+            client.act(lost)
+        _wait_for(lambda: not server._running_batch and np.array_equal(policy.previous[0], lost))
+        policy.delay_s = 0.0
+        np.testing.assert_array_equal(client.act(third)[:, 1], -1.0)  # not the mean of `lost`
+        assert server.stats["history_resets"] == 1
+        assert client.act(first)[0, 1] == np.float32(third.astype(np.float64).mean())  # kept from here on
+
+
+def test_serve_refuses_an_address_it_cannot_listen_on_before_loading_the_model(monkeypatch):
+    """A port in use (or a host that does not resolve) was found only once the model had loaded and warmed up
+    (minutes for a large one): `worldvla serve` now checks the address first, with the errors the server gives."""
+    import argparse
+
+    from worldvla import serve
+    from worldvla.inference import policy as policy_mod
+
+    loaded = []
+    monkeypatch.setattr(policy_mod.WorldVLAPolicy, "from_pretrained",
+                        staticmethod(lambda *a, **k: loaded.append(k) or HistoryPolicy()))
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=re.escape(f"cannot listen on 127.0.0.1:{port} (--host, --port): the port "
+                                                    "is in use")):
+            serve.run(parser.parse_args(["--checkpoint", "c", "--port", str(port)]))
+    with pytest.raises(ValueError, match="host 'no-such-host.invalid' \\(--host\\) is no address this machine can "
+                                         "resolve"):
+        serve.run(parser.parse_args(["--checkpoint", "c", "--host", "no-such-host.invalid"]))
+    assert loaded == []
+    serve.check_address("127.0.0.1", 0)  # a free port: nothing to refuse
+
+
+class EmptyChunkSlotPolicy(SlotPolicy):
+    empty = False
+
+    def act(self, images):
+        out = super().act(images)
+        return [chunk[:0] for chunk in out] if self.empty else out
+
+
+def test_a_slot_policy_restarts_the_history_of_a_frame_answered_with_no_action(np_rng):
+    """A chunk of no action (mode='release') reaches the robot as an error, its env does not step: a policy keeping
+    history in its slots must not condition the next step on that frame."""
+    policy = EmptyChunkSlotPolicy()
+    with PolicyServer(policy) as server, PolicyClient(server.url, timeout=20) as client:
+        client.reset("stack the cups")
+        client.act(_frame(np_rng, 16, 16))
+        policy.empty = True
+        with pytest.raises(PolicyServerError, match="the model wrote no action block"):
+            client.act(_frame(np_rng, 16, 16))
+        policy.empty = False
+        np.testing.assert_array_equal(client.act(_frame(np_rng, 16, 16))[:, 1], -1.0)
+        assert server.stats["history_resets"] == 1
+
+
+class TorchChunksPolicy(HistoryPolicy):
+    """Answers with one bfloat16 torch tensor per image, as a policy writing chunks of different lengths may."""
+
+    def act(self, images, history=None):
+        import torch
+
+        return [torch.from_numpy(chunk).to(torch.bfloat16) for chunk in super().act(images, history)]
+
+
+def test_chunks_answered_as_a_list_of_bfloat16_tensors_are_served(np_rng):
+    """A single bfloat16 tensor was served, a list of them failed every request ("policy failed: TypeError: Got
+    unsupported ScalarType BFloat16")."""
+    torch = pytest.importorskip("torch")
+    with PolicyServer(TorchChunksPolicy()) as server, PolicyClient(server.url, timeout=20) as client:
+        client.reset("wave")
+        frame = _frame(np_rng)
+        actions = client.act(frame)
+        assert actions.dtype == np.float32 and actions.shape == (K, D)
+        expected = torch.tensor(_mean(frame[None])[0], dtype=torch.float32).to(torch.bfloat16).float().item()
+        np.testing.assert_array_equal(actions[:, 0], expected)
+        np.testing.assert_array_equal(actions[:, 1], -1.0)
+
+
+def test_warmup_is_refused_while_serving(np_rng):
+    """`warmup()` while serving ran its calls on the caller's thread alongside the worker's: it reset the policy's
+    instructions under robots' requests (15 overlapping policy calls in 10 acts)."""
+    policy = HistoryPolicy()
+    server = PolicyServer(policy)
+    server.warmup()  # before serving: every padded batch size
+    assert policy.calls == [1, 1, 2, 2, 4, 4, 8, 8]
+    with server, PolicyClient(server.url, timeout=20) as client:
+        client.reset("wave")
+        with pytest.raises(RuntimeError, match=re.escape("warmup() runs before serving: call it before start()")):
+            server.warmup()
+        assert policy.instructions == ["warm up"] * 8  # untouched by the refused call
+        assert client.act(_frame(np_rng)).shape == (K, D)

@@ -64,7 +64,7 @@ from ..cli import POLICY_FOLDER_HELP, POLICY_MODE_CHOICES, non_negative_float, p
 from ..devices import DTYPES
 from .client import PolicyClient, PolicyServerError, health
 from .protocol import ProtocolError, packb, unpackb
-from .server import PolicyServer
+from .server import PolicyServer, check_address, check_batching_window
 
 __all__ = ["PolicyServer", "PolicyClient", "PolicyServerError", "ProtocolError", "health", "packb", "unpackb",
            "add_arguments", "run"]
@@ -73,7 +73,7 @@ __all__ = ["PolicyServer", "PolicyClient", "PolicyServerError", "ProtocolError",
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help=POLICY_FOLDER_HELP)
-    parser.add_argument("--host", default="127.0.0.1",
+    parser.add_argument("--host", type=host_name, default="127.0.0.1",
                         help="interface to bind (default 127.0.0.1; 0.0.0.0 to accept robots on the network)")
     parser.add_argument("--port", type=tcp_port, default=8000,
                         help="TCP port (0 picks a free one; default: %(default)s)")
@@ -112,6 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up policy calls before serving")
 
 
+def host_name(text: str) -> str:
+    if not text.strip():  # asyncio would take it for every interface, and the server's address would name none
+        raise argparse.ArgumentTypeError("give an address: 127.0.0.1 (this machine only) or 0.0.0.0 (every IPv4 "
+                                         "interface)")
+    return text
+
+
 def tcp_port(text: str) -> int:
     try:
         port = int(text)
@@ -142,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"worldvla serve: cannot import WorldVLAPolicy ({e})", file=sys.stderr)
         return 2
+    # refused before the model loads and warms up (minutes for a large one), not after
+    check_batching_window(args.max_wait_ms, args.timeout_s)
+    check_address(args.host, args.port)
     kw = {} if args.mode is None else {"mode": args.mode}
     policy = WorldVLAPolicy.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype, **kw)
     server = PolicyServer(policy, args.host, args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,

@@ -30,8 +30,9 @@ episode).
     release conditions on); otherwise the frame of the episode's previous `act`
     request is used.
   * Otherwise the policy holds history in its own batch slots: the server calls
-    `policy.reset` whenever the set of episodes in a batch changes, which restarts
-    those episodes' history (counted in `stats["history_resets"]`). One robot, or
+    `policy.reset` whenever the set of episodes in a batch changes, or after a call whose
+    answer did not reach a robot (timed out), which restarts those episodes' history
+    (counted in `stats["history_resets"]`). One robot, or
     robots stepping in lockstep, keep their history.
 """
 from __future__ import annotations
@@ -72,6 +73,50 @@ _COMMON_FIELDS = ("type", "id", "protocol")
 REQUEST_FIELDS = {"reset": frozenset(_COMMON_FIELDS + ("episode", "instruction", "client")),
                   "act": frozenset(_COMMON_FIELDS + ("episode", "image", "previous_image", "client")),
                   "metadata": frozenset(_COMMON_FIELDS)}
+
+
+def check_batching_window(max_wait_ms: float, request_timeout_s: float) -> None:
+    """Raise ValueError if a request waiting out the batching window (robots connected but not acting) would time
+    out before the policy runs: every such request would fail, with a timeout blaming the policy."""
+    if max_wait_ms / 1e3 >= request_timeout_s:
+        raise ValueError(f"max_wait_ms ({max_wait_ms:g} ms, --max-wait-ms) must be shorter than request_timeout_s "
+                         f"({request_timeout_s:g} s, --timeout-s): a request waiting that long for a batch times out "
+                         "before the policy runs; lower --max-wait-ms or raise --timeout-s")
+
+
+def _address_error(host: str, port: int, e: OSError) -> Exception:
+    """The error to raise for a failed bind of host:port, naming the address and the options."""
+    if isinstance(e, socket.gaierror):  # "[Errno -2] Name or service not known", naming neither host nor option
+        return ValueError(f"host {host!r} (--host) is no address this machine can resolve ({e.strerror}); give an IP "
+                          f"address (127.0.0.1: this machine only, 0.0.0.0: every interface) or a resolvable host name")
+    # the port in use, an address of another machine: the address named
+    why = ("the port is in use (another `worldvla serve`?): stop that process or choose another --port (0 picks a free "
+           "one)" if e.errno == errno.EADDRINUSE else f"{e.strerror or e}")
+    return OSError(e.errno, f"cannot listen on {host}:{port} (--host, --port): {why}")
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise what `PolicyServer.start` would for an address it cannot listen on (a host that does not resolve, a
+    port in use), binding it for a moment: `worldvla serve` checks before loading and warming up the model, which
+    takes minutes for a large one."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in infos:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+    except OSError as e:
+        raise _address_error(host, port, e) from None
+
+
+def _float32(actions) -> np.ndarray:
+    """A policy's actions as a float32 array: a torch tensor (on any device, in bfloat16, which NumPy lacks, too),
+    an array or nested lists."""
+    if hasattr(actions, "detach"):
+        actions = actions.detach().float().cpu().numpy()
+    return np.asarray(actions, dtype=np.float32)
 
 
 def _accepts(fn, name: str) -> bool:
@@ -178,12 +223,25 @@ class PolicyServer:
                                 ("max_episodes", max_episodes, 1), ("max_connections", max_connections, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:  # True would be a 1
                 raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+        if not isinstance(host, str) or not host.strip():
+            # asyncio would bind every interface for None or "", each on its own port when port is 0, and the
+            # server's url would name no host
+            raise ValueError(f"host must name an address, such as '127.0.0.1' (this machine only) or '0.0.0.0' "
+                             f"(every IPv4 interface), got {host!r}")
+        if port is None:  # as asyncio takes it: a free port
+            port = 0
+        if isinstance(port, bool) or not isinstance(port, (int, np.integer)) or not 0 <= port <= 65535:
+            # True would bind port 1; asyncio names neither the option nor the range of a port out of range
+            raise ValueError(f"port must be an integer from 0 to 65535 (0 picks a free one), got {port!r}")
+        port = int(port)
         for name, value in (("max_wait_ms", max_wait_ms), ("max_payload_mb", max_payload_mb),
-                            ("request_timeout_s", request_timeout_s), ("keepalive_s", keepalive_s)):
+                            ("request_timeout_s", request_timeout_s), ("keepalive_s", keepalive_s),
+                            ("drain_timeout_s", 0.0 if drain_timeout_s is None else drain_timeout_s)):
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if max_payload_mb <= 0 or request_timeout_s <= 0 or keepalive_s <= 0:
             raise ValueError("max_payload_mb, request_timeout_s and keepalive_s must be > 0")
+        check_batching_window(max_wait_ms, request_timeout_s)
         for method in ("reset", "act"):
             if not callable(getattr(policy, method, None)):
                 raise TypeError(f"policy {type(policy).__name__} has no {method}() method; the server needs "
@@ -209,6 +267,11 @@ class PolicyServer:
             raise ValueError("the policy declares no image_size (attribute or metadata()['image_size']): "
                              "the server needs it to resize camera frames")
         self.image_hw = image_size_hw(attr("image_size"))
+        frame_bytes = self.image_hw[0] * self.image_hw[1] * 3
+        if self.max_payload_bytes < frame_bytes:  # such a server refuses every frame of the model's size, or all
+            raise ValueError(f"max_payload_mb ({max_payload_mb:g} MiB, {self.max_payload_bytes} bytes) is smaller than "
+                             f"one frame of the model's size ({self.image_hw[0]}x{self.image_hw[1]}x3: {frame_bytes} "
+                             "bytes), so robots could not send one; raise --max-payload-mb (16 by default)")
         self.chunk_size, self.action_dim = attr("chunk_size"), attr("action_dim")
         self.explicit_history = _accepts(policy.act, "history")
         self.history_frames = int(self.policy_metadata.get("history", 2) or 1)
@@ -298,16 +361,9 @@ class PolicyServer:
                                    # a connection lost without a close (a robot's network gone) is dropped within
                                    # 2 x keepalive_s instead of websockets' default 40 s
                                    ping_interval=self.keepalive_s, ping_timeout=self.keepalive_s)
-        except socket.gaierror as e:  # "[Errno -2] Name or service not known", naming neither host nor option
+        except OSError as e:
             self._executor.shutdown(wait=False)
-            raise ValueError(f"host {self.host!r} (--host) is no address this machine can resolve ({e.strerror}); "
-                             f"give an IP address (127.0.0.1: this machine only, 0.0.0.0: every interface) or a "
-                             f"resolvable host name") from None
-        except OSError as e:  # the port in use, an address of another machine: the address named
-            self._executor.shutdown(wait=False)
-            why = ("the port is in use (another `worldvla serve`?): stop that process or choose another --port "
-                   "(0 picks a free one)" if e.errno == errno.EADDRINUSE else f"{e.strerror or e}")
-            raise OSError(e.errno, f"cannot listen on {self.host}:{self.port} (--host, --port): {why}") from None
+            raise _address_error(self.host, self.port, e) from None
         self.port = self._ws.sockets[0].getsockname()[1]
         self._batcher = asyncio.create_task(self._batch_loop())
         self._started_at = time.monotonic()
@@ -326,13 +382,15 @@ class PolicyServer:
             pass
 
     async def wait_stopped(self) -> None:
+        if self._ws is None and not self._closed:
+            raise RuntimeError("this PolicyServer is not serving: await start() first")
         await self._stop_event.wait()
 
     async def shutdown(self) -> None:
         """Refuse new work, finish queued and running requests, send their replies, close. Takes at most
         the drain timeout (plus a second): connections that have not closed by then are dropped, and a
         policy call still running is left behind (`exit_code` 1)."""
-        if self._closed:
+        if self._closed or self._ws is None:  # never started, or its start failed: nothing to shut down
             return
         self._closed = True
         self._draining = True
@@ -375,15 +433,21 @@ class PolicyServer:
         requests are answered first (up to the drain timeout). A second signal exits at once. Returns 0;
         exits the process with code 1 if a policy call is still running at the drain timeout."""
 
+        if install_signal_handlers and threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("serve_forever() installs SIGTERM/SIGINT handlers, which only the main thread may: "
+                               "call it there, pass install_signal_handlers=False, or use start_background()")
+
         async def main():
             await self.start()
-            if install_signal_handlers:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    self._loop.add_signal_handler(sig, self._on_signal)
-            if on_ready is not None:
-                on_ready(self)
-            await self._stop_event.wait()
-            await self.shutdown()
+            try:  # a failing on_ready must not leave the port bound with nobody serving it
+                if install_signal_handlers:
+                    for sig in (signal.SIGTERM, signal.SIGINT):
+                        self._loop.add_signal_handler(sig, self._on_signal)
+                if on_ready is not None:
+                    on_ready(self)
+                await self._stop_event.wait()
+            finally:
+                await self.shutdown()
 
         asyncio.run(main())
         if self.exit_code:  # the policy's worker thread (not a daemon) would hold the interpreter at exit
@@ -443,6 +507,10 @@ class PolicyServer:
         every padded batch size, with and without a history frame. A policy with `engine_headroom`
         (`WorldVLAPolicy`; the server sets SERVER_ENGINE_HEADROOM) builds engines here with room for
         instructions that many tokens longer than the warm-up's, so the robots' requests reuse them."""
+        if self._ws is not None and not self._closed:
+            # its calls would run on this thread alongside the worker's, resetting the policy under robots' requests
+            raise RuntimeError("warmup() runs before serving: call it before start() (or the `with` block), not "
+                               "while the server answers robots")
         h, w = self.image_hw
         rng = np.random.default_rng()
         for n in self.batch_sizes if self.pad_batches else [1]:
@@ -836,11 +904,17 @@ class PolicyServer:
         for r, a, (t_end, size) in zip(batch, actions, answered):
             # A request that timed out while its call ran, or whose chunk is refused, reached no robot: its env
             # did not step, so its frame is not the episode's previous one (a retry sends the same frame).
+            # A policy keeping history in its slots has taken that frame all the same: its slots are reset before
+            # the next call, restarting the history rather than conditioning the next step on it.
             if r.future.done():
+                if not self.explicit_history:
+                    self._layout = None
                 continue
             if len(a) == 0:  # mode='release': the model wrote no (well-formed) action block; `check_chunk` alike
                 r.future.set_result(("error", "the model wrote no action block, or malformed ones (mode='release' "
                                               "decodes freely; the release's loop fails the episode here)"))
+                if not self.explicit_history:
+                    self._layout = None
                 continue
             r.episode.previous = r.image
             r.episode.steps += 1
@@ -860,6 +934,11 @@ class PolicyServer:
             if self.explicit_history:
                 return self._call_with_history(batch)
             return self._call_with_slots(batch)
+        except Exception:
+            # A failed reset or act may have cleared the policy's instructions or slots (WorldVLAPolicy.reset ends
+            # the previous episode even when it refuses): the next call resets it rather than trusting them.
+            self._last_reset, self._layout = None, None
+            raise
         finally:
             self._policy_since = None
 
@@ -917,10 +996,8 @@ class PolicyServer:
             if len(result) != n:
                 raise RuntimeError(f"policy.act returned a list of {len(result)} chunks for {n} images; expected one "
                                    "per image")
-            return [np.ascontiguousarray(np.asarray(a, dtype=np.float32)) for a in result]
-        if hasattr(result, "detach"):
-            result = result.detach().float().cpu().numpy()
-        result = np.asarray(result, dtype=np.float32)
+            return [np.ascontiguousarray(_float32(a)) for a in result]
+        result = _float32(result)
         if result.ndim == 2 and n == 1:
             result = result[None]
         if result.ndim != 3 or result.shape[0] != n:
