@@ -1105,3 +1105,60 @@ def test_a_results_file_that_is_json_but_not_results_is_not_reused(tmp_path, tex
                           policy_fingerprint="same policy files")
     assert suite.envs[0].init_state == "state0-0"
     assert json.loads((tmp_path / libero.RESULTS).read_text())["tasks"]["0"]["episodes"] == 1
+
+
+@pytest.mark.parametrize("tasks, names", [("12", None), ([1.5], "1.5"), (["a"], "'a'"), ([True], "True")])
+def test_task_ids_given_as_one_string_or_not_whole_numbers_are_not_taken_for_other_tasks(tasks, names):
+    """tasks="12" was iterated as tasks 1 and 2, and 1.5 was cut to task 1: other tasks than asked, run silently."""
+    rng = np.random.default_rng()
+    envs = [FakeLiberoEnv(rng=rng) for _ in range(3)]
+    suite = FakeSuite(envs, max_steps=2)
+    want = r"task ids \[12\] are outside" if names is None else f"task ids must be whole numbers .*got {names}"
+    with pytest.raises(ValueError, match=want):
+        libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=1, tasks=tasks, progress=False)
+    assert all(e.init_state is None for e in envs)  # no episode ran
+
+
+def test_task_ids_may_be_one_string_of_ids_separated_by_commas():
+    rng = np.random.default_rng()
+    suite = FakeSuite([FakeLiberoEnv(rng=rng) for _ in range(3)], max_steps=2)
+    res = libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=1, tasks="2, 0", progress=False)
+    assert list(res["tasks"]) == ["2", "0"]
+    assert [e.init_state for e in suite.envs] == ["state0-0", None, "state2-0"]
+
+
+@pytest.mark.parametrize("episodes", [2.0, True, "2"])
+def test_an_episode_count_that_is_not_a_whole_number_is_refused_naming_it(episodes):
+    rng = np.random.default_rng()
+    suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=2)
+    with pytest.raises(ValueError, match=f"episodes must be >= 1, got {episodes!r}; give a whole number"):
+        libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=episodes, progress=False)
+    assert suite.envs[0].init_state is None
+
+
+def test_bounds_of_another_length_are_named_as_other_bounds_not_a_numpy_error():
+    """A policy without `action_dim` whose metadata names 6-D bounds failed with numpy's "operands could not be
+    broadcast together"."""
+    pol = RecordingPolicy()
+    del pol.action_dim
+    pol.metadata = lambda: {"action_low": [0.0] * 6, "action_high": list(LIBERO_MAX)}
+    with pytest.raises(ValueError, match=r"bounds low=\[0.0, 0.0, 0.0, 0.0, 0.0, 0.0\].*not the release's fixed"):
+        libero.check_bounds(pol)
+
+
+def test_eval_libero_names_task_ids_written_in_digits_that_are_not_decimal(tmp_path, monkeypatch):
+    """'²' is a digit to str.isdigit but not a number to int(): it ended in int()'s own error."""
+    rng = np.random.default_rng()
+    suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=2)
+    with pytest.raises(ValueError, match=r"--tasks takes comma-separated task ids like 0,3,7, got '²'"):
+        _run_eval_libero(tmp_path, monkeypatch, RecordingPolicy(rng=rng), suite, "--tasks", "²")
+    assert suite.envs[0].init_state is None
+
+
+def test_saving_videos_without_a_folder_for_them_is_refused_before_any_episode():
+    """save_videos=True without out_dir ran every episode and saved no GIF, without a word."""
+    rng = np.random.default_rng()
+    suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=2)
+    with pytest.raises(ValueError, match="save_videos=True needs out_dir"):
+        libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=1, save_videos=True, progress=False)
+    assert suite.envs[0].init_state is None

@@ -853,9 +853,9 @@ def test_a_worker_type_error_is_raised_as_one_and_replies_are_read_in_order(monk
     w.proc, w.started, w.rank, w.stride, w.pending = SimpleNamespace(pid=321), True, 1, 2, workers.deque()
     w.send("step", 0, None)
     w.send("step", 1, None)
-    with pytest.raises(RuntimeError, match=r"env 1: replies are read in the order the commands were sent "
-                                           r"\(next pending: \[0\]\)"):
-        w.recv(1)
+    with pytest.raises(RuntimeError, match=r"env 3: replies are read in the order the commands were sent; env 1 "
+                                           r"\(on the same worker\) was sent one before: wait for it first"):
+        w.recv(1)  # this worker's env 1: the pool's env 1 * 2 + 1
     try:
         raise TypeError("action must be a sequence of numbers")
     except TypeError as e:
@@ -1272,3 +1272,120 @@ def test_an_action_with_a_leading_axis_of_one_is_taken_as_that_action(reach_env)
     np.testing.assert_array_equal(reach_env.state, want)
     with pytest.raises(ValueError, match=r"actions are 4-D .*got shape \(2, 4\)"):
         reach_env.step(np.zeros((2, 4)), render=False)
+
+
+@needs_sim
+def test_a_closed_env_refuses_reset_and_step_naming_that_it_is_closed():
+    """After close() the simulator is gone: a reset or step says so, not "'NoneType' object has no attribute"."""
+    env = make_env("reach-v3", image_size=8)
+    env.reset(seed=1, render=False)
+    env.close()
+    for use in (lambda: env.reset(seed=1), lambda: env.step(np.zeros(4)), env.render):
+        with pytest.raises(RuntimeError, match=r"reach-v3 env is closed .*make a new one"):
+            use()
+
+
+@needs_sim
+@pytest.mark.parametrize("seed", [-1, 2.5, "3", True])
+def test_a_layout_seed_that_is_not_a_whole_number_from_zero_is_refused(reach_env, seed):
+    """A negative seed failed inside Meta-World with an error of its own kind naming no argument; a fraction was
+    cut to the layout of another seed (2.5 drew seed 2's)."""
+    with pytest.raises(ValueError, match=r"seed must be a whole number >= 0 .*got"):
+        reach_env.reset(seed=seed, render=False)
+
+
+@needs_sim
+def test_an_env_seed_outside_what_meta_world_takes_is_refused_naming_the_range():
+    for seed in (-1, 1 << 32):
+        with pytest.raises(ValueError, match=r"seed must be a whole number >= 0 and below 4294967296"):
+            make_env("reach-v3", seed=seed, image_size=8)
+
+
+@needs_sim
+def test_an_env_of_a_closed_pool_says_the_pool_was_closed_not_that_its_worker_died():
+    from worldvla.sim.workers import EnvWorkers
+
+    pool = EnvWorkers("reach-v3", 1, image_size=8, workers=1)
+    env = pool.envs[0]
+    env.reset(seed=1, render=False)
+    pool.close()
+    for use in (lambda: env.reset(seed=1), lambda: env.step(np.zeros(4)), lambda: env.expert_async(1)):
+        with pytest.raises(RuntimeError, match=r"was closed with its pool \(EnvWorkers.close\).*make a new EnvWorkers"):
+            use()
+
+
+@needs_sim
+def test_a_pools_envs_keep_their_workers_running_after_the_pool_object_is_dropped():
+    """`envs = EnvWorkers(...).envs` closed every worker as the pool object went, and the envs then said their
+    workers had died. A worker now ends once neither the pool nor any env of it is left."""
+    from worldvla.sim.workers import EnvWorkers
+
+    pool = EnvWorkers("reach-v3", 2, image_size=8, workers=2)
+    procs = [w.proc for w in pool._workers]
+    env = pool.envs[1]  # on the second worker
+    del pool
+    gc.collect()
+    assert env.reset(seed=1).shape == (8, 8, 3) and env.step(np.zeros(4))[0].shape == (8, 8, 3)
+    procs[0].join(timeout=10)
+    assert procs[0].exitcode == 0 and procs[1].is_alive()  # the first worker has no env left
+    del env
+    procs[1].join(timeout=10)
+    assert procs[1].exitcode == 0
+
+
+@pytest.mark.parametrize("max_steps", [50.7, True, "50"])
+def test_a_step_limit_that_is_not_a_whole_number_is_refused_not_cut(max_steps):
+    """50.7 ran episodes of 50 steps and True of 1; "50" failed on a bare comparison error."""
+    from worldvla.sim.metaworld_env import check_max_steps
+
+    with pytest.raises(ValueError, match=r"max_steps must be in \[1, 500\] .*got .*; give a whole number of steps"):
+        check_max_steps(max_steps)
+    check_max_steps(np.int64(50))  # read from a file's attributes
+
+
+@needs_sim
+@pytest.mark.parametrize("shape", [(10,), (38,), (40, 40, 3)])
+def test_the_scripted_expert_refuses_a_state_that_is_not_the_envs_39_d_state(reach_env, shape):
+    """The experts slice the state by position: a 10-D one gave the action [0, 0, 0, 0] without an error."""
+    with pytest.raises(ValueError, match=rf"reads the 39-D state of MetaWorldEnv.state, got shape \({shape[0]},"):
+        expert_policy("reach-v3")(np.ones(shape))
+    reach_env.reset(seed=1, render=False)
+    expert = expert_policy("reach-v3")
+    np.testing.assert_array_equal(expert(reach_env.state[None]), expert(reach_env.state))
+
+
+def test_waiting_for_an_env_that_was_sent_nothing_says_to_send_first():
+    """step_wait without step_async said "replies are read in the order the commands were sent (next pending: [])"."""
+    import multiprocessing as mp
+    from types import SimpleNamespace
+
+    from worldvla.sim import workers
+
+    w = workers._Worker.__new__(workers._Worker)
+    w.conn, worker_end = mp.Pipe()
+    w.proc, w.started, w.rank, w.stride, w.pending = SimpleNamespace(pid=321), True, 0, 2, workers.deque()
+    env = workers.RemoteEnv(w, 2, "reach-v3", "reach the goal")  # the pool's env 4
+    with pytest.raises(RuntimeError, match=r"^env 4: no command of it awaits a reply; call step_async \(expert_async\) "
+                                           r"before step_wait \(expert_wait\)$"):
+        env.step_wait()
+    assert not worker_end.poll(0)  # nothing was sent
+
+
+@pytest.mark.parametrize("n_envs, n_workers", [(2.0, 1), (True, 1), (2, 1.5)])
+def test_a_pool_refuses_counts_that_are_not_whole_numbers(monkeypatch, n_envs, n_workers):
+    """n_envs=2.0 failed on a bare "'float' object cannot be interpreted as an integer"; True made one env."""
+    from worldvla.sim.workers import EnvWorkers
+
+    made = _fake_workers(monkeypatch)
+    with pytest.raises(ValueError, match=rf"need n_envs >= 1 and workers >= 1, got n_envs={n_envs!r}, "
+                                         rf"workers={n_workers!r}; give whole numbers"):
+        EnvWorkers("reach-v3", n_envs, workers=n_workers)
+    assert made == []
+
+
+@pytest.mark.parametrize("tasks", [None, 5])
+def test_a_task_list_that_is_not_names_is_refused_naming_what_to_give(tasks):
+    from worldvla.sim import task_list
+
+    with pytest.raises(ValueError, match=rf"tasks must be Meta-World task names like .* \(--tasks\), got {tasks}"):
+        task_list(tasks)

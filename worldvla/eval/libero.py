@@ -180,8 +180,10 @@ def check_bounds(policy, allow_mismatch: bool = False) -> None:
     if allow_mismatch:
         return
     # A bound the metadata leaves out is not checked; one it names must be the release's.
-    if not ((low is None or np.allclose(low, LIBERO_MIN, atol=1e-6))
-            and (high is None or np.allclose(high, LIBERO_MAX, atol=1e-6))):
+    def same(bound, fixed) -> bool:  # bounds of another length are other bounds, not a numpy broadcast error
+        return bound is None or (np.shape(bound) == np.shape(fixed) and np.allclose(bound, fixed, atol=1e-6))
+
+    if not (same(low, LIBERO_MIN) and same(high, LIBERO_MAX)):
         raise ValueError(f"the policy de-normalizes with bounds low={low} high={high}, not the release's fixed "
                          f"LIBERO bounds low={list(LIBERO_MIN)} high={list(LIBERO_MAX)}; retrain with the LIBERO "
                          "bounds or pass --allow-bounds-mismatch")
@@ -238,6 +240,27 @@ def _task_summary(instruction: str, success: list, steps: list, errors: list, no
             "episode_errors": errors, "episode_no_action": [bool(x) for x in no_action]}
 
 
+def _is_whole(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _task_ids(tasks) -> list[int]:
+    """`tasks` (ids, or one string of ids separated by commas as --tasks takes them) as ints. A string is not
+    iterated ("12" would be tasks 1 and 2), and an id that is not a whole number is refused, not cut to another."""
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    try:
+        tasks = list(tasks)
+    except TypeError:
+        raise ValueError(f"tasks must be a list of task ids like [0, 3, 7] (or the string '0,3,7'), got {tasks!r}") \
+            from None
+    # isdecimal, not isdigit: int() refuses digits such as '²'
+    bad = [t for t in tasks if not (_is_whole(t) or (isinstance(t, str) and t.strip().isdecimal()))]
+    if bad:
+        raise ValueError(f"task ids must be whole numbers like 0, 3, 7; got {', '.join(map(repr, bad))}")
+    return [int(t) for t in tasks]
+
+
 def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, save_videos: bool = False,
                    allow_bounds_mismatch: bool = False, progress: bool = True, policy_path=None,
                    resume: bool = True, policy_fingerprint: str | None = None) -> dict:
@@ -260,14 +283,16 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
 
     check_bounds(policy, allow_bounds_mismatch)
     # A task named twice runs once (it would count twice in the suite's rate otherwise).
-    task_ids = list(range(suite.n_tasks)) if tasks is None else list(dict.fromkeys(int(t) for t in tasks))
+    task_ids = list(range(suite.n_tasks)) if tasks is None else list(dict.fromkeys(_task_ids(tasks)))
     bad = [t for t in task_ids if not 0 <= t < suite.n_tasks]
     if bad:
         raise ValueError(f"task ids {bad} are outside this suite's 0..{suite.n_tasks - 1}")
     if not task_ids:
         raise ValueError("no LIBERO tasks to evaluate: --tasks names none")
-    if episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if save_videos and out_dir is None:  # the GIFs would go nowhere, silently
+        raise ValueError("save_videos=True needs out_dir, the folder the GIFs are written to")
+    if not _is_whole(episodes) or episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes!r}; give a whole number of episodes per task")
     # Checked before the first episode, not when the task comes up (possibly hours into the run); read once, here.
     states = {t: suite.init_states(t) for t in task_ids}
     short = {t: len(s) for t, s in states.items() if len(s) < episodes}
@@ -411,7 +436,7 @@ def run(args: argparse.Namespace) -> int:
 
     given = None if args.tasks is None else ",".join([args.tasks] if isinstance(args.tasks, str) else args.tasks)
     tasks = None if given is None else [t.strip() for t in given.split(",") if t.strip()]
-    if tasks is not None and not all(t.isdigit() for t in tasks):
+    if tasks is not None and not all(t.isdecimal() for t in tasks):  # int() refuses some digits ('²')
         raise ValueError(f"--tasks takes comma-separated task ids like 0,3,7, got {given!r}")
     from .metaworld import _policy_fingerprint
 

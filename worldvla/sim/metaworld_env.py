@@ -79,6 +79,7 @@ TASKS: dict[str, str] = {
 }
 
 ACTION_DIM = 4  # xyz end-effector delta + gripper effort, each in [-1, 1]
+STATE_DIM = 39  # Meta-World v3's observation (`MetaWorldEnv.state`)
 MAX_EPISODE_STEPS = 500  # Meta-World's own episode limit
 # The scripted experts finish the tasks they solve well before 200 steps (see `expert_episode`),
 # and shorter episodes mean smaller demos.
@@ -151,6 +152,9 @@ def task_list(tasks, fix: str = "--tasks") -> list[str]:
     (`check_tasks`). A string is never iterated: its letters would be taken for task names."""
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not hasattr(tasks, "__iter__"):  # None, a number
+        raise ValueError(f"tasks must be Meta-World task names like ['reach-v3', 'push-v3'] or 'all' ({fix}), "
+                         f"got {tasks!r}")
     tasks = list(dict.fromkeys(x for t in tasks for x in (TASKS if t == "all" else [t])))
     if not tasks:
         raise ValueError(f"no tasks given; pass Meta-World task names like 'reach-v3,push-v3' or 'all' ({fix})")
@@ -159,14 +163,26 @@ def task_list(tasks, fix: str = "--tasks") -> list[str]:
 
 
 def check_max_steps(max_steps: int, name: str = "max_steps") -> None:
-    """Refuse an episode limit Meta-World does not run (`name`: the option or argument to fix)."""
-    if not 1 <= max_steps <= MAX_EPISODE_STEPS:
-        raise ValueError(f"{name} must be in [1, {MAX_EPISODE_STEPS}] (Meta-World's own episode limit), "
-                         f"got {max_steps}")
+    """Refuse an episode limit Meta-World does not run (`name`: the option or argument to fix). A fraction is
+    refused, not cut to the whole steps below it."""
+    whole = isinstance(max_steps, (int, np.integer)) and not isinstance(max_steps, (bool, np.bool_))
+    if not whole or not 1 <= max_steps <= MAX_EPISODE_STEPS:
+        got = max_steps if whole else f"{max_steps!r}; give a whole number of steps"
+        raise ValueError(f"{name} must be in [1, {MAX_EPISODE_STEPS}] (Meta-World's own episode limit), got {got}")
 
 
 def _check_task(task: str) -> None:
     check_tasks([task], fix="the task name")
+
+
+def _layout_seed(seed, limit: int | None = None) -> int:
+    """`seed` as a layout seed: a whole number >= 0 (below `limit` where given). Meta-World's own refusals name
+    no argument (and of another error kind), and a fraction would be cut to another seed's layout."""
+    ok = isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_))
+    if not ok or seed < 0 or (limit is not None and seed >= limit):
+        below = f" and below {limit}" if limit is not None else ""
+        raise ValueError(f"seed must be a whole number >= 0{below} (it names one object layout), got {seed!r}")
+    return int(seed)
 
 
 class ExpertPolicy:
@@ -186,9 +202,15 @@ class ExpertPolicy:
         self._policy = ENV_POLICY_MAP[task]()
 
     def __call__(self, state) -> np.ndarray:
+        # The experts slice the observation by position: a shorter one (a frame, part of the state) gave zero or
+        # wrong actions without an error.
+        state = np.asarray(state, dtype=np.float64)
+        if state.size != STATE_DIM:
+            raise ValueError(f"the {self.task} expert reads the {STATE_DIM}-D state of MetaWorldEnv.state, got shape "
+                             f"{state.shape}; pass env.state")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Constant", category=UserWarning)
-            action = self._policy.get_action(np.asarray(state, dtype=np.float64))
+            action = self._policy.get_action(state.reshape(-1))
         return np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
 
     get_action = __call__
@@ -257,13 +279,14 @@ class MetaWorldEnv:
         if camera not in CAMERAS:
             raise ValueError(f"unknown camera {camera!r}; Meta-World cameras: {', '.join(CAMERAS)}")
         check_max_steps(max_steps)
+        # MT1 seeds numpy's legacy generator with it, which takes only 32-bit seeds.
+        self.seed = _layout_seed(seed, limit=1 << 32)
         self.task = task
         self.instruction = TASKS[task]
         self.image_size = int(image_size)
         self.camera = camera
         self.max_steps = int(max_steps)
         self.terminate_on_success = terminate_on_success
-        self.seed = int(seed)
         _, _, self._mujoco = _require_metaworld()
 
         self._env = _make_gym_env(task, self.seed, self.image_size, camera)
@@ -304,9 +327,12 @@ class MetaWorldEnv:
             raise RuntimeError("call reset() before reading the state")
         return self._state
 
-    def render(self) -> np.ndarray:
+    def _check_open(self) -> None:
         if self._env is None:
-            raise RuntimeError("this env is closed")
+            raise RuntimeError(f"this {self.task} env is closed (close() was called); make a new one with make_env")
+
+    def render(self) -> np.ndarray:
+        self._check_open()
         # Each env owns an OpenGL context, and gymnasium only makes it current when
         # the context is created: after another env in this process was created or
         # closed, rendering would go to the wrong (or no) context and come out black.
@@ -321,7 +347,8 @@ class MetaWorldEnv:
     def reset(self, seed: int | None = None, render: bool = True) -> np.ndarray | None:
         """Start an episode; `seed` fixes the layout (default: the env's seed). `render=False`
         returns no frame (for policies that do not look, such as the random baseline)."""
-        seed = self.seed if seed is None else int(seed)
+        self._check_open()
+        seed = self.seed if seed is None else _layout_seed(seed)
         raw = self._raw
         # Meta-World's reset ignores its seed argument; seeding the env's generator
         # and letting reset_model draw (with its own rejection of bad layouts) keeps
@@ -336,6 +363,7 @@ class MetaWorldEnv:
         return self.render() if render else None
 
     def step(self, action, render: bool = True) -> tuple[np.ndarray | None, float, bool, bool]:
+        self._check_open()
         if self._state is None:
             raise RuntimeError("call reset() before step()")
         if self.t >= self.max_steps:

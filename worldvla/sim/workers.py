@@ -117,11 +117,14 @@ def _serve(conn, task: str, n_envs: int, image_size: int, max_steps: int, kwargs
 class _Worker:
     interrupted = False  # a wait for a reply was cut short (Ctrl-C): that reply is still in the pipe
     overdue = False  # a wait for a reply timed out: it may still come, and is the next one read
+    closed = False  # its pool closed it: its envs take no more commands
+    spawned = False  # its process was started here: closed when the worker is collected
 
     def __init__(self, ctx, task, n_envs, image_size, max_steps, kwargs, rank: int = 0, stride: int = 1):
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child, task, n_envs, image_size, max_steps, kwargs), daemon=True)
         self.proc.start()
+        self.spawned = True
         child.close()
         self.rank, self.stride = rank, stride  # its env i is the pool's env i * stride + rank
         self.pending: deque[int] = deque()  # env indices whose replies are still to be read, in order
@@ -132,7 +135,7 @@ class _Worker:
         if self.overdue:  # the next reply read would be the overdue one, taken for this command's
             raise RuntimeError(
                 f"env worker process {self.proc.pid}: its reply to an earlier command (env "
-                f"{self.pending[0] * self.stride + self.rank}) timed out and has not been read, and would be read as "
+                f"{self._env(self.pending[0])}) timed out and has not been read, and would be read as "
                 "this command's; wait for it again (step_wait, expert_wait) or close this pool (EnvWorkers.close)")
         try:
             self.conn.send((cmd, i, args))
@@ -142,9 +145,14 @@ class _Worker:
 
     def recv(self, i: int):
         self._check_in_step()
-        if not self.pending or self.pending[0] != i:
-            raise RuntimeError(f"env {i}: replies are read in the order the commands were sent "
-                               f"(next pending: {list(self.pending)[:1]})")
+        env = self._env(i)  # the pool's numbering, the one the caller knows
+        if not self.pending:
+            raise RuntimeError(f"env {env}: no command of it awaits a reply; call step_async (expert_async) before "
+                               "step_wait (expert_wait)")
+        if self.pending[0] != i:
+            raise RuntimeError(f"env {env}: replies are read in the order the commands were sent; env "
+                               f"{self._env(self.pending[0])} (on the same worker) was sent one before: wait for it "
+                               "first")
         try:
             out = self.reply(i)
         except TimeoutError:  # the command stays pending: a later wait for it reads its reply when it comes
@@ -157,7 +165,14 @@ class _Worker:
         self.pending.popleft()
         return out
 
+    def _env(self, i: int) -> int:
+        """The pool's index of this worker's env `i`."""
+        return i * self.stride + self.rank
+
     def _check_in_step(self) -> None:
+        if self.closed:  # its process is gone on purpose: not a death with a traceback to look for
+            raise RuntimeError(f"env worker process {self.proc.pid} was closed with its pool (EnvWorkers.close); "
+                               "its envs take no more commands: make a new EnvWorkers")
         if self.interrupted:
             raise RuntimeError(
                 f"env worker process {self.proc.pid}: a wait for one of its replies was interrupted, and that reply "
@@ -185,12 +200,17 @@ class _Worker:
             kind, name, message, tb = value
             where = f"env worker process {self.proc.pid}"
             if i is not None:
-                where = f"env {i * self.stride + self.rank} (in {where})"
+                where = f"env {self._env(i)} (in {where})"
             err = {k.__name__: k for k in _RERAISED}.get(kind)
             if err is not None:
                 raise err(f"{where}: {message}") from WorkerTraceback(tb)
             raise RuntimeError(f"{where} failed: {name}: {message}") from WorkerTraceback(tb)
         return value
+
+    def __del__(self):
+        # The pool's envs keep their worker: it is closed once neither the pool nor any of them is left.
+        if self.spawned:
+            _close_workers([self])
 
     def _died(self) -> RuntimeError:
         self.proc.join(timeout=1.0)
@@ -283,8 +303,10 @@ class EnvWorkers:
         from .metaworld_env import _check_task
 
         _check_task(task)
-        if n_envs < 1 or workers < 1:
-            raise ValueError(f"need n_envs >= 1 and workers >= 1, got n_envs={n_envs}, workers={workers}")
+        whole = all(isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)) for n in (n_envs, workers))
+        if not whole or n_envs < 1 or workers < 1:  # a bool or a fraction is no count of envs or processes
+            raise ValueError(f"need n_envs >= 1 and workers >= 1, got n_envs={n_envs!r}, workers={workers!r}"
+                             + ("" if whole else "; give whole numbers"))
         workers = min(workers, n_envs)
         ctx = mp_context()
         share = [len(range(w, n_envs, workers)) for w in range(workers)]
@@ -300,26 +322,9 @@ class EnvWorkers:
 
     def close(self, timeout: float = 10.0) -> None:
         """Ask each worker to close, read what it still sends (replies left unread after an error or a Ctrl-C, which
-        would block it in its send), and kill one still running after `timeout` seconds."""
-        workers = getattr(self, "_workers", [])
-        for w in workers:
-            if w.proc.is_alive():
-                try:
-                    w.conn.send(("close", -1, None))
-                except (BrokenPipeError, OSError):
-                    pass
-        deadline = time.monotonic() + timeout
-        reading = [w for w in workers if w.proc.is_alive()]  # until each has exited or closed its end
-        while reading and time.monotonic() < deadline:
-            ready = wait_ready([w.conn for w in reading] + [w.proc.sentinel for w in reading],
-                               timeout=max(0.0, deadline - time.monotonic()))
-            reading = [w for w in reading if (w.conn not in ready or w.drain()) and w.proc.is_alive()]
-        for w in workers:
-            w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join(timeout=5)
-            w.conn.close()
+        would block it in its send), and kill one still running after `timeout` seconds. Its envs then refuse
+        commands."""
+        _close_workers(getattr(self, "_workers", []), timeout)
         self._workers = []
 
     def __enter__(self):
@@ -328,5 +333,26 @@ class EnvWorkers:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self):
-        self.close()
+
+def _close_workers(workers: list, timeout: float = 10.0) -> None:
+    """`EnvWorkers.close` of `workers` (those not closed yet), side by side."""
+    workers = [w for w in workers if not w.closed]
+    for w in workers:
+        w.closed = True
+        if w.proc.is_alive():
+            try:
+                w.conn.send(("close", -1, None))
+            except (BrokenPipeError, OSError):
+                pass
+    deadline = time.monotonic() + timeout
+    reading = [w for w in workers if w.proc.is_alive()]  # until each has exited or closed its end
+    while reading and time.monotonic() < deadline:
+        ready = wait_ready([w.conn for w in reading] + [w.proc.sentinel for w in reading],
+                           timeout=max(0.0, deadline - time.monotonic()))
+        reading = [w for w in reading if (w.conn not in ready or w.drain()) and w.proc.is_alive()]
+    for w in workers:
+        w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        if w.proc.is_alive():
+            w.proc.kill()
+            w.proc.join(timeout=5)
+        w.conn.close()
