@@ -993,3 +993,114 @@ def test_demo_options_reach_its_settings():
         train_steps=5, vq_steps=6, model="small", lr=0.002, workers=3, seed=9, world=False, ablations=True)
     assert demo.config_from_args(parser.parse_args([])) == demo.DemoConfig()
     assert demo.config_from_args(parser.parse_args(["--seed", "0", "--fast"])).seed == 0
+
+
+def test_the_figures_line_names_the_training_curves_of_this_runs_stages_only(tmp_path, monkeypatch, capsys):
+    """A run without --ablations in a folder where an earlier run trained the ablation models listed their curves
+    as this run's."""
+    from worldvla import demo
+    from worldvla.eval import metaworld
+
+    monkeypatch.setattr(metaworld, "format_results", lambda m: "")
+    for run in ("vq", "train", "train_action_only", "train_causal"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "training.png").write_bytes(b"png")
+    results = {"eval": {}, "policy": str(tmp_path / "policy"), "total_seconds": 1.0,
+               "stages": {s: {"cached": True} for s in ("collect", "train-vq", "pretokenize", "train", "evaluate")}}
+    demo.print_table(results)
+    printed = capsys.readouterr().out
+    assert f"training curves: {tmp_path / 'train' / 'training.png'}, {tmp_path / 'vq' / 'training.png'}\n" in printed
+    results["stages"].update({s: {"cached": True} for s in demo.ABLATION_STAGES})
+    demo.print_table(results)
+    assert (f"training curves: {tmp_path / 'train' / 'training.png'}, "
+            f"{tmp_path / 'train_action_only' / 'training.png'}, {tmp_path / 'train_causal' / 'training.png'}, "
+            f"{tmp_path / 'vq' / 'training.png'}\n") in capsys.readouterr().out
+
+
+def test_ablations_of_an_action_only_demo_do_not_train_its_model_twice(tmp_path, monkeypatch):
+    """With --action-only the main model is the action-only one: --ablations trained the same model again (identical
+    weights, twice the time) and evaluated it as a second variant. Only the model without the chunk mask is added."""
+    from worldvla import demo
+    from worldvla.eval import metaworld
+
+    stage_evaluate = demo.stage_evaluate
+    seen = []
+    _stub_all_stages(monkeypatch, seen)
+    cfg = demo.DemoConfig.fast_preset(world=False, ablations=True)
+    demo.run_demo(cfg, tmp_path / "run", progress=False)
+    trains = {s[0]: s[2] for s in seen if s[0].startswith("train") and s[0] != "train-vq"}
+    assert trains == {"train": {"action_only": True},
+                      "train-causal": {"action_only": True, "run_name": "train_causal", "policy_name": "policy_causal",
+                                       "attention": "causal"}}
+    got = {}
+    monkeypatch.setattr(metaworld, "evaluate", lambda policies, tasks, episodes, out, **kw:
+                        got.update(kw, policies=policies) or {})
+    stage_evaluate(cfg, tmp_path, False)
+    assert dict(zip(got["variant_names"], got["policies"])) == {
+        "WorldVLA (action-only)": tmp_path / "policy", "trained without chunk mask": tmp_path / "policy_causal"}
+
+
+def test_a_diverged_training_names_the_demos_own_option(tmp_path, monkeypatch, capsys):
+    """A loss that stops being finite (--lr too high) ended the demo with the trainer's advice only, which names
+    options the demo does not take (--warmup, --grad-clip, --overwrite)."""
+    from worldvla import demo
+    from worldvla.train import checkpointing, trainer
+
+    def diverge(args):
+        checkpointing.check_finite(2, {"loss": float("nan")}, Path(args.out), trainer.DIVERGENCE_CAUSES)
+
+    monkeypatch.setattr(trainer, "train", diverge)
+    with pytest.raises(ValueError, match=r"^train: step 2: the loss is nan .*In `worldvla demo`: run it again with "
+                                         r"a lower --lr \(its trainings then start over\)$"):
+        demo.stage_train(demo.DemoConfig.fast_preset(), tmp_path, False, False)
+    monkeypatch.setattr(trainer, "train", lambda args: (_ for _ in ()).throw(ValueError("another problem")))
+    with pytest.raises(ValueError, match=r"^another problem$"):  # other errors pass as they are
+        demo.stage_train(demo.DemoConfig.fast_preset(), tmp_path, False, False)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model", "medium", r"--model must be tiny or small, got 'medium'"),
+    ("lr", 0.0, r"--lr must be a number > 0, got 0.0"),
+    ("vq_lr", float("nan"), r"DemoConfig.vq_lr must be a number > 0, got nan"),
+    ("vq_batch", 0, r"DemoConfig.vq_batch must be >= 1, got 0"),
+    ("vq_codes", 0, r"DemoConfig.vq_codes must be >= 1, got 0"),
+    ("batch_tokens", 0, r"DemoConfig.batch_tokens must be >= 1, got 0"),
+    ("micro_tokens", -1, r"DemoConfig.micro_tokens must be >= 0, got -1"),
+    ("eval_envs", 0, r"DemoConfig.eval_envs must be >= 1, got 0"),
+    ("wm_episodes", -1, r"DemoConfig.wm_episodes must be >= 0, got -1"),
+    ("wm_horizon", 0, r"DemoConfig.wm_horizon must be >= 1, got 0"),
+    ("eval_max_steps", 0, r"DemoConfig.eval_max_steps must be in \[1, 500\]"),
+    ("collect_max_steps", 501, r"DemoConfig.collect_max_steps must be in \[1, 500\]"),
+    ("episodes", 2.5, r"--episodes must be a whole number, got 2.5"),
+    ("image_size", 64.0, r"--image-size must be a whole number, got 64.0"),
+    ("seed", 1.5, r"--seed must be a whole number, got 1.5"),
+])
+def test_demo_config_refuses_every_setting_a_later_stage_would_refuse(field, value, message, tmp_path, monkeypatch):
+    """From Python, a bad model name, batch or environment count was refused by a stage's own parser (SystemExit with
+    that command's usage, naming its option) or by the evaluation, only after the stages before it had run; a
+    learning rate of 0 was taken and trained nothing. run_demo refuses them before collecting."""
+    from worldvla import demo
+
+    monkeypatch.setattr(demo, "stage_collect", lambda *a, **k: pytest.fail("collected before checking the settings"))
+    with pytest.raises(ValueError, match=message):
+        demo.run_demo(demo.DemoConfig.fast_preset(**{field: value}), tmp_path / "d", progress=False)
+    assert not (tmp_path / "d").exists()
+    demo.DemoConfig.fast_preset(micro_tokens=0, wm_episodes=0, eval_max_steps=500).check()  # their edges are taken
+
+
+@pytest.mark.parametrize("damaged", [b"\xff\xfe\x00", b""])
+def test_a_damaged_started_marker_starts_its_training_over(tmp_path, monkeypatch, damaged):
+    """A `.started` marker that is not UTF-8 ended every run of the demo with "'utf-8' codec can't decode byte 0xff",
+    naming no file; one that does not hold the stage's key means its training starts over."""
+    from worldvla import demo
+
+    seen = []
+    _stub_all_stages(monkeypatch, seen)
+    cfg = demo.DemoConfig.fast_preset()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    (tmp_path / "stages" / "train.json").unlink()
+    (tmp_path / "stages" / "train.started").write_bytes(damaged)
+    seen.clear()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    assert seen[0][:2] == ("train", False) and _ran(seen) == ["train", "evaluate"]
+    assert not (tmp_path / "stages" / "train.started").exists()

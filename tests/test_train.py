@@ -1893,3 +1893,23 @@ def test_a_fresh_run_refuses_a_folder_holding_an_earlier_runs_export_without_its
     # A run stopped before its first checkpoint leaves only its log: the same command starts over there.
     shutil.rmtree(out / "checkpoints")
     assert trainer.train(args_for(store_dir, out, "--steps", 1, "--batch-tokens", 300, "--no-export"))["step"] == 1
+
+
+def test_distributed_init_names_a_bad_launch_description(monkeypatch):
+    """An init_method without rank_/world failed inside torch ("`rank` must be an integer. None"), rank_/world
+    without an init_method were silently ignored (one process), and a WORLD_SIZE that is not a number gave
+    "invalid literal for int()", naming no variable."""
+    import torch.distributed as dist
+
+    from worldvla.train import distributed
+
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: pytest.fail("no group may be joined"))
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match=r"init_method 'file:///tmp/pg' needs rank_ .* got rank_=None, world=None"):
+        distributed.init("cpu", init_method="file:///tmp/pg")
+    with pytest.raises(ValueError, match=r"rank_=1 and world=2 are used with an init_method only"):
+        distributed.init("cpu", rank_=1, world=2)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE='two' is not a number of processes.*unset it"):
+        distributed.init("cpu")

@@ -71,21 +71,57 @@ class DemoConfig:
         return cls(**base)
 
     def check(self) -> None:
-        from .sim.metaworld_env import TASKS, check_tasks
+        """Refuse settings a stage would refuse (or misread) only after the stages before it ran, naming the demo's
+        option where it has one and the DemoConfig field otherwise."""
+        import math
+
+        from .sim.metaworld_env import TASKS, check_max_steps, check_tasks
 
         if not self.tasks:
             raise ValueError(f"--tasks names no task; pass comma-separated Meta-World tasks, such as "
                              f"{','.join(DEFAULT_TASKS)} (the default when --tasks is left out), from: "
                              f"{', '.join(sorted(TASKS))}")
         check_tasks(self.tasks, fix="--tasks")
+        _check_whole("image_size", self.image_size)
         if self.image_size % 32 or self.image_size < 32:
             raise ValueError(f"--image-size must be a multiple of 32 (the resolution tokens count 32-px grids), "
                              f"got {self.image_size}; use 64 or 128")
-        for name in ("episodes", "vq_steps", "train_steps", "eval_episodes", "chunk_size", "workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("episodes", "vq_steps", "train_steps", "eval_episodes", "chunk_size", "workers", "vq_batch",
+                     "vq_codes", "batch_tokens", "eval_envs", "wm_horizon"):
+            _check_count(name, getattr(self, name), 1)
+        for name in ("micro_tokens", "wm_episodes"):  # 0: the whole batch in one micro-batch; no world-model scores
+            _check_count(name, getattr(self, name), 0)
+        for name in ("lr", "vq_lr"):  # a learning rate of 0 trains nothing, and says nothing of it
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{_setting(name)} must be a number > 0, got {value!r}")
+        check_max_steps(self.collect_max_steps, _setting("collect_max_steps"))
+        check_max_steps(self.eval_max_steps, _setting("eval_max_steps"))
+        if self.model not in ("tiny", "small"):  # refused by the training stage's parser only after collecting
+            raise ValueError(f"--model must be tiny or small, got {self.model!r}")
+        _check_whole("seed", self.seed)
         if not 0 <= self.seed < 1 << 32:  # checked before collecting, not by the training stage's parser after it
             raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
+
+
+# The settings `worldvla demo` has an option for; the others are set from Python only.
+_OPTION_SETTINGS = ("tasks", "episodes", "eval_episodes", "image_size", "chunk_size", "train_steps", "vq_steps", "model",
+                    "lr", "workers", "seed")
+
+
+def _setting(name: str) -> str:
+    return f"--{name.replace('_', '-')}" if name in _OPTION_SETTINGS else f"DemoConfig.{name}"
+
+
+def _check_whole(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):  # 2.5 episodes, True steps: no stage reads them right
+        raise ValueError(f"{_setting(name)} must be a whole number, got {value!r}")
+
+
+def _check_count(name: str, value, least: int) -> None:
+    _check_whole(name, value)
+    if value < least:
+        raise ValueError(f"{_setting(name)} must be >= {least}, got {value}")
 
 
 # Settings each stage depends on (the stage reruns when one of them, or an earlier stage, changes).
@@ -100,10 +136,16 @@ STAGE_KEYS = {
 }
 STAGES = tuple(STAGE_KEYS)
 ABLATION_STAGES = ("train-action-only", "train-causal")
+# The run folder of each training stage under --out.
+RUN_DIRS = {"train-vq": "vq", "train": "train", "train-action-only": "train_action_only", "train-causal": "train_causal"}
 
 
 def stages_for(cfg: DemoConfig) -> tuple[str, ...]:
-    return tuple(s for s in STAGES if s not in ABLATION_STAGES or cfg.ablations)
+    # With --action-only the main model is the action-only one: training the ablation's would repeat it exactly.
+    skip = set() if cfg.ablations else set(ABLATION_STAGES)
+    if not cfg.world:
+        skip.add("train-action-only")
+    return tuple(s for s in STAGES if s not in skip)
 
 
 def stage_keys(cfg: DemoConfig) -> dict[str, str]:
@@ -295,7 +337,14 @@ def stage_train(cfg: DemoConfig, out: Path, progress: bool, resume: bool, action
         argv += ["--kinds", "action"]
     if not progress:
         argv.append("--no-progress")
-    summary = trainer.train(_cli_args(trainer, argv))
+    try:
+        summary = trainer.train(_cli_args(trainer, argv))
+    except ValueError as e:
+        if "training diverged" not in str(e):
+            raise
+        # The trainer's advice names its own options (--warmup, --grad-clip, --overwrite), which the demo does not take.
+        raise ValueError(f"{run_name}: {e}. In `worldvla demo`: run it again with a lower --lr (its trainings then "
+                         f"start over)") from None
     _check_not_stopped(run_name, summary)
     if not summary.get("export"):
         raise RuntimeError(f"training finished without exporting a policy (summary: {summary})")
@@ -322,8 +371,9 @@ def stage_evaluate(cfg: DemoConfig, out: Path, progress: bool, reuse: bool = Tru
     main = "WorldVLA" if cfg.world else "WorldVLA (action-only)"
     policies, names = [out / "policy"], [main]
     if cfg.ablations:
-        policies += [out / "policy_action_only", out / "policy_causal"]
-        names += ["action-only", "trained without chunk mask"]
+        if "train-action-only" in stages_for(cfg):
+            policies, names = policies + [out / "policy_action_only"], names + ["action-only"]
+        policies, names = policies + [out / "policy_causal"], names + ["trained without chunk mask"]
     return evaluate(policies, list(cfg.tasks), cfg.eval_episodes, out / "eval", seed=cfg.seed,
                     max_steps=cfg.eval_max_steps, n_envs=cfg.eval_envs, random_baseline=True,
                     # an action-only model never saw a world-model sample: no world-model scores for it
@@ -394,7 +444,7 @@ def run_demo(cfg: DemoConfig, out, progress: bool = True, force: bool = False) -
         started = out / "stages" / f"{stage}.started"
         # --force redoes everything: an interrupted training starts over instead of resuming.
         resume = (not force and stage in ("train-vq", "train", *ABLATION_STAGES) and started.is_file()
-                  and started.read_text() == stages.keys[stage])
+                  and started.read_bytes() == stages.keys[stage].encode())  # bytes: a damaged marker is no match
         stages.invalidate_from(stage)
         started.parent.mkdir(parents=True, exist_ok=True)
         started.write_text(stages.keys[stage])
@@ -440,7 +490,9 @@ def print_table(results: dict) -> None:
     print(f"stages: {', '.join(parts)}; total {results['total_seconds']:.0f} s")
     print(f"policy: {results['policy']}  (worldvla serve --checkpoint {results['policy']})")
     out = Path(results["policy"]).parent
-    curves = [str(p) for p in sorted(out.glob("*/training.png"))]
+    # The curves of this run's trainings only: the folder may hold those of an earlier run's other stages.
+    runs = [RUN_DIRS[s] for s in st if s in RUN_DIRS]
+    curves = sorted(str(out / r / "training.png") for r in runs if (out / r / "training.png").is_file())
     print(f"figures: {out / 'eval'} (success, world model, GIFs)"
           + (f"; training curves: {', '.join(curves)}" if curves else ""))
 
@@ -491,7 +543,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="the paper's ablations: also train an action-only model and a model without the "
                              "chunk mask (plain causal attention in training and decoding), both with the same "
                              "steps and token budget, and evaluate chunk-mask models decoded without the mask; "
-                             "about triples training time and evaluation time")
+                             "about triples training time and evaluation time (with --action-only, whose model is the "
+                             "action-only one, only the model without the chunk mask is added)")
     parser.add_argument("--workers", type=positive_int, default=None, help="collection and evaluation worker processes (default: 2)")
     parser.add_argument("--seed", type=seed32, default=None, help=f"seed of the layouts, the models and the "
                         f"evaluation (default: {d.seed})")

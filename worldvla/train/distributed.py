@@ -43,7 +43,18 @@ def init(device: str | None = None, init_method: str | None = None, rank_: int |
          world: int | None = None, timeout_s: float = 1800.0) -> torch.device:
     """Join the process group when launched by torchrun (or given init_method/rank/world) and
     return this process's device. A plain `python` launch stays single-process."""
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"the environment variable WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of "
+                         f"processes: launch with torchrun, which sets it, or unset it to run in one process") from None
+    if init_method is not None and (rank_ is None or world is None):
+        raise ValueError(f"init_method {init_method!r} needs rank_ (this process's rank) and world (the number of "
+                         f"processes), got rank_={rank_}, world={world}")
+    if init_method is None and (rank_ is not None or world is not None):
+        # Without init_method the group is torchrun's (RANK, WORLD_SIZE): these would be silently ignored.
+        raise ValueError(f"rank_={rank_} and world={world} are used with an init_method only: pass init_method "
+                         f"too, or neither under torchrun")
     want = init_method is not None or env_world > 1
     dev = torch_device(device)
     if dev.type == "cuda":  # the device first, and NCCL bound to it: a first collective never guesses it
