@@ -132,7 +132,7 @@ def test_a_half_precision_choice_rounds_its_logits_as_the_release(dtype, backend
 def test_errors(rng):
     model = _model(6)
     prompts = _prompts(rng, 2)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
         generate_release_actions(model, prompts, LAYOUT, D, 0)
     with pytest.raises(ValueError, match="cache slots"):
         generate_release_actions(model, prompts, LAYOUT, D, 50, engine=release_engine(model, prompts, 10))
@@ -446,3 +446,136 @@ def test_a_layout_of_another_vocabulary_is_refused(rng):
     own = generate_release_actions(model, prompts, LAYOUT, D, max_new_tokens=8)
     same = generate_release_actions(model, prompts, None, D, max_new_tokens=8)
     assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(own, same))
+
+
+def test_counts_that_are_not_integers_of_at_least_one_are_refused(rng):
+    """generate_release_actions took an action_dim of 0, -1 or True and parsed blocks of that many values (none of
+    the model's D-value blocks), a float one failed in torch's view() after the whole generation; a max_new_tokens
+    of True generated one token, of None or 8.0 failed deep inside; release_engine sized an engine for no new
+    token."""
+    model, prompts = _model(6), _prompts(rng, 2)
+    for dim in (0, -1, True, 4.0):
+        with pytest.raises(ValueError, match=f"action_dim must be an integer >= 1, got {dim!r}"):
+            generate_release_actions(model, prompts, LAYOUT, dim, 8)
+    for n in (True, None, 8.0):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be an integer >= 1, got {n!r}"):
+            generate_release_actions(model, prompts, LAYOUT, D, n)
+    for n in (0, 2.5):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be an integer >= 1, got {n!r}"):
+            release_engine(model, prompts, n)
+    got = generate_release_actions(model, prompts, LAYOUT, np.int64(D), np.int64(8))
+    assert [g.tokens.numel() for g in got] == [8, 8] and all(g.actions.shape[1] == D + 2 for g in got)
+
+
+def test_release_engine_takes_one_prompt_as_one_row(rng):
+    """release_engine(model, prompt) with one prompt [P], as generate_release_actions takes it, made an engine of P
+    rows of one token each, which the decoding then refused ("the engine holds P sequences but got 1 prompts")."""
+    model = _model(5)
+    p = _prompts(rng, 1)[0]
+    engine = release_engine(model, p, 12)
+    assert engine.batch_size == 1 and engine.max_len == p.numel() + 12
+    got = generate_release_actions(model, p, LAYOUT, D, 12, engine=engine)
+    assert torch.equal(got[0].tokens, generate_release_actions(model, p, LAYOUT, D, 12)[0].tokens)
+    batch = torch.stack([p, p])
+    assert release_engine(model, batch, 12).batch_size == 2
+
+
+def test_the_parsers_refuse_rows_and_action_dims_below_one():
+    """The parsers compared each row of a [1, n] tensor whole with BOA and EOA and found no action, without a word;
+    an action_dim of 0 or -1 parsed [BOA, EOA] or one-id rows, and parse_action_blocks with -2 never advanced
+    (it appended empty blocks until memory ran out)."""
+    from worldvla.inference.baseline import parse_action_blocks, parse_release_actions
+
+    lo = LAYOUT.bin_range[0]
+    t = torch.tensor([BOA, *range(lo, lo + D), EOA] * 2 + [LAYOUT.sep])
+    want = t[:-1].view(2, D + 2)
+    assert torch.equal(parse_action_blocks(t, LAYOUT, D), want)
+    assert torch.equal(parse_release_actions(t, LAYOUT, D)[0], want)
+    assert torch.equal(parse_action_blocks(t.tolist(), LAYOUT, D), want)  # a list of ids is one sequence
+    for parse in (parse_action_blocks, parse_release_actions):
+        with pytest.raises(ValueError, match=r"tokens must be one generated sequence \[n\], got shape \(1, 13\)"):
+            parse(t.view(1, -1), LAYOUT, D)
+        with pytest.raises(TypeError, match="generated ids must be integers, got torch.float32"):
+            parse(t.float(), LAYOUT, D)
+        for dim in (0, -1, -2, True):
+            with pytest.raises(ValueError, match=f"action_dim must be an integer >= 1, got {dim!r}"):
+                parse(t, LAYOUT, dim)
+
+
+def test_the_baseline_refuses_a_layout_of_another_vocabulary(rng):
+    """baseline_generate_action_chunk took a layout of another vocabulary than the model's and parsed the model's ids
+    as that layout's tokens: no action, or actions at ids the model learned as other tokens."""
+    model, p = _model(0), _prompts(rng, 1)[0]
+    for other in (VocabLayout.compact(n_image_codes=512), VocabLayout.compact(n_image_codes=32)):
+        with pytest.raises(ValueError, match=f"the layout '{other.name}' has {other.vocab_size} ids but the model "
+                                             f"{LAYOUT.vocab_size}: pass the model's own layout"):
+            baseline_generate_action_chunk(model, p[:5], other, 1, D, max_new_tokens=4)
+    own = baseline_generate_action_chunk(model, p, LAYOUT, 1, D, max_new_tokens=4)
+    assert torch.equal(own.tokens, baseline_generate_action_chunk(model, p, None, 1, D, max_new_tokens=4).tokens)
+
+
+def test_a_prompt_with_blocks_after_its_image_is_prefilled_as_the_release_prefills_it():
+    """The release prefills a prompt under its mask's last row at every position; the engine applied the chunk rule
+    row by row, which inside the prompt hides a block after the last image from the next one. With blocks there,
+    the prompt's keys and values differed from the release's, and here the free tokens from the third on."""
+    lo = LAYOUT.bin_range[0]
+    model = _model(8)
+    base = _prompts(torch.Generator().manual_seed(8), 1)[0]
+    g = torch.Generator().manual_seed(8)
+    blocks = [[BOA, *(lo + torch.randint(0, 256, (D,), generator=g)).tolist(), EOA] for _ in range(3)]
+    p = torch.cat([base[:-1], torch.tensor(sum(blocks, [])), base[-1:]])
+    want = [baseline_generate_action_chunk(model, q, LAYOUT, 1, D, max_new_tokens=8).tokens for q in (p, base)]
+    got = generate_release_actions(model, [p, base], LAYOUT, D, 8)
+    assert [x.tokens.tolist() for x in got] == [w.tolist() for w in want]
+    # on an engine holding the prefixes of both prompts: the same tokens
+    engine = release_engine(model, [p, base], 8)
+    generate_release_actions(model, [p, base], LAYOUT, D, 8, engine=engine)
+    got = generate_release_actions(model, [p, base], LAYOUT, D, 8, engine=engine, skip=[40, 40])
+    assert [x.tokens.tolist() for x in got] == [w.tolist() for w in want]
+
+
+def test_an_engine_of_another_layout_is_refused(rng):
+    """release_engine took a layout of another vocabulary, and generate_release_actions an engine built with one: its
+    prefill placed the prompts' action blocks by that layout's ids (here it found none), so the chunk rule's metadata
+    of the prompt was wrong and the tokens differed from those of an engine of the model's layout."""
+    from worldvla.inference import InferenceEngine
+
+    lo = LAYOUT.bin_range[0]
+    model, p = _model(8), _prompts(rng, 1)[0]
+    p = torch.cat([p, torch.tensor([BOA, *range(lo, lo + D), EOA] * 2)])
+    other = VocabLayout.chameleon()
+    with pytest.raises(ValueError, match=f"the layout 'chameleon' has {other.vocab_size} ids but the model "):
+        release_engine(model, p, 8, layout=other)
+    engine = InferenceEngine(model, 1, p.numel() + 8, layout=other)
+    with pytest.raises(ValueError, match="the engine was built with the layout 'chameleon' but the decoding uses "
+                                         f"'{LAYOUT.name}': build the engine with the same layout"):
+        generate_release_actions(model, p, LAYOUT, D, 8, engine=engine)
+    want = generate_release_actions(model, p, LAYOUT, D, 8)[0].tokens
+    assert torch.equal(generate_release_actions(model, p, LAYOUT, D, 8, engine=release_engine(model, p, 8))[0].tokens,
+                       want)
+
+
+def test_a_skip_that_is_not_one_count_per_prompt_is_refused_by_name(rng):
+    """skip=3 (one count for a batch) failed in Python's "'int' object is not iterable", with or without an engine."""
+    model, prompts = _model(5), _prompts(rng, 2)
+    engine = release_engine(model, prompts, 12)
+    for kw in ({}, {"engine": engine}):
+        with pytest.raises(ValueError, match=r"skip must give one count of cached prefix tokens per prompt \(2\), got 3"):
+            generate_release_actions(model, prompts, LAYOUT, D, 12, skip=3, **kw)
+    got = generate_release_actions(model, prompts, LAYOUT, D, 12, engine=engine, skip=torch.tensor([0, 0]))
+    assert [g.tokens.numel() for g in got] == [12, 12]
+
+
+@pytest.mark.parametrize("template", [[BOA, *[X] * D, EOA, EOA, EOA], [BOA, *[X] * D, EOA, BOA, X, BOA],
+                                      [BOA, *[X] * D, EOA, EOA, BOA], [X, X, EOA]])
+def test_the_last_token_allowed_is_never_fed_so_never_malformed(template):
+    """The release's generate stops after the max_new_tokens-th token without a forward pass of it, so no mask is built
+    with it: a second stray EOA, a BOA inside an open block or after a stray EOA there is only parsed (skipped,
+    restarting or opening a block). Both decoders treated it as fed: the baseline raised, generate_release_actions
+    gave malformed output, whose block the policy then dropped; an EOA before any block still fails the episode."""
+    got = _release(template, n=len(template))
+    assert got.tokens.numel() == len(template) and got.tokens.tolist()[-1] == template[-1]
+    if template[0] == BOA:
+        assert got.actions.tolist() == [got.tokens.tolist()[:D + 2]] and not got.fails_after
+    else:
+        assert got.actions.shape == (0, D + 2) and got.fails_after

@@ -19,7 +19,8 @@ block, as the release's mask drops it. What the release's mask refuses (a second
 inside an open block) raises ValueError here too, and so do an EOA before any block (the release's
 mask drops it, but its parser raises afterwards: the episode fails either way) and a BOA after a
 stray EOA (the release pairs it with an earlier EOA and goes on with blocks out of order, which the
-chunk rule cannot express).
+chunk rule cannot express). The `max_new_tokens`-th token is never fed to the release's model (its
+generation stops before that pass), so no mask refuses it: only the parser reads it.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 from ..mask import DecodeMeta, chunk_attention_mask
 from ..ops import dispatch
 from ..tokens.layout import VocabLayout
+from .chunk import decoding_layout
 
 
 class GrowingKVCache:
@@ -68,11 +70,31 @@ class BaselineOutput(NamedTuple):
     fails_after: bool = False  # the release fails the episode after these (`parse_release_actions`)
 
 
+def check_count(name: str, n, least: int) -> None:
+    """Refuse a count that is not an integer >= `least` (a bool, a float, None)."""
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {n!r}")
+
+
+def _generated_ids(tokens, action_dim) -> list[int]:
+    """The ids of one generated sequence [n] as a list, after checking the parsers' inputs: rows [B, n] would be
+    compared whole with BOA and EOA, which no row equals (no action, without a word), and an action_dim below 1
+    would parse blocks of no value (of -2, one that never advances)."""
+    check_count("action_dim", action_dim, 1)
+    t = torch.as_tensor(tokens)
+    if t.numel():  # torch.tensor([]), no tokens, is float
+        dispatch.require_integers(t, "tokens: generated ids must be integers")
+    if t.dim() != 1:
+        raise ValueError(f"tokens must be one generated sequence [n], got shape {tuple(t.shape)}; parse a batch "
+                         f"row by row")
+    return t.tolist()
+
+
 def parse_action_blocks(tokens: torch.Tensor, layout: VocabLayout, action_dim: int) -> torch.Tensor:
     """Every well-formed `[BOA, D tokens, EOA]` run in `tokens` (no BOA or EOA among the D) -> [n, D+2]; other
     tokens are skipped.
     A strict parser: the release's own parsing of free output is `parse_release_actions`."""
-    t = tokens.tolist()
+    t = _generated_ids(tokens, action_dim)
     blocks, i, T = [], 0, action_dim + 2
     while i + T <= len(t):
         inner = t[i + 1:i + T - 1]  # a BOA or EOA among the D values would be a shorter or nested block
@@ -95,7 +117,7 @@ def parse_release_actions(tokens: torch.Tensor, layout: VocabLayout, action_dim:
     a block of 0 or 2..D-1 ids raises when executed. The blocks kept are those before the first such block
     (or before an EOA preceding every BOA), and `fails_after` says the release fails the episode after
     executing them. Each row is [BOA, D ids, EOA]."""
-    t = tokens.tolist()
+    t = _generated_ids(tokens, action_dim)
     blocks, start, seen_boa, D = [], None, False, action_dim
     fails = False
     for i, x in enumerate(t):
@@ -118,17 +140,39 @@ def parse_release_actions(tokens: torch.Tensor, layout: VocabLayout, action_dim:
     return torch.tensor(blocks, dtype=torch.long).view(-1, D + 2), fails
 
 
-def _step(model, ids_so_far, new_ids, cache, layout):
+def _mask_row(ids_so_far, layout):
+    """The last row [1, L] of the mask of the full sequence so far [1, L] (rebuilt from scratch with the release's
+    pairing, as the release does); ValueError where the release's mask refuses the blocks."""
+    return chunk_attention_mask(ids_so_far[0], layout, release_pairing=True)[-1:]
+
+
+def _step(model, ids_so_far, new_ids, cache, layout, row=None):
     """Hidden states of `new_ids` [1, Q] appended after the cached tokens, with the mask row
-    of the full sequence so far (rebuilt from scratch with the release's pairing, as the release does)."""
+    of the full sequence so far (`_mask_row`, or `row` when the caller built it)."""
     L, Q = ids_so_far.shape[-1], new_ids.shape[-1]
-    row = chunk_attention_mask(ids_so_far[0], layout, release_pairing=True)[-1:]  # [1, L]
+    row = _mask_row(ids_so_far, layout) if row is None else row
     causal = torch.ones(Q, L, dtype=torch.bool, device=row.device).tril(L - Q)
     mask = (causal & row).unsqueeze(0)                                        # [1, Q, L]
     pos = torch.arange(L - Q, L, device=new_ids.device).view(1, Q)
     z = torch.zeros(1, L, dtype=torch.int32, device=new_ids.device)
     meta = DenseRowMeta(pos.to(torch.int32), z[:, :Q], z, z[:, 0], mask=mask)
     return model.hidden_states(new_ids, cache=cache, position_ids=pos, decode_meta=meta)
+
+
+@torch.no_grad()
+def release_prefill(model, prompt: torch.Tensor, layout: VocabLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One prompt [P] prefilled as the release prefills it, every position under the causal mask and the prompt's
+    last mask row (`_step`, as `baseline_generate_action_chunk`): its keys and values [layers, P, Hkv, Dh] and
+    the final hidden state of its last token [H]."""
+    ids = torch.as_tensor(prompt).long().to(model.lm_head.weight.device).view(1, -1)
+    cache = GrowingKVCache(model.config.num_hidden_layers)
+    saved = model.attn_backend
+    model.attn_backend = "torch"  # SDPA with the dense mask row, as the release
+    try:
+        h = _step(model, ids, ids, cache, layout)
+    finally:
+        model.attn_backend = saved
+    return torch.stack(cache.k)[:, 0], torch.stack(cache.v)[:, 0], h[0, -1]
 
 
 @torch.no_grad()
@@ -143,12 +187,12 @@ def baseline_generate_action_chunk(model, input_ids, layout: VocabLayout | None,
     is applied before the argmax, like a transformers LogitsProcessor (the release passes none).
     Output whose blocks the chunk rule cannot take (see the module's docstring) raises ValueError.
     """
-    layout = layout or model.layout
+    # A layout of another vocabulary decoded the model's ids as other tokens (its BOA, EOA and bins elsewhere).
+    layout = decoding_layout(model, layout)
     # A negative count decoded nothing and returned an empty chunk, as if the model had written none.
     for name, n, least in (("n_actions", n_actions, 1), ("action_dim", action_dim, 1),
                            ("max_new_tokens", 0 if max_new_tokens is None else max_new_tokens, 0)):
-        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {n!r}")
+        check_count(name, n, least)
     ids = torch.as_tensor(input_ids)
     # before the cast, which would truncate fractions and make bools the ids 0 and 1
     dispatch.require_integers(ids, "input_ids: token ids must be integers")
@@ -172,7 +216,7 @@ def baseline_generate_action_chunk(model, input_ids, layout: VocabLayout | None,
         logits = model.lm_head(h).float()[0]                                 # every prompt position
         out = []
         seq = ids
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             last = logits[-1]
             if logits_processor is not None:
                 last = logits_processor(seq, last)
@@ -181,7 +225,15 @@ def baseline_generate_action_chunk(model, input_ids, layout: VocabLayout | None,
             if tok == layout.sep:
                 break
             seq = torch.cat([seq, torch.tensor([tok], device=dev)])
-            h = _step(model, seq.view(1, -1), seq[-1:].view(1, 1), cache, layout)
+            try:
+                row = _mask_row(seq.view(1, -1), layout)
+            except ValueError:
+                # The release's generate stops before a pass of its last token, so no mask of the release refuses
+                # it. (Its pass runs here otherwise, unused: the one that would give the separator.)
+                if i + 1 < max_new_tokens:
+                    raise
+                break
+            h = _step(model, seq.view(1, -1), seq[-1:].view(1, 1), cache, layout, row)
             logits = model.lm_head(h).float()[0]
     finally:
         model.attn_backend = saved
@@ -213,4 +265,4 @@ def chunk_structure_processor(layout: VocabLayout, prompt_len: int, n_actions: i
 
 
 __all__ = ["baseline_generate_action_chunk", "BaselineOutput", "GrowingKVCache", "parse_action_blocks",
-           "parse_release_actions", "chunk_structure_processor"]
+           "parse_release_actions", "chunk_structure_processor", "check_count", "release_prefill"]

@@ -11,7 +11,9 @@ else. This module reproduces the release's choices exactly but runs them on the 
 engine (batched, native or CUDA-graph steps) instead of a growing cache and a dense mask rebuilt
 at every token (`baseline.baseline_generate_action_chunk`, the release's procedure as a baseline):
 the chunk rule's metadata of each new token comes from `mask.GrowingBlockMeta`, which the
-rebuilt mask's last row equals.
+rebuilt mask's last row equals. The release prefills a prompt under its mask's last row at every
+position: a prompt where that differs from the chunk rule (an action block after the last image with
+an earlier block) is prefilled as the release prefills it (`baseline.release_prefill`).
 
 The blocks are paired as the release's mask pairs them (`chunk_mask_meta(..., release_pairing=True)`):
 one EOA closing no block after a closed block is a token outside any block, and generation goes on.
@@ -21,7 +23,8 @@ EOA before any block (the release's mask drops it, but its parser raises afterwa
 fails), a BOI or EOI that leaves the image counts two apart (the release's mask raises), or a BOA after a
 stray EOA (the release goes on, pairing it with an earlier EOA, out of order: blocks the chunk rule cannot
 express; the one case where this module and the release part). A generated BOI or EOI moves the last image's
-end as the release's pairing moves it (an open image lifts the chunk rule until it closes).
+end as the release's pairing moves it (an open image lifts the chunk rule until it closes). The
+`max_new_tokens`-th token is never fed to the model, so it is never malformed: only the parser reads it.
 """
 from __future__ import annotations
 
@@ -29,10 +32,10 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..mask import NO_BLOCK, GrowingBlockMeta
+from ..mask import NO_BLOCK, GrowingBlockMeta, chunk_mask_meta
 from ..ops import dispatch
 from ..tokens.layout import VocabLayout
-from .baseline import parse_release_actions
+from .baseline import check_count, parse_release_actions, release_prefill
 from .chunk import _as_prompts, decoding_layout, head_sample, sampling_backend
 from .engine import InferenceEngine, engine_for
 
@@ -48,7 +51,13 @@ class Generated(NamedTuple):
 
 def release_engine(model, prompts, max_new_tokens: int = RELEASE_MAX_NEW_TOKENS, layout: VocabLayout | None = None,
                    backend: str = "auto") -> InferenceEngine:
-    """An engine sized for `prompts` and `max_new_tokens` generated tokens each."""
+    """An engine sized for `prompts` (as `generate_release_actions` takes them) and `max_new_tokens` generated
+    tokens each."""
+    check_count("max_new_tokens", max_new_tokens, 1)
+    # One prompt [P] is one row: read as a sequence it made an engine of P rows of one token.
+    prompts, _ = _as_prompts(prompts)
+    # The engine's prefill finds the prompts' blocks by its layout's ids: another vocabulary's misplaced them.
+    layout = decoding_layout(model, layout)
     return engine_for(model, prompts, max_new_tokens, layout=layout, backend=backend)
 
 
@@ -81,17 +90,23 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
     if model.config.attention != "chunk":
         raise ValueError("the release's decoding applies the chunk rule; this model was trained with plain causal "
                          "attention (decode it with generate_action_chunk(mode='causal'))")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    # An action_dim below 1 parsed blocks of no value, and a float one failed in torch after the whole generation.
+    check_count("action_dim", action_dim, 1)
+    check_count("max_new_tokens", max_new_tokens, 1)
     prompts, _ = _as_prompts(input_ids)
     for b, p in enumerate(prompts):  # before the cast, which would truncate fractions and make bools ids 0 and 1
         dispatch.require_integers(p, f"prompt {b}: token ids must be integers")
     prompts = [p.long().cpu() for p in prompts]
     B = len(prompts)
+    if skip is not None and torch.as_tensor(skip).dim() != 1:  # a bare count failed as "'int' object is not iterable"
+        raise ValueError(f"skip must give one count of cached prefix tokens per prompt ({B}), got {skip!r}")
     if engine is None and skip is not None and any(skip):
         raise ValueError("skip= names prefixes an engine already holds: pass that engine (engine=)")
     engine = engine or release_engine(model, prompts, max_new_tokens, layout, backend)
     engine.check_serves(model)
+    if engine.layout != layout:  # its prefill would place the prompts' blocks by other ids than the decoding's
+        raise ValueError(f"the engine was built with the layout {engine.layout.name!r} but the decoding uses "
+                         f"{layout.name!r}: build the engine with the same layout (release_engine(..., layout=))")
     lens = [int(p.numel()) for p in prompts]
     if engine.batch_size != B:
         raise ValueError(f"the engine holds {engine.batch_size} sequences but got {B} prompts")
@@ -101,6 +116,14 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
     tracks = [GrowingBlockMeta(p, layout, release_pairing=True) for p in prompts]
     dev = engine.device
     h = engine.prefill(prompts, skip)
+    for b, p in enumerate(prompts):
+        # The release prefills a prompt under its mask's last row at every position; the engine applies the chunk
+        # rule row by row. They differ where the chunk rule hides an earlier block inside the prompt (a q_limit of
+        # 1 or more: a block after the last image with an earlier one): that row's keys and values, and its last
+        # hidden state, are then the release's.
+        if int(chunk_mask_meta(p, layout, release_pairing=True).q_limit.max()) >= 1:
+            k, v, h[b] = release_prefill(model, p, layout)
+            engine.set_row_prefix(b, k, v)
     engine.set_kv_len([L + max_new_tokens for L in lens])  # slots ahead of a query stay hidden by causality
     buf = engine.buffers(1)
     buf.set_positions(torch.tensor(lens, device=dev).view(B, 1))
@@ -122,8 +145,10 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
             try:
                 kv[b], ql[b] = tracks[b].push(t)
             except ValueError:
-                done[b] = malformed[b] = True
-                continue
+                # The last token is never fed, so no mask refuses it (the release's parser alone reads it).
+                if step + 1 < max_new_tokens:
+                    done[b] = malformed[b] = True
+                    continue
             out[b].append(t)
             done[b] = t == layout.sep
         if all(done) or step + 1 == max_new_tokens:
