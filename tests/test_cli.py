@@ -84,19 +84,25 @@ def test_ctrl_c_in_imagine_says_to_run_it_again(monkeypatch, capsys):
     assert "run the same command again" in _main_interrupted(["imagine", "p", "--demos", "d.hdf5"], capsys)
 
 
-def test_ctrl_c_in_bench_names_what_finished_and_the_command_for_the_rest(monkeypatch, capsys, tmp_path):
-    """It used to print only "interrupted"."""
+def _stand_in_benchmarks(monkeypatch, interrupted: str) -> None:
+    """vq, sampling and cpu_ops as benchmarks that return their JSON's path at once, `interrupted` by Ctrl-C."""
     import sys
     import types
 
-    def bench(name, interrupt=False):
+    def bench(name):
         def run(quick, device, out_dir):
-            if interrupt:
+            if name == interrupted:
                 raise KeyboardInterrupt
             return f"{out_dir}/{name}.json"
         monkeypatch.setitem(sys.modules, f"worldvla.benchmarks.{name}", types.SimpleNamespace(run=run))
 
-    bench("vq"), bench("sampling", interrupt=True), bench("cpu_ops")
+    for name in ("vq", "sampling", "cpu_ops"):
+        bench(name)
+
+
+def test_ctrl_c_in_bench_names_what_finished_and_the_command_for_the_rest(monkeypatch, capsys, tmp_path):
+    """It used to print only "interrupted"."""
+    _stand_in_benchmarks(monkeypatch, interrupted="sampling")
     err = _main_interrupted(["bench", "vq", "sampling", "cpu_ops", "--quick", "--out", str(tmp_path)], capsys)
     assert err.endswith(f"vq finished, results in {tmp_path}; run the rest with: worldvla bench sampling cpu_ops "
                         f"--quick --out {tmp_path}"), err
@@ -722,17 +728,8 @@ def test_ctrl_c_in_bench_quotes_an_out_the_shell_would_split(monkeypatch, capsys
     """The command for the rest printed `--out /x/my results` bare: pasted back, the shell split it into the
     folder `/x/my` and a benchmark named `results`."""
     import shlex
-    import sys
-    import types
 
-    def bench(name, interrupt=False):
-        def run(quick, device, out_dir):
-            if interrupt:
-                raise KeyboardInterrupt
-            return f"{out_dir}/{name}.json"
-        monkeypatch.setitem(sys.modules, f"worldvla.benchmarks.{name}", types.SimpleNamespace(run=run))
-
-    bench("vq"), bench("sampling", interrupt=True), bench("cpu_ops")
+    _stand_in_benchmarks(monkeypatch, interrupted="sampling")
     out = tmp_path / "my results" / "it's"
     err = _main_interrupted(["bench", "vq", "sampling", "cpu_ops", "--out", str(out)], capsys)
     line = err.split("run the rest with: ", 1)[1]

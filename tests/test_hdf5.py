@@ -1603,6 +1603,15 @@ def test_write_demos_names_the_demo_whose_steps_are_of_different_shapes(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def _damage_frames(path, demo: str) -> None:
+    """Overwrite the first stored chunk of `demo`'s frames in the file at `path` with 0xff bytes."""
+    with h5py.File(path) as f:
+        chunk = f[f"data/{demo}/obs/agentview_rgb"].id.get_chunk_info(0)
+    raw = bytearray(path.read_bytes())
+    raw[chunk.byte_offset:chunk.byte_offset + chunk.size] = b"\xff" * chunk.size
+    path.write_bytes(bytes(raw))
+
+
 def test_collect_runs_again_the_episodes_of_a_task_file_whose_frames_are_damaged(tmp_path, monkeypatch):
     """Episodes kept from a task file are read when the file is written again: damaged frames would stop the run
     there, losing the episodes run since; they are read first, and a damaged file is collected again."""
@@ -1610,11 +1619,7 @@ def test_collect_runs_again_the_episodes_of_a_task_file_whose_frames_are_damaged
     col = _scripted_episodes(monkeypatch)
     col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False)
     path = tmp_path / "reach-v3.hdf5"
-    with h5py.File(path) as f:
-        chunk = f["data/demo_1/obs/agentview_rgb"].id.get_chunk_info(0)
-    raw = bytearray(path.read_bytes())
-    raw[chunk.byte_offset:chunk.byte_offset + chunk.size] = b"\xff" * chunk.size
-    path.write_bytes(bytes(raw))
+    _damage_frames(path, "demo_1")
     with pytest.raises(ValueError, match="damaged"):
         read_demos(path)
     s = col.collect(["reach-v3"], 3, tmp_path, image_size=8, seed=5, progress=False)
@@ -1630,11 +1635,7 @@ def test_collect_cutting_a_task_file_whose_frames_are_damaged_collects_it_again(
     col = _scripted_episodes(monkeypatch)
     col.collect(["reach-v3"], 3, tmp_path, image_size=8, seed=5, progress=False)
     path = tmp_path / "reach-v3.hdf5"
-    with h5py.File(path) as f:
-        chunk = f["data/demo_1/obs/agentview_rgb"].id.get_chunk_info(0)
-    raw = bytearray(path.read_bytes())
-    raw[chunk.byte_offset:chunk.byte_offset + chunk.size] = b"\xff" * chunk.size
-    path.write_bytes(bytes(raw))
+    _damage_frames(path, "demo_1")
     s = col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False)
     assert not s["tasks"]["reach-v3"]["skipped"] and s["episodes_run"] == 2
     assert [int(d.frames[0, 0, 0, 0]) for d in read_demos(path)] == [
