@@ -844,3 +844,18 @@ def test_list_positionals_are_taken_after_options_too(monkeypatch, capsys, tmp_p
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_python_m_worldvla_is_the_command(tmp_path):
+    """`python -m worldvla` failed ("No module named worldvla.__main__"): it runs the command, exit code included."""
+    import subprocess
+    import sys
+
+    import worldvla
+
+    ok = subprocess.run([sys.executable, "-m", "worldvla", "--version"], capture_output=True, text=True, timeout=120,
+                        cwd=tmp_path)
+    assert ok.returncode == 0 and worldvla.__version__ in ok.stdout, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "worldvla", "no-such-command"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "no-such-command" in bad.stderr
