@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..mask import NO_BLOCK, GrowingBlockMeta, chunk_mask_meta
+from ..mask import NO_BLOCK, GrowingBlockMeta
 from ..ops import dispatch
 from ..tokens.layout import VocabLayout
 from .baseline import check_count, parse_release_actions, release_prefill
@@ -121,7 +121,7 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
         # rule row by row. They differ where the chunk rule hides an earlier block inside the prompt (a q_limit of
         # 1 or more: a block after the last image with an earlier one): that row's keys and values, and its last
         # hidden state, are then the release's.
-        if int(chunk_mask_meta(p, layout, release_pairing=True).q_limit.max()) >= 1:
+        if int(tracks[b].prompt_meta.q_limit.max()) >= 1:
             k, v, h[b] = release_prefill(model, p, layout)
             engine.set_row_prefix(b, k, v)
     engine.set_kv_len([L + max_new_tokens for L in lens])  # slots ahead of a query stay hidden by causality
