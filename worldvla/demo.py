@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .checks import is_integer
 from .cli import positive_float, positive_int, seed32
 
 DEFAULT_TASKS = ("button-press-topdown-v3", "drawer-open-v3", "window-open-v3")
@@ -114,7 +115,7 @@ def _setting(name: str) -> str:
 
 
 def _check_whole(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):  # 2.5 episodes, True steps: no stage reads them right
+    if not is_integer(value):  # 2.5 episodes, True steps: no stage reads them right
         raise ValueError(f"{_setting(name)} must be a whole number, got {value!r}")
 
 

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .mask import ChunkMaskMeta, DecodeMeta, causal_meta, chunk_mask_meta
 from .tokens.layout import VocabLayout
+from .checks import is_count
 
 
 ATTENTION_MODES = ("chunk", "causal")
@@ -90,7 +91,7 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            if not is_count(value, 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("rope_theta", "rms_norm_eps"):
             value = getattr(self, name)
@@ -118,7 +119,7 @@ class ModelConfig:
                              f"{self.layout.get('vocab_size')} ids: give vocab_size={self.layout.get('vocab_size')} "
                              f"(ModelConfig.tiny and small take it from the layout), or the layout of this vocabulary")
         n = self.model_parallel_size
-        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
+        if n is not None and (not is_count(n, 1)
                               or self.num_attention_heads % n or self.num_key_value_heads % n):
             raise ValueError(f"model_parallel_size {n!r} (the q/k norms' shared affine rows) must divide the "
                              f"{self.num_attention_heads} query and {self.num_key_value_heads} key/value heads; "

@@ -50,6 +50,7 @@ from ..devices import torch_device
 from ..tokens import IGNORE, ActionTokenizer, SequenceBuilder, VocabLayout, text_tokenizer_for
 from ..tokens.actions import LIBERO_MAX, LIBERO_MIN
 from ..tokens.layout import with_release_image_ids
+from ..checks import is_count
 
 FORMAT = "worldvla-token-store"
 VERSION = 1
@@ -567,7 +568,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     read = dict(camera=camera, rotate_180=rotate_180, drop_noops=drop_noops, instruction=instruction)
     settings.check()
     # range(0, T, 0) and an empty list of batches would fail deep inside the first encode, with the store half made.
-    if isinstance(encode_batch, bool) or not isinstance(encode_batch, (int, np.integer)) or encode_batch < 1:
+    if not is_count(encode_batch, 1):
         raise ValueError(f"encode_batch (--encode-batch) is the number of frames per VQGAN call: a whole number "
                          f">= 1, got {encode_batch!r}")
     # Paths as VQGAN.from_pretrained takes them: `--vqgan=~/x` reaches us unexpanded (the shell expands only a

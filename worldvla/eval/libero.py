@@ -33,6 +33,7 @@ import numpy as np
 from ..checkpoint import write_text_atomic
 from ..cli import POLICY_FOLDER_HELP, POLICY_MODE_CHOICES, positive_int
 from .rollout import ChunkQuery
+from ..checks import is_count, is_integer
 
 MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
 SETTLE_STEPS = 10
@@ -240,10 +241,6 @@ def _task_summary(instruction: str, success: list, steps: list, errors: list, no
             "episode_errors": errors, "episode_no_action": [bool(x) for x in no_action]}
 
 
-def _is_whole(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def _task_ids(tasks) -> list[int]:
     """`tasks` (ids, or one string of ids separated by commas as --tasks takes them) as ints. A string is not
     iterated ("12" would be tasks 1 and 2), and an id that is not a whole number is refused, not cut to another."""
@@ -255,7 +252,7 @@ def _task_ids(tasks) -> list[int]:
         raise ValueError(f"tasks must be a list of task ids like [0, 3, 7] (or the string '0,3,7'), got {tasks!r}") \
             from None
     # isdecimal, not isdigit: int() refuses digits such as '²'
-    bad = [t for t in tasks if not (_is_whole(t) or (isinstance(t, str) and t.strip().isdecimal()))]
+    bad = [t for t in tasks if not (is_integer(t) or (isinstance(t, str) and t.strip().isdecimal()))]
     if bad:
         raise ValueError(f"task ids must be whole numbers like 0, 3, 7; got {', '.join(map(repr, bad))}")
     return [int(t) for t in tasks]
@@ -291,7 +288,7 @@ def evaluate_suite(policy, suite, episodes: int = 50, tasks=None, out_dir=None, 
         raise ValueError("no LIBERO tasks to evaluate: --tasks names none")
     if save_videos and out_dir is None:  # the GIFs would go nowhere, silently
         raise ValueError("save_videos=True needs out_dir, the folder the GIFs are written to")
-    if not _is_whole(episodes) or episodes < 1:
+    if not is_count(episodes, 1):
         raise ValueError(f"episodes must be >= 1, got {episodes!r}; give a whole number of episodes per task")
     # Checked before the first episode, not when the task comes up (possibly hours into the run); read once, here.
     states = {t: suite.init_states(t) for t in task_ids}

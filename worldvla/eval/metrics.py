@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checks import is_count, is_integer
+
 K1, K2 = 0.01, 0.03
 WINDOW, SIGMA = 11, 1.5
 
@@ -102,7 +104,7 @@ def ssim(a, b, data_range: float | None = None, window: int = WINDOW, sigma: flo
 
     Images smaller than the window use a window as wide as their smaller side (odd)."""
     # A window of no tap would be taken for images too small for it; sigma 0 makes every tap NaN.
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+    if not is_count(window, 1):
         raise ValueError(f"window must be an integer >= 1 (Gaussian taps; {WINDOW} in Wang et al.), got {window!r}")
     if not 0 < sigma < math.inf:
         raise ValueError(f"sigma must be a positive finite number ({SIGMA} in Wang et al.), got {sigma}")
@@ -142,7 +144,7 @@ def success_interval(successes: int, episodes: int, z: float = 1.96) -> tuple[fl
     many (unlike the normal approximation, it stays in [0, 1] and is not empty at 0 or all successes)."""
     # Counts, not rates: success_interval(0.4, 10) would be read as 0.4 successes of 10.
     for name, n in (("successes", successes), ("episodes", episodes)):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        if not is_integer(n):
             raise ValueError(f"{name} must be an integer count, got {n!r}" + (
                 " (a rate? pass the number of successful episodes)" if name == "successes" else ""))
     if not 0 < z < math.inf:

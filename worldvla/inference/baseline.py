@@ -24,7 +24,6 @@ generation stops before that pass), so no mask refuses it: only the parser reads
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -34,6 +33,7 @@ from ..mask import DecodeMeta, chunk_attention_mask
 from ..ops import dispatch
 from ..tokens.layout import VocabLayout
 from .chunk import decoding_layout
+from ..checks import is_count
 
 
 class GrowingKVCache:
@@ -72,7 +72,7 @@ class BaselineOutput(NamedTuple):
 
 def check_count(name: str, n, least: int) -> None:
     """Refuse a count that is not an integer >= `least` (a bool, a float, None)."""
-    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < least:
+    if not is_count(n, least):
         raise ValueError(f"{name} must be an integer >= {least}, got {n!r}")
 
 

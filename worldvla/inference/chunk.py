@@ -24,11 +24,11 @@ inside the prompt after its last image (not in the release's prompts) keep the c
 """
 from __future__ import annotations
 
-import numbers
 
 import torch
 
 from .. import ops
+from ..checks import is_integer
 from ..model import plain_linear
 from ..ops.sampling import sample_logits
 from ..tokens.layout import VocabLayout
@@ -69,7 +69,7 @@ def _check(prompts, layout: VocabLayout, n_actions: int, action_dim: int, mode: 
         hint = (": the release's own decoding (free greedy over the whole vocabulary) is "
                 "worldvla.inference.generate_release_actions" if mode == "release" else "")
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}{hint}")
-    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (n_actions, action_dim)):
+    if not all(is_integer(n) for n in (n_actions, action_dim)):
         raise TypeError(f"n_actions and action_dim must be integers, got {n_actions!r} and {action_dim!r}")
     if n_actions < 1 or action_dim < 1:
         raise ValueError(f"n_actions and action_dim must be >= 1, got {n_actions} and {action_dim}")

@@ -29,9 +29,9 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from ..checks import is_integer
 from ..mask import NO_BLOCK, DecodeMeta, chunk_mask_meta
 from ..model import KVCache
 from ..ops import dispatch
@@ -131,7 +131,7 @@ class InferenceEngine:
     def __init__(self, model, batch_size: int, max_len: int, *, layout: VocabLayout | None = None,
                  cuda_graphs: bool | None = None, backend: str = "auto"):
         for name, x in (("batch_size", batch_size), ("max_len", max_len)):
-            if isinstance(x, bool) or not isinstance(x, (int, np.integer)):  # sizes of the preallocated tensors
+            if not is_integer(x):  # sizes of the preallocated tensors
                 raise TypeError(f"{name} must be an integer, got {type(x).__name__} {x!r}")
         batch_size, max_len = int(batch_size), int(max_len)
         if batch_size < 1 or max_len < 1:

@@ -25,6 +25,8 @@ import ctypes
 import ctypes.util
 import platform
 
+from ..checks import is_count
+
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -57,7 +59,7 @@ def tune_cpu_malloc(mmap_threshold: int = MAX_MMAP_THRESHOLD, trim_threshold: in
     global _applied
     for name, value, hi in (("mmap_threshold", mmap_threshold, MAX_MMAP_THRESHOLD),
                             ("trim_threshold", trim_threshold, 2**31 - 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
+        if not (is_count(value) and value <= hi):
             raise ValueError(f"{name} must be an int number of bytes in [0, {hi}] (glibc's limit), got {value!r}")
     if not isinstance(mmap, bool):
         raise ValueError(f"mmap must be True or False, got {mmap!r}")

@@ -42,6 +42,7 @@ from .engine import InferenceEngine, _model_state, outside_inference_mode
 from .frames import (FrameDtypeError, check_frame_sampling, frame_array, frame_layout_hint, generate_frames,
                      uint8_hint)
 from .malloc import tune_cpu_malloc
+from ..checks import is_count
 
 POLICY_FILE = "policy.json"
 FORMAT_VERSION = 1
@@ -114,7 +115,7 @@ POLICY_MODES = MODES + ("release",)
 
 def _check_sizes(chunk_size, image_size) -> None:
     for name, value in (("chunk_size", chunk_size), ("image_size", image_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_count(value, 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
@@ -203,12 +204,10 @@ class WorldVLAPolicy:
             raise ValueError(f"extra must be a dict (policy.json keeps it as a JSON object), got "
                              f"{type(extra).__name__}")
         # An int() of them would take 2.5 as 2 and True as 1.
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-                or max_new_tokens < 1:
+        if not is_count(max_new_tokens, 1):
             raise ValueError(f"max_new_tokens must be an integer >= 1 (tokens a mode='release' query generates at "
                              f"most), got {max_new_tokens!r}")
-        if isinstance(code_cache_size, bool) or not isinstance(code_cache_size, (int, np.integer)) \
-                or code_cache_size < 0:
+        if not is_count(code_cache_size):
             raise ValueError(f"code_cache_size must be an integer >= 0 (frames whose VQ codes are kept; 0 keeps "
                              f"none), got {code_cache_size!r}")
         # Refused here: text_tokenizer_for's error names the command line's option and another function's keyword.

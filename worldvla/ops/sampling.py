@@ -9,6 +9,7 @@ import operator
 import torch
 
 from . import dispatch
+from ..checks import is_count
 
 
 def check_sampling(temperature, top_k) -> None:
@@ -16,7 +17,7 @@ def check_sampling(temperature, top_k) -> None:
     or an integer >= 1 (temperature <= 0 decodes greedily, and top_k then has no effect)."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number (0 or less: greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+    if top_k is not None and not is_count(top_k, 1):
         raise ValueError(f"top_k must be an integer >= 1 (or None for the whole range), got {top_k!r}")
 
 

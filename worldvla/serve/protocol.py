@@ -14,6 +14,8 @@ import numpy as np
 
 import msgpack
 
+from ..checks import is_count
+
 PROTOCOL_VERSION = 1
 # HTTP header of the WebSocket handshake carrying the protocol version: `PolicyClient` sends it, the server
 # refuses another version at the handshake (HTTP 400, with the reason) and sends its own in every response,
@@ -196,10 +198,10 @@ def fit_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 
 def image_size_hw(value) -> tuple[int, int]:
     """`image_size` as (H, W) from an int or a pair."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
+    if is_count(value, 1):
         return int(value), int(value)
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in value):
+            is_count(v, 1) for v in value):
         return int(value[0]), int(value[1])
     raise ValueError(f"image_size must be a positive int or an (H, W) pair, got {value!r}")
 

@@ -57,6 +57,7 @@ import numpy as np
 
 from .protocol import (PAYLOAD_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION, REPLY_LIMITS, REQUEST_LIMITS, ProtocolError,
                        check_image, fit_image, image_size_hw, packb, to_plain, unpackb)
+from ..checks import is_count
 
 log = logging.getLogger("worldvla.serve")
 
@@ -221,7 +222,7 @@ class PolicyServer:
                  pad_batches: bool = True, keepalive_s: float = 5.0, max_connections: int = 64):
         for name, value, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
                                 ("max_episodes", max_episodes, 1), ("max_connections", max_connections, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:  # True would be a 1
+            if not is_count(value, lo):  # True would be a 1
                 raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
         if not isinstance(host, str) or not host.strip():
             # asyncio would bind every interface for None or "", each on its own port when port is 0, and the
@@ -230,7 +231,7 @@ class PolicyServer:
                              f"(every IPv4 interface), got {host!r}")
         if port is None:  # as asyncio takes it: a free port
             port = 0
-        if isinstance(port, bool) or not isinstance(port, (int, np.integer)) or not 0 <= port <= 65535:
+        if not (is_count(port) and port <= 65535):
             # True would bind port 1; asyncio names neither the option nor the range of a port out of range
             raise ValueError(f"port must be an integer from 0 to 65535 (0 picks a free one), got {port!r}")
         port = int(port)

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import is_count, is_integer
+
 # MuJoCo picks its OpenGL backend when it is first imported; headless Linux needs
 # EGL (Mesa renders it on CPU when there is no GPU).
 if sys.platform.startswith("linux"):
@@ -165,7 +167,7 @@ def task_list(tasks, fix: str = "--tasks") -> list[str]:
 def check_max_steps(max_steps: int, name: str = "max_steps") -> None:
     """Refuse an episode limit Meta-World does not run (`name`: the option or argument to fix). A fraction is
     refused, not cut to the whole steps below it."""
-    whole = isinstance(max_steps, (int, np.integer)) and not isinstance(max_steps, (bool, np.bool_))
+    whole = is_integer(max_steps)
     if not whole or not 1 <= max_steps <= MAX_EPISODE_STEPS:
         got = max_steps if whole else f"{max_steps!r}; give a whole number of steps"
         raise ValueError(f"{name} must be in [1, {MAX_EPISODE_STEPS}] (Meta-World's own episode limit), got {got}")
@@ -178,8 +180,7 @@ def _check_task(task: str) -> None:
 def _layout_seed(seed, limit: int | None = None) -> int:
     """`seed` as a layout seed: a whole number >= 0 (below `limit` where given). Meta-World's own refusals name
     no argument (and of another error kind), and a fraction would be cut to another seed's layout."""
-    ok = isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_))
-    if not ok or seed < 0 or (limit is not None and seed >= limit):
+    if not is_count(seed) or (limit is not None and seed >= limit):
         below = f" and below {limit}" if limit is not None else ""
         raise ValueError(f"seed must be a whole number >= 0{below} (it names one object layout), got {seed!r}")
     return int(seed)

@@ -23,6 +23,7 @@ from multiprocessing.connection import wait as wait_ready
 import numpy as np
 
 from .metaworld_env import DEFAULT_MAX_STEPS
+from ..checks import is_integer
 
 
 def mp_context(preload=("worldvla.sim.metaworld_env",)):
@@ -303,7 +304,7 @@ class EnvWorkers:
         from .metaworld_env import _check_task
 
         _check_task(task)
-        whole = all(isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)) for n in (n_envs, workers))
+        whole = all(is_integer(n) for n in (n_envs, workers))
         if not whole or n_envs < 1 or workers < 1:  # a bool or a fraction is no count of envs or processes
             raise ValueError(f"need n_envs >= 1 and workers >= 1, got n_envs={n_envs!r}, workers={workers!r}"
                              + ("" if whole else "; give whole numbers"))

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from ..checkpoint import fsync_path, write_text_atomic
 from . import distributed as dist_utils
+from ..checks import is_count
 
 LATEST = "latest"
 
@@ -256,7 +257,7 @@ def check_state(state: dict, ck: Path, kind: str | None = None, require: tuple[s
         raise ValueError(f"{ck / 'state.json'}: the checkpoint's state lacks {keys}, which a resume needs (edited by "
                          f"hand, or written by another version); {_older_fix(ck)}")
     step = state["step"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if not is_count(step):
         raise ValueError(f"{ck / 'state.json'}: the checkpoint's \"step\" is {step!r}, not a count of steps (edited "
                          f"by hand, or written by another version); {_older_fix(ck)}")
 

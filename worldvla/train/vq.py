@@ -38,6 +38,7 @@ from . import distributed as dist_utils
 from .checkpointing import (SEED_LIMIT, CurvePlot, StopSignal, add_run_arguments, check_finite, check_run_dir,
                             load_checkpoint, prepare_run_dir, read_state, resumable_checkpoint, resume_point,
                             save_checkpoint, scalar_args, seed_int, stop_after_message, stopped_message, trim_log)
+from ..checks import is_count
 
 # What a resumed run must share with its start: the model, the learning-rate schedule (computed from these
 # settings at every step), the optimizer's hyperparameters (restored from the checkpoint), the loss, its
@@ -75,12 +76,9 @@ def load_frames(inputs, stride: int = 1, max_frames: int = 0, camera=None, rotat
     from ..data.hdf5 import iter_demos, rotation_note
     from ..data.store import find_demo_files
 
-    def count(value, least: int) -> bool:
-        return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
-
-    if not count(stride, 1):
+    if not is_count(stride, 1):
         raise ValueError(f"frame stride must be an integer >= 1, got {stride!r}")
-    if not count(max_frames, 0):  # a negative bound cut that many frames off the first demo read
+    if not is_count(max_frames):  # a negative bound cut that many frames off the first demo read
         raise ValueError(f"max_frames must be an integer >= 0 (0: every frame), got {max_frames!r}")
     files = find_demo_files(inputs)
     note = rotation_note(files, rotate_180) if announce else None
