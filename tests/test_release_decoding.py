@@ -534,6 +534,23 @@ def test_a_prompt_with_blocks_after_its_image_is_prefilled_as_the_release_prefil
     assert [x.tokens.tolist() for x in got] == [w.tolist() for w in want]
 
 
+def test_a_prompt_with_a_stray_eoa_after_a_closed_block_decodes_as_the_release_decodes_it():
+    """The release's mask takes one EOA closing no block after a closed block as a token outside any block, in a
+    prompt as in the output. The engine's prefill paired the prompt's blocks by the strict rule and refused it
+    ("an EOA that closes no open action block"), where the release decodes on."""
+    lo = LAYOUT.bin_range[0]
+    model = _model(8)
+    base = _prompts(torch.Generator().manual_seed(8), 1)[0]
+    p = torch.cat([base[:-1], torch.tensor([BOA, lo, lo + 1, lo + 2, lo + 3, EOA, EOA]), base[-1:]])
+    want = baseline_generate_action_chunk(model, p, LAYOUT, 1, D, max_new_tokens=8).tokens
+    got = generate_release_actions(model, [p, base], LAYOUT, D, 8)
+    assert got[0].tokens.tolist() == want.tolist() and len(want) == 8
+    assert got[1].tokens.tolist() == baseline_generate_action_chunk(model, base, LAYOUT, 1, D, 8).tokens.tolist()
+    # the strict rule still refuses it where structured decoding prefills
+    with pytest.raises(ValueError, match="an EOA that closes no open action block"):
+        release_engine(model, [p], 8).prefill([p])
+
+
 def test_an_engine_of_another_layout_is_refused(rng):
     """release_engine took a layout of another vocabulary, and generate_release_actions an engine built with one: its
     prefill placed the prompts' action blocks by that layout's ids (here it found none), so the chunk rule's metadata

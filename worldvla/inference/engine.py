@@ -234,13 +234,15 @@ class InferenceEngine:
 
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
-    def prefill(self, prompts, skip=None, *, return_all: bool = False) -> torch.Tensor:
+    def prefill(self, prompts, skip=None, *, return_all: bool = False, release_pairing: bool = False) -> torch.Tensor:
         """Write `prompts` (one 1-D id tensor per row, lengths may differ) into the cache.
 
         `skip[b]` leading tokens of row b are already cached (a restored prefix) and are not
         recomputed. The chunk-rule metadata of the whole prompt fills `kv_block` (for a model
         trained with plain causal attention, nothing is hidden); slots past the prompt get NO_BLOCK. Returns the final hidden state of each row's last token
-        [B, H] (or every computed row [B, Lq, H] padded, with `return_all`).
+        [B, H] (or every computed row [B, Lq, H] padded, with `return_all`). `release_pairing`: the
+        prompts' action blocks are paired as the release's mask pairs them (`chunk_mask_meta`), for its free
+        decoding (`generate_release_actions`).
         """
         B = self.batch_size
         if len(prompts) != B:
@@ -283,7 +285,7 @@ class InferenceEngine:
         for b, (p, L, s) in enumerate(zip(prompts, lens, skip)):
             ids[b, :L - s] = p[s:]
             if chunk_rule:
-                meta = chunk_mask_meta(p, self.layout)
+                meta = chunk_mask_meta(p, self.layout, release_pairing=release_pairing)
                 q_limit[b, :L - s] = meta.q_limit[s:]
                 kv_block[b, :L] = meta.kv_block
         pos = torch.tensor(skip).view(B, 1) + torch.arange(Lq).view(1, Lq)

@@ -15,8 +15,9 @@ rebuilt mask's last row equals. The release prefills a prompt under its mask's l
 position: a prompt where that differs from the chunk rule (an action block after the last image with
 an earlier block) is prefilled as the release prefills it (`baseline.release_prefill`).
 
-The blocks are paired as the release's mask pairs them (`chunk_mask_meta(..., release_pairing=True)`):
-one EOA closing no block after a closed block is a token outside any block, and generation goes on.
+The blocks, of the prompt as of the output, are paired as the release's mask pairs them (`chunk_mask_meta(...,
+release_pairing=True)`): one EOA closing no block after a closed block is a token outside any block, and
+generation goes on.
 A sequence whose generated blocks become malformed stops there (`Generated.malformed`): a BOA inside
 an open block or a second EOA closing no block (the release's mask raises: the episode fails), an
 EOA before any block (the release's mask drops it, but its parser raises afterwards: the episode
@@ -115,7 +116,7 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
                          f"{max(lens) + max_new_tokens} cache slots; the engine has {engine.max_len}")
     tracks = [GrowingBlockMeta(p, layout, release_pairing=True) for p in prompts]
     dev = engine.device
-    h = engine.prefill(prompts, skip)
+    h = engine.prefill(prompts, skip, release_pairing=True)
     for b, p in enumerate(prompts):
         # The release prefills a prompt under its mask's last row at every position; the engine applies the chunk
         # rule row by row. They differ where the chunk rule hides an earlier block inside the prompt (a q_limit of
