@@ -9,7 +9,7 @@ import torch
 
 from worldvla import ActionTokenizer, SequenceBuilder, VocabLayout
 from worldvla.inference import baseline_generate_action_chunk, generate_action_chunk
-from worldvla.inference.baseline import chunk_structure_processor
+from worldvla.inference.baseline import chunk_structure_processor, release_prefill
 from worldvla.inference.release import generate_release_actions, release_engine
 from worldvla.model import ModelConfig, WorldVLA
 from worldvla.tokens import ByteTextTokenizer
@@ -514,7 +514,8 @@ def test_the_baseline_refuses_a_layout_of_another_vocabulary(rng):
     assert torch.equal(own.tokens, baseline_generate_action_chunk(model, p, None, 1, D, max_new_tokens=4).tokens)
 
 
-def test_a_prompt_with_blocks_after_its_image_is_prefilled_as_the_release_prefills_it():
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_prompt_with_blocks_after_its_image_is_prefilled_as_the_release_prefills_it(backend):
     """The release prefills a prompt under its mask's last row at every position; the engine applied the chunk rule
     row by row, which inside the prompt hides a block after the last image from the next one. With blocks there,
     the prompt's keys and values differed from the release's, and here the free tokens from the third on."""
@@ -525,13 +526,22 @@ def test_a_prompt_with_blocks_after_its_image_is_prefilled_as_the_release_prefil
     blocks = [[BOA, *(lo + torch.randint(0, 256, (D,), generator=g)).tolist(), EOA] for _ in range(3)]
     p = torch.cat([base[:-1], torch.tensor(sum(blocks, [])), base[-1:]])
     want = [baseline_generate_action_chunk(model, q, LAYOUT, 1, D, max_new_tokens=8).tokens for q in (p, base)]
-    got = generate_release_actions(model, [p, base], LAYOUT, D, 8)
+    got = generate_release_actions(model, [p, base], LAYOUT, D, 8, backend=backend)
     assert [x.tokens.tolist() for x in got] == [w.tolist() for w in want]
     # on an engine holding the prefixes of both prompts: the same tokens
-    engine = release_engine(model, [p, base], 8)
+    engine = release_engine(model, [p, base], 8, backend=backend)
     generate_release_actions(model, [p, base], LAYOUT, D, 8, engine=engine)
     got = generate_release_actions(model, [p, base], LAYOUT, D, 8, engine=engine, skip=[40, 40])
     assert [x.tokens.tolist() for x in got] == [w.tolist() for w in want]
+    # the engine's prefill alone: the release's keys and values, and its last hidden state
+    k, v, h = release_prefill(model, p, LAYOUT)
+    engine = release_engine(model, [p], 8, backend=backend)
+    got_h = engine.prefill([p], release=True)[0]
+    torch.testing.assert_close(got_h, h, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(engine.cache.k[:, 0, :len(p)], k, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(engine.cache.v[:, 0, :len(p)], v, rtol=1e-4, atol=1e-5)
+    # the chunk rule row by row (the default) differs there: the test would pass without the release's prefill
+    assert not torch.allclose(release_engine(model, [p], 8, backend=backend).prefill([p])[0], h, rtol=1e-2)
 
 
 def test_a_prompt_with_a_stray_eoa_after_a_closed_block_decodes_as_the_release_decodes_it():

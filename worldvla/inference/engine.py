@@ -234,15 +234,19 @@ class InferenceEngine:
 
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
-    def prefill(self, prompts, skip=None, *, return_all: bool = False, release_pairing: bool = False) -> torch.Tensor:
+    def prefill(self, prompts, skip=None, *, return_all: bool = False, release: bool = False) -> torch.Tensor:
         """Write `prompts` (one 1-D id tensor per row, lengths may differ) into the cache.
 
         `skip[b]` leading tokens of row b are already cached (a restored prefix) and are not
         recomputed. The chunk-rule metadata of the whole prompt fills `kv_block` (for a model
-        trained with plain causal attention, nothing is hidden); slots past the prompt get NO_BLOCK. Returns the final hidden state of each row's last token
-        [B, H] (or every computed row [B, Lq, H] padded, with `return_all`). `release_pairing`: the
-        prompts' action blocks are paired as the release's mask pairs them (`chunk_mask_meta`), for its free
-        decoding (`generate_release_actions`).
+        trained with plain causal attention, nothing is hidden); slots past the prompt get NO_BLOCK. Returns
+        the final hidden state of each row's last token [B, H] (or every computed row [B, Lq, H] padded, with
+        `return_all`). `release`: each prompt
+        as the release's free decoding prefills it (`generate_release_actions`): its action blocks paired as the
+        release's mask pairs them (`chunk_mask_meta(..., release_pairing=True)`), and every row under the mask's
+        last row (causal, and what the last token may see), not the chunk rule row by row. The two differ only
+        where a row of the prompt hides an earlier block (a block after the last image with one before it); the
+        prompts are then computed whole, cached prefixes included.
         """
         B = self.batch_size
         if len(prompts) != B:
@@ -269,6 +273,13 @@ class InferenceEngine:
                 raise ValueError(f"row {b}: {s} cached prefix tokens for a prompt of {L} tokens; a prompt must "
                                  f"have at least one token past its cached prefix")
             self.layout.check_ids(prompts[b])
+        chunk_rule = self.model.config.attention == "chunk"  # a causal model keeps q_limit -1: nothing hidden
+        metas = [chunk_mask_meta(p, self.layout, release_pairing=release) if chunk_rule else None for p in prompts]
+        whole = [release and chunk_rule and int(m.q_limit.max()) >= 1 for m in metas]
+        for b in (b for b, w in enumerate(whole) if w):
+            metas[b].q_limit.fill_(int(metas[b].q_limit[-1]))
+        if any(whole):  # rows are padded to the longest uncached part: a whole one might not fit beside a prefix
+            skip = [0] * B
         Lq = max(L - s for L, s in zip(lens, skip))
         if max(lens) > self.max_len:
             raise ValueError(f"prompts of up to {max(lens)} tokens do not fit a cache of {self.max_len} slots; "
@@ -281,11 +292,9 @@ class InferenceEngine:
         ids = torch.full((B, Lq), self.layout.pad, dtype=torch.long)
         q_limit = torch.full((B, Lq), -1, dtype=torch.int32)
         kv_block = torch.full((B, self.max_len), NO_BLOCK, dtype=torch.int32)
-        chunk_rule = self.model.config.attention == "chunk"  # a causal model keeps q_limit -1: nothing hidden
-        for b, (p, L, s) in enumerate(zip(prompts, lens, skip)):
+        for b, (p, L, s, meta) in enumerate(zip(prompts, lens, skip, metas)):
             ids[b, :L - s] = p[s:]
             if chunk_rule:
-                meta = chunk_mask_meta(p, self.layout, release_pairing=release_pairing)
                 q_limit[b, :L - s] = meta.q_limit[s:]
                 kv_block[b, :L] = meta.kv_block
         pos = torch.tensor(skip).view(B, 1) + torch.arange(Lq).view(1, Lq)

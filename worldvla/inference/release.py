@@ -12,8 +12,8 @@ engine (batched, native or CUDA-graph steps) instead of a growing cache and a de
 at every token (`baseline.baseline_generate_action_chunk`, the release's procedure as a baseline):
 the chunk rule's metadata of each new token comes from `mask.GrowingBlockMeta`, which the
 rebuilt mask's last row equals. The release prefills a prompt under its mask's last row at every
-position: a prompt where that differs from the chunk rule (an action block after the last image with
-an earlier block) is prefilled as the release prefills it (`baseline.release_prefill`).
+position, and so does the engine here (`InferenceEngine.prefill(..., release=True)`): that differs from the
+chunk rule row by row where a prompt holds an action block after the last image with an earlier block.
 
 The blocks, of the prompt as of the output, are paired as the release's mask pairs them (`chunk_mask_meta(...,
 release_pairing=True)`): one EOA closing no block after a closed block is a token outside any block, and
@@ -36,7 +36,7 @@ import torch
 from ..mask import NO_BLOCK, GrowingBlockMeta
 from ..ops import dispatch
 from ..tokens.layout import VocabLayout
-from .baseline import check_count, parse_release_actions, release_prefill
+from .baseline import check_count, parse_release_actions
 from .chunk import _as_prompts, decoding_layout, head_sample, sampling_backend
 from .engine import InferenceEngine, engine_for
 
@@ -116,15 +116,7 @@ def generate_release_actions(model, input_ids, layout: VocabLayout | None, actio
                          f"{max(lens) + max_new_tokens} cache slots; the engine has {engine.max_len}")
     tracks = [GrowingBlockMeta(p, layout, release_pairing=True) for p in prompts]
     dev = engine.device
-    h = engine.prefill(prompts, skip, release_pairing=True)
-    for b, p in enumerate(prompts):
-        # The release prefills a prompt under its mask's last row at every position; the engine applies the chunk
-        # rule row by row. They differ where the chunk rule hides an earlier block inside the prompt (a q_limit of
-        # 1 or more: a block after the last image with an earlier one): that row's keys and values, and its last
-        # hidden state, are then the release's.
-        if int(tracks[b].prompt_meta.q_limit.max()) >= 1:
-            k, v, h[b] = release_prefill(model, p, layout)
-            engine.set_row_prefix(b, k, v)
+    h = engine.prefill(prompts, skip, release=True)  # every row under the mask's last row, as the release
     engine.set_kv_len([L + max_new_tokens for L in lens])  # slots ahead of a query stay hidden by causality
     buf = engine.buffers(1)
     buf.set_positions(torch.tensor(lens, device=dev).view(B, 1))
