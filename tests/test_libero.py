@@ -1162,3 +1162,44 @@ def test_saving_videos_without_a_folder_for_them_is_refused_before_any_episode()
     with pytest.raises(ValueError, match="save_videos=True needs out_dir"):
         libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=1, save_videos=True, progress=False)
     assert suite.envs[0].init_state is None
+
+
+def test_an_error_in_an_episodes_reset_fails_that_episode_not_the_evaluation(tmp_path):
+    """policy.reset, env.reset and env.set_init_state ran before the episode's error handling: an initial state
+    the simulator refused stopped the whole evaluation instead of failing its episode."""
+    rng = np.random.default_rng()
+
+    class BadState(FakeLiberoEnv):
+        def set_init_state(self, state):
+            if state == "state0-1":
+                raise ValueError("initial state has 9 values, the scene 11")
+            return super().set_init_state(state)
+
+    class BadReset(FakeLiberoEnv):
+        def reset(self):
+            super().reset()
+            raise RuntimeError("MuJoCo could not load the scene")
+
+    class BadPolicyReset(RecordingPolicy):
+        def reset(self, instruction):
+            raise RuntimeError("the policy's cache could not be cleared")
+
+    suite = FakeSuite([BadState(rng=rng, succeed_at=libero.SETTLE_STEPS + 1), BadReset(rng=rng)], max_steps=3)
+    res = libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=3, out_dir=tmp_path, progress=False)
+    t0, t1 = res["tasks"]["0"], res["tasks"]["1"]
+    assert t0["episode_success"] == [True, False, True], t0
+    assert t0["errors"] == ["episode 1: ValueError: initial state has 9 values, the scene 11"], t0
+    assert t0["episode_steps"] == [1, 0, 1]
+    assert t1["episode_errors"] == ["RuntimeError: MuJoCo could not load the scene"] * 3, t1
+    assert all(e.closed for e in suite.envs)
+    r = libero.run_episode(FakeLiberoEnv(rng=rng), BadPolicyReset(rng=rng), libero.ChunkQuery(RecordingPolicy()),
+                           "x", None, max_steps=5)
+    assert r["error"] == "RuntimeError: the policy's cache could not be cleared" and not r["success"], r
+
+    class InterruptedReset(RecordingPolicy):
+        def reset(self, instruction):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C still stops the evaluation
+        libero.run_episode(FakeLiberoEnv(rng=rng), InterruptedReset(rng=rng), libero.ChunkQuery(RecordingPolicy()),
+                           "x", None, max_steps=5)

@@ -130,14 +130,16 @@ def run_episode(env, policy, query: ChunkQuery, instruction: str, init_state, ma
     episode as the release's loop does, without an error."""
     from ..inference.policy import NoActionWritten
 
-    policy.reset(instruction)
-    env.reset()
-    obs = env.set_init_state(init_state)
     queue: list[np.ndarray] = []
     previous: np.ndarray | None = None  # the frame of the step before: all of the history the release reads
     frames: list[np.ndarray] = []
     t, steps, queries, success, error, no_action = 0, 0, 0, False, None, False
     try:
+        # Inside the try: a reset that fails (a bad initial state, a crashed simulator) fails this episode, with
+        # its error recorded, not the whole evaluation. KeyboardInterrupt is no Exception: it still stops the run.
+        policy.reset(instruction)
+        env.reset()
+        obs = env.set_init_state(init_state)
         while t < max_steps + settle_steps:
             if t < settle_steps:
                 obs, _, done, _ = env.step(list(DUMMY_ACTION))
