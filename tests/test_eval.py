@@ -2428,3 +2428,49 @@ def test_the_causal_ablation_leaves_the_process_malloc_settings_and_keeps_the_ca
     causal = CausalChunkPolicy.from_policy(pol)
     assert tuned == []
     assert (causal.max_prefixes, causal.max_engines, causal.engine_headroom) == (3, 9, 17)
+
+
+def test_gifs_of_variants_a_run_did_not_evaluate_are_removed(tmp_path, monkeypatch):
+    """A run of other variants (or tasks) into the folder of an earlier one left that run's
+    <variant>_<task>_<outcome>.gif beside metrics.json, which did not hold those variants."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    pol = PushRight()
+    pol.image_size = 32
+    monkeypatch.setattr(mw, "load_policy", lambda path, device=None: pol)
+    folder, out = tmp_path / "policy", tmp_path / "eval"
+    folder.mkdir()
+    (folder / "policy.json").write_text("{}")
+    kw = dict(n_envs=1, random_baseline=False, progress=False, env_workers=1, wm_episodes=0, max_steps=40)
+    mw.evaluate([folder], ["fake-a-v3", "fake-b-v3"], 1, out, variant_names=["p"], **kw)
+    out.joinpath("holiday_success.gif").write_bytes(b"mine")  # not of the pattern: a user's files stay
+    out.joinpath("p_not-a-task_failure.gif").write_bytes(b"mine")
+    out.joinpath("task00_ep000_success.gif").write_bytes(b"a LIBERO run's")
+    m = mw.evaluate([folder], ["fake-b-v3"], 1, out, variant_names=["q"], **kw)
+    assert list(m["variants"]) == ["q"]
+    assert sorted(p.name for p in out.glob("*.gif")) == ["holiday_success.gif", "p_not-a-task_failure.gif",
+                                                        "q_fake-b-v3_success.gif", "task00_ep000_success.gif"]
+    # The removed GIFs are still kept with their saved runs: a rerun under the old name puts them back.
+    m = mw.evaluate([folder], ["fake-a-v3", "fake-b-v3"], 1, out, variant_names=["p"], **kw)
+    assert all(r["reused"] for r in m["variants"]["p"]["tasks"].values())
+    assert {"p_fake-a-v3_success.gif", "p_fake-b-v3_success.gif"} <= {p.name for p in out.glob("*.gif")}
+    assert not (out / "q_fake-b-v3_success.gif").exists()
+    mw.evaluate([folder], ["fake-b-v3"], 1, out, variant_names=["p"], gifs=False, **kw)  # GIFs off: none shown
+    assert sorted(p.name for p in out.glob("*.gif")) == ["holiday_success.gif", "p_not-a-task_failure.gif",
+                                                        "task00_ep000_success.gif"]
+
+
+def test_eval_refuses_a_names_option_that_names_no_variant(tmp_path, monkeypatch, capsys):
+    """`--names ""` (say, an unset shell variable) silently meant the folders' names."""
+    from worldvla.cli import main
+    from worldvla.eval import metaworld as mw
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "policy.json").write_text("{}")
+    monkeypatch.setattr(mw, "evaluate", lambda *a, **k: pytest.fail("evaluated with an empty --names"))
+    for names in ("", "  "):
+        assert main(["eval", "--policy", str(tmp_path / "a"), "--names", names, "--tasks", "fake-a-v3",
+                     "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+        assert f"--names {names!r} names no variant; give one name per policy" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -759,6 +759,14 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
     for stale in [out_dir / "world_model.png", out_dir / "world_model_grid.png", *out_dir.glob("world_model_*.gif")]:
         if stale.name not in wm_files and not stale.name.endswith(("_success.gif", "_failure.gif")):  # a variant's
             stale.unlink(missing_ok=True)
+    # So would the closed-loop GIFs of variants (or tasks) this run did not evaluate, and any with GIFs off: only
+    # names of this module's pattern, <variant>_<task>_<outcome>.gif with a Meta-World task, are touched.
+    loop_gifs = {f"{stems.get(n) or _slug(n)}_{t}_{tag}.gif" for n in names for t in tasks
+                 for tag in ("success", "failure")} if gifs else set()
+    for stale in [*out_dir.glob("*_success.gif"), *out_dir.glob("*_failure.gif")]:
+        parts = stale.name[:-len(".gif")].rsplit("_", 2)  # task names and outcomes hold no "_"
+        if stale.name not in loop_gifs and len(parts) == 3 and parts[1] in TASKS:
+            stale.unlink(missing_ok=True)
     if rollouts:
         wm: dict = {}
         curves = {}
@@ -942,7 +950,11 @@ def run(args: argparse.Namespace) -> int:
               f"--tasks drawer-open-v3,door-open-v3", file=sys.stderr)
         return 2
     check_tasks(tasks)  # a typo is named before the policy folders are read
-    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    if args.names is not None and not args.names.strip():  # likely an unset shell variable, not "the defaults"
+        print(f"worldvla eval: --names {args.names!r} names no variant; give one name per policy, e.g. "
+              f"--names joint,action-only, or leave --names out for the policy folders' names", file=sys.stderr)
+        return 2
+    names = [n.strip() for n in args.names.split(",")] if args.names is not None else None
     if names is not None and len(names) != len(args.policy):
         print(f"worldvla eval: --names has {len(names)} names for {len(args.policy)} policies", file=sys.stderr)
         return 2
