@@ -1771,3 +1771,89 @@ def test_an_out_path_that_is_a_file_and_a_manifest_path_are_named(demo_dir, tmp_
     with pytest.raises(NotADirectoryError, match=rf"is a token store's manifest, not its folder: pass the folder that "
                                                  rf"holds it, {out}$"):
         st.TokenStore(out / st.MANIFEST)
+
+
+def _libero_like_file(path, rng, T=4, cameras=("agentview_rgb", "eye_in_hand_rgb")):
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        for cam in cameras:
+            f.create_dataset(f"data/demo_0/obs/{cam}", data=rng.integers(0, 256, (T, 32, 32, 3), dtype=np.uint8))
+        f.create_dataset("data/demo_0/actions", data=rng.uniform(-1, 1, (T, 7)).astype(np.float32))
+    return path
+
+
+def _refingerprint(out, vq, files, **settings):
+    """The store's manifest as an earlier version wrote it: `settings` recorded, the fingerprint of them."""
+    import hashlib
+
+    m = json.loads((out / st.MANIFEST).read_text())
+    m["settings"].update(settings)
+    terms = {k: v for k, v in m["settings"].items() if k != "instruction"}
+    m["fingerprint"] = hashlib.sha256(json.dumps(
+        {"version": 1, "settings": terms, "layout": m["layout"], "low": m["action"]["low"],
+         "high": m["action"]["high"], "vqgan": st._state_dict_digest(vq),
+         "inputs": [(p.name, p.stat().st_size) for p in files]}, sort_keys=True).encode()).hexdigest()
+    (out / st.MANIFEST).write_text(json.dumps(m))
+    return m["fingerprint"]
+
+
+def test_camera_spellings_that_read_the_same_frames_make_one_store(tmp_path):
+    """--camera agentview and --camera agentview_rgb read the same obs/agentview_rgb but were recorded as other
+    settings: a rerun with the other spelling was refused ("camera 'agentview_rgb' then, 'agentview' now")."""
+    rng = np.random.default_rng(4)
+    path = _libero_like_file(tmp_path / "d" / "put_the_bowl_demo.hdf5", rng)
+    vq = tiny_vqgan()
+    kw = dict(chunk_size=2, world=False, bounds="unit", progress=False)
+    out = st.build_store(path.parent, tmp_path / "s", vq, camera="agentview_rgb", **kw)
+    m = json.loads((out / st.MANIFEST).read_text())
+    assert m["settings"]["camera"] == "agentview" and m["complete"]
+    counted = counting(vq)
+    st.build_store(path.parent, out, counted, camera="agentview", **kw)
+    assert CountingVQGAN.frames == 0 and json.loads((out / st.MANIFEST).read_text())["fingerprint"] == m["fingerprint"]
+    # A store an earlier version recorded under either spelling is still this one, its fingerprint kept.
+    for recorded in ("agentview_rgb", "agentview"):
+        fp = _refingerprint(out, vq, [path], camera=recorded)
+        for given in ("agentview", "agentview_rgb"):
+            st.build_store(path.parent, out, counted, camera=given, **kw)
+            m = json.loads((out / st.MANIFEST).read_text())
+            assert CountingVQGAN.frames == 0 and m["fingerprint"] == fp and m["settings"]["camera"] == recorded
+    with pytest.raises(FileExistsError, match=r"camera 'agentview' then, 'eye_in_hand' now"):
+        st.build_store(path.parent, out, counted, camera="eye_in_hand_rgb", **kw)
+    # Where the spellings read other frames, they stay apart: the short one reads obs/agentview_rgb.
+    both = _libero_like_file(tmp_path / "both" / "a.hdf5", rng, cameras=("agentview_rgb", "agentview_image"))
+    out = st.build_store(both.parent, tmp_path / "s2", vq, camera="agentview_image", rotate_180=False, **kw)
+    assert json.loads((out / st.MANIFEST).read_text())["settings"]["camera"] == "agentview_image"
+    with pytest.raises(FileExistsError, match=r"camera 'agentview_image' then, 'agentview' now"):
+        st.build_store(both.parent, out, vq, camera="agentview", rotate_180=False, **kw)
+
+
+def test_a_chunk_only_failed_demos_fit_under_drop_noops_is_refused_before_any_work(tmp_path):
+    """Under --drop-noops the chunk check counted the steps before the no-ops were dropped: a -K that only a failed
+    demo fits once they are was refused ("no action samples were built") after every frame was encoded."""
+    rng = np.random.default_rng(6)
+    ok, failed = random_demos(rng, (6, 8), success=[True, False])
+    ok["actions"][:, 3] = 1.0
+    ok["actions"][[1, 2, 3], :3] = 0.0  # no-ops: 3 of its 6 steps are kept
+    failed["actions"][:, 3] = 1.0
+    failed["actions"][[2, 5], :3] = 0.0  # 6 of its 8
+    write_demos(tmp_path / "d" / "a.hdf5", [ok, failed], "push")
+    vq = counting(tiny_vqgan())
+    with pytest.raises(ValueError, match=r"-K 5 is longer than every successful demo once --drop-noops has dropped "
+                                         r"its no-op steps \(the longest keeps 3 steps; failed demos are tokenized "
+                                         r"only with --include-failed\).*choose -K <= 3, pass --include-failed "
+                                         r"\(only_success=False from Python\), or leave out --drop-noops"):
+        st.build_store(tmp_path / "d", tmp_path / "s", vq, chunk_size=5, drop_noops=True, progress=False)
+    assert CountingVQGAN.frames == 0 and not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match=r"-K 9 is longer than every demo \(the longest has 8 steps\)"):
+        st.build_store(tmp_path / "d", tmp_path / "s", vq, chunk_size=9, drop_noops=True, progress=False)
+    with pytest.raises(ValueError, match=r"-K 7 is longer than every demo once --drop-noops has dropped its no-op "
+                                         r"steps \(the longest keeps 6 steps\), so no action sample fits; choose "
+                                         r"-K <= 6, or leave out --drop-noops"):
+        st.build_store(tmp_path / "d", tmp_path / "s", vq, chunk_size=7, drop_noops=True, only_success=False,
+                       progress=False)
+    assert CountingVQGAN.frames == 0 and not (tmp_path / "s").exists()
+    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, chunk_size=3, world=False, drop_noops=True,
+                         progress=False)
+    assert st.TokenStore(out).manifest["n_action"] == 1  # the kept 3 steps: one chunk

@@ -426,9 +426,11 @@ def _check_some_success(files, infos: dict) -> None:
                          f"tokenized: pass --include-failed (only_success=False from Python) to tokenize them too")
 
 
-def _check_chunk_fits(files, chunk_size: int, infos: dict, only_success: bool = True) -> None:
+def _check_chunk_fits(files, chunk_size: int, infos: dict, only_success: bool = True,
+                      drop_noops: bool = False) -> None:
     """Action samples need demos of at least K steps: refuse a K longer than every demo the store tokenizes (the
-    successful ones if `only_success`), before any slow work and before --overwrite replaces a store."""
+    successful ones if `only_success`; under `drop_noops`, counting the steps it keeps, read from the actions alone),
+    before any slow work and before --overwrite replaces a store."""
     steps = [(n, ok) for f in files for n, ok in zip(infos[f]["steps"], infos[f]["success"])]
     longest = max((n for n, _ in steps), default=0)
     if chunk_size > longest:
@@ -440,6 +442,49 @@ def _check_chunk_fits(files, chunk_size: int, infos: dict, only_success: bool = 
                          f"steps; failed demos, up to {longest} steps long, are tokenized only with --include-failed), "
                          f"so no action sample fits; choose -K <= {used}, or pass --include-failed "
                          f"(only_success=False from Python)")
+    if not drop_noops:
+        return
+    from .hdf5 import iter_demo_actions
+
+    kept = max((len(a) for f in files for _, a in iter_demo_actions(f, only_success, drop_noops=True)), default=0)
+    if 0 < kept < chunk_size:  # 0: no demo keeps a step, which the build refuses as such
+        failed = only_success and not all(ok for _, ok in steps)
+        raise ValueError(f"--chunk-size/-K {chunk_size} is longer than every {'successful ' * only_success}demo once "
+                         f"--drop-noops has dropped its no-op steps (the longest keeps {kept} steps"
+                         f"{'; failed demos are tokenized only with --include-failed' if failed else ''}), so no "
+                         f"action sample fits; choose -K <= {kept}"
+                         f"{', pass --include-failed (only_success=False from Python)' if failed else ''}, or leave "
+                         f"out --drop-noops")
+
+
+def _camera_spellings(files, camera: str | None) -> list:
+    """The spellings of `camera` that read the same frames of every input, the one a store records first. The reader
+    (`hdf5._frame_key`) tries obs/<camera>_rgb, <camera>_image, then <camera>: `agentview` and `agentview_rgb` both
+    read LIBERO's obs/agentview_rgb, and a rerun with either finds the store built with the other. Read at each
+    file's first demo, where the reader settles its camera; [camera] when it reads no frames of some input (the
+    build refuses it then, as before)."""
+    if camera is None:
+        return [None]
+    from .hdf5 import DemoFormatError, _demo_groups, _frame_key, _open_data, open_demo_file
+
+    base = re.sub(r"_(rgb|image)$", "", camera)
+    spellings = list(dict.fromkeys([base, f"{base}_rgb", f"{base}_image", camera]))
+    same = set(spellings)
+    for path in files:
+        with open_demo_file(path) as f:
+            try:
+                _, g, where, key = next(_demo_groups(_open_data(f, path), path, camera), (None,) * 4)
+            except ValueError:  # DemoFormatError, or a damaged file: named by the build
+                return [camera]
+            if g is None:  # no demo: no frames to read
+                continue
+            for s in list(same):
+                try:
+                    if _frame_key(g["obs"], s, where) != key:
+                        same.discard(s)
+                except DemoFormatError:
+                    same.discard(s)
+    return [s for s in spellings if s in same]
 
 
 def _plan_shards(files, settings: StoreSettings, infos: dict):
@@ -610,7 +655,7 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     if only_success:
         _check_some_success(files, infos)
     if action:
-        _check_chunk_fits(files, chunk_size, infos, only_success)  # before any slow work
+        _check_chunk_fits(files, chunk_size, infos, only_success, drop_noops)  # before any slow work
     readings = [reading_record(f, rotate_180, instruction) for f in files]
     instruction_lines = _instruction_lines(files, readings)
     device = torch_device(device, default="cpu")
@@ -643,6 +688,9 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
     act_tok = ActionTokenizer(layout, low, high)
     builder = SequenceBuilder(layout, builder_text, act_tok)
 
+    # One recorded form of the camera: its spellings that read the same frames make one store.
+    cameras = _camera_spellings(files, camera)
+    settings.camera = cameras[0]
     vq_digest = _state_dict_digest(vqgan)
     settings_d = dict(settings.__dict__)
     # The fingerprint keeps the terms of the stores built before the instruction override (a trainer resuming a run
@@ -668,6 +716,12 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                 raise ValueError(f"{e}; pass --overwrite (overwrite=True from Python) to rebuild the store in "
                                  f"{out}") from None
             old = {}  # replaced whole: what it held does not matter
+        old_camera = old["settings"].get("camera") if isinstance(old.get("settings"), dict) else None
+        if old_camera != settings.camera and old_camera in cameras:
+            # Built (by an earlier version) under another spelling of the same camera: that store, kept as recorded,
+            # fingerprint included (a trainer resuming a run compares it).
+            settings.camera = settings_d["camera"] = fp_settings["camera"] = old_camera
+            fingerprint = hashlib.sha256(json.dumps(terms, sort_keys=True).encode()).hexdigest()
         if old.get("fingerprint") != fingerprint and not overwrite:
             what = _fingerprint_differences(old, terms)
             raise FileExistsError(
