@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import fnmatch
 import functools
+import hashlib
 import json
 import math
 import numbers
@@ -193,10 +194,34 @@ def write_text_atomic(path, text: str) -> None:
     write_atomic(Path(path), lambda p: Path(p).write_text(text))
 
 
+# The longest file name, in bytes, that common file systems take (ext4, XFS, Btrfs, APFS: 255).
+_NAME_MAX = 255
+
+
+def _name_digest(name: str) -> str:
+    return "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+
+
+def _fitting(name: str, rest: str) -> str:
+    """`name`, or where `.{name}{rest}` is longer than _NAME_MAX bytes, as much of its start as fits and a hash of it
+    (`_name_digest`): a name of about 230 bytes or more made the temporary name too long to create."""
+    if len(os.fsencode(f".{name}{rest}")) <= _NAME_MAX:
+        return name
+    digest = _name_digest(name)
+    room = _NAME_MAX - len(os.fsencode(f".{digest}{rest}"))
+    start = name[:room]
+    while len(os.fsencode(start)) > room:  # characters of several bytes
+        start = start[:-1]
+    return start + digest
+
+
 def sibling_name(path: Path, tag: str) -> Path:
     """`.{name}.{tag}-{pid}-{hex}` beside `path`: a hidden name no other write of `path` takes, which says the
-    process that writes it, so that `remove_stale` can tell a killed process's folder from a running one's."""
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(6)}")
+    process that writes it, so that `remove_stale` can tell a killed process's folder from a running one's. A name
+    too long for that to fit in _NAME_MAX bytes is cut and ends in a hash of itself (`_fitting`), by which
+    `_siblings` finds it."""
+    rest = f".{tag}-{os.getpid()}-{secrets.token_hex(6)}"
+    return path.with_name(f".{_fitting(path.name, rest)}{rest}")
 
 
 def new_sibling(path: Path, tag: str) -> Path:
@@ -226,9 +251,12 @@ def process_running(pid: int) -> bool:
 def _siblings(folder, name: str, tags, files: bool = False) -> list[tuple[str, str, int, Path]]:
     """(name, tag, pid, path) of each `sibling_name` folder (with `files`, file) in `folder` whose name fully
     matches the regular expression `name` and whose tag is one of `tags`. The hex part may be missing: token-store
-    builds before `new_sibling` named their shard folders `.shard_<n>.tmp-<pid>`."""
+    builds before `new_sibling` named their shard folders `.shard_<n>.tmp-<pid>`. Where `name` is one name
+    (`re.escape(name)`), those of it cut to fit (`_fitting`) are found too, by the hash they end in."""
     tag_re = "|".join(map(re.escape, tags))
-    pattern = re.compile(rf"\.(?P<name>{name})\.(?P<tag>{tag_re})-(?P<pid>\d+)(?:-[0-9a-f]+)?")
+    literal = _literal(name)
+    cut = "" if literal is None else rf"|(?s:.*){re.escape(_name_digest(literal))}"
+    pattern = re.compile(rf"\.(?:(?P<name>{name}){cut})\.(?P<tag>{tag_re})-(?P<pid>\d+)(?:-[0-9a-f]+)?")
     try:
         entries = list(Path(folder).iterdir())
     except OSError:
@@ -237,8 +265,14 @@ def _siblings(folder, name: str, tags, files: bool = False) -> list[tuple[str, s
     for p in entries:
         m = pattern.fullmatch(p.name)
         if m and (p.is_file() if files else p.is_dir()) and not p.is_symlink():
-            found.append((m["name"], m["tag"], int(m["pid"]), p))
+            found.append((literal if m["name"] is None else m["name"], m["tag"], int(m["pid"]), p))
     return found
+
+
+def _literal(pattern: str) -> str | None:
+    """The name the regular expression `pattern` is when it is `re.escape(name)`; None for any other expression."""
+    name = re.sub(r"\\(.)", r"\1", pattern, flags=re.S)
+    return name if re.escape(name) == pattern else None
 
 
 def sibling_files(path: Path, tag: str) -> list[tuple[str, str, int, Path]]:
