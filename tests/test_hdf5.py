@@ -1280,15 +1280,37 @@ def test_collect_refuses_a_task_file_of_any_other_setting(tmp_path, monkeypatch,
         col.collect(["reach-v3"], 1, tmp_path, image_size=8, seed=5, progress=False)
 
 
-def test_collect_collects_a_task_file_it_cannot_read_again(tmp_path, monkeypatch):
-    """A task file that is not readable (cut short by a full disk, overwritten by another tool) holds no earlier
-    run's episodes, since write_demos writes whole files: it is collected again instead of stopping the run."""
+def _foreign_file(path, kind: str) -> None:
+    """A file at `path` that collect cannot read as a demo file."""
+    if kind == "not HDF5":
+        path.write_bytes(b"not an HDF5 file")
+    elif kind == "another layout":  # someone's own data, named like a task
+        with h5py.File(path, "w") as f:
+            f["images"] = np.zeros((2, 4, 4, 3), np.uint8)
+    else:  # cut short: a copy that stopped partway
+        write_demos(path, [random_demo(np.random.default_rng(0), 3, 8, 8, 4, instruction="")], "reach")
+        path.write_bytes(path.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize("kind, said", [("not HDF5", "not an HDF5 file"),
+                                        ("another layout", "no 'data' group"),
+                                        ("cut short", "may be damaged or cut short")])
+def test_collect_replaces_a_task_file_it_cannot_read_only_with_overwrite(tmp_path, monkeypatch, kind, said):
+    """A task file that cannot be read holds no earlier run's episodes, since write_demos writes whole files: it
+    is another tool's file named like a task, or one damaged since. It was replaced silently; now it is refused
+    without --overwrite, naming it and why, before any episode runs, and replaced with it."""
     pytest.importorskip("metaworld")
     col = _scripted_episodes(monkeypatch)
-    (tmp_path / "reach-v3.hdf5").write_bytes(b"not an HDF5 file")
-    s = col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False)
+    path = tmp_path / "reach-v3.hdf5"
+    _foreign_file(path, kind)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match=rf"^{re.escape(str(path))} is not a task file collect can read "
+                                              rf"\(.*{said}.*\); .*pass --overwrite to replace it"):
+        col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["reach-v3.hdf5"]
+    s = col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False, overwrite=True)
     assert not s["tasks"]["reach-v3"]["skipped"] and s["episodes_run"] == 2
-    assert demo_file_info(tmp_path / "reach-v3.hdf5")["num_demos"] == 2
+    assert demo_file_info(path)["num_demos"] == 2
 
 
 def test_collect_cut_to_fewer_episodes_counts_the_episodes_it_keeps(tmp_path, monkeypatch):
@@ -1641,3 +1663,95 @@ def test_collect_cutting_a_task_file_whose_frames_are_damaged_collects_it_again(
     assert [int(d.frames[0, 0, 0, 0]) for d in read_demos(path)] == [
         col.episode_seed(5, "reach-v3", e, 0) % 251 for e in range(2)]
     assert col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False)["tasks"]["reach-v3"]["skipped"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_collect_never_replaces_a_task_file_another_process_is_writing(tmp_path, monkeypatch, overwrite):
+    """HDF5's file lock refused the read, and collect took the file for unreadable: it was replaced, under the
+    process writing it, without --overwrite. Refused with --overwrite too, before any episode runs."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    path = tmp_path / "reach-v3.hdf5"
+    with h5py.File(path, "w") as f:
+        f["images"] = np.zeros((2, 4, 4, 3), np.uint8)
+    holder = subprocess.Popen([sys.executable, "-c", f"import h5py, time; f = h5py.File({str(path)!r}, 'a'); "
+                               f"print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        before = path.read_bytes()
+        with pytest.raises(BlockingIOError, match=rf"^{re.escape(str(path))} is open for writing in another process, "
+                                                  rf"and collect does not replace a file being written, even with "
+                                                  rf"--overwrite; wait for that process"):
+            col.collect(["reach-v3"], 1, tmp_path, image_size=8, seed=5, progress=False, overwrite=overwrite)
+        assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["reach-v3.hdf5"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_collect_refuses_a_task_file_opened_for_writing_after_it_was_read(tmp_path, monkeypatch, n):
+    """A task file of the same settings is read again to keep its episodes (n=3: it holds 2) or to cut it (n=1):
+    a file another process opened for writing in between was taken for damaged and collected again."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False)
+    path = tmp_path / "reach-v3.hdf5"
+    before = path.read_bytes()
+
+    def locked(p, **kw):
+        raise BlockingIOError(f"{p}: this HDF5 file is open for writing in another process")
+        yield
+
+    monkeypatch.setattr(col, "iter_demos", locked)
+    with pytest.raises(BlockingIOError, match=rf"^{re.escape(str(path))} is open for writing in another process, "
+                                              rf"and collect does not replace a file being written"):
+        col.collect(["reach-v3"], n, tmp_path, image_size=8, seed=5, progress=False)
+    assert path.read_bytes() == before
+
+
+def _libero_with(path, rng, where: str, key: str, value) -> None:
+    write_libero_like(path, rng, n=1)
+    with h5py.File(path, "a") as f:
+        f[where].attrs[key] = value
+
+
+@pytest.mark.parametrize("value, upright", [("False", False), (b"False", False), (np.bytes_(b"FALSE"), False),
+                                            (" false", False), (np.False_, False), (0, False), ([False], False),
+                                            ("True", True), (b"true", True), (np.True_, True), (1, True)])
+def test_an_upright_attribute_written_as_text_reads_as_its_word(tmp_path, np_rng, value, upright):
+    """`upright` stored as the text "False" by a hand-written file read as True (bool("False")): its LIBERO frames
+    were taken for upright and not turned. Text reads as its word in any case; bools and 0 / 1 as before."""
+    from worldvla.data.hdf5 import NO_TURN, ROTATED_180, frame_turn, looks_like_libero
+
+    path = tmp_path / "libero.hdf5"
+    _libero_with(path, np_rng, "data", "upright", value)
+    assert frame_turn(path) == (NO_TURN if upright else ROTATED_180)
+    assert looks_like_libero(path) is (not upright)
+
+
+@pytest.mark.parametrize("value", ["yes", b"", np.bytes_(b"upright"), 2, 0.5])
+def test_an_upright_attribute_neither_true_nor_false_is_refused_naming_it(tmp_path, np_rng, value):
+    path = tmp_path / "libero.hdf5"
+    _libero_with(path, np_rng, "data", "upright", value)
+    shown = repr(value.decode() if isinstance(value, bytes) else value)
+    with pytest.raises(DemoFormatError, match=rf"^{re.escape(str(path))}:data: attribute 'upright' is "
+                                              rf"{re.escape(shown)}, neither true nor false; write it as a bool"):
+        read_demos(path)
+
+
+def test_a_success_attribute_written_as_text_reads_as_its_word(tmp_path, np_rng):
+    """A demo's `success` stored as the text "False" read as a successful demo, as `upright` did; write_demos
+    refuses such text, and the reader now reads it as its word, or refuses other text naming the demo."""
+    path = tmp_path / "libero.hdf5"
+    _libero_with(path, np_rng, "data/demo_0", "success", "False")
+    assert [d.success for d in read_demos(path)] == [False] and demo_file_info(path)["success"] == [False]
+    _libero_with(path, np_rng, "data/demo_0", "success", b"TRUE")
+    assert [d.success for d in read_demos(path)] == [True]
+    _libero_with(path, np_rng, "data/demo_0", "success", "done")
+    with pytest.raises(DemoFormatError, match=rf"^{re.escape(str(path))}:data/demo_0: attribute 'success' is "
+                                              rf"'done', neither true nor false"):
+        demo_file_info(path)

@@ -9,7 +9,9 @@ episodes with the same settings are skipped, so an interrupted run resumes; a fi
 holding more episodes than asked for is cut to its first n (the episodes a fresh run
 of n collects, since an episode's seeds do not depend on n), so the files always hold
 what was asked for; a file holding fewer keeps those it holds and only the missing
-episodes run.
+episodes run. A task file collected with other settings, or one that cannot be read as a
+demo file (another tool's, or damaged), is replaced only with --overwrite; one another
+process is writing, never.
 """
 from __future__ import annotations
 
@@ -133,16 +135,32 @@ _OPTIONS = {"image_size": "--image-size", "seed": "--seed", "sim_camera": "--cam
             "action_noise": "--noise"}
 
 
-def _existing(path: Path, settings: dict) -> tuple[dict, list[str]] | None:
+def _written_elsewhere(path: Path) -> BlockingIOError:
+    """The refusal of a task file that another process holds open for writing (HDF5's file lock), with --overwrite
+    too: replaced under it, the file would lose what that process writes, or that process would overwrite it."""
+    return BlockingIOError(f"{path} is open for writing in another process, and collect does not replace a file "
+                           f"being written, even with --overwrite; wait for that process to finish or stop it, then "
+                           f"run the command again, or choose another --out")
+
+
+def _existing(path: Path, settings: dict, overwrite: bool = False) -> tuple[dict, list[str]] | None:
     """An existing task file's `demo_file_info` and how its recorded settings differ from `settings` (as options,
-    "--seed 0, not 1"; every one if it records none: not this command's file); None when there is no file or
-    it cannot be read (collected again: `write_demos` writes whole files, so it is not an earlier run's)."""
+    "--seed 0, not 1"; every one if it records none: not this command's file); None when there is no file, or with
+    `overwrite` when it cannot be read. Without `overwrite` a file that cannot be read is refused: `write_demos`
+    writes whole files, so it is no earlier run's unfinished write but another tool's file (named like a task), or
+    one damaged since. A file another process is writing is refused either way (`_written_elsewhere`)."""
     if not path.is_file():
         return None
     try:
         info = demo_file_info(path)
-    except Exception:  # noqa: BLE001
-        return None
+    except BlockingIOError:
+        raise _written_elsewhere(path) from None
+    except (ValueError, OSError) as e:
+        if overwrite:
+            return None
+        why = str(e).removeprefix(f"{path}: ")  # the reader's message names the file too
+        raise FileExistsError(f"{path} is not a task file collect can read ({why}); it holds no episodes of an "
+                              f"earlier run: pass --overwrite to replace it, or choose another --out") from None
     attrs = info["attrs"]
     diff = [f"{_OPTIONS[k]} {attrs[k] if k in attrs else '(none recorded)'}, not {v}" for k, v in settings.items()
             if not (k in attrs and attrs[k] == v)]
@@ -169,8 +187,8 @@ def _earlier_episodes(path: Path, found, task: str, n_episodes: int, settings: d
     (`found`) holds from one of their first `max_attempts` attempts with the same settings: the episodes a fresh
     run would collect the same way, kept instead of run again when the file holds too few (a run of fewer
     episodes, or one whose episodes failed every attempt, rerun with more --max-attempts). Empty when it records
-    other settings or no episode seeds, or when their frames cannot be read (a damaged file is collected again, as
-    `_existing` has it)."""
+    other settings or no episode seeds, or when their frames cannot be read (damaged since: the file records this
+    command's settings, so its episodes are collected again)."""
     if found is None or found[1]:
         return {}
     info = found[0]
@@ -185,6 +203,8 @@ def _earlier_episodes(path: Path, found, task: str, n_episodes: int, settings: d
     try:
         for _ in iter_demos(path, names={name for name, _ in earlier.values()}):
             pass
+    except BlockingIOError:  # opened for writing since `_existing` read it
+        raise _written_elsewhere(path) from None
     except (ValueError, OSError):
         return {}
     return earlier
@@ -240,9 +260,10 @@ def collect(
     workers: processes (1 runs in this process). action_noise: std of Gaussian noise
     added to every expert action (before clipping to [-1, 1]) for more varied demos.
     max_attempts: tries per episode, each on a new layout, before giving up on it.
-    overwrite: replace task files collected with other settings (refused otherwise, before any episode runs;
-    a file with the same settings is kept, cut to `n_episodes`, or completed if it holds fewer: only the episodes
-    it lacks are run).
+    overwrite: replace task files collected with other settings, and files that cannot be read as demo files
+    (another tool's, or damaged); both are refused otherwise, before any episode runs. A file with the same
+    settings is kept, cut to `n_episodes`, or completed if it holds fewer: only the episodes it lacks are run. A
+    file another process holds open for writing is refused, with `overwrite` too.
     Returns a summary: per task the file, episodes kept, attempts, expert success
     rate, mean steps and seconds per episode; plus totals.
     """
@@ -261,8 +282,9 @@ def collect(
     _check_episode_settings(image_size, camera, max_steps)
     out_dir = Path(out_dir)
     settings = _settings(image_size, seed, camera, max_steps, action_noise)
-    # Each task file is read once; nothing below changes it before its check.
-    existing = {task: _existing(out_dir / f"{task}.hdf5", settings) for task in tasks}
+    # Each task file is read once; nothing below changes it before its check. One that cannot be read is refused
+    # there without --overwrite, before any episode runs.
+    existing = {task: _existing(out_dir / f"{task}.hdf5", settings, overwrite) for task in tasks}
     if not overwrite:  # refused before any episode runs, as train, train-vq and pretokenize refuse
         for task in tasks:
             path = out_dir / f"{task}.hdf5"
@@ -282,7 +304,9 @@ def collect(
         if _is_complete(existing[task], n_episodes, settings, task, max_attempts):
             try:
                 _keep_first(path, n_episodes, existing[task][0])
-            except (ValueError, OSError):  # damaged frames: collected again, as `_existing` has unreadable files
+            except BlockingIOError:
+                raise _written_elsewhere(path) from None
+            except (ValueError, OSError):  # damaged frames of a file of these settings: collected again
                 existing[task] = None
                 todo.append(task)
                 continue
@@ -468,7 +492,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-attempts", type=positive_int, default=5,
                         help="tries per episode, each on a new layout, before giving up (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace task files in --out collected with other settings (refused otherwise)")
+                        help="replace task files in --out collected with other settings, or that cannot be read "
+                             "as demo files (refused otherwise); a file another process is writing is never "
+                             "replaced")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

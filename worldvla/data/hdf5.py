@@ -75,8 +75,9 @@ def open_demo_file(path):
             raise DemoFormatError(f"{path}: not an HDF5 file (h5py: {e}); give HDF5 demo files (*.hdf5, *.h5: "
                                   f"worldvla collect, LIBERO or robomimic)") from None
         if "unable to lock file" in str(e):  # not damaged: HDF5's file locking refuses a file open for writing
-            raise OSError(f"{path}: this HDF5 file is open for writing in another process (h5py: {e}); wait for it "
-                          f"or close it there, then read it again") from None
+            # BlockingIOError (errno 11), as h5py raises it: callers tell it from damage by its kind
+            raise BlockingIOError(f"{path}: this HDF5 file is open for writing in another process (h5py: {e}); wait "
+                                  f"for it or close it there, then read it again") from None
         raise OSError(f"{path}: cannot read this HDF5 file, it may be damaged or cut short (h5py: {e})") from None
 
 
@@ -476,9 +477,27 @@ def check_actions(actions: np.ndarray, where: str) -> None:
                               f"{len(actions)}); collect the demo again or remove it from the file")
 
 
+def _flag(value, where: str, key: str) -> bool:
+    """An attribute `key` (of `where`: the file's `data` group, or a demo) read as True or False: a bool, 0 or 1,
+    or the text "true" / "false" in any case, which a file written by hand may hold (bool("False") is True)."""
+    if isinstance(value, np.ndarray) and value.size == 1:  # written as a list of one: [True]
+        value = value.reshape(())
+    if isinstance(value, (np.ndarray, np.generic)) and value.ndim == 0:  # h5py's numpy scalars, as Python's
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        if value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+    elif isinstance(value, (int, float)) and value in (0, 1):  # bools too, and 0.0 / 1.0
+        return bool(value)
+    raise DemoFormatError(f"{where}: attribute {key!r} is {value!r}, neither true nor false; write it as a bool "
+                          f"(True / False), or as the text 'true' / 'false'")
+
+
 def _demo_success(g) -> bool:
     if "success" in g.attrs:
-        return bool(g.attrs["success"])
+        return _flag(g.attrs["success"], f"{g.file.filename}:{g.name.lstrip('/')}", "success")
     if "dones" in g and _is_dataset(g["dones"]):  # LIBERO keeps only successful replays, their last done flag set
         dones = np.asarray(g["dones"][()])
         return bool(dones[-1]) if len(dones) else False
@@ -577,7 +596,7 @@ def _libero_like(data) -> bool:
     """Whether the `data` group looks like one of LIBERO's files: its raw ones (with `problem_info`) or the
     regenerated ones the release trains on (LIBERO's camera keys `<camera>_rgb`, no attributes). Files this
     module writes are marked upright; robomimic's files name their cameras `<camera>_image`."""
-    if bool(data.attrs.get("upright", False)):
+    if "upright" in data.attrs and _flag(data.attrs["upright"], f"{data.file.filename}:data", "upright"):
         return False
     if "problem_info" in data.attrs:
         return True
