@@ -772,3 +772,24 @@ def test_a_damaged_image_or_episode_is_refused_before_the_policy_loads(files, tm
     assert "cut.png: the image cannot be read (image file is truncated" in capsys.readouterr().err
     assert _run(files / "policy", "--demos", files / "demos.hdf5", "--demo", 7, "--out", tmp_path / "out") == 2
     assert "--demo 7 is not one of them" in capsys.readouterr().err
+
+
+def test_demo_segment_refuses_non_finite_actions_naming_the_episode(tmp_path):
+    """A NaN among the segment's actions reached the action tokenizer, whose error named no file or episode; a NaN
+    outside the segment does not matter to it."""
+    from worldvla.data.hdf5 import DemoFormatError
+    from worldvla.eval.imagine import demo_segment
+
+    import h5py
+
+    actions = np.random.default_rng(0).uniform(-1, 1, (6, 4)).astype(np.float32)
+    actions[4, 2] = np.nan
+    frames = np.random.default_rng(1).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    with h5py.File(tmp_path / "nan.hdf5", "w") as f:  # another tool's file: write_demos refuses NaN actions
+        f.create_dataset("data/demo_0/obs/agentview_rgb", data=frames)
+        f.create_dataset("data/demo_0/actions", data=actions)
+    with pytest.raises(DemoFormatError, match=r"nan.hdf5: episode 0, steps 2..4: actions contain NaN or inf "
+                                              r"\(first at step 2 of 3\)"):
+        demo_segment(tmp_path / "nan.hdf5", 0, 2, 3, rotate_180=False)
+    first, got, real, _ = demo_segment(tmp_path / "nan.hdf5", 0, 0, 3, rotate_180=False)  # steps 0..2: finite
+    assert np.array_equal(got, actions[:3]) and np.array_equal(first, frames[0])

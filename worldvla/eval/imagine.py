@@ -130,7 +130,7 @@ def demo_segment(path, index: int, start: int, steps: int, camera=None, rotate_1
     """(first frame, actions [S, D], recorded next frames [S, ...], instruction) of episode `index` of
     `path` from frame `start`, S = min(steps, the frames recorded after it). Frames are turned as
     pretokenize turns them (`rotate_180`: None = LIBERO's files, said in one line)."""
-    from ..data.hdf5 import demo_file_info, iter_demos, rotation_note
+    from ..data.hdf5 import check_actions, demo_file_info, iter_demos, rotation_note
 
     note = rotation_note([path], rotate_180)
     if note:
@@ -155,8 +155,10 @@ def demo_segment(path, index: int, start: int, steps: int, camera=None, rotate_1
                          f"after it (use --start {T - 2} or less)")
     after = T - 1 - start
     S = min(steps, after, len(demo.actions) - start)
-    return (demo.frames[start], demo.actions[start:start + S], demo.frames[start + 1:start + 1 + S],
-            demo.instruction)
+    actions = demo.actions[start:start + S]
+    # a NaN reached the action tokenizer, whose error names no file or episode
+    check_actions(actions, f"{path}: episode {index}, steps {start}..{start + S - 1}")
+    return demo.frames[start], actions, demo.frames[start + 1:start + 1 + S], demo.instruction
 
 
 def _scores(imagined: np.ndarray, real: np.ndarray, first: np.ndarray, recon: np.ndarray) -> dict:
