@@ -3347,3 +3347,30 @@ def test_warmup_is_refused_while_serving(np_rng):
             server.warmup()
         assert policy.instructions == ["warm up"] * 8  # untouched by the refused call
         assert client.act(_frame(np_rng)).shape == (K, D)
+
+
+def test_metadata_of_too_many_maps_and_lists_or_of_keys_that_become_one_string_is_refused_by_to_plain():
+    """`to_plain` bounded each list and map but not their count: metadata of 80,000 small lists passed it (to be
+    refused by the server's own check of its reply), and keys that become the same string ({1: "a", "1": "b"})
+    kept one value without a word. Both are refused by name now; a value at the client's limit passes, counted
+    as the client's decoder counts it (numeric arrays nest a list for each index of every axis but the last)."""
+    from worldvla.serve.protocol import to_plain
+
+    most = REPLY_LIMITS["max_containers"]
+    arrays = [np.zeros((16, 255, 1), np.float32)] * 15  # 1 + 16 + 16 * 255 lists each
+    for fits in ([[] for _ in range(most - 1)], arrays + [[] for _ in range(most - 1 - 15 * 4097)]):
+        plain = to_plain(fits)
+        assert len(plain) == len(fits) and unpackb(packb(plain)) == plain  # exactly the limit: the client decodes it
+        with pytest.raises(ProtocolError, match=rf"reply holds more than {most} maps and arrays"):
+            unpackb(packb(plain + [[]]))
+        with pytest.raises(ValueError, match=rf"^the policy's metadata\(\) cannot be sent to clients: reply holds "
+                                             rf"more than {most} maps and arrays \(the protocol's limit"):
+            to_plain(fits + [[]])
+    for value, keys in (({1: "a", "1": "b"}, "map keys 1 and '1' both become the string '1'"),
+                        ({"cfg": {None: 0, "None": 1}}, "map keys None and 'None' both become the string 'None'")):
+        with pytest.raises(ValueError, match=re.escape(f"cannot be sent to clients: its {keys} (the protocol's maps "
+                                                       "are keyed by strings); give them distinct string keys")):
+            to_plain(value)
+    with pytest.raises(ValueError, match="map keys 1 and '1' both become the string '1'"):
+        PolicyServer(_ExtraMetadataPolicy({1: "a", "1": "b"}))
+    assert to_plain({1: "a", "2": "b"}) == {"1": "a", "2": "b"}

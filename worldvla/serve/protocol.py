@@ -222,11 +222,25 @@ def _short_str(text: str, max_bytes: int) -> str:
     return raw[:max_bytes - len(note.encode())].decode("utf-8", "ignore") + note
 
 
-def to_plain(obj, _depth: int = 0):
+def _contain(count: list, n: int) -> None:
+    """Count `n` more maps and lists of a metadata value: past the limit the client decodes a reply with
+    (`REPLY_LIMITS`, which the server checks its metadata reply against), the value is refused at once."""
+    count[0] += n
+    most = REPLY_LIMITS["max_containers"]
+    if count[0] > most:
+        raise ValueError(f"the policy's metadata() cannot be sent to clients: reply holds more than {most} maps and "
+                         f"arrays (the protocol's limit, REPLY_LIMITS['max_containers']); keep it to a description of "
+                         "the model")
+
+
+def to_plain(obj, _depth: int = 0, _count: list | None = None):
     """Make an arbitrary metadata value msgpack-safe (numbers, strings, lists, maps) and within
     `REPLY_LIMITS`, which `PolicyClient` decodes replies with: arrays of more than 4096 numbers, lists
     longer than `max_array_len` and maps larger than `max_map_len` become a short description
-    (``"<list of 70000 items>"``), strings are cut to `max_str_len` bytes."""
+    (``"<list of 70000 items>"``), strings are cut to `max_str_len` bytes. A value of more than
+    `max_containers` maps and lists in all, or a map whose keys become the same string (``{1: "a", "1": "b"}``),
+    is refused (ValueError): no description keeps what it says."""
+    count = [0] if _count is None else _count  # maps and lists so far, of the whole value
     if _depth > 16:
         return _short_str(str(obj), 4096)
     if isinstance(obj, str):
@@ -236,21 +250,34 @@ def to_plain(obj, _depth: int = 0):
             return str(obj)  # msgpack integers are 64-bit
         return obj
     if isinstance(obj, np.generic):
-        return to_plain(obj.item(), _depth + 1)
+        return to_plain(obj.item(), _depth + 1, count)
     if isinstance(obj, np.ndarray):
         if obj.size > 4096:
             return f"<array {obj.dtype} {list(obj.shape)}>"
-        # Numbers are msgpack-safe as they are; other arrays' items (objects, complex numbers, dates, long
-        # strings) are made so one by one.
-        return obj.tolist() if obj.dtype.kind in _ALLOWED_KINDS else to_plain(obj.tolist(), _depth + 1)
+        # Numbers are msgpack-safe as they are (tolist() nests a list for each index of every axis but the
+        # last); other arrays' items (objects, complex numbers, dates, long strings) are made so one by one.
+        if obj.dtype.kind not in _ALLOWED_KINDS:
+            return to_plain(obj.tolist(), _depth + 1, count)
+        _contain(count, sum(int(np.prod(obj.shape[:k])) for k in range(obj.ndim)))
+        return obj.tolist()
     if isinstance(obj, dict):
         if len(obj) > REPLY_LIMITS["max_map_len"]:
             return f"<map of {len(obj)} items>"
-        return {_short_str(str(k), 4096): to_plain(v, _depth + 1) for k, v in obj.items()}
+        _contain(count, 1)
+        out, given = {}, {}
+        for k, v in obj.items():
+            key = _short_str(str(k), 4096)
+            if key in out:  # one value would be dropped without a word
+                raise ValueError(f"the policy's metadata() cannot be sent to clients: its map keys {given[key]!r:.80} "
+                                 f"and {k!r:.80} both become the string {key!r:.80} (the protocol's maps are keyed "
+                                 "by strings); give them distinct string keys")
+            given[key], out[key] = k, to_plain(v, _depth + 1, count)
+        return out
     if isinstance(obj, (list, tuple, set, frozenset)):
         if len(obj) > REPLY_LIMITS["max_array_len"]:
             return f"<{type(obj).__name__} of {len(obj)} items>"
-        return [to_plain(v, _depth + 1) for v in obj]
+        _contain(count, 1)
+        return [to_plain(v, _depth + 1, count) for v in obj]
     if hasattr(obj, "tolist"):
-        return to_plain(obj.tolist(), _depth + 1)
+        return to_plain(obj.tolist(), _depth + 1, count)
     return _short_str(str(obj), REPLY_LIMITS["max_str_len"])
