@@ -635,3 +635,50 @@ def test_logits_cross_entropy_refuses_what_it_cannot_score(rng):
     loss, z = ops.logits_cross_entropy(half, y)
     want = ops.logits_cross_entropy(half.float(), y)
     assert loss.dtype == torch.float32 and torch.equal(loss, want[0]) and torch.equal(z, want[1])
+
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_negative_or_non_finite_class_weights_on_the_cpu_are_refused(lce_inputs, backend):
+    """Negative class weights were taken: a weight sum <= 0 skipped the mean's division, so the loss rewarded the
+    rows' CE (-4x the unweighted loss for weights of -1 on every target). CPU weights are read where the targets
+    are (the reference, which "auto" takes on the CPU, and the logits' loss), where that is free; weights >= 0
+    (integers too) give the weighted mean as before."""
+    h, w = lce_inputs
+    y = torch.arange(9)
+    for value, shown in ((-1.0, "-1.0"), (float("nan"), "nan"), (float("inf"), "inf")):
+        cw = torch.ones(300)
+        cw[[4, 7, 200]] = value
+        fragment = (rf"class_weight must hold finite weights >= 0 \(0 leaves a class out of the loss, 1 weighs it as "
+                    rf"usual\), got {shown} for class 4 and 2 more")
+        with pytest.raises(ValueError, match="linear_cross_entropy: " + fragment):
+            ops.linear_cross_entropy(h, w, y, cw, backend=backend)
+        with pytest.raises(ValueError, match="logits_cross_entropy: " + fragment):
+            ops.logits_cross_entropy(h @ w.t(), y, cw)
+    cw = torch.rand(300, generator=torch.Generator().manual_seed(0))
+    cw[3] = 0.0
+    logits = h @ w.t()
+    z = torch.logsumexp(logits, -1).square().mean()
+    want = torch.nn.functional.cross_entropy(logits, y, weight=cw) + 1e-5 * z
+    torch.testing.assert_close(ops.linear_cross_entropy(h, w, y, cw, 1e-5, backend=backend)[0], want)
+    ints = (cw * 4).long()
+    torch.testing.assert_close(ops.logits_cross_entropy(logits, y, ints)[0],
+                               torch.nn.functional.cross_entropy(logits, y, weight=ints.float()) + 1e-5 * z)
+
+
+def test_the_models_loss_refuses_negative_class_weights_given_on_the_cpu():
+    """`WorldVLA.loss` hands a class_weight given to it to the ops, which refuse negative CPU weights; the weights it
+    builds itself (`loss_class_weights`) refuse a negative image weight there, on the CPU."""
+    from worldvla.model import ModelConfig, WorldVLA
+
+    model = WorldVLA(ModelConfig.tiny(hidden_size=32, intermediate_size=40, num_attention_heads=2,
+                                      num_key_value_heads=2, num_hidden_layers=1))
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(2))
+    cw = torch.ones(model.config.vocab_size)
+    cw[ids[0, 1:]] = -1.0
+    with pytest.raises(ValueError, match=r"linear_cross_entropy: class_weight must hold finite weights >= 0"):
+        model.loss(ids, ids, class_weight=cw)
+    with pytest.raises(ValueError, match=r"the image-code loss weight must be a finite number >= 0"):
+        model.loss(ids, ids, image_weight=-0.5)
+    cw[ids[0, 1:]] = 2.0
+    torch.testing.assert_close(model.loss(ids, ids, class_weight=cw)[0], model.loss(ids, ids, class_weight=cw / 2)[0])

@@ -25,6 +25,7 @@ def linear_cross_entropy_ref(hidden, weight, targets, class_weight=None, z_weigh
     targets = targets.long()  # compared in int64: in uint8 a target of 156 would equal ignore_index -100
     valid = targets != ignore_index
     _check_target_range(targets, valid, weight.shape[0], ignore_index)
+    _check_class_weight_values("linear_cross_entropy", class_weight)
     h = hidden[valid]
     y = targets[valid]
     if y.numel() == 0:  # zero, reaching both inputs: the weight's gradient is zeros, not None (as the fused
@@ -44,6 +45,24 @@ def _check_class_weight(class_weight, vocab: int):
     """One weight per class: a [V, 1] one would broadcast against the per-row losses into a wrong loss."""
     if class_weight is not None and (class_weight.dim() != 1 or class_weight.numel() != vocab):
         raise ValueError(f"class_weight must be [V={vocab}], got {tuple(class_weight.shape)}")
+
+
+def _check_class_weight_values(op: str, class_weight) -> None:
+    """Weights >= 0 and finite: a negative one makes the loss no mean (a weight sum <= 0 skips the division and
+    rewards the rows' CE). Read by the paths that read the targets (the reference, `logits_cross_entropy`), and only
+    on the CPU, where it is free: a GPU tensor's read would sync every step, and the fused path reads nothing on
+    the host. The weights `loss_class_weights` builds (the model's and the trainer's) are refused there, on the
+    CPU, before."""
+    if class_weight is None or class_weight.device.type != "cpu" or class_weight.is_complex() \
+            or not dispatch.values_readable(class_weight):
+        return
+    bad = (~(torch.isfinite(class_weight) & (class_weight >= 0))).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        more = f" and {bad.numel() - 1} more" if bad.numel() > 1 else ""
+        raise ValueError(f"{op}: class_weight must hold finite weights >= 0 (0 leaves a class out of the loss, 1 "
+                         f"weighs it as usual), got {class_weight[i].item()} for class {i}{more}; the loss is the "
+                         "targets' CE averaged with these weights")
 
 
 def _check_z_weight(op: str, z_weight) -> float:
@@ -79,6 +98,7 @@ def logits_cross_entropy(logits, targets, class_weight=None, z_weight=1e-5):
     dispatch.require_integers(targets, "logits_cross_entropy: targets must be integer class ids")
     dispatch.check_devices("logits_cross_entropy", logits=logits, targets=targets, class_weight=class_weight)
     _check_class_weight(class_weight, logits.shape[1])
+    _check_class_weight_values("logits_cross_entropy", class_weight)
     z_weight = _check_z_weight("logits_cross_entropy", z_weight)
     targets = targets.long()
     vocab = logits.shape[1]
