@@ -496,7 +496,10 @@ class VQGAN(nn.Module):
 
         The checkpoint is read with `torch.load(weights_only=True)`; a file that pickles other
         Python objects needs `trust_checkpoint=True` (full unpickling: only for files you trust).
-        The model is then moved to `map_location`, as `from_pretrained` moves it.
+        The model is then moved to `map_location`, as `from_pretrained` moves it. It runs in float32 whatever
+        dtype the file's tensors hold, as the release's tokenizer runs it (its taming VQModel is built in float32
+        and `load_state_dict` copies the weights into it); `.to(dtype)` gives another. `from_pretrained` keeps
+        the dtype of this package's own files instead (a bfloat16 `save_pretrained` stays bfloat16).
         """
         import yaml
 
