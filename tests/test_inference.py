@@ -1363,3 +1363,56 @@ def test_engine_sizes_step_rows_and_cached_prefixes_must_be_whole_numbers():
     for q in (0, -1):
         with pytest.raises(ValueError, match=rf"a decode step has at least one query row per sequence, got {q}"):
             eng.buffers(q)
+
+
+def test_the_baseline_refuses_a_request_past_the_models_positions_before_decoding(rng):
+    """`baseline_generate_action_chunk` decoded on past max_position_embeddings (to position 94 of a 90-position
+    model), where `generate_release_actions` refuses the same request; it is refused now, before any step."""
+    prompt = _prompt(rng, 1)
+    P = prompt.numel()
+    model = _model(5, ModelConfig.tiny(LAYOUT, max_position_embeddings=P + 4))
+    lo, _ = LAYOUT.bin_range
+    calls = []
+
+    def bins(seq, logits):  # plain bin ids only: no block the mask could refuse, so decoding runs to the end
+        calls.append(seq.numel())
+        out = torch.full_like(logits, float("-inf"))
+        out[lo] = 0.0
+        return out
+
+    assert baseline_generate_action_chunk(model, prompt, LAYOUT, 2, 3, max_new_tokens=4,
+                                          logits_processor=bins).tokens.tolist() == [lo] * 4  # fills it exactly
+    calls.clear()
+    with pytest.raises(ValueError, match=rf"the prompt \({P} tokens\) and the 5 tokens to generate need {P + 5} "
+                                         rf"positions, more than the model's max_position_embeddings {P + 4}; "
+                                         "generate fewer tokens"):
+        baseline_generate_action_chunk(model, prompt, LAYOUT, 2, 3, max_new_tokens=5, logits_processor=bins)
+    with pytest.raises(ValueError, match=rf"the 11 tokens to generate need {P + 11} positions"):  # the default K(D+2)+1
+        baseline_generate_action_chunk(model, prompt, LAYOUT, 2, 3, logits_processor=bins)
+    assert calls == []
+    with pytest.raises(ValueError, match=rf"the longest prompt \({P} tokens\) and the 5 tokens to generate need "
+                                         rf"{P + 5} positions, more than the model's max_position_embeddings {P + 4}"):
+        generate_release_actions(model, prompt, LAYOUT, 3, max_new_tokens=5)  # as the release's decoding refuses it
+
+
+def test_an_empty_prompt_is_refused_as_one_without_the_separator(rng):
+    """An empty prompt of integer ids is refused by name, not by an IndexError on its last id."""
+    model = _model(8)
+    empty = torch.empty(0, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"prompt 0 must end with the separator id {LAYOUT.sep} \(the human turn's "
+                                         r"end\); build it with SequenceBuilder.action_prompt"):
+        generate_action_chunk(model, empty, LAYOUT, 2, 3)
+    with pytest.raises(ValueError, match=rf"prompt 1 must end with the separator id {LAYOUT.sep}"):
+        generate_action_chunk(model, [_prompt(rng, 1), empty], LAYOUT, 2, 3, mode="sequential")
+
+
+def test_a_layout_of_another_vocabulary_is_refused_naming_the_models_own(rng):
+    """A layout whose vocabulary is not the model's is refused as such, not as a prompt without the separator
+    (its separator id is another one)."""
+    model = _model(8)
+    prompt = _prompt(rng, 1)
+    for n_codes in (32, 128):
+        other = VocabLayout.compact(n_image_codes=n_codes)
+        with pytest.raises(ValueError, match=rf"the layout '{other.name}' has {other.vocab_size} ids but the model "
+                                             rf"{model.config.vocab_size}: pass the model's own layout"):
+            generate_action_chunk(model, prompt, other, 2, 3)

@@ -734,3 +734,66 @@ def test_a_bfloat16_frame_tensor_is_named_with_its_conversion():
     with pytest.raises(ValueError, match=r"image must be uint8 in \[0, 255\], got bfloat16 with values in \[\S+, "
                                          r"[0-9.]+\]; convert with \(x \* 255\)\.round\(\)\.to\(torch\.uint8\)"):
         generate_frames(model, vq, img, np.zeros((1, 4)), action_tokenizer=b.actions, text_tokenizer=b.text)
+
+
+def test_a_float_frame_whose_pixels_reach_one_is_named_as_a_0_to_1_frame():
+    """A float frame in [0, 1] whose brightest pixel is exactly 1.0 is named with the 0..1 conversion; one that
+    reaches below 0 with the VQGAN's [-1, 1] one."""
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    kw = dict(action_tokenizer=b.actions, text_tokenizer=b.text)
+    img = np.random.default_rng(0).random((64, 64, 3), dtype=np.float32)
+    img[0, 0] = [0.0, 1.0, 0.5]
+    with pytest.raises(ValueError, match=r"got float32 with values in \[0, 1\]; convert with "
+                                         r"\(x \* 255\)\.round\(\)\.astype\(np\.uint8\)$"):
+        generate_frames(model, vq, img, np.zeros((1, 4)), **kw)
+    with pytest.raises(ValueError, match=r"got float32 with values in \[-1, 1\]; convert with "
+                                         r"\(\(x \+ 1\) \* 127\.5\)\.round\(\)\.astype\(np\.uint8\)$"):
+        generate_frames(model, vq, img * 2 - 1, np.zeros((1, 4)), **kw)
+
+
+def test_a_batch_of_channels_first_frames_is_named_with_its_conversion():
+    """[N, 3, H, W] frames (torchvision's layout) are named channels-first for any N, not only N = 3."""
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    kw = dict(action_tokenizer=b.actions, text_tokenizer=b.text)
+    imgs = np.zeros((2, 3, 64, 64), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"got shape \(2, 3, 64, 64\); it looks channels-first: convert with "
+                                         r"np\.moveaxis\(x, -3, -1\)"):
+        generate_frames(model, vq, imgs, np.zeros((2, 1, 4)), **kw)
+    with pytest.raises(ValueError, match=r"it looks channels-first: convert with x\.permute\(0, 2, 3, 1\)"):
+        generate_frames(model, vq, torch.from_numpy(imgs), np.zeros((2, 1, 4)), **kw)
+
+
+def test_one_images_actions_as_d_by_t_are_refused_not_read_as_other_steps(monkeypatch):
+    """Actions [D, T] (or any [A, B] with B != D) for one image are refused by shape: read in rows of D they would
+    run as other actions without a word."""
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    encoded = []
+    monkeypatch.setattr(vq, "encode_images", lambda *a, **k: encoded.append(1))
+    img = np.zeros((64, 64, 3), dtype=np.uint8)
+    for bad in (np.zeros((4, 3)), np.zeros((2, 6))):
+        with pytest.raises(ValueError, match=rf"actions must be \[T, 4\] \(or \[4\]\) for one image, .*got "
+                                             rf"\({bad.shape[0]}, {bad.shape[1]}\) for 1 image\(s\)"):
+            generate_frames(model, vq, img, bad, action_tokenizer=b.actions, text_tokenizer=b.text)
+    assert not encoded
+
+
+def test_a_batch_of_one_image_keeps_its_batch_axis(rng):
+    """A batch [1, H, W, 3] gives codes [1, T, h, w] and frames [1, T, H, W, 3], the single image's rollout with
+    the batch axis kept."""
+    model, b, vq = _model(4), _builder(), _tiny_vqgan()
+    kw = dict(action_tokenizer=b.actions, text_tokenizer=b.text)
+    img = torch.randint(0, 256, (64, 64, 3), generator=rng, dtype=torch.uint8).numpy()
+    acts = torch.rand(1, 2, 4, generator=rng).numpy() * 2 - 1
+    batch, one = generate_frames(model, vq, img[None], acts, **kw), generate_frames(model, vq, img, acts[0], **kw)
+    assert batch.codes.shape == (1, 2, 4, 4) and batch.frames.shape == (1, 2, 64, 64, 3)
+    assert torch.equal(batch.codes[0], one.codes) and np.array_equal(batch.frames[0], one.frames)
+
+
+def test_an_rgba_frame_is_refused_with_its_own_shape_and_conversion():
+    """An RGBA frame is refused by generate_frames' own check, naming the frame's shape and x[..., :3], not by the
+    VQGAN's preprocessing (which names the batched shape)."""
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    with pytest.raises(ValueError, match=r"image must be RGB uint8 \[H, W, 3\] or \[N, H, W, 3\], got shape "
+                                         r"\(64, 64, 4\); it looks RGBA: convert with x\[\.\.\., :3\]"):
+        generate_frames(model, vq, np.zeros((64, 64, 4), np.uint8), np.zeros((1, 4)), action_tokenizer=b.actions,
+                        text_tokenizer=b.text)

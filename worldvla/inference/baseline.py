@@ -183,8 +183,10 @@ def baseline_generate_action_chunk(model, input_ids, layout: VocabLayout | None,
     """The release's greedy decoding of one prompt [P] (or [1, P]).
 
     `max_new_tokens` defaults to a well-formed chunk's length K(D+2)+1 (the release caps at
-    300 and stops at the separator). `logits_processor(ids_so_far [L], logits [V]) -> logits`
-    is applied before the argmax, like a transformers LogitsProcessor (the release passes none).
+    300 and stops at the separator); the prompt and `max_new_tokens` must fit the model's
+    `max_position_embeddings`, as `generate_release_actions` requires.
+    `logits_processor(ids_so_far [L], logits [V]) -> logits` is applied before the argmax, like a
+    transformers LogitsProcessor (the release passes none).
     Output whose blocks the chunk rule cannot take (see the module's docstring) raises ValueError.
     """
     # A layout of another vocabulary decoded the model's ids as other tokens (its BOA, EOA and bins elsewhere).
@@ -206,6 +208,13 @@ def baseline_generate_action_chunk(model, input_ids, layout: VocabLayout | None,
     layout.check_ids(ids)
     if max_new_tokens is None:
         max_new_tokens = n_actions * (action_dim + 2) + 1
+    # Refused as `generate_release_actions` refuses it (`engine_for`): past the model's positions it decoded on.
+    limit = model.config.max_position_embeddings
+    if ids.numel() + max_new_tokens > limit:
+        raise ValueError(f"the prompt ({ids.numel()} tokens) and the {max_new_tokens} tokens to generate need "
+                         f"{ids.numel() + max_new_tokens} positions, more than the model's max_position_embeddings "
+                         f"{limit}; generate fewer tokens (fewer actions, a smaller max_new_tokens) or shorten the "
+                         "prompt")
     dev = model.lm_head.weight.device
     ids = ids.to(dev)
     cache = GrowingKVCache(model.config.num_hidden_layers)
