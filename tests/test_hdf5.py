@@ -1755,3 +1755,17 @@ def test_a_success_attribute_written_as_text_reads_as_its_word(tmp_path, np_rng)
     with pytest.raises(DemoFormatError, match=rf"^{re.escape(str(path))}:data/demo_0: attribute 'success' is "
                                               rf"'done', neither true nor false"):
         demo_file_info(path)
+
+
+def test_collect_refuses_a_folder_named_like_a_task_file_before_any_episode(tmp_path, monkeypatch):
+    """A folder named `<task>.hdf5` was found only when the task's file was written, after its episodes had run."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    (tmp_path / "reach-v3.hdf5").mkdir()
+    ran = []
+    monkeypatch.setattr(col, "run_episode", lambda job: ran.append(job) or pytest.fail("an episode ran"))
+    for overwrite in (False, True):
+        with pytest.raises(IsADirectoryError, match=r"reach-v3.hdf5 is a folder, where collect writes the task's "
+                                                    r"file; move it away, or choose another --out"):
+            col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False, overwrite=overwrite)
+    assert not ran and (tmp_path / "reach-v3.hdf5").is_dir()

@@ -149,6 +149,9 @@ def _existing(path: Path, settings: dict, overwrite: bool = False) -> tuple[dict
     `overwrite` when it cannot be read. Without `overwrite` a file that cannot be read is refused: `write_demos`
     writes whole files, so it is no earlier run's unfinished write but another tool's file (named like a task), or
     one damaged since. A file another process is writing is refused either way (`_written_elsewhere`)."""
+    if path.is_dir():  # refused when the task's file was written, after its episodes had run
+        raise IsADirectoryError(f"{path} is a folder, where collect writes the task's file; move it away, or choose "
+                                f"another --out")
     if not path.is_file():
         return None
     try:
