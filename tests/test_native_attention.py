@@ -846,3 +846,56 @@ def test_native_names_a_gpu_it_was_not_built_for(monkeypatch):
         assert nb.arch_problem(0) is None
     finally:
         nb.arch_problem.cache_clear()
+
+
+@pytest.mark.parametrize("Q", [3, 40])  # the row-by-row kernel, the tiled one
+def test_decode_kv_len_past_the_cache_reads_only_the_cache_cpu(rng, Q):
+    """A kv_len larger than the cache (and rows at positions past it) is bounded by the cache's S slots: the
+    slots after them in the cache's storage (NaN here) are never read, and the result has the bits of the
+    call with kv_len = S."""
+    B, H, Hkv, D, S = 2, 4, 2, 16, 40
+    big_k = torch.randn(B, S + 24, Hkv, D, generator=rng)
+    big_v = torch.randn(B, S + 24, Hkv, D, generator=rng)
+    big_k[:, S:], big_v[:, S:] = float("nan"), float("nan")
+    k, v = big_k[:, :S], big_v[:, :S]
+    q = torch.randn(B, Q, H, D, generator=rng)
+    q_pos = (S + 20 - torch.arange(Q)).repeat(B, 1).int()  # past the cache, the first rows past kv_len too
+    no_rule = torch.full((B, Q), -1, dtype=torch.int32), torch.full((B, S), NO_BLOCK, dtype=torch.int32)
+    out = nb.decode_attention(q, k, v, DecodeMeta(q_pos, *no_rule, torch.tensor([S + 16, S + 24], dtype=torch.int32)))
+    dm = DecodeMeta(q_pos, *no_rule, torch.full((B,), S, dtype=torch.int32))
+    assert not out.isnan().any()
+    assert torch.equal(out, nb.decode_attention(q, k, v, dm))
+    ref = decode_attention_ref(q.double(), k.double(), v.double(), dm)
+    assert_close_rule(out, ref, decode_attention_ref(q, k, v, dm, upcast=False), f"kv_len past S, {Q} rows",
+                      FP32_FLOOR)
+
+
+@pytest.mark.parametrize("Hkv", [3, 5])
+def test_decode_kv_heads_that_do_not_split_evenly_cpu(rng, Hkv):
+    """Three or five kv heads (two q heads each): the row-by-row kernel's work items take the kv heads in
+    chunks that do not divide them, and the last chunk must stop at the last head. Every sequence's rows
+    are those of the sequence decoded alone, and match the float64 reference."""
+    B, Q, D, S = 4, 2, 16, 24
+    H = 2 * Hkv
+    q = torch.randn(B, Q, H, D, generator=rng)
+    k = torch.randn(B, S, Hkv, D, generator=rng)
+    v = torch.randn(B, S, Hkv, D, generator=rng)
+    dm = DecodeMeta(torch.tensor([[S - 2, S - 1]] * B, dtype=torch.int32), torch.full((B, Q), -1, dtype=torch.int32),
+                    torch.full((B, S), NO_BLOCK, dtype=torch.int32), torch.full((B,), S, dtype=torch.int32))
+    out = nb.decode_attention(q, k, v, dm)
+    ref = decode_attention_ref(q.double(), k.double(), v.double(), dm)
+    assert_close_rule(out, ref, decode_attention_ref(q, k, v, dm, upcast=False), f"{Hkv} kv heads", FP32_FLOOR)
+    for b in range(B):
+        one = DecodeMeta(dm.q_pos[b:b + 1], dm.q_limit[b:b + 1], dm.kv_block[b:b + 1], dm.kv_len[b:b + 1])
+        assert torch.equal(out[b:b + 1], nb.decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], one)), b
+
+
+def test_direct_calls_refuse_kv_heads_that_do_not_divide_the_heads():
+    """The binding's own check, for callers that bypass the Python wrappers: 3 q heads over 2 kv heads (or
+    none) is refused by name before any pointer is read (no sequences here, so nothing would be read)."""
+    s = (0, 0, 0)
+    for h, hkv in ((3, 2), (2, 0)):
+        with pytest.raises(ValueError, match="masked_attention: n_kv_heads must divide n_heads"):
+            _C.masked_attention_fwd(-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, h, hkv, 8, s, s, s, s, 0, 1.0)
+        with pytest.raises(ValueError, match="decode attention: n_kv_heads must divide n_heads"):
+            _C.decode_attention(-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, h, hkv, 8, s, s, s, s, 0, 1.0, 0, 0, 1, 1)
