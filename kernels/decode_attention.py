@@ -186,7 +186,7 @@ def decode_attention(q, k_cache, v_cache, meta, softmax_scale=None, num_splits=N
     check_dtype("decode_attention", q)
     check_device("decode_attention", q, k_cache, v_cache, meta.q_pos, meta.q_limit, meta.kv_block, meta.kv_len)
     if D > 256:
-        raise ValueError(f"head dim {D} is larger than the Triton kernel's 256")
+        raise ValueError(f"head dim {D} is larger than the Triton kernel's 256; use backend='torch'")
     if tuple(meta.q_pos.shape) != (B, n_q) or tuple(meta.q_limit.shape) != (B, n_q):
         raise ValueError(f"meta.q_pos / q_limit must be [B={B}, Q={n_q}], got {tuple(meta.q_pos.shape)}, "
                          f"{tuple(meta.q_limit.shape)}")

@@ -567,3 +567,96 @@ def test_backward_through_fused_projection_views(rng, packed, poison_empty):
     K.chunk_attention(*want, meta).backward(do.contiguous())
     for n, g, w in zip("qkv", got, want):
         torch.testing.assert_close(g, w.grad, rtol=0, atol=0, msg=f"d{n}")
+
+
+def test_tile_plan_of_a_negative_document_start_is_that_of_the_clamped_one(rng, poison_empty):
+    """A packed document starting below 0 is clamped to token 0 by the kernels, and must be by the tile plan too:
+    a plan read from the metadata 30 tokens earlier (wrapping to the end of the tokens) skipped a key tile
+    the clamped document's queries see. Here that earlier metadata hides the whole tile, the clamped one none."""
+    from worldvla.mask import NO_BLOCK
+
+    T = 140
+    kvb = torch.full((T,), NO_BLOCK, dtype=torch.int32)
+    ql = torch.full((T,), -1, dtype=torch.int32)
+    kvb[:2], kvb[T - 14:] = 0, 0  # the keys 30 tokens before key tile 1 (tokens 16-31)
+    ql[18:34] = 5  # the queries 30 tokens before query tile 3 (tokens 48-63)
+    pos = torch.arange(T)
+    good = ChunkMaskMeta(kvb, ql, pos, torch.tensor([0, 113, T], dtype=torch.int32), 0).to(DEV)
+    bad = ChunkMaskMeta(kvb, ql, pos, torch.tensor([-30, 113, T], dtype=torch.int32), 0).to(DEV)
+    q, k, v = qkv(rng, (T, 1, 16), 1, torch.float32)
+    want = masked_attention_ref(q.double(), k.double(), v.double(), good)
+    assert bool(good.dense_mask()[48:64, 16:32].all()), "the clamped document's tile (3, 1) is fully visible"
+    outs = [K.chunk_attention(q, k, v, meta, block_m=16, block_n=16) for meta in (good, bad)]
+    assert_close_rule(outs[0], want, torch_same_precision(q, k, v, good), "clamped by hand", floor_eps=FP32_FLOOR_EPS)
+    assert torch.equal(outs[1], outs[0])
+
+
+def test_tile_plan_takes_keys_of_the_queries_own_limit_as_mask_free():
+    """A key tile whose smallest block equals the largest limit of a query tile (a long action block seen by
+    its own later queries) is fully visible: mask-free (no per-element rule), not partial, as a literal loop
+    classifies it."""
+    L = 64
+    kvb = torch.zeros(L, dtype=torch.int32)  # one action block of 64 tokens
+    ql = torch.zeros(L, dtype=torch.int32)
+    meta = ChunkMaskMeta(kvb.view(1, L), ql.view(1, L), torch.arange(L).view(1, L), None, L).to(DEV)
+    plan = K.tile_plan(meta, 16, 16)
+    want = loop_tile_classes(ChunkMaskMeta(kvb, ql, torch.arange(L), None, L), 16, 16)
+    got = {key: "f" if bool(plan.full[0][key]) else "p" if bool(plan.part[0][key]) else "s" for key in want}
+    assert got == want
+    assert [key for key, c in want.items() if c == "f"] == [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2)]
+
+
+def test_kernel_entry_refuses_a_max_seqlen_below_the_longest_document(rng):
+    """The kernels launch row tiles for max_seqlen rows a document: a smaller value would leave the longer
+    document's last rows unwritten. Where cu_seqlens can be read without a synchronization (CPU tensors) the
+    kernel's entry refuses it by name; a max_seqlen of 0 (unknown) is found from cu_seqlens."""
+    T = 40
+    cu = torch.tensor([0, 30, T], dtype=torch.int32)
+    q, k, v = qkv(rng, (T, 1, 16), 1, torch.float32)
+    causal = causal_meta((T,), cu_seqlens=cu, device=DEV)
+    fields = (causal.kv_block, causal.q_limit, causal.position_ids, causal.cu_seqlens)
+    if DEV == "cpu":
+        short = ChunkMaskMeta(*fields, 20)
+        with pytest.raises(ValueError, match=r"meta.max_seqlen=20 is smaller than the longest document \(30\)"):
+            K.chunk_attention(q, k, v, short)
+    unknown = ChunkMaskMeta(*fields, 0)
+    torch.testing.assert_close(K.chunk_attention(q, k, v, unknown), masked_attention_ref(q, k, v, unknown))
+
+
+@pytest.mark.parametrize("blocks, bad", [((8, 16), 8), ((16, 48), 48)])
+def test_kernel_entry_refuses_blocks_that_are_not_powers_of_two_from_16(rng, blocks, bad):
+    """tl.dot needs tiles of at least 16 and tl.arange powers of two: other block sizes are refused by name."""
+    meta = causal_meta((1, 20), device=DEV)
+    q = torch.randn(1, 20, 1, 16, generator=rng).to(DEV)
+    with pytest.raises(ValueError, match=f"block sizes must be powers of two >= 16, got {bad}"):
+        K.chunk_attention(q, q, q, meta, block_m=blocks[0], block_n=blocks[1])
+
+
+def test_auto_keeps_the_triton_kernels_at_the_grid_limit_itself():
+    """Sequences x heads is a grid axis of at most 65535 programs: exactly 65535 (13107 documents x 5 heads)
+    still launches, one document more does not. Expanded (zero-stride) inputs: nothing of that size is made."""
+    from worldvla.ops import dispatch
+
+    for n_docs, ok in ((13107, True), (13108, False)):
+        T = 2 * n_docs
+        meta = causal_meta((T,), cu_seqlens=torch.arange(0, T + 1, 2, dtype=torch.int32), device=DEV)
+        q = torch.zeros(1, 1, 16, device=DEV).expand(T, 5, 16)
+        assert dispatch.supports("masked_attention", "triton", q, q, q, meta) is ok, n_docs
+
+
+def test_tile_plan_follows_replaced_meta_tensors(rng):
+    """Plans are cached on the metadata; a field replaced by another tensor at the same version counter (both
+    fresh) must not reuse the plan of the tensor it replaced."""
+    ids = action_sample(rng, 100, n_images=1, chunk=6).unsqueeze(0)
+    chunk = chunk_mask_meta(ids, LAYOUT)
+    meta = ChunkMaskMeta(chunk.kv_block.clone(), chunk.q_limit.clone(), chunk.position_ids, None, 100).to(DEV)
+    q, k, v = qkv(rng, (1, 100, 1, 64), 1, torch.float32)
+    K.chunk_attention(q, k, v, meta, block_m=16, block_n=16)
+    causal_limit = torch.full((1, 100), -1, dtype=torch.int32, device=DEV)
+    assert causal_limit._version == meta.q_limit._version
+    meta.q_limit = causal_limit  # now plain causal
+    out = K.chunk_attention(q, k, v, meta, block_m=16, block_n=16)
+    causal = causal_meta((1, 100), device=DEV)
+    ref = masked_attention_ref(q.double(), k.double(), v.double(), causal)
+    assert_close_rule(out, ref, torch_same_precision(q, k, v, causal), "causal after the replacement",
+                      floor_eps=FP32_FLOOR_EPS)

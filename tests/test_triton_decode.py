@@ -310,3 +310,38 @@ def test_kv_len_and_positions_past_the_cache_read_only_the_cache(rng, poison_emp
     for splits in (1, 2):
         out = K.decode_attention(q, kc, vc, meta, num_splits=splits, block_n=32)
         assert_close_rule(out, ref, same, f"{splits} splits", floor_eps=FP32_FLOOR_EPS)
+
+
+def test_queries_stored_heads_first(rng, poison_empty):
+    """Queries kept heads first ([B, H, Q, D] storage seen as [B, Q, H, D], as attention layers often hold them):
+    their strides are not those of the contiguous output the kernel allocates, and each must be addressed by its
+    own (the one-split path stores straight from the split kernel, more splits through the merge)."""
+    B, n_q, S, H, Hkv, D = 2, 3, 70, 4, 2, 32
+    q = torch.randn(B, H, n_q, D, generator=rng).to(DEV).transpose(1, 2)
+    assert q.stride() != q.contiguous().stride() and q.stride(-1) == 1
+    kc = torch.randn(B, S, Hkv, D, generator=rng).to(DEV)
+    vc = torch.randn(B, S, Hkv, D, generator=rng).to(DEV)
+    meta = DecodeMeta(torch.tensor([[S - 1, 40, 9], [50, 50, 21]], dtype=torch.int32, device=DEV),
+                      torch.full((B, n_q), -1, dtype=torch.int32, device=DEV),
+                      torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV),
+                      torch.tensor([S, 51], dtype=torch.int32, device=DEV))
+    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
+    same = decode_attention_ref(q.contiguous(), kc, vc, meta, upcast=False)
+    for splits in (1, 2):
+        out = K.decode_attention(q, kc, vc, meta, num_splits=splits, block_n=32)
+        assert out.shape == q.shape and out.is_contiguous()
+        assert_close_rule(out, ref, same, f"{splits} splits", floor_eps=FP32_FLOOR_EPS)
+
+
+def test_kernel_entry_refuses_head_dims_above_256(rng):
+    """Head dims pad to a power of two inside the kernels and have tiles up to 256: the kernel's own entry (which
+    torch.compile and direct callers reach without dispatch's check) refuses wider heads by name."""
+    B, S, D = 1, 8, 264
+    q = torch.randn(B, 1, 2, D, generator=rng).to(DEV)
+    kc = torch.randn(B, S, 2, D, generator=rng).to(DEV)
+    meta = DecodeMeta(torch.tensor([[S - 1]], dtype=torch.int32, device=DEV),
+                      torch.full((B, 1), -1, dtype=torch.int32, device=DEV),
+                      torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV),
+                      torch.tensor([S], dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match="head dim 264 is larger than the Triton kernel's 256"):
+        K.decode_attention(q, kc, kc, meta)

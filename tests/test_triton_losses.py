@@ -437,3 +437,12 @@ def test_class_weight_and_target_shapes_are_checked_on_every_entry(rng):
         linear_cross_entropy(h, w, torch.full((4,), -100), class_weight=torch.ones(19))
     with pytest.raises(ValueError, match=r"targets \[N\]; got \(4, 8\), \(20, 8\), \(4, 1\)"):
         linear_cross_entropy(h, w, torch.tensor([[1], [2], [3], [4]]))
+
+
+def test_kernel_entry_refuses_a_class_weight_of_v_entries_in_two_dims(rng):
+    """A [V, 1] class weight holds V entries but indexes into [N, 1] weights that broadcast against the rows:
+    the kernel's own entry refuses it by name, as the ops' entry does."""
+    h, w = torch.randn(4, 8, generator=rng).to(DEV), torch.randn(20, 8, generator=rng).to(DEV)
+    y = torch.tensor([1, 2, -100, 4], device=DEV)
+    with pytest.raises(ValueError, match=r"class_weight must be \[V=20\], got \(20, 1\)"):
+        K.linear_cross_entropy(h, w, y, torch.ones(20, 1, device=DEV))

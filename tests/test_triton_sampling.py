@@ -228,3 +228,18 @@ def test_gpu_chameleon_head():
         ref = constrained_sample_ref(h, w, lo, hi)
         gap = lambda ids: (l64.max(1).values - l64.gather(1, (ids - lo).view(-1, 1)).squeeze(1)).max().item()
         assert gap(got) <= 2 * gap(ref) + 1e-4
+
+
+def test_greedy_near_ties_inside_one_logit_tile_go_to_the_larger_logit():
+    """Logits one fp32 step apart in one logit tile (exact: one-hot hidden states pick a head column): the
+    larger wins even at a higher id, as torch.argmax; only exactly equal logits go to the lowest id."""
+    lo, hi = 20, 300
+    hidden = torch.eye(3, 16)
+    weight = torch.zeros(400, 16)
+    for r, top in enumerate((1.0, 4.0, 100.0)):
+        weight[lo + 5, r] = top
+        weight[lo + 60, r] = torch.nextafter(torch.tensor(top), torch.tensor(2 * top)).item()
+    hidden, weight = hidden.to(DEV), weight.to(DEV)
+    want = (hidden @ weight[lo:hi].t()).argmax(1) + lo
+    assert want.tolist() == [lo + 60] * 3
+    assert K.constrained_sample(hidden, weight, lo, hi).tolist() == [lo + 60] * 3
