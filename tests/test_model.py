@@ -1340,3 +1340,32 @@ def test_bool_ids_are_refused_by_name():
         m(ids)
     with pytest.raises(TypeError, match="input_ids must be integer token ids, got torch.bool"):
         m.loss(ids, ids.long())
+
+
+def test_rms_norms_take_the_configs_eps_and_round_as_transformers_chameleon():
+    """Every RMSNorm of a model divides by sqrt(mean square + rms_norm_eps), the config's eps (not a fixed 1e-5), and
+    a bfloat16 model's rounds the normalized rows to bfloat16 before the weight multiplies them, as transformers'
+    ChameleonRMSNorm does (the float32 product rounded once differs in the last bit of some values): the same
+    values bit for bit in float32 and in bfloat16."""
+    from transformers.models.chameleon.modeling_chameleon import ChameleonRMSNorm
+
+    gen = torch.Generator().manual_seed(30)
+    for dtype in (torch.float32, torch.bfloat16):
+        m = WorldVLA(ModelConfig.tiny(rms_norm_eps=0.25)).to(dtype)
+        ref = ChameleonRMSNorm(64, eps=0.25).to(dtype)
+        with torch.no_grad():
+            ref.weight.copy_(torch.randn(64, generator=gen) + 1)
+        x = (torch.randn(3, 5, 64, generator=gen) * 0.5).to(dtype)  # mean square ~0.25: the eps weighs as much
+        want = ref(x)
+        for norm in (m.model.norm, m.model.layers[0].input_layernorm, m.model.layers[1].post_attention_layernorm):
+            norm.load_state_dict(ref.state_dict())
+            got = norm(x)
+            assert got.dtype == want.dtype and torch.equal(got, want), (dtype, (got - want).abs().max())
+
+
+def test_a_dropout_of_one_is_refused_by_name():
+    """A dropout rate of 1 zeroes every residual branch in training (the layers then learn nothing): the range is
+    [0, 1), its upper end refused as a rate above it is; a rate just below 1 builds."""
+    with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), got 1.0"):
+        WorldVLA(ModelConfig.tiny(dropout=1.0))
+    assert WorldVLA(ModelConfig.tiny(dropout=0.99)).model.layers[0].dropout.p == 0.99

@@ -189,3 +189,13 @@ def test_greedy_takes_the_first_of_tied_maxima_and_ignores_top_k(rng):
     logits[:, 9], logits[:, 2], logits[:, 14] = top[:, 0], top[:, 0], top[:, 0]
     for T, k in ((0.0, None), (0.0, 1), (-1.0, 3), (0.0, 16)):
         assert sample_logits(logits, T, k).tolist() == [2] * 4, (T, k)
+
+
+def test_constrained_sample_refuses_a_bool_upper_bound(rng):
+    """A bool is refused as either bound: hi=True (a flag passed in the bound's place) read as 1 and drew every id
+    from the one-row range [0, 1)."""
+    from worldvla import ops
+
+    h, w = torch.randn(3, 8, generator=rng), torch.randn(30, 8, generator=rng)
+    with pytest.raises(TypeError, match=r"the vocabulary range \[lo, hi\) must be integer token ids, got 0 and True"):
+        ops.constrained_sample(h, w, 0, True)

@@ -307,3 +307,24 @@ def test_heads_that_do_not_group_and_metadata_of_other_tokens_are_refused_by_nam
         meta.q_limit = meta.q_limit[:, :9]
         with pytest.raises(ValueError, match=r"meta.q_limit \(1, 9\) must be shaped as meta.kv_block \(1, 10\)"):
             masked_attention(q, q, q, meta, backend=backend)
+
+
+def test_references_compute_half_precision_inputs_in_float32():
+    """The references upcast bfloat16 and float16 inputs: softmax and P V run in float32 and only the output is
+    rounded, so a half-precision call gives exactly the float32 call's output rounded to its dtype (computing in
+    bfloat16 moved outputs by several of its ulps), both for a chunk-masked prefill and for a decode step."""
+    from worldvla.mask import DecodeMeta
+    from worldvla.ops import decode_attention_ref
+
+    gen = torch.Generator().manual_seed(24)
+    meta = causal_meta((2, 16))
+    dmeta = DecodeMeta(torch.tensor([[9, 10], [4, 5]], dtype=torch.int32), torch.full((2, 2), -1, dtype=torch.int32),
+                       torch.full((2, 16), NO_BLOCK, dtype=torch.int32), torch.tensor([11, 6], dtype=torch.int32))
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, v = (torch.randn(2, 16, h, 32, generator=gen).to(dtype) for h in (4, 2, 2))
+        got = masked_attention_ref(q, k, v, meta)
+        want = masked_attention_ref(q.float(), k.float(), v.float(), meta).to(dtype)
+        assert got.dtype == dtype and torch.equal(got, want), (dtype, (got.float() - want.float()).abs().max())
+        got = decode_attention_ref(q[:, :2], k, v, dmeta)
+        want = decode_attention_ref(q[:, :2].float(), k.float(), v.float(), dmeta).to(dtype)
+        assert got.dtype == dtype and torch.equal(got, want), (dtype, (got.float() - want.float()).abs().max())
