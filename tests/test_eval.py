@@ -2474,3 +2474,18 @@ def test_eval_refuses_a_names_option_that_names_no_variant(tmp_path, monkeypatch
                      "--out", str(tmp_path / "o"), "--no-progress"]) == 2
         assert f"--names {names!r} names no variant; give one name per policy" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_summary_of_infinities_of_both_signs_has_no_mean():
+    """+inf and -inf counted apart have no mean (their sum is NaN): the mean is NaN, not the first one's sign."""
+    s = metrics.summarize([math.inf, -math.inf])
+    assert s["n"] == 2 and s["n_inf"] == 2 and math.isnan(s["mean"]) and s["std"] == 0.0
+    assert metrics.summarize([-math.inf, -math.inf])["mean"] == -math.inf
+
+
+def test_single_channel_uint8_images_are_scored():
+    """Grayscale uint8 frames [..., H, W, 1] are channels-last images as RGB ones are (L = 255)."""
+    a = np.zeros((2, 12, 12, 1), np.uint8)
+    b = np.full((2, 12, 12, 1), 10, np.uint8)
+    np.testing.assert_allclose(metrics.psnr(a, b).numpy(), 10 * np.log10(255.0 ** 2 / 100.0), rtol=1e-12)
+    np.testing.assert_allclose(metrics.ssim(b, b).numpy(), 1.0, atol=1e-12)

@@ -880,3 +880,94 @@ def test_load_frames_refuses_bounds_that_are_no_counts(data, stride, max_frames,
     with pytest.raises(ValueError, match=re.escape(fragment)):
         vqt.load_frames(data / "d.hdf5", stride=stride, max_frames=max_frames)
     assert vqt.load_frames(data / "d.hdf5", stride=np.int64(2), max_frames=np.int64(5)).shape == (5, 32, 32, 3)
+
+
+def test_the_logged_terms_are_the_first_batchs_under_the_starting_weights_and_beta(data, tmp_path):
+    """A step logs L1, L2 and the VQ loss of its batch under the weights it starts from, the VQ loss with --beta on
+    the commitment term: the first step's are those of the first batch of epoch 0 through the --init VQGAN."""
+    from worldvla.vqgan import preprocess
+
+    vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 1, "--beta", 1.5))
+    r = json.loads((tmp_path / "r" / "metrics.jsonl").read_text())
+    frames = vqt.load_frames(data / "d.hdf5")
+    px = preprocess(frames[vqt._epoch_order(len(frames), 4, 0, 0)[0]])
+    with torch.no_grad():
+        recon, vq_loss, _ = VQGAN.from_pretrained(data / "init").float().train()(px, beta=1.5)
+        at_default = VQGAN.from_pretrained(data / "init").float().train()(px)[1]
+    assert r["l1"] == pytest.approx(float((recon - px).abs().mean()), rel=1e-5)
+    assert r["l2"] == pytest.approx(float(((recon - px) ** 2).mean()), rel=1e-5)
+    assert r["vq"] == pytest.approx(float(vq_loss), rel=1e-5)
+    assert float(vq_loss) > 1.5 * float(at_default)  # (1 + 1.5) / (1 + 0.25): --beta is not the default's
+
+
+def test_the_log_follows_the_schedule_restarts_every_nth_step_and_counts_the_batchs_codes(data, tmp_path):
+    """--warmup 2 ramps the rate up over steps 1-2, then a cosine decays it from --lr towards --min-lr over the
+    4 steps left; the optimizer ran at the rate logged. Restarts happen at multiples of --restart-every only,
+    and a batch of 4 frames of 2x2 tokens picks at most 16 codes, with a perplexity between 1 and their count."""
+    import math
+
+    vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 6, "--restart-threshold", 0.5, "--usage-decay", 0.5))
+    log = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    want = [1e-3, 2e-3] + [2e-4 + 0.5 * 1.8e-3 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    assert [r["lr"] for r in log] == pytest.approx(want, rel=1e-9)
+    optim = torch.load(latest_checkpoint(tmp_path / "r") / "optim.pt", weights_only=True)
+    assert optim["param_groups"][0]["lr"] == pytest.approx(want[-1], rel=1e-9)
+    assert any(r["restarted"] for r in log) and all(r["restarted"] == 0 for r in log if r["step"] % 2)
+    assert all(1.0 <= r["perplexity"] <= r["codes_used"] <= 16 for r in log), log
+    assert any(r["perplexity"] > 1.0 for r in log)
+
+
+def test_a_min_lr_equal_to_lr_keeps_the_rate_constant(data, tmp_path):
+    """--min-lr at --lr is no decay (a constant rate after the warm-up), not one that raises the rate: it is taken."""
+    vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 2, "--warmup", 0, "--min-lr", 2e-3))
+    log = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log] == [2e-3, 2e-3]
+
+
+def test_code_usage_starts_uniform_and_moves_by_its_decay():
+    """A fresh average holds every code at the uniform rate (none dead before any step); each step moves it by
+    (1 - decay) towards the step's fractions."""
+    usage = vqt.CodeUsage(4, decay=0.9)
+    assert usage.ema.tolist() == [0.25] * 4 and usage.dead(1.0).tolist() == []
+    frac = usage.update(torch.tensor([0, 0, 0, 1]))
+    assert frac.tolist() == [0.75, 0.25, 0.0, 0.0]
+    assert usage.ema.tolist() == pytest.approx([0.3, 0.25, 0.225, 0.225], rel=1e-12)
+
+
+def test_resume_refuses_another_loss_restart_or_optimizer_setting_by_name(data, tmp_path, monkeypatch):
+    """--beta, --l1, the dead-code restarts' threshold and usage decay, the clipping and the optimizer's settings
+    are part of the run as much as --l2: a resume under other values would continue another run, so each is
+    refused by name before the frames are read."""
+    import re
+
+    vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 4, "--stop-after", 1))
+
+    def no_frames(*a, **k):
+        raise AssertionError("the frames were read before the settings were checked")
+
+    monkeypatch.setattr(vqt, "load_frames", no_frames)
+    for name, before, value in [("--beta", 0.25, 1.0), ("--l1", 1.0, 0.5), ("--restart-threshold", 0.03, 0.5),
+                                ("--usage-decay", 0.99, 0.5), ("--grad-clip", 1.0, 0.5), ("--warmup", 2, 3),
+                                ("--min-lr", 0.0002, 0.0001), ("--weight-decay", 0.0, 0.1), ("--beta1", 0.5, 0.9)]:
+        with pytest.raises(ValueError, match=re.escape(f"started with {name} {before}, not {name} {value}")):
+            vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 4, name, value, "--resume"))
+
+
+def test_dead_code_restart_draws_its_outputs_from_the_generator():
+    """The outputs a restart takes are a random draw under the run's generator (not the first rows of the sorted
+    outputs, a biased pick): another generator state draws others, and the draw advances the generator."""
+    latents = torch.randn(2, 8, 3, 5, generator=torch.Generator().manual_seed(1))  # 30 outputs for 13 dead codes
+    _, a, state_a, _ = _restart(latents, seed=0)
+    _, b, _, _ = _restart(latents, seed=1)
+    assert not torch.equal(a, b)
+    assert not torch.equal(state_a, torch.Generator().manual_seed(0).get_state())
+
+
+def test_load_frames_refuses_demos_of_another_image_size_by_name(tmp_path):
+    """Frames of two sizes cannot make one batch: the file and demo of the other size are named, with the fix."""
+    for name, side in (("a.hdf5", 32), ("b.hdf5", 64)):
+        write_demos(tmp_path / name, [{"frames": np.zeros((2, side, side, 3), np.uint8),
+                                       "actions": np.zeros((2, 4), np.float32)}], "reach")
+    with pytest.raises(ValueError, match=r"has frames of shape \(64, 64, 3\), earlier demos \(32, 32, 3\); "
+                                         r"train the VQGAN on one image size"):
+        vqt.load_frames([tmp_path / "a.hdf5", tmp_path / "b.hdf5"])
