@@ -859,3 +859,129 @@ def test_python_m_worldvla_is_the_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "worldvla", "no-such-command"], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert bad.returncode == 2 and "no-such-command" in bad.stderr
+
+
+# ---------------------------------------------------------------------- behaviours pinned against planted faults
+@pytest.mark.parametrize("value,traceback", [("FALSE", False), ("Off", False), ("no", False), (" 0 ", False),
+                                             ("TRUE", True), ("on", True)])
+def test_worldvla_traceback_is_read_in_any_case_and_no_turns_it_off(value, traceback, monkeypatch, capsys):
+    """`WORLDVLA_TRACEBACK=False` or `=no` must keep the one-line error as `=0` does."""
+    from worldvla import bench
+
+    def bad(args):
+        raise ValueError("bad input: name another")
+
+    monkeypatch.setenv("WORLDVLA_TRACEBACK", value)
+    monkeypatch.setattr(bench, "run", bad)
+    if traceback:
+        with pytest.raises(ValueError, match="bad input"):
+            main(["bench", "vq"])
+    else:
+        assert main(["bench", "vq"]) == 2
+        assert capsys.readouterr().err.strip() == ("worldvla bench: error: bad input: name another "
+                                                   "(WORLDVLA_TRACEBACK=1 shows where)")
+
+
+def test_ctrl_c_under_worldvla_traceback_keeps_its_traceback(monkeypatch, capsys):
+    """WORLDVLA_TRACEBACK=1 asks where a command was when it stopped: Ctrl-C, in the command or while its modules
+    load, is raised on, not turned into the one line."""
+    _interrupt("worldvla.demo", monkeypatch)
+    monkeypatch.setenv("WORLDVLA_TRACEBACK", "1")
+    with pytest.raises(KeyboardInterrupt):
+        main(["demo", "--fast"])
+
+    def interrupted(chosen):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["demo", "--fast"])
+    assert "interrupted" not in capsys.readouterr().err
+
+
+def test_an_error_that_is_no_bad_input_keeps_its_traceback(monkeypatch, capsys):
+    """Only bad inputs (ValueError, OSError) and a missing dependency are one line: any other error is a bug to
+    be shown where it happened, not "worldvla bench: error: ..."."""
+    from worldvla import bench
+
+    def bug(args):
+        raise RuntimeError("a bug in the command")
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    monkeypatch.setattr(bench, "run", bug)
+    with pytest.raises(RuntimeError, match="a bug in the command"):
+        main(["bench", "vq"])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_system_library_to_install_is_one_line_and_an_outside_modules_missing_name_keeps_its_traceback(
+        monkeypatch, capsys):
+    """An ImportError that says `apt-get install` (OpenGL's library) is a missing dependency, as one that says
+    `pip install` is; a name an installed outside module lacks (a version mismatch) is no missing module."""
+    from worldvla import bench
+
+    errors = iter([ImportError("libGL.so.1: cannot open shared object file; install it with: apt-get install "
+                               "libgl1"),
+                   ImportError("cannot import name 'nothing' from 'numpy'", name="numpy")])
+
+    def failing(args):
+        raise next(errors)
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    monkeypatch.setattr(bench, "run", failing)
+    assert main(["bench", "vq"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("worldvla bench: error: libGL.so.1") and "apt-get" in err
+    with pytest.raises(ImportError, match="cannot import name 'nothing' from 'numpy'"):
+        main(["bench", "vq"])
+
+
+def test_a_bare_tilde_out_is_the_home_folder(tmp_path, monkeypatch):
+    """`--out=~` and `--out=~/x` both name folders under $HOME, not ./~."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    outs = []
+    monkeypatch.setattr(importlib.import_module("worldvla.eval.imagine"), "run", lambda args: outs.append(args.out))
+    for out in ("--out=~", "--out=~/x"):
+        assert main(["imagine", "p", out]) == 0
+    assert outs == [str(home), str(home / "x")]
+
+
+def test_no_command_prints_the_help_and_exits_2(capsys):
+    """`worldvla` alone did nothing a script could take for success: it lists the commands and exits 2."""
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: worldvla ") and "train-vq" in out and "eval-libero" in out
+
+
+def test_ctrl_c_in_bench_keeps_the_device_in_the_command_for_the_rest(monkeypatch, capsys, tmp_path):
+    _stand_in_benchmarks(monkeypatch, interrupted="sampling")
+    err = _main_interrupted(["bench", "vq", "sampling", "--device", "cpu", "--out", str(tmp_path)], capsys)
+    assert err.endswith(f"run the rest with: worldvla bench sampling --device cpu --out {tmp_path}"), err
+
+
+def test_bounded_argparse_types_take_their_bounds():
+    assert cli.unit_float("0") == 0.0 and cli.unit_open_float("0") == 0.0 and cli.non_negative_int("0") == 0
+    assert cli.positive_int("1") == 1 and cli.seed32(str((1 << 32) - 1)) == (1 << 32) - 1
+    for fn, text, says in ((cli.positive_int, "0", "must be >= 1, got 0"), (cli.positive_float, "0", "must be > 0"),
+                           (cli.non_negative_int, "-1", "must be >= 0, got -1"),
+                           (cli.unit_float, "-0.1", r"must be in \[0, 1\]"),
+                           (cli.positive_int, "1.5", "expected an integer, got '1.5'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            fn(text)
+
+
+def test_is_integer_and_is_count_take_python_and_numpy_integers_only():
+    """True would count as 1 and 2.5 be cut to 2 by an int() after the check; NumPy's integers are integers."""
+    import numpy as np
+
+    from worldvla.checks import is_count, is_integer
+
+    assert all(is_integer(v) for v in (0, -3, np.int64(5), np.uint8(2), np.int32(-1)))
+    assert not any(is_integer(v) for v in (True, False, np.bool_(True), 2.0, 2.5, np.float32(1), "3", None))
+    assert is_count(0) and is_count(np.int64(1), 1) and is_count(5, 5)
+    assert not any((is_count(-1), is_count(0, 1), is_count(4, 5), is_count(True), is_count(True, 1),
+                    is_count(1.0, 1), is_count(np.float64(3))))
