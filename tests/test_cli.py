@@ -985,3 +985,23 @@ def test_is_integer_and_is_count_take_python_and_numpy_integers_only():
     assert is_count(0) and is_count(np.int64(1), 1) and is_count(5, 5)
     assert not any((is_count(-1), is_count(0, 1), is_count(4, 5), is_count(True), is_count(True, 1),
                     is_count(1.0, 1), is_count(np.float64(3))))
+
+
+def test_a_misspelt_option_before_a_name_leaves_the_name_known(capsys):
+    """`bench vq --quik sampling`: the second, intermixed parse stopped at the unknown `--quik` and named the valid
+    benchmark `sampling` unrecognized beside it."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "vq", "--quik", "sampling"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "worldvla bench: error: unrecognized arguments: --quik (--quik: did you mean --quick?)" in err, err
+
+
+def test_an_out_folder_the_system_cannot_check_is_one_line(tmp_path, capsys):
+    """An --out whose name is too long for the file system ended in a traceback (OSError: File name too long):
+    the --out check ran outside the handling that makes bad input one line."""
+    out = tmp_path / ("x" * 300) / "y"
+    assert main(["imagine", "p", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"worldvla imagine: error: --out {out} cannot be used (File name too long): name another "
+                          f"folder"), err

@@ -202,16 +202,19 @@ def _out_folder_problem(out) -> str | None:
     if not str(out).strip():  # `--out "$RUN"` with RUN unset: Path("") is the current folder, written into unasked
         return "--out is empty: name a folder (it is created if missing)"
     path = Path(out).expanduser()
-    for p in (path, *path.parents):
-        if p.is_symlink() and not p.exists():  # a dangling link: making the folder fails only at the first write
-            where = "is a link" if p == path else f"lies under {p}, a link"
-            return (f"--out {out} {where} to {os.readlink(p)}, which does not exist: create that folder, or name "
-                    f"another")
-        if p.exists():
-            if p.is_dir():
-                return None
-            what = "is a file" if p == path else f"lies under {p}, which is a file"
-            return f"--out {out} {what}, not a folder: name a folder (it is created if missing)"
+    try:
+        for p in (path, *path.parents):
+            if p.is_symlink() and not p.exists():  # a dangling link: making the folder fails only at the first write
+                where = "is a link" if p == path else f"lies under {p}, a link"
+                return (f"--out {out} {where} to {os.readlink(p)}, which does not exist: create that folder, or "
+                        f"name another")
+            if p.exists():
+                if p.is_dir():
+                    return None
+                what = "is a file" if p == path else f"lies under {p}, which is a file"
+                return f"--out {out} {what}, not a folder: name a folder (it is created if missing)"
+    except OSError as e:  # a name too long for the file system, a folder above it that cannot be read: a traceback
+        return f"--out {out} cannot be used ({e.strerror or e}): name another folder"
     return None
 
 
@@ -259,11 +262,20 @@ def _reparse_intermixed(parser: argparse.ArgumentParser, argv: list[str], args, 
             or not any(not a.option_strings and a.nargs in ("*", "+") for a in sub._actions)):
         return args, unknown
     at = argv.index(args.command)
+    # Unknown options stay out of the second parse, which would stop at the first one and leave every word after
+    # it unknown too (`bench vq --quik sampling` named `sampling` unrecognized); they are refused as before.
+    bad, rest = [a for a in unknown if a.startswith("-")], []
+    pending = list(bad)
+    for a in argv[at + 1:]:
+        if a in pending:
+            pending.remove(a)
+        else:
+            rest.append(a)
     try:
-        args, later = sub.parse_known_intermixed_args(argv[at + 1:], argparse.Namespace(command=args.command))
+        args, later = sub.parse_known_intermixed_args(rest, argparse.Namespace(command=args.command))
     except TypeError:  # a parser argparse cannot parse intermixed
         return args, unknown
-    return args, [*argv[:at], *later]
+    return args, [*argv[:at], *bad, *later]
 
 
 def main(argv=None) -> int:
