@@ -899,3 +899,31 @@ def test_direct_calls_refuse_kv_heads_that_do_not_divide_the_heads():
             _C.masked_attention_fwd(-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, h, hkv, 8, s, s, s, s, 0, 1.0)
         with pytest.raises(ValueError, match="decode attention: n_kv_heads must divide n_heads"):
             _C.decode_attention(-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, h, hkv, 8, s, s, s, s, 0, 1.0, 0, 0, 1, 1)
+
+
+def test_nonfinite_value_at_a_key_in_the_rows_limit_block_cpu(rng):
+    """A NaN in the value of key 9, of action block 0: rows 30-39 have block limit 0, which keeps the key
+    visible (only blocks below the limit are hidden), rows 40 on limit 1. The rows that see the key (9-39,
+    q heads 0 and 1) come out NaN throughout, the others keep the bits of the clean call, in the prefill and
+    in decode row by row (5 rows) and tiled (40 rows)."""
+    T, H = 45, 4
+    kv = torch.full((1, T), NO_BLOCK, dtype=torch.int32)
+    ql = torch.full((1, T), -1, dtype=torch.int32)
+    kv[0, 9] = 0
+    ql[0, 30:40], ql[0, 40:] = 0, 1
+    meta = ChunkMaskMeta(kv, ql, torch.arange(T).view(1, T).contiguous(), None, 0)
+    q, k, v = qkv(rng, (1, T), H, 2, 20)
+    bad = v.clone()
+    bad[0, 9, 0, 3] = float("nan")
+    sees = torch.zeros(T, H, dtype=torch.bool)
+    sees[9:40, :2] = True
+
+    def check(out, clean, expected, name):
+        assert torch.equal(out.isnan().all(-1), expected), name
+        assert torch.equal(out[~expected], clean[~expected]), name
+
+    check(nb.masked_attention(q, k, bad, meta)[0], nb.masked_attention(q, k, v, meta)[0], sees, "prefill")
+    for rows in ([5, 12, 30, 39, 40], list(range(5, 45))):
+        dm = decode_meta_from(meta, rows, T)
+        out, clean = nb.decode_attention(q[:, rows], k, bad, dm), nb.decode_attention(q[:, rows], k, v, dm)
+        check(out[0], clean[0], sees[rows], f"decode {len(rows)} rows")

@@ -890,3 +890,17 @@ def test_a_model_that_overrides_hidden_states_keeps_its_override(rng):
     plan = engine.buffers(2).plan
     assert plan is not None and plan.step is None and "overrides hidden_states" in plan.reason
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_direct_calls_refuse_an_odd_head_dim():
+    """The binding's own check, for callers that bypass the Python wrappers (the model's config refuses an odd
+    head_dim first): rotary embedding pairs the two halves of each head, so head_dim 5 is refused by name
+    when a step is built, and by the layer and its attention stage, before any pointer is read."""
+    s, w, msg = (0, 0, 0), [0] * 13, "decoder_layer: head_dim must be even"
+    with pytest.raises(ValueError, match=msg):
+        _C.DecodeStep(0, 0, 10, 0, 0, 4, 0, 1e-6, 0, [w], [0], [0], 8, 8, 0, 1e-6, 1e-5, False, 0, 0, 0, 0, 1, 1, 4,
+                      2, 1, 5, s, s, 0, 1.0, False, 0)
+    with pytest.raises(ValueError, match=msg):
+        _C.decoder_layer(0, 0, 8, 8, w, 0, 0, 0, 1e-6, 1e-5, False, 0, 0, 0, 0, 0, 0, 1, 1, 4, 2, 1, 5, s, s, 0, 1.0)
+    with pytest.raises(ValueError, match=msg):
+        _C.decoder_attention_block(0, 0, 0, 0, w, 0, 0, 0, 1e-5, 0, 0, 0, 0, 0, 0, 1, 1, 4, 2, 1, 5, s, s, 0, 1.0)
