@@ -901,6 +901,23 @@ def test_direct_calls_refuse_kv_heads_that_do_not_divide_the_heads():
             _C.decode_attention(-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, h, hkv, 8, s, s, s, s, 0, 1.0, 0, 0, 1, 1)
 
 
+def test_a_direct_decode_call_of_no_sequences_or_no_rows_does_nothing():
+    """`_C.decode_attention` with batch 0 or no query rows divided by its zero work items (SIGFPE: the process died);
+    the Python wrappers return before the call, direct callers did not. Run in a child process, which the old
+    build killed."""
+    import subprocess
+    import sys
+
+    code = ("from worldvla import _C\n"
+            "s = (0, 0, 0)\n"
+            "for batch, n_q in ((0, 1), (1, 0), (0, 0)):\n"
+            "    _C.decode_attention(-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, batch, n_q, 4, 2, 1, 4, s, s, s, s, 0, 1.0, 0, 0, "
+            "1, 4)\n"
+            "print('done')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "done", (run.returncode, run.stderr[-2000:])
+
+
 def test_nonfinite_value_at_a_key_in_the_rows_limit_block_cpu(rng):
     """A NaN in the value of key 9, of action block 0: rows 30-39 have block limit 0, which keeps the key
     visible (only blocks below the limit are hidden), rows 40 on limit 1. The rows that see the key (9-39,

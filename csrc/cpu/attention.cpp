@@ -707,6 +707,7 @@ static void decode_many_rows_cpu(const DecodeParams& p) {
 void decode_attention_cpu(const DecodeParams& p) {
   if (p.dtype != kFloat32 && p.dtype != kBFloat16)
     throw std::invalid_argument("decode_attention: the CPU path takes a float32 or bfloat16 cache");
+  if (p.batch == 0 || p.n_q == 0) return;  // nothing to compute (and no work items to divide among)
   if (p.n_q > kDecodeTiledRows) {
     if (p.dtype != kFloat32)
       throw std::invalid_argument("decode_attention: a bfloat16 cache takes at most " +
