@@ -737,9 +737,11 @@ def test_ctrl_c_in_bench_quotes_an_out_the_shell_would_split(monkeypatch, capsys
 
 
 @pytest.mark.parametrize("value,traceback", [("0", False), ("", False), ("false", False), ("off", False),
-                                             ("1", True), ("yes", True)])
+                                             ("FALSE", False), ("Off", False), ("no", False), (" 0 ", False),
+                                             ("1", True), ("yes", True), ("TRUE", True), ("on", True)])
 def test_worldvla_traceback_0_keeps_the_one_line_error(value, traceback, monkeypatch, capsys):
-    """WORLDVLA_TRACEBACK=0 showed the traceback as =1 does: any value that was set counted as asking for it."""
+    """WORLDVLA_TRACEBACK=0 showed the traceback as =1 does: any value that was set counted as asking for it.
+    The words are read in any case (`False`, `Off`), and `no` turns it off too."""
     from worldvla import bench
 
     def bad(args):
@@ -859,27 +861,6 @@ def test_python_m_worldvla_is_the_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "worldvla", "no-such-command"], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert bad.returncode == 2 and "no-such-command" in bad.stderr
-
-
-# ---------------------------------------------------------------------- behaviours pinned against planted faults
-@pytest.mark.parametrize("value,traceback", [("FALSE", False), ("Off", False), ("no", False), (" 0 ", False),
-                                             ("TRUE", True), ("on", True)])
-def test_worldvla_traceback_is_read_in_any_case_and_no_turns_it_off(value, traceback, monkeypatch, capsys):
-    """`WORLDVLA_TRACEBACK=False` or `=no` must keep the one-line error as `=0` does."""
-    from worldvla import bench
-
-    def bad(args):
-        raise ValueError("bad input: name another")
-
-    monkeypatch.setenv("WORLDVLA_TRACEBACK", value)
-    monkeypatch.setattr(bench, "run", bad)
-    if traceback:
-        with pytest.raises(ValueError, match="bad input"):
-            main(["bench", "vq"])
-    else:
-        assert main(["bench", "vq"]) == 2
-        assert capsys.readouterr().err.strip() == ("worldvla bench: error: bad input: name another "
-                                                   "(WORLDVLA_TRACEBACK=1 shows where)")
 
 
 def test_ctrl_c_under_worldvla_traceback_keeps_its_traceback(monkeypatch, capsys):
