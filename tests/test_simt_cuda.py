@@ -699,3 +699,61 @@ def test_kernels_write_nothing_past_their_outputs(emulated, rng):
     emulated.range_logits(0, 0, code, hidden.data_ptr(), 96, weight.data_ptr(), 96, 7, 96, lo, hi, logits.data_ptr())
     assert logits[7 * R:].isnan().all(), "range_logits wrote past its [7, 233] logits"
     assert torch.equal(logits[:7 * R].view(7, R), nb.range_logits_op(hidden, weight, lo, hi))
+
+
+# --------------------------------------------------------------------------- rows past the filled cache
+def test_decode_rows_past_the_filled_cache(emulated, rng):
+    """Rows whose position lies at or past kv_len see the slots below kv_len only (DecodeMeta's rule). kv_len ends
+    inside a 64-key tile: the tile's slots past it are zero-filled, not read, and must not count as keys of score 0."""
+    q, k, v, dm = _decode_case(rng, torch.bfloat16, 64, B=2, Q=5, H=4, Hkv=2, S=200)
+    dm.kv_len[1] = 100
+    dm.q_pos[1] = torch.tensor([120, 150, 199, 100, 99], dtype=torch.int32)
+    k[1, 100:], v[1, 100:] = float("nan"), float("nan")
+    out = nb.decode_attention(q, k, v, dm, n_splits=2)
+    finite = lambda t: torch.nan_to_num(t, nan=0.0)  # noqa: E731
+    ref = decode_attention_ref(q.double(), finite(k).double(), finite(v).double(), dm)
+    assert_close_rule(out, ref, decode_attention_ref(q, finite(k), finite(v), dm, upcast=False), "simt past kv_len")
+
+
+def test_decode_positions_past_the_cache_read_only_the_cache(emulated, rng):
+    """kv_len and q_pos past the cache's S slots (neither is checked on the host) mean the whole cache: the kernel
+    clamps kv_len to S and reads no slot past it, here NaN rows of the larger buffer the caches are views of."""
+    S = 130
+    q, k, v, dm = _decode_case(rng, torch.bfloat16, 64, B=2, Q=3, H=2, Hkv=1, S=S)
+    big = [torch.full((2, S + 70, 1, 64), float("nan"), dtype=torch.bfloat16) for _ in range(2)]
+    big[0][:, :S], big[1][:, :S] = torch.nan_to_num(k, nan=0.0), torch.nan_to_num(v, nan=0.0)
+    kc, vc = big[0][:, :S], big[1][:, :S]
+    inside = DecodeMeta(torch.full((2, 3), S - 1, dtype=torch.int32), dm.q_limit, dm.kv_block,
+                        torch.full((2,), S, dtype=torch.int32))
+    past = DecodeMeta(torch.full((2, 3), S + 40, dtype=torch.int32), dm.q_limit, dm.kv_block,
+                      torch.full((2,), S + 60, dtype=torch.int32))
+    want = nb.decode_attention(q, kc, vc, inside, n_splits=2)
+    assert want.isfinite().all()
+    assert torch.equal(nb.decode_attention(q, kc, vc, past, n_splits=2), want)
+
+
+@pytest.mark.parametrize("shift", [1024.0, -1024.0])
+def test_decode_scores_far_from_zero(emulated, rng, shift):
+    """Every score of a row moved by the same amount (channel 0: 1 in every key, `shift` in the query), some 185
+    log2 units above or below 0: the output is the unmoved one. The splits' log-sum-exps are then far from 0, and
+    the merge must weigh them relative to the largest (2^lse itself overflows or underflows float32)."""
+    q, k, v, dm = _decode_case(rng, torch.bfloat16, 64, B=2, Q=5, H=4, Hkv=2, S=200)
+    k[..., 0] = 1.0  # also in the NaN slots past kv_len, which are never read
+    q[..., 0] = 0.0
+    far = q.clone()
+    far[..., 0] = shift
+    out = nb.decode_attention(far, k, v, dm, n_splits=3)
+    finite = lambda t: torch.nan_to_num(t, nan=0.0)  # noqa: E731
+    ref = decode_attention_ref(q.double(), finite(k).double(), finite(v).double(), dm)
+    same = decode_attention_ref(q, finite(k), finite(v), dm, upcast=False)
+    assert_close_rule(out, ref, same, f"simt decode, scores moved by {shift}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_vq_quantize_odd_width_reads_only_the_row(emulated, rng, dtype):
+    """16-bit rows of an odd width take the one-value-per-load staging, whose last pair of a row holds one channel:
+    the value after it (NaN here, the rows being views of wider ones) must not be read."""
+    z, cb = torch.randn(150, 45, generator=rng).to(dtype), torch.randn(300, 45, generator=rng).to(dtype)
+    idx = nb.vq_quantize(nan_padded(z, 3), nan_padded(cb, 3), code_splits=2)
+    assert torch.equal(idx, nb.vq_quantize(z, cb, code_splits=2))
+    assert_nearest(idx, z, cb, vq_quantize_ref(z, cb), f"simt odd width {dtype}")
