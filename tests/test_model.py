@@ -406,10 +406,11 @@ def test_class_weights_cover_exactly_image_codes():
     assert (r != 0.0400390625).sum() == L.vocab_size - 8192
 
 
-@pytest.mark.parametrize("alpha", [-0.04, float("nan"), float("inf"), True, "0.04"])
+@pytest.mark.parametrize("alpha", [-0.04, float("nan"), float("inf"), 1e39, True, "0.04"])
 def test_class_weights_refuse_a_weight_that_is_no_finite_non_negative_number(alpha):
     """A negative image weight made the CE normalizer (the sum of the label weights) negative or zero, and the
-    loss nonsense; it is refused by name before any training step, as are NaN, inf and non-numbers."""
+    loss nonsense; it is refused by name before any training step, as are NaN, inf (1e39 is inf in float32) and
+    non-numbers."""
     with pytest.raises(ValueError, match="the image-code loss weight must be a finite number >= 0"):
         loss_class_weights(VocabLayout.chameleon(), alpha)
     m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))

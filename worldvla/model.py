@@ -319,7 +319,9 @@ def loss_class_weights(layout: VocabLayout, alpha: float = 0.04, release: bool =
     image-code ids themselves; `release=True` gives the release's slice instead (its ids
     shifted down by one: [first image id - 1, last image id), the same on a compact layout)
     and its value: FSDP's bfloat16 cast of the weight tensor makes 0.04 0.0400390625."""
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha < 0:
+    # float32's range too: a finite 1e39 became an inf weight
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha < 0 \
+            or alpha > torch.finfo(torch.float32).max:
         raise ValueError(f"the image-code loss weight must be a finite number >= 0 (0 leaves image codes out of "
                          f"the loss, 1 weighs them as other tokens), got {alpha!r}")
     w = torch.ones(layout.vocab_size)
