@@ -314,9 +314,9 @@ class GrowingBlockMeta:
             raise ValueError(f"a growing prompt is one sequence ([L] or [1, L]), got shape {tuple(ids.shape)}; "
                              f"make one GrowingBlockMeta per row")
         ids = ids.flatten()
-        # Integer ids whose own blocks are accepted; kept, as the prompt's own rows (`generate_release_actions`
-        # reads whether the rule hides an earlier block inside the prompt).
-        self.prompt_meta = chunk_mask_meta(ids, layout, release_pairing=release_pairing)
+        # The prompt's own blocks are checked as the whole sequence's are (malformed ones raise here, before any
+        # decoding); its metadata is the engine's prefill's to build, not kept.
+        chunk_mask_meta(ids, layout, release_pairing=release_pairing)
         ids = ids.long()
         self.layout, self.release_pairing = layout, release_pairing
         self.length, self.n_blocks, self.open, self.start, self.stray = 0, 0, False, -1, False
