@@ -1769,3 +1769,44 @@ def test_collect_refuses_a_folder_named_like_a_task_file_before_any_episode(tmp_
                                                     r"file; move it away, or choose another --out"):
             col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False, overwrite=overwrite)
     assert not ran and (tmp_path / "reach-v3.hdf5").is_dir()
+
+
+def test_frame_key_names_the_obs_key_a_camera_reads_at_the_first_demo(tmp_path, np_rng):
+    """`frame_key` answers which obs key `iter_demos` reads for a camera spelling, settled at the file's first demo;
+    None for a file without demos, and a camera the first demo lacks is refused as the reader refuses it."""
+    from worldvla.data.hdf5 import frame_key
+
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        for name in ("agentview_image", "robot0_eye_in_hand_image"):
+            f[f"data/demo_0/obs/{name}"] = np_rng.integers(0, 256, size=(2, 6, 6, 3), dtype=np.uint8)
+        f["data/demo_0/actions"] = np.zeros((2, 7), np.float32)
+        f["data/demo_1/obs/agentview_image"] = np_rng.integers(0, 256, size=(2, 6, 6, 3), dtype=np.uint8)
+        f["data/demo_1/actions"] = np.zeros((2, 7), np.float32)
+    assert [frame_key(path, c) for c in (None, "agentview", "agentview_image", "robot0_eye_in_hand")] == \
+        ["agentview_image", "agentview_image", "agentview_image", "robot0_eye_in_hand_image"]
+    with pytest.raises(DemoFormatError, match=re.escape(f"{path}:data/demo_0: no frames for camera 'agentview_rgb'")):
+        frame_key(path, "agentview_rgb")
+    empty = tmp_path / "empty.hdf5"
+    with h5py.File(empty, "w") as f:
+        f.create_group("data")
+    assert frame_key(empty) is None and frame_key(empty, "agentview") is None
+
+
+def test_drop_noops_records_the_files_step_of_each_kept_step(tmp_path, np_rng):
+    """`Demo.steps` names the file's step of each kept row, and `check_actions` given them names a step not finite
+    as the file numbers it (it named its place among the steps kept)."""
+    from worldvla.data.hdf5 import check_actions
+
+    demo = random_demo(np_rng, 8, 4, 4, 4, instruction="push")
+    demo.actions[:, 3] = 1.0
+    demo.actions[[0, 1, 4], :3] = 0.0  # no-ops: steps 0, 1 and 4
+    path = write_demos(tmp_path / "d.hdf5", [demo], "push")
+    (kept,) = read_demos(path, drop_noops=True)
+    assert kept.steps.tolist() == [2, 3, 5, 6, 7] and read_demos(path)[0].steps is None
+    np.testing.assert_array_equal(kept.actions, demo.actions[kept.steps])
+    kept.actions[2, 0] = np.nan
+    with pytest.raises(DemoFormatError, match=re.escape("x: actions contain NaN or inf (first at step 5 of 8)")):
+        check_actions(kept.actions, "x", kept.steps, 8)
+    with pytest.raises(DemoFormatError, match=re.escape("x: actions contain NaN or inf (first at step 2 of 5)")):
+        check_actions(kept.actions, "x")

@@ -1857,3 +1857,54 @@ def test_a_chunk_only_failed_demos_fit_under_drop_noops_is_refused_before_any_wo
     out = st.build_store(tmp_path / "d", tmp_path / "s", vq, chunk_size=3, world=False, drop_noops=True,
                          progress=False)
     assert st.TokenStore(out).manifest["n_action"] == 1  # the kept 3 steps: one chunk
+
+
+def test_no_camera_and_the_camera_it_reads_make_one_store(tmp_path):
+    """Without --camera the reader takes obs/agentview_rgb, as --camera agentview does, but the two were recorded as
+    other settings: a rerun with the other was refused ("camera None then, 'agentview' now"). A store built with no
+    camera keeps None and its fingerprint; where the inputs settle on other cameras without one, it stays apart."""
+    rng = np.random.default_rng(9)
+    path = _libero_like_file(tmp_path / "d" / "put_the_bowl_demo.hdf5", rng)
+    vq = tiny_vqgan()
+    counted = counting(vq)
+    kw = dict(chunk_size=2, world=False, bounds="unit", progress=False)
+    out = st.build_store(path.parent, tmp_path / "s", vq, **kw)
+    fp = json.loads((out / st.MANIFEST).read_text())["fingerprint"]
+    for given in ("agentview", "agentview_rgb", None):
+        st.build_store(path.parent, out, counted, camera=given, **kw)
+        m = json.loads((out / st.MANIFEST).read_text())
+        assert CountingVQGAN.frames == 0 and m["fingerprint"] == fp and m["settings"]["camera"] is None
+    out = st.build_store(path.parent, tmp_path / "s2", vq, camera="agentview", **kw)
+    fp = json.loads((out / st.MANIFEST).read_text())["fingerprint"]
+    st.build_store(path.parent, out, counted, **kw)
+    m = json.loads((out / st.MANIFEST).read_text())
+    assert CountingVQGAN.frames == 0 and m["fingerprint"] == fp and m["settings"]["camera"] == "agentview"
+    # a.hdf5 settles on obs/agentview_rgb without a camera, b.hdf5 (no agentview) on obs/eye_in_hand_rgb
+    _libero_like_file(tmp_path / "mixed" / "a.hdf5", rng)
+    _libero_like_file(tmp_path / "mixed" / "b.hdf5", rng, cameras=("eye_in_hand_rgb",))
+    files = st.find_demo_files(tmp_path / "mixed")
+    assert st._camera_spellings(files, None) == [None]
+    assert st._camera_spellings(files, "eye_in_hand") == ["eye_in_hand", "eye_in_hand_rgb"]
+    out = st.build_store(tmp_path / "mixed", tmp_path / "s3", vq, **kw)
+    assert json.loads((out / st.MANIFEST).read_text())["settings"]["camera"] is None
+    with pytest.raises(FileExistsError, match=r"camera None then, 'eye_in_hand' now"):
+        st.build_store(tmp_path / "mixed", out, counted, camera="eye_in_hand", **kw)
+
+
+def test_nan_actions_under_drop_noops_are_named_at_the_files_step(tmp_path):
+    """Under --drop-noops the build named the first step not finite by its place among the steps kept ("step 2 of
+    5"), not the file's step; with --no-action and fixed bounds no scan of the actions refuses it before the build."""
+    import h5py
+
+    rng = np.random.default_rng(10)
+    (demo,) = random_demos(rng, (8,), dim=7)
+    demo["actions"][:, 6] = 1.0
+    demo["actions"][[0, 1, 4], :6] = 0.0  # no-ops: the file's steps 2, 3, 5, 6 and 7 are kept
+    path = write_demos(tmp_path / "d" / "a.hdf5", [demo], "push")
+    with h5py.File(path, "a") as f:
+        f["data/demo_0/actions"][5, 0] = np.nan  # the third step kept
+    said = re.escape(f"{path}:data/demo_0: actions contain NaN or inf (first at step 5 of 8)")
+    for i, kw in enumerate((dict(action=False, bounds="unit"), dict(action=False, bounds="libero"),
+                            dict(chunk_size=2, bounds="unit"))):  # the last one refused by the chunk check's scan
+        with pytest.raises(ValueError, match=said):
+            st.build_store(tmp_path / "d", tmp_path / f"s{i}", tiny_vqgan(), drop_noops=True, progress=False, **kw)

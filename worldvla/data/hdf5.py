@@ -42,6 +42,9 @@ class Demo:
     # whose next step in the file was dropped (frames[j + 1] is then not the frame that action led to). Empty when
     # no step was dropped: frames[j + 1] follows action j.
     next_frames: dict[int, np.ndarray] = field(default_factory=dict)
+    # Under `iter_demos(drop_noops=True)`: the file's step of each kept step (row t of actions is the file's step
+    # steps[t]), so that a message about a row names the step a user finds in the file. None without drop_noops.
+    steps: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -469,12 +472,16 @@ def _read_dataset(group, key: str, where: str) -> np.ndarray:
                          f"the file again, or leave it out of the inputs") from None
 
 
-def check_actions(actions: np.ndarray, where: str) -> None:
-    """Refuse actions that are not finite, naming `where` (the demo) and the first such step."""
+def check_actions(actions: np.ndarray, where: str, steps=None, total: int | None = None) -> None:
+    """Refuse actions that are not finite, naming `where` (the demo) and the first such step. Rows left by
+    drop_noops: `steps` (`Demo.steps`) and `total` (the demo's steps in the file) name the step as the file numbers
+    it, not its place among the steps kept."""
     bad = ~np.isfinite(actions).all(axis=1)
     if bad.any():
-        raise DemoFormatError(f"{where}: actions contain NaN or inf (first at step {int(np.argmax(bad))} of "
-                              f"{len(actions)}); collect the demo again or remove it from the file")
+        t = int(np.argmax(bad))
+        step, of = (t, len(actions)) if steps is None else (int(steps[t]), total)
+        raise DemoFormatError(f"{where}: actions contain NaN or inf (first at step {step} of {of}); collect the demo "
+                              f"again or remove it from the file")
 
 
 def _flag(value, where: str, key: str) -> bool:
@@ -753,7 +760,7 @@ def _without_noops(demo: Demo, where: str) -> Demo | None:
     dropped = np.nonzero((led_to < len(demo.actions)) & ~np.isin(led_to, keep))[0]
     return Demo(frames=demo.frames[keep], actions=demo.actions[keep], instruction=demo.instruction,
                 success=demo.success, name=demo.name,
-                next_frames={int(j): demo.frames[led_to[j]].copy() for j in dropped})
+                next_frames={int(j): demo.frames[led_to[j]].copy() for j in dropped}, steps=keep)
 
 
 def first_demo_shape(path, camera: str | None = None, only_success: bool = False,
@@ -779,6 +786,15 @@ def first_demo_shape(path, camera: str | None = None, only_success: bool = False
                 continue
             return (int(frames.shape[1]), int(frames.shape[2])), int(actions.shape[1])
     return None
+
+
+def frame_key(path, camera: str | None = None) -> str | None:
+    """The obs key `iter_demos(path, camera=camera)` reads the file's frames from, settled at its first demo
+    (`<camera>_rgb`, `<camera>_image` or `<camera>`; without a camera, agentview's or the first camera's); None when
+    the file holds no demo. A camera the first demo lacks is refused (DemoFormatError), as `iter_demos` refuses it."""
+    path = Path(path)
+    with open_demo_file(path) as f, _damage_named(path):
+        return next((key for *_, key in _demo_groups(_open_data(f, path), path, camera)), None)
 
 
 def iter_demo_actions(path, only_success: bool = False, drop_noops: bool = False) -> Iterator[tuple[str, np.ndarray]]:

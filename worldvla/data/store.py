@@ -459,32 +459,31 @@ def _check_chunk_fits(files, chunk_size: int, infos: dict, only_success: bool = 
 
 def _camera_spellings(files, camera: str | None) -> list:
     """The spellings of `camera` that read the same frames of every input, the one a store records first. The reader
-    (`hdf5._frame_key`) tries obs/<camera>_rgb, <camera>_image, then <camera>: `agentview` and `agentview_rgb` both
-    read LIBERO's obs/agentview_rgb, and a rerun with either finds the store built with the other. Read at each
-    file's first demo, where the reader settles its camera; [camera] when it reads no frames of some input (the
-    build refuses it then, as before)."""
-    if camera is None:
-        return [None]
-    from .hdf5 import DemoFormatError, _demo_groups, _frame_key, _open_data, open_demo_file
+    (`hdf5.frame_key`) tries obs/<camera>_rgb, <camera>_image, then <camera>, and without a camera agentview's or the
+    first camera's: `agentview`, `agentview_rgb` and no camera all read LIBERO's obs/agentview_rgb, and a rerun with
+    any finds the store built with another. Read at each file's first demo, where the reader settles its camera;
+    [camera] when it reads no frames of some input (the build refuses it then, as before). No camera is recorded as
+    None, as before (a store built so keeps its fingerprint), and stays apart where inputs settle on other cameras."""
+    from .hdf5 import frame_key
 
-    base = re.sub(r"_(rgb|image)$", "", camera)
-    spellings = list(dict.fromkeys([base, f"{base}_rgb", f"{base}_image", camera]))
-    same = set(spellings)
-    for path in files:
-        with open_demo_file(path) as f:
-            try:
-                _, g, where, key = next(_demo_groups(_open_data(f, path), path, camera), (None,) * 4)
-            except ValueError:  # DemoFormatError, or a damaged file: named by the build
-                return [camera]
-            if g is None:  # no demo: no frames to read
-                continue
-            for s in list(same):
-                try:
-                    if _frame_key(g["obs"], s, where) != key:
-                        same.discard(s)
-                except DemoFormatError:
-                    same.discard(s)
-    return [s for s in spellings if s in same]
+    try:
+        keys = {path: frame_key(path, camera) for path in files}
+    except ValueError:  # DemoFormatError, or a damaged file: named by the build
+        return [camera]
+    keys = {path: key for path, key in keys.items() if key is not None}  # a file without demos: no frames to read
+    if not keys:
+        return [camera]
+    base = re.sub(r"_(rgb|image)$", "", camera if camera is not None else next(iter(keys.values())))
+    named = [base, f"{base}_rgb", f"{base}_image"]
+    spellings = list(dict.fromkeys([None] + named if camera is None else named + [camera, None]))
+
+    def same(s) -> bool:
+        try:
+            return all(frame_key(path, s) == key for path, key in keys.items())
+        except ValueError:  # DemoFormatError: this spelling reads no frames there
+            return False
+
+    return [s for s in spellings if s == camera or same(s)]
 
 
 def _plan_shards(files, settings: StoreSettings, infos: dict):
@@ -716,10 +715,12 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                 raise ValueError(f"{e}; pass --overwrite (overwrite=True from Python) to rebuild the store in "
                                  f"{out}") from None
             old = {}  # replaced whole: what it held does not matter
-        old_camera = old["settings"].get("camera") if isinstance(old.get("settings"), dict) else None
+        # A manifest that records no camera (unreadable, replaced under --overwrite) has no spelling to keep.
+        old_camera = old["settings"].get("camera", settings.camera) if isinstance(old.get("settings"), dict) \
+            else settings.camera
         if old_camera != settings.camera and old_camera in cameras:
-            # Built (by an earlier version) under another spelling of the same camera: that store, kept as recorded,
-            # fingerprint included (a trainer resuming a run compares it).
+            # Built under another spelling of the same camera (by an earlier version, or with no camera): that store,
+            # kept as recorded, fingerprint included (a trainer resuming a run compares it).
             settings.camera = settings_d["camera"] = fp_settings["camera"] = old_camera
             fingerprint = hashlib.sha256(json.dumps(terms, sort_keys=True).encode()).hexdigest()
         if old.get("fingerprint") != fingerprint and not overwrite:
@@ -808,7 +809,8 @@ def build_store(inputs, out, vqgan, *, layout: VocabLayout | str | None = None, 
                                      f"size")
                 if demo.actions.shape[1] != action_dim:
                     raise _width_error(f"{files[fi]}:{demo.name}", demo.actions.shape[1], action_dim)
-                check_actions(demo.actions, f"{files[fi]}:data/{demo.name}")
+                # under --drop-noops the step named is the file's (`Demo.steps`), not its place among those kept
+                check_actions(demo.actions, f"{files[fi]}:data/{demo.name}", demo.steps, infos[files[fi]]["steps"][d])
                 codes = _encode_frames(vqgan, demo.frames, encode_batch)
                 n_frames += len(codes)
                 next_codes = {}
