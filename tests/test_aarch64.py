@@ -121,3 +121,80 @@ def test_to_bf16_rounds_as_torch(driver, tmp_path, rng):
     nan = torch.isnan(x).numpy()  # any NaN (torch writes 0xffff, to_bf16 the quiet 0x7fc0)
     assert np.array_equal(bits[~nan], want[~nan]), np.flatnonzero(bits[~nan] != want[~nan])[:10]
     assert nan.any() and ((bits[nan] & 0x7F80) == 0x7F80).all() and (bits[nan] & 0x7F).all()
+
+
+@pytest.fixture(scope="module")
+def guided_driver(tmp_path_factory):
+    """A driver of decode_frame's guidance mix (`guided` in csrc/cpu/decoder.cpp, a static function: that file is
+    compiled into the driver's own), with the driver fixture's flags. decoder.cpp's decode steps are not run here:
+    attention.cpp (about a minute under the cross compiler) stays out, its one entry point a stub."""
+    folder = tmp_path_factory.mktemp("aarch64_guided")
+    main = folder / "guided_main.cpp"
+    main.write_text(r"""
+#include "cpu/decoder.cpp"
+
+#include <cstdio>
+#include <cstdlib>
+
+void worldvla::decode_attention_cpu(const DecodeParams&) { std::abort(); }
+
+// guided_main KERNEL IN OUT   IN: int64 N, R, H; float scale, hidden [2N, H], weight [R, H]   OUT: int64 ids [N]
+int main(int argc, char** argv) {
+  std::FILE* in = argc == 4 ? std::fopen(argv[2], "rb") : nullptr;
+  int64_t dims[3];
+  float scale;
+  if (!in || std::fread(dims, sizeof(int64_t), 3, in) != 3 || std::fread(&scale, sizeof(float), 1, in) != 1) return 2;
+  const int64_t N = dims[0], R = dims[1], H = dims[2];
+  std::vector<float> hidden(2 * N * H), weight(R * H), logits;
+  if (std::fread(hidden.data(), sizeof(float), hidden.size(), in) != hidden.size() ||
+      std::fread(weight.data(), sizeof(float), weight.size(), in) != weight.size())
+    return 2;
+  std::fclose(in);
+  worldvla::GreedyRange g;
+  g.weight = weight.data();
+  g.w_s = g.H = H;
+  g.hi = R;
+  std::vector<int64_t> ids(N);
+  worldvla::guided(g, hidden.data(), N, scale, nullptr, 0, ids.data(), logits);
+  std::FILE* out = std::fopen(argv[3], "wb");
+  if (!out || std::fwrite(ids.data(), sizeof(int64_t), N, out) != size_t(N)) return 3;
+  std::fclose(out);
+}
+""")
+    exe = folder / "guided_main"
+    sources = [main, *(p for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))
+                       if p.name not in ("decoder.cpp", "attention.cpp"))]
+    cmd = [CXX, "-O3", "-fopenmp", "-std=gnu++17", "-Wall", "-Werror", "-static", f"-I{ROOT / 'csrc'}",
+           *map(str, sources), "-o", str(exe)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return exe
+
+
+def test_guided_mix_rounds_its_product_on_aarch64(guided_driver, tmp_path, rng):
+    """decode_frame's guided choice takes u + s * (c - u) rounded as torch rounds it: the product, then the sum.
+    aarch64's -O3 fuses the two into one fmadd unless the product is kept apart (x86-64 without FMA cannot fuse, so
+    only this build shows it). Pairs of candidates: a mix c, u in [1, 2) with s = 2.7, and the value it takes
+    unfused (c = u = that value, exact either way), in both orders; the first maximum wins a tie, so wherever the
+    fused value differs (a third of the mixes), one of the two rows turns to the other candidate. The ids equal
+    torch's float32 choice bit for bit."""
+    n = 96
+    scale = torch.tensor(2.7)
+    c, u = 1 + torch.rand(n, generator=rng), 1 + torch.rand(n, generator=rng)
+    mixed = u + scale * (c - u)
+    # rows 2i and 2i + 1: candidates (mix i, its unfused value) and (its unfused value, mix i)
+    cond = torch.stack([torch.stack([c, mixed], 1), torch.stack([mixed, c], 1)], 1).reshape(2 * n, 2)
+    uncond = torch.stack([torch.stack([u, mixed], 1), torch.stack([mixed, u], 1)], 1).reshape(2 * n, 2)
+    N, R = 2 * n, 2
+    # one-hot hidden rows: conditional row r reads column 2r of the weight, its unconditional branch column 2r + 1
+    hidden = torch.eye(2 * N).view(N, 2, 2 * N).transpose(0, 1).reshape(2 * N, 2 * N)
+    weight = torch.stack([cond, uncond], -1).permute(1, 0, 2).reshape(R, 2 * N)
+    ids = _run(guided_driver, "guided", tmp_path, np.array([N, R, 2 * N], dtype=np.int64),
+               scale.numpy().reshape(1), hidden.numpy(), weight.numpy(), dtype=np.int64)
+    logits = hidden @ weight.T  # exact: one term of each sum is not zero
+    assert torch.equal(logits[:N], cond) and torch.equal(logits[N:], uncond)
+    want = (uncond + scale * (cond - uncond)).argmax(-1)
+    # the fused mix, exact in double here (at most 49 significant bits), then rounded once to float32
+    fused = (uncond.double() + scale.double() * (cond - uncond).double()).float()
+    assert (fused.argmax(-1) != want).sum() > n // 5
+    assert np.array_equal(ids, want.numpy()), np.flatnonzero(ids != want.numpy())[:10]

@@ -1370,3 +1370,103 @@ def test_a_dropout_of_one_is_refused_by_name():
     with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), got 1.0"):
         WorldVLA(ModelConfig.tiny(dropout=1.0))
     assert WorldVLA(ModelConfig.tiny(dropout=0.99)).model.layers[0].dropout.p == 0.99
+
+
+def _cached_in_pieces(m, rows, steps, backend):
+    """Hidden states [L_b, H] of each sequence of `rows` fed through a KVCache: step j writes steps[j][b] more
+    tokens of row b, the step padded to the most of them as the engine's prefill pads (pad ids in the slots
+    past kv_len, which the row's later steps overwrite). The DecodeMeta holds the chunk rule of the whole
+    sequences: kv_block of every slot, the q_limit of each step's rows."""
+    from worldvla.mask import NO_BLOCK, DecodeMeta, chunk_mask_meta
+    from worldvla.model import KVCache
+
+    B, S = len(rows), max(len(r) for r in rows) + max(max(s) for s in steps)
+    metas = [chunk_mask_meta(r, m.layout) for r in rows]
+    kv_block = torch.full((B, S), NO_BLOCK, dtype=torch.int32)
+    for b, meta in enumerate(metas):
+        kv_block[b, :len(rows[b])] = meta.kv_block
+    cache, cur = KVCache(m.config, B, S), [0] * B
+    out = [torch.full((len(r), m.config.hidden_size), float("nan")) for r in rows]
+    for step in steps:
+        Q = max(step)
+        ids = torch.full((B, Q), m.layout.pad, dtype=torch.long)
+        q_limit = torch.full((B, Q), -1, dtype=torch.int32)
+        for b, n in enumerate(step):
+            ids[b, :n] = rows[b][cur[b]:cur[b] + n]
+            q_limit[b, :n] = metas[b].q_limit[cur[b]:cur[b] + n]
+        pos = torch.tensor(cur).view(B, 1) + torch.arange(Q).view(1, Q)
+        kv_len = torch.tensor([c + n for c, n in zip(cur, step)], dtype=torch.int32)
+        dm = DecodeMeta(pos.int(), q_limit, kv_block, kv_len)
+        with torch.no_grad():
+            h = m.hidden_states(ids, cache=cache, position_ids=pos, decode_meta=dm, backend=backend)
+        for b, n in enumerate(step):
+            out[b][cur[b]:cur[b] + n] = h[b, :n]
+            cur[b] += n
+    assert cur == [len(r) for r in rows]
+    return out
+
+
+def _pieces(lens, prefix, singles, several):
+    """Per-row token counts of the steps: each row's prefix, `singles` one-token steps, then steps of `several`
+    tokens (fewer at a row's end, none after it)."""
+    left, steps = [n - p for n, p in zip(lens, prefix)], [list(prefix)]
+    while any(left):
+        step = [min(1 if len(steps) <= singles else several, x) for x in left]
+        left = [x - s for x, s in zip(left, step)]
+        steps.append(step)
+    return steps
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_prompt_fed_in_pieces_through_the_cache_gives_the_whole_forwards_hidden_states(backend, monkeypatch):
+    """A prompt written into the KV cache in pieces (a prefix that ends inside or before the first action block,
+    single tokens, then three at a time, the steps crossing the blocks' ends) gets the hidden states of one
+    uncached forward of the whole sequence under the chunk rule; alone and in a batch of two sequences of
+    different lengths at different positions. The sequences hold two images and then three or four action
+    blocks, whose later blocks may not see the earlier ones: plain causal attention is far off there.
+    Tolerance: the rule of the native decoder's tests, the error against the float64 forward at most twice
+    that of the uncached float32 forward (plus 1e-6 of the largest value). backend="auto" runs the native
+    layer: C++ decoder_layer for the steps of a few rows, torch's GEMM and C++ decoder_attention_block for the
+    prefixes of over 64 rows."""
+    import copy
+
+    from worldvla import ActionTokenizer, SequenceBuilder
+    from worldvla.tokens import ByteTextTokenizer
+
+    calls = []
+    if backend == "auto":
+        pytest.importorskip("worldvla._C")
+        from worldvla.ops import dispatch
+        from worldvla.ops import native_backend as nb
+
+        for op in ("decoder_layer", "decode_attention", "linear", "masked_attention"):
+            monkeypatch.setitem(dispatch.AUTO_ORDER, (op, "cpu"), ("native", "torch"))
+        for name in ("decoder_layer", "decoder_attention_block"):  # a step of up to 64 rows, a longer one
+            monkeypatch.setattr(nb._C, name, lambda *a, f=getattr(nb._C, name), n=name: calls.append(n) or f(*a))
+    gen = torch.Generator().manual_seed(8)
+    m = WorldVLA(ModelConfig.tiny()).init_weights(0.2, generator=gen).eval()
+    L = m.layout
+    sb = SequenceBuilder(L, ByteTextTokenizer(L), ActionTokenizer(L, [-1] * 3, [1] * 3))
+    seqs = []
+    for text, blocks in (("go", 4), ("pick up the cup", 3)):
+        codes = [torch.randint(0, L.n_image_codes, (2, 2), generator=gen) for _ in range(2)]
+        seqs.append(sb.action_sample(text, codes, torch.rand(blocks, 3, generator=gen) * 2 - 1).input_ids)
+    first_boa = [int((s == L.boa).nonzero()[0]) for s in seqs]
+    assert [len(s) for s in seqs] == [83, 91] and first_boa == [62, 75]
+    wide = copy.deepcopy(m).double()
+    for rows, prefix in (([seqs[0]], [65]), (seqs, [65, 73])):
+        got = _cached_in_pieces(m, rows, _pieces([len(r) for r in rows], prefix, singles=8, several=3), backend)
+        for b, r in enumerate(rows):
+            with torch.no_grad():
+                ref, same = wide.hidden_states(r), m.hidden_states(r, backend=backend)
+                causal = m.hidden_states(r, meta=causal_meta(tuple(r.shape)), backend=backend)
+            err, base = (got[b].double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+            bound = 2 * base + 1e-6 * ref.abs().max().item()
+            assert err <= bound, (len(rows), b, err, base)
+            # the chunk rule's holes: the later action blocks' rows, and those alone, differ from causal attention
+            second_boa = int((r == L.boa).nonzero()[1])
+            assert (causal[:second_boa].double() - ref[:second_boa]).abs().max() <= bound
+            assert (causal[second_boa:-1].double() - ref[second_boa:-1]).abs().max() > 1000 * bound
+    steps = len(_pieces([83], [65], 8, 3)) + len(_pieces([83, 91], [65, 73], 8, 3))  # each prefix over 64 rows
+    want = {"decoder_attention_block": 2 * 2, "decoder_layer": 2 * (steps - 2)} if backend == "auto" else {}
+    assert {n: calls.count(n) for n in set(calls)} == want

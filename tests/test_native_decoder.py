@@ -904,3 +904,76 @@ def test_direct_calls_refuse_an_odd_head_dim():
         _C.decoder_layer(0, 0, 8, 8, w, 0, 0, 0, 1e-6, 1e-5, False, 0, 0, 0, 0, 0, 0, 1, 1, 4, 2, 1, 5, s, s, 0, 1.0)
     with pytest.raises(ValueError, match=msg):
         _C.decoder_attention_block(0, 0, 0, 0, w, 0, 0, 0, 1e-5, 0, 0, 0, 0, 0, 0, 1, 1, 4, 2, 1, 5, s, s, 0, 1.0)
+
+
+def test_direct_calls_of_no_sequences_or_no_rows_do_nothing():
+    """`_C.decoder_layer`, `_C.decoder_attention_block`, a `_C.DecodeStep` and `_C.decode_frame` called directly with
+    batch 0, no query rows or both (the Python wrappers return before the call or pass empty tensors through):
+    each returns and writes nothing, on buffers of one sequence of one row poisoned with NaN (the cache with 7s,
+    the frame's codes with -1). The layer's decode attention divided by its zero work items there before it
+    returned at once for no work (SIGFPE: the process died): run in a child process, so that a crash fails this
+    test."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from worldvla import _C
+        from worldvla.mask import DecodeMeta
+        from worldvla.model import ForwardContext, KVCache, ModelConfig, WorldVLA, rope_cos_sin
+        from worldvla.ops import native_backend as nb
+
+        torch.set_grad_enabled(False)
+        m = WorldVLA(ModelConfig.tiny()).eval()
+        cfg, layout = m.config, m.layout
+        D, Dh, S = cfg.hidden_size, cfg.head_dim, 8
+        w = [t.data_ptr() for t in nb._layer_weights(m.model.layers[0])]
+        cache = KVCache(cfg, 1, S)
+        cache.k.fill_(7.0)
+        cache.v.fill_(7.0)
+        x = torch.randn(1, 1, D)
+        pos = torch.zeros(1, 1, dtype=torch.long)
+        meta = DecodeMeta(pos.int(), torch.full((1, 1), -1, dtype=torch.int32), torch.zeros(1, S, dtype=torch.int32),
+                          torch.ones(1, dtype=torch.int32))
+        cos, sin = (t.contiguous() for t in rope_cos_sin(pos, Dh, cfg.rope_theta, torch.float32))
+        cache_args = list(nb._cache_args(cfg, x, ForwardContext(cache=cache, position_ids=pos, decode_meta=meta), 0))
+        q, o = (torch.full((1, 1, cfg.num_attention_heads * Dh), float("nan")) for _ in range(2))
+        k, v = (torch.full((1, 1, cfg.num_key_value_heads * Dh), float("nan")) for _ in range(2))
+        y = torch.full_like(x, float("nan"))
+        real_step, made = _C.DecodeStep, []
+        _C.DecodeStep = lambda *a: made.append(a) or real_step(*a)
+        run = nb.build_decode_step(m, cache, torch.zeros(1, 1, dtype=torch.long), pos, meta)
+        step_args, out = list(made[0]), run.__defaults__[1]
+        out.fill_(float("nan"))
+
+
+        def untouched():
+            return (bool((cache.k == 7).all() and (cache.v == 7).all())
+                    and all(bool(t.isnan().all()) for t in (y, q, k, v, o, out)))
+
+
+        for batch, n_q in ((0, 1), (1, 0), (0, 0)):
+            cache_args[6:8] = batch, n_q
+            _C.decoder_layer(x.data_ptr(), y.data_ptr(), D, cfg.intermediate_size, w, cos.data_ptr(), sin.data_ptr(),
+                             pos.data_ptr(), 1e-5, 1e-5, False, *cache_args)
+            _C.decoder_attention_block(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), w, cos.data_ptr(),
+                                       sin.data_ptr(), pos.data_ptr(), 1e-5, *cache_args)
+            step_args[22:24] = batch, n_q
+            real_step(*step_args).run()
+            print("step", batch, n_q, untouched())
+        # a frame of no sequences: one- and two-row steps of batch 0; greedy, drawn (one image row) and guided
+        codes = torch.full((1, 4), -1, dtype=torch.long)
+        next_pos = torch.full((2,), 5, dtype=torch.long)
+        lo, hi = min(layout.image_code_ids), max(layout.image_code_ids) + 1
+        noise = torch.zeros(2, 1, hi - lo)
+        steps = [real_step(*step_args[:22], 0, n_q, *step_args[24:]) for n_q in (1, 2)]
+        for first, z, guided in ((1, 0, False), (2, noise.data_ptr(), False), (1, 0, True)):
+            _C.decode_frame(*steps, 0, 2, 2, layout.newline, codes.data_ptr(), next_pos.data_ptr(),
+                            m.lm_head.weight.data_ptr(), D, 0, D, lo, hi, 0, 0, 0, first, 4, z, 0, guided, 3.0)
+            print("frame", first, guided, bool((codes == -1).all() and (next_pos == 5).all()) and untouched())
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    assert run.stdout.splitlines() == ["step 0 1 True", "step 1 0 True", "step 0 0 True", "frame 1 False True",
+                                       "frame 2 False True", "frame 1 True True"], run.stdout
