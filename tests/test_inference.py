@@ -1416,3 +1416,37 @@ def test_a_layout_of_another_vocabulary_is_refused_naming_the_models_own(rng):
         with pytest.raises(ValueError, match=rf"the layout '{other.name}' has {other.vocab_size} ids but the model "
                                              rf"{model.config.vocab_size}: pass the model's own layout"):
             generate_action_chunk(model, prompt, other, 2, 3)
+
+
+def test_a_prefill_resets_the_metadata_past_each_prompt_whatever_was_decoded_there(rng):
+    """A prefill writes each prompt's block ordinals, its last token's too (a block left open: later blocks must not
+    see it), NO_BLOCK in every slot past the prompt (where an earlier chunk wrote its blocks' ordinals), and each
+    row's prompt length as kv_len."""
+    from worldvla.mask import NO_BLOCK
+
+    model, D = _model(8), 3
+    block = lambda: torch.cat([torch.tensor([LAYOUT.boa]), LAYOUT.bin_base + torch.randint(0, 8, (D,), generator=rng),
+                               torch.tensor([LAYOUT.eoa])])
+    first = _prompt(rng, 1)
+    # a block before the separator; a block left open at the end (as the release's free decoding may be prompted)
+    prompts = [torch.cat([first[:-1], block(), first[-1:]]), torch.cat([_prompt(rng, 2), block()[:2]])]
+    eng = InferenceEngine(model, 2, max(p.numel() for p in prompts) + 2 * (D + 2) + 1)
+    eng.kv_block.fill_(1)  # as a chunk decoded before leaves its blocks' ordinals
+    eng.kv_len.fill_(eng.max_len)
+    eng.prefill(prompts)
+    for b, p in enumerate(prompts):
+        assert eng.kv_block[b, :p.numel()].tolist() == chunk_mask_meta(p, LAYOUT).kv_block.tolist()
+        assert (eng.kv_block[b, p.numel():] == NO_BLOCK).all()
+    assert eng.kv_len.tolist() == [p.numel() for p in prompts]
+    assert (eng.kv_block[0] == 0).sum() == D + 2
+    assert eng.kv_block[1, len(prompts[1]) - 2:len(prompts[1])].tolist() == [0, 0]  # the open block's BOA and bin
+
+
+def test_a_steps_buffers_move_their_slots_and_positions_together_by_any_number_of_tokens():
+    """advance(n) moves both the cache slots a step writes and its queries' positions (what each query sees) n on."""
+    eng = InferenceEngine(_model(8), 3, 16)
+    buf = eng.buffers(2)
+    buf.set_positions(torch.tensor([[0, 1], [4, 5], [8, 9]]))
+    buf.advance(3)
+    assert buf.pos.tolist() == buf.q_pos.tolist() == [[3, 4], [7, 8], [11, 12]]
+

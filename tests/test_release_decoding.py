@@ -606,3 +606,42 @@ def test_the_last_token_allowed_is_never_fed_so_never_malformed(template):
         assert got.actions.tolist() == [got.tokens.tolist()[:D + 2]] and not got.fails_after
     else:
         assert got.actions.shape == (0, D + 2) and got.fails_after
+
+
+def _with_blocks(base, n_blocks, seed):
+    """`base` with `n_blocks` action blocks between its image and its closing separator."""
+    lo, g = LAYOUT.bin_range[0], torch.Generator().manual_seed(seed)
+    blocks = [[BOA, *(lo + torch.randint(0, 256, (D,), generator=g)).tolist(), EOA] for _ in range(n_blocks)]
+    return torch.cat([base[:-1], torch.tensor(sum(blocks, [])), base[-1:]])
+
+
+def test_every_row_of_a_batch_is_prefilled_as_the_release_prefills_it():
+    """The release's prefill (every position under the mask's last row) holds for each row of a batch, and for a
+    prompt whose last block after the image is only its second (block ordinal 1): each row's keys, values and last
+    hidden state are the release's own."""
+    model = _model(8)
+    base = _prompts(torch.Generator().manual_seed(8), 2)
+    prompts = [_with_blocks(base[0], 2, 1), _with_blocks(base[1], 3, 2)]
+    engine = release_engine(model, prompts, 4)
+    got_h = engine.prefill(prompts, release=True)
+    for b, p in enumerate(prompts):
+        k, v, h = release_prefill(model, p, LAYOUT)
+        torch.testing.assert_close(got_h[b], h, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(engine.cache.k[:, b, :len(p)], k, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(engine.cache.v[:, b, :len(p)], v, rtol=1e-4, atol=1e-5)
+
+
+def test_a_release_prefill_recomputes_a_prefix_cached_under_the_chunk_rule():
+    """A prefix cached by a structured prefill (the chunk rule row by row, where the second block after the image
+    hides the first) is not the release's: a release prefill with skip= recomputes it, so the keys, values and last
+    hidden state are those of a release prefill from nothing."""
+    model = _model(8)
+    p = _with_blocks(_prompts(torch.Generator().manual_seed(8), 1)[0], 2, 1)
+    k, v, h = release_prefill(model, p, LAYOUT)
+    engine = release_engine(model, [p], 4)
+    engine.prefill([p])
+    assert not torch.allclose(engine.cache.k[:, 0, :len(p)], k, rtol=1e-2)  # the cached prefix is not the release's
+    got_h = engine.prefill([p], skip=[len(p) - 1], release=True)[0]
+    torch.testing.assert_close(got_h, h, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(engine.cache.k[:, 0, :len(p)], k, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(engine.cache.v[:, 0, :len(p)], v, rtol=1e-4, atol=1e-5)
