@@ -288,12 +288,12 @@ def test_chunks_past_the_models_positions_are_refused_naming_what_to_change(rng)
         generate_action_chunk(model, prompt, LAYOUT, limit // 6, 4)
     eng = InferenceEngine(model, 2, 64)
     k = torch.zeros(model.config.num_hidden_layers, 4, *eng.cache.k.shape[3:])
-    with pytest.raises(ValueError, match=r"row must lie in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"row must be an integer in \[0, 2\)"):
         eng.set_row_prefix(-1, k, k)
     # row_prefix handed out the last row's slots for row -1, and fewer slots than asked past the cache
-    with pytest.raises(ValueError, match=r"row must lie in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"row must be an integer in \[0, 2\)"):
         eng.row_prefix(-1, 4)
-    with pytest.raises(ValueError, match=r"n must lie in \[0, 64\]"):
+    with pytest.raises(ValueError, match=r"n must be an integer in \[0, 64\]"):
         eng.row_prefix(0, 65)
     snap = InferenceEngine(model, 2, 80).snapshot_prefix([70, 70])
     with pytest.raises(ValueError, match="a prefix snapshot of 70 slots does not fit an engine of 64"):
@@ -1130,7 +1130,7 @@ def test_a_row_prefix_of_a_negative_length_is_refused(rng):
     prompt = _prompt(rng, 1)
     eng = InferenceEngine(model, 1, prompt.numel())
     eng.prefill([prompt])
-    with pytest.raises(ValueError, match=rf"n must lie in \[0, {prompt.numel()}\] \(the engine's slots\), got -1"):
+    with pytest.raises(ValueError, match=rf"n must be an integer in \[0, {prompt.numel()}\] \(the engine's slots\), got -1"):
         eng.row_prefix(0, -1)
     k, v = eng.row_prefix(0, 0)
     assert k.shape[1] == v.shape[1] == 0
@@ -1329,7 +1329,7 @@ def test_an_engine_for_no_prompts_or_a_negative_token_count_is_refused():
     eng = _tiny_engine()
     with pytest.raises(ValueError, match="at least one prompt"):
         engine_for(eng.model, [], 4)
-    with pytest.raises(ValueError, match="new_tokens must be >= 0, got -3"):
+    with pytest.raises(ValueError, match="new_tokens must be an integer >= 0, got -3"):
         engine_for(eng.model, [torch.arange(5)], -3)
     assert engine_for(eng.model, [torch.arange(5), torch.arange(3)], 0).max_len == 5
 
@@ -1450,3 +1450,23 @@ def test_a_steps_buffers_move_their_slots_and_positions_together_by_any_number_o
     buf.advance(3)
     assert buf.pos.tolist() == buf.q_pos.tolist() == [[3, 4], [7, 8], [11, 12]]
 
+
+
+def test_fractional_rows_lengths_and_token_counts_are_refused_by_name():
+    """snapshot_prefix cut a length of 2.5 to a prefix of 2 slots without a word; row_prefix with 2.5 failed in
+    torch's slicing, a row of 0.5 named no argument, and engine_for's 2.5 new tokens was refused as 'max_len must be
+    an integer', an argument the caller never gave."""
+    from worldvla.inference.engine import engine_for
+
+    eng = _tiny_engine()
+    with pytest.raises(ValueError, match=r"prefix lengths must be integers \(slots\), got \[2.5, 2\]"):
+        eng.snapshot_prefix([2.5, 2])
+    with pytest.raises(ValueError, match=r"prefix lengths must be integers \(slots\), got \[True, 2\]"):
+        eng.snapshot_prefix([True, 2])
+    with pytest.raises(ValueError, match=r"n must be an integer in \[0, \d+\] \(the engine's slots\), got 2.5"):
+        eng.row_prefix(0, 2.5)
+    with pytest.raises(ValueError, match=r"row must be an integer in \[0, 2\) \(the engine's batch rows\), got 0.5"):
+        eng.row_prefix(0.5, 2)
+    with pytest.raises(ValueError, match=r"new_tokens must be an integer >= 0, got 2.5"):
+        engine_for(eng.model, [torch.arange(5)], 2.5)
+    assert eng.snapshot_prefix([3, 2]) is not None and eng.row_prefix(1, 3)[0].shape[1] == 3

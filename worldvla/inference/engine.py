@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import is_integer
+from ..checks import is_count, is_integer
 from ..mask import NO_BLOCK, DecodeMeta, chunk_mask_meta
 from ..model import KVCache
 from ..ops import dispatch
@@ -435,6 +435,9 @@ class InferenceEngine:
     @torch.no_grad()
     def snapshot_prefix(self, lengths) -> PrefixSnapshot:
         """Copy the keys/values of the first max(lengths) slots of every row (`lengths`: one per row)."""
+        lengths = list(lengths)
+        if not all(is_integer(x) for x in lengths):  # int() cut 2.5 to a prefix of 2 slots without a word
+            raise ValueError(f"prefix lengths must be integers (slots), got {lengths}")
         lengths = [int(x) for x in lengths]
         if len(lengths) != self.batch_size:
             raise ValueError(f"a prefix snapshot takes one length per row ({self.batch_size}), got {len(lengths)}")
@@ -460,8 +463,8 @@ class InferenceEngine:
         """Copies of the keys and values of row `row`'s first `n` slots, [layers, n, Hkv, Dh] each (made
         outside inference mode: a caller keeps them)."""
         self._check_row(row)
-        if not 0 <= n <= self.max_len:
-            raise ValueError(f"n must lie in [0, {self.max_len}] (the engine's slots), got {n}")
+        if not is_integer(n) or not 0 <= n <= self.max_len:
+            raise ValueError(f"n must be an integer in [0, {self.max_len}] (the engine's slots), got {n!r}")
         with outside_inference_mode():
             return self.cache.k[:, row, :n].clone(), self.cache.v[:, row, :n].clone()
 
@@ -478,8 +481,8 @@ class InferenceEngine:
                              f"of the same model")
 
     def _check_row(self, row: int) -> None:
-        if not 0 <= row < self.batch_size:  # a negative row would name another row's slots
-            raise ValueError(f"row must lie in [0, {self.batch_size}) (the engine's batch rows), got {row}")
+        if not is_integer(row) or not 0 <= row < self.batch_size:  # a negative row would name another row's slots
+            raise ValueError(f"row must be an integer in [0, {self.batch_size}) (the engine's batch rows), got {row!r}")
 
     @torch.no_grad()
     def set_row_prefix(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -498,8 +501,8 @@ def engine_for(model, prompts, new_tokens: int, *, layout: VocabLayout | None = 
     """An engine with a row per prompt and room for the longest prompt plus `new_tokens`."""
     if len(prompts) == 0:
         raise ValueError("an engine needs at least one prompt (one cache row each), got none")
-    if new_tokens < 0:  # fewer slots than the longest prompt, refused only at its prefill
-        raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")
+    if not is_count(new_tokens, 0):  # fewer slots than the longest prompt were refused only at its prefill
+        raise ValueError(f"new_tokens must be an integer >= 0, got {new_tokens!r}")
     longest = max(int(torch.as_tensor(p).numel()) for p in prompts)
     limit = model.config.max_position_embeddings
     if longest + new_tokens > limit:
