@@ -986,3 +986,27 @@ def test_an_out_folder_the_system_cannot_check_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"worldvla imagine: error: --out {out} cannot be used (File name too long): name another "
                           f"folder"), err
+
+
+def test_a_misspelt_required_option_is_named_not_only_the_one_it_left_missing(capsys):
+    """`worldvla train --stroe s --out x` printed only "the following arguments are required: --store": argparse
+    checks required options before it reports words it does not know, so the misspelling went unnamed (an optional
+    one, `--stpes`, was named with its likely option)."""
+    for argv, says in ((["train", "--stroe", "s", "--out", "x"], "--stroe (--stroe: did you mean --store?)"),
+                       (["pretokenize", "a.hdf5", "--outt=s", "--vqgan", "v"], "--outt=s (--outt=s: did you mean --out?)")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert (f"worldvla {argv[0]}: error: unrecognized arguments: {says}; `worldvla {argv[0]} --help` lists its "
+                f"options") in err, err
+    # Nothing misspelt: argparse's own message; a prefix of the option counts as given (its ambiguity is argparse's);
+    # after `--` every word is a value.
+    for argv, says in ((["train", "--out", "x"], "the following arguments are required: --store"),
+                       (["train", "--sto", "s", "--out", "x"], "ambiguous option: --sto could match --store"),
+                       (["train", "--out", "x", "--", "--stroe"], "the following arguments are required: --store")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert says in err and "did you mean" not in err, err

@@ -235,6 +235,27 @@ def _refuse_unknown(parser: argparse.ArgumentParser, command: str | None, unknow
               + f"; `worldvla {command} --help` lists its options")
 
 
+def _misspelt_required(parser: argparse.ArgumentParser, command: str | None, words: list[str]) -> list[str]:
+    """The words after `command` that name none of its long options, where one of its required options is missing:
+    argparse reports only the missing one (`train --stroe s`: "the following arguments are required: --store"),
+    before any word it does not know, so the misspelling that caused it goes unnamed. Empty otherwise."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    sub = subs[0].choices.get(command) if subs and command else None
+    if sub is None or sub.get_default("_unavailable"):
+        return []
+    words = words[:words.index("--")] if "--" in words else words  # after `--`, every word is a value
+    names = [w.split("=", 1)[0] for w in words if w.startswith("--")]
+
+    def given(option: str) -> bool:  # as argparse matches a long option: whole, or a prefix of it
+        return any(option == n or (sub.allow_abbrev and option.startswith(n)) for n in names)
+
+    options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    missing = [a for a in sub._actions if a.required and a.option_strings and not any(map(given, a.option_strings))]
+    unknown = [w for w in words if w.startswith("--") and not any(
+        o == w.split("=", 1)[0] or (sub.allow_abbrev and o.startswith(w.split("=", 1)[0])) for o in options)]
+    return unknown if missing else []
+
+
 def _traceback_wanted() -> bool:
     """Whether WORLDVLA_TRACEBACK asks for tracebacks: set to anything but empty, 0, false, no or off."""
     return os.environ.get("WORLDVLA_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
@@ -295,6 +316,10 @@ def _main(argv) -> int:
     close = difflib.get_close_matches(chosen, COMMANDS, n=1) if chosen and chosen not in COMMANDS else []
     if close:  # `worldvla trian`: argparse would list every command without pointing at the likely one
         parser.error(f"unknown command {chosen!r} (did you mean {close[0]!r}?); `worldvla --help` lists them all")
+    if chosen in COMMANDS:  # a misspelt required option is named, not only the required one it left missing
+        misspelt = _misspelt_required(parser, chosen, argv[argv.index(chosen) + 1:])
+        if misspelt:
+            _refuse_unknown(parser, chosen, misspelt)
     # parse_known_args: a subcommand whose module failed to import has no options, and its reason must show
     # whatever options were given; every other subcommand refuses unknown arguments as parse_args does.
     args, unknown = parser.parse_known_args(argv)
