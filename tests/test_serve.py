@@ -5,6 +5,7 @@ All traffic stays on 127.0.0.1 with ports picked by the OS."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import os
 import re
@@ -1716,8 +1717,10 @@ def test_a_host_that_does_not_resolve_or_a_taken_port_is_named():
         PolicyServer(HistoryPolicy(), host="999.1.1.1").start_background()
     with PolicyServer(HistoryPolicy()) as server:
         with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{server.port} \(--host, --port\): the "
-                                          r"port is in use .* choose another --port \(0 picks a free one\)$"):
+                                          r"port is in use .* choose another --port \(0 picks a free one\)$") as e:
             PolicyServer(HistoryPolicy(), port=server.port).start_background()
+    # The one line printed starts with what failed ("[Errno 98] cannot listen ..." before); the number stays on it.
+    assert str(e.value).startswith("cannot listen on 127.0.0.1:") and e.value.errno == errno.EADDRINUSE
 
 
 def test_a_reset_refused_for_any_reason_ends_the_episode(np_rng):

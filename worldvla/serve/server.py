@@ -93,7 +93,10 @@ def _address_error(host: str, port: int, e: OSError) -> Exception:
     # the port in use, an address of another machine: the address named
     why = ("the port is in use (another `worldvla serve`?): stop that process or choose another --port (0 picks a free "
            "one)" if e.errno == errno.EADDRINUSE else f"{e.strerror or e}")
-    return OSError(e.errno, f"cannot listen on {host}:{port} (--host, --port): {why}")
+    # OSError(errno, text) prints as "[Errno 99] ...": the number stays on the error, out of the one line printed
+    err = OSError(f"cannot listen on {host}:{port} (--host, --port): {why}")
+    err.errno = e.errno
+    return err
 
 
 def check_address(host: str, port: int) -> None:
