@@ -1010,3 +1010,20 @@ def test_a_misspelt_required_option_is_named_not_only_the_one_it_left_missing(ca
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert says in err and "did you mean" not in err, err
+
+
+def test_under_torchrun_each_ranks_closing_line_names_its_rank(tmp_path, monkeypatch, capsys):
+    """Every rank of `torchrun ... -m worldvla train` prints its own closing line: two identical lines read as one
+    error printed twice, and a line of one rank alone did not say which rank failed."""
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    argv = ["train", "--store", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
+    for env, who in (({"RANK": "1", "WORLD_SIZE": "2"}, "worldvla train (rank 1 of 2): error: "),
+                     ({"RANK": "0", "WORLD_SIZE": "1"}, "worldvla train: error: "),
+                     ({"WORLD_SIZE": "2"}, "worldvla train: error: ")):
+        for name in ("RANK", "WORLD_SIZE"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(who) and err.count("\n") == 1, err

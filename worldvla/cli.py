@@ -256,6 +256,15 @@ def _misspelt_required(parser: argparse.ArgumentParser, command: str | None, wor
     return unknown if missing else []
 
 
+def _speaker(command: str) -> str:
+    """Who a closing line speaks for: `worldvla train`, and under torchrun its rank (`worldvla train (rank 1 of
+    2)`), since every rank prints its own: two like lines are then two ranks failing alike, and a line of one
+    rank alone names the rank that failed."""
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
+    many = rank is not None and world.isdigit() and int(world) > 1
+    return f"worldvla {command}" + (f" (rank {rank} of {world})" if many else "")
+
+
 def _traceback_wanted() -> bool:
     """Whether WORLDVLA_TRACEBACK asks for tracebacks: set to anything but empty, 0, false, no or off."""
     return os.environ.get("WORLDVLA_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
@@ -339,7 +348,7 @@ def _main(argv) -> int:
         args.out = os.path.expanduser(args.out)
     out_problem = _out_folder_problem(getattr(args, "out", None))
     if out_problem:  # every command's --out is a folder: refused before any work, not when the first file is written
-        print(f"worldvla {args.command}: error: {out_problem}", file=sys.stderr)
+        print(f"{_speaker(args.command)}: error: {out_problem}", file=sys.stderr)
         return 2
     # Bad inputs (missing files are OSErrors) and a missing optional dependency get one line; any other error
     # keeps its traceback.
@@ -349,11 +358,11 @@ def _main(argv) -> int:
         if _traceback_wanted():
             raise
         how = how_to_continue(args)
-        print(f"\nworldvla {args.command}: interrupted" + (f"; {how}" if how else ""), file=sys.stderr)
+        print(f"\n{_speaker(args.command)}: interrupted" + (f"; {how}" if how else ""), file=sys.stderr)
         return 130
     except Stopped as e:
         how = how_to_continue(args)
-        print(f"worldvla {args.command}: {e}" + (f"; {how}" if how else ""), file=sys.stderr)
+        print(f"{_speaker(args.command)}: {e}" + (f"; {how}" if how else ""), file=sys.stderr)
         return STOPPED_RC
     except (ValueError, OSError, ImportError) as e:
         if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
@@ -365,7 +374,7 @@ def _main(argv) -> int:
             return 128 + signal.SIGPIPE
         if _traceback_wanted() or (isinstance(e, ImportError) and not _missing_dependency(e)):
             raise
-        print(f"worldvla {args.command}: error: {e} (WORLDVLA_TRACEBACK=1 shows where)", file=sys.stderr)
+        print(f"{_speaker(args.command)}: error: {e} (WORLDVLA_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2
     return int(rc or 0)
 
