@@ -335,3 +335,34 @@ def test_baseline_without_a_layout_uses_the_models():
     want = baseline_generate_action_chunk(model, prompt, e2e.LAYOUT, 1, D, max_new_tokens=4)
     got = baseline_generate_action_chunk(model, prompt, None, 1, D, max_new_tokens=4)
     assert torch.equal(got.tokens, want.tokens) and got.tokens.shape == (4,)
+
+
+# ------------------------------------------------------------------ how the sides are timed and compared
+def test_every_side_gets_the_documented_warm_up_and_repeats():
+    """Full runs: 2 warm-up calls and 7 timed ones per side; --quick 1 and 3 (the module's docstring)."""
+    assert e2e._timing(False) == {"warmup": 2, "repeats": 7}
+    assert e2e._timing(True) == {"warmup": 1, "repeats": 3}
+
+
+def test_comparisons_call_each_side_n_times_in_a_turning_order():
+    """The CPU comparisons' `_interleaved`: n timed calls of each side, the order turning every round, `before(side)`
+    before each call; their callers make the warm-up calls themselves."""
+    order, befores = [], []
+    med = e2e._interleaved({s: (lambda s=s: order.append(s)) for s in "abc"}, 4, before=befores.append)
+    assert order == list("abcbcacababc") and befores == order
+    assert set(med) == set("abc") and all(m >= 0 for m in med.values())
+
+
+def test_side_rows_divide_the_base_sides_median_by_each_sides(monkeypatch):
+    """A comparison's speed-up column is the base side's median over the row's (above 1: faster than the base),
+    and its tokens column compares each side's tokens with the reference side's. Medians fixed."""
+    medians = {"slow": 6.0, "fast": 2.0}
+    monkeypatch.setattr(e2e, "time_interleaved", lambda calls, warmup, repeats, before: {
+        side: {"median_ms": medians[side]} for side in calls})
+    calls = {side: {"frame": (lambda: None, 3)} for side in medians}
+    out = {"slow": {"frame": torch.tensor([1, 2])}, "fast": {"frame": torch.tensor([1, 3])}}
+    rows = e2e._side_rows(calls, out, 4, "slow", "slow", "speedup_vs_slow", "tokens_equal")
+    assert rows == [{"case": "small frame 64px", "impl": "slow", "median_ms": 6.0, "repeats": 3,
+                     "speedup_vs_slow": 1.0, "tokens_equal": True},
+                    {"case": "small frame 64px", "impl": "fast", "median_ms": 2.0, "repeats": 3,
+                     "speedup_vs_slow": 3.0, "tokens_equal": False}]

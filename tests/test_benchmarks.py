@@ -1,5 +1,6 @@
 """CPU-sized benchmark cases under pytest-benchmark, a smoke run of the benchmark harness, and the
 input rotation that keeps GPU timings out of L2."""
+import importlib
 import importlib.util
 import json
 import math
@@ -2131,6 +2132,8 @@ def test_train_tokens_and_flops_leave_out_the_padding(tmp_path, monkeypatch):
 def test_a_benchmark_refuses_an_empty_out_and_names_itself(tmp_path, monkeypatch, capsys):
     """`python -m benchmarks.vq --out "$DIR"` with DIR unset wrote its results into the current folder; the usage
     line named `__main__.py` instead of the command to run."""
+    importlib.import_module("worldvla.benchmarks.vq")  # the module `run` claims: its name is read from sys.modules
+
     monkeypatch.chdir(tmp_path)
     ran = []
 
@@ -2185,3 +2188,117 @@ def test_bench_lines_reach_a_log_before_a_time_limit_ends_the_run(tmp_path):
     lines = (tmp_path / "log").read_text().splitlines()
     assert f"-> {tmp_path / 'out'}/vq.json" in " ".join(lines), lines
     assert lines[-1].startswith("== sampling: "), lines
+
+
+# ------------------------------------------------------------------ what every result records, and how it is timed
+def test_time_fn_reads_the_clock_on_both_sides_of_the_call():
+    """A 20 ms call times at least 20 ms: the clock is read before the call and after it, not twice after it."""
+    import time
+
+    st = common.time_fn(lambda: time.sleep(0.02), warmup=0, repeats=3)
+    assert st["min_ms"] >= 20 and st["median_ms"] >= 20 and st["repeats"] == 3
+
+
+def test_bandwidth_counts_the_bytes_read_and_the_bytes_written(monkeypatch):
+    """A copy of n bytes reads n and writes n: 2 n bytes over the copy's median time (`BANDWIDTH_METHOD`), timed on
+    the device asked for. CUDA faked: the buffers on the CPU, the copy's median fixed at 2 ms."""
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **kw: real_empty(*a, **kw))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    timed = []
+    monkeypatch.setattr(common, "time_fn", lambda fn, **kw: (timed.append(kw["device"]), fn(), {"median_ms": 2.0})[-1])
+    assert common.measure_bandwidth("cuda", 1000) == pytest.approx(2 * 1000 / 2e-3 / 1e9)
+    assert timed == [torch.device("cuda")]
+    assert common.measure_bandwidth("cpu") is None
+
+
+def test_a_gpu_result_is_named_after_the_gpu_and_records_its_own_fields(monkeypatch, tmp_path):
+    """A result written for a CUDA device takes that GPU's name (file and `device`), its L2 and the NVIDIA
+    driver, and none of the CPU's fields. CUDA faked: an H100 with a 50 MiB L2."""
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(
+        L2_cache_size=50 << 20))
+    monkeypatch.setattr(common, "nvidia_driver_version", lambda: "550.54.15")
+    path = common.write_results("demo", [{"x": 1}], "cuda", tmp_path)
+    doc = json.loads(path.read_text())
+    assert path.name == "demo-NVIDIA-H100-80GB-HBM3.json" and doc["device"] == "NVIDIA-H100-80GB-HBM3"
+    assert doc["l2_cache_bytes"] == 50 << 20 and doc["nvidia_driver"] == "550.54.15"
+    assert not {"cpu_model", "cpu_cache", "cpu_capability"} & set(doc)
+
+
+def test_results_record_torch_cuda_python_and_the_utc_date_of_the_write(tmp_path):
+    """`torch` is torch's version, `cuda` the CUDA torch was built with, `python` the interpreter's, and `date`
+    the write's time in UTC with its offset (runs on machines in other time zones compare)."""
+    import datetime
+    import platform
+
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    doc = json.loads(common.write_results("demo", [], "cpu", tmp_path).read_text())
+    after = datetime.datetime.now(datetime.timezone.utc)
+    assert (doc["torch"], doc["cuda"], doc["python"]) == (torch.__version__, torch.version.cuda,
+                                                          platform.python_version())
+    date = datetime.datetime.fromisoformat(doc["date"])
+    assert date.utcoffset() == datetime.timedelta(0) and before <= date <= after
+
+
+def test_a_benchmarks_command_line_reaches_its_run():
+    """`python -m benchmarks.<name>` hands run its --quick (a quick run writes its own -quick file), --device, --out
+    and the benchmark's own flags, each off unless given."""
+    got = []
+
+    def run(quick, device, out, **flags):
+        got.append((quick, device, out, flags))
+
+    flags = {"--no-ref": "h", "--other-flag": "h"}
+    common.main_for(run, "d", ["--quick", "--device", "cpu", "--out", "r", "--no-ref"], flags=flags)
+    common.main_for(run, "d", [], flags=flags)
+    assert got == [(True, "cpu", "r", {"no_ref": True, "other_flag": False}),
+                   (False, None, "benchmarks/results", {"no_ref": False, "other_flag": False})]
+
+
+def test_cpu_ops_narrow_side_gives_the_kernels_their_width_back(monkeypatch):
+    """On a CPU that runs 16 floats per vector, `native-w8` runs the C++ path at 8 and sets 16 again after every
+    call, a failing one too: the `native` calls after it run at 16. The width faked at 16."""
+    _C = pytest.importorskip("worldvla._C")
+    from worldvla.benchmarks import cpu_ops
+
+    width = [16]
+    monkeypatch.setattr(_C, "cpu_vector_width", lambda: width[0])
+    monkeypatch.setattr(_C, "set_cpu_vector_width", lambda w: width.__setitem__(0, w))
+    seen = []
+
+    def call(backend, x):
+        seen.append((backend, width[0]))
+        if x == "fail":
+            raise RuntimeError("kernel failed")
+        return x
+
+    fns = cpu_ops._sides(call)
+    assert set(fns) == {"torch", "native", "native-w8"}
+    assert fns["native-w8"]("ok") == "ok" and width[0] == 16
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        fns["native-w8"]("fail")
+    assert width[0] == 16
+    fns["native"]("ok")
+    fns["torch"]("ok")
+    assert seen == [("native", 8), ("native", 8), ("native", 16), ("torch", 16)]
+    assert set(cpu_ops._sides(call, widths=False)) == {"torch", "native"}
+
+
+def test_a_quick_cpu_ops_run_keeps_off_the_full_results(monkeypatch, tmp_path):
+    """`worldvla bench --quick` runs cpu_ops too: its result is cpu_ops-<device>-quick.json, never the full run's
+    file. Nothing timed, no input sets made."""
+    pytest.importorskip("worldvla._C")
+    from worldvla.benchmarks import cpu_ops
+
+    monkeypatch.setattr(cpu_ops, "interleaved", lambda fns, rot, warmup, repeats: {
+        name: {"median_ms": 1.0, "repeats": repeats} for name in fns})
+    monkeypatch.setattr(cpu_ops, "Rotation", _NoSets)
+    monkeypatch.setattr(cpu_ops, "sampling_rotation", lambda *a: _NoSets())
+    monkeypatch.setattr(cpu_ops, "gather_rotation", lambda *a: _NoSets())
+    monkeypatch.setattr(cpu_ops, "plot_speedups", lambda rows, path: None)
+    path = cpu_ops.run(quick=True, out_dir=tmp_path)
+    assert path.name == f"cpu_ops-{common.device_name('cpu')}-quick.json"
+    assert json.loads(path.read_text())["quick"] is True and [p.name for p in tmp_path.iterdir()] == [path.name]
