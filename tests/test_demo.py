@@ -1104,3 +1104,135 @@ def test_a_damaged_started_marker_starts_its_training_over(tmp_path, monkeypatch
     demo.run_demo(cfg, tmp_path, progress=False)
     assert seen[0][:2] == ("train", False) and _ran(seen) == ["train", "evaluate"]
     assert not (tmp_path / "stages" / "train.started").exists()
+
+
+def test_force_and_no_progress_of_the_command_line_reach_every_stage(tmp_path, monkeypatch):
+    """`worldvla demo --force` and `--no-progress` go through `run` to every stage: a finished demo is redone
+    (collection and tokenization anew, the evaluation without its saved closed loops), without progress bars."""
+    from worldvla import demo
+
+    seen, progress = [], []
+    _stub_all_stages(monkeypatch, seen)
+    for name in ("stage_collect", "stage_train_vq", "stage_pretokenize", "stage_train", "stage_evaluate"):
+        def record(cfg, out, shown, *a, _stage=getattr(demo, name), **k):
+            progress.append(shown)
+            return _stage(cfg, out, shown, *a, **k)
+        monkeypatch.setattr(demo, name, record)
+    monkeypatch.setattr(demo, "print_table", lambda results: None)
+    argv = ["--fast", "--out", str(tmp_path)]
+    assert demo.main(argv) == 0
+    assert progress == [True] * 5
+    seen.clear(), progress.clear()
+    assert demo.main(argv + ["--no-progress", "--force"]) == 0
+    assert [s[:2] for s in seen] == [("collect", True), ("train-vq", False), ("pretokenize", True), ("train", False),
+                                     ("evaluate", False)]
+    assert progress == [False] * 5
+
+
+def test_the_stages_pass_the_progress_setting_on(tmp_path, monkeypatch):
+    """Each stage hands `progress` to the code it runs: the trainers get --no-progress, collect, the store and the
+    evaluation progress=False (a log of `--no-progress` filled with bars otherwise)."""
+    from worldvla import demo
+    from worldvla.data import collect, store
+    from worldvla.eval import metaworld
+    from worldvla.train import trainer
+    from worldvla.train import vq as train_vq
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(name):
+        def stop(*args, **kwargs):
+            seen[name] = not args[0].no_progress if name in ("train", "vq") else kwargs["progress"]
+            raise Stop()
+        return stop
+
+    monkeypatch.setattr(trainer, "train", record("train"))
+    monkeypatch.setattr(train_vq, "train_vq", record("vq"))
+    monkeypatch.setattr(collect, "collect", record("collect"))
+    monkeypatch.setattr(store, "build_store", record("store"))
+    monkeypatch.setattr(metaworld, "evaluate", record("evaluate"))
+    cfg = demo.DemoConfig.fast_preset()
+    for shown in (False, True):
+        for stage in (demo.stage_collect, demo.stage_train_vq, demo.stage_pretokenize, demo.stage_train,
+                      demo.stage_evaluate):
+            with pytest.raises(Stop):
+                stage(cfg, tmp_path, shown, *([False] if stage in (demo.stage_train_vq, demo.stage_train) else []))
+        assert seen == dict.fromkeys(("collect", "vq", "store", "train", "evaluate"), shown), shown
+
+
+def test_the_store_and_the_model_get_the_demos_chunk_size_and_model_size(tmp_path, monkeypatch):
+    """--chunk-size reaches the store (its samples hold chunks of K actions, the policy's chunk size) and --model the
+    trainer's --config; both differ from the store's and the trainer's own defaults here."""
+    from worldvla import demo
+    from worldvla.data import store
+    from worldvla.train import trainer
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def build_store(files, out, vqgan, **kw):
+        seen.update(kw, vqgan=vqgan)
+        raise Stop()
+
+    def train(args):
+        seen["config"] = args.config
+        raise Stop()
+
+    monkeypatch.setattr(store, "build_store", build_store)
+    monkeypatch.setattr(trainer, "train", train)
+    cfg = demo.DemoConfig.fast_preset(chunk_size=3, model="tiny")
+    with pytest.raises(Stop):
+        demo.stage_pretokenize(cfg, tmp_path, False)
+    assert (seen["chunk_size"], seen["vqgan"]) == (3, tmp_path / "vq" / "vqgan")
+    with pytest.raises(Stop):
+        demo.stage_train(cfg, tmp_path, False, False)
+    assert seen["config"] == "tiny"
+    with pytest.raises(Stop):
+        demo.stage_train(demo.DemoConfig(), tmp_path, False, False)
+    assert seen["config"] == "small"
+
+
+def test_force_collects_every_tasks_file_anew(tmp_path, monkeypatch):
+    """--force removes the file of each of the run's tasks before collecting (a kept one is not collected again),
+    and leaves other tasks' files alone."""
+    from worldvla import demo
+    from worldvla.data import collect
+
+    cfg = demo.DemoConfig.fast_preset(tasks=("reach-v3", "push-v3", "drawer-open-v3"))
+    (tmp_path / "demos").mkdir()
+    for t in (*cfg.tasks, "window-open-v3"):
+        (tmp_path / "demos" / f"{t}.hdf5").write_bytes(b"old")
+    found = {}
+
+    def fake_collect(*a, **k):
+        found["demos"] = sorted(p.name for p in (tmp_path / "demos").iterdir())
+        return {"incomplete": [], "errors": [], "tasks": {}}
+
+    monkeypatch.setattr(collect, "collect", fake_collect)
+    demo.stage_collect(cfg, tmp_path, False, fresh=True)
+    assert found["demos"] == ["window-open-v3.hdf5"]
+
+
+def test_a_cached_stage_counts_no_seconds_of_this_run(tmp_path, monkeypatch, capsys):
+    """A second run's summary gives a cached stage 0 s of its own and the time it took when it ran as
+    original_seconds; the total is this run's, not the earlier run's."""
+    from worldvla import demo
+
+    seen = []
+    _stub_all_stages(monkeypatch, seen)
+    cfg = demo.DemoConfig.fast_preset()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    for marker in (tmp_path / "stages").glob("*.json"):  # as if each stage had taken 1000 s
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "seconds": 1000.0}))
+    capsys.readouterr()
+    results = demo.run_demo(cfg, tmp_path, progress=False)
+    assert results["stages"] == {s: {"cached": True, "seconds": 0.0, "original_seconds": 1000.0}
+                                 for s in demo.stages_for(cfg)}
+    assert results["total_seconds"] < 100
+    assert json.loads((tmp_path / "metrics.json").read_text())["stages"] == results["stages"]
+    assert "[worldvla demo] train: cached (1000 s when it ran)" in capsys.readouterr().out
