@@ -2489,3 +2489,201 @@ def test_single_channel_uint8_images_are_scored():
     b = np.full((2, 12, 12, 1), 10, np.uint8)
     np.testing.assert_allclose(metrics.psnr(a, b).numpy(), 10 * np.log10(255.0 ** 2 / 100.0), rtol=1e-12)
     np.testing.assert_allclose(metrics.ssim(b, b).numpy(), 1.0, atol=1e-12)
+
+
+class _RunsToItsLimit(FakeMetaWorldEnv):
+    """Goes on after its goal (Meta-World's terminate_on_success=False): every episode runs max_steps steps."""
+
+    def step(self, action):
+        frame, reward, success, _ = super().step(action)
+        return frame, reward, success, self.t >= self.max_steps
+
+
+def test_the_random_baseline_runs_on_the_policys_seeds_and_with_its_execute(tmp_path, monkeypatch):
+    """Chance level is measured on the layouts the policy was evaluated on (the same seeds per task, reset in the
+    same order) and with the policy's --execute: one query a step for --execute 1, not whole chunks."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", _RunsToItsLimit)
+    FakeMetaWorldEnv.instances = []
+    m = mw.evaluate([PushRight()], ["fake-a-v3", "fake-b-v3"], 3, tmp_path, seed=7, max_steps=4, n_envs=1,
+                    wm_episodes=0, gifs=False, progress=False, env_workers=1, variant_names=["p"], execute=1)
+    for task in ("fake-a-v3", "fake-b-v3"):
+        pol, rnd = m["variants"]["p"]["tasks"][task], m["random"]["tasks"][task]
+        assert pol["seeds"] == rnd["seeds"] == eval_seeds(task, 3, 7)
+        assert pol["latency"]["queries"] == rnd["latency"]["queries"] == 3 * 4  # 3 episodes of 4 one-action chunks
+    env_a, env_b = FakeMetaWorldEnv.instances  # one env a task, shared by the variant and the baseline
+    assert env_a.seeds == eval_seeds("fake-a-v3", 3, 7) * 2 and env_b.seeds == eval_seeds("fake-b-v3", 3, 7) * 2
+
+
+def test_episodes_run_to_the_step_limit_of_the_evaluation(tmp_path, monkeypatch):
+    """An episode that does not reach its goal runs exactly --max-steps steps, in closed_loop and in evaluate."""
+    from worldvla.eval import metaworld as mw
+
+    class Still(PushRight):
+        def act(self, image, history=None):
+            return 0.0 * super().act(image, history)
+
+    r = closed_loop(Still(), "fake-v3", episodes=3, n_envs=2, max_steps=5, env_factory=FakeMetaWorldEnv)
+    assert r.steps == [5, 5, 5] and r.successes == [False] * 3 and len(r.frames) == 6
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    m = mw.evaluate([Still()], ["fake-a-v3"], 2, tmp_path, max_steps=5, n_envs=1, wm_episodes=0, gifs=False,
+                    progress=False, env_workers=1, random_baseline=False, variant_names=["p"], execute=1)
+    assert m["variants"]["p"]["tasks"]["fake-a-v3"]["latency"]["queries"] == 2 * 5  # one query a step
+    assert m["variants"]["p"]["tasks"]["fake-a-v3"]["success_rate"] == 0.0
+
+
+def test_actions_run_in_worker_processes_are_clipped_too():
+    """Envs in worker processes (`step_async`, `step_wait`) get the clipped action, as envs stepped here do."""
+
+    class Async(FakeMetaWorldEnv):
+        def step(self, action):
+            raise AssertionError("an env in a worker process is stepped with step_async")
+
+        def step_async(self, action):
+            self.reply = FakeMetaWorldEnv.step(self, action)  # refuses actions outside [-1, 1]
+
+        def step_wait(self):
+            return self.reply
+
+    class Overshoot(PushRight):
+        def act(self, image, history=None):
+            return 4.0 * super().act(image, history)  # +2.0 along x
+
+    envs = [Async("fake-v3", 8, 30) for _ in range(2)]
+    r = closed_loop(Overshoot(), "fake-v3", episodes=3, envs=envs, record=False)
+    assert r.success_rate == 1.0 and r.steps == [1 + s % 3 for s in r.seeds]
+
+
+def test_a_variants_latency_is_the_mean_of_its_tasks_medians(tmp_path, monkeypatch):
+    """metrics.json's latency_median_s (and the table's "ms per action-chunk query") is each task's median query
+    time averaged over the tasks; latency_mean_s the tasks' means averaged."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    real_closed_loop = mw.closed_loop
+    latency = {"fake-a-v3": {"queries": 3, "mean_s": 0.5, "median_s": 0.1},
+               "fake-b-v3": {"queries": 3, "mean_s": 0.9, "median_s": 0.3}}
+
+    def timed(policy, task, *a, **k):
+        r = real_closed_loop(policy, task, *a, **k)
+        r.latency = latency[task]
+        return r
+
+    monkeypatch.setattr(mw, "closed_loop", timed)
+    m = mw.evaluate([PushRight()], ["fake-a-v3", "fake-b-v3"], 1, tmp_path, max_steps=8, n_envs=1, wm_episodes=0,
+                    gifs=False, progress=False, env_workers=1, random_baseline=False, variant_names=["p"])
+    assert m["variants"]["p"]["latency_median_s"] == pytest.approx(0.2)
+    assert m["variants"]["p"]["latency_mean_s"] == pytest.approx(0.7)
+    assert "p: 200 ms per action-chunk query" in format_results(m)
+
+
+def test_the_gif_of_a_closed_loop_is_named_by_its_first_episodes_outcome(tmp_path, monkeypatch):
+    """The GIF shows the first episode: named failure when that one failed, though later ones succeeded, when
+    the run is made and when it is reused."""
+    from worldvla.eval import metaworld as mw
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())  # 6, 4 and 2 steps to the goals
+    out = tmp_path / "eval"
+    kw = dict(n_envs=1, wm_episodes=0, progress=False, env_workers=1, random_baseline=False, variant_names=["p"])
+    for reused in (False, True):
+        m = mw.evaluate([folder], ["fake-a-v3"], 3, out, max_steps=5, **kw)
+        res = m["variants"]["p"]["tasks"]["fake-a-v3"]
+        assert res["episode_success"] == [False, True, True] and res.get("reused", False) == reused
+        assert _gifs(out) == ["p_fake-a-v3_failure.gif"]
+
+
+class _SeedFrames(FakeMetaWorldEnv):
+    """Frames carry the episode's seed (pixel [0, 0, 1]) besides the step."""
+
+    def _frame(self):
+        f = super()._frame()
+        f[0, 0, 1] = self.seeds[-1] % 251
+        return f
+
+
+def test_the_recorded_frames_are_the_first_episodes():
+    """The GIF's frames (TaskResult.frames) are those of the first episode, from its reset to its last step, also
+    when later groups of envs run other episodes."""
+    pol = PushRight()
+    r = closed_loop(pol, "fake-v3", episodes=4, n_envs=2, max_steps=30, env_factory=_SeedFrames)
+    assert r.steps == [2, 6, 2, 2]
+    assert len(r.frames) == r.steps[0] + 1 and list(r.frames[:, 0, 0, 1]) == [r.seeds[0] % 251] * len(r.frames)
+    assert list(r.frames[:, 0, 0, 0]) == list(range(len(r.frames)))
+
+
+def test_a_blind_policy_still_records_the_frames_of_its_gif():
+    """A policy that needs no images skips rendering only when nothing is recorded: with record=True the GIF gets
+    the env's frames, not blank ones."""
+
+    class Skips(FakeMetaWorldEnv):
+        can_skip_render = True
+
+        def reset(self, seed, render=True):
+            frame = super().reset(seed)
+            return frame if render else np.zeros_like(frame)
+
+        def step(self, action, render=True):
+            frame, *rest = super().step(action)
+            return (frame if render else np.zeros_like(frame), *rest)
+
+    r = closed_loop(RandomPolicy(chunk_size=2, seed=0), "fake-v3", episodes=1, n_envs=1, max_steps=4,
+                    env_factory=Skips, image_size=8)
+    assert r.frames.shape == (r.steps[0] + 1, 8, 8, 3) and all(f.any() for f in r.frames)
+    blind = closed_loop(RandomPolicy(chunk_size=2, seed=0), "fake-v3", episodes=1, n_envs=1, max_steps=4,
+                        env_factory=Skips, image_size=8, record=False)
+    assert blind.frames is None and blind.steps == r.steps  # the same episode, unrendered
+
+
+def test_the_random_baseline_draws_each_envs_actions_apart():
+    """A batch of envs gets a chunk of its own each, not one chunk repeated, so that the baseline's episodes are
+    independent; drawn within [low, high]."""
+    a = RandomPolicy(chunk_size=3, action_dim=4, seed=5, low=-0.5, high=0.5).act(np.zeros((2, 8, 8, 3), np.uint8))
+    assert a.shape == (2, 3, 4) and not np.allclose(a[0], a[1])
+    assert a.min() >= -0.5 and a.max() <= 0.5
+
+
+def test_the_policy_is_reset_for_every_group_of_episodes():
+    """Each group of envs starts new episodes: the policy is reset (its instruction, any state it keeps) before
+    each group's first query."""
+
+    class Counting(PushRight):
+        resets = 0
+
+        def reset(self, instruction):
+            Counting.resets += 1
+            super().reset(instruction)
+
+    closed_loop(Counting(), "fake-v3", episodes=5, n_envs=2, max_steps=30, env_factory=FakeMetaWorldEnv, record=False)
+    assert Counting.resets == 3
+
+
+def test_evaluation_layouts_differ_between_tasks():
+    """Each task gets its own layout seeds (the task's name is hashed into them), and a seed's first episodes do
+    not depend on the number of episodes."""
+    a, b = eval_seeds("reach-v3", 5), eval_seeds("push-v3", 5)
+    assert set(a).isdisjoint(b) and len(set(a)) == 5
+    assert eval_seeds("reach-v3", 3) == a[:3] and eval_seeds("reach-v3", 5, seed=1) != a
+
+
+def test_metrics_json_holds_each_finished_task_of_a_variant_before_the_next_runs(tmp_path, monkeypatch):
+    """A variant's closed loop that fails leaves metrics.json ("complete": false) with the tasks it finished."""
+    import json
+
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    real_closed_loop = mw.closed_loop
+
+    def fails_on_b(policy, task, *a, **k):
+        if task == "fake-b-v3":
+            raise RuntimeError("simulated crash")
+        return real_closed_loop(policy, task, *a, **k)
+
+    monkeypatch.setattr(mw, "closed_loop", fails_on_b)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        mw.evaluate([PushRight()], ["fake-a-v3", "fake-b-v3"], 1, tmp_path, max_steps=8, n_envs=1, wm_episodes=0,
+                    gifs=False, progress=False, env_workers=1, variant_names=["p"])
+    partial = json.loads((tmp_path / "metrics.json").read_text())
+    assert partial["complete"] is False and list(partial["variants"]["p"]["tasks"]) == ["fake-a-v3"]
+    assert partial["variants"]["p"]["tasks"]["fake-a-v3"]["episode_success"] == [True]
