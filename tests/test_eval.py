@@ -2687,3 +2687,20 @@ def test_metrics_json_holds_each_finished_task_of_a_variant_before_the_next_runs
     partial = json.loads((tmp_path / "metrics.json").read_text())
     assert partial["complete"] is False and list(partial["variants"]["p"]["tasks"]) == ["fake-a-v3"]
     assert partial["variants"]["p"]["tasks"]["fake-a-v3"]["episode_success"] == [True]
+
+
+def test_the_random_baseline_runs_a_release_mode_policys_execute_past_its_chunk_size(tmp_path, monkeypatch):
+    """A mode='release' policy may run --execute above its chunk size (it writes as many actions as its model does);
+    the random baseline took that chunk size and refused the --execute after every variant had run, blaming 'the
+    policy', and metrics.json was left incomplete."""
+    from worldvla.eval import metaworld as mw
+
+    class Release(PushRight):  # chunk_size 3
+        mode = "release"
+
+    monkeypatch.setattr(mw, "_default_env_factory", _RunsToItsLimit)
+    m = mw.evaluate([Release()], ["fake-a-v3"], 2, tmp_path, max_steps=8, n_envs=1, wm_episodes=0, gifs=False,
+                    progress=False, env_workers=1, variant_names=["p"], execute=4)
+    assert m["complete"] and m["random"]["chunk_size"] == 4
+    rnd = m["random"]["tasks"]["fake-a-v3"]
+    assert rnd["episodes"] == 2 and rnd["latency"]["queries"] == 2 * 2  # 2 episodes of 2 chunks of 4 actions, 8 steps

@@ -725,6 +725,9 @@ def evaluate(policies, tasks, episodes: int, out_dir, *, seed: int = 0, max_step
             rates[name] = {t: v["tasks"][t]["success_rate"] for t in tasks}
         if random_baseline:
             k = getattr(loaded[0], "chunk_size", 5) if loaded else 5
+            # A mode='release' policy may be run with --execute above its chunk size (check_execute): the baseline
+            # draws chunks of at least that many actions, whose length changes nothing else of uniform noise.
+            k = max(k, execute or 0)
             v = {"policy": "uniform random actions", "chunk_size": k, "tasks": {}}
             metrics["random"] = v
             for task in tasks:
