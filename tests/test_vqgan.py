@@ -758,3 +758,53 @@ def test_a_release_checkpoint_of_half_precision_runs_in_float32_as_the_release_r
         assert torch.equal(loaded.state_dict()[k], v.float()), k
     x = _pixels(rng, 1, 32, 32)
     assert torch.equal(loaded.encode(x), m.float().encode(x))
+
+
+# ---------------------------------------------------------------------- parity of the decoder with transformers' Janus
+def _janus_twin(gen, attn_res):
+    """transformers' Janus VQVAE (taming's encoder and decoder, as Chameleon's) and a VQGAN of the same weights.
+
+    transformers' Chameleon VQVAE has no decoder; Janus's has the same blocks, built coarsest level first, so its
+    `decoder.up.0` is this model's `decoder.up.4`. Janus puts an attention block after every ResnetBlock of the
+    coarsest level; for the release's attn_resolutions=[] their proj_out is zeroed, which leaves x + 0 = x."""
+    transformers = pytest.importorskip("transformers")
+    n = len(TINY["ch_mult"])
+    hf_cfg = transformers.JanusVQVAEConfig(
+        embed_dim=TINY["embed_dim"], num_embeddings=TINY["n_embed"], latent_channels=TINY["z_channels"],
+        base_channels=TINY["ch"], channel_multiplier=list(TINY["ch_mult"]), num_res_blocks=TINY["num_res_blocks"],
+        num_patches=TINY["resolution"] // 2 ** (n - 1))
+    hf = transformers.JanusVQVAE(hf_cfg).eval()
+    _randomize(hf, gen)
+    sd = {}
+    with torch.no_grad():
+        for k, v in hf.state_dict(keep_vars=True).items():
+            if ".attn." in k and not attn_res:
+                if ".proj_out." in k:
+                    v.zero_()
+                continue
+            if k.startswith("decoder.up."):
+                level, rest = k[len("decoder.up."):].split(".", 1)
+                k = f"decoder.up.{n - 1 - int(level)}.{rest}"
+            sd[k] = v.detach()
+    ours = VQGAN(VQGANConfig(**{**TINY, "attn_resolutions": attn_res})).eval()
+    ours.load_state_dict(sd, strict=True)
+    return hf, ours
+
+
+@pytest.mark.parametrize("attn_res", [(), (4,)])
+def test_decoder_matches_transformers_janus(attn_res):
+    """The decoder (post_quant_conv, conv_in, mid Res-Attn-Res, 3 ResnetBlocks a level, nearest x2 upsampling then
+    a conv, GN -> swish -> conv_out, no tanh) against a second implementation with the same weights, on a grid of
+    3x2 codes (rows and columns differ). The encoder's parity with Chameleon's does not reach the decoder."""
+    gen = torch.Generator().manual_seed(23)
+    hf, ours = _janus_twin(gen, attn_res)
+    codes = torch.randint(0, TINY["n_embed"], (2, 3, 2), generator=gen)
+    with torch.no_grad():
+        z_q = ours.codebook[codes].permute(0, 3, 1, 2)
+        ref = hf.decoder(hf.post_quant_conv(z_q))
+        got = ours.decode_latents(z_q)
+        assert got.shape == ref.shape == (2, 3, 48, 32)
+        rel = float((got - ref).norm() / ref.norm())
+        assert rel <= 1e-5, rel
+        assert float(ref.abs().max()) > 1.0  # unclamped: a tanh or a clamp here would show
+        assert torch.allclose(ours.decode(codes), ref.clamp(-1, 1), rtol=0, atol=5e-5)
