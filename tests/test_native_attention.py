@@ -372,24 +372,23 @@ def test_decode_rows_either_side_of_the_tiled_switch_cpu(rng):
     torch.testing.assert_close(outs[0], outs[1][:, 1:], rtol=0, atol=1e-5)
 
 
-@pytest.mark.usefixtures("cpu_width")
-@pytest.mark.parametrize("val", [float("nan"), float("inf")])
-def test_nonfinite_value_in_the_head_dims_tail_cpu(rng, val):
-    """A NaN or an infinity in value dim 18 of a head dim of 20 (past the whole 8-float vectors) of key 9,
-    which rows 0-8 may not see (causal) nor rows 30 on (key 9 is in action block 0, their limit is block 1):
-    the rows that see it come out NaN throughout, every other row has the bits of the clean call, in the
-    prefill, in decode row by row (5 rows) and in decode's tiled kernel (40 rows)."""
+def _check_nonfinite_value_at_key_9(rng, limits, dim: int, val: float, seen_rows: slice, decode_rows: list) -> None:
+    """One NaN or infinity in value dim `dim` (of a head dim of 20) of key 9, of action block 0, with the rows' block
+    limits `limits` ((row slice, limit) pairs): the rows in `seen_rows` (q heads 0 and 1, which read kv head 0) come out
+    NaN throughout, every other row has the bits of the clean call, in the prefill and in decode at each list of
+    `decode_rows` (a few rows: row by row; many: the tiled kernel)."""
     T, H = 45, 4
     kv = torch.full((1, T), NO_BLOCK, dtype=torch.int32)
     ql = torch.full((1, T), -1, dtype=torch.int32)
     kv[0, 9] = 0
-    ql[0, 30:] = 1
+    for rows, limit in limits:
+        ql[0, rows] = limit
     meta = ChunkMaskMeta(kv, ql, torch.arange(T).view(1, T).contiguous(), None, 0)
     q, k, v = qkv(rng, (1, T), H, 2, 20)
     bad = v.clone()
-    bad[0, 9, 0, 18] = val
+    bad[0, 9, 0, dim] = val
     sees = torch.zeros(T, H, dtype=torch.bool)
-    sees[9:30, :2] = True  # q heads 0 and 1 read kv head 0
+    sees[seen_rows, :2] = True
 
     def check(out, clean, expected, name):
         assert torch.equal(~out.isfinite().all(-1), expected), name
@@ -397,10 +396,21 @@ def test_nonfinite_value_in_the_head_dims_tail_cpu(rng, val):
         assert torch.equal(out[~expected], clean[~expected]), name
 
     check(nb.masked_attention(q, k, bad, meta)[0], nb.masked_attention(q, k, v, meta)[0], sees, "prefill")
-    for rows in ([5, 12, 29, 30, 44], list(range(5, 45))):
+    for rows in decode_rows:
         dm = decode_meta_from(meta, rows, T)
         out, clean = nb.decode_attention(q[:, rows], k, bad, dm), nb.decode_attention(q[:, rows], k, v, dm)
         check(out[0], clean[0], sees[rows], f"decode {len(rows)} rows")
+
+
+@pytest.mark.usefixtures("cpu_width")
+@pytest.mark.parametrize("val", [float("nan"), float("inf")])
+def test_nonfinite_value_in_the_head_dims_tail_cpu(rng, val):
+    """A NaN or an infinity in value dim 18 of a head dim of 20 (past the whole 8-float vectors) of key 9,
+    which rows 0-8 may not see (causal) nor rows 30 on (key 9 is in action block 0, their limit is block 1):
+    the rows that see it come out NaN throughout, every other row has the bits of the clean call, in the
+    prefill, in decode row by row (5 rows) and in decode's tiled kernel (40 rows)."""
+    _check_nonfinite_value_at_key_9(rng, [(slice(30, None), 1)], 18, val, slice(9, 30),
+                                    [[5, 12, 29, 30, 44], list(range(5, 45))])
 
 
 @pytest.mark.parametrize("Q", [3, 40])  # the row-by-row kernel, the tiled one
@@ -923,24 +933,5 @@ def test_nonfinite_value_at_a_key_in_the_rows_limit_block_cpu(rng):
     visible (only blocks below the limit are hidden), rows 40 on limit 1. The rows that see the key (9-39,
     q heads 0 and 1) come out NaN throughout, the others keep the bits of the clean call, in the prefill and
     in decode row by row (5 rows) and tiled (40 rows)."""
-    T, H = 45, 4
-    kv = torch.full((1, T), NO_BLOCK, dtype=torch.int32)
-    ql = torch.full((1, T), -1, dtype=torch.int32)
-    kv[0, 9] = 0
-    ql[0, 30:40], ql[0, 40:] = 0, 1
-    meta = ChunkMaskMeta(kv, ql, torch.arange(T).view(1, T).contiguous(), None, 0)
-    q, k, v = qkv(rng, (1, T), H, 2, 20)
-    bad = v.clone()
-    bad[0, 9, 0, 3] = float("nan")
-    sees = torch.zeros(T, H, dtype=torch.bool)
-    sees[9:40, :2] = True
-
-    def check(out, clean, expected, name):
-        assert torch.equal(out.isnan().all(-1), expected), name
-        assert torch.equal(out[~expected], clean[~expected]), name
-
-    check(nb.masked_attention(q, k, bad, meta)[0], nb.masked_attention(q, k, v, meta)[0], sees, "prefill")
-    for rows in ([5, 12, 30, 39, 40], list(range(5, 45))):
-        dm = decode_meta_from(meta, rows, T)
-        out, clean = nb.decode_attention(q[:, rows], k, bad, dm), nb.decode_attention(q[:, rows], k, v, dm)
-        check(out[0], clean[0], sees[rows], f"decode {len(rows)} rows")
+    _check_nonfinite_value_at_key_9(rng, [(slice(30, 40), 0), (slice(40, None), 1)], 3, float("nan"), slice(9, 40),
+                                    [[5, 12, 30, 39, 40], list(range(5, 45))])

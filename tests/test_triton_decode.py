@@ -57,6 +57,17 @@ def full_rows(ids, q, k, v, positions, dtype=torch.float64):
     return out[positions]
 
 
+def check_splits(q, kc, vc, meta, splits) -> None:
+    """The kernel at each split count against the float64 reference under the tolerance rule (the same computation
+    in float32 as the measure, its inputs contiguous); the output has the queries' shape, contiguous."""
+    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
+    same = decode_attention_ref(q.contiguous(), kc.contiguous(), vc.contiguous(), meta, upcast=False)
+    for n in splits:
+        out = K.decode_attention(q, kc, vc, meta, num_splits=n, block_n=32)
+        assert out.shape == q.shape and out.is_contiguous()
+        assert_close_rule(out, ref, same, f"{n} splits", floor_eps=FP32_FLOOR_EPS)
+
+
 @pytest.mark.parametrize("num_splits,rows", [(1, "mixed"), (3, "mixed"), (2, "late"), (2, "last_block")])
 def test_decode_equals_full_recompute(rng, num_splits, rows, poison_empty):
     """Query rows at different positions against caches of 150 and 97 tokens: "mixed" = the last block's
@@ -199,10 +210,7 @@ def test_split_kv_merge_when_a_later_split_dominates(rng, num_splits, poison_emp
                       torch.full((B, 1), -1, dtype=torch.int32, device=DEV),
                       torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV),
                       torch.tensor([S], dtype=torch.int32, device=DEV))
-    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
-    same = decode_attention_ref(q, kc, vc, meta, upcast=False)
-    out = K.decode_attention(q, kc, vc, meta, num_splits=num_splits, block_n=32)
-    assert_close_rule(out, ref, same, f"{num_splits} splits", floor_eps=FP32_FLOOR_EPS)
+    check_splits(q, kc, vc, meta, [num_splits])
 
 
 @pytest.mark.parametrize("n_q,block_r", [(10, 16), (20, 32)])
@@ -276,11 +284,7 @@ def test_value_cache_with_its_own_strides(rng, poison_empty):
     meta = DecodeMeta(torch.tensor([[S - 1, 30, 12], [44, 44, 20]], dtype=torch.int32, device=DEV),
                       torch.full((B, 3), -1, dtype=torch.int32, device=DEV),
                       torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV), kv_len)
-    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
-    same = decode_attention_ref(q, kc, vc.contiguous(), meta, upcast=False)
-    for splits in (1, 2):
-        out = K.decode_attention(q, kc, vc, meta, num_splits=splits, block_n=32)
-        assert_close_rule(out, ref, same, f"{splits} splits", floor_eps=FP32_FLOOR_EPS)
+    check_splits(q, kc, vc, meta, [1, 2])
 
 
 @pytest.mark.parametrize("head_dim", [40, 96])
@@ -295,11 +299,7 @@ def test_split_merge_with_head_dims_below_the_tile(rng, head_dim, poison_empty):
                       torch.full((B, n_q), -1, dtype=torch.int32, device=DEV),
                       torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV),
                       torch.tensor([S, 81], dtype=torch.int32, device=DEV))
-    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
-    same = decode_attention_ref(q, kc, vc, meta, upcast=False)
-    for splits in (1, 3):
-        out = K.decode_attention(q, kc, vc, meta, num_splits=splits, block_n=32)
-        assert_close_rule(out, ref, same, f"{splits} splits", floor_eps=FP32_FLOOR_EPS)
+    check_splits(q, kc, vc, meta, [1, 3])
 
 
 def test_kv_len_and_positions_past_the_cache_read_only_the_cache(rng, poison_empty):
@@ -313,11 +313,7 @@ def test_kv_len_and_positions_past_the_cache_read_only_the_cache(rng, poison_emp
                       torch.full((B, 1), -1, dtype=torch.int32, device=DEV),
                       torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV),
                       torch.tensor([S + 30, S], dtype=torch.int32, device=DEV))
-    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
-    same = decode_attention_ref(q, kc, vc, meta, upcast=False)
-    for splits in (1, 2):
-        out = K.decode_attention(q, kc, vc, meta, num_splits=splits, block_n=32)
-        assert_close_rule(out, ref, same, f"{splits} splits", floor_eps=FP32_FLOOR_EPS)
+    check_splits(q, kc, vc, meta, [1, 2])
 
 
 def test_queries_stored_heads_first(rng, poison_empty):
@@ -333,12 +329,7 @@ def test_queries_stored_heads_first(rng, poison_empty):
                       torch.full((B, n_q), -1, dtype=torch.int32, device=DEV),
                       torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV),
                       torch.tensor([S, 51], dtype=torch.int32, device=DEV))
-    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
-    same = decode_attention_ref(q.contiguous(), kc, vc, meta, upcast=False)
-    for splits in (1, 2):
-        out = K.decode_attention(q, kc, vc, meta, num_splits=splits, block_n=32)
-        assert out.shape == q.shape and out.is_contiguous()
-        assert_close_rule(out, ref, same, f"{splits} splits", floor_eps=FP32_FLOOR_EPS)
+    check_splits(q, kc, vc, meta, [1, 2])
 
 
 def test_kernel_entry_refuses_head_dims_above_256(rng):
