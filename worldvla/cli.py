@@ -218,11 +218,16 @@ def _out_folder_problem(out) -> str | None:
     return None
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser | None:
+    """The parser of `command` (a subcommand), or None for no command or one the parser does not have."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return subs[0].choices.get(command) if subs and command else None
+
+
 def _refuse_unknown(parser: argparse.ArgumentParser, command: str | None, unknown: list[str]) -> None:
     """Exit on arguments the command does not take, as argparse does, but from the command's own parser (its
     usage, `worldvla demo: error:`) and with the likely option for each misspelt one (`--fats`: `--fast`)."""
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    sub = subs[0].choices.get(command) if subs and command else None
+    sub = _command_parser(parser, command)
     if sub is None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
@@ -239,20 +244,19 @@ def _misspelt_required(parser: argparse.ArgumentParser, command: str | None, wor
     """The words after `command` that name none of its long options, where one of its required options is missing:
     argparse reports only the missing one (`train --stroe s`: "the following arguments are required: --store"),
     before any word it does not know, so the misspelling that caused it goes unnamed. Empty otherwise."""
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    sub = subs[0].choices.get(command) if subs and command else None
+    sub = _command_parser(parser, command)
     if sub is None or sub.get_default("_unavailable"):
         return []
     words = words[:words.index("--")] if "--" in words else words  # after `--`, every word is a value
-    names = [w.split("=", 1)[0] for w in words if w.startswith("--")]
+    named = {w: w.split("=", 1)[0] for w in words if w.startswith("--")}  # `--out=x` names --out
 
-    def given(option: str) -> bool:  # as argparse matches a long option: whole, or a prefix of it
-        return any(option == n or (sub.allow_abbrev and option.startswith(n)) for n in names)
+    def means(name: str, option: str) -> bool:  # as argparse matches a long option: whole, or a prefix of it
+        return option == name or (sub.allow_abbrev and option.startswith(name))
 
     options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
-    missing = [a for a in sub._actions if a.required and a.option_strings and not any(map(given, a.option_strings))]
-    unknown = [w for w in words if w.startswith("--") and not any(
-        o == w.split("=", 1)[0] or (sub.allow_abbrev and o.startswith(w.split("=", 1)[0])) for o in options)]
+    missing = [a for a in sub._actions if a.required and a.option_strings
+               and not any(means(n, o) for n in named.values() for o in a.option_strings)]
+    unknown = [w for w, n in named.items() if not any(means(n, o) for o in options)]
     return unknown if missing else []
 
 
@@ -286,8 +290,7 @@ def _reparse_intermixed(parser: argparse.ArgumentParser, argv: list[str], args, 
     """`worldvla bench vq --quick sampling`: argparse gives a list positional (bench's names, pretokenize's
     inputs) only the words before the first option and leaves the later ones unknown; the command's own
     parser takes them wherever they stand. Anything else stays as parse_known_args left it."""
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    sub = subs[0].choices.get(args.command) if subs and args.command else None
+    sub = _command_parser(parser, args.command)
     if (sub is None or all(a.startswith("-") for a in unknown)
             or not any(not a.option_strings and a.nargs in ("*", "+") for a in sub._actions)):
         return args, unknown
