@@ -57,6 +57,14 @@ def full_rows(ids, q, k, v, positions, dtype=torch.float64):
     return out[positions]
 
 
+def no_block_meta(q_pos, kv_len, S: int) -> DecodeMeta:
+    """Decode metadata of plain causal rows, no action block in a cache of S slots: positions [B][Q], lengths [B]."""
+    q_pos = torch.tensor(q_pos, dtype=torch.int32, device=DEV)
+    return DecodeMeta(q_pos, torch.full(q_pos.shape, -1, dtype=torch.int32, device=DEV),
+                      torch.full((q_pos.shape[0], S), NO_BLOCK, dtype=torch.int32, device=DEV),
+                      torch.tensor(kv_len, dtype=torch.int32, device=DEV))
+
+
 def check_splits(q, kc, vc, meta, splits) -> None:
     """The kernel at each split count against the float64 reference under the tolerance rule (the same computation
     in float32 as the measure, its inputs contiguous); the output has the queries' shape, contiguous."""
@@ -206,10 +214,7 @@ def test_split_kv_merge_when_a_later_split_dominates(rng, num_splits, poison_emp
     kc = torch.randn(B, S, H, D, generator=rng).to(DEV)
     vc = torch.randn(B, S, H, D, generator=rng).to(DEV)
     q = (3.0 * kc[:, 90]).unsqueeze(1)  # [B, 1, H, D]: its best key is near the end of the cache
-    meta = DecodeMeta(torch.tensor([[S - 1]], dtype=torch.int32, device=DEV),
-                      torch.full((B, 1), -1, dtype=torch.int32, device=DEV),
-                      torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV),
-                      torch.tensor([S], dtype=torch.int32, device=DEV))
+    meta = no_block_meta([[S - 1]], [S], S)
     check_splits(q, kc, vc, meta, [num_splits])
 
 
@@ -280,10 +285,7 @@ def test_value_cache_with_its_own_strides(rng, poison_empty):
     vc = v_store.to(DEV)[:, :S, :Hkv]
     assert vc.stride() != kc.stride() and vc.stride(-1) == 1
     q = torch.randn(B, 3, H, D, generator=rng).to(DEV)
-    kv_len = torch.tensor([S, 45], dtype=torch.int32, device=DEV)
-    meta = DecodeMeta(torch.tensor([[S - 1, 30, 12], [44, 44, 20]], dtype=torch.int32, device=DEV),
-                      torch.full((B, 3), -1, dtype=torch.int32, device=DEV),
-                      torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV), kv_len)
+    meta = no_block_meta([[S - 1, 30, 12], [44, 44, 20]], [S, 45], S)
     check_splits(q, kc, vc, meta, [1, 2])
 
 
@@ -295,10 +297,7 @@ def test_split_merge_with_head_dims_below_the_tile(rng, head_dim, poison_empty):
     q = torch.randn(B, n_q, H, head_dim, generator=rng).to(DEV)
     kc = torch.randn(B, S, Hkv, head_dim, generator=rng).to(DEV)
     vc = torch.randn(B, S, Hkv, head_dim, generator=rng).to(DEV)
-    meta = DecodeMeta(torch.tensor([[S - 1, 70, 33], [80, 80, 5]], dtype=torch.int32, device=DEV),
-                      torch.full((B, n_q), -1, dtype=torch.int32, device=DEV),
-                      torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV),
-                      torch.tensor([S, 81], dtype=torch.int32, device=DEV))
+    meta = no_block_meta([[S - 1, 70, 33], [80, 80, 5]], [S, 81], S)
     check_splits(q, kc, vc, meta, [1, 3])
 
 
@@ -309,10 +308,7 @@ def test_kv_len_and_positions_past_the_cache_read_only_the_cache(rng, poison_emp
     q = torch.randn(B, 1, H, D, generator=rng).to(DEV)
     kc = torch.randn(B, S, H, D, generator=rng).to(DEV)
     vc = torch.randn(B, S, H, D, generator=rng).to(DEV)
-    meta = DecodeMeta(torch.tensor([[S + 20], [S - 1]], dtype=torch.int32, device=DEV),
-                      torch.full((B, 1), -1, dtype=torch.int32, device=DEV),
-                      torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV),
-                      torch.tensor([S + 30, S], dtype=torch.int32, device=DEV))
+    meta = no_block_meta([[S + 20], [S - 1]], [S + 30, S], S)
     check_splits(q, kc, vc, meta, [1, 2])
 
 
@@ -325,10 +321,7 @@ def test_queries_stored_heads_first(rng, poison_empty):
     assert q.stride() != q.contiguous().stride() and q.stride(-1) == 1
     kc = torch.randn(B, S, Hkv, D, generator=rng).to(DEV)
     vc = torch.randn(B, S, Hkv, D, generator=rng).to(DEV)
-    meta = DecodeMeta(torch.tensor([[S - 1, 40, 9], [50, 50, 21]], dtype=torch.int32, device=DEV),
-                      torch.full((B, n_q), -1, dtype=torch.int32, device=DEV),
-                      torch.full((B, S), NO_BLOCK, dtype=torch.int32, device=DEV),
-                      torch.tensor([S, 51], dtype=torch.int32, device=DEV))
+    meta = no_block_meta([[S - 1, 40, 9], [50, 50, 21]], [S, 51], S)
     check_splits(q, kc, vc, meta, [1, 2])
 
 
