@@ -1236,3 +1236,204 @@ def test_a_cached_stage_counts_no_seconds_of_this_run(tmp_path, monkeypatch, cap
     assert results["total_seconds"] < 100
     assert json.loads((tmp_path / "metrics.json").read_text())["stages"] == results["stages"]
     assert "[worldvla demo] train: cached (1000 s when it ran)" in capsys.readouterr().out
+
+
+def _stub_trainer_and_evaluation(monkeypatch, seen):
+    """run_demo with the stand-in stages of _stub_all_stages up to the store, and its own training and evaluation
+    stages around stand-ins of the trainer and of the evaluation. Each training exports a policy (policy.json naming
+    its run folder and attention, model/, vqgan/) and logs a loss a step; each evaluation writes the metrics of its
+    variants (1 success of the episodes) and, when asked for, of the random baseline (none), and records its keyword
+    arguments with the run folder of each policy it is given."""
+    from worldvla import demo
+    from worldvla.eval import metaworld
+    from worldvla.train import trainer
+
+    stage_train, stage_evaluate = demo.stage_train, demo.stage_evaluate
+    _stub_all_stages(monkeypatch, seen)
+    monkeypatch.setattr(demo, "stage_train", stage_train)
+    monkeypatch.setattr(demo, "stage_evaluate", stage_evaluate)
+
+    def train(args):
+        run = Path(args.out)
+        export = run / "policy"
+        (export / "model").mkdir(parents=True)
+        (export / "vqgan").mkdir()
+        (export / "model" / "model.safetensors").write_bytes(b"weights")
+        (export / "vqgan" / "config.json").write_text("{}")
+        (export / "policy.json").write_text(json.dumps({"run": run.name, "attention": args.attention}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 10.0 - s}) + "\n"
+                                                   for s in range(1, args.steps + 1)))
+        return {"export": str(export)}
+
+    def evaluate(policies, tasks, episodes, out, **kw):
+        trained = {n: json.loads((p / "policy.json").read_text())["run"] if (p / "policy.json").is_file() else None
+                   for n, p in zip(kw["variant_names"], policies)}
+        seen.append(("evaluate", kw["resume"], dict(kw, trained=trained)))
+
+        def result(successes):
+            return {"success_rate": successes / episodes, "tasks": {
+                t: {"success_rate": successes / episodes, "successes": successes, "episodes": episodes} for t in tasks}}
+
+        metrics = {"tasks": list(tasks), "variants": {n: result(1) for n in kw["variant_names"]}, "complete": True}
+        if kw["random_baseline"]:
+            metrics["random"] = result(0)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    monkeypatch.setattr(trainer, "train", train)
+    monkeypatch.setattr(metaworld, "evaluate", evaluate)
+
+
+def test_the_demo_evaluates_the_random_baseline_and_reports_it_beside_the_policy(tmp_path, monkeypatch, capsys):
+    """The evaluation runs the uniform-random policy on the same layouts, and metrics.json and the printed table
+    report its success next to the policy's (chance level, without which a success rate says little)."""
+    from worldvla import demo
+    from worldvla.eval import metaworld
+
+    seen = []
+    _stub_trainer_and_evaluation(monkeypatch, seen)
+    assert demo.main(["--fast", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert _ran(seen)[-1] == "evaluate" and seen[-1][2]["random_baseline"] is True
+    ev = json.loads((tmp_path / "metrics.json").read_text())["eval"]
+    assert ev["variants"]["WorldVLA"]["success_rate"] == 0.5 and ev["random"]["tasks"]["reach-v3"]["successes"] == 0
+    printed = capsys.readouterr().out
+    assert metaworld.format_results(ev) in printed
+    table = printed[printed.index("closed-loop success"):].splitlines()
+    assert table[1].split() == ["task", "WorldVLA", "random"], table
+    assert table[2].split() == ["reach-v3", "50%", "(1/2)", "0%", "(0/2)"], table
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not complete", "not a dict"])
+def test_an_evaluation_output_cut_short_runs_the_evaluation_again_alone(tmp_path, monkeypatch, capsys, damage):
+    """eval/metrics.json cut short (a full disk) was read as it stood ("Unterminated string", naming no file); one
+    that an evaluation stopped before its end says "complete": false. Either way the evaluation runs again, and it
+    alone: the stages before it stay cached. A file that is not a metrics dict is named."""
+    from worldvla import demo
+
+    seen = []
+    _stub_all_stages(monkeypatch, seen)
+    cfg = demo.DemoConfig.fast_preset(ablations=True)
+    demo.run_demo(cfg, tmp_path, progress=False)
+    metrics = tmp_path / "eval" / "metrics.json"
+    text = metrics.read_text()
+    metrics.write_text({"cut short": text[:len(text) // 2], "not complete": json.dumps({"complete": False}),
+                        "not a dict": "[1]"}[damage])
+    seen.clear()
+    capsys.readouterr()
+    results = demo.run_demo(cfg, tmp_path, progress=False)
+    assert _ran(seen) == ["evaluate"]
+    assert [s for s, v in results["stages"].items() if not v["cached"]] == ["evaluate"]
+    printed = capsys.readouterr().out
+    assert (f"[worldvla demo] {metrics} cannot be read (" in printed) == (damage != "not complete"), printed
+    assert ("its stage runs again" in printed) == (damage != "not complete"), printed
+    assert results["eval"] == json.loads((tmp_path / "metrics.json").read_text())["eval"] == {"complete": True}
+
+
+def test_the_summary_reports_this_runs_evaluation_not_an_earlier_runs(tmp_path, monkeypatch, capsys):
+    """The folder holds the evaluation of an earlier run of other settings (2 episodes, no ablations): metrics.json
+    and the printed table report this run's (4 episodes, three variants)."""
+    from worldvla import demo
+    from worldvla.eval import metaworld
+
+    seen = []
+    _stub_trainer_and_evaluation(monkeypatch, seen)
+    argv = ["--fast", "--out", str(tmp_path), "--no-progress"]
+    assert demo.main(argv) == 0
+    capsys.readouterr()
+    assert demo.main(argv + ["--eval-episodes", "4", "--ablations"]) == 0
+    printed = capsys.readouterr().out
+    ev = json.loads((tmp_path / "metrics.json").read_text())["eval"]
+    assert ev == json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(ev["variants"]) == {"WorldVLA", "action-only", "trained without chunk mask"}
+    assert ev["random"]["tasks"]["reach-v3"]["episodes"] == 4
+    assert metaworld.format_results(ev) in printed
+    assert "(1/4)" in printed and "(1/2)" not in printed
+
+
+def test_each_training_exports_into_its_own_policy_folder_and_is_evaluated_from_it(tmp_path, monkeypatch):
+    """With --ablations three trainings export a policy: each export is copied whole (policy.json, model/, vqgan/)
+    into its own folder, none over another's, and the evaluation loads each variant from its own folder."""
+    from worldvla import demo
+
+    seen = []
+    _stub_trainer_and_evaluation(monkeypatch, seen)
+    demo.run_demo(demo.DemoConfig.fast_preset(ablations=True), tmp_path, progress=False)
+    exports = {"policy": ("train", "chunk"), "policy_action_only": ("train_action_only", "chunk"),
+               "policy_causal": ("train_causal", "causal")}
+    for folder, (run, attention) in exports.items():
+        policy = tmp_path / folder
+        assert json.loads((policy / "policy.json").read_text()) == {"run": run, "attention": attention}, folder
+        assert sorted(p.relative_to(policy).as_posix() for p in policy.rglob("*")) == [
+            "model", "model/model.safetensors", "policy.json", "vqgan", "vqgan/config.json"], folder
+    assert seen[-1][2]["trained"] == {"WorldVLA": "train", "action-only": "train_action_only",
+                                      "trained without chunk mask": "train_causal"}
+
+
+def test_the_summary_records_what_each_training_reports(tmp_path, monkeypatch):
+    """metrics.json keeps each training's own report: its first and last loss, the sample kinds and the attention
+    it trained with (the model without the chunk mask: causal)."""
+    from worldvla import demo
+
+    seen = []
+    _stub_trainer_and_evaluation(monkeypatch, seen)
+    demo.run_demo(demo.DemoConfig.fast_preset(ablations=True), tmp_path, progress=False)
+    stages = json.loads((tmp_path / "metrics.json").read_text())["stages"]
+    last = 10.0 - demo.DemoConfig.fast_preset().train_steps
+    assert {s: stages[s]["info"] for s in ("train", "train-action-only", "train-causal")} == {
+        "train": {"first_loss": 9.0, "final_loss": last, "action_only": False, "attention": "chunk"},
+        "train-action-only": {"first_loss": 9.0, "final_loss": last, "action_only": True, "attention": "chunk"},
+        "train-causal": {"first_loss": 9.0, "final_loss": last, "action_only": False, "attention": "causal"}}
+
+
+def test_the_summary_records_this_runs_settings_and_policy_folder(tmp_path, monkeypatch, capsys):
+    """metrics.json holds the settings of the run that wrote it (the policy's chunk size among them), and the summary
+    names the policy folder to serve."""
+    from dataclasses import asdict
+
+    from worldvla import demo
+
+    seen = []
+    _stub_trainer_and_evaluation(monkeypatch, seen)
+    argv = ["--fast", "--out", str(tmp_path), "--no-progress"]
+    for chunk in ("3", "2"):
+        assert demo.main(argv + ["--chunk-size", chunk]) == 0
+        m = json.loads((tmp_path / "metrics.json").read_text())
+        assert m["config"] == json.loads(json.dumps(asdict(demo.DemoConfig.fast_preset(chunk_size=int(chunk)))))
+    assert m["policy"] == str(tmp_path / "policy")
+    policy = tmp_path / "policy"
+    assert f"policy: {policy}  (worldvla serve --checkpoint {policy})\n" in capsys.readouterr().out
+
+
+def test_a_cached_evaluation_is_reported_again(tmp_path, monkeypatch):
+    """A second run with every stage cached reports the evaluation kept in eval/metrics.json, as the first did."""
+    from worldvla import demo
+
+    seen = []
+    _stub_trainer_and_evaluation(monkeypatch, seen)
+    cfg = demo.DemoConfig.fast_preset()
+    first = demo.run_demo(cfg, tmp_path, progress=False)
+    seen.clear()
+    second = demo.run_demo(cfg, tmp_path, progress=False)
+    assert seen == [] and all(s["cached"] for s in second["stages"].values())
+    assert second["eval"] == first["eval"] and second["eval"]["variants"]["WorldVLA"]["success_rate"] == 0.5
+    assert json.loads((tmp_path / "metrics.json").read_text())["eval"] == first["eval"]
+
+
+def test_a_changed_setting_reruns_its_stage_and_the_later_ones_only(tmp_path, monkeypatch):
+    """Through run_demo: another --train-steps reruns the training and the evaluation, and --ablations then adds the
+    two ablation trainings and the evaluation; the stages before them stay cached."""
+    from dataclasses import replace
+
+    from worldvla import demo
+
+    seen = []
+    _stub_all_stages(monkeypatch, seen)
+    cfg = demo.DemoConfig.fast_preset()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    for changed, ran in (({"train_steps": 2}, ["train", "evaluate"]),
+                         ({"train_steps": 2, "ablations": True}, ["train-action-only", "train-causal", "evaluate"])):
+        seen.clear()
+        results = demo.run_demo(replace(cfg, **changed), tmp_path, progress=False)
+        assert _ran(seen) == ran, changed
+        assert [s for s, v in results["stages"].items() if not v["cached"]] == ran, changed
