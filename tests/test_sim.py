@@ -471,7 +471,7 @@ def test_a_worker_error_keeps_its_kind_and_a_dead_worker_is_named():
         # A worker killed after it started is not blamed on a missing `if __name__ == "__main__":`.
         os.kill(pool._workers[0].proc.pid, signal.SIGKILL)
         pool._workers[0].proc.join(timeout=10)
-        with pytest.raises(RuntimeError, match=r"env worker process \d+ died \(exit code -9, killed by SIGKILL: "
+        with pytest.raises(ChildProcessError, match=r"env worker process \d+ died \(exit code -9, killed by SIGKILL: "
                                                r"often the out-of-memory killer") as e:
             first.step(np.zeros(4))  # sending
         assert "__main__" not in str(e.value)
@@ -480,7 +480,7 @@ def test_a_worker_error_keeps_its_kind_and_a_dead_worker_is_named():
         second.step_async(np.zeros(4))
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(timeout=10)
-        with pytest.raises(RuntimeError, match=r"env worker process \d+ died \(exit code -9, killed by SIGKILL"):
+        with pytest.raises(ChildProcessError, match=r"env worker process \d+ died \(exit code -9, killed by SIGKILL"):
             second.step_wait()  # reading
 
 
@@ -1389,3 +1389,99 @@ def test_a_task_list_that_is_not_names_is_refused_naming_what_to_give(tasks):
 
     with pytest.raises(ValueError, match=rf"tasks must be Meta-World task names like .* \(--tasks\), got {tasks}"):
         task_list(tasks)
+
+
+def _stand_in_episodes(monkeypatch, ran):
+    """`collect`'s episodes stood in (in this process, workers=1): each succeeds with 2 frames whose pixels hold
+    its seed and actions that hold its noise setting; `ran` gets each job's (episode, attempt)."""
+    from worldvla.data import collect as col
+
+    def run_episode(job):
+        ran.append((job["episode"], job["attempt"]))
+        return {**job, "frames": np.full((2, 8, 8, 3), job["seed"] % 251, np.uint8),
+                "actions": np.full((2, 4), job["noise"], np.float32), "success": True, "steps": 2, "seconds": 0.0,
+                "setup_seconds": 0.0}
+
+    monkeypatch.setattr(col, "run_episode", run_episode)
+    return col
+
+
+@needs_sim
+def test_an_overwritten_task_file_of_other_settings_lends_none_of_its_episodes(tmp_path, monkeypatch):
+    """With --overwrite, a task file of other settings (another noise here) holding fewer episodes than asked for
+    is replaced whole: none of its episodes is kept as one of this command's, though their seeds are the same."""
+    from worldvla.data.hdf5 import demo_file_info
+
+    ran = []
+    col = _stand_in_episodes(monkeypatch, ran)
+    col.collect(["reach-v3"], 1, tmp_path, image_size=8, seed=5, action_noise=0.5, progress=False)
+    ran.clear()
+    s = col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False, overwrite=True)
+    assert ran == [(0, 0), (1, 0)] and (s["tasks"]["reach-v3"]["episodes"], s["tasks"]["reach-v3"]["reused"]) == (2, 0)
+    demos = read_demos(tmp_path / "reach-v3.hdf5")
+    assert [float(np.abs(d.actions).max()) for d in demos] == [0.0, 0.0]  # none of the noisy file's episodes
+    assert demo_file_info(tmp_path / "reach-v3.hdf5")["attrs"]["action_noise"] == 0.0
+
+
+@needs_sim
+def test_episodes_of_other_cameras_in_one_process_each_render_their_own(monkeypatch):
+    """The envs kept for reuse in a process are told apart by their camera: an episode of another camera after
+    one of the corner camera (two collections in one process) must not render the first env's view."""
+    from worldvla.data import collect as col
+    from worldvla.sim import metaworld_env
+
+    monkeypatch.setattr(metaworld_env, "expert_policy", lambda task: lambda state: np.zeros(4))
+    job = {"task": "reach-v3", "image_size": 16, "noise": 0.0, "seed": 3, "episode": 0, "attempt": 0,
+           "max_steps": 1}
+    try:
+        got = {cam: col.run_episode({**job, "camera": cam})["frames"][0] for cam in ("corner", "topview")}
+    finally:
+        col._close_envs()
+    for cam, frame in got.items():
+        with make_env("reach-v3", seed=0, image_size=16, camera=cam, max_steps=1) as env:
+            np.testing.assert_array_equal(frame, env.reset(seed=3))
+    assert not np.array_equal(got["corner"], got["topview"])
+
+
+@needs_sim
+def test_a_collection_worker_that_dies_stops_the_collection_naming_the_broken_pool(tmp_path, monkeypatch):
+    """A worker killed mid-collection (the OOM killer) breaks the pool: collect raises, neither waiting for that
+    worker's episode without end nor going on without it as if the episode had never been asked for. The error is
+    an OSError, which the command line reports in one line, saying what to do (the pool's own error was a
+    RuntimeError, printed with its traceback, saying only that a process "terminated abruptly")."""
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    from worldvla.data import collect as col
+
+    class KilledPool(ProcessPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            fut = super().submit(fn, *args, **kwargs)
+            if not getattr(self, "killed", False):
+                self.killed = True
+                os.kill(next(iter(self._processes)), signal.SIGKILL)
+            return fut
+
+    monkeypatch.setattr(col, "ProcessPoolExecutor", KilledPool)
+    t0 = time.monotonic()
+    with pytest.raises(ChildProcessError, match=r"a collect worker process died while running an episode \(killed by "
+                       r"the out-of-memory killer.*use fewer --workers.*run the same command again to go on"):
+        col.collect(["reach-v3"], 2, tmp_path, image_size=8, max_steps=5, max_attempts=1, workers=2, progress=False)
+    assert time.monotonic() - t0 < 120 and not (tmp_path / "reach-v3.hdf5").exists()
+
+
+def test_a_worker_process_that_dies_before_its_start_up_reply_is_blamed_on_the_main_guard(monkeypatch):
+    """A real worker that ends before it sends its start-up reply (a script evaluating at its top level, re-run
+    by the worker) is named as one that died before it started, with the `__main__` advice."""
+    import multiprocessing as mp
+
+    from worldvla.sim import workers
+
+    monkeypatch.setattr(workers, "_serve", lambda conn, *args: os._exit(3))
+    w = workers._Worker(mp.get_context("fork"), "reach-v3", 1, 8, 10, {})
+    try:
+        with pytest.raises(ChildProcessError, match=r"env worker process \d+ died \(exit code 3\) before it started; .*"
+                                               r"if __name__ == \"__main__\":"):
+            w.reply()
+    finally:
+        workers._close_workers([w], timeout=1.0)

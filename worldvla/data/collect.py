@@ -27,6 +27,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -432,7 +433,16 @@ def collect(
                         in_flight.add(ex.submit(_worker_run, heapq.heappop(pending)[-1]))
                     finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
                     for fut in finished:
-                        for job in handle(fut.result()):
+                        try:
+                            result = fut.result()
+                        except BrokenProcessPool:
+                            raise ChildProcessError(
+                                "a collect worker process died while running an episode (killed by the out-of-memory "
+                                "killer, or a crash in the simulator or its renderer: a line it printed may be "
+                                "above); the task files finished before it are kept: free memory or use fewer "
+                                "--workers (--workers 1 runs the episodes in this process, where a crash shows its "
+                                "place), then run the same command again to go on") from None
+                        for job in handle(result):
                             push(job)
             finally:
                 ex.shutdown(wait=True, cancel_futures=True)

@@ -213,16 +213,18 @@ class _Worker:
         if self.spawned:
             _close_workers([self])
 
-    def _died(self) -> RuntimeError:
+    def _died(self) -> ChildProcessError:
+        # An OSError, which the command line reports in one line: the cause lies outside the program (memory, the
+        # renderer, the user's script), and the message says what to do.
         self.proc.join(timeout=1.0)
         code = self.proc.exitcode
         if not self.started:  # it died importing the main module or building its envs
-            return RuntimeError(
+            return ChildProcessError(
                 f"env worker process {self.proc.pid} died (exit code {code}) before it started; a traceback it "
                 "printed is above. Workers start by importing the main module: a script that evaluates at its top "
                 "level needs `if __name__ == \"__main__\":` around that code (or use one process: env_workers=1, "
                 "--env-workers 1)")
-        return RuntimeError(f"env worker process {self.proc.pid} died ({_exit_cause(code)})")
+        return ChildProcessError(f"env worker process {self.proc.pid} died ({_exit_cause(code)})")
 
     def drain(self) -> bool:
         """Read and drop what the worker has written; False once its end is closed. A reply left unread (Ctrl-C
