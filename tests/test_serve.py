@@ -3377,3 +3377,31 @@ def test_metadata_of_too_many_maps_and_lists_or_of_keys_that_become_one_string_i
     with pytest.raises(ValueError, match="map keys 1 and '1' both become the string '1'"):
         PolicyServer(_ExtraMetadataPolicy({1: "a", "1": "b"}))
     assert to_plain({1: "a", "2": "b"}) == {"1": "a", "2": "b"}
+
+
+def test_health_counts_the_episodes_held_and_the_requests_queued(np_rng):
+    """The report's 'episodes' is the number of episodes the server holds (below max_episodes too: a reset adds
+    one, a refused reset of one's own episode ends it), and 'queued' the requests waiting for the policy."""
+    with PolicyServer(HistoryPolicy(), max_episodes=4, max_wait_ms=1.0) as server, \
+            PolicyClient(server.url, timeout=10) as client:
+        report = health(server.url)
+        assert (report["episodes"], report["queued"], report["connections"]) == (0, 0, 1)
+        client.reset("one")
+        client.act(_frame(np_rng))
+        kept = client.reset("two")
+        assert health(server.url)["episodes"] == 2
+        with pytest.raises(PolicyServerError, match="non-empty 'instruction'"):
+            client.request({"type": "reset", "episode": kept, "instruction": "   "})
+        report = health(server.url)
+        assert (report["episodes"], report["queued"], report["stats"]["resets"]) == (1, 0, 2)
+    policy = HistoryPolicy(delay_s=0.5)
+    with PolicyServer(policy, max_batch=1, max_wait_ms=1.0) as server, _robots(server, 2) as (a, b):
+        running = threading.Thread(target=a.act, args=(_frame(np_rng),))
+        running.start()
+        _wait_for(lambda: server._running_batch)
+        waiting = threading.Thread(target=b.act, args=(_frame(np_rng),))
+        waiting.start()
+        _wait_for(lambda: health(server.url)["queued"] == 1)  # b's request, behind a's call
+        running.join(10)
+        waiting.join(10)
+        assert health(server.url)["queued"] == 0 and policy.calls == [1, 1]
