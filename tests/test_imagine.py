@@ -793,3 +793,64 @@ def test_demo_segment_refuses_non_finite_actions_naming_the_episode(tmp_path):
         demo_segment(tmp_path / "nan.hdf5", 0, 2, 3, rotate_180=False)
     first, got, real, _ = demo_segment(tmp_path / "nan.hdf5", 0, 0, 3, rotate_180=False)  # steps 0..2: finite
     assert np.array_equal(got, actions[:3]) and np.array_equal(first, frames[0])
+
+
+def test_a_run_draws_with_the_temperature_top_k_and_guidance_asked_for(files, tmp_path, monkeypatch):
+    """`--samples 2 --temperature 2.5 --top-k 7 --cfg-scale 2 --seed 4` writes policy.imagine's futures under those
+    settings from a generator seeded 4; without the top-k, the guidance or at another temperature they differ (so a
+    setting the run dropped would show). rollout.gif plays the first future ("sample 1") beside the recorded frames."""
+    from worldvla.eval import plots
+
+    shown, real_gif = {}, plots.save_gif
+    monkeypatch.setattr(plots, "save_gif", lambda frames, path, fps: shown.update(gif=frames) or
+                        real_gif(frames, path, fps=fps))
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 2, "--samples", 2, "--temperature", 2.5,
+                "--top-k", 7, "--cfg-scale", 2, "--seed", 4, "--out", out) == 0
+    arrays = np.load(out / "rollout.npz")
+    start = arrays["first"][None]
+    np.testing.assert_array_equal(shown["gif"], plots.side_by_side(np.concatenate([start, arrays["recorded"]]),
+                                                                   np.concatenate([start, arrays["imagined"][0]])))
+    policy = WorldVLAPolicy.from_pretrained(files / "policy", device="cpu")
+    acts = read_demos(files / "demos.hdf5")[0].actions[:2]
+    settings = dict(temperature=2.5, top_k=7, cfg_scale=2.0)
+
+    def draw(**changed):
+        return policy.imagine(np.repeat(arrays["first"][None], 2, axis=0), np.repeat(acts[None], 2, axis=0),
+                              generator=torch.Generator().manual_seed(4), **{**settings, **changed}).codes.numpy()
+
+    assert arrays["codes"].shape == (2, 2, 2, 2) and np.array_equal(arrays["codes"], draw())
+    for changed in ({"top_k": None}, {"cfg_scale": None}, {"temperature": 1.0}):
+        assert not np.array_equal(arrays["codes"], draw(**changed)), changed
+
+
+def test_scores_hold_an_exact_frame_at_the_cap_in_every_list():
+    """A future or a reconstruction equal to the recorded frames (an infinite PSNR) scores the cap, as the kept first
+    frame does, so that the mean over futures stays finite and rollout.json stays JSON."""
+    from worldvla.eval import metrics
+    from worldvla.eval.imagine import _scores
+
+    rng = np.random.default_rng(6)
+    real = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    other = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    sc = _scores(np.stack([real, other]), real, other[0], real.copy())
+    other_psnr = metrics.psnr(other, real).numpy()
+    assert sc["psnr_per_sample"][0] == [100.0, 100.0] and sc["vqgan_recon_psnr_per_step"] == [100.0, 100.0]
+    np.testing.assert_allclose(sc["psnr_per_sample"][1], other_psnr)
+    np.testing.assert_allclose(sc["psnr_per_step"], (100.0 + other_psnr) / 2)
+    json.dumps(sc, allow_nan=False)
+
+
+def test_a_demo_run_prints_each_steps_scores_on_its_own_line(files, tmp_path, capsys):
+    """The table printed after a demonstration's run numbers the steps from 1, each line with that step's PSNR / SSIM
+    of the imagined frames, of the first frame kept and of the reconstruction, as rollout.json holds them."""
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 3, "--out", out) == 0
+    sc = json.loads((out / "rollout.json").read_text())["scores"]
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index("step  imagined        first kept      reconstruction") + 1:]
+    rows = [[float(x) for x in re.findall(r"-?[0-9.]+", line)] for line in table]
+    assert [r[0] for r in rows] == [1, 2, 3]
+    names = ("psnr_per_step", "ssim_per_step", "copy_first_psnr_per_step", "copy_first_ssim_per_step",
+             "vqgan_recon_psnr_per_step", "vqgan_recon_ssim_per_step")
+    np.testing.assert_allclose([r[1:] for r in rows], [[sc[n][k] for n in names] for k in range(3)], atol=0.006)

@@ -797,3 +797,50 @@ def test_an_rgba_frame_is_refused_with_its_own_shape_and_conversion():
                                          r"\(64, 64, 4\); it looks RGBA: convert with x\[\.\.\., :3\]"):
         generate_frames(model, vq, np.zeros((64, 64, 4), np.uint8), np.zeros((1, 4)), action_tokenizer=b.actions,
                         text_tokenizer=b.text)
+
+
+def test_a_rollout_steps_with_its_draw_and_guidance_settings(rng):
+    """Every step of a guided, sampled rollout is generate_frame_codes' step under the same temperature, top_k,
+    cfg_scale and generator, fed the step before; the rollout without top_k or without guidance differs (so a
+    setting left out of the steps would show)."""
+    from worldvla.vqgan import preprocess
+
+    model, b, vq = _model(4), _builder(), _tiny_vqgan()
+    kw = dict(action_tokenizer=b.actions, text_tokenizer=b.text)
+    img = torch.randint(0, 256, (32, 32, 3), generator=rng, dtype=torch.uint8).numpy()
+    acts = torch.rand(2, 4, generator=rng).numpy() * 2 - 1
+    settings = dict(temperature=3.0, top_k=2, cfg_scale=2.5)
+    out = generate_frames(model, vq, img, acts, generator=torch.Generator().manual_seed(3), **settings, **kw)
+    gen, prev = torch.Generator().manual_seed(3), vq.encode(preprocess(img))
+    for t in range(2):
+        prev = generate_frame_codes(model, prev, acts[t:t + 1], b, generator=gen, **settings)
+        assert torch.equal(out.codes[t], prev[0]), t
+    for changed in ({"top_k": None}, {"cfg_scale": None}):
+        other = generate_frames(model, vq, img, acts, generator=torch.Generator().manual_seed(3),
+                                **{**settings, **changed}, **kw)
+        assert not torch.equal(other.codes, out.codes), changed
+
+
+@pytest.mark.parametrize("native_loop", [True, False], ids=["native-loop", "python-loop"])
+def test_a_sampled_frames_codes_are_gumbel_max_draws_of_their_own_noise(rng, monkeypatch, native_loop):
+    """Each code of a sampled frame is argmax(logits + T * G) with G the frame's own Gumbel noise, drawn an image
+    row at a time from its generator, code i taking row i % w: two codes that shared one noise row would not be
+    independent draws (the first code and the second, say)."""
+    from worldvla.inference import frames
+    from worldvla.inference.frames import _item_generators
+    from worldvla.ops.sampling import draw_gumbel
+
+    monkeypatch.setattr(frames, "NATIVE_FRAME_LOOP", native_loop)
+    model, b = _model(3), _builder()
+    h, w, T = 2, 4, 1.5
+    codes = torch.randint(0, 64, (1, h, w), generator=rng)
+    a = np.array([[0.2, 0.4, -0.6, 0.0]])
+    nxt = generate_frame_codes(model, codes, a, b, temperature=T, generator=torch.Generator().manual_seed(8))
+    g, = _item_generators(torch.Generator().manual_seed(8), 1, torch.device("cpu"))
+    noise = torch.cat([draw_gumbel((w, 64), g, "cpu") for _ in range(h)])  # [h * w, codes]
+    lo, hi = LAYOUT.image_id_range
+    answer = image_tokens(nxt[0], LAYOUT)
+    with torch.no_grad():
+        logits = model(torch.cat([b.world_prompt(codes[0], a[0]), answer]))[-answer.numel() - 1:-1, lo:hi]
+    is_code = (answer >= lo) & (answer < hi)
+    assert torch.equal((logits[is_code].float() + T * noise).argmax(-1), nxt[0].flatten())
