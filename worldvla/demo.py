@@ -505,8 +505,8 @@ of K=5), 10 evaluation episodes per task on held-out layouts (150 steps max) nex
 policy on the same layouts, world-model PSNR/SSIM and VQ-code accuracy on 2 held-out expert rollouts
 per task (8 imagined steps). The latest run alone in the source repository's benchmarks/NOTES.md (Demo runs), on a 2-core AMD EPYC
 with AVX-512: collect 35 s, train-vq 89 s, pretokenize 20 s, train 240 s, evaluate 52 s (7 min 18 s);
-4 min 43 s to 18 min 21 s across the runs in README's table (the longest with other jobs on the
-cores). A second run reuses every stage.
+4 min 43 s to 18 min 21 s across the runs there (the longest with other jobs on the cores).
+A second run reuses every stage.
 
 examples:
   worldvla demo                                  # the default run into ./worldvla_demo
