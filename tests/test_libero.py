@@ -1203,3 +1203,67 @@ def test_an_error_in_an_episodes_reset_fails_that_episode_not_the_evaluation(tmp
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C still stops the evaluation
         libero.run_episode(FakeLiberoEnv(rng=rng), InterruptedReset(rng=rng), libero.ChunkQuery(RecordingPolicy()),
                            "x", None, max_steps=5)
+
+
+def test_an_episode_starts_with_the_releases_ten_settle_steps_of_an_open_gripper():
+    """Spec section 6: the first 10 env steps take the dummy action [0, 0, 0, 0, 0, 0, -1] (gripper open) while
+    objects settle; the policy's first frame is the one observed after them. Written out here, not read from the
+    module's constants, which a change would move along with the loop."""
+    rng = np.random.default_rng()
+    env = FakeLiberoEnv(rng=rng)
+    pol = RecordingPolicy(k=3, rng=rng)
+    r = libero.run_episode(env, pol, libero.ChunkQuery(pol), "x", None, max_steps=3)
+    assert libero.SETTLE_STEPS == 10 and libero.DUMMY_ACTION == (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+    assert env.actions[:10] == [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]] * 10
+    assert len(env.actions) == 13 and r["steps"] == 3 and r["queries"] == 1
+    np.testing.assert_array_equal(pol.calls[0][0], env.raw_frames[1 + 10][::-1, ::-1])  # [reset, init, settle...]
+
+
+def test_done_during_the_settle_steps_is_not_a_success():
+    """The release's loop ignores `done` on the settle steps (it steps and continues): an episode whose initial
+    scene already reads as solved still needs a policy action to count, so no success is scored without one."""
+    rng = np.random.default_rng()
+    env = FakeLiberoEnv(rng=rng, succeed_at=1)  # done from the first dummy step on
+    pol = RecordingPolicy(k=3, rng=rng)
+    r = libero.run_episode(env, pol, libero.ChunkQuery(pol), "x", None, max_steps=5)
+    assert r["success"] is True and r["steps"] == 1 and r["queries"] == 1
+    assert len(env.actions) == libero.SETTLE_STEPS + 1
+
+
+def test_each_episode_of_a_suite_runs_the_suites_step_limit_of_policy_actions():
+    """evaluate_suite gives every episode the suite's own `max_steps` policy actions after the settle steps
+    (spatial 220 ... libero_10 520 in LIBERO): no more, whatever the settle steps."""
+    rng = np.random.default_rng()
+    env = FakeLiberoEnv(rng=rng)  # never done: the episode runs out
+    res = libero.evaluate_suite(RecordingPolicy(k=3, rng=rng), FakeSuite([env], max_steps=4), episodes=1,
+                                progress=False)
+    assert res["tasks"]["0"]["episode_steps"] == [4] and res["tasks"]["0"]["success_rate"] == 0.0
+    assert len(env.actions) == libero.SETTLE_STEPS + 4
+
+
+def test_the_success_rate_is_over_the_tasks_run_not_the_suites_tasks():
+    """`--tasks 0` on a suite of more tasks: the rate is that task's (its successes over its episodes), not
+    divided over the tasks that did not run."""
+    rng = np.random.default_rng()
+
+    def rate(tasks):
+        envs = [FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 2), FakeLiberoEnv(rng=rng),
+                FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 2)]
+        return libero.evaluate_suite(RecordingPolicy(k=3, rng=rng), FakeSuite(envs, max_steps=3), episodes=2,
+                                     tasks=tasks, progress=False)["success_rate"]
+
+    assert rate([0]) == 1.0 and rate([1]) == 0.0
+    assert rate([0, 1]) == 0.5 and rate([0, 2]) == 1.0 and rate(None) == pytest.approx(2 / 3)
+
+
+def test_recorded_frames_are_the_rotated_frames_the_policy_saw():
+    """record=True (--save-videos) keeps each policy step's frame as the policy saw it: rotated by 180 degrees,
+    one per policy action, not LIBERO's upside-down render."""
+    rng = np.random.default_rng()
+    env = FakeLiberoEnv(rng=rng)
+    pol = RecordingPolicy(k=2, rng=rng)
+    r = libero.run_episode(env, pol, libero.ChunkQuery(pol), "x", None, max_steps=4, record=True)
+    assert len(r["frames"]) == 4
+    for i, frame in enumerate(r["frames"]):
+        np.testing.assert_array_equal(frame, env.raw_frames[1 + libero.SETTLE_STEPS + i][::-1, ::-1])
+    np.testing.assert_array_equal(r["frames"][2], pol.calls[1][0])  # the second query's frame
