@@ -757,3 +757,70 @@ def test_vq_quantize_odd_width_reads_only_the_row(emulated, rng, dtype):
     idx = nb.vq_quantize(nan_padded(z, 3), nan_padded(cb, 3), code_splits=2)
     assert torch.equal(idx, nb.vq_quantize(z, cb, code_splits=2))
     assert_nearest(idx, z, cb, vq_quantize_ref(z, cb), f"simt odd width {dtype}")
+
+
+# --------------------------------------------------------------------------- reads past the inputs
+_GUARDED_CALLS = """
+import ctypes, importlib.util, mmap, sys
+
+spec = importlib.util.spec_from_file_location("_C", sys.argv[1])
+C = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(C)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+maps = []
+
+
+def guarded(path):
+    # the file's bytes, placed so that the last lies just before a page that faults on any access (PROT_NONE)
+    data, page = open(path, "rb").read(), mmap.PAGESIZE
+    size = -(-len(data) // page) * page + page
+    maps.append(mmap.mmap(-1, size))
+    start = ctypes.addressof(ctypes.c_char.from_buffer(maps[-1]))
+    assert libc.mprotect(start + size - page, page, 0) == 0, ctypes.get_errno()
+    maps[-1][size - page - len(data):size - page] = data
+    return start + size - page - len(data)
+
+
+args = sys.argv[2:]
+for k in range(0, len(args), 8):
+    code, N, H, lo, hi = map(int, args[k:k + 5])
+    hidden, weight = guarded(args[k + 5]), guarded(args[k + 6])
+    ws, ids, logits = (ctypes.c_uint64 * N)(), (ctypes.c_int64 * N)(), (ctypes.c_float * (N * (hi - lo)))()
+    C.range_argmax(0, 0, code, hidden, H, weight, H, N, H, lo, hi, ctypes.addressof(ws), ctypes.addressof(ids))
+    C.range_logits(0, 0, code, hidden, H, weight, H, N, H, lo, hi, ctypes.addressof(logits))
+    open(args[k + 7], "wb").write(bytes(ids) + bytes(logits))
+"""
+
+
+def test_range_kernels_read_no_row_past_the_inputs(emulated, rng, tmp_path):
+    """The last warp's group of 4 vocabulary rows and the last pass of 4 hidden rows are partial here (233 range rows
+    ending at the weight's last row, 7 hidden rows): the kernel clamps the rows it reads to the last real ones. The
+    emulator does not check bounds, so each input's last row is put against a page that faults on any access, in a
+    child process, so that a read past the end fails this test instead of killing the run."""
+    import signal
+    import subprocess
+
+    N, H, lo, hi = 7, 96, 17, 250
+    cases, args = [], []
+    for dtype in (torch.bfloat16, torch.float32):
+        hidden = torch.randn(N, H, generator=rng).to(dtype)
+        weight = (torch.randn(hi, H, generator=rng) * 0.1).to(dtype)
+        files = [tmp_path / f"{name}_{str(dtype)[6:]}" for name in ("hidden", "weight", "out")]
+        for f, t in zip(files, (hidden, weight)):
+            f.write_bytes(t.view(torch.uint8).numpy().tobytes())
+        cases.append((hidden, weight, files[2]))
+        args += [nb._DTYPE_CODE[dtype], N, H, lo, hi, *files]
+    run = subprocess.run([sys.executable, "-c", _GUARDED_CALLS, emulated.__file__, *map(str, args)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    died = f"signal {signal.Signals(-run.returncode).name}" if run.returncode < 0 else f"exit {run.returncode}"
+    assert run.returncode == 0, (f"the calls on guarded inputs failed ({died}; SIGSEGV is a read past an input)",
+                                 run.stderr[-2000:])
+    for hidden, weight, out in cases:
+        raw = torch.frombuffer(bytearray(out.read_bytes()), dtype=torch.uint8)
+        ids, logits = raw[:N * 8].view(torch.int64), raw[N * 8:].view(torch.float32).view(N, hi - lo)
+        assert_greedy(ids, hidden, weight, lo, hi, constrained_sample_ref(hidden, weight, lo, hi), f"{hidden.dtype}")
+        ref = hidden.double() @ weight[lo:].double().t()
+        same = (hidden @ weight[lo:].t()).float()
+        err, base = (logits.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+        assert err <= 2 * base, (hidden.dtype, err, base)
