@@ -305,7 +305,7 @@ def parse_args(argv=None):
                    help="requests of the single-robot phase (default: %(default)s; --quick: 30)")
     p.add_argument("--duration-s", type=positive_float, default=30.0,
                    help="time limit of the load phase (default: %(default)s; --quick: 5.0)")
-    p.add_argument("--camera", default="480x640",
+    p.add_argument("--camera", type=camera_size, default="480x640",
                    help="HxW of frames sent by half the robots (resized by the server; default: %(default)s)")
     p.add_argument("--max-batch", type=positive_int, default=8,
                    help="the server's most act requests in one policy call, and the in-process batch compared "
@@ -321,12 +321,21 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/results",
                    help="folder for serve_load-<device>.json (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
-                   help="3 robots, 1 bad client, 5 s, 40 requests each, 30 sequential; "
+                   help="3 robots, 1 bad client, 5 s, 40 requests each, 30 sequential (each unless given); "
                         "writes serve_load-<device>-quick.json")
     args = p.parse_args(argv)
-    if args.quick:
-        args.clients, args.bad_clients, args.duration_s, args.requests, args.sequential = 3, 1, 5.0, 40, 30
+    if args.quick:  # defaults, not overrides: `--quick --clients 16` ran 3 robots
+        p.set_defaults(clients=3, bad_clients=1, duration_s=5.0, requests=40, sequential=30)
+        args = p.parse_args(argv)
     return args
+
+
+def camera_size(text: str) -> tuple[int, int]:
+    """argparse type of --camera: HxW, two integers >= 1 (a bare "480" crashed every camera robot mid-run)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(v.strip().isdecimal() and int(v) >= 1 for v in parts):
+        raise argparse.ArgumentTypeError(f"expected HxW, two integers >= 1 such as 480x640, got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def main(argv=None) -> Path:
@@ -371,7 +380,7 @@ def _main(args, out_dir: str) -> Path:
 
     load0 = load_average()
     rng = np.random.default_rng(args.seed)
-    camera_hw = tuple(int(v) for v in args.camera.lower().split("x"))
+    camera_hw = args.camera
     tmp = tempfile.mkdtemp(prefix="serve_load-")
     spec, policy_name = _policy_spec(args, tmp)
     print(f"policy: {policy_name} ({spec})")

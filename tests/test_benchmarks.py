@@ -2302,3 +2302,317 @@ def test_a_quick_cpu_ops_run_keeps_off_the_full_results(monkeypatch, tmp_path):
     path = cpu_ops.run(quick=True, out_dir=tmp_path)
     assert path.name == f"cpu_ops-{common.device_name('cpu')}-quick.json"
     assert json.loads(path.read_text())["quick"] is True and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+# ------------------------------------------------------------------ serve_load's whole run, with its server on a thread
+def _serve_load_on_a_thread(monkeypatch, tmp_path, slow_s=0.0, fail_single_at=None):
+    """serve_load with its server process replaced by the same PolicyServer on a thread of this process (the child
+    process's start, SIGTERM and kill as a `subprocess.Popen` of the child's command would see them), a small MLP on
+    both sides; the in-process policy sleeps `slow_s` per call, and the single robot's `fail_single_at`-th request is
+    refused (queue full) before it is sent. Returns the processes started, the in-process
+    policy's batch sizes, the frames' shapes the clients sent, the limits the bad clients were given and the plots
+    asked for (none drawn: plot_latencies has tests of its own)."""
+    import io
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    from worldvla.benchmarks import serve_load
+
+    procs, inproc_batches, sent_shapes, bad_limits, plots = [], [], [], [], []
+
+    def small(spec):
+        return serve_load.SyntheticPolicy(image_size=spec["image_size"], chunk_size=spec["chunk_size"],
+                                          action_dim=spec["action_dim"], width=32, layers=2, seed=spec["seed"])
+
+    class SlowPolicy(serve_load.SyntheticPolicy):
+        def act(self, images, history=None):
+            inproc_batches.append(len(images))
+            time.sleep(slow_s)
+            return super().act(images, history)
+
+    class Proc:
+        def __init__(self, cmd, **kwargs):
+            self.spec, self.kwargs = json.loads(cmd[-2]), json.loads(cmd[-1])
+            self.server = serve_load.PolicyServer(small(self.spec), "127.0.0.1", 0, **self.kwargs)
+            self.server.warmup()
+            self.server.start_background()
+            self.stdout, self.stderr = io.StringIO(f"PORT {self.server.port}\n"), io.StringIO()
+            self.returncode, self.signals = None, []
+            procs.append(self)
+
+        def send_signal(self, sig):
+            self.signals.append(sig)
+            self.server.stop_background(30)
+            self.returncode = 0 if sig == signal.SIGTERM else -sig
+
+        def kill(self):
+            self.send_signal(signal.SIGKILL)
+
+        def poll(self):
+            return self.returncode
+
+        def wait(self, timeout=None):
+            return self.returncode
+
+    clients = []
+
+    class Client(serve_load.PolicyClient):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.acts = 0
+            clients.append(self)
+
+        def act(self, image, previous_image=None):
+            self.acts += 1
+            if self is clients[0] and self.acts == fail_single_at:
+                raise serve_load.PolicyServerError("the server's queue is full")
+            sent_shapes.append(image.shape)
+            return super().act(image, previous_image)
+
+    real_popen, real_bad_client = subprocess.Popen, serve_load._bad_client
+
+    def bad_client(url, rng, size, limit_bytes, *rest):
+        bad_limits.append(limit_bytes)
+        return real_bad_client(url, rng, size, limit_bytes, *rest)
+
+    def slow(spec):
+        return SlowPolicy(**{k: v for k, v in small(spec).config.items() if k != "kind"})
+
+    monkeypatch.setattr(serve_load, "build_policy", slow)
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: Proc(cmd, **kw) if "child_main" in cmd[2]
+                        else real_popen(cmd, **kw))
+    monkeypatch.setattr(serve_load, "PolicyClient", Client)
+    monkeypatch.setattr(serve_load, "_bad_client", bad_client)
+    monkeypatch.setattr(serve_load, "plot_latencies", lambda rows, path, title: plots.append((rows, path, title)))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    return procs, inproc_batches, sent_shapes, bad_limits, plots
+
+
+def test_serve_load_run_reports_the_settings_it_ran_and_stops_its_server(monkeypatch, tmp_path):
+    """A whole serve_load run, its server on a thread: the server gets --max-batch, --max-wait-ms and
+    --max-payload-mb, the robots --requests each (every other one --camera frames), the bad clients the server's
+    payload limit in bytes; the single robot's round trips leave out its warm-up request and the in-process calls
+    between its blocks; the load row counts the load phase's requests and batches only, under the settings that
+    ran; a refused request is a failure, not a latency; the server answers /healthz and ends on SIGTERM (exit 0);
+    a --quick run writes the -quick file."""
+    import signal
+    from collections import Counter
+
+    from worldvla.benchmarks import serve_load
+
+    harness = _serve_load_on_a_thread(monkeypatch, tmp_path, slow_s=0.02, fail_single_at=5)
+    procs, inproc_batches, sent_shapes, bad_limits, plots = harness
+    args = serve_load.parse_args(["--policy", "synthetic", "--device", "cpu", "--image-size", "16", "--chunk-size", "3",
+                                  "--clients", "3", "--bad-clients", "1", "--requests", "4", "--sequential", "10",
+                                  "--duration-s", "60", "--camera", "24x32", "--max-batch", "3", "--max-wait-ms", "2",
+                                  "--max-payload-mb", "0.05", "--seed", "5"])
+    args.quick = True
+    path = serve_load._main(args, str(tmp_path / "out"))
+
+    (proc,) = procs
+    assert proc.signals == [signal.SIGTERM] and proc.server._thread is None
+    assert proc.kwargs == {"max_batch": 3, "max_wait_ms": 2.0, "max_queue": 64, "max_payload_mb": 0.05,
+                           "request_timeout_s": 120.0}
+    assert proc.spec == {"kind": "synthetic", "image_size": 16, "chunk_size": 3, "action_dim": 7, "seed": 5,
+                         "device": "cpu", "threads": 1}
+    assert bad_limits == [proc.server.max_payload_bytes] == [int(0.05 * 2**20)]
+    # the single robot: a warm-up request, 9 timed and 1 refused; the robots: 4 each, the first and the third at the
+    # model's size, the second at the camera's
+    assert Counter(sent_shapes) == {(16, 16, 3): 1 + 9 + 2 * 4, (24, 32, 3): 4}
+    assert proc.server.stats["act_ok"] == 1 + 9 + 3 * 4
+    # the in-process floor: batches of --max-batch first, then one frame at a time between the robot's blocks
+    assert inproc_batches == [3] * (3 + 5) + [1] * (3 + 10)
+    assert path.name == f"serve_load-{common.device_name('cpu')}-quick.json"
+    assert not list((tmp_path / "tmp").iterdir())  # the random policy's folder removed
+
+    doc = json.loads(path.read_text())
+    assert doc["quick"] is True and doc["policy"] == "synthetic-mlp" and doc["policy_spec"] == proc.spec
+    assert doc["server"] == proc.kwargs and doc["camera_hw"] == [24, 32]
+    assert (doc["duration_limit_s"], doc["requests_limit_per_client"]) == (60.0, 4)
+    assert doc["server_alive_at_end"] is True and doc["sigterm_exit_code"] == 0
+    assert plots == [(doc["rows"], path.with_suffix(".png"), f"serve_load ({common.device_name('cpu')}-quick)")]
+    single, load = doc["rows"]
+    assert (single["phase"], single["clients"], single["requests"], single["failed_valid"]) == ("single-robot", 1, 9, 1)
+    assert single["inproc_p50_ms"] >= 20
+    assert single["p50_ms"] < 5 * single["inproc_p50_ms"]  # no in-process call inside a round trip
+    assert single["rtt_minus_policy_p50_ms"] > 0 and single["served_policy_p50_ms"] < single["inproc_p50_ms"]
+    assert (load["phase"], load["clients"], load["bad_clients"]) == ("load", 3, 1)
+    assert (load["requests"], load["failed_valid"]) == (3 * 4, 0)
+    assert doc["load_wall_s"] < 30 and load["throughput_rps"] == pytest.approx(12 / doc["load_wall_s"])
+    assert load["malformed_sent"] == load["malformed_refused"] >= 1 and load["malformed_not_refused"] == 0
+    # the load phase's requests and batches only (the single robot's 10 requests were 10 batches of one)
+    assert load["batches"] == proc.server.stats["batches"] - 10
+    assert load["mean_batch"] == pytest.approx(12 / load["batches"])
+    assert load["policy_calls"] == proc.server.stats["policy_calls"] - 10
+    assert 1 <= load["max_batch_seen"] <= 3 and load["inproc_batch3_p50_ms"] >= 20
+
+
+def test_serve_load_kills_its_server_when_the_run_fails(monkeypatch, tmp_path):
+    """A run that fails after the server started (here: the single robot cannot connect) kills the server process
+    rather than leave it serving, removes its temporary folder and writes no results; a server that never
+    printed its port is reported with what it wrote to stderr."""
+    import io
+    import signal
+    import subprocess
+
+    from worldvla.benchmarks import serve_load
+
+    procs, _, _, _, plots = _serve_load_on_a_thread(monkeypatch, tmp_path)
+
+    def refuse(url, timeout):
+        raise ConnectionRefusedError(f"{url} refused")
+
+    monkeypatch.setattr(serve_load, "PolicyClient", refuse)
+    argv = ["--policy", "synthetic", "--device", "cpu", "--image-size", "8", "--sequential", "5"]
+    with pytest.raises(ConnectionRefusedError, match="refused"):
+        serve_load._main(serve_load.parse_args(argv), str(tmp_path / "out"))
+    (proc,) = procs
+    assert proc.signals == [signal.SIGKILL] and proc.server._thread is None
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "tmp").iterdir()) and not plots
+
+    class Died:
+        def __init__(self, cmd, **kwargs):
+            self.stdout, self.stderr = io.StringIO(""), io.StringIO("Traceback ...\nImportError: no policy here\n")
+            self.returncode = 1
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(subprocess, "Popen", Died)
+    with pytest.raises(RuntimeError, match="(?s)server failed to start: .*ImportError: no policy here"):
+        serve_load._main(serve_load.parse_args(argv), str(tmp_path / "out"))
+
+
+def test_serve_load_run_takes_the_device_and_quick_settings(monkeypatch):
+    """`run(quick=True, device=...)` (what `worldvla bench --device` calls) times on that device with --quick's
+    counts."""
+    from worldvla.benchmarks import serve_load
+
+    seen = []
+    monkeypatch.setattr(serve_load, "_main", lambda args, out_dir: seen.append((args, out_dir)) or out_dir)
+    assert serve_load.run(quick=True, device="cuda:1", out_dir="o") == "o"
+    assert serve_load.run() == "benchmarks/results"
+    (quick, _), (full, _) = seen
+    assert (quick.device, quick.quick, quick.clients, quick.requests) == ("cuda:1", True, 3, 40)
+    assert (full.device, full.quick, full.clients, full.requests) == (None, False, 8, 200)
+
+
+def test_serve_load_bad_clients_requests_are_each_refused_by_a_real_server():
+    """Every kind of malformed request the bad clients send (garbage, wrong types, dtypes and shapes, an unknown
+    episode, over the payload limit and over twice it) is one the server refuses: one it accepted would be counted
+    as not refused and fail the benchmark's check. The one over the limit is over it (the server refuses its
+    unknown field too, so a payload under the limit would still be refused, testing no limit), and under twice it
+    (answered, not closed)."""
+    import threading
+
+    import numpy as np
+
+    from worldvla.benchmarks import serve_load
+
+    policy = serve_load.SyntheticPolicy(image_size=8, chunk_size=2, width=16, layers=1)
+    with serve_load.PolicyServer(policy, "127.0.0.1", 0, max_batch=2, max_payload_mb=0.05) as server:
+        record = {"sent": 0, "refused": 0, "not_refused": []}
+        limit = server.max_payload_bytes
+        payloads = dict(serve_load._bad_payloads(np.random.default_rng(0), 8, limit, "e"))
+        n = len(payloads)
+        assert limit < len(payloads["over-limit"]()) < 2 * limit < len(payloads["over-2x-limit"]())
+        serve_load._bad_client(server.url, np.random.default_rng(0), 8, limit, threading.Event(), n, record)
+    assert n == 13 and record == {"sent": 13, "refused": 13, "not_refused": []}
+
+
+def test_serve_load_robot_times_the_request_not_the_episode_reset(monkeypatch):
+    """A robot's latency is its act request's round trip: starting a new episode (a reset, every
+    `steps_per_episode` requests) is not part of it."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from worldvla.benchmarks import serve_load
+
+    class Client:
+        def __init__(self, url, timeout):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def reset(self, instruction):
+            time.sleep(0.2)
+
+        def act(self, frame):
+            return np.zeros((5, 7), dtype=np.float32)
+
+    monkeypatch.setattr(serve_load, "PolicyClient", Client)
+    lat, failures = [], []
+    serve_load._robot("ws://test", np.random.default_rng(0), 8, (12, 16), 2, threading.Event(), 3, lat, failures,
+                      threading.Barrier(1), True)
+    assert failures == [] and len(lat) == 3 and max(lat) < 100
+
+
+def test_serve_load_load_phase_ends_at_its_time_limit_with_the_clients_asked_for(monkeypatch, tmp_path):
+    """The load phase starts --clients robots (every other one sending camera frames) and --bad-clients bad
+    clients, and stops them all at --duration-s, however many requests they still had to send; a server that no
+    longer answers ok after the load is reported so."""
+    from worldvla.benchmarks import serve_load
+
+    _serve_load_on_a_thread(monkeypatch, tmp_path)
+    started = []
+
+    def robot(url, rng, size, camera_hw, steps_per_episode, stop, max_requests, lat, failures, barrier, native):
+        started.append(("robot", native, camera_hw, max_requests))
+        stop.wait(10)
+
+    def bad_client(url, rng, size, limit_bytes, stop, max_requests, record):
+        started.append(("bad", max_requests))
+        stop.wait(10)
+
+    monkeypatch.setattr(serve_load, "_robot", robot)
+    monkeypatch.setattr(serve_load, "_bad_client", bad_client)
+    real_health, healths = serve_load.health, []
+
+    def health(url):
+        healths.append(url)
+        return {**real_health(url), "status": "draining"} if len(healths) == 3 else real_health(url)
+
+    monkeypatch.setattr(serve_load, "health", health)
+    args = serve_load.parse_args(["--policy", "synthetic", "--device", "cpu", "--image-size", "8", "--sequential", "1",
+                                  "--clients", "3", "--bad-clients", "2", "--requests", "1000", "--duration-s", "0.3",
+                                  "--camera", "12x20", "--max-batch", "1"])
+    doc = json.loads(serve_load._main(args, str(tmp_path / "out")).read_text())
+    assert 0.3 <= doc["load_wall_s"] < 5 and len(healths) == 3 and doc["server_alive_at_end"] is False
+    robots = [("robot", False, (12, 20), 1000)] + [("robot", True, (12, 20), 1000)] * 2
+    assert sorted(started) == [("bad", 1000)] * 2 + robots
+    assert (doc["rows"][1]["clients"], doc["rows"][1]["bad_clients"], doc["rows"][1]["requests"]) == (3, 2, 0)
+
+
+@pytest.mark.parametrize("camera", ["480", "abc", "0x640", "480x640x3"])
+def test_serve_load_refuses_a_camera_size_that_is_not_h_by_w(camera, capsys):
+    """`--camera 480` was taken as given, and every camera robot crashed mid-run ("not enough values to unpack"),
+    counted as failed requests; "abc" failed with int()'s message. Each is refused as the options are parsed."""
+    from worldvla.benchmarks import serve_load
+
+    with pytest.raises(SystemExit) as e:
+        serve_load.parse_args(["--camera", camera])
+    assert e.value.code == 2
+    assert (f"argument --camera: expected HxW, two integers >= 1 such as 480x640, got {camera!r}"
+            in capsys.readouterr().err)
+    assert serve_load.parse_args(["--camera", "24X32"]).camera == (24, 32)
+    assert serve_load.parse_args([]).camera == (480, 640)
+
+
+def test_serve_load_quick_counts_give_way_to_the_options_given_beside_it():
+    """`--quick --clients 16 --duration-s 60` ran 3 robots for 5 s and reported those: --quick overwrote every
+    count. Its counts are defaults now; an option given beside it, before or after, counts."""
+    from worldvla.benchmarks import serve_load
+
+    a = serve_load.parse_args(["--quick", "--clients", "16", "--duration-s", "60"])
+    assert (a.clients, a.bad_clients, a.duration_s, a.requests, a.sequential, a.quick) == (16, 1, 60.0, 40, 30, True)
+    a = serve_load.parse_args(["--requests", "7", "--quick", "--sequential", "9", "--bad-clients", "0"])
+    assert (a.clients, a.bad_clients, a.duration_s, a.requests, a.sequential) == (3, 0, 5.0, 7, 9)
