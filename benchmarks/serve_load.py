@@ -306,7 +306,7 @@ def parse_args(argv=None):
     p.add_argument("--duration-s", type=positive_float, default=30.0,
                    help="time limit of the load phase (default: %(default)s; --quick: 5.0)")
     p.add_argument("--camera", type=camera_size, default="480x640",
-                   help="HxW of frames sent by half the robots (resized by the server; default: %(default)s)")
+                   help="HxW of frames sent by every other robot (resized by the server; default: %(default)s)")
     p.add_argument("--max-batch", type=positive_int, default=8,
                    help="the server's most act requests in one policy call, and the in-process batch compared "
                         "(default: %(default)s)")
@@ -436,14 +436,14 @@ def _main(args, out_dir: str) -> Path:
         before = health(url)["stats"]
         stop = threading.Event()
         lat, failures = [], []
-        bad = {"sent": 0, "refused": 0, "not_refused": []}
+        bads = [{"sent": 0, "refused": 0, "not_refused": []} for _ in range(args.bad_clients)]  # one each: no shared +=
         barrier = threading.Barrier(args.clients)
         threads = [threading.Thread(target=_robot, args=(url, np.random.default_rng(args.seed + 1 + i), size,
                                                          camera_hw, 25, stop, args.requests, lat, failures, barrier,
                                                          i % 2 == 0)) for i in range(args.clients)]
         threads += [threading.Thread(target=_bad_client, args=(url, np.random.default_rng(args.seed + 100 + i), size,
                                                                int(args.max_payload_mb * 2**20), stop, args.requests,
-                                                               bad)) for i in range(args.bad_clients)]
+                                                               bads[i])) for i in range(args.bad_clients)]
         t0 = time.perf_counter()
         for t in threads:
             t.start()
@@ -454,6 +454,8 @@ def _main(args, out_dir: str) -> Path:
         for t in threads:
             t.join(150)
         wall = time.perf_counter() - t0
+        bad = {"sent": sum(b["sent"] for b in bads), "refused": sum(b["refused"] for b in bads),
+               "not_refused": [kind for b in bads for kind in b["not_refused"]]}
         after = health(url)
         batches = after["stats"]["batches"] - before["batches"]
         batched = after["stats"]["batched_requests"] - before["batched_requests"]
