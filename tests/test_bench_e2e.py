@@ -366,3 +366,215 @@ def test_side_rows_divide_the_base_sides_median_by_each_sides(monkeypatch):
                      "speedup_vs_slow": 1.0, "tokens_equal": True},
                     {"case": "small frame 64px", "impl": "fast", "median_ms": 2.0, "repeats": 3,
                      "speedup_vs_slow": 3.0, "tokens_equal": False}]
+
+
+# ------------------------------------------------------------------ which side each row's numbers come from
+def _fixed_timing(monkeypatch, medians, seen):
+    """`time_interleaved` stood in: each side called once (its tokens are kept) and given the median of the decoder
+    it really ran (`medians`: "parallel", "sequential", "baseline", "release-engine", "package"), so a side timing
+    another's call shows; the device, warm-up and repeats it was asked for recorded in `seen`."""
+    ran = []
+    for name, tag in (("generate_action_chunk", None), ("baseline_generate_action_chunk", "baseline"),
+                      ("generate_release_actions", "release-engine"), ("generate_frame_codes", "package")):
+        real = getattr(e2e, name)
+        monkeypatch.setattr(e2e, name, lambda *a, real=real, tag=tag, **kw: ran.append(tag or kw["mode"]) or
+                            real(*a, **kw))
+
+    def fake(fns, *, warmup, repeats, device=None):
+        seen.append((sorted(fns), device, warmup, repeats))
+        out = {}
+        for side, fn in fns.items():
+            ran.clear()
+            fn()
+            out[side] = {"median_ms": medians[ran[0]], "warmup": warmup, "repeats": repeats}
+        return out
+    monkeypatch.setattr(e2e, "time_interleaved", fake)
+
+
+def test_each_row_holds_its_own_sides_times_and_ratio(monkeypatch):
+    """Medians fixed per side: every chunk and frame row carries its own side's median (not a neighbour's), its
+    speed-up is its baseline's median over its own, and every side was timed on the run's device with the quick
+    warm-up and repeats."""
+    medians = {"parallel": 2.0, "sequential": 8.0, "baseline": 40.0, "release-engine": 5.0, "package": 10.0}
+    seen = []
+    _fixed_timing(monkeypatch, medians, seen)
+    model, cpu = _tiny_model(), torch.device("cpu")
+    with torch.no_grad():
+        rows = e2e.bench_chunks(model, "tiny", 2, (1,), cpu, True, torch.Generator().manual_seed(0))
+        rows += e2e.bench_frame(model, "tiny", 2, cpu, True, torch.Generator().manual_seed(0))
+    assert [(r["task"], r["impl"], r["median_ms"], r["speedup_vs_baseline"]) for r in rows] == [
+        ("action_chunk", "parallel", 2.0, 20.0), ("action_chunk", "sequential", 8.0, 5.0),
+        ("action_chunk", "baseline", 40.0, 1.0), ("action_chunk", "release-engine", 5.0, 8.0),
+        ("frame", "package", 10.0, 4.0), ("frame", "baseline", 40.0, 1.0)]
+    assert seen == [(["baseline", "parallel", "release-engine", "sequential"], cpu, 1, 3),
+                    (["baseline", "package"], cpu, 1, 3)]
+    assert rows[3]["tokens_equal_release"] is True and rows[3]["stopped_early"] is False
+
+
+def test_tokens_that_differ_are_reported_as_differing(monkeypatch):
+    """The sequential chunk differing from the parallel one, and the release-engine's tokens short of the
+    baseline's (a separator written early): tokens_equal and tokens_equal_release are False, the agreements below
+    1, the release row counts its own tokens and gets no speed-up (it did less work than the baseline)."""
+    medians = {"parallel": 2.0, "sequential": 8.0, "baseline": 40.0, "release-engine": 5.0}
+    _fixed_timing(monkeypatch, medians, [])
+    chunk, release = e2e.generate_action_chunk, e2e.generate_release_actions
+    monkeypatch.setattr(e2e, "generate_action_chunk", lambda *a, mode, **kw: chunk(*a, mode=mode, **kw) + (
+        mode == "sequential"))
+    monkeypatch.setattr(e2e, "generate_release_actions", lambda *a, **kw: [
+        g._replace(tokens=g.tokens[:-2]) for g in release(*a, **kw)])
+    with torch.no_grad():
+        rows = e2e.bench_chunks(_tiny_model(), "tiny", 2, (1,), torch.device("cpu"), True,
+                                torch.Generator().manual_seed(0))
+    par, seq, base, rel = rows
+    assert par["tokens_equal"] is False and seq["tokens_equal"] is False and par["tokens_agreement"] < 1
+    assert rel["tokens_equal_release"] is False and rel["tokens_agreement_release"] == pytest.approx(D / (D + 2))
+    assert rel["stopped_early"] is True and rel["speedup_vs_baseline"] is None
+    assert rel["new_tokens"] == D + 1 and base["new_tokens"] == D + 2 + 1  # one block of D + 2, less the 2 cut
+
+
+def _fake_benches(monkeypatch, calls, threads):
+    """The run's model and measurements stood in (no model is built, nothing timed): `calls` records each model
+    built and each chunk size's and frame's measurement in order, `threads` the CPU threads each ran on. Parallel
+    rows 2 ms against a 40 ms baseline (their tokens equal the sequential ones' except at 10 actions), frames 300
+    against 900 ms, parameter bytes 7e9 (7B) and 4e7 (small) parameters at the dtype's size."""
+    def chunks(model, cfg_name, grid, chunks, device, quick, gen, done=None, prompt=None):
+        calls.append(("chunks", cfg_name, grid, tuple(chunks)))
+        threads.append(torch.get_num_threads())
+        rows = []
+        for K in chunks:
+            new = [{"task": "action_chunk", "config": cfg_name, "px": grid * 16, "grid": grid, "chunk": K,
+                    "impl": impl, "median_ms": ms, "speedup_vs_baseline": 40.0 / ms, "forward_passes": 8,
+                    "tokens_equal": K != 10} for impl, ms in (("parallel", 2.0), ("baseline", 40.0))]
+            rows += new
+            done(new)
+        return rows
+
+    def frame(model, cfg_name, grid, device, quick, gen):
+        calls.append(("frame", cfg_name, grid))
+        return [{"task": "frame", "config": cfg_name, "px": grid * 16, "grid": grid, "chunk": None, "impl": impl,
+                 "median_ms": ms, "speedup_vs_baseline": 900.0 / ms, "forward_passes": 256}
+                for impl, ms in (("package", 300.0), ("baseline", 900.0))]
+
+    monkeypatch.setattr(e2e, "bench_chunks", chunks)
+    monkeypatch.setattr(e2e, "bench_frame", frame)
+    monkeypatch.setattr(e2e, "build_model", lambda name, device, dtype: calls.append(("model", name, dtype)) or name)
+    monkeypatch.setattr(e2e, "param_bytes", lambda name, dtype: int({"chameleon_7b": 7e9, "small": 4e7}[name])
+                        * torch.empty((), dtype=dtype).element_size())
+
+
+def test_a_gpu_run_measures_the_target_rows_first_and_labels_its_json(monkeypatch, tmp_path, capsys):
+    """A full GPU run (its measurements stood in): 7B's 5-action chunk at 256 px, then its frame, then its other
+    chunk sizes, then the 512 px prompts (no second frame), then the small config; the target line printed once,
+    when the JSON first holds the target rows; every write for the run's device and not quick; the final JSON's
+    dtype, judged targets (an H100), per-pass floor and 7B floors from the 7B rows, labelled by case."""
+    calls, writes = [], []
+    _fake_benches(monkeypatch, calls, [])
+    monkeypatch.setattr(e2e, "measure_bandwidth", lambda device: 2000.0)
+    monkeypatch.setattr(e2e, "device_name", lambda device: "NVIDIA-H100-80GB-HBM3")
+    monkeypatch.setattr(e2e, "write_results", lambda name, rows, device, out_dir, extra=None, plot=None, quick=False:
+                        writes.append((name, len(rows), device, quick, extra)) or tmp_path / "e2e.json")
+    e2e.run(device="cuda", out_dir=tmp_path)
+    bf16 = torch.bfloat16
+    assert calls == [("model", "chameleon_7b", bf16), ("chunks", "chameleon_7b", 16, (5,)),
+                     ("frame", "chameleon_7b", 16), ("chunks", "chameleon_7b", 16, (10,)),
+                     ("chunks", "chameleon_7b", 32, (5, 10)),
+                     ("model", "small", bf16), ("chunks", "small", 16, (5,)), ("frame", "small", 16),
+                     ("chunks", "small", 16, (10,)), ("chunks", "small", 32, (5, 10))]
+    assert capsys.readouterr().out.count(e2e.TARGET_ROWS_LINE) == 1
+    assert [w[4]["target_rows_written"] for w in writes[:3]] == [False, True, True]
+    assert all(w[0] == "e2e" and w[2] == torch.device("cuda") and w[3] is False for w in writes)
+    assert len(writes) == 11 and writes[-1][1] == 20 and "partial" not in writes[-1][4]
+    extra = writes[-1][4]
+    assert extra["dtype"] == "torch.bfloat16" and extra["tokens_equal"] is False  # one chunk size's differ
+    assert {k: (v["measured"], v["met"]) for k, v in extra["targets"].items()} == {
+        "chunk5_256px_parallel_ms": (2.0, True), "frame_256px_ms": (300.0, True),
+        "chunk5_256px_speedup_vs_baseline": (20.0, True)}
+    floor = extra["weight_streaming_floor"]
+    assert floor["param_bytes"] == {"chameleon_7b": 14_000_000_000, "small": 80_000_000}
+    assert floor["ms_per_pass_7b"] == pytest.approx(7.0)  # 14 GB at 2000 GB/s
+    assert floor["chameleon_7b"]["chameleon_7b action_chunk 256px K5 parallel"] == {
+        "forward_passes": 8, "floor_ms": pytest.approx(56.0)}
+    assert floor["chameleon_7b"]["chameleon_7b frame 256px package"]["floor_ms"] == pytest.approx(256 * 7.0)
+    assert len(floor["chameleon_7b"]) == 10 and all(k.startswith("chameleon_7b ") for k in floor["chameleon_7b"])
+
+
+def test_a_quick_cpu_run_writes_only_quick_results_measured_on_one_thread(monkeypatch, tmp_path):
+    """A quick CPU run (measurements stood in) never writes the full results' file, not even while partial; it
+    measures on one thread and says so; 7B's floor bytes are bfloat16's whatever the run's dtype; without the
+    target chunk size the first one given goes first, then the frame, then the rest, each once."""
+    calls, threads = [], []
+    _fake_benches(monkeypatch, calls, threads)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        path = e2e.run(quick=True, device="cpu", out_dir=tmp_path, grid=2, chunks=(10, 3))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+    assert calls == [("model", "small", torch.float32), ("chunks", "small", 2, (10,)), ("frame", "small", 2),
+                     ("chunks", "small", 2, (3,))]
+    assert threads == [1, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.with_suffix(".png").name]
+    doc = json.loads(path.read_text())
+    assert path.name.endswith("-quick.json") and doc["quick"] is True and doc["cpu_threads"] == 1
+    assert doc["dtype"] == "torch.float32"
+    assert doc["weight_streaming_floor"]["param_bytes"] == {"chameleon_7b": 14_000_000_000, "small": 160_000_000}
+
+
+def test_run_refuses_thread_counts_and_grids_that_measure_nothing(tmp_path):
+    """0 threads (torch's own error otherwise) and a grid of 0 codes a side are refused by name, nothing written."""
+    for kw, msg in ((dict(threads=0), "threads must be >= 1, got 0"),
+                    (dict(grid=0), "grid must be an even number of codes per side >= 2 (px = 16 x grid), got 0")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            e2e.run(quick=True, device="cpu", out_dir=tmp_path, **kw)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_command_line_hands_every_option_to_the_run(monkeypatch, tmp_path):
+    """`python -m benchmarks.e2e ...`: every option reaches run(); a dropped --threads or --tune-malloc would time
+    other settings than the ones asked for."""
+    got = []
+    monkeypatch.setattr(e2e, "run", lambda *a, **kw: got.append((a, kw)) or "done")
+    e2e.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--grid", "2", "--chunks", "3", "5",
+              "--threads", "2", "--tune-malloc"])
+    assert got == [((True, "cpu", str(tmp_path)), dict(grid=2, chunks=(3, 5), threads=2, tune_malloc=True))]
+
+
+def test_random_weights_are_the_seeds_whatever_the_callers_generator(monkeypatch):
+    """Two runs time the same random model: build_model draws its weights from `seed`, not from wherever the
+    default generator stands (the small config stood in by the tiny one)."""
+    from worldvla.model import ModelConfig
+
+    monkeypatch.setattr(e2e.ModelConfig, "small", staticmethod(lambda layout, **kw: ModelConfig.tiny(layout)))
+    cpu = torch.device("cpu")
+    torch.manual_seed(1)
+    a = e2e.build_model("small", cpu, torch.float32).state_dict()
+    torch.manual_seed(2)
+    b = e2e.build_model("small", cpu, torch.float32).state_dict()
+    c = e2e.build_model("small", cpu, torch.float32, seed=1).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_counting_passes_leaves_the_model_and_the_step_plan_as_they_were():
+    """count_passes counts a forward pass and then puts back what it shadowed: the model's own hidden_states and
+    DecodeStepPlan's call (left wrapped, every later step would count into a finished count)."""
+    from worldvla.ops.decoder import DecodeStepPlan
+
+    model, call = _tiny_model(), DecodeStepPlan.__call__
+    with torch.no_grad(), e2e.count_passes(model) as n:
+        model(e2e.action_prompt(2, torch.Generator().manual_seed(0)))
+    assert n == [1] and "hidden_states" not in vars(model) and DecodeStepPlan.__call__ is call
+
+
+def test_bf16_steps_ratio_and_weight_rate_come_from_each_sides_median(monkeypatch, tmp_path):
+    """`e2e --bf16-steps`: speedup_vs_modules is the modules' median over the row's, and weights_GB_per_s the
+    projection bytes read in the row's median (bytes / ms / 1e6 = GB/s). Medians fixed."""
+    monkeypatch.setattr(e2e, "_interleaved", lambda calls, n, before=None: {"native-step": 0.5, "modules": 2.0})
+    doc = json.loads(e2e.compare_bf16_steps("small", quick=True, out_dir=tmp_path, grid=2, repeats=1).read_text())
+    rows = {(r["case"], r["impl"]): r for r in doc["rows"]}
+    assert len(rows) == 6
+    for (case, impl), r in rows.items():
+        ms = {"native-step": 0.5, "modules": 2.0}[impl]
+        assert r["median_ms"] == ms and r["speedup_vs_modules"] == 2.0 / ms
+        assert r["weights_GB_per_s"] == pytest.approx(doc["projection_bytes"] / ms / 1e6)

@@ -1,6 +1,7 @@
 """The hidden temporary names of atomic writes (`checkpoint.sibling_name`) and the readers that find them."""
 import os
 import re
+import sys
 from unittest import mock
 
 import pytest
@@ -105,3 +106,120 @@ def test_demos_written_to_a_long_file_name_and_the_temporary_files_killed_writes
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name])
     (got,) = read_demos(path)
     assert np.array_equal(got.frames, demo["frames"]) and np.array_equal(got.actions, demo["actions"])
+
+
+def test_a_model_saved_to_a_path_under_home_loads_from_it(tmp_path, monkeypatch):
+    """save_pretrained("~/ck") wrote a folder named "~" in the working folder, while from_pretrained("~/ck") reads
+    the home folder's ck: the load found nothing there, or an older save."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    m = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    m.save_pretrained("~/ck")
+    assert list(cwd.iterdir()) == [] and sorted(p.name for p in (home / "ck").iterdir()) == [
+        "config.json", "model.safetensors"]
+    got = WorldVLA.from_pretrained("~/ck").state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_two_folders_exchange_their_names_or_the_file_system_is_the_reason_they_do_not(tmp_path):
+    """`_exchange` swaps two existing folders (RENAME_EXCHANGE). A wrong flag (RENAME_NOREPLACE refuses an existing
+    target) would make every save fall back to two renames, leaving the checkpoint's name free between them,
+    while the test of the exchange skips as if the file system could not: a failure must be the file system's."""
+    import ctypes
+    import errno
+
+    import worldvla.checkpoint as ck
+
+    if ck._renameat2() is None:
+        pytest.skip("no renameat2 in this C library")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "from_a").write_text("")
+    if not ck._exchange(a, b):
+        assert ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP), os.strerror(ctypes.get_errno())
+        assert [p.name for p in a.iterdir()] == ["from_a"] and list(b.iterdir()) == []
+        pytest.skip("this file system cannot exchange names")
+    assert list(a.iterdir()) == [] and [p.name for p in b.iterdir()] == ["from_a"]
+
+
+def test_a_model_on_chameleons_vocabulary_ends_a_turn_with_its_separator():
+    """config.json's special ids of a model built on the release's vocabulary are Chameleon's: transformers' generate
+    stops at eos_token_id, which must be the separator that ends a turn (8710), not the "<image>" id beside it."""
+    from worldvla.checkpoint import config_to_hf
+    from worldvla.tokens import VocabLayout
+
+    layout = VocabLayout.chameleon()
+    cfg = config_to_hf(ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=4, layout=layout.to_dict()))
+    assert (cfg["eos_token_id"], cfg["bos_token_id"]) == (8710, 0) == (layout.sep, layout.bos)
+    assert cfg["vocabulary_map"]["<reserved08706>"] == cfg["eos_token_id"]
+
+
+def test_a_config_json_of_the_other_kind_is_refused_as_a_wrong_file_not_a_missing_one(tmp_path):
+    """A VQGAN folder given for a model (or a model folder for a VQGAN) holds the wrong config.json: a ValueError
+    that names what it is and its loader, not the FileNotFoundError of a folder that lacks a file. A config.json
+    with only some of VQGANConfig's keys is no folder this package wrote: left to the loader to name."""
+    import json
+
+    from worldvla.checkpoint import folder_kind
+
+    vq, model, partial = tmp_path / "codec", tmp_path / "lm", tmp_path / "partial"  # none the name the other looks for
+    for folder, cfg in ((vq, {"ch_mult": [1, 2], "n_embed": 8, "z_channels": 4}), (model, {"model_type": "chameleon"}),
+                        (partial, {"n_embed": 8, "z_channels": 4})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="is a VQGAN folder .*not a WorldVLA model folder: load it with "
+                                         "VQGAN.from_pretrained"):
+        check_folder(vq, "model")
+    with pytest.raises(ValueError, match="is a WorldVLA model folder .*not a VQGAN folder: load it with "
+                                         "WorldVLA.from_pretrained"):
+        check_folder(model, "vqgan")
+    assert folder_kind(partial) is None and check_folder(partial, "model") == partial
+
+
+def test_a_sharded_save_indexes_its_bytes_and_a_shard_lost_since_is_named(tmp_path):
+    """The shard index of a sharded save gives the weights' total size in bytes and a shard for every tensor; a
+    folder that lost one of its shards (an interrupted copy or download) is refused naming the missing file."""
+    import json
+
+    model = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    f = tmp_path / "ck"
+    model.save_pretrained(f, shard_size_gb=20e3 / 2 ** 30)
+    index = json.loads((f / "model.safetensors.index.json").read_text())
+    sd = model.state_dict()
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in sd.values())
+    assert sorted(index["weight_map"]) == sorted(sd)
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((f / s).is_file() for s in shards)
+    (f / shards[1]).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"shards listed in model.safetensors.index.json are missing: "
+                                                rf"\['{shards[1]}'\]"):
+        WorldVLA.from_pretrained(f)
+
+
+def test_a_model_with_float32_norms_saves_the_dtype_of_its_matrices(tmp_path):
+    """config.json's dtype of a bfloat16 model whose final norm is kept in float32 is bfloat16, its head's: the dtype
+    a load in "auto" takes, which loads the folder in bfloat16 again, not all of it in float32."""
+    import json
+
+    model = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    model.model.norm.float()
+    model.save_pretrained(tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["dtype"] == cfg["torch_dtype"] == "bfloat16"
+    got = WorldVLA.from_pretrained(tmp_path / "ck")
+    assert {p.dtype for p in got.parameters()} == {torch.bfloat16}
+    assert torch.equal(got.lm_head.weight, model.lm_head.weight)
+
+
+def test_a_config_json_that_holds_no_object_is_refused_naming_the_file(tmp_path):
+    """A config.json of valid JSON that is not an object (a list, a number) is refused as the model config it is
+    not, naming the file, not with an AttributeError from inside the config reader."""
+    f = tmp_path / "ck"
+    WorldVLA(ModelConfig.tiny()).save_pretrained(f)
+    (f / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json: not a valid model config \(a JSON list, not an object\)"):
+        WorldVLA.from_pretrained(f)

@@ -349,7 +349,7 @@ def replace_folder(path, write, keep=None) -> None:
     (`_exchange`); elsewhere the older one is renamed aside first, and put back if the second rename
     does not follow. Folders that killed saves left beside `path` are removed first, and an older folder
     such a save set aside is put back (`remove_stale`)."""
-    path = Path(path)
+    path = Path(path).expanduser()  # the folder `check_folder` (a load) reads back
     if path.is_symlink():  # replace the folder the link names, and keep the link
         path = path.resolve()
     if path.exists() and not path.is_dir():
