@@ -1449,17 +1449,27 @@ def test_a_collection_worker_that_dies_stops_the_collection_naming_the_broken_po
     worker's episode without end nor going on without it as if the episode had never been asked for. The error is
     an OSError, which the command line reports in one line, saying what to do (the pool's own error was a
     RuntimeError, printed with its traceback, saying only that a process "terminated abruptly")."""
+    import multiprocessing as mp
     import signal
     from concurrent.futures import ProcessPoolExecutor
 
     from worldvla.data import collect as col
 
     class KilledPool(ProcessPoolExecutor):
+        """Kills one of its workers once both are started (a submit starts one while fewer run). Not sooner: a
+        worker started while Python 3.11's pool handles the death of another is never terminated by it, and the
+        pool's shutdown waits for that worker without end."""
+
+        def __init__(self, *args, **kwargs):
+            self.before, self.killed = set(mp.active_children()), False
+            super().__init__(*args, **kwargs)
+
         def submit(self, fn, *args, **kwargs):
             fut = super().submit(fn, *args, **kwargs)
-            if not getattr(self, "killed", False):
+            workers = [p for p in mp.active_children() if p not in self.before]
+            if not self.killed and len(workers) == 2:
                 self.killed = True
-                os.kill(next(iter(self._processes)), signal.SIGKILL)
+                os.kill(workers[0].pid, signal.SIGKILL)
             return fut
 
     monkeypatch.setattr(col, "ProcessPoolExecutor", KilledPool)
@@ -1485,3 +1495,74 @@ def test_a_worker_process_that_dies_before_its_start_up_reply_is_blamed_on_the_m
             w.reply()
     finally:
         workers._close_workers([w], timeout=1.0)
+
+
+@needs_sim
+def test_an_action_reaches_meta_world_unchanged_and_its_reward_and_success_come_back(reach_env):
+    """The env passes an action in [-1, 1] to Meta-World as it is: a scaled or reordered one moves the hand another
+    way than the action recorded with the episode. Meta-World's own step gives the reference, also for the reward
+    and the success flag the step returns (this step's reward is > 0 and its success false)."""
+    a = np.array([0.7, -0.4, 0.9, 0.3])
+    reach_env.reset(seed=3, render=False)
+    want, want_reward, _, _, info = reach_env._env.step(a)
+    reach_env.reset(seed=3, render=False)
+    _, reward, success, done = reach_env.step(a, render=False)
+    np.testing.assert_array_equal(reach_env.state, want)
+    assert (reward, success, done) == (float(want_reward), False, False) and reward > 0 and not info["success"]
+    assert np.abs(reach_env.state[:3] - reach_env.state[18:21]).max() > 1e-3  # the hand moved this step
+
+
+def test_each_tasks_instruction_names_its_own_direction_not_the_opposite_one():
+    """The instruction is all the model is told of the task: a lock task's instruction saying "unlock" (or an
+    open task's saying "close") trains and evaluates it on the opposite of what the task scores."""
+    opposite = {"open": "close", "close": "open", "push": "pull", "pull": "push", "lock": "unlock", "unlock": None}
+    checked = []
+    for task, text in TASKS.items():
+        words = text.split()
+        for w in (w for w in task.split("-") if w in opposite):
+            o = opposite[w]
+            assert w in words or w + "d" in words, (task, text)
+            assert o is None or not (o in words or o + "d" in words), (task, text)
+            checked.append(task)
+    assert len(checked) == 21 and len(set(TASKS.values())) == len(TASKS) == 50
+
+
+@needs_sim
+def test_an_expert_episode_starts_from_its_own_seeds_layout_with_the_experts_actions(reach_env, monkeypatch):
+    """`expert_episode(env, seed)` records the layout of `seed`, not the env's own seed's, and its actions are the
+    task's expert's for the states it went through."""
+    from worldvla.sim.metaworld_env import expert_episode
+
+    monkeypatch.setattr(reach_env, "max_steps", 2)
+    episode = expert_episode(reach_env, seed=7)
+    first = reach_env.reset(seed=7)
+    want = expert_policy("reach-v3")(reach_env.state)
+    np.testing.assert_array_equal(episode["frames"][0], first)
+    assert not np.array_equal(first, reach_env.reset(seed=reach_env.seed))
+    assert episode["seed"] == 7 and episode["actions"].shape == (2, 4)
+    np.testing.assert_array_equal(episode["actions"][0], want)
+
+
+@needs_sim
+def test_a_pool_found_broken_when_the_next_episode_is_sent_is_reported_as_a_dead_worker(tmp_path, monkeypatch):
+    """A worker can die between the wait that returned a finished episode and the sending of the next one: the
+    pool then refuses the submit itself. That is the same dead worker, reported the same way (one line on the
+    command line, with what to do), not the pool's own RuntimeError and its traceback."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from worldvla.data import collect as col
+
+    class BrokenOnThirdSubmit(ProcessPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            self.sent = getattr(self, "sent", 0) + 1
+            if self.sent == 3:
+                raise BrokenProcessPool("A child process terminated abruptly, the process pool is not usable anymore")
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(col, "ProcessPoolExecutor", BrokenOnThirdSubmit)
+    with pytest.raises(ChildProcessError, match=r"a collect worker process died while running an episode .*run the "
+                                                r"same command again to go on"):
+        col.collect(["reach-v3"], 3, tmp_path, image_size=8, max_steps=2, max_attempts=1, workers=2,
+                    progress=False)
+    assert not (tmp_path / "reach-v3.hdf5").exists()

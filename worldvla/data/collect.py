@@ -433,17 +433,15 @@ def collect(
                         in_flight.add(ex.submit(_worker_run, heapq.heappop(pending)[-1]))
                     finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
                     for fut in finished:
-                        try:
-                            result = fut.result()
-                        except BrokenProcessPool:
-                            raise ChildProcessError(
-                                "a collect worker process died while running an episode (killed by the out-of-memory "
-                                "killer, or a crash in the simulator or its renderer: a line it printed may be "
-                                "above); the task files finished before it are kept: free memory or use fewer "
-                                "--workers (--workers 1 runs the episodes in this process, where a crash shows its "
-                                "place), then run the same command again to go on") from None
-                        for job in handle(result):
+                        for job in handle(fut.result()):
                             push(job)
+            except BrokenProcessPool:  # from a result, or from a submit when the worker died since the last wait
+                raise ChildProcessError(
+                    "a collect worker process died while running an episode (killed by the out-of-memory killer, or "
+                    "a crash in the simulator or its renderer: a line it printed may be above); the task files "
+                    "finished before it are kept: free memory or use fewer --workers (--workers 1 runs the episodes "
+                    "in this process, where a crash shows its place), then run the same command again to go on"
+                ) from None
             finally:
                 ex.shutdown(wait=True, cancel_futures=True)
     finally:
