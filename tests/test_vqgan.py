@@ -808,3 +808,19 @@ def test_decoder_matches_transformers_janus(attn_res):
         assert rel <= 1e-5, rel
         assert float(ref.abs().max()) > 1.0  # unclamped: a tanh or a clamp here would show
         assert torch.allclose(ours.decode(codes), ref.clamp(-1, 1), rtol=0, atol=5e-5)
+
+
+def test_a_vqgan_saved_to_a_path_under_home_loads_from_it(tmp_path, monkeypatch):
+    """save_pretrained("~/vq") wrote a folder named "~" in the working folder, while from_pretrained("~/vq") reads
+    the home folder's vq: the load found nothing, or an older save's weights."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    (home / "vq").mkdir(parents=True), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    torch.manual_seed(0)
+    m = VQGAN(VQGANConfig(**TINY))
+    m.save_pretrained("~/vq")
+    assert list(cwd.iterdir()) == [] and sorted(p.name for p in (home / "vq").iterdir()) == [
+        "config.json", "model.safetensors"]
+    got = VQGAN.from_pretrained("~/vq").state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in m.state_dict().items())

@@ -554,10 +554,11 @@ class VQGAN(nn.Module):
 
         from .checkpoint import write_atomic, write_text_atomic
 
+        folder = Path(folder).expanduser()  # the folder from_pretrained reads back
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        (Path(folder) / "config.json").unlink(missing_ok=True)
-        write_atomic(Path(folder) / "model.safetensors", lambda p: save_file(sd, p))
-        write_text_atomic(Path(folder) / "config.json", json.dumps(self.config.to_dict(), indent=2))
+        (folder / "config.json").unlink(missing_ok=True)
+        write_atomic(folder / "model.safetensors", lambda p: save_file(sd, p))
+        write_text_atomic(folder / "config.json", json.dumps(self.config.to_dict(), indent=2))
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, map_location="cpu") -> "VQGAN":
