@@ -1503,6 +1503,19 @@ def test_timings_refuse_call_counts_that_give_no_median():
 
 
 # ------------------------------------------------------------------ serve_load's traffic and rows
+class _StubClient:
+    """A PolicyClient's context-manager shell, for stand-ins that script its replies."""
+
+    def __init__(self, url, timeout):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def test_serve_load_robot_times_only_the_requests_served(monkeypatch):
     """A load-phase robot timed every request, a refused or timed-out one too: a queue that refused fast pulled the
     percentiles down and counted refusals as throughput. Only answered requests with finite float32 actions give a
@@ -1517,15 +1530,7 @@ def test_serve_load_robot_times_only_the_requests_served(monkeypatch):
 
     log = []
 
-    class Client:
-        def __init__(self, url, timeout):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
+    class Client(_StubClient):
 
         def reset(self, instruction):
             log.append("reset")
@@ -2533,15 +2538,7 @@ def test_serve_load_robot_times_the_request_not_the_episode_reset(monkeypatch):
 
     from worldvla.benchmarks import serve_load
 
-    class Client:
-        def __init__(self, url, timeout):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
+    class Client(_StubClient):
 
         def reset(self, instruction):
             time.sleep(0.2)
