@@ -578,3 +578,67 @@ def test_bf16_steps_ratio_and_weight_rate_come_from_each_sides_median(monkeypatc
         ms = {"native-step": 0.5, "modules": 2.0}[impl]
         assert r["median_ms"] == ms and r["speedup_vs_modules"] == 2.0 / ms
         assert r["weights_GB_per_s"] == pytest.approx(doc["projection_bytes"] / ms / 1e6)
+
+
+def test_decode_paths_speed_up_is_each_paths_against_the_modules_path(monkeypatch, tmp_path):
+    """`e2e --decode-paths`: speedup_vs_modules is the first path's (modules-torch-linear) median over the row's
+    path's, not the last path's, and tokens_equal compares with that first path's tokens. Calls and medians stood
+    in (no model built): each side's median is that of the path really switched to when it ran."""
+    from worldvla.inference import frames
+    from worldvla.ops import decoder, dispatch
+
+    medians = dict(zip(e2e.DECODE_PATHS, (12.0, 6.0, 4.0, 3.0, 2.0, 1.5)))
+    ran = []
+
+    def call():
+        state = (dispatch.AUTO_ORDER[("decoder_layer", "cpu")], dispatch.AUTO_ORDER[("linear", "cpu")],
+                 decoder.NATIVE_PREFILL, decoder.NATIVE_STEP, frames.NATIVE_FRAME_LOOP)
+        ran.append(next(p for p, v in e2e.DECODE_PATHS.items() if v == state))
+        return torch.tensor([1, 2, int(ran[-1] == "native-layer")])  # one path's tokens differ
+
+    def fake(calls, n, before=None):
+        out = {}
+        for side, fn in calls.items():
+            before(side)
+            fn()
+            out[side] = medians[ran[-1]] * n  # n: 3 (chunk) or 5 (frame), so each case's medians differ
+        return out
+    monkeypatch.setattr(e2e, "tune_cpu_malloc", lambda: None)
+    monkeypatch.setattr(e2e, "_cpu_calls", lambda grid, repeats, model=None: {"chunk": (call, 3), "frame": (call, 5)})
+    monkeypatch.setattr(e2e, "_interleaved", fake)
+    doc = json.loads(e2e.compare_decode_paths(quick=True, out_dir=tmp_path, grid=2, repeats=3).read_text())
+    assert [(r["case"], r["impl"], r["median_ms"], r["speedup_vs_modules"], r["tokens_equal"]) for r in doc["rows"]] == [
+        (f"small {case} 32px", path, ms * n, 12.0 / ms, path != "native-layer")
+        for case, n in (("chunk", 3), ("frame", 5)) for path, ms in medians.items()]
+
+
+def test_sampled_frames_speed_up_is_the_python_loops_median_over_the_rows(monkeypatch, tmp_path):
+    """`e2e --sampled-frames`: speedup_vs_python_loop is the Python loop's median over the row's (4 for a native
+    loop four times as fast, not 1/4), and tokens_equal compares with the Python loop's codes. The small config
+    stood in by the tiny one and the frames by their keywords (nothing decoded); each side's median is that of the
+    loop really switched to when it ran, scaled by the case's keyword count so that each case's medians differ."""
+    from worldvla.inference import frames
+
+    ran = []
+
+    def frame(*a, engine, generator, **kw):
+        ran.append((frames.NATIVE_FRAME_LOOP, len(kw)))
+        return torch.tensor([len(kw), int(frames.NATIVE_FRAME_LOOP and "cfg_scale" in kw)])  # guided: codes differ
+    monkeypatch.setattr(e2e, "generate_frame_codes", frame)
+
+    def fake(calls, n, before=None):
+        out = {}
+        for side, fn in calls.items():
+            fn()
+            loop, n_kw = ran[-1]
+            out[side] = (2.0 if loop else 8.0) * (1 + n_kw)
+        return out
+    monkeypatch.setattr(e2e, "build_model", lambda name, device, dtype: _tiny_model())
+    monkeypatch.setattr(e2e, "_interleaved", fake)
+    doc = json.loads(e2e.compare_sampled_frames(quick=True, out_dir=tmp_path, grid=2, repeats=1).read_text())
+    assert frames.NATIVE_FRAME_LOOP is True
+    assert [(r["case"], r["impl"], r["median_ms"], r["speedup_vs_python_loop"]) for r in doc["rows"]] == [
+        (f"small frame {case} 32px", impl, ms * (1 + n_kw), speedup)
+        for case, n_kw in (("greedy", 0), ("top-k 100 T1", 2), ("T1 all codes", 1), ("greedy guided 3", 1))
+        for impl, ms, speedup in (("native-frame-loop", 2.0, 4.0), ("python-loop", 8.0, 1.0))]
+    assert [r["tokens_equal"] for r in doc["rows"]] == [True] * 6 + [False, True]

@@ -6,6 +6,7 @@ import platform
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -223,3 +224,34 @@ def test_a_setting_glibc_refuses_is_an_error_and_not_recorded(monkeypatch):
     with pytest.raises(RuntimeError, match="glibc's mallopt refused mmap_threshold=1048576"):
         malloc.tune_cpu_malloc(mmap_threshold=1 << 20)
     assert malloc.cpu_malloc_settings() is None
+
+
+def test_e2e_malloc_speed_up_is_the_defaults_median_over_the_rows(monkeypatch, tmp_path):
+    """`e2e --malloc`: speedup_vs_defaults is the defaults' median over the row's (4 for calls four times as fast
+    once tuned, not 1/4), and tokens_equal compares with the defaults' tokens. mallopt stood in (this process's
+    allocator left as it is), the calls by ones that advance a stood-in clock by their case's seconds, a quarter of
+    them once tuned (powers of two, so that the medians are exact)."""
+    import torch
+
+    from worldvla.benchmarks import e2e
+
+    _fake_mallopt(monkeypatch)
+    clock = [0.0]
+
+    def call(seconds):
+        def fn():
+            tuned = malloc.cpu_malloc_settings() is not None
+            clock[0] += seconds / 4 if tuned else seconds
+            return torch.tensor([int(tuned and seconds == 2 ** -9)])  # one case's tokens differ once tuned
+        return fn
+    monkeypatch.setattr(e2e, "_cpu_calls", lambda grid, repeats, model=None: {
+        "chunk": (call(2 ** -9), 3), "frame": (call(2 ** -5), 5)})
+    monkeypatch.setattr(e2e, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    doc = json.loads(e2e.compare_malloc(quick=True, out_dir=tmp_path, grid=2).read_text())
+    assert doc["tuned"] == {"mmap_threshold": malloc.MAX_MMAP_THRESHOLD, "trim_threshold": 1 << 30, "mmap": True}
+    assert [(r["case"], r["impl"], r["median_ms"], r["repeats"], r["speedup_vs_defaults"], r["tokens_equal"])
+            for r in doc["rows"]] == [
+        ("small chunk 32px", "malloc-defaults", 1.953125, 3, 1.0, True),
+        ("small chunk 32px", "malloc-tuned", 0.48828125, 3, 4.0, False),
+        ("small frame 32px", "malloc-defaults", 31.25, 5, 1.0, True),
+        ("small frame 32px", "malloc-tuned", 7.8125, 5, 4.0, True)]
