@@ -235,7 +235,12 @@ def interrupt_cli():
         try:
             deadline = time.time() + timeout
             while not ready():
-                assert proc.poll() is None and time.time() < deadline, proc.communicate()
+                if proc.poll() is not None or time.time() >= deadline:
+                    if proc.poll() is None:  # not ready in time: stopped, so that its output can be read
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    out, err = proc.communicate(timeout=60)
+                    raise AssertionError(f"{args}: not ready after {timeout} s or ended (exit code "
+                                         f"{proc.returncode})\n{out}\n{err}")
                 time.sleep(0.1)
             os.killpg(proc.pid, signal.SIGINT)
             _, err = proc.communicate(timeout=60)
