@@ -988,6 +988,19 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+def _line(proc, timeout=60.0) -> str:
+    """The next line a server subprocess prints, or a failure after `timeout` s (the process killed), never a wait
+    without end on a server that will not print it."""
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(proc.stdout.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    if not got:
+        proc.kill()
+        raise AssertionError(f"the server printed no line in {timeout} s; its stderr: {proc.communicate(timeout=10)[1]}")
+    return got[0]
+
+
 def test_sigterm_and_sigint_finish_in_flight_request_and_exit_cleanly(np_rng):
     """Two servers in subprocesses (started together to share the start-up time)."""
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -995,7 +1008,7 @@ def test_sigterm_and_sigint_finish_in_flight_request_and_exit_cleanly(np_rng):
                               text=True) for _ in signals]
     try:
         for proc, sig in zip(procs, signals):
-            port = int(proc.stdout.readline())
+            port = int(_line(proc))
             with PolicyClient(f"ws://127.0.0.1:{port}", timeout=10) as client:
                 client.reset("wave")
                 result: dict = {}
@@ -1008,7 +1021,7 @@ def test_sigterm_and_sigint_finish_in_flight_request_and_exit_cleanly(np_rng):
 
                 t = threading.Thread(target=act)
                 t.start()
-                assert proc.stdout.readline().strip() == "acting"  # the request is inside the policy
+                assert _line(proc).strip() == "acting"  # the request is inside the policy
                 proc.send_signal(sig)
                 t.join(10)
                 assert "error" not in result, (sig, result)
@@ -1036,11 +1049,11 @@ def test_a_hung_policy_call_does_not_hold_shutdown(np_rng):
                               text=True) for child in (bounded, hung)]
 
     def hang(proc):  # a request inside the policy call
-        client = PolicyClient(f"ws://127.0.0.1:{int(proc.stdout.readline())}", timeout=30)
+        client = PolicyClient(f"ws://127.0.0.1:{int(_line(proc))}", timeout=30)
         client.reset("wave")
         threading.Thread(target=lambda: pytest.raises(PolicyServerError, client.act, _frame(np_rng, 8, 8)),
                          daemon=True).start()
-        assert proc.stdout.readline().strip() == "acting"
+        assert _line(proc).strip() == "acting"
 
     try:
         hang(procs[0])
