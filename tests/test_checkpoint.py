@@ -223,3 +223,18 @@ def test_a_config_json_that_holds_no_object_is_refused_naming_the_file(tmp_path)
     (f / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"config.json: not a valid model config \(a JSON list, not an object\)"):
         WorldVLA.from_pretrained(f)
+
+
+def test_an_atomic_write_through_a_symbolic_link_updates_its_target_and_keeps_the_link(tmp_path):
+    """A results file the user linked elsewhere (`metrics.json -> /shared/run7.json`) is written through the link:
+    the target gets the new text, the link stays a link and no temporary file is left in either folder."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "run").mkdir()
+    target = tmp_path / "shared" / "run7.json"
+    target.write_text("old")
+    link = tmp_path / "run" / "metrics.json"
+    link.symlink_to(target)
+    write_text_atomic(link, "new")
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["metrics.json", "run", "run7.json", "shared"]

@@ -166,8 +166,11 @@ def fsync_tree(root) -> None:
 def write_atomic(path: Path, write) -> None:
     """Write a file that appears complete or not at all: `write(tmp)` writes a temporary sibling
     (`sibling_name`), which is flushed to the disk and then replaces `path` (a crash or a power loss leaves
-    the old file). The temporary files that writes of `path` killed partway left are removed first."""
+    the old file). The temporary files that writes of `path` killed partway left are removed first. A `path`
+    that is a symbolic link is written through: its target gets the new contents and the link stays."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     for *_, pid, stale in sibling_files(path, "tmp"):
         if not process_running(pid):
