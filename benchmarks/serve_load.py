@@ -327,7 +327,25 @@ def parse_args(argv=None):
     if args.quick:  # defaults, not overrides: `--quick --clients 16` ran 3 robots
         p.set_defaults(clients=3, bad_clients=1, duration_s=5.0, requests=40, sequential=30)
         args = p.parse_args(argv)
+    h, w = args.camera
+    limit = int(args.max_payload_mb * 2**20)  # as the server counts a request
+    size = h * w * 3 if h * w * 3 > limit else act_request_bytes(h, w)
+    if size > limit:  # the server would refuse every camera robot's request
+        p.error(f"--camera {h}x{w} frames make act requests of {size} bytes, over --max-payload-mb "
+                f"{args.max_payload_mb:g} ({limit} bytes): the server would refuse every request of the camera "
+                "robots; raise --max-payload-mb or give a smaller --camera")
     return args
+
+
+def act_request_bytes(h: int, w: int) -> int:
+    """Bytes of a PolicyClient act request carrying one HxW frame, as the server receives it."""
+    import uuid
+
+    from worldvla.serve.protocol import packb
+
+    ids = uuid.uuid4().hex  # the episode's and the client's; the request id at its widest (a uint32)
+    return len(packb({"type": "act", "episode": ids, "client": ids, "image": np.zeros((h, w, 3), np.uint8),
+                      "id": 2**32 - 1}))
 
 
 def camera_size(text: str) -> tuple[int, int]:

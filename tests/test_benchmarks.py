@@ -2613,3 +2613,40 @@ def test_serve_load_quick_counts_give_way_to_the_options_given_beside_it():
     assert (a.clients, a.bad_clients, a.duration_s, a.requests, a.sequential, a.quick) == (16, 1, 60.0, 40, 30, True)
     a = serve_load.parse_args(["--requests", "7", "--quick", "--sequential", "9", "--bad-clients", "0"])
     assert (a.clients, a.bad_clients, a.duration_s, a.requests, a.sequential) == (3, 0, 5.0, 7, 9)
+
+
+def test_serve_load_refuses_camera_frames_larger_than_the_servers_payload_limit(capsys):
+    """A camera frame over --max-payload-mb made the server refuse every camera robot's request: the run went on
+    and reported them as failures. It is refused as the options are parsed, naming both options; the limit is the
+    whole request's, as the server's (a frame that fits alone but not with the request's fields is refused too)."""
+    import re
+
+    import numpy as np
+
+    from worldvla.benchmarks import serve_load
+    from worldvla.serve.client import PolicyClient
+
+    with pytest.raises(SystemExit) as e:
+        serve_load.parse_args(["--camera", "1080x1920", "--max-payload-mb", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--camera 1080x1920 frames make act requests of 6220800 bytes, over --max-payload-mb 2 (2097152 bytes)" in err
+    assert "raise --max-payload-mb or give a smaller --camera" in err
+    # 1 MiB - 4 bytes: 1048572 = 3 x 349524 bytes of frame fit alone, not with the request's fields
+    with pytest.raises(SystemExit):
+        serve_load.parse_args(["--camera", "1x349524", "--max-payload-mb", "1"])
+    size = int(re.search(r"frames make act requests of (\d+) bytes", capsys.readouterr().err).group(1))
+    assert 1048576 < size < 1048576 + 256
+    assert serve_load.parse_args(["--camera", "1x349000", "--max-payload-mb", "1"]).camera == (1, 349000)
+    assert serve_load.parse_args(["--camera", "1080x1920", "--max-payload-mb", "8"]).camera == (1080, 1920)
+
+    # the size counted is what a PolicyClient sends (its own check names the bytes of the request it refuses)
+    import uuid
+
+    client = PolicyClient.__new__(PolicyClient)
+    client.url, client.timeout, client._closed, client._ws, client._next_id = "ws://h:1", 5.0, False, object(), 0
+    client.client_id, client.episode, client.max_payload_bytes = uuid.uuid4().hex, uuid.uuid4().hex, 1
+    with pytest.raises(ValueError, match="more than the server's payload limit") as e:
+        client.act(np.zeros((24, 32, 3), np.uint8))
+    sent = int(re.search(r"\((\d+) bytes\), more than", str(e.value)).group(1))
+    assert sent <= serve_load.act_request_bytes(24, 32) <= sent + 4
