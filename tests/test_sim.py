@@ -1480,6 +1480,60 @@ def test_a_collection_worker_that_dies_stops_the_collection_naming_the_broken_po
     assert time.monotonic() - t0 < 120 and not (tmp_path / "reach-v3.hdf5").exists()
 
 
+@needs_sim
+def test_a_worker_started_while_the_pool_handles_a_dead_one_does_not_hang_the_collection(tmp_path, monkeypatch):
+    """Python 3.11's pool terminates the workers it has when it finds one dead; a worker that a submit was starting
+    at that moment is never terminated by it, and the pool's shutdown waited for that worker without end: a hung
+    `worldvla collect` after a crash. The interleaving is forced here (the second worker is started once the pool
+    is marked broken); collect must still end with its one-line error, in seconds."""
+    import multiprocessing as mp
+    import signal
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    from worldvla.data import collect as col
+
+    class LateTable(dict):
+        """The pool's table of workers. The second worker, started, kills the first one and enters the table only
+        once the pool has terminated the workers it had (its call queue's reader closed): alive, as in the race."""
+
+        def __setitem__(self, pid, proc):
+            if self:
+                os.kill(next(iter(self.values())).pid, signal.SIGKILL)
+                deadline = time.monotonic() + 30
+                while not self.pool._call_queue._reader.closed and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            super().__setitem__(pid, proc)
+
+    class LatePool(ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._processes = LateTable()
+            self._processes.pool = self
+
+    monkeypatch.setattr(col, "ProcessPoolExecutor", LatePool)
+    before = set(mp.active_children())
+    raised = []
+
+    def run():
+        try:
+            col.collect(["reach-v3"], 2, tmp_path, image_size=8, max_steps=5, max_attempts=1, workers=2,
+                        progress=False)
+        except BaseException as e:  # noqa: BLE001  (checked below)
+            raised.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    hung = t.is_alive()
+    for p in set(mp.active_children()) - before:  # a hung run's workers, so the test process can end
+        p.kill()
+    t.join(10)
+    assert not hung, "collect still waited for a worker 60 s after the pool broke"
+    assert len(raised) == 1 and isinstance(raised[0], ChildProcessError), raised
+    assert "a collect worker process died while running an episode" in str(raised[0])
+
+
 def test_a_worker_process_that_dies_before_its_start_up_reply_is_blamed_on_the_main_guard(monkeypatch):
     """A real worker that ends before it sends its start-up reply (a script evaluating at its top level, re-run
     by the worker) is named as one that died before it started, with the `__main__` advice."""

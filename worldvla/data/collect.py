@@ -424,6 +424,7 @@ def collect(
             # multiprocessing.Pool would. Two jobs a worker are queued at a time, so that on Ctrl-C or an
             # error only those finish before the run stops (the executor's exit waits for its queue).
             n = min(workers, n_jobs)
+            others = set(mp.active_children())
             ex = ProcessPoolExecutor(max_workers=n, mp_context=_mp_context(), initializer=_init_worker,
                                      initargs=(os.getpid(),))
             try:
@@ -436,6 +437,10 @@ def collect(
                         for job in handle(fut.result()):
                             push(job)
             except BrokenProcessPool:  # from a result, or from a submit when the worker died since the last wait
+                # Python 3.11's pool terminates the workers it has when it finds one dead; a worker a submit was
+                # starting at that moment is left running, and the pool's shutdown waits for it without end.
+                for p in set(mp.active_children()) - others:
+                    p.terminate()
                 raise ChildProcessError(
                     "a collect worker process died while running an episode (killed by the out-of-memory killer, or "
                     "a crash in the simulator or its renderer: a line it printed may be above); the task files "
