@@ -1470,3 +1470,51 @@ def test_fractional_rows_lengths_and_token_counts_are_refused_by_name():
     with pytest.raises(ValueError, match=r"new_tokens must be an integer >= 0, got 2.5"):
         engine_for(eng.model, [torch.arange(5)], 2.5)
     assert eng.snapshot_prefix([3, 2]) is not None and eng.row_prefix(1, 3)[0].shape[1] == 3
+
+
+def test_a_tuple_of_prompts_decodes_as_the_list_of_them(rng):
+    """A tuple of prompts of different lengths is a batch like a list of them: each row its prompt's chunk."""
+    model = _model(0)
+    prompts = (_prompt(rng, 1), _prompt(rng, 1, grid=(2, 2)))
+    got = generate_action_chunk(model, prompts, LAYOUT, 2, 3)
+    assert got.shape == (2, 2, 5)
+    assert torch.equal(got, generate_action_chunk(model, list(prompts), LAYOUT, 2, 3))
+    for r, p in enumerate(prompts):
+        assert torch.equal(got[r], generate_action_chunk(model, p, LAYOUT, 2, 3, mode="sequential"))
+
+
+@torch.no_grad()
+def test_head_sample_draws_with_the_given_noise_whatever_the_head(rng):
+    """`gumbel` (the frame decoder's noise) reaches the draw on both paths of head_sample: the fused sampler on
+    lm_head's weight and a head that is more than its weight (a forward hook here). Tokens are
+    argmax(logits + T * gumbel) over the top_k, offset by lo, not a draw of noise of their own."""
+    from worldvla.inference.chunk import head_sample
+
+    model = _model(0)
+    lo, hi = LAYOUT.bin_range
+    h = torch.randn(16, model.config.hidden_size, generator=rng)
+    g = -torch.log(-torch.log(torch.rand(16, hi - lo, generator=rng)))
+    logits = h @ model.lm_head.weight[lo:hi].t()
+    kth = torch.topk(logits, 3, dim=-1).values[:, -1:]
+    want = {None: (logits + 5.0 * g).argmax(-1) + lo,
+            3: (logits + 5.0 * g).masked_fill(logits < kth, float("-inf")).argmax(-1) + lo}
+    assert not torch.equal(want[None], logits.argmax(-1) + lo)  # the noise changes the choice
+    for hooked in (False, True):
+        hook = model.lm_head.register_forward_hook(lambda mod, inp, out: None) if hooked else None
+        for top_k, tokens in want.items():
+            torch.manual_seed(1)  # noise drawn in place of `gumbel` would come from here
+            assert torch.equal(head_sample(model, h, lo, hi, 5.0, top_k, gumbel=g), tokens), (hooked, top_k)
+        if hook is not None:
+            hook.remove()
+
+
+def test_sampling_backend_keeps_a_backend_with_the_sampler_and_else_takes_auto():
+    """A backend that implements constrained sampling samples the chunk; one that does not (Triton's attention
+    without its sampler) leaves the sampling to "auto" instead of failing on an op it lacks."""
+    from worldvla.inference.chunk import sampling_backend
+
+    have = dispatch.available("constrained_sample")
+    assert "torch" in have
+    for backend in dispatch.BACKENDS:
+        assert sampling_backend(backend) == (backend if backend in have else "auto")
+    assert sampling_backend("auto") == "auto"

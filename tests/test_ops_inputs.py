@@ -682,3 +682,62 @@ def test_the_models_loss_refuses_negative_class_weights_given_on_the_cpu():
         model.loss(ids, ids, image_weight=-0.5)
     cw[ids[0, 1:]] = 2.0
     torch.testing.assert_close(model.loss(ids, ids, class_weight=cw)[0], model.loss(ids, ids, class_weight=cw / 2)[0])
+
+
+def test_the_cpu_vendor_is_read_as_the_auto_order_names_it(monkeypatch, tmp_path):
+    """`cpu_vendor` names Intel and AMD as CPU_NATIVE_FIRST's keys do ("intel", "amd"): any other spelling
+    would give an AMD CPU the vendor-less order, without the native linear measured faster there."""
+    import builtins
+
+    for vendor_id, want in (("GenuineIntel", "intel"), ("AuthenticAMD", "amd"), ("HygonGenuine", "hygongenuine"),
+                            ("", None)):
+        info = tmp_path / f"cpuinfo-{vendor_id}"
+        info.write_text(f"processor\t: 0\nvendor_id\t: {vendor_id}\ncpu family\t: 25\n")
+        monkeypatch.setattr(dispatch, "open", lambda path, *a, info=info: builtins.open(info, *a), raising=False)
+        assert dispatch.cpu_vendor() == want, vendor_id
+    assert ("AVX2", "amd") in dispatch.CPU_NATIVE_FIRST and ("AVX512", "amd") in dispatch.CPU_NATIVE_FIRST
+
+    def missing(path, *a):
+        raise FileNotFoundError(path)
+    monkeypatch.setattr(dispatch, "open", missing, raising=False)
+    assert dispatch.cpu_vendor() is None
+
+
+def test_bfloat16_is_cast_as_torch_casts_it_under_float16_autocast(rng):
+    """Under CPU float16 autocast torch's F.linear takes a bfloat16 input beside an fp32 weight as two float16
+    tensors; the entry point casts bfloat16 too (not only fp32 and fp16), so it gives that result instead of
+    refusing the pair as dtypes autocast does not make one."""
+    x = torch.randn(5, 32, generator=rng).bfloat16()
+    w = torch.randn(24, 32, generator=rng)
+    with torch.autocast("cpu", dtype=torch.float16):
+        want = torch.nn.functional.linear(x, w)
+        assert want.dtype == torch.float16
+        assert [t.dtype for t in dispatch.autocast_floats("cpu", x, w, w.double())] == \
+            [torch.float16, torch.float16, torch.float64]
+        for backend in ("auto", "torch"):
+            got = ops.linear(x, w, backend=backend)
+            assert got.dtype == torch.float16, backend
+            torch.testing.assert_close(got, want)
+
+
+def test_a_generator_is_a_torch_generator_not_anything_with_a_manual_seed(rng):
+    """The `torch.random` module (or `torch` itself) has a manual_seed but draws nothing as a generator: it is
+    refused by name at every temperature, not taken at 0 and failed on deep inside the draw at 1."""
+    h, w = torch.randn(3, 16, generator=rng), torch.randn(40, 16, generator=rng)
+    for temperature in (0.0, 1.0):
+        for bad in (torch.random, torch):
+            with pytest.raises(TypeError, match="generator must be a torch.Generator .*, got module"):
+                ops.constrained_sample(h, w, 8, 30, temperature=temperature, generator=bad)
+    assert ops.constrained_sample(h, w, 8, 30, temperature=1.0, generator=torch.Generator().manual_seed(0)).shape == (3,)
+
+
+def test_a_fake_tensors_values_are_not_readable_after_its_mode_has_ended():
+    """A fake tensor kept past its FakeTensorMode (export's inputs) holds no values: the entry points must not read
+    them, though no fake mode is active any more."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.zeros(3, dtype=torch.long)
+        assert not dispatch.values_readable(fake)
+    assert not dispatch.values_readable(fake)
+    assert dispatch.values_readable(torch.zeros(3, dtype=torch.long))
