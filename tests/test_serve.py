@@ -3418,3 +3418,115 @@ def test_health_counts_the_episodes_held_and_the_requests_queued(np_rng):
         running.join(10)
         waiting.join(10)
         assert health(server.url)["queued"] == 0 and policy.calls == [1, 1]
+
+
+# ---------------------------------------------------------------- client: health, reply shapes, deadlines
+def test_health_asks_https_for_a_wss_server_within_the_clients_timeout(monkeypatch):
+    """A wss:// server reports its health over https at the same host and port, and `PolicyClient.health()` waits
+    no longer than the client's own `timeout` (a robot's control loop holds to it)."""
+    import io
+    import urllib.request
+
+    asked = []
+
+    class Opener:
+        def open(self, url, timeout):
+            asked.append((url, timeout))
+            return io.BytesIO(b'{"status": "ok"}')
+
+    monkeypatch.setattr(urllib.request, "build_opener", lambda *handlers: Opener())
+    assert health("wss://gpu-box:8443/robots") == {"status": "ok"}
+    client, _ = _offline_client(monkeypatch, _FakeConnection([]), timeout=2.5)
+    assert client.health() == {"status": "ok"}
+    assert asked == [("https://gpu-box:8443/healthz", 10.0), ("http://robot-server:8000/healthz", 2.5)]
+
+
+def test_a_reply_whose_actions_are_no_k_by_d_chunk_is_refused(monkeypatch):
+    """Only a [K, D] array is an action chunk: a reply with a batch axis left on ([1, K, D]) or a flat row is an
+    error, not a chunk whose rows the robot would step through as actions."""
+    replies = [_echo_id({"ok": True, "actions": np.zeros(shape, np.float32)}) for shape in ((1, K, D), (K * D,))]
+    client, _ = _offline_client(monkeypatch, _FakeConnection([_echo_id({"ok": True}), *replies]))
+    client.reset("wave")
+    for _ in replies:
+        with pytest.raises(PolicyServerError, match=r"server reply has no \[K, D\] 'actions' array"):
+            client.act(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_a_call_that_reconnects_sends_and_waits_only_for_what_is_left_of_its_timeout(monkeypatch):
+    """The call's deadline starts before the reconnection: a slow reconnection leaves that much less time to send
+    the request (the socket's timeout while sending) and to wait for the reply, so the call as a whole takes at
+    most `timeout`, not a reconnection plus a whole `timeout`. The socket's timeout is lifted after sending: the
+    connection's reader would otherwise time out on it while the robot does not call."""
+    from types import SimpleNamespace
+
+    import worldvla.serve.client as client_mod
+
+    waits, socket_timeouts = [], []
+
+    class Timed(_FakeConnection):
+        def recv(self, timeout=None):
+            waits.append(timeout)
+            return super().recv(timeout)
+
+    client, _ = _offline_client(monkeypatch, _FakeConnection([]), timeout=1.0)
+    slow = Timed([_echo_id({"ok": True, "action_dim": D})])
+    slow.socket = SimpleNamespace(settimeout=socket_timeouts.append)
+    monkeypatch.setattr(client_mod, "_connect", lambda url, open_timeout, max_size: time.sleep(0.6) or slow)
+    client._drop()  # lost: the next call reconnects, which takes 0.6 s of its 1 s
+    assert client.metadata() == {"action_dim": D}
+    assert len(waits) == 1 and 0 < waits[0] <= 0.4, waits
+    assert len(socket_timeouts) == 2 and 0 < socket_timeouts[0] <= 0.4 and socket_timeouts[1] is None, socket_timeouts
+
+
+def test_a_reconnection_cut_short_by_the_calls_timeout_is_a_timeout(monkeypatch):
+    """Opening a connection with the time left of the call may give up a few milliseconds before the deadline (the
+    handshake's own timer): that is the call's timeout, not a failed reconnection to report as the server's."""
+    import worldvla.serve.client as client_mod
+
+    client, _ = _offline_client(monkeypatch, _FakeConnection([]), timeout=0.3, connect_timeout=5)
+    client.episode = "e"
+
+    def gives_up_early(url, open_timeout, max_size):
+        time.sleep(open_timeout - 0.005)
+        raise ConnectionError("timed out during opening handshake")
+
+    monkeypatch.setattr(client_mod, "_connect", gives_up_early)
+    client._drop()
+    with pytest.raises(TimeoutError, match=r"could not reconnect to ws://robot-server:8000 within the call's timeout "
+                                           r"of 0.3 s \(timed out during opening handshake\)"):
+        client.act(np.zeros((8, 8, 3), np.uint8))
+    assert client.episode == "e"  # the episode goes on once the server answers again
+
+
+def test_a_reconnection_to_a_server_that_states_no_payload_limit_drops_the_old_one(monkeypatch):
+    """The payload limit is the current connection's: after reconnecting to a server that states none, the old
+    server's limit no longer refuses requests before they are sent."""
+    reply = _echo_id({"ok": True, "actions": np.zeros((3, 5), np.float32)})
+    client, _ = _offline_client(monkeypatch, _limited("100"), _limited(None, [reply]))
+    client.episode = "e"
+    client._drop()  # lost: the next call reconnects, to a server that states no limit
+    assert client.act(np.zeros((8, 8, 3), np.uint8)).shape == (3, 5)
+    assert client.max_payload_bytes is None and len(client._ws.sent) == 1
+
+
+def test_arrays_in_fortran_order_or_transposed_travel_with_their_values():
+    """An array is sent as C-order bytes whatever its memory layout: a frame in Fortran order (from a library that
+    keeps images column-major) or a transposed chunk arrives with the values at the same indices."""
+    frame = np.asfortranarray(np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3))
+    chunk = np.arange(15, dtype=np.float32).reshape(5, 3).T
+    assert frame.flags.f_contiguous and chunk.flags.f_contiguous
+    got = unpackb(packb({"image": frame, "actions": chunk}))
+    assert got["image"].shape == (4, 5, 3) and got["actions"].shape == (3, 5)
+    np.testing.assert_array_equal(got["image"], frame)
+    np.testing.assert_array_equal(got["actions"], chunk)
+
+
+def test_frames_of_another_one_byte_dtype_are_refused():
+    """Only uint8 is an RGB frame: int8 (values from -128) or bool frames are refused naming the dtype, not taken
+    for one because they too have one byte a number."""
+    from worldvla.serve.protocol import check_image
+
+    for dtype in (np.int8, np.bool_):
+        with pytest.raises(ProtocolError, match=rf"^'image' must have dtype uint8, got {np.dtype(dtype)}; send RGB "
+                                                r"frames as uint8 0\.\.255$"):
+            check_image(np.zeros((4, 4, 3), dtype))
