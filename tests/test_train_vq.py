@@ -971,3 +971,139 @@ def test_load_frames_refuses_demos_of_another_image_size_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"has frames of shape \(64, 64, 3\), earlier demos \(32, 32, 3\); "
                                          r"train the VQGAN on one image size"):
         vqt.load_frames([tmp_path / "a.hdf5", tmp_path / "b.hdf5"])
+
+
+def test_dead_code_restart_zeroes_both_adam_moments_of_the_codes_it_reseeds():
+    """A re-seeded code starts its Adam state afresh: an old second moment would scale its first updates by the
+    gradients of the vector it replaced. Both moments of the re-seeded rows are zeroed, the live codes' are kept."""
+    torch.manual_seed(0)
+    model = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=8,
+                              n_embed=16))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.rand(2, 3, 32, 32) * 2 - 1)[1].backward()
+    opt.step()
+    st = opt.state[model.quantize.embedding.weight]
+    for key in ("exp_avg", "exp_avg_sq"):
+        st[key].fill_(0.5)
+    usage = vqt.CodeUsage(16, decay=0.0)
+    usage.update(torch.tensor([[0, 0, 1, 1, 2, 0]]))  # codes 3..15 unused
+    latents = torch.randn(2, 8, 3, 5, generator=torch.Generator().manual_seed(1))
+    assert vqt.restart_dead_codes(model, opt, usage, latents, 0.5, torch.Generator().manual_seed(0)) == 13
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert (st[key][3:] == 0).all() and (st[key][:3] == 0.5).all(), key
+
+
+def test_the_export_holds_the_weights_of_the_last_step(data, tmp_path):
+    """<out>/vqgan is the VQGAN as its last step left it (the weights of the final checkpoint), not another one."""
+    s = vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 2))
+    exported = VQGAN.from_pretrained(s["export"]).state_dict()
+    saved = torch.load(latest_checkpoint(tmp_path / "r") / "model.pt", weights_only=True)
+    init = VQGAN.from_pretrained(data / "init").state_dict()
+    assert exported.keys() == saved.keys()
+    assert all(torch.equal(exported[k], saved[k]) for k in saved)
+    assert not torch.equal(exported["quantize.embedding.weight"], init["quantize.embedding.weight"])
+
+
+def test_the_optimizer_runs_with_the_betas_and_weight_decay_given(data, tmp_path):
+    """--beta1, --beta2 and --weight-decay are AdamW's, each in its own place."""
+    vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 1, "--beta1", 0.6, "--beta2", 0.95,
+                          "--weight-decay", 0.05))
+    group = torch.load(latest_checkpoint(tmp_path / "r") / "optim.pt", weights_only=True)["param_groups"][0]
+    assert list(group["betas"]) == [0.6, 0.95] and group["weight_decay"] == 0.05
+
+
+def test_epochs_count_passes_over_the_frames_in_steps(data, tmp_path):
+    """Under --epochs the run is that many passes of whole batches: 16 frames in batches of 8 for 2 epochs is 4
+    steps, each epoch taking every frame once."""
+    s = vqt.train_vq(args_for(data, tmp_path / "r", "--epochs", 2, "--batch-size", 8, "--restart-every", 0))
+    assert s["total"] == 4 and s["step"] == 4 and len(s["losses"]) == 4
+    log = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in log] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+
+
+def test_a_run_trains_on_the_camera_and_rotation_given(data, tmp_path, monkeypatch, capsys):
+    """--camera picks the frames a run trains on and --rotate-180 how they are turned: a file in LIBERO's layout is
+    read rotated, with the line that says so, and `--camera eye_in_hand --rotate-180 no` trains on that camera's
+    frames as stored."""
+    import h5py
+
+    import worldvla.vqgan
+
+    rng = np.random.default_rng(0)
+    views = {c: rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8) for c in ("agentview", "eye_in_hand")}
+    path = tmp_path / "libero.hdf5"
+    with h5py.File(path, "w") as f:
+        for c, v in views.items():
+            f.create_dataset(f"data/demo_0/obs/{c}_rgb", data=v)
+        f.create_dataset("data/demo_0/actions", data=np.zeros((4, 4), np.float32))
+    real = worldvla.vqgan.preprocess
+
+    def batch(out, *extra):
+        seen = []
+        monkeypatch.setattr(worldvla.vqgan, "preprocess",
+                            lambda fr, *a, **k: seen.append(fr.copy()) or real(fr, *a, **k))
+        args = args_for(data, out, "--steps", 1, *extra)
+        args.inputs = [str(path)]
+        vqt.train_vq(args)
+        monkeypatch.undo()
+        return seen[0]
+
+    def same_frames(got, want):
+        return len(got) == len(want) and all(any(np.array_equal(g, w) for w in want) for g in got)
+
+    assert same_frames(batch(tmp_path / "a"), views["agentview"][:, ::-1, ::-1])
+    assert "libero.hdf5" in capsys.readouterr().out
+    assert same_frames(batch(tmp_path / "b", "--camera", "eye_in_hand", "--rotate-180", "no"), views["eye_in_hand"])
+
+
+def test_resume_refuses_other_frames_or_beta2_and_another_epochs_by_name(data, tmp_path, monkeypatch):
+    """The frames a run trains on (--frame-stride, --max-frames, --camera, --rotate-180) and AdamW's --beta2 are
+    the run's as much as its --seed: a resume under other values would continue its position in another frame set
+    or under another optimizer, so each is refused by name before the frames are read; so is another --epochs
+    where --epochs sets the run's length."""
+    import re
+
+    vqt.train_vq(args_for(data, tmp_path / "s", "--steps", 4, "--stop-after", 1))
+    vqt.train_vq(args_for(data, tmp_path / "e", "--epochs", 2, "--stop-after", 1))
+
+    def no_frames(*a, **k):
+        raise AssertionError("the frames were read before the settings were checked")
+
+    monkeypatch.setattr(vqt, "load_frames", no_frames)
+    for run, name, before, value in [("s", "--frame-stride", 1, 2), ("s", "--max-frames", 0, 12),
+                                     ("s", "--camera", None, "wrist"), ("s", "--rotate-180", "auto", "no"),
+                                     ("s", "--beta2", 0.9, 0.95), ("e", "--epochs", 2, 3)]:
+        length = ("--steps", 4) if run == "s" else ()
+        with pytest.raises(ValueError, match=re.escape(f"started with {name} {before}, not {name} {value}")):
+            vqt.train_vq(args_for(data, tmp_path / run, *length, name, value, "--resume"))
+
+
+def test_a_resume_in_a_later_epoch_continues_that_epochs_order(data, tmp_path):
+    """16 frames in batches of 8: a run stopped at step 3 stands in epoch 1, and its resume takes epoch 1's order
+    from the batch it stopped at, as the run without a stop does."""
+    common = ["--steps", 4, "--batch-size", 8, "--restart-every", 0]
+    straight = vqt.train_vq(args_for(data, tmp_path / "a", *common))
+    part = vqt.train_vq(args_for(data, tmp_path / "b", *common, "--stop-after", 3))
+    rest = vqt.train_vq(args_for(data, tmp_path / "b", *common, "--resume"))
+    assert part["losses"] + rest["losses"] == straight["losses"] and len(rest["losses"]) == 1
+
+
+def test_restarts_follow_the_threshold_and_the_usage_decay_each_in_its_place(data, tmp_path):
+    """A batch of 16 picks leaves at least half of the 32 codes unused: under --usage-decay 0.5 those unused at both
+    steps fall below half the uniform rate and --restart-threshold 0.5 re-seeds them at step 2; with a threshold of
+    0 no code is dead, and with a decay of 1 the usage never moves from uniform, so neither restarts any."""
+    def restarted(name, *extra):
+        vqt.train_vq(args_for(data, tmp_path / name, "--steps", 2, *extra))
+        return [json.loads(ln)["restarted"] for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    assert restarted("both", "--restart-threshold", 0.5, "--usage-decay", 0.5)[1] > 0
+    assert restarted("no-threshold", "--restart-threshold", 0, "--usage-decay", 0.5) == [0, 0]
+    assert restarted("no-decay", "--restart-threshold", 0.5, "--usage-decay", 1.0) == [0, 0]
+
+
+def test_keep_last_prunes_the_older_checkpoints(data, tmp_path):
+    """--keep-last 2 with a save every step leaves the two newest checkpoints of a 3-step run."""
+    vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 3, "--save-every", 1, "--keep-last", 2,
+                          "--restart-every", 0))
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("step_*")) == ["step_00000002",
+                                                                                       "step_00000003"]
