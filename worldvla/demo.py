@@ -64,7 +64,7 @@ class DemoConfig:
 
     @classmethod
     def fast_preset(cls, **kw) -> "DemoConfig":
-        """Tiny everything: checks the plumbing in about 10 seconds on 2 cores, learns nothing."""
+        """Tiny everything: checks the plumbing in 10-20 seconds on 2 cores, learns nothing."""
         base = dict(tasks=("reach-v3",), episodes=2, vq_steps=2, vq_batch=4, model="tiny", train_steps=3,
                     batch_tokens=2048, eval_episodes=2, eval_max_steps=12, eval_envs=2, wm_episodes=1,
                     wm_horizon=2, collect_max_steps=200, fast=True)
@@ -505,12 +505,13 @@ of K=5), 10 evaluation episodes per task on held-out layouts (150 steps max) nex
 policy on the same layouts, world-model PSNR/SSIM and VQ-code accuracy on 2 held-out expert rollouts
 per task (8 imagined steps). The latest run alone in the source repository's benchmarks/NOTES.md (Demo runs), on a 2-core AMD EPYC
 with AVX-512: collect 35 s, train-vq 89 s, pretokenize 20 s, train 240 s, evaluate 52 s (7 min 18 s);
-4 min 43 s to 18 min 21 s across the runs there (the longest with other jobs on the cores).
+4 min 43 s to 18 min 21 s across the runs there (the longest with other jobs on the cores; 1 h 17 min once
+with test runs on both cores throughout).
 A second run reuses every stage.
 
 examples:
   worldvla demo                                  # the default run into ./worldvla_demo
-  worldvla demo --fast --out /tmp/smoke          # plumbing check, about 10 seconds
+  worldvla demo --fast --out /tmp/smoke          # plumbing check, 10-20 seconds
   worldvla demo --ablations                      # + action-only and no-chunk-mask models (the paper's ablations)
   worldvla eval --policy worldvla_demo/policy --tasks drawer-open-v3 --episodes 50 --out eval50
   worldvla serve --checkpoint worldvla_demo/policy
@@ -550,7 +551,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=seed32, default=None, help=f"seed of the layouts, the models and the "
                         f"evaluation (default: {d.seed})")
     parser.add_argument("--fast", action="store_true",
-                        help="tiny sizes (1 task, 2 demos, a few steps): checks the pipeline in about 10 seconds")
+                        help="tiny sizes (1 task, 2 demos, a few steps): checks the pipeline in 10-20 seconds")
     parser.add_argument("--force", action="store_true", help="ignore cached stages and redo everything")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
