@@ -1913,3 +1913,180 @@ def test_distributed_init_names_a_bad_launch_description(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match=r"WORLD_SIZE='two' is not a number of processes.*unset it"):
         distributed.init("cpu")
+
+
+def test_a_resume_on_other_data_names_each_changed_value_as_saved_then_as_given():
+    """The refusal names what the run was started on first and what this resume gives second, lists of more than
+    three files by their first three and a count, digests by their first 12 characters; names the checkpoint does
+    not record (written before they were) are not compared."""
+    import re
+
+    from worldvla.train.checkpointing import check_resume_data
+
+    saved = {"demo_files": ["a.hdf5", "b.hdf5", "c.hdf5", "d.hdf5", "e.hdf5"], "store_content": "0123456789abcdef01",
+             "total_steps": 10, "store_name": "sixteen_chars_ab"}
+    data = {"demo_files": ["a.hdf5", "x.hdf5"], "store_content": "fedcba9876543210ff", "total_steps": 12,
+            "store_name": "sixteen_chars_ab", "recorded_since": 1}
+    expected = ("--resume: the run in /runs/r was started on other data (demo files a.hdf5, b.hdf5, c.hdf5 and 2 more, "
+                "not a.hdf5, x.hdf5; store content 0123456789ab..., not fedcba987654...; total steps 10, not 12); "
+                "its checkpoint continues the data order and the learning-rate schedule of that data only. Resume "
+                "with --store /s, or start a new run in another --out")
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        check_resume_data(saved, data, "/runs/r", "Resume with --store /s")
+    check_resume_data(saved, {**data, "demo_files": saved["demo_files"], "store_content": "0123456789abcdef01",
+                              "total_steps": 10}, "/runs/r", "unused")  # the same data: no refusal
+    with pytest.raises(ValueError, match=r"\(store name sixteen_chars_ab, not sixteen_chars_ac\)"):  # shown whole
+        check_resume_data(saved, {"store_name": "sixteen_chars_ac"}, "/runs/r", "unused")
+
+
+def test_trim_log_keeps_the_checkpoints_steps_and_drops_later_and_cut_short_lines(tmp_path, monkeypatch):
+    """After a resume from step 2 the log holds steps 1 and 2 once, not the steps past the checkpoint (redone) nor
+    a line a crash cut short; a crash while it is rewritten leaves the log as it was, not cut short."""
+    from worldvla.train.checkpointing import trim_log
+
+    log = tmp_path / "metrics.jsonl"
+    lines = ['{"step": 1, "loss": 3.0}', '{"step": 2, "loss": 2.5}', '{"step": 3, "lo', '[4]',
+             '{"step": 3, "loss": 2.0}', '', '{"step": 4, "loss": 1.5}']
+    log.write_text("\n".join(lines) + "\n")
+    trim_log(log, 3)
+    assert log.read_text() == '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n{"step": 3, "loss": 2.0}\n'
+    before = log.read_text()
+    real = Path.write_text
+
+    def crash(self, text, *a, **kw):  # the power goes out halfway through the write
+        real(self, text[:len(text) // 2], *a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trim_log(log, 1)
+    monkeypatch.undo()
+    assert log.read_text() == before
+    trim_log(tmp_path / "none.jsonl", 1)  # a run stopped before its first log line: nothing to trim
+    assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_restored_rng_states_repeat_the_normal_draws_of_a_cached_pair():
+    """Python's random.gauss and NumPy's legacy normal draw their values in pairs and keep the second for the next
+    call: restored without it, a resumed run's next normal draw differs from the uninterrupted run's."""
+    import random
+
+    from worldvla.train.checkpointing import capture_rng, restore_rng
+
+    old = capture_rng()
+    try:
+        random.seed(0)
+        np.random.seed(0)
+        random.gauss(0, 1), np.random.normal(size=1)  # one of a pair drawn: the other is kept for the next call
+        state = capture_rng()
+        a = ([random.gauss(0, 1) for _ in range(3)], np.random.normal(size=3))
+        restore_rng(state)
+        b = ([random.gauss(0, 1) for _ in range(3)], np.random.normal(size=3))
+    finally:
+        restore_rng(old)
+    assert a[0] == b[0]
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_a_run_keeps_its_last_two_checkpoints_unless_told_otherwise(tmp_path):
+    """--keep-last defaults to 2: a damaged newest checkpoint (a full disk, a copy stopped partway) leaves the one
+    before it to resume from."""
+    import argparse
+
+    from worldvla.train.checkpointing import add_run_arguments, save_checkpoint
+
+    p = argparse.ArgumentParser()
+    add_run_arguments(p, save_every=100, exports="policy")
+    args = p.parse_args([])
+    assert (args.keep_last, args.save_every, args.stop_after, args.log_every) == (2, 100, 0, 1)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, opt, {}, keep_last=args.keep_last)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
+
+
+def test_a_resume_refuses_a_folder_holding_an_earlier_runs_export_without_its_checkpoints(store_dir, tmp_path):
+    """A finished run whose checkpoints were deleted kept its policy and log; --resume there found no checkpoint,
+    started a new run, emptied the log and replaced the policy with the new run's, as a fresh run without
+    --overwrite no longer may. It is refused before anything is read, the log and the policy left as they were."""
+    import shutil
+
+    out = tmp_path / "run"
+    trainer.train(args_for(store_dir, out, "--steps", 2, "--batch-tokens", 300))
+    exported = next(out / name for name in ("policy", "model") if (out / name).is_dir())
+    shutil.rmtree(out / "checkpoints")
+    log, made = (out / "metrics.jsonl").read_text(), exported.stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match=rf"--resume: {out} holds the exported {exported.name}/ of an earlier run "
+                                              r"but not its checkpoints \(they are gone\): there is nothing to continue"
+                                              r".*Pass --overwrite instead of --resume to delete it"):
+        trainer.train(args_for(store_dir, out, "--steps", 2, "--batch-tokens", 300, "--resume"))
+    assert (out / "metrics.jsonl").read_text() == log and exported.stat().st_mtime_ns == made
+
+
+def test_load_checkpoint_without_a_kind_takes_any_commands_checkpoint_and_can_leave_the_rng_alone(tmp_path):
+    """load_checkpoint refuses another command's checkpoint only when told which command loads it (`kind`), and
+    restores the RNG states only when asked: loading weights to look at them must not move a caller's RNG."""
+    from worldvla.train.checkpointing import save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    ck = save_checkpoint(tmp_path, 1, model, torch.optim.AdamW(model.parameters()), {"kind": "train-vq"})
+    other = torch.nn.Linear(3, 2)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    assert load_checkpoint(ck, other, restore_rng_state=False)["kind"] == "train-vq"
+    assert torch.equal(other.weight, model.weight)
+    assert torch.equal(torch.rand(3), expected)
+    with pytest.raises(ValueError, match=r"holds a `worldvla train-vq` run, not a `worldvla train` one"):
+        load_checkpoint(ck, model, kind="train")
+
+
+def test_a_state_json_that_is_no_object_or_lacks_its_step_is_refused_naming_the_newest_older_checkpoints(tmp_path):
+    """A state.json that reads as JSON but not as an object (a list, a number: edited by hand, or another file
+    copied over it) is named as damaged, one without its "step" as lacking it, not with a bare AttributeError or
+    KeyError; the refusal names the three newest older checkpoints, the last of which --resume then takes."""
+    from worldvla.train.checkpointing import resumable_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    for step in (1, 2, 3, 4, 5):
+        ck = save_checkpoint(tmp_path, step, model, opt, {})
+    older = (r"resume from an older checkpoint of the run: step_00000002, step_00000003, step_00000004 \(remove "
+             rf"{ck}, and --resume continues from step_00000004\)")
+    (ck / "state.json").write_text("[5]")
+    with pytest.raises(ValueError, match=rf"{ck / 'state.json'}: the checkpoint file cannot be read \(ValueError: a "
+                                         rf"JSON list, not an object\); it is damaged or cut short; {older}"):
+        resumable_checkpoint(tmp_path)
+    (ck / "state.json").write_text('{"args": {}}')
+    with pytest.raises(ValueError, match=rf"{ck / 'state.json'}: the checkpoint's state lacks 'step', which a resume "
+                                         rf"needs .*; {older}"):
+        resumable_checkpoint(tmp_path)
+
+
+def test_the_stop_agreement_holds_a_stop_agreed_earlier_or_a_sigterm_noted_since():
+    """After the last step the run asks once more whether to stop: yes when the ranks had agreed already or a
+    SIGTERM came since, no otherwise."""
+    from worldvla.train.checkpointing import StopSignal
+
+    s = StopSignal()
+    try:
+        assert (s.agreed(False, "cpu"), s.agreed(True, "cpu"), s.flag) == (False, True, 0.0)
+        s._note(None, None)
+        assert (s.agreed(False, "cpu"), s.flag) == (True, 1.0)
+    finally:
+        s.restore()
+
+
+def test_a_checkpoint_without_rank_0s_rng_file_warns_that_its_rng_state_starts_fresh(tmp_path, capsys):
+    """A checkpoint whose own rank 0 RNG file is lost (a partial copy) is resumed with a warning that names it, as
+    for the other ranks' files: rank 0's RNG state starts fresh, and the run no longer repeats the uninterrupted
+    one's draws."""
+    from worldvla.train.checkpointing import missing_rng_files, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    ck = save_checkpoint(tmp_path, 1, model, torch.optim.AdamW(model.parameters()), {})
+    (ck / "rng_rank0.pt").unlink()
+    assert missing_rng_files(ck, 2) == ["rng_rank0.pt", "rng_rank1.pt"]
+    load_checkpoint(ck, model)
+    assert "warning: rng_rank0.pt missing (saved by 1 rank(s), resumed by 1)" in capsys.readouterr().out

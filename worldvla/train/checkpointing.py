@@ -291,23 +291,31 @@ def check_resume_or_overwrite(resume: bool, overwrite: bool) -> None:
 
 def check_run_dir(run_dir, resume: bool, overwrite: bool, kind: str | None = None, exports=()) -> None:
     """What `prepare_run_dir` refuses, refused before a run reads or builds anything: --resume with --overwrite,
-    and a fresh run (no --resume) into a folder that holds another run's checkpoints, or the folders in `exports`
-    of a run whose checkpoints are gone, without `overwrite` (`kind`: this command's, to name a run of the other
-    command as such)."""
+    a fresh run (no --resume) into a folder that holds another run's checkpoints, and a fresh run or a --resume
+    (which finds nothing to continue) into one that holds the folders in `exports` of a run whose checkpoints are
+    gone, without `overwrite` (`kind`: this command's, to name a run of the other command as such)."""
     run_dir = Path(run_dir)
     check_resume_or_overwrite(resume, overwrite)
-    if resume or overwrite:
+    if overwrite:
         return
     if not has_checkpoints(run_dir):
         # A finished run whose checkpoints were deleted to free the disk: its results (and its log, which a new
-        # run starts over) are not another run's to take over. A log alone is a run stopped before its first
-        # checkpoint, which the same command starts over.
+        # run starts over) are not another run's to take over, also under --resume, which starts a new run where
+        # it finds no checkpoint. A log alone is a run stopped before its first checkpoint, which the same
+        # command starts over.
         found = [name for name in exports if (run_dir / name).exists()]
         if found:
-            what = " and ".join(f"{name}/" for name in found)
+            what, it = " and ".join(f"{name}/" for name in found), "it" if len(found) == 1 else "them"
+            if resume:
+                raise FileExistsError(
+                    f"--resume: {run_dir} holds the exported {what} of an earlier run but not its checkpoints (they "
+                    f"are gone): there is nothing to continue, and a new run would replace {it}. Pass --overwrite "
+                    f"instead of --resume to delete {it} and start over in {run_dir}, or choose another --out")
             raise FileExistsError(
                 f"{run_dir} holds the exported {what} of an earlier run (its checkpoints are gone). Pass --overwrite "
-                f"to delete {'it' if len(found) == 1 else 'them'} and start over in {run_dir}, or choose another --out")
+                f"to delete {it} and start over in {run_dir}, or choose another --out")
+        return
+    if resume:
         return
     then = None
     ck = latest_checkpoint(run_dir)
