@@ -173,13 +173,19 @@ def test_vq_resume_refuses_other_demo_files_and_old_checkpoints_still_resume(dat
     assert vqt.train_vq(args_for(data, out, "--epochs", 2, "--stop-after", 2, "--resume"))["step"] == 2
 
 
-def test_dead_code_restart_reseeds_from_latents():
+def _vqgan_after_one_adam_step():
+    """A 16-code VQGAN and its AdamW after one step (every parameter has its Adam state)."""
     torch.manual_seed(0)
     model = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=8,
                               n_embed=16))
     opt = torch.optim.AdamW(model.parameters())
     model(torch.rand(2, 3, 32, 32) * 2 - 1)[1].backward()
     opt.step()
+    return model, opt
+
+
+def test_dead_code_restart_reseeds_from_latents():
+    model, opt = _vqgan_after_one_adam_step()
     usage = vqt.CodeUsage(16, decay=0.0)
     usage.update(torch.tensor([[0, 0, 1, 1, 2, 0]]))        # codes 3..15 unused
     latents = torch.randn(2, 8, 3, 5)
@@ -976,12 +982,7 @@ def test_load_frames_refuses_demos_of_another_image_size_by_name(tmp_path):
 def test_dead_code_restart_zeroes_both_adam_moments_of_the_codes_it_reseeds():
     """A re-seeded code starts its Adam state afresh: an old second moment would scale its first updates by the
     gradients of the vector it replaced. Both moments of the re-seeded rows are zeroed, the live codes' are kept."""
-    torch.manual_seed(0)
-    model = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=8,
-                              n_embed=16))
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.rand(2, 3, 32, 32) * 2 - 1)[1].backward()
-    opt.step()
+    model, opt = _vqgan_after_one_adam_step()
     st = opt.state[model.quantize.embedding.weight]
     for key in ("exp_avg", "exp_avg_sq"):
         st[key].fill_(0.5)
