@@ -665,7 +665,10 @@ def plot_rows(rows, x_key, y_key, group_key, title, path):
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))], xs, rotation=20, fontsize=8)
     ax.set_ylabel(y_key)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    if groups:
+        ax.legend(fontsize=8)
+    else:  # every row's value missing (its cases skipped or failed): say so, not an empty frame
+        ax.text(0.5, 0.5, f"no {y_key} measured", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     try:  # whole or not at all, under a temporary name of its own (as the JSON beside it)
         write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))

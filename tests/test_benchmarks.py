@@ -2650,3 +2650,282 @@ def test_serve_load_refuses_camera_frames_larger_than_the_servers_payload_limit(
         client.act(np.zeros((24, 32, 3), np.uint8))
     sent = int(re.search(r"\((\d+) bytes\), more than", str(e.value)).group(1))
     assert sent <= serve_load.act_request_bytes(24, 32) <= sent + 4
+
+
+# ------------------------------------------------------------------ what each row measures, sides run once
+def test_attention_check_flags_an_error_just_past_its_tolerance():
+    """A side matches where |got - ref| <= tol * (|ref| + mean |ref|) everywhere: one element 1.1x past that bound
+    fails it (float32: tol 1e-3), 0.9x of it passes, and worst_over_tolerance is that ratio; in a side's gradients the
+    last one counts as the first does."""
+    from worldvla.benchmarks import attention as A
+
+    want = torch.randn(6, 2, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    bound = 1e-3 * (want.abs() + want.abs().mean())
+    for factor, ok in ((0.9, True), (1.1, False)):
+        got = want.clone()
+        got[3, 1, 2] += factor * bound[3, 1, 2]
+        out = A.check(got, want, torch.float32)
+        assert out["matches_reference"] is ok and out["worst_over_tolerance"] == pytest.approx(factor, rel=1e-6)
+        grads = A.check((want, want, got), (want, want, want), torch.float32)  # only the last gradient off
+        assert grads["matches_reference"] is ok and grads["worst_over_tolerance"] == pytest.approx(factor, rel=1e-6)
+
+
+def test_a_quick_attention_run_writes_only_its_quick_results(monkeypatch, tmp_path):
+    """`--quick` writes attention-<device>-quick.json (and its plot) after every case and at the end, never the
+    full run's file."""
+    from worldvla.benchmarks import attention as A
+
+    row = {"impl": "worldvla-torch", "median_ms": 1.0, "matches_reference": True}
+    monkeypatch.setattr(A, "run_decode", lambda cases, *a, **k: [dict(row, case=cases[0][0], mode="decode")])
+    monkeypatch.setattr(A, "run_prefill", lambda cases, *a, **k: [dict(row, case=cases[0][0], mode="fwd")])
+    path = A.run(quick=True, device="cpu", out_dir=tmp_path)
+    stem = f"attention-{common.device_name('cpu')}-quick"
+    assert path.name == f"{stem}.json" and sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.json",
+                                                                                           f"{stem}.png"]
+    assert [r["case"] for r in json.loads(path.read_text())["rows"]] == ["decode 256px K5", "256px", "causal"]
+
+
+def test_cross_entropy_rows_name_their_shape_and_each_sides_own_memory(tmp_path, monkeypatch):
+    """Each row's N, hidden and vocab are its case's (the CPU's quick case: 128 labelled rows, hidden 256, vocabulary
+    8192), its peak memory is that of its own side's step (the naive side's steps measured apart from the fused
+    side's), both sides weigh the classes alike, and a full run times 20 repeats after 3 warm-ups, a quick one 3
+    after 1."""
+    import types
+
+    from worldvla.benchmarks import cross_entropy as CE
+
+    ran, timed = [], []
+    real_naive, real = CE.naive_linear_cross_entropy, ops.linear_cross_entropy
+    weights = set()
+
+    def side(name, cw):  # which side ran, and the class weights it was given
+        ran.append(name)
+        weights.add((name, None if cw is None else (float(cw[3]), round(float(cw[4]), 6))))
+
+    monkeypatch.setattr(CE, "naive_linear_cross_entropy", lambda h, w, y, rows, cw: side("naive", cw)
+                        or real_naive(h, w, y, rows, cw))
+    monkeypatch.setattr(CE, "timed_backends", lambda op: ["torch", "fused"])
+    monkeypatch.setattr(CE, "ops", types.SimpleNamespace(
+        dispatch=types.SimpleNamespace(supports=lambda *a: True),
+        linear_cross_entropy=lambda h, w, y, cw, z, backend: side("fused", cw) or real(h, w, y, cw, z,
+                                                                                      backend="torch")))
+    fixed = _fixed_medians({"naive": 4.0, "worldvla-fused": 1.0})
+    monkeypatch.setattr(CE, "time_interleaved", lambda fns, **kw: timed.append((kw["warmup"], kw["repeats"]))
+                        or fixed(fns, **kw))
+    monkeypatch.setattr(CE, "Rotation", lambda make, device, quick: common.Rotation(make, device, n=1))
+
+    def peak(fn, device):
+        ran.clear()
+        fn()
+        return {("naive",): 1000, ("fused",): 250}[tuple(ran)]
+
+    monkeypatch.setattr(CE, "peak_memory", peak)
+    rows = json.loads(CE.run(quick=True, device="cpu", out_dir=tmp_path).read_text())["rows"]
+    got = {r["impl"]: (r["N"], r["hidden"], r["vocab"], r["peak_bytes"], r["memory_vs_naive"]) for r in rows}
+    assert got == {"naive": (128, 256, 8192, 1000, 1.0), "worldvla-fused": (128, 256, 8192, 250, 0.25)}
+    assert weights == {("naive", (1.0, 0.04)), ("fused", (1.0, 0.04))}  # both sides weigh the classes alike
+    monkeypatch.setattr(CE, "check_sides", lambda impls, *a: {name: {"matches_reference": True} for name in impls})
+    CE.run(quick=False, device="cpu", out_dir=tmp_path)
+    assert timed == [(1, 3), (3, 20)]
+
+
+def test_cpu_ops_sides_run_the_case_their_row_names(monkeypatch, tmp_path):
+    """Each side of a cpu_ops case runs its own backend on the shapes its row names: the last R ids of the
+    vocabulary, the whole codebook, M rows through the projections, the decoder layers of B x Q rows. Every side is
+    called once on one input set, nothing timed."""
+    pytest.importorskip("worldvla._C")
+    from worldvla.benchmarks import cpu_ops
+
+    seen, last, got = [], {}, {}
+
+    def interleaved(fns, rot, warmup, repeats):
+        last.clear()
+        for name, fn in fns.items():
+            seen.clear()
+            fn(*rot.next())
+            last[name] = seen[0] if seen else None
+        return {name: {"median_ms": 1.0, "repeats": repeats} for name in fns}
+
+    def record(op, shape):
+        real = getattr(ops, op)
+
+        def fn(*a, **kw):
+            seen.append((kw.get("backend", a[-1]), shape(*a)))
+            return real(*a, **kw)
+        monkeypatch.setattr(ops, op, fn)
+
+    record("constrained_sample", lambda h, w, lo, hi: (h.shape[0], w.shape[0] - lo, hi))
+    record("vq_quantize", lambda z, cb: (z.shape[0], cb.shape[0]))
+    record("resolve_linear", lambda x, w, b: x.shape[0])
+    record("resolve_decoder_layer", lambda layer, x, ctx, b: tuple(x.shape[:2]))
+    real_rows = cpu_ops._rows
+
+    def rows(op, case, *a):
+        got[op, case] = dict(last)
+        return real_rows(op, case, *a)
+
+    monkeypatch.setattr(cpu_ops, "_rows", rows)
+    monkeypatch.setattr(cpu_ops, "interleaved", interleaved)
+    monkeypatch.setattr(cpu_ops, "Rotation", lambda make, *a, **kw: common.Rotation(make, "cpu", n=1))
+    monkeypatch.setattr(cpu_ops, "rotation_count", lambda *a, **kw: 1)
+    monkeypatch.setattr(cpu_ops, "plot_speedups", lambda rows, path: None)
+    cpu_ops.run(quick=True, out_dir=tmp_path)
+    for op, case, shape in (("constrained_sample", "greedy N5 H1024 range256", (5, 256, 8192)),
+                            ("vq_quantize", "N256 K2048 C256", (256, 2048)),
+                            ("linear", "decode-step projections M5 (28, small config)", 5),
+                            ("decoder_layer", "decode step B1 Q5 cache574 (4 layers, small config)", (1, 5))):
+        sides = got[op, case]
+        assert (sides["torch"], sides["native"]) == (("torch", shape), ("native", shape)), (op, sides)
+
+
+def test_vq_target_is_the_least_case_and_met_at_exactly_the_target(monkeypatch, tmp_path):
+    """`measured` is the least of the cases' best worldvla speed-ups (every case must reach 1.3x), the best of each
+    case's worldvla rows counts, and exactly 1.3x meets the target. The rows' rotations are sized by z and the
+    codebook."""
+    from worldvla.benchmarks import vq
+
+    def rows(*cases):
+        return [{"N": n, "K": 8192, "C": 256, "dtype": "float32", "impl": impl, "speedup_vs_cdist": x}
+                for n, impl, x in cases]
+
+    target = vq.speedup_target(rows((512, "worldvla-native", 1.2), (512, "worldvla-triton", 2.0),
+                                    (4096, "worldvla-native", 1.3), (4096, "worldvla-triton", 1.1)), on_gpu=True)
+    assert target["measured"] == 1.3 and target["met"] is True
+    assert target["by_case"] == {"N=512 K=8192 C=256": {"impl": "worldvla-triton", "speedup_vs_cdist": 2.0},
+                                 "N=4096 K=8192 C=256": {"impl": "worldvla-native", "speedup_vs_cdist": 1.3}}
+    target = vq.speedup_target(rows((512, "worldvla-native", 2.0), (4096, "worldvla-native", 1.29)), on_gpu=True)
+    assert target["measured"] == 1.29 and target["met"] is False
+    monkeypatch.setattr(vq, "time_interleaved", _fixed_medians({"cdist+argmin": 3.0, "worldvla-torch": 6.0,
+                                                                 "worldvla-native": 1.5}))
+    for r in json.loads(vq.run(quick=True, device="cpu", out_dir=tmp_path).read_text())["rows"]:
+        assert r["set_bytes"] == (r["N"] + r["K"]) * r["C"] * 4, r
+
+
+def _train_sides_run(monkeypatch, tmp_path, argv):
+    """benchmarks.train's main on the tiny config and two short documents, each side's step run once in the
+    timing (worldvla, then reference-style, then worldvla again) and once under peak_memory; returns the rows, the
+    attention backend of each worldvla step, the sides peak_memory ran and tune_cpu_malloc's calls."""
+    from worldvla.benchmarks import train
+    from worldvla.inference import malloc
+    from worldvla.model import ModelConfig
+
+    def doc(n, prompt):
+        ids = torch.arange(20000, 20000 + n)
+        return ids, torch.cat([torch.full((prompt,), -100), ids[prompt:]])
+
+    monkeypatch.setattr(train, "_samples", lambda n_docs, px, gen: [doc(5, 2), doc(9, 4)])
+    monkeypatch.setattr(ModelConfig, "small", classmethod(lambda cls, layout=None, **kw: cls.tiny(layout, **kw)))
+    ours, measured, tuned = [], [], []
+    real = train.micro_batch_loss
+    monkeypatch.setattr(train, "micro_batch_loss", lambda model, *a, **kw: ours.append(model.attn_backend)
+                        or real(model, *a, **kw))
+    fixed = _fixed_medians({"worldvla": 50.0, "reference-style": 200.0})
+
+    def timing(fns, **kw):
+        for name in ("worldvla", "reference-style", "worldvla"):
+            kw["before"](name)
+            fns[name]()
+        return fixed(fns, **kw)
+
+    def peak(fn, device):
+        n = len(ours)
+        fn()
+        measured.append("worldvla" if len(ours) > n else "reference-style")
+        return 100 if measured[-1] == "worldvla" else 400
+
+    monkeypatch.setattr(train, "time_interleaved", timing)
+    monkeypatch.setattr(train, "peak_memory", peak)
+    monkeypatch.setattr(malloc, "tune_cpu_malloc", lambda **kw: tuned.append(kw))
+    path = train.main([*argv, "--device", "cpu", "--out", str(tmp_path)])
+    return json.loads(path.read_text()), ours, measured, tuned
+
+
+def test_train_sides_each_measure_their_own_step_under_their_own_attention(monkeypatch, tmp_path):
+    """The package's side runs its attention under "auto" every time, the reference-style side's "torch" not left
+    behind for it; each row's peak memory is its own side's step; `--tune-malloc` reaches the run (glibc's heap
+    tuned once, as `worldvla train` does on the CPU), off unless given; a full run times 10 steps of each side after 3
+    warm-ups, a quick one 2 after 1."""
+    doc, ours, measured, tuned = _train_sides_run(monkeypatch, tmp_path, ["--quick", "--tune-malloc"])
+    assert ours == ["auto"] * 3 and measured == ["worldvla", "reference-style"]
+    assert [(r["impl"], r["peak_bytes"]) for r in doc["rows"]] == [("worldvla", 100), ("reference-style", 400)]
+    assert tuned == [{"mmap": False}] and doc["tune_malloc"] is True and doc["quick"] is True
+    assert all((r["warmup"], r["repeats"]) == (1, 2) for r in doc["rows"])
+    doc, _, _, tuned = _train_sides_run(monkeypatch, tmp_path, [])
+    assert tuned == [] and doc["tune_malloc"] is False and doc["quick"] is False
+    assert all((r["warmup"], r["repeats"]) == (3, 10) for r in doc["rows"])  # a full run's
+
+
+def test_attention_vq_and_cpu_ops_full_runs_time_their_full_repeats(monkeypatch, tmp_path):
+    """Without --quick every side is timed with the full run's repeats: attention's prefill 30 and decode 100 after
+    5 warm-ups, vq 50 after 5, and cpu_ops' cases theirs (the few-row decode, sampling and the
+    gather 200, the prefill through the cache, the projections and the decoder layers 50, the packed prefill 20,
+    the VQ search 200 or 50 past a million distances)."""
+    from worldvla.benchmarks import attention as A
+    from worldvla.benchmarks import vq
+
+    timed = []
+
+    def fixed(fns, **kw):
+        timed.append((kw["warmup"], kw["repeats"]))
+        return {name: {"median_ms": 1.0, "repeats": kw["repeats"]} for name in fns}
+
+    monkeypatch.setattr(A, "time_interleaved", fixed)
+    gen = torch.Generator().manual_seed(0)
+    A.run_prefill([("tiny", 32, 300, False)], 2, 16, torch.float32, torch.device("cpu"), False, gen)
+    A.run_decode([("d", 32, 5, 1)], 2, 16, torch.float32, torch.device("cpu"), False, gen)
+    assert timed == [(5, 30), (5, 30), (5, 100)]  # fwd, fwd+bwd, decode
+    timed.clear()
+    monkeypatch.setattr(vq, "time_interleaved", fixed)
+    monkeypatch.setattr(vq, "Rotation", lambda make, device, quick, bytes_per_set: common.Rotation(make, device, n=1))
+    vq.run(quick=False, device="cpu", out_dir=tmp_path)
+    assert timed == [(5, 50)]
+    rows = _cpu_ops_full_run(monkeypatch, tmp_path)
+    repeats = {r["op"]: set() for r in rows}
+    for r in rows:
+        repeats[r["op"]].add(r["repeats"])
+    assert repeats == {"masked_attention": {20}, "decode_attention": {200, 50}, "constrained_sample": {200},
+                       "vq_quantize": {200, 50}, "linear": {50}, "decoder_layer": {50}, "vq_gather": {200}}
+
+
+def test_cross_entropy_side_that_raises_in_its_check_is_left_out_of_the_timing(tmp_path, monkeypatch):
+    """A side that raises when checked is not timed (it would raise again there and end the run): its row records
+    the error and no time, and the other sides are timed and compared as before."""
+    import types
+
+    from worldvla.benchmarks import cross_entropy as CE
+
+    timed = []
+
+    def broken(h, w, y, cw, z, backend):
+        raise RuntimeError("no kernel for these shapes")
+
+    monkeypatch.setattr(CE, "timed_backends", lambda op: ["torch", "fused"])
+    monkeypatch.setattr(CE, "ops", types.SimpleNamespace(dispatch=types.SimpleNamespace(supports=lambda *a: True),
+                                                         linear_cross_entropy=broken))
+    fixed = _fixed_medians({"naive": 4.0})
+    monkeypatch.setattr(CE, "time_interleaved", lambda fns, **kw: timed.append(sorted(fns)) or fixed(fns, **kw))
+    monkeypatch.setattr(CE, "peak_memory", lambda fn, device: 1000)
+    rows = {r["impl"]: r for r in json.loads(CE.run(quick=True, device="cpu", out_dir=tmp_path).read_text())["rows"]}
+    assert timed == [["naive"]] and set(rows) == {"naive", "worldvla-fused"}
+    assert rows["worldvla-fused"]["error"] == "RuntimeError: no kernel for these shapes"
+    assert "median_ms" not in rows["worldvla-fused"] and rows["naive"]["time_vs_naive"] == 1.0
+
+
+def test_a_plot_with_no_measured_values_says_so_without_a_warning(tmp_path, monkeypatch):
+    """Rows whose value is missing everywhere (every case skipped or failed) give a plot that says no value was
+    measured, not an empty frame with matplotlib's "No artists with labels" warning."""
+    import warnings
+
+    import matplotlib.axes
+
+    texts = []
+    real = matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text",
+                        lambda ax, x, y, s, **kw: texts.append(s) or real(ax, x, y, s, **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        common.plot_rows([{"x": 1, "y": None, "g": "a"}, {"x": 2, "g": "b"}], "x", "y", "g", "t", tmp_path / "p.png")
+    assert texts == ["no y measured"] and (tmp_path / "p.png").stat().st_size > 0
+    texts.clear()
+    common.plot_rows([{"x": 1, "y": 1.0, "g": "a"}], "x", "y", "g", "t", tmp_path / "q.png")
+    assert texts == []
