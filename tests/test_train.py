@@ -2090,3 +2090,153 @@ def test_a_checkpoint_without_rank_0s_rng_file_warns_that_its_rng_state_starts_f
     assert missing_rng_files(ck, 2) == ["rng_rank0.pt", "rng_rank1.pt"]
     load_checkpoint(ck, model)
     assert "warning: rng_rank0.pt missing (saved by 1 rank(s), resumed by 1)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- the run's settings as they act on it
+def test_each_step_is_adamw_on_the_weighted_loss_under_the_runs_settings(store_dir, tmp_path):
+    """Three steps of two micro-batches each give the weights, losses, gradient norms and learning rates of an
+    AdamW written out here on the whole batches: the image weight, the z-loss weight, the clipping bound (the
+    gradient norm is above it), both betas, eps, the weight decay and the --min-lr floor each act as given. The log
+    names each step's samples and the wall-clock time; train_args.json records the arguments."""
+    opts = ("--alpha", 0.5, "--z-weight", 1e-2, "--grad-clip", 0.5, "--beta1", 0.8, "--beta2", 0.9, "--eps", 1e-3,
+            "--weight-decay", 0.5, "--warmup", 1, "--min-lr", 1e-3)
+    a = args_for(store_dir, tmp_path / "run", "--steps", 3, "--batch-tokens", 300, "--micro-tokens", 150,
+                 "--no-export", *opts)
+    start = time.time()
+    trainer.train(a)
+    end = time.time()
+    store = TokenStore(store_dir)
+    model = trainer._build_model(a, store.layout, torch.device("cpu"), fsdp=False)
+    opt = torch.optim.AdamW(model.parameters(), betas=(0.8, 0.9), eps=1e-3, weight_decay=0.5)
+    cw = loss_class_weights(store.layout, 0.5)
+    batches = trainer.epoch_batches(store.lengths, 300, seed=3, epoch=0)[:3]
+    want = []
+    for batch, lr in zip(batches, (2e-3, 2e-3, 1.5e-3)):  # the cosine from 2e-3 halfway down to 1e-3 at step 3
+        ids, labels, cu = pack([store[i] for i in batch], 300)
+        loss, z = model.loss(ids, labels, cu_seqlens=cu, class_weight=cw, z_weight=1e-2)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        opt.zero_grad()
+        want.append({"loss": loss.item(), "z": z.item(), "grad_norm": float(norm), "lr": lr, "samples": len(batch)})
+    log = read_log(a.out)
+    assert all(w["grad_norm"] > 0.5 for w in want)  # the bound clips every step
+    assert [{k: r[k] for k in want[0]} for r in log] == [pytest.approx(w, rel=1e-5) for w in want]
+    assert all(start <= r["time"] <= end for r in log)
+    assert json.loads((tmp_path / "run" / "train_args.json").read_text())["weight_decay"] == 0.5
+    got = final_weights(a.out)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resume_in_a_later_epoch_trains_that_epochs_batches(store_dir, tmp_path, monkeypatch, capsys):
+    """A run stopped in its second epoch resumes in that epoch's order, not the first epoch's, logs each step's
+    number of samples, and ends on the loss of its last step."""
+    real, trained = trainer.split_batch, []
+    monkeypatch.setattr(trainer, "split_batch", lambda batch, *x: trained.append(batch.tolist()) or real(batch, *x))
+    common = ("--steps", 6, "--batch-tokens", 600, "--kinds", "action", "--no-export")
+    assert trainer.run(args_for(store_dir, tmp_path / "run", *common, "--stop-after", 4)) == 0
+    assert trainer.run(args_for(store_dir, tmp_path / "run", *common, "--resume")) == 0
+    store = TokenStore(store_dir, kinds=("action",))
+    epochs = [trainer.epoch_batches(store.lengths, 600, 3, e) for e in (0, 1)]
+    assert len(epochs[0]) < 4 < len(epochs[0]) + len(epochs[1])  # step 4 is in the second epoch
+    want = [b.tolist() for b in epochs[0] + epochs[1]][:6]
+    assert trained == want
+    log = read_log(tmp_path / "run")
+    assert [r["samples"] for r in log] == [len(b) for b in want] and max(map(len, want)) > 1
+    assert log[-1]["step"] == 6 and f"step 6: loss {log[-1]['loss']:.4f}; checkpoint" in capsys.readouterr().out
+
+
+def test_resume_refuses_other_optimizer_schedule_seed_and_model_settings_naming_them(store_dir, tmp_path,
+                                                                                      monkeypatch):
+    """AdamW's betas and eps, the warm-up and the schedule (restored from the checkpoint: new values would be ignored),
+    the seed (the data order), the attention, the positions and the release's loss weights are the run's own."""
+    out = tmp_path / "r"
+    common = ("--steps", 4, "--batch-tokens", 300, "--no-export")
+    trainer.train(args_for(store_dir, out, *common, "--stop-after", 1))
+    monkeypatch.setattr(trainer, "_build_model", lambda *a, **k: pytest.fail("the model was built before the check"))
+    for change, was in ((("--beta1", 0.8), "--beta1 0.9"), (("--beta2", 0.99), "--beta2 0.95"),
+                        (("--eps", 1e-6), "--eps 1e-08"), (("--warmup", 1), "--warmup 2.0"),
+                        (("--schedule", "constant"), "--schedule cosine"), (("--seed", 4), "--seed 3"),
+                        (("--attention", "causal"), "--attention chunk"), (("--max-positions", 512), "--max-positions 0"),
+                        (("--release-loss-weights",), "--release-loss-weights False")):
+        with pytest.raises(ValueError, match=rf"started with {was}, not {change[0]} "):
+            trainer.train(args_for(store_dir, out, *common, *change, "--resume"))
+
+
+def test_warmup_of_one_is_one_step_and_a_warmup_as_long_as_the_run_is_not_warned_of(capsys):
+    """--warmup 1 counts one step (a fraction of the run is given below 1); a warm-up of exactly the run's steps
+    reaches --lr at its last step, so only a longer one is warned of."""
+    from types import SimpleNamespace
+
+    def steps(w, total):
+        return trainer._warmup_steps(SimpleNamespace(warmup=w, lr=1e-3, schedule="cosine", min_lr=None), total)
+
+    assert (steps(1, 100), steps(1.0, 100), steps(2, 2)) == (1, 1, 2)
+    assert "warning" not in capsys.readouterr().out
+    assert steps(3, 2) == 3 and "--warmup 3 is 3 steps, more than the run's 2" in capsys.readouterr().out
+
+
+def test_the_export_records_the_sim_camera_config_and_store(store_dir, tmp_path, monkeypatch):
+    """The policy's extra metadata names the simulator camera its demos were rendered from (the evaluation renders
+    from it), the model config and the token store."""
+    from worldvla.inference import policy as policy_mod
+    from worldvla.model import ModelConfig
+
+    store = TokenStore(store_dir)
+    monkeypatch.setattr(store, "manifest", {**store.manifest, "sim_camera": "corner2"})
+    seen = {}
+    monkeypatch.setattr(policy_mod, "save_policy", lambda *a, extra=None, **k: seen.update(extra))
+    trainer._export(WorldVLA(ModelConfig.tiny(store.layout)), store, tmp_path,
+                    args_for(store_dir, tmp_path / "run", "--steps", 1))
+    assert (seen["sim_camera"], seen["config"], seen["store"]) == ("corner2", "tiny", str(Path(store_dir).resolve()))
+
+
+def test_fine_tuning_takes_the_runs_attention_and_dropout(store_dir, tmp_path, monkeypatch):
+    """--init of a chunk-mask model without dropout, fine-tuned with --attention causal --dropout 0.3, trains (and
+    records) a causal model whose every dropout layer drops 0.3."""
+    from worldvla.model import ModelConfig
+    from worldvla.tokens import VocabLayout
+
+    layout = VocabLayout.from_dict(TokenStore(store_dir).manifest["layout"])
+    WorldVLA(ModelConfig.tiny(layout)).init_weights().save_pretrained(tmp_path / "init")
+    built, real = [], trainer._build_model
+    monkeypatch.setattr(trainer, "_build_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    trainer.train(args_for(store_dir, tmp_path / "ft", "--steps", 1, "--batch-tokens", 300, "--init",
+                           tmp_path / "init", "--attention", "causal", "--dropout", 0.3, "--no-export"))
+    ps = [m.p for m in built[0].modules() if isinstance(m, torch.nn.Dropout)]
+    assert ps and all(p == 0.3 for p in ps)
+    assert built[0].config.attention == "causal"
+    state = json.loads((latest_checkpoint(tmp_path / "ft") / "state.json").read_text())
+    assert state["model_config"]["attention"] == "causal"
+
+
+def test_a_built_model_takes_the_runs_seed_init_std_and_gradient_checkpointing(store_dir, tmp_path):
+    """--seed and --init-std decide the initial weights of a model built here; --grad-checkpointing reaches it."""
+    layout = TokenStore(store_dir).layout
+
+    def build(*extra):
+        a = args_for(store_dir, tmp_path, *extra)
+        return trainer._build_model(a, layout, torch.device("cpu"), fsdp=False)
+
+    base, same, other_seed = build(), build(), build("--seed", 4)
+    wide = build("--init-std", 0.05, "--grad-checkpointing")
+    key = "model.embed_tokens.weight"
+    assert torch.equal(base.state_dict()[key], same.state_dict()[key])
+    assert not torch.equal(base.state_dict()[key], other_seed.state_dict()[key])
+    assert float(base.state_dict()[key].std()) == pytest.approx(0.02, rel=0.05)
+    assert float(wide.state_dict()[key].std()) == pytest.approx(0.05, rel=0.05)
+    assert (base.gradient_checkpointing, wide.gradient_checkpointing) == (False, True)
+
+
+def test_the_defaults_are_the_documented_ones(tmp_path):
+    """The defaults the help and the module's notes give: the release's AdamW, clipping and z-loss weight, and the
+    learning rate, warm-up and loss weights chosen for small models."""
+    a = trainer.build_parser().parse_args(["--store", "s", "--out", str(tmp_path)])
+    want = {"config": "small", "steps": 0, "epochs": 1, "batch_tokens": 8192, "micro_tokens": 0, "lr": 3e-4,
+            "min_lr": None, "warmup": 0.01, "schedule": "cosine", "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95,
+            "eps": 1e-8, "grad_clip": 4.0, "alpha": 0.04, "release_loss_weights": False, "z_weight": 1e-5,
+            "dropout": 0.0, "init_std": 0.02, "max_positions": 0, "attention": "chunk", "kinds": "", "seed": 0,
+            "save_every": 1000}
+    assert {k: getattr(a, k) for k in want} == want
