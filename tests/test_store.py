@@ -1908,3 +1908,158 @@ def test_nan_actions_under_drop_noops_are_named_at_the_files_step(tmp_path):
                             dict(chunk_size=2, bounds="unit"))):  # the last one refused by the chunk check's scan
         with pytest.raises(ValueError, match=said):
             st.build_store(tmp_path / "d", tmp_path / f"s{i}", tiny_vqgan(), drop_noops=True, progress=False, **kw)
+
+
+def test_history_one_gives_each_action_sample_its_own_frame_alone_and_is_recorded(tmp_path):
+    """--history 1: every action sample holds the frame at its step j alone (the window ends at j), and the manifest
+    records 1, which the trainer's export hands the policy (a policy given 2 would prompt with two frames)."""
+    rng = np.random.default_rng(11)
+    (demo,) = random_demos(rng, (4,))
+    write_demos(tmp_path / "d" / "a.hdf5", [demo], "reach")
+    vq = tiny_vqgan()
+    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, chunk_size=2, history=1, world=False, bounds="unit",
+                         progress=False)
+    store = st.TokenStore(out)
+    builder = SequenceBuilder(store.layout, ByteTextTokenizer(store.layout),
+                              ActionTokenizer(store.layout, [-1.0] * 4, [1.0] * 4))
+    codes = [vq.encode(preprocess(f))[0] for f in demo["frames"]]
+    want = [builder.action_sample("reach", [codes[j]], demo["actions"][j:j + 2]).input_ids.tolist() for j in range(3)]
+    index = np.load(out / "shard_00000" / "index.npy")
+    assert index[:, 1].tolist() == [0, 1, 2]
+    assert [store[i][0].tolist() for i in range(len(store))] == want
+    assert store.manifest["action"]["history"] == 1
+
+
+def test_the_index_one_past_the_last_sample_is_refused_and_iteration_stops_there(tmp_path):
+    """store[len(store)] is out of range (the index would otherwise wrap to sample 0), and iterating a store, which
+    runs on __getitem__ until IndexError, yields each sample once."""
+    rng = np.random.default_rng(12)
+    write_demos(tmp_path / "d" / "a.hdf5", random_demos(rng, (3,)), "reach")
+    store = st.TokenStore(st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=2, bounds="unit",
+                                         progress=False))
+    n = len(store)
+    assert n == 2 + 2
+    with pytest.raises(IndexError, match=f"sample {n} out of range for a store of {n} samples"):
+        store[n]
+    assert [s[2] for s in store] == ["action"] * 2 + ["world"] * 2
+
+
+def test_a_rerun_whose_demos_would_take_their_own_instructions_is_refused_naming_them(tmp_path):
+    """Built with --instruction equal to the file's, a rerun without it prompts demo_1 with its own instruction: the
+    inputs' records differ in that demo's instruction alone, which a rerun must not resume past (its shards hold the
+    override's prompt), and the refusal names the demo, not the file's instruction, which is the same."""
+    rng = np.random.default_rng(13)
+    demos = random_demos(rng, (3, 3))
+    demos[1]["instruction"] = "push the block"
+    write_demos(tmp_path / "d" / "a.hdf5", demos, "reach")
+    kw = dict(chunk_size=2, bounds="unit", progress=False)
+    vq = tiny_vqgan()
+    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, instruction="reach", **kw)
+    with pytest.raises(FileExistsError, match=r"a\.hdf5 \(its demo\(s\) demo_1 prompted with other instructions than "
+                                              r"then\); pass --overwrite"):
+        st.build_store(tmp_path / "d", out, vq, **kw)
+
+
+def test_a_shard_whose_arrays_agree_but_hold_other_samples_than_its_entry_is_refused(demo_dir, tmp_path):
+    """A shard folder whose five arrays fit together but hold one sample fewer than its manifest entry records (the
+    folder of another build copied in) is refused on open, not read as it is."""
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    shard = out / "shard_00000"
+    a = {n: np.load(shard / f"{n}.npy") for n in st._ARRAYS}
+    n = len(a["kinds"])
+    end = int(a["offsets"][n - 1])
+    cut = {"tokens": a["tokens"][:end], "labels": a["labels"][:end], "offsets": a["offsets"][:n],
+           "kinds": a["kinds"][:n - 1], "index": a["index"][:n - 1]}
+    for name, arr in cut.items():
+        np.save(shard / f"{name}.npy", arr)
+    with pytest.raises(ValueError, match=rf"the arrays of .*shard_00000 do not fit together or its manifest entry "
+                                         rf"\({n} samples\): the shard is damaged"):
+        st.TokenStore(out)
+
+
+def test_auto_bounds_warn_only_when_the_libero_bounds_clip_more_than_one_percent(tmp_path, capsys):
+    """The line of --action-bounds auto is for a share above CLIP_WARN_SHARE: one value in 100 outside the bounds is
+    a stray outlier the edge bin absorbs, two are a warning."""
+    rng = np.random.default_rng(14)
+    acts = rng.uniform(np.array(st.LIBERO_MIN) * 0.9, np.array(st.LIBERO_MAX) * 0.9, (100, 7))
+    for outside, warned in ((1, False), (2, True)):
+        acts[:outside, 0] = 2.0
+        files = [_own_robot_file(tmp_path / f"libero{outside}" / "a.hdf5", acts)]
+        assert st.action_bounds("auto", files, 7) == (list(st.LIBERO_MIN), list(st.LIBERO_MAX))
+        out = capsys.readouterr().out
+        assert (f"values per dimension: 2.0%{' 0.0%' * 6}; pass --action-bounds data" in out) if warned else out == ""
+
+
+def test_action_samples_alone_under_drop_noops_encode_only_the_kept_frames(tmp_path):
+    """The frames after dropped no-op steps are encoded only as world samples' targets: a build of action samples
+    alone encodes each kept frame once and no other."""
+    rng = np.random.default_rng(15)
+    (demo,) = random_demos(rng, (8,))
+    demo["actions"][:, 3] = 1.0
+    demo["actions"][[3, 4, 7], :3] = 0.0  # no-ops: kept steps 0, 1, 2, 5, 6
+    write_demos(tmp_path / "d" / "a.hdf5", [demo], "push")
+    vq = counting(tiny_vqgan())
+    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, chunk_size=2, world=False, bounds="unit",
+                         drop_noops=True, progress=False)
+    assert CountingVQGAN.frames == 5 and len(st.TokenStore(out)) == 4
+
+
+def test_data_bounds_of_a_dimension_below_zero_end_at_its_largest_value(tmp_path):
+    """--action-bounds data spans each dimension's own min and max, also for a dimension whose values all lie below
+    zero (or above it): a bound at 0 would leave the bins between it and the data unused."""
+    rng = np.random.default_rng(16)
+    (demo,) = random_demos(rng, (6,))
+    demo["actions"][:, 0] = rng.uniform(-3.0, -2.0, 6)
+    demo["actions"][:, 1] = rng.uniform(2.0, 3.0, 6)
+    write_demos(tmp_path / "d" / "a.hdf5", [demo], "reach")
+    low, high = st.action_bounds("data", st.find_demo_files(tmp_path / "d"), 4)
+    a = demo["actions"].astype(np.float64)
+    np.testing.assert_allclose(low, a.min(0), rtol=1e-6)
+    np.testing.assert_allclose(high, a.max(0), rtol=1e-6)
+
+
+def test_the_lengths_of_a_store_opened_for_one_kind_are_those_of_its_samples(demo_dir, tmp_path):
+    """`lengths` (which the trainer packs batches by) follows the kind filter: each sample's own length."""
+    folder, _ = demo_dir
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, demos_per_shard=2, progress=False)
+    for kind in st.KINDS:
+        store = st.TokenStore(out, kinds=kind)
+        assert len(store) > 0 and {store[i][2] for i in range(len(store))} == {kind}
+        assert store.lengths.tolist() == [len(store[i][0]) for i in range(len(store))]
+
+
+def test_under_drop_noops_the_last_world_sample_targets_the_frame_its_action_led_to(tmp_path):
+    """No-ops between the last two kept steps: the world sample of the last kept step but one (j = T - 2) targets
+    the file's frame after it, not the last kept frame."""
+    rng = np.random.default_rng(17)
+    (demo,) = random_demos(rng, (8,))
+    demo["actions"][:, 3] = 1.0
+    demo["actions"][[5, 6], :3] = 0.0  # no-ops: kept steps 0, 1, 2, 3, 4, 7
+    write_demos(tmp_path / "d" / "a.hdf5", [demo], "push")
+    vq = tiny_vqgan()
+    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, action=False, bounds="unit", drop_noops=True,
+                         progress=False)
+    store = st.TokenStore(out)
+    builder = SequenceBuilder(store.layout, ByteTextTokenizer(store.layout),
+                              ActionTokenizer(store.layout, [-1.0] * 4, [1.0] * 4))
+    codes = [vq.encode(preprocess(f))[0] for f in demo["frames"]]
+    want = builder.world_sample(codes[4], demo["actions"][4], codes[5]).input_ids.tolist()
+    assert len(store) == 5 and store[4][0].tolist() == want
+
+
+def test_a_rerun_takes_each_inputs_digest_from_its_own_record(tmp_path):
+    """Two input files of one size and one mtime: a rerun reuses each file's recorded sha256 (not the first file's
+    for both), so it resumes the store instead of refusing it as changed."""
+    rng = np.random.default_rng(18)
+    paths = [write_demos(tmp_path / "d" / f"{n}.hdf5", random_demos(rng, (3,)), "reach", compression=None)
+             for n in "ab"]
+    assert paths[0].stat().st_size == paths[1].stat().st_size
+    for p in paths:
+        os.utime(p, ns=(1_700_000_000_000_000_000,) * 2)
+    kw = dict(chunk_size=2, bounds="unit", progress=False)
+    out = st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), **kw)
+    vq = counting(tiny_vqgan())
+    st.build_store(tmp_path / "d", out, vq, **kw)
+    records = json.loads((out / st.MANIFEST).read_text())["inputs"]
+    assert CountingVQGAN.frames == 0 and [r["sha256"] for r in records] == [st.sha256_file(p) for p in paths]

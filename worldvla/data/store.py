@@ -545,9 +545,13 @@ def _changed_inputs(old: dict, inputs: list[dict], tokenizer_digest, tokenizer_j
             why.append("its content changed")
         if was.get("rotation") not in (None, now["rotation"]):
             why.append(f"its frames {was['rotation']} then, {now['rotation']} now")
-        if "instruction" in was and (was["instruction"], was.get("demo_instructions")) != \
-                (now["instruction"], now.get("demo_instructions")):
+        if "instruction" in was and was["instruction"] != now["instruction"]:
             why.append(f"its instruction {was['instruction']!r} then, {now['instruction']!r} now")
+        elif "instruction" in was and was.get("demo_instructions") != now.get("demo_instructions"):
+            # the file's instruction is the same (an --instruction equal to it then, none now): name the demos
+            then, own = was.get("demo_instructions") or {}, now.get("demo_instructions") or {}
+            names = sorted(n for n in {*then, *own} if then.get(n) != own.get(n))
+            why.append(f"its demo(s) {', '.join(names)} prompted with other instructions than then")
         if why:
             changed.append(f"{now['path']} ({'; '.join(why)})")
     want = old.get("text_tokenizer_sha256")
