@@ -1262,15 +1262,21 @@ def test_overwrite_with_fewer_shards_removes_the_old_ones_only_once_the_old_stor
     st.TokenStore(out, verify=True)
 
 
+def _noop_demo_file(path, seed: int, noops: list[int]) -> dict:
+    """An 8-step random demo whose steps `noops` are no-ops (zero motion, the gripper's dimension kept), written to
+    `path`; returns it."""
+    (demo,) = random_demos(np.random.default_rng(seed), (8,))
+    demo["actions"][:, 3] = 1.0
+    demo["actions"][noops, :3] = 0.0
+    write_demos(path, [demo], "push")
+    return demo
+
+
 def test_world_samples_under_drop_noops_target_the_frame_each_action_led_to(tmp_path):
     """Under --drop-noops a world sample paired the kept frame I_j and action A_j with the next kept frame, which
     after dropped no-op steps is several steps later: not the frame A_j led to. Its target is now the file's frame
     after step j. The samples stay the release's: j < T - 1 of the kept steps, none after the last."""
-    rng = np.random.default_rng(5)
-    (demo,) = random_demos(rng, (8,))
-    demo["actions"][:, 3] = 1.0
-    demo["actions"][[3, 4, 7], :3] = 0.0  # no-ops: kept steps 0, 1, 2, 5, 6
-    write_demos(tmp_path / "d" / "a.hdf5", [demo], "push")
+    demo = _noop_demo_file(tmp_path / "d" / "a.hdf5", 5, [3, 4, 7])  # no-ops: kept steps 0, 1, 2, 5, 6
     vq = counting(tiny_vqgan())
     out = st.build_store(tmp_path / "d", tmp_path / "s", vq, action=False, bounds="unit", drop_noops=True,
                          progress=False)
@@ -1648,11 +1654,7 @@ def test_an_earlier_versions_drop_noops_world_store_is_refused_saying_why(tmp_pa
     with nothing named, though every setting, input and the VQGAN were the same."""
     import hashlib
 
-    rng = np.random.default_rng(5)
-    (demo,) = random_demos(rng, (8,))
-    demo["actions"][:, 3] = 1.0
-    demo["actions"][[3, 4, 7], :3] = 0.0
-    write_demos(tmp_path / "d" / "a.hdf5", [demo], "push")
+    _noop_demo_file(tmp_path / "d" / "a.hdf5", 5, [3, 4, 7])
     vq = tiny_vqgan()
     kw = dict(action=False, bounds="unit", drop_noops=True, progress=False)
     out = st.build_store(tmp_path / "d", tmp_path / "s", vq, **kw)
@@ -1994,11 +1996,7 @@ def test_auto_bounds_warn_only_when_the_libero_bounds_clip_more_than_one_percent
 def test_action_samples_alone_under_drop_noops_encode_only_the_kept_frames(tmp_path):
     """The frames after dropped no-op steps are encoded only as world samples' targets: a build of action samples
     alone encodes each kept frame once and no other."""
-    rng = np.random.default_rng(15)
-    (demo,) = random_demos(rng, (8,))
-    demo["actions"][:, 3] = 1.0
-    demo["actions"][[3, 4, 7], :3] = 0.0  # no-ops: kept steps 0, 1, 2, 5, 6
-    write_demos(tmp_path / "d" / "a.hdf5", [demo], "push")
+    _noop_demo_file(tmp_path / "d" / "a.hdf5", 15, [3, 4, 7])  # no-ops: kept steps 0, 1, 2, 5, 6
     vq = counting(tiny_vqgan())
     out = st.build_store(tmp_path / "d", tmp_path / "s", vq, chunk_size=2, world=False, bounds="unit",
                          drop_noops=True, progress=False)
@@ -2032,11 +2030,7 @@ def test_the_lengths_of_a_store_opened_for_one_kind_are_those_of_its_samples(dem
 def test_under_drop_noops_the_last_world_sample_targets_the_frame_its_action_led_to(tmp_path):
     """No-ops between the last two kept steps: the world sample of the last kept step but one (j = T - 2) targets
     the file's frame after it, not the last kept frame."""
-    rng = np.random.default_rng(17)
-    (demo,) = random_demos(rng, (8,))
-    demo["actions"][:, 3] = 1.0
-    demo["actions"][[5, 6], :3] = 0.0  # no-ops: kept steps 0, 1, 2, 3, 4, 7
-    write_demos(tmp_path / "d" / "a.hdf5", [demo], "push")
+    demo = _noop_demo_file(tmp_path / "d" / "a.hdf5", 17, [5, 6])  # no-ops: kept steps 0, 1, 2, 3, 4, 7
     vq = tiny_vqgan()
     out = st.build_store(tmp_path / "d", tmp_path / "s", vq, action=False, bounds="unit", drop_noops=True,
                          progress=False)
