@@ -337,6 +337,67 @@ def test_stop_after_and_resume_save_each_step_once_and_never_overshoot(store_dir
         ["latest", "step_00000005", "step_00000006"]
 
 
+class _Killed(BaseException):
+    """A process killed where it stood: nothing after the raise runs, no handler of the code under test catches it."""
+
+
+def test_a_step_saved_again_has_a_complete_copy_at_every_moment(tmp_path, monkeypatch):
+    """A step saved again never leaves the run without that step: where the old and new folders can exchange names
+    in one step its name is never free, and where they cannot (two renames), a kill between the renames leaves the
+    older copy set aside, which the run's next resume finds (it was the only checkpoint) and its next save puts back
+    at its name."""
+    import os
+
+    from worldvla.train import checkpointing as ckm
+
+    def pair(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        return model, torch.optim.AdamW(model.parameters())
+
+    model, opt = pair(0)
+    first = model.weight.detach().clone()
+    ckm.save_checkpoint(tmp_path / "one", 5, model, opt, {"mark": 1}, keep_last=1)
+    real_replace = os.replace
+    freed = []
+    monkeypatch.setattr(os, "replace", lambda src, dst: freed.append(Path(src).name) or real_replace(src, dst))
+    with torch.no_grad():
+        model.weight += 1.0
+    ckm.save_checkpoint(tmp_path / "one", 5, model, opt, {"mark": 2}, keep_last=1)
+    assert "step_00000005" not in freed  # the names were exchanged, the step's never free
+    assert ckm.read_state(latest_checkpoint(tmp_path / "one"))["mark"] == 2
+
+    # A file system that cannot exchange names: killed between the renames.
+    def killed_at_second(src, dst):
+        if Path(src).name == ".tmp-step_00000005":
+            raise _Killed
+        return real_replace(src, dst)
+
+    run = tmp_path / "two"
+    model, opt = pair(0)
+    ckm.save_checkpoint(run, 5, model, opt, {"mark": 1}, keep_last=1)
+    monkeypatch.setattr(ckm, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(os, "replace", killed_at_second)
+    with torch.no_grad():
+        model.weight += 1.0
+    with pytest.raises(_Killed):
+        ckm.save_checkpoint(run, 5, model, opt, {"mark": 2}, keep_last=1)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not (run / "checkpoints" / "step_00000005").exists()  # the name is free: the older copy is aside
+    found = latest_checkpoint(run)
+    assert found is not None and ckm.read_state(found)["mark"] == 1
+    assert ckm.has_checkpoints(run)
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):  # not taken for an empty run folder
+        ckm.check_run_dir(run, resume=False, overwrite=False)
+    resumed, resumed_opt = pair(1)
+    assert ckm.load_checkpoint(run, resumed, resumed_opt)["mark"] == 1
+    assert torch.equal(resumed.weight, first)
+    ckm.save_checkpoint(run, 6, resumed, resumed_opt, {"mark": 3}, keep_last=0)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000005", "step_00000006"]
+    assert ckm.read_state(run / "checkpoints" / "step_00000005")["mark"] == 1
+    assert latest_checkpoint(run).name == "step_00000006"
+
+
 @pytest.mark.parametrize("change", [("--lr", 1e-3), ("--steps", 8), ("--batch-tokens", 400), ("--config", "small"),
                                     ("--weight-decay", 0.0), ("--dropout", 0.1), ("--alpha", 0.5), ("--z-weight", 0.0),
                                     ("--grad-clip", 1.0)])

@@ -159,8 +159,10 @@ def how_to_continue(args) -> str | None:
         if args.command == "demo" and getattr(args, "force", False):  # --force clears every stage again
             return "run it again without --force to keep the finished stages"
         return _CONTINUE.get(args.command)
+    from .train.checkpointing import has_checkpoints  # the command imported it (and torch) already
+
     out = getattr(args, "out", None)
-    if out is None or not any((Path(out) / "checkpoints").glob("step_*")):
+    if out is None or not has_checkpoints(out):
         return "no checkpoint was written yet: run the same command again to start over"
     if getattr(args, "resume", False):
         return "run the same command again to continue from its last checkpoint"

@@ -34,11 +34,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from ..checkpoint import fsync_path, write_text_atomic
+from ..checkpoint import _exchange, fsync_path, write_text_atomic
 from . import distributed as dist_utils
 from ..checks import is_count
 
 LATEST = "latest"
+SET_ASIDE = ".old-"  # prefix of a checkpoint set aside while its step is saved again
 
 
 def _options(for_load: bool) -> StateDictOptions:
@@ -117,18 +118,29 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last
             fsync_path(tmp / part)
     dist_utils.barrier()
     if dist_utils.is_main():
-        old = root / f".old-{name}"
+        done_with = None  # the older copy of a step saved again, once the new one has its name
         if final.exists():  # this step saved again: the old copy is set aside, not deleted, until the new is in
+            old = root / f"{SET_ASIDE}{name}"
             if old.exists():
                 shutil.rmtree(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
+            if _exchange(tmp, final):  # one step: the name is never free; tmp now names the older copy
+                done_with = tmp
+            else:  # two renames: a kill between them leaves the older copy at `old`, found there until put back
+                os.replace(final, old)
+                os.replace(tmp, final)
+                done_with = old
+        else:
+            os.replace(tmp, final)
         fsync_path(root)
         write_text_atomic(root / LATEST, name)
-        shutil.rmtree(old, ignore_errors=True)
+        if done_with is not None:
+            shutil.rmtree(done_with, ignore_errors=True)
         # Half-written folders of saves killed earlier (this run's or a resumed one's, at other steps): each is
-        # a full model and optimizer's size, and a checkpoint newer than any of them is now on disk.
-        for stale in (*root.glob(".tmp-step_*"), *root.glob(".old-step_*")):
+        # a full model and optimizer's size, and a checkpoint newer than any of them is now on disk. An older
+        # copy set aside by a save killed between its two renames is the step's only one: it is put back.
+        for step_name, folder in _set_aside(root).items():
+            os.replace(folder, root / step_name)
+        for stale in (*root.glob(".tmp-step_*"), *root.glob(f"{SET_ASIDE}step_*")):
             shutil.rmtree(stale, ignore_errors=True)
         if keep_last > 0:
             # Only checkpoints older than this one are pruned: never the one just written.
@@ -271,15 +283,28 @@ def resumable_checkpoint(run_dir, kind: str | None = None, require: tuple[str, .
     return ck
 
 
+def _name_of(path: Path) -> str:
+    """The step folder's name, also of an older copy set aside under another (`_set_aside`)."""
+    return path.name[len(SET_ASIDE):] if path.name.startswith(SET_ASIDE) else path.name
+
+
 def _step_of(path: Path) -> int:
     try:
-        return int(path.name[len("step_"):])
+        return int(_name_of(path)[len("step_"):])
     except ValueError:
         return -1
 
 
+def _set_aside(root: Path) -> dict[str, Path]:
+    """{step name: folder} of the complete checkpoints that a save of the same step, killed between its two
+    renames, left set aside (`SET_ASIDE`) with the step's own name free: each is that step's only copy."""
+    return {p.name[len(SET_ASIDE):]: p for p in root.glob(f"{SET_ASIDE}step_*")
+            if p.is_dir() and (p / "state.json").is_file() and not os.path.lexists(root / p.name[len(SET_ASIDE):])}
+
+
 def has_checkpoints(run_dir) -> bool:
-    return any((Path(run_dir) / "checkpoints").glob("step_*"))
+    root = Path(run_dir) / "checkpoints"
+    return any(root.glob("step_*")) or bool(_set_aside(root))
 
 
 def check_resume_or_overwrite(resume: bool, overwrite: bool) -> None:
@@ -470,15 +495,17 @@ def _to_cpu(obj):
 
 def latest_checkpoint(run_dir) -> Path | None:
     """The run's newest complete checkpoint: the one `latest` names, or a later one written after it (its
-    state.json `follows` it) whose pointer write a crash cut off. Without a usable pointer: the highest step."""
+    state.json `follows` it) whose pointer write a crash cut off. Without a usable pointer: the highest step. A step whose save again was
+    killed between its two renames is found at its older copy's folder (`_set_aside`), which the next save puts back."""
     root = Path(run_dir) / "checkpoints"
-    done = [p for p in root.glob("step_*") if p.is_dir() and (p / "state.json").is_file()]
+    done = {p.name: p for p in root.glob("step_*") if p.is_dir() and (p / "state.json").is_file()}
+    done.update(_set_aside(root))  # found where a killed save of the same step left it, until the next save
     pointer = root / LATEST
-    path = root / pointer.read_text().strip() if pointer.is_file() else None
-    if path not in done:
-        return max(done, key=_step_of, default=None)
+    path = done.get(pointer.read_text().strip()) if pointer.is_file() else None
+    if path is None:
+        return max(done.values(), key=_step_of, default=None)
     while True:  # a chain of more than one link needs more than one crash; followed all the same
-        later = [p for p in done if _step_of(p) > _step_of(path) and _follows(p) == path.name]
+        later = [p for p in done.values() if _step_of(p) > _step_of(path) and _follows(p) == _name_of(path)]
         if not later:
             return path
         path = max(later, key=_step_of)
