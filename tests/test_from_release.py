@@ -287,6 +287,23 @@ def test_a_path_that_names_the_suite_but_no_size_still_gives_the_chunk_size(rele
     assert info["sources"] == {"chunk_size": f"the path ({model})", "image_size": "--image-size"}
 
 
+def test_an_out_folder_under_the_home_folder_is_checked_where_it_is_written(release, tmp_path, monkeypatch):
+    """A Python caller's `~/...` out names the home folder where the policy is written: the check that it is not
+    the release's folder looks there too (it looked at ./~/..., let it through, and the release's model folder was
+    replaced by the policy)."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(release / "model_256" / "libero_goal", home / "model_256" / "libero_goal")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=f"would replace {home / 'model_256'}"):
+        import_release("~/model_256/libero_goal", release / "chameleon" / "tokenizer", "~/model_256")
+    assert (home / "model_256" / "libero_goal" / "config.json").is_file() and not (tmp_path / "~").exists()
+    info = import_release(home / "model_256" / "libero_goal", release / "chameleon" / "tokenizer", "~/p")
+    assert info["path"] == str(home / "p") and (home / "p" / "policy.json").is_file()
+
+
 @pytest.mark.parametrize("out", ["model_256/libero_goal", "model_256", ".", "chameleon/tokenizer", "chameleon"])
 def test_an_out_folder_that_is_or_holds_a_source_folder_is_refused(release, tmp_path, capsys, out):
     """The policy folder is written whole in place of --out: given the model's folder, the tokenizer's, or a folder

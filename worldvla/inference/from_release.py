@@ -62,7 +62,8 @@ def import_release(model_dir, tokenizer_dir, out, *, chunk_size: int | None = No
                          f"model_512/<suite>: a config.json of a Chameleon model and its weights)")
     # The policy folder is written whole in place of `out`: at a source folder, or one around it, the release's
     # files there (its tokenizer, the other suites' models) would be removed.
-    target = Path(out).resolve()
+    out = Path(out).expanduser()  # the folder save_policy writes: `~` is the home folder there too
+    target = out.resolve()
     for what, source in (("model", model_dir.resolve()), ("tokenizer", tokenizer_dir.resolve())):
         if target == source or target in source.parents:
             held = "" if target == source else f", which holds the release's {what} folder {source}"
