@@ -2226,6 +2226,24 @@ def test_resume_refuses_other_optimizer_schedule_seed_and_model_settings_naming_
             trainer.train(args_for(store_dir, out, *common, *change, "--resume"))
 
 
+
+def test_the_export_records_a_store_given_under_the_home_folder_where_it_is(store_dir, tmp_path, monkeypatch):
+    """`--store=~/...` (a ~ the shell leaves) is read from the home folder; the policy records that folder, not
+    ./~/..., which an evaluation would look for in vain."""
+    from worldvla.inference import policy as policy_mod
+    from worldvla.model import ModelConfig
+
+    monkeypatch.setenv("HOME", str(Path(store_dir).parent))
+    monkeypatch.chdir(tmp_path)
+    given = f"~/{Path(store_dir).name}"
+    store = TokenStore(given)
+    seen = {}
+    monkeypatch.setattr(policy_mod, "save_policy", lambda *a, extra=None, **k: seen.update(extra))
+    trainer._export(WorldVLA(ModelConfig.tiny(store.layout)), store, tmp_path, args_for(given, tmp_path / "run",
+                                                                                          "--steps", 1))
+    assert seen["store"] == str(Path(store_dir).resolve())
+    assert trainer._store_fix(given, str(Path(store_dir))).startswith(f"The token store {Path(store_dir)} was rebuilt")
+
 def test_warmup_of_one_is_one_step_and_a_warmup_as_long_as_the_run_is_not_warned_of(capsys):
     """--warmup 1 counts one step (a fraction of the run is given below 1); a warm-up of exactly the run's steps
     reaches --lr at its last step, so only a longer one is warned of."""

@@ -258,6 +258,17 @@ def test_release_round_trip(rng, tmp_path):
     _same_weights(m, again)
 
 
+def test_a_release_format_vqgan_under_the_home_folder(rng, tmp_path, monkeypatch):
+    """`~/...` names the home folder for the release format's writer and reader, as for save_pretrained (the
+    writer made a folder named ~ in the working directory, and the reader did not find it)."""
+    m = _model(rng)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    m.save_release("~/tok")
+    assert (tmp_path / "home" / "tok" / "vqgan.ckpt").is_file() and not (tmp_path / "~").exists()
+    _same_weights(m, VQGAN.from_release("~/tok/vqgan.yaml", "~/tok/vqgan.ckpt"))
+
+
 def test_pretrained_round_trip(rng, tmp_path):
     m = _model(rng)
     m.save_pretrained(tmp_path)

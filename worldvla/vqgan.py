@@ -503,6 +503,7 @@ class VQGAN(nn.Module):
         """
         import yaml
 
+        yaml_path, ckpt_path = os.path.expanduser(yaml_path), os.path.expanduser(ckpt_path)
         with open(yaml_path) as fh:
             doc = yaml.safe_load(fh)
         try:
@@ -539,10 +540,11 @@ class VQGAN(nn.Module):
         from .checkpoint import write_atomic, write_text_atomic
 
         doc = {"model": {"target": _TAMING_TARGET, "params": self.config.to_taming()}}
+        folder = Path(folder).expanduser()  # the folder from_release reads back
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        (Path(folder) / RELEASE_YAML).unlink(missing_ok=True)
-        write_atomic(Path(folder) / RELEASE_CKPT, lambda p: torch.save({"state_dict": sd}, p))
-        write_text_atomic(Path(folder) / RELEASE_YAML, yaml.safe_dump(doc, sort_keys=False))
+        (folder / RELEASE_YAML).unlink(missing_ok=True)
+        write_atomic(folder / RELEASE_CKPT, lambda p: torch.save({"state_dict": sd}, p))
+        write_text_atomic(folder / RELEASE_YAML, yaml.safe_dump(doc, sort_keys=False))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write `model.safetensors`, then `config.json`, each under a temporary name renamed into

@@ -435,7 +435,7 @@ def _store_digest(manifest: dict) -> str | None:
 def _store_fix(started_on, store) -> str:
     """How to resume a run refused on other data: on the store it was started on, or, where that is `store` (rebuilt
     in place since), on that store rebuilt as it was."""
-    if started_on is not None and Path(started_on).resolve() == Path(store).resolve():
+    if started_on is not None and Path(started_on).expanduser().resolve() == Path(store).expanduser().resolve():
         return (f"The token store {store} was rebuilt since the run started: rebuild it from the demos and settings "
                 f"the run was started on")
     return f"Resume with --store {started_on}, the token store it was started on"
@@ -760,7 +760,7 @@ def _export(model, store, out: Path, args):
                 kw["text_tokenizer_json"] = store.text_tokenizer_path
             # kinds: those the model was trained on (samples of them in the store), so that an evaluation can
             # tell an action-only model's world-model scores for what they are
-            extra = {"store": str(Path(args.store).resolve()), "config": args.config,
+            extra = {"store": str(store.path.resolve()), "config": args.config,
                      "kinds": [k for k, n in store.kind_counts().items() if n > 0]}
             # the instructions of its demonstrations: an evaluation can say which tasks the policy never saw
             seen = sorted({text for i in store.manifest.get("inputs", [])
