@@ -2700,7 +2700,8 @@ def test_cross_entropy_rows_name_their_shape_and_each_sides_own_memory(tmp_path,
 
     def side(name, cw):  # which side ran, and the class weights it was given
         ran.append(name)
-        weights.add((name, None if cw is None else (float(cw[3]), round(float(cw[4]), 6))))
+        weights.add((name, None if cw is None else (float(cw[3]), round(float(cw[4]), 6), float(cw[-1]),
+                                                    int((cw != 1).sum()))))
 
     monkeypatch.setattr(CE, "naive_linear_cross_entropy", lambda h, w, y, rows, cw: side("naive", cw)
                         or real_naive(h, w, y, rows, cw))
@@ -2723,7 +2724,9 @@ def test_cross_entropy_rows_name_their_shape_and_each_sides_own_memory(tmp_path,
     rows = json.loads(CE.run(quick=True, device="cpu", out_dir=tmp_path).read_text())["rows"]
     got = {r["impl"]: (r["N"], r["hidden"], r["vocab"], r["peak_bytes"], r["memory_vs_naive"]) for r in rows}
     assert got == {"naive": (128, 256, 8192, 1000, 1.0), "worldvla-fused": (128, 256, 8192, 250, 0.25)}
-    assert weights == {("naive", (1.0, 0.04)), ("fused", (1.0, 0.04))}  # both sides weigh the classes alike
+    # both sides weigh the classes alike, an eighth of the vocabulary (after 4 ids) at the image codes' weight, as
+    # the release's 8192 of 65,536: weights that differ between labels (nearly all 0.04 made them a constant)
+    assert weights == {("naive", (1.0, 0.04, 1.0, 1024)), ("fused", (1.0, 0.04, 1.0, 1024))}
     monkeypatch.setattr(CE, "check_sides", lambda impls, *a: {name: {"matches_reference": True} for name in impls})
     CE.run(quick=False, device="cpu", out_dir=tmp_path)
     assert timed == [(1, 3), (3, 20)]
