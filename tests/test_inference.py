@@ -1518,3 +1518,55 @@ def test_sampling_backend_keeps_a_backend_with_the_sampler_and_else_takes_auto()
     for backend in dispatch.BACKENDS:
         assert sampling_backend(backend) == (backend if backend in have else "auto")
     assert sampling_backend("auto") == "auto"
+
+
+def test_a_step_whose_capture_fails_runs_eagerly_from_then_on(rng, monkeypatch):
+    """A backend that cannot be captured (it syncs or allocates on the host) warns once and runs its steps
+    eagerly: the engine does not try, fail and warn again at every later step."""
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    eng = InferenceEngine(model, 1, prompt.numel() + 4, cuda_graphs=False)
+    eng.prefill([prompt])
+    buf = eng.buffers(1)
+    buf.ids.fill_(LAYOUT.bin_range[0])
+    buf.set_positions(torch.full((1, 1), prompt.numel()))
+    with torch.no_grad():
+        want = eng._forward(buf.ids, buf.pos, buf.meta).clone()
+    fake = _FakeCuda(monkeypatch)
+    tries = []
+
+    def uncapturable(*args, **kwargs):
+        tries.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "graph", uncapturable)
+    eng.device, eng.cuda_graphs = torch.device("cuda:0"), True
+    with pytest.warns(RuntimeWarning, match="capture of the decode step failed.*running eagerly") as caught:
+        for _ in range(3):
+            torch.testing.assert_close(eng.run(buf), want, rtol=0, atol=0)
+    assert len(tries) == 1 and len([w for w in caught if w.category is RuntimeWarning]) == 1
+    assert eng.cuda_graphs is False and buf.graph is None and fake.replays == 0
+
+
+def test_a_prefix_snapshot_of_every_slot_is_restored(rng):
+    """snapshot_prefix takes lengths up to the engine's slots: a snapshot of all of them restores into an engine of
+    as many slots (and rows), giving back every key and value."""
+    eng = _tiny_engine()
+    k, v = torch.randn(eng.cache.k.shape, generator=rng), torch.randn(eng.cache.v.shape, generator=rng)
+    eng.cache.k.copy_(k)
+    eng.cache.v.copy_(v)
+    snap = eng.snapshot_prefix([16, 16])
+    eng.cache.k.zero_()
+    eng.cache.v.zero_()
+    eng.restore_prefix(snap)
+    assert torch.equal(eng.cache.k, k) and torch.equal(eng.cache.v, v)
+
+
+def test_a_row_past_the_engines_last_is_refused_by_name(rng):
+    """Row `batch_size` is one past the last: row_prefix and set_row_prefix name the rows there are rather than
+    fail in torch's indexing."""
+    eng = _tiny_engine(batch_size=2)
+    k, v = eng.row_prefix(1, 4)
+    for call in (lambda: eng.row_prefix(2, 4), lambda: eng.set_row_prefix(2, k, v)):
+        with pytest.raises(ValueError, match=r"row must be an integer in \[0, 2\) \(the engine's batch rows\), got 2"):
+            call()

@@ -1452,6 +1452,17 @@ def test_frames_too_large_for_the_context_are_named_not_the_instruction(policy_d
         release.reset("a")
     with pytest.raises(ValueError, match="the instruction is too long"):  # frames that fit: the instruction is named
         pol.reset("x" * pol.model.config.max_position_embeddings)
+    # An empty query that fills the context exactly leaves no room for any instruction (reset refuses empty ones):
+    # "shorten it" was no fix there either. One position more fits a one-letter instruction, not a two-letter one.
+    least = pol._prompt_capacity(pol._prefix("").numel())
+    pol.model.config.max_position_embeddings = least
+    with pytest.raises(ValueError, match=rf"no instruction fits the model's {least} positions: a query needs {least} "
+                                         rf"with an empty one"):
+        pol.reset("x")
+    pol.model.config.max_position_embeddings = least + 1
+    pol.reset("x")
+    with pytest.raises(ValueError, match=rf"the instruction is too long: a query with it needs {least + 2} "):
+        pol.reset("xy")
 
 
 def test_an_action_dim_written_as_a_string_is_named_as_such(policy_dir, tmp_path):
@@ -1466,3 +1477,97 @@ def test_an_action_dim_written_as_a_string_is_named_as_such(policy_dir, tmp_path
     (folder / "policy.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="action_dim '4' disagrees with the 4 bounds"):
         WorldVLAPolicy.from_pretrained(folder, device="cpu")
+
+
+def test_the_policy_keeps_its_own_copy_of_extra():
+    """`extra` is copied at construction: a caller editing its dict afterwards (one dict for several policies)
+    changes neither the policy's metadata nor what it saves."""
+    extra = {"task": "demo"}
+    pol = WorldVLAPolicy(*_parts(), chunk_size=3, image_size=64, extra=extra)
+    extra["task"] = "other"
+    assert pol.metadata()["extra"] == {"task": "demo"}
+    pol.extra["robot"] = "arm"
+    assert extra == {"task": "other"}
+
+
+def _release_policy(monkeypatch, generated):
+    """A mode='release' policy whose generation returns `generated()` (one Generated per prompt)."""
+    from worldvla.inference import policy as policy_mod
+
+    monkeypatch.setattr(policy_mod, "generate_release_actions", lambda model, prompts, *a, **k: generated()[:len(prompts)])
+    return WorldVLAPolicy(*_parts(), chunk_size=3, image_size=64, mode="release")
+
+
+def test_release_chunks_of_one_length_stack_into_one_array(rng, monkeypatch):
+    """mode='release': a batch whose environments' chunks hold as many actions each is one [N, n, D] array, which
+    step() and the harnesses execute; only chunks of different lengths are a list."""
+    from worldvla.inference.release import Generated
+
+    lo = LAYOUT.bin_range[0]
+    blocks = [[LAYOUT.boa, *range(lo + 1, lo + 5), LAYOUT.eoa], [LAYOUT.boa, *range(lo + 5, lo + 9), LAYOUT.eoa]]
+    gen = [Generated(torch.tensor(sum(blocks, [])), torch.tensor(blocks), False)] * 2
+    pol = _release_policy(monkeypatch, lambda: gen)
+    frames = _frames(rng, 2)
+    pol.reset(["open the drawer", "push the button"])
+    out = pol.act(frames, history=None)
+    want = pol.action_tokenizer.decode(np.array(blocks)).astype(np.float32)
+    assert isinstance(out, np.ndarray) and out.shape == (2, 2, 4)
+    assert np.array_equal(out[0], want) and np.array_equal(out[1], want)
+
+
+def test_step_fails_a_batch_where_any_environments_chunk_holds_a_short_block(rng, monkeypatch):
+    """mode='release', a batch: one environment's chunk goes on into a block the release fails on (fails_after),
+    the other's does not. step() returns the actions before that block, then raises for the batch, as it does
+    for that environment alone; it does not query a new chunk in its place."""
+    from worldvla.inference.release import Generated
+
+    lo = LAYOUT.bin_range[0]
+    block = [LAYOUT.boa, *range(lo + 1, lo + 5), LAYOUT.eoa]
+    gen = [Generated(torch.tensor(block * 2 + [LAYOUT.boa, lo, lo, LAYOUT.eoa]), torch.tensor([block] * 2), False,
+                     True),
+           Generated(torch.tensor(block * 2), torch.tensor([block] * 2), False, False)]
+    calls = []
+    pol = _release_policy(monkeypatch, lambda: calls.append(1) or gen)
+    frames = _frames(rng, 2)
+    pol.reset(["open the drawer", "push the button"])
+    want = pol.action_tokenizer.decode(np.array(block)).astype(np.float32)
+    for _ in range(2):
+        got = pol.step(frames)
+        assert got.shape == (2, 4) and np.array_equal(got, np.stack([want, want]))
+    with pytest.raises(RuntimeError, match="malformed.*fails the episode"):
+        pol.step(frames)
+    assert len(calls) == 1
+    out = pol.act(frames)  # act() keeps no action of the chunk that holds the short block, the other's all
+    assert [c.shape for c in out] == [(0, 4), (2, 4)]
+
+
+def test_clear_caches_drops_the_codes_of_a_vqgan_without_version_counters(rng):
+    """A VQGAN made under torch.inference_mode has inference tensors, which keep no version counter: weights it
+    is given in place there are seen by no cache key, so `clear_caches()` itself drops the frames' codes, and
+    the next query encodes its frame with the new weights."""
+    model, _, at = _parts()
+    torch.manual_seed(0)
+    cfg = VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32, n_embed=64)
+    with torch.inference_mode():
+        vq = VQGAN(cfg).eval()
+        torch.manual_seed(1)
+        new = VQGAN(cfg).eval()
+    assert next(vq.parameters()).is_inference()
+    pol = WorldVLAPolicy(model, vq, at, chunk_size=3, image_size=64)
+    encoded = []
+    real = vq.encode_images
+    vq.encode_images = lambda frames: encoded.append(len(frames)) or real(frames)
+    pol.reset("open the drawer")
+    f0 = _frames(rng)
+    pol.act(f0, history=None)
+    with torch.inference_mode():
+        for a, b in zip([*vq.parameters(), *vq.buffers()], [*new.parameters(), *new.buffers()]):
+            a.copy_(b)
+    pol.act(f0, history=None)
+    assert encoded == [1]  # nothing told the policy of the new weights
+    pol.clear_caches()
+    after = pol.act(f0, history=None)
+    assert encoded == [1, 1]
+    fresh = WorldVLAPolicy(model, new, at, chunk_size=3, image_size=64)
+    fresh.reset("open the drawer")
+    assert np.array_equal(after, fresh.act(f0, history=None))

@@ -371,18 +371,19 @@ class WorldVLAPolicy:
         prefix = self._prefix(instruction).numel()
         n = self._prompt_capacity(prefix)
         limit = self.model.config.max_position_embeddings
+        if n <= limit:
+            return
         least = self._prompt_capacity(self._prefix("").numel())
-        if least > limit:  # no instruction fits: shortening it is no fix
+        if least >= limit:  # an empty query fills the context (reset refuses empty ones): shortening is no fix
             fewer = " or history=1" if self.history == 2 else ""
             tokens = "max_new_tokens" if self.mode == "release" else "chunk_size"
             raise ValueError(f"no instruction fits the model's {limit} positions: a query needs {least} with an empty "
                              f"one ({self.history} frame(s) of {self.image_size} px, {self._image_len} tokens each, "
-                             f"and {self._new_tokens()} generated tokens); use a smaller image_size{fewer}, or a "
-                             f"smaller {tokens}")
-        if n > limit:
-            raise ValueError(f"the instruction is too long: a query with it needs {n} positions (instruction "
-                             f"{prefix} tokens, {self.history} frame(s) and "
-                             f"{self._new_tokens()} generated tokens), more than the model's {limit}; shorten it")
+                             f"and {self._new_tokens()} generated tokens) and more with any other; use a smaller "
+                             f"image_size{fewer}, or a smaller {tokens}")
+        raise ValueError(f"the instruction is too long: a query with it needs {n} positions (instruction {prefix} "
+                         f"tokens, {self.history} frame(s) and {self._new_tokens()} generated tokens), more than the "
+                         f"model's {limit}; shorten it")
 
     def _prefix(self, instruction: str) -> torch.Tensor:
         """BOS + the instruction's text: the prompt's constant prefix, cached per set of instructions."""
