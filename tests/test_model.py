@@ -1470,3 +1470,145 @@ def test_a_prompt_fed_in_pieces_through_the_cache_gives_the_whole_forwards_hidde
     steps = len(_pieces([83], [65], 8, 3)) + len(_pieces([83, 91], [65, 73], 8, 3))  # each prefix over 64 rows
     want = {"decoder_attention_block": 2 * 2, "decoder_layer": 2 * (steps - 2)} if backend == "auto" else {}
     assert {n: calls.count(n) for n in set(calls)} == want
+
+
+# ---------------------------------------------------------------------- config forms, models without a layout
+def _plain_config(**kw):
+    """A small model over a vocabulary of no layout (not the Chameleon size): no chunk rule, no image codes."""
+    base = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=64)
+    return ModelConfig(**{**base, **kw})
+
+
+def test_negative_token_ids_are_refused_naming_the_range():
+    """An id below zero (a -100 label passed as an input) is refused as out of range, naming the ids' range,
+    not failing inside the embedding."""
+    m = WorldVLA(ModelConfig.tiny())
+    with pytest.raises(ValueError, match=rf"token ids out of range \[-100, 5\] for a vocabulary of "
+                                         rf"{m.config.vocab_size}"):
+        m(torch.tensor([[0, -100, 5]]))
+    with pytest.raises(ValueError, match="out of range"):
+        m.loss(torch.tensor([[0, -1, 5]]), torch.tensor([[0, 1, 5]]))
+
+
+def test_a_cached_forward_needs_both_its_positions_and_its_metadata():
+    """With a KV cache, the slots (position_ids) and the decode metadata are both needed: one of them alone is
+    refused by name, not failed on inside the attention."""
+    from worldvla.mask import DecodeMeta
+    from worldvla.model import KVCache
+
+    m = WorldVLA(ModelConfig.tiny()).eval()
+    ids = torch.tensor([[5, 6]])
+    pos = torch.tensor([[0, 1]])
+    dm = DecodeMeta(pos.int(), torch.full((1, 2), -1, dtype=torch.int32), torch.full((1, 4), -1, dtype=torch.int32),
+                    torch.tensor([2], dtype=torch.int32))
+    for kw in (dict(position_ids=pos), dict(decode_meta=dm)):
+        with pytest.raises(ValueError, match="a cached forward needs position_ids and decode_meta"):
+            m.hidden_states(ids, cache=KVCache(m.config, 1, 4), **kw)
+
+
+def test_the_loss_of_a_head_with_a_bias_counts_the_bias():
+    """A head with a bias is not a plain weight: the loss runs it as a module, so its bias is in the logits the
+    loss is taken over (the fused loss reads the weight alone)."""
+    gen = torch.Generator().manual_seed(12)
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=gen)
+    ids, lab = _padded_batch(m, gen, 2)
+    plain, _ = m.loss(ids, lab)
+    head = torch.nn.Linear(m.config.hidden_size, m.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(m.lm_head.weight)
+        head.bias.copy_(torch.randn(m.config.vocab_size, generator=gen))
+    m.lm_head = head
+    loss, z = m.loss(ids, lab)
+    with torch.no_grad():
+        logits = m(ids)[:, :-1].reshape(-1, m.config.vocab_size)
+    y = lab[:, 1:].reshape(-1)
+    ce = torch.nn.functional.cross_entropy(logits, y, weight=loss_class_weights(m.layout, 0.04), ignore_index=-100)
+    lse = torch.logsumexp(logits[y != -100], -1)
+    torch.testing.assert_close(loss, ce + 1e-5 * (lse ** 2).mean(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(loss, plain)
+
+
+def test_a_global_forward_hook_sees_the_head_in_the_loss():
+    """A forward hook registered for every module (torch.nn.modules.module.register_module_forward_hook, as
+    profilers and activation recorders do) sees the head's call in the loss, which then runs the head as a module."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    gen = torch.Generator().manual_seed(13)
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=gen)
+    ids, lab = _padded_batch(m, gen, 2)
+    want, _ = m.loss(ids, lab)
+    seen = []
+    handle = register_module_forward_hook(lambda mod, args, out: seen.append(mod) if mod is m.lm_head else None)
+    try:
+        got, _ = m.loss(ids, lab)
+    finally:
+        handle.remove()
+    assert seen
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("swin_norm", [False, True])
+def test_dropout_acts_on_both_residual_branches_in_training(swin_norm):
+    """In training, the attention's and the MLP's outputs each go through the dropout before they join the
+    residual stream: with the other branch silenced (its output projection zero), two forwards of the same ids
+    differ; in eval mode they are equal."""
+    for silenced in ("mlp", "attn"):
+        gen = torch.Generator().manual_seed(14)
+        m = WorldVLA(ModelConfig.tiny(dropout=0.5, swin_norm=swin_norm)).init_weights(generator=gen)
+        with torch.no_grad():
+            for layer in m.model.layers:
+                (layer.mlp.down_proj if silenced == "mlp" else layer.self_attn.o_proj).weight.zero_()
+        ids = torch.randint(m.layout.text_base, m.config.vocab_size, (1, 12), generator=gen)
+        with torch.no_grad():
+            torch.manual_seed(0)
+            a = m.train()(ids)
+            b = m(ids)
+            assert (a - b).abs().max() > 1e-3, silenced
+            assert torch.equal(m.eval()(ids), m(ids))
+
+
+def test_a_chameleon_sized_vocabulary_without_a_layout_takes_the_chameleon_layout():
+    """A config.json of 65536 ids and no layout of this package's (the release's) is the Chameleon vocabulary:
+    the model gets its layout, and with it the chunk rule and the image-code loss weights; another size without
+    a layout gets none."""
+    cfg = _plain_config(vocab_size=65536)
+    assert cfg.vocab_layout() == VocabLayout.chameleon()
+    assert WorldVLA(cfg).layout == VocabLayout.chameleon()
+    assert _plain_config().vocab_layout() is None and WorldVLA(_plain_config()).layout is None
+
+
+def test_a_model_without_a_layout_attends_causally_and_weighs_every_target_alike():
+    """A vocabulary of no layout has no chunk rule and no image codes: its forward is plain causal attention,
+    its loss the unweighted cross-entropy plus the z term."""
+    gen = torch.Generator().manual_seed(15)
+    m = WorldVLA(_plain_config()).init_weights(generator=gen).eval()
+    ids = torch.randint(0, 300, (2, 20), generator=gen)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    with torch.no_grad():
+        logits = m(ids)
+        torch.testing.assert_close(logits, m(ids, meta=causal_meta(tuple(ids.shape))), rtol=0, atol=0)
+        loss, _ = m.loss(ids, labels)
+    flat, y = logits[:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1)
+    ce = torch.nn.functional.cross_entropy(flat, y, ignore_index=-100)
+    lse = torch.logsumexp(flat[y != -100], -1)
+    torch.testing.assert_close(loss, ce + 1e-5 * (lse ** 2).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_config_takes_a_vocab_layout_object_as_its_dict():
+    """ModelConfig(layout=VocabLayout) stores the layout's dict (the form config.json holds), so the model builds
+    and saves as with layout.to_dict()."""
+    layout = VocabLayout.compact(n_image_codes=64)
+    cfg = _plain_config(vocab_size=layout.vocab_size, layout=layout)
+    assert cfg.layout == layout.to_dict()
+    assert WorldVLA(cfg).layout == layout
+
+
+@pytest.mark.parametrize("n", [0, True, 2.0, -2])
+def test_a_model_parallel_size_that_is_no_count_is_refused_by_name(n):
+    """model_parallel_size is a count of shared rows: 0, a boolean, a float or a negative number is refused naming
+    it, not failed on as a division by zero or built with a row count of true."""
+    with pytest.raises(ValueError, match=rf"model_parallel_size {re.escape(repr(n))} \(the q/k norms' shared affine "
+                                         r"rows\)"):
+        WorldVLA(ModelConfig.tiny(model_parallel_size=n))

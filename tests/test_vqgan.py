@@ -678,7 +678,10 @@ def test_from_release_puts_the_model_on_map_location(rng, tmp_path):
     ("n_embed", 1.5, "n_embed must be a whole number, got 1.5"),
     ("ch_mult", 2, r"ch_mult must be a list of whole numbers \(e.g. \[1, 1, 2, 2, 4\]\), got 2"),
     ("attn_resolutions", 16, "attn_resolutions must be a list of whole numbers"),
-    ("dropout", 2.0, r"dropout must be a probability in \[0, 1\], got 2.0"),
+    ("dropout", 2.0, r"dropout must be a probability in \[0, 1\), got 2.0"),
+    ("dropout", 1.0, r"dropout must be a probability in \[0, 1\), got 1.0"),
+    ("ch", 0, "ch must be >= 1, got 0"),
+    ("ch", -32, "ch must be >= 1, got -32"),
 ])
 def test_config_fields_of_another_type_are_refused_by_name(rng, tmp_path, field, value, message):
     """A yaml or config.json field of the wrong type (a quoted number, one number for a list, a dropout above 1) is
@@ -835,3 +838,169 @@ def test_a_vqgan_saved_to_a_path_under_home_loads_from_it(tmp_path, monkeypatch)
         "config.json", "model.safetensors"]
     got = VQGAN.from_pretrained("~/vq").state_dict()
     assert all(torch.equal(v, got[k]) for k, v in m.state_dict().items())
+
+
+# ---------------------------------------------------------------------- config edges, files, pixels
+def test_an_attn_resolutions_of_null_means_no_attention_blocks():
+    """A yaml or config (transformers' Chameleon one) that says attn_resolutions: null builds the model without
+    attention blocks, as an empty list does, rather than being refused as a list of the wrong type."""
+    c = VQGANConfig(**{**TINY, "attn_resolutions": None})
+    assert c.attn_resolutions == () and c == VQGANConfig(**TINY)
+    assert not any(".attn." in k for k in VQGAN(c).state_dict())
+
+
+@pytest.mark.parametrize("field, value", [("dropout", True), ("n_embed", True), ("ch_mult", [1, True])])
+def test_a_boolean_for_a_number_is_refused_by_name(field, value):
+    """true in a yaml is no size and no dropout rate (Python would take it as 1): refused naming the field."""
+    name = "ch_mult[1]" if field == "ch_mult" else field
+    with pytest.raises(ValueError, match=rf"the VQGAN config's {re.escape(name)} must be a "):
+        VQGANConfig(**{**TINY, field: value})
+
+
+def test_a_one_level_tokenizer_has_a_factor_of_one():
+    """ch_mult of one level is a tokenizer without downsampling: one code a pixel, decoded to as many pixels."""
+    torch.manual_seed(0)
+    m = VQGAN(VQGANConfig(ch=32, ch_mult=(1,), num_res_blocks=1, z_channels=8, embed_dim=8, n_embed=16)).eval()
+    assert m.downsample == 1 and not hasattr(m.encoder.down[0], "downsample")
+    codes = m.encode(torch.rand(1, 3, 3, 2) * 2 - 1)
+    assert codes.shape == (1, 3, 2)
+    assert m.decode(codes).shape == (1, 3, 3, 2)
+
+
+def test_a_new_codebook_starts_as_tamings():
+    """A VQGAN built from scratch draws its codebook uniformly in [-1/n_embed, 1/n_embed], as taming's quantizer
+    does (nn.Embedding's own N(0, 1) would put the entries far from the encoder's first latents)."""
+    torch.manual_seed(0)
+    book = VQGAN(VQGANConfig(**TINY)).codebook.detach()
+    n = TINY["n_embed"]
+    assert float(book.abs().max()) <= 1.0 / n and float(book.abs().max()) > 0.9 / n
+    assert float(book.min()) < -0.9 / n and book.unique().numel() > book.numel() // 2
+
+
+def test_a_size_off_the_factor_names_the_nearest_size_that_fits():
+    """The refusal suggests each side rounded down to the factor (at least the factor itself)."""
+    m = VQGAN(VQGANConfig(**TINY)).eval()
+    for (h, w), fix in (((40, 32), "32x32"), ((8, 52), "16x48"), ((33, 47), "32x32")):
+        with pytest.raises(ValueError, match=rf"image size {h}x{w} .*\(e\.g\. {fix}\)"):
+            m.encode(torch.zeros(1, 3, h, w))
+
+
+def test_no_images_give_no_codes_on_the_models_device():
+    """An empty batch's codes are on the VQGAN's device, as those of any other batch (the meta device stands
+    in for a GPU)."""
+    m = VQGAN(VQGANConfig(**TINY)).to("meta").eval()
+    codes = m.encode(torch.zeros(0, 3, 32, 48))
+    assert codes.device.type == "meta" and codes.shape == (0, 2, 3) and codes.dtype == torch.int64
+
+
+def test_pixels_a_rounding_step_past_the_range_are_taken_and_others_refused(rng):
+    """Values a float rounding step outside [-1, 1] (a resize, a bfloat16 round trip) are tokenized as the edge;
+    values clearly outside (1.05, -1.05) are refused."""
+    m = _model(rng)
+    x = _pixels(rng, 1, 32, 32)
+    x[0, 0, 0, 0], x[0, 1, 0, 0] = 1.0005, -1.0005
+    assert m.encode(x).shape == (1, 2, 2)
+    for bad in (1.05, -1.05):
+        y = x.clone()
+        y[0, 2, 3, 3] = bad
+        with pytest.raises(ValueError, match=r"pixels must lie in \[-1, 1\]"):
+            m.encode(y)
+
+
+def test_complex_codes_are_refused_as_not_integer():
+    """Complex codes are no code ids: refused as not integer, as floating point ones are."""
+    m = VQGAN(VQGANConfig(**TINY)).eval()
+    with pytest.raises(TypeError, match="codes must be an integer tensor"):
+        m.decode(torch.zeros(1, 2, 2, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("key", ["quantize.embedding.cluster_size", "quant_conv.extra.weight",
+                                 "post_quant_conv.extra.weight"])
+def test_weights_under_the_quantizer_and_its_convs_that_the_model_has_no_layer_for_are_refused(rng, tmp_path, key):
+    """The quantizer and the convs around it are the model's own modules too: a checkpoint weight under them
+    that this model has no place for (an EMA quantizer's statistics) is refused naming it, not dropped with a
+    warning."""
+    m = _model(rng)
+    sd = dict(m.state_dict())
+    sd[key] = torch.zeros(3)
+    y, c = _write_release(tmp_path, m, sd)
+    with pytest.raises(ValueError, match=rf"1 weights of the model's own modules that the config has no layer for: "
+                                         rf"{re.escape(key)}"):
+        VQGAN.from_release(y, c)
+
+
+@pytest.mark.parametrize("text", ["", "- 1\n- 2\n", "model: 3\n"])
+def test_a_yaml_that_is_no_mapping_is_refused_naming_the_file(rng, tmp_path, text):
+    """An empty vqgan.yaml, a list, or a model entry that is no mapping is refused as no taming config, naming the
+    file, not with a TypeError."""
+    m = _model(rng)
+    _, c = _write_release(tmp_path, m, dict(m.state_dict()))
+    (tmp_path / "odd.yaml").write_text(text)
+    with pytest.raises(ValueError, match=r"odd.yaml is not a taming VQGAN config"):
+        VQGAN.from_release(tmp_path / "odd.yaml", c)
+
+
+def test_save_release_writes_what_tamings_loader_reads(rng, tmp_path):
+    """vqgan.yaml names taming's VQModel as model.target (instantiate_from_config builds it from there), and
+    vqgan.ckpt keeps the weights under "state_dict" (VQModel.init_from_ckpt reads them there), as the release's
+    files do."""
+    m = _model(rng)
+    m.save_release(tmp_path)
+    doc = yaml.safe_load((tmp_path / "vqgan.yaml").read_text())
+    assert doc["model"]["target"] == "taming.models.vqgan.VQModel"
+    assert doc["model"]["params"]["n_embed"] == TINY["n_embed"] and doc["model"]["params"]["ddconfig"]["ch"] == 32
+    ckpt = torch.load(tmp_path / "vqgan.ckpt", weights_only=True)
+    assert set(ckpt) == {"state_dict"} and ckpt["state_dict"].keys() == m.state_dict().keys()
+
+
+def test_from_pretrained_puts_the_model_on_map_location(rng, tmp_path):
+    """map_location places the model that from_pretrained loads (the meta device: no data is needed to tell where
+    the weights are), in eval mode."""
+    m = _model(rng)
+    m.save_pretrained(tmp_path)
+    loaded = VQGAN.from_pretrained(tmp_path, map_location="meta")
+    assert {p.device.type for p in loaded.parameters()} == {"meta"} and not loaded.training
+
+
+def test_preprocess_refuses_what_is_no_array_naming_its_type():
+    """A nested list of pixels is refused naming its type, not failed on as an array without a dtype."""
+    with pytest.raises(TypeError, match="preprocess takes a PIL image or a uint8 array .*got list"):
+        preprocess([[[0, 0, 0]]])
+
+
+def test_preprocess_takes_flipped_and_strided_views(rng):
+    """A view with negative or uneven strides (img[::-1], a crop of every other column) gives the pixels of
+    its copy."""
+    img = torch.randint(0, 256, (2, 32, 64, 3), dtype=torch.uint8, generator=rng).numpy()
+    for view in (img[:, ::-1], img[..., ::2, :], img[::-1, :, :, ::-1]):
+        assert torch.equal(preprocess(view), preprocess(view.copy()))
+    ro = img.copy()
+    ro.setflags(write=False)
+    assert torch.equal(preprocess(ro), preprocess(img))
+
+
+def test_postprocess_refuses_integer_pixels():
+    """uint8 images given to postprocess (they are already images) are refused, not scaled as if in [-1, 1]."""
+    with pytest.raises(TypeError, match="postprocess wants a floating point tensor"):
+        postprocess(torch.zeros(3, 4, 4, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="postprocess wants a floating point tensor"):
+        postprocess(np.zeros((3, 4, 4), np.float32))
+
+
+@pytest.mark.parametrize("key, default, other", [("resamp_with_conv", True, False), ("give_pre_end", False, True),
+                                                 ("tanh_out", False, True), ("use_linear_attn", False, True)])
+def test_tamings_other_options_load_at_their_default_and_are_refused_otherwise(rng, tmp_path, key, default, other):
+    """A yaml that spells out one of taming's other Encoder/Decoder options at its default builds this model, with
+    no warning; the other value changes the architecture and is refused naming the option."""
+    m = _model(rng)
+    y, c = _write_release(tmp_path, m, dict(m.state_dict()))
+    doc = yaml.safe_load(y.read_text())
+    for value in (default, other):
+        doc["model"]["params"]["ddconfig"][key] = value
+        (tmp_path / f"{value}.yaml").write_text(yaml.safe_dump(doc))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _same_weights(m, VQGAN.from_release(tmp_path / f"{default}.yaml", c))
+    with pytest.raises(ValueError, match=rf"sets {key}: {other!r}, which changes the architecture; only taming's "
+                                         rf"default \({default!r}\)"):
+        VQGAN.from_release(tmp_path / f"{other}.yaml", c)

@@ -73,20 +73,21 @@ class VQGANConfig:
                      "resolution"):
             setattr(self, name, _whole(name, getattr(self, name)))
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) \
-                or not 0.0 <= self.dropout <= 1.0:
-            raise ValueError(f"the VQGAN config's dropout must be a probability in [0, 1], got {self.dropout!r}")
+                or not 0.0 <= self.dropout < 1.0:  # 1 drops every residual branch's output: nothing would train
+            raise ValueError(f"the VQGAN config's dropout must be a probability in [0, 1), got {self.dropout!r}")
         if self.double_z:
             raise ValueError("double_z=True makes the encoder emit a Gaussian (mean, logvar) pair, which a VQ "
                              "model does not use; set double_z=False")
         if len(self.ch_mult) < 1:
             raise ValueError("ch_mult needs at least one level")
+        for name in ("ch", "num_res_blocks", "z_channels", "n_embed", "embed_dim", "in_channels", "out_ch",
+                     "resolution"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"the VQGAN config's {name} must be >= 1, got {getattr(self, name)}")
         for m in self.ch_mult:
             if m < 1 or (self.ch * m) % 32:
                 raise ValueError(f"every level's channel count ch*ch_mult[i] must be a positive multiple of 32 "
                                  f"(GroupNorm uses 32 groups); got ch={self.ch}, ch_mult={self.ch_mult}")
-        for name in ("num_res_blocks", "z_channels", "n_embed", "embed_dim", "in_channels", "out_ch", "resolution"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
     def chameleon(cls) -> "VQGANConfig":
