@@ -3530,3 +3530,121 @@ def test_frames_of_another_one_byte_dtype_are_refused():
         with pytest.raises(ProtocolError, match=rf"^'image' must have dtype uint8, got {np.dtype(dtype)}; send RGB "
                                                 r"frames as uint8 0\.\.255$"):
             check_image(np.zeros((4, 4, 3), dtype))
+
+
+def test_a_reply_whose_actions_are_not_floating_point_is_refused_naming_the_dtype(monkeypatch):
+    """`act` returns float32 chunks: a reply of whole numbers or booleans is refused naming its dtype (a robot would
+    step through them as if they were actions), and float64 or float16 chunks come back as float32 with their
+    values."""
+    chunk = np.arange(K * D, dtype=np.float64).reshape(K, D) / 7
+    replies = [_echo_id({"ok": True, "actions": np.zeros((K, D), dtype)}) for dtype in (np.int64, np.uint8, np.bool_)]
+    floats = [_echo_id({"ok": True, "actions": chunk.astype(dtype)}) for dtype in (np.float64, np.float16)]
+    client, _ = _offline_client(monkeypatch, _FakeConnection([_echo_id({"ok": True}), *replies, *floats]))
+    client.reset("wave")
+    for dtype in ("int64", "uint8", "bool"):
+        with pytest.raises(PolicyServerError, match=rf"server reply's 'actions' have dtype {dtype}, not floating point"):
+            client.act(np.zeros((8, 8, 3), np.uint8))
+    for dtype in (np.float64, np.float16):
+        got = client.act(np.zeros((8, 8, 3), np.uint8))
+        assert got.dtype == np.float32 and got.shape == (K, D) and got.flags.writeable
+        np.testing.assert_array_equal(got, chunk.astype(dtype).astype(np.float32))
+
+
+# ---------------------------------------------------------------- replies: error texts, timing, health
+def test_unknown_field_names_are_shown_whole_up_to_40_characters_and_listed_up_to_eight():
+    """A field name of 40 characters is shown whole and one of 41 cut short; eight unknown fields are all listed,
+    a ninth is counted ('and 1 more') rather than listed."""
+    with PolicyServer(HistoryPolicy()) as server, _raw(server.url) as ws:
+        reply = _ask(ws, packb({"type": "metadata", "a" * 40: 1, "b" * 41: 2}))
+        assert reply["error"].startswith(f"unknown fields '{'a' * 40}', '{'b' * 40}'... (41 characters) in a "
+                                         "'metadata' request; "), reply["error"]
+        eight = {f"x{i}": i for i in range(8)}
+        reply = _ask(ws, packb({"type": "metadata", **eight}))
+        listed = ", ".join(repr(k) for k in eight)
+        assert reply["error"].startswith(f"unknown fields {listed} in a 'metadata' request; "), reply["error"]
+        reply = _ask(ws, packb({"type": "metadata", **eight, "x8": 8}))
+        assert reply["error"].startswith(f"unknown fields {listed} and 1 more in a 'metadata' request; "), \
+            reply["error"]
+
+
+def test_a_payload_over_the_limit_is_named_in_mebibytes():
+    """The refusal of a request over --max-payload-mb states both sizes in MiB (2**20 bytes), the unit of the
+    option."""
+    overhead = len(packb({"type": "metadata", "pad": b"\0" * 2**17})) - 2**17
+    request = packb({"type": "metadata", "pad": b"\0" * (3 * 2**19 - overhead)})
+    assert len(request) == 3 * 2**19
+    with PolicyServer(HistoryPolicy(), max_payload_mb=1.0) as server, _raw(server.url) as ws:
+        assert _ask(ws, request)["error"] == ("payload of 1.50 MiB exceeds the server's limit of 1.00 MiB "
+                                              "(--max-payload-mb); send smaller frames")
+
+
+def test_the_parts_of_a_requests_timing_add_up_to_its_server_time(np_rng, monkeypatch):
+    """'preprocess_ms' is the time from the request's arrival until its frame was ready (a resize), 'queue_ms' the
+    wait for the policy after that, 'policy_ms' the call: together no more than 'server_ms', arrival to reply."""
+
+    def parts(t):
+        return t["preprocess_ms"] + t["queue_ms"] + t["policy_ms"]
+
+    with PolicyServer(HistoryPolicy(delay_s=0.3), max_batch=1, max_wait_ms=1.0) as server, \
+            _robots(server, 2) as (a, b):
+        resize = server._resize_pair
+        monkeypatch.setattr(server, "_resize_pair", lambda image, previous: time.sleep(0.25) or resize(image, previous))
+        a.act(_frame(np_rng, 32, 32))  # resized: a slow preprocess
+        t = a.last_timing
+        assert t["preprocess_ms"] >= 250 and parts(t) <= t["server_ms"] + 0.01, t
+        _together(lambda c: c.act(_frame(np_rng)), [(a,), (b,)])  # one waits for the other's call: a long queue
+        timings = [a.last_timing, b.last_timing]
+        assert max(t["queue_ms"] for t in timings) >= 200, timings
+        assert all(t["preprocess_ms"] < 100 and parts(t) <= t["server_ms"] + 0.01 for t in timings), timings
+
+
+def test_health_reports_the_uptime_in_seconds():
+    t0 = time.monotonic()
+    with PolicyServer(HistoryPolicy()) as server:
+        time.sleep(0.05)
+        uptime = health(server.url)["uptime_s"]
+        assert 0.05 <= uptime <= time.monotonic() - t0 + 0.001, uptime  # rounded to milliseconds
+
+
+
+def test_a_client_cut_off_for_not_reading_does_not_hold_the_shutdown():
+    """The connection of a client that has not read its replies for the request timeout is dropped then, not left
+    to a closing handshake the client cannot take part in: a shutdown right after does not wait for it."""
+    server = PolicyServer(BulkyMetadataPolicy(), request_timeout_s=0.5).start_background()
+    sock = _never_reading_client(server.port, 40)
+    try:
+        _wait_for(lambda: _robot_handlers(server) == 1)
+        _wait_for(lambda: server.health()["connections"] == 0, timeout=5)  # cut off
+        thread, t0 = server._thread, time.monotonic()
+        server.stop_background(timeout=10)
+        assert not thread.is_alive() and time.monotonic() - t0 < 2, time.monotonic() - t0
+    finally:
+        sock.close()
+        server.stop_background()
+
+
+class RecordingPolicy(HistoryPolicy):
+    """Keeps the frames and instructions of every act call."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen: list = []
+
+    def act(self, images, history=None):
+        self.seen.append((images.copy(), list(self.instructions)))
+        return super().act(images, history)
+
+
+def test_the_padding_rows_of_a_batch_repeat_its_last_request(np_rng):
+    """Three robots batched with max_batch=4: the policy gets four rows, the fourth the third's frame and
+    instruction again."""
+    policy = RecordingPolicy()
+    with PolicyServer(policy, max_batch=4, max_wait_ms=3000, request_timeout_s=20) as server, \
+            _robots(server, 3) as clients:
+        _together(lambda c: c.act(_frame(np_rng)), [(c,) for c in clients])
+    assert policy.calls == [4]
+    (images, instructions), = policy.seen
+    assert len({images[i].tobytes() for i in range(3)}) == 3 and sorted(instructions[:3]) == ["robot 0", "robot 1",
+                                                                                               "robot 2"]
+    np.testing.assert_array_equal(images[3], images[2])
+    assert instructions[3] == instructions[2]

@@ -317,7 +317,8 @@ class PolicyClient:
         return episode
 
     def act(self, image: np.ndarray, previous_image: np.ndarray | None = None) -> np.ndarray:
-        """Action chunk [K, D] float32 for one RGB uint8 frame [H, W, 3] (an array of its own, writable)."""
+        """Action chunk [K, D] float32 for one RGB uint8 frame [H, W, 3] (an array of its own, writable). A reply
+        whose actions are not floating point raises `PolicyServerError` naming their dtype."""
         self._check_open()
         if self.episode is None:
             raise RuntimeError("no episode: call reset(instruction) before act() (a reset that was refused or "
@@ -331,8 +332,12 @@ class PolicyClient:
         actions = reply.get("actions")
         if not isinstance(actions, np.ndarray) or actions.ndim != 2:
             raise PolicyServerError(f"server reply has no [K, D] 'actions' array: {type(actions).__name__}")
-        # a copy the caller may change in place (decoded arrays are read-only views of the reply's bytes)
-        return actions if actions.flags.writeable else actions.copy()
+        if actions.dtype.kind != "f":  # whole numbers or booleans are no actions a robot should step through
+            raise PolicyServerError(f"server reply's 'actions' have dtype {actions.dtype}, not floating point: "
+                                    "expected a float32 [K, D] chunk")
+        # float32, as promised, and an array the caller may change in place (decoded arrays are read-only views
+        # of the reply's bytes)
+        return actions if actions.dtype == np.float32 and actions.flags.writeable else actions.astype(np.float32)
 
     def health(self) -> dict:
         """GET /healthz on the same host and port."""
