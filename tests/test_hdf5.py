@@ -1169,19 +1169,6 @@ def test_iter_demo_actions_reads_only_successful_demos_and_names_the_first_step_
         list(iter_demo_actions(path, only_success=True))
 
 
-def test_demo_file_info_refuses_actions_of_one_dimension(tmp_path, np_rng):
-    """A demo whose actions are one value per step ([T], not [T, D]) is refused by the summary as by the readers,
-    naming it, instead of being counted as a demo of T steps."""
-    path = write_demos(tmp_path / "d.hdf5", [random_demo(np_rng, 3, 4, 4, 2, instruction="") for _ in range(2)],
-                       "push")
-    with h5py.File(path, "a") as f:
-        del f["data/demo_1/actions"]
-        f["data/demo_1/actions"] = np.zeros(3, np.float32)
-    with pytest.raises(DemoFormatError, match=re.escape(f"{path}:data/demo_1: actions must be [T, D] (one row per "
-                                                        f"step), got shape (3,)")):
-        demo_file_info(path)
-
-
 def test_an_error_of_the_readers_own_code_is_not_taken_for_a_damaged_file(tmp_path, np_rng, monkeypatch):
     """Only h5py's errors in reading a file's structure are said to be damage: a KeyError raised by the reader's
     own code (a bug) keeps its kind and message, not "the file is damaged, collect it again"."""
@@ -1810,3 +1797,249 @@ def test_drop_noops_records_the_files_step_of_each_kept_step(tmp_path, np_rng):
         check_actions(kept.actions, "x", kept.steps, 8)
     with pytest.raises(DemoFormatError, match=re.escape("x: actions contain NaN or inf (first at step 2 of 5)")):
         check_actions(kept.actions, "x")
+
+
+def test_a_path_beginning_with_a_tilde_is_under_the_home_folder(tmp_path, np_rng, monkeypatch):
+    """A path like "~/demos/d.hdf5" names a file in the user's home folder, as in a shell, for the writer and every
+    reader: it was taken literally, so the writer made a folder named "~" in the working directory and the readers
+    found no file there."""
+    from pathlib import Path
+
+    from worldvla.data import hdf5
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    (home / "demos").mkdir()
+    left = home / "demos" / f".d.hdf5.tmp-{_dead_pid()}-0123456789ab"
+    left.write_bytes(b"partial")
+    assert hdf5.remove_stale_temps("~/demos/d.hdf5") == [left] and not left.exists()
+    assert hdf5.temp_name("~/demos/d.hdf5").parent == home / "demos"
+    demo = random_demo(np_rng, 3, 4, 6, 2, instruction="")
+    target = home / "demos" / "d.hdf5"
+    assert write_demos("~/demos/d.hdf5", [demo], "push") == target
+    assert write_demos(Path("~/demos/d.hdf5"), [demo], "push") == target
+    assert list(work.iterdir()) == [] and sorted(p.name for p in (home / "demos").iterdir()) == ["d.hdf5"]
+    for given in ("~/demos/d.hdf5", Path("~/demos/d.hdf5")):
+        (back,) = read_demos(given)
+        np.testing.assert_array_equal(back.frames, demo.frames)
+        assert [d.name for d in iter_demos(given)] == ["demo_0"]
+        assert demo_file_info(given)["num_demos"] == 1
+        assert [name for name, _ in iter_demo_actions(given)] == ["demo_0"]
+        assert hdf5.reading_record(given)["instruction"] == "push"
+        assert hdf5.looks_like_libero(given) is False and hdf5.frame_turn(given) == hdf5.NO_TURN
+        assert hdf5.first_demo_shape(given) == ((4, 6), 2) and hdf5.frame_key(given) == "agentview_rgb"
+        assert hdf5.rotation_note([given]) is None
+        with hdf5.open_demo_file(given) as f:
+            assert f.filename == str(target)
+    # a file each reader refuses is named by its place in the home folder, not by "~"
+    with h5py.File(home / "other.hdf5", "w") as f:
+        f["images"] = np.zeros(3)
+    readers = {**_every_reader(), "iter_demos": lambda p: next(iter_demos(p)),
+               "first_demo_shape": hdf5.first_demo_shape, "frame_key": hdf5.frame_key}
+    for read in readers.values():
+        with pytest.raises(DemoFormatError, match=f"^{re.escape(str(home / 'other.hdf5'))}: no 'data' group"):
+            read("~/other.hdf5")
+    assert list(work.iterdir()) == []
+
+
+def test_boolean_frames_and_frames_reaching_both_ends_of_minus_one_to_one_get_the_advice_that_keeps_them(tmp_path):
+    """Boolean frames (a mask) lie in [0, 1] and are scaled by 255; float frames reaching exactly -1.0 and 1.0 lie
+    in [-1, 1] and get that scaling, not np.clip, which turns them black."""
+    actions = np.zeros((2, 4), np.float32)
+    mask = np.zeros((2, 4, 4, 3), bool)
+    mask[0, 0, 0] = True
+    with pytest.raises(ValueError, match=re.escape("got dtype bool; they lie in [0, 1]: convert with "
+                                                   "(x * 255).round().astype(np.uint8)")):
+        write_demos(tmp_path / "d.hdf5", [{"frames": mask, "actions": actions}], "push")
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, (2, 4, 4, 3)).astype(np.float32)
+    x[0, 0, 0] = [-1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match=re.escape("they lie in [-1, 1]: convert with ((x + 1) * 127.5).round()")):
+        write_demos(tmp_path / "d.hdf5", [{"frames": x, "actions": actions}], "push")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_demos_takes_integer_and_boolean_actions_as_numbers(tmp_path, np_rng):
+    """Actions of any numeric dtype, booleans (a gripper's open / closed) included, are stored as float32 values."""
+    frames = np_rng.integers(0, 256, size=(2, 4, 4, 3), dtype=np.uint8)
+    flags = np.array([[True, False], [False, True]])
+    path = write_demos(tmp_path / "d.hdf5", [{"frames": frames, "actions": flags},
+                                             {"frames": frames, "actions": np.array([[3, -2], [0, 7]], np.int16)}],
+                       "push")
+    a, b = read_demos(path)
+    np.testing.assert_array_equal(a.actions, [[1.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_array_equal(b.actions, [[3.0, -2.0], [0.0, 7.0]])
+    with h5py.File(path) as f:
+        assert f["data/demo_0/actions"].dtype == np.float32
+
+
+def test_write_demos_refuses_a_success_flag_given_as_bytes(tmp_path, np_rng):
+    """bool(b"False") is True, as bool("False") is: bytes are refused as text is."""
+    demo = random_demo(np_rng, 2, 4, 4, 3, instruction="")
+    with pytest.raises(ValueError, match=re.escape("demo 0: success must be True or False, got the text b'False'")):
+        write_demos(tmp_path / "d.hdf5", [{"frames": demo.frames, "actions": demo.actions, "success": b"False"}],
+                    "push")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("compression", [None, "gzip", "lzf"])
+def test_write_demos_writes_frames_in_chunks_of_sixteen_steps_with_the_compression_asked_for(tmp_path, np_rng,
+                                                                                           compression):
+    """Frames are stored in chunks of at most 16 steps (a reader of a few frames decompresses no more than their
+    chunk), compressed as `compression` says: None stores them uncompressed. The actions are not compressed."""
+    demos = [random_demo(np_rng, 40, 4, 6, 2, instruction=""), random_demo(np_rng, 3, 4, 6, 2, instruction="")]
+    path = write_demos(tmp_path / "d.hdf5", demos, "push", compression=compression)
+    with h5py.File(path) as f:
+        for i, steps in enumerate((16, 3)):
+            frames = f[f"data/demo_{i}/obs/agentview_rgb"]
+            assert frames.chunks == (steps, 4, 6, 3) and frames.compression == compression
+            assert f[f"data/demo_{i}/actions"].compression is None
+    for back, demo in zip(read_demos(path), demos, strict=True):
+        np.testing.assert_array_equal(back.frames, demo.frames)
+
+
+def test_write_demos_records_its_camera_and_uint8_done_flags(tmp_path, np_rng):
+    """`data.attrs["camera"]` names the camera the frames were written for (obs/<camera>_rgb), and `dones` are
+    uint8 [T], as the LIBERO / robomimic layout has them."""
+    path = write_demos(tmp_path / "d.hdf5", [random_demo(np_rng, 3, 4, 4, 2, instruction="")], "push",
+                       camera="wrist")
+    with h5py.File(path) as f:
+        assert f["data"].attrs["camera"] == "wrist" and list(f["data/demo_0/obs"]) == ["wrist_rgb"]
+        dones = f["data/demo_0/dones"]
+        assert dones.dtype == np.uint8 and dones.shape == (3,) and dones[()].tolist() == [0, 0, 1]
+    assert demo_file_info(path)["attrs"]["camera"] == "wrist"
+
+
+def test_a_files_instruction_attribute_is_read_before_libero_problem_info(tmp_path, np_rng):
+    """`data.attrs["instruction"]`, where one is written over LIBERO's problem_info, is the file's instruction."""
+    from worldvla.data.hdf5 import FROM_ATTRIBUTE, reading_record
+
+    path = tmp_path / "libero.hdf5"
+    write_libero_like(path, np_rng, n=1, instruction="put the bowl on the plate")
+    with h5py.File(path, "a") as f:
+        f["data"].attrs["instruction"] = "put the bowl on the stove"
+    assert read_demos(path)[0].instruction == "put the bowl on the stove"
+    assert (demo_file_info(path)["instruction"], demo_file_info(path)["instruction_from"]) == (
+        "put the bowl on the stove", FROM_ATTRIBUTE)
+    assert reading_record(path)["instruction_from"] == FROM_ATTRIBUTE
+
+
+def test_rotation_note_names_three_files_and_counts_the_rest(tmp_path):
+    """Up to three files are named; from a fourth on the rest are counted. With rotated and mirrored files, the
+    mirrored ones are "those of" the files after the rotated ones, and a note of mirrored files alone says "the
+    frames of" them."""
+    from worldvla.data.hdf5 import MIRRORED, ROTATED_180, rotation_note
+
+    files = [tmp_path / f"{c}.hdf5" for c in "abcde"]
+    three = rotation_note(files[:3], turns=[ROTATED_180] * 3)
+    assert "3 demo file(s) (a.hdf5, b.hdf5, c.hdf5) are rotated" in three and "more" not in three
+    five = rotation_note(files, turns=[ROTATED_180] * 5)
+    assert "5 demo file(s) (a.hdf5, b.hdf5, c.hdf5 and 2 more) are rotated" in five
+    both = rotation_note(files[:2], turns=[ROTATED_180, MIRRORED])
+    assert "; those of 1 demo file(s) (b.hdf5) are mirrored left-right" in both
+    assert rotation_note(files[1:2], turns=[MIRRORED]).startswith("note: the frames of 1 demo file(s) (b.hdf5) are "
+                                                                  "mirrored left-right")
+
+
+def test_a_demo_without_a_success_attribute_or_done_flags_is_successful(tmp_path):
+    """A hand-written demo that records neither `success` nor `dones` is taken as successful, so that a store of
+    successful demos keeps it."""
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_group("data").attrs["instruction"] = "push"
+        f["data/demo_0/obs/agentview_rgb"] = np.zeros((2, 4, 4, 3), np.uint8)
+        f["data/demo_0/actions"] = np.ones((2, 3), np.float32)
+    assert [d.success for d in read_demos(path)] == [True] and demo_file_info(path)["success"] == [True]
+    assert [name for name, _ in iter_demo_actions(path, only_success=True)] == ["demo_0"]
+
+
+@pytest.mark.parametrize("shape", [(3,), (3, 0)])
+def test_every_reader_refuses_actions_that_are_not_rows_of_values_naming_the_demo(tmp_path, np_rng, shape):
+    """One value per step ([T]) or rows of no value ([T, 0]) are refused by `iter_demo_actions` and `demo_file_info`
+    as by `read_demos`, naming the demo: [T] failed with numpy's AxisError from the finiteness check, and [T, 0] was
+    handed on (a demo `read_demos` refuses) or, under drop_noops, skipped without a word."""
+    path = write_demos(tmp_path / "d.hdf5", [random_demo(np_rng, 3, 4, 4, 2, instruction="") for _ in range(2)],
+                       "push")
+    with h5py.File(path, "a") as f:
+        del f["data/demo_1/actions"]
+        f["data/demo_1/actions"] = np.zeros(shape, np.float32)
+    message = re.escape(f"{path}:data/demo_1: actions must be [T, D] (one row per step, D >= 1), got shape {shape}")
+    for read in (read_demos, iter_demo_actions, lambda p: iter_demo_actions(p, drop_noops=True), demo_file_info):
+        with pytest.raises(DemoFormatError, match=message):
+            result = read(path)
+            list(result) if not isinstance(result, dict) else result
+
+
+def test_first_demo_shape_refuses_frames_that_are_a_group_naming_them(tmp_path):
+    from worldvla.data.hdf5 import first_demo_shape
+
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_group("data/demo_0/obs/agentview_rgb")
+        f["data/demo_0/actions"] = np.zeros((2, 3), np.float32)
+    with pytest.raises(DemoFormatError, match=re.escape(f"{path}:data/demo_0/obs/agentview_rgb: a group (keys: []), "
+                                                        f"not a dataset")):
+        first_demo_shape(path)
+
+
+def test_reading_record_given_an_instruction_lists_no_demo_instructions(tmp_path, np_rng):
+    """`instruction=` prompts every demo, their own instructions included: the record of such a read lists none of
+    theirs, and says the instruction given is used."""
+    from worldvla.data.hdf5 import reading_record
+
+    demos = [random_demo(np_rng, 2, 4, 4, 2, instruction=t) for t in ("open it", "close it")]
+    path = write_demos(tmp_path / "d.hdf5", demos, "push")
+    assert reading_record(path)["demo_instructions"] == {"demo_0": "open it", "demo_1": "close it"}
+    record = reading_record(path, instruction="lift it")
+    assert record == {"rotation": "none", "instruction": "lift it", "instruction_from": "--instruction",
+                      "uses_file_instruction": True}
+    assert [d.instruction for d in read_demos(path, instruction="lift it")] == ["lift it"] * 2
+
+
+def test_demo_file_info_gives_the_files_attributes_as_python_values(tmp_path, np_rng):
+    """Scalar attributes are Python's int / bool / str, not numpy scalars (which json.dumps refuses)."""
+    path = write_demos(tmp_path / "d.hdf5", [random_demo(np_rng, 2, 4, 4, 2, instruction="")], "push",
+                       attrs={"seed": 5, "noise": 0.25})
+    attrs = demo_file_info(path)["attrs"]
+    assert attrs["upright"] is True and type(attrs["num_demos"]) is int and type(attrs["seed"]) is int
+    assert type(attrs["noise"]) is float
+    assert json.loads(json.dumps(attrs)) == {"seed": 5, "noise": 0.25, "instruction": "push", "num_demos": 1,
+                                             "total": 2, "camera": "agentview", "upright": True}
+
+
+def test_without_a_camera_libero_rgb_frames_are_read_before_robomimic_image_frames(tmp_path, np_rng):
+    """A demo holding agentview frames under both keys is read from `agentview_rgb`, LIBERO's."""
+    rgb, image = (np_rng.integers(0, 256, size=(2, 4, 4, 3), dtype=np.uint8) for _ in range(2))
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_group("data").attrs["instruction"] = "push"
+        f["data/demo_0/obs/agentview_image"] = image
+        f["data/demo_0/obs/agentview_rgb"] = rgb
+        f["data/demo_0/actions"] = np.ones((2, 3), np.float32)
+    np.testing.assert_array_equal(read_demos(path, rotate_180=False)[0].frames, rgb)
+
+
+def test_iter_demos_refuses_names_given_as_bytes(tmp_path, np_rng):
+    """names=b"demo_0" was taken as a collection of its byte values, and no demo was yielded."""
+    path = write_demos(tmp_path / "d.hdf5", [random_demo(np_rng, 2, 4, 4, 2, instruction="")], "push")
+    with pytest.raises(TypeError, match=re.escape("names= is a collection of demo names, got the text b'demo_0'")):
+        next(iter_demos(path, names=b"demo_0"))
+
+
+def test_a_damaged_demo_header_is_named_by_the_demo_with_h5pys_message_unquoted(tmp_path, np_rng):
+    """A damaged object header of a demo's group (h5py's KeyError "Unable to synchronously open object (bad object
+    header version number)") is refused naming the demo, with h5py's message as it reads, not KeyError's quoted
+    form."""
+    path = write_demos(tmp_path / "d.hdf5", [random_demo(np_rng, 3, 4, 4, 2, instruction="") for _ in range(2)],
+                       "push")
+    with h5py.File(path) as f:
+        header = h5py.h5o.get_info(f["data/demo_1"].id).addr
+    raw = bytearray(path.read_bytes())
+    raw[header] = 0xFF  # the header's version number
+    path.write_bytes(bytes(raw))
+    for read in (demo_file_info, read_demos):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:data/demo_1: cannot read the file's structure, "
+                                             rf"it is damaged \(h5py: [A-Z][^']*\); collect or copy the file again"):
+            read(path)

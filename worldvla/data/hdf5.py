@@ -12,6 +12,8 @@ instruction only in `data.attrs["problem_info"]` (JSON, key "language_instructio
 or (the regenerated ones) in their file name; robomimic files name cameras
 `<camera>_image` and keep no instruction (their env_args' env_name is the guess;
 `iter_demos(instruction=...)` gives one); both are read as well.
+
+A path given to the writer or a reader may begin with `~` (the user's home folder, as in a shell).
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def _h5py():
 def open_demo_file(path):
     """`path` opened read-only with h5py; a file that is not HDF5 (or is cut short) is refused naming it."""
     h5py = _h5py()
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():  # a folder of demo files where one file is read: name a few of them
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".hdf5", ".h5") and p.is_file())
         if not found:
@@ -265,7 +267,7 @@ def temp_name(path) -> Path:
     names the writing process, so that `remove_stale_temps` can tell a killed writer's file from a running one's)."""
     from ..checkpoint import sibling_name
 
-    return sibling_name(Path(path), "tmp")
+    return sibling_name(Path(path).expanduser(), "tmp")
 
 
 def remove_stale_temps(path) -> list[Path]:
@@ -274,7 +276,7 @@ def remove_stale_temps(path) -> list[Path]:
     is writing (an earlier process's of the same pid). A running process's are kept. Returns the files removed."""
     from ..checkpoint import process_running, sibling_files
 
-    path = Path(path)
+    path = Path(path).expanduser()
     removed = []
     for *_, pid, p in sibling_files(path, "tmp"):
         if p not in _UNFINISHED and (pid == os.getpid() or not process_running(pid)):
@@ -317,7 +319,7 @@ def write_demos(path, demos: Iterable, instruction: str, camera: str = "agentvie
                              f"pass the instruction and camera as arguments, or give the attribute another name")
     if isinstance(demos, (Demo, Mapping)):  # one demo: iterating it would yield its fields (or fail) as demos
         raise TypeError(f"demos must be an iterable of demos, got one {type(demos).__name__}; pass [demo]")
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():  # found before the demos are written, not at the rename after them
         raise IsADirectoryError(f"{path} is a folder; give write_demos a file path such as {path / 'demos.hdf5'}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -549,14 +551,19 @@ def _settled_frame_key(g, key: str | None, camera: str | None, where: str, first
     return key
 
 
+def _check_action_shape(where: str, shape) -> None:
+    """Refuse actions (the shape of an array, or of the h5py dataset before it is read) that are not [T, D], D >= 1."""
+    if shape is None or len(shape) != 2 or shape[1] == 0:
+        raise DemoFormatError(f"{where}: actions must be [T, D] (one row per step, D >= 1), got shape {shape}")
+
+
 def _check_steps(where: str, frames, actions: np.ndarray) -> None:
     """Refuse a demo whose frames (an array, or the h5py dataset before it is read) and actions do not make one
     uint8 frame [H, W, 3] per action row."""
     shape = frames.shape or ()  # None: an h5py dataset without a dataspace
     if len(shape) != 4 or shape[-1] != 3 or frames.dtype != np.uint8:
         raise DemoFormatError(f"{where}: frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
-    if actions.ndim != 2 or actions.shape[1] == 0:
-        raise DemoFormatError(f"{where}: actions must be [T, D] (one row per step, D >= 1), got shape {actions.shape}")
+    _check_action_shape(where, actions.shape)
     if frames.shape[0] != len(actions):
         raise DemoFormatError(f"{where}: {frames.shape[0]} frames but {len(actions)} actions")
     if len(actions) == 0:
@@ -645,7 +652,7 @@ def looks_like_libero(path) -> bool:
     """Whether the demo file at `path` is read as one of LIBERO's: `iter_demos` then turns its frames to the
     release's view (`frame_turn`) unless told not to (rotate_180=False), and pretokenize's `--action-bounds auto`
     gives its 7-D actions the release's fixed LIBERO bounds."""
-    path = Path(path)
+    path = Path(path).expanduser()
     with open_demo_file(path) as f, _damage_named(path):
         return _libero_like(_open_data(f, path))
 
@@ -653,7 +660,7 @@ def looks_like_libero(path) -> bool:
 def frame_turn(path, rotate_180: bool | None = None) -> str:
     """How `iter_demos(path, rotate_180=rotate_180)` turns the file's frames: ROTATED_180 (`[:, ::-1, ::-1]`),
     MIRRORED (`[:, :, ::-1]`: LIBERO's files with macros_image_convention "opencv") or NO_TURN."""
-    path = Path(path)
+    path = Path(path).expanduser()
     with open_demo_file(path) as f, _damage_named(path):
         return _turn(_open_data(f, path), rotate_180, path)
 
@@ -672,7 +679,7 @@ def rotation_note(files, rotate_180: bool | None = None, option: str = "--rotate
     `rotation`), so the files are not opened again for them."""
     if rotate_180 is not None:
         return None
-    files = [Path(f) for f in files]
+    files = [Path(f).expanduser() for f in files]
     if turns is None:
         turns = [frame_turn(f) for f in files]
     elif len(turns) != len(files):
@@ -728,7 +735,7 @@ def iter_demos(path, camera: str | None = None, rotate_180: bool | None = None,
         raise TypeError(f"names= is a collection of demo names, got the text {names!r}; pass {{{names!r}}}")
     if names is not None:
         names = set(names)  # a generator would be used up by the first demo's test
-    path = Path(path)
+    path = Path(path).expanduser()
     # h5py's errors in reading the file's structure are named by the file, and in a demo's by the demo; the demos
     # are yielded outside the demo's block (what the caller does with one is not the file's doing).
     with open_demo_file(path) as f, _damage_named(path):
@@ -769,7 +776,7 @@ def first_demo_shape(path, camera: str | None = None, only_success: bool = False
     drop_noops=drop_noops)` yields (the first successful one if `only_success`), from its frames' dataset shape
     and its actions, without reading frames; None when it yields none. The layout of the demos up to it is checked
     as `iter_demos` checks it (their frames' bytes are not read)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     with open_demo_file(path) as f, _damage_named(path):
         data = _open_data(f, path)
         for _, g, where, key in _demo_groups(data, path, camera):
@@ -792,7 +799,7 @@ def frame_key(path, camera: str | None = None) -> str | None:
     """The obs key `iter_demos(path, camera=camera)` reads the file's frames from, settled at its first demo
     (`<camera>_rgb`, `<camera>_image` or `<camera>`; without a camera, agentview's or the first camera's); None when
     the file holds no demo. A camera the first demo lacks is refused (DemoFormatError), as `iter_demos` refuses it."""
-    path = Path(path)
+    path = Path(path).expanduser()
     with open_demo_file(path) as f, _damage_named(path):
         return next((key for *_, key in _demo_groups(_open_data(f, path), path, camera)), None)
 
@@ -800,7 +807,7 @@ def frame_key(path, camera: str | None = None) -> str | None:
 def iter_demo_actions(path, only_success: bool = False, drop_noops: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     """(name, actions) of the demos of `path` that `iter_demos` yields, with the steps it keeps, without reading
     frames; only_success: only the successful ones. Their actions that are not finite are refused naming the demo."""
-    path = Path(path)
+    path = Path(path).expanduser()
     with open_demo_file(path) as f, _damage_named(path):
         data = _open_data(f, path)
         for name in _demo_names(data):
@@ -811,8 +818,7 @@ def iter_demo_actions(path, only_success: bool = False, drop_noops: bool = False
                 if only_success and not _demo_success(g):
                     continue
                 actions = _read_dataset(g, "actions", where).astype(np.float64, copy=False)
-            if actions.ndim != 2:
-                raise DemoFormatError(f"{where}: actions must be [T, D] (one row per step), got shape {actions.shape}")
+            _check_action_shape(where, actions.shape)
             check_actions(actions, where)
             if drop_noops:
                 actions = actions[steps_without_noops(actions)]
@@ -832,7 +838,7 @@ def demo_file_info(path) -> dict:
     demo's ordinal in its file is its place here), steps, success flags (`success`: one per demo, from its
     attribute, or LIBERO's last `dones` flag), instruction (and where it came from: a FROM_* name) and the `data`
     attributes. Raises like `read_demos` on a bad layout (a demo without actions: naming it) or a damaged file."""
-    path = Path(path)
+    path = Path(path).expanduser()
     with open_demo_file(path) as f, _damage_named(path):
         data = _open_data(f, path)
         names = _demo_names(data)
@@ -843,8 +849,7 @@ def demo_file_info(path) -> dict:
                 g = data[n]
                 _check_actions_present(g, where)
                 shape = g["actions"].shape
-                if shape is None or len(shape) != 2:
-                    raise DemoFormatError(f"{where}: actions must be [T, D] (one row per step), got shape {shape}")
+                _check_action_shape(where, shape)
                 steps.append(int(shape[0]))
                 success.append(_demo_success(g))
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in data.attrs.items()}
@@ -859,7 +864,7 @@ def reading_record(path, rotate_180: bool | None = None, instruction: str | None
     (a FROM_* name: GUESSED ones are guesses, FROM_NOWHERE none), `uses_file_instruction` (whether some demo takes
     it) and `demo_instructions` ({demo: text} of the demos whose own instruction differs; absent when none)."""
     _check_override(instruction)
-    path = Path(path)
+    path = Path(path).expanduser()
     with open_demo_file(path) as f, _damage_named(path):
         data = _open_data(f, path)
         if instruction is not None:
