@@ -1027,3 +1027,207 @@ def test_under_torchrun_each_ranks_closing_line_names_its_rank(tmp_path, monkeyp
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith(who) and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------------- further pins of the command line
+def test_a_negative_number_is_refused_naming_the_bound_and_the_text():
+    for fn in (cli.non_negative_float, cli.unit_float):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"must be (>= 0|in \[0, 1\]), got -0.5$"):
+            fn("-0.5")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^must be >= 0, got -1$"):
+        cli.non_negative_float("-1")
+
+
+def test_only_the_chosen_commands_module_builds_its_options(monkeypatch):
+    """`worldvla --help`, `worldvla` alone and an unknown command import no command's module (torch takes seconds
+    to load); `worldvla collect ...` imports collect's alone; `build_parser()` with no choice builds every one."""
+    import sys
+    import types
+
+    built = []
+    for name in ("collect", "info"):
+        module = f"worldvla._stand_in_{name.replace('-', '_')}"
+        monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(
+            add_arguments=lambda p, name=name: built.append(name) or p.add_argument("--flag", action="store_true"),
+            run=lambda args: 0))
+        monkeypatch.setitem(cli.COMMANDS, name, (module, f"{name} (test stand-in)"))
+    for argv in ([], ["--help"], ["xyzzy"]):
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+    assert built == []
+    assert main(["collect", "--flag"]) == 0 and built == ["collect"]
+    built.clear()
+    parser = cli.build_parser()
+    assert sorted(built) == ["collect", "info"]
+    assert parser.parse_args(["info", "--flag"]).flag is True
+
+
+@pytest.mark.parametrize("command,module,argv,says", [
+    ("collect", "worldvla.data.collect", ["--out", "o"], "finished task files are kept"),
+    ("pretokenize", "worldvla.data.store", ["d", "--out", "o", "--vqgan", "v"], "finished shards are kept"),
+    ("eval", "worldvla.eval.metaworld", ["--policy", "p", "--tasks", "reach-v3", "--out", "o"],
+     "finished closed loops are kept"),
+    ("eval-libero", "worldvla.eval.libero", ["--policy", "p", "--out", "o"], "finished episodes are kept"),
+    ("demo", "worldvla.demo", ["--fast"], "finished stages are kept"),
+])
+def test_ctrl_c_says_what_each_command_keeps(command, module, argv, says, monkeypatch, capsys):
+    _interrupt(module, monkeypatch)
+    err = _main_interrupted([command, *argv], capsys)
+    assert err == f"worldvla {command}: interrupted; run the same command again to continue: {says}", err
+
+
+def test_ctrl_c_in_a_command_that_keeps_nothing_is_interrupted_alone(monkeypatch, capsys):
+    """A command with no way to continue (info, serve) ends on "interrupted", with no advice after it."""
+    _interrupt("worldvla.info", monkeypatch)
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err.strip() == "worldvla info: interrupted"
+
+
+def test_ctrl_c_under_torchrun_names_the_rank(monkeypatch, capsys):
+    _interrupt("worldvla.demo", monkeypatch)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["demo", "--fast"]) == 130
+    assert capsys.readouterr().err.strip().startswith("worldvla demo (rank 1 of 2): interrupted; run the same")
+
+
+def test_a_command_stopped_by_sigterm_exits_143_saying_how_to_continue(monkeypatch, capsys):
+    """A command that ends its work early on SIGTERM (cli.Stopped) prints its message and the way on, and exits
+    with SIGTERM's status, as a process that SIGTERM ended."""
+    def stopped(args):
+        raise cli.Stopped("stopped by SIGTERM in train after step 7, which is saved")
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    monkeypatch.setattr(importlib.import_module("worldvla.demo"), "run", stopped)
+    assert main(["demo", "--fast"]) == 143 == cli.STOPPED_RC
+    assert capsys.readouterr().err.strip() == ("worldvla demo: stopped by SIGTERM in train after step 7, which is "
+                                               "saved; run the same command again to continue: finished stages are "
+                                               "kept")
+
+
+def test_the_command_for_the_rest_of_the_benchmarks(monkeypatch):
+    """bench's default --out is left out of the command for the rest; a Ctrl-C after the last benchmark finished
+    leaves no rest, and `worldvla bench` with no names would run every benchmark: it says to rerun instead."""
+    def how(**kw):
+        return cli.how_to_continue(argparse.Namespace(**{"command": "bench", "quick": False, "device": None,
+                                                         "out": "benchmarks/results", **kw}))
+
+    assert how(finished=["vq"], remaining=["sampling"]) == ("vq finished, results in benchmarks/results; run the rest "
+                                                            "with: worldvla bench sampling")
+    assert how(finished=["vq", "sampling"], remaining=[]) == ("vq, sampling finished, results in benchmarks/results; "
+                                                              "run the same command again to rerun the benchmarks")
+
+
+def test_a_module_not_found_error_without_a_name_keeps_its_traceback(monkeypatch):
+    """A ModuleNotFoundError that names no module says nothing of what to install: it is shown as raised, not
+    turned into an AttributeError of the check."""
+    def failing(args):
+        raise ModuleNotFoundError("a module is missing")
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    monkeypatch.setattr(importlib.import_module("worldvla.info"), "run", failing)
+    with pytest.raises(ModuleNotFoundError, match="a module is missing"):
+        main(["info"])
+
+
+def test_an_unknown_option_before_or_without_a_command_is_refused(capsys):
+    """An option the top level does not take, alone, is argparse's one error; before a command, the command (whose
+    options are known) names it."""
+    with pytest.raises(SystemExit) as e:
+        main(["--frobnicate"])
+    assert e.value.code == 2
+    assert "worldvla: error: unrecognized arguments: --frobnicate" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--frobnicate", "info", "--json"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "worldvla info: error: unrecognized arguments: --frobnicate; `worldvla info --help`" in err, err
+    # A command whose list positional takes words after its options (bench's names) parses them again: the unknown
+    # option before the command is named once, not once for each parse.
+    with pytest.raises(SystemExit) as e:
+        main(["--foo", "bench", "vq", "--quick", "sampling"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "worldvla bench: error: unrecognized arguments: --foo (--foo: did you mean --out?)" in err, err
+
+
+def test_a_misspelt_option_is_named_with_its_value_when_nothing_required_is_missing(capsys):
+    """`imagine p --outt x`: the policy (a required positional) is given; argparse's usual refusal names the
+    misspelt option and the word after it."""
+    with pytest.raises(SystemExit) as e:
+        main(["imagine", "p", "--outt", "x"])
+    assert e.value.code == 2
+    assert ("worldvla imagine: error: unrecognized arguments: --outt x (--outt: did you mean --out?)"
+            in capsys.readouterr().err)
+
+
+def test_required_options_given_as_name_equals_value_count_as_given(monkeypatch, tmp_path):
+    """`--out=s --vqgan=v` names --out and --vqgan: the check for a misspelt required option reads the name."""
+    from worldvla.data import store
+
+    seen = []
+    monkeypatch.setattr(store, "run", lambda args: seen.append(args) or 0)
+    assert main(["pretokenize", "a.hdf5", f"--out={tmp_path / 's'}", "--vqgan=v"]) == 0
+    assert seen[0].out == str(tmp_path / "s") and seen[0].vqgan == "v"
+
+
+def test_an_out_is_used_as_named_spaces_included(monkeypatch, tmp_path):
+    """Only a blank --out is refused; a name with spaces at its ends names that folder, not a trimmed one."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    outs = []
+    monkeypatch.setattr(importlib.import_module("worldvla.eval.imagine"), "run", lambda args: outs.append(args.out))
+    assert main(["imagine", "p", "--out", " run "]) == 0
+    assert outs == [" run "]
+
+
+def test_a_broken_pipe_of_the_commands_own_with_stdout_open_is_one_error_line(tmp_path):
+    """Only a reader that closed stdout ends the command quietly: a broken pipe of the command's own (a worker's),
+    with stdout still read, is an error line and exit status 2."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from worldvla import bench; from worldvla.cli import main\n"
+             "def gone(args): raise BrokenPipeError(32, 'Broken pipe')\n"
+             "bench.run = gone; sys.exit(main(['bench', 'vq']))")
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env={k: v for k, v in __import__("os").environ.items() if k != "WORLDVLA_TRACEBACK"})
+    assert p.returncode == 2 and "worldvla bench: error: [Errno 32] Broken pipe" in p.stderr, p.stderr
+
+
+def test_a_world_size_that_is_no_number_names_no_rank(monkeypatch, capsys):
+    """RANK set beside a WORLD_SIZE that is empty or no number: the closing line is the plain one, not a
+    ValueError raised while it is written."""
+    def bad(args):
+        raise ValueError("bad input")
+
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    monkeypatch.setattr(importlib.import_module("worldvla.info"), "run", bad)
+    monkeypatch.setenv("RANK", "0")
+    for world in ("", "two"):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert main(["info"]) == 2
+        assert capsys.readouterr().err.startswith("worldvla info: error: bad input"), world
+
+
+def test_an_error_with_the_stdout_reader_gone_is_still_an_error_line(tmp_path):
+    """Only a broken pipe ends quietly when the reader of stdout has gone: a command that fails on a missing file
+    meanwhile says so on stderr and exits 2."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys; from worldvla import bench; from worldvla.cli import main\n"
+             "def missing(args): raise FileNotFoundError(2, 'No such file or directory', 'demos.hdf5')\n"
+             "bench.run = missing; sys.exit(main(['bench', 'vq']))")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        p = subprocess.run([sys.executable, "-c", probe], stdout=write, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                           env={k: v for k, v in os.environ.items() if k != "WORLDVLA_TRACEBACK"}, timeout=120)
+    finally:
+        os.close(write)
+    assert p.returncode == 2 and "worldvla bench: error: [Errno 2] No such file or directory: 'demos.hdf5'" in p.stderr, \
+        p.stderr

@@ -310,7 +310,7 @@ def _reparse_intermixed(parser: argparse.ArgumentParser, argv: list[str], args, 
         args, later = sub.parse_known_intermixed_args(rest, argparse.Namespace(command=args.command))
     except TypeError:  # a parser argparse cannot parse intermixed
         return args, unknown
-    return args, [*argv[:at], *bad, *later]
+    return args, [*bad, *later]  # the words before the command are options, the unknown of them in `bad`
 
 
 def main(argv=None) -> int:
