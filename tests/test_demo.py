@@ -1437,3 +1437,259 @@ def test_a_changed_setting_reruns_its_stage_and_the_later_ones_only(tmp_path, mo
         results = demo.run_demo(replace(cfg, **changed), tmp_path, progress=False)
         assert _ran(seen) == ran, changed
         assert [s for s, v in results["stages"].items() if not v["cached"]] == ran, changed
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", True, r"--lr must be a number > 0, got True"),
+    ("vq_lr", "0.001", r"DemoConfig.vq_lr must be a number > 0, got '0.001'"),
+    ("lr", float("inf"), r"--lr must be a number > 0, got inf"),
+])
+def test_a_learning_rate_that_is_not_a_number_is_refused_naming_it(field, value, message):
+    """True is no learning rate (the trainer's parser would get "--lr True"), nor is a string or infinity."""
+    from worldvla import demo
+
+    with pytest.raises(ValueError, match=message):
+        demo.DemoConfig.fast_preset(**{field: value}).check()
+
+
+@pytest.mark.parametrize("field", ["workers", "episodes"])
+def test_demo_config_names_the_option_of_a_setting_the_command_line_takes(field):
+    """From Python, a setting that `worldvla demo` has an option for is named by that option, as on the command
+    line (--workers, not DemoConfig.workers)."""
+    from worldvla import demo
+
+    with pytest.raises(ValueError, match=rf"^--{field} must be >= 1, got 0$"):
+        demo.DemoConfig.fast_preset(**{field: 0}).check()
+
+
+def test_collect_starts_no_more_workers_than_episodes(tmp_path, monkeypatch):
+    """The collection's worker processes are the demo's --workers, but never more than the episodes to collect
+    (each idle one would still start a simulator)."""
+    from worldvla import demo
+    from worldvla.data import collect
+
+    seen = {}
+    monkeypatch.setattr(collect, "collect",
+                        lambda *a, **k: seen.update(k) or {"incomplete": [], "errors": [], "tasks": {}})
+    demo.stage_collect(demo.DemoConfig.fast_preset(workers=5), tmp_path, False)  # 1 task x 2 episodes
+    assert seen["workers"] == 2
+    demo.stage_collect(demo.DemoConfig.fast_preset(workers=3, tasks=("reach-v3", "push-v3")), tmp_path, False)
+    assert seen["workers"] == 3  # 4 episodes: every worker has one
+
+
+@pytest.mark.parametrize("n, shown, more", [(3, 3, False), (4, 3, True)])
+def test_a_failed_collection_names_its_first_three_errors(tmp_path, monkeypatch, n, shown, more):
+    """The one-line message of attempts that raised names the first three errors, and marks with "; ..." that there
+    were more only when there were."""
+    from worldvla import demo
+    from worldvla.data import collect
+
+    errors = [f"reach-v3 episode 0 attempt {a}: RuntimeError: failure {a}" for a in range(n)]
+    monkeypatch.setattr(collect, "collect", lambda *a, **k: {"incomplete": ["reach-v3"], "errors": errors})
+    with pytest.raises(demo.CollectionFailed) as e:
+        demo.stage_collect(demo.DemoConfig.fast_preset(), tmp_path, False)
+    msg = str(e.value)
+    assert f"{n} attempt(s) raised errors ({'; '.join(errors[:shown])}{'; ...' if more else ''}): fix" in msg, msg
+    assert all(err not in msg for err in errors[shown:])
+
+
+def test_a_vqgan_training_stopped_by_sigterm_ends_the_demo_saying_where(tmp_path, monkeypatch):
+    """A SIGTERM inside the VQGAN training ends it after a saved step, with no export: the demo stops there naming
+    the stage and the step (the next run resumes it), not with "finished without exporting a VQGAN"."""
+    from worldvla import demo
+    from worldvla.cli import Stopped
+    from worldvla.train import vq as train_vq
+
+    monkeypatch.setattr(train_vq, "train_vq", lambda args: {"step": 5, "export": None, "stopped": True})
+    with pytest.raises(Stopped, match=r"^stopped by SIGTERM in train-vq after step 5, which is saved$"):
+        demo.stage_train_vq(demo.DemoConfig.fast_preset(), tmp_path, False, False)
+
+
+def _trainer_args(monkeypatch, tmp_path, cfg):
+    """The parsed arguments each training stage gives its trainer for `cfg` (each trainer stopped at its entry)."""
+    from worldvla import demo
+    from worldvla.train import trainer
+    from worldvla.train import vq as train_vq
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(name):
+        def stop(args):
+            seen[name] = args
+            raise Stop()
+        return stop
+
+    monkeypatch.setattr(trainer, "train", record("train"))
+    monkeypatch.setattr(train_vq, "train_vq", record("vq"))
+    with pytest.raises(Stop):
+        demo.stage_train_vq(cfg, tmp_path, False, False)
+    with pytest.raises(Stop):
+        demo.stage_train(cfg, tmp_path, False, False)
+    return seen["vq"], seen["train"]
+
+
+def test_the_trainings_run_on_the_cpu_with_the_demos_schedule(tmp_path, monkeypatch):
+    """What the demo sets in its trainers beyond its own settings: the CPU, one checkpoint kept, a checkpoint a third
+    of the way but at least every 50 steps, the WorldVLA's loss logged every step (first and final loss are read
+    from the log) after a 5% warm-up, and the VQGAN's warm-up a tenth of its steps (1 to 100), its usage average
+    fast (0.9) and dead codes restarted every 20 steps, so that a short run keeps its small codebook in use."""
+    from worldvla import demo
+
+    vq, train = _trainer_args(monkeypatch, tmp_path, demo.DemoConfig.fast_preset(vq_steps=30, train_steps=12))
+    assert (vq.device, vq.config, vq.keep_last, vq.save_every, vq.warmup) == ("cpu", "small", 1, 50, 3)
+    assert (vq.usage_decay, vq.restart_every, vq.log_every) == (0.9, 20, 10)
+    assert (train.device, train.keep_last, train.save_every, train.warmup, train.log_every) == ("cpu", 1, 50, 0.05, 1)
+    for vq_steps, warmup in ((5, 1), (600, 60), (3000, 100)):
+        vq, _ = _trainer_args(monkeypatch, tmp_path, demo.DemoConfig.fast_preset(vq_steps=vq_steps))
+        assert vq.warmup == warmup, vq_steps
+
+
+def test_the_store_holds_both_sample_kinds_of_unit_bounds_with_two_frames_of_history(tmp_path, monkeypatch):
+    """The store's key does not depend on --action-only, so it holds both sample kinds either way (a later run
+    without --action-only reuses it; the trainer picks the kinds), each with the frame before the current one,
+    actions scaled by the unit bounds of Meta-World, and replaces a store of other settings."""
+    from worldvla import demo
+    from worldvla.data import store
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def build_store(files, out, vqgan, **kw):
+        seen.update(kw)
+        raise Stop()
+
+    monkeypatch.setattr(store, "build_store", build_store)
+    for world in (True, False):
+        seen.clear()
+        with pytest.raises(Stop):
+            demo.stage_pretokenize(demo.DemoConfig.fast_preset(world=world), tmp_path, False)
+        assert {k: seen[k] for k in ("history", "action", "world", "bounds", "overwrite")} == {
+            "history": 2, "action": True, "world": True, "bounds": "unit", "overwrite": True}, world
+
+
+def test_a_training_resumed_after_logging_its_last_step_reports_the_last_loss_logged(tmp_path, monkeypatch):
+    """A run killed after logging its final step but before saving it resumes from its last checkpoint and logs the
+    steps after it again: the final loss is the one logged last, the rerun's, not the killed run's."""
+    from worldvla import demo
+    from worldvla.train import trainer
+
+    cfg = demo.DemoConfig.fast_preset()
+    last = cfg.train_steps
+
+    def fake_train(args):
+        run = Path(args.out)
+        run.mkdir(parents=True, exist_ok=True)
+        rows = [{"step": s, "loss": 10.0 - s} for s in range(1, last + 1)] + [{"step": last, "loss": 0.5}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "policy").mkdir(exist_ok=True)
+        (run / "policy" / "policy.json").write_text("{}")
+        return {"export": str(run / "policy")}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    info = demo.stage_train(cfg, tmp_path, False, resume=True)
+    assert info["first_loss"] == 9.0 and info["final_loss"] == 0.5
+
+
+def test_a_demo_folder_whose_config_file_is_gone_is_still_the_demos(tmp_path, monkeypatch):
+    """A folder holding stages/ is a demo's even without its demo_config.json (deleted, or lost in a copy): the demo
+    runs there again instead of refusing its own policy/ and metrics.json as another command's."""
+    from worldvla import demo
+
+    seen = []
+    _stub_stages(monkeypatch, seen)
+    cfg = demo.DemoConfig.fast_preset()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    (tmp_path / "demo_config.json").unlink()
+    seen.clear()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    assert seen == [] and (tmp_path / "demo_config.json").is_file()  # every stage cached
+
+
+@pytest.mark.parametrize("name", ["demos", "vq", "store", "train", "train_action_only", "train_causal", "policy",
+                                  "policy_action_only", "policy_causal", "eval", "metrics.json"])
+def test_demo_refuses_a_folder_holding_any_name_it_writes(tmp_path, monkeypatch, name, capsys):
+    """Each name the demo writes into --out (and so replaces) makes a folder that is not a demo's refused."""
+    from worldvla import demo
+
+    seen = []
+    _stub_stages(monkeypatch, seen)
+    out = tmp_path / "other"
+    out.mkdir()
+    if "." in name:
+        (out / name).write_text("{}")
+    else:
+        (out / name).mkdir()
+    assert demo.main(["--fast", "--out", str(out), "--no-progress"]) == 2
+    assert f"--out {out} holds files that are not a worldvla demo's ({name})" in capsys.readouterr().err
+    assert seen == [] and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_the_evaluations_results_are_kept_once_not_in_its_stage_record(tmp_path, monkeypatch):
+    """metrics.json reports the evaluation under "eval"; its stage record (in metrics.json and its marker under
+    stages/) keeps no second copy of it, as the trainings' records keep what they report."""
+    from worldvla import demo
+
+    seen = []
+    _stub_trainer_and_evaluation(monkeypatch, seen)
+    demo.run_demo(demo.DemoConfig.fast_preset(), tmp_path, progress=False)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["eval"]["variants"]["WorldVLA"]["success_rate"] == 0.5
+    assert m["stages"]["evaluate"]["info"] == {} and m["stages"]["train"]["info"]["first_loss"] == 9.0
+    assert json.loads((tmp_path / "stages" / "evaluate.json").read_text())["info"] == {}
+
+
+def test_the_stages_that_run_simulator_workers_say_their_cpu_time_is_not_counted(tmp_path, monkeypatch, capsys):
+    """The CPU seconds printed for a stage are this process's: collect and evaluate say that their simulator
+    workers' are not in them; the stages without workers do not."""
+    from worldvla import demo
+
+    seen = []
+    _stub_all_stages(monkeypatch, seen)
+    demo.run_demo(demo.DemoConfig.fast_preset(), tmp_path, progress=False)
+    done = [ln for ln in capsys.readouterr().out.splitlines() if ": done in " in ln]
+    assert [ln.split(":")[0].split()[-1] for ln in done] == ["collect", "train-vq", "pretokenize", "train", "evaluate"]
+    for ln in done:
+        workers = ln.split(":")[0].endswith(("collect", "evaluate"))
+        assert ln.endswith("CPU-s in this process; the simulator workers' not counted)") == workers, ln
+        assert ln.endswith("CPU-s in this process)") != workers, ln
+
+
+def test_a_stage_marker_without_its_seconds_is_reported_cached(tmp_path, monkeypatch, capsys):
+    """A marker that holds its key but not the seconds its stage took still marks the stage cached, reported without
+    a time (not a crash formatting None)."""
+    from worldvla import demo
+
+    seen = []
+    _stub_all_stages(monkeypatch, seen)
+    cfg = demo.DemoConfig.fast_preset()
+    demo.run_demo(cfg, tmp_path, progress=False)
+    marker = tmp_path / "stages" / "collect.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "seconds"}))
+    seen.clear()
+    capsys.readouterr()
+    results = demo.run_demo(cfg, tmp_path, progress=False)
+    assert seen == [] and results["stages"]["collect"] == {"cached": True, "seconds": 0.0, "original_seconds": None}
+    assert "[worldvla demo] collect: cached\n" in capsys.readouterr().out
+
+
+def test_the_demos_defaults_are_the_ones_its_help_states():
+    """The epilog of `worldvla demo --help` spells out the default run; the defaults are that run, and the default
+    output folder is the one its first example names."""
+    import argparse
+
+    from worldvla import demo
+
+    d = demo.DemoConfig()
+    assert (len(d.tasks), d.episodes, d.image_size, d.vq_codes, d.vq_steps, d.vq_batch) == (3, 30, 64, 256, 300, 12)
+    assert (d.model, d.train_steps, d.batch_tokens, d.chunk_size) == ("small", 900, 1536, 5)
+    assert (d.eval_episodes, d.eval_max_steps, d.wm_episodes, d.wm_horizon) == (10, 150, 2, 8)
+    for stated in ("3 tasks x 30 expert demos at 64x64 px, a 256-code VQGAN (300 steps of 12 frames)",
+                   "900 steps of 1,536 tokens", "chunks\nof K=5", "10 evaluation episodes per task", "(150 steps max)",
+                   "2 held-out expert rollouts\nper task (8 imagined steps)", "the default run into ./worldvla_demo"):
+        assert stated in demo.EPILOG, stated
+    assert demo.add_arguments(argparse.ArgumentParser()).parse_args([]).out == "./worldvla_demo"

@@ -1267,3 +1267,158 @@ def test_recorded_frames_are_the_rotated_frames_the_policy_saw():
     for i, frame in enumerate(r["frames"]):
         np.testing.assert_array_equal(frame, env.raw_frames[1 + libero.SETTLE_STEPS + i][::-1, ::-1])
     np.testing.assert_array_equal(r["frames"][2], pol.calls[1][0])  # the second query's frame
+
+
+def test_a_negative_task_id_is_refused_not_taken_for_a_task_from_the_end():
+    """-1 is no task of a suite: it is refused naming it, not run as the suite's last task (Python's index)."""
+    rng = np.random.default_rng()
+    envs = [FakeLiberoEnv(rng=rng), FakeLiberoEnv(rng=rng)]
+    with pytest.raises(ValueError, match=r"task ids \[-1\] are outside this suite's 0..1"):
+        libero.evaluate_suite(RecordingPolicy(rng=rng), FakeSuite(envs, max_steps=2), episodes=1, tasks=[0, -1],
+                              progress=False)
+    assert all(e.init_state is None for e in envs)  # no episode ran
+
+
+def test_a_task_whose_episodes_are_all_reused_builds_no_environment(tmp_path):
+    """A LIBERO environment takes seconds to build (a MuJoCo scene and its renderer): a task whose asked episodes
+    were all saved runs none and builds none; a task with an episode left builds its own once."""
+    rng = np.random.default_rng()
+
+    class Counting(FakeSuite):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.made = []
+
+        def make_env(self, task_id):
+            self.made.append(task_id)
+            return super().make_env(task_id)
+
+    def run(episodes):
+        suite = Counting([FakeLiberoEnv(rng=rng), FakeLiberoEnv(rng=rng)], max_steps=2)
+        libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=episodes, out_dir=tmp_path, progress=False,
+                              policy_fingerprint="same policy files", tasks=[0] if episodes == 1 else None)
+        return suite.made
+
+    assert run(1) == [0]
+    assert run(1) == []  # everything asked for is saved
+    assert run(2) == [0, 1]  # task 0 has its second episode to run, task 1 both
+
+
+def test_a_policy_without_metadata_is_evaluated_without_a_bounds_check(tmp_path):
+    """The harness takes any policy object with reset and act: one without `metadata()` names no bounds, so none are
+    checked (and its saved results are keyed without metadata); it was not refused for the missing method."""
+    rng = np.random.default_rng()
+
+    class Bare(RecordingPolicy):  # RecordingPolicy's metadata() hidden: hasattr(policy, "metadata") is False
+        metadata = property(lambda self: (_ for _ in ()).throw(AttributeError("metadata")))
+
+    bare = Bare(rng=rng)
+    assert not hasattr(bare, "metadata")
+    libero.check_bounds(bare)
+    suite = FakeSuite([FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 1)], max_steps=3)
+    res = libero.evaluate_suite(bare, suite, episodes=1, out_dir=tmp_path, progress=False,
+                                policy_fingerprint="policy files")
+    assert res["success_rate"] == 1.0 and res["key"] == libero._results_key(suite, bare, "policy files")
+
+
+def test_bounds_that_differ_by_more_than_rounding_are_refused():
+    """LIBERO's bounds read back through float32 (a checkpoint's metadata) are the same bounds; bounds off by a
+    thousandth are other bounds, whose de-normalized actions are off by as much."""
+    pol = RecordingPolicy()
+    as_float32 = [float(x) for x in np.asarray(LIBERO_MAX, np.float32)]
+    pol.metadata = lambda: {"action_low": list(LIBERO_MIN), "action_high": as_float32}
+    libero.check_bounds(pol)
+    high = list(LIBERO_MAX)
+    high[0] += 1e-3
+    pol.metadata = lambda: {"action_low": list(LIBERO_MIN), "action_high": high}
+    with pytest.raises(ValueError, match="not the release's fixed LIBERO bounds"):
+        libero.check_bounds(pol)
+
+
+def test_eval_libero_names_the_first_episode_error_when_every_episode_erred(tmp_path, monkeypatch, capsys):
+    """Every episode ended on an error, each task on its own: the closing line names the first one (task 0's), the
+    one to fix first, not the last task's."""
+    rng = np.random.default_rng()
+
+    class Env(FakeLiberoEnv):
+        def __init__(self, message, **kw):
+            super().__init__(**kw)
+            self.message = message
+
+        def set_init_state(self, state):
+            raise RuntimeError(self.message)
+
+    suite = FakeSuite([Env("scene 0 failed to load", rng=rng), Env("scene 1 failed to load", rng=rng)], max_steps=2)
+    assert _run_eval_libero(tmp_path, monkeypatch, RecordingPolicy(rng=rng), suite, "--episodes", "1") == 1
+    err = capsys.readouterr().err
+    assert "(first: task 0, episode 0: RuntimeError: scene 0 failed to load)" in err, err
+
+
+def test_eval_libero_ends_with_the_suites_rate_over_its_tasks_and_episodes(tmp_path, monkeypatch, capsys):
+    """The closing line: the suite, its success rate in percent, and the tasks and episodes it is over; each task's
+    line before it, its rate in percent and its instruction."""
+    rng = np.random.default_rng()
+    suite = FakeSuite([FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 1), FakeLiberoEnv(rng=rng)],
+                      max_steps=2)
+    assert _run_eval_libero(tmp_path, monkeypatch, RecordingPolicy(rng=rng), suite, "--episodes", "2") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3:] == ["task  0  100.0%  do task 0", "task  1    0.0%  do task 1",
+                          "fake_suite: 50.0% over 2 tasks x 2 episodes"], lines
+
+
+def test_a_libero_whose_own_import_fails_is_named_with_what_to_install(tmp_path, monkeypatch, capsys):
+    """LIBERO present but its `libero.libero` failing to import (robosuite missing, as after a plain pip install of
+    LIBERO) is reported with the install hint, as a missing LIBERO is, by the suite and in the command's one line."""
+    import argparse
+    import sys
+
+    root = tmp_path / "site"
+    (root / "libero" / "libero").mkdir(parents=True)
+    (root / "libero" / "__init__.py").write_text("")
+    (root / "libero" / "libero" / "__init__.py").write_text("import robosuite_not_installed_here\n")
+    monkeypatch.syspath_prepend(str(root))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.yaml").write_text("bddl_files: /libero/bddl_files\n")
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "cfg"))
+    for name in [m for m in sys.modules if m == "libero" or m.startswith("libero.")]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        with pytest.raises(ImportError, match=r"^LIBERO is not installed\. .*pip install -e LIBERO.*"
+                                              r"\(No module named 'robosuite_not_installed_here'\)$"):
+            libero.LiberoSuite("libero_goal")
+        args = libero.add_arguments(argparse.ArgumentParser()).parse_args(
+            ["--policy", str(tmp_path / "p"), "--out", str(tmp_path / "out")])
+        assert libero.run(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("worldvla eval-libero: LIBERO is not installed.") and "pip install -e LIBERO" in err
+    finally:
+        for name in [m for m in sys.modules if m == "libero" or m.startswith("libero.")]:
+            del sys.modules[name]
+
+
+def test_eval_libero_fingerprints_a_policy_folder_given_under_home(tmp_path, monkeypatch):
+    """`--policy ~/p` (a tilde the shell left, as in --policy=~/p) keys the results by the files in the home folder's
+    p: fingerprinted as a folder named '~' that does not exist, a retrained policy there got the same key and was
+    reported with the old weights' episodes."""
+    import argparse
+    import json
+
+    from worldvla import inference
+    from worldvla.eval.metaworld import _policy_fingerprint
+
+    home = tmp_path / "home"
+    (home / "p").mkdir(parents=True)
+    (home / "p" / "policy.json").write_text("{}")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng()
+    policy = RecordingPolicy(rng=rng)
+    suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=2)
+    monkeypatch.setattr(libero, "_require_libero", lambda: None)
+    monkeypatch.setattr(libero, "LiberoSuite", lambda name, resolution: suite)
+    monkeypatch.setattr(inference.WorldVLAPolicy, "from_pretrained", lambda *a, **k: policy)
+    args = libero.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--policy", "~/p", "--out", str(tmp_path / "out"), "--no-progress", "--episodes", "1"])
+    assert libero.run(args) == 0
+    key = json.loads((tmp_path / "out" / libero.RESULTS).read_text())["key"]
+    assert key == libero._results_key(suite, policy, _policy_fingerprint(home / "p"))
