@@ -935,3 +935,126 @@ def test_nonfinite_value_at_a_key_in_the_rows_limit_block_cpu(rng):
     in decode row by row (5 rows) and tiled (40 rows)."""
     _check_nonfinite_value_at_key_9(rng, [(slice(30, 40), 0), (slice(40, None), 1)], 3, float("nan"), slice(9, 40),
                                     [[5, 12, 30, 39, 40], list(range(5, 45))])
+
+
+# --------------------------------------------------------------------------- CPU: checks and launch plans
+def test_ptx_runs_on_the_capability_it_was_built_for():
+    """PTX ("-virtual") code runs on its own compute capability as well as on every newer one; a build for
+    "80-virtual" alone must not call an sm_80 GPU unsupported."""
+    assert nb.arch_runs_on("80-virtual", 8, 0) is True
+    assert nb.arch_runs_on("90-virtual", 9, 0) is True
+    assert nb.arch_runs_on("86-virtual", 8, 0) is False
+    assert nb.arch_runs_on("90a-virtual", 9, 0) is True
+
+
+def test_a_driver_of_the_runtimes_major_version_but_an_older_minor_runs_it(monkeypatch):
+    """Within one CUDA major version, minor-version compatibility lets an older driver run the runtime: a
+    12.8 build on a 12.4 driver is no problem; a 12.8 build on an 11.8 driver is, and both versions are named."""
+    monkeypatch.setattr(nb._C, "cuda_archs", "90a-real", raising=False)
+    monkeypatch.setattr(nb._C, "cuda_runtime_version", 12080, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
+    try:
+        monkeypatch.setattr(nb._C, "cuda_driver_version", lambda: 12040, raising=False)
+        nb.arch_problem.cache_clear()
+        assert nb.driver_problem() is None and nb.arch_problem(0) is None
+        monkeypatch.setattr(nb._C, "cuda_driver_version", lambda: 11080, raising=False)
+        nb.arch_problem.cache_clear()
+        msg = nb.arch_problem(0)
+        assert "built with CUDA 12.8" in msg and "driver supports CUDA 11.8" in msg and "CUDA 12.0 or newer" in msg
+    finally:
+        nb.arch_problem.cache_clear()
+
+
+def test_tensors_on_two_devices_are_named_each_with_its_device(rng):
+    """The device error names the tensor that is elsewhere with its device, and the first one with its own."""
+    meta = causal_meta((1, 16))
+    q, k, v = qkv(rng, (1, 16), 2, 1, 8)
+    with pytest.raises(ValueError, match=r"k is on meta but q is on cpu"):
+        nb.masked_attention(q, k.to("meta"), v, meta)
+    with pytest.raises(ValueError, match=r"v is on meta but q is on cpu"):
+        nb.masked_attention(q, k, v.to("meta"), meta)
+
+
+def test_no_kv_heads_is_refused_by_name(rng):
+    """k and v with no heads are refused as a bad head count (a ValueError, so `supports` declines and `auto`
+    moves on), not a ZeroDivisionError from the divisibility check."""
+    meta = causal_meta((1, 16))
+    q, k, v = qkv(rng, (1, 16), 2, 1, 8)
+    k0, v0 = k[:, :, :0], v[:, :, :0]
+    with pytest.raises(ValueError, match=r"kv heads \(0\) must divide q heads \(2\)"):
+        nb.masked_attention(q, k0, v0, meta)
+    assert "kv heads (0)" in nb._attention_supports(q, k0, v0, meta).reason
+    dm = DecodeMeta(torch.zeros(1, 1, dtype=torch.int32), torch.full((1, 1), -1, dtype=torch.int32),
+                    torch.full((1, 16), NO_BLOCK, dtype=torch.int32), torch.ones(1, dtype=torch.int32))
+    assert not nb._decode_supports(q[:, :1], k0, v0, dm)
+
+
+def test_steps_of_up_to_the_plan_rows_split_as_one_row(monkeypatch):
+    """decode_splits plans steps of up to DECODE_PLAN_QUERIES rows as a one-row step (the split of the cache is
+    the mask plan's); a step of one row more is planned from its own rows."""
+    from worldvla.mask import DECODE_PLAN_QUERIES
+
+    monkeypatch.setattr(nb, "_sm_count", lambda device: 4)
+    k = torch.empty(1, 1024, 1, 64)
+    one, plan, more = (nb.decode_splits(torch.empty(1, Q, 8, 64), k)
+                       for Q in (1, DECODE_PLAN_QUERIES, DECODE_PLAN_QUERIES + 1))
+    assert one == plan == (8, 128)  # one CTA: eight splits give the 4 SMs two each
+    assert more == (1, 1024)  # 9 row groups of 16 rows already give the SMs two CTAs each
+
+
+def _fake_cuda(*shapes_and_dtypes):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    try:
+        with mode:
+            return mode, [torch.empty(s, dtype=d, device="cuda") for s, d in shapes_and_dtypes]
+    except (RuntimeError, AssertionError) as err:  # a torch without CUDA support
+        pytest.skip(f"fake CUDA tensors are not available here: {err}")
+
+
+def test_cuda_launch_of_too_many_heads_is_refused_before_it():
+    """The CUDA prefill puts sequences and heads on grid dimensions of at most 65535: more q heads are refused
+    by the checks (here on fake CUDA tensors, as torch.compile traces them), naming both counts."""
+    bf16, i32 = torch.bfloat16, torch.int32
+    mode, (q, k, meta) = _fake_cuda(((1, 16, 65536, 64), bf16), ((1, 16, 1, 64), bf16), ((1, 16), i32))
+    with mode, pytest.raises(ValueError, match="at most 65535 sequences and heads per launch, got 1 and 65536"):
+        nb.masked_attention_op(q, k, k, meta, meta, None, 16, 0.125)
+    mode, (q, k, meta) = _fake_cuda(((1, 16, 65535, 64), bf16), ((1, 16, 1, 64), bf16), ((1, 16), i32))
+    with mode:
+        assert nb.masked_attention_op(q, k, k, meta, meta, None, 16, 0.125).shape == q.shape
+
+
+def _decode_case(rng, B=3, Q=2, H=4, Hkv=2, D=16, S=40):
+    q = torch.randn(B, Q, H, D, generator=rng)
+    k, v = torch.randn(B, S, Hkv, D, generator=rng), torch.randn(B, S, Hkv, D, generator=rng)
+    q_pos = torch.randint(S // 2, S, (B, Q), generator=rng).int()
+    q_limit = torch.randint(-1, 4, (B, Q), generator=rng).int()
+    return q, k, v, q_pos, q_limit
+
+
+def test_decode_kv_block_rows_of_a_wider_tensor_cpu(rng):
+    """kv_block only needs unit column stride: rows of a wider tensor (a cache's block table with spare
+    columns) are read at their own row stride, giving the bits of a contiguous copy."""
+    B, S = 3, 40
+    q, k, v, q_pos, q_limit = _decode_case(rng, B=B, S=S)
+    wide = torch.randint(0, 4, (B, S + 8), generator=rng).int()
+    kv_len = torch.full((B,), S, dtype=torch.int32)
+    view = DecodeMeta(q_pos, q_limit, wide[:, :S], kv_len)
+    assert view.kv_block.stride(0) == S + 8
+    copy = DecodeMeta(q_pos, q_limit, wide[:, :S].contiguous(), kv_len)
+    out = nb.decode_attention(q, k, v, view)
+    assert torch.equal(out, nb.decode_attention(q, k, v, copy))
+    assert_close_rule(out, decode_attention_ref(q.double(), k.double(), v.double(), copy),
+                      decode_attention_ref(q, k, v, copy), "kv_block rows of a wider tensor", FP32_FLOOR)
+
+
+def test_decode_kv_len_must_be_contiguous(rng):
+    """kv_len is read as B consecutive int32s: a strided view is refused by name, not read past its values."""
+    B, S = 2, 40
+    q, k, v, q_pos, q_limit = _decode_case(rng, B=B, S=S)
+    kv_len = torch.tensor([S, 3, S, 3], dtype=torch.int32)[::2]
+    meta = DecodeMeta(q_pos, q_limit, torch.full((B, S), NO_BLOCK, dtype=torch.int32), kv_len)
+    with pytest.raises(ValueError, match="kv_len must be contiguous"):
+        nb.decode_attention(q, k, v, meta)
+    assert not nb._decode_supports(q, k, v, meta)

@@ -977,3 +977,68 @@ def test_direct_calls_of_no_sequences_or_no_rows_do_nothing():
     assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
     assert run.stdout.splitlines() == ["step 0 1 True", "step 1 0 True", "step 0 0 True", "frame 1 False True",
                                        "frame 2 False True", "frame 1 True True"], run.stdout
+
+
+@pytest.mark.usefixtures("cpu_width")
+def test_rows_up_to_the_one_call_limit_do_not_depend_on_the_row_count(rng):
+    """Up to NATIVE_MAX_ROWS rows a layer is one native call, whose rows are each the same bits alone as among
+    the others; a step of exactly NATIVE_MAX_ROWS rows is still that call (torch's GEMM, past it, rounds
+    otherwise)."""
+    from worldvla.ops.projection import NATIVE_MAX_ROWS
+
+    model = _model(rng, hidden_size=48, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1)
+    layer = model.model.layers[0]
+    B, Q = 2, NATIVE_MAX_ROWS // 2
+    x, pos, meta, cache = _step(rng, model.config, B, Q, S=2 * Q + 11, chunk=True)  # rows hide each other
+    together, _ = _run(layer, x, pos, meta, copy.deepcopy(cache), 0, native=True)
+    for b in range(B):
+        for i in range(Q):
+            one = DecodeMeta(meta.q_pos[b:b + 1, i:i + 1].contiguous(), meta.q_limit[b:b + 1, i:i + 1].contiguous(),
+                             meta.kv_block[b:b + 1].contiguous(), meta.kv_len[b:b + 1].contiguous())
+            sub = copy.deepcopy(cache)
+            sub.k, sub.v = cache.k[:, b:b + 1].clone(), cache.v[:, b:b + 1].clone()
+            alone, _ = _run(layer, x[b:b + 1, i:i + 1].contiguous(), pos[b:b + 1, i:i + 1].contiguous(), one, sub, 0,
+                            native=True)
+            assert torch.equal(alone, together[b:b + 1, i:i + 1]), (b, i)
+
+
+def test_a_sampled_frame_refuses_top_k_0_before_any_native_call():
+    """decode_frame's draws keep the top_k best codes: 0 would keep none, and is refused by name before a step
+    is touched (the steps here are never reached)."""
+    rows, h, w, lo, hi = 2, 2, 3, 10, 40
+    codes = torch.zeros(rows, h * w, dtype=torch.long)
+    next_pos = torch.zeros(rows, dtype=torch.long)
+    weight = torch.randn(50, 8)
+    noise = torch.zeros(w, rows, hi - lo)
+    for top_k in (0, -2):
+        with pytest.raises(ValueError, match=f"top_k must be >= 1 \\(or None for the whole range\\), got {top_k}"):
+            nb.decode_frame(None, None, weight, lo, hi, codes, next_pos, h, w, 0, 1, w, noise, top_k)
+
+
+def test_bf16_copies_need_every_low_half_zero(rng):
+    """bfloat16 copies stand in for the float32 projections only where widening them back is exact: one value
+    with any of its low 16 bits set (here the lowest, then bit 8) takes the copies away."""
+    model = _model(rng)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    assert nb.bf16_projections(model) is not None
+    w = model.model.layers[0].self_attn.k_proj.weight
+    for bit in (0x1, 0x100):
+        with torch.no_grad():
+            w.copy_(w.bfloat16().float())
+            w.view(torch.int32)[3, 5] |= bit
+        assert nb.bf16_projections(model) is None, hex(bit)
+
+
+@pytest.mark.usefixtures("native_first")
+def test_a_bfloat16_models_step_refuses_bf16_weights(rng):
+    """bf16_weights stand in for a float32 model's projections; a bfloat16 model's projections are streamed
+    as they are, and copies handed to its step are refused by name."""
+    model = _model(rng, num_hidden_layers=1).to(torch.bfloat16)
+    engine = _prefilled(model, 2, PROMPT_LEN + 4, rng)
+    buf = _set_step(engine, *_random_step(rng, 2, 2, chunk=False))
+    with torch.no_grad():
+        own = [w.clone() for i, w in enumerate(nb._layer_weights(model.model.layers[0])) if i in nb._PROJECTION_SLOTS]
+        with pytest.raises(ValueError, match="bf16_weights are for float32 models"):
+            nb.build_decode_step(model, engine.cache, buf.ids, buf.pos, buf.meta, bf16_weights=own)

@@ -290,3 +290,24 @@ def test_linear_under_autocast_is_autocasts_linear(rng, monkeypatch):
             ops.linear(x, w, backend="native")
     assert want.dtype == got.dtype == torch.bfloat16
     assert torch.equal(got, want)
+
+
+def test_a_handed_out_kernel_passes_inputs_that_need_gradients_to_torch(rng, monkeypatch):
+    """A forward resolves the linear once, on its first projection; a later projection whose weight needs
+    gradients (an unfrozen layer further in) goes through torch's linear from the handed-out function, so
+    its gradient is F.linear's, and the forward-only kernel is not called."""
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("linear", "cpu"), ("native", "torch"))
+    frozen, x = torch.randn(16, 8, generator=rng), torch.randn(3, 8, generator=rng)
+    with torch.no_grad():
+        fn = ops.resolve_linear(x, frozen)
+    assert fn is nb._dispatched_linear
+    calls = []
+    monkeypatch.setattr(nb._C, "linear", lambda *a, f=nb._C.linear: calls.append(a) or f(*a))
+    w = torch.randn(16, 8, generator=rng, requires_grad=True)
+    g = torch.randn(3, 16, generator=rng)
+    y = fn(x, w)
+    assert torch.equal(y, F.linear(x, w)) and y.requires_grad
+    (y * g).sum().backward()
+    torch.testing.assert_close(w.grad, g.t() @ x)
+    assert not calls
+    assert torch.equal(fn(x, frozen), nb.linear(x, frozen)) and len(calls) == 2  # frozen: the kernel

@@ -81,6 +81,35 @@ def test_screen_tables_follow_the_range_of_one_weight(rng):
         assert torch.equal(nb.range_argmax_op(hidden, weight, lo, hi), _unscreened(hidden, weight, lo, hi)), (lo, hi)
 
 
+
+def test_screen_tables_follow_the_end_of_a_range(rng):
+    """Two ranges of one weight from the same first row but of different lengths are screened each with its own
+    rows: the tables of the shorter one would leave the longer range's last rows out of the screen."""
+    V, H = 3000, 16
+    weight = torch.randn(V, H, generator=rng)
+    hidden = torch.randn(4, H, generator=rng)
+    weight[2900] = hidden[0] * 4.0  # row 0's best code, past the shorter range's end
+    for hi in (2100, 3000, 2100):
+        w16, colmax = nb.screen_tables(weight, 0, hi)
+        assert w16.shape == (hi, H) and torch.equal(w16, weight[:hi].bfloat16())
+        assert torch.equal(colmax, weight[:hi].abs().amax(0))
+        ids = nb.range_argmax_op(hidden, weight, 0, hi)
+        assert torch.equal(ids, _unscreened(hidden, weight, 0, hi)), hi
+        assert (int(ids[0]) == 2900) == (hi == 3000)
+
+
+def test_a_range_whose_values_overflow_bfloat16_is_not_screened(rng):
+    """A float32 value beyond bfloat16's range would be an infinity in the screen's copies: such a range gets no
+    tables (None) and its greedy ids are the float32 ones."""
+    V, H = 2500, 16
+    weight = torch.randn(V, H, generator=rng)
+    hidden = torch.randn(3, H, generator=rng)
+    weight[7, 3] = torch.finfo(torch.float32).max  # finite in float32, rounds to inf in bfloat16
+    assert not torch.isfinite(weight[7].bfloat16()).all()
+    assert nb.screen_tables(weight, 0, V) is None
+    assert nb.screen_tables(weight, 8, V) is not None  # the rows after it screen as usual
+    assert torch.equal(nb.range_argmax_op(hidden, weight, 0, V), _unscreened(hidden, weight, 0, V))
+
 def _close_calls(rng):
     """A frame-sized range (8,192 codes of 9,000) whose rows hold the cases a bfloat16 screen must get
     right: for hidden row 0 an exact tie at the top (rows top and top + 7: the first wins) and a row a few

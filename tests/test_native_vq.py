@@ -255,6 +255,43 @@ def test_vq_gather_refuses_codes_that_are_not_integers(rng):
                            cb[1][None, :, None, None].expand(1, 8, 2, 3))
 
 
+
+def test_vq_on_no_rows_takes_any_strides():
+    """An empty input has nothing to load, so its strides are not checked: no rows of a strided view give no
+    codes, as on every other backend."""
+    z, cb = torch.empty(0, 16)[:, ::2], torch.randn(5, 8)
+    assert z.stride(-1) == 2
+    out = nb.vq_quantize(z, cb)
+    assert out.shape == (0,) and out.dtype == torch.int64
+    assert nb._vq_quantize_supports(z, cb)
+
+
+def test_vq_code_split_counts_a_partial_row_tile_as_a_cta(monkeypatch):
+    """vq_code_split gives every SM about two CTAs: 200 rows make two CTAs of up to 128 rows (the second one
+    partial), so 4 SMs take four codebook splits, not the eight that one CTA would need."""
+    monkeypatch.setattr(nb, "_sm_count", lambda device: 4)
+    cb = torch.empty(1024, 8)
+    assert nb.vq_code_split(torch.empty(128, 8), cb) == (8, 128)
+    assert nb.vq_code_split(torch.empty(200, 8), cb) == (4, 256)
+    assert nb.vq_code_split(torch.empty(257, 8), cb) == (3, 384)
+    assert nb.vq_code_split(torch.empty(200, 8), cb, code_splits=2) == (2, 512)
+
+
+def test_vq_gather_of_a_codebook_that_needs_gradients_keeps_them(rng):
+    """The native gather is forward-only: a codebook that requires grad (a VQGAN in training) is declined by
+    name on the explicit backend, and `auto` takes a path whose codebook gradient is the reference one."""
+    cb = torch.randn(30, 8, generator=rng, requires_grad=True)
+    idx = torch.randint(0, 30, (2, 3, 4), generator=rng)
+    assert "forward-only" in nb._vq_gather_supports(idx, cb).reason
+    with pytest.raises(ValueError, match="forward-only"):
+        vq_gather(idx, cb, backend="native")
+    w = torch.randn(2, 8, 3, 4, generator=rng)
+    (vq_gather(idx, cb) * w).sum().backward()
+    want = torch.zeros(30, 8).index_add_(0, idx.flatten(), w.permute(0, 2, 3, 1).reshape(-1, 8))
+    torch.testing.assert_close(cb.grad, want)
+    with torch.no_grad():
+        assert nb._vq_gather_supports(idx, cb)
+
 def test_vq_under_torch_compile_cpu(rng):
     torch._dynamo.reset()
     z, cb = torch.randn(31, 8, generator=rng), torch.randn(17, 8, generator=rng)
