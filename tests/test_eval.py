@@ -2704,3 +2704,362 @@ def test_the_random_baseline_runs_a_release_mode_policys_execute_past_its_chunk_
     assert m["complete"] and m["random"]["chunk_size"] == 4
     rnd = m["random"]["tasks"]["fake-a-v3"]
     assert rnd["episodes"] == 2 and rnd["latency"]["queries"] == 2 * 2  # 2 episodes of 2 chunks of 4 actions, 8 steps
+
+
+def test_evaluation_layout_seeds_are_stable_non_negative_31_bit_integers():
+    """The layouts of an evaluation are fixed by its seed across versions (results stay comparable), and each is a
+    non-negative 31-bit integer, as the collection's episode seeds are."""
+    seeds = eval_seeds("reach-v3", 64) + eval_seeds("push-v3", 64, seed=2**32 - 1)
+    assert all(0 <= s < 2**31 for s in seeds)
+    assert eval_seeds("reach-v3", 3) == [12213606, 2096212414, 28889560]
+
+
+def test_closed_loop_refuses_no_episode_and_no_env_by_name():
+    """closed_loop called directly with episodes=0 or n_envs=0 names the argument instead of failing on an env that
+    was never built."""
+    for kw, want in (({"episodes": 0}, "episodes must be >= 1, got 0"), ({"n_envs": 0}, "n_envs must be >= 1, got 0")):
+        with pytest.raises(ValueError, match=want):
+            closed_loop(PushRight(), "fake-v3", **{"episodes": 2, "n_envs": 2, "max_steps": 4,
+                                                   "env_factory": FakeMetaWorldEnv, **kw})
+
+
+def test_rendering_is_skipped_only_when_every_env_can_skip_it():
+    """Given envs of which only some take `render=False`, a blind policy's episodes are rendered as usual: the others
+    are stepped without the keyword they do not take."""
+
+    class Skips(FakeMetaWorldEnv):
+        can_skip_render = True
+
+        def reset(self, seed, render=True):
+            self.rendered = render
+            return super().reset(seed)
+
+        def step(self, action, render=True):
+            self.rendered = render
+            return super().step(action)
+
+    envs = [Skips("fake-v3", 8, 4), FakeMetaWorldEnv("fake-v3", 8, 4)]
+    r = closed_loop(RandomPolicy(chunk_size=2, seed=0), "fake-v3", episodes=2, envs=envs, record=False)
+    assert len(r.steps) == 2 and envs[0].rendered is True
+    skipping = [Skips("fake-v3", 8, 4), Skips("fake-v3", 8, 4)]
+    closed_loop(RandomPolicy(chunk_size=2, seed=0), "fake-v3", episodes=2, envs=skipping, record=False)
+    assert [e.rendered for e in skipping] == [False, False]
+
+
+def test_a_closed_loops_seconds_are_the_time_it_took(monkeypatch):
+    """TaskResult.seconds (metrics.json's "seconds") is the wall time from the first reset to the end of the last
+    episode."""
+    import types
+
+    from worldvla.eval import metaworld as mw
+
+    ticks = iter([100.0, 112.5])
+    monkeypatch.setattr(mw, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    r = closed_loop(PushRight(), "fake-v3", episodes=2, n_envs=2, max_steps=8, env_factory=FakeMetaWorldEnv,
+                    record=False)
+    assert r.seconds == 12.5 and r.to_dict()["seconds"] == 12.5
+
+
+def test_a_saved_run_without_its_success_rate_is_run_again(tmp_path, monkeypatch):
+    """A saved run whose result lacks its success rate (or holds one that is no number) is no finished closed loop:
+    it runs again instead of failing the summary with a KeyError."""
+    import json
+
+    from worldvla.eval import metaworld as mw
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())
+    kw = dict(episodes=2, max_steps=8, n_envs=2, wm_episodes=0, gifs=False, progress=False, env_workers=1,
+              random_baseline=False, variant_names=["p"], out_dir=tmp_path / "eval")
+    first = mw.evaluate([folder], ["fake-a-v3"], **kw)["variants"]["p"]
+    (saved,) = (tmp_path / "eval" / "runs").glob("*.json")
+    whole = json.loads(saved.read_text())
+    res = whole["result"]
+    for damaged in ({k: v for k, v in res.items() if k != "success_rate"}, {**res, "success_rate": "1.0"}):
+        saved.write_text(json.dumps({**whole, "result": damaged}))
+        again = mw.evaluate([folder], ["fake-a-v3"], **kw)["variants"]["p"]
+        assert not again["tasks"]["fake-a-v3"].get("reused") and again["success_rate"] == first["success_rate"]
+
+
+def test_a_policy_folder_named_policy_at_the_root_keeps_its_name():
+    """A run's policy/ is named after its run; a folder called policy right under the root has no run above it and
+    keeps its own name (not an empty one)."""
+    from worldvla.eval.metaworld import default_variant_names
+
+    assert default_variant_names(["/policy"]) == ["policy"]
+    assert default_variant_names(["/runs/policy"]) == ["runs"]
+
+
+def test_an_action_only_policy_without_world_model_scores_gets_no_warning(tmp_path, monkeypatch, recwarn):
+    """With --wm-episodes 0 no world model is scored: nothing to warn about for an action-only policy, and
+    metrics.json holds no world-model entry."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    pol = PushRight()
+    pol.model, pol.extra = None, {"kinds": ["action"]}
+    m = mw.evaluate([pol], ["fake-a-v3"], 1, tmp_path, max_steps=2, n_envs=1, random_baseline=False, wm_episodes=0,
+                    progress=False, env_workers=1, gifs=False)
+    assert not [w for w in recwarn if "trained on action samples only" in str(w.message)]
+    assert "world_model" not in m and "untrained" not in mw.format_results(m)
+
+
+def test_envs_run_in_worker_processes_only_where_a_task_has_several(tmp_path, monkeypatch):
+    """--env-workers spreads a task's envs over processes; a task run on one env (one episode, or --envs 1) steps it
+    in this process, where starting a worker would cost more than it saves."""
+    from worldvla.eval import metaworld as mw
+    from worldvla.sim import workers
+
+    pools = []
+
+    class Workers:
+        def __init__(self, task, n_envs, image_size, max_steps, workers=2, camera="corner"):
+            self.envs = [FakeMetaWorldEnv(task, image_size, max_steps, camera) for _ in range(n_envs)]
+            self.closed = False
+            pools.append((task, n_envs, workers, self))
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(workers, "EnvWorkers", Workers)
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    kw = dict(max_steps=4, wm_episodes=0, gifs=False, progress=False, random_baseline=False, env_workers=2)
+    FakeMetaWorldEnv.instances = []
+    mw.evaluate([PushRight()], ["fake-a-v3"], 1, tmp_path / "one", n_envs=4, **kw)
+    mw.evaluate([PushRight()], ["fake-a-v3"], 3, tmp_path / "single", n_envs=1, **kw)
+    assert pools == [] and len(FakeMetaWorldEnv.instances) == 2
+    mw.evaluate([PushRight()], ["fake-a-v3"], 3, tmp_path / "three", n_envs=4, **kw)
+    assert [p[:3] for p in pools] == [("fake-a-v3", 3, 2)] and pools[0][3].closed
+    mw.evaluate([PushRight()], ["fake-a-v3"], 3, tmp_path / "here", n_envs=4, **{**kw, "env_workers": 1})
+    assert len(pools) == 1
+
+
+def test_the_random_baselines_draws_follow_the_evaluation_seed(tmp_path, monkeypatch):
+    """The baseline's random actions are seeded by the evaluation seed (and the task): evaluations under two seeds
+    draw two sets of actions, as they run two sets of layouts."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    real_closed_loop, seeds = mw.closed_loop, []
+
+    def spy(policy, task, *a, **k):
+        seeds.append(policy.seed)
+        return real_closed_loop(policy, task, *a, **k)
+
+    monkeypatch.setattr(mw, "closed_loop", spy)
+    kw = dict(episodes=1, max_steps=3, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1)
+    for seed in (0, 1, 0):
+        mw.evaluate([], ["fake-a-v3"], out_dir=tmp_path / str(seed), seed=seed, resume=False, **kw)
+    assert seeds[0] == seeds[2] != seeds[1]
+
+
+def test_a_variant_name_without_a_safe_character_gets_a_file_name_stem():
+    """A variant named with no character a file name keeps (say '***') still gets a GIF name of its own."""
+    from worldvla.eval.metaworld import gif_stems
+
+    assert gif_stems(["***", "a/b"]) == {"***": "policy", "a/b": "a_b"}
+
+
+def _world_model_table(horizons):
+    """format_results of metrics holding world-model means whose every score is apart from the others."""
+    tasks = [f"t{i}-v3" for i in range(len(horizons))]
+    mean = {"one_step_psnr": 21.0, "one_step_ssim": 0.61, "copy_last_psnr": 22.0, "copy_last_ssim": 0.62,
+            "vqgan_recon_psnr": 23.0, "vqgan_recon_ssim": 0.63, "multi_step_psnr": 24.0, "multi_step_ssim": 0.64,
+            "code_accuracy": 0.255, "copy_last_code_accuracy": 0.5}
+    wm = {"mean": mean, **{t: {"multi_step": {"horizon": h}} for t, h in zip(tasks, horizons)}}
+    return {"tasks": tasks, "variants": {}, "world_model": wm}
+
+
+def test_the_table_shows_each_world_model_score_in_its_row():
+    """Each row of the world-model table carries its own PSNR and SSIM: the model's prediction, the copy-last and
+    VQGAN references, the imagined rollout (labelled with its horizon when every task has the same one)."""
+    lines = format_results(_world_model_table([3, 3])).splitlines()
+    rows = {ln.strip().split("  ")[0]: ln.split()[-2:] for ln in lines}
+    assert rows["next frame, predicted"] == ["21.00", "0.610"]
+    assert rows["next frame = current frame (reference)"] == ["22.00", "0.620"]
+    assert rows["VQGAN reconstruction (every code right)"] == ["23.00", "0.630"]
+    assert rows["imagined 3-step rollout, mean over steps"] == ["24.00", "0.640"]
+    assert "  next-frame VQ codes predicted exactly: 25.5% (current frame's codes kept: 50.0%)" in lines
+    assert not any("imagined steps per task" in ln for ln in lines)
+    m = _world_model_table([3, 3])
+    m["world_model"]["mean"]["one_step_psnr"] = None  # no task had the metric
+    (row,) = [ln for ln in format_results(m).splitlines() if "next frame, predicted" in ln]
+    assert row.split()[-2:] == ["n/a", "0.610"]
+
+
+def test_the_tasks_of_a_table_line_up_under_their_headings():
+    """Every line of the success table is as wide as its heading line, whatever the rates' widths: a column is
+    at least as wide as '100% (10/10)'."""
+    from worldvla.eval.metaworld import TaskResult, _summarize_variant
+
+    tasks = ["fake-a-v3", "fake-b-v3"]
+    variants = {}
+    for name, ok in (("x", [True] * 10), ("a-long-variant-name", [True, False])):
+        v = {"tasks": {t: TaskResult(t, list(range(len(ok))), ok, [1] * len(ok)).to_dict() for t in tasks}}
+        _summarize_variant(v, tasks)
+        variants[name] = v
+    lines = format_results({"tasks": tasks, "variants": variants}).splitlines()
+    assert lines[2].split() == ["fake-a-v3", "100%", "(10/10)", "50%", "(1/2)"]
+    assert {len(ln) for ln in lines[1:5]} == {len(lines[1])}
+
+
+def test_the_unseen_tasks_note_shows_up_to_three_instructions(tmp_path):
+    """The note quotes the first three instructions a policy was trained on, and marks more with '...'."""
+    import json
+
+    from worldvla.eval import metaworld as mw
+
+    for n, shown in ((3, "('i0'; 'i1'; 'i2')"), (4, "('i0'; 'i1'; 'i2'; ...)")):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        (folder / "policy.json").write_text(json.dumps({"extra": {"instructions": [f"i{k}" for k in range(n)]}}))
+        note = mw.unseen_tasks_note(folder, ["reach-v3"])
+        assert f"was trained on {n} instruction(s) {shown}, not on those of reach-v3:" in note, note
+
+
+def test_a_policy_files_size_or_time_alone_changes_its_fingerprint(tmp_path):
+    """A policy file rewritten with another size within one tick of the clock, or with the same size at another
+    time, makes another policy: its saved runs are not reused."""
+    import os
+
+    from worldvla.eval.metaworld import _policy_fingerprint
+
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    f = folder / "policy.json"
+
+    def write(text, ns):
+        f.write_text(text)
+        os.utime(f, ns=(ns, ns))
+        return _policy_fingerprint(folder)
+
+    first = write('{"a": 1}', 1_000_000_000)
+    assert write('{"a": 1}', 1_000_000_000) == first
+    assert write('{"a": 12}', 1_000_000_000) != first  # same time, another size
+    assert write('{"a": 2}', 2_000_000_000) != first  # same size, another time
+
+
+def test_expert_rollouts_in_worker_processes_advance_the_progress_bar():
+    """Expert episodes run side by side in worker processes count on the bar one episode each, as those run here."""
+    from worldvla.eval.metaworld import expert_rollouts
+
+    class Remote:
+        def expert_async(self, seed):
+            self.seed = seed
+
+        def expert_wait(self):
+            return {"seed": self.seed}
+
+    class Bar:
+        n = 0
+
+        def update(self, n=1):
+            self.n += n
+
+    bar = Bar()
+    out = expert_rollouts("fake-v3", 5, envs=[Remote(), Remote()], progress=bar)
+    assert bar.n == 5 and [r["seed"] for r in out] == eval_seeds("fake-v3", 5, 1)
+
+
+def test_a_policy_without_a_chunk_size_runs_any_execute():
+    """A policy that does not state a chunk size has nothing to check --execute against: its chunks run N actions at
+    a time."""
+    from worldvla.eval.metaworld import check_execute
+
+    class Unsized:
+        image_size = 8
+
+        def reset(self, instruction):
+            pass
+
+        def act(self, image, history=None):
+            out = np.zeros((len(image), 4, 4))
+            out[..., 0] = 0.5
+            return out
+
+    check_execute(Unsized(), 9)
+    r = closed_loop(Unsized(), "fake-v3", episodes=3, n_envs=1, max_steps=30, env_factory=FakeMetaWorldEnv,
+                    record=False, execute=2)
+    assert r.success_rate == 1.0 and r.steps == [2 * (1 + s % 3) for s in r.seeds]
+    assert r.latency["queries"] == sum(-(-s // 2) for s in r.steps)
+
+
+def test_the_random_baseline_alone_renders_from_the_camera_asked_for(tmp_path, monkeypatch):
+    """With no policy (the random baseline only) the envs render from the camera given, not the default one."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    kw = dict(max_steps=3, n_envs=1, wm_episodes=0, gifs=False, progress=False, env_workers=1)
+    for camera, want in (("topview", "topview"), (None, "corner")):
+        FakeMetaWorldEnv.instances = []
+        mw.evaluate([], ["fake-a-v3"], 1, tmp_path / str(camera), camera=camera, **kw)
+        assert [e.camera for e in FakeMetaWorldEnv.instances] == [want]
+
+
+def test_the_random_baseline_records_no_gif(tmp_path, monkeypatch):
+    """The baseline's episodes are not recorded: no GIF beside its saved runs (nor in the output folder), only the
+    variants' own."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", FakeMetaWorldEnv)
+    real_closed_loop, recorded = mw.closed_loop, {}
+
+    def spy(policy, task, *a, record=True, **k):
+        recorded[type(policy).__name__] = record
+        return real_closed_loop(policy, task, *a, record=record, **k)
+
+    monkeypatch.setattr(mw, "closed_loop", spy)
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "policy.json").write_text("{}")
+    monkeypatch.setattr(mw, "load_policy", lambda path, device=None: PushRight())
+    out = tmp_path / "eval"
+    mw.evaluate([folder], ["fake-a-v3"], 1, out, max_steps=40, n_envs=1, wm_episodes=0, progress=False, env_workers=1,
+                variant_names=["p"])
+    assert recorded == {"PushRight": True, "RandomPolicy": False}
+    assert len(list((out / "runs").glob("*.json"))) == 2 and len(list((out / "runs").glob("*.gif"))) == 1
+    assert _gifs(out) == ["p_fake-a-v3_success.gif"]
+
+
+def test_metrics_json_names_each_variants_policy_folder(tmp_path, monkeypatch):
+    """A variant's entry in metrics.json records the folder its policy came from (its name, for a policy given as an
+    object), and its chunk size."""
+    from worldvla.eval import metaworld as mw
+
+    folder = _stand_in_policy_folder(tmp_path, monkeypatch, PushRight())
+    m = mw.evaluate([folder, PushRight()], ["fake-a-v3"], 1, tmp_path / "eval", max_steps=8, n_envs=1, wm_episodes=0,
+                    gifs=False, progress=False, env_workers=1, random_baseline=False, variant_names=["p", "q"])
+    assert m["variants"]["p"]["policy"] == str(folder) and m["variants"]["q"]["policy"] == "q"
+    assert m["variants"]["p"]["chunk_size"] == m["variants"]["q"]["chunk_size"] == PushRight.chunk_size
+
+
+def test_eval_passes_every_option_to_the_evaluation(tmp_path, monkeypatch):
+    """Each option of `worldvla eval` reaches `evaluate` as given, and left out takes its stated default."""
+    from worldvla.cli import main
+    from worldvla.eval import metaworld as mw
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "policy.json").write_text("{}")
+    got = {}
+
+    def evaluate(policies, tasks, episodes, out, **kw):
+        got.clear()
+        got.update(kw, policies=policies, tasks=tasks, episodes=episodes, out=out)
+        return {"tasks": [], "variants": {}}
+
+    monkeypatch.setattr(mw, "evaluate", evaluate)
+    monkeypatch.setattr(mw, "format_results", lambda m: "")
+    base = ["eval", "--policy", str(tmp_path / "a"), "--tasks", "fake-a-v3", "--out", str(tmp_path / "o")]
+    assert main(base) == 0
+    given = {"policies": [str(tmp_path / "a")], "tasks": ["fake-a-v3"], "out": str(tmp_path / "o")}
+    assert got == {**given, "episodes": 10,
+                   "seed": 0, "max_steps": 200, "n_envs": 4, "random_baseline": True, "wm_episodes": 2,
+                   "wm_horizon": 8, "progress": True, "variant_names": None, "device": None, "causal_variant": False,
+                   "env_workers": 2, "resume": True, "execute": None, "camera": None}
+    assert main(base + ["--episodes", "3", "--max-steps", "50", "--envs", "2", "--env-workers", "3", "--seed", "9",
+                        "--no-random", "--wm-episodes", "0", "--wm-horizon", "4", "--add-causal-variant", "--device",
+                        "cpu", "--execute", "2", "--no-resume", "--camera", "topview", "--no-progress",
+                        "--names", "x"]) == 0
+    assert got == {**given, "episodes": 3,
+                   "seed": 9, "max_steps": 50, "n_envs": 2, "random_baseline": False, "wm_episodes": 0,
+                   "wm_horizon": 4, "progress": False, "variant_names": ["x"], "device": "cpu", "causal_variant": True,
+                   "env_workers": 3, "resume": False, "execute": 2, "camera": "topview"}
