@@ -895,38 +895,16 @@ def test_the_trainings_get_the_demos_settings(tmp_path, monkeypatch):
     larger one: `batch_tokens=1024` with the default `micro_tokens=1536` stopped the demo), the VQGAN's learning
     rate decaying to a tenth, a checkpoint a third of the way (50 steps at least), and the seed."""
     from worldvla import demo
-    from worldvla.train import trainer
-    from worldvla.train import vq as train_vq
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def record(name):
-        def stop(args):
-            seen[name] = args
-            raise Stop()
-        return stop
-
-    monkeypatch.setattr(trainer, "train", record("train"))
-    monkeypatch.setattr(train_vq, "train_vq", record("vq"))
     cfg = demo.DemoConfig(batch_tokens=1024, lr=2e-3, train_steps=300, vq_steps=600, vq_lr=4e-3, vq_batch=6,
                           vq_codes=128, seed=7)
-    with pytest.raises(Stop):
-        demo.stage_train(cfg, tmp_path, False, False)
-    t = seen["train"]
+    v, t = _trainer_args(monkeypatch, tmp_path, cfg)
     assert (t.batch_tokens, t.micro_tokens, t.lr, t.steps, t.seed) == (1024, 1024, 2e-3, 300, 7)
     assert (t.save_every, t.attention, t.kinds) == (100, "chunk", "")
-    with pytest.raises(Stop):
-        demo.stage_train(demo.DemoConfig(), tmp_path, False, False, action_only=True, attention="causal")
-    t = seen["train"]
-    assert (t.batch_tokens, t.micro_tokens, t.save_every, t.attention, t.kinds) == (1536, 1536, 300, "causal", "action")
-    with pytest.raises(Stop):
-        demo.stage_train_vq(cfg, tmp_path, False, False)
-    v = seen["vq"]
     assert (v.steps, v.batch_size, v.lr, v.min_lr, v.n_embed, v.seed) == (600, 6, 4e-3, pytest.approx(4e-4), 128, 7)
     assert v.save_every == 200
+    _, t = _trainer_args(monkeypatch, tmp_path, demo.DemoConfig(), action_only=True, attention="causal")
+    assert (t.batch_tokens, t.micro_tokens, t.save_every, t.attention, t.kinds) == (1536, 1536, 300, "causal", "action")
 
 
 def test_a_retrained_policy_replaces_the_earlier_policy_folder(tmp_path, monkeypatch):
@@ -1505,8 +1483,9 @@ def test_a_vqgan_training_stopped_by_sigterm_ends_the_demo_saying_where(tmp_path
         demo.stage_train_vq(demo.DemoConfig.fast_preset(), tmp_path, False, False)
 
 
-def _trainer_args(monkeypatch, tmp_path, cfg):
-    """The parsed arguments each training stage gives its trainer for `cfg` (each trainer stopped at its entry)."""
+def _trainer_args(monkeypatch, tmp_path, cfg, **train_kw):
+    """The parsed arguments each training stage gives its trainer for `cfg` (each trainer stopped at its entry);
+    `train_kw` goes to the WorldVLA training stage."""
     from worldvla import demo
     from worldvla.train import trainer
     from worldvla.train import vq as train_vq
@@ -1527,7 +1506,7 @@ def _trainer_args(monkeypatch, tmp_path, cfg):
     with pytest.raises(Stop):
         demo.stage_train_vq(cfg, tmp_path, False, False)
     with pytest.raises(Stop):
-        demo.stage_train(cfg, tmp_path, False, False)
+        demo.stage_train(cfg, tmp_path, False, False, **train_kw)
     return seen["vq"], seen["train"]
 
 

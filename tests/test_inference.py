@@ -1017,17 +1017,22 @@ def test_every_forward_of_an_engine_runs_inside_its_device_guard(rng, monkeypatc
     assert seen == [True, True]
 
 
-def test_a_step_captured_under_autocast_caches_no_casts_and_is_recaptured_when_autocast_changes(rng, monkeypatch):
-    """Under CUDA autocast, a capture with autocast's weight-cast cache on records reads of cached casts that the
-    caller's autocast block frees on exit (torch's make_graphed_callables refuses that cache); and a graph captured
-    with autocast off (or at another dtype) replayed its old casts after autocast changed."""
-    model = _model(3)
+def _one_step_engine(rng):
+    """An engine of one row, prefilled with a prompt, and its one-query buffers set for the next step."""
     prompt = _prompt(rng, 1)
-    eng = InferenceEngine(model, 1, prompt.numel() + 4, cuda_graphs=False)
+    eng = InferenceEngine(_model(3), 1, prompt.numel() + 4, cuda_graphs=False)
     eng.prefill([prompt])
     buf = eng.buffers(1)
     buf.ids.fill_(LAYOUT.bin_range[0])
     buf.set_positions(torch.full((1, 1), prompt.numel()))
+    return eng, buf
+
+
+def test_a_step_captured_under_autocast_caches_no_casts_and_is_recaptured_when_autocast_changes(rng, monkeypatch):
+    """Under CUDA autocast, a capture with autocast's weight-cast cache on records reads of cached casts that the
+    caller's autocast block frees on exit (torch's make_graphed_callables refuses that cache); and a graph captured
+    with autocast off (or at another dtype) replayed its old casts after autocast changed."""
+    eng, buf = _one_step_engine(rng)
     fake = _FakeCuda(monkeypatch)
     eng.device, eng.cuda_graphs = torch.device("cuda:0"), True
     state = {"on": False, "dtype": torch.float16}
@@ -1523,13 +1528,7 @@ def test_sampling_backend_keeps_a_backend_with_the_sampler_and_else_takes_auto()
 def test_a_step_whose_capture_fails_runs_eagerly_from_then_on(rng, monkeypatch):
     """A backend that cannot be captured (it syncs or allocates on the host) warns once and runs its steps
     eagerly: the engine does not try, fail and warn again at every later step."""
-    model = _model(3)
-    prompt = _prompt(rng, 1)
-    eng = InferenceEngine(model, 1, prompt.numel() + 4, cuda_graphs=False)
-    eng.prefill([prompt])
-    buf = eng.buffers(1)
-    buf.ids.fill_(LAYOUT.bin_range[0])
-    buf.set_positions(torch.full((1, 1), prompt.numel()))
+    eng, buf = _one_step_engine(rng)
     with torch.no_grad():
         want = eng._forward(buf.ids, buf.pos, buf.meta).clone()
     fake = _FakeCuda(monkeypatch)
