@@ -575,3 +575,46 @@ def test_a_growing_sequence_is_one_sequence_not_a_batch_read_end_to_end():
     assert GrowingBlockMeta(row.view(1, 4), L).length == 4
     with pytest.raises(TypeError, match="input_ids must be integer token ids"):  # was truncated to ids 0 and 1
         GrowingBlockMeta(torch.tensor([0.0, 1.5]), L)
+
+
+def test_ids_of_another_rank_are_refused_by_name_padded_and_packed():
+    """Padded ids are [L] or [B, L], packed ids [T]: a [B, L, X] tensor, or a [B, L] batch given with cu_seqlens,
+    is refused naming the shape, not failed on in an unpacking error or read as some other stream."""
+    L = VocabLayout.compact()
+    with pytest.raises(ValueError, match=r"input_ids must be \[L\] or \[B, L\], got shape \(2, 2, 3\)"):
+        chunk_mask_meta(torch.zeros(2, 2, 3, dtype=torch.long), L)
+    with pytest.raises(ValueError, match=r"input_ids must be \[L\] or \[B, L\], got shape \(2, 2, 3\)"):
+        chunk_attention_mask(torch.zeros(2, 2, 3, dtype=torch.long), L)
+    with pytest.raises(ValueError, match=r"packed input_ids must be 1-D \[T\] with cu_seqlens, got shape \(2, 3\)"):
+        chunk_mask_meta(torch.zeros(2, 3, dtype=torch.long), L, cu_seqlens=torch.tensor([0, 6]))
+
+
+def test_a_single_boundary_marks_no_document():
+    """cu_seqlens needs n_docs + 1 >= 2 entries: [0] for no tokens is refused with the rule, not a bare max() error."""
+    from worldvla.mask import cu_seqlens_problem
+
+    L = VocabLayout.compact()
+    assert "must rise from 0 to T=0" in cu_seqlens_problem([0], 0)
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T=0 .*got \[0\]"):
+        chunk_mask_meta(torch.zeros(0, dtype=torch.long), L, cu_seqlens=torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T=0"):
+        causal_meta((0,), cu_seqlens=torch.tensor([0]))
+
+
+def test_padded_metadata_carries_its_row_length_as_max_seqlen():
+    """Padded metadata sets max_seqlen to the row length, as causal_meta does (0 would send the model to read the
+    positions on the host for it)."""
+    L = VocabLayout.compact()
+    for shape in ((7,), (3, 5)):
+        ids = torch.zeros(shape, dtype=torch.long)
+        assert chunk_mask_meta(ids, L).max_seqlen == shape[-1] == causal_meta(shape).max_seqlen
+
+
+def test_decode_meta_takes_each_rows_own_kv_len():
+    """kv_len is per sequence: a short row's query hides the slots past its own length even where a longer row of
+    the batch has them filled."""
+    dm = DecodeMeta(q_pos=torch.tensor([[5], [5]], dtype=torch.int32), q_limit=torch.full((2, 1), -1, dtype=torch.int32),
+                    kv_block=torch.full((2, 8), NO_BLOCK, dtype=torch.int32), kv_len=torch.tensor([8, 3], dtype=torch.int32))
+    m = dm.dense_mask()
+    assert m[0, 0].tolist() == [True] * 6 + [False] * 2
+    assert m[1, 0].tolist() == [True] * 3 + [False] * 5

@@ -770,3 +770,65 @@ def test_a_tokenizer_file_whose_image_ids_collide_or_leave_the_vocabulary_is_ref
     vocab[_bpe_name(code)] = 4 + code
     p.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}}))
     assert VocabLayout.chameleon(p) == CH
+
+
+def test_a_layouts_record_holds_its_public_fields_only():
+    """`to_dict` is what a checkpoint's config.json carries: the layout's public fields, not the private lookup
+    cache, so the record names exactly what `from_dict` and `VocabLayout(...)` take."""
+    import dataclasses
+
+    public = {f.name for f in dataclasses.fields(VocabLayout) if not f.name.startswith("_")}
+    for lay in (CH, VocabLayout.compact(n_image_codes=64)):
+        d = lay.to_dict()
+        assert set(d) == public and not any(k.startswith("_") for k in d)
+        assert json.loads(json.dumps(d)) == d
+
+
+def test_a_compact_layout_needs_one_resolution_token_past_res_0():
+    """n_res = 0 leaves only res(0), which names no image: refused as the negative counts are; 1 is the least."""
+    with pytest.raises(ValueError, match=r"needs n_res >= 1 resolution tokens .*got 0"):
+        VocabLayout.compact(n_image_codes=64, n_res=0)
+    assert VocabLayout.compact(n_image_codes=64, n_res=1).n_res == 1
+
+
+def test_a_tokenizer_file_of_another_kind_names_its_keys_sorted_and_cut_at_eight(tmp_path):
+    """The refusal lists the file's top-level keys in sorted order, the first eight of them, then '...'."""
+    keys = ["zeta", "beta", "omega", "alpha", "kappa", "delta", "gamma", "eta", "iota"]
+    p = tmp_path / "other.json"
+    p.write_text(json.dumps({k: 1 for k in keys}))
+    with pytest.raises(ValueError, match=r"\(top-level keys: alpha, beta, delta, eta, gamma, iota, kappa, omega, "
+                                         r"\.\.\.\)"):
+        VocabLayout.chameleon(p)
+
+
+def test_an_empty_batch_of_action_ids_decodes_to_no_actions():
+    """No ids (an empty batch, which NumPy makes float64 by default) have no value to truncate: they decode to an
+    empty [0, D] array rather than being refused as ids that are not integers."""
+    at = ActionTokenizer(VocabLayout.compact(), low=[-1.0] * 3, high=[1.0] * 3)
+    for ids in (np.empty((0, 5)), np.empty((0, 3)), np.zeros((0, 5), dtype=np.int64)):
+        out = at.decode(ids)
+        assert out.shape == (0, 3) and out.dtype == np.float64
+
+
+def test_images_of_the_largest_resolution_read_back():
+    """res(n_res) is the layout's last resolution token and a valid height or width: an image of n_res grids a
+    side reads back (with n_res = 1, every 2x2 code grid is one)."""
+    L = VocabLayout.compact(n_image_codes=64, n_res=1)
+    codes = torch.randint(0, 64, (2, 2), generator=torch.Generator().manual_seed(7))
+    toks = image_tokens(codes, L)
+    assert toks[1:3].tolist() == [L.res_base + L.n_res] * 2
+    assert torch.equal(codes_from_image_tokens(toks, L), codes)
+
+
+def test_code_grids_and_action_chunks_of_other_ranks_are_refused_by_name():
+    """A flat row of codes, a stack of grids, or a batch of action chunks [N, K, D] is refused naming the shape
+    it got, not failed on in an unpacking error or flattened into one long chunk."""
+    L = VocabLayout.compact(n_image_codes=64)
+    for bad in (torch.zeros(4, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long)):
+        shape = str(tuple(bad.shape)).replace("(", r"\(").replace(")", r"\)")
+        with pytest.raises(ValueError, match=rf"image codes must be a \[h, w\] grid, got shape {shape}"):
+            image_tokens(bad, L)
+    sb = SequenceBuilder(L, ByteTextTokenizer(L), ActionTokenizer(L, [-1.0] * 3, [1.0] * 3))
+    codes = [torch.zeros(2, 2, dtype=torch.long)]
+    with pytest.raises(ValueError, match=r"an action chunk must be \[K, D\], got shape \(2, 3, 5\)"):
+        sb.action_sample("open the drawer", codes, np.zeros((2, 3, 3)))

@@ -328,3 +328,44 @@ def test_references_compute_half_precision_inputs_in_float32():
         got = decode_attention_ref(q[:, :2], k, v, dmeta)
         want = decode_attention_ref(q[:, :2].float(), k.float(), v.float(), dmeta).to(dtype)
         assert got.dtype == dtype and torch.equal(got, want), (dtype, (got.float() - want.float()).abs().max())
+
+
+def test_keys_of_other_tokens_and_caches_of_another_batch_are_refused_by_name():
+    """k and v must cover q's tokens (the metadata is checked against q alone), and decode caches must hold q's
+    batch: SDPA would broadcast a cache of batch 1 over a query of batch 2 without a word."""
+    from worldvla.mask import DecodeMeta
+    from worldvla.ops import decode_attention
+
+    gen = torch.Generator().manual_seed(25)
+    q = torch.randn(1, 6, 2, 8, generator=gen)
+    k7 = torch.randn(1, 7, 2, 8, generator=gen)
+    with pytest.raises(ValueError, match=r"k and v must match and share q's tokens and head dim; got \(1, 6, 2, 8\), "
+                                         r"\(1, 7, 2, 8\), \(1, 7, 2, 8\)"):
+        masked_attention(q, k7, k7, causal_meta((1, 6)), backend="torch")
+    q2 = torch.randn(2, 1, 2, 8, generator=gen)
+    dm = DecodeMeta(torch.full((2, 1), 5, dtype=torch.int32), torch.full((2, 1), -1, dtype=torch.int32),
+                    torch.full((2, 6), NO_BLOCK, dtype=torch.int32), torch.full((2,), 6, dtype=torch.int32))
+    for backend in ("auto", "torch"):
+        with pytest.raises(ValueError, match=r"q \(2, 1, 2, 8\) and cache \(1, 6, 2, 8\) disagree on batch"):
+            decode_attention(q2, q, q, dm, backend=backend)
+
+
+def test_a_softmax_scale_of_zero_weighs_every_visible_key_alike():
+    """A scale of 0 is a scale, not "unset": every score is 0 and each row is the mean of the values it may see
+    (the default 1 / sqrt(head_dim) would weigh them by q . k)."""
+    from worldvla.mask import DecodeMeta
+    from worldvla.ops import decode_attention, decode_attention_ref
+
+    gen = torch.Generator().manual_seed(26)
+    q, k, v = (torch.randn(1, 6, 2, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    want = torch.stack([v[0, :i + 1].mean(0) for i in range(6)]).unsqueeze(0)  # causal: rows 0..i
+    meta = causal_meta((1, 6))
+    torch.testing.assert_close(masked_attention_ref(q, k, v, meta, softmax_scale=0.0), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(masked_attention(q, k, v, meta, softmax_scale=0.0, backend="torch"), want,
+                               rtol=1e-12, atol=1e-12)
+    assert (masked_attention_ref(q, k, v, meta) - want).abs().max() > 0.1
+    dm = DecodeMeta(torch.tensor([[3, 5]], dtype=torch.int32), torch.full((1, 2), -1, dtype=torch.int32),
+                    torch.full((1, 6), NO_BLOCK, dtype=torch.int32), torch.tensor([6], dtype=torch.int32))
+    for got in (decode_attention_ref(q[:, 4:], k, v, dm, softmax_scale=0.0),
+                decode_attention(q[:, 4:], k, v, dm, softmax_scale=0.0, backend="torch")):
+        torch.testing.assert_close(got, want[:, [3, 5]], rtol=1e-12, atol=1e-12)
