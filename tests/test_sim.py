@@ -1620,3 +1620,94 @@ def test_a_pool_found_broken_when_the_next_episode_is_sent_is_reported_as_a_dead
         col.collect(["reach-v3"], 3, tmp_path, image_size=8, max_steps=2, max_attempts=1, workers=2,
                     progress=False)
     assert not (tmp_path / "reach-v3.hdf5").exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE"])
+def test_a_worker_killed_by_a_crash_signal_is_named_as_a_simulator_crash(sig):
+    """Every crash signal (an abort in the renderer's library too, not only a segfault) points at the simulator
+    and its renderer, not at another process that sent the signal."""
+    import signal
+
+    from worldvla.sim.workers import _exit_cause
+
+    code = -int(getattr(signal, sig))
+    msg = _exit_cause(code)
+    assert msg.startswith(f"exit code {code}, killed by {sig}: a crash in the simulator or its renderer"), msg
+    assert "sent by another process" not in msg
+
+
+def test_a_worker_ended_by_a_signal_without_a_name_is_named_by_its_number():
+    """A signal number Python has no name for is named by that number (positive), with the exit code as it is."""
+    from worldvla.sim.workers import _exit_cause
+
+    assert _exit_cause(-200) == "exit code -200, killed by signal 200, sent by another process"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the forkserver is started on Linux only")
+def test_getting_the_workers_context_leaves_the_callers_ctrl_c_handler_as_it_was():
+    """The forkserver is started with SIGINT ignored; the caller's own handler is put back afterwards, so Ctrl-C
+    still reaches the command (or notebook) that builds the pool."""
+    import signal
+
+    from worldvla.sim.workers import mp_context
+
+    def mine(signum, frame):  # the caller's handler
+        pass
+
+    before = signal.signal(signal.SIGINT, mine)
+    try:
+        assert mp_context().get_start_method() == "forkserver"
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_task_list_refusal_names_the_option_the_caller_gives_to_fix():
+    """`fix` names what the user should change: an unknown task and a list naming none both say it."""
+    from worldvla.sim import task_list
+
+    with pytest.raises(ValueError, match=r"^unknown Meta-World task 'zzz'; nothing was run: fix --eval-tasks; "):
+        task_list("reach-v3,zzz", fix="--eval-tasks")
+    with pytest.raises(ValueError, match=r"^no tasks given; .* \(--eval-tasks\)$"):
+        task_list(" , ", fix="--eval-tasks")
+
+
+@needs_sim
+def test_only_the_corner_camera_is_turned_upright_the_others_come_as_meta_world_renders_them(reach_env):
+    """The corner camera's frames are rotated by 180 degrees; another camera's (topview here) are Meta-World's own
+    frames, neither rotated nor flipped."""
+    corner = reach_env.reset(seed=1)
+    reach_env._viewer.make_context_current()
+    np.testing.assert_array_equal(corner, reach_env._raw.render()[::-1, ::-1])
+    with make_env("reach-v3", image_size=16, camera="topview") as env:
+        frame = env.reset(seed=1)
+        env._viewer.make_context_current()
+        raw = env._raw.render()
+    assert frame.std() > 0 and not np.array_equal(raw, raw[::-1, ::-1])  # a rotation would show
+    np.testing.assert_array_equal(frame, raw)
+
+
+@needs_sim
+def test_shadows_reflections_and_the_skybox_are_off(reach_env):
+    """Each of the three costs render time on a CPU renderer and none is needed by the model: all are off."""
+    flags = reach_env._viewer.scn.flags
+    rnd = reach_env._mujoco.mjtRndFlag
+    assert [int(flags[f]) for f in (rnd.mjRND_SHADOW, rnd.mjRND_REFLECTION, rnd.mjRND_SKYBOX)] == [0, 0, 0]
+
+
+@needs_sim
+def test_an_episode_that_ended_on_success_stays_done_away_from_the_goal(reach_env):
+    """`done` is true once the task succeeded (terminate_on_success): a step taken after that (not refused before
+    the step limit) still says done, also when the hand has left the goal and the step itself is no success."""
+    expert = expert_policy("reach-v3")
+    reach_env.reset(seed=1, render=False)
+    done = False
+    while not done:
+        _, _, _, done = reach_env.step(expert(reach_env.state), render=False)
+    assert reach_env.success and reach_env.t < reach_env.max_steps - 40
+    for _ in range(40):  # up, away from the goal
+        _, _, at_goal, done = reach_env.step(np.array([0.0, 0.0, 1.0, 0.0]), render=False)
+        assert done
+        if not at_goal:
+            break
+    assert not at_goal and done and reach_env.success
