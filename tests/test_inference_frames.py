@@ -844,3 +844,195 @@ def test_a_sampled_frames_codes_are_gumbel_max_draws_of_their_own_noise(rng, mon
         logits = model(torch.cat([b.world_prompt(codes[0], a[0]), answer]))[-answer.numel() - 1:-1, lo:hi]
     is_code = (answer >= lo) & (answer < hi)
     assert torch.equal((logits[is_code].float() + T * noise).argmax(-1), nxt[0].flatten())
+
+
+def test_a_numpy_bool_frame_is_named_with_a_conversion_to_uint8():
+    """A NumPy bool frame (a mask) is refused naming x.astype(np.uint8) * 255: following it gives a uint8 frame of
+    0 and 255, which generate_frames takes."""
+    import re
+
+    from worldvla.inference.frames import FrameDtypeError
+
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    kw = dict(action_tokenizer=b.actions, text_tokenizer=b.text)
+    mask = np.random.default_rng(0).random((32, 32, 3)) > 0.5
+    with pytest.raises(FrameDtypeError, match=r"got bool; convert with x\.astype\(np\.uint8\) \* 255$") as e:
+        generate_frames(model, vq, mask, np.zeros((1, 4)), **kw)
+    fixed = eval(re.search(r"convert with (.+)$", str(e.value)).group(1), {"np": np, "x": mask})
+    assert fixed.dtype == np.uint8 and np.array_equal(fixed, np.where(mask, 255, 0))
+    assert generate_frames(model, vq, fixed, np.zeros((1, 4)), **kw).codes.shape == (1, 2, 2)
+
+
+def test_frames_that_are_not_numbers_are_named_as_such():
+    """Frames of strings or of Python objects are refused as frames that are not numeric (a FrameDtypeError naming
+    np.asarray(x, dtype=np.uint8)), not by a NumPy reduction's error nor as an "object" frame with values."""
+    from worldvla.inference.frames import FrameDtypeError
+
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    kw = dict(action_tokenizer=b.actions, text_tokenizer=b.text)
+    for bad in (np.full((32, 32, 3), "a"), np.zeros((32, 32, 3), dtype=np.uint8).astype(object)):
+        want = (rf"^image must be uint8 in \[0, 255\], got {bad.dtype}; give RGB pixels as a numeric array, "
+                r"e\.g\. np\.asarray\(x, dtype=np\.uint8\)$")
+        with pytest.raises(FrameDtypeError, match=want):
+            generate_frames(model, vq, bad, np.zeros((1, 4)), **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float32])
+@pytest.mark.parametrize("tensor", [False, True], ids=["numpy", "torch"])
+def test_frames_beyond_0_to_255_are_named_with_a_clipping_conversion(dtype, tensor):
+    """Integer or float pixels below 0 or above 255 are named with a conversion that clips them first: following it
+    gives the clipped frame, where a bare cast would wrap -20 to 236 and 300 to 44."""
+    import re
+
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    kw = dict(action_tokenizer=b.actions, text_tokenizer=b.text)
+    x = np.random.default_rng(1).integers(-40, 300, (32, 32, 3)).astype(dtype)
+    x[0, 0] = [-20, 300, 7]
+    want = np.clip(x, 0, 255).round().astype(np.uint8)
+    bad = torch.from_numpy(x) if tensor else x
+    with pytest.raises(ValueError, match=r"with values in \[-\d+, \d+\]; convert with") as e:
+        generate_frames(model, vq, bad, np.zeros((1, 4)), **kw)
+    fixed = eval(re.search(r"convert with (.+)$", str(e.value)).group(1), {"np": np, "torch": torch, "x": bad})
+    fixed = fixed.numpy() if tensor else fixed
+    assert fixed.dtype == np.uint8 and np.array_equal(fixed, want)
+
+
+@pytest.mark.parametrize("tensor", [False, True], ids=["numpy", "torch"])
+def test_a_batch_of_one_channel_frames_is_named_grayscale(tensor):
+    """A batch [N, H, W, 1] is named grayscale, as a single [H, W, 1] frame is, with a conversion that gives
+    [N, H, W, 3]."""
+    import re
+
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    gray = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 1)).astype(np.uint8)
+    bad = torch.from_numpy(gray) if tensor else gray
+    with pytest.raises(ValueError, match=r"got shape \(2, 32, 32, 1\); it looks grayscale: convert with") as e:
+        generate_frames(model, vq, bad, np.zeros((2, 1, 4)), action_tokenizer=b.actions, text_tokenizer=b.text)
+    fixed = eval(re.search(r"convert with (.+)$", str(e.value)).group(1), {"np": np, "torch": torch, "x": bad})
+    fixed = np.asarray(fixed)
+    assert fixed.shape == (2, 32, 32, 3) and all(np.array_equal(fixed[..., c], gray[..., 0]) for c in range(3))
+
+
+def test_a_rollout_with_a_guidance_scale_of_one_is_the_unguided_rollout(rng):
+    """generate_frames(cfg_scale=1.0) is no guidance, as in generate_frame_codes: the unguided rollout's codes (its
+    engine holds one row an image, which the steps take)."""
+    model, b, vq = _model(4), _builder(), _tiny_vqgan()
+    kw = dict(action_tokenizer=b.actions, text_tokenizer=b.text)
+    imgs = torch.randint(0, 256, (2, 32, 32, 3), generator=rng, dtype=torch.uint8).numpy()
+    acts = torch.rand(2, 2, 4, generator=rng).numpy() * 2 - 1
+    plain = generate_frames(model, vq, imgs, acts, **kw)
+    one = generate_frames(model, vq, imgs, acts, cfg_scale=1.0, **kw)
+    assert torch.equal(one.codes, plain.codes) and np.array_equal(one.frames, plain.frames)
+
+
+def test_the_first_non_finite_action_is_the_one_named(monkeypatch):
+    """Actions with NaN or inf at several steps: the error names the first (by image, then step)."""
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    kw = dict(action_tokenizer=b.actions, text_tokenizer=b.text)
+    monkeypatch.setattr(vq, "encode_images", lambda *a, **k: pytest.fail("encoded"))
+    img = np.zeros((32, 32, 3), dtype=np.uint8)
+    acts = np.zeros((6, 4))
+    acts[1, 3], acts[4, 0] = np.nan, np.inf
+    with pytest.raises(ValueError, match=r"actions must be finite: step 1 holds NaN or inf"):
+        generate_frames(model, vq, img, acts, **kw)
+    batch = np.zeros((2, 3, 4))
+    batch[0, 2, 1], batch[1, 0, 0] = np.inf, np.nan
+    with pytest.raises(ValueError, match=r"actions must be finite: image 0, step 2 holds NaN or inf"):
+        generate_frames(model, vq, np.stack([img, img]), batch, **kw)
+
+
+def test_the_progress_bar_is_closed_when_a_step_fails(rng, monkeypatch):
+    """A rollout whose second step raises leaves no progress bar open: the bar counted the first step and is
+    closed, and the step's error is what the caller sees."""
+    import tqdm.auto
+
+    from worldvla.inference import frames
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total, self.n, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    class StepFailed(Exception):
+        pass
+
+    real, calls = frames.generate_frame_codes, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise StepFailed()
+        return real(*a, **k)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setattr(frames, "generate_frame_codes", failing)
+    model, b, vq = _model(4), _builder(), _tiny_vqgan()
+    img = torch.randint(0, 256, (32, 32, 3), generator=rng, dtype=torch.uint8).numpy()
+    with pytest.raises(StepFailed):
+        generate_frames(model, vq, img, np.zeros((3, 4)), action_tokenizer=b.actions, text_tokenizer=b.text,
+                        progress=True)
+    assert [(bar.total, bar.n, bar.closed) for bar in bars] == [(3, 1, True)]
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_an_engine_of_more_rows_than_the_step_is_refused_by_name(rng, guided):
+    """An engine holds one row a frame (two when guided): one with a row more than the step needs is refused, naming
+    both counts, as one with a row fewer is."""
+    model, b = _model(5), _builder()
+    codes = torch.randint(0, 64, (2, 2, 2), generator=rng)
+    acts = np.zeros((2, 4))
+    rows = 4 if guided else 2
+    for other in (rows - 1, rows + 1):
+        with pytest.raises(ValueError, match=f"the engine holds {other} rows but this step needs {rows}"):
+            generate_frame_codes(model, codes, acts, b, cfg_scale=2.0 if guided else None,
+                                 engine=InferenceEngine(model, other, 200))
+
+
+def test_the_advice_for_a_batchs_actions_gives_actions_it_takes(rng):
+    """A batch of images with [T, D] actions is refused naming np.repeat(actions[None], N, axis=0) for the same steps
+    from every image: following it gives [N, T, D] actions, whose rollout is each image's rollout of those steps."""
+    import re
+
+    model, b, vq = _model(4), _builder(), _tiny_vqgan()
+    kw = dict(action_tokenizer=b.actions, text_tokenizer=b.text)
+    imgs = torch.randint(0, 256, (2, 32, 32, 3), generator=rng, dtype=torch.uint8).numpy()
+    actions = torch.rand(3, 4, generator=rng).numpy() * 2 - 1
+    with pytest.raises(ValueError, match=r"np\.repeat\(actions\[None\], 2, axis=0\) for the same steps") as e:
+        generate_frames(model, vq, imgs, actions, **kw)
+    fixed = eval(re.search(r"(np\.repeat\(.+?\)) for the same steps", str(e.value)).group(1),
+                 {"np": np, "actions": actions})
+    assert fixed.shape == (2, 3, 4)
+    out = generate_frames(model, vq, imgs, fixed, **kw)
+    assert torch.equal(out.codes[1], generate_frames(model, vq, imgs[1], actions, **kw).codes)
+
+
+@pytest.mark.parametrize("settings", [{"temperature": -1.0}, {"top_k": 5}, {"temperature": True}],
+                         ids=["negative", "top-k-greedy", "bool"])
+def test_sampling_settings_are_refused_before_the_vqgan_encodes(monkeypatch, settings):
+    """A temperature below 0, a top_k with greedy codes, or a bool temperature is refused by generate_frames before
+    the VQGAN encodes a frame (not by the first step, after the encoder's work)."""
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    encoded = []
+    monkeypatch.setattr(vq, "encode_images", lambda *a, **k: encoded.append(1))
+    with pytest.raises(ValueError, match="temperature must be a finite number|top_k applies to draws"):
+        generate_frames(model, vq, np.zeros((32, 32, 3), np.uint8), np.zeros((1, 4)), action_tokenizer=b.actions,
+                        text_tokenizer=b.text, **settings)
+    assert not encoded
+
+
+def test_a_bool_temperature_is_refused(rng):
+    """temperature=True is no temperature (it read as 1.0 and drew codes): refused by name, as a bool cfg_scale is."""
+    model, b = _model(0), _builder()
+    codes = torch.randint(0, 64, (1, 2, 2), generator=rng)
+    for t in (True, False):
+        with pytest.raises(ValueError, match=rf"temperature must be a finite number >= 0 .*got {t!r}"):
+            generate_frame_codes(model, codes, np.zeros((1, 4)), b, temperature=t,
+                                 generator=torch.Generator().manual_seed(0))

@@ -645,3 +645,40 @@ def test_a_release_prefill_recomputes_a_prefix_cached_under_the_chunk_rule():
     torch.testing.assert_close(got_h, h, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(engine.cache.k[:, 0, :len(p)], k, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(engine.cache.v[:, 0, :len(p)], v, rtol=1e-4, atol=1e-5)
+
+
+def test_an_engine_of_another_model_is_refused_by_name(rng):
+    """An engine built for one model, passed with another: refused before decoding (its prefill would run the
+    engine's model while the choices read the other's head)."""
+    prompts = _prompts(rng, 2)
+    engine = release_engine(_model(5), prompts, 8)
+    with pytest.raises(ValueError, match="this engine was built for another model"):
+        generate_release_actions(_model(6), prompts, LAYOUT, D, 8, engine=engine)
+
+
+def test_a_layout_given_for_a_model_without_one_decodes(rng):
+    """A model that carries no layout (model.layout None) decodes with the layout given, and so does a model whose
+    own layout is another of the same vocabulary: the engine is built with the layout passed, the tokens are those
+    of the model with that layout."""
+    import dataclasses
+
+    model, prompts = _model(5), _prompts(rng, 2)
+    want = [g.tokens.tolist() for g in generate_release_actions(model, prompts, LAYOUT, D, 8)]
+    model.layout = None
+    assert [g.tokens.tolist() for g in generate_release_actions(model, prompts, LAYOUT, D, 8)] == want
+    model.layout = dataclasses.replace(LAYOUT, name="renamed")
+    assert [g.tokens.tolist() for g in generate_release_actions(model, prompts, LAYOUT, D, 8)] == want
+
+
+def test_a_malformed_first_token_gives_no_token_and_no_action():
+    """An EOA as the first generated token (before any block): generation stops there with no token, as an integer
+    sequence, and no action; the release's procedure refuses the same output."""
+    model = _model(9)
+    p = _prompts(torch.Generator().manual_seed(9), 1)[0]
+    template = [EOA, BOA, *[X] * D, EOA]
+    (got,) = generate_release_actions(model, p, LAYOUT, D, 20, logits_processor=_forcing(template, p.numel()))
+    assert got.malformed and got.tokens.dtype == torch.long and got.tokens.numel() == 0
+    assert got.actions.shape == (0, D + 2)
+    with pytest.raises(ValueError, match="malformed action blocks.*EOA before any action block"):
+        baseline_generate_action_chunk(model, p, LAYOUT, 1, D, max_new_tokens=20,
+                                       logits_processor=_forcing(template, p.numel()))
