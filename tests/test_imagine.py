@@ -854,3 +854,64 @@ def test_a_demo_run_prints_each_steps_scores_on_its_own_line(files, tmp_path, ca
     names = ("psnr_per_step", "ssim_per_step", "copy_first_psnr_per_step", "copy_first_ssim_per_step",
              "vqgan_recon_psnr_per_step", "vqgan_recon_ssim_per_step")
     np.testing.assert_allclose([r[1:] for r in rows], [[sc[n][k] for n in names] for k in range(3)], atol=0.006)
+
+
+def test_a_start_past_the_last_step_is_refused_with_the_last_start_that_works(files):
+    """An episode of 6 frames has a recorded frame after --start 4 at most: the refusal of --start 5 names 4, and
+    --start 4 gives one step against the last frame."""
+    from worldvla.eval.imagine import demo_segment
+
+    demos = files / "demos.hdf5"
+    with pytest.raises(ValueError, match=r"has 6 frames; --start 5 leaves no recorded frame after it \(use --start 4 "
+                                         r"or less\)"):
+        demo_segment(demos, 0, 5, 8, rotate_180=False)
+    first, actions, real, _ = demo_segment(demos, 0, 4, 8, rotate_180=False)
+    (episode,) = read_demos(demos, rotate_180=False)[:1]
+    assert actions.shape == (1, 4) and len(real) == 1
+    np.testing.assert_array_equal(first, episode.frames[4])
+    np.testing.assert_array_equal(real[0], episode.frames[5])
+
+
+def test_load_actions_names_the_shape_of_a_single_action_of_the_wrong_size(tmp_path):
+    """A one-dimensional .npy of 5 values for a 4-value policy is refused as the (5,) array it is, not as a
+    [1, 5] table it was never saved as."""
+    from worldvla.eval.imagine import load_actions
+
+    np.save(tmp_path / "five.npy", np.zeros(5))
+    with pytest.raises(ValueError, match=r"five.npy: actions must be \[T, 4\] .*got shape \(5,\)$"):
+        load_actions(tmp_path / "five.npy", 4)
+
+
+def test_an_image_run_records_the_frame_size_and_plays_its_gif_at_four_frames_a_second(files, tmp_path):
+    """rollout.json says the size the frames were imagined at (the policy's 32 px, not the image's 40), and
+    rollout.gif shows each frame for a quarter of a second, slow enough to follow a step."""
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 40, 3), 60, dtype=np.uint8)).save(tmp_path / "f.png")
+    np.save(tmp_path / "a.npy", np.full((2, 4), 0.25))
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--image", tmp_path / "f.png", "--actions", tmp_path / "a.npy", "--out", out) == 0
+    assert json.loads((out / "rollout.json").read_text())["image_size"] == 32
+    with Image.open(out / "rollout.gif") as gif:
+        assert gif.size == (32, 32)
+        durations = []
+        for k in range(gif.n_frames):
+            gif.seek(k)
+            durations.append(gif.info["duration"])
+    assert durations and set(durations) == {250}
+
+
+def test_run_refuses_a_temperature_that_is_not_finite_given_in_code(files, tmp_path):
+    """The command line refuses --temperature inf or nan itself; arguments built in code (a NaN passes every
+    comparison with 0) are refused by `run` before anything is loaded or written."""
+    import argparse
+
+    from worldvla.eval import imagine
+
+    args = imagine.add_arguments(argparse.ArgumentParser()).parse_args(
+        [str(files / "policy"), "--demos", str(files / "demos.hdf5"), "--out", str(tmp_path / "o")])
+    for bad in (float("nan"), float("inf")):
+        args.temperature = bad
+        with pytest.raises(ValueError, match=f"--temperature must be finite, got {bad}"):
+            imagine.run(args)
+    assert not (tmp_path / "o").exists()

@@ -183,3 +183,32 @@ def test_read_log_keeps_the_lines_around_bytes_that_are_not_text(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe{"step": 2\n{"step": 3, "loss": 1.0}\n')
     assert plots.read_log(log) == [{"step": 1, "loss": 2.0}, {"step": 3, "loss": 1.0}]
+
+
+def test_integer_frames_at_the_ends_of_the_pixel_range_are_taken_and_past_them_refused(tmp_path):
+    """Integer pixels of exactly 0 and 255 are pixels (black and white), written as they are; -1 and 256 are
+    refused, naming the range."""
+    from PIL import Image
+
+    frames = np.zeros((2, 8, 8, 3), np.int64)
+    frames[:, :, 4:] = 255
+    with Image.open(plots.frame_grid([frames], tmp_path / "g.png", pad=0)) as im:
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.concatenate(list(frames), axis=1))
+    with Image.open(plots.save_gif(frames, tmp_path / "g.gif")) as im:
+        assert np.asarray(im.convert("RGB")).tolist() == frames[0].tolist()
+    for bad, where in ((-1, r"\[-1, 255\]"), (256, r"\[0, 256\]")):
+        frames[0, 0, 0, 0] = bad
+        with pytest.raises(ValueError, match=r"must hold pixel values in \[0, 255\], got int64 values in " + where):
+            plots.save_gif(frames, tmp_path / "bad.gif")
+        frames[0, 0, 0, 0] = 0
+    assert not (tmp_path / "bad.gif").exists()
+
+
+def test_save_gif_rounds_a_frames_delay_to_the_nearest_millisecond(tmp_path):
+    """At 51 frames a second a frame lasts 19.6 ms: rounded to 20 ms (two hundredths of a second in the GIF), not
+    cut to 19 ms, which the GIF's hundredths store as 10 ms, twice the rate asked for."""
+    from PIL import Image
+
+    distinct = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (0, 100, 200)])
+    with Image.open(plots.save_gif(distinct, tmp_path / "x.gif", fps=51)) as im:
+        assert im.info["duration"] == 20
