@@ -238,3 +238,174 @@ def test_an_atomic_write_through_a_symbolic_link_updates_its_target_and_keeps_th
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert target.read_text() == "new"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["metrics.json", "run", "run7.json", "shared"]
+
+
+def _tiny_hf_config():
+    from worldvla.checkpoint import config_to_hf
+
+    return config_to_hf(ModelConfig.tiny())
+
+
+def test_rope_parameters_without_a_base_or_a_type_take_rope_theta_and_plain_rope():
+    """transformers 5 writes `rope_parameters` beside 4.x's `rope_theta`; one that gives no base of its own (or no
+    rope_type, which means "default") is no second, conflicting base: the folder loads with rope_theta's."""
+    from worldvla.checkpoint import config_from_hf
+
+    d = {**_tiny_hf_config(), "rope_theta": 5e5}
+    for params in ({"rope_type": "default"}, {}, {"rope_theta": 5e5}):
+        assert config_from_hf({**d, "rope_parameters": params}).rope_theta == 5e5
+    del d["rope_theta"]
+    assert config_from_hf({**d, "rope_parameters": {"rope_theta": 2e4}}).rope_theta == 2e4
+    with pytest.raises(ValueError, match="two RoPE bases"):
+        config_from_hf({**d, "rope_theta": 5e5, "rope_parameters": {"rope_theta": 2e4}})
+
+
+def test_a_rope_theta_of_true_is_refused_naming_the_key_not_read_as_one(tmp_path):
+    """JSON's `true` is no RoPE base: read as the number 1.0 it would build a model of another base without a word;
+    the load names rope_theta and the value."""
+    import json
+
+    f = tmp_path / "ck"
+    WorldVLA(ModelConfig.tiny()).save_pretrained(f)
+    cfg = json.loads((f / "config.json").read_text())
+    cfg.pop("rope_parameters")
+    cfg["rope_theta"] = True
+    (f / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"rope_theta must be a finite number > 0, got True"):
+        WorldVLA.from_pretrained(f)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links")
+def test_a_save_keeps_a_dangling_link_of_the_callers_in_the_folder(tmp_path):
+    """A caller's symbolic link in a model folder whose target is gone (a tokenizer on an unmounted disk) is carried
+    into the new save as a link; flushing the new folder to the disk skips links, so the save does not fail on it."""
+    f = tmp_path / "ck"
+    m = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    m.save_pretrained(f)
+    (f / "tokenizer.json").symlink_to(tmp_path / "gone" / "tokenizer.json")
+    m.save_pretrained(f)
+    assert os.readlink(f / "tokenizer.json") == str(tmp_path / "gone" / "tokenizer.json")
+    assert sorted(p.name for p in f.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_a_name_whose_temporary_name_fits_exactly_is_kept_whole(tmp_path):
+    """The temporary name `.{name}.tmp-{pid}-{hex}` of exactly 255 bytes fits: the name is kept whole, and only one
+    byte more cuts it to a hash."""
+    rest = len(f".tmp-{os.getpid()}-") + 12
+    name = "n" * (255 - 1 - rest)
+    p = sibling_name(tmp_path / name, "tmp")
+    assert len(os.fsencode(p.name)) == 255 and p.name.startswith(f".{name}.tmp-")
+    cut = sibling_name(tmp_path / (name + "n"), "tmp")
+    assert len(os.fsencode(cut.name)) <= 255 and "~" in cut.name and not cut.name.startswith(f".{name}n.tmp-")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a killed save's pid is checked on POSIX only")
+def test_a_folder_named_with_a_pid_no_process_can_have_is_removed(tmp_path):
+    """A `.ck.tmp-<pid>-*` folder whose pid is past any the system gives (too large for a signal) belongs to no
+    running process: it is removed as a killed save's, not kept for ever."""
+    huge = tmp_path / f".ck.tmp-{2 ** 70}-0123456789ab"
+    huge.mkdir()
+    (huge / "model.safetensors").write_bytes(b"half")
+    remove_stale(tmp_path, re.escape("ck"), ("tmp", "old"), restore="old")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links; a killed save's pid is checked on POSIX only")
+def test_a_link_named_as_a_set_aside_folder_is_not_taken_for_one(tmp_path):
+    """A symbolic link that happens to bear a killed save's hidden name (to a folder, or a file) is no folder or file
+    a save left: it is neither renamed to the checkpoint's name nor removed."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "f").write_text("kept")
+    link = _dead_sibling(tmp_path / "ck", "old")
+    link.symlink_to(target)
+    remove_stale(tmp_path, re.escape("ck"), ("tmp", "old"), restore="old")
+    assert not (tmp_path / "ck").exists() and link.is_symlink() and (target / "f").read_text() == "kept"
+    with pytest.raises(FileNotFoundError, match="no such folder") as err:
+        check_folder(tmp_path / "ck", "model")
+    assert "older folder" not in str(err.value)
+    file_link = _dead_sibling(tmp_path / "notes.txt", "tmp")
+    file_link.symlink_to(target / "f")
+    write_text_atomic(tmp_path / "notes.txt", "new")
+    assert file_link.is_symlink() and (tmp_path / "notes.txt").read_text() == "new"
+
+
+def test_a_save_to_a_path_that_is_a_file_is_refused_and_leaves_the_file(tmp_path):
+    """A model saved to the name of a file is refused naming it, before anything is written: the file stays as it
+    was and no temporary folder is left beside it."""
+    f = tmp_path / "ck"
+    f.write_text("notes")
+    with pytest.raises(NotADirectoryError, match=rf"{re.escape(str(f))} is a file, not a folder"):
+        WorldVLA(ModelConfig.tiny()).save_pretrained(f)
+    assert f.read_text() == "notes" and [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a killed save's pid is checked on POSIX only")
+def test_a_missing_folder_names_the_newest_of_two_set_aside_folders(tmp_path):
+    """Two saves killed between their renames left two older folders aside: the error of the missing folder names the
+    newer (by time, not by name), the one the next save puts back."""
+    ck = tmp_path / "ck"
+    asides = [_dead_sibling(ck, "old") for _ in range(2)]
+    for p in asides:
+        p.mkdir()
+    newest = max(asides, key=lambda p: p.name)  # the later name, made the older by time
+    for p, when in ((newest, 1_000_000), (min(asides, key=lambda p: p.name), 2_000_000)):
+        os.utime(p, (when, when))
+    other = min(asides, key=lambda p: p.name)
+    with pytest.raises(FileNotFoundError, match=f"left the older folder at {re.escape(str(other))}: rename it back"):
+        check_folder(ck, "model")
+
+
+def test_linking_a_model_folder_says_when_it_copied_instead(tmp_path, monkeypatch):
+    """Where the file system makes no hard links (another disk), the files are copied and the call says so (False),
+    so that a caller that counted on shared disk space can tell; the copy loads the same weights."""
+    from worldvla.checkpoint import link_model_files
+
+    model = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "src")
+    assert link_model_files(tmp_path / "src", tmp_path / "linked")
+    assert (tmp_path / "linked" / "model.safetensors").stat().st_nlink == 2
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    assert link_model_files(tmp_path / "src", tmp_path / "copied") is False
+    assert (tmp_path / "copied" / "model.safetensors").stat().st_nlink == 1
+    got = WorldVLA.from_pretrained(tmp_path / "copied").state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a killed save's pid is checked on POSIX only")
+def test_a_missing_policy_folder_gets_one_hint_the_set_aside_folder_where_there_is_one(tmp_path):
+    """A missing policy folder is told where `worldvla train` and `worldvla demo` write one; where a killed save set
+    the older folder aside, the error names that folder alone, not both."""
+    with pytest.raises(FileNotFoundError, match=r"no such folder \(expected a policy folder\); `worldvla train` "
+                                                r"writes one to <its --out>/policy"):
+        check_folder(tmp_path / "policy", "policy")
+    aside = _dead_sibling(tmp_path / "policy", "old")
+    aside.mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        check_folder(tmp_path / "policy", "policy")
+    assert str(err.value).endswith(f"left the older folder at {aside}: rename it back to policy (the next save to "
+                                   f"{tmp_path / 'policy'} does so)")
+    assert "worldvla train" not in str(err.value)
+
+
+def test_only_a_model_folder_given_for_a_policy_is_told_to_write_a_policy_around_it(tmp_path):
+    """save_policy writes a policy folder around a model, not around a VQGAN: a VQGAN folder given for a policy is
+    told its own loader only."""
+    import json
+
+    vq, lm = tmp_path / "codec", tmp_path / "lm"
+    vq.mkdir()
+    (vq / "config.json").write_text(json.dumps({"ch_mult": [1, 2], "n_embed": 8, "z_channels": 4}))
+    WorldVLA(ModelConfig.tiny()).save_pretrained(lm)
+    with pytest.raises(FileNotFoundError) as err:
+        check_folder(vq, "policy")
+    assert str(err.value).endswith("not a policy folder: load it with VQGAN.from_pretrained")
+    with pytest.raises(FileNotFoundError) as err:
+        check_folder(lm, "policy")
+    assert str(err.value).endswith("not a policy folder: load it with WorldVLA.from_pretrained (or write a policy "
+                                   "folder around it with worldvla.inference.save_policy)")
