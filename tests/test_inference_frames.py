@@ -676,12 +676,8 @@ def test_actions_for_another_number_of_images_are_refused_before_the_vqgan(monke
     assert not encoded
 
 
-def test_the_progress_bar_counts_the_rollouts_steps(rng, monkeypatch):
-    """progress=True shows one bar over the rollout's T steps (not its N images), advanced once a step and closed
-    at the end."""
-    import tqdm.auto
-
-    bars = []
+def _recording_bar(bars: list):
+    """A tqdm stand-in class whose bars, appended to `bars`, record their total, count and whether they closed."""
 
     class Bar:
         def __init__(self, total, **kw):
@@ -693,6 +689,17 @@ def test_the_progress_bar_counts_the_rollouts_steps(rng, monkeypatch):
 
         def close(self):
             self.closed = True
+
+    return Bar
+
+
+def test_the_progress_bar_counts_the_rollouts_steps(rng, monkeypatch):
+    """progress=True shows one bar over the rollout's T steps (not its N images), advanced once a step and closed
+    at the end."""
+    import tqdm.auto
+
+    bars = []
+    Bar = _recording_bar(bars)
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     model, b, vq = _model(4), _builder(), _tiny_vqgan()
@@ -949,17 +956,7 @@ def test_the_progress_bar_is_closed_when_a_step_fails(rng, monkeypatch):
     from worldvla.inference import frames
 
     bars = []
-
-    class Bar:
-        def __init__(self, total, **kw):
-            self.total, self.n, self.closed = total, 0, False
-            bars.append(self)
-
-        def update(self, n=1):
-            self.n += n
-
-        def close(self):
-            self.closed = True
+    Bar = _recording_bar(bars)
 
     class StepFailed(Exception):
         pass
