@@ -71,7 +71,10 @@ class VQGANConfig:
             setattr(self, name, tuple(_whole(f"{name}[{i}]", v) for i, v in enumerate(value)))
         for name in ("ch", "num_res_blocks", "z_channels", "n_embed", "embed_dim", "in_channels", "out_ch",
                      "resolution"):
-            setattr(self, name, _whole(name, getattr(self, name)))
+            value = _whole(name, getattr(self, name))
+            if value < 1:
+                raise ValueError(f"the VQGAN config's {name} must be >= 1, got {value}")
+            setattr(self, name, value)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) \
                 or not 0.0 <= self.dropout < 1.0:  # 1 drops every residual branch's output: nothing would train
             raise ValueError(f"the VQGAN config's dropout must be a probability in [0, 1), got {self.dropout!r}")
@@ -80,10 +83,6 @@ class VQGANConfig:
                              "model does not use; set double_z=False")
         if len(self.ch_mult) < 1:
             raise ValueError("ch_mult needs at least one level")
-        for name in ("ch", "num_res_blocks", "z_channels", "n_embed", "embed_dim", "in_channels", "out_ch",
-                     "resolution"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"the VQGAN config's {name} must be >= 1, got {getattr(self, name)}")
         for m in self.ch_mult:
             if m < 1 or (self.ch * m) % 32:
                 raise ValueError(f"every level's channel count ch*ch_mult[i] must be a positive multiple of 32 "

@@ -495,8 +495,9 @@ def _to_cpu(obj):
 
 def latest_checkpoint(run_dir) -> Path | None:
     """The run's newest complete checkpoint: the one `latest` names, or a later one written after it (its
-    state.json `follows` it) whose pointer write a crash cut off. Without a usable pointer: the highest step. A step whose save again was
-    killed between its two renames is found at its older copy's folder (`_set_aside`), which the next save puts back."""
+    state.json `follows` it) whose pointer write a crash cut off. Without a usable pointer: the highest step. A step
+    whose second save was killed between its two renames is found at its older copy's folder (`_set_aside`), which
+    the next save puts back."""
     root = Path(run_dir) / "checkpoints"
     done = {p.name: p for p in root.glob("step_*") if p.is_dir() and (p / "state.json").is_file()}
     done.update(_set_aside(root))  # found where a killed save of the same step left it, until the next save
