@@ -3550,6 +3550,27 @@ def test_a_reply_whose_actions_are_not_floating_point_is_refused_naming_the_dtyp
         np.testing.assert_array_equal(got, chunk.astype(dtype).astype(np.float32))
 
 
+def test_a_reply_whose_actions_are_not_finite_is_refused_naming_the_first(monkeypatch):
+    """A chunk holding NaN or inf, or a float64 value past float32's range (which the cast would make inf), is
+    refused with the count and the first place: a robot must not be handed a command it cannot execute. The
+    largest finite float32 passes."""
+    big = float(np.finfo(np.float32).max)
+    chunks = []
+    for value, dtype in ((np.nan, np.float32), (-np.inf, np.float16), (1e39, np.float64), (big, np.float64)):
+        chunk = np.full((K, D), 0.25, dtype)
+        chunk[1, 2] = chunk[K - 1, 0] = value
+        chunks.append(chunk)
+    client, _ = _offline_client(monkeypatch, _FakeConnection(
+        [_echo_id({"ok": True}), *(_echo_id({"ok": True, "actions": c}) for c in chunks)]))
+    client.reset("wave")
+    for first in ("nan", "-inf", "inf"):
+        with pytest.raises(PolicyServerError, match=rf"^server reply's 'actions' hold 2 value\(s\) that are not "
+                                                    rf"finite as float32, the first {first} at \[1, 2\]: "):
+            client.act(np.zeros((8, 8, 3), np.uint8))
+    got = client.act(np.zeros((8, 8, 3), np.uint8))
+    assert got[1, 2] == got[K - 1, 0] == big and got.dtype == np.float32
+
+
 # ---------------------------------------------------------------- replies: error texts, timing, health
 def test_unknown_field_names_are_shown_whole_up_to_40_characters_and_listed_up_to_eight():
     """A field name of 40 characters is shown whole and one of 41 cut short; eight unknown fields are all listed,

@@ -318,7 +318,7 @@ class PolicyClient:
 
     def act(self, image: np.ndarray, previous_image: np.ndarray | None = None) -> np.ndarray:
         """Action chunk [K, D] float32 for one RGB uint8 frame [H, W, 3] (an array of its own, writable). A reply
-        whose actions are not floating point raises `PolicyServerError` naming their dtype."""
+        whose actions are not floating point, or not finite as float32, raises `PolicyServerError`."""
         self._check_open()
         if self.episode is None:
             raise RuntimeError("no episode: call reset(instruction) before act() (a reset that was refused or "
@@ -337,7 +337,15 @@ class PolicyClient:
                                     "expected a float32 [K, D] chunk")
         # float32, as promised, and an array the caller may change in place (decoded arrays are read-only views
         # of the reply's bytes)
-        return actions if actions.dtype == np.float32 and actions.flags.writeable else actions.astype(np.float32)
+        if actions.dtype != np.float32 or not actions.flags.writeable:
+            with np.errstate(over="ignore"):  # a value past float32's range becomes inf, refused just below
+                actions = actions.astype(np.float32)
+        bad = ~np.isfinite(actions)
+        if bad.any():  # NaN, inf, or a float64 past float32's range: no command a robot can execute
+            k, d = np.argwhere(bad)[0]
+            raise PolicyServerError(f"server reply's 'actions' hold {int(bad.sum())} value(s) that are not finite "
+                                    f"as float32, the first {actions[k, d]} at [{k}, {d}]: refusing the chunk")
+        return actions
 
     def health(self) -> dict:
         """GET /healthz on the same host and port."""
