@@ -125,7 +125,7 @@ def test_a_model_saved_to_a_path_under_home_loads_from_it(tmp_path, monkeypatch)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
 def test_two_folders_exchange_their_names_or_the_file_system_is_the_reason_they_do_not(tmp_path):
-    """`_exchange` swaps two existing folders (RENAME_EXCHANGE). A wrong flag (RENAME_NOREPLACE refuses an existing
+    """`exchange_names` swaps two existing folders (RENAME_EXCHANGE). A wrong flag (RENAME_NOREPLACE refuses an existing
     target) would make every save fall back to two renames, leaving the checkpoint's name free between them,
     while the test of the exchange skips as if the file system could not: a failure must be the file system's."""
     import ctypes
@@ -138,7 +138,7 @@ def test_two_folders_exchange_their_names_or_the_file_system_is_the_reason_they_
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     (a / "from_a").write_text("")
-    if not ck._exchange(a, b):
+    if not ck.exchange_names(a, b):
         assert ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP), os.strerror(ctypes.get_errno())
         assert [p.name for p in a.iterdir()] == ["from_a"] and list(b.iterdir()) == []
         pytest.skip("this file system cannot exchange names")

@@ -330,7 +330,7 @@ def test_an_interrupt_after_the_new_folder_took_the_name_keeps_it(tmp_path, monk
     new = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(1))
     f = tmp_path / "ck"
     old.save_pretrained(f)
-    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(ck, "exchange_names", lambda a, b: False)
     real = ck.fsync_path
 
     def interrupted(p):

@@ -659,7 +659,7 @@ def test_an_interrupt_between_the_two_renames_leaves_the_older_folder(tmp_path, 
     f = tmp_path / "ck"
     old.save_pretrained(f)
     (f / "notes.txt").write_text("mine")
-    monkeypatch.setattr(ck, "_exchange", lambda a, b: False, raising=False)  # a file system without it
+    monkeypatch.setattr(ck, "exchange_names", lambda a, b: False, raising=False)  # a file system without it
     real = os.replace
 
     def interrupted(src, dst):
@@ -691,7 +691,7 @@ def test_the_checkpoints_name_is_never_free_where_linux_exchanges_names(tmp_path
     probe = tmp_path / "probe"
     (probe / "a").mkdir(parents=True)
     (probe / "b").mkdir()
-    if hasattr(ck, "_exchange") and not ck._exchange(probe / "a", probe / "b"):
+    if hasattr(ck, "exchange_names") and not ck.exchange_names(probe / "a", probe / "b"):
         pytest.skip("no renameat2(RENAME_EXCHANGE) here")
     shutil.rmtree(probe)
     old = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
@@ -707,13 +707,13 @@ def test_the_checkpoints_name_is_never_free_where_linux_exchanges_names(tmp_path
     got = WorldVLA.from_pretrained(f).state_dict()
     assert all(torch.equal(v, got[k]) for k, v in new.state_dict().items())
 
-    real_exchange = ck._exchange
+    real_exchange = ck.exchange_names
 
     def interrupted(a, b):
         assert real_exchange(a, b)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ck, "_exchange", interrupted)
+    monkeypatch.setattr(ck, "exchange_names", interrupted)
     with pytest.raises(KeyboardInterrupt):
         old.save_pretrained(f)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

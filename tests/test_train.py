@@ -1,6 +1,7 @@
 """The WorldVLA trainer: data order, batch splitting, schedule, loss bookkeeping, exact resume,
 and FSDP2 across two Gloo processes (torchrun) against a single process."""
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -376,7 +377,7 @@ def test_a_step_saved_again_has_a_complete_copy_at_every_moment(tmp_path, monkey
     run = tmp_path / "two"
     model, opt = pair(0)
     ckm.save_checkpoint(run, 5, model, opt, {"mark": 1}, keep_last=1)
-    monkeypatch.setattr(ckm, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(ckm, "exchange_names", lambda a, b: False)
     monkeypatch.setattr(os, "replace", killed_at_second)
     with torch.no_grad():
         model.weight += 1.0
@@ -1329,6 +1330,26 @@ def test_a_damaged_checkpoint_file_is_refused_naming_it_and_the_older_checkpoint
                                          r"no older checkpoint to resume from"):
         load_checkpoint(tmp_path / "checkpoints" / "step_00000001", model, opt)
     assert load_checkpoint(tmp_path, model, opt)["step"] == 3
+
+
+def test_a_damaged_checkpoint_names_an_older_step_set_aside_by_a_killed_save_where_resume_finds_it(tmp_path):
+    """An older step whose second save was killed between its two renames is complete only under its set-aside
+    name: the refusal of a newer damaged checkpoint names that folder, the one --resume then continues from."""
+    from worldvla.train.checkpointing import SET_ASIDE, resumable_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    for step in (1, 2, 3):
+        ck = save_checkpoint(tmp_path, step, model, opt, {})
+    root = tmp_path / "checkpoints"
+    (root / "step_00000002").rename(root / f"{SET_ASIDE}step_00000002")
+    (ck / "model.pt").write_bytes(b"cut short")
+    with pytest.raises(ValueError, match=rf"resume from an older checkpoint of the run: step_00000001, "
+                                         rf"{SET_ASIDE}step_00000002 \(remove {ck}, and --resume continues from "
+                                         rf"{SET_ASIDE}step_00000002\)"):
+        load_checkpoint(tmp_path, model, opt)
+    shutil.rmtree(ck)
+    assert resumable_checkpoint(tmp_path) == root / f"{SET_ASIDE}step_00000002"
 
 
 def _fsdp_damaged_worker(rank, world, init_file, store, out):

@@ -318,7 +318,7 @@ def _renameat2():
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def exchange_names(a: Path, b: Path) -> bool:
     """Swap the names of two folders in one atomic step (Linux's renameat2 with RENAME_EXCHANGE), so that no
     moment, not even a SIGKILL's, leaves `b`'s name free; False, with nothing changed, where the system or the
     file system cannot (the caller then renames twice)."""
@@ -349,7 +349,7 @@ def replace_folder(path, write, keep=None) -> None:
     bool` picks entries of the older folder to carry over into the new one (hard links where possible)
     when `write` did not write them. The new folder is flushed to the disk before it is renamed in
     (`fsync_tree`). The older folder and the new one exchange their names in one step where Linux can
-    (`_exchange`); elsewhere the older one is renamed aside first, and put back if the second rename
+    (`exchange_names`); elsewhere the older one is renamed aside first, and put back if the second rename
     does not follow. Folders that killed saves left beside `path` are removed first, and an older folder
     such a save set aside is put back (`remove_stale`)."""
     path = Path(path).expanduser()  # the folder `check_folder` (a load) reads back
@@ -368,7 +368,7 @@ def replace_folder(path, write, keep=None) -> None:
                 if keep(entry.name) and not os.path.lexists(tmp / entry.name):
                     _carry_over(entry, tmp / entry.name)
         fsync_tree(tmp)  # on the disk before its name is
-        if not (path.exists() and _exchange(tmp, path)):  # exchanged: tmp now names the older folder
+        if not (path.exists() and exchange_names(tmp, path)):  # exchanged: tmp now names the older folder
             if path.exists():
                 aside = sibling_name(path, "old")
                 os.replace(path, aside)

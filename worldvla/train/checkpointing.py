@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from ..checkpoint import _exchange, fsync_path, write_text_atomic
+from ..checkpoint import exchange_names, fsync_path, write_text_atomic
 from . import distributed as dist_utils
 from ..checks import is_count
 
@@ -123,7 +123,7 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last
             old = root / f"{SET_ASIDE}{name}"
             if old.exists():
                 shutil.rmtree(old)
-            if _exchange(tmp, final):  # one step: the name is never free; tmp now names the older copy
+            if exchange_names(tmp, final):  # one step: the name is never free; tmp now names the older copy
                 done_with = tmp
             else:  # two renames: a kill between them leaves the older copy at `old`, found there until put back
                 os.replace(final, old)
@@ -300,6 +300,14 @@ def _set_aside(root: Path) -> dict[str, Path]:
     renames, left set aside (`SET_ASIDE`) with the step's own name free: each is that step's only copy."""
     return {p.name[len(SET_ASIDE):]: p for p in root.glob(f"{SET_ASIDE}step_*")
             if p.is_dir() and (p / "state.json").is_file() and not os.path.lexists(root / p.name[len(SET_ASIDE):])}
+
+
+def _complete(root: Path) -> dict[str, Path]:
+    """{step name: folder} of the complete checkpoints under `root`, a set-aside copy (`_set_aside`) under its step's
+    name: the ones a --resume can take."""
+    done = {p.name: p for p in root.glob("step_*") if p.is_dir() and (p / "state.json").is_file()}
+    done.update(_set_aside(root))  # found where a killed save of the same step left it, until the next save
+    return done
 
 
 def has_checkpoints(run_dir) -> bool:
@@ -499,8 +507,7 @@ def latest_checkpoint(run_dir) -> Path | None:
     whose second save was killed between its two renames is found at its older copy's folder (`_set_aside`), which
     the next save puts back."""
     root = Path(run_dir) / "checkpoints"
-    done = {p.name: p for p in root.glob("step_*") if p.is_dir() and (p / "state.json").is_file()}
-    done.update(_set_aside(root))  # found where a killed save of the same step left it, until the next save
+    done = _complete(root)
     pointer = root / LATEST
     path = done.get(pointer.read_text().strip()) if pointer.is_file() else None
     if path is None:
@@ -592,8 +599,7 @@ def _damaged(file: Path, err: BaseException) -> str:
 
 def _older_fix(folder: Path) -> str:
     """How to resume a run whose checkpoint `folder` cannot be: from the complete checkpoints older than it."""
-    older = sorted((p for p in folder.parent.glob("step_*") if (p / "state.json").is_file() and p != folder
-                    and _step_of(p) < _step_of(folder)), key=_step_of)
+    older = sorted((p for p in _complete(folder.parent).values() if _step_of(p) < _step_of(folder)), key=_step_of)
     if older:
         return (f"resume from an older checkpoint of the run: {', '.join(p.name for p in older[-3:])} (remove "
                 f"{folder}, and --resume continues from {older[-1].name})")
