@@ -264,14 +264,14 @@ def test_config_jsons_dtype_wins_over_an_older_torch_dtype(tmp_path):
 
 
 def test_a_shard_that_fills_the_size_limit_exactly_is_not_split(tmp_path):
-    """shard_size_gb is the largest a shard may be: tensors whose bytes add up to exactly the limit share one
-    shard, and the next tensor starts the second."""
+    """shard_size_gb is the largest a shard may be, in GB of 10**9 bytes (transformers' "5GB"): tensors whose bytes
+    add up to exactly the limit share one shard, and the next tensor starts the second."""
     model = WorldVLA(ModelConfig.tiny())
     sd = model.state_dict()
     names = list(sd)
     first = names[:3]
     limit = sum(sd[k].numel() * sd[k].element_size() for k in first)
-    model.save_pretrained(tmp_path / "ck", shard_size_gb=limit / 2 ** 30)
+    model.save_pretrained(tmp_path / "ck", shard_size_gb=limit / 1e9)
     index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
     in_first = sorted(k for k, f in index["weight_map"].items() if f.startswith("model-00001-of-"))
     assert in_first == sorted(first)
@@ -408,7 +408,7 @@ def test_a_shard_index_that_names_no_file_is_refused_naming_it(tmp_path, weight_
     sorting; one that maps nothing said "no weights found" beside the index."""
     model = WorldVLA(ModelConfig.tiny())
     f = tmp_path / "ck"
-    model.save_pretrained(f, shard_size_gb=20e3 / 2 ** 30)
+    model.save_pretrained(f, shard_size_gb=20e3 / 1e9)
     index = json.loads((f / "model.safetensors.index.json").read_text())
     mapped = {**index["weight_map"], **weight_map} if weight_map else {}
     (f / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": mapped}))

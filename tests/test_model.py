@@ -67,7 +67,7 @@ def test_release_folder_variants(tmp_path):
     sd["model.vqmodel.quantize.embedding.weight"] = torch.randn(8, 32)
     torch.save(sd, alt / "pytorch_model.bin")
     assert torch.equal(WorldVLA.from_pretrained(alt)(ids), want)
-    ours.save_pretrained(tmp_path / "sharded", shard_size_gb=20e3 / 2**30)
+    ours.save_pretrained(tmp_path / "sharded", shard_size_gb=20e3 / 1e9)
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert torch.equal(WorldVLA.from_pretrained(tmp_path / "sharded")(ids), want)
 
@@ -783,7 +783,7 @@ def test_a_tensor_in_two_shards_is_refused_naming_both(tmp_path):
 
     m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(0))
     f = tmp_path / "s"
-    m.save_pretrained(f, shard_size_gb=60e3 / 2**30)
+    m.save_pretrained(f, shard_size_gb=60e3 / 1e9)
     weight_map = json.loads((f / "model.safetensors.index.json").read_text())["weight_map"]
     files = sorted(set(weight_map.values()))
     key = next(k for k, name in weight_map.items() if name == files[0])

@@ -705,7 +705,8 @@ def load_model(path, device=None, dtype=None) -> WorldVLA:
 
 
 def save_model(model: WorldVLA, path, shard_size_gb: float = 5.0) -> None:
-    """Write `config.json` and the weights (one file, or shards with an index past `shard_size_gb`).
+    """Write `config.json` and the weights (one file, or shards with an index past `shard_size_gb`, in GB of
+    10**9 bytes).
 
     The folder is replaced whole (`replace_folder`): no weights of an older save survive next to
     the new ones (a stale shard index would win at load), and a failed save leaves the older
@@ -722,7 +723,7 @@ def save_model(model: WorldVLA, path, shard_size_gb: float = 5.0) -> None:
     # A head tied to the embedding (one tensor under both names), which safetensors refuses to write: each name
     # gets its own copy, as a load gives a tied folder's head one.
     _unshare(sd)
-    limit = int(shard_size_gb * (1 << 30))
+    limit = round(shard_size_gb * 10**9)  # GB as transformers counts them (max_shard_size="5GB"): 10**9 bytes
     shards, cur, size = [], {}, 0
     for k, v in sd.items():
         nbytes = v.numel() * v.element_size()
