@@ -2,6 +2,7 @@
 correctly give one clear error naming the op, the argument and the fix, instead of a torch error from inside
 a backend, a wrong result, or a value read from uninitialized memory."""
 import copy
+import math
 
 import pytest
 import torch
@@ -741,3 +742,113 @@ def test_a_fake_tensors_values_are_not_readable_after_its_mode_has_ended():
         assert not dispatch.values_readable(fake)
     assert not dispatch.values_readable(fake)
     assert dispatch.values_readable(torch.zeros(3, dtype=torch.long))
+
+
+def _lse_rows(logits, targets):
+    """(CE, logsumexp) of each row, by a Python loop over the row's values, in float64."""
+    ce, lse = [], []
+    for row, t in zip(logits.double().tolist(), targets.tolist()):
+        top = max(row)
+        s = top + math.log(sum(math.exp(v - top) for v in row))
+        lse.append(s)
+        ce.append(s - row[t])
+    return ce, lse
+
+
+def test_the_z_loss_mean_comes_back_as_a_value_beside_the_loss_that_carries_the_gradient(lce_inputs):
+    """The second result is the z-loss mean for logging: mean(logsumexp^2) over the labelled rows, without a graph
+    (labelled rows or none), while the loss carries the gradients; for the logits' loss as for the reference."""
+    h, w = lce_inputs
+    hp, wp = h.clone().requires_grad_(), w.clone().requires_grad_()
+    y = torch.arange(9) * 31 % 300
+    y[[2, 6]] = -100
+    keep = y != -100
+    ce, lse = _lse_rows(h[keep] @ w.t(), y[keep])
+    want_z = sum(s * s for s in lse) / len(lse)
+    want_loss = sum(ce) / len(ce) + 1e-3 * want_z
+    logits = hp[keep] @ wp.t()
+    for loss, z in (ops.linear_cross_entropy(hp, wp, y, z_weight=1e-3, backend="torch"),
+                    ops.logits_cross_entropy(logits, y[keep], z_weight=1e-3),
+                    ops.linear_cross_entropy(hp, wp, torch.full((9,), -100), backend="torch"),
+                    ops.logits_cross_entropy(logits[:0], y[:0])):
+        assert loss.requires_grad and not z.requires_grad and z.grad_fn is None
+        if loss.item() != 0:
+            assert math.isclose(z.item(), want_z, rel_tol=1e-5) and math.isclose(loss.item(), want_loss, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [[4], [4, 7]], ids=["one", "two"])
+def test_a_refused_class_weight_names_the_first_and_counts_the_others(lce_inputs, bad):
+    """The refusal names the first bad class and how many more there are: none for one bad weight (no "and 0
+    more"), "and 1 more" for two."""
+    h, w = lce_inputs
+    cw = torch.ones(300)
+    cw[bad] = -1.0
+    more = "" if len(bad) == 1 else " and 1 more"
+    for call in (lambda: ops.linear_cross_entropy(h, w, torch.arange(9), cw, backend="torch"),
+                 lambda: ops.logits_cross_entropy(h @ w.t(), torch.arange(9), cw)):
+        with pytest.raises(ValueError, match=rf"got -1\.0 for class 4{more}; the loss is the targets' CE"):
+            call()
+
+
+def test_logits_cross_entropy_keeps_float64_and_scores_half_precision_in_float32(rng):
+    """float64 logits give a float64 loss and z-loss mean (the formula, to float64 precision), bfloat16 and float16
+    ones float32 results, with labelled rows and with none."""
+    logits = torch.randn(5, 30, generator=rng, dtype=torch.float64) * 3
+    y = torch.tensor([0, 29, 7, 7, 12])
+    ce, lse = _lse_rows(logits, y)
+    loss, z = ops.logits_cross_entropy(logits, y, z_weight=0.25)
+    want_z = sum(s * s for s in lse) / 5
+    assert loss.dtype == z.dtype == torch.float64
+    assert abs(z.item() - want_z) <= 1e-12 * want_z
+    assert abs(loss.item() - (sum(ce) / 5 + 0.25 * want_z)) <= 1e-12 * loss.item()
+    for dtype, rows in ((torch.float64, 0), (torch.bfloat16, 5), (torch.bfloat16, 0), (torch.float16, 0)):
+        loss, z = ops.logits_cross_entropy(logits[:rows].to(dtype), y[:rows])
+        want = torch.float64 if dtype == torch.float64 else torch.float32
+        assert loss.dtype == z.dtype == want, (dtype, rows)
+
+
+def test_vq_quantize_reference_gives_int64_nearest_codes_in_float64_too(rng):
+    """The reference's codes are int64, the nearest code by squared distance (a loop over the codes here), for
+    float32 inputs and for float64 ones, also beside a float32 codebook (cast to the latents' float64)."""
+    z = torch.randn(7, 5, generator=rng, dtype=torch.float64)
+    codebook = torch.randn(11, 5, generator=rng, dtype=torch.float64)
+    want = [min(range(11), key=lambda c: float(((row - codebook[c]) ** 2).sum())) for row in z]
+    for zz, cb in ((z, codebook), (z, codebook.float()), (z.float(), codebook.float())):
+        for backend in ("torch", "auto"):
+            got = ops.vq_quantize(zz, cb, backend=backend)
+            assert got.dtype == torch.int64 and got.tolist() == want, (zz.dtype, cb.dtype, backend)
+        got = ops.vq_quantize_ref(zz, cb)
+        assert got.dtype == torch.int64 and got.tolist() == want, (zz.dtype, cb.dtype)
+
+
+def test_linear_takes_a_single_vector(rng):
+    """x [K] is a vector of the [..., K] that linear takes: it gives the N dot products with the weight's rows."""
+    x, w = torch.randn(12, generator=rng), torch.randn(5, 12, generator=rng)
+    want = torch.tensor([sum(a * b for a, b in zip(x.tolist(), row)) for row in w.tolist()])
+    for backend in ("auto", "torch"):
+        got = ops.linear(x, w, backend=backend)
+        assert got.shape == (5,), backend
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@_needs_native
+def test_without_native_prefill_auto_keeps_the_native_layer_up_to_the_row_limit(rng, monkeypatch):
+    """With NATIVE_PREFILL off, a cached forward of exactly NATIVE_MAX_ROWS rows (2 sequences of 32) is still a
+    decode step and takes the native layer under `auto`; one more row per sequence is a prefill and keeps the
+    modules."""
+    from test_native_decoder import _model, _step
+
+    from worldvla.model import ForwardContext
+    from worldvla.ops import decoder as decoder_op
+    from worldvla.ops import native_backend as nb
+    from worldvla.ops.projection import NATIVE_MAX_ROWS
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    monkeypatch.setattr(decoder_op, "NATIVE_PREFILL", False)
+    model = _model(rng)
+    Q = NATIVE_MAX_ROWS // 2
+    for Q, want in ((Q, nb._dispatched_decoder_layer), (Q + 1, ops.decoder_layer_ref)):
+        x, pos, meta, cache = _step(rng, model.config, 2, Q, S=2 * Q + 10)
+        ctx = ForwardContext(cache=cache, position_ids=pos, decode_meta=meta)
+        with torch.no_grad():
+            assert ops.resolve_decoder_layer(model.model.layers, x, ctx) is want, Q

@@ -199,3 +199,24 @@ def test_constrained_sample_refuses_a_bool_upper_bound(rng):
     h, w = torch.randn(3, 8, generator=rng), torch.randn(30, 8, generator=rng)
     with pytest.raises(TypeError, match=r"the vocabulary range \[lo, hi\) must be integer token ids, got 0 and True"):
         ops.constrained_sample(h, w, 0, True)
+
+
+def test_a_greedy_choice_draws_no_noise(rng):
+    """At temperature 0 (or below) the choice is the argmax and nothing is drawn: the generator's state is left as
+    it was, so the draws after a greedy choice are the ones the generator would have given without it."""
+    logits = torch.randn(3, 20, generator=rng)
+    g = torch.Generator().manual_seed(11)
+    state = g.get_state()
+    for T in (0.0, -0.5):
+        assert torch.equal(sample_logits(logits, T, 4, generator=g), logits.argmax(1)), T
+    assert torch.equal(g.get_state(), state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_noise_of_another_float_dtype_is_refused_naming_it(rng, dtype):
+    """Given noise must be float32, as `draw_gumbel` draws it (a native draw reads it by address as float32):
+    noise of the right shape in another float dtype is refused, naming the dtype and the shape expected."""
+    logits = torch.randn(2, 10, generator=rng)
+    with pytest.raises(ValueError, match=rf"gumbel noise must be float32 \(2, 10\) like the logits, got {dtype} "
+                                         rf"\(2, 10\)"):
+        sample_logits(logits, 1.0, gumbel=torch.zeros(2, 10, dtype=dtype))
