@@ -1569,3 +1569,73 @@ def test_a_row_past_the_engines_last_is_refused_by_name(rng):
     for call in (lambda: eng.row_prefix(2, 4), lambda: eng.set_row_prefix(2, k, v)):
         with pytest.raises(ValueError, match=r"row must be an integer in \[0, 2\) \(the engine's batch rows\), got 2"):
             call()
+
+
+def test_causal_mode_lets_the_generated_actions_see_the_prompts_own_action_blocks(rng):
+    """mode="causal" hides nothing from the generated tokens: a chunk-trained model's prompt with action blocks after
+    its last image is prefilled under the chunk rule, and every generated token attends to those blocks too. The
+    reference recomputes the whole sequence with the chunk rule's metadata for the prompt and no limit after it."""
+    model = _model(7)
+    b = _builder(dim=3)
+    prompt = torch.cat([_prompt(rng, 1)[:-1], b.actions.encode(torch.rand(2, 3, generator=rng) * 2 - 1).flatten(),
+                        torch.tensor([LAYOUT.sep])])
+    P, K, D = prompt.numel(), 3, 3
+    T, (lo, hi) = D + 2, LAYOUT.bin_range
+
+    def reference(hide_prompt_blocks):
+        seq = prompt.clone()
+        for j in range(K * T):
+            if j % T == 0:
+                tok = LAYOUT.boa
+            elif j % T == T - 1:
+                tok = LAYOUT.eoa
+            else:
+                meta = chunk_mask_meta(seq, LAYOUT)
+                meta.q_limit[P:] = 2 if hide_prompt_blocks else -1  # the prompt holds blocks 0 and 1
+                with torch.no_grad():
+                    tok = int(model(seq, meta)[-1, lo:hi].argmax()) + lo
+            seq = torch.cat([seq, torch.tensor([tok])])
+        return seq[P:].view(K, T)
+
+    want = reference(False)
+    assert not torch.equal(want, reference(True))  # the prompt's blocks change the greedy bins
+    assert torch.equal(generate_action_chunk(model, prompt, LAYOUT, K, D, mode="causal"), want)
+    assert torch.equal(generate_action_chunk(model, [prompt, _prompt(rng, 2)], LAYOUT, K, D, mode="causal")[0], want)
+
+
+def test_the_structure_processor_keeps_only_the_ids_each_chunk_position_may_take():
+    """At a bin position only the bin ids [lo, hi) keep their logits (the ids just outside stay -inf); BOA, EOA and,
+    after the K blocks, the separator are the only ids left at their positions."""
+    K, D, P = 2, 3, 11
+    T, (lo, hi) = D + 2, LAYOUT.bin_range
+    proc = chunk_structure_processor(LAYOUT, P, K, D)
+    logits = torch.arange(LAYOUT.vocab_size, dtype=torch.float32)
+    for j in range(K * T + 1):
+        out = proc(torch.zeros(P + j, dtype=torch.long), logits.clone())
+        finite = torch.isfinite(out).nonzero().flatten().tolist()
+        if j == K * T:
+            assert finite == [LAYOUT.sep], j
+        elif j % T == 0:
+            assert finite == [LAYOUT.boa], j
+        elif j % T == T - 1:
+            assert finite == [LAYOUT.eoa], j
+        else:
+            assert finite == list(range(lo, hi)), j
+            assert torch.equal(out[lo:hi], logits[lo:hi])
+
+
+def test_the_release_prefill_gives_the_model_its_attention_backend_back(rng):
+    """release_prefill runs the release's dense-mask attention on the "torch" backend and puts the model's own backend
+    back afterwards, also when the prefill raises."""
+    from worldvla.inference.baseline import release_prefill
+
+    model = _model(8)
+    prompt = _prompt(rng, 1)
+    model.attn_backend = "native"
+    k, v, h = release_prefill(model, prompt, LAYOUT)
+    assert model.attn_backend == "native"
+    assert k.shape[:2] == (model.config.num_hidden_layers, prompt.numel()) and h.shape == (model.config.hidden_size,)
+    bad = torch.cat([prompt[:-1], torch.tensor([LAYOUT.boa, LAYOUT.boa, LAYOUT.sep])])  # a BOA inside an open block
+    with pytest.raises(ValueError):
+        release_prefill(model, bad, LAYOUT)
+    assert model.attn_backend == "native"
