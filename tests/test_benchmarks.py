@@ -2932,3 +2932,170 @@ def test_a_plot_with_no_measured_values_says_so_without_a_warning(tmp_path, monk
     texts.clear()
     common.plot_rows([{"x": 1, "y": 1.0, "g": "a"}], "x", "y", "g", "t", tmp_path / "q.png")
     assert texts == []
+
+
+# ------------------------------------------------------------------ serve_load's report: maxima, refusals, limits, stats
+def test_serve_load_summary_max_is_the_slowest_request_and_a_phase_of_no_time_has_no_throughput():
+    """max_ms is the slowest round trip wherever it came in the phase, not the last one; a phase that served
+    nothing in no time (every single-robot request refused) reports no throughput instead of dividing by zero."""
+    from worldvla.benchmarks import serve_load
+
+    s = serve_load._summary([4.0, 90.0, 7.0, 2.0], 2.0)
+    assert (s["requests"], s["max_ms"], s["throughput_rps"]) == (4, 90.0, 2.0)
+    row = serve_load.single_robot_row([], [], [], [5.0, 6.0], 0.0, 7)
+    assert row["requests"] == 0 and row["throughput_rps"] is None and row["max_ms"] is None
+    assert row["failed_valid"] == 7 and row["rtt_minus_policy_p50_ms"] is None
+
+
+def test_serve_load_bad_client_needs_ok_false_and_an_error_to_count_a_refusal(monkeypatch):
+    """A reply counts as a refusal only when it says ok: false and carries an error: ok: false without an error,
+    an error without ok: false, or a reply that is no map is a malformed request the server did not refuse."""
+    import threading
+
+    import numpy as np
+
+    from worldvla.benchmarks import serve_load
+
+    replies = {"no-error": {"ok": False}, "empty-error": {"ok": False, "error": ""}, "no-ok": {"error": "bad"},
+               "ok-none": {"ok": None, "error": "bad"}, "list": [False, "bad"], "refused": {"ok": False, "error": "bad"}}
+
+    class Socket:
+        def send(self, msg):
+            self.last = msg
+
+        def recv(self, timeout):
+            return serve_load.packb(replies.get(self.last, {"ok": True}))  # the reset opening the episode: ok
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(serve_load, "_connect_raw", lambda url: Socket())
+    monkeypatch.setattr(serve_load, "_bad_payloads",
+                        lambda rng, size, limit, episode: [(k, lambda k=k: k) for k in replies])
+    record = {"sent": 0, "refused": 0, "not_refused": []}
+    serve_load._bad_client("ws://test", np.random.default_rng(0), 8, 1024, threading.Event(), 6, record)
+    assert record["sent"] == 6 and record["refused"] == 1
+    assert record["not_refused"] == ["no-error", "empty-error", "no-ok", "ok-none", "list"]
+
+
+def test_serve_load_takes_a_camera_whose_act_request_is_exactly_the_payload_limit(capsys):
+    """The server refuses a request over --max-payload-mb, not one of exactly that many bytes: a camera whose act
+    request is exactly the limit is taken, one byte more is refused."""
+    from worldvla.benchmarks import serve_load
+
+    size = serve_load.act_request_bytes(1, 40000)
+    mb = size / 2**20  # exact in binary, so int(mb * 2**20) == size
+    assert serve_load.parse_args(["--camera", "1x40000", "--max-payload-mb", repr(mb)]).camera == (1, 40000)
+    with pytest.raises(SystemExit):
+        serve_load.parse_args(["--camera", "1x40000", "--max-payload-mb", repr((size - 1) / 2**20)])
+    assert f"frames make act requests of {size} bytes, over --max-payload-mb" in capsys.readouterr().err
+
+
+def test_serve_load_act_request_bytes_counts_the_request_id_at_its_widest():
+    """The bytes counted are those of a PolicyClient act request whose id is the widest a uint32 can be (a long
+    run's ids grow): an id of 2**32 - 1 takes 4 bytes more than a small one."""
+    import re
+    import uuid
+
+    import numpy as np
+
+    from worldvla.benchmarks import serve_load
+    from worldvla.serve.client import PolicyClient
+
+    client = PolicyClient.__new__(PolicyClient)
+    client.url, client.timeout, client._closed, client._ws = "ws://h:1", 5.0, False, object()
+    client.client_id, client.episode, client.max_payload_bytes = uuid.uuid4().hex, uuid.uuid4().hex, 1
+    client._next_id = 2**32 - 2  # the next request's id: 2**32 - 1
+    with pytest.raises(ValueError, match="more than the server's payload limit") as e:
+        client.act(np.zeros((24, 32, 3), np.uint8))
+    sent = int(re.search(r"\((\d+) bytes\), more than", str(e.value)).group(1))
+    assert serve_load.act_request_bytes(24, 32) == sent
+
+
+def _serve_load_load_phase_stubbed(monkeypatch, tmp_path, robot, bad_client, health_stats=None, timing=None):
+    """serve_load's run with its server on a thread, the load phase's robots and bad clients replaced by `robot`
+    and `bad_client`; `health_stats` (before, after) replace the server's counts the load row is taken from, and
+    `timing` the server's timing of each single-robot request."""
+    from worldvla.benchmarks import serve_load
+
+    _serve_load_on_a_thread(monkeypatch, tmp_path)
+    monkeypatch.setattr(serve_load, "_robot", robot)
+    monkeypatch.setattr(serve_load, "_bad_client", bad_client)
+    if health_stats is not None:
+        real_health, calls = serve_load.health, []
+
+        def health(url):
+            calls.append(url)
+            report = real_health(url)
+            return {**report, "stats": {**report["stats"], **health_stats[min(len(calls), 2) - 1]}}
+
+        monkeypatch.setattr(serve_load, "health", health)
+    if timing is not None:
+        Client = serve_load.PolicyClient
+
+        class TimedClient(Client):
+            def act(self, image, previous_image=None):
+                out = super().act(image, previous_image)
+                self.last_timing = dict(timing)
+                return out
+
+        monkeypatch.setattr(serve_load, "PolicyClient", TimedClient)
+    args = serve_load.parse_args(["--policy", "synthetic", "--device", "cpu", "--image-size", "8", "--sequential", "3",
+                                  "--clients", "2", "--bad-clients", "1", "--requests", "5", "--duration-s", "4",
+                                  "--camera", "12x20", "--max-batch", "2"])
+    return json.loads(serve_load._main(args, str(tmp_path / "out")).read_text())
+
+
+def test_serve_load_rows_take_the_servers_counts_and_timings_of_their_own_phase(monkeypatch, tmp_path):
+    """The load row's batches, mean batch, policy calls and padded rows are the server's counts over the load phase
+    (after less before; the mean batch is requests per batch, not per policy call); the single-robot row's served
+    policy time is the policy time the server reported, its server-side time the server's whole time."""
+    def robot(url, rng, size, camera_hw, steps_per_episode, stop, max_requests, lat, failures, barrier, native):
+        pass
+
+    def bad_client(url, rng, size, limit_bytes, stop, max_requests, record):
+        pass
+
+    before = {"batches": 10, "batched_requests": 10, "policy_calls": 11, "padded_rows": 2, "max_batch_seen": 1}
+    after = {"batches": 14, "batched_requests": 22, "policy_calls": 17, "padded_rows": 5, "max_batch_seen": 2}
+    doc = _serve_load_load_phase_stubbed(monkeypatch, tmp_path, robot, bad_client, (before, after),
+                                         {"policy_ms": 1.25, "server_ms": 3.5})
+    single, load = doc["rows"]
+    assert single["served_policy_p50_ms"] == 1.25 and single["server_side_p50_ms"] == 3.5
+    assert single["requests"] == 3 and single["rtt_minus_policy_p50_ms"] == pytest.approx(single["p50_ms"] - 1.25)
+    assert (load["batches"], load["mean_batch"], load["policy_calls"], load["padded_rows"]) == (4, 3.0, 6, 3)
+    assert load["max_batch_seen"] == 2
+
+
+def test_serve_load_stops_the_bad_clients_once_the_robots_are_done(monkeypatch, tmp_path):
+    """The load phase lasts while its robots send: once they are all done the bad clients are told to stop, rather
+    than sending until --duration-s."""
+    import time
+
+    def robot(url, rng, size, camera_hw, steps_per_episode, stop, max_requests, lat, failures, barrier, native):
+        time.sleep(0.05)
+
+    def bad_client(url, rng, size, limit_bytes, stop, max_requests, record):
+        record["sent"] += 1
+        stop.wait(10)
+
+    doc = _serve_load_load_phase_stubbed(monkeypatch, tmp_path, robot, bad_client)
+    assert doc["load_wall_s"] < 2  # --duration-s 4
+    assert doc["rows"][1]["malformed_sent"] == 1
+
+
+def test_serve_load_plot_draws_the_in_process_floor_at_the_in_process_p50(tmp_path, monkeypatch):
+    """The dashed floor line is the first row's in-process p50, not a round-trip percentile."""
+    from matplotlib.axes import Axes
+
+    from worldvla.benchmarks import serve_load
+
+    lines, real = [], Axes.axhline
+    monkeypatch.setattr(Axes, "axhline", lambda self, y=0, *a, **k: lines.append(y) or real(self, y, *a, **k))
+    rows = [{"phase": "single-robot", "clients": 1, "p50_ms": 3.0, "p90_ms": 4.0, "p99_ms": 6.0, "inproc_p50_ms": 2.0},
+            {"phase": "load", "clients": 8, "p50_ms": 9.0, "p90_ms": 12.0, "p99_ms": 15.0, "inproc_p50_ms": 2.5}]
+    serve_load.plot_latencies(rows, tmp_path / "s.png", "serve_load (test)")
+    assert lines == [2.0]
+    lines.clear()
+    serve_load.plot_latencies([{**rows[1], "inproc_p50_ms": None}], tmp_path / "t.png", "serve_load (test)")
+    assert lines == []
