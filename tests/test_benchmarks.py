@@ -1624,7 +1624,7 @@ def test_serve_load_bad_client_counts_only_real_refusals(monkeypatch):
     class Closed(Exception):
         rcvd = types.SimpleNamespace(code=1009)
 
-    connects = []
+    connects, resets = [], []
 
     class Socket:
         def __init__(self):
@@ -1636,6 +1636,9 @@ def test_serve_load_bad_client_counts_only_real_refusals(monkeypatch):
         def recv(self, timeout):
             if self.last in ("closed", "over-2x-limit"):
                 raise Closed("message too big")
+            if isinstance(self.last, bytes):  # the episode's reset, on every new connection
+                assert serve_load.unpackb(self.last)["type"] == "reset"
+                resets.append(self)
             return serve_load.packb(replies.get(self.last, {"ok": True}))
 
         def close(self):
@@ -1654,6 +1657,7 @@ def test_serve_load_bad_client_counts_only_real_refusals(monkeypatch):
     assert record["sent"] == 6 and record["refused"] == 3  # refused, over-2x-limit, refused
     assert [k.split(":")[0] for k in record["not_refused"]] == ["accepted", "closed", "accepted"]
     assert len(connects) == 1 + 2  # a new connection after each close
+    assert len(resets) == 3  # each opens the client's episode again
 
 
 def test_serve_load_policy_runs_one_torch_thread_on_the_cpu():
@@ -2505,7 +2509,7 @@ def test_serve_load_run_takes_the_device_and_quick_settings(monkeypatch):
     assert (full.device, full.quick, full.clients, full.requests) == (None, False, 8, 200)
 
 
-def test_serve_load_bad_clients_requests_are_each_refused_by_a_real_server():
+def test_serve_load_bad_clients_requests_are_each_refused_by_a_real_server(monkeypatch):
     """Every kind of malformed request the bad clients send (garbage, wrong types, dtypes and shapes, an unknown
     episode, over the payload limit and over twice it) is one the server refuses: one it accepted would be counted
     as not refused and fail the benchmark's check. The one over the limit is over it (the server refuses its
@@ -2525,7 +2529,22 @@ def test_serve_load_bad_clients_requests_are_each_refused_by_a_real_server():
         n = len(payloads)
         assert limit < len(payloads["over-limit"]()) < 2 * limit < len(payloads["over-2x-limit"]())
         serve_load._bad_client(server.url, np.random.default_rng(0), 8, limit, threading.Event(), n, record)
-    assert n == 13 and record == {"sent": 13, "refused": 13, "not_refused": []}
+        assert n == 13 and record == {"sent": 13, "refused": 13, "not_refused": []}
+        # A second round, after the connection the over-2x-limit payload closed: the client's episode is open
+        # again on the new connection, so its malformed frames are refused for what they are.
+        record, errors = {"sent": 0, "refused": 0, "not_refused": []}, []
+        real_unpackb = serve_load.unpackb
+
+        def unpackb(data, *args):
+            reply = real_unpackb(data, *args)
+            errors.append(str(reply.get("error")))
+            return reply
+
+        monkeypatch.setattr(serve_load, "unpackb", unpackb)
+        serve_load._bad_client(server.url, np.random.default_rng(0), 8, limit, threading.Event(), 2 * n, record)
+    assert record == {"sent": 26, "refused": 26, "not_refused": []}
+    assert not [e for e in errors if "unknown episode 'bad-" in e]
+    assert sum("'image' must have dtype uint8" in e for e in errors) == 2  # float-image in each round
 
 
 def test_serve_load_robot_times_the_request_not_the_episode_reset(monkeypatch):
