@@ -660,3 +660,70 @@ def test_tile_plan_follows_replaced_meta_tensors(rng):
     ref = masked_attention_ref(q.double(), k.double(), v.double(), causal)
     assert_close_rule(out, ref, torch_same_precision(q, k, v, causal), "causal after the replacement",
                       floor_eps=FP32_FLOOR_EPS)
+
+
+def test_padded_lse_of_a_batch_is_per_sequence_token_and_head(rng, poison_empty):
+    """chunk_attention_with_lse on padded inputs returns lse [B, L, H]: entry (b, i, h) is the log-sum-exp of
+    head h's visible scores of sequence b's token i. Two sequences of an odd length and three query heads
+    over one KV head, so that a layout mixing batch, token and head indices cannot agree by coincidence."""
+    L, H = 67, 3
+    ids = torch.stack([action_sample(rng, L, n_images=1, chunk=2), world_sample(rng, L)])
+    meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+    q, k, v = qkv(rng, (2, L, H, 32), 1, torch.float32)
+    out, lse = K.chunk_attention_with_lse(q, k, v, meta)
+    assert lse.shape == (2, L, H) and lse.dtype == torch.float32
+
+    def lse_of(x):
+        s = torch.einsum("blhd,bmhd->bhlm", x(q), x(k).expand(2, L, H, 32)) / math.sqrt(32)
+        s = s.masked_fill(~meta.dense_mask().unsqueeze(1), float("-inf"))
+        return torch.logsumexp(s, -1).transpose(1, 2)  # [B, L, H]
+
+    assert_close_rule(lse, lse_of(torch.Tensor.double), lse_of(torch.Tensor.float), "padded lse",
+                      floor_eps=FP32_FLOOR_EPS)
+    ref = masked_attention_ref(q.double(), k.double(), v.double(), meta)
+    assert_close_rule(out, ref, torch_same_precision(q, k, v, meta), "padded out", floor_eps=FP32_FLOOR_EPS)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_backward_honours_the_softmax_scale(rng, packed, poison_empty):
+    """A softmax_scale other than 1/sqrt(Dh) enters the backward as it does the forward: dQ, dK and dV under
+    scale 0.3 equal the float64 reference's gradients at that scale (odd lengths, a KV group of two heads)."""
+    scale, H, Hkv, D = 0.3, 2, 1, 40
+    if packed:
+        ids = torch.cat([action_sample(rng, 59, n_images=1, chunk=1), world_sample(rng, 61)])
+        meta = chunk_mask_meta(ids, LAYOUT, cu_seqlens=torch.tensor([0, 59, 120], dtype=torch.int32)).to(DEV)
+        lead = (120,)
+    else:
+        ids = action_sample(rng, 67, n_images=1, chunk=2).unsqueeze(0)
+        meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+        lead = (1, 67)
+    q, k, v = qkv(rng, (*lead, H, D), Hkv, torch.float32)
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    xd = [t.double().requires_grad_() for t in (q, k, v)]
+    out = K.chunk_attention(*xs, meta, softmax_scale=scale)
+    ref = masked_attention_ref(*xd, meta, softmax_scale=scale)
+    assert_close_rule(out, ref, torch_same_precision(q, k, v, meta, scale), "fwd", floor_eps=FP32_FLOOR_EPS)
+    do = torch.randn(out.shape, generator=rng).to(DEV)
+    out.backward(do)
+    ref.backward(do.double())
+    for name, a, b, same in zip("qkv", xs, xd, fa2_backward_same_precision(q, k, v, meta, do, scale)):
+        assert_close_rule(a.grad, b.grad, same, f"d{name}", floor_eps=FP32_FLOOR_EPS)
+
+
+def test_bfloat16_outputs_are_rounded_to_nearest(rng, poison_empty):
+    """bf16 outputs are the fp32 results rounded to nearest, as torch's cast rounds. With q = 0 every visible key
+    scores alike, so causal row i is the mean of v[0..i]: for values j / 64 (|j| <= 128) and i + 1 a power of two that
+    mean is exact in fp32 in any order of summation, while it may need more bits than bf16 holds; the kernel's bf16
+    output must be its rounding to nearest."""
+    L, H, D = 21, 2, 32
+    meta = causal_meta((1, L), device=DEV)
+    q = torch.zeros(1, L, H, D, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, L, H, D, generator=rng).to(DEV, torch.bfloat16)
+    v = (torch.randint(-128, 129, (1, L, H, D), generator=rng) / 64).to(DEV, torch.bfloat16)
+    out = K.chunk_attention(q, k, v, meta)
+    rows = [0, 1, 3, 7, 15]
+    mean = torch.stack([v[0, :i + 1].float().sum(0) / (i + 1) for i in rows])  # [rows, H, D], exact
+    want = mean.to(torch.bfloat16)
+    assert not torch.equal(want, (mean.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)), \
+        "rounding to nearest must differ from truncation somewhere for the test to see it"
+    assert torch.equal(out[0, rows], want)

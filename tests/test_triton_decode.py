@@ -337,3 +337,21 @@ def test_kernel_entry_refuses_head_dims_above_256(rng):
                       torch.tensor([S], dtype=torch.int32, device=DEV))
     with pytest.raises(ValueError, match="head dim 264 is larger than the Triton kernel's 256"):
         K.decode_attention(q, kc, kc, meta)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_honours_the_softmax_scale(rng, splits, poison_empty):
+    """A softmax_scale other than 1/sqrt(Dh) is the scale of the scores, on the one-split path and through the
+    merge: rows of a GQA group at different positions against caches of odd lengths equal the float64 reference
+    at scale 0.2 (and not the default scale's result)."""
+    B, S, H, Hkv, D = 2, 75, 4, 2, 40
+    q = torch.randn(B, 3, H, D, generator=rng).to(DEV)
+    kc = torch.randn(B, S, Hkv, D, generator=rng).to(DEV)
+    vc = torch.randn(B, S, Hkv, D, generator=rng).to(DEV)
+    meta = no_block_meta([[S - 1, 40, 9], [60, 61, 22]], [S, 62], S)
+    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), meta, softmax_scale=0.2)
+    same = decode_attention_ref(q, kc, vc, meta, softmax_scale=0.2, upcast=False)
+    out = K.decode_attention(q, kc, vc, meta, softmax_scale=0.2, num_splits=splits, block_n=32)
+    assert_close_rule(out, ref, same, f"{splits} splits", floor_eps=FP32_FLOOR_EPS)
+    default = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
+    assert (default - ref).abs().max().item() > 1e-2, "the scale must matter for these inputs"

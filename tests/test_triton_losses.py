@@ -446,3 +446,22 @@ def test_kernel_entry_refuses_a_class_weight_of_v_entries_in_two_dims(rng):
     y = torch.tensor([1, 2, -100, 4], device=DEV)
     with pytest.raises(ValueError, match=r"class_weight must be \[V=20\], got \(20, 1\)"):
         K.linear_cross_entropy(h, w, y, torch.ones(20, 1, device=DEV))
+
+
+def test_fp16_grad_weight_sums_with_a_strong_z_loss_do_not_overflow(rng):
+    """grad_weight's fp16 product of a chunk is taken at a scale bounding each row's dlogits by both of their
+    terms, the z-loss's included: with z_weight 0.1 and one class holding nearly all the probability (lse ~ 64)
+    while every target is another class, that class's dlogits are ~14x the target weight, and a bound of the
+    target term alone let the product pass fp16's 65504 (inf gradients)."""
+    n = 512
+    h = (200.0 + torch.rand(n, 32, generator=rng)).to(DEV, torch.float16)
+    w = torch.randn(64, 32, generator=rng) * 1e-3
+    w[5] = 0.01  # class 5's logit ~ 64, the others ~ 1
+    w = w.to(DEV, torch.float16)
+    y = torch.full((n,), 3, device=DEV)
+    ref = run(ref64, h, w, y, None, 0.1)
+    same = run(linear_cross_entropy_ref, h, w, y, None, 0.1)
+    got = run(lambda *a: K.linear_cross_entropy(*a), h, w, y, None, 0.1)
+    assert ref[3].abs().max() > 1000  # class 5's row of grad_weight, at d loss = 1
+    for i, name in ((2, "grad_hidden"), (3, "grad_weight")):
+        check_rule(got[i], ref[i], same[i], name)

@@ -243,3 +243,24 @@ def test_greedy_near_ties_inside_one_logit_tile_go_to_the_larger_logit():
     want = (hidden @ weight[lo:hi].t()).argmax(1) + lo
     assert want.tolist() == [lo + 60] * 3
     assert K.constrained_sample(hidden, weight, lo, hi).tolist() == [lo + 60] * 3
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's numpy
+def test_greedy_with_an_infinite_hidden_state_stays_inside_the_range(rng):
+    """A hidden state holding inf (an overflowed activation) makes every logit of the range +-inf, and the
+    padding columns of a partial last logit tile (a range of 263 ids, or of 7) 0 x inf = NaN, which are no ids:
+    the greedy pick is torch.argmax's over the range (its first +inf), never an id at or past its end."""
+    lo, hi = 37, 300
+    hidden = torch.randn(3, 48, generator=rng)
+    hidden[:, 5] = float("inf")
+    weight = torch.randn(400, 48, generator=rng) * 0.3
+    weight[lo:hi, 5] = -weight[lo:hi, 5].abs() - 0.1  # every logit -inf but the two below
+    weight[[lo + 3, lo + 260], 5] = 0.5  # +inf logits: one in the first tile, one in the partial last tile
+    hidden, weight = hidden.to(DEV), weight.to(DEV)
+    logits = hidden @ weight[lo:hi].t()
+    assert not torch.isnan(logits).any()
+    for a, b in ((lo, hi), (lo + 256, hi)):
+        want = (hidden @ weight[a:b].t()).argmax(1) + a
+        got = K.constrained_sample(hidden, weight, a, b)
+        assert bool(((got >= a) & (got < b)).all()), (a, b, got)
+        assert torch.equal(got, want), (a, b)
