@@ -258,6 +258,30 @@ def test_causal_chunk_decoding_ablation():
     assert causal.metadata()["mode"].startswith("causal")
 
 
+def test_a_causal_copy_of_a_policy_keeps_its_settings_and_the_processs_malloc(monkeypatch):
+    """`CausalChunkPolicy.from_policy` decodes the same weights without the chunk mask, with every setting of the
+    policy it copies: history, extra, token and cache limits, and the limits a server set on its caches and
+    engines; making it leaves the process's malloc settings as they are."""
+    from worldvla.eval.ablations import CausalChunkPolicy
+    from worldvla.inference import policy as policy_mod
+    from worldvla.inference.policy import WorldVLAPolicy
+
+    base = _tiny_policy(3)
+    pol = WorldVLAPolicy(base.model, base.vqgan, base.action_tokenizer, chunk_size=3, image_size=32, history=1,
+                         mode="sequential", extra={"task": "reach"}, max_new_tokens=77, code_cache_size=5,
+                         tune_malloc=False)
+    pol.max_prefixes, pol.max_engines, pol.engine_headroom = 3, 9, 128
+    tuned = []
+    monkeypatch.setattr(policy_mod, "tune_cpu_malloc", lambda: tuned.append(1))
+    causal = CausalChunkPolicy.from_policy(pol)
+    assert tuned == []
+    assert causal.model is pol.model and causal.vqgan is pol.vqgan and causal.mode == "causal"
+    for name in ("chunk_size", "image_size", "history", "extra", "max_new_tokens", "code_cache_size", "layout",
+                 "max_prefixes", "max_engines", "engine_headroom"):
+        assert getattr(causal, name) == getattr(pol, name), name
+    assert causal.metadata()["mode"] == "causal (no chunk mask)" and causal.metadata()["history"] == 1
+
+
 def test_world_model_code_accuracy_against_copy_last():
     """Code accuracy is the share of the target frame's VQ codes predicted exactly; with a static scene
     (every frame the same) keeping the current codes is exactly right, and the model's share matches an

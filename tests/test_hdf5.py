@@ -2043,3 +2043,159 @@ def test_a_damaged_demo_header_is_named_by_the_demo_with_h5pys_message_unquoted(
         with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:data/demo_1: cannot read the file's structure, "
                                              rf"it is damaged \(h5py: [A-Z][^']*\); collect or copy the file again"):
             read(path)
+
+
+def test_collect_does_not_keep_a_failed_demo_of_a_task_file_as_an_episode(tmp_path, monkeypatch):
+    """A task file of these settings that holds fewer episodes than asked for keeps its successful demos only: a
+    demo marked failed (the file edited by hand, or written by another tool) is run again, not kept."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    settings = col._settings(8, 5, "corner", 200, 0.0)
+    demos = [{"frames": np.full((3, 8, 8, 3), 7, np.uint8), "actions": np.zeros((3, 4), np.float32), "success": ok}
+             for ok in (True, False)]
+    write_demos(tmp_path / "reach-v3.hdf5", demos, "reach", attrs={
+        **settings, "task": "reach-v3", "episode_seeds": [col.episode_seed(5, "reach-v3", e, 0) for e in range(2)]})
+    s = col.collect(["reach-v3"], 3, tmp_path, image_size=8, seed=5, progress=False)
+    t = s["tasks"]["reach-v3"]
+    assert (t["episodes"], t["reused"], s["episodes_run"]) == (3, 1, 2)
+    info = demo_file_info(tmp_path / "reach-v3.hdf5")
+    assert info["success"] == [True] * 3
+    assert list(info["attrs"]["episode_seeds"]) == [col.episode_seed(5, "reach-v3", e, 0) for e in range(3)]
+
+
+def test_collects_progress_bar_counts_settled_episodes_not_attempts(tmp_path, monkeypatch):
+    """The bar's total is the episodes to run; a failed attempt that is retried moves it by none (the retry
+    settles the episode), and the failures so far are shown beside it."""
+    pytest.importorskip("metaworld")
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total, self.n, self.postfix = total, 0, []
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix(self, **kw):
+            self.postfix.append(kw)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    col = _scripted_episodes(monkeypatch, fails={(0, 0), (1, 0), (1, 1)})
+    s = col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, max_attempts=2, progress=True)
+    assert s["tasks"]["reach-v3"]["episodes"] == 1  # episode 1 failed both of its attempts
+    (bar,) = bars
+    assert (bar.total, bar.n) == (2, 2)
+    assert bar.postfix[-1] == {"failed": 3}
+
+
+def test_a_collection_worker_ends_when_its_parents_pid_belongs_to_another_user(monkeypatch):
+    """A worker watches the collecting process's pid: where signalling it is refused (the pid was reused by
+    another user's process), the collecting process is gone and the worker ends, at its first look."""
+    from worldvla.data import collect as col
+
+    looks = []
+
+    class Exited(Exception):
+        pass
+
+    def kill(pid, sig):
+        looks.append((pid, sig))
+        if len(looks) > 3:
+            raise RuntimeError("the worker kept watching")
+        raise PermissionError(1, "Operation not permitted")
+
+    def exit_(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(col.os, "kill", kill)
+    monkeypatch.setattr(col.os, "_exit", exit_)
+    with pytest.raises(Exited) as exited:
+        col._exit_with(4242, every_s=0)
+    assert exited.value.args == (1,) and looks == [(4242, 0)]
+
+
+def test_a_collection_worker_leaves_ctrl_c_to_the_collecting_process_and_watches_it(monkeypatch):
+    """A worker ignores SIGINT (Ctrl-C reaches the terminal's whole process group; the collecting process stops
+    the pool) and watches the collecting process's pid in a thread of its own."""
+    import signal
+    import time
+
+    from worldvla.data import collect as col
+
+    watched = []
+    monkeypatch.setattr(col, "_exit_with", watched.append)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        col._init_worker(4242)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    deadline = time.monotonic() + 5
+    while not watched and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert watched == [4242]
+
+
+def test_collect_that_keeps_no_episode_of_a_task_leaves_no_file_of_it(tmp_path, monkeypatch):
+    """Where every attempt of every episode fails, the task has no file: neither an empty one nor the one an
+    earlier run of other settings left (replaced with --overwrite), which would be read downstream."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    col.collect(["reach-v3"], 1, tmp_path, image_size=8, seed=4, progress=False)
+    col = _scripted_episodes(monkeypatch, fails={(0, 0)})
+    s = col.collect(["reach-v3"], 1, tmp_path, image_size=8, seed=5, max_attempts=1, progress=False, overwrite=True)
+    t = s["tasks"]["reach-v3"]
+    assert (t["episodes"], t["path"], s["incomplete"]) == (0, None, ["reach-v3"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_collect_in_this_process_closes_the_envs_it_kept(tmp_path, monkeypatch):
+    """The envs kept for reuse while episodes run in this process (workers=1) are closed when the collection
+    ends: their renderers and simulator memory are not held after it."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    closed = []
+
+    class Env:
+        def close(self):
+            closed.append(self)
+
+    env = Env()
+    monkeypatch.setitem(col._ENVS, ("reach-v3", 8, "corner", 200), env)
+    col.collect(["reach-v3"], 1, tmp_path, image_size=8, seed=5, progress=False)
+    assert closed == [env] and col._ENVS == {}
+
+
+def test_collect_runs_again_a_task_file_whose_seeds_are_not_one_per_demo(tmp_path, monkeypatch):
+    """A file of these settings that records another number of episode seeds than it holds demos cannot tell
+    which demo is which episode: none of its demos is kept, every episode runs."""
+    pytest.importorskip("metaworld")
+    col = _scripted_episodes(monkeypatch)
+    settings = col._settings(8, 5, "corner", 200, 0.0)
+    demos = [{"frames": np.full((3, 8, 8, 3), 7, np.uint8), "actions": np.zeros((3, 4), np.float32), "success": True}]
+    write_demos(tmp_path / "reach-v3.hdf5", demos, "reach", attrs={
+        **settings, "task": "reach-v3", "episode_seeds": [col.episode_seed(5, "reach-v3", e, 0) for e in range(2)]})
+    s = col.collect(["reach-v3"], 2, tmp_path, image_size=8, seed=5, progress=False)
+    t = s["tasks"]["reach-v3"]
+    assert (t["episodes"], t["reused"], s["episodes_run"]) == (2, 0, 2)
+    assert demo_file_info(tmp_path / "reach-v3.hdf5")["num_demos"] == 2
+
+
+@pytest.mark.parametrize("given, advice", [("8", "use 32 or 32"), ("31", "use 32 or 32"), ("48", "use 32 or 64"),
+                                           ("100", "use 96 or 128")])
+def test_collects_image_size_refusal_advises_the_nearest_sizes_pretokenize_takes(given, advice):
+    """--image-size that is no multiple of 32 is refused naming the multiples on either side of it; below 32 the
+    smaller is 32 itself, not 0."""
+    import argparse
+
+    from worldvla.data.collect import _image_size
+
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"must be a multiple of 32 .*got {given}; {advice}$"):
+        _image_size(given)
+    assert _image_size("96") == 96
