@@ -362,3 +362,74 @@ def test_the_release_tokenizer_folder_is_read_from_a_path_under_home(release, mo
     monkeypatch.setenv("HOME", str(release))
     layout, _, vqgan = load_release_tokenizer("~/chameleon/tokenizer")
     assert layout.vocab_size == 65536 and vqgan.config.n_embed == 64
+
+
+def test_import_release_reads_a_tokenizer_folder_given_under_home(release, tmp_path, monkeypatch):
+    """`--tokenizer ~/chameleon/tokenizer` (quoted, or from a Python caller) names the home folder's tokenizer, as
+    the model's `~/...` does: it was refused as "no such folder"; the policy records the folder it names."""
+    from worldvla.inference import WorldVLAPolicy
+
+    monkeypatch.setenv("HOME", str(release))
+    monkeypatch.chdir(tmp_path)
+    info = import_release("~/model_256/libero_goal", "~/chameleon/tokenizer", tmp_path / "p")
+    assert info["chunk_size"] == 5 and not (tmp_path / "~").exists()
+    extra = WorldVLAPolicy.from_pretrained(tmp_path / "p", device="cpu").metadata()["extra"]
+    assert extra["tokenizer"] == str((release / "chameleon" / "tokenizer").resolve())
+
+
+def test_an_untrusted_vqgan_checkpoint_under_home_is_named_where_it_is(release, tmp_path, monkeypatch, capsys):
+    """The refusal of a vqgan.ckpt holding Python objects names the file read (under the home folder), not a
+    `~/...` path relative to nothing."""
+    import shutil
+
+    from test_vqgan import Opaque
+
+    home = tmp_path / "home"
+    tok = home / "tokenizer"
+    shutil.copytree(release / "chameleon" / "tokenizer", tok)
+    ckpt = torch.load(tok / "vqgan.ckpt", weights_only=True)
+    torch.save({**ckpt, "callbacks": Opaque()}, tok / "vqgan.ckpt")
+    monkeypatch.setenv("HOME", str(home))
+    assert main(["import-release", str(release / "model_256" / "libero_goal"), "--tokenizer", "~/tokenizer",
+                 "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tok / 'vqgan.ckpt'} holds Python objects besides tensors" in err and "~" not in err.split(" holds")[0]
+
+
+def test_a_query_that_fills_the_models_positions_exactly_is_taken(release, tmp_path, capsys):
+    """The check that a query fits the model's positions lets through a query of exactly max_position_embeddings
+    positions (the policy can serve it); one action more is refused."""
+    import re
+
+    tok = release / "chameleon" / "tokenizer"
+    with pytest.raises(ValueError, match="needs") as e:
+        import_release(release / "model_256" / "libero_goal", tok, tmp_path / "big", chunk_size=100)
+    need = int(re.search(r"needs (\d+) positions", str(e.value)).group(1))
+    model = tmp_path / "model_256" / "libero_goal"
+    config = dataclasses.replace(ModelConfig.tiny(VocabLayout.chameleon()), max_position_embeddings=need)
+    WorldVLA(config).save_pretrained(model)
+    info = import_release(model, tok, tmp_path / "p", chunk_size=100)
+    assert info["chunk_size"] == 100 and (tmp_path / "p" / "policy.json").is_file()
+    with pytest.raises(ValueError, match=rf"more than the model's {need} \(max_position_embeddings\)"):
+        import_release(model, tok, tmp_path / "q", chunk_size=101)
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_chunk_size_of_zero_from_a_python_caller_is_refused_not_replaced_by_the_paths(release, tmp_path):
+    """`import_release(..., chunk_size=0)` is a bad size to name, not a request for the size the path says."""
+    for kw, name in (({"chunk_size": 0}, "chunk_size"), ({"image_size": 0}, "image_size")):
+        with pytest.raises(ValueError, match=rf"{name} must be an integer >= 1, got 0"):
+            import_release(release / "model_256" / "libero_goal", release / "chameleon" / "tokenizer",
+                           tmp_path / "p", **kw)
+    assert not (tmp_path / "p").exists()
+
+
+def test_importing_a_policy_leaves_the_allocator_as_it_is(release, tmp_path, monkeypatch):
+    """Writing a policy folder is not a control loop: the CPU policy built to check the sizes does not fix
+    glibc's malloc thresholds for the importing process."""
+    from worldvla.inference import policy
+
+    calls = []
+    monkeypatch.setattr(policy, "tune_cpu_malloc", lambda *a, **k: calls.append(1))
+    import_release(release / "model_256" / "libero_goal", release / "chameleon" / "tokenizer", tmp_path / "p")
+    assert calls == [] and (tmp_path / "p" / "policy.json").is_file()

@@ -255,3 +255,40 @@ def test_e2e_malloc_speed_up_is_the_defaults_median_over_the_rows(monkeypatch, t
         ("small chunk 32px", "malloc-tuned", 0.48828125, 3, 4.0, False),
         ("small frame 32px", "malloc-defaults", 31.25, 5, 1.0, True),
         ("small frame 32px", "malloc-tuned", 7.8125, 5, 4.0, True)]
+
+
+def test_a_c_library_without_mallopt_changes_nothing(monkeypatch):
+    """A glibc-like C library that exports no mallopt (a stripped or stand-in libc): tune_cpu_malloc changes
+    nothing and says so with None, as where the C library is not glibc, instead of raising AttributeError."""
+    monkeypatch.setattr(malloc.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(malloc.platform, "libc_ver", lambda *a, **k: ("glibc", "2.35"))
+    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda *a, **k: types.SimpleNamespace())
+    monkeypatch.setattr(malloc, "_applied", None)
+    assert malloc._mallopt() is None
+    assert malloc.tune_cpu_malloc() is None and malloc.cpu_malloc_settings() is None
+
+
+def test_a_refused_cap_on_mapped_blocks_is_named_as_such(monkeypatch):
+    """mallopt refusing only M_MMAP_MAX (mmap=False's 0) is reported as that setting, not as a threshold, and
+    nothing is recorded as in force."""
+    calls = []
+
+    def mallopt(param, value):
+        calls.append(param)
+        return 0 if param == -4 else 1
+
+    monkeypatch.setattr(malloc, "_mallopt", lambda: mallopt)
+    monkeypatch.setattr(malloc, "_applied", None)
+    with pytest.raises(RuntimeError, match=r"^glibc's mallopt refused mmap_max=0$"):
+        malloc.tune_cpu_malloc(mmap=False)
+    assert -4 in calls and malloc.cpu_malloc_settings() is None
+
+
+def test_a_refused_value_is_told_its_own_limit(monkeypatch):
+    """Each threshold's refusal gives that threshold's range: 32 MiB for the mmap threshold, 2**31 - 1 bytes for
+    the trim threshold."""
+    monkeypatch.setattr(malloc, "_mallopt", lambda: None)
+    with pytest.raises(ValueError, match=rf"mmap_threshold must be an int number of bytes in \[0, {32 << 20}\]"):
+        malloc.tune_cpu_malloc(mmap_threshold=-1)
+    with pytest.raises(ValueError, match=rf"trim_threshold must be an int number of bytes in \[0, {2**31 - 1}\]"):
+        malloc.tune_cpu_malloc(trim_threshold=2**31)
