@@ -369,3 +369,61 @@ def test_a_softmax_scale_of_zero_weighs_every_visible_key_alike():
     for got in (decode_attention_ref(q[:, 4:], k, v, dm, softmax_scale=0.0),
                 decode_attention(q[:, 4:], k, v, dm, softmax_scale=0.0, backend="torch")):
         torch.testing.assert_close(got, want[:, [3, 5]], rtol=1e-12, atol=1e-12)
+
+
+def _probe_op(monkeypatch, order=None, **impls):
+    """An op "probe_op" with the given backends, each `name=(fn, supports)`, and (`order`) its CPU auto order."""
+    dispatch.registered_ops()  # the real backends load first: the probe op stays out of their registration
+    monkeypatch.setitem(dispatch._IMPLS, "probe_op", dict(impls))
+    if order is not None:
+        monkeypatch.setitem(dispatch.AUTO_ORDER, ("probe_op", "cpu"), order)
+
+
+def test_a_backend_that_did_not_import_is_named_with_its_error_and_install_hint(monkeypatch):
+    """A backend module that fails to import is recorded on the first dispatch: an explicit request names the
+    import error and how to install the backend, `auto` takes torch without a word, and the failure is kept
+    (asked again, the same answer)."""
+    def torch_fn(*args):
+        return "torch"
+
+    monkeypatch.setattr(dispatch, "_loaded", False)
+    monkeypatch.setattr(dispatch, "_IMPORT_ERRORS", {})
+    monkeypatch.setattr(dispatch, "_BACKEND_MODULES", {"triton": "worldvla.ops.no_such_backend_module"})
+    monkeypatch.setitem(dispatch._IMPLS, "probe_op", {"torch": (torch_fn, lambda *a: True)})
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("probe_op", "cpu"), ("triton", "torch"))
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"op 'probe_op' has no 'triton' implementation available here: the "
+                                               r"'triton' backend did not import \(No module named "
+                                               r"'worldvla.ops.no_such_backend_module'\); "
+                                               r"pip install \"worldvla\[triton\]\""):
+            dispatch.resolve("probe_op", "triton", "cpu")
+    assert dispatch.resolve("probe_op", "auto", "cpu") is torch_fn
+    assert set(dispatch._IMPORT_ERRORS) == {"triton"}
+
+
+def test_available_backends_are_listed_in_sorted_order(monkeypatch):
+    """`available` names an op's backends sorted, whatever order they registered in (triton's, native's, then
+    torch's here), as `info` and the tests list them."""
+    fn = lambda *a: None  # noqa: E731
+    _probe_op(monkeypatch, triton=(fn, None), native=(fn, None), torch=(fn, None))
+    assert dispatch.available("probe_op") == ["native", "torch", "triton"]
+    assert dispatch.available("masked_attention") == sorted(dispatch.available("masked_attention"))
+    assert dispatch.available("no_such_op") == []
+
+
+def test_auto_falls_back_to_torch_where_no_backend_of_the_order_takes_the_inputs(monkeypatch):
+    """An auto order whose backends all refuse the inputs (or lack the op) ends on the torch reference, not on
+    the last backend it tried; an explicit request for the refusing backend quotes its reason."""
+    def torch_fn(*args):
+        return "torch"
+
+    def native_fn(*args):
+        return "native"
+
+    _probe_op(monkeypatch, order=("triton", "native"), torch=(torch_fn, lambda *a: True),
+              native=(native_fn, lambda *a: dispatch.Unsupported("head dim 300 > 256")))
+    assert dispatch.resolve("probe_op", "auto", "cpu", 1) is torch_fn
+    assert dispatch.call("probe_op", "auto", "cpu", 1) == "torch"
+    with pytest.raises(ValueError, match=r"the 'native' backend of 'probe_op' does not support these inputs "
+                                         r"\(head dim 300 > 256\); use backend='torch' or 'auto'"):
+        dispatch.resolve("probe_op", "native", "cpu", 1)

@@ -406,3 +406,170 @@ def test_triton_ops_guard_by_the_current_device_whichever_it_is(monkeypatch):
         assert op(SimpleNamespace(device=torch.device(dev)), 2, k=3) == "out"
     assert entered == [torch.device("cuda:0")]
     assert seen == [(torch.device(d), (2,), {"k": 3}) for d in ("cuda:1", "cuda:0", "cpu")]
+
+
+# --------------------------------------------------------------------------- the ops' metadata cache
+@pytest.mark.skipif(DEV == "cuda", reason="CUDA metadata's max_seqlen is trusted, not checked (mask.ChunkMaskMeta)")
+def test_a_refused_max_seqlen_does_not_stick_to_the_metadata_tensors(rng):
+    """The ops cache their metadata per metadata tensors and max_seqlen: a max_seqlen shorter than a document is
+    refused whatever an earlier call with the same tensors gave, and a refused call leaves nothing that a later
+    call with the right max_seqlen takes."""
+    q, k, v, meta = attention_inputs(rng, packed=True, H=2, Hkv=1)
+    args = (q, k, v, meta.kv_block, meta.q_limit, meta.cu_seqlens)
+    with pytest.raises(ValueError, match="meta.max_seqlen=1 is smaller than the longest document"):
+        LIB.masked_attention(*args, 1, 0.25)
+    out, _ = LIB.masked_attention(*args, meta.max_seqlen, 0.25)
+    ref = ops.masked_attention_ref(q.double(), k.double(), v.double(), meta, softmax_scale=0.25)
+    assert_close_rule(out, ref, torch_same_precision(q, k, v, meta, 0.25), "out", floor_eps=FP32_FLOOR_EPS)
+    with pytest.raises(ValueError, match="meta.max_seqlen=1 is smaller than the longest document"):
+        LIB.masked_attention(*args, 1, 0.25)
+
+
+def _tiny_meta_tensors(n):
+    return torch.zeros(n, dtype=torch.int32), torch.full((n,), -1, dtype=torch.int32), torch.tensor([0, n],
+                                                                                                    dtype=torch.int32)
+
+
+def test_the_metadata_cache_keeps_the_most_recently_used_entries(monkeypatch):
+    """The ops' metadata cache holds at most _META_CACHE_SIZE entries (each holds its tensors alive) and drops the
+    least recently used one: metadata that every layer keeps using stays cached while newer ones come and go."""
+    from collections import OrderedDict
+
+    monkeypatch.setattr(TB, "_META_CACHE", OrderedDict())
+    size = TB._META_CACHE_SIZE
+    hot = _tiny_meta_tensors(3)
+    first = TB._chunk_meta(*hot, 3)
+    assert TB._chunk_meta(*hot, 3) is first
+    others = [_tiny_meta_tensors(4 + i) for i in range(3 * size)]
+    for i, t in enumerate(others):
+        TB._chunk_meta(*t, 4 + i)
+        assert TB._chunk_meta(*hot, 3) is first, i  # used again between each newer one: never dropped
+        assert len(TB._META_CACHE) == min(i + 2, size)
+    cold = TB._chunk_meta(*others[0], 4)  # dropped long ago: built anew
+    assert cold.kv_block is others[0][0] and cold.max_seqlen == 4
+    for i in range(1, size):
+        TB._chunk_meta(*others[i], 4 + i)
+    assert all(e.kv_block is not hot[0] for e in TB._META_CACHE.values())  # `hot`, unused since, went first
+    assert len(TB._META_CACHE) == size
+
+
+def test_fake_attention_matches_the_kernel_on_a_batch_in_bfloat16(rng):
+    """The fake implementation's lse2 is fp32 [H, B * L] for a padded batch of several sequences in any input dtype,
+    as the kernel's is (a compiled graph is traced with the fake's shapes and dtypes)."""
+    ids = torch.stack([action_ids(rng), action_ids(rng)])
+    meta = chunk_mask_meta(ids, LAYOUT).to(DEV)
+    B, L = ids.shape
+    q = torch.randn(B, L, 2, 16, generator=rng).to(DEV, torch.bfloat16)
+    k, v = (torch.randn(B, L, 1, 16, generator=rng).to(DEV, torch.bfloat16) for _ in range(2))
+    args = (q, k, v, meta.kv_block, meta.q_limit, None, meta.max_seqlen, 0.25)
+    torch.library.opcheck(LIB.masked_attention, args, test_utils=("test_schema", "test_faketensor"))
+    out, lse2 = LIB.masked_attention(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_out, fake_lse2 = LIB.masked_attention(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                     for a in args))
+    assert (fake_out.shape, fake_out.dtype) == (out.shape, out.dtype) == (q.shape, torch.bfloat16)
+    assert (fake_lse2.shape, fake_lse2.dtype) == (lse2.shape, lse2.dtype) == ((2, B * L), torch.float32)
+
+
+def test_the_attention_ops_lse2_takes_no_gradient(rng):
+    """The forward's lse2 is marked non-differentiable: the backward reads no gradient for it, so a loss through
+    lse2 must not get a silent zero gradient (it does not require grad), while the output does."""
+    q, k, v, meta = attention_inputs(rng, H=2, Hkv=1)
+    q.requires_grad_()
+    out, lse2 = LIB.masked_attention(q, k, v, meta.kv_block, meta.q_limit, None, meta.max_seqlen, 0.25)
+    assert out.requires_grad and not lse2.requires_grad and lse2.grad_fn is None
+
+
+def test_the_dispatched_ops_hand_the_kernels_the_metadata_max_seqlen_and_scale(rng, monkeypatch):
+    """The backend's attention passes the metadata's max_seqlen to the op (0, "unknown", makes the op read
+    cu_seqlens on the host: a synchronization per layer on a GPU) and 1/sqrt(head dim) where no scale is given;
+    decode passes num_splits 0 ("the kernel's default") where none is given."""
+    seen = []
+    real_attention, real_decode = TB.masked_attention_op, TB.decode_attention_op
+    monkeypatch.setattr(TB, "masked_attention_op", lambda *a: seen.append(a[5:]) or real_attention(*a))
+    monkeypatch.setattr(TB, "decode_attention_op", lambda *a: seen.append(a[7:]) or real_decode(*a))
+    q, k, v, meta = attention_inputs(rng, packed=True, H=2, Hkv=1)
+    assert meta.max_seqlen > 0
+    ops.masked_attention(q, k, v, meta, backend="triton")
+    cu, max_seqlen, scale = seen.pop()
+    assert cu is meta.cu_seqlens and (max_seqlen, scale) == (meta.max_seqlen, 0.25)  # head dim 16
+    (dq, kc, vc), dm = decode_inputs(rng)
+    ops.decode_attention(dq, kc, vc, dm, softmax_scale=0.5, backend="triton")
+    assert seen.pop() == (0.5, 0)
+
+
+def test_the_linear_ce_ops_gradients_follow_its_need_grad_flags(rng):
+    """The op computes (and its backward returns) only the gradients its flags ask for: an input that requires grad
+    but was not asked for gets none, the other its gradient."""
+    h, w, y, cw = ce_inputs(rng, n=12)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _, gh, gw = LIB.linear_cross_entropy(hh, ww, y, cw, 1e-3, -100, True, False, 0)
+    assert gh.shape == h.shape and gw.shape == (0,)
+    loss.backward()
+    assert ww.grad is None
+    hd = h.double().requires_grad_()
+    ce_ref64(hd, w, y, cw, 1e-3).backward()
+    assert_close_rule(hh.grad, hd.grad, ce_same_precision(h, w, y, cw, 1e-3)[1], "grad_hidden",
+                      floor_eps=FP32_FLOOR_EPS)
+
+
+def test_fake_decode_refuses_heads_that_do_not_group(rng):
+    """The decode op's fake implementation refuses q heads that the caches' kv heads do not divide, as the kernel
+    does, so a traced graph does not take shapes the kernel refuses."""
+    (q, kc, vc), dm = decode_inputs(rng, H=3, Hkv=2)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        f = lambda *ts: [mode.from_tensor(t) for t in ts]  # noqa: E731
+        with pytest.raises(ValueError, match="decode_attention wants q"):
+            LIB.decode_attention(*f(q, kc, vc, dm.q_pos, dm.q_limit, dm.kv_block, dm.kv_len), 0.25, 0)
+        o = LIB.decode_attention(*f(q[:, :, :2], kc, vc, dm.q_pos, dm.q_limit, dm.kv_block, dm.kv_len), 0.25, 0)
+        assert o.shape == q[:, :, :2].shape
+
+
+def test_linear_ce_asks_the_op_for_the_gradients_autograd_will_want(rng, monkeypatch):
+    """The backend's linear_cross_entropy asks the op for an input's gradient only where autograd will want it:
+    the input requires grad and grad mode is on (under torch.no_grad, an evaluation's loss, it computes none)."""
+    seen = []
+    real = TB.linear_cross_entropy_op
+    monkeypatch.setattr(TB, "linear_cross_entropy_op", lambda *a: seen.append(a[6:]) or real(*a))
+    h, w, y, cw = ce_inputs(rng, n=12)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.no_grad():
+        loss, _ = ops.linear_cross_entropy(hh, ww, y, cw, 1e-3, backend="triton")
+    assert seen.pop() == (False, False, 0) and not loss.requires_grad
+    loss, _ = ops.linear_cross_entropy(h, ww, y, cw, 1e-3, backend="triton")
+    assert seen.pop() == (False, True, 0) and loss.requires_grad
+
+
+
+def test_greedy_choice_is_one_op_without_the_ranges_logits(rng, monkeypatch):
+    """A greedy choice (temperature 0) is the fused argmax op alone: it does not write the range's fp32 logits
+    [N, hi - lo] (a frame's 8,192 codes per row) to take their argmax."""
+    hid = torch.randn(5, 24, generator=rng).to(DEV)
+    head = torch.randn(300, 24, generator=rng).to(DEV)
+
+    def no_logits(*args):
+        raise AssertionError("a greedy choice wrote the range's logits")
+
+    monkeypatch.setattr(TB, "range_logits_op", no_logits)
+    greedy = ops.constrained_sample(hid, head, 40, 230, temperature=0.0, backend="triton")
+    assert torch.equal(greedy, ops.constrained_sample_ref(hid.double(), head.double(), 40, 230))
+
+
+def test_triton_takes_head_dims_up_to_its_limits(rng):
+    """The Triton attention kernels take head dims up to and including their limits (256 for both), and refuse
+    the next one naming it."""
+    from worldvla.kernels.attention import MAX_HEAD_DIM
+    from worldvla.ops import dispatch
+
+    _, _, _, meta = attention_inputs(rng)
+    (_, _, _), dm = decode_inputs(rng)
+    lead, S = tuple(meta.kv_block.shape), dm.kv_block.shape[1]
+    for D in (MAX_HEAD_DIM, MAX_HEAD_DIM + 1):
+        q = torch.zeros(*lead, 2, D, device=DEV)
+        assert bool(dispatch.supports("masked_attention", "triton", q, q, q, meta)) == (D == MAX_HEAD_DIM), D
+        qd, cache = torch.zeros(1, 2, 2, D, device=DEV), torch.zeros(1, S, 2, D, device=DEV)
+        assert bool(dispatch.supports("decode_attention", "triton", qd, cache, cache, dm)) == (D == 256), D
+    with pytest.raises(ValueError, match=rf"head dim {MAX_HEAD_DIM + 1} > {MAX_HEAD_DIM}"):
+        dispatch.resolve("masked_attention", "triton", DEV, q, q, q, meta)
+    with pytest.raises(ValueError, match="head dim 257 > 256"):
+        dispatch.resolve("decode_attention", "triton", DEV, qd, cache, cache, dm)
