@@ -3118,3 +3118,253 @@ def test_serve_load_plot_draws_the_in_process_floor_at_the_in_process_p50(tmp_pa
     lines.clear()
     serve_load.plot_latencies([{**rows[1], "inproc_p50_ms": None}], tmp_path / "t.png", "serve_load (test)")
     assert lines == []
+
+
+# ------------------------------------------------------------------ the timing harness's edges and its records
+def test_a_row_spread_exactly_at_the_noise_limit_is_not_noisy():
+    """noisy_rows takes the rows spread *more* than NOISY_SPREAD: a row at the limit itself is quiet."""
+    at = {"median_ms": 1.0, "p90_over_p10": common.NOISY_SPREAD}
+    above = {"median_ms": 1.0, "p90_over_p10": common.NOISY_SPREAD + 1e-9}
+    assert common.noisy_rows([at, above]) == [above]
+    assert common.noisy_rows([{"median_ms": 1.0, "max_over_min": common.NOISY_SPREAD}]) == []
+
+
+def test_print_table_aligns_its_columns_and_names_the_spread_it_read(capsys):
+    """Every column starts where its header does (as wide as its widest value), a missing value prints as "-",
+    floats with 4 significant digits; the warning marks a row judged by its max/min (too few repeats for
+    percentiles) as such, and a row judged by p90/p10 without the mark."""
+    rows = [{"case": "a-long-case-name", "impl": "x", "median_ms": 1.234567, "p90_over_p10": 2.0},
+            {"case": "b", "impl": None, "median_ms": 12345.678, "max_over_min": 3.0}]
+    common.print_table(rows, ["case", "impl", "median_ms"])
+    lines = capsys.readouterr().out.splitlines()
+    header, dashes, first, second, warning = lines
+    assert dashes.split() == ["-" * len("a-long-case-name"), "----", "-" * len("median_ms")]
+    for line in (first, second):
+        assert line.index(line.split()[1]) == header.index("impl") and line.index(line.split()[2]) == header.index(
+            "median_ms")
+    assert first.split() == ["a-long-case-name", "x", "1.235"] and second.split() == ["b", "-", "1.235e+04"]
+    assert "a-long-case-name x (2.00x);" in warning and warning.endswith("(3.00x max/min)")
+
+
+def test_rotation_sets_that_exactly_fill_the_cache_are_cache_hot(monkeypatch):
+    """inputs_cache_hot: the sets together fit in the cache, their bytes equal to its size included."""
+    monkeypatch.setattr(common, "cache_info", lambda device="cpu": ("L3", 4 * 256))
+    exact = common.Rotation(lambda i: (torch.randn(64),), "cpu", n=4)  # 4 x 256 bytes
+    assert exact.info()["inputs_cache_hot"] is True
+    over = common.Rotation(lambda i: (torch.randn(64),), "cpu", n=5)
+    assert over.info()["inputs_cache_hot"] is False
+
+
+def test_a_quick_rotation_count_takes_the_quick_budget(monkeypatch):
+    """rotation_count(quick=True) without a budget of its own is capped by QUICK_ROTATION_BUDGET, a full run's by
+    ROTATION_BUDGET (free memory plentiful here)."""
+    monkeypatch.setattr(common, "_available_memory", lambda device: 1 << 40)
+    monkeypatch.setattr(common, "cache_info", lambda device="cpu": ("L3", 1 << 40))
+    assert common.rotation_count(1 << 20, "cpu", quick=True) == common.QUICK_ROTATION_BUDGET >> 20 == 256
+    assert common.rotation_count(1 << 20, "cpu", max_sets=1 << 20) == common.ROTATION_BUDGET >> 20
+
+
+def test_available_memory_reads_memavailable_in_bytes(monkeypatch, tmp_path):
+    """The CPU's free memory is /proc/meminfo's MemAvailable (kB, so x 1024), not MemFree, which leaves out the
+    page cache the kernel would give back; unreadable, it is 0 (no set beyond the first)."""
+    from pathlib import Path
+
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/meminfo").write_text("MemTotal:       8000000 kB\nMemFree:         100000 kB\n"
+                                           "MemAvailable:   4000000 kB\n")
+    monkeypatch.setattr(common, "Path", lambda p: Path(str(tmp_path) + str(p)))
+    assert common._available_memory("cpu") == 4000000 * 1024
+    (tmp_path / "proc/meminfo").unlink()
+    assert common._available_memory("cpu") == 0
+
+
+def test_timings_without_a_rotation_say_their_inputs_did_not_rotate():
+    """A row timed without a rotation records inputs_rotated: false, in time_fn as in time_interleaved."""
+    assert common.time_fn(lambda: None, warmup=0, repeats=1)["inputs_rotated"] is False
+    assert common.time_interleaved({"a": lambda: None}, warmup=0, repeats=1)["a"]["inputs_rotated"] is False
+
+
+def test_interleaved_calls_each_take_the_next_input_set():
+    """time_interleaved hands every call, warm-up included, the rotation's next set, so that no side reads the
+    inputs the side before it just read; each side's row records the rotation."""
+    class Sets:
+        n = 0
+
+        def next(self):
+            self.n += 1
+            return (self.n,)
+
+        def info(self):
+            return {"inputs_rotated": True, "rotated_sets": 99}
+
+    seen = []
+    out = common.time_interleaved({s: (lambda i, s=s: seen.append(i)) for s in "ab"}, warmup=1, repeats=2,
+                                  rotation=Sets())
+    assert seen == [1, 2, 3, 4, 5, 6]
+    assert all(r["inputs_rotated"] is True and r["rotated_sets"] == 99 for r in out.values())
+
+
+def test_timings_refuse_a_boolean_call_count():
+    """`repeats=True` is not a count (bool is an int subclass): refused by name like any other non-count."""
+    for kw, name in (({"repeats": True}, "repeats"), ({"warmup": False}, "warmup")):
+        with pytest.raises(ValueError, match=f"{name} must be an integer"):
+            common.time_fn(lambda: None, **kw)
+        with pytest.raises(ValueError, match=f"{name} must be an integer"):
+            common.time_interleaved({"a": lambda: None}, **kw)
+
+
+def test_package_commit_is_the_checkouts_own_and_none_outside_a_checkout(monkeypatch, tmp_path):
+    """The commit is that of the repository whose root holds the package; a copy of the tree without its .git
+    records None, even inside another repository (git would answer for that one)."""
+    import subprocess
+
+    import worldvla
+
+    def git(*args, cwd):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    outer = tmp_path / "outer"
+    (outer / "copy/worldvla").mkdir(parents=True)
+    git("init", "-q", cwd=outer)
+    git("commit", "-q", "--allow-empty", "-m", "outer", cwd=outer)
+    inner = tmp_path / "checkout"
+    (inner / "worldvla").mkdir(parents=True)
+    git("init", "-q", cwd=inner)
+    git("commit", "-q", "--allow-empty", "-m", "inner", cwd=inner)
+    head = git("rev-parse", "HEAD", cwd=inner)
+    common.package_version.cache_clear()
+    try:
+        monkeypatch.setattr(worldvla, "__file__", str(inner / "worldvla/__init__.py"))
+        assert common.package_version() == (worldvla.__version__, head)
+        common.package_version.cache_clear()
+        monkeypatch.setattr(worldvla, "__file__", str(outer / "copy/worldvla/__init__.py"))
+        assert common.package_version() == (worldvla.__version__, None)
+    finally:
+        monkeypatch.undo()
+        common.package_version.cache_clear()
+
+
+def test_driver_version_is_one_line_on_a_machine_of_several_gpus(monkeypatch):
+    """nvidia-smi prints a line per GPU: the result records the first, not the list."""
+    import subprocess
+    import types
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: types.SimpleNamespace(
+        returncode=0, stdout="550.54.15\n550.54.15\n"))
+    common.nvidia_driver_version.cache_clear()
+    try:
+        assert common.nvidia_driver_version() == "550.54.15"
+    finally:
+        common.nvidia_driver_version.cache_clear()
+
+
+def test_an_empty_isa_setting_is_no_limit(monkeypatch):
+    """`ATEN_CPU_CAPABILITY=` (set, empty) caps nothing: no isa_limits, and the machine keeps its own name."""
+    for var in common.ISA_LIMIT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    plain = common.device_name("cpu")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "")
+    assert common.isa_limits() == {} and common.device_name("cpu") == plain
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert common.isa_limits() == {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def test_hardware_capability_needs_every_avx512_subset(monkeypatch, tmp_path):
+    """torch's avx512 kernels need AVX-512 F, BW, VL and DQ: a CPU with F alone (Knights Landing) is an avx2 one."""
+    from pathlib import Path
+
+    (tmp_path / "proc").mkdir()
+    monkeypatch.setattr(common, "Path", lambda p: Path(str(tmp_path) + str(p)))
+    for flags, want in (("fpu avx2 fma avx512f avx512bw avx512vl avx512dq", "avx512"),
+                        ("fpu avx2 fma avx512f avx512cd", "avx2"), ("fpu avx2", None)):
+        (tmp_path / "proc/cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert common._hardware_capability() == want, flags
+
+
+def test_bandwidth_defaults_to_a_2_gib_copy_timed_as_asked(monkeypatch):
+    """Without a size the copy is 2 GiB (`BANDWIDTH_METHOD`), and gpu_time and repeats reach the timing. CUDA
+    faked: small buffers on the CPU, the sizes asked for recorded, the copy's median fixed at 20 ms."""
+    real_empty = torch.empty
+    asked, timed = [], []
+    monkeypatch.setattr(torch, "empty", lambda n, *a, device=None, **kw: asked.append(n) or real_empty(8, *a, **kw))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(common, "time_fn", lambda fn, **kw: (timed.append(kw), {"median_ms": 20.0})[-1])
+    assert common.measure_bandwidth("cuda", gpu_time=True, repeats=4) == pytest.approx(2 * (2 << 30) / 20e-3 / 1e9)
+    assert asked == [2 << 30] and timed[0]["gpu_time"] is True and timed[0]["repeats"] == 4
+
+
+def test_results_are_written_into_a_folder_made_with_its_parents(tmp_path):
+    """`--out results/2026/h100`: every missing folder of the path is made."""
+    path = common.write_results("demo", [{"x": 1}], "cpu", tmp_path / "a/b/c")
+    assert path.parent == tmp_path / "a/b/c" and json.loads(path.read_text())["rows"] == [{"x": 1}]
+
+
+def test_last_level_cache_of_a_machine_listing_only_l1_counts_its_data_cache(monkeypatch, tmp_path):
+    """Instruction caches never count, even where the top level sysfs lists is the first (some VMs)."""
+    from pathlib import Path
+
+    for index, kind in ((0, "Data"), (1, "Instruction")):
+        d = tmp_path / f"sys/devices/system/cpu/cpu0/cache/index{index}"
+        d.mkdir(parents=True)
+        for name, text in (("type", kind), ("level", "1"), ("size", "48K" if kind == "Data" else "32K"),
+                           ("shared_cpu_list", "0")):
+            (d / name).write_text(text + "\n")
+    monkeypatch.setattr(common, "Path", lambda p: Path(str(tmp_path) + str(p)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    common.cpu_last_level_cache.cache_clear()
+    try:
+        assert common.cpu_last_level_cache() == ("L1", 48 << 10)
+    finally:
+        common.cpu_last_level_cache.cache_clear()
+
+
+def test_cache_sizes_read_every_suffix():
+    assert common._cache_size_bytes("2G\n") == 2 << 30 and common._cache_size_bytes("1024") == 1024
+    assert common._cache_size_bytes("512k") == 512 << 10
+
+
+def test_cpu_peak_memory_without_malloc_trim_is_unknown(monkeypatch):
+    """Off glibc freed memory cannot be handed back first, so the peak is not measured: None, the call not made,
+    and no method recorded."""
+    monkeypatch.setattr(common, "_malloc_trim", lambda: None)
+    called = []
+    assert common.peak_memory(lambda: called.append(1), "cpu") is None and not called
+    assert common.peak_memory_method("cpu") is None
+
+
+def test_an_l2_torch_does_not_report_is_taken_as_an_h100s(monkeypatch):
+    """Older torch has no L2_cache_size: the rotation then sizes its sets for a 50 MiB L2, not for no cache."""
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace())
+    assert common.l2_cache_bytes("cuda") == 50 << 20 and common.cache_info("cuda") == ("L2", 50 << 20)
+
+
+def test_triton_is_timed_unless_it_runs_in_its_interpreter(monkeypatch):
+    monkeypatch.setattr("worldvla.ops.dispatch.available", lambda op: ["torch", "triton", "native"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert common.timed_backends("op") == ["torch", "native"]
+    for off in ("0", ""):
+        monkeypatch.setenv("TRITON_INTERPRET", off)
+        assert common.timed_backends("op") == ["torch", "triton", "native"]
+
+
+def test_plots_order_numeric_labels_by_value_and_warn_of_bars_drawn_over(tmp_path, monkeypatch):
+    """x labels "2", "10", "128" read in that order (not "10", "128", "2"); two rows of one series at one x
+    would draw one bar over the other: a warning names the series."""
+    import warnings
+
+    import matplotlib.axes
+
+    ticks = []
+    real = matplotlib.axes.Axes.set_xticks
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks",
+                        lambda ax, t, labels=None, **kw: ticks.append(list(labels)) or real(ax, t, labels, **kw))
+    rows = [{"x": x, "y": 1.0, "g": "a"} for x in (128, 2, 10)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        common.plot_rows(rows, "x", "y", "g", "t", tmp_path / "p.png")
+    assert ticks == [["2", "10", "128"]]
+    with pytest.warns(UserWarning, match="series 'a' has several y values at one x"):
+        common.plot_rows(rows + [{"x": 2, "y": 3.0, "g": "a"}], "x", "y", "g", "t", tmp_path / "q.png")
