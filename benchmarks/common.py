@@ -589,13 +589,16 @@ def peak_memory(fn, device="cpu") -> int | None:
         trim = _malloc_trim()
         if trim is None:
             return None
-        try:
+        try:  # the measurement's own failures (no /proc, clear_refs refused) make the peak unknown
             gc.collect()
             trim(0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current resident set
             base = _proc_status_bytes("VmRSS")
-            fn()
+        except OSError:
+            return None
+        fn()  # outside the try: an OSError of the measured call is the benchmark's failure, not an unknown peak
+        try:
             return max(0, _proc_status_bytes("VmHWM") - base)
         except OSError:
             return None

@@ -3368,3 +3368,22 @@ def test_plots_order_numeric_labels_by_value_and_warn_of_bars_drawn_over(tmp_pat
     assert ticks == [["2", "10", "128"]]
     with pytest.warns(UserWarning, match="series 'a' has several y values at one x"):
         common.plot_rows(rows + [{"x": 2, "y": 3.0, "g": "a"}], "x", "y", "g", "t", tmp_path / "q.png")
+
+
+def test_an_oserror_of_the_measured_call_is_raised_not_taken_for_an_unknown_peak():
+    """peak_memory on the CPU returns None where the measurement itself cannot be made; an OSError raised by the
+    call it measures (a missing file the benchmark reads) reaches the caller, and the call ran once."""
+    from worldvla.benchmarks import common
+
+    if common.peak_memory_method("cpu") is None:
+        pytest.skip("no malloc_trim or /proc/self/clear_refs here: peak memory is not measured on this machine")
+    calls = []
+
+    def fails():
+        calls.append(1)
+        open("/nonexistent-folder/x")
+
+    with pytest.raises(FileNotFoundError, match="nonexistent-folder"):
+        common.peak_memory(fails, "cpu")
+    assert calls == [1]
+    assert common.peak_memory(lambda: torch.ones(16 << 20), "cpu") >= 60 << 20  # 64 MiB written
