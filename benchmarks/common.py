@@ -702,7 +702,7 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     noisy = noisy_rows(rows)
     if noisy:  # named by the columns before the time (case, impl, mode, shapes, ...)
         ids = columns[:columns.index("median_ms")] if "median_ms" in columns else columns
-        names = [" ".join(str(r.get(c)) for c in ids)
+        names = [" ".join(_fmt(r.get(c)) for c in ids)
                  + f" ({row_spread(r):.2f}x{'' if r.get('p90_over_p10') else ' max/min'})" for r in noisy]
         print(f"warning: {len(noisy)} of {len(rows)} rows spread p90/p10 > {NOISY_SPREAD} (max/min where a row has "
               f"too few repeats for percentiles; a busy machine? load average {load_average()}, "

@@ -3387,3 +3387,14 @@ def test_an_oserror_of_the_measured_call_is_raised_not_taken_for_an_unknown_peak
         common.peak_memory(fails, "cpu")
     assert calls == [1]
     assert common.peak_memory(lambda: torch.ones(16 << 20), "cpu") >= 60 << 20  # 64 MiB written
+
+
+def test_the_noisy_row_warning_names_rows_as_the_table_prints_them(capsys):
+    """A noisy row is named in the warning by its cells as the table shows them: an empty cell as "-" (not
+    "None"), a float to four significant digits."""
+    from worldvla.benchmarks import common
+
+    rows = [{"case": "decode", "impl": None, "scale": 0.123456, "median_ms": 1.0, "p90_over_p10": 3.0}]
+    common.print_table(rows, ["case", "impl", "scale", "median_ms"])
+    warning = capsys.readouterr().out.splitlines()[-1]
+    assert warning.startswith("warning: 1 of 1 rows spread") and warning.endswith(": decode - 0.1235 (3.00x)")
