@@ -1108,3 +1108,183 @@ def test_keep_last_prunes_the_older_checkpoints(data, tmp_path):
                           "--restart-every", 0))
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("step_*")) == ["step_00000002",
                                                                                        "step_00000003"]
+
+
+# ---------------------------------------------------------------- batches, architecture, precision, clipping, checks
+
+
+def test_batches_that_do_not_divide_the_frames_leave_the_remainder_out_of_each_epoch(data, tmp_path, monkeypatch):
+    """16 frames in batches of 5: an epoch is 3 whole batches of distinct frames (15 of them, one left over), so
+    --epochs 2 runs 6 steps and the second epoch draws its 15 anew."""
+    s, seen = _batches_seen(data, tmp_path / "r", monkeypatch, "--epochs", 2, "--batch-size", 5, "--restart-every", 0)
+    assert s["total"] == 6 and s["step"] == 6 and [len(b) for b in seen] == [5] * 6
+    for epoch in (seen[:3], seen[3:]):
+        frames = sum(epoch, [])
+        assert len(set(frames)) == 15 and set(frames) <= set(range(16))
+
+
+def test_a_new_vqgan_is_built_from_the_config_named_with_its_codebook_override(data, tmp_path, monkeypatch):
+    """Without --init, --config chameleon builds the release's architecture (not the small one), with --n-embed's
+    codebook size when given; the small config is the default."""
+    import worldvla.vqgan
+
+    class Built(Exception):
+        pass
+
+    def capture(cfg):
+        raise Built(cfg)
+
+    monkeypatch.setattr(worldvla.vqgan, "VQGAN", capture)
+
+    def built(*extra):
+        args = vqt.build_parser().parse_args([str(data / "d.hdf5"), "--out", str(tmp_path / "o"), "--steps", "1",
+                                              "--batch-size", "4", "--no-progress", "--device", "cpu", *extra])
+        with pytest.raises(Built) as e:
+            vqt.train_vq(args)
+        return e.value.args[0].to_dict()
+
+    assert built("--config", "chameleon", "--n-embed", "64") == {**VQGANConfig.chameleon().to_dict(), "n_embed": 64}
+    assert built("--config", "chameleon") == VQGANConfig.chameleon().to_dict()
+    assert built() == VQGANConfig.small().to_dict()
+
+
+def test_a_fresh_run_over_an_earlier_one_takes_the_default_min_lr_not_the_earlier_runs(data, tmp_path):
+    """Only --resume inherits the floor a checkpoint records: an --overwrite run without --min-lr starts on
+    --lr / 10, whatever the run it replaces had."""
+    out = tmp_path / "r"
+    vqt.train_vq(_vq_args(data, out, "--lr", 1e-3, "--min-lr", 5e-4, "--steps", 2, "--stop-after", 1))
+    vqt.train_vq(_vq_args(data, out, "--lr", 1e-3, "--steps", 2, "--stop-after", 1, "--overwrite"))
+    assert json.loads((latest_checkpoint(out) / "state.json").read_text())["args"]["min_lr"] == pytest.approx(1e-4)
+
+
+def test_precision_auto_is_fp32_on_cpu_and_bf16_is_honoured(data, tmp_path):
+    """On the CPU --precision auto trains in float32 (the losses of --precision fp32, bit for bit); --precision bf16
+    runs the forward pass under bfloat16 autocast, which gives other losses; the weights stay float32 either way."""
+    def losses(name, precision):
+        s = vqt.train_vq(args_for(data, tmp_path / name, "--steps", 2, "--restart-every", 0, "--precision", precision))
+        assert all(v.dtype == torch.float32 for v in VQGAN.from_pretrained(s["export"]).state_dict().values()
+                   if v.is_floating_point())
+        return s["losses"]
+
+    fp32 = losses("fp32", "fp32")
+    assert losses("auto", "auto") == fp32
+    bf16 = losses("bf16", "bf16")
+    assert all(np.isfinite(bf16)) and bf16 != fp32
+
+
+def test_grad_clip_bounds_the_step_a_gradient_takes(data, tmp_path):
+    """--grad-clip scales the gradient down to that norm before AdamW's step: a bound of 1e-9 leaves gradients far
+    below Adam's eps, so the first step barely moves the weights, where an unclipped one moves them by about the
+    rate; the logged norm is the gradient's before clipping."""
+    init = VQGAN.from_pretrained(data / "init").state_dict()
+
+    def moved(name, clip):
+        s = vqt.train_vq(args_for(data, tmp_path / name, "--steps", 1, "--restart-every", 0, "--grad-clip", clip))
+        w = VQGAN.from_pretrained(s["export"]).state_dict()
+        log = json.loads((tmp_path / name / "metrics.jsonl").read_text())
+        return max(float((w[k] - init[k]).abs().max()) for k in init if init[k].is_floating_point()), log["grad_norm"]
+
+    free, norm_free = moved("free", 0)
+    clipped, norm_clipped = moved("clipped", 1e-9)
+    assert free > 1e-4 and clipped < 0.05 * free, (free, clipped)
+    assert norm_clipped == pytest.approx(norm_free, rel=1e-6) and norm_free > 1e-9
+
+
+def test_frames_per_second_counts_the_steps_of_this_run_only(data, tmp_path, monkeypatch):
+    """frames_per_s is the frames this run has trained on over the time it has run: a resumed run counts its own
+    steps from its own start, not the steps its checkpoint had already done (a clock of one second per reading:
+    one step a second, 4 frames a second)."""
+    import time
+    import types
+
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(vqt, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock)), time=time.time))
+    out = tmp_path / "r"
+    vqt.train_vq(args_for(data, out, "--steps", 4, "--stop-after", 2))
+    vqt.train_vq(args_for(data, out, "--steps", 4, "--resume"))
+    log = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["frames_per_s"]) for r in log] == [(1, 4.0), (2, 4.0), (3, 4.0), (4, 4.0)]
+
+
+def test_no_progress_draws_no_bar_and_without_it_the_bar_is_drawn(data, tmp_path, capsys):
+    """--no-progress keeps the progress bar off stderr (a log file of bars otherwise); without it the bar is there."""
+    vqt.train_vq(args_for(data, tmp_path / "quiet", "--steps", 1, "--restart-every", 0))
+    assert "train-vq" not in capsys.readouterr().err
+    args = args_for(data, tmp_path / "bar", "--steps", 1, "--restart-every", 0)
+    args.no_progress = False
+    vqt.train_vq(args)
+    assert "train-vq" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [(32, 48), (48, 32)])
+def test_frames_with_either_side_no_multiple_of_32_are_refused_naming_both(data, tmp_path, shape):
+    """32x48 and 48x32 frames suit the VQGAN's factor 16 in both sides, but one side is no whole number of the
+    layout's 32-px grids: either side refuses them, naming the frames' size, before any run folder is made."""
+    h, w = shape
+    rng = np.random.default_rng(0)
+    write_demos(tmp_path / "d" / "d.hdf5", [{"frames": rng.integers(0, 256, (6, h, w, 3), dtype=np.uint8),
+                                             "actions": np.zeros((6, 4), np.float32)}], "push")
+    args = args_for(data, tmp_path / "out", "--steps", 1)
+    args.inputs = [str(tmp_path / "d" / "d.hdf5")]
+    with pytest.raises(ValueError, match=rf"frames are {h}x{w}: .*multiples of 32 px"):
+        vqt.train_vq(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_frames_smaller_than_the_vqgans_factor_are_refused_naming_it(data, tmp_path):
+    """A VQGAN of 7 levels downsamples by 64: 32x32 frames give it no whole code grid, and the run is refused with
+    the frames' size and the factor, before the folder is made, not failed inside the encoder."""
+    torch.manual_seed(0)
+    VQGAN(VQGANConfig(ch=32, ch_mult=(1,) * 7, num_res_blocks=1, z_channels=8, embed_dim=8,
+                      n_embed=16)).save_pretrained(tmp_path / "deep")
+    args = args_for(data, tmp_path / "out", "--steps", 1)
+    args.init = str(tmp_path / "deep")
+    with pytest.raises(ValueError, match="frames are 32x32, not a multiple of the VQGAN factor 64"):
+        vqt.train_vq(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gradient_norm_that_is_not_finite_stops_the_run_naming_it(data, tmp_path, monkeypatch):
+    """A step whose loss is finite but whose gradient norm is not leaves garbage weights as well: the run stops at
+    it, naming the gradient norm, with nothing saved or exported."""
+    real = torch.nn.utils.clip_grad_norm_
+
+    def inf_norm(params, max_norm, *a, **kw):
+        real(params, max_norm, *a, **kw)
+        return torch.tensor(float("inf"))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", inf_norm)
+    out = tmp_path / "r"
+    with pytest.raises(ValueError, match=r"step 1: the gradient norm is inf \(not finite\)"):
+        vqt.train_vq(args_for(data, out, "--steps", 2, "--save-every", 1))
+    assert latest_checkpoint(out) is None and not (out / "vqgan").exists()
+
+
+def test_a_global_batch_that_does_not_divide_over_the_ranks_is_refused_before_anything(data, tmp_path, monkeypatch):
+    """--batch-size is the global batch: 4 frames over 3 ranks gives no equal slices, and the run is refused by
+    name before the run folder is made or any frame is read."""
+    monkeypatch.setattr(dist_utils, "world_size", lambda: 3)
+    monkeypatch.setattr(vqt, "load_frames", lambda *a, **k: pytest.fail("the frames were read before the check"))
+    with pytest.raises(ValueError, match=r"--batch-size 4 \(the global batch\) must divide evenly over 3 ranks"):
+        vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 1))
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_bfloat16_init_is_trained_and_exported_in_float32(data, tmp_path):
+    """A VQGAN saved in bfloat16 (from_pretrained keeps a file's dtype) is fine-tuned in float32, so that AdamW's
+    small steps are not rounded away, and exported in float32."""
+    VQGAN.from_pretrained(data / "init").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    args = args_for(data, tmp_path / "r", "--steps", 1, "--restart-every", 0)
+    args.init = str(tmp_path / "bf16")
+    s = vqt.train_vq(args)
+    sd = VQGAN.from_pretrained(s["export"]).state_dict()
+    assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_a_resume_says_which_checkpoint_it_resumed_from(data, tmp_path, capsys):
+    """A resumed run names the checkpoint folder and the step it continues from."""
+    out = tmp_path / "r"
+    vqt.train_vq(args_for(data, out, "--steps", 2, "--stop-after", 1, "--restart-every", 0))
+    capsys.readouterr()
+    vqt.train_vq(args_for(data, out, "--steps", 2, "--resume", "--restart-every", 0))
+    assert f"resumed from {out / 'checkpoints' / 'step_00000001'} at step 1\n" in capsys.readouterr().out
