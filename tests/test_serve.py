@@ -3669,3 +3669,205 @@ def test_the_padding_rows_of_a_batch_repeat_its_last_request(np_rng):
                                                                                                "robot 2"]
     np.testing.assert_array_equal(images[3], images[2])
     assert instructions[3] == instructions[2]
+
+
+# ---------------------------------------------------------------- client: urls, limits, handshakes and replies
+def test_a_wss_url_is_taken_and_opened_as_given(monkeypatch):
+    """A server behind TLS is reached at its wss:// url: the client opens that url, path included."""
+    import worldvla.serve.client as client_mod
+
+    opened = []
+    monkeypatch.setattr(client_mod, "_connect", lambda url, open_timeout, max_size: opened.append(url)
+                        or _FakeConnection([]))
+    client = PolicyClient("wss://gpu-box:8443/robots")
+    assert opened == ["wss://gpu-box:8443/robots"] and client.url == "wss://gpu-box:8443/robots"
+
+
+def test_infinite_timeouts_and_reply_limits_are_refused():
+    """A timeout or reply limit of inf is no finite number: refused at construction, before connecting."""
+    for name in ("timeout", "connect_timeout", "max_reply_mb"):
+        for value in (float("inf"), np.float64("inf")):
+            with pytest.raises(ValueError,
+                               match=rf"^{name} must be a finite number of \w+ > 0, got (np\.float64\()?inf"):
+                PolicyClient("ws://127.0.0.1:1", **{name: value})
+
+
+def test_the_constructors_metadata_request_waits_up_to_the_call_timeout(monkeypatch):
+    """A server that states no protocol version is asked for its metadata as the client is built: that request
+    waits for its reply up to `timeout`, as every request does; `connect_timeout` bounds only the opening."""
+    waits = []
+
+    class Timed(_FakeConnection):
+        def recv(self, timeout=None):
+            waits.append(timeout)
+            return super().recv(timeout)
+
+    ws = Timed([_echo_id({"ok": True, "protocol": 1})], header=None)
+    _offline_client(monkeypatch, ws, timeout=30, connect_timeout=1)
+    assert len(waits) == 1 and 29 < waits[0] <= 30, waits
+
+
+def test_a_server_that_states_no_version_and_refuses_its_metadata_request_is_named(monkeypatch):
+    """An older server that refuses the metadata request asked at the handshake is reported as refusing it, with
+    its message (or none), not as a server of protocol None; that connection is closed."""
+    for reply, shown in (({"ok": False, "error": "busy"}, "busy"), ({"ok": False}, "no message"),
+                         ({"protocol": 1}, "no message")):
+        ws = _FakeConnection([_echo_id(reply)], header=None)
+        with pytest.raises(PolicyServerError, match=rf"^the server at ws://robot-server:8000 refused a metadata "
+                                                    rf"request: {shown}$"):
+            _offline_client(monkeypatch, ws)
+        assert [m["type"] for m in ws.sent] == ["metadata"] and ws.closed
+
+
+def test_a_reply_that_is_no_map_is_refused_naming_its_type(monkeypatch):
+    """Something that answers a request with a list or a number, not a map, is a PolicyServerError naming what
+    came, not an AttributeError from looking up its fields."""
+    ws = _FakeConnection([[1, 2], 7, _echo_id({"ok": True, "action_dim": D})])
+    client, _ = _offline_client(monkeypatch, ws)
+    for shown in ("list", "int"):
+        with pytest.raises(PolicyServerError, match=rf"^server sent a reply that is not a map: {shown}$"):
+            client.metadata()
+    assert client.metadata() == {"action_dim": D}
+
+
+def test_a_connection_closed_with_another_code_is_named_with_its_code_and_reason(monkeypatch):
+    """A close other than the server's shutdown or a message over a limit names the url, the code and the reason
+    the server gave (none when it gave none); a connection lost without any closing handshake (no close received,
+    none or another one sent) is no reply over the client's limit."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.frames import Close
+
+    closes = [(Close(1011, "policy crashed"), Close(1011, "policy crashed"), "1011, policy crashed"),
+              (Close(1000, ""), Close(1000, ""), "1000"), (None, None, "None"), (None, Close(1000, "bye"), "None")]
+
+    def closing(rcvd, sent):
+        def reply(request):
+            raise ConnectionClosed(rcvd, sent, True if rcvd and sent else None)
+        return reply
+
+    connections = [_FakeConnection([closing(rcvd, sent)]) for rcvd, sent, _ in closes]
+    client, opened = _offline_client(monkeypatch, *connections)
+    for _, _, shown in closes:  # each on a new connection
+        with pytest.raises(PolicyServerError, match=rf"^connection to ws://robot-server:8000 closed \(code {shown}\)$"):
+            client.metadata()
+        assert client._ws is None
+    assert len(opened) == len(closes)
+
+
+def test_last_timing_is_the_latest_chunks_own(monkeypatch):
+    """`last_timing` is the timing of the reply to the latest act: a reply that states none leaves None there,
+    not the timing of an earlier chunk."""
+    chunk = np.zeros((K, D), np.float32)
+    ws = _FakeConnection([_echo_id({"ok": True}),
+                          _echo_id({"ok": True, "actions": chunk, "timing": {"server_ms": 4.5}}),
+                          _echo_id({"ok": True, "actions": chunk})])
+    client, _ = _offline_client(monkeypatch, ws)
+    client.reset("wave")
+    assert client.last_timing is None
+    client.act(np.zeros((8, 8, 3), np.uint8))
+    assert client.last_timing == {"server_ms": 4.5}
+    client.act(np.zeros((8, 8, 3), np.uint8))
+    assert client.last_timing is None
+
+
+def test_an_http_error_other_than_503_without_a_version_is_no_policy_server(monkeypatch):
+    """A refusal with another HTTP status (a gateway's 502, a server error) and no protocol header comes from
+    something other than a policy server: the client says it did not answer as one, not that it refused."""
+    from websockets.datastructures import Headers
+    from websockets.exceptions import InvalidStatus
+    from websockets.http11 import Response
+    from websockets.sync import client as ws_client
+
+    for status in (500, 502, 504):
+        def refuse(url, status=status, **kw):
+            raise InvalidStatus(Response(status, "Error", Headers(), b"upstream down"))
+
+        monkeypatch.setattr(ws_client, "connect", refuse)
+        with pytest.raises(ConnectionError, match=rf"^ws://127\.0\.0\.1:9 did not answer as a WebSocket server "
+                                                  rf"\(InvalidStatus: .*{status}"):
+            PolicyClient("ws://127.0.0.1:9")
+
+
+def test_a_handshake_stating_two_protocol_versions_is_another_protocol(monkeypatch):
+    """The version is every protocol header the server sent, joined: one that states '1' and '2' is not taken for
+    a server of protocol 1."""
+    ws = _FakeConnection([])
+    ws.response.headers["WorldVLA-Protocol"] = "2"
+    assert ws.response.headers.get_all("WorldVLA-Protocol") == ["1", "2"]
+    with pytest.raises(PolicyServerError, match=r"speaks protocol '1, 2', this PolicyClient protocol 1"):
+        _offline_client(monkeypatch, ws)
+    assert ws.sent == [] and ws.closed
+
+
+def test_each_request_carries_a_new_id_and_a_reply_to_an_earlier_one_is_skipped(monkeypatch):
+    """Request ids count up from 1 over the client's life, so that a late reply carrying the id of an earlier
+    request is never taken for the current one's."""
+    ws = _FakeConnection([_echo_id({"ok": True, "action_dim": 1}), {"ok": True, "id": 1, "action_dim": 1},
+                          _echo_id({"ok": True, "action_dim": 2}), _echo_id({"ok": True, "action_dim": 3})])
+    client, _ = _offline_client(monkeypatch, ws)
+    assert [client.metadata()["action_dim"] for _ in range(3)] == [1, 2, 3]
+    assert [m["id"] for m in ws.sent] == [1, 2, 3]
+
+
+def test_a_payload_limit_header_of_superscript_digits_states_no_limit(monkeypatch):
+    """Superscript digits, which str.isdigit takes but int does not, state no limit: the client connects as a
+    client of a server without the header does, rather than failing in its constructor."""
+    for value in ("\u00b2", "1\u00b3", "\u00b9\u00b2"):
+        client, _ = _offline_client(monkeypatch, _limited(value))
+        assert client.max_payload_bytes is None, value
+
+
+def test_a_refusal_at_the_connection_limit_gives_the_servers_reason_without_its_line_break(monkeypatch):
+    """The reason a server at --max-connections sends ends with a line break: the error ends with the reason's
+    last word, the line break stripped."""
+    from websockets.datastructures import Headers
+    from websockets.exceptions import InvalidStatus
+    from websockets.http11 import Response
+    from websockets.sync import client as ws_client
+
+    def refuse(url, **kw):
+        raise InvalidStatus(Response(503, "Service Unavailable", Headers({"WorldVLA-Protocol": "1"}),
+                                     b"  4 connections open (--max-connections)\r\n"))
+
+    monkeypatch.setattr(ws_client, "connect", refuse)
+    with pytest.raises(ConnectionError) as refused:
+        PolicyClient("ws://127.0.0.1:9")
+    assert str(refused.value) == ("the policy server at ws://127.0.0.1:9 refused the connection: 4 connections open "
+                                  "(--max-connections)")
+
+
+def test_a_close_for_a_message_too_big_without_a_reason_names_its_code(monkeypatch):
+    """The server's 1009 close may carry no reason: the error names the code instead of an empty pair of
+    parentheses."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.frames import Close
+
+    def too_big(request):
+        raise ConnectionClosed(Close(1009, ""), Close(1009, ""), True)
+
+    client, _ = _offline_client(monkeypatch, _FakeConnection([too_big]))
+    with pytest.raises(PolicyServerError, match=r"^the server closed the connection: message too big \(code 1009\); "
+                                                r"the request exceeds its payload limit"):
+        client.metadata()
+
+
+def test_a_dropped_client_closes_its_connection_without_waiting_long_for_the_server(monkeypatch):
+    """A client dropped without close() closes its connection, waiting at most 0.2 s for the server's side of the
+    closing handshake (a server gone silent would hold the caller for the connection's own 5 s)."""
+    client, _ = _offline_client(monkeypatch, ws := _FakeConnection([]))
+    del client
+    gc.collect()
+    assert ws.closed and ws.close_timeout == 0.2
+
+
+def test_a_client_refused_at_the_handshake_closes_its_connection_while_the_error_is_kept(monkeypatch):
+    """A constructor that fails its protocol check closes the connection itself: a caller that keeps the error
+    (its traceback holds the half-built client) does not keep a connection to the server open."""
+    for ws in (_FakeConnection([], header="2"), _FakeConnection([_echo_id({"ok": False})], header=None)):
+        kept = None
+        try:
+            _offline_client(monkeypatch, ws)
+        except PolicyServerError as e:
+            kept = e
+        assert kept is not None and kept.__traceback__ is not None
+        assert ws.closed and ws.close_timeout == 0.2
