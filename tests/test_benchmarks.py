@@ -152,15 +152,7 @@ def test_cpu_ops_sides_take_their_own_sets_in_turning_order():
     runs first: each call takes the next set, and the sides' order turns every round."""
     from benchmarks import cpu_ops
 
-    class Sets:
-        n = 0
-
-        def next(self):
-            self.n += 1
-            return (self.n,)
-
-        def info(self):
-            return {"inputs_rotated": True}
+    Sets = _CountingSets
 
     calls = []
     fns = {name: (lambda i, name=name: calls.append((name, i))) for name in ("torch", "native", "native-w8")}
@@ -2037,6 +2029,19 @@ def test_decode_rows_count_the_keys_each_query_row_sees(monkeypatch):
         assert r["attended_pairs"] == (84 if r["impl"].startswith("sdpa") else None)
 
 
+class _CountingSets:
+    """A Rotation whose sets are the numbers 1, 2, 3, ... in the order they are handed out."""
+
+    n = 0
+
+    def next(self):
+        self.n += 1
+        return (self.n,)
+
+    def info(self):
+        return {"inputs_rotated": True}
+
+
 class _NoSets:
     """A Rotation that makes no input sets (for runs whose timings are fixed)."""
 
@@ -3187,13 +3192,7 @@ def test_timings_without_a_rotation_say_their_inputs_did_not_rotate():
 def test_interleaved_calls_each_take_the_next_input_set():
     """time_interleaved hands every call, warm-up included, the rotation's next set, so that no side reads the
     inputs the side before it just read; each side's row records the rotation."""
-    class Sets:
-        n = 0
-
-        def next(self):
-            self.n += 1
-            return (self.n,)
-
+    class Sets(_CountingSets):
         def info(self):
             return {"inputs_rotated": True, "rotated_sets": 99}
 

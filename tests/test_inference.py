@@ -58,9 +58,9 @@ def _prompt(rng, n_images, grid=(4, 4), layout=LAYOUT):
 
 
 @torch.no_grad()
-def _full_recompute_chunk(model, prompt, K, D, layout=LAYOUT, causal=False):
+def _full_recompute_chunk(model, prompt, K, D, layout=LAYOUT, causal=False, meta_of=None):
     """Independent reference: constrained greedy decoding, recomputing the whole sequence with
-    model.forward (the model's own mask built from the ids, or plain causal) for every token."""
+    model.forward (the model's own mask built from the ids, plain causal, or `meta_of(seq)`'s) for every token."""
     T, (lo, hi) = D + 2, layout.bin_range
     seq = prompt.clone()
     for j in range(K * T):
@@ -69,7 +69,7 @@ def _full_recompute_chunk(model, prompt, K, D, layout=LAYOUT, causal=False):
         elif j % T == T - 1:
             tok = layout.eoa
         else:
-            meta = causal_meta(tuple(seq.shape), seq.device) if causal else None
+            meta = causal_meta(tuple(seq.shape), seq.device) if causal else meta_of(seq) if meta_of else None
             tok = int(model(seq, meta)[-1, lo:hi].argmax()) + lo
         seq = torch.cat([seq, torch.tensor([tok])])
     return seq[prompt.numel():].view(K, T)
@@ -1580,22 +1580,14 @@ def test_causal_mode_lets_the_generated_actions_see_the_prompts_own_action_block
     prompt = torch.cat([_prompt(rng, 1)[:-1], b.actions.encode(torch.rand(2, 3, generator=rng) * 2 - 1).flatten(),
                         torch.tensor([LAYOUT.sep])])
     P, K, D = prompt.numel(), 3, 3
-    T, (lo, hi) = D + 2, LAYOUT.bin_range
 
     def reference(hide_prompt_blocks):
-        seq = prompt.clone()
-        for j in range(K * T):
-            if j % T == 0:
-                tok = LAYOUT.boa
-            elif j % T == T - 1:
-                tok = LAYOUT.eoa
-            else:
-                meta = chunk_mask_meta(seq, LAYOUT)
-                meta.q_limit[P:] = 2 if hide_prompt_blocks else -1  # the prompt holds blocks 0 and 1
-                with torch.no_grad():
-                    tok = int(model(seq, meta)[-1, lo:hi].argmax()) + lo
-            seq = torch.cat([seq, torch.tensor([tok])])
-        return seq[P:].view(K, T)
+        def meta_of(seq):
+            meta = chunk_mask_meta(seq, LAYOUT)
+            meta.q_limit[P:] = 2 if hide_prompt_blocks else -1  # the prompt holds blocks 0 and 1
+            return meta
+
+        return _full_recompute_chunk(model, prompt, K, D, meta_of=meta_of)
 
     want = reference(False)
     assert not torch.equal(want, reference(True))  # the prompt's blocks change the greedy bins
