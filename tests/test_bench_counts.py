@@ -29,6 +29,19 @@ def _random(t: torch.Tensor) -> bool:
     return float((t == 0).float().mean()) < 1e-3 and t.unique().numel() > min(t.numel() // 4, 100)
 
 
+def _recorded_rotations(monkeypatch, module, n: int) -> list:
+    """Replace `module`'s Rotation with real ones of `n` sets on the CPU; returns the list their sets are added to."""
+    sets = []
+
+    def rotation(make, *args, **kwargs):
+        rot = common.Rotation(make, "cpu", n=n)
+        sets.extend(rot.sets)
+        return rot
+
+    monkeypatch.setattr(module, "Rotation", rotation)
+    return sets
+
+
 def _brute_force_visible_pairs(ids: list[int], cu: list[int]) -> int:
     """Visible (query, key) pairs by the chunk rule, read from the ids themselves: within a document, key <= query,
     except that a query in an action block (BOA .. EOA) starting after the document's last EOI sees no key of an
@@ -128,14 +141,7 @@ def test_prefill_inputs_are_random_and_distinct(monkeypatch):
     """q, k, v and the output gradient of a prefill case are random draws (never zeros or ones), each its own."""
     from worldvla.benchmarks import attention as A
 
-    sets = []
-
-    def rotation(make, device, quick=False, **kw):
-        rot = common.Rotation(make, device, n=2)
-        sets.extend(rot.sets)
-        return rot
-
-    monkeypatch.setattr(A, "Rotation", rotation)
+    sets = _recorded_rotations(monkeypatch, A, 2)
     monkeypatch.setattr(A, "time_interleaved", _fixed_medians({}))
     monkeypatch.setattr(A, "flex_fn", lambda meta, device: 1 / 0)  # left out: reported, not timed
     A.run_prefill([("tiny", 32, 300, False)], 2, 16, torch.float32, torch.device("cpu"), True,
@@ -177,14 +183,7 @@ def test_decode_inputs_are_random(monkeypatch):
     """A decode case's query rows and its K and V caches are random draws, not zeros."""
     from worldvla.benchmarks import attention as A
 
-    sets = []
-
-    def rotation(make, device, quick=False, **kw):
-        rot = common.Rotation(make, device, n=2)
-        sets.extend(rot.sets)
-        return rot
-
-    monkeypatch.setattr(A, "Rotation", rotation)
+    sets = _recorded_rotations(monkeypatch, A, 2)
     monkeypatch.setattr(A, "time_interleaved", _fixed_medians({}))
     A.run_decode([("d", 32, 5, 2)], 2, 16, torch.float32, torch.device("cpu"), True, torch.Generator().manual_seed(0))
     assert len(sets) == 2
@@ -242,14 +241,7 @@ def test_cross_entropy_inputs_are_random_and_labels_vary(monkeypatch, tmp_path):
     """The hidden rows and the head are random draws, and the labels spread over the vocabulary (not one id)."""
     from worldvla.benchmarks import cross_entropy as CE
 
-    sets = []
-
-    def rotation(make, device, quick=False, **kw):
-        rot = common.Rotation(make, device, n=1)
-        sets.extend(rot.sets)
-        return rot
-
-    monkeypatch.setattr(CE, "Rotation", rotation)
+    sets = _recorded_rotations(monkeypatch, CE, 1)
     monkeypatch.setattr(CE, "timed_backends", lambda op: [])
     monkeypatch.setattr(CE, "time_interleaved", _fixed_medians({}))
     monkeypatch.setattr(CE, "peak_memory", lambda fn, device: 1000)
@@ -334,14 +326,7 @@ def test_vq_and_sampling_inputs_are_random(monkeypatch, tmp_path):
     for dtype in (torch.float32, torch.bfloat16):
         z, cb, z32, cb32 = vq.make_inputs(64, 128, 16, dtype, "cpu")(0)
         assert z.shape == (64, 16) and cb.shape == (128, 16) and _random(z) and _random(cb)
-    sets = []
-
-    def rotation(make, device, n=None, **kw):
-        rot = common.Rotation(make, device, n=1)
-        sets.extend(rot.sets)
-        return rot
-
-    monkeypatch.setattr(sampling, "Rotation", rotation)
+    sets = _recorded_rotations(monkeypatch, sampling, 1)
     monkeypatch.setattr(sampling, "rotation_count", lambda *a, **kw: 1)
     monkeypatch.setattr(sampling, "timed_backends", lambda op: [])
     monkeypatch.setattr(sampling, "time_interleaved", _fixed_medians({}))
@@ -360,12 +345,8 @@ def test_cpu_ops_inputs_and_decode_caches_are_random(monkeypatch, tmp_path):
     from worldvla import ops
     from worldvla.benchmarks import cpu_ops
 
-    sets, caches = [], []
-
-    def rotation(make, *a, **kw):
-        rot = common.Rotation(make, "cpu", n=1)
-        sets.append(rot.sets[0])
-        return rot
+    caches = []
+    sets = _recorded_rotations(monkeypatch, cpu_ops, 1)
 
     def interleaved(fns, rot, warmup, repeats):
         for fn in fns.values():
@@ -375,7 +356,6 @@ def test_cpu_ops_inputs_and_decode_caches_are_random(monkeypatch, tmp_path):
     real = ops.resolve_decoder_layer
     monkeypatch.setattr(ops, "resolve_decoder_layer", lambda layer, x, ctx, b: caches.append(ctx.cache)
                         or real(layer, x, ctx, b))
-    monkeypatch.setattr(cpu_ops, "Rotation", rotation)
     monkeypatch.setattr(cpu_ops, "rotation_count", lambda *a, **kw: 1)
     monkeypatch.setattr(cpu_ops, "interleaved", interleaved)
     monkeypatch.setattr(cpu_ops, "plot_speedups", lambda rows, path: None)
