@@ -1033,3 +1033,99 @@ def test_a_bool_temperature_is_refused(rng):
         with pytest.raises(ValueError, match=rf"temperature must be a finite number >= 0 .*got {t!r}"):
             generate_frame_codes(model, codes, np.zeros((1, 4)), b, temperature=t,
                                  generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("native_loop", [True, False], ids=["native-loop", "python-loop"])
+def test_a_frame_on_an_engine_that_decoded_action_chunks_is_a_fresh_engines_frame(rng, monkeypatch, native_loop):
+    """One engine serves action chunks and frames alike: the chunk decoder leaves its step buffers' query limits at
+    a block's, which the frame's steps (no action block) must not inherit; the frame is the fresh engine's."""
+    from worldvla.inference import frames, generate_action_chunk
+
+    monkeypatch.setattr(frames, "NATIVE_FRAME_LOOP", native_loop)
+    model, b = _model(1), _builder()
+    codes = torch.randint(0, 64, (2, 4, 6), generator=rng)
+    actions = torch.rand(2, 4, generator=rng).numpy() * 2 - 1
+    want = generate_frame_codes(model, codes, actions, b)
+    engine = InferenceEngine(model, 2, 300, layout=LAYOUT)
+    generate_action_chunk(model, [b.action_prompt("push", [codes[i]]) for i in range(2)], LAYOUT, 3, 4,
+                          engine=engine, mode="sequential")
+    assert (engine.buffers(1).q_limit != -1).any()  # a block's limit left in the step buffer
+    assert torch.equal(generate_frame_codes(model, codes, actions, b, engine=engine), want)
+
+
+def test_a_frame_tensor_that_requires_grad_is_read_and_named_with_its_conversion():
+    """A float frame tensor that requires grad (a rendered or generated image), read outside torch.no_grad as the
+    policy's act reads its frames: frame_array gives its values (a bfloat16 one as float32, naming bfloat16), and the
+    policy refuses it as a float frame with the torch conversion, not with torch's "Can't call numpy() on Tensor that
+    requires grad"."""
+    from worldvla.inference import WorldVLAPolicy
+    from worldvla.inference.frames import FrameDtypeError, frame_array
+
+    img = torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0))
+    a, name = frame_array(img.clone().requires_grad_())
+    assert name is None and a.dtype == np.float32 and np.array_equal(a, img.numpy())
+    a, name = frame_array(img.bfloat16().requires_grad_())
+    assert name == "bfloat16" and a.dtype == np.float32 and np.array_equal(a, img.bfloat16().float().numpy())
+    pol = WorldVLAPolicy.__new__(WorldVLAPolicy)  # only its frame check is exercised
+    pol.image_size = 32
+    with pytest.raises(FrameDtypeError, match=r"got float32 with values in \[[0-9.e-]+, [0-9.e-]+\]; convert with "
+                                              r"\(x \* 255\)\.round\(\)\.to\(torch\.uint8\)$"):
+        pol._frames(img.clone().requires_grad_())
+
+
+@pytest.mark.parametrize("tensor", [False, True], ids=["numpy", "torch"])
+def test_fractional_float_pixels_beyond_0_to_255_are_rounded_by_the_named_conversion(tensor):
+    """Float pixels with fractions, some below 0 or above 255: the conversion named clips and rounds them (a bare
+    cast after the clip would truncate 254.7 to 254), giving np.clip(x, 0, 255).round() as uint8."""
+    import re
+
+    model, b, vq = _model(5), _builder(), _tiny_vqgan()
+    x = np.random.default_rng(3).uniform(-40, 300, (32, 32, 3)).astype(np.float32)
+    x[0, 0] = [-20.5, 300.25, 254.7]
+    want = np.clip(x, 0, 255).round().astype(np.uint8)
+    bad = torch.from_numpy(x) if tensor else x
+    with pytest.raises(ValueError, match=r"with values in \[-\S+, \S+\]; convert with") as e:
+        generate_frames(model, vq, bad, np.zeros((1, 4)), action_tokenizer=b.actions, text_tokenizer=b.text)
+    fixed = eval(re.search(r"convert with (.+)$", str(e.value)).group(1), {"np": np, "torch": torch, "x": bad})
+    fixed = fixed.numpy() if tensor else fixed
+    assert fixed.dtype == np.uint8 and np.array_equal(fixed, want) and fixed[0, 0, 2] == 255
+
+
+def test_the_layout_given_to_a_rollout_wins_over_the_models_own(rng):
+    """generate_frames(layout=...) tokenizes with the layout given, not the one the model carries: a model whose own
+    layout puts the image codes on other ids rolls out, given the right layout, as the model carrying it does."""
+    model, b, vq = _model(4), _builder(), _tiny_vqgan()
+    kw = dict(action_tokenizer=b.actions, text_tokenizer=b.text)
+    img = torch.randint(0, 256, (32, 32, 3), generator=rng, dtype=torch.uint8).numpy()
+    acts = torch.rand(2, 4, generator=rng).numpy() * 2 - 1
+    want = generate_frames(model, vq, img, acts, **kw)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(5))
+    other = dataclasses.replace(LAYOUT, image_code_ids=tuple((4 + perm).tolist()), name="permuted")
+    model.layout = other
+    assert not torch.equal(generate_frames(model, vq, img, acts, **kw).codes, want.codes)  # the model's own layout
+    got = generate_frames(model, vq, img, acts, layout=LAYOUT, **kw)
+    assert torch.equal(got.codes, want.codes) and np.array_equal(got.frames, want.frames)
+
+
+@pytest.mark.parametrize("cfg_scale", [None, 2.0])
+def test_a_rollouts_engine_holds_exactly_the_slots_its_frames_fill(rng, monkeypatch, cfg_scale):
+    """generate_frames builds one engine for all its steps, of one row an image (two when guided) and exactly the
+    prompt (with the frame's header) plus the slots a frame fills: no cache memory that no step uses."""
+    from worldvla.inference import frames
+    from worldvla.inference.frames import frame_cache_slots
+
+    built = []
+
+    class Recording(InferenceEngine):
+        def __init__(self, model, batch_size, max_len, **kw):
+            built.append((batch_size, max_len))
+            super().__init__(model, batch_size, max_len, **kw)
+
+    monkeypatch.setattr(frames, "InferenceEngine", Recording)
+    model, b, vq = _model(4), _builder(), _tiny_vqgan()
+    imgs = torch.randint(0, 256, (2, 32, 32, 3), generator=rng, dtype=torch.uint8).numpy()
+    acts = torch.rand(2, 2, 4, generator=rng).numpy() * 2 - 1
+    out = generate_frames(model, vq, imgs, acts, cfg_scale=cfg_scale, action_tokenizer=b.actions, text_tokenizer=b.text)
+    assert out.codes.shape == (2, 2, 2, 2)  # 2 x 2 codes a frame; the prompt's length depends on the grid only
+    prompt = b.world_prompt(out.codes[0, 0], acts[0, 0]).numel() + 3  # + BOI, res(h), res(w)
+    assert built == [(4 if cfg_scale else 2, prompt + frame_cache_slots(2, 2))]

@@ -682,3 +682,52 @@ def test_a_malformed_first_token_gives_no_token_and_no_action():
     with pytest.raises(ValueError, match="malformed action blocks.*EOA before any action block"):
         baseline_generate_action_chunk(model, p, LAYOUT, 1, D, max_new_tokens=20,
                                        logits_processor=_forcing(template, p.numel()))
+
+
+def test_prompts_of_float_or_bool_ids_are_refused_by_name(rng):
+    """Token ids that are not integers are refused, naming the prompt, before anything runs: cast to long, a float
+    prompt's ids were truncated and a bool one's read as ids 0 and 1, and both decoded without a word."""
+    model, (p, q) = _model(5), _prompts(rng, 2)
+    with pytest.raises(TypeError, match=r"prompt 0: token ids must be integers, got torch\.float32"):
+        generate_release_actions(model, p.float() + 0.5, LAYOUT, D, 4)
+    with pytest.raises(TypeError, match=r"prompt 1: token ids must be integers, got torch\.bool"):
+        generate_release_actions(model, [p, q > 100], LAYOUT, D, 4)
+
+
+def test_the_last_token_allowed_costs_no_forward_pass(rng):
+    """After the prefill, decoding runs one step for each token it feeds: max_new_tokens - 1 steps for a sequence
+    that never writes the separator (the last token is only parsed), none once every sequence has written it."""
+    text = LAYOUT.text_base + 5
+
+    def free_text(ids, logits):
+        out = torch.full_like(logits, float("-inf"))
+        out[text] = 0.0
+        return out
+
+    for model, n, kw, steps in ((_model(5), 6, {"logits_processor": free_text}, 5),
+                                (always_separator(_model(5), LAYOUT), 6, {}, 0)):
+        prompts = _prompts(rng, 2)
+        engine = release_engine(model, prompts, n)
+        runs, run = [], engine.run
+        engine.run = lambda buf: runs.append(buf.ids.shape) or run(buf)
+        got = generate_release_actions(model, prompts, LAYOUT, D, n, engine=engine, **kw)
+        assert [g.tokens.numel() for g in got] == ([n, n] if steps else [1, 1])
+        assert runs == [(2, 1)] * steps
+
+
+def test_an_engine_of_another_layout_of_the_same_vocabulary_is_refused(rng):
+    """An engine built with a layout of the model's vocabulary size but other action ids (BOA and EOA swapped) is
+    refused by name: its prefill would find the prompt's blocks by the other layout's ids."""
+    import dataclasses
+
+    from worldvla.inference import InferenceEngine
+
+    lo = LAYOUT.bin_range[0]
+    model, p = _model(8), _prompts(rng, 1)[0]
+    p = torch.cat([p, torch.tensor([BOA, *range(lo, lo + D), EOA])])
+    swapped = dataclasses.replace(LAYOUT, boa=LAYOUT.eoa, eoa=LAYOUT.boa, name="swapped")
+    assert swapped.vocab_size == LAYOUT.vocab_size
+    engine = InferenceEngine(model, 1, p.numel() + 8, layout=swapped)
+    with pytest.raises(ValueError, match="the engine was built with the layout 'swapped' but the decoding uses "
+                                         f"'{LAYOUT.name}'"):
+        generate_release_actions(model, p, LAYOUT, D, 8, engine=engine)
