@@ -1129,3 +1129,14 @@ def test_a_rollouts_engine_holds_exactly_the_slots_its_frames_fill(rng, monkeypa
     assert out.codes.shape == (2, 2, 2, 2)  # 2 x 2 codes a frame; the prompt's length depends on the grid only
     prompt = b.world_prompt(out.codes[0, 0], acts[0, 0]).numel() + 3  # + BOI, res(h), res(w)
     assert built == [(4 if cfg_scale else 2, prompt + frame_cache_slots(2, 2))]
+
+
+def test_a_list_of_frames_of_different_sizes_is_refused_naming_their_shapes(rng):
+    """A list of frames of different sizes cannot be stacked into one batch: the error names the shapes and asks
+    for one size, as the policy's does, rather than NumPy's "inhomogeneous shape"."""
+    model, b, vq = _model(4), _builder(), _tiny_vqgan()
+    frames = [torch.randint(0, 256, (32, 32, 3), generator=rng, dtype=torch.uint8).numpy(),
+              torch.randint(0, 256, (64, 48, 3), generator=rng, dtype=torch.uint8).numpy()]
+    with pytest.raises(ValueError, match=r"^image must all have one size \(\[N, H, W, 3\]\), got frames of shapes "
+                                         r"\[\(32, 32, 3\), \(64, 48, 3\)\]: resize them to one size first$"):
+        generate_frames(model, vq, frames, np.zeros((2, 1, 4)), action_tokenizer=b.actions, text_tokenizer=b.text)

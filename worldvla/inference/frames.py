@@ -260,9 +260,22 @@ def frame_array(image) -> tuple[np.ndarray, str | None]:
     return t.numpy(), None
 
 
+def mixed_sizes_error(image, what: str, fix: str) -> ValueError:
+    """The error for frames given as a list that NumPy cannot stack (its "inhomogeneous shape": frames of different
+    sizes), naming their shapes; `fix` says what size to give them."""
+    try:
+        shapes = sorted({tuple(np.shape(f)) for f in image})
+    except (TypeError, ValueError):
+        shapes = "different"
+    return ValueError(f"{what} must all have one size ([N, H, W, 3]), got frames of shapes {shapes}: {fix}")
+
+
 def _to_batch_images(image) -> tuple[np.ndarray, bool]:
     tensor = isinstance(image, torch.Tensor)
-    a, dtype_name = frame_array(image)
+    try:
+        a, dtype_name = frame_array(image)
+    except ValueError:
+        raise mixed_sizes_error(image, "image", "resize them to one size first") from None
     if a.ndim not in (3, 4) or a.shape[-1] != 3:
         raise ValueError(f"image must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}"
                          f"{frame_layout_hint(a, tensor)}")

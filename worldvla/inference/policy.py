@@ -40,7 +40,7 @@ from .chunk import MODES, chunk_length, generate_action_chunk
 from .release import RELEASE_MAX_NEW_TOKENS, generate_release_actions
 from .engine import InferenceEngine, _model_state, outside_inference_mode
 from .frames import (FrameDtypeError, check_frame_sampling, frame_array, frame_layout_hint, generate_frames,
-                     uint8_hint)
+                     mixed_sizes_error, uint8_hint)
 from .malloc import tune_cpu_malloc
 from ..checks import is_count
 
@@ -544,12 +544,8 @@ class WorldVLAPolicy:
         try:
             a, dtype_name = frame_array(image)
         except ValueError:  # NumPy's "inhomogeneous shape": frames of different sizes
-            try:
-                shapes = sorted({tuple(np.shape(f)) for f in image})
-            except (TypeError, ValueError):
-                shapes = "different"
-            raise ValueError(f"{what} must all have one size ([N, H, W, 3]), got frames of shapes {shapes}: "
-                             f"resize them to {self.image_size}x{self.image_size} (image_size) first") from None
+            raise mixed_sizes_error(image, what, f"resize them to {self.image_size}x{self.image_size} (image_size) "
+                                                 "first") from None
         if a.ndim not in (3, 4) or a.shape[-1] != 3:
             raise ValueError(f"{what} must be RGB uint8 [H, W, 3] or [N, H, W, 3], got shape {a.shape}"
                              f"{frame_layout_hint(a, tensor)}")
