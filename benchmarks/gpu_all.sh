@@ -115,7 +115,7 @@ verdict() {
                  || echo "cut short: $(grep -c " PASSED" "$log") passed, $(grep -c " FAILED" "$log") failed," \
                          "$(grep -c " ERROR" "$log") errors so far" ;;
     bench*)    grep -E "^-> |\.json$|failed:|Error" "$log" | tail -1 ;;
-    sanitize*) grep -E "ERROR SUMMARY|^sanitize: [a0-9]" "$log" | tail -2 | tr '\n' ' ' ;;
+    sanitize*) grep -E "ERROR SUMMARY|^sanitize: [an0-9]" "$log" | tail -2 | tr '\n' ' ' ;;
   esac
 }
 

@@ -9,7 +9,8 @@ precision, and finite.
 
     python -m benchmarks.sanitize [--backend native|triton] [--device cuda|cpu] [--only TEXT]
 
-Prints one line per check and exits 1 if any failed (0 when all passed).
+Prints one line per check and exits 1 if any failed, 2 if none ran (an --only that names no check, or checks
+this backend and device skip), 0 when all that ran passed.
 """
 from __future__ import annotations
 
@@ -193,19 +194,21 @@ NEEDS_GRAD = {"masked_attention backward bf16", "linear_cross_entropy bf16"}  # 
 
 
 def run(backend: str = "native", device: str | None = None, only: str | None = None) -> int:
-    """Run the checks (those whose name contains `only`); 1 if any failed, else 0."""
+    """Run the checks (those whose name contains `only`); 1 if any failed, 2 if none ran, else 0."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"sanitize: backend {backend} on {dev} (torch {torch.__version__})", flush=True)
-    failed = 0
+    failed = ran = skipped = 0
     for name, (op, check) in CHECKS.items():
         if only and only not in name:
             continue
         if backend not in ops.dispatch.available(op) or (name in NATIVE_ONLY and backend != "native") \
                 or (name in NEEDS_GRAD and backend == "native"):
             print(f"skip  {name}: not on the {backend} backend", flush=True)
+            skipped += 1
             continue
         if name in CUDA_ONLY and dev.type != "cuda":
             print(f"skip  {name}: CUDA only", flush=True)
+            skipped += 1
             continue
         g = torch.Generator().manual_seed(len(name))
         try:
@@ -214,12 +217,19 @@ def run(backend: str = "native", device: str | None = None, only: str | None = N
             ok, msg = False, f"{type(e).__name__}: {e}"
         if ok is None:
             print(f"skip  {name}: {msg}", flush=True)
+            skipped += 1
             continue
+        ran += 1
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'}  {name}: {msg}", flush=True)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    print(f"sanitize: {'all passed' if not failed else f'{failed} failed'}", flush=True)
+    if not ran:  # no kernel launched: a smoke check whose check was renamed must not pass
+        which = f"no check whose name contains {only!r}" if only else "no check"
+        print(f"sanitize: nothing ran: {which} ran on the {backend} backend on {dev}", flush=True)
+        return 2
+    counts = f"{ran} check{'s' if ran != 1 else ''}" + (f", {skipped} skipped" if skipped else "")
+    print(f"sanitize: {f'all passed ({counts})' if not failed else f'{failed} failed ({counts})'}", flush=True)
     return 1 if failed else 0
 
 

@@ -138,8 +138,10 @@ def report(files: list[Path], arch: str = "sm_90a") -> list[dict]:
             if done.returncode:
                 raise RuntimeError(f"nvcc failed on {src.name}:\n{done.stderr[-2000:]}")
             ptxas = parse_ptxas(done.stderr)
-            sass = parse_sass(subprocess.run([cuobjdump, "--dump-sass", str(obj)], capture_output=True, text=True,
-                                             check=True).stdout)
+            dump = subprocess.run([cuobjdump, "--dump-sass", str(obj)], capture_output=True, text=True)
+            if dump.returncode:
+                raise RuntimeError(f"cuobjdump failed on {obj.name}:\n{dump.stderr[-2000:]}")
+            sass = parse_sass(dump.stdout)
             names = demangle(sorted(ptxas))
             for mangled in sorted(ptxas):
                 rows.append({"file": src.name, "kernel": names[mangled], **ptxas[mangled], **sass.get(mangled, {})})

@@ -175,12 +175,30 @@ def test_run_a_check_that_raises_any_error_fails_and_the_next_still_runs(recorde
 
 
 def test_run_a_skipping_check_neither_passes_nor_fails(recorded, monkeypatch, capsys):
+    """A check that skips itself is neither a pass nor a failure: beside one that ran, all passed; alone, nothing
+    ran, which is no pass either (exit 2)."""
     from worldvla.benchmarks import sanitize
 
     monkeypatch.setitem(sanitize.CHECKS, "vq_gather fp32", ("vq_gather", lambda b, d, g: (None, "no such engine")))
-    assert sanitize.run("native", "cpu", only="vq_gather") == 0
+    assert sanitize.run("native", "cpu", only="vq_") == 0
     out = capsys.readouterr().out
-    assert "skip  vq_gather fp32: no such engine" in out and "ok    " not in out and "sanitize: all passed" in out
+    assert "skip  vq_gather fp32: no such engine" in out and out.count("ok    ") == 1
+    assert "sanitize: all passed (1 check, 1 skipped)" in out
+    assert sanitize.run("native", "cpu", only="vq_gather") == 2
+    out = capsys.readouterr().out
+    assert "skip  vq_gather fp32: no such engine" in out and "ok    " not in out and "all passed" not in out
+
+
+@pytest.mark.parametrize("only", ["decode_attention bf16x", "masked_attention padded fp16 D=128, wgmma"])
+def test_run_where_no_check_runs_says_so_and_exits_2(recorded, capsys, only):
+    """--only that names no check, or only checks this backend and device skip, launches no kernel: that is not
+    "all passed" (a smoke check under a renamed check would pass without running), but exit 2 naming the cause."""
+    from worldvla.benchmarks import sanitize
+
+    assert sanitize.run("native", "cpu", only=only) == 2
+    out = capsys.readouterr().out
+    assert recorded == [] and "all passed" not in out
+    assert f"sanitize: nothing ran: no check whose name contains {only!r} ran on the native backend on cpu" in out
 
 
 # ------------------------------------------------------------------ sanitize: main's arguments
@@ -323,8 +341,9 @@ FAKE_SASS = """\
 """
 
 
-def _fake_tools(monkeypatch, nvcc_rc=0, nvcc_stderr=FAKE_PTXAS):
-    """nvcc and cuobjdump stand-ins answering with the given ptxas log and FAKE_SASS; every command recorded."""
+def _fake_tools(monkeypatch, nvcc_rc=0, nvcc_stderr=FAKE_PTXAS, cuobjdump_rc=0, cuobjdump_stderr=""):
+    """nvcc and cuobjdump stand-ins answering with the given ptxas log and FAKE_SASS (or cuobjdump's exit code and
+    error); every command recorded."""
     from worldvla.benchmarks import sass
 
     real, ran = subprocess.run, []
@@ -334,7 +353,9 @@ def _fake_tools(monkeypatch, nvcc_rc=0, nvcc_stderr=FAKE_PTXAS):
         if cmd[0].endswith("/nvcc"):
             return subprocess.CompletedProcess(cmd, nvcc_rc, "", nvcc_stderr)
         if cmd[0].endswith("/cuobjdump"):
-            return subprocess.CompletedProcess(cmd, 0, FAKE_SASS, "")
+            if cuobjdump_rc and kw.get("check"):
+                raise subprocess.CalledProcessError(cuobjdump_rc, cmd, "", cuobjdump_stderr)
+            return subprocess.CompletedProcess(cmd, cuobjdump_rc, "" if cuobjdump_rc else FAKE_SASS, cuobjdump_stderr)
         return real(cmd, *a, **kw)  # c++filt
 
     monkeypatch.setattr(sass, "find_tool", lambda name: f"/opt/cuda/bin/{name}")
@@ -372,6 +393,19 @@ def test_report_of_a_file_nvcc_refuses_gives_nvccs_error(monkeypatch, tmp_path):
     _fake_tools(monkeypatch, nvcc_rc=1, nvcc_stderr="k.cu(3): error: identifier \"x\" is undefined\n")
     with pytest.raises(RuntimeError, match='nvcc failed on k.cu:\nk.cu\\(3\\): error: identifier "x" is undefined'):
         sass.report([tmp_path / "k.cu"], "sm_80")
+
+
+def test_a_cuobjdump_that_fails_is_an_error_with_its_own_message(monkeypatch, tmp_path, capsys):
+    """cuobjdump refusing the object (a toolkit older than the architecture asked for) gives its error, as nvcc's
+    does, and `main` reports it as an error (exit 2), not with a traceback."""
+    from worldvla.benchmarks import sass
+
+    _fake_tools(monkeypatch, cuobjdump_rc=1, cuobjdump_stderr="cuobjdump fatal   : unknown architecture sm_120\n")
+    with pytest.raises(RuntimeError, match="^cuobjdump failed on k.o:\ncuobjdump fatal   : unknown architecture sm_120"):
+        sass.report([tmp_path / "k.cu"], "sm_80")
+    assert sass.main([str(tmp_path / "k.cu"), "--arch", "sm_80", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cuobjdump failed on k.o:\n") and "unknown architecture sm_120" in err
 
 
 def test_report_needs_nvcc_too(monkeypatch, tmp_path):
