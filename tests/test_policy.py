@@ -1571,3 +1571,286 @@ def test_clear_caches_drops_the_codes_of_a_vqgan_without_version_counters(rng):
     fresh = WorldVLAPolicy(model, new, at, chunk_size=3, image_size=64)
     fresh.reset("open the drawer")
     assert np.array_equal(after, fresh.act(f0, history=None))
+
+
+def test_a_refused_observe_or_act_records_no_frame(policy_dir, rng):
+    """observe() or act() refused for a wrong number of frames leaves the recorded previous frames as they were:
+    the next act() without history= takes the frames of the last accepted call."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset(["open the drawer", "push the button"])
+    first = _frames(rng, 2)
+    pol.act(first, history=None)
+    with pytest.raises(ValueError, match=r"reset\(\) got 2 instructions but observe\(\) got 3 frames"):
+        pol.observe(_frames(rng, 3))
+    with pytest.raises(ValueError, match=r"reset\(\) got 2 instructions but act\(\) got 1 frames"):
+        pol.act(_frames(rng, 1))
+    cur = _frames(rng, 2)
+    got = pol.act(cur)
+    for i, ins in enumerate(["open the drawer", "push the button"]):
+        assert np.array_equal(got[i], _expected(pol, ins, [first[i], cur[i]]))
+
+
+def test_a_list_of_one_instruction_is_one_environment(policy_dir, rng):
+    """reset(["push"]) (a list, as a server resets each robot) is an episode of one environment: two frames are
+    refused by act, observe and step, where reset("push") (a str) takes any number of environments."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pair = _frames(rng, 2)
+    pol.reset(["push"])
+    for call, name in ((lambda x: pol.act(x, history=None), "act"), (pol.observe, "observe"), (pol.step, r"\w+")):
+        with pytest.raises(ValueError, match=rf"reset\(\) got 1 instructions but {name}\(\) got 2 frames"):
+            call(pair)
+    assert pol.act(pair[:1], history=None).shape == (1, 3, 4)
+    pol.reset("push")
+    assert pol.act(pair, history=None).shape == (2, 3, 4)
+
+
+def test_errors_name_the_first_environment_at_fault(policy_dir, rng):
+    """Where several instructions are empty, or several environments have no history frame, the error names the
+    first of them (with its value), as a caller fixing them in order expects."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    with pytest.raises(ValueError, match=r"entry 1 is ''$"):
+        pol.reset(["push", "", None])
+    pol.reset("push")
+    frame = _frames(rng)
+    with pytest.raises(ValueError, match=r"history= holds None for environment 1:"):
+        pol.act(_frames(rng, 3), history=[frame, None, None])
+
+
+def test_history_of_more_frames_than_the_current_ones_is_refused(policy_dir, rng):
+    """history= with more frames than the current frames is refused as one with fewer is: a surplus frame would
+    otherwise be shown to the model as the next environment's previous frame."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("push")
+    with pytest.raises(ValueError, match="history holds 3 frames for 2 current frames"):
+        pol.act(_frames(rng, 2), history=_frames(rng, 3))
+    with pytest.raises(ValueError, match="history holds 2 frames for 1 current frames"):
+        pol.act(_frames(rng), history=_frames(rng, 2))
+
+
+def test_the_mid_chunk_count_error_for_one_environment_is_singular(policy_dir, rng):
+    """The refusal of two frames while a one-environment chunk runs says "1 environment", not "1 environments"."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    pol.reset("open the drawer")
+    pol.step(_frames(rng))
+    with pytest.raises(ValueError, match=r"the chunk under way is for 1 environment: pass one frame per environment"):
+        pol.step(_frames(rng, 2))
+
+
+def test_an_episodes_engine_serves_all_its_queries(policy_dir, rng, monkeypatch):
+    """The engine built at an episode's first query (no previous frame) is sized for the episode's longest query,
+    the longest instruction of the batch with the full history: the later queries, and a new episode with the same
+    instructions, run on it instead of building (and on a GPU capturing) another; the chunks are a fresh policy's."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    built = []
+    init = InferenceEngine.__init__
+    monkeypatch.setattr(InferenceEngine, "__init__",
+                        lambda self, model, batch, *a, **k: built.append(batch) or init(self, model, batch, *a, **k))
+    names = ["push", "open the top drawer of the cabinet"]  # prefixes of different lengths
+    frames = [_frames(rng, 2) for _ in range(3)]
+    pol.reset(names)
+    pol.act(frames[0], history=None)
+    assert built.count(2) == 1
+    eng = pol._engines[2]
+    got = pol.act(frames[1])
+    pol.reset(names)
+    pol.act(frames[2], history=frames[1])
+    assert pol._engines[2] is eng and built.count(2) == 1
+    for i, ins in enumerate(names):
+        assert np.array_equal(got[i], _expected(pol, ins, [frames[0][i], frames[1][i]]))
+
+
+def test_the_code_cache_holds_exactly_its_size(policy_dir, rng, monkeypatch):
+    """With room for two frames' codes, a third frame drops the least recently used: querying it again encodes
+    it again; by default 64 frames' codes are kept, the 65th dropping the oldest."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu", code_cache_size=2)
+    encoded = []
+    encode = pol.vqgan.encode
+    monkeypatch.setattr(pol.vqgan, "encode", lambda pix, *a, **k: encoded.append(pix.shape[0]) or encode(pix, *a, **k))
+    a, b, c = _frames(rng), _frames(rng), _frames(rng)
+    pol.reset("open the drawer")
+    for frame in (a, b, c, b, a):
+        pol.act(frame, history=None)
+    assert encoded == [1, 1, 1, 1]  # b still cached after c, a gone
+    default = WorldVLAPolicy(pol.model, pol.vqgan, pol.action_tokenizer, chunk_size=3, image_size=64)
+    assert default.code_cache_size == 64
+    many = _frames(rng, 65)
+    default.reset("open the drawer")
+    encoded.clear()
+    default.act(many, history=None)
+    default.act(many[1], history=None)
+    assert encoded == [65]
+    default.act(many[0], history=None)
+    assert encoded == [65, 1]
+
+
+def test_frames_that_differ_in_one_pixel_get_their_own_codes(policy_dir, rng, monkeypatch):
+    """The code cache's key covers every pixel: a frame differing from a cached one in a single pixel (on an odd row
+    and column, in one channel) is encoded anew."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    encoded = []
+    encode = pol.vqgan.encode
+    monkeypatch.setattr(pol.vqgan, "encode", lambda pix, *a, **k: encoded.append(pix.shape[0]) or encode(pix, *a, **k))
+    pol.reset("open the drawer")
+    frame = _frames(rng)
+    pol.act(frame, history=None)
+    for y, x, ch in ((1, 1, 2), (63, 63, 1), (0, 0, 0)):
+        moved = frame.copy()
+        moved[y, x, ch] ^= 1
+        pol.act(moved, history=None)
+    assert encoded == [1, 1, 1, 1]
+
+
+def test_the_default_caches_keep_32_instructions_and_4_batch_sizes(policy_dir, rng, monkeypatch):
+    """By default 32 instructions keep their prefixes and 4 batch sizes their engines: robots taking turns within
+    those numbers compute no prefix and build no engine twice; one more of each drops the least recently used."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    computed = []
+    prefix_kv = pol._prefix_kv
+    monkeypatch.setattr(pol, "_prefix_kv", lambda prefix: computed.append(1) or prefix_kv(prefix))
+    frame = _frames(rng, 1)
+    names = [f"task {i}" for i in range(32)]
+    for _ in range(2):
+        for name in names:
+            pol.reset([name])
+            pol.act(frame, history=None)
+    assert len(computed) == 32
+    pol.reset(["task 32"])
+    pol.act(frame, history=None)
+    pol.reset([names[0]])
+    pol.act(frame, history=None)
+    assert len(computed) == 34
+    pol.reset("push")
+    frames = _frames(rng, 5)
+    for n in (1, 2, 3, 4):
+        pol.act(frames[:n], history=None)
+    engines = dict(pol._engines)
+    for n in (1, 2, 3, 4):
+        pol.act(frames[:n], history=None)
+        assert pol._engines[n] is engines[n]
+    pol.act(frames, history=None)
+    assert list(pol._engines) == [2, 3, 4, 5]
+
+
+def test_the_default_mode_and_what_metadata_reports(tmp_path, rng):
+    """A policy decodes its chunks in "parallel" mode by default; metadata() (which a server sends its clients)
+    reports the policy's own history, mode, dtype name and VQGAN codebook size."""
+    model, _, at = _parts()
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32,
+                           n_embed=32)).eval()  # fewer codes than the layout's 64 image ids
+    pol = WorldVLAPolicy(model, vq, at, chunk_size=3, image_size=64, history=1)
+    meta = pol.metadata()
+    assert pol.mode == "parallel" and meta["mode"] == "parallel"
+    assert meta["history"] == 1 and meta["vqgan"] == {"downsample": 16, "codebook_size": 32}
+    assert meta["model"]["dtype"] == "float32" and meta["device"] == "cpu"
+    pol.model.to(torch.bfloat16)
+    assert pol.metadata()["model"]["dtype"] == "bfloat16"
+
+
+def test_calling_the_policy_is_act_with_its_history(policy_dir, rng):
+    """policy(frame, history=...) is act(frame, history=...): the history given is the one the chunk sees."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    f0, f1, f2 = _frames(rng), _frames(rng), _frames(rng)
+    pol.reset("open the drawer")
+    pol(f0)
+    assert np.array_equal(pol(f2, history=f1), _expected(pol, "open the drawer", [f1, f2]))
+    assert np.array_equal(pol(f2, history=None), _expected(pol, "open the drawer", [f2]))
+    assert np.array_equal(pol(f1), _expected(pol, "open the drawer", [f2, f1]))
+
+
+def test_the_policy_tunes_malloc_when_told_to_wherever_the_model_is(monkeypatch):
+    """tune_malloc=True tunes glibc's malloc whatever the model's device; the default (None) only for a model on the
+    CPU."""
+    from worldvla.inference import policy as policy_mod
+
+    calls = []
+    monkeypatch.setattr(policy_mod, "tune_cpu_malloc", lambda: calls.append(1))
+    _, vq, at = _parts()
+    with torch.device("meta"):
+        model = WorldVLA(ModelConfig.tiny(LAYOUT)).eval()
+    for kw, expected in (({}, 0), ({"tune_malloc": True}, 1), ({"tune_malloc": False}, 0)):
+        calls.clear()
+        WorldVLAPolicy(model, vq, at, chunk_size=3, image_size=64, **kw)
+        assert len(calls) == expected, kw
+
+
+def test_step_fails_a_one_environment_episode_on_the_short_block_mid_chunk(rng, monkeypatch):
+    """mode='release', one environment: step() returns the chunk's actions before the block the release fails on,
+    then raises the episode's failure (not an error of its own), and an episode whose chunks are all empty raises
+    NoActionWritten for a batch as for one frame."""
+    from worldvla.inference.policy import NoActionWritten
+    from worldvla.inference.release import Generated
+
+    lo = LAYOUT.bin_range[0]
+    block = [LAYOUT.boa, *range(lo + 1, lo + 5), LAYOUT.eoa]
+    short = Generated(torch.tensor(block * 2 + [LAYOUT.boa, lo, lo, LAYOUT.eoa]), torch.tensor([block] * 2), False,
+                      True)
+    gen = [short]
+    pol = _release_policy(monkeypatch, lambda: gen)
+    frame = _frames(rng)
+    pol.reset("open the drawer")
+    want = pol.action_tokenizer.decode(np.array(block)).astype(np.float32)
+    for _ in range(2):
+        assert np.array_equal(pol.step(frame), want)
+    with pytest.raises(RuntimeError, match="malformed.*fails the episode"):
+        pol.step(frame)
+    empty = Generated(torch.tensor([LAYOUT.eoa]), torch.zeros(0, 6, dtype=torch.long), True)
+    gen[:] = [empty, empty]
+    for frames in (_frames(rng, 2), frame):
+        pol.reset("open the drawer")
+        with pytest.raises(NoActionWritten, match="the model wrote no action block"):
+            pol.step(frames)
+
+
+def test_clear_caches_drops_the_norm_copies_of_a_bfloat16_model_without_version_counters(rng, monkeypatch,
+                                                                                         native_step_runs):
+    """A bfloat16 model made under torch.inference_mode has no version counters; the native steps hold float32
+    copies of its norms. New weights written there in place (norms included) are seen after `clear_caches()`: the
+    next query is a fresh policy's on the new weights."""
+    from worldvla.ops import decoder, dispatch
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    monkeypatch.setattr(decoder, "NATIVE_STEP", True)
+    old, vq, at = _parts(0)
+    new = _parts(1)[0]
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in new.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    with torch.inference_mode():
+        model = WorldVLA(ModelConfig.tiny(LAYOUT)).to(torch.bfloat16).eval()
+        model.load_state_dict(old.state_dict())
+    assert next(model.parameters()).is_inference()
+    pol = WorldVLAPolicy(model, vq, at, chunk_size=3, image_size=64)
+    pol.reset("open the drawer")
+    frame = _frames(rng)
+    before = pol.act(frame, history=None)
+    assert native_step_runs
+    with torch.inference_mode():
+        model.load_state_dict(new.state_dict())
+    pol.clear_caches()
+    after = pol.act(frame, history=None)
+    fresh = WorldVLAPolicy(new.to(torch.bfloat16), vq, at, chunk_size=3, image_size=64)
+    fresh.reset("open the drawer")
+    assert np.array_equal(after, fresh.act(frame, history=None)) and not np.array_equal(after, before)
+
+
+def test_an_instruction_repeated_in_a_batch_counts_once_against_max_prefixes(policy_dir, rng, monkeypatch):
+    """A batch may keep more prefixes than max_prefixes only for its own distinct instructions: two robots with the
+    same instruction count once, so with room for two, a batch of ("push", "push", "lift") drops an older
+    instruction's prefix, which is computed again when it comes back."""
+    pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
+    computed = []
+    prefix_kv = pol._prefix_kv
+    monkeypatch.setattr(pol, "_prefix_kv", lambda prefix: computed.append(1) or prefix_kv(prefix))
+    pol.max_prefixes = 2
+    frames = _frames(rng, 3)
+    pol.reset("open the drawer")
+    pol.act(frames[0], history=None)
+    pol.reset(["push", "push", "lift"])
+    pol.act(frames, history=None)
+    assert len(computed) == 3 and sorted(pol._prefixes) == ["lift", "push"]
+    pol.reset("open the drawer")
+    assert np.array_equal(pol.act(frames[0], history=None), _expected(pol, "open the drawer", [frames[0]]))
+    assert len(computed) == 4
