@@ -143,6 +143,12 @@ def _digest(frame: np.ndarray) -> tuple:
     return frame.shape, hashlib.blake2b(np.ascontiguousarray(frame).data, digest_size=16).digest()
 
 
+def _count_error(n_instructions: int, call: str, n_frames: int) -> str:
+    """A call's frames that are not one per environment of the episode's instructions."""
+    return (f"reset() got {n_instructions} instruction{'s' if n_instructions != 1 else ''} but {call}() got {n_frames} "
+            f"frame{'s' if n_frames != 1 else ''}; pass one frame per environment (or reset with a single instruction)")
+
+
 class WorldVLAPolicy:
     """Action chunks from camera frames for one or several environments.
 
@@ -405,8 +411,7 @@ class WorldVLAPolicy:
         frames, _ = self._frames(image)
         # Checked as act checks it: a wrong count recorded here would fail only at the next act, naming history.
         if not self._broadcast and frames.shape[0] != len(self._instructions):
-            raise ValueError(f"reset() got {len(self._instructions)} instructions but observe() got {frames.shape[0]} "
-                             f"frames; pass one frame per environment (or reset with a single instruction)")
+            raise ValueError(_count_error(len(self._instructions), "observe", frames.shape[0]))
         self._last = frames.copy()  # the caller may reuse its frame buffer
 
     def step(self, image) -> np.ndarray:
@@ -458,8 +463,7 @@ class WorldVLAPolicy:
         N = frames.shape[0]
         instructions = self._instructions * N if self._broadcast else self._instructions
         if len(instructions) != N:
-            raise ValueError(f"reset() got {len(self._instructions)} instructions but act() got {N} frames; "
-                             f"pass one frame per environment (or reset with a single instruction)")
+            raise ValueError(_count_error(len(self._instructions), caller, N))
         if history is _AUTO:
             prev = self._last if self.history >= 2 else None  # a one-frame policy never reads it
             if prev is not None and prev.shape[0] != N:
