@@ -1631,3 +1631,102 @@ def test_the_release_prefill_gives_the_model_its_attention_backend_back(rng):
     with pytest.raises(ValueError):
         release_prefill(model, bad, LAYOUT)
     assert model.attn_backend == "native"
+
+
+def test_a_release_prefill_with_a_whole_row_recomputes_every_rows_cached_prefix(rng):
+    """Where one row of a release prefill is computed whole (its prompt hides an earlier block), every row is:
+    the cached prefixes `skip` names are recomputed, so a row whose cache holds something else than its prefix
+    still gets its prompt's hidden state, for rows of different lengths."""
+    model = _model(3)
+    b = LAYOUT.bin_base
+    blocks = [LAYOUT.boa, b, b + 1, LAYOUT.eoa, LAYOUT.boa, b + 2, b + 3, LAYOUT.eoa]
+    whole = torch.cat([_prompt(rng, 1), torch.tensor(blocks)])
+    other = torch.cat([_prompt(rng, 1), _prompt(rng, 1)])
+    assert int(chunk_mask_meta(whole, LAYOUT, release_pairing=True).q_limit.max()) >= 1
+    n = max(whole.numel(), other.numel()) + 2
+    ref = InferenceEngine(model, 2, n).prefill([whole, other], release=True)
+    eng = InferenceEngine(model, 2, n)
+    with torch.no_grad():
+        eng.cache.k.normal_()
+        eng.cache.v.normal_()
+    got = eng.prefill([whole, other], skip=[0, 4], release=True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def _stand_in_plan(copies):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(copies=copies, step=object())
+
+
+def test_weights_updated_in_place_drop_only_the_plans_that_hold_copies_of_them(rng):
+    """An in-place weight update (a version counter moves) leaves a plan that reads the weights by address as it is
+    and drops one holding copies of them; drop_weight_copies drops the same ones and keeps the others."""
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    eng = InferenceEngine(model, 1, prompt.numel() + 4)
+    eng.prefill([prompt])
+    reads, copies = eng.buffers(1), eng.buffers(2)
+    reads.plan, copies.plan = by_address, copied = _stand_in_plan([]), _stand_in_plan(["q_proj"])
+    assert not eng.check_model() and reads.plan is by_address and copies.plan is copied
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.0)
+    assert eng.check_model()
+    assert reads.plan is by_address and copies.plan is None
+    copies.plan = copied
+    eng.drop_weight_copies()
+    assert reads.plan is by_address and copies.plan is None
+
+
+def test_all_step_sizes_capture_into_one_memory_pool(rng, monkeypatch):
+    """The decode steps' CUDA graphs of every query count share the engine's one memory pool (the handle taken
+    once, at the first capture), as their outputs' shared pool is documented."""
+    import itertools
+
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    eng = InferenceEngine(model, 1, prompt.numel() + 4, cuda_graphs=False)
+    eng.prefill([prompt])
+    for q in (1, 2, 3):
+        buf = eng.buffers(q)
+        buf.ids.fill_(LAYOUT.bin_range[0])
+        buf.set_positions(torch.full((1, q), prompt.numel()) + torch.arange(q))
+    fake = _FakeCuda(monkeypatch)
+    handles = itertools.count()
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", next(handles)))
+    eng.device, eng.cuda_graphs = torch.device("cuda:0"), True  # as an engine of a model on a GPU
+    for q in (1, 2, 3, 1):
+        eng.run(eng.buffers(q))
+    assert [c["pool"] for c in fake.captures] == [("pool", 0)] * 3
+
+
+def test_a_plan_refused_with_gradients_off_is_not_rebuilt_at_every_step(rng, monkeypatch):
+    """A step's native plan that refused (no step) while gradients were on is built again once they are off; one
+    that refused with gradients off stays refused: later steps run layer by layer without building it again."""
+    from types import SimpleNamespace
+
+    from worldvla.inference import engine as engine_mod
+
+    built = []
+
+    def refusing_plan(*args):
+        built.append(torch.is_grad_enabled())
+        return SimpleNamespace(step=None, copies=[])
+
+    monkeypatch.setattr(engine_mod, "native_step_active", lambda dtype: True)
+    monkeypatch.setattr(engine_mod, "DecodeStepPlan", refusing_plan)
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    eng = InferenceEngine(model, 1, prompt.numel() + 4, backend="auto")
+    eng.prefill([prompt])
+    buf = eng.buffers(1)
+    buf.ids.fill_(LAYOUT.bin_range[0])
+    buf.set_positions(torch.tensor([[prompt.numel()]]))
+    with torch.enable_grad():
+        assert eng.step_plan(1) is None
+    assert built == [True]
+    with torch.no_grad():  # as a step runs
+        want = eng._forward(buf.ids, buf.pos, buf.meta).clone()
+    for _ in range(3):
+        torch.testing.assert_close(eng.run(buf), want, rtol=0, atol=0)
+    assert built == [True, False]

@@ -618,3 +618,73 @@ def test_decode_meta_takes_each_rows_own_kv_len():
     m = dm.dense_mask()
     assert m[0, 0].tolist() == [True] * 6 + [False] * 2
     assert m[1, 0].tolist() == [True] * 3 + [False] * 5
+
+
+def test_a_malformed_sequence_names_its_first_bad_token():
+    """Every token after a stray EOA (or inside a nested BOA's block) is malformed as well: the error names the
+    first one, and what it is, not a later token."""
+    L = VocabLayout.compact(n_image_codes=64)
+    b = L.bin_base
+    block = [L.boa, b, b + 1, L.eoa]
+    with pytest.raises(ValueError, match=r"token 4 \(of the flattened input\) is an EOA that closes no open action"):
+        chunk_mask_meta(torch.tensor(block + [L.eoa, 5, L.sep]), L)
+    with pytest.raises(ValueError, match=r"token 2 \(of the flattened input\) is a BOA inside an open action block"):
+        chunk_mask_meta(torch.tensor(block[:2] + block + [5]), L)
+    with pytest.raises(ValueError, match=r"token 8 \(of the flattened input\) is a BOA after an EOA"):
+        chunk_mask_meta(torch.tensor(block + [L.eoa, 5, 6, 7] + block + [L.eoa]), L, release_pairing=True)
+
+
+def test_boundaries_listed_in_an_error_are_cut_only_past_eight():
+    """The error lists up to eight boundaries; '...' marks only a list that had more."""
+    from worldvla.mask import cu_seqlens_problem
+
+    assert cu_seqlens_problem(list(range(7)) + [9], 8).endswith("got [0, 1, 2, 3, 4, 5, 6, 9]")
+    assert cu_seqlens_problem(list(range(8)) + [9], 8).endswith("got [0, 1, 2, 3, 4, 5, 6, 7]...")
+
+
+def test_boundaries_of_another_rank_are_refused_not_flattened():
+    """cu_seqlens is 1-D: a [1, 3] tensor of valid boundaries is refused (flattened it would pass the check and then
+    fail in a shape error), for packed chunk and causal metadata and at the kernels' check, which names the shape."""
+    from worldvla.mask import check_cu_seqlens
+
+    L = VocabLayout.compact()
+    cu = torch.tensor([[0, 3, 6]])
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T=6 .*got \[\]"):
+        chunk_mask_meta(torch.zeros(6, dtype=torch.long), L, cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T=6"):
+        causal_meta((6,), cu_seqlens=cu)
+    meta = causal_meta((6,), cu_seqlens=torch.tensor([0, 3, 6]))
+    meta.cu_seqlens = cu.to(torch.int32)
+    with pytest.raises(ValueError, match=r"meta.cu_seqlens must be 1-D with n_docs \+ 1 >= 2 entries, got shape \(1, 3\)"):
+        check_cu_seqlens(meta, 6)
+
+
+def test_a_growing_sequence_refuses_an_eoa_as_its_very_first_token():
+    """An EOA as the first token of an empty sequence closes no block: refused in both pairings, as the whole
+    sequence's metadata refuses it."""
+    from worldvla.mask import GrowingBlockMeta
+
+    L = VocabLayout.compact(n_image_codes=64)
+    with pytest.raises(ValueError, match="token 0 is an EOA that closes no open action block"):
+        GrowingBlockMeta(torch.zeros(0, dtype=torch.long), L).push(L.eoa)
+    with pytest.raises(ValueError, match="token 0 is an EOA before any action block"):
+        GrowingBlockMeta(torch.zeros(0, dtype=torch.long), L, release_pairing=True).push(L.eoa)
+    with pytest.raises(ValueError, match="an EOA that closes no open action block"):
+        chunk_mask_meta(torch.tensor([L.eoa]), L)
+
+
+def test_block_ordinals_count_on_past_a_document_that_ends_inside_a_block():
+    """The block a document (or row) leaves open keeps its ordinal: the next document's blocks number on from it,
+    so ordinals grow along the whole stream, packed or padded."""
+    L = VocabLayout.compact(n_image_codes=64)
+    b = L.bin_base
+    first = [L.boi, 5, L.eoi, L.boa, b]                       # ends inside block 0
+    second = [L.boi, 6, L.eoi, L.boa, b, L.eoa, L.boa, b, L.eoa]
+    meta = chunk_mask_meta(torch.tensor(first + second), L, cu_seqlens=torch.tensor([0, 5, 14]))
+    assert meta.kv_block.tolist() == [NO_BLOCK] * 3 + [0, 0] + [NO_BLOCK] * 3 + [1] * 3 + [2] * 3
+    assert meta.q_limit.tolist() == [-1] * 3 + [0, 0] + [-1] * 3 + [1] * 3 + [2] * 3
+    rows = torch.full((2, 9), L.pad)
+    rows[0, :5], rows[1] = torch.tensor(first), torch.tensor(second)
+    padded = chunk_mask_meta(rows, L)
+    assert padded.kv_block[1].tolist() == [NO_BLOCK] * 3 + [1] * 3 + [2] * 3
+    assert padded.kv_block[0, :5].tolist() == [NO_BLOCK] * 3 + [0, 0]
