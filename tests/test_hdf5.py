@@ -2199,3 +2199,44 @@ def test_collects_image_size_refusal_advises_the_nearest_sizes_pretokenize_takes
     with pytest.raises(argparse.ArgumentTypeError, match=rf"must be a multiple of 32 .*got {given}; {advice}$"):
         _image_size(given)
     assert _image_size("96") == 96
+
+
+def test_an_empty_dones_dataset_is_no_success(tmp_path, np_rng):
+    """Without a `success` attribute, a demo whose `dones` holds no flag at all (an empty dataset) is not a success:
+    it is skipped where only successful demos are read, not tokenized as one."""
+    path = tmp_path / "libero.hdf5"
+    write_libero_like(path, np_rng, n=2)
+    with h5py.File(path, "a") as f:
+        del f["data/demo_1/dones"]
+        f["data/demo_1"].create_dataset("dones", data=np.zeros(0, np.uint8))
+    assert demo_file_info(path)["success"] == [True, False]
+    assert [d.success for d in read_demos(path)] == [True, False]
+    assert [name for name, _ in iter_demo_actions(path, only_success=True)] == ["demo_0"]
+
+
+def test_a_task_name_holding_demo_keeps_it_and_loses_only_the_trailing_demo(tmp_path, np_rng):
+    """A regenerated LIBERO file's instruction is its name less the trailing `_demo` only: a task that names a demo
+    cup keeps the word, and a name without the suffix is read whole."""
+    path = tmp_path / "x.hdf5"
+    write_libero_like(path, np_rng, n=1)
+    with h5py.File(path, "a") as f:
+        for k in list(f["data"].attrs):
+            del f["data"].attrs[k]
+    for name, want in (("pick_up_the_demo_cup_demo", "pick up the demo cup"),
+                       ("KITCHEN_SCENE3_turn_on_the_demo_stove", "turn on the demo stove")):
+        named = path.rename(tmp_path / f"{name}.hdf5")
+        assert read_demos(named)[0].instruction == want
+        assert demo_file_info(named)["instruction"] == want
+        path = named.rename(path)
+
+
+def test_the_rotation_note_names_three_files_and_counts_a_fourth():
+    """The note names at most three files and counts the rest: of four rotated files the fourth is counted as one
+    more, not left out; three are all named with nothing counted."""
+    from worldvla.data.hdf5 import ROTATED_180, rotation_note
+
+    files = [f"/d/{n}.hdf5" for n in "abcd"]
+    note = rotation_note(files, turns=[ROTATED_180] * 4)
+    assert "the frames of 4 demo file(s) (a.hdf5, b.hdf5, c.hdf5 and 1 more) are rotated by 180 degrees" in note
+    note = rotation_note(files[:3], turns=[ROTATED_180] * 3)
+    assert "the frames of 3 demo file(s) (a.hdf5, b.hdf5, c.hdf5) are rotated" in note and "more" not in note

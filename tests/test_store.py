@@ -2057,3 +2057,100 @@ def test_a_rerun_takes_each_inputs_digest_from_its_own_record(tmp_path):
     st.build_store(tmp_path / "d", out, vq, **kw)
     records = json.loads((out / st.MANIFEST).read_text())["inputs"]
     assert CountingVQGAN.frames == 0 and [r["sha256"] for r in records] == [st.sha256_file(p) for p in paths]
+
+
+def test_an_input_file_without_demos_keeps_its_own_empty_shard(tmp_path):
+    """Every input file has a shard of its own, a file without demos too (an empty one, demos [0, 0]): the shards of
+    the files after it keep their names, and the store opens with its samples alone."""
+    import h5py
+
+    folder = tmp_path / "d"
+    write_demos(folder / "b.hdf5", random_demos(np.random.default_rng(0), (4,)), "push the red block")
+    with h5py.File(folder / "a.hdf5", "w") as f:
+        f.create_group("data").attrs["instruction"] = "reach"
+    out = st.build_store(folder, tmp_path / "s", tiny_vqgan(), chunk_size=K, progress=False)
+    m = json.loads((out / st.MANIFEST).read_text())
+    assert [(e["name"], e["file"], e["demos"], e["n_samples"]) for e in m["shards"]] == \
+        [("shard_00000", 0, [0, 0], 0), ("shard_00001", 1, [0, 1], (4 - K + 1) + 3)]
+    assert sorted(p.name for p in (out / "shard_00000").iterdir()) == sorted(st._SHARD_FILES)
+    assert len(st.TokenStore(out, verify=True)) == (4 - K + 1) + 3
+
+
+def test_a_folder_whose_name_only_begins_like_a_shards_is_kept(demo_dir, tmp_path):
+    """Only folders named exactly shard_<digits> are taken for the store's own: one named shard_00005_old (or
+    shard_7.bak) that holds a shard's files is not removed by a build that replaces the store."""
+    import shutil
+
+    folder, _ = demo_dir
+    vq = tiny_vqgan()
+    out = st.build_store(folder, tmp_path / "s", vq, chunk_size=K, demos_per_shard=1, progress=False)
+    (out / "shard_00003").rename(out / "shard_00005_old")
+    shutil.copytree(out / "shard_00002", out / "shard_7.bak")
+    st.build_store(folder, out, vq, chunk_size=K, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000", "shard_00001", "shard_00005_old",
+                                                           "shard_7.bak"]
+    assert sorted(p.name for p in (out / "shard_00005_old").iterdir()) == sorted(st._SHARD_FILES)
+
+
+def test_a_resumed_build_rebuilds_a_shard_whose_entry_names_other_demos_or_another_file(demo_dir, tmp_path):
+    """A shard is taken as done only when its entry names the file and the demos the plan gives it: an entry whose
+    files match their checksums but that names other demos (or another file) is built again."""
+    folder, _ = demo_dir
+    vq = tiny_vqgan()
+    out = st.build_store(folder, tmp_path / "s", vq, chunk_size=K, demos_per_shard=2, progress=False)
+    mpath = out / st.MANIFEST
+    m = json.loads(mpath.read_text())
+    want = [dict(e) for e in m["shards"]]
+    m["shards"][0]["demos"] = [0, 1]
+    m["shards"][2]["file"] = 0
+    mpath.write_text(json.dumps(m))
+    vq = counting(vq)
+    st.build_store(folder, out, vq, chunk_size=K, demos_per_shard=2, progress=False)
+    assert CountingVQGAN.frames == 7 + 5  # shard_00000's demos (shard_00002 holds a failed demo, not encoded)
+    assert json.loads(mpath.read_text())["shards"] == want
+
+
+def test_demos_left_without_any_step_by_drop_noops_are_not_blamed_on_the_chunk_size(tmp_path):
+    """Under --drop-noops a file whose every step is a no-op keeps no step: the build says no demo is left to
+    tokenize, not that -K is longer than a demo of 0 steps (with the advice -K <= 0)."""
+    _noop_demo_file(tmp_path / "d" / "a.hdf5", 19, list(range(8)))
+    with pytest.raises(ValueError) as e:
+        st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=K, bounds="unit", drop_noops=True,
+                       progress=False)
+    assert "none of the 1 demo files holds a demo to tokenize" in str(e.value)
+    assert "left without steps by --drop-noops" in str(e.value) and "chunk-size" not in str(e.value)
+
+
+def test_a_rerun_whose_demos_would_lose_their_own_instructions_is_refused_naming_them(tmp_path):
+    """The other way round: built without --instruction, demo_1 took its own instruction; a rerun with --instruction
+    equal to the file's prompts it with the override instead, and the refusal names that demo."""
+    rng = np.random.default_rng(20)
+    demos = random_demos(rng, (3, 3))
+    demos[1]["instruction"] = "push the block"
+    write_demos(tmp_path / "d" / "a.hdf5", demos, "reach")
+    kw = dict(chunk_size=2, bounds="unit", progress=False)
+    vq = tiny_vqgan()
+    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, **kw)
+    with pytest.raises(FileExistsError, match=r"a\.hdf5 \(its demo\(s\) demo_1 prompted with other instructions than "
+                                              r"then\); pass --overwrite"):
+        st.build_store(tmp_path / "d", out, vq, instruction="reach", **kw)
+
+
+def test_a_chunk_too_long_for_the_kept_steps_of_successful_demos_names_no_failed_ones(tmp_path):
+    """Every demo successful: a -K longer than the steps --drop-noops keeps is refused with the longest kept count
+    and the fix, and says nothing of failed demos or --include-failed (there are none)."""
+    _noop_demo_file(tmp_path / "d" / "a.hdf5", 21, [2, 3, 4, 5, 6])  # kept steps 0, 1, 7
+    with pytest.raises(ValueError) as e:
+        st.build_store(tmp_path / "d", tmp_path / "s", tiny_vqgan(), chunk_size=4, bounds="unit", drop_noops=True,
+                       progress=False)
+    assert str(e.value) == ("--chunk-size/-K 4 is longer than every successful demo once --drop-noops has dropped its "
+                            "no-op steps (the longest keeps 3 steps), so no action sample fits; choose -K <= 3, or "
+                            "leave out --drop-noops")
+
+
+def test_a_folder_named_like_a_demo_file_inside_an_input_folder_is_not_taken_for_one(tmp_path):
+    """Inside an input folder only files count: a sub-folder named old.hdf5 is searched, not read as a demo file."""
+    write_demos(tmp_path / "d" / "a.hdf5", random_demos(np.random.default_rng(22), (3,)), "reach")
+    write_demos(tmp_path / "d" / "old.hdf5" / "b.h5", random_demos(np.random.default_rng(23), (3,)), "reach")
+    assert st.find_demo_files(tmp_path / "d") == [(tmp_path / "d" / "a.hdf5").resolve(),
+                                                  (tmp_path / "d" / "old.hdf5" / "b.h5").resolve()]
