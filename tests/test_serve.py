@@ -2215,6 +2215,11 @@ def test_the_stats_count_refused_requests_and_resets(np_rng):
         assert _ask(ws, packb({"type": "act", "episode": "e", "image": img}))["ok"]
         stats = health(server.url)["stats"]
         assert (stats["errors"], stats["act_requests"], stats["act_ok"], stats["resets"]) == (2, 2, 1, 1), stats
+        # Refused before any episode is looked up: no episode field, an unknown field. Still 'act' requests.
+        assert not _ask(ws, packb({"type": "act", "image": img}))["ok"]
+        assert not _ask(ws, packb({"type": "act", "episode": "e", "imagee": img}))["ok"]
+        stats = health(server.url)["stats"]
+        assert (stats["errors"], stats["act_requests"], stats["act_ok"]) == (4, 4, 1), stats
 
 
 def test_the_server_raises_a_policys_engine_limits_to_what_serving_needs():

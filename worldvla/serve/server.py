@@ -614,6 +614,8 @@ class PolicyServer:
             if not isinstance(msg, dict):
                 raise ProtocolError(f"a request must be a msgpack map with a 'type' field, got {type(msg).__name__}")
             request_id = msg.get("id")
+            if msg.get("type") == "act":  # every 'act', also one refused before its episode is looked up
+                self.stats["act_requests"] += 1
             kind = self._check_fields(msg)
             if kind in ("act", "reset") and conn is not None and not conn.robot:
                 conn.robot = True  # a robot: the batcher may wait for its requests
@@ -780,7 +782,6 @@ class PolicyServer:
 
     async def _act(self, msg: dict, t_recv: float, conn: "_Connection | None" = None) -> dict:
         key = self._episode_key(msg)
-        self.stats["act_requests"] += 1
         episode = self._episodes.get(key)
         if episode is None:
             raise ProtocolError(f"unknown episode {key!r}: send {{'type': 'reset', 'episode': ..., "
