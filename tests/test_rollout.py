@@ -104,3 +104,90 @@ def test_non_finite_actions_are_refused_naming_the_policy():
         ChunkQuery(Returns([np.full((1, 4), np.nan), np.zeros((3, 4))])).chunks(TWO, None)
     ok = ChunkQuery(Returns([[0.1, 0.2, 0.3, 0.4]]))(ONE, None)  # finite lists still pass
     assert ok.shape == (1, 4)
+
+
+def test_a_chunk_with_several_non_finite_actions_names_the_first_of_them():
+    """A NaN in action 1 and an inf in action 3 of a chunk are reported at action 1 (the first the simulator would have taken), for
+    one image and for a batch's image alike."""
+    chunk = np.zeros((4, 4))
+    chunk[1, 2], chunk[3, 0] = np.nan, np.inf
+    with pytest.raises(ValueError, match=r"non-finite action \(action 1: \[0.0, 0.0, nan, 0.0\]\)"):
+        ChunkQuery(Returns(chunk))(ONE, None)
+    with pytest.raises(ValueError, match=r"non-finite action \(image 1, action 1: "):
+        ChunkQuery(Returns(np.stack([np.zeros((4, 4)), chunk])))(TWO, None)
+
+
+class _ReachesAtStep:
+    """A stand-in Meta-World env whose goal is reached on step `goal` of an episode (counted from one), or never
+    for goal None; done on success or at `max_steps`, as `MetaWorldEnv.step`."""
+
+    instruction = "reach the goal position"
+
+    def __init__(self, goal, max_steps):
+        self.goal, self.max_steps, self.seeds = goal, max_steps, []
+
+    def reset(self, seed):
+        self.seeds.append(seed)
+        self.t, self.success = 0, False
+        return np.full((8, 8, 3), 0, np.uint8)
+
+    def step(self, action):
+        assert self.t < self.max_steps, "a step past the episode's limit"
+        self.t += 1
+        self.success = self.success or (self.goal is not None and self.t >= self.goal)
+        return np.full((8, 8, 3), self.t, np.uint8), 0.0, self.success, self.success or self.t >= self.max_steps
+
+    def close(self):
+        pass
+
+
+class _Forward:
+    """A policy whose chunks are three actions of 0.5 each, whatever the frames."""
+
+    chunk_size, action_dim, image_size = 3, 4, 8
+
+    def reset(self, instruction):
+        pass
+
+    def act(self, images, history=None):
+        return np.full((len(images), self.chunk_size, 4), 0.5)
+
+
+def test_an_episode_whose_goal_is_reached_on_its_last_allowed_step_counts_as_a_success():
+    """Success on step `max_steps` itself is a success, counted at that many steps; an episode that never reaches
+    its goal runs exactly `max_steps` steps and fails; each env's episode has its own seed."""
+    from worldvla.eval.metaworld import closed_loop, eval_seeds
+
+    envs = [_ReachesAtStep(5, 5), _ReachesAtStep(None, 5), _ReachesAtStep(4, 5)]
+    r = closed_loop(_Forward(), "reach-v3", 3, seed=7, max_steps=5, envs=envs, record=True)
+    assert r.successes == [True, False, True] and r.steps == [5, 5, 4]
+    assert [e.seeds for e in envs] == [[s] for s in eval_seeds("reach-v3", 3, 7)]
+    assert len(r.frames) == 6 and r.frames[-1].max() == 5  # the reset's frame and one a step, to the last
+    d = r.to_dict()
+    assert (d["successes"], d["episodes"], d["mean_steps_to_success"]) == (2, 3, 4.5)
+
+
+def test_evaluation_seeds_in_the_upper_half_of_the_32_bit_range_draw_their_own_layouts():
+    """--seed takes [0, 2**32): seed 2**31 is not seed 0 with its top bit dropped, nor 2**32 - 1 seed 2**31 - 1."""
+    from worldvla.eval.metaworld import eval_seeds
+
+    assert set(eval_seeds("reach-v3", 4, 1 << 31)).isdisjoint(eval_seeds("reach-v3", 4, 0))
+    assert set(eval_seeds("reach-v3", 4, (1 << 32) - 1)).isdisjoint(eval_seeds("reach-v3", 4, (1 << 31) - 1))
+
+
+def test_a_variants_latency_is_the_mean_of_its_tasks_latencies_not_their_median(tmp_path, monkeypatch):
+    """Over three tasks whose median query times are 1, 2 and 6 s (means 2, 3 and 7 s), the variant's figures are
+    their means, 3 s and 4 s, as the table says ("each task's median, mean over tasks")."""
+    from worldvla.eval import metaworld as mw
+
+    monkeypatch.setattr(mw, "_default_env_factory", lambda task, size, steps, cam="corner": _ReachesAtStep(2, steps))
+    times = {"reach-v3": (1.0, 2.0), "push-v3": (2.0, 3.0), "drawer-open-v3": (6.0, 7.0)}
+
+    def timed(policy, task, episodes, **kw):
+        median, mean = times[task]
+        return mw.TaskResult(task, [1], [True], [2], latency={"queries": 1, "median_s": median, "mean_s": mean})
+
+    monkeypatch.setattr(mw, "closed_loop", timed)
+    m = mw.evaluate([_Forward()], list(times), 1, tmp_path, max_steps=3, n_envs=1, wm_episodes=0, gifs=False,
+                    progress=False, env_workers=1, random_baseline=False, variant_names=["p"])
+    assert m["variants"]["p"]["latency_median_s"] == 3.0 and m["variants"]["p"]["latency_mean_s"] == 4.0

@@ -1711,3 +1711,24 @@ def test_an_episode_that_ended_on_success_stays_done_away_from_the_goal(reach_en
         if not at_goal:
             break
     assert not at_goal and done and reach_env.success
+
+
+@needs_sim
+def test_an_expert_episode_that_succeeds_on_its_last_allowed_step_is_a_success():
+    """The reach expert reaches layout 1's goal on step 51: with a limit of 51 steps that last step is a success
+    (done, as it is the limit too), with a limit of 50 the episode ends one step short of it."""
+    from worldvla.sim.metaworld_env import expert_episode
+
+    with make_env("reach-v3", seed=0, image_size=8, max_steps=51) as env:
+        episode = expert_episode(env, seed=1)
+        assert episode["success"] is True and len(episode["actions"]) == 51 and env.t == 51
+    with make_env("reach-v3", seed=0, image_size=8, max_steps=50) as env:
+        episode = expert_episode(env, seed=1)
+        assert episode["success"] is False and len(episode["actions"]) == 50
+
+
+@needs_sim
+def test_the_largest_env_seed_meta_world_takes_is_accepted():
+    """An env's seed is refused from 2**32 on, not below: 2**32 - 1 is a seed of its own."""
+    with make_env("reach-v3", seed=(1 << 32) - 1, image_size=8) as env:
+        assert env.seed == (1 << 32) - 1 and env.reset().shape == (8, 8, 3)
