@@ -5,6 +5,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -64,6 +65,12 @@ def rng():
     # seen once could not be reproduced.
     g = torch.Generator().manual_seed(zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode()))
     return g
+
+
+@pytest.fixture
+def np_rng():
+    """A fresh NumPy generator per test, drawn from the OS: inputs differ from run to run."""
+    return np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
 
 
 class LoRA(torch.nn.Module):

@@ -2,7 +2,6 @@
 steps' timings stood in where only what the run records from them is checked."""
 import json
 
-import pytest
 import torch
 
 from worldvla.benchmarks import train

@@ -10,11 +10,6 @@ from worldvla.data import Demo, DemoFormatError, iter_demos, read_demos, write_d
 from worldvla.data.hdf5 import demo_file_info, iter_demo_actions, steps_without_noops
 
 
-@pytest.fixture
-def np_rng():
-    return np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
-
-
 def random_demo(rng, t, h, w, d, **kw):
     return Demo(frames=rng.integers(0, 256, size=(t, h, w, 3), dtype=np.uint8),
                 actions=rng.uniform(-1, 1, size=(t, d)).astype(np.float32), **kw)

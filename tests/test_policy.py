@@ -783,16 +783,26 @@ def test_a_server_keeps_the_prefixes_of_all_its_episodes(policy_dir, rng, monkey
     pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
     PolicyServer(pol, max_episodes=64)
     assert pol.max_prefixes == 64
+    computed = _count_prefixes(pol, monkeypatch)
+    names = [f"task {i}" for i in range(33)]
+    _take_turns(pol, names, _frames(rng, 1))
+    assert len(computed) == len(names)
+
+
+def _count_prefixes(pol, monkeypatch) -> list:
+    """A list that grows by one each time `pol` computes an instruction's prefix."""
     computed = []
     prefix_kv = pol._prefix_kv
     monkeypatch.setattr(pol, "_prefix_kv", lambda prefix: computed.append(1) or prefix_kv(prefix))
-    frame = _frames(rng, 1)
-    names = [f"task {i}" for i in range(33)]
-    for _ in range(2):
-        for name in names:  # robots stepping round-robin, one request per policy call
+    return computed
+
+
+def _take_turns(pol, names, frame, rounds: int = 2) -> None:
+    """Robots stepping round-robin, one request per policy call: each instruction reset and queried in turn."""
+    for _ in range(rounds):
+        for name in names:
             pol.reset([name])
             pol.act(frame, history=None)
-    assert len(computed) == len(names)
 
 
 def test_an_observed_frame_is_a_copy_too(policy_dir, rng):
@@ -1706,15 +1716,10 @@ def test_the_default_caches_keep_32_instructions_and_4_batch_sizes(policy_dir, r
     """By default 32 instructions keep their prefixes and 4 batch sizes their engines: robots taking turns within
     those numbers compute no prefix and build no engine twice; one more of each drops the least recently used."""
     pol = WorldVLAPolicy.from_pretrained(policy_dir, device="cpu")
-    computed = []
-    prefix_kv = pol._prefix_kv
-    monkeypatch.setattr(pol, "_prefix_kv", lambda prefix: computed.append(1) or prefix_kv(prefix))
+    computed = _count_prefixes(pol, monkeypatch)
     frame = _frames(rng, 1)
     names = [f"task {i}" for i in range(32)]
-    for _ in range(2):
-        for name in names:
-            pol.reset([name])
-            pol.act(frame, history=None)
+    _take_turns(pol, names, frame)
     assert len(computed) == 32
     pol.reset(["task 32"])
     pol.act(frame, history=None)

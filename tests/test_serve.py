@@ -166,11 +166,6 @@ def _robots(server, n: int):
             c.close()
 
 
-@pytest.fixture
-def np_rng():
-    return np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
-
-
 # ---------------------------------------------------------------- protocol
 def test_codec_round_trip_and_rejects_bad_arrays(np_rng):
     arrays = [np_rng.integers(0, 256, (7, 13, 3), dtype=np.uint8), np_rng.standard_normal((5, 3)).astype(np.float32),

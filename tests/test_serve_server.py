@@ -17,7 +17,7 @@ from worldvla.serve import PolicyClient, PolicyServer, PolicyServerError, packb
 from worldvla.serve.protocol import PROTOCOL_HEADER
 
 from test_serve import (BulkyMetadataPolicy, HistoryPolicy, RecordingPolicy, _SilentProxy, _ask, _frame,
-                        _hold_resizes, _never_reading_client, _raw, _robots, _wait_for, np_rng)  # noqa: F401
+                        _hold_resizes, _never_reading_client, _raw, _robots, _wait_for)
 
 LOGGER = "worldvla.serve"
 

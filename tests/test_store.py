@@ -1946,20 +1946,22 @@ def test_the_index_one_past_the_last_sample_is_refused_and_iteration_stops_there
     assert [s[2] for s in store] == ["action"] * 2 + ["world"] * 2
 
 
-def test_a_rerun_whose_demos_would_take_their_own_instructions_is_refused_naming_them(tmp_path):
-    """Built with --instruction equal to the file's, a rerun without it prompts demo_1 with its own instruction: the
-    inputs' records differ in that demo's instruction alone, which a rerun must not resume past (its shards hold the
-    override's prompt), and the refusal names the demo, not the file's instruction, which is the same."""
+@pytest.mark.parametrize("first, rerun", [("reach", None), (None, "reach")], ids=["take-own", "lose-own"])
+def test_a_rerun_that_changes_a_demos_own_instruction_is_refused_naming_it(tmp_path, first, rerun):
+    """--instruction equal to the file's, given on one run and not the other: demo_1, which has an instruction of its
+    own, is prompted with the override on one side and with its own on the other. The inputs' records differ in that
+    demo's instruction alone, which a rerun must not resume past (its shards hold the first run's prompt), and the
+    refusal names the demo, not the file's instruction, which is the same."""
     rng = np.random.default_rng(13)
     demos = random_demos(rng, (3, 3))
     demos[1]["instruction"] = "push the block"
     write_demos(tmp_path / "d" / "a.hdf5", demos, "reach")
     kw = dict(chunk_size=2, bounds="unit", progress=False)
     vq = tiny_vqgan()
-    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, instruction="reach", **kw)
+    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, instruction=first, **kw)
     with pytest.raises(FileExistsError, match=r"a\.hdf5 \(its demo\(s\) demo_1 prompted with other instructions than "
                                               r"then\); pass --overwrite"):
-        st.build_store(tmp_path / "d", out, vq, **kw)
+        st.build_store(tmp_path / "d", out, vq, instruction=rerun, **kw)
 
 
 def test_a_shard_whose_arrays_agree_but_hold_other_samples_than_its_entry_is_refused(demo_dir, tmp_path):
@@ -2119,21 +2121,6 @@ def test_demos_left_without_any_step_by_drop_noops_are_not_blamed_on_the_chunk_s
                        progress=False)
     assert "none of the 1 demo files holds a demo to tokenize" in str(e.value)
     assert "left without steps by --drop-noops" in str(e.value) and "chunk-size" not in str(e.value)
-
-
-def test_a_rerun_whose_demos_would_lose_their_own_instructions_is_refused_naming_them(tmp_path):
-    """The other way round: built without --instruction, demo_1 took its own instruction; a rerun with --instruction
-    equal to the file's prompts it with the override instead, and the refusal names that demo."""
-    rng = np.random.default_rng(20)
-    demos = random_demos(rng, (3, 3))
-    demos[1]["instruction"] = "push the block"
-    write_demos(tmp_path / "d" / "a.hdf5", demos, "reach")
-    kw = dict(chunk_size=2, bounds="unit", progress=False)
-    vq = tiny_vqgan()
-    out = st.build_store(tmp_path / "d", tmp_path / "s", vq, **kw)
-    with pytest.raises(FileExistsError, match=r"a\.hdf5 \(its demo\(s\) demo_1 prompted with other instructions than "
-                                              r"then\); pass --overwrite"):
-        st.build_store(tmp_path / "d", out, vq, instruction="reach", **kw)
 
 
 def test_a_chunk_too_long_for_the_kept_steps_of_successful_demos_names_no_failed_ones(tmp_path):
