@@ -409,3 +409,152 @@ def test_only_a_model_folder_given_for_a_policy_is_told_to_write_a_policy_around
         check_folder(lm, "policy")
     assert str(err.value).endswith("not a policy folder: load it with WorldVLA.from_pretrained (or write a policy "
                                    "folder around it with worldvla.inference.save_policy)")
+
+
+
+def test_a_view_eight_bytes_off_a_16_byte_boundary_loads_as_an_aligned_copy(tmp_path):
+    """A view of a flat buffer (an FSDP save's pytorch_model.bin) that starts 8 bytes past a 16-byte boundary is
+    loaded as a copy of its own, on a 16-byte boundary (the kernels' vector loads); the aligned views stay views."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    m.save_pretrained(tmp_path / "ref")
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    off = "model.norm.weight"
+    offsets, n = {}, 0
+    for k, v in sd.items():
+        n = -(-n // 4) * 4 + (2 if k == off else 0)  # float32: 4 elements are 16 bytes, 2 are 8
+        offsets[k] = n
+        n += v.numel()
+    flat = torch.zeros(n)
+    views = {k: flat[offsets[k]:offsets[k] + v.numel()].view(v.shape) for k, v in sd.items()}
+    for k, v in sd.items():
+        views[k].copy_(v)
+    assert views[off].data_ptr() % 16 == 8
+    (tmp_path / "bin").mkdir()
+    torch.save(views, tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "ref" / "config.json").read_text())
+    params = WorldVLA.from_pretrained(tmp_path / "bin").state_dict()
+    assert all(torch.equal(params[k], v) for k, v in sd.items())
+    assert params[off].data_ptr() % 16 == 0
+    assert params[off].untyped_storage().data_ptr() != params["lm_head.weight"].untyped_storage().data_ptr()
+    assert params["model.embed_tokens.weight"].untyped_storage().data_ptr() == \
+        params["lm_head.weight"].untyped_storage().data_ptr()
+
+
+def test_a_policy_folder_given_for_a_model_names_its_model_and_the_policys_own_loader(tmp_path):
+    """A policy folder given where a model folder is wanted: the error names the model folder inside it and the
+    loader of what was given (the policy's), not the model's."""
+    import json
+
+    pol = tmp_path / "pol"
+    WorldVLA(ModelConfig.tiny()).save_pretrained(pol / "model")
+    (pol / "policy.json").write_text(json.dumps({}))
+    with pytest.raises(FileNotFoundError) as err:
+        check_folder(pol, "model")
+    assert str(err.value) == (f"{pol} is a policy folder (policy.json, model/, vqgan/), not a WorldVLA model folder: "
+                              f"give {pol / 'model'}, or load this folder with WorldVLAPolicy.from_pretrained")
+
+
+def test_a_tensor_in_two_shards_names_both_files_in_reading_order_and_the_indexs_choice(tmp_path):
+    """A sharded folder that mixes two saves (a stale shard the index now names for one tensor, that tensor still in
+    the newer shard too) is refused naming the tensor, the file read first, then the one that repeats it, and the
+    file the index names for it."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ck"
+    WorldVLA(ModelConfig.tiny()).save_pretrained(folder, shard_size_gb=1e-4)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = {f: load_file(str(folder / f)) for f in sorted(set(index["weight_map"].values()))}
+    last, shard = next((f, s) for f, s in shards.items() if len(s) > 1)  # stays listed for its other tensors
+    k = sorted(shard)[0]
+    save_file({k: shard[k]}, str(folder / "a-stale.safetensors"))
+    index["weight_map"][k] = "a-stale.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError) as err:
+        WorldVLA.from_pretrained(folder)
+    assert (f"tensors in more than one shard (1), e.g. {k} in both a-stale.safetensors and {last} (the shard index "
+            f"names a-stale.safetensors): the folder mixes two saves") in str(err.value)
+
+
+def test_a_folder_of_one_dtype_keeps_it_whatever_its_config_json_says(tmp_path):
+    """config.json's dtype picks the dtype only of a folder whose tensors hold several: float32 weights under a
+    config.json that says bfloat16 (edited by hand, or another exporter's default) load as float32, unrounded."""
+    import json
+
+    model = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["dtype"] == "float32"
+    cfg["dtype"] = cfg["torch_dtype"] = "bfloat16"
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    got = WorldVLA.from_pretrained(tmp_path / "ck").state_dict()
+    assert {v.dtype for v in got.values()} == {torch.float32}
+    assert all(torch.equal(v, got[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("given", [None, "auto"])
+def test_a_folder_of_several_dtypes_without_a_config_dtype_takes_the_heads(tmp_path, given):
+    """A folder whose tensors hold several dtypes, with no dtype in config.json (or "auto"), loads in its output
+    head's dtype, as transformers' dtype="auto" does: a float32 head beside a bfloat16 embedding loads float32."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "ck")
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"].bfloat16()
+    save_file(sd, str(tmp_path / "ck" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        cfg.pop(key)
+        if given is not None:
+            cfg[key] = given
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    got = WorldVLA.from_pretrained(tmp_path / "ck").state_dict()
+    assert {v.dtype for v in got.values()} == {torch.float32}
+    assert torch.equal(got["model.embed_tokens.weight"], sd["model.embed_tokens.weight"].float())
+    assert torch.equal(got["lm_head.weight"], sd["lm_head.weight"])
+
+
+def test_a_policys_model_folder_given_for_the_policy_names_the_policy_around_it(tmp_path):
+    """The model folder inside a policy folder, given where the policy is wanted: the error names the policy folder
+    around it, and the model's own loader."""
+    import json
+
+    pol = tmp_path / "pol"
+    WorldVLA(ModelConfig.tiny()).save_pretrained(pol / "model")
+    (pol / "policy.json").write_text(json.dumps({}))
+    with pytest.raises(FileNotFoundError) as err:
+        check_folder(pol / "model", "policy")
+    assert str(err.value).endswith(f"not a policy folder: give {pol}, or load this folder with "
+                                   f"WorldVLA.from_pretrained (or write a policy folder around it with "
+                                   f"worldvla.inference.save_policy)")
+
+
+def test_a_sharded_safetensors_index_is_read_before_a_pytorch_model_bin_beside_it(tmp_path):
+    """transformers' order: a folder with sharded safetensors and their index, and a stale pytorch_model.bin of
+    other weights beside them, loads the safetensors shards."""
+    new = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    old = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(1))
+    new.save_pretrained(tmp_path / "ck", shard_size_gb=1e-4)
+    assert not (tmp_path / "ck" / "model.safetensors").exists()
+    torch.save(old.state_dict(), tmp_path / "ck" / "pytorch_model.bin")
+    got = WorldVLA.from_pretrained(tmp_path / "ck").state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in new.state_dict().items())
+
+
+@pytest.mark.parametrize("prefix", ["vqmodel.", "model.vqmodel."])
+def test_the_releases_vqmodel_tensors_are_left_out_of_the_model(tmp_path, prefix):
+    """The release's checkpoints hold the VQGAN's tensors beside the model's, as vqmodel.* (or model.vqmodel.*):
+    a load leaves them out, not refused as tensors of no module."""
+    from safetensors.torch import save_file
+
+    model = WorldVLA(ModelConfig.tiny()).init_weights(0.02, torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "ck")
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_file({**sd, prefix + "quantize.embedding.weight": torch.randn(16, 8)},
+              str(tmp_path / "ck" / "model.safetensors"))
+    got = WorldVLA.from_pretrained(tmp_path / "ck").state_dict()
+    assert sorted(got) == sorted(sd) and all(torch.equal(v, got[k]) for k, v in sd.items())
