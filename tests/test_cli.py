@@ -1231,3 +1231,14 @@ def test_an_error_with_the_stdout_reader_gone_is_still_an_error_line(tmp_path):
         os.close(write)
     assert p.returncode == 2 and "worldvla bench: error: [Errno 2] No such file or directory: 'demos.hdf5'" in p.stderr, \
         p.stderr
+
+
+def test_a_misspelt_required_option_before_a_double_dash_is_named(capsys):
+    """The words after `--` are values, and `--` itself names no option: a misspelt required option before it is
+    named with its likely option, not only as the required one left missing."""
+    with pytest.raises(SystemExit) as e:
+        main(["pretokenize", "a.hdf5", "--outt=s", "--vqgan", "v", "--", "-b.hdf5"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert ("worldvla pretokenize: error: unrecognized arguments: --outt=s (--outt=s: did you mean --out?)"
+            in err), err

@@ -1672,3 +1672,55 @@ def test_the_demos_defaults_are_the_ones_its_help_states():
                    "2 held-out expert rollouts\nper task (8 imagined steps)", "the default run into ./worldvla_demo"):
         assert stated in demo.EPILOG, stated
     assert demo.add_arguments(argparse.ArgumentParser()).parse_args([]).out == "./worldvla_demo"
+
+
+def test_the_summary_line_gives_each_stages_time_or_cached_and_this_runs_total(tmp_path, monkeypatch, capsys):
+    """The closing stages line names every stage in order, a cached one as cached, one that ran with its
+    rounded seconds, and ends with the run's total."""
+    from worldvla import demo
+    from worldvla.eval import metaworld
+
+    monkeypatch.setattr(metaworld, "format_results", lambda m: "")
+    results = {"eval": {}, "policy": str(tmp_path / "policy"), "total_seconds": 61.6,
+               "stages": {"collect": {"cached": True, "seconds": 0.0}, "train-vq": {"cached": False, "seconds": 12.4},
+                          "pretokenize": {"cached": False, "seconds": 3.6}, "train": {"cached": False, "seconds": 45.0},
+                          "evaluate": {"cached": True, "seconds": 0.0}}}
+    demo.print_table(results)
+    lines = capsys.readouterr().out.splitlines()
+    assert "stages: collect cached, train-vq 12 s, pretokenize 4 s, train 45 s, evaluate cached; total 62 s" in lines
+    policy = tmp_path / "policy"
+    assert f"policy: {policy}  (worldvla serve --checkpoint {policy})" in lines
+
+
+def test_the_tokenize_stage_reports_the_stores_sample_and_token_counts(tmp_path, monkeypatch):
+    """The pretokenize stage's record holds the counts of the store's manifest: its samples, of each kind, and
+    its tokens."""
+    from worldvla import demo
+    from worldvla.data import store
+
+    counts = {"n_samples": 7, "n_action": 4, "n_world": 3, "n_tokens": 901}
+
+    def build_store(files, out, vqgan, **kw):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / store.MANIFEST).write_text(json.dumps({**counts, "complete": True, "shards": []}))
+        return out
+
+    monkeypatch.setattr(store, "build_store", build_store)
+    assert demo.stage_pretokenize(demo.DemoConfig.fast_preset(), tmp_path, False) == counts
+
+
+def test_the_collect_stage_reports_every_tasks_summary(tmp_path, monkeypatch):
+    """The collect stage's record holds the summary of each of the run's tasks, each without its file path."""
+    from worldvla import demo
+    from worldvla.data import collect
+
+    tasks = ("reach-v3", "drawer-open-v3")
+
+    def fake_collect(tasks, episodes, out, **kw):
+        return {"incomplete": [], "errors": [],
+                "tasks": {t: {"episodes": 2, "successes": 1 + i, "path": str(out / f"{t}.hdf5")}
+                          for i, t in enumerate(tasks)}}
+
+    monkeypatch.setattr(collect, "collect", fake_collect)
+    info = demo.stage_collect(demo.DemoConfig.fast_preset(tasks=tasks), tmp_path, False)
+    assert info == {"reach-v3": {"episodes": 2, "successes": 1}, "drawer-open-v3": {"episodes": 2, "successes": 2}}
