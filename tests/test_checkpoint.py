@@ -10,7 +10,7 @@ import torch
 from worldvla.checkpoint import check_folder, remove_stale, sibling_files, sibling_name, write_text_atomic
 from worldvla.model import ModelConfig, WorldVLA
 
-from test_model import _dead_pid  # (pytest puts tests/ on sys.path)
+from test_model import _dead_pid, load_bin_folder, views_of_one_buffer  # (pytest puts tests/ on sys.path)
 
 
 def _dead_sibling(path, tag):
@@ -419,20 +419,9 @@ def test_a_view_eight_bytes_off_a_16_byte_boundary_loads_as_an_aligned_copy(tmp_
     m.save_pretrained(tmp_path / "ref")
     sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
     off = "model.norm.weight"
-    offsets, n = {}, 0
-    for k, v in sd.items():
-        n = -(-n // 4) * 4 + (2 if k == off else 0)  # float32: 4 elements are 16 bytes, 2 are 8
-        offsets[k] = n
-        n += v.numel()
-    flat = torch.zeros(n)
-    views = {k: flat[offsets[k]:offsets[k] + v.numel()].view(v.shape) for k, v in sd.items()}
-    for k, v in sd.items():
-        views[k].copy_(v)
+    _, views = views_of_one_buffer(sd, off_boundary=(off,), off_by=2)  # float32: 2 elements are 8 bytes
     assert views[off].data_ptr() % 16 == 8
-    (tmp_path / "bin").mkdir()
-    torch.save(views, tmp_path / "bin" / "pytorch_model.bin")
-    (tmp_path / "bin" / "config.json").write_text((tmp_path / "ref" / "config.json").read_text())
-    params = WorldVLA.from_pretrained(tmp_path / "bin").state_dict()
+    params = load_bin_folder(tmp_path / "bin", views, tmp_path / "ref").state_dict()
     assert all(torch.equal(params[k], v) for k, v in sd.items())
     assert params[off].data_ptr() % 16 == 0
     assert params[off].untyped_storage().data_ptr() != params["lm_head.weight"].untyped_storage().data_ptr()

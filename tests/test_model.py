@@ -1024,12 +1024,13 @@ def test_a_shard_index_is_read_before_a_stale_bin_beside_it(tmp_path):
     assert all(torch.equal(v, got[k]) for k, v in new.state_dict().items())
 
 
-def views_of_one_buffer(tensors: dict, off_boundary=()) -> tuple[torch.Tensor, dict]:
+def views_of_one_buffer(tensors: dict, off_boundary=(), off_by: int = 1) -> tuple[torch.Tensor, dict]:
     """(flat, views): float32 `tensors` copied into views of one flat buffer, as an FSDP flat-parameter save
-    holds them; each view starts on a 16-byte boundary, those named in `off_boundary` 4 bytes past one."""
+    holds them; each view starts on a 16-byte boundary, those named in `off_boundary` `off_by` elements (4 bytes
+    each) past one."""
     offsets, n = {}, 0
     for k, v in tensors.items():
-        n = -(-n // 4) * 4 + (1 if k in off_boundary else 0)
+        n = -(-n // 4) * 4 + (off_by if k in off_boundary else 0)
         offsets[k] = n
         n += v.numel()
     flat = torch.zeros(n)
