@@ -1905,16 +1905,22 @@ def test_vq_and_sampling_rows_divide_the_baselines_time_by_theirs(tmp_path, monk
         assert r["in_range"] is not broken and r["agrees_with_full"] == (0.0 if broken else 1.0), r
 
 
-def test_cross_entropy_check_fails_a_side_with_only_its_hidden_gradient_wrong():
-    """Every quantity counts: the right loss and head gradient do not make up for a wrong hidden gradient."""
-    from worldvla.benchmarks import cross_entropy as CE
-
-    g = torch.Generator().manual_seed(0)
+def cross_entropy_case(seed: int = 0):
+    """(h, w, y, rows, cw): a small random cross-entropy case for check_sides, 24 rows x hidden 16 x 40 ids, the
+    hidden states and head requiring grad, class weights in [0.5, 1.5)."""
+    g = torch.Generator().manual_seed(seed)
     h = torch.randn(24, 16, generator=g, requires_grad=True)
     w = (torch.randn(40, 16, generator=g) * 0.3).requires_grad_()
     y = torch.randint(0, 40, (24,), generator=g)
     cw = torch.rand(40, generator=g) + 0.5
-    rows = torch.arange(24)
+    return h, w, y, torch.arange(24), cw
+
+
+def test_cross_entropy_check_fails_a_side_with_only_its_hidden_gradient_wrong():
+    """Every quantity counts: the right loss and head gradient do not make up for a wrong hidden gradient."""
+    from worldvla.benchmarks import cross_entropy as CE
+
+    h, w, y, rows, cw = cross_entropy_case()
 
     def wrong_hidden(h, w, y, rows):
         return CE.naive_linear_cross_entropy(2 * h - h.detach(), w, y, rows, cw)
