@@ -642,6 +642,10 @@ def test_decoding_the_wrong_number_of_bin_tokens_is_refused():
     for ids in ([L.bin_base, L.bin_base + 5], [L.bin_base] * 4):
         with pytest.raises(ValueError, match=rf"expected 1 bin tokens \(or 3 with BOA/EOA\), got shape \({len(ids)},\)"):
             at.decode(np.array(ids))
+    # A bare id is no row of bins either (it was an IndexError from reading its last dimension).
+    for ids in (L.bin_base, np.int64(L.bin_base), torch.tensor(L.bin_base)):
+        with pytest.raises(ValueError, match=r"expected 1 bin tokens \(or 3 with BOA/EOA\), got shape \(\)"):
+            at.decode(ids)
     assert at.decode(np.array([L.boa, L.bin_base, L.eoa])).shape == (1,)
 
 

@@ -78,9 +78,9 @@ class ActionTokenizer:
         if t.size and t.dtype.kind not in "iu":  # a float would be truncated to another id, a bool read as 0 or 1
             raise TypeError(f"action token ids must be integers, got {t.dtype}")
         t = t.astype(np.int64)
-        if t.shape[-1] == self.action_dim + 2:
+        if t.ndim and t.shape[-1] == self.action_dim + 2:
             t = t[..., 1:-1]
-        if t.shape[-1] != self.action_dim:
+        if t.ndim == 0 or t.shape[-1] != self.action_dim:
             raise ValueError(f"expected {self.action_dim} bin tokens (or {self.action_dim + 2} with BOA/EOA), got shape {t.shape}")
         # As the release: any token decodes to a clipped bin centre (n_bins - 1 centres).
         idx = np.clip(t - self.layout.bin_base, 0, self.n_bins - 2)
