@@ -2,10 +2,12 @@
 given for bytes that are not msgpack."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
-from worldvla.serve.protocol import REQUEST_LIMITS, ProtocolError, packb, unpackb
+from worldvla.serve.protocol import REQUEST_LIMITS, ProtocolError, image_size_hw, packb, unpackb
 
 
 def _nd(data: bytes, dtype: str, shape) -> dict:
@@ -44,3 +46,13 @@ def test_msgpack_errors_without_a_message_are_given_a_reason():
     with pytest.raises(ProtocolError) as e:
         unpackb(b"\x92\x01", REQUEST_LIMITS)
     assert str(e.value) == "request is not valid msgpack (ValueError: Unpack failed: incomplete input)"
+
+
+def test_an_image_size_is_an_int_or_a_pair_and_nothing_longer():
+    """A frame shape (H, W, 3) or a one-item list is no image_size: it is refused by value, not read as its
+    first two sizes."""
+    for bad in ((24, 32, 3), [24, 32, 3, 1], [24], ()):
+        with pytest.raises(ValueError, match=r"image_size must be a positive int or an \(H, W\) pair, got "
+                                             + re.escape(repr(bad))):
+            image_size_hw(bad)
+    assert image_size_hw([24, 32]) == (24, 32) and image_size_hw(24) == (24, 24)
