@@ -917,3 +917,103 @@ def test_run_refuses_a_temperature_that_is_not_finite_given_in_code(files, tmp_p
         with pytest.raises(ValueError, match=f"--temperature must be finite, got {bad}"):
             imagine.run(args)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_single_future_is_labelled_imagined_and_the_score_plot_draws_each_score_list(files, tmp_path, monkeypatch):
+    """One future (no draws) is the row "imagined" under the recorded one, and scores.png draws the imagined frames',
+    the kept first frame's and the reconstruction's PSNR and SSIM lists of rollout.json, each under its own name."""
+    from worldvla.eval import plots
+
+    grids, curves = [], []
+    real_grid, real_curves = plots.frame_grid, plots.horizon_curves
+    monkeypatch.setattr(plots, "frame_grid", lambda rows, path, labels: grids.append(labels) or
+                        real_grid(rows, path, labels=labels))
+    monkeypatch.setattr(plots, "horizon_curves", lambda c, path, title: curves.append((c, Path(path).name)) or
+                        real_curves(c, path, title=title))
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 3, "--out", out) == 0
+    sc = json.loads((out / "rollout.json").read_text())["scores"]
+    assert grids == [["recorded", "imagined"]]
+    assert curves == [({"imagined": {"psnr": sc["psnr_per_step"], "ssim": sc["ssim_per_step"]},
+                        "first frame kept": {"psnr": sc["copy_first_psnr_per_step"],
+                                             "ssim": sc["copy_first_ssim_per_step"]},
+                        "VQGAN reconstruction": {"psnr": sc["vqgan_recon_psnr_per_step"],
+                                                 "ssim": sc["vqgan_recon_ssim_per_step"]}}, "scores.png")]
+    assert sc["ssim_per_step"] != sc["copy_first_ssim_per_step"] != sc["vqgan_recon_ssim_per_step"]
+
+
+def test_an_image_run_records_its_input_files_in_an_out_folder_it_creates_with_its_parents(files, tmp_path,
+                                                                                           monkeypatch):
+    """rollout.json of an image run names the image and the actions file it imagined from; an --out whose parent
+    folders do not exist yet is made with them; the single future's row is labelled "imagined"."""
+    from PIL import Image
+
+    from worldvla.eval import plots
+
+    grids, real_grid = [], plots.frame_grid
+    monkeypatch.setattr(plots, "frame_grid", lambda rows, path, labels: grids.append(labels) or
+                        real_grid(rows, path, labels=labels))
+    Image.fromarray(np.full((32, 32, 3), 70, dtype=np.uint8)).save(tmp_path / "f.png")
+    np.save(tmp_path / "a.npy", np.full((2, 4), 0.1))
+    out = tmp_path / "runs" / "today" / "out"
+    assert _run(files / "policy", "--image", tmp_path / "f.png", "--actions", tmp_path / "a.npy", "--out", out) == 0
+    result = json.loads((out / "rollout.json").read_text())
+    assert result["source"] == {"image": str(tmp_path / "f.png"), "actions": str(tmp_path / "a.npy")}
+    assert grids == [["imagined"]]
+
+
+def test_the_policy_loads_on_the_device_and_dtype_asked_and_the_run_records_where_it_ran(files, tmp_path,
+                                                                                         monkeypatch):
+    """--device and --dtype reach the policy's loading; rollout.json records the device the model ran on (the one
+    chosen for it without --device, not "None")."""
+    loaded, real = [], WorldVLAPolicy.from_pretrained
+
+    def load(*a, **k):
+        policy = real(*a, **k)
+        loaded.append((k, policy))
+        return policy
+
+    monkeypatch.setattr(WorldVLAPolicy, "from_pretrained", load)
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 1, "--device", "cpu", "--dtype",
+                "bfloat16", "--out", out) == 0
+    k, policy = loaded[-1]
+    assert k == {"device": "cpu", "dtype": "bfloat16"} and next(policy.model.parameters()).dtype == torch.bfloat16
+    assert json.loads((out / "rollout.json").read_text())["device"] == "cpu"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--steps", 1, "--out", out) == 0
+    k, policy = loaded[-1]
+    assert k == {"device": None, "dtype": None}
+    assert json.loads((out / "rollout.json").read_text())["device"] == str(next(policy.model.parameters()).device)
+
+
+def test_a_run_says_how_many_frames_it_imagined(files, tmp_path, capsys):
+    """--steps 9 from frame 1 of a 6-frame episode imagines the 4 frames recorded after it: the closing line says 4
+    frames (x the futures drawn), the time a frame rollout.json holds, and the folder written to."""
+    out = tmp_path / "out"
+    assert _run(files / "policy", "--demos", files / "demos.hdf5", "--start", 1, "--steps", 9, "--samples", 2,
+                "--temperature", 1.0, "--out", out) == 0
+    result = json.loads((out / "rollout.json").read_text())
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line == (f"imagined 4 frame(s) x 2 at {result['seconds_per_frame']:.3f} s a frame ({result['device']}); "
+                    f"written to {out}/"), line
+
+
+def test_demo_segment_refuses_a_negative_episode_index(files):
+    """--demo -1 (given in code; the command line refuses it) is no episode of the file: refused naming the range,
+    not read as the last episode, as a Python index would."""
+    from worldvla.eval.imagine import demo_segment
+
+    with pytest.raises(ValueError, match=r"holds 2 episode\(s\); --demo -1 is not one of them \(0..1\)"):
+        demo_segment(files / "demos.hdf5", -1, 0, 2, rotate_180=False)
+
+
+def test_a_missing_actions_file_or_a_file_that_is_no_image_is_refused_naming_it(tmp_path):
+    """A missing actions file is a FileNotFoundError naming it, as a missing image is; a file Pillow cannot read
+    as an image is refused naming the file."""
+    from worldvla.eval.imagine import load_actions, load_image
+
+    with pytest.raises(FileNotFoundError, match=r"no actions file at .*none\.npy$"):
+        load_actions(tmp_path / "none.npy", 4)
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(ValueError, match=r"notes\.png: not an image Pillow can read$"):
+        load_image(tmp_path / "notes.png")

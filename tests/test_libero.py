@@ -1422,3 +1422,245 @@ def test_eval_libero_fingerprints_a_policy_folder_given_under_home(tmp_path, mon
     assert libero.run(args) == 0
     key = json.loads((tmp_path / "out" / libero.RESULTS).read_text())["key"]
     assert key == libero._results_key(suite, policy, _policy_fingerprint(home / "p"))
+
+
+def test_the_progress_bar_counts_every_asked_episode_reused_or_run_and_closes(tmp_path, monkeypatch):
+    """The bar's total is the asked tasks' episodes (not the suite's), reused episodes advance it as run ones do, its
+    postfix shows the task's rate over the episodes run so far, and it is closed at the end."""
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, unit):
+            self.total, self.desc, self.n, self.postfix, self.closed = total, desc, 0, [], False
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix(self, **kw):
+            self.postfix.append(kw)
+
+        def close(self):
+            self.closed = True
+
+    rng = np.random.default_rng()
+
+    def suite():
+        return FakeSuite([FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 1) for _ in range(3)], max_steps=3)
+
+    libero.evaluate_suite(RecordingPolicy(rng=rng), suite(), episodes=1, tasks=[0], out_dir=tmp_path, progress=False,
+                          policy_fingerprint="same policy files")
+    monkeypatch.setattr("tqdm.auto.tqdm", Bar)
+    libero.evaluate_suite(RecordingPolicy(rng=rng), suite(), episodes=2, tasks=[0, 2], out_dir=tmp_path,
+                          progress=True, policy_fingerprint="same policy files")
+    (bar,) = bars
+    assert bar.total == 4 and bar.desc == "eval fake_suite" and bar.n == 4  # task 0's first episode reused
+    assert bar.postfix == [{"task": 0, "sr": "100%"}, {"task": 2, "sr": "100%"}, {"task": 2, "sr": "100%"}]
+    assert bar.closed
+
+
+def test_an_interrupted_task_still_closes_its_environment():
+    """Ctrl-C in the middle of a task's episode stops the evaluation; the task's simulator (a MuJoCo scene and its
+    renderer) is closed on the way out, not left open."""
+    rng = np.random.default_rng()
+    env = FakeLiberoEnv(rng=rng)
+    with pytest.raises(KeyboardInterrupt):
+        libero.evaluate_suite(InterruptAfter(2, k=3, rng=rng), FakeSuite([env], max_steps=5), episodes=2,
+                              progress=False)
+    assert env.init_state == "state0-0" and env.closed
+
+
+def test_episode_gifs_play_at_twenty_frames_a_second(tmp_path):
+    """--save-videos writes each episode's frames at 20 frames a second (a delay of 50 ms a frame), the control rate
+    of LIBERO's simulator, so a GIF plays at the speed the episode ran."""
+    from PIL import Image
+
+    rng = np.random.default_rng()
+    suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=3)
+    libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=1, out_dir=tmp_path, save_videos=True,
+                          progress=False)
+    with Image.open(tmp_path / "task00_ep000_failure.gif") as gif:
+        durations = []
+        for k in range(gif.n_frames):
+            gif.seek(k)
+            durations.append(gif.info["duration"])
+    assert len(durations) == 3 and set(durations) == {50}
+
+
+def test_an_out_folder_whose_parents_are_missing_is_created(tmp_path):
+    """out_dir nested in folders that do not exist yet (--out runs/libero/today) is made with its parents."""
+    rng = np.random.default_rng()
+    out = tmp_path / "runs" / "libero" / "today"
+    libero.evaluate_suite(RecordingPolicy(rng=rng), FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=2), episodes=1,
+                          out_dir=out, progress=False)
+    assert (out / libero.RESULTS).is_file()
+
+
+def test_the_results_file_lists_its_tasks_in_numeric_order(tmp_path):
+    """libero_results.json holds the tasks by their number (2 before 10), whatever order they were asked in."""
+    import json
+
+    rng = np.random.default_rng()
+    suite = FakeSuite([FakeLiberoEnv(rng=rng) for _ in range(11)], max_steps=1)
+    libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=1, tasks=[10, 2], out_dir=tmp_path,
+                          progress=False, policy_fingerprint="same policy files")
+    libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=1, tasks=[1], out_dir=tmp_path,
+                          progress=False, policy_fingerprint="same policy files")
+    saved = json.loads((tmp_path / libero.RESULTS).read_text())
+    assert list(saved["tasks"]) == ["1", "2", "10"] and saved["run_tasks"] == [1]
+
+
+@pytest.mark.parametrize("tasks, names", [(["²"], "'²'"), ("0,²", "'²'")])
+def test_task_ids_in_digits_that_are_not_decimal_are_named_by_the_harness(tasks, names):
+    """'²' is a digit to str.isdigit but no number to int(): evaluate_suite names it as a task id that is not a whole
+    number, not with int()'s own error."""
+    rng = np.random.default_rng()
+    suite = FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=2)
+    with pytest.raises(ValueError, match=f"task ids must be whole numbers like 0, 3, 7; got {names}$"):
+        libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=1, tasks=tasks, progress=False)
+    assert suite.envs[0].init_state is None
+
+
+def test_tasks_that_are_not_a_list_are_refused_naming_what_was_given():
+    """tasks=3 (one id, not a list of them) is refused saying what tasks takes and what it got, not with Python's
+    "'int' object is not iterable"."""
+    rng = np.random.default_rng()
+    suite = FakeSuite([FakeLiberoEnv(rng=rng) for _ in range(4)], max_steps=2)
+    with pytest.raises(ValueError, match=r"^tasks must be a list of task ids like \[0, 3, 7\] \(or the string "
+                                         r"'0,3,7'\), got 3$"):
+        libero.evaluate_suite(RecordingPolicy(rng=rng), suite, episodes=1, tasks=3, progress=False)
+    assert all(e.init_state is None for e in suite.envs)
+
+
+def test_eval_libero_hands_its_options_to_the_policy_loader_and_the_harness(tmp_path, monkeypatch):
+    """--device reaches the policy's loading; --episodes, --tasks, --out, --save-videos, --allow-bounds-mismatch,
+    --no-resume and --no-progress reach evaluate_suite, and their absence its defaults (a progress bar, resume)."""
+    import argparse
+
+    from worldvla import inference
+
+    loaded, evaluated = [], []
+    policy = RecordingPolicy()
+    monkeypatch.setattr(libero, "_require_libero", lambda: None)
+    monkeypatch.setattr(libero, "LiberoSuite", lambda name, resolution: FakeSuite([], max_steps=2))
+    monkeypatch.setattr(inference.WorldVLAPolicy, "from_pretrained", lambda *a, **k: loaded.append((a, k)) or policy)
+    monkeypatch.setattr(libero, "evaluate_suite", lambda policy, suite, **k: evaluated.append(k) or
+                        {"suite": "s", "success_rate": 0.0, "tasks": {}})
+
+    def run(*argv):
+        args = libero.add_arguments(argparse.ArgumentParser()).parse_args(
+            ["--policy", str(tmp_path / "p"), "--out", str(tmp_path / "out"), *argv])
+        assert libero.run(args) == 0
+        return loaded[-1], evaluated[-1]
+
+    (a, k), ev = run("--device", "cpu", "--episodes", "3", "--tasks", "2,0", "--save-videos", "--allow-bounds-mismatch",
+                     "--no-resume", "--no-progress")
+    assert a == (str(tmp_path / "p"),) and k == {"device": "cpu"}
+    assert (ev["episodes"], ev["tasks"], ev["out_dir"]) == (3, ["2", "0"], str(tmp_path / "out"))
+    assert (ev["save_videos"], ev["allow_bounds_mismatch"], ev["resume"], ev["progress"]) == (True, True, False, False)
+    (a, k), ev = run()
+    assert k == {"device": None} and ev["episodes"] == 50 and ev["tasks"] is None
+    assert (ev["save_videos"], ev["allow_bounds_mismatch"], ev["resume"], ev["progress"]) == (False, False, True, True)
+
+
+def test_eval_libero_takes_a_tasks_string_set_in_code_as_one_option(tmp_path, monkeypatch):
+    """Arguments built in code may hold --tasks as one string, "12" or "0,12": its ids are task 12 (and 0), not the
+    characters 1 and 2 taken for tasks of their own."""
+    import argparse
+
+    from worldvla import inference
+
+    evaluated = []
+    monkeypatch.setattr(libero, "_require_libero", lambda: None)
+    monkeypatch.setattr(libero, "LiberoSuite", lambda name, resolution: FakeSuite([], max_steps=2))
+    monkeypatch.setattr(inference.WorldVLAPolicy, "from_pretrained", lambda *a, **k: RecordingPolicy())
+    monkeypatch.setattr(libero, "evaluate_suite", lambda policy, suite, **k: evaluated.append(k["tasks"]) or
+                        {"suite": "s", "success_rate": 0.0, "tasks": {}})
+    for given, want in (("12", ["12"]), ("0,12", ["0", "12"])):
+        args = libero.add_arguments(argparse.ArgumentParser()).parse_args(
+            ["--policy", str(tmp_path / "p"), "--out", str(tmp_path / "out"), "--no-progress"])
+        args.tasks = given
+        assert libero.run(args) == 0
+        assert evaluated[-1] == want
+
+
+def test_the_results_say_how_long_the_evaluation_took(tmp_path, monkeypatch):
+    """`seconds` in the results (returned and saved) is the wall time from before the first episode to the end."""
+    import json
+    import types
+
+    rng = np.random.default_rng()
+    clock = iter([100.0, 107.5])
+    monkeypatch.setattr(libero, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    res = libero.evaluate_suite(RecordingPolicy(rng=rng), FakeSuite([FakeLiberoEnv(rng=rng)], max_steps=2),
+                                episodes=1, out_dir=tmp_path, progress=False)
+    assert res["seconds"] == 7.5
+    assert json.loads((tmp_path / libero.RESULTS).read_text())["seconds"] == 7.5
+
+
+def test_eval_libero_points_at_the_results_file_when_episodes_erred(tmp_path, monkeypatch, capsys):
+    """The closing line of a run with erred episodes counts them and names the file where each error is kept."""
+    rng = np.random.default_rng()
+    suite = FakeSuite([FakeLiberoEnv(rng=rng, fail_at=libero.SETTLE_STEPS + 1), FakeLiberoEnv(rng=rng)], max_steps=2)
+    assert _run_eval_libero(tmp_path, monkeypatch, RecordingPolicy(rng=rng), suite, "--episodes", "2") == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == (f"fake_suite: 0.0% over 2 tasks x 2 episodes; 2 episodes ended on an error (see "
+                    f"{tmp_path / 'out' / libero.RESULTS})"), last
+
+
+def test_a_libero_config_folder_without_its_config_file_is_named(fake_libero, tmp_path, monkeypatch):
+    """LIBERO_CONFIG_PATH naming a folder that exists but holds no config.yaml: LIBERO would still ask on the
+    terminal, so the missing file is named as when the folder is missing too."""
+    import re
+
+    (tmp_path / "cfg").mkdir()
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "cfg"))
+    with pytest.raises(FileNotFoundError,
+                       match=rf"LIBERO's config file {re.escape(str(tmp_path / 'cfg' / 'config.yaml'))} is missing"):
+        libero.LiberoSuite("libero_goal")
+    assert fake_libero == []
+
+
+def test_a_first_episode_that_ended_on_an_error_runs_again_with_the_ones_after_it(tmp_path):
+    """The saved first episode ended on an error: a resumed run reuses none of the task's saved episodes, as for an
+    error in any later one."""
+    rng = np.random.default_rng()
+
+    class BrokenFirst(RecordingPolicy):
+        def act(self, image, history=None):
+            if len(self.instructions) == 1:
+                raise RuntimeError("CUDA error: out of memory")
+            return super().act(image, history)
+
+    suite = FakeSuite([FakeLiberoEnv(rng=rng, succeed_at=libero.SETTLE_STEPS + 1)], max_steps=3)
+    def run(policy):
+        return libero.evaluate_suite(policy, suite, episodes=2, out_dir=tmp_path, progress=False,
+                                     policy_fingerprint="same policy files")["tasks"]["0"]
+
+    first = run(BrokenFirst(rng=rng))
+    assert first["episode_errors"][0] and first["episode_errors"][1] is None, first
+    again = RecordingPolicy(rng=rng)
+    second = run(again)
+    assert len(again.instructions) == 2 and second["errors"] == [] and second["episode_success"] == [True, True]
+
+
+def test_eval_libero_names_a_tasks_errors_and_its_episodes_without_action_both(tmp_path, monkeypatch, capsys):
+    """A task with an episode that erred and one whose query yielded no action: both are named, each on its line."""
+    rng = np.random.default_rng()
+
+    class Env(FakeLiberoEnv):
+        def set_init_state(self, state):
+            if state == "state0-1":
+                raise RuntimeError("scene failed to load")
+            return super().set_init_state(state)
+
+    class NoActionFirst(RecordingPolicy):
+        def act(self, image, history=None):
+            return np.zeros((0, 7)) if len(self.instructions) == 1 else super().act(image, history)
+
+    suite = FakeSuite([Env(rng=rng)], max_steps=2)
+    assert _run_eval_libero(tmp_path, monkeypatch, NoActionFirst(rng=rng), suite, "--episodes", "2") == 0
+    out = capsys.readouterr().out
+    assert ("task  0  1 of 2 episodes ended on an error (counted as failures); first: episode 1: RuntimeError: scene "
+            "failed to load") in out, out
+    assert "task  0  1 of 2 episodes failed on a query that yielded no action" in out, out
