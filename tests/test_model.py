@@ -1613,3 +1613,83 @@ def test_a_model_parallel_size_that_is_no_count_is_refused_by_name(n):
     with pytest.raises(ValueError, match=rf"model_parallel_size {re.escape(repr(n))} \(the q/k norms' shared affine "
                                          r"rows\)"):
         WorldVLA(ModelConfig.tiny(model_parallel_size=n))
+
+
+@pytest.mark.parametrize("name", ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings"])
+def test_a_count_of_zero_is_refused_naming_it_and_one_is_taken(name):
+    """Every size of the model is a count of at least one: zero is refused naming the field and the value (zero
+    layers or zero-wide projections built a model that computed nothing), one is the smallest accepted."""
+    with pytest.raises(ValueError, match=rf"^{name} must be an integer >= 1, got 0$"):
+        _plain_config(**{name: 0}).validate()
+    ones = dict(vocab_size=1, hidden_size=2, intermediate_size=1, num_hidden_layers=1, num_attention_heads=1,
+                num_key_value_heads=1, max_position_embeddings=1)
+    _plain_config(**ones).validate()  # head_dim 2: the smallest even one
+
+
+@pytest.mark.parametrize("name", ["rope_theta", "rms_norm_eps"])
+def test_a_rope_base_or_norm_eps_of_zero_is_refused_by_name(name):
+    """The RoPE base and the RMSNorm eps must be above zero (a zero base gave NaN logits, a zero eps divides an
+    all-zero row by zero); the smallest positive float is taken."""
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite number > 0, got 0.0$"):
+        _plain_config(**{name: 0.0}).validate()
+    _plain_config(**{name: 5e-324}).validate()
+
+
+def test_only_the_chameleon_vocabulary_size_itself_takes_the_chameleon_layout():
+    """Without a layout, exactly 65536 ids are read as the Chameleon vocabulary: one id fewer or more is another
+    vocabulary, which gets no layout (plain causal attention, every target weighed alike)."""
+    assert _plain_config(vocab_size=65536).vocab_layout() == VocabLayout.chameleon()
+    for size in (65535, 65537):
+        assert _plain_config(vocab_size=size).vocab_layout() is None, size
+
+
+def test_the_largest_float32_image_weight_is_taken_as_it_is():
+    """The image-code loss weight may be as large as float32 holds: its largest finite value is kept on the image
+    ids, not refused (only what would round to inf in float32 is)."""
+    big = torch.finfo(torch.float32).max
+    lay = VocabLayout.compact(n_image_codes=64)
+    w = loss_class_weights(lay, big)
+    assert bool(torch.isfinite(w).all())
+    assert (w[lay.image_code_weight_mask()] == big).all() and (w[~lay.image_code_weight_mask()] == 1).all()
+
+
+def test_init_weights_draws_every_matrix_from_the_generator_alone():
+    """Given a generator, init_weights draws every matrix from it (the scaled residual projections too): two
+    models initialized from generators of one seed are identical whatever the global RNG holds, and the global
+    RNG is left as it was."""
+    def init(global_seed):
+        torch.manual_seed(global_seed)
+        m = WorldVLA(ModelConfig.tiny())
+        before = torch.get_rng_state()
+        m.init_weights(generator=torch.Generator().manual_seed(21))
+        assert torch.equal(torch.get_rng_state(), before)
+        return m.state_dict()
+
+    a, b = init(1), init(2)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_init_weights_zeroes_the_bias_of_a_head_that_has_one():
+    """init_weights gives every bias zeros, not only the q/k norms': a head replaced by one with a bias starts with
+    a zero bias (its weight drawn as any matrix)."""
+    m = WorldVLA(ModelConfig.tiny())
+    m.lm_head = torch.nn.Linear(m.config.hidden_size, m.config.vocab_size, bias=True)
+    m.init_weights(generator=torch.Generator().manual_seed(22))
+    assert torch.equal(m.lm_head.bias, torch.zeros_like(m.lm_head.bias))
+    assert abs(m.lm_head.weight.std().item() - 0.02) < 0.1 * 0.02
+
+
+def test_the_models_attention_backend_is_the_default_of_its_forward_and_an_argument_overrides_it():
+    """`attn_backend` is the backend a forward uses when none is given (a name no backend has is then refused by
+    the attention, naming it); a backend given to the forward is used instead."""
+    m = WorldVLA(ModelConfig.tiny()).init_weights(generator=torch.Generator().manual_seed(23)).eval()
+    ids = torch.tensor([[0, 5, 6, 7]])
+    with torch.no_grad():
+        want = m(ids, backend="torch")
+        m.attn_backend = "no-such-backend"
+        with pytest.raises(ValueError, match="got 'no-such-backend'"):
+            m(ids)
+        torch.testing.assert_close(m(ids, backend="torch"), want, rtol=0, atol=0)

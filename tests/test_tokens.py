@@ -836,3 +836,23 @@ def test_code_grids_and_action_chunks_of_other_ranks_are_refused_by_name():
     codes = [torch.zeros(2, 2, dtype=torch.long)]
     with pytest.raises(ValueError, match=r"an action chunk must be \[K, D\], got shape \(2, 3, 5\)"):
         sb.action_sample("open the drawer", codes, np.zeros((2, 3, 3)))
+
+
+def test_a_chameleon_layout_already_read_from_the_tokenizer_file_is_kept_without_a_warning(tmp_path):
+    """Only the Chameleon layout that assumes code c -> id 4 + c is rebuilt or warned about: one whose image ids
+    were read from the text tokenizer's names (not in code order) is returned as it is, with no tokenizer given
+    and no warning."""
+    import warnings
+
+    from worldvla.tokens.layout import with_release_image_ids
+
+    perm = torch.randperm(8192, generator=torch.Generator().manual_seed(8)).tolist()
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({_bpe_name(code): 4 + slot for slot, code in enumerate(perm)})
+    p = tmp_path / "text_tokenizer.json"
+    p.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    read = VocabLayout.chameleon(p)
+    assert read.name == "chameleon" and read.image_code_ids != CH.image_code_ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert with_release_image_ids(read) is read
