@@ -3087,3 +3087,45 @@ def test_eval_passes_every_option_to_the_evaluation(tmp_path, monkeypatch):
                    "seed": 9, "max_steps": 50, "n_envs": 2, "random_baseline": False, "wm_episodes": 0,
                    "wm_horizon": 4, "progress": False, "variant_names": ["x"], "device": "cpu", "causal_variant": True,
                    "env_workers": 3, "resume": False, "execute": 2, "camera": "topview"}
+
+
+def test_ssim_of_one_pixel_images_is_the_luminance_term_of_a_one_tap_window():
+    """Images of one pixel (or of a 2-pixel side) are scored with a window of one tap: the local variances and
+    covariance are 0, so SSIM is (2xy + C1) / (x^2 + y^2 + C1) per channel, and 1 for identical images."""
+    a = np.array([[[[10, 100, 200]]]], np.uint8)  # [1, 1, 1, 3]
+    b = np.array([[[[20, 100, 250]]]], np.uint8)
+    c1 = (metrics.K1 * 255.0) ** 2
+    x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    want = np.mean((2 * x * y + c1) / (x * x + y * y + c1))
+    assert metrics.ssim(a, b).item() == pytest.approx(want, rel=1e-12)
+    assert metrics.ssim(a, a).item() == pytest.approx(1.0, abs=1e-12)
+    two = np.repeat(np.repeat(a, 2, axis=1), 2, axis=2)  # 2 x 2 pixels of the same colour: window of 1 tap
+    assert metrics.ssim(two, np.repeat(np.repeat(b, 2, axis=1), 2, axis=2)).item() == pytest.approx(want, rel=1e-12)
+    assert metrics.ssim(two, two, return_map=True).shape == (1, 3, 2, 2)
+
+
+def test_images_of_no_column_are_refused_as_of_no_pixel():
+    """A width of 0 (not only a height of 0) has no pixel to score: refused naming the size, not a NaN score."""
+    a = np.zeros((2, 8, 0, 3), np.uint8)
+    for score in (metrics.psnr, metrics.ssim, metrics.mse):
+        with pytest.raises(ValueError, match=r"\(8, 0\) pixels have no pixel"):
+            score(a, a)
+    f = torch.zeros(2, 3, 8, 0)
+    with pytest.raises(ValueError, match=r"\(8, 0\) pixels have no pixel"):
+        metrics.psnr(f, f)
+
+
+def test_read_only_arrays_are_scored_without_a_warning():
+    """Frames held in a read-only array (a memory map, a frozen buffer) are scored as copies: no warning of
+    writing into a non-writable array, and the same scores as writable ones."""
+    import warnings
+
+    rng = np.random.default_rng(1)
+    a, b = (rng.integers(0, 256, size=(2, 12, 12, 3), dtype=np.uint8) for _ in range(2))
+    ra, rb = a.copy(), b.copy()
+    ra.setflags(write=False)
+    rb.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for score in (metrics.psnr, metrics.ssim, metrics.mse):
+            torch.testing.assert_close(score(ra, rb), score(a, b), rtol=0, atol=0)

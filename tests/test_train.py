@@ -2340,3 +2340,93 @@ def test_the_defaults_are_the_documented_ones(tmp_path):
             "dropout": 0.0, "init_std": 0.02, "max_positions": 0, "attention": "chunk", "kinds": "", "seed": 0,
             "save_every": 1000}
     assert {k: getattr(a, k) for k in want} == want
+
+
+def _linear_and_adamw():
+    model = torch.nn.Linear(3, 2)
+    return model, torch.optim.AdamW(model.parameters())
+
+
+def test_a_latest_pointer_ending_in_a_newline_still_names_its_checkpoint(tmp_path):
+    """A `latest` written by hand or by a shell (`echo step_00000003 > latest`) ends in a newline: it still names
+    step 3, not the highest step in the folder (here another run's step 900, which follows no checkpoint)."""
+    from worldvla.train.checkpointing import LATEST, save_checkpoint
+
+    model, opt = _linear_and_adamw()
+    save_checkpoint(tmp_path, 900, model, opt, {})
+    (tmp_path / "checkpoints" / LATEST).unlink()
+    ck = save_checkpoint(tmp_path, 3, model, opt, {})
+    assert latest_checkpoint(tmp_path) == ck
+    (tmp_path / "checkpoints" / LATEST).write_text("step_00000003\n")
+    assert latest_checkpoint(tmp_path) == ck
+    (tmp_path / "checkpoints" / LATEST).write_text("step_00000004\n")  # no such checkpoint: the highest step
+    assert latest_checkpoint(tmp_path).name == "step_00000900"
+
+
+def test_of_two_checkpoints_written_after_the_pointers_the_higher_step_is_taken(tmp_path):
+    """Where two checkpoints both follow the one `latest` names (their pointer writes cut off), the newer of them,
+    the higher step, is the run's latest, not the first one past the pointer."""
+    from worldvla.train.checkpointing import LATEST, save_checkpoint
+
+    model, opt = _linear_and_adamw()
+    first = save_checkpoint(tmp_path, 3, model, opt, {})
+    for step in (5, 7):
+        ck = save_checkpoint(tmp_path, step, model, opt, {})
+        state = json.loads((ck / "state.json").read_text())
+        (ck / "state.json").write_text(json.dumps({**state, "follows": first.name}))
+    (tmp_path / "checkpoints" / LATEST).write_text(first.name)
+    assert latest_checkpoint(tmp_path).name == "step_00000007"
+
+
+def test_trim_log_keeps_a_record_without_a_step(tmp_path):
+    """A log record without a "step" (a note written before the first step) is kept by the trim after a resume,
+    not read as a KeyError; the steps past the checkpoint are dropped around it."""
+    from worldvla.train.checkpointing import trim_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"note": "started"}\n{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n')
+    trim_log(log, 1)
+    assert log.read_text() == '{"note": "started"}\n{"step": 1, "loss": 2.0}\n'
+
+
+def test_a_resume_on_other_data_shows_a_list_of_three_files_whole():
+    """A list of exactly three files is shown whole (no "and 0 more"); only a longer one is cut to three and a
+    count."""
+    import re
+
+    from worldvla.train.checkpointing import check_resume_data
+
+    saved = {"demo_files": ["a.hdf5", "b.hdf5", "c.hdf5"]}
+    with pytest.raises(ValueError, match=re.escape("(demo files a.hdf5, b.hdf5, c.hdf5, not a.hdf5, b.hdf5, c.hdf5 "
+                                                   "and 1 more)")):
+        check_resume_data(saved, {"demo_files": ["a.hdf5", "b.hdf5", "c.hdf5", "d.hdf5"]}, "/runs/r", "unused")
+
+
+def test_a_checkpoint_holding_keys_of_both_commands_is_not_taken_for_either(tmp_path):
+    """A state.json without its "kind" that holds keys of both commands' runs tells neither: it is not refused as
+    the other command's run (only a recorded kind, or keys of one command alone, name it)."""
+    from worldvla.train.checkpointing import check_state, checkpoint_kind
+
+    both = {"step": 4, "usage": [1, 2], "scheduler": {}}
+    assert checkpoint_kind(both) is None
+    for kind in ("train", "train-vq"):
+        check_state(both, tmp_path / "checkpoints" / "step_00000004", kind)
+    assert checkpoint_kind({"step": 4, "usage": [1]}) == "train-vq"
+    assert checkpoint_kind({"step": 4, "model_config": {}}) == "train"
+    assert checkpoint_kind({**both, "kind": "train"}) == "train"
+
+
+def test_a_state_json_that_is_not_text_is_refused_naming_it(tmp_path):
+    """A state.json of bytes that are no UTF-8 (a binary file copied over it, a disk error) is named as damaged,
+    with the older checkpoint to resume from, not a bare UnicodeDecodeError."""
+    from worldvla.train.checkpointing import resumable_checkpoint, save_checkpoint
+
+    model, opt = _linear_and_adamw()
+    for step in (1, 2):
+        ck = save_checkpoint(tmp_path, step, model, opt, {})
+    (ck / "state.json").write_bytes(b"\xff\xfe\x00garbage\x80")
+    with pytest.raises(ValueError, match=rf"{ck / 'state.json'}: the checkpoint file cannot be read "
+                                         r"\(UnicodeDecodeError: .*damaged or cut short; resume from an older "
+                                         r"checkpoint of the run: step_00000001"):
+        resumable_checkpoint(tmp_path)
+
