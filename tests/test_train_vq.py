@@ -1288,3 +1288,111 @@ def test_a_resume_says_which_checkpoint_it_resumed_from(data, tmp_path, capsys):
     capsys.readouterr()
     vqt.train_vq(args_for(data, out, "--steps", 2, "--resume", "--restart-every", 0))
     assert f"resumed from {out / 'checkpoints' / 'step_00000001'} at step 1\n" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- architecture on resume, frame bounds, the log's numbers
+def _small_args(data, out, *extra):
+    """A run of a new small VQGAN (no --init), as `--config small --n-embed 24` builds it."""
+    return vqt.build_parser().parse_args(
+        [str(data / "d.hdf5"), "--out", str(out), "--config", "small", "--n-embed", "24", "--steps", "2",
+         "--batch-size", "4", "--warmup", "1", "--save-every", "0", "--no-progress", "--restart-every", "0",
+         "--device", "cpu", *map(str, extra)])
+
+
+def test_resume_refuses_another_architecture_or_codebook_size_by_name(data, tmp_path, monkeypatch):
+    """A resumed run is built from the config its checkpoint records: a resume under another --config or --n-embed
+    would go on with the recorded architecture, not the one asked for, so each is refused by name before the frames
+    are read."""
+    import re
+
+    out = tmp_path / "r"
+    vqt.train_vq(_small_args(data, out, "--stop-after", 1))
+    monkeypatch.setattr(vqt, "load_frames", lambda *a, **k: pytest.fail("the frames were read before the check"))
+    for option, value, before in (("--n-embed", "16", "24"), ("--config", "chameleon", "small")):
+        with pytest.raises(ValueError, match=re.escape(f"started with {option} {before}, not {option} {value}")):
+            vqt.train_vq(_small_args(data, out, "--resume", option, value))
+
+
+def test_the_logged_perplexity_and_codes_used_are_the_first_batchs(data, tmp_path):
+    """A step logs how many codes its batch picked and their perplexity, exp of the entropy of the picks' fractions:
+    the first step's are those of the first batch of epoch 0 through the --init VQGAN."""
+    import math
+
+    from worldvla.vqgan import preprocess
+
+    vqt.train_vq(args_for(data, tmp_path / "r", "--steps", 1))
+    r = json.loads((tmp_path / "r" / "metrics.jsonl").read_text())
+    frames = vqt.load_frames(data / "d.hdf5")
+    px = preprocess(frames[vqt._epoch_order(len(frames), 4, 0, 0)[0]])
+    with torch.no_grad():
+        codes = VQGAN.from_pretrained(data / "init").float().train()(px)[2]
+    p = torch.bincount(codes.flatten(), minlength=32).double()
+    p = p[p > 0] / p.sum()
+    assert r["codes_used"] == len(p) > 1
+    assert r["perplexity"] == pytest.approx(math.exp(-float((p * p.log()).sum())), rel=1e-9)
+
+
+def test_a_run_trains_on_the_frames_its_max_frames_and_stride_leave(data, tmp_path, monkeypatch):
+    """--max-frames and --frame-stride bound the frames a run trains on: an epoch of --max-frames 8 is the first 8
+    frames (2 batches of 4), and one of --frame-stride 2 every other frame of each demo (9 frames, 2 whole batches)."""
+    s, seen = _batches_seen(data, tmp_path / "m", monkeypatch, "--epochs", 1, "--max-frames", 8, "--restart-every", 0)
+    assert s["total"] == 2 and sorted(sum(seen, [])) == list(range(8))
+    s, seen = _batches_seen(data, tmp_path / "s", monkeypatch, "--epochs", 1, "--frame-stride", 2,
+                            "--restart-every", 0)
+    strided = [0, 2, 4, 6, 8, 9, 11, 13, 15]  # demos of 9 and 7 frames
+    assert s["total"] == 2 and len(set(sum(seen, []))) == 8 and set(sum(seen, [])) <= set(strided)
+
+
+def test_a_fine_tuned_vqgan_trains_with_its_dropout(data, tmp_path):
+    """A VQGAN folder loads in eval mode; fine-tuning it trains it in training mode, so a dropout in its config acts:
+    the first step's L1 is not the one the VQGAN gives the first batch with its dropout off."""
+    from worldvla.vqgan import preprocess
+
+    cfg = VQGAN.from_pretrained(data / "init").config.to_dict()
+    torch.manual_seed(0)
+    VQGAN(VQGANConfig(**{**cfg, "dropout": 0.5})).save_pretrained(tmp_path / "init")
+    args = args_for(data, tmp_path / "r", "--steps", 1, "--restart-every", 0)
+    args.init = str(tmp_path / "init")
+    vqt.train_vq(args)
+    r = json.loads((tmp_path / "r" / "metrics.jsonl").read_text())
+    frames = vqt.load_frames(data / "d.hdf5")
+    px = preprocess(frames[vqt._epoch_order(len(frames), 4, 0, 0)[0]])
+    with torch.no_grad():
+        recon = VQGAN.from_pretrained(tmp_path / "init").eval()(px)[0]
+    assert r["l1"] != pytest.approx(float((recon - px).abs().mean()), rel=1e-3)
+
+
+def test_frames_of_a_width_off_the_vqgans_factor_are_refused_before_the_run_folder(data, tmp_path):
+    """64x32 frames are whole 32-px grids but their width is no multiple of a VQGAN factor of 64: refused naming the
+    size and the factor before the run folder is made, not failed inside the first step."""
+    torch.manual_seed(0)
+    VQGAN(VQGANConfig(ch=32, ch_mult=(1,) * 7, num_res_blocks=1, z_channels=8, embed_dim=8,
+                      n_embed=16)).save_pretrained(tmp_path / "deep")
+    write_demos(tmp_path / "d" / "d.hdf5", [{"frames": np.zeros((4, 64, 32, 3), np.uint8),
+                                             "actions": np.zeros((4, 4), np.float32)}], "push")
+    args = args_for(data, tmp_path / "out", "--steps", 1)
+    args.inputs, args.init = [str(tmp_path / "d" / "d.hdf5")], str(tmp_path / "deep")
+    with pytest.raises(ValueError, match="frames are 64x32, not a multiple of the VQGAN factor 64"):
+        vqt.train_vq(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_frames_stops_reading_at_max_frames(tmp_path):
+    """Once max_frames are read no further file is opened: a later file of another image size does not matter."""
+    for name, side in (("a.hdf5", 32), ("b.hdf5", 64)):
+        write_demos(tmp_path / name, [{"frames": np.full((3, side, side, 3), side, np.uint8),
+                                       "actions": np.zeros((3, 4), np.float32)}], "reach")
+    frames = vqt.load_frames([tmp_path / "a.hdf5", tmp_path / "b.hdf5"], max_frames=3)
+    assert frames.shape == (3, 32, 32, 3) and (frames == 32).all()
+
+
+def test_a_resumed_runs_progress_bar_counts_on_from_the_checkpoints_step(data, tmp_path, capsys):
+    """The bar of a run resumed at step 2 of 4 starts at 2 and ends at 4/4, not at 2/4."""
+    out = tmp_path / "r"
+    vqt.train_vq(args_for(data, out, "--steps", 4, "--stop-after", 2, "--restart-every", 0))
+    capsys.readouterr()
+    args = args_for(data, out, "--steps", 4, "--resume", "--restart-every", 0)
+    args.no_progress = False
+    vqt.train_vq(args)
+    err = capsys.readouterr().err
+    assert "4/4" in err and "2/4" in err

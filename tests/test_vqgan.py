@@ -1004,3 +1004,116 @@ def test_tamings_other_options_load_at_their_default_and_are_refused_otherwise(r
     with pytest.raises(ValueError, match=rf"sets {key}: {other!r}, which changes the architecture; only taming's "
                                          rf"default \({default!r}\)"):
         VQGAN.from_release(tmp_path / f"{other}.yaml", c)
+
+
+# ---------------------------------------------------------------------- range tolerance, transparency, dtypes, names
+def test_pixels_half_a_percent_past_the_range_are_refused(rng):
+    """The range check forgives a rounding step past [-1, 1], no more: 1.005 or -1.005 (a half-percent overshoot, no
+    float's rounding) is refused, not tokenized as the edge."""
+    m = _model(rng)
+    x = _pixels(rng, 1, 32, 32)
+    for bad in (1.005, -1.005):
+        y = x.clone()
+        y[0, 1, 2, 3] = bad
+        with pytest.raises(ValueError, match=r"pixels must lie in \[-1, 1\]"):
+            m.encode(y)
+
+
+def test_an_image_partly_opaque_is_composited_onto_white_where_it_is_transparent():
+    """An RGBA image with opaque pixels and transparent ones is composited as a whole: the transparent pixels come
+    out white and the opaque ones as they are (an opaque pixel anywhere does not make the image count as opaque)."""
+    from PIL import Image
+
+    from worldvla.vqgan import whiten_transparency
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = 30
+    rgba[:4, :, 3] = 255  # top half opaque, bottom half fully transparent
+    out = np.asarray(whiten_transparency(Image.fromarray(rgba, "RGBA")))
+    assert (out[:4] == 30).all() and (out[4:] == 255).all()
+
+
+def test_transparency_is_composited_with_the_releases_truncation():
+    """The blend onto white is truncated to uint8, as the release's tokenizer does it (its levels, not rounded ones):
+    alpha 100 over a channel of 2 gives 155.78, taken as 155."""
+    from PIL import Image
+
+    from worldvla.vqgan import whiten_transparency
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 3] = 2, 1, 100
+    out = np.asarray(whiten_transparency(Image.fromarray(rgba, "RGBA")))
+    release = ((1 - 100 / 255) * 255 + (100 / 255) * rgba[..., :3].astype(np.float64)).astype(np.uint8)
+    assert np.array_equal(out, release)
+    assert (out[..., 0] == 155).all() and (out[..., 1] == 155).all() and (out[..., 2] == 155).all()
+
+
+def test_postprocess_gives_bfloat16_pixels_the_levels_of_their_values():
+    """A bfloat16 VQGAN decodes to bfloat16 pixels: each maps to the level of its value (computed in float32), not
+    to one a bfloat16 product rounded off (-0.4921875 is level 65, not 64)."""
+    values = torch.linspace(-1, 1, 2001).to(torch.bfloat16).unique()
+    pixels = values.view(1, 1, -1).expand(3, 1, -1)
+    got = postprocess(pixels)
+    assert np.array_equal(got, postprocess(pixels.float()))
+    i = int((values == -0.4921875).nonzero())
+    assert got[0, i].tolist() == [65, 65, 65]
+
+
+def test_weights_that_do_not_load_name_the_file_they_came_from(rng, tmp_path):
+    """A checkpoint that does not fit the config is refused naming the file read: the release's vqgan.ckpt, or a
+    VQGAN folder's model.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    m = _model(rng)
+    sd = dict(m.state_dict())
+    del sd["decoder.conv_out.bias"]
+    y, c = _write_release(tmp_path, m, sd)
+    with pytest.raises(ValueError, match=rf"cannot load the VQGAN weights from {re.escape(str(c))}:"):
+        VQGAN.from_release(y, c)
+    m.save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    sd = load_file(weights)
+    del sd["decoder.conv_out.bias"]
+    save_file(sd, weights)
+    with pytest.raises(ValueError, match=rf"cannot load the VQGAN weights from {re.escape(str(weights))}:"):
+        VQGAN.from_pretrained(tmp_path / "hf")
+
+
+def test_a_checkpoint_entry_only_named_like_a_module_is_ignored_with_a_warning(rng, tmp_path):
+    """Entries under the model's own modules that it has no layer for are refused; an entry whose name merely begins
+    like one of them (quantize_ema.decay: another object's, not under `quantize.`) is ignored with a warning."""
+    m = _model(rng)
+    sd = dict(m.state_dict())
+    sd["quantize_ema.decay"] = torch.tensor(0.99)
+    y, c = _write_release(tmp_path, m, sd)
+    with pytest.warns(UserWarning, match="ignoring 1 keys .*quantize_ema.decay"):
+        loaded = VQGAN.from_release(y, c)
+    _same_weights(m, loaded)
+
+
+def test_a_missing_or_untrusted_checkpoint_is_named(rng, tmp_path):
+    """A checkpoint that is missing, or that the safe loader refuses, is named in the error (not the yaml beside it)."""
+    m = _model(rng)
+    y, _ = _write_release(tmp_path, m, dict(m.state_dict()))
+    with pytest.raises(FileNotFoundError, match=rf"no VQGAN checkpoint at {re.escape(str(tmp_path / 'none.ckpt'))}"):
+        VQGAN.from_release(y, tmp_path / "none.ckpt")
+    torch.save({"state_dict": m.state_dict(), "callbacks": Opaque()}, tmp_path / "opaque.ckpt")
+    with pytest.raises(RuntimeError, match=rf"^{re.escape(str(tmp_path / 'opaque.ckpt'))} holds Python objects"):
+        VQGAN.from_release(y, tmp_path / "opaque.ckpt")
+
+
+def test_a_folder_of_weights_in_mixed_dtypes_loads_in_float32(rng, tmp_path):
+    """from_pretrained takes the dtype of a folder whose weights share one; weights of several dtypes (some
+    bfloat16, some float16) load into the float32 model as they are copied, not cast to one of the file's dtypes."""
+    from safetensors.torch import load_file, save_file
+
+    m = _model(rng)
+    m.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    for i, k in enumerate(sd):
+        sd[k] = sd[k].to(torch.bfloat16 if i % 2 else torch.float16)
+    save_file(sd, tmp_path / "model.safetensors")
+    loaded = VQGAN.from_pretrained(tmp_path)
+    assert {v.dtype for v in loaded.state_dict().values()} == {torch.float32}
+    for k, v in sd.items():
+        assert torch.equal(loaded.state_dict()[k], v.float()), k
