@@ -1732,3 +1732,66 @@ def test_the_largest_env_seed_meta_world_takes_is_accepted():
     """An env's seed is refused from 2**32 on, not below: 2**32 - 1 is a seed of its own."""
     with make_env("reach-v3", seed=(1 << 32) - 1, image_size=8) as env:
         assert env.seed == (1 << 32) - 1 and env.reset().shape == (8, 8, 3)
+
+
+@needs_sim
+def test_a_pools_env_settings_reach_the_envs_in_its_workers():
+    """Env settings beyond the frame size and step limit (the camera, as evaluation passes it) reach the envs built
+    in the worker processes: a pool's topview env gives the frame a topview env gives in this process."""
+    from worldvla.sim.workers import EnvWorkers
+
+    with make_env("reach-v3", seed=0, image_size=16, camera="topview", max_steps=20) as local:
+        want = local.reset(seed=3)
+    with EnvWorkers("reach-v3", 1, image_size=16, max_steps=20, workers=1, camera="topview") as pool:
+        got = pool.envs[0].reset(seed=3)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_closing_a_pool_closes_its_end_of_each_workers_pipe():
+    """A closed pool keeps no pipe to its workers open: each worker's connection is closed with it, the worker that
+    had ended by itself too."""
+    import multiprocessing as mp
+
+    from worldvla.sim.workers import EnvWorkers, _Worker
+
+    ctx = mp.get_context("fork")
+    made = []
+    for target in (int, time.sleep):  # one that has ended, one that reads no "close" and is killed
+        w = _Worker.__new__(_Worker)
+        w.conn, _ = ctx.Pipe()
+        w.proc = ctx.Process(target=target, args=(0,) if target is int else (60,), daemon=True)
+        w.proc.start()
+        made.append(w)
+    made[0].proc.join(timeout=10)
+    pool = EnvWorkers.__new__(EnvWorkers)
+    pool._workers = list(made)
+    pool.close(timeout=0.5)
+    assert [w.conn.closed for w in made] == [True, True]
+    assert [w.proc.exitcode for w in made] == [0, -9]
+
+
+def test_a_dropped_worker_whose_process_hangs_is_killed_not_left_running(monkeypatch):
+    """Once neither its pool nor any env of it is left, a worker is closed as EnvWorkers.close closes it: one hung in
+    the simulator (it reads no "close", so its pipe closing does not end it) is killed, not left running."""
+    import multiprocessing as mp
+    import signal
+
+    from worldvla.sim import workers
+
+    close = workers._close_workers
+    monkeypatch.setattr(workers, "_close_workers", lambda ws, timeout=10.0: close(ws, 0.5))  # no 10 s wait here
+    ctx = mp.get_context("fork")
+    w = workers._Worker.__new__(workers._Worker)
+    w.conn, worker_end = ctx.Pipe()
+    w.proc = proc = ctx.Process(target=time.sleep, args=(60,), daemon=True)
+    proc.start()
+    w.spawned = True
+    try:
+        del w
+        gc.collect()
+        proc.join(timeout=5)
+        assert proc.exitcode == -signal.SIGKILL
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)

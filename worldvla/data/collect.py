@@ -174,9 +174,12 @@ def _existing(path: Path, settings: dict, overwrite: bool = False) -> tuple[dict
 def _is_complete(found, n_episodes: int, settings: dict, task: str, max_attempts: int) -> bool:
     """Whether the file `_existing` found (`found`: what it returned) holds what a fresh run of `n_episodes`
     collects: the same settings, and as its first episodes, episodes 0 .. n-1, each from one of their first
-    `max_attempts` attempts. An earlier run whose episodes failed every attempt kept the others (episodes 0, 1 and
-    3, say): its first demos are not those."""
+    `max_attempts` attempts, each a success (collect keeps successful episodes only; a failed demo is one another
+    writer kept). An earlier run whose episodes failed every attempt kept the others (episodes 0, 1 and 3, say):
+    its first demos are not those."""
     if found is None or found[0]["num_demos"] < n_episodes or found[1]:
+        return False
+    if not all(found[0]["success"][:n_episodes]):
         return False
     seeds = found[0]["attrs"].get("episode_seeds")
     if seeds is None or len(seeds) < n_episodes:
