@@ -433,3 +433,47 @@ def test_importing_a_policy_leaves_the_allocator_as_it_is(release, tmp_path, mon
     monkeypatch.setattr(policy, "tune_cpu_malloc", lambda *a, **k: calls.append(1))
     import_release(release / "model_256" / "libero_goal", release / "chameleon" / "tokenizer", tmp_path / "p")
     assert calls == [] and (tmp_path / "p" / "policy.json").is_file()
+
+
+@pytest.mark.parametrize("out, what, held", [("model_256", "model", "model_256/libero_goal"),
+                                             ("chameleon", "tokenizer", "chameleon/tokenizer")])
+def test_an_out_folder_around_a_source_folder_names_the_release_folder_it_holds(release, tmp_path, capsys, out,
+                                                                                 what, held):
+    """--out ckpts/model_256 (or ckpts/chameleon) is refused naming the release's folder inside it that would be
+    replaced, and a new folder named after the model to give instead."""
+    import shutil
+
+    root = tmp_path / "ckpts"
+    for part in ("model_256/libero_goal", "chameleon/tokenizer"):
+        shutil.copytree(release / part, root / part)
+    assert main(["import-release", str(root / "model_256" / "libero_goal"), "--tokenizer",
+                 str(root / "chameleon" / "tokenizer"), "--out", str(root / out)]) == 2
+    err = capsys.readouterr().err
+    assert f"would replace {(root / out).resolve()}, which holds the release's {what} folder " \
+           f"{(root / held).resolve()}: " in err
+    assert "e.g. policies/libero_goal" in err and not (root / out / "policy.json").exists()
+
+
+def test_a_model_folder_that_is_missing_or_holds_no_model_is_named(release, tmp_path, capsys):
+    """A --model path with nothing there is named as no such folder; an empty folder there is named (not the
+    tokenizer's) as no model folder, with what the release's model folders hold. Nothing is written."""
+    tok = str(release / "chameleon" / "tokenizer")
+    model = tmp_path / "model_256" / "libero_goal"
+    argv = ["import-release", str(model), "--tokenizer", tok, "--out", str(tmp_path / "p")]
+    assert main(argv) == 2
+    assert f"{model}: no such folder (expected a WorldVLA model folder)" in capsys.readouterr().err
+    model.mkdir(parents=True)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{model}: expected a WorldVLA model folder (the release's model_256/<suite> or model_512/<suite>" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_the_closing_line_says_where_each_size_came_from(release, tmp_path, capsys):
+    """A chunk size read from the path beside a frame size given by option: each is said to come from its own
+    source."""
+    model = release / "model_256" / "libero_goal"
+    assert main(["import-release", str(model), "--tokenizer", str(release / "chameleon" / "tokenizer"), "--out",
+                 str(tmp_path / "p"), "--image-size", "256"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert f"5 actions a chunk (from the path ({model})), 256 px frames (from --image-size), " in line

@@ -120,3 +120,43 @@ def test_an_unknown_device_name_is_refused_without_torchs_own_error_chained():
         with pytest.raises(ValueError, match="unknown device") as e:
             torch_device(name)
         assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_info_reports_the_triton_version_installed(monkeypatch, capsys):
+    """With Triton installed, the report and its first line give Triton's version."""
+    from worldvla import info
+
+    fake = types.ModuleType("triton")
+    fake.__version__ = "3.1.0"
+    monkeypatch.setitem(sys.modules, "triton", fake)
+    assert info.collect()["triton"] == "3.1.0"
+    assert info.run(argparse.Namespace(json=False)) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.endswith("  triton 3.1.0") and "not installed" not in first
+
+
+def test_info_reports_an_extension_that_fails_to_load_with_the_loaders_error(monkeypatch, capsys):
+    """An extension that is there but fails to load (built against another torch: an undefined symbol) raises an
+    ImportError, not a missing module's error: the report says it is not importable, with the loader's message,
+    instead of failing."""
+    import importlib.abc
+
+    import worldvla
+    from worldvla import info
+
+    message = "worldvla/_C.so: undefined symbol: _ZN3c106detail14torchCheckFail"
+
+    class Broken(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "worldvla._C":
+                raise ImportError(message)
+            return None
+
+    monkeypatch.delattr(worldvla, "_C", raising=False)
+    monkeypatch.delitem(sys.modules, "worldvla._C", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    report = info.collect()
+    assert report["native"] == {"missing": message}
+    assert info.run(argparse.Namespace(json=False)) == 0
+    assert f"native extension: not importable ({message}); every op runs in torch or Triton" in \
+        capsys.readouterr().out

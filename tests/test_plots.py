@@ -212,3 +212,147 @@ def test_save_gif_rounds_a_frames_delay_to_the_nearest_millisecond(tmp_path):
     distinct = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (0, 100, 200)])
     with Image.open(plots.save_gif(distinct, tmp_path / "x.gif", fps=51)) as im:
         assert im.info["duration"] == 20
+
+
+def test_success_bars_order_the_tasks_by_name_and_name_each_variant_in_the_legend(tmp_path, monkeypatch):
+    """The task groups follow the tasks' names whatever order the rates were given in (the mean last), and the
+    legend names each variant's bars."""
+    figures = _saved_figures(monkeypatch)
+    plots.success_bars({"new": {"reach-v3": 0.5, "push-v3": 0.25}, "old": {"window-v3": 1.0, "push-v3": 0.0}},
+                       tmp_path / "s.png")
+    (ax,) = figures[0].axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["push", "reach", "window", "mean"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["new", "old"]
+    new, old = [[p.get_height() for p in c] for c in ax.containers]
+    assert new[:2] == pytest.approx([25.0, 50.0]) and np.isnan(new[2])
+    assert old[0] == 0.0 and np.isnan(old[1]) and old[2] == pytest.approx(100.0)
+
+
+def test_success_bars_carry_the_title_given_and_room_above_a_full_bar(tmp_path, monkeypatch):
+    """The figure is titled as asked, and the axis runs to 110% so a full bar's label shows above it."""
+    figures = _saved_figures(monkeypatch)
+    plots.success_bars({"a": {"reach-v3": 1.0}}, tmp_path / "s.png", title="LIBERO goal, 50 episodes")
+    (ax,) = figures[0].axes
+    assert ax.get_title() == "LIBERO goal, 50 episodes"
+    assert ax.get_ylim() == (0.0, 110.0)
+    ((label,),) = [[t.get_position()[1] for t in ax.texts]]
+    assert label == pytest.approx(101.0) and label < ax.get_ylim()[1]
+
+
+def test_success_bars_label_a_group_without_an_interval_just_above_its_bar(tmp_path, monkeypatch):
+    """Intervals given for some groups only: a group without one is labelled just above its bar, not placed at an
+    undefined height where it does not show."""
+    figures = _saved_figures(monkeypatch)
+    plots.success_bars({"a": {"push-v3": 0.5, "reach-v3": 0.9}}, tmp_path / "s.png",
+                       intervals={"a": {"push-v3": (0.2, 0.8)}})
+    (ax,) = figures[0].axes
+    heights = [t.get_position()[1] for t in sorted(ax.texts, key=lambda t: t.get_position()[0])]
+    np.testing.assert_allclose(heights, [81.0, 91.0, 71.0])
+
+
+def test_success_bars_take_a_task_without_a_rate_and_label_only_the_rates_known(tmp_path, monkeypatch):
+    """A rate of NaN (a task with no episode run) is no percentage to refuse: it has no bar label, and the mean is
+    over the rates known."""
+    figures = _saved_figures(monkeypatch)
+    assert plots.success_bars({"a": {"push-v3": float("nan"), "reach-v3": 0.5}}, tmp_path / "s.png").is_file()
+    (ax,) = figures[0].axes
+    assert sorted((round(t.get_position()[0], 6), t.get_text()) for t in ax.texts) == [(1.0, "50"), (2.0, "50")]
+
+
+def test_horizon_curves_draw_each_reference_in_its_curves_colour_under_the_title(tmp_path, monkeypatch):
+    """Each curve's dashed reference takes its curve's colour (two tasks' references told apart), and the figure
+    carries the title given."""
+    figures = _saved_figures(monkeypatch)
+    curves = {task: {"psnr": [20.0, 18.0], "ssim": [0.8, 0.7], "psnr_ref": [15.0, 14.0], "ssim_ref": [0.5, 0.4]}
+              for task in ("reach", "push")}
+    plots.horizon_curves(curves, tmp_path / "h.png", title="LIBERO goal: imagined vs real")
+    fig = figures[0]
+    assert fig._suptitle.get_text() == "LIBERO goal: imagined vs real"
+    for ax in fig.axes:
+        lines = [ln for ln in ax.lines if len(ln.get_xdata())]
+        solid = [ln.get_color() for ln in lines if ln.get_linestyle() == "-"]
+        dashed = [ln.get_color() for ln in lines if ln.get_linestyle() == "--"]
+        assert len(set(solid)) == 2 and dashed == solid
+
+
+def test_a_figure_named_without_a_suffix_is_written_in_matplotlibs_configured_format(tmp_path, monkeypatch):
+    """A path without a suffix is saved in the format matplotlib's savefig.format names (PNG by default, SVG where
+    configured so), under the name given."""
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "savefig.format", "png")
+    path = plots.success_bars({"a": {"reach-v3": 0.5}}, tmp_path / "success")
+    assert path == tmp_path / "success" and path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    monkeypatch.setitem(matplotlib.rcParams, "savefig.format", "svg")
+    path = plots.horizon_curves({"reach": {"psnr": [20.0], "ssim": [0.8]}}, tmp_path / "horizon")
+    assert b"<svg" in path.read_bytes()[:1000] and not list(tmp_path.glob("*.tmp"))
+
+
+def _log(path, values, step=lambda i: i + 1):
+    path.write_text("".join(json.dumps({"step": step(i), "loss": v}) + "\n" for i, v in enumerate(values)))
+    return path
+
+
+def test_training_curves_take_a_log_axis_only_past_a_decade(tmp_path, monkeypatch):
+    """Values from 1.0 down to exactly 0.1 span a decade, not more: the axis stays linear; down to 0.09 it is
+    logarithmic."""
+    figures = _saved_figures(monkeypatch)
+    log = tmp_path / "metrics.jsonl"
+    for low in (0.1, 0.09):
+        plots.training_curves(_log(log, [1.0, 0.5, low]), tmp_path / "t.png", [("loss", "loss", True, False)], "t")
+    assert [fig.axes[0].get_yscale() for fig in figures] == ["linear", "log"]
+
+
+def test_training_curves_label_the_steps_under_the_bottom_row_only(tmp_path, monkeypatch):
+    """Four panels in a 2 x 2 grid: the x axes of the bottom row are labelled "step", the top row's are not."""
+    figures = _saved_figures(monkeypatch)
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}) + "\n" for s in (1, 2)))
+    plots.training_curves(log, tmp_path / "t.png", [(k, k, False, False) for k in "abcd"], "t")
+    assert [ax.get_xlabel() for ax in figures[0].axes] == ["", "", "step", "step"]
+    assert [ax.get_ylabel() for ax in figures[0].axes] == ["a", "b", "c", "d"]
+
+
+def test_training_curves_mark_a_lone_record_so_it_shows(tmp_path, monkeypatch):
+    """A log of one record is a single point, drawn with a marker (a line of one point shows nothing); two or more
+    are drawn as a line alone."""
+    figures = _saved_figures(monkeypatch)
+    log = tmp_path / "metrics.jsonl"
+    for values in ([2.0], [2.0, 1.0]):
+        plots.training_curves(_log(log, values), tmp_path / "t.png", [("loss", "loss", False, False)], "t")
+    assert [fig.axes[0].lines[0].get_marker() for fig in figures] == ["o", "None"]
+
+
+def test_read_log_keeps_records_whose_step_is_a_float(tmp_path, monkeypatch):
+    """A log whose steps were written as floats (10.0) is read whole and drawn up to its last step; a step given as
+    text is no step."""
+    log = tmp_path / "metrics.jsonl"
+    _log(log, [2.0, 1.5, 1.0], step=lambda i: 10.0 * (i + 1))
+    with log.open("a") as f:
+        f.write(json.dumps({"step": "40", "loss": 0.5}) + "\n")
+    assert [(r["step"], r["loss"]) for r in plots.read_log(log)] == [(10.0, 2.0), (20.0, 1.5), (30.0, 1.0)]
+    figures = _saved_figures(monkeypatch)
+    plots.training_curves(log, tmp_path / "t.png", [("loss", "loss", False, False)], "run")
+    assert figures[0]._suptitle.get_text() == "run (step 30)"
+
+
+def test_side_by_side_refuses_sequences_of_two_dtypes(tmp_path):
+    """uint8 frames beside float frames would be cast together to floats without a word: refused, naming both."""
+    a, b = np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 8, 8, 3), np.float64)
+    with pytest.raises(ValueError, match=r"side_by_side.*got uint8 \(2, 8, 8, 3\) and float64 \(2, 8, 8, 3\)"):
+        plots.side_by_side(a, b)
+
+
+def test_frame_grid_draws_each_label_beside_its_own_row(tmp_path):
+    """Row i's label is drawn in the label column within row i's height, not drifting toward the rows above."""
+    from PIL import Image
+
+    H, pad = 40, 30
+    rows = [np.full((1, H, H, 3), 128, np.uint8) for _ in range(3)]
+    grid = np.asarray(Image.open(plots.frame_grid(rows, tmp_path / "g.png", labels=["a", "b", "c"], pad=pad)))
+    label_w = grid.shape[1] - (H + pad) - pad
+    ink = np.nonzero((grid[:, :label_w] < 128).any(axis=(1, 2)))[0]
+    for i in range(3):
+        top = pad + i * (H + pad)
+        here = ink[(ink >= top - pad) & (ink < top + H + pad)]
+        assert here.size and here.min() >= top and here.max() < top + H, (i, here)
