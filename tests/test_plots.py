@@ -325,11 +325,12 @@ def test_training_curves_mark_a_lone_record_so_it_shows(tmp_path, monkeypatch):
 
 def test_read_log_keeps_records_whose_step_is_a_float(tmp_path, monkeypatch):
     """A log whose steps were written as floats (10.0) is read whole and drawn up to its last step; a step given as
-    text is no step."""
+    text, a boolean or a number that is not finite is no step."""
     log = tmp_path / "metrics.jsonl"
     _log(log, [2.0, 1.5, 1.0], step=lambda i: 10.0 * (i + 1))
-    with log.open("a") as f:
-        f.write(json.dumps({"step": "40", "loss": 0.5}) + "\n")
+    with log.open("a") as f:  # nor true, NaN or Infinity (json reads them): a damaged line's, and no step to draw
+        for step in ("40", True, float("nan"), float("inf")):
+            f.write(json.dumps({"step": step, "loss": 0.5}) + "\n")
     assert [(r["step"], r["loss"]) for r in plots.read_log(log)] == [(10.0, 2.0), (20.0, 1.5), (30.0, 1.0)]
     figures = _saved_figures(monkeypatch)
     plots.training_curves(log, tmp_path / "t.png", [("loss", "loss", False, False)], "run")

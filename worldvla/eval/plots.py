@@ -3,6 +3,7 @@ the imagined horizon, real-vs-imagined frame grids and GIFs; and a training run'
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +201,9 @@ def read_log(path) -> list[dict]:
             rec = json.loads(ln)
         except json.JSONDecodeError:
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
+        step = rec.get("step") if isinstance(rec, dict) else None
+        # not true (a bool is an int) nor NaN or Infinity, which json reads: no step to draw a record at
+        if isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step):
             recs.append(rec)
     return recs
 
