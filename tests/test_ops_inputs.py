@@ -852,3 +852,119 @@ def test_without_native_prefill_auto_keeps_the_native_layer_up_to_the_row_limit(
         ctx = ForwardContext(cache=cache, position_ids=pos, decode_meta=meta)
         with torch.no_grad():
             assert ops.resolve_decoder_layer(model.model.layers, x, ctx) is want, Q
+
+
+def test_every_auto_order_closes_with_torch():
+    """torch, the reference, closes every order `auto` walks, for every CPU measured and any other (what `worldvla
+    info` lists per op), so that an op falls back to it whatever the faster backends refuse."""
+    for cap in ("AVX2", "AVX512", "DEFAULT", "NO AVX"):
+        for vendor in ("intel", "amd", None, "hygongenuine"):
+            for key, order in dispatch._auto_order(cap, vendor).items():
+                assert order[-1] == "torch" and order.count("torch") == 1, (cap, vendor, key, order)
+    assert all(order[-1] == "torch" for order in dispatch.AUTO_ORDER.values())
+
+
+def test_the_first_input_of_another_dtype_is_the_one_named(rng):
+    """Of several inputs in dtypes other than the first's, the refusal names the first of them (k beside q, before
+    v), as it names the first of several inputs on another device."""
+    q, k, v, meta, decode = _attention_inputs(rng)
+    with pytest.raises(TypeError, match=r"masked_attention: k is torch.float16 but q is torch.float32; convert"):
+        ops.masked_attention(q, k.half(), v.bfloat16(), meta, backend="torch")
+    with pytest.raises(TypeError, match=r"decode_attention: k_cache is torch.bfloat16 but q is torch.float32; convert"):
+        ops.decode_attention(q[:, -3:], k.bfloat16(), v.double(), decode, backend="torch")
+    with pytest.raises(TypeError, match=r"op: b is torch.float64 but a is torch.float32; convert"):
+        dispatch.check_floats("op", a=q, b=q.double(), c=q.half())
+
+
+def test_devices_are_compared_past_an_absent_tensor():
+    """check_devices skips an input given as None and goes on comparing the ones after it, against the first
+    tensor given (a None first is no device to compare with)."""
+    cpu, meta = torch.zeros(2), torch.zeros(2, device="meta")
+    with pytest.raises(ValueError, match=r"op: c is on meta but b is on cpu; move it to cpu"):
+        dispatch.check_devices("op", a=None, b=cpu, c=meta)
+    with pytest.raises(ValueError, match=r"op: d is on meta but a is on cpu; move it to cpu"):
+        dispatch.check_devices("op", a=cpu, b=None, c=cpu, d=meta)
+    dispatch.check_devices("op", a=None, b=meta, c=None, d=meta)
+
+
+def _weighted_loss(logits, targets, class_weight, z_weight):
+    """sum_i w[y_i] CE_i / sum_i w[y_i] + z_weight * mean_i lse_i^2, by a Python loop over the rows, in float64."""
+    ce, lse = _lse_rows(logits, targets)
+    w = [float(class_weight[t]) for t in targets.tolist()]
+    z = sum(s * s for s in lse) / len(lse)
+    return sum(a * b for a, b in zip(w, ce)) / sum(w) + z_weight * z
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.1, 7.0])
+def test_class_weights_give_the_weighted_mean_whatever_their_sum(lce_inputs, scale):
+    """The weighted CE is sum w[y] CE / sum w[y] whether the labelled rows' weights sum to less than 1 (small
+    weights), about 1 or more: the scale of the weights does not change the loss, an ignored row at either end of
+    the batch neither adds its CE nor its weight, for the reference, `auto` and the logits' loss."""
+    h, w = lce_inputs
+    y = torch.arange(9) * 37 % 300
+    y[[0, 8]] = -100  # ignored at the first and the last position
+    cw = torch.rand(300, generator=torch.Generator().manual_seed(1)) + 0.5
+    keep = y != -100
+    want = _weighted_loss(h[keep] @ w.t(), y[keep], cw, 1e-3)
+    for loss in (ops.linear_cross_entropy(h, w, y, cw * scale, 1e-3, backend="torch")[0],
+                 ops.linear_cross_entropy(h, w, y, cw * scale, 1e-3, backend="auto")[0],
+                 ops.logits_cross_entropy(h[keep] @ w.t(), y[keep], cw * scale, 1e-3)[0]):
+        assert math.isclose(loss.item(), want, rel_tol=1e-5), (scale, loss.item(), want)
+
+
+def test_float64_class_weights_are_read_in_float64_with_float64_inputs(rng):
+    """With float64 inputs the loss is float64 to float64 precision, class weights included: weights that float32
+    would round (1/3, 1 + 1e-9) are taken as they are, not cast to float32 first."""
+    logits = torch.randn(6, 12, generator=rng, dtype=torch.float64) * 2
+    h, w = torch.randn(6, 5, generator=rng, dtype=torch.float64), torch.randn(12, 5, generator=rng, dtype=torch.float64)
+    y = torch.tensor([0, 11, 3, 3, 7, 1])
+    cw = torch.full((12,), 1.0 / 3, dtype=torch.float64)
+    cw[[3, 7]] = 1.0 + 1e-9
+    cw[0] = 1e-7 + 1e-15
+    for loss, want in ((ops.logits_cross_entropy(logits, y, cw, 0.5)[0], _weighted_loss(logits, y, cw, 0.5)),
+                       (ops.linear_cross_entropy(h, w, y, cw, 0.5, backend="torch")[0],
+                        _weighted_loss(h @ w.t(), y, cw, 0.5))):
+        assert loss.dtype == torch.float64
+        assert abs(loss.item() - want) <= 1e-13 * abs(want), (loss.item(), want)
+
+
+def test_a_target_out_of_range_is_refused_naming_the_ignore_index_given(lce_inputs):
+    """The refusal of a target out of range names the ignored label the caller gave (-1 here), not the default -100;
+    targets equal to that label are ignored, -100 then being out of range."""
+    h, w = lce_inputs
+    y = torch.arange(9)
+    y[[0, 8]] = -1
+    loss = ops.linear_cross_entropy(h, w, y, ignore_index=-1, backend="torch")[0]
+    keep = y != -1
+    assert math.isclose(loss.item(), _weighted_loss(h[keep] @ w.t(), y[keep], torch.ones(300), 1e-5), rel_tol=1e-5)
+    for backend in ("auto", "torch"):
+        for value in (-100, 300):
+            bad = y.clone()
+            bad[4] = value
+            with pytest.raises(ValueError, match=r"linear_cross_entropy: targets must be -1 \(ignored\) or lie in "
+                                                 r"\[0, 300\); got values outside"):
+                ops.linear_cross_entropy(h, w, bad, ignore_index=-1, backend=backend)
+
+
+def test_registering_an_unknown_backend_is_refused_and_registers_nothing(monkeypatch):
+    """A backend registers under one of BACKENDS only: a device-like or misspelt name ("cuda", "Triton") is refused
+    naming the valid ones, and leaves the op unregistered (an implementation `resolve` could never pick)."""
+    monkeypatch.setattr(dispatch, "_IMPLS", dict(dispatch._IMPLS))
+    for name in ("cuda", "Triton", "auto"):
+        with pytest.raises(ValueError, match=rf"unknown backend '{name}'; expected one of \('torch', 'triton', "
+                                             r"'native'\)"):
+            dispatch.register("an_op", name, lambda: None)
+    assert "an_op" not in dispatch._IMPLS
+    dispatch.register("an_op", "torch", lambda: None)
+    assert dispatch.available("an_op") == ["torch"]
+
+
+def test_meta_tensors_values_are_not_read(rng):
+    """A meta tensor holds no values: `values_readable` says so, and the logits' loss of meta inputs (shape
+    propagation, as a model's init on the meta device runs it) gives a meta loss without reading its targets."""
+    assert not dispatch.values_readable(torch.zeros(3, dtype=torch.long, device="meta"))
+    logits = torch.empty(4, 20, device="meta")
+    y = torch.empty(4, dtype=torch.long, device="meta")
+    for cw in (None, torch.empty(20, device="meta")):
+        loss, z = ops.logits_cross_entropy(logits, y, cw)
+        assert loss.device.type == z.device.type == "meta" and loss.shape == z.shape == ()

@@ -220,3 +220,110 @@ def test_noise_of_another_float_dtype_is_refused_naming_it(rng, dtype):
     with pytest.raises(ValueError, match=rf"gumbel noise must be float32 \(2, 10\) like the logits, got {dtype} "
                                          rf"\(2, 10\)"):
         sample_logits(logits, 1.0, gumbel=torch.zeros(2, 10, dtype=dtype))
+
+
+def _cpu_backends():
+    """The backends whose constrained_sample runs CPU tensors here: auto, torch, and native where it is built."""
+    from worldvla.ops import dispatch
+
+    return ["auto", "torch"] + (["native"] if "native" in dispatch.available("constrained_sample") else [])
+
+
+def test_a_refused_temperature_is_quoted_as_given(rng):
+    """The refusal of a temperature quotes the temperature itself (a string, a NaN), whatever top_k is."""
+    logits = torch.randn(2, 10, generator=rng)
+    for temperature, shown in (("hot", "'hot'"), (math.nan, "nan"), (-math.inf, "-inf")):
+        with pytest.raises(ValueError, match=rf"temperature must be a finite number \(0 or less: greedy\), got "
+                                             rf"{shown}$"):
+            sample_logits(logits, temperature, 3)
+
+
+def test_noise_of_the_right_size_but_another_shape_is_refused(rng):
+    """Noise holding as many values as the draw needs but laid out [C, N] (or with a leading 1) is refused, naming
+    both shapes: the native draw reads the noise by address, so a transposed [hi - lo, N] would pass its values to
+    the wrong columns without a word, and torch's sum would broadcast a [1, N, C] into ids of the wrong shape."""
+    from worldvla import ops
+
+    logits = torch.randn(2, 10, generator=rng)
+    for shape in ((10, 2), (1, 2, 10), (20,)):
+        with pytest.raises(ValueError, match=rf"gumbel noise must be float32 \(2, 10\) like the logits, got "
+                                             rf"torch.float32 \({', '.join(map(str, shape))},?\)"):
+            sample_logits(logits, 1.0, gumbel=torch.zeros(shape))
+    h, w = torch.randn(3, 8, generator=rng), torch.randn(40, 8, generator=rng)
+    for backend in _cpu_backends():
+        with pytest.raises(ValueError, match=r"gumbel noise must be float32 \(3, 30\) like the logits, got "
+                                             r"torch.float32 \(30, 3\)"):
+            ops.constrained_sample(h, w, 10, 40, 1.0, backend=backend, gumbel=torch.zeros(30, 3))
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 2.5, "3"])
+def test_every_backend_refuses_a_bad_top_k_at_temperature_zero_too(rng, top_k):
+    """A greedy choice ignores top_k, but one no draw could take is refused all the same, on every backend: the
+    native greedy kernel never reads top_k, so without the entry point's check it took top_k=0 or 2.5 at
+    temperature 0 and refused it only once the temperature was raised."""
+    from worldvla import ops
+
+    h, w = torch.randn(3, 8, generator=rng), torch.randn(40, 8, generator=rng)
+    for backend in _cpu_backends():
+        with pytest.raises(ValueError, match=rf"top_k must be an integer >= 1 \(or None for the whole range\), got "
+                                             rf"{top_k!r}"):
+            ops.constrained_sample(h, w, 10, 40, 0.0, top_k, backend=backend)
+
+
+def test_constrained_sample_refuses_a_hidden_size_the_head_does_not_have(rng):
+    """hidden [N, H] against a head [V, H'] of another width is refused naming both shapes, on every backend (it had
+    stopped in torch's matmul error, which names neither the op nor its arguments)."""
+    from worldvla import ops
+
+    h = torch.randn(3, 8, generator=rng)
+    for w in (torch.randn(40, 7, generator=rng), torch.randn(40, 9, generator=rng)):
+        for backend in _cpu_backends():
+            with pytest.raises(ValueError, match=rf"constrained_sample wants hidden \[N, H\] and weight \[V, H\]; got "
+                                                 rf"\(3, 8\), \(40, {w.shape[1]}\)"):
+                ops.constrained_sample(h, w, 10, 40, backend=backend)
+
+
+def test_auto_screens_natively_only_what_the_native_sampler_takes(rng):
+    """`auto` sends bfloat16 choices and float32 ones over SCREEN_MIN_ROWS codes or more to the native sampler only
+    where it supports the inputs: a head read through a transposed view (rows not contiguous), which the native
+    sampler refuses, is chosen from by the op's order instead (torch's ids), not refused as unsupported."""
+    from worldvla import ops
+    from worldvla.ops import sampling
+
+    big = sampling.SCREEN_MIN_ROWS
+    h = torch.randn(2, 8, generator=rng)
+    for dtype, hi in ((torch.bfloat16, 40), (torch.float32, big + 10)):
+        w = torch.randn(8, hi, generator=rng).t().to(dtype)  # [hi, 8] with a column stride of hi
+        assert w.stride(1) != 1
+        hd = h.to(dtype)
+        for kw in ({}, {"temperature": 0.7, "top_k": 3, "gumbel": draw_gumbel((2, hi - 10), rng)}):
+            want = ops.constrained_sample(hd, w.contiguous(), 10, hi, backend="torch", **kw)
+            assert torch.equal(ops.constrained_sample(hd, w, 10, hi, **kw), want), (dtype, kw)
+
+
+def test_the_cpu_screening_rule_leaves_other_devices_to_the_ops_order(monkeypatch):
+    """The rule that takes the native sampler for bfloat16 and frame-sized ranges is the CPU's (measured there): on
+    another device the op's own order decides, even where a native implementation would take the inputs (meta
+    tensors here, with no order of their own: torch)."""
+    from worldvla.ops import dispatch, sampling
+
+    taken = lambda *a, **k: None  # noqa: E731
+    monkeypatch.setitem(dispatch._IMPLS["constrained_sample"], "native", (taken, lambda *a, **k: True))
+    for dtype, hi in ((torch.bfloat16, 40), (torch.float32, sampling.SCREEN_MIN_ROWS + 10)):
+        h, w = torch.empty(2, 8, dtype=dtype, device="meta"), torch.empty(hi, 8, dtype=dtype, device="meta")
+        assert sampling.resolve_constrained_sample(h, w, 10, hi) is sampling.constrained_sample_ref, dtype
+        h, w = torch.zeros(2, 8, dtype=dtype), torch.zeros(hi, 8, dtype=dtype)
+        assert sampling.resolve_constrained_sample(h, w, 10, hi) is taken, dtype  # the same inputs on the CPU
+
+
+def test_a_draw_scores_float64_logits_in_float32(rng):
+    """A draw computes in float32, as every backend's float32 range logits do: float64 logits that differ below
+    float32's resolution tie there, and the first of them wins (given the same noise), as it would from the
+    float32 logits of the same hidden state."""
+    logits = torch.randn(3, 6, generator=rng, dtype=torch.float64)
+    logits[:, 4] = logits.max(1).values + 1.0
+    logits[:, 1] = logits[:, 4] - 1e-12  # the same float32 value as column 4
+    for k in (None, 2):
+        got = sample_logits(logits, 1.0, k, gumbel=torch.zeros(3, 6))
+        assert got.tolist() == [1, 1, 1], k
+        assert torch.equal(got, sample_logits(logits.float(), 1.0, k, gumbel=torch.zeros(3, 6)))
