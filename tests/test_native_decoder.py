@@ -1042,3 +1042,124 @@ def test_a_bfloat16_models_step_refuses_bf16_weights(rng):
         own = [w.clone() for i, w in enumerate(nb._layer_weights(model.model.layers[0])) if i in nb._PROJECTION_SLOTS]
         with pytest.raises(ValueError, match="bf16_weights are for float32 models"):
             nb.build_decode_step(model, engine.cache, buf.ids, buf.pos, buf.meta, bf16_weights=own)
+
+
+def test_native_prefill_off_keeps_the_modules_past_the_one_call_rows(rng, monkeypatch):
+    """With NATIVE_PREFILL off, `auto` keeps the native layer for up to NATIVE_MAX_ROWS rows in all (the bound
+    included, counted over the whole batch) and the modules past them; an explicit backend is taken as asked."""
+    model = _model(rng)
+    layer, cfg, R = model.model.layers[0], model.config, nb.NATIVE_MAX_ROWS
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), ("native", "torch"))
+    monkeypatch.setattr(decoder_op, "NATIVE_PREFILL", False)
+    with torch.no_grad():
+        for B, Q, native in ((1, R, True), (1, R + 1, False), (2, R // 2, True), (2, R // 2 + 1, False)):
+            x, pos, meta, cache = _step(rng, cfg, B, Q, S=2 * R + 10)
+            ctx = ForwardContext(cache=cache, position_ids=pos, decode_meta=meta)
+            want = nb._dispatched_decoder_layer if native else ops.decoder_layer_ref
+            assert ops.resolve_decoder_layer(layer, x, ctx) is want, (B, Q)
+            assert ops.resolve_decoder_layer(layer, x, ctx, backend="native") is nb._dispatched_decoder_layer, (B, Q)
+        monkeypatch.setattr(decoder_op, "NATIVE_PREFILL", True)
+        assert ops.resolve_decoder_layer(layer, x, ctx) is nb._dispatched_decoder_layer
+
+
+def test_decoder_layer_hands_its_backend_on(rng, monkeypatch):
+    """`ops.decoder_layer` runs the backend it is given whatever `auto`'s order: native runs `_C.decoder_layer`,
+    torch the modules, and both give the same hidden states."""
+    model = _model(rng)
+    layer, cfg = model.model.layers[0], model.config
+    x, pos, meta, cache = _step(rng, cfg, 1, 2, S=20)
+    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
+    calls, outs = [], {}
+    monkeypatch.setattr(nb._C, "decoder_layer", lambda *a, f=nb._C.decoder_layer: calls.append(1) or f(*a))
+    for order, backend, n in ((("torch",), "native", 1), (("native", "torch"), "torch", 0),
+                              (("native", "torch"), "auto", 1), (("torch",), "auto", 0)):
+        monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), order)
+        calls.clear()
+        ctx = ForwardContext(cache=copy.deepcopy(cache), position_ids=pos, decode_meta=meta)
+        with torch.no_grad():
+            outs[order, backend] = ops.decoder_layer(layer, x, cos, sin, ctx, 0, backend=backend)
+        assert len(calls) == n, (order, backend)
+    for got in outs.values():
+        torch.testing.assert_close(got, outs[("torch",), "auto"], rtol=1e-5, atol=1e-5)
+
+
+def test_native_step_active_follows_the_first_available_backend_of_auto(monkeypatch):
+    """A whole step runs natively exactly when the first backend of `auto`'s order for the CPU's decoder_layer
+    that is available is the native one (an unknown name is passed over, a torch ahead of it wins); without an
+    order of its own the op takes the CPU's general order."""
+    monkeypatch.setattr(decoder_op, "NATIVE_STEP", True)
+    assert "native" in dispatch.available("decoder_layer")
+    for order, want in ((("native", "torch"), True), (("torch", "native"), False),
+                        (("no_such_backend", "native", "torch"), True), (("torch",), False)):
+        monkeypatch.setitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), order)
+        assert decoder_op.native_step_active() is want, order
+    monkeypatch.delitem(dispatch.AUTO_ORDER, ("decoder_layer", "cpu"), raising=False)
+    for order, want in ((("native", "torch"), True), (("torch",), False)):
+        monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", order)
+        assert decoder_op.native_step_active() is want, order
+
+
+@pytest.mark.usefixtures("native_first")
+def test_a_plan_hands_bf16_copies_to_its_step_only_for_a_float32_model(rng, monkeypatch):
+    """The plan builds its step with bfloat16 copies of the projections for a float32 model whose values are all
+    bfloat16s (BF16_EXACT_WEIGHTS on), and with none for the same model in bfloat16 (whose weights stream as
+    they are; copies would be refused) or with BF16_EXACT_WEIGHTS off; each plan is made and says so."""
+    handed = []
+    monkeypatch.setattr(nb, "build_decode_step", lambda *a, f=nb.build_decode_step: handed.append(a[5]) or f(*a))
+    model = _model(rng, num_hidden_layers=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    for m, exact, want in ((model, True, True), (copy.deepcopy(model).to(torch.bfloat16), True, False),
+                           (model, False, False)):
+        monkeypatch.setattr(decoder_op, "BF16_EXACT_WEIGHTS", exact)
+        engine = _prefilled(m, 1, PROMPT_LEN + 4, rng)
+        buf = _set_step(engine, *_random_step(rng, 1, 2, chunk=False))
+        handed.clear()
+        with torch.no_grad():
+            plan = decoder_op.DecodeStepPlan(m, engine.cache, buf.ids, buf.pos, buf.meta)
+        assert plan.step is not None, plan.reason
+        dtype = m.model.embed_tokens.weight.dtype
+        assert len(handed) == 1 and (handed[0] is not None) is want and plan.bf16_weights is want, (dtype, exact)
+        assert plan.copies is (want or dtype == torch.bfloat16)
+
+
+@pytest.mark.usefixtures("native_first")
+def test_a_plan_of_a_wrapped_model_is_made(rng):
+    """A wrapper that forwards its attributes to the WorldVLA inside (as torch.compile's module does) and has
+    no hidden_states of its own on its class gets the inner model's plan, not an AttributeError."""
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(super().__getattr__("inner"), name)
+
+    model = _model(rng, num_hidden_layers=1)
+    engine = _prefilled(model, 1, PROMPT_LEN + 4, rng)
+    buf = _set_step(engine, *_random_step(rng, 1, 2, chunk=False))
+    assert not hasattr(Wrapper, "hidden_states")
+    with torch.no_grad():
+        plan = decoder_op.DecodeStepPlan(Wrapper(model), engine.cache, buf.ids, buf.pos, buf.meta)
+    assert plan.step is not None and plan.reason is None, plan.reason
+
+
+@pytest.mark.usefixtures("native_first")
+@pytest.mark.parametrize("error", [KeyError("layers.0.mlp"), AttributeError("'Foreign' object has no attribute 'eps'")])
+def test_a_plan_of_modules_the_step_does_not_know_is_refused_with_the_reason(rng, monkeypatch, error):
+    """Modules that are not worldvla's (a missing state entry or attribute when the step is built) leave the plan
+    without a step and with the error as its reason, so the engine keeps the modules' step."""
+    def refuse(*args, **kwargs):
+        raise error
+
+    model = _model(rng, num_hidden_layers=1)
+    engine = _prefilled(model, 1, PROMPT_LEN + 4, rng)
+    buf = _set_step(engine, *_random_step(rng, 1, 2, chunk=False))
+    monkeypatch.setattr(nb, "build_decode_step", refuse)
+    with torch.no_grad():
+        plan = decoder_op.DecodeStepPlan(model, engine.cache, buf.ids, buf.pos, buf.meta)
+    assert plan.step is None and plan.reason == str(error)

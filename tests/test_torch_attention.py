@@ -427,3 +427,146 @@ def test_auto_falls_back_to_torch_where_no_backend_of_the_order_takes_the_inputs
     with pytest.raises(ValueError, match=r"the 'native' backend of 'probe_op' does not support these inputs "
                                          r"\(head dim 300 > 256\); use backend='torch' or 'auto'"):
         dispatch.resolve("probe_op", "native", "cpu", 1)
+
+
+def test_keys_of_another_head_dim_are_refused_by_name_on_every_backend():
+    """q and k must share their head dim (q . k needs it): keys of 16 for queries of 8 are refused at the entry
+    point, naming the three shapes, on every backend, and so are decode caches of another head dim."""
+    from worldvla.mask import DecodeMeta
+    from worldvla.ops import decode_attention
+
+    gen = torch.Generator().manual_seed(27)
+    q = torch.randn(1, 6, 2, 8, generator=gen)
+    k16 = torch.randn(1, 6, 2, 16, generator=gen)
+    for backend in ("auto", *dispatch.available("masked_attention")):
+        with pytest.raises(ValueError, match=r"k and v must match and share q's tokens and head dim; got "
+                                             r"\(1, 6, 2, 8\), \(1, 6, 2, 16\), \(1, 6, 2, 16\)"):
+            masked_attention(q, k16, k16, causal_meta((1, 6)), backend=backend)
+    dm = DecodeMeta(torch.full((1, 1), 5, dtype=torch.int32), torch.full((1, 1), -1, dtype=torch.int32),
+                    torch.full((1, 6), NO_BLOCK, dtype=torch.int32), torch.full((1,), 6, dtype=torch.int32))
+    for backend in ("auto", *dispatch.available("decode_attention")):
+        with pytest.raises(ValueError, match=r"q \(1, 1, 2, 8\) and cache \(1, 6, 2, 16\) disagree on batch, head dim"):
+            decode_attention(q[:, :1], k16, k16, dm, backend=backend)
+
+
+@pytest.mark.parametrize("T,H,Hkv,Dh", [(1, 1, 1, 1), (5, 1, 1, 3), (7, 6, 2, 12), (1, 4, 1, 24)])
+def test_edge_shapes_keep_their_layout_on_every_backend(T, H, Hkv, Dh):
+    """One token, one head, a head dim of 1 or one that is not a power of two, and query heads grouped over fewer
+    key/value heads: every backend gives the reference's numbers in the inputs' own shape, padded [1, T, H, Dh]
+    and packed [T, H, Dh] alike (a single head or token is not squeezed away), and so does decode attention of
+    one row per sequence."""
+    from worldvla.mask import DecodeMeta
+    from worldvla.ops import decode_attention, decode_attention_ref
+
+    gen = torch.Generator().manual_seed(28)
+    q = torch.randn(1, T, H, Dh, generator=gen)
+    k, v = (torch.randn(1, T, Hkv, Dh, generator=gen) for _ in range(2))
+    for meta, (qq, kk, vv) in ((causal_meta((1, T)), (q, k, v)),
+                               (causal_meta((T,), cu_seqlens=torch.tensor([0, T], dtype=torch.int32)),
+                                (q[0], k[0], v[0]))):
+        want = masked_attention_ref(qq.double(), kk.double(), vv.double(), meta)
+        assert want.shape == qq.shape
+        for backend in ("auto", *dispatch.available("masked_attention")):
+            got = masked_attention(qq, kk, vv, meta, backend=backend)
+            assert got.shape == qq.shape and got.dtype == torch.float32, (backend, tuple(got.shape), got.dtype)
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend}: {m}")
+    dm = DecodeMeta(torch.full((1, 1), T - 1, dtype=torch.int32), torch.full((1, 1), -1, dtype=torch.int32),
+                    torch.full((1, T), NO_BLOCK, dtype=torch.int32), torch.full((1,), T, dtype=torch.int32))
+    want = decode_attention_ref(q[:, -1:].double(), k.double(), v.double(), dm)
+    prefill = masked_attention_ref(q.double(), k.double(), v.double(), causal_meta((1, T)))
+    torch.testing.assert_close(want, prefill[:, -1:], rtol=1e-12, atol=1e-12)
+    for backend in ("auto", *dispatch.available("decode_attention")):
+        got = decode_attention(q[:, -1:], k, v, dm, backend=backend)
+        assert got.shape == (1, 1, H, Dh) and got.dtype == torch.float32, (backend, tuple(got.shape))
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend}: {m}")
+
+
+def test_cu_seqlens_on_another_device_is_refused_by_name():
+    """A packed batch's cu_seqlens must be on q's device like the rest of its metadata: one left on the meta
+    device is refused at the entry point, naming it."""
+    T = 6
+    q = torch.randn(T, 2, 8, generator=torch.Generator().manual_seed(29))
+    meta = causal_meta((T,), cu_seqlens=torch.tensor([0, 2, T], dtype=torch.int32))
+    on_meta = ChunkMaskMeta(meta.kv_block, meta.q_limit, meta.position_ids, meta.cu_seqlens.to("meta"),
+                            meta.max_seqlen)
+    for backend in ("auto", "torch"):
+        with pytest.raises(ValueError, match="masked_attention: meta.cu_seqlens is on meta but q is on cpu"):
+            masked_attention(q, q, q, on_meta, backend=backend)
+
+
+def test_decode_caches_and_metadata_of_other_shapes_are_refused_by_name_on_every_backend():
+    """decode_attention checks its own arguments before any backend runs: a value cache shaped unlike the key
+    cache, and metadata fields shaped for another batch or another row count (kv_len of two sequences for one,
+    q_limit of two rows for one), each named with the shape it must have."""
+    from worldvla.mask import DecodeMeta
+    from worldvla.ops import decode_attention
+
+    gen = torch.Generator().manual_seed(30)
+    q = torch.randn(1, 1, 2, 8, generator=gen)
+    kc, vc = (torch.randn(1, 6, 2, 8, generator=gen) for _ in range(2))
+    pos, ql = torch.full((1, 1), 5, dtype=torch.int32), torch.full((1, 1), -1, dtype=torch.int32)
+    kvb, kvl = torch.full((1, 6), NO_BLOCK, dtype=torch.int32), torch.full((1,), 6, dtype=torch.int32)
+    cases = ((vc[:, :5], DecodeMeta(pos, ql, kvb, kvl),
+              r"decode_attention wants q \[B, Q, H, Dh\] and caches \[B, S, Hkv, Dh\]; got \(1, 1, 2, 8\), "
+              r"\(1, 6, 2, 8\), \(1, 5, 2, 8\)"),
+             (vc, DecodeMeta(pos, ql, kvb, kvl.repeat(2)), r"meta.kv_len must have shape \(1,\), got \(2,\)"),
+             (vc, DecodeMeta(pos, ql.repeat(1, 2), kvb, kvl), r"meta.q_limit must have shape \(1, 1\), got \(1, 2\)"))
+    for v_cache, meta, message in cases:
+        for backend in ("auto", *dispatch.available("decode_attention")):
+            with pytest.raises(ValueError, match=message):
+                decode_attention(q, kc, v_cache, meta, backend=backend)
+
+
+def test_decode_kv_len_on_another_device_is_refused_by_name():
+    """Every decode metadata field must be on q's device, kv_len included (the torch path read a meta tensor's
+    uninitialized values as the cache's lengths)."""
+    from worldvla.mask import DecodeMeta
+    from worldvla.ops import decode_attention
+
+    q = torch.randn(1, 6, 2, 8, generator=torch.Generator().manual_seed(31))
+    dm = DecodeMeta(torch.full((1, 1), 5, dtype=torch.int32), torch.full((1, 1), -1, dtype=torch.int32),
+                    torch.full((1, 6), NO_BLOCK, dtype=torch.int32),
+                    torch.tensor([6], dtype=torch.int32, device="meta"))
+    for backend in ("auto", "torch"):
+        with pytest.raises(ValueError, match="decode_attention: meta.kv_len is on meta but q is on cpu"):
+            decode_attention(q[:, -1:], q, q, dm, backend=backend)
+
+
+@pytest.mark.parametrize("sizes,split", [([4, 4], True), ([3, 3, 2], True), ([5, 3], False), ([4, 1, 1, 1, 1], False)])
+def test_packed_batches_split_into_documents_exactly_when_that_halves_the_work(monkeypatch, sizes, split):
+    """The torch backend runs a packed batch as a padded batch of its documents when n_docs * max_seqlen^2 is at
+    most half of T^2, the bound included (two documents of 4 tokens: 2 * 16 = 64 / 2), and the dense [T, T]
+    mask otherwise; both give the reference's numbers."""
+    from worldvla.ops import attention
+
+    calls = []
+    monkeypatch.setattr(attention, "_documents_padded",
+                        lambda meta, f=attention._documents_padded: calls.append(1) or f(meta))
+    T = sum(sizes)
+    meta = causal_meta((T,), cu_seqlens=torch.tensor([0, *sizes], dtype=torch.int32).cumsum(0).to(torch.int32))
+    assert meta.max_seqlen == max(sizes)
+    q, k, v = (torch.randn(T, 2, 8, generator=torch.Generator().manual_seed(32 + i), dtype=torch.float64)
+               for i in range(3))
+    got = masked_attention(q, k, v, meta, backend="torch")
+    assert len(calls) == int(split)
+    torch.testing.assert_close(got, masked_attention_ref(q, k, v, meta), rtol=1e-12, atol=1e-12)
+
+
+def test_references_without_upcast_compute_in_the_inputs_dtype():
+    """upcast=False (the "plain PyTorch at the inputs' precision" baseline of the accuracy rules) computes
+    bfloat16 inputs in bfloat16 for a prefill and a decode step alike: not the float32 result rounded, but
+    within bfloat16's error of it, and still a bfloat16 output."""
+    from worldvla.mask import DecodeMeta
+    from worldvla.ops import decode_attention_ref
+
+    gen = torch.Generator().manual_seed(33)
+    q, k, v = (torch.randn(2, 16, h, 32, generator=gen).bfloat16() for h in (4, 2, 2))
+    dmeta = DecodeMeta(torch.tensor([[13, 14, 15], [7, 8, 9]], dtype=torch.int32),
+                       torch.full((2, 3), -1, dtype=torch.int32), torch.full((2, 16), NO_BLOCK, dtype=torch.int32),
+                       torch.tensor([16, 10], dtype=torch.int32))
+    meta = causal_meta((2, 16))
+    for ref, args in ((masked_attention_ref, (q, k, v, meta)), (decode_attention_ref, (q[:, -3:], k, v, dmeta))):
+        low, up = ref(*args, upcast=False), ref(*args)
+        assert low.dtype == up.dtype == torch.bfloat16
+        assert not torch.equal(low, up), ref.__name__
+        torch.testing.assert_close(low.float(), up.float(), rtol=0.05, atol=0.05)
