@@ -3403,3 +3403,223 @@ def test_the_noisy_row_warning_names_rows_as_the_table_prints_them(capsys):
     common.print_table(rows, ["case", "impl", "scale", "median_ms"])
     warning = capsys.readouterr().out.splitlines()[-1]
     assert warning.startswith("warning: 1 of 1 rows spread") and warning.endswith(": decode - 0.1235 (3.00x)")
+
+
+# ------------------------------------------------------------------ timing samples, ratios and result records
+def test_time_fn_runs_setup_before_every_call_warm_up_included():
+    """time_fn's `setup()` precedes every call, the warm-up calls as well as the timed ones, each with the
+    rotation's next set: the calls see setup, call, setup, call, ... from the first on."""
+    events = []
+    rot = common.Rotation(lambda i: (i,), n=3)
+    st = common.time_fn(lambda i: events.append(("call", i)), warmup=2, repeats=4,
+                        setup=lambda: events.append("setup"), rotation=rot)
+    assert events == [e for i in range(6) for e in ("setup", ("call", i % 3))]
+    assert st["repeats"] == 4 and st["warmup"] == 2 and st["rotated_sets"] == 3
+
+
+def test_stats_median_of_an_even_count_is_the_mean_of_the_middle_two():
+    """A row of an even number of repeats takes the mean of its two middle times as its median (neither of
+    them alone), below and above PERCENTILE_MIN_REPEATS alike."""
+    assert common._stats([4.0, 1.0, 2.0, 3.0])["median_ms"] == 2.5
+    twelve = [float(t) for t in (12, 1, 11, 2, 10, 3, 9, 4, 8, 5, 7, 6)]
+    st = common._stats(twelve)
+    assert st["median_ms"] == 6.5 and (st["p10_ms"], st["p90_ms"]) == (2.0, 11.0)
+
+
+def test_cross_entropy_run_whose_reference_fails_writes_unknown_matches_and_does_not_fail(tmp_path, monkeypatch):
+    """A float64 reference that cannot be computed (out of memory) leaves every row's matches_reference None with
+    the reason: the sides are still timed, and the run ends without the mismatch error a False would raise."""
+    from worldvla.benchmarks import cross_entropy as CE
+
+    def no_memory(*a, **kw):
+        raise MemoryError("float64 logits")
+
+    monkeypatch.setattr(CE, "reference64", no_memory)
+    monkeypatch.setattr(CE, "timed_backends", lambda op: [])
+    monkeypatch.setattr(CE, "time_interleaved", _fixed_medians({"naive": 2.0}))
+    monkeypatch.setattr(CE, "peak_memory", lambda fn, device: 1000)
+    path = CE.run(quick=True, device="cpu", out_dir=tmp_path)
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["impl"] == "naive" and row["median_ms"] == 2.0 and row["matches_reference"] is None
+    assert row["check_error"] == "MemoryError: float64 logits"
+
+
+def test_results_record_the_threads_torch_runs_not_the_machines_cores(tmp_path, monkeypatch):
+    """A result's cpu_threads is torch's thread count for the run (what its CPU times used), not the number of
+    cores the machine has."""
+    monkeypatch.setattr(common.torch, "get_num_threads", lambda: 7)
+    path = common.write_results("t", [{"median_ms": 1.0}], "cpu", tmp_path)
+    assert json.loads(path.read_text())["cpu_threads"] == 7 == common.environment("cpu")["cpu_threads"]
+
+
+def test_a_plotted_value_of_zero_is_drawn_as_a_bar(tmp_path, monkeypatch):
+    """plot_rows leaves out only rows whose value is missing (None): a measured 0 (an argmin agreement of 0, a
+    time below the clock's resolution) is drawn, and the plot then has no "no ... measured" note."""
+    import matplotlib
+    import matplotlib.axes
+
+    matplotlib.use("Agg")
+    bars, notes = [], []
+    real_bar, real_text = matplotlib.axes.Axes.bar, matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, h, *a, **kw: bars.append(
+        (kw["label"], list(h))) or real_bar(self, x, h, *a, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda self, x, y, s, *a, **kw: notes.append(s) or real_text(
+        self, x, y, s, *a, **kw))
+    rows = [{"x": 1, "y": 0.0, "g": "a"}, {"x": 2, "y": None, "g": "a"}, {"x": 1, "y": 0, "g": "b"}]
+    common.plot_rows(rows, "x", "y", "g", "t", tmp_path / "p.png")
+    assert sorted(bars) == [("a", [0.0]), ("b", [0])] and notes == []
+    bars.clear()
+    common.plot_rows([{"x": 1, "y": None, "g": "a"}], "x", "y", "g", "t", tmp_path / "q.png")
+    assert bars == [] and notes == ["no y measured"]
+
+
+def test_vq_and_cross_entropy_tables_print_their_ratio_columns(tmp_path, monkeypatch, capsys):
+    """The printed tables carry each benchmark's ratios beside its times: vq its speedup over cdist + argmin and
+    the argmin agreement; cross-entropy its time and peak memory over the naive side's."""
+    from worldvla.benchmarks import cross_entropy as CE
+    from worldvla.benchmarks import vq
+
+    monkeypatch.setattr(vq, "timed_backends", lambda op: [])
+    monkeypatch.setattr(vq, "time_interleaved", _fixed_medians({"cdist+argmin": 2.0}))
+    vq.run(quick=True, device="cpu", out_dir=tmp_path)
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header == ["N", "K", "C", "dtype", "impl", "median_ms", "tflops", "speedup_vs_cdist", "argmin_agreement",
+                      "rotated_sets"]
+
+    monkeypatch.setattr(CE, "timed_backends", lambda op: [])
+    monkeypatch.setattr(CE, "time_interleaved", _fixed_medians({"naive": 2.0}))
+    monkeypatch.setattr(CE, "check_sides", lambda impls, *a: {name: {"matches_reference": True} for name in impls})
+    monkeypatch.setattr(CE, "peak_memory", lambda fn, device: 1000)
+    CE.run(quick=True, device="cpu", out_dir=tmp_path)
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header == ["N", "hidden", "vocab", "impl", "median_ms", "time_vs_naive", "peak_bytes", "memory_vs_naive",
+                      "rotated_sets", "worst_over_tolerance", "matches_reference"]
+
+
+def test_vq_run_fails_when_a_worldvla_side_raises(tmp_path, monkeypatch):
+    """Only the same-dtype cdist baseline may be missing (a torch without bf16 cdist); a worldvla backend that
+    raises in the agreement check fails the run, as the fp32 baseline would."""
+    from worldvla.benchmarks import vq
+
+    def broken(z, cb, backend):
+        raise RuntimeError("no kernel image")
+
+    monkeypatch.setattr(vq, "timed_backends", lambda op: ["torch"])
+    monkeypatch.setattr(vq.ops, "vq_quantize", broken)
+    monkeypatch.setattr(vq, "time_interleaved", _fixed_medians({"cdist+argmin": 2.0, "worldvla-torch": 1.0}))
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        vq.run(quick=True, device="cpu", out_dir=tmp_path)
+    assert not list(tmp_path.glob("vq_quantize-*.json"))
+
+
+class _FakeCudaTimeline:
+    """torch.cuda's events, spin kernel and synchronization recorded in order: each event pair's elapsed time is
+    the next of `times`, and an event read before its own synchronize is an error."""
+
+    def __init__(self, monkeypatch, times):
+        self.log, self.times = [], list(times)
+        timeline = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing
+                self.synced = False
+
+            def record(self):
+                timeline.log.append("record")
+
+            def synchronize(self):
+                self.synced = True
+                timeline.log.append("event-sync")
+
+            def elapsed_time(self, end):
+                assert end.synced, "an event read before the device reached it"
+                return timeline.times.pop(0)
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: self.log.append("spin"), raising=False)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: self.log.append("sync"))
+
+    def call(self, name):
+        return lambda *a: self.log.append(name)
+
+
+def test_cuda_timing_queues_the_spin_before_the_start_event_and_times_only_the_repeats(monkeypatch):
+    """On CUDA, time_fn times each repeat by an event pair around the call, read after the end event is reached;
+    with gpu_time the spin kernel is queued before the start event (so the events time the device's work, not the
+    spin), the row says "device", without it "wall"; the warm-up calls are not timed."""
+    cuda = _FakeCudaTimeline(monkeypatch, [5.0, 9.0, 7.0])
+    st = common.time_fn(cuda.call("fn"), warmup=2, repeats=3, device="cuda", gpu_time=True)
+    timed = ["spin", "record", "fn", "record", "event-sync"]
+    assert cuda.log == ["fn", "fn", "sync"] + timed * 3
+    assert st["median_ms"] == 7.0 and (st["min_ms"], st["max_ms"]) == (5.0, 9.0) and st["timed"] == "device"
+
+    cuda = _FakeCudaTimeline(monkeypatch, [4.0])
+    st = common.time_fn(cuda.call("fn"), warmup=0, repeats=1, device="cuda")
+    assert cuda.log == ["sync", "record", "fn", "record", "event-sync"] and st["timed"] == "wall"
+
+
+def test_cuda_interleaved_timing_spins_before_each_start_event_and_reads_each_end_after_it(monkeypatch):
+    """time_interleaved on CUDA: every call between its own event pair, the spin kernel (gpu_time) queued before
+    the start event, each elapsed time read once its end event is reached; the rows say "device" with the spin
+    and "wall" without it (gpu_time not asked, or a torch without the spin kernel); the warm-up round's times are
+    left out."""
+    cuda = _FakeCudaTimeline(monkeypatch, [100.0, 100.0, 1.0, 2.0, 3.0, 10.0])
+    out = common.time_interleaved({"a": cuda.call("a"), "b": cuda.call("b")}, warmup=1, repeats=2, device="cuda",
+                                  gpu_time=True)
+    assert cuda.log == ["sync"] + [e for n in "abbaab" for e in ("spin", "record", n, "record", "event-sync")]
+    assert (out["a"]["median_ms"], out["b"]["median_ms"]) == (2.5, 5.5)  # b 1 and a 2, then a 3 and b 10
+    assert out["a"]["timed"] == out["b"]["timed"] == "device"
+
+    cuda = _FakeCudaTimeline(monkeypatch, [1.0, 2.0])
+    out = common.time_interleaved({"a": cuda.call("a"), "b": cuda.call("b")}, warmup=0, repeats=1, device="cuda")
+    assert "spin" not in cuda.log and out["a"]["timed"] == out["b"]["timed"] == "wall"
+
+    cuda = _FakeCudaTimeline(monkeypatch, [1.0, 2.0])
+    monkeypatch.delattr(torch.cuda, "_sleep")
+    out = common.time_interleaved({"a": cuda.call("a"), "b": cuda.call("b")}, warmup=0, repeats=1, device="cuda",
+                                  gpu_time=True)
+    assert "spin" not in cuda.log and out["a"]["timed"] == out["b"]["timed"] == "wall"
+
+
+def test_a_quick_vq_run_searches_a_smaller_codebook_and_names_each_series_by_side_and_dtype(tmp_path, monkeypatch):
+    """--quick on the CPU searches 256 vectors in a 2048 x 256 codebook (the full run the release's 8192 codes).
+    Each VQ row's `series` (the plot's bars) is its side and dtype, so that a GPU run's float32 and bfloat16
+    rows of one side are two series, not one drawn over the other."""
+    from worldvla.benchmarks import vq
+
+    monkeypatch.setattr(vq, "timed_backends", lambda op: ["torch"])
+    monkeypatch.setattr(vq, "time_interleaved", _fixed_medians({"cdist+argmin": 2.0, "worldvla-torch": 1.0}))
+    rows = json.loads(vq.run(quick=True, device="cpu", out_dir=tmp_path).read_text())["rows"]
+    assert [(r["N"], r["K"], r["C"]) for r in rows] == [(256, 2048, 256)] * 2
+    assert {r["impl"]: r["series"] for r in rows} == {"cdist+argmin": "cdist+argmin float32",
+                                                       "worldvla-torch": "worldvla-torch float32"}
+
+
+def test_vq_bfloat16_rows_compare_with_both_cdist_baselines(tmp_path, monkeypatch):
+    """On a GPU every case runs in float32 and bfloat16: a bfloat16 row's speedup_vs_cdist is the float32 cdist's
+    median over its own (and says so), its speedup_vs_cdist_same_dtype the bfloat16 cdist's median over its own;
+    float32 rows have no same-dtype side. (CUDA's parts stood in for by small CPU tensors, the timing fixed.)"""
+    from worldvla.benchmarks import vq
+
+    real_make, real_cdist = vq.make_inputs, torch.cdist
+    monkeypatch.setattr(vq, "make_inputs", lambda N, K, C, dtype, device: real_make(8, 16, 4, dtype, "cpu"))
+    monkeypatch.setattr(vq, "Rotation", lambda make, device, quick, bytes_per_set: common.Rotation(make, "cpu", n=1))
+    monkeypatch.setattr(torch, "cdist", lambda a, b: real_cdist(a.float(), b.float()))  # bf16 cdist, as CUDA runs it
+    monkeypatch.setattr(vq, "timed_backends", lambda op: ["torch"])
+    monkeypatch.setattr(vq, "time_interleaved", _fixed_medians(
+        {"cdist+argmin": 6.0, "cdist+argmin same-dtype": 4.0, "worldvla-torch": 2.0}))
+    written = []
+    monkeypatch.setattr(vq, "write_results", lambda name, rows, *a, **kw: written.append(rows))
+    vq.run(quick=True, device="cuda", out_dir=tmp_path)
+    (rows,) = written
+    got = {(r["N"], r["dtype"], r["impl"]): r for r in rows}
+    assert len(rows) == 3 * (2 + 3)
+    for N in (2 * 256, 4 * 1024, 64 * 256):
+        assert (N, "float32", "cdist+argmin same-dtype") not in got
+        assert "speedup_vs_cdist_same_dtype" not in got[N, "float32", "worldvla-torch"]
+        bf16 = got[N, "bfloat16", "worldvla-torch"]
+        assert bf16["speedup_vs_cdist"] == 3.0 and bf16["speedup_vs_cdist_same_dtype"] == 2.0
+        assert bf16["cdist_baseline_dtype"] == "float32" and "float32 cdist baseline" in bf16["speedup_vs_cdist_note"]
+        same = got[N, "bfloat16", "cdist+argmin same-dtype"]
+        assert same["speedup_vs_cdist"] == 1.5 and same["speedup_vs_cdist_same_dtype"] == 1.0
