@@ -1730,3 +1730,149 @@ def test_a_plan_refused_with_gradients_off_is_not_rebuilt_at_every_step(rng, mon
     for _ in range(3):
         torch.testing.assert_close(eng.run(buf), want, rtol=0, atol=0)
     assert built == [True, False]
+
+
+# ---------------------------------------------------------------------------------- chunk edges and arguments
+def test_rows_with_different_numbers_of_earlier_blocks_each_take_their_own_ordinals(rng):
+    """In a batch, each row's generated blocks are numbered after its own prompt's blocks: a row whose prompt holds
+    two action blocks beside a row whose prompt holds none decodes as it does alone (and as a full recompute under
+    the chunk rule), in both chunk modes, whichever row comes first."""
+    model = _model(7)
+    b = _builder(dim=3)
+    plain = _prompt(rng, 1)
+    blocks = torch.cat([_prompt(rng, 1)[:-1], b.actions.encode(torch.rand(2, 3, generator=rng) * 2 - 1).flatten(),
+                        torch.tensor([LAYOUT.sep])])
+    K, D = 3, 3
+    want = {id(p): _full_recompute_chunk(model, p, K, D) for p in (plain, blocks)}
+
+    def nothing_hidden(seq):
+        meta = chunk_mask_meta(seq, LAYOUT)
+        meta.q_limit.fill_(-1)
+        return meta
+
+    # hiding the prompt's blocks changes the bins, so a row numbered as the other row would decode otherwise
+    assert not torch.equal(want[id(blocks)], _full_recompute_chunk(model, blocks, K, D, meta_of=nothing_hidden))
+    for pair in ((plain, blocks), (blocks, plain)):
+        for mode in ("parallel", "sequential"):
+            got = generate_action_chunk(model, list(pair), LAYOUT, K, D, mode=mode)
+            for r, p in enumerate(pair):
+                assert torch.equal(got[r], want[id(p)]), (mode, r)
+
+
+@torch.no_grad()
+def test_head_sample_draws_from_the_given_generator_whatever_the_head(rng):
+    """Without noise given, a draw at a temperature above zero comes from `generator`, on the fused sampler and on a
+    head that is more than its weight: the same seed gives the same tokens whatever torch's global seed, another
+    seed other tokens."""
+    from worldvla.inference.chunk import head_sample
+
+    model = _model(0)
+    lo, hi = LAYOUT.bin_range
+    h = torch.randn(32, model.config.hidden_size, generator=rng)
+    for hooked in (False, True):
+        hook = model.lm_head.register_forward_hook(lambda mod, inp, out: None) if hooked else None
+        draws = []
+        for global_seed, seed in ((1, 7), (2, 7), (1, 8)):
+            torch.manual_seed(global_seed)
+            draws.append(head_sample(model, h, lo, hi, 5.0, None, torch.Generator().manual_seed(seed)))
+        assert ((draws[0] >= lo) & (draws[0] < hi)).all()
+        assert torch.equal(draws[0], draws[1]), hooked
+        assert not torch.equal(draws[0], draws[2]), hooked
+        if hook is not None:
+            hook.remove()
+
+
+def test_make_engine_sizes_for_the_longest_prompts_chunk_and_hands_on_its_options(rng):
+    """make_engine gives a row per prompt and the longest prompt's chunk of slots (K(D+2)+1 after it), with the
+    attention backend and the CUDA-graph choice it is given: graphs asked for without CUDA are refused."""
+    from worldvla.inference.chunk import make_engine
+
+    model = _model(3)
+    prompts = [_prompt(rng, 1), _prompt(rng, 2)]
+    eng = make_engine(model, prompts, 3, 4, LAYOUT, backend="torch", cuda_graphs=False)
+    assert (eng.batch_size, eng.max_len) == (2, max(p.numel() for p in prompts) + 3 * 6 + 1)
+    assert eng.backend == "torch" and eng.cuda_graphs is False
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graphs"):
+            make_engine(model, prompts, 3, 4, LAYOUT, cuda_graphs=True)
+
+
+def test_an_engine_of_another_number_of_rows_is_refused_naming_both_counts(rng):
+    """A given engine must hold exactly one row per prompt: more rows than prompts are refused as fewer are, by the
+    counts, before its cache is written."""
+    model = _model(3)
+    prompts = [_prompt(rng, 1), _prompt(rng, 2)]
+    size = max(p.numel() for p in prompts) + 2 * 5 + 1
+    for rows in (1, 3):
+        eng = InferenceEngine(model, rows, size)
+        for mode in ("parallel", "sequential", "causal"):
+            with pytest.raises(ValueError, match=f"the engine holds {rows} sequences but got 2 prompts"):
+                generate_action_chunk(model, prompts, LAYOUT, 2, 3, mode=mode, engine=eng)
+        assert not eng.cache.k.any()
+
+
+def test_a_batch_of_one_prompt_keeps_its_batch_dimension(rng):
+    """A [1, P] tensor or a list of one prompt is a batch: [1, K, D+2] comes back, where a [P] prompt gives [K, D+2];
+    the chunk is the same. One action of one bin (K = D = 1) is the smallest chunk."""
+    model = _model(3)
+    prompt = _prompt(rng, 1)
+    for K, D in ((2, 3), (1, 1)):
+        want = generate_action_chunk(model, prompt, LAYOUT, K, D)
+        assert want.shape == (K, D + 2)
+        for batch in (prompt.view(1, -1), [prompt]):
+            for mode in ("parallel", "sequential"):
+                got = generate_action_chunk(model, batch, LAYOUT, K, D, mode=mode)
+                assert got.shape == (1, K, D + 2) and torch.equal(got[0], want), (K, D, mode)
+
+
+def test_a_causally_trained_model_is_refused_in_every_chunk_mode_naming_the_causal_one(rng):
+    """A model trained with plain causal attention decodes only in mode="causal": "parallel" and "sequential" (both
+    under the chunk mask it never saw) are refused, before a given engine's cache is written."""
+    model = WorldVLA(ModelConfig.tiny(LAYOUT, attention="causal")).eval()
+    prompt = _prompt(rng, 1)
+    for mode in ("parallel", "sequential"):
+        engine = InferenceEngine(model, 1, prompt.numel() + 2 * 5 + 1)
+        with pytest.raises(ValueError, match="trained with plain causal attention.*mode='causal'"):
+            generate_action_chunk(model, prompt, LAYOUT, 2, 3, mode=mode, engine=engine)
+        assert not engine.cache.k.any(), mode
+    assert generate_action_chunk(model, prompt, LAYOUT, 2, 3, mode="causal").shape == (2, 5)
+
+
+def test_a_skip_naming_a_cached_prefix_in_any_row_needs_the_engine_that_holds_it(rng):
+    """Without an engine, `skip` may name no cached tokens in any row: a prefix named for a later row (the first
+    row's 0) is refused as one for the first row is, since a fresh engine holds no keys for it."""
+    model = _model(3)
+    prompts = [_prompt(rng, 1), _prompt(rng, 2)]
+    for skip in ([0, 3], [3, 0]):
+        with pytest.raises(ValueError, match="pass that engine"):
+            generate_action_chunk(model, prompts, LAYOUT, 2, 3, skip=skip)
+    assert torch.equal(generate_action_chunk(model, prompts, LAYOUT, 2, 3, skip=[0, 0]),
+                       generate_action_chunk(model, prompts, LAYOUT, 2, 3))
+
+
+@torch.no_grad()
+def test_the_baseline_chooses_over_the_whole_vocabulary_up_to_its_last_id(rng):
+    """The release's decoder takes the greedy choice over every id, at the prefill's last position and at each step
+    after it: a head that favours the vocabulary's last id gives that id every time."""
+    model = _model(2)
+    last = model.config.vocab_size - 1
+    for layer in model.model.layers:  # every hidden state the same vector, seen only by the last id's row
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    model.model.embed_tokens.weight[:, 0] = 5.0
+    model.model.norm.weight.fill_(1.0)
+    model.lm_head.weight[last] = 0.0
+    model.lm_head.weight[last, 0] = 100.0
+    out = baseline_generate_action_chunk(model, _prompt(rng, 1), LAYOUT, 2, 3, max_new_tokens=3)
+    assert out.tokens.tolist() == [last] * 3 and out.actions.shape == (0, 5)
+
+
+def test_the_baseline_refuses_a_batch_of_no_prompt_by_its_size(rng):
+    """The release's decoder runs one prompt: a [0, P] batch is refused as a batch of 0 prompts, as [2, P] is of 2."""
+    model = _model(2)
+    prompt = _prompt(rng, 1)
+    for batch, n in ((prompt.view(1, -1)[:0], 0), (torch.stack([prompt, prompt]), 2)):
+        with pytest.raises(ValueError, match=f"the release's decoder runs batch size 1 only, got {n} prompts"):
+            baseline_generate_action_chunk(model, batch, LAYOUT, 2, 3)
+    assert torch.equal(baseline_generate_action_chunk(model, prompt.view(1, -1), LAYOUT, 2, 3, max_new_tokens=4).tokens,
+                       baseline_generate_action_chunk(model, prompt, LAYOUT, 2, 3, max_new_tokens=4).tokens)
