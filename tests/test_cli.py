@@ -1242,3 +1242,81 @@ def test_a_misspelt_required_option_before_a_double_dash_is_named(capsys):
     err = capsys.readouterr().err
     assert ("worldvla pretokenize: error: unrecognized arguments: --outt=s (--outt=s: did you mean --out?)"
             in err), err
+
+
+def _stand_in_every_benchmark(monkeypatch, errors=None):
+    """Every benchmark as one that returns its JSON's path at once (or raises its entry of `errors`); returns the
+    list its runs are recorded in."""
+    import sys
+    import types
+
+    from worldvla import bench
+
+    class Unavailable(RuntimeError):
+        pass
+
+    ran = []
+
+    def stand_in(name):
+        def run(quick, device, out_dir):
+            ran.append(name)
+            error = (errors or {}).get(name)
+            if error is not None:
+                raise Unavailable(error) if error.startswith("skip: ") else RuntimeError(error)
+            return f"{out_dir}/{name}.json"
+        return types.SimpleNamespace(run=run, Unavailable=Unavailable)
+
+    for name in bench.BENCHMARKS:
+        monkeypatch.setitem(sys.modules, f"worldvla.benchmarks.{name}", stand_in(name))
+    return ran
+
+
+def test_bench_without_names_runs_every_benchmark_in_order_saying_what_each_measures(monkeypatch, capsys, tmp_path):
+    """Each benchmark starts with a line naming it and what it measures and ends with the path of its result."""
+    from worldvla import bench
+
+    ran = _stand_in_every_benchmark(monkeypatch)
+    assert main(["bench", "--out", str(tmp_path)]) == 0
+    names = ["attention", "vq", "cross_entropy", "sampling", "e2e", "train", "serve_load", "cpu_ops", "sass"]
+    assert ran == names == list(bench.BENCHMARKS)
+    out = capsys.readouterr().out
+    for name in names:
+        assert f"\n== {name}: {bench.BENCHMARKS[name]}\n" in out, name
+        assert f"\n-> {tmp_path}/{name}.json (" in out, name
+
+
+def test_an_unknown_benchmark_is_named_with_every_choice(monkeypatch, capsys):
+    """Every unknown name is given (not only the first), and the choices are the benchmarks' whole list; nothing runs."""
+    ran = _stand_in_every_benchmark(monkeypatch)
+    assert main(["bench", "nosuch", "vq", "other"]) == 2
+    assert capsys.readouterr().err == (
+        "worldvla bench: error: unknown benchmark(s) ['nosuch', 'other']; choose from ['attention', 'vq', "
+        "'cross_entropy', 'sampling', 'e2e', 'train', 'serve_load', 'cpu_ops', 'sass']\n")
+    assert ran == []
+
+
+def test_bench_with_one_failed_and_one_skipped_is_a_failure_not_nothing_ran(monkeypatch, capsys, tmp_path):
+    """The "nothing ran ... cannot run here" line is for a run whose every benchmark was skipped; one that failed
+    beside a skip makes exit status 1 without it."""
+    ran = _stand_in_every_benchmark(monkeypatch, errors={"vq": "wrong answer", "sass": "skip: no nvcc"})
+    assert main(["bench", "vq", "sass", "--out", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert ran == ["vq", "sass"] and "!! vq failed: RuntimeError: wrong answer" in out
+    assert "-- sass skipped: skip: no nvcc" in out and "nothing ran" not in err, err
+
+
+def test_bench_with_an_empty_device_is_refused_before_any_benchmark(monkeypatch, capsys, tmp_path):
+    """`--device "$DEV"` with DEV unset is refused as a device name, not run on the default device."""
+    monkeypatch.delenv("WORLDVLA_TRACEBACK", raising=False)
+    ran = _stand_in_every_benchmark(monkeypatch)
+    assert main(["bench", "vq", "--device", "", "--out", str(tmp_path)]) == 2
+    assert "unknown device '' (--device)" in capsys.readouterr().err and ran == []
+
+
+def test_a_dtype_name_with_spaces_is_refused():
+    """Names are matched whole (any case), a padded one is no dtype."""
+    from worldvla.devices import torch_dtype
+
+    for bad in (" bf16", "fp32 ", ""):
+        with pytest.raises(ValueError, match="dtype must be one of"):
+            torch_dtype(bad)

@@ -292,3 +292,26 @@ def test_a_refused_value_is_told_its_own_limit(monkeypatch):
         malloc.tune_cpu_malloc(mmap_threshold=-1)
     with pytest.raises(ValueError, match=rf"trim_threshold must be an int number of bytes in \[0, {2**31 - 1}\]"):
         malloc.tune_cpu_malloc(trim_threshold=2**31)
+
+
+def test_a_c_library_that_cannot_be_loaded_changes_nothing(monkeypatch):
+    """glibc reported but the C library fails to load (OSError from ctypes): tune_cpu_malloc changes nothing and
+    says so with None, instead of raising."""
+    def no_libc(*a, **k):
+        raise OSError("libc.so.6: cannot open shared object file")
+
+    monkeypatch.setattr(malloc.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(malloc.platform, "libc_ver", lambda *a, **k: ("glibc", "2.35"))
+    monkeypatch.setattr(malloc.ctypes, "CDLL", no_libc)
+    monkeypatch.setattr(malloc, "_applied", None)
+    assert malloc._mallopt() is None
+    assert malloc.tune_cpu_malloc() is None and malloc.cpu_malloc_settings() is None
+
+
+def test_a_refused_value_is_quoted_in_the_error(monkeypatch):
+    """The error names the value that was given, as the caller wrote it, for each setting."""
+    monkeypatch.setattr(malloc, "_mallopt", lambda: None)
+    for kw, shown in (({"mmap_threshold": 1.5}, "1.5"), ({"trim_threshold": -2}, "-2"),
+                      ({"mmap_threshold": "1M"}, "'1M'"), ({"mmap": "no"}, "'no'"), ({"mmap": 0}, "0")):
+        with pytest.raises(ValueError, match=rf"^{next(iter(kw))} must be .*, got {shown}$"):
+            malloc.tune_cpu_malloc(**kw)

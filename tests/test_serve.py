@@ -3871,3 +3871,84 @@ def test_a_client_refused_at_the_handshake_closes_its_connection_while_the_error
             kept = e
         assert kept is not None and kept.__traceback__ is not None
         assert ws.closed and ws.close_timeout == 0.2
+
+
+def _serve_parser():
+    import argparse
+
+    from worldvla import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    return parser
+
+
+def test_serve_defaults_are_the_limits_its_help_states(monkeypatch):
+    """`worldvla serve --checkpoint c` alone: 8 requests a batch, a 5 ms wait, 64 queued, 16 MiB requests, a 60 s
+    timeout, 256 episodes, a 5 s keepalive, 64 connections, padded batches, warm-up on; and those reach the server."""
+    from worldvla import serve
+    from worldvla.inference import policy as policy_mod
+
+    args = _serve_parser().parse_args(["--checkpoint", "c"])
+    assert (args.host, args.port, args.device, args.dtype, args.mode) == ("127.0.0.1", 8000, None, None, None)
+    assert (args.max_batch, args.max_wait_ms, args.max_queue, args.max_payload_mb, args.timeout_s, args.max_episodes,
+            args.keepalive_s, args.max_connections) == (8, 5.0, 64, 16.0, 60.0, 256, 5.0, 64)
+    assert args.no_pad_batches is False and args.no_warmup is False
+    built = []
+    monkeypatch.setattr(policy_mod.WorldVLAPolicy, "from_pretrained", staticmethod(lambda *a, **k: HistoryPolicy()))
+    monkeypatch.setattr(PolicyServer, "serve_forever", lambda self, **k: built.append(self) or 0)
+    args.port, args.no_warmup = 0, True
+    assert serve.run(args) == 0
+    s = built[0]
+    assert (s.max_batch, s.max_wait_ms, s.max_queue, s.max_payload_bytes, s.request_timeout_s, s.max_episodes) == \
+        (8, 5.0, 64, 16 * 2**20, 60.0, 256)
+    assert (s.keepalive_s, s.max_connections, s.pad_batches) == (5.0, 64, True)
+
+
+def test_a_blank_host_is_refused_naming_the_addresses_to_give(capsys):
+    """`--host " "` (a variable holding a space) would bind every interface under asyncio: refused like an empty one."""
+    parser = _serve_parser()
+    for host in ("", " ", "\t"):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["--checkpoint", "c", "--host", host])
+        assert e.value.code == 2
+        assert "give an address: 127.0.0.1 (this machine only) or 0.0.0.0" in capsys.readouterr().err
+
+
+def test_serve_without_the_policy_module_says_why_and_exits_2(monkeypatch, capsys):
+    """A policy module that cannot be imported is one line on stderr giving the import error, and exit status 2."""
+    from worldvla import serve
+
+    monkeypatch.setitem(sys.modules, "worldvla.inference.policy", None)
+    assert serve.run(_serve_parser().parse_args(["--checkpoint", "c", "--port", "0", "--no-warmup"])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("worldvla serve: cannot import WorldVLAPolicy (") and "worldvla.inference.policy" in err, err
+    assert len(err.splitlines()) == 1
+
+
+def test_serve_hands_on_the_dtype_and_the_servers_exit_status_and_quiets_websockets(monkeypatch, capsys):
+    """--dtype reaches from_pretrained; the exit status is the server's (1 when a policy call outlived the drain);
+    a policy without `metadata()` gets the address line alone; the websockets library logs warnings only (not a
+    line per connection)."""
+    import logging
+
+    from worldvla import serve
+    from worldvla.inference import policy as policy_mod
+
+    loaded = []
+    monkeypatch.setattr(policy_mod.WorldVLAPolicy, "from_pretrained",
+                        staticmethod(lambda *a, **k: loaded.append((a, k)) or HistoryPolicy()))
+    monkeypatch.setattr(PolicyServer, "serve_forever", lambda self, on_ready=None, **k: on_ready(self) or 1)
+    monkeypatch.setattr(PolicyServer, "url", "ws://127.0.0.1:9")
+    ws_logger = logging.getLogger("websockets")
+    level = ws_logger.level
+    ws_logger.setLevel(logging.NOTSET)
+    try:
+        assert serve.run(_serve_parser().parse_args(["--checkpoint", "ck", "--port", "0", "--no-warmup", "--dtype",
+                                                     "bf16"])) == 1
+        assert ws_logger.level == logging.WARNING
+    finally:
+        ws_logger.setLevel(level)
+    assert loaded == [(("ck",), {"device": None, "dtype": "bf16"})]
+    assert capsys.readouterr().out.splitlines() == [
+        "worldvla serve: listening on ws://127.0.0.1:9 (health: http://127.0.0.1:9/healthz)"]
