@@ -370,3 +370,59 @@ def test_cpu_ops_inputs_and_decode_caches_are_random(monkeypatch, tmp_path):
     assert caches
     for c in caches:
         assert _random(c.k) and _random(c.v) and not torch.equal(c.k, c.v)
+
+
+def test_prefill_of_two_documents_that_exactly_halve_the_grid_counts_them_apart(monkeypatch):
+    """Two 88-token documents (T = 176): 2 x 88^2 = 15,488 is exactly half of 176^2, which the torch backend's
+    rule ("at least halves") still runs apart, so its row counts 15,488 pairs, not the whole 30,976."""
+    by = _prefill_rows(monkeypatch, 176)
+    assert by["worldvla-torch", "fwd"]["tokens"] == 176 and by["worldvla-torch", "fwd"]["documents"] == 2
+    for mode in ("fwd", "fwd+bwd"):
+        assert by["worldvla-torch", mode]["attended_pairs"] == 2 * 88 * 88
+        assert by["sdpa-dense-mask", mode]["attended_pairs"] == 176 * 176
+
+
+def test_prefill_cases_take_the_token_budget_of_their_device_and_quick():
+    """The CPU's prefill cases pack 1,300 tokens, 650 under --quick; CUDA's pack 16,384 either way."""
+    from worldvla.benchmarks import attention as A
+
+    assert [(name, tokens) for name, _, tokens, _ in A.prefill_cases(False, False)] == [("256px", 1300),
+                                                                                        ("causal", 1300)]
+    assert [(name, tokens) for name, _, tokens, _ in A.prefill_cases(False, True)] == [("256px", 650),
+                                                                                       ("causal", 650)]
+    for quick in (False, True):
+        assert [(name, tokens) for name, _, tokens, _ in A.prefill_cases(True, quick)] == [
+            ("256px", 16384), ("causal", 16384), ("512px", 16384)]
+
+
+def test_decode_cache_of_exactly_the_documents_length_holds_the_document_alone():
+    """`tokens` equal to the document's length is a cache of that document and no history: the same rows, limits
+    and cache as without `tokens`; one token fewer is refused, naming both lengths."""
+    from worldvla.benchmarks import attention as A
+
+    n = len(A.action_document(32, gen=torch.Generator().manual_seed(0)))
+    plain = A.decode_meta(32, 5, 1, torch.Generator().manual_seed(0))
+    exact = A.decode_meta(32, 5, 1, torch.Generator().manual_seed(0), tokens=n)
+    assert exact.kv_block.shape == (1, n) and exact.kv_len.tolist() == [n]
+    for a, b in zip((plain.q_pos, plain.q_limit, plain.kv_block), (exact.q_pos, exact.q_limit, exact.kv_block)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=f"a {n - 1}-token cache cannot hold the {n}-token document"):
+        A.decode_meta(32, 5, 1, torch.Generator().manual_seed(0), tokens=n - 1)
+
+
+def test_cpu_attention_run_times_four_heads_of_64_in_float32(monkeypatch, tmp_path):
+    """On the CPU every case runs 4 heads of head dim 64 in float32, and the JSON says so."""
+    from worldvla.benchmarks import attention as A
+
+    shapes = []
+    row = {"impl": "worldvla-torch", "median_ms": 1.0, "matches_reference": True}
+
+    def fake(mode):
+        return lambda cases, H, Dh, dtype, *a, **k: shapes.append((H, Dh, dtype)) or [
+            dict(row, case=cases[0][0], mode=mode)]
+
+    monkeypatch.setattr(A, "run_decode", fake("decode"))
+    monkeypatch.setattr(A, "run_prefill", fake("fwd"))
+    doc = json.loads(A.run(quick=True, device="cpu", out_dir=tmp_path).read_text())
+    assert shapes == [(4, 64, torch.float32)] * 3
+    assert (doc["heads"], doc["head_dim"], doc["dtype"]) == (4, 64, "torch.float32")

@@ -3623,3 +3623,86 @@ def test_vq_bfloat16_rows_compare_with_both_cdist_baselines(tmp_path, monkeypatc
         assert bf16["cdist_baseline_dtype"] == "float32" and "float32 cdist baseline" in bf16["speedup_vs_cdist_note"]
         same = got[N, "bfloat16", "cdist+argmin same-dtype"]
         assert same["speedup_vs_cdist"] == 1.5 and same["speedup_vs_cdist_same_dtype"] == 1.0
+
+
+def test_attention_check_passes_an_error_exactly_at_its_tolerance():
+    """The bound is inclusive: an error equal to tol * (|ref| + mean |ref|) still matches (worst_over_tolerance
+    exactly 1), one a hair past it does not. A zero reference element makes the bound tol * mean |ref| exactly."""
+    from worldvla.benchmarks import attention as A
+
+    want = torch.tensor([0.0, 2.0, -2.0, 0.0], dtype=torch.float64)  # mean |want| = 1
+    bound = A.CHECK_TOLERANCE[torch.float32] * 1.0
+    got = want.clone()
+    got[0] = bound
+    out = A.check(got, want, torch.float32)
+    assert out["worst_over_tolerance"] == 1.0 and out["matches_reference"] is True
+    got[0] = bound * (1 + 1e-9)
+    assert A.check(got, want, torch.float32)["matches_reference"] is False
+
+
+def test_attention_run_fails_only_for_a_side_that_does_not_match(monkeypatch, tmp_path):
+    """A side whose reference could not be computed (matches_reference None) or that did not run (an error row)
+    does not fail the run; one that does not match fails it after the JSON is written, naming that side only."""
+    from worldvla.benchmarks import attention as A
+
+    decode = [{"impl": "worldvla-torch", "median_ms": 1.0, "matches_reference": None, "check_error": "out of memory"},
+              {"impl": "worldvla-triton", "error": "no GPU"}]
+    monkeypatch.setattr(A, "run_decode", lambda cases, *a, **k: [dict(r, case=cases[0][0], mode="decode")
+                                                                 for r in decode])
+    prefill = [{"impl": "flex", "median_ms": 2.0, "matches_reference": True}]
+    monkeypatch.setattr(A, "run_prefill", lambda cases, *a, **k: [dict(r, case=cases[0][0], mode="fwd")
+                                                                  for r in prefill])
+    path = A.run(quick=True, device="cpu", out_dir=tmp_path)
+    assert len(json.loads(path.read_text())["rows"]) == 4
+    prefill[0]["matches_reference"] = False
+    with pytest.raises(RuntimeError, match=r"attention: 2 side\(s\) do not match the reference: 256px flex fwd, "
+                                           r"causal flex fwd \(see "):
+        A.run(quick=True, device="cpu", out_dir=tmp_path / "again")
+    assert len(json.loads(next((tmp_path / "again").glob("*.json")).read_text())["rows"]) == 4
+
+
+def test_serve_load_batched_floor_takes_a_quarter_of_the_sequential_requests_and_its_own_times(monkeypatch, tmp_path):
+    """The in-process batched floor (a batch of --max-batch frames) is timed max(5, --sequential / 4) times, the
+    single-frame floor 10 times per block of the single robot's requests; the load row's inproc_batch<N>_p50_ms is
+    the batched floor's median, inproc_p50_ms the single frame's."""
+    from worldvla.benchmarks import serve_load
+
+    _serve_load_on_a_thread(monkeypatch, tmp_path)
+    monkeypatch.setattr(serve_load, "_robot", lambda *a: None)
+    monkeypatch.setattr(serve_load, "_bad_client", lambda *a: None)
+    calls = []
+
+    def in_process_latency(policy, size, repeats, rng, batch=1):
+        calls.append((batch, repeats))
+        return [10.0 * batch] * repeats
+
+    monkeypatch.setattr(serve_load, "in_process_latency", in_process_latency)
+    args = serve_load.parse_args(["--policy", "synthetic", "--device", "cpu", "--image-size", "8", "--sequential", "40",
+                                  "--clients", "1", "--bad-clients", "0", "--requests", "1", "--duration-s", "4",
+                                  "--max-batch", "3"])
+    single, load = json.loads(serve_load._main(args, str(tmp_path / "out")).read_text())["rows"]
+    assert calls == [(3, 10)] + [(1, 10)] * 4
+    assert single["inproc_p50_ms"] == load["inproc_p50_ms"] == 10.0 and load["inproc_batch3_p50_ms"] == 30.0
+
+
+def test_serve_load_robots_start_a_new_episode_every_25_requests_and_the_row_takes_the_servers_largest_batch(
+        monkeypatch, tmp_path):
+    """Each load-phase robot is handed --requests and a new episode every 25 requests (the first at the model's
+    size, the second at the camera's); the load row's max_batch_seen is the largest batch the server ran, not
+    --max-batch; the JSON records the machine's CPU count."""
+    import os
+
+    handed = []
+
+    def robot(url, rng, size, camera_hw, steps_per_episode, stop, max_requests, lat, failures, barrier, native):
+        handed.append((size, tuple(camera_hw), steps_per_episode, max_requests, native))
+
+    def bad_client(url, rng, size, limit_bytes, stop, max_requests, record):
+        pass
+
+    before = {"batches": 3, "batched_requests": 3, "policy_calls": 3, "padded_rows": 0, "max_batch_seen": 1}
+    after = {"batches": 4, "batched_requests": 4, "policy_calls": 4, "padded_rows": 0, "max_batch_seen": 1}
+    doc = _serve_load_load_phase_stubbed(monkeypatch, tmp_path, robot, bad_client, (before, after))
+    assert sorted(handed, key=lambda h: not h[-1]) == [(8, (12, 20), 25, 5, True), (8, (12, 20), 25, 5, False)]
+    assert doc["rows"][1]["max_batch_seen"] == 1  # --max-batch 2
+    assert doc["cpu_count"] == os.cpu_count()
