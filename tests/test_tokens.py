@@ -22,13 +22,19 @@ def _bpe_name(code):
     return "IMGIMG" + "".join("ABCDEFGHIJ"[int(c)] for c in str(code)) + "Z"
 
 
-def test_image_ids_from_tokenizer_json(tmp_path):
-    # A tokenizer whose image tokens are NOT in code order: the mapping must follow the names.
-    perm = torch.randperm(8192, generator=torch.Generator().manual_seed(0)).tolist()
+def _shuffled_tokenizer(tmp_path, seed):
+    """A text_tokenizer.json whose image tokens are NOT in code order (slot i holds code perm[i]) -> (path, perm)."""
+    perm = torch.randperm(8192, generator=torch.Generator().manual_seed(seed)).tolist()
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     vocab.update({_bpe_name(code): 4 + slot for slot, code in enumerate(perm)})
     p = tmp_path / "text_tokenizer.json"
     p.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    return p, perm
+
+
+def test_image_ids_from_tokenizer_json(tmp_path):
+    # A tokenizer whose image tokens are NOT in code order: the mapping must follow the names.
+    p, perm = _shuffled_tokenizer(tmp_path, 0)
     lay = VocabLayout.chameleon(p)
     for slot in (0, 17, 8191):
         assert lay.image_code_ids[perm[slot]] == 4 + slot
@@ -846,11 +852,7 @@ def test_a_chameleon_layout_already_read_from_the_tokenizer_file_is_kept_without
 
     from worldvla.tokens.layout import with_release_image_ids
 
-    perm = torch.randperm(8192, generator=torch.Generator().manual_seed(8)).tolist()
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({_bpe_name(code): 4 + slot for slot, code in enumerate(perm)})
-    p = tmp_path / "text_tokenizer.json"
-    p.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    p, _ = _shuffled_tokenizer(tmp_path, 8)
     read = VocabLayout.chameleon(p)
     assert read.name == "chameleon" and read.image_code_ids != CH.image_code_ids
     with warnings.catch_warnings():
