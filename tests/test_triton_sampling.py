@@ -264,3 +264,65 @@ def test_greedy_with_an_infinite_hidden_state_stays_inside_the_range(rng):
         got = K.constrained_sample(hidden, weight, a, b)
         assert bool(((got >= a) & (got < b)).all()), (a, b, got)
         assert torch.equal(got, want), (a, b)
+
+
+def test_range_starting_below_zero_is_refused(rng):
+    """A range [lo, hi) with lo < 0 is refused naming the range: the kernel would read head rows before the
+    weight's first row."""
+    h, w = head(rng, 2, 32, torch.float32)
+    for fn in (K.constrained_sample, K.range_logits):
+        with pytest.raises(ValueError, match=r"vocabulary range \[-1, 10\) is empty or outside \[0, "):
+            fn(h, w, -1, 10)
+
+
+def test_greedy_and_logits_take_a_head_stored_channel_first(rng):
+    """A head stored channel-first ([H, V] storage seen as [V, H], channels not contiguous): the kernel reads
+    channels one apart, so the head is made contiguous first; ids and logits are those of a contiguous copy."""
+    lo, hi = 37, 300
+    hidden = torch.randn(5, 48, generator=rng)
+    weight = (torch.randn(400, 48, generator=rng) * 0.3).t().contiguous().t()
+    assert weight.stride() == (1, 400)
+    hidden, weight = hidden.to(DEV), weight.to(DEV)
+    l64 = logits64(hidden, weight, lo, hi)
+    assert torch.equal(K.constrained_sample(hidden, weight, lo, hi), l64.argmax(1) + lo)
+    assert (K.range_logits(hidden, weight, lo, hi).double() - l64).abs().max().item() < 1e-4
+
+
+def test_range_of_2_to_the_30_less_127_ids_is_refused_and_one_less_launches(monkeypatch):
+    """The greedy pick offsets column indices by 2**30 within int32: a range of 2**30 - 127 ids is refused
+    before launching, one of 2**30 - 128 ids reaches the launch (a stand-in kernel records it). Expanded rows."""
+
+    class Launched(Exception):
+        pass
+
+    class StandIn:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise Launched(grid)
+            return launch
+
+    monkeypatch.setattr(K, "_range_logits_kernel", StandIn())
+    w = torch.zeros(1, 16, device=DEV).expand(2**30, 16)
+    h = torch.zeros(1, 16, device=DEV)
+    with pytest.raises(ValueError, match=f"a vocabulary range of {2**30 - 127} ids is too large"):
+        K.constrained_sample(h, w, 0, 2**30 - 127)
+    with pytest.raises(ValueError, match=f"a vocabulary range of {2**30 - 127} ids is too large"):
+        K.range_logits(h, w, 1, 2**30 - 126)
+    with pytest.raises(Launched):
+        K.constrained_sample(h, w, 0, 2**30 - 128)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # padding rows: 0 x inf
+def test_greedy_prefers_inf_in_a_later_logit_tile_to_the_largest_finite_logit():
+    """The tiles' maxima are compared as they are: the largest finite fp32 logit in the first logit tile loses
+    to a +inf logit in a later tile, as torch.argmax over the range (exact: one-hot hidden states)."""
+    lo, hi = 20, 300
+    hidden = torch.eye(1, 16)
+    weight = torch.zeros(400, 16)
+    weight[lo + 5, 0] = torch.finfo(torch.float32).max
+    weight[lo + 200, 0] = float("inf")
+    hidden, weight = hidden.to(DEV), weight.to(DEV)
+    logits = hidden @ weight[lo:hi].t()
+    assert not torch.isnan(logits).any() and logits[0, 5].item() == torch.finfo(torch.float32).max
+    assert (logits.argmax(1) + lo).tolist() == [lo + 200]
+    assert K.constrained_sample(hidden, weight, lo, hi).tolist() == [lo + 200]

@@ -236,3 +236,22 @@ def test_gpu_chameleon_sizes():
     assert torch.equal(K.vq_quantize(z.bfloat16(), codebook.bfloat16()), vq_quantize_ref(z.bfloat16(), codebook.bfloat16()))
     idx = truth.view(4, 32, 32).cuda()
     assert torch.equal(K.vq_gather(idx, codebook.bfloat16()), vq_gather_ref(idx, codebook.bfloat16()))
+
+
+def test_quantize_takes_latents_of_the_codebooks_dtype_stored_channel_first(rng):
+    """fp32 latents of an fp32 codebook stored channel-first ([C, N] storage seen as [N, C]: no dtype change
+    makes the copy): the kernel reads channels one apart, so such latents are made contiguous first."""
+    codebook = torch.randn(300, 24, generator=rng)
+    truth = torch.randint(0, 300, (70,), generator=rng)
+    z = (codebook[truth] + 0.01 * torch.randn(70, 24, generator=rng)).t().contiguous().t()
+    assert z.stride() == (1, 70) and z.dtype == codebook.dtype
+    z, codebook = z.to(DEV), codebook.to(DEV)
+    for n_splits in (1, 3):
+        assert torch.equal(K.vq_quantize(z, codebook, n_splits=n_splits).cpu(), truth)
+
+
+def test_gather_refuses_complex_codes():
+    """Complex codes are no integer codes: refused by name with the dtype, as float and bool codes are."""
+    codes = torch.ones(1, 2, 3, dtype=torch.complex64, device=DEV)
+    with pytest.raises(TypeError, match=r"indices must hold integer codes, got torch\.complex64"):
+        K.vq_gather(codes, torch.randn(10, 8, device=DEV))
