@@ -355,3 +355,80 @@ def test_decode_honours_the_softmax_scale(rng, splits, poison_empty):
     assert_close_rule(out, ref, same, f"{splits} splits", floor_eps=FP32_FLOOR_EPS)
     default = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
     assert (default - ref).abs().max().item() > 1e-2, "the scale must matter for these inputs"
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_softmax_scale_of_zero_is_a_plain_mean(rng, splits, poison_empty):
+    """softmax_scale=0 is a scale like any other, not "the default": every visible key weighs the same, so each row
+    is the mean of its visible values (the reference's result at scale 0, far from the default scale's)."""
+    B, S, H, Hkv, D = 2, 70, 4, 2, 32
+    q = (3.0 * torch.randn(B, 2, H, D, generator=rng)).to(DEV)
+    kc = torch.randn(B, S, Hkv, D, generator=rng).to(DEV)
+    vc = torch.randn(B, S, Hkv, D, generator=rng).to(DEV)
+    meta = no_block_meta([[S - 1, 33], [40, 9]], [S, 41], S)
+    out = K.decode_attention(q, kc, vc, meta, softmax_scale=0.0, num_splits=splits, block_n=32)
+    for b, rows in enumerate(meta.q_pos.tolist()):
+        for i, p in enumerate(rows):
+            mean = vc[b, :p + 1].double().mean(0).repeat_interleave(H // Hkv, dim=0)  # [H, D]
+            torch.testing.assert_close(out[b, i].double(), mean, rtol=0, atol=1e-5)
+    default = decode_attention_ref(q.double(), kc.double(), vc.double(), meta)
+    assert (default - out.double()).abs().max().item() > 1e-1, "the default scale must give another result"
+
+
+def test_decode_takes_head_dims_of_exactly_256(rng, poison_empty):
+    """256 is the widest head dim the kernels tile: it is taken (one split and through the merge), not refused."""
+    B, S, H, Hkv, D = 1, 40, 2, 1, 256
+    q = torch.randn(B, 1, H, D, generator=rng).to(DEV)
+    kc = torch.randn(B, S, Hkv, D, generator=rng).to(DEV)
+    vc = torch.randn(B, S, Hkv, D, generator=rng).to(DEV)
+    meta = no_block_meta([[S - 3]], [S], S)
+    check_splits(q, kc, vc, meta, [1, 2])
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_head_dims_below_the_tile_read_no_neighbouring_columns(rng, splits, poison_empty):
+    """A head dim of 40 pads to a tile of 64: the key and value loads are masked to the head's own 40 columns. Past
+    them lie the next head's columns, or for the last head the next slot's, here a slot past kv_len holding NaN,
+    which must not reach the scores (0 x NaN is NaN) of the last visible key."""
+    B, S, H, Hkv, D, n = 2, 60, 4, 2, 40, 35
+    kc = torch.full((B, S, Hkv, D), float("nan"))
+    vc = torch.full((B, S, Hkv, D), float("nan"))
+    kc[:, :n], vc[:, :n] = torch.randn(B, n, Hkv, D, generator=rng), torch.randn(B, n, Hkv, D, generator=rng)
+    q = torch.randn(B, 2, H, D, generator=rng).to(DEV)
+    meta = no_block_meta([[n - 1, 20], [n - 1, n - 1]], [n, n], S)
+    clean = lambda t: torch.nan_to_num(t, nan=0.0).to(DEV)
+    ref = decode_attention_ref(q.double(), clean(kc).double(), clean(vc).double(), meta)
+    same = decode_attention_ref(q, clean(kc), clean(vc), meta, upcast=False)
+    out = K.decode_attention(q, kc.to(DEV), vc.to(DEV), meta, num_splits=splits, block_n=32)
+    assert_close_rule(out, ref, same, f"{splits} splits", floor_eps=FP32_FLOOR_EPS)
+
+
+def _plain_meta(B, n_q, S, kv_len):
+    i32 = dict(dtype=torch.int32, device=DEV)
+    return DecodeMeta(torch.full((B, n_q), max(S - 1, 0), **i32), torch.full((B, n_q), -1, **i32),
+                      torch.full((B, S), NO_BLOCK, **i32), torch.full((B,), kv_len, **i32))
+
+
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_decode_against_an_empty_cache_gives_zeros(rng, splits, poison_empty):
+    """A cache of no slot at all (S = 0, a first step before anything was cached) has no key to see: every row comes
+    out as the reference's zeros, at any split count asked for."""
+    B, H, Hkv, D = 2, 4, 2, 24
+    q = torch.randn(B, 2, H, D, generator=rng).to(DEV)
+    kc = torch.zeros(B, 0, Hkv, D, device=DEV)
+    meta = _plain_meta(B, 2, 0, 0)
+    out = K.decode_attention(q, kc, kc, meta, num_splits=splits)
+    assert out.shape == q.shape and torch.equal(out, decode_attention_ref(q, kc, kc, meta))
+    assert torch.all(out == 0)
+
+
+def test_grid_limit_counts_row_tiles_not_rows():
+    """The split kernel's second grid axis counts query row tiles: a step of 70000 query rows (2188 tiles) fits the
+    65535 limit and is taken, and only a step of more than 65535 tiles is refused, naming the tiles. The inputs are
+    expanded (zero strides): nothing of that size is allocated."""
+    cache = torch.zeros(1, 1, 1, 16, device=DEV).expand(1, 8, 1, 16)
+    q = torch.zeros(1, 1, 1, 16, device=DEV).expand(1, 70000, 1, 16)
+    assert K.grid_problem(q, cache) is None
+    block_r = K.launch_plan(q, cache)[0][2]
+    too_many = torch.zeros(1, 1, 1, 16, device=DEV).expand(1, 65535 * block_r + 1, 1, 16)
+    assert K.grid_problem(too_many, cache) == "query row tiles = 65536 > 65535 (a grid axis limit)"

@@ -465,3 +465,48 @@ def test_fp16_grad_weight_sums_with_a_strong_z_loss_do_not_overflow(rng):
     assert ref[3].abs().max() > 1000  # class 5's row of grad_weight, at d loss = 1
     for i, name in ((2, "grad_hidden"), (3, "grad_weight")):
         check_rule(got[i], ref[i], same[i], name)
+
+
+def test_unchecked_targets_out_of_range_with_class_weights_make_the_loss_nan():
+    """With per-class weights the out-of-range target's weight is looked up too: a target of V (or past int32)
+    reads no class weight out of bounds and, as without weights, makes the loss NaN; targets in range stay finite."""
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(4, 16, generator=g).to(DEV), torch.randn(32, 16, generator=g).to(DEV)
+    cw = torch.linspace(0.5, 2.0, 32).to(DEV)
+    for bad in (32, 2**32 + 5, -7):
+        y = torch.tensor([1, bad, 31, -100]).to(DEV)
+        assert torch.isnan(K.linear_cross_entropy(h, w, y, cw, check_targets=False)[0]), bad
+    good = torch.tensor([1, 0, 31, -100]).to(DEV)
+    loss = K.linear_cross_entropy(h, w, good, cw, check_targets=False)[0]
+    torch.testing.assert_close(loss.double(), ref64(h, w, good, cw, 1e-5)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_grad_weight_of_small_hidden_states_is_not_scaled_up(rng):
+    """grad_weight's fp16 product of a chunk is scaled down where it could overflow, never up: with hidden states
+    of magnitude ~1e-3 the bound of the product is tiny, and scaling the dlogits up to it overflowed fp16 (inf)."""
+    n = 6
+    h = (torch.randn(n, 16, generator=rng) * 1e-3).to(DEV, torch.float16)
+    w = (torch.randn(40, 16, generator=rng) * 0.2).to(DEV, torch.float16)
+    y = torch.tensor([0, 3, 39, -100, 7, 7]).to(DEV)
+    ref = run(ref64, h, w, y, None, 1e-5)
+    same = run(linear_cross_entropy_ref, h, w, y, None, 1e-5)
+    got = run(lambda *a: K.linear_cross_entropy(*a), h, w, y, None, 1e-5)
+    for i, name in ((2, "grad_hidden"), (3, "grad_weight")):
+        check_rule(got[i], ref[i], same[i], name)
+
+
+def test_fp16_grad_weight_sum_scale_is_each_chunks_own(rng):
+    """grad_weight's fp16 product is scaled per chunk from that chunk's own rows: a first chunk of ignored rows
+    (zero weight, a bound of 0: no scaling) must not set the scale of a later chunk whose 512 labelled rows of
+    hidden states ~200 sharing a target would pass fp16's 65504 unscaled (inf gradients)."""
+    n = 512
+    h = (200.0 + torch.rand(2 * n, 32, generator=rng)).to(DEV, torch.float16)
+    w = (torch.randn(64, 32, generator=rng) * 1e-3).to(DEV, torch.float16)
+    y = torch.full((2 * n,), 3, device=DEV)
+    y[:n] = -100
+    ref = run(ref64, h, w, y, None, 1e-5)
+    same = run(linear_cross_entropy_ref, h, w, y, None, 1e-5)
+    got = run(lambda *a: K.linear_cross_entropy(*a, chunk_size=n), h, w, y, None, 1e-5)
+    assert ref[3].abs().max() > 100  # the target's row of grad_weight, at d loss = 1
+    for i, name in ((2, "grad_hidden"), (3, "grad_weight")):
+        check_rule(got[i], ref[i], same[i], name)
