@@ -138,14 +138,16 @@ def test_run_skips_per_backend_and_device(recorded, capsys):
 
     assert sanitize.run("native", "cpu") == 0
     assert [n for n, _, _ in recorded] == [n for n in sanitize.CHECKS
-                                          if n not in sanitize.NEEDS_GRAD | sanitize.CUDA_ONLY]
+                                          if n not in sanitize.NEEDS_GRAD | sanitize.CUDA_ONLY | sanitize.TRITON_ONLY]
     out = capsys.readouterr().out
     assert "skip  masked_attention backward bf16: not on the native backend" in out
+    assert "skip  decode_attention bf16 D=80, below the tile: not on the native backend" in out
     assert "skip  masked_attention padded fp16 D=128, wgmma: CUDA only" in out
 
     recorded.clear()
     assert sanitize.run("triton", "cpu") == 0
     assert [n for n, _, _ in recorded] == [n for n in sanitize.CHECKS if n not in sanitize.NATIVE_ONLY]
+    assert set(sanitize.TRITON_ONLY) <= {n for n, _, _ in recorded}  # the tile-edge sizes run on Triton
     assert {b for _, b, _ in recorded} == {"triton"}
     assert "skip  decode_attention 3 splits: not on the triton backend" in capsys.readouterr().out
 
@@ -183,7 +185,7 @@ def test_run_a_skipping_check_neither_passes_nor_fails(recorded, monkeypatch, ca
     assert sanitize.run("native", "cpu", only="vq_") == 0
     out = capsys.readouterr().out
     assert "skip  vq_gather fp32: no such engine" in out and out.count("ok    ") == 1
-    assert "sanitize: all passed (1 check, 1 skipped)" in out
+    assert "sanitize: all passed (1 check, 3 skipped)" in out  # and the two tile-edge sizes, Triton's only
     assert sanitize.run("native", "cpu", only="vq_gather") == 2
     out = capsys.readouterr().out
     assert "skip  vq_gather fp32: no such engine" in out and "ok    " not in out and "all passed" not in out
