@@ -27,6 +27,21 @@ def _traced_rank(rank, fn, *args):
     assert not gloo_threads(), gloo_threads()
 
 
+def native_threads(pid):
+    """Every thread of process `pid` as the kernel sees it, Python's or not: its name, state and what it waits in
+    (Linux's /proc; the stack dump above names only threads that hold a Python thread state, and by address)."""
+    lines = [f"threads of {pid} (tid, name, state, waiting in):"]
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir(), key=lambda t: int(t.name)):
+        try:
+            name = (task / "comm").read_text().strip()
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = (task / "wchan").read_text().strip() or "-"
+        except OSError:  # the thread ended meanwhile
+            continue
+        lines.append(f"  {task.name} {name} {state} {wchan}")
+    return "\n".join(lines)
+
+
 def spawn(fn, world, args, timeout_s=100):
     """Run `fn(rank, world, *args)` in `world` processes and wait for them all. A rank still running after
     `timeout_s` prints its threads' stacks to stderr before it is ended, and the test fails: a hang that shows
@@ -42,6 +57,7 @@ def spawn(fn, world, args, timeout_s=100):
                     print(f"rank {rank} (pid {p.pid}) still running:", file=sys.stderr, flush=True)
                     os.kill(p.pid, signal.SIGUSR1)
                     time.sleep(1)
+                    print(native_threads(p.pid), file=sys.stderr, flush=True)
             for p in ctx.processes:
                 if p.is_alive():
                     p.terminate()

@@ -1,6 +1,7 @@
 """The torchrun helpers of `worldvla.train.distributed`: in one process, and in a few Gloo ranks on this machine."""
 import datetime
 import gc
+import os
 import weakref
 
 import pytest
@@ -204,3 +205,28 @@ def test_shard_model_applies_the_precision_and_resharding_asked_for(tmp_path):
     inputs as given); reshard_after_forward=False keeps the layers gathered; the shards are on the CPU mesh asked
     for; shutdown forgets the meshes it made."""
     spawn(_shard_policy_worker, 1, (str(tmp_path / "pg_init"),), timeout_s=60)
+
+
+def test_native_threads_lists_every_thread_with_its_state():
+    """A hung rank's report names its threads as the kernel sees them, those without a Python frame included."""
+    import threading
+
+    from ranks import native_threads
+
+    started, release, tid = threading.Event(), threading.Event(), []
+
+    def wait():
+        tid.append(threading.get_native_id())
+        started.set()
+        release.wait()
+
+    t = threading.Thread(target=wait)
+    t.start()
+    started.wait()
+    try:
+        rows = {ln.split()[0]: ln.split()[1:] for ln in native_threads(os.getpid()).splitlines()[1:]}
+    finally:
+        release.set()
+        t.join()
+    assert str(os.getpid()) in rows and rows[str(os.getpid())][1] == "R"  # this thread, running
+    assert rows[str(tid[0])][1] == "S"  # the other, asleep on its event
