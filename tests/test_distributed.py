@@ -3,6 +3,7 @@ import datetime
 import gc
 import os
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +164,66 @@ def test_collectives_and_rank_0_work_across_two_ranks(tmp_path):
     """Sums over ranks, broadcasts from the rank named, and `on_rank_0`'s result, shared value and failures, as
     each of two Gloo ranks sees them; after `shutdown` no rank is in a group."""
     spawn(_collectives_worker, 2, (str(tmp_path / "pg_init"),), timeout_s=60)
+
+
+def _busy_worker_shutdown(rank, world, init_file, out):
+    """Rank 0 leaves a group whose last owner is a DDP reducer (a C++ object, freed by the garbage collector) while
+    one of its Gloo threads is still busy: a collective rank 1 never joins, until the group's 3 s timeout. `out`
+    gets how long the shutdown took and the longest time another Python thread waited for the GIL meanwhile."""
+    import json
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    import worldvla.train.vq  # noqa: F401  (loaded, as in the VQ trainer's processes)
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=3))
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+    model(torch.randn(2, 4)).sum().backward()
+    cycle = {"model": model}
+    cycle["self"] = cycle  # the reducer goes with the garbage collector's pass, as a trainer's model does
+    del model, cycle
+    dist.barrier()
+    if rank == 1:
+        time.sleep(5)  # in the group, not joining rank 0's collective, until rank 0's has timed out
+        dist_utils.shutdown()
+        return
+    dist.all_reduce(torch.ones(3), async_op=True)
+    gaps, done = [], threading.Event()
+
+    def tick():
+        last = time.monotonic()
+        while not done.wait(0.01):
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    t0 = time.monotonic()
+    dist_utils.shutdown()
+    took = time.monotonic() - t0
+    done.set()
+    ticker.join()
+    Path(out).write_text(json.dumps({"took": took, "longest_gil_wait": max(gaps)}))
+
+
+def test_shutdown_joins_the_group_threads_with_the_gil_released(tmp_path):
+    """The group's Gloo threads are joined with the GIL released, whichever object held the group last. A DDP
+    reducer (freed by `gc.collect` in `shutdown`) destroyed it with the GIL held, and a Gloo thread that was
+    letting go of a finished collective's tensor needs the GIL while holding the lock the group's destructor
+    takes: the rank hung in `shutdown` now and then. Here a busy Gloo thread keeps the destructor waiting
+    for seconds, which shows as the longest time another thread waited for the GIL."""
+    import json
+
+    out = tmp_path / "rank0.json"
+    spawn(_busy_worker_shutdown, 2, (str(tmp_path / "pg_init"), str(out)), timeout_s=60)
+    r = json.loads(out.read_text())
+    assert r["took"] > 1.5, r  # the group was destroyed in shutdown, waiting for its busy thread
+    assert r["longest_gil_wait"] < 1.0, r
 
 
 def _fsdp_settings(model):

@@ -85,16 +85,26 @@ def shutdown() -> None:
     A destroyed Gloo group keeps its worker threads while anything references it, and DTensor's caches keep
     FSDP's device mesh, which holds the group. Those threads then lived on into the interpreter's exit, where
     one releasing a finished collective's tensor needs the GIL, and the process aborted ("terminate called
-    without an active exception") now and then after a finished run. The meshes forget their groups here, so
-    the group and its threads are gone before the exit."""
+    without an active exception") now and then after a finished run. The meshes forget their groups here, and
+    a garbage-collector pass frees what held them, so the group and its threads are gone before the exit.
+
+    The groups' Python handles are held through that pass and dropped after it: torch destroys a group
+    through its handle with the GIL released, but a DDP reducer (freed by the pass, the GIL held) that held a
+    group last destroyed it with the GIL held, and its destructor waits for the lock a Gloo thread holds while
+    that thread, freeing the tensor of a collective that has only just finished, waits for the GIL: the rank
+    hung in this pass now and then."""
     if not is_distributed():
         return
-    dist.destroy_process_group()
+    groups = [dist.group.WORLD]
     for ref in _meshes:
         if (mesh := ref()) is not None:
-            getattr(mesh, "_pg_registry", {}).clear()
+            registry = getattr(mesh, "_pg_registry", {})
+            groups += registry.values()
+            registry.clear()
     _meshes.clear()
+    dist.destroy_process_group()
     gc.collect()
+    groups.clear()  # the last references, each group destroyed here with the GIL released
 
 
 @contextlib.contextmanager
