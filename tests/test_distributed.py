@@ -166,6 +166,24 @@ def test_collectives_and_rank_0_work_across_two_ranks(tmp_path):
     spawn(_collectives_worker, 2, (str(tmp_path / "pg_init"),), timeout_s=60)
 
 
+def _first_ddp_worker(rank, world, init_file):
+    from ranks import gloo_threads
+
+    dist_utils.init("cpu", init_method=f"file://{init_file}", rank_=rank, world=world)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+    model(torch.randn(2, 4)).sum().backward()
+    del model
+    dist_utils.shutdown()
+    assert not gloo_threads(), gloo_threads()
+
+
+def test_a_group_joined_by_init_goes_at_shutdown_after_a_ddp_model(tmp_path):
+    """The first DDP model of a process imports `torch.distributed.nn`, whose functions take the running group as
+    their default argument: imported after the group started, they kept it (and its Gloo threads) past
+    `shutdown`, into the interpreter's exit. `init` imports it before the group starts."""
+    spawn(_first_ddp_worker, 2, (str(tmp_path / "pg_init"),), timeout_s=60)
+
+
 def _busy_worker_shutdown(rank, world, init_file, out):
     """Rank 0 leaves a group whose last owner is a DDP reducer (a C++ object, freed by the garbage collector) while
     one of its Gloo threads is still busy: a collective rank 1 never joins, until the group's 3 s timeout. `out`
@@ -176,11 +194,8 @@ def _busy_worker_shutdown(rank, world, init_file, out):
 
     import torch.distributed as dist
 
-    import worldvla.train.vq  # noqa: F401  (loaded, as in the VQ trainer's processes)
-
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=3))
+    dist_utils.init("cpu", init_method=f"file://{init_file}", rank_=rank, world=world, timeout_s=3)
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
     model(torch.randn(2, 4)).sum().backward()
     cycle = {"model": model}
