@@ -180,7 +180,7 @@ def _first_ddp_worker(rank, world, init_file):
 def test_a_group_joined_by_init_goes_at_shutdown_after_a_ddp_model(tmp_path):
     """The first DDP model of a process imports `torch.distributed.nn`, whose functions take the running group as
     their default argument: imported after the group started, they kept it (and its Gloo threads) past
-    `shutdown`, into the interpreter's exit. `init` imports it before the group starts."""
+    `shutdown`, into the interpreter's exit. `worldvla.train.distributed` imports it before any group starts."""
     spawn(_first_ddp_worker, 2, (str(tmp_path / "pg_init"),), timeout_s=60)
 
 

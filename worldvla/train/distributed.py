@@ -8,13 +8,16 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
-import importlib
 import os
 import traceback
 import weakref
 
 import torch
 import torch.distributed as dist
+# Loaded before any group starts: its functions take `group.WORLD` as their default argument when imported, and
+# a first DDP model imports it; imported after the start, they held the group past `shutdown`, and its Gloo
+# threads into the interpreter's exit.
+import torch.distributed.nn  # noqa: F401
 
 from ..devices import torch_device
 
@@ -65,11 +68,6 @@ def init(device: str | None = None, init_method: str | None = None, rank_: int |
             dev = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     if want and not is_distributed():
-        # Before the group starts: torch.distributed.nn's functions take `group.WORLD` as their default argument
-        # when imported, and a DDP model imports it; imported after the start, they would hold the group past
-        # `shutdown`, its Gloo threads into the interpreter's exit.
-        importlib.import_module("torch.distributed.nn")
-
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kw = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         if dev.type == "cuda":
