@@ -286,6 +286,7 @@ def test_shard_model_applies_the_precision_and_resharding_asked_for(tmp_path):
 def test_native_threads_lists_every_thread_with_its_state():
     """A hung rank's report names its threads as the kernel sees them, those without a Python frame included."""
     import threading
+    import time
 
     from ranks import native_threads
 
@@ -299,8 +300,13 @@ def test_native_threads_lists_every_thread_with_its_state():
     t = threading.Thread(target=wait)
     t.start()
     started.wait()
+    deadline = time.monotonic() + 10
     try:
-        rows = {ln.split()[0]: ln.split()[1:] for ln in native_threads(os.getpid()).splitlines()[1:]}
+        while True:  # the other thread may not have gone to sleep on its event yet
+            rows = {ln.split()[0]: ln.split()[1:] for ln in native_threads(os.getpid()).splitlines()[1:]}
+            if rows[str(tid[0])][1] == "S" or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
     finally:
         release.set()
         t.join()
